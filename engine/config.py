@@ -1,0 +1,230 @@
+"""Typed configuration parsed from a checkpoint's own config.json (upstream format).
+
+Two layouts exist upstream:
+  * the composite thinker (`BailingMM2Config`, model_type "bailingmm_moe_v2_lite"): `llm_config`,
+    `vision_config`, `audio_config`, `mlp_depth`; its LLM weights live under the prefix `model.`;
+  * a standalone `BailingMoeV2Config` (the keys of `llm_config`), whose weights have no prefix.
+Both parse into `MingConfig`; `MingConfig.llm_weight_prefix` says where the LLM's tensors live.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The upstream modelling class hard-sets these on its own config at construction (spec §1.4 item 7).
+UPSTREAM_SPATIAL_MERGE_SIZE = 2
+UPSTREAM_TOKENS_PER_SECOND = 2
+# Default of the upstream `routed_scaling_factor` attribute; the shipped config only has the
+# (ignored) `moe_router_topk_scaling_factor` key, so the default is what the reference uses.
+UPSTREAM_ROUTED_SCALING_DEFAULT = 2.5
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a Ming model; the message names the file and key."""
+
+
+def _require(d: dict, key: str, where: str) -> Any:
+    if key not in d:
+        raise ConfigError(f"{where}: missing required key '{key}'")
+    return d[key]
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """BailingMoeV2 language-model hyper-parameters (the keys of `llm_config`)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    partial_rotary_factor: float
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    num_experts: int
+    num_experts_per_tok: int
+    num_shared_experts: int
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+    first_k_dense_replace: int
+    router_type: str
+    use_qkv_bias: bool
+    use_bias: bool
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    image_patch_token: int
+    video_patch_token: int
+    image_start_token: int
+    video_start_token: int
+    use_interleaved_frame_timestamp: bool
+    rope_scaling_type: str | None
+    hidden_act: str = "silu"
+    spatial_merge_size: int = UPSTREAM_SPATIAL_MERGE_SIZE
+    tokens_per_second: int = UPSTREAM_TOKENS_PER_SECOND
+    # Informational only: the reference never reads it (spec §1.4 item 2).
+    moe_router_topk_scaling_factor: float | None = None
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return max(0, self.num_hidden_layers - self.first_k_dense_replace)
+
+    @property
+    def uses_multi_router(self) -> bool:
+        return self.router_type == "MultiRouter"
+
+    @property
+    def video_start_token_is_image_end(self) -> bool:
+        """The upstream misconfiguration (spec §1.4 item 1): `video_start_token` holds `</image>`."""
+        return self.video_start_token == self.image_start_token + 1
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.num_experts > 0 and layer_idx >= self.first_k_dense_replace
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "llm_config") -> "LLMConfig":
+        hidden = int(_require(d, "hidden_size", where))
+        heads = int(_require(d, "num_attention_heads", where))
+        head_dim = d.get("head_dim") or hidden // heads
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        rope_scaling = d.get("rope_scaling") or {}
+        routed = d.get("routed_scaling_factor")
+        cfg = cls(
+            vocab_size=int(_require(d, "vocab_size", where)),
+            hidden_size=hidden,
+            intermediate_size=int(_require(d, "intermediate_size", where)),
+            moe_intermediate_size=int(d.get("moe_intermediate_size") or 0),
+            num_hidden_layers=int(_require(d, "num_hidden_layers", where)),
+            num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            partial_rotary_factor=float(d.get("partial_rotary_factor", 1.0)),
+            rope_theta=float(_require(d, "rope_theta", where)),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            num_experts=int(d.get("num_experts") or 0),
+            num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
+            num_shared_experts=int(d.get("num_shared_experts") or 0),
+            n_group=int(d.get("n_group") or 1),
+            topk_group=int(d.get("topk_group") or 1),
+            routed_scaling_factor=float(routed if routed is not None else UPSTREAM_ROUTED_SCALING_DEFAULT),
+            first_k_dense_replace=int(d.get("first_k_dense_replace", 0)),
+            router_type=str(d.get("router_type") or "TopkRouter"),
+            use_qkv_bias=bool(d.get("use_qkv_bias", False)),
+            use_bias=bool(d.get("use_bias", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            pad_token_id=d.get("pad_token_id"),
+            image_patch_token=int(_require(d, "image_patch_token", where)),
+            video_patch_token=int(_require(d, "video_patch_token", where)),
+            image_start_token=int(_require(d, "image_start_token", where)),
+            video_start_token=int(_require(d, "video_start_token", where)),
+            use_interleaved_frame_timestamp=bool(d.get("use_interleaved_frame_timestamp") or False),
+            rope_scaling_type=rope_scaling.get("type") if isinstance(rope_scaling, dict) else None,
+            hidden_act=str(d.get("hidden_act", "silu")),
+            moe_router_topk_scaling_factor=d.get("moe_router_topk_scaling_factor"),
+        )
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str) -> None:
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"{where}: {msg}")
+
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise bad(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                      f"num_key_value_heads {self.num_key_value_heads}")
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise bad(f"rotary dim {self.rotary_dim} (head_dim x partial_rotary_factor) must be even and <= head_dim")
+        if self.num_experts:
+            if self.num_experts % self.n_group:
+                raise bad(f"num_experts {self.num_experts} is not divisible by n_group {self.n_group}")
+            if not 0 < self.topk_group <= self.n_group:
+                raise bad(f"topk_group {self.topk_group} must be in 1..n_group ({self.n_group})")
+            if not 0 < self.num_experts_per_tok <= self.topk_group * (self.num_experts // self.n_group):
+                raise bad(f"num_experts_per_tok {self.num_experts_per_tok} cannot be chosen from "
+                          f"{self.topk_group} groups of {self.num_experts // self.n_group} experts")
+        if self.hidden_act != "silu":
+            raise bad(f"hidden_act '{self.hidden_act}' is not supported (BailingMoeV2 uses silu)")
+        if self.router_type not in ("MultiRouter", "TopkRouter"):
+            raise bad(f"router_type '{self.router_type}' is not supported")
+
+
+@dataclass(frozen=True)
+class MingConfig:
+    """A whole checkpoint's config: the LLM plus the raw sub-configs the encoders will parse."""
+
+    llm: LLMConfig
+    model_type: str
+    is_composite: bool
+    vision: dict = field(default_factory=dict)
+    audio: dict = field(default_factory=dict)
+    mlp_depth: int | None = None
+    torch_dtype: str | None = None
+    source: str = ""
+
+    @property
+    def llm_weight_prefix(self) -> str:
+        """Prefix of the LLM's tensor names in the checkpoint (`model.` in the composite thinker)."""
+        return "model." if self.is_composite else ""
+
+    @property
+    def release(self) -> str:
+        """'2.0', 'preview' or 'llm-only', decided by the ViT type as the spec recommends (§1.1)."""
+        vt = self.vision.get("model_type")
+        if vt == "qwen3_moe_vit":
+            return "2.0"
+        if vt == "qwen2_5_vit":
+            return "preview"
+        return "llm-only"
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "MingConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: top level must be a JSON object")
+        if "llm_config" in d:
+            llm = LLMConfig.from_dict(d["llm_config"], where=f"{source}: llm_config")
+            cfg = cls(llm=llm, model_type=str(d.get("model_type", "")), is_composite=True,
+                      vision=dict(d.get("vision_config") or {}), audio=dict(d.get("audio_config") or {}),
+                      mlp_depth=d.get("mlp_depth"), torch_dtype=d.get("torch_dtype"), source=source)
+        elif d.get("model_type") == "bailing_moe_v2" or "num_experts" in d:
+            llm = LLMConfig.from_dict(d, where=source)
+            cfg = cls(llm=llm, model_type="bailing_moe_v2", is_composite=False,
+                      torch_dtype=d.get("torch_dtype"), source=source)
+        else:
+            raise ConfigError(f"{source}: neither a Ming (BailingMM2) config with 'llm_config' nor a "
+                              f"BailingMoeV2 config (model_type={d.get('model_type')!r})")
+        if cfg.llm.video_start_token_is_image_end and not cfg.llm.use_interleaved_frame_timestamp:
+            warnings.warn(
+                f"{source}: video_start_token={cfg.llm.video_start_token} is the id of </image> (upstream "
+                "misconfiguration, spec §1.4); as in the reference, video frames get 1-D positions. "
+                "Pass fix_video_start_token=True to the position builder to use <video> instead.",
+                stacklevel=2)
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "MingConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: no config.json found")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON ({e})") from e
+        return cls.from_dict(data, source=str(path))

@@ -1,0 +1,222 @@
+"""Finding and reading checkpoints: a local directory or a hub id (resolved with huggingface_hub),
+safetensors only, read tensor by tensor through memory maps so a 200 GB checkpoint never sits in
+RAM at once. Every problem (missing/corrupt shard, missing/unexpected/mis-shaped tensor) raises
+`CheckpointError` naming the file and the tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files a snapshot of the thinker needs (sub-folders for speech/image generation come later).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "am.mvn"]
+_STACKED_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a hub id ("org/name") downloaded with huggingface_hub
+    (honours HF_HUB_OFFLINE and the local cache)."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p}: expected a checkpoint directory, found a file")
+    text = str(path_or_id)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=HUB_PATTERNS))
+        except Exception as e:  # network, auth, missing repo: say what happened
+            raise CheckpointError(f"could not fetch '{text}' from the Hugging Face hub: {e}") from e
+    raise CheckpointError(f"{text}: no such directory, and not a hub id of the form 'org/name'")
+
+
+@dataclass
+class CheckpointFiles:
+    """The safetensors shards of a checkpoint and which shard holds each tensor."""
+
+    root: Path
+    weight_map: dict[str, str]  # tensor name -> shard file name (relative to root)
+
+    @classmethod
+    def open(cls, root: str | Path) -> "CheckpointFiles":
+        root = Path(root)
+        index = root / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            for shard in sorted(set(weight_map.values())):
+                if not (root / shard).is_file():
+                    raise CheckpointError(f"{root / shard}: shard listed in {INDEX_FILE} is missing")
+            return cls(root, dict(weight_map))
+        shards = [root / SINGLE_FILE] if (root / SINGLE_FILE).is_file() else sorted(root.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"{root}: no {INDEX_FILE} and no *.safetensors files")
+        weight_map: dict[str, str] = {}
+        for shard in shards:
+            for name in _shard_keys(shard):
+                if name in weight_map:
+                    raise CheckpointError(f"{shard}: tensor '{name}' also appears in {weight_map[name]}")
+                weight_map[name] = shard.name
+        return cls(root, weight_map)
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def reader(self) -> "TensorReader":
+        return TensorReader(self)
+
+
+def _shard_keys(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from e
+
+
+class TensorReader:
+    """Opens shards on demand (memory-mapped) and reads one tensor at a time."""
+
+    def __init__(self, files: CheckpointFiles):
+        self.files = files
+        self._stack = ExitStack()
+        self._open: dict[str, object] = {}
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        self._open.clear()
+
+    def _handle(self, shard: str):
+        if shard not in self._open:
+            path = self.files.root / shard
+            try:
+                self._open[shard] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot open shard ({e})") from e
+        return self._open[shard]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shard = self.files.weight_map[name]
+        try:
+            return tuple(self._handle(shard).get_slice(name).get_shape())
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{self.files.root / shard}: tensor '{name}' unreadable ({e})") from e
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self.files.weight_map[name]
+        try:
+            return self._handle(shard).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{self.files.root / shard}: tensor '{name}' unreadable or truncated ({e})") from e
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one slice of a model parameter comes from in the checkpoint."""
+
+    name: str
+    index: int | None = None  # slice along dim 0 of a stacked parameter, or the whole parameter
+
+
+def checkpoint_sources(param_name: str, shape: tuple[int, ...]) -> list[Source]:
+    """Our parameter name -> the checkpoint tensors it is made of. Routed experts are stacked
+    ([E, ...]) in our modules but stored one per expert upstream: `experts.{e}.<proj>.weight`."""
+    m = _STACKED_EXPERT.match(param_name)
+    if m:
+        return [Source(f"{m['prefix']}.{e}.{m['proj']}.weight", e) for e in range(shape[0])]
+    return [Source(param_name)]
+
+
+def checkpoint_entries(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Every checkpoint tensor name and shape a module consumes (for inspect and name checks)."""
+    for name, t in list(module.named_parameters()) + list(_persistent_buffers(module)):
+        for src in checkpoint_sources(name, tuple(t.shape)):
+            shape = tuple(t.shape[1:]) if src.index is not None else tuple(t.shape)
+            yield prefix + src.name, shape
+
+
+def _persistent_buffers(module: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    for mod_name, mod in module.named_modules():
+        for b_name, buf in mod._buffers.items():
+            if buf is not None and b_name not in mod._non_persistent_buffers_set:
+                yield (f"{mod_name}.{b_name}" if mod_name else b_name), buf
+
+
+def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
+    *path, leaf = dotted.split(".")
+    owner = module.get_submodule(".".join(path)) if path else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def load_module(module: nn.Module, reader: TensorReader, prefix: str, dtype: torch.dtype,
+                device: torch.device | str, keep_fp32: tuple[str, ...] = ("expert_bias",),
+                progress=None) -> set[str]:
+    """Materialise every parameter/persistent buffer of `module` (built on any device, e.g. meta)
+    from checkpoint tensors `prefix + name`, cast to `dtype` on `device`. Returns the checkpoint
+    names consumed. Raises CheckpointError on a missing or mis-shaped tensor."""
+    consumed: set[str] = set()
+    items = list(module.named_parameters()) + list(_persistent_buffers(module))
+    for i, (name, t) in enumerate(items):
+        target_dtype = torch.float32 if name.endswith(keep_fp32) else dtype
+        if not t.is_floating_point():
+            target_dtype = t.dtype
+        out = torch.empty(t.shape, dtype=target_dtype, device=device)
+        for src in checkpoint_sources(name, tuple(t.shape)):
+            full = prefix + src.name
+            if full not in reader.files.weight_map:
+                raise CheckpointError(f"{reader.files.root}: tensor '{full}' is missing from the checkpoint")
+            want = tuple(t.shape[1:]) if src.index is not None else tuple(t.shape)
+            got = reader.shape(full)
+            if got != want:
+                raise CheckpointError(f"{reader.files.root / reader.files.weight_map[full]}: tensor '{full}' "
+                                      f"has shape {list(got)}, expected {list(want)}")
+            value = reader.get(full).to(device=device, dtype=target_dtype)
+            if src.index is None:
+                out.copy_(value)
+            else:
+                out[src.index].copy_(value)
+            consumed.add(full)
+        _set_tensor(module, name, out)
+        if progress is not None:
+            progress(i + 1, len(items), name)
+    return consumed
+
+
+def check_unexpected(files: CheckpointFiles, consumed: set[str], known_unloaded_prefixes: tuple[str, ...]) -> list[str]:
+    """Tensors nobody loaded. Those under `known_unloaded_prefixes` (components this engine build
+    does not run yet) are returned for reporting; any other leftover raises CheckpointError."""
+    leftover = [n for n in files.names() if n not in consumed]
+    unknown = [n for n in leftover if not n.startswith(known_unloaded_prefixes)]
+    if unknown:
+        shard = files.weight_map[unknown[0]]
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise CheckpointError(f"{files.root / shard}: unexpected tensor '{unknown[0]}'{more}")
+    return leftover
