@@ -1,0 +1,215 @@
+"""The embedded default model: `python -m engine.tiny OUT_DIR` deterministically writes a tiny,
+randomly initialised Ming checkpoint in the upstream layout (config.json, sharded safetensors
+with upstream tensor names and an index, tokenizer files loadable by `tokenizers`).
+
+It is loaded by the same code as the real checkpoint. Its weights are random: it produces
+meaningless text and exists so the studio runs anywhere, and so tests exercise real code paths.
+Later parts (vision, audio, talker, image generator) are added here as they are implemented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from engine.config import MingConfig
+from engine.loader import checkpoint_entries
+from engine.thinker import build_llm
+from engine.tokenizer import byte_level_alphabet
+
+# Bump when the generated files change, so cached copies are rebuilt.
+TINY_VERSION = 1
+TINY_SEED = 20261122
+TINY_NAME = f"ming-tiny-random-v{TINY_VERSION}"
+SHARD_COUNT = 2
+
+# The real tokenizer's special tokens with their real ids (a fact of the released tokenizer_config);
+# the tiny vocabulary keeps them in the same relative order after the 256 byte tokens, so the
+# relations the reference relies on (<image> = <imagePatch>+1, ...) hold.
+REAL_SPECIAL_TOKENS = {
+    "<|startoftext|>": 156891, "<|endoftext|>": 156892, "[CLS]": 156893, "[gMASK]": 156894,
+    "<|role_end|>": 156895, "<tool_call>": 156896, "</tool_call>": 156897, "<tool_response>": 156898,
+    "</tool_response>": 156899, "<role>": 157151, "</role>": 157152, "<|arithmetic_end|>": 157153,
+    "<|number_end|>": 157154, "<|arithmetic_start|>": 157155, "<|number_start|>": 157156,
+    "<imagePatch>": 157157, "<image>": 157158, "</image>": 157159, "<video>": 157160, "</video>": 157161,
+    "<gen_imagePatch>": 157162, "<gen_image>": 157163, "</gen_image>": 157164, "<imageHere>": 157165,
+    "<end_of_chunk>": 157166, "<end_of_audio>": 157167, "<audioPatch>": 157168, "<audio>": 157169,
+    "</audio>": 157170, "<gen_audioPatch>": 157171, "<gen_audio>": 157172, "</gen_audio>": 157173,
+    "<audioHere>": 157174, "<framePatch>": 157175, "<text>": 157176, "<asr>": 157177, "<tts>": 157178,
+}
+REAL_SPECIAL_BASE = min(REAL_SPECIAL_TOKENS.values())
+BYTE_TOKENS = 256
+
+
+def tiny_id(name: str) -> int:
+    return BYTE_TOKENS + REAL_SPECIAL_TOKENS[name] - REAL_SPECIAL_BASE
+
+
+def _vocab_size() -> int:
+    n = BYTE_TOKENS + max(REAL_SPECIAL_TOKENS.values()) - REAL_SPECIAL_BASE + 1
+    return int(math.ceil(n / 64) * 64)
+
+
+def tiny_config() -> dict:
+    """A composite (BailingMM2) config.json; only the LLM part exists so far."""
+    llm = {
+        "architectures": ["BailingMoeV2ForCausalLM"], "model_type": "bailing_moe_v2",
+        "vocab_size": _vocab_size(), "hidden_size": 128, "intermediate_size": 256,
+        "moe_intermediate_size": 64, "num_hidden_layers": 4, "first_k_dense_replace": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128,
+        "partial_rotary_factor": 0.5, "rope_theta": 2400000, "rope_scaling": {"factor": None, "type": "video_rope"},
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "hidden_act": "silu",
+        "num_experts": 16, "num_experts_per_tok": 4, "num_shared_experts": 1, "n_group": 4, "topk_group": 2,
+        "router_type": "MultiRouter", "use_expert_bias": True, "use_qk_norm": True, "norm_topk_prob": True,
+        "moe_router_topk_scaling_factor": 2.5, "use_bias": False, "use_qkv_bias": False,
+        "tie_word_embeddings": False, "eos_token_id": tiny_id("<|role_end|>"), "pad_token_id": tiny_id("<|endoftext|>"),
+        "image_patch_token": tiny_id("<imagePatch>"), "video_patch_token": tiny_id("<framePatch>"),
+        "image_start_token": tiny_id("<image>"),
+        # Mirrors the released config, pitfall included (it is </image>; spec §1.4).
+        "video_start_token": tiny_id("</image>"),
+        "use_interleaved_frame_timestamp": True, "torch_dtype": "float32",
+    }
+    return {"architectures": ["BailingMM2NativeForConditionalGeneration"], "model_type": "bailingmm_moe_v2_lite",
+            "llm_config": llm, "mlp_depth": 2, "torch_dtype": "float32",
+            "studio_demo": {"random_weights": True, "generator": "engine.tiny", "version": TINY_VERSION,
+                            "seed": TINY_SEED}}
+
+
+def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Draws like the reference fixtures: norms 1+0.1N, expert_bias U(-0.15, 0.15),
+    embeddings 0.5N, other matrices N/sqrt(fan_in)."""
+    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        return 1 + 0.1 * torch.randn(shape, generator=gen)
+    if name.endswith("expert_bias"):
+        return (torch.rand(shape, generator=gen) * 2 - 1) * 0.15
+    if "word_embeddings" in name:
+        return 0.5 * torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+
+
+def tiny_state_dict(config: dict) -> dict[str, torch.Tensor]:
+    cfg = MingConfig.from_dict(config, source="tiny")
+    llm = build_llm(cfg, device="meta")
+    gen = torch.Generator().manual_seed(TINY_SEED)
+    return {name: _init_tensor(name, shape, gen).contiguous()
+            for name, shape in checkpoint_entries(llm, prefix=cfg.llm_weight_prefix)}
+
+
+def tiny_tokenizer_files() -> dict[str, dict]:
+    """Byte-level BPE without merges: ids 0..255 are bytes, specials at their tiny ids."""
+    alphabet = byte_level_alphabet()
+    vocab = {ch: b for ch, b in alphabet.items()}
+    specials = {tiny_id(n): n for n in REAL_SPECIAL_TOKENS}
+    for i in range(BYTE_TOKENS, _vocab_size()):
+        vocab.setdefault(specials.get(i, f"<|reserved_{i}|>"), i)
+    added = [{"id": i, "content": specials.get(i, f"<|reserved_{i}|>"), "single_word": False, "lstrip": False,
+              "rstrip": False, "normalized": False, "special": True} for i in range(BYTE_TOKENS, _vocab_size())]
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": []},
+    }
+    tokenizer_config = {
+        "add_bos_token": False, "add_eos_token": False, "bos_token": "<|startoftext|>",
+        "eos_token": "<|role_end|>", "pad_token": "<|role_end|>", "clean_up_tokenization_spaces": False,
+        "model_max_length": 32768, "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added},
+    }
+    special_map = {"bos_token": "<|startoftext|>", "eos_token": "<|role_end|>", "pad_token": "<|role_end|>",
+                   "cls_token": "[CLS]", "gmask_token": "[gMASK]"}
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": tokenizer_config,
+            "special_tokens_map.json": special_map}
+
+
+def write_tiny_checkpoint(out_dir: str | Path) -> Path:
+    """Write the tiny checkpoint into out_dir (atomically: a half-written folder is never left)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
+    try:
+        config = tiny_config()
+        state = tiny_state_dict(config)
+        names = list(state)
+        per_shard = math.ceil(len(names) / SHARD_COUNT)
+        weight_map, total = {}, 0
+        for s in range(SHARD_COUNT):
+            shard = f"model-{s + 1:05d}-of-{SHARD_COUNT:05d}.safetensors"
+            part = {n: state[n] for n in names[s * per_shard:(s + 1) * per_shard]}
+            save_file(part, str(tmp / shard), metadata={"format": "pt"})
+            weight_map.update({n: shard for n in part})
+            total += sum(t.numel() * t.element_size() for t in part.values())
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for fname, content in tiny_tokenizer_files().items():
+            (tmp / fname).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(
+            f"# {TINY_NAME}\n\nRandomly initialised demo weights generated by `python -m engine.tiny` "
+            f"(seed {TINY_SEED}). They produce meaningless output. Load the real model with "
+            "`python launch.py --model inclusionAI/Ming-flash-omni-2.0` (or a local directory).\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("MING_STUDIO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ming-omni-studio")
+    return Path(base)
+
+
+def ensure_tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
+    """The tiny checkpoint in the cache, generated on first use."""
+    path = Path(cache_dir or default_cache_dir()) / TINY_NAME
+    if not (path / "config.json").is_file() or not (path / "model.safetensors.index.json").is_file():
+        write_tiny_checkpoint(path)
+    return path
+
+
+def is_demo_checkpoint(path: str | Path) -> bool:
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(cfg.get("studio_demo", {}).get("random_weights"))
+
+
+def tree_digest(path: str | Path) -> str:
+    """SHA-256 over every file of a folder (names and bytes), to show determinism."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file():
+            h.update(f.relative_to(path).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.tiny", description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir", type=Path)
+    args = ap.parse_args(argv)
+    path = write_tiny_checkpoint(args.out_dir)
+    print(f"wrote {path} ({TINY_NAME}, sha256 {tree_digest(path)[:16]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

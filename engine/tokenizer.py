@@ -1,0 +1,128 @@
+"""The checkpoint's tokenizer (tokenizer.json + tokenizer_config.json, via `tokenizers`), the
+special tokens looked up by name, and a streaming decoder that never splits a UTF-8 character."""
+
+from __future__ import annotations
+
+import codecs
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+# Special tokens the Ming prompt format and position builder use, by name (ids come from the
+# tokenizer of each checkpoint; spec §2.10).
+ROLE_START, ROLE_END_TAG, TURN_END = "<role>", "</role>", "<|role_end|>"
+IMAGE_PATCH, IMAGE_START, IMAGE_END = "<imagePatch>", "<image>", "</image>"
+VIDEO_START, VIDEO_END, FRAME_PATCH = "<video>", "</video>", "<framePatch>"
+AUDIO_PATCH, AUDIO_START, AUDIO_END = "<audioPatch>", "<audio>", "</audio>"
+REQUIRED_SPECIAL_TOKENS = (ROLE_START, ROLE_END_TAG, TURN_END, IMAGE_PATCH, IMAGE_START, IMAGE_END,
+                           VIDEO_START, VIDEO_END, FRAME_PATCH, AUDIO_PATCH, AUDIO_START, AUDIO_END)
+
+
+class TokenizerError(RuntimeError):
+    """The checkpoint's tokenizer files are missing or lack a token the model needs."""
+
+
+@lru_cache(maxsize=1)
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2 byte-level mapping, inverted: printable stand-in character -> byte value."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = printable[:], 0
+    codes = printable[:]
+    for b in range(256):
+        if b not in printable:
+            codes.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(codes, chars)}
+
+
+class MingTokenizer:
+    def __init__(self, root: str | Path):
+        root = Path(root)
+        path = root / "tokenizer.json"
+        if not path.is_file() or path.stat().st_size == 0:
+            raise TokenizerError(f"{path}: missing or empty (the real tokenizer ships with the checkpoint)")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+            self._plain = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise TokenizerError(f"{path}: cannot load ({e})") from e
+        # User text is encoded with special-token parsing off: typed "<role>" stays text.
+        self._plain.encode_special_tokens = True
+        cfg_path = root / "tokenizer_config.json"
+        self.config = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        missing = [t for t in REQUIRED_SPECIAL_TOKENS if self._tok.token_to_id(t) is None]
+        if missing:
+            raise TokenizerError(f"{path}: special tokens missing: {', '.join(missing)}")
+        eos = self.config.get("eos_token", TURN_END)
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        self.eos_token = eos
+        self.eos_id = self.token_id(eos)
+        self._bytes = byte_level_alphabet()
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise TokenizerError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    def encode(self, text: str) -> list[int]:
+        """Encode with special tokens recognised (template text)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Encode user-provided text: special-token strings in it are ordinary text."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """Raw bytes of a byte-level token; None for special tokens or non-byte-level vocabularies."""
+        if token_id in self.special_ids:
+            return b""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        try:
+            return bytes(self._bytes[c] for c in piece)
+        except KeyError:
+            return None
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns generated ids into text deltas. Byte-level tokens go through an incremental UTF-8
+    decoder, so a character split over several tokens is emitted once complete; invalid bytes
+    become U+FFFD. Special tokens are skipped (as `skip_special_tokens=True`)."""
+
+    def __init__(self, tokenizer: MingTokenizer):
+        self.tok = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._ids: list[int] = []
+        self._emitted = ""  # fallback path only
+
+    def push(self, token_id: int) -> str:
+        raw = self.tok.token_bytes(token_id)
+        if raw is not None and not self._ids:
+            return self._utf8.decode(raw)
+        # Non byte-level vocabulary: decode everything so far, emit the stable new suffix.
+        self._ids.append(token_id)
+        text = self.tok.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self._emitted = text[len(self._emitted):], text
+        return delta
+
+    def flush(self) -> str:
+        if self._ids:
+            text = self.tok.decode(self._ids)
+            delta, self._emitted = text[len(self._emitted):], text
+            return delta
+        return self._utf8.decode(b"", final=True)
