@@ -212,7 +212,7 @@ class MingConfig:
             warnings.warn(
                 f"{source}: video_start_token={cfg.llm.video_start_token} is the id of </image> (upstream "
                 "misconfiguration, spec §1.4); as in the reference, video frames get 1-D positions. "
-                "Pass fix_video_start_token=True to the position builder to use <video> instead.",
+                "PositionTokens.from_config(cfg, fix_video_start_token=<id of <video>>) uses <video> instead.",
                 stacklevel=2)
         return cfg
 

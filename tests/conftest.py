@@ -1,0 +1,34 @@
+"""Shared test setup: no GPU, no network, and the tiny checkpoint generated once per session.
+
+TRITON_INTERPRET must be set before any Triton kernel module is imported (it is read when
+@triton.jit decorates), so it is set here, first. The studio cache points at a temporary folder so
+tests never touch (or depend on) the user's cache.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_CACHE = tempfile.mkdtemp(prefix="ming-test-cache-")
+os.environ["MING_STUDIO_CACHE"] = _CACHE
+
+import pytest  # noqa: E402
+
+
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint() -> Path:
+    from engine.tiny import ensure_tiny_checkpoint
+    return ensure_tiny_checkpoint(_CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint):
+    from engine.runtime import Engine
+    return Engine.load(tiny_checkpoint, dtype="fp32", device="cpu")
