@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import torch
 
 from engine.config import MingConfig
 from engine.loader import checkpoint_entries
-from engine.thinker import build_llm
+from engine.thinker import build_thinker
 
 # Stored dtype of the released weights (config torch_dtype); routers' expert_bias is kept in fp32
 # by our loader, so it is counted at 4 bytes.
@@ -23,8 +24,15 @@ FP32_TENSORS = ("expert_bias",)
 STORED_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+ENCODER_COMPONENTS = {"vision.": "vision encoder", "linear_proj.": "vision projector",
+                      "audio.": "audio encoder", "linear_proj_audio.": "audio projector"}
+
+
 def _component(name: str) -> str:
-    """Group an LLM checkpoint tensor name into a component."""
+    """Group a checkpoint tensor name into a component."""
+    for prefix, component in ENCODER_COMPONENTS.items():
+        if name.startswith(prefix):
+            return component
     if "word_embeddings" in name:
         return "embeddings"
     if "lm_head" in name:
@@ -67,14 +75,16 @@ class Inventory:
         return sum(self.nbytes.values())
 
 
-def inventory_llm(cfg: MingConfig, dtype: torch.dtype) -> Inventory:
-    inv = Inventory()
-    for name, shape in checkpoint_entries(build_llm(cfg, "meta"), prefix=cfg.llm_weight_prefix):
-        numel = 1
-        for s in shape:
-            numel *= s
-        inv.add(_component(name), numel, torch.float32 if name.endswith(FP32_TENSORS) else dtype)
-    return inv
+def inventory(cfg: MingConfig, dtype: torch.dtype) -> tuple[Inventory, Inventory]:
+    """(LLM inventory, encoders inventory) of every checkpoint tensor of the thinker."""
+    llm, enc = Inventory(), Inventory()
+    for prefix, module in build_thinker(cfg, "meta").items():
+        buffers = {prefix + n for n, _ in module.named_buffers()}
+        for name, shape in checkpoint_entries(module, prefix=prefix):
+            target = enc if prefix in ENCODER_COMPONENTS else llm
+            component = _component(name) + (" (stored buffer)" if name in buffers else "")
+            target.add(component, math.prod(shape), torch.float32 if name.endswith(FP32_TENSORS) else dtype)
+    return llm, enc
 
 
 def expert_sizes(cfg: MingConfig, dtype: torch.dtype) -> dict[str, int]:
@@ -93,41 +103,47 @@ def expert_sizes(cfg: MingConfig, dtype: torch.dtype) -> dict[str, int]:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:,.2f} GB"
+    return f"{n / 1e9:,.2f} GB" if n >= 1e8 else f"{n / 1e6:,.2f} MB"
 
 
 def report(path: Path) -> dict:
     cfg = MingConfig.from_file(path)
     dtype = STORED_DTYPES.get(cfg.torch_dtype or "bfloat16", torch.bfloat16)
-    inv = inventory_llm(cfg, dtype)
+    inv, enc = inventory(cfg, dtype)
     sizes = expert_sizes(cfg, dtype)
     c = cfg.llm
     dense_active = inv.total_params - inv.params["routed experts"] - inv.params["embeddings"] - inv.params["lm_head"]
     active = dense_active + c.num_moe_layers * c.num_experts_per_tok * sizes["params_per_expert"]
     return {"config": str(cfg.source), "release": cfg.release, "dtype": str(dtype).replace("torch.", ""),
-            "llm_total_params": inv.total_params, "llm_total_bytes": inv.total_bytes, "llm_tensors": inv.tensors,
+            "llm_total_params": inv.total_params, "llm_total_bytes": inv.total_bytes,
             "components": {k: {"params": inv.params[k], "bytes": inv.nbytes[k]} for k in sorted(inv.params)},
-            "bytes_by_dtype": dict(inv.by_dtype),
+            "encoders": {k: {"params": enc.params[k], "bytes": enc.nbytes[k]} for k in sorted(enc.params)},
+            "total_params": inv.total_params + enc.total_params - sum(
+                v for k, v in enc.params.items() if k.endswith("(stored buffer)")), "total_bytes": inv.total_bytes + enc.total_bytes,
+            "tensors": inv.tensors + enc.tensors,
+            "bytes_by_dtype": {k: inv.by_dtype.get(k, 0) + enc.by_dtype.get(k, 0)
+                               for k in set(inv.by_dtype) | set(enc.by_dtype)},
             "llm_active_params_per_token_excl_embeddings": active,
             "layers": c.num_hidden_layers, "moe_layers": c.num_moe_layers, "experts_per_layer": c.num_experts,
-            **sizes,
-            "not_counted": [] if cfg.release == "llm-only" else
-            ["vision encoder, audio encoder and projectors (not built by this engine yet)"]}
+            **sizes}
 
 
 def format_report(r: dict) -> str:
     lines = [f"{r['config']}  (release {r['release']}, weights {r['dtype']})", "",
-             f"{'component':<16}{'parameters':>18}{'bytes':>16}"]
+             f"{'component':<30}{'parameters':>18}{'bytes':>16}"]
     for k, v in r["components"].items():
-        lines.append(f"{k:<16}{v['params']:>18,}{_gb(v['bytes']):>16}")
-    lines.append(f"{'LLM total':<16}{r['llm_total_params']:>18,}{_gb(r['llm_total_bytes']):>16}")
-    lines += ["", "bytes by dtype: " + ", ".join(f"{k} {_gb(v)}" for k, v in r["bytes_by_dtype"].items()),
+        lines.append(f"{k:<30}{v['params']:>18,}{_gb(v['bytes']):>16}")
+    lines.append(f"{'LLM total':<30}{r['llm_total_params']:>18,}{_gb(r['llm_total_bytes']):>16}")
+    for k, v in r["encoders"].items():
+        lines.append(f"{k:<30}{v['params']:>18,}{_gb(v['bytes']):>16}")
+    lines.append(f"{'thinker total':<30}{r['total_params']:>18,}{_gb(r['total_bytes']):>16}  "
+                 f"(parameters; bytes include stored buffers; {r['tensors']:,} tensors)")
+    lines += ["", "not counted: talker and image generator (separate sub-folders, not built yet)",
+              "bytes by dtype: " + ", ".join(f"{k} {_gb(v)}" for k, v in r["bytes_by_dtype"].items()),
               f"layers {r['layers']} ({r['moe_layers']} MoE) x {r['experts_per_layer']} experts",
               f"per expert: {r['params_per_expert']:,} params, {r['bytes_per_expert'] / 2**20:.1f} MiB",
               f"per MoE layer: {r['params_per_moe_layer']:,} params, {_gb(r['bytes_per_moe_layer'])}",
               f"active per token (excl. embeddings/lm_head): {r['llm_active_params_per_token_excl_embeddings']:,}"]
-    for n in r["not_counted"]:
-        lines.append(f"not counted: {n}")
     return "\n".join(lines)
 
 

@@ -210,13 +210,10 @@ def load_module(module: nn.Module, reader: TensorReader, prefix: str, dtype: tor
     return consumed
 
 
-def check_unexpected(files: CheckpointFiles, consumed: set[str], known_unloaded_prefixes: tuple[str, ...]) -> list[str]:
-    """Tensors nobody loaded. Those under `known_unloaded_prefixes` (components this engine build
-    does not run yet) are returned for reporting; any other leftover raises CheckpointError."""
-    leftover = [n for n in files.names() if n not in consumed]
-    unknown = [n for n in leftover if not n.startswith(known_unloaded_prefixes)]
+def check_unexpected(files: CheckpointFiles, consumed: set[str]) -> None:
+    """Any checkpoint tensor no module consumed is an error naming the shard and the tensor."""
+    unknown = [n for n in files.names() if n not in consumed]
     if unknown:
         shard = files.weight_map[unknown[0]]
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise CheckpointError(f"{files.root / shard}: unexpected tensor '{unknown[0]}'{more}")
-    return leftover

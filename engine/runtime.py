@@ -33,7 +33,7 @@ class EngineInfo:
     dtype: str
     device: str
     load_seconds: float
-    not_loaded_tensors: int
+    components: list[str]
 
 
 class Engine:
@@ -58,8 +58,9 @@ class Engine:
     def info(self) -> EngineInfo:
         m = self.model
         return EngineInfo(name=m.path.name, path=str(m.path), is_demo=self.is_demo, release=m.config.release,
-                          parameters=count_parameters(m.llm), dtype=str(m.numerics.dtype).replace("torch.", ""),
-                          device=str(m.device), load_seconds=m.load_seconds, not_loaded_tensors=len(m.not_loaded))
+                          parameters=count_parameters(m.llm) + sum(count_parameters(x) for x in m.encoders.components().values()), dtype=str(m.numerics.dtype).replace("torch.", ""),
+                          device=str(m.device), load_seconds=m.load_seconds,
+                          components=["llm"] + [p.rstrip(".") for p in m.encoders.components()])
 
     def generate_ids(self, prompt_ids: list[int], params: GenerationParams,
                      cancel: threading.Event | None = None) -> Iterator[Event]:

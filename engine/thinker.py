@@ -1,10 +1,10 @@
 """The Ming "thinker": builds the modules a checkpoint describes (on the meta device first, so
 nothing is allocated until weights are read) and loads them through engine.loader.
 
-Today this is the BailingMoeV2 LLM. The vision and audio encoders and their projectors live under
-the prefixes `vision.`, `audio.`, `linear_proj.` and `linear_proj_audio.` of the same checkpoint;
-until they are wired in, their tensors are reported as present-but-not-loaded, never silently
-accepted as something else.
+Components and their checkpoint prefixes: the BailingMoeV2 LLM (`model.` in the composite thinker,
+none in a standalone LLM checkpoint), the ViT (`vision.`), its projector (`linear_proj.`), the
+Whisper audio encoder (`audio.`) and its projector (`linear_proj_audio.`). Encoders exist when the
+config has their sub-config.
 """
 
 from __future__ import annotations
@@ -16,17 +16,56 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.audio_encoder import AudioEncoderConfig, WhisperAudioEncoder
 from engine.config import MingConfig
 from engine.layers import Numerics
 from engine.llm import BailingMoeV2ForCausalLM
 from engine.loader import CheckpointFiles, check_unexpected, load_module, resolve_checkpoint
+from engine.projectors import AudioProjector, VisionProjector
+from engine.vision import VisionConfig, build_vision_encoder
 
-ENCODER_PREFIXES = ("vision.", "audio.", "linear_proj.", "linear_proj_audio.")
+DEFAULT_MLP_DEPTH = 2
 
 
 def build_llm(cfg: MingConfig, device: torch.device | str = "meta") -> BailingMoeV2ForCausalLM:
     with torch.device(device):
         return BailingMoeV2ForCausalLM(cfg.llm)
+
+
+@dataclass
+class Encoders:
+    """The optional encoder side of the thinker (None where the config has no sub-config)."""
+
+    vision: nn.Module | None = None
+    linear_proj: VisionProjector | None = None
+    audio: WhisperAudioEncoder | None = None
+    linear_proj_audio: AudioProjector | None = None
+
+    def components(self) -> dict[str, nn.Module]:
+        mods = {"vision.": self.vision, "linear_proj.": self.linear_proj, "audio.": self.audio,
+                "linear_proj_audio.": self.linear_proj_audio}
+        return {k: v for k, v in mods.items() if v is not None}
+
+
+def build_encoders(cfg: MingConfig, device: torch.device | str = "meta",
+                   rope_bf16_tables: bool | None = None) -> Encoders:
+    enc = Encoders()
+    depth = int(cfg.mlp_depth or DEFAULT_MLP_DEPTH)
+    with torch.device(device):
+        if cfg.vision:
+            vcfg = VisionConfig.from_dict(cfg.vision)
+            enc.vision = build_vision_encoder(vcfg, rope_bf16_tables=rope_bf16_tables)
+            enc.linear_proj = VisionProjector(vcfg.out_hidden_size, cfg.llm.hidden_size, depth)
+        if cfg.audio:
+            acfg = AudioEncoderConfig.from_dict(cfg.audio)
+            enc.audio = WhisperAudioEncoder(acfg)
+            enc.linear_proj_audio = AudioProjector.from_config(acfg, cfg.llm.hidden_size, depth)
+    return enc
+
+
+def build_thinker(cfg: MingConfig, device: torch.device | str = "meta") -> dict[str, nn.Module]:
+    """Every component keyed by its checkpoint prefix."""
+    return {cfg.llm_weight_prefix: build_llm(cfg, device), **build_encoders(cfg, device).components()}
 
 
 @dataclass
@@ -38,7 +77,7 @@ class LoadedModel:
     numerics: Numerics
     device: torch.device
     path: Path
-    not_loaded: list[str] = field(default_factory=list)
+    encoders: Encoders = field(default_factory=Encoders)
     load_seconds: float = 0.0
 
 
@@ -71,12 +110,15 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     dev = torch.device(device) if device is not None else default_device()
     files = CheckpointFiles.open(root)
     llm = build_llm(cfg)
+    encoders = build_encoders(cfg, rope_bf16_tables=numerics.rope_bf16_tables)
+    consumed: set[str] = set()
     with files.reader() as reader:
-        consumed = load_module(llm, reader, cfg.llm_weight_prefix, numerics.dtype, dev, progress=progress)
-    not_loaded = check_unexpected(files, consumed, ENCODER_PREFIXES if cfg.is_composite else ())
-    llm.eval()
-    return LoadedModel(config=cfg, llm=llm, numerics=numerics, device=dev, path=root,
-                       not_loaded=not_loaded, load_seconds=time.perf_counter() - t0)
+        for prefix, module in {cfg.llm_weight_prefix: llm, **encoders.components()}.items():
+            consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
+            module.eval()
+    check_unexpected(files, consumed)
+    return LoadedModel(config=cfg, llm=llm, numerics=numerics, device=dev, path=root, encoders=encoders,
+                       load_seconds=time.perf_counter() - t0)
 
 
 def count_parameters(module: nn.Module) -> int:

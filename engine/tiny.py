@@ -4,7 +4,8 @@ with upstream tensor names and an index, tokenizer files loadable by `tokenizers
 
 It is loaded by the same code as the real checkpoint. Its weights are random: it produces
 meaningless text and exists so the studio runs anywhere, and so tests exercise real code paths.
-Later parts (vision, audio, talker, image generator) are added here as they are implemented.
+It holds the LLM, a Qwen3-style ViT with its projector and a Whisper-style audio encoder with its
+projector; the talker and image generator are added here as they are implemented.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from safetensors.torch import save_file
 
 from engine.config import MingConfig
 from engine.loader import checkpoint_entries
-from engine.thinker import build_llm
+from engine.thinker import build_encoders, build_llm
 from engine.tokenizer import byte_level_alphabet
 
 # Bump when the generated files change, so cached copies are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2
 TINY_SEED = 20261122
 TINY_NAME = f"ming-tiny-random-v{TINY_VERSION}"
 SHARD_COUNT = 2
@@ -61,7 +62,7 @@ def _vocab_size() -> int:
 
 
 def tiny_config() -> dict:
-    """A composite (BailingMM2) config.json; only the LLM part exists so far."""
+    """A composite (BailingMM2) config.json in the 2.0 layout (Qwen3-style ViT, Whisper encoder)."""
     llm = {
         "architectures": ["BailingMoeV2ForCausalLM"], "model_type": "bailing_moe_v2",
         "vocab_size": _vocab_size(), "hidden_size": 128, "intermediate_size": 256,
@@ -79,30 +80,56 @@ def tiny_config() -> dict:
         "video_start_token": tiny_id("</image>"),
         "use_interleaved_frame_timestamp": True, "torch_dtype": "float32",
     }
+    vision = {"model_type": "qwen3_moe_vit", "depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64,
+              "hidden_act": "gelu_pytorch_tanh", "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2,
+              "in_channels": 3, "num_position_embeddings": 256, "out_hidden_size": 64,
+              "deepstack_visual_indexes": []}
+    # n_ctx 3000 encoder positions = 60 s of audio (the real model has 15000 = 300 s).
+    audio = {"whisper_encoder_config": {"n_mels": 128, "n_ctx": 3000, "n_state": 32, "n_head": 2, "n_layer": 2},
+             "ds_kernel_size": 3, "ds_stride": 2, "norm_query_embeds": True}
     return {"architectures": ["BailingMM2NativeForConditionalGeneration"], "model_type": "bailingmm_moe_v2_lite",
-            "llm_config": llm, "mlp_depth": 2, "torch_dtype": "float32",
+            "llm_config": llm, "vision_config": vision, "audio_config": audio, "mlp_depth": 2, "torch_dtype": "float32",
             "studio_demo": {"random_weights": True, "generator": "engine.tiny", "version": TINY_VERSION,
                             "seed": TINY_SEED}}
 
 
 def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Draws like the reference fixtures: norms 1+0.1N, expert_bias U(-0.15, 0.15),
-    embeddings 0.5N, other matrices N/sqrt(fan_in)."""
-    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-        return 1 + 0.1 * torch.randn(shape, generator=gen)
-    if name.endswith("expert_bias"):
+    """Draws like the reference fixtures: norms 1+0.1N, biases 0.05N, expert_bias U(-0.15, 0.15),
+    embedding tables 0.5N, other matrices N/sqrt(fan_in)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "expert_bias":
         return (torch.rand(shape, generator=gen) * 2 - 1) * 0.15
-    if "word_embeddings" in name:
+    if leaf == "bias":
+        return 0.05 * torch.randn(shape, generator=gen)
+    if len(shape) == 1:  # norm weights
+        return 1 + 0.1 * torch.randn(shape, generator=gen)
+    if "word_embeddings" in name or "pos_embed" in name:
         return 0.5 * torch.randn(shape, generator=gen)
-    return torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+    fan_in = math.prod(shape[1:])
+    return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
 
 
 def tiny_state_dict(config: dict) -> dict[str, torch.Tensor]:
+    """Random parameters in checkpoint order; persistent buffers (Whisper's sinusoids) keep the
+    values the module computes, as in the real checkpoint."""
     cfg = MingConfig.from_dict(config, source="tiny")
-    llm = build_llm(cfg, device="meta")
     gen = torch.Generator().manual_seed(TINY_SEED)
-    return {name: _init_tensor(name, shape, gen).contiguous()
-            for name, shape in checkpoint_entries(llm, prefix=cfg.llm_weight_prefix)}
+    state: dict[str, torch.Tensor] = {}
+    for prefix, module in {cfg.llm_weight_prefix: build_llm(cfg, "meta"), **build_encoders(cfg, "cpu").components()}.items():
+        buffers = {prefix + n: b for n, b in module.named_buffers()}
+        for name, shape in checkpoint_entries(module, prefix=prefix):
+            value = buffers[name].clone() if name in buffers else _init_tensor(name, shape, gen)
+            state[name] = value.float().contiguous()
+    return state
+
+
+def tiny_preprocessor_config() -> dict:
+    """The 2.0 release's processor settings (patch 16, merge 2, CLIP normalisation)."""
+    return {"min_pixels": 4 * 32 * 32, "max_pixels": 16384 * 32 * 32, "patch_size": 16, "temporal_patch_size": 2,
+            "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "image_token": "<image>", "video_token": "<video>",
+            "audio_token": "<audio>", "use_interleaved_frame_timestamp": True, "sampling_rate": 16000,
+            "whisper_frontend_args": {"n_mels": 128}, "processor_class": "BailingMM2Processor"}
 
 
 def tiny_tokenizer_files() -> dict[str, dict]:
@@ -155,6 +182,7 @@ def write_tiny_checkpoint(out_dir: str | Path) -> Path:
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(tiny_preprocessor_config(), indent=2) + "\n")
         for fname, content in tiny_tokenizer_files().items():
             (tmp / fname).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(

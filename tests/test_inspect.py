@@ -7,7 +7,7 @@ import pytest
 from engine.config import MingConfig
 from engine.inspect import report
 from engine.loader import checkpoint_entries
-from engine.thinker import build_llm
+from engine.thinker import build_thinker
 from tests.paths import FIXTURES, real_config
 
 
@@ -20,18 +20,20 @@ def test_real_2_0_sizes_match_the_spec():
 
 
 @pytest.mark.parametrize("release, sub", [("ming-flash-omni-2.0", "v2"), ("ming-flash-omni-preview", "preview")])
-def test_llm_names_and_shapes_equal_upstream_full_names(release, sub):
+def test_thinker_names_and_shapes_equal_upstream_full_names(release, sub):
     names_file = FIXTURES / "full_names" / sub / "names.txt"
     if not names_file.is_file():
         pytest.skip("full_names fixture not available")
     upstream = {}
     for line in names_file.read_text().splitlines():
         name, shape, _ = line.split("\t")
-        if name.startswith("model."):
-            upstream[name] = tuple(json.loads(shape))
+        upstream[name] = tuple(json.loads(shape))
     cfg = MingConfig.from_file(real_config(release))
-    ours = dict(checkpoint_entries(build_llm(cfg, "meta"), prefix=cfg.llm_weight_prefix))
+    ours = {}
+    for prefix, module in build_thinker(cfg, "meta").items():
+        ours.update(checkpoint_entries(module, prefix=prefix))
     assert ours == upstream
-    meta = json.loads((FIXTURES / "full_names" / "meta.json").read_text())
-    assert report(real_config(release))["llm_total_params"] == \
-        meta["summary"][sub]["parameters_per_top_level_prefix"]["model"]
+    meta = json.loads((FIXTURES / "full_names" / "meta.json").read_text())["summary"][sub]
+    r = report(real_config(release))
+    assert r["total_params"] == meta["total_parameters"] and r["tensors"] == meta["state_dict_entries"]
+    assert r["llm_total_params"] == meta["parameters_per_top_level_prefix"]["model"]

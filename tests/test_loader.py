@@ -25,7 +25,7 @@ def _shards(path):
 def test_sharded_checkpoint_loads_every_tensor(ckpt):
     m = load_model(ckpt, dtype="fp32", device="cpu")
     files = CheckpointFiles.open(ckpt)
-    assert len(_shards(ckpt)) > 1 and not m.not_loaded
+    assert len(_shards(ckpt)) > 1
     name = "model.model.layers.1.mlp.experts.3.up_proj.weight"
     expected = load_file(str(ckpt / files.weight_map[name]))[name]
     assert torch.equal(m.llm.model.layers[1].mlp.experts.up_proj[3], expected)
@@ -96,9 +96,12 @@ def test_unexpected_tensor_is_named(ckpt):
         load_model(ckpt, device="cpu")
 
 
-def test_encoder_tensors_are_reported_not_loaded(ckpt):
-    _rewrite(ckpt, lambda t: t.update({"vision.patch_embed.proj.bias": torch.ones(2)}))
-    assert load_model(ckpt, device="cpu").not_loaded == ["vision.patch_embed.proj.bias"]
+def test_encoder_tensors_without_a_sub_config_are_unexpected(ckpt):
+    config = json.loads((ckpt / "config.json").read_text())
+    config.pop("vision_config", None)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor '(vision|linear_proj)\."):
+        load_model(ckpt, device="cpu")
 
 
 def test_resolve_errors(tmp_path):
