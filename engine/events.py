@@ -19,6 +19,7 @@ class GenerationStats:
     decode_tokens_per_s: float = 0.0
     total_s: float = 0.0
     queue_wait_s: float = 0.0
+    media_encode_s: float = 0.0
 
     def summary(self) -> str:
         return (f"prompt tokens {self.prompt_tokens}, new tokens {self.new_tokens}, "
@@ -43,6 +44,7 @@ class Done:
     finish_reason: str
     stats: GenerationStats = field(default_factory=GenerationStats)
     token_ids: list[int] = field(default_factory=list)
+    result: dict | None = None  # task-specific result, e.g. ASR {"language", "text"}
     type: str = "done"
 
     def to_dict(self) -> dict:

@@ -58,8 +58,9 @@ class StopStringFilter:
 def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int], params: GenerationParams,
              cancel: threading.Event | None = None, mm: MultimodalInputs | None = None,
              image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-             eos_ids: set[int] | None = None) -> Iterator[Event]:
-    """Stream the response to one prompt (batch 1) as TextDelta events and a final Done."""
+             eos_ids: set[int] | None = None, t_start: float | None = None) -> Iterator[Event]:
+    """Stream the response to one prompt (batch 1) as TextDelta events and a final Done.
+    `t_start`: when the request began (time to first token counts from there; default now)."""
     try:
         params.validate()
     except ValueError as e:
@@ -84,7 +85,7 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
     new_ids: list[int] = []
     cache = llm.new_cache(1, numerics, dev, capacity=len(prompt_ids) + min(params.max_new_tokens, 1024))
     seen = torch.tensor(prompt_ids, dtype=torch.long)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if t_start is None else t_start
     t_first = t_last = t0
     finish = "length"
     try:
@@ -122,8 +123,8 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
                 step_ids = torch.tensor([[token]], dtype=torch.long, device=dev)
                 logits = llm(llm.model.embed(step_ids), pos, numerics, None, cache, logits_to_keep=1)[0, -1]
         if not stopper.stopped:
-            tail = stopper.feed(decoder.flush()) if not stopper.stopped else ""
-            tail += stopper.flush()
+            tail = stopper.feed(decoder.flush())
+            tail += "" if stopper.stopped else stopper.flush()
             if tail:
                 text_parts.append(tail)
                 yield TextDelta(tail)
@@ -139,7 +140,6 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.prompt import build_chat_prompt
     from engine.runtime import Engine
 
     ap = argparse.ArgumentParser(prog="python -m engine.generate",
@@ -162,13 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
     if engine.is_demo:
         print("[random demo weights: output is meaningless; use --model for the real checkpoint]", file=sys.stderr)
-    prompt = build_chat_prompt([{"role": "user", "content": args.prompt}], engine.tokenizer,
-                               system_prompt=args.system, thinking=args.thinking)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                               stop=args.stop)
     code = 0
-    for ev in engine.generate_ids(prompt.ids, params):
+    for ev in engine.chat([{"role": "user", "content": args.prompt}], params, system_prompt=args.system,
+                          thinking=args.thinking):
         if isinstance(ev, TextDelta):
             sys.stdout.write(ev.text)
             sys.stdout.flush()

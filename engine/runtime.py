@@ -1,6 +1,11 @@
 """The engine API that servers and UIs call: load a checkpoint (or the tiny demo default) and turn
-chat requests into event streams. One request runs on the model at a time; others wait their turn
-(the server adds queue positions, limits and sessions on top of this)."""
+requests into event streams.
+
+  * `chat(messages, params)`: messages with text, image, video and audio parts;
+  * `transcribe(audio, context=None, hotwords=None, dialect=None)`: ASR tasks;
+each yields TextDelta events then one Done (with figures) or one Error. One request runs on the
+model at a time; others wait their turn (the server adds queue positions, limits and sessions).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from engine.events import Done, Error, Event
+from engine.asr import TranscriptStream, asr_instruction, dialect_prefix, parse_transcript
+from engine.events import Done, Error, Event, TextDelta
 from engine.generate import generate
-from engine.prompt import ChatMessage, PromptError, build_chat_prompt
+from engine.llm import MultimodalInputError, MultimodalInputs
+from engine.media.errors import MediaError
+from engine.processor import MediaSettings, MingProcessor, ProcessedPrompt
+from engine.projectors import encode_audio_wrapped, encode_images
+from engine.prompt import ChatMessage, PromptError
 from engine.sampling import GenerationParams
 from engine.thinker import LoadedModel, count_parameters, load_model
 from engine.tiny import ensure_tiny_checkpoint, is_demo_checkpoint
@@ -41,6 +52,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.is_demo = is_demo
+        self.processor = MingProcessor(tokenizer, MediaSettings.for_checkpoint(model.path, model.config))
         self._lock = threading.Lock()
 
     @classmethod
@@ -57,28 +69,101 @@ class Engine:
 
     def info(self) -> EngineInfo:
         m = self.model
+        enc = m.encoders.components()
         return EngineInfo(name=m.path.name, path=str(m.path), is_demo=self.is_demo, release=m.config.release,
-                          parameters=count_parameters(m.llm) + sum(count_parameters(x) for x in m.encoders.components().values()), dtype=str(m.numerics.dtype).replace("torch.", ""),
-                          device=str(m.device), load_seconds=m.load_seconds,
-                          components=["llm"] + [p.rstrip(".") for p in m.encoders.components()])
+                          parameters=count_parameters(m.llm) + sum(count_parameters(x) for x in enc.values()),
+                          dtype=str(m.numerics.dtype).replace("torch.", ""), device=str(m.device),
+                          load_seconds=m.load_seconds, components=["llm"] + [p.rstrip(".") for p in enc])
 
-    def generate_ids(self, prompt_ids: list[int], params: GenerationParams,
-                     cancel: threading.Event | None = None) -> Iterator[Event]:
+    # ------------------------------------------------------------------ media
+    def encode_media(self, prompt: ProcessedPrompt) -> MultimodalInputs:
+        """Run the encoders on the prompt's media: embeddings ready for the placeholder slots."""
+        enc, dev, dtype = self.model.encoders, self.model.device, self.model.numerics.dtype
+        mm = MultimodalInputs()
+        with torch.inference_mode():
+            for kind, pixels, grid in (("image", prompt.pixel_values, prompt.image_grid_thw),
+                                       ("video", prompt.pixel_values_videos, prompt.video_grid_thw)):
+                if pixels is None:
+                    continue
+                if enc.vision is None or enc.linear_proj is None:
+                    raise MediaError(f"this checkpoint has no vision encoder, so it cannot take {kind} input")
+                emb = encode_images(enc.vision, enc.linear_proj, pixels.to(dev, dtype), grid.to(dev))
+                setattr(mm, f"{kind}_embeds", emb)
+            packed = prompt.packed_audio()
+            if packed is not None:
+                if enc.audio is None or enc.linear_proj_audio is None:
+                    raise MediaError("this checkpoint has no audio encoder, so it cannot take audio input")
+                feats, lengths = packed
+                embeds, emb_lengths, _ = encode_audio_wrapped(enc.audio, enc.linear_proj_audio,
+                                                              feats.to(dev, dtype), lengths.to(dev))
+                spans, offset = [], 0
+                for (start, n), n_emb in zip(prompt.audio_spans, emb_lengths[0].tolist()):
+                    spans.append((start, embeds[0, offset: offset + n]))
+                    offset += int(n_emb)
+                mm.audio_spans = [spans]
+        return mm
+
+    # ------------------------------------------------------------------ requests
+    def generate_ids(self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event | None = None,
+                     prompt: ProcessedPrompt | None = None, t_start: float | None = None) -> Iterator[Event]:
         t_wait = time.perf_counter()
         with self._lock:
             waited = time.perf_counter() - t_wait
-            for ev in generate(self.model, self.tokenizer, prompt_ids, params, cancel):
+            t_start = time.perf_counter() if t_start is None else t_start + waited
+            t_enc = time.perf_counter()
+            try:
+                mm = self.encode_media(prompt) if prompt is not None else None
+            except (MediaError, MultimodalInputError) as e:
+                yield Error(str(e), code="invalid_media")
+                return
+            encode_s = time.perf_counter() - t_enc
+            grids = (prompt.image_grid_thw, prompt.video_grid_thw) if prompt is not None else (None, None)
+            for ev in generate(self.model, self.tokenizer, prompt_ids, params, cancel, mm=mm,
+                               image_grid_thw=grids[0], video_grid_thw=grids[1], t_start=t_start):
                 if isinstance(ev, Done):
                     ev.stats.queue_wait_s = waited
+                    ev.stats.media_encode_s = encode_s
                 yield ev
 
     def chat(self, messages: list[ChatMessage | dict], params: GenerationParams | None = None,
              cancel: threading.Event | None = None, system_prompt: str | None = None,
-             thinking: bool = False) -> Iterator[Event]:
+             thinking: bool = False, assistant_prefix: str | None = None) -> Iterator[Event]:
         """Stream the assistant's reply to a conversation: TextDelta events, then Done (or Error)."""
+        t_start = time.perf_counter()
         try:
-            prompt = build_chat_prompt(messages, self.tokenizer, system_prompt=system_prompt, thinking=thinking)
-        except PromptError as e:
+            msgs = [m.to_dict() if isinstance(m, ChatMessage) else m for m in messages]
+            prompt = self.processor.build(msgs, system_prompt=system_prompt, thinking=thinking,
+                                          assistant_prefix=assistant_prefix)
+        except (PromptError, MediaError, ValueError) as e:
             yield Error(str(e), code="invalid_request")
             return
-        yield from self.generate_ids(prompt.ids, params or GenerationParams(), cancel)
+        media = prompt if (prompt.images or prompt.videos or prompt.audios) else None
+        yield from self.generate_ids(prompt.ids, params or GenerationParams(), cancel, prompt=media, t_start=t_start)
+
+    def transcribe(self, audio: Any, context: str | None = None, hotwords: list[str] | None = None,
+                   dialect: str | None = None, params: GenerationParams | None = None,
+                   cancel: threading.Event | None = None, sample_rate: int | None = None) -> Iterator[Event]:
+        """ASR: streams the transcript (without the language tag) and ends with Done whose
+        `result` holds {"language", "text"}."""
+        try:
+            prefix = dialect_prefix(dialect)
+        except ValueError as e:
+            yield Error(str(e), code="invalid_request")
+            return
+        part = {"type": "audio", "audio": audio}
+        if sample_rate:
+            part["sample_rate"] = sample_rate
+        messages = [{"role": "user", "content": [{"type": "text", "text": asr_instruction(context, hotwords)}, part]}]
+        forced = prefix[:-1] if prefix else None
+        stream = TranscriptStream(forced)
+        for ev in self.chat(messages, params or GenerationParams(max_new_tokens=512), cancel, assistant_prefix=prefix):
+            if isinstance(ev, TextDelta):
+                text = stream.feed(ev.text)
+                if text:
+                    yield TextDelta(text)
+            elif isinstance(ev, Done):
+                t = parse_transcript(ev.text, forced)
+                ev.result = {"language": t.language, "text": t.text}
+                yield ev
+            else:
+                yield ev

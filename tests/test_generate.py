@@ -10,7 +10,6 @@ import pytest
 
 from engine.events import Done, Error, TextDelta
 from engine.generate import StopStringFilter, generate
-from engine.prompt import build_chat_prompt
 from engine.sampling import GenerationParams
 from tests.paths import REPO
 
@@ -46,7 +45,7 @@ def test_seeded_sampling_reproduces_and_differs_from_greedy(tiny_engine):
 
 def test_eos_stops_generation(tiny_engine):
     ids = _done(_run(tiny_engine, max_new_tokens=8)).token_ids
-    prompt = build_chat_prompt(MSG, tiny_engine.tokenizer).ids
+    prompt = tiny_engine.processor.build(MSG).ids
     events = list(generate(tiny_engine.model, tiny_engine.tokenizer, prompt, GenerationParams(max_new_tokens=8),
                            eos_ids={ids[3]}))
     done = _done(events)

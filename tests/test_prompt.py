@@ -2,13 +2,19 @@
 
 import pytest
 
-from engine.prompt import ChatMessage, PromptError, build_chat_prompt
+from engine.processor import MediaSettings, MingProcessor
+from engine.prompt import ChatMessage, PromptError
 from engine.tokenizer import MingTokenizer
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_checkpoint):
     return MingTokenizer(tiny_checkpoint)
+
+
+def build_chat_prompt(messages, tok, **kw):
+    msgs = [m.to_dict() if isinstance(m, ChatMessage) else m for m in messages]
+    return MingProcessor(tok, MediaSettings()).build(msgs, **kw)
 
 
 def test_spec_example_prompt_string(tok):
@@ -36,8 +42,8 @@ def test_typed_special_strings_stay_text(tok):
 @pytest.mark.parametrize("msgs, msg", [
     ([], "no user message"),
     ([{"role": "assistant", "content": "x"}], "last message"),
-    ([{"role": "robot", "content": "x"}], "unknown role"),
-    ([{"role": "user", "content": [{"type": "image", "image": "x.png"}]}], "not supported"),
+    ([{"role": "robot", "content": "x"}], "needs a role"),
+    ([{"role": "user", "content": [{"type": "hologram"}]}], "unknown content part"),
 ])
 def test_bad_messages(tok, msgs, msg):
     with pytest.raises(PromptError, match=msg):

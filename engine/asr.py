@@ -1,0 +1,70 @@
+"""Speech recognition tasks on top of chat (spec §6.3): plain ASR, ASR with context and hotwords,
+and language/dialect-forced ASR, plus parsing of the model's `Language\\ttranscript` output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ASR_INSTRUCTION = "Please recognize the language of this speech and transcribe it. Format: oral."
+HOTWORDS_PREFIX = "This audio may contains the following words or phrases:"
+AUDIO_CAPTION_INSTRUCTION = "请写一句话描述这段音频。"
+
+# Language / dialect tags the model emits before the tab and accepts as a forced prefix.
+# Only these are confirmed by the upstream code; the release notes claim 15 Chinese dialects but
+# no list of their tags exists upstream (spec §6.3), so any other tag is passed through as given.
+KNOWN_LANGUAGE_TAGS = {
+    "Chinese": "Mandarin Chinese",
+    "上海": "Shanghainese (Wu)",
+}
+
+
+def asr_instruction(context: str | None = None, hotwords: list[str] | None = None) -> str:
+    """The HUMAN text before the audio: the instruction, then context and hotwords, no spaces."""
+    text = ASR_INSTRUCTION + (context or "")
+    words = [w.strip() for w in (hotwords or []) if w and w.strip()]
+    if words:
+        text += HOTWORDS_PREFIX + ",".join(words) + "."
+    return text
+
+
+def dialect_prefix(dialect: str | None) -> str | None:
+    """What is appended after the assistant prefix to force a language/dialect."""
+    if dialect is None or not dialect.strip():
+        return None
+    tag = dialect.strip()
+    if "\t" in tag or "\n" in tag:
+        raise ValueError("a dialect tag cannot contain tabs or newlines")
+    return tag + "\t"
+
+
+@dataclass
+class Transcript:
+    language: str | None
+    text: str
+
+
+def parse_transcript(output: str, forced_language: str | None = None) -> Transcript:
+    """`Language\\ttext` -> Transcript. With a forced language the output is the text alone."""
+    if forced_language:
+        return Transcript(forced_language, output.strip())
+    lang, sep, text = output.partition("\t")
+    if not sep:
+        return Transcript(None, output.strip())
+    return Transcript(lang.strip() or None, text.strip())
+
+
+class TranscriptStream:
+    """Streams only the transcript part of `Language\\ttext`: holds text back until the tab."""
+
+    def __init__(self, forced_language: str | None = None):
+        self.seen_tab = bool(forced_language)
+        self.buffer = ""
+
+    def feed(self, delta: str) -> str:
+        if self.seen_tab:
+            return delta
+        self.buffer += delta
+        if "\t" in self.buffer:
+            self.seen_tab = True
+            return self.buffer.split("\t", 1)[1]
+        return ""

@@ -1,0 +1,477 @@
+"""Audio front end: load speech, resample it to 16 kHz mono and compute Whisper log-mel features.
+
+Follows spec §5.1 / §5.4:
+
+- integer PCM is divided by 2**(bits-1); only **channel 0** is kept (no down-mix);
+- other sample rates are converted with the algorithm of torchaudio's default
+  ``torchaudio.transforms.Resample`` (Hann-windowed sinc, ``lowpass_filter_width=6``,
+  ``rolloff=0.99``), re-implemented here in torch;
+- log-mel: STFT (n_fft 400, hop 160, periodic Hann, centre reflect padding), |X|^2 with the last
+  frame dropped, 128 Slaney mel filters (librosa's formula, computed here), ``log10(max(x, 1e-10))``,
+  ``max(x, max - 8)`` over the clip, ``(x + 4) / 4``; laid out [T, n_mels], no 30 s padding;
+- LLM tokens per clip: T2 = (T-1)//2 + 1 (whisper conv2), T3 = (T2-1)//2 + 1 (projector conv).
+
+WAV files are parsed natively (PCM 8/16/24/32-bit, IEEE float, WAVE_FORMAT_EXTENSIBLE); other
+containers (flac, mp3, ogg, webm, m4a, ...) are decoded with PyAV when it is installed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import MediaError
+
+#: Largest polyphase resampling kernel built (elements); only odd rate pairs such as
+#: 16001 -> 16000 Hz come near it.
+MAX_RESAMPLE_KERNEL_ELEMENTS = 16_000_000
+
+AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, torch.Tensor]
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class AudioFrontendConfig:
+    """Whisper front-end settings. ``n_ctx`` is the encoder's positional table length (15000 rows
+    after the stride-2 conv), which bounds a clip to 2*n_ctx mel frames = 300 s at 16 kHz."""
+
+    sample_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 128
+    n_ctx: int = 15000
+    max_seconds: float | None = None  # None: the encoder limit 2*n_ctx*hop/sample_rate
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "n_fft", "hop_length", "n_mels", "n_ctx"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"AudioFrontendConfig.{name} must be a positive int, got {value!r}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
+
+    @property
+    def encoder_max_frames(self) -> int:
+        """Most mel frames the whisper encoder can position-encode: T2 <= n_ctx <=> T <= 2*n_ctx."""
+        return 2 * self.n_ctx
+
+    @property
+    def max_frames(self) -> int:
+        """Most mel frames accepted: the encoder limit, or less if ``max_seconds`` asks for it."""
+        limit = self.encoder_max_frames
+        if self.max_seconds is not None:
+            limit = min(limit, int(self.max_seconds * self.sample_rate) // self.hop_length)
+        return limit
+
+    @property
+    def max_duration_s(self) -> float:
+        return self.max_frames * self.hop_length / self.sample_rate
+
+    @classmethod
+    def from_dict(cls, data: dict, n_ctx: int | None = None) -> "AudioFrontendConfig":
+        """From a parsed ``preprocessor_config.json`` (``sampling_rate``,
+        ``whisper_frontend_args.n_mels``); ``n_ctx`` comes from the model config's
+        ``audio_config.whisper_encoder_config`` when known."""
+        whisper = data.get("whisper_frontend_args") or {}
+        defaults = cls()
+        return cls(
+            sample_rate=int(data.get("sampling_rate", defaults.sample_rate)),
+            n_mels=int(whisper.get("n_mels", defaults.n_mels)),
+            n_ctx=int(n_ctx if n_ctx is not None else defaults.n_ctx),
+        )
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, n_ctx: int | None = None) -> "AudioFrontendConfig":
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh), n_ctx=n_ctx)
+
+
+@dataclass
+class AudioFeatures:
+    """Log-mel features of one clip: ``feats`` [T, n_mels] float32."""
+
+    feats: torch.Tensor
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.feats.shape[0])
+
+    @property
+    def n_tokens(self) -> int:
+        """``<audioPatch>`` tokens this clip takes in the prompt."""
+        return audio_token_count(self.n_frames)
+
+
+def whisper_encoder_frames(n_frames: int) -> int:
+    """Frames after whisper's stride-2 conv2 (k 3, pad 1): T2 = (T-1)//2 + 1."""
+    return (n_frames - 1) // 2 + 1
+
+
+def audio_token_count(n_frames: int) -> int:
+    """LLM audio tokens for T mel frames: T3 = (T2-1)//2 + 1 with T2 = (T-1)//2 + 1."""
+    if n_frames <= 0:
+        raise MediaError(f"audio has no mel frames (T={n_frames})")
+    return (whisper_encoder_frames(n_frames) - 1) // 2 + 1
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _pcm_to_float(samples: np.ndarray) -> np.ndarray:
+    """Integer PCM -> float32 in [-1, 1) by dividing by 2**(bits-1); floats pass through."""
+    if samples.dtype == np.uint8:  # 8-bit PCM is unsigned, centred on 128
+        return ((samples.astype(np.float32) - 128.0) / 128.0).astype(np.float32)
+    if np.issubdtype(samples.dtype, np.signedinteger):
+        bits = samples.dtype.itemsize * 8
+        return (samples.astype(np.float64) / float(2 ** (bits - 1))).astype(np.float32)
+    if np.issubdtype(samples.dtype, np.floating):
+        return samples.astype(np.float32)
+    raise MediaError(f"unsupported audio sample type {samples.dtype}")
+
+
+def _parse_wav(data: bytes, what: str) -> tuple[np.ndarray, int]:
+    """Parse a RIFF/WAVE file; returns (samples [n, channels] float32, sample_rate)."""
+    if len(data) < 12 or data[:4] not in (b"RIFF", b"RF64") or data[8:12] != b"WAVE":
+        raise MediaError(f"{what} is not a valid WAV file (no RIFF/WAVE header)")
+    pos, fmt, payload = 12, None, None
+    while pos + 8 <= len(data):
+        chunk_id = data[pos:pos + 4]
+        (size,) = struct.unpack("<I", data[pos + 4:pos + 8])
+        body = data[pos + 8:pos + 8 + size]
+        if chunk_id == b"fmt ":
+            fmt = body
+        elif chunk_id == b"data":
+            payload = body  # may be truncated by a cut-off recording: keep what is there
+            if size == 0xFFFFFFFF or pos + 8 + size > len(data):
+                payload = data[pos + 8:]
+            break
+        pos += 8 + size + (size & 1)
+    if fmt is None or len(fmt) < 16:
+        raise MediaError(f"{what} is a corrupt WAV file (missing fmt chunk)")
+    if payload is None:
+        raise MediaError(f"{what} is a corrupt WAV file (missing data chunk)")
+    tag, channels, rate, _, block_align, bits = struct.unpack("<HHIIHH", fmt[:16])
+    if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the sub-format GUID starts with the tag
+        (tag,) = struct.unpack("<H", fmt[24:26])
+    if channels == 0 or rate == 0:
+        raise MediaError(f"{what} has an invalid WAV header ({channels} channels, {rate} Hz)")
+    if tag == 1:  # integer PCM
+        if bits == 8:
+            samples = np.frombuffer(payload, dtype=np.uint8, count=len(payload) // channels * channels)
+        elif bits == 16:
+            samples = np.frombuffer(payload, dtype="<i2", count=len(payload) // 2 // channels * channels)
+        elif bits == 24:
+            n = len(payload) // 3 // channels * channels
+            raw = np.frombuffer(payload, dtype=np.uint8, count=n * 3).reshape(n, 3).astype(np.int32)
+            samples = (raw[:, 0] | (raw[:, 1] << 8) | (raw[:, 2] << 16)) << 8 >> 8  # sign-extend
+            return (samples.astype(np.float64) / float(2 ** 23)).astype(np.float32).reshape(-1, channels), rate
+        elif bits == 32:
+            samples = np.frombuffer(payload, dtype="<i4", count=len(payload) // 4 // channels * channels)
+        else:
+            raise MediaError(f"{what}: unsupported WAV PCM bit depth {bits}")
+    elif tag == 3:  # IEEE float
+        if bits == 32:
+            samples = np.frombuffer(payload, dtype="<f4", count=len(payload) // 4 // channels * channels)
+        elif bits == 64:
+            samples = np.frombuffer(payload, dtype="<f8", count=len(payload) // 8 // channels * channels)
+        else:
+            raise MediaError(f"{what}: unsupported WAV float bit depth {bits}")
+    else:
+        raise MediaError(f"{what}: unsupported WAV encoding (format tag {tag:#x})")
+    return _pcm_to_float(samples.astype(samples.dtype.newbyteorder("="))).reshape(-1, channels), rate
+
+
+def _decode_with_av(data: bytes, what: str) -> tuple[np.ndarray, int]:
+    """Decode any container/codec FFmpeg knows; returns channel 0 as float32 and the rate."""
+    try:
+        import av  # noqa: PLC0415  (optional dependency)
+    except ImportError as exc:
+        raise MediaError(f"{what} is not a WAV file and PyAV (package 'av') is not installed to decode it") from exc
+    chunks: list[np.ndarray] = []
+    rate = 0
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.audio:
+                raise MediaError(f"{what} contains no audio stream")
+            stream = container.streams.audio[0]
+            for frame in container.decode(stream):
+                rate = frame.sample_rate
+                array = frame.to_ndarray()
+                n_channels = len(frame.layout.channels)
+                if frame.format.is_planar:
+                    channel0 = array[0]
+                else:  # packed: samples interleaved in one row
+                    channel0 = array.reshape(-1)[::n_channels]
+                chunks.append(_pcm_to_float(np.asarray(channel0)))
+    except MediaError:
+        raise
+    except Exception as exc:  # PyAV raises many FFmpeg error types
+        raise MediaError(f"{what} could not be decoded as audio: {exc}") from exc
+    if not chunks or rate <= 0:
+        raise MediaError(f"{what} decoded to no audio samples")
+    return np.concatenate(chunks).astype(np.float32), rate
+
+
+def decode_audio(data: bytes, what: str = "audio data") -> tuple[np.ndarray, int]:
+    """Decode an encoded file in memory to (channel-0 samples float32, sample rate)."""
+    if not data:
+        raise MediaError(f"{what} is empty (0 bytes)")
+    if data[:4] in (b"RIFF", b"RF64") and data[8:12] == b"WAVE":
+        samples, rate = _parse_wav(data, what)
+        return np.ascontiguousarray(samples[:, 0]), rate
+    return _decode_with_av(data, what)
+
+
+def _array_channel0(array: np.ndarray) -> np.ndarray:
+    """Channel 0 of a (n,), (n, channels) or (channels, n) array (the shorter axis is channels)."""
+    if array.ndim == 1:
+        return array
+    if array.ndim == 2:
+        if array.shape[0] <= array.shape[1]:
+            return array[0]
+        return array[:, 0]
+    raise MediaError(f"audio array must be 1-D or 2-D (channels x samples), got shape {tuple(array.shape)}")
+
+
+def load_audio(
+    source: AudioSource,
+    sample_rate: int | None = None,
+    *,
+    target_rate: int = 16000,
+    max_seconds: float | None = None,
+) -> torch.Tensor:
+    """Load audio as a 1-D float32 tensor at ``target_rate`` Hz, channel 0 only.
+
+    ``source`` is a file path, encoded file bytes (WAV natively; flac/mp3/ogg/webm/... via PyAV),
+    or a numpy array / torch tensor of samples (int16/int32/uint8 PCM or float; 1-D, or 2-D with
+    channels on the shorter axis) together with its ``sample_rate``. A ``(samples, sample_rate)``
+    tuple, or Gradio's ``(sample_rate, samples)``, is accepted too. ``max_seconds`` refuses longer audio before it is resampled.
+    """
+    if isinstance(source, tuple) and len(source) == 2:
+        first, second = source
+        # (samples, rate) as the reference processor takes it, or (rate, samples) as Gradio gives it
+        source, sample_rate = (second, first) if isinstance(first, (int, np.integer)) else (first, second)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise MediaError(f"audio file not found: {path}")
+        samples, rate = decode_audio(path.read_bytes(), f"audio file {path}")
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        samples, rate = decode_audio(bytes(source), "audio data")
+    elif isinstance(source, (np.ndarray, torch.Tensor)):
+        if sample_rate is None:
+            raise MediaError("a raw audio array needs its sample_rate")
+        array = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
+        if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+            raise MediaError(f"audio array has unsupported dtype {array.dtype}")
+        samples, rate = _pcm_to_float(_array_channel0(array)), int(sample_rate)
+    else:
+        raise MediaError(
+            f"unsupported audio input of type {type(source).__name__}; "
+            "expected a path, encoded bytes, or a numpy/torch array with its sample rate"
+        )
+    if rate <= 0:
+        raise MediaError(f"invalid audio sample rate {rate}")
+    if samples.size == 0:
+        raise MediaError("audio is empty (zero samples)")
+    if max_seconds is not None and samples.size / rate > max_seconds:
+        raise MediaError(f"audio is too long: {samples.size / rate:.2f} s, at most {max_seconds:.0f} s is supported")
+    if not np.all(np.isfinite(samples)):
+        raise MediaError("audio contains NaN or infinite samples")
+    wave = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+    if rate != target_rate:
+        wave = resample(wave, rate, target_rate)
+    return wave
+
+
+# --------------------------------------------------------------------------- resampling
+
+
+def sinc_resample_kernel(
+    orig_freq: int, new_freq: int, lowpass_filter_width: int = 6, rolloff: float = 0.99
+) -> tuple[torch.Tensor, int]:
+    """Polyphase windowed-sinc kernel of torchaudio's default ``Resample`` (Hann window).
+
+    Both rates are first divided by their gcd. The kernel is computed in float64 and stored as
+    float32: [new, 1, 2*width + orig]. Returns the kernel and ``width`` (the padding).
+    """
+    g = math.gcd(int(orig_freq), int(new_freq))
+    orig, new = int(orig_freq) // g, int(new_freq) // g
+    if lowpass_filter_width <= 0:
+        raise ValueError("lowpass_filter_width must be positive")
+    base_freq = min(orig, new) * rolloff  # cut-off, in units of the reduced rates
+    width = math.ceil(lowpass_filter_width * orig / base_freq)
+    if new * (2 * width + orig) > MAX_RESAMPLE_KERNEL_ELEMENTS:
+        raise MediaError(
+            f"cannot resample {orig_freq} Hz -> {new_freq} Hz: the rates share no useful common "
+            f"divisor (ratio {orig}/{new}), the polyphase kernel would be too large"
+        )
+    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
+    # output phase k sits at time -k/new (computed in float32 like torchaudio, then widened)
+    t = torch.arange(0, -new, -1)[:, None, None] / new + idx
+    t = (t * base_freq).clamp(-lowpass_filter_width, lowpass_filter_width)
+    window = torch.cos(t * math.pi / lowpass_filter_width / 2) ** 2
+    t = t * math.pi
+    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t)
+    kernel = kernel * (window * (base_freq / orig))
+    return kernel.to(torch.float32), width
+
+
+def resample(
+    waveform: torch.Tensor, orig_freq: int, new_freq: int, lowpass_filter_width: int = 6, rolloff: float = 0.99
+) -> torch.Tensor:
+    """Band-limited resampling of the last axis, as ``torchaudio.transforms.Resample``.
+
+    Output length is ceil(new * n / orig) (rates reduced by their gcd).
+    """
+    if int(orig_freq) != orig_freq or int(new_freq) != new_freq or orig_freq <= 0 or new_freq <= 0:
+        raise MediaError(f"sample rates must be positive integers, got {orig_freq} -> {new_freq}")
+    if orig_freq == new_freq:
+        return waveform
+    if not waveform.is_floating_point():
+        raise MediaError("resample expects a floating-point waveform")
+    g = math.gcd(int(orig_freq), int(new_freq))
+    orig, new = int(orig_freq) // g, int(new_freq) // g
+    kernel, width = sinc_resample_kernel(orig_freq, new_freq, lowpass_filter_width, rolloff)
+    shape = waveform.shape
+    x = waveform.reshape(-1, shape[-1]).to(torch.float32)
+    length = x.shape[-1]
+    x = torch.nn.functional.pad(x, (width, width + orig))
+    y = torch.nn.functional.conv1d(x[:, None], kernel.to(x.device), stride=orig)  # [B, new, frames]
+    y = y.transpose(1, 2).reshape(x.shape[0], -1)
+    target = math.ceil(new * length / orig)
+    return y[..., :target].reshape(*shape[:-1], -1).to(waveform.dtype)
+
+
+# --------------------------------------------------------------------------- log-mel
+
+
+def _hz_to_mel_slaney(freq: np.ndarray) -> np.ndarray:
+    f_sp = 200.0 / 3
+    min_log_hz, min_log_mel, logstep = 1000.0, 1000.0 / f_sp, math.log(6.4) / 27.0
+    freq = np.asarray(freq, dtype=np.float64)
+    mel = freq / f_sp
+    log_region = freq >= min_log_hz
+    mel = np.where(log_region, min_log_mel + np.log(np.maximum(freq, 1e-300) / min_log_hz) / logstep, mel)
+    return mel
+
+
+def _mel_to_hz_slaney(mel: np.ndarray) -> np.ndarray:
+    f_sp = 200.0 / 3
+    min_log_hz, min_log_mel, logstep = 1000.0, 1000.0 / f_sp, math.log(6.4) / 27.0
+    mel = np.asarray(mel, dtype=np.float64)
+    freq = f_sp * mel
+    return np.where(mel >= min_log_mel, min_log_hz * np.exp(logstep * (mel - min_log_mel)), freq)
+
+
+def mel_filters(sample_rate: int = 16000, n_fft: int = 400, n_mels: int = 128) -> torch.Tensor:
+    """Slaney-style, Slaney-normalised triangular mel filterbank [n_mels, 1 + n_fft//2] float32.
+
+    Same values as ``librosa.filters.mel(sr, n_fft, n_mels)`` (htk=False, norm="slaney", fmin 0,
+    fmax sr/2), which whisper ships as ``mel_filters.npz``: triangles on mel-spaced edges,
+    each scaled by 2 / (upper edge - lower edge) in Hz.
+    """
+    fft_freqs = np.fft.rfftfreq(n=n_fft, d=1.0 / sample_rate)
+    mel_edges = np.linspace(_hz_to_mel_slaney(0.0), _hz_to_mel_slaney(sample_rate / 2.0), n_mels + 2)
+    hz_edges = _mel_to_hz_slaney(mel_edges)
+    widths = np.diff(hz_edges)
+    ramps = hz_edges[:, None] - fft_freqs[None, :]
+    weights = np.zeros((n_mels, fft_freqs.size), dtype=np.float32)
+    for i in range(n_mels):
+        lower = -ramps[i] / widths[i]
+        upper = ramps[i + 2] / widths[i + 1]
+        weights[i] = np.maximum(0.0, np.minimum(lower, upper))  # stored float32, as librosa does
+    enorm = 2.0 / (hz_edges[2:n_mels + 2] - hz_edges[:n_mels])
+    weights *= enorm[:, None]
+    return torch.from_numpy(weights)
+
+
+_MEL_CACHE: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def _cached_mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
+    key = (sample_rate, n_fft, n_mels)
+    if key not in _MEL_CACHE:
+        _MEL_CACHE[key] = mel_filters(sample_rate, n_fft, n_mels)
+    return _MEL_CACHE[key]
+
+
+def log_mel_spectrogram(wave: torch.Tensor | np.ndarray, config: AudioFrontendConfig | None = None) -> torch.Tensor:
+    """Whisper log-mel features [T, n_mels] (float32) of a 1-D waveform at ``config.sample_rate``.
+
+    T = N // hop (the last STFT frame is dropped). Raises `MediaError` for empty input or a clip
+    longer than ``config.max_frames``.
+    """
+    config = config or AudioFrontendConfig()
+    if isinstance(wave, np.ndarray):
+        wave = torch.from_numpy(np.ascontiguousarray(wave))
+    if not isinstance(wave, torch.Tensor):
+        raise MediaError(f"log_mel_spectrogram expects a waveform tensor, got {type(wave).__name__}")
+    if wave.ndim != 1:
+        raise MediaError(f"log_mel_spectrogram expects a 1-D mono waveform, got shape {tuple(wave.shape)}")
+    wave = wave.to(torch.float32)
+    n_frames = wave.shape[0] // config.hop_length
+    if n_frames <= 0:
+        raise MediaError(
+            f"audio is too short: {wave.shape[0]} samples, at least {config.hop_length} "
+            f"({1000 * config.hop_length / config.sample_rate:.0f} ms) are needed"
+        )
+    if n_frames > config.max_frames:
+        raise MediaError(
+            f"audio is too long: {wave.shape[0] / config.sample_rate:.2f} s, "
+            f"at most {config.max_duration_s:.0f} s is supported"
+        )
+    if wave.shape[0] <= config.n_fft // 2:  # centre reflect padding needs more samples than the pad
+        raise MediaError(
+            f"audio is too short: {wave.shape[0]} samples, at least {config.n_fft // 2 + 1} "
+            f"({1000 * (config.n_fft // 2 + 1) / config.sample_rate:.1f} ms) are needed"
+        )
+    window = torch.hann_window(config.n_fft)
+    stft = torch.stft(wave, config.n_fft, config.hop_length, window=window, center=True,
+                      pad_mode="reflect", return_complex=True)
+    power = stft[..., :-1].abs() ** 2  # [n_fft//2 + 1, T]
+    mel = _cached_mel_filters(config.sample_rate, config.n_fft, config.n_mels) @ power
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+    log_spec = (log_spec + 4.0) / 4.0
+    return log_spec.transpose(0, 1).contiguous()
+
+
+def prepare_audio(
+    source: AudioSource,
+    sample_rate: int | None = None,
+    config: AudioFrontendConfig | None = None,
+) -> AudioFeatures:
+    """Load (channel 0, resampled to the config's rate) and compute log-mel features of one clip."""
+    config = config or AudioFrontendConfig()
+    # the exact frame limit is enforced by log_mel_spectrogram; this cheap bound (one hop of
+    # slack) avoids resampling hours of audio only to refuse it
+    slack = config.hop_length / config.sample_rate
+    wave = load_audio(source, sample_rate, target_rate=config.sample_rate,
+                      max_seconds=config.max_duration_s + slack)
+    return AudioFeatures(feats=log_mel_spectrogram(wave, config))
+
+
+def pack_audio_features(clips: Sequence[AudioFeatures]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate the clips of one prompt along time in a single row, as the processor does.
+
+    Returns ``audio_feats`` [1, sum T, n_mels], ``audio_feats_lengths`` [1, n] (mel frames per
+    clip) and ``encoder_feats_lengths`` [1, n] (LLM tokens per clip).
+    """
+    if not clips:
+        raise MediaError("no audio clips given")
+    feats = torch.cat([c.feats for c in clips], dim=0)[None]
+    lengths = torch.tensor([[c.n_frames for c in clips]], dtype=torch.int64)
+    tokens = torch.tensor([[c.n_tokens for c in clips]], dtype=torch.int64)
+    return feats, lengths, tokens

@@ -1,0 +1,480 @@
+"""Image front end: load a picture and turn it into the vision encoder's patch input.
+
+The path follows the reference exactly (spec §4.1):
+
+1. **Stage A** (`fetch_image`): decode, convert to RGB, smart-resize with the release's factor
+   (32 for 2.0, 28 for the Preview) and its own pixel bounds, PIL bicubic.
+2. **Stage B** (`preprocess_images`): the image processor's own smart-resize variant with
+   ``patch_size * merge_size`` and the ``preprocessor_config.json`` bounds (a no-op for 2.0 images
+   that went through Stage A), then ``x/255``, CLIP mean/std in float32, duplication of the still
+   frame to ``temporal_patch_size`` frames, and channel-major patch flattening in merge-block order.
+
+Resizing is bit-compatible with Pillow >= 13 on any installed Pillow: Pillow resizes in two
+separable passes and since 13.0 runs the vertical pass first when the height shrinks by more
+than twice as many pixels as the width. The reference fixtures were made that way, so
+`resize_bicubic` forces that order with two single-axis resizes (each pass is identical across
+Pillow versions).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import MediaError
+
+Release = Literal["2.0", "preview"]
+SmartResizeVariant = Literal["fetch", "processor_v2", "processor_preview"]
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+#: Largest ratio between the long and the short side that smart resize accepts.
+MAX_ASPECT_RATIO = 200
+#: Decoded images above this many pixels are refused before they are loaded (Pillow's own
+#: decompression-bomb error threshold).
+DEFAULT_MAX_INPUT_PIXELS = 178_956_970
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class FetchImageConfig:
+    """Stage A (`fetch_image`) bounds of one release (spec §4.1 table)."""
+
+    factor: int
+    min_pixels: int
+    max_pixels: int
+
+    @classmethod
+    def for_release(cls, release: Release) -> "FetchImageConfig":
+        if release == "2.0":
+            return cls(factor=32, min_pixels=4 * 32 * 32, max_pixels=16384 * 32 * 32)
+        if release == "preview":
+            return cls(factor=28, min_pixels=4 * 28 * 28, max_pixels=1024 * 28 * 28)
+        raise ValueError(f"unknown release {release!r}; expected '2.0' or 'preview'")
+
+
+@dataclass(frozen=True)
+class ImageProcessorConfig:
+    """The image processor settings of a checkpoint (``preprocessor_config.json``).
+
+    Defaults are the 2.0 values; `from_json_file` reads a checkpoint's file. ``release`` picks
+    the processor's smart-resize variant and the Stage A bounds.
+    """
+
+    patch_size: int = 16
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 4096
+    max_pixels: int = 16777216
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    release: Release = "2.0"
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ImageProcessorConfig.{name} must be a positive int, got {value!r}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError("image_mean and image_std need three values (R, G, B)")
+        if self.release not in ("2.0", "preview"):
+            raise ValueError(f"unknown release {self.release!r}; expected '2.0' or 'preview'")
+
+    @property
+    def factor(self) -> int:
+        """Side multiple of processed images: one merged token covers factor x factor pixels."""
+        return self.patch_size * self.merge_size
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one ``pixel_values`` row: 3 * temporal_patch_size * patch_size**2."""
+        return 3 * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    @property
+    def fetch(self) -> FetchImageConfig:
+        return FetchImageConfig.for_release(self.release)
+
+    @classmethod
+    def for_release(cls, release: Release) -> "ImageProcessorConfig":
+        """The shipped ``preprocessor_config.json`` values of a release (spec §1.1)."""
+        if release == "2.0":
+            return cls()
+        if release == "preview":
+            return cls(patch_size=14, min_pixels=78400, max_pixels=2007040, release="preview")
+        raise ValueError(f"unknown release {release!r}; expected '2.0' or 'preview'")
+
+    @classmethod
+    def from_dict(cls, data: dict, release: Release | None = None) -> "ImageProcessorConfig":
+        """Build from a parsed ``preprocessor_config.json``; unknown keys are ignored.
+
+        Without ``release`` it is inferred: the 2.0 file carries ``use_interleaved_frame_timestamp``
+        and 16-pixel patches, the Preview's has 14-pixel patches.
+        """
+        defaults = cls()
+        patch_size = int(data.get("patch_size", defaults.patch_size))
+        if release is None:
+            if data.get("use_interleaved_frame_timestamp"):
+                release = "2.0"
+            else:
+                release = "preview" if patch_size == 14 else "2.0"
+        return cls(
+            patch_size=patch_size,
+            merge_size=int(data.get("merge_size", defaults.merge_size)),
+            temporal_patch_size=int(data.get("temporal_patch_size", defaults.temporal_patch_size)),
+            min_pixels=int(data.get("min_pixels", defaults.min_pixels)),
+            max_pixels=int(data.get("max_pixels", defaults.max_pixels)),
+            image_mean=tuple(float(v) for v in data.get("image_mean", defaults.image_mean)),
+            image_std=tuple(float(v) for v in data.get("image_std", defaults.image_std)),
+            release=release,
+        )
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, release: Release | None = None) -> "ImageProcessorConfig":
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh), release=release)
+
+
+@dataclass
+class ImageInputs:
+    """Vision encoder input for one or more images.
+
+    ``pixel_values``: [sum(t*h*w), 3*T*P*P] float32, images concatenated in order.
+    ``grid_thw``: [n_images, 3] int64, (t, h, w) in patch units.
+    """
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+    merge_size: int = 2
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) after resizing
+
+    @property
+    def num_tokens(self) -> list[int]:
+        """LLM ``<imagePatch>`` count per image: t*h*w / merge_size**2."""
+        return [image_token_count(tuple(int(v) for v in g), self.merge_size) for g in self.grid_thw]
+
+
+def image_token_count(grid_thw: Sequence[int], merge_size: int = 2) -> int:
+    """Number of LLM tokens for a (t, h, w) patch grid."""
+    t, h, w = (int(v) for v in grid_thw)
+    return t * h * w // (merge_size * merge_size)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_image(source: ImageSource, *, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> Image.Image:
+    """Decode an image from a path, encoded bytes, a PIL image or a uint8 array; return it as RGB.
+
+    Arrays may be HxW (grey), HxWx3 (RGB) or HxWx4 (RGBA, alpha dropped) and must be uint8.
+    Raises `MediaError` for empty, corrupt, zero-sized or oversized input.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+        _check_size(image.size, max_input_pixels, "image")
+    elif isinstance(source, np.ndarray):
+        image = _image_from_array(source, max_input_pixels)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise MediaError("image data is empty (0 bytes)")
+        image = _open_encoded(io.BytesIO(data), "image bytes", max_input_pixels)
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise MediaError(f"image file not found: {path}")
+        if path.stat().st_size == 0:
+            raise MediaError(f"image file is empty (0 bytes): {path}")
+        with open(path, "rb") as fh:
+            image = _open_encoded(io.BytesIO(fh.read()), f"image file {path}", max_input_pixels)
+    else:
+        raise MediaError(
+            f"unsupported image input of type {type(source).__name__}; "
+            "expected a path, bytes, a PIL image or a uint8 numpy array"
+        )
+    try:
+        return image.convert("RGB") if image.mode != "RGB" else image
+    except (OSError, ValueError) as exc:
+        raise MediaError(f"image could not be decoded: {exc}") from exc
+
+
+def _check_size(size: tuple[int, int], max_input_pixels: int, what: str) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise MediaError(f"{what} has zero size ({width}x{height})")
+    if width * height > max_input_pixels:
+        raise MediaError(
+            f"{what} is too large: {width}x{height} = {width * height} pixels "
+            f"(limit {max_input_pixels})"
+        )
+
+
+def _open_encoded(stream: io.BytesIO, what: str, max_input_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+            _check_size(image.size, max_input_pixels, what)
+            image.load()
+    except MediaError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise MediaError(f"{what} is too large to decode safely: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise MediaError(f"{what} is not a recognised image format (corrupt or not an image)") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise MediaError(f"{what} is corrupt or truncated: {exc}") from exc
+    return image
+
+
+def _image_from_array(array: np.ndarray, max_input_pixels: int) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise MediaError(f"image arrays must be uint8 (0..255), got dtype {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        mode = "L"
+    elif array.ndim == 3 and array.shape[2] in (3, 4):
+        mode = "RGB" if array.shape[2] == 3 else "RGBA"
+    else:
+        raise MediaError(f"image array must be HxW, HxWx3 or HxWx4, got shape {tuple(array.shape)}")
+    _check_size((array.shape[1], array.shape[0]), max_input_pixels, "image array")
+    return Image.fromarray(np.ascontiguousarray(array), mode=mode)
+
+
+# --------------------------------------------------------------------------- resizing
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int,
+    min_pixels: int,
+    max_pixels: int,
+    variant: SmartResizeVariant = "fetch",
+) -> tuple[int, int]:
+    """Target (height, width): multiples of ``factor`` with about the same aspect ratio and a
+    pixel count inside [min_pixels, max_pixels] (spec §4.1).
+
+    ``variant`` selects where the reference clamps a side to at least ``factor``:
+
+    - ``"fetch"`` (Stage A, and video frames): ``max(F, round(x/F)*F)`` in the rounding step only;
+    - ``"processor_v2"`` (2.0 image processor): no clamp when rounding, ``max(F, floor(.))``
+      when shrinking;
+    - ``"processor_preview"`` (Preview image processor): no clamp anywhere, and a side shorter
+      than ``factor`` is an error.
+
+    Rounding is Python's ``round`` (ties to even): 400/32 = 12.5 -> 12.
+    """
+    if height <= 0 or width <= 0:
+        raise MediaError(f"image has zero size ({width}x{height})")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise MediaError(
+            f"image aspect ratio {ratio:.1f} ({width}x{height}) is too extreme; "
+            f"at most {MAX_ASPECT_RATIO}:1 is supported"
+        )
+    if variant == "processor_preview" and (height < factor or width < factor):
+        raise MediaError(f"image side too small: {width}x{height}, both sides must be at least {factor} pixels")
+    if variant not in ("fetch", "processor_v2", "processor_preview"):
+        raise ValueError(f"unknown smart_resize variant {variant!r}")
+
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if variant == "fetch":
+        h_bar, w_bar = max(factor, h_bar), max(factor, w_bar)
+
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+        if variant == "processor_v2":
+            h_bar, w_bar = max(factor, h_bar), max(factor, w_bar)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+
+    if h_bar <= 0 or w_bar <= 0:
+        raise MediaError(
+            f"image {width}x{height} cannot be resized to a positive multiple of {factor} "
+            f"within [{min_pixels}, {max_pixels}] pixels"
+        )
+    return h_bar, w_bar
+
+
+def resize_bicubic(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Pillow antialiased bicubic resize with Pillow 13's pass order, on any Pillow version.
+
+    Pillow's default ``Image.resize`` filter for RGB is bicubic with ``reducing_gap=None``; it
+    works in two separable 8-bit passes. The vertical pass runs first iff the height shrinks and
+    ``in_h - out_h > 2 * (in_w - out_w)``; otherwise the horizontal pass runs first.
+    """
+    in_w, in_h = image.size
+    if (in_w, in_h) == (width, height):
+        return image.copy()
+    if in_w == width or in_h == height:  # one pass only
+        return image.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=None)
+    vertical_first = height < in_h and (in_h - height) > 2 * (in_w - width)
+    if vertical_first:
+        half = image.resize((in_w, height), Image.Resampling.BICUBIC, reducing_gap=None)
+    else:
+        half = image.resize((width, in_h), Image.Resampling.BICUBIC, reducing_gap=None)
+    return half.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=None)
+
+
+def fetch_image(
+    source: ImageSource,
+    release: Release = "2.0",
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    resized_height: int | None = None,
+    resized_width: int | None = None,
+) -> Image.Image:
+    """Stage A: decode to RGB and resize to the release's smart-resize target (spec §4.1).
+
+    A chat message element may override ``min_pixels``/``max_pixels`` or ask for an explicit
+    ``resized_height``/``resized_width`` (rounded to the factor by smart resize).
+    """
+    image = load_image(source)
+    bounds = FetchImageConfig.for_release(release)
+    lo = bounds.min_pixels if min_pixels is None else int(min_pixels)
+    hi = bounds.max_pixels if max_pixels is None else int(max_pixels)
+    if (resized_height is None) != (resized_width is None):
+        raise MediaError("resized_height and resized_width must be given together")
+    if resized_height is not None:
+        h, w = smart_resize(int(resized_height), int(resized_width), bounds.factor,
+                            bounds.min_pixels, bounds.max_pixels, "fetch")
+    else:
+        h, w = smart_resize(image.height, image.width, bounds.factor, lo, hi, "fetch")
+    return resize_bicubic(image, w, h)
+
+
+# --------------------------------------------------------------------------- processor
+
+
+def normalize_image(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 HxWx3 -> float32 3xHxW: ``x/255`` (computed in float64, stored float32), then
+    ``(x - mean) / std`` in float32, as the transformers image processor does."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise MediaError(f"expected a uint8 HxWx3 image, got {rgb.dtype} {tuple(rgb.shape)}")
+    x = (rgb.astype(np.float64) * (1.0 / 255.0)).astype(np.float32)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def patchify(frames: np.ndarray, config: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Flatten normalised frames [T, 3, H, W] into ``pixel_values`` and the (t, h, w) grid.
+
+    T is padded to a multiple of ``temporal_patch_size`` by repeating the last frame. Rows are
+    ordered (t, h/m, w/m, m, m) -- the m x m patches of a merge block are consecutive -- and each
+    row is channel-major (c, tau, y, x).
+    """
+    if frames.ndim != 4 or frames.shape[1] != 3:
+        raise MediaError(f"expected frames [T, 3, H, W], got shape {tuple(frames.shape)}")
+    n_frames, channels, height, width = frames.shape
+    p, m, tp = config.patch_size, config.merge_size, config.temporal_patch_size
+    if n_frames == 0:
+        raise MediaError("no frames to process")
+    if height % (p * m) or width % (p * m):
+        raise MediaError(f"frame size {width}x{height} is not a multiple of {p * m}")
+    if n_frames % tp:
+        repeat = np.repeat(frames[-1:], tp - n_frames % tp, axis=0)
+        frames = np.concatenate([frames, repeat], axis=0)
+    grid_t, grid_h, grid_w = frames.shape[0] // tp, height // p, width // p
+    x = frames.reshape(grid_t, tp, channels, grid_h // m, m, p, grid_w // m, m, p)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    x = x.reshape(grid_t * grid_h * grid_w, channels * tp * p * p)
+    return np.ascontiguousarray(x, dtype=np.float32), (grid_t, grid_h, grid_w)
+
+
+def _processor_variant(config: ImageProcessorConfig) -> SmartResizeVariant:
+    return "processor_v2" if config.release == "2.0" else "processor_preview"
+
+
+def processor_target_size(height: int, width: int, config: ImageProcessorConfig,
+                          min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[int, int]:
+    """Stage B target (height, width) for an image of the given size."""
+    return smart_resize(
+        height, width, config.factor,
+        config.min_pixels if min_pixels is None else int(min_pixels),
+        config.max_pixels if max_pixels is None else int(max_pixels),
+        _processor_variant(config),
+    )
+
+
+def preprocess_images(
+    images: Sequence[ImageSource],
+    config: ImageProcessorConfig,
+    *,
+    do_resize: bool = True,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> ImageInputs:
+    """Stage B: the image processor on one call's images; patches are concatenated in order.
+
+    ``min_pixels``/``max_pixels`` override the config's bounds for this call (the reference
+    processor instance allows it).
+    """
+    if isinstance(images, (str, bytes, np.ndarray, Image.Image)) or not isinstance(images, Sequence):
+        images = [images]  # type: ignore[list-item]
+    if len(images) == 0:
+        raise MediaError("no images given")
+    rows, grids, sizes = [], [], []
+    for source in images:
+        image = load_image(source)
+        if do_resize:
+            h, w = processor_target_size(image.height, image.width, config, min_pixels, max_pixels)
+            image = resize_bicubic(image, w, h)
+        frame = normalize_image(np.asarray(image), config.image_mean, config.image_std)
+        pixel_values, grid = patchify(frame[None], config)
+        rows.append(pixel_values)
+        grids.append(grid)
+        sizes.append((image.height, image.width))
+    return ImageInputs(
+        pixel_values=torch.from_numpy(np.concatenate(rows, axis=0)),
+        grid_thw=torch.tensor(grids, dtype=torch.int64),
+        merge_size=config.merge_size,
+        sizes=sizes,
+    )
+
+
+def prepare_images(
+    sources: Sequence[ImageSource],
+    config: ImageProcessorConfig,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    resized_height: int | None = None,
+    resized_width: int | None = None,
+) -> ImageInputs:
+    """The chat path: Stage A (`fetch_image`, with any per-message overrides) then Stage B."""
+    if isinstance(sources, (str, bytes, np.ndarray, Image.Image)) or not isinstance(sources, Sequence):
+        sources = [sources]  # type: ignore[list-item]
+    fetched = [
+        fetch_image(s, config.release, min_pixels=min_pixels, max_pixels=max_pixels,
+                    resized_height=resized_height, resized_width=resized_width)
+        for s in sources
+    ]
+    return preprocess_images(fetched, config)
+
+
+def prepare_image(source: ImageSource, config: ImageProcessorConfig | None = None, **overrides) -> ImageInputs:
+    """Chat-path input for a single image (2.0 defaults when ``config`` is None)."""
+    return prepare_images([source], config or ImageProcessorConfig(), **overrides)

@@ -1,0 +1,527 @@
+"""Video front end (2.0 path, spec §4.2): sample frames, resize them and build the patch input
+plus the interleaved-timestamp prompt text.
+
+Steps, as the 2.0 reference runs them:
+
+1. **Frames.** A video file is sampled at ``smp_fps = min(2, src_fps)``:
+   ``n = max(1, min(170, floor(src_frames / src_fps * smp_fps + 0.5)))`` frames at the rounded
+   ``linspace(0, src_frames - 1, n)`` indices, frame i at ``i / fps_s`` seconds with
+   ``fps_s = n / src_frames * src_fps``. A directory (or list) of frames is taken as already
+   sampled at ``fps`` (2.0): frame i at ``i / fps``. Live webcam frames (`WebcamClip`) are sampled
+   from their capture times the same way.
+2. **Even count.** An odd number of frames gets the last frame repeated, with the same timestamp.
+3. **Resize.** One size for all frames: smart resize with factor 32, ``min_pixels = 128*32*32``
+   and ``max_pixels = max(96*128*32*32 * 2 / n, floor(1.05 * min_pixels))`` (a per-video budget),
+   resized with OpenCV ``INTER_CUBIC``.
+4. **Processor** (no further resize): normalise as images, frame pairs form temporal patches whose
+   timestamp is the pair's mean, grid (n/2, h/16, w/16) split into n/2 entries of t = 1.
+
+Prompt: ``<video>`` then per temporal patch ``<{ts:.1f} seconds><image>`` + ``<framePatch>`` x
+(h*w/4) + ``</image>``, then ``</video>`` (Python's ``.1f``: 0.25 -> "0.2", 1.25 -> "1.2").
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import tempfile
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+
+from .errors import MediaError
+from .image import ImageProcessorConfig, load_image, normalize_image, patchify, smart_resize
+
+VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Sequence[np.ndarray]]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class VideoSamplingConfig:
+    """Frame sampling and per-video pixel budget of the 2.0 video path (spec §4.2)."""
+
+    fps: float = 2.0                 # sampling rate; also the rate assumed for frame directories
+    max_frames: int = 170            # MAX_FRAMES_OS = (3072*2*4)//144
+    frame_factor: int = 2            # frames are padded to a multiple of this (temporal patch)
+    factor: int = 32                 # smart-resize side multiple
+    min_pixels: int = 128 * 32 * 32
+    total_pixels: int = 96 * 128 * 32 * 32  # VIDEO_TOTAL_PIXELS: the per-video budget
+    min_src_fps: float = 1.0
+    max_src_fps: float = 240.0
+
+    def frame_budget(self, n_frames: int, min_pixels: int | None = None, total_pixels: int | None = None) -> tuple[int, int]:
+        """(min_pixels, max_pixels) per frame for a clip of ``n_frames`` sampled frames."""
+        lo = self.min_pixels if min_pixels is None else int(min_pixels)
+        total = self.total_pixels if total_pixels is None else int(total_pixels)
+        hi = max(total / max(n_frames, 1) * self.frame_factor, int(lo * 1.05))
+        return lo, hi
+
+
+@dataclass
+class VideoFrames:
+    """Sampled RGB frames before resizing: ``frames`` [T, H, W, 3] uint8, ``timestamps`` [T] s."""
+
+    frames: np.ndarray
+    timestamps: np.ndarray
+    sample_fps: float
+
+
+@dataclass
+class VideoInputs:
+    """Vision encoder input for one video.
+
+    ``pixel_values`` [T/2 * h * w, 3*2*P*P] float32; ``grid_thw`` [T/2, 3] int64, already split
+    into t = 1 entries; ``patch_timestamps`` [T/2] seconds (mean of each frame pair);
+    ``frames`` [T, 3, H, W] uint8 after resizing and padding; ``frame_timestamps`` [T].
+    """
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+    patch_timestamps: list[float]
+    frames: torch.Tensor
+    frame_timestamps: np.ndarray
+    merge_size: int = 2
+
+    @property
+    def tokens_per_frame(self) -> int:
+        _, h, w = (int(v) for v in self.grid_thw[0])
+        return h * w // (self.merge_size * self.merge_size)
+
+    @property
+    def num_tokens(self) -> int:
+        """Total ``<framePatch>`` tokens of the video."""
+        return self.tokens_per_frame * int(self.grid_thw.shape[0])
+
+    def prompt_text(self) -> str:
+        return video_prompt_text(self.patch_timestamps, self.grid_thw, self.merge_size)
+
+
+# --------------------------------------------------------------------------- prompt text
+
+
+def format_timestamp(seconds: float) -> str:
+    """``<{ts:.1f} seconds>`` with Python's correctly rounded ``.1f`` (0.25 -> "0.2")."""
+    return f"<{seconds:.1f} seconds>"
+
+
+def video_prompt_text(
+    patch_timestamps: Sequence[float],
+    grid_thw: torch.Tensor | np.ndarray | Sequence[Sequence[int]],
+    merge_size: int = 2,
+    *,
+    interleaved: bool = True,
+) -> str:
+    """Expansion of one ``<VIDEO>`` placeholder (spec §6.2).
+
+    ``interleaved=True`` (2.0): ``<video>`` + per temporal patch a timestamp, ``<image>``,
+    ``<framePatch>`` x (h*w/m^2), ``</image>``; then ``</video>`` (no newline).
+    ``interleaved=False`` (Preview): ``<video>`` + ``<framePatch>`` x (t*h*w/m^2) + ``</video>\\n``.
+    """
+    grids = [tuple(int(v) for v in g) for g in (grid_thw.tolist() if hasattr(grid_thw, "tolist") else grid_thw)]
+    if not grids:
+        raise MediaError("video has no temporal patches")
+    merge = merge_size * merge_size
+    if not interleaved:
+        total = sum(t * h * w for t, h, w in grids) // merge
+        return "<video>" + "<framePatch>" * total + "</video>\n"
+    if len(grids) != len(patch_timestamps):
+        raise MediaError(f"{len(patch_timestamps)} timestamps for {len(grids)} temporal patches")
+    parts = ["<video>"]
+    for ts, (t, h, w) in zip(patch_timestamps, grids):
+        parts.append(format_timestamp(float(ts)) + "<image>" + "<framePatch>" * (t * h * w // merge) + "</image>")
+    parts.append("</video>")
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------- frame sources
+
+
+def _natural_key(name: str) -> list:
+    return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", name)]
+
+
+def frames_from_directory(directory: str | os.PathLike) -> list[np.ndarray]:
+    """All image files of a directory, in natural name order (frame2 before frame10), as RGB."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise MediaError(f"video frame directory not found: {path}")
+    files = sorted((p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+                   key=lambda p: _natural_key(p.name))
+    if not files:
+        raise MediaError(f"video frame directory {path} contains no image files")
+    return [np.asarray(load_image(p)) for p in files]
+
+
+def sample_frame_list(
+    frames: Sequence[np.ndarray], fps: float = 2.0, max_frames: int | None = None
+) -> VideoFrames:
+    """A list of frames taken as sampled at ``fps``: frame i at i / fps seconds.
+
+    With ``max_frames`` and more frames than that, ``max_frames`` frames at rounded
+    ``linspace`` indices are kept, each with its original time.
+    """
+    if len(frames) == 0:
+        raise MediaError("video has no frames")
+    arrays = [f if _is_rgb_frame(f) else np.asarray(load_image(f)) for f in frames]
+    first = arrays[0].shape
+    if any(a.shape != first for a in arrays):
+        raise MediaError("all frames of a video must have the same size")
+    indices = np.arange(len(arrays))
+    if max_frames is not None and len(arrays) > max_frames:
+        indices = _linspace_indices(len(arrays), max(1, int(max_frames)))
+    return VideoFrames(
+        frames=np.stack([arrays[i] for i in indices]),
+        timestamps=indices.astype(np.float64) / float(fps),
+        sample_fps=float(fps),
+    )
+
+
+def _is_rgb_frame(frame) -> bool:
+    return isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3
+
+
+def _linspace_indices(total: int, n: int) -> np.ndarray:
+    """Rounded (half to even) float32 ``linspace(0, total - 1, n)`` frame indices."""
+    return torch.linspace(0, total - 1, n).round().long().numpy()
+
+
+def sample_count(src_frames: int, src_fps: float, config: VideoSamplingConfig) -> tuple[int, float]:
+    """(n, fps_s): number of frames to sample from a video and the effective sampling rate."""
+    if src_frames <= 0:
+        raise MediaError("video has no frames")
+    src_fps = min(max(float(src_fps), config.min_src_fps), config.max_src_fps)
+    smp_fps = min(config.fps, src_fps)
+    n = max(1, min(config.max_frames, math.floor(src_frames / src_fps * smp_fps + 0.5)))
+    return n, n / src_frames * src_fps
+
+
+def _decode_with_av(data_or_path, wanted: set[int] | None, what: str):
+    import av  # noqa: PLC0415  (optional dependency)
+
+    source = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else str(data_or_path)
+    with av.open(source, mode="r") as container:
+        if not container.streams.video:
+            raise MediaError(f"{what} contains no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        if wanted is None:  # probe: frame count (demux only, no decoding when the header lacks it)
+            count = int(stream.frames or 0)
+            if count <= 0:
+                count = sum(1 for packet in container.demux(stream) if packet.size > 0)
+            return count, fps
+        out: dict[int, np.ndarray] = {}
+        last = max(wanted)
+        for index, frame in enumerate(container.decode(stream)):
+            if index in wanted:
+                out[index] = frame.to_ndarray(format="rgb24")
+            if index >= last:
+                break
+        return out, fps
+
+
+def _decode_with_cv2(path: str, wanted: set[int] | None, what: str):
+    cap = cv2.VideoCapture(path)
+    try:
+        if not cap.isOpened():
+            raise MediaError(f"{what} could not be opened as a video")
+        if wanted is None:
+            return int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), float(cap.get(cv2.CAP_PROP_FPS))
+        out: dict[int, np.ndarray] = {}
+        last = max(wanted)
+        index = 0
+        while index <= last:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if index in wanted:
+                out[index] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            index += 1
+        return out, float(cap.get(cv2.CAP_PROP_FPS))
+    finally:
+        cap.release()
+
+
+def _have_av() -> bool:
+    try:
+        import av  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def sample_video_file(
+    source: str | os.PathLike | bytes, config: VideoSamplingConfig | None = None, *, backend: str = "auto"
+) -> VideoFrames:
+    """Decode and sample a video file (path or encoded bytes) per the 2.0 sampler.
+
+    ``backend``: "av" (PyAV), "cv2" (OpenCV) or "auto" (PyAV when installed).
+    """
+    config = config or VideoSamplingConfig()
+    if backend not in ("auto", "av", "cv2"):
+        raise ValueError(f"unknown video backend {backend!r}")
+    use_av = backend == "av" or (backend == "auto" and _have_av())
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise MediaError("video data is empty (0 bytes)")
+        what = "video data"
+        if not use_av:  # OpenCV reads files only
+            with tempfile.NamedTemporaryFile(suffix=".video") as tmp:
+                tmp.write(data)
+                tmp.flush()
+                return sample_video_file(tmp.name, config, backend="cv2")
+        target: bytes | str = data
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise MediaError(f"video file not found: {path}")
+        if path.stat().st_size == 0:
+            raise MediaError(f"video file is empty (0 bytes): {path}")
+        what = f"video file {path}"
+        target = str(path)
+
+    decode = _decode_with_av if use_av else _decode_with_cv2
+    try:
+        src_frames, src_fps = decode(target, None, what)
+        if src_frames <= 0:
+            raise MediaError(f"{what} contains no frames")
+        if not src_fps or not math.isfinite(src_fps):
+            raise MediaError(f"{what} has no usable frame rate")
+        n, fps_s = sample_count(src_frames, src_fps, config)
+        indices = _linspace_indices(src_frames, n)
+        decoded, _ = decode(target, set(int(i) for i in indices), what)
+    except MediaError:
+        raise
+    except Exception as exc:  # FFmpeg/OpenCV errors of many types
+        raise MediaError(f"{what} could not be decoded as video: {exc}") from exc
+    if not decoded:
+        raise MediaError(f"{what} decoded to no frames")
+    # containers may hold fewer frames than announced: reuse the last decoded frame
+    frames, last = [], None
+    for i in indices:
+        last = decoded.get(int(i), last)
+        if last is None:
+            last = decoded[min(decoded)]
+        frames.append(last)
+    return VideoFrames(
+        frames=np.stack(frames),
+        timestamps=np.arange(n, dtype=np.float64) / fps_s,
+        sample_fps=fps_s,
+    )
+
+
+def fetch_video(
+    source: VideoSource,
+    config: VideoSamplingConfig | None = None,
+    *,
+    max_frames: int | None = None,
+    backend: str = "auto",
+) -> VideoFrames:
+    """Sampled frames of a video file (path/bytes), a frame directory or a list of frames.
+
+    ``max_frames`` applies to frame directories and lists only (the reference ignores it for
+    files).
+    """
+    config = config or VideoSamplingConfig()
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        return sample_frame_list(frames_from_directory(source), config.fps, max_frames)
+    if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return sample_video_file(source, config, backend=backend)
+    if isinstance(source, np.ndarray) and source.ndim == 4:
+        source = list(source)
+    if isinstance(source, Sequence):
+        return sample_frame_list(source, config.fps, max_frames)
+    raise MediaError(
+        f"unsupported video input of type {type(source).__name__}; "
+        "expected a file path, bytes, a frame directory or a list of frames"
+    )
+
+
+# --------------------------------------------------------------------------- processing
+
+
+def pad_to_even(frames: np.ndarray, timestamps: np.ndarray, frame_factor: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Repeat the last frame (and its timestamp) up to a multiple of ``frame_factor``."""
+    missing = (-len(frames)) % frame_factor
+    if missing:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], missing, axis=0)])
+        timestamps = np.concatenate([timestamps, np.repeat(timestamps[-1:], missing)])
+    return frames, timestamps
+
+
+def resize_frames(
+    frames: np.ndarray,
+    n_sampled: int,
+    config: VideoSamplingConfig,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    total_pixels: int | None = None,
+    resized_height: int | None = None,
+    resized_width: int | None = None,
+) -> np.ndarray:
+    """Resize all frames [T, H, W, 3] to the per-video smart-resize target with cv2 INTER_CUBIC.
+
+    ``max_pixels`` (message override) can only lower the per-video budget.
+    """
+    height, width = frames.shape[1:3]
+    lo, hi = config.frame_budget(n_sampled, min_pixels, total_pixels)
+    if max_pixels is not None:
+        hi = min(hi, int(max_pixels))
+    if (resized_height is None) != (resized_width is None):
+        raise MediaError("resized_height and resized_width must be given together")
+    if resized_height is not None:
+        h, w = smart_resize(int(resized_height), int(resized_width), config.factor, lo, hi, "fetch")
+    else:
+        h, w = smart_resize(height, width, config.factor, lo, hi, "fetch")
+    if (h, w) == (height, width):
+        return np.ascontiguousarray(frames)
+    return np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_CUBIC) for f in frames])
+
+
+def preprocess_video(
+    video: VideoFrames,
+    image_config: ImageProcessorConfig | None = None,
+    sampling: VideoSamplingConfig | None = None,
+    **resize_overrides,
+) -> VideoInputs:
+    """Pad, resize and patchify sampled frames; pair timestamps; split the grid into t = 1 rows."""
+    image_config = image_config or ImageProcessorConfig()
+    sampling = sampling or VideoSamplingConfig()
+    if len(video.frames) == 0:
+        raise MediaError("video has no frames")
+    n_sampled = len(video.frames)
+    frames, timestamps = pad_to_even(video.frames, np.asarray(video.timestamps, dtype=np.float64),
+                                     image_config.temporal_patch_size)
+    frames = resize_frames(frames, n_sampled, sampling, **resize_overrides)
+    normalised = np.stack([normalize_image(f, image_config.image_mean, image_config.image_std) for f in frames])
+    pixel_values, (grid_t, grid_h, grid_w) = patchify(normalised, image_config)
+    tp = image_config.temporal_patch_size
+    patch_ts = [float(np.mean(timestamps[g * tp:(g + 1) * tp])) for g in range(grid_t)]
+    grid = torch.tensor([[1, grid_h, grid_w]] * grid_t, dtype=torch.int64)
+    return VideoInputs(
+        pixel_values=torch.from_numpy(pixel_values),
+        grid_thw=grid,
+        patch_timestamps=patch_ts,
+        frames=torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2))),
+        frame_timestamps=timestamps,
+        merge_size=image_config.merge_size,
+    )
+
+
+def prepare_video(
+    source: VideoSource,
+    image_config: ImageProcessorConfig | None = None,
+    sampling: VideoSamplingConfig | None = None,
+    *,
+    max_frames: int | None = None,
+    backend: str = "auto",
+    **resize_overrides,
+) -> VideoInputs:
+    """Full 2.0 video path: sample (`fetch_video`) then `preprocess_video`.
+
+    ``resize_overrides``: ``min_pixels``, ``max_pixels``, ``total_pixels``, ``resized_height``,
+    ``resized_width`` (chat message keys).
+    """
+    frames = fetch_video(source, sampling, max_frames=max_frames, backend=backend)
+    return preprocess_video(frames, image_config, sampling, **resize_overrides)
+
+
+# --------------------------------------------------------------------------- live webcam
+
+
+@dataclass
+class WebcamClip:
+    """Rolling buffer of live webcam frames that turns a time window into video input.
+
+    `add_frame` stores RGB frames (HxWx3 uint8) with capture times in seconds (any monotonic
+    clock). `sample` picks frames from a window the way the video sampler picks them from a
+    file: ``n = max(1, min(170, floor(duration * fps + 0.5)))`` evenly spaced sample times from
+    the window's first to last capture, each taking the nearest captured frame; timestamps are
+    capture times relative to the window start. `to_video_inputs` then runs the normal video
+    processing, so a live chat turn sees exactly what an uploaded clip would give.
+    """
+
+    sampling: VideoSamplingConfig = field(default_factory=VideoSamplingConfig)
+    history_seconds: float = 60.0
+    max_buffer_frames: int = 2000
+    _frames: deque = field(default_factory=deque, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def add_frame(self, frame: np.ndarray, capture_time: float) -> None:
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            shape = getattr(frame, "shape", None)
+            raise MediaError(f"webcam frames must be HxWx3 uint8 RGB arrays, got {type(frame).__name__} {shape}")
+        if frame.shape[0] == 0 or frame.shape[1] == 0:
+            raise MediaError("webcam frame has zero size")
+        t = float(capture_time)
+        if not math.isfinite(t):
+            raise MediaError(f"invalid capture time {capture_time!r}")
+        with self._lock:
+            if self._frames and t < self._frames[-1][0]:
+                raise MediaError(f"capture times must not go backwards ({t} after {self._frames[-1][0]})")
+            self._frames.append((t, frame.copy()))
+            while len(self._frames) > self.max_buffer_frames or (
+                self._frames and t - self._frames[0][0] > self.history_seconds
+            ):
+                self._frames.popleft()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._frames.clear()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @property
+    def time_span(self) -> tuple[float, float] | None:
+        with self._lock:
+            if not self._frames:
+                return None
+            return self._frames[0][0], self._frames[-1][0]
+
+    def sample(self, start: float | None = None, end: float | None = None,
+               window_seconds: float | None = None) -> VideoFrames:
+        """Frames of the window [start, end] (default: everything buffered, or the last
+        ``window_seconds`` before the latest frame) sampled at ``sampling.fps``."""
+        with self._lock:
+            buffered = list(self._frames)
+        if not buffered:
+            raise MediaError("no webcam frames captured yet")
+        end = buffered[-1][0] if end is None else float(end)
+        if start is None:
+            start = buffered[0][0] if window_seconds is None else end - float(window_seconds)
+        chosen = [(t, f) for t, f in buffered if start <= t <= end]
+        if not chosen:
+            raise MediaError(f"no webcam frames between {start:.3f} s and {end:.3f} s")
+        times = np.array([t for t, _ in chosen], dtype=np.float64)
+        t0 = times[0]
+        duration = times[-1] - t0
+        n = max(1, min(self.sampling.max_frames, math.floor(duration * self.sampling.fps + 0.5)))
+        targets = np.linspace(t0, times[-1], n) if n > 1 else np.array([t0])
+        picks = [int(np.argmin(np.abs(times - target))) for target in targets]
+        # a camera may change resolution mid-stream: bring frames to the latest frame's size
+        height, width = chosen[-1][1].shape[:2]
+        frames = [chosen[i][1] if chosen[i][1].shape[:2] == (height, width)
+                  else cv2.resize(chosen[i][1], (width, height), interpolation=cv2.INTER_CUBIC) for i in picks]
+        return VideoFrames(
+            frames=np.stack(frames),
+            timestamps=times[picks] - t0,
+            sample_fps=(n / duration) if duration > 0 else self.sampling.fps,
+        )
+
+    def to_video_inputs(self, image_config: ImageProcessorConfig | None = None, *,
+                        start: float | None = None, end: float | None = None,
+                        window_seconds: float | None = None, **resize_overrides) -> VideoInputs:
+        clip = self.sample(start, end, window_seconds)
+        return preprocess_video(clip, image_config, self.sampling, **resize_overrides)

@@ -1,0 +1,213 @@
+"""Image front end: smart-resize rules, Pillow-compatible resizing, patch layout, configs, errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.media import MediaError
+from engine.media.image import (
+    ImageProcessorConfig,
+    fetch_image,
+    load_image,
+    normalize_image,
+    patchify,
+    prepare_image,
+    preprocess_images,
+    resize_bicubic,
+    smart_resize,
+)
+
+from .conftest import REAL_CONFIGS
+
+
+def _rng_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- smart resize
+
+
+def test_smart_resize_rounds_ties_to_even():
+    # 400/32 = 12.5 -> 12 and 80/32 = 2.5 -> 2 (Python round), not 13 and 3
+    assert smart_resize(80, 400, 32, 4096, 16777216, "fetch") == (64, 384)
+    assert smart_resize(80, 400, 32, 4096, 16777216, "processor_v2") == (64, 384)
+    # 1.5 -> 2 (even), 3.5 -> 4 (even)
+    assert smart_resize(48, 112, 32, 1024, 16777216, "fetch") == (64, 128)
+
+
+def test_smart_resize_enlarges_small_images_to_min_pixels():
+    h, w = smart_resize(30, 20, 32, 4096, 16777216, "fetch")
+    assert (h, w) == (96, 64)  # beta = sqrt(4096/600); ceil(30*beta/32)=3, ceil(20*beta/32)=2
+    assert h * w >= 4096
+
+
+def test_smart_resize_shrinks_to_max_pixels_with_floor():
+    # beta = sqrt(640*480/16384) = 4.33: floor(480/beta/32)=3, floor(640/beta/32)=4
+    assert smart_resize(480, 640, 32, 4096, 16384, "processor_v2") == (96, 128)
+
+
+def test_fetch_variant_clamps_rounded_side_processor_v2_does_not():
+    # 15/32 rounds to 0: Stage A clamps it to 32; the 2.0 processor keeps 0 and the min-pixel
+    # branch then scales both sides up instead
+    assert smart_resize(15, 1000, 32, 4096, 16777216, "fetch") == (32, 992)
+    assert smart_resize(15, 1000, 32, 4096, 16777216, "processor_v2") == (32, 544)
+
+
+def test_processor_v2_clamps_when_shrinking_fetch_cannot():
+    # beta = sqrt(20*3000/20480): floor(20/beta/32) = 0 -> the 2.0 processor clamps to 32
+    assert smart_resize(20, 3000, 32, 1024, 20480, "processor_v2") == (32, 1728)
+    with pytest.raises(MediaError, match="cannot be resized"):
+        smart_resize(20, 3000, 32, 1024, 20480, "fetch")
+
+
+def test_preview_processor_rejects_sides_below_factor():
+    with pytest.raises(MediaError, match="at least 28"):
+        smart_resize(20, 300, 28, 78400, 2007040, "processor_preview")
+
+
+def test_smart_resize_rejects_extreme_aspect_ratio():
+    with pytest.raises(MediaError, match="aspect ratio 201"):
+        smart_resize(10, 2010, 32, 4096, 16777216)
+    assert smart_resize(10, 2000, 32, 4096, 16777216)  # exactly 200:1 is allowed
+
+
+# --------------------------------------------------------------------------- resizing
+
+
+def test_resize_bicubic_pass_order_follows_pillow_13():
+    img = Image.fromarray(_rng_image(77, 123, seed=1))
+    vertical_first = img.resize((123, 64), Image.BICUBIC).resize((128, 64), Image.BICUBIC)
+    horizontal_first = img.resize((128, 77), Image.BICUBIC).resize((128, 64), Image.BICUBIC)
+    assert not np.array_equal(np.asarray(vertical_first), np.asarray(horizontal_first))
+    # height shrinks by 13 > 2 * (123 - 128): vertical pass first
+    assert np.array_equal(np.asarray(resize_bicubic(img, 128, 64)), np.asarray(vertical_first))
+
+    img = Image.fromarray(_rng_image(80, 400, seed=2))
+    horizontal_first = img.resize((384, 80), Image.BICUBIC).resize((384, 64), Image.BICUBIC)
+    # 80 - 64 = 16 is not > 2 * (400 - 384) = 32: horizontal pass first
+    assert np.array_equal(np.asarray(resize_bicubic(img, 384, 64)), np.asarray(horizontal_first))
+
+
+def test_fetch_image_output_size_and_rgb():
+    gray = Image.fromarray(np.full((77, 123), 100, dtype=np.uint8), mode="L")
+    out = fetch_image(gray, "2.0")
+    assert out.mode == "RGB" and out.size == (128, 64)
+    out = fetch_image(gray, "preview")  # factor 28: round(77/28)=3 -> 84, round(123/28)=4 -> 112
+    assert out.size == (112, 84)
+    assert fetch_image(gray, "2.0", resized_height=100, resized_width=200).size == (192, 96)
+
+
+# --------------------------------------------------------------------------- patch layout
+
+
+def test_patchify_is_channel_major_in_merge_block_order():
+    cfg = ImageProcessorConfig(patch_size=2, merge_size=2, temporal_patch_size=2)
+    h, w = 4, 8  # grid 2 x 4 patches of 2 x 2 pixels
+    c, y, x = np.meshgrid(np.arange(3), np.arange(h), np.arange(w), indexing="ij")
+    frame = (c * 1000 + y * 10 + x).astype(np.float32)
+    rows, grid = patchify(frame[None], cfg)
+    assert grid == (1, 2, 4)
+    assert rows.shape == (8, 3 * 2 * 2 * 2)
+
+    def patch(row, col):  # expected vector of patch (row, col): c, tau, y, x
+        block = frame[:, row * 2:row * 2 + 2, col * 2:col * 2 + 2]
+        return np.stack([block, block], axis=1).reshape(-1)
+
+    # rows: block (0,0) = patches (0,0),(0,1),(1,0),(1,1); then block (0,1) = (0,2),(0,3),(1,2),(1,3)
+    order = [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
+    for i, (r, cc) in enumerate(order):
+        np.testing.assert_array_equal(rows[i], patch(r, cc))
+
+
+def test_normalize_uses_clip_mean_std():
+    rgb = np.array([[[0, 128, 255]]], dtype=np.uint8)
+    out = normalize_image(rgb, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
+    np.testing.assert_allclose(out[:, 0, 0], [(0 - 0.5) / 0.25, (128 / 255 - 0.5) / 0.5, 0.5], rtol=0, atol=1e-6)
+
+
+def test_still_image_is_duplicated_in_time():
+    cfg = ImageProcessorConfig()
+    res = preprocess_images([_rng_image(64, 64)], cfg)
+    assert res.grid_thw.tolist() == [[1, 4, 4]]
+    vec = res.pixel_values[0].reshape(3, 2, 16, 16)
+    assert np.array_equal(vec[:, 0].numpy(), vec[:, 1].numpy())
+    assert res.num_tokens == [4]
+
+
+# --------------------------------------------------------------------------- configs and releases
+
+
+def test_config_from_real_preprocessor_files():
+    v2_file = REAL_CONFIGS / "ming-flash-omni-2.0" / "preprocessor_config.json"
+    pv_file = REAL_CONFIGS / "ming-flash-omni-preview" / "preprocessor_config.json"
+    if not v2_file.is_file() or not pv_file.is_file():
+        pytest.skip("real configs not available")
+    v2 = ImageProcessorConfig.from_json_file(v2_file)
+    pv = ImageProcessorConfig.from_json_file(pv_file)
+    assert v2 == ImageProcessorConfig.for_release("2.0")
+    assert pv == ImageProcessorConfig.for_release("preview")
+    assert (pv.factor, pv.min_pixels, pv.max_pixels, pv.release) == (28, 78400, 2007040, "preview")
+    assert v2.patch_dim == 1536 and pv.patch_dim == 1176
+
+
+def test_preview_chat_path_enlarges_small_images_in_stage_b():
+    # Stage A (factor 28, min 3136): 30x20 -> 84x56; Stage B (min 78400): 84x56 -> 364x252
+    res = prepare_image(_rng_image(30, 20), ImageProcessorConfig.for_release("preview"))
+    assert res.sizes == [(364, 252)]
+    assert res.grid_thw.tolist() == [[1, 26, 18]]
+    assert tuple(res.pixel_values.shape) == (26 * 18, 1176)
+    assert res.num_tokens == [117]
+
+
+def test_image_inputs_from_path_bytes_and_array_agree(tmp_path):
+    arr = _rng_image(50, 70, seed=3)
+    path = tmp_path / "pic.png"
+    Image.fromarray(arr).save(path)
+    cfg = ImageProcessorConfig()
+    a = prepare_image(arr, cfg)
+    b = prepare_image(str(path), cfg)
+    c = prepare_image(path.read_bytes(), cfg)
+    assert np.array_equal(a.pixel_values.numpy(), b.pixel_values.numpy())
+    assert np.array_equal(a.pixel_values.numpy(), c.pixel_values.numpy())
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (b"", "empty"),
+        (b"\x89PNG\r\n\x1a\n garbage", "not a recognised image|corrupt"),
+        (np.zeros((0, 10, 3), dtype=np.uint8), "zero size"),
+        (np.zeros((10, 10, 3), dtype=np.float32), "must be uint8"),
+        (np.zeros((10, 10, 2), dtype=np.uint8), "HxW, HxWx3 or HxWx4"),
+        (12345, "unsupported image input of type int"),
+        ("/nonexistent/picture.png", "not found"),
+    ],
+)
+def test_load_image_errors_name_the_problem(source, message):
+    with pytest.raises(MediaError, match=message):
+        load_image(source)
+
+
+def test_truncated_png_is_reported_corrupt():
+    buf = io.BytesIO()
+    Image.fromarray(_rng_image(64, 64)).save(buf, format="PNG")
+    with pytest.raises(MediaError, match="corrupt|truncated|recognised"):
+        load_image(buf.getvalue()[:200])
+
+
+def test_huge_images_are_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.fromarray(_rng_image(100, 100)).save(buf, format="PNG")
+    with pytest.raises(MediaError, match="too large"):
+        load_image(buf.getvalue(), max_input_pixels=5000)
+
+
+def test_media_error_is_a_value_error():
+    assert issubclass(MediaError, ValueError)

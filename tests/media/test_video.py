@@ -1,0 +1,203 @@
+"""Video front end: sampling rule, padding, per-video budget, file decoding, prompt text, webcam."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.media import MediaError
+from engine.media.image import ImageProcessorConfig
+from engine.media.video import (
+    VideoFrames,
+    VideoSamplingConfig,
+    WebcamClip,
+    fetch_video,
+    frames_from_directory,
+    prepare_video,
+    preprocess_video,
+    resize_frames,
+    sample_count,
+    video_prompt_text,
+)
+
+
+def _frame(value: int, h: int = 64, w: int = 96) -> np.ndarray:
+    return np.full((h, w, 3), value, dtype=np.uint8)
+
+
+def _textured(seed: int, h: int = 64, w: int = 96) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- prompt text
+
+
+def test_timestamps_use_python_round_half_even_text():
+    grid = [[1, 4, 6]] * 3
+    text = video_prompt_text([0.25, 1.25, 2.25], grid)
+    assert text.startswith("<video><0.2 seconds><image>")
+    assert "<1.2 seconds>" in text and "<2.2 seconds>" in text
+    assert text.count("<framePatch>") == 18 and text.endswith("</image></video>")
+    assert video_prompt_text([0.75], [[1, 2, 2]]) == "<video><0.8 seconds><image><framePatch></image></video>"
+
+
+def test_preview_layout_has_no_timestamps():
+    assert video_prompt_text([], [[3, 4, 4]], interleaved=False) == "<video>" + "<framePatch>" * 12 + "</video>\n"
+
+
+# --------------------------------------------------------------------------- sampling rule
+
+
+def test_sample_count_rule():
+    cfg = VideoSamplingConfig()
+    assert sample_count(300, 30.0, cfg) == (20, 2.0)           # 10 s at 30 fps -> 2 fps
+    assert sample_count(10, 1.0, cfg) == (10, 1.0)             # slower than 2 fps: keep the source rate
+    assert sample_count(3600, 30.0, cfg)[0] == 170             # 120 s capped at MAX_FRAMES_OS
+    assert sample_count(1, 30.0, cfg) == (1, 30.0)             # a single frame
+    n, fps_s = sample_count(100, 29.97, cfg)                   # floor(100/29.97*2 + 0.5) = 7
+    assert n == 7 and fps_s == pytest.approx(7 / 100 * 29.97)
+
+
+def test_odd_frame_lists_repeat_the_last_frame_and_timestamp():
+    frames = [_textured(i) for i in range(5)]
+    video = prepare_video(frames, min_pixels=4096)
+    assert video.frame_timestamps.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    assert np.array_equal(video.frames[5].numpy(), video.frames[4].numpy())
+    assert video.patch_timestamps == [0.25, 1.25, 2.0]
+    assert video.grid_thw.tolist() == [[1, 4, 6]] * 3
+    assert video.num_tokens == 18
+    assert tuple(video.pixel_values.shape) == (72, 1536)
+
+
+def test_frame_directory_natural_order_and_max_frames(tmp_path):
+    for i in (0, 1, 2, 10, 11):
+        Image.fromarray(_frame(i * 10)).save(tmp_path / f"frame{i}.png")
+    (tmp_path / "notes.txt").write_text("not a frame")
+    frames = frames_from_directory(tmp_path)
+    assert [int(f[0, 0, 0]) for f in frames] == [0, 10, 20, 100, 110]
+    sampled = fetch_video(tmp_path, max_frames=3)
+    assert [int(f[0, 0, 0]) for f in sampled.frames] == [0, 20, 110]
+    assert sampled.timestamps.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_per_video_pixel_budget_shrinks_long_videos():
+    cfg = VideoSamplingConfig()
+    lo, hi = cfg.frame_budget(170)
+    assert lo == 131072 and hi == pytest.approx(96 * 128 * 1024 * 2 / 170)
+    assert cfg.frame_budget(2000)[1] == int(1.05 * 131072)  # floor of the budget
+    frames = np.zeros((2, 1080, 1920, 3), dtype=np.uint8)
+    assert resize_frames(frames, 170, cfg).shape == (2, 288, 512, 3)
+    assert resize_frames(frames, 2, cfg).shape == (2, 1088, 1920, 3)
+
+
+def test_resize_uses_opencv_inter_cubic():
+    frames = np.stack([_textured(1, 70, 100), _textured(2, 70, 100)])
+    out = resize_frames(frames, 2, VideoSamplingConfig(), min_pixels=4096)
+    assert out.shape == (2, 64, 96, 3)
+    assert np.array_equal(out[0], cv2.resize(frames[0], (96, 64), interpolation=cv2.INTER_CUBIC))
+
+
+# --------------------------------------------------------------------------- video files
+
+
+def _write_video(path, n_frames: int, fps: int, h: int = 64, w: int = 96) -> None:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    assert writer.isOpened()
+    for i in range(n_frames):
+        writer.write(_frame(i * 8, h, w))  # grey level encodes the frame index
+    writer.release()
+
+
+@pytest.mark.parametrize("backend", ["cv2", "av"])
+def test_video_file_sampling(tmp_path, backend):
+    if backend == "av":
+        pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    _write_video(path, 30, 10)  # 3 s at 10 fps -> 6 frames at 2 fps
+    video = fetch_video(path, backend=backend)
+    assert len(video.frames) == 6
+    assert video.timestamps.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    expected = [0, 6, 12, 17, 23, 29]  # rounded linspace(0, 29, 6)
+    levels = [float(f.mean()) for f in video.frames]
+    assert np.allclose(levels, [i * 8 for i in expected], atol=3.0)
+    inputs = prepare_video(path, backend=backend)  # default min_pixels 128*32*32 enlarges 64x96
+    assert inputs.grid_thw.shape[0] == 3
+    assert inputs.frames.shape[2] * inputs.frames.shape[3] >= 128 * 32 * 32
+
+
+def test_video_bytes_decode_like_the_file(tmp_path):
+    pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    _write_video(path, 20, 10)
+    a = fetch_video(path)
+    b = fetch_video(path.read_bytes())
+    assert np.array_equal(a.frames, b.frames)
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (b"", "empty"),
+        (b"definitely not a video" * 10, "could not be decoded|could not be opened|no frames"),
+        ("/nonexistent/movie.mp4", "not found"),
+        ([], "no frames"),
+        (42, "unsupported video input"),
+    ],
+)
+def test_video_errors_name_the_problem(source, message):
+    with pytest.raises(MediaError, match=message):
+        prepare_video(source)
+
+
+def test_frames_of_different_sizes_are_rejected():
+    with pytest.raises(MediaError, match="same size"):
+        fetch_video([_frame(0, 64, 96), _frame(0, 32, 32)])
+
+
+# --------------------------------------------------------------------------- webcam
+
+
+def test_webcam_clip_samples_capture_times_like_a_video():
+    clip = WebcamClip()
+    for i in range(90):  # 3 s at 30 fps, capture times with a start offset and jitter
+        clip.add_frame(_textured(i, 48, 64), 100.0 + i / 30 + (0.004 if i % 2 else 0.0))
+    sampled = clip.sample()
+    span = (100.0 + 89 / 30 + 0.004) - 100.0
+    assert len(sampled.frames) == int(np.floor(span * 2 + 0.5)) == 6
+    assert sampled.timestamps[0] == 0.0
+    assert np.allclose(np.diff(sampled.timestamps), span / 5, atol=1 / 30)
+    inputs = clip.to_video_inputs(min_pixels=4096)
+    reference = preprocess_video(sampled, ImageProcessorConfig(), VideoSamplingConfig(), min_pixels=4096)
+    assert np.array_equal(inputs.pixel_values.numpy(), reference.pixel_values.numpy())
+    assert inputs.grid_thw.tolist() == [[1, 4, 4]] * 3  # 48x64 -> 64x64 (1.5 rounds to 2)
+    # the same frames given as an uploaded frame list produce the same pixels
+    as_list = prepare_video(list(sampled.frames), min_pixels=4096)
+    assert np.array_equal(inputs.pixel_values.numpy(), as_list.pixel_values.numpy())
+
+
+def test_webcam_clip_window_and_history():
+    clip = WebcamClip(history_seconds=5.0)
+    for i in range(80):  # 10 s at 8 fps (exact binary times)
+        clip.add_frame(_frame(i), i / 8)
+    assert clip.time_span == (4.875, 9.875)  # older frames fell out of the 5 s history
+    window = clip.sample(window_seconds=2.0)
+    assert len(window.frames) == 4  # span 2.0 s -> floor(2 * 2 + 0.5)
+    # sample times linspace(7.875, 9.875, 4) take the nearest captured frames
+    assert [int(f[0, 0, 0]) for f in window.frames] == [63, 68, 74, 79]
+    assert window.timestamps.tolist() == [0.0, 0.625, 1.375, 2.0]
+
+
+def test_webcam_clip_errors():
+    clip = WebcamClip()
+    with pytest.raises(MediaError, match="no webcam frames"):
+        clip.sample()
+    with pytest.raises(MediaError, match="HxWx3 uint8"):
+        clip.add_frame(np.zeros((4, 4), dtype=np.uint8), 0.0)
+    clip.add_frame(_frame(0), 1.0)
+    with pytest.raises(MediaError, match="backwards"):
+        clip.add_frame(_frame(0), 0.5)
+    single = clip.to_video_inputs(min_pixels=4096)
+    assert single.grid_thw.tolist() == [[1, 4, 6]]  # one frame, duplicated to a temporal pair
+    assert isinstance(clip.sample(), VideoFrames)
