@@ -87,7 +87,8 @@ class ProcessedPrompt:
 
 
 def _as_list(value: Any) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    """A list means several items; a tuple is one item (e.g. `(samples, sample_rate)`)."""
+    return list(value) if isinstance(value, list) else [value]
 
 
 class MingProcessor:

@@ -1,5 +1,5 @@
 """Tests of engine/projectors.py (linear_proj, linear_proj_audio, L2 normalisation, the encode helpers)
-and of the `mm` encoder parity (engine/encoder_parity.py)."""
+(the end-to-end `mm` parity lives in tests/test_parity.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.audio_encoder import AudioEncoderConfig, WhisperAudioEncoder, whisper_output_length
-from engine.encoder_parity import ParityRow, build_mm_encoders, run_mm_encoder_parity
+from engine.config import MingConfig
+from engine.thinker import build_encoders
 from engine.projectors import (
     AudioProjector,
     VisionProjector,
@@ -29,7 +30,6 @@ SHARED = (Path(__file__).resolve().parents[1] / ".." / "shared").resolve()
 REAL = {"v2": SHARED / "fixtures/real_configs/ming-flash-omni-2.0/config.json",
         "preview": SHARED / "fixtures/real_configs/ming-flash-omni-preview/config.json"}
 FULL_NAMES = SHARED / "fixtures/ming_ref/full_names"
-MM = SHARED / "fixtures/ming_ref/mm"
 need_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared fixtures folder absent")
 
 AUDIO_SMALL = {"ds_kernel_size": 3, "ds_stride": 2, "norm_query_embeds": True,
@@ -56,8 +56,7 @@ def _audio_pair(seed=0, llm_hidden=12):
 @pytest.mark.parametrize("flavour", ["v2", "preview"])
 def test_full_size_projector_names_and_shapes(flavour):
     cfg = json.loads(REAL[flavour].read_text())
-    with torch.device("meta"):
-        enc = build_mm_encoders(cfg)
+    enc = build_encoders(MingConfig.from_dict(cfg), "meta")
     ours = [(f"linear_proj.{k}", list(v.shape)) for k, v in enc.linear_proj.state_dict().items()]
     ours += [(f"linear_proj_audio.{k}", list(v.shape)) for k, v in enc.linear_proj_audio.state_dict().items()]
     ref = []
@@ -159,12 +158,3 @@ def test_encode_audio_wrapped_layout():
     torch.testing.assert_close(embeds[1, : n[2]], per_clip[2])
     assert torch.equal(embeds[1, n[2]:], torch.zeros_like(embeds[1, n[2]:]))
 
-
-@need_shared
-def test_mm_encoder_parity():
-    rows = run_mm_encoder_parity(MM)
-    assert all(isinstance(r, ParityRow) for r in rows)
-    assert {r.tensor for r in rows} >= {"vision_encoder_out", "vision_embeds", "audio_encoder_out",
-                                       "audio_embeds", "audio_embeds_lengths"}
-    bad = [r for r in rows if not r.ok]
-    assert not bad, bad
