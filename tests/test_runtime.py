@@ -1,0 +1,97 @@
+"""The engine API end to end on the tiny checkpoint: text, image, video, webcam and audio chat,
+the ASR tasks, and bad input answered with clear errors while the engine keeps serving."""
+
+import io
+import wave
+
+import numpy as np
+import pytest
+
+from engine.asr import asr_instruction, parse_transcript
+from engine.events import Done, Error, TextDelta
+from engine.media.video import WebcamClip
+from engine.sampling import GenerationParams
+
+P = GenerationParams(max_new_tokens=4)
+
+
+def _finish(events):
+    assert events and isinstance(events[-1], (Done, Error))
+    return events[-1]
+
+
+def _image(h=70, w=90, seed=0):
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def _wav_bytes(seconds=1.0, rate=48000, channels=2):
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.repeat(tone[:, None], channels, axis=1).tobytes())
+    return buf.getvalue()
+
+
+def test_image_chat_puts_image_tokens_in_the_prompt(tiny_engine):
+    msgs = [{"role": "user", "content": [{"type": "image", "image": _image()}, {"type": "text", "text": "What is it?"}]}]
+    prompt = tiny_engine.processor.build(msgs)
+    assert "<image><imagePatch>" in prompt.text and "</image>\nWhat is it?" in prompt.text
+    done = _finish(list(tiny_engine.chat(msgs, P)))
+    assert isinstance(done, Done) and done.stats.new_tokens == 4
+    assert done.stats.prompt_tokens == len(prompt.ids) and done.stats.media_encode_s > 0
+
+
+def test_webcam_clip_chat_uses_interleaved_frames(tiny_engine):
+    clip = WebcamClip()
+    for i in range(10):
+        clip.add_frame(_image(120, 160, seed=i), capture_time=i * 0.5)
+    msgs = [{"role": "user", "content": [{"type": "video", "video": clip}, {"type": "text", "text": "What happens?"}]}]
+    prompt = tiny_engine.processor.build(msgs)
+    assert prompt.text.count("seconds><image>") == prompt.video_grid_thw.shape[0] >= 2
+    assert isinstance(_finish(list(tiny_engine.chat(msgs, P))), Done)
+
+
+def test_audio_chat_from_browser_style_48k_stereo_wav(tiny_engine):
+    msgs = [{"role": "user", "content": [{"type": "audio", "audio": _wav_bytes()}, {"type": "text", "text": "?"}]}]
+    prompt = tiny_engine.processor.build(msgs)
+    assert prompt.audio_spans and prompt.audio_spans[0][1] == 25  # 1 s -> 100 mel frames -> 25 tokens
+    assert isinstance(_finish(list(tiny_engine.chat(msgs, P))), Done)
+
+
+def test_transcribe_builds_the_asr_prompts_and_returns_a_result(tiny_engine):
+    audio = _wav_bytes(0.5, 16000, 1)
+    events = list(tiny_engine.transcribe(audio, context="This is about cooking.", hotwords=["Gansu", "Uyghur"],
+                                         dialect="上海", params=P))
+    done = _finish(events)
+    assert isinstance(done, Done) and done.result["language"] == "上海"
+    assert done.result["text"] == done.text.strip()
+    assert asr_instruction("ctx.", ["a", "b"]) == ("Please recognize the language of this speech and transcribe it. "
+                                                  "Format: oral.ctx.This audio may contains the following words or phrases:a,b.")
+    assert parse_transcript("English\thello world") .language == "English"
+
+
+@pytest.mark.parametrize("part, message", [
+    ({"type": "image", "image": b"not an image"}, "image"),
+    ({"type": "image", "image": np.zeros((0, 5, 3), dtype=np.uint8)}, "image"),
+    ({"type": "image", "image": _image(2, 500)}, "aspect"),
+    ({"type": "audio", "audio": b""}, "audio"),
+    ({"type": "audio", "audio": np.zeros(0, dtype=np.float32), "sample_rate": 16000}, "audio"),
+    ({"type": "audio", "audio": b"RIFF garbage"}, "audio"),
+    ({"type": "video", "video": []}, "video"),
+    ({"type": "image", "image": 42}, "image"),
+])
+def test_bad_media_is_a_clear_error_and_the_engine_keeps_serving(tiny_engine, part, message):
+    err = _finish(list(tiny_engine.chat([{"role": "user", "content": [part]}], P)))
+    assert isinstance(err, Error) and message in err.message.lower()
+    ok = _finish(list(tiny_engine.chat([{"role": "user", "content": "hi"}], P)))
+    assert isinstance(ok, Done)
+
+
+def test_too_long_audio_is_refused_with_the_limit(tiny_engine):
+    long = np.zeros(16000 * 61, dtype=np.float32)
+    err = _finish(list(tiny_engine.transcribe(long, sample_rate=16000, params=P)))
+    assert isinstance(err, Error) and "too long" in err.message
