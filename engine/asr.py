@@ -27,6 +27,15 @@ def asr_instruction(context: str | None = None, hotwords: list[str] | None = Non
     return text
 
 
+def asr_messages(audio, context: str | None = None, hotwords: list[str] | None = None,
+                 sample_rate: int | None = None) -> list[dict]:
+    """The one HUMAN turn of an ASR request: instruction (+ context, hotwords), then the audio."""
+    part = {"type": "audio", "audio": audio}
+    if sample_rate:
+        part["sample_rate"] = sample_rate
+    return [{"role": "user", "content": [{"type": "text", "text": asr_instruction(context, hotwords)}, part]}]
+
+
 def dialect_prefix(dialect: str | None) -> str | None:
     """What is appended after the assistant prefix to force a language/dialect."""
     if dialect is None or not dialect.strip():

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from engine.asr import TranscriptStream, asr_instruction, dialect_prefix, parse_transcript
+from engine.asr import TranscriptStream, asr_messages, dialect_prefix, parse_transcript
 from engine.events import Done, Error, Event, TextDelta
 from engine.generate import generate
 from engine.llm import MultimodalInputError, MultimodalInputs
@@ -150,10 +150,7 @@ class Engine:
         except ValueError as e:
             yield Error(str(e), code="invalid_request")
             return
-        part = {"type": "audio", "audio": audio}
-        if sample_rate:
-            part["sample_rate"] = sample_rate
-        messages = [{"role": "user", "content": [{"type": "text", "text": asr_instruction(context, hotwords)}, part]}]
+        messages = asr_messages(audio, context, hotwords, sample_rate)
         forced = prefix[:-1] if prefix else None
         stream = TranscriptStream(forced)
         for ev in self.chat(messages, params or GenerationParams(max_new_tokens=512), cancel, assistant_prefix=prefix):
