@@ -1,0 +1,9 @@
+"""The Gradio studio UI of Ming Omni Studio: a model banner on top and one tab per capability
+(chat for now), built around an already loaded `engine.runtime.Engine` by `app.studio.build_studio`.
+"""
+
+import os
+
+# Must happen before gradio is imported anywhere: otherwise gradio contacts api.gradio.app and
+# huggingface.co from background threads at launch.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

@@ -1,0 +1,1 @@
+"""Tests of the Gradio studio (app/) and of launch.py."""

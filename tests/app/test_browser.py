@@ -1,0 +1,61 @@
+"""The studio in a real browser (Debian's chromium driven by Playwright): type a message, press
+Send, see the reply and its figures. Skips when /usr/bin/chromium or playwright is missing.
+Set STUDIO_SCREENSHOT=/some/path.png to keep a screenshot of the page."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+from app.studio import build_studio  # noqa: E402
+
+# Quiet and offline (see platform notes).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def studio_url(tiny_engine):
+    demo = build_studio(tiny_engine)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+def test_type_send_and_see_the_reply(studio_url, tmp_path):
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(studio_url, wait_until="networkidle", timeout=60_000)
+            banner = page.locator("#model-banner")
+            sync_api.expect(banner).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
+            sync_api.expect(banner).to_contain_text("--model inclusionAI/Ming-flash-omni-2.0")
+
+            page.locator("#chat-input textarea").fill("Hello from the browser")
+            page.locator("#chat-send").click()
+            figures = page.locator("#chat-figures")
+            sync_api.expect(figures).to_contain_text("finish reason", timeout=60_000)
+            history = page.locator("#chat-history")
+            sync_api.expect(history).to_contain_text("Hello from the browser")
+            assert page.locator("#chat-input textarea").input_value() == ""
+            bot = history.locator("[data-testid='bot']")
+            assert bot.count() >= 1 and bot.last.inner_text().strip(), "no assistant reply shown"
+
+            shot = tmp_path / "studio_chat.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            keep = os.environ.get("STUDIO_SCREENSHOT")
+            if keep:
+                page.screenshot(path=keep, full_page=True)
+        finally:
+            browser.close()

@@ -1,0 +1,124 @@
+"""launch.py as a user runs it: --help, clear failures (exit code 2, no traceback) for a model that
+cannot be loaded, and a real start that serves the page."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH = REPO / "launch.py"
+
+
+def _env(cache: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(MING_STUDIO_CACHE=str(cache), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def studio_cache(tiny_checkpoint) -> Path:
+    """The cache folder holding the tiny checkpoint (generated once per session by conftest)."""
+    return tiny_checkpoint.parent
+
+
+def _run(args: list[str], cache: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(LAUNCH), *args], cwd=REPO, env=_env(cache),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_help_documents_every_flag(tmp_path):
+    r = _run(["--help"], tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--model", "--host", "--port", "--share", "--dtype", "--device"):
+        assert flag in r.stdout
+    assert "inclusionAI/Ming-flash-omni-2.0" in r.stdout
+    assert "127.0.0.1" in r.stdout and "7860" in r.stdout  # the defaults are stated
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty_dir", "corrupt_config", "file"])
+def test_unloadable_model_exits_2_with_a_clear_message(tmp_path, studio_cache, kind):
+    target = tmp_path / "ckpt"
+    if kind == "empty_dir":
+        target.mkdir()
+    elif kind == "corrupt_config":
+        target.mkdir()
+        (target / "config.json").write_text("{ this is not json")
+    elif kind == "file":
+        target.write_text("not a checkpoint")
+    r = _run(["--model", str(target)], studio_cache)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert "error: could not load the model" in r.stderr
+    assert str(target) in r.stderr
+
+
+def test_unusable_device_exits_2(tmp_path):
+    r = _run(["--device", "not-a-device"], tmp_path, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "--device not-a-device" in r.stderr.replace("'", "")
+
+
+def test_bad_dtype_is_rejected_by_the_parser(tmp_path):
+    r = _run(["--dtype", "int3"], tmp_path, timeout=60)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_default_launch_serves_the_demo_studio(studio_cache):
+    """No --model: the tiny demo loads, the URL and load time are printed, the page answers 200."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    proc = subprocess.Popen([sys.executable, str(LAUNCH), "--port", str(port)], cwd=REPO,
+                            env=_env(studio_cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read_output():
+        for line in proc.stdout:
+            lines.append(line)
+            if "running at" in line:
+                ready.set()
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
+    status, banner = None, []
+    try:
+        ready.wait(timeout=90)  # the URL line is printed once the server is up
+        if ready.is_set():
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                status = resp.status
+            with urllib.request.urlopen(url + "config", timeout=10) as resp:
+                config = json.load(resp)
+            banner = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "model-banner"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+    out = "".join(lines)
+    assert ready.is_set(), f"launch.py never printed its URL (exit code {proc.returncode}):\n{out}"
+    assert f"running at {url}" in out, out
+    assert status == 200
+    assert banner and "RANDOM DEMO WEIGHTS" in banner[0]["props"]["value"]
+    assert re.search(r"Loaded ming-tiny-random-v\d+ in \d+\.\d s", out), out
+    assert "RANDOM DEMO WEIGHTS" in out
