@@ -1,0 +1,412 @@
+"""CPU benchmark of one BailingMoeV2 MoE layer (routed experts + shared expert) against memory bandwidth.
+
+Shape (defaults = Ling-flash / Ming-flash-omni): 256 experts, hidden 4096, expert intermediate 1024,
+top-8 routing plus one shared expert of intermediate 1024, bf16 weights. ``--dtype fp32`` and a
+smaller ``--experts`` give quicker or lighter runs.
+
+Method
+------
+* Bandwidth: in the same run, before any weights exist and again after they are freed, a 2 GiB fp32
+  buffer (far above the caches) is read with ``sum`` and with a GEMV (``mv``) several times; the best
+  rate seen is the machine's measured read bandwidth (the larger denominator makes the roofline
+  fraction conservative, and measuring twice makes it less sensitive to other processes).
+* Compute ceiling (context for prefill): best rate of a dense [512 x 4096] @ [4096 x 2048] GEMM in
+  the weight dtype, with the weight staying in cache.
+* Weights: one layer of ``--experts`` experts (6.4 GB in bf16 at the default shape) plus
+  ``SHARED_COPIES`` distinct copies of the shared expert. Values are seeded random numbers: each
+  matrix is copied from a random offset of a seeded random pool (one ``normal_`` over 6.4 GB would
+  take ~25 s on 2 cores); every matrix is its own memory, so reads are real.
+* Decode (1 token): each pass walks a seeded random permutation of the experts, top_k experts per
+  call, so consecutive calls read disjoint experts and an expert is reused only after the whole layer
+  (GBs) has streamed through the caches; the shared-expert copies are cycled the same way. The time per
+  call is the mean over the timed passes after one warm-up pass.
+* Prefill (512 tokens): every token picks top_k distinct experts uniformly at random (each call reads
+  the experts that received tokens: at the default shape, all of them). Median of the timed calls.
+* Bytes per call = weight bytes of the experts that received at least one token, each counted once,
+  plus the shared expert. Achieved bytes/s = bytes / time; ``roofline_fraction`` = achieved / measured
+  bandwidth. The router GEMM is not in the timed call (routing is given, to control which experts are
+  read); activations are not counted as bytes.
+* Paths: ``plain`` = ``moe_experts`` on stacked [E, I, H] weights (the reference CPU path);
+  ``packed`` = ``moe_experts_packed`` on :class:`engine.kernels.PackedExperts` (gate+up concatenated,
+  oneDNN-prepacked), the engine's fast CPU path. The headline numbers are those of the packed path
+  when it runs. The two paths are built one after the other, so peak memory is one layer's weights.
+* Contention: the CPU time other processes used during each measurement is read from /proc/stat and
+  reported as ``other_cpu_load`` (fraction of all cores). On a shared 2-core machine any other load
+  ruins the numbers (OpenMP threads wait for the slowest core); the table flags such rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.kernels.moe import PackedExperts, moe_experts, moe_experts_packed, swiglu  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+GIB = 1024**3
+BANDWIDTH_BUFFER_BYTES = 2 * GIB
+BANDWIDTH_REPEATS = 5
+GEMV_COLUMNS = 4096  # the bandwidth buffer is also read as a [rows, 4096] matrix times a vector
+GEMM_SHAPE = (512, 4096, 2048)  # M, K, N of the compute-ceiling GEMM
+GEMM_REPEATS = 5
+SHARED_COPIES = 8
+ROUTED_SCALING = 2.5  # routing weights sum to 2.5 in BailingMoeV2
+POOL_FACTOR = 4  # the random pool holds this many expert matrices' worth of values
+WEIGHT_STD = 0.02
+DECODE_WARMUP_PASSES = 1
+DECODE_TIMED_PASSES = 2
+PREFILL_WARMUP_CALLS = 1
+PREFILL_TIMED_CALLS = 3
+
+
+@dataclass
+class LayerShape:
+    experts: int
+    hidden: int
+    inter: int
+    shared_inter: int
+    top_k: int
+    dtype: torch.dtype
+
+    @property
+    def expert_bytes(self) -> int:
+        return 3 * self.hidden * self.inter * self.dtype.itemsize
+
+    @property
+    def shared_bytes(self) -> int:
+        return 3 * self.hidden * self.shared_inter * self.dtype.itemsize
+
+
+CONTENTION_WARNING = 0.1  # flag measurements during which other processes used this share of the CPUs
+PROC_STAT_BUSY_FIELDS = slice(0, 3)  # user, nice, system jiffies of the aggregate "cpu" line
+PROC_STAT_EXTRA_BUSY_FIELDS = slice(5, 8)  # irq, softirq, steal
+
+
+@dataclass
+class ModeResult:
+    ms_per_call: float
+    weight_bytes: int
+    achieved_gbs: float
+    roofline_fraction: float
+    gflops: float
+    other_cpu_load: float
+
+
+def _busy_cpu_seconds() -> float | None:
+    """Busy CPU seconds of the whole machine so far (None where /proc/stat is unavailable)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    busy = sum(fields[PROC_STAT_BUSY_FIELDS]) + sum(fields[PROC_STAT_EXTRA_BUSY_FIELDS])
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class ContentionMeter:
+    """Share of all CPUs used by other processes between construction and :meth:`other_load`."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.machine = _busy_cpu_seconds()
+        times = os.times()
+        self.own = times.user + times.system
+
+    def other_load(self) -> float:
+        machine = _busy_cpu_seconds()
+        if machine is None or self.machine is None:
+            return float("nan")
+        times = os.times()
+        own = times.user + times.system - self.own
+        wall = time.perf_counter() - self.wall
+        return max(0.0, (machine - self.machine - own) / (wall * (os.cpu_count() or 1)))
+
+
+def measure_bandwidth() -> float:
+    """Best read bandwidth (GB/s) of a 2 GiB fp32 buffer, via sum and via GEMV."""
+    buffer = torch.ones(BANDWIDTH_BUFFER_BYTES // 4, dtype=torch.float32)
+    matrix = buffer.view(-1, GEMV_COLUMNS)
+    vector = torch.ones(GEMV_COLUMNS)
+    best = 0.0
+    for read in (lambda: buffer.sum(), lambda: torch.mv(matrix, vector)):
+        read()
+        for _ in range(BANDWIDTH_REPEATS):
+            start = time.perf_counter()
+            read()
+            best = max(best, BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def measure_gemm_gflops(dtype: torch.dtype) -> float:
+    """Best GFLOP/s of a dense cached GEMM in ``dtype`` (a compute ceiling for prefill)."""
+    m, k, n = GEMM_SHAPE
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(n, k).to(dtype)
+    torch.nn.functional.linear(a, b)
+    best = 0.0
+    for _ in range(GEMM_REPEATS):
+        start = time.perf_counter()
+        torch.nn.functional.linear(a, b)
+        best = max(best, 2 * m * k * n / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+class WeightSource:
+    """Seeded random matrices: copies of random windows of one seeded random pool."""
+
+    def __init__(self, shape: LayerShape, seed: int) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+        matrix_elems = shape.hidden * max(shape.inter, shape.shared_inter)
+        self.pool = torch.empty(POOL_FACTOR * matrix_elems, dtype=shape.dtype).normal_(0.0, WEIGHT_STD, generator=self.gen)
+        self.seed = seed
+
+    def offsets(self, count: int, numel: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed + count)
+        return torch.randint(0, self.pool.numel() - numel + 1, (count,), generator=gen).tolist()
+
+    def fill(self, out: torch.Tensor, offset: int) -> None:
+        out.copy_(self.pool[offset : offset + out.numel()].view(out.shape))
+
+
+def expert_offsets(source: WeightSource, shape: LayerShape) -> list[int]:
+    """Pool offsets of every routed-expert matrix: [gate, up, down] for each expert."""
+    return source.offsets(3 * shape.experts, shape.hidden * shape.inter)
+
+
+def make_shared(source: WeightSource, shape: LayerShape) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    copies = []
+    offsets = source.offsets(3 * SHARED_COPIES + 1, shape.hidden * shape.shared_inter)
+    for c in range(SHARED_COPIES):
+        gate = torch.empty(shape.shared_inter, shape.hidden, dtype=shape.dtype)
+        up = torch.empty_like(gate)
+        down = torch.empty(shape.hidden, shape.shared_inter, dtype=shape.dtype)
+        for i, w in enumerate((gate, up, down)):
+            source.fill(w, offsets[3 * c + i])
+        copies.append((gate, up, down))
+    return copies
+
+
+LayerCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def build_plain(source: WeightSource, shape: LayerShape) -> LayerCall:
+    """Stacked weights + ``moe_experts`` (reference CPU path) and the shared expert via ``swiglu``."""
+    w_gate = torch.empty(shape.experts, shape.inter, shape.hidden, dtype=shape.dtype)
+    w_up = torch.empty_like(w_gate)
+    w_down = torch.empty(shape.experts, shape.hidden, shape.inter, dtype=shape.dtype)
+    offsets = expert_offsets(source, shape)
+    for e in range(shape.experts):
+        for i, w in enumerate((w_gate, w_up, w_down)):
+            source.fill(w[e], offsets[3 * e + i])
+    shared = make_shared(source, shape)
+
+    def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared_copy: int) -> torch.Tensor:
+        routed = moe_experts(x, w_gate, w_up, w_down, ids, weights, impl="torch")
+        return routed + swiglu(x, *shared[shared_copy])
+
+    return call
+
+
+def build_packed(source: WeightSource, shape: LayerShape) -> tuple[LayerCall, bool]:
+    """``PackedExperts`` built expert by expert (no stacked copy) + ``moe_experts_packed``."""
+    packed = PackedExperts(shape.hidden, shape.inter, shape.dtype)
+    offsets = expert_offsets(source, shape)
+    gate = torch.empty(shape.inter, shape.hidden, dtype=shape.dtype)
+    up = torch.empty_like(gate)
+    down = torch.empty(shape.hidden, shape.inter, dtype=shape.dtype)
+    for e in range(shape.experts):
+        for i, w in enumerate((gate, up, down)):
+            source.fill(w, offsets[3 * e + i])
+        packed.append(gate, up, down)
+    shared = PackedExperts(shape.hidden, shape.shared_inter, shape.dtype)
+    for copy in make_shared(source, shape):
+        shared.append(*copy)
+
+    def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared_copy: int) -> torch.Tensor:
+        return moe_experts_packed(x, packed, ids, weights) + shared.forward_expert(x, shared_copy)
+
+    return call, packed.onednn
+
+
+def routing_weights(ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    raw = torch.rand(ids.shape, generator=gen) + 0.05
+    return raw / raw.sum(-1, keepdim=True) * ROUTED_SCALING
+
+
+def expert_flops(shape: LayerShape, tokens: int) -> float:
+    return 2.0 * 3 * shape.hidden * (tokens * shape.top_k * shape.inter + tokens * shape.shared_inter)
+
+
+def bench_decode(call: LayerCall, shape: LayerShape, bandwidth: float, seed: int) -> ModeResult:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, shape.hidden, generator=gen).to(shape.dtype)
+    calls_per_pass = shape.experts // shape.top_k
+    meter = ContentionMeter()
+    times: list[float] = []
+    step = 0
+    for p in range(DECODE_WARMUP_PASSES + DECODE_TIMED_PASSES):
+        order = torch.randperm(shape.experts, generator=gen)
+        for c in range(calls_per_pass):
+            ids = order[c * shape.top_k : (c + 1) * shape.top_k].view(1, -1)
+            weights = routing_weights(ids, gen)
+            start = time.perf_counter()
+            call(x, ids, weights, step % SHARED_COPIES)
+            elapsed = time.perf_counter() - start
+            step += 1
+            if p >= DECODE_WARMUP_PASSES:
+                times.append(elapsed)
+    seconds = statistics.fmean(times)
+    nbytes = shape.top_k * shape.expert_bytes + shape.shared_bytes
+    gbs = nbytes / seconds / 1e9
+    return ModeResult(seconds * 1e3, nbytes, gbs, gbs / bandwidth, expert_flops(shape, 1) / seconds / 1e9, meter.other_load())
+
+
+def bench_prefill(call: LayerCall, shape: LayerShape, tokens: int, bandwidth: float, seed: int) -> ModeResult:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, shape.hidden, generator=gen).to(shape.dtype)
+    ids = torch.rand(tokens, shape.experts, generator=gen).topk(shape.top_k, dim=-1).indices
+    weights = routing_weights(ids, gen)
+    meter = ContentionMeter()
+    times = []
+    for i in range(PREFILL_WARMUP_CALLS + PREFILL_TIMED_CALLS):
+        start = time.perf_counter()
+        call(x, ids, weights, i % SHARED_COPIES)
+        if i >= PREFILL_WARMUP_CALLS:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    nbytes = int(ids.unique().numel()) * shape.expert_bytes + shape.shared_bytes
+    gbs = nbytes / seconds / 1e9
+    return ModeResult(seconds * 1e3, nbytes, gbs, gbs / bandwidth, expert_flops(shape, tokens) / seconds / 1e9, meter.other_load())
+
+
+def _flag(other_load: float) -> str:
+    return "  <- CONTENDED: other processes were running" if other_load > CONTENTION_WARNING else ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--inter", type=int, default=1024, help="routed expert intermediate size")
+    parser.add_argument("--shared-inter", type=int, default=1024, help="shared expert intermediate size")
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--path", choices=("both", "plain", "packed"), default="both")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    shape = LayerShape(args.experts, args.hidden, args.inter, args.shared_inter, args.top_k, DTYPES[args.dtype])
+    if shape.experts < shape.top_k:
+        parser.error("--experts must be >= --top-k")
+
+    meter = ContentionMeter()
+    bandwidth = measure_bandwidth()
+    gemm_gflops = measure_gemm_gflops(shape.dtype)
+    baseline_other_load = meter.other_load()
+    gc.collect()
+
+    results: dict[str, dict[str, object]] = {}
+    paths = ("plain", "packed") if args.path == "both" else (args.path,)
+    for path in paths:
+        source = WeightSource(shape, args.seed)
+        info: dict[str, object] = {}
+        if path == "plain":
+            call = build_plain(source, shape)
+        else:
+            call, onednn = build_packed(source, shape)
+            info["onednn_prepacked"] = onednn
+        decode = bench_decode(call, shape, bandwidth, args.seed + 1)
+        prefill = bench_prefill(call, shape, args.prefill_tokens, bandwidth, args.seed + 2)
+        results[path] = {"decode": asdict(decode), "prefill": asdict(prefill), **info}
+        del call, source
+        gc.collect()
+
+    meter = ContentionMeter()
+    bandwidth_end = measure_bandwidth()
+    if bandwidth_end > bandwidth:
+        bandwidth = bandwidth_end
+        baseline_other_load = meter.other_load()
+        for res in results.values():
+            for mode in ("decode", "prefill"):
+                r = res[mode]
+                assert isinstance(r, dict)
+                r["roofline_fraction"] = float(r["achieved_gbs"]) / bandwidth
+
+    headline_path = "packed" if "packed" in results else "plain"
+    head = results[headline_path]
+    decode_r, prefill_r = head["decode"], head["prefill"]
+    assert isinstance(decode_r, dict) and isinstance(prefill_r, dict)
+    summary = {
+        "path": headline_path,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "experts": shape.experts,
+        "hidden": shape.hidden,
+        "inter": shape.inter,
+        "top_k": shape.top_k,
+        "prefill_tokens": args.prefill_tokens,
+        "bandwidth_gbs": bandwidth,
+        "bandwidth_other_cpu_load": baseline_other_load,
+        "gemm_peak_gflops": gemm_gflops,
+        "roofline_fraction_decode": decode_r["roofline_fraction"],
+        "roofline_fraction_prefill": prefill_r["roofline_fraction"],
+        "decode_ms": decode_r["ms_per_call"],
+        "prefill_ms": prefill_r["ms_per_call"],
+        "decode_weight_bytes": decode_r["weight_bytes"],
+        "prefill_weight_bytes": prefill_r["weight_bytes"],
+        "decode_gbs": decode_r["achieved_gbs"],
+        "prefill_gbs": prefill_r["achieved_gbs"],
+        "prefill_gflops": prefill_r["gflops"],
+        "prefill_compute_fraction": float(prefill_r["gflops"]) / gemm_gflops,  # type: ignore[arg-type]
+        "paths": results,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return
+
+    print(
+        f"MoE layer on CPU: {shape.experts} experts x (H={shape.hidden}, I={shape.inter}), top-{shape.top_k} + shared "
+        f"(I={shape.shared_inter}), {args.dtype}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"measured read bandwidth: {bandwidth:.1f} GB/s; dense GEMM {GEMM_SHAPE}: {gemm_gflops:.0f} GFLOP/s "
+        f"(other processes' CPU load meanwhile: {baseline_other_load:.2f}){_flag(baseline_other_load)}"
+    )
+    header = f"{'path':<8} {'mode':<8} {'ms/call':>9} {'weight MB':>10} {'GB/s':>7} {'roofline':>9} {'GFLOP/s':>8} {'other load':>11}"
+    print(header)
+    print("-" * len(header))
+    for path, res in results.items():
+        for mode in ("decode", "prefill"):
+            r = res[mode]
+            assert isinstance(r, dict)
+            print(
+                f"{path:<8} {mode:<8} {r['ms_per_call']:>9.2f} {r['weight_bytes'] / 1e6:>10.1f} "
+                f"{r['achieved_gbs']:>7.1f} {r['roofline_fraction']:>9.2f} {r['gflops']:>8.1f} "
+                f"{r['other_cpu_load']:>11.2f}{_flag(float(r['other_cpu_load']))}"  # type: ignore[arg-type]
+            )
+    if "packed" in results:
+        print(f"packed path uses oneDNN prepacked weights: {results['packed'].get('onednn_prepacked')}")
+    print(
+        f"headline ({headline_path}): roofline_fraction decode {summary['roofline_fraction_decode']:.2f}, "
+        f"prefill {summary['roofline_fraction_prefill']:.2f} (prefill at {summary['prefill_compute_fraction']:.2f} of the dense GEMM rate)"
+    )
+
+
+if __name__ == "__main__":
+    main()

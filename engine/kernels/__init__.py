@@ -1,0 +1,25 @@
+"""Compute kernels of the engine, kept apart from the model graphs (llama.cpp style).
+
+Every public function dispatches (see :mod:`engine.kernels.dispatch`): Triton kernels for CUDA
+tensors, the torch reference on CPU or when forced (``impl="torch"`` or the env var
+``MING_KERNELS_FORCE_REFERENCE=1``). The Triton modules are imported lazily on first use.
+"""
+
+from .dispatch import FORCE_REFERENCE_ENV, Impl
+from .moe import PackedExperts, moe_experts, moe_experts_packed, moe_experts_reference, onednn_packing_available
+from .rmsnorm import rms_norm, rms_norm_reference
+from .rotary import apply_rotary, apply_rotary_reference
+
+__all__ = [
+    "FORCE_REFERENCE_ENV",
+    "Impl",
+    "PackedExperts",
+    "apply_rotary",
+    "apply_rotary_reference",
+    "moe_experts",
+    "moe_experts_packed",
+    "moe_experts_reference",
+    "onednn_packing_available",
+    "rms_norm",
+    "rms_norm_reference",
+]

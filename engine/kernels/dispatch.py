@@ -1,0 +1,54 @@
+"""Backend selection for the kernels package: Triton on CUDA tensors, the torch reference otherwise.
+
+Each public kernel takes an ``impl`` argument:
+
+* ``"auto"`` (default): Triton when every tensor is on a CUDA device, Triton imports, and the
+  environment variable ``MING_KERNELS_FORCE_REFERENCE`` is not set to a true value; else torch.
+* ``"torch"``: always the torch reference (the CPU path).
+* ``"triton"``: always the Triton kernel (tests use this on CPU tensors under ``TRITON_INTERPRET=1``).
+
+The Triton kernel modules (``engine.kernels.triton_impl``) are imported lazily by the callers,
+never at package import, because ``@triton.jit`` reads ``TRITON_INTERPRET`` when it decorates.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Literal
+
+import torch
+
+Impl = Literal["auto", "torch", "triton"]
+
+FORCE_REFERENCE_ENV = "MING_KERNELS_FORCE_REFERENCE"
+_TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
+_VALID_IMPLS: frozenset[str] = frozenset({"auto", "torch", "triton"})
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (checked once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def reference_forced() -> bool:
+    """True when the environment asks every kernel to use the torch reference."""
+    return os.environ.get(FORCE_REFERENCE_ENV, "").strip().lower() in _TRUE_VALUES
+
+
+def use_triton(impl: Impl, *tensors: torch.Tensor | None) -> bool:
+    """Decide whether a call with these tensors runs the Triton kernel."""
+    if impl not in _VALID_IMPLS:
+        raise ValueError(f"impl must be one of {sorted(_VALID_IMPLS)}, got {impl!r}")
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError("impl='triton' was requested but triton is not installed")
+        return True
+    if reference_forced() or not triton_available():
+        return False
+    present = [t for t in tensors if t is not None]
+    return bool(present) and all(t.is_cuda for t in present)

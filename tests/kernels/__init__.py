@@ -1,0 +1,1 @@
+"""Tests of engine.kernels (Triton kernels run under the Triton interpreter on CPU)."""

@@ -1,0 +1,181 @@
+"""Routed-expert MoE: CPU paths against a naive per-token oracle, Triton (interpreter) against the reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import (
+    PackedExperts,
+    moe_experts,
+    moe_experts_packed,
+    moe_experts_reference,
+    onednn_packing_available,
+)
+
+pytest.importorskip("triton")
+from engine.kernels.triton_impl.moe import align_by_expert, moe_experts_triton  # noqa: E402
+
+# Max-abs error allowed, relative to the largest output magnitude, per activation dtype.
+RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+WEIGHT_SCALE = 0.2  # keeps activations O(1) for the tiny test shapes
+TRITON_TILE = 32  # small N/K tiles keep the interpreter grids tiny
+
+
+@dataclass
+class MoeCase:
+    """One routing scenario; ``ids`` lists each token's experts (None: random distinct experts)."""
+
+    name: str
+    tokens: int
+    hidden: int
+    inter: int
+    experts: int
+    top_k: int
+    ids: list[list[int]] | None = None
+
+
+CASES = [
+    # expert 0 gets no token, expert 1 exactly one; H, I not multiples of the tiles
+    MoeCase("edge", tokens=7, hidden=48, inter=40, experts=6, top_k=2,
+            ids=[[1, 5], [2, 5], [3, 5], [2, 4], [4, 5], [3, 2], [5, 4]]),  # fmt: skip
+    MoeCase("k1", tokens=5, hidden=32, inter=24, experts=4, top_k=1),
+    MoeCase("decode", tokens=1, hidden=64, inter=32, experts=16, top_k=4),
+    # 20 assignments on expert 2: its run spans two 16-row blocks
+    MoeCase("multi_block", tokens=21, hidden=40, inter=36, experts=3, top_k=1, ids=[[2]] * 20 + [[0]]),
+]
+
+
+def make_inputs(case: MoeCase, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.tokens, case.hidden, generator=gen).to(dtype)
+    w_gate = (torch.randn(case.experts, case.inter, case.hidden, generator=gen) * WEIGHT_SCALE).to(dtype)
+    w_up = (torch.randn(case.experts, case.inter, case.hidden, generator=gen) * WEIGHT_SCALE).to(dtype)
+    w_down = (torch.randn(case.experts, case.hidden, case.inter, generator=gen) * WEIGHT_SCALE).to(dtype)
+    if case.ids is None:
+        ids = torch.stack([torch.randperm(case.experts, generator=gen)[: case.top_k] for _ in range(case.tokens)])
+    else:
+        ids = torch.tensor(case.ids, dtype=torch.int64)
+    weights = torch.rand(case.tokens, case.top_k, generator=gen) + 0.1
+    return x, w_gate, w_up, w_down, ids, weights
+
+
+def naive_moe(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Independent oracle: a per-token, per-slot loop of the spec's formula."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        row = x[t : t + 1]
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            hidden = F.silu(row @ w_gate[e].T) * (row @ w_up[e].T)
+            out[t] += (hidden @ w_down[e].T)[0].float() * weights[t, j]
+    return out.to(x.dtype)
+
+
+def assert_close_scaled(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    scale = want.float().abs().max().item()
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= RELATIVE_TOLERANCE[want.dtype] * scale, f"max abs err {err} vs output scale {scale}"
+
+
+def test_case_routing_covers_the_edges() -> None:
+    counts = torch.bincount(torch.tensor(CASES[0].ids).flatten(), minlength=CASES[0].experts)
+    assert counts[0] == 0 and counts[1] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_reference_matches_naive_loop(case: MoeCase, dtype: torch.dtype) -> None:
+    args = make_inputs(case, dtype)
+    assert_close_scaled(moe_experts_reference(*args), naive_moe(*args))
+
+
+def test_reference_weights_sum_in_fp32_then_cast() -> None:
+    # Two experts whose bf16 outputs cancel except for a tiny remainder: summing in bf16 would lose it.
+    x = torch.ones(1, 16, dtype=torch.bfloat16)
+    w_gate = torch.full((2, 16, 16), 0.1, dtype=torch.bfloat16)
+    w_up = torch.full((2, 16, 16), 0.1, dtype=torch.bfloat16)
+    w_down = torch.full((2, 16, 16), 0.1, dtype=torch.bfloat16)
+    ids = torch.tensor([[0, 1]])
+    weights = torch.tensor([[1.0, -0.999]])
+    got = moe_experts_reference(x, w_gate, w_up, w_down, ids, weights)
+    assert_close_scaled(got, naive_moe(x, w_gate, w_up, w_down, ids, weights))
+    assert got.abs().min() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_onednn", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_packed_matches_naive_loop(case: MoeCase, dtype: torch.dtype, use_onednn: bool) -> None:
+    if use_onednn and not onednn_packing_available(dtype):
+        pytest.skip(f"this torch build cannot pre-pack {dtype} weights for oneDNN")
+    x, w_gate, w_up, w_down, ids, weights = make_inputs(case, dtype)
+    packed = PackedExperts.from_weights(w_gate, w_up, w_down, use_onednn=use_onednn)
+    assert packed.num_experts == case.experts and packed.onednn == use_onednn
+    got = moe_experts_packed(x, packed, ids, weights)
+    assert_close_scaled(got, naive_moe(x, w_gate, w_up, w_down, ids, weights))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_forward_expert_is_the_swiglu(dtype: torch.dtype) -> None:
+    x, w_gate, w_up, w_down, _, _ = make_inputs(CASES[1], dtype)
+    packed = PackedExperts.from_weights(w_gate[2:3], w_up[2:3], w_down[2:3])
+    want = F.linear(F.silu(F.linear(x, w_gate[2])) * F.linear(x, w_up[2]), w_down[2])
+    assert_close_scaled(packed.forward_expert(x, 0), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_triton_matches_reference(case: MoeCase, dtype: torch.dtype) -> None:
+    args = make_inputs(case, dtype)
+    got = moe_experts_triton(*args, block_n=TRITON_TILE, block_k=TRITON_TILE)
+    assert_close_scaled(got, moe_experts_reference(*args))
+
+
+def test_triton_default_tiles_and_dispatch() -> None:
+    args = make_inputs(CASES[0], torch.float32)
+    assert_close_scaled(moe_experts(*args, impl="triton"), moe_experts(*args, impl="torch"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_align_by_expert_layout(case: MoeCase) -> None:
+    block_m = 16
+    _, _, _, _, ids, _ = make_inputs(case, torch.float32)
+    sorted_assignments, block_expert = align_by_expert(ids, case.experts, block_m)
+    n_assign = ids.numel()
+    flat = ids.flatten()
+    real = sorted_assignments[sorted_assignments < n_assign].long()
+    assert sorted(real.tolist()) == list(range(n_assign))  # each assignment exactly once
+    blocks = sorted_assignments.view(-1, block_m)
+    for b, expert in enumerate(block_expert.tolist()):
+        rows = blocks[b][blocks[b] < n_assign].long()
+        if expert < 0:
+            assert rows.numel() == 0
+        else:
+            assert rows.numel() > 0 and bool((flat[rows] == expert).all())
+    counts = torch.bincount(flat, minlength=case.experts)
+    used_blocks = int((block_expert >= 0).sum())
+    assert used_blocks == int(((counts + block_m - 1) // block_m).sum())
+
+
+def test_argument_errors() -> None:
+    x, w_gate, w_up, w_down, ids, weights = make_inputs(CASES[1], torch.float32)
+    with pytest.raises(ValueError):
+        moe_experts(x.bfloat16(), w_gate, w_up, w_down, ids, weights)
+    with pytest.raises(ValueError):
+        moe_experts(x, w_gate, w_up, w_down, ids.int(), weights)
+    with pytest.raises(ValueError):
+        moe_experts(x, w_gate, w_up, w_down, ids, weights.double())
+    with pytest.raises(ValueError):
+        moe_experts(x, w_gate, w_up, w_down.transpose(1, 2), ids, weights)
