@@ -130,6 +130,9 @@ class MingProcessor:
                 pieces.append((("\n" if i else "") + IMAGE_START + IMAGE_PATCH * n + IMAGE_END + "\n", True))
             return pieces
         if kind in VIDEO_TYPES:
+            if not self.settings.interleaved_video:
+                raise MediaError("video input for the Preview release is not supported yet (its sampler and "
+                                 "resize differ from 2.0's); images and audio work")
             vid = self._video(part.get(kind if kind in part else "video"))
             out.videos.append(vid)
             return [(video_prompt_text(vid.patch_timestamps, vid.grid_thw, self.settings.image.merge_size,
