@@ -1,0 +1,74 @@
+"""python -m engine.server --model PATH_OR_HUB_ID [--host 127.0.0.1] [--port 8000] [--token T]"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from engine.server.auth import StartupRefused, check_bind
+from engine.server.limits import MiB, Limits
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m engine.server",
+                                 description="Serve the engine over HTTP (OpenAI-compatible) and websockets "
+                                             "(/v1/realtime) on one port.")
+    ap.add_argument("--model", default=None,
+                    help="checkpoint directory or hub id (default: the tiny random demo model)")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; others need --token)")
+    ap.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
+    ap.add_argument("--token", default=os.environ.get("MING_SERVER_TOKEN") or None,
+                    help="secret clients must send (Authorization: Bearer T, or ?token=T); env MING_SERVER_TOKEN")
+    ap.add_argument("--served-model-name", default=None, help="model id reported by /v1/models")
+    ap.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    d = Limits()
+    ap.add_argument("--max-sessions", type=int, default=d.max_sessions, help="concurrent realtime sessions")
+    ap.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting for the engine")
+    ap.add_argument("--max-message-mb", type=float, default=d.max_message_bytes / MiB, help="realtime event size")
+    ap.add_argument("--max-request-mb", type=float, default=d.max_request_bytes / MiB, help="HTTP JSON body size")
+    ap.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / MiB, help="upload size")
+    ap.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds, help="audio clip length")
+    ap.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="pixels per image or frame")
+    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="largest max_tokens allowed")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's choice; 1 suits small models on few cores)")
+    ap.add_argument("--log-level", default="info")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_bind(args.host, args.token)  # before the (slow) model load
+        limits = Limits(max_sessions=args.max_sessions, max_queue=args.max_queue,
+                        max_message_bytes=int(args.max_message_mb * MiB), max_request_bytes=int(args.max_request_mb * MiB),
+                        max_upload_bytes=int(args.max_upload_mb * MiB), max_audio_seconds=args.max_audio_seconds,
+                        max_image_pixels=args.max_image_pixels, max_new_tokens=args.max_new_tokens)
+    except (StartupRefused, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import uvicorn  # noqa: PLC0415
+
+    from engine.runtime import Engine  # noqa: PLC0415
+    from engine.server.app import create_app, uvicorn_config  # noqa: PLC0415
+
+    if args.threads:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(args.threads)
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
+    if engine.is_demo:
+        print("[random demo weights: output is meaningless; use --model for the real checkpoint]", file=sys.stderr)
+    app = create_app(engine, limits, token=args.token, model_id=args.served_model_name)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {app.state.ctx.model_id} on http://{host}:{args.port} (realtime: ws://{host}:{args.port}/v1/realtime)"
+          f"{', token required' if args.token else ''}", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, args.log_level)).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

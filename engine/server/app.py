@@ -1,0 +1,147 @@
+"""The ASGI app (HTTP API + realtime websocket on one port) and a handle to run it with uvicorn,
+in the foreground (`python -m engine.server`) or on a background thread (tests, benchmarks, UI)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.runtime import Engine
+from engine.server.auth import authorized, check_bind
+from engine.server.context import ServerContext
+from engine.server.http_api import error_response, router
+from engine.server.limits import ApiError, Limits
+from engine.server.realtime import realtime_endpoint
+
+OPEN_PATHS = ("/health",)
+
+
+class _DenialLogFilter(logging.Filter):
+    """uvicorn's websockets layer logs "ASGI callable returned without completing handshake" after
+    a handshake answered with an HTTP response (our 401), which is a complete answer: drop that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "without completing handshake" not in record.getMessage()
+
+
+def quiet_denial_log() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _DenialLogFilter) for f in logger.filters):
+        logger.addFilter(_DenialLogFilter())
+
+
+class AuthMiddleware:
+    """With a token, every HTTP request but /health needs it (websockets are checked by their
+    endpoint, which answers the handshake with 401)."""
+
+    def __init__(self, app, ctx: ServerContext):
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not authorized(scope, self.ctx.token):
+            err = ApiError("missing or wrong token: send 'Authorization: Bearer <token>' (or '?token=<token>')",
+                           code="unauthorized", status=401)
+            body = json.dumps({"error": err.to_openai()}).encode()
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                    (b"www-authenticate", b"Bearer")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: Engine, limits: Limits | None = None, token: str | None = None,
+               model_id: str | None = None) -> FastAPI:
+    ctx = ServerContext.create(engine, limits, token, model_id)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        ctx.scheduler.close()
+
+    app = FastAPI(title="Ming Omni Studio server", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.ctx = ctx
+    app.include_router(router)
+    app.add_api_websocket_route("/v1/realtime", realtime_endpoint)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(ApiError(f"{request.method} {request.url.path}: {exc.detail}", code=code,
+                                       status=exc.status_code))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        return JSONResponse({"error": ApiError(f"internal error: {type(exc).__name__}", code="server_error",
+                                               status=500).to_openai()}, status_code=500)
+
+    app.add_middleware(AuthMiddleware, ctx=ctx)
+    quiet_denial_log()
+    return app
+
+
+def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
+    limits: Limits = app.state.ctx.limits
+    # frames somewhat over the per-event limit still reach the app (and get a structured error);
+    # far larger ones are closed by the protocol layer with code 1009
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                          ws_max_size=2 * limits.max_message_bytes + 1024 * 1024, ws_per_message_deflate=False,
+                          timeout_graceful_shutdown=3)
+
+
+class ServerHandle:
+    """Runs the app with uvicorn on a background thread: `with ServerHandle(app) as srv: srv.url`."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        check_bind(host, app.state.ctx.token)
+        self.app = app
+        self.host = host
+        self.server = uvicorn.Server(uvicorn_config(app, host, port, log_level))
+        self.thread = threading.Thread(target=self.server.run, name="ming-server", daemon=True)
+        self.port: int | None = None
+
+    @property
+    def ctx(self) -> ServerContext:
+        return self.app.state.ctx
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}/v1/realtime"
+
+    def start(self, timeout: float = 30.0) -> "ServerHandle":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> "ServerHandle":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,77 @@
+"""Who may talk to the server.
+
+* Loopback without a token: open (the studio on one machine).
+* Any other bind address needs a token; starting without one is refused with an explanation.
+* With a token, every request except GET /health must carry it: `Authorization: Bearer T`, or a
+  `token` query parameter (browsers cannot set headers on a websocket). Compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import socket
+from urllib.parse import parse_qs
+
+
+class StartupRefused(RuntimeError):
+    """The server will not start with these settings (the message explains why and what to do)."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when every address `host` stands for is a loopback address."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    addrs = {info[4][0] for info in infos}
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to serve a non-loopback address without a token."""
+    if token is not None and not token.strip():
+        raise StartupRefused("--token is empty: give a real secret (or leave it out on a loopback address)")
+    if token is not None and not all(33 <= ord(c) <= 126 for c in token):
+        raise StartupRefused("--token must be printable ASCII without spaces (it travels in an HTTP header)")
+    if token or is_loopback_host(host):
+        return
+    raise StartupRefused(
+        f"refusing to listen on {host!r} without a token: anyone who can reach this address could use the "
+        "model (and its compute). Either bind to a loopback address (--host 127.0.0.1, the default) or "
+        "set a secret with --token (or MING_SERVER_TOKEN); clients then send 'Authorization: Bearer <token>' "
+        "or '?token=<token>'.")
+
+
+def token_matches(provided: str | None, expected: str) -> bool:
+    """Constant-time comparison (hmac.compare_digest on the UTF-8 bytes)."""
+    if provided is None:
+        return False
+    return hmac.compare_digest(provided.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))
+
+
+def token_from_scope(scope: dict) -> str | None:
+    """The token an HTTP or websocket request carries: Bearer header first, then ?token=."""
+    for name, value in scope.get("headers") or []:
+        if name.lower() == b"authorization":
+            text = value.decode("latin-1").strip()
+            scheme, _, cred = text.partition(" ")
+            if scheme.lower() == "bearer" and cred.strip():
+                return cred.strip()
+    query = scope.get("query_string") or b""
+    if query:
+        values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("token")
+        if values:
+            return values[0]
+    return None
+
+
+def authorized(scope: dict, expected: str | None) -> bool:
+    return expected is None or token_matches(token_from_scope(scope), expected)

@@ -1,0 +1,345 @@
+"""Client media and content parts -> engine message parts, with the server's limits.
+
+Shared by the HTTP API and the realtime protocol. Everything a client sends is checked here
+(types, base64, data: URLs, sizes, audio length, image pixels) and refused with an ApiError that
+names the problem; the engine then gets decoded arrays, never a URL (the server fetches nothing).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.media.audio import decode_audio
+from engine.media.errors import MediaError
+from engine.media.image import load_image
+from engine.server.limits import ApiError, Limits, human_bytes
+
+AUDIO_FILE_FORMATS = ("wav", "mp3", "flac", "ogg", "webm", "m4a", "opus")
+PCM_FORMATS = ("pcm16", "pcm", "audio/pcm")
+_DATA_URL = re.compile(r"^data:([\w.+\-]+/[\w.+\-]+)?((?:;[\w\-]+=[\w.\-]+)*)(;base64)?,", re.IGNORECASE)
+
+
+def bad(message: str, code: str = "invalid_value", param: str | None = None, status: int = 400) -> ApiError:
+    return ApiError(message, code=code, status=status, param=param)
+
+
+# --------------------------------------------------------------------------- primitive checks
+
+
+def need_str(value: Any, name: str, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise bad(f"'{name}' must be a string, got {type(value).__name__}", "invalid_type", name)
+    if not allow_empty and not value:
+        raise bad(f"'{name}' must not be empty", "invalid_value", name)
+    return value
+
+
+def need_dict(value: Any, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise bad(f"'{name}' must be an object, got {type(value).__name__}", "invalid_type", name)
+    return value
+
+
+def need_number(value: Any, name: str, lo: float | None = None, hi: float | None = None,
+                integer: bool = False) -> float | int:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok:
+        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {type(value).__name__}",
+                  "invalid_type", name)
+    if not math.isfinite(value):
+        raise bad(f"'{name}' must be finite", "invalid_value", name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad(f"'{name}' must be in [{lo}, {hi}], got {value}", "invalid_value", name)
+    return value
+
+
+def b64decode(data: Any, name: str, max_bytes: int) -> bytes:
+    """Strict base64 (standard or URL-safe alphabet, padding optional) with a size limit checked
+    before decoding."""
+    data = need_str(data, name)
+    if not data:
+        raise bad(f"'{name}' is empty", "invalid_value", name)
+    if len(data) * 3 // 4 > max_bytes:
+        raise bad(f"'{name}' is too large: about {human_bytes(len(data) * 3 // 4)} decoded, the limit is "
+                  f"{human_bytes(max_bytes)}", "payload_too_large", name, status=413)
+    text = data.strip()
+    if "-" in text or "_" in text:
+        text = text.replace("-", "+").replace("_", "/")
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise bad(f"'{name}' is not valid base64 ({e})", "invalid_base64", name) from None
+
+
+def data_url(url: Any, name: str, max_bytes: int) -> tuple[str | None, bytes]:
+    """'data:<mime>;base64,<payload>' -> (mime, bytes). http(s) URLs are refused: the server
+    never fetches anything a client names."""
+    url = need_str(url, name)
+    low = url[:16].lower()
+    if low.startswith(("http://", "https://", "ftp://", "file:")):
+        raise bad(f"'{name}': this server does not fetch URLs ({url[:60]!r}); send the media inline as a "
+                  "base64 data: URL, e.g. 'data:image/png;base64,...'", "url_not_supported", name)
+    m = _DATA_URL.match(url[:512])
+    if not m:
+        raise bad(f"'{name}' must be a data: URL ('data:<mime type>;base64,<data>')", "invalid_url", name)
+    if not m.group(3):
+        raise bad(f"'{name}': only base64 data: URLs are supported", "invalid_url", name)
+    return (m.group(1) or None), b64decode(url[m.end():], name, max_bytes)
+
+
+# --------------------------------------------------------------------------- media
+
+
+def pcm16_samples(raw: bytes, name: str = "audio") -> np.ndarray:
+    if len(raw) % 2:
+        raise bad(f"'{name}': PCM16 data must have an even number of bytes, got {len(raw)}", "invalid_audio", name)
+    return np.frombuffer(raw, dtype="<i2")
+
+
+def check_sample_rate(rate: Any, name: str = "sample_rate") -> int:
+    return int(need_number(rate, name, 1000, 384_000, integer=True))
+
+
+def check_duration(n_samples: int, rate: int, limits: Limits, name: str = "audio") -> float:
+    seconds = n_samples / rate
+    if seconds > limits.max_audio_seconds:
+        raise bad(f"'{name}' is too long: {seconds:.1f} s, the limit is {limits.max_audio_seconds:g} s",
+                  "audio_too_long", name)
+    if n_samples == 0:
+        raise bad(f"'{name}' has no samples", "invalid_audio", name)
+    return seconds
+
+
+@dataclass
+class Audio:
+    samples: np.ndarray  # float32 mono or int16 PCM
+    sample_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+    def part(self) -> dict:
+        return {"type": "audio", "audio": self.samples, "sample_rate": self.sample_rate}
+
+
+def audio_file(raw: bytes, limits: Limits, name: str = "file") -> Audio:
+    """Encoded audio (wav natively; flac, mp3, ogg, webm, m4a via PyAV) -> channel-0 samples."""
+    if not raw:
+        raise bad(f"'{name}' is empty", "invalid_audio", name)
+    try:
+        samples, rate = decode_audio(raw, name)
+    except MediaError as e:
+        raise bad(str(e), "invalid_audio", name) from None
+    except Exception as e:  # a decoder fault on hostile input is the input's problem
+        raise bad(f"'{name}' could not be decoded as audio: {type(e).__name__}", "invalid_audio", name) from None
+    if rate <= 0:
+        raise bad(f"'{name}' has an invalid sample rate {rate}", "invalid_audio", name)
+    check_duration(len(samples), rate, limits, name)
+    if not np.all(np.isfinite(samples)):
+        raise bad(f"'{name}' contains NaN or infinite samples", "invalid_audio", name)
+    return Audio(np.ascontiguousarray(samples, dtype=np.float32), int(rate))
+
+
+def audio_payload(raw: bytes, fmt: str | None, rate: int | None, limits: Limits, name: str) -> Audio:
+    fmt = (fmt or "pcm16").lower()
+    if fmt in PCM_FORMATS:
+        if rate is None:
+            raise bad(f"'{name}': raw PCM16 audio needs its sample_rate", "invalid_audio", name)
+        samples = pcm16_samples(raw, name)
+        check_duration(len(samples), rate, limits, name)
+        return Audio(samples.copy(), rate)
+    if fmt in AUDIO_FILE_FORMATS:
+        return audio_file(raw, limits, name)
+    raise bad(f"'{name}': unknown audio format {fmt!r}; use one of {', '.join(PCM_FORMATS[:1] + AUDIO_FILE_FORMATS)}",
+              "invalid_audio_format", name)
+
+
+def image_array(raw: bytes, limits: Limits, name: str = "image") -> np.ndarray:
+    """Encoded JPEG/PNG/WebP/... -> HxWx3 uint8, refusing more than max_image_pixels before decoding."""
+    from PIL import Image  # noqa: PLC0415
+
+    if not raw:
+        raise bad(f"'{name}' is empty", "invalid_image", name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(raw)) as probe:
+                w, h = probe.size
+    except Image.DecompressionBombError:
+        raise bad(f"'{name}' declares far more pixels than the limit of {limits.max_image_pixels}",
+                  "image_too_large", name) from None
+    except Exception:
+        raise bad(f"'{name}' is not a recognised image (corrupt, truncated or not an image)",
+                  "invalid_image", name) from None
+    if w * h > limits.max_image_pixels:
+        raise bad(f"'{name}' is too large: {w}x{h} = {w * h} pixels, the limit is {limits.max_image_pixels}",
+                  "image_too_large", name)
+    try:
+        return np.asarray(load_image(raw, max_input_pixels=limits.max_image_pixels))
+    except MediaError as e:
+        raise bad(f"'{name}': {e}", "invalid_image", name) from None
+    except Exception as e:
+        raise bad(f"'{name}' could not be decoded: {type(e).__name__}", "invalid_image", name) from None
+
+
+def check_video(raw: bytes, limits: Limits, name: str = "video") -> None:
+    """Probe a video container (no decoding): it must hold a video stream within the pixel limit."""
+    if not raw:
+        raise bad(f"'{name}' is empty", "invalid_video", name)
+    try:
+        import av  # noqa: PLC0415
+
+        with av.open(io.BytesIO(raw), mode="r") as container:
+            if not container.streams.video:
+                raise bad(f"'{name}' contains no video stream", "invalid_video", name)
+            stream = container.streams.video[0]
+            w, h = stream.codec_context.width, stream.codec_context.height
+            seconds = float(container.duration / 1_000_000) if container.duration else None
+    except ApiError:
+        raise
+    except ImportError:
+        return  # the engine decodes with OpenCV then; it checks what it can
+    except Exception as e:
+        raise bad(f"'{name}' could not be opened as a video: {type(e).__name__}", "invalid_video", name) from None
+    if w * h > limits.max_image_pixels:
+        raise bad(f"'{name}' frames are too large: {w}x{h} = {w * h} pixels, the limit is "
+                  f"{limits.max_image_pixels}", "image_too_large", name)
+    if seconds is not None and seconds > 3600:
+        raise bad(f"'{name}' is too long ({seconds:.0f} s)", "video_too_long", name)
+
+
+# --------------------------------------------------------------------------- content parts
+
+
+def _image_source(part: dict, kind: str, name: str, limits: Limits) -> bytes:
+    """image_url {url} / image_url "data:..." / image "base64" / image "data:..."."""
+    if "image_url" in part:
+        url = part["image_url"]
+        if isinstance(url, dict):
+            url = url.get("url")
+        mime, raw = data_url(url, f"{name}.image_url", limits.max_request_bytes)
+        if mime and not mime.lower().startswith("image/"):
+            raise bad(f"'{name}.image_url' has media type {mime}, expected image/*", "invalid_image", name)
+        return raw
+    if "image" in part:
+        value = part["image"]
+        if isinstance(value, str) and value.startswith("data:"):
+            return data_url(value, f"{name}.image", limits.max_request_bytes)[1]
+        return b64decode(value, f"{name}.image", limits.max_request_bytes)
+    raise bad(f"'{name}' ({kind}) needs 'image_url' (a data: URL) or 'image' (base64)", "missing_field", name)
+
+
+def _video_source(part: dict, name: str, limits: Limits) -> bytes:
+    if "video_url" in part:
+        url = part["video_url"]
+        if isinstance(url, dict):
+            url = url.get("url")
+        return data_url(url, f"{name}.video_url", limits.max_request_bytes)[1]
+    if "video" in part:
+        value = part["video"]
+        if isinstance(value, str) and value.startswith("data:"):
+            return data_url(value, f"{name}.video", limits.max_request_bytes)[1]
+        return b64decode(value, f"{name}.video", limits.max_request_bytes)
+    raise bad(f"'{name}' needs 'video_url' (a data: URL) or 'video' (base64)", "missing_field", name)
+
+
+def _audio_source(part: dict, name: str, limits: Limits, default_rate: int | None) -> Audio:
+    """Chat completions: input_audio {data, format[, sample_rate]}. Realtime: audio (base64 PCM16 at
+    the session's rate, or `format` for an encoded file)."""
+    if "input_audio" in part:
+        spec = need_dict(part["input_audio"], f"{name}.input_audio")
+        fmt = spec.get("format")
+        if fmt is None:
+            raise bad(f"'{name}.input_audio.format' is required ({', '.join(AUDIO_FILE_FORMATS)} or pcm16)",
+                      "missing_field", f"{name}.input_audio.format")
+        need_str(fmt, f"{name}.input_audio.format")
+        rate = spec.get("sample_rate")
+        rate = check_sample_rate(rate, f"{name}.input_audio.sample_rate") if rate is not None else None
+        raw = b64decode(spec.get("data"), f"{name}.input_audio.data", limits.max_request_bytes)
+        return audio_payload(raw, fmt, rate, limits, f"{name}.input_audio.data")
+    if "audio" in part:
+        fmt = part.get("format")
+        if fmt is not None:
+            need_str(fmt, f"{name}.format")
+        rate = part.get("sample_rate")
+        rate = check_sample_rate(rate, f"{name}.sample_rate") if rate is not None else default_rate
+        raw = b64decode(part["audio"], f"{name}.audio", limits.max_message_bytes)
+        return audio_payload(raw, fmt, rate, limits, f"{name}.audio")
+    raise bad(f"'{name}' needs 'input_audio' {{data, format}} or 'audio' (base64)", "missing_field", name)
+
+
+@dataclass
+class Converted:
+    """Engine parts plus a small public description of each (what the realtime API echoes)."""
+
+    parts: list[dict]
+    public: list[dict]
+
+
+def convert_content(content: Any, limits: Limits, name: str = "content", default_rate: int | None = None,
+                    role: str = "user") -> Converted:
+    if isinstance(content, str):
+        return Converted([{"type": "text", "text": content}], [{"type": "input_text", "text": content}])
+    if not isinstance(content, list):
+        raise bad(f"'{name}' must be a string or a list of content parts, got {type(content).__name__}",
+                  "invalid_type", name)
+    if len(content) > 64:
+        raise bad(f"'{name}' has {len(content)} parts; at most 64 are allowed", "too_many_parts", name)
+    parts, public = [], []
+    for i, part in enumerate(content):
+        pname = f"{name}[{i}]"
+        part = need_dict(part, pname)
+        kind = part.get("type")
+        need_str(kind, f"{pname}.type")
+        if kind in ("text", "input_text", "output_text"):
+            text = need_str(part.get("text"), f"{pname}.text")
+            parts.append({"type": "text", "text": text})
+            public.append({"type": "output_text" if role == "assistant" else "input_text", "text": text})
+            continue
+        if role == "assistant":
+            raise bad(f"'{pname}': assistant messages may hold text only, got {kind!r}", "invalid_value", pname)
+        if kind in ("image_url", "input_image", "image"):
+            arr = image_array(_image_source(part, kind, pname, limits), limits, pname)
+            parts.append({"type": "image", "image": arr})
+            public.append({"type": "input_image", "width": int(arr.shape[1]), "height": int(arr.shape[0])})
+        elif kind in ("input_audio", "audio"):
+            audio = _audio_source(part, pname, limits, default_rate)
+            parts.append(audio.part())
+            public.append({"type": "input_audio", "seconds": round(audio.seconds, 3),
+                           "sample_rate": audio.sample_rate, "transcript": None})
+        elif kind in ("video_url", "input_video", "video"):
+            raw = _video_source(part, pname, limits)
+            check_video(raw, limits, pname)
+            parts.append({"type": "video", "video": raw})
+            public.append({"type": "input_video", "bytes": len(raw)})
+        else:
+            raise bad(f"'{pname}.type' {kind!r} is not supported; use text, image_url, input_audio or video_url "
+                      "(realtime: input_text, input_image, input_audio, input_video)", "unsupported_content_type",
+                      f"{pname}.type")
+    return Converted(parts, public)
+
+
+def text_only(content: Any, name: str) -> str:
+    """A system message: a string or text parts joined."""
+    if isinstance(content, str):
+        return content
+    conv_parts = []
+    if not isinstance(content, list):
+        raise bad(f"'{name}' must be a string or a list of text parts", "invalid_type", name)
+    for i, part in enumerate(content):
+        part = need_dict(part, f"{name}[{i}]")
+        if part.get("type") not in ("text", "input_text"):
+            raise bad(f"'{name}[{i}]': system messages may hold text only", "invalid_value", name)
+        conv_parts.append(need_str(part.get("text"), f"{name}[{i}].text"))
+    return "".join(conv_parts)

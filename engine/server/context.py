@@ -1,0 +1,44 @@
+"""What every endpoint shares: the engine, the model id, the limits, the token, the scheduler and
+the realtime session registry (one per app)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from engine.runtime import Engine
+from engine.server.limits import Limits
+from engine.server.scheduler import Scheduler
+from engine.server.sessions import SessionRegistry
+
+
+@dataclass
+class ServerContext:
+    engine: Engine
+    model_id: str
+    limits: Limits
+    token: str | None
+    scheduler: Scheduler
+    sessions: SessionRegistry
+    started_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def create(cls, engine: Engine, limits: Limits | None = None, token: str | None = None,
+               model_id: str | None = None) -> "ServerContext":
+        limits = limits or Limits()
+        scheduler = Scheduler(concurrency=limits.concurrency, max_queue=limits.max_queue,
+                              stream_buffer=limits.stream_buffer, slow_reader_timeout_s=limits.slow_reader_timeout_s)
+        return cls(engine=engine, model_id=model_id or engine.info().name, limits=limits, token=token,
+                   scheduler=scheduler, sessions=SessionRegistry(limits))
+
+    def check_model(self, requested) -> None:
+        """Requests may name the served model (its id or checkpoint path) or leave it out."""
+        from engine.server.limits import ApiError  # noqa: PLC0415
+
+        if requested is None:
+            return
+        if not isinstance(requested, str):
+            raise ApiError("'model' must be a string", code="invalid_type", param="model")
+        if requested not in (self.model_id, str(self.engine.model.path), "default"):
+            raise ApiError(f"model {requested!r} is not served here; this server serves {self.model_id!r}",
+                           code="model_not_found", status=404, param="model")

@@ -1,0 +1,420 @@
+"""The OpenAI-compatible HTTP API: POST /v1/chat/completions (JSON or SSE stream), POST
+/v1/audio/transcriptions (multipart upload; JSON, text or SSE stream), GET /v1/models, GET /health.
+
+Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}, with a fitting status.
+A stream's client going away cancels its generation (the engine stops within one decode step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from engine.events import Done, Error, TextDelta
+from engine.sampling import GenerationParams
+from engine.server import codec
+from engine.server.codec import bad, need_dict
+from engine.server.context import ServerContext
+from engine.server.limits import ApiError, human_bytes
+from engine.server.params import flag, generation_params
+from engine.server.scheduler import Job, QueuePosition
+from engine.server.sessions import new_id
+
+router = APIRouter()
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+ENGINE_CLIENT_ERRORS = ("invalid_request", "invalid_media", "context_length_exceeded")
+
+
+def ctx_of(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise ApiError(f"{what} too large: {human_bytes(int(declared))}, the limit is {human_bytes(limit)}",
+                               code="payload_too_large", status=413)
+        except ValueError:
+            raise bad("invalid Content-Length header", "invalid_request") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(f"{what} too large: more than {human_bytes(limit)}", code="payload_too_large", status=413)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # later parsing (forms) reads it from here
+    return body
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    body = await read_body(request, limit, "request body")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise bad(f"the body is not valid JSON: {str(e)[:120]}", "invalid_json") from None
+    return need_dict(data, "body")
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse({"error": err.to_openai()}, status_code=err.status)
+
+
+# --------------------------------------------------------------------------- chat completions
+
+
+def convert_messages(messages, limits) -> tuple[list[dict], str | None]:
+    """OpenAI messages -> (engine messages, system prompt or None)."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list", "invalid_type", "messages")
+    if len(messages) > limits.max_conversation_items:
+        raise bad(f"'messages' holds {len(messages)} messages; at most {limits.max_conversation_items}",
+                  "too_many_messages", "messages")
+    out, system = [], []
+    for i, m in enumerate(messages):
+        name = f"messages[{i}]"
+        m = need_dict(m, name)
+        role = m.get("role")
+        if role in ("system", "developer"):
+            system.append(codec.text_only(m.get("content"), f"{name}.content"))
+            continue
+        if role not in ("user", "assistant"):
+            raise bad(f"'{name}.role' must be system, developer, user or assistant (tools are not supported)",
+                      "invalid_value", f"{name}.role")
+        if m.get("tool_calls") or m.get("function_call"):
+            raise bad("tool calls are not supported by this engine", "unsupported_parameter", f"{name}.tool_calls")
+        if "content" not in m or m["content"] is None:
+            raise bad(f"'{name}.content' is required", "missing_field", f"{name}.content")
+        conv = codec.convert_content(m["content"], limits, f"{name}.content", None, role)
+        out.append({"role": role, "content": conv.parts})
+    if not out:
+        raise bad("'messages' holds no user message", "invalid_value", "messages")
+    if out[-1]["role"] != "user":
+        raise bad("the last message must come from the user", "invalid_value", "messages")
+    return out, ("\n".join(system) if system else None)
+
+
+def has_media(messages) -> bool:
+    if not isinstance(messages, list):
+        return False
+    return any(isinstance(m, dict) and isinstance(m.get("content"), list)
+               and any(not isinstance(p, dict) or p.get("type") not in ("text", "input_text") for p in m["content"])
+               for m in messages)
+
+
+def check_unsupported(body: dict) -> None:
+    n = body.get("n", 1)
+    if n != 1 or isinstance(n, bool):
+        raise bad("'n' must be 1 (one choice per request)", "unsupported_parameter", "n")
+    if body.get("tools") or body.get("functions"):
+        raise bad("tools/functions are not supported by this engine", "unsupported_parameter", "tools")
+    if body.get("logprobs"):
+        raise bad("logprobs are not supported", "unsupported_parameter", "logprobs")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise bad("only response_format {\"type\": \"text\"} is supported", "unsupported_parameter", "response_format")
+    modalities = body.get("modalities")
+    if modalities is not None:
+        if not isinstance(modalities, list) or not all(isinstance(x, str) for x in modalities):
+            raise bad("'modalities' must be a list of strings", "invalid_type", "modalities")
+        if any(x != "text" for x in modalities):
+            raise ApiError("audio/image output is not supported by this engine yet (only text is)",
+                           code="modality_not_supported", param="modalities")
+    if body.get("audio") is not None:
+        raise ApiError("audio output is not supported by this engine yet (only text is)",
+                       code="modality_not_supported", param="audio")
+
+
+def metrics(job: Job, received_at: float, done: Done | None) -> dict:
+    m = {"queue_wait_ms": round(1000 * job.queue_wait_s, 3)}
+    if job.first_token_at is not None:
+        m["time_to_first_token_ms"] = round(1000 * (job.first_token_at - received_at), 3)
+    if done is not None:
+        st = done.stats
+        m.update({"engine_time_to_first_token_ms": round(1000 * st.time_to_first_token_s, 3),
+                  "tokens_per_s": round(st.decode_tokens_per_s, 3), "total_ms": round(1000 * st.total_s, 3),
+                  "media_encode_ms": round(1000 * st.media_encode_s, 3)})
+    return m
+
+
+def engine_error(err: Error) -> ApiError:
+    return ApiError(err.message, code=err.code, status=400 if err.code in ENGINE_CLIENT_ERRORS else 500)
+
+
+async def watch_disconnect(request: Request, ctx: ServerContext, job: Job) -> None:
+    """Non-streaming requests: cancel the job when the client goes away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            ctx.scheduler.cancel(job, abandon=True)
+            return
+
+
+async def collect(request: Request, ctx: ServerContext, job: Job) -> tuple[list[str], Done | Error]:
+    watcher = asyncio.create_task(watch_disconnect(request, ctx, job))
+    parts, final = [], None
+    try:
+        async for ev in job.events():
+            if isinstance(ev, TextDelta):
+                parts.append(ev.text)
+            elif isinstance(ev, (Done, Error)):
+                final = ev
+    finally:
+        watcher.cancel()
+        if job.state != "finished":
+            ctx.scheduler.cancel(job, abandon=True)
+    return parts, final or Error("the response ended without a result", "engine_error")
+
+
+def sse(data) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=True, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def sse_position(pos: QueuePosition) -> bytes:
+    return f": queue_position {json.dumps({'position': pos.position, 'waiting': pos.waiting})}\n\n".encode()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    received = time.perf_counter()
+    ctx = ctx_of(request)
+    body = await read_json(request, ctx.limits.max_request_bytes)
+    ctx.check_model(body.get("model"))
+    check_unsupported(body)
+    stream = flag(body, "stream")
+    opts = body.get("stream_options")
+    include_usage = bool(stream and isinstance(opts, dict) and opts.get("include_usage"))
+    params = generation_params(body, ctx.limits)
+    thinking = flag(body, "thinking")
+    raw_messages = body.get("messages")
+    if has_media(raw_messages):  # decoding images/audio takes a while: off the event loop
+        messages, system = await asyncio.to_thread(convert_messages, raw_messages, ctx.limits)
+    else:
+        messages, system = convert_messages(raw_messages, ctx.limits)
+    engine = ctx.engine
+
+    def run(cancel):
+        return engine.chat(messages, params, cancel, system_prompt=system, thinking=thinking)
+
+    job = Job(run, label="chat.completions")
+    ctx.scheduler.submit(job)
+    cid, created = "chatcmpl-" + new_id("c")[2:], int(time.time())
+    if not stream:
+        parts, final = await collect(request, ctx, job)
+        if isinstance(final, Error):
+            return error_response(engine_error(final))
+        st = final.stats
+        return JSONResponse({
+            "id": cid, "object": "chat.completion", "created": created, "model": ctx.model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                         "finish_reason": "length" if final.finish_reason == "length" else "stop", "logprobs": None}],
+            "usage": {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.new_tokens,
+                      "total_tokens": st.prompt_tokens + st.new_tokens},
+            "metrics": metrics(job, received, final)})
+
+    def chunk(delta: dict, finish=None, **extra) -> bytes:
+        return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": ctx.model_id,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra})
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            role_sent = False
+            async for ev in job.events():
+                if isinstance(ev, QueuePosition):
+                    yield sse_position(ev)
+                elif isinstance(ev, TextDelta):
+                    if not role_sent:
+                        role_sent = True
+                        yield chunk({"role": "assistant", "content": ""})
+                    yield chunk({"content": ev.text})
+                elif isinstance(ev, Error):
+                    yield sse({"error": engine_error(ev).to_openai()})
+                elif isinstance(ev, Done):
+                    if not role_sent:
+                        yield chunk({"role": "assistant", "content": ""})
+                    finish = "length" if ev.finish_reason == "length" else "stop"
+                    yield chunk({}, finish, metrics=metrics(job, received, ev))
+                    if include_usage:
+                        st = ev.stats
+                        yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                   "model": ctx.model_id, "choices": [],
+                                   "usage": {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.new_tokens,
+                                             "total_tokens": st.prompt_tokens + st.new_tokens}})
+            yield sse("[DONE]")
+        finally:  # the client went away (or the stream ended): stop generating
+            if job.state != "finished":
+                ctx.scheduler.cancel(job, abandon=True)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+# --------------------------------------------------------------------------- transcriptions
+
+
+def form_text(form, name: str, max_len: int = 100_000) -> str | None:
+    value = form.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise bad(f"'{name}' must be a text field, not a file", "invalid_type", name)
+    if len(value) > max_len:
+        raise bad(f"'{name}' is too long ({len(value)} characters)", "invalid_value", name)
+    return value
+
+
+def form_number(form, name: str):
+    value = form_text(form, name, 64)
+    if value is None or value == "":
+        return None
+    try:
+        return float(value) if any(c in value for c in ".eE") else int(value)
+    except ValueError:
+        raise bad(f"'{name}' must be a number, got {value[:40]!r}", "invalid_type", name) from None
+
+
+def form_flag(form, name: str) -> bool:
+    value = form_text(form, name, 16)
+    if value is None:
+        return False
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise bad(f"'{name}' must be true or false", "invalid_type", name)
+    return value.lower() in ("true", "1")
+
+
+ISO_TO_TAG = {"zh": "Chinese"}  # the model's own tags; others pass through as given
+
+
+@router.post("/v1/audio/transcriptions")
+async def transcriptions(request: Request):
+    received = time.perf_counter()
+    ctx = ctx_of(request)
+    limits = ctx.limits
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise bad("send the audio as multipart/form-data with a 'file' field", "invalid_content_type")
+    await read_body(request, limits.max_upload_bytes, "upload")
+    try:
+        form = await request.form(max_files=1, max_fields=64, max_part_size=1024 * 1024)
+    except ApiError:
+        raise
+    except Exception as e:  # malformed multipart of any kind
+        raise bad(f"the multipart body could not be parsed: {str(e)[:120]}", "invalid_multipart") from None
+    try:
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise bad("'file' (the audio file upload) is required", "missing_field", "file")
+        raw = await upload.read()
+        ctx.check_model(form_text(form, "model"))
+        context = form_text(form, "prompt")
+        hotwords: list[str] = []
+        for key in ("hotwords", "hotwords[]"):
+            for value in form.getlist(key):
+                if not isinstance(value, str):
+                    raise bad("'hotwords' must be text", "invalid_type", "hotwords")
+                hotwords += [w.strip() for w in value.replace("，", ",").split(",") if w.strip()]
+        if len(hotwords) > 256:
+            raise bad("at most 256 hotwords", "invalid_value", "hotwords")
+        language, dialect = form_text(form, "language", 64), form_text(form, "dialect", 64)
+        language = ISO_TO_TAG.get(language, language) if language else None
+        if language and dialect and language != dialect:
+            raise bad("'language' and 'dialect' disagree; give one", "invalid_value", "dialect")
+        tag = dialect or language
+        fmt = form_text(form, "response_format", 32) or "json"
+        if fmt not in ("json", "text", "verbose_json"):
+            raise bad(f"response_format {fmt!r} is not supported (json, verbose_json or text)",
+                      "unsupported_parameter", "response_format")
+        stream = form_flag(form, "stream")
+        fields = {"temperature": form_number(form, "temperature"),
+                  "max_tokens": form_number(form, "max_tokens")}
+        params = generation_params({k: v for k, v in fields.items() if v is not None}, limits,
+                                   base=GenerationParams(max_new_tokens=min(512, limits.max_new_tokens)))
+    finally:
+        await form.close()
+    audio = await asyncio.to_thread(codec.audio_file, raw, limits, "file")
+    engine = ctx.engine
+
+    def run(cancel):
+        return engine.transcribe(audio.samples, context=context, hotwords=hotwords or None, dialect=tag,
+                                 params=params, cancel=cancel, sample_rate=audio.sample_rate)
+
+    job = Job(run, label="audio.transcriptions")
+    ctx.scheduler.submit(job)
+
+    def result_body(done: Done) -> dict:
+        res = done.result or {}
+        st = done.stats
+        out = {"text": res.get("text", ""), "language": res.get("language"),
+               "usage": {"type": "tokens", "input_tokens": st.prompt_tokens, "output_tokens": st.new_tokens,
+                         "total_tokens": st.prompt_tokens + st.new_tokens},
+               "metrics": metrics(job, received, done)}
+        if fmt == "verbose_json":
+            out.update({"task": "transcribe", "duration": round(audio.seconds, 3)})
+        return out
+
+    if not stream:
+        _, final = await collect(request, ctx, job)
+        if isinstance(final, Error):
+            return error_response(engine_error(final))
+        if fmt == "text":
+            return PlainTextResponse((final.result or {}).get("text", ""))
+        return JSONResponse(result_body(final))
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for ev in job.events():
+                if isinstance(ev, QueuePosition):
+                    yield sse_position(ev)
+                elif isinstance(ev, TextDelta):
+                    yield sse({"type": "transcript.text.delta", "delta": ev.text})
+                elif isinstance(ev, Error):
+                    yield sse({"error": engine_error(ev).to_openai()})
+                elif isinstance(ev, Done):
+                    yield sse({"type": "transcript.text.done", **result_body(ev)})
+            yield sse("[DONE]")
+        finally:
+            if job.state != "finished":
+                ctx.scheduler.cancel(job, abandon=True)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+# --------------------------------------------------------------------------- models, health
+
+
+def model_card(ctx: ServerContext) -> dict:
+    info = ctx.engine.info()
+    return {"id": ctx.model_id, "object": "model", "created": int(ctx.started_at), "owned_by": "ming-omni-studio",
+            "is_demo": info.is_demo, "release": info.release, "parameters": info.parameters,
+            "input_modalities": ["text", "image", "video", "audio"], "output_modalities": ["text"]}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": [model_card(ctx_of(request))]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(request: Request, model_id: str):
+    ctx = ctx_of(request)
+    ctx.check_model(model_id)
+    return model_card(ctx)
+
+
+@router.get("/health")
+async def health(request: Request):
+    ctx = ctx_of(request)
+    s = ctx.scheduler
+    return {"status": "ok", "model": ctx.model_id, "is_demo": ctx.engine.is_demo,
+            "queue": {"running": s.running, "waiting": s.waiting, **s.counts},
+            "sessions": len(ctx.sessions), "uptime_s": round(time.time() - ctx.started_at, 3),
+            "auth": ctx.token is not None}
+

@@ -1,0 +1,77 @@
+"""OpenAI-style generation fields -> GenerationParams, type-checked, within the server's limits.
+
+Field names accepted (first found wins): max_completion_tokens, max_tokens, max_output_tokens,
+max_response_output_tokens (realtime; "inf" = the server's cap); temperature (absent = 0, greedy),
+top_p, seed, stop (string or list), and the extensions top_k and repetition_penalty.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.sampling import GenerationParams
+from engine.server.codec import bad, need_number, need_str
+from engine.server.limits import Limits
+
+TOKEN_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens", "max_response_output_tokens")
+UNSUPPORTED_NONZERO = ("frequency_penalty", "presence_penalty")
+
+
+def max_tokens_from(body: dict, limits: Limits, default: int | None = None) -> int:
+    for name in TOKEN_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if value == "inf":
+            return limits.max_new_tokens
+        n = need_number(value, name, 1, None, integer=True)
+        if n > limits.max_new_tokens:
+            raise bad(f"'{name}' is {n}; this server allows at most {limits.max_new_tokens}", "max_tokens_exceeded",
+                      name)
+        return int(n)
+    return default if default is not None else limits.default_max_tokens
+
+
+def generation_params(body: dict, limits: Limits, base: GenerationParams | None = None) -> GenerationParams:
+    """`base` holds session defaults (realtime); fields present in `body` override them."""
+    base = base or GenerationParams(max_new_tokens=limits.default_max_tokens)
+    p = GenerationParams(max_new_tokens=max_tokens_from(body, limits, base.max_new_tokens),
+                         temperature=base.temperature, top_p=base.top_p, top_k=base.top_k,
+                         repetition_penalty=base.repetition_penalty, seed=base.seed, stop=list(base.stop))
+    if body.get("temperature") is not None:
+        p.temperature = float(need_number(body["temperature"], "temperature", 0, 2))
+    if body.get("top_p") is not None:
+        p.top_p = float(need_number(body["top_p"], "top_p", 0, 1))
+        if p.top_p <= 0:
+            raise bad("'top_p' must be > 0", "invalid_value", "top_p")
+    if body.get("top_k") is not None:
+        p.top_k = int(need_number(body["top_k"], "top_k", 0, 1_000_000, integer=True))
+    if body.get("repetition_penalty") is not None:
+        p.repetition_penalty = float(need_number(body["repetition_penalty"], "repetition_penalty", 0.01, 10))
+    if body.get("seed") is not None:
+        p.seed = int(need_number(body["seed"], "seed", -(2 ** 63), 2 ** 63 - 1, integer=True))
+    if body.get("stop") is not None:
+        stop = body["stop"]
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or len(stops) > limits.max_stop_strings:
+            raise bad(f"'stop' must be a string or a list of at most {limits.max_stop_strings} strings", "invalid_value",
+                      "stop")
+        p.stop = [need_str(s, "stop", allow_empty=False) for s in stops]
+    for name in UNSUPPORTED_NONZERO:
+        value = body.get(name)
+        if value is not None and need_number(value, name) != 0:
+            raise bad(f"'{name}' is not supported by this engine (use repetition_penalty)", "unsupported_parameter",
+                      name)
+    try:
+        return p.validate()
+    except ValueError as e:
+        raise bad(str(e), "invalid_value") from None
+
+
+def flag(body: dict, name: str, default: bool = False) -> bool:
+    value: Any = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(f"'{name}' must be true or false, got {type(value).__name__}", "invalid_type", name)
+    return value

@@ -1,0 +1,526 @@
+"""The realtime protocol at /v1/realtime: JSON events over a websocket, shaped after the OpenAI
+Realtime API (docs/protocol.md is the reference).
+
+One connection is one session. A reader loop handles client events in order; a response runs as
+its own task so the reader keeps serving (response.cancel, audio appends) while it streams; one
+writer task owns the socket, fed by a bounded queue (a slow reader therefore slows its own
+response, never the server). Every bad client event is answered with an `error` event naming the
+client's event_id, and the session carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from engine.events import Done, Error, TextDelta
+from engine.media.errors import MediaError
+from engine.server import codec
+from engine.server.auth import authorized
+from engine.server.codec import bad, need_dict, need_number, need_str
+from engine.server.context import ServerContext
+from engine.server.limits import ApiError
+from engine.server.params import flag, generation_params
+from engine.server.scheduler import Job, QueuePosition
+from engine.server.sessions import SPECIFIED_MODALITIES, Item, Session, new_id
+
+log = logging.getLogger("engine.server.realtime")
+
+MIN_COMMIT_SECONDS = 0.1
+# OpenAI session fields that have no effect here and are accepted silently
+IGNORED_SESSION_FIELDS = {"type", "model", "voice", "include", "tracing", "truncation", "prompt", "tool_choice",
+                          "input_audio_transcription", "input_audio_noise_reduction", "speed", "object", "id"}
+
+
+def check_modalities(value: Any, name: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(m, str) for m in value):
+        raise bad(f"'{name}' must be a non-empty list of strings such as [\"text\"]", "invalid_type", name)
+    for m in value:
+        if m not in SPECIFIED_MODALITIES:
+            raise bad(f"'{name}': unknown modality {m!r} (known: text, audio, image)", "invalid_value", name)
+        if m != "text":
+            raise ApiError(f"{m} output is not supported by this engine yet (only text is); the {m} events are "
+                           "specified in docs/protocol.md and arrive when the engine gains that output",
+                           code="modality_not_supported", param=name)
+    return list(dict.fromkeys(value))
+
+
+class Response:
+    def __init__(self, session: Session, job: Job, client_event_id: str | None):
+        self.id = new_id("resp")
+        self.item_id = new_id("item")
+        self.session = session
+        self.job = job
+        self.client_event_id = client_event_id
+        self.received_at = time.perf_counter()
+        self.task: asyncio.Task | None = None
+        self.item_announced = False
+
+
+class RealtimeConnection:
+    def __init__(self, ws: WebSocket, ctx: ServerContext, session: Session):
+        self.ws = ws
+        self.ctx = ctx
+        self.limits = ctx.limits
+        self.session = session
+        self.out: asyncio.Queue = asyncio.Queue(maxsize=ctx.limits.outgoing_buffer)
+        self.closed = False
+        self.handlers = {
+            "session.update": self.on_session_update,
+            "input_audio_buffer.append": self.on_audio_append,
+            "input_audio_buffer.commit": self.on_audio_commit,
+            "input_audio_buffer.clear": self.on_audio_clear,
+            "input_video_buffer.append": self.on_video_append,
+            "input_video_buffer.commit": self.on_video_commit,
+            "input_video_buffer.clear": self.on_video_clear,
+            "conversation.item.create": self.on_item_create,
+            "conversation.item.delete": self.on_item_delete,
+            "response.create": self.on_response_create,
+            "response.cancel": self.on_response_cancel,
+        }
+
+    # ------------------------------------------------------------------ plumbing
+    async def send(self, event: dict) -> None:
+        if self.closed:
+            return
+        event = {"event_id": new_id("event"), **event}
+        await self.out.put(event)
+
+    async def send_error(self, err: ApiError, client_event_id: str | None = None) -> None:
+        await self.send({"type": "error", "error": {**err.to_openai(), "event_id": client_event_id}})
+
+    async def writer(self) -> None:
+        try:
+            while True:
+                event = await self.out.get()
+                await self.ws.send_text(json.dumps(event, ensure_ascii=True, separators=(",", ":")))
+        except Exception:  # the socket is gone: send nothing more, but keep draining so no task waits on a
+            self.closed = True  # full queue (the reader then sees the disconnect and ends the session)
+            while True:
+                await self.out.get()
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self.writer())
+        try:
+            await self.send({"type": "session.created",
+                             "session": self.session.settings.to_dict(self.session.id, self.ctx.model_id)})
+            while True:
+                msg = await self.ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                if writer.done():  # the socket cannot be written any more
+                    break
+                text = msg.get("text")
+                if text is None:
+                    await self.send_error(bad("binary frames are not part of this protocol; send JSON text events "
+                                              "(media as base64 fields)", "invalid_event"))
+                    continue
+                await self.handle(text)
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            self.closed = True
+            if self.session.active is not None:
+                self.ctx.scheduler.cancel(self.session.active.job, abandon=True)
+                if self.session.active.task is not None:
+                    self.session.active.task.cancel()
+            writer.cancel()
+            self.ctx.sessions.close(self.session)
+
+    async def handle(self, text: str) -> None:
+        event_id = None
+        try:
+            if len(text) > self.limits.max_message_bytes or (
+                    len(text) * 4 > self.limits.max_message_bytes
+                    and len(text.encode("utf-8", "surrogatepass")) > self.limits.max_message_bytes):
+                raise ApiError(f"message too large: {len(text)} characters, the limit is "
+                               f"{self.limits.max_message_bytes} bytes per event (send media in smaller pieces)",
+                               code="message_too_large", status=413)
+            try:
+                event = json.loads(text)
+            except (ValueError, RecursionError) as e:
+                raise bad(f"the message is not valid JSON: {str(e)[:120]}", "invalid_json") from None
+            if not isinstance(event, dict):
+                raise bad(f"an event must be a JSON object, got {type(event).__name__}", "invalid_event")
+            event_id = event.get("event_id")
+            if event_id is not None and not isinstance(event_id, str):
+                event_id = None
+                raise bad("'event_id' must be a string", "invalid_type", "event_id")
+            kind = event.get("type")
+            if not isinstance(kind, str):
+                raise bad("the event has no string 'type'", "invalid_event", "type")
+            handler = self.handlers.get(kind)
+            if handler is None:
+                raise bad(f"unknown event type {kind[:80]!r}; known: {', '.join(sorted(self.handlers))}",
+                          "unknown_event", "type")
+            await handler(event, event_id)
+        except ApiError as e:
+            await self.send_error(e, event_id)
+        except MediaError as e:
+            await self.send_error(bad(str(e), "invalid_media"), event_id)
+        except (asyncio.CancelledError, WebSocketDisconnect):
+            raise
+        except Exception as e:  # a bug must not end the session: report it and keep serving
+            log.exception("realtime event failed")
+            await self.send_error(ApiError(f"internal error handling this event: {type(e).__name__}",
+                                           code="server_error", status=500), event_id)
+
+    # ------------------------------------------------------------------ session
+    async def on_session_update(self, event: dict, event_id) -> None:
+        spec = need_dict(event.get("session"), "session")
+        s = self.session.settings
+        new = {"instructions": s.instructions, "output_modalities": s.output_modalities,
+               "rate": s.input_audio_sample_rate, "thinking": s.thinking}
+        for key in spec:
+            if key not in IGNORED_SESSION_FIELDS and key not in SESSION_FIELDS:
+                raise bad(f"unknown session field {str(key)[:60]!r}", "unknown_parameter", f"session.{key}")
+        if "instructions" in spec:
+            value = spec["instructions"]
+            new["instructions"] = None if value is None else need_str(value, "session.instructions")
+        for name in ("output_modalities", "modalities"):
+            if name in spec:
+                new["output_modalities"] = check_modalities(spec[name], f"session.{name}")
+        if "audio" in spec:
+            audio = need_dict(spec["audio"], "session.audio")
+            if audio.get("output") is not None:
+                raise ApiError("audio output is not supported by this engine yet (only text is)",
+                               code="modality_not_supported", param="session.audio.output")
+            inp = need_dict(audio.get("input", {}), "session.audio.input")
+            if inp.get("turn_detection") is not None:
+                raise TURN_DETECTION_ERROR
+            if "format" in inp:
+                new["rate"] = audio_format_rate(inp["format"], "session.audio.input.format")
+        if "input_audio_format" in spec:
+            new["rate"] = audio_format_rate(spec["input_audio_format"], "session.input_audio_format")
+        if "input_audio_sample_rate" in spec:
+            new["rate"] = codec.check_sample_rate(spec["input_audio_sample_rate"], "session.input_audio_sample_rate")
+        if spec.get("turn_detection") is not None:
+            raise TURN_DETECTION_ERROR
+        if spec.get("tools"):
+            raise bad("tools are not supported by this engine", "unsupported_parameter", "session.tools")
+        if "thinking" in spec:
+            new["thinking"] = flag(spec, "thinking")
+        if self.session.audio.samples and new["rate"] != s.input_audio_sample_rate:
+            raise bad("the input audio buffer holds audio at the old rate; commit or clear it before changing the "
+                      "rate", "invalid_state", "session.input_audio_format")
+        params = generation_params(spec, self.limits, base=s.params)
+        s.instructions, s.output_modalities = new["instructions"], new["output_modalities"]
+        s.input_audio_sample_rate, s.thinking, s.params = new["rate"], new["thinking"], params
+        await self.send({"type": "session.updated", "session": s.to_dict(self.session.id, self.ctx.model_id)})
+
+    # ------------------------------------------------------------------ audio in
+    async def on_audio_append(self, event: dict, event_id) -> None:
+        buf = self.session.audio
+        rate = event.get("sample_rate")
+        rate = codec.check_sample_rate(rate) if rate is not None else self.session.settings.input_audio_sample_rate
+        if buf.samples and rate != buf.sample_rate:
+            raise bad(f"the buffer holds audio at {buf.sample_rate} Hz; this chunk says {rate} Hz (commit or clear "
+                      "first)", "sample_rate_mismatch", "sample_rate")
+        raw = codec.b64decode(event.get("audio"), "audio", self.limits.max_message_bytes)
+        samples = codec.pcm16_samples(raw, "audio")
+        seconds = buf.seconds_with(len(samples), rate)
+        if seconds > self.limits.max_audio_seconds:
+            raise bad(f"the input audio buffer would hold {seconds:.1f} s, the limit is "
+                      f"{self.limits.max_audio_seconds:g} s; commit it first", "audio_too_long", "audio")
+        buf.append(samples.copy(), rate)
+
+    async def on_audio_commit(self, event: dict, event_id) -> None:
+        buf = self.session.audio
+        rate = buf.sample_rate or self.session.settings.input_audio_sample_rate
+        if buf.samples < MIN_COMMIT_SECONDS * rate:
+            raise bad(f"buffer too small: it holds {1000 * buf.samples / rate:.0f} ms of audio, at least "
+                      f"{1000 * MIN_COMMIT_SECONDS:.0f} ms is needed", "input_audio_buffer_commit_empty")
+        samples, rate = buf.peek()
+        audio = codec.Audio(samples, rate)
+        item = Item(new_id("item"), "user", [audio.part()],
+                    [{"type": "input_audio", "seconds": round(audio.seconds, 3), "sample_rate": rate,
+                      "transcript": None}])
+        prev = self._last_item_id()
+        self.session.add_item(item)  # a refused item leaves the buffer as it was
+        buf.clear()
+        await self.send({"type": "input_audio_buffer.committed", "previous_item_id": prev, "item_id": item.id})
+        await self.send({"type": "conversation.item.created", "previous_item_id": prev, "item": item.to_dict()})
+
+    async def on_audio_clear(self, event: dict, event_id) -> None:
+        self.session.audio.clear()
+        await self.send({"type": "input_audio_buffer.cleared"})
+
+    # ------------------------------------------------------------------ video in
+    async def on_video_append(self, event: dict, event_id) -> None:
+        t = need_number(event.get("capture_time"), "capture_time", 0, 1e12)
+        value = event.get("image")
+        if isinstance(value, str) and value.startswith("data:"):
+            raw = codec.data_url(value, "image", self.limits.max_message_bytes)[1]
+        else:
+            raw = codec.b64decode(value, "image", self.limits.max_message_bytes)
+        frame = await asyncio.to_thread(codec.image_array, raw, self.limits, "image")
+        clip = self.session.clip
+        span = clip.time_span
+        if span is not None and t < span[1]:
+            raise bad(f"capture_time {t} is before the previous frame's ({span[1]}); times must not go backwards",
+                      "invalid_value", "capture_time")
+        clip.add_frame(frame, float(t))
+
+    async def on_video_commit(self, event: dict, event_id) -> None:
+        clip = self.session.clip
+        n = len(clip)
+        if n == 0:
+            raise bad("the input video buffer is empty: append frames first", "input_video_buffer_commit_empty")
+        settings = self.ctx.engine.processor.settings.image
+        video = await asyncio.to_thread(clip.to_video_inputs, settings)
+        span = clip.time_span
+        item = Item(new_id("item"), "user", [{"type": "video", "video": video}],
+                    [{"type": "input_video", "frames": n, "seconds": round(span[1] - span[0], 3) if span else 0.0}])
+        prev = self._last_item_id()
+        self.session.add_item(item)  # a refused item leaves the frames as they were
+        clip.clear()
+        await self.send({"type": "input_video_buffer.committed", "previous_item_id": prev, "item_id": item.id,
+                         "frames": n})
+        await self.send({"type": "conversation.item.created", "previous_item_id": prev, "item": item.to_dict()})
+
+    async def on_video_clear(self, event: dict, event_id) -> None:
+        self.session.clip.clear()
+        await self.send({"type": "input_video_buffer.cleared"})
+
+    # ------------------------------------------------------------------ conversation
+    def _last_item_id(self) -> str | None:
+        return self.session.items[-1].id if self.session.items else None
+
+    async def on_item_create(self, event: dict, event_id) -> None:
+        item = need_dict(event.get("item"), "item")
+        prev = event.get("previous_item_id")
+        if prev is not None and prev != self._last_item_id():
+            raise bad("items can only be appended: 'previous_item_id' must be the last item's id (or left out)",
+                      "invalid_value", "previous_item_id")
+        if item.get("type", "message") != "message":
+            raise bad(f"item type {str(item.get('type'))[:40]!r} is not supported; use 'message'", "invalid_value",
+                      "item.type")
+        role = item.get("role")
+        if role not in ("user", "assistant", "system"):
+            raise bad("'item.role' must be 'user', 'assistant' or 'system'", "invalid_value", "item.role")
+        item_id = item.get("id")
+        if item_id is not None:
+            need_str(item_id, "item.id", allow_empty=False)
+            if len(item_id) > 64 or any(it.id == item_id for it in self.session.items):
+                raise bad("'item.id' must be unique in the session and at most 64 characters", "invalid_value",
+                          "item.id")
+        if "content" not in item:
+            raise bad("'item.content' is required", "missing_field", "item.content")
+        if role == "system":
+            text = codec.text_only(item["content"], "item.content")
+            conv = codec.Converted([{"type": "text", "text": text}], [{"type": "input_text", "text": text}])
+        else:
+            args = (item["content"], self.limits, "item.content", self.session.settings.input_audio_sample_rate, role)
+            content = item["content"]
+            media = isinstance(content, list) and any(
+                not isinstance(p, dict) or p.get("type") not in ("text", "input_text", "output_text") for p in content)
+            # decoding images/audio takes a while: off the event loop
+            conv = await asyncio.to_thread(codec.convert_content, *args) if media else codec.convert_content(*args)
+        new = Item(item_id or new_id("item"), role, conv.parts, conv.public)
+        prev = self._last_item_id()
+        self.session.add_item(new)
+        await self.send({"type": "conversation.item.created", "previous_item_id": prev, "item": new.to_dict()})
+
+    async def on_item_delete(self, event: dict, event_id) -> None:
+        item_id = need_str(event.get("item_id"), "item_id")
+        for i, it in enumerate(self.session.items):
+            if it.id == item_id:
+                del self.session.items[i]
+                await self.send({"type": "conversation.item.deleted", "item_id": item_id})
+                return
+        raise bad(f"no item with id {item_id[:64]!r} in this session", "item_not_found", "item_id")
+
+    # ------------------------------------------------------------------ responses
+    async def on_response_create(self, event: dict, event_id) -> None:
+        if self.session.active is not None:
+            raise bad(f"conversation already has an active response ({self.session.active.id}); cancel it or wait "
+                      "for response.done", "conversation_already_has_active_response")
+        spec = event.get("response", {})
+        spec = need_dict({} if spec is None else spec, "response")
+        for name in ("output_modalities", "modalities"):
+            if name in spec:
+                check_modalities(spec[name], f"response.{name}")
+        if spec.get("conversation") not in (None, "auto"):
+            raise bad("only responses on the session's conversation ('conversation': 'auto') are supported",
+                      "unsupported_parameter", "response.conversation")
+        if spec.get("input") is not None:
+            raise bad("'response.input' is not supported; add items with conversation.item.create",
+                      "unsupported_parameter", "response.input")
+        s = self.session.settings
+        instructions = spec.get("instructions", None)
+        instructions = need_str(instructions, "response.instructions") if instructions is not None else s.instructions
+        if instructions is None:
+            instructions = self.session.system_text()
+        params = generation_params(spec, self.limits, base=s.params)
+        thinking = flag(spec, "thinking", s.thinking)
+        messages = self.session.messages()
+        if not messages:
+            raise bad("the conversation is empty: add a user item (conversation.item.create or "
+                      "input_audio_buffer.commit) before response.create", "conversation_empty")
+        if messages[-1]["role"] != "user":
+            raise bad("the last conversation item must come from the user", "invalid_state")
+        engine = self.ctx.engine
+
+        def run(cancel, _m=messages, _p=params, _i=instructions, _t=thinking):
+            return engine.chat(_m, _p, cancel, system_prompt=_i, thinking=_t)
+
+        job = Job(run, label=f"realtime {self.session.id}")
+        resp = Response(self.session, job, event_id)
+        self.ctx.scheduler.submit(job)  # may raise queue_full
+        self.session.active = resp
+        await self.send({"type": "response.created", "response": self._response_obj(resp, "in_progress")})
+        resp.task = asyncio.create_task(self._stream(resp))
+
+    async def on_response_cancel(self, event: dict, event_id) -> None:
+        active = self.session.active
+        rid = event.get("response_id")
+        if rid is not None:
+            need_str(rid, "response_id")
+        if active is None or (rid is not None and rid != active.id):
+            raise bad("there is no active response to cancel" if active is None else
+                      f"response {rid[:64]!r} is not the active response", "response_cancel_not_active")
+        self.ctx.scheduler.cancel(active.job)
+
+    def _response_obj(self, resp: Response, status: str, output=None, usage=None, details=None, metrics=None) -> dict:
+        obj = {"id": resp.id, "object": "realtime.response", "status": status, "status_details": details,
+               "output": output or [], "output_modalities": ["text"], "conversation_id": self.session.id}
+        if usage is not None:
+            obj["usage"] = usage
+        if metrics is not None:
+            obj["metrics"] = metrics
+        return obj
+
+    async def _announce_item(self, resp: Response) -> None:
+        if resp.item_announced:
+            return
+        resp.item_announced = True
+        item = {"id": resp.item_id, "object": "realtime.item", "type": "message", "role": "assistant",
+                "status": "in_progress", "content": []}
+        await self.send({"type": "response.output_item.added", "response_id": resp.id, "output_index": 0,
+                         "item": item})
+        await self.send({"type": "response.content_part.added", "response_id": resp.id, "item_id": resp.item_id,
+                         "output_index": 0, "content_index": 0, "part": {"type": "text", "text": ""}})
+
+    async def _stream(self, resp: Response) -> None:
+        parts: list[str] = []
+        final = None
+        try:
+            async for ev in resp.job.events():
+                if isinstance(ev, QueuePosition):
+                    await self.send({"type": "response.queue_position", "response_id": resp.id,
+                                     "position": ev.position, "waiting": ev.waiting})
+                elif isinstance(ev, TextDelta):
+                    await self._announce_item(resp)
+                    parts.append(ev.text)
+                    await self.send({"type": "response.text.delta", "response_id": resp.id, "item_id": resp.item_id,
+                                     "output_index": 0, "content_index": 0, "delta": ev.text})
+                else:
+                    final = ev
+            await self._finish(resp, "".join(parts), final)
+        finally:
+            if self.session.active is resp:
+                self.session.active = None
+
+    async def _finish(self, resp: Response, text: str, final) -> None:
+        job = resp.job
+        if isinstance(final, Error) or final is None:
+            err = final or Error("the response ended without a result", "engine_error")
+            status = 400 if err.code in ("invalid_request", "invalid_media", "context_length_exceeded") else 500
+            api = ApiError(err.message, code=err.code, status=status)
+            await self.send({"type": "response.done", "response": self._response_obj(
+                resp, "failed", details={"type": "failed", "error": api.to_openai()},
+                metrics=self._metrics(resp, None))})
+            return
+        done: Done = final
+        if done.finish_reason == "cancelled":
+            status = "cancelled"
+            reason = "slow_reader" if job.slow_reader else "client_cancelled"
+            details = {"type": "cancelled", "reason": reason}
+        elif done.finish_reason == "length":
+            status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
+        else:
+            status, details = "completed", None
+        output = []
+        if resp.item_announced or text:
+            await self._announce_item(resp)
+            await self.send({"type": "response.text.done", "response_id": resp.id, "item_id": resp.item_id,
+                             "output_index": 0, "content_index": 0, "text": text})
+            await self.send({"type": "response.content_part.done", "response_id": resp.id, "item_id": resp.item_id,
+                             "output_index": 0, "content_index": 0, "part": {"type": "text", "text": text}})
+            item = Item(resp.item_id, "assistant", [{"type": "text", "text": text}],
+                        [{"type": "output_text", "text": text}],
+                        status="completed" if status == "completed" else "incomplete")
+            await self.send({"type": "response.output_item.done", "response_id": resp.id, "output_index": 0,
+                             "item": item.to_dict()})
+            output = [item.to_dict()]
+            try:
+                self.session.add_item(item)
+            except ApiError:
+                pass  # the conversation is full; the next item.create reports it
+        usage = {"input_tokens": done.stats.prompt_tokens, "output_tokens": done.stats.new_tokens,
+                 "total_tokens": done.stats.prompt_tokens + done.stats.new_tokens}
+        await self.send({"type": "response.done", "response": self._response_obj(
+            resp, status, output=output, usage=usage, details=details, metrics=self._metrics(resp, done))})
+
+    @staticmethod
+    def _metrics(resp: Response, done: Done | None) -> dict:
+        job = resp.job
+        m = {"queue_wait_ms": round(1000 * job.queue_wait_s, 3)}
+        if job.first_token_at is not None:
+            m["time_to_first_token_ms"] = round(1000 * (job.first_token_at - resp.received_at), 3)
+        if done is not None:
+            st = done.stats
+            m.update({"engine_time_to_first_token_ms": round(1000 * st.time_to_first_token_s, 3),
+                      "tokens_per_s": round(st.decode_tokens_per_s, 3), "total_ms": round(1000 * st.total_s, 3),
+                      "media_encode_ms": round(1000 * st.media_encode_s, 3)})
+        return m
+
+
+SESSION_FIELDS = {"instructions", "output_modalities", "modalities", "audio", "input_audio_format",
+                  "input_audio_sample_rate", "turn_detection", "tools", "thinking", "temperature", "top_p", "top_k",
+                  "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
+                  "max_tokens"}
+TURN_DETECTION_ERROR = ApiError("turn_detection (server-side voice activity detection) is not supported; leave it "
+                                "null and send input_audio_buffer.commit when the user stops speaking",
+                                code="unsupported_parameter", param="session.turn_detection")
+
+
+def audio_format_rate(value: Any, name: str) -> int:
+    """'pcm16' (16 kHz here), or {"type": "audio/pcm", "rate": N}."""
+    if value == "pcm16":
+        return 16000
+    if isinstance(value, dict):
+        if value.get("type") not in ("audio/pcm", "pcm16"):
+            raise bad(f"'{name}.type' must be 'audio/pcm' (PCM16 little-endian mono)", "invalid_value", name)
+        rate = value.get("rate", 16000)
+        return codec.check_sample_rate(rate, f"{name}.rate")
+    raise bad(f"'{name}' must be 'pcm16' or {{\"type\": \"audio/pcm\", \"rate\": N}}", "invalid_value", name)
+
+
+async def realtime_endpoint(ws: WebSocket) -> None:
+    ctx: ServerContext = ws.app.state.ctx
+    if not authorized(ws.scope, ctx.token):
+        body = {"error": ApiError("missing or wrong token: send 'Authorization: Bearer <token>' or '?token=<token>'",
+                                  code="unauthorized", status=401).to_openai()}
+        try:
+            await ws.send_denial_response(JSONResponse(body, status_code=401))
+        except RuntimeError:
+            await ws.close(code=1008, reason="unauthorized")
+        return
+    try:
+        session = ctx.sessions.create()
+    except ApiError as e:
+        await ws.accept()
+        await ws.send_text(json.dumps({"event_id": new_id("event"), "type": "error",
+                                       "error": {**e.to_openai(), "event_id": None}}))
+        await ws.close(code=1013, reason="session limit reached")
+        return
+    await ws.accept()
+    await RealtimeConnection(ws, ctx, session).run()
+

@@ -1,0 +1,156 @@
+"""Realtime session state: one per websocket connection, nothing shared between them.
+
+A session holds its settings, its input audio buffer, its webcam clip (frames with capture
+times), its conversation items, and at most one active response. The registry caps how many
+sessions are open at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.media.video import WebcamClip
+from engine.sampling import GenerationParams
+from engine.server.limits import ApiError, Limits
+
+SPECIFIED_MODALITIES = ("text", "audio", "image")  # specified in docs/protocol.md; only text is implemented
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+@dataclass
+class SessionSettings:
+    instructions: str | None = None  # system prompt; None = the model's own
+    output_modalities: list[str] = field(default_factory=lambda: ["text"])
+    input_audio_sample_rate: int = 16000
+    thinking: bool = False
+    params: GenerationParams = field(default_factory=GenerationParams)
+
+    def to_dict(self, session_id: str, model: str) -> dict:
+        p = self.params
+        return {"id": session_id, "object": "realtime.session", "model": model,
+                "instructions": self.instructions, "output_modalities": list(self.output_modalities),
+                "input_audio_format": {"type": "audio/pcm", "rate": self.input_audio_sample_rate},
+                "max_output_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                "top_k": p.top_k, "repetition_penalty": p.repetition_penalty, "seed": p.seed, "stop": list(p.stop),
+                "thinking": self.thinking}
+
+
+def media_nbytes(parts: list[dict]) -> int:
+    """Memory the decoded media of some engine parts hold."""
+    total = 0
+    for part in parts:
+        for value in part.values():
+            if isinstance(value, np.ndarray):
+                total += value.nbytes
+            elif isinstance(value, (bytes, bytearray)):
+                total += len(value)
+            elif hasattr(value, "pixel_values"):  # VideoInputs from a webcam clip
+                total += value.pixel_values.numel() * value.pixel_values.element_size()
+    return total
+
+
+@dataclass
+class Item:
+    id: str
+    role: str
+    parts: list[dict]  # engine parts
+    public: list[dict]  # what clients see
+    status: str = "completed"
+    nbytes: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = media_nbytes(self.parts)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "object": "realtime.item", "type": "message", "role": self.role,
+                "status": self.status, "content": self.public}
+
+
+class AudioBuffer:
+    """PCM16 appended in chunks, all at one sample rate."""
+
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+        self.samples = 0
+        self.sample_rate: int | None = None
+
+    def seconds_with(self, n: int, rate: int) -> float:
+        return (self.samples + n) / rate
+
+    def append(self, samples: np.ndarray, rate: int) -> None:
+        self.chunks.append(samples)
+        self.samples += len(samples)
+        self.sample_rate = rate
+
+    def peek(self) -> tuple[np.ndarray, int]:
+        data = np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype=np.int16)
+        return data, self.sample_rate or 16000
+
+    def clear(self) -> None:
+        self.chunks, self.samples, self.sample_rate = [], 0, None
+
+
+class Session:
+    def __init__(self, limits: Limits):
+        self.id = new_id("sess")
+        self.created_at = time.time()
+        self.limits = limits
+        self.settings = SessionSettings(params=GenerationParams(max_new_tokens=limits.default_max_tokens))
+        self.audio = AudioBuffer()
+        self.clip = WebcamClip(max_buffer_frames=limits.max_video_frames, history_seconds=float("inf"))
+        self.items: list[Item] = []
+        self.active = None  # the running response (realtime.Response), if any
+
+    def add_item(self, item: Item) -> None:
+        if len(self.items) >= self.limits.max_conversation_items:
+            raise ApiError(f"the conversation already holds {len(self.items)} items, the limit per session",
+                           code="conversation_too_long")
+        held = sum(it.nbytes for it in self.items)
+        if held + item.nbytes > self.limits.max_session_media_bytes:
+            mib = 1024 * 1024
+            raise ApiError(f"the session's media would take {(held + item.nbytes) / mib:.0f} MiB, the limit is "
+                           f"{self.limits.max_session_media_bytes / mib:.0f} MiB; delete items "
+                           "(conversation.item.delete) or start a new session", code="session_media_limit")
+        self.items.append(item)
+
+    def messages(self) -> list[dict]:
+        """The conversation as engine messages (consecutive items of one role stay separate turns)."""
+        return [{"role": it.role, "content": list(it.parts)} for it in self.items if it.role != "system"]
+
+    def system_text(self) -> str | None:
+        texts = [p["text"] for it in self.items if it.role == "system" for p in it.parts if p.get("type") == "text"]
+        return "\n".join(texts) if texts else None
+
+
+class SessionRegistry:
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.open: dict[str, Session] = {}
+        self.total = itertools.count(1)
+        self.created = 0
+
+    def create(self) -> Session:
+        if len(self.open) >= self.limits.max_sessions:
+            raise ApiError(f"too many realtime sessions: {len(self.open)} are open, the limit is "
+                           f"{self.limits.max_sessions}; try again later", code="session_limit_reached", status=503)
+        s = Session(self.limits)
+        self.open[s.id] = s
+        self.created = next(self.total)
+        return s
+
+    def close(self, session: Session) -> None:
+        self.open.pop(session.id, None)
+        session.audio.clear()
+        session.clip.clear()
+        session.items.clear()
+
+    def __len__(self) -> int:
+        return len(self.open)

@@ -1,0 +1,355 @@
+"""Hostile input: over a thousand malformed or out-of-order realtime messages (bad JSON, wrong
+types, huge payloads, bad base64, unknown events, events in the wrong state) and a few hundred bad
+HTTP requests. Each must be answered with exactly one structured error, and the server must keep
+serving (the same session answers a real request afterwards, and new sessions open).
+
+Run as a script for the summary alone: python tests/server/test_fuzz.py
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import httpx  # noqa: E402
+
+from tests.server import b64, image_array, png_bytes, tone_pcm16  # noqa: E402
+
+LIMITS = {"max_message_bytes": 64 * 1024, "max_audio_seconds": 2.0, "max_image_pixels": 1_000_000,
+          "max_request_bytes": 256 * 1024, "max_upload_bytes": 128 * 1024}
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (the pixel data is a stub): a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _bad_values():
+    return [None, True, -1, 0, 1.5, 1e308, "x", "", [], {}, [1, 2], {"a": 1}, "\ud800", "😀" * 3]
+
+
+def hostile_messages(seed: int = 1234) -> list[tuple[str, str | bytes]]:
+    """(label, frame) pairs; every one of them must draw one error event in a fresh session that
+    has never received a valid item (so nothing in it can succeed)."""
+    rng = random.Random(seed)
+    out: list[tuple[str, str | bytes]] = []
+
+    def add(label, event):
+        out.append((label, event if isinstance(event, (str, bytes)) else json.dumps(event)))
+
+    # --- not JSON at all, or not an object
+    for text in ["", " ", "{", "}", "[1,2", "nul", "{'type': 'x'}", '{"type":', "\x00", "tru", "{]", "[" * 50_000,
+                 '{"type": "session.update", "session": {}', "0x10", "NaN garbage", "\ufeff{}"]:
+        add("bad json", text)
+    for value in [1, "str", [], None, True, 1.5, [{"type": "response.create"}], "NaN"]:
+        add("not an object", json.dumps(value))
+    # random prefixes of valid events are never valid JSON objects
+    valid = [{"type": "session.update", "session": {"instructions": "hi", "temperature": 0.5}},
+             {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": "hello"}},
+             {"type": "input_audio_buffer.append", "audio": b64(tone_pcm16(0.05).tobytes())}]
+    for _ in range(220):
+        text = json.dumps(rng.choice(valid))
+        add("truncated", text[: rng.randrange(1, len(text))])
+    for _ in range(60):
+        add("random bytes", bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))).decode("latin-1"))
+    # --- binary frames
+    for _ in range(10):
+        add("binary", bytes(rng.randrange(256) for _ in range(rng.randrange(1, 32))))
+    # --- type missing, wrong, unknown
+    for value in _bad_values():
+        add("bad type", {"type": value, "event_id": "t"} if value is not None else {"event_id": "t"})
+    for _ in range(80):
+        name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz._") for _ in range(rng.randrange(1, 30)))
+        add("unknown type", {"type": name, "event_id": f"u{_}"})
+    for name in ["session.created", "response.text.delta", "response.done", "error", "conversation.item.created",
+                 "RESPONSE.CREATE", "response.create ", "input_audio_buffer.speech_started", "transcription_session.update"]:
+        add("server event from client", {"type": name})
+    add("bad event_id", {"type": "response.cancel", "event_id": 5})
+    add("bad event_id", {"type": "response.cancel", "event_id": ["x"]})
+    # --- session.update
+    session_bad = [None, 1, "x", [], True]  # not an object
+    fields = {"temperature": ["hot", -1, 3, [0.5]], "max_output_tokens": [0, -5, 10 ** 9, "many", 1.5, True],
+              "max_response_output_tokens": ["infinite", -1, 0], "top_p": [0, -0.5, 2, "x"], "top_k": [-1, 1.5, "x"],
+              "repetition_penalty": [0, -1, "x", 100], "seed": ["x", 1.5, 2 ** 70], "stop": [5, [""], [1], ["a"] * 9],
+              "instructions": [5, [], {}], "thinking": ["yes", 1, []],
+              "output_modalities": [["audio"], ["image"], [], "text", [1], ["video"], ["text", "audio"]],
+              "modalities": [["audio", "text"], ["speech"]],
+              "input_audio_format": ["g711_ulaw", {"type": "audio/pcm", "rate": 0}, {"type": "audio/ogg"}, 5,
+                                     {"type": "audio/pcm", "rate": "x"}],
+              "input_audio_sample_rate": [0, -16000, "x", 10 ** 9, 1.5],
+              "turn_detection": [{"type": "server_vad"}, "auto"], "tools": [[{"type": "function"}]],
+              "audio": [{"output": {"voice": "x"}}, 5, {"input": {"turn_detection": {"type": "server_vad"}}},
+                        {"input": {"format": "mp3"}}],
+              "not_a_field": [1], "temperatur": [0.5]}
+    for name, values in fields.items():
+        session_bad += [{name: v} for v in values]
+    for v in session_bad:
+        add("session.update", {"type": "session.update", "event_id": "s", "session": v})
+    # --- audio buffer
+    for v in _bad_values():
+        add("audio.append bad audio", {"type": "input_audio_buffer.append", "audio": v})
+    for text in ["!!!notbase64", "AA==", "A", "====", "QUJD\n!!", "AAA" * 3 + "@"]:
+        add("audio.append bad base64", {"type": "input_audio_buffer.append", "audio": text})
+    for rate in [0, -1, "x", 10 ** 9, 1.5, True, [16000]]:
+        add("audio.append bad rate", {"type": "input_audio_buffer.append", "audio": "AAAA", "sample_rate": rate})
+    add("audio.append too long", {"type": "input_audio_buffer.append", "audio": b64(tone_pcm16(2.5, 8000).tobytes()),
+                                  "sample_rate": 8000})
+    for _ in range(3):
+        add("commit empty", {"type": "input_audio_buffer.commit", "event_id": "c"})
+    # --- video frames
+    good_png = b64(png_bytes(image_array(8, 8)))
+    for v in _bad_values():
+        add("frame bad image", {"type": "input_video_buffer.append", "image": v, "capture_time": 1.0})
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            add("frame bad time", {"type": "input_video_buffer.append", "image": good_png, "capture_time": v})
+    for t in [-1, 1e300, float("nan"), float("inf")]:
+        add("frame bad time", {"type": "input_video_buffer.append", "image": good_png, "capture_time": t})
+    for raw in [b"not an image", png_bytes(image_array(8, 8))[:40], png_claiming(100_000, 100_000),
+                png_claiming(2000, 2000), b"GIF89a" + b"\0" * 10, b"\xff\xd8\xff" + b"\0" * 20]:
+        add("frame bad bytes", {"type": "input_video_buffer.append", "image": b64(raw), "capture_time": 1.0})
+    add("frame http url", {"type": "input_video_buffer.append", "image": "data:image/png;base64,!!", "capture_time": 1})
+    add("video commit empty", {"type": "input_video_buffer.commit"})
+    # --- conversation items
+    items = [None, 5, "x", [], {"type": "function_call", "role": "user", "content": "x"},
+             {"type": "message", "role": "tool", "content": "x"}, {"type": "message", "content": "x"},
+             {"type": "message", "role": "user"}, {"type": "message", "role": "user", "content": 5},
+             {"type": "message", "role": "user", "content": [5]},
+             {"type": "message", "role": "user", "content": [{"type": "input_file", "file": "x"}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": 5}]},
+             {"type": "message", "role": "user", "content": [{"text": "no type"}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_image",
+                                                             "image_url": "https://example.com/a.png"}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "file:///etc/passwd"}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_image",
+                                                             "image_url": "data:text/plain;base64,QUJD"}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_image", "image": "%%%"}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_image"}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_image",
+                                                             "image": b64(png_claiming(50_000, 50_000))}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": "%%%"}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": "AA=="}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": "AAAA", "format": "aiff"}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": "AAAA", "format": "wav"}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_video", "video": "AAAA"}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_video",
+                                                             "video": b64(b"\0\0\0\x18ftypmp42" + b"\0" * 50)}]},
+             {"type": "message", "role": "assistant", "content": [{"type": "input_image", "image": good_png}]},
+             {"type": "message", "role": "system", "content": [{"type": "input_image", "image": good_png}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}] * 65},
+             {"type": "message", "role": "user", "content": "x", "id": 5},
+             {"type": "message", "role": "user", "content": "x", "id": "i" * 65}]
+    for item in items:
+        add("item.create", {"type": "conversation.item.create", "event_id": "i", "item": item})
+    add("item.create bad previous", {"type": "conversation.item.create", "previous_item_id": "nope",
+                                     "item": {"type": "message", "role": "user", "content": "x"}})
+    for v in [None, 5, "unknown-item"]:
+        add("item.delete", {"type": "conversation.item.delete", "item_id": v})
+    # --- responses in the wrong state or with bad settings
+    for resp in [None, {}, {"max_output_tokens": 5}, 5, "x", {"modalities": ["audio"]},
+                 {"output_modalities": ["image"]}, {"max_output_tokens": -1}, {"input": []},
+                 {"conversation": "none"}, {"temperature": "x"}, {"instructions": 5}]:
+        add("response.create", {"type": "response.create", "event_id": "r",
+                                **({} if resp is None else {"response": resp})})
+    for rid in [None, "resp_x", 5]:
+        add("response.cancel", {"type": "response.cancel", **({} if rid is None else {"response_id": rid})})
+    # --- huge payloads (over the per-event limit)
+    for n in [65 * 1024, 100 * 1024, 200 * 1024]:
+        add("huge", json.dumps({"type": "input_audio_buffer.append", "audio": "A" * n}))
+        add("huge", "x" * n)
+    # --- mutations: valid-looking events with one field made hostile
+    templates = [("input_audio_buffer.append", "audio"), ("input_video_buffer.append", "image"),
+                 ("conversation.item.create", "item"), ("session.update", "session"), ("response.cancel", "response_id"),
+                 ("conversation.item.delete", "item_id")]
+    while len(out) < 1100:
+        kind, field = rng.choice(templates)
+        value = rng.choice(_bad_values() + ["%" * rng.randrange(1, 20), rng.random() * 1e6, -rng.randrange(10 ** 6)])
+        event = {"type": kind, field: value, "event_id": f"m{len(out)}"}
+        if kind == "input_video_buffer.append":
+            event["capture_time"] = rng.choice([1.0, "x", -5])
+        if kind == "session.update" and isinstance(value, dict):
+            event[field] = {"temperature": "bad"}  # an empty update would succeed
+        add(f"mutated {kind}", event)
+    return out
+
+
+def run_realtime_fuzz(ws_url: str) -> dict:
+    """Sends every hostile message on one session; returns counts. Each must draw one error."""
+    from websockets.sync.client import connect
+
+    messages = hostile_messages()
+    counts = {"messages": len(messages), "errors": 0, "other_replies": 0, "missing": 0, "crashes": 0,
+              "codes": {}}
+    failures = []
+    with connect(ws_url, max_size=None, compression=None) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        for label, frame in messages:
+            ws.send(frame)
+            try:
+                reply = json.loads(ws.recv(timeout=10))
+            except TimeoutError:
+                counts["missing"] += 1
+                failures.append((label, "no reply"))
+                continue
+            if reply.get("type") != "error":
+                counts["other_replies"] += 1
+                failures.append((label, reply.get("type")))
+                continue
+            err = reply["error"]
+            if err.get("type") == "server_error":
+                counts["crashes"] += 1
+                failures.append((label, err))
+            if not (isinstance(err.get("code"), str) and isinstance(err.get("message"), str) and err["message"]):
+                failures.append((label, "unstructured", err))
+            counts["errors"] += 1
+            counts["codes"][err["code"]] = counts["codes"].get(err["code"], 0) + 1
+            try:
+                sent = json.loads(frame) if isinstance(frame, str) else None
+            except (ValueError, RecursionError):
+                sent = None
+            if isinstance(sent, dict) and isinstance(sent.get("event_id"), str):
+                if err.get("event_id") != sent["event_id"]:
+                    failures.append((label, "event_id not echoed", err))
+        # the same session still serves a real request
+        ws.send(json.dumps({"type": "conversation.item.create",
+                            "item": {"type": "message", "role": "user", "content": "still there?"}}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "conversation.item.created"
+        ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 2}}))
+        while True:
+            ev = json.loads(ws.recv(timeout=60))
+            if ev["type"] == "response.done":
+                counts["final_response_status"] = ev["response"]["status"]
+                break
+    counts["failures"] = failures
+    return counts
+
+
+def hostile_http_requests() -> list[tuple[str, str, dict]]:
+    """(method, path, httpx kwargs); each must get a 4xx JSON error."""
+    rng = random.Random(99)
+    reqs: list[tuple[str, str, dict]] = []
+    chat = "/v1/chat/completions"
+    for body in [b"", b"{", b"[]", b"null", b"1", b'"x"', b"\xff\xfe", b"[" * 50_000, b'{"messages": }']:
+        reqs.append(("POST", chat, {"content": body, "headers": {"content-type": "application/json"}}))
+    base = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    mutations = {"messages": _bad_values() + [[{"role": "tool", "content": "x"}], [{"role": "user"}],
+                                              [{"role": "user", "content": [{"type": "video_url",
+                                                                             "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}],
+                                              [{"role": "user", "content": [{"type": "input_audio",
+                                                                             "input_audio": {"data": "AAAA"}}]}],
+                                              [{"role": "user", "content": [{"type": "image_url",
+                                                                             "image_url": {"url": "ftp://x/y.png"}}]}]],
+                 "max_tokens": [0, -1, "x", 1.5, 10 ** 9, True], "temperature": ["x", -1, 5, []], "top_p": [0, 2, "x"],
+                 "stream": ["yes", 1, []], "n": [2, 0, "x"], "stop": [5, [""], ["a"] * 9], "seed": ["x", 1.5],
+                 "tools": [[{"type": "function"}]], "logprobs": [True], "response_format": [{"type": "json_object"}],
+                 "model": [5, "other-model"], "frequency_penalty": [0.5, "x"], "modalities": [["audio"], "text"],
+                 "audio": [{"voice": "x"}], "thinking": ["yes"]}
+    for name, values in mutations.items():
+        for v in values:
+            if v is None and name != "messages":
+                continue
+            reqs.append(("POST", chat, {"json": {**base, name: v}}))
+    while len(reqs) < 200:
+        name = rng.choice(list(mutations))
+        v = rng.choice(mutations[name])
+        if v is None:
+            continue
+        reqs.append(("POST", chat, {"json": {**base, name: v}}))
+    tr = "/v1/audio/transcriptions"
+    reqs += [("POST", tr, {"content": b"x", "headers": {"content-type": "multipart/form-data; boundary=zz"}}),
+             ("POST", tr, {"content": b"--zz\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=zz"}}),
+             ("POST", tr, {"json": {"file": "x"}}),
+             ("POST", tr, {"files": {"file": ("a.wav", b"")}}),
+             ("POST", tr, {"files": {"file": ("a.wav", b"RIFF0000WAVEjunk")}}),
+             ("POST", tr, {"files": {"file": ("a.wav", b"\0" * 200_000)}}),
+             ("POST", tr, {"files": {"file": ("a.wav", b"abc")}, "data": {"temperature": "hot"}}),
+             ("POST", tr, {"files": {"file": ("a.wav", b"abc")}, "data": {"response_format": "srt"}}),
+             ("POST", tr, {"files": {"file": ("a.wav", b"abc")}, "data": {"stream": "maybe"}}),
+             ("POST", tr, {"files": {"file": ("a.wav", b"abc")}, "data": {"language": "x", "dialect": "y"}}),
+             ("POST", tr, {"files": {"file": ("a.wav", b"abc")}, "data": {"model": "whisper-1"}}),
+             ("POST", tr, {"files": {"file": ("a.wav", b"abc"), "prompt": ("p.txt", b"x")}}),
+             ("GET", tr, {}), ("GET", chat, {}), ("DELETE", "/v1/models", {}), ("GET", "/v1/models/other", {}),
+             ("GET", "/nothing", {}), ("POST", "/health", {}), ("GET", "/v1/realtime", {})]
+    return reqs
+
+
+def run_http_fuzz(base_url: str) -> dict:
+    counts = {"requests": 0, "errors": 0, "crashes": 0, "codes": {}}
+    failures = []
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        for method, path, kwargs in hostile_http_requests():
+            counts["requests"] += 1
+            if "json" in kwargs:  # encoded here: json.dumps escapes lone surrogates, httpx refuses them
+                kwargs = {"content": json.dumps(kwargs["json"]).encode(),
+                          "headers": {"content-type": "application/json"}}
+            try:
+                r = http.request(method, path, **kwargs)
+            except httpx.HTTPError as e:
+                counts["crashes"] += 1
+                failures.append((method, path, repr(e)))
+                continue
+            if r.status_code >= 500:
+                counts["crashes"] += 1
+            try:
+                err = r.json()["error"]
+                ok = 400 <= r.status_code < 500 and isinstance(err["code"], str) and err["message"]
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if ok:
+                counts["errors"] += 1
+                counts["codes"][err["code"]] = counts["codes"].get(err["code"], 0) + 1
+            else:
+                failures.append((method, path, str(kwargs)[:100], r.status_code, r.text[:200]))
+        assert http.get("/health").json()["status"] == "ok"
+    counts["failures"] = failures
+    return counts
+
+
+def summary(rt: dict, http: dict) -> str:
+    return (f"fuzz: realtime {rt['messages']} messages tried, {rt['errors']} structured errors returned, "
+            f"{rt['other_replies'] + rt['missing']} unanswered or wrong replies, {rt['crashes']} crashes; "
+            f"HTTP {http['requests']} requests tried, {http['errors']} structured 4xx errors, {http['crashes']} crashes")
+
+
+def test_every_hostile_message_gets_a_structured_error_and_the_server_keeps_serving(tiny_engine):
+    from tests.server import running_server
+
+    with running_server(tiny_engine, **LIMITS) as srv:
+        rt = run_realtime_fuzz(srv.ws_url)
+        http = run_http_fuzz(srv.url)
+        print("\n" + summary(rt, http))
+        assert rt["messages"] >= 1000
+        assert rt["failures"] == [] and rt["errors"] == rt["messages"] and rt["crashes"] == 0
+        assert rt["final_response_status"] in ("completed", "incomplete")
+        assert http["failures"] == [] and http["errors"] == http["requests"] >= 200
+        assert len(rt["codes"]) >= 20  # the errors name many distinct problems, not one catch-all
+        from websockets.sync.client import connect
+        with connect(srv.ws_url) as ws:  # new sessions still open
+            assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+
+
+if __name__ == "__main__":
+    import os
+    import tempfile
+
+    os.environ.setdefault("MING_STUDIO_CACHE", tempfile.mkdtemp(prefix="ming-fuzz-"))
+    from engine.runtime import Engine
+    from tests.server import running_server
+
+    with running_server(Engine.load(None), **LIMITS) as srv:
+        rt, http = run_realtime_fuzz(srv.ws_url), run_http_fuzz(srv.url)
+    print(summary(rt, http))
+    print("realtime error codes:", json.dumps(rt["codes"], sort_keys=True))
+    print("HTTP error codes:", json.dumps(http["codes"], sort_keys=True))
+    for f in rt["failures"] + http["failures"]:
+        print("FAILURE", f)
+    sys.exit(1 if rt["failures"] or http["failures"] else 0)

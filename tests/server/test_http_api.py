@@ -1,0 +1,160 @@
+"""The OpenAI-compatible HTTP API, driven by the official `openai` package against a real server on
+loopback: streaming chat (one delta per chunk, [DONE]), media content parts, transcription
+(context, hotwords, dialect, streaming), models, health, limits and errors, and a client that
+goes away mid-stream."""
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from engine.events import Done
+from tests.server import (SYSTEM, b64, image_array, long_prompt, png_bytes, reference_chat, running_server,
+                          tone_pcm16, wait_for, wav_bytes)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    with running_server(tiny_engine, max_upload_bytes=400_000, max_audio_seconds=5.0,
+                        max_image_pixels=200_000, max_request_bytes=1_000_000) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused-on-loopback", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def test_streaming_chat_with_the_openai_client(client, server, tiny_engine):
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Tell me a story."}]
+    expected = reference_chat(tiny_engine, [msgs[1]], 8, system_prompt=SYSTEM)
+    stream = client.chat.completions.create(model=server.ctx.model_id, messages=msgs, max_tokens=8, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(content) == expected.text
+    assert len(content) >= 2  # streamed piece by piece, not in one go
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length" if expected.finish_reason == "length" else "stop"]
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens == expected.stats.prompt_tokens and usage.completion_tokens == expected.stats.new_tokens
+    assert all(c.model == server.ctx.model_id for c in chunks)
+
+
+def test_non_streaming_chat_with_image_and_audio_parts(client, tiny_engine):
+    img, pcm = image_array(30, 44, seed=3), tone_pcm16(0.5)
+    content = [{"type": "text", "text": "What do you see and hear?"},
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(png_bytes(img))}},
+               {"type": "input_audio", "input_audio": {"data": b64(wav_bytes(pcm)), "format": "wav"}}]
+    resp = client.chat.completions.create(model="default", messages=[{"role": "user", "content": content}],
+                                          max_tokens=4)
+    engine_msgs = [{"role": "user", "content": [{"type": "text", "text": "What do you see and hear?"},
+                                                {"type": "image", "image": img},
+                                                {"type": "audio", "audio": pcm.astype(np.float32) / 32768,
+                                                 "sample_rate": 16000}]}]
+    expected = reference_chat(tiny_engine, engine_msgs, 4)
+    assert resp.choices[0].message.content == expected.text
+    assert resp.usage.prompt_tokens == expected.stats.prompt_tokens > 60  # media tokens are in the prompt
+    assert resp.model_extra["metrics"]["media_encode_ms"] > 0
+
+
+def test_media_urls_are_refused_because_the_server_never_fetches(client):
+    content = [{"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}, {"type": "text", "text": "?"}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="default", messages=[{"role": "user", "content": content}])
+    assert info.value.code == "url_not_supported" and "does not fetch" in info.value.message
+
+
+@pytest.mark.parametrize("kwargs, status, code", [
+    ({"model": "gpt-9"}, 404, "model_not_found"),
+    ({"n": 2}, 400, "unsupported_parameter"),
+    ({"max_tokens": 10 ** 6}, 400, "max_tokens_exceeded"),
+    ({"temperature": "hot"}, 400, "invalid_type"),
+    ({"modalities": ["text", "audio"]}, 400, "modality_not_supported"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "invalid_value"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                                                    "!!!"}}]}]}, 400, "invalid_base64"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + b64(png_bytes(np.zeros((500, 500, 3), np.uint8)))}}]}]}, 400, "image_too_large"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
+        "data": b64(wav_bytes(tone_pcm16(6.0))), "format": "wav"}}]}]}, 400, "audio_too_long"),
+    ({"messages": [{"role": "user", "content": "x" * 1_100_000}]}, 413, "payload_too_large"),
+])
+def test_limits_and_bad_requests_get_clear_errors(server, kwargs, status, code):
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **kwargs}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"]
+
+
+def test_transcription_with_context_hotwords_and_dialect(client, tiny_engine):
+    pcm = tone_pcm16(0.8)
+    audio = wav_bytes(pcm)
+    resp = client.audio.transcriptions.create(model="default", file=("clip.wav", audio), prompt="A talk about Ming.",
+                                              extra_body={"hotwords": "Ming,Omni", "dialect": "上海",
+                                                          "max_tokens": 6})
+    events = list(tiny_engine.transcribe(pcm.astype(np.float32) / 32768, context="A talk about Ming.",
+                                         hotwords=["Ming", "Omni"], dialect="上海",
+                                         params=__import__("engine.sampling").sampling.GenerationParams(max_new_tokens=6),
+                                         sample_rate=16000))
+    done = events[-1]
+    assert isinstance(done, Done)
+    assert resp.text == done.result["text"]
+    assert resp.model_extra["language"] == "上海" == done.result["language"]
+    assert resp.usage.input_tokens == done.stats.prompt_tokens
+
+
+def test_streaming_transcription_with_the_openai_client(client):
+    stream = client.audio.transcriptions.create(model="default", file=("clip.wav", wav_bytes(tone_pcm16(0.5))),
+                                                stream=True, extra_body={"max_tokens": 6, "dialect": "上海"})
+    events = list(stream)
+    assert events[-1].type == "transcript.text.done"
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    # with a forced dialect the transcript streams from the first token (otherwise the engine holds
+    # text back until the model's language tag is complete)
+    assert deltas and "".join(deltas).strip() == events[-1].text
+    assert events[-1].model_extra["language"] == "上海"
+
+
+def test_transcription_limits_and_errors(server):
+    url = server.url + "/v1/audio/transcriptions"
+    r = httpx.post(url, files={"file": ("big.wav", b"\0" * 500_000)}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    r = httpx.post(url, files={"file": ("long.wav", wav_bytes(tone_pcm16(6.0, rate=8000), rate=8000))}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "audio_too_long"
+    r = httpx.post(url, files={"file": ("x.wav", b"not audio at all")}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_audio"
+    r = httpx.post(url, data={"prompt": "no file"}, files={"other": ("a", b"b")}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_field"
+    r = httpx.post(url, json={"file": "x"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type"
+
+
+def test_models_and_health(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [server.ctx.model_id]
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok" and h["model"] == server.ctx.model_id and h["auth"] is False
+    r = httpx.get(server.url + "/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_http_client_going_away_mid_stream_cancels_generation(server, tiny_engine):
+    prompt = long_prompt(tiny_engine)
+    before = len(server.ctx.scheduler.history)
+    body = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
+            "max_tokens": 400, "stream": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url + "/v1/chat/completions", json=body) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                    break  # got a token: now hang up
+    rec = wait_for(lambda: next((r for r in list(server.ctx.scheduler.history)[before:]
+                                 if r.label == "chat.completions"), None), 20)
+    assert rec.finish_reason == "cancelled" and rec.new_tokens < 400
+    assert rec.steps_after_cancel is not None and rec.steps_after_cancel <= 1
+    print(f"\n[cancel via HTTP disconnect] decode steps after cancel: {rec.steps_after_cancel}, "
+          f"latency {1000 * rec.cancel_latency_s:.1f} ms")

@@ -1,0 +1,274 @@
+"""The realtime protocol through a plain `websockets` client against a real server on loopback:
+a whole session (text, image, audio buffer, webcam frames, two responses) whose output equals the
+in-process engine's, cancellation and disconnects (within one decode step, KV cache freed),
+session isolation, FIFO queue positions and the session limit."""
+
+import json
+import time
+from contextlib import ExitStack
+
+import numpy as np
+import pytest
+from websockets.sync.client import connect
+
+from engine.media.video import WebcamClip
+from tests.server import (SYSTEM, b64, image_array, long_prompt, png_bytes, recv_json, recv_until, reference_chat,
+                          running_server, tone_pcm16, wait_for)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    with running_server(tiny_engine, max_sessions=16) as srv:
+        yield srv
+
+
+def send(ws, **event):
+    ws.send(json.dumps(event))
+
+
+def opened(ws) -> dict:
+    ev = recv_json(ws)
+    assert ev["type"] == "session.created", ev
+    return ev["session"]
+
+
+def test_whole_session_matches_the_in_process_engine(server, tiny_engine):
+    img = image_array(40, 56, seed=1)
+    pcm = tone_pcm16(0.6, rate=24000)
+    frames = [image_array(36, 48, seed=10 + i) for i in range(4)]
+    with connect(server.ws_url) as ws:
+        session = opened(ws)
+        assert session["output_modalities"] == ["text"] and session["instructions"] is None
+        send(ws, type="session.update", event_id="u1",
+             session={"instructions": SYSTEM, "max_output_tokens": 5,
+                      "input_audio_format": {"type": "audio/pcm", "rate": 24000}})
+        upd = recv_json(ws)
+        assert upd["type"] == "session.updated" and upd["session"]["max_output_tokens"] == 5
+        assert upd["session"]["input_audio_format"]["rate"] == 24000
+        send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "Look:"},
+            {"type": "input_image", "image_url": "data:image/png;base64," + b64(png_bytes(img))}]})
+        ev = recv_json(ws)
+        assert ev["type"] == "conversation.item.created" and ev["previous_item_id"] is None
+        assert ev["item"]["content"][1] == {"type": "input_image", "width": 56, "height": 40}
+        for chunk in np.array_split(pcm, 5):
+            send(ws, type="input_audio_buffer.append", audio=b64(chunk.tobytes()))
+        send(ws, type="input_audio_buffer.commit")
+        committed, created = recv_json(ws), recv_json(ws)
+        assert committed["type"] == "input_audio_buffer.committed" and committed["previous_item_id"] == ev["item"]["id"]
+        assert created["item"]["content"][0]["seconds"] == 0.6 and created["item"]["content"][0]["sample_rate"] == 24000
+        for i, f in enumerate(frames):
+            send(ws, type="input_video_buffer.append", image=b64(png_bytes(f)), capture_time=10 + 0.5 * i)
+        send(ws, type="input_video_buffer.commit")
+        vc, vitem = recv_json(ws), recv_json(ws)
+        assert vc["type"] == "input_video_buffer.committed" and vc["frames"] == 4
+        assert vitem["item"]["content"][0] == {"type": "input_video", "frames": 4, "seconds": 1.5}
+        send(ws, type="response.create", event_id="r1")
+        events = recv_until(ws, "response.done")
+        # second turn: the assistant's reply is now part of the conversation
+        send(ws, type="conversation.item.create", item={"type": "message", "role": "user",
+                                                        "content": [{"type": "input_text", "text": "More?"}]})
+        assert recv_json(ws)["type"] == "conversation.item.created"
+        send(ws, type="response.create", response={"max_output_tokens": 3})
+        events2 = recv_until(ws, "response.done")
+
+    clip = WebcamClip()
+    for i, f in enumerate(frames):
+        clip.add_frame(f, 10 + 0.5 * i)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image", "image": img}]},
+                {"role": "user", "content": [{"type": "audio", "audio": pcm, "sample_rate": 24000}]},
+                {"role": "user", "content": [{"type": "video", "video": clip}]}]
+    expected = reference_chat(tiny_engine, messages, 5, system_prompt=SYSTEM)
+
+    types = [e["type"] for e in events]
+    assert types[:2] == ["response.created", "response.queue_position"]
+    assert events[1]["position"] == 0
+    assert types[-4:] == ["response.text.done", "response.content_part.done", "response.output_item.done",
+                          "response.done"]
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
+    done = events[-1]["response"]
+    assert deltas == expected.text == events[-4]["text"]
+    assert done["status"] == ("incomplete" if expected.finish_reason == "length" else "completed")
+    assert done["output"][0]["content"][0]["text"] == expected.text
+    assert done["usage"] == {"input_tokens": expected.stats.prompt_tokens, "output_tokens": expected.stats.new_tokens,
+                             "total_tokens": expected.stats.prompt_tokens + expected.stats.new_tokens}
+    m = done["metrics"]
+    assert m["queue_wait_ms"] >= 0 and m["time_to_first_token_ms"] > 0 and m["media_encode_ms"] > 0
+    assert "tokens_per_s" in m and m["engine_time_to_first_token_ms"] > 0
+
+    messages += [{"role": "assistant", "content": expected.text}, {"role": "user", "content": "More?"}]
+    expected2 = reference_chat(tiny_engine, messages, 3, system_prompt=SYSTEM)
+    assert "".join(e["delta"] for e in events2 if e["type"] == "response.text.delta") == expected2.text
+    assert events2[-1]["response"]["usage"]["input_tokens"] == expected2.stats.prompt_tokens
+
+
+def test_audio_and_image_output_are_refused_not_faked(server):
+    with connect(server.ws_url) as ws:
+        opened(ws)
+        for modalities in (["text", "audio"], ["image"]):
+            send(ws, type="session.update", event_id="m", session={"output_modalities": modalities})
+            err = recv_json(ws)
+            assert err["type"] == "error" and err["error"]["code"] == "modality_not_supported"
+            assert "not supported by this engine yet" in err["error"]["message"]
+            assert err["error"]["event_id"] == "m"
+        send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": "hi"})
+        assert recv_json(ws)["type"] == "conversation.item.created"
+        send(ws, type="response.create", event_id="r", response={"modalities": ["audio", "text"]})
+        err = recv_json(ws)
+        assert err["type"] == "error" and err["error"]["code"] == "modality_not_supported"
+        send(ws, type="session.update", session={})  # the session is unchanged and still serving
+        assert recv_json(ws)["session"]["output_modalities"] == ["text"]
+
+
+def _record_for(server, session_id, timeout=20.0):
+    return wait_for(lambda: next((r for r in server.ctx.scheduler.history if r.label.endswith(session_id)), None),
+                    timeout)
+
+
+def test_response_cancel_stops_within_one_decode_step(server, tiny_engine):
+    prompt = long_prompt(tiny_engine)
+    with connect(server.ws_url) as ws:
+        sid = opened(ws)["id"]
+        send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": prompt})
+        recv_json(ws)
+        send(ws, type="response.create", response={"max_output_tokens": 400, "instructions": SYSTEM})
+        recv_until(ws, "response.text.delta")
+        send(ws, type="response.cancel")
+        events = recv_until(ws, "response.done")
+        done = events[-1]["response"]
+        assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
+        assert done["usage"]["output_tokens"] < 400
+        send(ws, type="response.cancel", event_id="late")  # nothing active any more
+        err = recv_json(ws)
+        assert err["error"]["code"] == "response_cancel_not_active" and err["error"]["event_id"] == "late"
+    rec = _record_for(server, sid)
+    assert rec.finish_reason == "cancelled"
+    assert rec.steps_after_cancel is not None and rec.steps_after_cancel <= 1
+    assert rec.cancel_latency_s is not None and rec.cancel_latency_s < 5.0
+    print(f"\n[cancel via response.cancel] decode steps after cancel: {rec.steps_after_cancel}, "
+          f"latency {1000 * rec.cancel_latency_s:.1f} ms")
+
+
+def test_disconnect_mid_stream_cancels_and_frees_the_kv_cache(server, tiny_engine, monkeypatch):
+    llm = tiny_engine.model.llm
+    made = []
+    original = llm.new_cache
+
+    def tracking_new_cache(*args, **kwargs):
+        cache = original(*args, **kwargs)
+        made.append(cache)
+        return cache
+
+    monkeypatch.setattr(llm, "new_cache", tracking_new_cache)
+    prompt = long_prompt(tiny_engine)
+    with connect(server.ws_url) as ws:
+        sid = opened(ws)["id"]
+        send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": prompt})
+        recv_json(ws)
+        send(ws, type="response.create", response={"max_output_tokens": 400, "instructions": SYSTEM})
+        recv_until(ws, "response.text.delta")
+        assert made and made[-1].capacity > 0  # generating, with its cache allocated
+        ws.close()  # the client goes away mid-stream
+    rec = _record_for(server, sid)
+    assert rec.finish_reason == "cancelled" and rec.new_tokens < 400
+    assert rec.steps_after_cancel is not None and rec.steps_after_cancel <= 1
+    assert made[-1].capacity == 0 and made[-1].k == [] and made[-1].v == []  # KV cache freed
+    assert tiny_engine._lock.acquire(timeout=5)  # the engine is free for the next request
+    tiny_engine._lock.release()
+    wait_for(lambda: sid not in server.ctx.sessions.open)
+    print(f"\n[cancel via disconnect] decode steps after cancel: {rec.steps_after_cancel}, "
+          f"latency {1000 * rec.cancel_latency_s:.1f} ms")
+
+
+def test_sessions_are_isolated(server):
+    with connect(server.ws_url) as a, connect(server.ws_url) as b:
+        sa, sb = opened(a), opened(b)
+        assert sa["id"] != sb["id"]
+        send(a, type="session.update", session={"instructions": "secret A", "max_output_tokens": 7})
+        recv_json(a)
+        send(a, type="input_audio_buffer.append", audio=b64(tone_pcm16(0.5).tobytes()))
+        for i in range(2):
+            send(a, type="input_video_buffer.append", image=b64(png_bytes(image_array(seed=i))), capture_time=i)
+        send(a, type="conversation.item.create", item={"type": "message", "role": "user", "content": "A only"})
+        assert recv_json(a)["type"] == "conversation.item.created"
+        # nothing of A is visible in B
+        for event, code in (("input_audio_buffer.commit", "input_audio_buffer_commit_empty"),
+                            ("input_video_buffer.commit", "input_video_buffer_commit_empty"),
+                            ("response.create", "conversation_empty")):
+            send(b, type=event, event_id=event)
+            err = recv_json(b)
+            assert err["type"] == "error" and err["error"]["code"] == code and err["error"]["event_id"] == event
+        send(b, type="session.update", session={})
+        s = recv_json(b)["session"]
+        assert s["instructions"] is None and s["max_output_tokens"] != 7
+        # A still has all of it
+        send(a, type="input_audio_buffer.commit")
+        assert recv_json(a)["type"] == "input_audio_buffer.committed"
+        recv_json(a)
+        send(a, type="input_video_buffer.commit")
+        assert recv_json(a)["frames"] == 2
+
+
+def test_queue_positions_are_reported_in_fair_fifo_order(server, tiny_engine):
+    prompt = long_prompt(tiny_engine)
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(connect(server.ws_url)) for _ in range(4)]
+        ids = []
+        for ws in sockets:
+            ids.append(opened(ws)["id"])
+            send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": prompt})
+            recv_json(ws)
+        first = []
+        for i, ws in enumerate(sockets):  # the first runs long so the others queue behind it
+            send(ws, type="response.create", response={"max_output_tokens": 40 if i == 0 else 2,
+                                                        "instructions": SYSTEM})
+            first.append(recv_until(ws, "response.queue_position"))  # in line before the next one asks
+        positions = []
+        for ws, pre in zip(sockets, first):
+            events = pre + recv_until(ws, "response.done")
+            positions.append([e["position"] for e in events if e["type"] == "response.queue_position"])
+            assert events[-1]["response"]["status"] in ("completed", "incomplete")
+            assert events[-1]["response"]["metrics"]["queue_wait_ms"] >= 0
+    assert positions == [[0], [1, 0], [2, 1, 0], [3, 2, 1, 0]]
+    finished = [r.label.split()[-1] for r in server.ctx.scheduler.history if r.label.split()[-1] in ids]
+    assert finished == ids  # served in arrival order
+
+
+def test_session_limit_is_enforced_with_a_clear_error(tiny_engine):
+    from websockets.exceptions import ConnectionClosed
+
+    with running_server(tiny_engine, max_sessions=2) as srv:
+        with connect(srv.ws_url) as a, connect(srv.ws_url) as b:
+            opened(a), opened(b)
+            with connect(srv.ws_url) as c:
+                err = recv_json(c)
+                assert err["type"] == "error" and err["error"]["code"] == "session_limit_reached"
+                with pytest.raises(ConnectionClosed) as info:
+                    c.recv(timeout=5)
+                assert info.value.rcvd.code == 1013
+        time.sleep(0.05)
+        wait_for(lambda: len(srv.ctx.sessions) == 0)
+        with connect(srv.ws_url) as d:  # slots are freed when sessions close
+            opened(d)
+
+
+def test_session_media_budget_and_audio_buffer_limits(tiny_engine):
+    pcm = tone_pcm16(1.0)  # 32 000 bytes of PCM16
+    with running_server(tiny_engine, max_session_media_bytes=100_000, max_audio_seconds=1.5) as srv:
+        with connect(srv.ws_url) as ws:
+            opened(ws)
+            for i in range(3):
+                send(ws, type="input_audio_buffer.append", audio=b64(pcm.tobytes()))
+                send(ws, type="input_audio_buffer.commit")
+                assert recv_json(ws)["type"] == "input_audio_buffer.committed"
+                recv_json(ws)
+            send(ws, type="input_audio_buffer.append", audio=b64(pcm.tobytes()))
+            send(ws, type="input_audio_buffer.commit", event_id="c4")
+            err = recv_json(ws)
+            assert err["error"]["code"] == "session_media_limit" and err["error"]["event_id"] == "c4"
+            send(ws, type="input_audio_buffer.clear")
+            assert recv_json(ws)["type"] == "input_audio_buffer.cleared"
+            send(ws, type="input_audio_buffer.append", audio=b64(pcm.tobytes()))
+            send(ws, type="input_audio_buffer.append", event_id="a2", audio=b64(pcm.tobytes()))
+            err = recv_json(ws)
+            assert err["error"]["code"] == "audio_too_long" and "1.5 s" in err["error"]["message"]
