@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also create a temporary public gradio.live link (needs internet access)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                     help="weight and activation dtype (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--expert-dtype", choices=["bf16", "fp8", "int8"], default="bf16",
+                    help="routed-expert weights: bf16 = as stored (default), fp8 (e4m3) or int8 with per-channel "
+                         "scales, quantised while loading (about half the expert memory)")
     ap.add_argument("--device", default=None,
                     help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     return ap.parse_args(argv)
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Loading {what} ...", flush=True)
     t_load = time.perf_counter()
     try:
-        engine = Engine.load(args.model, dtype=args.dtype, device=args.device, progress=_LoadProgress())
+        engine = Engine.load(args.model, dtype=args.dtype, device=args.device, progress=_LoadProgress(),
+                             expert_dtype=args.expert_dtype)
     except (CheckpointError, ConfigError, TokenizerError) as e:
         return _fail(f"could not load the model {args.model or what!r}:\n  {e}", EXIT_MODEL_ERROR)
     except (OSError, ValueError) as e:  # unreadable files, bad dtype for this checkpoint, ...

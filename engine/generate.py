@@ -157,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--thinking", action="store_true", help="detailed thinking on")
+    ap.add_argument("--expert-dtype", choices=["bf16", "fp8", "int8"], default="bf16",
+                    help="routed-expert weights as stored (bf16) or quantised while loading")
     args = ap.parse_args(argv)
 
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, expert_dtype=args.expert_dtype)
     if engine.is_demo:
         print("[random demo weights: output is meaningless; use --model for the real checkpoint]", file=sys.stderr)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

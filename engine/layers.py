@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import kernels
+from engine import kernels, quant
 from engine.config import LLMConfig
 
 # The reference hard-codes the VideoRoPE channel split as mrope_section = [T 8, H 12, W 12]
@@ -155,6 +155,11 @@ class ExpertBank(nn.Module):
     """The routed experts' SwiGLU weights stacked per expert: gate/up [E, I, H], down [E, H, I].
 
     Checkpoint names are per expert (`experts.{e}.gate_proj.weight`); engine.loader maps them.
+
+    Storage is plain (the model dtype) or, when loaded with expert_dtype fp8/int8 (engine.quant),
+    fp8/int8 with one fp32 scale per output channel in `<proj>_scale` ([E, I], [E, I], [E, H]).
+    `runtime`, when set (engine.moe_runtime), executes the experts instead of the stacked weights:
+    a callable (x [T, H], ids [T, k], weights [T, k]) -> [T, H] with moe_experts' semantics.
     """
 
     def __init__(self, cfg: LLMConfig):
@@ -163,8 +168,20 @@ class ExpertBank(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(e, i, h))
         self.up_proj = nn.Parameter(torch.empty(e, i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        for name in ("gate_proj_scale", "up_proj_scale", "down_proj_scale"):
+            self.register_buffer(name, None, persistent=False)
+        self.runtime = None
+
+    @property
+    def expert_dtype(self) -> str:
+        return quant.storage_kind(self.gate_proj)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.runtime is not None:
+            return self.runtime(x, ids, weights)
+        if self.gate_proj_scale is not None:
+            return quant.moe_experts_quantized(x, self.gate_proj, self.up_proj, self.down_proj, self.gate_proj_scale,
+                                               self.up_proj_scale, self.down_proj_scale, ids, weights)
         return kernels.moe_experts(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights)
 
 

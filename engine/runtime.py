@@ -67,14 +67,15 @@ class Engine:
 
     @classmethod
     def load(cls, path_or_id: str | Path | None = None, dtype: str | None = None, device: str | None = None,
-             progress=None, cpu_threads: int | None = None) -> "Engine":
+             progress=None, cpu_threads: int | None = None, expert_dtype: str = "bf16") -> "Engine":
         """`path_or_id` None loads (and on first use generates) the tiny random demo checkpoint.
         dtype defaults to bf16 on GPU and fp32 on CPU. `cpu_threads` sets torch's thread count;
-        by default a small model on CPU runs on one thread (see SMALL_MODEL_BYTES)."""
+        by default a small model on CPU runs on one thread (see SMALL_MODEL_BYTES). `expert_dtype`
+        "fp8" or "int8" quantises the routed experts while loading (engine.quant)."""
         path = ensure_tiny_checkpoint() if path_or_id is None else path_or_id
         dev = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
-        model = load_model(path, dtype=dtype, device=dev, progress=progress)
+        model = load_model(path, dtype=dtype, device=dev, progress=progress, expert_dtype=expert_dtype)
         tokenizer = MingTokenizer(model.path)
         if cpu_threads:
             torch.set_num_threads(cpu_threads)

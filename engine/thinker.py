@@ -10,12 +10,15 @@ config has their sub-config.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from engine import quant
 from engine.audio_encoder import AudioEncoderConfig, WhisperAudioEncoder
 from engine.config import MingConfig
 from engine.layers import Numerics
@@ -79,6 +82,8 @@ class LoadedModel:
     path: Path
     encoders: Encoders = field(default_factory=Encoders)
     load_seconds: float = 0.0
+    expert_dtype: str = "bf16"          # routed-expert storage: bf16 (= unquantised, model dtype), fp8, int8
+    moe_runtime: Any = None             # engine.moe_runtime.MoERuntime when loaded with a placement plan
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -95,30 +100,77 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _expert_banks(llm: BailingMoeV2ForCausalLM) -> dict[str, nn.Module]:
+    """Routed-expert banks by module path (e.g. 'model.layers.1.mlp.experts')."""
+    return {f"model.layers.{i}.mlp.experts": layer.mlp.experts
+            for i, layer in enumerate(llm.model.layers) if layer.is_moe}
+
+
+@contextmanager
+def _without(root: nn.Module, paths: list[str]):
+    """Temporarily detach the submodules at `paths` (so load_module skips them), then put them back."""
+    taken = []
+    for path in paths:
+        parent_path, leaf = path.rsplit(".", 1)
+        parent = root.get_submodule(parent_path)
+        taken.append((parent, leaf, parent._modules.pop(leaf)))
+    try:
+        yield
+    finally:
+        for parent, leaf, mod in taken:
+            parent._modules[leaf] = mod
+
+
 def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None,
-               numerics: Numerics | None = None, progress=None) -> LoadedModel:
+               numerics: Numerics | None = None, progress=None, *, expert_dtype: str | None = None,
+               plan=None, runtime_options=None) -> LoadedModel:
     """Load a checkpoint directory (or hub id) in the upstream format.
 
     `numerics` defaults to the reference's own behaviour for the dtype (bf16: rounded rotary
     tables and bf16 router, spec §2.11); pass Numerics.intent(dtype) for the fp32-intent variant.
+
+    `expert_dtype` ("bf16" | "fp8" | "int8"; default: the plan's, else "bf16"): routed experts stay
+    unquantised in the model dtype ("bf16", the historical path, unchanged), or are quantised one expert
+    at a time while loading to FP8 e4m3 / int8 with per-output-channel scales (engine.quant).
+    `plan` (an engine.plan.Plan or engine.moe_runtime.ExpertPlacement): routed experts are loaded onto
+    the devices the plan gives them and executed by an engine.moe_runtime.MoERuntime (returned as
+    `moe_runtime`); `runtime_options` (RuntimeOptions) sets its device map, hot-expert cache and fetch
+    threshold. Everything else is loaded on `device`.
     """
     t0 = time.perf_counter()
     root = resolve_checkpoint(path_or_id)
     cfg = MingConfig.from_file(root)
     dt = parse_dtype(dtype)
     numerics = numerics or Numerics.reference(dt)
+    expert_dtype = quant.check_expert_dtype(expert_dtype or getattr(plan, "expert_dtype", None) or "bf16")
     dev = torch.device(device) if device is not None else default_device()
     files = CheckpointFiles.open(root)
     llm = build_llm(cfg)
     encoders = build_encoders(cfg, rope_bf16_tables=numerics.rope_bf16_tables)
+    banks = _expert_banks(llm)
+    custom_experts = bool(banks) and (expert_dtype != "bf16" or plan is not None)
+    runtime = None
     consumed: set[str] = set()
     with files.reader() as reader:
         for prefix, module in {cfg.llm_weight_prefix: llm, **encoders.components()}.items():
-            consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
+            if module is llm and custom_experts:
+                with _without(llm, list(banks)):
+                    consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
+                if plan is not None:
+                    from engine.moe_runtime import MoERuntime
+                    runtime, names = MoERuntime.load(llm, reader, prefix, plan, expert_dtype, numerics.dtype,
+                                                     runtime_options, progress=progress)
+                    consumed |= names
+                else:
+                    for name, bank in banks.items():
+                        consumed |= quant.load_quantized_bank(bank, reader, prefix, name, expert_dtype, dev,
+                                                              progress=progress)
+            else:
+                consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
             module.eval()
     check_unexpected(files, consumed)
     return LoadedModel(config=cfg, llm=llm, numerics=numerics, device=dev, path=root, encoders=encoders,
-                       load_seconds=time.perf_counter() - t0)
+                       load_seconds=time.perf_counter() - t0, expert_dtype=expert_dtype, moe_runtime=runtime)
 
 
 def count_parameters(module: nn.Module) -> int:
