@@ -104,8 +104,16 @@ def moe_experts_reference(
 ) -> torch.Tensor:
     """Torch reference (and plain-weight CPU path) of :func:`moe_experts`: one GEMM block per active expert."""
     check_moe_args(x, w_gate, w_up, w_down, topk_ids, topk_weights)
-    groups = group_by_expert(topk_ids, topk_weights, w_gate.shape[0])
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if x.shape[0] == 1:
+        # Decode fast path: one token, its k experts in ascending order (the same sums as below)
+        # without the sort/bincount/host syncs of the grouping.
+        ids = topk_ids[0].tolist()
+        for slot in sorted(range(len(ids)), key=ids.__getitem__):
+            e = ids[slot]
+            out += swiglu(x, w_gate[e], w_up[e], w_down[e]).float() * topk_weights[0, slot]
+        return out.to(x.dtype)
+    groups = group_by_expert(topk_ids, topk_weights, w_gate.shape[0])
     for i, expert in enumerate(groups.experts):
         start, end = groups.offsets[i], groups.offsets[i + 1]
         tokens = groups.token_index[start:end]
