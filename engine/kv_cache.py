@@ -10,11 +10,14 @@ class KVCache:
     tokens and the per-sample `rope_delta` that decode positions continue from (spec §2.9)."""
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, capacity: int = 256):
+                 dtype: torch.dtype, device: torch.device | str | list, capacity: int = 256):
+        """`device`: one device for every layer, or a list with each layer's device."""
         self.num_layers = num_layers
         self.shape = (batch, num_kv_heads, head_dim)
         self.dtype = dtype
-        self.device = torch.device(device)
+        devices = device if isinstance(device, (list, tuple)) else [device] * num_layers
+        self.layer_devices = [torch.device(d) for d in devices]
+        self.device = self.layer_devices[0]  # where the bookkeeping (padding mask) lives
         self.length = 0
         self.capacity = 0
         self.k: list[torch.Tensor] = []
@@ -27,7 +30,7 @@ class KVCache:
         new_cap = max(needed, 2 * self.capacity, 16)
         b, h, d = self.shape
         for i in range(self.num_layers):
-            k = torch.empty(b, h, new_cap, d, dtype=self.dtype, device=self.device)
+            k = torch.empty(b, h, new_cap, d, dtype=self.dtype, device=self.layer_devices[i])
             v = torch.empty_like(k)
             if self.capacity:
                 k[:, :, : self.length] = self.k[i][:, :, : self.length]

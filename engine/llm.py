@@ -56,6 +56,11 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoEBlock(cfg) if self.is_moe else SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size)
 
+    @property
+    def device(self) -> torch.device:
+        """Where this layer's attention (and its KV cache) lives; placement plans may differ per layer."""
+        return self.input_layernorm.weight.device
+
     def forward(self, x, cos, sin, mask, causal, cache, numerics, image_mask, audio_mask, trace):
         x = x + self.attention(self.input_layernorm(x), cos, sin, mask, causal, cache, self.layer_idx)
         h = self.post_attention_layernorm(x)
@@ -87,7 +92,8 @@ class BailingMoeV2Model(nn.Module):
         self.rotary_emb = VideoRotary(cfg)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.word_embeddings(input_ids.clamp(0, self.config.vocab_size - 1))
+        ids = input_ids.clamp(0, self.config.vocab_size - 1).to(self.word_embeddings.weight.device)
+        return self.word_embeddings(ids)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, numerics: Numerics,
                 step_mask: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -108,13 +114,19 @@ class BailingMoeV2Model(nn.Module):
         cos, sin = self.rotary_emb(position_ids, numerics)
         if trace is not None:
             trace["inputs_embeds"] = x
+        per_device: dict[torch.device, tuple] = {}
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, causal, cache, numerics, image_mask, audio_mask, trace)
+            dev = layer.device
+            if dev not in per_device:  # activations move to the layer, weights stay put
+                per_device[dev] = tuple(None if t is None else t.to(dev)
+                                        for t in (cos, sin, mask, image_mask, audio_mask))
+            l_cos, l_sin, l_mask, l_image, l_audio = per_device[dev]
+            x = layer(x.to(dev), l_cos, l_sin, l_mask, causal, cache, numerics, l_image, l_audio, trace)
             if trace is not None:
                 trace.setdefault("layer_output", []).append(x)
         if cache is not None:
             cache.advance(q_len, step_mask)
-        return self.norm(x)
+        return self.norm(x.to(self.norm.weight.device))
 
 
 @dataclass
@@ -163,14 +175,14 @@ class BailingMoeV2ForCausalLM(nn.Module):
             if n_slots != n_feats:
                 raise MultimodalInputError(f"{name}: {n_slots} placeholder tokens but {n_feats} feature rows")
             if n_feats:
-                embeds[slots] = feats.to(embeds.dtype)
+                embeds[slots.to(embeds.device)] = feats.to(embeds.device, embeds.dtype)
         audio_mask = torch.zeros_like(input_ids, dtype=torch.bool)
         for b, spans in enumerate(mm.audio_spans):
             for start, feats in spans:
                 end = start + feats.shape[0]
                 if start < 0 or end > input_ids.shape[1]:
                     raise MultimodalInputError(f"audio span {start}..{end} outside the sequence of row {b}")
-                embeds[b, start:end] = feats.to(embeds.dtype)
+                embeds[b, start:end] = feats.to(embeds.device, embeds.dtype)
                 audio_mask[b, start:end] = True
         image_mask = (input_ids == cfg.image_patch_token) | (input_ids == cfg.video_patch_token)
         return embeds, image_mask, audio_mask
@@ -185,9 +197,15 @@ class BailingMoeV2ForCausalLM(nn.Module):
             trace["last_hidden_state"] = hidden
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden.to(self.lm_head.weight.device)).float()
 
-    def new_cache(self, batch: int, numerics: Numerics, device: torch.device | str, capacity: int = 256) -> KVCache:
+    def new_cache(self, batch: int, numerics: Numerics, device: torch.device | str | None = None,
+                  capacity: int = 256) -> KVCache:
+        """A KV cache with each layer's part on that layer's device (`device` only overrides
+        when every layer lives on one device)."""
         cfg = self.config
+        devices = [layer.device for layer in self.model.layers]
+        if device is not None and len(set(devices)) == 1:
+            devices = [torch.device(device)] * len(devices)
         return KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim,
-                       numerics.dtype, device, capacity)
+                       numerics.dtype, devices, capacity)

@@ -94,7 +94,7 @@ class Engine:
     # ------------------------------------------------------------------ media
     def encode_media(self, prompt: ProcessedPrompt) -> MultimodalInputs:
         """Run the encoders on the prompt's media: embeddings ready for the placeholder slots."""
-        enc, dev, dtype = self.model.encoders, self.model.device, self.model.numerics.dtype
+        enc, dtype = self.model.encoders, self.model.numerics.dtype
         mm = MultimodalInputs()
         with torch.inference_mode():
             for kind, pixels, grid in (("image", prompt.pixel_values, prompt.image_grid_thw),
@@ -103,6 +103,7 @@ class Engine:
                     continue
                 if enc.vision is None or enc.linear_proj is None:
                     raise MediaError(f"this checkpoint has no vision encoder, so it cannot take {kind} input")
+                dev = next(enc.vision.parameters()).device
                 emb = encode_images(enc.vision, enc.linear_proj, pixels.to(dev, dtype), grid.to(dev))
                 setattr(mm, f"{kind}_embeds", emb)
             packed = prompt.packed_audio()
@@ -110,6 +111,7 @@ class Engine:
                 if enc.audio is None or enc.linear_proj_audio is None:
                     raise MediaError("this checkpoint has no audio encoder, so it cannot take audio input")
                 feats, lengths = packed
+                dev = next(enc.audio.parameters()).device
                 embeds, emb_lengths, _ = encode_audio_wrapped(enc.audio, enc.linear_proj_audio,
                                                               feats.to(dev, dtype), lengths.to(dev))
                 spans, offset = [], 0

@@ -169,8 +169,33 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
                 consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
             module.eval()
     check_unexpected(files, consumed)
+    if runtime is not None and hasattr(plan, "layer_home"):
+        place_non_expert_modules(llm, encoders, plan, runtime.device_map)
     return LoadedModel(config=cfg, llm=llm, numerics=numerics, device=dev, path=root, encoders=encoders,
                        load_seconds=time.perf_counter() - t0, expert_dtype=expert_dtype, moe_runtime=runtime)
+
+
+def place_non_expert_modules(llm: BailingMoeV2ForCausalLM, encoders: Encoders, plan, device_map) -> None:
+    """Move everything but the routed experts where an engine.plan.Plan puts it: each decoder
+    layer's attention, norms, routers and shared expert on its home GPU (its KV cache follows it),
+    final norm + lm_head on the head GPU, the embedding table and the encoders on a GPU or the host.
+    Activations then travel between devices in the forward (engine.llm), never weights."""
+    gpus = device_map.gpus
+    for i, layer in enumerate(llm.model.layers):
+        home = gpus[plan.layer_home[i]]
+        for name, child in layer.named_children():
+            if name == "mlp" and layer.is_moe:
+                for sub_name, sub in child.named_children():
+                    if sub_name != "experts":  # routed experts are the runtime's
+                        sub.to(home)
+            else:
+                child.to(home)
+    llm.model.norm.to(gpus[plan.head_home])
+    llm.lm_head.to(gpus[plan.head_home])
+    llm.model.word_embeddings.to(device_map.host if plan.embeddings == "cpu" else gpus[0])
+    enc_device = device_map.host if plan.encoders == "cpu" else gpus[0]
+    for module in encoders.components().values():
+        module.to(enc_device)
 
 
 def count_parameters(module: nn.Module) -> int:

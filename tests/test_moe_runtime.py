@@ -249,3 +249,21 @@ def test_load_model_with_plan_equals_plain_load(tiny_checkpoint, kind):
     assert torch.equal(a, b)
     n_params = functools.reduce(lambda acc, p: acc + p.numel(), placed.llm.parameters(), 0)
     assert n_params == sum(p.numel() for p in plain.llm.parameters())
+
+
+def test_plan_places_non_expert_modules(tiny_checkpoint):
+    """Layers go to their home slot, head to the head slot, embeddings/encoders to the host when the
+    plan says so. The host here is the meta device so that the mapping is visible on a CPU machine."""
+    from types import SimpleNamespace
+
+    from engine.thinker import build_encoders, build_llm, place_non_expert_modules
+
+    cfg = MingConfig.from_file(tiny_checkpoint)
+    llm, enc = build_llm(cfg, "cpu"), build_encoders(cfg, "cpu")
+    n = cfg.llm.num_hidden_layers
+    plan = SimpleNamespace(layer_home=tuple(i % 2 for i in range(n)), head_home=1, embeddings="cpu", encoders="cpu")
+    place_non_expert_modules(llm, enc, plan, DeviceMap((torch.device("cpu"), torch.device("cpu")), host="meta"))
+    assert llm.model.word_embeddings.weight.device.type == "meta"
+    assert all(p.device.type == "meta" for m in enc.components().values() for p in m.parameters())
+    assert all(layer.device.type == "cpu" for layer in llm.model.layers)
+    assert llm.model.layers[1].mlp.experts.gate_proj.device.type == "cpu"  # experts are left to the runtime
