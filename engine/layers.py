@@ -171,14 +171,27 @@ class ExpertBank(nn.Module):
         for name in ("gate_proj_scale", "up_proj_scale", "down_proj_scale"):
             self.register_buffer(name, None, persistent=False)
         self.runtime = None
+        self.packed: kernels.PackedExperts | None = None  # CPU bf16: oneDNN pre-packed copy (see pack_for_cpu)
 
     @property
     def expert_dtype(self) -> str:
         return quant.storage_kind(self.gate_proj)
 
+    def pack_for_cpu(self) -> None:
+        """Replace the stacked weights by a oneDNN pre-packed copy (gate and up fused per expert):
+        faster bf16 expert GEMMs on CPU. The stacked parameters become meta placeholders so the
+        memory is not held twice; shapes and parameter counts are unchanged."""
+        self.packed = kernels.PackedExperts.from_weights(self.gate_proj, self.up_proj, self.down_proj)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            old = self._parameters[name]
+            self._parameters[name] = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
+                                                  requires_grad=False)
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.runtime is not None:
             return self.runtime(x, ids, weights)
+        if self.packed is not None:
+            return kernels.moe_experts_packed(x, self.packed, ids, weights)
         if self.gate_proj_scale is not None:
             return quant.moe_experts_quantized(x, self.gate_proj, self.up_proj, self.down_proj, self.gate_proj_scale,
                                                self.up_proj_scale, self.down_proj_scale, ids, weights)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine import quant
+from engine import kernels, quant
 from engine.audio_encoder import AudioEncoderConfig, WhisperAudioEncoder
 from engine.config import MingConfig
 from engine.layers import Numerics
@@ -123,7 +123,7 @@ def _without(root: nn.Module, paths: list[str]):
 
 def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None,
                numerics: Numerics | None = None, progress=None, *, expert_dtype: str | None = None,
-               plan=None, runtime_options=None) -> LoadedModel:
+               plan=None, runtime_options=None, pack_cpu_experts: bool = True) -> LoadedModel:
     """Load a checkpoint directory (or hub id) in the upstream format.
 
     `numerics` defaults to the reference's own behaviour for the dtype (bf16: rounded rotary
@@ -136,6 +136,7 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     the devices the plan gives them and executed by an engine.moe_runtime.MoERuntime (returned as
     `moe_runtime`); `runtime_options` (RuntimeOptions) sets its device map, hot-expert cache and fetch
     threshold. Everything else is loaded on `device`.
+    `pack_cpu_experts`: bf16 routed experts on CPU are re-laid out once for oneDNN (faster GEMMs).
     """
     t0 = time.perf_counter()
     root = resolve_checkpoint(path_or_id)
@@ -169,6 +170,10 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
                 consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
             module.eval()
     check_unexpected(files, consumed)
+    if pack_cpu_experts and not custom_experts and dev.type == "cpu" and numerics.dtype == torch.bfloat16 \
+            and kernels.onednn_packing_available(torch.bfloat16):
+        for bank in banks.values():  # one layer at a time: the stacked copy is freed as we go
+            bank.pack_for_cpu()
     if runtime is not None and hasattr(plan, "layer_home"):
         place_non_expert_modules(llm, encoders, plan, runtime.device_map)
     return LoadedModel(config=cfg, llm=llm, numerics=numerics, device=dev, path=root, encoders=encoders,

@@ -103,3 +103,21 @@ def test_bf16_model_runs_close_to_fp32(tiny_checkpoint):
     assert m16.llm.lm_head.weight.dtype == torch.bfloat16
     cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
     assert cos > 0.95  # bf16 rounding may flip near-tie expert choices in a random model
+
+
+def test_cpu_bf16_packed_experts_match_the_plain_path(tiny_checkpoint):
+    from engine import kernels
+    if not kernels.onednn_packing_available(torch.bfloat16):
+        import pytest
+        pytest.skip("this torch build cannot pre-pack bf16 weights")
+    packed = load_model(tiny_checkpoint, dtype="bf16", device="cpu")
+    plain = load_model(tiny_checkpoint, dtype="bf16", device="cpu", pack_cpu_experts=False)
+    bank = packed.llm.model.layers[1].mlp.experts
+    assert bank.packed is not None and bank.gate_proj.device.type == "meta"
+    assert plain.llm.model.layers[1].mlp.experts.packed is None
+    ids = torch.tensor([[10, 20, 30, 40, 50, 60]])
+    with torch.inference_mode():
+        pos = _positions(plain.llm, ids)[0]
+        a = plain.llm(plain.llm.model.embed(ids), pos, plain.numerics)
+        b = packed.llm(packed.llm.model.embed(ids), pos, packed.numerics)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
