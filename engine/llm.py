@@ -197,7 +197,7 @@ class BailingMoeV2ForCausalLM(nn.Module):
             trace["last_hidden_state"] = hidden
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.lm_head(hidden.to(self.lm_head.weight.device)).float()
+        return self.lm_head(hidden).float()  # lm_head lives with the final norm (engine.thinker placement)
 
     def new_cache(self, batch: int, numerics: Numerics, device: torch.device | str | None = None,
                   capacity: int = 256) -> KVCache:

@@ -174,6 +174,9 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
             and kernels.onednn_packing_available(torch.bfloat16):
         for bank in banks.values():  # one layer at a time: the stacked copy is freed as we go
             bank.pack_for_cpu()
+        for layer in llm.model.layers:  # attention, dense and shared-expert projections too
+            kernels.pack_linears(layer)
+        kernels.pack_linears(llm)  # lm_head
     if runtime is not None and hasattr(plan, "layer_home"):
         place_non_expert_modules(llm, encoders, plan, runtime.device_map)
     return LoadedModel(config=cfg, llm=llm, numerics=numerics, device=dev, path=root, encoders=encoders,

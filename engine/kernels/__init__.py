@@ -6,7 +6,7 @@ tensors, the torch reference on CPU or when forced (``impl="torch"`` or the env 
 """
 
 from .dispatch import FORCE_REFERENCE_ENV, Impl
-from .moe import PackedExperts, moe_experts, moe_experts_packed, moe_experts_reference, onednn_packing_available
+from .moe import PackedExperts, PackedLinear, moe_experts, pack_linears, moe_experts_packed, moe_experts_reference, onednn_packing_available
 from .rmsnorm import rms_norm, rms_norm_reference
 from .rotary import apply_rotary, apply_rotary_reference
 
@@ -14,6 +14,8 @@ __all__ = [
     "FORCE_REFERENCE_ENV",
     "Impl",
     "PackedExperts",
+    "PackedLinear",
+    "pack_linears",
     "apply_rotary",
     "apply_rotary_reference",
     "moe_experts",

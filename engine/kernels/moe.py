@@ -177,6 +177,38 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+class PackedLinear(torch.nn.Module):
+    """Drop-in for an ``nn.Linear`` whose weight was pre-packed once (see :func:`_pack_matrix`).
+
+    Built by :meth:`from_linear`; keeps ``weight`` (and ``bias``) as meta placeholders of the
+    original shapes so module names, shapes and parameter counts stay those of the checkpoint.
+    """
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = _pack_matrix(linear.weight.detach(), onednn_packing_available(linear.weight.dtype))
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.weight = torch.nn.Parameter(torch.empty(linear.weight.shape, dtype=linear.weight.dtype, device="meta"),
+                                         requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _packed_linear(x.reshape(-1, self.in_features), self.packed).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def pack_linears(module: torch.nn.Module) -> int:
+    """Replace every ``nn.Linear`` under ``module`` by a :class:`PackedLinear`; returns how many."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, PackedLinear(child))
+            count += 1
+        else:
+            count += pack_linears(child)
+    return count
+
+
 class PackedExperts:
     """SwiGLU expert weights prepared once for fast CPU inference.
 

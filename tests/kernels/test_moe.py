@@ -179,3 +179,19 @@ def test_argument_errors() -> None:
         moe_experts(x, w_gate, w_up, w_down, ids, weights.double())
     with pytest.raises(ValueError):
         moe_experts(x, w_gate, w_up, w_down.transpose(1, 2), ids, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_linear(dtype, bias):
+    from engine.kernels import PackedLinear, pack_linears
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 40, bias=bias).to(dtype)
+    x = torch.randn(2, 3, 48, dtype=dtype)
+    packed = PackedLinear(lin)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(packed(x), lin(x), atol=tol, rtol=tol)
+    assert packed.weight.shape == lin.weight.shape and packed.weight.device.type == "meta"
+    seq = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Sequential(torch.nn.Linear(8, 4)))
+    assert pack_linears(seq) == 2 and isinstance(seq[1][0], PackedLinear)
