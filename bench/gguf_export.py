@@ -238,6 +238,10 @@ def export_gguf(llm: BailingMoeV2ForCausalLM, out_path: str | Path, dtype: str =
     report = ExportReport(path=out_path, dtype=dtype, notes=notes)
     params = dict(llm.named_parameters())
     params |= {n: b for n, b in llm.named_buffers()}
+    on_meta = [n for n, t in params.items() if t.device.type == "meta"]
+    if on_meta:
+        raise ValueError(f"{len(on_meta)} weights are not materialised (e.g. '{on_meta[0]}'): load the model with "
+                         "load_model(..., pack_cpu_experts=False) and without quantisation or a placement plan")
     tmp = out_path.with_name(out_path.name + ".partial")
     writer = gguf.GGUFWriter(str(tmp), GGUF_ARCH)
     try:
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = ap.parse_args(argv)
-    model = load_model(args.checkpoint, dtype=args.dtype, device="cpu")
+    model = load_model(args.checkpoint, dtype=args.dtype, device="cpu", pack_cpu_experts=False)
     tok = args.checkpoint / "tokenizer.json"
     tcfg = json.loads((args.checkpoint / "tokenizer_config.json").read_text()) if (
         args.checkpoint / "tokenizer_config.json").is_file() else {}

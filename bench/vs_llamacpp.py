@@ -369,13 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     if not gguf_path.is_file() or gguf_path.stat().st_mtime < (ckpt / "config.json").stat().st_mtime:
         t0 = time.perf_counter()
         tok_json = json.loads((ckpt / "tokenizer.json").read_text(encoding="utf-8"))
-        rep = export_gguf(model.llm, gguf_path, args.dtype, tokenizer_json=tok_json, name=ckpt.name,
+        # The same weights, as stored (our CPU bf16 load re-lays weights out for oneDNN).
+        plain = load_model(ckpt, dtype=args.dtype, device="cpu", numerics=numerics, pack_cpu_experts=False)
+        rep = export_gguf(plain.llm, gguf_path, args.dtype, tokenizer_json=tok_json, name=ckpt.name,
                           bos_id=tiny_id("<|startoftext|>"), eos_id=tiny_id("<|role_end|>"),
                           pad_id=tiny_id("<|endoftext|>"))
         log(f"exported {len(rep.tensors)} tensors to {gguf_path} ({rep.nbytes / 2**30:.2f} GiB) in "
             f"{time.perf_counter() - t0:.0f} s; dropped {len(rep.dropped)} (image/audio gates)")
         for n in rep.notes:
             log(f"  note: {n}")
+        del plain
 
     import gguf
 

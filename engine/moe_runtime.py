@@ -400,6 +400,9 @@ class MoERuntime:
         for layer, bank in cls._moe_layers(llm).items():
             if bank.runtime is not None:
                 raise ValueError(f"layer {layer} already has an expert runtime")
+            if getattr(bank, "packed", None) is not None:
+                raise ValueError(f"layer {layer}'s experts were pre-packed for the CPU: load with "
+                                 "load_model(..., plan=...) or pack_cpu_experts=False to place them")
             slots = rt._checked_slots(layer, bank.gate_proj.shape[0])
             base = {t.untyped_storage().data_ptr() for t in bank.parameters()} | \
                    {t.untyped_storage().data_ptr() for t in bank.buffers()}
