@@ -36,8 +36,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.llm import MultimodalInputs  # noqa: E402
-from engine.parity import _processor_for, conversation_from_prompt  # noqa: E402
+from engine.parity import _processor_for, conversation_from_prompt, llm_case_inputs  # noqa: E402
 from engine.positions import PositionTokens, decode_positions, rope_index  # noqa: E402
 from engine.runtime import Engine  # noqa: E402
 from engine.thinker import load_model  # noqa: E402
@@ -49,23 +48,7 @@ KINDS = ("bf16", "fp8", "int8")
 
 def _llm_inputs(case_dir: Path, loaded):
     """(ids, mask, mm, image_grid_thw, video_grid_thw) of an `llm` case, as engine.parity builds them."""
-    inputs = load_file(str(case_dir / "inputs.safetensors"))
-    ids = inputs["input_ids"]
-    mask = inputs.get("attention_mask", torch.ones_like(ids))
-    spans: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(ids.shape[0])]
-    if "query_embeds_audio" in inputs:
-        feats, lens, locs = (inputs["query_embeds_audio"], inputs["query_embeds_audio_lengths"],
-                             inputs["placeholder_audio_loc_lens"])
-        for r in range(ids.shape[0]):
-            offset = 0
-            for j in range(locs.shape[1]):
-                start, n = int(locs[r, j, 0]), int(locs[r, j, 1])
-                if n:
-                    spans[r].append((start, feats[r, offset: offset + int(lens[r, j])][:n]))
-                offset += int(lens[r, j])
-    mm = MultimodalInputs(image_embeds=inputs.get("query_embeds_image"),
-                          video_embeds=inputs.get("query_embeds_video"), audio_spans=spans)
-    return ids, mask, mm, inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
+    return llm_case_inputs(case_dir)
 
 
 def _mm_inputs(case_dir: Path, loaded):

@@ -202,12 +202,11 @@ def _compare_llm_run(cmp: Comparer, loaded, ids: torch.Tensor, mask: torch.Tenso
                 cmp.exact(f"{key}.gate_used", torch.cat([s.gate_used for s in steps], dim=1))
 
 
-def run_llm_case(case_dir: Path) -> list[ParityRow]:
-    """Kind `llm`: a standalone BailingMoeV2 checkpoint fed token ids and ready-made embeddings."""
-    meta = json.loads((case_dir / "meta.json").read_text())
+def llm_case_inputs(case_dir: Path) -> tuple[torch.Tensor, torch.Tensor, MultimodalInputs,
+                                              torch.Tensor | None, torch.Tensor | None]:
+    """(ids, mask, multimodal inputs, image_grid_thw, video_grid_thw) of an `llm` case: token ids plus
+    ready-made embeddings for the image/video slots and the audio spans."""
     inputs = load_file(str(case_dir / "inputs.safetensors"))
-    cmp = Comparer(case_dir.name, load_file(str(case_dir / "outputs.safetensors")))
-    loaded = load_model(case_dir, dtype="fp32", device="cpu")
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask", torch.ones_like(ids))
     audio_spans: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(ids.shape[0])]
@@ -222,8 +221,16 @@ def run_llm_case(case_dir: Path) -> list[ParityRow]:
                 offset += int(lens[r, j])
     mm = MultimodalInputs(image_embeds=inputs.get("query_embeds_image"), video_embeds=inputs.get("query_embeds_video"),
                           audio_spans=audio_spans)
-    _compare_llm_run(cmp, loaded, ids, mask, mm, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
-                     _tolerances(meta))
+    return ids, mask, mm, inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
+
+
+def run_llm_case(case_dir: Path) -> list[ParityRow]:
+    """Kind `llm`: a standalone BailingMoeV2 checkpoint fed token ids and ready-made embeddings."""
+    meta = json.loads((case_dir / "meta.json").read_text())
+    cmp = Comparer(case_dir.name, load_file(str(case_dir / "outputs.safetensors")))
+    loaded = load_model(case_dir, dtype="fp32", device="cpu")
+    ids, mask, mm, image_grid_thw, video_grid_thw = llm_case_inputs(case_dir)
+    _compare_llm_run(cmp, loaded, ids, mask, mm, image_grid_thw, video_grid_thw, _tolerances(meta))
     return cmp.rows + cmp.missing()
 
 

@@ -180,7 +180,7 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class PackedLinear(torch.nn.Module):
     """Drop-in for an ``nn.Linear`` whose weight was pre-packed once (see :func:`_pack_matrix`).
 
-    Built by :meth:`from_linear`; keeps ``weight`` (and ``bias``) as meta placeholders of the
+    Built from an ``nn.Linear`` (see :func:`pack_linears`); keeps ``weight`` (and ``bias``) as meta placeholders of the
     original shapes so module names, shapes and parameter counts stay those of the checkpoint.
     """
 
