@@ -28,6 +28,8 @@ from engine.runtime import Engine
 from engine.thinker import load_model
 from engine.tokenizer import MingTokenizer
 
+DEVICE = "cpu"  # where parity runs load the models (`--device`); the reference outputs stay on the CPU
+
 
 @dataclass
 class ParityRow:
@@ -64,6 +66,7 @@ class Comparer:
                                        f"shape {list(got.shape)} vs {list(exp.shape)}"))
         else:
             if select is not None:
+                select = select.to(exp.device)
                 got, exp = got[select], exp[select]
             d = _max_diff(got, exp)
             self.rows.append(ParityRow(self.case, name, d, atol, d <= atol))
@@ -76,6 +79,7 @@ class Comparer:
             ok, d, note = False, float("inf"), f"shape {list(got.shape)} vs {list(exp.shape)}"
         else:
             if select is not None:
+                select = select.to(exp.device)
                 got, exp = got[select], exp[select]
             d = _max_diff(got.long() if not got.is_floating_point() else got, exp.long() if not exp.is_floating_point() else exp)
             ok = d == 0
@@ -94,13 +98,13 @@ def _router_margin(router: Router, logits: torch.Tensor) -> torch.Tensor:
     grouped = biased.view(n, router.n_group, e // router.n_group)
     gscores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1).sort(dim=-1, descending=True).values
     group_gap = (gscores[:, router.topk_group - 1] - gscores[:, router.topk_group]
-                 if router.topk_group < router.n_group else torch.full((n,), float("inf")))
+                 if router.topk_group < router.n_group else torch.full((n,), float("inf"), device=logits.device))
     keep = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1).topk(router.topk_group, dim=-1).indices
-    mask = torch.zeros(n, router.n_group, dtype=torch.bool).scatter_(1, keep, True)
+    mask = torch.zeros(n, router.n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
     cand = biased.masked_fill(~mask.unsqueeze(-1).expand_as(grouped).reshape(n, e), float("-inf"))
     srt = cand.sort(dim=-1, descending=True).values
     k = router.top_k
-    expert_gap = srt[:, k - 1] - srt[:, k] if k < srt.shape[1] else torch.full((n,), float("inf"))
+    expert_gap = srt[:, k - 1] - srt[:, k] if k < srt.shape[1] else torch.full((n,), float("inf"), device=logits.device)
     return torch.minimum(group_gap, expert_gap)
 
 
@@ -121,6 +125,10 @@ def _compare_llm_run(cmp: Comparer, loaded, ids: torch.Tensor, mask: torch.Tenso
     """Prefill with a trace, then greedy KV-cache decode as generate() runs it; compare every
     LLM-side output the case holds."""
     llm, numerics, cfg = loaded.llm, loaded.numerics, loaded.config.llm
+    dev = loaded.device  # inputs go where the model runs; Comparer brings results back to the CPU
+    ids, mask = ids.to(dev), mask.to(dev)
+    image_grid_thw = image_grid_thw.to(dev) if image_grid_thw is not None else None
+    video_grid_thw = video_grid_thw.to(dev) if video_grid_thw is not None else None
     outputs = cmp.outputs
     valid = mask.bool()
     b = ids.shape[0]
@@ -128,7 +136,7 @@ def _compare_llm_run(cmp: Comparer, loaded, ids: torch.Tensor, mask: torch.Tenso
     with torch.inference_mode():
         position_ids, deltas = rope_index(ids, PositionTokens.from_config(cfg), image_grid_thw, video_grid_thw, mask)
         embeds, image_mask, audio_mask = llm.prepare_inputs(ids, mm)
-        cache = llm.new_cache(b, numerics, "cpu")
+        cache = llm.new_cache(b, numerics)  # each layer's part on that layer's device
         cache.rope_deltas = deltas
         trace: dict = {}
         logits = llm(embeds, position_ids, numerics, mask, cache, image_mask, audio_mask, trace=trace)
@@ -160,7 +168,7 @@ def _compare_llm_run(cmp: Comparer, loaded, ids: torch.Tensor, mask: torch.Tenso
                 routers = {0: mlp.gate, 1: getattr(mlp, "image_gate", mlp.gate), 2: getattr(mlp, "audio_gate", mlp.gate)}
                 names = {0: "text", 1: "image", 2: "audio"}
                 flat_used = t.gate_used.reshape(-1)
-                margin = torch.empty(flat_used.shape)
+                margin = torch.empty(flat_used.shape, device=flat_used.device)
                 for code, router in routers.items():
                     sel = flat_used == code
                     if sel.any():
@@ -180,7 +188,7 @@ def _compare_llm_run(cmp: Comparer, loaded, ids: torch.Tensor, mask: torch.Tenso
             pos = decode_positions(cache.length, deltas)
             positions.append(pos)
             dtrace: dict = {}
-            out = llm(llm.model.embed(nxt.view(b, 1)), pos, numerics, torch.ones(b, 1, dtype=torch.long), cache,
+            out = llm(llm.model.embed(nxt.view(b, 1)), pos, numerics, torch.ones(b, 1, dtype=torch.long, device=dev), cache,
                       trace=dtrace)
             step_logits.append(out[:, -1])
             for layer_idx, traces in dtrace.get("routers", {}).items():
@@ -228,7 +236,7 @@ def run_llm_case(case_dir: Path) -> list[ParityRow]:
     """Kind `llm`: a standalone BailingMoeV2 checkpoint fed token ids and ready-made embeddings."""
     meta = json.loads((case_dir / "meta.json").read_text())
     cmp = Comparer(case_dir.name, load_file(str(case_dir / "outputs.safetensors")))
-    loaded = load_model(case_dir, dtype="fp32", device="cpu")
+    loaded = load_model(case_dir, dtype="fp32", device=DEVICE)
     ids, mask, mm, image_grid_thw, video_grid_thw = llm_case_inputs(case_dir)
     _compare_llm_run(cmp, loaded, ids, mask, mm, image_grid_thw, video_grid_thw, _tolerances(meta))
     return cmp.rows + cmp.missing()
@@ -278,7 +286,7 @@ def run_mm_case(case_dir: Path) -> list[ParityRow]:
     inputs = load_file(str(case_dir / "inputs.safetensors"))
     outputs = load_file(str(case_dir / "outputs.safetensors"))
     tol = meta.get("suggested_tolerance", {})
-    loaded = load_model(case_dir, dtype="fp32", device="cpu")
+    loaded = load_model(case_dir, dtype="fp32", device=DEVICE)
     _, processor = _processor_for(case_dir, loaded)
     media = {"image": [inputs[k].numpy() for k in sorted(inputs) if re.fullmatch(r"raw\.image\d+", k)],
              "audio": [(inputs[k], 16000) for k in sorted(inputs) if re.fullmatch(r"raw\.audio\d+", k)],
@@ -307,12 +315,15 @@ def run_mm_case(case_dir: Path) -> list[ParityRow]:
     with torch.inference_mode():
         mm = engine.encode_media(prompt)
         if prompt.images and "vision_encoder_out" in outputs:
-            cmp.close("vision_encoder_out", enc.vision(prompt.pixel_values, prompt.image_grid_thw),
+            dev = next(enc.vision.parameters()).device
+            cmp.close("vision_encoder_out", enc.vision(prompt.pixel_values.to(dev), prompt.image_grid_thw.to(dev)),
                       float(tol.get("vision_embeds_atol", 1e-5)))
         if mm.image_embeds is not None and "vision_embeds" in outputs:
             cmp.close("vision_embeds", mm.image_embeds, float(tol.get("vision_embeds_atol", 1e-5)))
         if packed is not None:
-            embeds, lengths, enc_out = encode_audio_wrapped(enc.audio, enc.linear_proj_audio, *packed)
+            dev = next(enc.audio.parameters()).device
+            embeds, lengths, enc_out = encode_audio_wrapped(enc.audio, enc.linear_proj_audio,
+                                                            *(t.to(dev) for t in packed))
             audio_atol = float(tol.get("audio_embeds_atol", 1e-5))
             if "audio_encoder_out" in outputs:
                 cmp.close("audio_encoder_out", enc_out, audio_atol)
@@ -420,7 +431,13 @@ def format_table(rows: list[ParityRow]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.parity", description=__doc__.splitlines()[0])
     ap.add_argument("cases", nargs="+", type=Path, help="case folders in the ming_ref format")
+    ap.add_argument("--device", default="cpu", help="where the models run: cpu (default), cuda, cuda:1 ... "
+                    "(fp32 either way; TF32 stays off so the tolerances keep their meaning)")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
+    torch.backends.cuda.matmul.allow_tf32 = False  # fixtures are fp32: no TF32 matmuls or convolutions
+    torch.backends.cudnn.allow_tf32 = False
     rows: list[ParityRow] = []
     for case in args.cases:
         try:
