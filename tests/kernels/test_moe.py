@@ -17,7 +17,8 @@ from engine.kernels import (
 )
 
 pytest.importorskip("triton")
-from engine.kernels.triton_impl.moe import align_by_expert, moe_experts_triton  # noqa: E402
+from engine.kernels.triton_impl.moe import (  # noqa: E402
+    DIRECT_MAX_ASSIGNMENTS, align_by_expert, launch_config, moe_experts_triton)
 
 # Max-abs error allowed, relative to the largest output magnitude, per activation dtype.
 RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -135,16 +136,52 @@ def test_packed_forward_expert_is_the_swiglu(dtype: torch.dtype) -> None:
     assert_close_scaled(packed.forward_expert(x, 0), want)
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["sorted", "direct"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_triton_matches_reference(case: MoeCase, dtype: torch.dtype) -> None:
+def test_triton_matches_reference(case: MoeCase, dtype: torch.dtype, direct: bool) -> None:
     args = make_inputs(case, dtype)
-    got = moe_experts_triton(*args, block_n=TRITON_TILE, block_k=TRITON_TILE)
+    got = moe_experts_triton(*args, block_n=TRITON_TILE, block_k=TRITON_TILE, direct=direct)
     assert_close_scaled(got, moe_experts_reference(*args))
 
 
-def test_triton_default_tiles_and_dispatch() -> None:
-    args = make_inputs(CASES[0], torch.float32)
+def test_out_of_shared_memory_falls_back_to_smaller_tiles(monkeypatch) -> None:
+    """A GPU with less shared memory per block (or fp32 activations) must not make the call fail:
+    the launch retries with fewer stages / smaller tiles and remembers what compiled."""
+    from triton.runtime.errors import OutOfResources
+
+    import engine.kernels.triton_impl.moe as tmoe
+
+    real_run, tried = tmoe._run, []
+
+    def limited_run(cfg, *args):
+        tried.append(cfg)
+        if cfg.num_stages > 2 or cfg.block_k > 64:  # pretend these need too much shared memory
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return real_run(cfg, *args)
+
+    monkeypatch.setattr(tmoe, "_run", limited_run)
+    monkeypatch.setattr(tmoe, "_FITTED", {})
+    args = make_inputs(CASES[2], torch.float32)  # decode: the direct config (3 stages, K tile 256)
+    assert_close_scaled(moe_experts_triton(*args), moe_experts_reference(*args))
+    first = tried[-1]
+    assert first.num_stages == 2 and first.block_k == 64 and first.direct
+    tried.clear()
+    moe_experts_triton(*args)
+    assert tried == [first]  # the fitted configuration is reused straight away
+    assert tmoe.smaller(tmoe.LaunchConfig(16, 32, 32, num_stages=2)) is None
+
+
+def test_launch_configs_cover_every_batch_size() -> None:
+    assert launch_config(1).direct and launch_config(DIRECT_MAX_ASSIGNMENTS).direct
+    assert not launch_config(DIRECT_MAX_ASSIGNMENTS + 1).direct
+    sizes = [launch_config(n).block_m for n in (17, 1023, 1024, 10**6)]
+    assert sizes == sorted(sizes)  # larger batches, taller row blocks
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["direct", "sorted"])
+def test_triton_default_tiles_and_dispatch(case: MoeCase) -> None:
+    args = make_inputs(case, torch.float32)
     assert_close_scaled(moe_experts(*args, impl="triton"), moe_experts(*args, impl="torch"))
 
 

@@ -7,23 +7,29 @@
    rounded to the activation dtype like the reference, into an [T*k, I] buffer.
 3. ``_down_kernel``: per (row block, H tile), ``h @ down^T`` rounded to the activation dtype, then
    ``.float() * routing weight`` into an fp32 [T*k, H] buffer; the k slots of a token are summed in fp32.
+
+Direct mode (decode, up to ``DIRECT_MAX_ASSIGNMENTS`` assignments): step 1 is skipped and each
+program of the two kernels computes one assignment, reading its expert id straight from ``topk_ids``.
+An expert picked twice is then read twice, which costs nothing when a token's k experts are distinct.
+Tiles per batch size come from an H100 sweep (``LAUNCH_CONFIGS``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..moe import check_moe_args
 from .common import interpreting, round_to
 
 # Tile sizes. tl.dot needs every tile dim >= 16.
 DEFAULT_BLOCK_M = 16
-LARGE_BLOCK_M = 64
-LARGE_BATCH_ASSIGNMENTS = 4096  # from this many (token, slot) pairs on, use LARGE_BLOCK_M rows per block
-DEFAULT_BLOCK_N = 64
-DEFAULT_BLOCK_K = 64
+LARGE_BATCH_ASSIGNMENTS = 8192  # from this many (token, slot) pairs on, the large-batch tiles
+DIRECT_MAX_ASSIGNMENTS = 16  # up to this many (decode of one or two tokens), the direct mode
 
 
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +42,10 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
     flat_ids = topk_ids.reshape(-1)
     n_assign = flat_ids.numel()
     device = flat_ids.device
-    counts = torch.bincount(flat_ids, minlength=num_experts)
+    # scatter_add_ rather than bincount: CUDA bincount reads the max id back to the host (a sync that
+    # stalls the launch queue every MoE layer and makes the call impossible to capture in a CUDA graph).
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(
+        0, flat_ids, torch.ones_like(flat_ids))
     blocks_per_expert = (counts + block_m - 1) // block_m
     block_end = torch.cumsum(blocks_per_expert, 0)
     block_start = block_end - blocks_per_expert
@@ -65,6 +74,7 @@ def _gate_up_kernel(
     h_ptr,
     sorted_ptr,
     block_expert_ptr,
+    ids_ptr,
     n_assign,
     top_k,
     hidden,
@@ -80,15 +90,22 @@ def _gate_up_kernel(
     DOT_IN_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE_BF16_RTNE: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if DIRECT:  # program pid_m computes assignment pid_m alone (row 0 of its tile)
+        expert = tl.load(ids_ptr + pid_m).to(tl.int64)
+        lane = tl.arange(0, BLOCK_M)
+        assignment = pid_m + lane
+        row_valid = lane == 0
+    else:
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        assignment = tl.load(sorted_ptr + offs_m).to(tl.int64)
+        row_valid = assignment < n_assign
     if expert < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    assignment = tl.load(sorted_ptr + offs_m).to(tl.int64)
-    row_valid = assignment < n_assign
     token = assignment // top_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < inter
@@ -135,6 +152,7 @@ def _down_kernel(
     routing_weight_ptr,
     sorted_ptr,
     block_expert_ptr,
+    ids_ptr,
     n_assign,
     hidden,
     inter,
@@ -149,15 +167,22 @@ def _down_kernel(
     DOT_IN_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE_BF16_RTNE: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if DIRECT:
+        expert = tl.load(ids_ptr + pid_m).to(tl.int64)
+        lane = tl.arange(0, BLOCK_M)
+        assignment = pid_m + lane
+        row_valid = lane == 0
+    else:
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        assignment = tl.load(sorted_ptr + offs_m).to(tl.int64)
+        row_valid = assignment < n_assign
     if expert < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    assignment = tl.load(sorted_ptr + offs_m).to(tl.int64)
-    row_valid = assignment < n_assign
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < hidden
 
@@ -189,6 +214,53 @@ def _down_kernel(
     )
 
 
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tiles and launch options of the two kernels. ``direct``: one program per (token, slot)
+    assignment, no expert sort (``align_by_expert`` is a dozen small launches, a third of a decode
+    step's MoE time on an H100)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int | None = None
+    num_stages: int | None = None
+    direct: bool = False
+
+
+# Picked by `bench/moe_layer_gpu.py --tune` on an H100 at the Ming-flash shape (H 4096, I 1024, top-8,
+# bf16); the sweep and its numbers are in that script's output. Keys: upper bound on T*k (exclusive).
+LAUNCH_CONFIGS: tuple[tuple[float, LaunchConfig], ...] = (
+    (DIRECT_MAX_ASSIGNMENTS + 1, LaunchConfig(16, 32, 256, num_warps=4, num_stages=3, direct=True)),
+    (1024, LaunchConfig(16, 128, 128, num_warps=8, num_stages=3)),
+    (LARGE_BATCH_ASSIGNMENTS, LaunchConfig(32, 128, 128, num_warps=8, num_stages=3)),
+    (float("inf"), LaunchConfig(64, 256, 64, num_warps=8, num_stages=3)),
+)
+
+
+def launch_config(n_assign: int) -> LaunchConfig:
+    """The tuned configuration for this many (token, slot) assignments."""
+    return next(cfg for bound, cfg in LAUNCH_CONFIGS if n_assign < bound)
+
+
+def smaller(cfg: LaunchConfig) -> LaunchConfig | None:
+    """The next configuration to try when ``cfg`` needs more shared memory than the GPU has (fp32
+    activations, or GPUs with less shared memory per block than an H100): fewer pipeline stages
+    first, then shorter K, then narrower N, then shorter M tiles. None when nothing is left."""
+    if cfg.num_stages is not None and cfg.num_stages > 2:
+        return replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.block_k > 32:
+        return replace(cfg, block_k=cfg.block_k // 2)
+    if cfg.block_n > 32:
+        return replace(cfg, block_n=cfg.block_n // 2)
+    if cfg.block_m > 16:
+        return replace(cfg, block_m=cfg.block_m // 2)
+    return None
+
+
+_FITTED: dict[tuple, LaunchConfig] = {}  # (device, dtype, requested config) -> the one that compiled
+
+
 def moe_experts_triton(
     x: torch.Tensor,
     w_gate: torch.Tensor,
@@ -198,10 +270,16 @@ def moe_experts_triton(
     topk_weights: torch.Tensor,
     *,
     block_m: int | None = None,
-    block_n: int = DEFAULT_BLOCK_N,
-    block_k: int = DEFAULT_BLOCK_K,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    direct: bool | None = None,
 ) -> torch.Tensor:
-    """Triton implementation of :func:`engine.kernels.moe_experts` (same arguments and result)."""
+    """Triton implementation of :func:`engine.kernels.moe_experts` (same arguments and result).
+    Tiles, launch options and the direct (unsorted) mode default to :func:`launch_config`; they are
+    keywords so that tests and benchmarks can pin them. Never reads anything back to the host, so a
+    call can be captured in a CUDA graph."""
     check_moe_args(x, w_gate, w_up, w_down, topk_ids, topk_weights)
     num_tokens, hidden = x.shape
     num_experts, inter, _ = w_gate.shape
@@ -209,33 +287,64 @@ def moe_experts_triton(
     n_assign = num_tokens * top_k
     if n_assign == 0:
         return torch.zeros_like(x)
-    if block_m is None:
-        block_m = LARGE_BLOCK_M if n_assign >= LARGE_BATCH_ASSIGNMENTS else DEFAULT_BLOCK_M
+    tuned = launch_config(n_assign)
+    direct = tuned.direct if direct is None else direct
+    cfg = LaunchConfig(block_m or (DEFAULT_BLOCK_M if direct else tuned.block_m), block_n or tuned.block_n,
+                       block_k or tuned.block_k, num_warps or tuned.num_warps, num_stages or tuned.num_stages, direct)
 
     x = x.contiguous()
     w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
-    sorted_assignments, block_expert = align_by_expert(topk_ids, num_experts, block_m)
-    num_blocks = block_expert.numel()
+    key = (x.device, x.dtype, cfg)
+    cfg = _FITTED.get(key, cfg)
+    while True:
+        try:
+            out = _run(cfg, x, w_gate, w_up, w_down, topk_ids, topk_weights)
+        except OutOfResources:
+            fallback = smaller(cfg)
+            if fallback is None:
+                raise
+            cfg = fallback
+            continue
+        _FITTED[key] = cfg
+        return out
+
+
+def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights) -> torch.Tensor:
+    num_tokens, hidden = x.shape
+    num_experts, inter, _ = w_gate.shape
+    top_k = topk_ids.shape[1]
+    n_assign = num_tokens * top_k
+    block_m, block_n, block_k, direct = cfg.block_m, cfg.block_n, cfg.block_k, cfg.direct
+    flat_ids = topk_ids.reshape(-1).contiguous()
+    if direct:
+        sorted_assignments = block_expert = flat_ids  # unused by the direct kernels
+        num_blocks = n_assign
+    else:
+        sorted_assignments, block_expert = align_by_expert(topk_ids, num_experts, block_m)
+        num_blocks = block_expert.numel()
     routing_weights = topk_weights.contiguous().reshape(-1)
 
     # The interpreter's bf16 tl.dot is wrong (it multiplies raw bits): upcast there. fp32 inputs use IEEE fp32, not TF32.
     dot_in_fp32 = x.dtype == torch.bfloat16 and interpreting()
     dot_precision = "ieee" if (x.dtype == torch.float32 or dot_in_fp32) else None
 
+    launch = {k: v for k, v in (("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages)) if v is not None}
     h = torch.empty((n_assign, inter), dtype=x.dtype, device=x.device)
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, block_n))](
-        x, w_gate, w_up, h, sorted_assignments, block_expert,
+        x, w_gate, w_up, h, sorted_assignments, block_expert, flat_ids,
         n_assign, top_k, hidden, inter,
         x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), h.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(),
+        DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(), DIRECT=direct,
+        **launch,
     )  # fmt: skip
     slot_out = torch.empty((n_assign, hidden), dtype=torch.float32, device=x.device)
     _down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
-        h, w_down, slot_out, routing_weights, sorted_assignments, block_expert,
+        h, w_down, slot_out, routing_weights, sorted_assignments, block_expert, flat_ids,
         n_assign, hidden, inter,
         h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), slot_out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(),
+        DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(), DIRECT=direct,
+        **launch,
     )  # fmt: skip
     return slot_out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
