@@ -89,36 +89,40 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
     t_first = t_last = t0
     finish = "length"
     try:
+        # inference_mode is thread-local: a web server may resume this generator on another thread
+        # after each yield, so every compute step enters it afresh and no yield happens inside it.
         with torch.inference_mode():
             ids = torch.tensor([prompt_ids], dtype=torch.long, device=dev)
             positions, deltas = rope_index(ids, PositionTokens.from_config(cfg), image_grid_thw, video_grid_thw)
             embeds, image_mask, audio_mask = llm.prepare_inputs(ids, mm)
             cache.rope_deltas = deltas
             logits = llm(embeds, positions, numerics, None, cache, image_mask, audio_mask, logits_to_keep=1)[0, -1]
-            for step in range(params.max_new_tokens):
+        for step in range(params.max_new_tokens):
+            with torch.inference_mode():
                 token = sampler(logits, seen)
-                now = time.perf_counter()
-                if step == 0:
-                    t_first = now
-                    stats.time_to_first_token_s = now - t0
-                t_last = now
-                if token in eos_ids:
-                    finish = "stop"
-                    break
-                new_ids.append(token)
-                seen = torch.cat([seen, torch.tensor([token])])
-                delta = stopper.feed(decoder.push(token))
-                if delta:
-                    text_parts.append(delta)
-                    yield TextDelta(delta)
-                if stopper.stopped:
-                    finish = "stop"
-                    break
-                if step == params.max_new_tokens - 1:
-                    break
-                if cancel is not None and cancel.is_set():
-                    finish = "cancelled"
-                    break
+            now = time.perf_counter()
+            if step == 0:
+                t_first = now
+                stats.time_to_first_token_s = now - t0
+            t_last = now
+            if token in eos_ids:
+                finish = "stop"
+                break
+            new_ids.append(token)
+            seen = torch.cat([seen, torch.tensor([token])])
+            delta = stopper.feed(decoder.push(token))
+            if delta:
+                text_parts.append(delta)
+                yield TextDelta(delta)
+            if stopper.stopped:
+                finish = "stop"
+                break
+            if step == params.max_new_tokens - 1:
+                break
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            with torch.inference_mode():
                 pos = decode_positions(cache.length, deltas)
                 step_ids = torch.tensor([[token]], dtype=torch.long, device=dev)
                 logits = llm(llm.model.embed(step_ids), pos, numerics, None, cache, logits_to_keep=1)[0, -1]

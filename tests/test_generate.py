@@ -105,3 +105,39 @@ def test_cli_streams_and_prints_figures(tiny_checkpoint):
     for field in ("prompt tokens", "new tokens 5", "time to first token", "tokens/s"):
         assert field in last
     assert "random demo weights" in out.stderr
+
+
+def test_stream_survives_being_resumed_on_other_threads(tiny_engine, monkeypatch):
+    """Web servers (Gradio, Starlette) resume a streaming generator on whichever worker thread is free;
+    torch's inference mode is thread-local, so no step may depend on the thread that started it."""
+    import threading
+
+    import torch
+
+    from engine.events import Done, Error, TextDelta
+    from engine.sampling import GenerationParams
+
+    llm = tiny_engine.model.llm
+    modes = []
+    forward = llm.forward
+
+    def recording_forward(*args, **kwargs):  # in-place cache updates need inference mode on every step
+        modes.append(torch.is_inference_mode_enabled())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "forward", recording_forward)
+    stream = tiny_engine.chat([{"role": "user", "content": "Count slowly"}], GenerationParams(max_new_tokens=40))
+    events = []
+
+    def pull():
+        events.append(next(stream, None))
+
+    while not events or events[-1] is not None and not isinstance(events[-1], (Done, Error)):
+        t = threading.Thread(target=pull)  # every step on a fresh thread
+        t.start()
+        t.join()
+    errors = [e for e in events if isinstance(e, Error)]
+    assert not errors, errors[0].message
+    assert isinstance(events[-1], Done) and events[-1].stats.new_tokens == 40
+    assert sum(isinstance(e, TextDelta) for e in events) > 5
+    assert len(modes) == 40 and all(modes), f"steps outside inference mode: {modes.count(False)}"
