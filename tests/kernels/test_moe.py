@@ -145,6 +145,22 @@ def test_triton_matches_reference(case: MoeCase, dtype: torch.dtype, direct: boo
     assert_close_scaled(got, moe_experts_reference(*args))
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["sorted", "direct"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=lambda c: c.name)
+def test_triton_skips_negative_ids(case: MoeCase, direct: bool) -> None:
+    """The expert runtime's per-GPU call: -1 marks assignments computed elsewhere; they add nothing,
+    and the fp32 result is the unrounded sum of the rest."""
+    x, w_gate, w_up, w_down, ids, weights = make_inputs(case, torch.float32, seed=4)
+    elsewhere = (ids % 2) == 1
+    local = torch.where(elsewhere, -1, ids)
+    got = moe_experts_triton(x, w_gate, w_up, w_down, local, weights, block_n=TRITON_TILE, block_k=TRITON_TILE,
+                             direct=direct, skip_negative_ids=True, out_dtype=torch.float32)
+    want = moe_experts_reference(x, w_gate, w_up, w_down, torch.where(elsewhere, 0, ids),
+                                 torch.where(elsewhere, 0.0, weights))
+    assert got.dtype == torch.float32
+    assert_close_scaled(got, want)
+
+
 def test_out_of_shared_memory_falls_back_to_smaller_tiles(monkeypatch) -> None:
     """A GPU with less shared memory per block (or fp32 activations) must not make the call fail:
     the launch retries with fewer stages / smaller tiles and remembers what compiled."""

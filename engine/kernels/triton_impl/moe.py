@@ -275,11 +275,18 @@ def moe_experts_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     direct: bool | None = None,
+    skip_negative_ids: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Triton implementation of :func:`engine.kernels.moe_experts` (same arguments and result).
     Tiles, launch options and the direct (unsorted) mode default to :func:`launch_config`; they are
     keywords so that tests and benchmarks can pin them. Never reads anything back to the host, so a
-    call can be captured in a CUDA graph."""
+    call can be captured in a CUDA graph.
+
+    ``skip_negative_ids``: assignments whose id is negative contribute nothing (the expert runtime
+    passes the experts of one GPU with local ids, -1 for the experts that live elsewhere).
+    ``out_dtype``: the dtype of the summed result (default x's; fp32 keeps the partial sums of several
+    devices unrounded until they are combined)."""
     check_moe_args(x, w_gate, w_up, w_down, topk_ids, topk_weights)
     num_tokens, hidden = x.shape
     num_experts, inter, _ = w_gate.shape
@@ -298,7 +305,7 @@ def moe_experts_triton(
     cfg = _FITTED.get(key, cfg)
     while True:
         try:
-            out = _run(cfg, x, w_gate, w_up, w_down, topk_ids, topk_weights)
+            out = _run(cfg, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids)
         except OutOfResources:
             fallback = smaller(cfg)
             if fallback is None:
@@ -306,10 +313,11 @@ def moe_experts_triton(
             cfg = fallback
             continue
         _FITTED[key] = cfg
-        return out
+        return out.to(out_dtype or x.dtype)
 
 
-def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights) -> torch.Tensor:
+def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids=False) -> torch.Tensor:
+    """Both kernels with one configuration; the fp32 sum over each token's slots."""
     num_tokens, hidden = x.shape
     num_experts, inter, _ = w_gate.shape
     top_k = topk_ids.shape[1]
@@ -319,6 +327,11 @@ def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights) -> 
     if direct:
         sorted_assignments = block_expert = flat_ids  # unused by the direct kernels
         num_blocks = n_assign
+    elif skip_negative_ids:  # negative ids go to an extra bucket whose blocks are marked empty (-1)
+        bucketed = torch.where(topk_ids < 0, num_experts, topk_ids)
+        sorted_assignments, block_expert = align_by_expert(bucketed, num_experts + 1, block_m)
+        block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+        num_blocks = block_expert.numel()
     else:
         sorted_assignments, block_expert = align_by_expert(topk_ids, num_experts, block_m)
         num_blocks = block_expert.numel()
@@ -338,7 +351,9 @@ def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights) -> 
         DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(), DIRECT=direct,
         **launch,
     )  # fmt: skip
-    slot_out = torch.empty((n_assign, hidden), dtype=torch.float32, device=x.device)
+    # Skipped assignments leave their rows unwritten: zeros then, so that the sum stays right.
+    slot_out = (torch.zeros if skip_negative_ids else torch.empty)((n_assign, hidden), dtype=torch.float32,
+                                                                   device=x.device)
     _down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
         h, w_down, slot_out, routing_weights, sorted_assignments, block_expert, flat_ids,
         n_assign, hidden, inter,
@@ -347,4 +362,4 @@ def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights) -> 
         DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(), DIRECT=direct,
         **launch,
     )  # fmt: skip
-    return slot_out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+    return slot_out.view(num_tokens, top_k, hidden).sum(dim=1)
