@@ -20,18 +20,24 @@ Per forward of a layer (x [T, H] on the layer's home device, routing ids/weights
 1. Assignments are grouped by expert (as ``moe_experts``); the per-expert token counts feed the
    hot-expert cache's statistics (LFU with exponential decay of the router's selection counts).
 2. Each active expert gets a site:
-   * GPU-resident: its token block is sent to that GPU, computed there, the result sent back;
+   * GPU-resident: computed on that GPU. Where the GPU runs Triton (``fused_gpu_experts="auto"``), all
+     of a layer's experts resident on one GPU are stacked at load time and run as one fused Triton
+     call over the whole token batch (other experts' assignments get local id -1 and are skipped),
+     returning an fp32 partial sum; otherwise (CPU-simulated devices, ``"off"``, fp8/int8 experts)
+     each expert's token block is sent to the GPU, computed there and the result sent back;
    * CPU-resident and in the hot cache: computed on the cache GPU from the cached copy (a hit);
    * CPU-resident, not cached: copied host→GPU (pinned source, ``non_blocking``, on a side CUDA stream
      per GPU, ordered before use with an event) when the cache admits it (free slot, or its decayed
      score beats the least-frequently-used resident by the hysteresis factor; experts active in this
      step are never evicted) or when more tokens than ``fetch_threshold`` are routed to it (then the
      copy is transient unless admitted); otherwise its tokens go to the host and the CPU computes it.
-3. Work is issued copies first, then GPU blocks (asynchronous on CUDA), then CPU blocks (the host works
-   while the GPUs do), then the blocks that waited for a copy.
-4. Results are combined on the home device in ascending expert order: ``out.index_add_(tokens,
-   y.float() * w)`` in fp32, cast to x's dtype — the same arithmetic, in the same order, as
-   :func:`engine.kernels.moe_experts_reference`, so on one device type the outputs are bit-identical.
+3. Work is issued copies first, then the fused GPU calls and GPU blocks (asynchronous on CUDA), then
+   CPU blocks (the host works while the GPUs do), then the blocks that waited for a copy.
+4. Results are combined on the home device: the fused partial sums, then the per-expert blocks in
+   ascending expert order with ``out.index_add_(tokens, y.float() * w)``, all in fp32, cast to x's
+   dtype once. Without fused slots this is the same arithmetic, in the same order, as
+   :func:`engine.kernels.moe_experts_reference`, so on one device type the outputs are bit-identical;
+   with them it matches the Triton path up to fp32 summation order.
 
 The fetch threshold
 -------------------
@@ -67,6 +73,7 @@ from engine.quant import QUANT_STORAGE, ExpertWeights, bank_expert, check_expert
 DEFAULT_CPU_GFLOPS = 500.0   # host bf16 GEMM throughput (a 16-32 core AVX-512/AMX server; 2 cores: ~100)
 DEFAULT_CACHE_DECAY = 0.9    # per-step decay of the routing-count scores (~10-step memory)
 DEFAULT_CACHE_HYSTERESIS = 0.25  # a candidate must beat the LFU resident's score by 25% to replace it
+FUSED_MODES = ("auto", "off", "triton")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +172,10 @@ class TransferModel:
 class RuntimeOptions:
     """device_map: None = real CUDA devices for the plan's GPUs. cache_capacity: experts (all layers
     together) held in the GPU-side hot cache; 0 turns the cache off. fetch_threshold: tokens (None =
-    derived from `transfer`, see the module doc); a negative value never fetches."""
+    derived from `transfer`, see the module doc); a negative value never fetches. fused_gpu_experts:
+    "auto" runs each GPU's resident (unquantised) experts of a layer as one fused Triton call when that
+    GPU can run Triton; "off" computes them one expert at a time; "triton" always fuses (tests run it
+    under the Triton interpreter on simulated devices)."""
 
     device_map: DeviceMap | None = None
     cache_capacity: int = 0
@@ -173,6 +183,11 @@ class RuntimeOptions:
     cache_hysteresis: float = DEFAULT_CACHE_HYSTERESIS
     fetch_threshold: int | None = None
     transfer: TransferModel = field(default_factory=TransferModel)
+    fused_gpu_experts: str = "auto"
+
+    def __post_init__(self):
+        if self.fused_gpu_experts not in FUSED_MODES:
+            raise ValueError(f"fused_gpu_experts must be one of {FUSED_MODES}, got {self.fused_gpu_experts!r}")
 
 
 @dataclass
@@ -256,6 +271,17 @@ def _owned(t: torch.Tensor, base: set[int]) -> torch.Tensor:
     return t.clone() if t.untyped_storage().data_ptr() in base else t
 
 
+@dataclass
+class FusedSlot:
+    """One GPU's resident experts of a layer, stacked for the fused Triton kernel. ``local_index[e]``:
+    the expert's row in the stacks, -1 for experts that live elsewhere."""
+
+    local_index: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
 class LayerRuntime:
     """Routed experts of one MoE layer spread over slots; the ExpertBank.runtime hook (see module doc)."""
 
@@ -263,6 +289,46 @@ class LayerRuntime:
                  cache_slot: int | None, hidden: int, inter: int):
         self.owner, self.layer, self.experts, self.slots = owner, layer, experts, slots
         self.cache_slot, self.hidden, self.inter = cache_slot, hidden, inter
+        self.fused: dict[int, FusedSlot] = {}
+
+    def build_fused(self, mode: str) -> None:
+        """Stack each GPU slot's resident experts (mode "auto": where Triton runs; "triton": always).
+        The experts become views into the stacks, so the weights are not held twice; while one slot of
+        one layer is being stacked, its weights briefly exist twice."""
+        if mode == "off":
+            return
+        from engine.kernels.dispatch import use_triton
+
+        by_slot: dict[int, list[int]] = {}
+        for e, slot in enumerate(self.slots):
+            if slot != CPU:
+                by_slot.setdefault(slot, []).append(e)
+        for slot, resident in by_slot.items():
+            first = self.experts[resident[0]]
+            if any(self.experts[e].quantized for e in resident):
+                continue  # fp8/int8 experts are dequantised per block on the per-expert path
+            if mode == "auto" and not use_triton("auto", first.gate):
+                continue
+            stacks = [torch.empty((len(resident), *t.shape), dtype=t.dtype, device=t.device)
+                      for t in (first.gate, first.up, first.down)]
+            for j, e in enumerate(resident):
+                w = self.experts[e]
+                for stack, t in zip(stacks, (w.gate, w.up, w.down)):
+                    stack[j].copy_(t)
+                self.experts[e] = ExpertWeights(stacks[0][j], stacks[1][j], stacks[2][j])
+            local = torch.full((len(self.slots),), -1, dtype=torch.long)
+            local[resident] = torch.arange(len(resident))
+            self.fused[slot] = FusedSlot(local.to(first.gate.device), *stacks)
+
+    def _run_fused(self, slot: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """fp32 [T, H] sum over the assignments whose expert lives in this fused slot (on its device)."""
+        from engine.kernels.triton_impl.moe import moe_experts_triton
+
+        f = self.fused[slot]
+        dev = f.gate.device
+        local = f.local_index[ids.to(dev)]
+        return moe_experts_triton(x.to(dev), f.gate, f.up, f.down, local, weights.to(dev),
+                                  skip_negative_ids=True, out_dtype=torch.float32)
 
     @property
     def num_experts(self) -> int:
@@ -285,9 +351,14 @@ class LayerRuntime:
 
         # Decide a site per active expert and start the copies.
         gpu_jobs, cpu_jobs, fetched_jobs = [], [], []
+        fused_active: set[int] = set()
         for i, e in enumerate(groups.experts):
             job = (i, e)
             slot = self.slots[e]
+            if slot in self.fused:  # computed below, with the slot's other experts, in one fused call
+                fused_active.add(slot)
+                stats.record(dm.name(slot), sizes[i])
+                continue
             if slot != CPU:
                 gpu_jobs.append((job, slot, self.experts[e], None))
                 continue
@@ -313,6 +384,8 @@ class LayerRuntime:
             else:
                 cpu_jobs.append((job, CPU, self.experts[e], None))
 
+        # Fused GPU calls first: they run asynchronously while the host computes the CPU blocks.
+        partials = [self._run_fused(slot, x, ids, weights) for slot in sorted(fused_active)]
         results: dict[int, torch.Tensor] = {}
         for (i, e), slot, w, event in gpu_jobs + cpu_jobs + fetched_jobs:
             start, end = groups.offsets[i], groups.offsets[i + 1]
@@ -326,7 +399,11 @@ class LayerRuntime:
 
         # Combine on the home device in ascending expert order (fp32, as moe_experts_reference).
         out = torch.zeros(x.shape, dtype=torch.float32, device=home)
+        for part in partials:
+            out += part.to(home, non_blocking=part.is_cuda and home.type == "cuda")
         for i in range(len(groups.experts)):
+            if i not in results:  # a fused slot's expert, already in `out`
+                continue
             start, end = groups.offsets[i], groups.offsets[i + 1]
             y = results[i]
             y = y.to(home, non_blocking=y.is_cuda and home.type == "cuda")
@@ -389,6 +466,7 @@ class MoERuntime:
             sc = bank._buffers.get(f"{name}_scale")
             if sc is not None:
                 bank._buffers[f"{name}_scale"] = torch.empty(sc.shape, dtype=sc.dtype, device="meta")
+        lr.build_fused(self.options.fused_gpu_experts)
         bank.runtime = lr
         self.layers[layer] = lr
 
