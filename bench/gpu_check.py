@@ -154,7 +154,7 @@ def check_engine(tiny: Path) -> None:
 
     # Decode speed first: a CPU engine loaded in the same process sets torch's CPU thread count to 1.
     bf = Engine.load(tiny, device="cuda")  # bf16 by default on GPU
-    _greedy(bf, 8)
+    _greedy(bf, 64)  # warm-up: Triton compiles a kernel variant per new argument specialisation
     toks, tps = _greedy(bf, 64)
     record("engine", "tiny bf16 cuda greedy decode", len(toks) > 0, decode_tokens_per_s=tps, new_tokens=len(toks))
     text = "The Ming dynasty ruled China from 1368 to 1644. " * 4
@@ -189,26 +189,30 @@ def check_runtime(tiny: Path) -> None:
     moe = [i for i in range(cfg.llm.num_hidden_layers) if cfg.llm.is_moe_layer(i)]
     slots = {l: tuple(CPU if e % 2 else 0 for e in range(cfg.llm.num_experts)) for l in moe}
     plain = load_model(tiny, dtype="fp32", device="cuda")
-    placed = load_model(tiny, dtype="fp32", device="cuda", plan=ExpertPlacement(slots, {l: 0 for l in moe}),
-                        runtime_options=RuntimeOptions(device_map=DeviceMap.cuda(1), cache_capacity=4, fetch_threshold=2))
-    rt = placed.moe_runtime
-    host = [w for lr in rt.layers.values() for w, s in zip(lr.experts, lr.slots) if s == CPU]
-    pinned = bool(host) and all(t.is_pinned() for w in host for t in w.tensors())
-    gen = torch.Generator().manual_seed(5)
-    num = Numerics()
-    diffs = []
-    with torch.inference_mode():
-        for n in (1, 3, 40):
-            ids = torch.randint(10, cfg.llm.vocab_size, (1, n), generator=gen)
-            pos, _ = rope_index(ids, PositionTokens.from_config(plain.llm.config))
-            a = plain.llm(plain.llm.model.embed(ids.cuda()), pos.cuda(), num)
-            b = placed.llm(placed.llm.model.embed(ids.cuda()), pos.cuda(), num)
-            diffs.append(float((a - b).abs().max()))
-    st = rt.stats
-    record("runtime", "tiny fp32: experts split GPU / pinned host (CPU compute), cache+fetch vs all on GPU",
-           max(diffs) < 1e-4 and "cpu" in st.tokens and "gpu0" in st.tokens and pinned,
-           max_abs_diff=max(diffs), tokens=dict(st.tokens), cache_hits=st.cache_hits, fetches=st.fetches,
-           transient_fetches=st.transient_fetches, host_experts_pinned=pinned)
+    for mode in ("auto", "off"):
+        placed = load_model(tiny, dtype="fp32", device="cuda", plan=ExpertPlacement(slots, {l: 0 for l in moe}),
+                            runtime_options=RuntimeOptions(device_map=DeviceMap.cuda(1), cache_capacity=4,
+                                                           fetch_threshold=2, fused_gpu_experts=mode))
+        rt = placed.moe_runtime
+        host = [w for lr in rt.layers.values() for w, s in zip(lr.experts, lr.slots) if s == CPU]
+        pinned = bool(host) and all(t.is_pinned() for w in host for t in w.tensors())
+        fused = sum(len(lr.fused) for lr in rt.layers.values())
+        gen = torch.Generator().manual_seed(5)
+        num = Numerics()
+        diffs = []
+        with torch.inference_mode():
+            for n in (1, 3, 40):
+                ids = torch.randint(10, cfg.llm.vocab_size, (1, n), generator=gen)
+                pos, _ = rope_index(ids, PositionTokens.from_config(plain.llm.config))
+                a = plain.llm(plain.llm.model.embed(ids.cuda()), pos.cuda(), num)
+                b = placed.llm(placed.llm.model.embed(ids.cuda()), pos.cuda(), num)
+                diffs.append(float((a - b).abs().max()))
+        st = rt.stats
+        record("runtime", f"tiny fp32: experts split GPU / pinned host (CPU), cache+fetch, fused={mode}, vs all on GPU",
+               max(diffs) < 1e-4 and "cpu" in st.tokens and "gpu0" in st.tokens and pinned
+               and (fused > 0) == (mode == "auto"),
+               max_abs_diff=max(diffs), tokens=dict(st.tokens), cache_hits=st.cache_hits, fetches=st.fetches,
+               transient_fetches=st.transient_fetches, host_experts_pinned=pinned, fused_slots=fused)
 
 
 def main(argv: list[str] | None = None) -> int:
