@@ -3,8 +3,10 @@
 Send (or Enter) streams the reply token by token. Stop sets the `threading.Event` of the session's
 running request; the engine checks it between decode steps, so the generation really ends there
 (and frees the engine for the next request). Every request gets its own Event, registered per
-browser session, so one user's Stop never cancels another user's reply. Errors from the engine are
-shown as a warning and in the figures line; the app keeps serving.
+browser session, so one user's Stop never cancels another user's reply. A request still waiting in
+the queue (another user's reply holds the engine) is withdrawn by Stop: when its turn comes it ends
+at once and gives the message back. Errors from the engine are shown as a warning and in the figures
+line; the app keeps serving.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ CHAT_API_NAME = "chat"
 STOP_API_NAME = "stop"
 EMPTY_HINT = "Type a message first, then press Send (or Enter)."
 GENERATING = "Generating…"
+WITHDRAWN = "Stopped before it started (it was waiting for the engine). Your message is back in the box."
 
 
 def content_text(content) -> str:
@@ -75,11 +78,33 @@ class _Run:
 
 
 class ChatRuns:
-    """The running request of each browser session, so Stop / Clear reach exactly that one."""
+    """The running request of each browser session, so Stop / Clear reach exactly that one; and its
+    queued requests (sent while another user's reply holds the engine), so Stop withdraws those too."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
+        self._queued: dict[str, int] = {}  # requests sent but not started yet
+        self._withdrawn: dict[str, int] = {}  # of those, how many Stop withdrew
+
+    def enqueue(self, session: str) -> None:
+        """A request of this session entered the queue (called, unqueued, as Send is pressed)."""
+        with self._lock:
+            self._queued[session] = self._queued.get(session, 0) + 1
+
+    def start(self, session: str) -> bool:
+        """A request of this session leaves the queue: False when Stop withdrew it meanwhile."""
+        with self._lock:
+            if self._queued.get(session, 0) > 0:
+                self._queued[session] -= 1
+                if not self._queued[session]:
+                    del self._queued[session]
+            if self._withdrawn.get(session, 0) > 0:
+                self._withdrawn[session] -= 1
+                if not self._withdrawn[session]:
+                    del self._withdrawn[session]
+                return False
+            return True
 
     def begin(self, session: str) -> _Run:
         run = _Run()
@@ -96,11 +121,14 @@ class ChatRuns:
                 del self._runs[session]
 
     def stop(self, session: str, clear: bool = False) -> bool:
-        """Cancel the session's running request; False when there is none."""
+        """Cancel the session's running request and withdraw its queued ones; False when there is none."""
         with self._lock:
+            queued = self._queued.get(session, 0)
+            if queued:
+                self._withdrawn[session] = queued
             run = self._runs.get(session)
             if run is None:
-                return False
+                return bool(queued)
             run.cleared = run.cleared or clear
             run.cancel.set()
             return True
@@ -145,6 +173,9 @@ class ChatController:
         shown = history + [{"role": "user", "content": message}]
         system = (system_prompt or "").strip() or None
         session = _session_of(request)
+        if not self.runs.start(session):  # Stop was pressed while this request waited in the queue
+            yield history, message, WITHDRAWN
+            return
         run = self.runs.begin(session)
         stream = self.engine.chat(messages, params, cancel=run.cancel, system_prompt=system, thinking=bool(thinking))
         reply = ""
@@ -181,6 +212,9 @@ class ChatController:
         """Nothing was generated: show the error, and give the message back for a retry."""
         gr.Warning(f"Generation failed: {text}")
         yield history, message, f"Error ({code}): {text}"
+
+    def enqueue(self, request: gr.Request | None = None) -> None:
+        self.runs.enqueue(_session_of(request))
 
     def stop(self, request: gr.Request | None = None) -> None:
         if not self.runs.stop(_session_of(request)):
@@ -220,9 +254,12 @@ def build_chat_tab(engine: Engine) -> ChatController:
     inputs = [textbox, chatbot, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
               system_prompt, thinking]
     outputs = [chatbot, textbox, figures]
-    # Both triggers share one concurrency group: one reply generates at a time, others queue.
-    send.click(controller.respond, inputs, outputs, api_name=CHAT_API_NAME, concurrency_id="engine")
-    textbox.submit(controller.respond, inputs, outputs, api_visibility="private", concurrency_id="engine")
+    # Both triggers share one concurrency group: one reply generates at a time, others queue. The
+    # unqueued first step registers the request, so that Stop can withdraw it while it waits.
+    send.click(controller.enqueue, None, None, queue=False, api_visibility="private").then(
+        controller.respond, inputs, outputs, api_name=CHAT_API_NAME, concurrency_id="engine")
+    textbox.submit(controller.enqueue, None, None, queue=False, api_visibility="private").then(
+        controller.respond, inputs, outputs, api_visibility="private", concurrency_id="engine")
     # queue=False: Stop and Clear run at once, even while the reply occupies the queue.
     stop.click(controller.stop, None, None, queue=False, api_name=STOP_API_NAME)
     clear.click(controller.clear, None, outputs, queue=False, api_name="clear")

@@ -59,3 +59,34 @@ def test_type_send_and_see_the_reply(studio_url, tmp_path):
                 page.screenshot(path=keep, full_page=True)
         finally:
             browser.close()
+
+
+def test_stop_withdraws_a_queued_message_in_the_browser(studio_url):
+    """Two visitors: Alice's long reply holds the engine; Bob sends, sees his request wait, presses Stop.
+    When Alice stops, Bob's request ends without generating and his message is back in the box."""
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            alice, bob = browser.new_page(), browser.new_page()
+            for page in (alice, bob):
+                page.goto(studio_url, wait_until="networkidle", timeout=60_000)
+            alice.locator("#chat-advanced").click()  # open the accordion to reach the token limit
+            limit = alice.get_by_label("Max new tokens").first
+            limit.fill("8000")
+            limit.press("Enter")
+            alice.locator("#chat-input textarea").fill("Count slowly")  # greedy: thousands of tokens
+            alice.locator("#chat-send").click()
+            sync_api.expect(alice.locator("#chat-figures")).to_contain_text("Generating", timeout=30_000)
+
+            bob.locator("#chat-input textarea").fill("Bob's question")
+            bob.locator("#chat-send").click()
+            bob.wait_for_timeout(1500)  # queued behind Alice
+            bob.locator("#chat-stop").click()
+            bob.wait_for_timeout(500)
+            alice.locator("#chat-stop").click()
+            sync_api.expect(alice.locator("#chat-figures")).to_contain_text("cancelled", timeout=30_000)
+            sync_api.expect(bob.locator("#chat-figures")).to_contain_text("Stopped before it started", timeout=30_000)
+            assert bob.locator("#chat-input textarea").input_value() == "Bob's question"
+            assert bob.locator("#chat-history [data-testid='bot']").count() == 0
+        finally:
+            browser.close()

@@ -217,3 +217,29 @@ def test_runs_are_per_session_and_per_request():
     assert runs.running("a")
     runs.end("a", a2)
     assert not runs.running("a") and not runs.stop("a")
+
+
+def test_stop_withdraws_a_request_still_waiting_in_the_queue(tiny_engine):
+    """Stop pressed while the request waits for the engine (another user's reply runs): when its turn
+    comes it ends at once, generates nothing and gives the message back; later requests run."""
+    from types import SimpleNamespace
+
+    from app.ui.chat import WITHDRAWN
+
+    controller = ChatController(tiny_engine)
+    bob = SimpleNamespace(session_hash="bob")
+    controller.enqueue(bob)  # Send pressed: the request enters the queue
+    controller.stop(bob)  # Stop pressed before it started
+    calls = []
+    original = tiny_engine.chat
+    tiny_engine.chat = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        outputs = list(controller.respond(*chat_args("Hello", [], max_new_tokens=4), request=bob))
+        assert outputs == [([], "Hello", WITHDRAWN)] and not calls
+        controller.enqueue(bob)
+        history, _, figures = list(controller.respond(*chat_args("Hello again", [], max_new_tokens=4), request=bob))[-1]
+    finally:
+        tiny_engine.chat = original
+    assert calls == [1] and "finish reason: length" in figures
+    assert content_text(history[0]["content"]) == "Hello again"
+    assert len(controller.runs) == 0 and controller.runs.start("bob")  # nothing left over for the session
