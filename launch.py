@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--expert-dtype", choices=["bf16", "fp8", "int8"], default="bf16",
                     help="routed-expert weights: bf16 = as stored (default), fp8 (e4m3) or int8 with per-channel "
                          "scales, quantised while loading (about half the expert memory)")
+    ap.add_argument("--placement", choices=["auto", "single"], default="auto",
+                    help="auto (default): on CUDA, a model too big for one GPU is spread over this machine's GPUs and "
+                         "host memory (cold experts computed by the CPU); single: everything on --device")
     ap.add_argument("--device", default=None,
                     help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     return ap.parse_args(argv)
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     t_load = time.perf_counter()
     try:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device, progress=_LoadProgress(),
-                             expert_dtype=args.expert_dtype)
+                             expert_dtype=args.expert_dtype, placement=args.placement,
+                             log=lambda line: print(line, flush=True))
     except (CheckpointError, ConfigError, TokenizerError) as e:
         return _fail(f"could not load the model {args.model or what!r}:\n  {e}", EXIT_MODEL_ERROR)
     except (OSError, ValueError) as e:  # unreadable files, bad dtype for this checkpoint, ...

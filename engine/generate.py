@@ -163,9 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thinking", action="store_true", help="detailed thinking on")
     ap.add_argument("--expert-dtype", choices=["bf16", "fp8", "int8"], default="bf16",
                     help="routed-expert weights as stored (bf16) or quantised while loading")
+    ap.add_argument("--placement", choices=["auto", "single"], default="auto",
+                    help="auto: on CUDA, spread a model too big for one GPU over the GPUs and host; single: all on --device")
     args = ap.parse_args(argv)
 
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, expert_dtype=args.expert_dtype)
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, expert_dtype=args.expert_dtype,
+                         placement=args.placement, log=lambda line: print(f"[{line}]", file=sys.stderr))
     if engine.is_demo:
         print("[random demo weights: output is meaningless; use --model for the real checkpoint]", file=sys.stderr)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

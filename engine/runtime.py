@@ -27,6 +27,11 @@ from engine.processor import MediaSettings, MingProcessor, ProcessedPrompt
 from engine.projectors import encode_audio_wrapped, encode_images
 from engine.prompt import ChatMessage, PromptError
 from engine.sampling import GenerationParams
+from engine.config import MingConfig
+from engine.loader import resolve_checkpoint
+from engine.moe_runtime import RuntimeOptions
+from engine.placement import PLACEMENTS, auto_plan, machine_devices, placement_summary, runtime_options_for
+from engine.plan import Plan
 from engine.thinker import LoadedModel, count_parameters, load_model
 from engine.tiny import ensure_tiny_checkpoint, is_demo_checkpoint
 from engine.tokenizer import MingTokenizer
@@ -50,6 +55,7 @@ class EngineInfo:
     device: str
     load_seconds: float
     components: list[str]
+    placement: str = ""
 
 
 def model_bytes(model: LoadedModel) -> int:
@@ -64,24 +70,48 @@ class Engine:
         self.is_demo = is_demo
         self.processor = MingProcessor(tokenizer, MediaSettings.for_checkpoint(model.path, model.config))
         self._lock = threading.Lock()
+        self.placement = f"everything on {model.device}"
 
     @classmethod
     def load(cls, path_or_id: str | Path | None = None, dtype: str | None = None, device: str | None = None,
-             progress=None, cpu_threads: int | None = None, expert_dtype: str = "bf16") -> "Engine":
+             progress=None, cpu_threads: int | None = None, expert_dtype: str = "bf16",
+             placement: str | Plan = "auto", runtime_options: RuntimeOptions | None = None, log=None) -> "Engine":
         """`path_or_id` None loads (and on first use generates) the tiny random demo checkpoint.
         dtype defaults to bf16 on GPU and fp32 on CPU. `cpu_threads` sets torch's thread count;
         by default a small model on CPU runs on one thread (see SMALL_MODEL_BYTES). `expert_dtype`
-        "fp8" or "int8" quantises the routed experts while loading (engine.quant)."""
+        "fp8" or "int8" quantises the routed experts while loading (engine.quant).
+        `placement`: "auto" (on CUDA, a model that does not fit on one GPU is spread over this
+        machine's GPUs and host memory by the planner, engine.placement), "single" (everything on
+        `device`), or an engine.plan.Plan to follow (with `runtime_options`). `log`: called with one
+        line saying where the weights went."""
         path = ensure_tiny_checkpoint() if path_or_id is None else path_or_id
         dev = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
-        model = load_model(path, dtype=dtype, device=dev, progress=progress, expert_dtype=expert_dtype)
+        plan = None
+        if isinstance(placement, Plan):
+            plan = placement
+        elif placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS} or a Plan, got {placement!r}")
+        elif placement == "auto" and dev.type == "cuda":
+            devices = machine_devices()
+            if devices is not None:
+                root = resolve_checkpoint(path)
+                path = root
+                plan = auto_plan(MingConfig.from_file(root), devices, expert_dtype)
+        if plan is not None and runtime_options is None:
+            runtime_options = runtime_options_for(plan)
+        model = load_model(path, dtype=dtype, device=dev, progress=progress, expert_dtype=expert_dtype,
+                           plan=plan, runtime_options=runtime_options)
         tokenizer = MingTokenizer(model.path)
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         elif dev.type == "cpu" and model_bytes(model) < SMALL_MODEL_BYTES:
             torch.set_num_threads(1)
-        return cls(model, tokenizer, is_demo=is_demo_checkpoint(model.path))
+        engine = cls(model, tokenizer, is_demo=is_demo_checkpoint(model.path))
+        engine.placement = placement_summary(plan, str(dev))
+        if log is not None:
+            log(f"placement: {engine.placement}")
+        return engine
 
     def info(self) -> EngineInfo:
         m = self.model
@@ -89,7 +119,8 @@ class Engine:
         return EngineInfo(name=m.path.name, path=str(m.path), is_demo=self.is_demo, release=m.config.release,
                           parameters=count_parameters(m.llm) + sum(count_parameters(x) for x in enc.values()),
                           dtype=str(m.numerics.dtype).replace("torch.", ""), device=str(m.device),
-                          load_seconds=m.load_seconds, components=["llm"] + [p.rstrip(".") for p in enc])
+                          load_seconds=m.load_seconds, components=["llm"] + [p.rstrip(".") for p in enc],
+                          placement=self.placement)
 
     # ------------------------------------------------------------------ media
     def encode_media(self, prompt: ProcessedPrompt) -> MultimodalInputs:

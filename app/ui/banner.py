@@ -31,6 +31,8 @@ def banner_parts(info: EngineInfo) -> tuple[str, str, str | None]:
                 "To load the real model, run:", REAL_MODEL_HINT)
     details = f"release {info.release} · {shape}"
     details += " · components: " + ", ".join(info.components)
+    if info.placement and not info.placement.startswith("everything on"):
+        details += f" · placement: {info.placement}"
     return f"Model: {info.name}", details, None
 
 

@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--served-model-name", default=None, help="model id reported by /v1/models")
     ap.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    ap.add_argument("--placement", choices=["auto", "single"], default="auto",
+                    help="auto (default): on CUDA, a model too big for one GPU is spread over the GPUs and host "
+                         "memory (cold experts computed by the CPU); single: everything on --device")
     d = Limits()
     ap.add_argument("--max-sessions", type=int, default=d.max_sessions, help="concurrent realtime sessions")
     ap.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting for the engine")
@@ -52,14 +55,22 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn  # noqa: PLC0415
 
+    from engine.loader import CheckpointError  # noqa: PLC0415
     from engine.runtime import Engine  # noqa: PLC0415
     from engine.server.app import create_app, uvicorn_config  # noqa: PLC0415
+    from engine.tokenizer import TokenizerError  # noqa: PLC0415
 
     if args.threads:
         import torch  # noqa: PLC0415
 
         torch.set_num_threads(args.threads)
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
+    try:
+        engine = Engine.load(args.model, dtype=args.dtype, device=args.device, placement=args.placement,
+                             log=lambda line: print(f"[{line}]", file=sys.stderr))
+    except (OSError, ValueError, CheckpointError, TokenizerError) as e:  # missing/corrupt files, bad dtype, too big
+        print(f"error: could not load the model {args.model or 'the tiny demo checkpoint'!r}: "
+              f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     if engine.is_demo:
         print("[random demo weights: output is meaningless; use --model for the real checkpoint]", file=sys.stderr)
     app = create_app(engine, limits, token=args.token, model_id=args.served_model_name)

@@ -190,6 +190,10 @@ def test_banner_for_a_real_model_shows_its_figures(tiny_engine):
     assert DEMO_HEADLINE not in text and REAL_MODEL_HINT not in text
     for part in ("Ming-flash-omni-2.0", "release 2.0", "103 B parameters", "bfloat16", "cuda:0"):
         assert part in text
+    assert "placement" not in text  # everything on one device: nothing to say
+    spread = replace(info, placement="1 GPU(s) + host; routed experts (7,936, 25 MB each) on GPU 0: 2,667, "
+                                     "host memory (CPU compute): 5,269; predicted decode 8.1 tokens/s")
+    assert "placement: 1 GPU(s) + host" in banner_text(spread) and "host memory (CPU compute)" in banner_text(spread)
     assert human_count(2_306_320) == "2.31 M"
 
 
