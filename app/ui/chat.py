@@ -85,15 +85,17 @@ class ChatRuns:
         self._lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
         self._queued: dict[str, int] = {}  # requests sent but not started yet
-        self._withdrawn: dict[str, int] = {}  # of those, how many Stop withdrew
+        self._withdrawn: dict[str, int] = {}  # of those, how many Stop / Clear withdrew
+        self._cleared: set[str] = set()  # ...and whether Clear did (the conversation is to stay empty)
 
     def enqueue(self, session: str) -> None:
         """A request of this session entered the queue (called, unqueued, as Send is pressed)."""
         with self._lock:
             self._queued[session] = self._queued.get(session, 0) + 1
 
-    def start(self, session: str) -> bool:
-        """A request of this session leaves the queue: False when Stop withdrew it meanwhile."""
+    def start(self, session: str) -> str | None:
+        """A request of this session leaves the queue: None to run it, or "stopped" / "cleared" when
+        Stop / Clear withdrew it meanwhile."""
         with self._lock:
             if self._queued.get(session, 0) > 0:
                 self._queued[session] -= 1
@@ -103,8 +105,11 @@ class ChatRuns:
                 self._withdrawn[session] -= 1
                 if not self._withdrawn[session]:
                     del self._withdrawn[session]
-                return False
-            return True
+                cleared = session in self._cleared
+                if session not in self._withdrawn:
+                    self._cleared.discard(session)
+                return "cleared" if cleared else "stopped"
+            return None
 
     def begin(self, session: str) -> _Run:
         run = _Run()
@@ -126,6 +131,8 @@ class ChatRuns:
             queued = self._queued.get(session, 0)
             if queued:
                 self._withdrawn[session] = queued
+                if clear:
+                    self._cleared.add(session)
             run = self._runs.get(session)
             if run is None:
                 return bool(queued)
@@ -173,7 +180,11 @@ class ChatController:
         shown = history + [{"role": "user", "content": message}]
         system = (system_prompt or "").strip() or None
         session = _session_of(request)
-        if not self.runs.start(session):  # Stop was pressed while this request waited in the queue
+        withdrawn = self.runs.start(session)
+        if withdrawn == "cleared":  # Clear was pressed while this request waited in the queue
+            yield [], "", ""
+            return
+        if withdrawn == "stopped":  # Stop was pressed while it waited: the message goes back to the box
             yield history, message, WITHDRAWN
             return
         run = self.runs.begin(session)

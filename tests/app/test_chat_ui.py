@@ -246,4 +246,9 @@ def test_stop_withdraws_a_request_still_waiting_in_the_queue(tiny_engine):
         tiny_engine.chat = original
     assert calls == [1] and "finish reason: length" in figures
     assert content_text(history[0]["content"]) == "Hello again"
-    assert len(controller.runs) == 0 and controller.runs.start("bob")  # nothing left over for the session
+    assert len(controller.runs) == 0 and controller.runs.start("bob") is None  # nothing left over
+    # Clear while queued: the conversation stays empty (the old history is not brought back).
+    controller.enqueue(bob)
+    assert controller.clear(bob) == ([], "", "")
+    assert list(controller.respond(*chat_args("Later", history), request=bob)) == [([], "", "")]
+    assert controller.runs.start("bob") is None

@@ -293,7 +293,7 @@ def moe_experts_triton(
     top_k = topk_ids.shape[1]
     n_assign = num_tokens * top_k
     if n_assign == 0:
-        return torch.zeros_like(x)
+        return torch.zeros(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     tuned = launch_config(n_assign)
     direct = tuned.direct if direct is None else direct
     cfg = LaunchConfig(block_m or (DEFAULT_BLOCK_M if direct else tuned.block_m), block_n or tuned.block_n,
