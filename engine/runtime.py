@@ -32,7 +32,7 @@ from engine.loader import resolve_checkpoint
 from engine.moe_runtime import RuntimeOptions
 from engine.placement import PLACEMENTS, auto_plan, machine_devices, placement_summary, runtime_options_for
 from engine.plan import Plan
-from engine.thinker import LoadedModel, count_parameters, load_model
+from engine.thinker import LoadedModel, count_parameters, load_model, parse_dtype
 from engine.tiny import ensure_tiny_checkpoint, is_demo_checkpoint
 from engine.tokenizer import MingTokenizer
 
@@ -92,7 +92,8 @@ class Engine:
             plan = placement
         elif placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS} or a Plan, got {placement!r}")
-        elif placement == "auto" and dev.type == "cuda":
+        elif placement == "auto" and dev.type == "cuda" and parse_dtype(dtype).itemsize == 2:
+            # (the planner sizes 16-bit weights; an fp32 load on a GPU keeps the "single" placement)
             devices = machine_devices()
             if devices is not None:
                 root = resolve_checkpoint(path)
