@@ -14,29 +14,17 @@ if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from app.studio import build_studio  # noqa: E402
-
 # Quiet and offline (see platform notes).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="module")
-def studio_url(tiny_engine):
-    demo = build_studio(tiny_engine)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
-    try:
-        yield demo.local_url
-    finally:
-        demo.close()
-
-
-def test_type_send_and_see_the_reply(studio_url, tmp_path):
+def test_type_send_and_see_the_reply(studio, tmp_path):
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(studio_url, wait_until="networkidle", timeout=60_000)
+            page.goto(studio, wait_until="networkidle", timeout=60_000)
             banner = page.locator("#model-banner")
             sync_api.expect(banner).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
             sync_api.expect(banner).to_contain_text("--model inclusionAI/Ming-flash-omni-2.0")
@@ -61,7 +49,7 @@ def test_type_send_and_see_the_reply(studio_url, tmp_path):
             browser.close()
 
 
-def test_stop_withdraws_a_queued_message_in_the_browser(studio_url):
+def test_stop_withdraws_a_queued_message_in_the_browser(studio):
     """Two visitors: Alice's long reply holds the engine; Bob sends, sees his request wait, presses Stop.
     When Alice stops, Bob's request ends without generating and his message is back in the box."""
     with sync_api.sync_playwright() as pw:
@@ -69,7 +57,7 @@ def test_stop_withdraws_a_queued_message_in_the_browser(studio_url):
         try:
             alice, bob = browser.new_page(), browser.new_page()
             for page in (alice, bob):
-                page.goto(studio_url, wait_until="networkidle", timeout=60_000)
+                page.goto(studio, wait_until="networkidle", timeout=60_000)
             alice.locator("#chat-advanced").click()  # open the accordion to reach the token limit
             limit = alice.get_by_label("Max new tokens").first
             limit.fill("8000")

@@ -13,7 +13,6 @@ import pytest
 pytest.importorskip("gradio")
 from gradio_client import Client  # noqa: E402
 
-from app.studio import build_studio  # noqa: E402
 from app.ui.banner import DEMO_HEADLINE, banner_text, human_count  # noqa: E402
 from app.ui.chat import EMPTY_HINT, ChatController, ChatRuns, content_text, history_to_messages  # noqa: E402
 from engine.events import Done  # noqa: E402
@@ -36,16 +35,6 @@ def engine_reply(engine, messages, max_new_tokens=12, system=None, thinking=Fals
             if isinstance(ev, Done)]
     assert len(done) == 1
     return done[0]
-
-
-@pytest.fixture(scope="module")
-def studio(tiny_engine):
-    demo = build_studio(tiny_engine)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
-    try:
-        yield demo.local_url
-    finally:
-        demo.close()
 
 
 @pytest.fixture()
