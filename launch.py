@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         return _fail(problem, EXIT_MODEL_ERROR)
 
-    from engine.config import ConfigError
+    from engine.models.thinker.config import ConfigError
     from engine.loader import CheckpointError
     from engine.runtime import REAL_MODEL_HINT, Engine
-    from engine.tokenizer import TokenizerError
+    from engine.models.thinker.tokenizer import TokenizerError
 
     what = args.model or "the tiny random demo checkpoint"
     print(f"Loading {what} ...", flush=True)

@@ -1,4 +1,4 @@
-"""Export our BailingMoeV2 LLM (a loaded `engine.thinker.LoadedModel`) to a GGUF file of llama.cpp's
+"""Export our BailingMoeV2 LLM (a loaded `engine.models.thinker.model.LoadedModel`) to a GGUF file of llama.cpp's
 `bailingmoe2` architecture, with the `gguf` package (`pip install -r requirements-bench.txt`).
 
     python bench/gguf_export.py CHECKPOINT_DIR OUT.gguf [--dtype fp32|bf16]
@@ -46,8 +46,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.config import LLMConfig  # noqa: E402
-from engine.llm import BailingMoeV2ForCausalLM  # noqa: E402
+from engine.models.thinker.config import LLMConfig  # noqa: E402
+from engine.models.thinker.llm import BailingMoeV2ForCausalLM  # noqa: E402
 
 GGUF_ARCH = "bailingmoe2"
 # llama.cpp needs a merges array for a gpt2 (byte-level BPE) vocab and gguf-py cannot write an
@@ -272,7 +272,7 @@ def export_gguf(llm: BailingMoeV2ForCausalLM, out_path: str | Path, dtype: str =
 def main(argv: list[str] | None = None) -> int:
     import json
 
-    from engine.thinker import load_model
+    from engine.models.thinker.model import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)

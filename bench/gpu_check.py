@@ -129,7 +129,7 @@ def check_rotary(dtype: torch.dtype) -> None:
 # ------------------------------------------------------------------------------------------------ engine
 
 def _prefill_logits(engine, text: str) -> torch.Tensor:
-    from engine.positions import PositionTokens, rope_index
+    from engine.models.thinker.positions import PositionTokens, rope_index
 
     model = engine.model
     ids = engine.tokenizer.encode_plain(text)
@@ -179,11 +179,11 @@ def check_engine(tiny: Path) -> None:
 
 
 def check_runtime(tiny: Path) -> None:
-    from engine.config import MingConfig
-    from engine.layers import Numerics
-    from engine.moe_runtime import CPU, DeviceMap, ExpertPlacement, RuntimeOptions
-    from engine.positions import PositionTokens, rope_index
-    from engine.thinker import load_model
+    from engine.models.thinker.config import MingConfig
+    from engine.models.thinker.layers import Numerics
+    from engine.placement.expert_runtime import CPU, DeviceMap, ExpertPlacement, RuntimeOptions
+    from engine.models.thinker.positions import PositionTokens, rope_index
+    from engine.models.thinker.model import load_model
 
     cfg = MingConfig.from_file(tiny)
     moe = [i for i in range(cfg.llm.num_hidden_layers) if cfg.llm.is_moe_layer(i)]

@@ -9,7 +9,7 @@ Measured, all in one run:
 
 * Link and host: pinned host→GPU copy rate (1 GiB, best of 5), pageable host→GPU, and the CPU's
   rate on one cold expert (``swiglu`` of T=1 and T=16 tokens on torch's threads) — the inputs of
-  ``engine.moe_runtime.TransferModel``. The fetch threshold derived from the measured rates is printed
+  ``engine.placement.expert_runtime.TransferModel``. The fetch threshold derived from the measured rates is printed
   next to the one derived from the defaults.
 * Layer time per call (host clock, CUDA synchronised, median over calls that each draw a new random
   routing), for: ``all-gpu`` (stacked weights on the GPU, the Triton kernel: the ceiling),
@@ -36,8 +36,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.kernels.moe import swiglu  # noqa: E402
-from engine.layers import ExpertBank  # noqa: E402
-from engine.moe_runtime import CPU, DeviceMap, ExpertPlacement, MoERuntime, RuntimeOptions, TransferModel  # noqa: E402
+from engine.models.thinker.layers import ExpertBank  # noqa: E402
+from engine.placement.expert_runtime import CPU, DeviceMap, ExpertPlacement, MoERuntime, RuntimeOptions, TransferModel  # noqa: E402
 
 GIB = 1024**3
 

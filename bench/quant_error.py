@@ -1,7 +1,7 @@
 """Error of FP8 / int8 routed experts against the unquantised model on the public parity fixtures.
 
 For each case (default: ../shared/fixtures/ming_ref/llm_b1, llm_b2, mm) the model is loaded three
-times through `load_model` (fp32 activations, as engine.parity does) with expert_dtype "bf16" (the
+times through `load_model` (fp32 activations, as engine.tools.parity does) with expert_dtype "bf16" (the
 unquantised reference: experts stay in the model dtype), "fp8" and "int8". The reference runs prefill
 and the case's number of greedy KV-cache decode steps. Each quantised model is then run
 *teacher-forced* on the same inputs and the reference's greedy tokens, so every position is compared
@@ -36,10 +36,10 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.parity import _processor_for, conversation_from_prompt, llm_case_inputs  # noqa: E402
-from engine.positions import PositionTokens, decode_positions, rope_index  # noqa: E402
+from engine.tools.parity import _processor_for, conversation_from_prompt, llm_case_inputs  # noqa: E402
+from engine.models.thinker.positions import PositionTokens, decode_positions, rope_index  # noqa: E402
 from engine.runtime import Engine  # noqa: E402
-from engine.thinker import load_model  # noqa: E402
+from engine.models.thinker.model import load_model  # noqa: E402
 
 DEFAULT_CASES = ["llm_b1", "llm_b2", "mm"]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "ming_ref"
@@ -47,7 +47,7 @@ KINDS = ("bf16", "fp8", "int8")
 
 
 def _llm_inputs(case_dir: Path, loaded):
-    """(ids, mask, mm, image_grid_thw, video_grid_thw) of an `llm` case, as engine.parity builds them."""
+    """(ids, mask, mm, image_grid_thw, video_grid_thw) of an `llm` case, as engine.tools.parity builds them."""
     return llm_case_inputs(case_dir)
 
 

@@ -9,7 +9,7 @@
    9 layers (1 dense of 4096, 8 MoE), 32 experts of 512, top-8 in 2 of 4 groups, 1 shared expert:
    ~0.95 B parameters, ~3.8 GB in fp32, ~1.4 GB of weights read per decoded token, so memory
    bandwidth, not Python, dominates.
-2. Loads it with our normal loader (`engine.thinker.load_model`), exports the weights our engine
+2. Loads it with our normal loader (`engine.models.thinker.model.load_model`), exports the weights our engine
    holds to GGUF arch `bailingmoe2` (bench/gguf_export.py), loads that in llama.cpp.
 3. Same precision (F32 or BF16 weights, KV cache of the same type), same thread count, same token
    ids. Runs alternate between the engines; medians over --runs after one warm-up each:
@@ -62,11 +62,11 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from engine.config import MingConfig  # noqa: E402
-from engine.layers import Numerics  # noqa: E402
+from engine.models.thinker.config import MingConfig  # noqa: E402
+from engine.models.thinker.layers import Numerics  # noqa: E402
 from engine.loader import checkpoint_entries  # noqa: E402
-from engine.positions import PositionTokens, decode_positions, rope_index  # noqa: E402
-from engine.thinker import build_llm, count_parameters, load_model  # noqa: E402
+from engine.models.thinker.positions import PositionTokens, decode_positions, rope_index  # noqa: E402
+from engine.models.thinker.model import build_llm, count_parameters, load_model  # noqa: E402
 from engine.tiny import (_init_tensor, default_cache_dir, tiny_config, tiny_id,  # noqa: E402
                          tiny_tokenizer_files)
 
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"llama.cpp loaded the GGUF in {time.perf_counter() - t0:.1f} s")
     ours = Ours(model)
 
-    from engine.tokenizer import MingTokenizer
+    from engine.models.thinker.tokenizer import MingTokenizer
 
     tok = MingTokenizer(ckpt)
     ids = tok.encode_plain(PROMPT_TEXT * (1 + args.prompt_tokens // 100))[: args.prompt_tokens]

@@ -16,11 +16,11 @@ from collections.abc import Iterator
 import torch
 
 from engine.events import Done, Error, Event, GenerationStats, TextDelta
-from engine.llm import MultimodalInputs
-from engine.positions import PositionTokens, decode_positions, rope_index
+from engine.models.thinker.llm import MultimodalInputs
+from engine.models.thinker.positions import PositionTokens, decode_positions, rope_index
 from engine.sampling import GenerationParams, Sampler
-from engine.thinker import LoadedModel
-from engine.tokenizer import MingTokenizer
+from engine.models.thinker.model import LoadedModel
+from engine.models.thinker.tokenizer import MingTokenizer
 
 
 class StopStringFilter:

@@ -18,23 +18,23 @@ from typing import Any
 
 import torch
 
-from engine.asr import TranscriptStream, asr_messages, dialect_prefix, parse_transcript
+from engine.models.thinker.asr import TranscriptStream, asr_messages, dialect_prefix, parse_transcript
 from engine.events import Done, Error, Event, TextDelta
 from engine.generate import generate
-from engine.llm import MultimodalInputError, MultimodalInputs
+from engine.models.thinker.llm import MultimodalInputError, MultimodalInputs
 from engine.media.errors import MediaError
-from engine.processor import MediaSettings, MingProcessor, ProcessedPrompt
-from engine.projectors import encode_audio_wrapped, encode_images
-from engine.prompt import ChatMessage, PromptError
+from engine.models.thinker.processor import MediaSettings, MingProcessor, ProcessedPrompt
+from engine.models.thinker.projectors import encode_audio_wrapped, encode_images
+from engine.models.thinker.prompt import ChatMessage, PromptError
 from engine.sampling import GenerationParams
-from engine.config import MingConfig
+from engine.models.thinker.config import MingConfig
 from engine.loader import resolve_checkpoint
-from engine.moe_runtime import RuntimeOptions
-from engine.placement import PLACEMENTS, auto_plan, machine_devices, placement_summary, runtime_options_for
-from engine.plan import Plan
-from engine.thinker import LoadedModel, count_parameters, load_model, parse_dtype
+from engine.placement.expert_runtime import RuntimeOptions
+from engine.placement.auto import PLACEMENTS, auto_plan, machine_devices, placement_summary, runtime_options_for
+from engine.placement.planner import Plan
+from engine.models.thinker.model import LoadedModel, count_parameters, load_model, parse_dtype
 from engine.tiny import ensure_tiny_checkpoint, is_demo_checkpoint
-from engine.tokenizer import MingTokenizer
+from engine.models.thinker.tokenizer import MingTokenizer
 
 # Below this many bytes of weights a CPU forward is dominated by per-op overhead, where extra
 # OpenMP threads only add synchronisation (measured on the tiny model: 1 thread ~9x faster than 2
@@ -79,10 +79,10 @@ class Engine:
         """`path_or_id` None loads (and on first use generates) the tiny random demo checkpoint.
         dtype defaults to bf16 on GPU and fp32 on CPU. `cpu_threads` sets torch's thread count;
         by default a small model on CPU runs on one thread (see SMALL_MODEL_BYTES). `expert_dtype`
-        "fp8" or "int8" quantises the routed experts while loading (engine.quant).
+        "fp8" or "int8" quantises the routed experts while loading (engine.placement.quant).
         `placement`: "auto" (on CUDA, a model that does not fit on one GPU is spread over this
-        machine's GPUs and host memory by the planner, engine.placement), "single" (everything on
-        `device`), or an engine.plan.Plan to follow (with `runtime_options`). `log`: called with one
+        machine's GPUs and host memory by the planner, engine.placement.auto), "single" (everything on
+        `device`), or an engine.placement.planner.Plan to follow (with `runtime_options`). `log`: called with one
         line saying where the weights went."""
         path = ensure_tiny_checkpoint() if path_or_id is None else path_or_id
         dev = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.config import MingConfig
+from engine.models.thinker.config import MingConfig
 from engine.loader import checkpoint_entries
-from engine.thinker import build_encoders, build_llm
-from engine.tokenizer import byte_level_alphabet
+from engine.models.thinker.model import build_encoders, build_llm
+from engine.models.thinker.tokenizer import byte_level_alphabet
 
 # Bump when the generated files change, so cached copies are rebuilt.
 TINY_VERSION = 2

@@ -14,8 +14,8 @@ gguf = pytest.importorskip("gguf")
 
 from bench.gguf_export import INERT_MERGE, GGUFExportError, check_exportable, export_gguf  # noqa: E402
 from bench.vs_llamacpp import midsize_config, write_checkpoint  # noqa: E402
-from engine.config import LLMConfig  # noqa: E402
-from engine.thinker import load_model  # noqa: E402
+from engine.models.thinker.config import LLMConfig  # noqa: E402
+from engine.models.thinker.model import load_model  # noqa: E402
 from engine.tiny import tiny_config  # noqa: E402
 
 
@@ -119,7 +119,7 @@ def test_llamacpp_runs_the_export_with_our_logits(small_checkpoint, tmp_path):
     """End to end when llama-cpp-python is installed (skipped otherwise): same last-position logits."""
     pytest.importorskip("llama_cpp")
     from bench.vs_llamacpp import LlamaCpp, Ours, compare_logits, run_once
-    from engine.layers import Numerics
+    from engine.models.thinker.layers import Numerics
 
     model = load_model(small_checkpoint, dtype="fp32", device="cpu", numerics=Numerics.intent(torch.float32))
     path = export_gguf(model.llm, tmp_path / "m.gguf").path

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.loader import CheckpointError, CheckpointFiles, resolve_checkpoint
-from engine.thinker import load_model
+from engine.models.thinker.model import load_model
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ import wave
 import numpy as np
 import pytest
 
-from engine.asr import asr_instruction, parse_transcript
+from engine.models.thinker.asr import asr_instruction, parse_transcript
 from engine.events import Done, Error, TextDelta
 from engine.media.video import WebcamClip
 from engine.sampling import GenerationParams

@@ -4,9 +4,9 @@ import json
 import subprocess
 import sys
 
-from engine.config import MingConfig
+from engine.models.thinker.config import MingConfig
 from engine.tiny import REAL_SPECIAL_TOKENS, is_demo_checkpoint, tree_digest, write_tiny_checkpoint
-from engine.tokenizer import MingTokenizer
+from engine.models.thinker.tokenizer import MingTokenizer
 from tests.paths import REPO
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from engine.events import Done, Error, TextDelta
-from engine.prompt import DEFAULT_SYSTEM_PROMPT
+from engine.models.thinker.prompt import DEFAULT_SYSTEM_PROMPT
 from engine.runtime import Engine
 from engine.sampling import GenerationParams
 

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.loader import CheckpointError  # noqa: PLC0415
     from engine.runtime import Engine  # noqa: PLC0415
     from engine.server.app import create_app, uvicorn_config  # noqa: PLC0415
-    from engine.tokenizer import TokenizerError  # noqa: PLC0415
+    from engine.models.thinker.tokenizer import TokenizerError  # noqa: PLC0415
 
     if args.threads:
         import torch  # noqa: PLC0415

@@ -21,7 +21,7 @@ from engine.media.image import (
     smart_resize,
 )
 
-from .conftest import REAL_CONFIGS
+from tests.paths import REAL_CONFIGS
 
 
 def _rng_image(h: int, w: int, seed: int = 0) -> np.ndarray:

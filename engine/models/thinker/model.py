@@ -1,0 +1,211 @@
+"""The Ming "thinker": builds the modules a checkpoint describes (on the meta device first, so
+nothing is allocated until weights are read) and loads them through engine.loader.
+
+Components and their checkpoint prefixes: the BailingMoeV2 LLM (`model.` in the composite thinker,
+none in a standalone LLM checkpoint), the ViT (`vision.`), its projector (`linear_proj.`), the
+Whisper audio encoder (`audio.`) and its projector (`linear_proj_audio.`). Encoders exist when the
+config has their sub-config.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine import kernels
+from engine.placement import quant
+from engine.models.thinker.audio_encoder import AudioEncoderConfig, WhisperAudioEncoder
+from engine.models.thinker.config import MingConfig
+from engine.models.thinker.layers import Numerics
+from engine.models.thinker.llm import BailingMoeV2ForCausalLM
+from engine.loader import CheckpointFiles, check_unexpected, load_module, resolve_checkpoint
+from engine.models.thinker.projectors import AudioProjector, VisionProjector
+from engine.models.thinker.vision import VisionConfig, build_vision_encoder
+
+DEFAULT_MLP_DEPTH = 2
+
+
+def build_llm(cfg: MingConfig, device: torch.device | str = "meta") -> BailingMoeV2ForCausalLM:
+    with torch.device(device):
+        return BailingMoeV2ForCausalLM(cfg.llm)
+
+
+@dataclass
+class Encoders:
+    """The optional encoder side of the thinker (None where the config has no sub-config)."""
+
+    vision: nn.Module | None = None
+    linear_proj: VisionProjector | None = None
+    audio: WhisperAudioEncoder | None = None
+    linear_proj_audio: AudioProjector | None = None
+
+    def components(self) -> dict[str, nn.Module]:
+        mods = {"vision.": self.vision, "linear_proj.": self.linear_proj, "audio.": self.audio,
+                "linear_proj_audio.": self.linear_proj_audio}
+        return {k: v for k, v in mods.items() if v is not None}
+
+
+def build_encoders(cfg: MingConfig, device: torch.device | str = "meta",
+                   rope_bf16_tables: bool | None = None) -> Encoders:
+    enc = Encoders()
+    depth = int(cfg.mlp_depth or DEFAULT_MLP_DEPTH)
+    with torch.device(device):
+        if cfg.vision:
+            vcfg = VisionConfig.from_dict(cfg.vision)
+            enc.vision = build_vision_encoder(vcfg, rope_bf16_tables=rope_bf16_tables)
+            enc.linear_proj = VisionProjector(vcfg.out_hidden_size, cfg.llm.hidden_size, depth)
+        if cfg.audio:
+            acfg = AudioEncoderConfig.from_dict(cfg.audio)
+            enc.audio = WhisperAudioEncoder(acfg)
+            enc.linear_proj_audio = AudioProjector.from_config(acfg, cfg.llm.hidden_size, depth)
+    return enc
+
+
+def build_thinker(cfg: MingConfig, device: torch.device | str = "meta") -> dict[str, nn.Module]:
+    """Every component keyed by its checkpoint prefix."""
+    return {cfg.llm_weight_prefix: build_llm(cfg, device), **build_encoders(cfg, device).components()}
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready to run: config, LLM, numerics, where it came from, and load figures."""
+
+    config: MingConfig
+    llm: BailingMoeV2ForCausalLM
+    numerics: Numerics
+    device: torch.device
+    path: Path
+    encoders: Encoders = field(default_factory=Encoders)
+    load_seconds: float = 0.0
+    expert_dtype: str = "bf16"          # routed-expert storage: bf16 (= unquantised, model dtype), fp8, int8
+    moe_runtime: Any = None             # engine.placement.expert_runtime.MoERuntime when loaded with a placement plan
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype '{name}' (use one of {sorted(table)})")
+    return table[name]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _expert_banks(llm: BailingMoeV2ForCausalLM) -> dict[str, nn.Module]:
+    """Routed-expert banks by module path (e.g. 'model.layers.1.mlp.experts')."""
+    return {f"model.layers.{i}.mlp.experts": layer.mlp.experts
+            for i, layer in enumerate(llm.model.layers) if layer.is_moe}
+
+
+@contextmanager
+def _without(root: nn.Module, paths: list[str]):
+    """Temporarily detach the submodules at `paths` (so load_module skips them), then put them back."""
+    taken = []
+    for path in paths:
+        parent_path, leaf = path.rsplit(".", 1)
+        parent = root.get_submodule(parent_path)
+        taken.append((parent, leaf, parent._modules.pop(leaf)))
+    try:
+        yield
+    finally:
+        for parent, leaf, mod in taken:
+            parent._modules[leaf] = mod
+
+
+def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None,
+               numerics: Numerics | None = None, progress=None, *, expert_dtype: str | None = None,
+               plan=None, runtime_options=None, pack_cpu_experts: bool = True) -> LoadedModel:
+    """Load a checkpoint directory (or hub id) in the upstream format.
+
+    `numerics` defaults to the reference's own behaviour for the dtype (bf16: rounded rotary
+    tables and bf16 router, spec §2.11); pass Numerics.intent(dtype) for the fp32-intent variant.
+
+    `expert_dtype` ("bf16" | "fp8" | "int8"; default: the plan's, else "bf16"): routed experts stay
+    unquantised in the model dtype ("bf16", the historical path, unchanged), or are quantised one expert
+    at a time while loading to FP8 e4m3 / int8 with per-output-channel scales (engine.placement.quant).
+    `plan` (an engine.placement.planner.Plan or engine.placement.expert_runtime.ExpertPlacement): routed experts are loaded onto
+    the devices the plan gives them and executed by an engine.placement.expert_runtime.MoERuntime (returned as
+    `moe_runtime`); `runtime_options` (RuntimeOptions) sets its device map, hot-expert cache and fetch
+    threshold. Everything else is loaded on `device`.
+    `pack_cpu_experts`: bf16 routed experts on CPU are re-laid out once for oneDNN (faster GEMMs).
+    """
+    t0 = time.perf_counter()
+    root = resolve_checkpoint(path_or_id)
+    cfg = MingConfig.from_file(root)
+    dt = parse_dtype(dtype)
+    numerics = numerics or Numerics.reference(dt)
+    expert_dtype = quant.check_expert_dtype(expert_dtype or getattr(plan, "expert_dtype", None) or "bf16")
+    dev = torch.device(device) if device is not None else default_device()
+    files = CheckpointFiles.open(root)
+    llm = build_llm(cfg)
+    encoders = build_encoders(cfg, rope_bf16_tables=numerics.rope_bf16_tables)
+    banks = _expert_banks(llm)
+    custom_experts = bool(banks) and (expert_dtype != "bf16" or plan is not None)
+    runtime = None
+    consumed: set[str] = set()
+    with files.reader() as reader:
+        for prefix, module in {cfg.llm_weight_prefix: llm, **encoders.components()}.items():
+            if module is llm and custom_experts:
+                with _without(llm, list(banks)):
+                    consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
+                if plan is not None:
+                    from engine.placement.expert_runtime import MoERuntime
+                    runtime, names = MoERuntime.load(llm, reader, prefix, plan, expert_dtype, numerics.dtype,
+                                                     runtime_options, progress=progress)
+                    consumed |= names
+                else:
+                    for name, bank in banks.items():
+                        consumed |= quant.load_quantized_bank(bank, reader, prefix, name, expert_dtype, dev,
+                                                              progress=progress)
+            else:
+                consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
+            module.eval()
+    check_unexpected(files, consumed)
+    if pack_cpu_experts and not custom_experts and dev.type == "cpu" and numerics.dtype == torch.bfloat16 \
+            and kernels.onednn_packing_available(torch.bfloat16):
+        for bank in banks.values():  # one layer at a time: the stacked copy is freed as we go
+            bank.pack_for_cpu()
+        for layer in llm.model.layers:  # attention, dense and shared-expert projections too
+            kernels.pack_linears(layer)
+        kernels.pack_linears(llm)  # lm_head
+    if runtime is not None and hasattr(plan, "layer_home"):
+        place_non_expert_modules(llm, encoders, plan, runtime.device_map)
+    return LoadedModel(config=cfg, llm=llm, numerics=numerics, device=dev, path=root, encoders=encoders,
+                       load_seconds=time.perf_counter() - t0, expert_dtype=expert_dtype, moe_runtime=runtime)
+
+
+def place_non_expert_modules(llm: BailingMoeV2ForCausalLM, encoders: Encoders, plan, device_map) -> None:
+    """Move everything but the routed experts where an engine.placement.planner.Plan puts it: each decoder
+    layer's attention, norms, routers and shared expert on its home GPU (its KV cache follows it),
+    final norm + lm_head on the head GPU, the embedding table and the encoders on a GPU or the host.
+    Activations then travel between devices in the forward (engine.models.thinker.llm), never weights."""
+    gpus = device_map.gpus
+    for i, layer in enumerate(llm.model.layers):
+        home = gpus[plan.layer_home[i]]
+        for name, child in layer.named_children():
+            if name == "mlp" and layer.is_moe:
+                for sub_name, sub in child.named_children():
+                    if sub_name != "experts":  # routed experts are the runtime's
+                        sub.to(home)
+            else:
+                child.to(home)
+    llm.model.norm.to(gpus[plan.head_home])
+    llm.lm_head.to(gpus[plan.head_home])
+    llm.model.word_embeddings.to(device_map.host if plan.embeddings == "cpu" else gpus[0])
+    enc_device = device_map.host if plan.encoders == "cpu" else gpus[0]
+    for module in encoders.components().values():
+        module.to(enc_device)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

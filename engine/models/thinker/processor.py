@@ -1,0 +1,192 @@
+"""The multimodal processor: chat messages with text, image, video and audio parts become the
+exact prompt string and token ids the reference processor builds (spec §6), plus the media
+tensors for the encoders and the audio spans for the MultiRouter.
+
+Rendering (spec §6.2): content parts are concatenated without separators; an image part expands
+to `<image>` + `<imagePatch>`×n + `</image>\\n` (a list of images is joined by `\\n`); a 2.0 video to
+`<video>` + per temporal patch `<{t:.1f} seconds><image><framePatch>…</image>` + `</video>`; a
+Preview video to `<video><framePatch>…</video>\\n`; an audio clip to `<audio>` + `<audioPatch>`×T₃ +
+`</audio>` (a list joined by `\\n`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.models.thinker.config import MingConfig
+from engine.media.audio import AudioFeatures, AudioFrontendConfig, pack_audio_features, prepare_audio
+from engine.media.errors import MediaError
+from engine.media.image import ImageInputs, ImageProcessorConfig, prepare_image
+from engine.media.video import VideoInputs, WebcamClip, prepare_video, video_prompt_text
+from engine.models.thinker.prompt import DEFAULT_SYSTEM_PROMPT, ROLE_NAMES, THINKING_SUFFIX, PromptError
+from engine.models.thinker.tokenizer import (AUDIO_END, AUDIO_PATCH, AUDIO_START, IMAGE_END, IMAGE_PATCH, IMAGE_START, ROLE_END_TAG,
+                              ROLE_START, TURN_END, MingTokenizer)
+
+TEXT_TYPES = ("text", "input_text")
+IMAGE_TYPES = ("image", "input_image", "image_url")
+VIDEO_TYPES = ("video", "input_video")
+AUDIO_TYPES = ("audio", "input_audio")
+
+
+@dataclass
+class MediaSettings:
+    """Processor settings of a checkpoint: image processor, audio front end, video layout."""
+
+    image: ImageProcessorConfig = field(default_factory=ImageProcessorConfig)
+    audio: AudioFrontendConfig = field(default_factory=AudioFrontendConfig)
+    interleaved_video: bool = True
+
+    @classmethod
+    def for_checkpoint(cls, root: str | Path, cfg: MingConfig) -> "MediaSettings":
+        path = Path(root) / "preprocessor_config.json"
+        release = "preview" if cfg.release == "preview" else "2.0"
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        image = ImageProcessorConfig.from_dict(data, release=release) if data else ImageProcessorConfig.for_release(release)
+        n_ctx = (cfg.audio.get("whisper_encoder_config") or {}).get("n_ctx") if cfg.audio else None
+        audio = AudioFrontendConfig.from_dict(data, n_ctx=n_ctx) if data else AudioFrontendConfig()
+        return cls(image=image, audio=audio, interleaved_video=cfg.llm.use_interleaved_frame_timestamp)
+
+
+@dataclass
+class ProcessedPrompt:
+    """Everything one prefill needs."""
+
+    text: str
+    ids: list[int]
+    images: list[ImageInputs] = field(default_factory=list)
+    videos: list[VideoInputs] = field(default_factory=list)
+    audios: list[AudioFeatures] = field(default_factory=list)
+    audio_spans: list[tuple[int, int]] = field(default_factory=list)  # (first <audioPatch> index, count)
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor | None:
+        return torch.cat([i.grid_thw for i in self.images]) if self.images else None
+
+    @property
+    def video_grid_thw(self) -> torch.Tensor | None:
+        return torch.cat([v.grid_thw for v in self.videos]) if self.videos else None
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        return torch.cat([i.pixel_values for i in self.images]) if self.images else None
+
+    @property
+    def pixel_values_videos(self) -> torch.Tensor | None:
+        return torch.cat([v.pixel_values for v in self.videos]) if self.videos else None
+
+    def packed_audio(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.audios:
+            return None
+        feats, lengths, _ = pack_audio_features(self.audios)
+        return feats, lengths
+
+
+def _as_list(value: Any) -> list:
+    """A list means several items; a tuple is one item (e.g. `(samples, sample_rate)`)."""
+    return list(value) if isinstance(value, list) else [value]
+
+
+class MingProcessor:
+    def __init__(self, tokenizer: MingTokenizer, settings: MediaSettings):
+        self.tokenizer = tokenizer
+        self.settings = settings
+
+    # ---------------------------------------------------------------- media parts
+    def _image(self, source: Any) -> ImageInputs:
+        if isinstance(source, ImageInputs):
+            return source
+        return prepare_image(source, self.settings.image)
+
+    def _video(self, source: Any) -> VideoInputs:
+        if isinstance(source, VideoInputs):
+            return source
+        if isinstance(source, WebcamClip):
+            return source.to_video_inputs(self.settings.image)
+        return prepare_video(source, image_config=self.settings.image)
+
+    def _audio(self, part: dict, source: Any) -> AudioFeatures:
+        if isinstance(source, AudioFeatures):
+            return source
+        return prepare_audio(source, part.get("sample_rate"), self.settings.audio)
+
+    def _render_part(self, part: dict | str, out: ProcessedPrompt) -> list[tuple[str, bool]]:
+        """One content part -> (text, is_template) pieces; media is processed and recorded."""
+        if isinstance(part, str):
+            return [(part, False)]
+        kind = part.get("type")
+        if kind in TEXT_TYPES:
+            return [(str(part.get("text", "")), False)]
+        if kind in IMAGE_TYPES:
+            pieces: list[tuple[str, bool]] = []
+            for i, src in enumerate(_as_list(part.get(kind if kind in part else "image"))):
+                img = self._image(src)
+                out.images.append(img)
+                n = sum(img.num_tokens)
+                pieces.append((("\n" if i else "") + IMAGE_START + IMAGE_PATCH * n + IMAGE_END + "\n", True))
+            return pieces
+        if kind in VIDEO_TYPES:
+            if not self.settings.interleaved_video:
+                raise MediaError("video input for the Preview release is not supported yet (its sampler and "
+                                 "resize differ from 2.0's); images and audio work")
+            vid = self._video(part.get(kind if kind in part else "video"))
+            out.videos.append(vid)
+            return [(video_prompt_text(vid.patch_timestamps, vid.grid_thw, self.settings.image.merge_size,
+                                       interleaved=self.settings.interleaved_video), True)]
+        if kind in AUDIO_TYPES:
+            pieces = []
+            for i, src in enumerate(_as_list(part.get(kind if kind in part else "audio"))):
+                feats = self._audio(part, src)
+                out.audios.append(feats)
+                pieces.append((("\n" if i else "") + AUDIO_START + AUDIO_PATCH * feats.n_tokens + AUDIO_END, True))
+            return pieces
+        raise PromptError(f"unknown content part type '{kind}'")
+
+    # ---------------------------------------------------------------- prompts
+    def build(self, messages: list[dict], system_prompt: str | None = None, thinking: bool = False,
+              assistant_prefix: str | None = None) -> ProcessedPrompt:
+        """Messages [{"role": "user"|"assistant"|"system", "content": str | [parts]}] -> prompt.
+
+        `assistant_prefix` (e.g. "上海\\t" for dialect-forced ASR) is appended after the final
+        `<role>ASSISTANT</role>`, tokenised on its own (spec §6.3)."""
+        out = ProcessedPrompt(text="", ids=[])
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ROLE_NAMES:
+                raise PromptError(f"bad message {m!r}: needs a role of user, assistant or system")
+        system_texts = [m["content"] for m in messages if m["role"] == "system" and isinstance(m["content"], str)]
+        turns = [m for m in messages if m["role"] != "system"]
+        if not turns:
+            raise PromptError("no user message")
+        if ROLE_NAMES[turns[-1]["role"]] != "HUMAN":
+            raise PromptError("the last message must come from the user")
+        system = system_prompt if system_prompt is not None else ("\n".join(system_texts) or DEFAULT_SYSTEM_PROMPT)
+        pieces: list[tuple[str, bool]] = [(f"{ROLE_START}SYSTEM{ROLE_END_TAG}", True), (system, False),
+                                          (THINKING_SUFFIX.format("on" if thinking else "off") + TURN_END, True)]
+        for m in turns:
+            pieces.append((f"{ROLE_START}{ROLE_NAMES[m['role']]}{ROLE_END_TAG}", True))
+            content = m.get("content", "")
+            for part in ([content] if isinstance(content, str) else content):
+                pieces += self._render_part(part, out)
+            pieces.append((TURN_END, True))
+        pieces.append((f"{ROLE_START}ASSISTANT{ROLE_END_TAG}", True))
+        if assistant_prefix:
+            pieces.append((assistant_prefix, False))
+        ids: list[int] = []
+        for text, is_template in pieces:
+            if text:
+                ids += self.tokenizer.encode(text) if is_template else self.tokenizer.encode_plain(text)
+        out.text = "".join(t for t, _ in pieces)
+        out.ids = ids
+        out.audio_spans = self._audio_spans(ids, out.audios)
+        return out
+
+    def _audio_spans(self, ids: list[int], audios: list[AudioFeatures]) -> list[tuple[int, int]]:
+        start_id = self.tokenizer.token_id(AUDIO_START)
+        starts = [i + 1 for i, t in enumerate(ids) if t == start_id]
+        if len(starts) != len(audios):
+            raise MediaError(f"{len(starts)} <audio> markers for {len(audios)} audio clips")
+        return [(s, a.n_tokens) for s, a in zip(starts, audios)]

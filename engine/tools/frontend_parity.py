@@ -1,0 +1,366 @@
+"""Parity of the media front ends against the reference fixture cases ``frontend_image``,
+``frontend_audio`` and ``frontend_video`` (``shared/fixtures/ming_ref``).
+
+`run_frontend_case` feeds every input of a case through our code and compares each output
+tensor that the case's ``meta.json`` lists; a tensor we cannot produce is reported as a failed
+row, never skipped. Which call produced a tensor is read from its name (``<input>.direct.*``,
+``<input>.chat.*``, ``<input>.maxpix<N>.*``, ...) and, for multi-input calls, from the inputs its
+``meaning`` names, so cases with other inputs or sizes work the same way.
+
+Default tolerances (meta.json's own are used when it has them): integers, grids, uint8 frames and
+token ids exact; pixel values 1e-6; mel filters 1e-7; log-mel features 1e-4. The log-mel bound is
+loose because the reference's FFT rounding is not reproducible across CPUs: torch's MKL FFT takes
+a different code path with AVX-512 than with SSE4.2, and the log10 amplifies relative rounding in
+bins near the -8 dynamic-range floor (1.1e-5 on an AVX-512 machine, 1.2e-7 under
+``MKL_ENABLE_INSTRUCTIONS=SSE4_2``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.numpy import load_file
+
+from engine.media.audio import AudioFrontendConfig, mel_filters, pack_audio_features, prepare_audio
+from engine.media.image import (
+    ImageInputs,
+    ImageProcessorConfig,
+    fetch_image,
+    image_token_count,
+    prepare_images,
+    preprocess_images,
+)
+from engine.media.video import VideoSamplingConfig, prepare_video
+
+FRONTEND_CASES = ("frontend_image", "frontend_audio", "frontend_video")
+
+DEFAULT_TOLERANCES = {
+    "int": 0.0,
+    "pixel_values": 1e-6,
+    "mel_filters": 1e-7,
+    "audio_feats": 1e-4,
+    "float": 1e-6,
+}
+
+
+@dataclass
+class ParityRow:
+    """One compared tensor: the largest absolute difference and whether it is within tolerance."""
+
+    case: str
+    tensor: str
+    max_abs_diff: float
+    tolerance: float
+    ok: bool
+    note: str = ""
+
+
+def _tolerance(name: str, dtype: str, meta: dict) -> float:
+    given = meta.get("tolerances") or meta.get("tolerance") or {}
+    if isinstance(given, dict):
+        if name in given and isinstance(given[name], (int, float)):
+            return float(given[name])
+        for key, value in given.items():
+            if isinstance(value, (int, float)) and name.endswith(key):
+                return float(value)
+    if not dtype.startswith("float"):
+        return DEFAULT_TOLERANCES["int"]
+    for key in ("pixel_values", "mel_filters", "audio_feats"):
+        if key in name:
+            return DEFAULT_TOLERANCES[key]
+    return DEFAULT_TOLERANCES["float"]
+
+
+def _compare(case: str, name: str, ours, ref: np.ndarray, tol: float, note: str = "") -> ParityRow:
+    if isinstance(ours, torch.Tensor):
+        ours = ours.detach().cpu().numpy()
+    ours = np.asarray(ours)
+    if ours.shape != ref.shape:
+        return ParityRow(case, name, math.inf, tol, False,
+                         f"shape {tuple(ours.shape)} != reference {tuple(ref.shape)}" + (f"; {note}" if note else ""))
+    if ref.size == 0:
+        return ParityRow(case, name, 0.0, tol, True, note)
+    diff = float(np.max(np.abs(ours.astype(np.float64) - ref.astype(np.float64))))
+    return ParityRow(case, name, diff, tol, bool(diff <= tol), note)
+
+
+def _missing(case: str, name: str, tol: float, why: str) -> ParityRow:
+    return ParityRow(case, name, math.inf, tol, False, f"not produced: {why}")
+
+
+def _output_tensors(meta: dict) -> list[dict]:
+    return [t for t in meta.get("tensors", []) if t.get("file") == "outputs.safetensors"]
+
+
+def _named_inputs(meaning: str, inputs: dict) -> list[str]:
+    """Input names a tensor's meaning mentions, in the order they appear."""
+    found = []
+    for name in inputs:
+        for match in re.finditer(re.escape(name) + r"(?![A-Za-z0-9_])", meaning):
+            found.append((match.start(), name))
+    return [name for _, name in sorted(found)]
+
+
+# --------------------------------------------------------------------------- image
+
+
+def _image_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list[ParityRow]:
+    case = case_dir.name
+    config = ImageProcessorConfig.from_json_file(case_dir / "config.json")
+    cache: dict[tuple, object] = {}
+
+    def memo(key: tuple, fn: Callable[[], object]):
+        if key not in cache:
+            cache[key] = fn()
+        return cache[key]
+
+    def direct(names: tuple[str, ...], **kw) -> ImageInputs:
+        return memo(("direct", names, tuple(sorted(kw.items()))),
+                    lambda: preprocess_images([inputs[n] for n in names], config, **kw))
+
+    def chat(names: tuple[str, ...]) -> ImageInputs:
+        return memo(("chat", names), lambda: prepare_images([inputs[n] for n in names], config))
+
+    rows = []
+    for spec in _output_tensors(meta):
+        name, ref = spec["name"], outputs[spec["name"]]
+        tol = _tolerance(name, spec["dtype"], meta)
+        parts = name.split(".")
+        field = parts[-1]
+        try:
+            if parts[0] in inputs:
+                names, mode = (parts[0],), parts[1]
+            else:  # a multi-image call: the inputs are named in some tensor meaning of its group
+                group_meanings = [t.get("meaning", "") for t in _output_tensors(meta)
+                                  if t["name"].split(".")[0] == parts[0]]
+                named = [tuple(_named_inputs(m, inputs)) for m in [spec.get("meaning", "")] + group_meanings]
+                names, mode = next((n for n in named if n), ()), "direct"
+                if not names:
+                    rows.append(_missing(case, name, tol, "its meaning names no input image"))
+                    continue
+            if mode == "llm_tokens":
+                ours = [image_token_count(direct(names).grid_thw[0].tolist(), config.merge_size)]
+                rows.append(_compare(case, name, np.array(ours, dtype=np.int64), ref, tol))
+                continue
+            if mode == "direct":
+                result = direct(names)
+            elif mode == "chat":
+                if field == "fetch_image_uint8":
+                    ours = np.asarray(fetch_image(inputs[names[0]], config.release))
+                    rows.append(_compare(case, name, ours, ref, tol, "Stage A (fetch_image)"))
+                    continue
+                result = chat(names)
+            elif re.fullmatch(r"(max|min)pix\d+", mode):
+                bound = int(re.search(r"\d+", mode).group())
+                key = "max_pixels" if mode.startswith("max") else "min_pixels"
+                result = direct(names, **{key: bound})
+            else:
+                rows.append(_missing(case, name, tol, f"unknown call kind {mode!r}"))
+                continue
+            if field == "pixel_values":
+                rows.append(_compare(case, name, result.pixel_values, ref, tol))
+            elif field == "image_grid_thw":
+                rows.append(_compare(case, name, result.grid_thw, ref, tol))
+            else:
+                rows.append(_missing(case, name, tol, f"unknown field {field!r}"))
+        except Exception as exc:  # a crash is a failed row, not a skipped one
+            rows.append(_missing(case, name, tol, f"{type(exc).__name__}: {exc}"))
+
+    # chat-path pixel values are stored once when bit-identical to the direct path: check them too
+    for input_name, statement in (meta.get("chat_vs_direct") or {}).items():
+        key = f"{input_name}.direct.pixel_values"
+        if input_name in inputs and key in outputs and "identical" in statement:
+            tol = DEFAULT_TOLERANCES["pixel_values"]
+            try:
+                rows.append(_compare(case, f"{input_name}.chat.pixel_values", chat((input_name,)).pixel_values,
+                                     outputs[key], tol, "chat path vs the stored direct pixel_values"))
+            except Exception as exc:
+                rows.append(_missing(case, f"{input_name}.chat.pixel_values", tol, f"{type(exc).__name__}: {exc}"))
+    return rows
+
+
+# --------------------------------------------------------------------------- audio
+
+
+def _audio_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list[ParityRow]:
+    case = case_dir.name
+    with open(case_dir / "config.json", encoding="utf-8") as fh:
+        cfg_dict = json.load(fh)
+    config = AudioFrontendConfig.from_dict(cfg_dict)
+    rate = int(cfg_dict.get("sampling_rate", 16000))
+    order = [t["name"] for t in meta.get("tensors", []) if t.get("file") == "inputs.safetensors"]
+    floats = [n for n in order if inputs[n].dtype.kind == "f"]
+    ints = [n for n in order if inputs[n].dtype.kind in "iu"]
+
+    def clips_for(group: str, meaning: str) -> list[str]:
+        if f"wave_{group}" in inputs:
+            return [f"wave_{group}"]
+        named = _named_inputs(meaning, inputs)
+        if named:
+            return named
+        if group.startswith("int") and ints:
+            return ints[:1]
+        if group.startswith("two") or "clips" in group:
+            return floats
+        return floats[:1]
+
+    cache: dict[tuple, tuple] = {}
+
+    def features(names: list[str]):
+        key = tuple(names)
+        if key not in cache:
+            cache[key] = pack_audio_features([prepare_audio(inputs[n], rate, config) for n in names])
+        return cache[key]
+
+    rows = []
+    for spec in _output_tensors(meta):
+        name, ref = spec["name"], outputs[spec["name"]]
+        tol = _tolerance(name, spec["dtype"], meta)
+        try:
+            match = re.fullmatch(r"whisper_mel_filters_(\d+)", name)
+            if match:
+                n_mels = int(match.group(1))
+                rows.append(_compare(case, name, mel_filters(config.sample_rate, config.n_fft, n_mels), ref, tol))
+                continue
+            group, field = name.split(".", 1)
+            feats, lengths, tokens = features(clips_for(group, spec.get("meaning", "")))
+            if group == "tuple_call" and field == "encoder_feats_lengths":
+                rows.append(_compare(case, name, lengths, ref, tol,
+                                     "reference quirk: a bare (wave, sr) tuple reports mel frames, not tokens"))
+            elif field == "audio_feats":
+                rows.append(_compare(case, name, feats, ref, tol))
+            elif field == "audio_feats_lengths":
+                rows.append(_compare(case, name, lengths, ref, tol))
+            elif field == "encoder_feats_lengths":
+                rows.append(_compare(case, name, tokens, ref, tol))
+            else:
+                rows.append(_missing(case, name, tol, f"unknown field {field!r}"))
+        except Exception as exc:
+            rows.append(_missing(case, name, tol, f"{type(exc).__name__}: {exc}"))
+    return rows
+
+
+# --------------------------------------------------------------------------- video
+
+
+def tiny_tokenize(text: str, token_map: dict) -> list[int]:
+    """Ids under the fixtures' tiny byte-level tokenizer: special tokens at their tiny ids
+    (meta.json ``token_map``), every other UTF-8 byte as its own id 0..255."""
+    specials = sorted(token_map, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
+    ids: list[int] = []
+    pos = 0
+    for match in (pattern.finditer(text) if pattern else []):
+        ids.extend(text[pos:match.start()].encode("utf-8"))
+        ids.append(int(token_map[match.group()]["tiny_id"]))
+        pos = match.end()
+    ids.extend(text[pos:].encode("utf-8"))
+    return ids
+
+
+def _video_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list[ParityRow]:
+    case = case_dir.name
+    with open(case_dir / "config.json", encoding="utf-8") as fh:
+        cfg_dict = json.load(fh)
+    options = dict(cfg_dict.get("message_video_options") or {})
+    resize_keys = ("min_pixels", "max_pixels", "total_pixels", "resized_height", "resized_width")
+    overrides = {k: options[k] for k in resize_keys if k in options}
+    max_frames = options.get("max_frames")
+    frame_names = sorted((n for n in inputs if re.fullmatch(r"frame\d+", n)), key=lambda n: int(n[5:]))
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in frame_names:  # the reference read the frames back from PNG files in a directory
+                Image.fromarray(inputs[name]).save(Path(tmp) / f"{name}.png")
+            video = prepare_video(tmp, ImageProcessorConfig(), VideoSamplingConfig(),
+                                  max_frames=max_frames, **overrides)
+        error = None
+    except Exception as exc:
+        video, error = None, f"{type(exc).__name__}: {exc}"
+
+    prompt = None
+    if video is not None and "prompt_text_before_expansion" in meta:
+        prompt = meta["prompt_text_before_expansion"].replace("<VIDEO>", video.prompt_text(), 1)
+        if "expanded_prompt" in meta:
+            same = prompt == meta["expanded_prompt"]
+            rows.append(ParityRow(case, "expanded_prompt (text)", 0.0 if same else 1.0, 0.0, same,
+                                  "string equality with meta.json expanded_prompt"))
+
+    for spec in _output_tensors(meta):
+        name, ref = spec["name"], outputs[spec["name"]]
+        tol = _tolerance(name, spec["dtype"], meta)
+        if video is None:
+            rows.append(_missing(case, name, tol, error))
+            continue
+        if name == "fetch_video.frames":
+            rows.append(_compare(case, name, video.frames, ref, tol))
+        elif name == "fetch_video.resmp_ts":
+            rows.append(_compare(case, name, video.frame_timestamps, ref, tol))
+        elif name == "pixel_values_videos":
+            rows.append(_compare(case, name, video.pixel_values, ref, tol))
+        elif name == "video_grid_thw":
+            rows.append(_compare(case, name, video.grid_thw, ref, tol))
+        elif name == "input_ids":
+            if prompt is None or "token_map" not in meta:
+                rows.append(_missing(case, name, tol, "meta.json lacks the prompt text or token_map"))
+            else:
+                ids = np.array([tiny_tokenize(prompt, meta["token_map"])], dtype=np.int64)
+                rows.append(_compare(case, name, ids, ref, tol, "expanded prompt under the tiny byte tokenizer"))
+        else:
+            rows.append(_missing(case, name, tol, "unknown tensor"))
+    return rows
+
+
+# --------------------------------------------------------------------------- entry points
+
+_RUNNERS = {"frontend_image": _image_case, "frontend_audio": _audio_case, "frontend_video": _video_case}
+
+
+def run_frontend_case(case_dir: Path) -> list[ParityRow]:
+    """Run our front end on a fixture case folder and compare every stored output tensor."""
+    case_dir = Path(case_dir)
+    with open(case_dir / "meta.json", encoding="utf-8") as fh:
+        meta = json.load(fh)
+    kind = meta.get("case", case_dir.name)
+    runner = _RUNNERS.get(kind) or _RUNNERS.get(case_dir.name)
+    if runner is None:
+        raise ValueError(f"{case_dir} is not a front-end case (expected one of {', '.join(FRONTEND_CASES)})")
+    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    outputs = load_file(str(case_dir / "outputs.safetensors"))
+    return runner(case_dir, meta, inputs, outputs)
+
+
+def format_rows(rows: list[ParityRow]) -> str:
+    """Plain-text table of parity rows."""
+    lines = [f"{'case':<16} {'tensor':<48} {'max_abs_diff':>12} {'tol':>8}  ok"]
+    for r in rows:
+        lines.append(f"{r.case:<16} {r.tensor:<48} {r.max_abs_diff:>12.3g} {r.tolerance:>8.1g}  "
+                     f"{'yes' if r.ok else 'NO'}{'  (' + r.note + ')' if r.note else ''}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.tools.frontend_parity [FIXTURE_ROOT]``: print the table; exit 1 on failure."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    root = Path(args[0]) if args else Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "ming_ref"
+    rows = [row for name in FRONTEND_CASES if (root / name).is_dir() for row in run_frontend_case(root / name)]
+    if not rows:
+        print(f"no front-end cases found under {root}")
+        return 1
+    print(format_rows(rows))
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

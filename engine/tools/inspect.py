@@ -1,0 +1,161 @@
+"""`python -m engine.inspect CONFIG_OR_CHECKPOINT_DIR`: build the model on the meta device (no
+memory is allocated) and print parameter counts and bytes per component and dtype, plus the
+per-expert and per-layer sizes that placement decisions are made of."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.models.thinker.config import MingConfig
+from engine.loader import checkpoint_entries
+from engine.models.thinker.model import build_thinker
+
+# Stored dtype of the released weights (config torch_dtype); routers' expert_bias is kept in fp32
+# by our loader, so it is counted at 4 bytes.
+FP32_TENSORS = ("expert_bias",)
+STORED_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+ENCODER_COMPONENTS = {"vision.": "vision encoder", "linear_proj.": "vision projector",
+                      "audio.": "audio encoder", "linear_proj_audio.": "audio projector"}
+
+
+def _component(name: str) -> str:
+    """Group a checkpoint tensor name into a component."""
+    for prefix, component in ENCODER_COMPONENTS.items():
+        if name.startswith(prefix):
+            return component
+    if "word_embeddings" in name:
+        return "embeddings"
+    if "lm_head" in name:
+        return "lm_head"
+    if ".attention." in name:
+        return "attention"
+    if ".mlp.experts." in name:
+        return "routed experts"
+    if ".mlp.shared_experts." in name:
+        return "shared experts"
+    if ".mlp.gate." in name or ".mlp.image_gate." in name or ".mlp.audio_gate." in name:
+        return "routers"
+    if ".mlp." in name:
+        return "dense mlp"
+    return "norms"
+
+
+@dataclass
+class Inventory:
+    """Parameter counts and bytes, per component and per dtype."""
+
+    params: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    nbytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    by_dtype: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    tensors: int = 0
+
+    def add(self, component: str, numel: int, dtype: torch.dtype) -> None:
+        size = numel * torch.empty((), dtype=dtype).element_size()
+        self.params[component] += numel
+        self.nbytes[component] += size
+        self.by_dtype[str(dtype).replace("torch.", "")] += size
+        self.tensors += 1
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.params.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.nbytes.values())
+
+
+def inventory(cfg: MingConfig, dtype: torch.dtype) -> tuple[Inventory, Inventory]:
+    """(LLM inventory, encoders inventory) of every checkpoint tensor of the thinker."""
+    llm, enc = Inventory(), Inventory()
+    for prefix, module in build_thinker(cfg, "meta").items():
+        buffers = {prefix + n for n, _ in module.named_buffers()}
+        for name, shape in checkpoint_entries(module, prefix=prefix):
+            target = enc if prefix in ENCODER_COMPONENTS else llm
+            component = _component(name) + (" (stored buffer)" if name in buffers else "")
+            target.add(component, math.prod(shape), torch.float32 if name.endswith(FP32_TENSORS) else dtype)
+    return llm, enc
+
+
+def expert_sizes(cfg: MingConfig, dtype: torch.dtype) -> dict[str, int]:
+    c = cfg.llm
+    el = torch.empty((), dtype=dtype).element_size()
+    expert = 3 * c.hidden_size * c.moe_intermediate_size
+    attn = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * c.hidden_size \
+        + c.num_attention_heads * c.head_dim * c.hidden_size + 2 * c.head_dim
+    routers = (3 if c.uses_multi_router else 1) * c.num_experts * c.hidden_size
+    shared = 3 * c.hidden_size * c.moe_intermediate_size * c.num_shared_experts
+    moe_layer = attn + 2 * c.hidden_size + routers + shared + c.num_experts * expert
+    active = attn + 2 * c.hidden_size + routers + shared + c.num_experts_per_tok * expert
+    return {"params_per_expert": expert, "bytes_per_expert": expert * el,
+            "params_per_moe_layer": moe_layer, "bytes_per_moe_layer": moe_layer * el,
+            "params_active_per_moe_layer": active}
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e8 else f"{n / 1e6:,.2f} MB"
+
+
+def report(path: Path) -> dict:
+    cfg = MingConfig.from_file(path)
+    dtype = STORED_DTYPES.get(cfg.torch_dtype or "bfloat16", torch.bfloat16)
+    inv, enc = inventory(cfg, dtype)
+    sizes = expert_sizes(cfg, dtype)
+    c = cfg.llm
+    dense_active = inv.total_params - inv.params["routed experts"] - inv.params["embeddings"] - inv.params["lm_head"]
+    active = dense_active + c.num_moe_layers * c.num_experts_per_tok * sizes["params_per_expert"]
+    return {"config": str(cfg.source), "release": cfg.release, "dtype": str(dtype).replace("torch.", ""),
+            "llm_total_params": inv.total_params, "llm_total_bytes": inv.total_bytes,
+            "components": {k: {"params": inv.params[k], "bytes": inv.nbytes[k]} for k in sorted(inv.params)},
+            "encoders": {k: {"params": enc.params[k], "bytes": enc.nbytes[k]} for k in sorted(enc.params)},
+            "total_params": inv.total_params + enc.total_params - sum(
+                v for k, v in enc.params.items() if k.endswith("(stored buffer)")), "total_bytes": inv.total_bytes + enc.total_bytes,
+            "tensors": inv.tensors + enc.tensors,
+            "bytes_by_dtype": {k: inv.by_dtype.get(k, 0) + enc.by_dtype.get(k, 0)
+                               for k in set(inv.by_dtype) | set(enc.by_dtype)},
+            "llm_active_params_per_token_excl_embeddings": active,
+            "layers": c.num_hidden_layers, "moe_layers": c.num_moe_layers, "experts_per_layer": c.num_experts,
+            **sizes}
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['config']}  (release {r['release']}, weights {r['dtype']})", "",
+             f"{'component':<30}{'parameters':>18}{'bytes':>16}"]
+    for k, v in r["components"].items():
+        lines.append(f"{k:<30}{v['params']:>18,}{_gb(v['bytes']):>16}")
+    lines.append(f"{'LLM total':<30}{r['llm_total_params']:>18,}{_gb(r['llm_total_bytes']):>16}")
+    for k, v in r["encoders"].items():
+        lines.append(f"{k:<30}{v['params']:>18,}{_gb(v['bytes']):>16}")
+    lines.append(f"{'thinker total':<30}{r['total_params']:>18,}{_gb(r['total_bytes']):>16}  "
+                 f"(parameters; bytes include stored buffers; {r['tensors']:,} tensors)")
+    lines += ["", "not counted: talker and image generator (separate sub-folders, not built yet)",
+              "bytes by dtype: " + ", ".join(f"{k} {_gb(v)}" for k, v in r["bytes_by_dtype"].items()),
+              f"layers {r['layers']} ({r['moe_layers']} MoE) x {r['experts_per_layer']} experts",
+              f"per expert: {r['params_per_expert']:,} params, {r['bytes_per_expert'] / 2**20:.1f} MiB",
+              f"per MoE layer: {r['params_per_moe_layer']:,} params, {_gb(r['bytes_per_moe_layer'])}",
+              f"active per token (excl. embeddings/lm_head): {r['llm_active_params_per_token_excl_embeddings']:,}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.inspect", description=__doc__.splitlines()[0])
+    ap.add_argument("path", type=Path, help="config.json or a checkpoint directory")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    r = report(args.path)
+    print(json.dumps(r, indent=2) if args.json else format_report(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""Parity against the upstream reference: `python -m engine.parity CASE_DIR [CASE_DIR ...]`.
+
+Each case folder is in the ming_ref format (config.json, model.safetensors, inputs/outputs
+safetensors, meta.json). Weights go through our normal loading code; every output tensor the case
+holds is compared and printed as a table (case, tensor, max abs diff, tolerance, ok). The exit
+status is non-zero when anything is out of tolerance or a case kind is not supported yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from engine.models.thinker.layers import Router
+from engine.models.thinker.llm import MultimodalInputs
+from engine.models.thinker.positions import PositionTokens, decode_positions, rope_index
+from engine.models.thinker.processor import MediaSettings, MingProcessor
+from engine.models.thinker.projectors import encode_audio_wrapped
+from engine.runtime import Engine
+from engine.models.thinker.model import load_model
+from engine.models.thinker.tokenizer import MingTokenizer
+
+DEVICE = "cpu"  # where parity runs load the models (`--device`); the reference outputs stay on the CPU
+
+
+@dataclass
+class ParityRow:
+    case: str
+    tensor: str
+    max_abs_diff: float
+    tolerance: float | str
+    ok: bool
+    note: str = ""
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    if a.numel() == 0:
+        return 0.0
+    return float((a.double() - b.double()).abs().max())
+
+
+class Comparer:
+    """Collects rows; `expected` tensors come from the case, `got` from our engine."""
+
+    def __init__(self, case: str, outputs: dict[str, torch.Tensor]):
+        self.case = case
+        self.outputs = outputs
+        self.rows: list[ParityRow] = []
+        self.compared: set[str] = set()
+
+    def close(self, name: str, got: torch.Tensor, atol: float, select: torch.Tensor | None = None) -> None:
+        exp = self.outputs[name]
+        got = got.detach().to(exp.device)
+        if got.shape != exp.shape:
+            self.rows.append(ParityRow(self.case, name, float("inf"), atol, False,
+                                       f"shape {list(got.shape)} vs {list(exp.shape)}"))
+        else:
+            if select is not None:
+                select = select.to(exp.device)
+                got, exp = got[select], exp[select]
+            d = _max_diff(got, exp)
+            self.rows.append(ParityRow(self.case, name, d, atol, d <= atol))
+        self.compared.add(name)
+
+    def exact(self, name: str, got: torch.Tensor, select: torch.Tensor | None = None, note: str = "") -> None:
+        exp = self.outputs[name]
+        got = got.detach().to(exp.device)
+        if got.shape != exp.shape:
+            ok, d, note = False, float("inf"), f"shape {list(got.shape)} vs {list(exp.shape)}"
+        else:
+            if select is not None:
+                select = select.to(exp.device)
+                got, exp = got[select], exp[select]
+            d = _max_diff(got.long() if not got.is_floating_point() else got, exp.long() if not exp.is_floating_point() else exp)
+            ok = d == 0
+        self.rows.append(ParityRow(self.case, name, d, "exact", ok, note))
+        self.compared.add(name)
+
+    def missing(self) -> list[ParityRow]:
+        return [ParityRow(self.case, n, float("nan"), "-", False, "not compared (unsupported output)")
+                for n in self.outputs if n not in self.compared]
+
+
+def _router_margin(router: Router, logits: torch.Tensor) -> torch.Tensor:
+    """min(group-selection gap, expert-selection gap) on the biased scores (tie-risk diagnostic)."""
+    biased = torch.sigmoid(logits.float()) + router.expert_bias.float()
+    n, e = biased.shape
+    grouped = biased.view(n, router.n_group, e // router.n_group)
+    gscores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1).sort(dim=-1, descending=True).values
+    group_gap = (gscores[:, router.topk_group - 1] - gscores[:, router.topk_group]
+                 if router.topk_group < router.n_group else torch.full((n,), float("inf"), device=logits.device))
+    keep = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1).topk(router.topk_group, dim=-1).indices
+    mask = torch.zeros(n, router.n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
+    cand = biased.masked_fill(~mask.unsqueeze(-1).expand_as(grouped).reshape(n, e), float("-inf"))
+    srt = cand.sort(dim=-1, descending=True).values
+    k = router.top_k
+    expert_gap = srt[:, k - 1] - srt[:, k] if k < srt.shape[1] else torch.full((n,), float("inf"), device=logits.device)
+    return torch.minimum(group_gap, expert_gap)
+
+
+def _sorted_route(ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = ids.argsort(dim=-1)
+    return ids.gather(-1, order), weights.gather(-1, order)
+
+
+def _tolerances(meta: dict) -> dict[str, float]:
+    tol = meta.get("suggested_tolerance", {})
+    return {"logits": float(tol.get("logits_atol", 1e-4)), "hidden": float(tol.get("hidden_atol", 1e-4)),
+            "router_weights": float(tol.get("router_weights_atol", 1e-5))}
+
+
+def _compare_llm_run(cmp: Comparer, loaded, ids: torch.Tensor, mask: torch.Tensor, mm: MultimodalInputs | None,
+                     image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None,
+                     tol: dict[str, float]) -> None:
+    """Prefill with a trace, then greedy KV-cache decode as generate() runs it; compare every
+    LLM-side output the case holds."""
+    llm, numerics, cfg = loaded.llm, loaded.numerics, loaded.config.llm
+    dev = loaded.device  # inputs go where the model runs; Comparer brings results back to the CPU
+    ids, mask = ids.to(dev), mask.to(dev)
+    image_grid_thw = image_grid_thw.to(dev) if image_grid_thw is not None else None
+    video_grid_thw = video_grid_thw.to(dev) if video_grid_thw is not None else None
+    outputs = cmp.outputs
+    valid = mask.bool()
+    b = ids.shape[0]
+    logits_atol, hidden_atol, weights_atol = tol["logits"], tol["hidden"], tol["router_weights"]
+    with torch.inference_mode():
+        position_ids, deltas = rope_index(ids, PositionTokens.from_config(cfg), image_grid_thw, video_grid_thw, mask)
+        embeds, image_mask, audio_mask = llm.prepare_inputs(ids, mm)
+        cache = llm.new_cache(b, numerics)  # each layer's part on that layer's device
+        cache.rope_deltas = deltas
+        trace: dict = {}
+        logits = llm(embeds, position_ids, numerics, mask, cache, image_mask, audio_mask, trace=trace)
+
+        cmp.exact("position_ids", position_ids)
+        cmp.exact("rope_deltas", deltas)
+        cmp.close("inputs_embeds", trace["inputs_embeds"], hidden_atol, valid)
+        for i, h in enumerate(trace["layer_output"]):
+            if f"layer_output.{i}" in outputs:
+                cmp.close(f"layer_output.{i}", h, hidden_atol, valid)
+        cmp.close("last_hidden_state", trace["last_hidden_state"], hidden_atol, valid)
+        cmp.close("logits", logits, logits_atol, valid)
+        if "image_mask" in outputs:
+            cmp.exact("image_mask", image_mask if image_mask is not None else torch.zeros_like(ids), valid)
+        if "audio_mask" in outputs:
+            cmp.exact("audio_mask", audio_mask if audio_mask is not None else torch.zeros_like(ids), valid)
+        for layer_idx, traces in trace.get("routers", {}).items():
+            t = traces[0]
+            key = f"router.layer{layer_idx}"
+            sid, sw = _sorted_route(t.ids, t.weights)
+            cmp.exact(f"{key}.topk_ids", sid, valid, note="as sets per token")
+            cmp.close(f"{key}.topk_weights", sw, weights_atol, valid)
+            cmp.exact(f"{key}.gate_used", t.gate_used, valid)
+            for gate, lg in t.logits.items():
+                if f"{key}.logits.{gate}" in outputs:
+                    cmp.close(f"{key}.logits.{gate}", lg, logits_atol, valid)
+            if f"{key}.margin" in outputs:
+                mlp = llm.model.layers[layer_idx].mlp
+                routers = {0: mlp.gate, 1: getattr(mlp, "image_gate", mlp.gate), 2: getattr(mlp, "audio_gate", mlp.gate)}
+                names = {0: "text", 1: "image", 2: "audio"}
+                flat_used = t.gate_used.reshape(-1)
+                margin = torch.empty(flat_used.shape, device=flat_used.device)
+                for code, router in routers.items():
+                    sel = flat_used == code
+                    if sel.any():
+                        margin[sel] = _router_margin(router, t.logits[names[code]].reshape(flat_used.shape[0], -1)[sel])
+                cmp.close(f"{key}.margin", margin.view(t.gate_used.shape), logits_atol, valid)
+
+        # Greedy KV-cache decode exactly as generate() runs it.
+        n_new = outputs["generated_ids"].shape[1] if "generated_ids" in outputs else 0
+        step_logits = [logits[:, -1]]
+        generated, positions = [], []
+        dec_routes: dict[int, list] = {}
+        for step in range(n_new):
+            nxt = step_logits[-1].argmax(-1)
+            generated.append(nxt)
+            if step == n_new - 1:
+                break
+            pos = decode_positions(cache.length, deltas)
+            positions.append(pos)
+            dtrace: dict = {}
+            out = llm(llm.model.embed(nxt.view(b, 1)), pos, numerics, torch.ones(b, 1, dtype=torch.long, device=dev), cache,
+                      trace=dtrace)
+            step_logits.append(out[:, -1])
+            for layer_idx, traces in dtrace.get("routers", {}).items():
+                dec_routes.setdefault(layer_idx, []).append(traces[0])
+        if n_new:
+            cmp.exact("generated_ids", torch.stack(generated, dim=1))
+            dl = torch.stack(step_logits, dim=1)
+            cmp.close("decode_logits", dl, logits_atol)
+            if "decode_position_ids" in outputs:
+                cmp.exact("decode_position_ids", torch.stack(positions))
+            if "decode_argmax_margin" in outputs:
+                top2 = dl.topk(2, dim=-1).values
+                cmp.close("decode_argmax_margin", top2[..., 0] - top2[..., 1], logits_atol)
+            for layer_idx, steps in dec_routes.items():
+                key = f"decode_router.layer{layer_idx}"
+                sid, sw = _sorted_route(torch.cat([s.ids for s in steps], dim=1), torch.cat([s.weights for s in steps], dim=1))
+                cmp.exact(f"{key}.topk_ids", sid, note="as sets per token")
+                cmp.close(f"{key}.topk_weights", sw, weights_atol)
+                cmp.exact(f"{key}.gate_used", torch.cat([s.gate_used for s in steps], dim=1))
+
+
+def llm_case_inputs(case_dir: Path) -> tuple[torch.Tensor, torch.Tensor, MultimodalInputs,
+                                              torch.Tensor | None, torch.Tensor | None]:
+    """(ids, mask, multimodal inputs, image_grid_thw, video_grid_thw) of an `llm` case: token ids plus
+    ready-made embeddings for the image/video slots and the audio spans."""
+    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    audio_spans: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(ids.shape[0])]
+    if "query_embeds_audio" in inputs:
+        feats, lens, locs = inputs["query_embeds_audio"], inputs["query_embeds_audio_lengths"], inputs["placeholder_audio_loc_lens"]
+        for r in range(ids.shape[0]):
+            offset = 0
+            for j in range(locs.shape[1]):
+                start, n = int(locs[r, j, 0]), int(locs[r, j, 1])
+                if n:
+                    audio_spans[r].append((start, feats[r, offset: offset + int(lens[r, j])][:n]))
+                offset += int(lens[r, j])
+    mm = MultimodalInputs(image_embeds=inputs.get("query_embeds_image"), video_embeds=inputs.get("query_embeds_video"),
+                          audio_spans=audio_spans)
+    return ids, mask, mm, inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
+
+
+def run_llm_case(case_dir: Path) -> list[ParityRow]:
+    """Kind `llm`: a standalone BailingMoeV2 checkpoint fed token ids and ready-made embeddings."""
+    meta = json.loads((case_dir / "meta.json").read_text())
+    cmp = Comparer(case_dir.name, load_file(str(case_dir / "outputs.safetensors")))
+    loaded = load_model(case_dir, dtype="fp32", device=DEVICE)
+    ids, mask, mm, image_grid_thw, video_grid_thw = llm_case_inputs(case_dir)
+    _compare_llm_run(cmp, loaded, ids, mask, mm, image_grid_thw, video_grid_thw, _tolerances(meta))
+    return cmp.rows + cmp.missing()
+
+
+PLACEHOLDERS = {"<IMAGE>": "image", "<AUDIO>": "audio", "<VIDEO>": "video"}
+_TURN = re.compile(r"<role>(SYSTEM|HUMAN|ASSISTANT)</role>(.*?)(?:<\|role_end\|>|$)", re.S)
+_THINKING = re.compile(r"\n\ndetailed thinking (on|off)$")
+
+
+def conversation_from_prompt(text: str, media: dict[str, list]) -> tuple[list[dict], str | None, bool]:
+    """Recover (messages, system prompt, thinking) from a reference prompt string whose media are
+    still `<IMAGE>`/`<AUDIO>`/`<VIDEO>` placeholders; `media[kind]` supplies sources in order."""
+    queues = {k: list(v) for k, v in media.items()}
+    messages, system, thinking = [], None, False
+    for role, body in _TURN.findall(text):
+        if role == "SYSTEM":
+            m = _THINKING.search(body)
+            thinking = bool(m and m.group(1) == "on")
+            system = body[: m.start()] if m else body
+            continue
+        if role == "ASSISTANT":
+            if body:
+                messages.append({"role": "assistant", "content": body})
+            continue
+        parts = []
+        for piece in re.split(r"(<IMAGE>|<AUDIO>|<VIDEO>)", body):
+            if piece in PLACEHOLDERS:
+                kind = PLACEHOLDERS[piece]
+                parts.append({"type": kind, kind: queues[kind].pop(0)})
+            elif piece:
+                parts.append({"type": "text", "text": piece})
+        messages.append({"role": "user", "content": parts})
+    return messages, system, thinking
+
+
+def _processor_for(case_dir: Path, loaded=None):
+    tok = MingTokenizer(case_dir)
+    cfg = loaded.config if loaded is not None else None
+    settings = MediaSettings.for_checkpoint(case_dir, cfg) if cfg is not None else MediaSettings()
+    return tok, MingProcessor(tok, settings)
+
+
+def run_mm_case(case_dir: Path) -> list[ParityRow]:
+    """Kind `mm`: raw image and audio through our processor, encoders and LLM, end to end."""
+    meta = json.loads((case_dir / "meta.json").read_text())
+    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    outputs = load_file(str(case_dir / "outputs.safetensors"))
+    tol = meta.get("suggested_tolerance", {})
+    loaded = load_model(case_dir, dtype="fp32", device=DEVICE)
+    _, processor = _processor_for(case_dir, loaded)
+    media = {"image": [inputs[k].numpy() for k in sorted(inputs) if re.fullmatch(r"raw\.image\d+", k)],
+             "audio": [(inputs[k], 16000) for k in sorted(inputs) if re.fullmatch(r"raw\.audio\d+", k)],
+             "video": []}
+    messages, system, thinking = conversation_from_prompt(meta["prompt_text_before_expansion"], media)
+    prompt = processor.build(messages, system_prompt=system, thinking=thinking)
+
+    # Processor outputs are checked as outputs of ours against the reference's recorded inputs.
+    cmp = Comparer(case_dir.name, {**{f"processor.{k}": v for k, v in inputs.items() if not k.startswith("raw.")},
+                                   **outputs})
+    ids = torch.tensor([prompt.ids])
+    cmp.exact("processor.input_ids", ids)
+    cmp.exact("processor.attention_mask", torch.ones_like(ids))
+    if prompt.images:
+        cmp.close("processor.pixel_values", prompt.pixel_values, float(tol.get("pixel_values_atol", 1e-6)))
+        cmp.exact("processor.image_grid_thw", prompt.image_grid_thw)
+    packed = prompt.packed_audio()
+    if packed is not None:
+        # FFT rounding differs between CPU instruction sets (log10 magnifies it near the floor).
+        cmp.close("processor.audio_feats", packed[0], max(float(tol.get("audio_feats_atol", 1e-5)), 1e-4))
+        cmp.exact("processor.audio_feats_lengths", packed[1])
+        cmp.exact("processor.audio_placeholder_loc_lens", torch.tensor([[list(s) for s in prompt.audio_spans]]))
+
+    engine = Engine(loaded, processor.tokenizer, is_demo=False)
+    enc = loaded.encoders
+    with torch.inference_mode():
+        mm = engine.encode_media(prompt)
+        if prompt.images and "vision_encoder_out" in outputs:
+            dev = next(enc.vision.parameters()).device
+            cmp.close("vision_encoder_out", enc.vision(prompt.pixel_values.to(dev), prompt.image_grid_thw.to(dev)),
+                      float(tol.get("vision_embeds_atol", 1e-5)))
+        if mm.image_embeds is not None and "vision_embeds" in outputs:
+            cmp.close("vision_embeds", mm.image_embeds, float(tol.get("vision_embeds_atol", 1e-5)))
+        if packed is not None:
+            dev = next(enc.audio.parameters()).device
+            embeds, lengths, enc_out = encode_audio_wrapped(enc.audio, enc.linear_proj_audio,
+                                                            *(t.to(dev) for t in packed))
+            audio_atol = float(tol.get("audio_embeds_atol", 1e-5))
+            if "audio_encoder_out" in outputs:
+                cmp.close("audio_encoder_out", enc_out, audio_atol)
+            if "audio_embeds" in outputs:
+                cmp.close("audio_embeds", embeds, audio_atol)
+            if "audio_embeds_lengths" in outputs:
+                cmp.exact("audio_embeds_lengths", lengths)
+    _compare_llm_run(cmp, loaded, ids, torch.ones_like(ids), mm, prompt.image_grid_thw, prompt.video_grid_thw,
+                     _tolerances(meta))
+    return cmp.rows + cmp.missing()
+
+
+def _fixture_media(case_dir: Path, meta: dict) -> dict[str, list]:
+    """The media a `prompts` case names (`image_used`, audio 'same as frontend_audio wave_main'),
+    read from the sibling frontend cases."""
+    root = case_dir.parent
+    images = load_file(str(root / "frontend_image" / "inputs.safetensors"))
+    audios = load_file(str(root / "frontend_audio" / "inputs.safetensors"))
+    image = images[meta["image_used"]].numpy()
+    audio_name = re.search(r"frontend_audio (\w+)", meta["audio_used"]).group(1)
+    return {"image": [image] * 8, "audio": [(audios[audio_name], 16000)] * 8, "video": []}
+
+
+def run_prompts_case(case_dir: Path) -> list[ParityRow]:
+    """Prompt strings and ids of chat, image, audio and ASR tasks built by our processor."""
+    meta = json.loads((case_dir / "meta.json").read_text())
+    outputs = load_file(str(case_dir / "outputs.safetensors"))
+    cmp = Comparer(case_dir.name, outputs)
+    _, processor = _processor_for(case_dir)
+    media = _fixture_media(case_dir, meta)
+    for sub in meta["cases"]:
+        name = sub["name"]
+        messages, system, thinking = conversation_from_prompt(sub["prompt_text"], media)
+        prompt = processor.build(messages, system_prompt=system, thinking=thinking, assistant_prefix=sub.get("lang_suffix"))
+        same = prompt.text == sub["expanded_text"]
+        cmp.rows.append(ParityRow(case_dir.name, f"{name}.expanded_text", 0.0 if same else 1.0, "exact", same,
+                                  "" if same else "prompt string differs"))
+        cmp.exact(f"{name}.input_ids", torch.tensor([prompt.ids]))
+        if f"{name}.audio_placeholder_loc_lens" in outputs:
+            cmp.exact(f"{name}.audio_placeholder_loc_lens", torch.tensor([[list(s) for s in prompt.audio_spans]]))
+        if f"{name}.image_grid_thw" in outputs:
+            cmp.exact(f"{name}.image_grid_thw", prompt.image_grid_thw)
+    return cmp.rows + cmp.missing()
+
+
+def run_rope_index_case(case_dir: Path) -> list[ParityRow]:
+    meta = json.loads((case_dir / "meta.json").read_text())
+    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    outputs = load_file(str(case_dir / "outputs.safetensors"))
+    cmp = Comparer(case_dir.name, outputs)
+    for sub in meta["cases"]:
+        name, c = sub["name"], sub["config"]
+        tokens = PositionTokens(image_patch=c["image_patch_token"], video_patch=c["video_patch_token"],
+                                image_start=c["image_start_token"], video_start=c["video_start_token"],
+                                interleaved_video=bool(sub["use_interleaved_frame_timestamp"]),
+                                spatial_merge_size=c["spatial_merge_size"])
+        get = lambda k: inputs.get(f"{name}.{k}")  # noqa: E731
+        pos, deltas = rope_index(get("input_ids"), tokens, get("image_grid_thw"), get("video_grid_thw"),
+                                 get("attention_mask"), float(sub.get("scale_factor", 2.0)), get("second_per_grid_ts"))
+        cmp.exact(f"{name}.position_ids", pos)
+        cmp.exact(f"{name}.rope_deltas", deltas)
+    return cmp.rows + cmp.missing()
+
+
+def _frontend_runner() -> Callable[[Path], list] | None:
+    try:
+        from engine.tools.frontend_parity import run_frontend_case
+    except ImportError:
+        return None
+    return run_frontend_case
+
+
+def run_case(case_dir: Path) -> list[ParityRow]:
+    meta_path = case_dir / "meta.json"
+    if not meta_path.is_file():
+        return [ParityRow(case_dir.name, "-", float("nan"), "-", False, f"no meta.json in {case_dir}")]
+    meta = json.loads(meta_path.read_text())
+    kind, name = meta.get("kind"), meta.get("case", case_dir.name)
+    if kind == "llm":
+        return run_llm_case(case_dir)
+    if kind == "pure_function" and name == "rope_index":
+        return run_rope_index_case(case_dir)
+    if kind == "mm":
+        return run_mm_case(case_dir)
+    if kind == "frontend" and name == "prompts":
+        return run_prompts_case(case_dir)
+    if kind == "frontend":
+        runner = _frontend_runner()
+        if runner is not None:
+            return [ParityRow(r.case, r.tensor, r.max_abs_diff, r.tolerance, r.ok) for r in runner(case_dir)]
+    return [ParityRow(case_dir.name, "-", float("nan"), "-", False, f"case kind '{kind}' is not supported yet")]
+
+
+def format_table(rows: list[ParityRow]) -> str:
+    head = ("case", "tensor", "max abs diff", "tolerance", "ok")
+    body = [(r.case, r.tensor, f"{r.max_abs_diff:.3g}", str(r.tolerance),
+             ("ok" if r.ok else "FAIL") + (f"  ({r.note})" if r.note else "")) for r in rows]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(5)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in body]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.parity", description=__doc__.splitlines()[0])
+    ap.add_argument("cases", nargs="+", type=Path, help="case folders in the ming_ref format")
+    ap.add_argument("--device", default="cpu", help="where the models run: cpu (default), cuda, cuda:1 ... "
+                    "(fp32 either way; TF32 stays off so the tolerances keep their meaning)")
+    args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
+    torch.backends.cuda.matmul.allow_tf32 = False  # fixtures are fp32: no TF32 matmuls or convolutions
+    torch.backends.cudnn.allow_tf32 = False
+    rows: list[ParityRow] = []
+    for case in args.cases:
+        try:
+            rows += run_case(case)
+        except Exception as e:  # a broken case must not hide the others
+            rows.append(ParityRow(case.name, "-", float("nan"), "-", False, f"error: {type(e).__name__}: {e}"))
+    print(format_table(rows))
+    bad = sum(not r.ok for r in rows)
+    print(f"\n{len(rows) - bad} ok, {bad} not ok, {len(args.cases)} case(s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The ASR prompts our processor builds equal the reference's (prompts fixture), and output parsing."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from engine.models.thinker.asr import TranscriptStream, asr_messages, dialect_prefix, parse_transcript
+from engine.models.thinker.processor import MediaSettings, MingProcessor
+from engine.models.thinker.tokenizer import MingTokenizer
+from tests.paths import fixture_case
+
+HOTWORDS = ["Gansu Province", "Uyghur", "Xinjiang", "clay sealing method", "Umsh stew", "copper cauldrons"]
+
+
+@pytest.mark.parametrize("case, context, hotwords, dialect", [
+    ("plain_asr", None, None, None),
+    ("asr_context_hotwords", "This is an audio about Culinary Traditions.", HOTWORDS, None),
+    ("dialect_asr_shanghai", None, None, "上海"),
+    ("lang_forced_asr_chinese", None, None, "Chinese"),
+])
+def test_asr_prompts_equal_the_reference(case, context, hotwords, dialect):
+    prompts = fixture_case("prompts")
+    meta = json.loads((prompts / "meta.json").read_text())
+    sub = next(c for c in meta["cases"] if c["name"] == case)
+    wave = load_file(str(fixture_case("frontend_audio") / "inputs.safetensors"))["wave_main"]
+    processor = MingProcessor(MingTokenizer(prompts), MediaSettings())
+    prompt = processor.build(asr_messages(wave, context, hotwords, 16000), assistant_prefix=dialect_prefix(dialect))
+    assert prompt.text == sub["expanded_text"]
+    expected_ids = load_file(str(prompts / "outputs.safetensors"))[f"{case}.input_ids"][0].tolist()
+    assert prompt.ids == expected_ids
+
+
+def test_output_parsing_and_streaming():
+    assert parse_transcript("English\thello\tworld ").text == "hello\tworld"
+    assert parse_transcript("no tab here").language is None
+    assert parse_transcript("你好", forced_language="上海").language == "上海"
+    s = TranscriptStream()
+    assert [s.feed(x) for x in ["Eng", "lish\the", "llo"]] == ["", "he", "llo"]
+    with pytest.raises(ValueError):
+        dialect_prefix("bad\ttag")

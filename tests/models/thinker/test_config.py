@@ -1,0 +1,60 @@
+"""Config parsing: both real releases, the standalone LLM layout, the known pitfalls, bad input."""
+
+import json
+import warnings
+
+import pytest
+
+from engine.models.thinker.config import ConfigError, MingConfig
+from tests.paths import fixture_case, real_config
+
+
+def test_real_2_0_config_parses_with_spec_values():
+    cfg = MingConfig.from_file(real_config("ming-flash-omni-2.0"))
+    llm = cfg.llm
+    assert cfg.is_composite and cfg.llm_weight_prefix == "model." and cfg.release == "2.0"
+    assert (llm.hidden_size, llm.num_hidden_layers, llm.num_attention_heads, llm.num_key_value_heads) == (4096, 32, 32, 4)
+    assert llm.head_dim == 128 and llm.rotary_dim == 64  # head_dim derived (absent from config)
+    assert (llm.num_experts, llm.num_experts_per_tok, llm.n_group, llm.topk_group) == (256, 8, 8, 4)
+    assert llm.routed_scaling_factor == 2.5  # default: the shipped key is not the one the reference reads
+    assert llm.rope_theta == 2400000 and llm.use_interleaved_frame_timestamp
+    assert llm.eos_token_ids == (156895,) and llm.first_k_dense_replace == 1 and llm.num_moe_layers == 31
+    assert llm.uses_multi_router and llm.video_start_token_is_image_end
+
+
+def test_real_preview_config_parses_and_warns_about_video_start_token():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = MingConfig.from_file(real_config("ming-flash-omni-preview") / "config.json")
+    assert cfg.release == "preview" and cfg.llm.rope_theta == 600000
+    assert not cfg.llm.use_interleaved_frame_timestamp
+    assert any("video_start_token" in str(w.message) for w in caught)
+
+
+def test_standalone_llm_config_has_no_prefix():
+    cfg = MingConfig.from_file(fixture_case("llm_b1"))
+    assert not cfg.is_composite and cfg.llm_weight_prefix == "" and cfg.llm.head_dim == 128
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["llm_config"].pop("hidden_size"), "hidden_size"),
+    (lambda c: c["llm_config"].update(num_key_value_heads=3), "num_key_value_heads"),
+    (lambda c: c["llm_config"].update(n_group=7), "n_group"),
+    (lambda c: c["llm_config"].update(num_experts_per_tok=300), "num_experts_per_tok"),
+])
+def test_bad_configs_name_the_key(mutate, message):
+    cfg = json.loads((real_config("ming-flash-omni-2.0") / "config.json").read_text())
+    mutate(cfg)
+    with pytest.raises(ConfigError, match=message):
+        MingConfig.from_dict(cfg)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        MingConfig.from_file(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        MingConfig.from_file(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ConfigError, match="neither"):
+        MingConfig.from_file(tmp_path)

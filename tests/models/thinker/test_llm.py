@@ -1,0 +1,123 @@
+"""Model behaviour the spec implies, checked without fixtures: KV-cache decode equals a full
+forward, left padding does not change a row, routing rules, rotary layout, bf16 numerics switch."""
+
+import torch
+
+from engine.models.thinker.layers import GROUP_SCORE_TOP, Numerics, Router, VideoRotary
+from engine.models.thinker.positions import decode_positions, rope_index, PositionTokens
+from engine.models.thinker.model import load_model
+
+FP32 = Numerics()
+
+
+def _positions(llm, ids, mask=None):
+    return rope_index(ids, PositionTokens.from_config(llm.config), attention_mask=mask)
+
+
+def test_kv_cache_decode_matches_full_forward(tiny_checkpoint):
+    llm = load_model(tiny_checkpoint, dtype="fp32", device="cpu").llm
+    ids = torch.tensor([[5, 60, 70, 80, 90, 100, 110, 120]])
+    with torch.inference_mode():
+        pos, delta = _positions(llm, ids)
+        full = llm(llm.model.embed(ids), pos, FP32)
+        cache = llm.new_cache(1, FP32, "cpu")
+        part = llm(llm.model.embed(ids[:, :5]), pos[:, :, :5], FP32, cache=cache)
+        steps = [llm(llm.model.embed(ids[:, i:i + 1]), decode_positions(cache.length, delta), FP32, cache=cache)
+                 for i in range(5, 8)]
+    torch.testing.assert_close(torch.cat([part] + steps, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_left_padding_does_not_change_a_row(tiny_checkpoint):
+    llm = load_model(tiny_checkpoint, dtype="fp32", device="cpu").llm
+    a = torch.tensor([[10, 20, 30, 40, 50]])
+    padded = torch.tensor([[0, 0, 10, 20, 30, 40, 50], [1, 2, 3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    with torch.inference_mode():
+        alone = llm(llm.model.embed(a), _positions(llm, a)[0], FP32)
+        pos, _ = _positions(llm, padded, mask)
+        both = llm(llm.model.embed(padded), pos, FP32, step_mask=mask)
+    torch.testing.assert_close(both[0, 2:], alone[0], atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(both).all()
+
+
+def _router(e=32, groups=4, topk_group=2, k=4, h=16):
+    class C:
+        num_experts, hidden_size, num_experts_per_tok, n_group = e, h, k, groups
+        routed_scaling_factor = 2.5
+    C.topk_group = topk_group
+    r = Router(C)
+    torch.manual_seed(0)
+    r.weight.data.normal_()
+    r.expert_bias.data.uniform_(-0.15, 0.15)
+    return r
+
+
+def test_router_rules_against_a_naive_implementation():
+    r = _router()
+    x = torch.randn(64, 16)
+    ids, w = r.route(r.logits(x, FP32))
+    s = torch.sigmoid(x @ r.weight.T)
+    biased = s + r.expert_bias
+    size = 32 // 4
+    for t in range(64):
+        gscore = [sorted(biased[t, g * size:(g + 1) * size].tolist())[-GROUP_SCORE_TOP:] for g in range(4)]
+        keep = sorted(range(4), key=lambda g: -sum(gscore[g]))[:2]
+        cands = [e for g in keep for e in range(g * size, (g + 1) * size)]
+        chosen = sorted(cands, key=lambda e: -biased[t, e].item())[:4]
+        assert sorted(ids[t].tolist()) == sorted(chosen)
+        want = s[t, chosen] / s[t, chosen].sum() * 2.5  # unbiased scores, renormalised, scaled
+        got = dict(zip(ids[t].tolist(), w[t].tolist()))
+        assert torch.allclose(torch.tensor([got[e] for e in chosen]), want, atol=1e-6)
+    assert torch.allclose(w.sum(-1), torch.full((64,), 2.5))
+
+
+def test_bf16_router_switch_rounds_logits():
+    r = _router()
+    x = torch.randn(8, 16)
+    assert r.logits(x, Numerics(router_bf16=True)).dtype == torch.bfloat16
+    assert r.logits(x, FP32).dtype == torch.float32
+
+
+def test_rotary_axes_and_bf16_tables(tiny_checkpoint):
+    rot = load_model(tiny_checkpoint, dtype="fp32", device="cpu").llm.model.rotary_emb
+    axes = rot.frequency_axes().tolist()
+    assert axes[:24] == [1, 2] * 12 and axes[24:] == [0] * 8  # H/W interleaved high freqs, T on the 8 lowest
+    assert not torch.equal(rot.inv_freq(True), rot.inv_freq(False))
+    assert torch.equal(rot.inv_freq(True), rot.inv_freq(False).to(torch.bfloat16).float())
+    # text tokens (T = H = W): ordinary 1-D partial rotary
+    p = torch.arange(6).view(1, 1, -1).expand(3, 1, -1)
+    cos, _ = rot(p, FP32)
+    ref = torch.outer(torch.arange(6).float(), rot.inv_freq(False))
+    torch.testing.assert_close(cos[0], torch.cat([ref, ref], -1).cos())
+
+
+def test_bf16_model_runs_close_to_fp32(tiny_checkpoint):
+    m32 = load_model(tiny_checkpoint, dtype="fp32", device="cpu")
+    m16 = load_model(tiny_checkpoint, dtype="bf16", device="cpu")
+    assert m16.numerics.rope_bf16_tables and m16.numerics.router_bf16  # reference numerics by default
+    ids = torch.tensor([[10, 20, 30, 40, 50, 60]])
+    with torch.inference_mode():
+        pos = _positions(m32.llm, ids)[0]
+        a = m32.llm(m32.llm.model.embed(ids), pos, m32.numerics)
+        b = m16.llm(m16.llm.model.embed(ids), pos, m16.numerics)
+    assert m16.llm.lm_head.weight.dtype == torch.bfloat16
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+    assert cos > 0.95  # bf16 rounding may flip near-tie expert choices in a random model
+
+
+def test_cpu_bf16_packed_experts_match_the_plain_path(tiny_checkpoint):
+    from engine import kernels
+    if not kernels.onednn_packing_available(torch.bfloat16):
+        import pytest
+        pytest.skip("this torch build cannot pre-pack bf16 weights")
+    packed = load_model(tiny_checkpoint, dtype="bf16", device="cpu")
+    plain = load_model(tiny_checkpoint, dtype="bf16", device="cpu", pack_cpu_experts=False)
+    bank = packed.llm.model.layers[1].mlp.experts
+    assert bank.packed is not None and bank.gate_proj.device.type == "meta"
+    assert plain.llm.model.layers[1].mlp.experts.packed is None
+    ids = torch.tensor([[10, 20, 30, 40, 50, 60]])
+    with torch.inference_mode():
+        pos = _positions(plain.llm, ids)[0]
+        a = plain.llm(plain.llm.model.embed(ids), pos, plain.numerics)
+        b = packed.llm(packed.llm.model.embed(ids), pos, packed.numerics)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999

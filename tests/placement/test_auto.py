@@ -1,0 +1,85 @@
+"""Fitting a checkpoint on this machine (engine.placement.auto) and Engine.load's placement option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.models.thinker.config import MingConfig
+from engine.events import Done
+from engine.placement.expert_runtime import CPU, DeviceMap, RuntimeOptions
+from engine.placement.auto import (auto_plan, fits_on_first_gpu, host_available_bytes, machine_devices, placement_summary,
+                              runtime_options_for)
+from engine.placement.planner import DeviceSpec, GPUSpec, PlanError, model_sizes, plan_placement
+from engine.runtime import Engine
+from engine.sampling import GenerationParams
+from tests.paths import real_config
+
+
+@pytest.fixture(scope="module")
+def real_2_0():
+    return MingConfig.from_file(real_config("ming-flash-omni-2.0"))
+
+
+def test_the_real_model_on_one_80gb_gpu_needs_the_host(real_2_0):
+    plan = auto_plan(real_2_0, DeviceSpec.parse("80GB", "256GB"))
+    assert plan is not None and not fits_on_first_gpu(plan)
+    where = {d for le in plan.experts for d in le.device}
+    assert where == {0, CPU}
+    line = placement_summary(plan, "cuda:0")
+    assert "host memory (CPU compute)" in line and "predicted decode" in line
+
+
+def test_a_model_that_fits_on_gpu0_is_not_planned(real_2_0, tiny_checkpoint):
+    assert auto_plan(MingConfig.from_file(tiny_checkpoint), DeviceSpec.parse("80GB", "64GB")) is None
+    assert placement_summary(None, "cuda:0") == "everything on cuda:0"
+
+
+def test_too_little_memory_is_a_clear_error(real_2_0):
+    with pytest.raises(PlanError):
+        auto_plan(real_2_0, DeviceSpec.parse("8GB", "16GB"))
+
+
+def test_hot_cache_only_when_experts_live_in_host_memory(tiny_checkpoint):
+    cfg = MingConfig.from_file(tiny_checkpoint)
+    s = model_sizes(cfg)
+    non_expert = s.llm_bytes - s.routed_expert_bytes
+    split = plan_placement(cfg, DeviceSpec((GPUSpec(non_expert + 10 * s.bytes_per_expert),), 10**9), kv_tokens=0,
+                           gpu_reserve=0, host_reserve=0, encoders="cpu")
+    assert any(d == CPU for le in split.experts for d in le.device)
+    free = split.gpus[split.layer_home[0]].free_bytes
+    assert runtime_options_for(split).cache_capacity == min(256, int(0.25 * free // s.bytes_per_expert))
+    roomy = plan_placement(cfg, DeviceSpec.parse("1x80GB,1x80GB", "64GB"))
+    assert runtime_options_for(roomy).cache_capacity == 0
+
+
+def test_machine_without_cuda(tiny_checkpoint):
+    assert host_available_bytes() > 0
+    if not torch.cuda.is_available():
+        assert machine_devices() is None
+    engine = Engine.load(tiny_checkpoint, dtype="fp32", device="cpu")  # placement="auto": nothing to plan
+    assert engine.info().placement == "everything on cpu" and engine.model.moe_runtime is None
+    with pytest.raises(ValueError, match="placement"):
+        Engine.load(tiny_checkpoint, device="cpu", placement="everywhere")
+
+
+def test_engine_follows_a_plan_and_generates_the_same_reply(tiny_checkpoint):
+    """A planner output with experts on two GPUs and the host (GPUs simulated by CPU devices here):
+    Engine.load runs it through the expert runtime and the greedy reply is the plain engine's."""
+    cfg = MingConfig.from_file(tiny_checkpoint)
+    s = model_sizes(cfg)
+    non_expert = s.llm_bytes - s.routed_expert_bytes
+    devices = DeviceSpec((GPUSpec(non_expert + 10 * s.bytes_per_expert), GPUSpec(8 * s.bytes_per_expert)), 10**9)
+    plan = plan_placement(cfg, devices, kv_tokens=0, gpu_reserve=0, host_reserve=0, encoders="cpu")
+    assert {0, 1, CPU} <= {d for le in plan.experts for d in le.device}
+    lines = []
+    placed = Engine.load(tiny_checkpoint, dtype="fp32", device="cpu", placement=plan, log=lines.append,
+                         runtime_options=RuntimeOptions(device_map=DeviceMap.simulated(2), fetch_threshold=-1))
+    plain = Engine.load(tiny_checkpoint, dtype="fp32", device="cpu", placement="single")
+    assert placed.model.moe_runtime is not None and lines and "GPU 1" in lines[0]
+    msgs = [{"role": "user", "content": "Where do the experts live?"}]
+    params = GenerationParams(max_new_tokens=16)
+    a = [e for e in placed.chat(msgs, params) if isinstance(e, Done)][0]
+    b = [e for e in plain.chat(msgs, params) if isinstance(e, Done)][0]
+    assert a.token_ids == b.token_ids and a.stats.new_tokens == 16
+    assert {"gpu0", "gpu1", "cpu"} <= set(placed.model.moe_runtime.stats.tokens)

@@ -1,0 +1,300 @@
+"""engine.placement.expert_runtime on CPU: several simulated GPU slots plus the host. Outputs equal the
+single-device path bit for bit for several placements (one device, 2 GPUs + CPU, cache on/off,
+fetches, quantised experts); dispatch statistics show where each block ran; the LFU cache policy and
+the fetch threshold; public parity cases still pass when loaded through a real engine.placement.planner Plan."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import engine.tools.parity as parity
+from engine import kernels
+from engine.models.thinker.config import MingConfig
+from engine.models.thinker.layers import ExpertBank, Numerics
+from engine.placement.expert_runtime import (CPU, DeviceMap, ExpertPlacement, HotExpertCache, MoERuntime, RuntimeOptions,
+                                TransferModel)
+from engine.placement.planner import DeviceSpec, GPUSpec, model_sizes, plan_placement
+from engine.models.thinker.positions import PositionTokens, rope_index
+from engine.placement.quant import moe_experts_quantized, quantize_bank_
+from engine.models.thinker.model import load_model
+from tests.paths import fixture_case
+
+E, H, I = 8, 32, 24
+
+
+class _Cfg:
+    num_experts, hidden_size, moe_intermediate_size = E, H, I
+
+
+class _Layer(nn.Module):
+    def __init__(self, moe: bool):
+        super().__init__()
+        self.is_moe = moe
+        self.mlp = nn.Module()
+        if moe:
+            self.mlp.experts = ExpertBank(_Cfg)
+
+
+class _ToyLLM(nn.Module):
+    """The attributes MoERuntime uses: model.layers[i].is_moe and .mlp.experts."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([_Layer(False), _Layer(True), _Layer(True)])
+        torch.manual_seed(seed)
+        for p in self.parameters():
+            p.requires_grad_(False)
+            p.normal_(0, 0.2)
+
+    def bank(self, i) -> ExpertBank:
+        return self.model.layers[i].mlp.experts
+
+
+def _inputs(t=40, k=3, seed=3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, H, generator=g).to(dtype)
+    # skewed routing: expert 2 is hot, expert 7 never chosen
+    probs = torch.tensor([1, 1, 8, 1, 2, 1, 3, 0], dtype=torch.float)
+    ids = torch.stack([torch.multinomial(probs, k, generator=g) for _ in range(t)])
+    return x, ids, torch.rand(t, k, generator=g) * 2.5
+
+
+def _reference(llm, layer, x, ids, w):
+    b = llm.bank(layer)
+    return kernels.moe_experts_reference(x, b.gate_proj, b.up_proj, b.down_proj, ids, w)
+
+
+SPLIT = {1: (0, 1, CPU, 0, CPU, 1, CPU, CPU), 2: (CPU, CPU, 1, 1, 0, 0, CPU, 0)}
+PLACEMENTS = {
+    "one_gpu": (ExpertPlacement.uniform([1, 2], E, 0), 1, dict(cache_capacity=0)),
+    "all_cpu_no_cache": (ExpertPlacement.uniform([1, 2], E, CPU), 1, dict(cache_capacity=0, fetch_threshold=-1)),
+    "split_no_cache": (ExpertPlacement(SPLIT, {1: 0, 2: 1}), 2, dict(cache_capacity=0, fetch_threshold=-1)),
+    "split_fetch_only": (ExpertPlacement(SPLIT, {1: 0, 2: 1}), 2, dict(cache_capacity=0, fetch_threshold=4)),
+    "split_cache": (ExpertPlacement(SPLIT, {1: 0, 2: 1}), 2, dict(cache_capacity=2, fetch_threshold=1000)),
+}
+
+
+@pytest.mark.parametrize("name", list(PLACEMENTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_runtime_equals_single_device_path(name, dtype):
+    placement, n_gpu, opts = PLACEMENTS[name]
+    llm = _ToyLLM().to(dtype)
+    steps = [_inputs(seed=s, dtype=dtype) for s in range(3)] + [_inputs(t=1, seed=9, dtype=dtype)]
+    expected = {(l, s): _reference(llm, l, *steps[s]) for l in (1, 2) for s in range(len(steps))}
+    rt = MoERuntime.attach(llm, placement, RuntimeOptions(device_map=DeviceMap.simulated(n_gpu), **opts))
+    assert llm.bank(1).gate_proj.is_meta and llm.bank(1).runtime is rt.layers[1]
+    for s in range(len(steps)):
+        for l in (1, 2):
+            assert torch.equal(llm.bank(l)(*steps[s]), expected[(l, s)]), (name, l, s)
+    st = rt.stats
+    total = sum(int(ids.numel()) for _, ids, _ in steps) * 2
+    assert sum(st.tokens.values()) == total
+    if name == "one_gpu":
+        assert set(st.tokens) == {"gpu0"} and st.fetches == 0
+    if name == "all_cpu_no_cache":
+        assert set(st.tokens) == {"cpu"} and st.fetches == 0
+    if name == "split_no_cache":
+        slot_tokens = {}
+        for l in (1, 2):
+            for _, ids, _ in steps:
+                for e in ids.flatten().tolist():
+                    site = DeviceMap.name(SPLIT[l][e])
+                    slot_tokens[site] = slot_tokens.get(site, 0) + 1
+        assert st.tokens == slot_tokens and st.fetches == 0
+    if name == "split_fetch_only":
+        assert st.transient_fetches == st.fetches > 0 and st.cache_hits == 0 and st.tokens.get("cpu", 0) > 0
+    if name == "split_cache":
+        assert st.cache_inserts > 0 and st.cache_hits > 0 and len(rt.cache.resident) <= 2
+        assert st.evictions == st.cache_inserts - len(rt.cache.resident)
+
+
+@pytest.mark.parametrize("name", ["one_gpu", "split_no_cache", "split_cache"])
+def test_fused_gpu_experts_match_the_single_device_path(name):
+    """On CUDA each GPU's resident experts run as one fused Triton call (here forced, under the
+    interpreter, on simulated devices); sites, statistics and results match the per-expert path."""
+    placement, n_gpu, opts = PLACEMENTS[name]
+    llm = _ToyLLM()
+    steps = [_inputs(seed=s) for s in range(3)] + [_inputs(t=1, seed=9)]
+    expected = {(l, s): _reference(llm, l, *steps[s]) for l in (1, 2) for s in range(len(steps))}
+    per_expert = MoERuntime.attach(_ToyLLM(), placement, RuntimeOptions(device_map=DeviceMap.simulated(n_gpu), **opts))
+    rt = MoERuntime.attach(llm, placement, RuntimeOptions(device_map=DeviceMap.simulated(n_gpu),
+                                                          fused_gpu_experts="triton", **opts))
+    gpu_slots = {s for l in (1, 2) for s in placement.slots[l] if s != CPU}
+    assert set(rt.layers[1].fused) | set(rt.layers[2].fused) == gpu_slots
+    fused = rt.layers[1].fused[0]
+    e0 = int((fused.local_index >= 0).nonzero()[0])
+    w = rt.layers[1].experts[e0]  # resident experts are views into the stacks, not second copies
+    assert w.gate.untyped_storage().data_ptr() == fused.gate.untyped_storage().data_ptr()
+    for s in range(len(steps)):
+        for l in (1, 2):
+            got, want = llm.bank(l)(*steps[s]), expected[(l, s)]
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (name, l, s, (got - want).abs().max())
+            per_expert.layers[l](*steps[s])
+    assert rt.stats.tokens == per_expert.stats.tokens
+    assert (rt.stats.cache_hits, rt.stats.fetches) == (per_expert.stats.cache_hits, per_expert.stats.fetches)
+
+
+def test_fused_mode_is_validated():
+    with pytest.raises(ValueError, match="fused_gpu_experts"):
+        RuntimeOptions(fused_gpu_experts="sometimes")
+
+
+def test_fetch_decision_follows_the_threshold():
+    llm = _ToyLLM()
+    x, _, w = _inputs(t=6, k=1)
+    ids = torch.tensor([[2], [2], [2], [2], [4], [0]])  # expert 2: 4 tokens, 4 and 0: one each
+    placement = ExpertPlacement.uniform([1, 2], E, CPU, cache_slot=0)
+    ref = _reference(llm, 1, x, ids, w)
+    rt = MoERuntime.attach(llm, placement, RuntimeOptions(device_map=DeviceMap.simulated(1), fetch_threshold=3))
+    assert torch.equal(llm.bank(1)(x, ids, w), ref)
+    assert rt.stats.fetches == 1 and rt.stats.tokens == {"gpu0": 4, "cpu": 2} and rt.stats.blocks["cpu"] == 2
+    assert rt.stats.fetched_bytes == rt.layers[1].experts[2].nbytes
+
+
+def test_quantized_experts_through_the_runtime():
+    llm = _ToyLLM()
+    for l in (1, 2):
+        quantize_bank_(llm.bank(l), "fp8")
+    b = llm.bank(1)
+    steps = [_inputs(seed=s) for s in range(3)]
+    expected = [moe_experts_quantized(x, b.gate_proj, b.up_proj, b.down_proj, b.gate_proj_scale, b.up_proj_scale,
+                                      b.down_proj_scale, ids, w) for x, ids, w in steps]
+    rt = MoERuntime.attach(llm, ExpertPlacement(SPLIT, {1: 0, 2: 1}),
+                           RuntimeOptions(device_map=DeviceMap.simulated(2), cache_capacity=3, fetch_threshold=5))
+    assert llm.bank(1).expert_dtype == "fp8" and rt.layers[1].experts[0].quantized
+    for s, (x, ids, w) in enumerate(steps):
+        assert torch.equal(llm.bank(1)(x, ids, w), expected[s])
+    # a fetch copies the fp8 bytes plus the scales, not a dequantised expert
+    assert rt.stats.fetched_bytes == rt.stats.fetches * (3 * H * I + 4 * (2 * I + H))
+
+
+def test_lfu_cache_with_decay_and_hysteresis():
+    c = HotExpertCache(capacity=2, decay=0.5, hysteresis=0.25)
+    c.observe(1, torch.tensor([4, 0, 2, 0]))
+    assert c.admission((1, 0), set()) == (True, None)
+    c.insert((1, 0), "w0", None)
+    c.insert((1, 2), "w2", None)
+    c.observe(1, torch.tensor([0, 3, 0, 0]))  # scores: e0 2.0, e1 3.0, e2 1.0
+    assert c.score((1, 1)) == 3.0 and c.score((1, 2)) == 1.0
+    assert c.admission((1, 1), set()) == (True, (1, 2))          # replaces the least frequently used
+    assert c.admission((1, 1), {(1, 2)}) == (True, (1, 0))       # ... unless it is in use this step
+    assert c.admission((1, 1), {(1, 0), (1, 2)}) == (False, None)
+    assert c.admission((1, 0), set()) == (False, None)           # already resident
+    c.observe(1, torch.tensor([0, 0, 1.6, 2.4]))                 # e0 1.0, e2 2.1, e3 2.4
+    assert c.admission((1, 3), set()) == (True, (1, 0))
+    c.observe(1, torch.tensor([2, 0, 0, 0]))                     # e0 2.5, e2 1.05, e3 1.2: 1.2 < 1.05 * 1.25
+    assert c.admission((1, 3), set()) == (False, None)
+    assert HotExpertCache(0).admission((1, 0), set()) == (False, None)
+
+
+def test_fetch_threshold_from_bandwidths():
+    tm = TransferModel()
+    bf16 = 3 * 4096 * 1024 * 2
+    fp8 = 3 * 4096 * 1024 + 4 * (2 * 1024 + 4096)
+    assert tm.fetch_threshold(bf16, 4096, 1024, 2) == 9 and tm.fetch_threshold(fp8, 4096, 1024, 2) == 4
+
+    def cpu_time(n, b):  # the costs the threshold compares
+        eff = tm.efficiency * 1e9
+        return (b / (tm.host_gbs * eff) + n * 6 * 4096 * 1024 / (tm.cpu_gflops * eff)
+                + 2 * tm.hop_latency_us * 1e-6 + n * 2 * 4096 * 2 / (tm.pcie_gbs * eff))
+
+    def fetch_time(b):
+        return b / (tm.pcie_gbs * tm.efficiency * 1e9) + tm.hop_latency_us * 1e-6
+
+    for b in (bf16, fp8):
+        n = tm.fetch_threshold(b, 4096, 1024, 2)
+        assert cpu_time(n, b) <= fetch_time(b) < cpu_time(n + 1, b)
+    assert TransferModel(pcie_gbs=64).fetch_threshold(bf16, 4096, 1024, 2) == 0  # PCIe faster than host RAM
+    assert TransferModel(cpu_gflops=100).fetch_threshold(bf16, 4096, 1024, 2) < 9
+
+
+def test_placement_validation():
+    llm = _ToyLLM()
+    with pytest.raises(ValueError, match="lists 3 experts"):
+        MoERuntime.attach(llm, ExpertPlacement({1: (0, 0, 0), 2: (0,) * E}),
+                          RuntimeOptions(device_map=DeviceMap.simulated(1)))
+    with pytest.raises(ValueError, match="GPU slot"):
+        MoERuntime.attach(_ToyLLM(), ExpertPlacement.uniform([1, 2], E, 2),
+                          RuntimeOptions(device_map=DeviceMap.simulated(1)))
+    with pytest.raises(ValueError, match="no entry for MoE layer 2"):
+        MoERuntime.attach(_ToyLLM(), ExpertPlacement({1: (0,) * E}), RuntimeOptions(device_map=DeviceMap.simulated(1)))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="simulated"):
+            DeviceMap.cuda(1)
+
+
+def _tiny_plan(case_dir):
+    """A real planner output for the fixture model: layer 1 split over two GPUs, layer 2 on the CPU."""
+    cfg = MingConfig.from_file(case_dir)
+    s = model_sizes(cfg)
+    non_expert = s.llm_bytes - s.routed_expert_bytes
+    devices = DeviceSpec((GPUSpec(non_expert + 10 * s.bytes_per_expert), GPUSpec(8 * s.bytes_per_expert)), 10 ** 9)
+    plan = plan_placement(cfg, devices, kv_tokens=0, gpu_reserve=0, host_reserve=0, encoders="cpu")
+    used = {d for le in plan.experts for d in le.device}
+    assert {0, 1, CPU} <= used
+    return plan
+
+
+@pytest.mark.parametrize("case", ["llm_b1", "mm"])
+def test_public_parity_cases_through_a_plan(case, monkeypatch):
+    case_dir = fixture_case(case)
+    plan = _tiny_plan(case_dir)
+    loaded = []
+
+    def load(*a, **k):
+        m = load_model(*a, **k, plan=plan, runtime_options=RuntimeOptions(
+            device_map=DeviceMap.simulated(2), cache_capacity=3, fetch_threshold=2))
+        loaded.append(m)
+        return m
+
+    monkeypatch.setattr(parity, "load_model", load)
+    rows = parity.run_case(case_dir)
+    bad = [r for r in rows if not r.ok]
+    assert rows and not bad, parity.format_table(bad)
+    assert {"logits", "decode_logits", "router.layer1.topk_ids"} <= {r.tensor for r in rows}
+    st = loaded[0].moe_runtime.stats
+    assert {"gpu0", "gpu1", "cpu"} <= set(st.tokens) and st.cache_hits > 0 and st.transient_fetches > 0
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_load_model_with_plan_equals_plain_load(tiny_checkpoint, kind):
+    cfg = MingConfig.from_file(tiny_checkpoint)
+    moe = [i for i in range(cfg.llm.num_hidden_layers) if cfg.llm.is_moe_layer(i)]
+    slots = {l: tuple((e % 3) - 1 for e in range(cfg.llm.num_experts)) for l in moe}  # CPU, gpu0, gpu1, ...
+    plain = load_model(tiny_checkpoint, dtype="fp32", device="cpu", expert_dtype=kind)
+    placed = load_model(tiny_checkpoint, dtype="fp32", device="cpu", expert_dtype=kind,
+                        plan=ExpertPlacement(slots, {l: 0 for l in moe}),
+                        runtime_options=RuntimeOptions(device_map=DeviceMap.simulated(2), cache_capacity=4))
+    assert placed.expert_dtype == kind and placed.llm.model.layers[moe[0]].mlp.experts.expert_dtype == kind
+    ids = torch.tensor([[5, 60, 70, 80, 90, 100, 110, 120, 7, 9, 11, 13]])
+    num = Numerics()
+    with torch.inference_mode():
+        pos, _ = rope_index(ids, PositionTokens.from_config(plain.llm.config))
+        a = plain.llm(plain.llm.model.embed(ids), pos, num)
+        b = placed.llm(placed.llm.model.embed(ids), pos, num)
+    assert torch.equal(a, b)
+    n_params = functools.reduce(lambda acc, p: acc + p.numel(), placed.llm.parameters(), 0)
+    assert n_params == sum(p.numel() for p in plain.llm.parameters())
+
+
+def test_plan_places_non_expert_modules(tiny_checkpoint):
+    """Layers go to their home slot, head to the head slot, embeddings/encoders to the host when the
+    plan says so. The host here is the meta device so that the mapping is visible on a CPU machine."""
+    from types import SimpleNamespace
+
+    from engine.models.thinker.model import build_encoders, build_llm, place_non_expert_modules
+
+    cfg = MingConfig.from_file(tiny_checkpoint)
+    llm, enc = build_llm(cfg, "cpu"), build_encoders(cfg, "cpu")
+    n = cfg.llm.num_hidden_layers
+    plan = SimpleNamespace(layer_home=tuple(i % 2 for i in range(n)), head_home=1, embeddings="cpu", encoders="cpu")
+    place_non_expert_modules(llm, enc, plan, DeviceMap((torch.device("cpu"), torch.device("cpu")), host="meta"))
+    assert llm.model.word_embeddings.weight.device.type == "meta"
+    assert all(p.device.type == "meta" for m in enc.components().values() for p in m.parameters())
+    assert all(layer.device.type == "cpu" for layer in llm.model.layers)
+    assert llm.model.layers[1].mlp.experts.gate_proj.device.type == "cpu"  # experts are left to the runtime

@@ -1,0 +1,462 @@
+"""Placement planner (engine/plan.py): sizes, placement rules, roofline prediction and the CLI.
+
+Most tests use a config assembled from the spec's hyper-parameters (§2.1, §4.3, §5.2), so they run
+without /work/shared; tests against the real configs and the reference name list skip when the
+shared folder (resolved as <repo>/../shared) is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from engine.models.thinker.config import MingConfig
+from engine.placement.planner import (
+    CPU, DeviceSpec, PlanError, RooflineParams, expert_bytes, main, model_sizes, normalize_expert_stats,
+    parse_size, plan_placement, predict_decode, render,
+)
+from tests.paths import REPO, SHARED
+
+REAL = {"v2": SHARED / "fixtures/real_configs/ming-flash-omni-2.0",
+        "preview": SHARED / "fixtures/real_configs/ming-flash-omni-preview"}
+FULL_NAMES = SHARED / "fixtures/ming_ref/full_names"
+needs_shared = pytest.mark.skipif(not (REAL["v2"] / "config.json").is_file() or not FULL_NAMES.is_dir(),
+                                  reason="needs /work/shared (real configs and reference name lists)")
+
+# Reference parameter counts of the full-size 2.0 thinker (spec §1.3; full_names meta.json).
+LLM_PARAMS = 102_954_732_800
+ROUTED_EXPERT_PARAMS = 99_857_989_632
+PARAMS_PER_EXPERT = 12_582_912
+TOTAL_PARAMS_V2 = 104_232_246_768
+N_EXPERTS = 31 * 256
+
+
+def spec_config_dict() -> dict:
+    """A 2.0-shaped composite config.json built from the spec's tables."""
+    llm = {
+        "model_type": "bailing_moe_v2", "vocab_size": 157184, "hidden_size": 4096, "intermediate_size": 9216,
+        "moe_intermediate_size": 1024, "num_hidden_layers": 32, "first_k_dense_replace": 1,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "partial_rotary_factor": 0.5,
+        "rope_theta": 2400000, "rope_scaling": {"type": "video_rope"}, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 32768, "hidden_act": "silu", "num_experts": 256, "num_experts_per_tok": 8,
+        "num_shared_experts": 1, "n_group": 8, "topk_group": 4, "router_type": "MultiRouter",
+        "use_bias": False, "use_qkv_bias": False, "tie_word_embeddings": False, "eos_token_id": 156895,
+        "pad_token_id": 156892, "image_patch_token": 157157, "video_patch_token": 157175,
+        "image_start_token": 157158, "video_start_token": 157160, "use_interleaved_frame_timestamp": True,
+    }
+    vision = {"model_type": "qwen3_moe_vit", "depth": 27, "hidden_size": 1152, "intermediate_size": 4304,
+              "num_heads": 16, "out_hidden_size": 4096, "patch_size": 16, "temporal_patch_size": 2,
+              "spatial_merge_size": 2, "in_channels": 3, "num_position_embeddings": 2304,
+              "deepstack_visual_indexes": [8, 16, 24]}
+    audio = {"ds_kernel_size": 3, "ds_stride": 2, "norm_query_embeds": True,
+             "whisper_encoder_config": {"n_ctx": 15000, "n_head": 20, "n_layer": 32, "n_mels": 128, "n_state": 1280}}
+    return {"model_type": "bailingmm_moe_v2_lite", "llm_config": llm, "vision_config": vision,
+            "audio_config": audio, "mlp_depth": 2, "torch_dtype": "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def cfg() -> MingConfig:
+    return MingConfig.from_dict(spec_config_dict(), source="spec-2.0")
+
+
+def plan(cfg, gpus, cpu="256GB", **kw):
+    return plan_placement(cfg, DeviceSpec.parse(gpus, cpu), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and devices
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("80GB", 80 * 10**9), ("24GiB", 24 * 2**30), ("256GB", 256 * 10**9), ("1.5TB", 15 * 10**11),
+    ("512MiB", 512 * 2**20), (" 80 gb ", 80 * 10**9), ("4096", 4096), ("2KB", 2000), ("0.5GiB", 2**29),
+    (123, 123),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["80G", "abc", "-1GB", "", "GB", "80 PB", "1e3GB"])
+def test_parse_size_rejects(text):
+    with pytest.raises(PlanError):
+        parse_size(text)
+
+
+def test_device_spec_parse():
+    d = DeviceSpec.parse("80GB,80GB", "256GB")
+    assert [g.memory_bytes for g in d.gpus] == [80 * 10**9] * 2 and d.host_memory_bytes == 256 * 10**9
+    d = DeviceSpec.parse("8x24GB", "64GiB")
+    assert len(d.gpus) == 8 and [g.name for g in d.gpus] == [f"cuda:{i}" for i in range(8)]
+    d = DeviceSpec.parse("24GB@1008,48GB", "0")
+    assert d.gpus[0].hbm_gbs == 1008 and d.gpus[1].hbm_gbs is None and d.gpus[1].memory_bytes == 48 * 10**9
+    for bad in ("", "0GB", "80GB@0", "x"):
+        with pytest.raises(PlanError):
+            DeviceSpec.parse(bad, "256GB")
+
+
+def test_llm_and_encoder_counts_from_spec_shapes(cfg):
+    s = model_sizes(cfg)
+    assert s.llm_params == LLM_PARAMS
+    assert s.routed_expert_params == ROUTED_EXPERT_PARAMS and s.params_per_expert == PARAMS_PER_EXPERT
+    enc = {m.name: m.params for m in s.modules if m.kind == "encoder"}
+    assert enc == {"vision": 576_388_336, "linear_proj": 33_562_624, "audio": 635_048_960,
+                   "linear_proj_audio": 32_514_048}
+    assert s.total_params == TOTAL_PARAMS_V2 and s.exact
+    # bf16 everywhere except the 3 routers' expert_bias (fp32) in 31 MoE layers.
+    assert s.llm_bytes == 2 * LLM_PARAMS + 2 * (31 * 3 * 256)
+    # The audio positional table is a persistent buffer: resident, not a parameter.
+    audio = next(m for m in s.modules if m.name == "audio")
+    assert audio.nbytes == 2 * (635_048_960 + 15000 * 1280)
+    assert s.kv_bytes_per_token == 32 * 2 * 4 * 128 * 2 == 65536
+
+
+def test_expert_bytes_per_dtype(cfg):
+    assert expert_bytes(cfg.llm, "bf16") == 3 * 4096 * 1024 * 2 == 25_165_824
+    scales = (2 * 1024 + 4096) * 4  # one fp32 scale per output channel of gate, up, down
+    assert expert_bytes(cfg.llm, "fp8") == expert_bytes(cfg.llm, "int8") == 3 * 4096 * 1024 + scales
+    with pytest.raises(PlanError):
+        expert_bytes(cfg.llm, "fp4")
+
+
+@pytest.mark.parametrize("which", ["tiny", "spec"])
+def test_llm_count_matches_engine_module(which, cfg):
+    """The analytic count equals what the engine's own BailingMoeV2 module consumes from a checkpoint."""
+    from engine.loader import checkpoint_entries
+    from engine.models.thinker.model import build_llm
+    from engine.tiny import tiny_config
+
+    c = MingConfig.from_dict(tiny_config()) if which == "tiny" else cfg
+    total = sum(math.prod(shape) for _, shape in checkpoint_entries(build_llm(c, "meta")))
+    assert model_sizes(c).llm_params == total
+
+
+@needs_shared
+@pytest.mark.filterwarnings("ignore:.*video_start_token")  # the Preview config's known pitfall (spec §1.4)
+@pytest.mark.parametrize("flavour, real", [("v2", "v2"), ("preview", "preview")])
+def test_real_config_counts_match_reference(flavour, real):
+    cfg = MingConfig.from_file(REAL[real])
+    meta = json.loads((FULL_NAMES / flavour / "meta.json").read_text())["counts"]
+    s = model_sizes(cfg)
+    per = meta["parameters_per_top_level_prefix"]
+    enc = {m.name: m.params for m in s.modules if m.kind == "encoder"}
+    assert enc == {k: per[k] for k in ("vision", "linear_proj", "audio", "linear_proj_audio")}
+    assert s.llm_params == per["model"]
+    assert s.total_params == meta["total_parameters"]
+    assert s.routed_expert_params == meta["llm_routed_expert_parameters"]
+    assert s.params_per_expert == meta["llm_parameters_per_expert"]
+    n_bias = sum(1 for line in (FULL_NAMES / flavour / "names.txt").read_text().splitlines()
+                 if line.split("\t")[0].endswith("expert_bias")) * cfg.llm.num_experts
+    assert s.llm_bytes == 2 * per["model"] + 2 * n_bias  # expert_bias stored as fp32
+
+
+@needs_shared
+def test_every_module_matches_reference_name_list():
+    """Per module, the planner's parameter count equals the sum over the reference state-dict names."""
+    cfg = MingConfig.from_file(REAL["v2"])
+    s = model_sizes(cfg)
+    got = defaultdict(int)
+    experts = 0
+    for line in (FULL_NAMES / "v2" / "names.txt").read_text().splitlines():
+        name, shape, _ = line.split("\t")
+        n = math.prod(json.loads(shape))
+        if name == "audio.positional_embedding":
+            continue  # buffer, checked as bytes below
+        m = re.match(r"model\.model\.layers\.(\d+)\.(attention|input_layernorm|post_attention_layernorm|mlp)\.?(\w*)", name)
+        if m:
+            layer, part, sub = m.groups()
+            if part != "mlp":
+                got[f"layers.{layer}.attention"] += n
+            elif sub == "experts":
+                experts += n
+            elif sub == "shared_experts":
+                got[f"layers.{layer}.shared_experts"] += n
+            elif sub in ("gate", "image_gate", "audio_gate"):
+                got[f"layers.{layer}.routers"] += n
+            else:
+                got[f"layers.{layer}.mlp"] += n
+            continue
+        key = {"model.model.word_embeddings": "word_embeddings", "model.model.norm": "norm",
+               "model.lm_head": "lm_head"}.get(name.rsplit(".", 1)[0], name.split(".")[0])
+        got[key] += n
+    assert {m.name: m.params for m in s.modules} == dict(got)
+    assert experts == s.routed_expert_params
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_consistent(p):
+    """Every expert has a device; per-device counts and bytes add up; nothing exceeds memory."""
+    eb = p.sizes.bytes_per_expert
+    assert len(p.experts) == 31 and all(len(le.device) == 256 for le in p.experts)
+    for g in p.gpus:
+        n = sum(le.count(g.index) for le in p.experts)
+        assert n == g.experts and g.experts_bytes == n * eb
+        used = g.reserve_bytes + g.modules_bytes + g.kv_bytes + g.experts_bytes
+        assert used + g.free_bytes == g.memory_bytes and g.free_bytes >= 0
+    assert sum(le.count(CPU) for le in p.experts) == p.host.experts
+    assert p.host.reserve_bytes + p.host.modules_bytes + p.host.experts_bytes <= p.host.memory_bytes
+    assert p.gpu_experts + p.cpu_experts == N_EXPERTS
+    placed = {m.name for m in p.modules}
+    assert placed == {m.name for m in p.sizes.modules}
+
+
+def test_4x80gb_puts_all_experts_on_gpus_balanced(cfg):
+    p = plan(cfg, "80GB,80GB,80GB,80GB")
+    _check_consistent(p)
+    assert p.cpu_experts == 0 and p.host.experts_bytes == 0
+    assert all(g.experts > 0 for g in p.gpus)
+    for le in p.experts:  # expert parallel: each layer spread evenly
+        assert [le.count(g) for g in range(4)] == [64, 64, 64, 64]
+    assert p.prediction.breakdown_ms["cpu_experts"] == 0
+    assert p.prediction.bottleneck != "cpu_experts"
+    assert {m.device for m in p.modules if m.kind == "attention"} == {"cuda:0"}
+
+
+def test_1x24gb_puts_most_experts_on_cpu(cfg):
+    p = plan(cfg, "24GB")
+    _check_consistent(p)
+    assert p.cpu_experts > 0.9 * N_EXPERTS and p.gpu_experts > 0
+    assert p.prediction.bottleneck == "cpu_experts"
+    assert p.prediction.tokens_per_s < plan(cfg, "4x80GB").prediction.tokens_per_s
+
+
+def test_more_gpu_memory_never_predicts_lower_tokens_per_s(cfg):
+    for dtype in ("bf16", "fp8"):
+        last = 0.0
+        for gb in range(16, 400, 24):
+            tps = plan(cfg, f"{gb}GB", "400GB", expert_dtype=dtype).prediction.tokens_per_s
+            assert tps >= last, (dtype, gb)
+            last = tps
+    for dtype in ("bf16", "fp8"):
+        last = 0.0
+        for gb in range(16, 200, 12):
+            tps = plan(cfg, f"2x{gb}GB", "400GB", expert_dtype=dtype).prediction.tokens_per_s
+            assert tps >= last, (dtype, gb)
+            last = tps
+    last = 0.0
+    for n in range(1, 9):
+        tps = plan(cfg, f"{n}x24GB").prediction.tokens_per_s
+        assert tps >= last, n
+        last = tps
+
+
+def test_fp8_fits_more_experts_than_bf16(cfg):
+    bf16 = plan(cfg, "80GB")
+    fp8 = plan(cfg, "80GB", expert_dtype="fp8")
+    int8 = plan(cfg, "80GB", expert_dtype="int8")
+    _check_consistent(fp8)
+    assert fp8.gpu_experts > 1.9 * bf16.gpu_experts
+    assert int8.gpu_experts == fp8.gpu_experts
+    assert fp8.prediction.tokens_per_s > bf16.prediction.tokens_per_s
+    # --expert-dtype applies to routed experts only: non-expert bytes are unchanged.
+    assert fp8.sizes.llm_bytes - fp8.sizes.routed_expert_bytes == bf16.sizes.llm_bytes - bf16.sizes.routed_expert_bytes
+
+
+def test_popularity_stats_move_popular_experts_to_gpu(cfg):
+    hot = lambda e: e % 16 == 3  # 16 hot experts per layer
+    stats = {"layers": {str(l): [100 if hot(e) else 1 for e in range(256)] for l in range(1, 32)}}
+    uniform = plan(cfg, "24GB")
+    p = plan(cfg, "24GB", expert_stats=stats)
+    _check_consistent(p)
+    resident = [(le.layer, e) for le in p.experts for e, d in enumerate(le.device) if d != CPU]
+    assert resident and all(hot(e) for _, e in resident)
+    assert p.prediction.gpu_selected_fraction > 5 * uniform.prediction.gpu_selected_fraction
+    assert p.prediction.tokens_per_s > uniform.prediction.tokens_per_s
+
+
+def test_stats_in_list_form_and_layer_key_form_agree(cfg):
+    counts = [[(e * 7 + l) % 13 + 1 for e in range(256)] for l in range(31)]
+    a = normalize_expert_stats(counts, cfg.llm)
+    b = normalize_expert_stats({str(l + 1): c for l, c in enumerate(counts)}, cfg.llm)
+    c = normalize_expert_stats([[]] + counts, cfg.llm)  # one entry per decoder layer, dense layer empty
+    assert a == b == c and set(a) == set(range(1, 32))
+    assert all(abs(sum(v) - 1) < 1e-12 for v in a.values())
+    partial = normalize_expert_stats({"layers": {"5": [0] * 255 + [3]}}, cfg.llm)
+    assert partial[5][255] == 1.0 and partial[6] == [1 / 256] * 256
+
+
+@pytest.mark.parametrize("stats, msg", [
+    ({"0": [1] * 256}, "not a MoE layer"),
+    ({"3": [1] * 255}, "256 counts"),
+    ({"3": [-1] + [1] * 255}, "negative"),
+    ([[1] * 256] * 5, "one entry per"),
+    ("nonsense", "must be"),
+])
+def test_bad_stats_are_rejected(cfg, stats, msg):
+    with pytest.raises(PlanError, match=msg):
+        plan(cfg, "80GB", expert_stats=stats)
+
+
+def test_impossible_configs_raise_clear_errors(cfg):
+    with pytest.raises(PlanError, match="non-expert part does not fit"):
+        plan(cfg, "8GB")
+    with pytest.raises(PlanError, match="host memory cannot hold"):
+        plan(cfg, "80GB", "64GB")
+    with pytest.raises(PlanError, match="no GPUs"):
+        plan(cfg, "")
+    with pytest.raises(PlanError, match="kv_tokens"):
+        plan(cfg, "80GB", kv_tokens=-1)
+    with pytest.raises(PlanError, match="non-expert part does not fit"):
+        plan(cfg, "80GB", kv_tokens=10_000_000)  # 655 GB of KV cache
+    with pytest.raises(PlanError, match="efficiency"):
+        plan(cfg, "80GB", roofline=RooflineParams(efficiency=1.5))
+    # fp8 halves the cold experts: the same host then suffices.
+    plan(cfg, "80GB", "96GB", expert_dtype="fp8")
+
+
+def test_non_expert_part_is_split_over_gpus_when_one_is_too_small(cfg):
+    p = plan(cfg, "2x8GB", encoders="cpu")
+    _check_consistent(p)
+    assert set(p.layer_home) == {0, 1} and list(p.layer_home) == sorted(p.layer_home)
+    assert {m.device for m in p.modules if m.kind == "encoder"} == {"cpu"}
+    assert p.gpus[0].kv_bytes > 0 and p.gpus[1].kv_bytes > 0
+    assert p.prediction.breakdown_ms["transfers"] > 0
+
+
+def test_kv_budget(cfg):
+    p = plan(cfg, "80GB", kv_tokens=100_000)
+    assert p.gpus[0].kv_bytes == 100_000 * 65536
+    assert 100_000 <= p.kv_max_tokens < 100_000 + (p.sizes.bytes_per_expert // 65536) + 1
+    full = plan(cfg, "4x80GB")  # everything fits: the leftover on the attention GPU becomes KV budget
+    assert full.kv_max_tokens > 5 * full.kv_requested_tokens
+    assert full.kv_budget_bytes == full.gpus[0].kv_bytes + full.gpus[0].free_bytes
+
+
+def test_encoders_none_and_cpu_free_gpu_memory(cfg):
+    on_gpu = plan(cfg, "24GB")
+    no_enc = plan(cfg, "24GB", encoders="none")
+    assert "vision" not in {m.name for m in no_enc.modules}
+    assert no_enc.gpu_experts > on_gpu.gpu_experts
+    on_cpu = plan(cfg, "24GB", encoders="cpu")
+    assert on_cpu.host.modules_bytes >= on_cpu.sizes.encoder_bytes
+
+
+def test_roofline_matches_hand_computation_when_everything_is_on_one_gpu(cfg):
+    rp = RooflineParams(hbm_gbs=1000, efficiency=1.0, context_tokens=1000)
+    p = plan(cfg, "400GB", roofline=rp)
+    assert p.cpu_experts == 0 and p.embeddings == "gpu" and p.expert_gpus == 1
+    h, v = 4096, 157184
+    attention = 32 * (5120 * h + h * h + 2 * 128 + 2 * h) * 2
+    dense = 3 * 9216 * h * 2
+    shared = 31 * 3 * 1024 * h * 2
+    text_gate = 31 * (256 * h * 2 + 256 * 4)
+    head = (h + v * h) * 2
+    embedding_row = h * 2
+    experts = 31 * 8 * 3 * h * 1024 * 2  # top-8 per MoE layer
+    kv = 1000 * 65536
+    expected_s = (attention + dense + shared + text_gate + head + embedding_row + experts + kv) / 1e12
+    assert p.prediction.ms_per_token == pytest.approx(expected_s * 1e3, rel=1e-12)
+    assert p.prediction.hbm_bytes_per_token == pytest.approx(expected_s * 1e12, rel=1e-12)
+    assert p.prediction.breakdown_ms["transfers"] == 0
+
+
+def test_expert_parallel_hops_are_counted(cfg):
+    p = plan(cfg, "4x80GB")
+    assert p.embeddings == "gpu" and set(p.layer_home) == {0}
+    hop_s = 10e-6 + 4096 * 2 / (25e9 * 0.7)  # latency + one bf16 hidden vector over PCIe
+    assert p.prediction.breakdown_ms["transfers"] == pytest.approx(31 * 2 * hop_s * 1e3, rel=1e-12)
+
+
+def test_planner_keeps_experts_on_fewer_gpus_when_hops_cost_more(cfg):
+    cheap = plan(cfg, "2x400GB")
+    assert cheap.expert_gpus == 2
+    slow = plan(cfg, "2x400GB", roofline=RooflineParams(hop_latency_us=2000))
+    assert slow.expert_gpus == 1 and slow.gpus[1].experts == 0 and slow.cpu_experts == 0
+    assert slow.prediction.breakdown_ms["transfers"] == 0
+
+
+def test_partly_cold_layer_with_few_remote_experts_stays_on_cpu(cfg):
+    """Two GPU experts of a layer on a GPU other than its attention GPU would cost two expert-parallel
+    hops per token for little gain; the planner keeps such a layer wholly on the CPU."""
+    rp = RooflineParams(hop_latency_us=100)
+    eb = expert_bytes(cfg.llm, "fp8")
+    probe = plan(cfg, "80GB", expert_dtype="fp8", embeddings="gpu", roofline=rp)
+    g0 = probe.gpus[0]
+    gpu0 = g0.reserve_bytes + g0.modules_bytes + g0.kv_bytes + eb // 2  # room for no expert
+    gpu1 = g0.reserve_bytes + (2 * 256 + 2) * eb
+    p = plan(cfg, [f"{gpu0}B", f"{gpu1}B"], "400GB", expert_dtype="fp8", embeddings="gpu", roofline=rp)
+    _check_consistent(p)
+    assert p.gpus[0].experts == 0 and p.gpus[1].experts == 2 * 256
+    assert [le.count(1) for le in p.experts[:3]] == [256, 256, 0] and p.experts[2].count(CPU) == 256
+    # The alternative (2 experts of layer 3 on cuda:1) is predicted slower.
+    from dataclasses import replace
+    le = p.experts[2]
+    hot2 = tuple(1 if e < 2 else CPU for e in range(256))
+    alt = replace(p, experts=p.experts[:2] + (replace(le, device=hot2),) + p.experts[3:])
+    assert predict_decode(alt, rp).tokens_per_s < p.prediction.tokens_per_s
+
+
+def test_roofline_flags_move_the_prediction(cfg):
+    base = plan(cfg, "24GB")
+    faster_host = plan(cfg, "24GB", roofline=RooflineParams(host_gbs=200))
+    assert faster_host.prediction.tokens_per_s > 3 * base.prediction.tokens_per_s
+    overlap = predict_decode(base, RooflineParams(overlap_cpu=True))
+    assert overlap.tokens_per_s >= base.prediction.tokens_per_s
+    slow_hops = predict_decode(base, RooflineParams(hop_latency_us=1000))
+    assert slow_hops.breakdown_ms["transfers"] > 50 * base.prediction.breakdown_ms["transfers"]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def config_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(spec_config_dict()))
+    return tmp_path
+
+
+def test_cli_json_has_prediction_field(config_dir, capsys, cfg):
+    assert main(["--config", str(config_dir), "--gpus", "80GB", "--cpu-mem", "256GB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = plan(cfg, "80GB").prediction.tokens_per_s
+    assert out["predicted_decode_tokens_per_s"] == pytest.approx(expected)
+    assert out["experts_on_gpu"] + out["experts_on_cpu"] == N_EXPERTS
+    assert len(out["expert_devices"]) == 31 and len(out["expert_devices"]["1"]) == 256
+    assert out["prediction"]["roofline"]["hbm_gbs"] == 2000
+
+
+def test_cli_stats_file_and_flags(config_dir, tmp_path, capsys):
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"layers": {"1": [0] * 200 + [5] * 56}}))
+    argv = ["--config", str(config_dir), "--gpus", "24GB@1008", "--cpu-mem", "256GB", "--expert-stats", str(stats),
+            "--expert-dtype", "fp8", "--host-gbs", "80", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpus"][0]["hbm_gbs"] == 1008 and out["expert_dtype"] == "fp8"
+    assert all(d != CPU for d in out["expert_devices"]["1"][200:])
+
+
+def test_cli_errors_exit_2(config_dir, capsys):
+    assert main(["--config", str(config_dir), "--gpus", "80GB", "--cpu-mem", "16GB"]) == 2
+    assert "host memory cannot hold" in capsys.readouterr().err
+    assert main(["--config", str(config_dir), "--gpus", "80G", "--cpu-mem", "256GB", "--json"]) == 2
+    assert "error" in json.loads(capsys.readouterr().out)
+
+
+def test_module_entry_point_prints_table(config_dir):
+    target = REAL["v2"] if (REAL["v2"] / "config.json").is_file() else config_dir
+    r = subprocess.run([sys.executable, "-m", "engine.plan", "--config", str(target), "--gpus", "80GB,80GB",
+                        "--cpu-mem", "256GB"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "cuda:1" in r.stdout and "predicted decode:" in r.stdout and "bottleneck" in r.stdout
+    assert "KV cache" in r.stdout
+
+
+def test_render_mentions_every_device(cfg):
+    text = render(plan(cfg, "8x24GB"))
+    for i in range(8):
+        assert f"cuda:{i}" in text
+    assert "tokens/s" in text and "cpu (host)" in text

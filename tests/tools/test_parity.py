@@ -1,0 +1,34 @@
+"""Reference parity: every public llm and rope_index case through `engine.tools.parity`, plus its CLI."""
+
+import subprocess
+import sys
+
+import pytest
+
+from engine.tools.parity import format_table, run_case
+from tests.paths import REPO, fixture_case
+
+
+@pytest.mark.parametrize("case", ["llm_b1", "llm_b2", "rope_index", "mm", "prompts",
+                                  "frontend_image", "frontend_audio", "frontend_video"])
+def test_public_case_is_within_tolerance(case):
+    rows = run_case(fixture_case(case))
+    bad = [r for r in rows if not r.ok]
+    assert rows and not bad, format_table(bad)
+    compared = {r.tensor for r in rows}
+    if case.startswith("llm") or case == "mm":
+        assert {"logits", "generated_ids", "decode_logits", "router.layer1.topk_ids"} <= compared
+    if case == "mm":
+        assert {"processor.input_ids", "processor.pixel_values", "vision_embeds", "audio_embeds"} <= compared
+
+
+def test_cli_exit_status(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "engine.parity", str(fixture_case("rope_index"))], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "max abs diff" in ok.stdout
+    unsupported = tmp_path / "weird"
+    unsupported.mkdir()
+    (unsupported / "meta.json").write_text('{"kind": "hologram", "case": "weird"}')
+    bad = subprocess.run([sys.executable, "-m", "engine.parity", str(unsupported)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "not supported yet" in bad.stdout
