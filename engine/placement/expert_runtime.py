@@ -504,7 +504,11 @@ class MoERuntime:
             name = f"model.layers.{layer}.mlp.experts"
             for e, g, u, d in read_checkpoint_experts(reader, prefix, name, e_n, inter, hidden, consumed):
                 dev = rt.device_map.device(slots[e])
-                g, u, d = (t.to(device=dev, dtype=torch.float32) for t in (g, u, d))
+                # copy=True: the reader hands out views of the memory-mapped file, whose tensors start
+                # only 8-byte aligned; CPU GEMV kernels (oneDNN/MKL on AVX-512) take another summation
+                # order for misaligned weights, so an owned (64-byte aligned) copy computes exactly as
+                # the plainly loaded parameters do (and keeps no file mapping alive).
+                g, u, d = (t.to(device=dev, dtype=torch.float32, copy=True) for t in (g, u, d))
                 experts.append(rt._place(ExpertWeights.from_float(g, u, d, expert_dtype, dtype), slots[e]))
                 if progress is not None:
                     progress(e + 1, e_n, f"{name} ({expert_dtype})")
