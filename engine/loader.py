@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.errors import MingError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Files a snapshot of the thinker needs (sub-folders for speech/image generation come later).
@@ -24,8 +26,10 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "am.mvn"]
 _STACKED_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MingError, RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+
+    code = "checkpoint_error"
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.errors import MingError
+
 # The upstream modelling class hard-sets these on its own config at construction (spec §1.4 item 7).
 UPSTREAM_SPATIAL_MERGE_SIZE = 2
 UPSTREAM_TOKENS_PER_SECOND = 2
@@ -23,8 +25,10 @@ UPSTREAM_TOKENS_PER_SECOND = 2
 UPSTREAM_ROUTED_SCALING_DEFAULT = 2.5
 
 
-class ConfigError(ValueError):
+class ConfigError(MingError, ValueError):
     """A config.json that cannot describe a Ming model; the message names the file and key."""
+
+    code = "invalid_config"
 
 
 def _require(d: dict, key: str, where: str) -> Any:

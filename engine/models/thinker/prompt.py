@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.errors import MingError
+
 DEFAULT_SYSTEM_PROMPT = "你是一个友好的AI助手。"
 THINKING_SUFFIX = "\n\ndetailed thinking {}"
 ROLE_NAMES = {"user": "HUMAN", "human": "HUMAN", "assistant": "ASSISTANT", "system": "SYSTEM"}
 
 
-class PromptError(ValueError):
+class PromptError(MingError, ValueError):
     """Messages that cannot form a Ming prompt."""
+
+    code = "invalid_request"
 
 
 @dataclass

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from engine.errors import MingError
+
 # Special tokens the Ming prompt format and position builder use, by name (ids come from the
 # tokenizer of each checkpoint; spec §2.10).
 ROLE_START, ROLE_END_TAG, TURN_END = "<role>", "</role>", "<|role_end|>"
@@ -20,8 +22,10 @@ REQUIRED_SPECIAL_TOKENS = (ROLE_START, ROLE_END_TAG, TURN_END, IMAGE_PATCH, IMAG
                            VIDEO_START, VIDEO_END, FRAME_PATCH, AUDIO_PATCH, AUDIO_START, AUDIO_END)
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(MingError, RuntimeError):
     """The checkpoint's tokenizer files are missing or lack a token the model needs."""
+
+    code = "tokenizer_error"
 
 
 @lru_cache(maxsize=1)
