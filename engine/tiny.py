@@ -29,7 +29,7 @@ from engine.models.thinker.model import build_encoders, build_llm
 from engine.models.thinker.tokenizer import byte_level_alphabet
 
 # Bump when the generated files change, so cached copies are rebuilt.
-TINY_VERSION = 2
+TINY_VERSION = 3
 TINY_SEED = 20261122
 TINY_NAME = f"ming-tiny-random-v{TINY_VERSION}"
 SHARD_COUNT = 2
@@ -120,7 +120,20 @@ def tiny_state_dict(config: dict) -> dict[str, torch.Tensor]:
         for name, shape in checkpoint_entries(module, prefix=prefix):
             value = buffers[name].clone() if name in buffers else _init_tensor(name, shape, gen)
             state[name] = value.float().contiguous()
+    _favour_word_tokens(state, f"{cfg.llm_weight_prefix}lm_head.weight")
     return state
+
+
+def _favour_word_tokens(state: dict[str, torch.Tensor], head: str) -> None:
+    """Scale the output head's rows so that the random model mostly emits whole words: word tokens
+    x3, ASCII bytes x0.5, non-ASCII bytes (which alone are broken UTF-8) x0.02. Special tokens keep
+    their rows, so replies still end (eos) now and then."""
+    vocab = tiny_tokenizer_files()["tokenizer.json"]["model"]["vocab"]
+    word_ids = [i for piece, i in vocab.items() if i >= BYTE_TOKENS and not piece.startswith("<")]
+    w = state[head]
+    w[word_ids] *= 3.0
+    w[:128] *= 0.5
+    w[128:BYTE_TOKENS] *= 0.02
 
 
 def tiny_preprocessor_config() -> dict:
@@ -132,15 +145,49 @@ def tiny_preprocessor_config() -> dict:
             "whisper_frontend_args": {"n_mels": 128}, "processor_class": "BailingMM2Processor"}
 
 
+# Whole-word tokens in the ids the special tokens leave free, so that a random reply reads as random
+# words rather than as broken UTF-8 (random byte tokens mostly form invalid sequences). Encoding
+# still goes byte by byte (no merges); these ids are only ever generated.
+DEMO_WORDS = (
+    "the model studio random demo weights words meaningless reply token image audio video speech music "
+    "sound voice light river mountain ocean forest city garden window table chair book paper pencil "
+    "coffee tea bread apple orange lemon cloud rain snow wind storm sun moon star planet rocket engine "
+    "signal network pixel frame camera microphone speaker volume color blue green red yellow purple "
+    "silver golden quiet loud gentle bright dark warm cold fast slow early late small large tiny huge "
+    "happy calm curious brave clever simple strange honest open hidden ancient modern little great "
+    "first last next every other many few some any each both again always never often maybe "
+    "and or but so because while when where if then than with without under over between through "
+    "about after before during across around inside outside toward against along "
+    "is are was were be been being have has had do does did can could will would should might must "
+    "say see look find make take give think know feel want try call ask tell show play run walk "
+    "read write sing listen talk learn build draw paint move stop start turn keep hold bring carry "
+    "time day night morning evening year week hour minute moment story song dream idea question answer "
+    "friend teacher student child people family house road bridge train ship island valley desert "
+    "field flower tree leaf stone sand glass metal wood fire water air earth shadow echo whisper"
+).split()
+
+
 def tiny_tokenizer_files() -> dict[str, dict]:
-    """Byte-level BPE without merges: ids 0..255 are bytes, specials at their tiny ids."""
+    """Byte-level BPE without merges: ids 0..255 are bytes, specials at their tiny ids, whole-word
+    tokens (DEMO_WORDS, each with a leading space) in the free ids, the rest reserved."""
     alphabet = byte_level_alphabet()
+    to_piece = {b: ch for ch, b in alphabet.items()}
     vocab = {ch: b for ch, b in alphabet.items()}
     specials = {tiny_id(n): n for n in REAL_SPECIAL_TOKENS}
+    words = iter(DEMO_WORDS)
+    reserved = []
     for i in range(BYTE_TOKENS, _vocab_size()):
-        vocab.setdefault(specials.get(i, f"<|reserved_{i}|>"), i)
+        if i in specials:
+            vocab[specials[i]] = i
+            continue
+        word = next(words, None)
+        if word is None:
+            vocab[f"<|reserved_{i}|>"] = i
+            reserved.append(i)
+        else:
+            vocab["".join(to_piece[b] for b in (" " + word).encode())] = i
     added = [{"id": i, "content": specials.get(i, f"<|reserved_{i}|>"), "single_word": False, "lstrip": False,
-              "rstrip": False, "normalized": False, "special": True} for i in range(BYTE_TOKENS, _vocab_size())]
+              "rstrip": False, "normalized": False, "special": True} for i in sorted([*specials, *reserved])]
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},

@@ -33,3 +33,19 @@ def test_upstream_layout_and_tokens(tiny_checkpoint):
     assert cfg.llm.video_patch_token == tok.token_id("<framePatch>")
     assert cfg.llm.eos_token_ids == (tok.eos_id,)
     assert is_demo_checkpoint(tiny_checkpoint)
+
+
+
+def test_random_replies_read_as_words_not_broken_bytes(tiny_engine):
+    """A newcomer's first reply from the demo model: random words, no U+FFFD replacement characters."""
+    from engine.events import Done
+    from engine.sampling import GenerationParams
+
+    for prompt, temperature in (("Hello!", 0.0), ("Describe a sunny day in Paris.", 0.0), ("你好", 0.8)):
+        events = list(tiny_engine.chat([{"role": "user", "content": prompt}],
+                                       GenerationParams(max_new_tokens=24, temperature=temperature, seed=3)))
+        done = events[-1]
+        assert isinstance(done, Done), done
+        assert "\ufffd" not in done.text
+        words = done.text.split()
+        assert len(words) >= 6 and sum(w.isalpha() for w in words) >= 0.8 * len(words), done.text
