@@ -112,6 +112,14 @@ def recv_json(ws, timeout: float = 30.0) -> dict:
     return json.loads(ws.recv(timeout=timeout))
 
 
+def recv_item(ws, timeout: float = 30.0) -> dict:
+    """A conversation item joining: conversation.item.added then .done (returned)."""
+    added, done = recv_json(ws, timeout), recv_json(ws, timeout)
+    assert (added["type"], done["type"]) == ("conversation.item.added", "conversation.item.done"), (added, done)
+    assert added["item"] == done["item"] and added["previous_item_id"] == done["previous_item_id"]
+    return done
+
+
 def recv_until(ws, kind: str, timeout: float = 60.0) -> list[dict]:
     """Events up to and including the first of type `kind`."""
     out = []
