@@ -27,7 +27,8 @@ def check_output_modalities(value: Any, name: str, engine) -> list[str]:
         raise bad(f"'{name}' must be a non-empty list of strings such as [\"text\"]", "invalid_type", name)
     for m in value:
         if m not in OUTPUT_MODALITIES:
-            raise bad(f"'{name}': unknown modality {m!r} (known: {', '.join(OUTPUT_MODALITIES)})", "invalid_value", name)
+            raise bad(f"'{name}': unknown modality {m!r} (known: {', '.join(OUTPUT_MODALITIES)})", "invalid_value",
+                      name)
         flag_name = OUTPUT_MODALITIES[m]
         if flag_name is not None and not getattr(engine, flag_name, False):
             raise ApiError(f"{m} output is not supported by this engine yet (the loaded model has no "

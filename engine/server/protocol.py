@@ -13,13 +13,13 @@ engine.client).
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.events import (AudioChunk, Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress,
                            QueuePosition, TextDelta, UnknownEventError)
+from engine.events import _b64, _unb64  # bytes <-> base64 exactly as the events' own JSON form
 
 # =========================================================================== error codes and bodies
 
@@ -164,19 +164,6 @@ def stats_from_wire(usage_obj: dict | None, metrics_obj: dict | None) -> Generat
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             setattr(stats, attr, int(value) if attr in _INT_STATS else value / scale)
     return stats
-
-
-def _b64(data: bytes | None) -> str | None:
-    return None if data is None else base64.b64encode(data).decode("ascii")
-
-
-def _unb64(data: Any, name: str) -> bytes | None:
-    if data is None:
-        return None
-    try:
-        return base64.b64decode(data, validate=True)
-    except (ValueError, TypeError) as e:
-        raise UnknownEventError(f"'{name}' is not valid base64: {e}") from None
 
 
 def _need(obj: dict, *names: str) -> list:
@@ -471,10 +458,6 @@ class RealtimeResponseDecoder:
             raise UnknownEventError(f"unknown response status {status!r}")
         return Done(text="".join(self.text) or "".join(self.transcript), finish_reason=_FINISH[status],
                     stats=stats_from_wire(resp.get("usage"), resp.get("metrics")))
-
-    def connection_lost(self, detail: str) -> Error:
-        self.finished = True
-        return Error(f"the connection to the server was lost: {detail}", "connection_lost")
 
 
 # =========================================================================== HTTP: SSE streams
