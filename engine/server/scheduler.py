@@ -1,5 +1,7 @@
-"""The request queue in front of the engine: fair FIFO order, a concurrency limit, queue positions
-for waiting clients, cancellation, and bounded hand-over from generation threads to sockets.
+"""The request queue in front of the engine (the one queue: HTTP and realtime requests alike wait
+here): fair FIFO order, a concurrency limit, queue positions for waiting clients (engine.events
+QueuePosition, mapped to the wire by engine.server.protocol), cancellation whether a request is
+queued or running, and bounded hand-over from generation threads to sockets.
 
 A `Job` wraps one engine call (`run(cancel) -> iterator of events`). `Scheduler.submit` puts it in
 line; when its turn comes it runs on a worker thread and its events flow to the reader through an
