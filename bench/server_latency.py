@@ -6,8 +6,9 @@ on the tiny model (or --model).
 1. Time to first token, measured by the caller from the request to the first TextDelta, same prompt,
    greedy, runs interleaved, medians:
      in_process       engine.chat(...) in this process (what the studio did before);
-     client_realtime  EngineClient.chat(...) (a realtime websocket session per call: connect,
-                      session.created, items, response.create; what the studio does now);
+     client_realtime  EngineClient.chat(...) (a realtime session per call from the client's pool of
+                      connected sessions: items, response.create; what the studio does now);
+     client_connect   the same on a fresh EngineClient each time (websocket handshake included);
      client_http      EngineClient.chat(..., transport="http") (/v1/chat/completions stream);
      session_respond  RealtimeClient.respond() on an open session (the Live tab's path).
    The overhead of each path is its median minus in-process (goal: <= 10 ms).
@@ -95,6 +96,11 @@ def ttft_client(client: EngineClient, tokens: int, transport: str) -> float:
     return first_token_s(client.chat(MESSAGES, max_tokens=tokens, system=SYSTEM, transport=transport))
 
 
+def ttft_fresh_client(url: str, tokens: int) -> float:
+    with EngineClient(url) as client:
+        return ttft_client(client, tokens, "realtime")
+
+
 def ttft_session(rt: RealtimeClient, tokens: int) -> float:
     first = first_token_s(rt.respond(max_output_tokens=tokens, instructions=SYSTEM))
     rt.delete_item(rt.state.log.items[-1]["id"])  # keep the conversation to the one user turn
@@ -148,7 +154,7 @@ def main() -> int:
     proc = start_server(args.model, port, args.threads)
     out: dict = {"model": engine.info().name, "device": engine.info().device, "runs": args.runs,
                  "tokens": args.tokens, "threads": args.threads}
-    paths = ("in_process", "client_realtime", "client_http", "session_respond")
+    paths = ("in_process", "client_realtime", "client_connect", "client_http", "session_respond")
     try:
         url = f"ws://127.0.0.1:{port}"
         tt: dict[str, list[float]] = {k: [] for k in paths}
@@ -156,6 +162,7 @@ def main() -> int:
             rt.add_message("user", PROMPT)
             measure = {"in_process": lambda: ttft_in_process(engine, args.tokens),
                        "client_realtime": lambda: ttft_client(client, args.tokens, "realtime"),
+                       "client_connect": lambda: ttft_fresh_client(url, args.tokens),
                        "client_http": lambda: ttft_client(client, args.tokens, "http"),
                        "session_respond": lambda: ttft_session(rt, args.tokens)}
             for _ in range(2):  # warm-up

@@ -208,6 +208,8 @@ class AsyncEngineClient(core.EngineClientBase):
         self.http = httpx.AsyncClient(**self._http_options())
 
     async def close(self) -> None:
+        for rt in self._sessions.drain():
+            await rt.close()
         await self.http.aclose()
 
     async def __aenter__(self) -> "AsyncEngineClient":
@@ -246,17 +248,40 @@ class AsyncEngineClient(core.EngineClientBase):
             async for ev in self._sse("/v1/chat/completions", {"json": request}, cancel):
                 yield ev
             return
-        rt = self.realtime()
-        try:
+        ids = {e["event_id"] for e in request}
+        while True:  # at most twice: a pooled session found dead is replaced by a fresh one
+            rt = self._sessions.take()
+            pooled = rt is not None
+            if rt is None:
+                rt = self.realtime()
+                try:
+                    await rt.connect()
+                except ServerError as e:
+                    yield e.to_event()
+                    return
+            last, stale = None, False
             try:
-                await rt.connect()
-            except ServerError as e:
-                yield e.to_event()
+                async for ev in rt._stream(request, cancel, ids):
+                    if core.stale_session(ev, pooled, last is None):
+                        stale = True
+                        break
+                    last = ev
+                    yield ev
+            finally:
+                await self._release(rt, last is not None and core.reusable(last))
+            if not stale:
                 return
-            async for ev in rt._stream(request, cancel, {e["event_id"] for e in request}):
-                yield ev
-        finally:
-            await rt.close()
+
+    async def _release(self, rt: AsyncRealtimeClient, reusable: bool) -> None:
+        try:
+            if reusable and rt.ws is not None:
+                for event in rt.state.emptying_events():
+                    await rt.send(event)
+                if self._sessions.give(rt):
+                    return
+        except ServerError:
+            pass
+        await rt.close()
 
     async def transcribe(self, audio: Any, *, context: str | None = None, hotwords: list[str] | None = None,
                          dialect: str | None = None, sample_rate: int | None = None, max_tokens: int | None = None,

@@ -11,6 +11,7 @@ import io
 import itertools
 import json
 import os
+import threading
 import time
 import wave
 from collections import deque
@@ -555,6 +556,7 @@ class RealtimeState:
         self.session: dict | None = None
         self.pending: deque[dict] = deque()
         self.log = SessionLog()
+        self.items: list[str] = []  # the ids of the conversation's items, as the server reported them
 
     def connected(self, first: dict) -> dict:
         self.session = session_created(first)
@@ -563,15 +565,67 @@ class RealtimeState:
     def reset(self) -> None:
         self.pending.clear()
         self.session = None
+        self.items = []
 
     def observe(self, event: Any) -> Any:
         """Every event read from the socket passes here once."""
         if isinstance(event, dict):
-            if event.get("type") == "session.updated":
+            kind = event.get("type")
+            if kind == "session.updated":
                 self.session = event.get("session")
-            elif event.get("type") == "response.done":
+            elif kind == "response.done":
                 self.log.assistant_reply(event)
+            elif kind == "conversation.item.done" and isinstance(event.get("item"), dict):
+                if event["item"].get("id") not in self.items:
+                    self.items.append(event["item"].get("id"))
+            elif kind == "conversation.item.deleted":
+                self.items = [i for i in self.items if i != event.get("item_id")]
+                self.log.forget(event.get("item_id"))
         return event
+
+    def emptying_events(self) -> list[dict]:
+        """conversation.item.delete for every item: a pooled session starts the next chat empty (the
+        server applies them before anything sent later, so nobody waits for the answers)."""
+        events = [{"type": "conversation.item.delete", "event_id": event_id(), "item_id": i} for i in self.items]
+        self.items = []
+        return events
+
+
+class SessionPool:
+    """Connected realtime sessions with empty conversations, kept between chat() calls so a chat does
+    not pay for a websocket handshake. Thread-safe; at most `size` idle sessions."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._idle: list = []
+        self._lock = threading.Lock()
+
+    def take(self):
+        with self._lock:
+            return self._idle.pop() if self._idle else None
+
+    def give(self, session) -> bool:
+        with self._lock:
+            if len(self._idle) < self.size:
+                self._idle.append(session)
+                return True
+        return False
+
+    def drain(self) -> list:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        return idle
+
+
+def reusable(ev: Event) -> bool:
+    """A session whose chat ended with this event may serve the next chat (a normal end; a cancelled,
+    failed or lost one is closed)."""
+    return isinstance(ev, Done) and ev.finish_reason != "cancelled"
+
+
+def stale_session(ev: Event, pooled: bool, first: bool) -> bool:
+    """A pooled session whose connection died while idle: the chat is retried on a fresh one."""
+    return pooled and first and isinstance(ev, Error) and ev.code == "connection_lost"
 
 
 class SessionLog:
@@ -644,6 +698,7 @@ class EngineClientBase:
     def __init__(self, url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT):
         self.endpoints = Endpoints.parse(url, token)
         self.timeout = timeout
+        self._sessions = SessionPool()
 
     @classmethod
     def from_env(cls, timeout: float = DEFAULT_TIMEOUT):

@@ -221,6 +221,8 @@ class EngineClient(core.EngineClientBase):
         self.http = httpx.Client(**self._http_options())
 
     def close(self) -> None:
+        for rt in self._sessions.drain():
+            rt.close()
         self.http.close()
 
     def __enter__(self) -> "EngineClient":
@@ -255,8 +257,9 @@ class EngineClient(core.EngineClientBase):
              cancel: threading.Event | None = None, transport: str = "realtime") -> Iterator[Event]:
         """Stream a reply: QueuePosition, TextDelta, AudioChunk, ... then exactly one Done or Error.
         `messages` use the engine's format (role + content str or parts with image / audio / video as
-        bytes, paths or arrays). `transport`: "realtime" (a websocket session per call) or "http"
-        (/v1/chat/completions; larger media)."""
+        bytes, paths or arrays). `transport`: "realtime" (a realtime session per call, taken from a
+        small pool of connected sessions and emptied after use) or "http" (/v1/chat/completions;
+        larger media)."""
         request = core.chat_request(messages, ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty,
                                                           seed, stop, system, thinking, modalities, voice), transport)
         if isinstance(request, Error):
@@ -265,16 +268,41 @@ class EngineClient(core.EngineClientBase):
         if transport == "http":
             yield from self._sse("/v1/chat/completions", {"json": request}, cancel)
             return
-        rt = self.realtime()
-        try:
+        ids = {e["event_id"] for e in request}
+        while True:  # at most twice: a pooled session found dead is replaced by a fresh one
+            rt = self._sessions.take()
+            pooled = rt is not None
+            if rt is None:
+                rt = self.realtime()
+                try:
+                    rt.connect()
+                except ServerError as e:
+                    yield e.to_event()
+                    return
+            last, stale = None, False
             try:
-                rt.connect()
-            except ServerError as e:
-                yield e.to_event()
+                for ev in rt._stream(request, cancel, ids):
+                    if core.stale_session(ev, pooled, last is None):
+                        stale = True
+                        break
+                    last = ev
+                    yield ev
+            finally:
+                self._release(rt, last is not None and core.reusable(last))
+            if not stale:
                 return
-            yield from rt._stream(request, cancel, {e["event_id"] for e in request})
-        finally:
-            rt.close()
+
+    def _release(self, rt: RealtimeClient, reusable: bool) -> None:
+        """Back to the pool with its conversation emptied, or closed (which stops a response in flight)."""
+        try:
+            if reusable and rt.ws is not None:
+                for event in rt.state.emptying_events():
+                    rt.send(event)
+                if self._sessions.give(rt):
+                    return
+        except ServerError:
+            pass
+        rt.close()
 
     def transcribe(self, audio: Any, *, context: str | None = None, hotwords: list[str] | None = None,
                    dialect: str | None = None, sample_rate: int | None = None, max_tokens: int | None = None,

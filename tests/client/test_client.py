@@ -285,3 +285,18 @@ def test_a_request_waiting_longer_than_the_read_timeout_is_kept_alive():
     with fake_server(slow, keepalive_s=0.15) as srv, EngineClient(srv.url, timeout=0.4) as client:
         events = list(client.chat([{"role": "user", "content": "take your time"}], transport="http"))
     assert text_of(events) == "late" and isinstance(one_final(events), Done)
+
+
+def test_chats_reuse_an_emptied_session_and_replace_a_dead_one(server, tiny_engine):
+    first, second = [{"role": "user", "content": "First question."}], [{"role": "user", "content": "Second one."}]
+    expected = reference_chat(tiny_engine, second, 3, system_prompt=SYSTEM)
+    with EngineClient(server.url) as client:
+        list(client.chat(first, max_tokens=3, system=SYSTEM))
+        events = list(client.chat(second, max_tokens=3, system=SYSTEM))  # the pooled session, emptied
+        wait_for(lambda: len(server.ctx.sessions) == 1)  # one session served both chats
+        assert text_of(events) == expected.text
+        assert one_final(events).stats.prompt_tokens == expected.stats.prompt_tokens  # the first chat is gone
+        (pooled,) = client._sessions._idle
+        pooled.ws.close()  # the idle connection dies (say, the server restarted)
+        events = list(client.chat(second, max_tokens=3, system=SYSTEM))
+        assert text_of(events) == expected.text and isinstance(one_final(events), Done)
