@@ -192,6 +192,9 @@ class AsyncRealtimeClient(core.RealtimeClientBase):
         except ConnectionLost as e:
             for ev in run.on_lost(e.message):
                 yield ev
+        except ServerError as e:
+            for ev in run.fail(e):
+                yield ev
         finally:
             if not run.finished and self.ws is not None:  # closed early: stop the response on the server
                 try:

@@ -504,6 +504,10 @@ class ResponseRun:
         """The caller cancelled and the stream is gone (closed by us): end as the engine would."""
         return self._end(Done(text="".join(self.decoder.text), finish_reason="cancelled"))
 
+    def fail(self, err: ServerError) -> list[Event]:
+        """The server sent something unreadable (or a request step failed): the response ends here."""
+        return [] if self.finished else self._end(err.to_event())
+
     def on_lost(self, detail: str) -> list[Event]:
         if self.finished:
             return []

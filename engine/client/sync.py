@@ -203,6 +203,8 @@ class RealtimeClient(core.RealtimeClientBase):
                 yield from run.on_event(raw)
         except ConnectionLost as e:
             yield from run.on_lost(e.message)
+        except ServerError as e:
+            yield from run.fail(e)
         finally:
             if not run.finished and self.ws is not None:  # closed early: stop the response on the server
                 try:
