@@ -2,14 +2,15 @@
 
     python -m engine.server --model PATH_OR_HUB_ID [--host 127.0.0.1] [--port 8000] [--token T]
 
-docs/protocol.md describes the protocol; engine/client.py is the matching client. The names below
+docs/protocol.md describes the protocol; engine.server.protocol is its one mapping to and from engine
+events, and engine.client the matching client. The names below
 are imported lazily so `python -m engine.server` can refuse bad settings before torch loads.
 """
 
 from __future__ import annotations
 
 _EXPORTS = {
-    "ApiError": "engine.server.limits", "Limits": "engine.server.limits",
+    "ApiError": "engine.server.protocol", "Limits": "engine.server.limits",
     "StartupRefused": "engine.server.auth", "check_bind": "engine.server.auth",
     "ServerHandle": "engine.server.app", "create_app": "engine.server.app",
 }

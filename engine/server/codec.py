@@ -28,7 +28,7 @@ PCM_FORMATS = ("pcm16", "pcm", "audio/pcm")
 _DATA_URL = re.compile(r"^data:([\w.+\-]+/[\w.+\-]+)?((?:;[\w\-]+=[\w.\-]+)*)(;base64)?,", re.IGNORECASE)
 
 
-def bad(message: str, code: str = "invalid_value", param: str | None = None, status: int = 400) -> ApiError:
+def bad(message: str, code: str = "invalid_value", param: str | None = None, status: int | None = None) -> ApiError:
     return ApiError(message, code=code, status=status, param=param)
 
 

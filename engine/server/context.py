@@ -1,5 +1,6 @@
 """What every endpoint shares: the engine, the model id, the limits, the token, the scheduler and
-the realtime session registry (one per app)."""
+the realtime session registry (one per app). The engine is an `engine.runtime.Engine` or any object
+with its interface (info(), is_demo, chat(), transcribe(); optionally has_talker, has_imagegen)."""
 
 from __future__ import annotations
 
@@ -33,12 +34,12 @@ class ServerContext:
 
     def check_model(self, requested) -> None:
         """Requests may name the served model (its id or checkpoint path) or leave it out."""
-        from engine.server.limits import ApiError  # noqa: PLC0415
+        from engine.server.protocol import ApiError  # noqa: PLC0415
 
         if requested is None:
             return
         if not isinstance(requested, str):
             raise ApiError("'model' must be a string", code="invalid_type", param="model")
-        if requested not in (self.model_id, str(self.engine.model.path), "default"):
+        if requested not in (self.model_id, self.engine.info().path, "default"):
             raise ApiError(f"model {requested!r} is not served here; this server serves {self.model_id!r}",
                            code="model_not_found", status=404, param="model")

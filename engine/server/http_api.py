@@ -15,19 +15,21 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from engine.events import Done, Error, TextDelta
+from engine.events import Done, Error, Event
+from engine.models.thinker.prompt import DEFAULT_SYSTEM_PROMPT
 from engine.sampling import GenerationParams
 from engine.server import codec
+from engine.server import protocol as wire
 from engine.server.codec import bad, need_dict
 from engine.server.context import ServerContext
-from engine.server.limits import ApiError, human_bytes
-from engine.server.params import flag, generation_params
-from engine.server.scheduler import Job, QueuePosition
+from engine.server.limits import human_bytes
+from engine.server.params import check_output_modalities, flag, generation_params, output_kwargs
+from engine.server.protocol import ApiError
+from engine.server.scheduler import Job
 from engine.server.sessions import new_id
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-ENGINE_CLIENT_ERRORS = ("invalid_request", "invalid_media", "context_length_exceeded")
 
 
 def ctx_of(request: Request) -> ServerContext:
@@ -110,7 +112,8 @@ def has_media(messages) -> bool:
                for m in messages)
 
 
-def check_unsupported(body: dict) -> None:
+def check_unsupported(body: dict, engine) -> tuple[list[str], str | None]:
+    """Refuses what this engine does not do; returns the output modalities and the voice asked for."""
     n = body.get("n", 1)
     if n != 1 or isinstance(n, bool):
         raise bad("'n' must be 1 (one choice per request)", "unsupported_parameter", "n")
@@ -121,32 +124,29 @@ def check_unsupported(body: dict) -> None:
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise bad("only response_format {\"type\": \"text\"} is supported", "unsupported_parameter", "response_format")
-    modalities = body.get("modalities")
-    if modalities is not None:
-        if not isinstance(modalities, list) or not all(isinstance(x, str) for x in modalities):
-            raise bad("'modalities' must be a list of strings", "invalid_type", "modalities")
-        if any(x != "text" for x in modalities):
-            raise ApiError("audio/image output is not supported by this engine yet (only text is)",
-                           code="modality_not_supported", param="modalities")
-    if body.get("audio") is not None:
-        raise ApiError("audio output is not supported by this engine yet (only text is)",
-                       code="modality_not_supported", param="audio")
+    modalities = ["text"]
+    if body.get("modalities") is not None:
+        modalities = check_output_modalities(body["modalities"], "modalities", engine)
+    voice = None
+    audio = body.get("audio")
+    if audio is not None:
+        if "audio" not in modalities:
+            check_output_modalities(["audio"], "audio", engine)  # refused without a talker
+            raise bad("'audio' is set but 'modalities' does not ask for audio", "invalid_value", "audio")
+        audio = need_dict(audio, "audio")
+        if audio.get("format", "pcm16") != "pcm16":
+            raise bad("'audio.format' must be 'pcm16' (the audio streams as PCM16 at its sample_rate)",
+                      "invalid_value", "audio.format")
+        voice = audio.get("voice")
+        if voice is not None:
+            codec.need_str(voice, "audio.voice")
+    return modalities, voice
 
 
-def metrics(job: Job, received_at: float, done: Done | None) -> dict:
-    m = {"queue_wait_ms": round(1000 * job.queue_wait_s, 3)}
-    if job.first_token_at is not None:
-        m["time_to_first_token_ms"] = round(1000 * (job.first_token_at - received_at), 3)
-    if done is not None:
-        st = done.stats
-        m.update({"engine_time_to_first_token_ms": round(1000 * st.time_to_first_token_s, 3),
-                  "tokens_per_s": round(st.decode_tokens_per_s, 3), "total_ms": round(1000 * st.total_s, 3),
-                  "media_encode_ms": round(1000 * st.media_encode_s, 3)})
-    return m
-
-
-def engine_error(err: Error) -> ApiError:
-    return ApiError(err.message, code=err.code, status=400 if err.code in ENGINE_CLIENT_ERRORS else 500)
+def job_metrics(job: Job, received_at: float, final: Done | Error | None) -> dict:
+    """A job's figures: its time in line, the server's time to first token, the engine's figures."""
+    ttft = None if job.first_token_at is None else job.first_token_at - received_at
+    return wire.metrics(final.stats if isinstance(final, Done) else None, job.queue_wait_s, ttft)
 
 
 async def watch_disconnect(request: Request, ctx: ServerContext, job: Job) -> None:
@@ -158,29 +158,61 @@ async def watch_disconnect(request: Request, ctx: ServerContext, job: Job) -> No
             return
 
 
-async def collect(request: Request, ctx: ServerContext, job: Job) -> tuple[list[str], Done | Error]:
+async def collect(request: Request, ctx: ServerContext, job: Job) -> tuple[wire.Collected, Done | Error]:
     watcher = asyncio.create_task(watch_disconnect(request, ctx, job))
-    parts, final = [], None
+    got, final = wire.Collected(), None
     try:
         async for ev in job.events():
-            if isinstance(ev, TextDelta):
-                parts.append(ev.text)
-            elif isinstance(ev, (Done, Error)):
+            if isinstance(ev, (Done, Error)):
                 final = ev
+            else:
+                got.add(ev)
     finally:
         watcher.cancel()
         if job.state != "finished":
             ctx.scheduler.cancel(job, abandon=True)
-    return parts, final or Error("the response ended without a result", "engine_error")
+    return got, final or Error("the response ended without a result", "engine_error")
 
 
-def sse(data) -> bytes:
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=True, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
+async def with_keepalive(events: AsyncIterator[Event], interval_s: float) -> AsyncIterator[Event | None]:
+    """The job's events, with None whenever `interval_s` passes without one (a keepalive is due)."""
+    it = events.__aiter__()
+    pending = asyncio.ensure_future(it.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield None
+                continue
+            try:
+                ev = pending.result()
+            except StopAsyncIteration:
+                return
+            yield ev
+            pending = asyncio.ensure_future(it.__anext__())
+    finally:
+        pending.cancel()
 
 
-def sse_position(pos: QueuePosition) -> bytes:
-    return f": queue_position {json.dumps({'position': pos.position, 'waiting': pos.waiting})}\n\n".encode()
+def stream_response(ctx: ServerContext, job: Job, encode, finish) -> StreamingResponse:
+    """An SSE response of a job: `encode(event)` and `finish(final)` give the lines."""
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            async for ev in with_keepalive(job.events(), ctx.limits.keepalive_s):
+                if ev is None:
+                    yield wire.SSE_KEEPALIVE
+                elif isinstance(ev, (Done, Error)):
+                    for line in finish(ev):
+                        yield line
+                else:
+                    for line in encode(ev):
+                        yield line
+        finally:  # the client went away (or the stream ended): stop generating
+            if job.state != "finished":
+                ctx.scheduler.cancel(job, abandon=True)
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 @router.post("/v1/chat/completions")
@@ -189,7 +221,7 @@ async def chat_completions(request: Request):
     ctx = ctx_of(request)
     body = await read_json(request, ctx.limits.max_request_bytes)
     ctx.check_model(body.get("model"))
-    check_unsupported(body)
+    modalities, voice = check_unsupported(body, ctx.engine)
     stream = flag(body, "stream")
     opts = body.get("stream_options")
     include_usage = bool(stream and isinstance(opts, dict) and opts.get("include_usage"))
@@ -201,60 +233,23 @@ async def chat_completions(request: Request):
     else:
         messages, system = convert_messages(raw_messages, ctx.limits)
     engine = ctx.engine
+    output = output_kwargs(modalities, voice)
 
     def run(cancel):
-        return engine.chat(messages, params, cancel, system_prompt=system, thinking=thinking)
+        return engine.chat(messages, params, cancel, system_prompt=system, thinking=thinking, **output)
 
     job = Job(run, label="chat.completions")
     ctx.scheduler.submit(job)
     cid, created = "chatcmpl-" + new_id("c")[2:], int(time.time())
     if not stream:
-        parts, final = await collect(request, ctx, job)
+        got, final = await collect(request, ctx, job)
         if isinstance(final, Error):
-            return error_response(engine_error(final))
-        st = final.stats
-        return JSONResponse({
-            "id": cid, "object": "chat.completion", "created": created, "model": ctx.model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                         "finish_reason": "length" if final.finish_reason == "length" else "stop", "logprobs": None}],
-            "usage": {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.new_tokens,
-                      "total_tokens": st.prompt_tokens + st.new_tokens},
-            "metrics": metrics(job, received, final)})
-
-    def chunk(delta: dict, finish=None, **extra) -> bytes:
-        return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": ctx.model_id,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra})
-
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            role_sent = False
-            async for ev in job.events():
-                if isinstance(ev, QueuePosition):
-                    yield sse_position(ev)
-                elif isinstance(ev, TextDelta):
-                    if not role_sent:
-                        role_sent = True
-                        yield chunk({"role": "assistant", "content": ""})
-                    yield chunk({"content": ev.text})
-                elif isinstance(ev, Error):
-                    yield sse({"error": engine_error(ev).to_openai()})
-                elif isinstance(ev, Done):
-                    if not role_sent:
-                        yield chunk({"role": "assistant", "content": ""})
-                    finish = "length" if ev.finish_reason == "length" else "stop"
-                    yield chunk({}, finish, metrics=metrics(job, received, ev))
-                    if include_usage:
-                        st = ev.stats
-                        yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                   "model": ctx.model_id, "choices": [],
-                                   "usage": {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.new_tokens,
-                                             "total_tokens": st.prompt_tokens + st.new_tokens}})
-            yield sse("[DONE]")
-        finally:  # the client went away (or the stream ended): stop generating
-            if job.state != "finished":
-                ctx.scheduler.cancel(job, abandon=True)
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+            return error_response(wire.engine_error(final))
+        return JSONResponse(wire.chat_completion(cid, created, ctx.model_id, got, final,
+                                                 job_metrics(job, received, final)))
+    enc = wire.ChatChunkEncoder(cid, created, ctx.model_id)
+    return stream_response(ctx, job, enc.encode,
+                           lambda final: enc.finish(final, job_metrics(job, received, final), include_usage))
 
 
 # --------------------------------------------------------------------------- transcriptions
@@ -348,53 +343,49 @@ async def transcriptions(request: Request):
 
     job = Job(run, label="audio.transcriptions")
     ctx.scheduler.submit(job)
-
-    def result_body(done: Done) -> dict:
-        res = done.result or {}
-        st = done.stats
-        out = {"text": res.get("text", ""), "language": res.get("language"),
-               "usage": {"type": "tokens", "input_tokens": st.prompt_tokens, "output_tokens": st.new_tokens,
-                         "total_tokens": st.prompt_tokens + st.new_tokens},
-               "metrics": metrics(job, received, done)}
-        if fmt == "verbose_json":
-            out.update({"task": "transcribe", "duration": round(audio.seconds, 3)})
-        return out
-
+    duration = audio.seconds if fmt == "verbose_json" else None
     if not stream:
         _, final = await collect(request, ctx, job)
         if isinstance(final, Error):
-            return error_response(engine_error(final))
+            return error_response(wire.engine_error(final))
         if fmt == "text":
             return PlainTextResponse((final.result or {}).get("text", ""))
-        return JSONResponse(result_body(final))
-
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            async for ev in job.events():
-                if isinstance(ev, QueuePosition):
-                    yield sse_position(ev)
-                elif isinstance(ev, TextDelta):
-                    yield sse({"type": "transcript.text.delta", "delta": ev.text})
-                elif isinstance(ev, Error):
-                    yield sse({"error": engine_error(ev).to_openai()})
-                elif isinstance(ev, Done):
-                    yield sse({"type": "transcript.text.done", **result_body(ev)})
-            yield sse("[DONE]")
-        finally:
-            if job.state != "finished":
-                ctx.scheduler.cancel(job, abandon=True)
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return JSONResponse(wire.transcription_body(final, job_metrics(job, received, final), duration))
+    return stream_response(ctx, job, wire.transcription_events,
+                           lambda final: wire.transcription_finish(final, job_metrics(job, received, final)))
 
 
 # --------------------------------------------------------------------------- models, health
 
 
 def model_card(ctx: ServerContext) -> dict:
+    """The OpenAI model object, extended with what a client needs to know about the model."""
     info = ctx.engine.info()
+    caps = capabilities(ctx.engine)
+    outputs = ["text"] + (["audio"] if "speech_out" in caps else []) + (["image"] if "image_out" in caps else [])
     return {"id": ctx.model_id, "object": "model", "created": int(ctx.started_at), "owned_by": "ming-omni-studio",
-            "is_demo": info.is_demo, "release": info.release, "parameters": info.parameters,
-            "input_modalities": ["text", "image", "video", "audio"], "output_modalities": ["text"]}
+            "name": info.name, "is_demo": info.is_demo, "release": info.release, "parameters": info.parameters,
+            "dtype": info.dtype, "device": info.device, "placement": info.placement,
+            "capabilities": sorted(caps), "default_instructions": DEFAULT_SYSTEM_PROMPT,
+            "input_modalities": ["text"] + [m for m, c in (("image", "image_in"), ("video", "video_in"),
+                                                           ("audio", "audio_in")) if c in caps],
+            "output_modalities": outputs}
+
+
+def capabilities(engine) -> set[str]:
+    """What the loaded model takes and gives: text, image_in, video_in, audio_in, transcription,
+    speech_out, image_out."""
+    parts = set(engine.info().components)
+    caps = {"text"}
+    if "vision" in parts:
+        caps |= {"image_in", "video_in"}
+    if "audio" in parts:
+        caps |= {"audio_in", "transcription"}
+    if getattr(engine, "has_talker", False):
+        caps.add("speech_out")
+    if getattr(engine, "has_imagegen", False):
+        caps.add("image_out")
+    return caps
 
 
 @router.get("/v1/models")

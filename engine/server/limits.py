@@ -1,12 +1,12 @@
-"""Server limits and the one error type every layer raises for a request it refuses.
-
-Each limit has a clear error: the code names it and the message says the limit and what was
-asked for, so a client can show it to a user as is.
+"""Server limits. Each limit has a clear error (an ApiError, engine.server.protocol): the code names
+it and the message says the limit and what was asked for, so a client can show it to a user as is.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+
+from engine.server.protocol import ApiError  # noqa: F401  (re-exported: every layer raises it)
 
 MiB = 1024 * 1024
 
@@ -30,6 +30,7 @@ class Limits:
     stream_buffer: int = 32  # events buffered between a generation thread and its reader
     outgoing_buffer: int = 64  # server events buffered per realtime socket
     slow_reader_timeout_s: float = 30.0  # a reader that takes nothing for this long is cut off
+    keepalive_s: float = 15.0  # an SSE stream with no news for this long gets a keepalive comment
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -39,38 +40,6 @@ class Limits:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-class ApiError(Exception):
-    """A refused request. `status` is the HTTP status; `code` the stable machine-readable code;
-    `kind` the OpenAI error type (invalid_request_error, authentication_error, server_error, ...)."""
-
-    def __init__(self, message: str, code: str = "invalid_request", status: int = 400,
-                 kind: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.status = status
-        self.param = param
-        self.kind = kind or _kind_for(status)
-
-    def to_openai(self) -> dict:
-        """The OpenAI error object (HTTP bodies and realtime `error` events)."""
-        return {"type": self.kind, "code": self.code, "message": self.message, "param": self.param}
-
-
-def _kind_for(status: int) -> str:
-    if status == 401:
-        return "authentication_error"
-    if status == 404:
-        return "not_found_error"
-    if status == 413:
-        return "invalid_request_error"
-    if status == 429:
-        return "rate_limit_error"
-    if status >= 500:
-        return "server_error"
-    return "invalid_request_error"
 
 
 def human_bytes(n: int) -> str:

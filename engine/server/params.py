@@ -1,4 +1,5 @@
-"""OpenAI-style generation fields -> GenerationParams, type-checked, within the server's limits.
+"""OpenAI-style generation fields -> GenerationParams, type-checked, within the server's limits; and
+the output modalities a request may ask of the loaded engine.
 
 Field names accepted (first found wins): max_completion_tokens, max_tokens, max_output_tokens,
 max_response_output_tokens (realtime; "inf" = the server's cap); temperature (absent = 0, greedy),
@@ -12,9 +13,36 @@ from typing import Any
 from engine.sampling import GenerationParams
 from engine.server.codec import bad, need_number, need_str
 from engine.server.limits import Limits
+from engine.server.protocol import ApiError
 
 TOKEN_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens", "max_response_output_tokens")
 UNSUPPORTED_NONZERO = ("frequency_penalty", "presence_penalty")
+OUTPUT_MODALITIES = {"text": None, "audio": "has_talker", "image": "has_imagegen"}  # modality -> engine flag
+
+
+def check_output_modalities(value: Any, name: str, engine) -> list[str]:
+    """A non-empty list of "text", "audio" (when the engine has a talker), "image" (when it has an
+    image generator); anything the engine cannot give is refused with modality_not_supported."""
+    if not isinstance(value, list) or not value or not all(isinstance(m, str) for m in value):
+        raise bad(f"'{name}' must be a non-empty list of strings such as [\"text\"]", "invalid_type", name)
+    for m in value:
+        if m not in OUTPUT_MODALITIES:
+            raise bad(f"'{name}': unknown modality {m!r} (known: {', '.join(OUTPUT_MODALITIES)})", "invalid_value",
+                      name)
+        flag_name = OUTPUT_MODALITIES[m]
+        if flag_name is not None and not getattr(engine, flag_name, False):
+            raise ApiError(f"{m} output is not supported by this engine yet (the loaded model has no "
+                           f"{'talker' if m == 'audio' else 'image generator'}); ask for [\"text\"]",
+                           code="modality_not_supported", param=name)
+    return list(dict.fromkeys(value))
+
+
+def output_kwargs(modalities: list[str], voice: str | None) -> dict:
+    """What engine.chat is told about the outputs beyond text: nothing for a text-only response,
+    else `modalities` and `voice` (an engine with a talker or image generator takes them)."""
+    if modalities == ["text"]:
+        return {}
+    return {"modalities": list(modalities), "voice": voice}
 
 
 def max_tokens_from(body: dict, limits: Limits, default: int | None = None) -> int:

@@ -1,5 +1,6 @@
-"""The realtime protocol at /v1/realtime: JSON events over a websocket, shaped after the OpenAI
-Realtime API (docs/protocol.md is the reference).
+"""The realtime protocol at /v1/realtime: JSON events over a websocket with the OpenAI Realtime API's
+GA names and shapes, plus our documented extensions (docs/protocol.md is the reference; the mapping
+of engine events to server events is engine.server.protocol's).
 
 One connection is one session. A reader loop handles client events in order; a response runs as
 its own task so the reader keeps serving (response.cancel, audio appends) while it streams; one
@@ -19,48 +20,36 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from engine.events import Done, Error, TextDelta
+from engine.events import Done, Error, UnknownEventError
 from engine.media.errors import MediaError
 from engine.server import codec
+from engine.server import protocol as wire
 from engine.server.auth import authorized
 from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
-from engine.server.limits import ApiError
-from engine.server.params import flag, generation_params
-from engine.server.scheduler import Job, QueuePosition
-from engine.server.sessions import SPECIFIED_MODALITIES, Item, Session, new_id
+from engine.server.params import check_output_modalities, flag, generation_params, output_kwargs
+from engine.server.protocol import ApiError
+from engine.server.scheduler import Job
+from engine.server.sessions import Item, Session, new_id
 
 log = logging.getLogger("engine.server.realtime")
 
 MIN_COMMIT_SECONDS = 0.1
 # OpenAI session fields that have no effect here and are accepted silently
-IGNORED_SESSION_FIELDS = {"type", "model", "voice", "include", "tracing", "truncation", "prompt", "tool_choice",
+IGNORED_SESSION_FIELDS = {"type", "model", "include", "tracing", "truncation", "prompt", "tool_choice",
                           "input_audio_transcription", "input_audio_noise_reduction", "speed", "object", "id"}
 
 
-def check_modalities(value: Any, name: str) -> list[str]:
-    if not isinstance(value, list) or not value or not all(isinstance(m, str) for m in value):
-        raise bad(f"'{name}' must be a non-empty list of strings such as [\"text\"]", "invalid_type", name)
-    for m in value:
-        if m not in SPECIFIED_MODALITIES:
-            raise bad(f"'{name}': unknown modality {m!r} (known: text, audio, image)", "invalid_value", name)
-        if m != "text":
-            raise ApiError(f"{m} output is not supported by this engine yet (only text is); the {m} events are "
-                           "specified in docs/protocol.md and arrive when the engine gains that output",
-                           code="modality_not_supported", param=name)
-    return list(dict.fromkeys(value))
-
-
 class Response:
-    def __init__(self, session: Session, job: Job, client_event_id: str | None):
+    def __init__(self, session: Session, job: Job, client_event_id: str | None, modalities: list[str]):
         self.id = new_id("resp")
-        self.item_id = new_id("item")
         self.session = session
         self.job = job
         self.client_event_id = client_event_id
         self.received_at = time.perf_counter()
         self.task: asyncio.Task | None = None
-        self.item_announced = False
+        prev = session.items[-1].id if session.items else None
+        self.encoder = wire.RealtimeResponseEncoder(self.id, new_id("item"), session.id, modalities, prev)
 
 
 class RealtimeConnection:
@@ -175,8 +164,9 @@ class RealtimeConnection:
     async def on_session_update(self, event: dict, event_id) -> None:
         spec = need_dict(event.get("session"), "session")
         s = self.session.settings
+        engine = self.ctx.engine
         new = {"instructions": s.instructions, "output_modalities": s.output_modalities,
-               "rate": s.input_audio_sample_rate, "thinking": s.thinking}
+               "rate": s.input_audio_sample_rate, "thinking": s.thinking, "voice": s.voice}
         for key in spec:
             if key not in IGNORED_SESSION_FIELDS and key not in SESSION_FIELDS:
                 raise bad(f"unknown session field {str(key)[:60]!r}", "unknown_parameter", f"session.{key}")
@@ -185,12 +175,11 @@ class RealtimeConnection:
             new["instructions"] = None if value is None else need_str(value, "session.instructions")
         for name in ("output_modalities", "modalities"):
             if name in spec:
-                new["output_modalities"] = check_modalities(spec[name], f"session.{name}")
+                new["output_modalities"] = check_output_modalities(spec[name], f"session.{name}", engine)
         if "audio" in spec:
             audio = need_dict(spec["audio"], "session.audio")
             if audio.get("output") is not None:
-                raise ApiError("audio output is not supported by this engine yet (only text is)",
-                               code="modality_not_supported", param="session.audio.output")
+                new["voice"] = audio_output_voice(audio["output"], "session.audio.output", engine, new["voice"])
             inp = need_dict(audio.get("input", {}), "session.audio.input")
             if inp.get("turn_detection") is not None:
                 raise TURN_DETECTION_ERROR
@@ -200,6 +189,8 @@ class RealtimeConnection:
             new["rate"] = audio_format_rate(spec["input_audio_format"], "session.input_audio_format")
         if "input_audio_sample_rate" in spec:
             new["rate"] = codec.check_sample_rate(spec["input_audio_sample_rate"], "session.input_audio_sample_rate")
+        if spec.get("voice") is not None:
+            new["voice"] = need_str(spec["voice"], "session.voice")
         if spec.get("turn_detection") is not None:
             raise TURN_DETECTION_ERROR
         if spec.get("tools"):
@@ -208,10 +199,10 @@ class RealtimeConnection:
             new["thinking"] = flag(spec, "thinking")
         if self.session.audio.samples and new["rate"] != s.input_audio_sample_rate:
             raise bad("the input audio buffer holds audio at the old rate; commit or clear it before changing the "
-                      "rate", "invalid_state", "session.input_audio_format")
+                      "rate", "invalid_state", "session.audio.input.format")
         params = generation_params(spec, self.limits, base=s.params)
         s.instructions, s.output_modalities = new["instructions"], new["output_modalities"]
-        s.input_audio_sample_rate, s.thinking, s.params = new["rate"], new["thinking"], params
+        s.input_audio_sample_rate, s.thinking, s.params, s.voice = new["rate"], new["thinking"], params, new["voice"]
         await self.send({"type": "session.updated", "session": s.to_dict(self.session.id, self.ctx.model_id)})
 
     # ------------------------------------------------------------------ audio in
@@ -245,7 +236,7 @@ class RealtimeConnection:
         self.session.add_item(item)  # a refused item leaves the buffer as it was
         buf.clear()
         await self.send({"type": "input_audio_buffer.committed", "previous_item_id": prev, "item_id": item.id})
-        await self.send({"type": "conversation.item.created", "previous_item_id": prev, "item": item.to_dict()})
+        await self._item_added(item, prev)
 
     async def on_audio_clear(self, event: dict, event_id) -> None:
         self.session.audio.clear()
@@ -282,7 +273,7 @@ class RealtimeConnection:
         clip.clear()
         await self.send({"type": "input_video_buffer.committed", "previous_item_id": prev, "item_id": item.id,
                          "frames": n})
-        await self.send({"type": "conversation.item.created", "previous_item_id": prev, "item": item.to_dict()})
+        await self._item_added(item, prev)
 
     async def on_video_clear(self, event: dict, event_id) -> None:
         self.session.clip.clear()
@@ -291,6 +282,11 @@ class RealtimeConnection:
     # ------------------------------------------------------------------ conversation
     def _last_item_id(self) -> str | None:
         return self.session.items[-1].id if self.session.items else None
+
+    async def _item_added(self, item: Item, prev: str | None) -> None:
+        """A complete item joined the conversation: conversation.item.added, then .done."""
+        for kind in ("conversation.item.added", "conversation.item.done"):
+            await self.send({"type": kind, "previous_item_id": prev, "item": item.to_dict()})
 
     async def on_item_create(self, event: dict, event_id) -> None:
         item = need_dict(event.get("item"), "item")
@@ -325,7 +321,7 @@ class RealtimeConnection:
         new = Item(item_id or new_id("item"), role, conv.parts, conv.public)
         prev = self._last_item_id()
         self.session.add_item(new)
-        await self.send({"type": "conversation.item.created", "previous_item_id": prev, "item": new.to_dict()})
+        await self._item_added(new, prev)
 
     async def on_item_delete(self, event: dict, event_id) -> None:
         item_id = need_str(event.get("item_id"), "item_id")
@@ -343,16 +339,22 @@ class RealtimeConnection:
                       "for response.done", "conversation_already_has_active_response")
         spec = event.get("response", {})
         spec = need_dict({} if spec is None else spec, "response")
+        s = self.session.settings
+        engine = self.ctx.engine
+        modalities, voice = s.output_modalities, s.voice
         for name in ("output_modalities", "modalities"):
             if name in spec:
-                check_modalities(spec[name], f"response.{name}")
+                modalities = check_output_modalities(spec[name], f"response.{name}", engine)
+        if spec.get("audio") is not None:
+            audio = need_dict(spec["audio"], "response.audio")
+            if audio.get("output") is not None:
+                voice = audio_output_voice(audio["output"], "response.audio.output", engine, voice)
         if spec.get("conversation") not in (None, "auto"):
             raise bad("only responses on the session's conversation ('conversation': 'auto') are supported",
                       "unsupported_parameter", "response.conversation")
         if spec.get("input") is not None:
             raise bad("'response.input' is not supported; add items with conversation.item.create",
                       "unsupported_parameter", "response.input")
-        s = self.session.settings
         instructions = spec.get("instructions", None)
         instructions = need_str(instructions, "response.instructions") if instructions is not None else s.instructions
         if instructions is None:
@@ -365,16 +367,16 @@ class RealtimeConnection:
                       "input_audio_buffer.commit) before response.create", "conversation_empty")
         if messages[-1]["role"] != "user":
             raise bad("the last conversation item must come from the user", "invalid_state")
-        engine = self.ctx.engine
+        output = output_kwargs(modalities, voice)
 
         def run(cancel, _m=messages, _p=params, _i=instructions, _t=thinking):
-            return engine.chat(_m, _p, cancel, system_prompt=_i, thinking=_t)
+            return engine.chat(_m, _p, cancel, system_prompt=_i, thinking=_t, **output)
 
         job = Job(run, label=f"realtime {self.session.id}")
-        resp = Response(self.session, job, event_id)
+        resp = Response(self.session, job, event_id, modalities)
         self.ctx.scheduler.submit(job)  # may raise queue_full
         self.session.active = resp
-        await self.send({"type": "response.created", "response": self._response_obj(resp, "in_progress")})
+        await self.send(resp.encoder.created())
         resp.task = asyncio.create_task(self._stream(resp))
 
     async def on_response_cancel(self, event: dict, event_id) -> None:
@@ -387,108 +389,66 @@ class RealtimeConnection:
                       f"response {rid[:64]!r} is not the active response", "response_cancel_not_active")
         self.ctx.scheduler.cancel(active.job)
 
-    def _response_obj(self, resp: Response, status: str, output=None, usage=None, details=None, metrics=None) -> dict:
-        obj = {"id": resp.id, "object": "realtime.response", "status": status, "status_details": details,
-               "output": output or [], "output_modalities": ["text"], "conversation_id": self.session.id}
-        if usage is not None:
-            obj["usage"] = usage
-        if metrics is not None:
-            obj["metrics"] = metrics
-        return obj
-
-    async def _announce_item(self, resp: Response) -> None:
-        if resp.item_announced:
-            return
-        resp.item_announced = True
-        item = {"id": resp.item_id, "object": "realtime.item", "type": "message", "role": "assistant",
-                "status": "in_progress", "content": []}
-        await self.send({"type": "response.output_item.added", "response_id": resp.id, "output_index": 0,
-                         "item": item})
-        await self.send({"type": "response.content_part.added", "response_id": resp.id, "item_id": resp.item_id,
-                         "output_index": 0, "content_index": 0, "part": {"type": "text", "text": ""}})
-
     async def _stream(self, resp: Response) -> None:
-        parts: list[str] = []
+        """The job's events as server events; every kind is mapped explicitly (an event the mapping
+        does not know fails the response, it never ends it quietly)."""
         final = None
         try:
             async for ev in resp.job.events():
-                if isinstance(ev, QueuePosition):
-                    await self.send({"type": "response.queue_position", "response_id": resp.id,
-                                     "position": ev.position, "waiting": ev.waiting})
-                elif isinstance(ev, TextDelta):
-                    await self._announce_item(resp)
-                    parts.append(ev.text)
-                    await self.send({"type": "response.text.delta", "response_id": resp.id, "item_id": resp.item_id,
-                                     "output_index": 0, "content_index": 0, "delta": ev.text})
-                else:
+                if isinstance(ev, (Done, Error)):
                     final = ev
-            await self._finish(resp, "".join(parts), final)
+                    continue
+                try:
+                    out = resp.encoder.encode(ev)
+                except UnknownEventError as e:
+                    log.error("realtime response %s: %s", resp.id, e)
+                    self.ctx.scheduler.cancel(resp.job)
+                    final = Error(str(e), "engine_error")
+                    break
+                for wire_event in out:
+                    await self.send(wire_event)
+            await self._finish(resp, final or Error("the response ended without a result", "engine_error"))
         finally:
             if self.session.active is resp:
                 self.session.active = None
 
-    async def _finish(self, resp: Response, text: str, final) -> None:
-        job = resp.job
-        if isinstance(final, Error) or final is None:
-            err = final or Error("the response ended without a result", "engine_error")
-            status = 400 if err.code in ("invalid_request", "invalid_media", "context_length_exceeded") else 500
-            api = ApiError(err.message, code=err.code, status=status)
-            await self.send({"type": "response.done", "response": self._response_obj(
-                resp, "failed", details={"type": "failed", "error": api.to_openai()},
-                metrics=self._metrics(resp, None))})
-            return
-        done: Done = final
-        if done.finish_reason == "cancelled":
-            status = "cancelled"
-            reason = "slow_reader" if job.slow_reader else "client_cancelled"
-            details = {"type": "cancelled", "reason": reason}
-        elif done.finish_reason == "length":
-            status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
-        else:
-            status, details = "completed", None
-        output = []
-        if resp.item_announced or text:
-            await self._announce_item(resp)
-            await self.send({"type": "response.text.done", "response_id": resp.id, "item_id": resp.item_id,
-                             "output_index": 0, "content_index": 0, "text": text})
-            await self.send({"type": "response.content_part.done", "response_id": resp.id, "item_id": resp.item_id,
-                             "output_index": 0, "content_index": 0, "part": {"type": "text", "text": text}})
-            item = Item(resp.item_id, "assistant", [{"type": "text", "text": text}],
-                        [{"type": "output_text", "text": text}],
-                        status="completed" if status == "completed" else "incomplete")
-            await self.send({"type": "response.output_item.done", "response_id": resp.id, "output_index": 0,
-                             "item": item.to_dict()})
-            output = [item.to_dict()]
+    async def _finish(self, resp: Response, final: Done | Error) -> None:
+        job, enc = resp.job, resp.encoder
+        ttft = None if job.first_token_at is None else job.first_token_at - resp.received_at
+        figures = wire.metrics(final.stats if isinstance(final, Done) else None, job.queue_wait_s, ttft)
+        for wire_event in enc.finish(final, figures, "slow_reader" if job.slow_reader else "client_cancelled"):
+            await self.send(wire_event)
+        if enc.item_open and isinstance(final, Done):
+            item = Item(enc.item_id, "assistant", [{"type": "text", "text": enc.assistant_text}],
+                        enc.item("completed")["content"],
+                        status="completed" if final.finish_reason == "stop" else "incomplete")
             try:
                 self.session.add_item(item)
             except ApiError:
                 pass  # the conversation is full; the next item.create reports it
-        usage = {"input_tokens": done.stats.prompt_tokens, "output_tokens": done.stats.new_tokens,
-                 "total_tokens": done.stats.prompt_tokens + done.stats.new_tokens}
-        await self.send({"type": "response.done", "response": self._response_obj(
-            resp, status, output=output, usage=usage, details=details, metrics=self._metrics(resp, done))})
-
-    @staticmethod
-    def _metrics(resp: Response, done: Done | None) -> dict:
-        job = resp.job
-        m = {"queue_wait_ms": round(1000 * job.queue_wait_s, 3)}
-        if job.first_token_at is not None:
-            m["time_to_first_token_ms"] = round(1000 * (job.first_token_at - resp.received_at), 3)
-        if done is not None:
-            st = done.stats
-            m.update({"engine_time_to_first_token_ms": round(1000 * st.time_to_first_token_s, 3),
-                      "tokens_per_s": round(st.decode_tokens_per_s, 3), "total_ms": round(1000 * st.total_s, 3),
-                      "media_encode_ms": round(1000 * st.media_encode_s, 3)})
-        return m
 
 
-SESSION_FIELDS = {"instructions", "output_modalities", "modalities", "audio", "input_audio_format",
+SESSION_FIELDS = {"instructions", "output_modalities", "modalities", "audio", "input_audio_format", "voice",
                   "input_audio_sample_rate", "turn_detection", "tools", "thinking", "temperature", "top_p", "top_k",
                   "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
                   "max_tokens"}
 TURN_DETECTION_ERROR = ApiError("turn_detection (server-side voice activity detection) is not supported; leave it "
                                 "null and send input_audio_buffer.commit when the user stops speaking",
                                 code="unsupported_parameter", param="session.turn_detection")
+
+
+def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str | None:
+    """session/response `audio.output`: {"voice", "format": {"type": "audio/pcm"}, "speed"}; needs a
+    talker. Returns the voice (the output rate is the talker's, sent with every audio delta)."""
+    check_output_modalities(["audio"], name, engine)
+    spec = need_dict(spec, name)
+    fmt = spec.get("format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in ("audio/pcm", "pcm16")):
+        raise bad(f"'{name}.format' must be {{\"type\": \"audio/pcm\"}} (PCM16; each delta names its sample_rate)",
+                  "invalid_value", f"{name}.format")
+    if spec.get("voice") is not None:
+        voice = need_str(spec["voice"], f"{name}.voice")
+    return voice
 
 
 def audio_format_rate(value: Any, name: str) -> int:

@@ -1,5 +1,7 @@
-"""The request queue in front of the engine: fair FIFO order, a concurrency limit, queue positions
-for waiting clients, cancellation, and bounded hand-over from generation threads to sockets.
+"""The request queue in front of the engine (the one queue: HTTP and realtime requests alike wait
+here): fair FIFO order, a concurrency limit, queue positions for waiting clients (engine.events
+QueuePosition, mapped to the wire by engine.server.protocol), cancellation whether a request is
+queued or running, and bounded hand-over from generation threads to sockets.
 
 A `Job` wraps one engine call (`run(cancel) -> iterator of events`). `Scheduler.submit` puts it in
 line; when its turn comes it runs on a worker thread and its events flow to the reader through an
@@ -24,19 +26,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from engine.events import Done, Error, Event, GenerationStats
-from engine.server.limits import ApiError
+from engine.events import EVENT_TYPES, Done, Error, Event, GenerationStats, QueuePosition, TextDelta
+from engine.server.protocol import ApiError
 
 _END = object()
 _ids = itertools.count(1)
-
-
-@dataclass
-class QueuePosition:
-    """0 = generating now; n >= 1 = n-th in line. `waiting`: requests in line in all."""
-
-    position: int
-    waiting: int
+_ENGINE_EVENTS = tuple(kind for kind in EVENT_TYPES.values() if kind is not QueuePosition)  # what an engine yields
 
 
 class CancelFlag(threading.Event):
@@ -241,12 +236,17 @@ class Scheduler:
         try:
             gen = job.run(job.cancel)
             for ev in gen:
+                if not isinstance(ev, _ENGINE_EVENTS):  # an unknown kind ends the response as an error
+                    self._hand_over(job, Error(f"the engine yielded {type(ev).__name__}, which is not an event of "
+                                               "engine.events", code="engine_error"), credited=False)
+                    terminal = True
+                    break
                 if isinstance(ev, Done):
                     finish, new_tokens, terminal = ev.finish_reason, ev.stats.new_tokens, True
                     ev.stats.queue_wait_s += job.queue_wait_s
                 elif isinstance(ev, Error):
                     terminal = True
-                elif job.first_token_at is None:
+                elif isinstance(ev, TextDelta) and job.first_token_at is None:
                     job.first_token_at = time.perf_counter()
                 self._hand_over(job, ev, credited=not terminal)
                 if terminal:

@@ -18,8 +18,6 @@ from engine.media.video import WebcamClip
 from engine.sampling import GenerationParams
 from engine.server.limits import ApiError, Limits
 
-SPECIFIED_MODALITIES = ("text", "audio", "image")  # specified in docs/protocol.md; only text is implemented
-
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
@@ -31,13 +29,17 @@ class SessionSettings:
     output_modalities: list[str] = field(default_factory=lambda: ["text"])
     input_audio_sample_rate: int = 16000
     thinking: bool = False
+    voice: str | None = None  # the talker's voice (None = its default)
     params: GenerationParams = field(default_factory=GenerationParams)
 
     def to_dict(self, session_id: str, model: str) -> dict:
+        """The GA session object, with our sampling fields and `thinking` as extensions."""
         p = self.params
-        return {"id": session_id, "object": "realtime.session", "model": model,
+        return {"type": "realtime", "id": session_id, "object": "realtime.session", "model": model,
                 "instructions": self.instructions, "output_modalities": list(self.output_modalities),
-                "input_audio_format": {"type": "audio/pcm", "rate": self.input_audio_sample_rate},
+                "audio": {"input": {"format": {"type": "audio/pcm", "rate": self.input_audio_sample_rate},
+                                    "turn_detection": None},
+                          "output": {"format": {"type": "audio/pcm"}, "voice": self.voice}},
                 "max_output_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
                 "top_k": p.top_k, "repetition_penalty": p.repetition_penalty, "seed": p.seed, "stop": list(p.stop),
                 "thinking": self.thinking}

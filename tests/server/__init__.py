@@ -112,6 +112,14 @@ def recv_json(ws, timeout: float = 30.0) -> dict:
     return json.loads(ws.recv(timeout=timeout))
 
 
+def recv_item(ws, timeout: float = 30.0) -> dict:
+    """A conversation item joining: conversation.item.added then .done (returned)."""
+    added, done = recv_json(ws, timeout), recv_json(ws, timeout)
+    assert (added["type"], done["type"]) == ("conversation.item.added", "conversation.item.done"), (added, done)
+    assert added["item"] == done["item"] and added["previous_item_id"] == done["previous_item_id"]
+    return done
+
+
 def recv_until(ws, kind: str, timeout: float = 60.0) -> list[dict]:
     """Events up to and including the first of type `kind`."""
     out = []
@@ -122,3 +130,71 @@ def recv_until(ws, kind: str, timeout: float = 60.0) -> list[dict]:
         if ev["type"] == kind:
             return out
         assert time.monotonic() < deadline, f"no {kind} in time"
+
+
+# --------------------------------------------------------------------------- an engine that yields every kind
+
+
+def every_kind_script() -> list:
+    """One response with every kind of engine event (what the talker and the image generator will
+    yield), ending with Done. Nothing in the engine yields audio or images yet: the server's mapping
+    is tested with this script."""
+    from engine.events import AudioChunk, GenerationStats, ImageDone, ImagePreview, Progress
+
+    tone = np.sin(np.linspace(0, 40, 480)) * 0.4
+    preview, final = png_bytes(image_array(8, 8, seed=5)), png_bytes(image_array(16, 16, seed=6))
+    return [Progress("prefill", 1, 1, "reading the prompt"),
+            TextDelta("Hello "),
+            AudioChunk.from_samples(tone, 24000, text="Hello", start_s=0.0),
+            TextDelta("world"),
+            AudioChunk.from_samples(tone[::-1], 24000, text="", start_s=0.02),
+            ImagePreview(preview, step=2, total_steps=4, width=8, height=8),
+            ImageDone(final, 16, 16, seed=3, mask=preview, overlay=None, note="the mask is a test"),
+            Done("Hello world", "stop", GenerationStats(
+                prompt_tokens=7, new_tokens=2, time_to_first_token_s=0.0123, decode_tokens_per_s=80.5, total_s=0.25,
+                media_encode_s=0.001, time_to_first_audio_s=0.0456, audio_seconds=0.04, audio_real_time_factor=0.5,
+                time_to_first_preview_s=0.0789, image_steps=4, image_step_s=0.05, images=1))]
+
+
+class FakeEngine:
+    """An `Engine`-like object (what create_app takes) whose chat() yields a script of events; it
+    records each call's arguments. `step_s`: a pause before each event (cancel is checked there)."""
+
+    is_demo = True
+
+    def __init__(self, script=None, has_talker: bool = False, step_s: float = 0.0):
+        self.script = script if script is not None else every_kind_script()
+        self.has_talker = has_talker
+        self.step_s = step_s
+        self.calls: list[dict] = []
+
+    def info(self):
+        from engine.runtime import EngineInfo
+
+        return EngineInfo(name="fake-omni", path="/nowhere/fake-omni", is_demo=True, release="2.0", parameters=0,
+                          dtype="float32", device="cpu", load_seconds=0.0, components=["llm"], placement="nowhere")
+
+    def chat(self, messages, params=None, cancel=None, system_prompt=None, thinking=False, **output):
+        self.calls.append({"messages": messages, "params": params, "system_prompt": system_prompt,
+                           "thinking": thinking, **output})
+        for ev in self.script:
+            if self.step_s:
+                time.sleep(self.step_s)
+            if cancel is not None and cancel.is_set():
+                yield Done("", "cancelled")
+                return
+            yield ev
+
+    def transcribe(self, audio, context=None, hotwords=None, dialect=None, params=None, cancel=None,
+                   sample_rate=None):
+        yield TextDelta("fake transcript")
+        yield Done("fake transcript", "stop", result={"language": dialect, "text": "fake transcript"})
+
+
+@contextmanager
+def fake_server(engine=None, **limits):
+    from engine.server import Limits, ServerHandle, create_app
+
+    app = create_app(engine if engine is not None else FakeEngine(), Limits(**limits))
+    with ServerHandle(app) as srv:
+        yield srv

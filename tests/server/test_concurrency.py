@@ -31,7 +31,7 @@ async def one_session(url: str, i: int) -> dict:
         while done is None:
             ev = json.loads(await asyncio.wait_for(ws.recv(), 60))
             assert ev["type"] != "error", ev
-            if ev["type"] == "response.text.delta":
+            if ev["type"] == "response.output_text.delta":
                 deltas.append(ev["delta"])
             elif ev["type"] == "response.queue_position":
                 positions.append(ev["position"])

@@ -12,7 +12,8 @@ import pytest
 from websockets.sync.client import connect
 
 from engine.media.video import WebcamClip
-from tests.server import (SYSTEM, b64, image_array, long_prompt, png_bytes, recv_json, recv_until, reference_chat,
+from tests.server import (SYSTEM, b64, image_array, long_prompt, png_bytes, recv_item, recv_json, recv_until,
+                          reference_chat,
                           running_server, tone_pcm16, wait_for)
 
 
@@ -44,23 +45,23 @@ def test_whole_session_matches_the_in_process_engine(server, tiny_engine):
                       "input_audio_format": {"type": "audio/pcm", "rate": 24000}})
         upd = recv_json(ws)
         assert upd["type"] == "session.updated" and upd["session"]["max_output_tokens"] == 5
-        assert upd["session"]["input_audio_format"]["rate"] == 24000
+        assert upd["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
         send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": [
             {"type": "input_text", "text": "Look:"},
             {"type": "input_image", "image_url": "data:image/png;base64," + b64(png_bytes(img))}]})
-        ev = recv_json(ws)
-        assert ev["type"] == "conversation.item.created" and ev["previous_item_id"] is None
+        ev = recv_item(ws)
+        assert ev["previous_item_id"] is None
         assert ev["item"]["content"][1] == {"type": "input_image", "width": 56, "height": 40}
         for chunk in np.array_split(pcm, 5):
             send(ws, type="input_audio_buffer.append", audio=b64(chunk.tobytes()))
         send(ws, type="input_audio_buffer.commit")
-        committed, created = recv_json(ws), recv_json(ws)
+        committed, created = recv_json(ws), recv_item(ws)
         assert committed["type"] == "input_audio_buffer.committed" and committed["previous_item_id"] == ev["item"]["id"]
         assert created["item"]["content"][0]["seconds"] == 0.6 and created["item"]["content"][0]["sample_rate"] == 24000
         for i, f in enumerate(frames):
             send(ws, type="input_video_buffer.append", image=b64(png_bytes(f)), capture_time=10 + 0.5 * i)
         send(ws, type="input_video_buffer.commit")
-        vc, vitem = recv_json(ws), recv_json(ws)
+        vc, vitem = recv_json(ws), recv_item(ws)
         assert vc["type"] == "input_video_buffer.committed" and vc["frames"] == 4
         assert vitem["item"]["content"][0] == {"type": "input_video", "frames": 4, "seconds": 1.5}
         send(ws, type="response.create", event_id="r1")
@@ -68,7 +69,7 @@ def test_whole_session_matches_the_in_process_engine(server, tiny_engine):
         # second turn: the assistant's reply is now part of the conversation
         send(ws, type="conversation.item.create", item={"type": "message", "role": "user",
                                                         "content": [{"type": "input_text", "text": "More?"}]})
-        assert recv_json(ws)["type"] == "conversation.item.created"
+        recv_item(ws)
         send(ws, type="response.create", response={"max_output_tokens": 3})
         events2 = recv_until(ws, "response.done")
 
@@ -83,11 +84,11 @@ def test_whole_session_matches_the_in_process_engine(server, tiny_engine):
     types = [e["type"] for e in events]
     assert types[:2] == ["response.created", "response.queue_position"]
     assert events[1]["position"] == 0
-    assert types[-4:] == ["response.text.done", "response.content_part.done", "response.output_item.done",
-                          "response.done"]
-    deltas = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
+    assert types[-5:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "conversation.item.done", "response.done"]
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
     done = events[-1]["response"]
-    assert deltas == expected.text == events[-4]["text"]
+    assert deltas == expected.text == events[-5]["text"]
     assert done["status"] == ("incomplete" if expected.finish_reason == "length" else "completed")
     assert done["output"][0]["content"][0]["text"] == expected.text
     assert done["usage"] == {"input_tokens": expected.stats.prompt_tokens, "output_tokens": expected.stats.new_tokens,
@@ -98,7 +99,7 @@ def test_whole_session_matches_the_in_process_engine(server, tiny_engine):
 
     messages += [{"role": "assistant", "content": expected.text}, {"role": "user", "content": "More?"}]
     expected2 = reference_chat(tiny_engine, messages, 3, system_prompt=SYSTEM)
-    assert "".join(e["delta"] for e in events2 if e["type"] == "response.text.delta") == expected2.text
+    assert "".join(e["delta"] for e in events2 if e["type"] == "response.output_text.delta") == expected2.text
     assert events2[-1]["response"]["usage"]["input_tokens"] == expected2.stats.prompt_tokens
 
 
@@ -112,7 +113,7 @@ def test_audio_and_image_output_are_refused_not_faked(server):
             assert "not supported by this engine yet" in err["error"]["message"]
             assert err["error"]["event_id"] == "m"
         send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": "hi"})
-        assert recv_json(ws)["type"] == "conversation.item.created"
+        recv_item(ws)
         send(ws, type="response.create", event_id="r", response={"modalities": ["audio", "text"]})
         err = recv_json(ws)
         assert err["type"] == "error" and err["error"]["code"] == "modality_not_supported"
@@ -130,9 +131,9 @@ def test_response_cancel_stops_within_one_decode_step(server, tiny_engine):
     with connect(server.ws_url) as ws:
         sid = opened(ws)["id"]
         send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": prompt})
-        recv_json(ws)
+        recv_item(ws)
         send(ws, type="response.create", response={"max_output_tokens": 400, "instructions": SYSTEM})
-        recv_until(ws, "response.text.delta")
+        recv_until(ws, "response.output_text.delta")
         send(ws, type="response.cancel")
         events = recv_until(ws, "response.done")
         done = events[-1]["response"]
@@ -164,9 +165,9 @@ def test_disconnect_mid_stream_cancels_and_frees_the_kv_cache(server, tiny_engin
     with connect(server.ws_url) as ws:
         sid = opened(ws)["id"]
         send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": prompt})
-        recv_json(ws)
+        recv_item(ws)
         send(ws, type="response.create", response={"max_output_tokens": 400, "instructions": SYSTEM})
-        recv_until(ws, "response.text.delta")
+        recv_until(ws, "response.output_text.delta")
         assert made and made[-1].capacity > 0  # generating, with its cache allocated
         ws.close()  # the client goes away mid-stream
     rec = _record_for(server, sid)
@@ -185,12 +186,12 @@ def test_sessions_are_isolated(server):
         sa, sb = opened(a), opened(b)
         assert sa["id"] != sb["id"]
         send(a, type="session.update", session={"instructions": "secret A", "max_output_tokens": 7})
-        recv_json(a)
+        recv_json(a)  # session.updated
         send(a, type="input_audio_buffer.append", audio=b64(tone_pcm16(0.5).tobytes()))
         for i in range(2):
             send(a, type="input_video_buffer.append", image=b64(png_bytes(image_array(seed=i))), capture_time=i)
         send(a, type="conversation.item.create", item={"type": "message", "role": "user", "content": "A only"})
-        assert recv_json(a)["type"] == "conversation.item.created"
+        recv_item(a)
         # nothing of A is visible in B
         for event, code in (("input_audio_buffer.commit", "input_audio_buffer_commit_empty"),
                             ("input_video_buffer.commit", "input_video_buffer_commit_empty"),
@@ -204,7 +205,7 @@ def test_sessions_are_isolated(server):
         # A still has all of it
         send(a, type="input_audio_buffer.commit")
         assert recv_json(a)["type"] == "input_audio_buffer.committed"
-        recv_json(a)
+        recv_item(a)
         send(a, type="input_video_buffer.commit")
         assert recv_json(a)["frames"] == 2
 
@@ -217,7 +218,7 @@ def test_queue_positions_are_reported_in_fair_fifo_order(server, tiny_engine):
         for ws in sockets:
             ids.append(opened(ws)["id"])
             send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": prompt})
-            recv_json(ws)
+            recv_item(ws)
         first = []
         for i, ws in enumerate(sockets):  # the first runs long so the others queue behind it
             send(ws, type="response.create", response={"max_output_tokens": 40 if i == 0 else 2,
@@ -261,7 +262,7 @@ def test_session_media_budget_and_audio_buffer_limits(tiny_engine):
                 send(ws, type="input_audio_buffer.append", audio=b64(pcm.tobytes()))
                 send(ws, type="input_audio_buffer.commit")
                 assert recv_json(ws)["type"] == "input_audio_buffer.committed"
-                recv_json(ws)
+                recv_item(ws)
             send(ws, type="input_audio_buffer.append", audio=b64(pcm.tobytes()))
             send(ws, type="input_audio_buffer.commit", event_id="c4")
             err = recv_json(ws)

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from engine.events import Done, TextDelta
+from engine.events import Done, QueuePosition, TextDelta
 from engine.sampling import GenerationParams
 from engine.server.limits import ApiError
-from engine.server.scheduler import Job, QueuePosition, Scheduler
+from engine.server.scheduler import Job, Scheduler
 from tests.server import SYSTEM, long_prompt, torch_threads
 
 

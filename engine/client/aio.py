@@ -1,0 +1,341 @@
+"""The asyncio shell: AsyncEngineClient (httpx.AsyncClient + websockets.asyncio) and
+AsyncRealtimeClient, with the same methods as sync.py's, awaited (streams are async iterators).
+Every decision is engine.client.core's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from engine.client import core
+from engine.client.core import ChatOptions, ConnectionLost, ModelInfo, ServerError
+from engine.events import Error, Event
+
+
+class AsyncRealtimeClient(core.RealtimeClientBase):
+    """RealtimeClient over websockets.asyncio: the same methods, awaited."""
+
+    # ------------------------------------------------------------------ connection
+    async def connect(self) -> dict:
+        from websockets.asyncio.client import connect  # noqa: PLC0415
+
+        try:
+            self.ws = await connect(self.endpoints.ws, **self._ws_options())
+        except Exception as e:  # refused, unreachable, 401, TLS ...
+            raise core.connect_error(self.endpoints.ws, e) from e
+        return self.state.connected(await self.recv(timeout=self.timeout))
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+            self.ws = None
+
+    async def __aenter__(self) -> "AsyncRealtimeClient":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def reconnect(self) -> dict:
+        await self.close()
+        last: Exception | None = None
+        for attempt in range(self.reconnect_attempts):
+            try:
+                self.state.reset()
+                await self.connect()
+                settings, groups = self.state.log.replay()
+                if settings:
+                    await self._request({"type": "session.update", "session": settings})
+                replies = []
+                for group in groups:
+                    for e in group[:-1]:
+                        await self.send(dict(e))
+                    replies.append(await self._request(dict(group[-1])))
+                self.state.log.rebuilt(groups, replies)
+                return self.session
+            except (ServerError, OSError) as e:
+                last = e
+                await asyncio.sleep(self.backoff_s * (2 ** attempt))
+        raise ConnectionLost(f"could not reconnect: {last}", "connect_failed")
+
+    # ------------------------------------------------------------------ raw events
+    async def send(self, event: dict) -> str:
+        from websockets.exceptions import ConnectionClosed  # noqa: PLC0415
+
+        event.setdefault("event_id", core.event_id())
+        if self.ws is None:
+            raise ConnectionLost("not connected")
+        try:
+            await self.ws.send(json.dumps(event))
+        except ConnectionClosed as e:
+            raise ConnectionLost(f"connection closed: {e}") from e
+        return event["event_id"]
+
+    async def recv(self, timeout: float | None = None) -> dict:
+        from websockets.exceptions import ConnectionClosed  # noqa: PLC0415
+
+        if self.state.pending:
+            return self.state.pending.popleft()
+        if self.ws is None:
+            raise ConnectionLost("not connected")
+        try:
+            raw = await asyncio.wait_for(self.ws.recv(), timeout)  # recv is safe to cancel: nothing is lost
+        except ConnectionClosed as e:
+            raise ConnectionLost(f"connection closed: {e}") from e
+        return self.state.observe(core.parse_json(raw))
+
+    async def events(self, timeout: float | None = None) -> AsyncIterator[dict]:
+        while True:
+            try:
+                yield await self.recv(timeout)
+            except (ConnectionLost, TimeoutError):
+                return
+
+    async def _request(self, event: dict) -> dict:
+        reply = core.REPLIES[event["type"]]
+        sent = await self.send(event)
+        skipped = []
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    ev = await self.recv()
+                    if core.check_reply(ev, sent, reply):
+                        return ev
+                    skipped.append(ev)
+        except TimeoutError:
+            raise ServerError(f"no {reply} within {self.timeout} s", "timeout") from None
+        finally:
+            self.state.pending.extendleft(reversed(skipped))
+
+    # ------------------------------------------------------------------ session and conversation
+    async def update_session(self, **fields) -> dict:
+        ev = await self._request({"type": "session.update", "session": fields})
+        self.state.log.settings.update(fields)
+        return ev
+
+    async def add_message(self, role: str, content: Any) -> dict:
+        event = core.message_event(role, content)
+        ev = await self._request(event)
+        self.state.log.item_made([event], ev)
+        return ev
+
+    async def delete_item(self, item_id: str) -> dict:
+        ev = await self._request({"type": "conversation.item.delete", "item_id": item_id})
+        self.state.log.forget(item_id)
+        return ev
+
+    async def append_audio(self, samples: Any, sample_rate: int | None = None) -> None:
+        event = core.audio_append_event(samples, sample_rate)
+        await self.send(event)
+        self.state.log.audio.append(event)
+
+    async def commit_audio(self) -> dict:
+        return await self._commit("audio")
+
+    async def clear_audio(self) -> dict:
+        return await self._clear("audio")
+
+    async def append_frame(self, image: Any, capture_time: float) -> None:
+        event = core.frame_append_event(image, capture_time)
+        await self.send(event)
+        self.state.log.video.append(event)
+
+    async def commit_video(self) -> dict:
+        return await self._commit("video")
+
+    async def clear_video(self) -> dict:
+        return await self._clear("video")
+
+    async def _commit(self, kind: str) -> dict:
+        event = core.commit_event(kind)
+        ev = await self._request(event)
+        self.state.log.committed(kind, event, ev)
+        return ev
+
+    async def _clear(self, kind: str) -> dict:
+        setattr(self.state.log, kind, [])
+        return await self._request(core.clear_event(kind))
+
+    # ------------------------------------------------------------------ responses
+    def respond(self, cancel: threading.Event | None = None, **response) -> AsyncIterator[Event]:
+        event = {"type": "response.create", "event_id": core.event_id(), "response": response}
+        return self._stream([event], cancel, {event["event_id"]})
+
+    async def cancel(self, response_id: str | None = None) -> str:
+        event = {"type": "response.cancel"}
+        if response_id:
+            event["response_id"] = response_id
+        return await self.send(event)
+
+    async def _stream(self, events: list[dict], cancel, final_error_ids: set[str] | None) -> AsyncIterator[Event]:
+        run = core.realtime_run(final_error_ids, cancel, self.timeout)
+        try:
+            for e in events:
+                await self.send(e)
+            while not run.finished:
+                if run.cancel_due():
+                    await self.send(run.cancel_event())
+                try:
+                    raw = await self.recv(timeout=core.POLL_S)
+                except TimeoutError:
+                    for ev in run.on_idle():
+                        yield ev
+                    continue
+                for ev in run.on_event(raw):
+                    yield ev
+        except ConnectionLost as e:
+            for ev in run.on_lost(e.message):
+                yield ev
+        except ServerError as e:
+            for ev in run.fail(e):
+                yield ev
+        finally:
+            if not run.finished and self.ws is not None:  # closed early: stop the response on the server
+                try:
+                    await self.send(run.cancel_event())
+                except ServerError:
+                    pass
+
+
+class AsyncEngineClient(core.EngineClientBase):
+    """EngineClient over asyncio: the same methods; chat() and transcribe() are async iterators."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = core.DEFAULT_TIMEOUT):
+        super().__init__(url, token, timeout)
+        self.http = httpx.AsyncClient(**self._http_options())
+
+    async def close(self) -> None:
+        for rt in self._sessions.drain():
+            await rt.close()
+        await self.http.aclose()
+
+    async def __aenter__(self) -> "AsyncEngineClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def realtime(self) -> AsyncRealtimeClient:
+        return AsyncRealtimeClient(self.endpoints.ws, self.endpoints.token, self.timeout)
+
+    async def _get(self, path: str) -> Any:
+        try:
+            resp = await self.http.get(path)
+        except httpx.HTTPError as e:
+            raise core.connect_error(self.endpoints.http + path, e) from e
+        return core.json_answer(resp.status_code, resp.content)
+
+    async def health(self) -> dict:
+        return await self._get("/health")
+
+    async def info(self) -> ModelInfo:
+        return core.models_info(await self._get("/v1/models"))
+
+    async def chat(self, messages: list[dict], *, max_tokens: int | None = None, temperature: float | None = None,
+                   top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
+                   seed: int | None = None, stop: str | list[str] | None = None, system: str | None = None,
+                   thinking: bool = False, modalities: tuple[str, ...] = ("text",), voice: str | None = None,
+                   cancel: threading.Event | None = None, transport: str = "realtime") -> AsyncIterator[Event]:
+        request = core.chat_request(messages, ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty,
+                                                          seed, stop, system, thinking, modalities, voice), transport)
+        if isinstance(request, Error):
+            yield request
+            return
+        if transport == "http":
+            async for ev in self._sse("/v1/chat/completions", {"json": request}, cancel):
+                yield ev
+            return
+        ids = {e["event_id"] for e in request}
+        while True:  # at most twice: a pooled session found dead is replaced by a fresh one
+            rt = self._sessions.take()
+            pooled = rt is not None
+            if rt is None:
+                rt = self.realtime()
+                try:
+                    await rt.connect()
+                except ServerError as e:
+                    yield e.to_event()
+                    return
+            last, stale = None, False
+            try:
+                async for ev in rt._stream(request, cancel, ids):
+                    if core.stale_session(ev, pooled, last is None):
+                        stale = True
+                        break
+                    last = ev
+                    yield ev
+            finally:
+                await self._release(rt, last is not None and core.reusable(last))
+            if not stale:
+                return
+
+    async def _release(self, rt: AsyncRealtimeClient, reusable: bool) -> None:
+        try:
+            if reusable and rt.ws is not None:
+                for event in rt.state.emptying_events():
+                    await rt.send(event)
+                if self._sessions.give(rt):
+                    return
+        except ServerError:
+            pass
+        await rt.close()
+
+    async def transcribe(self, audio: Any, *, context: str | None = None, hotwords: list[str] | None = None,
+                         dialect: str | None = None, sample_rate: int | None = None, max_tokens: int | None = None,
+                         cancel: threading.Event | None = None) -> AsyncIterator[Event]:
+        request = core.transcription_request(audio, sample_rate, context, hotwords, dialect, max_tokens)
+        if isinstance(request, Error):
+            yield request
+            return
+        async for ev in self._sse("/v1/audio/transcriptions", request, cancel):
+            yield ev
+
+    async def _sse(self, path: str, body: dict, cancel) -> AsyncIterator[Event]:
+        run = core.sse_run(cancel, self.timeout)
+        lines: asyncio.Queue = asyncio.Queue()
+        try:
+            stream = self.http.stream("POST", path, **body)
+            resp = await stream.__aenter__()
+        except httpx.HTTPError as e:
+            yield core.connect_error(self.endpoints.http + path, e).to_event()
+            return
+        pump_task = None
+        try:
+            if resp.status_code >= 400:
+                await resp.aread()
+                yield core.json_error_event(resp.status_code, resp.content)
+                return
+
+            async def pump() -> None:
+                try:
+                    async for line in resp.aiter_lines():
+                        lines.put_nowait(("line", line))
+                    lines.put_nowait(("end", "the stream ended"))
+                except Exception as e:  # read timeout, connection dropped
+                    lines.put_nowait(("end", f"{type(e).__name__}: {e}"))
+
+            pump_task = asyncio.create_task(pump())
+            while not run.finished:
+                if run.cancel_due():
+                    for ev in run.cancelled():
+                        yield ev
+                    return
+                try:
+                    kind, value = await asyncio.wait_for(lines.get(), core.POLL_S)
+                except TimeoutError:
+                    continue
+                for ev in (run.on_event(value) if kind == "line" else run.on_lost(value)):
+                    yield ev
+        finally:  # closing the stream stops the request on the server (queued or running)
+            if pump_task is not None:
+                pump_task.cancel()
+            try:
+                await stream.__aexit__(None, None, None)
+            except Exception:  # noqa: BLE001  the reader may be failing on the same socket
+                pass

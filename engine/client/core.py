@@ -1,0 +1,741 @@
+"""The client's I/O-free core: where the server is, what to send (request bodies and realtime client
+events, media encoded from the engine's message format) and what the answers mean (wire events ->
+engine events, through engine.server.protocol). The sync and async shells (sync.py, aio.py) only
+move bytes; everything they decide is decided here, once.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import json
+import os
+import threading
+import time
+import wave
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from engine.events import Done, Error, Event, UnknownEventError
+from engine.server import protocol as wire
+
+DEFAULT_TIMEOUT = 60.0  # seconds: connecting, each request/reply, each HTTP read, a cancel's answer
+POLL_S = 0.05  # how often a streaming read looks at its cancel event
+PING_S = 20.0  # websocket keepalive (at most; and every `timeout`): a server that stops answering pings is lost
+REALTIME_PATH = "/v1/realtime"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # largest server event this client accepts
+
+
+# =========================================================================== errors
+
+
+class ServerError(Exception):
+    """The server refused a request (or could not be reached): `code` is the server's stable code (or
+    one of engine.server.protocol.CLIENT_ERROR_CODES), `status` the HTTP status when there was one."""
+
+    def __init__(self, message: str, code: str = "server_error", status: int | None = None, event: Any = None):
+        super().__init__(f"{code}: {message}")
+        self.message = message
+        self.code = code
+        self.status = status
+        self.event = event
+
+    def to_event(self) -> Error:
+        return Error(self.message, self.code)
+
+
+class ConnectionLost(ServerError):
+    """The realtime connection closed; reconnect() carries on in a fresh session."""
+
+    def __init__(self, message: str, code: str = "connection_lost"):
+        super().__init__(message, code)
+
+
+def http_error(status: int, body: Any, text: str = "") -> ServerError:
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        ev = wire.error_event(err)
+        return ServerError(ev.message, ev.code, status, body)
+    return ServerError(text[:200] or f"HTTP {status}", "server_error" if status >= 500 else "http_error", status, body)
+
+
+def reply_error(event: dict) -> ServerError:
+    ev = wire.error_event(event.get("error"))
+    return ServerError(ev.message, ev.code, None, event)
+
+
+def parse_json(raw: Any) -> Any:
+    try:
+        return json.loads(raw)
+    except (TypeError, ValueError) as e:
+        raise ServerError(f"the server sent something that is not JSON: {e}", "protocol_error") from None
+
+
+def json_answer(status: int, content: bytes) -> Any:
+    """An HTTP answer's JSON body, or ServerError for an error status or a body that is not JSON."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = None
+    if status >= 400:
+        raise http_error(status, body, content.decode("utf-8", "replace"))
+    if body is None:
+        raise ServerError("the server's answer is not JSON", "protocol_error", status)
+    return body
+
+
+def json_error_event(status: int, content: bytes) -> Error:
+    try:
+        json_answer(status, content)
+    except ServerError as e:
+        return e.to_event()
+    return Error(f"HTTP {status}", "server_error")
+
+
+def connect_error(url: str, exc: BaseException) -> ServerError:
+    """Why a connection could not be made: the server's refusal (e.g. 401 unauthorized, with its
+    error body) or connect_failed."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if status is not None:
+        body = getattr(response, "body", None)
+        try:
+            return http_error(status, json.loads(body) if body else None, str(exc))
+        except ValueError:
+            return http_error(status, None, str(exc))
+    return ServerError(f"could not reach the engine server at {url}: {type(exc).__name__}: {exc}", "connect_failed")
+
+
+# =========================================================================== where the server is
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Both transports of one server, from any of its URLs: http(s)://host:port[/...] or
+    ws(s)://host:port[/v1/realtime]."""
+
+    http: str  # http(s)://host:port
+    ws: str  # ws(s)://host:port/v1/realtime
+    token: str | None = None
+
+    @classmethod
+    def parse(cls, url: str, token: str | None = None) -> "Endpoints":
+        parts = urlsplit(str(url).strip())
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
+            raise ValueError(f"engine URL {url!r} must look like http://HOST:PORT or ws://HOST:PORT")
+        secure = scheme in ("https", "wss")
+        return cls(http=f"{'https' if secure else 'http'}://{parts.netloc}",
+                   ws=f"{'wss' if secure else 'ws'}://{parts.netloc}{REALTIME_PATH}", token=token or None)
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+def env_settings(environ=os.environ) -> tuple[str, str | None]:
+    """(ENGINE_URL, ENGINE_TOKEN) from the environment."""
+    url = environ.get("ENGINE_URL")
+    if not url:
+        raise ValueError("ENGINE_URL is not set: set it to the engine server's address, e.g. ws://HOST:PORT "
+                         "(and ENGINE_TOKEN to its token)")
+    return url, environ.get("ENGINE_TOKEN") or None
+
+
+@dataclass
+class ModelInfo:
+    """The served model, from the server's /v1/models card."""
+
+    id: str
+    name: str
+    is_demo: bool
+    release: str
+    parameters: int
+    dtype: str
+    device: str
+    placement: str
+    capabilities: set[str] = field(default_factory=set)  # text, image_in, video_in, audio_in, transcription,
+    default_instructions: str | None = None  # speech_out, image_out; the system prompt used when none is given
+    input_modalities: list[str] = field(default_factory=list)
+    output_modalities: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_card(cls, card: dict) -> "ModelInfo":
+        try:
+            return cls(id=card["id"], name=card.get("name", card["id"]), is_demo=bool(card.get("is_demo")),
+                       release=str(card.get("release", "")), parameters=int(card.get("parameters") or 0),
+                       dtype=str(card.get("dtype", "")), device=str(card.get("device", "")),
+                       placement=str(card.get("placement", "")), capabilities=set(card.get("capabilities") or ["text"]),
+                       default_instructions=card.get("default_instructions"),
+                       input_modalities=list(card.get("input_modalities") or []),
+                       output_modalities=list(card.get("output_modalities") or []))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ServerError(f"the server's model card is malformed: {e}", "protocol_error") from None
+
+
+def models_info(body: Any) -> ModelInfo:
+    try:
+        return ModelInfo.from_card(body["data"][0])
+    except (KeyError, IndexError, TypeError):
+        raise ServerError("the server's /v1/models answer lists no model", "protocol_error") from None
+
+
+# =========================================================================== media (engine message format)
+
+_AUDIO_MAGIC = ((b"RIFF", "wav"), (b"fLaC", "flac"), (b"OggS", "ogg"), (b"ID3", "mp3"), (b"\xff\xfb", "mp3"),
+                (b"\xff\xf3", "mp3"), (b"\x1a\x45\xdf\xa3", "webm"))
+_IMAGE_MIME = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
+               (b"RIFF", "image/webp"), (b"BM", "image/bmp"))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _read(source: Any, what: str) -> tuple[bytes, str]:
+    """bytes, a file path, or a data: URL -> (bytes, lower-case file suffix or "")."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), ""
+    if isinstance(source, str) and source.startswith("data:"):
+        head, _, payload = source.partition(",")
+        if ";base64" not in head:
+            raise ValueError(f"{what}: only base64 data: URLs can be sent")
+        return base64.b64decode(payload), ""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"{what}: no file at {str(path)!r}")
+        return path.read_bytes(), path.suffix.lower().lstrip(".")
+    raise ValueError(f"{what}: expected bytes, a file path or an array, got {type(source).__name__}")
+
+
+def image_bytes(source: Any) -> tuple[bytes, str]:
+    """An image (encoded bytes, a path, a data: URL, an HxWx3 uint8 array or a PIL image) -> (bytes, mime)."""
+    if isinstance(source, np.ndarray) or hasattr(source, "save"):
+        from PIL import Image  # noqa: PLC0415
+
+        img = Image.fromarray(np.asarray(source).astype(np.uint8)) if isinstance(source, np.ndarray) else source
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return buf.getvalue(), "image/png"
+    raw, _ = _read(source, "image")
+    mime = next((m for magic, m in _IMAGE_MIME if raw.startswith(magic)), "image/png")
+    return raw, mime
+
+
+def pcm16(samples: Any) -> bytes:
+    """int16 samples, float samples in [-1, 1] (clipped) or raw little-endian PCM16 bytes -> bytes."""
+    if isinstance(samples, (bytes, bytearray, memoryview)):
+        return bytes(samples)
+    arr = np.asarray(samples)
+    if arr.dtype.kind == "f":
+        arr = np.round(np.clip(arr, -1.0, 1.0) * 32767.0)
+    return arr.astype("<i2").reshape(-1).tobytes()
+
+
+def wav_file(samples: Any, sample_rate: int) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(sample_rate))
+        w.writeframes(pcm16(samples))
+    return buf.getvalue()
+
+
+@dataclass
+class AudioPayload:
+    data: bytes
+    format: str  # "pcm16" or a file format (wav, mp3, flac, ogg, webm, m4a, opus)
+    sample_rate: int | None = None  # for pcm16
+
+
+def audio_payload(source: Any, sample_rate: int | None) -> AudioPayload:
+    """An array (needs `sample_rate`) -> PCM16; encoded bytes or a path -> the file as it is."""
+    if isinstance(source, np.ndarray) or isinstance(source, list):
+        if not sample_rate:
+            raise ValueError("audio given as samples needs its sample_rate")
+        return AudioPayload(pcm16(source), "pcm16", int(sample_rate))
+    raw, suffix = _read(source, "audio")
+    fmt = next((f for magic, f in _AUDIO_MAGIC if raw.startswith(magic)), None)
+    if fmt is None and len(raw) > 12 and raw[4:8] == b"ftyp":
+        fmt = "m4a"
+    fmt = fmt or suffix
+    if fmt not in ("wav", "mp3", "flac", "ogg", "webm", "m4a", "opus"):
+        raise ValueError("audio: not a recognised audio file (wav, mp3, flac, ogg, webm, m4a, opus); give samples "
+                         "with their sample_rate instead")
+    return AudioPayload(raw, fmt)
+
+
+def video_bytes(source: Any) -> bytes:
+    if not isinstance(source, (bytes, bytearray, memoryview, str, Path)):
+        raise ValueError(f"video: send a video file (bytes or a path), got {type(source).__name__}; webcam frames go "
+                         "through RealtimeClient.append_frame / commit_video")
+    return _read(source, "video")[0]
+
+
+def _media_list(part: dict, key: str) -> list:
+    value = part.get(key)
+    if value is None:
+        raise ValueError(f"a {key!r} part needs its {key!r} field")
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+TEXT_PARTS = ("text", "input_text", "output_text")
+
+
+def realtime_content(content: Any, role: str) -> list[dict]:
+    """Engine message content -> realtime content parts (input_text / output_text, input_image,
+    input_audio, input_video)."""
+    if isinstance(content, str):
+        return [{"type": "output_text" if role == "assistant" else "input_text", "text": content}]
+    if not isinstance(content, (list, tuple)):
+        raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+    out = []
+    for part in content:
+        if isinstance(part, str):
+            part = {"type": "text", "text": part}
+        if not isinstance(part, dict):
+            raise ValueError(f"a content part must be a dict, got {type(part).__name__}")
+        kind = part.get("type")
+        if kind in TEXT_PARTS:
+            out.append({"type": "output_text" if role == "assistant" else "input_text",
+                        "text": str(part.get("text", ""))})
+        elif kind in ("image", "input_image", "image_url"):
+            for src in _media_list(part, "image" if "image" in part else "image_url"):
+                raw, mime = image_bytes(src)
+                out.append({"type": "input_image", "image_url": f"data:{mime};base64,{b64(raw)}"})
+        elif kind in ("audio", "input_audio"):
+            for src in _media_list(part, "audio"):
+                audio = audio_payload(src, part.get("sample_rate"))
+                entry = {"type": "input_audio", "audio": b64(audio.data), "format": audio.format}
+                if audio.sample_rate:
+                    entry["sample_rate"] = audio.sample_rate
+                out.append(entry)
+        elif kind in ("video", "input_video"):
+            out.append({"type": "input_video", "video": b64(video_bytes(part.get("video")))})
+        else:
+            raise ValueError(f"unknown content part type {kind!r} (text, image, audio or video)")
+    return out
+
+
+def chat_completions_content(content: Any, role: str) -> Any:
+    """Engine message content -> OpenAI chat-completions content (text, image_url, input_audio, video_url)."""
+    if isinstance(content, str) or role != "user":
+        return content if isinstance(content, str) else "".join(p["text"] for p in realtime_content(content, role))
+    out = []
+    for part in realtime_content(content, role):
+        kind = part["type"]
+        if kind == "input_text":
+            out.append({"type": "text", "text": part["text"]})
+        elif kind == "input_image":
+            out.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        elif kind == "input_audio":
+            spec = {"data": part["audio"], "format": part["format"]}
+            if "sample_rate" in part:
+                spec["sample_rate"] = part["sample_rate"]
+            out.append({"type": "input_audio", "input_audio": spec})
+        else:
+            out.append({"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + part["video"]}})
+    return out
+
+
+# =========================================================================== requests
+
+_ids = itertools.count(1)
+
+
+def event_id() -> str:
+    return f"evt_c{next(_ids)}_{int(time.time() * 1000) % 100000}"
+
+
+@dataclass
+class ChatOptions:
+    """What a chat request asks for beyond its messages (None = the server's default)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    system: str | None = None
+    thinking: bool = False
+    modalities: tuple[str, ...] | list[str] = ("text",)
+    voice: str | None = None  # sent only when audio is asked for
+
+    def sampling(self) -> dict:
+        fields_ = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                   "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": self.stop}
+        return {k: v for k, v in fields_.items() if v is not None}
+
+
+def check_role(message: Any) -> str:
+    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+        raise ValueError("each message must be a dict with role 'user', 'assistant' or 'system' and its content")
+    return message["role"]
+
+
+def realtime_chat_events(messages: list[dict], opts: ChatOptions) -> list[dict]:
+    """One chat over a realtime session: conversation.item.create per message, then response.create.
+    Raises ValueError for messages that cannot be sent."""
+    if not messages:
+        raise ValueError("messages is empty: give at least one user message")
+    events = []
+    for m in messages:
+        role = check_role(m)
+        events.append({**message_event(role, m.get("content", "")), "event_id": event_id()})
+    response = {"output_modalities": list(opts.modalities), "thinking": bool(opts.thinking), **opts.sampling()}
+    if opts.system is not None:
+        response["instructions"] = opts.system
+    if opts.max_tokens is not None:
+        response["max_output_tokens"] = opts.max_tokens
+    if opts.voice is not None and "audio" in opts.modalities:
+        response["audio"] = {"output": {"voice": opts.voice}}
+    events.append({"type": "response.create", "event_id": event_id(), "response": response})
+    return events
+
+
+def chat_completions_body(messages: list[dict], opts: ChatOptions) -> dict:
+    """The same chat as a streaming /v1/chat/completions body."""
+    if not messages:
+        raise ValueError("messages is empty: give at least one user message")
+    msgs = [] if opts.system is None else [{"role": "system", "content": opts.system}]
+    for m in messages:
+        role = check_role(m)
+        msgs.append({"role": role, "content": chat_completions_content(m.get("content", ""), role)})
+    body = {"messages": msgs, "stream": True, "stream_options": {"include_usage": True},
+            "thinking": bool(opts.thinking), **opts.sampling()}
+    if list(opts.modalities) != ["text"]:
+        body["modalities"] = list(opts.modalities)
+    if opts.max_tokens is not None:
+        body["max_tokens"] = opts.max_tokens
+    if opts.voice is not None and "audio" in opts.modalities:
+        body["audio"] = {"voice": opts.voice, "format": "pcm16"}
+    return body
+
+
+def chat_request(messages: list[dict], opts: ChatOptions, transport: str) -> Any:
+    """The realtime client events (transport "realtime") or the chat-completions body ("http"); an
+    Error event (invalid_request) when the messages or options cannot be sent."""
+    try:
+        if transport == "realtime":
+            return realtime_chat_events(messages, opts)
+        if transport == "http":
+            return chat_completions_body(messages, opts)
+        raise ValueError(f"transport must be 'realtime' or 'http', got {transport!r}")
+    except ValueError as e:
+        return Error(str(e), "invalid_request")
+
+
+def transcription_request(audio: Any, sample_rate: int | None, context: str | None, hotwords: list[str] | None,
+                          dialect: str | None, max_tokens: int | None) -> dict | Error:
+    """httpx arguments (files, form fields) of a streaming /v1/audio/transcriptions request, or an
+    Error event (invalid_request) when the audio cannot be sent."""
+    try:
+        payload = audio_payload(audio, sample_rate)
+    except ValueError as e:
+        return Error(str(e), "invalid_request")
+    if payload.format == "pcm16":
+        payload = AudioPayload(wav_file(np.frombuffer(payload.data, "<i2"), payload.sample_rate), "wav")
+    data = {"stream": "true", "prompt": context, "dialect": dialect,
+            "hotwords": ",".join(hotwords) if hotwords else None,
+            "max_tokens": str(max_tokens) if max_tokens is not None else None}
+    return {"files": {"file": (f"audio.{payload.format}", payload.data)},
+            "data": {k: v for k, v in data.items() if v is not None}}
+
+
+# =========================================================================== reading a streamed response
+
+
+class ResponseRun:
+    """One streamed response, whatever the transport: wire input in, engine events out, ending with
+    exactly one Done or Error; a cancel is sent once and its answer awaited at most `timeout`."""
+
+    def __init__(self, decoder, cancel=None, timeout: float = DEFAULT_TIMEOUT):
+        self.decoder = decoder
+        self.cancel = cancel
+        self.timeout = timeout
+        self.cancel_sent_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.decoder.finished
+
+    def cancel_due(self) -> bool:
+        """True once, when the caller's cancel event is set: send the cancel (or close the stream)."""
+        if self.cancel is None or self.cancel_sent_at is not None or self.finished or not self.cancel.is_set():
+            return False
+        self.cancel_sent_at = time.monotonic()
+        return True
+
+    def cancel_event(self) -> dict:
+        event = {"type": "response.cancel", "event_id": event_id()}
+        if getattr(self.decoder, "response_id", None):
+            event["response_id"] = self.decoder.response_id
+        return event
+
+    def _end(self, ev: Done | Error) -> list[Event]:
+        self.decoder.finished = True
+        return [ev]
+
+    def on_event(self, raw: Any) -> list[Event]:
+        """A realtime server event (RealtimeResponseDecoder) or an SSE line (SseDecoder)."""
+        try:
+            return self.decoder.feed_line(raw) if isinstance(raw, str) else self.decoder.feed(raw)
+        except UnknownEventError as e:
+            return self._end(Error(f"the server sent something this client does not understand: {e}",
+                                   "protocol_error"))
+
+    def on_idle(self) -> list[Event]:
+        """No news for a poll interval: a cancel unanswered for `timeout` ends the response here."""
+        if self.cancel_sent_at is not None and time.monotonic() - self.cancel_sent_at > self.timeout:
+            return self.cancelled()
+        return []
+
+    def cancelled(self) -> list[Event]:
+        """The caller cancelled and the stream is gone (closed by us): end as the engine would."""
+        return self._end(Done(text="".join(self.decoder.text), finish_reason="cancelled"))
+
+    def fail(self, err: ServerError) -> list[Event]:
+        """The server sent something unreadable (or a request step failed): the response ends here."""
+        return [] if self.finished else self._end(err.to_event())
+
+    def on_lost(self, detail: str) -> list[Event]:
+        if self.finished:
+            return []
+        if self.cancel_sent_at is not None:
+            return self.cancelled()
+        return self._end(Error(f"the connection to the server was lost: {detail}", "connection_lost"))
+
+
+def realtime_run(final_error_ids: set[str] | None, cancel, timeout: float) -> ResponseRun:
+    return ResponseRun(wire.RealtimeResponseDecoder(final_error_ids), cancel, timeout)
+
+
+def sse_run(cancel, timeout: float) -> ResponseRun:
+    return ResponseRun(wire.SseDecoder(), cancel, timeout)
+
+
+# =========================================================================== realtime session bookkeeping
+
+REPLIES = {  # the server event that completes each client request
+    "session.update": "session.updated",
+    "conversation.item.create": "conversation.item.done",
+    "conversation.item.delete": "conversation.item.deleted",
+    "input_audio_buffer.commit": "conversation.item.done",
+    "input_audio_buffer.clear": "input_audio_buffer.cleared",
+    "input_video_buffer.commit": "conversation.item.done",
+    "input_video_buffer.clear": "input_video_buffer.cleared",
+}
+
+
+def check_reply(event: dict, sent_id: str, reply: str) -> bool:
+    """True when `event` answers the request `sent_id` (raising ServerError when it refused it)."""
+    if event.get("type") == "error" and (event.get("error") or {}).get("event_id") == sent_id:
+        raise reply_error(event)
+    return event.get("type") == reply
+
+
+def session_created(event: dict) -> dict:
+    if event.get("type") == "error":
+        raise reply_error(event)
+    if event.get("type") != "session.created":
+        raise ServerError(f"expected session.created, got {str(event.get('type'))[:60]}", "protocol_error", event=event)
+    return event["session"]
+
+
+class RealtimeState:
+    """A realtime client's view of its session: the session object, events read ahead while waiting
+    for an answer, and the log reconnect() replays."""
+
+    def __init__(self) -> None:
+        self.session: dict | None = None
+        self.pending: deque[dict] = deque()
+        self.log = SessionLog()
+        self.items: list[str] = []  # the ids of the conversation's items, as the server reported them
+
+    def connected(self, first: dict) -> dict:
+        self.session = session_created(first)
+        return self.session
+
+    def reset(self) -> None:
+        self.pending.clear()
+        self.session = None
+        self.items = []
+
+    def observe(self, event: Any) -> Any:
+        """Every event read from the socket passes here once."""
+        if isinstance(event, dict):
+            kind = event.get("type")
+            if kind == "session.updated":
+                self.session = event.get("session")
+            elif kind == "response.done":
+                self.log.assistant_reply(event)
+            elif kind == "conversation.item.done" and isinstance(event.get("item"), dict):
+                if event["item"].get("id") not in self.items:
+                    self.items.append(event["item"].get("id"))
+            elif kind == "conversation.item.deleted":
+                self.items = [i for i in self.items if i != event.get("item_id")]
+                self.log.forget(event.get("item_id"))
+        return event
+
+    def emptying_events(self) -> list[dict]:
+        """conversation.item.delete for every item: a pooled session starts the next chat empty (the
+        server applies them before anything sent later, so nobody waits for the answers)."""
+        events = [{"type": "conversation.item.delete", "event_id": event_id(), "item_id": i} for i in self.items]
+        self.items = []
+        return events
+
+
+class SessionPool:
+    """Connected realtime sessions with empty conversations, kept between chat() calls so a chat does
+    not pay for a websocket handshake. Thread-safe; at most `size` idle sessions."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._idle: list = []
+        self._lock = threading.Lock()
+
+    def take(self):
+        with self._lock:
+            return self._idle.pop() if self._idle else None
+
+    def give(self, session) -> bool:
+        with self._lock:
+            if len(self._idle) < self.size:
+                self._idle.append(session)
+                return True
+        return False
+
+    def drain(self) -> list:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        return idle
+
+
+def reusable(ev: Event) -> bool:
+    """A session whose chat ended with this event may serve the next chat (a normal end; a cancelled,
+    failed or lost one is closed)."""
+    return isinstance(ev, Done) and ev.finish_reason != "cancelled"
+
+
+def stale_session(ev: Event, pooled: bool, first: bool) -> bool:
+    """A pooled session whose connection died while idle: the chat is retried on a fresh one."""
+    return pooled and first and isinstance(ev, Error) and ev.code == "connection_lost"
+
+
+class SessionLog:
+    """What this client built in its session (settings, items), so reconnect() can rebuild it."""
+
+    def __init__(self) -> None:
+        self.settings: dict = {}
+        self.items: list[dict] = []  # {"id": item id, "events": the client events that made it}
+        self.audio: list[dict] = []  # appends since the last commit
+        self.video: list[dict] = []
+
+    @staticmethod
+    def _clean(events: list[dict]) -> list[dict]:
+        return [{k: v for k, v in e.items() if k != "event_id"} for e in events]
+
+    def item_made(self, events: list[dict], reply: dict) -> None:
+        self.items.append({"id": reply["item"]["id"], "events": self._clean(events)})
+
+    def assistant_reply(self, done_event: dict) -> None:
+        """A finished response's assistant item joins the conversation (as text)."""
+        for item in (done_event.get("response") or {}).get("output") or []:
+            text = "".join(p.get("text") or p.get("transcript") or "" for p in item.get("content", []))
+            self.items.append({"id": item.get("id"), "events": [{
+                "type": "conversation.item.create",
+                "item": {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}}]})
+
+    def committed(self, kind: str, commit: dict, reply: dict) -> None:
+        """A committed audio / video buffer became an item."""
+        self.item_made(getattr(self, kind) + [commit], reply)
+        setattr(self, kind, [])
+
+    def forget(self, item_id: str) -> None:
+        self.items = [h for h in self.items if h["id"] != item_id]
+
+    def replay(self) -> tuple[dict | None, list[list[dict]]]:
+        """(session.update fields or None, the event groups that rebuild each item in order)."""
+        return (dict(self.settings) or None), [[dict(e) for e in h["events"]] for h in self.items]
+
+    def rebuilt(self, groups: list[list[dict]], replies: list[dict]) -> None:
+        self.items = [{"id": r["item"]["id"], "events": g} for g, r in zip(groups, replies)]
+
+
+class RealtimeClientBase:
+    """What RealtimeClient and AsyncRealtimeClient share: where, how long, and the session state."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 reconnect_attempts: int = 3, backoff_s: float = 0.2):
+        self.endpoints = Endpoints.parse(url, token)
+        self.timeout = timeout
+        self.reconnect_attempts = reconnect_attempts
+        self.backoff_s = backoff_s
+        self.state = RealtimeState()
+        self.ws = None
+
+    @property
+    def session(self) -> dict | None:
+        return self.state.session
+
+    def _ws_options(self) -> dict:
+        """websockets connect() options: auth, limits, and keepalive pings (a server that stops
+        answering is a lost connection after about two `timeout`s)."""
+        return {"additional_headers": self.endpoints.headers, "open_timeout": self.timeout,
+                "max_size": MAX_MESSAGE_BYTES, "compression": None, "ping_interval": min(PING_S, self.timeout),
+                "ping_timeout": self.timeout}
+
+
+class EngineClientBase:
+    """What EngineClient and AsyncEngineClient share."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+        self.endpoints = Endpoints.parse(url, token)
+        self.timeout = timeout
+        self._sessions = SessionPool()
+
+    @classmethod
+    def from_env(cls, timeout: float = DEFAULT_TIMEOUT):
+        """From ENGINE_URL and ENGINE_TOKEN."""
+        url, token = env_settings()
+        return cls(url, token, timeout)
+
+    def _http_options(self) -> dict:
+        return {"base_url": self.endpoints.http, "headers": self.endpoints.headers, "timeout": self.timeout}
+
+
+def commit_event(kind: str) -> dict:
+    """input_audio_buffer.commit / input_video_buffer.commit."""
+    return {"type": f"input_{kind}_buffer.commit"}
+
+
+def clear_event(kind: str) -> dict:
+    return {"type": f"input_{kind}_buffer.clear"}
+
+
+def audio_append_event(samples: Any, sample_rate: int | None) -> dict:
+    event = {"type": "input_audio_buffer.append", "audio": b64(pcm16(samples))}
+    if sample_rate:
+        event["sample_rate"] = int(sample_rate)
+    return event
+
+
+def frame_append_event(image: Any, capture_time: float) -> dict:
+    raw, _ = image_bytes(image)
+    return {"type": "input_video_buffer.append", "image": b64(raw), "capture_time": float(capture_time)}
+
+
+def message_event(role: str, content: Any) -> dict:
+    check_role({"role": role})
+    return {"type": "conversation.item.create",
+            "item": {"type": "message", "role": role, "content": realtime_content(content, role)}}

@@ -1,0 +1,690 @@
+"""The one mapping between engine events (engine.events) and the wire, for the HTTP API, the realtime
+server and the client alike: error codes and error bodies, usage, metrics, the realtime server
+events (OpenAI Realtime GA names plus our documented extensions) and the HTTP SSE chunks.
+
+Each direction sits next to its inverse: the server encodes engine events into wire events
+(`RealtimeResponseEncoder`, `ChatChunkEncoder`), the client decodes them back into the same engine
+events (`RealtimeResponseDecoder`, `SseDecoder`). Every event kind is handled explicitly; a kind
+that is not known here is an error (UnknownEventError), never the end of a stream.
+
+This module imports neither torch nor the server's web stack (a UI-only studio imports it through
+engine.client).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.events import (AudioChunk, Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress,
+                           QueuePosition, TextDelta, UnknownEventError)
+from engine.events import _b64, _unb64  # bytes <-> base64 exactly as the events' own JSON form
+
+# =========================================================================== error codes and bodies
+
+# Every code the server sends, with the HTTP status it answers with when it refuses a request.
+ERROR_CODES: dict[str, int] = {
+    # the request itself
+    "invalid_json": 400, "invalid_event": 400, "unknown_event": 400, "invalid_type": 400, "invalid_value": 400,
+    "missing_field": 400, "unknown_parameter": 400, "unsupported_parameter": 400, "unsupported_content_type": 400,
+    "invalid_content_type": 400, "invalid_multipart": 400, "invalid_request": 400, "http_error": 400,
+    # media
+    "invalid_base64": 400, "invalid_url": 400, "url_not_supported": 400, "invalid_audio": 400,
+    "invalid_audio_format": 400, "invalid_image": 400, "invalid_video": 400, "invalid_media": 400,
+    "sample_rate_mismatch": 400,
+    # limits
+    "message_too_large": 413, "payload_too_large": 413, "audio_too_long": 400, "image_too_large": 400,
+    "video_too_long": 400, "too_many_parts": 400, "too_many_messages": 400, "max_tokens_exceeded": 400,
+    "context_length_exceeded": 400, "conversation_too_long": 400, "session_media_limit": 400,
+    "modality_not_supported": 400,
+    # realtime session state
+    "conversation_empty": 400, "invalid_state": 400, "input_audio_buffer_commit_empty": 400,
+    "input_video_buffer_commit_empty": 400, "item_not_found": 400, "conversation_already_has_active_response": 400,
+    "response_cancel_not_active": 400,
+    # who and where
+    "unauthorized": 401, "model_not_found": 404, "not_found": 404, "method_not_allowed": 405,
+    # load
+    "queue_full": 429, "session_limit_reached": 503, "server_shutting_down": 503,
+    # faults
+    "engine_error": 500, "server_error": 500,
+}
+
+# Codes the client gives its own Error events (never sent by the server).
+CLIENT_ERROR_CODES: dict[str, str] = {
+    "connection_lost": "the connection to the server dropped (or the server stopped answering)",
+    "connect_failed": "the server could not be reached, or refused the connection",
+    "protocol_error": "the server sent something this client does not understand",
+    "timeout": "the server did not answer in time",
+}
+
+
+def error_kind(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status."""
+    if status == 401:
+        return "authentication_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_object(code: str, message: str, param: str | None = None, status: int | None = None) -> dict:
+    """The OpenAI error object: HTTP bodies ({"error": ...}), realtime `error` events and failed responses."""
+    status = ERROR_CODES.get(code, 500) if status is None else status
+    return {"type": error_kind(status), "code": code, "message": message, "param": param}
+
+
+class ApiError(Exception):
+    """A refused request. `code` is the stable machine-readable code (ERROR_CODES); `status` the HTTP
+    status (by default the code's); `kind` the OpenAI error type."""
+
+    def __init__(self, message: str, code: str = "invalid_request", status: int | None = None,
+                 kind: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = ERROR_CODES.get(code, 400) if status is None else status
+        self.param = param
+        self.kind = kind or error_kind(self.status)
+
+    def to_openai(self) -> dict:
+        return {**error_object(self.code, self.message, self.param, self.status), "type": self.kind}
+
+
+def engine_error(err: Error) -> ApiError:
+    """An engine Error event as the server reports it (its code's status; unknown codes are faults)."""
+    return ApiError(err.message, code=err.code, status=ERROR_CODES.get(err.code, 500))
+
+
+def error_event(obj: Any) -> Error:
+    """A wire error object -> the engine's Error event (client side)."""
+    if not isinstance(obj, dict):
+        return Error(f"the server reported an error without details: {str(obj)[:200]}", "protocol_error")
+    return Error(str(obj.get("message") or "the server reported an error"), str(obj.get("code") or "server_error"))
+
+
+# =========================================================================== usage and metrics
+
+USAGE_STYLES = {  # field names of (prompt, output, total) tokens per endpoint
+    "chat": ("prompt_tokens", "completion_tokens", "total_tokens"),
+    "realtime": ("input_tokens", "output_tokens", "total_tokens"),
+    "transcription": ("input_tokens", "output_tokens", "total_tokens"),
+}
+
+
+def usage(stats: GenerationStats, style: str) -> dict:
+    prompt, output, total = USAGE_STYLES[style]
+    out = {prompt: stats.prompt_tokens, output: stats.new_tokens, total: stats.prompt_tokens + stats.new_tokens}
+    return {"type": "tokens", **out} if style == "transcription" else out
+
+
+# (wire name, GenerationStats field, scale): the figures every response reports, both directions.
+METRICS: tuple[tuple[str, str, int], ...] = (
+    ("queue_wait_ms", "queue_wait_s", 1000),
+    ("engine_time_to_first_token_ms", "time_to_first_token_s", 1000),
+    ("tokens_per_s", "decode_tokens_per_s", 1),
+    ("total_ms", "total_s", 1000),
+    ("media_encode_ms", "media_encode_s", 1000),
+    ("time_to_first_audio_ms", "time_to_first_audio_s", 1000),
+    ("audio_seconds", "audio_seconds", 1),
+    ("audio_real_time_factor", "audio_real_time_factor", 1),
+    ("time_to_first_preview_ms", "time_to_first_preview_s", 1000),
+    ("image_steps", "image_steps", 1),
+    ("image_step_ms", "image_step_s", 1000),
+    ("images", "images", 1),
+)
+_INT_STATS = {"image_steps", "images", "prompt_tokens", "new_tokens"}
+
+
+def metrics(stats: GenerationStats | None, queue_wait_s: float, time_to_first_token_s: float | None) -> dict:
+    """`queue_wait_s`: time in the server's line; `time_to_first_token_s`: from the server receiving
+    the request to the first token (None before any). `stats`: the engine's figures (None when the
+    response failed)."""
+    m = {"queue_wait_ms": round(1000 * queue_wait_s, 3)}
+    if time_to_first_token_s is not None:
+        m["time_to_first_token_ms"] = round(1000 * time_to_first_token_s, 3)
+    if stats is not None:
+        for name, attr, scale in METRICS[1:]:
+            value = getattr(stats, attr)
+            m[name] = value if attr in _INT_STATS else round(scale * value, 3)
+    return m
+
+
+def stats_from_wire(usage_obj: dict | None, metrics_obj: dict | None) -> GenerationStats:
+    """usage + metrics (any usage style) -> GenerationStats (client side)."""
+    u, m = usage_obj or {}, metrics_obj or {}
+    stats = GenerationStats(prompt_tokens=int(u.get("prompt_tokens", u.get("input_tokens", 0)) or 0),
+                            new_tokens=int(u.get("completion_tokens", u.get("output_tokens", 0)) or 0))
+    for name, attr, scale in METRICS:
+        value = m.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(stats, attr, int(value) if attr in _INT_STATS else value / scale)
+    return stats
+
+
+def _need(obj: dict, *names: str) -> list:
+    try:
+        return [obj[n] for n in names]
+    except (KeyError, TypeError) as e:
+        raise UnknownEventError(f"malformed {obj.get('type') if isinstance(obj, dict) else 'event'!r}: "
+                                f"missing {e}") from None
+
+
+# image events share their fields over both transports
+def _image_preview_fields(ev: ImagePreview) -> dict:
+    return {"index": ev.index, "step": ev.step, "total_steps": ev.total_steps, "width": ev.width,
+            "height": ev.height, "image": _b64(ev.image)}
+
+
+def _image_done_fields(ev: ImageDone) -> dict:
+    return {"index": ev.index, "width": ev.width, "height": ev.height, "seed": ev.seed, "image": _b64(ev.image),
+            "mask": _b64(ev.mask), "overlay": _b64(ev.overlay), "note": ev.note}
+
+
+def _image_preview(d: dict) -> ImagePreview:
+    image, step, total = _need(d, "image", "step", "total_steps")
+    return ImagePreview(_unb64(image, "image"), int(step), int(total), int(d.get("width", 0)),
+                        int(d.get("height", 0)), int(d.get("index", 0)))
+
+
+def _image_done(d: dict) -> ImageDone:
+    image, width, height = _need(d, "image", "width", "height")
+    return ImageDone(_unb64(image, "image"), int(width), int(height), int(d.get("index", 0)), d.get("seed"),
+                     _unb64(d.get("mask"), "mask"), _unb64(d.get("overlay"), "overlay"), str(d.get("note") or ""))
+
+
+def _progress_fields(ev: Progress) -> dict:
+    return {"stage": ev.stage, "done": ev.done, "total": ev.total, "message": ev.message}
+
+
+def _progress(d: dict) -> Progress:
+    (stage,) = _need(d, "stage")
+    return Progress(str(stage), int(d.get("done", 0)), int(d.get("total", 0)), str(d.get("message") or ""))
+
+
+def _queue_position(d: dict) -> QueuePosition:
+    (position,) = _need(d, "position")
+    return QueuePosition(int(position), int(d.get("waiting", 0)))
+
+
+# =========================================================================== realtime (websocket)
+
+REALTIME_CLIENT_EVENTS = (
+    "session.update", "input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
+    "input_video_buffer.append", "input_video_buffer.commit", "input_video_buffer.clear",
+    "conversation.item.create", "conversation.item.delete", "response.create", "response.cancel",
+)
+
+# Server events that carry no engine event of their own (the decoder knows them and passes them by).
+REALTIME_BOOKKEEPING_EVENTS = (
+    "session.created", "session.updated", "conversation.item.added", "conversation.item.done",
+    "conversation.item.deleted", "input_audio_buffer.committed", "input_audio_buffer.cleared",
+    "input_video_buffer.committed", "input_video_buffer.cleared", "response.created", "response.output_item.added",
+    "response.output_item.done", "response.content_part.added", "response.content_part.done",
+    "response.output_text.done", "response.output_audio.done", "response.output_audio_transcript.done",
+)
+# Server events that carry engine events (see RealtimeResponseDecoder).
+REALTIME_STREAM_EVENTS = (
+    "response.queue_position", "response.progress", "response.output_text.delta",
+    "response.output_audio_transcript.delta", "response.output_audio.delta", "response.image.preview",
+    "response.image.done", "response.done", "error",
+)
+REALTIME_SERVER_EVENTS = REALTIME_BOOKKEEPING_EVENTS + REALTIME_STREAM_EVENTS
+
+# Done.finish_reason <-> realtime response status
+_STATUS = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}
+_FINISH = {"completed": "stop", "incomplete": "length", "cancelled": "cancelled"}
+
+
+@dataclass
+class _Part:
+    index: int
+    kind: str  # "text" | "audio" | "image"
+    text: list[str] = field(default_factory=list)  # text, or the audio's transcript
+    image: tuple[int, int, int] | None = None  # (index, width, height) of an image part
+
+
+class RealtimeResponseEncoder:
+    """Server side: the engine events of one response -> realtime server events. The assistant item
+    is announced with its first output; each kind of output (text, audio, each image) is one content
+    part, opened when it first appears."""
+
+    def __init__(self, response_id: str, item_id: str, conversation_id: str, output_modalities: list[str],
+                 previous_item_id: str | None = None):
+        self.response_id = response_id
+        self.item_id = item_id
+        self.conversation_id = conversation_id
+        self.output_modalities = list(output_modalities)
+        self.previous_item_id = previous_item_id
+        self.item_open = False
+        self.parts: dict[Any, _Part] = {}
+
+    # -- shapes
+    def response_object(self, status: str, output: list | None = None, usage_obj: dict | None = None,
+                        details: dict | None = None, metrics_obj: dict | None = None) -> dict:
+        obj = {"id": self.response_id, "object": "realtime.response", "status": status, "status_details": details,
+               "output": output or [], "output_modalities": self.output_modalities,
+               "conversation_id": self.conversation_id}
+        if usage_obj is not None:
+            obj["usage"] = usage_obj
+        if metrics_obj is not None:
+            obj["metrics"] = metrics_obj
+        return obj
+
+    def created(self) -> dict:
+        return {"type": "response.created", "response": self.response_object("in_progress")}
+
+    def _ids(self, part: _Part) -> dict:
+        return {"response_id": self.response_id, "item_id": self.item_id, "output_index": 0,
+                "content_index": part.index}
+
+    def item(self, status: str) -> dict:
+        content = []
+        for part in self.parts.values():
+            if part.kind == "text":
+                content.append({"type": "output_text", "text": "".join(part.text)})
+            elif part.kind == "audio":
+                content.append({"type": "output_audio", "transcript": "".join(part.text)})
+            else:
+                index, width, height = part.image
+                content.append({"type": "output_image", "index": index, "width": width, "height": height})
+        return {"id": self.item_id, "object": "realtime.item", "type": "message", "role": "assistant",
+                "status": status, "content": content}
+
+    @property
+    def assistant_text(self) -> str:
+        """What the assistant said: its text, else its audio's transcript."""
+        for kind in ("text", "audio"):
+            if kind in self.parts:
+                return "".join(self.parts[kind].text)
+        return ""
+
+    def _open(self, key, kind: str, part_fields: dict) -> tuple[_Part, list[dict]]:
+        out = []
+        if not self.item_open:
+            self.item_open = True
+            item = self.item("in_progress")
+            out += [{"type": "response.output_item.added", "response_id": self.response_id, "output_index": 0,
+                     "item": item},
+                    {"type": "conversation.item.added", "previous_item_id": self.previous_item_id, "item": item}]
+        part = self.parts.get(key)
+        if part is None:
+            part = self.parts[key] = _Part(len(self.parts), kind)
+            out.append({"type": "response.content_part.added", **self._ids(part),
+                        "part": {"type": kind, **part_fields}})
+        return part, out
+
+    # -- engine events
+    def encode(self, ev: Event) -> list[dict]:
+        """The server events for one engine event other than Done / Error (see finish)."""
+        if isinstance(ev, QueuePosition):
+            return [{"type": "response.queue_position", "response_id": self.response_id, "position": ev.position,
+                     "waiting": ev.waiting}]
+        if isinstance(ev, Progress):
+            return [{"type": "response.progress", "response_id": self.response_id, **_progress_fields(ev)}]
+        if isinstance(ev, TextDelta):
+            part, out = self._open("text", "text", {"text": ""})
+            part.text.append(ev.text)
+            return out + [{"type": "response.output_text.delta", **self._ids(part), "delta": ev.text}]
+        if isinstance(ev, AudioChunk):
+            part, out = self._open("audio", "audio", {"transcript": ""})
+            if ev.text:  # the span this chunk speaks comes first, so a client can pair it with the audio
+                part.text.append(ev.text)
+                out.append({"type": "response.output_audio_transcript.delta", **self._ids(part), "delta": ev.text})
+            return out + [{"type": "response.output_audio.delta", **self._ids(part), "delta": _b64(ev.pcm),
+                           "sample_rate": ev.sample_rate, "start_s": ev.start_s}]
+        if isinstance(ev, ImagePreview):
+            part, out = self._open(("image", ev.index), "image", {"index": ev.index})
+            part.image = (ev.index, ev.width, ev.height)
+            return out + [{"type": "response.image.preview", **self._ids(part), **_image_preview_fields(ev)}]
+        if isinstance(ev, ImageDone):
+            part, out = self._open(("image", ev.index), "image", {"index": ev.index})
+            part.image = (ev.index, ev.width, ev.height)
+            return out + [{"type": "response.image.done", **self._ids(part), **_image_done_fields(ev)}]
+        raise UnknownEventError(f"no realtime mapping for {type(ev).__name__}")
+
+    def finish(self, final: Done | Error, metrics_obj: dict, cancel_reason: str = "client_cancelled") -> list[dict]:
+        """The closing events: each open part's .done events, the item's, then response.done."""
+        if isinstance(final, Done):
+            status = _STATUS.get(final.finish_reason)
+            if status is None:
+                raise UnknownEventError(f"unknown finish_reason {final.finish_reason!r}")
+            details = {"completed": None, "incomplete": {"type": "incomplete", "reason": "max_output_tokens"},
+                       "cancelled": {"type": "cancelled", "reason": cancel_reason}}[status]
+            usage_obj = usage(final.stats, "realtime")
+        else:
+            status, usage_obj = "failed", None
+            details = {"type": "failed", "error": engine_error(final).to_openai()}
+        out: list[dict] = []
+        for part in self.parts.values():
+            ids, text = self._ids(part), "".join(part.text)
+            if part.kind == "text":
+                out.append({"type": "response.output_text.done", **ids, "text": text})
+                done_part = {"type": "text", "text": text}
+            elif part.kind == "audio":
+                out += [{"type": "response.output_audio.done", **ids},
+                        {"type": "response.output_audio_transcript.done", **ids, "transcript": text}]
+                done_part = {"type": "audio", "transcript": text}
+            else:
+                index, width, height = part.image
+                done_part = {"type": "image", "index": index, "width": width, "height": height}
+            out.append({"type": "response.content_part.done", **ids, "part": done_part})
+        output = []
+        if self.item_open:
+            item = self.item("completed" if status == "completed" else "incomplete")
+            out += [{"type": "response.output_item.done", "response_id": self.response_id, "output_index": 0,
+                     "item": item},
+                    {"type": "conversation.item.done", "previous_item_id": self.previous_item_id, "item": item}]
+            output = [item]
+        out.append({"type": "response.done", "response": self.response_object(status, output, usage_obj, details,
+                                                                             metrics_obj)})
+        return out
+
+
+class RealtimeResponseDecoder:
+    """Client side: realtime server events -> engine events for one response, ending with exactly one
+    Done or Error. `final_error_ids`: the client event ids whose `error` ends the response (an error
+    naming another event is kept in `other_errors`); None = every error ends it."""
+
+    def __init__(self, final_error_ids: set[str] | None = None):
+        self.final_error_ids = final_error_ids
+        self.response_id: str | None = None
+        self.finished = False
+        self.text: list[str] = []
+        self.transcript: list[str] = []
+        self._pending_transcript: list[str] = []
+        self.other_errors: list[dict] = []
+
+    def _end(self, ev: Done | Error) -> list[Event]:
+        self.finished = True
+        return [ev]
+
+    def feed(self, wire: Any) -> list[Event]:
+        """The engine events one server event carries. Raises UnknownEventError for an unknown or
+        malformed event (the caller ends the response with an Error)."""
+        if self.finished:
+            return []
+        if not isinstance(wire, dict) or not isinstance(wire.get("type"), str):
+            raise UnknownEventError("a server event must be an object with a string 'type'")
+        kind = wire["type"]
+        if kind == "error":
+            err = wire.get("error") or {}
+            eid = err.get("event_id") if isinstance(err, dict) else None
+            if self.final_error_ids is None or eid is None or eid in self.final_error_ids:
+                return self._end(error_event(err))
+            self.other_errors.append(wire)
+            return []
+        if kind == "response.created":
+            self.response_id = (wire.get("response") or {}).get("id")
+            return []
+        if kind in REALTIME_BOOKKEEPING_EVENTS:
+            return []
+        if kind == "response.queue_position":
+            return [_queue_position(wire)]
+        if kind == "response.progress":
+            return [_progress(wire)]
+        if kind == "response.output_text.delta":
+            (delta,) = _need(wire, "delta")
+            self.text.append(str(delta))
+            return [TextDelta(str(delta))]
+        if kind == "response.output_audio_transcript.delta":
+            (delta,) = _need(wire, "delta")
+            self._pending_transcript.append(str(delta))
+            self.transcript.append(str(delta))
+            return []
+        if kind == "response.output_audio.delta":
+            data, rate = _need(wire, "delta", "sample_rate")
+            text, self._pending_transcript = "".join(self._pending_transcript), []
+            return [AudioChunk(_unb64(data, "delta"), int(rate), text, float(wire.get("start_s", 0.0)))]
+        if kind == "response.image.preview":
+            return [_image_preview(wire)]
+        if kind == "response.image.done":
+            return [_image_done(wire)]
+        if kind == "response.done":
+            return self._end(self._final(wire.get("response")))
+        raise UnknownEventError(f"unknown server event type {kind[:80]!r}")
+
+    def _final(self, resp: Any) -> Done | Error:
+        if not isinstance(resp, dict):
+            raise UnknownEventError("response.done without a response object")
+        status = resp.get("status")
+        if status == "failed":
+            return error_event((resp.get("status_details") or {}).get("error"))
+        if status not in _FINISH:
+            raise UnknownEventError(f"unknown response status {status!r}")
+        return Done(text="".join(self.text) or "".join(self.transcript), finish_reason=_FINISH[status],
+                    stats=stats_from_wire(resp.get("usage"), resp.get("metrics")))
+
+
+# =========================================================================== HTTP: SSE streams
+
+def sse_data(obj: Any) -> bytes:
+    text = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def sse_comment(name: str, obj: dict | None = None) -> bytes:
+    """Our extension events in an SSE stream: comment lines, which OpenAI's clients ignore."""
+    return (f": {name}\n\n" if obj is None else f": {name} {json.dumps(obj, separators=(',', ':'))}\n\n").encode()
+
+
+SSE_DONE = sse_data("[DONE]")
+SSE_KEEPALIVE = sse_comment("keepalive")  # sent while a request waits without news, so readers can time out
+SSE_COMMENTS = ("queue_position", "progress", "keepalive")
+
+
+def finish_reason_http(done: Done) -> str:
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+class ChatChunkEncoder:
+    """Server side: engine events -> /v1/chat/completions stream chunks (`chat.completion.chunk`).
+    Text is `delta.content`; audio is OpenAI's `delta.audio` ({id, data, transcript}) plus our
+    `sample_rate` and `start_s`; images are our `delta.image_preview` / `delta.image`; queue
+    positions and progress are comment lines."""
+
+    def __init__(self, completion_id: str, created: int, model: str):
+        self.completion_id = completion_id
+        self.created = created
+        self.model = model
+        self.role_sent = False
+        self.audio_id = "audio_" + completion_id.rsplit("-", 1)[-1]
+
+    def _chunk(self, delta: dict, finish: str | None = None, **extra) -> dict:
+        return {"id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                  "finish_reason": finish}], **extra}
+
+    def _delta(self, delta: dict) -> list[bytes]:
+        out = []
+        if not self.role_sent:
+            self.role_sent = True
+            out.append(sse_data(self._chunk({"role": "assistant", "content": ""})))
+        return out + [sse_data(self._chunk(delta))]
+
+    def encode(self, ev: Event) -> list[bytes]:
+        if isinstance(ev, QueuePosition):
+            return [sse_comment("queue_position", {"position": ev.position, "waiting": ev.waiting})]
+        if isinstance(ev, Progress):
+            return [sse_comment("progress", _progress_fields(ev))]
+        if isinstance(ev, TextDelta):
+            return self._delta({"content": ev.text})
+        if isinstance(ev, AudioChunk):
+            return self._delta({"audio": {"id": self.audio_id, "data": _b64(ev.pcm), "transcript": ev.text,
+                                          "sample_rate": ev.sample_rate, "start_s": ev.start_s}})
+        if isinstance(ev, ImagePreview):
+            return self._delta({"image_preview": _image_preview_fields(ev)})
+        if isinstance(ev, ImageDone):
+            return self._delta({"image": _image_done_fields(ev)})
+        raise UnknownEventError(f"no chat-completions mapping for {type(ev).__name__}")
+
+    def finish(self, final: Done | Error, metrics_obj: dict, include_usage: bool) -> list[bytes]:
+        if isinstance(final, Error):
+            return [sse_data({"error": engine_error(final).to_openai()}), SSE_DONE]
+        out = [] if self.role_sent else [sse_data(self._chunk({"role": "assistant", "content": ""}))]
+        out.append(sse_data(self._chunk({}, finish_reason_http(final), metrics=metrics_obj)))
+        if include_usage:
+            out.append(sse_data({"id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,
+                                 "model": self.model, "choices": [], "usage": usage(final.stats, "chat")}))
+        return out + [SSE_DONE]
+
+
+@dataclass
+class Collected:
+    """A whole response gathered for a non-streaming answer; every kind has its place."""
+
+    text: list[str] = field(default_factory=list)
+    audio: list[AudioChunk] = field(default_factory=list)
+    images: list[ImageDone] = field(default_factory=list)
+
+    def add(self, ev: Event) -> None:
+        if isinstance(ev, TextDelta):
+            self.text.append(ev.text)
+        elif isinstance(ev, AudioChunk):
+            self.audio.append(ev)
+        elif isinstance(ev, ImageDone):
+            self.images.append(ev)
+        elif isinstance(ev, (ImagePreview, Progress, QueuePosition)):
+            pass  # what a stream shows while it runs; a whole answer has the finished outputs
+        else:
+            raise UnknownEventError(f"cannot collect {type(ev).__name__}")
+
+
+def chat_completion(completion_id: str, created: int, model: str, got: Collected, done: Done,
+                    metrics_obj: dict) -> dict:
+    """The non-streaming /v1/chat/completions body."""
+    message: dict = {"role": "assistant", "content": "".join(got.text)}
+    if got.audio:
+        message["audio"] = {"id": "audio_" + completion_id.rsplit("-", 1)[-1],
+                            "data": _b64(b"".join(c.pcm for c in got.audio)),
+                            "transcript": "".join(c.text for c in got.audio), "sample_rate": got.audio[0].sample_rate}
+    if got.images:
+        message["images"] = [_image_done_fields(im) for im in got.images]
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason_http(done), "logprobs": None}],
+            "usage": usage(done.stats, "chat"), "metrics": metrics_obj}
+
+
+def transcription_body(done: Done, metrics_obj: dict, duration_s: float | None = None) -> dict:
+    """/v1/audio/transcriptions result (json; verbose_json adds task and duration)."""
+    res = done.result or {}
+    out = {"text": res.get("text", ""), "language": res.get("language"), "usage": usage(done.stats, "transcription"),
+           "metrics": metrics_obj}
+    if duration_s is not None:
+        out.update({"task": "transcribe", "duration": round(duration_s, 3)})
+    return out
+
+
+def transcription_events(ev: Event) -> list[bytes]:
+    """A streaming transcription's SSE lines for one engine event other than Done / Error."""
+    if isinstance(ev, QueuePosition):
+        return [sse_comment("queue_position", {"position": ev.position, "waiting": ev.waiting})]
+    if isinstance(ev, Progress):
+        return [sse_comment("progress", _progress_fields(ev))]
+    if isinstance(ev, TextDelta):
+        return [sse_data({"type": "transcript.text.delta", "delta": ev.text})]
+    raise UnknownEventError(f"a transcription does not stream {type(ev).__name__}")
+
+
+def transcription_finish(final: Done | Error, metrics_obj: dict) -> list[bytes]:
+    if isinstance(final, Error):
+        return [sse_data({"error": engine_error(final).to_openai()}), SSE_DONE]
+    return [sse_data({"type": "transcript.text.done", **transcription_body(final, metrics_obj)}), SSE_DONE]
+
+
+_DELTA_KEYS = ("role", "content", "audio", "image_preview", "image", "refusal", "tool_calls", "function_call")
+
+
+class SseDecoder:
+    """Client side: the lines of a chat-completions or transcription SSE stream -> engine events,
+    ending with one Done (at `data: [DONE]`) or Error."""
+
+    def __init__(self) -> None:
+        self.finished = False
+        self.text: list[str] = []
+        self._done: Done | None = None
+        self._metrics: dict | None = None
+
+    def _end(self, ev: Done | Error) -> list[Event]:
+        self.finished = True
+        return [ev]
+
+    def feed_line(self, line: str) -> list[Event]:
+        if self.finished or not line or line.startswith(("event:", "id:", "retry:")):
+            return []
+        if line.startswith(":"):
+            name, _, payload = line[1:].strip().partition(" ")
+            if name not in SSE_COMMENTS:
+                raise UnknownEventError(f"unknown stream comment {name[:60]!r}")
+            if name == "keepalive":
+                return []
+            try:
+                obj = json.loads(payload)
+            except ValueError as e:
+                raise UnknownEventError(f"malformed {name} comment: {e}") from None
+            return [_queue_position(obj) if name == "queue_position" else _progress(obj)]
+        if not line.startswith("data:"):
+            raise UnknownEventError(f"unexpected stream line {line[:60]!r}")
+        data = line[5:].strip()
+        if data == "[DONE]":
+            if self._done is None:
+                return self._end(Error("the stream ended without a result", "protocol_error"))
+            return self._end(self._done)
+        try:
+            obj = json.loads(data)
+        except ValueError as e:
+            raise UnknownEventError(f"malformed stream data: {e}") from None
+        if not isinstance(obj, dict):
+            raise UnknownEventError("stream data must be an object")
+        if "error" in obj:
+            return self._end(error_event(obj["error"]))
+        kind = obj.get("type")
+        if kind == "transcript.text.delta":
+            (delta,) = _need(obj, "delta")
+            self.text.append(str(delta))
+            return [TextDelta(str(delta))]
+        if kind == "transcript.text.done":
+            self._done = Done(text=str(obj.get("text", "")), finish_reason="stop",
+                              stats=stats_from_wire(obj.get("usage"), obj.get("metrics")),
+                              result={"language": obj.get("language"), "text": obj.get("text", "")})
+            return []
+        if kind is not None or obj.get("object") != "chat.completion.chunk":
+            raise UnknownEventError(f"unknown stream event {str(kind or obj.get('object'))[:60]!r}")
+        return self._chunk(obj)
+
+    def _chunk(self, obj: dict) -> list[Event]:
+        choices = obj.get("choices") or []
+        if not choices:
+            if self._done is not None and isinstance(obj.get("usage"), dict):
+                self._done.stats = stats_from_wire(obj["usage"], self._metrics)
+            return []
+        choice = choices[0]
+        delta = choice.get("delta") or {}
+        unknown = [k for k, v in delta.items() if k not in _DELTA_KEYS and v is not None]
+        if unknown:
+            raise UnknownEventError(f"unknown delta field(s) {unknown}")
+        out: list[Event] = []
+        if delta.get("content"):
+            self.text.append(delta["content"])
+            out.append(TextDelta(delta["content"]))
+        if delta.get("audio") is not None:
+            audio = delta["audio"]
+            data, rate = _need(audio, "data", "sample_rate")
+            out.append(AudioChunk(_unb64(data, "audio.data"), int(rate), str(audio.get("transcript") or ""),
+                                  float(audio.get("start_s", 0.0))))
+        if delta.get("image_preview") is not None:
+            out.append(_image_preview(delta["image_preview"]))
+        if delta.get("image") is not None:
+            out.append(_image_done(delta["image"]))
+        reason = choice.get("finish_reason")
+        if reason:
+            if reason not in ("stop", "length"):
+                raise UnknownEventError(f"unknown finish_reason {reason!r}")
+            self._metrics = obj.get("metrics")
+            self._done = Done(text="".join(self.text), finish_reason=reason,
+                              stats=stats_from_wire(obj.get("usage"), self._metrics))
+        return out

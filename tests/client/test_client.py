@@ -1,0 +1,302 @@
+"""engine.client against a real server on loopback: chat and transcription as engine events (sync and
+async, realtime and HTTP), server errors as Error events with the server's code, cancel reaching a
+request whether queued or running, a dead or unreachable server as an error (never a hang), the
+realtime session client with reconnect, and the same methods on both sides, without torch."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engine.client import (AsyncEngineClient, AsyncRealtimeClient, ConnectionLost, Endpoints, EngineClient,
+                           RealtimeClient, ServerError)
+from engine.client.core import env_settings
+from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
+from tests.paths import REPO
+from tests.server import (SYSTEM, FakeEngine, every_kind_script, fake_server, image_array, long_prompt, png_bytes,
+                          reference_chat, running_server, tone_pcm16, wait_for, wav_bytes)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    with running_server(tiny_engine, max_sessions=4) as srv:
+        yield srv
+
+
+def text_of(events) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+def one_final(events):
+    finals = [e for e in events if isinstance(e, (Done, Error))]
+    assert len(finals) == 1 and events[-1] is finals[0], events
+    return finals[0]
+
+
+def public_methods(cls) -> dict[str, inspect.Signature]:
+    return {name: inspect.signature(fn) for name, fn in inspect.getmembers(cls, callable)
+            if not name.startswith("_")}
+
+
+@pytest.mark.parametrize("sync_cls, async_cls", [(EngineClient, AsyncEngineClient),
+                                                 (RealtimeClient, AsyncRealtimeClient)])
+def test_sync_and_async_clients_offer_the_same_methods(sync_cls, async_cls):
+    sync_m, async_m = public_methods(sync_cls), public_methods(async_cls)
+    assert sorted(sync_m) == sorted(async_m)
+    for name, sig in sync_m.items():
+        assert list(sig.parameters.values()) == list(async_m[name].parameters.values()), name
+
+
+def test_the_client_imports_without_torch_or_the_server():
+    code = ("import sys, engine.client, engine.events; "
+            "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn', 'starlette') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_one_url_gives_both_transports():
+    for url in ("http://h:1", "ws://h:1", "ws://h:1/v1/realtime", "http://h:1/v1/"):
+        assert Endpoints.parse(url) == Endpoints("http://h:1", "ws://h:1/v1/realtime")
+    assert Endpoints.parse("wss://x.hf.space", "t").http == "https://x.hf.space"
+    assert Endpoints.parse("https://x.hf.space", "t").headers == {"Authorization": "Bearer t"}
+    with pytest.raises(ValueError):
+        Endpoints.parse("localhost:8000")
+    assert env_settings({"ENGINE_URL": "ws://h:1", "ENGINE_TOKEN": "t"}) == ("ws://h:1", "t")
+    with pytest.raises(ValueError, match="ENGINE_URL"):
+        env_settings({})
+
+
+def test_chat_with_media_equals_the_in_process_engine(server, tiny_engine):
+    img, pcm = image_array(30, 44, seed=3), tone_pcm16(0.5)
+    messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": [{"type": "text", "text": "What do you see and hear?"},
+                                             {"type": "image", "image": img},
+                                             {"type": "audio", "audio": pcm.astype(np.float32) / 32768,
+                                              "sample_rate": 16000}]}]
+    expected = reference_chat(tiny_engine, messages, 6, system_prompt=SYSTEM)
+    with EngineClient(server.url) as client:
+        info = client.info()
+        assert info.name == tiny_engine.info().name and {"text", "image_in", "audio_in"} <= info.capabilities
+        assert client.health()["status"] == "ok"
+        events = list(client.chat(messages, max_tokens=6, system=SYSTEM))
+        http_events = list(client.chat(messages, max_tokens=6, system=SYSTEM, transport="http"))
+    for evs in (events, http_events):
+        assert evs[0] == QueuePosition(0, 0)
+        done = one_final(evs)
+        assert isinstance(done, Done) and text_of(evs) == done.text == expected.text
+        assert done.finish_reason == expected.finish_reason
+        assert done.stats.prompt_tokens == expected.stats.prompt_tokens > 60  # the media reached the model
+        assert done.stats.media_encode_s > 0 and done.stats.time_to_first_token_s > 0
+
+
+def test_async_chat_and_transcription(server, tiny_engine):
+    messages = [{"role": "user", "content": "Async hello"}]
+    expected = reference_chat(tiny_engine, messages, 4, system_prompt=SYSTEM)
+
+    async def main():
+        async with AsyncEngineClient(server.url) as client:
+            chat = [ev async for ev in client.chat(messages, max_tokens=4, system=SYSTEM)]
+            heard = [ev async for ev in client.transcribe(wav_bytes(tone_pcm16(0.5)), dialect="上海", max_tokens=4)]
+            return chat, heard, (await client.info()).name
+
+    chat, heard, name = asyncio.run(main())
+    assert text_of(chat) == one_final(chat).text == expected.text and name == tiny_engine.info().name
+    done = one_final(heard)
+    assert isinstance(done, Done) and done.result["language"] == "上海" and done.result["text"] == done.text
+
+
+def test_every_event_kind_reaches_the_client_over_both_transports():
+    script = every_kind_script()
+    with fake_server() as srv, EngineClient(srv.url) as client:
+        for transport in ("realtime", "http"):
+            events = list(client.chat([{"role": "user", "content": "draw and speak"}], transport=transport))
+            assert events[:-1] == [QueuePosition(0, 0)] + script[:-1], transport
+            assert one_final(events).stats.audio_seconds == pytest.approx(0.04)
+    assert any(isinstance(e, AudioChunk) for e in events)
+
+
+def test_server_errors_become_error_events_with_the_servers_code(server):
+    with EngineClient(server.url) as client:
+        cases = [(dict(max_tokens=10 ** 6), "max_tokens_exceeded"),
+                 (dict(modalities=("text", "audio")), "modality_not_supported"),
+                 (dict(transport="http", max_tokens=10 ** 6), "max_tokens_exceeded")]
+        for kwargs, code in cases:
+            events = list(client.chat([{"role": "user", "content": "hi"}], **kwargs))
+            assert len(events) == 1 and isinstance(events[0], Error) and events[0].code == code, (kwargs, events)
+        for bad in ([], [{"role": "tool", "content": "x"}],
+                    [{"role": "user", "content": [{"type": "video", "video": [image_array()]}]}]):
+            (err,) = list(client.chat(bad))
+            assert err.code == "invalid_request"
+
+
+def _collect(events, out: list, first_event: threading.Event | None = None, kind=TextDelta):
+    for ev in events:
+        out.append(ev)
+        if first_event is not None and isinstance(ev, kind):
+            first_event.set()
+
+
+def test_cancel_reaches_a_running_and_a_queued_request(server, tiny_engine):
+    prompt = long_prompt(tiny_engine)
+    msgs = [{"role": "user", "content": prompt}]
+    before = len(server.ctx.scheduler.history)
+    with EngineClient(server.url) as client:
+        stop_a, stop_b, a_running, b_queued = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+        got_a, got_b = [], []
+        ta = threading.Thread(target=_collect, args=(client.chat(msgs, max_tokens=400, system=SYSTEM, cancel=stop_a),
+                                                     got_a, a_running))
+        ta.start()
+        assert a_running.wait(30)
+        tb = threading.Thread(target=_collect, args=(client.chat(msgs, max_tokens=400, system=SYSTEM, cancel=stop_b),
+                                                     got_b, b_queued, QueuePosition))
+        tb.start()
+        assert b_queued.wait(30)
+        stop_b.set()  # B is waiting in line behind A
+        tb.join(10)
+        stop_a.set()  # A is generating
+        ta.join(10)
+    assert not ta.is_alive() and not tb.is_alive()
+    assert got_b[0] == QueuePosition(1, 1) and not any(isinstance(e, TextDelta) for e in got_b)
+    assert one_final(got_b).finish_reason == "cancelled"
+    done_a = one_final(got_a)
+    assert done_a.finish_reason == "cancelled" and done_a.stats.new_tokens < 400
+    history = server.ctx.scheduler.history
+    records = wait_for(lambda: list(history)[before:] if len(history) >= before + 2 else None)
+    assert sorted(r.finish_reason for r in records) == ["cancelled", "cancelled"]
+    ran = [r for r in records if r.new_tokens]
+    assert len(ran) == 1 and ran[0].steps_after_cancel is not None and ran[0].steps_after_cancel <= 1
+
+
+def test_closing_the_stream_stops_the_request(server, tiny_engine):
+    prompt = long_prompt(tiny_engine)
+    with EngineClient(server.url) as client:
+        for transport in ("realtime", "http"):
+            before = len(server.ctx.scheduler.history)
+            stream = client.chat([{"role": "user", "content": prompt}], max_tokens=400, system=SYSTEM,
+                                 transport=transport)
+            for ev in stream:
+                if isinstance(ev, TextDelta):
+                    break
+            stream.close()
+            rec = wait_for(lambda start=before: next(iter(list(server.ctx.scheduler.history)[start:]), None), 20)
+            assert rec.finish_reason == "cancelled" and rec.new_tokens < 400, transport
+
+
+@pytest.mark.parametrize("transport", ["realtime", "http"])
+def test_a_server_that_dies_mid_stream_ends_it_with_an_error(transport):
+    slow = FakeEngine(script=[TextDelta(f"{i} ") for i in range(200)] + [Done("", "stop")], step_s=0.05)
+    events = []
+    with fake_server(slow) as srv:
+        client = EngineClient(srv.url, timeout=10)
+        stream = client.chat([{"role": "user", "content": "count"}], transport=transport)
+        for ev in stream:
+            events.append(ev)
+            if isinstance(ev, TextDelta):
+                break
+        srv.server.force_exit = True  # no graceful shutdown: the server just goes away
+        srv.stop()
+        t0 = time.monotonic()
+        events += list(stream)
+        client.close()
+    assert time.monotonic() - t0 < 10
+    err = one_final(events)
+    assert isinstance(err, Error) and err.code == "connection_lost", err
+
+
+def test_an_unreachable_server_or_a_wrong_token_is_a_clear_error(tiny_engine):
+    with EngineClient("ws://127.0.0.1:9", timeout=5) as client:  # nothing listens on port 9
+        with pytest.raises(ServerError) as info:
+            client.health()
+        assert info.value.code == "connect_failed"
+        (err,) = list(client.chat([{"role": "user", "content": "hi"}]))
+        assert err.code == "connect_failed"
+    with running_server(tiny_engine, token="right") as srv:
+        with EngineClient(srv.url, token="wrong") as client:
+            assert client.health()["status"] == "ok"  # liveness is open
+            with pytest.raises(ServerError) as info:
+                client.info()
+            assert (info.value.code, info.value.status) == ("unauthorized", 401)
+            for transport in ("realtime", "http"):
+                (err,) = list(client.chat([{"role": "user", "content": "hi"}], transport=transport))
+                assert err.code == "unauthorized"
+        with EngineClient(srv.url, token="right") as client:
+            assert isinstance(one_final(list(client.chat([{"role": "user", "content": "hi"}], max_tokens=2))), Done)
+
+
+def test_realtime_client_session_errors_and_reconnect(server, tiny_engine):
+    pcm = tone_pcm16(0.4)
+    with RealtimeClient(server.ws_url) as rt:
+        first_id = rt.session["id"]
+        (err,) = list(rt.respond())  # nothing in the conversation yet
+        assert err.code == "conversation_empty"
+        with pytest.raises(ServerError) as info:
+            rt.update_session(output_modalities=["audio"])
+        assert info.value.code == "modality_not_supported"
+        rt.update_session(instructions=SYSTEM, max_output_tokens=3)
+        rt.add_message("user", "Remember this.")
+        rt.append_audio(pcm, 16000)
+        rt.commit_audio()
+        rt.append_frame(png_bytes(image_array(seed=1)), 1.0)
+        rt.clear_video()
+        reply = text_of(list(rt.respond()))
+        rt.ws.close()  # the connection drops
+        with pytest.raises(ConnectionLost):
+            rt.recv(timeout=5)
+        session = rt.reconnect()
+        assert session["id"] != first_id and rt.session["instructions"] == SYSTEM
+        rt.add_message("user", "And now?")
+        events = list(rt.respond())
+    messages = [{"role": "user", "content": "Remember this."},
+                {"role": "user", "content": [{"type": "audio", "audio": pcm, "sample_rate": 16000}]},
+                {"role": "assistant", "content": reply}, {"role": "user", "content": "And now?"}]
+    expected = reference_chat(tiny_engine, messages, 3, system_prompt=SYSTEM)
+    assert one_final(events).stats.prompt_tokens == expected.stats.prompt_tokens
+    assert text_of(events) == expected.text
+
+
+def test_async_realtime_client_and_the_session_limit(server, tiny_engine):
+    async def main():
+        async with AsyncRealtimeClient(server.ws_url) as rt:
+            await rt.update_session(instructions=SYSTEM)
+            await rt.add_message("user", "Async hello")
+            return [ev async for ev in rt.respond(max_output_tokens=3)]
+
+    events = asyncio.run(main())
+    expected = reference_chat(tiny_engine, [{"role": "user", "content": "Async hello"}], 3, system_prompt=SYSTEM)
+    assert text_of(events) == expected.text
+    with RealtimeClient(server.ws_url), RealtimeClient(server.ws_url), RealtimeClient(server.ws_url), \
+            RealtimeClient(server.ws_url):
+        with pytest.raises(ServerError) as info:
+            RealtimeClient(server.ws_url).connect()
+        assert info.value.code == "session_limit_reached"
+
+
+def test_a_request_waiting_longer_than_the_read_timeout_is_kept_alive():
+    """The HTTP stream's keepalive comments keep a slow (or queued) request from timing out, while a
+    read timeout still guards against a server that sends nothing at all."""
+    slow = FakeEngine(script=[TextDelta("late"), Done("late", "stop")], step_s=0.6)
+    with fake_server(slow, keepalive_s=0.15) as srv, EngineClient(srv.url, timeout=0.4) as client:
+        events = list(client.chat([{"role": "user", "content": "take your time"}], transport="http"))
+    assert text_of(events) == "late" and isinstance(one_final(events), Done)
+
+
+def test_chats_reuse_an_emptied_session_and_replace_a_dead_one(server, tiny_engine):
+    first, second = [{"role": "user", "content": "First question."}], [{"role": "user", "content": "Second one."}]
+    expected = reference_chat(tiny_engine, second, 3, system_prompt=SYSTEM)
+    with EngineClient(server.url) as client:
+        list(client.chat(first, max_tokens=3, system=SYSTEM))
+        events = list(client.chat(second, max_tokens=3, system=SYSTEM))  # the pooled session, emptied
+        wait_for(lambda: len(server.ctx.sessions) == 1)  # one session served both chats
+        assert text_of(events) == expected.text
+        assert one_final(events).stats.prompt_tokens == expected.stats.prompt_tokens  # the first chat is gone
+        (pooled,) = client._sessions._idle
+        pooled.ws.close()  # the idle connection dies (say, the server restarted)
+        events = list(client.chat(second, max_tokens=3, system=SYSTEM))
+        assert text_of(events) == expected.text and isinstance(one_final(events), Done)
