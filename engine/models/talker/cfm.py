@@ -54,6 +54,10 @@ class SamplingParams:
     sigma: float = 0.25
     temperature: float = 0.0
 
+    @property
+    def noise_scale(self) -> float:
+        return self.sigma * math.sqrt(self.temperature)
+
     def __post_init__(self):
         for name in ("cfg", "sigma", "temperature"):
             v = getattr(self, name)
@@ -69,14 +73,7 @@ class CFM(nn.Module):
         self.model = dit
         self.steps = steps
 
-    def draw_noise(self, patch: int, generator: torch.Generator | None, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y0 [1, patch, 64], sde noise [steps, 1, patch, 64]), drawn in that order like the reference."""
-        c = self.model.config.in_channels
-        y0 = torch.randn(1, patch, c, generator=generator, device=generator.device if generator else "cpu")
-        sde = torch.randn(self.steps, 1, patch, c, generator=generator, device=generator.device if generator else "cpu")
-        return y0.to(device, dtype), sde.to(device, dtype)
-
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, his: torch.Tensor, cfg: float,
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, his: torch.Tensor, cfg,
                  trace: dict | None = None) -> torch.Tensor:
         """Guided velocity: the conditional and the zero-condition branch as one batch of 2B."""
         b = x.shape[0]
@@ -89,17 +86,18 @@ class CFM(nn.Module):
         return v_c + (v_c - v_u) * cfg
 
     def sample(self, cond: torch.Tensor, his: torch.Tensor, y0: torch.Tensor, sde_noise: torch.Tensor,
-               params: SamplingParams, times: torch.Tensor | None = None, trace: dict | None = None) -> torch.Tensor:
-        """cond [B, 1, llm_cond_dim], his [B, H, 64], y0 [B, patch, 64], sde_noise [steps, B, patch, 64]."""
+               cfg: float | torch.Tensor, noise_scale: float | torch.Tensor, times: torch.Tensor | None = None,
+               trace: dict | None = None) -> torch.Tensor:
+        """cond [B, 1, llm_cond_dim], his [B, H, 64], y0 [B, patch, 64], sde_noise [steps, B, patch, 64];
+        `cfg` and `noise_scale` (= sigma sqrt(temperature)) may be 0-d tensors (CUDA-graph inputs)."""
         times = time_grid(self.steps, y0.dtype, y0.device) if times is None else times
         y = y0
-        noise_scale = params.sigma * math.sqrt(params.temperature)
         for k in range(self.steps):
             t, dt = times[k], times[k + 1] - times[k]
             if trace is not None:
                 trace.setdefault("x", []).append(y)
                 trace.setdefault("t", []).append(t)
-            v = self.velocity(y, t.reshape(1), cond, his, params.cfg, trace)
+            v = self.velocity(y, t.reshape(1), cond, his, cfg, trace)
             y = y + v * dt
             y = y + noise_scale * torch.sqrt(dt.abs()) * sde_noise[k]
         return y

@@ -79,7 +79,7 @@ class PatchStep:
 
     def __call__(self, h, his, y0, sde, params: SamplingParams, trace: dict | None = None):
         t = self.talker
-        gen = t.cfm.sample(h, his, y0, sde, params, self.times, trace)
+        gen = t.cfm.sample(h, his, y0, sde, params.cfg, params.noise_scale, self.times, trace)
         return gen, t.aggregator(gen), t.stop_probability(h)
 
 
