@@ -17,25 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models.talker.backbone import RMSNorm
 from engine.models.talker.config import DiTConfig
 
 NORM_EPS = 1e-6
 TIME_EMBED_DIM = 256   # sinusoidal width of the time embedding
 TIME_SCALE = 1000.0    # t in [0, 1] is scaled by 1000 before the sinusoids
 ROTARY_THETA = 10000.0
-
-
-class DiTRMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = NORM_EPS):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h.to(dtype) * self.weight).to(dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -106,9 +94,9 @@ class FeedForward(nn.Module):
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.norm1 = DiTRMSNorm(cfg.hidden_size)
+        self.norm1 = RMSNorm(cfg.hidden_size, NORM_EPS)
         self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.pe_attn_head)
-        self.norm2 = DiTRMSNorm(cfg.hidden_size)
+        self.norm2 = RMSNorm(cfg.hidden_size, NORM_EPS)
         self.mlp = FeedForward(cfg.hidden_size, cfg.mlp_hidden)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -119,7 +107,7 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, dim: int, out: int):
         super().__init__()
-        self.norm_final = DiTRMSNorm(dim)
+        self.norm_final = RMSNorm(dim, NORM_EPS)
         self.linear = nn.Linear(dim, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -325,7 +325,7 @@ def normalize_chinese_numbers(text: str) -> str:
 
 
 def normalize(fragment: str) -> str:
-    text = fragment.strip()
+    text = clean_text(fragment).strip()
     text = normalize_chinese_numbers(text) if has_cjk(text) else normalize_english_numbers(text)
     text = re.sub(r"[ \t]+", " ", text).strip()
     return text[1:].lstrip() if text.startswith("，") else text

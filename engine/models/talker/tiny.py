@@ -68,18 +68,9 @@ def tiny_vae_config() -> dict:
             "torch_dtype": "float32"}
 
 
-def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias":
-        return 0.05 * torch.randn(shape, generator=gen)
-    if len(shape) == 1:
-        return 1 + 0.1 * torch.randn(shape, generator=gen)
-    if "embed_tokens" in name or "word_embedder" in name:
-        return 0.5 * torch.randn(shape, generator=gen)
-    return torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
-
-
 def _random_state(module: torch.nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Parameters drawn like the thinker's tiny weights (engine.tiny); persistent buffers keep their values."""
+    from engine.tiny import _init_tensor as _init  # noqa: PLC0415  (engine.tiny imports this module)
     buffers = dict(module.named_buffers())
     return {name: (buffers[name].clone() if name in buffers else _init(name, shape, gen)).float().contiguous()
             for name, shape in checkpoint_entries(module)}

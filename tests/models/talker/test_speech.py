@@ -121,6 +121,16 @@ def test_bad_input_is_one_clear_error(tiny_engine, kwargs, code):
     assert isinstance(final, Error) and final.code == code and final.message
 
 
+def test_podcast_with_one_clip_per_speaker(tiny_engine):
+    text = " speaker_1:Could you say that again?\n speaker_2:Sure, it is a comedy."
+    ref_text = " speaker_1:We had exams.\n speaker_2:Exactly."
+    evs, done = run(tiny_engine.speak(text, task="podcast", ref_audio=[tone(1.0), tone(1.2)], ref_text=ref_text,
+                                      sample_rate=22050, seed=2))
+    assert isinstance(done, Done) and done.result["fragments"] == [text] and done.stats.audio_seconds > 0
+    _, err = run(tiny_engine.speak(text, task="podcast"))
+    assert isinstance(err, Error) and "one reference clip" in err.message
+
+
 def test_reference_clips_of_any_rate_and_channel_count(tiny_engine):
     for rate, channels in ((8000, 1), (48000, 2), (44100, 6)):
         clip = wav_file(tone(1.0, rate, channels), rate, channels)
