@@ -19,21 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.talker.config import Qwen2BackboneConfig
-
-
-class RMSNorm(nn.Module):
-    """Qwen2RMSNorm: normalise in fp32, cast back, then scale."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+from engine.models.thinker.layers import RMSNorm  # Qwen2RMSNorm semantics (engine.kernels.rms_norm)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
