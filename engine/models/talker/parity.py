@@ -67,12 +67,17 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             spk = inputs.get(f"{name}.spk_emb_192")
             lat = inputs.get(f"{name}.prompt_wav_lat")
             n_patches = 0 if lat is None else lat.shape[1] // cfg.patch_size
-            prompt = build_prompt(tok, case["prompt"], case["text"], n_speakers=0 if spk is None else spk.shape[0],
-                                  prompt_text=case.get("prompt_text"), n_prompt_patches=n_patches)
+            zero_spk = bool(case.get("use_zero_spk_emb")) and spk is None
+            n_spk = 1 if zero_spk else (0 if spk is None else spk.shape[0])
+            prompt = build_prompt(tok, case["prompt"], case["text"], n_speakers=n_spk, prompt_text=case.get("prompt_text"),
+                                  n_prompt_patches=n_patches, instruction=case.get("instruction"))
+            # sampler settings of the case (the upstream call defaults otherwise)
+            params = SamplingParams(float(case.get("cfg", 2.0)), float(case.get("sigma", 0.25)),
+                                    float(case.get("temperature", 0.0)))
             if f"inputs.{name}.input_ids" in cmp.outputs:
                 cmp.exact(f"inputs.{name}.input_ids", torch.tensor([prompt.ids]))
-            spk_embeds = talker.speaker_embedding(spk) if spk is not None else None
-            if spk_embeds is not None and f"{name}.spk_emb_proj" in outputs:
+            spk_embeds = talker.speaker_embedding(spk) if (spk is not None or zero_spk) else None
+            if spk is not None and f"{name}.spk_emb_proj" in outputs:
                 cmp.close(f"{name}.spk_emb_proj", spk_embeds, emb_tol)
             lat_embeds = talker.prompt_latent_embeddings(lat) if lat is not None else None
             if lat_embeds is not None and f"{name}.prompt_wav_emb" in outputs:
@@ -84,7 +89,7 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             cmp.close(f"{name}.prefill_last_hidden_state", talker.model(embeds), hidden_tol)
             noise = StoredNoise(outputs[f"{name}.noise_y0"], outputs[f"{name}.noise_sde"])
             trace: dict = {}
-            patches = list(generate_patches(talker, embeds, lat, SamplingParams(), noise, trace=trace))
+            patches = list(generate_patches(talker, embeds, lat, params, noise, trace=trace))
             n = len(patches)
             cmp.exact(f"{name}.n_steps", torch.tensor(n))
             stopped = patches[-1].stop_prob > 0.5 and patches[-1].step > 10

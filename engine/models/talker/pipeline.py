@@ -18,6 +18,7 @@ its audio reaches the characters-per-second bound of spec §7.5.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -162,6 +163,10 @@ class TalkerPipeline:
         if not clips:
             raise MediaError("no reference clip given")
         rates = rates or [None] * len(clips)
+        with self.lock:  # the speaker cache and the models are shared between requests
+            return self._clone(clips, rates, ref_text, seed)
+
+    def _clone(self, clips: list, rates: list, ref_text: str | None, seed: int | None) -> Conditioning:
         spks, waves = [], []
         for i, (clip, rate) in enumerate(zip(clips, rates)):
             what = "reference clip" if len(clips) == 1 else f"reference clip {i + 1}"
@@ -215,6 +220,12 @@ class TalkerPipeline:
         """(task prompt, fragments, segmented?) for a request; raises clear errors for bad input."""
         if req.task not in TASKS:
             raise InstructionError(f"unknown task {req.task!r}; valid tasks: {', '.join(TASKS)}")
+        if req.max_seconds is not None and not (isinstance(req.max_seconds, (int, float)) and
+                                                 math.isfinite(req.max_seconds) and req.max_seconds > 0):
+            raise InstructionError(f"max_seconds must be a positive number, got {req.max_seconds!r}")
+        if req.task in ("sound", "music") and (req.instruct is not None or req.conditioning.n_speakers
+                                                or req.conditioning.latents is not None):
+            raise InstructionError(f"{req.task} takes a description only: no voice, reference clip or instruction")
         inst = req.instruct
         if req.task == "music":
             if req.music is not None:

@@ -114,6 +114,8 @@ def test_cloning_and_voice_library(tiny_engine):
     (dict(text="hi", ref_audio=b"RIFF\x00\x00\x00\x00WAVEjunk"), "invalid_media"),
     (dict(text="hi", ref_audio=b"not audio at all"), "invalid_media"),
     (dict(text="hi", voice="../etc"), "invalid_request"),
+    (dict(text="rain", task="sound", instruct="emotion=happy"), "invalid_request"),
+    (dict(text="hi", max_seconds=-1), "invalid_request"), (dict(text="hi", cfg=-2), "invalid_request"),
     (dict(text="hi", ref_audio=tone(), sample_rate=22050, voice="x"), "invalid_media"),
 ])
 def test_bad_input_is_one_clear_error(tiny_engine, kwargs, code):
