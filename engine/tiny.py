@@ -31,7 +31,7 @@ from engine.models.thinker.tokenizer import byte_level_alphabet
 from engine.models.talker.tiny import write_tiny_talker
 
 # Bump when the generated files change, so cached copies are rebuilt.
-TINY_VERSION = 3
+TINY_VERSION = 4  # 3 on main (word tokens); 4 adds the tiny talker
 TINY_SEED = 20261122
 TINY_NAME = f"ming-tiny-random-v{TINY_VERSION}"
 SHARD_COUNT = 2
