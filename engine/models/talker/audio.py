@@ -3,7 +3,6 @@ post-processing), reference-clip checks, and a WAV writer/reader whose header st
 
 from __future__ import annotations
 
-import io
 import struct
 
 import numpy as np
@@ -117,6 +116,3 @@ class WavWriter:
     def __exit__(self, *exc):
         self.close()
 
-
-def to_buffer(samples: np.ndarray, sample_rate: int) -> io.BytesIO:
-    return io.BytesIO(wav_bytes(samples, sample_rate))
