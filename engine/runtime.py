@@ -111,9 +111,9 @@ class Engine:
             torch.set_num_threads(1)
         engine = cls(model, tokenizer, is_demo=is_demo_checkpoint(model.path))
         engine.placement = placement_summary(plan, str(dev))
-        engine._load_talker(model.path, dtype, dev, log)  # speech out (see the talker block below)
         if log is not None:
             log(f"placement: {engine.placement}")
+        engine._load_talker(model.path, dtype, dev, log)  # speech out (see the talker block below)
         return engine
 
     def info(self) -> EngineInfo:
@@ -248,8 +248,6 @@ class Engine:
                 log(self.talker_error)
             return
         self.voices = VoiceLibrary(model=self.talker.fingerprint())
-        if log is not None:
-            log(f"talker: {folder} ({self.talker.sample_rate} Hz)")
 
     def _talker_unavailable(self) -> Error:
         return Error(self.talker_error or "no talker is loaded", code="talker_unavailable")

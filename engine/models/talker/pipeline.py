@@ -41,7 +41,7 @@ from engine.models.talker.generate import NoiseSource, generate_patches
 from engine.models.talker.model import BailingTalker2, load_talker
 from engine.models.talker.prompt import (TASK_PROMPTS, Instruction, InstructionError, build_prompt, is_music_text,
                                          music_text)
-from engine.models.talker.text import Fragment, TextError, check_text, clean_text, fragments_of, segment_text
+from engine.models.talker.text import Fragment, TextError, check_text, clean_text, segment_text
 from engine.models.talker.tokenizer import TalkerTokenizer
 from engine.models.talker.vae import AudioVAE, load_audio_vae
 
@@ -331,9 +331,4 @@ class TalkerPipeline:
 def _duration_of(text: str) -> float | None:
     m = re.search(r"Duration:\s*(\d+(?:\.\d+)?)", text)
     return float(m.group(1)) if m else None
-
-
-def fragments_for(segments: list[str]) -> list[Fragment]:
-    """Closed text segments (speak-while-thinking) -> fragments to synthesise."""
-    return fragments_of(segments)
 
