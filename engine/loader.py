@@ -22,7 +22,7 @@ from engine.errors import MingError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Files a snapshot of the thinker needs (sub-folders for speech/image generation come later).
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "am.mvn"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "am.mvn", "*.onnx"]  # *.onnx: talker/campplus.onnx
 _STACKED_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 
 

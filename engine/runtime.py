@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from engine.models.thinker.asr import TranscriptStream, asr_messages, dialect_prefix, parse_transcript
+from engine.errors import MingError
 from engine.events import Done, Error, Event, TextDelta
 from engine.generate import generate
 from engine.models.thinker.llm import MultimodalInputError, MultimodalInputs
@@ -112,6 +113,7 @@ class Engine:
         engine.placement = placement_summary(plan, str(dev))
         if log is not None:
             log(f"placement: {engine.placement}")
+        engine._load_talker(model.path, dtype, dev, log)  # speech out (see the talker block below)
         return engine
 
     def info(self) -> EngineInfo:
@@ -214,3 +216,145 @@ class Engine:
                 yield ev
             else:
                 yield ev
+
+    # ================================================================== speech, sound and music out
+    # The talker block (engine.models.talker): loaded from <ckpt>/talker when present. Additive: the
+    # thinker API above does not depend on it. The talker has its own lock, so the thinker can keep
+    # generating while the talker speaks (speak-while-thinking).
+    talker = None
+    talker_error: str | None = None
+
+    @property
+    def has_talker(self) -> bool:
+        return self.talker is not None
+
+    def _load_talker(self, root: Path, dtype: str, device: torch.device, log=None) -> None:
+        from engine.models.talker.pipeline import TalkerPipeline  # noqa: PLC0415
+        from engine.models.talker.voices import VoiceLibrary  # noqa: PLC0415
+        folder = Path(root) / "talker"
+        self.talker, self.talker_error = None, None
+        if not folder.is_dir():
+            self.talker_error = f"this checkpoint has no talker/ folder ({folder}), so it cannot speak"
+            return
+        if self.model.config.release == "preview":
+            self.talker_error = ("the Preview talker (spec §7.11: no chat template, 16 kHz VAE) is not implemented; "
+                                 "speech output needs Ming-flash-omni 2.0")
+            return
+        try:
+            self.talker = TalkerPipeline.load(folder, dtype=parse_dtype(dtype), device=device)
+        except MingError as e:
+            self.talker_error = f"the talker could not be loaded: {e}"
+            if log is not None:
+                log(self.talker_error)
+            return
+        self.voices = VoiceLibrary(model=self.talker.fingerprint())
+
+    def _talker_unavailable(self) -> Error:
+        return Error(self.talker_error or "no talker is loaded", code="talker_unavailable")
+
+    def _asr_text(self, clip, sample_rate: int | None) -> str:
+        """Transcribe a reference clip with the thinker's ASR (for cloning without a transcript)."""
+        text = ""
+        for ev in self.transcribe(clip, sample_rate=sample_rate):
+            if isinstance(ev, Error):
+                raise MediaError(f"could not transcribe the reference clip: {ev.message}")
+            if isinstance(ev, Done):
+                text = (ev.result or {}).get("text", "") or ""
+        return text.strip()
+
+    def _conditioning(self, voice, ref_audio, ref_text, sample_rate, seed, notes: dict):
+        from engine.models.talker.pipeline import Conditioning  # noqa: PLC0415
+        if voice is not None and ref_audio is not None:
+            raise MediaError("give either a saved voice or a reference clip, not both")
+        if voice is not None:
+            names = [voice] if isinstance(voice, str) else list(voice)
+            conds = [self.voices.load(n) for n in names]
+            if len(conds) == 1:
+                return conds[0]
+            return Conditioning(speaker=torch.cat([c.speaker for c in conds]),
+                                latents=torch.cat([c.latents for c in conds], dim=1),
+                                ref_text="\n".join(f" speaker_{i + 1}:{c.ref_text or ''}" for i, c in enumerate(conds)))
+        if ref_audio is None:
+            return Conditioning()
+        clips = list(ref_audio) if isinstance(ref_audio, list) else [ref_audio]
+        cond = self.talker.clone_conditioning(clips, [sample_rate] * len(clips), ref_text, seed)  # checks the clips
+        if ref_text is None:
+            texts = [self._asr_text(c, sample_rate) for c in clips]
+            asr = texts[0] if len(texts) == 1 else "\n".join(f" speaker_{i + 1}:{t}" for i, t in enumerate(texts))
+            notes["ref_text_from_asr"] = asr
+            cond.ref_text = asr or None
+        return cond
+
+    def speak(self, text: str = "", voice: str | list[str] | None = None, ref_audio=None, ref_text: str | None = None,
+              instruct=None, task: str = "tts", cfg: float | None = None, sigma: float | None = None,
+              temperature: float | None = None, seed: int | None = None, max_seconds: float | None = None,
+              music: dict | None = None, sample_rate: int | None = None,
+              cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Speech, sound effects or music: AudioChunk events (PCM16 mono at the talker's true rate, each
+        with the text span it starts speaking), then one Done (time to first audio, audio seconds, real-time
+        factor; `result` says the rate, the fragments spoken and `ref_text_from_asr` when our ASR filled in
+        the transcript of a reference clip), or one Error.
+
+        task: "tts" (voice = a saved voice name, or ref_audio [+ ref_text] to clone, or neither; instruct =
+        dict or "key=value,..." of dialect, emotion, speed, pitch, volume, ip, style, bgm.*), "sound",
+        "music" (music={genre, mood, instrument, theme, duration} or a text with those keys), "podcast"
+        (text of " speaker_i:..." lines, one voice / clip per speaker). `sample_rate` goes with raw arrays."""
+        from engine.models.talker.pipeline import SpeechRequest  # noqa: PLC0415
+        from engine.models.talker.prompt import Instruction  # noqa: PLC0415
+        from engine.models.talker.speech import speak_events  # noqa: PLC0415
+        if self.talker is None:
+            yield self._talker_unavailable()
+            return
+        t_start = time.perf_counter()
+        notes: dict = {}
+        try:
+            inst = Instruction.parse(instruct)
+            cond = self._conditioning(voice, ref_audio, ref_text, sample_rate, seed, notes)
+        except MingError as e:
+            yield Error(str(e), code=e.code)
+            return
+        req = SpeechRequest(text=text, task=task, conditioning=cond, instruct=inst, cfg=cfg, sigma=sigma,
+                            temperature=temperature, seed=seed, max_seconds=max_seconds, music=music)
+        if voice is not None:
+            notes["voice"] = voice
+        yield from speak_events(self.talker, req, cancel, t_start, notes)
+
+    def speak_while_thinking(self, thinker_events, voice: str | None = None, instruct=None, seed: int | None = None,
+                             cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Interleave a thinker event stream (e.g. `chat(...)`, given the same `cancel`) with the speech of
+        its text, segment by segment; see engine.models.talker.speech.speak_while_thinking."""
+        from engine.models.talker.pipeline import SpeechRequest  # noqa: PLC0415
+        from engine.models.talker.prompt import Instruction  # noqa: PLC0415
+        from engine.models.talker.speech import speak_while_thinking  # noqa: PLC0415
+        if self.talker is None:
+            yield self._talker_unavailable()
+            return
+        try:
+            req = SpeechRequest(conditioning=self._conditioning(voice, None, None, None, seed, {}),
+                                instruct=Instruction.parse(instruct), seed=seed)
+        except MingError as e:
+            yield Error(str(e), code=e.code)
+            return
+        yield from speak_while_thinking(self.talker, thinker_events, req, cancel)
+
+    def save_voice(self, name: str, ref_audio, ref_text: str | None = None, sample_rate: int | None = None,
+                   seed: int | None = None):
+        """Clone a voice from a reference clip and keep it under `name` (VoiceInfo). A missing transcript
+        is filled in by our ASR (VoiceInfo.ref_text shows it). Raises MingError on bad input."""
+        from engine.models.talker.voices import check_name  # noqa: PLC0415
+        if self.talker is None:
+            raise MediaError(self.talker_error or "no talker is loaded")
+        check_name(name)
+        notes: dict = {}
+        cond = self._conditioning(None, ref_audio, ref_text, sample_rate, seed, notes)
+        seconds = cond.latents.shape[1] * self.talker.vae.config.samples_per_latent / self.talker.sample_rate
+        return self.voices.save(name, cond, seconds)
+
+    def list_voices(self) -> list:
+        return self.voices.list() if self.talker is not None else []
+
+    def delete_voice(self, name: str) -> None:
+        if self.talker is None:
+            raise MediaError(self.talker_error or "no talker is loaded")
+        self.voices.delete(name)
+

@@ -410,6 +410,9 @@ def run_case(case_dir: Path) -> list[ParityRow]:
         return run_mm_case(case_dir)
     if kind == "frontend" and name == "prompts":
         return run_prompts_case(case_dir)
+    if kind in ("talker", "audio_vae"):
+        from engine.models.talker.parity import run_audio_vae_case, run_talker_case
+        return (run_talker_case if kind == "talker" else run_audio_vae_case)(case_dir, Comparer, DEVICE)
     if kind == "frontend":
         runner = _frontend_runner()
         if runner is not None:

@@ -1,4 +1,4 @@
-"""Reference parity: every public llm and rope_index case through `engine.tools.parity`, plus its CLI."""
+"""Reference parity: every public case (llm, rope_index, mm, prompts, frontends, talker, audio_vae) through `engine.tools.parity`, plus its CLI."""
 
 import subprocess
 import sys
@@ -10,7 +10,8 @@ from tests.paths import REPO, fixture_case
 
 
 @pytest.mark.parametrize("case", ["llm_b1", "llm_b2", "rope_index", "mm", "prompts",
-                                  "frontend_image", "frontend_audio", "frontend_video"])
+                                  "frontend_image", "frontend_audio", "frontend_video",
+                                  "talker", "audio_vae"])
 def test_public_case_is_within_tolerance(case):
     rows = run_case(fixture_case(case))
     bad = [r for r in rows if not r.ok]
@@ -20,6 +21,10 @@ def test_public_case_is_within_tolerance(case):
         assert {"logits", "generated_ids", "decode_logits", "router.layer1.topk_ids"} <= compared
     if case == "mm":
         assert {"processor.input_ids", "processor.pixel_values", "vision_embeds", "audio_embeds"} <= compared
+    if case == "talker":
+        assert {"clone.step_gen_lat", "clone.prompt_wav_emb", "tts.n_steps", "tts_spk.spk_emb_proj"} <= compared
+    if case == "audio_vae":
+        assert {"oneshot.wav", "stream.wav_concat", "stream.chunk_decoder_calls", "encode.latent"} <= compared
 
 
 def test_cli_exit_status(tmp_path):

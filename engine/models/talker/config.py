@@ -1,0 +1,268 @@
+"""Typed configuration of the talker, parsed from the checkpoint's own files (spec §7.1, §7.8):
+
+  * `talker/config.json`      -> `TalkerConfig` (BailingTalkerConfig: `flowmodel`, `aggregator`, `steps`,
+                                 `patch_size`, `history_patch_size`, ...);
+  * `talker/llm/config.json`  -> `Qwen2BackboneConfig` (the talker LLM);
+  * `talker/vae/config.json`  -> `AudioVAEConfig` (its encoder / decoder `backbone` dicts are Qwen2 configs too).
+
+Keys the reference does not read are kept only where they inform (e.g. `cfg_strength`). Anything we do
+not implement (rope scaling, QK-norm in the DiT) is refused with a `TalkerConfigError`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import MingError
+
+# The reference hard-codes the latent width of the talker and its VAE (spec §7.1) [V].
+LATENT_DIM = 64
+# Width of a CAM++ speaker vector (the spk_head input).
+SPEAKER_DIM = 192
+# BailingTalker2's static KV cache length and AR step bound (spec §7.5).
+MAX_CACHE_LEN = 2048
+MAX_STEPS = 1000
+# Code defaults of the DiT / aggregator when the config omits a key (spec §7.1 table).
+DIT_DEFAULTS = {"in_channels": LATENT_DIM, "hidden_size": 1024, "depth": 28, "num_heads": 16, "mlp_ratio": 4.0,
+                "llm_cond_dim": 896}
+AGGREGATOR_DEFAULTS = {"in_channels": LATENT_DIM, "hidden_size": 1152, "depth": 28, "num_heads": 16, "mlp_ratio": 4.0}
+
+
+class TalkerConfigError(MingError, ValueError):
+    """A talker config that cannot describe a model we can run; the message names the file and key."""
+
+    code = "invalid_config"
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise TalkerConfigError(f"{path}: missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise TalkerConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise TalkerConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def _positive_int(d: dict, key: str, where: str, default: Any = None) -> int:
+    value = d.get(key, default)
+    if value is None:
+        raise TalkerConfigError(f"{where}: missing required key '{key}'")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value <= 0:
+        raise TalkerConfigError(f"{where}: '{key}' must be a positive integer, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Qwen2BackboneConfig:
+    """A Qwen2 decoder stack (talker LLM, VAE encoder / aggregator / decoder backbones).
+
+    `layer_types[i]` is "full_attention" or "sliding_attention" with transformers 4.57's rule: a layer
+    slides when `use_sliding_window` is on and i >= `max_window_layers` (or as `layer_types` lists)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    vocab_size: int
+    max_position_embeddings: int
+    layer_types: tuple[str, ...]
+    sliding_window: int | None
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "Qwen2BackboneConfig":
+        hidden = _positive_int(d, "hidden_size", where)
+        heads = _positive_int(d, "num_attention_heads", where)
+        kv = _positive_int(d, "num_key_value_heads", where, heads)
+        layers = _positive_int(d, "num_hidden_layers", where)
+        if heads % kv:
+            raise TalkerConfigError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+        head_dim = d.get("head_dim") or hidden // heads
+        if d.get("head_dim") is None and hidden % heads:
+            raise TalkerConfigError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+        scaling = d.get("rope_scaling")
+        if scaling not in (None, {}) and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+            raise TalkerConfigError(f"{where}: rope_scaling {scaling} is not supported (only plain RoPE is implemented)")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise TalkerConfigError(f"{where}: hidden_act '{act}' is not supported (Qwen2 uses 'silu')")
+        window = d.get("sliding_window") if d.get("use_sliding_window", False) else None
+        if window is not None:
+            window = _positive_int(d, "sliding_window", where)
+        types = d.get("layer_types")
+        if types is None:
+            mwl = int(d.get("max_window_layers", layers))
+            types = ["sliding_attention" if window is not None and i >= mwl else "full_attention" for i in range(layers)]
+        types = tuple(types)
+        if len(types) < layers or any(t not in ("full_attention", "sliding_attention") for t in types):
+            raise TalkerConfigError(f"{where}: layer_types {list(types)} does not describe {layers} layers")
+        if window is None and "sliding_attention" in types[:layers]:
+            raise TalkerConfigError(f"{where}: layer_types has sliding layers but no sliding_window is set")
+        return cls(hidden_size=hidden, intermediate_size=_positive_int(d, "intermediate_size", where),
+                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, head_dim=int(head_dim),
+                   rope_theta=float(d.get("rope_theta", 10000.0)), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                   vocab_size=_positive_int(d, "vocab_size", where), layer_types=types,
+                   max_position_embeddings=int(d.get("max_position_embeddings", 32768)), sliding_window=window,
+                   bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"))
+
+    def with_layers(self, n: int) -> "Qwen2BackboneConfig":
+        """The same stack with n layers; layer i keeps this config's `layer_types[i]` (the VAE
+        encoder's aggregator is built that way upstream, so it needs n <= num_hidden_layers)."""
+        if n > len(self.layer_types):
+            raise TalkerConfigError(f"a {n}-layer stack cannot take its layer types from a {len(self.layer_types)}-layer backbone")
+        return Qwen2BackboneConfig(**{**self.__dict__, "num_hidden_layers": n, "layer_types": self.layer_types[:n]})
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """The flow-matching DiT (`flowmodel`) or the aggregator (`aggregator`): both are stacks of
+    DiT blocks (spec §7.6, §7.7). `llm_cond_dim` (DiT only) is the width of the LLM condition."""
+
+    in_channels: int
+    hidden_size: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    llm_cond_dim: int = 0
+    pe_attn_head: int | None = None
+    spk_dim: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @classmethod
+    def from_dict(cls, d: dict, defaults: dict, where: str, condition: bool) -> "DiTConfig":
+        merged = {**defaults, **{k: v for k, v in d.items() if v is not None}}
+        hidden, heads = _positive_int(merged, "hidden_size", where), _positive_int(merged, "num_heads", where)
+        if hidden % heads:
+            raise TalkerConfigError(f"{where}: hidden_size {hidden} is not a multiple of num_heads {heads}")
+        if (hidden // heads) % 2:
+            raise TalkerConfigError(f"{where}: the head width {hidden // heads} must be even (rotary pairs)")
+        if d.get("qk_norm"):
+            raise TalkerConfigError(f"{where}: qk_norm={d['qk_norm']!r} is not implemented (the 2.0 talker has none)")
+        in_ch = _positive_int(merged, "in_channels", where)
+        if in_ch != LATENT_DIM:
+            raise TalkerConfigError(f"{where}: in_channels must be the latent width {LATENT_DIM}, got {in_ch}")
+        pe = d.get("pe_attn_head")
+        return cls(in_channels=in_ch, hidden_size=hidden, depth=_positive_int(merged, "depth", where), num_heads=heads,
+                   mlp_ratio=float(merged.get("mlp_ratio", 4.0)),
+                   llm_cond_dim=_positive_int(merged, "llm_cond_dim", where) if condition else 0,
+                   pe_attn_head=None if pe is None else _positive_int(d, "pe_attn_head", where),
+                   spk_dim=None if not d.get("spk_dim") else _positive_int(d, "spk_dim", where))
+
+
+@dataclass(frozen=True)
+class TalkerConfig:
+    """`talker/config.json` plus the talker LLM's `llm/config.json`."""
+
+    flow: DiTConfig
+    aggregator: DiTConfig
+    llm: Qwen2BackboneConfig
+    steps: int = 10
+    patch_size: int = 4
+    history_patch_size: int = 32
+    cfg_strength: float = 2.0  # carried by the released config; the reference takes cfg per call
+    latent_dim: int = LATENT_DIM
+    speaker_dim: int = SPEAKER_DIM
+
+    @classmethod
+    def from_dicts(cls, talker: dict, llm: dict, where: str = "talker/config.json") -> "TalkerConfig":
+        arch = talker.get("architectures") or ["BailingTalker2"]
+        if "BailingTalker2" not in arch:
+            raise TalkerConfigError(
+                f"{where}: architecture {arch} is not supported; only the Ming-flash-omni 2.0 talker "
+                "(BailingTalker2) is implemented (the Preview talker, spec §7.11, is not)")
+        for key in ("flowmodel", "aggregator"):
+            if not isinstance(talker.get(key, {}), dict):
+                raise TalkerConfigError(f"{where}: '{key}' must be an object")
+        llm_cfg = Qwen2BackboneConfig.from_dict(llm, where.replace("config.json", "llm/config.json"))
+        flow = DiTConfig.from_dict(talker.get("flowmodel", {}), DIT_DEFAULTS, f"{where} flowmodel", condition=True)
+        agg = DiTConfig.from_dict(talker.get("aggregator", {}), AGGREGATOR_DEFAULTS, f"{where} aggregator", condition=False)
+        cfg = cls(flow=flow, aggregator=agg, llm=llm_cfg, steps=_positive_int(talker, "steps", where, 10),
+                  patch_size=_positive_int(talker, "patch_size", where, 4),
+                  history_patch_size=_positive_int(talker, "history_patch_size", where, 32),
+                  cfg_strength=float(talker.get("cfg_strength", 2.0)))
+        return cfg
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "TalkerConfig":
+        folder = Path(folder)
+        return cls.from_dicts(read_json(folder / "config.json"), read_json(folder / "llm" / "config.json"),
+                              where=str(folder / "config.json"))
+
+
+@dataclass(frozen=True)
+class AudioVAEConfig:
+    """`talker/vae/config.json` (AudioVAEconfig). hop = encoder `hop_size` = decoder `output_dim`
+    samples per frame; `patch_size` frames per latent (-1: no latent patching); n_fft = 4 hop."""
+
+    sample_rate: int
+    patch_size: int
+    enc_input_dim: int
+    enc_hop: int
+    dec_hop: int
+    encoder: Qwen2BackboneConfig
+    decoder: Qwen2BackboneConfig
+    latent_dim: int = LATENT_DIM
+    encoder_aggregator_layers: int = 4  # fixed upstream [V]
+
+    @property
+    def hop(self) -> int:
+        return self.dec_hop
+
+    @property
+    def n_fft(self) -> int:
+        return 4 * self.dec_hop
+
+    @property
+    def frames_per_latent(self) -> int:
+        return max(1, self.patch_size)
+
+    @property
+    def samples_per_latent(self) -> int:
+        return self.dec_hop * self.frames_per_latent
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "talker/vae/config.json") -> "AudioVAEConfig":
+        enc, dec = d.get("enc_kwargs"), d.get("dec_kwargs")
+        if not isinstance(enc, dict) or not isinstance(dec, dict):
+            raise TalkerConfigError(f"{where}: 'enc_kwargs' and 'dec_kwargs' objects are required")
+        patch = d.get("patch_size", -1)
+        if not isinstance(patch, int) or (patch != -1 and patch <= 0):
+            raise TalkerConfigError(f"{where}: patch_size must be -1 or a positive integer, got {patch!r}")
+        for side, kw in (("enc_kwargs", enc), ("dec_kwargs", dec)):
+            lat = kw.get("latent_dim", LATENT_DIM)
+            if lat != LATENT_DIM:
+                raise TalkerConfigError(f"{where}: {side}.latent_dim must be {LATENT_DIM}, got {lat}")
+            if not isinstance(kw.get("backbone"), dict):
+                raise TalkerConfigError(f"{where}: {side}.backbone (a Qwen2 config) is required")
+        enc_hop = _positive_int(enc, "hop_size", f"{where} enc_kwargs")
+        dec_hop = _positive_int(dec, "output_dim", f"{where} dec_kwargs")
+        if enc_hop != dec_hop:
+            raise TalkerConfigError(f"{where}: encoder hop_size {enc_hop} differs from decoder output_dim {dec_hop}")
+        return cls(sample_rate=_positive_int(d, "sample_rate", where), patch_size=patch,
+                   enc_input_dim=_positive_int(enc, "input_dim", f"{where} enc_kwargs"), enc_hop=enc_hop, dec_hop=dec_hop,
+                   encoder=Qwen2BackboneConfig.from_dict(enc["backbone"], f"{where} enc_kwargs.backbone"),
+                   decoder=Qwen2BackboneConfig.from_dict(dec["backbone"], f"{where} dec_kwargs.backbone"))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "AudioVAEConfig":
+        folder = Path(folder)
+        return cls.from_dict(read_json(folder / "config.json"), where=str(folder / "config.json"))

@@ -1,0 +1,97 @@
+"""BailingTalker2, the 2.0 talker (spec §7.1): module tree named like the checkpoint
+
+  model.*        Qwen2 LLM (talker/llm/config.json), run on inputs_embeds
+  cfm.model.*    flow-matching DiT (talker/config.json "flowmodel")
+  aggregator.*   latent patch -> next LLM input (talker/config.json "aggregator")
+  stop_head.*    Linear(H -> 2)
+  spk_head.*     Linear(192 -> H), CAM++ vector -> the speaker slot
+
+and `load_talker(folder)`, which builds it on the meta device and reads `talker/*.safetensors` through
+engine.loader (missing, mis-shaped or unexpected tensors are CheckpointErrors naming the file).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.loader import CheckpointFiles, check_unexpected, load_module
+from engine.models.talker.backbone import Qwen2Backbone
+from engine.models.talker.cfm import CFM
+from engine.models.talker.config import TalkerConfig, TalkerConfigError
+from engine.models.talker.dit import DiT, Aggregator
+
+
+class BailingTalker2(nn.Module):
+    def __init__(self, cfg: TalkerConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen2Backbone(cfg.llm)
+        self.cfm = CFM(DiT(cfg.flow), cfg.steps)
+        self.aggregator = Aggregator(cfg.aggregator, cfg.llm.hidden_size)
+        self.stop_head = nn.Linear(cfg.llm.hidden_size, 2)
+        self.spk_head = nn.Linear(cfg.speaker_dim, cfg.llm.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.stop_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.stop_head.weight.device
+
+    def speaker_embedding(self, spk: torch.Tensor | None) -> torch.Tensor:
+        """CAM++ vectors [n, 192] -> speaker slot embeddings [n, H]; None -> one zero vector (the
+        voice-design slot, which the reference fills with zeros in the LLM space)."""
+        if spk is None:
+            return torch.zeros(1, self.config.llm.hidden_size, dtype=self.dtype, device=self.device)
+        return self.spk_head(spk.to(self.device, self.dtype))
+
+    def prompt_latent_embeddings(self, latents: torch.Tensor) -> torch.Tensor:
+        """Prompt latents [1, N_f, 64] (N_f a multiple of the patch) -> [N_f / patch, H] (spec §7.4)."""
+        p = self.config.patch_size
+        patches = latents.to(self.device, self.dtype).reshape(-1, p, latents.shape[-1])
+        return self.aggregator(patches)[:, 0]
+
+    def embed_prompt(self, ids: list[int], speaker_slots: list[int], speaker_embeds: torch.Tensor | None,
+                     latent_slots: list[int], latent_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings [1, L, H] with the speaker and prompt-latent slots substituted (spec §7.2)."""
+        x = self.model.embed_tokens(torch.tensor([ids], device=self.device))
+        if speaker_slots:
+            x[0, speaker_slots] = speaker_embeds[:len(speaker_slots)].to(x.dtype)
+        if latent_slots:
+            x[0, latent_slots] = latent_embeds[:len(latent_slots)].to(x.dtype)
+        return x
+
+    def stop_probability(self, h: torch.Tensor) -> torch.Tensor:
+        """softmax(stop_head(h))[..., 1] in fp32."""
+        return torch.softmax(self.stop_head(h).float(), dim=-1)[..., 1]
+
+
+def build_talker(cfg: TalkerConfig, device: torch.device | str = "meta") -> BailingTalker2:
+    with torch.device(device):
+        return BailingTalker2(cfg)
+
+
+def load_talker(folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                progress=None) -> BailingTalker2:
+    folder = Path(folder)
+    cfg = TalkerConfig.from_folder(folder)
+    if cfg.flow.llm_cond_dim != cfg.llm.hidden_size:
+        raise TalkerConfigError(
+            f"{folder / 'config.json'}: flowmodel.llm_cond_dim {cfg.flow.llm_cond_dim} differs from the talker LLM's "
+            f"hidden_size {cfg.llm.hidden_size}; the DiT condition is the LLM hidden state, so they must agree")
+    t0 = time.perf_counter()
+    module = build_talker(cfg, "meta")
+    files = CheckpointFiles.open(folder)
+    with files.reader() as reader:
+        consumed = load_module(module, reader, "", dtype, device, keep_fp32=(), progress=progress)
+    check_unexpected(files, consumed)
+    # non-persistent buffers (the LLM's RoPE inv_freq) are rebuilt on the device in fp32
+    module.model.rotary = type(module.model.rotary)(cfg.llm.head_dim, cfg.llm.rope_theta).to(device)
+    module.eval()
+    module.load_seconds = time.perf_counter() - t0
+    return module

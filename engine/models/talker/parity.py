@@ -1,0 +1,186 @@
+"""Parity of the talker and the AudioVAE against the upstream reference (ming_ref case kinds `talker`
+and `audio_vae`), run by `python -m engine.parity` (engine.tools.parity dispatches here).
+
+Everything comes from the case folder: configs, weights and tokenizer are loaded by our normal loaders,
+prompts are rebuilt by our prompt builder from meta.json's texts, and the reference's random draws
+(the CFM noise, the VAE posterior noise) are re-injected as the fixture stores them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from engine.models.talker.cfm import SamplingParams, epss_timesteps, time_grid
+from engine.models.talker.generate import StoredNoise, generate_patches, initial_history
+from engine.models.talker.model import load_talker
+from engine.models.talker.prompt import build_prompt
+from engine.models.talker.tokenizer import TalkerTokenizer
+from engine.models.talker.vae import load_audio_vae
+from engine.models.talker.audio import left_pad_to_multiple
+
+
+TALKER_PATCH_DEFAULT = 4  # the 2.0 talker's patch_size
+
+
+def _tol(meta: dict, key: str, default: float) -> float:
+    value = meta.get("suggested_tolerances", {}).get(key, default)
+    if isinstance(value, str):
+        try:
+            return float(value.split()[0])
+        except ValueError:
+            return default
+    return float(value)
+
+
+def _stack(items: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([x.reshape(x.shape[1:]) if x.shape[0] == 1 else x for x in items])
+
+
+def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
+    meta = json.loads((case_dir / "meta.json").read_text())
+    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    outputs = load_file(str(case_dir / "outputs.safetensors"))
+    cmp = comparer_cls(case_dir.name, {**{f"inputs.{k}": v for k, v in inputs.items() if k.endswith("input_ids")}, **outputs})
+    hidden_tol = _tol(meta, "prefill_last_hidden_state / step_llm_last_hidden", 1e-4)
+    lat_tol = _tol(meta, "cfm_pred_* / step_gen_lat / latents", 1e-4)
+    emb_tol = _tol(meta, "step_next_embeds / prompt_wav_emb / spk_emb_proj", 1e-5)
+    stop_tol = _tol(meta, "step_stop_prob", 1e-5)
+    talker = load_talker(case_dir, dtype=torch.float32, device=device)
+    tok = TalkerTokenizer(case_dir / "llm")
+    cfg = talker.config
+    steps = cfg.steps
+    with torch.inference_mode():
+        if "t_schedule_raw" in outputs:
+            cmp.close("t_schedule_raw", epss_timesteps(steps), 0.0)
+        if "t_schedule_sway" in outputs:
+            cmp.close("t_schedule_sway", time_grid(steps), 1e-7)
+        if "dit_rope_freqs" in outputs:
+            cmp.close("dit_rope_freqs", talker.cfm.model.rotary_embed(1 + cfg.history_patch_size + cfg.patch_size)[None], 1e-6)
+        if "agg_rope_freqs" in outputs:
+            cmp.close("agg_rope_freqs", talker.aggregator.rotary_embed(1 + cfg.patch_size)[None], 1e-6)
+        for name, case in meta["cases"].items():
+            spk = inputs.get(f"{name}.spk_emb_192")
+            lat = inputs.get(f"{name}.prompt_wav_lat")
+            n_patches = 0 if lat is None else lat.shape[1] // cfg.patch_size
+            zero_spk = bool(case.get("use_zero_spk_emb")) and spk is None
+            n_spk = 1 if zero_spk else (0 if spk is None else spk.shape[0])
+            prompt = build_prompt(tok, case["prompt"], case["text"], n_speakers=n_spk, prompt_text=case.get("prompt_text"),
+                                  n_prompt_patches=n_patches, instruction=case.get("instruction"))
+            # sampler settings of the case (the upstream call defaults otherwise)
+            params = SamplingParams(float(case.get("cfg", 2.0)), float(case.get("sigma", 0.25)),
+                                    float(case.get("temperature", 0.0)))
+            if f"inputs.{name}.input_ids" in cmp.outputs:
+                cmp.exact(f"inputs.{name}.input_ids", torch.tensor([prompt.ids]))
+            spk_embeds = talker.speaker_embedding(spk) if (spk is not None or zero_spk) else None
+            if spk is not None and f"{name}.spk_emb_proj" in outputs:
+                cmp.close(f"{name}.spk_emb_proj", spk_embeds, emb_tol)
+            lat_embeds = talker.prompt_latent_embeddings(lat) if lat is not None else None
+            if lat_embeds is not None and f"{name}.prompt_wav_emb" in outputs:
+                cmp.close(f"{name}.prompt_wav_emb", lat_embeds[None], emb_tol)
+            if f"{name}.prompt_his_lat_init" in outputs:
+                cmp.close(f"{name}.prompt_his_lat_init", initial_history(cfg, lat, torch.float32, device), 0.0)
+            embeds = talker.embed_prompt(prompt.ids, prompt.speaker_slots, spk_embeds, prompt.latent_slots, lat_embeds)
+            cmp.close(f"{name}.prefill_inputs_embeds", embeds, emb_tol)
+            cmp.close(f"{name}.prefill_last_hidden_state", talker.model(embeds), hidden_tol)
+            noise = StoredNoise(outputs[f"{name}.noise_y0"], outputs[f"{name}.noise_sde"])
+            trace: dict = {}
+            patches = list(generate_patches(talker, embeds, lat, params, noise, trace=trace))
+            n = len(patches)
+            cmp.exact(f"{name}.n_steps", torch.tensor(n))
+            stopped = patches[-1].stop_prob > 0.5 and patches[-1].step > 10
+            cmp.exact(f"{name}.stopped", torch.tensor(int(stopped), dtype=torch.uint8))
+            cmp.exact(f"{name}.yield_is_last", torch.tensor([int(p.is_last) for p in patches], dtype=torch.uint8))
+            gen = torch.cat([p.latents for p in patches])
+            cmp.close(f"{name}.step_gen_lat", gen, lat_tol)
+            cmp.close(f"{name}.latents", gen.reshape(1, -1, gen.shape[-1]), lat_tol)
+            cmp.close(f"{name}.step_his_lat", torch.cat(trace["his"]), lat_tol)
+            h = torch.cat(trace["h"]).reshape(n, -1)
+            cmp.close(f"{name}.step_llm_last_hidden", h, hidden_tol)
+            cmp.close(f"{name}.step_next_embeds", torch.cat(trace["next"]).reshape(n, -1), emb_tol)
+            logits = talker.stop_head(h)
+            cmp.close(f"{name}.step_stop_prob", torch.softmax(logits, -1), stop_tol)
+            cmp.close(f"{name}.step_stop_logits", logits, hidden_tol)
+            cmp.exact(f"{name}.step_cache_position", torch.tensor(trace.get("cache_position", []), dtype=torch.long))
+            cfm = trace["cfm"]
+            cmp.close(f"{name}.cfm_x", torch.stack([_stack(c["x"]) for c in cfm]), lat_tol)
+            cmp.close(f"{name}.cfm_t", torch.stack([torch.stack(c["t"]) for c in cfm]), 1e-7)
+            cmp.close(f"{name}.cfm_pred_cond", torch.stack([_stack(c["pred_cond"]) for c in cfm]), lat_tol)
+            cmp.close(f"{name}.cfm_pred_uncond", torch.stack([_stack(c["pred_uncond"]) for c in cfm]), lat_tol)
+            # the reference's draws, consumed here as inputs: one per step actually run
+            cmp.exact(f"{name}.noise_y0", torch.cat(trace["y0"]), note="re-injected")
+            cmp.exact(f"{name}.noise_sde", outputs[f"{name}.noise_sde"][:n], note="re-injected")
+    return cmp.rows + cmp.missing()
+
+
+def run_audio_vae_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
+    meta = json.loads((case_dir / "meta.json").read_text())
+    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    outputs = load_file(str(case_dir / "outputs.safetensors"))
+    cmp = comparer_cls(case_dir.name, outputs)
+    wav_tol = _tol(meta, "oneshot.* / stream.* waveforms", 1e-4)
+    hid_tol = _tol(meta, "decoder_hidden / head_out", 1e-4)
+    enc_tol = _tol(meta, "encode.*", 1e-5)
+    vae = load_audio_vae(case_dir, dtype=torch.float32, device=device)
+    cfg = vae.config
+    latents = inputs["latents"].to(device)
+    with torch.inference_mode():
+        trace: dict = {}
+        one = vae.decode(latents, trace)
+        cmp.close("oneshot.wav", one[:, None], wav_tol)
+        cmp.close("oneshot.upsampled", trace["upsampled"], hid_tol)
+        cmp.close("oneshot.decoder_hidden", trace["decoder_hidden"], hid_tol)
+        cmp.close("oneshot.head_out", trace["head_out"], hid_tol)
+
+        chunks = inputs["stream_chunks_patches"].tolist()
+        # streaming chunks are counted in talker patches (the talker's patch_size, not a VAE setting)
+        per_patch = int(meta.get("sizes", {}).get("talker_patch_size", TALKER_PATCH_DEFAULT))
+        stream = vae.stream()
+        pieces, kv_lens, offset = [], [], 0
+        for i, n in enumerate(chunks):
+            part = latents[:, offset * per_patch:(offset + n) * per_patch]
+            offset += n
+            wav = stream.push(part, last=i == len(chunks) - 1)
+            pieces.append(wav)
+            kv_lens.append(stream.state.cache.length)
+            if f"stream.chunk_wav.{i}" in outputs:
+                cmp.close(f"stream.chunk_wav.{i}", wav, wav_tol)
+            st = stream.state
+            if f"stream.chunk_audio_buffer.{i}" in outputs:
+                cmp.close(f"stream.chunk_audio_buffer.{i}", st.audio_buffer, wav_tol)
+                cmp.close(f"stream.chunk_window_buffer.{i}", st.window_buffer[None], wav_tol)
+            if f"stream.chunk_hist_last.{i}" in outputs:
+                cmp.close(f"stream.chunk_hist_last.{i}", st.history_last, hid_tol)
+        streamed = torch.cat(pieces, dim=1)
+        cmp.close("stream.wav_concat", streamed, wav_tol)
+        cmp.exact("stream.chunk_kv_len", torch.tensor(kv_lens))
+        cmp.exact("stream.chunk_decoder_calls", torch.tensor(stream.state.decoder_calls))
+        diff = (streamed - one).abs()
+        cmp.close("stream_minus_oneshot_maxabs", diff.max(), wav_tol)
+        bad = (diff[0] > 1e-5).nonzero()
+        cmp.exact("stream_minus_oneshot_first_bad", torch.tensor(int(bad[0]) if len(bad) else -1))
+
+        # encoder path of a voice-cloning prompt (register_prompt_wav)
+        wav = inputs["prompt_wav"].to(device)
+        span = cfg.samples_per_latent * per_patch
+        padded = left_pad_to_multiple(wav, span)
+        cmp.close("encode.padded_wav", padded, 0.0)
+        etrace: dict = {}
+        post = vae.posterior(padded, etrace)
+        cmp.close("encode.frames", etrace["frames"], 0.0)
+        cmp.close("encode.encoder_hidden", etrace["encoder_hidden"], enc_tol)
+        cmp.close("encode.posterior_params", etrace["posterior_params"], enc_tol)
+        cmp.close("encode.posterior_mean", post.mean, enc_tol)
+        cmp.close("encode.posterior_std", post.std, enc_tol)
+        noise = outputs["encode.posterior_noise"].to(device)
+        cmp.exact("encode.posterior_noise", noise, note="re-injected")
+        latent = post.sample(noise)
+        cmp.close("encode.latent", latent, enc_tol)
+        frames = math.ceil(math.ceil(padded.shape[-1] / cfg.enc_input_dim) / cfg.frames_per_latent)
+        cmp.exact("encode.frame_num", torch.tensor([float(frames)]))
+        cmp.close("encode.prompt_wav_lat", latent.reshape(1, -1, cfg.latent_dim), enc_tol)
+    return cmp.rows + cmp.missing()

@@ -1,0 +1,334 @@
+"""The speech/sound/music pipeline: the talker, its AudioVAE, tokenizer and CAM++ composed into
+`TalkerPipeline.synthesize(request)`, a stream of waveform chunks (spec §7).
+
+Tasks (spec §7.9, §7.10):
+  tts      speech; a library voice, a reference clip (+ transcript), or none; optional instruction
+           (dialect, emotion, speed, pitch, volume, IP, free-text style with the zero speaker vector,
+           BGM / ambience keys). Text is segmented and each fragment streamed, except for style and
+           BGM instructions, which are synthesised in one call.
+  sound    sound effects from a description (cfg 4.5, sigma 0.3, temperature 2.5), one call.
+  music    music from Genre / Mood / Instrument / Theme / Duration, one call.
+  podcast  multi-speaker dialogue lines " speaker_i:..." with one reference clip per speaker, one call.
+
+Streaming: every latent patch goes through the streaming VAE decoder and the silence holder, so the
+first chunk leaves after the first patches; each fragment of segmented text stops taking chunks once
+its audio reaches the characters-per-second bound of spec §7.5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.errors import MingError
+from engine.media.audio import load_audio
+from engine.media.errors import MediaError
+from engine.models.talker.audio import SilenceHolder, check_reference, left_pad_to_multiple
+from engine.models.talker.campplus import CAMPPlus
+from engine.models.talker.campplus import SAMPLE_RATE as SPEAKER_RATE
+from engine.models.talker.cfm import SamplingParams
+from engine.models.talker.config import MAX_CACHE_LEN
+from engine.models.talker.generate import NoiseSource, generate_patches
+from engine.models.talker.model import BailingTalker2, load_talker
+from engine.models.talker.prompt import (TASK_PROMPTS, Instruction, InstructionError, build_prompt, is_music_text,
+                                         music_text)
+from engine.models.talker.text import Fragment, TextError, check_text, clean_text, segment_text
+from engine.models.talker.tokenizer import TalkerTokenizer
+from engine.models.talker.vae import AudioVAE, load_audio_vae
+
+TASKS = ("tts", "sound", "music", "podcast")
+TASK_SAMPLING = {"tts": SamplingParams(2.0, 0.25, 0.0), "podcast": SamplingParams(2.0, 0.25, 0.0),
+                 "music": SamplingParams(2.0, 0.25, 0.0), "sound": SamplingParams(4.5, 0.3, 2.5)}
+# the characters-per-second bound on streamed fragments (spec §7.5): stop once d * 16000 / 5818 >= chars and d > 2 s
+CHARS_RATE_NUM, CHARS_RATE_DEN, CHARS_MIN_SECONDS = 16000, 5818, 2.0
+MUSIC_SLACK_S = 5.0        # music stops at the requested duration plus this
+MIN_STEPS_ROOM = 16        # a prompt must leave room for this many patches in the 2048-position cache
+PROMPT_CACHE_SIZE = 8
+
+
+class TalkerError(MingError, RuntimeError):
+    code = "talker_error"
+
+
+@dataclass
+class Conditioning:
+    """What a voice contributes: CAM++ vectors [n, 192] (None = no speaker slot), prompt latents
+    [1, N_f, 64] at the VAE rate (None = none), their transcript, and whether the zero vector is used."""
+
+    speaker: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    ref_text: str | None = None
+    zero_speaker: bool = False
+
+    @property
+    def n_speakers(self) -> int:
+        return 1 if self.zero_speaker else (0 if self.speaker is None else int(self.speaker.shape[0]))
+
+
+@dataclass
+class SpeechRequest:
+    text: str = ""
+    task: str = "tts"
+    conditioning: Conditioning = field(default_factory=Conditioning)
+    instruct: Instruction | None = None
+    cfg: float | None = None
+    sigma: float | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    max_seconds: float | None = None
+    music: dict | None = None  # genre, mood, instrument, theme, duration (music task, instead of text)
+
+
+@dataclass
+class WaveChunk:
+    samples: np.ndarray  # float32 mono at the VAE rate
+    text: str            # the span this chunk starts speaking ("" when it continues)
+    fragment: int
+
+
+@dataclass
+class SynthesisReport:
+    fragments: list[str] = field(default_factory=list)
+    patches: int = 0
+    cancelled: bool = False
+    capped: list[int] = field(default_factory=list)
+
+
+class TalkerPipeline:
+    def __init__(self, folder: Path, talker: BailingTalker2, vae: AudioVAE, tokenizer: TalkerTokenizer,
+                 speaker_encoder: CAMPPlus | None = None):
+        self.folder = Path(folder)
+        self.talker, self.vae, self.tokenizer = talker, vae, tokenizer
+        self._speaker_encoder = speaker_encoder
+        self._speaker_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # clip hash -> CAM++ vector
+        self.runner = None  # CUDA graph runner (engine.models.talker.graphs), set on CUDA
+        self.lock = threading.Lock()
+
+    @classmethod
+    def load(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+             cuda_graphs: bool = True) -> "TalkerPipeline":
+        """Load `<ckpt>/talker`: talker weights, `vae/`, `llm/` tokenizer; CAM++ loads on first use."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise TalkerError(f"{folder}: no talker folder in this checkpoint")
+        talker = load_talker(folder, dtype=dtype, device=device)
+        vae = load_audio_vae(folder / "vae", dtype=dtype, device=device)
+        tok = TalkerTokenizer(folder / "llm")
+        pipe = cls(folder, talker, vae, tok)
+        if cuda_graphs and torch.device(device).type == "cuda":
+            from engine.models.talker.graphs import GraphRunner  # noqa: PLC0415
+            pipe.runner = GraphRunner(talker)
+        return pipe
+
+    @property
+    def sample_rate(self) -> int:
+        return self.vae.sample_rate
+
+    @property
+    def seconds_per_patch(self) -> float:
+        return self.talker.config.patch_size * self.vae.config.samples_per_latent / self.sample_rate
+
+    @property
+    def speaker_encoder(self) -> CAMPPlus:
+        if self._speaker_encoder is None:
+            self._speaker_encoder = CAMPPlus(self.folder / "campplus.onnx")
+        return self._speaker_encoder
+
+    def fingerprint(self) -> str:
+        """Identifies the talker + VAE a saved voice belongs to (its latents and vector are model-specific)."""
+        h = hashlib.sha256()
+        for name in ("config.json", "vae/config.json"):
+            p = self.folder / name
+            h.update(p.read_bytes() if p.is_file() else b"")
+        h.update(str(self.talker.spk_head.weight.shape).encode())
+        return h.hexdigest()[:16]
+
+    # ------------------------------------------------------------------ voices from audio
+    def _load_clip(self, clip, rate: int | None, target: int) -> torch.Tensor:
+        return load_audio(clip, rate, target_rate=target, max_seconds=600.0)
+
+    def clone_conditioning(self, clips: list, rates: list[int | None] | None = None, ref_text: str | None = None,
+                           seed: int | None = None) -> Conditioning:
+        """Reference clip(s) -> CAM++ vectors (one per clip, at 16 kHz) and prompt latents (the clips at
+        the VAE rate, concatenated, left-padded to whole patches, sampled from the VAE posterior)."""
+        if not clips:
+            raise MediaError("no reference clip given")
+        rates = rates or [None] * len(clips)
+        with self.lock:  # the speaker cache and the models are shared between requests
+            return self._clone(clips, rates, ref_text, seed)
+
+    def _clone(self, clips: list, rates: list, ref_text: str | None, seed: int | None) -> Conditioning:
+        spks, waves = [], []
+        for i, (clip, rate) in enumerate(zip(clips, rates)):
+            what = "reference clip" if len(clips) == 1 else f"reference clip {i + 1}"
+            try:
+                wave16 = self._load_clip(clip, rate, SPEAKER_RATE)
+            except MediaError as e:
+                raise MediaError(f"{what}: {e}") from None
+            check_reference(wave16, SPEAKER_RATE, what)
+            wave = self._load_clip(clip, rate, self.sample_rate)
+            key = hashlib.sha1(wave.numpy().tobytes()).hexdigest()
+            spks.append(self._speaker_vector(wave16, key))
+            waves.append(wave)
+        latents = self.prompt_latents(torch.cat(waves), seed)
+        if ref_text is not None:
+            ref_text = check_text(ref_text, "reference transcript")
+        return Conditioning(speaker=torch.cat(spks), latents=latents, ref_text=ref_text)
+
+    def _speaker_vector(self, wave16: torch.Tensor, key: str) -> torch.Tensor:
+        if key in self._speaker_cache:
+            self._speaker_cache.move_to_end(key)
+            return self._speaker_cache[key]
+        spk = self.speaker_encoder.embed(wave16)
+        self._speaker_cache[key] = spk
+        while len(self._speaker_cache) > PROMPT_CACHE_SIZE:
+            self._speaker_cache.popitem(last=False)
+        return spk
+
+    def prompt_latents(self, wave: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """Spec §7.4: a random sample of the posterior (mean + std * eps), eps from `seed`."""
+        cfg = self.vae.config
+        span = cfg.samples_per_latent * self.talker.config.patch_size
+        padded = left_pad_to_multiple(wave.reshape(1, -1), span).to(self.vae.decoder.fc1.weight.device,
+                                                                    self.vae.decoder.fc1.weight.dtype)
+        with torch.inference_mode():
+            post = self.vae.posterior(padded)
+        gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        eps = torch.randn(post.mean.shape, generator=gen).to(post.mean.device)
+        return post.sample(eps).reshape(1, -1, cfg.latent_dim).float().cpu()
+
+    # ------------------------------------------------------------------ planning
+    def _sampling(self, req: SpeechRequest) -> SamplingParams:
+        base = TASK_SAMPLING[req.task]
+        try:
+            return SamplingParams(base.cfg if req.cfg is None else float(req.cfg),
+                                  base.sigma if req.sigma is None else float(req.sigma),
+                                  base.temperature if req.temperature is None else float(req.temperature))
+        except (TypeError, ValueError) as e:
+            raise InstructionError(str(e)) from None
+
+    def plan(self, req: SpeechRequest) -> tuple[str, list[Fragment], bool]:
+        """(task prompt, fragments, segmented?) for a request; raises clear errors for bad input."""
+        if req.task not in TASKS:
+            raise InstructionError(f"unknown task {req.task!r}; valid tasks: {', '.join(TASKS)}")
+        if req.max_seconds is not None and not (isinstance(req.max_seconds, (int, float)) and
+                                                 math.isfinite(req.max_seconds) and req.max_seconds > 0):
+            raise InstructionError(f"max_seconds must be a positive number, got {req.max_seconds!r}")
+        if req.task in ("sound", "music") and (req.instruct is not None or req.conditioning.n_speakers
+                                                or req.conditioning.latents is not None):
+            raise InstructionError(f"{req.task} takes a description only: no voice, reference clip or instruction")
+        inst = req.instruct
+        if req.task == "music":
+            if req.music is not None:
+                m = req.music
+                text = music_text(m.get("genre", ""), m.get("mood", ""), m.get("instrument", ""), m.get("theme", ""),
+                                  m.get("duration", 30))
+            else:
+                text = check_text(req.text, "music description")
+                if not is_music_text(text):
+                    raise InstructionError("music needs Genre, Mood, Instrument, Theme and Duration (pass them as "
+                                           "`music={...}` or write ' Genre: ... Mood: ... Instrument: ... Theme: ... "
+                                           "Duration: 30s.')")
+            return TASK_PROMPTS["music"], [Fragment(text, text)], False
+        text = check_text(req.text, "sound description" if req.task == "sound" else "text")
+        if req.task == "sound":
+            return TASK_PROMPTS["sound"], [Fragment(text.strip(), text.strip())], False
+        if req.task == "podcast":
+            if req.conditioning.n_speakers < 1:
+                raise InstructionError("podcast needs one reference clip (or saved voice) per speaker")
+            return TASK_PROMPTS["speech"], [Fragment(text, text)], False
+        one_call = inst is not None and (inst.style is not None or bool(inst.bgm))
+        if one_call:
+            return TASK_PROMPTS["speech"], [Fragment(clean_text(text).strip(), text)], False
+        frags = segment_text(text)
+        if not frags:
+            raise TextError("text has nothing to speak after normalisation")
+        return TASK_PROMPTS["speech"], frags, True
+
+    # ------------------------------------------------------------------ synthesis
+    def synthesize(self, req: SpeechRequest, cancel: threading.Event | None = None,
+                   report: SynthesisReport | None = None, fragments: list[Fragment] | None = None) -> Iterator[WaveChunk]:
+        """Stream waveform chunks for a request (or for given `fragments`, speak-while-thinking)."""
+        report = report if report is not None else SynthesisReport()
+        task_prompt, frags, segmented = self.plan(req) if fragments is None else (TASK_PROMPTS["speech"], fragments, True)
+        params = self._sampling(req)
+        cond = req.conditioning
+        if req.instruct is not None and req.instruct.uses_zero_speaker and cond.speaker is not None:
+            raise InstructionError("a style (voice design) instruction makes a new voice: do not also give a voice "
+                                   "or a reference clip")
+        if req.instruct is not None and req.instruct.uses_zero_speaker:
+            cond = Conditioning(zero_speaker=True)
+        caption = req.instruct.caption() if req.instruct is not None else None
+        noise = NoiseSource(req.seed)
+        talker = self.talker
+        with torch.inference_mode():
+            spk = None if cond.speaker is None else talker.speaker_embedding(cond.speaker)
+            if cond.zero_speaker:
+                spk = talker.speaker_embedding(None)
+            lat_embeds = None
+            cloning = cond.latents is not None and bool(cond.ref_text)
+            if cloning:
+                lat_embeds = talker.prompt_latent_embeddings(cond.latents)
+        max_seconds = req.max_seconds
+        if req.task == "music":
+            duration = (req.music or {}).get("duration") or _duration_of(frags[0].text)
+            if duration:
+                cap = float(duration) + MUSIC_SLACK_S
+                max_seconds = cap if max_seconds is None else min(max_seconds, cap)
+        total_audio = 0.0
+        for index, frag in enumerate(frags):
+            report.fragments.append(frag.text)
+            prompt = build_prompt(self.tokenizer, task_prompt, frag.text, n_speakers=cond.n_speakers,
+                                  prompt_text=cond.ref_text if cloning else None,
+                                  n_prompt_patches=0 if lat_embeds is None else lat_embeds.shape[0],
+                                  instruction=caption)
+            if len(prompt.ids) > MAX_CACHE_LEN - MIN_STEPS_ROOM:
+                raise TextError(f"the prompt is too long for the talker ({len(prompt.ids)} tokens with the reference; "
+                                f"at most {MAX_CACHE_LEN - MIN_STEPS_ROOM}): shorten the text or the reference clip")
+            with torch.inference_mode():
+                embeds = talker.embed_prompt(prompt.ids, prompt.speaker_slots, spk, prompt.latent_slots, lat_embeds)
+            stream = self.vae.stream()
+            holder = SilenceHolder(self.sample_rate)
+            frag_audio, first = 0.0, True
+            patches = generate_patches(talker, embeds, cond.latents, params, noise, cancel, runner=self.runner)
+            try:
+                for patch in patches:
+                    report.patches += 1
+                    capped = segmented and frag_audio * CHARS_RATE_NUM / CHARS_RATE_DEN >= len(frag.text) \
+                        and frag_audio > CHARS_MIN_SECONDS
+                    over = max_seconds is not None and total_audio + frag_audio >= max_seconds
+                    last = patch.is_last or capped or over
+                    if capped or over:
+                        report.capped.append(index)
+                    with torch.inference_mode():
+                        wav = stream.push(patch.latents.to(self.vae.decoder.fc1.weight.dtype), last=last)
+                    out = holder.push(wav[0].float().cpu().numpy(), last=last)
+                    frag_audio += wav.shape[1] / self.sample_rate
+                    if out.size:
+                        yield WaveChunk(out, frag.source if first else "", index)
+                        first = False
+                    if last:
+                        break
+            finally:
+                patches.close()
+            total_audio += frag_audio
+            if cancel is not None and cancel.is_set():
+                report.cancelled = True
+                return
+            if max_seconds is not None and total_audio >= max_seconds:
+                return
+
+
+def _duration_of(text: str) -> float | None:
+    m = re.search(r"Duration:\s*(\d+(?:\.\d+)?)", text)
+    return float(m.group(1)) if m else None
+

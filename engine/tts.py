@@ -1,0 +1,125 @@
+"""Speech, sound and music from the command line:
+
+  python -m engine.tts --model DIR --text "..." [--voice NAME | --ref ref.wav [--ref-text ...]]
+                       [--instruct dialect=...,emotion=...] [--task tts|sound|music|podcast] --out out.wav
+
+Streams the audio into a PCM16 WAV at the model's true rate and prints the time to the first chunk
+and the real-time factor. Without --model the tiny demo checkpoint is used (random weights: noise).
+Voice library: --save-voice NAME (with --ref), --list-voices, --delete-voice NAME.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from engine.errors import MingError
+from engine.events import AudioChunk, Done, Error
+from engine.models.talker.audio import WavWriter
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m engine.tts", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the tiny demo)")
+    ap.add_argument("--text", default="", help="what to say / the sound or music description")
+    ap.add_argument("--task", default="tts", choices=["tts", "sound", "music", "podcast"])
+    ap.add_argument("--voice", default=None, help="a saved voice name (see --list-voices)")
+    ap.add_argument("--ref", action="append", default=None, help="reference clip to clone (repeat for podcast)")
+    ap.add_argument("--ref-text", default=None, help="transcript of --ref (default: our ASR transcribes it)")
+    ap.add_argument("--instruct", default=None,
+                    help="key=value,... of dialect, emotion, speed, pitch, volume, ip, style, bgm.Genre, bgm.SNR ...")
+    ap.add_argument("--music", default=None, help="genre=...,mood=...,instrument=...,theme=...,duration=30")
+    ap.add_argument("--cfg", type=float, default=None)
+    ap.add_argument("--sigma", type=float, default=None)
+    ap.add_argument("--temperature", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--max-seconds", type=float, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="output WAV file")
+    ap.add_argument("--save-voice", default=None, metavar="NAME", help="clone --ref and save it under NAME")
+    ap.add_argument("--list-voices", action="store_true")
+    ap.add_argument("--delete-voice", default=None, metavar="NAME")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, choices=[None, "fp32", "bf16", "fp16"])
+    return ap
+
+
+def _music(spec: str | None) -> dict | None:
+    if not spec:
+        return None
+    out: dict = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, _, value = part.partition("=")
+        out[key.strip()] = float(value) if key.strip() == "duration" else value.strip()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from engine.runtime import Engine  # noqa: PLC0415  (torch import only when running)
+    try:
+        engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
+    except MingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not engine.has_talker:
+        print(f"error: {engine.talker_error}", file=sys.stderr)
+        return 1
+    try:
+        if args.list_voices:
+            for v in engine.list_voices():
+                print(f"{v.name}\t{v.seconds:.1f} s\t{v.ref_text or ''}")
+            return 0
+        if args.delete_voice:
+            engine.delete_voice(args.delete_voice)
+            print(f"deleted voice {args.delete_voice!r}")
+            return 0
+        if args.save_voice:
+            if not args.ref or len(args.ref) != 1:
+                print("error: --save-voice needs one --ref clip", file=sys.stderr)
+                return 2
+            info = engine.save_voice(args.save_voice, args.ref[0], args.ref_text, seed=args.seed)
+            print(f"saved voice {info.name!r} ({info.seconds:.1f} s, transcript: {info.ref_text!r})")
+            if not args.out:
+                return 0
+    except MingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.out is None:
+        print("error: --out is required", file=sys.stderr)
+        return 2
+    ref = args.ref if args.ref is None or len(args.ref) > 1 else args.ref[0]
+    if args.save_voice:
+        ref, voice = None, args.save_voice
+    else:
+        voice = args.voice
+    t0 = time.perf_counter()
+    first = None
+    writer = WavWriter(args.out, engine.talker.sample_rate)
+    try:
+        for ev in engine.speak(args.text, voice=voice, ref_audio=ref, ref_text=args.ref_text, instruct=args.instruct,
+                               task=args.task, cfg=args.cfg, sigma=args.sigma, temperature=args.temperature,
+                               seed=args.seed, max_seconds=args.max_seconds, music=_music(args.music)):
+            if isinstance(ev, AudioChunk):
+                if first is None:
+                    first = time.perf_counter() - t0
+                    print(f"first chunk after {first * 1000:.0f} ms", flush=True)
+                writer.write(ev.pcm)
+            elif isinstance(ev, Error):
+                print(f"error: {ev.message}", file=sys.stderr)
+                return 1
+            elif isinstance(ev, Done):
+                s = ev.stats
+                if (ev.result or {}).get("ref_text_from_asr") is not None:
+                    print(f"reference transcript (from our ASR): {ev.result['ref_text_from_asr']!r}")
+                print(f"{s.audio_seconds:.2f} s of audio at {engine.talker.sample_rate} Hz -> {args.out}; "
+                      f"time to first chunk {s.time_to_first_audio_s * 1000:.0f} ms, "
+                      f"real-time factor {s.audio_real_time_factor:.3f} ({ev.finish_reason})")
+    finally:
+        writer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Talker / VAE configs parse from the checkpoint's files; what we do not implement is refused clearly."""
+
+import json
+
+import pytest
+
+from engine.models.talker.config import AudioVAEConfig, TalkerConfig, TalkerConfigError
+from engine.models.talker.model import load_talker
+from tests.paths import fixture_case
+
+
+def test_fixture_configs_parse():
+    cfg = TalkerConfig.from_folder(fixture_case("talker"))
+    assert (cfg.steps, cfg.patch_size, cfg.history_patch_size, cfg.latent_dim) == (10, 4, 32, 64)
+    assert cfg.flow.llm_cond_dim == cfg.llm.hidden_size and cfg.flow.head_dim == 12
+    vae = AudioVAEConfig.from_folder(fixture_case("audio_vae"))
+    assert vae.sample_rate == 44100 and vae.n_fft == 4 * vae.hop
+    assert vae.decoder.layer_types == ("full_attention", "sliding_attention")
+    assert vae.encoder.with_layers(4).layer_types == vae.encoder.layer_types[:4]
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"architectures": ["BailingTalker"]}, "Preview talker"),
+    ({"flowmodel": {"qk_norm": "rms_norm"}}, "qk_norm"),
+    ({"steps": 0}, "steps"),
+    ({"flowmodel": {"hidden_size": 50, "num_heads": 4}}, "multiple"),
+])
+def test_unsupported_talker_configs_are_refused(patch, message):
+    base = json.loads((fixture_case("talker") / "config.json").read_text())
+    llm = json.loads((fixture_case("talker") / "llm" / "config.json").read_text())
+    for key, value in patch.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) else value
+    with pytest.raises(TalkerConfigError, match=message):
+        TalkerConfig.from_dicts(base, llm)
+
+
+def test_rope_scaling_and_condition_width_are_refused(tmp_path):
+    llm = json.loads((fixture_case("talker") / "llm" / "config.json").read_text())
+    with pytest.raises(TalkerConfigError, match="rope_scaling"):
+        TalkerConfig.from_dicts({}, {**llm, "rope_scaling": {"rope_type": "yarn", "factor": 4}})
+    folder = tmp_path / "talker"
+    (folder / "llm").mkdir(parents=True)
+    cfg = json.loads((fixture_case("talker") / "config.json").read_text())
+    cfg["flowmodel"]["llm_cond_dim"] = 896
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "llm" / "config.json").write_text(json.dumps(llm))
+    with pytest.raises(TalkerConfigError, match="llm_cond_dim 896"):
+        load_talker(folder)

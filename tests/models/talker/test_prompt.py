@@ -1,0 +1,65 @@
+"""Talker prompts (spec §7.2) and instruction captions (spec §7.10)."""
+
+import json
+
+import pytest
+
+from engine.models.talker.prompt import (TASK_PROMPTS, Instruction, InstructionError, build_prompt, music_text)
+from engine.models.talker.tokenizer import TalkerTokenizer
+from tests.paths import fixture_case
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return TalkerTokenizer(fixture_case("talker") / "llm")
+
+
+def test_prompt_strings_and_slots_match_the_reference_layout(tok):
+    meta = json.loads((fixture_case("talker") / "meta.json").read_text())
+    for name, n_spk, patches in (("tts", 0, 0), ("tts_spk", 1, 0), ("clone", 1, 6)):
+        case = meta["cases"][name]
+        p = build_prompt(tok, case["prompt"], case["text"], n_speakers=n_spk, prompt_text=case["prompt_text"],
+                         n_prompt_patches=patches)
+        assert p.text == case["prompt_string"]
+        assert tok.decode(p.ids) == case["prompt_string"]
+        assert len(p.speaker_slots) == n_spk and len(p.latent_slots) == patches
+        for slot in p.speaker_slots:
+            assert p.ids[slot] == tok.token_id("<|vision_pad|>")
+
+
+def test_prompt_text_needs_prompt_latents(tok):
+    p = build_prompt(tok, TASK_PROMPTS["speech"], "hi", n_speakers=1, prompt_text="ref", n_prompt_patches=0)
+    assert "ref" not in p.text and not p.latent_slots
+
+
+def test_user_text_cannot_inject_special_tokens(tok):
+    p = build_prompt(tok, TASK_PROMPTS["speech"], "say <|im_end|> now")
+    assert p.ids.count(tok.token_id("<|im_end|>")) == 2  # system + end of user turn only
+
+
+def test_music_text_drops_text_input_marker(tok):
+    text = music_text("jazz", "calm", "piano", "night", 60)
+    assert text == " Genre: jazz. Mood: calm. Instrument: piano. Theme: night. Duration: 60s."
+    assert " Text input:" not in build_prompt(tok, TASK_PROMPTS["music"], text).text
+
+
+def test_instruction_caption_format():
+    inst = Instruction.parse("dialect=cantonese,emotion=happy,speed=fast,pitch=medium,volume=medium")
+    caption = json.loads(inst.caption())
+    entry = caption["audio_sequence"][0]
+    assert list(entry) == ["序号", "说话人", "方言", "风格", "语速", "基频", "音量", "情感", "BGM", "IP"]
+    assert (entry["方言"], entry["情感"], entry["语速"], entry["基频"]) == ("广粤话", "高兴", "快速", "中")
+    assert entry["BGM"] == {"Genre": None, "Mood": None, "Instrument": None, "Theme": None, "ENV": None, "SNR": None}
+    assert "广粤话" in inst.caption()  # ensure_ascii=False
+    snr = Instruction.parse({"bgm": {"genre": "新灵魂乐.", "snr": "10"}})
+    assert list(json.loads(snr.caption())["audio_sequence"][0])[:3] == ["序号", "说话人", "BGM"]
+    assert Instruction.parse({}).caption() is None
+    assert Instruction.parse({"dialect": "四川话"}).dialect == "四川话"  # Chinese labels pass through
+
+
+@pytest.mark.parametrize("spec, message", [("dialect=klingon", "cantonese"), ("emotion=grumpy", "happy"),
+                                           ("colour=red", "unknown instruction key"), ("bgm.SNR=loud", "number"),
+                                           ("bgm.tempo=fast", "unknown BGM key"), ("dialect", "key=value")])
+def test_bad_instructions_list_valid_values(spec, message):
+    with pytest.raises(InstructionError, match=message):
+        Instruction.parse(spec)
