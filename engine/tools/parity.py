@@ -410,6 +410,9 @@ def run_case(case_dir: Path) -> list[ParityRow]:
         return run_mm_case(case_dir)
     if kind == "frontend" and name == "prompts":
         return run_prompts_case(case_dir)
+    if kind == "imagegen":
+        from engine.models.imagegen.parity import run_imagegen_case
+        return run_imagegen_case(case_dir, DEVICE)
     if kind == "frontend":
         runner = _frontend_runner()
         if runner is not None:
