@@ -45,7 +45,7 @@ from engine.models.imagegen.diffusion import (caption_features, check_latent_gri
                                               encode_reference, initial_noise, latent_shape, make_scheduler,
                                               steps_for_preview)
 from engine.models.imagegen.glyph import glyph_text_from_prompt
-from engine.models.imagegen.preview import preview_png
+from engine.models.imagegen.preview import preview_png, preview_size
 from engine.models.imagegen.segmentation import (DEFAULT_MASK_COLOR, EMPTY_MASK_NOTE, overlay, preset_prompt,
                                                  recover_mask, segmentation_prompt)
 
@@ -243,10 +243,11 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
             done_steps += 1
             yield Progress("denoising", done_steps, n)
             if step.index in previews:
-                png = preview_png(rgb_map.to_rgb(step.predicted_clean()), plan.output)
+                ph, pw = preview_size(plan.output)
+                png = preview_png(rgb_map.to_rgb(step.predicted_clean()), (ph, pw))
                 if not stats.time_to_first_preview_s:
                     stats.time_to_first_preview_s = time.perf_counter() - t_start
-                yield ImagePreview(png, step=done_steps, total_steps=n, width=plan.output[1], height=plan.output[0])
+                yield ImagePreview(png, step=done_steps, total_steps=n, width=pw, height=ph)
             if cancel is not None and cancel.is_set() and done_steps < n:
                 break
         loop_s = time.perf_counter() - t_loop

@@ -28,6 +28,7 @@ _COLOURS = ((1, 1, 1), (0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0
             (0.5, 0.5, 0.5), (1, 0.5, 0), (0.3, 0.6, 0.9), (0.6, 0.4, 0.2))
 N_BLOBS = 8
 PREVIEW_PNG_LEVEL = 1        # previews favour speed over size
+PREVIEW_MAX_SIDE = 512       # previews are at most this long (the final image has the full size)
 
 
 def _fit_images(side: int) -> torch.Tensor:
@@ -75,6 +76,13 @@ class LatentRGB:
         z = latents[0].float().cpu().permute(1, 2, 0)
         rgb = (z @ self.weight + self.bias).clamp(-1, 1)
         return ((rgb * 0.5 + 0.5) * 255).round().to(torch.uint8).numpy()
+
+
+def preview_size(output: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a preview: the output's shape, the long side at most PREVIEW_MAX_SIDE."""
+    h, w = output
+    f = min(1.0, PREVIEW_MAX_SIDE / max(h, w))
+    return max(1, round(h * f)), max(1, round(w * f))
 
 
 def preview_png(rgb: np.ndarray, size: tuple[int, int]) -> bytes:

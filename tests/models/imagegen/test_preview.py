@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.models.imagegen.preview import LatentRGB, preview_png
+from engine.models.imagegen.preview import LatentRGB, preview_png, preview_size
 
 
 class LinearVAE(nn.Module):
@@ -42,8 +42,9 @@ def test_fit_inverts_a_linear_vae_on_unseen_colours():
     assert np.abs(rgb.astype(int) - np.array([51, 178, 102])).max() <= 2
 
 
-def test_preview_png_has_the_requested_size():
+def test_preview_png_has_the_requested_size_capped_for_big_images():
     from PIL import Image
     import io
     png = preview_png(np.zeros((4, 6, 3), np.uint8), (40, 60))
     assert Image.open(io.BytesIO(png)).size == (60, 40)
+    assert preview_size((768, 1365)) == (288, 512) and preview_size((100, 60)) == (100, 60)
