@@ -145,7 +145,9 @@ class ImageGenerator:
     def describe(self) -> str:
         where = (f"resident on {self.compute}" if self.resident
                  else f"in {self.home} memory, moved to {self.compute} for each image")
-        return f"image generator {self.nbytes() / 1e9:.2f} GB {where}"
+        n = self.nbytes()
+        size = f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+        return f"image generator {size} {where}"
 
     # ------------------------------------------------------------------ running
     @contextmanager
