@@ -233,6 +233,10 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
             latents = initial_noise(seed, shape).to(dev)
             scheduler, _ = make_scheduler(gen.scheduler_config, request.steps, shape[2:], device=dev)
         n = len(scheduler.timesteps)
+        if cancel is not None and cancel.is_set():  # stopped while the prompt was being encoded
+            stats.total_s = time.perf_counter() - t_start
+            yield Done(text="", finish_reason="cancelled", stats=stats, result={"seed": seed, "steps_done": 0})
+            return
         previews = steps_for_preview(n, request.preview_every)
         rgb_map = gen.latent_rgb() if previews else None
         yield Progress("denoising", 0, n)

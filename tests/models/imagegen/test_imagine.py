@@ -86,6 +86,13 @@ def test_cancel_between_steps(tiny_engine):
     assert not any(isinstance(e, ImageDone) for e in events) and done.result["steps_done"] == 1
 
 
+def test_cancel_before_denoising_starts(tiny_engine):
+    cancel = threading.Event()
+    cancel.set()
+    done = _final(list(tiny_engine.imagine("a cat", cancel=cancel, **FAST)))
+    assert done.finish_reason == "cancelled" and done.result["steps_done"] == 0
+
+
 def _cmyk_jpeg():
     return _png_bytes(Image.new("CMYK", (40, 30), (0, 128, 255, 0)), "JPEG")
 
