@@ -111,6 +111,7 @@ class Engine:
             torch.set_num_threads(1)
         engine = cls(model, tokenizer, is_demo=is_demo_checkpoint(model.path))
         engine.placement = placement_summary(plan, str(dev))
+        engine._attach_image_generator(dev, dtype, plan)
         if log is not None:
             log(f"placement: {engine.placement}")
         engine._load_talker(model.path, dtype, dev, log)  # speech out (see the talker block below)
@@ -358,3 +359,63 @@ class Engine:
             raise MediaError(self.talker_error or "no talker is loaded")
         self.voices.delete(name)
 
+    # ------------------------------------------------------------------ images out (issue 11)
+    # Image generation, editing and generative segmentation: engine.imagine streams the events, the
+    # components live in engine.models.imagegen. Loaded by `load` when the checkpoint has the image
+    # generator's sub-folders; where its weights rest follows the placement plan (or, without one, the
+    # GPU memory left after the thinker) and is appended to the placement line.
+    image_generator = None          # engine.models.imagegen.pipeline.ImageGenerator
+    image_generator_error = ""      # why a checkpoint's image generator was not loaded
+
+    @property
+    def has_image_generator(self) -> bool:
+        return self.image_generator is not None
+
+    def _attach_image_generator(self, device: torch.device, dtype: str, plan: Plan | None) -> None:
+        from engine.models.imagegen.config import ImageGenUnsupported, has_image_generator
+        from engine.models.imagegen.pipeline import ImageGenerator
+        from engine.placement.planner import GENERATOR_WORKSPACE, generator_sizes
+
+        root = self.model.path
+        if not has_image_generator(root):
+            return
+        home = compute = device
+        if device.type == "cuda":
+            placed = {m.name: m.device for m in (plan.generators if plan is not None else ())}
+            where = placed.get("image_generator")
+            if where is None:  # no plan: whatever GPU memory the thinker left
+                need = sum(m.nbytes for m in generator_sizes(root) if m.name == "image_generator")
+                need = need * parse_dtype(dtype).itemsize // 2 + GENERATOR_WORKSPACE
+                where = str(device) if torch.cuda.mem_get_info(device)[0] >= need else f"cpu>{device}"
+            home = torch.device(where.split(">")[0])
+            compute = torch.device(where.split(">")[-1])
+        try:
+            self.image_generator = ImageGenerator.load(root, parse_dtype(dtype), device=compute, home=home)
+        except ImageGenUnsupported as e:
+            self.image_generator_error = str(e)
+            self.placement += f"; image generator not loaded ({e})"
+            return
+        self.placement += f"; {self.image_generator.describe()}"
+
+    def imagine(self, prompt: str, images: list | None = None, task: str = "generate", size=None, aspect=None,
+                steps: int | None = None, guidance: float | None = None, seed: int | None = None,
+                preview_every: int = 0, cancel: threading.Event | None = None, **options) -> Iterator[Event]:
+        """Generate (`task="generate"`), edit (`"edit"`: `images`, the first is the reference) or segment
+        (`"segment"`: `prompt` is the target) an image: Progress, ImagePreview every `preview_every` steps,
+        ImageDone, then one Done (or Error). `options`: mask_color, preset ("replace_background" |
+        "remove_object"), negative_prompt (ignored, as in the 2.0 reference), system_prompt.
+        See engine.imagine for sizes, limits and defaults."""
+        from engine.imagine import ImagineRequest
+
+        try:
+            request = ImagineRequest(prompt=prompt, images=list(images or []), task=task, size=size, aspect=aspect,
+                                     steps=steps, guidance=guidance, seed=seed, preview_every=preview_every, **options)
+        except TypeError as e:
+            yield Error(f"bad image request option: {e}", code="invalid_request")
+            return
+        yield from self.imagine_request(request, cancel)
+
+    def imagine_request(self, request, cancel: threading.Event | None = None) -> Iterator[Event]:
+        from engine.imagine import imagine
+
+        yield from imagine(self, request, cancel)

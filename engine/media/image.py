@@ -208,9 +208,27 @@ def load_image(source: ImageSource, *, max_input_pixels: int = DEFAULT_MAX_INPUT
             "expected a path, bytes, a PIL image or a uint8 numpy array"
         )
     try:
+        if image.mode in _HIGH_DEPTH_MODES:
+            image = _to_8bit(image)
         return image.convert("RGB") if image.mode != "RGB" else image
     except (OSError, ValueError) as exc:
         raise MediaError(f"image could not be decoded: {exc}") from exc
+
+
+# 16-bit / 32-bit single-channel modes: Pillow's convert("RGB") clips them at 255 (a 16-bit PNG comes
+# out almost white), so they are rescaled to 8 bits first: integer modes by their bit depth, float
+# images from [0, 1].
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    arr = np.asarray(image)
+    if image.mode == "F":
+        scaled = np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0
+    else:
+        top = 65535.0 if image.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        scaled = np.clip(arr.astype(np.float64), 0.0, top) * (255.0 / top)
+    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
 
 
 def _check_size(size: tuple[int, int], max_input_pixels: int, what: str) -> None:

@@ -174,6 +174,11 @@ class ModelSizes:
     expert_dtype: str
     kv_bytes_per_token_per_layer: int
     max_context: int = 0
+    generators: tuple[ModuleSize, ...] = ()  # talker / image generator sub-folders, sized from their files
+
+    @property
+    def generator_bytes(self) -> int:
+        return sum(m.nbytes for m in self.generators)
 
     @property
     def routed_expert_params(self) -> int:
@@ -331,7 +336,7 @@ def model_sizes(config: MingConfig, expert_dtype: str = "bf16") -> ModelSizes:
         hidden_size=h, num_layers=llm.num_hidden_layers, params_per_expert=3 * h * llm.moe_intermediate_size,
         bytes_per_expert=expert_bytes(llm, expert_dtype), expert_dtype=expert_dtype,
         kv_bytes_per_token_per_layer=2 * llm.num_key_value_heads * hd * BF16,
-        max_context=llm.max_position_embeddings)
+        max_context=llm.max_position_embeddings, generators=generator_sizes(_checkpoint_dir(config)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,6 +520,7 @@ class Plan:
     expert_gpus: int                       # GPUs used for routed experts (the first N)
     prediction: Prediction
     notes: tuple[str, ...] = field(default_factory=tuple)
+    generators: tuple[ModulePlacement, ...] = ()  # "cuda:N" resident, or "cpu>cuda:N" moved in on demand
 
     @property
     def gpu_experts(self) -> int:
@@ -563,6 +569,7 @@ class Plan:
             "prediction": {**{k: v for k, v in asdict(self.prediction).items() if k != "params"},
                            "roofline": asdict(self.prediction.params)},
             "notes": list(self.notes),
+            "generators": [asdict(m) for m in self.generators],
         }
 
 
@@ -778,13 +785,16 @@ def _with_prediction(plan: Plan, pred: Prediction, notes: tuple[str, ...] = ()) 
 def plan_placement(config: MingConfig, devices: DeviceSpec, expert_dtype: str = "bf16", expert_stats=None, *,
                    kv_tokens: int | None = None, gpu_reserve: int | str = DEFAULT_GPU_RESERVE,
                    host_reserve: int | str = DEFAULT_HOST_RESERVE, encoders: str = "gpu",
-                   embeddings: str = "auto", roofline: RooflineParams | None = None) -> Plan:
+                   embeddings: str = "auto", roofline: RooflineParams | None = None,
+                   generators: str = "auto") -> Plan:
     """Decide where everything lives and predict decode speed.
 
     `expert_stats`: per-layer selection counts (see `normalize_expert_stats`), uniform when None.
     `kv_tokens`: KV-cache tokens to reserve (default: the model's max_position_embeddings).
     `encoders`: "gpu", "cpu" (host memory, run on the CPU at prefill) or "none" (text-only, not loaded).
     `embeddings`: "gpu", "cpu" (the table stays in host memory; one row is sent per token), or "auto".
+    `generators` ("auto" | "ignore"): place the checkpoint's talker / image generator (see
+    `place_generators`); "ignore" plans the thinker alone.
 
     Among the feasible variants (embedding table on GPU or host when "auto"; routed experts on the
     first 1…N GPUs), the one with the highest predicted decode tokens/s is returned, so appending a
@@ -823,7 +833,78 @@ def plan_placement(config: MingConfig, devices: DeviceSpec, expert_dtype: str = 
     if best is None:
         assert error is not None
         raise error
-    return _with_prediction(best, best.prediction, _notes(best, sizes, n_gpu))
+    plan = _with_prediction(best, best.prediction, _notes(best, sizes, n_gpu))
+    if generators == "auto" and sizes.generators and devices.gpus:
+        def replan(devs: DeviceSpec) -> Plan:
+            return plan_placement(config, devs, expert_dtype, expert_stats, kv_tokens=kv_tokens,
+                                  gpu_reserve=gpu_reserve, host_reserve=host_reserve, encoders=encoders,
+                                  embeddings=embeddings, roofline=roofline, generators="ignore")
+        plan = place_generators(plan, devices, replan)
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Generators: the talker and the image generator (checkpoint sub-folders, sized from their files)
+# ----------------------------------------------------------------------------------------------
+
+GENERATOR_FOLDERS = {"image_generator": ("mlp", "connector", "transformer", "vae", "byt5"), "talker": ("talker",)}
+GENERATOR_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin")
+# Working memory of a generator on its GPU: a 1024² DiT step with CFG (batch 2) and the VAE decode.
+GENERATOR_WORKSPACE = parse_size("4GiB")
+
+
+def _checkpoint_dir(config: MingConfig) -> Path | None:
+    path = Path(config.source) if config.source else None
+    return path.parent if path is not None and path.name == "config.json" and path.is_file() else None
+
+
+def generator_sizes(root: str | Path | None) -> tuple[ModuleSize, ...]:
+    """The generators a checkpoint directory holds, each sized by its weight files on disk (the
+    releases store them in bf16, so file bytes = resident bf16 bytes)."""
+    if root is None:
+        return ()
+    root = Path(root)
+    out = []
+    for name, folders in GENERATOR_FOLDERS.items():
+        present = [root / f for f in folders if (root / f).is_dir()]
+        if not present:
+            continue
+        nbytes = sum(p.stat().st_size for d in present for p in d.rglob("*")
+                     if p.is_file() and p.name.endswith(GENERATOR_WEIGHT_SUFFIXES))
+        out.append(ModuleSize(name, "generator", nbytes // BF16, nbytes, 0, exact=False))
+    return tuple(out)
+
+
+def place_generators(plan: Plan, devices: DeviceSpec, replan=None) -> Plan:
+    """Put each generator where it is used: resident on the GPU with the most memory left by the
+    thinker's plan when its weights + workspace fit there; otherwise it rests in host memory and is
+    moved to GPU 0 for each request ("cpu>cuda:0"), for which `replan` (the thinker planned again with
+    GPU 0 smaller) keeps room for the largest one. Without that room it runs on the CPU ("cpu")."""
+    gens = sorted(plan.sizes.generators, key=lambda m: -m.nbytes)
+    free = [g.free_bytes for g in plan.gpus]
+    placed, resident_all = [], True
+    for m in gens:
+        g = max(range(len(free)), key=lambda i: free[i]) if free else None
+        if g is not None and free[g] >= m.nbytes + GENERATOR_WORKSPACE:
+            free[g] -= m.nbytes + GENERATOR_WORKSPACE
+            placed.append(ModulePlacement(m.name, m.kind, m.nbytes, _gpu_name(g)))
+        else:
+            resident_all = False
+            placed.append(ModulePlacement(m.name, m.kind, m.nbytes, "cpu"))
+    if resident_all or replan is None:
+        return replace(plan, generators=tuple(placed))
+    swap = gens[0].nbytes + GENERATOR_WORKSPACE
+    gpu0 = devices.gpus[0]
+    try:
+        smaller = replan(replace(devices, gpus=(replace(gpu0, memory_bytes=max(0, gpu0.memory_bytes - swap)),)
+                                 + tuple(devices.gpus[1:])))
+    except PlanError:
+        return replace(plan, generators=tuple(placed),
+                       notes=plan.notes + ("no room on GPU 0 to move a generator in: they run on the CPU",))
+    moved = tuple(p if p.device != "cpu" else replace(p, device="cpu>cuda:0") for p in placed)
+    note = (f"{format_gb(swap)} of GPU 0 kept free for the generators (moved in from host memory on demand, "
+            f"one at a time)")
+    return replace(smaller, generators=moved, notes=smaller.notes + (note,))
 
 
 def _notes(plan: Plan, sizes: ModelSizes, n_gpu: int) -> tuple[str, ...]:
@@ -1096,6 +1177,12 @@ def render(plan: Plan) -> str:
         + f" = {p.ms_per_token:.2f} ms",
         f"  predicted decode: {p.tokens_per_s:.1f} tokens/s   bottleneck: {p.bottleneck_text}",
     ]
+    if plan.generators:
+        lines += ["", "Generators: " + "; ".join(
+            f"{m.name} {format_gb(m.nbytes)} " + ("resident on " + m.device if m.device.startswith("cuda")
+                                               else "in host memory, moved to " + m.device.split(">")[1] + " on demand"
+                                               if ">" in m.device else "in host memory, run on the CPU")
+            for m in plan.generators)]
     if plan.notes:
         lines += [""] + [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -413,6 +413,9 @@ def run_case(case_dir: Path) -> list[ParityRow]:
     if kind in ("talker", "audio_vae"):
         from engine.models.talker.parity import run_audio_vae_case, run_talker_case
         return (run_talker_case if kind == "talker" else run_audio_vae_case)(case_dir, Comparer, DEVICE)
+    if kind == "imagegen":
+        from engine.models.imagegen.parity import run_imagegen_case
+        return run_imagegen_case(case_dir, DEVICE)
     if kind == "frontend":
         runner = _frontend_runner()
         if runner is not None:

@@ -1,0 +1,359 @@
+"""Image generation, editing and generative segmentation as a stream of events, and the command line
+`python -m engine.imagine --model DIR --prompt "..." [--edit in.png ...] [--segment "the cup"]
+[--size WxH | --aspect 16:9] [--steps N] [--seed S] --out out.png`.
+
+One request: build the chat prompt (input images as ViT parts, then the text), run the thinker with
+the learned query tokens -> condition (+ ByT5 glyphs for quoted text), diffuse with CFG from seeded
+CPU noise (editing: the first input image is also the VAE reference frame), decode, resize. Events:
+`Progress` (stages and steps), `ImagePreview` every `preview_every` steps (a cheap latent->RGB map),
+`ImageDone` (PNG; segmentation adds the mask and overlay PNGs), then one `Done` (figures) or `Error`.
+Cancellation is checked between steps.
+
+Limits and clamping (everything else is refused with a clear error): the prompt is 1..MAX_PROMPT_CHARS
+characters and must fit the thinker's context with its images and query tokens; steps 1..MAX_STEPS;
+guidance 0..MAX_GUIDANCE (<= 1 turns CFG off); sizes per engine.models.imagegen.buckets; a seed of
+None or < 0 draws a random one (reported); reference images are decoded by engine.media.image (the
+first frame of an animation, alpha dropped, 16-bit rescaled) and shrunk to at most
+MAX_REFERENCE_PIXELS before the ViT (the VAE reference is resized to the bucket anyway).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.errors import MingError
+from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress
+from engine.media.image import load_image
+from engine.models.imagegen.buckets import SizePlan, center_crop_box, parse_aspect, plan_size
+from engine.models.imagegen.condition import condition_from_prompt
+from engine.models.imagegen.config import ImageGenError
+from engine.models.imagegen.diffusion import (caption_features, check_latent_grid, decode_latents, denoise,
+                                              encode_reference, initial_noise, latent_shape, make_scheduler,
+                                              steps_for_preview)
+from engine.models.imagegen.glyph import glyph_text_from_prompt
+from engine.models.imagegen.preview import preview_png, preview_size
+from engine.models.imagegen.segmentation import (DEFAULT_MASK_COLOR, EMPTY_MASK_NOTE, overlay, preset_prompt,
+                                                 recover_mask, segmentation_prompt)
+
+TASKS = ("generate", "edit", "segment")
+DEFAULT_STEPS = 30          # spec §8.6
+DEFAULT_GUIDANCE = 2.0      # image_gen_cfg, spec §8.6
+MAX_STEPS = 200
+MAX_GUIDANCE = 30.0
+MAX_PROMPT_CHARS = 20_000
+MAX_REFERENCE_IMAGES = 8
+MAX_REFERENCE_PIXELS = 1024 * 1024
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class ImagineRequest:
+    """One image request, validated by `check` (MingError with what is valid otherwise)."""
+
+    prompt: str
+    images: list = field(default_factory=list)
+    task: str = "generate"
+    size: Any = None
+    aspect: Any = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    preview_every: int = 0
+    mask_color: str = DEFAULT_MASK_COLOR
+    preset: str | None = None
+    negative_prompt: str | None = None   # accepted and ignored, as the 2.0 reference does (spec §8.6)
+    system_prompt: str | None = None
+
+    def check(self) -> None:
+        if self.task not in TASKS:
+            raise ImageGenError(f"task '{self.task}' is not one of {', '.join(TASKS)}")
+        if not isinstance(self.prompt, str):
+            raise ImageGenError("the prompt must be text")
+        if not self.prompt.strip():
+            what = "a target to segment (e.g. 'the cup')" if self.task == "segment" else "a description"
+            raise ImageGenError(f"the prompt is empty: give {what}")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise ImageGenError(f"the prompt is {len(self.prompt):,} characters; image prompts may have at most "
+                                f"{MAX_PROMPT_CHARS:,}")
+        images = self.images if isinstance(self.images, (list, tuple)) else [self.images]
+        self.images = [i for i in images if i is not None]
+        if self.task in ("edit", "segment") and not self.images:
+            raise ImageGenError(f"'{self.task}' needs an input image")
+        if self.task == "segment" and len(self.images) != 1:
+            raise ImageGenError("segmentation takes exactly one input image")
+        if len(self.images) > MAX_REFERENCE_IMAGES:
+            raise ImageGenError(f"{len(self.images)} input images; at most {MAX_REFERENCE_IMAGES} are accepted")
+        if self.task == "generate" and self.images:
+            self.task = "edit"  # images given: an edit (the first one is the VAE reference)
+        self.steps = _int_in("steps", DEFAULT_STEPS if self.steps is None else self.steps, 1, MAX_STEPS)
+        g = DEFAULT_GUIDANCE if self.guidance is None else self.guidance
+        try:
+            g = float(g)
+        except (TypeError, ValueError):
+            raise ImageGenError(f"guidance {self.guidance!r} is not a number") from None
+        if not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
+            raise ImageGenError(f"guidance {self.guidance!r} must be between 0 and {MAX_GUIDANCE:g} (<= 1: no CFG)")
+        self.guidance = g
+        self.preview_every = _int_in("preview_every", self.preview_every or 0, 0, MAX_STEPS)
+        if self.seed is not None:
+            self.seed = _int_in("seed", self.seed, -MAX_SEED, MAX_SEED)
+        if self.preset is not None and self.task == "generate":
+            raise ImageGenError("edit presets need an input image")
+        parse_aspect(self.aspect)  # early, clear errors for sizes too
+        if self.size is not None and self.aspect is not None:
+            raise ImageGenError("give either a size or an aspect ratio, not both")
+
+    def instruction(self) -> str:
+        """The text the thinker reads (segmentation and presets wrap the user's words)."""
+        if self.task == "segment":
+            return segmentation_prompt(self.prompt, self.mask_color)
+        if self.preset:
+            return preset_prompt(self.preset, self.prompt)
+        return self.prompt
+
+
+def _int_in(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
+            isinstance(value, float) and value.is_integer()):
+        raise ImageGenError(f"{name} must be a whole number, got {value!r}")
+    value = int(value)
+    if not lo <= value <= hi:
+        raise ImageGenError(f"{name} {value} is out of range {lo}..{hi}")
+    return value
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _shrink(image: Image.Image, max_pixels: int) -> Image.Image:
+    n = image.width * image.height
+    if n <= max_pixels:
+        return image
+    f = math.sqrt(max_pixels / n)
+    return image.resize((max(1, int(image.width * f)), max(1, int(image.height * f))), Image.Resampling.LANCZOS)
+
+
+def _reference_pixels(image: Image.Image, plan: SizePlan, aspect: float | None) -> torch.Tensor:
+    """The VAE reference (spec §8.8): optional centre crop to the requested aspect, bilinear resize to
+    the bucket, mapped to [−1, 1]: [1, 3, H_b, W_b]."""
+    if aspect is not None:
+        image = image.crop(center_crop_box(image.height, image.width, aspect))
+    hb, wb = plan.diffusion
+    arr = np.asarray(image.resize((wb, hb), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0) * 2 - 1
+
+
+def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = None) -> Iterator[Event]:
+    """Stream one image request on a loaded Engine (see the module docstring)."""
+    t_start = time.perf_counter()
+    gen = getattr(engine, "image_generator", None)
+    if gen is None:
+        yield Error("this checkpoint has no image generator (its mlp/, connector/, transformer/, vae/ and "
+                    "scheduler/ folders); load Ming-flash-omni-2.0 or the tiny demo model", code="unsupported_model")
+        return
+    try:
+        request.check()
+        instruction = request.instruction()
+        images = [_shrink(load_image(src), MAX_REFERENCE_PIXELS) for src in request.images]
+        aspect = parse_aspect(request.aspect)
+        ref = images[0] if images else None
+        ref_hw = None
+        if ref is not None:
+            ref_hw = (ref.height, ref.width)
+            if aspect is not None:
+                box = center_crop_box(ref.height, ref.width, aspect)
+                ref_hw = (box[3] - box[1], box[2] - box[0])
+        plan = plan_size(request.size, None if ref is not None else request.aspect, ref_hw,
+                         gen.bucket_bases, gen.default_base)
+        check_latent_grid(*plan.diffusion, gen.vae_scale)
+        content = [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": instruction}]
+        prompt = engine.processor.build([{"role": "user", "content": content}], system_prompt=request.system_prompt)
+        n_query = sum(s * s + 2 for s in gen.head_config.scales)
+        context = engine.model.config.llm.max_position_embeddings
+        if len(prompt.ids) + n_query > context:
+            raise ImageGenError(f"the prompt with its images is {len(prompt.ids):,} tokens; with the "
+                                f"{n_query} query tokens it exceeds the model's context of {context:,}")
+    except (MingError, ValueError) as e:
+        yield Error(str(e), code=getattr(e, "code", "invalid_request"))
+        return
+    seed = request.seed if request.seed is not None and request.seed >= 0 else secrets.randbelow(2**31)
+    t_wait = time.perf_counter()
+    with engine._lock:
+        waited = time.perf_counter() - t_wait
+        try:
+            yield from _run(engine, gen, request, prompt, plan, ref, aspect, seed, instruction, cancel,
+                            t_start, waited)
+        except MingError as e:
+            yield Error(str(e), code=e.code)
+        except Exception as e:  # the stream ends with a clear error; the engine keeps serving
+            yield Error(f"{type(e).__name__}: {e}")
+
+
+def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Image.Image | None,
+         aspect: float | None, seed: int, instruction: str, cancel, t_start: float, waited: float) -> Iterator[Event]:
+    stats = GenerationStats(queue_wait_s=waited)
+    model = engine.model
+    yield Progress("encoding prompt", message=f"{len(prompt.ids)} tokens, {len(prompt.images)} image(s)")
+    t_enc = time.perf_counter()
+    mm = engine.encode_media(prompt) if prompt.images else None
+    stats.media_encode_s = time.perf_counter() - t_enc if mm is not None else 0.0
+    glyph_text = glyph_text_from_prompt(instruction) if gen.glyph is not None else ""
+    with gen.on_compute():
+        dev = gen.compute
+        with torch.inference_mode():
+            trace = condition_from_prompt(model.llm, model.numerics, gen.query_head, gen.connector, prompt.ids,
+                                          mm.image_embeds if mm is not None else None, prompt.image_grid_thw)
+            cond = trace.condition.to(dev)
+            stats.prompt_tokens = int(trace.layout.input_ids.shape[1])
+            if glyph_text:
+                cond = torch.cat([cond, gen.glyph([glyph_text]).embeds.to(dev, cond.dtype)], dim=1)
+            caption = caption_features(cond[0].float(), gen.head_config, gen.caption_mlp)
+            negative = caption_features(torch.zeros_like(cond[0]).float(), gen.head_config, gen.caption_mlp)
+            ref_latent = None
+            if ref is not None:
+                ref_latent = encode_reference(gen.vae, _reference_pixels(ref, plan, aspect).to(dev))
+            shape = latent_shape(*plan.diffusion, gen.latent_channels, gen.vae_scale)
+            latents = initial_noise(seed, shape).to(dev)
+            scheduler, _ = make_scheduler(gen.scheduler_config, request.steps, shape[2:], device=dev)
+        n = len(scheduler.timesteps)
+        if cancel is not None and cancel.is_set():  # stopped while the prompt was being encoded
+            stats.total_s = time.perf_counter() - t_start
+            yield Done(text="", finish_reason="cancelled", stats=stats, result={"seed": seed, "steps_done": 0})
+            return
+        previews = steps_for_preview(n, request.preview_every)
+        rgb_map = gen.latent_rgb() if previews else None
+        yield Progress("denoising", 0, n)
+        t_loop = time.perf_counter()
+        done_steps = 0
+        for step in denoise(gen.transformer, scheduler, latents, caption, negative, request.guidance, ref_latent):
+            latents = step.latents_out
+            done_steps += 1
+            yield Progress("denoising", done_steps, n)
+            if step.index in previews:
+                ph, pw = preview_size(plan.output)
+                png = preview_png(rgb_map.to_rgb(step.predicted_clean()), (ph, pw))
+                if not stats.time_to_first_preview_s:
+                    stats.time_to_first_preview_s = time.perf_counter() - t_start
+                yield ImagePreview(png, step=done_steps, total_steps=n, width=pw, height=ph)
+            if cancel is not None and cancel.is_set() and done_steps < n:
+                break
+        loop_s = time.perf_counter() - t_loop
+        stats.image_steps = done_steps
+        stats.image_step_s = loop_s / done_steps if done_steps else 0.0
+        if done_steps < n:
+            stats.total_s = time.perf_counter() - t_start
+            yield Done(text="", finish_reason="cancelled", stats=stats, result={"seed": seed, "steps_done": done_steps})
+            return
+        yield Progress("decoding image")
+        with torch.inference_mode():
+            _, _, rgb = decode_latents(gen.vae, latents)
+    h, w = plan.output
+    image = Image.fromarray(rgb)
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.Resampling.LANCZOS)
+    out = np.asarray(image)
+    mask_png = overlay_png = None
+    note = ""
+    result = {"seed": seed, "task": request.task, "width": w, "height": h, "diffusion_width": plan.diffusion[1],
+              "diffusion_height": plan.diffusion[0], "glyph_text": glyph_text}
+    if request.task == "segment":
+        ref_out = np.asarray(ref.resize((w, h), Image.Resampling.LANCZOS))
+        mask = recover_mask(ref_out, out)
+        mask_png = _png((mask * 255).astype(np.uint8))
+        overlay_png = _png(overlay(ref_out, mask, request.mask_color))
+        result["mask_pixels"] = int(mask.sum())
+        note = EMPTY_MASK_NOTE if not mask.any() else ""
+    stats.images = 1
+    stats.total_s = time.perf_counter() - t_start
+    yield ImageDone(image=_png(out), width=w, height=h, seed=seed, mask=mask_png, overlay=overlay_png, note=note)
+    yield Done(text=note, finish_reason="stop", stats=stats, result=result)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.runtime import Engine
+
+    ap = argparse.ArgumentParser(prog="python -m engine.imagine",
+                                 description="Generate, edit or segment an image; prints seconds per step and per image.")
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the tiny random demo model)")
+    ap.add_argument("--prompt", default=None, help="what to draw / how to edit (the target for --segment)")
+    ap.add_argument("--edit", nargs="+", default=[], metavar="IMAGE", help="input image(s); the first is the reference")
+    ap.add_argument("--segment", default=None, metavar="TARGET", help="segment TARGET in the --edit image")
+    ap.add_argument("--preset", choices=["replace_background", "remove_object"], default=None,
+                    help="edit preset: --prompt is the new background / the object to remove")
+    ap.add_argument("--size", default=None, help="WIDTHxHEIGHT of the result")
+    ap.add_argument("--aspect", default=None, help="aspect ratio W:H, e.g. 16:9")
+    ap.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEFAULT_STEPS})")
+    ap.add_argument("--guidance", type=float, default=None, help=f"CFG scale (default {DEFAULT_GUIDANCE})")
+    ap.add_argument("--seed", type=int, default=None, help="same seed -> same pixels on the same device")
+    ap.add_argument("--mask-color", default=DEFAULT_MASK_COLOR, help="segmentation colour (default green)")
+    ap.add_argument("--preview-every", type=int, default=0, help="write a preview every N steps (--preview-dir)")
+    ap.add_argument("--preview-dir", type=Path, default=None)
+    ap.add_argument("--out", type=Path, required=True, help="output PNG (segmentation adds _mask/_overlay PNGs)")
+    ap.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    ap.add_argument("--compile", action="store_true", help="CUDA: torch.compile the DiT's blocks")
+    args = ap.parse_args(argv)
+    if args.segment is None and not args.prompt:
+        ap.error("--prompt is required (or --segment TARGET with --edit IMAGE)")
+    log = lambda line: print(f"[{line}]", file=sys.stderr)  # noqa: E731
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, log=log)
+    if engine.is_demo:
+        log("random demo weights: the picture is noise; use --model for the real checkpoint")
+    if args.compile and engine.image_generator is not None:
+        engine.image_generator.compile_transformer()
+    task = "segment" if args.segment is not None else ("edit" if args.edit else "generate")
+    req = ImagineRequest(prompt=args.segment if args.segment is not None else args.prompt, images=[str(p) for p in args.edit],
+                         task=task, size=args.size, aspect=args.aspect, steps=args.steps, guidance=args.guidance,
+                         seed=args.seed, preview_every=args.preview_every if args.preview_dir else 0,
+                         mask_color=args.mask_color, preset=args.preset)
+    code = 0
+    for ev in engine.imagine_request(req):
+        if isinstance(ev, Progress) and ev.stage != "denoising":
+            log(ev.stage + (f": {ev.message}" if ev.message else ""))
+        elif isinstance(ev, ImagePreview):
+            args.preview_dir.mkdir(parents=True, exist_ok=True)
+            (args.preview_dir / f"step_{ev.step:03d}.png").write_bytes(ev.image)
+        elif isinstance(ev, ImageDone):
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_bytes(ev.image)
+            print(f"wrote {args.out} ({ev.width}x{ev.height}, seed {ev.seed})")
+            for kind, data in (("mask", ev.mask), ("overlay", ev.overlay)):
+                if data is not None:
+                    path = args.out.with_name(f"{args.out.stem}_{kind}.png")
+                    path.write_bytes(data)
+                    print(f"wrote {path}")
+            if ev.note:
+                print(f"note: {ev.note}")
+        elif isinstance(ev, Done):
+            s = ev.stats
+            print(f"{s.image_steps} steps, {s.image_step_s:.3f} s/step, {s.total_s:.2f} s per image "
+                  f"(prompt + condition {max(0.0, s.total_s - s.image_steps * s.image_step_s):.2f} s incl. decode)"
+                  + (", cancelled" if ev.finish_reason == "cancelled" else ""))
+        elif isinstance(ev, Error):
+            print(f"error: {ev.message}", file=sys.stderr)
+            code = 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Parity runners for the image-generation reference fixtures (`python -m engine.parity CASE...`):
+
+* `imagegen_cond` — the raw prompt (and edit image) through our processor, the thinker pass with the
+  learned queries, the connector and the L2-normalised condition;
+* `imagegen_dit`  — every run of the case (text-to-image, edit, dynamic shifting): initial noise from
+  the seed, schedule, per-step DiT outputs and latents, VAE decode and the uint8 image, all produced
+  by our loop end to end (never re-fed the reference's intermediates);
+* `imagegen_byt5` — the glyph text extraction, ByT5 ids, encoder, mapper and the appended condition
+  (the model, mlp/ and connector/ of the sibling `imagegen_cond` case).
+
+Which runner applies is decided by the case's folders (transformer/, byt5/, connector/), so held-out
+cases of the same kinds run whatever they are called.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from engine.models.imagegen.condition import Connector, condition_from_prompt, load_query_head
+from engine.models.imagegen.config import QueryHeadConfig
+from engine.models.imagegen.diffusion import (caption_features, decode_latents, denoise, encode_reference,
+                                              initial_noise, latent_shape, make_scheduler, vae_scale_factor)
+from engine.models.imagegen.glyph import GlyphEncoder, glyph_text_from_prompt
+
+# Tolerances where a case's meta.json suggests none (README: hidden states 1e-4, projector outputs 1e-5).
+HIDDEN_ATOL = 1e-4
+CONDITION_ATOL = 1e-5
+EMBED_ATOL = 1e-6
+PIXEL_ATOL = 1e-6
+
+
+def _tol(meta: dict, key: str, default: float) -> float:
+    value = (meta.get("suggested_tolerances") or {}).get(key)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _cond_components(case_dir: Path, device: str):
+    from engine.models.thinker.model import load_model
+    loaded = load_model(case_dir, dtype="fp32", device=device)
+    head, _ = load_query_head(case_dir / "mlp", torch.float32, device)
+    connector = Connector.load(case_dir / "connector", torch.float32, device)
+    return loaded, head, connector
+
+
+def run_cond_case(case_dir: Path, device: str = "cpu") -> list:
+    """Kind imagegen, conditioning: prompt -> processor -> thinker with queries -> connector."""
+    from engine.runtime import Engine
+    from engine.tools.parity import Comparer, _processor_for, conversation_from_prompt
+
+    meta = json.loads((case_dir / "meta.json").read_text())
+    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    outputs = load_file(str(case_dir / "outputs.safetensors"))
+    loaded, head, connector = _cond_components(case_dir, device)
+    tok, processor = _processor_for(case_dir, loaded)
+    engine = Engine(loaded, tok, is_demo=False)
+    cmp = Comparer(case_dir.name, {**{f"processor.{k}": v for k, v in inputs.items() if not k.endswith("raw_image")},
+                                   **outputs})
+    for sub in meta["cases"]:
+        name = sub["name"]
+        raw = inputs.get(f"{name}.raw_image")
+        media = {"image": [raw.numpy()] if raw is not None else [], "audio": [], "video": []}
+        messages, system, thinking = conversation_from_prompt(sub["prompt_text"], media)
+        prompt = processor.build(messages, system_prompt=system, thinking=thinking)
+        ids = torch.tensor([prompt.ids])
+        cmp.exact(f"processor.{name}.input_ids", ids)
+        cmp.exact(f"processor.{name}.attention_mask", torch.ones_like(ids))
+        if prompt.images:
+            cmp.close(f"processor.{name}.pixel_values", prompt.pixel_values, PIXEL_ATOL)
+            cmp.exact(f"processor.{name}.image_grid_thw", prompt.image_grid_thw)
+        with torch.inference_mode():
+            mm = engine.encode_media(prompt) if prompt.images else None
+            tr = condition_from_prompt(loaded.llm, loaded.numerics, head, connector, prompt.ids,
+                                       mm.image_embeds if mm is not None else None, prompt.image_grid_thw)
+        key = f"{name}."
+        cmp.exact(key + "appended_input_ids", tr.layout.input_ids)
+        cmp.exact(key + "appended_attention_mask", torch.ones_like(tr.layout.input_ids))
+        cmp.exact(key + "gen_mask", tr.layout.gen_mask)
+        cmp.exact(key + "llm_image_grid_thw", tr.layout.image_grid_thw)
+        cmp.close(key + "llm_query_and_image_embeds", tr.slot_embeds, EMBED_ATOL)
+        cmp.close(key + "llm_inputs_embeds", tr.inputs_embeds, EMBED_ATOL)
+        cmp.exact(key + "position_ids", tr.position_ids)
+        cmp.exact(key + "image_mask", tr.image_mask.long())
+        cmp.close(key + "last_scale_hidden", tr.last_scale_hidden, HIDDEN_ATOL)
+        cmp.close(key + "connector_out", tr.connector_out, HIDDEN_ATOL)
+        cmp.close(key + "condition_embeds", tr.condition, CONDITION_ATOL)
+        cmp.exact(key + "negative_condition_embeds", torch.zeros_like(tr.condition))
+        if mm is not None and key + "input_image_embeds" in outputs:
+            cmp.close(key + "input_image_embeds", mm.image_embeds, CONDITION_ATOL)
+    return cmp.rows + cmp.missing()
+
+
+def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
+    """Kind imagegen, diffusion: our scheduler setup, CFG Euler loop and VAE against every run."""
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+
+    from engine.tools.parity import Comparer
+
+    meta = json.loads((case_dir / "meta.json").read_text())
+    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    cmp = Comparer(case_dir.name, load_file(str(case_dir / "outputs.safetensors")))
+    transformer = ZImageTransformer2DModel.from_pretrained(str(case_dir), subfolder="transformer",
+                                                           torch_dtype=torch.float32).eval().to(device)
+    vae = AutoencoderKL.from_pretrained(str(case_dir), subfolder="vae", torch_dtype=torch.float32).eval().to(device)
+    head = QueryHeadConfig.from_folder(case_dir / "mlp") if list((case_dir / "mlp").glob("*.safetensors")) else None
+    mlp_cfg = json.loads((case_dir / "mlp" / "config.json").read_text())
+    if head is None:  # the DiT case ships only mlp/config.json: the wrapper switches
+        head = QueryHeadConfig(scales=(1,), llm_hidden=0, connector_hidden=0, c_dim=transformer.config.cap_feat_dim,
+                               dit_type=str(mlp_cfg.get("dit_type", "zimage")),
+                               use_identity_mlp=bool(mlp_cfg.get("use_identity_mlp", True)),
+                               text_encoder_norm=bool(mlp_cfg.get("text_encoder_norm", True)))
+    t_lat = _tol(meta, "step_latents_* / final_latents", HIDDEN_ATOL)
+    t_dit = _tol(meta, "step_dit_out", HIDDEN_ATOL)
+    t_sched = _tol(meta, "timesteps / sigmas / mu", 1e-6)
+    t_dec = _tol(meta, "decoded", 1e-3)
+    for run, r in meta["runs"].items():
+        k = f"{run}."
+        folder = case_dir / r["scheduler_folder"]
+        scheduler_config = json.loads((folder / "scheduler_config.json").read_text())
+        cond = inputs[k + "condition_embeds"][0].to(device)
+        shape = latent_shape(int(r["height"]), int(r["width"]), transformer.config.in_channels, vae_scale_factor(vae))
+        latents = initial_noise(int(r["seed"]), shape)
+        cmp.exact(k + "init_latents", latents)
+        scheduler, mu = make_scheduler(scheduler_config, int(r["steps"]), shape[2:], device=device)
+        cmp.close(k + "timesteps", scheduler.timesteps, t_sched)
+        cmp.close(k + "sigmas", scheduler.sigmas, t_sched)
+        cmp.close(k + "mu", torch.tensor(mu, dtype=torch.float32), t_sched)
+        caption = caption_features(cond.float(), head, None)
+        negative = caption_features(torch.zeros_like(cond).float(), head, None)
+        cmp.close(k + "cap_feats", torch.stack([caption, negative]), t_dit)
+        ref = None
+        if r.get("reference_image"):
+            with torch.inference_mode():
+                ref = encode_reference(vae, inputs[k + "ref_pixels"].to(device))
+            cmp.close(k + "ref_latents", ref, t_lat)
+        steps = list(denoise(transformer, scheduler, latents.to(device), caption, negative,
+                             float(r["guidance_scale"]), ref))
+        cmp.close(k + "step_latents_in", torch.stack([s.latents_in for s in steps]), t_lat)
+        cmp.close(k + "step_latents_out", torch.stack([s.latents_out for s in steps]), t_lat)
+        cmp.close(k + "step_model_output", torch.stack([s.model_output for s in steps]), t_dit)
+        cmp.close(k + "step_dit_t", torch.stack([s.dit_t for s in steps]), t_sched)
+        cmp.close(k + "step_dit_out", torch.stack([s.dit_out for s in steps]), t_dit)
+        final = steps[-1].latents_out
+        cmp.close(k + "final_latents", final, t_lat)
+        with torch.inference_mode():
+            z, decoded, image = decode_latents(vae, final)
+        cmp.close(k + "vae_decode_in", z, t_lat)
+        cmp.close(k + "decoded", decoded, t_dec)
+        cmp.close(k + "image_uint8", torch.from_numpy(image).long(), 1.0)
+    return cmp.rows + cmp.missing()
+
+
+def run_byt5_case(case_dir: Path, device: str = "cpu") -> list:
+    """Kind imagegen, glyphs: text extraction, ByT5 ids/encoder/mapper, the appended condition."""
+    from engine.tools.parity import Comparer, ParityRow
+
+    meta = json.loads((case_dir / "meta.json").read_text())
+    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    outputs = load_file(str(case_dir / "outputs.safetensors"))
+    cmp = Comparer(case_dir.name, outputs)
+    for prompt, expected in (meta.get("get_text_from_prompt") or {}).items():
+        got = glyph_text_from_prompt(prompt)
+        cmp.rows.append(ParityRow(case_dir.name, f"get_text_from_prompt({prompt[:32]!r})", 0.0 if got == expected else 1.0,
+                                  "exact", got == expected, "" if got == expected else f"got {got!r}"))
+    cond_dir = case_dir.parent / "imagegen_cond"
+    loaded, head, connector = _cond_components(cond_dir, device)
+    glyph = GlyphEncoder.load(case_dir / "byt5", torch.float32, device)
+    cond_meta = json.loads((cond_dir / "meta.json").read_text())
+    prompts = {c["name"]: c["prompt_text"] for c in cond_meta.get("cases", [])}
+    atol = _tol(meta, "byt5_encoder_out / byt5_mapper_out / condition_embeds", CONDITION_ATOL)
+    for run, r in meta["runs"].items():
+        k = f"{run}."
+        text = r["image_gen_text"][0]
+        if str(r.get("image_gen_text_source", "")).startswith("derived"):
+            source = prompts.get(str(r.get("condition_case", "")).split("/")[-1], "")
+            user = source.split("<role>HUMAN</role>")[-1].split("<|role_end|>")[0]
+            got = glyph_text_from_prompt(user)
+            cmp.rows.append(ParityRow(case_dir.name, k + "image_gen_text", 0.0 if got == text else 1.0, "exact",
+                                      got == text, "" if got == text else f"got {got!r}"))
+            text = got
+        with torch.inference_mode():
+            g = glyph([text])
+            tr = condition_from_prompt(loaded.llm, loaded.numerics, head, connector, inputs[k + "input_ids"][0].tolist())
+        cmp.exact(k + "byt5_input_ids", g.input_ids)
+        cmp.exact(k + "byt5_attention_mask", g.attention_mask)
+        cmp.close(k + "byt5_encoder_out", g.encoder_out, atol)
+        cmp.close(k + "byt5_mapper_out", g.mapper_out, atol)
+        cmp.close(k + "byt5_prompt_embeds", g.embeds, atol)
+        cond = torch.cat([tr.condition, g.embeds.to(tr.condition.dtype)], dim=1)
+        cmp.close(k + "condition_embeds", cond, atol)
+        cmp.exact(k + "negative_condition_embeds", torch.zeros_like(cond))
+    return cmp.rows + cmp.missing()
+
+
+def run_imagegen_case(case_dir: Path, device: str = "cpu") -> list:
+    if (case_dir / "transformer").is_dir():
+        return run_dit_case(case_dir, device)
+    if (case_dir / "byt5").is_dir():
+        return run_byt5_case(case_dir, device)
+    return run_cond_case(case_dir, device)

@@ -1,0 +1,83 @@
+"""Generative segmentation and the edit presets (spec §8.9).
+
+Segmentation is an ordinary edit: the model is asked to paint the target in a colour and returns the
+input with the target overlaid; the binary mask is recovered from the difference between the input
+and the output, as the SDK does:
+
+1. blur both images (3×3 Gaussian, σ = 1), in [0, 1];
+2. d = f₁ − (2·f₂ − f₁) with f₁ the input (the reference) and f₂ the output [U: the SDK's argument
+   order was not visible; with a 50 % blend of the colour inside the mask this is |f₁ − colour|
+   there and 0 elsewhere];
+3. blur |d| again and average over the channels;
+4. threshold > 0.15;
+5. median filter, kernel 11.
+
+An empty mask means the model painted nothing: the target was not found, and the result says so.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from engine.models.imagegen.config import ImageGenError
+
+SEGMENT_TEMPLATE = ("Given the following instructions: {target}; please perform referring segmentation on this "
+                    "image with {color} mask.")
+DEFAULT_MASK_COLOR = "green"
+MASK_COLORS = {"green": (0, 255, 0), "red": (255, 0, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+               "cyan": (0, 255, 255), "magenta": (255, 0, 255), "white": (255, 255, 255), "black": (0, 0, 0)}
+BLUR_KERNEL, BLUR_SIGMA = 3, 1.0
+MASK_THRESHOLD = 0.15
+MEDIAN_KERNEL = 11
+OVERLAY_ALPHA = 0.5
+EMPTY_MASK_NOTE = "the mask is empty: the target was not found in the picture"
+# Edit presets: prompt templates around the user's text (our product wording, not upstream's).
+EDIT_PRESETS = {
+    "replace_background": "Replace the background with {text}. Keep the main subject unchanged.",
+    "remove_object": "Remove the {text} from the image and fill the area naturally.",
+}
+_QUOTES = "\"'“”‘’「」『』"
+
+
+def segmentation_prompt(target: str, color: str = DEFAULT_MASK_COLOR) -> str:
+    """The SDK rewrite template, quotes stripped from the target (spec §8.9)."""
+    clean = "".join(ch for ch in target if ch not in _QUOTES).strip()
+    if not clean:
+        raise ImageGenError("segmentation needs a target to find, e.g. 'the cup'")
+    if color not in MASK_COLORS:
+        raise ImageGenError(f"mask colour '{color}' is not one of {', '.join(MASK_COLORS)}")
+    return SEGMENT_TEMPLATE.format(target=clean, color=color)
+
+
+def preset_prompt(preset: str, text: str) -> str:
+    if preset not in EDIT_PRESETS:
+        raise ImageGenError(f"unknown edit preset '{preset}'; choose one of {', '.join(EDIT_PRESETS)}")
+    if not text.strip():
+        raise ImageGenError(f"the '{preset}' preset needs a text (what to put in / what to remove)")
+    return EDIT_PRESETS[preset].format(text=text.strip())
+
+
+def _blur(x: np.ndarray) -> np.ndarray:
+    return cv2.GaussianBlur(x, (BLUR_KERNEL, BLUR_KERNEL), BLUR_SIGMA)
+
+
+def recover_mask(reference: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] input and output (same size) -> bool [H, W] mask (steps 1-5 above)."""
+    if reference.shape != output.shape or reference.ndim != 3:
+        raise ValueError(f"images must be the same [H, W, 3] size, got {reference.shape} and {output.shape}")
+    f1 = _blur(reference.astype(np.float32) / 255.0)
+    f2 = _blur(output.astype(np.float32) / 255.0)
+    d = np.abs(f1 - (2.0 * f2 - f1))
+    score = _blur(d).mean(axis=2)
+    mask = (score > MASK_THRESHOLD).astype(np.uint8) * 255
+    return cv2.medianBlur(mask, MEDIAN_KERNEL) > 0
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color: str = DEFAULT_MASK_COLOR,
+            alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """The input with the mask painted in `color` at `alpha` (what the model itself is asked to draw)."""
+    out = image.astype(np.float32).copy()
+    tint = np.asarray(MASK_COLORS[color], dtype=np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * tint
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)

@@ -1,0 +1,54 @@
+"""Resolution buckets and output sizes (spec §8.7), and the limits on sizes and aspect ratios."""
+
+import pytest
+
+from engine.models.imagegen.buckets import (MAX_SIDE, aspect_output_size, bucket_table, center_crop_box,
+                                            nearest_bucket, plan_size)
+from engine.models.imagegen.config import ImageGenError
+
+
+def test_tables_match_the_spec():
+    assert len(bucket_table(512)) == 40 and len(bucket_table(672)) == 30
+    assert dict(bucket_table(1024))[1.0] == (1024, 1024) and dict(bucket_table(1024))[0.57] == (768, 1344)
+    assert dict(bucket_table(1024))[1.75] == (1344, 768)
+    assert all(h % 64 == 0 and w % 64 == 0 for _, (h, w) in bucket_table(1024))
+    assert all(h % 32 == 0 and w % 32 == 0 for base in (512, 672) for _, (h, w) in bucket_table(base))
+
+
+def test_default_text_to_image_is_1024_square_and_aspect_keeps_its_ratio():
+    assert plan_size().diffusion == (1024, 1024) and plan_size().output == (1024, 1024)
+    p = plan_size(aspect="16:9")   # (512, 910.2) -> key 0.57 -> 768x1344, output 768 x floor(910*768/512)
+    assert p.diffusion == (768, 1344) and p.output == (768, 1365)
+    assert nearest_bucket(100, 100, 512) == (512, 512)
+    # equally near keys: the first one listed wins
+    assert nearest_bucket(0.255, 1, 512) == (256, 1024)
+
+
+def test_output_size_formula():
+    assert aspect_output_size(96, 128, (208, 288)) == (216, 288)
+    assert aspect_output_size(100, 50, (704, 352)) == (704, 352)
+    assert aspect_output_size(300, 100, (864, 288)) == (864, 288)
+
+
+def test_explicit_size_is_returned_exactly_and_picks_the_nearest_table():
+    p = plan_size("513x257")      # odd sizes are fine: the diffusion size is a bucket, the output exact
+    assert p.output == (257, 513) and p.table == 512 and p.diffusion == (352, 704)
+    assert plan_size("1920x1080").table == 1024 and plan_size("1920x1080").output == (1080, 1920)
+    assert plan_size(reference_hw=(70, 90), default_base=256).diffusion == (224, 288)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"size": "0x512"}, "out of range"), ({"size": f"{MAX_SIDE + 1}x512"}, "out of range"),
+    ({"size": "20000x20000"}, "out of range"), ({"size": "big"}, "WIDTHxHEIGHT"),
+    ({"size": "2048x100"}, "elongated"), ({"aspect": "100:1"}, "elongated"), ({"aspect": "0:1"}, "positive"),
+    ({"aspect": "nan"}, "positive"), ({"size": "512x512", "aspect": "1:1"}, "either"),
+    ({"reference_hw": (10, 1000)}, "elongated"),
+])
+def test_bad_sizes_are_refused_clearly(kw, words):
+    with pytest.raises(ImageGenError, match=words):
+        plan_size(**kw)
+
+
+def test_centre_crop_is_the_largest_centred_box():
+    assert center_crop_box(100, 300, 1.0) == (100, 0, 200, 100)
+    assert center_crop_box(300, 100, 1.0) == (0, 100, 100, 200)

@@ -1,0 +1,61 @@
+"""The schedule as the reference really runs it (spec §8.6, §9 item 19), seeded noise, caption features."""
+
+import math
+
+import torch
+
+from engine.models.imagegen.condition import CaptionMLP
+from engine.models.imagegen.config import QueryHeadConfig
+from engine.models.imagegen.diffusion import (caption_features, dynamic_shift_mu, initial_noise, latent_shape,
+                                              make_scheduler, steps_for_preview)
+
+STATIC = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+          "use_dynamic_shifting": False}
+DYNAMIC = {**STATIC, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+           "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+def test_static_config_ignores_mu_and_ends_on_sigma_zero():
+    sched, mu = make_scheduler(STATIC, 5, (128, 128))
+    base = torch.linspace(1, 0, 5, dtype=torch.float64)
+    expected = 3 * base / (1 + 2 * base)
+    assert torch.allclose(sched.sigmas[:-1].double(), expected, atol=1e-6)
+    assert sched.sigmas[-1] == 0 and sched.sigmas[-2] == 0   # the last step has Δσ = 0
+    assert torch.allclose(sched.timesteps.double(), expected * 1000, atol=1e-3)
+    assert math.isclose(mu, dynamic_shift_mu(64 * 64, STATIC))  # computed, then unused
+
+
+def test_dynamic_config_uses_mu_with_the_exponential_shift():
+    sched, mu = make_scheduler(DYNAMIC, 4, (64, 64))
+    assert math.isclose(mu, 32 * 32 * (0.65 / 3840) + 0.5 - (0.65 / 3840) * 256, rel_tol=1e-12)
+    base = torch.linspace(1, 0, 4, dtype=torch.float64)[:-1]
+    expected = math.exp(mu) / (math.exp(mu) + (1 / base - 1))
+    assert torch.allclose(sched.sigmas[:3].double(), expected, atol=1e-6) and sched.sigmas[3] == 0
+
+
+def test_noise_comes_from_a_cpu_generator_seeded_like_torch_manual_seed():
+    shape = latent_shape(64, 96, 16, 8)
+    assert shape == (1, 16, 8, 12)
+    torch.manual_seed(1234)
+    reference = torch.randn(shape)
+    assert torch.equal(initial_noise(1234, shape), reference)
+    assert not torch.equal(initial_noise(1235, shape), reference)
+
+
+def test_caption_features_normalise_times_1000_and_keep_zero_negatives():
+    cfg = QueryHeadConfig(scales=(2,), llm_hidden=4, connector_hidden=4, c_dim=3, dit_type="zimage",
+                          use_identity_mlp=True, text_encoder_norm=True)
+    x = torch.tensor([[3.0, 4.0, 0.0]])
+    assert torch.allclose(caption_features(x, cfg, None), torch.tensor([[600.0, 800.0, 0.0]]))
+    assert torch.equal(caption_features(torch.zeros(2, 3), cfg, None), torch.zeros(2, 3))
+    shapes = {"mlp.fc1.weight": (5, 3), "mlp.fc2.weight": (7, 5)}
+    mlp = CaptionMLP(shapes)
+    y = caption_features(x, cfg, mlp)
+    ref = mlp.layer_norm2(mlp.fc2(torch.relu(mlp.layer_norm1(mlp.fc1(torch.tensor([[600.0, 800.0, 0.0]]))))))
+    assert y.shape == (1, 7) and torch.allclose(y, ref)
+
+
+def test_previews_every_k_steps_but_not_after_the_last():
+    assert steps_for_preview(10, 3) == {2, 5, 8}
+    assert steps_for_preview(6, 3) == {2}
+    assert steps_for_preview(10, 0) == set()

@@ -1,0 +1,34 @@
+"""Quoted text -> the text rendered through ByT5 (spec §8.4) and the glyph tokenizer's extra tokens."""
+
+from engine.models.imagegen.config import ByT5Settings
+from engine.models.imagegen.glyph import glyph_special_tokens, glyph_text_from_prompt
+
+
+def test_last_quoted_span_by_pattern_order():
+    assert glyph_text_from_prompt('Draw "A" and "B"') == 'Text "B". '
+    assert glyph_text_from_prompt("A sign “欢迎” next to ‘Cafe’") == 'Text "欢迎". '  # “…” is the last pattern
+    assert glyph_text_from_prompt("no quotes here") == ""
+
+
+def test_short_single_quotes_count_as_quotes_and_long_ones_do_not():
+    assert glyph_text_from_prompt("Write 'OPEN' on the door") == 'Text "OPEN". '
+    assert glyph_text_from_prompt("It's a dog's toy") == 'Text "s a dog". '
+    long = "'" + "x" * 25 + "'"
+    assert glyph_text_from_prompt(f"Write {long}") == ""
+    assert glyph_text_from_prompt("Write '七个汉字七个汉字'") == ""  # 8 CJK characters weigh 24 >= 20
+
+
+def test_a_single_span_after_a_remove_instruction_is_not_rendered():
+    assert glyph_text_from_prompt('Remove the text "SALE" from the poster') == ""
+    assert glyph_text_from_prompt('Please ERASE "x"') == ""
+    assert glyph_text_from_prompt('Remove "A" and write "B"') == 'Text "B". '   # two spans: kept
+    assert glyph_text_from_prompt('Write "SALE" then remove the rest') == 'Text "SALE". '
+
+
+def test_glyph_tokens_follow_the_tables(tmp_path):
+    (tmp_path / "c.json").write_text('{"white": 0, "red": 1}')
+    (tmp_path / "f.json").write_text('{"en-Mont": 0, "cn-Han": 1, "Roboto": 2, "xx-Other": 3}')
+    s = ByT5Settings(folder=tmp_path, ckpt_path="t5", special_token=True, color_special_token=True,
+                     font_special_token=True, font_ann_path="f.json", color_ann_path="c.json", multilingual=True,
+                     mapper_layers=1, sdxl_channels=8, max_length=8)
+    assert glyph_special_tokens(s) == ["<color-0>", "<color-1>", "<en-font-0>", "<cn-font-1>", "<font-2>", "<font-3>"]

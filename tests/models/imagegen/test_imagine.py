@@ -1,0 +1,168 @@
+"""Engine.imagine end to end on the tiny checkpoint: generate / edit / segment, event order, same seed
+same bytes, cancellation, and bad input answered with clear errors (the engine keeps serving)."""
+
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.events import Done, Error, ImageDone, ImagePreview, Progress
+from engine.runtime import Engine
+
+FAST = {"steps": 2, "size": "64x48"}
+
+
+def _png_bytes(img: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo(h=60, w=80, seed=0):
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def _final(events):
+    assert events and isinstance(events[-1], (Done, Error))
+    assert sum(isinstance(e, (Done, Error)) for e in events) == 1
+    return events[-1]
+
+
+def test_generate_streams_progress_previews_then_the_image(tiny_engine):
+    assert tiny_engine.has_image_generator and "image generator" in tiny_engine.placement
+    events = list(tiny_engine.imagine('A sign saying "OPEN"', steps=4, preview_every=1, seed=3, size="100x60"))
+    kinds = [type(e) for e in events]
+    done = _final(events)
+    assert isinstance(done, Done) and done.finish_reason == "stop"
+    first_image = kinds.index(ImageDone)
+    previews = [e for e in events if isinstance(e, ImagePreview)]
+    assert [p.step for p in previews] == [1, 2, 3] and all(kinds.index(ImagePreview) < first_image for _ in previews)
+    assert isinstance(events[0], Progress)
+    image = events[first_image]
+    assert Image.open(io.BytesIO(image.image)).size == (100, 60) == (image.width, image.height)
+    assert done.stats.image_steps == 4 and done.stats.images == 1 and done.stats.image_step_s > 0
+    assert 0 < done.stats.time_to_first_preview_s < done.stats.total_s
+    assert done.result["glyph_text"] == 'Text "OPEN". ' and done.result["seed"] == 3
+
+
+def test_same_seed_gives_identical_png_bytes(tiny_engine):
+    def run(seed):
+        return next(e for e in tiny_engine.imagine("a cat", seed=seed, **FAST) if isinstance(e, ImageDone)).image
+    a, b, c = run(11), run(11), run(12)
+    assert a == b and a != c
+
+
+def test_edit_uses_every_image_in_the_prompt(tiny_engine):
+    events = list(tiny_engine.imagine("make it blue", images=[_photo(), _photo(seed=1)], steps=2))
+    done = _final(events)
+    assert isinstance(done, Done) and done.result["task"] == "edit"
+    assert (done.result["width"], done.result["height"]) == (288, 216)  # the reference's 4:3 at the demo scale
+    assert done.stats.media_encode_s > 0
+
+
+def test_segmentation_returns_mask_and_overlay(tiny_engine):
+    events = list(tiny_engine.imagine("the cup", images=[_photo()], task="segment", steps=2, seed=1))
+    done = _final(events)
+    image = next(e for e in events if isinstance(e, ImageDone))
+    mask = np.asarray(Image.open(io.BytesIO(image.mask)))
+    over = Image.open(io.BytesIO(image.overlay))
+    assert mask.shape == (image.height, image.width) and set(np.unique(mask)) <= {0, 255}
+    assert over.size == (image.width, image.height)
+    assert done.result["mask_pixels"] == int((mask > 0).sum())
+    assert (image.note == "") == bool(mask.any())
+
+
+def test_cancel_between_steps(tiny_engine):
+    cancel = threading.Event()
+    events = []
+    for ev in tiny_engine.imagine("a cat", steps=6, preview_every=1, seed=2, size="64x64", cancel=cancel):
+        events.append(ev)
+        if isinstance(ev, ImagePreview):
+            cancel.set()
+    done = _final(events)
+    assert isinstance(done, Done) and done.finish_reason == "cancelled"
+    assert not any(isinstance(e, ImageDone) for e in events) and done.result["steps_done"] == 1
+
+
+def test_cancel_before_denoising_starts(tiny_engine):
+    cancel = threading.Event()
+    cancel.set()
+    done = _final(list(tiny_engine.imagine("a cat", cancel=cancel, **FAST)))
+    assert done.finish_reason == "cancelled" and done.result["steps_done"] == 0
+
+
+def _cmyk_jpeg():
+    return _png_bytes(Image.new("CMYK", (40, 30), (0, 128, 255, 0)), "JPEG")
+
+
+def _gif_animated():
+    frames = [Image.new("P", (32, 32), i * 40) for i in range(3)]
+    return _png_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+
+
+def _sixteen_bit():
+    return _png_bytes(Image.fromarray((np.arange(32 * 48).reshape(32, 48) * 40).astype(np.uint16)))
+
+
+def _rgba():
+    return _png_bytes(Image.new("RGBA", (30, 20), (10, 200, 30, 0)))
+
+
+@pytest.mark.parametrize("source", [_cmyk_jpeg, _gif_animated, _sixteen_bit, _rgba,
+                                    lambda: _png_bytes(Image.new("RGB", (1, 1), (5, 6, 7))),
+                                    lambda: _png_bytes(Image.new("RGB", (3000, 2000), (90, 20, 200)))],
+                         ids=["cmyk", "animated", "16bit", "alpha", "1x1", "6MP"])
+def test_unusual_reference_images_are_accepted(tiny_engine, source, monkeypatch):
+    import engine.imagine
+    monkeypatch.setattr(engine.imagine, "MAX_REFERENCE_PIXELS", 256 * 256)  # the tiny ViT on a CPU: keep it quick
+    done = _final(list(tiny_engine.imagine("edit it", images=[source()], **FAST)))
+    assert isinstance(done, Done), done
+
+
+def test_sixteen_bit_images_keep_their_tones():
+    from engine.media.image import load_image
+    rgb = np.asarray(load_image(_sixteen_bit()))
+    assert 0.2 < rgb.mean() / 255 < 0.8 and rgb.max() > 200 and rgb.min() < 10   # not clipped to white
+
+
+@pytest.mark.parametrize("kw, code, words", [
+    ({"prompt": ""}, "invalid_request", "empty"),
+    ({"prompt": "x" * 100_000}, "invalid_request", "characters"),
+    ({"prompt": "a", "size": "0x64"}, "invalid_request", "out of range"),
+    ({"prompt": "a", "size": "20000x20000"}, "invalid_request", "out of range"),
+    ({"prompt": "a", "aspect": "50:1"}, "invalid_request", "elongated"),
+    ({"prompt": "a", "steps": 0}, "invalid_request", "steps"),
+    ({"prompt": "a", "guidance": float("nan")}, "invalid_request", "guidance"),
+    ({"prompt": "a", "seed": "abc"}, "invalid_request", "seed"),
+    ({"prompt": "a", "task": "paint"}, "invalid_request", "task"),
+    ({"prompt": "a", "task": "edit"}, "invalid_request", "input image"),
+    ({"prompt": "  ", "task": "segment", "images": [_photo()]}, "invalid_request", "target"),
+    ({"prompt": "a", "images": [b"\x89PNG\r\n\x1a\nnot really"]}, "invalid_media", "corrupt|recognised"),
+    ({"prompt": "a", "images": [_photo(2, 500)]}, "invalid_request", "elongated"),
+    ({"prompt": "a", "colour": "red"}, "invalid_request", "option"),
+])
+def test_bad_requests_get_clear_errors(tiny_engine, kw, code, words):
+    import re
+    err = _final(list(tiny_engine.imagine(**{"steps": 1, **kw})))
+    assert isinstance(err, Error) and err.code == code and re.search(words, err.message), err
+    assert isinstance(_final(list(tiny_engine.imagine("still serving", **FAST))), Done)
+
+
+def test_a_checkpoint_without_the_image_generator_says_so(tiny_engine):
+    bare = Engine(tiny_engine.model, tiny_engine.tokenizer, is_demo=True)
+    err = _final(list(bare.imagine("a cat")))
+    assert isinstance(err, Error) and err.code == "unsupported_model" and "image generator" in err.message
+
+
+def test_cli_writes_image_mask_and_overlay(tiny_checkpoint, tmp_path, capsys):
+    from engine.imagine import main
+    src = tmp_path / "in.png"
+    Image.fromarray(_photo()).save(src)
+    out = tmp_path / "seg.png"
+    assert main(["--model", str(tiny_checkpoint), "--edit", str(src), "--segment", "the cup", "--steps", "2",
+                 "--seed", "5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "s/step" in printed and "per image" in printed
+    assert all(p.is_file() for p in (out, tmp_path / "seg_mask.png", tmp_path / "seg_overlay.png"))

@@ -1,0 +1,47 @@
+"""The planner counts the talker / image generator sub-folders by their weight files and keeps them
+resident when the GPUs have room, otherwise moves them in on demand with room kept on GPU 0."""
+
+import json
+
+from engine.models.thinker.config import MingConfig
+from engine.placement.planner import GENERATOR_WORKSPACE, DeviceSpec, generator_sizes, model_sizes, plan_placement, render
+from tests.placement.test_planner import spec_config_dict
+
+GB = 10**9
+
+
+def _checkpoint(tmp_path, image_gb=13, talker_gb=3):
+    """A 2.0-shaped config.json with sparse weight files standing in for the generator folders."""
+    (tmp_path / "config.json").write_text(json.dumps(spec_config_dict()))
+    for folder, gb in (("transformer", image_gb - 1), ("vae", 0.5), ("connector", 0.5), ("talker", talker_gb)):
+        (tmp_path / folder).mkdir()
+        with open(tmp_path / folder / "diffusion_pytorch_model.safetensors", "wb") as f:
+            f.truncate(int(gb * GB))
+    return MingConfig.from_file(tmp_path)
+
+
+def test_sizes_come_from_the_files(tmp_path, tiny_checkpoint):
+    sizes = model_sizes(_checkpoint(tmp_path))
+    got = {m.name: m.nbytes for m in sizes.generators}
+    assert got == {"image_generator": 13 * GB, "talker": 3 * GB}
+    tiny = {m.name: m.nbytes for m in generator_sizes(tiny_checkpoint)}
+    files = [p for d in ("mlp", "connector", "transformer", "vae", "byt5") for p in (tiny_checkpoint / d).rglob("*")
+             if p.suffix in (".safetensors", ".pt")]
+    assert tiny == {"image_generator": sum(p.stat().st_size for p in files)}
+
+
+def test_generators_resident_when_the_gpus_have_room(tmp_path):
+    plan = plan_placement(_checkpoint(tmp_path), DeviceSpec.parse("4x80GB", "512GB"))
+    assert all(m.device.startswith("cuda:") for m in plan.generators) and len(plan.generators) == 2
+    assert "resident on cuda" in render(plan)
+
+
+def test_on_one_gpu_they_are_moved_in_on_demand_with_room_kept(tmp_path):
+    cfg = _checkpoint(tmp_path)
+    devices = DeviceSpec.parse("141GB", "512GB")
+    alone = plan_placement(cfg, devices, generators="ignore")
+    plan = plan_placement(cfg, devices)
+    assert {m.name: m.device for m in plan.generators} == {"image_generator": "cpu>cuda:0", "talker": "cpu>cuda:0"}
+    assert plan.gpu_experts < alone.gpu_experts                      # room for the largest one is kept free
+    assert alone.gpus[0].memory_bytes - plan.gpus[0].memory_bytes == 13 * GB + GENERATOR_WORKSPACE
+    assert "moved to cuda:0 on demand" in render(plan) and any("kept free" in n for n in plan.notes)
