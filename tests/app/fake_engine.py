@@ -41,6 +41,7 @@ class FakeEngine:
         self.token = token
         self.turn_after_s = turn_after_s
         self.speak = speak
+        self.barge_in_after: int | None = None  # words into a reply: the user "speaks" (speech_started)
         self.got = Received()
         self.lock = threading.Lock()
         self.server = serve(self._handle, "127.0.0.1", 0, process_request=self._check_token, max_size=2 ** 24)
@@ -107,6 +108,9 @@ class FakeEngine:
                     send(self._user_item("item_user1"))
                 elif kind == "response.create":
                     self._respond(send, state)
+                elif kind == "response.cancel":  # the canned reply has been sent whole already
+                    send({"type": "error", "error": {"type": "invalid_request_error",
+                          "code": "response_cancel_not_active", "message": "no active response"}})
                 elif kind == "close_me":
                     ws.close(code=1011, reason="engine stopping")
                     return
@@ -140,7 +144,10 @@ class FakeEngine:
         send({"type": "conversation.item.added", "item": {"id": iid, "role": "assistant", "content": []}})
         kind = "audio" if self.speak else "text"
         send({"type": "response.content_part.added", **ids, "content_index": 0, "part": {"type": kind}})
-        for i, word in enumerate(REPLY.split(" ")):
+        for i, word in enumerate(REPLY.split(" ")):  # 8 words, 0.12 s of sound each
+            if i == self.barge_in_after:  # the server heard the user: the reply is cancelled, yet a few
+                send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 0, "item_id": "item_user2"})
+                time.sleep(0.3)  # stale pieces still come (the page must not play them)
             delta = word if i == 0 else " " + word
             if self.speak:
                 send({"type": "response.output_audio_transcript.delta", **ids, "content_index": 0, "delta": delta})
@@ -154,7 +161,8 @@ class FakeEngine:
             send({"type": "response.output_audio_transcript.done", **ids, "content_index": 0, "transcript": REPLY})
         else:
             send({"type": "response.output_text.done", **ids, "content_index": 0, "text": REPLY})
-        send({"type": "response.done", "response": {"id": rid, "status": "completed",
+        status = "cancelled" if self.barge_in_after is not None else "completed"
+        send({"type": "response.done", "response": {"id": rid, "status": status,
               "usage": {"input_tokens": 812, "output_tokens": 9},
               "metrics": {"time_to_first_token_ms": 120.0, "tokens_per_s": 20.0}}})
 
