@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import MingError
+from engine.errors import SettingError
 from engine.media.audio import StreamingResampler
 from engine.models.vad.silero import CONTEXT, SAMPLE_RATE as VAD_RATE, WINDOW, SileroVad, VadUnavailable
 
@@ -39,13 +39,8 @@ MAX_SILENCE_MS = 10_000
 __all__ = ["ServerVad", "SpeechStarted", "SpeechStopped", "TurnDetector", "TurnDetectionError", "VadUnavailable"]
 
 
-class TurnDetectionError(MingError):
-    """Bad `turn_detection` settings; `param` names the field."""
-
-    def __init__(self, message: str, code: str = "invalid_value", param: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.param = param
+class TurnDetectionError(SettingError):
+    """Bad `turn_detection` settings; `code` and `param` as the server reports them."""
 
 
 # --------------------------------------------------------------------------- settings

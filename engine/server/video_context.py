@@ -17,20 +17,15 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from engine.errors import MingError
+from engine.errors import SettingError
 from engine.media.image import ImageProcessorConfig
 from engine.media.video import VideoInputs, VideoSamplingConfig, WebcamClip
 
 MiB = 1024 * 1024
 
 
-class VideoContextError(MingError):
-    """Bad `video` session settings; `param` names the field."""
-
-    def __init__(self, message: str, code: str = "invalid_value", param: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.param = param
+class VideoContextError(SettingError):
+    """Bad `video` session settings; `code` and `param` as the server reports them."""
 
 
 @dataclass(frozen=True)
