@@ -188,7 +188,8 @@ class LiveProxy:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             upstream = await connect(url, additional_headers=headers, open_timeout=self.open_timeout,
-                                     max_size=self.max_message_bytes * 4, ping_interval=20, ping_timeout=20, close_timeout=3,
+                                     max_size=self.max_message_bytes * 4, ping_interval=20, ping_timeout=20,
+                                     close_timeout=3,
                                      proxy=None if _is_local(urlsplit(url).hostname) else True)
         except InvalidStatus as e:
             status = e.response.status_code

@@ -7,7 +7,7 @@ tones), and the two files Chromium's fake capture devices read in browser tests
 No third-party media is used.
 
     apt-get install -y espeak-ng          # once
-    python scripts/make_assets.py         # rewrites app/assets/ (about 1.3 MB)
+    python scripts/make_assets.py         # rewrites app/assets/ (about 1.2 MB)
     python scripts/make_assets.py --check # exit 1 if the committed files differ from a fresh run
 
 Running it twice with the same espeak-ng, Pillow and PyAV versions gives the same bytes.
@@ -235,7 +235,8 @@ def build() -> dict[str, bytes]:
     files["images/cup.png"] = png_bytes(cup_scene(512, 384, 0.45))
     files["images/sign.png"] = png_bytes(sign_image())
     files["video/cup_on_table.mp4"] = mp4_bytes()
-    lead, tail = np.zeros(int(MIC_LEAD_S * SAMPLE_RATE), np.float32), np.zeros(int(MIC_TAIL_S * SAMPLE_RATE), np.float32)
+    lead = np.zeros(int(MIC_LEAD_S * SAMPLE_RATE), np.float32)
+    tail = np.zeros(int(MIC_TAIL_S * SAMPLE_RATE), np.float32)
     files["fake_capture/mic.wav"] = wav_bytes(np.concatenate([lead, speech[QUESTIONS[0][0]], tail]), SAMPLE_RATE)
     files["fake_capture/webcam.y4m"] = y4m_bytes()
     return files

@@ -56,9 +56,11 @@ HTML = """
     </select>
     <button data-role="talk" class="live-talk" disabled>Talk</button>
   </div>
-  <div data-role="status" class="live-status" aria-live="polite">Press Start, then allow the microphone and camera.</div>
+  <div data-role="status" class="live-status" aria-live="polite">
+    Press Start, then allow the microphone and camera.</div>
   <div data-role="error" class="live-error" role="alert" hidden></div>
-  <div data-role="text-only" class="live-note" hidden>Replies are text for now: this engine has no speech output yet.</div>
+  <div data-role="text-only" class="live-note" hidden>
+    Replies are text for now: this engine has no speech output yet.</div>
   <div data-role="latency" class="live-latency">Latency: speech end → first text … · → first audio …</div>
   <div data-role="log" class="live-log"></div>
   <details class="live-settings">
