@@ -59,9 +59,14 @@ def realtime_url(base: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
+ERROR_TYPES = {"login_required": "authentication_error", "binary_not_supported": "invalid_request_error",
+               "message_too_large": "invalid_request_error"}  # OpenAI's error types; the rest are server_error
+
+
 def error_event(code: str, message: str) -> str:
+    kind = ERROR_TYPES.get(code, "server_error")
     return json.dumps({"type": "error", "event_id": f"event_proxy_{secrets.token_hex(4)}",
-                       "error": {"type": "studio_error", "code": code, "message": message, "param": None}})
+                       "error": {"type": kind, "code": code, "message": message, "param": None}})
 
 
 def _is_local(host: str | None) -> bool:
