@@ -100,8 +100,9 @@ class LocalAudioSession:
             self.ws = connect(self.url, additional_headers=headers, open_timeout=10, max_size=2 ** 25).__enter__()
         except Exception as e:
             raise LocalAudioUnavailable(f"cannot open a realtime session at {self.url}: {e}") from None
-        self.send({"type": "session.update", "session": {
-            "turn_detection": None, "output_modalities": ["audio"] if self.speech_output else ["text"]}})
+        self.send({"type": "session.update", "session": {  # push-to-talk: this client commits each turn
+            "type": "realtime", "output_modalities": ["audio"] if self.speech_output else ["text"],
+            "audio": {"input": {"turn_detection": None}}}})
         threading.Thread(target=self._receive, name="local-audio-receive", daemon=True).start()
 
     def close(self) -> None:

@@ -3,7 +3,7 @@
 // GA event names, docs/protocol.md) over a websocket to the studio's own server (app/live_proxy.py),
 // which relays it to the engine with the engine's token added there.
 //
-// Sent: session.update (turn_detection server_vad or null, video window/fps, output modalities),
+// Sent: session.update (audio.input.turn_detection server_vad or null, video window/fps, output modalities),
 // input_audio_buffer.append (base64 PCM16 + sample_rate, ~40 ms pieces), input_video_buffer.append
 // (base64 JPEG + capture_time, `fps` per second), input_audio_buffer.clear/.commit and
 // response.create (push-to-talk), response.cancel and conversation.item.truncate (barge-in).
@@ -264,16 +264,17 @@ function startFrames() {
 }
 
 // ------------------------------------------------------------------ the socket
-function sessionUpdate(opts) {
+function sessionUpdate(opts) {  // the GA shape: turn detection under audio.input; `video` is our extension
+  const turnDetection = opts.mode === "hands_free" ? {
+    type: "server_vad", threshold: opts.threshold, prefix_padding_ms: opts.prefix,
+    silence_duration_ms: opts.silence, create_response: true, interrupt_response: true,
+  } : null;
   const session = {
-    turn_detection: opts.mode === "hands_free" ? {
-      type: "server_vad", threshold: opts.threshold, prefix_padding_ms: opts.prefix,
-      silence_duration_ms: opts.silence, create_response: true, interrupt_response: true,
-    } : null,
+    type: "realtime", output_modalities: cfg.speech_output ? ["audio"] : ["text"],
+    audio: { input: { turn_detection: turnDetection } },
     video: { window_seconds: opts.windowS, fps: opts.fps },
-    output_modalities: cfg.speech_output ? ["audio"] : ["text"],
   };
-  if (cfg.speech_output && opts.voice) session.audio = { output: { voice: opts.voice } };
+  if (cfg.speech_output && opts.voice) session.audio.output = { voice: opts.voice };
   return { type: "session.update", session };
 }
 

@@ -87,7 +87,7 @@ class FakeEngine:
                     self.got.events.append(ev)
                 kind = ev.get("type")
                 if kind == "session.update":
-                    td = ev.get("session", {}).get("turn_detection")
+                    td = ev.get("session", {}).get("audio", {}).get("input", {}).get("turn_detection")
                     state["vad"] = td is not None
                     send({"type": "session.updated", "session": {"id": "sess_fake", "turn_detection": td}})
                 elif kind == "input_audio_buffer.append":

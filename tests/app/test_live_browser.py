@@ -73,8 +73,10 @@ def test_hands_free_the_tab_hears_a_question_sends_frames_and_shows_the_spoken_r
     keep_screenshot(page, "live_hands_free_phone.png")
 
     update = next(e for e in engine.got.events if e["type"] == "session.update")["session"]
-    assert update["turn_detection"]["type"] == "server_vad" and update["turn_detection"]["silence_duration_ms"] > 0
+    turns = update["audio"]["input"]["turn_detection"]  # where the GA protocol puts it
+    assert turns["type"] == "server_vad" and turns["silence_duration_ms"] > 0 and turns["interrupt_response"]
     assert update["video"] == {"window_seconds": 8, "fps": 1} and update["output_modalities"] == ["audio"]
+    assert update["audio"]["output"] == {"voice": "default"}
     assert engine.got.audio_seconds >= 1.0 and all(r >= 8000 for r in engine.got.audio_rates)
     assert engine.got.frames and all(f[:3] == b"\xff\xd8\xff" for f in engine.got.frames)  # JPEGs
     page.locator('#live [data-role="stop"]').click()
@@ -106,7 +108,7 @@ def test_push_to_talk_and_barge_in_stops_the_speech_and_truncates_it(live_page, 
     got = engine.got.events[before:]
     kinds = [e["type"] for e in got]
     assert kinds.count("input_audio_buffer.commit") >= 1 and "response.create" in kinds
-    assert "turn_detection" in got[0]["session"] and got[0]["session"]["turn_detection"] is None
+    assert got[0]["session"]["audio"]["input"]["turn_detection"] is None  # push-to-talk: the page commits
     truncate = next(e for e in got if e["type"] == "conversation.item.truncate")
     assert truncate["item_id"].startswith("item_reply") and truncate["content_index"] == 0
     assert 0 < truncate["audio_end_ms"] <= 8 * 120 + 50  # what was heard of the 0.96 s reply

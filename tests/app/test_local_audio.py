@@ -108,7 +108,7 @@ def test_push_to_talk_turn_through_the_realtime_protocol():
         kinds = engine.got.types()
     text = "".join(x for x in printed if isinstance(x, str))
     assert printed[-1] == 0 and REPLY in text
-    assert kinds[0] == "session.update" and engine.got.events[0]["session"]["turn_detection"] is None
+    assert kinds[0] == "session.update" and engine.got.events[0]["session"]["audio"]["input"]["turn_detection"] is None
     assert kinds[-2:] == ["input_audio_buffer.commit", "response.create"]
     assert engine.got.audio_rates == {48000} and engine.got.audio_seconds >= 0.2
     assert engine.got.headers[0]["Authorization"] == "Bearer t0k"
