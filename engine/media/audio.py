@@ -354,6 +354,66 @@ def resample(
     return y[..., :target].reshape(*shape[:-1], -1).to(waveform.dtype)
 
 
+class StreamingResampler:
+    """`resample` for mono audio that arrives in pieces (a live microphone).
+
+    `feed` returns the output samples whose whole filter window has arrived; `flush` pads the end
+    with zeros as `resample` does and returns the rest. The outputs of all `feed` calls plus
+    `flush` equal `resample` of the whole signal (up to float rounding). Memory: one filter
+    window plus the latest piece. Computed with numpy (small products: torch's thread pool only
+    slows them down on a busy machine).
+    """
+
+    def __init__(self, orig_freq: int, new_freq: int, lowpass_filter_width: int = 6, rolloff: float = 0.99):
+        if int(orig_freq) != orig_freq or int(new_freq) != new_freq or orig_freq <= 0 or new_freq <= 0:
+            raise MediaError(f"sample rates must be positive integers, got {orig_freq} -> {new_freq}")
+        self.orig_freq, self.new_freq = int(orig_freq), int(new_freq)
+        g = math.gcd(self.orig_freq, self.new_freq)
+        self._orig, self._new = self.orig_freq // g, self.new_freq // g
+        kernel, self._width = sinc_resample_kernel(orig_freq, new_freq, lowpass_filter_width, rolloff)
+        self._kernel_t = np.ascontiguousarray(kernel[:, 0, :].numpy().T)  # [taps, new]
+        self._buf = np.zeros(self._width, np.float32)  # the left zero padding `resample` adds
+        self._samples_in = 0
+        self._samples_out = 0
+
+    @property
+    def buffered(self) -> int:
+        """Input samples held back until their filter window is complete."""
+        return int(self._buf.size)
+
+    def _frames(self, buf: np.ndarray) -> tuple[np.ndarray, int]:
+        taps = self._kernel_t.shape[0]
+        if buf.size < taps:
+            return np.zeros(0, np.float32), 0
+        windows = np.lib.stride_tricks.sliding_window_view(buf, taps)[:: self._orig]  # [n, taps]
+        return (windows @ self._kernel_t).reshape(-1), windows.shape[0]
+
+    def feed(self, samples: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Take the next piece (1-D float); return the output samples now complete (float32)."""
+        if isinstance(samples, torch.Tensor):
+            samples = samples.detach().cpu().numpy()
+        x = np.asarray(samples, dtype=np.float32).reshape(-1)
+        self._samples_in += x.size
+        if self.orig_freq == self.new_freq:
+            self._samples_out += x.size
+            return x.copy()
+        self._buf = np.concatenate([self._buf, x])
+        y, n = self._frames(self._buf)
+        self._buf = self._buf[n * self._orig:].copy()
+        self._samples_out += y.size
+        return y
+
+    def flush(self) -> np.ndarray:
+        """The remaining output (the end padded with zeros as `resample` does); then start afresh."""
+        y = np.zeros(0, np.float32)
+        if self.orig_freq != self.new_freq:
+            y, _ = self._frames(np.concatenate([self._buf, np.zeros(self._width + self._orig, np.float32)]))
+            y = y[: max(0, math.ceil(self._new * self._samples_in / self._orig) - self._samples_out)]
+        self._buf = np.zeros(self._width, np.float32)
+        self._samples_in = self._samples_out = 0
+        return y
+
+
 # --------------------------------------------------------------------------- log-mel
 
 

@@ -450,38 +450,87 @@ class WebcamClip:
     the window's first to last capture, each taking the nearest captured frame; timestamps are
     capture times relative to the window start. `to_video_inputs` then runs the normal video
     processing, so a live chat turn sees exactly what an uploaded clip would give.
+
+    Memory is bounded three ways: frames older than ``history_seconds`` before the newest are
+    dropped, and so are the oldest beyond ``max_buffer_frames`` or ``max_buffer_bytes``. With
+    ``max_fps``, a frame that comes sooner than 0.8 / max_fps after the last one kept is thinned
+    out (a 30 fps flood keeps at most 1.25 x max_fps); ask `wants(t)` before decoding a frame to
+    skip the decoding too. Frames may change size mid-stream: `sample` brings them to the newest
+    frame's size.
     """
 
     sampling: VideoSamplingConfig = field(default_factory=VideoSamplingConfig)
     history_seconds: float = 60.0
     max_buffer_frames: int = 2000
+    max_buffer_bytes: int | None = None
+    max_fps: float | None = None
+    received: int = field(default=0, init=False)  # frames offered to add_frame
+    thinned: int = field(default=0, init=False)  # ... refused for coming too soon (max_fps)
+    expired: int = field(default=0, init=False)  # ... kept, then dropped for age, count or bytes
     _frames: deque = field(default_factory=deque, init=False, repr=False)
+    _nbytes: int = field(default=0, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
-    def add_frame(self, frame: np.ndarray, capture_time: float) -> None:
+    MIN_INTERVAL_FRACTION = 0.8  # of 1 / max_fps: a little jitter in a client's own rate keeps every frame
+
+    def wants(self, capture_time: float) -> bool:
+        """Whether a frame captured at this time would be kept (max_fps thinning)."""
+        with self._lock:
+            return self._wanted(float(capture_time))
+
+    def _wanted(self, t: float) -> bool:
+        if not self.max_fps or not self._frames:
+            return True
+        return t - self._frames[-1][0] >= self.MIN_INTERVAL_FRACTION / self.max_fps
+
+    def add_frame(self, frame: np.ndarray, capture_time: float) -> bool:
+        """Store a frame; False when it was thinned out (max_fps)."""
         if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
             shape = getattr(frame, "shape", None)
             raise MediaError(f"webcam frames must be HxWx3 uint8 RGB arrays, got {type(frame).__name__} {shape}")
         if frame.shape[0] == 0 or frame.shape[1] == 0:
             raise MediaError("webcam frame has zero size")
+        if self.max_buffer_bytes is not None and frame.nbytes > self.max_buffer_bytes:
+            raise MediaError(f"webcam frame of {frame.shape[1]}x{frame.shape[0]} takes {frame.nbytes} bytes, more "
+                             f"than the {self.max_buffer_bytes} bytes the clip may hold; send smaller frames")
         t = float(capture_time)
         if not math.isfinite(t):
             raise MediaError(f"invalid capture time {capture_time!r}")
         with self._lock:
             if self._frames and t < self._frames[-1][0]:
                 raise MediaError(f"capture times must not go backwards ({t} after {self._frames[-1][0]})")
+            self.received += 1
+            if not self._wanted(t):
+                self.thinned += 1
+                return False
             self._frames.append((t, frame.copy()))
+            self._nbytes += frame.nbytes
             while len(self._frames) > self.max_buffer_frames or (
                 self._frames and t - self._frames[0][0] > self.history_seconds
-            ):
-                self._frames.popleft()
+            ) or (self.max_buffer_bytes is not None and self._nbytes > self.max_buffer_bytes):
+                self._nbytes -= self._frames.popleft()[1].nbytes
+                self.expired += 1
+            return True
+
+    def drop_before(self, time_limit: float) -> None:
+        """Drop the frames captured before `time_limit`."""
+        with self._lock:
+            while self._frames and self._frames[0][0] < time_limit:
+                self._nbytes -= self._frames.popleft()[1].nbytes
+                self.expired += 1
 
     def clear(self) -> None:
         with self._lock:
             self._frames.clear()
+            self._nbytes = 0
 
     def __len__(self) -> int:
         return len(self._frames)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the frames held."""
+        return self._nbytes
 
     @property
     def time_span(self) -> tuple[float, float] | None:

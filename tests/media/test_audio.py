@@ -14,6 +14,7 @@ import torch
 from engine.media import MediaError
 from engine.media.audio import (
     AudioFrontendConfig,
+    StreamingResampler,
     audio_token_count,
     load_audio,
     log_mel_spectrogram,
@@ -234,3 +235,22 @@ def test_too_short_audio_is_an_error():
     with pytest.raises(MediaError, match="too short"):
         prepare_audio(np.zeros(200, dtype=np.float32), 16000)  # reflect pad of 200 needs 201 samples
     assert prepare_audio(np.zeros(201, dtype=np.float32) + 0.1, 16000).n_frames == 1
+
+
+@pytest.mark.parametrize("orig", [48000, 44100, 24000, 8000, 16000])
+def test_streaming_resampler_equals_resampling_the_whole(orig):
+    """A microphone's pieces of any size, resampled as they come, give the one-shot result."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(orig * 3 // 2, generator=gen) * 0.3
+    sizes = [1, 7, 960, 441, 4000, 13, 2048]
+    stream, out, i, k = StreamingResampler(orig, 16000), [], 0, 0
+    while i < x.numel():
+        n = sizes[k % len(sizes)]
+        out.append(stream.feed(x[i:i + n].numpy() if k % 2 else x[i:i + n]))
+        i, k = i + n, k + 1
+    out.append(stream.flush())
+    whole = resample(x, orig, 16000)
+    got = torch.from_numpy(np.concatenate(out))
+    assert got.shape == whole.shape
+    torch.testing.assert_close(got, whole, rtol=0, atol=1e-5)
+    assert stream.buffered < 2 * 441 + 200  # only a filter window is held back

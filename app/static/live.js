@@ -1,0 +1,495 @@
+// The Live tab's client (app/ui/live.py runs it as gr.HTML's js_on_load: `element` is the tab's
+// root, `props.live_config` its settings as JSON). It speaks the realtime protocol (OpenAI Realtime
+// GA event names, docs/protocol.md) over a websocket to the studio's own server (app/live_proxy.py),
+// which relays it to the engine with the engine's token added there.
+//
+// Sent: session.update (audio.input.turn_detection server_vad or null, video window/fps, output modalities),
+// input_audio_buffer.append (base64 PCM16 + sample_rate, ~40 ms pieces), input_video_buffer.append
+// (base64 JPEG + capture_time, `fps` per second), input_audio_buffer.clear/.commit and
+// response.create (push-to-talk), response.cancel and conversation.item.truncate (barge-in).
+// Handled: session.created/.updated, input_audio_buffer.speech_started/.speech_stopped/.committed,
+// conversation.item.added/.done, response.created, response.queue_position,
+// response.output_item.added, response.output_text.delta/.done,
+// response.output_audio_transcript.delta/.done, response.output_audio.delta/.done, response.done, error.
+
+const cfg = JSON.parse(props.live_config);
+const q = (role) => element.querySelector(`[data-role="${role}"]`);
+const ui = {
+  preview: q("preview"), meter: q("meter-level"), start: q("start"), stop: q("stop"), mode: q("mode"),
+  talk: q("talk"), status: q("status"), error: q("error"), log: q("log"), latency: q("latency"),
+  threshold: q("threshold"), silence: q("silence"), prefix: q("prefix"), windowS: q("window"), fps: q("fps"),
+  camera: q("camera"), voice: q("voice"), thresholdOut: q("threshold-out"), silenceOut: q("silence-out"),
+  prefixOut: q("prefix-out"), windowOut: q("window-out"),
+};
+const CHUNK_MS = 40;                 // audio is sent in pieces of about this length
+const MAX_SOCKET_BACKLOG = 1 << 20;  // frames are skipped while the socket has this much unsent
+const FRAME_MAX_WIDTH = 640;
+
+let S = null;  // the running session's state; null when stopped
+
+// ------------------------------------------------------------------ page helpers
+function setStatus(text) { ui.status.textContent = text; }
+function showError(text) { ui.error.textContent = text || ""; ui.error.hidden = !text; }
+function settings() {
+  return {
+    mode: ui.mode.value, threshold: Number(ui.threshold.value), silence: Number(ui.silence.value),
+    prefix: Number(ui.prefix.value), windowS: Number(ui.windowS.value), fps: Number(ui.fps.value),
+    camera: ui.camera.checked, voice: ui.voice ? ui.voice.value : null,
+  };
+}
+function showSettingValues() {
+  ui.thresholdOut.textContent = Number(ui.threshold.value).toFixed(2);
+  ui.silenceOut.textContent = `${ui.silence.value} ms`;
+  ui.prefixOut.textContent = `${ui.prefix.value} ms`;
+  ui.windowOut.textContent = `${ui.windowS.value} s`;
+}
+function bubble(role, id, text) {
+  const div = document.createElement("div");
+  div.className = `live-turn live-${role}`;
+  if (id) div.dataset.item = id;
+  div.textContent = text;
+  ui.log.appendChild(div);
+  while (ui.log.children.length > 60) ui.log.removeChild(ui.log.firstChild);  // the page stays light
+  ui.log.scrollTop = ui.log.scrollHeight;
+  return div;
+}
+function clientId() {  // one id per browser, so a second tab of the same browser takes the session over
+  try {
+    let id = localStorage.getItem("ming-live-client");
+    if (!id) { id = (crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2)); localStorage.setItem("ming-live-client", id); }
+    return id.replace(/[^A-Za-z0-9_-]/g, "").slice(0, 64);
+  } catch (e) { return ""; }
+}
+function socketUrl() {
+  const root = (window.gradio_config && window.gradio_config.root) || window.location.href;
+  const url = new URL(cfg.ws_path.replace(/^\//, ""), root.endsWith("/") ? root : root + "/");
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  url.search = "client=" + encodeURIComponent(clientId());
+  return url.toString();
+}
+function b64(bytes) {
+  let s = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+  return btoa(s);
+}
+function unb64(text) {
+  const s = atob(text); const out = new Uint8Array(s.length);
+  for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
+  return out;
+}
+function send(event) {
+  if (S && S.ws && S.ws.readyState === WebSocket.OPEN) { S.ws.send(JSON.stringify(event)); return true; }
+  return false;
+}
+
+// ------------------------------------------------------------------ start / stop
+async function start() {
+  if (S) return;
+  showError("");
+  const opts = settings();
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    showError("This page cannot use a camera or microphone: browsers allow them only on https:// or on this " +
+              "machine (http://localhost). Open the studio that way, then press Start.");
+    return;
+  }
+  ui.start.disabled = true;
+  setStatus("Asking for the microphone" + (opts.camera ? " and camera…" : "…"));
+  const audio = { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 };
+  const video = { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 15 } };
+  let stream = null;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio, video: opts.camera ? video : false });
+  } catch (e) {
+    if (opts.camera && ["NotFoundError", "OverconstrainedError", "NotReadableError", "NotAllowedError"].includes(e.name)) {
+      try {  // the microphone alone may still be there (and allowed)
+        stream = await navigator.mediaDevices.getUserMedia({ audio });
+        showError({
+          NotReadableError: "The camera is in use by another application: going on with sound only.",
+          NotAllowedError: "The camera is blocked for this site: going on with sound only (allow it from the " +
+                           "icon in the address bar to be seen).",
+        }[e.name] || "No camera found: going on with sound only.");
+      } catch (e2) { e = e2; }
+    }
+    if (!stream) {
+      ui.start.disabled = false;
+      setStatus("Stopped.");
+      showError({
+        NotAllowedError: "Permission denied: allow the microphone (and camera) for this site, from the icon in " +
+                         "the address bar, then press Start again.",
+        NotFoundError: "No microphone found: Live needs one (plug one in, then press Start).",
+        NotReadableError: "The microphone is in use by another application (or blocked by the system).",
+        SecurityError: "The browser blocks media capture on this page (it must be https:// or localhost).",
+      }[e.name] || `Could not open the microphone: ${e.name}: ${e.message}`);
+      return;
+    }
+  }
+  S = {
+    stream, opts, ws: null, ctx: null, node: null, frameTimer: null, encoding: false, talking: false,
+    userStopped: false, pcm: [], pcmSamples: 0, sentMs: 0, clock: [], turnMs: 0, frames: 0, heardAnything: false,
+    play: { next: 0, chunks: [], sources: [], item: null }, responses: {}, current: null, cancelled: new Set(),
+    speechEnd: null, firstText: null, firstAudio: null, bubbles: {}, closing: false,
+  };
+  ui.preview.srcObject = stream;
+  ui.preview.hidden = stream.getVideoTracks().length === 0;
+  for (const track of stream.getVideoTracks()) {
+    track.addEventListener("ended", () => {
+      if (!S) return;
+      clearInterval(S.frameTimer); S.frameTimer = null; ui.preview.hidden = true;
+      showError("The camera stopped: going on with sound only.");
+    });
+  }
+  for (const track of stream.getAudioTracks()) {
+    track.addEventListener("ended", () => { if (S) stop("The microphone stopped (unplugged or switched off)."); });
+  }
+  try {
+    await startAudio();
+  } catch (e) {
+    stop(`Could not start audio processing: ${e.message}`);
+    return;
+  }
+  openSocket();
+}
+
+function stop(message) {
+  const s = S;
+  if (!s) return;
+  S = null;
+  s.userStopped = true;
+  clearInterval(s.frameTimer);
+  clearTimeout(s.silenceCheck);
+  stopPlayback(s);
+  for (const track of s.stream.getTracks()) track.stop();
+  if (s.ctx) s.ctx.close().catch(() => {});
+  if (s.ws && s.ws.readyState <= WebSocket.OPEN) s.ws.close(1000, "stopped");
+  ui.preview.srcObject = null;
+  ui.meter.style.width = "0%";
+  ui.start.disabled = false; ui.stop.disabled = true; ui.talk.disabled = true; ui.mode.disabled = false;
+  setStatus("Stopped.");
+  if (message) showError(message);
+}
+
+// ------------------------------------------------------------------ microphone
+const WORKLET = `class Tap extends AudioWorkletProcessor {
+  process(inputs) { const ch = inputs[0] && inputs[0][0]; if (ch) this.port.postMessage(ch.slice(0)); return true; }
+}
+registerProcessor("live-tap", Tap);`;
+
+async function startAudio() {
+  const ctx = new AudioContext({ latencyHint: "interactive" });
+  S.ctx = ctx;
+  if (ctx.state === "suspended") await ctx.resume();
+  const source = ctx.createMediaStreamSource(S.stream);
+  const sink = ctx.createGain(); sink.gain.value = 0; sink.connect(ctx.destination);  // keeps the graph pulled
+  if (ctx.audioWorklet) {
+    const url = URL.createObjectURL(new Blob([WORKLET], { type: "application/javascript" }));
+    await ctx.audioWorklet.addModule(url);
+    URL.revokeObjectURL(url);
+    const node = new AudioWorkletNode(ctx, "live-tap");
+    node.port.onmessage = (m) => onSamples(m.data);
+    source.connect(node); node.connect(sink);
+    S.node = node;
+  } else {  // old browsers
+    const node = ctx.createScriptProcessor(2048, 1, 1);
+    node.onaudioprocess = (e) => onSamples(e.inputBuffer.getChannelData(0).slice(0));
+    source.connect(node); node.connect(sink);
+    S.node = node;
+  }
+  S.silenceCheck = setTimeout(() => {
+    if (S && !S.heardAnything) showError("The microphone sends only silence (muted, or the wrong input selected?).");
+  }, 4000);
+}
+
+function onSamples(samples) {
+  const s = S;
+  if (!s) return;
+  let sum = 0;
+  for (let i = 0; i < samples.length; i++) { sum += samples[i] * samples[i]; if (samples[i] !== 0) s.heardAnything = true; }
+  s.level = 0.8 * (s.level || 0) + 0.2 * Math.sqrt(sum / samples.length);
+  const db = 20 * Math.log10(s.level + 1e-9);
+  ui.meter.style.width = `${Math.max(0, Math.min(100, (db + 60) * 100 / 60)).toFixed(0)}%`;
+  const streaming = s.opts.mode === "hands_free" || s.talking;
+  if (!streaming || !s.ready) return;
+  s.pcm.push(samples); s.pcmSamples += samples.length;
+  if (s.pcmSamples * 1000 / s.ctx.sampleRate >= CHUNK_MS) flushAudio();
+}
+
+function flushAudio() {
+  const s = S;
+  if (!s || !s.pcmSamples) return;
+  const pcm = new Int16Array(s.pcmSamples);
+  let k = 0;
+  for (const part of s.pcm) for (let i = 0; i < part.length; i++) {
+    const v = Math.max(-1, Math.min(1, part[i]));
+    pcm[k++] = v < 0 ? v * 0x8000 : v * 0x7fff;
+  }
+  s.pcm = []; s.pcmSamples = 0;
+  if (send({ type: "input_audio_buffer.append", audio: b64(new Uint8Array(pcm.buffer)), sample_rate: s.ctx.sampleRate })) {
+    const ms = 1000 * pcm.length / s.ctx.sampleRate;
+    s.sentMs += ms; s.turnMs += ms;
+    s.clock.push([s.sentMs, performance.now()]);  // when each piece of the session's audio was heard
+    if (s.clock.length > 3000) s.clock.splice(0, 1000);
+  }
+}
+
+function clockAt(audioMs) {  // the page's time when the session's audio reached audioMs
+  const c = S ? S.clock : [];
+  for (let i = c.length - 1; i >= 0; i--) {
+    if (c[i][0] <= audioMs) return c[i][1] + (i + 1 < c.length ? Math.min(audioMs - c[i][0], c[i + 1][0] - c[i][0]) : 0);
+  }
+  return c.length ? c[0][1] : performance.now();
+}
+
+// ------------------------------------------------------------------ camera
+function startFrames() {
+  const s = S;
+  if (!s || !s.opts.camera || !s.stream.getVideoTracks().length) return;
+  const canvas = document.createElement("canvas");
+  s.frameTimer = setInterval(() => {
+    const track = s.stream.getVideoTracks()[0];
+    if (S !== s || s.encoding || !track || track.readyState !== "live" || !ui.preview.videoWidth) return;
+    if (!s.ws || s.ws.bufferedAmount > MAX_SOCKET_BACKLOG) return;  // a slow link: skip this frame
+    const scale = Math.min(1, FRAME_MAX_WIDTH / ui.preview.videoWidth);
+    canvas.width = Math.round(ui.preview.videoWidth * scale);
+    canvas.height = Math.round(ui.preview.videoHeight * scale);
+    canvas.getContext("2d").drawImage(ui.preview, 0, 0, canvas.width, canvas.height);
+    const captured = performance.now() / 1000;
+    s.encoding = true;
+    canvas.toBlob(async (blob) => {
+      s.encoding = false;
+      if (!blob || S !== s) return;
+      const bytes = new Uint8Array(await blob.arrayBuffer());
+      if (send({ type: "input_video_buffer.append", image: b64(bytes), capture_time: captured })) s.frames++;
+    }, "image/jpeg", 0.7);
+  }, Math.round(1000 / s.opts.fps));
+}
+
+// ------------------------------------------------------------------ the socket
+function sessionUpdate(opts) {  // the GA shape: turn detection under audio.input; `video` is our extension
+  const turnDetection = opts.mode === "hands_free" ? {
+    type: "server_vad", threshold: opts.threshold, prefix_padding_ms: opts.prefix,
+    silence_duration_ms: opts.silence, create_response: true, interrupt_response: true,
+  } : null;
+  const session = {
+    type: "realtime", output_modalities: cfg.speech_output ? ["audio"] : ["text"],
+    audio: { input: { turn_detection: turnDetection } },
+    video: { window_seconds: opts.windowS, fps: opts.fps },
+  };
+  if (cfg.speech_output && opts.voice) session.audio.output = { voice: opts.voice };
+  return { type: "session.update", session };
+}
+
+function openSocket() {
+  const s = S;
+  setStatus("Connecting…");
+  let ws;
+  try { ws = new WebSocket(socketUrl()); } catch (e) { stop(`Cannot open the live connection: ${e.message}`); return; }
+  s.ws = ws;
+  ws.onopen = () => { if (S === s) send(sessionUpdate(s.opts)); };
+  ws.onmessage = (m) => {
+    if (S !== s) return;
+    let ev;
+    try { ev = JSON.parse(m.data); } catch (e) { return; }
+    try { handle(ev); } catch (e) { console.error("live event", ev.type, e); }
+  };
+  ws.onclose = (e) => {
+    if (S !== s || s.userStopped) return;
+    const why = {
+      4000: "Live was started in another tab or window; it stopped here.",
+      4001: s.lastError || "The engine ended the live session.",
+      4003: s.lastError || "Log in to the studio first.",
+    }[e.code] || s.lastError || `The connection to the studio was lost (code ${e.code}).`;
+    stop(why);
+  };
+}
+
+function ready(s) {
+  if (s.ready) return;
+  s.ready = true;
+  ui.stop.disabled = false; ui.mode.disabled = true;
+  ui.talk.disabled = s.opts.mode !== "ptt";
+  startFrames();
+  setStatus(s.opts.mode === "ptt" ? "Hold “Talk” (or the space bar) while you speak." : "Listening… just talk.");
+}
+
+function handle(ev) {
+  const s = S;
+  switch (ev.type) {
+    case "session.created":
+      break;
+    case "session.updated":
+      ready(s);
+      break;
+    case "input_audio_buffer.speech_started":
+      setStatus("Hearing you…");
+      bargeIn(s, false);
+      break;
+    case "input_audio_buffer.speech_stopped":
+      s.speechEnd = clockAt(ev.audio_end_ms - (s.opts.mode === "hands_free" ? s.opts.silence : 0));
+      s.firstText = s.firstAudio = null;
+      showLatency(s);
+      setStatus("Thinking…");
+      break;
+    case "conversation.item.added":
+    case "conversation.item.done":
+      if (ev.item && ev.item.role === "user" && !s.bubbles[ev.item.id]) s.bubbles[ev.item.id] = bubble("user", ev.item.id, describeUser(ev.item));
+      break;
+    case "response.created":
+      s.current = ev.response.id;
+      break;
+    case "response.queue_position":
+      if (ev.position > 0) setStatus(`Waiting for the engine (position ${ev.position})…`);
+      break;
+    case "response.output_item.added":
+      replyBubble(s, ev.item.id);
+      break;
+    case "response.output_text.delta":
+    case "response.output_audio_transcript.delta":
+      if (s.cancelled.has(ev.response_id)) break;
+      if (s.firstText === null && s.speechEnd !== null) { s.firstText = performance.now(); showLatency(s); }
+      replyBubble(s, ev.item_id).textContent += ev.delta;
+      setStatus("Answering…");
+      ui.log.scrollTop = ui.log.scrollHeight;
+      break;
+    case "response.output_audio.delta":
+      if (s.cancelled.has(ev.response_id)) break;  // a stale piece after a barge-in is never played
+      if (s.firstAudio === null && s.speechEnd !== null) { s.firstAudio = performance.now(); showLatency(s); }
+      playPcm(s, ev.item_id, ev.delta, ev.sample_rate || 24000);
+      break;
+    case "response.done": {
+      const r = ev.response || {};
+      if (r.id === s.current) s.current = null;
+      if (r.status === "failed") showError((r.status_details && r.status_details.error && r.status_details.error.message) || "The reply failed.");
+      if (r.status === "cancelled") { const b = s.bubbles[lastReplyId(s)]; if (b) b.classList.add("live-interrupted"); }
+      setStatus(s.opts.mode === "ptt" ? "Hold “Talk” (or the space bar) while you speak." : "Listening… just talk.");
+      break;
+    }
+    case "error": {
+      const err = ev.error || {};
+      if (err.code === "response_cancel_not_active") break;  // the reply had ended already
+      s.lastError = err.message || "error";
+      showError(err.message || JSON.stringify(err));
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+function describeUser(item) {
+  const parts = [];
+  for (const c of item.content || []) {
+    if (c.type === "input_audio") parts.push(c.transcript ? `“${c.transcript}”` : `${Number(c.seconds || 0).toFixed(1)} s of speech`);
+    else if (c.type === "input_video") parts.push(`${c.frames} camera frame${c.frames === 1 ? "" : "s"}`);
+    else if (c.type === "input_text") parts.push(c.text);
+  }
+  return "You: " + (parts.join(" · ") || "…");
+}
+function replyBubble(s, id) {
+  if (!s.bubbles[id]) { s.bubbles[id] = bubble("assistant", id, ""); s.lastReply = id; }
+  return s.bubbles[id];
+}
+function lastReplyId(s) { return s.lastReply; }
+function showLatency(s) {
+  const fmt = (t) => (t === null ? "…" : `${Math.max(0, Math.round(t - s.speechEnd))} ms`);
+  const audio = cfg.speech_output ? fmt(s.firstAudio) : "— (text replies)";
+  ui.latency.textContent = `Latency: speech end → first text ${fmt(s.firstText)} · → first audio ${audio}`;
+}
+
+// ------------------------------------------------------------------ speech out and barge-in
+function playPcm(s, itemId, data, rate) {
+  const bytes = unb64(data);
+  const pcm = new Int16Array(bytes.buffer, 0, bytes.length >> 1);
+  if (!pcm.length || !s.ctx) return;
+  const buffer = s.ctx.createBuffer(1, pcm.length, rate);
+  const ch = buffer.getChannelData(0);
+  for (let i = 0; i < pcm.length; i++) ch[i] = pcm[i] / 0x8000;
+  const src = s.ctx.createBufferSource();
+  src.buffer = buffer; src.connect(s.ctx.destination);
+  const at = Math.max(s.ctx.currentTime + 0.03, s.play.next);
+  src.start(at);
+  s.play.next = at + buffer.duration;
+  if (s.play.item !== itemId) { s.play.item = itemId; s.play.chunks = []; }
+  s.play.chunks.push([at, buffer.duration]);
+  s.play.sources.push(src);
+  src.onended = () => { const i = s.play.sources.indexOf(src); if (i >= 0) s.play.sources.splice(i, 1); };
+}
+function playedMs(s) {  // how much of the current reply's audio the user has heard
+  if (!s.ctx) return 0;
+  const now = s.ctx.currentTime;
+  return Math.round(1000 * s.play.chunks.reduce((sum, [at, dur]) => sum + Math.max(0, Math.min(dur, now - at)), 0));
+}
+function isPlaying(s) { return s.play.sources.length > 0; }
+function stopPlayback(s) {
+  for (const src of s.play.sources) { try { src.stop(); } catch (e) { /* already stopped */ } }
+  s.play.sources = []; s.play.next = 0;
+}
+function bargeIn(s, cancelResponse) {
+  // the user spoke over the reply: stop its sound now, and tell the server how much was heard
+  const speaking = isPlaying(s);
+  if (speaking && s.play.item) {
+    const heard = playedMs(s);
+    stopPlayback(s);
+    send({ type: "conversation.item.truncate", item_id: s.play.item, content_index: 0, audio_end_ms: heard });
+  }
+  if (s.current) {
+    s.cancelled.add(s.current);
+    if (cancelResponse) send({ type: "response.cancel", response_id: s.current });
+  }
+  s.play.chunks = []; s.play.item = null;
+}
+
+// ------------------------------------------------------------------ push-to-talk
+function talkDown(e) {
+  const s = S;
+  if (!s || !s.ready || s.opts.mode !== "ptt" || s.talking) return;
+  if (e) e.preventDefault();
+  bargeIn(s, true);
+  s.talking = true; s.turnMs = 0; s.pcm = []; s.pcmSamples = 0;
+  send({ type: "input_audio_buffer.clear" });
+  ui.talk.classList.add("live-talking");
+  setStatus("Listening… release to send.");
+}
+function talkUp(e) {
+  const s = S;
+  if (!s || !s.talking) return;
+  if (e) e.preventDefault();
+  s.talking = false;
+  flushAudio();
+  ui.talk.classList.remove("live-talking");
+  if (s.turnMs < 200) { send({ type: "input_audio_buffer.clear" }); setStatus("Too short: hold “Talk” while you speak."); return; }
+  s.speechEnd = performance.now(); s.firstText = s.firstAudio = null; showLatency(s);
+  send({ type: "input_audio_buffer.commit" });
+  send({ type: "response.create" });
+  setStatus("Thinking…");
+}
+
+// ------------------------------------------------------------------ wiring
+ui.start.addEventListener("click", () => { start(); });
+ui.stop.addEventListener("click", () => stop());
+ui.talk.addEventListener("pointerdown", (e) => {
+  try { ui.talk.setPointerCapture(e.pointerId); } catch (err) { /* not a real pointer */ }
+  talkDown(e);  // the button keeps the pointer: the page moving under a finger does not end the turn
+});
+for (const name of ["pointerup", "pointercancel", "lostpointercapture"]) ui.talk.addEventListener(name, talkUp);
+document.addEventListener("keydown", (e) => {
+  if (e.code !== "Space" || e.repeat || !S || S.opts.mode !== "ptt" || !element.offsetParent) return;
+  if (["INPUT", "TEXTAREA", "SELECT"].includes(document.activeElement && document.activeElement.tagName)) return;
+  talkDown(e);
+});
+document.addEventListener("keyup", (e) => { if (e.code === "Space" && S && S.talking) talkUp(e); });
+for (const input of [ui.threshold, ui.silence, ui.prefix, ui.windowS]) input.addEventListener("input", showSettingValues);
+for (const input of [ui.threshold, ui.silence, ui.prefix, ui.windowS, ui.fps]) {
+  input.addEventListener("change", () => {  // settings apply to a running session at once
+    if (!S) return;
+    const opts = settings(); opts.mode = S.opts.mode; opts.camera = S.opts.camera;
+    const fpsChanged = opts.fps !== S.opts.fps;
+    S.opts = opts;
+    send(sessionUpdate(opts));
+    if (fpsChanged && S.frameTimer) { clearInterval(S.frameTimer); startFrames(); }
+  });
+}
+window.addEventListener("pagehide", () => stop());
+element.liveState = () => (S ? { ready: !!S.ready, playing: S.play.sources.length, sentMs: Math.round(S.sentMs),
+                                 frames: S.frames, mode: S.opts.mode } : null);  // for tests and debugging
+showSettingValues();
+if (!cfg.speech_output) q("text-only").hidden = false;

@@ -1,0 +1,115 @@
+"""The Live tab: talk with the model about what the camera sees, as in a video call.
+
+Everything runs in the page (app/static/live.js): camera preview, microphone level, hands-free or
+push-to-talk turns, streamed reply text, streamed speech played as it arrives and stopped at once
+when the user speaks over it, a latency line, and settings (VAD threshold and silence, video window
+and frames per second, voice). Media goes over one websocket to the studio's own server
+(app/live_proxy.py), which relays it to the engine's /v1/realtime with the engine token added
+there; the token never reaches the browser. Wire it up with both halves:
+
+    proxy = LiveProxy(lambda: (engine_url, engine_token))   # app.live_proxy
+    with gr.Tab("Live"):
+        build_live_tab(speech_output=False)
+    demo.launch(..., app_kwargs=proxy.app_kwargs())
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import gradio as gr
+
+from app.live_proxy import LIVE_WS_PATH
+
+STATIC = Path(__file__).resolve().parents[1] / "static"
+LIVE_ELEM_ID = "live"
+
+
+@dataclass(frozen=True)
+class LiveDefaults:
+    """Initial settings of the tab (the user can change them in the page)."""
+
+    mode: str = "hands_free"  # or "ptt" (push-to-talk)
+    threshold: float = 0.5  # server VAD threshold: higher needs louder speech
+    silence_duration_ms: int = 600
+    prefix_padding_ms: int = 300
+    window_seconds: float = 8.0  # video context attached to each turn
+    fps: float = 1.0
+    camera: bool = True
+
+
+HTML = """
+<div class="live-root">
+  <div class="live-stage">
+    <video data-role="preview" autoplay muted playsinline hidden></video>
+    <div class="live-meter" title="microphone level"><div data-role="meter-level"></div></div>
+  </div>
+  <div class="live-controls">
+    <button data-role="start" class="live-primary">Start</button>
+    <button data-role="stop" disabled>Stop</button>
+    <select data-role="mode" aria-label="turn taking">
+      <option value="hands_free" {hands_free}>Hands-free</option>
+      <option value="ptt" {ptt}>Push-to-talk</option>
+    </select>
+    <button data-role="talk" class="live-talk" disabled>Talk</button>
+  </div>
+  <div data-role="status" class="live-status" aria-live="polite">
+    Press Start, then allow the microphone and camera.</div>
+  <div data-role="error" class="live-error" role="alert" hidden></div>
+  <div data-role="text-only" class="live-note" hidden>
+    Replies are text for now: this engine has no speech output yet.</div>
+  <div data-role="latency" class="live-latency">Latency: speech end → first text … · → first audio …</div>
+  <div data-role="log" class="live-log"></div>
+  <details class="live-settings">
+    <summary>Settings</summary>
+    <label>VAD threshold <output data-role="threshold-out"></output>
+      <input data-role="threshold" type="range" min="0.1" max="0.95" step="0.05" value="{threshold}"></label>
+    <label>Silence that ends a turn <output data-role="silence-out"></output>
+      <input data-role="silence" type="range" min="200" max="2000" step="50" value="{silence}"></label>
+    <label>Audio kept before speech <output data-role="prefix-out"></output>
+      <input data-role="prefix" type="range" min="0" max="1000" step="50" value="{prefix}"></label>
+    <label>Video window <output data-role="window-out"></output>
+      <input data-role="window" type="range" min="2" max="30" step="1" value="{window}"></label>
+    <label>Frames per second
+      <select data-role="fps">{fps_options}</select></label>
+    <label><input data-role="camera" type="checkbox" {camera}> Camera</label>
+    <label>Voice <select data-role="voice" {voice_disabled}>{voice_options}</select></label>
+  </details>
+</div>
+"""
+
+
+def _options(values: Sequence, selected) -> str:
+    return "".join(f'<option value="{v}"{" selected" if v == selected else ""}>{v}</option>' for v in values)
+
+
+def live_html(defaults: LiveDefaults, voices: Sequence[str], speech_output: bool) -> str:
+    voice_names = list(voices) if speech_output and voices else ["(no speech output)"]
+    return HTML.format(
+        hands_free="selected" if defaults.mode == "hands_free" else "",
+        ptt="selected" if defaults.mode == "ptt" else "",
+        threshold=defaults.threshold, silence=defaults.silence_duration_ms, prefix=defaults.prefix_padding_ms,
+        window=int(defaults.window_seconds), fps_options=_options([0.5, 1, 2], defaults.fps),
+        camera="checked" if defaults.camera else "",
+        voice_disabled="" if speech_output and voices else "disabled",
+        voice_options=_options(voice_names, voice_names[0]))
+
+
+def build_live_tab(*, speech_output: bool = False, voices: Sequence[str] = (), defaults: LiveDefaults | None = None,
+                   ws_path: str = LIVE_WS_PATH, elem_id: str = LIVE_ELEM_ID) -> gr.HTML:
+    """The tab's content; call it inside `gr.Tab(...)`. `speech_output`: the engine can speak (the
+    studio's capabilities); `voices`: the voices it offers; `ws_path`: where the studio serves
+    app.live_proxy's route."""
+    defaults = defaults or LiveDefaults()
+    if defaults.mode not in ("hands_free", "ptt"):
+        raise ValueError(f"LiveDefaults.mode must be 'hands_free' or 'ptt', got {defaults.mode!r}")
+    config = {"ws_path": ws_path, "speech_output": bool(speech_output), "voices": list(voices),
+              "defaults": asdict(defaults)}
+    return gr.HTML(
+        html_template=live_html(defaults, voices, speech_output),
+        css_template=(STATIC / "live.css").read_text(encoding="utf-8"),
+        js_on_load=(STATIC / "live.js").read_text(encoding="utf-8"),
+        apply_default_css=False, elem_id=elem_id, live_config=json.dumps(config))

@@ -1,0 +1,250 @@
+"""Server-side turn detection for the realtime protocol (`session.update` with
+`turn_detection: {"type": "server_vad", "threshold", "prefix_padding_ms", "silence_duration_ms"}`):
+a streaming voice activity detector over a session's input audio, built on the silero-vad model
+(shipped inside the `silero-vad` package: it is loaded from there, never downloaded).
+
+`TurnDetector.feed` takes PCM pieces at any rate (resampled to 16 kHz as they come), runs the model
+(engine.models.vad, numpy) on 32 ms windows and reports
+
+* `SpeechStarted(audio_start_ms)` when a window's speech probability reaches `threshold`;
+  `audio_start_ms` is that window's start minus `prefix_padding_ms` (OpenAI's meaning: the start
+  of the audio the turn will hold);
+* `SpeechStopped(audio_end_ms, audio)` once the probability has stayed below `threshold - 0.15`
+  (silero's hysteresis, at least 0.01) for `silence_duration_ms`; `audio` is the turn, 16 kHz PCM16, from
+  `audio_start_ms` to `audio_end_ms` (prefix padding and the trailing silence included).
+
+Times count milliseconds of all audio fed during the session (they keep counting across `clear`).
+Memory is bounded: before speech only the prefix padding is kept; a turn that reaches
+`max_turn_seconds` (the server's audio limit) is ended there (`reason="max_duration"`) and a new
+one starts if the speaker goes on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.errors import SettingError
+from engine.media.audio import StreamingResampler
+from engine.models.vad.silero import CONTEXT, SAMPLE_RATE as VAD_RATE, WINDOW, SileroVad, VadUnavailable
+
+WINDOW_MS = 1000 * WINDOW // VAD_RATE  # 32
+HYSTERESIS = 0.15  # speech goes on while the probability stays above threshold - this (silero's rule)
+MAX_PADDING_MS = 10_000
+MAX_SILENCE_MS = 10_000
+
+__all__ = ["ServerVad", "SpeechStarted", "SpeechStopped", "TurnDetector", "TurnDetectionError", "VadUnavailable"]
+
+
+class TurnDetectionError(SettingError):
+    """Bad `turn_detection` settings; `code` and `param` as the server reports them."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class ServerVad:
+    """OpenAI's `server_vad` turn detection settings (defaults as OpenAI's)."""
+
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    create_response: bool = True  # the server starts a response when a turn ends
+    interrupt_response: bool = True  # speech starting during a response cancels it (barge-in)
+
+    FIELDS = ("type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response",
+              "interrupt_response", "idle_timeout_ms")
+
+    @classmethod
+    def from_wire(cls, spec: Any, param: str = "session.turn_detection") -> "ServerVad | None":
+        """`turn_detection` of a session.update: null (push-to-talk: the client commits) or
+        {"type": "server_vad", ...}; fields left out keep their defaults."""
+        if spec is None:
+            return None
+        if not isinstance(spec, dict):
+            raise TurnDetectionError(f"'{param}' must be null or an object such as {{\"type\": \"server_vad\"}}",
+                                     "invalid_type", param)
+        kind = spec.get("type", "server_vad")
+        if kind != "server_vad":
+            raise TurnDetectionError(f"'{param}.type' {str(kind)[:40]!r} is not supported; use 'server_vad' (or null "
+                                     "for push-to-talk)", "unsupported_parameter", f"{param}.type")
+        for key in spec:
+            if key not in cls.FIELDS:
+                raise TurnDetectionError(f"unknown field {str(key)[:60]!r} in '{param}' (known: "
+                                         f"{', '.join(cls.FIELDS)})", "unknown_parameter", f"{param}.{key}")
+        if spec.get("idle_timeout_ms") is not None:
+            raise TurnDetectionError("'idle_timeout_ms' is not supported (leave it null)", "unsupported_parameter",
+                                     f"{param}.idle_timeout_ms")
+        d = cls()
+        return cls(threshold=_number(spec, "threshold", d.threshold, 0.0, 1.0, param),
+                   prefix_padding_ms=int(_number(spec, "prefix_padding_ms", d.prefix_padding_ms, 0, MAX_PADDING_MS,
+                                                 param, integer=True)),
+                   silence_duration_ms=int(_number(spec, "silence_duration_ms", d.silence_duration_ms, 0,
+                                                   MAX_SILENCE_MS, param, integer=True)),
+                   create_response=_flag(spec, "create_response", d.create_response, param),
+                   interrupt_response=_flag(spec, "interrupt_response", d.interrupt_response, param))
+
+    def to_wire(self) -> dict:
+        return {"type": "server_vad", **asdict(self), "idle_timeout_ms": None}
+
+
+def _number(spec: dict, name: str, default, lo, hi, param: str, integer: bool = False) -> float:
+    value = spec.get(name, default)
+    if value is None:
+        return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (integer and value != int(value)):
+        kind = "an integer" if integer else "a number"
+        raise TurnDetectionError(f"'{param}.{name}' must be {kind}, got {str(value)[:40]!r}", "invalid_type",
+                                 f"{param}.{name}")
+    if not lo <= value <= hi:
+        raise TurnDetectionError(f"'{param}.{name}' must be between {lo} and {hi}, got {value}", "invalid_value",
+                                 f"{param}.{name}")
+    return value
+
+
+def _flag(spec: dict, name: str, default: bool, param: str) -> bool:
+    value = spec.get(name, default)
+    if not isinstance(value, bool):
+        raise TurnDetectionError(f"'{param}.{name}' must be true or false", "invalid_type", f"{param}.{name}")
+    return value
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass
+class SpeechStarted:
+    audio_start_ms: int
+
+
+@dataclass
+class SpeechStopped:
+    audio_start_ms: int
+    audio_end_ms: int
+    audio: np.ndarray  # int16 PCM at `sample_rate`, from audio_start_ms to audio_end_ms
+    reason: str = "silence"  # or "max_duration"
+    sample_rate: int = VAD_RATE
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / self.sample_rate
+
+
+# --------------------------------------------------------------------------- detector
+
+
+class TurnDetector:
+    """One session's streaming turn detector (not thread-safe: one feeder at a time)."""
+
+    def __init__(self, config: ServerVad, max_turn_seconds: float = 300.0, model: SileroVad | None = None):
+        if max_turn_seconds <= 0:
+            raise ValueError("max_turn_seconds must be positive")
+        self.config = config
+        self.max_turn_samples = int(max_turn_seconds * VAD_RATE)
+        self.model = model or SileroVad.from_package()
+        self._resampler: StreamingResampler | None = None
+        self._pending = np.zeros(0, np.float32)  # 16 kHz samples not yet a whole window
+        self._h, self._c = self.model.initial_state()
+        self._context = np.zeros(CONTEXT, np.float32)
+        self._windows = 0  # windows run since the session started (the clock)
+        self._before = np.zeros(0, np.int16)  # recent audio before the turn (prefix padding)
+        self._turn: list[np.ndarray] = []
+        self._turn_samples = 0
+        self._turn_start_ms = 0
+        self._silence_since_ms: int | None = None
+        self.probability = 0.0  # of the latest window
+
+    # -- state
+    @property
+    def in_speech(self) -> bool:
+        return bool(self._turn)
+
+    @property
+    def audio_ms(self) -> int:
+        """Milliseconds of audio analysed so far in the session."""
+        return self._windows * WINDOW_MS
+
+    @property
+    def held_bytes(self) -> int:
+        resampler = 4 * self._resampler.buffered if self._resampler is not None else 0
+        return self._pending.nbytes + self._before.nbytes + 2 * self._turn_samples + resampler
+
+    @property
+    def silence_below(self) -> float:
+        """Probability under which a window counts as silence (silero's hysteresis, floored)."""
+        return min(self.config.threshold, max(self.config.threshold - HYSTERESIS, 0.01))
+
+    def update(self, config: ServerVad) -> None:
+        """New settings mid-session (a session.update); a turn in progress carries on."""
+        self.config = config
+
+    def clear(self) -> None:
+        """Forget buffered audio, any turn in progress and the model's memory of the stream
+        (input_audio_buffer.clear); the clock goes on."""
+        self._h, self._c = self.model.initial_state()
+        self._context = np.zeros(CONTEXT, np.float32)
+        self._before = np.zeros(0, np.int16)
+        self._turn, self._turn_samples, self._silence_since_ms = [], 0, None
+
+    # -- audio in
+    def feed(self, samples: np.ndarray, sample_rate: int) -> list[SpeechStarted | SpeechStopped]:
+        """Take the next piece of audio (int16 PCM or float in [-1, 1], mono); return the turn
+        events it completes, in order."""
+        pcm = np.asarray(samples).reshape(-1)
+        x = pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm.astype(np.float32)
+        if self._resampler is None or self._resampler.orig_freq != int(sample_rate):
+            self._resampler = StreamingResampler(int(sample_rate), VAD_RATE)
+        y = self._resampler.feed(x)
+        self._pending = np.concatenate([self._pending, y]) if self._pending.size else y
+        events: list[SpeechStarted | SpeechStopped] = []
+        n = self._pending.size // WINDOW
+        for i in range(n):
+            events += self._window(self._pending[i * WINDOW:(i + 1) * WINDOW])
+        self._pending = self._pending[n * WINDOW:].copy()
+        return events
+
+    def _window(self, window: np.ndarray) -> list[SpeechStarted | SpeechStopped]:
+        prob, self._h, self._c = self.model.probability(np.concatenate([self._context, window]), self._h, self._c)
+        self._context = window[-CONTEXT:]
+        self.probability = prob
+        start_ms = self.audio_ms
+        self._windows += 1
+        end_ms = self.audio_ms
+        pcm = np.clip(np.round(window * 32767.0), -32768, 32767).astype(np.int16)
+        cfg = self.config
+        events: list[SpeechStarted | SpeechStopped] = []
+        if not self._turn:
+            if prob >= cfg.threshold:
+                pad = min(len(self._before), cfg.prefix_padding_ms * VAD_RATE // 1000)
+                prefix = self._before[len(self._before) - pad:]
+                self._turn, self._turn_samples = [prefix, pcm], len(prefix) + len(pcm)
+                self._turn_start_ms = start_ms - 1000 * pad // VAD_RATE
+                self._silence_since_ms = None
+                self._before = np.zeros(0, np.int16)
+                events.append(SpeechStarted(self._turn_start_ms))
+            else:
+                keep = cfg.prefix_padding_ms * VAD_RATE // 1000
+                self._before = np.concatenate([self._before, pcm])[-keep:] if keep else np.zeros(0, np.int16)
+            return events
+        self._turn.append(pcm)
+        self._turn_samples += len(pcm)
+        if prob >= cfg.threshold:
+            self._silence_since_ms = None
+        elif prob < self.silence_below and self._silence_since_ms is None:
+            self._silence_since_ms = start_ms
+        if self._silence_since_ms is not None and end_ms - self._silence_since_ms >= cfg.silence_duration_ms:
+            events.append(self._end(end_ms, "silence"))
+        elif self._turn_samples >= self.max_turn_samples:
+            events.append(self._end(end_ms, "max_duration"))
+        return events
+
+    def _end(self, end_ms: int, reason: str) -> SpeechStopped:
+        audio = np.concatenate(self._turn)
+        stopped = SpeechStopped(self._turn_start_ms, end_ms, audio, reason)
+        self._turn, self._turn_samples, self._silence_since_ms = [], 0, None
+        return stopped

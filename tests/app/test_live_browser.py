@@ -1,0 +1,164 @@
+"""The Live tab in a real browser (Debian's chromium with a fake camera and microphone playing
+our own test media, app/assets/fake_capture) in a small page of its own, relayed by the studio's
+proxy to a fake engine that answers with canned realtime events. Skips when /usr/bin/chromium or
+playwright is missing. LIVE_SCREENSHOT=/some/dir keeps screenshots of the page."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.app.fake_engine import REPLY, FakeEngine
+from tests.app.test_browser import CHROMIUM, CHROMIUM_ARGS, sync_api
+from tests.paths import REPO
+
+CAPTURE = REPO / "app/assets/fake_capture"
+MEDIA_ARGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+              f"--use-file-for-fake-video-capture={CAPTURE / 'webcam.y4m'}",
+              f"--use-file-for-fake-audio-capture={CAPTURE / 'mic.wav'}", "--autoplay-policy=no-user-gesture-required"]
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="module")
+def live_page():
+    """(url, engine): a page with only the Live tab (speech output on), served with the proxy."""
+    gr = pytest.importorskip("gradio")
+    from app.live_proxy import LiveProxy
+    from app.ui.live import build_live_tab
+
+    with FakeEngine(speak=True) as engine:
+        proxy = LiveProxy(lambda: (engine.url, engine.token))
+        with gr.Blocks(title="Live test") as demo:
+            with gr.Tab("Live"):
+                build_live_tab(speech_output=True, voices=["default"])
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                    app_kwargs=proxy.app_kwargs())
+        try:
+            yield demo.local_url, engine
+        finally:
+            demo.close()
+
+
+@pytest.fixture
+def browser():
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + MEDIA_ARGS)
+        try:
+            yield b.new_context(permissions=["camera", "microphone"], viewport=PHONE).new_page()
+        finally:
+            b.close()
+
+
+def keep_screenshot(page, name: str) -> None:
+    folder = os.environ.get("LIVE_SCREENSHOT")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / name), full_page=True)
+
+
+def test_hands_free_the_tab_hears_a_question_sends_frames_and_shows_the_spoken_reply(live_page, browser):
+    url, engine = live_page
+    page = browser
+    page.goto(url, wait_until="networkidle", timeout=60_000)
+    page.locator('#live [data-role="start"]').click()
+    reply = page.locator("#live .live-assistant").first
+    sync_api.expect(reply).to_have_text(REPLY, timeout=30_000)
+    sync_api.expect(page.locator("#live .live-user").first).to_contain_text("s of speech")
+    latency = page.locator('#live [data-role="latency"]')
+    sync_api.expect(latency).to_contain_text("ms · → first audio")
+    sync_api.expect(latency).not_to_contain_text("audio …")
+    assert page.locator('#live [data-role="error"]').is_hidden()
+    keep_screenshot(page, "live_hands_free_phone.png")
+
+    update = next(e for e in engine.got.events if e["type"] == "session.update")["session"]
+    turns = update["audio"]["input"]["turn_detection"]  # where the GA protocol puts it
+    assert turns["type"] == "server_vad" and turns["silence_duration_ms"] > 0 and turns["interrupt_response"]
+    assert update["video"] == {"window_seconds": 8, "fps": 1} and update["output_modalities"] == ["audio"]
+    assert update["audio"]["output"] == {"voice": "default"}
+    assert engine.got.audio_seconds >= 1.0 and all(r >= 8000 for r in engine.got.audio_rates)
+    assert engine.got.frames and all(f[:3] == b"\xff\xd8\xff" for f in engine.got.frames)  # JPEGs
+    page.locator('#live [data-role="stop"]').click()
+    assert engine.wait_closed(1), "the engine session stayed open after Stop"
+
+
+def test_push_to_talk_and_barge_in_stops_the_speech_and_truncates_it(live_page, browser):
+    url, engine = live_page
+    before = len(engine.got.events)
+    page = browser
+    page.goto(url, wait_until="networkidle", timeout=60_000)
+    page.locator('#live [data-role="mode"]').select_option("ptt")
+    page.locator('#live [data-role="start"]').click()
+    talk = page.locator('#live [data-role="talk"]')
+    sync_api.expect(talk).to_be_enabled(timeout=20_000)
+    page.wait_for_function("document.querySelector('#live video').videoWidth > 0")
+    talk.hover()
+    page.mouse.down()
+    page.wait_for_timeout(1500)
+    page.mouse.up()
+    sync_api.expect(page.locator("#live .live-assistant").first).to_contain_text("I see", timeout=20_000)
+    page.wait_for_timeout(300)  # part of the reply's sound has played
+    page.mouse.down()  # talk over the reply
+    page.wait_for_timeout(200)
+    state = page.evaluate("[...document.querySelectorAll('#live *')].find(e => e.liveState).liveState()")
+    assert state["playing"] == 0, "the reply's speech kept playing after the user spoke"
+    page.mouse.up()
+    page.locator('#live [data-role="stop"]').click()
+    got = engine.got.events[before:]
+    kinds = [e["type"] for e in got]
+    assert kinds.count("input_audio_buffer.commit") >= 1 and "response.create" in kinds
+    assert got[0]["session"]["audio"]["input"]["turn_detection"] is None  # push-to-talk: the page commits
+    truncate = next(e for e in got if e["type"] == "conversation.item.truncate")
+    assert truncate["item_id"].startswith("item_reply") and truncate["content_index"] == 0
+    assert 0 < truncate["audio_end_ms"] <= 8 * 120 + 50  # what was heard of the 0.96 s reply
+    # the fake engine had sent the whole reply (response.done) before the user spoke: nothing to cancel
+    assert "response.cancel" not in kinds
+
+
+def test_barge_in_from_the_server_stops_the_speech_at_once_and_ignores_stale_audio(live_page, browser):
+    url, engine = live_page
+    before = len(engine.got.events)
+    engine.barge_in_after = 3  # speech_started arrives after three words of the spoken reply
+    try:
+        page = browser
+        page.goto(url, wait_until="networkidle", timeout=60_000)
+        page.locator('#live [data-role="start"]').click()
+        reply = page.locator("#live .live-assistant").first
+        sync_api.expect(reply).to_have_class("live-turn live-assistant live-interrupted", timeout=30_000)
+        state = page.evaluate("[...document.querySelectorAll('#live *')].find(e => e.liveState).liveState()")
+        assert state["playing"] == 0, "stale audio after the barge-in was played"
+        assert reply.inner_text().startswith("I see a") and "table" not in reply.inner_text()
+        keep_screenshot(page, "live_barge_in_phone.png")
+        page.locator('#live [data-role="stop"]').click()
+    finally:
+        engine.barge_in_after = None
+    got = engine.got.events[before:]
+    truncate = next(e for e in got if e["type"] == "conversation.item.truncate")
+    assert 0 < truncate["audio_end_ms"] <= 3 * 120 + 50  # only the three words were heard
+    assert "response.cancel" not in [e["type"] for e in got]  # hands-free: the server cancels by itself
+
+
+def test_permission_denied_and_a_blocked_camera_are_said_in_the_page(live_page):
+    url, engine = live_page
+    args = CHROMIUM_ARGS + [a for a in MEDIA_ARGS if a != "--use-fake-ui-for-media-stream"]  # real permission checks
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        try:
+            page = b.new_context(permissions=[], viewport=PHONE).new_page()  # the user said no to everything
+            page.goto(url, wait_until="networkidle", timeout=60_000)
+            page.locator('#live [data-role="start"]').click()
+            sync_api.expect(page.locator('#live [data-role="error"]')).to_contain_text("Permission denied",
+                                                                                       timeout=20_000)
+            sync_api.expect(page.locator('#live [data-role="start"]')).to_be_enabled()
+            frames = len(engine.got.frames)
+            page = b.new_context(permissions=["microphone"], viewport=PHONE).new_page()  # the camera is blocked
+            page.goto(url, wait_until="networkidle", timeout=60_000)
+            page.locator('#live [data-role="start"]').click()
+            sync_api.expect(page.locator('#live [data-role="status"]')).to_contain_text("Listening", timeout=20_000)
+            sync_api.expect(page.locator('#live [data-role="error"]')).to_contain_text("camera is blocked")
+            page.wait_for_timeout(1200)
+            assert len(engine.got.frames) == frames  # sound only
+            page.locator('#live [data-role="stop"]').click()
+        finally:
+            b.close()

@@ -1,0 +1,193 @@
+"""The Live tab's websocket relay (app/live_proxy.py) against a fake engine: the token is added on
+the server side, closes propagate both ways, bad input gets a message, the engine being down or
+refusing the token is said plainly, other sites' pages and logged-out browsers are refused, and a
+second tab takes the session over."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from app.live_proxy import LIVE_WS_PATH, LiveProxy, origin_allowed, realtime_url
+from tests.app.fake_engine import REPLY, FakeEngine
+
+
+@pytest.fixture
+def engine():
+    with FakeEngine(token="engine-secret") as fake:
+        yield fake
+
+
+def make_app(url: str, token: str | None, **app_attrs):
+    proxy = LiveProxy(lambda: (url, token), open_timeout=3.0)
+    app = Starlette(routes=[proxy.route()])
+    for name, value in app_attrs.items():  # Gradio's App keeps its login on these attributes
+        setattr(app, name, value)
+    return proxy, app
+
+
+def recv(ws) -> dict:
+    return json.loads(ws.receive_text())
+
+
+def recv_until(ws, kind: str, limit: int = 50) -> list[dict]:
+    got = []
+    for _ in range(limit):
+        got.append(recv(ws))
+        if got[-1]["type"] == kind:
+            return got
+    raise AssertionError(f"no {kind} in {[e['type'] for e in got]}")
+
+
+def test_engine_urls():
+    assert realtime_url("ws://127.0.0.1:8000") == "ws://127.0.0.1:8000/v1/realtime"
+    assert realtime_url("https://gpu.example.org/ming/") == "wss://gpu.example.org/ming/v1/realtime"
+    assert realtime_url("ws://h:1/v1/realtime") == "ws://h:1/v1/realtime"
+    with pytest.raises(ValueError, match="ws://HOST:PORT"):
+        realtime_url("127.0.0.1:8000")
+
+
+def test_relays_both_ways_with_the_token_added_on_the_server(engine):
+    proxy, app = make_app(engine.url, engine.token)
+    with TestClient(app) as client, client.websocket_connect(LIVE_WS_PATH) as ws:
+        assert recv(ws)["type"] == "session.created"
+        ws.send_text(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\0\0" * 1600)
+                                 .decode(), "sample_rate": 16000}))
+        ws.send_text(json.dumps({"type": "input_audio_buffer.commit"}))
+        ws.send_text(json.dumps({"type": "response.create"}))
+        events = recv_until(ws, "response.done")
+        text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        assert text == REPLY
+        assert "user:" not in "".join(proxy.active) and len(proxy.active) == 1
+    assert engine.wait_closed(1), "the engine socket stayed open after the browser left"
+    assert engine.got.headers[0]["Authorization"] == "Bearer engine-secret"
+    assert engine.got.types()[:3] == ["input_audio_buffer.append", "input_audio_buffer.commit", "response.create"]
+    assert proxy.active == {}
+
+
+def test_the_engine_closing_ends_the_page_session_with_a_message(engine):
+    _, app = make_app(engine.url, engine.token)
+    with TestClient(app) as client, client.websocket_connect(LIVE_WS_PATH) as ws:
+        recv(ws)
+        ws.send_text(json.dumps({"type": "close_me"}))
+        err = recv(ws)
+        assert err["type"] == "error" and err["error"]["code"] == "engine_closed"
+        assert "1011" in err["error"]["message"] and "engine stopping" in err["error"]["message"]
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_text()
+        assert closed.value.code == 4001
+
+
+def test_bad_input_gets_a_message_and_the_session_goes_on(engine):
+    proxy, app = make_app(engine.url, engine.token)
+    proxy.max_message_bytes = 1000
+    with TestClient(app) as client, client.websocket_connect(LIVE_WS_PATH) as ws:
+        recv(ws)
+        ws.send_bytes(b"\x00\x01")
+        assert recv(ws)["error"]["code"] == "binary_not_supported"
+        ws.send_text("x" * 1001)
+        assert recv(ws)["error"]["code"] == "message_too_large"
+        ws.send_text(json.dumps({"type": "response.create"}))
+        assert recv(ws)["type"] == "response.created"
+    assert engine.wait_closed(1)
+    assert engine.got.types()[0] == "response.create"  # nothing of the bad input reached the engine
+
+
+def test_an_engine_that_is_down_or_refuses_the_token_is_named(engine):
+    _, app = make_app(engine.url, "wrong-token")
+    with TestClient(app) as client, client.websocket_connect(LIVE_WS_PATH) as ws:
+        err = recv(ws)
+        assert err["error"]["code"] == "engine_unauthorized" and "--engine-token" in err["error"]["message"]
+    port = engine.port
+    engine.close()
+    _, app = make_app(f"ws://127.0.0.1:{port}", "engine-secret")
+    with TestClient(app) as client, client.websocket_connect(LIVE_WS_PATH) as ws:
+        err = recv(ws)
+        assert err["error"]["code"] == "engine_unreachable" and f"127.0.0.1:{port}" in err["error"]["message"]
+        with pytest.raises(WebSocketDisconnect):
+            ws.receive_text()
+
+
+def test_pages_of_other_sites_are_refused():
+    headers = lambda origin, host="studio.example:7860": {"origin": origin, "host": host}  # noqa: E731
+    assert origin_allowed({})  # not a browser
+    assert origin_allowed(headers("https://studio.example:7860"))
+    assert not origin_allowed(headers("https://evil.example"))
+    assert origin_allowed(headers("http://localhost:7860", "127.0.0.1:7860"))
+    assert not origin_allowed(headers("https://evil.example", "127.0.0.1:7860"))
+    assert origin_allowed({"origin": "https://x.hf.space", "host": "10.0.0.2:7860", "x-forwarded-host": "x.hf.space"})
+
+
+def test_a_cross_site_page_cannot_open_the_socket(engine):
+    _, app = make_app(engine.url, engine.token)
+    with TestClient(app) as client:
+        with pytest.raises(WebSocketDisconnect) as refused:
+            with client.websocket_connect(LIVE_WS_PATH, headers={"origin": "https://evil.example"}):
+                pass
+        assert refused.value.code == 1008
+    assert engine.got.headers == []  # the engine was never contacted
+
+
+def test_the_studio_login_is_required_when_it_has_one(engine):
+    _, app = make_app(engine.url, engine.token, auth={"ann": "pw"}, auth_dependency=None, cookie_id="c1",
+                      tokens={"tok-ann": "ann"})
+    with TestClient(app) as client:
+        with client.websocket_connect(LIVE_WS_PATH) as ws:
+            err = recv(ws)
+            assert err["error"]["code"] == "login_required"
+        client.cookies.set("access-token-unsecure-c1", "tok-ann")
+        with client.websocket_connect(LIVE_WS_PATH) as ws:
+            assert recv(ws)["type"] == "session.created"
+    assert len(engine.got.headers) == 1
+
+
+def test_a_second_tab_takes_over_and_the_first_is_told(engine):
+    proxy, app = make_app(engine.url, engine.token)
+    with TestClient(app) as client:
+        with client.websocket_connect(LIVE_WS_PATH + "?client=browser-1") as first:
+            assert recv(first)["type"] == "session.created"
+            with client.websocket_connect(LIVE_WS_PATH + "?client=browser-1") as second:
+                assert recv(second)["type"] == "session.created"
+                err = recv(first)
+                assert err["error"]["code"] == "live_session_replaced"
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    first.receive_text()
+                assert closed.value.code == 4000
+                assert engine.wait_closed(1)  # the first tab's engine session ended
+                second.send_text(json.dumps({"type": "response.create"}))
+                assert recv(second)["type"] == "response.created"
+                assert list(proxy.active) == ["browser:browser-1"]
+    assert engine.wait_closed(2) and proxy.active == {}
+
+
+def test_installed_in_a_real_gradio_app_behind_its_login(engine):
+    """demo.launch(auth=..., app_kwargs=proxy.app_kwargs()): the route sits in Gradio's own app and
+    trusts Gradio's login cookie; the page itself still loads."""
+    gr = pytest.importorskip("gradio")
+    import httpx
+    from websockets.sync.client import connect
+
+    proxy = LiveProxy(lambda: (engine.url, engine.token))
+    with gr.Blocks() as demo:
+        gr.Markdown("studio")
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                auth=("ann", "pw"), app_kwargs=proxy.app_kwargs())
+    try:
+        base = demo.local_url.rstrip("/")
+        url = base.replace("http://", "ws://") + LIVE_WS_PATH
+        with connect(url) as ws:
+            assert json.loads(ws.recv())["error"]["code"] == "login_required"
+        with httpx.Client() as http:
+            assert http.post(base + "/login", data={"username": "ann", "password": "pw"}).status_code == 200
+            cookie = "; ".join(f"{k}={v}" for k, v in http.cookies.items())
+            assert http.get(base + "/").status_code == 200
+        with connect(url, additional_headers={"Cookie": cookie, "Origin": base}) as ws:
+            assert json.loads(ws.recv())["type"] == "session.created"
+    finally:
+        demo.close()
+    assert engine.wait_closed(1)
