@@ -42,6 +42,7 @@ from engine.models.thinker.tokenizer import MingTokenizer
 # on a busy 2-core machine); bigger models keep torch's default thread count.
 SMALL_MODEL_BYTES = 64 * 2**20
 
+REF_TRANSCRIPT_MAX_TOKENS = 256  # ASR of a voice-cloning reference clip (see Engine._asr_text)
 REAL_MODEL_HINT = "python launch.py --model inclusionAI/Ming-flash-omni-2.0   (or a local checkpoint directory)"
 
 
@@ -256,7 +257,10 @@ class Engine:
     def _asr_text(self, clip, sample_rate: int | None) -> str:
         """Transcribe a reference clip with the thinker's ASR (for cloning without a transcript)."""
         text = ""
-        for ev in self.transcribe(clip, sample_rate=sample_rate):
+        # A reference clip is at most 30 s (engine.models.talker.audio): ~150 characters of speech at most,
+        # so REF_TRANSCRIPT_MAX_TOKENS bounds a runaway transcript (and the talker prompt it goes into).
+        for ev in self.transcribe(clip, sample_rate=sample_rate,
+                                  params=GenerationParams(max_new_tokens=REF_TRANSCRIPT_MAX_TOKENS)):
             if isinstance(ev, Error):
                 raise MediaError(f"could not transcribe the reference clip: {ev.message}")
             if isinstance(ev, Done):
