@@ -1,6 +1,6 @@
 """What every endpoint shares: the engine, the model id, the limits, the token, the scheduler and
 the realtime session registry (one per app). The engine is an `engine.runtime.Engine` or any object
-with its interface (info(), is_demo, chat(), transcribe(); optionally has_talker, has_imagegen)."""
+with its interface (info(), is_demo, chat(), transcribe(); optionally has_talker, has_image_generator)."""
 
 from __future__ import annotations
 

@@ -383,7 +383,7 @@ def capabilities(engine) -> set[str]:
         caps |= {"audio_in", "transcription"}
     if getattr(engine, "has_talker", False):
         caps.add("speech_out")
-    if getattr(engine, "has_imagegen", False):
+    if getattr(engine, "has_image_generator", False):
         caps.add("image_out")
     return caps
 

@@ -17,7 +17,7 @@ from engine.server.protocol import ApiError
 
 TOKEN_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens", "max_response_output_tokens")
 UNSUPPORTED_NONZERO = ("frequency_penalty", "presence_penalty")
-OUTPUT_MODALITIES = {"text": None, "audio": "has_talker", "image": "has_imagegen"}  # modality -> engine flag
+OUTPUT_MODALITIES = {"text": None, "audio": "has_talker", "image": "has_image_generator"}  # modality -> engine flag
 
 
 def check_output_modalities(value: Any, name: str, engine) -> list[str]:
