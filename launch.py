@@ -13,11 +13,15 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
 import argparse  # noqa: E402
+import secrets  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 EXIT_MODEL_ERROR = 2
 EXIT_SERVER_ERROR = 1
+# On a Hugging Face Space the Space's own visibility decides who may open it (a public Space is a
+# public demo by design), and the app must listen on every interface.
+IN_SPACE = bool(os.environ.get("SPACE_ID"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,20 +31,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "  python launch.py                                  # tiny random demo model\n"
                "  python launch.py --model inclusionAI/Ming-flash-omni-2.0\n"
                "  python launch.py --model /models/Ming-flash-omni-2.0 --dtype bf16 --device cuda\n"
-               "  python launch.py --host 0.0.0.0 --port 8080       # reachable from other machines\n\n"
-               f"exit codes: {EXIT_MODEL_ERROR} = the model could not be loaded, "
+               "  python launch.py --host 0.0.0.0 --auth alice:secret  # reachable from other machines, with a login\n"
+               "  python launch.py --engine ws://gpu-box:8000 --engine-token T   # UI only, the engine runs elsewhere\n\n"
+               f"exit codes: {EXIT_MODEL_ERROR} = the model could not be loaded or the settings were refused, "
                f"{EXIT_SERVER_ERROR} = the server could not start.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", metavar="PATH_OR_HUB_ID", default=None,
                     help="checkpoint to load: a local directory, or a Hugging Face hub id such as "
                          "inclusionAI/Ming-flash-omni-2.0 (downloaded into the hub cache). "
                          "Default: the tiny random demo checkpoint (meaningless output).")
-    ap.add_argument("--host", default="127.0.0.1",
+    ap.add_argument("--engine", metavar="URL", default=os.environ.get("ENGINE_URL") or None,
+                    help="use an engine server that runs elsewhere (python -m engine.server) instead of loading a "
+                         "model here: ws://HOST:PORT or http://HOST:PORT (default: $ENGINE_URL). This studio then "
+                         "only serves the page and never loads torch.")
+    ap.add_argument("--engine-token", metavar="T", default=os.environ.get("ENGINE_TOKEN") or None,
+                    help="the engine server's token (default: $ENGINE_TOKEN)")
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if IN_SPACE else "127.0.0.1"),
                     help="address to serve on (default: %(default)s, this machine only; "
-                         "0.0.0.0 = every network interface)")
+                         "0.0.0.0 = every network interface, which needs --auth)")
     ap.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
     ap.add_argument("--share", action="store_true",
-                    help="also create a temporary public gradio.live link (needs internet access)")
+                    help="also create a temporary public gradio.live link (needs internet access and --auth)")
+    ap.add_argument("--auth", metavar="USER:PASSWORD", action="append",
+                    default=[os.environ["STUDIO_AUTH"]] if os.environ.get("STUDIO_AUTH") else None,
+                    help="require this login (repeatable; default: $STUDIO_AUTH); needed with --share or a "
+                         "non-loopback --host")
+    ap.add_argument("--auth-file", metavar="FILE", default=None,
+                    help="a file with one USER:PASSWORD per line (blank lines and # comments skipped)")
+    ap.add_argument("--insecure-no-auth", action="store_true",
+                    help="serve to the network or a share link WITHOUT a login (anyone who finds it can use the "
+                         "model); refused unless given explicitly")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                     help="weight and activation dtype (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--expert-dtype", choices=["bf16", "fp8", "int8"], default="bf16",
@@ -51,7 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "host memory (cold experts computed by the CPU); single: everything on --device")
     ap.add_argument("--device", default=None,
                     help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.engine and args.model:
+        ap.error("--engine (a remote engine) and --model (load one here) exclude each other")
+    return args
 
 
 def _fail(message: str, code: int) -> int:
@@ -93,17 +116,18 @@ class _LoadProgress:
             print(f"  loading tensors: {done}/{total} ({tenth * 10}%)", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    t_start = time.perf_counter()
+def _start_local_engine(args: argparse.Namespace):
+    """Load the model here and serve it on a loopback port of this process (a token made for this
+    start): the studio reaches it through the same client a remote studio uses. Returns (client,
+    server handle) or an exit code."""
     problem = _check_device(args.device)
     if problem:
         return _fail(problem, EXIT_MODEL_ERROR)
 
-    from engine.models.thinker.config import ConfigError
-    from engine.loader import CheckpointError
+    from engine.client import EngineClient
+    from engine.errors import MingError
     from engine.runtime import REAL_MODEL_HINT, Engine
-    from engine.models.thinker.tokenizer import TokenizerError
+    from engine.server import ServerHandle, create_app
 
     what = args.model or "the tiny random demo checkpoint"
     print(f"Loading {what} ...", flush=True)
@@ -112,24 +136,67 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device, progress=_LoadProgress(),
                              expert_dtype=args.expert_dtype, placement=args.placement,
                              log=lambda line: print(line, flush=True))
-    except (CheckpointError, ConfigError, TokenizerError) as e:
+    except MingError as e:
         return _fail(f"could not load the model {args.model or what!r}:\n  {e}", EXIT_MODEL_ERROR)
     except (OSError, ValueError) as e:  # unreadable files, bad dtype for this checkpoint, ...
         return _fail(f"could not load the model {args.model or what!r}:\n  {type(e).__name__}: {e}",
                      EXIT_MODEL_ERROR)
-    load_s = time.perf_counter() - t_load
     info = engine.info()
-    print(f"Loaded {info.name} in {load_s:.1f} s ({info.parameters:,} parameters, {info.dtype} on {info.device})",
-          flush=True)
+    print(f"Loaded {info.name} in {time.perf_counter() - t_load:.1f} s ({info.parameters:,} parameters, "
+          f"{info.dtype} on {info.device})", flush=True)
     if engine.is_demo:
         print("NOTE: these are RANDOM DEMO WEIGHTS: the replies are meaningless text.\n"
               f"      To load the real model: {REAL_MODEL_HINT}", flush=True)
-
-    from app.studio import build_studio
-
-    demo = build_studio(engine)
+    token = secrets.token_urlsafe(24)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+        handle = ServerHandle(create_app(engine, token=token), host="127.0.0.1", port=0).start()
+    except (OSError, RuntimeError) as e:
+        return _fail(f"could not start the engine server on a loopback port: {e}", EXIT_SERVER_ERROR)
+    return EngineClient(handle.url, token=token), handle
+
+
+def _connect_remote_engine(args: argparse.Namespace):
+    """A UI-only studio: the engine runs elsewhere. An engine that is down at start is reported here
+    and in the page, which reconnects when it comes back."""
+    from engine.client import EngineClient
+
+    client = EngineClient(args.engine, token=args.engine_token)
+    try:
+        info = client.info()
+        print(f"Engine at {args.engine}: {info.name}" + (" (RANDOM DEMO WEIGHTS)" if info.is_demo else ""), flush=True)
+    except Exception as e:  # noqa: BLE001  (any failure to reach it is reported, the page keeps trying)
+        print(f"WARNING: the engine at {args.engine} is not answering ({e}). The studio starts anyway, shows "
+              "this in the page and reconnects when the engine is back.", file=sys.stderr, flush=True)
+    return client, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    from app.access import AccessRefused, check_access, read_credentials
+
+    try:
+        credentials = read_credentials(args.auth, args.auth_file)
+        warning = check_access(args.host, args.share, credentials, args.insecure_no_auth or IN_SPACE)
+    except AccessRefused as e:
+        return _fail(str(e), EXIT_MODEL_ERROR)
+    if warning and not IN_SPACE:
+        print(warning, file=sys.stderr, flush=True)
+    elif IN_SPACE and not credentials:
+        print(f"Running on the Hugging Face Space {os.environ['SPACE_ID']}: who may open it is the Space's "
+              "visibility setting (set the secret STUDIO_AUTH=user:password to require a login too).", flush=True)
+
+    started = _connect_remote_engine(args) if args.engine else _start_local_engine(args)
+    if isinstance(started, int):
+        return started
+    client, engine_server = started
+
+    from app.studio import build_studio, launch_options
+
+    demo = build_studio(client)
+    try:
+        demo.launch(**launch_options(demo), server_name=args.host, server_port=args.port, share=args.share,
+                    auth=credentials or None, auth_message="Ming Omni Studio: please log in.",
                     prevent_thread_lock=True, show_error=True, quiet=True)
     except OSError as e:  # port in use, address not available
         return _fail(f"could not start the server on {args.host}:{args.port}: {e}", EXIT_SERVER_ERROR)
@@ -143,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         demo.close()
+        if engine_server is not None:
+            engine_server.stop()
     return 0
 
 

@@ -1,5 +1,5 @@
 """The Gradio studio UI of Ming Omni Studio: a model banner on top and one tab per capability
-(chat for now), built around an already loaded `engine.runtime.Engine` by `app.studio.build_studio`.
+(Chat, Live, Speech, Voice, Image), built by `app.studio.build_studio` around an engine client.
 """
 
 import os

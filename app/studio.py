@@ -1,26 +1,60 @@
-"""The studio page: the model banner above the capability tabs (only Chat so far)."""
+"""The studio page: the engine banner above the tabs Chat, Live, Speech, Voice and Image. The page is
+a client of the engine server (in this process on a loopback port, or a remote one): it reaches the
+engine only through `engine.client`, and every request waits in the server's one queue."""
 
 from __future__ import annotations
 
 import app  # noqa: F401  (sets GRADIO_ANALYTICS_ENABLED before gradio is imported)
 
+from pathlib import Path
+
 import gradio as gr
 
+from app.engine_link import SPEECH_OUT, EngineLink
+from app.live_proxy import LiveProxy
 from app.ui.banner import build_banner
 from app.ui.chat import build_chat_tab
-from engine.runtime import Engine
+from app.ui.image import build_image_tab
+from app.ui.live import build_live_tab
+from app.ui.speech import build_speech_tab
+from app.ui.voice import build_voice_tab
+from engine.client import EngineClient
 
 TITLE = "Ming Omni Studio"
+ASSETS = Path(__file__).resolve().parent / "assets"
+# Narrow screens: the rows stack and nothing overflows sideways.
+CSS = """
+@media (max-width: 640px) { .gradio-container { padding: 4px !important; } }
+"""
 
 
-def build_studio(engine: Engine) -> gr.Blocks:
-    """The whole page for a loaded engine, with its queue configured (one generation at a time:
-    the engine runs one request at a time anyway). Launch it with `demo.launch(...)`."""
+def _assets(*patterns: str) -> list[str]:
+    return sorted(str(p) for pattern in patterns for p in ASSETS.glob(pattern)) if ASSETS.is_dir() else []
+
+
+def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
+    """The whole page for an engine client. Launch it with `demo.launch(**launch_options(demo), ...)`
+    (the Live tab's relay route and the page's CSS ride on those options)."""
+    link = client if isinstance(client, EngineLink) else EngineLink(client)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}")
-        build_banner(engine)
+        build_banner(link)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                build_chat_tab(engine)
-    demo.queue(default_concurrency_limit=1)
+                build_chat_tab(link)
+            with gr.Tab("Live", id="live"):
+                build_live_tab(speech_output=link.has(SPEECH_OUT))
+            with gr.Tab("Speech", id="speech"):
+                build_speech_tab(link, examples=_assets("speech/*.wav"))
+            with gr.Tab("Voice", id="voice"):
+                build_voice_tab(link, examples=_assets("speech/*.wav"))
+            with gr.Tab("Image", id="image"):
+                build_image_tab(link, examples=_assets("images/*.png"))
+    demo.link = link  # type: ignore[attr-defined]  (tests and launch.py reach the engine link here)
+    demo.live_proxy = LiveProxy(link.target)  # type: ignore[attr-defined]
     return demo
+
+
+def launch_options(demo: gr.Blocks) -> dict:
+    """What `demo.launch` needs besides host/port/auth: the Live relay's route and the page CSS."""
+    return {"app_kwargs": demo.live_proxy.app_kwargs(), "css": CSS}

@@ -1,5 +1,6 @@
-"""The banner at the top of the studio: what model is loaded, and a plain warning when it is the
-tiny random demo checkpoint (which produces meaningless text)."""
+"""The banner at the top of the studio: what model the engine serves, a plain warning when it is
+the tiny random demo checkpoint (meaningless output), and a plain error while the engine is not
+answering (refreshed every few seconds, so it recovers by itself)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ import html
 
 import gradio as gr
 
-from engine.runtime import REAL_MODEL_HINT, Engine, EngineInfo
+from app.engine_link import EngineLink, LinkStatus
+from engine.client import ModelInfo
 
 BANNER_ELEM_ID = "model-banner"
 DEMO_HEADLINE = "RANDOM DEMO WEIGHTS"
+REAL_MODEL_HINT = "python launch.py --model inclusionAI/Ming-flash-omni-2.0   (or a local checkpoint directory)"
+CAPABILITY_NAMES = {"text": "text", "image_in": "images in", "video_in": "video in", "audio_in": "audio in",
+                    "speech_out": "speech out", "image_out": "images out",
+                    "transcription": "speech recognition"}
 
 
 def human_count(n: int) -> str:
@@ -21,29 +27,30 @@ def human_count(n: int) -> str:
     return str(n)
 
 
-def banner_parts(info: EngineInfo) -> tuple[str, str, str | None]:
+def banner_parts(info: ModelInfo) -> tuple[str, str, str | None]:
     """(headline, details, command hint or None): the single source of what the banner says."""
     shape = f"{human_count(info.parameters)} parameters, {info.dtype} on {info.device}"
+    can = ", ".join(CAPABILITY_NAMES.get(c, c) for c in sorted(info.capabilities))
     if info.is_demo:
         return (DEMO_HEADLINE,
-                f"this is the tiny, randomly initialised demo checkpoint '{info.name}' ({shape}). "
-                "It produces meaningless text and only shows that the studio works. "
+                f"the engine serves the tiny, randomly initialised demo checkpoint '{info.name}' ({shape}; {can}). "
+                "Its replies, speech and images are meaningless; it only shows that the studio works. "
                 "To load the real model, run:", REAL_MODEL_HINT)
-    details = f"release {info.release} · {shape}"
-    details += " · components: " + ", ".join(info.components)
+    details = f"release {info.release} · {shape} · {can}"
     if info.placement and not info.placement.startswith("everything on"):
         details += f" · placement: {info.placement}"
     return f"Model: {info.name}", details, None
 
 
-def banner_text(info: EngineInfo) -> str:
-    headline, details, hint = banner_parts(info)
-    return f"{headline}: {details}" + (f" {hint}" if hint else "")
-
-
-def banner_html(info: EngineInfo) -> str:
-    headline, details, hint = (html.escape(p) if p else p for p in banner_parts(info))
-    if info.is_demo:
+def banner_html(status: LinkStatus) -> str:
+    if not status.ok:
+        known = f" (last seen serving '{html.escape(status.info.name)}')" if status.info else ""
+        return ('<div style="border:2px solid #b91c1c;background:#fee2e2;color:#7f1d1d;padding:10px 14px;'
+                'border-radius:8px;font-size:15px"><strong>⚠ ENGINE UNAVAILABLE</strong>: '
+                f'{html.escape(status.problem or "unknown problem")}{known}. Requests fail until it is back; '
+                'this page checks again every few seconds.</div>')
+    headline, details, hint = (html.escape(p) if p else p for p in banner_parts(status.info))
+    if status.info.is_demo:
         return ('<div style="border:2px solid #d97706;background:#fef3c7;color:#78350f;padding:10px 14px;'
                 'border-radius:8px;font-size:15px">'
                 f'<strong>⚠ {headline}</strong>: {details}<br><code>{hint}</code></div>')
@@ -51,5 +58,9 @@ def banner_html(info: EngineInfo) -> str:
             f'<strong>{headline}</strong> · {details}</div>')
 
 
-def build_banner(engine: Engine) -> gr.HTML:
-    return gr.HTML(banner_html(engine.info()), elem_id=BANNER_ELEM_ID)
+def build_banner(link: EngineLink) -> gr.HTML:
+    """The banner, refreshed every few seconds from the engine's status."""
+    banner = gr.HTML(lambda: banner_html(link.status()), elem_id=BANNER_ELEM_ID)  # computed per page load
+    timer = gr.Timer(link.recheck_s)
+    timer.tick(lambda: banner_html(link.status()), None, banner, queue=False, show_progress="hidden")
+    return banner

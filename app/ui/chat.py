@@ -1,279 +1,312 @@
-"""The Chat tab: a streaming conversation with the loaded model.
+"""The Chat tab: a conversation with text, images, videos and audio (uploaded, pasted, recorded or a
+webcam snapshot), answered as streamed text and, when the engine has a talker, streamed speech.
 
-Send (or Enter) streams the reply token by token. Stop sets the `threading.Event` of the session's
-running request; the engine checks it between decode steps, so the generation really ends there
-(and frees the engine for the next request). Every request gets its own Event, registered per
-browser session, so one user's Stop never cancels another user's reply. A request still waiting in
-the queue (another user's reply holds the engine) is withdrawn by Stop: when its turn comes it ends
-at once and gives the message back. Errors from the engine are shown as a warning and in the figures
-line; the app keeps serving.
+Enter (or Send) adds the message and streams the reply through the engine client; while the request
+waits in the engine server's one queue the figures line shows its place. Stop cancels it, queued or
+running (a request stopped before it started gives the message back). A user turn can be edited or
+retried (the conversation is cut there and answered again), the last one undone, and the conversation
+exported as JSON. Errors are messages: whatever was generated before stays, nothing typed is lost.
 """
 
 from __future__ import annotations
 
-import threading
-import uuid
-from dataclasses import dataclass, field
+import json
+import mimetypes
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
 import gradio as gr
+import numpy as np
 
-from engine.events import Done, Error, TextDelta
-from engine.models.thinker.prompt import DEFAULT_SYSTEM_PROMPT
-from engine.runtime import Engine
-from engine.sampling import GenerationParams
+from app.engine_link import SPEECH_OUT, EngineLink
+from app.ui.common import (GENERATING, InFlight, error_line, failure, figures_line, queue_line, session_of)
+from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
+TAB = "chat"
 CHAT_API_NAME = "chat"
-STOP_API_NAME = "stop"
-EMPTY_HINT = "Type a message first, then press Send (or Enter)."
-GENERATING = "Generating…"
+EMPTY_HINT = "Type a message or attach a file first, then press Enter (or Send)."
 WITHDRAWN = "Stopped before it started (it was waiting for the engine). Your message is back in the box."
+DEFAULT_SYSTEM_HINT = "empty = the model's own default system prompt"
+MEDIA_KINDS = ("image", "video", "audio")
 
 
-def content_text(content) -> str:
-    """The text of a Chatbot message's content: a string, a {"type": "text", "text": ...} part, or
-    a list of parts (Gradio 6 hands history back as lists of parts). Non-text parts are skipped."""
+# --------------------------------------------------------------------------- conversation <-> engine
+
+
+def media_kind(path: str, mime: str | None = None) -> str | None:
+    """'image' | 'video' | 'audio' for an attached file (by MIME type, else by extension)."""
+    mime = mime or mimetypes.guess_type(path)[0] or ""
+    kind = mime.split("/", 1)[0]
+    return kind if kind in MEDIA_KINDS else None
+
+
+def _parts(content: Any) -> list[dict]:
+    """A Chatbot message's content as a list of parts (Gradio hands back strings, dicts or lists)."""
     if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return str(content.get("text") or "") if content.get("type", "text") == "text" else ""
+        return []
     if isinstance(content, (list, tuple)):
-        return "".join(content_text(part) for part in content)
-    return ""
+        return [p for c in content for p in _parts(c)]
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, dict):
+        if content.get("type") == "text" or "text" in content:
+            return [{"type": "text", "text": str(content.get("text") or "")}]
+        file = content.get("file") if isinstance(content.get("file"), dict) else content
+        if file.get("path"):
+            return [{"type": "file", "path": file["path"], "mime": file.get("mime_type")}]
+    return []
+
+
+def content_text(content: Any) -> str:
+    return "".join(p["text"] for p in _parts(content) if p["type"] == "text")
 
 
 def history_to_messages(history: list | None) -> list[dict]:
-    """Chatbot history -> [{"role": "user"|"assistant", "content": str}] for `Engine.chat`.
-    Other roles and empty messages are left out."""
-    out = []
+    """Chatbot history -> engine messages: user turns keep their text and media (as file paths the
+    client encodes), assistant turns their text. Empty turns and other roles are left out."""
+    out: list[dict] = []
     for msg in history or []:
         role = msg.get("role") if isinstance(msg, dict) else getattr(msg, "role", None)
         content = msg.get("content") if isinstance(msg, dict) else getattr(msg, "content", None)
-        text = content_text(content)
-        if role in ("user", "assistant") and text:
-            out.append({"role": role, "content": text})
+        if role not in ("user", "assistant"):
+            continue
+        parts = []
+        for p in _parts(content):
+            if p["type"] == "text" and p["text"]:
+                parts.append({"type": "text", "text": p["text"]})
+            elif p["type"] == "file" and role == "user":
+                kind = media_kind(p["path"], p.get("mime"))
+                if kind:
+                    parts.append({"type": kind, kind: p["path"]})
+        if not parts:
+            continue
+        if out and out[-1]["role"] == role:  # Gradio shows a file and its text as separate messages
+            out[-1]["content"].extend(parts)
+        else:
+            out.append({"role": role, "content": parts})
+    for m in out:
+        if all(p["type"] == "text" for p in m["content"]):
+            m["content"] = "".join(p["text"] for p in m["content"])
     return out
 
 
-def figures_line(done: Done) -> str:
-    reason = {"stop": "stop (end of reply)", "length": "length (max new tokens reached)",
-              "cancelled": "cancelled (stopped)"}.get(done.finish_reason, done.finish_reason)
-    return f"{done.stats.summary()} · finish reason: {reason}"
+def user_turn(message: dict | str | None) -> list[dict]:
+    """A MultimodalTextbox value -> Chatbot messages for the user's turn (files first, then text)."""
+    if isinstance(message, str):
+        message = {"text": message, "files": []}
+    message = message or {}
+    turn = []
+    for f in message.get("files") or []:
+        path = f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None))
+        if path:
+            turn.append({"role": "user", "content": {"path": path}})
+    text = (message.get("text") or "").strip()
+    if text:
+        turn.append({"role": "user", "content": text})
+    return turn
 
 
-def build_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed) -> GenerationParams:
-    """UI values (floats from sliders, None or a float from the seed box) -> GenerationParams.
-    Range problems are left to the engine, which reports them as an Error event."""
-    return GenerationParams(
-        max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-        top_k=int(top_k), repetition_penalty=float(repetition_penalty),
-        seed=None if seed is None or seed == "" else int(seed))
+def turn_to_box(turn: list[dict]) -> dict:
+    """The user's turn given back to the input box (after Stop before start, undo, or an error)."""
+    text, files = [], []
+    for msg in turn:
+        for p in _parts(msg.get("content")):
+            if p["type"] == "text":
+                text.append(p["text"])
+            elif p["type"] == "file":
+                files.append(p["path"])
+    return {"text": "\n".join(text), "files": files}
 
 
-@dataclass
-class _Run:
-    cancel: threading.Event = field(default_factory=threading.Event)
-    cleared: bool = False  # Clear was pressed: the reply is discarded, not shown
+def split_last_user_turn(history: list) -> tuple[list, list]:
+    """(history before the last user turn, that turn's messages)."""
+    i = len(history)
+    while i > 0 and (history[i - 1].get("role") if isinstance(history[i - 1], dict) else None) == "user":
+        i -= 1
+    return list(history[:i]), list(history[i:])
 
 
-class ChatRuns:
-    """The running request of each browser session, so Stop / Clear reach exactly that one; and its
-    queued requests (sent while another user's reply holds the engine), so Stop withdraws those too."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._runs: dict[str, _Run] = {}
-        self._queued: dict[str, int] = {}  # requests sent but not started yet
-        self._withdrawn: dict[str, int] = {}  # of those, how many Stop / Clear withdrew
-        self._cleared: set[str] = set()  # ...and whether Clear did (the conversation is to stay empty)
-
-    def enqueue(self, session: str) -> None:
-        """A request of this session entered the queue (called, unqueued, as Send is pressed)."""
-        with self._lock:
-            self._queued[session] = self._queued.get(session, 0) + 1
-
-    def start(self, session: str) -> str | None:
-        """A request of this session leaves the queue: None to run it, or "stopped" / "cleared" when
-        Stop / Clear withdrew it meanwhile."""
-        with self._lock:
-            if self._queued.get(session, 0) > 0:
-                self._queued[session] -= 1
-                if not self._queued[session]:
-                    del self._queued[session]
-            if self._withdrawn.get(session, 0) > 0:
-                self._withdrawn[session] -= 1
-                if not self._withdrawn[session]:
-                    del self._withdrawn[session]
-                cleared = session in self._cleared
-                if session not in self._withdrawn:
-                    self._cleared.discard(session)
-                return "cleared" if cleared else "stopped"
-            return None
-
-    def begin(self, session: str) -> _Run:
-        run = _Run()
-        with self._lock:
-            previous = self._runs.get(session)
-            if previous is not None:  # one reply per session at a time
-                previous.cancel.set()
-            self._runs[session] = run
-        return run
-
-    def end(self, session: str, run: _Run) -> None:
-        with self._lock:
-            if self._runs.get(session) is run:
-                del self._runs[session]
-
-    def stop(self, session: str, clear: bool = False) -> bool:
-        """Cancel the session's running request and withdraw its queued ones; False when there is none."""
-        with self._lock:
-            queued = self._queued.get(session, 0)
-            if queued:
-                self._withdrawn[session] = queued
-                if clear:
-                    self._cleared.add(session)
-            run = self._runs.get(session)
-            if run is None:
-                return bool(queued)
-            run.cleared = run.cleared or clear
-            run.cancel.set()
-            return True
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._runs)
-
-    def running(self, session: str) -> bool:
-        with self._lock:
-            return session in self._runs
+def export_conversation(history: list | None, directory: str | None = None) -> str:
+    """Write the conversation as JSON (engine message format; media as file names) and return its path."""
+    messages = history_to_messages(history)
+    for m in messages:
+        if isinstance(m["content"], list):
+            m["content"] = [p if p["type"] == "text" else {"type": p["type"], p["type"]: Path(p[p["type"]]).name}
+                            for p in m["content"]]
+    path = Path(directory or tempfile.mkdtemp(prefix="ming-chat-")) / f"conversation-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"messages": messages}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return str(path)
 
 
-def _session_of(request: gr.Request | None) -> str:
-    session = getattr(request, "session_hash", None) if request is not None else None
-    return session or f"anonymous-{uuid.uuid4().hex}"
+# --------------------------------------------------------------------------- the controller
 
 
 class ChatController:
-    """The Chat tab's callbacks, independent of the components (so they can be tested directly)."""
+    """The Chat tab's callbacks, independent of the components (tests call them directly)."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.runs = ChatRuns()
+    def __init__(self, link: EngineLink):
+        self.link = link
+        self.inflight = InFlight()
 
-    def respond(self, message: str | None, history: list | None, max_new_tokens, temperature, top_p, top_k,
-                repetition_penalty, seed, system_prompt: str | None, thinking: bool,
-                request: gr.Request | None = None):
-        """Stream (chat history, textbox value, figures line) while the reply is generated."""
+    def add_message(self, message, history: list | None):
+        """Enter / Send: the user's turn joins the conversation and the box empties (no engine call yet)."""
         history = list(history or [])
-        message = message or ""
-        if not message.strip():
+        turn = user_turn(message)
+        if not turn:
             gr.Info(EMPTY_HINT)
-            yield history, message, EMPTY_HINT
+            return history, gr.update(), EMPTY_HINT
+        return history + turn, {"text": "", "files": []}, GENERATING
+
+    def respond(self, history: list | None, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                system_prompt: str | None, thinking: bool, speak: bool, voice: str | None,
+                request: gr.Request | None = None):
+        """Stream (history, input box, figures line, audio chunk) while the reply is generated."""
+        history = list(history or [])
+        before, turn = split_last_user_turn(history)
+        if not turn:
+            yield history, gr.update(), EMPTY_HINT, None
             return
+        messages = history_to_messages(history)
+        session = session_of(request)
+        cancel = self.inflight.begin(session, TAB)
+        reply, audio_seen, final = "", False, None
+        modalities = ("text", "audio") if speak and self.link.has(SPEECH_OUT) else ("text",)
         try:
-            params = build_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-        except (TypeError, ValueError) as e:
-            yield from self._failed(history, message, f"invalid setting: {e}")
-            return
-        messages = history_to_messages(history) + [{"role": "user", "content": message}]
-        shown = history + [{"role": "user", "content": message}]
-        system = (system_prompt or "").strip() or None
-        session = _session_of(request)
-        withdrawn = self.runs.start(session)
-        if withdrawn == "cleared":  # Clear was pressed while this request waited in the queue
-            yield [], "", ""
-            return
-        if withdrawn == "stopped":  # Stop was pressed while it waited: the message goes back to the box
-            yield history, message, WITHDRAWN
-            return
-        run = self.runs.begin(session)
-        stream = self.engine.chat(messages, params, cancel=run.cancel, system_prompt=system, thinking=bool(thinking))
-        reply = ""
-        try:
-            yield shown + [{"role": "assistant", "content": ""}], "", GENERATING
+            stream = self.link.client.chat(
+                messages, max_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                top_k=int(top_k), repetition_penalty=float(repetition_penalty),
+                seed=None if seed in (None, "") else int(seed), system=(system_prompt or "").strip() or None,
+                thinking=bool(thinking), modalities=modalities, voice=voice or None, cancel=cancel)
             for event in stream:
-                if run.cleared:
-                    yield [], "", ""
-                    return
-                if isinstance(event, TextDelta):
+                if isinstance(event, QueuePosition):
+                    yield history, gr.update(), queue_line(event), None
+                elif isinstance(event, TextDelta):
                     reply += event.text
-                    yield shown + [{"role": "assistant", "content": reply}], "", GENERATING
-                elif isinstance(event, Done):
-                    yield shown + [{"role": "assistant", "content": event.text}], "", figures_line(event)
-                    return
-                elif isinstance(event, Error):
-                    if reply:  # keep what was generated before the error
-                        gr.Warning(f"Generation failed: {event.message}")
-                        yield (shown + [{"role": "assistant", "content": reply}], "",
-                               f"Error ({event.code}): {event.message}")
-                    else:
-                        yield from self._failed(history, message, f"{event.message}", code=event.code)
-                    return
-            yield from self._failed(history, message, "the engine ended the reply without a result")
-        except Exception as e:  # never crash the page: report and keep serving
-            yield from self._failed(history, message, f"{type(e).__name__}: {e}")
+                    yield history + [{"role": "assistant", "content": reply}], gr.update(), GENERATING, None
+                elif isinstance(event, AudioChunk):
+                    audio_seen = True
+                    pcm = np.frombuffer(event.pcm, dtype="<i2")
+                    yield (history + [{"role": "assistant", "content": reply}], gr.update(), GENERATING,
+                           (event.sample_rate, pcm))
+                elif isinstance(event, (Done, Error)):
+                    final = event
+                    break
+                else:  # an event kind this tab does not show (e.g. progress): say so, keep going
+                    continue
+        except Exception as e:  # noqa: BLE001  (the engine went away mid-stream: a message, not a crash)
+            final = failure(e)
         finally:
-            run.cancel.set()  # also covers a closed page / a cancelled event: the engine stops
-            stream.close()  # releases the engine (its lock) right away
-            self.runs.end(session, run)
-
-    @staticmethod
-    def _failed(history: list, message: str, text: str, code: str = "error"):
-        """Nothing was generated: show the error, and give the message back for a retry."""
-        gr.Warning(f"Generation failed: {text}")
-        yield history, message, f"Error ({code}): {text}"
-
-    def enqueue(self, request: gr.Request | None = None) -> None:
-        self.runs.enqueue(_session_of(request))
+            self.inflight.end(session, TAB, cancel)
+        if getattr(cancel, "cleared", False):  # Clear was pressed meanwhile: the tab stays empty
+            yield [], {"text": "", "files": []}, "", None
+            return
+        if final is None:
+            final = Error("the engine ended the reply without a result", code="engine_error")
+        if isinstance(final, Done):
+            if final.finish_reason == "cancelled" and not reply and not audio_seen:
+                yield before, turn_to_box(turn), WITHDRAWN, None
+                return
+            text = final.text or reply
+            shown = history + ([{"role": "assistant", "content": text}] if text or audio_seen else [])
+            yield shown, gr.update(), figures_line(final), None
+            return
+        if reply:  # keep what was generated before the error
+            gr.Warning(f"The reply failed: {final.message}")
+            yield history + [{"role": "assistant", "content": reply}], gr.update(), error_line(final), None
+        else:  # nothing generated: the turn goes back to the box for another try
+            gr.Warning(f"The reply failed: {final.message}")
+            yield before, turn_to_box(turn), error_line(final), None
 
     def stop(self, request: gr.Request | None = None) -> None:
-        if not self.runs.stop(_session_of(request)):
+        if not self.inflight.cancel(session_of(request), TAB):
             gr.Info("Nothing is being generated.")
 
     def clear(self, request: gr.Request | None = None):
-        self.runs.stop(_session_of(request), clear=True)
-        return [], "", ""
+        self.inflight.cancel(session_of(request), TAB, clear=True)
+        return [], {"text": "", "files": []}, "", None
+
+    @staticmethod
+    def cut_for_edit(history: list | None, edit: gr.EditData):
+        """An edited user message: the conversation is cut after it (it is then answered again)."""
+        history = list(history or [])
+        i = edit.index if isinstance(edit.index, int) else edit.index[0]
+        history = history[: i + 1]
+        history[i] = {"role": "user", "content": edit.value}
+        return history
+
+    @staticmethod
+    def cut_for_retry(history: list | None, retry: gr.RetryData):
+        """Retry: keep the conversation up to the retried user turn (answered again)."""
+        history = list(history or [])
+        i = retry.index if isinstance(retry.index, int) else retry.index[0]
+        return history[: i + 1]
+
+    @staticmethod
+    def undo(history: list | None, undo: gr.UndoData):
+        """Undo: the last user turn (and its reply) leave the conversation; the turn goes back to the box."""
+        history = list(history or [])
+        i = undo.index if isinstance(undo.index, int) else undo.index[0]
+        before, turn = history[:i], [m for m in history[i:] if m.get("role") == "user"]
+        return before, turn_to_box(turn)
 
 
-def build_chat_tab(engine: Engine) -> ChatController:
+def build_chat_tab(link: EngineLink) -> ChatController:
     """Build the Chat tab's components inside the current Blocks/Tab context."""
-    controller = ChatController(engine)
-    chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat-history",
-                         feedback_options=None, placeholder="Ask the model something.")
+    controller = ChatController(link)
+    chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat-history", editable="user",
+                         feedback_options=None, placeholder="Ask the model something, or attach an image, "
+                                                            "a video or a recording.")
+    box = gr.MultimodalTextbox(placeholder="Type a message and press Enter (Shift+Enter for a new line); "
+                                           "attach or paste images, videos, audio, or record with the microphone",
+                               show_label=False, sources=["upload", "microphone"], file_count="multiple",
+                               file_types=["image", "video", "audio"], elem_id="chat-input", submit_btn="Send")
     with gr.Row():
-        textbox = gr.Textbox(placeholder="Type a message and press Enter or Send", show_label=False,
-                             lines=2, max_lines=10, scale=6, elem_id="chat-input", submit_btn=False)
-        with gr.Column(scale=1, min_width=120):
-            send = gr.Button("Send", variant="primary", elem_id="chat-send")
-            stop = gr.Button("Stop", variant="stop", elem_id="chat-stop")
-            clear = gr.Button("Clear", elem_id="chat-clear")
+        stop = gr.Button("Stop", variant="stop", elem_id="chat-stop", scale=1, min_width=80)
+        clear = gr.Button("Clear", elem_id="chat-clear", scale=1, min_width=80)
+        export = gr.Button("Export JSON", elem_id="chat-export", scale=1, min_width=80)
     figures = gr.Markdown("", elem_id="chat-figures")
-    with gr.Accordion("Advanced", open=False, elem_id="chat-advanced"):
+    speech = gr.Audio(label="Spoken reply", streaming=True, autoplay=True, interactive=False,
+                      visible=link.has(SPEECH_OUT), elem_id="chat-speech")
+    exported = gr.File(label="Conversation (JSON)", visible=False, elem_id="chat-exported")
+    with gr.Accordion("Camera snapshot", open=False):
+        snapshot = gr.Image(sources=["webcam"], type="filepath", label="Take a picture, then attach it",
+                            elem_id="chat-webcam")
+        attach = gr.Button("Attach snapshot")
+    with gr.Accordion("Options", open=False, elem_id="chat-advanced"):
         with gr.Row():
-            max_new_tokens = gr.Slider(1, 8192, value=256, step=1, label="Max new tokens")
+            speak = gr.Checkbox(value=False, label="Answer with speech too", interactive=link.has(SPEECH_OUT),
+                                info=None if link.has(SPEECH_OUT) else "this engine has no talker")
+            voice = gr.Textbox(label="Voice (a preset or a saved voice; empty = default)", value="")
+            thinking = gr.Checkbox(value=False, label="Thinking (detailed thinking on)")
+        with gr.Row():
+            max_new_tokens = gr.Slider(1, 8192, value=256, step=1, label="Max new tokens", elem_id="chat-max-tokens")
             temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p")
         with gr.Row():
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
             repetition_penalty = gr.Slider(0.5, 2.0, value=1.0, step=0.01, label="Repetition penalty (1 = off)")
             seed = gr.Number(value=None, precision=0, label="Seed (empty = random)")
-        system_prompt = gr.Textbox(label="System prompt (empty = the model's default)", lines=2,
-                                   placeholder=DEFAULT_SYSTEM_PROMPT)
-        thinking = gr.Checkbox(value=False, label="Thinking (detailed thinking on)")
+        system_prompt = gr.Textbox(label=f"System prompt ({DEFAULT_SYSTEM_HINT})", lines=2)
 
-    inputs = [textbox, chatbot, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-              system_prompt, thinking]
-    outputs = [chatbot, textbox, figures]
-    # Both triggers share one concurrency group: one reply generates at a time, others queue. The
-    # unqueued first step registers the request, so that Stop can withdraw it while it waits.
-    send.click(controller.enqueue, None, None, queue=False, api_visibility="private").then(
-        controller.respond, inputs, outputs, api_name=CHAT_API_NAME, concurrency_id="engine")
-    textbox.submit(controller.enqueue, None, None, queue=False, api_visibility="private").then(
-        controller.respond, inputs, outputs, api_visibility="private", concurrency_id="engine")
-    # queue=False: Stop and Clear run at once, even while the reply occupies the queue.
-    stop.click(controller.stop, None, None, queue=False, api_name=STOP_API_NAME)
+    options = [max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system_prompt, thinking, speak,
+               voice]
+    outputs = [chatbot, box, figures, speech]
+    # Every request goes straight to the engine server, whose one queue orders them and reports
+    # positions (concurrency_limit=None: Gradio does not hold a second line of its own).
+    box.submit(controller.add_message, [box, chatbot], [chatbot, box, figures], queue=False).then(
+        controller.respond, [chatbot, *options], outputs, api_name=CHAT_API_NAME, concurrency_limit=None)
+    chatbot.retry(controller.cut_for_retry, [chatbot], [chatbot], queue=False).then(
+        controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None)
+    chatbot.edit(controller.cut_for_edit, [chatbot], [chatbot], queue=False).then(
+        controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None)
+    chatbot.undo(controller.undo, [chatbot], [chatbot, box], queue=False)
+    stop.click(controller.stop, None, None, queue=False, api_name="stop")
     clear.click(controller.clear, None, outputs, queue=False, api_name="clear")
-    # The chatbot's own trash icon empties the history client-side: stop the reply as well.
     chatbot.clear(controller.clear, None, outputs, queue=False, api_visibility="private")
+    export.click(lambda h: gr.update(value=export_conversation(h), visible=True), [chatbot], [exported],
+                 queue=False, api_visibility="private")
+    attach.click(lambda img, m: {"text": (m or {}).get("text", ""), "files": [*((m or {}).get("files") or []), img]}
+                 if img else m, [snapshot, box], [box], queue=False, api_visibility="private")
     return controller

@@ -24,13 +24,14 @@ def test_type_send_and_see_the_reply(studio, tmp_path):
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(studio, wait_until="networkidle", timeout=60_000)
+            page.goto(studio, wait_until="load", timeout=60_000)
             banner = page.locator("#model-banner")
             sync_api.expect(banner).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
             sync_api.expect(banner).to_contain_text("--model inclusionAI/Ming-flash-omni-2.0")
 
-            page.locator("#chat-input textarea").fill("Hello from the browser")
-            page.locator("#chat-send").click()
+            box = page.locator("#chat-input textarea")
+            box.fill("Hello from the browser")
+            box.press("Enter")  # Enter sends (Shift+Enter would add a line)
             figures = page.locator("#chat-figures")
             sync_api.expect(figures).to_contain_text("finish reason", timeout=60_000)
             history = page.locator("#chat-history")
@@ -57,18 +58,18 @@ def test_stop_withdraws_a_queued_message_in_the_browser(studio):
         try:
             alice, bob = browser.new_page(), browser.new_page()
             for page in (alice, bob):
-                page.goto(studio, wait_until="networkidle", timeout=60_000)
+                page.goto(studio, wait_until="load", timeout=60_000)
             alice.locator("#chat-advanced").click()  # open the accordion to reach the token limit
-            limit = alice.get_by_label("Max new tokens").first
-            limit.fill("8000")
+            limit = alice.locator("#chat-max-tokens input[type=number]")
+            limit.fill("4000")
             limit.press("Enter")
             alice.locator("#chat-input textarea").fill("Count slowly")  # greedy: thousands of tokens
-            alice.locator("#chat-send").click()
+            alice.locator("#chat-input textarea").press("Enter")
             sync_api.expect(alice.locator("#chat-figures")).to_contain_text("Generating", timeout=30_000)
 
             bob.locator("#chat-input textarea").fill("Bob's question")
-            bob.locator("#chat-send").click()
-            bob.wait_for_timeout(1500)  # queued behind Alice
+            bob.locator("#chat-input textarea").press("Enter")
+            sync_api.expect(bob.locator("#chat-figures")).to_contain_text("Waiting for the engine", timeout=30_000)
             bob.locator("#chat-stop").click()
             bob.wait_for_timeout(500)
             alice.locator("#chat-stop").click()

@@ -1,0 +1,64 @@
+"""The studio's link to the engine: the client (local in-process server or a remote engine), what
+the engine serves (its model description and capabilities), and whether it answers right now. The
+page asks `status()` every few seconds, so an engine that was down (or rejected the token) shows
+as such and recovers when it comes back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from engine.client import EngineClient, ModelInfo
+
+# Capabilities an engine reports (engine.client.ModelInfo.capabilities).
+TEXT, IMAGE_IN, VIDEO_IN, AUDIO_IN = "text", "image_in", "video_in", "audio_in"
+SPEECH_OUT, IMAGE_OUT = "speech_out", "image_out"
+
+RECHECK_S = 5.0
+
+
+@dataclass
+class LinkStatus:
+    ok: bool
+    info: ModelInfo | None
+    problem: str | None  # why the engine cannot be used right now (None when ok)
+    checked_at: float
+
+
+class EngineLink:
+    def __init__(self, client: EngineClient, url_label: str | None = None, recheck_s: float = RECHECK_S):
+        self.client = client
+        self.url_label = url_label or client.endpoints.http
+        self.recheck_s = recheck_s
+        self._lock = threading.Lock()
+        self._status = LinkStatus(False, None, "not checked yet", 0.0)
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> LinkStatus:
+        """Ask the engine who it is (at most every `recheck_s` seconds unless forced)."""
+        with self._lock:
+            if not force and time.monotonic() - self._status.checked_at < self.recheck_s:
+                return self._status
+            try:
+                info = self.client.info()
+                self._status = LinkStatus(True, info, None, time.monotonic())
+            except Exception as e:  # noqa: BLE001  (unreachable, refused token, bad answer: all shown)
+                code = getattr(e, "code", None)
+                if code == "unauthorized":
+                    problem = f"the engine at {self.url_label} refused the token (check --engine-token / ENGINE_TOKEN)"
+                else:
+                    problem = f"the engine at {self.url_label} is not answering ({e})"
+                self._status = LinkStatus(False, self._status.info, problem, time.monotonic())
+            return self._status
+
+    def status(self) -> LinkStatus:
+        return self.refresh()
+
+    def target(self) -> tuple[str, str | None]:
+        """(the engine's realtime URL, its token): what the studio's Live relay connects to."""
+        return self.client.endpoints.ws, self.client.endpoints.token
+
+    def has(self, capability: str) -> bool:
+        info = self._status.info
+        return bool(info is not None and capability in info.capabilities)

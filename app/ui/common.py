@@ -1,0 +1,93 @@
+"""What every tab shares: the requests in flight per browser session (so Stop reaches exactly that
+visitor's request, queued or running, through the server's one queue), the figures and status lines
+shown under each tab's output, and turning a stream's failure into a message (never a traceback)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import gradio as gr
+
+from engine.events import Done, Error, GenerationStats, QueuePosition
+
+GENERATING = "Generating…"
+
+
+def session_of(request: gr.Request | None) -> str:
+    session = getattr(request, "session_hash", None) if request is not None else None
+    return session or f"anonymous-{uuid.uuid4().hex}"
+
+
+class InFlight:
+    """The cancel flag of each visitor's request per tab. It is not a queue: requests wait in the
+    engine server's one line (which reports positions); this only lets Stop / Clear find them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flags: dict[tuple[str, str], threading.Event] = {}
+
+    def begin(self, session: str, tab: str) -> threading.Event:
+        """A new request of this visitor in this tab; an earlier one still going is cancelled."""
+        flag = threading.Event()
+        with self._lock:
+            previous = self._flags.get((session, tab))
+            if previous is not None:
+                previous.set()
+            self._flags[(session, tab)] = flag
+        return flag
+
+    def end(self, session: str, tab: str, flag: threading.Event) -> None:
+        with self._lock:
+            if self._flags.get((session, tab)) is flag:
+                del self._flags[(session, tab)]
+
+    def cancel(self, session: str, tab: str, clear: bool = False) -> bool:
+        """Cancel this visitor's request in this tab (`clear`: the visitor also emptied the tab, so
+        nothing is to be shown or given back); False when there is none."""
+        with self._lock:
+            flag = self._flags.get((session, tab))
+        if flag is None:
+            return False
+        if clear:
+            flag.cleared = True  # type: ignore[attr-defined]
+        flag.set()
+        return True
+
+    def running(self, session: str, tab: str) -> bool:
+        with self._lock:
+            return (session, tab) in self._flags
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._flags)
+
+
+FINISH_REASONS = {"stop": "stop (complete)", "length": "length (the token limit was reached)",
+                  "cancelled": "cancelled (stopped)"}
+
+
+def figures_line(done: Done) -> str:
+    """One line of figures for a finished response (the modalities it had) and why it ended."""
+    reason = FINISH_REASONS.get(done.finish_reason, done.finish_reason)
+    stats: GenerationStats = done.stats
+    waited = f" · waited {stats.queue_wait_s:.1f} s in line" if stats.queue_wait_s >= 0.05 else ""
+    return f"{stats.summary()}{waited} · finish reason: {reason}"
+
+
+def queue_line(event: QueuePosition) -> str:
+    if event.position <= 0:
+        return GENERATING
+    ahead = event.position - 1
+    return (f"Waiting for the engine: {ahead} request{'s' if ahead != 1 else ''} ahead of yours "
+            f"({event.waiting} waiting in all). Stop withdraws it.") if ahead else \
+        f"Waiting for the engine: yours is next ({event.waiting} waiting). Stop withdraws it."
+
+
+def error_line(error: Error) -> str:
+    return f"Error ({error.code}): {error.message}"
+
+
+def failure(exc: BaseException) -> Error:
+    """An exception raised while talking to the engine, as the Error event a user sees."""
+    return Error(f"{type(exc).__name__}: {exc}", code=getattr(exc, "code", None) or "studio_error")

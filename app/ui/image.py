@@ -1,0 +1,190 @@
+"""The Image tab: generate a picture from a prompt (aspect ratio or size, steps, guidance, seed with
+a random-seed button), edit one or more reference images (presets for background replacement and
+object removal), or segment a target (mask and overlay, both downloadable). Previews every few steps
+and a progress bar while it is made; Stop ends it between steps; a gallery keeps this session's
+results with their settings, reusable with one click."""
+
+from __future__ import annotations
+
+import io
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from app.engine_link import IMAGE_OUT, EngineLink
+from app.ui.common import GENERATING, InFlight, error_line, failure, figures_line, queue_line, session_of
+from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
+
+TAB = "image"
+MODES = {"Generate": "generate", "Edit": "edit", "Segment": "segment"}
+ASPECTS = ["1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "21:9"]
+PRESETS = {"(none)": None, "Replace the background": "replace_background", "Remove an object": "remove_object"}
+MAX_SEED = 2**31 - 1
+
+
+def _save_png(data: bytes, stem: str) -> str:
+    path = Path(tempfile.mkdtemp(prefix="ming-image-")) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.png"
+    path.write_bytes(data)
+    return str(path)
+
+
+def _pil(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def parse_size(text: str | None) -> str | None:
+    """'1024x768' (or empty) -> the size string the engine takes; anything else is refused there."""
+    text = (text or "").strip().lower().replace(" ", "").replace("×", "x")
+    return text or None
+
+
+class ImageController:
+    def __init__(self, link: EngineLink):
+        self.link = link
+        self.inflight = InFlight()
+
+    def make(self, mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
+             gallery_state, request: gr.Request | None = None, progress=gr.Progress()):
+        """Stream (preview/result image, mask, overlay, status, gallery, gallery state, files)."""
+        task = MODES.get(mode, "generate")
+        images = [f if isinstance(f, str) else getattr(f, "name", None) or f.get("path") for f in (refs or [])]
+        images = [p for p in images if p]
+        gallery_state = list(gallery_state or [])
+        nothing = (None, None, None)
+        if task == "generate" and not (prompt or "").strip():
+            yield *nothing, "Describe the picture first.", gr.update(), gallery_state, None
+            return
+        if task in ("edit", "segment") and not images:
+            yield *nothing, f"{mode} needs a reference image: upload one first.", gr.update(), gallery_state, None
+            return
+        if task == "segment" and not (target or "").strip():
+            yield *nothing, "Say what to segment (e.g. 'the cup').", gr.update(), gallery_state, None
+            return
+        seed = random.randint(0, MAX_SEED) if seed in (None, "") else int(seed)
+        settings = {"mode": mode, "prompt": prompt or "", "preset": preset, "target": target or "", "aspect": aspect,
+                    "size": size or "", "steps": int(steps), "guidance": float(guidance), "seed": seed}
+        session = session_of(request)
+        cancel = self.inflight.begin(session, TAB)
+        shown, final, result = None, None, None
+        try:
+            stream = self.link.client.imagine(
+                (target if task == "segment" else prompt) or "", task=task, images=[Path(p).read_bytes() for p in images],
+                size=parse_size(size), aspect=None if parse_size(size) else aspect, steps=int(steps),
+                guidance=float(guidance), seed=seed, preview_every=int(preview_every) or None,
+                preset=PRESETS.get(preset), cancel=cancel)
+            for event in stream:
+                if isinstance(event, QueuePosition):
+                    yield shown, None, None, queue_line(event), gr.update(), gallery_state, None
+                elif isinstance(event, Progress):
+                    if event.total:
+                        progress(event.done / event.total, desc=event.stage)
+                elif isinstance(event, ImagePreview):
+                    shown = _pil(event.image)
+                    progress(event.step / max(event.total_steps, 1), desc=f"step {event.step} of {event.total_steps}")
+                    yield shown, None, None, f"{GENERATING} step {event.step} of {event.total_steps}", gr.update(), \
+                        gallery_state, None
+                elif isinstance(event, ImageDone):
+                    result = event
+                elif isinstance(event, (Done, Error)):
+                    final = event
+                    break
+        except Exception as e:  # noqa: BLE001
+            final = failure(e)
+        finally:
+            self.inflight.end(session, TAB, cancel)
+        if isinstance(final, Done) and result is not None:
+            files = [_save_png(result.image, "image")]
+            mask = overlay = None
+            if result.mask is not None:
+                files.append(_save_png(result.mask, "mask"))
+                mask = _pil(result.mask)
+            if result.overlay is not None:
+                files.append(_save_png(result.overlay, "overlay"))
+                overlay = _pil(result.overlay)
+            settings["seed"] = result.seed if result.seed is not None else seed
+            gallery_state.append({"image": files[0], "settings": settings})
+            status = figures_line(final) + f" · seed {settings['seed']} · {result.width}x{result.height}"
+            if result.note:
+                status += f" · {result.note}"
+            gallery = [(g["image"], _caption(g["settings"])) for g in gallery_state]
+            yield _pil(result.image), mask, overlay, status, gallery, gallery_state, files
+            return
+        if isinstance(final, Done):  # cancelled before the image was finished
+            yield shown, None, None, figures_line(final), gr.update(), gallery_state, None
+            return
+        final = final or Error("the engine ended without an image", code="engine_error")
+        gr.Warning(f"Image failed: {final.message}")
+        yield shown, None, None, error_line(final), gr.update(), gallery_state, None
+
+    @staticmethod
+    def reuse(gallery_state, evt: gr.SelectData):
+        """A gallery item clicked: its settings back into the controls."""
+        item = (gallery_state or [])[evt.index] if evt is not None and evt.index < len(gallery_state or []) else None
+        if item is None:
+            return [gr.update()] * 9
+        s = item["settings"]
+        return (s["mode"], s["prompt"], s["preset"], s["target"], s["aspect"], s["size"], s["steps"], s["guidance"],
+                s["seed"])
+
+    def stop(self, request: gr.Request | None = None) -> None:
+        if not self.inflight.cancel(session_of(request), TAB):
+            gr.Info("Nothing is being made.")
+
+
+def _caption(s: dict) -> str:
+    what = s["target"] if s["mode"] == "Segment" else s["prompt"]
+    return f"{s['mode']}: {what[:60]} · seed {s['seed']} · {s['steps']} steps"
+
+
+def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> ImageController:
+    controller = ImageController(link)
+    if not link.has(IMAGE_OUT):
+        gr.Markdown("**This engine has no image generator**, so it cannot generate, edit or segment images.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            mode = gr.Radio(list(MODES), value="Generate", label="Task", elem_id="image-mode")
+            prompt = gr.Textbox(label='Prompt (quoted text, e.g. a sign saying "OPEN", is drawn as text)', lines=3,
+                                elem_id="image-prompt", placeholder="A red cup on a wooden table, morning light")
+            refs = gr.File(label="Reference image(s) for Edit / Segment (the first one is edited)",
+                           file_count="multiple", file_types=["image"], elem_id="image-refs")
+            if examples:
+                gr.Examples([[[e]] for e in examples], [refs], label="Example images (scripts/make_assets.py)")
+            with gr.Row():
+                preset = gr.Dropdown(list(PRESETS), value="(none)", label="Edit preset")
+                target = gr.Textbox(label="Segment: what to find", placeholder="the cup", elem_id="image-target")
+            with gr.Row():
+                aspect = gr.Dropdown(ASPECTS, value="1:1", label="Aspect ratio")
+                size = gr.Textbox(label="or exact size (WxH)", placeholder="1024x768")
+            with gr.Row():
+                steps = gr.Slider(1, 50, value=30, step=1, label="Steps")
+                guidance = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Guidance")
+            with gr.Row():
+                seed = gr.Number(value=None, precision=0, label="Seed (empty = random)", elem_id="image-seed")
+                dice = gr.Button("🎲 random seed", scale=0, min_width=120)
+                preview_every = gr.Slider(0, 10, value=5, step=1, label="Preview every k steps (0 = none)")
+            with gr.Row():
+                go = gr.Button("Make it", variant="primary", elem_id="image-go")
+                stop = gr.Button("Stop", variant="stop", elem_id="image-stop")
+        with gr.Column(scale=3):
+            picture = gr.Image(label="Result (previews while it is made)", type="pil", interactive=False,
+                               elem_id="image-result")
+            with gr.Row():
+                mask = gr.Image(label="Mask", type="pil", interactive=False, elem_id="image-mask")
+                overlay = gr.Image(label="Overlay", type="pil", interactive=False, elem_id="image-overlay")
+            status = gr.Markdown("", elem_id="image-figures")
+            files = gr.File(label="Downloads (PNG)", file_count="multiple", elem_id="image-files")
+            gallery = gr.Gallery(label="This session's results (click one to reuse its settings)", columns=4,
+                                 height=220, elem_id="image-gallery")
+    state = gr.State([])
+    go.click(controller.make, [mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
+                               state], [picture, mask, overlay, status, gallery, state, files],
+             api_name="imagine", concurrency_limit=None)
+    stop.click(controller.stop, None, None, queue=False, api_visibility="private")
+    dice.click(lambda: random.randint(0, MAX_SEED), None, [seed], queue=False, api_visibility="private")
+    gallery.select(controller.reuse, [state], [mode, prompt, preset, target, aspect, size, steps, guidance, seed],
+                   api_visibility="private")
+    return controller

@@ -1,0 +1,203 @@
+"""The Speech tab: speech recognition from the microphone or a file, with the model's contextual ASR
+(a context sentence and a hotword list) and a forced language / dialect tag (spec §6.3). While
+recording, a partial transcript of what was said so far is refreshed every few seconds; the final
+one is copyable and downloadable as .txt and .srt (one cue spanning the clip: the model gives no
+word timestamps)."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+import wave
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from app.engine_link import AUDIO_IN, EngineLink
+from app.ui.common import InFlight, error_line, failure, figures_line, queue_line, session_of
+from engine.events import Done, Error, QueuePosition, TextDelta
+
+TAB = "speech"
+AUTO = "Auto (detect)"
+# Tags confirmed by the upstream code (spec §6.3); the model's other dialect tags are not published,
+# so any other tag typed here is passed through as given.
+KNOWN_TAGS = {"Chinese": "Chinese (Mandarin)", "上海": "上海 (Shanghainese, Wu)", "English": "English"}
+PARTIAL_EVERY_S = 3.0
+MAX_LIVE_SECONDS = 300.0
+
+
+def wav_bytes(rate: int, samples: np.ndarray) -> bytes:
+    """Mono PCM16 WAV of float or int samples (the browser's microphone chunks)."""
+    x = np.asarray(samples)
+    if x.ndim == 2:
+        x = x.mean(axis=1) if x.shape[1] <= 8 else x.mean(axis=0)
+    if x.dtype.kind == "f":
+        x = np.clip(x, -1.0, 1.0) * 32767
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(rate))
+        w.writeframes(x.astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def srt_text(text: str, seconds: float) -> str:
+    def stamp(t: float) -> str:
+        ms = int(round(t * 1000))
+        return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
+    return f"1\n{stamp(0)} --> {stamp(max(seconds, 0.001))}\n{text.strip()}\n"
+
+
+def hotword_list(text: str | None) -> list[str]:
+    return [w.strip() for w in (text or "").replace("\n", ",").replace("，", ",").split(",") if w.strip()]
+
+
+def dialect_tag(choice: str | None) -> str | None:
+    if not choice or choice == AUTO:
+        return None
+    for tag, label in KNOWN_TAGS.items():
+        if choice in (tag, label):
+            return tag
+    return choice.strip() or None
+
+
+class SpeechController:
+    def __init__(self, link: EngineLink):
+        self.link = link
+        self.inflight = InFlight()
+
+    def _run(self, audio: bytes | str, context, hotwords, dialect, request) -> tuple[str, str, dict | None]:
+        """Transcribe once: (transcript, figures line, result or None)."""
+        session = session_of(request)
+        cancel = self.inflight.begin(session, TAB)
+        text, status, result = "", "", None
+        try:
+            for event in self.link.client.transcribe(audio, context=(context or "").strip() or None,
+                                                     hotwords=hotword_list(hotwords) or None,
+                                                     dialect=dialect_tag(dialect), cancel=cancel):
+                if isinstance(event, QueuePosition):
+                    status = queue_line(event)
+                elif isinstance(event, TextDelta):
+                    text += event.text
+                elif isinstance(event, Done):
+                    result = event.result or {}
+                    text = result.get("text", text)
+                    status = figures_line(event)
+                    if result.get("language"):
+                        status = f"language: {result['language']} · " + status
+                    break
+                elif isinstance(event, Error):
+                    status = error_line(event)
+                    break
+        except Exception as e:  # noqa: BLE001
+            status = error_line(failure(e))
+        finally:
+            self.inflight.end(session, TAB, cancel)
+        return text, status, result
+
+    def transcribe_file(self, path: str | None, context, hotwords, dialect, request: gr.Request | None = None):
+        """Transcribe an uploaded or recorded clip: (transcript, figures, .txt file, .srt file)."""
+        if not path:
+            gr.Info("Record or upload a clip first.")
+            return "", "Record or upload a clip first.", None, None
+        text, status, result = self._run(Path(path).read_bytes(), context, hotwords, dialect, request)
+        if result is None:
+            return text, status, None, None
+        return text, status, *self._files(text, _duration(path))
+
+    @staticmethod
+    def _files(text: str, seconds: float) -> tuple[str, str]:
+        folder = Path(tempfile.mkdtemp(prefix="ming-asr-"))
+        stem = f"transcript-{time.strftime('%Y%m%d-%H%M%S')}"
+        txt, srt = folder / f"{stem}.txt", folder / f"{stem}.srt"
+        txt.write_text(text.strip() + "\n", encoding="utf-8")
+        srt.write_text(srt_text(text, seconds), encoding="utf-8")
+        return str(txt), str(srt)
+
+    def stream(self, state: dict | None, chunk, context, hotwords, dialect, request: gr.Request | None = None):
+        """A microphone chunk while recording: keep it, and every few seconds transcribe what was
+        said so far (partial transcript). Returns (state, partial transcript, status)."""
+        state = dict(state or {"rate": None, "chunks": [], "seconds": 0.0, "last": 0.0, "text": ""})
+        if chunk is None:
+            return state, state["text"], ""
+        rate, samples = chunk
+        samples = np.asarray(samples)
+        if state["rate"] not in (None, rate):
+            return state, state["text"], "the microphone changed its sample rate mid-recording; start again"
+        if state["seconds"] >= MAX_LIVE_SECONDS:
+            return state, state["text"], f"recording longer than {MAX_LIVE_SECONDS:.0f} s: stop and upload instead"
+        state["rate"] = rate
+        state["chunks"].append(samples.mean(axis=1) if samples.ndim == 2 else samples)
+        state["seconds"] += len(state["chunks"][-1]) / rate
+        if state["seconds"] - state["last"] < PARTIAL_EVERY_S:
+            return state, state["text"], f"recording… {state['seconds']:.0f} s"
+        state["last"] = state["seconds"]
+        audio = wav_bytes(rate, np.concatenate(state["chunks"]))
+        text, status, _ = self._run(audio, context, hotwords, dialect, request)
+        state["text"] = text
+        return state, text, f"partial transcript after {state['seconds']:.0f} s · {status}"
+
+    def finish(self, state: dict | None, context, hotwords, dialect, request: gr.Request | None = None):
+        """Recording stopped: the final transcript of the whole recording."""
+        state = state or {}
+        if not state.get("chunks"):
+            return None, "", "Nothing was recorded.", None, None
+        audio = wav_bytes(state["rate"], np.concatenate(state["chunks"]))
+        text, status, result = self._run(audio, context, hotwords, dialect, request)
+        files = self._files(text, state["seconds"]) if result is not None else (None, None)
+        return None, text, status, *files
+
+    def stop(self, request: gr.Request | None = None) -> None:
+        if not self.inflight.cancel(session_of(request), TAB):
+            gr.Info("Nothing is being transcribed.")
+
+
+def _duration(path: str) -> float:
+    try:
+        with wave.open(path, "rb") as w:
+            return w.getnframes() / w.getframerate()
+    except (wave.Error, OSError, EOFError):
+        return 0.0
+
+
+def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> SpeechController:
+    controller = SpeechController(link)
+    if not link.has(AUDIO_IN):
+        gr.Markdown("This engine serves no audio encoder, so it cannot transcribe speech.")
+    with gr.Row():
+        with gr.Column():
+            clip = gr.Audio(sources=["upload", "microphone"], type="filepath", label="A clip to transcribe",
+                            elem_id="speech-clip")
+            live = gr.Audio(sources=["microphone"], streaming=True, label="Live: partial transcript while you speak",
+                            elem_id="speech-live")
+            context = gr.Textbox(label="Context (what the audio is about; optional)", lines=2,
+                                 placeholder="This is an audio about Culinary Traditions.")
+            hotwords = gr.Textbox(label="Hotwords (comma-separated; optional)",
+                                  placeholder="Gansu Province, Uyghur, copper cauldrons")
+            dialect = gr.Dropdown([AUTO, *KNOWN_TAGS.values()], value=AUTO, allow_custom_value=True,
+                                  label="Language / dialect", info="Auto lets the model detect it. Other tags the "
+                                  "model emits can be typed in; its full dialect list is not published.")
+            with gr.Row():
+                go = gr.Button("Transcribe", variant="primary", elem_id="speech-go")
+                stop = gr.Button("Stop", variant="stop", elem_id="speech-stop")
+            if examples:
+                gr.Examples([[e] for e in examples], [clip], label="Examples (made by scripts/make_assets.py)")
+        with gr.Column():
+            transcript = gr.Textbox(label="Transcript", lines=8, buttons=["copy"], elem_id="speech-transcript")
+            status = gr.Markdown("", elem_id="speech-figures")
+            with gr.Row():
+                txt = gr.File(label=".txt", elem_id="speech-txt")
+                srt = gr.File(label=".srt", elem_id="speech-srt")
+    state = gr.State(None)
+    settings = [context, hotwords, dialect]
+    go.click(controller.transcribe_file, [clip, *settings], [transcript, status, txt, srt], api_name="transcribe",
+             concurrency_limit=None)
+    live.stream(controller.stream, [state, live, *settings], [state, transcript, status], stream_every=1.0,
+                concurrency_limit=None, api_visibility="private")
+    live.stop_recording(controller.finish, [state, *settings], [state, transcript, status, txt, srt],
+                        concurrency_limit=None, api_visibility="private")
+    stop.click(controller.stop, None, None, queue=False, api_visibility="private")
+    return controller

@@ -1,0 +1,249 @@
+"""The Voice tab: text to speech with the talker's instruction captions (dialect, emotion, speed,
+pitch, volume, a free-text voice design, a character voice), voice cloning from an uploaded or
+recorded clip with its transcript (filled in by the model's ASR when left empty, and editable), a
+voice library (save, reuse, delete), sound effects and music from a description, and podcast-style
+dialogue. Audio plays while it is made; the finished clip is a WAV download."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import wave
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from app.engine_link import SPEECH_OUT, EngineLink
+from app.ui.common import GENERATING, InFlight, error_line, failure, figures_line, queue_line, session_of
+from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
+
+TAB = "voice"
+TASKS = {"Speech": "tts", "Sound effect": "sound", "Music": "music", "Podcast (speaker_1: / speaker_2: lines)": "podcast"}
+DEFAULT_VOICE = "Default voice"
+NO_CHOICE = "(model default)"
+VOICE_SOURCES = ("Default voice", "Saved voice", "Clone from a clip")
+
+
+def write_wav(chunks: list[np.ndarray], rate: int) -> str:
+    path = Path(tempfile.mkdtemp(prefix="ming-voice-")) / f"speech-{time.strftime('%Y%m%d-%H%M%S')}.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(rate))
+        for c in chunks:
+            w.writeframes(c.astype("<i2").tobytes())
+    return str(path)
+
+
+def instruction(dialect, emotion, speed, pitch, volume, style, ip, env, snr) -> dict:
+    """The instruction caption fields the user set (choices left at the default are left out)."""
+    fields = {"dialect": dialect, "emotion": emotion, "speed": speed, "pitch": pitch, "volume": volume,
+              "style": (style or "").strip(), "ip": (ip or "").strip()}
+    out = {k: v for k, v in fields.items() if v and v != NO_CHOICE}
+    bgm = {k: v for k, v in {"ENV": (env or "").strip(), "SNR": snr}.items() if v not in (None, "", 0)}
+    if bgm:
+        out["bgm"] = bgm
+    return out
+
+
+class VoiceController:
+    def __init__(self, link: EngineLink):
+        self.link = link
+        self.inflight = InFlight()
+
+    def options(self) -> dict:
+        """Valid instruction values, tasks and the sample rate from the engine (empty when it cannot say)."""
+        try:
+            return self.link.client.speech_options() if self.link.has(SPEECH_OUT) else {}
+        except Exception:  # noqa: BLE001  (the dropdowns then offer free text only)
+            return {}
+
+    def voice_names(self) -> list[str]:
+        try:
+            return [v["name"] for v in self.link.client.voices()] if self.link.has(SPEECH_OUT) else []
+        except Exception:  # noqa: BLE001
+            return []
+
+    def synthesize(self, text, task_label, source, saved, clip, clip_text, dialect, emotion, speed, pitch, volume,
+                   style, ip, env, snr, genre, mood, instrument, theme, duration, seed,
+                   request: gr.Request | None = None):
+        """Stream (audio chunk, transcript box, status, WAV file) while the audio is made."""
+        task = TASKS.get(task_label, "tts")
+        if task != "music" and not (text or "").strip():
+            yield None, gr.update(), "Type the text to speak (or the sound to make) first.", None
+            return
+        kwargs: dict = {"task": task, "seed": None if seed in (None, "") else int(seed)}
+        if task == "music":
+            kwargs["music"] = {k: v for k, v in {"genre": genre, "mood": mood, "instrument": instrument, "theme": theme,
+                                                 "duration": duration}.items() if v not in (None, "")}
+        if task in ("tts", "podcast"):
+            kwargs["instruct"] = instruction(dialect, emotion, speed, pitch, volume, style, ip, env, snr) or None
+            if source == "Saved voice":
+                if not saved:
+                    yield None, gr.update(), "Choose a saved voice (or save one from a clip first).", None
+                    return
+                kwargs["voice"] = saved
+            elif source == "Clone from a clip":
+                if not clip:
+                    yield None, gr.update(), "Upload or record a reference clip to clone.", None
+                    return
+                kwargs["reference_audio"] = Path(clip).read_bytes()
+                kwargs["reference_text"] = (clip_text or "").strip() or None
+        session = session_of(request)
+        cancel = self.inflight.begin(session, TAB)
+        chunks, rate, status, transcript, final = [], None, GENERATING, gr.update(), None
+        try:
+            for event in self.link.client.speak(text or "", cancel=cancel, **kwargs):
+                if isinstance(event, QueuePosition):
+                    yield None, transcript, queue_line(event), None
+                elif isinstance(event, AudioChunk):
+                    pcm = np.frombuffer(event.pcm, dtype="<i2")
+                    rate = event.sample_rate
+                    chunks.append(pcm)
+                    yield (rate, pcm), transcript, GENERATING, None
+                elif isinstance(event, (Done, Error)):
+                    final = event
+                    break
+                elif isinstance(event, TextDelta):
+                    continue
+        except Exception as e:  # noqa: BLE001
+            final = failure(e)
+        finally:
+            self.inflight.end(session, TAB, cancel)
+        if isinstance(final, Done):
+            asr = (final.result or {}).get("ref_text_from_asr")
+            if asr is not None:
+                transcript = asr  # the transcript our ASR filled in: shown, editable for the next take
+            status = figures_line(final) + (" · the clip's transcript was filled in by speech recognition"
+                                            if asr is not None else "")
+            yield None, transcript, status, write_wav(chunks, rate) if chunks else None
+        else:
+            final = final or Error("the engine ended without a result", code="engine_error")
+            gr.Warning(f"Speech failed: {final.message}")
+            yield None, transcript, error_line(final), write_wav(chunks, rate) if chunks else None
+
+    def transcribe_clip(self, clip):
+        """Fill the transcript box from the clip with the model's ASR (editable afterwards)."""
+        if not clip:
+            return gr.update(), "Upload or record a clip first."
+        text = ""
+        try:
+            for event in self.link.client.transcribe(Path(clip).read_bytes()):
+                if isinstance(event, Done):
+                    return (event.result or {}).get("text", text), "Transcript filled in by speech recognition."
+                if isinstance(event, Error):
+                    return gr.update(), error_line(event)
+                if isinstance(event, TextDelta):
+                    text += event.text
+        except Exception as e:  # noqa: BLE001
+            return gr.update(), error_line(failure(e))
+        return text, ""
+
+    def save(self, name, clip, clip_text):
+        name = (name or "").strip()
+        if not name or not clip:
+            return gr.update(), "Give the voice a name and a reference clip."
+        try:
+            info = self.link.client.save_voice(name, Path(clip).read_bytes(), (clip_text or "").strip() or None)
+        except Exception as e:  # noqa: BLE001
+            return gr.update(), error_line(failure(e))
+        names = self.voice_names()
+        note = f"Saved the voice '{name}'."
+        if info.get("ref_text_from_asr") is not None or info.get("transcript_from_asr"):
+            note += " Its transcript was filled in by speech recognition."
+        return gr.update(choices=names, value=name), note
+
+    def delete(self, name):
+        if not name:
+            return gr.update(), "Choose a saved voice to delete."
+        try:
+            self.link.client.delete_voice(name)
+        except Exception as e:  # noqa: BLE001
+            return gr.update(), error_line(failure(e))
+        return gr.update(choices=self.voice_names(), value=None), f"Deleted the voice '{name}'."
+
+    def refresh(self):
+        return gr.update(choices=self.voice_names())
+
+    def stop(self, request: gr.Request | None = None) -> None:
+        if not self.inflight.cancel(session_of(request), TAB):
+            gr.Info("Nothing is being made.")
+
+
+def _choices(options: dict, key: str) -> list[str]:
+    return [NO_CHOICE, *options.get(key, [])]
+
+
+def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> VoiceController:
+    controller = VoiceController(link)
+    if not link.has(SPEECH_OUT):
+        gr.Markdown("**This engine has no talker**, so it cannot speak, make sounds or music. "
+                    "(A checkpoint without `talker/`, the Preview release, or an engine that does not serve speech.)")
+    options = controller.options()
+    with gr.Row():
+        with gr.Column(scale=3):
+            text = gr.Textbox(label="Text to speak, or the sound to make", lines=4, elem_id="voice-text",
+                              placeholder="Hello! This is Ming speaking.")
+            task = gr.Radio(list(TASKS), value="Speech", label="What to make", elem_id="voice-task")
+            source = gr.Radio(list(VOICE_SOURCES), value=DEFAULT_VOICE, label="Voice", elem_id="voice-source")
+            with gr.Row():
+                saved = gr.Dropdown(controller.voice_names(), label="Saved voice", allow_custom_value=False,
+                                    elem_id="voice-saved")
+                refresh = gr.Button("↻ voices", scale=0, min_width=60)
+            with gr.Accordion("Clone from a clip / save a voice", open=False):
+                clip = gr.Audio(sources=["upload", "microphone"], type="filepath",
+                                label="Reference clip (0.5 to 30 s of one speaker)", elem_id="voice-clip")
+                clip_text = gr.Textbox(label="What the clip says (empty = filled in by speech recognition)",
+                                       elem_id="voice-clip-text")
+                with gr.Row():
+                    fill = gr.Button("Transcribe the clip")
+                    name = gr.Textbox(label="Save as (name)", scale=2)
+                    save = gr.Button("Save voice")
+                    delete = gr.Button("Delete selected", variant="stop")
+                if examples:
+                    gr.Examples([[e] for e in examples], [clip], label="Example clips (scripts/make_assets.py)")
+            with gr.Accordion("Instructions: dialect, emotion, speed, voice design", open=False):
+                with gr.Row():
+                    dialect = gr.Dropdown(_choices(options, "dialects"), value=NO_CHOICE, allow_custom_value=True,
+                                          label="Dialect")
+                    emotion = gr.Dropdown(_choices(options, "emotions"), value=NO_CHOICE, allow_custom_value=True,
+                                          label="Emotion")
+                with gr.Row():
+                    speed = gr.Dropdown(_choices(options, "speeds"), value=NO_CHOICE, label="Speed")
+                    pitch = gr.Dropdown(_choices(options, "pitches"), value=NO_CHOICE, label="Pitch")
+                    volume = gr.Dropdown(_choices(options, "volumes"), value=NO_CHOICE, label="Volume")
+                style = gr.Textbox(label="Voice design (free text: gender, age, timbre, pace…; used without a "
+                                         "reference voice)", lines=2)
+                ip = gr.Textbox(label="Character voice (e.g. 水浒传_武松)")
+                with gr.Row():
+                    env = gr.Textbox(label="Background ambience (e.g. Birds chirping)")
+                    snr = gr.Number(value=None, label="Speech-to-background SNR (dB)")
+            with gr.Accordion("Music", open=False):
+                with gr.Row():
+                    genre = gr.Textbox(label="Genre", value="Lo-fi")
+                    mood = gr.Textbox(label="Mood", value="Calm")
+                with gr.Row():
+                    instrument = gr.Textbox(label="Instrument", value="Piano")
+                    theme = gr.Textbox(label="Theme", value="Rainy afternoon")
+                duration = gr.Slider(2, 60, value=10, step=1, label="Duration (s)")
+            seed = gr.Number(value=None, precision=0, label="Seed (empty = random)")
+            with gr.Row():
+                go = gr.Button("Make it", variant="primary", elem_id="voice-go")
+                stop = gr.Button("Stop", variant="stop", elem_id="voice-stop")
+        with gr.Column(scale=2):
+            player = gr.Audio(label="Playing as it is made", streaming=True, autoplay=True, interactive=False,
+                              elem_id="voice-player")
+            status = gr.Markdown("", elem_id="voice-figures")
+            wav = gr.File(label="WAV download", elem_id="voice-wav")
+    inputs = [text, task, source, saved, clip, clip_text, dialect, emotion, speed, pitch, volume, style, ip, env,
+              snr, genre, mood, instrument, theme, duration, seed]
+    go.click(controller.synthesize, inputs, [player, clip_text, status, wav], api_name="speak", concurrency_limit=None)
+    stop.click(controller.stop, None, None, queue=False, api_visibility="private")
+    fill.click(controller.transcribe_clip, [clip], [clip_text, status], concurrency_limit=None,
+               api_visibility="private")
+    save.click(controller.save, [name, clip, clip_text], [saved, status], concurrency_limit=None,
+               api_name="save_voice")
+    delete.click(controller.delete, [saved], [saved, status], api_visibility="private")
+    refresh.click(controller.refresh, None, [saved], queue=False, api_visibility="private")
+    return controller
