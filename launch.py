@@ -61,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--insecure-no-auth", action="store_true",
                     help="serve to the network or a share link WITHOUT a login (anyone who finds it can use the "
                          "model); refused unless given explicitly")
+    ap.add_argument("--local-audio", action="store_true",
+                    help="kiosk mode: talk to the model through this machine's microphone and speaker (push-to-talk "
+                         "with Enter) in this terminal instead of serving the page (needs sounddevice and Debian's "
+                         "libportaudio2)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                     help="weight and activation dtype (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--expert-dtype", choices=["bf16", "fp8", "int8"], default="bf16",
@@ -186,10 +190,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Running on the Hugging Face Space {os.environ['SPACE_ID']}: who may open it is the Space's "
               "visibility setting (set the secret STUDIO_AUTH=user:password to require a login too).", flush=True)
 
+    if args.local_audio:
+        from app.local_audio import check_local_audio
+
+        problem = check_local_audio()
+        if problem:  # before loading anything: there is no point without a microphone
+            return _fail(f"--local-audio: {problem}", EXIT_MODEL_ERROR)
     started = _connect_remote_engine(args) if args.engine else _start_local_engine(args)
     if isinstance(started, int):
         return started
     client, engine_server = started
+    if args.local_audio:
+        from app.engine_link import SPEECH_OUT, EngineLink
+        from app.local_audio import run_local_audio
+
+        link = EngineLink(client)
+        try:
+            return run_local_audio(*link.target(), speech_output=link.has(SPEECH_OUT))
+        finally:
+            if engine_server is not None:
+                engine_server.stop()
 
     from app.studio import build_studio, launch_options
 

@@ -122,3 +122,11 @@ def test_default_launch_serves_the_demo_studio(studio_cache):
     assert banner and "RANDOM DEMO WEIGHTS" in banner[0]["props"]["value"]
     assert re.search(r"Loaded ming-tiny-random-v\d+ in \d+\.\d s", out), out
     assert "RANDOM DEMO WEIGHTS" in out
+
+
+def test_local_audio_without_a_sound_device_says_so(tmp_path):
+    """Kiosk mode on a machine without audio devices (or without PortAudio): one clear line, exit 2,
+    before any model is loaded."""
+    r = _run(["--local-audio"], tmp_path, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: --local-audio:") and "Loading" not in r.stdout
