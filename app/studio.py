@@ -41,7 +41,7 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
         build_banner(link)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                build_chat_tab(link)
+                build_chat_tab(link, ASSETS if ASSETS.is_dir() else None)
             with gr.Tab("Live", id="live"):
                 build_live_tab(speech_output=link.has(SPEECH_OUT))
             with gr.Tab("Speech", id="speech"):

@@ -140,6 +140,18 @@ def export_conversation(history: list | None, directory: str | None = None) -> s
     return str(path)
 
 
+def chat_examples(assets: Path | None) -> list[list[dict]]:
+    """Example turns for the input box: text alone, and text with our own example media."""
+    examples = [[{"text": "Hello! What can you do?", "files": []}]]
+    if assets is None:
+        return examples
+    for text, rel in (("What is on the table?", "images/cup.png"), ("Read the sign.", "images/sign.png"),
+                      ("", "speech/what_do_you_see_en.wav"), ("What happens in this clip?", "video/cup_on_table.mp4")):
+        if (assets / rel).is_file():
+            examples.append([{"text": text, "files": [str(assets / rel)]}])
+    return examples
+
+
 # --------------------------------------------------------------------------- the controller
 
 
@@ -252,16 +264,19 @@ class ChatController:
         return before, turn_to_box(turn)
 
 
-def build_chat_tab(link: EngineLink) -> ChatController:
-    """Build the Chat tab's components inside the current Blocks/Tab context."""
+def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatController:
+    """Build the Chat tab's components inside the current Blocks/Tab context. `assets`: the folder of
+    example media (scripts/make_assets.py) the examples use."""
     controller = ChatController(link)
     chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat-history", editable="user",
                          feedback_options=None, placeholder="Ask the model something, or attach an image, "
                                                             "a video or a recording.")
-    box = gr.MultimodalTextbox(placeholder="Type a message and press Enter (Shift+Enter for a new line); "
-                                           "attach or paste images, videos, audio, or record with the microphone",
+    box = gr.MultimodalTextbox(placeholder="Message (Enter sends, Shift+Enter: new line); attach, paste or record media",
                                show_label=False, sources=["upload", "microphone"], file_count="multiple",
                                file_types=["image", "video", "audio"], elem_id="chat-input", submit_btn="Send")
+    examples = chat_examples(assets)
+    if examples:
+        gr.Examples(examples, [box], label="Examples (media made by scripts/make_assets.py)")
     with gr.Row():
         stop = gr.Button("Stop", variant="stop", elem_id="chat-stop", scale=1, min_width=80)
         clear = gr.Button("Clear", elem_id="chat-clear", scale=1, min_width=80)
