@@ -68,7 +68,8 @@ from torch import nn
 from engine.kernels.moe import check_routing, group_by_expert
 from engine.loader import TensorReader
 from engine.placement.planner import CPU, DEFAULT_EFFICIENCY, DEFAULT_HOP_LATENCY_US, DEFAULT_HOST_GBS, DEFAULT_PCIE_GBS
-from engine.placement.quant import QUANT_STORAGE, ExpertWeights, bank_expert, check_expert_dtype, read_checkpoint_experts
+from engine.placement.quant import (ExpertWeights, bank_dims, bank_expert, check_expert_dtype, read_checkpoint_experts,
+                                    set_meta_storage)
 
 DEFAULT_CPU_GFLOPS = 500.0   # host bf16 GEMM throughput (a 16-32 core AVX-512/AMX server; 2 cores: ~100)
 DEFAULT_CACHE_DECAY = 0.9    # per-step decay of the routing-count scores (~10-step memory)
@@ -280,6 +281,7 @@ class FusedSlot:
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # quantised experts: dequantised in the kernel
 
 
 class LayerRuntime:
@@ -305,20 +307,19 @@ class LayerRuntime:
                 by_slot.setdefault(slot, []).append(e)
         for slot, resident in by_slot.items():
             first = self.experts[resident[0]]
-            if any(self.experts[e].quantized for e in resident):
-                continue  # fp8/int8 experts are dequantised per block on the per-expert path
+            if len({self.experts[e].kind for e in resident}) != 1:
+                continue  # mixed storage formats cannot share one stacked call
             if mode == "auto" and not use_triton("auto", first.gate):
                 continue
-            stacks = [torch.empty((len(resident), *t.shape), dtype=t.dtype, device=t.device)
-                      for t in (first.gate, first.up, first.down)]
+            stacks = [torch.empty((len(resident), *t.shape), dtype=t.dtype, device=t.device) for t in first.tensors()]
             for j, e in enumerate(resident):
-                w = self.experts[e]
-                for stack, t in zip(stacks, (w.gate, w.up, w.down)):
+                for stack, t in zip(stacks, self.experts[e].tensors()):
                     stack[j].copy_(t)
-                self.experts[e] = ExpertWeights(stacks[0][j], stacks[1][j], stacks[2][j])
+                self.experts[e] = ExpertWeights(*(stack[j] for stack in stacks))
             local = torch.full((len(self.slots),), -1, dtype=torch.long)
             local[resident] = torch.arange(len(resident))
-            self.fused[slot] = FusedSlot(local.to(first.gate.device), *stacks)
+            self.fused[slot] = FusedSlot(local.to(first.gate.device), *stacks[:3],
+                                         tuple(stacks[3:]) if first.quantized else None)
 
     def _run_fused(self, slot: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """fp32 [T, H] sum over the assignments whose expert lives in this fused slot (on its device)."""
@@ -328,7 +329,7 @@ class LayerRuntime:
         dev = f.gate.device
         local = f.local_index[ids.to(dev)]
         return moe_experts_triton(x.to(dev), f.gate, f.up, f.down, local, weights.to(dev),
-                                  skip_negative_ids=True, out_dtype=torch.float32)
+                                  skip_negative_ids=True, out_dtype=torch.float32, scales=f.scales)
 
     @property
     def num_experts(self) -> int:
@@ -457,7 +458,7 @@ class MoERuntime:
 
     def _install(self, llm: nn.Module, layer: int, bank: nn.Module, experts: list[ExpertWeights],
                  slots: tuple[int, ...]) -> None:
-        e_n, inter, hidden = bank.gate_proj.shape
+        e_n, inter, hidden = bank_dims(bank)
         lr = LayerRuntime(self, layer, experts, slots, self.placement.cache_slot_of(layer), hidden, inter)
         # Stacked tensors become meta placeholders (shape/dtype kept: parameter counts stay right).
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -481,7 +482,7 @@ class MoERuntime:
             if getattr(bank, "packed", None) is not None:
                 raise ValueError(f"layer {layer}'s experts were pre-packed for the CPU: load with "
                                  "load_model(..., plan=...) or pack_cpu_experts=False to place them")
-            slots = rt._checked_slots(layer, bank.gate_proj.shape[0])
+            slots = rt._checked_slots(layer, bank_dims(bank)[0])
             base = {t.untyped_storage().data_ptr() for t in bank.parameters()} | \
                    {t.untyped_storage().data_ptr() for t in bank.buffers()}
             experts = [rt._place(bank_expert(bank, e), slots[e]).map(lambda t: _owned(t, base))
@@ -498,7 +499,7 @@ class MoERuntime:
         rt = cls(cls._as_placement(placement), options)
         consumed: set[str] = set()
         for layer, bank in cls._moe_layers(llm).items():
-            e_n, inter, hidden = bank.gate_proj.shape
+            e_n, inter, hidden = bank_dims(bank)
             slots = rt._checked_slots(layer, e_n)
             experts = []
             name = f"model.layers.{layer}.mlp.experts"
@@ -512,18 +513,7 @@ class MoERuntime:
                 experts.append(rt._place(ExpertWeights.from_float(g, u, d, expert_dtype, dtype), slots[e]))
                 if progress is not None:
                     progress(e + 1, e_n, f"{name} ({expert_dtype})")
-            if expert_dtype != "bf16":
-                store = QUANT_STORAGE[expert_dtype]
-                bank._parameters.update({p: nn.Parameter(torch.empty(bank._parameters[p].shape, dtype=store,
-                                                                     device="meta"), requires_grad=False)
-                                         for p in ("gate_proj", "up_proj", "down_proj")})
-                bank._buffers.update({"gate_proj_scale": torch.empty(e_n, inter, device="meta"),
-                                      "up_proj_scale": torch.empty(e_n, inter, device="meta"),
-                                      "down_proj_scale": torch.empty(e_n, hidden, device="meta")})
-            else:
-                bank._parameters.update({p: nn.Parameter(torch.empty(bank._parameters[p].shape, dtype=dtype,
-                                                                     device="meta"), requires_grad=False)
-                                         for p in ("gate_proj", "up_proj", "down_proj")})
+            set_meta_storage(bank, expert_dtype, dtype)
             rt._install(llm, layer, bank, experts, slots)
         return rt, consumed
 

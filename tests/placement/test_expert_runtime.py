@@ -19,7 +19,8 @@ from engine.placement.expert_runtime import (CPU, DeviceMap, ExpertPlacement, Ho
                                 TransferModel)
 from engine.placement.planner import DeviceSpec, GPUSpec, model_sizes, plan_placement
 from engine.models.thinker.positions import PositionTokens, rope_index
-from engine.placement.quant import moe_experts_quantized, quantize_bank_
+from engine.kernels.moe import moe_experts_dequant_reference
+from engine.placement.quant import bank_scales, quantize_bank_
 from engine.models.thinker.model import load_model
 from tests.paths import fixture_case
 
@@ -162,8 +163,8 @@ def test_quantized_experts_through_the_runtime():
         quantize_bank_(llm.bank(l), "fp8")
     b = llm.bank(1)
     steps = [_inputs(seed=s) for s in range(3)]
-    expected = [moe_experts_quantized(x, b.gate_proj, b.up_proj, b.down_proj, b.gate_proj_scale, b.up_proj_scale,
-                                      b.down_proj_scale, ids, w) for x, ids, w in steps]
+    expected = [moe_experts_dequant_reference(x, b.gate_proj, b.up_proj, b.down_proj, bank_scales(b), ids, w)
+                for x, ids, w in steps]
     rt = MoERuntime.attach(llm, ExpertPlacement(SPLIT, {1: 0, 2: 1}),
                            RuntimeOptions(device_map=DeviceMap.simulated(2), cache_capacity=3, fetch_threshold=5))
     assert llm.bank(1).expert_dtype == "fp8" and rt.layers[1].experts[0].quantized
@@ -266,7 +267,8 @@ def test_load_model_with_plan_equals_plain_load(tiny_checkpoint, kind):
     cfg = MingConfig.from_file(tiny_checkpoint)
     moe = [i for i in range(cfg.llm.num_hidden_layers) if cfg.llm.is_moe_layer(i)]
     slots = {l: tuple((e % 3) - 1 for e in range(cfg.llm.num_experts)) for l in moe}  # CPU, gpu0, gpu1, ...
-    plain = load_model(tiny_checkpoint, dtype="fp32", device="cpu", expert_dtype=kind)
+    # the runtime computes quantised experts by dequantising them (the reference), as an unpacked load does
+    plain = load_model(tiny_checkpoint, dtype="fp32", device="cpu", expert_dtype=kind, pack_cpu_experts=False)
     placed = load_model(tiny_checkpoint, dtype="fp32", device="cpu", expert_dtype=kind,
                         plan=ExpertPlacement(slots, {l: 0 for l in moe}),
                         runtime_options=RuntimeOptions(device_map=DeviceMap.simulated(2), cache_capacity=4))

@@ -83,7 +83,7 @@ class LoadedModel:
     path: Path
     encoders: Encoders = field(default_factory=Encoders)
     load_seconds: float = 0.0
-    expert_dtype: str = "bf16"          # routed-expert storage: bf16 (= unquantised, model dtype), fp8, int8
+    expert_dtype: str = "bf16"          # routed-expert storage: bf16 (= unquantised, model dtype), fp8, fp8-block, int8, int4
     moe_runtime: Any = None             # engine.placement.expert_runtime.MoERuntime when loaded with a placement plan
 
 
@@ -130,14 +130,16 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     `numerics` defaults to the reference's own behaviour for the dtype (bf16: rounded rotary
     tables and bf16 router, spec §2.11); pass Numerics.intent(dtype) for the fp32-intent variant.
 
-    `expert_dtype` ("bf16" | "fp8" | "int8"; default: the plan's, else "bf16"): routed experts stay
-    unquantised in the model dtype ("bf16", the historical path, unchanged), or are quantised one expert
-    at a time while loading to FP8 e4m3 / int8 with per-output-channel scales (engine.placement.quant).
+    `expert_dtype` ("bf16" | "fp8" | "fp8-block" | "int8" | "int4"; default: the plan's, else "bf16"):
+    routed experts stay unquantised in the model dtype ("bf16", the historical path, unchanged), or are
+    quantised one expert at a time while loading (engine.placement.quant: FP8 e4m3 with per-channel or
+    128x128 block scales, int8 per channel, int4 with group scales).
     `plan` (an engine.placement.planner.Plan or engine.placement.expert_runtime.ExpertPlacement): routed experts are loaded onto
     the devices the plan gives them and executed by an engine.placement.expert_runtime.MoERuntime (returned as
     `moe_runtime`); `runtime_options` (RuntimeOptions) sets its device map, hot-expert cache and fetch
     threshold. Everything else is loaded on `device`.
-    `pack_cpu_experts`: bf16 routed experts on CPU are re-laid out once for oneDNN (faster GEMMs).
+    `pack_cpu_experts`: routed experts on CPU are re-laid out once for the CPU kernels (bf16: oneDNN;
+    int8/int4: torch's weight-only kernels; fp8: dequantised per expert into a reused buffer).
     """
     t0 = time.perf_counter()
     root = resolve_checkpoint(path_or_id)
@@ -171,6 +173,9 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
                 consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
             module.eval()
     check_unexpected(files, consumed)
+    if pack_cpu_experts and plan is None and expert_dtype != "bf16" and dev.type == "cpu":
+        for bank in banks.values():  # torch's int8/int4 weight-only CPU kernels read the quantised bytes
+            bank.pack_for_cpu(numerics.dtype)
     if pack_cpu_experts and not custom_experts and dev.type == "cpu" and numerics.dtype == torch.bfloat16 \
             and kernels.onednn_packing_available(torch.bfloat16):
         for bank in banks.values():  # one layer at a time: the stacked copy is freed as we go
