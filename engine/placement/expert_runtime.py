@@ -21,18 +21,24 @@ Per forward of a layer (x [T, H] on the layer's home device, routing ids/weights
    hot-expert cache's statistics (LFU with exponential decay of the router's selection counts).
 2. Each active expert gets a site:
    * GPU-resident: computed on that GPU. Where the GPU runs Triton (``fused_gpu_experts="auto"``), all
-     of a layer's experts resident on one GPU are stacked at load time and run as one fused Triton
-     call over the whole token batch (other experts' assignments get local id -1 and are skipped),
-     returning an fp32 partial sum; otherwise (CPU-simulated devices, ``"off"``, fp8/int8 experts)
-     each expert's token block is sent to the GPU, computed there and the result sent back;
+     of a layer's experts resident on one GPU are stacked at load time (quantised ones with their
+     scales: the kernel dequantises the tiles) and run as one fused Triton call over the whole token
+     batch (other experts' assignments get local id -1 and are skipped), returning an fp32 partial
+     sum; otherwise (CPU-simulated devices, ``"off"``) each expert's token block is sent to the GPU,
+     computed there and the result sent back;
    * CPU-resident and in the hot cache: computed on the cache GPU from the cached copy (a hit);
    * CPU-resident, not cached: copied host→GPU (pinned source, ``non_blocking``, on a side CUDA stream
      per GPU, ordered before use with an event) when the cache admits it (free slot, or its decayed
      score beats the least-frequently-used resident by the hysteresis factor; experts active in this
      step are never evicted) or when more tokens than ``fetch_threshold`` are routed to it (then the
      copy is transient unless admitted); otherwise its tokens go to the host and the CPU computes it.
-3. Work is issued copies first, then the fused GPU calls and GPU blocks (asynchronous on CUDA), then
-   CPU blocks (the host works while the GPUs do), then the blocks that waited for a copy.
+3. Work is issued CPU first: the rows of all host-computed experts are gathered on the home device
+   and copied once into the layer's reused (pinned on CUDA) host buffer; ``cpu_workers`` threads
+   compute those experts (no synchronisation per expert: one event orders the copy) while the
+   calling thread issues the fused GPU calls and GPU blocks, then streams the fetched experts to the
+   cache GPU ``fetch_window`` copies ahead of their compute (double buffering by default, so a
+   prefill that pulls a whole layer holds only a few transient experts); the CPU results come back
+   in one copy.
 4. Results are combined on the home device: the fused partial sums, then the per-expert blocks in
    ascending expert order with ``out.index_add_(tokens, y.float() * w)``, all in fp32, cast to x's
    dtype once. Without fused slots this is the same arithmetic, in the same order, as
@@ -51,16 +57,23 @@ host. At the Ming-flash shape (H 4096, I 1024) that gives 9 tokens for bf16 expe
 decode steps compute cold experts on the CPU, prefill chunks pull the busy ones to the GPU. Pass
 ``RuntimeOptions(fetch_threshold=N)`` to override (``None``: derived).
 
+``RuntimeOptions(calibrate=True)`` replaces the defaults by rates measured at start-up
+(:meth:`TransferModel.calibrate`: pinned host→GPU copy, a one-row round trip, the CPU computing one
+of the model's host-resident experts at T=1 and T=16).
+
 Not done here: non-expert modules stay where load_model put them (one device); the runtime places only
-routed experts. No expert-weight prefetch ahead of the router, no multi-threaded CPU/GPU overlap beyond
-CUDA's asynchronous launches, no Triton fp8 kernel (quantised experts are dequantised per block).
+routed experts. No expert-weight prefetch ahead of the router (the next layer's experts are known
+only once its router ran). Host-resident experts are computed by ``ExpertWeights.forward`` (plain
+weights, or dequantised per call), not by the CPU kernels of :class:`engine.kernels.QuantizedCpuExperts`.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -75,6 +88,11 @@ DEFAULT_CPU_GFLOPS = 500.0   # host bf16 GEMM throughput (a 16-32 core AVX-512/A
 DEFAULT_CACHE_DECAY = 0.9    # per-step decay of the routing-count scores (~10-step memory)
 DEFAULT_CACHE_HYSTERESIS = 0.25  # a candidate must beat the LFU resident's score by 25% to replace it
 FUSED_MODES = ("auto", "off", "triton")
+DEFAULT_CPU_WORKERS = 1      # threads computing host-resident experts (each uses torch's intra-op threads)
+DEFAULT_FETCH_WINDOW = 2     # experts streamed to a GPU ahead of their compute (double buffering)
+CALIBRATION_BYTES = 1 << 27  # 128 MiB per bandwidth measurement at start-up
+CALIBRATION_REPEATS = 3
+CALIBRATION_TOKENS = 16      # tokens of the CPU GEMM-rate measurement
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +186,44 @@ class TransferModel:
         per_token = 6 * hidden * inter / cpu + 2 * hidden * act_bytes / pcie
         return max(0, math.floor(saved / per_token)) if saved > 0 else 0
 
+    @classmethod
+    def calibrate(cls, device_map: "DeviceMap", expert: ExpertWeights, act_dtype: torch.dtype) -> "TransferModel":
+        """Measured on this machine (best of a few runs, efficiency 1): the link (pinned host -> first
+        GPU slot, or a host copy on a simulated map), the hop (a one-row copy round trip), and the CPU
+        computing `expert` (a host-resident expert of the model): its T=1 weight-read rate as the host
+        bandwidth, its T=16 rate as the GEMM rate."""
+        target = device_map.gpus[0] if device_map.gpus else device_map.host
+        cuda = target.type == "cuda"
+        n = CALIBRATION_BYTES // 2
+        src = torch.empty(n, dtype=torch.bfloat16).fill_(1.0)
+        if cuda:
+            src = src.pin_memory()
+        dst = torch.empty(n, dtype=torch.bfloat16, device=target)
+
+        def best(fn) -> float:
+            fn()
+            times = []
+            for _ in range(CALIBRATION_REPEATS):
+                if cuda:
+                    torch.cuda.synchronize(target)
+                t0 = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize(target)
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        link = CALIBRATION_BYTES / best(lambda: dst.copy_(src, non_blocking=cuda))
+        row = torch.zeros(1, expert.down.shape[0], dtype=act_dtype)
+        hop = best(lambda: row.to(target, copy=True).to(device_map.host, copy=True)) / 2
+        x1 = torch.zeros(1, row.shape[1], dtype=act_dtype)
+        x16 = torch.zeros(CALIBRATION_TOKENS, row.shape[1], dtype=act_dtype)
+        host = expert.nbytes / best(lambda: expert.forward(x1))
+        inter = expert.gate.shape[0]
+        flops = 6 * CALIBRATION_TOKENS * row.shape[1] * inter / best(lambda: expert.forward(x16))
+        return cls(pcie_gbs=link / 1e9, host_gbs=host / 1e9, cpu_gflops=flops / 1e9, hop_latency_us=hop * 1e6,
+                   efficiency=1.0)
+
 
 @dataclass
 class RuntimeOptions:
@@ -176,7 +232,11 @@ class RuntimeOptions:
     derived from `transfer`, see the module doc); a negative value never fetches. fused_gpu_experts:
     "auto" runs each GPU's resident (unquantised) experts of a layer as one fused Triton call when that
     GPU can run Triton; "off" computes them one expert at a time; "triton" always fuses (tests run it
-    under the Triton interpreter on simulated devices)."""
+    under the Triton interpreter on simulated devices). cpu_workers: threads that compute the
+    host-resident experts while the calling thread drives the GPUs (0: on the calling thread).
+    fetch_window: experts copied to a GPU ahead of their compute (2 = double buffering; bounds the
+    transient GPU memory of a prefill that streams a layer's experts). calibrate: measure the link,
+    host and CPU rates at start-up (`TransferModel.calibrate`) and derive the fetch threshold from them."""
 
     device_map: DeviceMap | None = None
     cache_capacity: int = 0
@@ -185,10 +245,15 @@ class RuntimeOptions:
     fetch_threshold: int | None = None
     transfer: TransferModel = field(default_factory=TransferModel)
     fused_gpu_experts: str = "auto"
+    cpu_workers: int = DEFAULT_CPU_WORKERS
+    fetch_window: int = DEFAULT_FETCH_WINDOW
+    calibrate: bool = False
 
     def __post_init__(self):
         if self.fused_gpu_experts not in FUSED_MODES:
             raise ValueError(f"fused_gpu_experts must be one of {FUSED_MODES}, got {self.fused_gpu_experts!r}")
+        if self.cpu_workers < 0 or self.fetch_window < 1:
+            raise ValueError("cpu_workers must be >= 0 and fetch_window >= 1")
 
 
 @dataclass
@@ -204,6 +269,7 @@ class RuntimeStats:
     transient_fetches: int = 0
     cache_inserts: int = 0
     evictions: int = 0
+    host_transfers: int = 0  # activation copies to/from the host for CPU-computed experts (2 per layer call)
 
     def record(self, site: str, n_tokens: int) -> None:
         self.tokens[site] = self.tokens.get(site, 0) + n_tokens
@@ -292,6 +358,7 @@ class LayerRuntime:
         self.owner, self.layer, self.experts, self.slots = owner, layer, experts, slots
         self.cache_slot, self.hidden, self.inter = cache_slot, hidden, inter
         self.fused: dict[int, FusedSlot] = {}
+        self.staging = HostStaging(hidden, owner._pin)
 
     def build_fused(self, mode: str) -> None:
         """Stack each GPU slot's resident experts (mode "auto": where Triton runs; "triton": always).
@@ -350,53 +417,64 @@ class LayerRuntime:
         threshold = rt.threshold(self, x.element_size())
         protect = {(self.layer, e) for e in groups.experts}
 
-        # Decide a site per active expert and start the copies.
-        gpu_jobs, cpu_jobs, fetched_jobs = [], [], []
+        # Decide a site per active expert.
+        gpu_jobs, cpu_jobs, fetch_jobs = [], [], []
         fused_active: set[int] = set()
         for i, e in enumerate(groups.experts):
-            job = (i, e)
             slot = self.slots[e]
             if slot in self.fused:  # computed below, with the slot's other experts, in one fused call
                 fused_active.add(slot)
                 stats.record(dm.name(slot), sizes[i])
                 continue
             if slot != CPU:
-                gpu_jobs.append((job, slot, self.experts[e], None))
+                gpu_jobs.append((i, slot, self.experts[e]))
                 continue
             key = (self.layer, e)
             cached = rt.cache.lookup(key) if self.cache_slot is not None else None
             if cached is not None:
                 stats.cache_hits += 1
-                gpu_jobs.append((job, self.cache_slot, cached, None))
+                gpu_jobs.append((i, self.cache_slot, cached))
                 continue
             admit, victim = (rt.cache.admission(key, protect) if self.cache_slot is not None else (False, None))
             if self.cache_slot is not None and (admit or (threshold >= 0 and sizes[i] > threshold)):
-                copy, event = rt.copy_to(self.experts[e], self.cache_slot)
-                stats.fetches += 1
-                stats.fetched_bytes += copy.nbytes
-                if admit:
+                if admit:  # the cache entry is claimed now; its copy starts with the fetch window below
                     if victim is not None:
                         stats.evictions += 1
                     stats.cache_inserts += 1
-                    rt.cache.insert(key, copy, victim)
+                    rt.cache.insert(key, None, victim)
                 else:
                     stats.transient_fetches += 1
-                fetched_jobs.append((job, self.cache_slot, copy, event))
+                fetch_jobs.append((i, e, key if admit else None))
             else:
-                cpu_jobs.append((job, CPU, self.experts[e], None))
+                cpu_jobs.append((i, e))
 
-        # Fused GPU calls first: they run asynchronously while the host computes the CPU blocks.
+        # 1. Host-resident experts go to the CPU workers first (one gather, one copy of their rows).
+        cpu_finish = self._submit_cpu(x, groups, cpu_jobs) if cpu_jobs else None
+        # 2. Fused GPU calls, then per-expert GPU blocks (asynchronous on CUDA).
         partials = [self._run_fused(slot, x, ids, weights) for slot in sorted(fused_active)]
         results: dict[int, torch.Tensor] = {}
-        for (i, e), slot, w, event in gpu_jobs + cpu_jobs + fetched_jobs:
-            start, end = groups.offsets[i], groups.offsets[i + 1]
-            dev = dm.device(slot)
-            if event is not None:
-                rt.wait_for_copy(event, w, dev)
-            block = x.index_select(0, groups.token_index[start:end])
-            block = block.to(dev, non_blocking=block.is_cuda and dev.type == "cuda")
-            results[i] = w.forward(block)
-            stats.record(dm.name(slot), end - start)
+        for i, slot, w in gpu_jobs:
+            results[i] = self._run_block(x, groups, i, slot, w)
+        # 3. Experts streamed to the cache GPU, `fetch_window` copies ahead of their compute.
+        if fetch_jobs:
+            pending = []
+            for n in range(len(fetch_jobs) + rt.options.fetch_window):
+                if n < len(fetch_jobs):
+                    i, e, key = fetch_jobs[n]
+                    copy, event = rt.copy_to(self.experts[e], self.cache_slot)
+                    stats.fetches += 1
+                    stats.fetched_bytes += copy.nbytes
+                    if key is not None:
+                        rt.cache.resident[key] = copy
+                    pending.append((i, copy, event))
+                if len(pending) > rt.options.fetch_window or (n >= len(fetch_jobs) and pending):
+                    i, copy, event = pending.pop(0)
+                    if event is not None:
+                        rt.wait_for_copy(event, copy, dm.device(self.cache_slot))
+                    results[i] = self._run_block(x, groups, i, self.cache_slot, copy)
+        # 4. The CPU's results (copied back in one transfer).
+        if cpu_finish is not None:
+            results.update(cpu_finish())
 
         # Combine on the home device in ascending expert order (fp32, as moe_experts_reference).
         out = torch.zeros(x.shape, dtype=torch.float32, device=home)
@@ -410,6 +488,97 @@ class LayerRuntime:
             y = y.to(home, non_blocking=y.is_cuda and home.type == "cuda")
             out.index_add_(0, groups.token_index[start:end], y.float() * groups.weights[start:end, None])
         return out.to(x.dtype)
+
+    def _run_block(self, x: torch.Tensor, groups, i: int, slot: int, w: ExpertWeights) -> torch.Tensor:
+        """Expert block i of `groups` computed on `slot` from weights `w` (result stays on that device)."""
+        start, end = groups.offsets[i], groups.offsets[i + 1]
+        dev = self.owner.device_map.device(slot)
+        block = x.index_select(0, groups.token_index[start:end])
+        block = block.to(dev, non_blocking=block.is_cuda and dev.type == "cuda")
+        self.owner.stats.record(self.owner.device_map.name(slot), end - start)
+        return w.forward(block)
+
+    def _submit_cpu(self, x: torch.Tensor, groups, jobs: list[tuple[int, int]]):
+        """Stage the rows of the host-resident experts' tokens in this layer's reused host buffer (pinned
+        on CUDA) with one copy, and start computing the experts on the CPU workers (spread over them by
+        rows; here when there are none). Returns `finish()`: waits for them and gives {i: result on
+        the home device}, copied back in one transfer. No synchronisation per expert."""
+        rt = self.owner
+        spans, rows, n = [], [], 0
+        for i, e in jobs:
+            start, end = groups.offsets[i], groups.offsets[i + 1]
+            spans.append((i, e, n, n + end - start))
+            rows.append(groups.token_index[start:end])
+            n += end - start
+            rt.stats.record("cpu", end - start)
+        staged = self.staging.buffer("inputs", n, x.dtype)
+        staged.copy_(x.index_select(0, torch.cat(rows)), non_blocking=x.is_cuda)
+        ready = self.staging.mark(x.device) if x.is_cuda else None
+        out = self.staging.buffer("outputs", n, x.dtype)
+        rt.stats.host_transfers += 2
+
+        def work(chunk) -> None:
+            if ready is not None:
+                ready.synchronize()
+            with torch.inference_mode():  # thread-local: entered on the worker itself
+                for _i, e, a, b in chunk:
+                    out[a:b] = self.experts[e].forward(staged[a:b])
+
+        futures = [rt.run_on_cpu(work, chunk) for chunk in _balanced(spans, rt.options.cpu_workers)]
+
+        def finish() -> dict[int, torch.Tensor]:
+            for f in futures:
+                f.result()
+            back = out.to(x.device, non_blocking=x.is_cuda)
+            if x.is_cuda:
+                self.staging.released("outputs", x.device)
+            return {i: back[a:b] for i, _e, a, b in spans}
+
+        return finish
+
+
+def _balanced(spans: list[tuple[int, int, int, int]], workers: int) -> list[list[tuple[int, int, int, int]]]:
+    """Spans (i, expert, row start, row end) dealt to at most `workers` lists with similar row counts
+    (largest first to the least loaded), each list in ascending row order."""
+    n = max(1, min(workers, len(spans)))
+    chunks: list[list] = [[] for _ in range(n)]
+    load = [0] * n
+    for span in sorted(spans, key=lambda s: s[2] - s[3]):
+        j = load.index(min(load))
+        chunks[j].append(span)
+        load[j] += span[3] - span[2]
+    return [sorted(c, key=lambda s: s[2]) for c in chunks if c]
+
+
+class HostStaging:
+    """Reused host buffers of one layer for the activations of CPU-computed experts (pinned when the
+    runtime uses CUDA). A buffer whose contents a GPU copy still reads is not rewritten before that
+    copy is done (an event per buffer)."""
+
+    def __init__(self, hidden: int, pin: bool):
+        self.hidden, self.pin = hidden, pin
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._in_use: dict[str, object] = {}
+
+    def buffer(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        pending = self._in_use.pop(name, None)
+        if pending is not None:
+            pending.synchronize()
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.shape[0] < rows:
+            buf = torch.empty((max(rows, 1), self.hidden), dtype=dtype, pin_memory=self.pin)
+            self._buffers[name] = buf
+        return buf[:rows]
+
+    @staticmethod
+    def mark(device: torch.device):
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def released(self, name: str, device: torch.device) -> None:
+        """The current stream of `device` reads buffer `name` (an asynchronous copy): mark when it is done."""
+        self._in_use[name] = self.mark(device)
 
 
 class MoERuntime:
@@ -430,6 +599,8 @@ class MoERuntime:
         self._streams: dict[torch.device, object] = {}
         self._thresholds: dict[tuple[int, int], int] = {}
         self._pin = self.device_map.uses_cuda and torch.cuda.is_available()
+        self._executor: ThreadPoolExecutor | None = None
+        self.transfer = self.options.transfer  # replaced by measured rates when options.calibrate
 
     # -- building -------------------------------------------------------------------------------
     @staticmethod
@@ -488,6 +659,9 @@ class MoERuntime:
             experts = [rt._place(bank_expert(bank, e), slots[e]).map(lambda t: _owned(t, base))
                        for e in range(len(slots))]
             rt._install(llm, layer, bank, experts, slots)
+        if rt.options.calibrate and rt.layers:
+            rt.calibrate(llm.model.word_embeddings.weight.dtype if hasattr(llm.model, "word_embeddings")
+                         else torch.get_default_dtype())
         return rt
 
     @classmethod
@@ -515,15 +689,43 @@ class MoERuntime:
                     progress(e + 1, e_n, f"{name} ({expert_dtype})")
             set_meta_storage(bank, expert_dtype, dtype)
             rt._install(llm, layer, bank, experts, slots)
+        if rt.options.calibrate and rt.layers:
+            rt.calibrate(dtype)
         return rt, consumed
 
     # -- execution helpers ----------------------------------------------------------------------
+    def run_on_cpu(self, fn, *args) -> Future:
+        """Run fn(*args) on a CPU worker thread (on the calling thread when options.cpu_workers is 0)."""
+        if self.options.cpu_workers == 0:
+            done: Future = Future()
+            done.set_result(fn(*args))
+            return done
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.options.cpu_workers, thread_name_prefix="ming-cpu-experts")
+        return self._executor.submit(fn, *args)
+
+    def close(self) -> None:
+        """Stop the CPU worker threads (they are also stopped at interpreter exit)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def calibrate(self, dtype: torch.dtype) -> TransferModel:
+        """Measure the transfer model on this machine with one of the model's host-resident experts
+        (any expert when none is), use it for the fetch thresholds and return it."""
+        layers = list(self.layers.values())
+        host = [lr.experts[e] for lr in layers for e, s in enumerate(lr.slots) if s == CPU]
+        sample = host[0] if host else layers[0].experts[0].to(self.device_map.host)
+        self.transfer = TransferModel.calibrate(self.device_map, sample, dtype)
+        self._thresholds.clear()
+        return self.transfer
+
     def threshold(self, layer: LayerRuntime, act_bytes: int) -> int:
         if self.options.fetch_threshold is not None:
             return int(self.options.fetch_threshold)
         key = (layer.layer, act_bytes)
         if key not in self._thresholds:
-            self._thresholds[key] = self.options.transfer.fetch_threshold(
+            self._thresholds[key] = self.transfer.fetch_threshold(
                 layer.experts[0].nbytes, layer.hidden, layer.inter, act_bytes)
         return self._thresholds[key]
 

@@ -6,6 +6,7 @@ the fetch threshold; public parity cases still pass when loaded through a real e
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -306,3 +307,63 @@ def test_plan_places_non_expert_modules(tiny_checkpoint):
     assert all(p.device.type == "meta" for m in enc.components().values() for p in m.parameters())
     assert all(layer.device.type == "cpu" for layer in llm.model.layers)
     assert llm.model.layers[1].mlp.experts.gate_proj.device.type == "cpu"  # experts are left to the runtime
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_cpu_workers_and_fetch_window_keep_the_result(workers):
+    """Host-resident experts computed on 0 (inline), 1 or 3 worker threads while the calling thread
+    computes the (simulated) GPU's experts, and fetches streamed 1 or 2 ahead: the same bits as the
+    single-device path (the combine order does not depend on who computed what)."""
+    placement = ExpertPlacement(SPLIT, {1: 0, 2: 1})
+    llm = _ToyLLM()
+    steps = [_inputs(seed=s) for s in range(3)] + [_inputs(t=1, seed=9)]
+    expected = {(l, s): _reference(llm, l, *steps[s]) for l in (1, 2) for s in range(len(steps))}
+    rt = MoERuntime.attach(llm, placement, RuntimeOptions(device_map=DeviceMap.simulated(2), cpu_workers=workers,
+                                                          fetch_window=1 + workers % 2, fetch_threshold=30))
+    buffers = []
+    for s in range(len(steps)):
+        for l in (1, 2):
+            assert torch.equal(llm.bank(l)(*steps[s]), expected[(l, s)]), (workers, l, s)
+        buffers.append(rt.layers[1].staging._buffers["inputs"].data_ptr())
+    st = rt.stats
+    assert st.tokens.get("cpu", 0) > 0 and st.fetches > 0
+    # two activation transfers per layer call that has CPU work, however many experts it computes
+    assert st.host_transfers == 2 * sum(1 for s in range(len(steps)) for l in (1, 2)
+                                        if any(SPLIT[l][e] == CPU for e in steps[s][1].flatten().tolist()))
+    assert len(set(buffers[:3])) == 1  # the staging buffer is reused (it grows only for more rows)
+    rt.close()
+
+
+def test_calibration_measures_this_machine():
+    placement = ExpertPlacement(SPLIT, {1: 0, 2: 1})
+    llm = _ToyLLM()
+    rt = MoERuntime.attach(llm, placement, RuntimeOptions(device_map=DeviceMap.simulated(2), calibrate=True,
+                                                          cache_capacity=2))
+    t = rt.transfer
+    assert t is not rt.options.transfer and t.efficiency == 1.0
+    for rate in (t.pcie_gbs, t.host_gbs, t.cpu_gflops, t.hop_latency_us):
+        assert math.isfinite(rate) and rate > 0
+    lr = rt.layers[1]
+    assert rt.threshold(lr, 4) == t.fetch_threshold(lr.experts[0].nbytes, H, I, 4)
+    x, ids, w = _inputs()
+    assert torch.equal(llm.bank(1)(x, ids, w), _reference(_ToyLLM(), 1, x, ids, w))
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+def test_fused_gpu_slots_run_quantised_experts_in_the_kernel(kind):
+    """Quantised experts resident on a GPU are stacked (values and scales) and dequantised inside the
+    fused Triton call (forced, under the interpreter, on simulated devices)."""
+    llm = _ToyLLM()
+    for l in (1, 2):
+        quantize_bank_(llm.bank(l), kind)
+    b1 = llm.bank(1)
+    ref_w = (b1.gate_proj.clone(), b1.up_proj.clone(), b1.down_proj.clone(), tuple(s.clone() for s in bank_scales(b1)))
+    rt = MoERuntime.attach(llm, ExpertPlacement(SPLIT, {1: 0, 2: 1}),
+                           RuntimeOptions(device_map=DeviceMap.simulated(2), fused_gpu_experts="triton",
+                                          fetch_threshold=-1))
+    fused = rt.layers[1].fused[0]
+    assert fused.scales is not None and fused.gate.dtype == b1.gate_proj.dtype
+    x, ids, w = _inputs(t=6)
+    want = moe_experts_dequant_reference(x, *ref_w, ids, w)
+    got = llm.bank(1)(x, ids, w)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
