@@ -106,3 +106,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     values = unpack_int4(q) if layout.packed_int4 else q
     out, cols = values.shape[-2:]
     return (values.to(torch.float32) * expand_scales(scale, layout, out, cols)).to(dtype)
+
+
+INT8_MAX = 127.0
+
+
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one fp32 scale per row: W [..., out, in] -> (q int8, scale [..., out]);
+    scale = amax_row / 127 (1 for an all-zero row), q = round(W / scale). Non-finite weights are rejected."""
+    w = w.float()
+    amax = w.abs().amax(dim=-1)
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError("cannot quantise a weight with non-finite values")
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    return torch.round(w / scale.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .dequant import dequantize, matrix_in_features, scale_layout, unpack_int4
+from .dequant import dequantize, matrix_in_features, quantize_int8_rows, scale_layout, unpack_int4
 from .dispatch import Impl, use_triton
 
 Scales = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -240,34 +240,46 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class PackedLinear(torch.nn.Module):
-    """Drop-in for an ``nn.Linear`` whose weight was pre-packed once (see :func:`_pack_matrix`).
+    """Drop-in for an ``nn.Linear`` whose weight was prepared once for the CPU: pre-packed for oneDNN
+    (see :func:`_pack_matrix`), or with ``int8=True`` quantised to int8 with one fp32 scale per output
+    channel (``dequant.quantize_int8_rows``) and run by torch's int8 weight-only kernel (half the bytes
+    of bf16; activations stay in the weight's dtype).
 
     Built from an ``nn.Linear`` (see :func:`pack_linears`); keeps ``weight`` (and ``bias``) as meta placeholders of the
     original shapes so module names, shapes and parameter counts stay those of the checkpoint.
     """
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, int8: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = _pack_matrix(linear.weight.detach(), onednn_packing_available(linear.weight.dtype))
+        weight = linear.weight.detach()
+        if int8:
+            q, scale = quantize_int8_rows(weight)
+            self.packed = (_Int8Matrix(q, scale, weight.dtype) if int8_cpu_kernel_available()
+                           and self.in_features % INT8_CPU_COLUMN_MULTIPLE == 0
+                           else _DequantMatrix(q, scale, weight.dtype, {}))
+        else:
+            self.packed = _pack_matrix(weight, onednn_packing_available(weight.dtype))
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.weight = torch.nn.Parameter(torch.empty(linear.weight.shape, dtype=linear.weight.dtype, device="meta"),
+        self.weight = torch.nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
                                          requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _packed_linear(x.reshape(-1, self.in_features), self.packed).reshape(*x.shape[:-1], self.out_features)
+        flat = x.reshape(-1, self.in_features)
+        y = self.packed(flat) if callable(self.packed) else _packed_linear(flat, self.packed)
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
-def pack_linears(module: torch.nn.Module) -> int:
+def pack_linears(module: torch.nn.Module, int8: bool = False) -> int:
     """Replace every ``nn.Linear`` under ``module`` by a :class:`PackedLinear`; returns how many."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.Linear):
-            setattr(module, name, PackedLinear(child))
+            setattr(module, name, PackedLinear(child, int8))
             count += 1
         else:
-            count += pack_linears(child)
+            count += pack_linears(child, int8)
     return count
 
 

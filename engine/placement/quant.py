@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.dequant import FP8_BLOCK, INT4_MAX, dequantize, pack_int4
+from engine.kernels.dequant import FP8_BLOCK, INT4_MAX, INT8_MAX, dequantize, pack_int4, quantize_int8_rows
 from engine.kernels.moe import swiglu
 from engine.loader import CheckpointError, TensorReader, checkpoint_sources
 
@@ -50,7 +50,6 @@ EXPERT_DTYPES = ("bf16", "fp8", "fp8-block", "int8", "int4")
 QUANT_STORAGE = {"fp8": torch.float8_e4m3fn, "fp8-block": torch.float8_e4m3fn, "int8": torch.int8,
                  "int4": torch.uint8}
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
-INT8_MAX = 127.0
 INT4_GROUP = 128  # input columns per int4 scale (when they divide the input width)
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -111,8 +110,7 @@ def quantize(w: torch.Tensor, expert_dtype: str) -> tuple[torch.Tensor, torch.Te
         full = scale.repeat_interleave(FP8_BLOCK, -1)[..., :cols].repeat_interleave(FP8_BLOCK, -2)[..., :out, :]
         q = (w / full).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     elif expert_dtype == "int8":
-        scale = _scales(w.abs().amax(dim=-1), INT8_MAX)
-        q = torch.round(w / scale.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+        q, scale = quantize_int8_rows(w)
     else:
         group = int4_group_size(cols)
         grouped = w.reshape(*w.shape[:-1], cols // group, group)

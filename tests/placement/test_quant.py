@@ -310,3 +310,19 @@ def test_quantized_load_reports_a_missing_expert(tiny_checkpoint, tmp_path):
         load_model(tmp_path, dtype="fp32", device="cpu", expert_dtype="int8")
     with pytest.raises(ValueError, match="expert dtype"):
         load_model(tiny_checkpoint, dtype="fp32", device="cpu", expert_dtype="fp4")
+
+
+def test_cpu_only_small_footprint_load_int4_experts_and_int8_linears(tiny_checkpoint):
+    """The CPU-only configuration for small RAM: int4 experts (CPU kernels) and int8 linears. Same module
+    names and parameter counts; logits close to the unquantised model (tiny random model, so loosely)."""
+    ref = load_model(tiny_checkpoint, dtype="fp32", device="cpu")
+    m = load_model(tiny_checkpoint, dtype="fp32", device="cpu", expert_dtype="int4", linear_dtype="int8")
+    linears = [mod for mod in m.llm.modules() if isinstance(mod, torch.nn.Linear)]
+    assert not linears and type(m.llm.lm_head).__name__ == "PackedLinear"
+    assert sum(p.numel() for p in m.llm.parameters()) == sum(p.numel() for p in ref.llm.parameters())
+    a, b = _logits(ref.llm, IDS), _logits(m.llm, IDS)
+    assert bool(torch.isfinite(b).all()) and float((a - b).abs().max()) < LOGIT_ERROR["int4"] * float(a.abs().max())
+    with pytest.raises(ValueError, match="CPU only"):
+        load_model(tiny_checkpoint, dtype="fp32", device="meta", linear_dtype="int8")
+    with pytest.raises(ValueError, match="linear dtype"):
+        load_model(tiny_checkpoint, dtype="fp32", device="cpu", linear_dtype="int4")

@@ -197,9 +197,10 @@ class ExpertBank(nn.Module):
             for name in ("gate_proj_scale", "up_proj_scale", "down_proj_scale"):
                 old = self._buffers[name]
                 self._buffers[name] = torch.empty(old.shape, dtype=old.dtype, device="meta")
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            old = self._parameters[name]
-            self._parameters[name] = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
+        e, i, h = quant.bank_dims(self)
+        for name, shape in (("gate_proj", (e, i, h)), ("up_proj", (e, i, h)), ("down_proj", (e, h, i))):
+            # logical shapes (int4 storage holds two columns per byte): parameter counts stay the checkpoint's
+            self._parameters[name] = nn.Parameter(torch.empty(shape, dtype=self._parameters[name].dtype, device="meta"),
                                                   requires_grad=False)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

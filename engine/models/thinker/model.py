@@ -124,7 +124,8 @@ def _without(root: nn.Module, paths: list[str]):
 
 def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None,
                numerics: Numerics | None = None, progress=None, *, expert_dtype: str | None = None,
-               plan=None, runtime_options=None, pack_cpu_experts: bool = True) -> LoadedModel:
+               plan=None, runtime_options=None, pack_cpu_experts: bool = True,
+               linear_dtype: str = "bf16") -> LoadedModel:
     """Load a checkpoint directory (or hub id) in the upstream format.
 
     `numerics` defaults to the reference's own behaviour for the dtype (bf16: rounded rotary
@@ -140,6 +141,8 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     threshold. Everything else is loaded on `device`.
     `pack_cpu_experts`: routed experts on CPU are re-laid out once for the CPU kernels (bf16: oneDNN;
     int8/int4: torch's weight-only kernels; fp8: dequantised per expert into a reused buffer).
+    `linear_dtype` "int8" (CPU only): the LLM's other linears (attention, dense MLP, shared experts,
+    lm_head; not the routers) are quantised to int8 per output channel after loading (half the bytes).
     """
     t0 = time.perf_counter()
     root = resolve_checkpoint(path_or_id)
@@ -148,6 +151,10 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     numerics = numerics or Numerics.reference(dt)
     expert_dtype = quant.check_expert_dtype(expert_dtype or getattr(plan, "expert_dtype", None) or "bf16")
     dev = torch.device(device) if device is not None else default_device()
+    if linear_dtype not in ("bf16", "int8"):
+        raise ValueError(f"unknown linear dtype {linear_dtype!r}: choose bf16 (as loaded) or int8")
+    if linear_dtype == "int8" and dev.type != "cpu":
+        raise ValueError("int8 linears run on the CPU only (torch's int8 weight-only CPU kernel)")
     files = CheckpointFiles.open(root)
     llm = build_llm(cfg)
     encoders = build_encoders(cfg, rope_bf16_tables=numerics.rope_bf16_tables)
@@ -173,6 +180,10 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
                 consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
             module.eval()
     check_unexpected(files, consumed)
+    if linear_dtype == "int8":
+        for layer in llm.model.layers:
+            kernels.pack_linears(layer, int8=True)
+        kernels.pack_linears(llm, int8=True)  # lm_head
     if pack_cpu_experts and plan is None and expert_dtype != "bf16" and dev.type == "cpu":
         for bank in banks.values():  # torch's int8/int4 weight-only CPU kernels read the quantised bytes
             bank.pack_for_cpu(numerics.dtype)
