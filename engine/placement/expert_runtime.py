@@ -517,9 +517,15 @@ class LayerRuntime:
         out = self.staging.buffer("outputs", n, x.dtype)
         rt.stats.host_transfers += 2
 
+        threads = torch.get_num_threads()
+
         def work(chunk) -> None:
             if ready is not None:
                 ready.synchronize()
+            if torch.get_num_threads() != threads:
+                # OpenMP thread counts are per thread: the caller's count, so that GEMMs block (and sum)
+                # exactly as they would on the calling thread
+                torch.set_num_threads(threads)
             with torch.inference_mode():  # thread-local: entered on the worker itself
                 for _i, e, a, b in chunk:
                     out[a:b] = self.experts[e].forward(staged[a:b])
