@@ -210,15 +210,21 @@ def make_shared(source: WeightSource, shape: LayerShape) -> list[tuple[torch.Ten
 LayerCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def build_plain(source: WeightSource, shape: LayerShape) -> LayerCall:
-    """Stacked weights + ``moe_experts`` (reference CPU path) and the shared expert via ``swiglu``."""
-    w_gate = torch.empty(shape.experts, shape.inter, shape.hidden, dtype=shape.dtype)
+def stacked_experts(source: WeightSource, shape: LayerShape, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Every routed expert stacked: gate, up [E, I, H] and down [E, H, I] in `dtype`."""
+    w_gate = torch.empty(shape.experts, shape.inter, shape.hidden, dtype=dtype)
     w_up = torch.empty_like(w_gate)
-    w_down = torch.empty(shape.experts, shape.hidden, shape.inter, dtype=shape.dtype)
+    w_down = torch.empty(shape.experts, shape.hidden, shape.inter, dtype=dtype)
     offsets = expert_offsets(source, shape)
     for e in range(shape.experts):
         for i, w in enumerate((w_gate, w_up, w_down)):
             source.fill(w[e], offsets[3 * e + i])
+    return w_gate, w_up, w_down
+
+
+def build_plain(source: WeightSource, shape: LayerShape) -> LayerCall:
+    """Stacked weights + ``moe_experts`` (reference CPU path) and the shared expert via ``swiglu``."""
+    w_gate, w_up, w_down = stacked_experts(source, shape, shape.dtype)
     shared = make_shared(source, shape)
 
     def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared_copy: int) -> torch.Tensor:
@@ -282,6 +288,7 @@ def build_quantized(source: WeightSource, shape: LayerShape, kind: str) -> tuple
     return call, nbytes, packed.kernel
 
 
+KT_M_STEP = 64  # kt-kernel's buffers take token counts in multiples of its row tile
 KT_METHODS = {"kt-bf16": ("AMXBF16_MOE", 2.0), "kt-int8": ("AMXInt8_MOE", 1.0), "kt-int4": ("AMXInt4_MOE", 0.5)}
 
 
@@ -294,13 +301,7 @@ def build_kt(source: WeightSource, shape: LayerShape, path: str, threads: int, m
     import kt_kernel_ext.moe as kt_moe
 
     method, bytes_per_weight = KT_METHODS[path]
-    g = torch.empty(shape.experts, shape.inter, shape.hidden, dtype=torch.bfloat16)
-    u = torch.empty_like(g)
-    d = torch.empty(shape.experts, shape.hidden, shape.inter, dtype=torch.bfloat16)
-    offsets = expert_offsets(source, shape)
-    for e in range(shape.experts):
-        for i, w in enumerate((g, u, d)):
-            w[e].copy_(source.pool[offsets[3 * e + i]: offsets[3 * e + i] + w[e].numel()].view(w[e].shape))
+    g, u, d = stacked_experts(source, shape, torch.bfloat16)
     pool_cfg = kt_ext.WorkerPoolConfig()
     pool_cfg.subpool_count, pool_cfg.subpool_numa_map, pool_cfg.subpool_thread_count = 1, [0], [threads]
     cpu = kt_ext.CPUInfer(pool_cfg)
@@ -436,7 +437,7 @@ def main() -> None:
         else:
             try:
                 call, nbytes, kernel = build_kt(source, shape, path, torch.get_num_threads(),
-                                                max(args.prefill_tokens, 1))
+                                                -(-max(args.prefill_tokens, 1) // KT_M_STEP) * KT_M_STEP)
             except ImportError as e:
                 print(f"{path}: skipped, kt-kernel is not installed ({e})", file=sys.stderr)
                 continue
