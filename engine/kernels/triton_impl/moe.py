@@ -34,6 +34,10 @@ from ..moe import Scales, check_moe_args, check_quantized_moe_args
 from .common import interpreting, round_to
 
 QUANT_NONE, QUANT_SCALED, QUANT_INT4 = 0, 1, 2  # how the kernels read a weight tile
+# Globals read inside @triton.jit code must be constexpr objects (plain ints only work in the interpreter).
+_NIBBLE_BITS = tl.constexpr(NIBBLE_BITS)
+_NIBBLE_MASK = tl.constexpr(NIBBLE_MASK)
+_INT4_OFFSET = tl.constexpr(INT4_OFFSET)
 
 # Tile sizes. tl.dot needs every tile dim >= 16.
 DEFAULT_BLOCK_M = 16
@@ -83,15 +87,15 @@ def _weight_tile(w_ptr, s_ptr, expert, offs_n, offs_k, mask, stride_we, stride_w
     (QUANT_NONE) or dequantised in registers: value * scale[n // group_n, k // group_k] in fp32,
     rounded once to the activation dtype (QUANT_SCALED: fp8/int8 values; QUANT_INT4: two signed
     nibbles per byte along k, low nibble first)."""
-    if QUANT == 2:
+    if QUANT == 2:  # QUANT_INT4
         raw = tl.load(w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + (offs_k[:, None] // 2) * stride_wk,
                       mask=mask, other=0)
-        shift = (offs_k[:, None] % 2) * NIBBLE_BITS
-        values = ((raw.to(tl.int32) >> shift) & NIBBLE_MASK) - INT4_OFFSET
+        shift = (offs_k[:, None] % 2) * _NIBBLE_BITS
+        values = ((raw.to(tl.int32) >> shift) & _NIBBLE_MASK) - _INT4_OFFSET
     else:
         values = tl.load(w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                          mask=mask, other=0.0)
-    if QUANT == 0:
+    if QUANT == 0:  # QUANT_NONE
         return values
     scale = tl.load(s_ptr + expert * stride_se + (offs_n[None, :] // group_n) * stride_sn
                     + (offs_k[:, None] // group_k) * stride_sk, mask=mask, other=0.0)
