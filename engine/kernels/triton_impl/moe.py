@@ -33,7 +33,9 @@ from ..dequant import INT4_OFFSET, NIBBLE_BITS, NIBBLE_MASK, scale_layout
 from ..moe import Scales, check_moe_args, check_quantized_moe_args
 from .common import interpreting, round_to
 
-QUANT_NONE, QUANT_SCALED, QUANT_INT4 = 0, 1, 2  # how the kernels read a weight tile
+# How the kernels read a weight tile: as stored, or dequantised with per-channel scales (fp8/int8),
+# int4 group scales, or 128x128 block scales (fp8-block).
+QUANT_NONE, QUANT_CHANNEL, QUANT_INT4, QUANT_BLOCK = 0, 1, 2, 3
 # Globals read inside @triton.jit code must be constexpr objects (plain ints only work in the interpreter).
 _NIBBLE_BITS = tl.constexpr(NIBBLE_BITS)
 _NIBBLE_MASK = tl.constexpr(NIBBLE_MASK)
@@ -80,13 +82,14 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 
 @triton.jit
-def _weight_tile(w_ptr, s_ptr, expert, offs_n, offs_k, mask, stride_we, stride_wn, stride_wk,
+def _weight_tile(w_ptr, s_ptr, expert, offs_n, offs_k, n_valid, mask, stride_we, stride_wn, stride_wk,
                  stride_se, stride_sn, stride_sk, group_n, group_k, act_dtype: tl.constexpr,
                  QUANT: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr):
     """The [BLOCK_K, BLOCK_N] tile W[n, k]^T of one expert in the activation dtype: loaded as is
-    (QUANT_NONE) or dequantised in registers: value * scale[n // group_n, k // group_k] in fp32,
-    rounded once to the activation dtype (QUANT_SCALED: fp8/int8 values; QUANT_INT4: two signed
-    nibbles per byte along k, low nibble first)."""
+    (QUANT_NONE) or dequantised in registers: value * scale in fp32, rounded once to the activation
+    dtype. QUANT_CHANNEL: fp8/int8 values, one scale per output row n; QUANT_INT4: two signed nibbles
+    per byte along k (low nibble first), scale[n, k // group_k]; QUANT_BLOCK: fp8 values,
+    scale[n // group_n, k // group_k]."""
     if QUANT == 2:  # QUANT_INT4
         raw = tl.load(w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + (offs_k[:, None] // 2) * stride_wk,
                       mask=mask, other=0)
@@ -97,8 +100,14 @@ def _weight_tile(w_ptr, s_ptr, expert, offs_n, offs_k, mask, stride_we, stride_w
                          mask=mask, other=0.0)
     if QUANT == 0:  # QUANT_NONE
         return values
-    scale = tl.load(s_ptr + expert * stride_se + (offs_n[None, :] // group_n) * stride_sn
-                    + (offs_k[:, None] // group_k) * stride_sk, mask=mask, other=0.0)
+    if QUANT == 1:  # QUANT_CHANNEL: one scale per column of the tile
+        scale = tl.load(s_ptr + expert * stride_se + offs_n * stride_sn, mask=n_valid, other=0.0)[None, :]
+    elif QUANT == 2:
+        scale = tl.load(s_ptr + expert * stride_se + offs_n[None, :] * stride_sn + (offs_k[:, None] // group_k) * stride_sk,
+                        mask=mask, other=0.0)
+    else:
+        scale = tl.load(s_ptr + expert * stride_se + (offs_n[None, :] // group_n) * stride_sn
+                        + (offs_k[:, None] // group_k) * stride_sk, mask=mask, other=0.0)
     return round_to(values.to(tl.float32) * scale, act_dtype, EMULATE_BF16_RTNE)
 
 
@@ -165,10 +174,10 @@ def _gate_up_kernel(
             other=0.0,
         )
         w_mask = k_valid[:, None] & n_valid[None, :]
-        b_gate = _weight_tile(w_gate_ptr, s_gate_ptr, expert, offs_n, offs_k, w_mask, stride_we, stride_wn, stride_wk,
+        b_gate = _weight_tile(w_gate_ptr, s_gate_ptr, expert, offs_n, offs_k, n_valid, w_mask, stride_we, stride_wn, stride_wk,
                               stride_se, stride_sn, stride_sk, group_n, group_k, x_ptr.dtype.element_ty, QUANT,
                               EMULATE_BF16_RTNE)
-        b_up = _weight_tile(w_up_ptr, s_up_ptr, expert, offs_n, offs_k, w_mask, stride_we, stride_wn, stride_wk,
+        b_up = _weight_tile(w_up_ptr, s_up_ptr, expert, offs_n, offs_k, n_valid, w_mask, stride_we, stride_wn, stride_wk,
                             stride_se, stride_sn, stride_sk, group_n, group_k, x_ptr.dtype.element_ty, QUANT,
                             EMULATE_BF16_RTNE)
         if DOT_IN_FP32:
@@ -249,7 +258,7 @@ def _down_kernel(
             mask=row_valid[:, None] & k_valid[None, :],
             other=0.0,
         )
-        b = _weight_tile(w_down_ptr, s_down_ptr, expert, offs_n, offs_k, k_valid[:, None] & n_valid[None, :],
+        b = _weight_tile(w_down_ptr, s_down_ptr, expert, offs_n, offs_k, n_valid, k_valid[:, None] & n_valid[None, :],
                          stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, group_n, group_k,
                          h_ptr.dtype.element_ty, QUANT, EMULATE_BF16_RTNE)
         if DOT_IN_FP32:
@@ -379,9 +388,9 @@ def _scale_args(w: torch.Tensor, scale: torch.Tensor | None) -> tuple:
     if scale is None:
         return QUANT_NONE, w, 0, 0, 0, 1, 1
     layout = scale_layout(w, scale)
-    mode = QUANT_INT4 if layout.packed_int4 else QUANT_SCALED
     if layout.block_in == 0:  # per channel: [E, out]
-        return mode, scale, scale.stride(0), scale.stride(1), 0, 1, 1
+        return QUANT_CHANNEL, scale, scale.stride(0), scale.stride(1), 0, 1, 1
+    mode = QUANT_INT4 if layout.packed_int4 else QUANT_BLOCK
     return mode, scale, scale.stride(0), scale.stride(1), scale.stride(2), layout.block_out, layout.block_in
 
 
