@@ -434,8 +434,11 @@ class QuantizedCpuExperts:
     :func:`moe_experts_dequant_reference` up to the kernels' summation order and rounding.
     """
 
-    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, kind: str):
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, kind: str, fuse_gate_up: bool = True):
+        """``fuse_gate_up`` False keeps gate and up as two matrices (no concatenated copy: int8 experts
+        then share the caller's storage)."""
         self.hidden, self.intermediate, self.dtype, self.kind = hidden, intermediate, dtype, kind
+        self.fuse_gate_up = fuse_gate_up
         if kind == "int8" and int8_cpu_kernel_available():
             self.kernel = "int8"
         elif kind == "int4" and int4_cpu_kernel_available():
@@ -465,7 +468,7 @@ class QuantizedCpuExperts:
     def append(self, q_gate: torch.Tensor, q_up: torch.Tensor, q_down: torch.Tensor, scales: Scales) -> None:
         """Add one expert: quantised gate/up [I, H(/2)], down [H, I(/2)] and their scales."""
         s_gate, s_up, s_down = scales
-        if scale_layout(q_gate, s_gate).block_out > 1:
+        if not self.fuse_gate_up or scale_layout(q_gate, s_gate).block_out > 1:
             self.gate_up.append(_Stacked(self._matrix(q_gate, s_gate), self._matrix(q_up, s_up)))
         else:
             self.gate_up.append(self._matrix(torch.cat((q_gate, q_up)), torch.cat((s_gate, s_up))))

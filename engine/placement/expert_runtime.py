@@ -63,8 +63,13 @@ of the model's host-resident experts at T=1 and T=16).
 
 Not done here: non-expert modules stay where load_model put them (one device); the runtime places only
 routed experts. No expert-weight prefetch ahead of the router (the next layer's experts are known
-only once its router ran). Host-resident experts are computed by ``ExpertWeights.forward`` (plain
-weights, or dequantised per call), not by the CPU kernels of :class:`engine.kernels.QuantizedCpuExperts`.
+only once its router ran).
+
+Host-resident quantised experts (``cpu_kernels``, default on) run torch's CPU kernels: int8 reads the
+stored bytes in place; int4 keeps a second copy in the kernel's layout (the packed bytes stay for
+fetches); fp8 has no CPU kernel, so host-resident fp8 experts are re-quantised to int8 per channel at
+load (a fetch then copies int8 and the GPU kernel computes int8). Dequantising on every call instead
+(``cpu_kernels=False``, the reference semantics) is two orders of magnitude slower on a CPU.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from engine.kernels.moe import check_routing, group_by_expert
+from engine.kernels.moe import QuantizedCpuExperts, check_routing, group_by_expert
 from engine.loader import TensorReader
 from engine.placement.planner import CPU, DEFAULT_EFFICIENCY, DEFAULT_HOP_LATENCY_US, DEFAULT_HOST_GBS, DEFAULT_PCIE_GBS
 from engine.placement.quant import (ExpertWeights, bank_dims, bank_expert, check_expert_dtype, read_checkpoint_experts,
@@ -236,7 +241,9 @@ class RuntimeOptions:
     host-resident experts while the calling thread drives the GPUs (0: on the calling thread).
     fetch_window: experts copied to a GPU ahead of their compute (2 = double buffering; bounds the
     transient GPU memory of a prefill that streams a layer's experts). calibrate: measure the link,
-    host and CPU rates at start-up (`TransferModel.calibrate`) and derive the fetch threshold from them."""
+    host and CPU rates at start-up (`TransferModel.calibrate`) and derive the fetch threshold from them.
+    cpu_kernels: host-resident quantised experts run torch's int8 / int4 CPU kernels (see the module
+    doc; fp8 ones are then held as int8) instead of being dequantised on every call."""
 
     device_map: DeviceMap | None = None
     cache_capacity: int = 0
@@ -248,6 +255,7 @@ class RuntimeOptions:
     cpu_workers: int = DEFAULT_CPU_WORKERS
     fetch_window: int = DEFAULT_FETCH_WINDOW
     calibrate: bool = False
+    cpu_kernels: bool = True
 
     def __post_init__(self):
         if self.fused_gpu_experts not in FUSED_MODES:
@@ -333,6 +341,17 @@ class HotExpertCache:
 # ----------------------------------------------------------------------------------------------
 
 
+def host_kernel_format(w: ExpertWeights) -> ExpertWeights:
+    """A host-resident expert in a format a CPU kernel reads: fp8 values (no CPU kernel) re-quantised to
+    int8 per output channel from their fp32 values (the error adds at most amax/254 per row); other
+    formats unchanged."""
+    if w.kind not in ("fp8", "fp8-block"):
+        return w
+    deq = w.materialize(torch.float32)
+    return ExpertWeights.from_float(*deq, "int8", torch.float32).map(
+        lambda t: t.pin_memory() if w.gate.is_pinned() else t)
+
+
 def _owned(t: torch.Tensor, base: set[int]) -> torch.Tensor:
     """A tensor that does not share storage with the released stacked bank tensors."""
     return t.clone() if t.untyped_storage().data_ptr() in base else t
@@ -359,6 +378,23 @@ class LayerRuntime:
         self.cache_slot, self.hidden, self.inter = cache_slot, hidden, inter
         self.fused: dict[int, FusedSlot] = {}
         self.staging = HostStaging(hidden, owner._pin)
+        self._cpu_kernels: dict[torch.dtype, tuple[dict[int, int], object]] = {}
+
+    def cpu_expert(self, e: int, dtype: torch.dtype):
+        """A callable computing host-resident expert e on activations of `dtype`: torch's int8 / int4
+        CPU kernels for quantised experts (built once per dtype; int8 reads the stored bytes in place,
+        int4 a copy in the kernel's layout), else ExpertWeights.forward."""
+        w = self.experts[e]
+        if not (self.owner.options.cpu_kernels and w.quantized and w.kind in ("int8", "int4")):
+            return w.forward
+        if dtype not in self._cpu_kernels:
+            host = [i for i, s in enumerate(self.slots) if s == CPU]
+            packed = QuantizedCpuExperts(self.hidden, self.inter, dtype, w.kind, fuse_gate_up=False)
+            for i in host:
+                packed.append(self.experts[i].gate, self.experts[i].up, self.experts[i].down, self.experts[i].scales())
+            self._cpu_kernels[dtype] = ({i: j for j, i in enumerate(host)}, packed)
+        index, packed = self._cpu_kernels[dtype]
+        return lambda x: packed.forward_expert(x, index[e])
 
     def build_fused(self, mode: str) -> None:
         """Stack each GPU slot's resident experts (mode "auto": where Triton runs; "triton": always).
@@ -528,7 +564,7 @@ class LayerRuntime:
                 torch.set_num_threads(threads)
             with torch.inference_mode():  # thread-local: entered on the worker itself
                 for _i, e, a, b in chunk:
-                    out[a:b] = self.experts[e].forward(staged[a:b])
+                    out[a:b] = self.cpu_expert(e, staged.dtype)(staged[a:b])
 
         futures = [rt.run_on_cpu(work, chunk) for chunk in _balanced(spans, rt.options.cpu_workers)]
 
@@ -636,6 +672,8 @@ class MoERuntime:
     def _install(self, llm: nn.Module, layer: int, bank: nn.Module, experts: list[ExpertWeights],
                  slots: tuple[int, ...]) -> None:
         e_n, inter, hidden = bank_dims(bank)
+        if self.options.cpu_kernels:
+            experts = [host_kernel_format(w) if slot == CPU else w for w, slot in zip(experts, slots)]
         lr = LayerRuntime(self, layer, experts, slots, self.placement.cache_slot_of(layer), hidden, inter)
         # Stacked tensors become meta placeholders (shape/dtype kept: parameter counts stay right).
         for name in ("gate_proj", "up_proj", "down_proj"):

@@ -167,7 +167,8 @@ def test_quantized_experts_through_the_runtime():
     expected = [moe_experts_dequant_reference(x, b.gate_proj, b.up_proj, b.down_proj, bank_scales(b), ids, w)
                 for x, ids, w in steps]
     rt = MoERuntime.attach(llm, ExpertPlacement(SPLIT, {1: 0, 2: 1}),
-                           RuntimeOptions(device_map=DeviceMap.simulated(2), cache_capacity=3, fetch_threshold=5))
+                           RuntimeOptions(device_map=DeviceMap.simulated(2), cache_capacity=3, fetch_threshold=5,
+                                          cpu_kernels=False))  # the reference semantics: dequantise per call
     assert llm.bank(1).expert_dtype == "fp8" and rt.layers[1].experts[0].quantized
     for s, (x, ids, w) in enumerate(steps):
         assert torch.equal(llm.bank(1)(x, ids, w), expected[s])
@@ -360,10 +361,49 @@ def test_fused_gpu_slots_run_quantised_experts_in_the_kernel(kind):
     ref_w = (b1.gate_proj.clone(), b1.up_proj.clone(), b1.down_proj.clone(), tuple(s.clone() for s in bank_scales(b1)))
     rt = MoERuntime.attach(llm, ExpertPlacement(SPLIT, {1: 0, 2: 1}),
                            RuntimeOptions(device_map=DeviceMap.simulated(2), fused_gpu_experts="triton",
-                                          fetch_threshold=-1))
+                                          fetch_threshold=-1, cpu_kernels=False))
     fused = rt.layers[1].fused[0]
     assert fused.scales is not None and fused.gate.dtype == b1.gate_proj.dtype
     x, ids, w = _inputs(t=6)
     want = moe_experts_dequant_reference(x, *ref_w, ids, w)
     got = llm.bank(1)(x, ids, w)
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+class _KernelCfg:  # shapes torch's int8 / int4 CPU kernels take
+    num_experts, hidden_size, moe_intermediate_size = 8, 64, 32
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8", "int4"])
+def test_host_experts_run_the_cpu_kernels(kind):
+    """Host-resident quantised experts run torch's CPU kernels (fp8 re-quantised to int8 for them):
+    close to the dequantised reference, and a fetch copies what the host holds."""
+    torch.manual_seed(0)
+    llm = _ToyLLM()
+    for l in (1, 2):
+        bank = ExpertBank(_KernelCfg).requires_grad_(False)
+        for p_ in bank.parameters():
+            p_.normal_(0, 0.2)
+        llm.model.layers[l].mlp.experts = bank
+        quantize_bank_(bank, kind)
+    b1 = llm.bank(1)
+    ref_w = (b1.gate_proj.clone(), b1.up_proj.clone(), b1.down_proj.clone(), tuple(s.clone() for s in bank_scales(b1)))
+    rt = MoERuntime.attach(llm, ExpertPlacement(SPLIT, {1: 0, 2: 1}),
+                           RuntimeOptions(device_map=DeviceMap.simulated(2), fetch_threshold=30, cpu_workers=1))
+    lr = rt.layers[1]
+    host = [e for e, s_ in enumerate(SPLIT[1]) if s_ == CPU]
+    assert all(lr.experts[e].kind == ("int8" if kind == "fp8" else kind) for e in host)
+    assert all(lr.experts[e].kind == kind for e, s_ in enumerate(SPLIT[1]) if s_ != CPU)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 64, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(40)])
+    w = torch.rand(40, 3, generator=g) * 2.5
+    want = moe_experts_dequant_reference(x, *ref_w, ids, w)
+    got = llm.bank(1)(x, ids, w)
+    # int8/int4: the kernels' summation order only; fp8: plus the int8 re-quantisation of host experts
+    tol = 0.05 if kind == "fp8" else 1e-4
+    assert float((got - want).abs().max()) <= tol * float(want.abs().max())
+    assert rt.stats.tokens.get("cpu", 0) > 0
+    _index, packed = lr._cpu_kernels[torch.float32]
+    assert packed.kernel == ("int8" if kind == "fp8" else kind) and packed.dequant_fallbacks == 0
+    rt.close()
