@@ -20,7 +20,9 @@ CPU paths (torch):
 * :class:`QuantizedCpuExperts`: quantised experts prepared for the CPU. int8 (per-channel) runs
   torch's int8 weight-only GEMM (``_weight_int8pack_mm``), int4 torch's group-wise int4 kernel
   (``_weight_int4pack_mm_for_cpu``, weights converted once to its layout); both read the quantised
-  bytes only. fp8 (no CPU kernel) is dequantised per expert into a reused buffer.
+  bytes only. fp8 has no CPU kernel: fp8 experts are re-quantised to int8 per row once (adding at
+  most amax/254 per row; dequantising on every call would be ~100x slower). Shapes a kernel does not
+  take are dequantised per call into a reused buffer.
 
 The Triton path (CUDA) lives in ``engine.kernels.triton_impl.moe`` and is picked by :func:`moe_experts`;
 with ``scales`` it dequantises each weight tile inside the kernel.
@@ -400,7 +402,7 @@ class _Int4Matrix:
 
 
 class _DequantMatrix:
-    """Any quantised matrix (fp8 on the CPU): dequantised per call into a buffer reused across calls."""
+    """A quantised matrix no CPU kernel takes (shape limits): dequantised per call into a reused buffer."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, buffers: dict):
         self.q, self.scale, self.dtype, self.buffers = q, scale, dtype, buffers
@@ -439,8 +441,8 @@ class QuantizedCpuExperts:
         then share the caller's storage)."""
         self.hidden, self.intermediate, self.dtype, self.kind = hidden, intermediate, dtype, kind
         self.fuse_gate_up = fuse_gate_up
-        if kind == "int8" and int8_cpu_kernel_available():
-            self.kernel = "int8"
+        if kind in ("int8", "fp8") and int8_cpu_kernel_available():
+            self.kernel = "int8"  # fp8 (no CPU kernel) is re-quantised to int8 per row, see _matrix
         elif kind == "int4" and int4_cpu_kernel_available():
             self.kernel = "int4"
         else:
@@ -456,6 +458,8 @@ class QuantizedCpuExperts:
 
     def _matrix(self, q: torch.Tensor, scale: torch.Tensor):
         cols = matrix_in_features(q)
+        if self.kernel == "int8" and q.dtype != torch.int8:
+            q, scale = quantize_int8_rows(dequantize(q, scale))
         if self.kernel == "int8" and cols % INT8_CPU_COLUMN_MULTIPLE == 0:
             return _Int8Matrix(q, scale, self.dtype)
         if self.kernel == "int4" and q.shape[0] % INT4_CPU_ROW_MULTIPLE == 0 \

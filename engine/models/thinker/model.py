@@ -140,7 +140,7 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     `moe_runtime`); `runtime_options` (RuntimeOptions) sets its device map, hot-expert cache and fetch
     threshold. Everything else is loaded on `device`.
     `pack_cpu_experts`: routed experts on CPU are re-laid out once for the CPU kernels (bf16: oneDNN;
-    int8/int4: torch's weight-only kernels; fp8: dequantised per expert into a reused buffer).
+    int8/int4: torch's weight-only kernels; fp8, which has no CPU kernel: re-quantised to int8 per row).
     `linear_dtype` "int8" (CPU only): the LLM's other linears (attention, dense MLP, shared experts,
     lm_head; not the routers) are quantised to int8 per output channel after loading (half the bytes).
     """
