@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "libportaudio2)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                     help="weight and activation dtype (default: bf16 on GPU, fp32 on CPU)")
-    ap.add_argument("--expert-dtype", choices=["bf16", "fp8", "int8"], default="bf16",
+    ap.add_argument("--expert-dtype", choices=["bf16", "fp8", "fp8-block", "int8", "int4"], default="bf16",
                     help="routed-expert weights: bf16 = as stored (default), fp8 (e4m3) or int8 with per-channel "
                          "scales, quantised while loading (about half the expert memory)")
     ap.add_argument("--placement", choices=["auto", "single"], default="auto",

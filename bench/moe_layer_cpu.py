@@ -29,7 +29,16 @@ Method
 * Paths: ``plain`` = ``moe_experts`` on stacked [E, I, H] weights (the reference CPU path);
   ``packed`` = ``moe_experts_packed`` on :class:`engine.kernels.PackedExperts` (gate+up concatenated,
   oneDNN-prepacked), the engine's fast CPU path. The headline numbers are those of the packed path
-  when it runs. The two paths are built one after the other, so peak memory is one layer's weights.
+  when it runs. The paths are built one after the other, so peak memory is one layer's weights.
+  ``int8`` / ``int4``: the same routed experts quantised (engine.placement.quant) and run by
+  :class:`engine.kernels.QuantizedCpuExperts` (torch's int8 / int4 weight-only kernels), activations in
+  ``--dtype``; their bytes are the quantised bytes (scales included), so ``roofline`` compares the
+  bytes they really read with the bandwidth, and ``ms/call`` compares them with the bf16 paths.
+  ``kt-bf16`` / ``kt-int8`` / ``kt-int4``: KTransformers' CPU MoE kernels (optional package
+  ``kt-kernel``, ``pip install --no-deps kt-kernel==0.7.2``; skipped when absent): ``AMXBF16_MOE``,
+  ``AMXInt8_MOE``, ``AMXInt4_MOE`` (AVX-512 variants on CPUs without AMX), quantised by kt-kernel
+  itself from the same bf16 weights, on a kt worker pool of ``--threads`` threads; the shared expert
+  runs on our packed path in every path. kt's ``roofline`` counts its quantised bytes without scales.
 * Contention: the CPU time other processes used during each measurement is read from /proc/stat and
   reported as ``other_cpu_load`` (fraction of all cores). On a shared 2-core machine any other load
   ruins the numbers (OpenMP threads wait for the slowest core); the table flags such rows.
@@ -201,15 +210,21 @@ def make_shared(source: WeightSource, shape: LayerShape) -> list[tuple[torch.Ten
 LayerCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def build_plain(source: WeightSource, shape: LayerShape) -> LayerCall:
-    """Stacked weights + ``moe_experts`` (reference CPU path) and the shared expert via ``swiglu``."""
-    w_gate = torch.empty(shape.experts, shape.inter, shape.hidden, dtype=shape.dtype)
+def stacked_experts(source: WeightSource, shape: LayerShape, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Every routed expert stacked: gate, up [E, I, H] and down [E, H, I] in `dtype`."""
+    w_gate = torch.empty(shape.experts, shape.inter, shape.hidden, dtype=dtype)
     w_up = torch.empty_like(w_gate)
-    w_down = torch.empty(shape.experts, shape.hidden, shape.inter, dtype=shape.dtype)
+    w_down = torch.empty(shape.experts, shape.hidden, shape.inter, dtype=dtype)
     offsets = expert_offsets(source, shape)
     for e in range(shape.experts):
         for i, w in enumerate((w_gate, w_up, w_down)):
             source.fill(w[e], offsets[3 * e + i])
+    return w_gate, w_up, w_down
+
+
+def build_plain(source: WeightSource, shape: LayerShape) -> LayerCall:
+    """Stacked weights + ``moe_experts`` (reference CPU path) and the shared expert via ``swiglu``."""
+    w_gate, w_up, w_down = stacked_experts(source, shape, shape.dtype)
     shared = make_shared(source, shape)
 
     def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared_copy: int) -> torch.Tensor:
@@ -240,6 +255,82 @@ def build_packed(source: WeightSource, shape: LayerShape) -> tuple[LayerCall, bo
     return call, packed.onednn
 
 
+def _packed_shared(source: WeightSource, shape: LayerShape) -> PackedExperts:
+    shared = PackedExperts(shape.hidden, shape.shared_inter, shape.dtype)
+    for copy in make_shared(source, shape):
+        shared.append(*copy)
+    return shared
+
+
+def build_quantized(source: WeightSource, shape: LayerShape, kind: str) -> tuple[LayerCall, int, str]:
+    """Routed experts quantised one at a time (no stacked bf16 copy) into ``QuantizedCpuExperts``;
+    returns the call, the bytes of one quantised expert and the kernel used."""
+    from engine.kernels.moe import QuantizedCpuExperts
+    from engine.placement.quant import quantize
+
+    packed = QuantizedCpuExperts(shape.hidden, shape.inter, shape.dtype, kind)
+    offsets = expert_offsets(source, shape)
+    mats = [torch.empty(shape.inter, shape.hidden, dtype=shape.dtype), torch.empty(shape.inter, shape.hidden, dtype=shape.dtype),
+            torch.empty(shape.hidden, shape.inter, dtype=shape.dtype)]
+    nbytes = 0
+    for e in range(shape.experts):
+        for i, w in enumerate(mats):
+            source.fill(w, offsets[3 * e + i])
+        quantized = [quantize(w, kind) for w in mats]
+        if e == 0:
+            nbytes = sum(q.numel() * q.element_size() + sc.numel() * sc.element_size() for q, sc in quantized)
+        packed.append(*(q for q, _ in quantized), tuple(sc for _, sc in quantized))
+    shared = _packed_shared(source, shape)
+
+    def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared_copy: int) -> torch.Tensor:
+        return moe_experts_packed(x, packed, ids, weights) + shared.forward_expert(x, shared_copy)
+
+    return call, nbytes, packed.kernel
+
+
+KT_M_STEP = 64  # kt-kernel's buffers take token counts in multiples of its row tile
+KT_METHODS = {"kt-bf16": ("AMXBF16_MOE", 2.0), "kt-int8": ("AMXInt8_MOE", 1.0), "kt-int4": ("AMXInt4_MOE", 0.5)}
+
+
+def build_kt(source: WeightSource, shape: LayerShape, path: str, threads: int, max_tokens: int) -> tuple[LayerCall, int, str]:
+    """KTransformers' CPU MoE (kt-kernel) on the same weights: stacked bf16 source, quantised by kt-kernel
+    while loading; driven through its C++ extension directly (its Python wrapper pins host memory,
+    which needs CUDA). Returns the call, bytes per expert and the backend kt-kernel picked."""
+    import kt_kernel  # noqa: F401  (selects the CPU variant and registers kt_kernel_ext)
+    from kt_kernel import kt_kernel_ext as kt_ext
+    import kt_kernel_ext.moe as kt_moe
+
+    method, bytes_per_weight = KT_METHODS[path]
+    g, u, d = stacked_experts(source, shape, torch.bfloat16)
+    pool_cfg = kt_ext.WorkerPoolConfig()
+    pool_cfg.subpool_count, pool_cfg.subpool_numa_map, pool_cfg.subpool_thread_count = 1, [0], [threads]
+    cpu = kt_ext.CPUInfer(pool_cfg)
+    mask = torch.zeros(shape.experts, dtype=torch.bool)  # no expert on a GPU
+    cfg = kt_moe.MOEConfig(shape.experts, shape.top_k, shape.hidden, shape.inter, mask.data_ptr())
+    cfg.layer_idx, cfg.pool, cfg.max_len = 0, cpu.backend_, max_tokens
+    cfg.gate_proj, cfg.up_proj, cfg.down_proj = g.data_ptr(), u.data_ptr(), d.data_ptr()
+    cfg.save, cfg.load, cfg.path = False, False, ""
+    moe = getattr(kt_moe, method)(cfg)
+    expert_map = torch.arange(shape.experts, dtype=torch.long)
+    cpu.submit(moe.load_weights_task(expert_map.data_ptr()))
+    cpu.sync()
+    shared = _packed_shared(source, shape)
+    keep = (g, u, d, mask, cfg, cpu, moe, expert_map)  # kt keeps raw pointers: hold everything alive
+
+    def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared_copy: int) -> torch.Tensor:
+        xb = x.to(torch.bfloat16).contiguous()
+        ids_c, w_c = ids.contiguous(), weights.float().contiguous()
+        out = torch.empty_like(xb)
+        bsz = torch.tensor([x.shape[0]], dtype=torch.int32)
+        keep[5].submit(keep[6].forward_task(bsz.data_ptr(), ids_c.shape[1], ids_c.data_ptr(), w_c.data_ptr(),
+                                            xb.data_ptr(), out.data_ptr(), False))
+        keep[5].sync()
+        return out.to(x.dtype) + shared.forward_expert(x, shared_copy)
+
+    nbytes = int(3 * shape.hidden * shape.inter * bytes_per_weight)
+    return call, nbytes, method
+
+
 def routing_weights(ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     raw = torch.rand(ids.shape, generator=gen) + 0.05
     return raw / raw.sum(-1, keepdim=True) * ROUTED_SCALING
@@ -249,7 +340,8 @@ def expert_flops(shape: LayerShape, tokens: int) -> float:
     return 2.0 * 3 * shape.hidden * (tokens * shape.top_k * shape.inter + tokens * shape.shared_inter)
 
 
-def bench_decode(call: LayerCall, shape: LayerShape, bandwidth: float, seed: int) -> ModeResult:
+def bench_decode(call: LayerCall, shape: LayerShape, bandwidth: float, seed: int,
+                 expert_bytes: int | None = None) -> ModeResult:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, shape.hidden, generator=gen).to(shape.dtype)
     calls_per_pass = shape.experts // shape.top_k
@@ -268,12 +360,13 @@ def bench_decode(call: LayerCall, shape: LayerShape, bandwidth: float, seed: int
             if p >= DECODE_WARMUP_PASSES:
                 times.append(elapsed)
     seconds = statistics.fmean(times)
-    nbytes = shape.top_k * shape.expert_bytes + shape.shared_bytes
+    nbytes = shape.top_k * (expert_bytes or shape.expert_bytes) + shape.shared_bytes
     gbs = nbytes / seconds / 1e9
     return ModeResult(seconds * 1e3, nbytes, gbs, gbs / bandwidth, expert_flops(shape, 1) / seconds / 1e9, meter.other_load())
 
 
-def bench_prefill(call: LayerCall, shape: LayerShape, tokens: int, bandwidth: float, seed: int) -> ModeResult:
+def bench_prefill(call: LayerCall, shape: LayerShape, tokens: int, bandwidth: float, seed: int,
+                  expert_bytes: int | None = None) -> ModeResult:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, shape.hidden, generator=gen).to(shape.dtype)
     ids = torch.rand(tokens, shape.experts, generator=gen).topk(shape.top_k, dim=-1).indices
@@ -286,7 +379,7 @@ def bench_prefill(call: LayerCall, shape: LayerShape, tokens: int, bandwidth: fl
         if i >= PREFILL_WARMUP_CALLS:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    nbytes = int(ids.unique().numel()) * shape.expert_bytes + shape.shared_bytes
+    nbytes = int(ids.unique().numel()) * (expert_bytes or shape.expert_bytes) + shape.shared_bytes
     gbs = nbytes / seconds / 1e9
     return ModeResult(seconds * 1e3, nbytes, gbs, gbs / bandwidth, expert_flops(shape, tokens) / seconds / 1e9, meter.other_load())
 
@@ -304,7 +397,9 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--path", choices=("both", "plain", "packed"), default="both")
+    parser.add_argument("--path", default="both",
+                        help="comma-separated paths: plain, packed, int8, int4, kt-bf16, kt-int8, kt-int4 "
+                             "(default 'both' = plain,packed; 'all' = every path)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -322,17 +417,33 @@ def main() -> None:
     gc.collect()
 
     results: dict[str, dict[str, object]] = {}
-    paths = ("plain", "packed") if args.path == "both" else (args.path,)
+    known = ("plain", "packed", "int8", "int4", *KT_METHODS)
+    paths = {"both": ("plain", "packed"), "all": known}.get(args.path) or tuple(args.path.split(","))
+    unknown = [p for p in paths if p not in known]
+    if unknown:
+        parser.error(f"unknown path(s) {unknown}: choose from {list(known)}")
     for path in paths:
         source = WeightSource(shape, args.seed)
         info: dict[str, object] = {}
+        nbytes = None
         if path == "plain":
             call = build_plain(source, shape)
-        else:
+        elif path == "packed":
             call, onednn = build_packed(source, shape)
             info["onednn_prepacked"] = onednn
-        decode = bench_decode(call, shape, bandwidth, args.seed + 1)
-        prefill = bench_prefill(call, shape, args.prefill_tokens, bandwidth, args.seed + 2)
+        elif path in ("int8", "int4"):
+            call, nbytes, kernel = build_quantized(source, shape, path)
+            info["kernel"] = kernel
+        else:
+            try:
+                call, nbytes, kernel = build_kt(source, shape, path, torch.get_num_threads(),
+                                                -(-max(args.prefill_tokens, 1) // KT_M_STEP) * KT_M_STEP)
+            except ImportError as e:
+                print(f"{path}: skipped, kt-kernel is not installed ({e})", file=sys.stderr)
+                continue
+            info["kernel"] = kernel
+        decode = bench_decode(call, shape, bandwidth, args.seed + 1, nbytes)
+        prefill = bench_prefill(call, shape, args.prefill_tokens, bandwidth, args.seed + 2, nbytes)
         results[path] = {"decode": asdict(decode), "prefill": asdict(prefill), **info}
         del call, source
         gc.collect()
@@ -348,7 +459,7 @@ def main() -> None:
                 assert isinstance(r, dict)
                 r["roofline_fraction"] = float(r["achieved_gbs"]) / bandwidth
 
-    headline_path = "packed" if "packed" in results else "plain"
+    headline_path = next((p for p in ("packed", "plain") if p in results), next(iter(results)))
     head = results[headline_path]
     decode_r, prefill_r = head["decode"], head["prefill"]
     assert isinstance(decode_r, dict) and isinstance(prefill_r, dict)
@@ -402,6 +513,9 @@ def main() -> None:
             )
     if "packed" in results:
         print(f"packed path uses oneDNN prepacked weights: {results['packed'].get('onednn_prepacked')}")
+    for path, res in results.items():
+        if "kernel" in res:
+            print(f"{path} path kernel: {res['kernel']}")
     print(
         f"headline ({headline_path}): roofline_fraction decode {summary['roofline_fraction_decode']:.2f}, "
         f"prefill {summary['roofline_fraction_prefill']:.2f} (prefill at {summary['prefill_compute_fraction']:.2f} of the dense GEMM rate)"

@@ -19,6 +19,13 @@ Measured, all in one run:
   memory; cold ones computed by the CPU or fetched per the threshold; hot-expert cache of
   ``--cache`` experts).
 * ``vs all-gpu`` = all-gpu time / configuration time (1.0 = no cost for offloading).
+* Quantised experts all on the GPU (``--quant fp8,int4``): the stacked bank quantised
+  (engine.placement.quant) and run by the fused Triton kernel, which dequantises the tiles in registers.
+* ``offload …, calibrated``: the runtime with ``RuntimeOptions(calibrate=True)`` (link, hop and CPU
+  rates measured at start-up) and its CPU worker thread; ``predicted ms`` is the roofline of that
+  layer from the calibrated rates (cold experts per token x expert bytes / measured CPU expert rate, or
+  the copy of the experts the threshold fetches, plus the GPU's share at the all-gpu time and two
+  hops), ``measured / predicted`` the check of the transfer model (goal: within 20 %).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.kernels.moe import swiglu  # noqa: E402
 from engine.models.thinker.layers import ExpertBank  # noqa: E402
 from engine.placement.expert_runtime import CPU, DeviceMap, ExpertPlacement, MoERuntime, RuntimeOptions, TransferModel  # noqa: E402
+from engine.placement.quant import quantize_bank_  # noqa: E402
 
 GIB = 1024**3
 
@@ -117,6 +125,23 @@ def time_layer(fn, hidden: int, experts: int, top_k: int, tokens: int, calls: in
     return statistics.median(times) * 1e3
 
 
+def predicted_ms(t: TransferModel, all_gpu_ms: float, tokens: int, k: int, experts: int, on_gpu: int,
+                 expert_bytes: int, threshold: int, hidden: int, inter: int) -> float:
+    """Layer time from the calibrated transfer model: the GPU's share of the all-gpu time, then the
+    cold experts (uniform routing: each gets tokens*k/experts tokens) computed on the CPU (weights read
+    once, 6*H*I flops per token), or copied when the threshold says so, plus the two activation hops."""
+    cold = experts - on_gpu
+    per_expert_tokens = tokens * k / experts
+    active_cold = cold * (1 - (1 - 1 / experts) ** (tokens * k))  # expected cold experts hit
+    if per_expert_tokens > threshold >= 0:
+        cold_s = active_cold * expert_bytes / (t.pcie_gbs * 1e9)
+    else:
+        cold_s = active_cold * (expert_bytes / (t.host_gbs * 1e9)
+                                + 6 * hidden * inter * per_expert_tokens / (t.cpu_gflops * 1e9))
+    hops = 2 * t.hop_latency_us * 1e-6
+    return all_gpu_ms * on_gpu / experts + (cold_s + hops) * 1e3
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experts", type=int, default=256)
@@ -127,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-fraction", type=float, default=0.5, help="share of experts resident on the GPU")
     ap.add_argument("--cache", type=int, default=16, help="hot-expert cache capacity (experts)")
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--quant", default="fp8,int4", help="quantised formats to time all on the GPU ('' for none)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -162,6 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     del gpu_bank
     torch.cuda.empty_cache()
     rows += [{"config": "all-gpu (Triton)", "tokens": T, "ms": base[T], "vs_all_gpu": 1.0} for T in tokens]
+    for kind in [q for q in args.quant.split(",") if q]:
+        qbank = ExpertBank(cfg).to(torch.bfloat16)
+        with torch.no_grad():
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(qbank, name).copy_(getattr(bank, name))
+        quantize_bank_(qbank, kind)
+        qbank = qbank.to("cuda")
+        with torch.inference_mode():
+            for T in tokens:
+                ms = time_layer(qbank, H, E, k, T, args.calls, "cuda")
+                rows.append({"config": f"all-gpu {kind} (Triton, dequant in kernel)", "tokens": T, "ms": ms,
+                             "vs_all_gpu": base[T] / ms})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        del qbank
+        torch.cuda.empty_cache()
 
     g = torch.Generator().manual_seed(7)
     on_gpu = set(torch.randperm(E, generator=g)[: round(args.gpu_fraction * E)].tolist())
@@ -170,7 +211,13 @@ def main(argv: list[str] | None = None) -> int:
                 RuntimeOptions(device_map=DeviceMap.cuda(1), fused_gpu_experts="off")),
                (f"offload {args.gpu_fraction:.0%} gpu, cache {args.cache}",
                 ExpertPlacement({0: tuple(0 if e in on_gpu else CPU for e in range(E))}, {0: 0}),
-                RuntimeOptions(device_map=DeviceMap.cuda(1), cache_capacity=args.cache))]
+                RuntimeOptions(device_map=DeviceMap.cuda(1), cache_capacity=args.cache)),
+               (f"offload {args.gpu_fraction:.0%} gpu, calibrated, no cache",
+                ExpertPlacement({0: tuple(0 if e in on_gpu else CPU for e in range(E))}, {0: 0}),
+                RuntimeOptions(device_map=DeviceMap.cuda(1), calibrate=True)),
+               (f"offload {args.gpu_fraction:.0%} gpu, calibrated, no cache, CPU on the calling thread",
+                ExpertPlacement({0: tuple(0 if e in on_gpu else CPU for e in range(E))}, {0: 0}),
+                RuntimeOptions(device_map=DeviceMap.cuda(1), calibrate=True, cpu_workers=0))]
     for name, placement, options in configs:
         llm = _OneLayer(ExpertBank(cfg).to(torch.bfloat16))
         with torch.no_grad():
@@ -185,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
                 st = rt.stats
                 rows.append({"config": name, "tokens": T, "ms": ms, "vs_all_gpu": base[T] / ms,
                              "sites": dict(st.tokens), "cache_hits": st.cache_hits, "fetches": st.fetches})
+                if options.calibrate:
+                    rows[-1]["transfer"] = vars(rt.transfer)
+                    rows[-1]["predicted_ms"] = predicted_ms(rt.transfer, base[T], T, k, E, len(on_gpu),
+                                                            expert_bytes, rt.threshold(rt.layers[0], 2), H, I)
+                    rows[-1]["measured_vs_predicted"] = ms / rows[-1]["predicted_ms"]
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         del llm, rt, layer
         torch.cuda.empty_cache()
@@ -201,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
           f"measured rates {result['fetch_threshold_measured']}")
     print(f"{'configuration':34s} {'T':>5} {'ms/layer':>9} {'vs all-gpu':>10}  sites")
     for r in rows:
-        print(f"{r['config']:34s} {r['tokens']:>5} {r['ms']:>9.3f} {r['vs_all_gpu']:>10.2f}  {r.get('sites', '')}")
+        pred = f"  predicted {r['predicted_ms']:.3f} ms, measured/predicted {r['measured_vs_predicted']:.2f}" \
+            if "predicted_ms" in r else ""
+        print(f"{r['config']:34s} {r['tokens']:>5} {r['ms']:>9.3f} {r['vs_all_gpu']:>10.2f}  {r.get('sites', '')}{pred}")
     return 0
 
 

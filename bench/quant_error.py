@@ -1,8 +1,12 @@
-"""Error of FP8 / int8 routed experts against the unquantised model on the public parity fixtures.
+"""Error of quantised routed experts against the unquantised model on the public parity fixtures.
 
-For each case (default: ../shared/fixtures/ming_ref/llm_b1, llm_b2, mm) the model is loaded three
-times through `load_model` (fp32 activations, as engine.tools.parity does) with expert_dtype "bf16" (the
-unquantised reference: experts stay in the model dtype), "fp8" and "int8". The reference runs prefill
+For each case (default: ../shared/fixtures/ming_ref/llm_b1, llm_b2, mm) the model is loaded once per
+expert dtype through `load_model` (fp32 activations, as engine.tools.parity does): "bf16" (the
+unquantised reference: experts stay in the model dtype), "fp8" (per-channel scales), "fp8-block"
+(128x128 block scales), "int8" and "int4" (groups of up to 128 inputs). Experts are computed by
+dequantising them exactly as stored (`pack_cpu_experts=False`): the error of the format itself, which
+is what the fused GPU kernel computes (the CPU kernels add only their summation order, except fp8,
+which the CPU runs re-quantised to int8). The reference runs prefill
 and the case's number of greedy KV-cache decode steps. Each quantised model is then run
 *teacher-forced* on the same inputs and the reference's greedy tokens, so every position is compared
 on identical context:
@@ -43,7 +47,7 @@ from engine.models.thinker.model import load_model  # noqa: E402
 
 DEFAULT_CASES = ["llm_b1", "llm_b2", "mm"]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "ming_ref"
-KINDS = ("bf16", "fp8", "int8")
+KINDS = ("bf16", "fp8", "fp8-block", "int8", "int4")
 
 
 def _llm_inputs(case_dir: Path, loaded):
@@ -129,7 +133,7 @@ def measure_case(case_dir: Path) -> list[dict]:
     build = _mm_inputs if meta.get("kind") == "mm" else _llm_inputs
     rows, ref = [], None
     for kind in KINDS:
-        loaded = load_model(case_dir, dtype="fp32", device="cpu", expert_dtype=kind)
+        loaded = load_model(case_dir, dtype="fp32", device="cpu", expert_dtype=kind, pack_cpu_experts=False)
         inputs = build(case_dir, loaded)
         if ref is None:
             ref = run(loaded, inputs, n_new)

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--thinking", action="store_true", help="detailed thinking on")
-    ap.add_argument("--expert-dtype", choices=["bf16", "fp8", "int8"], default="bf16",
+    ap.add_argument("--expert-dtype", choices=["bf16", "fp8", "fp8-block", "int8", "int4"], default="bf16",
                     help="routed-expert weights as stored (bf16) or quantised while loading")
     ap.add_argument("--placement", choices=["auto", "single"], default="auto",
                     help="auto: on CUDA, spread a model too big for one GPU over the GPUs and host; single: all on --device")

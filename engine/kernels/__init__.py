@@ -6,7 +6,8 @@ tensors, the torch reference on CPU or when forced (``impl="torch"`` or the env 
 """
 
 from .dispatch import FORCE_REFERENCE_ENV, Impl
-from .moe import PackedExperts, PackedLinear, moe_experts, pack_linears, moe_experts_packed, moe_experts_reference, onednn_packing_available
+from .moe import (PackedExperts, PackedLinear, QuantizedCpuExperts, moe_experts, moe_experts_dequant_reference,
+                  moe_experts_packed, moe_experts_reference, onednn_packing_available, pack_linears)
 from .rmsnorm import rms_norm, rms_norm_reference
 from .rotary import apply_rotary, apply_rotary_reference
 
@@ -15,6 +16,8 @@ __all__ = [
     "Impl",
     "PackedExperts",
     "PackedLinear",
+    "QuantizedCpuExperts",
+    "moe_experts_dequant_reference",
     "pack_linears",
     "apply_rotary",
     "apply_rotary_reference",

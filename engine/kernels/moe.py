@@ -14,7 +14,18 @@ CPU paths (torch):
   bf16 one-token GEMV from ~13 GB/s to ~20 GB/s of weight reads (the plain layout makes oneDNN
   re-pack the weight on every call), and is also the faster choice for prefill blocks.
 
-The Triton path (CUDA) lives in ``engine.kernels.triton_impl.moe`` and is picked by :func:`moe_experts`.
+* :func:`moe_experts_dequant_reference` runs quantised stacked weights (formats of
+  :mod:`engine.kernels.dequant`): each active expert is dequantised to the activation dtype just
+  before its GEMM block (the reference of the fused quantised kernels).
+* :class:`QuantizedCpuExperts`: quantised experts prepared for the CPU. int8 (per-channel) runs
+  torch's int8 weight-only GEMM (``_weight_int8pack_mm``), int4 torch's group-wise int4 kernel
+  (``_weight_int4pack_mm_for_cpu``, weights converted once to its layout); both read the quantised
+  bytes only. fp8 has no CPU kernel: fp8 experts are re-quantised to int8 per row once (adding at
+  most amax/254 per row; dequantising on every call would be ~100x slower). Shapes a kernel does not
+  take are dequantised per call into a reused buffer.
+
+The Triton path (CUDA) lives in ``engine.kernels.triton_impl.moe`` and is picked by :func:`moe_experts`;
+with ``scales`` it dequantises each weight tile inside the kernel.
 """
 
 from __future__ import annotations
@@ -24,7 +35,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .dequant import dequantize, matrix_in_features, quantize_int8_rows, scale_layout, unpack_int4
 from .dispatch import Impl, use_triton
+
+Scales = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+QUANTIZED_STORAGE_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
 
 
 def check_moe_args(
@@ -131,16 +146,65 @@ def moe_experts(
     topk_weights: torch.Tensor,
     *,
     impl: Impl = "auto",
+    scales: Scales | None = None,
 ) -> torch.Tensor:
     """Weighted sum of the selected experts' SwiGLU outputs per token: [T, H] in x's dtype.
 
     x [T, H]; w_gate, w_up [E, I, H]; w_down [E, H, I]; topk_ids [T, k] int64; topk_weights [T, k] fp32.
+    ``scales`` (gate, up, down): the weights are quantised (engine.kernels.dequant formats) and are
+    dequantised to x's dtype inside the kernel (Triton) or one expert at a time (torch).
     """
+    if scales is not None:
+        check_quantized_moe_args(x, w_gate, w_up, w_down, scales, topk_ids, topk_weights)
+        if use_triton(impl, x, w_gate, w_up, w_down, *scales, topk_ids, topk_weights):
+            from .triton_impl.moe import moe_experts_triton
+
+            return moe_experts_triton(x, w_gate, w_up, w_down, topk_ids, topk_weights, scales=scales)
+        return moe_experts_dequant_reference(x, w_gate, w_up, w_down, scales, topk_ids, topk_weights)
     if use_triton(impl, x, w_gate, w_up, w_down, topk_ids, topk_weights):
         from .triton_impl.moe import moe_experts_triton
 
         return moe_experts_triton(x, w_gate, w_up, w_down, topk_ids, topk_weights)
     return moe_experts_reference(x, w_gate, w_up, w_down, topk_ids, topk_weights)
+
+
+def check_quantized_moe_args(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                             scales: Scales, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    """Raise ValueError unless quantised stacked weights, their scales and the routing are consistent."""
+    if x.dim() != 2 or w_gate.dim() != 3 or w_gate.shape != w_up.shape or w_down.dim() != 3:
+        raise ValueError(f"inconsistent shapes: x {tuple(x.shape)}, w_gate {tuple(w_gate.shape)}, "
+                         f"w_down {tuple(w_down.shape)}")
+    num_experts, inter = w_gate.shape[:2]
+    if matrix_in_features(w_gate) != x.shape[1] or w_down.shape[:2] != (num_experts, x.shape[1]) \
+            or matrix_in_features(w_down) != inter:
+        raise ValueError(f"inconsistent expert shapes: x {tuple(x.shape)}, w_gate {tuple(w_gate.shape)} "
+                         f"({w_gate.dtype}), w_down {tuple(w_down.shape)}")
+    if len(scales) != 3:
+        raise ValueError("scales must be (gate, up, down)")
+    for name, w, s in (("gate", w_gate, scales[0]), ("up", w_up, scales[1]), ("down", w_down, scales[2])):
+        if w.dtype not in QUANTIZED_STORAGE_DTYPES:
+            raise ValueError(f"w_{name} dtype {w.dtype} is not a quantised storage dtype")
+        if s.dtype != torch.float32 or s.shape[0] != num_experts:
+            raise ValueError(f"{name} scales must be fp32 with one entry per expert; got {s.dtype} {tuple(s.shape)}")
+        scale_layout(w, s)  # raises on a shape that matches no format
+    check_routing(topk_ids, topk_weights, x.shape[0])
+
+
+def moe_experts_dequant_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                                  scales: Scales, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Torch reference of :func:`moe_experts` on quantised stacked weights: each active expert's three
+    matrices are dequantised to x's dtype just before its GEMM block; the combine is fp32."""
+    check_quantized_moe_args(x, w_gate, w_up, w_down, scales, topk_ids, topk_weights)
+    s_gate, s_up, s_down = scales
+    groups = group_by_expert(topk_ids, topk_weights, w_gate.shape[0])
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for i, e in enumerate(groups.experts):
+        start, end = groups.offsets[i], groups.offsets[i + 1]
+        tokens = groups.token_index[start:end]
+        y = swiglu(x.index_select(0, tokens), dequantize(w_gate[e], s_gate[e], x.dtype),
+                   dequantize(w_up[e], s_up[e], x.dtype), dequantize(w_down[e], s_down[e], x.dtype))
+        out.index_add_(0, tokens, y.float() * groups.weights[start:end, None])
+    return out.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,34 +242,46 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class PackedLinear(torch.nn.Module):
-    """Drop-in for an ``nn.Linear`` whose weight was pre-packed once (see :func:`_pack_matrix`).
+    """Drop-in for an ``nn.Linear`` whose weight was prepared once for the CPU: pre-packed for oneDNN
+    (see :func:`_pack_matrix`), or with ``int8=True`` quantised to int8 with one fp32 scale per output
+    channel (``dequant.quantize_int8_rows``) and run by torch's int8 weight-only kernel (half the bytes
+    of bf16; activations stay in the weight's dtype).
 
     Built from an ``nn.Linear`` (see :func:`pack_linears`); keeps ``weight`` (and ``bias``) as meta placeholders of the
     original shapes so module names, shapes and parameter counts stay those of the checkpoint.
     """
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, int8: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = _pack_matrix(linear.weight.detach(), onednn_packing_available(linear.weight.dtype))
+        weight = linear.weight.detach()
+        if int8:
+            q, scale = quantize_int8_rows(weight)
+            self.packed = (_Int8Matrix(q, scale, weight.dtype) if int8_cpu_kernel_available()
+                           and self.in_features % INT8_CPU_COLUMN_MULTIPLE == 0
+                           else _DequantMatrix(q, scale, weight.dtype, {}))
+        else:
+            self.packed = _pack_matrix(weight, onednn_packing_available(weight.dtype))
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.weight = torch.nn.Parameter(torch.empty(linear.weight.shape, dtype=linear.weight.dtype, device="meta"),
+        self.weight = torch.nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
                                          requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _packed_linear(x.reshape(-1, self.in_features), self.packed).reshape(*x.shape[:-1], self.out_features)
+        flat = x.reshape(-1, self.in_features)
+        y = self.packed(flat) if callable(self.packed) else _packed_linear(flat, self.packed)
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
-def pack_linears(module: torch.nn.Module) -> int:
+def pack_linears(module: torch.nn.Module, int8: bool = False) -> int:
     """Replace every ``nn.Linear`` under ``module`` by a :class:`PackedLinear`; returns how many."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.Linear):
-            setattr(module, name, PackedLinear(child))
+            setattr(module, name, PackedLinear(child, int8))
             count += 1
         else:
-            count += pack_linears(child)
+            count += pack_linears(child, int8)
     return count
 
 
@@ -280,3 +356,139 @@ def moe_experts_packed(
         y = packed.forward_expert(x.index_select(0, tokens), expert)
         out.index_add_(0, tokens, y.float() * groups.weights[start:end, None])
     return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantised CPU expert weights
+# ---------------------------------------------------------------------------------------------
+
+INT4_CPU_INNER_K_TILES = 1  # argument of torch's int4 CPU weight conversion (its layout ignores it)
+INT4_CPU_ROW_MULTIPLE = 16  # torch's int4 CPU layout packs output rows in blocks of 16
+INT4_CPU_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU kernel accepts
+# torch's int8 CPU kernel reads input columns 16 at a time: other widths crash it in bf16 (torch 2.13)
+INT8_CPU_COLUMN_MULTIPLE = 16
+
+
+def int8_cpu_kernel_available() -> bool:
+    return hasattr(torch, "_weight_int8pack_mm")
+
+
+def int4_cpu_kernel_available() -> bool:
+    return hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
+
+
+class _Int8Matrix:
+    """int8 [out, in] with per-channel scales, for ``torch._weight_int8pack_mm`` (scales in x's dtype)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        self.q, self.scale = q.contiguous(), scale.to(dtype).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
+
+
+class _Int4Matrix:
+    """int4 [out, in/2] with group scales, converted once to torch's CPU int4 layout."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        values = unpack_int4(q).to(torch.int32) + 8  # torch's kernel computes (v - 8) * scale + zero
+        self.group = matrix_in_features(q) // scale.shape[-1]
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(values.contiguous(), INT4_CPU_INNER_K_TILES)
+        s = scale.t().contiguous()  # [groups, out]
+        self.scales_zeros = torch.stack((s, torch.zeros_like(s)), dim=-1).to(dtype).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, self.scales_zeros)
+
+
+class _DequantMatrix:
+    """A quantised matrix no CPU kernel takes (shape limits): dequantised per call into a reused buffer."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, buffers: dict):
+        self.q, self.scale, self.dtype, self.buffers = q, scale, dtype, buffers
+        self.shape = (q.shape[0], matrix_in_features(q))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(self.shape)
+        if buf is None:
+            buf = self.buffers[self.shape] = torch.empty(self.shape, dtype=self.dtype)
+        buf.copy_(dequantize(self.q, self.scale, self.dtype))
+        return F.linear(x, buf)
+
+
+class _Stacked:
+    """Two matrices applied to the same input, outputs concatenated (gate and up when their scales
+    cannot be concatenated: block scales whose row blocks straddle the two)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.first(x), self.second(x)), dim=-1)
+
+
+class QuantizedCpuExperts:
+    """Quantised SwiGLU experts prepared for the CPU (same interface as :class:`PackedExperts`).
+
+    Per expert, gate and up are concatenated into one ``[2I, H]`` matrix (one kernel call) and each
+    matrix is held in the layout of the CPU kernel of its format (``kernel`` says which: "int8",
+    "int4" or "dequant"). int8 and int4 keep only the quantised bytes; the results match
+    :func:`moe_experts_dequant_reference` up to the kernels' summation order and rounding.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, kind: str, fuse_gate_up: bool = True):
+        """``fuse_gate_up`` False keeps gate and up as two matrices (no concatenated copy: int8 experts
+        then share the caller's storage)."""
+        self.hidden, self.intermediate, self.dtype, self.kind = hidden, intermediate, dtype, kind
+        self.fuse_gate_up = fuse_gate_up
+        if kind in ("int8", "fp8") and int8_cpu_kernel_available():
+            self.kernel = "int8"  # fp8 (no CPU kernel) is re-quantised to int8 per row, see _matrix
+        elif kind == "int4" and int4_cpu_kernel_available():
+            self.kernel = "int4"
+        else:
+            self.kernel = "dequant"
+        self._buffers: dict = {}
+        self.dequant_fallbacks = 0  # matrices the kernel cannot take (computed by dequantising instead)
+        self.gate_up: list = []
+        self.down: list = []
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.gate_up)
+
+    def _matrix(self, q: torch.Tensor, scale: torch.Tensor):
+        cols = matrix_in_features(q)
+        if self.kernel == "int8" and q.dtype != torch.int8:
+            q, scale = quantize_int8_rows(dequantize(q, scale))
+        if self.kernel == "int8" and cols % INT8_CPU_COLUMN_MULTIPLE == 0:
+            return _Int8Matrix(q, scale, self.dtype)
+        if self.kernel == "int4" and q.shape[0] % INT4_CPU_ROW_MULTIPLE == 0 \
+                and cols // scale.shape[-1] in INT4_CPU_GROUPS:
+            return _Int4Matrix(q, scale, self.dtype)
+        if self.kernel != "dequant":
+            self.dequant_fallbacks += 1  # a shape torch's kernel does not take
+        return _DequantMatrix(q, scale, self.dtype, self._buffers)
+
+    def append(self, q_gate: torch.Tensor, q_up: torch.Tensor, q_down: torch.Tensor, scales: Scales) -> None:
+        """Add one expert: quantised gate/up [I, H(/2)], down [H, I(/2)] and their scales."""
+        s_gate, s_up, s_down = scales
+        if not self.fuse_gate_up or scale_layout(q_gate, s_gate).block_out > 1:
+            self.gate_up.append(_Stacked(self._matrix(q_gate, s_gate), self._matrix(q_up, s_up)))
+        else:
+            self.gate_up.append(self._matrix(torch.cat((q_gate, q_up)), torch.cat((s_gate, s_up))))
+        self.down.append(self._matrix(q_down, s_down))
+
+    @classmethod
+    def from_weights(cls, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, scales: Scales,
+                     dtype: torch.dtype, kind: str) -> "QuantizedCpuExperts":
+        """From a stacked quantised bank (``kind``: the storage format name, e.g. "int8")."""
+        num_experts, inter = w_gate.shape[:2]
+        packed = cls(w_down.shape[1], inter, dtype, kind)
+        for e in range(num_experts):
+            packed.append(w_gate[e], w_up[e], w_down[e], tuple(s[e] for s in scales))
+        return packed
+
+    def forward_expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """SwiGLU of expert ``expert`` on x [M, H] -> [M, H] in x's dtype."""
+        gate, up = self.gate_up[expert](x).split(self.intermediate, dim=-1)
+        return self.down[expert](F.silu(gate) * up)

@@ -21,18 +21,24 @@ Per forward of a layer (x [T, H] on the layer's home device, routing ids/weights
    hot-expert cache's statistics (LFU with exponential decay of the router's selection counts).
 2. Each active expert gets a site:
    * GPU-resident: computed on that GPU. Where the GPU runs Triton (``fused_gpu_experts="auto"``), all
-     of a layer's experts resident on one GPU are stacked at load time and run as one fused Triton
-     call over the whole token batch (other experts' assignments get local id -1 and are skipped),
-     returning an fp32 partial sum; otherwise (CPU-simulated devices, ``"off"``, fp8/int8 experts)
-     each expert's token block is sent to the GPU, computed there and the result sent back;
+     of a layer's experts resident on one GPU are stacked at load time (quantised ones with their
+     scales: the kernel dequantises the tiles) and run as one fused Triton call over the whole token
+     batch (other experts' assignments get local id -1 and are skipped), returning an fp32 partial
+     sum; otherwise (CPU-simulated devices, ``"off"``) each expert's token block is sent to the GPU,
+     computed there and the result sent back;
    * CPU-resident and in the hot cache: computed on the cache GPU from the cached copy (a hit);
    * CPU-resident, not cached: copied host→GPU (pinned source, ``non_blocking``, on a side CUDA stream
      per GPU, ordered before use with an event) when the cache admits it (free slot, or its decayed
      score beats the least-frequently-used resident by the hysteresis factor; experts active in this
      step are never evicted) or when more tokens than ``fetch_threshold`` are routed to it (then the
      copy is transient unless admitted); otherwise its tokens go to the host and the CPU computes it.
-3. Work is issued copies first, then the fused GPU calls and GPU blocks (asynchronous on CUDA), then
-   CPU blocks (the host works while the GPUs do), then the blocks that waited for a copy.
+3. Work is issued CPU first: the rows of all host-computed experts are gathered on the home device
+   and copied once into the layer's reused (pinned on CUDA) host buffer; ``cpu_workers`` threads
+   compute those experts (no synchronisation per expert: one event orders the copy) while the
+   calling thread issues the fused GPU calls and GPU blocks, then streams the fetched experts to the
+   cache GPU ``fetch_window`` copies ahead of their compute (double buffering by default, so a
+   prefill that pulls a whole layer holds only a few transient experts); the CPU results come back
+   in one copy.
 4. Results are combined on the home device: the fused partial sums, then the per-expert blocks in
    ascending expert order with ``out.index_add_(tokens, y.float() * w)``, all in fp32, cast to x's
    dtype once. Without fused slots this is the same arithmetic, in the same order, as
@@ -51,29 +57,47 @@ host. At the Ming-flash shape (H 4096, I 1024) that gives 9 tokens for bf16 expe
 decode steps compute cold experts on the CPU, prefill chunks pull the busy ones to the GPU. Pass
 ``RuntimeOptions(fetch_threshold=N)`` to override (``None``: derived).
 
+``RuntimeOptions(calibrate=True)`` replaces the defaults by rates measured at start-up
+(:meth:`TransferModel.calibrate`: pinned host→GPU copy, a one-row round trip, the CPU computing one
+of the model's host-resident experts at T=1 and T=16).
+
 Not done here: non-expert modules stay where load_model put them (one device); the runtime places only
-routed experts. No expert-weight prefetch ahead of the router, no multi-threaded CPU/GPU overlap beyond
-CUDA's asynchronous launches, no Triton fp8 kernel (quantised experts are dequantised per block).
+routed experts. No expert-weight prefetch ahead of the router (the next layer's experts are known
+only once its router ran).
+
+Host-resident quantised experts (``cpu_kernels``, default on) run torch's CPU kernels: int8 reads the
+stored bytes in place; int4 keeps a second copy in the kernel's layout (the packed bytes stay for
+fetches); fp8 has no CPU kernel, so host-resident fp8 experts are re-quantised to int8 per channel at
+load (a fetch then copies int8 and the GPU kernel computes int8). Dequantising on every call instead
+(``cpu_kernels=False``, the reference semantics) is two orders of magnitude slower on a CPU.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from engine.kernels.moe import check_routing, group_by_expert
+from engine.kernels.moe import QuantizedCpuExperts, check_routing, group_by_expert
 from engine.loader import TensorReader
 from engine.placement.planner import CPU, DEFAULT_EFFICIENCY, DEFAULT_HOP_LATENCY_US, DEFAULT_HOST_GBS, DEFAULT_PCIE_GBS
-from engine.placement.quant import QUANT_STORAGE, ExpertWeights, bank_expert, check_expert_dtype, read_checkpoint_experts
+from engine.placement.quant import (ExpertWeights, bank_dims, bank_expert, check_expert_dtype, read_checkpoint_experts,
+                                    set_meta_storage)
 
 DEFAULT_CPU_GFLOPS = 500.0   # host bf16 GEMM throughput (a 16-32 core AVX-512/AMX server; 2 cores: ~100)
 DEFAULT_CACHE_DECAY = 0.9    # per-step decay of the routing-count scores (~10-step memory)
 DEFAULT_CACHE_HYSTERESIS = 0.25  # a candidate must beat the LFU resident's score by 25% to replace it
 FUSED_MODES = ("auto", "off", "triton")
+DEFAULT_CPU_WORKERS = 1      # threads computing host-resident experts (each uses torch's intra-op threads)
+DEFAULT_FETCH_WINDOW = 2     # experts streamed to a GPU ahead of their compute (double buffering)
+CALIBRATION_BYTES = 1 << 27  # 128 MiB per bandwidth measurement at start-up
+CALIBRATION_REPEATS = 3
+CALIBRATION_TOKENS = 16      # tokens of the CPU GEMM-rate measurement
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,6 +191,44 @@ class TransferModel:
         per_token = 6 * hidden * inter / cpu + 2 * hidden * act_bytes / pcie
         return max(0, math.floor(saved / per_token)) if saved > 0 else 0
 
+    @classmethod
+    def calibrate(cls, device_map: "DeviceMap", expert: ExpertWeights, act_dtype: torch.dtype) -> "TransferModel":
+        """Measured on this machine (best of a few runs, efficiency 1): the link (pinned host -> first
+        GPU slot, or a host copy on a simulated map), the hop (a one-row copy round trip), and the CPU
+        computing `expert` (a host-resident expert of the model): its T=1 weight-read rate as the host
+        bandwidth, its T=16 rate as the GEMM rate."""
+        target = device_map.gpus[0] if device_map.gpus else device_map.host
+        cuda = target.type == "cuda"
+        n = CALIBRATION_BYTES // 2
+        src = torch.empty(n, dtype=torch.bfloat16).fill_(1.0)
+        if cuda:
+            src = src.pin_memory()
+        dst = torch.empty(n, dtype=torch.bfloat16, device=target)
+
+        def best(fn) -> float:
+            fn()
+            times = []
+            for _ in range(CALIBRATION_REPEATS):
+                if cuda:
+                    torch.cuda.synchronize(target)
+                t0 = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize(target)
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        link = CALIBRATION_BYTES / best(lambda: dst.copy_(src, non_blocking=cuda))
+        row = torch.zeros(1, expert.down.shape[0], dtype=act_dtype)
+        hop = best(lambda: row.to(target, copy=True).to(device_map.host, copy=True)) / 2
+        x1 = torch.zeros(1, row.shape[1], dtype=act_dtype)
+        x16 = torch.zeros(CALIBRATION_TOKENS, row.shape[1], dtype=act_dtype)
+        host = expert.nbytes / best(lambda: expert.forward(x1))
+        inter = expert.gate.shape[0]
+        flops = 6 * CALIBRATION_TOKENS * row.shape[1] * inter / best(lambda: expert.forward(x16))
+        return cls(pcie_gbs=link / 1e9, host_gbs=host / 1e9, cpu_gflops=flops / 1e9, hop_latency_us=hop * 1e6,
+                   efficiency=1.0)
+
 
 @dataclass
 class RuntimeOptions:
@@ -175,7 +237,13 @@ class RuntimeOptions:
     derived from `transfer`, see the module doc); a negative value never fetches. fused_gpu_experts:
     "auto" runs each GPU's resident (unquantised) experts of a layer as one fused Triton call when that
     GPU can run Triton; "off" computes them one expert at a time; "triton" always fuses (tests run it
-    under the Triton interpreter on simulated devices)."""
+    under the Triton interpreter on simulated devices). cpu_workers: threads that compute the
+    host-resident experts while the calling thread drives the GPUs (0: on the calling thread).
+    fetch_window: experts copied to a GPU ahead of their compute (2 = double buffering; bounds the
+    transient GPU memory of a prefill that streams a layer's experts). calibrate: measure the link,
+    host and CPU rates at start-up (`TransferModel.calibrate`) and derive the fetch threshold from them.
+    cpu_kernels: host-resident quantised experts run torch's int8 / int4 CPU kernels (see the module
+    doc; fp8 ones are then held as int8) instead of being dequantised on every call."""
 
     device_map: DeviceMap | None = None
     cache_capacity: int = 0
@@ -184,10 +252,16 @@ class RuntimeOptions:
     fetch_threshold: int | None = None
     transfer: TransferModel = field(default_factory=TransferModel)
     fused_gpu_experts: str = "auto"
+    cpu_workers: int = DEFAULT_CPU_WORKERS
+    fetch_window: int = DEFAULT_FETCH_WINDOW
+    calibrate: bool = False
+    cpu_kernels: bool = True
 
     def __post_init__(self):
         if self.fused_gpu_experts not in FUSED_MODES:
             raise ValueError(f"fused_gpu_experts must be one of {FUSED_MODES}, got {self.fused_gpu_experts!r}")
+        if self.cpu_workers < 0 or self.fetch_window < 1:
+            raise ValueError("cpu_workers must be >= 0 and fetch_window >= 1")
 
 
 @dataclass
@@ -203,6 +277,7 @@ class RuntimeStats:
     transient_fetches: int = 0
     cache_inserts: int = 0
     evictions: int = 0
+    host_transfers: int = 0  # activation copies to/from the host for CPU-computed experts (2 per layer call)
 
     def record(self, site: str, n_tokens: int) -> None:
         self.tokens[site] = self.tokens.get(site, 0) + n_tokens
@@ -266,6 +341,17 @@ class HotExpertCache:
 # ----------------------------------------------------------------------------------------------
 
 
+def host_kernel_format(w: ExpertWeights) -> ExpertWeights:
+    """A host-resident expert in a format a CPU kernel reads: fp8 values (no CPU kernel) re-quantised to
+    int8 per output channel from their fp32 values (the error adds at most amax/254 per row); other
+    formats unchanged."""
+    if w.kind not in ("fp8", "fp8-block"):
+        return w
+    deq = w.materialize(torch.float32)
+    return ExpertWeights.from_float(*deq, "int8", torch.float32).map(
+        lambda t: t.pin_memory() if w.gate.is_pinned() else t)
+
+
 def _owned(t: torch.Tensor, base: set[int]) -> torch.Tensor:
     """A tensor that does not share storage with the released stacked bank tensors."""
     return t.clone() if t.untyped_storage().data_ptr() in base else t
@@ -280,6 +366,7 @@ class FusedSlot:
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # quantised experts: dequantised in the kernel
 
 
 class LayerRuntime:
@@ -290,6 +377,24 @@ class LayerRuntime:
         self.owner, self.layer, self.experts, self.slots = owner, layer, experts, slots
         self.cache_slot, self.hidden, self.inter = cache_slot, hidden, inter
         self.fused: dict[int, FusedSlot] = {}
+        self.staging = HostStaging(hidden, owner._pin)
+        self._cpu_kernels: dict[torch.dtype, tuple[dict[int, int], object]] = {}
+
+    def cpu_expert(self, e: int, dtype: torch.dtype):
+        """A callable computing host-resident expert e on activations of `dtype`: torch's int8 / int4
+        CPU kernels for quantised experts (built once per dtype; int8 reads the stored bytes in place,
+        int4 a copy in the kernel's layout), else ExpertWeights.forward."""
+        w = self.experts[e]
+        if not (self.owner.options.cpu_kernels and w.quantized and w.kind in ("int8", "int4")):
+            return w.forward
+        if dtype not in self._cpu_kernels:
+            host = [i for i, s in enumerate(self.slots) if s == CPU]
+            packed = QuantizedCpuExperts(self.hidden, self.inter, dtype, w.kind, fuse_gate_up=False)
+            for i in host:
+                packed.append(self.experts[i].gate, self.experts[i].up, self.experts[i].down, self.experts[i].scales())
+            self._cpu_kernels[dtype] = ({i: j for j, i in enumerate(host)}, packed)
+        index, packed = self._cpu_kernels[dtype]
+        return lambda x: packed.forward_expert(x, index[e])
 
     def build_fused(self, mode: str) -> None:
         """Stack each GPU slot's resident experts (mode "auto": where Triton runs; "triton": always).
@@ -305,20 +410,19 @@ class LayerRuntime:
                 by_slot.setdefault(slot, []).append(e)
         for slot, resident in by_slot.items():
             first = self.experts[resident[0]]
-            if any(self.experts[e].quantized for e in resident):
-                continue  # fp8/int8 experts are dequantised per block on the per-expert path
+            if len({self.experts[e].kind for e in resident}) != 1:
+                continue  # mixed storage formats cannot share one stacked call
             if mode == "auto" and not use_triton("auto", first.gate):
                 continue
-            stacks = [torch.empty((len(resident), *t.shape), dtype=t.dtype, device=t.device)
-                      for t in (first.gate, first.up, first.down)]
+            stacks = [torch.empty((len(resident), *t.shape), dtype=t.dtype, device=t.device) for t in first.tensors()]
             for j, e in enumerate(resident):
-                w = self.experts[e]
-                for stack, t in zip(stacks, (w.gate, w.up, w.down)):
+                for stack, t in zip(stacks, self.experts[e].tensors()):
                     stack[j].copy_(t)
-                self.experts[e] = ExpertWeights(stacks[0][j], stacks[1][j], stacks[2][j])
+                self.experts[e] = ExpertWeights(*(stack[j] for stack in stacks))
             local = torch.full((len(self.slots),), -1, dtype=torch.long)
             local[resident] = torch.arange(len(resident))
-            self.fused[slot] = FusedSlot(local.to(first.gate.device), *stacks)
+            self.fused[slot] = FusedSlot(local.to(first.gate.device), *stacks[:3],
+                                         tuple(stacks[3:]) if first.quantized else None)
 
     def _run_fused(self, slot: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """fp32 [T, H] sum over the assignments whose expert lives in this fused slot (on its device)."""
@@ -328,7 +432,7 @@ class LayerRuntime:
         dev = f.gate.device
         local = f.local_index[ids.to(dev)]
         return moe_experts_triton(x.to(dev), f.gate, f.up, f.down, local, weights.to(dev),
-                                  skip_negative_ids=True, out_dtype=torch.float32)
+                                  skip_negative_ids=True, out_dtype=torch.float32, scales=f.scales)
 
     @property
     def num_experts(self) -> int:
@@ -349,53 +453,64 @@ class LayerRuntime:
         threshold = rt.threshold(self, x.element_size())
         protect = {(self.layer, e) for e in groups.experts}
 
-        # Decide a site per active expert and start the copies.
-        gpu_jobs, cpu_jobs, fetched_jobs = [], [], []
+        # Decide a site per active expert.
+        gpu_jobs, cpu_jobs, fetch_jobs = [], [], []
         fused_active: set[int] = set()
         for i, e in enumerate(groups.experts):
-            job = (i, e)
             slot = self.slots[e]
             if slot in self.fused:  # computed below, with the slot's other experts, in one fused call
                 fused_active.add(slot)
                 stats.record(dm.name(slot), sizes[i])
                 continue
             if slot != CPU:
-                gpu_jobs.append((job, slot, self.experts[e], None))
+                gpu_jobs.append((i, slot, self.experts[e]))
                 continue
             key = (self.layer, e)
             cached = rt.cache.lookup(key) if self.cache_slot is not None else None
             if cached is not None:
                 stats.cache_hits += 1
-                gpu_jobs.append((job, self.cache_slot, cached, None))
+                gpu_jobs.append((i, self.cache_slot, cached))
                 continue
             admit, victim = (rt.cache.admission(key, protect) if self.cache_slot is not None else (False, None))
             if self.cache_slot is not None and (admit or (threshold >= 0 and sizes[i] > threshold)):
-                copy, event = rt.copy_to(self.experts[e], self.cache_slot)
-                stats.fetches += 1
-                stats.fetched_bytes += copy.nbytes
-                if admit:
+                if admit:  # the cache entry is claimed now; its copy starts with the fetch window below
                     if victim is not None:
                         stats.evictions += 1
                     stats.cache_inserts += 1
-                    rt.cache.insert(key, copy, victim)
+                    rt.cache.insert(key, None, victim)
                 else:
                     stats.transient_fetches += 1
-                fetched_jobs.append((job, self.cache_slot, copy, event))
+                fetch_jobs.append((i, e, key if admit else None))
             else:
-                cpu_jobs.append((job, CPU, self.experts[e], None))
+                cpu_jobs.append((i, e))
 
-        # Fused GPU calls first: they run asynchronously while the host computes the CPU blocks.
+        # 1. Host-resident experts go to the CPU workers first (one gather, one copy of their rows).
+        cpu_finish = self._submit_cpu(x, groups, cpu_jobs) if cpu_jobs else None
+        # 2. Fused GPU calls, then per-expert GPU blocks (asynchronous on CUDA).
         partials = [self._run_fused(slot, x, ids, weights) for slot in sorted(fused_active)]
         results: dict[int, torch.Tensor] = {}
-        for (i, e), slot, w, event in gpu_jobs + cpu_jobs + fetched_jobs:
-            start, end = groups.offsets[i], groups.offsets[i + 1]
-            dev = dm.device(slot)
-            if event is not None:
-                rt.wait_for_copy(event, w, dev)
-            block = x.index_select(0, groups.token_index[start:end])
-            block = block.to(dev, non_blocking=block.is_cuda and dev.type == "cuda")
-            results[i] = w.forward(block)
-            stats.record(dm.name(slot), end - start)
+        for i, slot, w in gpu_jobs:
+            results[i] = self._run_block(x, groups, i, slot, w)
+        # 3. Experts streamed to the cache GPU, `fetch_window` copies ahead of their compute.
+        if fetch_jobs:
+            pending = []
+            for n in range(len(fetch_jobs) + rt.options.fetch_window):
+                if n < len(fetch_jobs):
+                    i, e, key = fetch_jobs[n]
+                    copy, event = rt.copy_to(self.experts[e], self.cache_slot)
+                    stats.fetches += 1
+                    stats.fetched_bytes += copy.nbytes
+                    if key is not None:
+                        rt.cache.resident[key] = copy
+                    pending.append((i, copy, event))
+                if len(pending) > rt.options.fetch_window or (n >= len(fetch_jobs) and pending):
+                    i, copy, event = pending.pop(0)
+                    if event is not None:
+                        rt.wait_for_copy(event, copy, dm.device(self.cache_slot))
+                    results[i] = self._run_block(x, groups, i, self.cache_slot, copy)
+        # 4. The CPU's results (copied back in one transfer).
+        if cpu_finish is not None:
+            results.update(cpu_finish())
 
         # Combine on the home device in ascending expert order (fp32, as moe_experts_reference).
         out = torch.zeros(x.shape, dtype=torch.float32, device=home)
@@ -409,6 +524,103 @@ class LayerRuntime:
             y = y.to(home, non_blocking=y.is_cuda and home.type == "cuda")
             out.index_add_(0, groups.token_index[start:end], y.float() * groups.weights[start:end, None])
         return out.to(x.dtype)
+
+    def _run_block(self, x: torch.Tensor, groups, i: int, slot: int, w: ExpertWeights) -> torch.Tensor:
+        """Expert block i of `groups` computed on `slot` from weights `w` (result stays on that device)."""
+        start, end = groups.offsets[i], groups.offsets[i + 1]
+        dev = self.owner.device_map.device(slot)
+        block = x.index_select(0, groups.token_index[start:end])
+        block = block.to(dev, non_blocking=block.is_cuda and dev.type == "cuda")
+        self.owner.stats.record(self.owner.device_map.name(slot), end - start)
+        return w.forward(block)
+
+    def _submit_cpu(self, x: torch.Tensor, groups, jobs: list[tuple[int, int]]):
+        """Stage the rows of the host-resident experts' tokens in this layer's reused host buffer (pinned
+        on CUDA) with one copy, and start computing the experts on the CPU workers (spread over them by
+        rows; here when there are none). Returns `finish()`: waits for them and gives {i: result on
+        the home device}, copied back in one transfer. No synchronisation per expert."""
+        rt = self.owner
+        spans, rows, n = [], [], 0
+        for i, e in jobs:
+            start, end = groups.offsets[i], groups.offsets[i + 1]
+            spans.append((i, e, n, n + end - start))
+            rows.append(groups.token_index[start:end])
+            n += end - start
+            rt.stats.record("cpu", end - start)
+        staged = self.staging.buffer("inputs", n, x.dtype)
+        staged.copy_(x.index_select(0, torch.cat(rows)), non_blocking=x.is_cuda)
+        ready = self.staging.mark(x.device) if x.is_cuda else None
+        out = self.staging.buffer("outputs", n, x.dtype)
+        rt.stats.host_transfers += 2
+
+        threads = torch.get_num_threads()
+
+        def work(chunk) -> None:
+            if ready is not None:
+                ready.synchronize()
+            if torch.get_num_threads() != threads:
+                # OpenMP thread counts are per thread: the caller's count, so that GEMMs block (and sum)
+                # exactly as they would on the calling thread
+                torch.set_num_threads(threads)
+            with torch.inference_mode():  # thread-local: entered on the worker itself
+                for _i, e, a, b in chunk:
+                    out[a:b] = self.cpu_expert(e, staged.dtype)(staged[a:b])
+
+        futures = [rt.run_on_cpu(work, chunk) for chunk in _balanced(spans, rt.options.cpu_workers)]
+
+        def finish() -> dict[int, torch.Tensor]:
+            for f in futures:
+                f.result()
+            back = out.to(x.device, non_blocking=x.is_cuda)
+            if x.is_cuda:
+                self.staging.released("outputs", x.device)
+            return {i: back[a:b] for i, _e, a, b in spans}
+
+        return finish
+
+
+def _balanced(spans: list[tuple[int, int, int, int]], workers: int) -> list[list[tuple[int, int, int, int]]]:
+    """Spans (i, expert, row start, row end) dealt to at most `workers` lists with similar row counts
+    (largest first to the least loaded), each list in ascending row order."""
+    n = max(1, min(workers, len(spans)))
+    chunks: list[list] = [[] for _ in range(n)]
+    load = [0] * n
+    for span in sorted(spans, key=lambda s: s[2] - s[3]):
+        j = load.index(min(load))
+        chunks[j].append(span)
+        load[j] += span[3] - span[2]
+    return [sorted(c, key=lambda s: s[2]) for c in chunks if c]
+
+
+class HostStaging:
+    """Reused host buffers of one layer for the activations of CPU-computed experts (pinned when the
+    runtime uses CUDA). A buffer whose contents a GPU copy still reads is not rewritten before that
+    copy is done (an event per buffer)."""
+
+    def __init__(self, hidden: int, pin: bool):
+        self.hidden, self.pin = hidden, pin
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._in_use: dict[str, object] = {}
+
+    def buffer(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        pending = self._in_use.pop(name, None)
+        if pending is not None:
+            pending.synchronize()
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.shape[0] < rows:
+            buf = torch.empty((max(rows, 1), self.hidden), dtype=dtype, pin_memory=self.pin)
+            self._buffers[name] = buf
+        return buf[:rows]
+
+    @staticmethod
+    def mark(device: torch.device):
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def released(self, name: str, device: torch.device) -> None:
+        """The current stream of `device` reads buffer `name` (an asynchronous copy): mark when it is done."""
+        self._in_use[name] = self.mark(device)
 
 
 class MoERuntime:
@@ -429,6 +641,8 @@ class MoERuntime:
         self._streams: dict[torch.device, object] = {}
         self._thresholds: dict[tuple[int, int], int] = {}
         self._pin = self.device_map.uses_cuda and torch.cuda.is_available()
+        self._executor: ThreadPoolExecutor | None = None
+        self.transfer = self.options.transfer  # replaced by measured rates when options.calibrate
 
     # -- building -------------------------------------------------------------------------------
     @staticmethod
@@ -457,7 +671,9 @@ class MoERuntime:
 
     def _install(self, llm: nn.Module, layer: int, bank: nn.Module, experts: list[ExpertWeights],
                  slots: tuple[int, ...]) -> None:
-        e_n, inter, hidden = bank.gate_proj.shape
+        e_n, inter, hidden = bank_dims(bank)
+        if self.options.cpu_kernels:
+            experts = [host_kernel_format(w) if slot == CPU else w for w, slot in zip(experts, slots)]
         lr = LayerRuntime(self, layer, experts, slots, self.placement.cache_slot_of(layer), hidden, inter)
         # Stacked tensors become meta placeholders (shape/dtype kept: parameter counts stay right).
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -481,12 +697,15 @@ class MoERuntime:
             if getattr(bank, "packed", None) is not None:
                 raise ValueError(f"layer {layer}'s experts were pre-packed for the CPU: load with "
                                  "load_model(..., plan=...) or pack_cpu_experts=False to place them")
-            slots = rt._checked_slots(layer, bank.gate_proj.shape[0])
+            slots = rt._checked_slots(layer, bank_dims(bank)[0])
             base = {t.untyped_storage().data_ptr() for t in bank.parameters()} | \
                    {t.untyped_storage().data_ptr() for t in bank.buffers()}
             experts = [rt._place(bank_expert(bank, e), slots[e]).map(lambda t: _owned(t, base))
                        for e in range(len(slots))]
             rt._install(llm, layer, bank, experts, slots)
+        if rt.options.calibrate and rt.layers:
+            rt.calibrate(llm.model.word_embeddings.weight.dtype if hasattr(llm.model, "word_embeddings")
+                         else torch.get_default_dtype())
         return rt
 
     @classmethod
@@ -498,7 +717,7 @@ class MoERuntime:
         rt = cls(cls._as_placement(placement), options)
         consumed: set[str] = set()
         for layer, bank in cls._moe_layers(llm).items():
-            e_n, inter, hidden = bank.gate_proj.shape
+            e_n, inter, hidden = bank_dims(bank)
             slots = rt._checked_slots(layer, e_n)
             experts = []
             name = f"model.layers.{layer}.mlp.experts"
@@ -512,28 +731,45 @@ class MoERuntime:
                 experts.append(rt._place(ExpertWeights.from_float(g, u, d, expert_dtype, dtype), slots[e]))
                 if progress is not None:
                     progress(e + 1, e_n, f"{name} ({expert_dtype})")
-            if expert_dtype != "bf16":
-                store = QUANT_STORAGE[expert_dtype]
-                bank._parameters.update({p: nn.Parameter(torch.empty(bank._parameters[p].shape, dtype=store,
-                                                                     device="meta"), requires_grad=False)
-                                         for p in ("gate_proj", "up_proj", "down_proj")})
-                bank._buffers.update({"gate_proj_scale": torch.empty(e_n, inter, device="meta"),
-                                      "up_proj_scale": torch.empty(e_n, inter, device="meta"),
-                                      "down_proj_scale": torch.empty(e_n, hidden, device="meta")})
-            else:
-                bank._parameters.update({p: nn.Parameter(torch.empty(bank._parameters[p].shape, dtype=dtype,
-                                                                     device="meta"), requires_grad=False)
-                                         for p in ("gate_proj", "up_proj", "down_proj")})
+            set_meta_storage(bank, expert_dtype, dtype)
             rt._install(llm, layer, bank, experts, slots)
+        if rt.options.calibrate and rt.layers:
+            rt.calibrate(dtype)
         return rt, consumed
 
     # -- execution helpers ----------------------------------------------------------------------
+    def run_on_cpu(self, fn, *args) -> Future:
+        """Run fn(*args) on a CPU worker thread (on the calling thread when options.cpu_workers is 0)."""
+        if self.options.cpu_workers == 0:
+            done: Future = Future()
+            done.set_result(fn(*args))
+            return done
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.options.cpu_workers, thread_name_prefix="ming-cpu-experts")
+        return self._executor.submit(fn, *args)
+
+    def close(self) -> None:
+        """Stop the CPU worker threads (they are also stopped at interpreter exit)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def calibrate(self, dtype: torch.dtype) -> TransferModel:
+        """Measure the transfer model on this machine with one of the model's host-resident experts
+        (any expert when none is), use it for the fetch thresholds and return it."""
+        layers = list(self.layers.values())
+        host = [lr.experts[e] for lr in layers for e, s in enumerate(lr.slots) if s == CPU]
+        sample = host[0] if host else layers[0].experts[0].to(self.device_map.host)
+        self.transfer = TransferModel.calibrate(self.device_map, sample, dtype)
+        self._thresholds.clear()
+        return self.transfer
+
     def threshold(self, layer: LayerRuntime, act_bytes: int) -> int:
         if self.options.fetch_threshold is not None:
             return int(self.options.fetch_threshold)
         key = (layer.layer, act_bytes)
         if key not in self._thresholds:
-            self._thresholds[key] = self.options.transfer.fetch_threshold(
+            self._thresholds[key] = self.transfer.fetch_threshold(
                 layer.experts[0].nbytes, layer.hidden, layer.inter, act_bytes)
         return self._thresholds[key]
 

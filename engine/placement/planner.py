@@ -44,9 +44,11 @@ from engine.models.thinker.config import ConfigError, LLMConfig, MingConfig
 
 BF16 = 2  # bytes per non-expert weight and per activation element
 FP32 = 4
-EXPERT_WEIGHT_BYTES = {"bf16": 2, "fp8": 1, "int8": 1}
-# fp8/int8 experts carry one fp32 scale per output channel of each projection.
-EXPERT_HAS_SCALES = {"bf16": False, "fp8": True, "int8": True}
+EXPERT_WEIGHT_BYTES = {"bf16": 2, "fp8": 1, "fp8-block": 1, "int8": 1, "int4": 0.5}
+# fp32 scales (engine.kernels.dequant formats): fp8/int8 one per output channel, fp8-block one per
+# 128x128 block, int4 one per group of up to 128 input columns.
+SCALE_BLOCK = 128
+LINEAR_DTYPES = ("bf16", "int8")  # non-expert linears (attention, dense MLP, shared experts, lm_head)
 ROUTING_BYTES_PER_CHOICE = 8 + 4  # int64 expert id + fp32 weight, sent with a cold-expert hop
 
 DEFAULT_GPU_RESERVE = "3GiB"   # CUDA context, cuBLAS workspace, allocator slack, prefill activations
@@ -59,6 +61,7 @@ DEFAULT_EFFICIENCY = 0.7       # fraction of peak bandwidth actually reached
 DEFAULT_CONTEXT = 4096         # tokens already in the KV cache when a decode step is timed
 
 ENCODER_CHOICES = ("gpu", "cpu", "none")
+NO_GPUS = "none"  # --gpus none: a CPU-only machine
 EMBEDDING_CHOICES = ("auto", "gpu", "cpu")
 CPU = -1  # device index of host memory / the CPU in expert maps
 
@@ -120,7 +123,10 @@ class DeviceSpec:
     @classmethod
     def parse(cls, gpus: str | Sequence[str], cpu_mem: str | int) -> "DeviceSpec":
         """`gpus`: comma-separated sizes, each optionally 'Nx' repeated and '@GBPS' for that GPU's HBM
-        bandwidth: '80GB,80GB', '8x24GB', '24GB@1008,48GB@864'."""
+        bandwidth: '80GB,80GB', '8x24GB', '24GB@1008,48GB@864'; 'none' for a machine without GPUs
+        (everything in host memory, computed by the CPU)."""
+        if isinstance(gpus, str) and gpus.strip().lower() == NO_GPUS:
+            return cls((), parse_size(cpu_mem))
         items = [s for s in (gpus.split(",") if isinstance(gpus, str) else gpus) if str(s).strip()]
         specs: list[GPUSpec] = []
         for item in items:
@@ -137,8 +143,7 @@ class DeviceSpec:
             first = len(specs)
             specs.extend([GPUSpec(size, bw, f"cuda:{first + i}") for i in range(count)])
         if not specs:
-            raise PlanError("no GPUs given: the planner keeps attention and the other non-expert modules on a GPU "
-                            "(pass e.g. --gpus 24GB)")
+            raise PlanError("no GPUs given: pass e.g. --gpus 24GB, or --gpus none for a CPU-only machine")
         return cls(tuple(specs), parse_size(cpu_mem))
 
 
@@ -220,16 +225,31 @@ class ModelSizes:
         return all(m.exact for m in self.modules)
 
 
+def _int4_group(cols: int) -> int:
+    group = SCALE_BLOCK
+    while cols % group:
+        group //= 2
+    return group
+
+
+def expert_scale_count(expert_dtype: str, h: int, i: int) -> int:
+    """fp32 scales of one expert (gate/up [I, H], down [H, I]) stored as `expert_dtype`."""
+    if expert_dtype in ("fp8", "int8"):
+        return 2 * i + h
+    if expert_dtype == "fp8-block":
+        return 3 * -(-i // SCALE_BLOCK) * -(-h // SCALE_BLOCK)
+    if expert_dtype == "int4":
+        return 2 * i * (h // _int4_group(h)) + h * (i // _int4_group(i))
+    return 0
+
+
 def expert_bytes(llm: LLMConfig, expert_dtype: str = "bf16") -> int:
-    """Bytes of one routed expert: gate/up [I_e, H] and down [H, I_e], plus one fp32 scale per output
-    channel (2·I_e + H) for fp8/int8."""
+    """Bytes of one routed expert: gate/up [I_e, H] and down [H, I_e] in the expert dtype, plus its
+    fp32 scales (see `expert_scale_count`)."""
     if expert_dtype not in EXPERT_WEIGHT_BYTES:
         raise PlanError(f"unknown expert dtype {expert_dtype!r}: choose one of {sorted(EXPERT_WEIGHT_BYTES)}")
     h, i = llm.hidden_size, llm.moe_intermediate_size
-    n = 3 * h * i * EXPERT_WEIGHT_BYTES[expert_dtype]
-    if EXPERT_HAS_SCALES[expert_dtype]:
-        n += (2 * i + h) * FP32
-    return n
+    return int(3 * h * i * EXPERT_WEIGHT_BYTES[expert_dtype]) + expert_scale_count(expert_dtype, h, i) * FP32
 
 
 def _linear(n_out: int, n_in: int, bias: bool = True) -> int:
@@ -285,8 +305,12 @@ def projector_params(in_dim: int, llm_hidden: int, depth: int, conv_kernel: int 
     return first + (depth - 1) * _linear(llm_hidden, llm_hidden)
 
 
-def model_sizes(config: MingConfig, expert_dtype: str = "bf16") -> ModelSizes:
-    """Exact sizes of every module of the thinker (LLM + encoders + projectors)."""
+def model_sizes(config: MingConfig, expert_dtype: str = "bf16", linear_dtype: str = "bf16") -> ModelSizes:
+    """Exact sizes of every module of the thinker (LLM + encoders + projectors). `linear_dtype` "int8":
+    the LLM's non-expert linears (attention, dense MLP, shared experts, lm_head) hold int8 weights with
+    one fp32 scale per output channel (norms, routers, embeddings and encoders stay bf16)."""
+    if linear_dtype not in LINEAR_DTYPES:
+        raise PlanError(f"unknown linear dtype {linear_dtype!r}: choose one of {list(LINEAR_DTYPES)}")
     llm = config.llm
     h, v, hd = llm.hidden_size, llm.vocab_size, llm.head_dim
     mods: list[ModuleSize] = []
@@ -294,6 +318,12 @@ def model_sizes(config: MingConfig, expert_dtype: str = "bf16") -> ModelSizes:
     def add(name, kind, params, nbytes=None, read=None, layer=None, exact=True):
         nb = params * BF16 if nbytes is None else nbytes
         mods.append(ModuleSize(name, kind, params, nb, nb if read is None else read, layer, exact))
+
+    def linear_bytes(params: int, rows: int, small: int = 0) -> int:
+        """bf16, or int8 + fp32 per output row; `small` parameters (norms, biases) stay bf16."""
+        if linear_dtype == "bf16":
+            return (params + small) * BF16
+        return params + rows * FP32 + small * BF16
 
     depth = int(config.mlp_depth or 2)
     if config.vision:
@@ -309,26 +339,31 @@ def model_sizes(config: MingConfig, expert_dtype: str = "bf16") -> ModelSizes:
             projector_params(int(wc["n_state"]), h, depth, int(config.audio.get("ds_kernel_size", 3))), read=0)
 
     add("word_embeddings", "embedding", v * h, read=h * BF16)  # decode reads one row
-    attn = (_linear((llm.num_attention_heads + 2 * llm.num_key_value_heads) * hd, h, llm.use_qkv_bias)
-            + _linear(h, llm.num_attention_heads * hd, llm.use_bias) + 2 * hd + 2 * h)
+    qkv_rows = (llm.num_attention_heads + 2 * llm.num_key_value_heads) * hd
+    attn_small = 2 * hd + 2 * h + (qkv_rows if llm.use_qkv_bias else 0) + (h if llm.use_bias else 0)
+    attn = (_linear(qkv_rows, h, llm.use_qkv_bias) + _linear(h, llm.num_attention_heads * hd, llm.use_bias)
+            + 2 * hd + 2 * h)
+    attn_bytes = linear_bytes(attn - attn_small, qkv_rows + h, attn_small)
     e = llm.num_experts
     n_gates = 3 if llm.uses_multi_router else 1
     moe_layers = []
     for layer in range(llm.num_hidden_layers):
-        add(f"layers.{layer}.attention", "attention", attn, layer=layer)  # incl. q/k norms and both layer norms
+        add(f"layers.{layer}.attention", "attention", attn, nbytes=attn_bytes, layer=layer)  # incl. q/k and layer norms
         if llm.is_moe_layer(layer):
             moe_layers.append(layer)
             if llm.num_shared_experts:
-                add(f"layers.{layer}.shared_experts", "shared_expert",
-                    3 * h * llm.moe_intermediate_size * llm.num_shared_experts, layer=layer)
+                i_sh = llm.moe_intermediate_size * llm.num_shared_experts
+                add(f"layers.{layer}.shared_experts", "shared_expert", 3 * h * i_sh,
+                    nbytes=linear_bytes(3 * h * i_sh, 2 * i_sh + h), layer=layer)
             # Routers: weight [E, H] bf16 + expert_bias [E] fp32 each; decode uses only the text gate (§2.7).
             add(f"layers.{layer}.routers", "router", n_gates * (e * h + e),
                 nbytes=n_gates * (e * h * BF16 + e * FP32), read=e * h * BF16 + e * FP32, layer=layer)
         else:
-            add(f"layers.{layer}.mlp", "dense_mlp", 3 * h * llm.intermediate_size, layer=layer)
+            add(f"layers.{layer}.mlp", "dense_mlp", 3 * h * llm.intermediate_size,
+                nbytes=linear_bytes(3 * h * llm.intermediate_size, 2 * llm.intermediate_size + h), layer=layer)
     add("norm", "norm", h)
     if not llm.tie_word_embeddings:
-        add("lm_head", "lm_head", v * h)
+        add("lm_head", "lm_head", v * h, nbytes=linear_bytes(v * h, v))
     else:  # tied: lm_head reads the embedding table every token
         add("lm_head", "lm_head", 0, nbytes=0, read=v * h * BF16)
     return ModelSizes(
@@ -497,7 +532,9 @@ BOTTLENECK_TEXT = {
     "gpu_experts": "GPU HBM bandwidth: GPU-resident routed experts",
     "cpu_experts": "host memory bandwidth: routed experts computed on the CPU",
     "transfers": "PCIe transfers and hop latency (activations to/from the CPU and between GPUs)",
+    "host_weights": "host memory bandwidth: non-expert weights and KV cache on the CPU (no GPU)",
 }
+GPU_PLAN_PARTS = tuple(k for k in BOTTLENECK_TEXT if k != "host_weights")
 
 
 @dataclass(frozen=True)
@@ -778,6 +815,54 @@ def _build(config: MingConfig, sizes: ModelSizes, devices: DeviceSpec, pop: dict
     return _with_prediction(plan, predict_decode(plan, roofline))
 
 
+def _build_cpu_only(config: MingConfig, sizes: ModelSizes, devices: DeviceSpec, pop: dict[int, list[float]],
+                    kv_tokens: int, host_reserve: int, encoders: str, roofline: RooflineParams) -> Plan:
+    """No GPU: every module, expert and the KV cache in host memory, computed by the CPU."""
+    mods = [m for m in sizes.modules if encoders != "none" or m.kind != "encoder"]
+    placed = tuple(ModulePlacement(m.name, m.kind, m.nbytes, "cpu", m.layer) for m in mods)
+    modules_bytes = sum(m.nbytes for m in mods)
+    n_exp = sizes.num_experts * len(sizes.moe_layers)
+    kv_bytes = kv_tokens * sizes.kv_bytes_per_token
+    need = modules_bytes + n_exp * sizes.bytes_per_expert + kv_bytes + host_reserve
+    if need > devices.host_memory_bytes:
+        raise PlanError(
+            f"host memory cannot hold the model without a GPU: modules {format_gb(modules_bytes)} + routed experts "
+            f"({sizes.expert_dtype}) {format_gb(n_exp * sizes.bytes_per_expert)} + KV cache {format_gb(kv_bytes)} "
+            f"for {kv_tokens} tokens + reserve {format_gb(host_reserve)} = {format_gb(need)} > --cpu-mem "
+            f"{format_gb(devices.host_memory_bytes)}. Try "
+            + ", ".join(([] if sizes.expert_dtype == "int4" else ["--expert-dtype int4"])
+                        + ([] if modules_bytes < sum(m.params for m in mods) * BF16 else ["--linear-dtype int8"])
+                        + ([] if encoders == "none" else ["--encoders none"])
+                        + ["a smaller --kv-tokens or --host-reserve", "more RAM"]) + ".")
+    free = devices.host_memory_bytes - need
+    per_token = sizes.kv_bytes_per_token
+    experts = tuple(LayerExperts(l, (CPU,) * sizes.num_experts, tuple(pop[l])) for l in sizes.moe_layers)
+    host = HostPlan(devices.host_memory_bytes, host_reserve, modules_bytes, n_exp, n_exp * sizes.bytes_per_expert, free)
+    plan = Plan(source=config.source, release=config.release, expert_dtype=sizes.expert_dtype, sizes=sizes,
+                modules=placed, layer_home=(CPU,) * sizes.num_layers, head_home=CPU, experts=experts, gpus=(),
+                host=host, kv_requested_tokens=kv_tokens, kv_budget_bytes=kv_bytes + free,
+                kv_max_tokens=int((kv_bytes + free) // per_token) if per_token else 0, embeddings="cpu",
+                encoders=encoders, expert_gpus=0, prediction=None)  # type: ignore[arg-type]
+    return _with_prediction(plan, predict_decode(plan, roofline))
+
+
+def _predict_cpu_only(plan: Plan, rp: RooflineParams) -> Prediction:
+    """Decode on the CPU alone: every byte a token needs is read from host memory."""
+    s = plan.sizes
+    host_rate = rp.host_gbs * 1e9 * rp.efficiency
+    weights = sum(m.decode_read_bytes for m in s.modules if m.kind != "encoder")
+    kv = rp.context_tokens * s.kv_bytes_per_token
+    experts = len(s.moe_layers) * s.top_k * s.bytes_per_expert
+    t = {k: 0.0 for k in BOTTLENECK_TEXT}
+    t["host_weights"], t["cpu_experts"] = (weights + kv) / host_rate, experts / host_rate
+    total = sum(t.values())
+    bottleneck = max(t, key=lambda key: t[key])
+    return Prediction(tokens_per_s=1.0 / total if total > 0 else float("inf"), ms_per_token=total * 1e3,
+                      breakdown_ms={k: v * 1e3 for k, v in t.items() if k in ("host_weights", "cpu_experts")},
+                      bottleneck=bottleneck, bottleneck_text=BOTTLENECK_TEXT[bottleneck], hbm_bytes_per_token=0.0,
+                      host_bytes_per_token=weights + kv + experts, gpu_selected_fraction=0.0, params=rp)
+
+
 def _with_prediction(plan: Plan, pred: Prediction, notes: tuple[str, ...] = ()) -> Plan:
     return replace(plan, prediction=pred, notes=plan.notes + notes)
 
@@ -786,8 +871,11 @@ def plan_placement(config: MingConfig, devices: DeviceSpec, expert_dtype: str = 
                    kv_tokens: int | None = None, gpu_reserve: int | str = DEFAULT_GPU_RESERVE,
                    host_reserve: int | str = DEFAULT_HOST_RESERVE, encoders: str = "gpu",
                    embeddings: str = "auto", roofline: RooflineParams | None = None,
-                   generators: str = "auto") -> Plan:
+                   generators: str = "auto", linear_dtype: str = "bf16") -> Plan:
     """Decide where everything lives and predict decode speed.
+
+    Without GPUs (``DeviceSpec.gpus`` empty, ``--gpus none``) everything lives in host memory and the
+    CPU computes it all; `linear_dtype` "int8" sizes the non-expert linears as int8 (see `model_sizes`).
 
     `expert_stats`: per-layer selection counts (see `normalize_expert_stats`), uniform when None.
     `kv_tokens`: KV-cache tokens to reserve (default: the model's max_position_embeddings).
@@ -808,12 +896,15 @@ def plan_placement(config: MingConfig, devices: DeviceSpec, expert_dtype: str = 
         raise PlanError(f"embeddings must be one of {EMBEDDING_CHOICES}, got {embeddings!r}")
     if config.llm.tie_word_embeddings and embeddings == "cpu":
         raise PlanError("tied word embeddings are lm_head's weight: they cannot stay in host memory")
-    sizes = model_sizes(config, expert_dtype)
+    sizes = model_sizes(config, expert_dtype, linear_dtype)
     pop = normalize_expert_stats(expert_stats, config.llm)
     kv_tokens = config.llm.max_position_embeddings if kv_tokens is None else int(kv_tokens)
     if kv_tokens < 0:
         raise PlanError(f"kv_tokens must be >= 0, got {kv_tokens}")
     gpu_reserve, host_reserve = parse_size(gpu_reserve), parse_size(host_reserve)
+    if not devices.gpus:
+        plan = _build_cpu_only(config, sizes, devices, pop, kv_tokens, host_reserve, encoders, roofline)
+        return _with_prediction(plan, plan.prediction, _notes(plan, sizes, 0))
     emb_options = ["gpu", "cpu"] if embeddings == "auto" else [embeddings]
     if config.llm.tie_word_embeddings:
         emb_options = ["gpu"]
@@ -838,7 +929,7 @@ def plan_placement(config: MingConfig, devices: DeviceSpec, expert_dtype: str = 
         def replan(devs: DeviceSpec) -> Plan:
             return plan_placement(config, devs, expert_dtype, expert_stats, kv_tokens=kv_tokens,
                                   gpu_reserve=gpu_reserve, host_reserve=host_reserve, encoders=encoders,
-                                  embeddings=embeddings, roofline=roofline, generators="ignore")
+                                  embeddings=embeddings, roofline=roofline, generators="ignore", linear_dtype=linear_dtype)
         plan = place_generators(plan, devices, replan)
     return plan
 
@@ -915,7 +1006,9 @@ def _notes(plan: Plan, sizes: ModelSizes, n_gpu: int) -> tuple[str, ...]:
         notes.append("encoders and projectors in host memory, run on the CPU at prefill (no decode cost)")
     if plan.encoders == "none":
         notes.append("encoders not loaded: text-only serving")
-    if plan.embeddings == "cpu":
+    if n_gpu == 0:
+        notes.append("no GPU: every module, routed expert and the KV cache in host memory, computed by the CPU")
+    elif plan.embeddings == "cpu":
         notes.append("word embeddings in host memory: one row per token is looked up on the CPU and sent over PCIe")
     if plan.expert_gpus < n_gpu:
         notes.append(f"routed experts use only the first {plan.expert_gpus} of {n_gpu} GPUs: spreading them "
@@ -1008,12 +1101,14 @@ def predict_decode(plan: Plan, rp: RooflineParams | None = None) -> Prediction:
     embedding table cost one hop each; final norm + lm_head read once. Expected values are used
     (E[max] ≥ max E), so the model is optimistic, as a roofline is."""
     rp = rp or plan.prediction.params
+    if not plan.gpus:
+        return _predict_cpu_only(plan, rp)
     s = plan.sizes
     n_gpu = len(plan.gpus)
     rates = _Rates.of(rp, [g.hbm_gbs for g in plan.gpus], s.hidden_size)
     bw = rates.hbm
     h_act = rates.act_bytes
-    t = {k: 0.0 for k in BOTTLENECK_TEXT}
+    t = {k: 0.0 for k in GPU_PLAN_PARTS}
     hbm_bytes = 0.0
     host_bytes = 0.0
 
@@ -1162,15 +1257,18 @@ def render(plan: Plan) -> str:
             if not sigs[0][-1] and all(not c[-1] for c in sigs):
                 parts.append("none on cpu")
             lines.append(f"  layers {_ranges(lays):<8} " + ", ".join(parts))
-    lines += ["", f"KV cache: {format_gb(plan.kv_budget_bytes)} on the attention GPU(s) = max "
+    lines += ["", f"KV cache: {format_gb(plan.kv_budget_bytes)} {'on the attention GPU(s)' if plan.gpus else 'in host memory'} = max "
                   f"{plan.kv_max_tokens:,} cached tokens over all sequences (requested {plan.kv_requested_tokens:,}; "
                   f"{s.kv_bytes_per_token:,} B/token; model max context {s.max_context:,})"]
     bws = sorted({g.hbm_gbs for g in plan.gpus})
     lines += [
         "",
-        f"Decode roofline (batch 1, {rp.context_tokens} tokens of context, {int(rp.efficiency * 100)}% of peak: "
-        f"HBM {'/'.join(f'{b:g}' for b in bws)} GB/s, host {rp.host_gbs:g} GB/s, PCIe {rp.pcie_gbs:g} GB/s, "
-        f"hop {rp.hop_latency_us:g} us, CPU/GPU experts {'overlapped' if rp.overlap_cpu else 'back to back'})",
+        (f"Decode roofline (batch 1, {rp.context_tokens} tokens of context, {int(rp.efficiency * 100)}% of peak: "
+         f"HBM {'/'.join(f'{b:g}' for b in bws)} GB/s, host {rp.host_gbs:g} GB/s, PCIe {rp.pcie_gbs:g} GB/s, "
+         f"hop {rp.hop_latency_us:g} us, CPU/GPU experts {'overlapped' if rp.overlap_cpu else 'back to back'})"
+         if plan.gpus else
+         f"Decode roofline (batch 1, {rp.context_tokens} tokens of context, {int(rp.efficiency * 100)}% of peak: "
+         f"host memory {rp.host_gbs:g} GB/s; no GPU)"),
         f"  reads per token: {format_gb(p.hbm_bytes_per_token)} from HBM, {format_gb(p.host_bytes_per_token)} "
         f"from host memory",
         "  time per token: " + ", ".join(f"{k} {v:.2f} ms" for k, v in p.breakdown_ms.items())
@@ -1201,10 +1299,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", required=True, help="checkpoint directory or config.json")
     ap.add_argument("--gpus", required=True,
                     help="GPU memory budgets, comma-separated: 80GB,80GB or 8x24GB; '@GBPS' sets one GPU's HBM "
-                         "bandwidth (24GB@1008). GB = 10^9 bytes, GiB = 2^30")
+                         "bandwidth (24GB@1008). GB = 10^9 bytes, GiB = 2^30. 'none': a CPU-only machine")
     ap.add_argument("--cpu-mem", required=True, help="host RAM available to the model, e.g. 256GB")
     ap.add_argument("--expert-dtype", choices=sorted(EXPERT_WEIGHT_BYTES), default="bf16",
-                    help="routed experts only (fp8/int8 add one fp32 scale per output channel); default bf16")
+                    help="routed experts only, with their fp32 scales (fp8/int8: per output channel, fp8-block: per "
+                         "128x128 block, int4: per group of 128 inputs); default bf16")
+    ap.add_argument("--linear-dtype", choices=LINEAR_DTYPES, default="bf16",
+                    help="the LLM's other linears (attention, dense MLP, shared experts, lm_head): bf16 or int8 "
+                         "with one fp32 scale per output channel; default bf16")
     ap.add_argument("--expert-stats", help="JSON with per-layer per-expert selection counts "
                                            "({\"layers\": {\"1\": [c0, ..., c255], ...}}); uniform when absent")
     ap.add_argument("--kv-tokens", type=int, default=None,
@@ -1247,7 +1349,8 @@ def main(argv: list[str] | None = None) -> int:
                                   context_tokens=args.context, overlap_cpu=args.overlap_cpu)
         plan = plan_placement(config, devices, args.expert_dtype, stats, kv_tokens=args.kv_tokens,
                               gpu_reserve=args.gpu_reserve, host_reserve=args.host_reserve,
-                              encoders=args.encoders, embeddings=args.embeddings, roofline=roofline)
+                              encoders=args.encoders, embeddings=args.embeddings, roofline=roofline,
+                              linear_dtype=args.linear_dtype)
     except (PlanError, ConfigError) as e:
         if args.json:
             print(json.dumps({"error": str(e)}))

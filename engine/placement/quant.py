@@ -1,18 +1,25 @@
-"""Quantised routed-expert weights: FP8 (e4m3) and int8, one fp32 scale per output channel.
+"""Quantised routed-expert weights: FP8 e4m3 (per-channel or 128x128 block scales), int8 (per-channel)
+and int4 weight-only with group scales (w4a16, two values per byte).
 
 Storage
 -------
-Every expert matrix ``W [out, in]`` (gate/up ``[I, H]``, down ``[H, I]``) is stored as ``q [out, in]``
-plus ``scale [out]`` (fp32) with ``W ≈ q · scale[:, None]``:
+Every expert matrix ``W [out, in]`` (gate/up ``[I, H]``, down ``[H, I]``) is stored as values ``q``
+plus fp32 scales in the formats of :mod:`engine.kernels.dequant` (the one definition of how they
+dequantise):
 
-* ``fp8``: ``torch.float8_e4m3fn``; ``scale = amax_row / 448`` so each row's largest magnitude maps to
-  the largest finite e4m3 value. Rounding is round-to-nearest-even; the relative error of a value is at
-  most 2^-4 (3 mantissa bits) and, for values in e4m3's subnormal range (|W|/scale < 2^-6), the
-  absolute error is at most 2^-10 · scale.
-* ``int8``: symmetric, ``scale = amax_row / 127``, ``q = round(W / scale)`` in [-127, 127]; the
+* ``fp8``: ``torch.float8_e4m3fn`` ``[out, in]``, ``scale [out] = amax_row / 448`` so each row's largest
+  magnitude maps to the largest finite e4m3 value. Round-to-nearest-even; the relative error of a value
+  is at most 2^-4 (3 mantissa bits) and, in e4m3's subnormal range (|W|/scale < 2^-6), the absolute
+  error is at most 2^-10 · scale.
+* ``fp8-block``: the same values with one scale per 128x128 block, ``scale [⌈out/128⌉, ⌈in/128⌉]``
+  (the layout of block-quantised fp8 checkpoints); the same bounds with the block's amax.
+* ``int8``: symmetric, ``scale [out] = amax_row / 127``, ``q = round(W / scale)`` in [-127, 127]; the
   absolute error is at most scale / 2.
+* ``int4``: symmetric per group of input columns (128, or the largest power of two dividing ``in``
+  when 128 does not), ``scale [out, in/group] = amax_group / 7``, values ``round(W / scale)`` in
+  [-7, 7] packed two per byte (``uint8 [out, in/2]``); the absolute error is at most scale / 2.
 
-A row that is all zeros gets ``scale = 1`` (and q = 0), so it dequantises to exact zeros. Non-finite
+A row (block, group) that is all zeros gets scale 1 and dequantises to exact zeros. Non-finite
 weights are rejected. ``"bf16"`` means *unquantised*: the experts keep the model's activation dtype
 exactly as before (the name follows the planner's ``--expert-dtype``; in an fp32 model they stay fp32).
 
@@ -22,10 +29,10 @@ high precision as a whole.
 
 Compute
 -------
-:func:`moe_experts_quantized` has the semantics of :func:`engine.kernels.moe_experts`: assignments are
-grouped by expert, each active expert's three matrices are dequantised on the fly (``q.float() · scale``
-cast to the activation dtype) and one SwiGLU GEMM block runs over its tokens; weighted results are
-combined in fp32 with ``index_add_`` and cast back. The same code runs on CPU and CUDA (no fp8 kernel).
+:func:`engine.kernels.moe_experts` with ``scales=`` runs quantised stacked experts: on CUDA the fused
+Triton kernel dequantises each weight tile in registers (no bf16 copy of the weights); the torch path
+dequantises one active expert at a time. On the CPU, ``ExpertBank.pack_for_cpu`` turns a quantised
+bank into :class:`engine.kernels.moe.QuantizedCpuExperts` (torch's int8 / int4 weight-only kernels).
 """
 
 from __future__ import annotations
@@ -33,14 +40,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from engine.kernels.moe import check_routing, group_by_expert, swiglu
+from engine.kernels.dequant import FP8_BLOCK, INT4_MAX, INT8_MAX, dequantize, pack_int4, quantize_int8_rows
+from engine.kernels.moe import swiglu
 from engine.loader import CheckpointError, TensorReader, checkpoint_sources
 
-EXPERT_DTYPES = ("bf16", "fp8", "int8")
-QUANT_STORAGE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+EXPERT_DTYPES = ("bf16", "fp8", "fp8-block", "int8", "int4")
+QUANT_STORAGE = {"fp8": torch.float8_e4m3fn, "fp8-block": torch.float8_e4m3fn, "int8": torch.int8,
+                 "int4": torch.uint8}
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
-INT8_MAX = 127.0
+INT4_GROUP = 128  # input columns per int4 scale (when they divide the input width)
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -50,38 +60,75 @@ def check_expert_dtype(expert_dtype: str) -> str:
     return expert_dtype
 
 
-def storage_kind(t: torch.Tensor) -> str:
-    """'fp8' / 'int8' for quantised storage, 'bf16' (= unquantised) otherwise."""
-    for name, dt in QUANT_STORAGE.items():
-        if t.dtype == dt:
+def int4_group_size(cols: int) -> int:
+    """Input columns per int4 scale for a matrix of `cols` input columns."""
+    if cols % 2:
+        raise ValueError(f"int4 needs an even number of input columns, got {cols}")
+    group = INT4_GROUP
+    while cols % group:
+        group //= 2
+    return group
+
+
+def storage_kind(t: torch.Tensor, scale: torch.Tensor | None = None) -> str:
+    """'fp8' / 'fp8-block' / 'int8' / 'int4' for quantised storage, 'bf16' (= unquantised) otherwise.
+    fp8 per-channel and block storage differ only by the scale's shape (pass it to tell them apart)."""
+    if t.dtype == torch.float8_e4m3fn:
+        return "fp8-block" if scale is not None and scale.dim() == t.dim() else "fp8"
+    for name in ("int8", "int4"):
+        if t.dtype == QUANT_STORAGE[name]:
             return name
     return "bf16"
 
 
-def _row_scales(w: torch.Tensor, qmax: float) -> torch.Tensor:
-    amax = w.abs().amax(dim=-1)
+def _scales(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     if not bool(torch.isfinite(amax).all()):
         raise ValueError("cannot quantise a weight with non-finite values")
     return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
 
 
+def _block_amax(w: torch.Tensor) -> torch.Tensor:
+    """|W| max per 128x128 block of [..., out, in] -> [..., ⌈out/128⌉, ⌈in/128⌉]."""
+    out, cols = w.shape[-2:]
+    rows_b, cols_b = -(-out // FP8_BLOCK), -(-cols // FP8_BLOCK)
+    padded = F.pad(w.abs(), (0, cols_b * FP8_BLOCK - cols, 0, rows_b * FP8_BLOCK - out))
+    return padded.reshape(*w.shape[:-2], rows_b, FP8_BLOCK, cols_b, FP8_BLOCK).amax(dim=(-3, -1))
+
+
 def quantize(w: torch.Tensor, expert_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [..., out, in] (any float dtype) -> (q [..., out, in] in fp8/int8, scale [..., out] fp32)."""
+    """W [..., out, in] (any float dtype) -> (q, scale fp32) in the storage of `expert_dtype`
+    (shapes in the module doc)."""
     if expert_dtype not in QUANT_STORAGE:
         raise ValueError(f"quantize: expert dtype must be one of {sorted(QUANT_STORAGE)}, got {expert_dtype!r}")
     w = w.float()
+    out, cols = w.shape[-2:]
     if expert_dtype == "fp8":
-        scale = _row_scales(w, FP8_MAX)
+        scale = _scales(w.abs().amax(dim=-1), FP8_MAX)
         q = (w / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    elif expert_dtype == "fp8-block":
+        scale = _scales(_block_amax(w), FP8_MAX)
+        full = scale.repeat_interleave(FP8_BLOCK, -1)[..., :cols].repeat_interleave(FP8_BLOCK, -2)[..., :out, :]
+        q = (w / full).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    elif expert_dtype == "int8":
+        q, scale = quantize_int8_rows(w)
     else:
-        scale = _row_scales(w, INT8_MAX)
-        q = torch.round(w / scale.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+        group = int4_group_size(cols)
+        grouped = w.reshape(*w.shape[:-1], cols // group, group)
+        scale = _scales(grouped.abs().amax(dim=-1), float(INT4_MAX))
+        values = torch.round(grouped / scale.unsqueeze(-1)).clamp_(-INT4_MAX, INT4_MAX).reshape(w.shape)
+        q = pack_int4(values.to(torch.int8))
     return q, scale
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q [..., out, in], scale [..., out] -> q · scale in fp32, then cast to `dtype`."""
-    return (q.to(torch.float32) * scale.unsqueeze(-1)).to(dtype)
+def stacked_shapes(expert_dtype: str, experts: int, inter: int, hidden: int) -> dict[str, tuple[tuple, tuple]]:
+    """Per projection, (q shape, scale shape) of a stacked [E, ...] bank stored as `expert_dtype`."""
+    def one(out: int, cols: int) -> tuple[tuple, tuple]:
+        if expert_dtype == "int4":
+            return (experts, out, cols // 2), (experts, out, cols // int4_group_size(cols))
+        if expert_dtype == "fp8-block":
+            return (experts, out, cols), (experts, -(-out // FP8_BLOCK), -(-cols // FP8_BLOCK))
+        return (experts, out, cols), (experts, out)
+    return {"gate_proj": one(inter, hidden), "up_proj": one(inter, hidden), "down_proj": one(hidden, inter)}
 
 
 @dataclass
@@ -99,9 +146,16 @@ class ExpertWeights:
     def quantized(self) -> bool:
         return self.gate_scale is not None
 
+    @property
+    def kind(self) -> str:
+        return storage_kind(self.gate, self.gate_scale)
+
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.gate, self.up, self.down, self.gate_scale, self.up_scale, self.down_scale)
                 if t is not None]
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        return (self.gate_scale, self.up_scale, self.down_scale) if self.quantized else None
 
     @property
     def nbytes(self) -> int:
@@ -135,36 +189,12 @@ class ExpertWeights:
     @classmethod
     def from_float(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, expert_dtype: str,
                    dtype: torch.dtype) -> "ExpertWeights":
-        """Build from high-precision matrices: quantised for fp8/int8, cast to `dtype` for 'bf16'."""
+        """Build from high-precision matrices: quantised for fp8/int8/int4, cast to `dtype` for 'bf16'."""
         check_expert_dtype(expert_dtype)
         if expert_dtype == "bf16":
             return cls(gate.to(dtype), up.to(dtype), down.to(dtype))
         (qg, sg), (qu, su), (qd, sd) = (quantize(w, expert_dtype) for w in (gate, up, down))
         return cls(qg, qu, qd, sg, su, sd)
-
-
-def moe_experts_quantized(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                          s_gate: torch.Tensor, s_up: torch.Tensor, s_down: torch.Tensor,
-                          topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """:func:`engine.kernels.moe_experts` on quantised stacked weights: w_gate, w_up [E, I, H] and
-    w_down [E, H, I] in fp8/int8 with scales [E, I], [E, I], [E, H]. Each active expert is dequantised
-    to x's dtype just before its GEMM block; the combine is fp32 as in the reference."""
-    if x.dim() != 2 or w_gate.dim() != 3 or w_gate.shape != w_up.shape or w_gate.shape[2] != x.shape[1] \
-            or w_down.shape != (w_gate.shape[0], w_gate.shape[2], w_gate.shape[1]):
-        raise ValueError(f"inconsistent shapes: x {tuple(x.shape)}, w_gate {tuple(w_gate.shape)}, "
-                         f"w_down {tuple(w_down.shape)}")
-    if s_gate.shape != w_gate.shape[:2] or s_up.shape != w_up.shape[:2] or s_down.shape != w_down.shape[:2]:
-        raise ValueError("scales must be one fp32 value per output channel: [E, I], [E, I], [E, H]")
-    check_routing(topk_ids, topk_weights, x.shape[0])
-    groups = group_by_expert(topk_ids, topk_weights, w_gate.shape[0])
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for i, e in enumerate(groups.experts):
-        start, end = groups.offsets[i], groups.offsets[i + 1]
-        tokens = groups.token_index[start:end]
-        y = swiglu(x.index_select(0, tokens), dequantize(w_gate[e], s_gate[e], x.dtype),
-                   dequantize(w_up[e], s_up[e], x.dtype), dequantize(w_down[e], s_down[e], x.dtype))
-        out.index_add_(0, tokens, y.float() * groups.weights[start:end, None])
-    return out.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,19 +235,32 @@ def set_bank_storage(bank, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
         bank._buffers[f"{name}_scale"] = value
 
 
+def set_meta_storage(bank, expert_dtype: str, dtype: torch.dtype) -> None:
+    """Meta placeholders of the stacked storage (shapes and dtypes of `expert_dtype`) for a bank whose
+    experts live elsewhere (the expert runtime, a CPU pack): parameter counts stay those of the format."""
+    e_n, inter, hidden = bank_dims(bank)
+    if expert_dtype == "bf16":
+        for p in PROJECTIONS:
+            bank._parameters[p] = torch.nn.Parameter(torch.empty(bank._parameters[p].shape, dtype=dtype,
+                                                                 device="meta"), requires_grad=False)
+        return
+    shapes = stacked_shapes(expert_dtype, e_n, inter, hidden)
+    set_bank_storage(bank, *(torch.empty(shapes[p][0], dtype=QUANT_STORAGE[expert_dtype], device="meta")
+                             for p in PROJECTIONS),
+                     tuple(torch.empty(shapes[p][1], device="meta") for p in PROJECTIONS))
+
+
 def load_quantized_bank(bank, reader: TensorReader, prefix: str, bank_name: str, expert_dtype: str,
                         device: torch.device | str, progress=None) -> set[str]:
-    """Fill `bank` (an ExpertBank, possibly on meta) with fp8/int8 experts quantised one at a time
-    from the checkpoint. Returns the checkpoint names consumed."""
+    """Fill `bank` (an ExpertBank, possibly on meta) with experts quantised one at a time from the
+    checkpoint. Returns the checkpoint names consumed."""
     if expert_dtype not in QUANT_STORAGE:
-        raise ValueError(f"load_quantized_bank: expert dtype must be fp8 or int8, got {expert_dtype!r}")
+        raise ValueError(f"load_quantized_bank: expert dtype must be one of {sorted(QUANT_STORAGE)}, "
+                         f"got {expert_dtype!r}")
     e_n, inter, hidden = bank.gate_proj.shape
-    store = QUANT_STORAGE[expert_dtype]
-    q = {p: torch.empty(shape, dtype=store, device=device)
-         for p, shape in (("gate_proj", (e_n, inter, hidden)), ("up_proj", (e_n, inter, hidden)),
-                          ("down_proj", (e_n, hidden, inter)))}
-    s = {p: torch.empty(shape, dtype=torch.float32, device=device)
-         for p, shape in (("gate_proj", (e_n, inter)), ("up_proj", (e_n, inter)), ("down_proj", (e_n, hidden)))}
+    shapes = stacked_shapes(expert_dtype, e_n, inter, hidden)
+    q = {p: torch.empty(shapes[p][0], dtype=QUANT_STORAGE[expert_dtype], device=device) for p in PROJECTIONS}
+    s = {p: torch.empty(shapes[p][1], dtype=torch.float32, device=device) for p in PROJECTIONS}
     consumed: set[str] = set()
     for e, *mats in read_checkpoint_experts(reader, prefix, bank_name, e_n, inter, hidden, consumed):
         for proj, w in zip(PROJECTIONS, mats):
@@ -242,8 +285,19 @@ def quantize_bank_(bank, expert_dtype: str) -> None:
     set_bank_storage(bank, *(stacked[p][0] for p in PROJECTIONS), tuple(stacked[p][1] for p in PROJECTIONS))
 
 
+def bank_dims(bank) -> tuple[int, int, int]:
+    """(experts, intermediate, hidden) of an ExpertBank in any storage (int4 packs two columns per byte)."""
+    return bank.gate_proj.shape[0], bank.gate_proj.shape[1], bank.down_proj.shape[1]
+
+
+def bank_scales(bank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(gate, up, down) scales of a quantised ExpertBank, None for a plain one."""
+    sc = tuple(getattr(bank, f"{p}_scale") for p in PROJECTIONS)
+    return None if sc[0] is None else sc
+
+
 def bank_expert(bank, e: int) -> ExpertWeights:
     """Expert `e` of an ExpertBank as views (no copy), quantised or plain."""
-    sc = [getattr(bank, f"{p}_scale") for p in PROJECTIONS]
+    sc = bank_scales(bank) or (None, None, None)
     return ExpertWeights(bank.gate_proj[e], bank.up_proj[e], bank.down_proj[e],
                          *(None if s is None else s[e] for s in sc))

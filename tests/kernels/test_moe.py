@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from engine.kernels import (
     PackedExperts,
     moe_experts,
+    moe_experts_dequant_reference,
     moe_experts_packed,
     moe_experts_reference,
     onednn_packing_available,
@@ -248,3 +249,57 @@ def test_packed_linear_matches_linear(dtype, bias):
     assert packed.weight.shape == lin.weight.shape and packed.weight.device.type == "meta"
     seq = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Sequential(torch.nn.Linear(8, 4)))
     assert pack_linears(seq) == 2 and isinstance(seq[1][0], PackedLinear)
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantised experts dequantised inside the Triton kernel
+# ------------------------------------------------------------------------------------------------
+
+QUANT_KINDS = ["fp8", "fp8-block", "int8", "int4"]
+# The kernel dequantises like the reference (fp32 product, one rounding to the activation dtype), so
+# what remains is the dot's summation order: the tolerances of the plain kernel apply.
+
+
+def quantized_inputs(case: MoeCase, dtype: torch.dtype, kind: str):
+    from engine.placement.quant import quantize
+
+    x, w_gate, w_up, w_down, ids, weights = make_inputs(case, torch.float32)
+    (qg, sg), (qu, su), (qd, sd) = (quantize(w, kind) for w in (w_gate, w_up, w_down))
+    return x.to(dtype), qg, qu, qd, (sg, su, sd), ids, weights
+
+
+# Under the interpreter bf16 dots are upcast to fp32 (its bf16 tl.dot is wrong); fp16 and fp32 run
+# the dot in the activation dtype.
+@pytest.mark.parametrize("direct", [False, True], ids=["sorted", "direct"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", QUANT_KINDS)
+def test_triton_dequantizes_in_the_kernel(kind: str, dtype: torch.dtype, direct: bool) -> None:
+    case = CASES[0] if not direct else CASES[2]
+    x, qg, qu, qd, scales, ids, weights = quantized_inputs(case, dtype, kind)
+    want = moe_experts_dequant_reference(x, qg, qu, qd, scales, ids, weights)
+    got = moe_experts_triton(x, qg, qu, qd, ids, weights, scales=scales, block_n=TRITON_TILE, block_k=TRITON_TILE,
+                             direct=direct)
+    assert_close_scaled(got, want)
+    # and the dispatcher picks the kernel for impl="triton"
+    assert_close_scaled(moe_experts(x, qg, qu, qd, ids, weights, impl="triton", scales=scales), want)
+
+
+def test_triton_block_scales_across_several_blocks() -> None:
+    # H 144 and I 136 span two 128-wide scale blocks each way, not multiples of the tiles
+    case = MoeCase("blocks", tokens=3, hidden=144, inter=136, experts=3, top_k=2)
+    x, qg, qu, qd, scales, ids, weights = quantized_inputs(case, torch.float32, "fp8-block")
+    assert scales[0].shape == (3, 2, 2)
+    want = moe_experts_dequant_reference(x, qg, qu, qd, scales, ids, weights)
+    got = moe_experts_triton(x, qg, qu, qd, ids, weights, scales=scales, block_n=64, block_k=64)
+    assert_close_scaled(got, want)
+
+
+def test_triton_quantized_skips_negative_ids_and_sums_in_fp32() -> None:
+    x, qg, qu, qd, scales, ids, weights = quantized_inputs(CASES[0], torch.float32, "int4")
+    local = torch.where(ids % 2 == 0, ids, -1)  # odd experts live elsewhere
+    kept = weights * (local >= 0)
+    want = moe_experts_dequant_reference(x, qg, qu, qd, scales, torch.where(local >= 0, local, 0), kept)
+    got = moe_experts_triton(x, qg, qu, qd, local, weights, scales=scales, skip_negative_ids=True,
+                             out_dtype=torch.float32, block_n=TRITON_TILE, block_k=TRITON_TILE)
+    assert got.dtype == torch.float32
+    assert_close_scaled(got, want)

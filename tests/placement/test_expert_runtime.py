@@ -6,6 +6,7 @@ the fetch threshold; public parity cases still pass when loaded through a real e
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from engine.placement.expert_runtime import (CPU, DeviceMap, ExpertPlacement, Ho
                                 TransferModel)
 from engine.placement.planner import DeviceSpec, GPUSpec, model_sizes, plan_placement
 from engine.models.thinker.positions import PositionTokens, rope_index
-from engine.placement.quant import moe_experts_quantized, quantize_bank_
+from engine.kernels.moe import moe_experts_dequant_reference
+from engine.placement.quant import bank_scales, quantize_bank_
 from engine.models.thinker.model import load_model
 from tests.paths import fixture_case
 
@@ -162,10 +164,11 @@ def test_quantized_experts_through_the_runtime():
         quantize_bank_(llm.bank(l), "fp8")
     b = llm.bank(1)
     steps = [_inputs(seed=s) for s in range(3)]
-    expected = [moe_experts_quantized(x, b.gate_proj, b.up_proj, b.down_proj, b.gate_proj_scale, b.up_proj_scale,
-                                      b.down_proj_scale, ids, w) for x, ids, w in steps]
+    expected = [moe_experts_dequant_reference(x, b.gate_proj, b.up_proj, b.down_proj, bank_scales(b), ids, w)
+                for x, ids, w in steps]
     rt = MoERuntime.attach(llm, ExpertPlacement(SPLIT, {1: 0, 2: 1}),
-                           RuntimeOptions(device_map=DeviceMap.simulated(2), cache_capacity=3, fetch_threshold=5))
+                           RuntimeOptions(device_map=DeviceMap.simulated(2), cache_capacity=3, fetch_threshold=5,
+                                          cpu_kernels=False))  # the reference semantics: dequantise per call
     assert llm.bank(1).expert_dtype == "fp8" and rt.layers[1].experts[0].quantized
     for s, (x, ids, w) in enumerate(steps):
         assert torch.equal(llm.bank(1)(x, ids, w), expected[s])
@@ -266,7 +269,8 @@ def test_load_model_with_plan_equals_plain_load(tiny_checkpoint, kind):
     cfg = MingConfig.from_file(tiny_checkpoint)
     moe = [i for i in range(cfg.llm.num_hidden_layers) if cfg.llm.is_moe_layer(i)]
     slots = {l: tuple((e % 3) - 1 for e in range(cfg.llm.num_experts)) for l in moe}  # CPU, gpu0, gpu1, ...
-    plain = load_model(tiny_checkpoint, dtype="fp32", device="cpu", expert_dtype=kind)
+    # the runtime computes quantised experts by dequantising them (the reference), as an unpacked load does
+    plain = load_model(tiny_checkpoint, dtype="fp32", device="cpu", expert_dtype=kind, pack_cpu_experts=False)
     placed = load_model(tiny_checkpoint, dtype="fp32", device="cpu", expert_dtype=kind,
                         plan=ExpertPlacement(slots, {l: 0 for l in moe}),
                         runtime_options=RuntimeOptions(device_map=DeviceMap.simulated(2), cache_capacity=4))
@@ -304,3 +308,102 @@ def test_plan_places_non_expert_modules(tiny_checkpoint):
     assert all(p.device.type == "meta" for m in enc.components().values() for p in m.parameters())
     assert all(layer.device.type == "cpu" for layer in llm.model.layers)
     assert llm.model.layers[1].mlp.experts.gate_proj.device.type == "cpu"  # experts are left to the runtime
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_cpu_workers_and_fetch_window_keep_the_result(workers):
+    """Host-resident experts computed on 0 (inline), 1 or 3 worker threads while the calling thread
+    computes the (simulated) GPU's experts, and fetches streamed 1 or 2 ahead: the same bits as the
+    single-device path (the combine order does not depend on who computed what)."""
+    placement = ExpertPlacement(SPLIT, {1: 0, 2: 1})
+    llm = _ToyLLM()
+    steps = [_inputs(seed=s) for s in range(3)] + [_inputs(t=1, seed=9)]
+    expected = {(l, s): _reference(llm, l, *steps[s]) for l in (1, 2) for s in range(len(steps))}
+    rt = MoERuntime.attach(llm, placement, RuntimeOptions(device_map=DeviceMap.simulated(2), cpu_workers=workers,
+                                                          fetch_window=1 + workers % 2, fetch_threshold=30))
+    buffers = []
+    for s in range(len(steps)):
+        for l in (1, 2):
+            assert torch.equal(llm.bank(l)(*steps[s]), expected[(l, s)]), (workers, l, s)
+        buffers.append(rt.layers[1].staging._buffers["inputs"].data_ptr())
+    st = rt.stats
+    assert st.tokens.get("cpu", 0) > 0 and st.fetches > 0
+    # two activation transfers per layer call that has CPU work, however many experts it computes
+    assert st.host_transfers == 2 * sum(1 for s in range(len(steps)) for l in (1, 2)
+                                        if any(SPLIT[l][e] == CPU for e in steps[s][1].flatten().tolist()))
+    assert len(set(buffers[:3])) == 1  # the staging buffer is reused (it grows only for more rows)
+    rt.close()
+
+
+def test_calibration_measures_this_machine():
+    placement = ExpertPlacement(SPLIT, {1: 0, 2: 1})
+    llm = _ToyLLM()
+    rt = MoERuntime.attach(llm, placement, RuntimeOptions(device_map=DeviceMap.simulated(2), calibrate=True,
+                                                          cache_capacity=2))
+    t = rt.transfer
+    assert t is not rt.options.transfer and t.efficiency == 1.0
+    for rate in (t.pcie_gbs, t.host_gbs, t.cpu_gflops, t.hop_latency_us):
+        assert math.isfinite(rate) and rate > 0
+    lr = rt.layers[1]
+    assert rt.threshold(lr, 4) == t.fetch_threshold(lr.experts[0].nbytes, H, I, 4)
+    x, ids, w = _inputs()
+    assert torch.equal(llm.bank(1)(x, ids, w), _reference(_ToyLLM(), 1, x, ids, w))
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+def test_fused_gpu_slots_run_quantised_experts_in_the_kernel(kind):
+    """Quantised experts resident on a GPU are stacked (values and scales) and dequantised inside the
+    fused Triton call (forced, under the interpreter, on simulated devices)."""
+    llm = _ToyLLM()
+    for l in (1, 2):
+        quantize_bank_(llm.bank(l), kind)
+    b1 = llm.bank(1)
+    ref_w = (b1.gate_proj.clone(), b1.up_proj.clone(), b1.down_proj.clone(), tuple(s.clone() for s in bank_scales(b1)))
+    rt = MoERuntime.attach(llm, ExpertPlacement(SPLIT, {1: 0, 2: 1}),
+                           RuntimeOptions(device_map=DeviceMap.simulated(2), fused_gpu_experts="triton",
+                                          fetch_threshold=-1, cpu_kernels=False))
+    fused = rt.layers[1].fused[0]
+    assert fused.scales is not None and fused.gate.dtype == b1.gate_proj.dtype
+    x, ids, w = _inputs(t=6)
+    want = moe_experts_dequant_reference(x, *ref_w, ids, w)
+    got = llm.bank(1)(x, ids, w)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+class _KernelCfg:  # shapes torch's int8 / int4 CPU kernels take
+    num_experts, hidden_size, moe_intermediate_size = 8, 64, 32
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8", "int4"])
+def test_host_experts_run_the_cpu_kernels(kind):
+    """Host-resident quantised experts run torch's CPU kernels (fp8 re-quantised to int8 for them):
+    close to the dequantised reference, and a fetch copies what the host holds."""
+    torch.manual_seed(0)
+    llm = _ToyLLM()
+    for l in (1, 2):
+        bank = ExpertBank(_KernelCfg).requires_grad_(False)
+        for p_ in bank.parameters():
+            p_.normal_(0, 0.2)
+        llm.model.layers[l].mlp.experts = bank
+        quantize_bank_(bank, kind)
+    b1 = llm.bank(1)
+    ref_w = (b1.gate_proj.clone(), b1.up_proj.clone(), b1.down_proj.clone(), tuple(s.clone() for s in bank_scales(b1)))
+    rt = MoERuntime.attach(llm, ExpertPlacement(SPLIT, {1: 0, 2: 1}),
+                           RuntimeOptions(device_map=DeviceMap.simulated(2), fetch_threshold=30, cpu_workers=1))
+    lr = rt.layers[1]
+    host = [e for e, s_ in enumerate(SPLIT[1]) if s_ == CPU]
+    assert all(lr.experts[e].kind == ("int8" if kind == "fp8" else kind) for e in host)
+    assert all(lr.experts[e].kind == kind for e, s_ in enumerate(SPLIT[1]) if s_ != CPU)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 64, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(40)])
+    w = torch.rand(40, 3, generator=g) * 2.5
+    want = moe_experts_dequant_reference(x, *ref_w, ids, w)
+    got = llm.bank(1)(x, ids, w)
+    # int8/int4: the kernels' summation order only; fp8: plus the int8 re-quantisation of host experts
+    tol = 0.05 if kind == "fp8" else 1e-4
+    assert float((got - want).abs().max()) <= tol * float(want.abs().max())
+    assert rt.stats.tokens.get("cpu", 0) > 0
+    _index, packed = lr._cpu_kernels[torch.float32]
+    assert packed.kernel == ("int8" if kind == "fp8" else kind) and packed.dequant_fallbacks == 0
+    rt.close()

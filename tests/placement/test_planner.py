@@ -122,8 +122,50 @@ def test_expert_bytes_per_dtype(cfg):
     assert expert_bytes(cfg.llm, "bf16") == 3 * 4096 * 1024 * 2 == 25_165_824
     scales = (2 * 1024 + 4096) * 4  # one fp32 scale per output channel of gate, up, down
     assert expert_bytes(cfg.llm, "fp8") == expert_bytes(cfg.llm, "int8") == 3 * 4096 * 1024 + scales
+    # fp8 with one scale per 128x128 block: 8x32 blocks per gate/up, 32x8 per down
+    assert expert_bytes(cfg.llm, "fp8-block") == 3 * 4096 * 1024 + 3 * 8 * 32 * 4
+    # int4: half a byte per weight; one scale per 128 input columns of each row
+    assert expert_bytes(cfg.llm, "int4") == 3 * 4096 * 1024 // 2 + (2 * 1024 * 32 + 4096 * 8) * 4
     with pytest.raises(PlanError):
         expert_bytes(cfg.llm, "fp4")
+
+
+def test_expert_bytes_match_the_engine_storage(cfg):
+    """The planner's sizes equal what engine.placement.quant stores (shapes of a stacked bank)."""
+    import torch
+
+    from engine.placement.quant import QUANT_STORAGE, stacked_shapes
+
+    h, i = cfg.llm.hidden_size, cfg.llm.moe_intermediate_size
+    for kind in ("fp8", "fp8-block", "int8", "int4"):
+        shapes = stacked_shapes(kind, 1, i, h)
+        item = torch.empty(0, dtype=QUANT_STORAGE[kind]).element_size()
+        nbytes = sum(math.prod(q) * item + math.prod(sc) * 4 for q, sc in shapes.values())
+        assert expert_bytes(cfg.llm, kind) == nbytes, kind
+
+
+def test_cpu_only_plan(cfg):
+    devices = DeviceSpec.parse("none", "64GB")
+    assert devices.gpus == ()
+    with pytest.raises(PlanError, match="--linear-dtype int8"):
+        plan_placement(cfg, devices, "int4")  # int4 experts alone with bf16 linears, 8 GiB reserve: too big
+    p = plan_placement(cfg, devices, "int4", kv_tokens=8192, host_reserve="2GiB", linear_dtype="int8")
+    assert p.gpus == () and p.cpu_experts == N_EXPERTS and all(m.device == "cpu" for m in p.modules)
+    assert p.host.free_bytes >= 0 and p.kv_max_tokens >= 8192
+    # every byte a token reads comes from host memory: weights + KV + top-k experts per MoE layer
+    rp = p.prediction.params
+    s = p.sizes
+    read = sum(m.decode_read_bytes for m in s.modules if m.kind != "encoder") \
+        + rp.context_tokens * s.kv_bytes_per_token + 31 * 8 * s.bytes_per_expert
+    assert p.prediction.host_bytes_per_token == read
+    assert p.prediction.ms_per_token == pytest.approx(read / (rp.host_gbs * 1e9 * rp.efficiency) * 1e3)
+    # int8 linears: attention/shared/dense/lm_head at a byte per weight (+ fp32 per output row)
+    by_name = {m.name: m for m in model_sizes(cfg, linear_dtype="int8").modules}
+    v, h, i_sh = 157184, 4096, 1024
+    assert by_name["lm_head"].nbytes == v * h + 4 * v
+    assert by_name["layers.1.shared_experts"].nbytes == 3 * h * i_sh + 4 * (2 * i_sh + h)
+    assert by_name["word_embeddings"].nbytes == 2 * v * h  # looked up, not multiplied: stays bf16
+    assert "no GPU" in render(p)
 
 
 @pytest.mark.parametrize("which", ["tiny", "spec"])

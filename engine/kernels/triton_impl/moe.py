@@ -12,6 +12,12 @@ Direct mode (decode, up to ``DIRECT_MAX_ASSIGNMENTS`` assignments): step 1 is sk
 program of the two kernels computes one assignment, reading its expert id straight from ``topk_ids``.
 An expert picked twice is then read twice, which costs nothing when a token's k experts are distinct.
 Tiles per batch size come from an H100 sweep (``LAUNCH_CONFIGS``).
+
+Quantised experts (``scales=``; formats of :mod:`engine.kernels.dequant`): every weight tile is loaded
+as stored (fp8 / int8 bytes, or int4 nibbles two per byte), multiplied by its scales in fp32 and
+rounded to the activation dtype in registers, exactly as ``dequantize(q, s, x.dtype)`` does, before
+the ``tl.dot``. No dequantised copy of the weights exists in memory; per-channel, 128x128-block and
+int4 group scales are one code path (a scale per (row block, column block) of the tile).
 """
 
 from __future__ import annotations
@@ -23,8 +29,17 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ..moe import check_moe_args
+from ..dequant import INT4_OFFSET, NIBBLE_BITS, NIBBLE_MASK, scale_layout
+from ..moe import Scales, check_moe_args, check_quantized_moe_args
 from .common import interpreting, round_to
+
+# How the kernels read a weight tile: as stored, or dequantised with per-channel scales (fp8/int8),
+# int4 group scales, or 128x128 block scales (fp8-block).
+QUANT_NONE, QUANT_CHANNEL, QUANT_INT4, QUANT_BLOCK = 0, 1, 2, 3
+# Globals read inside @triton.jit code must be constexpr objects (plain ints only work in the interpreter).
+_NIBBLE_BITS = tl.constexpr(NIBBLE_BITS)
+_NIBBLE_MASK = tl.constexpr(NIBBLE_MASK)
+_INT4_OFFSET = tl.constexpr(INT4_OFFSET)
 
 # Tile sizes. tl.dot needs every tile dim >= 16.
 DEFAULT_BLOCK_M = 16
@@ -67,10 +82,42 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 
 @triton.jit
+def _weight_tile(w_ptr, s_ptr, expert, offs_n, offs_k, n_valid, mask, stride_we, stride_wn, stride_wk,
+                 stride_se, stride_sn, stride_sk, group_n, group_k, act_dtype: tl.constexpr,
+                 QUANT: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile W[n, k]^T of one expert in the activation dtype: loaded as is
+    (QUANT_NONE) or dequantised in registers: value * scale in fp32, rounded once to the activation
+    dtype. QUANT_CHANNEL: fp8/int8 values, one scale per output row n; QUANT_INT4: two signed nibbles
+    per byte along k (low nibble first), scale[n, k // group_k]; QUANT_BLOCK: fp8 values,
+    scale[n // group_n, k // group_k]."""
+    if QUANT == 2:  # QUANT_INT4
+        raw = tl.load(w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + (offs_k[:, None] // 2) * stride_wk,
+                      mask=mask, other=0)
+        shift = (offs_k[:, None] % 2) * _NIBBLE_BITS
+        values = ((raw.to(tl.int32) >> shift) & _NIBBLE_MASK) - _INT4_OFFSET
+    else:
+        values = tl.load(w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                         mask=mask, other=0.0)
+    if QUANT == 0:  # QUANT_NONE
+        return values
+    if QUANT == 1:  # QUANT_CHANNEL: one scale per column of the tile
+        scale = tl.load(s_ptr + expert * stride_se + offs_n * stride_sn, mask=n_valid, other=0.0)[None, :]
+    elif QUANT == 2:
+        scale = tl.load(s_ptr + expert * stride_se + offs_n[None, :] * stride_sn + (offs_k[:, None] // group_k) * stride_sk,
+                        mask=mask, other=0.0)
+    else:
+        scale = tl.load(s_ptr + expert * stride_se + (offs_n[None, :] // group_n) * stride_sn
+                        + (offs_k[:, None] // group_k) * stride_sk, mask=mask, other=0.0)
+    return round_to(values.to(tl.float32) * scale, act_dtype, EMULATE_BF16_RTNE)
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr,
     w_gate_ptr,
     w_up_ptr,
+    s_gate_ptr,
+    s_up_ptr,
     h_ptr,
     sorted_ptr,
     block_expert_ptr,
@@ -83,7 +130,13 @@ def _gate_up_kernel(
     stride_we,
     stride_wn,
     stride_wk,
+    stride_se,
+    stride_sn,
+    stride_sk,
+    group_n,
+    group_k,
     stride_ht,
+    QUANT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -120,10 +173,13 @@ def _gate_up_kernel(
             mask=row_valid[:, None] & k_valid[None, :],
             other=0.0,
         )
-        w_offsets = expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
         w_mask = k_valid[:, None] & n_valid[None, :]
-        b_gate = tl.load(w_gate_ptr + w_offsets, mask=w_mask, other=0.0)
-        b_up = tl.load(w_up_ptr + w_offsets, mask=w_mask, other=0.0)
+        b_gate = _weight_tile(w_gate_ptr, s_gate_ptr, expert, offs_n, offs_k, n_valid, w_mask, stride_we, stride_wn, stride_wk,
+                              stride_se, stride_sn, stride_sk, group_n, group_k, x_ptr.dtype.element_ty, QUANT,
+                              EMULATE_BF16_RTNE)
+        b_up = _weight_tile(w_up_ptr, s_up_ptr, expert, offs_n, offs_k, n_valid, w_mask, stride_we, stride_wn, stride_wk,
+                            stride_se, stride_sn, stride_sk, group_n, group_k, x_ptr.dtype.element_ty, QUANT,
+                            EMULATE_BF16_RTNE)
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             b_gate = b_gate.to(tl.float32)
@@ -148,6 +204,7 @@ def _gate_up_kernel(
 def _down_kernel(
     h_ptr,
     w_down_ptr,
+    s_down_ptr,
     out_ptr,
     routing_weight_ptr,
     sorted_ptr,
@@ -160,7 +217,13 @@ def _down_kernel(
     stride_we,
     stride_wn,
     stride_wk,
+    stride_se,
+    stride_sn,
+    stride_sk,
+    group_n,
+    group_k,
     stride_ot,
+    QUANT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -195,11 +258,9 @@ def _down_kernel(
             mask=row_valid[:, None] & k_valid[None, :],
             other=0.0,
         )
-        b = tl.load(
-            w_down_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-            mask=k_valid[:, None] & n_valid[None, :],
-            other=0.0,
-        )
+        b = _weight_tile(w_down_ptr, s_down_ptr, expert, offs_n, offs_k, n_valid, k_valid[:, None] & n_valid[None, :],
+                         stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, group_n, group_k,
+                         h_ptr.dtype.element_ty, QUANT, EMULATE_BF16_RTNE)
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -277,6 +338,7 @@ def moe_experts_triton(
     direct: bool | None = None,
     skip_negative_ids: bool = False,
     out_dtype: torch.dtype | None = None,
+    scales: Scales | None = None,
 ) -> torch.Tensor:
     """Triton implementation of :func:`engine.kernels.moe_experts` (same arguments and result).
     Tiles, launch options and the direct (unsorted) mode default to :func:`launch_config`; they are
@@ -286,10 +348,13 @@ def moe_experts_triton(
     ``skip_negative_ids``: assignments whose id is negative contribute nothing (the expert runtime
     passes the experts of one GPU with local ids, -1 for the experts that live elsewhere).
     ``out_dtype``: the dtype of the summed result (default x's; fp32 keeps the partial sums of several
-    devices unrounded until they are combined)."""
-    check_moe_args(x, w_gate, w_up, w_down, topk_ids, topk_weights)
+    devices unrounded until they are combined).
+    ``scales``: (gate, up, down) scales of quantised weights, dequantised tile by tile in the kernels."""
+    if scales is None:
+        check_moe_args(x, w_gate, w_up, w_down, topk_ids, topk_weights)
+    else:
+        check_quantized_moe_args(x, w_gate, w_up, w_down, scales, topk_ids, topk_weights)
     num_tokens, hidden = x.shape
-    num_experts, inter, _ = w_gate.shape
     top_k = topk_ids.shape[1]
     n_assign = num_tokens * top_k
     if n_assign == 0:
@@ -301,11 +366,13 @@ def moe_experts_triton(
 
     x = x.contiguous()
     w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
-    key = (x.device, x.dtype, cfg)
+    if scales is not None:
+        scales = tuple(s.contiguous() for s in scales)
+    key = (x.device, x.dtype, w_gate.dtype, cfg)
     cfg = _FITTED.get(key, cfg)
     while True:
         try:
-            out = _run(cfg, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids)
+            out = _run(cfg, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids, scales)
         except OutOfResources:
             fallback = smaller(cfg)
             if fallback is None:
@@ -316,10 +383,25 @@ def moe_experts_triton(
         return out.to(out_dtype or x.dtype)
 
 
-def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids=False) -> torch.Tensor:
+def _scale_args(w: torch.Tensor, scale: torch.Tensor | None) -> tuple:
+    """(QUANT mode, scale tensor, stride_se, stride_sn, stride_sk, group_n, group_k) of one stacked weight."""
+    if scale is None:
+        return QUANT_NONE, w, 0, 0, 0, 1, 1
+    layout = scale_layout(w, scale)
+    if layout.block_in == 0:  # per channel: [E, out]
+        return QUANT_CHANNEL, scale, scale.stride(0), scale.stride(1), 0, 1, 1
+    mode = QUANT_INT4 if layout.packed_int4 else QUANT_BLOCK
+    return mode, scale, scale.stride(0), scale.stride(1), scale.stride(2), layout.block_out, layout.block_in
+
+
+def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids=False,
+         scales: Scales | None = None) -> torch.Tensor:
     """Both kernels with one configuration; the fp32 sum over each token's slots."""
     num_tokens, hidden = x.shape
-    num_experts, inter, _ = w_gate.shape
+    num_experts, inter = w_gate.shape[:2]
+    gate_q = _scale_args(w_gate, None if scales is None else scales[0])
+    up_q = _scale_args(w_up, None if scales is None else scales[1])
+    down_q = _scale_args(w_down, None if scales is None else scales[2])
     top_k = topk_ids.shape[1]
     n_assign = num_tokens * top_k
     block_m, block_n, block_k, direct = cfg.block_m, cfg.block_n, cfg.block_k, cfg.direct
@@ -344,10 +426,10 @@ def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, ski
     launch = {k: v for k, v in (("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages)) if v is not None}
     h = torch.empty((n_assign, inter), dtype=x.dtype, device=x.device)
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, block_n))](
-        x, w_gate, w_up, h, sorted_assignments, block_expert, flat_ids,
+        x, w_gate, w_up, gate_q[1], up_q[1], h, sorted_assignments, block_expert, flat_ids,
         n_assign, top_k, hidden, inter,
-        x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), h.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), *gate_q[2:], h.stride(0),
+        QUANT=gate_q[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(), DIRECT=direct,
         **launch,
     )  # fmt: skip
@@ -355,10 +437,10 @@ def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, ski
     slot_out = (torch.zeros if skip_negative_ids else torch.empty)((n_assign, hidden), dtype=torch.float32,
                                                                    device=x.device)
     _down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
-        h, w_down, slot_out, routing_weights, sorted_assignments, block_expert, flat_ids,
+        h, w_down, down_q[1], slot_out, routing_weights, sorted_assignments, block_expert, flat_ids,
         n_assign, hidden, inter,
-        h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), slot_out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), *down_q[2:], slot_out.stride(0),
+        QUANT=down_q[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(), DIRECT=direct,
         **launch,
     )  # fmt: skip

@@ -157,8 +157,8 @@ class ExpertBank(nn.Module):
 
     Checkpoint names are per expert (`experts.{e}.gate_proj.weight`); engine.loader maps them.
 
-    Storage is plain (the model dtype) or, when loaded with expert_dtype fp8/int8 (engine.placement.quant),
-    fp8/int8 with one fp32 scale per output channel in `<proj>_scale` ([E, I], [E, I], [E, H]).
+    Storage is plain (the model dtype) or, when loaded with expert_dtype fp8/fp8-block/int8/int4
+    (engine.placement.quant), quantised values with fp32 scales in `<proj>_scale` (formats: engine.kernels.dequant).
     `runtime`, when set (engine.placement.expert_runtime), executes the experts instead of the stacked weights:
     a callable (x [T, H], ids [T, k], weights [T, k]) -> [T, H] with moe_experts' semantics.
     """
@@ -172,20 +172,35 @@ class ExpertBank(nn.Module):
         for name in ("gate_proj_scale", "up_proj_scale", "down_proj_scale"):
             self.register_buffer(name, None, persistent=False)
         self.runtime = None
-        self.packed: kernels.PackedExperts | None = None  # CPU bf16: oneDNN pre-packed copy (see pack_for_cpu)
+        self.packed = None  # CPU: kernels.PackedExperts (bf16, oneDNN) or QuantizedCpuExperts (see pack_for_cpu)
+        self._packed_kind = None
 
     @property
     def expert_dtype(self) -> str:
-        return quant.storage_kind(self.gate_proj)
+        if self._packed_kind is not None:
+            return self._packed_kind
+        return quant.storage_kind(self.gate_proj, self.gate_proj_scale)
 
-    def pack_for_cpu(self) -> None:
-        """Replace the stacked weights by a oneDNN pre-packed copy (gate and up fused per expert):
-        faster bf16 expert GEMMs on CPU. The stacked parameters become meta placeholders so the
-        memory is not held twice; shapes and parameter counts are unchanged."""
-        self.packed = kernels.PackedExperts.from_weights(self.gate_proj, self.up_proj, self.down_proj)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            old = self._parameters[name]
-            self._parameters[name] = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
+    def pack_for_cpu(self, dtype: torch.dtype | None = None) -> None:
+        """Replace the stacked weights by a copy laid out for the CPU kernels (gate and up fused per
+        expert): oneDNN pre-packed for plain weights, torch's int8 / int4 weight-only layouts for
+        quantised ones (activations in `dtype`, default the model's). The stacked tensors become meta
+        placeholders so the memory is not held twice; shapes and parameter counts are unchanged."""
+        scales = quant.bank_scales(self)
+        self._packed_kind = self.expert_dtype
+        if scales is None:
+            self.packed = kernels.PackedExperts.from_weights(self.gate_proj, self.up_proj, self.down_proj)
+        else:
+            self.packed = kernels.QuantizedCpuExperts.from_weights(
+                self.gate_proj, self.up_proj, self.down_proj, scales, dtype or torch.get_default_dtype(),
+                self._packed_kind.split("-")[0])
+            for name in ("gate_proj_scale", "up_proj_scale", "down_proj_scale"):
+                old = self._buffers[name]
+                self._buffers[name] = torch.empty(old.shape, dtype=old.dtype, device="meta")
+        e, i, h = quant.bank_dims(self)
+        for name, shape in (("gate_proj", (e, i, h)), ("up_proj", (e, i, h)), ("down_proj", (e, h, i))):
+            # logical shapes (int4 storage holds two columns per byte): parameter counts stay the checkpoint's
+            self._parameters[name] = nn.Parameter(torch.empty(shape, dtype=self._parameters[name].dtype, device="meta"),
                                                   requires_grad=False)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -193,10 +208,8 @@ class ExpertBank(nn.Module):
             return self.runtime(x, ids, weights)
         if self.packed is not None:
             return kernels.moe_experts_packed(x, self.packed, ids, weights)
-        if self.gate_proj_scale is not None:
-            return quant.moe_experts_quantized(x, self.gate_proj, self.up_proj, self.down_proj, self.gate_proj_scale,
-                                               self.up_proj_scale, self.down_proj_scale, ids, weights)
-        return kernels.moe_experts(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights)
+        return kernels.moe_experts(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights,
+                                   scales=quant.bank_scales(self))
 
 
 @dataclass

@@ -83,7 +83,7 @@ class LoadedModel:
     path: Path
     encoders: Encoders = field(default_factory=Encoders)
     load_seconds: float = 0.0
-    expert_dtype: str = "bf16"          # routed-expert storage: bf16 (= unquantised, model dtype), fp8, int8
+    expert_dtype: str = "bf16"          # routed-expert storage: bf16 (= unquantised, model dtype), fp8, fp8-block, int8, int4
     moe_runtime: Any = None             # engine.placement.expert_runtime.MoERuntime when loaded with a placement plan
 
 
@@ -124,20 +124,25 @@ def _without(root: nn.Module, paths: list[str]):
 
 def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None,
                numerics: Numerics | None = None, progress=None, *, expert_dtype: str | None = None,
-               plan=None, runtime_options=None, pack_cpu_experts: bool = True) -> LoadedModel:
+               plan=None, runtime_options=None, pack_cpu_experts: bool = True,
+               linear_dtype: str = "bf16") -> LoadedModel:
     """Load a checkpoint directory (or hub id) in the upstream format.
 
     `numerics` defaults to the reference's own behaviour for the dtype (bf16: rounded rotary
     tables and bf16 router, spec §2.11); pass Numerics.intent(dtype) for the fp32-intent variant.
 
-    `expert_dtype` ("bf16" | "fp8" | "int8"; default: the plan's, else "bf16"): routed experts stay
-    unquantised in the model dtype ("bf16", the historical path, unchanged), or are quantised one expert
-    at a time while loading to FP8 e4m3 / int8 with per-output-channel scales (engine.placement.quant).
+    `expert_dtype` ("bf16" | "fp8" | "fp8-block" | "int8" | "int4"; default: the plan's, else "bf16"):
+    routed experts stay unquantised in the model dtype ("bf16", the historical path, unchanged), or are
+    quantised one expert at a time while loading (engine.placement.quant: FP8 e4m3 with per-channel or
+    128x128 block scales, int8 per channel, int4 with group scales).
     `plan` (an engine.placement.planner.Plan or engine.placement.expert_runtime.ExpertPlacement): routed experts are loaded onto
     the devices the plan gives them and executed by an engine.placement.expert_runtime.MoERuntime (returned as
     `moe_runtime`); `runtime_options` (RuntimeOptions) sets its device map, hot-expert cache and fetch
     threshold. Everything else is loaded on `device`.
-    `pack_cpu_experts`: bf16 routed experts on CPU are re-laid out once for oneDNN (faster GEMMs).
+    `pack_cpu_experts`: routed experts on CPU are re-laid out once for the CPU kernels (bf16: oneDNN;
+    int8/int4: torch's weight-only kernels; fp8, which has no CPU kernel: re-quantised to int8 per row).
+    `linear_dtype` "int8" (CPU only): the LLM's other linears (attention, dense MLP, shared experts,
+    lm_head; not the routers) are quantised to int8 per output channel after loading (half the bytes).
     """
     t0 = time.perf_counter()
     root = resolve_checkpoint(path_or_id)
@@ -146,6 +151,10 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     numerics = numerics or Numerics.reference(dt)
     expert_dtype = quant.check_expert_dtype(expert_dtype or getattr(plan, "expert_dtype", None) or "bf16")
     dev = torch.device(device) if device is not None else default_device()
+    if linear_dtype not in ("bf16", "int8"):
+        raise ValueError(f"unknown linear dtype {linear_dtype!r}: choose bf16 (as loaded) or int8")
+    if linear_dtype == "int8" and dev.type != "cpu":
+        raise ValueError("int8 linears run on the CPU only (torch's int8 weight-only CPU kernel)")
     files = CheckpointFiles.open(root)
     llm = build_llm(cfg)
     encoders = build_encoders(cfg, rope_bf16_tables=numerics.rope_bf16_tables)
@@ -171,6 +180,13 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
                 consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
             module.eval()
     check_unexpected(files, consumed)
+    if linear_dtype == "int8":
+        for layer in llm.model.layers:
+            kernels.pack_linears(layer, int8=True)
+        kernels.pack_linears(llm, int8=True)  # lm_head
+    if pack_cpu_experts and plan is None and expert_dtype != "bf16" and dev.type == "cpu":
+        for bank in banks.values():  # torch's int8/int4 weight-only CPU kernels read the quantised bytes
+            bank.pack_for_cpu(numerics.dtype)
     if pack_cpu_experts and not custom_experts and dev.type == "cpu" and numerics.dtype == torch.bfloat16 \
             and kernels.onednn_packing_available(torch.bfloat16):
         for bank in banks.values():  # one layer at a time: the stacked copy is freed as we go
