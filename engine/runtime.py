@@ -211,7 +211,8 @@ class Engine:
                          code="invalid_request")
         if "image" in modalities:
             return Error("chat does not draw images: generate or edit them with the image endpoints "
-                         "(POST /v1/images/generations, /v1/images/edits; Engine.imagine)", code="modality_not_supported")
+                         "(POST /v1/images/generations, /v1/images/edits; Engine.imagine)",
+                         code="modality_not_supported")
         if "audio" in modalities and self.talker is None:
             return Error(f"audio output is not available: {self.talker_error or 'no talker is loaded'}",
                          code="modality_not_supported")

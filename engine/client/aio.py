@@ -257,15 +257,20 @@ class AsyncEngineClient(core.EngineClientBase):
     async def _model(self) -> str | None:
         return (await self.info()).id if self.openai else None
 
+    async def _model_or_error(self) -> tuple[str | None, Error | None]:
+        try:
+            return await self._model(), None
+        except ServerError as e:
+            return None, e.to_event()
+
     async def chat(self, messages: list[dict], *, max_tokens: int | None = None, temperature: float | None = None,
                    top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
                    seed: int | None = None, stop: str | list[str] | None = None, system: str | None = None,
                    thinking: bool = False, modalities: tuple[str, ...] = ("text",), voice: str | None = None,
                    cancel: threading.Event | None = None, transport: str = "realtime") -> AsyncIterator[Event]:
-        try:
-            model = await self._model()
-        except ServerError as e:
-            yield e.to_event()
+        model, failed = await self._model_or_error()
+        if failed is not None:
+            yield failed
             return
         request = core.chat_request(messages, ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty,
                                                           seed, stop, system, thinking, modalities, voice), transport,
@@ -317,10 +322,9 @@ class AsyncEngineClient(core.EngineClientBase):
     async def transcribe(self, audio: Any, *, context: str | None = None, hotwords: list[str] | None = None,
                          dialect: str | None = None, sample_rate: int | None = None, max_tokens: int | None = None,
                          cancel: threading.Event | None = None) -> AsyncIterator[Event]:
-        try:
-            model = await self._model()
-        except ServerError as e:
-            yield e.to_event()
+        model, failed = await self._model_or_error()
+        if failed is not None:
+            yield failed
             return
         request = core.transcription_request(audio, sample_rate, context, hotwords, dialect, max_tokens, model)
         if isinstance(request, Error):
@@ -336,12 +340,8 @@ class AsyncEngineClient(core.EngineClientBase):
                     reference_text: str | None = None, instruct: dict | str | None = None, music: dict | None = None,
                     seed: int | None = None, max_seconds: float | None = None,
                     cancel: threading.Event | None = None) -> AsyncIterator[Event]:
-        try:
-            model = await self._model()
-        except ServerError as e:
-            yield e.to_event()
-            return
-        call = calls.speech_call(text, task, voice, reference_audio, reference_text, instruct, music, seed,
+        model, failed = await self._model_or_error()
+        call = failed or calls.speech_call(text, task, voice, reference_audio, reference_text, instruct, music, seed,
                                  max_seconds, model)
         async for ev in self._call(call, cancel):
             yield ev
@@ -371,13 +371,9 @@ class AsyncEngineClient(core.EngineClientBase):
                       guidance: float | None = None, seed: int | None = None, preview_every: int | None = None,
                       preset: str | None = None, mask_color: str | None = None, n: int = 1,
                       cancel: threading.Event | None = None) -> AsyncIterator[Event]:
-        try:
-            model = await self._model()
-        except ServerError as e:
-            yield e.to_event()
-            return
-        call = calls.image_call(prompt, task, images, size, aspect, steps, guidance, seed, preview_every, preset,
-                                mask_color, n, model)
+        model, failed = await self._model_or_error()
+        call = failed or calls.image_call(prompt, task, images, size, aspect, steps, guidance, seed, preview_every,
+                                          preset, mask_color, n, model)
         async for ev in self._call(call, cancel):
             yield ev
 

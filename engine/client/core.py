@@ -433,7 +433,8 @@ def chat_completions_body(messages: list[dict], opts: ChatOptions, openai_model:
     body = {"messages": msgs, "stream": True, "stream_options": {"include_usage": True},
             "thinking": bool(opts.thinking), **opts.sampling()}
     if openai:
-        refused = [k for k in OPENAI_CHAT_EXTENSIONS if body.get(k) is not None] + (["thinking"] if opts.thinking else [])
+        refused = [k for k in OPENAI_CHAT_EXTENSIONS if body.get(k) is not None]
+        refused += ["thinking"] if opts.thinking else []
         if refused:
             raise NotSupported(f"{', '.join(refused)} (extensions of our server)")
         body = {k: v for k, v in body.items() if k not in OPENAI_CHAT_EXTENSIONS + ("thinking",)}

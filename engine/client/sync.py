@@ -276,6 +276,13 @@ class EngineClient(core.EngineClientBase):
         """The model an OpenAI-compatible backend is asked for (None for our server)."""
         return self.info().id if self.openai else None
 
+    def _model_or_error(self) -> tuple[str | None, Error | None]:
+        """_model(), or the Error a request ends with when the backend cannot be asked for it."""
+        try:
+            return self._model(), None
+        except ServerError as e:
+            return None, e.to_event()
+
     def chat(self, messages: list[dict], *, max_tokens: int | None = None, temperature: float | None = None,
              top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
              seed: int | None = None, stop: str | list[str] | None = None, system: str | None = None,
@@ -286,10 +293,9 @@ class EngineClient(core.EngineClientBase):
         bytes, paths or arrays). `transport`: "realtime" (a realtime session per call, taken from a
         small pool of connected sessions and emptied after use) or "http" (/v1/chat/completions;
         larger media)."""
-        try:
-            model = self._model()
-        except ServerError as e:
-            yield e.to_event()
+        model, failed = self._model_or_error()
+        if failed is not None:
+            yield failed
             return
         request = core.chat_request(messages, ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty,
                                                           seed, stop, system, thinking, modalities, voice), transport,
@@ -344,10 +350,9 @@ class EngineClient(core.EngineClientBase):
         """Speech recognition: TextDelta events of the transcript, then Done whose `result` holds
         {"language", "text"} (or Error). `audio`: an audio file (bytes or path) or samples with
         `sample_rate`."""
-        try:
-            model = self._model()
-        except ServerError as e:
-            yield e.to_event()
+        model, failed = self._model_or_error()
+        if failed is not None:
+            yield failed
             return
         request = core.transcription_request(audio, sample_rate, context, hotwords, dialect, max_tokens, model)
         if isinstance(request, Error):
@@ -368,12 +373,8 @@ class EngineClient(core.EngineClientBase):
         reference_audio: an audio file (bytes, path, data: URL) or (samples, sample_rate), or a list
         (podcast: one per speaker); instruct: {dialect, emotion, speed, pitch, volume, ip, style, bgm}
         or "key=value,..."; music: {genre, mood, instrument, theme, duration}."""
-        try:
-            model = self._model()
-        except ServerError as e:
-            yield e.to_event()
-            return
-        call = calls.speech_call(text, task, voice, reference_audio, reference_text, instruct, music, seed,
+        model, failed = self._model_or_error()
+        call = failed or calls.speech_call(text, task, voice, reference_audio, reference_text, instruct, music, seed,
                                  max_seconds, model)
         yield from self._call(call, cancel)
 
@@ -384,7 +385,7 @@ class EngineClient(core.EngineClientBase):
 
     def save_voice(self, name: str, reference_audio: Any, reference_text: str | None = None) -> dict:
         """Clone a voice from a clip (an audio file, or (samples, sample_rate)) and keep it under `name`;
-        without `reference_text` our ASR transcribes the clip (`reference_text_from_asr` says so)."""
+        without `reference_text` our ASR transcribes the clip (`ref_text_from_asr` then holds its text)."""
         self._refuse_on_openai("the voice library")
         try:
             upload = calls.voice_upload(name, reference_audio, reference_text)
@@ -409,13 +410,9 @@ class EngineClient(core.EngineClientBase):
         """Generate, edit (images: the first is the reference) or segment (prompt = the target) images:
         QueuePosition, Progress, ImagePreview every `preview_every` steps, ImageDone (PNG; segmentation
         adds mask and overlay PNGs and a note when the mask is empty) per image, then Done or Error."""
-        try:
-            model = self._model()
-        except ServerError as e:
-            yield e.to_event()
-            return
-        call = calls.image_call(prompt, task, images, size, aspect, steps, guidance, seed, preview_every, preset,
-                                mask_color, n, model)
+        model, failed = self._model_or_error()
+        call = failed or calls.image_call(prompt, task, images, size, aspect, steps, guidance, seed, preview_every,
+                                          preset, mask_color, n, model)
         yield from self._call(call, cancel)
 
     def _call(self, call: calls.HttpCall | Error, cancel) -> Iterator[Event]:

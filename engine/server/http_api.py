@@ -78,6 +78,16 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse({"error": err.to_openai()}, status_code=err.status)
 
 
+async def json_request(request: Request, extensions: tuple[str, ...] = ()) -> tuple[ServerContext, dict]:
+    """(context, body) of a JSON request: the body within the size limit, the model checked, and with
+    --openai-only our `extensions` fields refused."""
+    ctx = ctx_of(request)
+    body = await read_json(request, ctx.limits.max_request_bytes)
+    ctx.check_model(body.get("model"))
+    refuse_extensions(ctx, body, extensions)
+    return ctx, body
+
+
 def refuse_extensions(ctx: ServerContext, body, names) -> None:
     """--openai-only: a request naming one of our extension fields is refused (unknown_parameter)."""
     if not ctx.openai_only:
@@ -229,20 +239,41 @@ async def with_keepalive(events: AsyncIterator[Event], interval_s: float) -> Asy
         pending.cancel()
 
 
+QUEUE_GRACE_S = 0.5  # a request behind others is answered (streamed) after this, not when it starts
+
+
 async def first_events(job: Job) -> tuple[list[Event], AsyncIterator[Event]]:
-    """The job's first events, read until it produces something (or waits behind others, or ends),
-    and the rest of its events: a request the engine refuses at once still gets its HTTP status."""
+    """The job's first events, read until it produces something (or has waited QUEUE_GRACE_S behind
+    others, or ends), and all its events from the first: a request the engine refuses at once still
+    gets its HTTP status, and one that waits long learns its place in line from the stream."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + QUEUE_GRACE_S
     it = job.events().__aiter__()
     head: list[Event] = []
-    while not head or (isinstance(head[-1], QueuePosition) and head[-1].position == 0):
-        try:
-            head.append(await it.__anext__())
-        except StopAsyncIteration:
+    pending: asyncio.Future | None = None
+    while not head or isinstance(head[-1], QueuePosition):
+        waiting = bool(head) and head[-1].position >= 1
+        if waiting and loop.time() >= deadline:
             break
+        pending = pending or asyncio.ensure_future(it.__anext__())
+        done, _ = await asyncio.wait({pending}, timeout=max(0.0, deadline - loop.time()) if waiting else None)
+        if not done:
+            break
+        try:
+            head.append(pending.result())
+        except StopAsyncIteration:
+            pending = None
+            break
+        pending = None
 
     async def rest() -> AsyncIterator[Event]:
         for ev in head:
             yield ev
+        if pending is not None:
+            try:
+                yield await pending
+            except StopAsyncIteration:
+                return
         async for ev in it:
             yield ev
 
@@ -280,10 +311,7 @@ def stream_response(ctx: ServerContext, job: Job, encode, finish,
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     received = time.perf_counter()
-    ctx = ctx_of(request)
-    body = await read_json(request, ctx.limits.max_request_bytes)
-    ctx.check_model(body.get("model"))
-    refuse_extensions(ctx, body, CHAT_EXTENSIONS)
+    ctx, body = await json_request(request, CHAT_EXTENSIONS)
     modalities, voice = check_unsupported(body, ctx.engine)
     stream = flag(body, "stream")
     opts = body.get("stream_options")
@@ -318,6 +346,25 @@ async def chat_completions(request: Request):
 
 
 # --------------------------------------------------------------------------- transcriptions
+
+
+async def read_form(request: Request, limits, max_files: int, max_fields: int = 64):
+    """A multipart form within the upload limit (close it when done); malformed: invalid_multipart."""
+    await read_body(request, limits.max_upload_bytes, "upload")
+    try:
+        return await request.form(max_files=max_files, max_fields=max_fields, max_part_size=1024 * 1024)
+    except ApiError:
+        raise
+    except Exception as e:  # malformed multipart of any kind
+        raise bad(f"the multipart body could not be parsed: {str(e)[:120]}", "invalid_multipart") from None
+
+
+async def form_file(form, name: str, what: str) -> bytes:
+    """The bytes of a required file field."""
+    upload = form.get(name)
+    if upload is None or isinstance(upload, str):
+        raise bad(f"'{name}' ({what}) is required", "missing_field", name)
+    return await upload.read()
 
 
 def form_text(form, name: str, max_len: int = 100_000) -> str | None:
@@ -361,18 +408,9 @@ async def transcriptions(request: Request):
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise bad("send the audio as multipart/form-data with a 'file' field", "invalid_content_type")
-    await read_body(request, limits.max_upload_bytes, "upload")
+    form = await read_form(request, limits, max_files=1)
     try:
-        form = await request.form(max_files=1, max_fields=64, max_part_size=1024 * 1024)
-    except ApiError:
-        raise
-    except Exception as e:  # malformed multipart of any kind
-        raise bad(f"the multipart body could not be parsed: {str(e)[:120]}", "invalid_multipart") from None
-    try:
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise bad("'file' (the audio file upload) is required", "missing_field", "file")
-        raw = await upload.read()
+        raw = await form_file(form, "file", "the audio file upload")
         ctx.check_model(form_text(form, "model"))
         refuse_extensions(ctx, {k: form.get(k) for k in TRANSCRIPTION_EXTENSIONS}, TRANSCRIPTION_EXTENSIONS)
         context = form_text(form, "prompt")

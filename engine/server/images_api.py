@@ -29,7 +29,7 @@ from engine.server import protocol as wire
 from engine.server.codec import bad, need_number
 from engine.server.context import ServerContext
 from engine.server.http_api import (collect, ctx_of, error_response, first_events, form_flag, form_number, form_text,
-                                    job_metrics, read_body, read_json, refuse_extensions, refused_at_once,
+                                    job_metrics, read_form, read_json, refuse_extensions, refused_at_once,
                                     stream_response, text_field)
 from engine.server.params import flag
 from engine.server.protocol import ApiError
@@ -92,11 +92,7 @@ async def image_body(request: Request, ctx: ServerContext, with_images: bool) ->
 
 
 async def _multipart(request: Request, ctx: ServerContext) -> tuple[dict, list[bytes]]:
-    await read_body(request, ctx.limits.max_upload_bytes, "upload")
-    try:
-        form = await request.form(max_files=MAX_INPUT_IMAGES + 2, max_fields=64, max_part_size=1024 * 1024)
-    except Exception as e:  # malformed multipart of any kind
-        raise bad(f"the multipart body could not be parsed: {str(e)[:120]}", "invalid_multipart") from None
+    form = await read_form(request, ctx.limits, max_files=MAX_INPUT_IMAGES + 2)
     try:
         images = []
         for key in ("image", "image[]"):
@@ -242,7 +238,8 @@ def imagine_n(engine, requests: list[dict], cancel) -> Iterator[Event]:
     total.image_step_s = step_s / total.image_steps if total.image_steps else 0.0
     total.total_s = time.perf_counter() - t_start
     reason = "stop" if total.images == len(requests) else "cancelled"
-    yield Done(text="\n".join(notes), finish_reason=reason, stats=total, result={"seeds": seeds, "images": total.images})
+    yield Done(text="\n".join(notes), finish_reason=reason, stats=total,
+               result={"seeds": seeds, "images": total.images})
 
 
 async def run_images(request: Request, task: str, kind: str):

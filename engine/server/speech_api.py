@@ -26,8 +26,8 @@ from engine.server import protocol as wire
 from engine.server.audio_out import FORMATS, OPENAI_PCM_RATE, STREAMABLE, encode_audio, resampled, wav_header
 from engine.server.codec import bad, need_dict, need_number
 from engine.server.context import ServerContext
-from engine.server.http_api import (collect, ctx_of, error_response, first_events, form_text, job_metrics, read_body,
-                                    read_json, refuse_extensions, refused_at_once, stream_response, text_field)
+from engine.server.http_api import (collect, ctx_of, error_response, first_events, form_file, form_text, job_metrics,
+                                    json_request, read_form, read_json, refused_at_once, stream_response, text_field)
 from engine.server.params import DEFAULT_VOICE
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
@@ -163,10 +163,7 @@ def speech_job(ctx: ServerContext, engine, kwargs: dict, pcm_rate: int | None) -
 @router.post("/v1/audio/speech")
 async def speech(request: Request):
     received = time.perf_counter()
-    ctx = ctx_of(request)
-    body = await read_json(request, ctx.limits.max_request_bytes)
-    ctx.check_model(body.get("model"))
-    refuse_extensions(ctx, body, SPEECH_EXTENSIONS)
+    ctx, body = await json_request(request, SPEECH_EXTENSIONS)
     engine = talker_of(ctx)
     fmt, stream = output_format(body)
     kwargs = await asyncio.to_thread(speech_request, body, ctx)  # decodes reference clips
@@ -216,11 +213,13 @@ def raw_audio_stream(ctx: ServerContext, job: Job, events: AsyncIterator[Event],
 # --------------------------------------------------------------------------- the voice library
 
 
-def voice_object(info, ref_text_from_asr: bool | None = None) -> dict:
+def voice_object(info, from_asr: bool = False) -> dict:
+    """A saved voice on the wire; `ref_text_from_asr` (the transcript, as in speech results) only when
+    our ASR wrote it."""
     out = {"object": "audio.voice", "name": info.name, "reference_text": info.ref_text,
            "seconds": round(float(info.seconds), 3), "speakers": info.speakers, "created": int(info.created)}
-    if ref_text_from_asr is not None:
-        out["reference_text_from_asr"] = ref_text_from_asr
+    if from_asr:
+        out["ref_text_from_asr"] = info.ref_text or ""
     return out
 
 
@@ -235,16 +234,9 @@ async def voice_upload(request: Request, ctx: ServerContext) -> tuple[str, bytes
     """(name, clip bytes, transcript or None) from multipart (`name`, `file`, `reference_text`) or JSON
     (`name`, `reference_audio` base64 or data: URL, `reference_text`)."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        await read_body(request, ctx.limits.max_upload_bytes, "upload")
+        form = await read_form(request, ctx.limits, max_files=1, max_fields=16)
         try:
-            form = await request.form(max_files=1, max_fields=16, max_part_size=1024 * 1024)
-        except Exception as e:  # malformed multipart of any kind
-            raise bad(f"the multipart body could not be parsed: {str(e)[:120]}", "invalid_multipart") from None
-        try:
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                raise bad("'file' (the reference clip) is required", "missing_field", "file")
-            raw = await upload.read()
+            raw = await form_file(form, "file", "the reference clip")
             name = form_text(form, "name", 64)
             text = form_text(form, "reference_text", MAX_INPUT_CHARS)
         finally:

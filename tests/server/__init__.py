@@ -198,3 +198,9 @@ def fake_server(engine=None, **limits):
     app = create_app(engine if engine is not None else FakeEngine(), Limits(**limits))
     with ServerHandle(app) as srv:
         yield srv
+
+
+def sse_events(resp) -> list:
+    """An SSE answer's events: `data:` objects decoded, comment lines (": ...") as they are, [DONE] left out."""
+    return [json.loads(line[6:]) if line.startswith("data: {") else line for line in resp.iter_lines()
+            if line and line != "data: [DONE]"]

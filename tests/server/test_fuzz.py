@@ -254,7 +254,8 @@ def hostile_http_requests() -> list[tuple[str, str, dict]]:
                  "max_tokens": [0, -1, "x", 1.5, 10 ** 9, True], "temperature": ["x", -1, 5, []], "top_p": [0, 2, "x"],
                  "stream": ["yes", 1, []], "n": [2, 0, "x"], "stop": [5, [""], ["a"] * 9], "seed": ["x", 1.5],
                  "tools": [[{"type": "function"}]], "logprobs": [True], "response_format": [{"type": "json_object"}],
-                 "model": [5, "other-model"], "frequency_penalty": [0.5, "x"], "modalities": [["audio", "smell"], "text"],
+                 "model": [5, "other-model"], "frequency_penalty": [0.5, "x"],
+                 "modalities": [["audio", "smell"], "text"],
                  "audio": [{"voice": "x"}], "thinking": ["yes"]}
     for name, values in mutations.items():
         for v in values:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 
 import httpx
 import numpy as np
@@ -15,7 +14,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.server import FakeEngine, fake_server, running_server, wait_for
+from tests.server import FakeEngine, fake_server, running_server, sse_events, wait_for
 from tests.server.test_fuzz import png_claiming
 
 FAST = {"steps": 2, "size": "48x32"}
@@ -47,11 +46,6 @@ def http(server):
         yield c
 
 
-def sse(resp: httpx.Response) -> list:
-    return [json.loads(line[6:]) if line.startswith("data: {") else line for line in resp.iter_lines()
-            if line and line != "data: [DONE]"]
-
-
 def test_generations_in_openais_shape_with_n_and_seeds(http):
     r = http.post("/v1/images/generations", json={"prompt": "a red teapot", "n": 2, "seed": 7, **FAST})
     assert r.status_code == 200, r.text
@@ -71,7 +65,7 @@ def test_streams_previews_before_the_final_image(http):
     with http.stream("POST", "/v1/images/generations",
                      json={"prompt": "a boat", "stream": True, "partial_images": 2, "steps": 6, "size": "32x32",
                            "n": 2}) as r:
-        events = sse(r)
+        events = sse_events(r)
     data = [e for e in events if isinstance(e, dict)]
     kinds = [e["type"] for e in data]
     assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"] + \

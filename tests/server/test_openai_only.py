@@ -80,8 +80,8 @@ def test_pcm_is_openais_24_khz_and_files_state_their_rate():
     from engine.server import Limits, ServerHandle, create_app
 
     with ServerHandle(create_app(ToneEngine(has_talker=True), Limits(), openai_only=True)) as srv:
-        pcm = httpx.post(srv.url + "/v1/audio/speech", json={"input": "hi", "response_format": "pcm"}, timeout=30).content
-        wav = httpx.post(srv.url + "/v1/audio/speech", json={"input": "hi", "response_format": "wav"}, timeout=30).content
+        pcm, wav = (httpx.post(srv.url + "/v1/audio/speech", json={"input": "hi", "response_format": fmt},
+                               timeout=30).content for fmt in ("pcm", "wav"))
     assert read_wav_header(wav)["sample_rate"] == 44100 and len(wav) == 44 + 2 * 44100  # a file states its rate
     x = np.frombuffer(pcm, "<i2").astype(np.float64)
     assert len(x) == 24000  # pcm: OpenAI's 24 kHz, resampled (one second stays one second)
@@ -92,7 +92,8 @@ def test_the_openai_client_drives_the_standard_routes(client):
     info = client.info()
     assert {"text", "transcription", "speech_out", "image_out"} <= info.capabilities
     events = list(client.chat([{"role": "user", "content": "Hi"}], max_tokens=6))
-    assert isinstance(events[-1], Done) and "".join(e.text for e in events if isinstance(e, TextDelta)) == events[-1].text
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert isinstance(events[-1], Done) and text == events[-1].text
     events = list(client.chat([{"role": "user", "content": "Hi"}], max_tokens=6, modalities=("text", "audio")))
     chunks = [e for e in events if isinstance(e, AudioChunk)]
     assert isinstance(events[-1], Done) and chunks and {c.sample_rate for c in chunks} == {24000}

@@ -255,7 +255,8 @@ def test_speech_stream_round_trip():
     dec = wire.SpeechSseDecoder(strict=False)
     first, end = [ev for line in lines for ev in dec.feed_line(line)]
     assert (first.sample_rate, first.pcm) == (16000, script[1].pcm) and isinstance(end, Done)
-    assert wire.SpeechSseDecoder().feed_line('data: {"type":"speech.audio.delta","audio":"AAAA"}')[0].sample_rate == 24000
+    (plain_delta,) = wire.SpeechSseDecoder().feed_line('data: {"type":"speech.audio.delta","audio":"AAAA"}')
+    assert plain_delta.sample_rate == 24000
     err_lines = _sse_lines(enc.finish(wire.Error("unknown voice 'x'", "voice_not_found"), {}))
     dec = wire.SpeechSseDecoder()
     (err,) = [ev for line in err_lines for ev in dec.feed_line(line)]
