@@ -14,7 +14,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.server import FakeEngine, fake_server, running_server, sse_events, wait_for
+from tests.server import FakeEngine, fake_server, leave_stream_at, running_server, sse_events
 from tests.server.test_fuzz import png_claiming
 
 FAST = {"steps": 2, "size": "48x32"}
@@ -172,14 +172,8 @@ def test_edits_refuse_a_mask_and_need_an_image(http):
 
 
 def test_a_client_going_away_stops_between_steps(server, http):
-    before = len(server.ctx.scheduler.history)
-    with http.stream("POST", "/v1/images/generations", json={"prompt": "a slow one", "stream": True, "steps": 200,
-                                                             "size": "32x32", "partial_images": 3}) as r:
-        for line in r.iter_lines():
-            if "partial_image" in line:
-                break
-    record = wait_for(lambda: next((h for h in list(server.ctx.scheduler.history)[before:]
-                                    if h.label == "images.image_generation"), None), 30)
+    body = {"prompt": "a slow one", "stream": True, "steps": 200, "size": "32x32", "partial_images": 3}
+    record = leave_stream_at(server, http, "/v1/images/generations", body, "partial_image", "images.image_generation")
     assert record.finish_reason == "cancelled" and record.cancel_latency_s < 5
 
 

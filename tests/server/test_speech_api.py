@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from engine.server.audio_out import read_wav_header
-from tests.server import FakeEngine, fake_server, running_server, sse_events, wait_for
+from tests.server import FakeEngine, fake_server, leave_stream_at, running_server, sse_events
 
 RATE = 44100
 TEXT = "Hello world, this is Ming speaking."
@@ -175,14 +175,8 @@ def test_options_list_what_the_voice_tab_offers(http):
 
 
 def test_a_client_going_away_cancels_the_synthesis(server, http):
-    before = len(server.ctx.scheduler.history)
-    with http.stream("POST", "/v1/audio/speech", json={"input": "A long text to read. " * 40,
-                                                       "stream_format": "sse"}) as r:
-        for line in r.iter_lines():
-            if "speech.audio.delta" in line:
-                break
-    record = wait_for(lambda: next((h for h in list(server.ctx.scheduler.history)[before:]
-                                    if h.label == "audio.speech"), None), 30)
+    body = {"input": "A long text to read. " * 40, "stream_format": "sse"}
+    record = leave_stream_at(server, http, "/v1/audio/speech", body, "speech.audio.delta", "audio.speech")
     assert record.finish_reason == "cancelled" and record.cancel_latency_s < 5
 
 
