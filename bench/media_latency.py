@@ -13,7 +13,9 @@ Measured by the caller, medians of runs interleaved across paths:
                  /v1/chat/completions. The tiny model's random text has no punctuation, so its first
                  segment closes only when the text ends: its first audio follows the last token. The
                  "scripted" row feeds a thinker that writes sentences (one word per 20 ms, like a fast
-                 LLM) through the same talker, in-process, to show the overlap itself.
+                 LLM) through the same talker, in-process, to show the overlap itself; its "seg->audio"
+                 is the time from the word that closes the first segment (an English one closes at
+                 . ! ? once it holds 12 words and marks) to the first audio chunk.
 3. image         a 256x256 picture, 8 steps, a preview every step: time to the first ImagePreview and
                  seconds per step, engine.imagine in-process vs EngineClient.imagine
                  (POST /v1/images/generations, SSE).
@@ -45,11 +47,14 @@ from engine.sampling import GenerationParams  # noqa: E402
 SPEECH = "Hello world, this is Ming speaking to you from the studio today."
 CHAT = [{"role": "user", "content": "Tell me about the Ming dynasty in a few sentences."}]
 SCRIPT = ("The Ming dynasty was one of the great ages of China, and it ruled for almost three hundred years. "
-          "Its porcelain is famous all over the world.").split(" ")  # the first segment closes at the comma
+          "Its porcelain is famous all over the world.").split(" ")  # the first segment closes at "years."
+CLOSING_WORD = next(i for i, w in enumerate(SCRIPT) if w.endswith("."))
+closed_at: list[float] = []  # when the scripted thinker wrote the word that closes its first segment
 
 
 def firsts(events) -> dict:
     """Seconds from now to the first text / audio / preview of `events`, and the final figures."""
+    closed_at.clear()
     t0 = time.perf_counter()
     out = {"text": None, "audio": None, "preview": None}
     final = None
@@ -66,6 +71,7 @@ def firsts(events) -> dict:
         elif isinstance(ev, Done):
             final = ev
     out["total"] = time.perf_counter() - t0
+    out["seg_audio"] = out["audio"] - (closed_at[0] - t0) if closed_at and out["audio"] is not None else None
     s = final.stats
     out["rtf"] = out["total"] / s.audio_seconds if s.audio_seconds else None
     out["step_s"] = s.image_step_s or None
@@ -73,8 +79,10 @@ def firsts(events) -> dict:
 
 
 def scripted_thinker():
-    for word in SCRIPT:
+    for i, word in enumerate(SCRIPT):
         time.sleep(0.02)
+        if i == CLOSING_WORD:
+            closed_at.append(time.perf_counter())
         yield TextDelta(word + " ")
     yield Done(" ".join(SCRIPT), "stop")
 
@@ -123,18 +131,19 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(10)
-    table = {name: {k: median(rows, k) for k in ("text", "audio", "preview", "total", "rtf", "step_s")}
+    keys = ("text", "audio", "seg_audio", "preview", "total", "rtf", "step_s")
+    table = {name: {k: median(rows, k) for k in keys}
              for name, rows in paths.items()}
     if args.json:
         print(json.dumps(table, indent=1))
         return 0
     ms = lambda v: "—" if v is None else f"{1000 * v:.0f} ms"  # noqa: E731
     num = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-    print(f"{'path':36s} {'1st text':>9s} {'1st audio':>10s} {'1st preview':>12s} {'total':>9s} {'RTF':>6s} "
-          f"{'s/step':>7s}   (medians of {args.runs}, model {engine.info().name}, {torch.get_num_threads()} thread)")
+    print(f"{'path':34s} {'1st text':>9s} {'1st audio':>10s} {'seg->audio':>10s} {'1st preview':>12s} {'total':>9s} "
+          f"{'RTF':>6s} {'s/step':>7s}   (medians of {args.runs}, {engine.info().name}, {torch.get_num_threads()} thread)")
     for name, row in table.items():
-        print(f"{name:36s} {ms(row['text']):>9s} {ms(row['audio']):>10s} {ms(row['preview']):>12s} "
-              f"{ms(row['total']):>9s} {num(row['rtf']):>6s} {num(row['step_s']):>7s}")
+        print(f"{name:34s} {ms(row['text']):>9s} {ms(row['audio']):>10s} {ms(row['seg_audio']):>10s} "
+              f"{ms(row['preview']):>12s} {ms(row['total']):>9s} {num(row['rtf']):>6s} {num(row['step_s']):>7s}")
     return 0
 
 
