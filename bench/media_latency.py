@@ -140,7 +140,8 @@ def main() -> int:
     ms = lambda v: "—" if v is None else f"{1000 * v:.0f} ms"  # noqa: E731
     num = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"{'path':34s} {'1st text':>9s} {'1st audio':>10s} {'seg->audio':>10s} {'1st preview':>12s} {'total':>9s} "
-          f"{'RTF':>6s} {'s/step':>7s}   (medians of {args.runs}, {engine.info().name}, {torch.get_num_threads()} thread)")
+          f"{'RTF':>6s} {'s/step':>7s}   (medians of {args.runs}, {engine.info().name}, "
+          f"{torch.get_num_threads()} thread)")
     for name, row in table.items():
         print(f"{name:34s} {ms(row['text']):>9s} {ms(row['audio']):>10s} {ms(row['seg_audio']):>10s} "
               f"{ms(row['preview']):>12s} {ms(row['total']):>9s} {num(row['rtf']):>6s} {num(row['step_s']):>7s}")
