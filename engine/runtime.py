@@ -20,7 +20,7 @@ import torch
 
 from engine.models.thinker.asr import TranscriptStream, asr_messages, dialect_prefix, parse_transcript
 from engine.errors import MingError
-from engine.events import Done, Error, Event, TextDelta
+from engine.events import AudioChunk, Done, Error, Event, TextDelta
 from engine.generate import generate
 from engine.models.thinker.llm import MultimodalInputError, MultimodalInputs
 from engine.media.errors import MediaError
@@ -181,9 +181,46 @@ class Engine:
 
     def chat(self, messages: list[ChatMessage | dict], params: GenerationParams | None = None,
              cancel: threading.Event | None = None, system_prompt: str | None = None,
-             thinking: bool = False, assistant_prefix: str | None = None) -> Iterator[Event]:
-        """Stream the assistant's reply to a conversation: TextDelta events, then Done (or Error)."""
+             thinking: bool = False, assistant_prefix: str | None = None,
+             modalities: tuple[str, ...] | list[str] = ("text",), voice: str | None = None) -> Iterator[Event]:
+        """Stream the assistant's reply to a conversation: TextDelta events, then Done (or Error).
+
+        `modalities` with "audio" answers in speech too: the thinker's text feeds the talker segment by
+        segment while it is still generating (speak while thinking), so TextDelta and AudioChunk events
+        interleave and Done carries both figures (time to first token, time to first audio, audio RTF);
+        `voice` names a saved voice (None: the talker's default). Without "text" only the audio (with its
+        transcript spans) is yielded. Chat never draws images: "image" is refused with
+        modality_not_supported (images come from `imagine`, the server's /v1/images endpoints)."""
         t_start = time.perf_counter()
+        wanted = list(modalities)
+        refused = self._refused_modality(wanted)
+        if refused is not None:
+            yield refused
+            return
+        if "audio" in wanted:
+            cancel = cancel if cancel is not None else threading.Event()
+            thinker = self._chat_text(messages, params, cancel, system_prompt, thinking, assistant_prefix, t_start)
+            spoken = self.speak_while_thinking(thinker, voice=voice, cancel=cancel)
+            yield from _speech_reply(spoken, cancel, keep_text="text" in wanted)
+            return
+        yield from self._chat_text(messages, params, cancel, system_prompt, thinking, assistant_prefix, t_start)
+
+    def _refused_modality(self, modalities: list[str]) -> Error | None:
+        unknown = [m for m in modalities if m not in ("text", "audio", "image")]
+        if not modalities or unknown:
+            return Error(f"unknown output modalities {unknown or modalities!r}; use 'text' and/or 'audio'",
+                         code="invalid_request")
+        if "image" in modalities:
+            return Error("chat does not draw images: generate or edit them with the image endpoints "
+                         "(POST /v1/images/generations, /v1/images/edits; Engine.imagine)",
+                         code="modality_not_supported")
+        if "audio" in modalities and self.talker is None:
+            return Error(f"audio output is not available: {self.talker_error or 'no talker is loaded'}",
+                         code="modality_not_supported")
+        return None
+
+    def _chat_text(self, messages, params, cancel, system_prompt, thinking, assistant_prefix,
+                   t_start: float) -> Iterator[Event]:
         try:
             msgs = [m.to_dict() if isinstance(m, ChatMessage) else m for m in messages]
             prompt = self.processor.build(msgs, system_prompt=system_prompt, thinking=thinking,
@@ -423,3 +460,23 @@ class Engine:
         from engine.imagine import imagine
 
         yield from imagine(self, request, cancel)
+
+
+def no_audio_after_cancel(events: Iterator[Event], cancel: threading.Event | None) -> Iterator[Event]:
+    """The events, less any audio chunk that comes once `cancel` is set: the talker stops within one
+    patch, and a chunk it made just before the cancel is dropped rather than sent after it."""
+    if cancel is None:
+        yield from events
+        return
+    peek = getattr(cancel, "peek", cancel.is_set)  # the server's flag counts is_set() calls as decode steps
+    for ev in events:
+        if not (isinstance(ev, AudioChunk) and peek()):
+            yield ev
+
+
+def _speech_reply(events: Iterator[Event], cancel: threading.Event, keep_text: bool) -> Iterator[Event]:
+    """A spoken chat reply as the caller sees it: no audio after a cancel, and text deltas only when
+    text was asked for."""
+    for ev in no_audio_after_cancel(events, cancel):
+        if keep_text or not isinstance(ev, TextDelta):
+            yield ev

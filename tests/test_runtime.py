@@ -95,3 +95,89 @@ def test_too_long_audio_is_refused_with_the_limit(tiny_engine):
     long = np.zeros(16000 * 61, dtype=np.float32)
     err = _finish(list(tiny_engine.transcribe(long, sample_rate=16000, params=P)))
     assert isinstance(err, Error) and "too long" in err.message
+
+
+# --------------------------------------------------------------------------- chat that speaks
+
+def test_chat_answers_in_speech_with_both_figures(tiny_engine):
+    from engine.events import AudioChunk
+
+    events = list(tiny_engine.chat([{"role": "user", "content": "Tell me a story."}],
+                                   GenerationParams(max_new_tokens=16), modalities=("text", "audio")))
+    done = _finish(events)
+    audio = [e for e in events if isinstance(e, AudioChunk)]
+    assert isinstance(done, Done) and audio and all(a.sample_rate == 44100 for a in audio)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == done.text
+    s = done.stats
+    assert s.time_to_first_token_s > 0 and s.time_to_first_audio_s > s.time_to_first_token_s
+    assert s.audio_seconds == pytest.approx(sum(a.seconds for a in audio)) and s.audio_real_time_factor > 0
+    only_audio = list(tiny_engine.chat([{"role": "user", "content": "Hi"}], GenerationParams(max_new_tokens=6),
+                                       modalities=["audio"]))
+    assert not any(isinstance(e, TextDelta) for e in only_audio) and any(isinstance(e, AudioChunk) for e in only_audio)
+
+
+def test_chat_speaks_while_the_thinker_is_still_writing(tiny_engine, monkeypatch):
+    """Engine.chat feeds the thinker's text to the talker segment by segment: audio of the first
+    sentence arrives before the thinker's last word (a scripted thinker, whose text has sentences)."""
+    import threading
+    import time
+
+    from engine.events import AudioChunk
+
+    spoke = threading.Event()
+    words = ("Hello there my dear friend, how are you doing on this fine day? I am doing very well, thank you so "
+             "much for asking me about it.").split(" ")
+
+    def thinker(*args, **kwargs):
+        for i, word in enumerate(words):
+            if i == len(words) - 3:
+                spoke.wait(30)  # the talker must not need the whole text
+            time.sleep(0.001)
+            yield TextDelta(word + " ")
+        yield Done(" ".join(words) + " ", "stop")
+
+    monkeypatch.setattr(tiny_engine, "_chat_text", thinker)
+    kinds = []
+    for ev in tiny_engine.chat([{"role": "user", "content": "hi"}], modalities=("text", "audio")):
+        if isinstance(ev, AudioChunk):
+            spoke.set()
+        kinds.append(type(ev).__name__)
+    assert kinds[-1] == "Done" and kinds.index("AudioChunk") < max(i for i, k in enumerate(kinds) if k == "TextDelta")
+
+
+def test_a_cancelled_spoken_chat_sends_no_audio_after_the_cancel(tiny_engine, monkeypatch):
+    import threading
+
+    from engine.events import AudioChunk
+
+    def thinker(*args, **kwargs):
+        for _ in range(40):
+            yield TextDelta("One more sentence to say, ")
+        yield Done("", "stop")
+
+    monkeypatch.setattr(tiny_engine, "_chat_text", thinker)
+    cancel = threading.Event()
+    after = []
+    for ev in tiny_engine.chat([{"role": "user", "content": "hi"}], cancel=cancel, modalities=("text", "audio")):
+        if cancel.is_set():
+            after.append(ev)
+        if isinstance(ev, AudioChunk):
+            cancel.set()
+    assert not any(isinstance(e, AudioChunk) for e in after)
+    assert isinstance(after[-1], Done) and after[-1].finish_reason == "cancelled"
+
+
+def test_chat_refuses_outputs_it_cannot_give(tiny_engine):
+    import torch
+
+    from engine.runtime import Engine
+
+    (err,) = list(tiny_engine.chat([{"role": "user", "content": "draw"}], modalities=("text", "image")))
+    assert err.code == "modality_not_supported" and "/v1/images/generations" in err.message
+    (err,) = list(tiny_engine.chat([{"role": "user", "content": "hi"}], modalities=("smell",)))
+    assert err.code == "invalid_request"
+    mute = Engine.__new__(Engine)
+    mute.model = tiny_engine.model
+    mute._load_talker(tiny_engine.model.path / "no-such-folder", "fp32", torch.device("cpu"))
+    (err,) = list(mute.chat([{"role": "user", "content": "hi"}], modalities=("text", "audio")))
+    assert err.code == "modality_not_supported" and "no talker" in err.message

@@ -9,10 +9,11 @@ import json
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-from engine.client import core
+from engine.client import calls, core
 from engine.client.core import ChatOptions, ConnectionLost, ModelInfo, ServerError
 from engine.events import Error, Event
 
@@ -204,7 +205,8 @@ class AsyncRealtimeClient(core.RealtimeClientBase):
 
 
 class AsyncEngineClient(core.EngineClientBase):
-    """EngineClient over asyncio: the same methods; chat() and transcribe() are async iterators."""
+    """EngineClient over asyncio: the same methods; chat(), transcribe(), speak() and imagine() are
+    async iterators."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = core.DEFAULT_TIMEOUT):
         super().__init__(url, token, timeout)
@@ -224,31 +226,62 @@ class AsyncEngineClient(core.EngineClientBase):
     def realtime(self) -> AsyncRealtimeClient:
         return AsyncRealtimeClient(self.endpoints.ws, self.endpoints.token, self.timeout)
 
-    async def _get(self, path: str) -> Any:
+    async def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
-            resp = await self.http.get(path)
+            return await self.http.request(method, path, **kwargs)
         except httpx.HTTPError as e:
             raise core.connect_error(self.endpoints.http + path, e) from e
+
+    async def _get(self, path: str) -> Any:
+        return await self._json("GET", path)
+
+    async def _json(self, method: str, path: str, **kwargs) -> Any:
+        resp = await self._send(method, path, **kwargs)
         return core.json_answer(resp.status_code, resp.content)
 
     async def health(self) -> dict:
         return await self._get("/health")
 
     async def info(self) -> ModelInfo:
-        return core.models_info(await self._get("/v1/models"))
+        if not self.openai:
+            return core.models_info(await self._get("/v1/models"))
+        if self._openai_info is None:
+            models = await self._get("/v1/models")
+            found = {}
+            for cap, path in calls.OPENAI_PROBES.items():
+                resp = await self._send("POST", path, json={})
+                found[cap] = calls.probe_found(resp.status_code, resp.content)
+            self._openai_info = calls.openai_info(models, found)
+        return self._openai_info
+
+    async def _model(self) -> str | None:
+        return (await self.info()).id if self.openai else None
+
+    async def _model_or_error(self) -> tuple[str | None, Error | None]:
+        try:
+            return await self._model(), None
+        except ServerError as e:
+            return None, e.to_event()
 
     async def chat(self, messages: list[dict], *, max_tokens: int | None = None, temperature: float | None = None,
                    top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
                    seed: int | None = None, stop: str | list[str] | None = None, system: str | None = None,
                    thinking: bool = False, modalities: tuple[str, ...] = ("text",), voice: str | None = None,
                    cancel: threading.Event | None = None, transport: str = "realtime") -> AsyncIterator[Event]:
+        model, failed = await self._model_or_error()
+        if failed is not None:
+            yield failed
+            return
         request = core.chat_request(messages, ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty,
-                                                          seed, stop, system, thinking, modalities, voice), transport)
+                                                          seed, stop, system, thinking, modalities, voice), transport,
+                                    model)
         if isinstance(request, Error):
             yield request
             return
-        if transport == "http":
-            async for ev in self._sse("/v1/chat/completions", {"json": request}, cancel):
+        if transport == "http" or self.openai:
+            decoder = core.wire.SseDecoder(strict=not self.openai)
+            async for ev in self._call(calls.HttpCall("POST", "/v1/chat/completions", {"json": request}, "sse",
+                                                      decoder), cancel):
                 yield ev
             return
         ids = {e["event_id"] for e in request}
@@ -289,21 +322,83 @@ class AsyncEngineClient(core.EngineClientBase):
     async def transcribe(self, audio: Any, *, context: str | None = None, hotwords: list[str] | None = None,
                          dialect: str | None = None, sample_rate: int | None = None, max_tokens: int | None = None,
                          cancel: threading.Event | None = None) -> AsyncIterator[Event]:
-        request = core.transcription_request(audio, sample_rate, context, hotwords, dialect, max_tokens)
+        model, failed = await self._model_or_error()
+        if failed is not None:
+            yield failed
+            return
+        request = core.transcription_request(audio, sample_rate, context, hotwords, dialect, max_tokens, model)
         if isinstance(request, Error):
             yield request
             return
-        async for ev in self._sse("/v1/audio/transcriptions", request, cancel):
+        decoder = core.wire.SseDecoder(strict=not self.openai)
+        async for ev in self._call(calls.HttpCall("POST", "/v1/audio/transcriptions", request, "sse", decoder),
+                                   cancel):
             yield ev
 
-    async def _sse(self, path: str, body: dict, cancel) -> AsyncIterator[Event]:
-        run = core.sse_run(cancel, self.timeout)
+    # ------------------------------------------------------------------ speech, voices, images
+    async def speak(self, text: str = "", *, task: str = "tts", voice: str | None = None, reference_audio: Any = None,
+                    reference_text: str | None = None, instruct: dict | str | None = None, music: dict | None = None,
+                    seed: int | None = None, max_seconds: float | None = None,
+                    cancel: threading.Event | None = None) -> AsyncIterator[Event]:
+        model, failed = await self._model_or_error()
+        call = failed or calls.speech_call(text, task, voice, reference_audio, reference_text, instruct, music, seed,
+                                 max_seconds, model)
+        async for ev in self._call(call, cancel):
+            yield ev
+
+    async def voices(self) -> list[dict]:
+        self._refuse_on_openai("the voice library")
+        return (await self._get(calls.VOICES_PATH))["data"]
+
+    async def save_voice(self, name: str, reference_audio: Any, reference_text: str | None = None) -> dict:
+        self._refuse_on_openai("the voice library")
+        try:
+            upload = calls.voice_upload(name, reference_audio, reference_text)
+        except ValueError as e:
+            raise ServerError(str(e), "invalid_request") from None
+        return await self._json("POST", calls.VOICES_PATH, **upload)
+
+    async def delete_voice(self, name: str) -> dict:
+        self._refuse_on_openai("the voice library")
+        return await self._json("DELETE", f"{calls.VOICES_PATH}/{quote(name, safe='')}")
+
+    async def speech_options(self) -> dict:
+        self._refuse_on_openai("the speech options")
+        return await self._get(calls.SPEECH_OPTIONS_PATH)
+
+    async def imagine(self, prompt: str, *, task: str = "generate", images: list | None = None,
+                      size: str | None = None, aspect: str | None = None, steps: int | None = None,
+                      guidance: float | None = None, seed: int | None = None, preview_every: int | None = None,
+                      preset: str | None = None, mask_color: str | None = None, n: int = 1,
+                      cancel: threading.Event | None = None) -> AsyncIterator[Event]:
+        model, failed = await self._model_or_error()
+        call = failed or calls.image_call(prompt, task, images, size, aspect, steps, guidance, seed, preview_every,
+                                          preset, mask_color, n, model)
+        async for ev in self._call(call, cancel):
+            yield ev
+
+    async def _call(self, call: calls.HttpCall | Error, cancel) -> AsyncIterator[Event]:
+        if isinstance(call, Error):
+            yield call
+            return
+        if call.read == "json":
+            try:
+                resp = await self._send(call.method, call.path, **call.kwargs)
+                events = call.parse(core.json_answer(resp.status_code, resp.content))
+            except ServerError as e:
+                events = [e.to_event()]
+            except core.UnknownEventError as e:
+                events = [Error(f"the server sent something this client does not understand: {e}", "protocol_error")]
+            for ev in events:
+                yield ev
+            return
+        run = core.sse_run(cancel, self.timeout, call.decoder)
         lines: asyncio.Queue = asyncio.Queue()
         try:
-            stream = self.http.stream("POST", path, **body)
+            stream = self.http.stream(call.method, call.path, **call.kwargs)
             resp = await stream.__aenter__()
         except httpx.HTTPError as e:
-            yield core.connect_error(self.endpoints.http + path, e).to_event()
+            yield core.connect_error(self.endpoints.http + call.path, e).to_event()
             return
         pump_task = None
         try:
@@ -314,11 +409,11 @@ class AsyncEngineClient(core.EngineClientBase):
 
             async def pump() -> None:
                 try:
-                    async for line in resp.aiter_lines():
-                        lines.put_nowait(("line", line))
-                    lines.put_nowait(("end", "the stream ended"))
+                    async for piece in (resp.aiter_lines() if call.read == "sse" else resp.aiter_bytes()):
+                        lines.put_nowait(("data", piece))
+                    lines.put_nowait(("end", None))
                 except Exception as e:  # read timeout, connection dropped
-                    lines.put_nowait(("end", f"{type(e).__name__}: {e}"))
+                    lines.put_nowait(("lost", f"{type(e).__name__}: {e}"))
 
             pump_task = asyncio.create_task(pump())
             while not run.finished:
@@ -330,7 +425,11 @@ class AsyncEngineClient(core.EngineClientBase):
                     kind, value = await asyncio.wait_for(lines.get(), core.POLL_S)
                 except TimeoutError:
                     continue
-                for ev in (run.on_event(value) if kind == "line" else run.on_lost(value)):
+                if kind == "data":
+                    out = run.on_event(value)
+                else:
+                    out = run.on_end() if kind == "end" else run.on_lost(value)
+                for ev in out:
                     yield ev
         finally:  # closing the stream stops the request on the server (queued or running)
             if pump_task is not None:

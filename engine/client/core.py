@@ -115,24 +115,34 @@ def connect_error(url: str, exc: BaseException) -> ServerError:
 # =========================================================================== where the server is
 
 
+OPENAI_SCHEMES = ("openai+http", "openai+https")
+
+
 @dataclass(frozen=True)
 class Endpoints:
     """Both transports of one server, from any of its URLs: http(s)://host:port[/...] or
-    ws(s)://host:port[/v1/realtime]."""
+    ws(s)://host:port[/v1/realtime]. `openai+http(s)://host:port`: any OpenAI-compatible server
+    (`openai` True: HTTP only, OpenAI's standard routes and fields; see engine.client.calls)."""
 
     http: str  # http(s)://host:port
     ws: str  # ws(s)://host:port/v1/realtime
     token: str | None = None
+    openai: bool = False
 
     @classmethod
     def parse(cls, url: str, token: str | None = None) -> "Endpoints":
         parts = urlsplit(str(url).strip())
         scheme = parts.scheme.lower()
+        openai = scheme in OPENAI_SCHEMES
+        if openai:
+            scheme = scheme.split("+", 1)[1]
         if scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
-            raise ValueError(f"engine URL {url!r} must look like http://HOST:PORT or ws://HOST:PORT")
+            raise ValueError(f"engine URL {url!r} must look like http://HOST:PORT or ws://HOST:PORT (or "
+                             "openai+http://HOST:PORT for any OpenAI-compatible server)")
         secure = scheme in ("https", "wss")
         return cls(http=f"{'https' if secure else 'http'}://{parts.netloc}",
-                   ws=f"{'wss' if secure else 'ws'}://{parts.netloc}{REALTIME_PATH}", token=token or None)
+                   ws=f"{'wss' if secure else 'ws'}://{parts.netloc}{REALTIME_PATH}", token=token or None,
+                   openai=openai)
 
     @property
     def headers(self) -> dict:
@@ -325,8 +335,9 @@ def realtime_content(content: Any, role: str) -> list[dict]:
     return out
 
 
-def chat_completions_content(content: Any, role: str) -> Any:
-    """Engine message content -> OpenAI chat-completions content (text, image_url, input_audio, video_url)."""
+def chat_completions_content(content: Any, role: str, openai: bool = False) -> Any:
+    """Engine message content -> OpenAI chat-completions content (text, image_url, input_audio, video_url).
+    `openai`: OpenAI's fields only (raw PCM16 samples are sent as a WAV file, which names its rate)."""
     if isinstance(content, str) or role != "user":
         return content if isinstance(content, str) else "".join(p["text"] for p in realtime_content(content, role))
     out = []
@@ -338,7 +349,10 @@ def chat_completions_content(content: Any, role: str) -> Any:
             out.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
         elif kind == "input_audio":
             spec = {"data": part["audio"], "format": part["format"]}
-            if "sample_rate" in part:
+            if "sample_rate" in part and openai:
+                pcm = np.frombuffer(base64.b64decode(part["audio"]), "<i2")
+                spec = {"data": b64(wav_file(pcm, part["sample_rate"])), "format": "wav"}
+            elif "sample_rate" in part:
                 spec["sample_rate"] = part["sample_rate"]
             out.append({"type": "input_audio", "input_audio": spec})
         else:
@@ -403,42 +417,68 @@ def realtime_chat_events(messages: list[dict], opts: ChatOptions) -> list[dict]:
     return events
 
 
-def chat_completions_body(messages: list[dict], opts: ChatOptions) -> dict:
-    """The same chat as a streaming /v1/chat/completions body."""
+OPENAI_CHAT_EXTENSIONS = ("top_k", "repetition_penalty")
+
+
+def chat_completions_body(messages: list[dict], opts: ChatOptions, openai_model: str | None = None) -> dict:
+    """The same chat as a streaming /v1/chat/completions body. `openai_model`: for an OpenAI-compatible
+    backend (OpenAI's fields only; ValueError names an option it cannot take)."""
     if not messages:
         raise ValueError("messages is empty: give at least one user message")
     msgs = [] if opts.system is None else [{"role": "system", "content": opts.system}]
+    openai = openai_model is not None
     for m in messages:
         role = check_role(m)
-        msgs.append({"role": role, "content": chat_completions_content(m.get("content", ""), role)})
+        msgs.append({"role": role, "content": chat_completions_content(m.get("content", ""), role, openai)})
     body = {"messages": msgs, "stream": True, "stream_options": {"include_usage": True},
             "thinking": bool(opts.thinking), **opts.sampling()}
+    if openai:
+        refused = [k for k in OPENAI_CHAT_EXTENSIONS if body.get(k) is not None]
+        refused += ["thinking"] if opts.thinking else []
+        if refused:
+            raise NotSupported(f"{', '.join(refused)} (extensions of our server)")
+        body = {k: v for k, v in body.items() if k not in OPENAI_CHAT_EXTENSIONS + ("thinking",)}
+        body["model"] = openai_model
     if list(opts.modalities) != ["text"]:
         body["modalities"] = list(opts.modalities)
     if opts.max_tokens is not None:
         body["max_tokens"] = opts.max_tokens
-    if opts.voice is not None and "audio" in opts.modalities:
-        body["audio"] = {"voice": opts.voice, "format": "pcm16"}
+    if "audio" in opts.modalities and (opts.voice is not None or openai):
+        body["audio"] = {"format": "pcm16", **({"voice": opts.voice} if opts.voice is not None else {})}
     return body
 
 
-def chat_request(messages: list[dict], opts: ChatOptions, transport: str) -> Any:
-    """The realtime client events (transport "realtime") or the chat-completions body ("http"); an
-    Error event (invalid_request) when the messages or options cannot be sent."""
+class NotSupported(ValueError):
+    """An option an OpenAI-compatible backend cannot take (Error code not_supported_by_engine)."""
+
+
+def chat_request(messages: list[dict], opts: ChatOptions, transport: str, openai_model: str | None = None) -> Any:
+    """The realtime client events (transport "realtime") or the chat-completions body ("http"; always
+    for an OpenAI-compatible backend, `openai_model`); an Error event (invalid_request, or
+    not_supported_by_engine) when the messages or options cannot be sent."""
     try:
+        if openai_model is not None:
+            return chat_completions_body(messages, opts, openai_model)
         if transport == "realtime":
             return realtime_chat_events(messages, opts)
         if transport == "http":
             return chat_completions_body(messages, opts)
         raise ValueError(f"transport must be 'realtime' or 'http', got {transport!r}")
+    except NotSupported as e:
+        return Error(f"chat with {e} is not supported by this engine: it is an OpenAI-compatible server",
+                     "not_supported_by_engine")
     except ValueError as e:
         return Error(str(e), "invalid_request")
 
 
 def transcription_request(audio: Any, sample_rate: int | None, context: str | None, hotwords: list[str] | None,
-                          dialect: str | None, max_tokens: int | None) -> dict | Error:
+                          dialect: str | None, max_tokens: int | None, openai_model: str | None = None) -> dict | Error:
     """httpx arguments (files, form fields) of a streaming /v1/audio/transcriptions request, or an
-    Error event (invalid_request) when the audio cannot be sent."""
+    Error event (invalid_request) when the audio cannot be sent. `openai_model`: for an
+    OpenAI-compatible backend (hotwords and dialect are ours: not_supported_by_engine)."""
+    if openai_model is not None and (hotwords or dialect):
+        return Error("transcription with hotwords or a dialect is not supported by this engine: it is an "
+                     "OpenAI-compatible server", "not_supported_by_engine")
     try:
         payload = audio_payload(audio, sample_rate)
     except ValueError as e:
@@ -448,6 +488,8 @@ def transcription_request(audio: Any, sample_rate: int | None, context: str | No
     data = {"stream": "true", "prompt": context, "dialect": dialect,
             "hotwords": ",".join(hotwords) if hotwords else None,
             "max_tokens": str(max_tokens) if max_tokens is not None else None}
+    if openai_model is not None:
+        data["model"] = openai_model
     return {"files": {"file": (f"audio.{payload.format}", payload.data)},
             "data": {k: v for k, v in data.items() if v is not None}}
 
@@ -487,9 +529,26 @@ class ResponseRun:
         return [ev]
 
     def on_event(self, raw: Any) -> list[Event]:
-        """A realtime server event (RealtimeResponseDecoder) or an SSE line (SseDecoder)."""
+        """A realtime server event (RealtimeResponseDecoder), an SSE line (SseLines decoders) or the
+        next bytes of a byte stream (WavStreamDecoder)."""
         try:
-            return self.decoder.feed_line(raw) if isinstance(raw, str) else self.decoder.feed(raw)
+            if isinstance(raw, str):
+                return self.decoder.feed_line(raw)
+            if isinstance(raw, bytes):
+                return self.decoder.feed_bytes(raw)
+            return self.decoder.feed(raw)
+        except UnknownEventError as e:
+            return self._end(Error(f"the server sent something this client does not understand: {e}",
+                                   "protocol_error"))
+
+    def on_end(self) -> list[Event]:
+        """The HTTP stream ended normally: its final event (or an Error when it never came)."""
+        if self.finished:
+            return []
+        if self.cancel_sent_at is not None:
+            return self.cancelled()
+        try:
+            return self.decoder.feed_end()
         except UnknownEventError as e:
             return self._end(Error(f"the server sent something this client does not understand: {e}",
                                    "protocol_error"))
@@ -520,8 +579,8 @@ def realtime_run(final_error_ids: set[str] | None, cancel, timeout: float) -> Re
     return ResponseRun(wire.RealtimeResponseDecoder(final_error_ids), cancel, timeout)
 
 
-def sse_run(cancel, timeout: float) -> ResponseRun:
-    return ResponseRun(wire.SseDecoder(), cancel, timeout)
+def sse_run(cancel, timeout: float, decoder=None) -> ResponseRun:
+    return ResponseRun(decoder if decoder is not None else wire.SseDecoder(), cancel, timeout)
 
 
 # =========================================================================== realtime session bookkeeping
@@ -703,6 +762,19 @@ class EngineClientBase:
         self.endpoints = Endpoints.parse(url, token)
         self.timeout = timeout
         self._sessions = SessionPool()
+        self._openai_info: ModelInfo | None = None  # an OpenAI-compatible backend's model, probed once
+
+    @property
+    def openai(self) -> bool:
+        """True for an openai+http(s):// URL: OpenAI's standard routes and fields only."""
+        return self.endpoints.openai
+
+    def _refuse_on_openai(self, what: str) -> None:
+        """Our extension routes (the voice library, speech options) do not exist on an OpenAI-compatible
+        backend: ServerError not_supported_by_engine."""
+        if self.openai:
+            raise ServerError(f"{what}: not available from this engine, an OpenAI-compatible server with OpenAI's "
+                              "standard routes only", "not_supported_by_engine")
 
     @classmethod
     def from_env(cls, timeout: float = DEFAULT_TIMEOUT):

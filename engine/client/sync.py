@@ -9,10 +9,11 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-from engine.client import core
+from engine.client import calls, core
 from engine.client.core import ChatOptions, ConnectionLost, ModelInfo, ServerError
 from engine.events import Error, Event
 
@@ -214,9 +215,12 @@ class RealtimeClient(core.RealtimeClientBase):
 
 
 class EngineClient(core.EngineClientBase):
-    """The engine server, from anywhere: health(), info(), chat() and transcribe() returning engine
-    events. EngineClient(url, token=None, timeout=60) or EngineClient.from_env() (ENGINE_URL,
-    ENGINE_TOKEN); `url`: http(s)://HOST:PORT or ws(s)://HOST:PORT (both transports derive from it)."""
+    """The engine server, from anywhere: health(), info(), chat(), transcribe(), speak(), imagine()
+    returning engine events, and the voice library (voices(), save_voice(), delete_voice(),
+    speech_options()). EngineClient(url, token=None, timeout=60) or EngineClient.from_env()
+    (ENGINE_URL, ENGINE_TOKEN); `url`: http(s)://HOST:PORT or ws(s)://HOST:PORT (both transports
+    derive from it), or openai+http(s)://HOST:PORT for any OpenAI-compatible server (HTTP, OpenAI's
+    standard routes only; what it cannot do ends with Error(code="not_supported_by_engine"))."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = core.DEFAULT_TIMEOUT):
         super().__init__(url, token, timeout)
@@ -237,11 +241,17 @@ class EngineClient(core.EngineClientBase):
         """A (not yet connected) realtime session client for the same server."""
         return RealtimeClient(self.endpoints.ws, self.endpoints.token, self.timeout)
 
-    def _get(self, path: str) -> Any:
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
-            resp = self.http.get(path)
+            return self.http.request(method, path, **kwargs)
         except httpx.HTTPError as e:
             raise core.connect_error(self.endpoints.http + path, e) from e
+
+    def _get(self, path: str) -> Any:
+        return self._json("GET", path)
+
+    def _json(self, method: str, path: str, **kwargs) -> Any:
+        resp = self._send(method, path, **kwargs)
         return core.json_answer(resp.status_code, resp.content)
 
     def health(self) -> dict:
@@ -249,8 +259,29 @@ class EngineClient(core.EngineClientBase):
         return self._get("/health")
 
     def info(self) -> ModelInfo:
-        """The served model. Raises ServerError (unauthorized, connect_failed, ...)."""
-        return core.models_info(self._get("/v1/models"))
+        """The served model. Raises ServerError (unauthorized, connect_failed, ...). For an
+        OpenAI-compatible backend: its first model, capabilities probed from the routes that answer."""
+        if not self.openai:
+            return core.models_info(self._get("/v1/models"))
+        if self._openai_info is None:
+            models = self._get("/v1/models")
+            found = {}
+            for cap, path in calls.OPENAI_PROBES.items():
+                resp = self._send("POST", path, json={})
+                found[cap] = calls.probe_found(resp.status_code, resp.content)
+            self._openai_info = calls.openai_info(models, found)
+        return self._openai_info
+
+    def _model(self) -> str | None:
+        """The model an OpenAI-compatible backend is asked for (None for our server)."""
+        return self.info().id if self.openai else None
+
+    def _model_or_error(self) -> tuple[str | None, Error | None]:
+        """_model(), or the Error a request ends with when the backend cannot be asked for it."""
+        try:
+            return self._model(), None
+        except ServerError as e:
+            return None, e.to_event()
 
     def chat(self, messages: list[dict], *, max_tokens: int | None = None, temperature: float | None = None,
              top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
@@ -262,13 +293,20 @@ class EngineClient(core.EngineClientBase):
         bytes, paths or arrays). `transport`: "realtime" (a realtime session per call, taken from a
         small pool of connected sessions and emptied after use) or "http" (/v1/chat/completions;
         larger media)."""
+        model, failed = self._model_or_error()
+        if failed is not None:
+            yield failed
+            return
         request = core.chat_request(messages, ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty,
-                                                          seed, stop, system, thinking, modalities, voice), transport)
+                                                          seed, stop, system, thinking, modalities, voice), transport,
+                                    model)
         if isinstance(request, Error):
             yield request
             return
-        if transport == "http":
-            yield from self._sse("/v1/chat/completions", {"json": request}, cancel)
+        if transport == "http" or self.openai:
+            decoder = core.wire.SseDecoder(strict=not self.openai)
+            yield from self._call(calls.HttpCall("POST", "/v1/chat/completions", {"json": request}, "sse", decoder),
+                                  cancel)
             return
         ids = {e["event_id"] for e in request}
         while True:  # at most twice: a pooled session found dead is replaced by a fresh one
@@ -312,22 +350,94 @@ class EngineClient(core.EngineClientBase):
         """Speech recognition: TextDelta events of the transcript, then Done whose `result` holds
         {"language", "text"} (or Error). `audio`: an audio file (bytes or path) or samples with
         `sample_rate`."""
-        request = core.transcription_request(audio, sample_rate, context, hotwords, dialect, max_tokens)
+        model, failed = self._model_or_error()
+        if failed is not None:
+            yield failed
+            return
+        request = core.transcription_request(audio, sample_rate, context, hotwords, dialect, max_tokens, model)
         if isinstance(request, Error):
             yield request
             return
-        yield from self._sse("/v1/audio/transcriptions", request, cancel)
+        decoder = core.wire.SseDecoder(strict=not self.openai)
+        yield from self._call(calls.HttpCall("POST", "/v1/audio/transcriptions", request, "sse", decoder), cancel)
 
-    def _sse(self, path: str, body: dict, cancel) -> Iterator[Event]:
-        """POST `body` and stream the SSE answer as engine events; cancel closes the stream (the
-        server then stops the request, queued or running)."""
-        run = core.sse_run(cancel, self.timeout)
+    # ------------------------------------------------------------------ speech, voices, images
+    def speak(self, text: str = "", *, task: str = "tts", voice: str | None = None, reference_audio: Any = None,
+              reference_text: str | None = None, instruct: dict | str | None = None, music: dict | None = None,
+              seed: int | None = None, max_seconds: float | None = None,
+              cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Speech, sound or music: QueuePosition, AudioChunk (PCM16 mono at the talker's true rate, each
+        with the text span it starts speaking) ..., then Done (time to first audio, audio seconds, RTF;
+        `result`: sample_rate, fragments, `ref_text_from_asr` when our ASR filled in the transcript of
+        `reference_audio`) or Error. task: tts | sound | music | podcast; voice: a saved voice's name;
+        reference_audio: an audio file (bytes, path, data: URL) or (samples, sample_rate), or a list
+        (podcast: one per speaker); instruct: {dialect, emotion, speed, pitch, volume, ip, style, bgm}
+        or "key=value,..."; music: {genre, mood, instrument, theme, duration}."""
+        model, failed = self._model_or_error()
+        call = failed or calls.speech_call(text, task, voice, reference_audio, reference_text, instruct, music, seed,
+                                 max_seconds, model)
+        yield from self._call(call, cancel)
+
+    def voices(self) -> list[dict]:
+        """The saved voices: [{name, reference_text, seconds, speakers, created}]. Raises ServerError."""
+        self._refuse_on_openai("the voice library")
+        return self._get(calls.VOICES_PATH)["data"]
+
+    def save_voice(self, name: str, reference_audio: Any, reference_text: str | None = None) -> dict:
+        """Clone a voice from a clip (an audio file, or (samples, sample_rate)) and keep it under `name`;
+        without `reference_text` our ASR transcribes the clip (`ref_text_from_asr` then holds its text)."""
+        self._refuse_on_openai("the voice library")
+        try:
+            upload = calls.voice_upload(name, reference_audio, reference_text)
+        except ValueError as e:
+            raise ServerError(str(e), "invalid_request") from None
+        return self._json("POST", calls.VOICES_PATH, **upload)
+
+    def delete_voice(self, name: str) -> dict:
+        self._refuse_on_openai("the voice library")
+        return self._json("DELETE", f"{calls.VOICES_PATH}/{quote(name, safe='')}")
+
+    def speech_options(self) -> dict:
+        """What speak() takes: tasks, dialect / emotion / speed / pitch / volume aliases, BGM and music
+        fields, formats, limits, the talker's sample rate."""
+        self._refuse_on_openai("the speech options")
+        return self._get(calls.SPEECH_OPTIONS_PATH)
+
+    def imagine(self, prompt: str, *, task: str = "generate", images: list | None = None, size: str | None = None,
+                aspect: str | None = None, steps: int | None = None, guidance: float | None = None,
+                seed: int | None = None, preview_every: int | None = None, preset: str | None = None,
+                mask_color: str | None = None, n: int = 1, cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Generate, edit (images: the first is the reference) or segment (prompt = the target) images:
+        QueuePosition, Progress, ImagePreview every `preview_every` steps, ImageDone (PNG; segmentation
+        adds mask and overlay PNGs and a note when the mask is empty) per image, then Done or Error."""
+        model, failed = self._model_or_error()
+        call = failed or calls.image_call(prompt, task, images, size, aspect, steps, guidance, seed, preview_every,
+                                          preset, mask_color, n, model)
+        yield from self._call(call, cancel)
+
+    def _call(self, call: calls.HttpCall | Error, cancel) -> Iterator[Event]:
+        """Send an HttpCall and read its answer as engine events; cancel closes the stream (the server
+        then stops the request, queued or running)."""
+        if isinstance(call, Error):
+            yield call
+            return
+        if call.read == "json":
+            try:
+                resp = self._send(call.method, call.path, **call.kwargs)
+                events = call.parse(core.json_answer(resp.status_code, resp.content))
+            except ServerError as e:
+                events = [e.to_event()]
+            except core.UnknownEventError as e:
+                events = [Error(f"the server sent something this client does not understand: {e}", "protocol_error")]
+            yield from events
+            return
+        run = core.sse_run(cancel, self.timeout, call.decoder)
         lines: queue.Queue = queue.Queue()
         try:
-            stream = self.http.stream("POST", path, **body)
+            stream = self.http.stream(call.method, call.path, **call.kwargs)
             resp = stream.__enter__()
         except httpx.HTTPError as e:
-            yield core.connect_error(self.endpoints.http + path, e).to_event()
+            yield core.connect_error(self.endpoints.http + call.path, e).to_event()
             return
         try:
             if resp.status_code >= 400:
@@ -337,13 +447,13 @@ class EngineClient(core.EngineClientBase):
 
             def pump() -> None:
                 try:
-                    for line in resp.iter_lines():
-                        lines.put(("line", line))
-                    lines.put(("end", "the stream ended"))
+                    for piece in (resp.iter_lines() if call.read == "sse" else resp.iter_bytes()):
+                        lines.put(("data", piece))
+                    lines.put(("end", None))
                 except Exception as e:  # closed by a cancel, read timeout, connection dropped
-                    lines.put(("end", f"{type(e).__name__}: {e}"))
+                    lines.put(("lost", f"{type(e).__name__}: {e}"))
 
-            threading.Thread(target=pump, name="engine-client-sse", daemon=True).start()
+            threading.Thread(target=pump, name="engine-client-http", daemon=True).start()
             while not run.finished:
                 if run.cancel_due():
                     yield from run.cancelled()
@@ -352,7 +462,10 @@ class EngineClient(core.EngineClientBase):
                     kind, value = lines.get(timeout=core.POLL_S)
                 except queue.Empty:
                     continue
-                yield from run.on_event(value) if kind == "line" else run.on_lost(value)
+                if kind == "data":
+                    yield from run.on_event(value)
+                else:
+                    yield from run.on_end() if kind == "end" else run.on_lost(value)
         finally:  # closing the stream stops the request on the server (queued or running)
             try:
                 stream.__exit__(None, None, None)

@@ -1,4 +1,4 @@
-"""python -m engine.server --model PATH_OR_HUB_ID [--host 127.0.0.1] [--port 8000] [--token T]"""
+"""python -m engine.server --model PATH_OR_HUB_ID [--host 127.0.0.1] [--port 8000] [--token T] [--openai-only]"""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--token", default=os.environ.get("MING_SERVER_TOKEN") or None,
                     help="secret clients must send (Authorization: Bearer T, or ?token=T); env MING_SERVER_TOKEN")
     ap.add_argument("--served-model-name", default=None, help="model id reported by /v1/models")
+    ap.add_argument("--openai-only", action="store_true",
+                    help="OpenAI's routes and shapes only: no /v1/realtime, no extension routes, fields, metrics or "
+                         "queue comment lines (PCM audio at OpenAI's 24 kHz)")
     ap.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--placement", choices=["auto", "single"], default="auto",
@@ -73,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if engine.is_demo:
         print("[random demo weights: output is meaningless; use --model for the real checkpoint]", file=sys.stderr)
-    app = create_app(engine, limits, token=args.token, model_id=args.served_model_name)
+    app = create_app(engine, limits, token=args.token, model_id=args.served_model_name, openai_only=args.openai_only)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {app.state.ctx.model_id} on http://{host}:{args.port} (realtime: ws://{host}:{args.port}/v1/realtime)"
+    where = "OpenAI routes only" if args.openai_only else f"realtime: ws://{host}:{args.port}/v1/realtime"
+    print(f"serving {app.state.ctx.model_id} on http://{host}:{args.port} ({where})"
           f"{', token required' if args.token else ''}", file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn_config(app, args.host, args.port, args.log_level)).run()
     return 0

@@ -1,5 +1,6 @@
 """The ASGI app (HTTP API + realtime websocket on one port) and a handle to run it with uvicorn,
-in the foreground (`python -m engine.server`) or on a background thread (tests, benchmarks, UI)."""
+in the foreground (`python -m engine.server`) or on a background thread (tests, benchmarks, UI).
+`openai_only`: OpenAI's routes and shapes only (no realtime route, no extension routes or fields)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.runtime import Engine
 from engine.server.auth import authorized, check_bind
 from engine.server.context import ServerContext
+from engine.server import images_api, speech_api
 from engine.server.http_api import error_response, router
 from engine.server.limits import ApiError, Limits
 from engine.server.realtime import realtime_endpoint
@@ -60,8 +62,8 @@ class AuthMiddleware:
 
 
 def create_app(engine: Engine, limits: Limits | None = None, token: str | None = None,
-               model_id: str | None = None) -> FastAPI:
-    ctx = ServerContext.create(engine, limits, token, model_id)
+               model_id: str | None = None, openai_only: bool = False) -> FastAPI:
+    ctx = ServerContext.create(engine, limits, token, model_id, openai_only)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -71,8 +73,12 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
     app = FastAPI(title="Ming Omni Studio server", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.ctx = ctx
-    app.include_router(router)
-    app.add_api_websocket_route("/v1/realtime", realtime_endpoint)
+    for r in (router, speech_api.router, images_api.router):
+        app.include_router(r)
+    if not openai_only:
+        app.include_router(speech_api.extension_router)
+        app.include_router(images_api.extension_router)
+        app.add_api_websocket_route("/v1/realtime", realtime_endpoint)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):

@@ -1,6 +1,7 @@
-"""What every endpoint shares: the engine, the model id, the limits, the token, the scheduler and
-the realtime session registry (one per app). The engine is an `engine.runtime.Engine` or any object
-with its interface (info(), is_demo, chat(), transcribe(); optionally has_talker, has_image_generator)."""
+"""What every endpoint shares: the engine, the model id, the limits, the token, the scheduler, the
+realtime session registry (one per app) and whether the server speaks OpenAI's shapes only
+(--openai-only). The engine is an `engine.runtime.Engine` or any object with its interface (info(),
+is_demo, chat(), transcribe(); optionally has_talker, speak(), voices, has_image_generator, imagine())."""
 
 from __future__ import annotations
 
@@ -22,15 +23,16 @@ class ServerContext:
     scheduler: Scheduler
     sessions: SessionRegistry
     started_at: float = field(default_factory=time.time)
+    openai_only: bool = False  # OpenAI's routes and fields only: no realtime, no extensions
 
     @classmethod
     def create(cls, engine: Engine, limits: Limits | None = None, token: str | None = None,
-               model_id: str | None = None) -> "ServerContext":
+               model_id: str | None = None, openai_only: bool = False) -> "ServerContext":
         limits = limits or Limits()
         scheduler = Scheduler(concurrency=limits.concurrency, max_queue=limits.max_queue,
                               stream_buffer=limits.stream_buffer, slow_reader_timeout_s=limits.slow_reader_timeout_s)
         return cls(engine=engine, model_id=model_id or engine.info().name, limits=limits, token=token,
-                   scheduler=scheduler, sessions=SessionRegistry(limits))
+                   scheduler=scheduler, sessions=SessionRegistry(limits), openai_only=openai_only)
 
     def check_model(self, requested) -> None:
         """Requests may name the served model (its id or checkpoint path) or leave it out."""

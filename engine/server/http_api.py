@@ -1,8 +1,12 @@
 """The OpenAI-compatible HTTP API: POST /v1/chat/completions (JSON or SSE stream), POST
-/v1/audio/transcriptions (multipart upload; JSON, text or SSE stream), GET /v1/models, GET /health.
+/v1/audio/transcriptions (multipart upload; JSON, text or SSE stream), GET /v1/models, GET /health,
+and what the speech and image endpoints (speech_api.py, images_api.py) share with them: reading
+bodies and forms within the limits, running a request through the scheduler, SSE responses.
 
 Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}, with a fitting status.
 A stream's client going away cancels its generation (the engine stops within one decode step).
+With --openai-only (`ServerContext.openai_only`) bodies carry OpenAI's fields only: our extension
+fields in a request are refused (`refuse_extensions`), answers have no metrics or comment lines.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from engine.events import Done, Error, Event
+from engine.events import Done, Error, Event, QueuePosition
 from engine.models.thinker.prompt import DEFAULT_SYSTEM_PROMPT
 from engine.sampling import GenerationParams
 from engine.server import codec
 from engine.server import protocol as wire
-from engine.server.codec import bad, need_dict
+from engine.server.audio_out import OPENAI_PCM_RATE, resampled
+from engine.server.codec import bad, need_dict, need_str
 from engine.server.context import ServerContext
 from engine.server.limits import human_bytes
 from engine.server.params import check_output_modalities, flag, generation_params, output_kwargs
@@ -30,6 +35,9 @@ from engine.server.sessions import new_id
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Request fields of ours (refused with --openai-only)
+CHAT_EXTENSIONS = ("top_k", "repetition_penalty", "thinking")
+TRANSCRIPTION_EXTENSIONS = ("hotwords", "hotwords[]", "dialect")
 
 
 def ctx_of(request: Request) -> ServerContext:
@@ -68,6 +76,43 @@ async def read_json(request: Request, limit: int) -> dict:
 
 def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse({"error": err.to_openai()}, status_code=err.status)
+
+
+async def json_request(request: Request, extensions: tuple[str, ...] = ()) -> tuple[ServerContext, dict]:
+    """(context, body) of a JSON request: the body within the size limit, the model checked, and with
+    --openai-only our `extensions` fields refused."""
+    ctx = ctx_of(request)
+    body = await read_json(request, ctx.limits.max_request_bytes)
+    ctx.check_model(body.get("model"))
+    refuse_extensions(ctx, body, extensions)
+    return ctx, body
+
+
+def refuse_extensions(ctx: ServerContext, body, names) -> None:
+    """--openai-only: a request naming one of our extension fields is refused (unknown_parameter)."""
+    if not ctx.openai_only:
+        return
+    for name in names:
+        if body.get(name) is not None:
+            raise bad(f"'{name}' is an extension of this server, off in --openai-only mode (OpenAI's fields only)",
+                      "unknown_parameter", name)
+
+
+def text_field(value, name: str, max_chars: int, required: bool = True) -> str | None:
+    """A text field of a request: a string (None when absent and not `required`), at most `max_chars`
+    characters, valid Unicode (no lone surrogates, which JSON lets through)."""
+    if value is None and not required:
+        return None
+    if value is None:
+        raise bad(f"'{name}' is required", "missing_field", name)
+    need_str(value, name)
+    if len(value) > max_chars:
+        raise bad(f"'{name}' is too long: {len(value):,} characters, at most {max_chars:,}", "invalid_value", name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"'{name}' is not valid Unicode text (it holds a lone surrogate)", "invalid_value", name) from None
+    return value
 
 
 # --------------------------------------------------------------------------- chat completions
@@ -194,12 +239,60 @@ async def with_keepalive(events: AsyncIterator[Event], interval_s: float) -> Asy
         pending.cancel()
 
 
-def stream_response(ctx: ServerContext, job: Job, encode, finish) -> StreamingResponse:
-    """An SSE response of a job: `encode(event)` and `finish(final)` give the lines."""
+QUEUE_GRACE_S = 0.5  # a request behind others is answered (streamed) after this, not when it starts
+
+
+async def first_events(job: Job) -> tuple[list[Event], AsyncIterator[Event]]:
+    """The job's first events, read until it produces something (or has waited QUEUE_GRACE_S behind
+    others, or ends), and all its events from the first: a request the engine refuses at once still
+    gets its HTTP status, and one that waits long learns its place in line from the stream."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + QUEUE_GRACE_S
+    it = job.events().__aiter__()
+    head: list[Event] = []
+    pending: asyncio.Future | None = None
+    while not head or isinstance(head[-1], QueuePosition):
+        waiting = bool(head) and head[-1].position >= 1
+        if waiting and loop.time() >= deadline:
+            break
+        pending = pending or asyncio.ensure_future(it.__anext__())
+        done, _ = await asyncio.wait({pending}, timeout=max(0.0, deadline - loop.time()) if waiting else None)
+        if not done:
+            break
+        try:
+            head.append(pending.result())
+        except StopAsyncIteration:
+            pending = None
+            break
+        pending = None
+
+    async def rest() -> AsyncIterator[Event]:
+        for ev in head:
+            yield ev
+        if pending is not None:
+            try:
+                yield await pending
+            except StopAsyncIteration:
+                return
+        async for ev in it:
+            yield ev
+
+    return head, rest()
+
+
+def refused_at_once(head: list[Event]) -> Error | None:
+    """The Error a job ended with before producing anything (see first_events), else None."""
+    return head[-1] if head and isinstance(head[-1], Error) else None
+
+
+def stream_response(ctx: ServerContext, job: Job, encode, finish,
+                    events: AsyncIterator[Event] | None = None) -> StreamingResponse:
+    """An SSE response of a job (`events`: the job's events when partly read already): `encode(event)`
+    and `finish(final)` give the lines."""
 
     async def lines() -> AsyncIterator[bytes]:
         try:
-            async for ev in with_keepalive(job.events(), ctx.limits.keepalive_s):
+            async for ev in with_keepalive(events or job.events(), ctx.limits.keepalive_s):
                 if ev is None:
                     yield wire.SSE_KEEPALIVE
                 elif isinstance(ev, (Done, Error)):
@@ -218,9 +311,7 @@ def stream_response(ctx: ServerContext, job: Job, encode, finish) -> StreamingRe
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     received = time.perf_counter()
-    ctx = ctx_of(request)
-    body = await read_json(request, ctx.limits.max_request_bytes)
-    ctx.check_model(body.get("model"))
+    ctx, body = await json_request(request, CHAT_EXTENSIONS)
     modalities, voice = check_unsupported(body, ctx.engine)
     stream = flag(body, "stream")
     opts = body.get("stream_options")
@@ -236,23 +327,44 @@ async def chat_completions(request: Request):
     output = output_kwargs(modalities, voice)
 
     def run(cancel):
-        return engine.chat(messages, params, cancel, system_prompt=system, thinking=thinking, **output)
+        events = engine.chat(messages, params, cancel, system_prompt=system, thinking=thinking, **output)
+        return resampled(events, OPENAI_PCM_RATE) if ctx.openai_only and "audio" in modalities else events
 
     job = Job(run, label="chat.completions")
     ctx.scheduler.submit(job)
     cid, created = "chatcmpl-" + new_id("c")[2:], int(time.time())
+    ext = not ctx.openai_only
     if not stream:
         got, final = await collect(request, ctx, job)
         if isinstance(final, Error):
             return error_response(wire.engine_error(final))
         return JSONResponse(wire.chat_completion(cid, created, ctx.model_id, got, final,
-                                                 job_metrics(job, received, final)))
-    enc = wire.ChatChunkEncoder(cid, created, ctx.model_id)
+                                                 job_metrics(job, received, final), extensions=ext))
+    enc = wire.ChatChunkEncoder(cid, created, ctx.model_id, extensions=ext)
     return stream_response(ctx, job, enc.encode,
                            lambda final: enc.finish(final, job_metrics(job, received, final), include_usage))
 
 
 # --------------------------------------------------------------------------- transcriptions
+
+
+async def read_form(request: Request, limits, max_files: int, max_fields: int = 64):
+    """A multipart form within the upload limit (close it when done); malformed: invalid_multipart."""
+    await read_body(request, limits.max_upload_bytes, "upload")
+    try:
+        return await request.form(max_files=max_files, max_fields=max_fields, max_part_size=1024 * 1024)
+    except ApiError:
+        raise
+    except Exception as e:  # malformed multipart of any kind
+        raise bad(f"the multipart body could not be parsed: {str(e)[:120]}", "invalid_multipart") from None
+
+
+async def form_file(form, name: str, what: str) -> bytes:
+    """The bytes of a required file field."""
+    upload = form.get(name)
+    if upload is None or isinstance(upload, str):
+        raise bad(f"'{name}' ({what}) is required", "missing_field", name)
+    return await upload.read()
 
 
 def form_text(form, name: str, max_len: int = 100_000) -> str | None:
@@ -296,19 +408,11 @@ async def transcriptions(request: Request):
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise bad("send the audio as multipart/form-data with a 'file' field", "invalid_content_type")
-    await read_body(request, limits.max_upload_bytes, "upload")
+    form = await read_form(request, limits, max_files=1)
     try:
-        form = await request.form(max_files=1, max_fields=64, max_part_size=1024 * 1024)
-    except ApiError:
-        raise
-    except Exception as e:  # malformed multipart of any kind
-        raise bad(f"the multipart body could not be parsed: {str(e)[:120]}", "invalid_multipart") from None
-    try:
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise bad("'file' (the audio file upload) is required", "missing_field", "file")
-        raw = await upload.read()
+        raw = await form_file(form, "file", "the audio file upload")
         ctx.check_model(form_text(form, "model"))
+        refuse_extensions(ctx, {k: form.get(k) for k in TRANSCRIPTION_EXTENSIONS}, TRANSCRIPTION_EXTENSIONS)
         context = form_text(form, "prompt")
         hotwords: list[str] = []
         for key in ("hotwords", "hotwords[]"):
@@ -344,22 +448,30 @@ async def transcriptions(request: Request):
     job = Job(run, label="audio.transcriptions")
     ctx.scheduler.submit(job)
     duration = audio.seconds if fmt == "verbose_json" else None
+    ext = not ctx.openai_only
+
+    def figures(final):
+        return job_metrics(job, received, final) if ext else None
+
     if not stream:
         _, final = await collect(request, ctx, job)
         if isinstance(final, Error):
             return error_response(wire.engine_error(final))
         if fmt == "text":
             return PlainTextResponse((final.result or {}).get("text", ""))
-        return JSONResponse(wire.transcription_body(final, job_metrics(job, received, final), duration))
-    return stream_response(ctx, job, wire.transcription_events,
-                           lambda final: wire.transcription_finish(final, job_metrics(job, received, final)))
+        return JSONResponse(wire.transcription_body(final, figures(final), duration))
+    return stream_response(ctx, job, lambda ev: wire.transcription_events(ev, ext),
+                           lambda final: wire.transcription_finish(final, figures(final)))
 
 
 # --------------------------------------------------------------------------- models, health
 
 
 def model_card(ctx: ServerContext) -> dict:
-    """The OpenAI model object, extended with what a client needs to know about the model."""
+    """The OpenAI model object, extended with what a client needs to know about the model (OpenAI's
+    fields only with --openai-only)."""
+    if ctx.openai_only:
+        return {"id": ctx.model_id, "object": "model", "created": int(ctx.started_at), "owned_by": "ming-omni-studio"}
     info = ctx.engine.info()
     caps = capabilities(ctx.engine)
     outputs = ["text"] + (["audio"] if "speech_out" in caps else []) + (["image"] if "image_out" in caps else [])

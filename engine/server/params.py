@@ -17,32 +17,39 @@ from engine.server.protocol import ApiError
 
 TOKEN_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens", "max_response_output_tokens")
 UNSUPPORTED_NONZERO = ("frequency_penalty", "presence_penalty")
-OUTPUT_MODALITIES = {"text": None, "audio": "has_talker", "image": "has_image_generator"}  # modality -> engine flag
+OUTPUT_MODALITIES = ("text", "audio", "image")
+IMAGE_ENDPOINTS = "POST /v1/images/generations or /v1/images/edits"
 
 
 def check_output_modalities(value: Any, name: str, engine) -> list[str]:
-    """A non-empty list of "text", "audio" (when the engine has a talker), "image" (when it has an
-    image generator); anything the engine cannot give is refused with modality_not_supported."""
+    """A non-empty list of "text" and "audio" (when the engine has a talker); anything the engine
+    cannot give is refused with modality_not_supported, and so is "image": chat and realtime responses
+    never draw (images come from the image endpoints)."""
     if not isinstance(value, list) or not value or not all(isinstance(m, str) for m in value):
         raise bad(f"'{name}' must be a non-empty list of strings such as [\"text\"]", "invalid_type", name)
     for m in value:
         if m not in OUTPUT_MODALITIES:
             raise bad(f"'{name}': unknown modality {m!r} (known: {', '.join(OUTPUT_MODALITIES)})", "invalid_value",
                       name)
-        flag_name = OUTPUT_MODALITIES[m]
-        if flag_name is not None and not getattr(engine, flag_name, False):
-            raise ApiError(f"{m} output is not supported by this engine yet (the loaded model has no "
-                           f"{'talker' if m == 'audio' else 'image generator'}); ask for [\"text\"]",
+        if m == "image":
+            raise ApiError(f"chat and realtime responses do not draw images: use {IMAGE_ENDPOINTS}; ask for "
+                           "[\"text\"] or [\"text\", \"audio\"]", code="modality_not_supported", param=name)
+        if m == "audio" and not getattr(engine, "has_talker", False):
+            why = getattr(engine, "talker_error", None) or "the loaded model has no talker"
+            raise ApiError(f"audio output is not supported by this engine ({why}); ask for [\"text\"]",
                            code="modality_not_supported", param=name)
     return list(dict.fromkeys(value))
 
 
+DEFAULT_VOICE = "default"  # names the talker's own voice (as leaving the voice out does)
+
+
 def output_kwargs(modalities: list[str], voice: str | None) -> dict:
     """What engine.chat is told about the outputs beyond text: nothing for a text-only response,
-    else `modalities` and `voice` (an engine with a talker or image generator takes them)."""
+    else `modalities` and `voice` (a saved voice's name; None for the talker's own voice)."""
     if modalities == ["text"]:
         return {}
-    return {"modalities": list(modalities), "voice": voice}
+    return {"modalities": list(modalities), "voice": None if voice == DEFAULT_VOICE else voice}
 
 
 def max_tokens_from(body: dict, limits: Limits, default: int | None = None) -> int:

@@ -14,6 +14,7 @@ engine.client).
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ ERROR_CODES: dict[str, int] = {
     "message_too_large": 413, "payload_too_large": 413, "audio_too_long": 400, "image_too_large": 400,
     "video_too_long": 400, "too_many_parts": 400, "too_many_messages": 400, "max_tokens_exceeded": 400,
     "context_length_exceeded": 400, "conversation_too_long": 400, "session_media_limit": 400,
-    "modality_not_supported": 400,
+    "modality_not_supported": 400, "voice_not_found": 400,
     # realtime session state
     "conversation_empty": 400, "invalid_state": 400, "input_audio_buffer_commit_empty": 400,
     "input_video_buffer_commit_empty": 400, "item_not_found": 400, "conversation_already_has_active_response": 400,
@@ -50,12 +51,23 @@ ERROR_CODES: dict[str, int] = {
     "engine_error": 500, "server_error": 500,
 }
 
+# Codes the engine's own errors carry (engine.errors.MingError.code and the engine's Error events) that
+# the wire names differently; every other engine code is sent as it is (its status from ERROR_CODES,
+# 500 for a code not listed there: an engine fault).
+ENGINE_CODES: dict[str, str] = {
+    "talker_unavailable": "modality_not_supported",  # the checkpoint has no (usable) talker
+    "unsupported_model": "modality_not_supported",   # ... no image generator
+    "talker_error": "engine_error", "checkpoint_error": "engine_error", "tokenizer_error": "engine_error",
+    "invalid_config": "engine_error",
+}
+
 # Codes the client gives its own Error events (never sent by the server).
 CLIENT_ERROR_CODES: dict[str, str] = {
     "connection_lost": "the connection to the server dropped (or the server stopped answering)",
     "connect_failed": "the server could not be reached, or refused the connection",
     "protocol_error": "the server sent something this client does not understand",
     "timeout": "the server did not answer in time",
+    "not_supported_by_engine": "the engine behind an openai+http(s):// URL has no route for this request",
 }
 
 
@@ -95,9 +107,15 @@ class ApiError(Exception):
         return {**error_object(self.code, self.message, self.param, self.status), "type": self.kind}
 
 
+def wire_code(code: str) -> str:
+    """The wire's name for an engine error code (ENGINE_CODES; the code itself otherwise)."""
+    return ENGINE_CODES.get(code, code)
+
+
 def engine_error(err: Error) -> ApiError:
     """An engine Error event as the server reports it (its code's status; unknown codes are faults)."""
-    return ApiError(err.message, code=err.code, status=ERROR_CODES.get(err.code, 500))
+    code = wire_code(err.code)
+    return ApiError(err.message, code=code, status=ERROR_CODES.get(code, 500))
 
 
 def error_event(obj: Any) -> Error:
@@ -481,16 +499,28 @@ def finish_reason_http(done: Done) -> str:
     return "length" if done.finish_reason == "length" else "stop"
 
 
+def progress_comments(ev: Event, extensions: bool) -> list[bytes] | None:
+    """The SSE comment lines of a QueuePosition / Progress (none without our extensions); None for
+    any other event."""
+    if isinstance(ev, QueuePosition):
+        return [sse_comment("queue_position", {"position": ev.position, "waiting": ev.waiting})] if extensions else []
+    if isinstance(ev, Progress):
+        return [sse_comment("progress", _progress_fields(ev))] if extensions else []
+    return None
+
+
 class ChatChunkEncoder:
     """Server side: engine events -> /v1/chat/completions stream chunks (`chat.completion.chunk`).
     Text is `delta.content`; audio is OpenAI's `delta.audio` ({id, data, transcript}) plus our
     `sample_rate` and `start_s`; images are our `delta.image_preview` / `delta.image`; queue
-    positions and progress are comment lines."""
+    positions and progress are comment lines. `extensions` False (--openai-only): OpenAI's shapes
+    only (no comment lines, no extra fields, no metrics)."""
 
-    def __init__(self, completion_id: str, created: int, model: str):
+    def __init__(self, completion_id: str, created: int, model: str, extensions: bool = True):
         self.completion_id = completion_id
         self.created = created
         self.model = model
+        self.extensions = extensions
         self.role_sent = False
         self.audio_id = "audio_" + completion_id.rsplit("-", 1)[-1]
 
@@ -507,15 +537,16 @@ class ChatChunkEncoder:
         return out + [sse_data(self._chunk(delta))]
 
     def encode(self, ev: Event) -> list[bytes]:
-        if isinstance(ev, QueuePosition):
-            return [sse_comment("queue_position", {"position": ev.position, "waiting": ev.waiting})]
-        if isinstance(ev, Progress):
-            return [sse_comment("progress", _progress_fields(ev))]
+        comments = progress_comments(ev, self.extensions)
+        if comments is not None:
+            return comments
         if isinstance(ev, TextDelta):
             return self._delta({"content": ev.text})
         if isinstance(ev, AudioChunk):
-            return self._delta({"audio": {"id": self.audio_id, "data": _b64(ev.pcm), "transcript": ev.text,
-                                          "sample_rate": ev.sample_rate, "start_s": ev.start_s}})
+            audio = {"id": self.audio_id, "data": _b64(ev.pcm), "transcript": ev.text}
+            if self.extensions:
+                audio.update(sample_rate=ev.sample_rate, start_s=ev.start_s)
+            return self._delta({"audio": audio})
         if isinstance(ev, ImagePreview):
             return self._delta({"image_preview": _image_preview_fields(ev)})
         if isinstance(ev, ImageDone):
@@ -526,7 +557,8 @@ class ChatChunkEncoder:
         if isinstance(final, Error):
             return [sse_data({"error": engine_error(final).to_openai()}), SSE_DONE]
         out = [] if self.role_sent else [sse_data(self._chunk({"role": "assistant", "content": ""}))]
-        out.append(sse_data(self._chunk({}, finish_reason_http(final), metrics=metrics_obj)))
+        extra = {"metrics": metrics_obj} if self.extensions else {}
+        out.append(sse_data(self._chunk({}, finish_reason_http(final), **extra)))
         if include_usage:
             out.append(sse_data({"id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,
                                  "model": self.model, "choices": [], "usage": usage(final.stats, "chat")}))
@@ -555,63 +587,75 @@ class Collected:
 
 
 def chat_completion(completion_id: str, created: int, model: str, got: Collected, done: Done,
-                    metrics_obj: dict) -> dict:
-    """The non-streaming /v1/chat/completions body."""
+                    metrics_obj: dict, extensions: bool = True) -> dict:
+    """The non-streaming /v1/chat/completions body (`extensions` False: OpenAI's fields only)."""
     message: dict = {"role": "assistant", "content": "".join(got.text)}
     if got.audio:
         message["audio"] = {"id": "audio_" + completion_id.rsplit("-", 1)[-1],
                             "data": _b64(b"".join(c.pcm for c in got.audio)),
-                            "transcript": "".join(c.text for c in got.audio), "sample_rate": got.audio[0].sample_rate}
+                            "transcript": "".join(c.text for c in got.audio)}
+        if extensions:
+            message["audio"]["sample_rate"] = got.audio[0].sample_rate
     if got.images:
         message["images"] = [_image_done_fields(im) for im in got.images]
-    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+    body = {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": message, "finish_reason": finish_reason_http(done), "logprobs": None}],
-            "usage": usage(done.stats, "chat"), "metrics": metrics_obj}
+            "usage": usage(done.stats, "chat")}
+    return {**body, "metrics": metrics_obj} if extensions else body
 
 
-def transcription_body(done: Done, metrics_obj: dict, duration_s: float | None = None) -> dict:
+def transcription_body(done: Done, metrics_obj: dict | None, duration_s: float | None = None) -> dict:
     """/v1/audio/transcriptions result (json; verbose_json adds task and duration)."""
     res = done.result or {}
-    out = {"text": res.get("text", ""), "language": res.get("language"), "usage": usage(done.stats, "transcription"),
-           "metrics": metrics_obj}
+    out = {"text": res.get("text", ""), "language": res.get("language"), "usage": usage(done.stats, "transcription")}
+    if metrics_obj is not None:  # None: OpenAI's fields only (--openai-only)
+        out["metrics"] = metrics_obj
     if duration_s is not None:
         out.update({"task": "transcribe", "duration": round(duration_s, 3)})
     return out
 
 
-def transcription_events(ev: Event) -> list[bytes]:
+def transcription_events(ev: Event, extensions: bool = True) -> list[bytes]:
     """A streaming transcription's SSE lines for one engine event other than Done / Error."""
-    if isinstance(ev, QueuePosition):
-        return [sse_comment("queue_position", {"position": ev.position, "waiting": ev.waiting})]
-    if isinstance(ev, Progress):
-        return [sse_comment("progress", _progress_fields(ev))]
+    comments = progress_comments(ev, extensions)
+    if comments is not None:
+        return comments
     if isinstance(ev, TextDelta):
         return [sse_data({"type": "transcript.text.delta", "delta": ev.text})]
     raise UnknownEventError(f"a transcription does not stream {type(ev).__name__}")
 
 
-def transcription_finish(final: Done | Error, metrics_obj: dict) -> list[bytes]:
+def transcription_finish(final: Done | Error, metrics_obj: dict | None) -> list[bytes]:
     if isinstance(final, Error):
         return [sse_data({"error": engine_error(final).to_openai()}), SSE_DONE]
     return [sse_data({"type": "transcript.text.done", **transcription_body(final, metrics_obj)}), SSE_DONE]
 
 
 _DELTA_KEYS = ("role", "content", "audio", "image_preview", "image", "refusal", "tool_calls", "function_call")
+OPENAI_PCM_RATE = 24000  # the rate of OpenAI's `pcm16` / `pcm` audio, for servers that do not name theirs
 
 
-class SseDecoder:
-    """Client side: the lines of a chat-completions or transcription SSE stream -> engine events,
-    ending with one Done (at `data: [DONE]`) or Error."""
+class SseLines:
+    """Client side, what every SSE stream of this API shares: comment lines (our queue positions and
+    progress, keepalives), `data: {"error": ...}`, and the end (`data: [DONE]`, or the stream closing
+    after the final event: `feed_end`). Subclasses read their own `data:` objects (`_data`) and set
+    `_done` once the final event has been read. `strict` False (a backend behind openai+http(s)://):
+    fields and events this client does not know are passed by instead of failing the stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = True) -> None:
+        self.strict = strict
         self.finished = False
         self.text: list[str] = []
         self._done: Done | None = None
-        self._metrics: dict | None = None
 
     def _end(self, ev: Done | Error) -> list[Event]:
         self.finished = True
         return [ev]
+
+    def _unknown(self, what: str) -> list[Event]:
+        if self.strict:
+            raise UnknownEventError(what)
+        return []
 
     def feed_line(self, line: str) -> list[Event]:
         if self.finished or not line or line.startswith(("event:", "id:", "retry:")):
@@ -619,7 +663,7 @@ class SseDecoder:
         if line.startswith(":"):
             name, _, payload = line[1:].strip().partition(" ")
             if name not in SSE_COMMENTS:
-                raise UnknownEventError(f"unknown stream comment {name[:60]!r}")
+                return self._unknown(f"unknown stream comment {name[:60]!r}")
             if name == "keepalive":
                 return []
             try:
@@ -628,12 +672,10 @@ class SseDecoder:
                 raise UnknownEventError(f"malformed {name} comment: {e}") from None
             return [_queue_position(obj) if name == "queue_position" else _progress(obj)]
         if not line.startswith("data:"):
-            raise UnknownEventError(f"unexpected stream line {line[:60]!r}")
+            return self._unknown(f"unexpected stream line {line[:60]!r}")
         data = line[5:].strip()
         if data == "[DONE]":
-            if self._done is None:
-                return self._end(Error("the stream ended without a result", "protocol_error"))
-            return self._end(self._done)
+            return self.feed_end()
         try:
             obj = json.loads(data)
         except ValueError as e:
@@ -642,6 +684,32 @@ class SseDecoder:
             raise UnknownEventError("stream data must be an object")
         if "error" in obj:
             return self._end(error_event(obj["error"]))
+        return self._data(obj)
+
+    def feed_end(self) -> list[Event]:
+        """The stream is over (`[DONE]` or closed by the server): the final event, or an Error when
+        the result never came."""
+        if self.finished:
+            return []
+        if self._done is None:
+            return self._end(Error("the stream ended without a result", "protocol_error"))
+        return self._end(self._done)
+
+    def _data(self, obj: dict) -> list[Event]:
+        raise NotImplementedError
+
+
+class SseDecoder(SseLines):
+    """Client side: the lines of a chat-completions or transcription SSE stream -> engine events,
+    ending with one Done (at `data: [DONE]`) or Error. Audio deltas without our `sample_rate` are
+    OpenAI's `pcm16`, 24 kHz."""
+
+    def __init__(self, strict: bool = True) -> None:
+        super().__init__(strict)
+        self._metrics: dict | None = None
+        self._transcript: list[str] = []  # transcript text of audio deltas that carried no data yet
+
+    def _data(self, obj: dict) -> list[Event]:
         kind = obj.get("type")
         if kind == "transcript.text.delta":
             (delta,) = _need(obj, "delta")
@@ -653,7 +721,7 @@ class SseDecoder:
                               result={"language": obj.get("language"), "text": obj.get("text", "")})
             return []
         if kind is not None or obj.get("object") != "chat.completion.chunk":
-            raise UnknownEventError(f"unknown stream event {str(kind or obj.get('object'))[:60]!r}")
+            return self._unknown(f"unknown stream event {str(kind or obj.get('object'))[:60]!r}")
         return self._chunk(obj)
 
     def _chunk(self, obj: dict) -> list[Event]:
@@ -665,17 +733,14 @@ class SseDecoder:
         choice = choices[0]
         delta = choice.get("delta") or {}
         unknown = [k for k, v in delta.items() if k not in _DELTA_KEYS and v is not None]
-        if unknown:
+        if unknown and self.strict:
             raise UnknownEventError(f"unknown delta field(s) {unknown}")
         out: list[Event] = []
         if delta.get("content"):
             self.text.append(delta["content"])
             out.append(TextDelta(delta["content"]))
         if delta.get("audio") is not None:
-            audio = delta["audio"]
-            data, rate = _need(audio, "data", "sample_rate")
-            out.append(AudioChunk(_unb64(data, "audio.data"), int(rate), str(audio.get("transcript") or ""),
-                                  float(audio.get("start_s", 0.0))))
+            out += self._audio(delta["audio"])
         if delta.get("image_preview") is not None:
             out.append(_image_preview(delta["image_preview"]))
         if delta.get("image") is not None:
@@ -683,8 +748,272 @@ class SseDecoder:
         reason = choice.get("finish_reason")
         if reason:
             if reason not in ("stop", "length"):
-                raise UnknownEventError(f"unknown finish_reason {reason!r}")
+                if self.strict:
+                    raise UnknownEventError(f"unknown finish_reason {reason!r}")
+                reason = "stop"
             self._metrics = obj.get("metrics")
             self._done = Done(text="".join(self.text), finish_reason=reason,
                               stats=stats_from_wire(obj.get("usage"), self._metrics))
         return out
+
+    def _audio(self, audio: Any) -> list[Event]:
+        if not isinstance(audio, dict):
+            raise UnknownEventError("'delta.audio' must be an object")
+        if audio.get("transcript"):
+            self._transcript.append(str(audio["transcript"]))
+        if not audio.get("data"):  # OpenAI may send the transcript and the audio in separate deltas
+            return []
+        rate = audio.get("sample_rate", OPENAI_PCM_RATE)
+        text, self._transcript = "".join(self._transcript), []
+        return [AudioChunk(_unb64(audio["data"], "audio.data"), int(rate), text, float(audio.get("start_s", 0.0)))]
+
+
+# =========================================================================== HTTP: speech (/v1/audio/speech)
+
+def _audio_usage(done: Done) -> dict:
+    """Speech usage: input tokens of the talker's prompt (0 when not counted), output tokens = latent
+    patches made."""
+    out = int((done.result or {}).get("patches", done.stats.new_tokens) or 0)
+    return {"input_tokens": done.stats.prompt_tokens, "output_tokens": out,
+            "total_tokens": done.stats.prompt_tokens + out}
+
+
+class SpeechSseEncoder:
+    """Server side: engine events of a synthesis -> `/v1/audio/speech` SSE (`stream_format: "sse"`):
+    OpenAI's `speech.audio.delta` {audio: base64} with our `sample_rate`, `text` (the span it starts
+    speaking) and `start_s`; then `speech.audio.done` {usage} with our `metrics` and `result`, and
+    `data: [DONE]`. `wav_header`: bytes to put before the first delta's audio (response_format "wav":
+    the deltas then join into a WAV file; "pcm": none). `extensions` False: OpenAI's fields only."""
+
+    def __init__(self, extensions: bool = True, wav_header: bytes = b""):
+        self.extensions = extensions
+        self.header = wav_header
+
+    def encode(self, ev: Event) -> list[bytes]:
+        comments = progress_comments(ev, self.extensions)
+        if comments is not None:
+            return comments
+        if not isinstance(ev, AudioChunk):
+            raise UnknownEventError(f"speech does not stream {type(ev).__name__}")
+        data, self.header = self.header + ev.pcm, b""
+        out = {"type": "speech.audio.delta", "audio": _b64(data)}
+        if self.extensions:
+            out.update(sample_rate=ev.sample_rate, text=ev.text, start_s=ev.start_s)
+        return [sse_data(out)]
+
+    def finish(self, final: Done | Error, metrics_obj: dict) -> list[bytes]:
+        if isinstance(final, Error):
+            return [sse_data({"error": engine_error(final).to_openai()}), SSE_DONE]
+        out = {"type": "speech.audio.done", "usage": _audio_usage(final)}
+        if self.extensions:
+            out.update(metrics=metrics_obj, result=final.result, finish_reason=final.finish_reason)
+        return [sse_data(out), SSE_DONE]
+
+
+def _strip_wav_header(data: bytes) -> tuple[bytes, int | None]:
+    """(PCM, rate) of audio that may start with a WAV header (the rate None when it does not)."""
+    if len(data) >= 44 and data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        (rate,) = struct.unpack("<I", data[24:28])
+        return data[44:], int(rate)
+    return data, None
+
+
+class SpeechSseDecoder(SseLines):
+    """Client side: a `/v1/audio/speech` SSE stream -> AudioChunk events, then Done (its `result`:
+    sample_rate, fragments, ref_text_from_asr when our ASR filled in a transcript ...). Deltas without
+    our `sample_rate` are PCM16 at the rate of a WAV header in the first delta, else OpenAI's 24 kHz."""
+
+    def __init__(self, strict: bool = True) -> None:
+        super().__init__(strict)
+        self.rate: int | None = None
+        self.audio_s = 0.0
+
+    def _data(self, obj: dict) -> list[Event]:
+        kind = obj.get("type")
+        if kind == "speech.audio.delta":
+            (data,) = _need(obj, "audio")
+            pcm, header_rate = _strip_wav_header(_unb64(data, "audio") or b"") if self.rate is None else \
+                (_unb64(data, "audio") or b"", None)
+            self.rate = int(obj.get("sample_rate") or header_rate or self.rate or OPENAI_PCM_RATE)
+            text = str(obj.get("text") or "")
+            if text:
+                self.text.append(text)
+            ev = AudioChunk(pcm, self.rate, text, float(obj.get("start_s", self.audio_s)))
+            self.audio_s += ev.seconds
+            return [ev]
+        if kind == "speech.audio.done":
+            result = obj.get("result") if isinstance(obj.get("result"), dict) else {}
+            stats = stats_from_wire(None, obj.get("metrics"))
+            if not stats.audio_seconds:
+                stats.audio_seconds = self.audio_s
+            reason = obj.get("finish_reason") if obj.get("finish_reason") in ("stop", "cancelled") else "stop"
+            text = " ".join(result.get("fragments") or []) or "".join(self.text)
+            self._done = Done(text=text, finish_reason=reason, stats=stats, result=result or None)
+            return []
+        return self._unknown(f"unknown speech stream event {str(kind)[:60]!r}")
+
+
+# =========================================================================== HTTP: images (/v1/images/*)
+
+IMAGE_STREAM_KINDS = ("image_generation", "image_edit", "image_segmentation")  # event name prefixes
+
+
+def image_size(width: int, height: int) -> str:
+    return f"{width}x{height}"
+
+
+def image_usage(stats: GenerationStats) -> dict:
+    """Image usage in OpenAI's shape: the thinker's prompt tokens in, no tokens out."""
+    return {"input_tokens": stats.prompt_tokens, "output_tokens": 0, "total_tokens": stats.prompt_tokens,
+            "input_tokens_details": {"text_tokens": stats.prompt_tokens, "image_tokens": 0}}
+
+
+def image_data(ev: ImageDone, image_b64: str, extensions: bool) -> dict:
+    """One entry of an images response's `data` (and the payload of a `.completed` event)."""
+    out: dict = {"b64_json": image_b64}
+    if extensions:
+        out.update(index=ev.index, width=ev.width, height=ev.height, seed=ev.seed, mask=_b64(ev.mask),
+                   overlay=_b64(ev.overlay), note=ev.note)
+    return out
+
+
+def images_body(created: int, images: list[tuple[ImageDone, str]], done: Done, output_format: str,
+                metrics_obj: dict, extensions: bool = True) -> dict:
+    """The non-streaming images response: `images` holds (ImageDone, base64 of the file in
+    `output_format`) pairs in order."""
+    first = images[0][0] if images else None
+    body = {"created": created, "data": [image_data(ev, b, extensions) for ev, b in images],
+            "background": "opaque", "output_format": output_format, "quality": "auto",
+            "size": image_size(first.width, first.height) if first else None, "usage": image_usage(done.stats)}
+    return {**body, "metrics": metrics_obj} if extensions else body
+
+
+class ImageSseEncoder:
+    """Server side: engine events of an image request -> SSE. `kind` is the event prefix
+    (IMAGE_STREAM_KINDS). Previews are `<kind>.partial_image` {b64_json (PNG), partial_image_index,
+    size, ...} (at most `max_partials` per image; partial_image_index counts them per image), finished
+    images `<kind>.completed` {b64_json, size, ..., usage on the last one}; then `data: [DONE]`. Our
+    extensions: index / step / total_steps, seed / mask / overlay / note, metrics, and the queue /
+    progress comment lines. `encode_image(ImageDone) -> base64` writes the final file."""
+
+    def __init__(self, kind: str, output_format: str, created: int, encode_image, max_partials: int | None = None,
+                 extensions: bool = True):
+        if kind not in IMAGE_STREAM_KINDS:
+            raise ValueError(f"unknown image stream kind {kind!r}")
+        self.kind = kind
+        self.output_format = output_format
+        self.created = created
+        self.encode_image = encode_image
+        self.max_partials = max_partials
+        self.extensions = extensions
+        self.partials: dict[int, int] = {}  # image index -> previews sent
+        self.pending: ImageDone | None = None  # its .completed leaves with the next event (the last: with usage)
+
+    def _common(self, size: str, fmt: str) -> dict:
+        return {"created_at": self.created, "size": size, "quality": "auto", "background": "opaque",
+                "output_format": fmt}
+
+    def _completed(self, usage_obj: dict | None = None, metrics_obj: dict | None = None) -> list[bytes]:
+        if self.pending is None:
+            return []
+        ev, self.pending = self.pending, None
+        out = {"type": f"{self.kind}.completed", **self._common(image_size(ev.width, ev.height), self.output_format),
+               **image_data(ev, self.encode_image(ev), self.extensions)}
+        if usage_obj is not None:
+            out["usage"] = usage_obj
+        if metrics_obj is not None and self.extensions:
+            out["metrics"] = metrics_obj
+        return [sse_data(out)]
+
+    def encode(self, ev: Event) -> list[bytes]:
+        out = self._completed()
+        comments = progress_comments(ev, self.extensions)
+        if comments is not None:
+            return out + comments
+        if isinstance(ev, ImagePreview):
+            sent = self.partials.get(ev.index, 0)
+            if self.max_partials is not None and sent >= self.max_partials:
+                return out
+            partial = {"type": f"{self.kind}.partial_image", "b64_json": _b64(ev.image),
+                       **self._common(image_size(ev.width, ev.height), "png"), "partial_image_index": sent}
+            if self.extensions:
+                partial.update(index=ev.index, step=ev.step, total_steps=ev.total_steps)
+            self.partials[ev.index] = sent + 1
+            return out + [sse_data(partial)]
+        if isinstance(ev, ImageDone):
+            self.pending = ev
+            return out
+        raise UnknownEventError(f"an image stream does not carry {type(ev).__name__}")
+
+    def finish(self, final: Done | Error, metrics_obj: dict) -> list[bytes]:
+        if isinstance(final, Error):
+            self.pending = None
+            return [sse_data({"error": engine_error(final).to_openai()}), SSE_DONE]
+        return self._completed(image_usage(final.stats), metrics_obj) + [SSE_DONE]
+
+
+def _wh(obj: dict) -> tuple[int, int]:
+    """(width, height) from our fields, else OpenAI's `size` "WxH" (0, 0 when neither says)."""
+    if obj.get("width") and obj.get("height"):
+        return int(obj["width"]), int(obj["height"])
+    size = str(obj.get("size") or "")
+    w, _, h = size.partition("x")
+    return (int(w), int(h)) if w.isdigit() and h.isdigit() else (0, 0)
+
+
+def image_done_from(obj: dict, index: int) -> ImageDone:
+    """An ImageDone from a `.completed` event or one `data` entry (ours or any OpenAI-shaped server's)."""
+    (image,) = _need(obj, "b64_json")
+    width, height = _wh(obj)
+    return ImageDone(_unb64(image, "b64_json"), width, height, int(obj.get("index", index)), obj.get("seed"),
+                     _unb64(obj.get("mask"), "mask"), _unb64(obj.get("overlay"), "overlay"), str(obj.get("note") or ""))
+
+
+def images_body_events(body: Any) -> list[Event]:
+    """A non-streaming images response -> ImageDone per image, then Done (client side)."""
+    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        raise UnknownEventError("an images response needs a 'data' list")
+    size_w, size_h = _wh(body)
+    images = []
+    for i, item in enumerate(body["data"]):
+        if not isinstance(item, dict):
+            raise UnknownEventError("each images 'data' entry must be an object")
+        if "b64_json" not in item:
+            raise UnknownEventError("the images response has no b64_json (a url-only server cannot be read)")
+        ev = image_done_from({"size": body.get("size"), **item}, i)
+        ev.width, ev.height = ev.width or size_w, ev.height or size_h
+        images.append(ev)
+    stats = stats_from_wire(body.get("usage"), body.get("metrics"))
+    stats.images = stats.images or len(images)
+    return [*images, Done(text="\n".join(im.note for im in images if im.note), finish_reason="stop", stats=stats,
+                          result={"images": len(images)})]
+
+
+class ImageSseDecoder(SseLines):
+    """Client side: an images SSE stream (any of IMAGE_STREAM_KINDS) -> ImagePreview / ImageDone
+    events, then Done with the figures of the last `.completed` event."""
+
+    def __init__(self, strict: bool = True) -> None:
+        super().__init__(strict)
+        self.images = 0
+
+    def _data(self, obj: dict) -> list[Event]:
+        kind = str(obj.get("type") or "")
+        prefix, _, suffix = kind.rpartition(".")
+        if prefix not in IMAGE_STREAM_KINDS:
+            return self._unknown(f"unknown image stream event {kind[:60]!r}")
+        if suffix == "partial_image":
+            (image,) = _need(obj, "b64_json")
+            width, height = _wh(obj)
+            index = int(obj.get("partial_image_index", 0))
+            return [ImagePreview(_unb64(image, "b64_json"), int(obj.get("step", index + 1)),
+                                 int(obj.get("total_steps", 0)), width, height, int(obj.get("index", 0)))]
+        if suffix == "completed":
+            ev = image_done_from(obj, self.images)
+            self.images += 1
+            stats = stats_from_wire(obj.get("usage"), obj.get("metrics"))
+            stats.images = stats.images or self.images
+            notes = [n for n in ((self._done.text if self._done else ""), ev.note) if n]
+            self._done = Done(text="\n".join(notes), finish_reason="stop", stats=stats, result={"images": self.images})
+            return [ev]
+        return self._unknown(f"unknown image stream event {kind[:60]!r}")

@@ -125,7 +125,7 @@ def test_every_event_kind_reaches_the_client_over_both_transports():
 def test_server_errors_become_error_events_with_the_servers_code(server):
     with EngineClient(server.url) as client:
         cases = [(dict(max_tokens=10 ** 6), "max_tokens_exceeded"),
-                 (dict(modalities=("text", "audio")), "modality_not_supported"),
+                 (dict(modalities=("text", "image")), "modality_not_supported"),
                  (dict(transport="http", max_tokens=10 ** 6), "max_tokens_exceeded")]
         for kwargs, code in cases:
             events = list(client.chat([{"role": "user", "content": "hi"}], **kwargs))
@@ -237,7 +237,7 @@ def test_realtime_client_session_errors_and_reconnect(server, tiny_engine):
         (err,) = list(rt.respond())  # nothing in the conversation yet
         assert err.code == "conversation_empty"
         with pytest.raises(ServerError) as info:
-            rt.update_session(output_modalities=["audio"])
+            rt.update_session(output_modalities=["image"])
         assert info.value.code == "modality_not_supported"
         rt.update_session(instructions=SYSTEM, max_output_tokens=3)
         rt.add_message("user", "Remember this.")

@@ -198,3 +198,21 @@ def fake_server(engine=None, **limits):
     app = create_app(engine if engine is not None else FakeEngine(), Limits(**limits))
     with ServerHandle(app) as srv:
         yield srv
+
+
+def sse_events(resp) -> list:
+    """An SSE answer's events: `data:` objects decoded, comment lines (": ...") as they are, [DONE] left out."""
+    return [json.loads(line[6:]) if line.startswith("data: {") else line for line in resp.iter_lines()
+            if line and line != "data: [DONE]"]
+
+
+def leave_stream_at(server, http, path: str, body: dict, marker: str, label: str):
+    """POST a streaming request, drop the connection at the first line holding `marker`, and return the
+    scheduler's record of the job (`label`) once it has ended."""
+    before = len(server.ctx.scheduler.history)
+    with http.stream("POST", path, json=body) as r:
+        for line in r.iter_lines():
+            if marker in line:
+                break
+    return wait_for(lambda: next((h for h in list(server.ctx.scheduler.history)[before:] if h.label == label), None),
+                    30)

@@ -82,13 +82,15 @@ def hostile_messages(seed: int = 1234) -> list[tuple[str, str | bytes]]:
               "max_response_output_tokens": ["infinite", -1, 0], "top_p": [0, -0.5, 2, "x"], "top_k": [-1, 1.5, "x"],
               "repetition_penalty": [0, -1, "x", 100], "seed": ["x", 1.5, 2 ** 70], "stop": [5, [""], [1], ["a"] * 9],
               "instructions": [5, [], {}], "thinking": ["yes", 1, []],
-              "output_modalities": [["audio"], ["image"], [], "text", [1], ["video"], ["text", "audio"]],
-              "modalities": [["audio", "text"], ["speech"]],
+              # (the tiny engine has a talker: "audio" is valid, "image" is never a chat output)
+              "output_modalities": [["audio", "smell"], ["image"], [], "text", [1], ["video"], ["text", "image"]],
+              "modalities": [["audio", "text", 5], ["speech"]],
               "input_audio_format": ["g711_ulaw", {"type": "audio/pcm", "rate": 0}, {"type": "audio/ogg"}, 5,
                                      {"type": "audio/pcm", "rate": "x"}],
               "input_audio_sample_rate": [0, -16000, "x", 10 ** 9, 1.5],
               "turn_detection": [{"type": "server_vad"}, "auto"], "tools": [[{"type": "function"}]],
-              "audio": [{"output": {"voice": "x"}}, 5, {"input": {"turn_detection": {"type": "server_vad"}}},
+              "audio": [{"output": {"format": {"type": "audio/mp3"}}}, 5,
+                        {"input": {"turn_detection": {"type": "server_vad"}}},
                         {"input": {"format": "mp3"}}],
               "not_a_field": [1], "temperatur": [0.5]}
     for name, values in fields.items():
@@ -252,7 +254,8 @@ def hostile_http_requests() -> list[tuple[str, str, dict]]:
                  "max_tokens": [0, -1, "x", 1.5, 10 ** 9, True], "temperature": ["x", -1, 5, []], "top_p": [0, 2, "x"],
                  "stream": ["yes", 1, []], "n": [2, 0, "x"], "stop": [5, [""], ["a"] * 9], "seed": ["x", 1.5],
                  "tools": [[{"type": "function"}]], "logprobs": [True], "response_format": [{"type": "json_object"}],
-                 "model": [5, "other-model"], "frequency_penalty": [0.5, "x"], "modalities": [["audio"], "text"],
+                 "model": [5, "other-model"], "frequency_penalty": [0.5, "x"],
+                 "modalities": [["audio", "smell"], "text"],
                  "audio": [{"voice": "x"}], "thinking": ["yes"]}
     for name, values in mutations.items():
         for v in values:

@@ -72,7 +72,7 @@ def test_media_urls_are_refused_because_the_server_never_fetches(client):
     ({"n": 2}, 400, "unsupported_parameter"),
     ({"max_tokens": 10 ** 6}, 400, "max_tokens_exceeded"),
     ({"temperature": "hot"}, 400, "invalid_type"),
-    ({"modalities": ["text", "audio"]}, 400, "modality_not_supported"),
+    ({"modalities": ["text", "image"]}, 400, "modality_not_supported"),  # chat never draws
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "invalid_value"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
                                                                                     "!!!"}}]}]}, 400, "invalid_base64"),

@@ -2,7 +2,7 @@
 over the realtime websocket (OpenAI Realtime GA names) and the chat-completions SSE stream; an event
 kind the server does not know fails the response (never ends it quietly); the client's decoders refuse
 what they do not know; error codes and event names are written once and docs/protocol.md lists them.
-The server runs around FakeEngine (nothing in the engine yields audio or images yet)."""
+The server runs around FakeEngine, whose script holds every kind of event."""
 
 from __future__ import annotations
 
@@ -179,7 +179,9 @@ def _codes_used_in(path) -> set[str]:
 def test_every_error_code_is_registered_once_and_documented():
     server_side = [p for p in (REPO / "engine").rglob("*.py") if "client" not in p.parts and p.name != "protocol.py"]
     used = set().union(*(_codes_used_in(p) for p in server_side))
-    assert used - set(wire.ERROR_CODES) == set(), "codes in use but not in protocol.ERROR_CODES"
+    unknown = used - set(wire.ERROR_CODES) - set(wire.ENGINE_CODES)  # engine codes reach the wire through ENGINE_CODES
+    assert unknown == set(), "codes in use but not in protocol.ERROR_CODES (or ENGINE_CODES)"
+    assert set(wire.ENGINE_CODES.values()) <= set(wire.ERROR_CODES)
     client_side = [REPO / "engine" / "server" / "protocol.py", *(REPO / "engine" / "client").glob("*.py")]
     used_by_clients = set().union(*(_codes_used_in(p) for p in client_side))
     assert used_by_clients - set(wire.ERROR_CODES) - set(wire.CLIENT_ERROR_CODES) == set()
@@ -223,3 +225,80 @@ def test_audio_output_is_asked_of_an_engine_with_a_talker():
         assert r.status_code == 200, r.text
     assert [(c["modalities"], c["voice"]) for c in engine.calls] == [(["text", "audio"], "warm"),
                                                                      (["text", "audio"], "bright")]
+
+
+# --------------------------------------------------------------------------- speech and image streams
+
+
+def _sse_lines(chunks: list[bytes]) -> list[str]:
+    return [line for chunk in chunks for line in chunk.decode().split("\n") if line]
+
+
+def test_speech_stream_round_trip():
+    from engine.events import AudioChunk, Progress
+
+    script = [QueuePosition(0, 0), AudioChunk(b"\x01\x00" * 10, 44100, "Hello", 0.0),
+              AudioChunk(b"\x02\x00" * 6, 44100, "", 10 / 44100),
+              Done("Hello", "stop", GenerationStats(time_to_first_audio_s=0.05, audio_seconds=16 / 44100),
+                   result={"sample_rate": 44100, "fragments": ["Hello"], "patches": 2, "ref_text_from_asr": "hi"})]
+    enc, dec = wire.SpeechSseEncoder(), wire.SpeechSseDecoder()
+    lines = _sse_lines([b for ev in script[:-1] for b in enc.encode(ev)] + enc.finish(script[-1], {"x": 1}))
+    back = [ev for line in lines for ev in dec.feed_line(line)]
+    assert back[:3] == script[:3] and dec.finished
+    done = back[-1]
+    assert done.result == script[-1].result and done.text == "Hello" and done.stats.audio_seconds == 16 / 44100
+    # OpenAI's shape only, as any OpenAI-compatible server sends it: the rate from a WAV header, else 24 kHz
+    plain = wire.SpeechSseEncoder(extensions=False, wav_header=b"RIFF\0\0\0\0WAVEfmt " + b"\0" * 8
+                                  + (16000).to_bytes(4, "little") + b"\0" * 8 + b"data\0\0\0\0")
+    lines = _sse_lines(plain.encode(script[1]) + plain.encode(Progress("x")) + plain.finish(script[-1], {}))
+    assert all(set(json.loads(line[6:])) <= {"type", "audio", "usage"} for line in lines if line.startswith("data: {"))
+    dec = wire.SpeechSseDecoder(strict=False)
+    first, end = [ev for line in lines for ev in dec.feed_line(line)]
+    assert (first.sample_rate, first.pcm) == (16000, script[1].pcm) and isinstance(end, Done)
+    (plain_delta,) = wire.SpeechSseDecoder().feed_line('data: {"type":"speech.audio.delta","audio":"AAAA"}')
+    assert plain_delta.sample_rate == 24000
+    err_lines = _sse_lines(enc.finish(wire.Error("unknown voice 'x'", "voice_not_found"), {}))
+    dec = wire.SpeechSseDecoder()
+    (err,) = [ev for line in err_lines for ev in dec.feed_line(line)]
+    assert err.code == "voice_not_found"
+
+
+def test_image_stream_round_trip_and_usage_on_the_last_image():
+    from engine.events import ImageDone, ImagePreview
+
+    png = base64.b64decode("iVBORw0KGgo=")
+    script = [ImagePreview(png, 1, 4, 8, 8, 0), ImagePreview(png, 2, 4, 8, 8, 0), ImagePreview(png, 3, 4, 8, 8, 0),
+              ImageDone(png, 8, 8, 0, seed=1), ImagePreview(png, 1, 4, 8, 8, 1), ImageDone(png, 8, 8, 1, seed=2,
+                                                                                           mask=png, note="empty")]
+    enc = wire.ImageSseEncoder("image_generation", "png", 7, lambda ev: base64.b64encode(ev.image).decode(),
+                               max_partials=2)
+    final = Done("", "stop", GenerationStats(prompt_tokens=12, images=2, image_steps=8))
+    lines = _sse_lines([b for ev in script for b in enc.encode(ev)] + enc.finish(final, {"images": 2}))
+    data = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert [d["type"].split(".")[1] for d in data] == ["partial_image", "partial_image", "completed",
+                                                       "partial_image", "completed"]
+    assert [d.get("partial_image_index") for d in data] == [0, 1, None, 0, None]  # at most 2 per image
+    assert "usage" not in data[2] and data[4]["usage"]["input_tokens"] == 12 and data[4]["size"] == "8x8"
+    dec = wire.ImageSseDecoder()
+    back = [ev for line in lines for ev in dec.feed_line(line)]
+    assert [type(e).__name__ for e in back] == ["ImagePreview", "ImagePreview", "ImageDone", "ImagePreview",
+                                                "ImageDone", "Done"]
+    assert back[4] == script[5] and back[-1].stats.prompt_tokens == 12 and back[-1].text == "empty"
+    body = wire.images_body(7, [(script[3], "iVBORw0KGgo="), (script[5], "iVBORw0KGgo=")], final, "png", {})
+    events = wire.images_body_events(body)
+    assert events[:2] == [script[3], script[5]] and events[-1].stats.images == 2
+    plain = wire.images_body(7, [(script[3], "iVBORw0KGgo=")], final, "png", {}, extensions=False)
+    assert set(plain["data"][0]) == {"b64_json"} and "metrics" not in plain
+    assert wire.images_body_events(plain)[0].width == 8  # the size from OpenAI's "size"
+    ended = wire.ImageSseDecoder()
+    assert ended.feed_end()[0].code == "protocol_error"  # a stream that ends without its image is an error
+
+
+def test_engine_codes_are_mapped_to_the_wire_once():
+    from engine.events import Error
+
+    for engine_code, wire_code_ in wire.ENGINE_CODES.items():
+        err = wire.engine_error(Error("x", engine_code))
+        assert err.code == wire_code_ and err.status == wire.ERROR_CODES[wire_code_]
+    assert wire.engine_error(Error("x", "voice_not_found")).status == 400
+    assert wire.engine_error(Error("x", "something_new")).status == 500  # an unknown code is a fault

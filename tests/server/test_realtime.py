@@ -3,6 +3,7 @@ a whole session (text, image, audio buffer, webcam frames, two responses) whose 
 in-process engine's, cancellation and disconnects (within one decode step, KV cache freed),
 session isolation, FIFO queue positions and the session limit."""
 
+import base64
 import json
 import time
 from contextlib import ExitStack
@@ -103,22 +104,41 @@ def test_whole_session_matches_the_in_process_engine(server, tiny_engine):
     assert events2[-1]["response"]["usage"]["input_tokens"] == expected2.stats.prompt_tokens
 
 
-def test_audio_and_image_output_are_refused_not_faked(server):
+def test_image_output_is_refused_and_audio_is_spoken(server):
     with connect(server.ws_url) as ws:
         opened(ws)
-        for modalities in (["text", "audio"], ["image"]):
+        for modalities in (["image"], ["text", "image"]):
             send(ws, type="session.update", event_id="m", session={"output_modalities": modalities})
             err = recv_json(ws)
             assert err["type"] == "error" and err["error"]["code"] == "modality_not_supported"
-            assert "not supported by this engine yet" in err["error"]["message"]
-            assert err["error"]["event_id"] == "m"
+            assert "/v1/images/generations" in err["error"]["message"] and err["error"]["event_id"] == "m"
         send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": "hi"})
         recv_item(ws)
-        send(ws, type="response.create", event_id="r", response={"modalities": ["audio", "text"]})
+        send(ws, type="response.create", event_id="r", response={"modalities": ["image", "text"]})
         err = recv_json(ws)
         assert err["type"] == "error" and err["error"]["code"] == "modality_not_supported"
         send(ws, type="session.update", session={})  # the session is unchanged and still serving
         assert recv_json(ws)["session"]["output_modalities"] == ["text"]
+        # the tiny engine has a talker: a response asked for audio speaks, end to end
+        send(ws, type="response.create", response={"output_modalities": ["text", "audio"], "max_output_tokens": 12,
+                                                   "audio": {"output": {"voice": "default"}}})
+        events = recv_until(ws, "response.done", 120)
+    kinds = [e["type"] for e in events]
+    audio = [e for e in events if e["type"] == "response.output_audio.delta"]
+    transcript = [e["delta"] for e in events if e["type"] == "response.output_audio_transcript.delta"]
+    assert audio and all(e["sample_rate"] == 44100 and base64.b64decode(e["delta"]) for e in audio)
+    assert "response.output_text.delta" in kinds and transcript
+    assert kinds.index("response.output_audio_transcript.delta") < kinds.index("response.output_audio.delta")
+    parts = [e["part"]["type"] for e in events if e["type"] == "response.content_part.added"]
+    assert parts == ["text", "audio"]
+    done = events[-1]["response"]
+    assert done["status"] in ("completed", "incomplete")  # incomplete: max_output_tokens reached
+    spoken = [c for c in done["output"][0]["content"] if c["type"] == "output_audio"][0]["transcript"]
+    assert spoken == "".join(transcript) and spoken.strip()
+    m = done["metrics"]
+    seconds = sum(len(base64.b64decode(e["delta"])) // 2 for e in audio) / 44100
+    assert m["audio_seconds"] == pytest.approx(seconds, abs=1e-3) and m["time_to_first_audio_ms"] > 0
+    assert m["time_to_first_token_ms"] > 0 and m["audio_real_time_factor"] > 0
 
 
 def _record_for(server, session_id, timeout=20.0):

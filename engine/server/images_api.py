@@ -1,0 +1,286 @@
+"""Images out over HTTP: POST /v1/images/generations and /v1/images/edits (OpenAI's shapes plus our
+fields) and our POST /v1/images/segmentations (image + target -> image, mask and overlay PNGs).
+
+A request makes `n` images one after another (the first image's seed + i when a seed is given).
+Answers: a JSON body with `data: [{b64_json}...]`, or with `stream: true` an SSE stream of
+`<kind>.partial_image` previews (`partial_images` 0-3 per image) and `<kind>.completed` events.
+Everything runs through the server's one scheduler (queue positions, limits; a client that goes
+away cancels the request, and the engine stops between denoising steps). Text fields pass the same
+checks as chat's; images are decoded and size-checked by engine.server.codec before the engine sees
+them (corrupt, empty, too many pixels: 400s); the engine refuses bad sizes, aspects, steps and
+prompts with messages that say what is valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import math
+import time
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview
+from engine.server import codec
+from engine.server import protocol as wire
+from engine.server.codec import bad, need_number
+from engine.server.context import ServerContext
+from engine.server.http_api import (collect, ctx_of, error_response, first_events, form_flag, form_number, form_text,
+                                    job_metrics, read_form, read_json, refuse_extensions, refused_at_once,
+                                    stream_response, text_field)
+from engine.server.params import flag
+from engine.server.protocol import ApiError
+from engine.server.scheduler import Job
+
+router = APIRouter()            # OpenAI's routes
+extension_router = APIRouter()  # ours (absent with --openai-only)
+
+MAX_N = 4
+MAX_PARTIAL_IMAGES = 3
+MAX_INPUT_IMAGES = 8
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+IGNORED_FIELDS = ("quality", "style", "moderation", "user", "input_fidelity")  # OpenAI's, no effect here
+IMAGE_EXTENSIONS = ("aspect", "steps", "guidance", "seed", "preview_every", "negative_prompt", "preset",
+                    "mask_color")
+NUMBER_FIELDS = ("n", "partial_images", "steps", "guidance", "seed", "preview_every", "output_compression")
+FLAG_FIELDS = ("stream",)
+TEXT_FIELDS = ("prompt", "model", "size", "response_format", "output_format", "background", "aspect",
+               "negative_prompt", "preset", "mask_color") + IGNORED_FIELDS
+
+
+def image_generator_of(ctx: ServerContext):
+    engine = ctx.engine
+    if not getattr(engine, "has_image_generator", False):
+        why = getattr(engine, "image_generator_error", "") or "the loaded model has no image generator"
+        raise ApiError(f"image output is not available: {why}", code="modality_not_supported")
+    return engine
+
+
+# --------------------------------------------------------------------------- reading a request
+
+
+async def image_body(request: Request, ctx: ServerContext, with_images: bool) -> tuple[dict, list[bytes]]:
+    """(fields, input image files): JSON, or multipart with `image` / `image[]` file parts (edits and
+    segmentations). JSON images: `image` (base64 or a data: URL, or a list of them) or OpenAI's
+    `images: [{"image_url": "data:..."}]`."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        if not with_images:
+            raise bad("send this request as JSON", "invalid_content_type")
+        return await _multipart(request, ctx)
+    body = await read_json(request, ctx.limits.max_request_bytes)
+    images: list[bytes] = []
+    if with_images:
+        sources = body.get("image")
+        sources = list(sources) if isinstance(sources, list) else ([] if sources is None else [sources])
+        extra = body.get("images") or []
+        if not isinstance(extra, list):
+            raise bad("'images' must be a list of {\"image_url\": \"data:...\"}", "invalid_type", "images")
+        for entry in extra:
+            sources.append(entry.get("image_url") if isinstance(entry, dict) else entry)
+        for i, src in enumerate(sources[:MAX_INPUT_IMAGES + 1]):
+            name = f"image[{i}]"
+            if isinstance(src, dict):
+                src = src.get("url")
+            images.append(codec.data_url(src, name, ctx.limits.max_request_bytes)[1]
+                          if isinstance(src, str) and src.startswith("data:")
+                          else codec.b64decode(src, name, ctx.limits.max_request_bytes))
+    return body, images
+
+
+async def _multipart(request: Request, ctx: ServerContext) -> tuple[dict, list[bytes]]:
+    form = await read_form(request, ctx.limits, max_files=MAX_INPUT_IMAGES + 2)
+    try:
+        images = []
+        for key in ("image", "image[]"):
+            for part in form.getlist(key):
+                if isinstance(part, str):
+                    raise bad(f"'{key}' must be an image file upload", "invalid_type", key)
+                images.append(await part.read())
+        body: dict = {"mask": True} if form.get("mask") is not None else {}  # refused with the other fields
+        for name in TEXT_FIELDS:
+            body[name] = form_text(form, name, 200_000)
+        for name in NUMBER_FIELDS:
+            body[name] = form_number(form, name)
+        for name in FLAG_FIELDS:
+            body[name] = form_flag(form, name) if form.get(name) is not None else None
+        known = set(TEXT_FIELDS + NUMBER_FIELDS + FLAG_FIELDS + ("image", "image[]", "mask"))
+        unknown = [k for k in form.keys() if k not in known]
+        if unknown:
+            raise bad(f"unknown field {unknown[0][:40]!r}", "unknown_parameter", unknown[0][:40])
+    finally:
+        await form.close()
+    return {k: v for k, v in body.items() if v is not None}, images
+
+
+def _seed(body: dict) -> int | None:
+    seed = body.get("seed")
+    return None if seed is None else int(need_number(seed, "seed", 0, 2 ** 63 - 1 - MAX_N, integer=True))
+
+
+def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> tuple[list[dict], int | None]:
+    """engine.imagine keyword arguments, one per image (`n`), and the previews per image asked for."""
+    from engine.imagine import DEFAULT_STEPS, MAX_PROMPT_CHARS  # noqa: PLC0415
+
+    if body.get("mask") is not None:
+        raise bad("mask-based inpainting is not supported: describe the edit in the prompt (or use the "
+                  "'replace_background' / 'remove_object' presets)", "unsupported_parameter", "mask")
+    what = "the target to segment" if task == "segment" else "the prompt"
+    prompt = text_field(body.get("prompt"), "prompt", MAX_PROMPT_CHARS)
+    if not prompt.strip():
+        raise bad(f"'prompt' is empty: give {what}", "invalid_value", "prompt")
+    n = int(need_number(body.get("n", 1), "n", 1, MAX_N, integer=True))
+    fmt = body.get("response_format", "b64_json")
+    if fmt == "url":
+        raise bad("response_format 'url' is not supported: this server never hosts files; use 'b64_json'",
+                  "unsupported_parameter", "response_format")
+    if fmt != "b64_json":
+        raise bad("response_format must be 'b64_json'", "invalid_value", "response_format")
+    if body.get("background") not in (None, "auto", "opaque"):
+        raise bad("background must be 'auto' or 'opaque' (the images have no transparency)", "unsupported_parameter",
+                  "background")
+    for name in IGNORED_FIELDS:
+        if body.get(name) is not None:
+            codec.need_str(body[name], name)
+    size = body.get("size")
+    if size is not None:
+        size = text_field(size, "size", 32)
+        size = None if size == "auto" else size
+    partials = body.get("partial_images")
+    if partials is not None:
+        partials = int(need_number(partials, "partial_images", 0, MAX_PARTIAL_IMAGES, integer=True))
+    steps = body.get("steps")
+    preview_every = body.get("preview_every")
+    if preview_every is None and partials:
+        preview_every = max(1, math.ceil((steps if isinstance(steps, int) else DEFAULT_STEPS) / (partials + 1)))
+    if images and len(images) > MAX_INPUT_IMAGES:
+        raise bad(f"{len(images)} input images; at most {MAX_INPUT_IMAGES}", "invalid_value", "image")
+    arrays = [codec.image_array(raw, ctx.limits, f"image[{i}]") for i, raw in enumerate(images)]
+    if task in ("edit", "segment") and not arrays:
+        raise bad("'image' (the picture to work on) is required", "missing_field", "image")
+    options = {"mask_color": text_field(body.get("mask_color"), "mask_color", 32, required=False),
+               "preset": text_field(body.get("preset"), "preset", 64, required=False),
+               "negative_prompt": text_field(body.get("negative_prompt"), "negative_prompt", MAX_PROMPT_CHARS,
+                                             required=False)}
+    base = {"prompt": prompt, "images": arrays, "task": task, "size": size, "aspect": body.get("aspect"),
+            "steps": steps, "guidance": body.get("guidance"), "preview_every": preview_every or 0,
+            **{k: v for k, v in options.items() if v is not None}}
+    seed = _seed(body)
+    return [{**base, "seed": None if seed is None else seed + i} for i in range(n)], partials
+
+
+def output_format(body: dict) -> tuple[str, int | None]:
+    fmt = body.get("output_format", "png")
+    if fmt not in OUTPUT_FORMATS:
+        raise bad(f"output_format {str(fmt)[:20]!r} is not supported; use png, jpeg or webp", "unsupported_parameter",
+                  "output_format")
+    quality = body.get("output_compression")
+    if quality is not None:
+        quality = int(need_number(quality, "output_compression", 0, 100, integer=True))
+    return fmt, quality
+
+
+def encoder_of(fmt: str, compression: int | None):
+    """ImageDone -> base64 of the image file in `fmt` (the engine's PNG as it is, else re-encoded)."""
+
+    def encode(ev: ImageDone) -> str:
+        if fmt == "png":
+            return base64.b64encode(ev.image).decode("ascii")
+        from PIL import Image  # noqa: PLC0415
+
+        buf = io.BytesIO()
+        with Image.open(io.BytesIO(ev.image)) as img:
+            img.convert("RGB").save(buf, OUTPUT_FORMATS[fmt], quality=100 - (compression or 0) if compression else 95)
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+
+    return encode
+
+
+# --------------------------------------------------------------------------- running n images
+
+
+def imagine_n(engine, requests: list[dict], cancel) -> Iterator[Event]:
+    """The images of one request, one after another, as one event stream: previews and images carry
+    their index; one Done at the end with the figures of all of them (time to first preview: the
+    first image's), or the first Error."""
+    t_start = time.perf_counter()
+    total = GenerationStats()
+    seeds, notes, step_s = [], [], 0.0
+    for i, kwargs in enumerate(requests):
+        for ev in engine.imagine(cancel=cancel, **kwargs):
+            if isinstance(ev, (ImagePreview, ImageDone)):
+                ev.index = i
+            if isinstance(ev, Error):
+                yield ev
+                return
+            if not isinstance(ev, Done):
+                yield ev
+                continue
+            s = ev.stats
+            total.prompt_tokens += s.prompt_tokens
+            total.media_encode_s += s.media_encode_s
+            total.image_steps += s.image_steps
+            total.images += s.images
+            step_s += s.image_step_s * s.image_steps
+            if i == 0:
+                total.queue_wait_s = s.queue_wait_s
+                total.time_to_first_preview_s = s.time_to_first_preview_s
+            seeds.append((ev.result or {}).get("seed"))
+            if ev.text:
+                notes.append(ev.text)
+            if ev.finish_reason == "cancelled":
+                break
+        if cancel is not None and getattr(cancel, "peek", cancel.is_set)():
+            break
+    total.image_step_s = step_s / total.image_steps if total.image_steps else 0.0
+    total.total_s = time.perf_counter() - t_start
+    reason = "stop" if total.images == len(requests) else "cancelled"
+    yield Done(text="\n".join(notes), finish_reason=reason, stats=total,
+               result={"seeds": seeds, "images": total.images})
+
+
+async def run_images(request: Request, task: str, kind: str):
+    received = time.perf_counter()
+    ctx = ctx_of(request)
+    engine = image_generator_of(ctx)
+    body, images = await image_body(request, ctx, with_images=task != "generate")
+    ctx.check_model(body.get("model"))
+    refuse_extensions(ctx, body, IMAGE_EXTENSIONS)
+    fmt, compression = output_format(body)
+    stream = flag(body, "stream")
+    requests, partials = await asyncio.to_thread(image_requests, body, images, task, ctx)  # decodes the images
+    job = Job(lambda cancel: imagine_n(engine, requests, cancel), label=f"images.{kind}")
+    ctx.scheduler.submit(job)
+    created, encode = int(time.time()), encoder_of(fmt, compression)
+    if not stream:
+        got, final = await collect(request, ctx, job)
+        if isinstance(final, Error):
+            return error_response(wire.engine_error(final))
+        pairs = [(ev, await asyncio.to_thread(encode, ev)) for ev in got.images]
+        return JSONResponse(wire.images_body(created, pairs, final, fmt, job_metrics(job, received, final),
+                                             extensions=not ctx.openai_only))
+    head, events = await first_events(job)
+    refused = refused_at_once(head)
+    if refused is not None:
+        return error_response(wire.engine_error(refused))
+    enc = wire.ImageSseEncoder(kind, fmt, created, encode, partials, extensions=not ctx.openai_only)
+    return stream_response(ctx, job, enc.encode, lambda final: enc.finish(final, job_metrics(job, received, final)),
+                           events)
+
+
+@router.post("/v1/images/generations")
+async def generations(request: Request):
+    return await run_images(request, "generate", "image_generation")
+
+
+@router.post("/v1/images/edits")
+async def edits(request: Request):
+    return await run_images(request, "edit", "image_edit")
+
+
+@extension_router.post("/v1/images/segmentations")
+async def segmentations(request: Request):
+    return await run_images(request, "segment", "image_segmentation")

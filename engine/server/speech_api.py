@@ -1,0 +1,319 @@
+"""Speech, sound and music out over HTTP: POST /v1/audio/speech (OpenAI's shape plus our fields), and
+our voice library and options: GET/POST /v1/audio/voices, DELETE /v1/audio/voices/{name},
+GET /v1/audio/speech/options.
+
+`/v1/audio/speech` answers with the whole file (wav, pcm, flac, mp3, aac, opus; every header states
+the true rate), with raw bytes as they are made (`stream_format: "audio"`: wav with a streaming header,
+or pcm), or with SSE (`stream_format: "sse"`: `speech.audio.delta` ... `speech.audio.done`). Every
+request runs through the server's one scheduler (queue positions, cancellation when the client goes
+away, limits). The talker's errors (unknown voice, dialect or emotion, empty text, a bad reference
+clip ...) come back as 400s whose message lists what is valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from engine.events import AudioChunk, Done, Error, Event
+from engine.runtime import no_audio_after_cancel
+from engine.server import codec
+from engine.server import protocol as wire
+from engine.server.audio_out import FORMATS, OPENAI_PCM_RATE, STREAMABLE, encode_audio, resampled, wav_header
+from engine.server.codec import bad, need_dict, need_number
+from engine.server.context import ServerContext
+from engine.server.http_api import (collect, ctx_of, error_response, first_events, form_file, form_text, job_metrics,
+                                    json_request, read_form, read_json, refused_at_once, stream_response, text_field)
+from engine.server.params import DEFAULT_VOICE
+from engine.server.protocol import ApiError
+from engine.server.scheduler import Job
+
+router = APIRouter()            # OpenAI's route
+extension_router = APIRouter()  # ours (absent with --openai-only)
+
+MAX_INPUT_CHARS = 10_000        # the talker's own per-request limit (engine.models.talker.text.MAX_TEXT_CHARS)
+MAX_FIELD_CHARS = 2_000
+MAX_SECONDS = 600.0
+# OpenAI's speed (0.25-4.0) -> the talker's speed label; 0.9-1.1 leaves the speed alone
+SPEED_RANGE, SLOW_BELOW, FAST_ABOVE = (0.25, 4.0), 0.9, 1.1
+INSTRUCTION_FIELDS = ("dialect", "emotion", "pitch", "volume", "style", "ip")
+SPEECH_EXTENSIONS = ("task", "reference_audio", "reference_text", "instruct", "bgm", "music", "seed",
+                     "max_seconds") + INSTRUCTION_FIELDS
+STREAM_FORMATS = ("sse", "audio")
+
+
+def talker_of(ctx: ServerContext):
+    """The engine, when it can speak; else modality_not_supported saying why."""
+    engine = ctx.engine
+    if not getattr(engine, "has_talker", False):
+        why = getattr(engine, "talker_error", None) or "the loaded model has no talker"
+        raise ApiError(f"speech output is not available: {why}", code="modality_not_supported")
+    return engine
+
+
+def instruction_from(body: dict) -> dict | str | None:
+    """The talker's instruction from OpenAI's `instructions` (free text = voice design, 风格; or
+    "key=value,..." in the talker's keys), `speed`, and our fields (dialect, emotion, pitch, volume,
+    style, ip, bgm, instruct); the talker validates the values and lists the valid ones."""
+    spec: dict = {}
+    inst = body.get("instruct")
+    if isinstance(inst, str):
+        inst = {k.strip(): v.strip() for k, _, v in (p.partition("=") for p in inst.split(",") if p.strip())}
+    if inst is not None:
+        spec.update(need_dict(inst, "instruct"))
+    for name in INSTRUCTION_FIELDS:
+        if body.get(name) is not None:
+            spec[name] = text_field(body[name], name, MAX_FIELD_CHARS)
+    if body.get("bgm") is not None:
+        spec["bgm"] = need_dict(body["bgm"], "bgm")
+    instructions = text_field(body.get("instructions"), "instructions", MAX_FIELD_CHARS, required=False)
+    if instructions and instructions.strip():
+        parts = [p.partition("=") for p in instructions.split(",") if p.strip()]
+        if all(sep for _, sep, _ in parts):
+            spec.update({k.strip(): v.strip() for k, _, v in parts})
+        else:
+            spec.setdefault("style", instructions)
+    speed = body.get("speed")
+    if isinstance(speed, str):
+        spec["speed"] = text_field(speed, "speed", 32)
+    elif speed is not None:
+        value = need_number(speed, "speed", *SPEED_RANGE)
+        if value < SLOW_BELOW:
+            spec["speed"] = "slow"
+        elif value > FAST_ABOVE:
+            spec["speed"] = "fast"
+    return spec or None
+
+
+def reference_clips(body: dict, ctx: ServerContext) -> list[bytes] | None:
+    """`reference_audio`: an audio file (wav, flac, mp3, ogg, ...) as base64 or a data: URL, or a list
+    of them (podcast: one per speaker); each checked (decodable, within the length limit) here."""
+    value = body.get("reference_audio")
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    if not values or len(values) > 8:
+        raise bad("'reference_audio' must be one clip or a list of 1-8 clips", "invalid_value", "reference_audio")
+    clips = []
+    for i, v in enumerate(values):
+        name = "reference_audio" if len(values) == 1 else f"reference_audio[{i}]"
+        raw = codec.data_url(v, name, ctx.limits.max_request_bytes)[1] if isinstance(v, str) and v.startswith(
+            "data:") else codec.b64decode(v, name, ctx.limits.max_request_bytes)
+        codec.audio_file(raw, ctx.limits, name)  # a clear 400 for a corrupt, empty or over-long clip
+        clips.append(raw)
+    return clips
+
+
+def speech_request(body: dict, ctx: ServerContext) -> dict:
+    """engine.speak keyword arguments from a /v1/audio/speech body (types and limits checked here)."""
+    task = body.get("task", "tts")
+    codec.need_str(task, "task")
+    music = body.get("music")
+    text = text_field(body.get("input"), "input", MAX_INPUT_CHARS, required=not (task == "music" and music))
+    voice = body.get("voice")
+    if voice is not None:
+        voice = text_field(voice, "voice", 64)
+    seed = body.get("seed")
+    if seed is not None:
+        seed = int(need_number(seed, "seed", 0, 2 ** 63 - 1, integer=True))
+    max_seconds = body.get("max_seconds")
+    if max_seconds is not None:
+        max_seconds = float(need_number(max_seconds, "max_seconds", 0.1, MAX_SECONDS))
+    return {"text": text or "", "task": task, "voice": None if voice == DEFAULT_VOICE else voice,
+            "ref_audio": reference_clips(body, ctx),
+            "ref_text": text_field(body.get("reference_text"), "reference_text", MAX_INPUT_CHARS, required=False),
+            "instruct": instruction_from(body), "music": None if music is None else need_dict(music, "music"),
+            "seed": seed, "max_seconds": max_seconds}
+
+
+def output_format(body: dict) -> tuple[str, str | None]:
+    fmt = body.get("response_format", "wav")
+    if fmt not in FORMATS:
+        raise bad(f"response_format {str(fmt)[:20]!r} is not supported; use one of {', '.join(FORMATS)}",
+                  "unsupported_parameter", "response_format")
+    stream = body.get("stream_format")
+    if stream is not None and stream not in STREAM_FORMATS:
+        raise bad("stream_format must be 'sse' or 'audio' (or left out for the whole file)", "invalid_value",
+                  "stream_format")
+    if stream == "audio" and fmt not in STREAMABLE:
+        raise bad(f"stream_format 'audio' streams {' or '.join(STREAMABLE)} as it is made; {fmt} comes as a whole "
+                  "file (leave stream_format out)", "unsupported_parameter", "stream_format")
+    if stream == "sse" and fmt not in STREAMABLE:
+        raise bad(f"stream_format 'sse' carries {' or '.join(STREAMABLE)} audio; {fmt} comes as a whole file",
+                  "unsupported_parameter", "response_format")
+    return fmt, stream
+
+
+def speech_job(ctx: ServerContext, engine, kwargs: dict, pcm_rate: int | None) -> Job:
+    """The synthesis as a scheduler job; `pcm_rate`: resample the audio to it (OpenAI's 24 kHz pcm)."""
+
+    def run(cancel) -> Iterator[Event]:
+        events = no_audio_after_cancel(engine.speak(cancel=cancel, **kwargs), cancel)
+        return resampled(events, pcm_rate) if pcm_rate else events
+
+    job = Job(run, label="audio.speech")
+    ctx.scheduler.submit(job)
+    return job
+
+
+@router.post("/v1/audio/speech")
+async def speech(request: Request):
+    received = time.perf_counter()
+    ctx, body = await json_request(request, SPEECH_EXTENSIONS)
+    engine = talker_of(ctx)
+    fmt, stream = output_format(body)
+    kwargs = await asyncio.to_thread(speech_request, body, ctx)  # decodes reference clips
+    pcm_rate = OPENAI_PCM_RATE if ctx.openai_only and fmt == "pcm" else None
+    job = speech_job(ctx, engine, kwargs, pcm_rate)
+    if stream is None:
+        got, final = await collect(request, ctx, job)
+        if isinstance(final, Error):
+            return error_response(wire.engine_error(final))
+        rate = got.audio[0].sample_rate if got.audio else (pcm_rate or engine.talker.sample_rate)
+        data = await asyncio.to_thread(encode_audio, b"".join(c.pcm for c in got.audio), rate, fmt)
+        return Response(data, media_type=FORMATS[fmt][0])
+    head, events = await first_events(job)
+    refused = refused_at_once(head)
+    if refused is not None:
+        return error_response(wire.engine_error(refused))
+    if stream == "audio":
+        return raw_audio_stream(ctx, job, events, fmt)
+    rate = pcm_rate or engine.talker.sample_rate
+    enc = wire.SpeechSseEncoder(extensions=not ctx.openai_only, wav_header=wav_header(rate) if fmt == "wav" else b"")
+    return stream_response(ctx, job, enc.encode,
+                           lambda final: enc.finish(final, job_metrics(job, received, final)), events)
+
+
+def raw_audio_stream(ctx: ServerContext, job: Job, events: AsyncIterator[Event], fmt: str) -> StreamingResponse:
+    """`stream_format: "audio"`: the bytes as they are made (wav: a streaming header first). An error
+    after the first bytes can only end the stream early."""
+
+    async def body() -> AsyncIterator[bytes]:
+        header_due = fmt == "wav"
+        try:
+            async for ev in events:
+                if isinstance(ev, AudioChunk) and ev.pcm:
+                    if header_due:
+                        header_due = False
+                        yield wav_header(ev.sample_rate)
+                    yield ev.pcm
+                elif isinstance(ev, (Done, Error)):
+                    return
+        finally:
+            if job.state != "finished":
+                ctx.scheduler.cancel(job, abandon=True)
+
+    return StreamingResponse(body(), media_type=FORMATS[fmt][0], headers={"Cache-Control": "no-cache"})
+
+
+# --------------------------------------------------------------------------- the voice library
+
+
+def voice_object(info, from_asr: bool = False) -> dict:
+    """A saved voice on the wire; `ref_text_from_asr` (the transcript, as in speech results) only when
+    our ASR wrote it."""
+    out = {"object": "audio.voice", "name": info.name, "reference_text": info.ref_text,
+           "seconds": round(float(info.seconds), 3), "speakers": info.speakers, "created": int(info.created)}
+    if from_asr:
+        out["ref_text_from_asr"] = info.ref_text or ""
+    return out
+
+
+@extension_router.get("/v1/audio/voices")
+async def list_voices(request: Request):
+    engine = talker_of(ctx_of(request))
+    voices = await asyncio.to_thread(engine.list_voices)
+    return {"object": "list", "data": [voice_object(v) for v in voices]}
+
+
+async def voice_upload(request: Request, ctx: ServerContext) -> tuple[str, bytes, str | None]:
+    """(name, clip bytes, transcript or None) from multipart (`name`, `file`, `reference_text`) or JSON
+    (`name`, `reference_audio` base64 or data: URL, `reference_text`)."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await read_form(request, ctx.limits, max_files=1, max_fields=16)
+        try:
+            raw = await form_file(form, "file", "the reference clip")
+            name = form_text(form, "name", 64)
+            text = form_text(form, "reference_text", MAX_INPUT_CHARS)
+        finally:
+            await form.close()
+    else:
+        body = await read_json(request, ctx.limits.max_request_bytes)
+        name = body.get("name")
+        if body.get("reference_audio") is None:
+            raise bad("'reference_audio' (the clip, base64 or a data: URL) is required", "missing_field",
+                      "reference_audio")
+        clips = reference_clips({"reference_audio": body["reference_audio"]}, ctx)
+        raw = clips[0]
+        text = body.get("reference_text")
+    name = text_field(name, "name", 64)
+    text = text_field(text, "reference_text", MAX_INPUT_CHARS, required=False)
+    await asyncio.to_thread(codec.audio_file, raw, ctx.limits, "file")
+    return name, raw, text
+
+
+@extension_router.post("/v1/audio/voices")
+async def save_voice(request: Request):
+    """Clone a voice from a clip and keep it under a name; a missing transcript is filled in by our ASR
+    (which runs the thinker, so this waits its turn in the scheduler)."""
+    ctx = ctx_of(request)
+    engine = talker_of(ctx)
+    name, raw, text = await voice_upload(request, ctx)
+
+    def run(cancel) -> Iterator[Event]:
+        from engine.errors import MingError  # noqa: PLC0415
+
+        try:
+            info = engine.save_voice(name, raw, ref_text=text)
+        except MingError as e:
+            yield Error(str(e), code=e.code)
+            return
+        yield Done(text=info.ref_text or "", finish_reason="stop", result=voice_object(info, text is None))
+
+    job = Job(run, label="audio.voices")
+    ctx.scheduler.submit(job)
+    _, final = await collect(request, ctx, job)
+    if isinstance(final, Error):
+        return error_response(wire.engine_error(final))
+    return JSONResponse(final.result, status_code=201)
+
+
+@extension_router.delete("/v1/audio/voices/{name}")
+async def delete_voice(request: Request, name: str):
+    from engine.errors import MingError  # noqa: PLC0415
+
+    engine = talker_of(ctx_of(request))
+    try:
+        await asyncio.to_thread(engine.delete_voice, name)
+    except MingError as e:
+        raise ApiError(str(e), code=wire.wire_code(e.code), param="name") from None
+    return {"object": "audio.voice.deleted", "name": name, "deleted": True}
+
+
+# --------------------------------------------------------------------------- options
+
+
+def speech_options(engine) -> dict:
+    """What the Voice tab fills its controls with: tasks, the instruction aliases (English alias ->
+    the label the model was trained with), the BGM and music fields, formats and limits, and the
+    talker's true sample rate."""
+    from engine.models.talker.audio import MAX_REFERENCE_S, MIN_REFERENCE_S  # noqa: PLC0415
+    from engine.models.talker.pipeline import TASKS  # noqa: PLC0415
+    from engine.models.talker.prompt import BGM_FIELDS, DIALECTS, EMOTIONS, LEVELS, SPEEDS  # noqa: PLC0415
+
+    return {"object": "audio.speech.options", "sample_rate": engine.talker.sample_rate, "tasks": list(TASKS),
+            "dialects": dict(DIALECTS), "emotions": dict(EMOTIONS), "speeds": dict(SPEEDS), "pitches": dict(LEVELS),
+            "volumes": dict(LEVELS), "bgm_fields": list(BGM_FIELDS),
+            "music_fields": ["genre", "mood", "instrument", "theme", "duration"],
+            "response_formats": list(FORMATS), "stream_formats": list(STREAM_FORMATS),
+            "default_voice": DEFAULT_VOICE, "max_input_chars": MAX_INPUT_CHARS,
+            "reference_seconds": [MIN_REFERENCE_S, MAX_REFERENCE_S], "max_seconds": MAX_SECONDS}
+
+
+@extension_router.get("/v1/audio/speech/options")
+async def options(request: Request):
+    return speech_options(talker_of(ctx_of(request)))

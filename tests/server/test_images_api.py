@@ -1,0 +1,183 @@
+"""/v1/images/generations, /edits and /segmentations against the tiny engine (few steps, small sizes):
+OpenAI's shapes (and OpenAI's own client), n images with their seeds, streamed previews before the
+final image, segmentation masks, cancellation between steps, and bad input (each a 400 with a stable
+code, or a documented clamping; never a 500 or a wrong size)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.server import FakeEngine, fake_server, leave_stream_at, running_server, sse_events
+from tests.server.test_fuzz import png_claiming
+
+FAST = {"steps": 2, "size": "48x32"}
+
+
+def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def picture(w: int = 64, h: int = 48, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def decoded(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    with running_server(tiny_engine, max_image_pixels=4_000_000) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def test_generations_in_openais_shape_with_n_and_seeds(http):
+    r = http.post("/v1/images/generations", json={"prompt": "a red teapot", "n": 2, "seed": 7, **FAST})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["size"] == "48x32" and body["output_format"] == "png" and body["usage"]["input_tokens"] > 0
+    assert [d["seed"] for d in body["data"]] == [7, 8] and [d["index"] for d in body["data"]] == [0, 1]
+    images = [decoded(d["b64_json"]) for d in body["data"]]
+    assert all(im.size == (48, 32) and im.format == "PNG" for im in images)
+    assert body["metrics"]["images"] == 2 and body["metrics"]["image_steps"] == 4
+    again = http.post("/v1/images/generations", json={"prompt": "a red teapot", "seed": 8, **FAST}).json()
+    assert again["data"][0]["b64_json"] == body["data"][1]["b64_json"]  # same seed -> same PNG bytes
+    jpeg = http.post("/v1/images/generations", json={"prompt": "a red teapot", "output_format": "jpeg", **FAST})
+    assert decoded(jpeg.json()["data"][0]["b64_json"]).format == "JPEG"
+
+
+def test_streams_previews_before_the_final_image(http):
+    with http.stream("POST", "/v1/images/generations",
+                     json={"prompt": "a boat", "stream": True, "partial_images": 2, "steps": 6, "size": "32x32",
+                           "n": 2}) as r:
+        events = sse_events(r)
+    data = [e for e in events if isinstance(e, dict)]
+    kinds = [e["type"] for e in data]
+    assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"] + \
+        ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e["partial_image_index"] for e in data if e["type"].endswith("partial_image")] == [0, 1, 0, 1]
+    assert [e["index"] for e in data] == [0, 0, 0, 1, 1, 1]
+    assert "usage" not in data[2] and data[-1]["usage"]["input_tokens"] > 0  # the request's totals on the last
+    assert data[-1]["metrics"]["time_to_first_preview_ms"] > 0
+    assert any(isinstance(e, str) and e.startswith(": progress") for e in events)
+    assert decoded(data[0]["b64_json"]).format == "PNG" and data[-1]["size"] == "32x32"
+
+
+def test_openais_own_client_generates_edits_and_streams(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        res = client.images.generate(model="default", prompt="a lighthouse", size="1024x1024", n=1,
+                                     extra_body={"steps": 1})
+        assert decoded(res.data[0].b64_json).size == (1024, 1024)
+        res = client.images.edit(model="default", image=[("a.png", png(picture()), "image/png")], prompt="make it blue",
+                                 extra_body={"steps": 1, "size": "64x48"})
+        assert decoded(res.data[0].b64_json).size == (64, 48)
+        kinds = [ev.type for ev in client.images.generate(model="default", prompt="a fox", stream=True,
+                                                          partial_images=1, extra_body={"steps": 3, "size": "32x32"})]
+        assert kinds == ["image_generation.partial_image", "image_generation.completed"]
+
+
+def test_segmentation_returns_image_mask_and_overlay(http):
+    r = http.post("/v1/images/segmentations", files={"image": ("cup.png", png(picture()), "image/png")},
+                  data={"prompt": "the cup", "steps": "2"})
+    assert r.status_code == 200, r.text
+    (item,) = r.json()["data"]
+    mask, overlay = decoded(item["mask"]), decoded(item["overlay"])
+    w, h = decoded(item["b64_json"]).size
+    assert mask.size == overlay.size == (w, h) and w / h == pytest.approx(64 / 48, rel=0.02)  # the input's shape
+    assert set(np.unique(np.asarray(mask))) <= {0, 255}
+    empty = not np.asarray(mask).any()
+    assert ("empty" in item["note"]) == empty  # an empty mask is said plainly
+
+
+def edit(http, raw: bytes, **fields):
+    data = {"prompt": "make it blue", "steps": "1", "size": "32x32", **fields}
+    return http.post("/v1/images/edits", files=[("image[]", ("in.png", raw, "image/png"))], data=data)
+
+
+def test_awkward_but_valid_images_are_accepted(http):
+    """Documented handling: CMYK and 16-bit converted, animations use the first frame, alpha dropped,
+    a 1x1 reference resized to the bucket."""
+    frames = [picture(32, 32, s) for s in range(3)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    sixteen = Image.fromarray(np.random.default_rng(1).integers(0, 65535, (40, 40)).astype(np.uint16))
+    for raw in (png(picture().convert("CMYK"), "JPEG"), png(sixteen), gif.getvalue(), png(picture().convert("RGBA")),
+                png(Image.new("RGB", (1, 1)))):
+        r = edit(http, raw)
+        assert r.status_code == 200 and decoded(r.json()["data"][0]["b64_json"]).size == (32, 32), r.text
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b"", "invalid_image"), (b"\x89PNG\r\n\x1a\nbroken", "invalid_image"), (b"plain text", "invalid_image"),
+    (png_claiming(50_000, 50_000), "image_too_large"), (png(Image.new("RGB", (4000, 10))), "invalid_media"),
+])
+def test_bad_images_are_400s(http, raw, code):
+    r = edit(http, raw)
+    assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+
+
+@pytest.mark.parametrize("body, code, words", [
+    ({"prompt": ""}, "invalid_value", "empty"),
+    ({"prompt": "x" * 100_000}, "invalid_value", "at most 20,000"),
+    ({"prompt": "a", "size": "0x0"}, "invalid_request", "1..4096"),
+    ({"prompt": "a", "size": "20000x20000"}, "invalid_request", "1..4096"),
+    ({"prompt": "a", "size": "10x1000"}, "invalid_request", "elongated"),
+    ({"prompt": "a", "size": "big"}, "invalid_request", "WIDTHxHEIGHT"),
+    ({"prompt": "a", "aspect": "100:1"}, "invalid_request", "elongated"),
+    ({"prompt": "a", "n": 9}, "invalid_value", "'n'"),
+    ({"prompt": "a", "response_format": "url"}, "unsupported_parameter", "never hosts"),
+    ({"prompt": "a", "output_format": "gif"}, "unsupported_parameter", "png, jpeg or webp"),
+    ({"prompt": "a", "background": "transparent"}, "unsupported_parameter", "opaque"),
+    ({"prompt": "a", "partial_images": 7}, "invalid_value", "partial_images"),
+    ({"prompt": "a", "steps": 0}, "invalid_request", "steps"),
+    ({"prompt": "a", "guidance": 1e9}, "invalid_request", "guidance"),
+    ({"prompt": 5}, "invalid_type", "string"),
+])
+def test_bad_requests_are_400s(http, body, code, words):
+    r = http.post("/v1/images/generations", json={"steps": 1, **body})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == code and words in err["message"], r.text
+
+
+def test_odd_sizes_are_made_exactly(http):
+    r = http.post("/v1/images/generations", json={"prompt": "a", "size": "33x17", "steps": 1})
+    assert decoded(r.json()["data"][0]["b64_json"]).size == (33, 17)
+
+
+def test_edits_refuse_a_mask_and_need_an_image(http):
+    r = http.post("/v1/images/edits", files=[("image", ("a.png", png(picture()), "image/png")),
+                                             ("mask", ("m.png", png(picture()), "image/png"))], data={"prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter"
+    r = http.post("/v1/images/edits", json={"prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_field"
+    r = http.post("/v1/images/edits", json={"prompt": "x", "steps": 1, "size": "32x32",
+                                            "images": [{"image_url": "data:image/png;base64,"
+                                                        + base64.b64encode(png(picture())).decode()}]})
+    assert r.status_code == 200, r.text  # OpenAI's JSON edit shape
+
+
+def test_a_client_going_away_stops_between_steps(server, http):
+    body = {"prompt": "a slow one", "stream": True, "steps": 200, "size": "32x32", "partial_images": 3}
+    record = leave_stream_at(server, http, "/v1/images/generations", body, "partial_image", "images.image_generation")
+    assert record.finish_reason == "cancelled" and record.cancel_latency_s < 5
+
+
+def test_an_engine_without_an_image_generator_says_so():
+    with fake_server(FakeEngine()) as srv:
+        r = httpx.post(srv.url + "/v1/images/generations", json={"prompt": "a cat"}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "modality_not_supported"

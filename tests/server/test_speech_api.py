@@ -1,0 +1,195 @@
+"""/v1/audio/speech, the voice library and the speech options against the tiny engine: every file
+format's header read back (true rate), the SSE and raw streams, OpenAI's own client, cancellation,
+and bad input (each a 400 with a stable code, never a 500 or a hung stream)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+import wave
+
+import av
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from engine.server.audio_out import read_wav_header
+from tests.server import FakeEngine, fake_server, leave_stream_at, running_server, sse_events
+
+RATE = 44100
+TEXT = "Hello world, this is Ming speaking."
+
+
+def wav_clip(seconds: float, rate: int, channels: int = 1, level: float = 0.3) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    x = level * np.sin(2 * np.pi * 220 * t)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.repeat(x[:, None], channels, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    with running_server(tiny_engine, max_request_bytes=4_000_000) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "aac", "opus"])
+def test_every_file_format_states_the_true_rate(http, fmt):
+    body = {"input": TEXT, "seed": 1, "max_seconds": 1.5}
+    pcm = np.frombuffer(http.post("/v1/audio/speech", json={**body, "response_format": "pcm"}).content, "<i2")
+    r = http.post("/v1/audio/speech", json={**body, "response_format": fmt})
+    assert r.status_code == 200, r.text
+    with av.open(io.BytesIO(r.content)) as f:
+        stream = f.streams.audio[0]
+        decoded = np.concatenate([frame.to_ndarray().reshape(-1) for frame in f.decode(stream)])
+        rate = stream.codec_context.sample_rate
+    assert rate == (48000 if fmt == "opus" else RATE)  # Opus codes 48 kHz only (documented)
+    assert len(decoded) / rate == pytest.approx(len(pcm) / RATE, abs=0.06)  # codec padding at most
+    if fmt in ("wav", "flac"):  # lossless: the very samples
+        assert np.array_equal(decoded, pcm)
+    assert r.headers["content-type"] == {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg",
+                                         "aac": "audio/aac", "opus": "audio/ogg"}[fmt]
+    if fmt == "wav":
+        h = read_wav_header(r.content)
+        assert (h["sample_rate"], h["channels"], h["bits"], h["byte_rate"]) == (RATE, 1, 16, 2 * RATE)
+        assert h["data_len"] == len(r.content) - 44 and h["riff_size"] == len(r.content) - 8
+
+
+def test_streams_sse_and_raw_audio_as_it_is_made(http):
+    body = {"input": TEXT, "seed": 3}
+    whole = http.post("/v1/audio/speech", json={**body, "response_format": "pcm"}).content
+    with http.stream("POST", "/v1/audio/speech", json={**body, "response_format": "pcm", "stream_format": "sse"}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    deltas = [e for e in events if isinstance(e, dict) and e["type"] == "speech.audio.delta"]
+    done = events[-1]
+    assert len(deltas) >= 2 and all(d["sample_rate"] == RATE for d in deltas) and deltas[0]["text"].startswith("Hello")
+    assert b"".join(base64.b64decode(d["audio"]) for d in deltas) == whole  # same seed, same audio
+    assert done["type"] == "speech.audio.done" and done["usage"]["output_tokens"] > 0
+    assert done["result"]["sample_rate"] == RATE and done["metrics"]["time_to_first_audio_ms"] > 0
+    assert events[0].startswith(": queue_position")
+    with http.stream("POST", "/v1/audio/speech", json={**body, "stream_format": "audio"}) as r:
+        pieces = list(r.iter_bytes())
+    data = b"".join(pieces)
+    h = read_wav_header(data)
+    assert h["sample_rate"] == RATE and h["data_len"] == 0xFFFFFFFF and data[44:] == whole  # a streaming header
+    with http.stream("POST", "/v1/audio/speech", json={**body, "response_format": "wav", "stream_format": "sse"}) as r:
+        first = base64.b64decode(next(e for e in sse_events(r) if isinstance(e, dict))["audio"])
+    assert read_wav_header(first)["sample_rate"] == RATE  # wav over SSE: the deltas join into a WAV file
+
+
+def test_openais_own_client_reads_it(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        wav_bytes = client.audio.speech.create(model="default", voice="default", input=TEXT,
+                                               response_format="wav").content
+        assert read_wav_header(wav_bytes)["sample_rate"] == RATE
+        with client.audio.speech.with_streaming_response.create(model="default", voice="default", input=TEXT,
+                                                                response_format="pcm", stream_format="sse") as resp:
+            kinds = [json.loads(line[6:])["type"] for line in resp.iter_lines()
+                     if line.startswith("data: {")]
+        assert kinds[-1] == "speech.audio.done" and set(kinds[:-1]) == {"speech.audio.delta"}
+
+
+@pytest.mark.parametrize("body, code, words", [
+    ({"input": ""}, "invalid_request", "empty"),
+    ({"input": "？！…… 😀"}, "invalid_request", "nothing to speak"),
+    ({"input": "x" * 50_000}, "invalid_value", "at most 10,000"),
+    ({"input": "hi", "voice": "nobody"}, "voice_not_found", "saved voices"),
+    ({"input": "hi", "dialect": "klingon"}, "invalid_request", "cantonese"),
+    ({"input": "hi", "emotion": "grumpy", "stream_format": "sse"}, "invalid_request", "happy"),
+    ({"input": "hi", "instruct": "emotion=grumpy"}, "invalid_request", "happy"),
+    ({"input": "hi", "task": "opera"}, "invalid_request", "tts, sound, music, podcast"),
+    ({"input": "hi", "response_format": "ogg"}, "unsupported_parameter", "wav, pcm, flac"),
+    ({"input": "hi", "response_format": "mp3", "stream_format": "audio"}, "unsupported_parameter", "whole file"),
+    ({"input": "hi", "stream_format": "chunks"}, "invalid_value", "sse"),
+    ({"input": "hi", "speed": 9}, "invalid_value", "speed"),
+    ({"input": "hi", "reference_audio": "!!!"}, "invalid_base64", "base64"),
+    ({"input": "hi", "reference_audio": b64(b"RIFF\0\0\0\0WAVEjunk")}, "invalid_audio", "corrupt"),
+    ({"input": "hi", "reference_audio": b64(wav_clip(1.0, 16000, level=0.0))}, "invalid_media", "silent"),
+    ({"input": "hi", "reference_audio": b64(wav_clip(0.2, 16000))}, "invalid_media", "too short"),
+    ({"input": "hi", "reference_audio": b64(wav_clip(31.0, 8000))}, "invalid_media", "too long"),
+    ({"input": "hi", "max_seconds": -1}, "invalid_value", "max_seconds"),
+    ({"input": 5}, "invalid_type", "string"),
+])
+def test_bad_input_is_a_400_naming_what_is_valid(http, body, code, words):
+    r = http.post("/v1/audio/speech", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == code and words in err["message"], r.text
+
+
+def test_a_lone_surrogate_is_refused_like_chat_text(http):
+    r = http.post("/v1/audio/speech", content=b'{"input": "\\ud800abc"}', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "Unicode" in r.json()["error"]["message"]
+
+
+def test_reference_clips_of_any_rate_and_channel_count_clone(http):
+    for rate, channels in ((8000, 1), (48000, 2), (44100, 6)):
+        r = http.post("/v1/audio/speech", json={"input": "Hello again.", "reference_text": "hello", "max_seconds": 1,
+                                                "reference_audio": "data:audio/wav;base64," + b64(
+                                                    wav_clip(1.0, rate, channels))})
+        assert r.status_code == 200 and read_wav_header(r.content)["sample_rate"] == RATE, r.text
+
+
+def test_voice_library_round_trip(http):
+    clip = wav_clip(1.5, 22050)
+    r = http.post("/v1/audio/voices", files={"file": ("v.wav", clip)}, data={"name": "narrator",
+                                                                            "reference_text": "hello there"})
+    assert r.status_code == 201 and "ref_text_from_asr" not in r.json(), r.text
+    r = http.post("/v1/audio/voices", json={"name": "asr voice", "reference_audio": b64(clip)})
+    assert r.status_code == 201 and r.json()["ref_text_from_asr"] == r.json()["reference_text"]  # our ASR wrote it
+    names = [v["name"] for v in http.get("/v1/audio/voices").json()["data"]]
+    assert {"narrator", "asr voice"} <= set(names)
+    r = http.post("/v1/audio/speech", json={"input": "Reusing the saved voice.", "voice": "narrator", "max_seconds": 1})
+    assert r.status_code == 200
+    assert http.delete("/v1/audio/voices/narrator").json()["deleted"] is True
+    assert http.delete("/v1/audio/voices/asr%20voice").status_code == 200
+    r = http.delete("/v1/audio/voices/narrator")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "voice_not_found"
+    r = http.post("/v1/audio/voices", json={"name": "../etc", "reference_audio": b64(clip)})
+    assert r.status_code == 400 and "invalid voice name" in r.json()["error"]["message"]
+
+
+def test_options_list_what_the_voice_tab_offers(http):
+    opts = http.get("/v1/audio/speech/options").json()
+    assert opts["sample_rate"] == RATE and opts["tasks"] == ["tts", "sound", "music", "podcast"]
+    assert opts["dialects"]["cantonese"] == "广粤话" and "happy" in opts["emotions"] and "fast" in opts["speeds"]
+    assert "SNR" in opts["bgm_fields"] and "duration" in opts["music_fields"] and "flac" in opts["response_formats"]
+
+
+def test_a_client_going_away_cancels_the_synthesis(server, http):
+    body = {"input": "A long text to read. " * 40, "stream_format": "sse"}
+    record = leave_stream_at(server, http, "/v1/audio/speech", body, "speech.audio.delta", "audio.speech")
+    assert record.finish_reason == "cancelled" and record.cancel_latency_s < 5
+
+
+def test_an_engine_without_a_talker_says_so():
+    with fake_server(FakeEngine()) as srv:
+        r = httpx.post(srv.url + "/v1/audio/speech", json={"input": "hi"}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "modality_not_supported"
+        assert httpx.get(srv.url + "/v1/audio/voices", timeout=10).status_code == 400
+
+
+def test_speed_and_instructions_map_to_the_talker(http):
+    for body in ({"speed": 0.5}, {"speed": 1.6, "instructions": "emotion=happy"},
+                 {"instructions": "a deep calm voice"}):
+        t0 = time.perf_counter()
+        r = http.post("/v1/audio/speech", json={"input": "Hi there.", "max_seconds": 1, **body})
+        assert r.status_code == 200 and time.perf_counter() - t0 < 30, (body, r.text)
