@@ -7,3 +7,8 @@ import os
 # Must happen before gradio is imported anywhere: otherwise gradio contacts api.gradio.app and
 # huggingface.co from background threads at launch.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+from app.ffmpeg_tools import ensure_ffmpeg_tools  # noqa: E402
+
+ensure_ffmpeg_tools()  # Gradio's streamed audio needs ffmpeg (and ffprobe) on PATH

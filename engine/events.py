@@ -58,8 +58,9 @@ class GenerationStats:
             parts += [f"time to first audio {self.time_to_first_audio_s * 1000:.0f} ms",
                       f"{self.audio_seconds:.2f} s of audio", f"real-time factor {self.audio_real_time_factor:.2f}"]
         if self.images:
-            parts += [f"time to first preview {self.time_to_first_preview_s * 1000:.0f} ms",
-                      f"{self.image_steps} steps", f"{self.image_step_s:.2f} s/step"]
+            if self.time_to_first_preview_s:
+                parts.append(f"time to first preview {self.time_to_first_preview_s * 1000:.0f} ms")
+            parts += [f"{self.image_steps} steps", f"{self.image_step_s:.2f} s/step"]
         return ", ".join(parts)
 
     @classmethod
