@@ -164,7 +164,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> Imag
                 guidance = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Guidance")
             with gr.Row():
                 seed = gr.Number(value=None, precision=0, label="Seed (empty = random)", elem_id="image-seed")
-                dice = gr.Button("🎲 random seed", scale=0, min_width=120)
+                dice = gr.Button("Random seed", scale=0, min_width=120)
                 preview_every = gr.Slider(0, 10, value=5, step=1, label="Preview every k steps (0 = none)")
             with gr.Row():
                 go = gr.Button("Make it", variant="primary", elem_id="image-go")

@@ -1,0 +1,102 @@
+"""Every tab's main path in a real browser (Debian's chromium, fake camera and microphone) against the
+studio serving the tiny engine: Speech transcribes an example clip, Voice speaks a sentence and
+offers the WAV, Image generates a picture and segments one, all at a phone-sized and a desktop
+width. Screenshots are kept in $STUDIO_ARTIFACTS (default: test-artifacts/ in the repo, git-ignored)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.app.test_browser import CHROMIUM, CHROMIUM_ARGS, sync_api
+from tests.paths import REPO
+
+ARTIFACTS = Path(os.environ.get("STUDIO_ARTIFACTS") or REPO / "test-artifacts")
+ASSETS = REPO / "app" / "assets"
+MEDIA_ARGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+              f"--use-file-for-fake-audio-capture={ASSETS / 'fake_capture' / 'mic.wav'}"]
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 1000}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + MEDIA_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def open_tab(browser, studio, name: str, viewport: dict):
+    context = browser.new_context(viewport=viewport, permissions=["camera", "microphone"])
+    page = context.new_page()
+    page.goto(studio, wait_until="load", timeout=60_000)
+    sync_api.expect(page.locator("#model-banner")).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
+    page.get_by_role("tab", name=name).click()
+    return page
+
+
+def keep(page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+@pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
+def test_speech_tab_transcribes_an_uploaded_clip(browser, studio, viewport):
+    page = open_tab(browser, studio, "Speech", viewport)
+    page.locator("#speech-clip input[type=file]").set_input_files(str(ASSETS / "speech" / "what_do_you_see_en.wav"))
+    page.locator("#speech-go").click()
+    sync_api.expect(page.locator("#speech-figures")).to_contain_text("finish reason", timeout=60_000)
+    assert page.locator("#speech-transcript textarea").input_value().strip()
+    assert keep(page, f"speech-{'phone' if viewport is PHONE else 'desktop'}").stat().st_size > 10_000
+    page.context.close()
+
+
+@pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
+def test_voice_tab_speaks_and_offers_the_wav(browser, studio, viewport):
+    page = open_tab(browser, studio, "Voice", viewport)
+    page.locator("#voice-text textarea").fill("Hello from the voice tab.")
+    page.locator("#voice-go").click()
+    sync_api.expect(page.locator("#voice-figures")).to_contain_text("real-time factor", timeout=60_000)
+    sync_api.expect(page.locator("#voice-wav")).to_contain_text(".wav", timeout=30_000)
+    keep(page, f"voice-{'phone' if viewport is PHONE else 'desktop'}")
+    page.context.close()
+
+
+def test_image_tab_generates_then_segments(browser, studio):
+    page = open_tab(browser, studio, "Image", DESKTOP)
+    page.locator("#image-prompt textarea").fill('A red cup on a table, a sign saying "OPEN"')
+    page.get_by_label("Steps").first.fill("4")
+    page.locator("#image-seed input").fill("7")
+    page.locator("#image-go").click()
+    sync_api.expect(page.locator("#image-figures")).to_contain_text("seed 7", timeout=60_000)
+    sync_api.expect(page.locator("#image-gallery img").first).to_be_visible(timeout=30_000)
+    keep(page, "image-generate-desktop")
+
+    page.get_by_role("radio", name="Segment").check()
+    page.locator("#image-refs input[type=file]").set_input_files(str(ASSETS / "images" / "cup.png"))
+    page.locator("#image-target textarea").fill("the cup")
+    page.locator("#image-go").click()
+    sync_api.expect(page.locator("#image-figures")).to_contain_text("finish reason", timeout=60_000)
+    sync_api.expect(page.locator("#image-mask img")).to_be_visible(timeout=30_000)
+    sync_api.expect(page.locator("#image-files")).to_contain_text("overlay", timeout=30_000)
+    keep(page, "image-segment-desktop")
+    page.context.close()
+
+
+def test_chat_tab_on_a_phone(browser, studio):
+    page = open_tab(browser, studio, "Chat", PHONE)
+    box = page.locator("#chat-input textarea")
+    box.fill("Hi from a phone")
+    box.press("Enter")
+    sync_api.expect(page.locator("#chat-figures")).to_contain_text("finish reason", timeout=60_000)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"] + 1, f"the page scrolls sideways on a phone ({width} px wide)"
+    keep(page, "chat-phone")
+    page.context.close()
