@@ -41,7 +41,7 @@ from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import AudioSpan, Item, Session, new_id
 from engine.server.turns import ServerVad, SpeechStarted, SpeechStopped, TurnDetector
-from engine.server.video_context import VideoContextConfig
+from engine.server.video_context import VideoContextConfig, compact_clip
 
 log = logging.getLogger("engine.server.realtime")
 
@@ -330,6 +330,9 @@ class RealtimeConnection:
         public.append({"type": "input_audio", "seconds": round(audio.seconds, 3), "sample_rate": audio.sample_rate,
                        "transcript": None})
         item = Item(item_id, "user", parts, public, turn_video=turn_video)
+        if self.session.detector is not None:  # hands-free: the oldest turns leave a full conversation
+            for old in self.session.make_room(item):
+                await self.send({"type": "conversation.item.deleted", "item_id": old})
         prev = self._last_item_id()
         self.session.add_item(item)
         if rolling is not None:
@@ -344,8 +347,10 @@ class RealtimeConnection:
         if isinstance(ev, SpeechStarted):
             self.turn_item_id = new_id("item")
             active = self.session.active
-            if active is not None and config is not None and config.interrupt_response:
-                self._silence(active, "turn_detected")  # barge-in: before anything else is sent
+            if config is not None and config.interrupt_response:
+                self.response_wanted = False  # the user goes on: answer once they have finished
+                if active is not None:
+                    self._silence(active, "turn_detected")  # barge-in: before anything else is sent
             await self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": ev.audio_start_ms,
                              "item_id": self.turn_item_id})
             return
@@ -462,8 +467,7 @@ class RealtimeConnection:
         n = len(clip)
         if n == 0:
             raise bad("the input video buffer is empty: append frames first", "input_video_buffer_commit_empty")
-        settings = self.ctx.engine.processor.settings.image
-        video = await asyncio.to_thread(clip.to_video_inputs, settings)
+        video = await asyncio.to_thread(compact_clip, clip)  # uint8 frames; the engine preprocesses them
         span = clip.time_span
         await self._add_video_item({"type": "video", "video": video},  # refused: the frames stay
                                    {"type": "input_video", "frames": n,

@@ -169,6 +169,26 @@ class Session:
         index = next((i + 1 for i, it in enumerate(self.items) if it.id == after), len(self.items))
         self.items.insert(index, item)
 
+    def make_room(self, item: Item, reply_slots: int = 1) -> list[str]:
+        """Drop the oldest items (system items stay) until `item` and `reply_slots` more items fit in
+        the item and media limits, and the conversation still opens with the user: what a
+        hands-free session does instead of refusing its next turn. Returns the dropped ids."""
+        dropped = []
+
+        def full() -> bool:
+            held = sum(it.nbytes for it in self.items)
+            return (len(self.items) + 1 + reply_slots > self.limits.max_conversation_items
+                    or held + item.nbytes > self.limits.max_session_media_bytes)
+
+        def oldest() -> Item | None:
+            return next((it for it in self.items if it.role != "system"), None)
+
+        while (full() or (dropped and getattr(oldest(), "role", "user") != "user")) and oldest() is not None:
+            it = oldest()
+            self.items.remove(it)
+            dropped.append(it.id)
+        return dropped
+
     def drop_old_turn_video(self, keep: int) -> int:
         """Keep the rolling-video part of the newest `keep` user turns only; returns how many
         turns lost theirs."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,24 +24,32 @@ MEDIA_ARGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-str
 PHONE = {"width": 390, "height": 844}
 
 
-@pytest.fixture(scope="module")
-def live_page():
-    """(url, engine): a page with only the Live tab (speech output on), served with the proxy."""
+@contextmanager
+def served_live_tab(engine_url: str, token: str | None, **tab):
+    """The URL of a page with only the Live tab (build_live_tab(**tab)), served with the proxy to
+    the engine at `engine_url`."""
     gr = pytest.importorskip("gradio")
     from app.live_proxy import LiveProxy
     from app.ui.live import build_live_tab
 
-    with FakeEngine(speak=True) as engine:
-        proxy = LiveProxy(lambda: (engine.url, engine.token))
-        with gr.Blocks(title="Live test") as demo:
-            with gr.Tab("Live"):
-                build_live_tab(speech_output=True, voices=["default"])
-        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
-                    app_kwargs=proxy.app_kwargs())
-        try:
-            yield demo.local_url, engine
-        finally:
-            demo.close()
+    proxy = LiveProxy(lambda: (engine_url, token))
+    with gr.Blocks(title="Live test") as demo:
+        with gr.Tab("Live"):
+            build_live_tab(**tab)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                app_kwargs=proxy.app_kwargs())
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def live_page():
+    """(url, engine): the Live tab (speech output on) relayed to the fake engine."""
+    with FakeEngine(speak=True) as engine, served_live_tab(engine.url, engine.token, speech_output=True,
+                                                            voices=["default"]) as url:
+        yield url, engine
 
 
 @pytest.fixture
@@ -178,23 +187,12 @@ def test_permission_denied_and_a_blocked_camera_are_said_in_the_page(live_page):
 def live_page_real_engine(tiny_engine):
     """(url, engine server): the Live tab (text replies: the tiny engine does not speak in chat yet)
     relayed to a real engine server around the tiny engine; short answers keep the test light."""
-    gr = pytest.importorskip("gradio")
     pytest.importorskip("silero_vad")
-    from app.live_proxy import LiveProxy
-    from app.ui.live import build_live_tab
     from tests.server import running_server
 
-    with running_server(tiny_engine, default_max_tokens=24) as srv:
-        proxy = LiveProxy(lambda: (srv.url, None))
-        with gr.Blocks(title="Live test, real engine") as demo:
-            with gr.Tab("Live"):
-                build_live_tab(speech_output=False)
-        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
-                    app_kwargs=proxy.app_kwargs())
-        try:
-            yield demo.local_url, srv
-        finally:
-            demo.close()
+    with running_server(tiny_engine, default_max_tokens=24) as srv, \
+            served_live_tab(srv.url, None, speech_output=False) as url:
+        yield url, srv
 
 
 def test_hands_free_against_the_real_engine_hears_the_question_sees_frames_and_replies(live_page_real_engine,

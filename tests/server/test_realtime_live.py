@@ -283,7 +283,8 @@ def test_push_to_talk_turns_carry_the_rolling_video_and_old_turns_lose_theirs(se
             video, audio = item["content"]
             assert video["type"] == "input_video" and video["frames"] >= 3 and 1.0 <= video["seconds"] <= 4.0
             assert audio["type"] == "input_audio" and audio["sample_rate"] == MIC_RATE
-        kept = [isinstance(p.get("video"), WebcamClip) for it in session.items for p in it.parts if p["type"] == "video"]
+        videos = [p.get("video") for it in session.items for p in it.parts if p["type"] == "video"]
+        kept = [isinstance(v, WebcamClip) for v in videos]
         assert kept == [True] * keep
         assert [bool(it.public[0].get("dropped")) for it in session.items] == [True, True] + [False] * keep
         assert all(it.nbytes == 2 * len(q) for it in session.items[:2])  # audio only
@@ -345,3 +346,25 @@ def test_turn_detection_and_video_settings_are_checked_and_reported(server):
         c.wait(lambda t: len(t) > n)
         s = c.events[-1][1]["session"]
         assert s["audio"]["input"]["turn_detection"] is None and s["video"] is None
+
+
+def test_a_full_hands_free_conversation_lets_its_oldest_turns_go():
+    """Hands-free, the server commits turns itself: when the conversation is full (items or media),
+    the oldest turns leave it (conversation.item.deleted) instead of the next turn being refused,
+    and the conversation still opens with a user turn."""
+    engine = FakeEngine(script=[TextDelta("ok"), Done("ok", "stop", GenerationStats(new_tokens=1))])
+    with fake_server(engine, max_conversation_items=5) as srv, connect(srv.ws_url, max_size=None) as ws:
+        c = LiveClient(ws)
+        hands_free(c)
+        q = speech()
+        for turn in range(4):
+            c.stream(q, pace=10)
+            c.stream(silence(1.0), pace=10, until=lambda t, n=turn + 1: t.count("response.done") == n)
+            c.wait(lambda t, n=turn + 1: t.count("response.done") == n)
+        session = next(iter(srv.ctx.sessions.open.values()))
+        wait_for(lambda: len(session.items) == 4)
+        deleted = [e["item_id"] for _, e in c.events if e["type"] == "conversation.item.deleted"]
+        users = [e["item_id"] for _, e in c.events if e["type"] == "input_audio_buffer.committed"]
+        assert "error" not in c.types() and len(users) == 4
+        assert deleted[:2] == [users[0], c.first("response.done")[2]["response"]["output"][0]["id"]]
+        assert [it.role for it in session.items] == ["user", "assistant"] * 2 and session.items[0].id == users[2]
