@@ -185,14 +185,17 @@ def test_permission_denied_and_a_blocked_camera_are_said_in_the_page(live_page):
 
 @pytest.fixture(scope="module")
 def live_page_real_engine(tiny_engine):
-    """(url, engine server): the Live tab (text replies: the tiny engine does not speak in chat yet)
-    relayed to a real engine server around the tiny engine; short answers keep the test light."""
+    """(url, engine server, speech): the Live tab relayed to a real engine server around the tiny
+    engine, with spoken replies when the engine speaks in chat (else text); short answers keep the
+    test light."""
     pytest.importorskip("silero_vad")
     from tests.server import running_server
+    from tests.server.live import speaks
 
+    speech = speaks(tiny_engine)
     with running_server(tiny_engine, default_max_tokens=24) as srv, \
-            served_live_tab(srv.url, None, speech_output=False) as url:
-        yield url, srv
+            served_live_tab(srv.url, None, speech_output=speech) as url:
+        yield url, srv, speech
 
 
 def test_hands_free_against_the_real_engine_hears_the_question_sees_frames_and_replies(live_page_real_engine,
@@ -202,7 +205,7 @@ def test_hands_free_against_the_real_engine_hears_the_question_sees_frames_and_r
     shows the user's turn and the model's reply as it streams."""
     from tests.server import wait_for
 
-    url, srv = live_page_real_engine
+    url, srv, speech = live_page_real_engine
     page = browser
     page.goto(url, wait_until="networkidle", timeout=60_000)
     page.locator('#live [data-role="start"]').click()
@@ -213,6 +216,8 @@ def test_hands_free_against_the_real_engine_hears_the_question_sees_frames_and_r
     sync_api.expect(reply).not_to_have_text("", timeout=30_000)
     latency = page.locator('#live [data-role="latency"]')
     sync_api.expect(latency).to_contain_text(re.compile(r"first text \d+ ms"))
+    if speech:  # the reply is spoken too, in the engine's default voice
+        sync_api.expect(latency).to_contain_text(re.compile(r"first audio \d+ ms"), timeout=30_000)
     assert page.locator('#live [data-role="error"]').is_hidden()
     sid = next(iter(srv.ctx.sessions.open))
     session = srv.ctx.sessions.open[sid]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import inspect
 import io
 import json
 import time
@@ -47,6 +48,11 @@ def webcam_jpeg(i: int, size: tuple[int, int] = (256, 192)) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=70)
     return buf.getvalue()
+
+
+def speaks(engine) -> bool:
+    """The engine answers chat in speech (Engine.chat takes output modalities once that lands)."""
+    return bool(getattr(engine, "has_talker", False)) and "modalities" in inspect.signature(engine.chat).parameters
 
 
 def b64(data: bytes) -> str:

@@ -6,7 +6,6 @@ output the tiny engine cannot give yet)."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 
@@ -15,7 +14,7 @@ from websockets.sync.client import connect
 
 from engine.events import AudioChunk, Done, GenerationStats, TextDelta
 from tests.server import FakeEngine, fake_server, running_server, wait_for
-from tests.server.live import MIC_RATE, LiveClient, last_loud_s, silence, speech
+from tests.server.live import MIC_RATE, LiveClient, last_loud_s, silence, speaks, speech
 
 pytest.importorskip("silero_vad")
 
@@ -37,11 +36,6 @@ def hands_free(client: LiveClient, **session) -> dict:
     ev = client.events[-1][1]
     assert ev["type"] == "session.updated", ev
     return ev["session"]
-
-
-def speaks(engine) -> bool:
-    """The engine answers in speech (Engine.chat takes output modalities once chat speech lands)."""
-    return bool(getattr(engine, "has_talker", False)) and "modalities" in inspect.signature(engine.chat).parameters
 
 
 class Playback:
