@@ -144,7 +144,8 @@ def test_a_hands_free_turn_with_barge_in_end_to_end(server, tiny_engine):
           f"{ms(t_speech_end, t_stop)} ms (silence_duration_ms {VAD['silence_duration_ms']}), -> response.created "
           f"{ms(t_speech_end, t_created)} ms, -> first {first_output.split('.')[1]} delta {ms(t_speech_end, t_delta)}"
           f" ms; barge-in: speech_started -> response.done (cancelled) {ms(t_barge, t_done1)} ms, decode steps "
-          f"after the cancel {rec.steps_after_cancel}; reply kept: {kept!r}")
+          f"after the cancel {rec.steps_after_cancel}; heard {heard_ms} ms of {playback.received_ms:.0f} ms received; "
+          f"reply kept: {kept!r}")
     print("events:", " ".join(k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]))
 
 
