@@ -82,12 +82,17 @@ HTML = """
 """
 
 
-def _options(values: Sequence, selected) -> str:
-    return "".join(f'<option value="{v}"{" selected" if v == selected else ""}>{v}</option>' for v in values)
+def _options(values: Sequence, selected, labels: Sequence | None = None) -> str:
+    labels = values if labels is None else labels
+    return "".join(f'<option value="{v}"{" selected" if v == selected else ""}>{label}</option>'
+                   for v, label in zip(values, labels))
 
 
 def live_html(defaults: LiveDefaults, voices: Sequence[str], speech_output: bool) -> str:
-    voice_names = list(voices) if speech_output and voices else ["(no speech output)"]
+    if speech_output and voices:
+        voice_values = voice_labels = list(voices)
+    else:  # the value "" sends no voice: the engine's default voice speaks (or there is no speech)
+        voice_values, voice_labels = [""], ["default voice" if speech_output else "(no speech output)"]
     return HTML.format(
         hands_free="selected" if defaults.mode == "hands_free" else "",
         ptt="selected" if defaults.mode == "ptt" else "",
@@ -95,7 +100,7 @@ def live_html(defaults: LiveDefaults, voices: Sequence[str], speech_output: bool
         window=int(defaults.window_seconds), fps_options=_options([0.5, 1, 2], defaults.fps),
         camera="checked" if defaults.camera else "",
         voice_disabled="" if speech_output and voices else "disabled",
-        voice_options=_options(voice_names, voice_names[0]))
+        voice_options=_options(voice_values, voice_values[0], voice_labels))
 
 
 def build_live_tab(*, speech_output: bool = False, voices: Sequence[str] = (), defaults: LiveDefaults | None = None,

@@ -43,6 +43,8 @@ ERROR_CODES: dict[str, int] = {
     "conversation_empty": 400, "invalid_state": 400, "input_audio_buffer_commit_empty": 400,
     "input_video_buffer_commit_empty": 400, "item_not_found": 400, "conversation_already_has_active_response": 400,
     "response_cancel_not_active": 400,
+    # what this server lacks
+    "turn_detection_unavailable": 500,
     # who and where
     "unauthorized": 401, "model_not_found": 404, "not_found": 404, "method_not_allowed": 405,
     # load
@@ -234,13 +236,15 @@ def _queue_position(d: dict) -> QueuePosition:
 REALTIME_CLIENT_EVENTS = (
     "session.update", "input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
     "input_video_buffer.append", "input_video_buffer.commit", "input_video_buffer.clear",
-    "conversation.item.create", "conversation.item.delete", "response.create", "response.cancel",
+    "conversation.item.create", "conversation.item.delete", "conversation.item.truncate", "response.create",
+    "response.cancel",
 )
 
 # Server events that carry no engine event of their own (the decoder knows them and passes them by).
 REALTIME_BOOKKEEPING_EVENTS = (
     "session.created", "session.updated", "conversation.item.added", "conversation.item.done",
-    "conversation.item.deleted", "input_audio_buffer.committed", "input_audio_buffer.cleared",
+    "conversation.item.deleted", "conversation.item.truncated", "input_audio_buffer.speech_started",
+    "input_audio_buffer.speech_stopped", "input_audio_buffer.committed", "input_audio_buffer.cleared",
     "input_video_buffer.committed", "input_video_buffer.cleared", "response.created", "response.output_item.added",
     "response.output_item.done", "response.content_part.added", "response.content_part.done",
     "response.output_text.done", "response.output_audio.done", "response.output_audio_transcript.done",

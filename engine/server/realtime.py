@@ -7,6 +7,14 @@ its own task so the reader keeps serving (response.cancel, audio appends) while 
 writer task owns the socket, fed by a bounded queue (a slow reader therefore slows its own
 response, never the server). Every bad client event is answered with an `error` event naming the
 client's event_id, and the session carries on.
+
+Hands-free sessions (`audio.input.turn_detection` = server_vad): each audio append goes through the
+session's turn detector (engine.server.turns) off the event loop. Speech starting sends
+`input_audio_buffer.speech_started` and, while a response runs, cancels it (barge-in: the engine
+stops within one decode step or audio patch, and the output still waiting in the socket's queue is
+dropped, so no stale delta follows); speech stopping sends `speech_stopped`, commits the turn
+(the rolling webcam video, then the audio) and starts a response. `conversation.item.truncate`
+cuts an assistant reply to what the user heard.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from engine.events import Done, Error, UnknownEventError
+from engine.errors import MingError, SettingError
+from engine.events import AudioChunk, Done, Error, UnknownEventError
 from engine.media.errors import MediaError
 from engine.server import codec
 from engine.server import protocol as wire
@@ -30,7 +39,9 @@ from engine.server.context import ServerContext
 from engine.server.params import check_output_modalities, flag, generation_params, output_kwargs
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
-from engine.server.sessions import Item, Session, new_id
+from engine.server.sessions import AudioSpan, Item, Session, new_id
+from engine.server.turns import ServerVad, SpeechStarted, SpeechStopped, TurnDetector
+from engine.server.video_context import VideoContextConfig, compact_clip
 
 log = logging.getLogger("engine.server.realtime")
 
@@ -38,6 +49,11 @@ MIN_COMMIT_SECONDS = 0.1
 # OpenAI session fields that have no effect here and are accepted silently
 IGNORED_SESSION_FIELDS = {"type", "model", "include", "tracing", "truncation", "prompt", "tool_choice",
                           "input_audio_transcription", "input_audio_noise_reduction", "speed", "object", "id"}
+
+
+# the output events of a response that a cancel or barge-in drops while they wait in the queue
+OUTPUT_DELTAS = ("response.output_text.delta", "response.output_audio_transcript.delta",
+                 "response.output_audio.delta")
 
 
 class Response:
@@ -50,6 +66,10 @@ class Response:
         self.task: asyncio.Task | None = None
         prev = session.items[-1].id if session.items else None
         self.encoder = wire.RealtimeResponseEncoder(self.id, new_id("item"), session.id, modalities, prev)
+        self.silenced = False  # cancelled: the rest of its output is never sent
+        self.cancel_reason = "client_cancelled"  # or "turn_detected" (barge-in)
+        self.audio: list[AudioSpan] = []  # the audio chunks encoded for the client, in order
+        self.truncate_ms: int | None = None  # conversation.item.truncate while it ran
 
 
 class RealtimeConnection:
@@ -60,6 +80,8 @@ class RealtimeConnection:
         self.session = session
         self.out: asyncio.Queue = asyncio.Queue(maxsize=ctx.limits.outgoing_buffer)
         self.closed = False
+        self.turn_item_id: str | None = None  # the id the user's turn in progress will get (server_vad)
+        self.response_wanted = False  # a turn ended while a response ran: start one when it ends
         self.handlers = {
             "session.update": self.on_session_update,
             "input_audio_buffer.append": self.on_audio_append,
@@ -70,6 +92,7 @@ class RealtimeConnection:
             "input_video_buffer.clear": self.on_video_clear,
             "conversation.item.create": self.on_item_create,
             "conversation.item.delete": self.on_item_delete,
+            "conversation.item.truncate": self.on_item_truncate,
             "response.create": self.on_response_create,
             "response.cancel": self.on_response_cancel,
         }
@@ -115,6 +138,7 @@ class RealtimeConnection:
             pass
         finally:
             self.closed = True
+            self.response_wanted = False
             if self.session.active is not None:
                 self.ctx.scheduler.cancel(self.session.active.job, abandon=True)
                 if self.session.active.task is not None:
@@ -166,7 +190,8 @@ class RealtimeConnection:
         s = self.session.settings
         engine = self.ctx.engine
         new = {"instructions": s.instructions, "output_modalities": s.output_modalities,
-               "rate": s.input_audio_sample_rate, "thinking": s.thinking, "voice": s.voice}
+               "rate": s.input_audio_sample_rate, "thinking": s.thinking, "voice": s.voice,
+               "turn_detection": s.turn_detection, "video": s.video}
         for key in spec:
             if key not in IGNORED_SESSION_FIELDS and key not in SESSION_FIELDS:
                 raise bad(f"unknown session field {str(key)[:60]!r}", "unknown_parameter", f"session.{key}")
@@ -181,8 +206,9 @@ class RealtimeConnection:
             if audio.get("output") is not None:
                 new["voice"] = audio_output_voice(audio["output"], "session.audio.output", engine, new["voice"])
             inp = need_dict(audio.get("input", {}), "session.audio.input")
-            if inp.get("turn_detection") is not None:
-                raise TURN_DETECTION_ERROR
+            if "turn_detection" in inp:
+                new["turn_detection"] = setting(ServerVad.from_wire, inp["turn_detection"],
+                                                "session.audio.input.turn_detection")
             if "format" in inp:
                 new["rate"] = audio_format_rate(inp["format"], "session.audio.input.format")
         if "input_audio_format" in spec:
@@ -191,8 +217,11 @@ class RealtimeConnection:
             new["rate"] = codec.check_sample_rate(spec["input_audio_sample_rate"], "session.input_audio_sample_rate")
         if spec.get("voice") is not None:
             new["voice"] = need_str(spec["voice"], "session.voice")
-        if spec.get("turn_detection") is not None:
-            raise TURN_DETECTION_ERROR
+        if "turn_detection" in spec:  # the beta shape
+            new["turn_detection"] = setting(ServerVad.from_wire, spec["turn_detection"], "session.turn_detection")
+        if "video" in spec:
+            new["video"] = None if spec["video"] is None else setting(
+                VideoContextConfig.from_wire, spec["video"], s.video or VideoContextConfig(), "session.video")
         if spec.get("tools"):
             raise bad("tools are not supported by this engine", "unsupported_parameter", "session.tools")
         if "thinking" in spec:
@@ -201,15 +230,56 @@ class RealtimeConnection:
             raise bad("the input audio buffer holds audio at the old rate; commit or clear it before changing the "
                       "rate", "invalid_state", "session.audio.input.format")
         params = generation_params(spec, self.limits, base=s.params)
+        detector = self._detector_for(new["turn_detection"])  # may refuse: nothing is applied then
         s.instructions, s.output_modalities = new["instructions"], new["output_modalities"]
         s.input_audio_sample_rate, s.thinking, s.params, s.voice = new["rate"], new["thinking"], params, new["voice"]
+        self._apply_turn_settings(new["turn_detection"], new["video"], detector)
         await self.send({"type": "session.updated", "session": s.to_dict(self.session.id, self.ctx.model_id)})
+
+    def _detector_for(self, config: ServerVad | None) -> TurnDetector | None:
+        """The session's turn detector under new settings (a new one when server_vad turns on)."""
+        if config is None:
+            return None
+        if self.session.detector is not None:
+            return self.session.detector
+        try:
+            return TurnDetector(config, max_turn_seconds=self.limits.max_audio_seconds)
+        except MingError as e:  # the silero-vad package is missing
+            raise ApiError(str(e), code="turn_detection_unavailable", status=500,
+                           param="session.audio.input.turn_detection") from None
+
+    def _apply_turn_settings(self, turns: ServerVad | None, video: VideoContextConfig | None,
+                             detector: TurnDetector | None) -> None:
+        """Switch between push-to-talk and server_vad, and between the explicit webcam clip and the
+        rolling video context; what the old mode buffered is dropped."""
+        session, s = self.session, self.session.settings
+        rolling_before = s.video_context
+        if (turns is None) != (s.turn_detection is None):
+            session.audio.clear()
+            self.turn_item_id = None
+        if detector is not None:
+            detector.update(turns)
+        session.detector = detector
+        s.turn_detection, s.video = turns, video
+        rolling = s.video_context
+        if (rolling is None) != (rolling_before is None):
+            session.clip.clear()
+            session.video.clear()
+        if rolling is not None:
+            session.video.configure(rolling)
 
     # ------------------------------------------------------------------ audio in
     async def on_audio_append(self, event: dict, event_id) -> None:
         buf = self.session.audio
         rate = event.get("sample_rate")
         rate = codec.check_sample_rate(rate) if rate is not None else self.session.settings.input_audio_sample_rate
+        detector = self.session.detector
+        if detector is not None:  # server_vad: the detector keeps what a turn needs, nothing else does
+            raw = codec.b64decode(event.get("audio"), "audio", self.limits.max_message_bytes)
+            samples = codec.pcm16_samples(raw, "audio")
+            for ev in await asyncio.to_thread(detector.feed, samples, rate):
+                await self._turn_event(ev)
+            return
         if buf.samples and rate != buf.sample_rate:
             raise bad(f"the buffer holds audio at {buf.sample_rate} Hz; this chunk says {rate} Hz (commit or clear "
                       "first)", "sample_rate_mismatch", "sample_rate")
@@ -222,61 +292,199 @@ class RealtimeConnection:
         buf.append(samples.copy(), rate)
 
     async def on_audio_commit(self, event: dict, event_id) -> None:
+        if self.session.detector is not None:  # server_vad: end the turn in progress now
+            stopped = self.session.detector.end_turn()
+            if stopped is None:
+                raise bad("no one is speaking: with server_vad the server commits each turn itself",
+                          "input_audio_buffer_commit_empty")
+            await self._turn_event(stopped, create_response=False)
+            return
         buf = self.session.audio
         rate = buf.sample_rate or self.session.settings.input_audio_sample_rate
         if buf.samples < MIN_COMMIT_SECONDS * rate:
             raise bad(f"buffer too small: it holds {1000 * buf.samples / rate:.0f} ms of audio, at least "
                       f"{1000 * MIN_COMMIT_SECONDS:.0f} ms is needed", "input_audio_buffer_commit_empty")
         samples, rate = buf.peek()
-        audio = codec.Audio(samples, rate)
-        item = Item(new_id("item"), "user", [audio.part()],
-                    [{"type": "input_audio", "seconds": round(audio.seconds, 3), "sample_rate": rate,
-                      "transcript": None}])
-        prev = self._last_item_id()
-        self.session.add_item(item)  # a refused item leaves the buffer as it was
+        await self._commit_turn(new_id("item"), codec.Audio(samples, rate))  # refused: the buffer stays
         buf.clear()
-        await self.send({"type": "input_audio_buffer.committed", "previous_item_id": prev, "item_id": item.id})
-        await self._item_added(item, prev)
 
     async def on_audio_clear(self, event: dict, event_id) -> None:
         self.session.audio.clear()
+        if self.session.detector is not None:
+            self.session.detector.clear()
+            self.turn_item_id = None
         await self.send({"type": "input_audio_buffer.cleared"})
+
+    async def _commit_turn(self, item_id: str, audio: codec.Audio) -> None:
+        """The user's turn joins the conversation: the rolling webcam video (when the session keeps
+        one), then the audio; input_audio_buffer.committed, conversation.item.added/.done."""
+        parts, public, turn_video = [], [], False
+        rolling = self.session.settings.video_context
+        if rolling is not None:
+            taken = await asyncio.to_thread(self.session.video.take_turn_video)
+            if taken is not None:
+                parts.append(taken[0])
+                public.append(taken[1])
+                turn_video = True
+        parts.append(audio.part())
+        public.append({"type": "input_audio", "seconds": round(audio.seconds, 3), "sample_rate": audio.sample_rate,
+                       "transcript": None})
+        item = Item(item_id, "user", parts, public, turn_video=turn_video)
+        if self.session.detector is not None:  # hands-free: the oldest turns leave a full conversation
+            for old in self.session.make_room(item):
+                await self.send({"type": "conversation.item.deleted", "item_id": old})
+        prev = self._last_item_id()
+        self.session.add_item(item)
+        if rolling is not None:
+            self.session.drop_old_turn_video(rolling.keep_turns)
+        await self.send({"type": "input_audio_buffer.committed", "previous_item_id": prev, "item_id": item.id})
+        await self._item_added(item, prev)
+
+    # ------------------------------------------------------------------ server_vad turns
+    async def _turn_event(self, ev: SpeechStarted | SpeechStopped, create_response: bool = True) -> None:
+        """One event of the turn detector, as the client and the conversation see it."""
+        config = self.session.settings.turn_detection
+        if isinstance(ev, SpeechStarted):
+            self.turn_item_id = new_id("item")
+            active = self.session.active
+            if config is not None and config.interrupt_response:
+                self.response_wanted = False  # the user goes on: answer once they have finished
+                if active is not None:
+                    self._silence(active, "turn_detected")  # barge-in: before anything else is sent
+            await self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": ev.audio_start_ms,
+                             "item_id": self.turn_item_id})
+            return
+        item_id, self.turn_item_id = self.turn_item_id or new_id("item"), None
+        await self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": ev.audio_end_ms,
+                         "item_id": item_id})
+        try:
+            await self._commit_turn(item_id, codec.Audio(ev.audio, ev.sample_rate))
+        except ApiError as e:  # e.g. the session's media limit: the turn is lost, the session goes on
+            await self.send_error(e)
+            return
+        if create_response and config is not None and config.create_response:
+            await self._respond_to_turn()
+
+    async def _respond_to_turn(self) -> None:
+        """Start the response to the turn that just ended, or as soon as the running one has ended
+        (it was cancelled by the barge-in, or interrupt_response is off)."""
+        if self.closed:
+            return
+        if self.session.active is not None:
+            self.response_wanted = True
+            return
+        try:
+            await self._start_response({}, None)
+        except ApiError as e:
+            await self.send_error(e)
+
+    def _response_ended(self, task: asyncio.Task) -> None:
+        if self.response_wanted and not self.closed and self.session.active is None:
+            self.response_wanted = False
+            asyncio.get_running_loop().create_task(self._respond_to_turn())
+
+    def _silence(self, resp: Response, reason: str) -> None:
+        """Cancel a response for good: the engine stops within one step, and its output that still
+        waits in the socket's queue is dropped (the conversation keeps only what was sent)."""
+        resp.cancel_reason = reason if not resp.silenced else resp.cancel_reason
+        resp.silenced = True
+        self.ctx.scheduler.cancel(resp.job)
+        self._drop_queued_output(resp)
+
+    def _drop_queued_output(self, resp: Response) -> None:
+        """Take the response's output deltas out of the outgoing queue (no await: atomic on the
+        loop) and take them back from what its item says it sent."""
+        kept, dropped = [], []
+        while not self.out.empty():
+            ev = self.out.get_nowait()
+            (dropped if ev.get("response_id") == resp.id and ev.get("type") in OUTPUT_DELTAS else kept).append(ev)
+        for ev in kept:
+            self.out.put_nowait(ev)
+        unsend(resp, dropped)
+
+    # ------------------------------------------------------------------ truncate
+    async def on_item_truncate(self, event: dict, event_id) -> None:
+        """conversation.item.truncate: an assistant reply keeps only the audio the user heard
+        (`audio_end_ms`) and the text spans whose audio had started by then."""
+        item_id = need_str(event.get("item_id"), "item_id")
+        index = need_number(event.get("content_index", 0), "content_index", 0, 1e6, integer=True)
+        end_ms = need_number(event.get("audio_end_ms"), "audio_end_ms", 0, 1e9, integer=True)
+        active = self.session.active
+        if active is not None and active.encoder.item_id == item_id:  # still streaming: cut it when it ends
+            spans, parts = active.audio, len(active.encoder.parts)
+        else:
+            item = self.session.find_item(item_id)
+            if item is None:
+                raise bad(f"no item with id {item_id[:64]!r} in this session", "item_not_found", "item_id")
+            spans, parts = item.audio, len(item.public)
+        if index >= parts:
+            raise bad(f"item {item_id[:64]!r} has {parts} content part(s); content_index {index} is not one of them",
+                      "invalid_value", "content_index")
+        if not spans:
+            raise bad(f"item {item_id[:64]!r} has no audio to truncate", "invalid_value", "item_id")
+        total_ms = 1000 * (spans[-1].start_s + spans[-1].seconds)
+        if end_ms > total_ms + 1:
+            raise bad(f"audio_end_ms {end_ms} is past the end of the item's audio ({total_ms:.0f} ms)",
+                      "invalid_value", "audio_end_ms")
+        if active is not None and active.encoder.item_id == item_id:
+            active.truncate_ms = int(end_ms)
+        else:
+            truncate_item(item, int(end_ms))
+        await self.send({"type": "conversation.item.truncated", "item_id": item_id, "content_index": index,
+                         "audio_end_ms": end_ms})
 
     # ------------------------------------------------------------------ video in
     async def on_video_append(self, event: dict, event_id) -> None:
-        t = need_number(event.get("capture_time"), "capture_time", 0, 1e12)
+        t = float(need_number(event.get("capture_time"), "capture_time", 0, 1e12))
+        rolling = self.session.settings.video_context is not None
+        clip = self.session.video.clip if rolling else self.session.clip
+        span = clip.time_span
+        if span is not None and t < span[1]:
+            raise bad(f"capture_time {t} is before the previous frame's ({span[1]}); times must not go backwards",
+                      "invalid_value", "capture_time")
+        if rolling and not self.session.video.wants(t):
+            return  # a frame sooner than the context's fps asks for: dropped without decoding it
         value = event.get("image")
         if isinstance(value, str) and value.startswith("data:"):
             raw = codec.data_url(value, "image", self.limits.max_message_bytes)[1]
         else:
             raw = codec.b64decode(value, "image", self.limits.max_message_bytes)
         frame = await asyncio.to_thread(codec.image_array, raw, self.limits, "image")
-        clip = self.session.clip
-        span = clip.time_span
-        if span is not None and t < span[1]:
-            raise bad(f"capture_time {t} is before the previous frame's ({span[1]}); times must not go backwards",
-                      "invalid_value", "capture_time")
-        clip.add_frame(frame, float(t))
+        if rolling:
+            self.session.video.add(frame, t)
+        else:
+            clip.add_frame(frame, t)
 
     async def on_video_commit(self, event: dict, event_id) -> None:
+        if self.session.settings.video_context is not None:  # the rolling window becomes an item
+            taken = await asyncio.to_thread(self.session.video.take_turn_video)
+            if taken is None:
+                raise bad("the video context holds no recent frames: append frames first",
+                          "input_video_buffer_commit_empty")
+            await self._add_video_item(*taken)
+            return
         clip = self.session.clip
         n = len(clip)
         if n == 0:
             raise bad("the input video buffer is empty: append frames first", "input_video_buffer_commit_empty")
-        settings = self.ctx.engine.processor.settings.image
-        video = await asyncio.to_thread(clip.to_video_inputs, settings)
+        video = await asyncio.to_thread(compact_clip, clip)  # uint8 frames; the engine preprocesses them
         span = clip.time_span
-        item = Item(new_id("item"), "user", [{"type": "video", "video": video}],
-                    [{"type": "input_video", "frames": n, "seconds": round(span[1] - span[0], 3) if span else 0.0}])
-        prev = self._last_item_id()
-        self.session.add_item(item)  # a refused item leaves the frames as they were
+        await self._add_video_item({"type": "video", "video": video},  # refused: the frames stay
+                                   {"type": "input_video", "frames": n,
+                                    "seconds": round(span[1] - span[0], 3) if span else 0.0})
         clip.clear()
+
+    async def _add_video_item(self, part: dict, public: dict) -> None:
+        item = Item(new_id("item"), "user", [part], [public])
+        prev = self._last_item_id()
+        self.session.add_item(item)
         await self.send({"type": "input_video_buffer.committed", "previous_item_id": prev, "item_id": item.id,
-                         "frames": n})
+                         "frames": public["frames"]})
         await self._item_added(item, prev)
 
     async def on_video_clear(self, event: dict, event_id) -> None:
         self.session.clip.clear()
+        self.session.video.clear()
         await self.send({"type": "input_video_buffer.cleared"})
 
     # ------------------------------------------------------------------ conversation
@@ -334,11 +542,14 @@ class RealtimeConnection:
 
     # ------------------------------------------------------------------ responses
     async def on_response_create(self, event: dict, event_id) -> None:
+        spec = event.get("response", {})
+        await self._start_response(need_dict({} if spec is None else spec, "response"), event_id)
+        self.response_wanted = False  # the client asked for this one itself
+
+    async def _start_response(self, spec: dict, event_id: str | None) -> None:
         if self.session.active is not None:
             raise bad(f"conversation already has an active response ({self.session.active.id}); cancel it or wait "
                       "for response.done", "conversation_already_has_active_response")
-        spec = event.get("response", {})
-        spec = need_dict({} if spec is None else spec, "response")
         s = self.session.settings
         engine = self.ctx.engine
         modalities, voice = s.output_modalities, s.voice
@@ -378,6 +589,7 @@ class RealtimeConnection:
         self.session.active = resp
         await self.send(resp.encoder.created())
         resp.task = asyncio.create_task(self._stream(resp))
+        resp.task.add_done_callback(self._response_ended)
 
     async def on_response_cancel(self, event: dict, event_id) -> None:
         active = self.session.active
@@ -387,7 +599,7 @@ class RealtimeConnection:
         if active is None or (rid is not None and rid != active.id):
             raise bad("there is no active response to cancel" if active is None else
                       f"response {rid[:64]!r} is not the active response", "response_cancel_not_active")
-        self.ctx.scheduler.cancel(active.job)
+        self._silence(active, "client_cancelled")
 
     async def _stream(self, resp: Response) -> None:
         """The job's events as server events; every kind is mapped explicitly (an event the mapping
@@ -398,6 +610,8 @@ class RealtimeConnection:
                 if isinstance(ev, (Done, Error)):
                     final = ev
                     continue
+                if resp.silenced:  # cancelled: nothing more of it goes out
+                    continue
                 try:
                     out = resp.encoder.encode(ev)
                 except UnknownEventError as e:
@@ -405,8 +619,12 @@ class RealtimeConnection:
                     self.ctx.scheduler.cancel(resp.job)
                     final = Error(str(e), "engine_error")
                     break
+                if isinstance(ev, AudioChunk):
+                    resp.audio.append(AudioSpan(ev.start_s, ev.seconds, ev.text))
                 for wire_event in out:
                     await self.send(wire_event)
+                if resp.silenced:  # cancelled while an event waited for room in the queue
+                    self._drop_queued_output(resp)
             await self._finish(resp, final or Error("the response ended without a result", "engine_error"))
         finally:
             if self.session.active is resp:
@@ -416,25 +634,81 @@ class RealtimeConnection:
         job, enc = resp.job, resp.encoder
         ttft = None if job.first_token_at is None else job.first_token_at - resp.received_at
         figures = wire.metrics(final.stats if isinstance(final, Done) else None, job.queue_wait_s, ttft)
-        for wire_event in enc.finish(final, figures, "slow_reader" if job.slow_reader else "client_cancelled"):
+        if resp.truncate_ms is not None:
+            resp.audio = cut_reply(enc, resp.audio, resp.truncate_ms)
+        for wire_event in enc.finish(final, figures, "slow_reader" if job.slow_reader else resp.cancel_reason):
             await self.send(wire_event)
         if enc.item_open and isinstance(final, Done):
             item = Item(enc.item_id, "assistant", [{"type": "text", "text": enc.assistant_text}],
                         enc.item("completed")["content"],
-                        status="completed" if final.finish_reason == "stop" else "incomplete")
+                        status="completed" if final.finish_reason == "stop" and resp.truncate_ms is None
+                        else "incomplete", audio=resp.audio)
             try:
-                self.session.add_item(item)
+                self.session.add_item(item, after=enc.previous_item_id)
             except ApiError:
                 pass  # the conversation is full; the next item.create reports it
 
 
 SESSION_FIELDS = {"instructions", "output_modalities", "modalities", "audio", "input_audio_format", "voice",
-                  "input_audio_sample_rate", "turn_detection", "tools", "thinking", "temperature", "top_p", "top_k",
-                  "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
+                  "input_audio_sample_rate", "turn_detection", "video", "tools", "thinking", "temperature", "top_p",
+                  "top_k", "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
                   "max_tokens"}
-TURN_DETECTION_ERROR = ApiError("turn_detection (server-side voice activity detection) is not supported; leave it "
-                                "null and send input_audio_buffer.commit when the user stops speaking",
-                                code="unsupported_parameter", param="session.turn_detection")
+
+
+def setting(parse, *args):
+    """A settings parser (ServerVad.from_wire, VideoContextConfig.from_wire) whose refusal is an
+    error event naming the field."""
+    try:
+        return parse(*args)
+    except SettingError as e:
+        raise bad(str(e), e.code, e.param) from None
+
+
+# --------------------------------------------------------------------------- what the user heard
+
+def heard(spans: list[AudioSpan], end_ms: int) -> tuple[list[AudioSpan], str]:
+    """The audio chunks that had started by `end_ms` (the last one cut there) and the text they
+    speak."""
+    kept = []
+    for span in spans:
+        if 1000 * span.start_s >= end_ms:
+            break
+        kept.append(AudioSpan(span.start_s, min(span.seconds, end_ms / 1000 - span.start_s), span.text))
+    return kept, "".join(span.text for span in kept)
+
+
+def cut_reply(enc: wire.RealtimeResponseEncoder, spans: list[AudioSpan], end_ms: int) -> list[AudioSpan]:
+    """A streaming reply truncated at `end_ms`: its text and transcript become what was heard."""
+    kept, text = heard(spans, end_ms)
+    for part in enc.parts.values():
+        if part.kind in ("text", "audio"):
+            part.text = [text]
+    return kept
+
+
+def truncate_item(item: Item, end_ms: int) -> None:
+    """A finished assistant item truncated at `end_ms` (what the model sees next turn, too)."""
+    item.audio, text = heard(item.audio, end_ms)
+    item.parts = [{"type": "text", "text": text}]
+    item.public = [{**p, "text": text} if p.get("type") == "output_text" else
+                   {**p, "transcript": text} if p.get("type") == "output_audio" else p for p in item.public]
+    item.status = "incomplete"
+
+
+def unsend(resp: Response, dropped: list[dict]) -> None:
+    """Output deltas taken out of the queue before they were sent: the reply's text, transcript
+    and audio no longer hold them (they are the newest of each part)."""
+    counts: dict[tuple[int, str], int] = {}
+    for ev in dropped:
+        key = (ev.get("content_index"), ev["type"])
+        counts[key] = counts.get(key, 0) + 1
+    for (index, kind), n in counts.items():
+        if kind == "response.output_audio.delta":
+            del resp.audio[len(resp.audio) - n:]
+            continue
+        part = next((p for p in resp.encoder.parts.values() if p.index == index), None)
+        if part is not None:
+            del part.text[max(0, len(part.text) - n):]
 
 
 def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str | None:

@@ -1,8 +1,9 @@
 """Realtime session state: one per websocket connection, nothing shared between them.
 
-A session holds its settings, its input audio buffer, its webcam clip (frames with capture
-times), its conversation items, and at most one active response. The registry caps how many
-sessions are open at once.
+A session holds its settings, its input audio buffer (push-to-talk) or its turn detector
+(server_vad), its webcam frames (the explicit clip a client commits itself, or the rolling video
+context attached to each user turn), its conversation items, and at most one active response.
+The registry caps how many sessions are open at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 from engine.media.video import WebcamClip
 from engine.sampling import GenerationParams
 from engine.server.limits import ApiError, Limits
+from engine.server.turns import ServerVad, TurnDetector
+from engine.server.video_context import VideoContext, VideoContextConfig
 
 
 def new_id(prefix: str) -> str:
@@ -31,6 +34,16 @@ class SessionSettings:
     thinking: bool = False
     voice: str | None = None  # the talker's voice (None = its default)
     params: GenerationParams = field(default_factory=GenerationParams)
+    turn_detection: ServerVad | None = None  # None: push-to-talk (the client commits its turns)
+    video: VideoContextConfig | None = None  # None: frames wait for input_video_buffer.commit
+
+    @property
+    def video_context(self) -> VideoContextConfig | None:
+        """The rolling video context's settings (`video`, or its defaults under server_vad); None
+        when webcam frames wait for the client's input_video_buffer.commit."""
+        if self.video is not None:
+            return self.video
+        return VideoContextConfig() if self.turn_detection is not None else None
 
     def to_dict(self, session_id: str, model: str) -> dict:
         """The GA session object, with our sampling fields and `thinking` as extensions."""
@@ -38,8 +51,9 @@ class SessionSettings:
         return {"type": "realtime", "id": session_id, "object": "realtime.session", "model": model,
                 "instructions": self.instructions, "output_modalities": list(self.output_modalities),
                 "audio": {"input": {"format": {"type": "audio/pcm", "rate": self.input_audio_sample_rate},
-                                    "turn_detection": None},
+                                    "turn_detection": self.turn_detection.to_wire() if self.turn_detection else None},
                           "output": {"format": {"type": "audio/pcm"}, "voice": self.voice}},
+                "video": self.video_context.to_wire() if self.video_context else None,
                 "max_output_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
                 "top_k": p.top_k, "repetition_penalty": p.repetition_penalty, "seed": p.seed, "stop": list(p.stop),
                 "thinking": self.thinking}
@@ -54,9 +68,21 @@ def media_nbytes(parts: list[dict]) -> int:
                 total += value.nbytes
             elif isinstance(value, (bytes, bytearray)):
                 total += len(value)
-            elif hasattr(value, "pixel_values"):  # VideoInputs from a webcam clip
+            elif isinstance(value, WebcamClip):  # a turn's frames (uint8)
+                total += value.nbytes
+            elif hasattr(value, "pixel_values"):  # VideoInputs
                 total += value.pixel_values.numel() * value.pixel_values.element_size()
     return total
+
+
+@dataclass
+class AudioSpan:
+    """One audio chunk of an assistant reply: where it starts in the reply's audio, how long it
+    is, and the text it starts speaking (what conversation.item.truncate cuts by)."""
+
+    start_s: float
+    seconds: float
+    text: str
 
 
 @dataclass
@@ -66,9 +92,18 @@ class Item:
     parts: list[dict]  # engine parts
     public: list[dict]  # what clients see
     status: str = "completed"
+    turn_video: bool = False  # its video part is the rolling webcam context (dropped after keep_turns)
+    audio: list[AudioSpan] = field(default_factory=list)  # an assistant reply's audio chunks, as sent
     nbytes: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
+        self.nbytes = media_nbytes(self.parts)
+
+    def drop_video(self) -> None:
+        """Take the video out of the conversation (the public part says so)."""
+        self.parts = [p for p in self.parts if p.get("type") != "video"]
+        self.public = [{**p, "dropped": True} if p.get("type") == "input_video" else p for p in self.public]
+        self.turn_video = False
         self.nbytes = media_nbytes(self.parts)
 
     def to_dict(self) -> dict:
@@ -108,10 +143,20 @@ class Session:
         self.settings = SessionSettings(params=GenerationParams(max_new_tokens=limits.default_max_tokens))
         self.audio = AudioBuffer()
         self.clip = WebcamClip(max_buffer_frames=limits.max_video_frames, history_seconds=float("inf"))
+        self.video = VideoContext(max_frames=limits.max_video_frames)  # used when settings.video is set
+        self.detector: TurnDetector | None = None  # set with settings.turn_detection
         self.items: list[Item] = []
         self.active = None  # the running response (realtime.Response), if any
 
-    def add_item(self, item: Item) -> None:
+    @property
+    def held_bytes(self) -> int:
+        """Memory the session holds: conversation media, buffered audio and frames, the detector."""
+        return (sum(it.nbytes for it in self.items) + 2 * self.audio.samples + self.clip.nbytes + self.video.nbytes
+                + (self.detector.held_bytes if self.detector is not None else 0))
+
+    def add_item(self, item: Item, after: str | None = None) -> None:
+        """Append an item, or put it right after the item `after` (an assistant reply whose
+        response ran while the user's next turn joined)."""
         if len(self.items) >= self.limits.max_conversation_items:
             raise ApiError(f"the conversation already holds {len(self.items)} items, the limit per session",
                            code="conversation_too_long")
@@ -121,7 +166,40 @@ class Session:
             raise ApiError(f"the session's media would take {(held + item.nbytes) / mib:.0f} MiB, the limit is "
                            f"{self.limits.max_session_media_bytes / mib:.0f} MiB; delete items "
                            "(conversation.item.delete) or start a new session", code="session_media_limit")
-        self.items.append(item)
+        index = next((i + 1 for i, it in enumerate(self.items) if it.id == after), len(self.items))
+        self.items.insert(index, item)
+
+    def make_room(self, item: Item, reply_slots: int = 1) -> list[str]:
+        """Drop the oldest items (system items stay) until `item` and `reply_slots` more items fit in
+        the item and media limits, and the conversation still opens with the user: what a
+        hands-free session does instead of refusing its next turn. Returns the dropped ids."""
+        dropped = []
+
+        def full() -> bool:
+            held = sum(it.nbytes for it in self.items)
+            return (len(self.items) + 1 + reply_slots > self.limits.max_conversation_items
+                    or held + item.nbytes > self.limits.max_session_media_bytes)
+
+        def oldest() -> Item | None:
+            return next((it for it in self.items if it.role != "system"), None)
+
+        while (full() or (dropped and getattr(oldest(), "role", "user") != "user")) and oldest() is not None:
+            it = oldest()
+            self.items.remove(it)
+            dropped.append(it.id)
+        return dropped
+
+    def drop_old_turn_video(self, keep: int) -> int:
+        """Keep the rolling-video part of the newest `keep` user turns only; returns how many
+        turns lost theirs."""
+        turns = [it for it in self.items if it.turn_video]
+        old = turns[:max(0, len(turns) - keep)]
+        for it in old:
+            it.drop_video()
+        return len(old)
+
+    def find_item(self, item_id: str) -> Item | None:
+        return next((it for it in self.items if it.id == item_id), None)
 
     def messages(self) -> list[dict]:
         """The conversation as engine messages (consecutive items of one role stay separate turns)."""
@@ -152,6 +230,8 @@ class SessionRegistry:
         self.open.pop(session.id, None)
         session.audio.clear()
         session.clip.clear()
+        session.video.clear()
+        session.detector = None
         session.items.clear()
 
     def __len__(self) -> int:

@@ -243,6 +243,13 @@ class TurnDetector:
             events.append(self._end(end_ms, "max_duration"))
         return events
 
+    def end_turn(self, reason: str = "commit") -> SpeechStopped | None:
+        """End the turn in progress now (a client's input_audio_buffer.commit in server_vad mode);
+        None when no one is speaking."""
+        if not self._turn:
+            return None
+        return self._end(self.audio_ms, reason)
+
     def _end(self, end_ms: int, reason: str) -> SpeechStopped:
         audio = np.concatenate(self._turn)
         stopped = SpeechStopped(self._turn_start_ms, end_ms, audio, reason)

@@ -8,6 +8,11 @@ of the OpenAI protocol). Frames arriving faster than `fps` are thinned before th
 WebcamClip does the bookkeeping). Frames of mixed sizes are accepted: a turn's frames are brought
 to the newest frame's size. The window ends *now* on the server's clock, so frames of a camera
 that stopped sending age out instead of being passed off as the present.
+
+A turn's video is kept compact: the uint8 frames the model will see (a small WebcamClip), not
+their float pixel values (4x the bytes); the engine preprocesses them when a response runs, with
+the same result. Older turns' video is dropped from the conversation after `keep_turns` newer
+turns with video (the session does that), so a long hands-free session holds a bounded amount.
 """
 
 from __future__ import annotations
@@ -18,8 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from engine.errors import SettingError
-from engine.media.image import ImageProcessorConfig
-from engine.media.video import VideoInputs, VideoSamplingConfig, WebcamClip
+from engine.media.video import VideoSamplingConfig, WebcamClip
 
 MiB = 1024 * 1024
 
@@ -33,6 +37,7 @@ class VideoContextConfig:
     window_seconds: float = 10.0  # how far back the frames attached to a turn reach
     fps: float = 1.0  # frames kept (and sampled for the model) per second
     max_bytes: int = 64 * MiB  # decoded frames held per session (server setting, not on the wire)
+    keep_turns: int = 4  # the newest user turns that keep their video in the conversation (server setting)
 
     WIRE_FIELDS = ("window_seconds", "fps")
     WINDOW_RANGE = (1.0, 60.0)
@@ -122,15 +127,30 @@ class VideoContext:
         now_in_capture_time = span[1] + (self.clock() - self._arrived)
         self.clip.drop_before(now_in_capture_time - self.config.window_seconds)
 
-    def take_turn_video(self, image_config: ImageProcessorConfig | None = None) -> tuple[dict, dict] | None:
+    def take_turn_video(self) -> tuple[dict, dict] | None:
         """The frames of the last `window_seconds` as (engine part, public content part) for the
         user's turn, or None when there are none; the frames are consumed (the next turn gets the
-        frames that come after)."""
+        frames that come after). The part's video is a compact clip (see `compact_clip`)."""
         self._expire()
         if len(self.clip) == 0:
             return None
         span, held = self.clip.time_span, len(self.clip)
-        video: VideoInputs = self.clip.to_video_inputs(image_config)
+        turn = compact_clip(self.clip)
         self.clip.clear()
         public = {"type": "input_video", "frames": held, "seconds": round(span[1] - span[0], 3)}
-        return {"type": "video", "video": video}, public
+        return {"type": "video", "video": turn}, public
+
+
+def compact_clip(clip: WebcamClip) -> WebcamClip:
+    """Only the frames `clip` would give the model (its sampling picks, brought to one size), as
+    uint8 in a clip of their own: it turns into the same VideoInputs as `clip` itself (the picks
+    of the same sample times among a subset holding every pick are the same frames), in a
+    quarter of the bytes of the pixel values, and is preprocessed only when a response runs."""
+    sampled = clip.sample()
+    out = WebcamClip(sampling=clip.sampling, history_seconds=float("inf"), max_buffer_frames=len(sampled.frames))
+    last = None
+    for frame, t in zip(sampled.frames, sampled.timestamps):
+        if t != last:  # a frame picked twice (fewer frames than sample times) is kept once
+            out.add_frame(frame, float(t))
+            last = t
+    return out

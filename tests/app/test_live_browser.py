@@ -1,11 +1,14 @@
 """The Live tab in a real browser (Debian's chromium with a fake camera and microphone playing
 our own test media, app/assets/fake_capture) in a small page of its own, relayed by the studio's
-proxy to a fake engine that answers with canned realtime events. Skips when /usr/bin/chromium or
-playwright is missing. LIVE_SCREENSHOT=/some/dir keeps screenshots of the page."""
+proxy to a fake engine that answers with canned realtime events, and to a real engine server (the
+tiny engine) that hears the spoken question itself. Skips when /usr/bin/chromium or playwright is
+missing. Screenshots go to the test's tmp dir, and with LIVE_SCREENSHOT=/some/dir there too."""
 
 from __future__ import annotations
 
 import os
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,24 +24,32 @@ MEDIA_ARGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-str
 PHONE = {"width": 390, "height": 844}
 
 
-@pytest.fixture(scope="module")
-def live_page():
-    """(url, engine): a page with only the Live tab (speech output on), served with the proxy."""
+@contextmanager
+def served_live_tab(engine_url: str, token: str | None, **tab):
+    """The URL of a page with only the Live tab (build_live_tab(**tab)), served with the proxy to
+    the engine at `engine_url`."""
     gr = pytest.importorskip("gradio")
     from app.live_proxy import LiveProxy
     from app.ui.live import build_live_tab
 
-    with FakeEngine(speak=True) as engine:
-        proxy = LiveProxy(lambda: (engine.url, engine.token))
-        with gr.Blocks(title="Live test") as demo:
-            with gr.Tab("Live"):
-                build_live_tab(speech_output=True, voices=["default"])
-        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
-                    app_kwargs=proxy.app_kwargs())
-        try:
-            yield demo.local_url, engine
-        finally:
-            demo.close()
+    proxy = LiveProxy(lambda: (engine_url, token))
+    with gr.Blocks(title="Live test") as demo:
+        with gr.Tab("Live"):
+            build_live_tab(**tab)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                app_kwargs=proxy.app_kwargs())
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def live_page():
+    """(url, engine): the Live tab (speech output on) relayed to the fake engine."""
+    with FakeEngine(speak=True) as engine, served_live_tab(engine.url, engine.token, speech_output=True,
+                                                            voices=["default"]) as url:
+        yield url, engine
 
 
 @pytest.fixture
@@ -51,11 +62,16 @@ def browser():
             b.close()
 
 
-def keep_screenshot(page, name: str) -> None:
-    folder = os.environ.get("LIVE_SCREENSHOT")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(folder) / name), full_page=True)
+def keep_screenshot(page, name: str, tmp: Path | None = None) -> list[Path]:
+    folders = [tmp] if tmp is not None else []
+    if os.environ.get("LIVE_SCREENSHOT"):
+        folders.append(Path(os.environ["LIVE_SCREENSHOT"]))
+    paths = []
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths.append(folder / name)
+        page.screenshot(path=str(paths[-1]), full_page=True)
+    return paths
 
 
 def test_hands_free_the_tab_hears_a_question_sends_frames_and_shows_the_spoken_reply(live_page, browser):
@@ -162,3 +178,59 @@ def test_permission_denied_and_a_blocked_camera_are_said_in_the_page(live_page):
             page.locator('#live [data-role="stop"]').click()
         finally:
             b.close()
+
+
+# --------------------------------------------------------------------------- against a real engine server
+
+
+@pytest.fixture(scope="module")
+def live_page_real_engine(tiny_engine):
+    """(url, engine server, speech): the Live tab relayed to a real engine server around the tiny
+    engine, with spoken replies when the engine speaks in chat (else text); short answers keep the
+    test light."""
+    pytest.importorskip("silero_vad")
+    from tests.server import running_server
+    from tests.server.live import speaks
+
+    speech = speaks(tiny_engine)
+    with running_server(tiny_engine, default_max_tokens=24) as srv, \
+            served_live_tab(srv.url, None, speech_output=speech) as url:
+        yield url, srv, speech
+
+
+def test_hands_free_against_the_real_engine_hears_the_question_sees_frames_and_replies(live_page_real_engine,
+                                                                                      browser, tmp_path):
+    """The fake microphone plays our spoken question (1 s silence, the question, 3 s silence, looped):
+    the engine's own turn detection hears it, commits it with the camera frames, and the page
+    shows the user's turn and the model's reply as it streams."""
+    from tests.server import wait_for
+
+    url, srv, speech = live_page_real_engine
+    page = browser
+    page.goto(url, wait_until="networkidle", timeout=60_000)
+    page.locator('#live [data-role="start"]').click()
+    user = page.locator("#live .live-user").first
+    sync_api.expect(user).to_contain_text("camera frame", timeout=30_000)  # the turn holds the video window
+    sync_api.expect(user).to_contain_text("s of speech")
+    reply = page.locator("#live .live-assistant").first
+    sync_api.expect(reply).not_to_have_text("", timeout=30_000)
+    latency = page.locator('#live [data-role="latency"]')
+    sync_api.expect(latency).to_contain_text(re.compile(r"first text \d+ ms"))
+    if speech:  # the reply is spoken too, in the engine's default voice
+        sync_api.expect(latency).to_contain_text(re.compile(r"first audio \d+ ms"), timeout=30_000)
+    assert page.locator('#live [data-role="error"]').is_hidden()
+    sid = next(iter(srv.ctx.sessions.open))
+    session = srv.ctx.sessions.open[sid]
+    wait_for(lambda: len(session.items) >= 2, 30)
+    user_item = session.items[0]
+    assert [p["type"] for p in user_item.public] == ["input_video", "input_audio"]
+    speech_s = user_item.public[1]["seconds"]
+    assert 1.5 <= speech_s <= 3.5, speech_s  # the 1.6 s question with its padding, not the silence around it
+    shots = keep_screenshot(page, "live_real_engine_phone.png", tmp_path)
+    assert shots[0].stat().st_size > 10_000
+    text = reply.inner_text()
+    page.locator('#live [data-role="stop"]').click()
+    wait_for(lambda: sid not in srv.ctx.sessions.open)
+    wait_for(lambda: srv.ctx.scheduler.running == 0 and srv.ctx.scheduler.waiting == 0)
+    print(f"\n[live tab, real engine] user turn: {user_item.public}; reply shown: {text!r}; "
+          f"{latency.inner_text()}; screenshots: {', '.join(map(str, shots))}")

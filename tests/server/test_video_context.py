@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from engine.media.errors import MediaError
+from engine.media.video import WebcamClip
 from engine.server.video_context import VideoContext, VideoContextConfig, VideoContextError
 
 
@@ -79,11 +81,31 @@ def test_frames_of_mixed_sizes_become_one_video_at_the_newest_size():
     for i in range(6):
         ctx.add(frame(i, 48, 64) if i < 3 else frame(i, 96, 96), i * 0.5)  # the camera turns square
     part, public = ctx.take_turn_video()
-    video = part["video"]
+    video = part["video"].to_video_inputs()  # what the engine makes of the turn's compact clip
     assert part["type"] == "video" and public == {"type": "input_video", "frames": 6, "seconds": 2.5}
     n, _, height, width = video.frames.shape
     assert n % 2 == 0 and height == width  # every frame at the newest (square) frame's aspect
     assert video.num_tokens > 0 and len(video.patch_timestamps) == video.grid_thw.shape[0]
+
+
+@pytest.mark.parametrize("times", [[0.0, 1.0, 2.1, 2.9, 4.0, 5.2, 6.0, 7.1], [0.0, 5.0], [0.0, 0.9, 4.0, 4.8]])
+def test_a_turn_keeps_compact_uint8_frames_that_make_the_same_video_input(times):
+    """The turn's part holds the picked frames as uint8 (not float pixel values, 4x the bytes) and
+    turns into exactly the video input the whole window gives (sparse frames picked twice too)."""
+    ctx = VideoContext(VideoContextConfig(window_seconds=10.0, fps=1.0))
+    for i, t in enumerate(times):
+        ctx.add(frame(i * 40, 96, 128) if i else frame(0, 48, 64), t)  # the first frame differs in size
+    whole = WebcamClip(sampling=ctx.clip.sampling)
+    for t, f in list(ctx.clip._frames):
+        whole.add_frame(f, t)
+    expected = whole.to_video_inputs()
+    part, _ = ctx.take_turn_video()
+    compact = part["video"]
+    assert isinstance(compact, WebcamClip) and len(compact) <= len(times)
+    got = compact.to_video_inputs()
+    assert torch.equal(got.pixel_values, expected.pixel_values) and torch.equal(got.grid_thw, expected.grid_thw)
+    assert got.patch_timestamps == expected.patch_timestamps
+    assert compact.nbytes < expected.pixel_values.numel() * 4 / 3  # uint8 frames, not float32 pixel values
 
 
 def test_a_turn_takes_the_frames_once_and_a_stopped_camera_ages_out():

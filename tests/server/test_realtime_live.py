@@ -1,0 +1,365 @@
+"""Hands-free live sessions on the realtime server (server_vad turn detection, rolling webcam video,
+barge-in, conversation.item.truncate), end to end over a websocket: our spoken questions
+(app/assets/speech, espeak-ng) streamed as a browser sends them (48 kHz, 40 ms pieces) with webcam
+frames, into a real server around the tiny engine (or a scripted engine where a test needs audio
+output the tiny engine cannot give yet)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from websockets.sync.client import connect
+
+from engine.events import AudioChunk, Done, GenerationStats, TextDelta
+from tests.server import FakeEngine, fake_server, running_server, wait_for
+from tests.server.live import MIC_RATE, LiveClient, last_loud_s, silence, speaks, speech
+
+pytest.importorskip("silero_vad")
+
+VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+OUTPUT_DELTAS = ("response.output_text.delta", "response.output_audio_transcript.delta", "response.output_audio.delta")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    with running_server(tiny_engine, max_sessions=8) as srv:
+        yield srv
+
+
+def hands_free(client: LiveClient, **session) -> dict:
+    client.drain(10)
+    client.send(type="session.update", session={"type": "realtime", "audio": {"input": {"turn_detection": VAD}},
+                                                "video": {"window_seconds": 8, "fps": 1}, **session})
+    client.wait(lambda t: "session.updated" in t or "error" in t)
+    ev = client.events[-1][1]
+    assert ev["type"] == "session.updated", ev
+    return ev["session"]
+
+
+class Playback:
+    """A client playing a reply's audio as it arrives, in real time (what it reports as heard)."""
+
+    def __init__(self):
+        self.started: float | None = None
+        self.received_ms = 0.0
+
+    def feed(self, events: list[tuple[float, dict]]) -> None:
+        for t, e in events:
+            if e["type"] == "response.output_audio.delta":
+                self.started = self.started or t
+                self.received_ms += 1000 * len(e["delta"]) * 3 / 4 / 2 / e["sample_rate"]
+
+    def heard_ms(self, now: float) -> int:
+        return 0 if self.started is None else int(min(self.received_ms, 1000 * (now - self.started)))
+
+
+def test_a_hands_free_turn_with_barge_in_end_to_end(server, tiny_engine):
+    """Turn 1: the question, then silence: the server stops the turn, commits video + audio and
+    answers. Turn 2 starts while the answer streams: the answer is cancelled at once (reason
+    turn_detected), nothing of it arrives after speech_started, the conversation keeps only what was
+    sent (cut to what was heard when it spoke), and turn 2 gets its own answer."""
+    audio_out = speaks(tiny_engine)
+    q1, q2 = speech("what_do_you_see_en.wav"), speech("describe_picture_en.wav")
+    with connect(server.ws_url, max_size=None) as ws:
+        c = LiveClient(ws)
+        session = hands_free(c, instructions="Be brief.", max_output_tokens=300,
+                             output_modalities=["audio"] if audio_out else ["text"])
+        sid = session["id"]
+        assert session["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+        assert session["video"] == {"window_seconds": 8.0, "fps": 1.0}
+        c.stream(silence(0.2), pace=4)
+        c.stream(q1, pace=4)
+        speech_end_s = 0.2 + last_loud_s(q1)
+        first_output = "response.output_audio.delta" if audio_out else "response.output_text.delta"
+        c.stream(silence(4.0), pace=1, until=lambda t: t.count(first_output) >= 6)  # real time: the VAD's wait
+        playback = Playback()
+        playback.feed(c.events)
+        barge_at = len(c.events)
+        c.stream(q2, pace=4, until=lambda t: "input_audio_buffer.speech_started" in t[barge_at:])
+        i_barge, t_barge, _ = c.first("input_audio_buffer.speech_started", barge_at)
+        playback.feed(c.events[barge_at:i_barge])
+        heard_ms = playback.heard_ms(t_barge)
+        reply_id = c.first("response.output_item.added")[2]["item"]["id"]
+        if audio_out:  # the page stops the sound and says how much was heard
+            c.send(type="conversation.item.truncate", item_id=reply_id, content_index=0, audio_end_ms=heard_ms)
+        c.send(type="session.update", session={"max_output_tokens": 4})  # keep turn 2's answer short
+        c.stream(q2[int(0.6 * MIC_RATE):], pace=4)
+        c.stream(silence(1.5), pace=2, until=lambda t: t.count("response.created") >= 2)
+        c.wait(lambda t: t.count("response.done") >= 2)
+        session = server.ctx.sessions.open[sid]
+        wait_for(lambda: len(session.items) == 4)
+        conversation = [(it.role, it.parts[-1].get("text")) for it in session.items]
+
+    kinds = c.types()
+    # turn 1, in order
+    i_start = c.first("input_audio_buffer.speech_started")[0]
+    i_stop, t_stop, stop = c.first("input_audio_buffer.speech_stopped")
+    i_commit, _, commit = c.first("input_audio_buffer.committed")
+    i_user, _, user = c.first("conversation.item.added")
+    i_created, t_created, created = c.first("response.created")
+    i_delta, t_delta, _ = c.first(first_output)
+    assert i_start < i_stop < i_commit < i_user < i_created < i_delta < i_barge
+    assert kinds[i_user + 1] == "conversation.item.done"
+    assert stop["item_id"] == commit["item_id"] == user["item"]["id"]
+    video, audio = user["item"]["content"]
+    assert video["type"] == "input_video" and video["frames"] >= 2 and audio["type"] == "input_audio"
+    assert abs(audio["seconds"] - (stop["audio_end_ms"] - c.first("input_audio_buffer.speech_started")[2][
+        "audio_start_ms"]) / 1000) < 0.05
+    assert 0.5 <= stop["audio_end_ms"] / 1000 - speech_end_s <= 1.0  # the silence it waited for, and no more
+    # barge-in: the answer ends at once, cancelled by the turn, and nothing of it follows speech_started
+    resp1 = created["response"]["id"]
+    i_done1, t_done1, done1 = c.first("response.done")
+    assert done1["response"]["id"] == resp1 and done1["response"]["status"] == "cancelled"
+    assert done1["response"]["status_details"]["reason"] == "turn_detected"
+    assert not [k for k, (_, e) in enumerate(c.events[i_barge:], i_barge)
+                if e["type"] in OUTPUT_DELTAS and e.get("response_id") == resp1], "stale output after the barge-in"
+    sent = [e for _, e in c.events[:i_barge] if e["type"] in OUTPUT_DELTAS[:2] and e.get("response_id") == resp1]
+    said = "".join(e["delta"] for e in sent)
+    item1 = done1["response"]["output"][0]
+    kept = item1["content"][0].get("text", item1["content"][0].get("transcript"))
+    assert item1["status"] == "incomplete" and kept and said.startswith(kept)
+    assert conversation[1] == ("assistant", kept)  # what the model gets next: the cut reply between the turns
+    if not audio_out:
+        assert kept == said  # what the page shows is what the conversation keeps
+    else:
+        assert c.first("conversation.item.truncated")[2]["audio_end_ms"] == heard_ms
+    # turn 2 is answered after the cancelled answer ended
+    i_stop2 = c.first("input_audio_buffer.speech_stopped", i_barge)[0]
+    i_created2, _, created2 = c.first("response.created", i_created + 1)
+    assert i_done1 < i_created2 and i_stop2 < i_created2
+    done2 = c.first("response.done", i_done1 + 1)[2]["response"]
+    assert done2["id"] == created2["response"]["id"] and done2["status"] in ("completed", "incomplete")
+    assert [role for role, _ in conversation] == ["user", "assistant", "user", "assistant"]
+    rec = next(r for r in server.ctx.scheduler.history if r.label.endswith(sid) and r.finish_reason == "cancelled")
+    assert rec.steps_after_cancel is not None and rec.steps_after_cancel <= 1
+    wait_for(lambda: sid not in server.ctx.sessions.open)
+    assert server.ctx.scheduler.running == 0 and server.ctx.scheduler.waiting == 0
+
+    def ms(a, b):
+        return round(1000 * (b - a))
+    t_speech_end = c.wall_time_of(speech_end_s)
+    print(f"\n[hands-free turn, {'audio' if audio_out else 'text'} replies] speech end -> speech_stopped "
+          f"{ms(t_speech_end, t_stop)} ms (silence_duration_ms {VAD['silence_duration_ms']}), -> response.created "
+          f"{ms(t_speech_end, t_created)} ms, -> first {first_output.split('.')[1]} delta {ms(t_speech_end, t_delta)}"
+          f" ms; barge-in: speech_started -> response.done (cancelled) {ms(t_barge, t_done1)} ms, decode steps "
+          f"after the cancel {rec.steps_after_cancel}; heard {heard_ms} ms of {playback.received_ms:.0f} ms received; "
+          f"reply kept: {kept!r}")
+    print("events:", " ".join(k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]))
+
+
+# --------------------------------------------------------------------------- spoken replies: truncate
+
+
+def spoken_reply_script(words: int = 12, chunk_s: float = 0.2, rate: int = 24000) -> list:
+    """A reply spoken chunk by chunk, each chunk starting one word (what the talker yields)."""
+    import numpy as np
+
+    tone = (0.2 * np.sin(np.linspace(0, 300, int(chunk_s * rate)))).astype(np.float32)
+    chunks = [AudioChunk.from_samples(tone, rate, text=f"w{i} ", start_s=round(i * chunk_s, 3)) for i in range(words)]
+    return chunks + [Done("", "stop", GenerationStats(new_tokens=words))]
+
+
+def recv_until(ws, kind: str, timeout: float = 20.0) -> list[dict]:
+    out, deadline = [], time.monotonic() + timeout
+    while not out or out[-1]["type"] != kind:
+        out.append(json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic()))))
+    return out
+
+
+def test_truncate_keeps_only_what_was_heard_of_a_spoken_reply():
+    """Push-to-talk: the page heard 500 ms of the reply (the third chunk had started), truncates and
+    cancels: the item keeps the words whose audio had started; a finished reply is cut the same way."""
+    engine = FakeEngine(script=spoken_reply_script(), has_talker=True, step_s=0.03)
+    with fake_server(engine) as srv, connect(srv.ws_url) as ws:
+        recv_until(ws, "session.created")
+        ws.send(json.dumps({"type": "session.update", "session": {"output_modalities": ["audio"]}}))
+        recv_until(ws, "session.updated")
+        ws.send(json.dumps({"type": "conversation.item.create",
+                            "item": {"type": "message", "role": "user", "content": "Say something."}}))
+        recv_until(ws, "conversation.item.done")
+        ws.send(json.dumps({"type": "response.create"}))
+        got = recv_until(ws, "response.output_audio.delta")
+        got += recv_until(ws, "response.output_audio.delta") + recv_until(ws, "response.output_audio.delta")
+        item_id = next(e for e in got if e["type"] == "response.output_item.added")["item"]["id"]
+        ws.send(json.dumps({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0,
+                            "audio_end_ms": 500}))
+        ws.send(json.dumps({"type": "response.cancel"}))
+        rest = recv_until(ws, "response.done")
+        truncated = next(e for e in rest if e["type"] == "conversation.item.truncated")
+        assert (truncated["item_id"], truncated["content_index"], truncated["audio_end_ms"]) == (item_id, 0, 500)
+        done = rest[-1]["response"]
+        assert done["status"] == "cancelled"
+        assert done["output"][0]["content"][0]["transcript"] == "w0 w1 w2 "  # 0.4 s < 500 ms: w2 had started
+        assert done["output"][0]["status"] == "incomplete"
+        session = next(iter(srv.ctx.sessions.open.values()))
+        wait_for(lambda: len(session.items) == 2)
+        assert session.items[-1].parts == [{"type": "text", "text": "w0 w1 w2 "}]  # what the model sees next
+        # a finished reply, truncated afterwards; and what truncate refuses
+        engine.step_s = 0.0
+        ws.send(json.dumps({"type": "conversation.item.create",
+                            "item": {"type": "message", "role": "user", "content": "Again."}}))
+        recv_until(ws, "conversation.item.done")
+        ws.send(json.dumps({"type": "response.create"}))
+        done = recv_until(ws, "response.done")[-1]["response"]
+        item2 = done["output"][0]["id"]
+        assert done["output"][0]["content"][0]["transcript"] == "".join(f"w{i} " for i in range(12))
+        wait_for(lambda: len(session.items) == 4)
+        for event, code, param in [({"item_id": item2, "audio_end_ms": 2500}, "invalid_value", "audio_end_ms"),
+                                   ({"item_id": item2, "audio_end_ms": 10, "content_index": 3}, "invalid_value",
+                                    "content_index"),
+                                   ({"item_id": "item_nope", "audio_end_ms": 10}, "item_not_found", "item_id"),
+                                   ({"item_id": session.items[0].id, "audio_end_ms": 10}, "invalid_value", "item_id"),
+                                   ({"item_id": item2, "audio_end_ms": -1}, "invalid_value", "audio_end_ms")]:
+            ws.send(json.dumps({"type": "conversation.item.truncate", "event_id": "t", **event}))
+            err = recv_until(ws, "error")[-1]["error"]
+            assert (err["code"], err["param"], err["event_id"]) == (code, param, "t"), err
+        ws.send(json.dumps({"type": "conversation.item.truncate", "item_id": item2, "content_index": 0,
+                            "audio_end_ms": 0}))
+        assert recv_until(ws, "conversation.item.truncated")[-1]["audio_end_ms"] == 0
+        assert session.items[-1].parts == [{"type": "text", "text": ""}] and session.items[-1].status == "incomplete"
+        assert session.items[-1].public[0]["transcript"] == ""
+
+
+def test_barge_in_on_a_spoken_reply_sends_no_stale_audio():
+    """A spoken reply streaming faster than real time (so audio waits in the server's queue): the
+    turn that starts over it cancels it, and no audio delta follows speech_started."""
+    engine = FakeEngine(script=spoken_reply_script(words=40, chunk_s=0.2), has_talker=True, step_s=0.01)
+    with fake_server(engine) as srv, connect(srv.ws_url, max_size=None) as ws:
+        c = LiveClient(ws)
+        hands_free(c, output_modalities=["audio"])
+        c.stream(speech(), pace=8)
+        c.stream(silence(2.0), pace=8, until=lambda t: t.count("response.output_audio.delta") >= 3)
+        at = len(c.events)
+        c.stream(speech("describe_picture_en.wav"), pace=8, until=lambda t: "input_audio_buffer.speech_started"
+                 in t[at:])
+        i_barge = c.first("input_audio_buffer.speech_started", at)[0]
+        c.wait(lambda t: "response.done" in t)
+        done = c.first("response.done")[2]["response"]
+        assert done["status"] == "cancelled" and done["status_details"]["reason"] == "turn_detected"
+        assert "response.output_audio.delta" not in c.types()[i_barge:]
+        sent = [e for _, e in c.events[:i_barge] if e["type"] == "response.output_audio_transcript.delta"]
+        assert done["output"][0]["content"][0]["transcript"] == "".join(e["delta"] for e in sent)
+        assert len(sent) < 40  # the reply was cut, not played out
+        session = next(iter(srv.ctx.sessions.open.values()))
+        wait_for(lambda: len(session.items) == 2)
+        assert [s.text for s in session.items[1].audio] == [e["delta"] for e in sent]
+
+
+# --------------------------------------------------------------------------- push-to-talk and memory
+
+
+def test_push_to_talk_turns_carry_the_rolling_video_and_old_turns_lose_theirs(server):
+    """With video settings and no turn detection, each committed turn gets the last seconds of
+    frames (compact uint8); after `keep_turns` newer turns an old turn's video leaves the
+    conversation, so memory stays bounded however long the session runs."""
+    from engine.media.video import WebcamClip
+    from engine.server.video_context import VideoContextConfig
+
+    keep = VideoContextConfig().keep_turns
+    q = speech()
+    with connect(server.ws_url, max_size=None) as ws:
+        c = LiveClient(ws)
+        c.drain(10)
+        c.send(type="session.update", session={"audio": {"input": {"turn_detection": None}},
+                                               "video": {"window_seconds": 4, "fps": 2}})
+        c.wait(lambda t: "session.updated" in t)
+        sid = c.events[-1][1]["session"]["id"]
+        for turn in range(keep + 2):
+            c.send(type="input_audio_buffer.clear")
+            c.stream(q, pace=50)
+            c.send(type="input_audio_buffer.commit")
+            c.wait(lambda t, n=turn + 1: t.count("conversation.item.done") == n)
+        session = server.ctx.sessions.open[sid]
+        items = [c.first("conversation.item.added", i)[2]["item"] for i, k in enumerate(c.types())
+                 if k == "conversation.item.added"]
+        for item in items:
+            video, audio = item["content"]
+            assert video["type"] == "input_video" and video["frames"] >= 3 and 1.0 <= video["seconds"] <= 4.0
+            assert audio["type"] == "input_audio" and audio["sample_rate"] == MIC_RATE
+        videos = [p.get("video") for it in session.items for p in it.parts if p["type"] == "video"]
+        kept = [isinstance(v, WebcamClip) for v in videos]
+        assert kept == [True] * keep
+        assert [bool(it.public[0].get("dropped")) for it in session.items] == [True, True] + [False] * keep
+        assert all(it.nbytes == 2 * len(q) for it in session.items[:2])  # audio only
+        frame_bytes = 192 * 256 * 3
+        assert all(it.nbytes <= 9 * frame_bytes + 2 * len(q) for it in session.items[2:])  # uint8 frames
+
+
+# --------------------------------------------------------------------------- nothing left running
+
+
+def test_a_client_that_never_speaks_and_one_that_leaves_mid_reply_leave_nothing_running(server):
+    q = speech()
+    # frames only, for a while: nothing is committed, memory stays at the window
+    with connect(server.ws_url, max_size=None) as ws:
+        c = LiveClient(ws, frame_every_s=0.05)  # a 20 fps camera
+        sid = hands_free(c)["id"]
+        c.stream(silence(6.0), pace=30)
+        session = server.ctx.sessions.open[sid]
+        assert session.items == [] and len(session.video) <= session.settings.video_context.max_frames
+        assert "error" not in c.types() and "input_audio_buffer.speech_started" not in c.types()
+    wait_for(lambda: sid not in server.ctx.sessions.open)
+    # the tab closes while the answer streams
+    with connect(server.ws_url, max_size=None) as ws:
+        c = LiveClient(ws)
+        sid = hands_free(c, max_output_tokens=300)["id"]
+        c.stream(q, pace=4)
+        c.stream(silence(3.0), pace=2, until=lambda t: "response.output_text.delta" in t)
+    rec = wait_for(lambda: next((r for r in server.ctx.scheduler.history if r.label.endswith(sid)), None))
+    assert rec.finish_reason == "cancelled" and rec.new_tokens < 300
+    wait_for(lambda: sid not in server.ctx.sessions.open)
+    assert server.ctx.scheduler.running == 0 and server.ctx.scheduler.waiting == 0
+
+
+def test_turn_detection_and_video_settings_are_checked_and_reported(server):
+    with connect(server.ws_url) as ws:
+        c = LiveClient(ws)
+        session = hands_free(c, video={"window_seconds": 12, "fps": 0.5})
+        assert session["audio"]["input"]["turn_detection"] == {**VAD, "create_response": True,
+                                                               "interrupt_response": True, "idle_timeout_ms": None}
+        assert session["video"] == {"window_seconds": 12.0, "fps": 0.5}
+        for spec, code, param in [
+                ({"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}}, "unsupported_parameter",
+                 "session.audio.input.turn_detection.type"),
+                ({"turn_detection": {"threshold": 1.5}}, "invalid_value", "session.turn_detection.threshold"),
+                ({"video": {"fps": 10}}, "invalid_value", "session.video.fps"),
+                ({"video": {"window_seconds": 5}, "turn_detection": {"silence_duration_ms": "x"}}, "invalid_type",
+                 "session.turn_detection.silence_duration_ms")]:
+            n = len(c.events)
+            c.send(type="session.update", event_id="bad", session=spec)
+            c.wait(lambda t: len(t) > n)
+            err = c.events[-1][1]["error"]
+            assert (err["code"], err["param"], err["event_id"]) == (code, param, "bad"), err
+        n = len(c.events)
+        c.send(type="session.update", session={})  # the refused updates changed nothing
+        c.wait(lambda t: len(t) > n)
+        assert c.events[-1][1]["session"]["video"] == {"window_seconds": 12.0, "fps": 0.5}
+        n = len(c.events)
+        c.send(type="session.update", session={"audio": {"input": {"turn_detection": None}}, "video": None})
+        c.wait(lambda t: len(t) > n)
+        s = c.events[-1][1]["session"]
+        assert s["audio"]["input"]["turn_detection"] is None and s["video"] is None
+
+
+def test_a_full_hands_free_conversation_lets_its_oldest_turns_go():
+    """Hands-free, the server commits turns itself: when the conversation is full (items or media),
+    the oldest turns leave it (conversation.item.deleted) instead of the next turn being refused,
+    and the conversation still opens with a user turn."""
+    engine = FakeEngine(script=[TextDelta("ok"), Done("ok", "stop", GenerationStats(new_tokens=1))])
+    with fake_server(engine, max_conversation_items=5) as srv, connect(srv.ws_url, max_size=None) as ws:
+        c = LiveClient(ws)
+        hands_free(c)
+        q = speech()
+        for turn in range(4):
+            c.stream(q, pace=10)
+            c.stream(silence(1.0), pace=10, until=lambda t, n=turn + 1: t.count("response.done") == n)
+            c.wait(lambda t, n=turn + 1: t.count("response.done") == n)
+        session = next(iter(srv.ctx.sessions.open.values()))
+        wait_for(lambda: len(session.items) == 4)
+        deleted = [e["item_id"] for _, e in c.events if e["type"] == "conversation.item.deleted"]
+        users = [e["item_id"] for _, e in c.events if e["type"] == "input_audio_buffer.committed"]
+        assert "error" not in c.types() and len(users) == 4
+        assert deleted[:2] == [users[0], c.first("response.done")[2]["response"]["output"][0]["id"]]
+        assert [it.role for it in session.items] == ["user", "assistant"] * 2 and session.items[0].id == users[2]
