@@ -14,6 +14,7 @@ from engine.client import EngineClient, ModelInfo
 # Capabilities an engine reports (engine.client.ModelInfo.capabilities).
 TEXT, IMAGE_IN, VIDEO_IN, AUDIO_IN = "text", "image_in", "video_in", "audio_in"
 SPEECH_OUT, IMAGE_OUT = "speech_out", "image_out"
+REALTIME = "realtime"  # the engine serves the realtime websocket protocol (the Live tab needs it)
 
 RECHECK_S = 5.0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.engine_link import SPEECH_OUT, EngineLink
+from app.engine_link import REALTIME, SPEECH_OUT, EngineLink
 from app.live_proxy import LiveProxy
 from app.ui.banner import build_banner
 from app.ui.chat import build_chat_tab
@@ -43,6 +43,9 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
             with gr.Tab("Chat", id="chat"):
                 build_chat_tab(link, ASSETS if ASSETS.is_dir() else None)
             with gr.Tab("Live", id="live"):
+                if link.status().ok and not link.has(REALTIME):
+                    gr.Markdown("**Live needs the engine's realtime protocol**, which this engine does not serve "
+                                "(an OpenAI-compatible server: use Chat, Speech, Voice and Image).")
                 build_live_tab(speech_output=link.has(SPEECH_OUT))
             with gr.Tab("Speech", id="speech"):
                 build_speech_tab(link, examples=_assets("speech/*.wav"))

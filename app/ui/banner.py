@@ -16,7 +16,7 @@ DEMO_HEADLINE = "RANDOM DEMO WEIGHTS"
 REAL_MODEL_HINT = "python launch.py --model inclusionAI/Ming-flash-omni-2.0   (or a local checkpoint directory)"
 CAPABILITY_NAMES = {"text": "text", "image_in": "images in", "video_in": "video in", "audio_in": "audio in",
                     "speech_out": "speech out", "image_out": "images out",
-                    "transcription": "speech recognition"}
+                    "transcription": "speech recognition", "realtime": "live sessions"}
 
 
 def human_count(n: int) -> str:

@@ -473,7 +473,7 @@ def model_card(ctx: ServerContext) -> dict:
     if ctx.openai_only:
         return {"id": ctx.model_id, "object": "model", "created": int(ctx.started_at), "owned_by": "ming-omni-studio"}
     info = ctx.engine.info()
-    caps = capabilities(ctx.engine)
+    caps = capabilities(ctx.engine) | {"realtime"}  # the /v1/realtime route (absent with --openai-only)
     outputs = ["text"] + (["audio"] if "speech_out" in caps else []) + (["image"] if "image_out" in caps else [])
     return {"id": ctx.model_id, "object": "model", "created": int(ctx.started_at), "owned_by": "ming-omni-studio",
             "name": info.name, "is_demo": info.is_demo, "release": info.release, "parameters": info.parameters,
