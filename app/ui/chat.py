@@ -187,8 +187,11 @@ class ChatController:
         modalities = ("text", "audio") if speak and self.link.has(SPEECH_OUT) else ("text",)
         try:
             stream = self.link.client.chat(
+                # "off" values (top-k 0, repetition penalty 1) are not sent: an OpenAI-compatible engine
+                # has no such fields
                 messages, max_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                top_k=int(top_k), repetition_penalty=float(repetition_penalty),
+                top_k=int(top_k) or None,
+                repetition_penalty=None if float(repetition_penalty) == 1.0 else float(repetition_penalty),
                 seed=None if seed in (None, "") else int(seed), system=(system_prompt or "").strip() or None,
                 thinking=bool(thinking), modalities=modalities, voice=voice or None, cancel=cancel)
             for event in stream:

@@ -196,3 +196,36 @@ def test_with_auth_a_login_is_required(cache):
             assert http.get("config").status_code == 200
     finally:
         ui.stop()
+
+
+def test_studio_drives_an_openai_compatible_engine(cache):
+    """--engine openai+http://...: the studio talks only OpenAI's routes (here our own server in
+    --openai-only mode, as vLLM-Omni or SGLang-Omni would serve them); Live says it cannot work."""
+    engine_port = free_port()
+    engine = Proc([sys.executable, "-m", "engine.server", "--port", str(engine_port), "--token", TOKEN, "--threads",
+                   "1", "--log-level", "warning", "--openai-only"], env_for(cache))
+    ui = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and engine.proc.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{engine_port}/health", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.2)
+        port = free_port()
+        ui = Proc([sys.executable, str(LAUNCH), "--engine", f"openai+http://127.0.0.1:{engine_port}",
+                   "--engine-token", TOKEN, "--port", str(port)], env_for(cache))
+        assert ui.wait_for(r"running at (\S+)"), ui.output
+        from gradio_client import Client
+
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        history, _, figures, _ = client.predict([{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                                4, 0.0, 1.0, 0, 1.0, None, "", False, False, "", api_name="/chat")
+        assert "finish reason" in figures and len(history) == 2, figures
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10) as resp:
+            assert "realtime protocol" in resp.read().decode()
+    finally:
+        if ui is not None:
+            ui.stop()
+        engine.stop()
