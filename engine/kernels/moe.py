@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .dispatch import Impl, use_triton
+from .dispatch import Impl, prefer_sync_free, use_triton
 
 
 def check_moe_args(
@@ -104,10 +104,12 @@ def moe_experts_reference(
 ) -> torch.Tensor:
     """Torch reference (and plain-weight CPU path) of :func:`moe_experts`: one GEMM block per active expert."""
     check_moe_args(x, w_gate, w_up, w_down, topk_ids, topk_weights)
+    if x.shape[0] == 1 and prefer_sync_free(x):
+        return moe_one_token_sync_free(x, w_gate, w_up, w_down, topk_ids, topk_weights)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if x.shape[0] == 1:
-        # Decode fast path: one token, its k experts in ascending order (the same sums as below)
-        # without the sort/bincount/host syncs of the grouping.
+        # Decode fast path on the CPU: one token, its k experts in ascending order (the same sums as
+        # below) without the sort/bincount of the grouping; reads the k ids on the host.
         ids = topk_ids[0].tolist()
         for slot in sorted(range(len(ids)), key=ids.__getitem__):
             e = ids[slot]
@@ -120,6 +122,28 @@ def moe_experts_reference(
         y = swiglu(x.index_select(0, tokens), w_gate[expert], w_up[expert], w_down[expert])
         out.index_add_(0, tokens, y.float() * groups.weights[start:end, None])
     return out.to(x.dtype)
+
+
+def moe_one_token_sync_free(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """One token [1, H] without reading its expert ids on the host: the k experts' weights are gathered
+    on the device (in ascending expert order, as the reference sums) and run as batched GEMVs. Reads
+    each expert's weights twice (gather, then GEMV), so it is the torch fallback for accelerators, not
+    the CPU's choice."""
+    top_k = topk_ids.shape[1]
+    ids, order = topk_ids[0].sort()
+    weights = topk_weights[0].gather(0, order)
+    xk = x.expand(top_k, -1).unsqueeze(1)  # [k, 1, H]
+    gate = torch.bmm(xk, w_gate.index_select(0, ids).transpose(1, 2))
+    up = torch.bmm(xk, w_up.index_select(0, ids).transpose(1, 2))
+    y = torch.bmm(F.silu(gate) * up, w_down.index_select(0, ids).transpose(1, 2)).squeeze(1)  # [k, H]
+    return (y.float() * weights[:, None]).sum(dim=0, keepdim=True).to(x.dtype)
 
 
 def moe_experts(

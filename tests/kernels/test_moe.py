@@ -248,3 +248,28 @@ def test_packed_linear_matches_linear(dtype, bias):
     assert packed.weight.shape == lin.weight.shape and packed.weight.device.type == "meta"
     seq = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Sequential(torch.nn.Linear(8, 4)))
     assert pack_linears(seq) == 2 and isinstance(seq[1][0], PackedLinear)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_sync_free_path_matches_the_cpu_fast_path(dtype, monkeypatch):
+    """The accelerator variant of the one-token path (expert weights gathered on the device, no ids
+    read on the host) against the CPU fast path, with a repeated expert id; and it makes no host sync."""
+    from engine.kernels.dispatch import SYNC_FREE_ENV
+    from engine.kernels.moe import moe_one_token_sync_free
+    from engine.tools.host_sync import HostSyncCounter
+
+    g = torch.Generator().manual_seed(3)
+    e, h, i = 6, 40, 24
+    w = [(torch.randn(s, generator=g) * WEIGHT_SCALE).to(dtype) for s in ((e, i, h), (e, i, h), (e, h, i))]
+    x = torch.randn(1, h, generator=g).to(dtype)
+    ids = torch.tensor([[4, 1, 4, 0]])
+    weights = torch.rand(1, 4, generator=g)
+    monkeypatch.delenv(SYNC_FREE_ENV, raising=False)
+    want = moe_experts_reference(x, *w, ids, weights)
+    with HostSyncCounter() as c:
+        got = moe_one_token_sync_free(x, *w, ids, weights)
+    monkeypatch.setenv(SYNC_FREE_ENV, "1")
+    assert torch.equal(moe_experts_reference(x, *w, ids, weights), got)  # what the dispatch picks then
+    assert c.count.total == 0
+    tol = RELATIVE_TOLERANCE[dtype] * float(want.float().abs().max())
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)

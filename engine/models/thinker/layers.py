@@ -186,6 +186,16 @@ class ExpertBank(nn.Module):
     def expert_dtype(self) -> str:
         return quant.storage_kind(self.gate_proj)
 
+    @property
+    def sync_free(self) -> bool:
+        """True when forward() reads nothing back to the host, so a CUDA graph can capture it: the
+        fused Triton path on plain stacked weights, or a runtime that says so (its `sync_free`)."""
+        if self.runtime is not None:
+            return bool(getattr(self.runtime, "sync_free", False))
+        if self.packed is not None or self.gate_proj_scale is not None:
+            return False
+        return kernels.dispatch.use_triton("auto", self.gate_proj)
+
     def pack_for_cpu(self) -> None:
         """Replace the stacked weights by a oneDNN pre-packed copy (gate and up fused per expert):
         faster bf16 expert GEMMs on CPU. The stacked parameters become meta placeholders so the

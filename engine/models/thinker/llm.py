@@ -205,19 +205,24 @@ class BailingMoeV2Model(nn.Module):
             mask = mask.view(-1, 1, 1, window)
         return StepInputs(cos, sin, mask, False, slot, window)
 
+    def step_segment(self, device: torch.device, layers: list[DecoderLayer], x: torch.Tensor,
+                     residual: torch.Tensor | None, cache: KVCache, numerics: Numerics,
+                     window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One device's layers of a device step (see forward_step); advances that device's slot."""
+        x, residual = x.to(device), None if residual is None else residual.to(device)
+        step = self.device_step_inputs(cache, device, window, numerics)
+        x, residual = self.run_layers(layers, x, residual, step, cache, numerics)
+        cache.positions[device].add_(1)
+        return x, residual
+
     def forward_step(self, input_ids: torch.Tensor, cache: KVCache, numerics: Numerics, window: int) -> torch.Tensor:
         """One decode token per row as a device step -> final-norm hidden [B, 1, H]. input_ids [B, 1]
-        on the embedding's device; no value is read back to the host, so the step can be captured in
-        a CUDA graph (one per `window`). Advances the cache by one slot (`positions` on the devices,
-        `length` on the host)."""
-        x = self.embed(input_ids)
-        residual = None
+        on the embedding's device; nothing is read back to the host, so the step can be captured in a
+        CUDA graph (one per `window`). Advances each device's slot (`cache.positions`); the caller
+        advances the host's count (`cache.advance(1)`)."""
+        x, residual = self.embed(input_ids), None
         for dev, layers in self.segments():
-            x, residual = x.to(dev), None if residual is None else residual.to(dev)
-            x, residual = self.run_layers(layers, x, residual, self.device_step_inputs(cache, dev, window, numerics),
-                                          cache, numerics)
-            cache.positions[dev].add_(1)
-        cache.advance(1)
+            x, residual = self.step_segment(dev, layers, x, residual, cache, numerics, window)
         return self.final_norm(x, residual)
 
 
