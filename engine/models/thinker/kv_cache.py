@@ -12,7 +12,8 @@ device); slots are written in order. Two kinds of step write to it:
   the window, so one CUDA graph per window size replays every step that fits it.
 
 The padding mask of the cached slots (`key_mask`, [B, capacity] bool, False = padding) exists once a
-host step brought padding, or always in a static cache (whose tensors must keep their addresses).
+host step brought padding, or always in a static cache (whose tensors must keep their addresses);
+`padded` says on the host whether any slot is padding.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class KVCache:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.key_mask: torch.Tensor | None = None
+        self.padded = False
         self._rope_deltas: torch.Tensor | None = None
         self.positions: dict[torch.device, torch.Tensor] = {}  # device steps: the slot to write next
         self._copies: dict[tuple[str, torch.device], torch.Tensor] = {}  # key_mask / rope_deltas per device
@@ -103,6 +105,7 @@ class KVCache:
     def reset(self) -> None:
         """Empty the cache for a new sequence, keeping its buffers (a static cache's tensors in place)."""
         self.length = 0
+        self.padded = False
         if self.static:
             self.key_mask.fill_(True)
             self._rope_deltas.zero_()
@@ -115,6 +118,7 @@ class KVCache:
         self.k.clear()
         self.v.clear()
         self.key_mask = self._rope_deltas = None
+        self.padded = False
         self.positions.clear()
         self._copies.clear()
         self.capacity = self.length = 0
@@ -129,6 +133,7 @@ class KVCache:
         if self.key_mask is None:
             self.key_mask = torch.ones(self.batch, self.capacity, dtype=torch.bool, device=self.device)
         self.key_mask[:, self.length: self.length + q] = step_mask.to(self.device, torch.bool)
+        self.padded = True
         self._stale = True
 
     def advance(self, q: int) -> None:

@@ -162,7 +162,7 @@ class BailingMoeV2Model(nn.Module):
             cache.reserve(q_len)
             if step_mask is not None:
                 cache.note_padding(step_mask)
-            key_mask = None if cache.key_mask is None else cache.key_mask[:, : past + q_len]
+            key_mask = cache.key_mask[:, : past + q_len] if cache.padded else None
         else:
             key_mask = step_mask
         causal = q_len > 1
@@ -196,8 +196,8 @@ class BailingMoeV2Model(nn.Module):
         cos_table, sin_table = self.rotary_emb.decode_tables(device, numerics)
         cos, sin = cos_table[position].unsqueeze(1), sin_table[position].unsqueeze(1)  # [B, 1, rot]
         key_mask = cache.on("key_mask", device)
-        if key_mask is None and window == cache.length + 1:
-            mask = None  # every cached slot and the new one: nothing to mask
+        if not cache.static and not cache.padded and window == cache.length + 1:
+            mask = None  # every cached slot and the new one: nothing to mask (a graph always masks)
         else:
             mask = torch.arange(window, device=device) <= slot  # [window]
             if key_mask is not None:
