@@ -154,17 +154,21 @@ def moe_experts(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     *,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     impl: Impl = "auto",
 ) -> torch.Tensor:
     """Weighted sum of the selected experts' SwiGLU outputs per token: [T, H] in x's dtype.
 
     x [T, H]; w_gate, w_up [E, I, H]; w_down [E, H, I]; topk_ids [T, k] int64; topk_weights [T, k] fp32.
+    ``shared``: a shared expert's (gate [I, H], up [I, H], down [H, I]) whose output is added to every
+    token (the Triton path computes it in the same pass; the torch path adds it after, as the reference).
     """
     if use_triton(impl, x, w_gate, w_up, w_down, topk_ids, topk_weights):
         from .triton_impl.moe import moe_experts_triton
 
-        return moe_experts_triton(x, w_gate, w_up, w_down, topk_ids, topk_weights)
-    return moe_experts_reference(x, w_gate, w_up, w_down, topk_ids, topk_weights)
+        return moe_experts_triton(x, w_gate, w_up, w_down, topk_ids, topk_weights, shared=shared)
+    out = moe_experts_reference(x, w_gate, w_up, w_down, topk_ids, topk_weights)
+    return out if shared is None else out + swiglu(x, *shared)
 
 
 # ---------------------------------------------------------------------------------------------

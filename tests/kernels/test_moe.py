@@ -273,3 +273,26 @@ def test_one_token_sync_free_path_matches_the_cpu_fast_path(dtype, monkeypatch):
     assert c.count.total == 0
     tol = RELATIVE_TOLERANCE[dtype] * float(want.float().abs().max())
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_shared_expert_in_the_same_pass(tokens, dtype):
+    """Routed + shared experts in one Triton pass (direct decode mode and the sorted mode) against the
+    reference's two steps: routed sum rounded to the activation dtype, then + shared expert."""
+    from engine.kernels.moe import swiglu
+
+    g = torch.Generator().manual_seed(tokens)
+    e, h, i, k = 6, 48, 32, 2
+    w = [(torch.randn(s, generator=g) * WEIGHT_SCALE).to(dtype) for s in ((e, i, h), (e, i, h), (e, h, i))]
+    shared = tuple((torch.randn(s, generator=g) * WEIGHT_SCALE).to(dtype) for s in ((i, h), (i, h), (h, i)))
+    x = torch.randn(tokens, h, generator=g).to(dtype)
+    ids = torch.rand(tokens, e, generator=g).argsort(dim=1)[:, :k].contiguous()
+    weights = torch.rand(tokens, k, generator=g)
+    want = moe_experts_reference(x, *w, ids, weights) + swiglu(x, *shared)
+    got = moe_experts_triton(x, *w, ids, weights, shared=shared, block_n=TRITON_TILE, block_k=TRITON_TILE)
+    tol = RELATIVE_TOLERANCE[dtype] * float(want.float().abs().max())
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+    assert torch.equal(moe_experts(x, *w, ids, weights, shared=shared, impl="torch"), want)
+    with pytest.raises(ValueError, match="shared"):
+        moe_experts_triton(x, *w, ids, weights, shared=(shared[0], shared[1], shared[0]))

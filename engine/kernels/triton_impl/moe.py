@@ -12,6 +12,12 @@ Direct mode (decode, up to ``DIRECT_MAX_ASSIGNMENTS`` assignments): step 1 is sk
 program of the two kernels computes one assignment, reading its expert id straight from ``topk_ids``.
 An expert picked twice is then read twice, which costs nothing when a token's k experts are distinct.
 Tiles per batch size come from an H100 sweep (``LAUNCH_CONFIGS``).
+
+Shared expert in the same pass (``shared=(gate, up, down)``, each [I, H] / [H, I] like one routed
+expert): every token gets one more assignment, to expert id E with weight 1, whose programs read the
+shared weights instead of the stack. The routed sum and the shared output are then added in fp32 and
+rounded once (the reference rounds the routed sum to the activation dtype first: at most one rounding
+step apart in bf16, identical in fp32), and the separate shared-expert GEMMs, activation and add go.
 """
 
 from __future__ import annotations
@@ -71,6 +77,9 @@ def _gate_up_kernel(
     x_ptr,
     w_gate_ptr,
     w_up_ptr,
+    shared_gate_ptr,
+    shared_up_ptr,
+    num_experts,
     h_ptr,
     sorted_ptr,
     block_expert_ptr,
@@ -91,6 +100,7 @@ def _gate_up_kernel(
     DOT_PRECISION: tl.constexpr,
     EMULATE_BF16_RTNE: tl.constexpr,
     DIRECT: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -109,6 +119,12 @@ def _gate_up_kernel(
     token = assignment // top_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < inter
+    gate_base = w_gate_ptr + expert * stride_we
+    up_base = w_up_ptr + expert * stride_we
+    if HAS_SHARED:
+        if expert == num_experts:  # the shared expert's assignment
+            gate_base = shared_gate_ptr
+            up_base = shared_up_ptr
 
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -120,10 +136,10 @@ def _gate_up_kernel(
             mask=row_valid[:, None] & k_valid[None, :],
             other=0.0,
         )
-        w_offsets = expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        w_offsets = offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
         w_mask = k_valid[:, None] & n_valid[None, :]
-        b_gate = tl.load(w_gate_ptr + w_offsets, mask=w_mask, other=0.0)
-        b_up = tl.load(w_up_ptr + w_offsets, mask=w_mask, other=0.0)
+        b_gate = tl.load(gate_base + w_offsets, mask=w_mask, other=0.0)
+        b_up = tl.load(up_base + w_offsets, mask=w_mask, other=0.0)
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             b_gate = b_gate.to(tl.float32)
@@ -148,6 +164,8 @@ def _gate_up_kernel(
 def _down_kernel(
     h_ptr,
     w_down_ptr,
+    shared_down_ptr,
+    num_experts,
     out_ptr,
     routing_weight_ptr,
     sorted_ptr,
@@ -168,6 +186,7 @@ def _down_kernel(
     DOT_PRECISION: tl.constexpr,
     EMULATE_BF16_RTNE: tl.constexpr,
     DIRECT: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -185,6 +204,10 @@ def _down_kernel(
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < hidden
+    down_base = w_down_ptr + expert * stride_we
+    if HAS_SHARED:
+        if expert == num_experts:  # the shared expert's assignment
+            down_base = shared_down_ptr
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
@@ -196,7 +219,7 @@ def _down_kernel(
             other=0.0,
         )
         b = tl.load(
-            w_down_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+            down_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
             mask=k_valid[:, None] & n_valid[None, :],
             other=0.0,
         )
@@ -277,6 +300,7 @@ def moe_experts_triton(
     direct: bool | None = None,
     skip_negative_ids: bool = False,
     out_dtype: torch.dtype | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Triton implementation of :func:`engine.kernels.moe_experts` (same arguments and result).
     Tiles, launch options and the direct (unsorted) mode default to :func:`launch_config`; they are
@@ -286,10 +310,21 @@ def moe_experts_triton(
     ``skip_negative_ids``: assignments whose id is negative contribute nothing (the expert runtime
     passes the experts of one GPU with local ids, -1 for the experts that live elsewhere).
     ``out_dtype``: the dtype of the summed result (default x's; fp32 keeps the partial sums of several
-    devices unrounded until they are combined)."""
+    devices unrounded until they are combined). ``shared``: the shared expert's (gate, up, down)
+    weights, added to every token in the same pass (see the module doc)."""
     check_moe_args(x, w_gate, w_up, w_down, topk_ids, topk_weights)
     num_tokens, hidden = x.shape
     num_experts, inter, _ = w_gate.shape
+    if shared is not None:
+        if skip_negative_ids:
+            raise ValueError("shared= and skip_negative_ids= cannot be combined")
+        if tuple(t.shape for t in shared) != ((inter, hidden), (inter, hidden), (hidden, inter)) or \
+                any(t.dtype != x.dtype for t in shared):
+            raise ValueError(f"shared expert weights must be [{inter}, {hidden}] x2 and [{hidden}, {inter}] in {x.dtype}")
+        shared = tuple(t.contiguous() for t in shared)
+        # one more assignment per token: the shared expert (id E, weight 1)
+        topk_ids = torch.cat([topk_ids, topk_ids.new_full((num_tokens, 1), num_experts)], dim=1)
+        topk_weights = torch.cat([topk_weights, topk_weights.new_ones((num_tokens, 1))], dim=1)
     top_k = topk_ids.shape[1]
     n_assign = num_tokens * top_k
     if n_assign == 0:
@@ -305,7 +340,7 @@ def moe_experts_triton(
     cfg = _FITTED.get(key, cfg)
     while True:
         try:
-            out = _run(cfg, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids)
+            out = _run(cfg, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids, shared)
         except OutOfResources:
             fallback = smaller(cfg)
             if fallback is None:
@@ -316,7 +351,8 @@ def moe_experts_triton(
         return out.to(out_dtype or x.dtype)
 
 
-def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids=False) -> torch.Tensor:
+def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids=False,
+         shared=None) -> torch.Tensor:
     """Both kernels with one configuration; the fp32 sum over each token's slots."""
     num_tokens, hidden = x.shape
     num_experts, inter, _ = w_gate.shape
@@ -332,9 +368,10 @@ def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, ski
         sorted_assignments, block_expert = align_by_expert(bucketed, num_experts + 1, block_m)
         block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
         num_blocks = block_expert.numel()
-    else:
-        sorted_assignments, block_expert = align_by_expert(topk_ids, num_experts, block_m)
+    else:  # (the shared expert, when given, is expert id num_experts)
+        sorted_assignments, block_expert = align_by_expert(topk_ids, num_experts + (shared is not None), block_m)
         num_blocks = block_expert.numel()
+    s_gate, s_up, s_down = shared if shared is not None else (w_gate, w_up, w_down)  # (unused without)
     routing_weights = topk_weights.contiguous().reshape(-1)
 
     # The interpreter's bf16 tl.dot is wrong (it multiplies raw bits): upcast there. fp32 inputs use IEEE fp32, not TF32.
@@ -344,22 +381,22 @@ def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, ski
     launch = {k: v for k, v in (("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages)) if v is not None}
     h = torch.empty((n_assign, inter), dtype=x.dtype, device=x.device)
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, block_n))](
-        x, w_gate, w_up, h, sorted_assignments, block_expert, flat_ids,
+        x, w_gate, w_up, s_gate, s_up, num_experts, h, sorted_assignments, block_expert, flat_ids,
         n_assign, top_k, hidden, inter,
         x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), h.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(), DIRECT=direct,
-        **launch,
+        HAS_SHARED=shared is not None, **launch,
     )  # fmt: skip
     # Skipped assignments leave their rows unwritten: zeros then, so that the sum stays right.
     slot_out = (torch.zeros if skip_negative_ids else torch.empty)((n_assign, hidden), dtype=torch.float32,
                                                                    device=x.device)
     _down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
-        h, w_down, slot_out, routing_weights, sorted_assignments, block_expert, flat_ids,
+        h, w_down, s_down, num_experts, slot_out, routing_weights, sorted_assignments, block_expert, flat_ids,
         n_assign, hidden, inter,
         h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), slot_out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(), DIRECT=direct,
-        **launch,
+        HAS_SHARED=shared is not None, **launch,
     )  # fmt: skip
     return slot_out.view(num_tokens, top_k, hidden).sum(dim=1)

@@ -272,7 +272,27 @@ class MoEBlock(nn.Module):
             trace.append(RouterTrace(ids=ids.view(*shape[:-1], -1), weights=weights.view(*shape[:-1], -1),
                                      gate_used=gate_used.view(shape[:-1]),
                                      logits={k: v.float().view(*shape[:-1], -1) for k, v in logits.items()}))
+        shared = self._shared_for_fused_pass()
+        if shared is not None:  # routed + shared experts in one Triton pass
+            bank = self.experts
+            return kernels.moe_experts(flat, bank.gate_proj, bank.up_proj, bank.down_proj, ids, weights,
+                                       shared=shared).view(shape)
         out = self.experts(flat, ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)
+
+    def _shared_for_fused_pass(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The shared expert's weights when the routed experts run the fused Triton kernel on plain
+        stacked weights and the shared expert has one routed expert's shape; else None."""
+        bank, mlp = self.experts, self.shared_experts
+        if mlp is None or bank.runtime is not None or bank.packed is not None or bank.gate_proj_scale is not None:
+            return None
+        linears = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+            return None
+        weights = tuple(m.weight for m in linears)
+        if weights[0].shape != bank.gate_proj.shape[1:] or weights[2].shape != bank.down_proj.shape[1:] or \
+                weights[0].dtype != bank.gate_proj.dtype:
+            return None
+        return weights if kernels.dispatch.use_triton("auto", bank.gate_proj, *weights) else None
