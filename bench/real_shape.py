@@ -287,12 +287,12 @@ def run(args) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     real = MingConfig.from_file(Path(args.config))
     cpu = device.type == "cpu"
-    layers = [int(x) for x in (args.layers or ("2,3" if cpu else "2,6")).split(",")]
+    layers = [int(x) for x in (args.layers or ("2,4" if cpu else "2,6")).split(",")]
     if len(layers) != 2 or layers[0] >= layers[1] or layers[0] < 2:
         raise SystemExit("--layers takes two increasing layer counts of at least 2 (layer 0 is dense)")
     experts = args.experts if args.experts is not None else (32 if cpu else None)
     prompt = args.prompt_tokens or (32 if cpu else 512)
-    steps = args.decode_steps or (4 if cpu else 32)
+    steps = args.decode_steps or (8 if cpu else 32)
     batches = [int(x) for x in args.batches.split(",")]
     overrides = parse_overrides(args.set)
     numerics = Numerics.reference(dtype)
@@ -409,10 +409,10 @@ def print_table(out: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="checkpoint folder or config.json of the real model")
-    ap.add_argument("--layers", default=None, help="two layer counts to fit over (default 2,6 on CUDA, 2,3 on CPU)")
+    ap.add_argument("--layers", default=None, help="two layer counts to fit over (default 2,6 on CUDA, 2,4 on CPU)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-tokens", type=int, default=None, help="per row (default 512 on CUDA, 32 on CPU)")
-    ap.add_argument("--decode-steps", type=int, default=None, help="timed steps (default 32 on CUDA, 4 on CPU)")
+    ap.add_argument("--decode-steps", type=int, default=None, help="timed steps (default 32 on CUDA, 8 on CPU)")
     ap.add_argument("--placements", default=",".join(PLACEMENTS))
     ap.add_argument("--experts", type=int, default=None, help="experts per layer (default: all on CUDA, 32 on CPU)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an LLM config key")
