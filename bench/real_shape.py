@@ -36,8 +36,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import ctypes
+import gc
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -162,7 +165,22 @@ def memory_bandwidth(device: torch.device) -> float:
         dst.copy_(src)
         sync(device)
         best = min(best, time.perf_counter() - t)
-    return 2 * src.numel() * src.element_size() / best
+    rate = 2 * src.numel() * src.element_size() / best
+    del src, dst
+    release_memory(device)
+    return rate
+
+
+def release_memory(device: torch.device) -> None:
+    """Give a dropped model's memory back (the next one is as large): caching allocator on CUDA, the C
+    heap on the host (glibc keeps freed medium-sized blocks otherwise)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
 
 
 def sync(device: torch.device) -> None:
@@ -276,6 +294,33 @@ def measure(llm, cfg: LLMConfig, numerics: Numerics, device: torch.device, batch
 
 # ------------------------------------------------------------------------------------------------ main
 
+def measure_model(spec: dict) -> tuple[dict, dict[int, dict]]:
+    """Build one model (placement, layer count) and measure it at every batch size: (notes, {batch: figures})."""
+    device, dtype = torch.device(spec["device"]), {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
+    real = MingConfig.from_file(Path(spec["config"]))
+    cfg = bench_config(real.llm, spec["layers"], spec["experts"], spec["overrides"])
+    llm = random_llm(cfg, device, dtype)
+    notes = apply_placement(llm, spec["placement"], real, cfg, device)
+    numerics = Numerics.reference(dtype)
+    meas = {}
+    for b in spec["batches"]:
+        meas[b] = measure(llm, cfg, numerics, device, b, spec["prompt"], spec["steps"], spec["graphs"])
+        meas[b]["bytes_per_step"] = step_bytes(llm, cfg, b, meas[b]["context"])
+    del llm
+    release_memory(device)
+    return notes, meas
+
+
+def model_in_subprocess(spec: dict) -> tuple[dict, dict[int, dict]]:
+    """measure_model in a fresh process, so that each model's memory goes back to the system when it ends."""
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the measurement of {spec['placement']} at {spec['layers']} layers failed:\n"
+                           f"{out.stderr[-3000:]}")
+    notes, meas = json.loads(out.stdout.strip().splitlines()[-1])
+    return notes, {int(b): m for b, m in meas.items()}
+
+
 def fit(a: dict, b: dict, key: str, n_moe: tuple[int, int], full_moe: int) -> tuple[float, float]:
     """(per MoE layer, full model) for a figure measured at two MoE-layer counts."""
     slope = (b[key] - a[key]) / (n_moe[1] - n_moe[0])
@@ -295,7 +340,6 @@ def run(args) -> dict:
     steps = args.decode_steps or (8 if cpu else 32)
     batches = [int(x) for x in args.batches.split(",")]
     overrides = parse_overrides(args.set)
-    numerics = Numerics.reference(dtype)
     full_layers = real.llm.num_hidden_layers
     bandwidth = memory_bandwidth(device)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -308,15 +352,11 @@ def run(args) -> dict:
         per_count = []
         for n in layers:
             cfg = bench_config(real.llm, n, experts, overrides)
-            llm = random_llm(cfg, device, dtype)
-            notes = apply_placement(llm, placement, real, cfg, device)
-            meas = {b: measure(llm, cfg, numerics, device, b, prompt, steps, not args.no_graphs) for b in batches}
-            for b, m in meas.items():
-                m["bytes_per_step"] = step_bytes(llm, cfg, b, m["context"])
+            spec = {"config": args.config, "layers": n, "experts": experts, "overrides": overrides,
+                    "placement": placement, "device": str(device), "dtype": args.dtype, "batches": batches,
+                    "prompt": prompt, "steps": steps, "graphs": not args.no_graphs}
+            notes, meas = model_in_subprocess(spec) if args.isolate else measure_model(spec)
             per_count.append((cfg, notes, meas))
-            del llm
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
             print(json.dumps({"placement": placement, "layers": n, **{str(b): m for b, m in meas.items()}}),
                   file=sys.stderr, flush=True)
         (cfg_a, notes, meas_a), (cfg_b, _, meas_b) = per_count
@@ -419,8 +459,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-graphs", action="store_true", help="run every decode step eagerly")
+    ap.add_argument("--in-process", dest="isolate", action="store_false",
+                    help="measure every model in this process (default: one fresh process per model)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure_model(json.loads(args.worker))))
+        return 0
     if not Path(args.config).exists():
         print(f"real_shape: no config at {args.config} (pass --config)", file=sys.stderr)
         return 2

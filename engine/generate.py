@@ -145,7 +145,8 @@ class DecodeStep:
         cache.start_device_steps()
 
     def feed(self, ids: torch.Tensor) -> None:
-        ids = ids.view(-1, 1).to(self.embed_device, non_blocking=True)
+        # (asynchronous only towards a GPU: a non-blocking copy into host memory could be read too early)
+        ids = ids.view(-1, 1).to(self.embed_device, non_blocking=self.embed_device.type == "cuda")
         if self.graphs is not None:
             self.tokens.copy_(ids)
         else:

@@ -41,6 +41,13 @@ class Attention(nn.Module):
         k = kernels.apply_rotary(k, step.cos, step.sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v, step.write_at, step.read_upto)
+        if q_len == 1 and self.n_kv != self.n_heads:
+            # One token: the query heads sharing a KV head are that head's queries, so the attention is
+            # plain multi-query over n_kv heads (no GQA expansion; GPUs keep their fused kernels with a mask).
+            group = self.n_heads // self.n_kv
+            out = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, group, self.head_dim), k, v,
+                                                 attn_mask=step.mask)
+            return self.dense(out.reshape(b, 1, self.n_heads * self.head_dim))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal and step.mask is None,
                                              enable_gqa=self.n_kv != self.n_heads)
         return self.dense(out.transpose(1, 2).reshape(b, q_len, self.n_heads * self.head_dim))
