@@ -313,7 +313,8 @@ def measure_model(spec: dict) -> tuple[dict, dict[int, dict]]:
 
 def model_in_subprocess(spec: dict) -> tuple[dict, dict[int, dict]]:
     """measure_model in a fresh process, so that each model's memory goes back to the system when it ends."""
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--worker",
+                          json.dumps(spec)], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"the measurement of {spec['placement']} at {spec['layers']} layers failed:\n"
                            f"{out.stderr[-3000:]}")
@@ -461,9 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-graphs", action="store_true", help="run every decode step eagerly")
     ap.add_argument("--in-process", dest="isolate", action="store_false",
                     help="measure every model in this process (default: one fresh process per model)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(measure_model(json.loads(args.worker))))
         return 0

@@ -15,7 +15,7 @@ def test_real_shape_benchmark_runs_every_placement_at_tiny_limits():
     config = real_config("ming-flash-omni-2.0")
     out = subprocess.run([sys.executable, "bench/real_shape.py", "--config", str(config), "--device", "cpu",
                           "--layers", "2,3", "--experts", "8", "--prompt-tokens", "8", "--decode-steps", "2",
-                          "--placements", "resident,offload", "--in-process", "--json", *TINY],
+                          "--placements", "resident,offload", "--in-process", "--threads", "1", "--json", *TINY],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
