@@ -40,6 +40,7 @@ import ctypes
 import gc
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -66,6 +67,7 @@ from engine.tools.host_sync import HostSyncCounter  # noqa: E402
 SHARED = Path(os.environ.get("MING_SHARED_DIR", REPO.parent / "shared"))
 DEFAULT_CONFIG = SHARED / "fixtures" / "real_configs" / "ming-flash-omni-2.0"
 PLACEMENTS = ("resident", "fp8", "int8", "offload", "offload_fp8")
+INIT_BLOCK = 1 << 24  # elements initialised at a time
 OFFLOAD_DEVICES = ("80GB", "256GB")  # the planner's one-GPU case: 1 x 80 GB + 256 GB host memory
 
 
@@ -102,16 +104,16 @@ def random_llm(cfg: LLMConfig, device: torch.device, dtype: torch.dtype, seed: i
     projections N(0, 1/fan_in))."""
     with torch.device("meta"):
         llm = BailingMoeV2ForCausalLM(cfg).to(dtype)
-    llm = llm.to_empty(device=device)
+    llm = llm.to_empty(device=device).requires_grad_(False)  # as loaded models are (no autograd records)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in llm.named_parameters():
             if name.endswith("expert_bias"):
                 p.data = torch.empty(p.shape, dtype=torch.float32, device=device).uniform_(-0.15, 0.15, generator=gen)
-            elif "norm" in name:
-                p.normal_(1.0, 0.1, generator=gen)
-            else:
-                p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+            else:  # in blocks: a bf16 normal_ draws through an fp32 copy of what it fills
+                mean, std = (1.0, 0.1) if "norm" in name else (0.0, p.shape[-1] ** -0.5)
+                for block in p.data.view(-1).split(INIT_BLOCK):
+                    block.normal_(mean, std, generator=gen)
     return llm.eval()
 
 
@@ -308,6 +310,7 @@ def measure_model(spec: dict) -> tuple[dict, dict[int, dict]]:
         meas[b]["bytes_per_step"] = step_bytes(llm, cfg, b, meas[b]["context"])
     del llm
     release_memory(device)
+    notes["peak_host_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return notes, meas
 
 
