@@ -10,6 +10,7 @@ from itertools import groupby
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from engine import kernels
 from engine.models.thinker.config import LLMConfig
@@ -67,7 +68,7 @@ class StepInputs:
     read_upto: int | None = None
 
     def to(self, device: torch.device) -> "StepInputs":
-        move = (lambda t: t if t is None or isinstance(t, int) else t.to(device))  # noqa: E731
+        move = (lambda t: t if t is None or isinstance(t, (int, CausalBias)) else t.to(device))  # noqa: E731
         return StepInputs(move(self.cos), move(self.sin), move(self.mask), self.causal, move(self.write_at),
                           self.read_upto)
 
@@ -176,7 +177,10 @@ class BailingMoeV2Model(nn.Module):
         if key_mask is not None:
             mask = attention_mask_4d(key_mask, q_len, x.dtype)
         elif causal and past:  # a chunk after cached tokens: causal, bottom-right aligned
-            mask = causal_mask(q_len, past + q_len, x.device)
+            # (on GPUs as a CausalBias, which SDPA runs in its flash kernel: a materialised mask with GQA
+            # would fall back to the math kernel and its [heads, q, kv] scores)
+            mask = causal_mask(q_len, past + q_len, x.device) if x.device.type == "cpu" else \
+                causal_lower_right(q_len, past + q_len)
         else:
             mask = None
         cos, sin = self.rotary_emb(position_ids, numerics)
