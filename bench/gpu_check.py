@@ -14,6 +14,10 @@ Needs a CUDA GPU (prints why and exits 2 without one); exits 1 when a check fail
   torch reference (``MING_KERNELS_FORCE_REFERENCE``) against the Triton ones. bf16 decode tokens/s.
 * runtime: the tiny model with its routed experts split between the GPU and pinned host memory
   computed by the CPU (hot cache and fetches on), against the same model with every expert on the GPU.
+* graphs: the decode step replayed from CUDA graphs (engine.decode_graphs) against the same step run
+  eagerly: greedy tokens identical over 300 steps (crossing window buckets) in bf16 and fp32; host
+  syncs per step (0 expected, engine.tools.host_sync), kernels per step (torch.profiler) and decode
+  tokens/s with and without the graphs.
 """
 
 from __future__ import annotations
@@ -215,6 +219,88 @@ def check_runtime(tiny: Path) -> None:
                transient_fetches=st.transient_fetches, host_experts_pinned=pinned, fused_slots=fused)
 
 
+def _greedy_ids(engine, n: int, cuda_graphs: bool) -> tuple[list[int], float]:
+    from engine.events import Done
+    from engine.generate import generate
+    from engine.sampling import GenerationParams
+
+    prompt = engine.processor.build([{"role": "user", "content": "Tell me about the Ming dynasty."}]).ids
+    events = list(generate(engine.model, engine.tokenizer, prompt, GenerationParams(max_new_tokens=n),
+                           eos_ids=set(), cuda_graphs=cuda_graphs))
+    done = events[-1]
+    if not isinstance(done, Done):
+        raise RuntimeError(done.message)
+    return list(done.token_ids), done.stats.decode_tokens_per_s
+
+
+def _step_figures(engine, graphs_on: bool) -> dict:
+    """Host syncs and CUDA kernels of one decode step (step + sampling + feeding the next input)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.decode_graphs import decode_graphs_for
+    from engine.generate import DecodeStep, prefill
+    from engine.models.thinker.positions import PositionTokens, rope_index
+    from engine.sampling import GenerationParams, Sampler
+    from engine.tools.host_sync import HostSyncCounter
+
+    llm, num = engine.model.llm, engine.model.numerics
+    graphs = decode_graphs_for(llm, num) if graphs_on else None
+    with torch.inference_mode():
+        ids = torch.arange(20, 84, device="cuda").view(1, -1)
+        pos, deltas = rope_index(ids, PositionTokens.from_config(llm.config))
+        cache = graphs.acquire(1) if graphs is not None else llm.new_cache(1, num, "cuda", capacity=512)
+        cache.rope_deltas = deltas
+        pre = prefill(llm, num, cache, llm.model.embed(ids), pos)
+        step = DecodeStep(llm, num, cache, graphs)
+        sampler = Sampler(GenerationParams(), llm.config.vocab_size, 1, "cuda")
+        step.feed(sampler(pre.logits))
+        for _ in range(3):  # warm-up (and capture)
+            step.feed(sampler(step.step()))
+        torch.cuda.synchronize()
+        with HostSyncCounter() as c:
+            for _ in range(10):
+                step.feed(sampler(step.step()))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                step.feed(sampler(step.step()))
+            torch.cuda.synchronize()
+    kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+                  and not e.key.startswith(("Memcpy", "Memset")))
+    return {"host_syncs_per_step": c.count.total / 10, "syncs": dict(c.count.syncs),
+            "dispatched_ops_per_step": c.count.ops / 10, "cuda_kernels_per_step": kernels / 10}
+
+
+def check_graphs(tiny: Path) -> None:
+    from engine import decode_graphs
+    from engine.runtime import Engine
+
+    for dtype in ("bf16", "fp32"):
+        engine = Engine.load(tiny, dtype=dtype, device="cuda", placement="single")
+        blockers = decode_graphs.graph_blockers(engine.model.llm)
+        g = decode_graphs.decode_graphs_for(engine.model.llm, engine.model.numerics)
+        _greedy_ids(engine, 16, True)  # warm-up: Triton compiles, first capture
+        graphed, tps_graph = _greedy_ids(engine, 300, True)
+        if g is not None:
+            g.replay = False  # the very same step (static cache, window buckets, masks), launched eagerly
+        same_step, tps_same = _greedy_ids(engine, 300, True)
+        if g is not None:
+            g.replay = True
+        plain, tps_plain = _greedy_ids(engine, 300, False)  # the eager loop (growing cache, exact windows)
+        first = next((i for i, (a, b) in enumerate(zip(same_step, graphed)) if a != b), None)
+        first_plain = next((i for i, (a, b) in enumerate(zip(plain, graphed)) if a != b), None)
+        record("graphs", f"tiny {dtype}: greedy tokens, CUDA graph replays vs the same step launched eagerly",
+               not blockers and same_step == graphed, blockers=blockers, first_difference=first, n=len(graphed),
+               captures=g.captures if g else 0, first_difference_vs_plain_eager_loop=first_plain,
+               decode_tokens_per_s_graphs=tps_graph, decode_tokens_per_s_same_step_eager=tps_same,
+               decode_tokens_per_s_plain_eager=tps_plain)
+        if dtype == "bf16":
+            for on in (False, True):
+                f = _step_figures(engine, on)
+                record("graphs", f"tiny bf16 decode step, graphs={'on' if on else 'off'}: host syncs and kernels",
+                       f["host_syncs_per_step"] == 0, **f)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
@@ -232,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tiny = ensure_tiny_checkpoint(tempfile.mkdtemp(prefix="ming-gpu-check-"))
     steps = [(f"{fn.__name__} {DTYPE_NAMES[dt]}", fn, (dt,)) for dt in TOLERANCE for fn in (check_moe, check_rmsnorm, check_rotary)]
-    steps += [("check_engine", check_engine, (tiny,)), ("check_runtime", check_runtime, (tiny,))]
+    steps += [("check_engine", check_engine, (tiny,)), ("check_runtime", check_runtime, (tiny,)),
+              ("check_graphs", check_graphs, (tiny,))]
     for name, fn, a in steps:
         t0 = time.perf_counter()
         try:

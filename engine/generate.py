@@ -1,8 +1,22 @@
-"""The generation loop (prefill, then one KV-cache decode step per token) as a stream of events,
-and the command line `python -m engine.generate --model DIR --prompt "..."`.
+"""The generation loop as a stream of events, and the command line
+`python -m engine.generate --model DIR --prompt "..."`.
 
-Cancellation is checked between steps; stop strings never leak into the emitted text; text deltas
-never split a UTF-8 character; the KV cache is freed however the loop ends.
+Three pieces, each usable on its own:
+
+* `prefill`: the prompt through the model in chunks of `chunk_tokens` (a cancel is honoured between
+  chunks, so a dropped long prompt stops within one chunk); returns the last position's logits and,
+  when asked, the final-norm hidden states of the whole prompt (what the image generator reads).
+* `DecodeStep`: one token per row in, next logits out, with nothing read back to the host
+  (positions, masks, rotary tables and the KV cache slot live on the device); on CUDA it is replayed
+  from a CUDA graph (engine.decode_graphs) when the model allows, else run eagerly.
+* `TokenReader`: the one host sync per step, reading the sampled ids for detokenisation and stop
+  checks. On CUDA it reads a step late (the next step is queued first, so the GPU never waits for the
+  host); on the CPU at once.
+
+`generate` strings them together for one prompt (batch 1): cancellation is checked between prefill
+chunks and between steps; stop strings never leak into the emitted text; text deltas never split a
+UTF-8 character and come one per token (a "speak while thinking" consumer can follow them); the KV
+cache is freed however the loop ends.
 """
 
 from __future__ import annotations
@@ -11,16 +25,32 @@ import argparse
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
+from engine.decode_graphs import DecodeGraphs, decode_graphs_for
 from engine.events import Done, Error, Event, GenerationStats, TextDelta
-from engine.models.thinker.llm import MultimodalInputs
-from engine.models.thinker.positions import PositionTokens, decode_positions, rope_index
-from engine.sampling import GenerationParams, Sampler
+from engine.models.thinker.kv_cache import KVCache
+from engine.models.thinker.layers import Numerics
+from engine.models.thinker.llm import BailingMoeV2ForCausalLM, MultimodalInputs
 from engine.models.thinker.model import LoadedModel
+from engine.models.thinker.positions import PositionTokens, rope_index
 from engine.models.thinker.tokenizer import MingTokenizer
+from engine.sampling import GenerationParams, Sampler
+
+# Prompt tokens per prefill chunk: the cancel granularity of a long prompt, and the size of the
+# attention/MoE blocks. On the CPU a 512-token chunk of the tiny model takes ~0.3 s.
+DEFAULT_PREFILL_CHUNK = {"cpu": 512}
+DEFAULT_PREFILL_CHUNK_GPU = 2048
+# Initial KV capacity beyond the prompt when the cache may grow (eager decode); graphs use a fixed one.
+INITIAL_DECODE_ROOM = 1024
+
+
+def default_prefill_chunk(device: torch.device | str) -> int:
+    return DEFAULT_PREFILL_CHUNK.get(torch.device(device).type, DEFAULT_PREFILL_CHUNK_GPU)
 
 
 class StopStringFilter:
@@ -55,12 +85,124 @@ class StopStringFilter:
         return out
 
 
+# ---------------------------------------------------------------------------------------------- prefill
+
+@dataclass
+class PrefillResult:
+    """logits: [B, V] fp32 at each row's last prompt position (None when cancelled); hidden: the
+    final-norm hidden states [B, L, H] of the prompt when asked; chunks: forwards run."""
+
+    logits: torch.Tensor | None
+    hidden: torch.Tensor | None = None
+    cancelled: bool = False
+    chunks: int = 0
+
+
+def prefill(llm: BailingMoeV2ForCausalLM, numerics: Numerics, cache: KVCache, embeds: torch.Tensor,
+            position_ids: torch.Tensor, *, step_mask: torch.Tensor | None = None,
+            image_mask: torch.Tensor | None = None, audio_mask: torch.Tensor | None = None,
+            chunk_tokens: int | None = None, cancel: threading.Event | None = None,
+            keep_hidden: bool = False) -> PrefillResult:
+    """Run a prompt (embeds [B, L, H] with multimodal features already in place, position_ids
+    [3, B, L] of the whole prompt, optional step/image/audio masks [B, L]) into `cache`, in chunks of
+    `chunk_tokens` (default: per device, DEFAULT_PREFILL_CHUNK). Positions, masks and the MultiRouter
+    gate choice are per token, and attention is causal, so a chunk may end anywhere, inside an image
+    or audio span too. `cancel` is checked between chunks. Call it in inference mode."""
+    length = embeds.shape[1]
+    chunk = chunk_tokens or default_prefill_chunk(embeds.device)
+    if chunk < 1:
+        raise ValueError(f"chunk_tokens must be >= 1 (got {chunk})")
+    cut = (lambda t, a, b: None if t is None else t[..., a:b])  # noqa: E731
+    hidden_parts: list[torch.Tensor] = []
+    h = None
+    n = 0
+    for start in range(0, length, chunk):
+        if start and cancel is not None and cancel.is_set():
+            return PrefillResult(None, None, cancelled=True, chunks=n)
+        end = min(length, start + chunk)
+        h = llm.model(embeds[:, start:end], position_ids[..., start:end], numerics, cut(step_mask, start, end),
+                      cache, cut(image_mask, start, end), cut(audio_mask, start, end))
+        n += 1
+        if keep_hidden:
+            hidden_parts.append(h)
+    hidden = torch.cat(hidden_parts, dim=1) if keep_hidden else None
+    return PrefillResult(llm.logits(h[:, -1]), hidden, chunks=n)
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+class DecodeStep:
+    """One decode token per row: `feed(ids)` sets the input ids [B] (device), `step()` returns the next
+    logits [B, V] fp32 on the head's device. Nothing is read back to the host; with `graphs` the step
+    is a CUDA graph replay (the cache must come from graphs.acquire), else an eager forward whose
+    attention window is exactly the cached slots."""
+
+    def __init__(self, llm: BailingMoeV2ForCausalLM, numerics: Numerics, cache: KVCache,
+                 graphs: DecodeGraphs | None = None):
+        self.llm, self.numerics, self.cache, self.graphs = llm, numerics, cache, graphs
+        self.tokens = graphs.tokens(cache.batch) if graphs is not None else None
+        self.embed_device = llm.model.word_embeddings.weight.device
+        cache.start_device_steps()
+
+    def feed(self, ids: torch.Tensor) -> None:
+        # (asynchronous only towards a GPU: a non-blocking copy into host memory could be read too early)
+        ids = ids.view(-1, 1).to(self.embed_device, non_blocking=self.embed_device.type == "cuda")
+        if self.graphs is not None:
+            self.tokens.copy_(ids)
+        else:
+            self.tokens = ids
+
+    def step(self) -> torch.Tensor:
+        cache = self.cache
+        if self.graphs is not None:
+            logits = self.graphs.run(cache, self.graphs.window(cache))
+        else:
+            cache.reserve(1)
+            hidden = self.llm.model.forward_step(self.tokens, cache, self.numerics, cache.length + 1)
+            logits = self.llm.logits(hidden[:, -1])
+        cache.advance(1)
+        return logits
+
+
+class TokenReader:
+    """Brings sampled ids [B] to the host: the decode loop's one sync per step. On CUDA the copy goes
+    to pinned host memory right after the step that made the ids and is waited for later (`wait`),
+    so the next step can be queued first; elsewhere `wait` reads at once."""
+
+    def __init__(self, device: torch.device, batch: int, depth: int = 2):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.buffers = [torch.empty(batch, dtype=torch.long, pin_memory=True) for _ in range(depth + 1)]
+            self.events = [torch.cuda.Event() for _ in range(depth + 1)]
+            self.next = 0
+
+    def push(self, ids: torch.Tensor):
+        if not self.cuda:
+            return ids
+        i = self.next
+        self.next = (i + 1) % len(self.buffers)
+        self.buffers[i].copy_(ids, non_blocking=True)
+        self.events[i].record()
+        return i
+
+    def wait(self, handle) -> list[int]:
+        if not self.cuda:
+            return handle.tolist()
+        self.events[handle].synchronize()
+        return self.buffers[handle].tolist()
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
 def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int], params: GenerationParams,
              cancel: threading.Event | None = None, mm: MultimodalInputs | None = None,
              image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-             eos_ids: set[int] | None = None, t_start: float | None = None) -> Iterator[Event]:
+             eos_ids: set[int] | None = None, t_start: float | None = None, prefill_chunk: int | None = None,
+             cuda_graphs: bool | None = None) -> Iterator[Event]:
     """Stream the response to one prompt (batch 1) as TextDelta events and a final Done.
-    `t_start`: when the request began (time to first token counts from there; default now)."""
+    `t_start`: when the request began (time to first token counts from there; default now).
+    `prefill_chunk`: prompt tokens per prefill forward (default per device). `cuda_graphs`: replay the
+    decode step from CUDA graphs (default: when the model allows, see engine.decode_graphs)."""
     try:
         params.validate()
     except ValueError as e:
@@ -78,30 +220,56 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
         return
     eos_ids = eos_ids if eos_ids is not None else set(cfg.eos_token_ids) | {tokenizer.eos_id}
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    sampler = Sampler(params)
     decoder = tokenizer.stream_decoder()
     stopper = StopStringFilter(list(params.stop))
     text_parts: list[str] = []
     new_ids: list[int] = []
-    cache = llm.new_cache(1, numerics, dev, capacity=len(prompt_ids) + min(params.max_new_tokens, 1024))
-    seen = torch.tensor(prompt_ids, dtype=torch.long)
+    graphs = decode_graphs_for(llm, numerics) if cuda_graphs is not False else None
+    head_device = llm.model.norm.weight.device  # lm_head lives with the final norm
     t0 = time.perf_counter() if t_start is None else t_start
     t_first = t_last = t0
     finish = "length"
+    cache = None
     try:
         # inference_mode is thread-local: a web server may resume this generator on another thread
         # after each yield, so every compute step enters it afresh and no yield happens inside it.
         with torch.inference_mode():
+            cache = (graphs.acquire(1) if graphs is not None else
+                     llm.new_cache(1, numerics, dev, capacity=len(prompt_ids) +
+                                   min(params.max_new_tokens, INITIAL_DECODE_ROOM)))
             ids = torch.tensor([prompt_ids], dtype=torch.long, device=dev)
             positions, deltas = rope_index(ids, PositionTokens.from_config(cfg), image_grid_thw, video_grid_thw)
             embeds, image_mask, audio_mask = llm.prepare_inputs(ids, mm)
             cache.rope_deltas = deltas
-            logits = llm(embeds, positions, numerics, None, cache, image_mask, audio_mask, logits_to_keep=1)[0, -1]
-        for step in range(params.max_new_tokens):
+            sampler = Sampler(params, cfg.vocab_size, 1, head_device)
+            sampler.observe(ids.to(head_device))
+            pre = prefill(llm, numerics, cache, embeds, positions, image_mask=image_mask, audio_mask=audio_mask,
+                          chunk_tokens=prefill_chunk, cancel=cancel)
+            if not pre.cancelled:
+                step = DecodeStep(llm, numerics, cache, graphs)
+                reader = TokenReader(head_device, 1)
+                first = sampler(pre.logits)
+                step.feed(first)
+                pending = deque([reader.push(first)])
+        if pre.cancelled:
+            finish = "cancelled"
+        lookahead = not pre.cancelled and reader.cuda and params.max_new_tokens > 1
+        launched = 0  # decode steps queued (step n makes token n)
+
+        def launch() -> None:
+            nonlocal launched
             with torch.inference_mode():
-                token = sampler(logits, seen)
+                ids_n = sampler(step.step())
+                step.feed(ids_n)
+                pending.append(reader.push(ids_n))
+            launched += 1
+
+        if lookahead:
+            launch()  # token 1 is computed while the host waits for token 0
+        for n in range(0 if pre.cancelled else params.max_new_tokens):
+            token = reader.wait(pending.popleft())[0]
             now = time.perf_counter()
-            if step == 0:
+            if n == 0:
                 t_first = now
                 stats.time_to_first_token_s = now - t0
             t_last = now
@@ -109,7 +277,6 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
                 finish = "stop"
                 break
             new_ids.append(token)
-            seen = torch.cat([seen, torch.tensor([token])])
             delta = stopper.feed(decoder.push(token))
             if delta:
                 text_parts.append(delta)
@@ -117,15 +284,13 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
             if stopper.stopped:
                 finish = "stop"
                 break
-            if step == params.max_new_tokens - 1:
+            if n == params.max_new_tokens - 1:
                 break
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
                 break
-            with torch.inference_mode():
-                pos = decode_positions(cache.length, deltas)
-                step_ids = torch.tensor([[token]], dtype=torch.long, device=dev)
-                logits = llm(llm.model.embed(step_ids), pos, numerics, None, cache, logits_to_keep=1)[0, -1]
+            if launched < min(n + 1 + lookahead, params.max_new_tokens - 1):
+                launch()
         if not stopper.stopped:
             tail = stopper.feed(decoder.flush())
             tail += "" if stopper.stopped else stopper.flush()
@@ -140,7 +305,8 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
     except Exception as e:  # the caller's stream ends with a clear error; the engine keeps serving
         yield Error(f"{type(e).__name__}: {e}")
     finally:
-        cache.free()
+        if cache is not None and graphs is None:
+            cache.free()  # (a graph's static cache stays with the graphs for the next request)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,12 @@
 """Next-token choice: greedy, or sampling with repetition penalty, temperature, top-k and top-p
-(applied in that order, as Hugging Face generate does), reproducible with a seed."""
+(applied in that order, as Hugging Face generate does), reproducible with a seed.
+
+Everything runs on the logits' device and nothing is read back to the host: the tokens seen so far
+(for the repetition penalty) are a [B, V] mask on the device, and a sample is drawn as
+``argmax(p / q)`` with ``q ~ Exp(1)`` per vocabulary entry (an exact draw from the categorical
+distribution ``p``, without the host round trip of ``torch.multinomial``). The noise comes from the
+sampler's own seeded generator on that device.
+"""
 
 from __future__ import annotations
 
@@ -42,12 +49,11 @@ class GenerationParams:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Divide positive / multiply negative logits of already-seen tokens by `penalty` (CTRL rule)."""
-    if penalty == 1.0 or seen.numel() == 0:
+    """Divide positive / multiply negative logits of already-seen tokens by `penalty` (CTRL rule).
+    `seen`: [B, V] bool mask of the tokens seen (each counts once, as HF's gather/scatter form does)."""
+    if penalty == 1.0:
         return logits
-    picked = logits.gather(-1, seen)
-    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits.scatter(-1, seen, picked)
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -56,30 +62,52 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
-        remove[..., 0] = False
+        probs = sorted_logits.softmax(-1)
+        # keep the smallest set reaching top_p (the best token always stays: its mass before it is 0 < top_p)
+        remove = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
     return logits
 
 
 class Sampler:
-    def __init__(self, params: GenerationParams, device: torch.device | str = "cpu"):
+    """Chooses the next token of each row on the logits' device (see module doc).
+
+    ``sampler(logits)`` -> [B] int64 ids, and records them as seen. Call ``observe(prompt_ids)`` first
+    when the repetition penalty applies."""
+
+    def __init__(self, params: GenerationParams, vocab_size: int, batch: int = 1,
+                 device: torch.device | str = "cpu"):
         self.params = params
+        self.device = torch.device(device)
+        self.seen = (torch.zeros(batch, vocab_size, dtype=torch.bool, device=self.device)
+                     if params.repetition_penalty != 1.0 else None)
         self.generator = None
         if not params.greedy:
-            self.generator = torch.Generator(device="cpu")
+            self.generator = torch.Generator(device=self.device)
             if params.seed is not None:
                 self.generator.manual_seed(int(params.seed))
             else:
                 self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> int:
-        """logits [V] (fp32) -> chosen id. `seen`: ids of prompt + generated tokens."""
+    def observe(self, ids: torch.Tensor) -> None:
+        """Mark ids [B] or [B, L] (on the sampler's device) as seen."""
+        if self.seen is not None:
+            self.seen.scatter_(1, ids.view(self.seen.shape[0], -1), True)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> ids [B] (int64), on the device."""
         p = self.params
-        logits = apply_repetition_penalty(logits.float(), seen.to(logits.device), p.repetition_penalty)
+        logits = logits.float()
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, p.repetition_penalty)
         if p.greedy:
-            return int(logits.argmax())
-        logits = filter_top_k_top_p(logits / p.temperature, p.top_k, p.top_p)
-        probs = logits.softmax(-1).cpu()
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            return logits.argmax(dim=-1)
+        probs = filter_top_k_top_p(logits / p.temperature, p.top_k, p.top_p).softmax(-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        # a zero draw would turn a removed token (p = 0) into 0/0: keep q strictly positive
+        return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        ids = self.choose(logits)
+        self.observe(ids)
+        return ids

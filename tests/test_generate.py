@@ -117,15 +117,17 @@ def test_stream_survives_being_resumed_on_other_threads(tiny_engine, monkeypatch
     from engine.events import Done, Error, TextDelta
     from engine.sampling import GenerationParams
 
-    llm = tiny_engine.model.llm
+    model = tiny_engine.model.llm.model
     modes = []
-    forward = llm.forward
 
-    def recording_forward(*args, **kwargs):  # in-place cache updates need inference mode on every step
-        modes.append(torch.is_inference_mode_enabled())
-        return forward(*args, **kwargs)
+    def recording(method):
+        def call(*args, **kwargs):  # in-place cache updates need inference mode on every step
+            modes.append(torch.is_inference_mode_enabled())
+            return method(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(llm, "forward", recording_forward)
+    monkeypatch.setattr(model, "forward", recording(model.forward))  # prefill (one chunk here)
+    monkeypatch.setattr(model, "forward_step", recording(model.forward_step))  # each decode step
     stream = tiny_engine.chat([{"role": "user", "content": "Count slowly"}], GenerationParams(max_new_tokens=40))
     events = []
 
@@ -141,3 +143,166 @@ def test_stream_survives_being_resumed_on_other_threads(tiny_engine, monkeypatch
     assert isinstance(events[-1], Done) and events[-1].stats.new_tokens == 40
     assert sum(isinstance(e, TextDelta) for e in events) > 5
     assert len(modes) == 40 and all(modes), f"steps outside inference mode: {modes.count(False)}"
+
+
+# ------------------------------------------------------------------------------------------------
+# prefill / decode step pieces
+
+import torch  # noqa: E402
+
+from engine.generate import DecodeStep, TokenReader, prefill  # noqa: E402
+from engine.kernels.dispatch import SYNC_FREE_ENV  # noqa: E402
+from engine.models.thinker.positions import PositionTokens, decode_positions, rope_index  # noqa: E402
+from engine.sampling import Sampler  # noqa: E402
+from engine.tools.host_sync import HostSyncCounter  # noqa: E402
+from tests.paths import fixture_case  # noqa: E402
+
+
+def _prefilled(engine, n_prompt=24, capacity=None, chunk=None, keep_hidden=False):
+    llm, num = engine.model.llm, engine.model.numerics
+    ids = (torch.arange(n_prompt) * 7 % 200 + 20).view(1, -1)
+    pos, deltas = rope_index(ids, PositionTokens.from_config(llm.config))
+    cache = llm.new_cache(1, num, "cpu", capacity=capacity or n_prompt + 16)
+    cache.rope_deltas = deltas
+    pre = prefill(llm, num, cache, llm.model.embed(ids), pos, chunk_tokens=chunk, keep_hidden=keep_hidden)
+    return llm, num, ids, cache, deltas, pre
+
+
+SAMPLING = {"greedy": dict(), "sampled": dict(temperature=0.9, top_p=0.8, top_k=20, repetition_penalty=1.2, seed=4)}
+
+
+@pytest.mark.parametrize("mode", list(SAMPLING))
+def test_decode_step_reads_nothing_back_to_the_host(tiny_engine, mode, monkeypatch):
+    """The GPU-shaped decode path (positions, masks, rotary, KV slot, routing, experts, sampling and the
+    repetition history on the device) counted on the CPU: 0 host syncs per step; reading the sampled
+    token (the loop's own, explicit read) is exactly one."""
+    monkeypatch.setenv(SYNC_FREE_ENV, "1")  # the torch MoE path takes its accelerator (sync-free) variant
+    with torch.inference_mode():
+        llm, num, ids, cache, _, pre = _prefilled(tiny_engine)
+        sampler = Sampler(GenerationParams(**SAMPLING[mode]), llm.config.vocab_size)
+        sampler.observe(ids)
+        step = DecodeStep(llm, num, cache)
+        reader = TokenReader(torch.device("cpu"), 1)
+        step.feed(sampler(pre.logits))
+        with HostSyncCounter() as steps:
+            for _ in range(6):
+                step.feed(sampler(step.step()))
+        with HostSyncCounter() as reads:
+            reader.wait(reader.push(step.tokens.view(-1)))
+    assert steps.count.total == 0, steps.count.syncs
+    assert steps.count.ops > 6 * 100  # the counter did see the steps
+    assert reads.count.total == 1 and reads.count.syncs["tolist"] == 1
+
+
+def test_host_sync_counter_sees_the_cpu_fast_path(tiny_engine, monkeypatch):
+    """Without the sync-free preference the CPU keeps its fastest MoE path, which reads the k expert
+    ids on the host: the counter must see that (one read per MoE layer)."""
+    monkeypatch.delenv(SYNC_FREE_ENV, raising=False)
+    with torch.inference_mode():
+        llm, num, _, cache, _, pre = _prefilled(tiny_engine)
+        step = DecodeStep(llm, num, cache)
+        step.feed(pre.logits.argmax(-1))
+        with HostSyncCounter() as c:
+            step.step()
+    n_moe = sum(layer.is_moe for layer in llm.model.layers)
+    assert c.count.syncs["tolist"] == n_moe
+
+
+def test_decode_steps_match_the_host_path_with_any_window(tiny_engine):
+    """Device steps (slot tensors, fixed window, static cache) give the logits of plain host steps,
+    whether the window is exactly the cached slots or a larger bucket with masked slots."""
+    with torch.inference_mode():
+        llm, num, ids, cache, deltas, pre = _prefilled(tiny_engine, capacity=64)
+        tokens = [int(pre.logits.argmax())]
+        want = []
+        for _ in range(4):  # host steps
+            pos = decode_positions(cache.length, deltas)
+            want.append(llm(llm.model.embed(torch.tensor([[tokens[-1]]])), pos, num, None, cache, logits_to_keep=1)[0, -1])
+            tokens.append(int(want[-1].argmax()))
+        for window in ("exact", 40):
+            static = llm.new_cache(1, num, "cpu", capacity=64, static=True)
+            static.rope_deltas = deltas
+            pos, _ = rope_index(ids, PositionTokens.from_config(llm.config))
+            prefill(llm, num, static, llm.model.embed(ids), pos, chunk_tokens=10)
+            static.start_device_steps()
+            for i in range(4):
+                w = static.length + 1 if window == "exact" else window
+                hidden = llm.model.forward_step(torch.tensor([[tokens[i]]]), static, num, w)
+                static.advance(1)
+                torch.testing.assert_close(llm.logits(hidden[:, -1])[0], want[i], atol=1e-4, rtol=1e-4)
+            assert int(static.positions[torch.device("cpu")]) == static.length == ids.shape[1] + 4
+
+
+def test_chunked_prefill_equals_one_pass(tiny_engine):
+    with torch.inference_mode():
+        *_, whole = _prefilled(tiny_engine, n_prompt=50, keep_hidden=True)
+        *_, chunked = _prefilled(tiny_engine, n_prompt=50, chunk=7, keep_hidden=True)
+    assert chunked.chunks == 8 and whole.chunks == 1
+    torch.testing.assert_close(chunked.hidden, whole.hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked.logits, whole.logits, atol=1e-4, rtol=1e-4)
+    assert whole.hidden.shape == (1, 50, tiny_engine.model.config.llm.hidden_size)
+
+
+@pytest.mark.parametrize("case", ["llm_b1", "llm_b2"])
+def test_chunks_may_split_image_audio_spans_and_padding(case):
+    """Reference cases with image / video / audio spans (and left padding in b2): chunks of 5 tokens
+    cut through every span; positions, padding masks and gate choices are per token, so the final-norm
+    hidden states and the cache equal one pass."""
+    from engine.models.thinker.model import load_model
+    from engine.tools.parity import llm_case_inputs
+
+    case_dir = fixture_case(case)
+    loaded = load_model(case_dir, dtype="fp32", device="cpu")
+    llm, num = loaded.llm, loaded.numerics
+    ids, mask, mm, image_grid, video_grid = llm_case_inputs(case_dir)
+    runs = {}
+    with torch.inference_mode():
+        pos, deltas = rope_index(ids, PositionTokens.from_config(llm.config), image_grid, video_grid, mask)
+        embeds, image_mask, audio_mask = llm.prepare_inputs(ids, mm)
+        assert image_mask is not None and bool(image_mask.any()) and bool(audio_mask.any())
+        for chunk in (ids.shape[1], 5):
+            cache = llm.new_cache(ids.shape[0], num, "cpu")
+            runs[chunk] = (prefill(llm, num, cache, embeds, pos, step_mask=mask, image_mask=image_mask,
+                                   audio_mask=audio_mask, chunk_tokens=chunk, keep_hidden=True), cache)
+    (one, c1), (five, c5) = runs[ids.shape[1]], runs[5]
+    valid = mask.bool()
+    torch.testing.assert_close(five.hidden[valid], one.hidden[valid], atol=1e-5, rtol=1e-5)
+    keys = [c.k[-1][:, :, : c.length].transpose(1, 2)[valid] for c in (c5, c1)]  # (padded slots hold junk)
+    torch.testing.assert_close(keys[0], keys[1], atol=1e-5, rtol=1e-5)
+    if case == "llm_b2":  # left padding: the cache remembers the padded slots, chunk by chunk
+        assert torch.equal(c5.key_mask[:, : c5.length], c1.key_mask[:, : c1.length])
+        assert torch.equal(c1.key_mask[:, : c1.length], valid)
+    else:
+        assert c5.key_mask is None and c1.key_mask is None
+
+
+class CountingCancel(threading.Event):
+    """A cancel flag that turns itself on at its n-th check."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.checks, self.at = 0, at
+
+    def is_set(self) -> bool:
+        self.checks += 1
+        return self.checks >= self.at or super().is_set()
+
+
+def test_cancel_stops_a_long_prompt_between_prefill_chunks(tiny_engine, monkeypatch):
+    model = tiny_engine.model.llm.model
+    chunks = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: chunks.append(a[0].shape[1]) or forward(*a, **k))
+    prompt = [20 + i % 150 for i in range(300)]
+    done = _done(list(generate(tiny_engine.model, tiny_engine.tokenizer, prompt, GenerationParams(max_new_tokens=5),
+                               CountingCancel(at=2), prefill_chunk=64)))
+    assert done.finish_reason == "cancelled" and done.token_ids == [] and done.text == ""
+    assert chunks == [64, 64]  # checked before chunks 2 and 3; set at the second check
+
+
+def test_generate_is_the_same_for_any_prefill_chunk(tiny_engine):
+    prompt = tiny_engine.processor.build([{"role": "user", "content": "Tell me a long story " * 8}]).ids
+    params = GenerationParams(max_new_tokens=10)
+    a = _done(list(generate(tiny_engine.model, tiny_engine.tokenizer, prompt, params, prefill_chunk=16)))
+    b = _done(list(generate(tiny_engine.model, tiny_engine.tokenizer, prompt, params, prefill_chunk=4096)))
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 10

@@ -7,6 +7,11 @@ Each public kernel takes an ``impl`` argument:
 * ``"torch"``: always the torch reference (the CPU path).
 * ``"triton"``: always the Triton kernel (tests use this on CPU tensors under ``TRITON_INTERPRET=1``).
 
+Separately, ``prefer_sync_free(*tensors)`` tells a torch path to take its variant that never reads
+device data on the host (what a GPU needs for an asynchronous, graph-capturable decode step) rather
+than the one that is fastest on a CPU: true for tensors off the CPU, and on the CPU when the
+environment variable ``MING_KERNELS_SYNC_FREE`` is set (tests count the GPU path's host syncs there).
+
 The Triton kernel modules (``engine.kernels.triton_impl``) are imported lazily by the callers,
 never at package import, because ``@triton.jit`` reads ``TRITON_INTERPRET`` when it decorates.
 """
@@ -23,6 +28,7 @@ import torch
 Impl = Literal["auto", "torch", "triton"]
 
 FORCE_REFERENCE_ENV = "MING_KERNELS_FORCE_REFERENCE"
+SYNC_FREE_ENV = "MING_KERNELS_SYNC_FREE"
 _TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 _VALID_IMPLS: frozenset[str] = frozenset({"auto", "torch", "triton"})
 
@@ -52,3 +58,10 @@ def use_triton(impl: Impl, *tensors: torch.Tensor | None) -> bool:
         return False
     present = [t for t in tensors if t is not None]
     return bool(present) and all(t.is_cuda for t in present)
+
+
+def prefer_sync_free(*tensors: torch.Tensor | None) -> bool:
+    """True when a torch path should avoid host syncs (see the module doc)."""
+    if os.environ.get(SYNC_FREE_ENV, "").strip().lower() in _TRUE_VALUES:
+        return True
+    return any(t is not None and t.device.type != "cpu" for t in tensors)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .dequant import dequantize, matrix_in_features, quantize_int8_rows, scale_layout, unpack_int4
-from .dispatch import Impl, use_triton
+from .dispatch import Impl, prefer_sync_free, use_triton
 
 Scales = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 QUANTIZED_STORAGE_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
@@ -119,10 +119,12 @@ def moe_experts_reference(
 ) -> torch.Tensor:
     """Torch reference (and plain-weight CPU path) of :func:`moe_experts`: one GEMM block per active expert."""
     check_moe_args(x, w_gate, w_up, w_down, topk_ids, topk_weights)
+    if x.shape[0] == 1 and prefer_sync_free(x):
+        return moe_one_token_sync_free(x, w_gate, w_up, w_down, topk_ids, topk_weights)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if x.shape[0] == 1:
-        # Decode fast path: one token, its k experts in ascending order (the same sums as below)
-        # without the sort/bincount/host syncs of the grouping.
+        # Decode fast path on the CPU: one token, its k experts in ascending order (the same sums as
+        # below) without the sort/bincount of the grouping; reads the k ids on the host.
         ids = topk_ids[0].tolist()
         for slot in sorted(range(len(ids)), key=ids.__getitem__):
             e = ids[slot]
@@ -137,6 +139,28 @@ def moe_experts_reference(
     return out.to(x.dtype)
 
 
+def moe_one_token_sync_free(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """One token [1, H] without reading its expert ids on the host: the k experts' weights are gathered
+    on the device (in ascending expert order, as the reference sums) and run as batched GEMVs. Reads
+    each expert's weights twice (gather, then GEMV), so it is the torch fallback for accelerators, not
+    the CPU's choice."""
+    top_k = topk_ids.shape[1]
+    ids, order = topk_ids[0].sort()
+    weights = topk_weights[0].gather(0, order)
+    xk = x.expand(top_k, -1).unsqueeze(1)  # [k, 1, H]
+    gate = torch.bmm(xk, w_gate.index_select(0, ids).transpose(1, 2))
+    up = torch.bmm(xk, w_up.index_select(0, ids).transpose(1, 2))
+    y = torch.bmm(F.silu(gate) * up, w_down.index_select(0, ids).transpose(1, 2)).squeeze(1)  # [k, H]
+    return (y.float() * weights[:, None]).sum(dim=0, keepdim=True).to(x.dtype)
+
+
 def moe_experts(
     x: torch.Tensor,
     w_gate: torch.Tensor,
@@ -145,6 +169,7 @@ def moe_experts(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     *,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     impl: Impl = "auto",
     scales: Scales | None = None,
 ) -> torch.Tensor:
@@ -153,19 +178,24 @@ def moe_experts(
     x [T, H]; w_gate, w_up [E, I, H]; w_down [E, H, I]; topk_ids [T, k] int64; topk_weights [T, k] fp32.
     ``scales`` (gate, up, down): the weights are quantised (engine.kernels.dequant formats) and are
     dequantised to x's dtype inside the kernel (Triton) or one expert at a time (torch).
+    ``shared``: a shared expert's (gate [I, H], up [I, H], down [H, I]) whose output is added to every
+    token (the Triton path computes it in the same pass; the torch path adds it after, as the reference).
     """
     if scales is not None:
         check_quantized_moe_args(x, w_gate, w_up, w_down, scales, topk_ids, topk_weights)
         if use_triton(impl, x, w_gate, w_up, w_down, *scales, topk_ids, topk_weights):
             from .triton_impl.moe import moe_experts_triton
 
-            return moe_experts_triton(x, w_gate, w_up, w_down, topk_ids, topk_weights, scales=scales)
-        return moe_experts_dequant_reference(x, w_gate, w_up, w_down, scales, topk_ids, topk_weights)
+            out = moe_experts_triton(x, w_gate, w_up, w_down, topk_ids, topk_weights, scales=scales)
+        else:
+            out = moe_experts_dequant_reference(x, w_gate, w_up, w_down, scales, topk_ids, topk_weights)
+        return out if shared is None else out + swiglu(x, *shared)  # (the fused pass folds plain weights only)
     if use_triton(impl, x, w_gate, w_up, w_down, topk_ids, topk_weights):
         from .triton_impl.moe import moe_experts_triton
 
-        return moe_experts_triton(x, w_gate, w_up, w_down, topk_ids, topk_weights)
-    return moe_experts_reference(x, w_gate, w_up, w_down, topk_ids, topk_weights)
+        return moe_experts_triton(x, w_gate, w_up, w_down, topk_ids, topk_weights, shared=shared)
+    out = moe_experts_reference(x, w_gate, w_up, w_down, topk_ids, topk_weights)
+    return out if shared is None else out + swiglu(x, *shared)
 
 
 def check_quantized_moe_args(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,

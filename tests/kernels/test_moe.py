@@ -303,3 +303,51 @@ def test_triton_quantized_skips_negative_ids_and_sums_in_fp32() -> None:
                              out_dtype=torch.float32, block_n=TRITON_TILE, block_k=TRITON_TILE)
     assert got.dtype == torch.float32
     assert_close_scaled(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_sync_free_path_matches_the_cpu_fast_path(dtype, monkeypatch):
+    """The accelerator variant of the one-token path (expert weights gathered on the device, no ids
+    read on the host) against the CPU fast path, with a repeated expert id; and it makes no host sync."""
+    from engine.kernels.dispatch import SYNC_FREE_ENV
+    from engine.kernels.moe import moe_one_token_sync_free
+    from engine.tools.host_sync import HostSyncCounter
+
+    g = torch.Generator().manual_seed(3)
+    e, h, i = 6, 40, 24
+    w = [(torch.randn(s, generator=g) * WEIGHT_SCALE).to(dtype) for s in ((e, i, h), (e, i, h), (e, h, i))]
+    x = torch.randn(1, h, generator=g).to(dtype)
+    ids = torch.tensor([[4, 1, 4, 0]])
+    weights = torch.rand(1, 4, generator=g)
+    monkeypatch.delenv(SYNC_FREE_ENV, raising=False)
+    want = moe_experts_reference(x, *w, ids, weights)
+    with HostSyncCounter() as c:
+        got = moe_one_token_sync_free(x, *w, ids, weights)
+    monkeypatch.setenv(SYNC_FREE_ENV, "1")
+    assert torch.equal(moe_experts_reference(x, *w, ids, weights), got)  # what the dispatch picks then
+    assert c.count.total == 0
+    tol = RELATIVE_TOLERANCE[dtype] * float(want.float().abs().max())
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_shared_expert_in_the_same_pass(tokens, dtype):
+    """Routed + shared experts in one Triton pass (direct decode mode and the sorted mode) against the
+    reference's two steps: routed sum rounded to the activation dtype, then + shared expert."""
+    from engine.kernels.moe import swiglu
+
+    g = torch.Generator().manual_seed(tokens)
+    e, h, i, k = 6, 48, 32, 2
+    w = [(torch.randn(s, generator=g) * WEIGHT_SCALE).to(dtype) for s in ((e, i, h), (e, i, h), (e, h, i))]
+    shared = tuple((torch.randn(s, generator=g) * WEIGHT_SCALE).to(dtype) for s in ((i, h), (i, h), (h, i)))
+    x = torch.randn(tokens, h, generator=g).to(dtype)
+    ids = torch.rand(tokens, e, generator=g).argsort(dim=1)[:, :k].contiguous()
+    weights = torch.rand(tokens, k, generator=g)
+    want = moe_experts_reference(x, *w, ids, weights) + swiglu(x, *shared)
+    got = moe_experts_triton(x, *w, ids, weights, shared=shared, block_n=TRITON_TILE, block_k=TRITON_TILE)
+    tol = RELATIVE_TOLERANCE[dtype] * float(want.float().abs().max())
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+    assert torch.equal(moe_experts(x, *w, ids, weights, shared=shared, impl="torch"), want)
+    with pytest.raises(ValueError, match="shared"):
+        moe_experts_triton(x, *w, ids, weights, shared=(shared[0], shared[1], shared[0]))

@@ -18,6 +18,13 @@ as stored (fp8 / int8 bytes, or int4 nibbles two per byte), multiplied by its sc
 rounded to the activation dtype in registers, exactly as ``dequantize(q, s, x.dtype)`` does, before
 the ``tl.dot``. No dequantised copy of the weights exists in memory; per-channel, 128x128-block and
 int4 group scales are one code path (a scale per (row block, column block) of the tile).
+
+Shared expert in the same pass (``shared=(gate, up, down)``, each [I, H] / [H, I] like one routed
+expert, plain weights in the activation dtype): every token gets one more assignment, to expert id E
+with weight 1, whose programs read the shared weights instead of the stack. The routed sum and the
+shared output are then added in fp32 and rounded once (the reference rounds the routed sum to the
+activation dtype first: at most one rounding step apart in bf16, identical in fp32), and the separate
+shared-expert GEMMs, activation and add go.
 """
 
 from __future__ import annotations
@@ -118,6 +125,9 @@ def _gate_up_kernel(
     w_up_ptr,
     s_gate_ptr,
     s_up_ptr,
+    shared_gate_ptr,
+    shared_up_ptr,
+    num_experts,
     h_ptr,
     sorted_ptr,
     block_expert_ptr,
@@ -144,6 +154,7 @@ def _gate_up_kernel(
     DOT_PRECISION: tl.constexpr,
     EMULATE_BF16_RTNE: tl.constexpr,
     DIRECT: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -162,6 +173,14 @@ def _gate_up_kernel(
     token = assignment // top_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < inter
+    gate_src = w_gate_ptr
+    up_src = w_up_ptr
+    slot = expert
+    if HAS_SHARED:
+        if expert == num_experts:  # the shared expert's assignment (plain weights: QUANT is none)
+            gate_src = shared_gate_ptr
+            up_src = shared_up_ptr
+            slot = expert * 0
 
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -174,10 +193,10 @@ def _gate_up_kernel(
             other=0.0,
         )
         w_mask = k_valid[:, None] & n_valid[None, :]
-        b_gate = _weight_tile(w_gate_ptr, s_gate_ptr, expert, offs_n, offs_k, n_valid, w_mask, stride_we, stride_wn, stride_wk,
+        b_gate = _weight_tile(gate_src, s_gate_ptr, slot, offs_n, offs_k, n_valid, w_mask, stride_we, stride_wn, stride_wk,
                               stride_se, stride_sn, stride_sk, group_n, group_k, x_ptr.dtype.element_ty, QUANT,
                               EMULATE_BF16_RTNE)
-        b_up = _weight_tile(w_up_ptr, s_up_ptr, expert, offs_n, offs_k, n_valid, w_mask, stride_we, stride_wn, stride_wk,
+        b_up = _weight_tile(up_src, s_up_ptr, slot, offs_n, offs_k, n_valid, w_mask, stride_we, stride_wn, stride_wk,
                             stride_se, stride_sn, stride_sk, group_n, group_k, x_ptr.dtype.element_ty, QUANT,
                             EMULATE_BF16_RTNE)
         if DOT_IN_FP32:
@@ -205,6 +224,8 @@ def _down_kernel(
     h_ptr,
     w_down_ptr,
     s_down_ptr,
+    shared_down_ptr,
+    num_experts,
     out_ptr,
     routing_weight_ptr,
     sorted_ptr,
@@ -231,6 +252,7 @@ def _down_kernel(
     DOT_PRECISION: tl.constexpr,
     EMULATE_BF16_RTNE: tl.constexpr,
     DIRECT: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -248,6 +270,12 @@ def _down_kernel(
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < hidden
+    down_src = w_down_ptr
+    slot = expert
+    if HAS_SHARED:
+        if expert == num_experts:  # the shared expert's assignment
+            down_src = shared_down_ptr
+            slot = expert * 0
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
@@ -258,7 +286,7 @@ def _down_kernel(
             mask=row_valid[:, None] & k_valid[None, :],
             other=0.0,
         )
-        b = _weight_tile(w_down_ptr, s_down_ptr, expert, offs_n, offs_k, n_valid, k_valid[:, None] & n_valid[None, :],
+        b = _weight_tile(down_src, s_down_ptr, slot, offs_n, offs_k, n_valid, k_valid[:, None] & n_valid[None, :],
                          stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, group_n, group_k,
                          h_ptr.dtype.element_ty, QUANT, EMULATE_BF16_RTNE)
         if DOT_IN_FP32:
@@ -339,6 +367,7 @@ def moe_experts_triton(
     skip_negative_ids: bool = False,
     out_dtype: torch.dtype | None = None,
     scales: Scales | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Triton implementation of :func:`engine.kernels.moe_experts` (same arguments and result).
     Tiles, launch options and the direct (unsorted) mode default to :func:`launch_config`; they are
@@ -349,12 +378,25 @@ def moe_experts_triton(
     passes the experts of one GPU with local ids, -1 for the experts that live elsewhere).
     ``out_dtype``: the dtype of the summed result (default x's; fp32 keeps the partial sums of several
     devices unrounded until they are combined).
-    ``scales``: (gate, up, down) scales of quantised weights, dequantised tile by tile in the kernels."""
+    ``scales``: (gate, up, down) scales of quantised weights, dequantised tile by tile in the kernels.
+    ``shared``: the shared expert's plain (gate, up, down) weights, added to every token in the same
+    pass (see the module doc; not with ``scales`` or ``skip_negative_ids``)."""
     if scales is None:
         check_moe_args(x, w_gate, w_up, w_down, topk_ids, topk_weights)
     else:
         check_quantized_moe_args(x, w_gate, w_up, w_down, scales, topk_ids, topk_weights)
     num_tokens, hidden = x.shape
+    if shared is not None:
+        num_experts, inter = w_gate.shape[0], w_gate.shape[1]
+        if skip_negative_ids or scales is not None:
+            raise ValueError("shared= cannot be combined with skip_negative_ids= or scales=")
+        if tuple(t.shape for t in shared) != ((inter, hidden), (inter, hidden), (hidden, inter)) or \
+                any(t.dtype != x.dtype for t in shared):
+            raise ValueError(f"shared expert weights must be [{inter}, {hidden}] x2 and [{hidden}, {inter}] in {x.dtype}")
+        shared = tuple(t.contiguous() for t in shared)
+        # one more assignment per token: the shared expert (id E, weight 1)
+        topk_ids = torch.cat([topk_ids, topk_ids.new_full((num_tokens, 1), num_experts)], dim=1)
+        topk_weights = torch.cat([topk_weights, topk_weights.new_ones((num_tokens, 1))], dim=1)
     top_k = topk_ids.shape[1]
     n_assign = num_tokens * top_k
     if n_assign == 0:
@@ -372,7 +414,7 @@ def moe_experts_triton(
     cfg = _FITTED.get(key, cfg)
     while True:
         try:
-            out = _run(cfg, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids, scales)
+            out = _run(cfg, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids, scales, shared)
         except OutOfResources:
             fallback = smaller(cfg)
             if fallback is None:
@@ -395,7 +437,7 @@ def _scale_args(w: torch.Tensor, scale: torch.Tensor | None) -> tuple:
 
 
 def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids=False,
-         scales: Scales | None = None) -> torch.Tensor:
+         scales: Scales | None = None, shared=None) -> torch.Tensor:
     """Both kernels with one configuration; the fp32 sum over each token's slots."""
     num_tokens, hidden = x.shape
     num_experts, inter = w_gate.shape[:2]
@@ -414,9 +456,10 @@ def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, ski
         sorted_assignments, block_expert = align_by_expert(bucketed, num_experts + 1, block_m)
         block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
         num_blocks = block_expert.numel()
-    else:
-        sorted_assignments, block_expert = align_by_expert(topk_ids, num_experts, block_m)
+    else:  # (the shared expert, when given, is expert id num_experts)
+        sorted_assignments, block_expert = align_by_expert(topk_ids, num_experts + (shared is not None), block_m)
         num_blocks = block_expert.numel()
+    s_gate, s_up, s_down = shared if shared is not None else (w_gate, w_up, w_down)  # (unused without)
     routing_weights = topk_weights.contiguous().reshape(-1)
 
     # The interpreter's bf16 tl.dot is wrong (it multiplies raw bits): upcast there. fp32 inputs use IEEE fp32, not TF32.
@@ -426,22 +469,22 @@ def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, ski
     launch = {k: v for k, v in (("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages)) if v is not None}
     h = torch.empty((n_assign, inter), dtype=x.dtype, device=x.device)
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, block_n))](
-        x, w_gate, w_up, gate_q[1], up_q[1], h, sorted_assignments, block_expert, flat_ids,
+        x, w_gate, w_up, gate_q[1], up_q[1], s_gate, s_up, num_experts, h, sorted_assignments, block_expert, flat_ids,
         n_assign, top_k, hidden, inter,
         x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), *gate_q[2:], h.stride(0),
         QUANT=gate_q[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(), DIRECT=direct,
-        **launch,
+        HAS_SHARED=shared is not None, **launch,
     )  # fmt: skip
     # Skipped assignments leave their rows unwritten: zeros then, so that the sum stays right.
     slot_out = (torch.zeros if skip_negative_ids else torch.empty)((n_assign, hidden), dtype=torch.float32,
                                                                    device=x.device)
     _down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
-        h, w_down, down_q[1], slot_out, routing_weights, sorted_assignments, block_expert, flat_ids,
+        h, w_down, down_q[1], s_down, num_experts, slot_out, routing_weights, sorted_assignments, block_expert, flat_ids,
         n_assign, hidden, inter,
         h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), *down_q[2:], slot_out.stride(0),
         QUANT=down_q[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(), DIRECT=direct,
-        **launch,
+        HAS_SHARED=shared is not None, **launch,
     )  # fmt: skip
     return slot_out.view(num_tokens, top_k, hidden).sum(dim=1)

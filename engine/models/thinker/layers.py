@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import kernels
+from engine.kernels.router import GROUP_SCORE_TOP, ROUTER_NORM_EPS, route_experts  # noqa: F401 (re-exported)
 from engine.placement import quant
 from engine.models.thinker.config import LLMConfig
 
@@ -22,10 +23,6 @@ from engine.models.thinker.config import LLMConfig
 # frequencies (spec §2.4): the highest 24 frequencies alternate H (even f) / W (odd f), the
 # lowest 8 carry T. It is not in config.json.
 VIDEO_ROPE_SECTION = (8, 12, 12)
-# Group score = sum of the two largest biased scores of the group (spec §2.6 step 4).
-GROUP_SCORE_TOP = 2
-# Epsilon of the routing-weight renormalisation (spec §2.6 step 5).
-ROUTER_NORM_EPS = 1e-20
 GATE_TEXT, GATE_IMAGE, GATE_AUDIO = 0, 1, 2
 
 
@@ -60,8 +57,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)`` in one fused kernel."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class VideoRotary(nn.Module):
@@ -75,6 +73,8 @@ class VideoRotary(nn.Module):
         super().__init__()
         self.rotary_dim = cfg.rotary_dim
         self.theta = cfg.rope_theta
+        self.max_positions = cfg.max_position_embeddings
+        self._constants: dict[tuple, torch.Tensor] = {}  # per device: inverse frequencies, axes, decode tables
 
     def inv_freq(self, bf16_rounded: bool) -> torch.Tensor:
         exps = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64).float() / self.rotary_dim
@@ -92,15 +92,34 @@ class VideoRotary(nn.Module):
         axis[hw & (f % 2 == 1)] = 2
         return axis
 
+    def _constant(self, name: str, device: torch.device, bf16_rounded: bool) -> torch.Tensor:
+        """The inverse frequencies ("inv_freq") or frequency axes ("axis") on `device`, made once."""
+        key = (name, device, bf16_rounded)
+        if key not in self._constants:
+            value = self.inv_freq(bf16_rounded) if name == "inv_freq" else self.frequency_axes()
+            self._constants[key] = value.to(device)
+        return self._constants[key]
+
     def forward(self, position_ids: torch.Tensor, numerics: Numerics) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [3, B, L] -> (cos, sin) [B, L, rotary_dim] in the activation dtype."""
         device = position_ids.device
-        inv_freq = self.inv_freq(numerics.rope_bf16_tables).to(device)
+        inv_freq = self._constant("inv_freq", device, numerics.rope_bf16_tables)
         angles = position_ids.float().unsqueeze(-1) * inv_freq  # [3, B, L, F], fp32
-        axis = self.frequency_axes().to(device)
+        axis = self._constant("axis", device, numerics.rope_bf16_tables)
         picked = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:])).squeeze(0)
         emb = torch.cat([picked, picked], dim=-1)
         return emb.cos().to(numerics.dtype), emb.sin().to(numerics.dtype)
+
+    def decode_tables(self, device: torch.device, numerics: Numerics) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [max_positions, rotary_dim] of every position p with p_T = p_H = p_W = p (what every
+        decode step uses, spec §3.3), made once per device: a step then only indexes them."""
+        key = ("tables", torch.device(device), numerics.rope_bf16_tables, numerics.dtype)
+        if key not in self._constants:
+            p = torch.arange(self.max_positions, device=device).view(1, 1, -1).expand(3, 1, -1)
+            cos, sin = self.forward(p, numerics)
+            self._constants[key] = torch.stack([cos[0], sin[0]])
+        table = self._constants[key]
+        return table[0], table[1]
 
 
 class SwiGLUMLP(nn.Module):
@@ -134,22 +153,11 @@ class Router(nn.Module):
             return F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16))
         return F.linear(x.float(), self.weight.float())
 
-    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.sigmoid(logits)
-        biased = scores + self.expert_bias.to(scores.dtype)
-        n, e = biased.shape
-        grouped = biased.view(n, self.n_group, e // self.n_group)
-        group_scores = grouped.topk(min(GROUP_SCORE_TOP, grouped.shape[-1]), dim=-1).values.sum(-1)
-        keep_groups = group_scores.topk(self.topk_group, dim=-1).indices
-        group_mask = torch.zeros(n, self.n_group, dtype=torch.bool, device=logits.device)
-        group_mask.scatter_(1, keep_groups, True)
-        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(n, e)
-        candidates = biased.masked_fill(~expert_mask, float("-inf"))
-        ids = candidates.topk(self.top_k, dim=-1, sorted=False).indices
-        chosen = scores.gather(1, ids)
-        denom = chosen.float().sum(dim=-1, keepdim=True) + ROUTER_NORM_EPS
-        weights = chosen.float() / denom * self.scaling
-        return ids, weights
+    def route(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [N, k], fp32 weights [N, k]); `bias` [N, E] gives each row its own gate's expert bias
+        (default: this gate's)."""
+        return route_experts(logits, self.expert_bias if bias is None else bias, self.n_group, self.topk_group,
+                             self.top_k, self.scaling)
 
 
 class ExpertBank(nn.Module):
@@ -180,6 +188,16 @@ class ExpertBank(nn.Module):
         if self._packed_kind is not None:
             return self._packed_kind
         return quant.storage_kind(self.gate_proj, self.gate_proj_scale)
+
+    @property
+    def sync_free(self) -> bool:
+        """True when forward() reads nothing back to the host, so a CUDA graph can capture it: the
+        fused Triton path on plain stacked weights, or a runtime that says so (its `sync_free`)."""
+        if self.runtime is not None:
+            return bool(getattr(self.runtime, "sync_free", False))
+        if self.packed is not None or self.gate_proj_scale is not None:
+            return False
+        return kernels.dispatch.use_triton("auto", self.gate_proj)
 
     def pack_for_cpu(self, dtype: torch.dtype | None = None) -> None:
         """Replace the stacked weights by a copy laid out for the CPU kernels (gate and up fused per
@@ -241,29 +259,53 @@ class MoEBlock(nn.Module):
                 audio_mask: torch.Tensor | None = None, trace: list | None = None) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        logits = {"text": self.gate.logits(flat, numerics)}
-        ids, weights = self.gate.route(logits["text"])
-        gate_used = torch.full((flat.shape[0],), GATE_TEXT, dtype=torch.long, device=x.device)
         modal = self.multi_router and (image_mask is not None or audio_mask is not None)
         if modal or (trace is not None and self.multi_router):
-            # All three gates are evaluated on every token; masks pick per token (spec §2.7).
-            for name, router, mask, code in (("image", self.image_gate, image_mask, GATE_IMAGE),
-                                             ("audio", self.audio_gate, audio_mask, GATE_AUDIO)):
-                logits[name] = router.logits(flat, numerics)
-                if mask is None:
-                    continue
-                m = mask.reshape(-1).bool()
-                if m.any():
-                    r_ids, r_w = router.route(logits[name][m])
-                    ids = ids.clone()
-                    weights = weights.clone()
-                    ids[m], weights[m] = r_ids, r_w
-                    gate_used[m] = code
+            # All three gates are evaluated on every token; masks pick per token (spec §2.7). Each token's
+            # row of logits and expert bias is taken from its gate and all rows are routed at once
+            # (routing is row by row, so this is what routing each gate's tokens apart gives).
+            gates = (("text", self.gate, None), ("image", self.image_gate, image_mask),
+                     ("audio", self.audio_gate, audio_mask))
+            logits = {name: router.logits(flat, numerics) for name, router, _ in gates}
+            gate_used = torch.zeros(flat.shape[0], dtype=torch.long, device=x.device)
+            for code, (_, _, mask) in zip((GATE_IMAGE, GATE_AUDIO), gates[1:]):
+                if mask is not None:
+                    gate_used = gate_used.masked_fill(mask.reshape(-1).to(x.device, torch.bool), code)
+            pick = gate_used.view(-1, 1, 1).expand(-1, 1, self.gate.weight.shape[0])
+            chosen = torch.stack([logits[name] for name, _, _ in gates], dim=1).gather(1, pick).squeeze(1)
+            biases = torch.stack([router.expert_bias for _, router, _ in gates])
+            ids, weights = self.gate.route(chosen, biases.index_select(0, gate_used))
+        else:
+            logits = {"text": self.gate.logits(flat, numerics)}
+            ids, weights = self.gate.route(logits["text"])
+            gate_used = None
         if trace is not None:
+            if gate_used is None:
+                gate_used = torch.full((flat.shape[0],), GATE_TEXT, dtype=torch.long, device=x.device)
             trace.append(RouterTrace(ids=ids.view(*shape[:-1], -1), weights=weights.view(*shape[:-1], -1),
                                      gate_used=gate_used.view(shape[:-1]),
                                      logits={k: v.float().view(*shape[:-1], -1) for k, v in logits.items()}))
+        shared = self._shared_for_fused_pass()
+        if shared is not None:  # routed + shared experts in one Triton pass
+            bank = self.experts
+            return kernels.moe_experts(flat, bank.gate_proj, bank.up_proj, bank.down_proj, ids, weights,
+                                       shared=shared).view(shape)
         out = self.experts(flat, ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)
+
+    def _shared_for_fused_pass(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The shared expert's weights when the routed experts run the fused Triton kernel on plain
+        stacked weights and the shared expert has one routed expert's shape; else None."""
+        bank, mlp = self.experts, self.shared_experts
+        if mlp is None or bank.runtime is not None or bank.packed is not None or bank.gate_proj_scale is not None:
+            return None
+        linears = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+            return None
+        weights = tuple(m.weight for m in linears)
+        if weights[0].shape != bank.gate_proj.shape[1:] or weights[2].shape != bank.down_proj.shape[1:] or \
+                weights[0].dtype != bank.gate_proj.dtype:
+            return None
+        return weights if kernels.dispatch.use_triton("auto", bank.gate_proj, *weights) else None

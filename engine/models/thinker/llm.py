@@ -5,10 +5,12 @@ dense first layers, MoE layers with a MultiRouter, final norm and lm_head (spec 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from engine import kernels
 from engine.models.thinker.config import LLMConfig
@@ -28,8 +30,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                causal: bool, cache: KVCache | None, layer_idx: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: "StepInputs", cache: KVCache | None, layer_idx: int) -> torch.Tensor:
         b, q_len, _ = x.shape
         qkv = self.query_key_value(x).view(b, q_len, self.n_heads + 2 * self.n_kv, self.head_dim)
         # Head-major split: all query heads, then key heads, then value heads (spec §2.4).
@@ -37,13 +38,39 @@ class Attention(nn.Module):
         q = self.q_norm(q).transpose(1, 2)
         k = self.k_norm(k).transpose(1, 2)
         v = v.transpose(1, 2)
-        q = kernels.apply_rotary(q, cos, sin)
-        k = kernels.apply_rotary(k, cos, sin)
+        q = kernels.apply_rotary(q, step.cos, step.sin)
+        k = kernels.apply_rotary(k, step.cos, step.sin)
         if cache is not None:
-            k, v = cache.update(layer_idx, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+            k, v = cache.update(layer_idx, k, v, step.write_at, step.read_upto)
+        if q_len == 1 and self.n_kv != self.n_heads:
+            # One token: the query heads sharing a KV head are that head's queries, so the attention is
+            # plain multi-query over n_kv heads (no GQA expansion; GPUs keep their fused kernels with a mask).
+            group = self.n_heads // self.n_kv
+            out = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, group, self.head_dim), k, v,
+                                                 attn_mask=step.mask)
+            return self.dense(out.reshape(b, 1, self.n_heads * self.head_dim))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal and step.mask is None,
                                              enable_gqa=self.n_kv != self.n_heads)
         return self.dense(out.transpose(1, 2).reshape(b, q_len, self.n_heads * self.head_dim))
+
+
+@dataclass
+class StepInputs:
+    """What every layer of one device needs for a step: rotary tables, the attention mask (None: plain
+    causal when `causal`, else everything), and where the step writes / reads the KV cache (see
+    engine.models.thinker.kv_cache: `write_at` an int for host steps, a [q] slot tensor for device steps)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    causal: bool
+    write_at: int | torch.Tensor | None = None
+    read_upto: int | None = None
+
+    def to(self, device: torch.device) -> "StepInputs":
+        move = (lambda t: t if t is None or isinstance(t, (int, CausalBias)) else t.to(device))  # noqa: E731
+        return StepInputs(move(self.cos), move(self.sin), move(self.mask), self.causal, move(self.write_at),
+                          self.read_upto)
 
 
 class DecoderLayer(nn.Module):
@@ -61,13 +88,21 @@ class DecoderLayer(nn.Module):
         """Where this layer's attention (and its KV cache) lives; placement plans may differ per layer."""
         return self.input_layernorm.weight.device
 
-    def forward(self, x, cos, sin, mask, causal, cache, numerics, image_mask, audio_mask, trace):
-        x = x + self.attention(self.input_layernorm(x), cos, sin, mask, causal, cache, self.layer_idx)
-        h = self.post_attention_layernorm(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step: StepInputs, cache: KVCache | None,
+                numerics: Numerics, image_mask: torch.Tensor | None = None, audio_mask: torch.Tensor | None = None,
+                trace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm layer (spec §2.3) on the residual stream kept as a pair: the layer's input is
+        `x + residual` (just `x` for the first layer), its output is (mlp_out, new residual), so each
+        residual add is fused into the RMSNorm that follows it."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.attention(h, step, cache, self.layer_idx), residual)
         if self.is_moe:
             routers = trace.setdefault("routers", {}).setdefault(self.layer_idx, []) if trace is not None else None
-            return x + self.mlp(h, numerics, image_mask, audio_mask, routers)
-        return x + self.mlp(h)
+            return self.mlp(h, numerics, image_mask, audio_mask, routers), residual
+        return self.mlp(h), residual
 
 
 def attention_mask_4d(key_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -95,38 +130,122 @@ class BailingMoeV2Model(nn.Module):
         ids = input_ids.clamp(0, self.config.vocab_size - 1).to(self.word_embeddings.weight.device)
         return self.word_embeddings(ids)
 
+    def segments(self) -> list[tuple[torch.device, list[DecoderLayer]]]:
+        """Runs of consecutive layers on one device (one run unless a placement plan split the model)."""
+        return [(dev, list(run)) for dev, run in groupby(self.layers, key=lambda layer: layer.device)]
+
+    def run_layers(self, layers: list[DecoderLayer], x: torch.Tensor, residual: torch.Tensor | None,
+                   step: StepInputs, cache: KVCache | None, numerics: Numerics,
+                   image_mask: torch.Tensor | None = None, audio_mask: torch.Tensor | None = None,
+                   trace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers of one device on the residual-stream pair (x, residual), both already on that device."""
+        for layer in layers:
+            x, residual = layer(x, residual, step, cache, numerics, image_mask, audio_mask, trace)
+            if trace is not None:
+                trace.setdefault("layer_output", []).append(x + residual)
+        return x, residual
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """norm(x + residual): the final-norm hidden states (what lm_head and the image generator read)."""
+        dev = self.norm.weight.device
+        if residual is None:
+            return self.norm(x.to(dev))
+        return self.norm(x.to(dev), residual.to(dev))[0]
+
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, numerics: Numerics,
                 step_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 image_mask: torch.Tensor | None = None, audio_mask: torch.Tensor | None = None,
                 trace: dict | None = None) -> torch.Tensor:
-        """inputs_embeds [B, q, H], position_ids [3, B, q], step_mask [B, q] (1 = real token)."""
+        """A host step (a whole prompt, one chunk of it, or one token) -> final-norm hidden [B, q, H].
+
+        inputs_embeds [B, q, H], position_ids [3, B, q], step_mask [B, q] (1 = real token; None = no
+        padding). With a cache, the q tokens follow the `cache.length` cached ones (causal, bottom-right
+        aligned, spec §2.4)."""
         b, q_len, _ = inputs_embeds.shape
         x = inputs_embeds.to(numerics.dtype)
-        if step_mask is None:
-            step_mask = torch.ones(b, q_len, dtype=torch.long, device=x.device)
-        key_mask = step_mask if cache is None or cache.attention_mask is None else torch.cat(
-            [cache.attention_mask, step_mask.to(cache.attention_mask.device)], dim=1)
-        padded = not bool(key_mask.bool().all())
-        causal = q_len > 1
-        mask = attention_mask_4d(key_mask, q_len, x.dtype) if padded or (causal and key_mask.shape[1] != q_len) else None
+        past = cache.length if cache is not None else 0
+        if step_mask is not None and bool(step_mask.bool().all()):
+            step_mask = None  # no padding after all: the plain causal path
         if cache is not None:
             cache.reserve(q_len)
+            if step_mask is not None:
+                cache.note_padding(step_mask)
+            key_mask = cache.key_mask[:, : past + q_len] if cache.padded else None
+        else:
+            key_mask = step_mask
+        causal = q_len > 1
+        if key_mask is not None:
+            mask = attention_mask_4d(key_mask, q_len, x.dtype)
+        elif causal and past:  # a chunk after cached tokens: causal, bottom-right aligned
+            # (on GPUs as a CausalBias, which SDPA runs in its flash kernel: a materialised mask with GQA
+            # would fall back to the math kernel and its [heads, q, kv] scores)
+            mask = causal_mask(q_len, past + q_len, x.device) if x.device.type == "cpu" else \
+                causal_lower_right(q_len, past + q_len)
+        else:
+            mask = None
         cos, sin = self.rotary_emb(position_ids, numerics)
+        step = StepInputs(cos, sin, mask, causal, past if cache is not None else None,
+                          past + q_len if cache is not None else None)
         if trace is not None:
             trace["inputs_embeds"] = x
-        per_device: dict[torch.device, tuple] = {}
-        for layer in self.layers:
-            dev = layer.device
-            if dev not in per_device:  # activations move to the layer, weights stay put
-                per_device[dev] = tuple(None if t is None else t.to(dev)
-                                        for t in (cos, sin, mask, image_mask, audio_mask))
-            l_cos, l_sin, l_mask, l_image, l_audio = per_device[dev]
-            x = layer(x.to(dev), l_cos, l_sin, l_mask, causal, cache, numerics, l_image, l_audio, trace)
-            if trace is not None:
-                trace.setdefault("layer_output", []).append(x)
+        residual = None
+        for dev, layers in self.segments():  # activations move to the layers, weights stay put
+            x, residual = x.to(dev), None if residual is None else residual.to(dev)
+            x, residual = self.run_layers(layers, x, residual, step.to(dev), cache, numerics,
+                                          _to(image_mask, dev), _to(audio_mask, dev), trace)
         if cache is not None:
-            cache.advance(q_len, step_mask)
-        return self.norm(x.to(self.norm.weight.device))
+            cache.advance(q_len)
+        return self.final_norm(x, residual)
+
+    def device_step_inputs(self, cache: KVCache, device: torch.device, window: int,
+                           numerics: Numerics) -> StepInputs:
+        """StepInputs of a one-token device step on `device` (see engine.models.thinker.kv_cache): the
+        token's slot is `cache.positions[device]`, its position that slot + rope_delta on all three
+        axes (spec §2.9), attention reads `window` slots, masked beyond the slot and at padding."""
+        slot = cache.positions[device]
+        position = slot + cache.on("rope_deltas", device).view(-1)  # [B]
+        cos_table, sin_table = self.rotary_emb.decode_tables(device, numerics)
+        cos, sin = cos_table[position].unsqueeze(1), sin_table[position].unsqueeze(1)  # [B, 1, rot]
+        key_mask = cache.on("key_mask", device)
+        if not cache.static and not cache.padded and window == cache.length + 1:
+            mask = None  # every cached slot and the new one: nothing to mask (a graph always masks)
+        else:
+            mask = torch.arange(window, device=device) <= slot  # [window]
+            if key_mask is not None:
+                mask = mask & key_mask[:, :window]
+            mask = mask.view(-1, 1, 1, window)
+        return StepInputs(cos, sin, mask, False, slot, window)
+
+    def step_segment(self, device: torch.device, layers: list[DecoderLayer], x: torch.Tensor,
+                     residual: torch.Tensor | None, cache: KVCache, numerics: Numerics,
+                     window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One device's layers of a device step (see forward_step); advances that device's slot."""
+        x, residual = x.to(device), None if residual is None else residual.to(device)
+        step = self.device_step_inputs(cache, device, window, numerics)
+        x, residual = self.run_layers(layers, x, residual, step, cache, numerics)
+        cache.positions[device].add_(1)
+        return x, residual
+
+    def forward_step(self, input_ids: torch.Tensor, cache: KVCache, numerics: Numerics, window: int) -> torch.Tensor:
+        """One decode token per row as a device step -> final-norm hidden [B, 1, H]. input_ids [B, 1]
+        on the embedding's device; nothing is read back to the host, so the step can be captured in a
+        CUDA graph (one per `window`). Advances each device's slot (`cache.positions`); the caller
+        advances the host's count (`cache.advance(1)`)."""
+        x, residual = self.embed(input_ids), None
+        for dev, layers in self.segments():
+            x, residual = self.step_segment(dev, layers, x, residual, cache, numerics, window)
+        return self.final_norm(x, residual)
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean [q, kv] causal mask, bottom-right aligned (query i sees keys j <= i + kv - q)."""
+    i = torch.arange(q_len, device=device).view(-1, 1)
+    j = torch.arange(kv_len, device=device).view(1, -1)
+    return j <= i + (kv_len - q_len)
 
 
 @dataclass
@@ -197,15 +316,19 @@ class BailingMoeV2ForCausalLM(nn.Module):
             trace["last_hidden_state"] = hidden
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.lm_head(hidden).float()  # lm_head lives with the final norm (engine.models.thinker.model placement)
+        return self.logits(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final-norm hidden states (lm_head lives with the final norm)."""
+        return self.lm_head(hidden).float()
 
     def new_cache(self, batch: int, numerics: Numerics, device: torch.device | str | None = None,
-                  capacity: int = 256) -> KVCache:
+                  capacity: int = 256, static: bool = False) -> KVCache:
         """A KV cache with each layer's part on that layer's device (`device` only overrides
-        when every layer lives on one device)."""
+        when every layer lives on one device). `static`: fixed buffers (see KVCache)."""
         cfg = self.config
         devices = [layer.device for layer in self.model.layers]
         if device is not None and len(set(devices)) == 1:
             devices = [torch.device(device)] * len(devices)
         return KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim,
-                       numerics.dtype, devices, capacity)
+                       numerics.dtype, devices, capacity, static=static)

@@ -187,17 +187,27 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     if pack_cpu_experts and plan is None and expert_dtype != "bf16" and dev.type == "cpu":
         for bank in banks.values():  # torch's int8/int4 weight-only CPU kernels read the quantised bytes
             bank.pack_for_cpu(numerics.dtype)
-    if pack_cpu_experts and not custom_experts and dev.type == "cpu" and numerics.dtype == torch.bfloat16 \
-            and kernels.onednn_packing_available(torch.bfloat16):
-        for bank in banks.values():  # one layer at a time: the stacked copy is freed as we go
-            bank.pack_for_cpu()
-        for layer in llm.model.layers:  # attention, dense and shared-expert projections too
-            kernels.pack_linears(layer)
-        kernels.pack_linears(llm)  # lm_head
+    if pack_cpu_experts and not custom_experts and dev.type == "cpu":
+        pack_for_cpu(llm)
     if runtime is not None and hasattr(plan, "layer_home"):
         place_non_expert_modules(llm, encoders, plan, runtime.device_map)
     return LoadedModel(config=cfg, llm=llm, numerics=numerics, device=dev, path=root, encoders=encoders,
                        load_seconds=time.perf_counter() - t0, expert_dtype=expert_dtype, moe_runtime=runtime)
+
+
+def pack_for_cpu(llm: BailingMoeV2ForCausalLM) -> bool:
+    """bf16 weights on the CPU re-laid out once for oneDNN (experts and every projection); True when done
+    (a bf16 model on a CPU whose torch build can pack)."""
+    params = next(llm.parameters())
+    if params.device.type != "cpu" or params.dtype != torch.bfloat16 or \
+            not kernels.onednn_packing_available(torch.bfloat16):
+        return False
+    for bank in _expert_banks(llm).values():  # one layer at a time: the stacked copy is freed as we go
+        bank.pack_for_cpu()
+    for layer in llm.model.layers:  # attention, dense and shared-expert projections too
+        kernels.pack_linears(layer)
+    kernels.pack_linears(llm)  # lm_head
+    return True
 
 
 def place_non_expert_modules(llm: BailingMoeV2ForCausalLM, encoders: Encoders, plan, device_map) -> None:

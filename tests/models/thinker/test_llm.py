@@ -121,3 +121,25 @@ def test_cpu_bf16_packed_experts_match_the_plain_path(tiny_checkpoint):
         a = plain.llm(plain.llm.model.embed(ids), pos, plain.numerics)
         b = packed.llm(packed.llm.model.embed(ids), pos, packed.numerics)
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
+def test_moe_block_folds_the_shared_expert_into_the_fused_kernel(tiny_checkpoint, monkeypatch):
+    """Where the routed experts run the Triton kernel (here forced, under the interpreter), the shared
+    expert is computed in the same pass; the block's output stays that of the two-step reference."""
+    import engine.kernels.dispatch as dispatch
+    import engine.kernels.moe as moe_kernels
+
+    llm = load_model(tiny_checkpoint, dtype="fp32", device="cpu", pack_cpu_experts=False).llm
+    block = next(layer.mlp for layer in llm.model.layers if layer.is_moe)
+    x = torch.randn(1, 6, llm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert block._shared_for_fused_pass() is None  # CPU tensors: the torch path
+        want = block(x, FP32)
+        calls = []
+        triton_moe = moe_kernels.use_triton
+        monkeypatch.setattr(dispatch, "use_triton", lambda impl, *t: impl != "torch")
+        monkeypatch.setattr(moe_kernels, "use_triton", lambda impl, *t: calls.append(impl) or triton_moe("triton", *t))
+        assert block._shared_for_fused_pass() is not None
+        got = block(x, FP32)
+    assert calls  # the fused kernel ran
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,489 @@
+"""The engine at the real Ming-flash-omni 2.0 shape: decode and prefill per placement, extrapolated to 32 layers.
+
+    python bench/real_shape.py [--config DIR] [--layers 2,6] [--batches 1,8] [--prompt-tokens 512]
+                               [--decode-steps 32] [--placements resident,fp8,int8,offload,offload_fp8]
+                               [--experts N] [--set KEY=VALUE ...] [--device cuda|cpu] [--json]
+
+No checkpoint is read: the LLM is built from the real config (``--config``, default the 2.0 config in
+``../shared/fixtures/real_configs``) with fewer layers and random weights made on the device.
+
+Method
+------
+* For each placement and each of two layer counts (``--layers``; layer 0 is the dense layer, the rest
+  MoE), a fresh model; for each batch size (``--batches``) a random text prompt of ``--prompt-tokens``
+  per row is prefilled (engine.generate.prefill, chunked as the engine does) and ``--decode-steps``
+  greedy decode steps run as the engine runs them (engine.generate.DecodeStep: CUDA graphs where the
+  model allows, the sampled ids read back a step late). Times are after a warm-up.
+* Per-layer cost: the time of a step at the two layer counts gives the cost of one MoE layer (slope)
+  and of everything else (intercept); the full model's step = intercept + 31 MoE layers.
+* Bytes per decode step: every non-expert weight, the routed experts a step touches (expected number of
+  distinct experts for B tokens choosing top-k of E uniformly, which is what random weights route
+  like), one embedding row per token and the KV cache read; against the memory bandwidth measured in
+  the same run (a large device copy, read + write).
+* Host syncs per step (engine.tools.host_sync, the token read excluded) and, on CUDA, kernels per step
+  and the share of the step the GPU is busy (torch.profiler); on the CPU the dispatched ops per step.
+* Placements: ``resident`` (every expert in the model dtype on the device), ``fp8`` / ``int8`` (the
+  experts quantised, engine.placement.quant), ``offload`` / ``offload_fp8`` (the planner's plan for one
+  80 GB GPU + 256 GB host: each MoE layer's experts split between the GPU and host memory as the plan
+  splits the real layer, cold experts computed by the CPU through engine.placement.expert_runtime; on a
+  machine without CUDA the GPU slot is simulated on the CPU, so only the code path is measured).
+* ``--experts N`` keeps N of the 256 experts per layer (groups shrink, top-k stays): per-token work
+  and bytes of a decode step are those of the real layer, memory is not (the CPU default is 32);
+  ``--set KEY=VALUE`` overrides any other LLM config key (the CI smoke test shrinks the widths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import ctypes
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from engine.decode_graphs import DecodeGraphs, graph_blockers  # noqa: E402
+from engine.generate import DecodeStep, TokenReader, prefill  # noqa: E402
+from engine.models.thinker.config import LLMConfig, MingConfig  # noqa: E402
+from engine.models.thinker.layers import Numerics  # noqa: E402
+from engine.models.thinker.llm import BailingMoeV2ForCausalLM  # noqa: E402
+from engine.models.thinker.model import pack_for_cpu  # noqa: E402
+from engine.placement import quant  # noqa: E402
+from engine.placement.expert_runtime import CPU, DeviceMap, ExpertPlacement, MoERuntime, RuntimeOptions  # noqa: E402
+from engine.placement.planner import DeviceSpec, plan_placement  # noqa: E402
+from engine.sampling import GenerationParams, Sampler  # noqa: E402
+from engine.tools.host_sync import HostSyncCounter  # noqa: E402
+
+SHARED = Path(os.environ.get("MING_SHARED_DIR", REPO.parent / "shared"))
+DEFAULT_CONFIG = SHARED / "fixtures" / "real_configs" / "ming-flash-omni-2.0"
+PLACEMENTS = ("resident", "fp8", "int8", "offload", "offload_fp8")
+INIT_BLOCK = 1 << 24  # elements initialised at a time
+OFFLOAD_DEVICES = ("80GB", "256GB")  # the planner's one-GPU case: 1 x 80 GB + 256 GB host memory
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+def parse_overrides(items: list[str]) -> dict:
+    """--set KEY=VALUE items -> {key: Python literal (or the string)}."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if not key or not value or key not in LLMConfig.__dataclass_fields__:
+            raise SystemExit(f"--set takes KEY=VALUE with an LLM config key, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def bench_config(real: LLMConfig, layers: int, experts: int | None, overrides: dict) -> LLMConfig:
+    """The real LLM config with `layers` layers, `experts` experts per layer (groups scaled) and overrides."""
+    cfg = replace(real, num_hidden_layers=layers, **overrides)
+    if experts and experts != cfg.num_experts:
+        groups = cfg.n_group
+        while experts % groups or experts // groups < 2:  # a group needs its top-2
+            groups //= 2
+        cfg = replace(cfg, num_experts=experts, n_group=groups, topk_group=max(1, min(cfg.topk_group, groups)))
+    cfg.validate("bench config")
+    return cfg
+
+
+def random_llm(cfg: LLMConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> BailingMoeV2ForCausalLM:
+    """The LLM with random weights made on `device` (norms ~1, expert bias U(-0.15, 0.15) in fp32,
+    projections N(0, 1/fan_in))."""
+    with torch.device("meta"):
+        llm = BailingMoeV2ForCausalLM(cfg).to(dtype)
+    llm = llm.to_empty(device=device).requires_grad_(False)  # as loaded models are (no autograd records)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in llm.named_parameters():
+            if name.endswith("expert_bias"):
+                p.data = torch.empty(p.shape, dtype=torch.float32, device=device).uniform_(-0.15, 0.15, generator=gen)
+            else:  # in blocks: a bf16 normal_ draws through an fp32 copy of what it fills
+                mean, std = (1.0, 0.1) if "norm" in name else (0.0, p.shape[-1] ** -0.5)
+                for block in p.data.view(-1).split(INIT_BLOCK):
+                    block.normal_(mean, std, generator=gen)
+    return llm.eval()
+
+
+def moe_banks(llm) -> dict[int, torch.nn.Module]:
+    return {i: layer.mlp.experts for i, layer in enumerate(llm.model.layers) if layer.is_moe}
+
+
+def offload_plan(real: MingConfig, expert_dtype: str):
+    """The planner's plan for the real model on 1 x 80 GB + 256 GB host, and the share of each real MoE
+    layer's experts it keeps on the GPU (in layer order)."""
+    plan = plan_placement(real, DeviceSpec.parse(OFFLOAD_DEVICES[0], OFFLOAD_DEVICES[1]), expert_dtype)
+    return plan, [sum(s != CPU for s in le.device) / len(le.device) for le in plan.experts]
+
+
+def apply_placement(llm, placement: str, real: MingConfig, cfg: LLMConfig, device: torch.device) -> dict:
+    """Quantise / offload the experts as `placement` says; returns notes for the table."""
+    notes: dict = {}
+    expert_dtype = {"fp8": "fp8", "int8": "int8", "offload_fp8": "fp8"}.get(placement, "bf16")
+    if expert_dtype != "bf16":
+        for bank in moe_banks(llm).values():
+            quant.quantize_bank_(bank, expert_dtype)
+    if placement.startswith("offload"):
+        # The plan keeps whole layers on the GPU or in host memory (uniform popularity), so the bench
+        # measures host-resident layers (every expert computed by the CPU through the runtime) and the
+        # full model combines them with the GPU-resident layers of the matching resident placement.
+        plan, gpu_share = offload_plan(real, expert_dtype)
+        dmap = DeviceMap.cuda(1) if device.type == "cuda" else DeviceMap.simulated(1)
+        slots = {i: (CPU,) * cfg.num_experts for i in moe_banks(llm)}
+        MoERuntime.attach(llm, ExpertPlacement(slots, {i: 0 for i in slots}),
+                          RuntimeOptions(device_map=dmap, cache_capacity=0, fetch_threshold=-1))
+        notes.update(experts_on_gpu=sum(gpu_share) / len(gpu_share), layer_gpu_share=gpu_share,
+                     planner_decode_tokens_per_s=plan.prediction.tokens_per_s,
+                     planner_prefill_note="cold experts computed by the CPU (no fetch, no hot cache)",
+                     simulated_gpu=device.type != "cuda")
+    elif placement == "resident" and device.type == "cpu":
+        notes["onednn_packed"] = pack_for_cpu(llm)
+    return notes
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+def memory_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large copy on `device` (read + write), best of several."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 27)  # elements (bf16): 2 GiB / 256 MiB
+    src = torch.ones(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5 if device.type == "cuda" else 3):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    rate = 2 * src.numel() * src.element_size() / best
+    del src, dst
+    release_memory(device)
+    return rate
+
+
+def release_memory(device: torch.device) -> None:
+    """Give a dropped model's memory back (the next one is as large): caching allocator on CUDA, the C
+    heap on the host (glibc keeps freed medium-sized blocks otherwise)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_bytes(llm, cfg: LLMConfig, batch: int, context: int) -> float:
+    """Expected bytes a decode step reads (see module doc)."""
+    total = 0.0
+    for name, p in llm.named_parameters():
+        if p.is_meta or ".experts." in name or name.startswith("model.word_embeddings"):
+            continue
+        total += p.numel() * p.element_size()
+    for mod in llm.modules():  # oneDNN-packed projections hold their weight outside the parameters
+        packed = getattr(mod, "packed", None)
+        if isinstance(packed, torch.Tensor):
+            total += packed.numel() * packed.element_size()
+    emb = llm.model.word_embeddings.weight
+    total += batch * emb.shape[1] * emb.element_size()
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    distinct = e * (1 - (1 - k / e) ** batch)
+    for bank in moe_banks(llm).values():
+        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        width = 1 if bank.expert_dtype in ("fp8", "int8") else torch.finfo(torch.bfloat16).bits // 8
+        if bank.packed is None and bank.runtime is None and not bank.gate_proj.is_meta:
+            width = bank.gate_proj.element_size()
+        total += distinct * per_expert * width
+    kv_width = torch.tensor([], dtype=next(llm.parameters()).dtype).element_size()
+    total += cfg.num_hidden_layers * batch * context * 2 * cfg.num_key_value_heads * cfg.head_dim * kv_width
+    return total
+
+
+def profile_steps(run_step, device: torch.device, n: int) -> dict:
+    """Host syncs / dispatched ops per step; on CUDA kernels per step and the GPU's busy share."""
+    out = {}
+    with HostSyncCounter() as c:
+        for _ in range(n):
+            run_step()
+    out["host_syncs_per_step"] = c.count.total / n
+    out["dispatched_ops_per_step"] = c.count.ops / n
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        sync(device)
+        t = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(n):
+                run_step()
+            sync(device)
+        wall = time.perf_counter() - t
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out["kernels_per_step"] = sum(e.count for e in kernels if not e.key.startswith(("Memcpy", "Memset"))) / n
+        busy = sum(e.self_device_time_total for e in kernels) * 1e-6  # us -> s
+        out["gpu_busy_fraction"] = busy / wall if wall > 0 else 0.0
+    return out
+
+
+def measure(llm, cfg: LLMConfig, numerics: Numerics, device: torch.device, batch: int, prompt: int, steps: int,
+            use_graphs: bool) -> dict:
+    capacity = prompt + 3 * steps + 16
+    graphs = DecodeGraphs(llm, numerics, max_tokens=capacity) if use_graphs and not graph_blockers(llm) else None
+    gen = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, min(cfg.vocab_size, cfg.image_patch_token), (batch, prompt), generator=gen).to(device)
+    positions = torch.arange(prompt, device=device).view(1, 1, -1).expand(3, batch, -1)
+    cache = graphs.acquire(batch) if graphs is not None else llm.new_cache(batch, numerics, device, capacity=capacity)
+    result = {"batch": batch, "graphs": graphs is not None}
+    with torch.inference_mode():
+        embeds = llm.model.embed(ids)
+        times = []
+        for _ in range(3):  # a warm-up, then the best of two
+            cache.reset()
+            cache.rope_deltas = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            sync(device)
+            t = time.perf_counter()
+            pre = prefill(llm, numerics, cache, embeds, positions)
+            sync(device)
+            times.append(time.perf_counter() - t)
+        result["prefill_s"] = min(times[1:])
+        head = llm.model.norm.weight.device
+        sampler = Sampler(GenerationParams(), cfg.vocab_size, batch, head)
+        step = DecodeStep(llm, numerics, cache, graphs)
+        reader = TokenReader(head, batch)
+        step.feed(sampler(pre.logits))
+
+        def run_step():
+            ids_n = sampler(step.step())
+            step.feed(ids_n)
+            return ids_n
+
+        for _ in range(2):  # warm-up (graph captures)
+            reader.wait(reader.push(run_step()))
+        best = float("inf")
+        for _ in range(2):  # the best of two timed runs of `steps` steps
+            sync(device)
+            t = time.perf_counter()
+            pending = reader.push(run_step())
+            for _ in range(steps - 1):  # the engine's loop: queue the next step, then read the previous ids
+                nxt = reader.push(run_step())
+                reader.wait(pending)
+                pending = nxt
+            reader.wait(pending)
+            best = min(best, (time.perf_counter() - t) / steps)
+        result["decode_step_s"] = best
+        result.update(profile_steps(run_step, device, min(4, max(1, steps // 4))))
+        result["context"] = cache.length
+    if graphs is None:
+        cache.free()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def measure_model(spec: dict) -> tuple[dict, dict[int, dict]]:
+    """Build one model (placement, layer count) and measure it at every batch size: (notes, {batch: figures})."""
+    device, dtype = torch.device(spec["device"]), {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
+    real = MingConfig.from_file(Path(spec["config"]))
+    cfg = bench_config(real.llm, spec["layers"], spec["experts"], spec["overrides"])
+    llm = random_llm(cfg, device, dtype)
+    notes = apply_placement(llm, spec["placement"], real, cfg, device)
+    numerics = Numerics.reference(dtype)
+    meas = {}
+    for b in spec["batches"]:
+        meas[b] = measure(llm, cfg, numerics, device, b, spec["prompt"], spec["steps"], spec["graphs"])
+        meas[b]["bytes_per_step"] = step_bytes(llm, cfg, b, meas[b]["context"])
+    del llm
+    release_memory(device)
+    notes["peak_host_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return notes, meas
+
+
+def model_in_subprocess(spec: dict) -> tuple[dict, dict[int, dict]]:
+    """measure_model in a fresh process, so that each model's memory goes back to the system when it ends."""
+    out = subprocess.run([sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--worker",
+                          json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the measurement of {spec['placement']} at {spec['layers']} layers failed:\n"
+                           f"{out.stderr[-3000:]}")
+    notes, meas = json.loads(out.stdout.strip().splitlines()[-1])
+    return notes, {int(b): m for b, m in meas.items()}
+
+
+def fit(a: dict, b: dict, key: str, n_moe: tuple[int, int], full_moe: int) -> tuple[float, float]:
+    """(per MoE layer, full model) for a figure measured at two MoE-layer counts."""
+    slope = (b[key] - a[key]) / (n_moe[1] - n_moe[0])
+    return slope, a[key] + (full_moe - n_moe[0]) * slope
+
+
+def run(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    real = MingConfig.from_file(Path(args.config))
+    cpu = device.type == "cpu"
+    layers = [int(x) for x in (args.layers or ("2,4" if cpu else "2,6")).split(",")]
+    if len(layers) != 2 or layers[0] >= layers[1] or layers[0] < 2:
+        raise SystemExit("--layers takes two increasing layer counts of at least 2 (layer 0 is dense)")
+    experts = args.experts if args.experts is not None else (32 if cpu else None)
+    prompt = args.prompt_tokens or (32 if cpu else 512)
+    steps = args.decode_steps or (8 if cpu else 32)
+    batches = [int(x) for x in args.batches.split(",")]
+    overrides = parse_overrides(args.set)
+    full_layers = real.llm.num_hidden_layers
+    bandwidth = memory_bandwidth(device)
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "dtype": args.dtype, "layers": layers, "full_layers": full_layers, "experts": experts or real.llm.num_experts,
+           "prompt_tokens": prompt, "decode_steps": steps, "memory_bytes_per_s": bandwidth,
+           "torch_threads": torch.get_num_threads(), "rows": []}
+    for placement in args.placements.split(","):
+        if placement not in PLACEMENTS:
+            raise SystemExit(f"unknown placement {placement!r}; choose from {PLACEMENTS}")
+        per_count = []
+        for n in layers:
+            cfg = bench_config(real.llm, n, experts, overrides)
+            spec = {"config": args.config, "layers": n, "experts": experts, "overrides": overrides,
+                    "placement": placement, "device": str(device), "dtype": args.dtype, "batches": batches,
+                    "prompt": prompt, "steps": steps, "graphs": not args.no_graphs}
+            notes, meas = model_in_subprocess(spec) if args.isolate else measure_model(spec)
+            per_count.append((cfg, notes, meas))
+            print(json.dumps({"placement": placement, "layers": n, **{str(b): m for b, m in meas.items()}}),
+                  file=sys.stderr, flush=True)
+        (cfg_a, notes, meas_a), (cfg_b, _, meas_b) = per_count
+        n_moe = (cfg_a.num_moe_layers, cfg_b.num_moe_layers)
+        full_moe = max(0, full_layers - cfg_a.first_k_dense_replace)
+        for b in batches:
+            a, c = meas_a[b], meas_b[b]
+            layer_s, step_s = fit(a, c, "decode_step_s", n_moe, full_moe)
+            layer_pf, prefill_s = fit(a, c, "prefill_s", n_moe, full_moe)
+            _, full_bytes = fit(a, c, "bytes_per_step", n_moe, full_moe)
+            row = {"placement": placement, "batch": b, "graphs": c["graphs"],
+                   "decode_ms_per_moe_layer": 1e3 * layer_s, "decode_ms_full": 1e3 * step_s,
+                   "decode_tokens_per_s_full": b / step_s if step_s > 0 else float("nan"),
+                   "prefill_tokens_per_s_full": b * prompt / prefill_s if prefill_s > 0 else float("nan"),
+                   "prefill_ms_per_moe_layer": 1e3 * layer_pf,
+                   f"decode_ms_at_{layers[1]}_layers": 1e3 * c["decode_step_s"],
+                   "bytes_per_step_full": full_bytes,
+                   "bandwidth_fraction": full_bytes / step_s / bandwidth if step_s > 0 else float("nan"),
+                   "_fixed_decode_ms": 1e3 * (a["decode_step_s"] - n_moe[0] * layer_s),
+                   "_fixed_prefill_ms": 1e3 * (a["prefill_s"] - n_moe[0] * layer_pf), "_prompt": prompt,
+                   "host_syncs_per_step": c["host_syncs_per_step"],
+                   "host_syncs_per_moe_layer": (c["host_syncs_per_step"] - a["host_syncs_per_step"]) / (n_moe[1] - n_moe[0]),
+                   "ops_per_moe_layer": (c["dispatched_ops_per_step"] - a["dispatched_ops_per_step"]) / (n_moe[1] - n_moe[0]),
+                   **notes}
+            if "kernels_per_step" in c:
+                row["kernels_per_moe_layer"] = (c["kernels_per_step"] - a["kernels_per_step"]) / (n_moe[1] - n_moe[0])
+                row["kernels_per_step"] = c["kernels_per_step"]
+                row["gpu_busy_fraction"] = c["gpu_busy_fraction"]
+            out["rows"].append(row)
+    combine_offload_rows(out["rows"])
+    return out
+
+
+def combine_offload_rows(rows: list[dict]) -> None:
+    """Offload rows measured host-resident MoE layers; with the resident placement of the same expert
+    dtype in the run, the full model is the plan's mix: fixed part + per real MoE layer
+    share_gpu * resident layer + (1 - share_gpu) * host layer (decode and prefill)."""
+    base_of = {"offload": "resident", "offload_fp8": "fp8"}
+    by_key = {(r["placement"], r["batch"]): r for r in rows}
+    for r in rows:
+        if r["placement"] not in base_of:
+            continue
+        base = by_key.get((base_of[r["placement"]], r["batch"]))
+        r["host_layer_ms"] = r.pop("decode_ms_per_moe_layer")
+        r["host_layer_prefill_ms"] = r.pop("prefill_ms_per_moe_layer")
+        for key in ("decode_tokens_per_s_full", "prefill_tokens_per_s_full", "decode_ms_full", "bandwidth_fraction"):
+            r.pop(key, None)
+        if base is None:
+            continue
+        share = r["layer_gpu_share"]
+        mix = lambda gpu, host: sum(f * gpu + (1 - f) * host for f in share)  # noqa: E731
+        fixed = r["_fixed_decode_ms"]
+        step_ms = fixed + mix(base["decode_ms_per_moe_layer"], r["host_layer_ms"])
+        prefill_ms = r["_fixed_prefill_ms"] + mix(base["prefill_ms_per_moe_layer"], r["host_layer_prefill_ms"])
+        r["decode_ms_per_moe_layer"] = mix(base["decode_ms_per_moe_layer"], r["host_layer_ms"]) / len(share)
+        r["decode_ms_full"] = step_ms
+        r["decode_tokens_per_s_full"] = r["batch"] / (step_ms * 1e-3)
+        r["prefill_tokens_per_s_full"] = r["batch"] * r["_prompt"] / (prefill_ms * 1e-3)
+    for r in rows:
+        for key in [k for k in r if k.startswith("_")]:
+            del r[key]
+        if r["placement"] in base_of:
+            r.pop("layer_gpu_share", None)
+
+
+TABLE = (("placement", "placement", "{}"), ("batch", "batch", "{}"), ("graphs", "graphs", "{}"),
+         ("ms/layer", "decode_ms_per_moe_layer", "{:.2f}"), ("host ms/layer", "host_layer_ms", "{:.2f}"), ("tok/s@full", "decode_tokens_per_s_full", "{:.2f}"),
+         ("prefill tok/s@full", "prefill_tokens_per_s_full", "{:.1f}"), ("bw frac", "bandwidth_fraction", "{:.2f}"),
+         ("syncs/step", "host_syncs_per_step", "{:.1f}"), ("syncs/layer", "host_syncs_per_moe_layer", "{:.1f}"),
+         ("ops/layer", "ops_per_moe_layer", "{:.0f}"), ("kernels/layer", "kernels_per_moe_layer", "{:.0f}"),
+         ("GPU busy", "gpu_busy_fraction", "{:.2f}"), ("planner tok/s", "planner_decode_tokens_per_s", "{:.1f}"))
+
+
+def print_table(out: dict) -> None:
+    print(f"{out['device']} {out['dtype']}, layers {out['layers']} -> {out['full_layers']}, "
+          f"{out['experts']} experts/layer, prompt {out['prompt_tokens']}, {out['decode_steps']} decode steps, "
+          f"memory {out['memory_bytes_per_s'] / 1e9:.1f} GB/s (copy), {out['torch_threads']} threads")
+    rows = [[head] + [("-" if r.get(key) is None else fmt.format(r[key])) for r in out["rows"]]
+            for head, key, fmt in TABLE]
+    widths = [max(len(c) for c in col) for col in rows]
+    for i in range(len(out["rows"]) + 1):
+        print("  ".join(col[i].rjust(w) if j else col[i].ljust(w) for j, (col, w) in enumerate(zip(rows, widths))))
+    print("ms/layer: decode ms per MoE layer (fitted; offload: the plan's mix of resident and host layers, "
+          "host ms/layer: a layer whose experts are all computed by the CPU); tok/s@full, prefill tok/s@full: extrapolated to the full "
+          "model; bw frac: bytes read per decode step / measured copy bandwidth; syncs/step: host syncs of a "
+          "decode step (the token read excluded); per layer: per MoE layer; GPU busy: share of a step with a "
+          "kernel running; planner tok/s: the planner's prediction for the real model on 1x80 GB + host")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="checkpoint folder or config.json of the real model")
+    ap.add_argument("--layers", default=None, help="two layer counts to fit over (default 2,6 on CUDA, 2,4 on CPU)")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prompt-tokens", type=int, default=None, help="per row (default 512 on CUDA, 32 on CPU)")
+    ap.add_argument("--decode-steps", type=int, default=None, help="timed steps (default 32 on CUDA, 8 on CPU)")
+    ap.add_argument("--placements", default=",".join(PLACEMENTS))
+    ap.add_argument("--experts", type=int, default=None, help="experts per layer (default: all on CUDA, 32 on CPU)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an LLM config key")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--no-graphs", action="store_true", help="run every decode step eagerly")
+    ap.add_argument("--in-process", dest="isolate", action="store_false",
+                    help="measure every model in this process (default: one fresh process per model)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(measure_model(json.loads(args.worker))))
+        return 0
+    if not Path(args.config).exists():
+        print(f"real_shape: no config at {args.config} (pass --config)", file=sys.stderr)
+        return 2
+    out = run(args)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print_table(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""CUDA graphs of the decode step: window buckets, when a model can be captured, and (on a GPU only)
+the same greedy tokens with and without the graphs."""
+
+import pytest
+import torch
+
+from engine.decode_graphs import MIN_WINDOW, decode_graphs_for, graph_blockers, window_bucket
+from engine.events import Done
+from engine.sampling import GenerationParams
+
+
+def test_window_buckets_are_powers_of_two_within_the_capacity():
+    assert window_bucket(1, 4096) == MIN_WINDOW
+    assert window_bucket(MIN_WINDOW, 4096) == MIN_WINDOW
+    assert window_bucket(MIN_WINDOW + 1, 4096) == 2 * MIN_WINDOW
+    assert window_bucket(1000, 4096) == 1024 and window_bucket(1025, 4096) == 2048
+    assert window_bucket(3000, 3000) == 3000  # never past the cache
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU answer")
+def test_a_cpu_model_runs_its_steps_eagerly(tiny_engine):
+    assert graph_blockers(tiny_engine.model.llm) == ["no CUDA"]
+    assert decode_graphs_for(tiny_engine.model.llm, tiny_engine.model.numerics) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_graph_replays_give_the_eager_greedy_tokens(tiny_checkpoint, dtype, monkeypatch):
+    from engine.generate import generate
+    from engine.runtime import Engine
+
+    engine = Engine.load(tiny_checkpoint, dtype=dtype, device="cuda")
+    llm = engine.model.llm
+    assert graph_blockers(llm) == []
+    prompt = engine.processor.build([{"role": "user", "content": "Tell me about the Ming dynasty."}]).ids
+    params = GenerationParams(max_new_tokens=MIN_WINDOW + 50)
+
+    def tokens():  # no end-of-sequence id: the steps run past a window bucket
+        events = list(generate(engine.model, engine.tokenizer, prompt, params, eos_ids=set()))
+        assert isinstance(events[-1], Done), events[-1]
+        return events[-1].token_ids
+
+    graphs = decode_graphs_for(llm, engine.model.numerics)
+    with_graphs = tokens()
+    assert graphs.captures >= 2  # the steps crossed a window bucket
+    graphs.replay = False  # the same step, launched eagerly
+    try:
+        assert with_graphs == tokens()
+    finally:
+        graphs.replay = True

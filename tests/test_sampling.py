@@ -1,0 +1,44 @@
+"""Next-token choice on the device: greedy, the repetition-penalty rule, top-k / top-p, seeded draws
+that follow the distribution."""
+
+import torch
+
+from engine.sampling import GenerationParams, Sampler, apply_repetition_penalty, filter_top_k_top_p
+
+
+def test_repetition_penalty_follows_the_ctrl_rule_once_per_seen_token():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]])
+    seen_ids = torch.tensor([[0, 1, 1, 4]])  # token 1 twice: penalised once, as HF's gather/scatter does
+    seen = torch.zeros(1, 5, dtype=torch.bool).scatter_(1, seen_ids, True)
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0, -4.0]]
+    assert apply_repetition_penalty(logits, seen, 1.0) is logits
+
+
+def test_top_k_and_top_p_keep_the_expected_sets():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+    kept = lambda t: torch.isfinite(t).nonzero()[:, 1].tolist()  # noqa: E731
+    assert kept(filter_top_k_top_p(logits, 2, 1.0)) == [0, 1]
+    assert kept(filter_top_k_top_p(logits, 0, 0.7)) == [0, 1]  # 0.5 < 0.7 <= 0.75
+    assert kept(filter_top_k_top_p(logits, 0, 0.3)) == [0]  # the best token always stays
+    assert kept(filter_top_k_top_p(logits, 3, 0.99)) == [0, 1, 2]
+
+
+def test_greedy_is_argmax_and_records_the_history():
+    s = Sampler(GenerationParams(repetition_penalty=1.5), vocab_size=6, batch=2)
+    s.observe(torch.tensor([[1, 2], [3, 3]]))
+    ids = s(torch.tensor([[0.0, 5.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 4.0, 0.0, 3.0]]))
+    assert ids.tolist() == [1, 5]  # row 1: 4/1.5 < 3
+    assert s.seen.nonzero().tolist() == [[0, 1], [0, 2], [1, 3], [1, 5]]
+
+
+def test_seeded_draws_reproduce_and_follow_the_distribution():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0])
+    logits = torch.log(probs).expand(20000, -1)
+    params = GenerationParams(temperature=1.0, seed=11)
+    a = Sampler(params, vocab_size=5, batch=20000)(logits)
+    b = Sampler(params, vocab_size=5, batch=20000)(logits)
+    c = Sampler(GenerationParams(temperature=1.0, seed=12), vocab_size=5, batch=20000)(logits)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    freq = torch.bincount(a, minlength=5).float() / a.numel()
+    assert (freq - probs).abs().max() < 0.015 and freq[4] == 0
