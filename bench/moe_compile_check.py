@@ -36,14 +36,17 @@ STORAGES = {"bf16": (moe.QUANT_NONE, "bf16", "bf16"), "fp8": (moe.QUANT_CHANNEL,
             "int4": (moe.QUANT_INT4, "u8", "fp32")}
 POINTERS = {"x_ptr": "act", "h_ptr": "act", "w_gate_ptr": "w", "w_up_ptr": "w", "w_down_ptr": "w", "s_gate_ptr": "s",
             "s_up_ptr": "s", "s_down_ptr": "s", "out_ptr": "fp32", "routing_weight_ptr": "fp32", "sorted_ptr": "i32",
-            "block_expert_ptr": "i32", "ids_ptr": "i64"}
+            "block_expert_ptr": "i32", "ids_ptr": "i64", "shared_gate_ptr": "act", "shared_up_ptr": "act",
+            "shared_down_ptr": "act"}
+# Each storage compiled without the shared expert; plain weights also with it (the fused shared pass).
+VARIANTS = [(storage, False) for storage in STORAGES] + [("bf16", True)]
 
 
-def source(kernel, storage: str, direct: bool, cfg: moe.LaunchConfig) -> ASTSource:
+def source(kernel, storage: str, direct: bool, cfg: moe.LaunchConfig, shared: bool = False) -> ASTSource:
     quant, w_type, s_type = STORAGES[storage]
     types = {"act": "bf16", "w": w_type, "s": s_type}
     consts = dict(QUANT=quant, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_IN_FP32=False,
-                  DOT_PRECISION=None, EMULATE_BF16_RTNE=False, DIRECT=direct)
+                  DOT_PRECISION=None, EMULATE_BF16_RTNE=False, DIRECT=direct, HAS_SHARED=shared)
     params = list(inspect.signature(kernel.fn).parameters)
     signature, constexprs = {}, {}
     for i, name in enumerate(params):
@@ -64,22 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     target = GPUTarget("cuda", args.arch, WARP_SIZE)
     rows = []
-    for storage in STORAGES:
+    for storage, shared in VARIANTS:
         for direct in (False, True):
             cfg = moe.launch_config(1 if direct else 64)
             for kernel in (moe._gate_up_kernel, moe._down_kernel):
                 t0 = time.perf_counter()
                 try:
-                    compiled = triton.compile(source(kernel, storage, direct, cfg), target=target,
+                    compiled = triton.compile(source(kernel, storage, direct, cfg, shared), target=target,
                                               options={"num_warps": cfg.num_warps or 4, "num_stages": cfg.num_stages or 3})
                     ok, detail = "cubin" in compiled.asm, f"{len(compiled.asm.get('cubin', b''))} B cubin"
                 except Exception as e:  # report every variant, then fail
                     ok, detail = False, f"{type(e).__name__}: {str(e)[:300]}"
-                rows.append({"kernel": kernel.fn.__name__, "storage": storage, "mode": "direct" if direct else "sorted",
+                rows.append({"kernel": kernel.fn.__name__, "storage": storage + ("+shared" if shared else ""),
+                             "mode": "direct" if direct else "sorted",
                              "ok": ok, "seconds": time.perf_counter() - t0, "detail": detail})
                 if not args.json:
                     r = rows[-1]
-                    print(f"{r['kernel']:16s} {r['storage']:9s} {r['mode']:7s} {'ok' if ok else 'FAILED':6s} "
+                    print(f"{r['kernel']:16s} {r['storage']:12s} {r['mode']:7s} {'ok' if ok else 'FAILED':6s} "
                           f"{r['seconds']:5.1f} s  {detail}")
     failed = sum(not r["ok"] for r in rows)
     if args.json:
