@@ -10,7 +10,10 @@ on the tiny model (or --model).
                       connected sessions: items, response.create; what the studio does now);
      client_connect   the same on a fresh EngineClient each time (websocket handshake included);
      client_http      EngineClient.chat(..., transport="http") (/v1/chat/completions stream);
-     session_respond  RealtimeClient.respond() on an open session (the Live tab's path).
+     session_respond  RealtimeClient.respond() on an open session (the Live tab's path);
+     studio           the studio's Chat (a UI-only `launch.py --engine` in its own process) driven by
+                      gradio_client: from submitting the turn to the first streamed assistant text,
+                      i.e. UI -> client -> server -> engine and back through Gradio's own stream.
    The overhead of each path is its median minus in-process (goal: <= 10 ms).
 2. Throughput: tokens/s summed over 1, 8 and 32 concurrent AsyncEngineClient.chat calls (the engine
    runs one generation at a time, so this shows the queue's cost, not batching), with the mean time
@@ -101,6 +104,45 @@ def ttft_fresh_client(url: str, tokens: int) -> float:
         return ttft_client(client, tokens, "realtime")
 
 
+def start_studio(engine_port: int) -> tuple[subprocess.Popen, str]:
+    """A UI-only studio on a free port driving the engine server; (process, page URL)."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--engine", f"ws://127.0.0.1:{engine_port}",
+                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "config", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the studio did not start")
+
+
+def ttft_studio(studio, tokens: int) -> float:
+    """Submit a turn to the Chat tab's API and wait for the first non-empty assistant text."""
+    history = [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
+    t0 = time.perf_counter()
+    job = studio.submit(history, tokens, 0.0, 1.0, 0, 1.0, None, SYSTEM, False, False, "", api_name="/chat")
+    first = None
+    while first is None and not job.done():
+        for out in job.outputs():
+            last = out[0][-1] if out and out[0] else None
+            if last and last.get("role") == "assistant" and any(p.get("text") for p in last.get("content") or []):
+                first = time.perf_counter() - t0
+                break
+        else:
+            time.sleep(0.0005)
+    job.result(timeout=60)
+    if first is None:
+        raise RuntimeError("the studio's reply had no text")
+    return first
+
+
 def ttft_session(rt: RealtimeClient, tokens: int) -> float:
     first = first_token_s(rt.respond(max_output_tokens=tokens, instructions=SYSTEM))
     rt.delete_item(rt.state.log.items[-1]["id"])  # keep the conversation to the one user turn
@@ -154,17 +196,23 @@ def main() -> int:
     proc = start_server(args.model, port, args.threads)
     out: dict = {"model": engine.info().name, "device": engine.info().device, "runs": args.runs,
                  "tokens": args.tokens, "threads": args.threads}
-    paths = ("in_process", "client_realtime", "client_connect", "client_http", "session_respond")
+    paths = ("in_process", "client_realtime", "client_connect", "client_http", "session_respond", "studio")
+    studio_proc = None
     try:
         url = f"ws://127.0.0.1:{port}"
         tt: dict[str, list[float]] = {k: [] for k in paths}
+        from gradio_client import Client
+
+        studio_proc, studio_url = start_studio(port)
+        studio = Client(studio_url, verbose=False)
         with EngineClient(url) as client, RealtimeClient(url) as rt:
             rt.add_message("user", PROMPT)
             measure = {"in_process": lambda: ttft_in_process(engine, args.tokens),
                        "client_realtime": lambda: ttft_client(client, args.tokens, "realtime"),
                        "client_connect": lambda: ttft_fresh_client(url, args.tokens),
                        "client_http": lambda: ttft_client(client, args.tokens, "http"),
-                       "session_respond": lambda: ttft_session(rt, args.tokens)}
+                       "session_respond": lambda: ttft_session(rt, args.tokens),
+                       "studio": lambda: ttft_studio(studio, args.tokens)}
             for _ in range(2):  # warm-up
                 for k in paths:
                     measure[k]()
@@ -177,8 +225,10 @@ def main() -> int:
         out["throughput"] = [asyncio.run(load(url, n, max(1, 8 // n), args.tokens))
                              for n in (int(x) for x in args.clients.split(","))]
     finally:
-        proc.terminate()
-        proc.wait(10)
+        for p_ in (studio_proc, proc):
+            if p_ is not None:
+                p_.terminate()
+                p_.wait(10)
 
     if args.json:
         print(json.dumps(out))

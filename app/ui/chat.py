@@ -196,10 +196,10 @@ class ChatController:
                 thinking=bool(thinking), modalities=modalities, voice=voice or None, cancel=cancel)
             for event in stream:
                 if isinstance(event, QueuePosition):
-                    yield history, gr.update(), queue_line(event), None
+                    yield history, gr.update(), queue_line(event), gr.skip()
                 elif isinstance(event, TextDelta):
                     reply += event.text
-                    yield history + [{"role": "assistant", "content": reply}], gr.update(), GENERATING, None
+                    yield history + [{"role": "assistant", "content": reply}], gr.update(), GENERATING, gr.skip()
                 elif isinstance(event, AudioChunk):
                     audio_seen = True
                     pcm = np.frombuffer(event.pcm, dtype="<i2")
