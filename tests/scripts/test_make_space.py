@@ -1,0 +1,25 @@
+"""The Hugging Face Space folder holds everything a UI-only studio imports and nothing that needs
+torch: its launch.py starts against an engine URL from the environment (as the Space's secrets give it)
+with only the Space's own files on the import path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from scripts.make_space import make_space
+
+
+def test_the_space_starts_the_ui_only_studio_from_its_own_files(tmp_path):
+    space = make_space(tmp_path / "space")
+    assert not [line for line in (space / "requirements.txt").read_text().splitlines() if line.startswith("torch")]
+    assert (space / "README.md").read_text().startswith("---\ntitle: Ming Omni Studio")
+    code = ("import sys, launch, app.studio; "
+            "assert all(m.split('.')[0] != 'torch' for m in sys.modules), 'torch was imported'; "
+            "print(sorted(m for m in sys.modules if m.startswith('engine')))")
+    env = {**os.environ, "PYTHONPATH": str(space), "ENGINE_URL": "ws://127.0.0.1:9", "GRADIO_ANALYTICS_ENABLED": "False"}
+    r = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(space)!r}); {code}"],
+                       cwd=space, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "engine.client" in r.stdout and "engine.runtime" not in r.stdout
