@@ -5,29 +5,13 @@ user:pass`, repeatable, or `--auth-file` with one `user:pass` per line), unless 
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from pathlib import Path
+
+from engine.client import is_loopback_host
 
 
 class AccessRefused(RuntimeError):
     """The studio will not start with these settings; the message explains why and what to do."""
-
-
-def is_loopback_host(host: str) -> bool:
-    """True when every address `host` stands for is a loopback address."""
-    host = host.strip().strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except OSError:
-        return False
-    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
 
 
 def parse_credential(text: str, where: str) -> tuple[str, str]:

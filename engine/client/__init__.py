@@ -17,8 +17,8 @@ event carrying the server's code (a dropped connection: "connection_lost"); the 
 """
 
 from engine.client.aio import AsyncEngineClient, AsyncRealtimeClient
-from engine.client.core import ConnectionLost, Endpoints, ModelInfo, ServerError
+from engine.client.core import ConnectionLost, Endpoints, ModelInfo, ServerError, is_loopback_host
 from engine.client.sync import EngineClient, RealtimeClient
 
 __all__ = ["AsyncEngineClient", "AsyncRealtimeClient", "ConnectionLost", "EngineClient", "Endpoints", "ModelInfo",
-           "RealtimeClient", "ServerError"]
+           "RealtimeClient", "ServerError", "is_loopback_host"]

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import itertools
 import json
 import os
+import socket
 import threading
 import time
 import wave
@@ -30,6 +32,23 @@ POLL_S = 0.05  # how often a streaming read looks at its cancel event
 PING_S = 20.0  # websocket keepalive (at most; and every `timeout`): a server that stops answering pings is lost
 REALTIME_PATH = "/v1/realtime"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # largest server event this client accepts
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when every address `host` stands for is a loopback address (this machine only): what the
+    server's and the studio's bind checks ask before serving without a token or a login."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
 
 
 # =========================================================================== errors

@@ -9,30 +9,13 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
-import socket
 from urllib.parse import parse_qs
+
+from engine.client.core import is_loopback_host
 
 
 class StartupRefused(RuntimeError):
     """The server will not start with these settings (the message explains why and what to do)."""
-
-
-def is_loopback_host(host: str) -> bool:
-    """True when every address `host` stands for is a loopback address."""
-    host = host.strip().strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return False
-    addrs = {info[4][0] for info in infos}
-    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
 
 
 def check_bind(host: str, token: str | None) -> None:
