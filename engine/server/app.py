@@ -5,39 +5,25 @@ in the foreground (`python -m engine.server`) or on a background thread (tests, 
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.runtime import Engine
 from engine.server.auth import authorized, check_bind
 from engine.server.context import ServerContext
-from engine.server import images_api, speech_api
+from engine.server import images_api, logs, speech_api
+from engine.server.bodies import ClientGone
 from engine.server.http_api import error_response, router
 from engine.server.limits import ApiError, Limits
 from engine.server.realtime import realtime_endpoint
 
 OPEN_PATHS = ("/health",)
-
-
-class _DenialLogFilter(logging.Filter):
-    """uvicorn's websockets layer logs "ASGI callable returned without completing handshake" after
-    a handshake answered with an HTTP response (our 401), which is a complete answer: drop that line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "without completing handshake" not in record.getMessage()
-
-
-def quiet_denial_log() -> None:
-    logger = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _DenialLogFilter) for f in logger.filters):
-        logger.addFilter(_DenialLogFilter())
 
 
 class AuthMiddleware:
@@ -84,6 +70,11 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
     async def _api_error(request: Request, exc: ApiError):
         return error_response(exc)
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone):
+        logs.client_aborted(ctx, exc.kind, exc.detail)
+        return Response(status_code=400)  # no one is there to read it
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -96,7 +87,7 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
                                                status=500).to_openai()}, status_code=500)
 
     app.add_middleware(AuthMiddleware, ctx=ctx)
-    quiet_denial_log()
+    logs.install()
     return app
 
 
@@ -104,9 +95,12 @@ def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning
     limits: Limits = app.state.ctx.limits
     # frames somewhat over the per-event limit still reach the app (and get a structured error);
     # far larger ones are closed by the protocol layer with code 1009
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                          ws_max_size=2 * limits.max_message_bytes + 1024 * 1024, ws_per_message_deflate=False,
-                          timeout_graceful_shutdown=3)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            ws_max_size=2 * limits.max_message_bytes + 1024 * 1024, ws_per_message_deflate=False,
+                            timeout_graceful_shutdown=3)
+    logs.install()  # (creating the config configured uvicorn's logging: its loggers keep the filter)
+    logs.share_uvicorn_handlers()
+    return config
 
 
 class ServerHandle:

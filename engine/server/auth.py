@@ -4,11 +4,13 @@
 * Any other bind address needs a token; starting without one is refused with an explanation.
 * With a token, every request except GET /health must carry it: `Authorization: Bearer T`, or a
   `token` query parameter (browsers cannot set headers on a websocket). Compared in constant time.
+* A token never reaches a log or an error message: `redact_token` rewrites `token=...` in URLs.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
 from urllib.parse import parse_qs
 
 from engine.client.core import is_loopback_host
@@ -58,3 +60,12 @@ def token_from_scope(scope: dict) -> str | None:
 
 def authorized(scope: dict, expected: str | None) -> bool:
     return expected is None or token_matches(token_from_scope(scope), expected)
+
+
+_TOKEN_PARAM = re.compile(r"(?i)((?:^|[?&;])token=)[^&;#\s\"']*")
+
+
+def redact_token(text: str) -> str:
+    """`text` with the value of every `token=` URL parameter replaced by [redacted] (right or wrong
+    tokens alike: a wrong one may be a real secret of something else)."""
+    return _TOKEN_PARAM.sub(r"\1[redacted]", text) if "token=" in text.lower() else text

@@ -97,6 +97,43 @@ def data_url(url: Any, name: str, max_bytes: int) -> tuple[str | None, bytes]:
     return (m.group(1) or None), b64decode(url[m.end():], name, max_bytes)
 
 
+# --------------------------------------------------------------------------- what bytes are
+
+# Leading bytes of common media files: (offset, magic, kind, what). A part of one kind (image, audio,
+# video) given bytes of another is refused by these bytes, whatever its label or data: URL says.
+_MAGIC = ((0, b"\x89PNG\r\n\x1a\n", "image", "a PNG image"), (0, b"\xff\xd8\xff", "image", "a JPEG image"),
+          (0, b"GIF87a", "image", "a GIF image"), (0, b"GIF89a", "image", "a GIF image"),
+          (0, b"II*\x00", "image", "a TIFF image"), (0, b"MM\x00*", "image", "a TIFF image"),
+          (8, b"WEBP", "image", "a WebP image"), (8, b"WAVE", "audio", "a WAV audio file"),
+          (0, b"fLaC", "audio", "a FLAC audio file"), (0, b"ID3", "audio", "an MP3 audio file"),
+          (8, b"AVI ", "video", "an AVI video"))
+# ffmpeg's demuxers of still images: bytes they read are a picture, not a video
+_IMAGE_DEMUXERS = ("image2", "gif", "apng", "ico", "tiff", "webp")
+
+
+def sniff(raw: bytes) -> tuple[str, str] | None:
+    """(kind, what) of media bytes recognised by their leading bytes, else None."""
+    for offset, magic, kind, what in _MAGIC:
+        if raw[offset:offset + len(magic)] == magic and (offset != 8 or raw[:4] in (b"RIFF", b"RF64")):
+            return kind, what
+    return None
+
+
+def refuse_other_kind(raw: bytes, kind: str, code: str, name: str) -> None:
+    """Refuse bytes recognised as media of another kind than `kind` ("image", "audio", "video")."""
+    found = sniff(raw)
+    if found is not None and found[0] != kind:
+        raise bad(f"'{name}' is {found[1]}, not {'an' if kind[0] in 'aeiou' else 'a'} {kind}: send it as "
+                  f"{'an' if found[0][0] in 'aeiou' else 'a'} {found[0]} part", code, name)
+
+
+def check_media_type(mime: str | None, kind: str, code: str, name: str) -> None:
+    """A data: URL's media type naming another kind of media than the part takes is refused."""
+    top = (mime or "").split("/")[0].lower()
+    if top in ("image", "audio", "video", "text") and top != kind:
+        raise bad(f"'{name}' has media type {mime}, expected {kind}/*", code, name)
+
+
 # --------------------------------------------------------------------------- media
 
 
@@ -137,6 +174,10 @@ def audio_file(raw: bytes, limits: Limits, name: str = "file") -> Audio:
     """Encoded audio (wav natively; flac, mp3, ogg, webm, m4a via PyAV) -> channel-0 samples."""
     if not raw:
         raise bad(f"'{name}' is empty", "invalid_audio", name)
+    refuse_other_kind(raw, "audio", "invalid_audio", name)
+    if sniff(raw) is None and _video_streams(raw):
+        raise bad(f"'{name}' is a video (it holds a video stream), not audio: send it as a video part",
+                  "invalid_audio", name)
     try:
         samples, rate = decode_audio(raw, name)
     except MediaError as e:
@@ -171,6 +212,10 @@ def image_array(raw: bytes, limits: Limits, name: str = "image") -> np.ndarray:
 
     if not raw:
         raise bad(f"'{name}' is empty", "invalid_image", name)
+    refuse_other_kind(raw, "image", "invalid_image", name)
+    if sniff(raw) is None and _video_streams(raw):
+        raise bad(f"'{name}' is a video (a container with a video stream), not an image: send it as a video part",
+                  "invalid_image", name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -193,17 +238,41 @@ def image_array(raw: bytes, limits: Limits, name: str = "image") -> np.ndarray:
         raise bad(f"'{name}' could not be decoded: {type(e).__name__}", "invalid_image", name) from None
 
 
-def check_video(raw: bytes, limits: Limits, name: str = "video") -> None:
-    """Probe a video container (no decoding): it must hold a video stream within the pixel limit."""
-    if not raw:
-        raise bad(f"'{name}' is empty", "invalid_video", name)
+def _video_streams(raw: bytes) -> list | None:
+    """The moving-picture streams of a media container (cover pictures and still images left out), or
+    None when PyAV cannot open the bytes (or is not installed)."""
     try:
         import av  # noqa: PLC0415
 
         with av.open(io.BytesIO(raw), mode="r") as container:
-            if not container.streams.video:
-                raise bad(f"'{name}' contains no video stream", "invalid_video", name)
-            stream = container.streams.video[0]
+            if container.format.name.endswith("_pipe") or container.format.name in _IMAGE_DEMUXERS:
+                return []
+            return [s for s in container.streams.video
+                    if not s.disposition & (av.stream.Disposition.attached_pic | av.stream.Disposition.still_image)]
+    except Exception:  # not a container PyAV can open
+        return None
+
+
+def check_video(raw: bytes, limits: Limits, name: str = "video") -> None:
+    """Probe a video container (no decoding): it must hold a video stream (not a still picture, not
+    only a cover image) within the pixel limit."""
+    if not raw:
+        raise bad(f"'{name}' is empty", "invalid_video", name)
+    refuse_other_kind(raw, "video", "invalid_video", name)
+    try:
+        import av  # noqa: PLC0415
+
+        with av.open(io.BytesIO(raw), mode="r") as container:
+            fmt = container.format.name
+            if fmt.endswith("_pipe") or fmt in _IMAGE_DEMUXERS:
+                raise bad(f"'{name}' is a still image ({fmt.removesuffix('_pipe')}), not a video: send it as an "
+                          "image part", "invalid_video", name)
+            streams = [s for s in container.streams.video
+                       if not s.disposition & (av.stream.Disposition.attached_pic | av.stream.Disposition.still_image)]
+            if not streams:
+                raise bad(f"'{name}' contains no video stream" + (" (only a cover picture)" if container.streams.video
+                                                                   else ""), "invalid_video", name)
+            stream = streams[0]
             w, h = stream.codec_context.width, stream.codec_context.height
             seconds = float(container.duration / 1_000_000) if container.duration else None
     except ApiError:
@@ -229,13 +298,14 @@ def _image_source(part: dict, kind: str, name: str, limits: Limits) -> bytes:
         if isinstance(url, dict):
             url = url.get("url")
         mime, raw = data_url(url, f"{name}.image_url", limits.max_request_bytes)
-        if mime and not mime.lower().startswith("image/"):
-            raise bad(f"'{name}.image_url' has media type {mime}, expected image/*", "invalid_image", name)
+        check_media_type(mime, "image", "invalid_image", name)
         return raw
     if "image" in part:
         value = part["image"]
         if isinstance(value, str) and value.startswith("data:"):
-            return data_url(value, f"{name}.image", limits.max_request_bytes)[1]
+            mime, raw = data_url(value, f"{name}.image", limits.max_request_bytes)
+            check_media_type(mime, "image", "invalid_image", name)
+            return raw
         return b64decode(value, f"{name}.image", limits.max_request_bytes)
     raise bad(f"'{name}' ({kind}) needs 'image_url' (a data: URL) or 'image' (base64)", "missing_field", name)
 
@@ -245,11 +315,15 @@ def _video_source(part: dict, name: str, limits: Limits) -> bytes:
         url = part["video_url"]
         if isinstance(url, dict):
             url = url.get("url")
-        return data_url(url, f"{name}.video_url", limits.max_request_bytes)[1]
+        mime, raw = data_url(url, f"{name}.video_url", limits.max_request_bytes)
+        check_media_type(mime, "video", "invalid_video", name)
+        return raw
     if "video" in part:
         value = part["video"]
         if isinstance(value, str) and value.startswith("data:"):
-            return data_url(value, f"{name}.video", limits.max_request_bytes)[1]
+            mime, raw = data_url(value, f"{name}.video", limits.max_request_bytes)
+            check_media_type(mime, "video", "invalid_video", name)
+            return raw
         return b64decode(value, f"{name}.video", limits.max_request_bytes)
     raise bad(f"'{name}' needs 'video_url' (a data: URL) or 'video' (base64)", "missing_field", name)
 

@@ -1,17 +1,27 @@
 """What every endpoint shares: the engine, the model id, the limits, the token, the scheduler, the
-realtime session registry (one per app) and whether the server speaks OpenAI's shapes only
-(--openai-only). The engine is an `engine.runtime.Engine` or any object with its interface (info(),
-is_demo, chat(), transcribe(); optionally has_talker, speak(), voices, has_image_generator, imagine())."""
+realtime session registry (one per app), whether the server speaks OpenAI's shapes only
+(--openai-only), the prompt text bound the model implies, and the count of clients that left early.
+The engine is an `engine.runtime.Engine` or any object with its interface (info(), is_demo, chat(),
+transcribe(); optionally has_talker, speak(), voices, has_image_generator, imagine())."""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from engine.runtime import Engine
+from engine.server.fields import check_model
 from engine.server.limits import Limits
 from engine.server.scheduler import Scheduler
 from engine.server.sessions import SessionRegistry
+from engine.server.text import PromptBound
+
+# How a client can leave before its request is read or its answer sent (counted in /health):
+# truncated_upload (the body stopped short), invalid_utf8_frame (a websocket text frame that is not
+# UTF-8: the connection is closed with 1007), left_mid_response (the connection closed or was reset
+# while the answer was being made or sent).
+CLIENT_ABORTS = ("truncated_upload", "invalid_utf8_frame", "left_mid_response")
 
 
 @dataclass
@@ -24,6 +34,8 @@ class ServerContext:
     sessions: SessionRegistry
     started_at: float = field(default_factory=time.time)
     openai_only: bool = False  # OpenAI's routes and fields only: no realtime, no extensions
+    prompt_bound: PromptBound | None = None  # the most text a prompt can hold (None: the engine does not say)
+    client_aborts: Counter = field(default_factory=lambda: Counter(dict.fromkeys(CLIENT_ABORTS, 0)))
 
     @classmethod
     def create(cls, engine: Engine, limits: Limits | None = None, token: str | None = None,
@@ -32,16 +44,11 @@ class ServerContext:
         scheduler = Scheduler(concurrency=limits.concurrency, max_queue=limits.max_queue,
                               stream_buffer=limits.stream_buffer, slow_reader_timeout_s=limits.slow_reader_timeout_s)
         return cls(engine=engine, model_id=model_id or engine.info().name, limits=limits, token=token,
-                   scheduler=scheduler, sessions=SessionRegistry(limits), openai_only=openai_only)
+                   scheduler=scheduler, sessions=SessionRegistry(limits), openai_only=openai_only,
+                   prompt_bound=PromptBound.of_engine(engine))
 
-    def check_model(self, requested) -> None:
-        """Requests may name the served model (its id or checkpoint path) or leave it out."""
-        from engine.server.protocol import ApiError  # noqa: PLC0415
-
-        if requested is None:
-            return
-        if not isinstance(requested, str):
-            raise ApiError("'model' must be a string", code="invalid_type", param="model")
-        if requested not in (self.model_id, self.engine.info().path, "default"):
-            raise ApiError(f"model {requested!r} is not served here; this server serves {self.model_id!r}",
-                           code="model_not_found", status=404, param="model")
+    def check_model(self, requested, kind: str | None = None) -> None:
+        """Requests may name the served model (its id or checkpoint path, or "default"), one of OpenAI's
+        models of the endpoint's `kind` (engine.server.fields.OPENAI_MODELS; None: any kind), or leave
+        it out; any other id is model_not_found."""
+        check_model(requested, (self.model_id, self.engine.info().path, "default"), self.model_id, kind)

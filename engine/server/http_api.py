@@ -12,7 +12,6 @@ fields in a request are refused (`refuse_extensions`), answers have no metrics o
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 
@@ -22,69 +21,41 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from engine.events import Done, Error, Event, QueuePosition
 from engine.models.thinker.prompt import DEFAULT_SYSTEM_PROMPT
 from engine.sampling import GenerationParams
-from engine.server import codec
+from engine.server import codec, fields, logs
 from engine.server import protocol as wire
 from engine.server.audio_out import OPENAI_PCM_RATE, resampled
+from engine.server.bodies import form_file, form_flag, form_number, form_text, read_form, read_json
 from engine.server.codec import bad, need_dict, need_str
 from engine.server.context import ServerContext
-from engine.server.limits import human_bytes
+from engine.server.fields import Fields
 from engine.server.params import check_output_modalities, flag, generation_params, output_kwargs
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import new_id
+from engine.server.text import check_text, text_chars
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# Request fields of ours (refused with --openai-only)
-CHAT_EXTENSIONS = ("top_k", "repetition_penalty", "thinking")
-TRANSCRIPTION_EXTENSIONS = ("hotwords", "hotwords[]", "dialect")
 
 
 def ctx_of(request: Request) -> ServerContext:
     return request.app.state.ctx
 
 
-async def read_body(request: Request, limit: int, what: str) -> bytes:
-    """The request body, refused (413) as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise ApiError(f"{what} too large: {human_bytes(int(declared))}, the limit is {human_bytes(limit)}",
-                               code="payload_too_large", status=413)
-        except ValueError:
-            raise bad("invalid Content-Length header", "invalid_request") from None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(f"{what} too large: more than {human_bytes(limit)}", code="payload_too_large", status=413)
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # later parsing (forms) reads it from here
-    return body
-
-
-async def read_json(request: Request, limit: int) -> dict:
-    body = await read_body(request, limit, "request body")
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as e:
-        raise bad(f"the body is not valid JSON: {str(e)[:120]}", "invalid_json") from None
-    return need_dict(data, "body")
-
-
 def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse({"error": err.to_openai()}, status_code=err.status)
 
 
-async def json_request(request: Request, extensions: tuple[str, ...] = ()) -> tuple[ServerContext, dict]:
-    """(context, body) of a JSON request: the body within the size limit, the model checked, and with
-    --openai-only our `extensions` fields refused."""
+async def json_request(request: Request, fields: Fields, kind: str,
+                       extensions: tuple[str, ...] = ()) -> tuple[ServerContext, dict]:
+    """(context, body) of a JSON request: a JSON content type, the body within the size limit and
+    valid text, its fields known to this endpoint (`fields`), with --openai-only our `extensions`
+    fields refused, and the model one this endpoint's `kind` answers to."""
     ctx = ctx_of(request)
     body = await read_json(request, ctx.limits.max_request_bytes)
-    ctx.check_model(body.get("model"))
+    fields.check(body)
     refuse_extensions(ctx, body, extensions)
+    ctx.check_model(body.get("model"), kind)
     return ctx, body
 
 
@@ -108,10 +79,7 @@ def text_field(value, name: str, max_chars: int, required: bool = True) -> str |
     need_str(value, name)
     if len(value) > max_chars:
         raise bad(f"'{name}' is too long: {len(value):,} characters, at most {max_chars:,}", "invalid_value", name)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise bad(f"'{name}' is not valid Unicode text (it holds a lone surrogate)", "invalid_value", name) from None
+    check_text(value, name)
     return value
 
 
@@ -147,6 +115,14 @@ def convert_messages(messages, limits) -> tuple[list[dict], str | None]:
     if out[-1]["role"] != "user":
         raise bad("the last message must come from the user", "invalid_value", "messages")
     return out, ("\n".join(system) if system else None)
+
+
+def check_prompt_text(ctx: ServerContext, messages) -> None:
+    """context_length_exceeded, before anything tokenises it, for text that cannot fit the context
+    (engine.server.text.PromptBound)."""
+    if ctx.prompt_bound is not None and isinstance(messages, list):
+        chars = sum(text_chars(m.get("content")) for m in messages if isinstance(m, dict))
+        ctx.prompt_bound.check(chars, "the messages", "messages")
 
 
 def has_media(messages) -> bool:
@@ -194,12 +170,20 @@ def job_metrics(job: Job, received_at: float, final: Done | Error | None) -> dic
     return wire.metrics(final.stats if isinstance(final, Done) else None, job.queue_wait_s, ttft)
 
 
+def left_early(ctx: ServerContext, job: Job) -> None:
+    """The client of an unfinished job went away: cancel it, count and log the abort."""
+    if job.state != "finished":
+        ctx.scheduler.cancel(job, abandon=True)
+        logs.client_aborted(ctx, "left_mid_response", f"{job.label}: the client left before the answer was complete "
+                                                      "(the request was cancelled)")
+
+
 async def watch_disconnect(request: Request, ctx: ServerContext, job: Job) -> None:
     """Non-streaming requests: cancel the job when the client goes away."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            ctx.scheduler.cancel(job, abandon=True)
+            left_early(ctx, job)
             return
 
 
@@ -302,8 +286,7 @@ def stream_response(ctx: ServerContext, job: Job, encode, finish,
                     for line in encode(ev):
                         yield line
         finally:  # the client went away (or the stream ended): stop generating
-            if job.state != "finished":
-                ctx.scheduler.cancel(job, abandon=True)
+            left_early(ctx, job)
 
     return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -311,7 +294,8 @@ def stream_response(ctx: ServerContext, job: Job, encode, finish,
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     received = time.perf_counter()
-    ctx, body = await json_request(request, CHAT_EXTENSIONS)
+    ctx, body = await json_request(request, fields.CHAT, "chat", fields.CHAT_EXTENSIONS)
+    check_prompt_text(ctx, body.get("messages"))
     modalities, voice = check_unsupported(body, ctx.engine)
     stream = flag(body, "stream")
     opts = body.get("stream_options")
@@ -348,55 +332,6 @@ async def chat_completions(request: Request):
 # --------------------------------------------------------------------------- transcriptions
 
 
-async def read_form(request: Request, limits, max_files: int, max_fields: int = 64):
-    """A multipart form within the upload limit (close it when done); malformed: invalid_multipart."""
-    await read_body(request, limits.max_upload_bytes, "upload")
-    try:
-        return await request.form(max_files=max_files, max_fields=max_fields, max_part_size=1024 * 1024)
-    except ApiError:
-        raise
-    except Exception as e:  # malformed multipart of any kind
-        raise bad(f"the multipart body could not be parsed: {str(e)[:120]}", "invalid_multipart") from None
-
-
-async def form_file(form, name: str, what: str) -> bytes:
-    """The bytes of a required file field."""
-    upload = form.get(name)
-    if upload is None or isinstance(upload, str):
-        raise bad(f"'{name}' ({what}) is required", "missing_field", name)
-    return await upload.read()
-
-
-def form_text(form, name: str, max_len: int = 100_000) -> str | None:
-    value = form.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise bad(f"'{name}' must be a text field, not a file", "invalid_type", name)
-    if len(value) > max_len:
-        raise bad(f"'{name}' is too long ({len(value)} characters)", "invalid_value", name)
-    return value
-
-
-def form_number(form, name: str):
-    value = form_text(form, name, 64)
-    if value is None or value == "":
-        return None
-    try:
-        return float(value) if any(c in value for c in ".eE") else int(value)
-    except ValueError:
-        raise bad(f"'{name}' must be a number, got {value[:40]!r}", "invalid_type", name) from None
-
-
-def form_flag(form, name: str) -> bool:
-    value = form_text(form, name, 16)
-    if value is None:
-        return False
-    if value.lower() not in ("true", "false", "1", "0"):
-        raise bad(f"'{name}' must be true or false", "invalid_type", name)
-    return value.lower() in ("true", "1")
-
-
 ISO_TO_TAG = {"zh": "Chinese"}  # the model's own tags; others pass through as given
 
 
@@ -405,14 +340,13 @@ async def transcriptions(request: Request):
     received = time.perf_counter()
     ctx = ctx_of(request)
     limits = ctx.limits
-    ctype = request.headers.get("content-type", "")
-    if not ctype.startswith("multipart/form-data"):
-        raise bad("send the audio as multipart/form-data with a 'file' field", "invalid_content_type")
     form = await read_form(request, limits, max_files=1)
     try:
         raw = await form_file(form, "file", "the audio file upload")
-        ctx.check_model(form_text(form, "model"))
-        refuse_extensions(ctx, {k: form.get(k) for k in TRANSCRIPTION_EXTENSIONS}, TRANSCRIPTION_EXTENSIONS)
+        fields.TRANSCRIPTION.check({key: form.get(key) for key in form.keys()})
+        ctx.check_model(form_text(form, "model"), "transcription")
+        refuse_extensions(ctx, {k: form.get(k) for k in fields.TRANSCRIPTION_EXTENSIONS},
+                          fields.TRANSCRIPTION_EXTENSIONS)
         context = form_text(form, "prompt")
         hotwords: list[str] = []
         for key in ("hotwords", "hotwords[]"):
@@ -432,9 +366,8 @@ async def transcriptions(request: Request):
             raise bad(f"response_format {fmt!r} is not supported (json, verbose_json or text)",
                       "unsupported_parameter", "response_format")
         stream = form_flag(form, "stream")
-        fields = {"temperature": form_number(form, "temperature"),
-                  "max_tokens": form_number(form, "max_tokens")}
-        params = generation_params({k: v for k, v in fields.items() if v is not None}, limits,
+        numbers = {"temperature": form_number(form, "temperature"), "max_tokens": form_number(form, "max_tokens")}
+        params = generation_params({k: v for k, v in numbers.items() if v is not None}, limits,
                                    base=GenerationParams(max_new_tokens=min(512, limits.max_new_tokens)))
     finally:
         await form.close()
@@ -519,5 +452,5 @@ async def health(request: Request):
     return {"status": "ok", "model": ctx.model_id, "is_demo": ctx.engine.is_demo,
             "queue": {"running": s.running, "waiting": s.waiting, **s.counts},
             "sessions": len(ctx.sessions), "uptime_s": round(time.time() - ctx.started_at, 3),
-            "auth": ctx.token is not None}
+            "auth": ctx.token is not None, "client_aborts": dict(ctx.client_aborts)}
 

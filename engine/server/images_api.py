@@ -24,13 +24,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview
-from engine.server import codec
+from engine.server import codec, fields
 from engine.server import protocol as wire
+from engine.server.bodies import JSON, MULTIPART, body_kind, form_body, form_flag, form_number, form_text, json_body
 from engine.server.codec import bad, need_number
 from engine.server.context import ServerContext
-from engine.server.http_api import (collect, ctx_of, error_response, first_events, form_flag, form_number, form_text,
-                                    job_metrics, read_form, read_json, refuse_extensions, refused_at_once,
-                                    stream_response, text_field)
+from engine.server.http_api import (collect, ctx_of, error_response, first_events, job_metrics, refuse_extensions,
+                                    refused_at_once, stream_response, text_field)
 from engine.server.params import flag
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
@@ -42,9 +42,7 @@ MAX_N = 4
 MAX_PARTIAL_IMAGES = 3
 MAX_INPUT_IMAGES = 8
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
-IGNORED_FIELDS = ("quality", "style", "moderation", "user", "input_fidelity")  # OpenAI's, no effect here
-IMAGE_EXTENSIONS = ("aspect", "steps", "guidance", "seed", "preview_every", "negative_prompt", "preset",
-                    "mask_color")
+IGNORED_FIELDS = fields.IMAGE_IGNORED
 NUMBER_FIELDS = ("n", "partial_images", "steps", "guidance", "seed", "preview_every", "output_compression")
 FLAG_FIELDS = ("stream",)
 TEXT_FIELDS = ("prompt", "model", "size", "response_format", "output_format", "background", "aspect",
@@ -66,12 +64,10 @@ async def image_body(request: Request, ctx: ServerContext, with_images: bool) ->
     """(fields, input image files): JSON, or multipart with `image` / `image[]` file parts (edits and
     segmentations). JSON images: `image` (base64 or a data: URL, or a list of them) or OpenAI's
     `images: [{"image_url": "data:..."}]`."""
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
-        if not with_images:
-            raise bad("send this request as JSON", "invalid_content_type")
+    if body_kind(request, (JSON, MULTIPART) if with_images else (JSON,)) == MULTIPART:
         return await _multipart(request, ctx)
-    body = await read_json(request, ctx.limits.max_request_bytes)
+    body = await json_body(request, ctx.limits.max_request_bytes)
+    (fields.IMAGE_EDITS if with_images else fields.IMAGE_GENERATIONS).check(body)
     images: list[bytes] = []
     if with_images:
         sources = body.get("image")
@@ -92,8 +88,9 @@ async def image_body(request: Request, ctx: ServerContext, with_images: bool) ->
 
 
 async def _multipart(request: Request, ctx: ServerContext) -> tuple[dict, list[bytes]]:
-    form = await read_form(request, ctx.limits, max_files=MAX_INPUT_IMAGES + 2)
+    form = await form_body(request, ctx.limits, max_files=MAX_INPUT_IMAGES + 2)
     try:
+        fields.IMAGE_EDITS.check({key: form.get(key) for key in form.keys()})
         images = []
         for key in ("image", "image[]"):
             for part in form.getlist(key):
@@ -107,10 +104,6 @@ async def _multipart(request: Request, ctx: ServerContext) -> tuple[dict, list[b
             body[name] = form_number(form, name)
         for name in FLAG_FIELDS:
             body[name] = form_flag(form, name) if form.get(name) is not None else None
-        known = set(TEXT_FIELDS + NUMBER_FIELDS + FLAG_FIELDS + ("image", "image[]", "mask"))
-        unknown = [k for k in form.keys() if k not in known]
-        if unknown:
-            raise bad(f"unknown field {unknown[0][:40]!r}", "unknown_parameter", unknown[0][:40])
     finally:
         await form.close()
     return {k: v for k, v in body.items() if v is not None}, images
@@ -247,8 +240,8 @@ async def run_images(request: Request, task: str, kind: str):
     ctx = ctx_of(request)
     engine = image_generator_of(ctx)
     body, images = await image_body(request, ctx, with_images=task != "generate")
-    ctx.check_model(body.get("model"))
-    refuse_extensions(ctx, body, IMAGE_EXTENSIONS)
+    ctx.check_model(body.get("model"), "image")
+    refuse_extensions(ctx, body, fields.IMAGE_EXTENSIONS)
     fmt, compression = output_format(body)
     stream = flag(body, "stream")
     requests, partials = await asyncio.to_thread(image_requests, body, images, task, ctx)  # decodes the images

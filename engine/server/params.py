@@ -1,9 +1,10 @@
 """OpenAI-style generation fields -> GenerationParams, type-checked, within the server's limits; and
 the output modalities a request may ask of the loaded engine.
 
-Field names accepted (first found wins): max_completion_tokens, max_tokens, max_output_tokens,
-max_response_output_tokens (realtime; "inf" = the server's cap); temperature (absent = 0, greedy),
-top_p, seed, stop (string or list), and the extensions top_k and repetition_penalty.
+Field names accepted for the token limit (two that disagree are refused): max_completion_tokens,
+max_tokens, max_output_tokens, max_response_output_tokens (realtime; "inf" = the server's cap);
+temperature (absent = 0, greedy), top_p, seed, stop (string or list), and the extensions top_k and
+repetition_penalty.
 """
 
 from __future__ import annotations
@@ -53,18 +54,23 @@ def output_kwargs(modalities: list[str], voice: str | None) -> dict:
 
 
 def max_tokens_from(body: dict, limits: Limits, default: int | None = None) -> int:
+    """The token limit a request asks for under any of TOKEN_FIELDS; two of them that disagree are
+    refused (which one was meant cannot be told)."""
+    given = {}
     for name in TOKEN_FIELDS:
         value = body.get(name)
-        if value is None:
-            continue
-        if value == "inf":
-            return limits.max_new_tokens
-        n = need_number(value, name, 1, None, integer=True)
+        if value is not None:
+            given[name] = limits.max_new_tokens if value == "inf" else int(need_number(value, name, 1, None,
+                                                                                        integer=True))
+    if len(set(given.values())) > 1:
+        names = list(given)
+        raise bad(f"{' and '.join(repr(n) for n in names)} disagree ({', '.join(str(given[n]) for n in names)}): "
+                  "they name the same limit, give one of them", "invalid_value", names[0])
+    for name, n in given.items():
         if n > limits.max_new_tokens:
             raise bad(f"'{name}' is {n}; this server allows at most {limits.max_new_tokens}", "max_tokens_exceeded",
                       name)
-        return int(n)
-    return default if default is not None else limits.default_max_tokens
+    return next(iter(given.values()), default if default is not None else limits.default_max_tokens)
 
 
 def generation_params(body: dict, limits: Limits, base: GenerationParams | None = None) -> GenerationParams:

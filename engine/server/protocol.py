@@ -28,8 +28,10 @@ from engine.events import _b64, _unb64  # bytes <-> base64 exactly as the events
 ERROR_CODES: dict[str, int] = {
     # the request itself
     "invalid_json": 400, "invalid_event": 400, "unknown_event": 400, "invalid_type": 400, "invalid_value": 400,
-    "missing_field": 400, "unknown_parameter": 400, "unsupported_parameter": 400, "unsupported_content_type": 400,
-    "invalid_content_type": 400, "invalid_multipart": 400, "invalid_request": 400, "http_error": 400,
+    "missing_field": 400, "unknown_parameter": 400, "unsupported_parameter": 400,
+    "unsupported_content_type": 400,  # a content part's type; a body's Content-Type: sent with status 415
+    "invalid_multipart": 400, "invalid_request": 400, "http_error": 400,
+    "invalid_text": 400,  # text that is not valid Unicode (engine.server.text)
     # media
     "invalid_base64": 400, "invalid_url": 400, "url_not_supported": 400, "invalid_audio": 400,
     "invalid_audio_format": 400, "invalid_image": 400, "invalid_video": 400, "invalid_media": 400,
@@ -38,6 +40,7 @@ ERROR_CODES: dict[str, int] = {
     "message_too_large": 413, "payload_too_large": 413, "audio_too_long": 400, "image_too_large": 400,
     "video_too_long": 400, "too_many_parts": 400, "too_many_messages": 400, "max_tokens_exceeded": 400,
     "context_length_exceeded": 400, "conversation_too_long": 400, "session_media_limit": 400,
+    "session_text_limit": 400,
     "modality_not_supported": 400, "voice_not_found": 400,
     # realtime session state
     "conversation_empty": 400, "invalid_state": 400, "input_audio_buffer_commit_empty": 400,

@@ -31,15 +31,17 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from engine.errors import MingError, SettingError
 from engine.events import AudioChunk, Done, Error, UnknownEventError
 from engine.media.errors import MediaError
-from engine.server import codec
+from engine.server import codec, logs
 from engine.server import protocol as wire
 from engine.server.auth import authorized
 from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
+from engine.server.fields import REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields
 from engine.server.params import check_output_modalities, flag, generation_params, output_kwargs
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import AudioSpan, Item, Session, new_id
+from engine.server.text import check_text, invalid_text_path, text_chars
 from engine.server.turns import ServerVad, SpeechStarted, SpeechStopped, TurnDetector
 from engine.server.video_context import VideoContextConfig, compact_clip
 
@@ -47,7 +49,7 @@ log = logging.getLogger("engine.server.realtime")
 
 MIN_COMMIT_SECONDS = 0.1
 # OpenAI session fields that have no effect here and are accepted silently
-IGNORED_SESSION_FIELDS = {"type", "model", "include", "tracing", "truncation", "prompt", "tool_choice",
+IGNORED_SESSION_FIELDS = {"type", "include", "tracing", "truncation", "prompt", "tool_choice",
                           "input_audio_transcription", "input_audio_noise_reduction", "speed", "object", "id"}
 
 
@@ -125,6 +127,7 @@ class RealtimeConnection:
             while True:
                 msg = await self.ws.receive()
                 if msg["type"] == "websocket.disconnect":
+                    self._disconnected(msg.get("code"))
                     break
                 if writer.done():  # the socket cannot be written any more
                     break
@@ -146,6 +149,15 @@ class RealtimeConnection:
             writer.cancel()
             self.ctx.sessions.close(self.session)
 
+    def _disconnected(self, code: int | None) -> None:
+        """The client closed the socket (or the websocket layer did, for a frame that is not UTF-8)."""
+        if code == 1007:
+            logs.client_aborted(self.ctx, "invalid_utf8_frame", f"session {self.session.id}: a text frame that is "
+                                                                "not UTF-8 (the connection was closed with 1007)")
+        elif self.session.active is not None and not self.session.active.silenced:
+            logs.client_aborted(self.ctx, "left_mid_response", f"session {self.session.id}: the client left while "
+                                                               "a response ran (it was cancelled)")
+
     async def handle(self, text: str) -> None:
         event_id = None
         try:
@@ -165,6 +177,9 @@ class RealtimeConnection:
             if event_id is not None and not isinstance(event_id, str):
                 event_id = None
                 raise bad("'event_id' must be a string", "invalid_type", "event_id")
+            if event_id is not None and invalid_text_path(event_id) is not None:
+                event_id = None  # (it cannot be echoed)
+            check_text(event)  # refused whole: nothing of an event with invalid text is applied
             kind = event.get("type")
             if not isinstance(kind, str):
                 raise bad("the event has no string 'type'", "invalid_event", "type")
@@ -172,6 +187,7 @@ class RealtimeConnection:
             if handler is None:
                 raise bad(f"unknown event type {kind[:80]!r}; known: {', '.join(sorted(self.handlers))}",
                           "unknown_event", "type")
+            check_event_fields(event)
             await handler(event, event_id)
         except ApiError as e:
             await self.send_error(e, event_id)
@@ -184,6 +200,18 @@ class RealtimeConnection:
             await self.send_error(ApiError(f"internal error handling this event: {type(e).__name__}",
                                            code="server_error", status=500), event_id)
 
+    def _check_text_budget(self, adding: int, instructions: str | None = None) -> None:
+        """The per-session text budget (like its media limit): the conversation's text, `adding` more
+        characters and the instructions must fit the model's context (ServerContext.prompt_bound);
+        session_text_limit otherwise."""
+        bound = self.ctx.prompt_bound
+        if bound is None:
+            return
+        total = self.session.text_chars + adding + len(instructions or "")
+        if total > bound.max_chars:
+            raise ApiError(f"the session's text would hold {total:,} characters: {bound.describe()}; delete items "
+                           "(conversation.item.delete) or start a new session", code="session_text_limit")
+
     # ------------------------------------------------------------------ session
     async def on_session_update(self, event: dict, event_id) -> None:
         spec = need_dict(event.get("session"), "session")
@@ -195,9 +223,11 @@ class RealtimeConnection:
         for key in spec:
             if key not in IGNORED_SESSION_FIELDS and key not in SESSION_FIELDS:
                 raise bad(f"unknown session field {str(key)[:60]!r}", "unknown_parameter", f"session.{key}")
+        self.ctx.check_model(spec.get("model"), "realtime")
         if "instructions" in spec:
             value = spec["instructions"]
             new["instructions"] = None if value is None else need_str(value, "session.instructions")
+            self._check_text_budget(0, new["instructions"])
         for name in ("output_modalities", "modalities"):
             if name in spec:
                 new["output_modalities"] = check_output_modalities(spec[name], f"session.{name}", engine)
@@ -498,6 +528,7 @@ class RealtimeConnection:
 
     async def on_item_create(self, event: dict, event_id) -> None:
         item = need_dict(event.get("item"), "item")
+        REALTIME_ITEM.check(item, "item.")
         prev = event.get("previous_item_id")
         if prev is not None and prev != self._last_item_id():
             raise bad("items can only be appended: 'previous_item_id' must be the last item's id (or left out)",
@@ -516,6 +547,7 @@ class RealtimeConnection:
                           "item.id")
         if "content" not in item:
             raise bad("'item.content' is required", "missing_field", "item.content")
+        self._check_text_budget(text_chars(item["content"]))
         if role == "system":
             text = codec.text_only(item["content"], "item.content")
             conv = codec.Converted([{"type": "text", "text": text}], [{"type": "input_text", "text": text}])
@@ -542,8 +574,9 @@ class RealtimeConnection:
 
     # ------------------------------------------------------------------ responses
     async def on_response_create(self, event: dict, event_id) -> None:
-        spec = event.get("response", {})
-        await self._start_response(need_dict({} if spec is None else spec, "response"), event_id)
+        spec = need_dict({} if event.get("response") is None else event["response"], "response")
+        REALTIME_RESPONSE.check(spec, "response.")
+        await self._start_response(spec, event_id)
         self.response_wanted = False  # the client asked for this one itself
 
     async def _start_response(self, spec: dict, event_id: str | None) -> None:
@@ -568,6 +601,7 @@ class RealtimeConnection:
                       "unsupported_parameter", "response.input")
         instructions = spec.get("instructions", None)
         instructions = need_str(instructions, "response.instructions") if instructions is not None else s.instructions
+        self._check_text_budget(0, instructions)
         if instructions is None:
             instructions = self.session.system_text()
         params = generation_params(spec, self.limits, base=s.params)
@@ -649,7 +683,7 @@ class RealtimeConnection:
                 pass  # the conversation is full; the next item.create reports it
 
 
-SESSION_FIELDS = {"instructions", "output_modalities", "modalities", "audio", "input_audio_format", "voice",
+SESSION_FIELDS = {"model", "instructions", "output_modalities", "modalities", "audio", "input_audio_format", "voice",
                   "input_audio_sample_rate", "turn_detection", "video", "tools", "thinking", "temperature", "top_p",
                   "top_k", "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
                   "max_tokens"}
@@ -739,13 +773,20 @@ def audio_format_rate(value: Any, name: str) -> int:
 
 async def realtime_endpoint(ws: WebSocket) -> None:
     ctx: ServerContext = ws.app.state.ctx
+    refusal = None
     if not authorized(ws.scope, ctx.token):
-        body = {"error": ApiError("missing or wrong token: send 'Authorization: Bearer <token>' or '?token=<token>'",
-                                  code="unauthorized", status=401).to_openai()}
+        refusal = ApiError("missing or wrong token: send 'Authorization: Bearer <token>' or '?token=<token>'",
+                           code="unauthorized", status=401)
+    else:
         try:
-            await ws.send_denial_response(JSONResponse(body, status_code=401))
+            ctx.check_model(ws.query_params.get("model"), "realtime")
+        except ApiError as e:
+            refusal = e
+    if refusal is not None:  # answered at the handshake, with an HTTP status and OpenAI's error body
+        try:
+            await ws.send_denial_response(JSONResponse({"error": refusal.to_openai()}, status_code=refusal.status))
         except RuntimeError:
-            await ws.close(code=1008, reason="unauthorized")
+            await ws.close(code=1008, reason=refusal.code)
         return
     try:
         session = ctx.sessions.create()

@@ -149,6 +149,12 @@ class Session:
         self.active = None  # the running response (realtime.Response), if any
 
     @property
+    def text_chars(self) -> int:
+        """Characters of text in the conversation (what the per-session text budget counts)."""
+        return sum(len(p["text"]) for it in self.items for p in it.parts
+                   if p.get("type") == "text" and isinstance(p.get("text"), str))
+
+    @property
     def held_bytes(self) -> int:
         """Memory the session holds: conversation media, buffered audio and frames, the detector."""
         return (sum(it.nbytes for it in self.items) + 2 * self.audio.samples + self.clip.nbytes + self.video.nbytes

@@ -21,13 +21,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.events import AudioChunk, Done, Error, Event
 from engine.runtime import no_audio_after_cancel
-from engine.server import codec
+from engine.server import codec, fields
 from engine.server import protocol as wire
 from engine.server.audio_out import FORMATS, OPENAI_PCM_RATE, STREAMABLE, encode_audio, resampled, wav_header
+from engine.server.bodies import JSON, MULTIPART, body_kind, form_body, form_file, form_text, json_body
 from engine.server.codec import bad, need_dict, need_number
 from engine.server.context import ServerContext
-from engine.server.http_api import (collect, ctx_of, error_response, first_events, form_file, form_text, job_metrics,
-                                    json_request, read_form, read_json, refused_at_once, stream_response, text_field)
+from engine.server.http_api import (collect, ctx_of, error_response, first_events, job_metrics, json_request,
+                                    left_early, refused_at_once, stream_response, text_field)
 from engine.server.params import DEFAULT_VOICE
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
@@ -40,9 +41,6 @@ MAX_FIELD_CHARS = 2_000
 MAX_SECONDS = 600.0
 # OpenAI's speed (0.25-4.0) -> the talker's speed label; 0.9-1.1 leaves the speed alone
 SPEED_RANGE, SLOW_BELOW, FAST_ABOVE = (0.25, 4.0), 0.9, 1.1
-INSTRUCTION_FIELDS = ("dialect", "emotion", "pitch", "volume", "style", "ip")
-SPEECH_EXTENSIONS = ("task", "reference_audio", "reference_text", "instruct", "bgm", "music", "seed",
-                     "max_seconds") + INSTRUCTION_FIELDS
 STREAM_FORMATS = ("sse", "audio")
 
 
@@ -65,7 +63,7 @@ def instruction_from(body: dict) -> dict | str | None:
         inst = {k.strip(): v.strip() for k, _, v in (p.partition("=") for p in inst.split(",") if p.strip())}
     if inst is not None:
         spec.update(need_dict(inst, "instruct"))
-    for name in INSTRUCTION_FIELDS:
+    for name in fields.SPEECH_INSTRUCTION_FIELDS:
         if body.get(name) is not None:
             spec[name] = text_field(body[name], name, MAX_FIELD_CHARS)
     if body.get("bgm") is not None:
@@ -163,7 +161,7 @@ def speech_job(ctx: ServerContext, engine, kwargs: dict, pcm_rate: int | None) -
 @router.post("/v1/audio/speech")
 async def speech(request: Request):
     received = time.perf_counter()
-    ctx, body = await json_request(request, SPEECH_EXTENSIONS)
+    ctx, body = await json_request(request, fields.SPEECH, "speech", fields.SPEECH_EXTENSIONS)
     engine = talker_of(ctx)
     fmt, stream = output_format(body)
     kwargs = await asyncio.to_thread(speech_request, body, ctx)  # decodes reference clips
@@ -204,8 +202,7 @@ def raw_audio_stream(ctx: ServerContext, job: Job, events: AsyncIterator[Event],
                 elif isinstance(ev, (Done, Error)):
                     return
         finally:
-            if job.state != "finished":
-                ctx.scheduler.cancel(job, abandon=True)
+            left_early(ctx, job)
 
     return StreamingResponse(body(), media_type=FORMATS[fmt][0], headers={"Cache-Control": "no-cache"})
 
@@ -233,16 +230,18 @@ async def list_voices(request: Request):
 async def voice_upload(request: Request, ctx: ServerContext) -> tuple[str, bytes, str | None]:
     """(name, clip bytes, transcript or None) from multipart (`name`, `file`, `reference_text`) or JSON
     (`name`, `reference_audio` base64 or data: URL, `reference_text`)."""
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await read_form(request, ctx.limits, max_files=1, max_fields=16)
+    if body_kind(request, (JSON, MULTIPART)) == MULTIPART:
+        form = await form_body(request, ctx.limits, max_files=1, max_fields=16)
         try:
+            fields.VOICES_FORM.check({key: form.get(key) for key in form.keys()})
             raw = await form_file(form, "file", "the reference clip")
             name = form_text(form, "name", 64)
             text = form_text(form, "reference_text", MAX_INPUT_CHARS)
         finally:
             await form.close()
     else:
-        body = await read_json(request, ctx.limits.max_request_bytes)
+        body = await json_body(request, ctx.limits.max_request_bytes)
+        fields.VOICES_JSON.check(body)
         name = body.get("name")
         if body.get("reference_audio") is None:
             raise bad("'reference_audio' (the clip, base64 or a data: URL) is required", "missing_field",

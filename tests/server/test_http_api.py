@@ -130,7 +130,7 @@ def test_transcription_limits_and_errors(server):
     r = httpx.post(url, data={"prompt": "no file"}, files={"other": ("a", b"b")}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "missing_field"
     r = httpx.post(url, json={"file": "x"}, timeout=30)
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type"
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_content_type"
 
 
 def test_models_and_health(client, server):

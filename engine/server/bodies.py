@@ -1,0 +1,178 @@
+"""Reading HTTP request bodies, for every endpoint: the content type an endpoint takes, the size
+limit, JSON (UTF-8, every string checked by engine.server.text), multipart forms (text fields must
+be UTF-8; starlette would read other bytes as Latin-1), form fields by kind, and a client that goes
+away mid-upload (ClientGone: one log line and a count, see engine.server.logs).
+
+Content types: a JSON endpoint takes `application/json` or any `application/*+json`, with no charset
+or UTF-8; an upload endpoint takes `multipart/form-data`. Anything else (text/plain, a form, no
+Content-Type at all) is refused with 415 `unsupported_content_type` naming what the endpoint takes,
+before the body is read.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartParser, parse_options_header
+from starlette.requests import ClientDisconnect
+
+from engine.server.codec import bad, need_dict
+from engine.server.limits import human_bytes
+from engine.server.protocol import ApiError
+from engine.server.text import check_utf8, parse_json_text
+
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+
+
+class ClientGone(Exception):
+    """The client went away before its request was read (`kind` as counted in /health)."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+def content_type(request: Request) -> tuple[str, dict[str, str]]:
+    """(media type in lower case, parameters) of the request's Content-Type ("" when absent)."""
+    mime, *params = request.headers.get("content-type", "").split(";")
+    options = {}
+    for param in params:
+        key, _, value = param.partition("=")
+        options[key.strip().lower()] = value.strip().strip('"')
+    return mime.strip().lower(), options
+
+
+def is_json(mime: str) -> bool:
+    return mime == JSON or (mime.startswith("application/") and mime.endswith("+json"))
+
+
+def body_kind(request: Request, takes: tuple[str, ...]) -> str:
+    """JSON or MULTIPART, whichever of `takes` the request's Content-Type is; else 415."""
+    mime, options = content_type(request)
+    if JSON in takes and is_json(mime):
+        charset = options.get("charset", "utf-8").lower()
+        if charset in ("utf-8", "utf8"):
+            return JSON
+        why = f"a JSON body must be UTF-8, this one says charset={charset}"
+    elif MULTIPART in takes and mime == MULTIPART:
+        return MULTIPART
+    else:
+        why = f"got {mime!r}" if mime else "the request has no Content-Type"
+    wanted = " or ".join(f"'Content-Type: {t}'" for t in takes)
+    raise ApiError(f"{request.url.path} takes {' or '.join(takes)}: send the body with {wanted} ({why})",
+                   code="unsupported_content_type", status=415)
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise ApiError(f"{what} too large: {human_bytes(int(declared))}, the limit is {human_bytes(limit)}",
+                               code="payload_too_large", status=413)
+        except ValueError:
+            raise bad("invalid Content-Length header", "invalid_request") from None
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(f"{what} too large: more than {human_bytes(limit)}", code="payload_too_large",
+                               status=413)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone("truncated_upload", f"{request.method} {request.url.path}: the client left after "
+                                             f"{size} of {declared or 'unknown'} bytes") from None
+    body = b"".join(chunks)
+    request._body = body  # later parsing (forms) reads it from here
+    return body
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """A JSON object body (the Content-Type checked first, then the size; every string valid text)."""
+    body_kind(request, (JSON,))
+    return await json_body(request, limit)
+
+
+async def json_body(request: Request, limit: int) -> dict:
+    body = await read_body(request, limit, "request body")
+    try:
+        data = parse_json_text(body)
+    except (ValueError, RecursionError) as e:
+        raise bad(f"the body is not valid JSON: {str(e)[:120]}", "invalid_json") from None
+    return need_dict(data, "body")
+
+
+class StrictMultiPartParser(MultiPartParser):
+    """starlette's parser, refusing a text field or a field name that is not UTF-8 (starlette reads
+    such bytes as Latin-1, which would turn them into other text)."""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._current_part.content_disposition)
+        if self._charset == "utf-8" and b"name" in options:
+            check_utf8(options[b"name"], "field name")
+        super().on_headers_finished()
+
+    def on_part_end(self) -> None:
+        if self._current_part.file is None and self._charset == "utf-8":
+            check_utf8(bytes(self._current_part.data), self._current_part.field_name)
+        super().on_part_end()
+
+
+async def read_form(request: Request, limits, max_files: int, max_fields: int = 64) -> FormData:
+    """A multipart form within the upload limit (close it when done); malformed: invalid_multipart."""
+    body_kind(request, (MULTIPART,))
+    return await form_body(request, limits, max_files, max_fields)
+
+
+async def form_body(request: Request, limits, max_files: int, max_fields: int = 64) -> FormData:
+    await read_body(request, limits.max_upload_bytes, "upload")
+    parser = StrictMultiPartParser(request.headers, request.stream(), max_files=max_files, max_fields=max_fields,
+                                   max_part_size=1024 * 1024)
+    try:
+        return await parser.parse()
+    except ApiError:
+        raise
+    except Exception as e:  # MultiPartException, or malformed multipart of any other kind
+        raise bad(f"the multipart body could not be parsed: {str(e)[:120]}", "invalid_multipart") from None
+
+
+async def form_file(form, name: str, what: str) -> bytes:
+    """The bytes of a required file field."""
+    upload = form.get(name)
+    if upload is None or isinstance(upload, str):
+        raise bad(f"'{name}' ({what}) is required", "missing_field", name)
+    return await upload.read()
+
+
+def form_text(form, name: str, max_len: int = 100_000) -> str | None:
+    value = form.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise bad(f"'{name}' must be a text field, not a file", "invalid_type", name)
+    if len(value) > max_len:
+        raise bad(f"'{name}' is too long ({len(value)} characters)", "invalid_value", name)
+    return value
+
+
+def form_number(form, name: str):
+    value = form_text(form, name, 64)
+    if value is None or value == "":
+        return None
+    try:
+        return float(value) if any(c in value for c in ".eE") else int(value)
+    except ValueError:
+        raise bad(f"'{name}' must be a number, got {value[:40]!r}", "invalid_type", name) from None
+
+
+def form_flag(form, name: str) -> bool:
+    value = form_text(form, name, 16)
+    if value is None:
+        return False
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise bad(f"'{name}' must be true or false", "invalid_type", name)
+    return value.lower() in ("true", "1")

@@ -1,0 +1,173 @@
+"""What each endpoint takes, by name: the request fields it honours, OpenAI's fields it accepts with
+no effect, OpenAI's fields it refuses because it cannot honour them (`unsupported_parameter`, saying
+why), and the model ids it answers to. Every other field is refused with `unknown_parameter`: a
+field is never silently ignored unless it is listed here as having no effect (docs/protocol.md,
+"Fields and model ids", lists the same tables).
+
+Model ids: a request may name the served model (its id, its checkpoint path, "default") or leave it
+out; a drop-in OpenAI client may also name one of OpenAI's models of the endpoint's kind (whisper-1
+for transcriptions, gpt-4o-mini-tts for speech, gpt-image-1 for images, gpt-4o-mini for chat,
+gpt-realtime for realtime, and their dated snapshots), which the served model answers. Any other id
+is refused with `model_not_found` naming the served one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from engine.server.codec import bad
+from engine.server.protocol import ApiError
+
+Harmless = Callable[[Any], bool]  # a value of a refused field that asks for nothing (e.g. logit_bias {})
+
+
+def _empty(value: Any) -> bool:
+    return value in ({}, [], 0, False)
+
+
+@dataclass(frozen=True)
+class Fields:
+    """`taken`: honoured (or checked by the endpoint itself); `ignored`: accepted, no effect;
+    `refused`: name -> (why, the values that ask for nothing and pass)."""
+
+    taken: tuple[str, ...]
+    ignored: tuple[str, ...] = ()
+    refused: dict[str, tuple[str, Harmless]] = field(default_factory=dict)
+
+    def check(self, body: dict, prefix: str = "") -> None:
+        for key, value in body.items():
+            if key in self.taken or key in self.ignored or value is None:
+                continue
+            name = f"{prefix}{key}"
+            if key in self.refused:
+                why, harmless = self.refused[key]
+                if harmless(value):
+                    continue
+                raise bad(f"'{name}' is not supported by this server: {why}", "unsupported_parameter", name)
+            raise bad(f"unknown field {name[:60]!r}; known: {', '.join(sorted(self.taken + self.ignored))}",
+                      "unknown_parameter", name[:60])
+
+
+NO_TOOLS = "this model has no tool calling"
+NO_LOGPROBS = "log probabilities are not reported"
+
+# our extension fields per endpoint (refused with unknown_parameter under --openai-only)
+CHAT_EXTENSIONS = ("top_k", "repetition_penalty", "thinking")
+TRANSCRIPTION_EXTENSIONS = ("hotwords", "hotwords[]", "dialect")
+SPEECH_INSTRUCTION_FIELDS = ("dialect", "emotion", "pitch", "volume", "style", "ip")
+SPEECH_EXTENSIONS = ("task", "reference_audio", "reference_text", "instruct", "bgm", "music", "seed",
+                     "max_seconds") + SPEECH_INSTRUCTION_FIELDS
+IMAGE_EXTENSIONS = ("aspect", "steps", "guidance", "seed", "preview_every", "negative_prompt", "preset", "mask_color")
+
+CHAT = Fields(
+    taken=("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
+           "top_p", "seed", "stop", "modalities", "audio", "n", "response_format", "frequency_penalty",
+           "presence_penalty", "logprobs", "tools", "functions") + CHAT_EXTENSIONS,
+    ignored=("user", "metadata", "safety_identifier", "prompt_cache_key", "parallel_tool_calls"),
+    refused={
+        "logit_bias": ("token biases are not applied (an empty object is accepted)", _empty),
+        "top_logprobs": (NO_LOGPROBS, _empty),
+        "tool_choice": (NO_TOOLS, lambda v: v in ("none", "auto")),
+        "function_call": (NO_TOOLS, lambda v: v in ("none", "auto")),
+        "reasoning_effort": ("there is no reasoning budget; the extension field 'thinking': true turns on the "
+                             "model's detailed thinking", lambda v: False),
+        "verbosity": ("there is no verbosity control", lambda v: False),
+        "service_tier": ("there is one tier (one queue for every request); 'auto' and 'default' are accepted",
+                         lambda v: v in ("auto", "default")),
+        "store": ("nothing is stored (no stored completions); false is accepted", lambda v: v is False),
+        "prediction": ("predicted outputs are not supported", lambda v: False),
+        "web_search_options": ("this server does not search the web", lambda v: False),
+    })
+
+SPEECH = Fields(taken=("model", "input", "voice", "instructions", "response_format", "speed", "stream_format")
+                + SPEECH_EXTENSIONS)
+
+IMAGE_TAKEN = ("prompt", "model", "n", "size", "response_format", "output_format", "output_compression",
+               "background", "stream", "partial_images") + IMAGE_EXTENSIONS
+IMAGE_IGNORED = ("quality", "style", "moderation", "user", "input_fidelity")  # OpenAI's, no effect here
+IMAGE_GENERATIONS = Fields(taken=IMAGE_TAKEN, ignored=IMAGE_IGNORED)
+IMAGE_EDITS = Fields(taken=IMAGE_TAKEN + ("image", "images", "image[]", "mask"), ignored=IMAGE_IGNORED)
+
+VOICES_JSON = Fields(taken=("name", "reference_audio", "reference_text"))
+VOICES_FORM = Fields(taken=("name", "file", "reference_text"))
+
+NO_TIMESTAMPS = "no timestamps are produced (verbose_json gives the duration only)"
+NO_DIARIZATION = "there is no diarization"
+TRANSCRIPTION = Fields(
+    taken=("file", "model", "prompt", "response_format", "temperature", "language", "stream", "max_tokens")
+    + TRANSCRIPTION_EXTENSIONS,
+    refused={name: (why, lambda v: False) for names, why in (
+        (("timestamp_granularities", "timestamp_granularities[]"), NO_TIMESTAMPS),
+        (("include", "include[]"), NO_LOGPROBS),
+        (("chunking_strategy",), "the whole clip is transcribed at once"),
+        (("known_speaker_names", "known_speaker_names[]", "known_speaker_references",
+          "known_speaker_references[]"), NO_DIARIZATION)) for name in names})
+
+# realtime: the fields of each client event (besides type and event_id), of response.create's
+# `response`, and of a conversation item
+REALTIME_EVENTS: dict[str, tuple[str, ...]] = {
+    "session.update": ("session",),
+    "input_audio_buffer.append": ("audio", "sample_rate"),
+    "input_audio_buffer.commit": (), "input_audio_buffer.clear": (),
+    "input_video_buffer.append": ("image", "capture_time"),
+    "input_video_buffer.commit": (), "input_video_buffer.clear": (),
+    "conversation.item.create": ("item", "previous_item_id"),
+    "conversation.item.delete": ("item_id",),
+    "conversation.item.truncate": ("item_id", "content_index", "audio_end_ms"),
+    "response.create": ("response",),
+    "response.cancel": ("response_id",),
+}
+REALTIME_RESPONSE = Fields(
+    taken=("instructions", "max_output_tokens", "max_response_output_tokens", "output_modalities", "modalities",
+           "audio", "conversation", "input", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop",
+           "thinking"),
+    ignored=("metadata", "object"),
+    refused={"tools": (NO_TOOLS, _empty), "tool_choice": (NO_TOOLS, lambda v: v in ("none", "auto")),
+             "prompt": ("stored prompts are not supported", lambda v: False)})
+REALTIME_ITEM = Fields(taken=("type", "role", "content", "id"), ignored=("object", "status"))
+
+
+def check_event_fields(event: dict) -> None:
+    """A realtime client event naming a field its type does not have: unknown_parameter."""
+    taken = REALTIME_EVENTS.get(event.get("type"), ())
+    Fields(taken=("type", "event_id") + taken).check(event)
+
+
+# --------------------------------------------------------------------------- model ids
+
+_DATED = r"(-\d{4}-\d{2}-\d{2})?"
+OPENAI_MODELS: dict[str, tuple[str, ...]] = {  # OpenAI's model names a drop-in client sends, per endpoint kind
+    "chat": ("gpt-3.5-turbo", "gpt-4", "gpt-4-turbo", "gpt-4o", "gpt-4o-mini", "gpt-4o-audio-preview",
+             "gpt-4o-mini-audio-preview", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-5", "gpt-5-mini",
+             "gpt-5-nano", "gpt-audio", "gpt-audio-mini", "chatgpt-4o-latest"),
+    "transcription": ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"),
+    "speech": ("tts-1", "tts-1-hd", "gpt-4o-mini-tts"),
+    "image": ("gpt-image-1", "gpt-image-1-mini", "dall-e-2", "dall-e-3"),
+    "realtime": ("gpt-realtime", "gpt-realtime-mini", "gpt-4o-realtime-preview", "gpt-4o-mini-realtime-preview"),
+}
+_ALIAS = {kind: re.compile("^(" + "|".join(map(re.escape, names)) + ")" + _DATED + "$")
+          for kind, names in OPENAI_MODELS.items()}
+
+
+def is_openai_alias(model: str, kind: str | None) -> bool:
+    """True when `model` is one of OpenAI's models of this endpoint kind (any kind: None), or a dated
+    snapshot of one (gpt-4o-2024-08-06)."""
+    kinds = OPENAI_MODELS if kind is None else (kind,)
+    return any(_ALIAS[k].match(model) for k in kinds)
+
+
+def check_model(requested: Any, served: tuple[str, ...], model_id: str, kind: str | None) -> None:
+    """Refuse a model id that is neither the served model (`served`: its id, path, "default") nor one
+    of OpenAI's models of this endpoint's `kind`."""
+    if requested is None:
+        return
+    if not isinstance(requested, str):
+        raise ApiError("'model' must be a string", code="invalid_type", param="model")
+    if requested in served or is_openai_alias(requested, kind):
+        return
+    names = OPENAI_MODELS[kind] if kind else sorted(n for v in OPENAI_MODELS.values() for n in v)
+    raise ApiError(f"model {requested[:100]!r} is not served here: this server serves {model_id!r} (ask for it by "
+                   f"that id, 'default', or one of OpenAI's names for this endpoint: {', '.join(names)})",
+                   code="model_not_found", status=404, param="model")

@@ -1,0 +1,164 @@
+"""Text that is not valid Unicode (issue 9 §1): lone UTF-16 surrogates from JSON escapes ("\\ud800"),
+raw CESU-8 bytes, invalid UTF-8 in multipart form fields. One policy at the boundary, for every text
+field of every endpoint and realtime event: a 400 `invalid_text` naming the field, and a realtime
+session that refuses the event and keeps serving."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from websockets.sync.client import connect
+
+from tests.server import b64, image_array, png_bytes, recv_item, recv_json, recv_until, running_server, tone_pcm16, \
+    wav_bytes
+
+CESU_8 = b"\xed\xa0\x80"  # U+D800 written as if it were a character (CESU-8 / WTF-8): not UTF-8
+PNG = b64(png_bytes(image_array(24, 32)))
+WAV = b64(wav_bytes(tone_pcm16(1.0)))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    with running_server(tiny_engine) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def raw_json(text: str) -> dict:
+    """httpx arguments sending `text` (a JSON document written by hand, escapes as they are) as the body."""
+    return {"content": text.encode("utf-8"), "headers": {"content-type": "application/json"}}
+
+
+# (path, JSON text with a lone surrogate written as a JSON escape, the field path the error must name)
+ESCAPED = [
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}',
+     "messages[0].content"),
+    ("/v1/chat/completions", '{"messages": [{"role": "system", "content": "\\udfff"}, {"role": "user", '
+                             '"content": "hi"}], "max_tokens": 2}', "messages[0].content"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": '
+                             '"x\\ud800"}, {"role": "user", "content": "again"}], "max_tokens": 2}',
+     "messages[1].content"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}], '
+                             '"max_tokens": 2}', "messages[0].content[0].text"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}', "stop[0]"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "model": "\\udc00"}', "model"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}', "\\ud800"),
+    ("/v1/audio/speech", '{"input": "hello \\ud800"}', "input"),
+    ("/v1/audio/speech", '{"input": "hello", "instructions": "calm \\udc01"}', "instructions"),
+    ("/v1/audio/speech", '{"input": "hello", "voice": "\\ud800"}', "voice"),
+    ("/v1/images/generations", '{"prompt": "a \\ud800 teapot", "steps": 1, "size": "16x16"}', "prompt"),
+    ("/v1/images/edits", '{"prompt": "a teapot", "image": "data:image/png;base64,' + PNG + '", "preset": "\\ud800"}',
+     "preset"),
+    ("/v1/audio/voices", '{"name": "me\\ud800", "reference_audio": "' + WAV + '"}', "name"),
+]
+
+
+@pytest.mark.parametrize("path, text, param", ESCAPED, ids=[f"{p}:{q}" for p, _, q in ESCAPED])
+def test_lone_surrogate_escapes_are_refused_naming_the_field(http, path, text, param):
+    r = http.post(path, **raw_json(text))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_text" and err["param"] == param, err
+    assert "surrogate" in err["message"]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a' + CESU_8 + b'b"}], "max_tokens": 2}',
+     "messages[0].content"),
+    ("/v1/audio/speech", b'{"input": "x' + CESU_8 + b'"}', "input"),
+    ("/v1/images/generations", b'{"prompt": "' + b"\xff\xfe" + b'", "steps": 1}', "prompt"),
+])
+def test_raw_bytes_that_are_not_utf8_are_refused_naming_the_field(http, path, body, param):
+    r = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_text" and err["param"] == param, err
+
+
+def multipart(fields: list[tuple[str, bytes]], files: list[tuple[str, str, bytes]]) -> dict:
+    """A multipart body written by hand (httpx would encode text fields itself)."""
+    out = b""
+    for name, value in fields:
+        out += b'--zz\r\nContent-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n' + value + b"\r\n"
+    for name, filename, data in files:
+        out += (b'--zz\r\nContent-Disposition: form-data; name="' + name.encode() + b'"; filename="'
+                + filename.encode() + b'"\r\nContent-Type: application/octet-stream\r\n\r\n' + data + b"\r\n")
+    return {"content": out + b"--zz--\r\n", "headers": {"content-type": "multipart/form-data; boundary=zz"}}
+
+
+@pytest.mark.parametrize("path, fields, files, param", [
+    ("/v1/audio/transcriptions", [("prompt", b"a lecture " + CESU_8)], [("file", "a.wav", wav_bytes(tone_pcm16()))],
+     "prompt"),
+    ("/v1/audio/transcriptions", [("hotwords", b"Ming,\xff")], [("file", "a.wav", wav_bytes(tone_pcm16()))],
+     "hotwords"),
+    ("/v1/audio/voices", [("name", b"me" + CESU_8)], [("file", "a.wav", wav_bytes(tone_pcm16(1.0)))], "name"),
+    ("/v1/images/edits", [("prompt", b"caf\xe9")], [("image", "a.png", png_bytes(image_array(16, 16)))], "prompt"),
+])
+def test_form_fields_that_are_not_utf8_are_refused_not_read_as_latin1(http, path, fields, files, param):
+    r = http.post(path, **multipart(fields, files))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_text" and err["param"] == param, err
+
+
+def test_valid_non_ascii_text_still_passes(http):
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "café 你好 😀"}],
+                                                "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    r = http.post("/v1/audio/transcriptions", **multipart([("prompt", "café 上海".encode())],
+                                                           [("file", "a.wav", wav_bytes(tone_pcm16()))]))
+    assert r.status_code == 200, r.text
+
+
+# realtime events with a lone surrogate, and the field each error must name
+REALTIME = [
+    ('{"type": "session.update", "event_id": "e1", "session": {"instructions": "a\\ud800"}}', "session.instructions"),
+    ('{"type": "session.update", "event_id": "e1", "session": {"audio": {"output": {"voice": "\\udc00"}}}}',
+     "session.audio.output.voice"),
+    ('{"type": "conversation.item.create", "event_id": "e1", "item": {"type": "message", "role": "user", '
+     '"content": [{"type": "input_text", "text": "x\\udc00"}]}}', "item.content[0].text"),
+    ('{"type": "conversation.item.create", "event_id": "e1", "item": {"type": "message", "role": "user", '
+     '"content": "x\\udc00"}}', "item.content"),
+    ('{"type": "conversation.item.create", "event_id": "e1", "item": {"type": "message", "role": "system", '
+     '"content": [{"type": "input_text", "text": "\\ud800"}]}}', "item.content[0].text"),
+    ('{"type": "conversation.item.create", "event_id": "e1", "item": {"type": "message", "role": "assistant", '
+     '"content": [{"type": "output_text", "text": "\\ud800"}]}}', "item.content[0].text"),
+    ('{"type": "conversation.item.create", "event_id": "e1", "item": {"id": "\\ud800", "type": "message", '
+     '"role": "user", "content": "x"}}', "item.id"),
+    ('{"type": "response.create", "event_id": "e1", "response": {"instructions": "\\ud800"}}',
+     "response.instructions"),
+    ('{"type": "response.create", "event_id": "e1", "response": {"stop": ["\\ud800"]}}', "response.stop[0]"),
+    ('{"type": "conversation.item.delete", "event_id": "e1", "item_id": "\\ud800"}', "item_id"),
+]
+
+
+def test_a_realtime_session_refuses_invalid_text_and_keeps_serving(server):
+    with connect(server.ws_url, max_size=None) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        for text, param in REALTIME:
+            ws.send(text)
+            ev = recv_json(ws)
+            assert ev["type"] == "error", (text, ev)
+            assert ev["error"]["code"] == "invalid_text" and ev["error"]["param"] == param, (text, ev["error"])
+            assert ev["error"]["event_id"] == "e1"
+        # the event with a bad event_id is refused too (its id cannot be echoed)
+        ws.send('{"type": "input_audio_buffer.clear", "event_id": "\\ud800"}')
+        ev = recv_json(ws)
+        assert ev["error"]["code"] == "invalid_text" and ev["error"]["event_id"] is None
+        # nothing was applied: the session is as it was, and answers
+        ws.send(json.dumps({"type": "session.update", "session": {"max_output_tokens": 2}}))
+        updated = recv_json(ws)
+        assert updated["type"] == "session.updated" and updated["session"]["instructions"] is None
+        ws.send(json.dumps({"type": "conversation.item.create",
+                            "item": {"type": "message", "role": "user", "content": "still fine?"}}))
+        assert len(recv_item(ws)["item"]["content"]) == 1
+        ws.send(json.dumps({"type": "response.create"}))
+        done = recv_until(ws, "response.done")[-1]
+        assert done["response"]["status"] in ("completed", "incomplete"), done

@@ -1,0 +1,112 @@
+"""One large valid prompt must not block other clients (issue 9 §2): text that cannot fit the model's
+context is refused before anything tokenises it (a characters bound derived from the context and the
+tokenizer's longest token), /health keeps answering while another client sends the largest body the
+server takes, and a realtime session's text is bounded like its media."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from tokenizers import Tokenizer
+from websockets.sync.client import connect
+
+from tests.server import recv_item, recv_json, running_server
+
+
+def expected_bound(engine) -> int:
+    """What the server must derive, computed here independently: context tokens x the most characters
+    one token of the checkpoint's tokenizer stands for."""
+    tok = Tokenizer.from_file(str(engine.model.path / "tokenizer.json"))
+    longest = max(len(t) for t in tok.get_vocab(with_added_tokens=True))
+    return engine.model.config.llm.max_position_embeddings * longest
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    with running_server(tiny_engine, max_request_bytes=16 * 1024 * 1024) as srv:
+        yield srv
+
+
+def test_text_that_cannot_fit_is_refused_before_the_engine_sees_it(server, tiny_engine):
+    bound = expected_bound(tiny_engine)
+    submitted = server.ctx.scheduler.counts["submitted"]
+    parts = [{"type": "text", "text": "ab" * (bound // 4)}, {"type": "text", "text": "c" * (bound // 2 + 10)}]
+    t0 = time.perf_counter()
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": parts}], "max_tokens": 2})
+    took = time.perf_counter() - t0
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and f"{bound:,}" in err["message"], err
+    assert server.ctx.scheduler.counts["submitted"] == submitted  # never queued, never tokenised
+    assert took < 2.0
+    # text within the bound still reaches the engine
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def health_waits(url: str, stop: threading.Event, out: list[float]) -> None:
+    with httpx.Client(timeout=60) as c:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            assert c.get(url + "/health").status_code == 200
+            out.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+
+
+def test_health_answers_while_another_client_sends_a_huge_prompt(server):
+    body = json.dumps({"messages": [{"role": "user", "content": "word " * (6 * 1024 * 1024 // 5)}],
+                       "max_tokens": 2}).encode()
+    waits: list[float] = []
+    stop = threading.Event()
+    poller = threading.Thread(target=health_waits, args=(server.url, stop, waits))
+    poller.start()
+    try:
+        time.sleep(0.1)
+        r = httpx.post(server.url + "/v1/chat/completions", content=body, timeout=120,
+                       headers={"content-type": "application/json"})
+        time.sleep(0.1)
+    finally:
+        stop.set()
+        poller.join()
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    print(f"\n[/health while a {len(body) / 2 ** 20:.1f} MiB prompt is refused] worst wait {1000 * max(waits):.0f} ms "
+          f"over {len(waits)} polls")
+    assert max(waits) < 1.0
+
+
+def test_a_realtime_session_has_a_text_budget(server, tiny_engine):
+    bound = expected_bound(tiny_engine)
+    big = "xy" * (bound // 3)  # two of these do not fit; one does
+    with connect(server.ws_url, max_size=None) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+
+        def create(text: str) -> dict:
+            ws.send(json.dumps({"type": "conversation.item.create",
+                                "item": {"type": "message", "role": "user", "content": text}}))
+            return recv_json(ws)
+
+        first = create(big)
+        assert first["type"] == "conversation.item.added"
+        recv_json(ws)  # .done
+        refused = create(big)
+        assert refused["type"] == "error" and refused["error"]["code"] == "session_text_limit", refused
+        assert f"{bound:,}" in refused["error"]["message"]
+        ws.send(json.dumps({"type": "session.update", "session": {"instructions": big}}))
+        ev = recv_json(ws)
+        assert ev["type"] == "error" and ev["error"]["code"] == "session_text_limit", ev
+        ws.send(json.dumps({"type": "response.create", "response": {"instructions": big}}))
+        ev = recv_json(ws)
+        assert ev["type"] == "error" and ev["error"]["code"] == "session_text_limit", ev
+        # room is made by deleting items, as with media
+        ws.send(json.dumps({"type": "conversation.item.delete", "item_id": first["item"]["id"]}))
+        assert recv_json(ws)["type"] == "conversation.item.deleted"
+        ws.send(json.dumps({"type": "conversation.item.create",
+                            "item": {"type": "message", "role": "user", "content": big}}))
+        assert recv_item(ws)["item"]["role"] == "user"

@@ -1,0 +1,154 @@
+"""What the server writes to its log (issue 9 §4, §6): the token never appears (access lines of HTTP
+and websocket requests, right or wrong tokens), and a client that aborts (a truncated upload, an
+invalid UTF-8 websocket frame, a connection reset mid-answer) costs one line, not a stack trace, and
+is counted in /health."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from engine.server import Limits, ServerHandle, create_app
+from tests.server import tone_pcm16, torch_threads, wait_for, wav_bytes
+
+TOKEN = "tok-SECRET-42"
+WRONG = "tok-WRONG-77"
+LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "engine.server")
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def lines(self) -> list[str]:
+        return [logging.Formatter().format(r) for r in self.records]
+
+
+@contextmanager
+def logged_server(engine, token: str | None = None):
+    app = create_app(engine, Limits(), token=token)
+    capture = Capture()
+    with torch_threads(1), ServerHandle(app, log_level="info") as srv:
+        for name in LOGGERS:
+            logging.getLogger(name).addHandler(capture)
+        try:
+            yield srv, capture
+        finally:
+            for name in LOGGERS:
+                logging.getLogger(name).removeHandler(capture)
+
+
+def test_redaction_of_tokens_in_urls():
+    from engine.server.auth import redact_token
+
+    assert redact_token("GET /v1/models?token=abc HTTP/1.1") == "GET /v1/models?token=[redacted] HTTP/1.1"
+    assert redact_token("/v1/realtime?model=x&TOKEN=a%2Bb&y=1") == "/v1/realtime?model=x&TOKEN=[redacted]&y=1"
+    assert redact_token("no secret here; mytoken=1") == "no secret here; mytoken=1"
+
+
+def test_the_token_is_never_written_to_the_log(tiny_engine):
+    with logged_server(tiny_engine, TOKEN) as (srv, capture):
+        assert httpx.get(srv.url + f"/v1/models?token={TOKEN}").status_code == 200
+        assert httpx.get(srv.url + f"/v1/models?x=1&token={WRONG}").status_code == 401
+        r = httpx.post(srv.url + f"/v1/chat/completions?token={TOKEN}", timeout=60,
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        assert r.status_code == 200
+        assert httpx.get(srv.url + f"/nowhere?token={TOKEN}").status_code == 404
+        with connect(srv.ws_url + f"?token={TOKEN}") as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        with pytest.raises(InvalidStatus):
+            connect(srv.ws_url + f"?token={WRONG}").close()
+        wait_for(lambda: sum("WebSocket" in line for line in capture.lines) >= 2, 5)
+        time.sleep(0.2)
+    text = "\n".join(capture.lines)
+    assert "/v1/models?token=[redacted]" in text and "/v1/realtime?token=[redacted]" in text
+    assert TOKEN not in text and WRONG not in text
+
+
+def raw_socket(srv) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a crashed client or a dropped network does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def truncated_upload(srv, path: str, ctype: bytes, head: bytes) -> None:
+    s = raw_socket(srv)
+    s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + ctype
+              + b"\r\nContent-Length: 100000\r\n\r\n" + head)
+    time.sleep(0.2)
+    s.close()
+
+
+def invalid_utf8_frame(srv) -> bytes:
+    s = raw_socket(srv)
+    key = base64.b64encode(os.urandom(16))
+    s.sendall(b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    assert s.recv(4096).startswith(b"HTTP/1.1 101")
+    payload = b'{"type": "\xff\xfe"}'
+    s.sendall(bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)  # a text frame, mask of zeros
+    got = b""
+    deadline = time.monotonic() + 10
+    while b"\x88" not in got and time.monotonic() < deadline:  # the close frame
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    s.close()
+    return got
+
+
+def reset_mid_stream(srv) -> None:
+    s = raw_socket(srv)
+    body = json.dumps({"messages": [{"role": "user", "content": "Count slowly to one hundred."}],
+                       "max_tokens": 200, "stream": True}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    got = b""
+    while b"data: {" not in got:
+        got += s.recv(4096)
+    reset(s)
+
+
+def test_client_aborts_cost_one_line_each_and_are_counted(tiny_engine):
+    with logged_server(tiny_engine) as (srv, capture):
+        before = httpx.get(srv.url + "/health").json().get("client_aborts", {})
+        truncated_upload(srv, "/v1/chat/completions", b"application/json", b'{"messages": [')
+        truncated_upload(srv, "/v1/audio/transcriptions", b"multipart/form-data; boundary=zz",
+                         b'--zz\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+                         + wav_bytes(tone_pcm16(0.2)))
+        closing = invalid_utf8_frame(srv)
+        assert b"\x88\x02\x03\xef" in closing  # closed with 1007 (invalid frame payload data), as RFC 6455 says
+        reset_mid_stream(srv)
+        wait_for(lambda: srv.ctx.scheduler.running == 0 and srv.ctx.scheduler.waiting == 0, 30)
+        time.sleep(0.3)
+        tracebacks = [r for r in capture.records if r.exc_info or "Traceback" in r.getMessage()]
+        assert tracebacks == [], [logging.Formatter().format(r)[:300] for r in tracebacks]
+        after = wait_for(lambda: (lambda h: h if sum(h.values()) - sum(before.values()) >= 4 else None)(
+            httpx.get(srv.url + "/health").json().get("client_aborts", {})), 10)
+    assert after["truncated_upload"] - before["truncated_upload"] == 2
+    assert after["invalid_utf8_frame"] - before["invalid_utf8_frame"] == 1
+    assert after["left_mid_response"] - before["left_mid_response"] == 1
+    aborts = [line for line in capture.lines if "client abort" in line]
+    assert len(aborts) == sum(after.values()) - sum(before.values()) == 4, capture.lines
+    assert all("\n" not in line for line in aborts)

@@ -1,0 +1,275 @@
+"""What the server no longer lets through (issue 9 §7): bodies of a content type an endpoint does not
+take, media of the wrong kind (told by its bytes, not by its label), contradicting token limits,
+OpenAI parameters that would be silently ignored, and model ids; plus the OpenAI model aliases a
+drop-in client may send, per endpoint."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from tests.server import b64, image_array, png_bytes, recv_json, recv_until, running_server, tone_pcm16, wav_bytes
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+PNG = png_bytes(image_array(24, 32))
+WAV = wav_bytes(tone_pcm16(1.0))
+
+
+def mp4_bytes(tmp_path) -> bytes:
+    path = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 4, (64, 48))
+    for i in range(6):
+        writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
+    writer.release()
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    with running_server(tiny_engine) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def error_of(r: httpx.Response, status: int = 400) -> dict:
+    assert r.status_code == status, r.text
+    return r.json()["error"]
+
+
+# --------------------------------------------------------------------------- content types
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", CHAT),
+    ("/v1/audio/speech", {"input": "hello"}),
+    ("/v1/images/generations", {"prompt": "a teapot", "steps": 1}),
+    ("/v1/images/edits", {"prompt": "a teapot", "image": b64(PNG), "steps": 1}),
+    ("/v1/audio/voices", {"name": "me", "reference_audio": b64(WAV)}),
+])
+@pytest.mark.parametrize("ctype", ["text/plain", None, "application/x-www-form-urlencoded",
+                                   "application/json; charset=latin-1"])
+def test_a_json_body_needs_a_json_content_type(http, path, body, ctype):
+    headers = {"content-type": ctype} if ctype else {}
+    r = http.post(path, content=json.dumps(body).encode(), headers=headers)
+    err = error_of(r, 415)
+    assert err["code"] == "unsupported_content_type" and "application/json" in err["message"], err
+
+
+def test_json_with_its_charset_or_a_json_suffix_is_taken(http):
+    for ctype in ("application/json; charset=utf-8", "application/json;charset=UTF-8", "application/vnd.api+json"):
+        r = http.post("/v1/chat/completions", content=json.dumps(CHAT).encode(), headers={"content-type": ctype})
+        assert r.status_code == 200, (ctype, r.text)
+
+
+def test_transcriptions_take_multipart_only(http):
+    err = error_of(http.post("/v1/audio/transcriptions", json={"file": "x"}), 415)
+    assert err["code"] == "unsupported_content_type" and "multipart/form-data" in err["message"]
+
+
+# --------------------------------------------------------------------------- media of the wrong kind
+
+def chat_part(part: dict) -> dict:
+    return {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "?"}]}], "max_tokens": 1}
+
+
+@pytest.mark.parametrize("part, code", [
+    ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + b64(PNG)}}, "invalid_video"),
+    ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + b64(WAV)}}, "invalid_video"),
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(WAV)}}, "invalid_image"),
+    ({"type": "image_url", "image_url": {"url": "data:audio/wav;base64," + b64(PNG)}}, "invalid_image"),
+    ({"type": "input_audio", "input_audio": {"data": b64(PNG), "format": "wav"}}, "invalid_audio"),
+])
+def test_media_of_the_wrong_kind_is_refused_by_its_bytes(http, part, code):
+    err = error_of(http.post("/v1/chat/completions", json=chat_part(part)))
+    assert err["code"] == code, err
+    assert err["param"].startswith("messages[0].content[0]")
+
+
+def test_a_video_is_taken_as_video_and_only_as_video(http, tmp_path):
+    mp4 = mp4_bytes(tmp_path)
+    ok = http.post("/v1/chat/completions", json=chat_part(
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + b64(mp4)}}))
+    assert ok.status_code == 200, ok.text
+    for part in ({"type": "video_url", "video_url": {"url": "data:image/png;base64," + b64(mp4)}},
+                 {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(mp4)}},
+                 {"type": "input_audio", "input_audio": {"data": b64(mp4), "format": "mp3"}}):
+        err = error_of(http.post("/v1/chat/completions", json=chat_part(part)))
+        assert err["code"] in ("invalid_video", "invalid_image", "invalid_audio"), err
+        assert "video" in err["message"], err
+
+
+def test_realtime_media_of_the_wrong_kind_is_refused(server):
+    with connect(server.ws_url, max_size=None) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        for part, code in (({"type": "input_video", "video": b64(PNG)}, "invalid_video"),
+                           ({"type": "input_image", "image": b64(WAV)}, "invalid_image"),
+                           ({"type": "input_audio", "audio": b64(PNG), "format": "wav"}, "invalid_audio")):
+            ws.send(json.dumps({"type": "conversation.item.create",
+                                "item": {"type": "message", "role": "user", "content": [part]}}))
+            ev = recv_json(ws)
+            assert ev["type"] == "error" and ev["error"]["code"] == code, ev
+        ws.send(json.dumps({"type": "input_video_buffer.append", "image": b64(WAV), "capture_time": 1.0}))
+        assert recv_json(ws)["error"]["code"] == "invalid_image"
+
+
+def test_speech_and_voices_refuse_a_picture_as_their_reference_clip(http):
+    err = error_of(http.post("/v1/audio/speech", json={"input": "hello", "reference_audio": b64(PNG)}))
+    assert err["code"] == "invalid_audio", err
+    err = error_of(http.post("/v1/audio/voices", files={"file": ("me.wav", PNG)}, data={"name": "me"}))
+    assert err["code"] == "invalid_audio", err
+
+
+# --------------------------------------------------------------------------- token limits that disagree
+
+def test_max_tokens_and_max_completion_tokens_must_agree(http):
+    err = error_of(http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 10 ** 9,
+                                                           "max_completion_tokens": 2}))
+    assert err["code"] == "invalid_value" and "max_tokens" in err["message"] and \
+        "max_completion_tokens" in err["message"], err
+    r = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1, "max_completion_tokens": 1})
+    assert r.status_code == 200, r.text
+
+
+def test_realtime_token_limits_must_agree(server):
+    with connect(server.ws_url) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        ws.send(json.dumps({"type": "session.update",
+                            "session": {"max_output_tokens": 5, "max_response_output_tokens": 7}}))
+        ev = recv_json(ws)
+        assert ev["type"] == "error" and ev["error"]["code"] == "invalid_value", ev
+        ws.send(json.dumps({"type": "response.create",
+                            "response": {"max_output_tokens": 5, "max_response_output_tokens": "inf"}}))
+        ev = recv_json(ws)
+        assert ev["type"] == "error" and ev["error"]["code"] == "invalid_value", ev
+
+
+# --------------------------------------------------------------------------- parameters
+
+@pytest.mark.parametrize("field, value, code", [
+    ("logit_bias", {"50256": -100}, "unsupported_parameter"),
+    ("reasoning_effort", "high", "unsupported_parameter"),
+    ("service_tier", "flex", "unsupported_parameter"),
+    ("top_logprobs", 3, "unsupported_parameter"),
+    ("prediction", {"type": "content", "content": "x"}, "unsupported_parameter"),
+    ("web_search_options", {}, "unsupported_parameter"),
+    ("verbosity", "low", "unsupported_parameter"),
+    ("store", True, "unsupported_parameter"),
+    ("tool_choice", "required", "unsupported_parameter"),
+    ("frobnicate", 1, "unknown_parameter"),
+    ("max_token", 5, "unknown_parameter"),
+])
+def test_chat_parameters_are_honoured_or_named_in_an_error(http, field, value, code):
+    err = error_of(http.post("/v1/chat/completions", json={**CHAT, field: value}))
+    assert err["code"] == code and err["param"] == field, err
+
+
+def test_chat_parameters_that_have_no_effect_here_are_accepted(http):
+    r = http.post("/v1/chat/completions", json={**CHAT, "user": "u1", "metadata": {"a": "b"}, "store": False,
+                                                "service_tier": "auto", "logit_bias": {}, "parallel_tool_calls": False,
+                                                "tool_choice": "none", "safety_identifier": "x",
+                                                "prompt_cache_key": "k"})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path, body, field, code", [
+    ("/v1/audio/speech", {"input": "hello", "frobnicate": 1}, "frobnicate", "unknown_parameter"),
+    ("/v1/images/generations", {"prompt": "a teapot", "frobnicate": 1}, "frobnicate", "unknown_parameter"),
+    ("/v1/images/edits", {"prompt": "a teapot", "image": b64(PNG), "frobnicate": 1}, "frobnicate",
+     "unknown_parameter"),
+    ("/v1/audio/voices", {"name": "me", "reference_audio": b64(WAV), "frobnicate": 1}, "frobnicate",
+     "unknown_parameter"),
+])
+def test_every_json_endpoint_names_fields_it_does_not_know(http, path, body, field, code):
+    err = error_of(http.post(path, json=body))
+    assert err["code"] == code and err["param"] == field, err
+
+
+@pytest.mark.parametrize("data, field, code", [
+    ({"timestamp_granularities[]": "word"}, "timestamp_granularities[]", "unsupported_parameter"),
+    ({"include[]": "logprobs"}, "include[]", "unsupported_parameter"),
+    ({"frobnicate": "1"}, "frobnicate", "unknown_parameter"),
+])
+def test_transcription_form_fields_are_honoured_or_named(http, data, field, code):
+    err = error_of(http.post("/v1/audio/transcriptions", files={"file": ("a.wav", WAV)}, data=data))
+    assert err["code"] == code and err["param"] == field, err
+
+
+def test_realtime_fields_are_honoured_or_named(server):
+    with connect(server.ws_url) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        for event, code, param in (
+                ({"type": "response.create", "response": {"tools": [{"type": "function", "name": "f"}]}},
+                 "unsupported_parameter", "response.tools"),
+                ({"type": "response.create", "response": {"frobnicate": 1}}, "unknown_parameter",
+                 "response.frobnicate"),
+                ({"type": "response.cancel", "frobnicate": 1}, "unknown_parameter", "frobnicate"),
+                ({"type": "input_audio_buffer.append", "audio": b64(tone_pcm16(0.1).tobytes()), "rate": 16000},
+                 "unknown_parameter", "rate"),
+                ({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                                                              "content": "x", "colour": "red"}},
+                 "unknown_parameter", "item.colour")):
+            ws.send(json.dumps(event))
+            ev = recv_json(ws)
+            assert ev["type"] == "error" and (ev["error"]["code"], ev["error"]["param"]) == (code, param), ev
+
+
+# --------------------------------------------------------------------------- model ids
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4o-2024-08-06", "default"])
+def test_chat_takes_the_served_model_and_openais_chat_aliases(http, server, model):
+    r = http.post("/v1/chat/completions", json={**CHAT, "model": model})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == server.ctx.model_id  # the answer names what served it
+
+
+@pytest.mark.parametrize("path, body, files, model", [
+    ("/v1/audio/transcriptions", None, {"file": ("a.wav", WAV)}, "whisper-1"),
+    ("/v1/audio/transcriptions", None, {"file": ("a.wav", WAV)}, "gpt-4o-mini-transcribe"),
+    ("/v1/audio/speech", {"input": "hi", "max_seconds": 0.5}, None, "gpt-4o-mini-tts"),
+    ("/v1/audio/speech", {"input": "hi", "max_seconds": 0.5}, None, "tts-1"),
+    ("/v1/images/generations", {"prompt": "a teapot", "steps": 1, "size": "16x16"}, None, "gpt-image-1"),
+])
+def test_each_endpoint_takes_openais_aliases_for_its_own_kind_of_model(http, path, body, files, model):
+    if files:
+        r = http.post(path, files=files, data={"model": model, "max_tokens": "2"})
+    else:
+        r = http.post(path, json={**body, "model": model})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path, body, files, model", [
+    ("/v1/chat/completions", CHAT, None, "whisper-1"),
+    ("/v1/chat/completions", CHAT, None, "gpt-9"),
+    ("/v1/audio/transcriptions", None, {"file": ("a.wav", WAV)}, "gpt-4o-mini"),
+    ("/v1/audio/speech", {"input": "hi"}, None, "whisper-1"),
+    ("/v1/images/generations", {"prompt": "a teapot"}, None, "tts-1"),
+])
+def test_other_model_ids_are_refused_naming_the_served_one(http, server, path, body, files, model):
+    r = http.post(path, files=files, data={"model": model}) if files else http.post(path, json={**body, "model": model})
+    err = error_of(r, 404)
+    assert err["code"] == "model_not_found" and server.ctx.model_id in err["message"] and model in err["message"]
+
+
+def test_realtime_model_ids(server):
+    with connect(server.ws_url + "?model=gpt-realtime") as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        ws.send(json.dumps({"type": "session.update", "session": {"model": "gpt-4o-realtime-preview"}}))
+        assert recv_json(ws)["type"] == "session.updated"
+        ws.send(json.dumps({"type": "session.update", "session": {"model": "whisper-1"}}))
+        ev = recv_json(ws)
+        assert ev["type"] == "error" and ev["error"]["code"] == "model_not_found", ev
+    with pytest.raises(InvalidStatus) as info:
+        connect(server.ws_url + "?model=some-other-model").close()
+    assert info.value.response.status_code == 404
+    assert json.loads(info.value.response.body)["error"]["code"] == "model_not_found"
