@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,12 +59,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | None, port: int, threads: int) -> subprocess.Popen:
+def start_server(model: str | None, port: int, threads: int, repo: Path = ROOT) -> subprocess.Popen:
+    """`python -m engine.server` in its own process, started from the checkout `repo` (this one by
+    default; the server benchmarks point it at an older checkout to measure "before")."""
     cmd = [sys.executable, "-m", "engine.server", "--port", str(port), "--log-level", "warning",
            "--max-sessions", "64", "--threads", str(threads)]
     if model:
         cmd += ["--model", model]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -75,6 +78,22 @@ def start_server(model: str | None, port: int, threads: int) -> subprocess.Popen
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not start")
+
+
+@contextmanager
+def server_process(model: str | None = None, threads: int = 1, repo: Path = ROOT):
+    """The base URL of a server running in its own process (stopped on exit)."""
+    port = free_port()
+    proc = start_server(model, port, threads, repo)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def first_token_s(events) -> float:
