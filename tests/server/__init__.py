@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import socket
+import struct
 import time
 import wave
 from contextlib import contextmanager
@@ -216,3 +219,58 @@ def leave_stream_at(server, http, path: str, body: dict, marker: str, label: str
                 break
     return wait_for(lambda: next((h for h in list(server.ctx.scheduler.history)[before:] if h.label == label), None),
                     30)
+
+
+# --------------------------------------------------------------------------- clients that misbehave on the wire
+
+
+def raw_socket(srv) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a crashed client or a dropped network does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def truncated_upload(srv, path: str, ctype: bytes, head: bytes) -> None:
+    """A request that declares 100 000 bytes of body, sends `head` and hangs up."""
+    s = raw_socket(srv)
+    s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + ctype
+              + b"\r\nContent-Length: 100000\r\n\r\n" + head)
+    time.sleep(0.2)
+    s.close()
+
+
+def invalid_utf8_frame(srv, payload: bytes = b'{"type": "\xff\xfe"}') -> bytes:
+    """Open a websocket by hand and send one text frame whose payload is not UTF-8; what the server
+    sent back (its close frame: 0x88 ...)."""
+    s = raw_socket(srv)
+    key = base64.b64encode(os.urandom(16))
+    s.sendall(b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    assert s.recv(4096).startswith(b"HTTP/1.1 101")
+    s.sendall(bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)  # a text frame, mask of zeros
+    got = b""
+    deadline = time.monotonic() + 10
+    while b"\x88" not in got and time.monotonic() < deadline:  # the close frame
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    s.close()
+    return got
+
+
+def reset_mid_stream(srv) -> None:
+    """A streamed chat whose connection is reset once the first chunk has come."""
+    s = raw_socket(srv)
+    body = json.dumps({"messages": [{"role": "user", "content": "Count slowly to one hundred."}],
+                       "max_tokens": 200, "stream": True}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    got = b""
+    while b"data: {" not in got:
+        got += s.recv(4096)
+    reset(s)

@@ -9,6 +9,7 @@ Run as a script for the summary alone: python tests/server/test_fuzz.py
 from __future__ import annotations
 
 import json
+import logging
 import random
 import struct
 import sys
@@ -175,6 +176,40 @@ def hostile_messages(seed: int = 1234) -> list[tuple[str, str | bytes]]:
     for n in [65 * 1024, 100 * 1024, 200 * 1024]:
         add("huge", json.dumps({"type": "input_audio_buffer.append", "audio": "A" * n}))
         add("huge", "x" * n)
+    # --- issue 9: text that is not valid Unicode, fields no event has, limits that disagree, media of
+    # the wrong kind, other models (written by hand: json.dumps would escape what must stay raw)
+    for text in ['{"type": "session.update", "session": {"instructions": "a\\ud800"}}',
+                 '{"type": "session.update", "session": {"voice": "\\udfff"}}',
+                 '{"type": "session.update", "session": {"stop": ["\\ud83d"]}}',
+                 '{"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": "\\ud800"}}',
+                 '{"type": "conversation.item.create", "item": {"type": "message", "role": "system", "content": '
+                 '[{"type": "input_text", "text": "\\udc00"}]}}',
+                 '{"type": "conversation.item.create", "item": {"id": "\\ud800", "type": "message", "role": "user", '
+                 '"content": "x"}}',
+                 '{"type": "response.create", "response": {"instructions": "\\ud800"}}',
+                 '{"type": "response.create", "event_id": "\\ud800"}',
+                 '{"type": "conversation.item.delete", "item_id": "\\udbff"}',
+                 '{"type": "input_audio_buffer.append", "audio": "\\ud800"}',
+                 '{"type": "\\ud800"}', '{"\\ud800": 1, "type": "response.cancel"}']:
+        add("invalid text", text)
+    for event in [{"type": "response.cancel", "colour": 1}, {"type": "input_audio_buffer.commit", "audio": "AAAA"},
+                  {"type": "input_audio_buffer.append", "audio": "AAAA", "rate": 16000},
+                  {"type": "response.create", "response": {"tools": [{"type": "function"}]}},
+                  {"type": "response.create", "response": {"frobnicate": 1}},
+                  {"type": "response.create", "response": {"max_output_tokens": 5, "max_response_output_tokens": 6}},
+                  {"type": "session.update", "session": {"max_output_tokens": 5, "max_response_output_tokens": 6}},
+                  {"type": "session.update", "session": {"model": "whisper-1"}},
+                  {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": "x",
+                                                                "colour": "red"}}]:
+        add("fields", event)
+    wav = b64(__import__("tests.server", fromlist=["wav_bytes"]).wav_bytes(tone_pcm16(0.2)))
+    for part in [{"type": "input_video", "video": good_png}, {"type": "input_image", "image": wav},
+                 {"type": "input_audio", "audio": good_png, "format": "wav"},
+                 {"type": "input_video", "video": wav},
+                 {"type": "input_image", "image_url": "data:audio/wav;base64," + good_png}]:
+        add("wrong media kind", {"type": "conversation.item.create",
+                                 "item": {"type": "message", "role": "user", "content": [part]}})
+    add("wrong media kind", {"type": "input_video_buffer.append", "image": wav, "capture_time": 2.0})
     # --- mutations: valid-looking events with one field made hostile
     templates = [("input_audio_buffer.append", "audio"), ("input_video_buffer.append", "image"),
                  ("conversation.item.create", "item"), ("session.update", "session"), ("response.cancel", "response_id"),
@@ -225,7 +260,9 @@ def run_realtime_fuzz(ws_url: str) -> dict:
                 sent = json.loads(frame) if isinstance(frame, str) else None
             except (ValueError, RecursionError):
                 sent = None
-            if isinstance(sent, dict) and isinstance(sent.get("event_id"), str):
+            echoable = isinstance(sent, dict) and isinstance(sent.get("event_id"), str) and not any(
+                0xD800 <= ord(c) <= 0xDFFF for c in sent["event_id"])  # (an id that is not valid text is not echoed)
+            if echoable:
                 if err.get("event_id") != sent["event_id"]:
                     failures.append((label, "event_id not echoed", err))
         # the same session still serves a real request
@@ -275,6 +312,7 @@ def hostile_http_requests() -> list[tuple[str, str, dict]]:
         if v is None:
             continue
         reqs.append(("POST", chat, {"json": {**base, name: v}}))
+    reqs += issue9_http_requests()
     tr = "/v1/audio/transcriptions"
     reqs += [("POST", tr, {"content": b"x", "headers": {"content-type": "multipart/form-data; boundary=zz"}}),
              ("POST", tr, {"content": b"--zz\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=zz"}}),
@@ -293,8 +331,57 @@ def hostile_http_requests() -> list[tuple[str, str, dict]]:
     return reqs
 
 
+def issue9_http_requests() -> list[tuple[str, str, dict]]:
+    """Issue 9's classes on every JSON and upload endpoint: text that is not valid Unicode, bodies of
+    the wrong content type, media of the wrong kind, limits that disagree, fields the endpoint does
+    not take, and other models."""
+    chat, png = "/v1/chat/completions", png_bytes(image_array(8, 8))
+    wav = __import__("tests.server", fromlist=["wav_bytes"]).wav_bytes(tone_pcm16(0.2))
+    json_bodies = {chat: {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                   "/v1/audio/speech": {"input": "hi"}, "/v1/images/generations": {"prompt": "a cat", "steps": 1},
+                   "/v1/images/edits": {"prompt": "a cat", "image": b64(png), "steps": 1},
+                   "/v1/images/segmentations": {"prompt": "the cat", "image": b64(png), "steps": 1},
+                   "/v1/audio/voices": {"name": "me", "reference_audio": b64(wav)}}
+    reqs: list[tuple[str, str, dict]] = []
+
+    def raw(path: str, body: bytes, ctype: str | None = "application/json") -> None:
+        reqs.append(("POST", path, {"content": body, "headers": {"content-type": ctype} if ctype else {}}))
+
+    texts = {chat: "hi", "/v1/audio/speech": "hi", "/v1/images/generations": "a cat", "/v1/images/edits": "a cat",
+             "/v1/images/segmentations": "the cat", "/v1/audio/voices": "me"}
+    for path, body in json_bodies.items():
+        text = json.dumps(body).encode()
+        value = json.dumps(texts[path]).encode()
+        raw(path, text.replace(value, b'"x\\ud800"', 1))  # a lone surrogate, escaped
+        raw(path, text.replace(value, b'"x\xed\xa0\x80"', 1))  # the same as raw CESU-8 bytes
+        raw(path, text.replace(value, b'"caf\xe9"', 1))  # Latin-1
+        raw(path, text[:-1] + b', "\\udc00": 1}')
+        for ctype in ("text/plain", None, "application/x-www-form-urlencoded", "application/json; charset=latin-1"):
+            raw(path, text, ctype)
+        reqs.append(("POST", path, {"json": {**body, "frobnicate": 1}}))
+        reqs.append(("POST", path, {"json": {**body, "model": "some-other-model"}}))
+    for part in [{"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + b64(png)}},
+                 {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + b64(wav)}},
+                 {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(wav)}},
+                 {"type": "input_audio", "input_audio": {"data": b64(png), "format": "wav"}}]:
+        reqs.append(("POST", chat, {"json": {"messages": [{"role": "user", "content": [part]}], "max_tokens": 2}}))
+    for extra in [{"max_tokens": 10 ** 9, "max_completion_tokens": 2}, {"logit_bias": {"1": 5}},
+                  {"reasoning_effort": "high"}, {"service_tier": "flex"}, {"store": True}, {"model": "whisper-1"},
+                  {"tool_choice": "required"}, {"top_logprobs": 2}]:
+        reqs.append(("POST", chat, {"json": {**json_bodies[chat], **extra}}))
+    reqs.append(("POST", "/v1/audio/speech", {"json": {"input": "hi", "reference_audio": b64(png)}}))
+    reqs.append(("POST", "/v1/images/edits", {"json": {"prompt": "x", "image": b64(wav)}}))
+    for field, value in [(b"prompt", b"a\xed\xa0\x80"), (b"language", b"\xff"), (b"\xff", b"x"),
+                         (b"timestamp_granularities[]", b"word"), (b"frobnicate", b"1"), (b"model", b"tts-1")]:
+        form = (b'--zz\r\nContent-Disposition: form-data; name="' + field + b'"\r\n\r\n' + value + b"\r\n--zz\r\n"
+                b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + wav + b"\r\n--zz--\r\n")
+        raw("/v1/audio/transcriptions", form, "multipart/form-data; boundary=zz")
+    reqs.append(("POST", "/v1/audio/transcriptions", {"files": {"file": ("a.png", png)}}))
+    return reqs
+
+
 def run_http_fuzz(base_url: str) -> dict:
-    counts = {"requests": 0, "errors": 0, "crashes": 0, "codes": {}}
+    counts = {"requests": 0, "errors": 0, "accepted": 0, "crashes": 0, "non_json": 0, "codes": {}}
     failures = []
     with httpx.Client(base_url=base_url, timeout=30) as http:
         for method, path, kwargs in hostile_http_requests():
@@ -311,10 +398,16 @@ def run_http_fuzz(base_url: str) -> dict:
             if r.status_code >= 500:
                 counts["crashes"] += 1
             try:
-                err = r.json()["error"]
-                ok = 400 <= r.status_code < 500 and isinstance(err["code"], str) and err["message"]
-            except (ValueError, KeyError, TypeError):
-                ok = False
+                data = r.json()
+            except ValueError:
+                data = None
+            err = data.get("error") if isinstance(data, dict) else None
+            if r.status_code < 400:
+                counts["accepted"] += 1
+            elif not isinstance(err, dict):
+                counts["non_json"] += 1
+            ok = (400 <= r.status_code < 500 and isinstance(err, dict) and isinstance(err.get("code"), str)
+                  and bool(err.get("message")))
             if ok:
                 counts["errors"] += 1
                 counts["codes"][err["code"]] = counts["codes"].get(err["code"], 0) + 1
@@ -325,27 +418,98 @@ def run_http_fuzz(base_url: str) -> dict:
     return counts
 
 
-def summary(rt: dict, http: dict) -> str:
-    return (f"fuzz: realtime {rt['messages']} messages tried, {rt['errors']} structured errors returned, "
-            f"{rt['other_replies'] + rt['missing']} unanswered or wrong replies, {rt['crashes']} crashes; "
-            f"HTTP {http['requests']} requests tried, {http['errors']} structured 4xx errors, {http['crashes']} crashes")
+def run_abort_fuzz(srv) -> dict:
+    """Clients that break the wire or leave early: websocket text frames that are not UTF-8 (each
+    connection must be closed with 1007), uploads cut short on every endpoint that reads a body, and
+    streams whose connection is reset. Each must be counted once in /health's client_aborts."""
+    from tests.server import invalid_utf8_frame, reset_mid_stream, truncated_upload, wait_for, wav_bytes
+
+    health = lambda: httpx.get(srv.url + "/health", timeout=30).json()["client_aborts"]  # noqa: E731
+    before = health()
+    frames = [b'{"type": "\xff"}', b'{"type": "\xed\xa0\x80"}', b"\xc0\xaf", b'{"a": "\xe4\xbd"}', b"\x80",
+              b'{"t": "\xf8\x88\x80\x80\x80"}', b'{"type": "session.update", "session": {"instructions": "\xfe"}}']
+    closed_1007 = sum(b"\x88\x02\x03\xef" in invalid_utf8_frame(srv, payload) for payload in frames)
+    multipart = (b"multipart/form-data; boundary=zz",
+                 b'--zz\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + wav_bytes(tone_pcm16()))
+    uploads = [("/v1/chat/completions", b"application/json", b'{"messages": [{"role": "user", "content": "'),
+               ("/v1/audio/speech", b"application/json", b'{"input": "hel'),
+               ("/v1/images/generations", b"application/json", b'{"prompt": "a c'),
+               ("/v1/images/edits", b"application/json", b'{"prompt": "x", "image": "iVBOR'),
+               ("/v1/audio/voices", b"application/json", b'{"name": "me", "reference_audio": "UklG'),
+               ("/v1/audio/transcriptions", *multipart), ("/v1/images/edits", *multipart),
+               ("/v1/audio/voices", *multipart)]
+    for path, ctype, head in uploads:
+        truncated_upload(srv, path, ctype, head)
+    resets = 3
+    for _ in range(resets):
+        reset_mid_stream(srv)
+    expected = {"invalid_utf8_frame": len(frames), "truncated_upload": len(uploads), "left_mid_response": resets}
+    after = wait_for(lambda: (lambda h: h if all(h[k] - before[k] >= n for k, n in expected.items()) else None)(
+        health()), 30)
+    return {"frames": len(frames), "closed_1007": closed_1007, "uploads": len(uploads), "resets": resets,
+            "counted": {k: after[k] - before[k] for k in expected}}
+
+
+def summary(rt: dict, http: dict, aborts: dict | None = None, tracebacks: int | None = None) -> str:
+    out = (f"fuzz: realtime {rt['messages']} messages tried, {rt['errors']} structured errors returned, "
+           f"{rt['other_replies'] + rt['missing']} unanswered or wrong replies, {rt['crashes']} crashes; "
+           f"HTTP {http['requests']} requests tried, {http['errors']} structured 4xx errors, {http['accepted']} "
+           f"accepted, {http['crashes']} crashes, {http['non_json']} non-JSON error bodies")
+    if aborts is not None:
+        out += (f"; aborts: {aborts['frames']} non-UTF-8 websocket frames ({aborts['closed_1007']} closed with 1007), "
+                f"{aborts['uploads']} truncated uploads, {aborts['resets']} resets mid-stream, counted "
+                f"{json.dumps(aborts['counted'], sort_keys=True)}")
+    if tracebacks is not None:
+        out += f"; {tracebacks} tracebacks in the log"
+    return out
+
+
+class LogCapture(logging.Handler):
+    """Records of the server's loggers (uvicorn's and ours) while the fuzz runs."""
+
+    LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "engine.server")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> "LogCapture":
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+
+    @property
+    def tracebacks(self) -> list[str]:
+        return [logging.Formatter().format(r)[:400] for r in self.records if r.exc_info or "Traceback" in r.getMessage()]
 
 
 def test_every_hostile_message_gets_a_structured_error_and_the_server_keeps_serving(tiny_engine):
     from tests.server import running_server
 
-    with running_server(tiny_engine, **LIMITS) as srv:
+    with running_server(tiny_engine, **LIMITS) as srv, LogCapture() as log:
         rt = run_realtime_fuzz(srv.ws_url)
         http = run_http_fuzz(srv.url)
-        print("\n" + summary(rt, http))
+        aborts = run_abort_fuzz(srv)
+        print("\n" + summary(rt, http, aborts, len(log.tracebacks)))
         assert rt["messages"] >= 1000
         assert rt["failures"] == [] and rt["errors"] == rt["messages"] and rt["crashes"] == 0
         assert rt["final_response_status"] in ("completed", "incomplete")
-        assert http["failures"] == [] and http["errors"] == http["requests"] >= 200
+        assert http["failures"] == [] and http["errors"] == http["requests"] >= 280 and http["non_json"] == 0
         assert len(rt["codes"]) >= 20  # the errors name many distinct problems, not one catch-all
+        assert aborts["closed_1007"] == aborts["frames"]
+        assert aborts["counted"] == {"invalid_utf8_frame": aborts["frames"], "truncated_upload": aborts["uploads"],
+                                     "left_mid_response": aborts["resets"]}
         from websockets.sync.client import connect
         with connect(srv.ws_url) as ws:  # new sessions still open
             assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+    assert log.tracebacks == []
 
 
 if __name__ == "__main__":
@@ -356,11 +520,11 @@ if __name__ == "__main__":
     from engine.runtime import Engine
     from tests.server import running_server
 
-    with running_server(Engine.load(None), **LIMITS) as srv:
-        rt, http = run_realtime_fuzz(srv.ws_url), run_http_fuzz(srv.url)
-    print(summary(rt, http))
+    with running_server(Engine.load(None), **LIMITS) as srv, LogCapture() as log:
+        rt, http, aborts = run_realtime_fuzz(srv.ws_url), run_http_fuzz(srv.url), run_abort_fuzz(srv)
+    print(summary(rt, http, aborts, len(log.tracebacks)))
     print("realtime error codes:", json.dumps(rt["codes"], sort_keys=True))
     print("HTTP error codes:", json.dumps(http["codes"], sort_keys=True))
-    for f in rt["failures"] + http["failures"]:
+    for f in rt["failures"] + http["failures"] + log.tracebacks:
         print("FAILURE", f)
-    sys.exit(1 if rt["failures"] or http["failures"] else 0)
+    sys.exit(1 if rt["failures"] or http["failures"] or log.tracebacks else 0)

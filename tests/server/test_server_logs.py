@@ -5,12 +5,8 @@ is counted in /health."""
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import os
-import socket
-import struct
 import time
 from contextlib import contextmanager
 
@@ -20,7 +16,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from engine.server import Limits, ServerHandle, create_app
-from tests.server import tone_pcm16, torch_threads, wait_for, wav_bytes
+from tests.server import (invalid_utf8_frame, reset_mid_stream, tone_pcm16, torch_threads, truncated_upload, wait_for,
+                          wav_bytes)
 
 TOKEN = "tok-SECRET-42"
 WRONG = "tok-WRONG-77"
@@ -79,55 +76,6 @@ def test_the_token_is_never_written_to_the_log(tiny_engine):
     text = "\n".join(capture.lines)
     assert "/v1/models?token=[redacted]" in text and "/v1/realtime?token=[redacted]" in text
     assert TOKEN not in text and WRONG not in text
-
-
-def raw_socket(srv) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-
-
-def reset(sock: socket.socket) -> None:
-    """Close with a TCP reset (SO_LINGER 0), as a crashed client or a dropped network does."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-def truncated_upload(srv, path: str, ctype: bytes, head: bytes) -> None:
-    s = raw_socket(srv)
-    s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + ctype
-              + b"\r\nContent-Length: 100000\r\n\r\n" + head)
-    time.sleep(0.2)
-    s.close()
-
-
-def invalid_utf8_frame(srv) -> bytes:
-    s = raw_socket(srv)
-    key = base64.b64encode(os.urandom(16))
-    s.sendall(b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-              b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    assert s.recv(4096).startswith(b"HTTP/1.1 101")
-    payload = b'{"type": "\xff\xfe"}'
-    s.sendall(bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)  # a text frame, mask of zeros
-    got = b""
-    deadline = time.monotonic() + 10
-    while b"\x88" not in got and time.monotonic() < deadline:  # the close frame
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        got += chunk
-    s.close()
-    return got
-
-
-def reset_mid_stream(srv) -> None:
-    s = raw_socket(srv)
-    body = json.dumps({"messages": [{"role": "user", "content": "Count slowly to one hundred."}],
-                       "max_tokens": 200, "stream": True}).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    got = b""
-    while b"data: {" not in got:
-        got += s.recv(4096)
-    reset(s)
 
 
 def test_client_aborts_cost_one_line_each_and_are_counted(tiny_engine):
