@@ -16,7 +16,10 @@ Install it when launching Gradio (routes given to the app come before Gradio's o
 
 Problems reach the page as realtime `error` events with these codes: `engine_unreachable`,
 `engine_unauthorized`, `engine_closed`, `live_session_replaced`, `login_required`,
-`binary_not_supported`, `message_too_large`.
+`binary_not_supported`, `message_too_large`. Text events pass through as they are (the engine refuses
+text that is not valid Unicode with `invalid_text` and the session carries on); a text frame that is
+not UTF-8 is closed with 1007 by the websocket layer, which costs one log line here, not uvicorn's
+stack trace.
 """
 
 from __future__ import annotations
@@ -44,6 +47,20 @@ CLOSE_LOGIN = 4003
 LOCALHOST_NAMES = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 
 EngineTarget = Callable[[], "tuple[str, str | None]"]
+
+
+class QuietInvalidFrames(logging.Filter):
+    """Drops uvicorn's stack trace for a websocket text frame that is not UTF-8 (a client's fault, not
+    the studio's: the relay logs one line for it instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Invalid UTF-8 sequence received"))
+
+
+def quiet_invalid_frames() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, QuietInvalidFrames) for f in logger.filters):
+        logger.addFilter(QuietInvalidFrames())
 
 
 def realtime_url(base: str) -> str:
@@ -128,6 +145,7 @@ class LiveProxy:
         self.max_message_bytes = max_message_bytes
         self.open_timeout = open_timeout
         self.active: dict[str, asyncio.Event] = {}  # owner -> the stop signal of their live session
+        quiet_invalid_frames()
 
     def route(self) -> WebSocketRoute:
         return WebSocketRoute(self.path, self.endpoint, name="live_realtime")
@@ -234,6 +252,9 @@ class LiveProxy:
             while True:
                 msg = await ws.receive()
                 if msg["type"] == "websocket.disconnect":
+                    if msg.get("code") == 1007:
+                        log.info("client abort (invalid_utf8_frame): a live page sent a text frame that is not UTF-8 "
+                                 "(the connection was closed with 1007)")
                     browser_gone.set()
                     return
                 text = msg.get("text")

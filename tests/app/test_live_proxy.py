@@ -191,3 +191,41 @@ def test_installed_in_a_real_gradio_app_behind_its_login(engine):
     finally:
         demo.close()
     assert engine.wait_closed(1)
+
+
+def test_a_frame_that_is_not_utf8_costs_one_log_line_not_a_stack_trace(engine, caplog):
+    """Under uvicorn (what Gradio runs), a hostile page's non-UTF-8 text frame is closed with 1007;
+    the studio's log gets the relay's one line, not uvicorn's traceback."""
+    import logging
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.server import invalid_utf8_frame
+
+    _, app = make_app(engine.url, engine.token)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    uvicorn_log = logging.getLogger("uvicorn.error")  # (it does not propagate to the root logger)
+    uvicorn_log.addHandler(caplog.handler)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with caplog.at_level(logging.INFO):
+            got = invalid_utf8_frame(port, path=LIVE_WS_PATH)
+            assert b"\x88\x02\x03\xef" in got  # closed with 1007
+            deadline = time.monotonic() + 5
+            while not any("client abort" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+                time.sleep(0.02)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        uvicorn_log.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+    assert sum("client abort (invalid_utf8_frame)" in r.getMessage() for r in caplog.records) == 1

@@ -224,8 +224,8 @@ def leave_stream_at(server, http, path: str, body: dict, marker: str, label: str
 # --------------------------------------------------------------------------- clients that misbehave on the wire
 
 
-def raw_socket(srv) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+def raw_socket(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
 
 
 def reset(sock: socket.socket) -> None:
@@ -234,21 +234,22 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def truncated_upload(srv, path: str, ctype: bytes, head: bytes) -> None:
+def truncated_upload(port: int, path: str, ctype: bytes, head: bytes) -> None:
     """A request that declares 100 000 bytes of body, sends `head` and hangs up."""
-    s = raw_socket(srv)
+    s = raw_socket(port)
     s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + ctype
               + b"\r\nContent-Length: 100000\r\n\r\n" + head)
     time.sleep(0.2)
     s.close()
 
 
-def invalid_utf8_frame(srv, payload: bytes = b'{"type": "\xff\xfe"}') -> bytes:
+def invalid_utf8_frame(port: int, payload: bytes = b'{"type": "\xff\xfe"}',
+                       path: str = "/v1/realtime") -> bytes:
     """Open a websocket by hand and send one text frame whose payload is not UTF-8; what the server
     sent back (its close frame: 0x88 ...)."""
-    s = raw_socket(srv)
+    s = raw_socket(port)
     key = base64.b64encode(os.urandom(16))
-    s.sendall(b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
               b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
     assert s.recv(4096).startswith(b"HTTP/1.1 101")
     s.sendall(bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)  # a text frame, mask of zeros
@@ -263,9 +264,9 @@ def invalid_utf8_frame(srv, payload: bytes = b'{"type": "\xff\xfe"}') -> bytes:
     return got
 
 
-def reset_mid_stream(srv) -> None:
+def reset_mid_stream(port: int) -> None:
     """A streamed chat whose connection is reset once the first chunk has come."""
-    s = raw_socket(srv)
+    s = raw_socket(port)
     body = json.dumps({"messages": [{"role": "user", "content": "Count slowly to one hundred."}],
                        "max_tokens": 200, "stream": True}).encode()
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -40,6 +40,14 @@ def test_loopback_without_token_is_allowed(host):
     check_bind(host, None)
 
 
+def test_an_in_process_server_refuses_a_public_bind_without_token_too():
+    from engine.server import ServerHandle, create_app
+    from tests.server import FakeEngine
+
+    with pytest.raises(StartupRefused, match="--token"):
+        ServerHandle(create_app(FakeEngine()), host="0.0.0.0")
+
+
 def test_token_is_compared_in_constant_time(monkeypatch):
     calls = []
     real = hmac.compare_digest
@@ -107,7 +115,7 @@ def test_command_line_serves_the_model(tiny_checkpoint):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "MING_SERVER_TOKEN"}
     proc = subprocess.Popen([sys.executable, "-m", "engine.server", "--model", str(tiny_checkpoint), "--port",
-                             str(port), "--token", "cli-token", "--threads", "1", "--log-level", "warning"],
+                             str(port), "--token", "cli-token", "--threads", "1", "--log-level", "info"],
                             cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -125,6 +133,12 @@ def test_command_line_serves_the_model(tiny_checkpoint):
                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         assert r.json()["model"] == tiny_checkpoint.name
+        # the access log (uvicorn's, as the command line configures it) never shows a token, right or wrong
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models?token=cli-token", timeout=30).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models?token=not-the-token", timeout=30).status_code == 401
     finally:
         proc.terminate()
         proc.wait(20)
+    log = proc.stdout.read() + proc.stderr.read()  # (uvicorn's access lines go to stdout)
+    assert "/v1/models?token=[redacted]" in log
+    assert "cli-token" not in log and "not-the-token" not in log

@@ -428,7 +428,7 @@ def run_abort_fuzz(srv) -> dict:
     before = health()
     frames = [b'{"type": "\xff"}', b'{"type": "\xed\xa0\x80"}', b"\xc0\xaf", b'{"a": "\xe4\xbd"}', b"\x80",
               b'{"t": "\xf8\x88\x80\x80\x80"}', b'{"type": "session.update", "session": {"instructions": "\xfe"}}']
-    closed_1007 = sum(b"\x88\x02\x03\xef" in invalid_utf8_frame(srv, payload) for payload in frames)
+    closed_1007 = sum(b"\x88\x02\x03\xef" in invalid_utf8_frame(srv.port, payload) for payload in frames)
     multipart = (b"multipart/form-data; boundary=zz",
                  b'--zz\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + wav_bytes(tone_pcm16()))
     uploads = [("/v1/chat/completions", b"application/json", b'{"messages": [{"role": "user", "content": "'),
@@ -439,10 +439,10 @@ def run_abort_fuzz(srv) -> dict:
                ("/v1/audio/transcriptions", *multipart), ("/v1/images/edits", *multipart),
                ("/v1/audio/voices", *multipart)]
     for path, ctype, head in uploads:
-        truncated_upload(srv, path, ctype, head)
+        truncated_upload(srv.port, path, ctype, head)
     resets = 3
     for _ in range(resets):
-        reset_mid_stream(srv)
+        reset_mid_stream(srv.port)
     expected = {"invalid_utf8_frame": len(frames), "truncated_upload": len(uploads), "left_mid_response": resets}
     after = wait_for(lambda: (lambda h: h if all(h[k] - before[k] >= n for k, n in expected.items()) else None)(
         health()), 30)

@@ -81,13 +81,13 @@ def test_the_token_is_never_written_to_the_log(tiny_engine):
 def test_client_aborts_cost_one_line_each_and_are_counted(tiny_engine):
     with logged_server(tiny_engine) as (srv, capture):
         before = httpx.get(srv.url + "/health").json().get("client_aborts", {})
-        truncated_upload(srv, "/v1/chat/completions", b"application/json", b'{"messages": [')
-        truncated_upload(srv, "/v1/audio/transcriptions", b"multipart/form-data; boundary=zz",
+        truncated_upload(srv.port, "/v1/chat/completions", b"application/json", b'{"messages": [')
+        truncated_upload(srv.port, "/v1/audio/transcriptions", b"multipart/form-data; boundary=zz",
                          b'--zz\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
                          + wav_bytes(tone_pcm16(0.2)))
-        closing = invalid_utf8_frame(srv)
+        closing = invalid_utf8_frame(srv.port)
         assert b"\x88\x02\x03\xef" in closing  # closed with 1007 (invalid frame payload data), as RFC 6455 says
-        reset_mid_stream(srv)
+        reset_mid_stream(srv.port)
         wait_for(lambda: srv.ctx.scheduler.running == 0 and srv.ctx.scheduler.waiting == 0, 30)
         time.sleep(0.3)
         tracebacks = [r for r in capture.records if r.exc_info or "Traceback" in r.getMessage()]
