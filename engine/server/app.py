@@ -22,28 +22,38 @@ from engine.server.bodies import ClientGone
 from engine.server.http_api import error_response, router
 from engine.server.limits import ApiError, Limits
 from engine.server.realtime import realtime_endpoint
+from engine.server.text import check_url_text
 
 OPEN_PATHS = ("/health",)
 
 
-class AuthMiddleware:
-    """With a token, every HTTP request but /health needs it (websockets are checked by their
-    endpoint, which answers the handshake with 401)."""
+class GateMiddleware:
+    """Every HTTP request: a URL that is valid text (invalid_text, engine.server.text), and with a token,
+    the token (every path but /health). Websockets are checked by their endpoint, which answers the
+    handshake with the same errors."""
 
     def __init__(self, app, ctx: ServerContext):
         self.app = app
         self.ctx = ctx
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not authorized(scope, self.ctx.token):
-            err = ApiError("missing or wrong token: send 'Authorization: Bearer <token>' (or '?token=<token>')",
-                           code="unauthorized", status=401)
-            body = json.dumps({"error": err.to_openai()}).encode()
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                    (b"www-authenticate", b"Bearer")]})
-            await send({"type": "http.response.body", "body": body})
-            return
+        if scope["type"] == "http":
+            refusal = None
+            try:
+                check_url_text(scope)
+            except ApiError as e:
+                refusal = e
+            if refusal is None and scope["path"] not in OPEN_PATHS and not authorized(scope, self.ctx.token):
+                refusal = ApiError("missing or wrong token: send 'Authorization: Bearer <token>' (or "
+                                   "'?token=<token>')", code="unauthorized", status=401)
+            if refusal is not None:
+                body = json.dumps({"error": refusal.to_openai()}).encode()
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                if refusal.status == 401:
+                    headers.append((b"www-authenticate", b"Bearer"))
+                await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
         await self.app(scope, receive, send)
 
 
@@ -86,7 +96,7 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
         return JSONResponse({"error": ApiError(f"internal error: {type(exc).__name__}", code="server_error",
                                                status=500).to_openai()}, status_code=500)
 
-    app.add_middleware(AuthMiddleware, ctx=ctx)
+    app.add_middleware(GateMiddleware, ctx=ctx)
     logs.install()
     return app
 

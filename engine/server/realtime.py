@@ -41,7 +41,7 @@ from engine.server.params import check_output_modalities, flag, generation_param
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import AudioSpan, Item, Session, new_id
-from engine.server.text import check_text, invalid_text_path, text_chars
+from engine.server.text import check_text, check_url_text, invalid_text_path, text_chars
 from engine.server.turns import ServerVad, SpeechStarted, SpeechStopped, TurnDetector
 from engine.server.video_context import VideoContextConfig, compact_clip
 
@@ -774,14 +774,14 @@ def audio_format_rate(value: Any, name: str) -> int:
 async def realtime_endpoint(ws: WebSocket) -> None:
     ctx: ServerContext = ws.app.state.ctx
     refusal = None
-    if not authorized(ws.scope, ctx.token):
-        refusal = ApiError("missing or wrong token: send 'Authorization: Bearer <token>' or '?token=<token>'",
+    try:
+        check_url_text(ws.scope)
+        if not authorized(ws.scope, ctx.token):
+            raise ApiError("missing or wrong token: send 'Authorization: Bearer <token>' or '?token=<token>'",
                            code="unauthorized", status=401)
-    else:
-        try:
-            ctx.check_model(ws.query_params.get("model"), "realtime")
-        except ApiError as e:
-            refusal = e
+        ctx.check_model(ws.query_params.get("model"), "realtime")
+    except ApiError as e:
+        refusal = e
     if refusal is not None:  # answered at the handshake, with an HTTP status and OpenAI's error body
         try:
             await ws.send_denial_response(JSONResponse({"error": refusal.to_openai()}, status_code=refusal.status))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from engine.server.protocol import ApiError
 
@@ -86,6 +87,14 @@ def parse_json_text(raw: bytes) -> Any:
     value = json.loads(text)
     check_text(value)
     return value
+
+
+def check_url_text(scope: dict) -> None:
+    """Refuse a request whose URL path or query, percent-decoded, is not UTF-8 (uvicorn would turn
+    such bytes into U+FFFD, changing a voice name or a model id into other text)."""
+    for param, raw in (("path", scope.get("raw_path") or b""), ("query", scope.get("query_string") or b"")):
+        if b"%" in raw or not raw.isascii():
+            check_utf8(unquote_to_bytes(raw.replace(b"+", b" ")), param)
 
 
 def check_utf8(data: bytes, param: str) -> None:

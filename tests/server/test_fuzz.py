@@ -377,6 +377,8 @@ def issue9_http_requests() -> list[tuple[str, str, dict]]:
                 b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + wav + b"\r\n--zz--\r\n")
         raw("/v1/audio/transcriptions", form, "multipart/form-data; boundary=zz")
     reqs.append(("POST", "/v1/audio/transcriptions", {"files": {"file": ("a.png", png)}}))
+    reqs += [("DELETE", "/v1/audio/voices/me%ED%A0%80", {}), ("GET", "/v1/models/%FF%FE", {}),
+             ("GET", "/v1/models?token=%C0%AF", {}), ("POST", chat + "?x=%ED%B0%80", {"json": json_bodies[chat]})]
     return reqs
 
 

@@ -162,3 +162,26 @@ def test_a_realtime_session_refuses_invalid_text_and_keeps_serving(server):
         ws.send(json.dumps({"type": "response.create"}))
         done = recv_until(ws, "response.done")[-1]
         assert done["response"]["status"] in ("completed", "incomplete"), done
+
+
+@pytest.mark.parametrize("method, url, param", [
+    ("DELETE", "/v1/audio/voices/me%ED%A0%80", "path"),
+    ("GET", "/v1/models/%FF", "path"),
+    ("GET", "/v1/models?x=%ED%A0%80", "query"),
+    ("GET", "/health?x=%C0%AF", "query"),
+])
+def test_urls_whose_text_is_not_utf8_are_refused(http, method, url, param):
+    r = http.request(method, url)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_text" and err["param"] == param, err
+
+
+def test_a_percent_encoded_utf8_url_still_works_and_a_realtime_url_is_checked_too(http, server):
+    r = http.delete("/v1/audio/voices/%E5%A3%B0%E9%9F%B3")  # 声音: no such voice, but valid text
+    assert r.json()["error"]["code"] == "voice_not_found", r.text
+    from websockets.exceptions import InvalidStatus
+    with pytest.raises(InvalidStatus) as info:
+        connect(server.ws_url + "?model=%ED%A0%80").close()
+    assert info.value.response.status_code == 400
+    assert json.loads(info.value.response.body)["error"]["code"] == "invalid_text"
