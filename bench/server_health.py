@@ -7,9 +7,13 @@ default; an older checkout gives the "before" figures) with the tiny model (or -
 asks for /health every 20 ms and times each answer; meanwhile another client sends, one after
 another:
 
-  at_bound       a chat whose text is just under the prompt bound (context tokens x the tokenizer's
-                 longest token, as engine.server.text computes it): the most text the server lets
-                 through to the engine, which tokenises it on its generation thread
+  accepted       a streamed chat whose text is just under the prompt bound (context tokens x the most
+                 characters a token stands for, engine.server.text) and fits the context: the largest
+                 prompt the server lets through to the engine, which tokenises it on its generation
+                 thread and prefills it; dropped after --accepted-s seconds (the engine then stops
+                 within a prefill chunk)
+  counted        a chat under the characters bound whose tokens plus max_tokens pass the context:
+                 counted by the server on a thread and refused before it is queued
   text_<N>MiB    a chat body of N MiB of plain text (the issue's 4 and 14.5 MiB)
   media_31MiB    a chat body just under the 32 MiB body limit, the bulk of it one base64 image part
                  (noise: refused as not an image, after decoding the base64)
@@ -43,30 +47,62 @@ MiB = 1024 * 1024
 WORDS = "the quick brown fox jumps over the lazy dog while the cat sleeps "
 
 
-def prompt_bound(checkpoint: Path) -> int:
+def prompt_bound(checkpoint: Path) -> tuple[int, int]:
+    """(context tokens, characters bound) as the server derives them."""
     from engine.models.thinker.config import MingConfig  # noqa: PLC0415
 
-    return MingConfig.from_file(checkpoint).llm.max_position_embeddings * chars_per_token(
-        str(checkpoint / "tokenizer.json"))
+    context = MingConfig.from_file(checkpoint).llm.max_position_embeddings
+    return context, context * chars_per_token(str(checkpoint / "tokenizer.json"))
 
 
 def text_of(chars: int) -> str:
     return (WORDS * (chars // len(WORDS) + 1))[:chars]
 
 
-def bodies(bound: int, sizes_mib: list[float]) -> list[tuple[str, bytes]]:
-    out = [("at_bound", {"messages": [{"role": "user", "content": text_of(bound - 1000)}], "max_tokens": 2})]
+def chat(text, max_tokens: int = 2, stream: bool = False) -> dict:
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "stream": stream}
+
+
+def bodies(context: int, bound: int, sizes_mib: list[float]) -> list[tuple[str, bytes, bool]]:
+    """(name, body, streamed) of each case."""
+    fits = min(bound, context) - 400  # (room for the prompt template and the reply)
+    out = [("accepted", chat(text_of(fits), stream=True), True),
+           ("counted", chat(text_of(bound - 100), max_tokens=min(4096, context // 2)), False)]
     for mib in sizes_mib:
-        out.append((f"text_{mib:g}MiB", {"messages": [{"role": "user", "content": text_of(int(mib * MiB))}],
-                                         "max_tokens": 2}))
+        out.append((f"text_{mib:g}MiB", chat(text_of(int(mib * MiB))), False))
     noise = base64.b64encode(os.urandom(int(31 * MiB * 3 / 4) - 4096)).decode()
-    out.append(("media_31MiB", {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + noise}}]}], "max_tokens": 2}))
-    return [(name, json.dumps(body).encode()) for name, body in out]
+    out.append(("media_31MiB", chat([{"type": "text", "text": "what is this?"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64," + noise}}]),
+                False))
+    return [(name, json.dumps(body).encode(), streamed) for name, body, streamed in out]
 
 
-def measure(url: str, body: bytes) -> dict:
+def send(url: str, body: bytes, streamed: bool, drop_after_s: float) -> tuple[int, str]:
+    """(status, error code or "ok") of one request; a streamed one is dropped after `drop_after_s`."""
+    headers = {"content-type": "application/json"}
+    try:
+        if not streamed:
+            r = httpx.post(url + "/v1/chat/completions", content=body, timeout=600, headers=headers)
+            return r.status_code, (r.json().get("error", {}).get("code") if r.status_code >= 400 else "ok")
+        timeout = httpx.Timeout(600, read=drop_after_s)  # no line for that long (the prefill): drop it
+        with httpx.Client(timeout=timeout) as c, c.stream("POST", url + "/v1/chat/completions", content=body,
+                                                          headers=headers) as r:
+            if r.status_code >= 400:
+                r.read()
+                return r.status_code, r.json().get("error", {}).get("code")
+            t0 = time.perf_counter()
+            try:
+                for _ in r.iter_lines():
+                    if time.perf_counter() - t0 > drop_after_s:
+                        break
+            except httpx.ReadTimeout:
+                pass
+            return r.status_code, f"streamed, dropped after {drop_after_s:g} s"
+    except httpx.HTTPError as e:
+        return 0, type(e).__name__
+
+
+def measure(url: str, body: bytes, streamed: bool, drop_after_s: float) -> dict:
     waits: list[float] = []
     stop = threading.Event()
 
@@ -82,17 +118,13 @@ def measure(url: str, body: bytes) -> dict:
     poller.start()
     time.sleep(0.2)
     t0 = time.perf_counter()
-    try:
-        r = httpx.post(url + "/v1/chat/completions", content=body, timeout=600,
-                       headers={"content-type": "application/json"})
-        status = r.status_code
-        code = r.json().get("error", {}).get("code") if status >= 400 else "ok"
-    except httpx.HTTPError as e:
-        status, code = 0, type(e).__name__
+    status, code = send(url, body, streamed, drop_after_s)
     took = time.perf_counter() - t0
     time.sleep(0.2)
     stop.set()
     poller.join()
+    while httpx.get(url + "/health", timeout=60).json()["queue"]["running"]:  # a dropped stream: let it stop
+        time.sleep(0.05)
     return {"bytes": len(body), "status": status, "code": code, "request_s": round(took, 3),
             "health_worst_ms": round(1000 * max(waits), 1), "health_median_ms": round(1000 * statistics.median(waits), 1),
             "health_polls": len(waits)}
@@ -103,18 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repo", default=str(ROOT), help="the checkout whose server is measured (default: this one)")
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the tiny demo model)")
     ap.add_argument("--sizes-mib", default="4,14.5", help="plain-text body sizes to send, MiB")
+    ap.add_argument("--accepted-s", type=float, default=4.0, help="drop the accepted prompt's stream after this")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     checkpoint = Path(args.model) if args.model else ensure_tiny_checkpoint()
-    bound = prompt_bound(checkpoint)
+    context, bound = prompt_bound(checkpoint)
     sizes = [float(x) for x in args.sizes_mib.split(",") if x]
-    results = {"repo": args.repo, "prompt_bound_chars": bound, "cases": {}}
+    results = {"repo": args.repo, "context_tokens": context, "prompt_bound_chars": bound, "cases": {}}
     with server_process(args.model, 1, Path(args.repo)) as url:
-        for name, body in bodies(bound, sizes):
-            results["cases"][name] = measure(url, body)
+        for name, body, streamed in bodies(context, bound, sizes):
+            results["cases"][name] = measure(url, body, streamed, args.accepted_s)
             if not args.json:
                 r = results["cases"][name]
-                print(f"{name:>14}: {r['bytes'] / MiB:6.2f} MiB -> {r['status']} {r['code']:<24} in "
+                print(f"{name:>14}: {r['bytes'] / MiB:6.2f} MiB -> {r['status']} {r['code']:<32} in "
                       f"{r['request_s']:7.2f} s; /health worst {r['health_worst_ms']:8.1f} ms, median "
                       f"{r['health_median_ms']:5.1f} ms over {r['health_polls']} polls", flush=True)
     worst = max(r["health_worst_ms"] for r in results["cases"].values())

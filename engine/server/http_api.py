@@ -32,7 +32,7 @@ from engine.server.params import check_output_modalities, flag, generation_param
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import new_id
-from engine.server.text import check_text, text_chars
+from engine.server.text import check_text, text_chars, texts_of
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -307,6 +307,9 @@ async def chat_completions(request: Request):
         messages, system = await asyncio.to_thread(convert_messages, raw_messages, ctx.limits)
     else:
         messages, system = convert_messages(raw_messages, ctx.limits)
+    if ctx.prompt_bound is not None:  # text that cannot fit is refused now, counted off the event loop
+        texts = ([system] if system else []) + [t for m in messages for t in texts_of(m["content"])]
+        await ctx.prompt_bound.check_tokens(texts, params.max_new_tokens, "the messages", "messages")
     engine = ctx.engine
     output = output_kwargs(modalities, voice)
 

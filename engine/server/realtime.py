@@ -41,7 +41,7 @@ from engine.server.params import check_output_modalities, flag, generation_param
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import AudioSpan, Item, Session, new_id
-from engine.server.text import check_text, check_url_text, invalid_text_path, text_chars
+from engine.server.text import check_text, check_url_text, invalid_text_path, text_chars, texts_of
 from engine.server.turns import ServerVad, SpeechStarted, SpeechStopped, TurnDetector
 from engine.server.video_context import VideoContextConfig, compact_clip
 
@@ -612,6 +612,12 @@ class RealtimeConnection:
                       "input_audio_buffer.commit) before response.create", "conversation_empty")
         if messages[-1]["role"] != "user":
             raise bad("the last conversation item must come from the user", "invalid_state")
+        if self.ctx.prompt_bound is not None:  # a conversation that cannot fit is refused now, counted off the loop
+            texts = ([instructions] if instructions else []) + [t for m in messages for t in texts_of(m["content"])]
+            await self.ctx.prompt_bound.check_tokens(texts, params.max_new_tokens, "the conversation and instructions")
+            if self.session.active is not None:  # another response started while the text was counted
+                raise bad(f"conversation already has an active response ({self.session.active.id})",
+                          "conversation_already_has_active_response")
         output = output_kwargs(modalities, voice)
 
         def run(cancel, _m=messages, _p=params, _i=instructions, _t=thinking):

@@ -13,10 +13,14 @@ Prompt bound. A prompt of more characters than `context tokens x the most charac
 stands for` cannot fit the context whatever the tokenizer makes of it (each token covers at most
 that many characters), so such text is refused before anything tokenises it: cheap (a length sum),
 where tokenising 15 MiB took ~10 s and ~3 GiB. The same bound is a realtime session's text budget.
+Text under it that may still not fit is counted on a thread with the checkpoint's tokenizer (whose
+batch call releases the interpreter lock, unlike the engine's own per-text call) and refused when
+its tokens and the tokens asked for pass the context, before it is queued.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -109,11 +113,13 @@ def check_utf8(data: bytes, param: str) -> None:
 
 @dataclass(frozen=True)
 class PromptBound:
-    """`context_tokens` x `chars_per_token`: the most characters of text a prompt can hold and still
-    fit the model's context. None (no bound) for an engine that says neither."""
+    """What a prompt's text can hold and still fit the model's context: at most `context_tokens` x
+    `chars_per_token` characters (checked by a length sum), and at most `context_tokens` tokens
+    (counted, off the event loop, when the text is long enough to need it)."""
 
     context_tokens: int
     chars_per_token: int
+    tokenizer_json: str
 
     @property
     def max_chars(self) -> int:
@@ -124,44 +130,89 @@ class PromptBound:
                 f"of text ({self.chars_per_token} characters per token at most)")
 
     def check(self, chars: int, what: str, param: str | None = None) -> None:
-        """context_length_exceeded when `chars` of text cannot fit."""
+        """context_length_exceeded when `chars` of text cannot fit (before anything tokenises it)."""
         if chars > self.max_chars:
             raise ApiError(f"{what} hold {chars:,} characters of text: {self.describe()}, so they cannot fit",
                            code="context_length_exceeded", param=param)
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens of `texts`, each tokenised on its own as the engine's prompt builder does (user text:
+        special tokens not parsed). Blocking but lock-free: the tokenizer's batch call releases the
+        interpreter lock, so run it on a thread and the event loop keeps serving."""
+        tok = plain_tokenizer(self.tokenizer_json)
+        return sum(len(e.ids) for e in tok.encode_batch([t for t in texts if t], add_special_tokens=False))
+
+    async def check_tokens(self, texts: list[str], max_new_tokens: int, what: str, param: str | None = None) -> int | None:
+        """context_length_exceeded when the tokens of `texts` plus `max_new_tokens` pass the context;
+        counted on a thread, and only when the text is long enough to possibly not fit (each token is
+        at least one UTF-8 byte). Returns the count (None when not counted)."""
+        if 4 * sum(map(len, texts)) + max_new_tokens <= self.context_tokens:
+            return None
+        n = await asyncio.to_thread(self.count_tokens, texts)
+        if n + max_new_tokens > self.context_tokens:
+            raise ApiError(f"{what} hold {n:,} tokens of text, and {max_new_tokens:,} more are asked for: that passes "
+                           f"this model's context of {self.context_tokens:,} tokens", code="context_length_exceeded",
+                           param=param)
+        return n
 
     @classmethod
     def of_engine(cls, engine) -> "PromptBound | None":
         """From the loaded checkpoint: its LLM's max_position_embeddings and its tokenizer.json."""
         try:
             context = int(engine.model.config.llm.max_position_embeddings)
-            path = Path(engine.model.path) / "tokenizer.json"
+            path = str(Path(engine.model.path) / "tokenizer.json")
         except (AttributeError, TypeError, ValueError):
             return None
-        per_token = chars_per_token(str(path))
-        return None if per_token is None or context <= 0 else cls(context, per_token)
+        per_token = chars_per_token(path)
+        return None if per_token is None or context <= 0 else cls(context, per_token, path)
+
+
+@lru_cache(maxsize=8)
+def plain_tokenizer(tokenizer_json: str):
+    """The checkpoint's tokenizer as the engine encodes user text with it (special tokens not parsed)."""
+    from tokenizers import Tokenizer  # noqa: PLC0415
+
+    tok = Tokenizer.from_file(tokenizer_json)
+    tok.encode_special_tokens = True
+    return tok
 
 
 @lru_cache(maxsize=8)
 def chars_per_token(tokenizer_json: str) -> int | None:
-    """The most input characters one token of this tokenizer can stand for: its longest vocabulary
-    entry or added token (a byte-level token's length is the bytes it stands for, at least as many
-    as the characters), times NORMALIZER_SLACK when a normalizer may compose characters."""
-    from tokenizers import Tokenizer  # noqa: PLC0415
-
+    """The most input characters one token of this tokenizer can stand for, from its own file: for a
+    BPE model, one symbol or the longest merge result (a whole vocabulary entry when the model may
+    take a word as it is, `ignore_merges`); for other models the longest vocabulary entry; and the
+    longest added token user text can still contain (a non-special one). A byte-level token's length
+    is the bytes it stands for, at least as many as the characters. Times NORMALIZER_SLACK when a
+    normalizer may compose characters."""
     try:
-        tok = Tokenizer.from_file(tokenizer_json)
         with open(tokenizer_json, encoding="utf-8") as f:
-            has_normalizer = json.load(f).get("normalizer") is not None
-    except Exception:  # no readable tokenizer (the tokenizers library raises plain Exception): no bound
+            spec = json.load(f)
+        model = spec["model"]
+        vocab = model.get("vocab") or {}
+        entries = list(vocab) if isinstance(vocab, dict) else [v[0] for v in vocab]  # BPE/WordPiece, Unigram
+        if model.get("type") == "BPE" and not model.get("ignore_merges"):
+            merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges") or []]
+            longest = max((len(a) + len(b) for a, b in merges), default=1)
+        else:
+            longest = max(map(len, entries), default=0)
+        added = [t["content"] for t in spec.get("added_tokens") or [] if not t.get("special")]
+        longest = max([longest, *map(len, added)])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no readable tokenizer: no bound
         return None
-    longest = max((len(t) for t in tok.get_vocab(with_added_tokens=True)), default=0)
-    return longest * (NORMALIZER_SLACK if has_normalizer else 1) or None
+    return longest * (NORMALIZER_SLACK if spec.get("normalizer") is not None else 1) or None
+
+
+def texts_of(value: Any) -> list[str]:
+    """The text pieces of message content as the prompt builder tokenises them: a string, or each
+    text part's "text"."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [p["text"] for p in value if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return []
 
 
 def text_chars(value: Any) -> int:
-    """Characters of text in engine message content: a string, or parts' "text" fields."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(len(p["text"]) for p in value if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return 0
+    """Characters of text in message content (see texts_of)."""
+    return sum(map(len, texts_of(value)))

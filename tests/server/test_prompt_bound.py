@@ -17,12 +17,20 @@ from websockets.sync.client import connect
 from tests.server import recv_item, recv_json, running_server
 
 
-def expected_bound(engine) -> int:
-    """What the server must derive, computed here independently: context tokens x the most characters
-    one token of the checkpoint's tokenizer stands for."""
+def expected_bound(server, engine) -> int:
+    """The server's characters bound, checked against the checkpoint's tokenizer: more characters than
+    the bound never make fewer tokens than the context (here with the text that packs the most
+    characters into each token, the longest vocabulary entries, and with plain words)."""
+    bound = server.ctx.prompt_bound
+    context = engine.model.config.llm.max_position_embeddings
+    assert bound is not None and bound.context_tokens == context
     tok = Tokenizer.from_file(str(engine.model.path / "tokenizer.json"))
-    longest = max(len(t) for t in tok.get_vocab(with_added_tokens=True))
-    return engine.model.config.llm.max_position_embeddings * longest
+    tok.encode_special_tokens = True
+    longest = max(tok.get_vocab(with_added_tokens=False), key=len)
+    for unit in (tok.decode([tok.token_to_id(longest)]) or "x", "the quick brown fox ", "声音"):
+        text = (unit * (bound.max_chars // len(unit) + 1))[:bound.max_chars + 1]
+        assert len(tok.encode(text, add_special_tokens=False).ids) > context, unit
+    return bound.max_chars
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +40,7 @@ def server(tiny_engine):
 
 
 def test_text_that_cannot_fit_is_refused_before_the_engine_sees_it(server, tiny_engine):
-    bound = expected_bound(tiny_engine)
+    bound = expected_bound(server, tiny_engine)
     submitted = server.ctx.scheduler.counts["submitted"]
     parts = [{"type": "text", "text": "ab" * (bound // 4)}, {"type": "text", "text": "c" * (bound // 2 + 10)}]
     t0 = time.perf_counter()
@@ -49,6 +57,28 @@ def test_text_that_cannot_fit_is_refused_before_the_engine_sees_it(server, tiny_
     r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
                    json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+def test_text_under_the_bound_whose_tokens_cannot_fit_is_refused_before_it_is_queued(server, tiny_engine):
+    context = tiny_engine.model.config.llm.max_position_embeddings
+    text = ("words of an ordinary prompt, " * context)[:expected_bound(server, tiny_engine) - 100]
+    submitted = server.ctx.scheduler.counts["submitted"]
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": text}], "max_tokens": 200})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded", r.text
+    assert f"{context:,} tokens" in err["message"] and "200 more" in err["message"], err
+    assert server.ctx.scheduler.counts["submitted"] == submitted  # counted by the server, never queued
+    with connect(server.ws_url, max_size=None) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        ws.send(json.dumps({"type": "conversation.item.create",
+                            "item": {"type": "message", "role": "user", "content": text}}))
+        recv_item(ws)
+        ws.send(json.dumps({"type": "response.create", "event_id": "r1", "response": {"max_output_tokens": 200}}))
+        ev = recv_json(ws)
+        assert ev["type"] == "error" and ev["error"]["code"] == "context_length_exceeded", ev
+        assert ev["error"]["event_id"] == "r1"
+    assert server.ctx.scheduler.counts["submitted"] == submitted
 
 
 def health_waits(url: str, stop: threading.Event, out: list[float]) -> None:
@@ -82,7 +112,7 @@ def test_health_answers_while_another_client_sends_a_huge_prompt(server):
 
 
 def test_a_realtime_session_has_a_text_budget(server, tiny_engine):
-    bound = expected_bound(tiny_engine)
+    bound = expected_bound(server, tiny_engine)
     big = "xy" * (bound // 3)  # two of these do not fit; one does
     with connect(server.ws_url, max_size=None) as ws:
         assert recv_json(ws)["type"] == "session.created"
