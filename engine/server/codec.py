@@ -170,12 +170,16 @@ class Audio:
         return {"type": "audio", "audio": self.samples, "sample_rate": self.sample_rate}
 
 
-def audio_file(raw: bytes, limits: Limits, name: str = "file") -> Audio:
-    """Encoded audio (wav natively; flac, mp3, ogg, webm, m4a via PyAV) -> channel-0 samples."""
+def audio_file(raw: bytes, limits: Limits, name: str = "file", video_ok: bool = False) -> Audio:
+    """Encoded audio (wav natively; flac, mp3, ogg, webm, m4a via PyAV) -> channel-0 samples. A
+    picture is refused; so is a video, unless `video_ok` (an upload endpoint such as transcriptions,
+    which like OpenAI's takes an mp4 or webm recording and uses its audio track)."""
     if not raw:
         raise bad(f"'{name}' is empty", "invalid_audio", name)
-    refuse_other_kind(raw, "audio", "invalid_audio", name)
-    if sniff(raw) is None and _video_streams(raw):
+    found = sniff(raw)
+    if (found is not None and found[0] == "image") or not video_ok:
+        refuse_other_kind(raw, "audio", "invalid_audio", name)
+    if not video_ok and found is None and _video_streams(raw):
         raise bad(f"'{name}' is a video (it holds a video stream), not audio: send it as a video part",
                   "invalid_audio", name)
     try:

@@ -374,7 +374,7 @@ async def transcriptions(request: Request):
                                    base=GenerationParams(max_new_tokens=min(512, limits.max_new_tokens)))
     finally:
         await form.close()
-    audio = await asyncio.to_thread(codec.audio_file, raw, limits, "file")
+    audio = await asyncio.to_thread(codec.audio_file, raw, limits, "file", True)  # (a recording's audio track too)
     engine = ctx.engine
 
     def run(cancel):

@@ -101,7 +101,7 @@ def reference_clips(body: dict, ctx: ServerContext) -> list[bytes] | None:
         name = "reference_audio" if len(values) == 1 else f"reference_audio[{i}]"
         raw = codec.data_url(v, name, ctx.limits.max_request_bytes)[1] if isinstance(v, str) and v.startswith(
             "data:") else codec.b64decode(v, name, ctx.limits.max_request_bytes)
-        codec.audio_file(raw, ctx.limits, name)  # a clear 400 for a corrupt, empty or over-long clip
+        codec.audio_file(raw, ctx.limits, name, video_ok=True)  # a clear 400 for a corrupt, empty or over-long clip
         clips.append(raw)
     return clips
 
@@ -251,7 +251,7 @@ async def voice_upload(request: Request, ctx: ServerContext) -> tuple[str, bytes
         text = body.get("reference_text")
     name = text_field(name, "name", 64)
     text = text_field(text, "reference_text", MAX_INPUT_CHARS, required=False)
-    await asyncio.to_thread(codec.audio_file, raw, ctx.limits, "file")
+    await asyncio.to_thread(codec.audio_file, raw, ctx.limits, "file", True)  # (a recording's audio track too)
     return name, raw, text
 
 

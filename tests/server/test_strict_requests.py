@@ -31,6 +31,27 @@ def mp4_bytes(tmp_path) -> bytes:
     return path.read_bytes()
 
 
+def recording_with_sound() -> bytes:
+    """An mp4 with a video stream and a 1 s tone: a phone recording."""
+    import io
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        video, audio = c.add_stream("mpeg4", rate=4), c.add_stream("aac", rate=16000)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        for i in range(4):
+            c.mux(video.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 30 * i, np.uint8), format="rgb24")))
+        c.mux(video.encode())
+        frame = av.AudioFrame.from_ndarray(tone_pcm16(1.0).astype(np.float32)[None, :] / 32768, format="fltp",
+                                           layout="mono")
+        frame.sample_rate = 16000
+        c.mux(audio.encode(frame))
+        c.mux(audio.encode())
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def server(tiny_engine):
     with running_server(tiny_engine) as srv:
@@ -107,6 +128,17 @@ def test_a_video_is_taken_as_video_and_only_as_video(http, tmp_path):
         err = error_of(http.post("/v1/chat/completions", json=chat_part(part)))
         assert err["code"] in ("invalid_video", "invalid_image", "invalid_audio"), err
         assert "video" in err["message"], err
+
+
+def test_an_upload_of_a_recording_is_transcribed_from_its_audio_track_but_an_audio_part_refuses_it(http):
+    mp4 = recording_with_sound()
+    r = http.post("/v1/audio/transcriptions", files={"file": ("clip.mp4", mp4)}, data={"max_tokens": "2"})
+    assert r.status_code == 200, r.text  # as OpenAI's endpoint does (mp4, webm)
+    err = error_of(http.post("/v1/chat/completions", json=chat_part(
+        {"type": "input_audio", "input_audio": {"data": b64(mp4), "format": "m4a"}})))
+    assert err["code"] == "invalid_audio" and "video" in err["message"], err
+    err = error_of(http.post("/v1/audio/transcriptions", files={"file": ("a.png", PNG)}))
+    assert err["code"] == "invalid_audio" and "PNG image" in err["message"], err
 
 
 def test_realtime_media_of_the_wrong_kind_is_refused(server):
