@@ -205,7 +205,7 @@ class RealtimeConnection:
         characters and the instructions must fit the model's context (ServerContext.prompt_bound);
         session_text_limit otherwise."""
         bound = self.ctx.prompt_bound
-        if bound is None:
+        if bound is None or bound.max_chars is None:
             return
         total = self.session.text_chars + adding + len(instructions or "")
         if total > bound.max_chars:

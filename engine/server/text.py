@@ -32,10 +32,13 @@ from urllib.parse import unquote_to_bytes
 from engine.server.protocol import ApiError
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
-# A tokenizer normalizer may compose characters (NFC: "e" + U+0301 -> "é"), so a token may then stand
-# for more input characters than its own length: the bound allows this many input characters per
-# token character when the tokenizer has one.
+# A tokenizer normalizer may compose characters (NFC: "e" + U+0301 -> "é"; Greek and Vietnamese letters
+# compose with up to 3 marks), so a token may then stand for more input characters than its own
+# length: the bound allows this many input characters per token character under these normalizers.
+# Others may drop any amount of text (Strip, Replace, BertNormalizer's cleaning): no characters bound
+# then (the token count still applies).
 NORMALIZER_SLACK = 4
+COMPOSING_NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend", "Sequence")
 
 
 def _has_surrogate(text: str) -> bool:
@@ -118,12 +121,12 @@ class PromptBound:
     (counted, off the event loop, when the text is long enough to need it)."""
 
     context_tokens: int
-    chars_per_token: int
+    chars_per_token: int | None  # None: the tokenizer's normalizer may drop text, no characters bound
     tokenizer_json: str
 
     @property
-    def max_chars(self) -> int:
-        return self.context_tokens * self.chars_per_token
+    def max_chars(self) -> int | None:
+        return None if self.chars_per_token is None else self.context_tokens * self.chars_per_token
 
     def describe(self) -> str:
         return (f"this model's context of {self.context_tokens:,} tokens holds at most {self.max_chars:,} characters "
@@ -131,7 +134,7 @@ class PromptBound:
 
     def check(self, chars: int, what: str, param: str | None = None) -> None:
         """context_length_exceeded when `chars` of text cannot fit (before anything tokenises it)."""
-        if chars > self.max_chars:
+        if self.max_chars is not None and chars > self.max_chars:
             raise ApiError(f"{what} hold {chars:,} characters of text: {self.describe()}, so they cannot fit",
                            code="context_length_exceeded", param=param)
 
@@ -163,8 +166,11 @@ class PromptBound:
             path = str(Path(engine.model.path) / "tokenizer.json")
         except (AttributeError, TypeError, ValueError):
             return None
-        per_token = chars_per_token(path)
-        return None if per_token is None or context <= 0 else cls(context, per_token, path)
+        try:
+            plain_tokenizer(path)
+        except Exception:  # no readable tokenizer (the tokenizers library raises plain Exception)
+            return None
+        return cls(context, chars_per_token(path), path) if context > 0 else None
 
 
 @lru_cache(maxsize=8)
@@ -184,7 +190,7 @@ def chars_per_token(tokenizer_json: str) -> int | None:
     take a word as it is, `ignore_merges`); for other models the longest vocabulary entry; and the
     longest added token user text can still contain (a non-special one). A byte-level token's length
     is the bytes it stands for, at least as many as the characters. Times NORMALIZER_SLACK when a
-    normalizer may compose characters."""
+    normalizer may compose characters; None when one may drop text (see COMPOSING_NORMALIZERS)."""
     try:
         with open(tokenizer_json, encoding="utf-8") as f:
             spec = json.load(f)
@@ -200,7 +206,11 @@ def chars_per_token(tokenizer_json: str) -> int | None:
         longest = max([longest, *map(len, added)])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no readable tokenizer: no bound
         return None
-    return longest * (NORMALIZER_SLACK if spec.get("normalizer") is not None else 1) or None
+    normalizer = spec.get("normalizer")
+    if normalizer is None:
+        return longest or None
+    kinds = {normalizer.get("type")} | {n.get("type") for n in normalizer.get("normalizers") or []}
+    return longest * NORMALIZER_SLACK if kinds <= set(COMPOSING_NORMALIZERS) and longest else None
 
 
 def texts_of(value: Any) -> list[str]:

@@ -140,3 +140,23 @@ def test_a_realtime_session_has_a_text_budget(server, tiny_engine):
         ws.send(json.dumps({"type": "conversation.item.create",
                             "item": {"type": "message", "role": "user", "content": big}}))
         assert recv_item(ws)["item"]["role"] == "user"
+
+
+def test_the_bound_follows_the_tokenizer_file(tmp_path):
+    """Longest merge, added tokens user text can hold, and normalizers: composing ones widen the bound,
+    ones that may drop text leave no characters bound (the token count still applies)."""
+    from engine.server.text import chars_per_token
+
+    def bound_of(**spec) -> int | None:
+        path = tmp_path / f"tok{len(list(tmp_path.iterdir()))}.json"
+        model = {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2, "abab": 3, "<|very_long_special|>": 4},
+                 "merges": ["a b", "ab ab"]}
+        path.write_text(json.dumps({"model": model, "added_tokens": [], "normalizer": None, **spec}))
+        return chars_per_token(str(path))
+
+    assert bound_of() == 4  # "ab" + "ab": the special entry is never a merge result
+    assert bound_of(added_tokens=[{"content": "<think-about-it>", "special": False}]) == 16
+    assert bound_of(added_tokens=[{"content": "<think-about-it>", "special": True}]) == 4
+    assert bound_of(normalizer={"type": "NFC"}) == 16
+    assert bound_of(normalizer={"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]}) == 16
+    assert bound_of(normalizer={"type": "Strip", "strip_left": True, "strip_right": True}) is None
