@@ -7,28 +7,14 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 from websockets.sync.client import connect
 
-from tests.server import b64, image_array, png_bytes, recv_item, recv_json, recv_until, running_server, tone_pcm16, \
-    wav_bytes
+from tests.server import b64, image_array, png_bytes, recv_item, recv_json, recv_until, tone_pcm16, wav_bytes
 
 CESU_8 = b"\xed\xa0\x80"  # U+D800 written as if it were a character (CESU-8 / WTF-8): not UTF-8
 PNG = b64(png_bytes(image_array(24, 32)))
 WAV = b64(wav_bytes(tone_pcm16(1.0)))
-
-
-@pytest.fixture(scope="module")
-def server(tiny_engine):
-    with running_server(tiny_engine) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def raw_json(text: str) -> dict:

@@ -5,7 +5,6 @@ drop-in client may send, per endpoint."""
 
 from __future__ import annotations
 
-import base64
 import json
 
 import cv2
@@ -15,7 +14,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.server import b64, image_array, png_bytes, recv_json, recv_until, running_server, tone_pcm16, wav_bytes
+from tests.server import b64, image_array, png_bytes, recv_json, tone_pcm16, wav_bytes
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 PNG = png_bytes(image_array(24, 32))
@@ -50,18 +49,6 @@ def recording_with_sound() -> bytes:
         c.mux(audio.encode(frame))
         c.mux(audio.encode())
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def server(tiny_engine):
-    with running_server(tiny_engine) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def error_of(r: httpx.Response, status: int = 400) -> dict:
