@@ -1,10 +1,13 @@
 """The OpenAI-compatible HTTP API: POST /v1/chat/completions (JSON or SSE stream), POST
 /v1/audio/transcriptions (multipart upload; JSON, text or SSE stream), GET /v1/models, GET /health,
-and what the speech and image endpoints (speech_api.py, images_api.py) share with them: reading
-bodies and forms within the limits, running a request through the scheduler, SSE responses.
+and what the speech and image endpoints (speech_api.py, images_api.py) share with them: a JSON
+request's prologue (content type, size, text, fields and model: engine.server.bodies, .text,
+.fields), running a request through the scheduler, SSE responses, and a client leaving early (one
+log line and a count, engine.server.logs).
 
 Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}, with a fitting status.
-A stream's client going away cancels its generation (the engine stops within one decode step).
+A stream's client going away cancels its generation (the engine stops within one decode step or
+prefill chunk).
 With --openai-only (`ServerContext.openai_only`) bodies carry OpenAI's fields only: our extension
 fields in a request are refused (`refuse_extensions`), answers have no metrics or comment lines.
 """
@@ -46,14 +49,14 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse({"error": err.to_openai()}, status_code=err.status)
 
 
-async def json_request(request: Request, fields: Fields, kind: str,
+async def json_request(request: Request, takes: Fields, kind: str,
                        extensions: tuple[str, ...] = ()) -> tuple[ServerContext, dict]:
     """(context, body) of a JSON request: a JSON content type, the body within the size limit and
-    valid text, its fields known to this endpoint (`fields`), with --openai-only our `extensions`
-    fields refused, and the model one this endpoint's `kind` answers to."""
+    valid text, its fields known to this endpoint (`takes`), with --openai-only our `extensions`
+    fields refused, and the model one this endpoint's `kind` answers to (engine.server.fields)."""
     ctx = ctx_of(request)
     body = await read_json(request, ctx.limits.max_request_bytes)
-    fields.check(body)
+    takes.check(body)
     refuse_extensions(ctx, body, extensions)
     ctx.check_model(body.get("model"), kind)
     return ctx, body

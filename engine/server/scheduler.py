@@ -10,9 +10,10 @@ whose reader falls behind waits (it keeps its turn, as the engine runs one reque
 a reader that takes nothing for `slow_reader_timeout_s` has its response cancelled. The final
 event (Done / Error) is always delivered, outside the credits.
 
-Cancellation sets the `threading.Event` the engine checks between decode steps, so generation
-stops within one step and the engine frees the request's KV cache. The event counts the engine's
-checks so the server can report how many decode steps ran after a cancel (always at most one).
+Cancellation sets the `threading.Event` the engine checks between prefill chunks and between
+decode steps, so generation stops within one chunk or step and the engine frees the request's KV
+cache. The event counts the engine's checks so the server can report how many decode steps ran after
+a cancel (always at most one; the checks made while the prompt was prefilled are not steps).
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ _ENGINE_EVENTS = tuple(kind for kind in EVENT_TYPES.values() if kind is not Queu
 
 
 class CancelFlag(threading.Event):
-    """The cancel event handed to the engine. `is_set` is what the engine calls once per decode
-    step, so the calls made before `set()` count the steps that had finished by then."""
+    """The cancel event handed to the engine. `is_set` is what the engine calls between prefill
+    chunks and once per decode step, so the calls made before `set()`, less those made before the
+    first token (`decode_from`), count the decode steps that had finished by then."""
 
     def __init__(self) -> None:
         super().__init__()
         self.checks = 0
         self.checks_at_set: int | None = None
         self.set_at: float | None = None
+        self.decode_from: int | None = None  # checks made before the first token (the prefill's)
 
     def is_set(self) -> bool:  # the engine's per-step check
         self.checks += 1
@@ -219,7 +222,8 @@ class Scheduler:
         latency = steps = None
         if flag.set_at is not None and job.started_at is not None and job.finished_at is not None:
             latency = max(0.0, job.finished_at - max(flag.set_at, job.started_at))
-            steps = max(0, new_tokens - (flag.checks_at_set or 0)) if finish_reason == "cancelled" else None
+            decode_checks = max(0, (flag.checks_at_set or 0) - (flag.decode_from or 0))
+            steps = max(0, new_tokens - decode_checks) if finish_reason == "cancelled" else None
         key = {"stop": "completed", "length": "completed", "cancelled": "cancelled"}.get(finish_reason, "failed")
         self.counts[key] += 1
         job.record = JobRecord(id=job.id, label=job.label, finish_reason=finish_reason,
@@ -248,6 +252,7 @@ class Scheduler:
                     terminal = True
                 elif isinstance(ev, TextDelta) and job.first_token_at is None:
                     job.first_token_at = time.perf_counter()
+                    job.cancel.decode_from = job.cancel.checks  # (the generator waits at this token's yield)
                 self._hand_over(job, ev, credited=not terminal)
                 if terminal:
                     break
