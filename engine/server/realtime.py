@@ -202,11 +202,13 @@ class RealtimeConnection:
 
     def _check_text_budget(self, adding: int, instructions: str | None = None) -> None:
         """The per-session text budget (like its media limit): the conversation's text, `adding` more
-        characters and the instructions must fit the model's context (ServerContext.prompt_bound);
-        session_text_limit otherwise."""
+        characters and the instructions must fit the model's context (ServerContext.prompt_bound):
+        context_length_exceeded when the new text alone cannot, session_text_limit when the session's
+        text with it cannot (delete items to make room)."""
         bound = self.ctx.prompt_bound
         if bound is None or bound.max_chars is None:
             return
+        bound.check(adding + len(instructions or ""), "this text and the instructions")  # alone: cannot fit
         total = self.session.text_chars + adding + len(instructions or "")
         if total > bound.max_chars:
             raise ApiError(f"the session's text would hold {total:,} characters: {bound.describe()}; delete items "

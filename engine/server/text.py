@@ -130,7 +130,8 @@ class PromptBound:
 
     def describe(self) -> str:
         return (f"this model's context of {self.context_tokens:,} tokens holds at most {self.max_chars:,} characters "
-                f"of text ({self.chars_per_token} characters per token at most)")
+                f"of text (a token stands for {self.chars_per_token} character{'s' if self.chars_per_token > 1 else ''} "
+                "at most)")
 
     def check(self, chars: int, what: str, param: str | None = None) -> None:
         """context_length_exceeded when `chars` of text cannot fit (before anything tokenises it)."""

@@ -160,3 +160,13 @@ def test_the_bound_follows_the_tokenizer_file(tmp_path):
     assert bound_of(normalizer={"type": "NFC"}) == 16
     assert bound_of(normalizer={"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]}) == 16
     assert bound_of(normalizer={"type": "Strip", "strip_left": True, "strip_right": True}) is None
+
+
+def test_one_realtime_item_that_cannot_fit_alone_is_context_length_exceeded(server, tiny_engine):
+    bound = expected_bound(server, tiny_engine)
+    with connect(server.ws_url, max_size=None) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        ws.send(json.dumps({"type": "conversation.item.create",
+                            "item": {"type": "message", "role": "user", "content": "x" * (bound + 1)}}))
+        ev = recv_json(ws)
+        assert ev["type"] == "error" and ev["error"]["code"] == "context_length_exceeded", ev
