@@ -74,13 +74,15 @@ class MingTokenizer:
             raise TokenizerError(f"token {token!r} is not in the vocabulary")
         return i
 
+    # encode_batch releases Python's interpreter lock while it works (encode does not), so a long
+    # prompt being tokenised does not stall the server's event loop or other requests' threads.
     def encode(self, text: str) -> list[int]:
         """Encode with special tokens recognised (template text)."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def encode_plain(self, text: str) -> list[int]:
         """Encode user-provided text: special-token strings in it are ordinary text."""
-        return self._plain.encode(text, add_special_tokens=False).ids
+        return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
