@@ -80,8 +80,10 @@ class KVCache:
         new_cap = max(needed, 2 * self.capacity, 16)
         b, h, d = self.shape
         for i in range(self.num_layers):
-            k = torch.empty(b, h, new_cap, d, dtype=self.dtype, device=self.layer_devices[i])
-            v = torch.empty_like(k)
+            # zeros, not empty: device steps read a fixed window whose not-yet-written slots are masked
+            # out, and a masked slot holding NaN/inf garbage would still turn 0 * garbage into NaN
+            k = torch.zeros(b, h, new_cap, d, dtype=self.dtype, device=self.layer_devices[i])
+            v = torch.zeros_like(k)
             if self.capacity:
                 k[:, :, : self.length] = self.k[i][:, :, : self.length]
                 v[:, :, : self.length] = self.v[i][:, :, : self.length]
