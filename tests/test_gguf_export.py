@@ -99,7 +99,7 @@ def test_export_reads_back_exactly(small_checkpoint, tmp_path, dtype):
 
 def test_group_keys_left_out_when_inert(tmp_path):
     ckpt = write_checkpoint(tmp_path / "nogroups", small_config(n_group=2, topk_group=2), log=lambda *_: None)
-    model = load_model(ckpt, dtype="fp32", device="cpu")
+    model = load_model(ckpt, dtype="fp32", device="cpu", pack_cpu_experts=False)  # the weights as stored
     rep = export_gguf(model.llm, tmp_path / "m.gguf")
     reader, _ = _read(rep.path)
     assert "bailingmoe2.expert_group_count" not in reader.fields
@@ -121,8 +121,11 @@ def test_llamacpp_runs_the_export_with_our_logits(small_checkpoint, tmp_path):
     from bench.vs_llamacpp import LlamaCpp, Ours, compare_logits, run_once
     from engine.models.thinker.layers import Numerics
 
+    stored = load_model(small_checkpoint, dtype="fp32", device="cpu", pack_cpu_experts=False)
+    path = export_gguf(stored.llm, tmp_path / "m.gguf").path
+    del stored
+    # ours as the engine runs it (weights re-laid out for the CPU kernels)
     model = load_model(small_checkpoint, dtype="fp32", device="cpu", numerics=Numerics.intent(torch.float32))
-    path = export_gguf(model.llm, tmp_path / "m.gguf").path
     ids = [int(i) for i in torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(0))]
     ours = run_once(Ours(model), ids, 4)
     theirs = run_once(LlamaCpp(path, threads=1, n_ctx=64, n_batch=64, kv_type=0), ids, 4)

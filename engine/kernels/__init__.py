@@ -7,7 +7,8 @@ tensors, the torch reference on CPU or when forced (``impl="torch"`` or the env 
 
 from .dispatch import FORCE_REFERENCE_ENV, Impl
 from .moe import (PackedExperts, PackedLinear, QuantizedCpuExperts, moe_experts, moe_experts_dequant_reference,
-                  moe_experts_packed, moe_experts_reference, onednn_packing_available, pack_linears)
+                  moe_experts_packed, moe_experts_reference, onednn_packing_available, onednn_packing_pays,
+                  pack_linears)
 from .rmsnorm import rms_norm, rms_norm_reference
 from .rotary import apply_rotary, apply_rotary_reference
 
@@ -25,6 +26,7 @@ __all__ = [
     "moe_experts_packed",
     "moe_experts_reference",
     "onednn_packing_available",
+    "onednn_packing_pays",
     "rms_norm",
     "rms_norm_reference",
 ]

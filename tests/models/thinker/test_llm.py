@@ -1,11 +1,12 @@
 """Model behaviour the spec implies, checked without fixtures: KV-cache decode equals a full
 forward, left padding does not change a row, routing rules, rotary layout, bf16 numerics switch."""
 
+import pytest
 import torch
 
 from engine.models.thinker.layers import GROUP_SCORE_TOP, Numerics, Router, VideoRotary
 from engine.models.thinker.positions import decode_positions, rope_index, PositionTokens
-from engine.models.thinker.model import load_model
+from engine.models.thinker.model import load_model, parse_dtype
 
 FP32 = Numerics()
 
@@ -105,22 +106,52 @@ def test_bf16_model_runs_close_to_fp32(tiny_checkpoint):
     assert cos > 0.95  # bf16 rounding may flip near-tie expert choices in a random model
 
 
-def test_cpu_bf16_packed_experts_match_the_plain_path(tiny_checkpoint):
+def test_cpu_packing_is_chosen_where_it_pays(tiny_checkpoint):
+    """fp32 matrices as small as the tiny model's stay on torch's plain path (oneDNN's fixed cost per call
+    would make it slower); large fp32 ones and bf16 ones are packed."""
     from engine import kernels
-    if not kernels.onednn_packing_available(torch.bfloat16):
-        import pytest
-        pytest.skip("this torch build cannot pre-pack bf16 weights")
-    packed = load_model(tiny_checkpoint, dtype="bf16", device="cpu")
-    plain = load_model(tiny_checkpoint, dtype="bf16", device="cpu", pack_cpu_experts=False)
+    if not kernels.onednn_packing_available(torch.float32):
+        pytest.skip("this torch build cannot pre-pack fp32 weights")
+    tiny = load_model(tiny_checkpoint, dtype="fp32", device="cpu").llm
+    assert tiny.model.layers[1].mlp.experts.packed is None and type(tiny.lm_head) is torch.nn.Linear
+    assert not kernels.onednn_packing_pays(torch.zeros(512, 512))
+    assert kernels.onednn_packing_pays(torch.zeros(2048, 512))  # one expert's down matrix of the bench model
+    if kernels.onednn_packing_available(torch.bfloat16):
+        assert kernels.onednn_packing_pays(torch.zeros(128, 128, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cpu_packed_weights_match_the_plain_path(tiny_checkpoint, dtype, monkeypatch):
+    """The default CPU load re-lays experts and projections out for oneDNN; its outputs are the plain
+    path's up to summation order (fp32: relative 1e-4; bf16: bf16 rounding of other partial sums)."""
+    from engine import kernels
+    if not kernels.onednn_packing_available(parse_dtype(dtype)):
+        pytest.skip(f"this torch build cannot pre-pack {dtype} weights")
+    monkeypatch.setattr(kernels.moe, "ONEDNN_FP32_MIN_BYTES", 0)  # pack the tiny model's fp32 matrices too
+    packed = load_model(tiny_checkpoint, dtype=dtype, device="cpu")
+    plain = load_model(tiny_checkpoint, dtype=dtype, device="cpu", pack_cpu_experts=False)
     bank = packed.llm.model.layers[1].mlp.experts
     assert bank.packed is not None and bank.gate_proj.device.type == "meta"
     assert plain.llm.model.layers[1].mlp.experts.packed is None
     ids = torch.tensor([[10, 20, 30, 40, 50, 60]])
     with torch.inference_mode():
-        pos = _positions(plain.llm, ids)[0]
-        a = plain.llm(plain.llm.model.embed(ids), pos, plain.numerics)
-        b = packed.llm(packed.llm.model.embed(ids), pos, packed.numerics)
-    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+        pos, delta = _positions(plain.llm, ids)
+        a = plain.llm(plain.llm.model.embed(ids), pos, plain.numerics).float()
+        b = packed.llm(packed.llm.model.embed(ids), pos, packed.numerics).float()
+        # a decode step too (one token: the packed decode path)
+        step, out = torch.tensor([[70]]), []
+        for m in (plain, packed):
+            cache = m.llm.new_cache(1, m.numerics, "cpu")
+            m.llm(m.llm.model.embed(ids), pos, m.numerics, cache=cache)
+            out.append(m.llm(m.llm.model.embed(step), decode_positions(cache.length, delta), m.numerics,
+                             cache=cache).float())
+        c, d = out
+    if dtype == "fp32":
+        for want, got in ((a, b), (c, d)):
+            assert float((want - got).abs().max()) <= 1e-4 * float(want.abs().max())
+    else:
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+        assert torch.nn.functional.cosine_similarity(c.flatten(), d.flatten(), dim=0) > 0.999
 
 
 def test_moe_block_folds_the_shared_expert_into_the_fused_kernel(tiny_checkpoint, monkeypatch):
