@@ -1,0 +1,121 @@
+"""One-token GEMV on this CPU: torch's plain path vs oneDNN's pre-packed one, against read bandwidth.
+
+    python bench/cpu_gemv.py [--threads 2] [--mib 768] [--json]
+
+Why: decode on the CPU is a chain of GEMVs (x [1, K] @ W[N, K]^T), so its speed is the rate at which
+these read weights. This measures, in one run:
+
+* read bandwidth: best of a few ``sum`` passes over a buffer of --mib MiB (far above the caches);
+* for each shape of the mid-size bench model (bench/vs_llamacpp.py) and each dtype: ``--mib`` MiB of
+  distinct [N, K] weights walked once per pass (out of cache, as in decode), through ``F.linear`` on
+  the plain weight and through oneDNN on the weight pre-packed by engine.kernels (the engine's CPU
+  path for large matrices); GB/s, the fraction of the read bandwidth, and packed / plain;
+* the fixed cost per call: one small matrix (in cache) called repeatedly, plain vs packed, to show
+  where engine.kernels.ONEDNN_FP32_MIN_BYTES (fp32 matrices below it stay unpacked) comes from.
+
+The figures move with other processes on the machine; ratios from the same run are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from engine.kernels.moe import ONEDNN_FP32_MIN_BYTES, _pack_matrix, _packed_linear, onednn_packing_available  # noqa: E402
+
+# (name, N, K): one matrix of the mid-size bench model (hidden 2048, experts of 512)
+SHAPES = (("expert gate+up", 1024, 2048), ("expert down", 2048, 512), ("attention out", 2048, 2048))
+SMALL = (128, 256, 512, 768, 1024)  # square fp32/bf16 matrices for the per-call cost
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _seconds(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def read_bandwidth(mib: int) -> float:
+    buf = torch.ones(mib * 2**20 // 4)  # written, so its pages are real
+    return buf.numel() * 4 / _seconds(lambda: buf.sum(), 5) / 1e9
+
+
+def streamed(n: int, k: int, dtype: torch.dtype, mib: int) -> dict:
+    count = max(2, mib * 2**20 // (n * k * dtype.itemsize))
+    gen = torch.Generator().manual_seed(n * k)
+    plain = [torch.randn(n, k, generator=gen).to(dtype) for _ in range(count)]
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    nbytes = count * n * k * dtype.itemsize
+    row = {"matrices": count, "plain_gbs": nbytes / _seconds(lambda: [F.linear(x, w) for w in plain], 3) / 1e9}
+    if onednn_packing_available(dtype):
+        packed = [_pack_matrix(w, True) for w in plain]
+        del plain
+        row["packed_gbs"] = nbytes / _seconds(lambda: [_packed_linear(x, w) for w in packed], 3) / 1e9
+    return row
+
+
+def per_call(n: int, dtype: torch.dtype) -> dict:
+    w = torch.randn(n, n).to(dtype)
+    x = torch.randn(1, n).to(dtype)
+    row = {"kib": n * n * dtype.itemsize // 1024,
+           "plain_us": _seconds(lambda: [F.linear(x, w) for _ in range(200)], 3) / 200 * 1e6}
+    if onednn_packing_available(dtype):
+        p = _pack_matrix(w, True)
+        row["packed_us"] = _seconds(lambda: [_packed_linear(x, p) for _ in range(200)], 3) / 200 * 1e6
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mib", type=int, default=768, help="weights walked per pass (above the caches)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out: dict = {"threads": args.threads, "read_gbs": read_bandwidth(args.mib), "streamed": {}, "per_call": {}}
+    with torch.inference_mode():
+        for dname, dtype in DTYPES.items():
+            for name, n, k in SHAPES:
+                out["streamed"][f"{dname} {name} [{n}x{k}]"] = streamed(n, k, dtype, args.mib)
+            for n in SMALL:
+                out["per_call"][f"{dname} {n}x{n}"] = per_call(n, dtype)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    bw = out["read_gbs"]
+    na = "n/a"
+    print(f"threads {args.threads}; read bandwidth (sum over {args.mib} MiB): {bw:.1f} GB/s")
+    print(f"\n{'weights streamed once per pass':40s} {'plain GB/s':>10s} {'packed GB/s':>11s} "
+          f"{'packed/bw':>9s} {'packed/plain':>12s}")
+    for name, r in out["streamed"].items():
+        p = r.get("packed_gbs")
+        cols = (f"{p:11.1f} {p / bw:9.2f} {p / r['plain_gbs']:12.2f}" if p is not None
+                else f"{na:>11s} {na:>9s} {na:>12s}")
+        print(f"{name:40s} {r['plain_gbs']:10.1f} {cols}")
+    print(f"\n{'one matrix in cache, per call':40s} {'KiB':>6s} {'plain us':>9s} {'packed us':>10s}")
+    for name, r in out["per_call"].items():
+        p = r.get("packed_us")
+        print(f"{name:40s} {r['kib']:6d} {r['plain_us']:9.1f} {f'{p:10.1f}' if p is not None else f'{na:>10s}'}")
+    print(f"\nengine.kernels.ONEDNN_FP32_MIN_BYTES = {ONEDNN_FP32_MIN_BYTES / 2**20:.0f} MiB "
+          "(fp32 matrices below it stay on the plain path; bf16 ones are packed where oneDNN supports bf16)")
+    missing = [d for d, t in DTYPES.items() if not onednn_packing_available(t)]
+    if missing:
+        print(f"n/a: this CPU / torch build has no oneDNN packing for {', '.join(missing)}; "
+              "the engine runs those weights through torch's plain path here")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
