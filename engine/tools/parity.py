@@ -396,6 +396,49 @@ def _frontend_runner() -> Callable[[Path], list] | None:
     return run_frontend_case
 
 
+def run_names_case(case_dir: Path) -> list[ParityRow]:
+    """A `names` case (no weights): the full-size thinker of each subfolder's real config, built by our
+    code on the meta device, must hold exactly upstream's state_dict entries with their shapes
+    (names.txt; the rotary `inv_freq` buffers of nonpersistent_buffers.txt are computed, not stored),
+    and the parameter totals of meta.json. Dtypes are not compared: upstream's are those of construction
+    under bf16 (meta.json says the released files may differ)."""
+    from engine.loader import checkpoint_entries
+    from engine.models.thinker.config import MingConfig
+    from engine.models.thinker.model import build_thinker
+
+    meta = json.loads((case_dir / "meta.json").read_text())
+    rows = []
+    for sub in meta.get("subfolders") or {}:
+        folder, case = case_dir / sub, f"{case_dir.name}/{sub}"
+        upstream = {}
+        for line in (folder / "names.txt").read_text().splitlines():
+            name, shape, _dtype = line.split("\t")
+            upstream[name] = tuple(json.loads(shape))
+        ours, have = {}, {}  # have: parameters (stored buffers left out, as upstream counts) per top-level prefix
+        for prefix, module in build_thinker(MingConfig.from_file(folder / "config.json"), "meta").items():
+            ours.update(checkpoint_entries(module, prefix=prefix))
+            for name, param in module.named_parameters(prefix=prefix):
+                top = name.split(".")[0]
+                have[top] = have.get(top, 0) + param.numel()
+        missing, extra = sorted(upstream.keys() - ours.keys()), sorted(ours.keys() - upstream.keys())
+        reshaped = sorted(n for n in upstream.keys() & ours.keys() if upstream[n] != ours[n])
+
+        def listed(names: list[str], what: str) -> str:
+            return f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" if names else ""
+
+        rows.append(ParityRow(case, f"names ({len(upstream)} entries)", float(len(missing) + len(extra)), "exact",
+                              not missing and not extra, "; ".join(filter(None, [listed(missing, "missing"),
+                                                                                   listed(extra, "not upstream's")]))))
+        rows.append(ParityRow(case, "shapes", float(len(reshaped)), "exact", not reshaped,
+                              listed([f"{n} {ours[n]} vs {upstream[n]}" for n in reshaped], "differ")))
+        want = meta["summary"][sub]["parameters_per_top_level_prefix"]
+        diff = sum(abs(have.get(k, 0) - v) for k, v in want.items()) + sum(v for k, v in have.items() if k not in want)
+        rows.append(ParityRow(case, f"parameters ({sum(want.values()):,})", float(diff), "exact", diff == 0))
+    if not rows:
+        rows.append(ParityRow(case_dir.name, "-", float("nan"), "-", False, "meta.json names no subfolders"))
+    return rows
+
+
 def run_case(case_dir: Path) -> list[ParityRow]:
     meta_path = case_dir / "meta.json"
     if not meta_path.is_file():
@@ -416,6 +459,8 @@ def run_case(case_dir: Path) -> list[ParityRow]:
     if kind == "imagegen":
         from engine.models.imagegen.parity import run_imagegen_case
         return run_imagegen_case(case_dir, DEVICE)
+    if kind == "names":
+        return run_names_case(case_dir)
     if kind == "frontend":
         runner = _frontend_runner()
         if runner is not None:

@@ -1,5 +1,8 @@
-"""Reference parity: every public case (llm, rope_index, mm, prompts, frontends, talker, audio_vae) through `engine.tools.parity`, plus its CLI."""
+"""Reference parity: every public case (llm, rope_index, mm, prompts, frontends, talker, audio_vae, imagegen,
+full_names) through `engine.tools.parity`, plus its CLI."""
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +14,8 @@ from tests.paths import REPO, fixture_case
 
 @pytest.mark.parametrize("case", ["llm_b1", "llm_b2", "rope_index", "mm", "prompts",
                                   "frontend_image", "frontend_audio", "frontend_video",
-                                  "talker", "audio_vae", "imagegen_cond", "imagegen_dit", "imagegen_byt5"])
+                                  "talker", "audio_vae", "imagegen_cond", "imagegen_dit", "imagegen_byt5",
+                                  "full_names"])
 def test_public_case_is_within_tolerance(case):
     rows = run_case(fixture_case(case))
     bad = [r for r in rows if not r.ok]
@@ -31,6 +35,27 @@ def test_public_case_is_within_tolerance(case):
         assert {f"{r}.{t}" for r in ("t2i", "edit", "t2i_dynamic") for t in ("step_dit_out", "image_uint8")} <= compared
     if case == "imagegen_byt5":
         assert {"t2i.byt5_mapper_out", "t2i_long.condition_embeds"} <= compared
+    if case == "full_names":
+        assert {r.case for r in rows} == {"full_names/v2", "full_names/preview"} and "shapes" in compared
+
+
+def test_a_names_case_names_what_differs(tmp_path):
+    """A checkpoint name our model does not have, and one shape off, fail the names case and are named."""
+    src = fixture_case("full_names")
+    case = tmp_path / "full_names"
+    shutil.copytree(src / "v2", case / "v2")
+    meta = json.loads((src / "meta.json").read_text())
+    meta["subfolders"] = {"v2": meta["subfolders"]["v2"]}
+    (case / "meta.json").write_text(json.dumps(meta))
+    lines = (case / "v2" / "names.txt").read_text().splitlines()
+    name, shape, dtype = lines[0].split("\t")
+    lines[0] = "\t".join([name + "_renamed", shape, dtype])
+    name1, shape1, dtype1 = lines[1].split("\t")
+    lines[1] = "\t".join([name1, json.dumps([d + 1 for d in json.loads(shape1)]), dtype1])
+    (case / "v2" / "names.txt").write_text("\n".join(lines) + "\n")
+    rows = {r.tensor.split(" ")[0]: r for r in run_case(case)}
+    assert not rows["names"].ok and name + "_renamed" in rows["names"].note and name in rows["names"].note
+    assert not rows["shapes"].ok and name1 in rows["shapes"].note
 
 
 def test_cli_exit_status(tmp_path):
