@@ -1,25 +1,19 @@
 """The studio in a real browser (Debian's chromium driven by Playwright): type a message, press
 Send, see the reply and its figures. Skips when /usr/bin/chromium or playwright is missing.
-Set STUDIO_SCREENSHOT=/some/path.png to keep a screenshot of the page."""
+The screenshot is kept in test-artifacts/ (tests/app/browser.py)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
+from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot
+
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 
-# Quiet and offline (see platform notes).
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-
-def test_type_send_and_see_the_reply(studio, tmp_path):
+def test_type_send_and_see_the_reply(studio):
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -40,12 +34,7 @@ def test_type_send_and_see_the_reply(studio, tmp_path):
             bot = history.locator("[data-testid='bot']")
             assert bot.count() >= 1 and bot.last.inner_text().strip(), "no assistant reply shown"
 
-            shot = tmp_path / "studio_chat.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-            keep = os.environ.get("STUDIO_SCREENSHOT")
-            if keep:
-                page.screenshot(path=keep, full_page=True)
+            assert keep_screenshot(page, "chat-desktop").stat().st_size > 10_000
         finally:
             browser.close()
 

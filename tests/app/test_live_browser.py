@@ -2,19 +2,18 @@
 our own test media, app/assets/fake_capture) in a small page of its own, relayed by the studio's
 proxy to a fake engine that answers with canned realtime events, and to a real engine server (the
 tiny engine) that hears the spoken question itself. Skips when /usr/bin/chromium or playwright is
-missing. Screenshots go to the test's tmp dir, and with LIVE_SCREENSHOT=/some/dir there too."""
+missing. Screenshots are kept in test-artifacts/ (tests/app/browser.py)."""
 
 from __future__ import annotations
 
-import os
 import re
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
+from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot
 from tests.app.fake_engine import REPLY, FakeEngine
-from tests.app.test_browser import CHROMIUM, CHROMIUM_ARGS, sync_api
+from tests.app.test_browser import sync_api
 from tests.paths import REPO
 
 CAPTURE = REPO / "app/assets/fake_capture"
@@ -62,18 +61,6 @@ def browser():
             b.close()
 
 
-def keep_screenshot(page, name: str, tmp: Path | None = None) -> list[Path]:
-    folders = [tmp] if tmp is not None else []
-    if os.environ.get("LIVE_SCREENSHOT"):
-        folders.append(Path(os.environ["LIVE_SCREENSHOT"]))
-    paths = []
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-        paths.append(folder / name)
-        page.screenshot(path=str(paths[-1]), full_page=True)
-    return paths
-
-
 def test_hands_free_the_tab_hears_a_question_sends_frames_and_shows_the_spoken_reply(live_page, browser):
     url, engine = live_page
     page = browser
@@ -86,7 +73,7 @@ def test_hands_free_the_tab_hears_a_question_sends_frames_and_shows_the_spoken_r
     sync_api.expect(latency).to_contain_text("ms · → first audio")
     sync_api.expect(latency).not_to_contain_text("audio …")
     assert page.locator('#live [data-role="error"]').is_hidden()
-    keep_screenshot(page, "live_hands_free_phone.png")
+    keep_screenshot(page, "live-hands-free-phone")
 
     update = next(e for e in engine.got.events if e["type"] == "session.update")["session"]
     turns = update["audio"]["input"]["turn_detection"]  # where the GA protocol puts it
@@ -145,7 +132,7 @@ def test_barge_in_from_the_server_stops_the_speech_at_once_and_ignores_stale_aud
         state = page.evaluate("[...document.querySelectorAll('#live *')].find(e => e.liveState).liveState()")
         assert state["playing"] == 0, "stale audio after the barge-in was played"
         assert reply.inner_text().startswith("I see a") and "table" not in reply.inner_text()
-        keep_screenshot(page, "live_barge_in_phone.png")
+        keep_screenshot(page, "live-barge-in-phone")
         page.locator('#live [data-role="stop"]').click()
     finally:
         engine.barge_in_after = None
@@ -199,7 +186,7 @@ def live_page_real_engine(tiny_engine):
 
 
 def test_hands_free_against_the_real_engine_hears_the_question_sees_frames_and_replies(live_page_real_engine,
-                                                                                      browser, tmp_path):
+                                                                                      browser):
     """The fake microphone plays our spoken question (1 s silence, the question, 3 s silence, looped):
     the engine's own turn detection hears it, commits it with the camera frames, and the page
     shows the user's turn and the model's reply as it streams."""
@@ -226,11 +213,11 @@ def test_hands_free_against_the_real_engine_hears_the_question_sees_frames_and_r
     assert [p["type"] for p in user_item.public] == ["input_video", "input_audio"]
     speech_s = user_item.public[1]["seconds"]
     assert 1.5 <= speech_s <= 3.5, speech_s  # the 1.6 s question with its padding, not the silence around it
-    shots = keep_screenshot(page, "live_real_engine_phone.png", tmp_path)
-    assert shots[0].stat().st_size > 10_000
+    shot = keep_screenshot(page, "live-real-engine-phone")
+    assert shot.stat().st_size > 10_000
     text = reply.inner_text()
     page.locator('#live [data-role="stop"]').click()
     wait_for(lambda: sid not in srv.ctx.sessions.open)
     wait_for(lambda: srv.ctx.scheduler.running == 0 and srv.ctx.scheduler.waiting == 0)
     print(f"\n[live tab, real engine] user turn: {user_item.public}; reply shown: {text!r}; "
-          f"{latency.inner_text()}; screenshots: {', '.join(map(str, shots))}")
+          f"{latency.inner_text()}; screenshot: {shot}")

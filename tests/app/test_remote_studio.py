@@ -17,12 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot
 from tests.paths import REPO
 
 LAUNCH = REPO / "launch.py"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "remote-test-token"
 
 
@@ -109,7 +107,7 @@ def cache(tiny_checkpoint) -> Path:
     return tiny_checkpoint.parent
 
 
-def test_ui_only_studio_streams_a_chat_in_a_browser_without_torch(cache, tmp_path):
+def test_ui_only_studio_streams_a_chat_in_a_browser_without_torch(cache):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is not installed")
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -131,10 +129,7 @@ def test_ui_only_studio_streams_a_chat_in_a_browser_without_torch(cache, tmp_pat
                 sync_api.expect(page.locator("#chat-figures")).to_contain_text("finish reason", timeout=60_000)
                 bot = page.locator("#chat-history [data-testid='bot']")
                 assert bot.count() >= 1 and bot.last.inner_text().strip()
-                page.screenshot(path=str(tmp_path / "remote_studio_chat.png"), full_page=True)
-                keep = os.environ.get("STUDIO_SCREENSHOT_DIR")
-                if keep:
-                    page.screenshot(path=str(Path(keep) / "remote_studio_chat.png"), full_page=True)
+                keep_screenshot(page, "remote-studio-chat-desktop")
             finally:
                 browser.close()
         rss, torch_loaded = process_memory(ui.proc.pid)

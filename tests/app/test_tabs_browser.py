@@ -5,15 +5,12 @@ width. Screenshots are kept in $STUDIO_ARTIFACTS (default: test-artifacts/ in th
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-from tests.app.test_browser import CHROMIUM, CHROMIUM_ARGS, sync_api
+from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot
+from tests.app.test_browser import sync_api
 from tests.paths import REPO
 
-ARTIFACTS = Path(os.environ.get("STUDIO_ARTIFACTS") or REPO / "test-artifacts")
 ASSETS = REPO / "app" / "assets"
 MEDIA_ARGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
               f"--use-file-for-fake-audio-capture={ASSETS / 'fake_capture' / 'mic.wav'}"]
@@ -40,13 +37,6 @@ def open_tab(browser, studio, name: str, viewport: dict):
     return page
 
 
-def keep(page, name: str) -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    return path
-
-
 @pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
 def test_speech_tab_transcribes_an_uploaded_clip(browser, studio, viewport):
     page = open_tab(browser, studio, "Speech", viewport)
@@ -54,7 +44,7 @@ def test_speech_tab_transcribes_an_uploaded_clip(browser, studio, viewport):
     page.locator("#speech-go").click()
     sync_api.expect(page.locator("#speech-figures")).to_contain_text("finish reason", timeout=60_000)
     assert page.locator("#speech-transcript textarea").input_value().strip()
-    assert keep(page, f"speech-{'phone' if viewport is PHONE else 'desktop'}").stat().st_size > 10_000
+    assert keep_screenshot(page, f"speech-{'phone' if viewport is PHONE else 'desktop'}").stat().st_size > 10_000
     page.context.close()
 
 
@@ -65,7 +55,7 @@ def test_voice_tab_speaks_and_offers_the_wav(browser, studio, viewport):
     page.locator("#voice-go").click()
     sync_api.expect(page.locator("#voice-figures")).to_contain_text("real-time factor", timeout=60_000)
     sync_api.expect(page.locator("#voice-wav")).to_contain_text(".wav", timeout=30_000)
-    keep(page, f"voice-{'phone' if viewport is PHONE else 'desktop'}")
+    keep_screenshot(page, f"voice-{'phone' if viewport is PHONE else 'desktop'}")
     page.context.close()
 
 
@@ -77,7 +67,7 @@ def test_image_tab_generates_then_segments(browser, studio):
     page.locator("#image-go").click()
     sync_api.expect(page.locator("#image-figures")).to_contain_text("seed 7", timeout=60_000)
     sync_api.expect(page.locator("#image-gallery img").first).to_be_visible(timeout=30_000)
-    keep(page, "image-generate-desktop")
+    keep_screenshot(page, "image-generate-desktop")
 
     page.get_by_role("radio", name="Segment").check()
     page.locator("#image-refs input[type=file]").set_input_files(str(ASSETS / "images" / "cup.png"))
@@ -86,7 +76,7 @@ def test_image_tab_generates_then_segments(browser, studio):
     sync_api.expect(page.locator("#image-figures")).to_contain_text("finish reason", timeout=60_000)
     sync_api.expect(page.locator("#image-mask img")).to_be_visible(timeout=30_000)
     sync_api.expect(page.locator("#image-files")).to_contain_text("overlay", timeout=30_000)
-    keep(page, "image-segment-desktop")
+    keep_screenshot(page, "image-segment-desktop")
     page.context.close()
 
 
@@ -98,5 +88,5 @@ def test_chat_tab_on_a_phone(browser, studio):
     sync_api.expect(page.locator("#chat-figures")).to_contain_text("finish reason", timeout=60_000)
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= PHONE["width"] + 1, f"the page scrolls sideways on a phone ({width} px wide)"
-    keep(page, "chat-phone")
+    keep_screenshot(page, "chat-phone")
     page.context.close()
