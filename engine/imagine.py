@@ -46,7 +46,7 @@ from engine.models.imagegen.diffusion import (caption_features, check_latent_gri
                                               steps_for_preview)
 from engine.models.imagegen.glyph import glyph_text_from_prompt
 from engine.models.imagegen.preview import preview_png, preview_size
-from engine.models.imagegen.segmentation import (DEFAULT_MASK_COLOR, EMPTY_MASK_NOTE, overlay, preset_prompt,
+from engine.models.imagegen.segmentation import (DEFAULT_MASK_COLOR, mask_note, overlay, preset_prompt,
                                                  recover_mask, segmentation_prompt)
 
 TASKS = ("generate", "edit", "segment")
@@ -279,7 +279,7 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
         mask_png = _png((mask * 255).astype(np.uint8))
         overlay_png = _png(overlay(ref_out, mask, request.mask_color))
         result["mask_pixels"] = int(mask.sum())
-        note = EMPTY_MASK_NOTE if not mask.any() else ""
+        note = mask_note(mask)
     stats.images = 1
     stats.total_s = time.perf_counter() - t_start
     yield ImageDone(image=_png(out), width=w, height=h, seed=seed, mask=mask_png, overlay=overlay_png, note=note)

@@ -12,7 +12,9 @@ and the output, as the SDK does:
 4. threshold > 0.15;
 5. median filter, kernel 11.
 
-An empty mask means the model painted nothing: the target was not found, and the result says so.
+An empty mask means the model painted nothing: the target was not found, and the result says so. A
+mask over (nearly) the whole picture means the model repainted everything instead of marking a region
+(what random demo weights do): no region was found either, and the result says that too.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ MASK_THRESHOLD = 0.15
 MEDIAN_KERNEL = 11
 OVERLAY_ALPHA = 0.5
 EMPTY_MASK_NOTE = "the mask is empty: the target was not found in the picture"
+FULL_MASK_FRACTION = 0.98  # a mask covering at least this share of the picture marks no region
+FULL_MASK_NOTE = ("the mask covers the whole picture: the model repainted all of it instead of marking the "
+                  "target, so no region was found")
 # Edit presets: prompt templates around the user's text (our product wording, not upstream's).
 EDIT_PRESETS = {
     "replace_background": "Replace the background with {text}. Keep the main subject unchanged.",
@@ -72,6 +77,15 @@ def recover_mask(reference: np.ndarray, output: np.ndarray) -> np.ndarray:
     score = _blur(d).mean(axis=2)
     mask = (score > MASK_THRESHOLD).astype(np.uint8) * 255
     return cv2.medianBlur(mask, MEDIAN_KERNEL) > 0
+
+
+def mask_note(mask: np.ndarray) -> str:
+    """What to tell the user about a recovered mask that marks no region ("" when it marks one)."""
+    if not mask.any():
+        return EMPTY_MASK_NOTE
+    if mask.mean() >= FULL_MASK_FRACTION:
+        return FULL_MASK_NOTE
+    return ""
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color: str = DEFAULT_MASK_COLOR,

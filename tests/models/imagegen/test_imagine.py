@@ -71,7 +71,7 @@ def test_segmentation_returns_mask_and_overlay(tiny_engine):
     assert mask.shape == (image.height, image.width) and set(np.unique(mask)) <= {0, 255}
     assert over.size == (image.width, image.height)
     assert done.result["mask_pixels"] == int((mask > 0).sum())
-    assert (image.note == "") == bool(mask.any())
+    assert (image.note == "") == (0 < (mask > 0).mean() < 0.98)
 
 
 def test_cancel_between_steps(tiny_engine):

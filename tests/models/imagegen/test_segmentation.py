@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from engine.models.imagegen.config import ImageGenError
-from engine.models.imagegen.segmentation import (overlay, preset_prompt, recover_mask, segmentation_prompt)
+from engine.models.imagegen.segmentation import (EMPTY_MASK_NOTE, FULL_MASK_NOTE, mask_note, overlay, preset_prompt,
+                                                 recover_mask, segmentation_prompt)
 
 
 def _scene(seed=0):
@@ -35,7 +36,16 @@ def test_mask_of_a_half_blend_matches_the_painted_region():
 
 def test_unchanged_output_gives_an_empty_mask():
     image, _ = _scene(1)
-    assert not recover_mask(image, image.copy()).any()
+    mask = recover_mask(image, image.copy())
+    assert not mask.any() and mask_note(mask) == EMPTY_MASK_NOTE
+
+
+def test_a_repainted_picture_marks_no_region_and_says_so():
+    image, target = _scene(2)
+    repainted = ((image.astype(np.int16) + 128) % 256).astype(np.uint8)  # every pixel changed, as random weights do
+    mask = recover_mask(image, repainted)
+    assert mask.all() and mask_note(mask) == FULL_MASK_NOTE
+    assert mask_note(recover_mask(image, overlay(image, target, "green"))) == ""  # a real region: nothing to say
 
 
 def test_presets_wrap_the_text():
