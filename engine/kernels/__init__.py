@@ -6,9 +6,9 @@ tensors, the torch reference on CPU or when forced (``impl="torch"`` or the env 
 """
 
 from .dispatch import FORCE_REFERENCE_ENV, Impl
-from .moe import (PackedExperts, PackedLinear, QuantizedCpuExperts, moe_experts, moe_experts_dequant_reference,
-                  moe_experts_packed, moe_experts_reference, onednn_packing_available, onednn_packing_pays,
-                  pack_linears)
+from .moe import (PackedExperts, PackedLinear, QuantizedCpuExperts, cpu_linear, emulates_bf16, moe_experts,
+                  moe_experts_dequant_reference, moe_experts_packed, moe_experts_reference, onednn_packing_available,
+                  onednn_packing_pays, pack_linears)
 from .rmsnorm import rms_norm, rms_norm_reference
 from .rotary import apply_rotary, apply_rotary_reference
 
@@ -18,6 +18,8 @@ __all__ = [
     "PackedExperts",
     "PackedLinear",
     "QuantizedCpuExperts",
+    "cpu_linear",
+    "emulates_bf16",
     "moe_experts_dequant_reference",
     "pack_linears",
     "apply_rotary",

@@ -356,3 +356,27 @@ def test_triton_shared_expert_in_the_same_pass(tokens, dtype):
     assert torch.equal(moe_experts(x, *w, ids, weights, shared=shared, impl="torch"), want)
     with pytest.raises(ValueError, match="shared"):
         moe_experts_triton(x, *w, ids, weights, shared=(shared[0], shared[1], shared[0]))
+
+
+def test_cpu_linear_upcasts_emulated_bf16_gemms_of_many_rows(monkeypatch) -> None:
+    """On a CPU without native bf16, a bf16 GEMM of BF16_UPCAST_MIN_ROWS rows or more runs in fp32 (torch
+    emulates bf16 matmuls there, several times slower); a decode GEMV (one row) stays in bf16. Either way
+    the result is bf16 and matches an fp64 product up to bf16 rounding."""
+    import engine.kernels.moe as moe
+
+    real = moe.onednn_packing_available
+    monkeypatch.setattr(moe, "onednn_packing_available", lambda dtype: dtype != torch.bfloat16 and real(dtype))
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 64, generator=gen).bfloat16()
+    seen = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, weight, *a: seen.append(weight.dtype) or linear(x, weight, *a))
+    for rows, computed_in in ((1, torch.bfloat16), (moe.BF16_UPCAST_MIN_ROWS - 1, torch.bfloat16),
+                              (moe.BF16_UPCAST_MIN_ROWS, torch.float32), (100, torch.float32)):
+        x = torch.randn(rows, 64, generator=gen).bfloat16()
+        seen.clear()
+        y = moe.cpu_linear(x, w)
+        assert seen == [computed_in] and y.dtype == torch.bfloat16
+        want = x.double() @ w.double().T
+        assert float((y.double() - want).abs().max()) <= 2 ** -7 * float(want.abs().max())
+    assert moe.emulates_bf16(w) and not moe.emulates_bf16(w.float())

@@ -201,10 +201,12 @@ def pack_for_cpu(llm: BailingMoeV2ForCausalLM) -> bool:
     it pays: bf16 always, fp32 from kernels.ONEDNN_FP32_MIN_BYTES per matrix, so the tiny model keeps
     torch's plain path); True when anything was packed. oneDNN's pre-packed GEMV/GEMM reads large
     weights 1.2-3x faster than the plain path on the CPUs measured (bench/vs_llamacpp.py); its sums
-    are ordered differently, so results agree with the unpacked model within fp rounding, not bit for bit."""
+    are ordered differently, so results agree with the unpacked model within fp rounding, not bit for bit.
+    On a CPU without native bf16 (no packing), bf16 projections are wrapped all the same, so that their
+    prefill GEMMs run in fp32 (kernels.cpu_linear; the experts' do through kernels.swiglu)."""
     params = next(llm.parameters())
     if params.device.type != "cpu" or params.dtype not in (torch.float32, torch.bfloat16) or \
-            not kernels.onednn_packing_available(params.dtype):
+            not (kernels.onednn_packing_available(params.dtype) or kernels.emulates_bf16(params)):
         return False
     packed = 0
     for bank in _expert_banks(llm).values():  # one layer at a time: the stacked copy is freed as we go

@@ -154,6 +154,42 @@ def test_cpu_packed_weights_match_the_plain_path(tiny_checkpoint, dtype, monkeyp
         assert torch.nn.functional.cosine_similarity(c.flatten(), d.flatten(), dim=0) > 0.999
 
 
+def test_bf16_on_a_cpu_without_native_bf16_runs_prefill_gemms_in_fp32(tiny_checkpoint, monkeypatch):
+    """Where bf16 matmuls are emulated (AVX2-only CPUs; forced here), the bf16 load wraps the projections
+    so a prefill of many tokens computes them in fp32 (kernels.cpu_linear), the experts too (kernels.swiglu);
+    a decode step stays in bf16; the logits agree with those of plain nn.Linear projections up to bf16 rounding."""
+    from engine import kernels
+    from engine.kernels import PackedLinear
+
+    real = kernels.moe.onednn_packing_available
+    monkeypatch.setattr(kernels.moe, "onednn_packing_available", lambda dt: dt != torch.bfloat16 and real(dt))
+    monkeypatch.setattr(kernels, "onednn_packing_available", kernels.moe.onednn_packing_available)
+    wrapped = load_model(tiny_checkpoint, dtype="bf16", device="cpu")
+    plain = load_model(tiny_checkpoint, dtype="bf16", device="cpu", pack_cpu_experts=False)
+    assert isinstance(wrapped.llm.lm_head, PackedLinear) and not wrapped.llm.lm_head.packed.is_mkldnn
+    assert type(plain.llm.lm_head) is torch.nn.Linear
+    ids = torch.arange(10, 10 + 2 * kernels.moe.BF16_UPCAST_MIN_ROWS).unsqueeze(0)
+    with torch.inference_mode():
+        pos, delta = _positions(plain.llm, ids)
+        a = plain.llm(plain.llm.model.embed(ids), pos, plain.numerics).float()
+        cache = wrapped.llm.new_cache(1, wrapped.numerics, "cpu")
+        computed_in = []
+        linear = torch.nn.functional.linear
+        monkeypatch.setattr(torch.nn.functional, "linear",
+                            lambda x, w, *args: computed_in.append((w.dtype, x.numel() // x.shape[-1], w.shape[0]))
+                            or linear(x, w, *args))
+        b = wrapped.llm(wrapped.llm.model.embed(ids), pos, wrapped.numerics, cache=cache).float()
+        prefill, computed_in[:] = set(computed_in), []
+        wrapped.llm(wrapped.llm.model.embed(torch.tensor([[70]])), decode_positions(cache.length, delta),
+                    wrapped.numerics, cache=cache)
+    rows, experts = kernels.moe.BF16_UPCAST_MIN_ROWS, wrapped.config.llm.num_experts
+    assert any(dtype == torch.float32 and n == ids.shape[1] for dtype, n, _ in prefill)  # projections, whole prompt
+    # in bf16 only expert blocks of few tokens and the router (bf16 logits: the reference's numerics)
+    assert all(n < rows or out == experts for dtype, n, out in prefill if dtype == torch.bfloat16)
+    assert {dtype for dtype, _, _ in computed_in} == {torch.bfloat16}  # a decode step's GEMVs stay bf16
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
 def test_moe_block_folds_the_shared_expert_into_the_fused_kernel(tiny_checkpoint, monkeypatch):
     """Where the routed experts run the Triton kernel (here forced, under the interpreter), the shared
     expert is computed in the same pass; the block's output stays that of the two-step reference."""
