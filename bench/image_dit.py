@@ -10,7 +10,9 @@ and the 30 + 2 model is extrapolated linearly:
     t(30, 2) = t(rest) + 30·t(main layer) + 2·[t(noise refiner) + t(context refiner)]
 (every main layer sees the same 512-token sequence, every refiner its own stream, so block costs are
 additive). Fastest of `--runs` steps after a warm-up step (the machine is shared: the minimum is the
-least disturbed figure). bf16 by default (the CPU's fastest GEMMs; the real checkpoint is bf16).
+least disturbed figure). bf16 by default where the CPU computes bf16 natively (avx512_bf16 / AMX, as
+oneDNN reports it; the real checkpoint is bf16), fp32 elsewhere: an AVX2-only CPU emulates bf16
+matmuls ~50x slower than fp32 ones (the engine runs the image generator in fp32 on the CPU).
 
 GPU (`--device cuda`): the full 30-layer model in bf16 (`--full`, default on CUDA), eager, and with
 `--compile` diffusers' regional torch.compile of the repeated blocks; synchronised timings, plus the
@@ -28,6 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.kernels import onednn_packing_available  # noqa: E402
 
 # The public Z-Image configuration (spec §8.5 table).
 REAL = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
@@ -91,15 +95,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, default=256, help="image side in pixels (latent side = size/8)")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
+                    help="default: bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--full", action="store_true", help="time the whole 30-layer model (default on CUDA)")
     ap.add_argument("--compile", action="store_true", help="CUDA: also time diffusers' regional torch.compile")
     ap.add_argument("--steps", type=int, default=30, help="steps per image for the per-image estimate")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     cuda = args.device.startswith("cuda")
+    if args.dtype is None:
+        args.dtype = "bf16" if cuda or onednn_packing_available(torch.bfloat16) else "fp32"
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if cuda and not torch.cuda.is_available():
         print("CUDA is not available here: run the CPU variant (no --device) instead", file=sys.stderr)
         return 2
