@@ -44,6 +44,7 @@ def test_speech_tab_transcribes_an_uploaded_clip(browser, studio, viewport):
     page.locator("#speech-go").click()
     sync_api.expect(page.locator("#speech-figures")).to_contain_text("finish reason", timeout=60_000)
     assert page.locator("#speech-transcript textarea").input_value().strip()
+    print(f"\n[Speech tab, {viewport['width']} px] {page.locator('#speech-figures').inner_text()}")
     assert keep_screenshot(page, f"speech-{'phone' if viewport is PHONE else 'desktop'}").stat().st_size > 10_000
     page.context.close()
 
@@ -55,6 +56,7 @@ def test_voice_tab_speaks_and_offers_the_wav(browser, studio, viewport):
     page.locator("#voice-go").click()
     sync_api.expect(page.locator("#voice-figures")).to_contain_text("real-time factor", timeout=60_000)
     sync_api.expect(page.locator("#voice-wav")).to_contain_text(".wav", timeout=30_000)
+    print(f"\n[Voice tab, {viewport['width']} px] {page.locator('#voice-figures').inner_text()}")
     keep_screenshot(page, f"voice-{'phone' if viewport is PHONE else 'desktop'}")
     page.context.close()
 
@@ -62,10 +64,12 @@ def test_voice_tab_speaks_and_offers_the_wav(browser, studio, viewport):
 def test_image_tab_generates_then_segments(browser, studio):
     page = open_tab(browser, studio, "Image", DESKTOP)
     page.locator("#image-prompt textarea").fill('A red cup on a table, a sign saying "OPEN"')
-    page.get_by_label("Steps").first.fill("4")
+    page.get_by_label("Steps").first.fill("8")  # a preview at step 5 (the default: every 5 steps)
     page.locator("#image-seed input").fill("7")
     page.locator("#image-go").click()
     sync_api.expect(page.locator("#image-figures")).to_contain_text("seed 7", timeout=60_000)
+    sync_api.expect(page.locator("#image-figures")).to_contain_text("time to first preview")
+    print(f"\n[Image tab, generate] {page.locator('#image-figures').inner_text()}")
     sync_api.expect(page.locator("#image-gallery img").first).to_be_visible(timeout=30_000)
     keep_screenshot(page, "image-generate-desktop")
 
@@ -76,6 +80,7 @@ def test_image_tab_generates_then_segments(browser, studio):
     sync_api.expect(page.locator("#image-figures")).to_contain_text("finish reason", timeout=60_000)
     sync_api.expect(page.locator("#image-mask img")).to_be_visible(timeout=30_000)
     sync_api.expect(page.locator("#image-files")).to_contain_text("overlay", timeout=30_000)
+    print(f"\n[Image tab, segment] {page.locator('#image-figures').inner_text()}")
     keep_screenshot(page, "image-segment-desktop")
     page.context.close()
 
@@ -88,5 +93,6 @@ def test_chat_tab_on_a_phone(browser, studio):
     sync_api.expect(page.locator("#chat-figures")).to_contain_text("finish reason", timeout=60_000)
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= PHONE["width"] + 1, f"the page scrolls sideways on a phone ({width} px wide)"
+    print(f"\n[Chat tab, phone] {page.locator('#chat-figures').inner_text()}")
     keep_screenshot(page, "chat-phone")
     page.context.close()
