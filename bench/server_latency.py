@@ -13,8 +13,12 @@ on the tiny model (or --model).
      session_respond  RealtimeClient.respond() on an open session (the Live tab's path);
      studio           the studio's Chat (a UI-only `launch.py --engine` in its own process) driven by
                       gradio_client: from submitting the turn to the first streamed assistant text,
-                      i.e. UI -> client -> server -> engine and back through Gradio's own stream.
-   The overhead of each path is its median minus in-process (goal: <= 10 ms).
+                      i.e. UI -> client -> server -> engine and back through Gradio's own stream;
+     gradio_floor     for scale, Gradio's own cost: a minimal Gradio app (its own process, no engine)
+                      whose streaming handler yields at once, driven the same way (time to its first
+                      streamed output).
+   The overhead of each path is its median minus in-process (goal: <= 10 ms); for the studio, what
+   it adds beyond Gradio's floor and the engine is studio - gradio_floor - in_process.
 2. Throughput: tokens/s summed over 1, 8 and 32 concurrent AsyncEngineClient.chat calls (the engine
    runs one generation at a time, so this shows the queue's cost, not batching), with the mean time
    to first token the clients saw and the mean queue wait the server reported.
@@ -130,16 +134,52 @@ def start_studio(engine_port: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--engine", f"ws://127.0.0.1:{engine_port}",
                              "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
+    return proc, wait_for_page(proc, f"http://127.0.0.1:{port}/", "the studio")
+
+
+def wait_for_page(proc: subprocess.Popen, url: str, what: str) -> str:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
             if httpx.get(url + "config", timeout=1).status_code == 200:
-                return proc, url
+                return url
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("the studio did not start")
+    raise RuntimeError(f"{what} did not start")
+
+
+GRADIO_FLOOR_APP = """
+import sys
+import gradio as gr
+
+def echo(text):
+    yield text
+
+with gr.Blocks() as demo:
+    box, out = gr.Textbox(), gr.Textbox()
+    box.submit(echo, box, out, api_name="echo")
+demo.queue().launch(server_name="127.0.0.1", server_port=int(sys.argv[1]), quiet=True)
+"""
+
+
+def start_gradio_floor() -> tuple[subprocess.Popen, str]:
+    """A minimal Gradio app (one streaming handler that yields at once) on a free port; (process, URL)."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "-c", GRADIO_FLOOR_APP, str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, wait_for_page(proc, f"http://127.0.0.1:{port}/", "the minimal Gradio app")
+
+
+def ttft_gradio_floor(app) -> float:
+    t0 = time.perf_counter()
+    job = app.submit("hello", api_name="/echo")
+    while not job.outputs() and not job.done():
+        time.sleep(0.0005)
+    first = time.perf_counter() - t0
+    job.result(timeout=60)
+    return first
 
 
 def ttft_studio(studio, tokens: int) -> float:
@@ -215,8 +255,9 @@ def main() -> int:
     proc = start_server(args.model, port, args.threads)
     out: dict = {"model": engine.info().name, "device": engine.info().device, "runs": args.runs,
                  "tokens": args.tokens, "threads": args.threads}
-    paths = ("in_process", "client_realtime", "client_connect", "client_http", "session_respond", "studio")
-    studio_proc = None
+    paths = ("in_process", "client_realtime", "client_connect", "client_http", "session_respond", "studio",
+             "gradio_floor")
+    studio_proc = floor_proc = None
     try:
         url = f"ws://127.0.0.1:{port}"
         tt: dict[str, list[float]] = {k: [] for k in paths}
@@ -224,6 +265,8 @@ def main() -> int:
 
         studio_proc, studio_url = start_studio(port)
         studio = Client(studio_url, verbose=False)
+        floor_proc, floor_url = start_gradio_floor()
+        floor = Client(floor_url, verbose=False)
         with EngineClient(url) as client, RealtimeClient(url) as rt:
             rt.add_message("user", PROMPT)
             measure = {"in_process": lambda: ttft_in_process(engine, args.tokens),
@@ -231,7 +274,8 @@ def main() -> int:
                        "client_connect": lambda: ttft_fresh_client(url, args.tokens),
                        "client_http": lambda: ttft_client(client, args.tokens, "http"),
                        "session_respond": lambda: ttft_session(rt, args.tokens),
-                       "studio": lambda: ttft_studio(studio, args.tokens)}
+                       "studio": lambda: ttft_studio(studio, args.tokens),
+                       "gradio_floor": lambda: ttft_gradio_floor(floor)}
             for _ in range(2):  # warm-up
                 for k in paths:
                     measure[k]()
@@ -240,11 +284,12 @@ def main() -> int:
                     tt[k].append(measure[k]())
         med = {k: 1000 * statistics.median(v) for k, v in tt.items()}
         out["ttft_ms"] = {k: round(v, 2) for k, v in med.items()}
-        out["overhead_ms"] = {k: round(med[k] - med["in_process"], 2) for k in paths[1:]}
+        out["overhead_ms"] = {k: round(med[k] - med["in_process"], 2) for k in paths[1:-1]}
+        out["studio_beyond_gradio_ms"] = round(med["studio"] - med["gradio_floor"] - med["in_process"], 2)
         out["throughput"] = [asyncio.run(load(url, n, max(1, 8 // n), args.tokens))
                              for n in (int(x) for x in args.clients.split(","))]
     finally:
-        for p_ in (studio_proc, proc):
+        for p_ in (floor_proc, studio_proc, proc):
             if p_ is not None:
                 p_.terminate()
                 p_.wait(10)
@@ -257,8 +302,10 @@ def main() -> int:
     print()
     print(f"{'time to first token':<22}{'ms':>10}{'overhead ms':>14}")
     for k in paths:
-        over = "" if k == "in_process" else f"{out['overhead_ms'][k]:.2f}"
+        over = f"{out['overhead_ms'][k]:.2f}" if k in out["overhead_ms"] else ""
         print(f"{k:<22}{out['ttft_ms'][k]:>10.2f}{over:>14}")
+    print(f"the studio beyond Gradio's floor and the engine (studio - gradio_floor - in_process): "
+          f"{out['studio_beyond_gradio_ms']:.2f} ms")
     print()
     print(f"{'clients':>8}{'requests':>10}{'tokens':>8}{'wall s':>9}{'tokens/s':>10}{'mean ttft ms':>14}"
           f"{'mean queue ms':>15}")
