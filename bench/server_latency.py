@@ -190,7 +190,7 @@ def ttft_studio(studio, tokens: int) -> float:
     first = None
     while first is None and not job.done():
         for out in job.outputs():
-            last = out[0][-1] if out and out[0] else None
+            last = out[0][-1] if out and isinstance(out[0], list) and out[0] else None  # skipped: an update dict
             if last and last.get("role") == "assistant" and any(p.get("text") for p in last.get("content") or []):
                 first = time.perf_counter() - t0
                 break

@@ -196,7 +196,7 @@ class ChatController:
                 thinking=bool(thinking), modalities=modalities, voice=voice or None, cancel=cancel)
             for event in stream:
                 if isinstance(event, QueuePosition):
-                    yield history, gr.update(), queue_line(event), gr.skip()
+                    yield gr.skip(), gr.skip(), queue_line(event), gr.skip()  # the history is unchanged: not sent again
                 elif isinstance(event, TextDelta):
                     reply += event.text
                     yield history + [{"role": "assistant", "content": reply}], gr.update(), GENERATING, gr.skip()
