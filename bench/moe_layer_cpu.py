@@ -289,7 +289,10 @@ def build_quantized(source: WeightSource, shape: LayerShape, kind: str) -> tuple
 
 
 KT_M_STEP = 64  # kt-kernel's buffers take token counts in multiples of its row tile
-KT_METHODS = {"kt-bf16": ("AMXBF16_MOE", 2.0), "kt-int8": ("AMXInt8_MOE", 1.0), "kt-int4": ("AMXInt4_MOE", 0.5)}
+# kt-kernel's class per path, first one its build has (AMX / AVX-512 builds, then its AVX2 build, which has
+# bf16, fp8 and raw int4 but no int8)
+KT_METHODS = {"kt-bf16": (("AMXBF16_MOE", "AVX2BF16_MOE"), 2.0), "kt-int8": (("AMXInt8_MOE",), 1.0),
+              "kt-int4": (("AMXInt4_MOE", "AVX2RawInt4_MOE"), 0.5)}
 
 
 def build_kt(source: WeightSource, shape: LayerShape, path: str, threads: int, max_tokens: int) -> tuple[LayerCall, int, str]:
@@ -300,7 +303,10 @@ def build_kt(source: WeightSource, shape: LayerShape, path: str, threads: int, m
     from kt_kernel import kt_kernel_ext as kt_ext
     import kt_kernel_ext.moe as kt_moe
 
-    method, bytes_per_weight = KT_METHODS[path]
+    candidates, bytes_per_weight = KT_METHODS[path]
+    method = next((name for name in candidates if hasattr(kt_moe, name)), None)
+    if method is None:
+        raise RuntimeError(f"this kt-kernel build ({kt_kernel.__file__}) has none of {', '.join(candidates)}")
     g, u, d = stacked_experts(source, shape, torch.bfloat16)
     pool_cfg = kt_ext.WorkerPoolConfig()
     pool_cfg.subpool_count, pool_cfg.subpool_numa_map, pool_cfg.subpool_thread_count = 1, [0], [threads]

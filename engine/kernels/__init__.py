@@ -2,13 +2,14 @@
 
 Every public function dispatches (see :mod:`engine.kernels.dispatch`): Triton kernels for CUDA
 tensors, the torch reference on CPU or when forced (``impl="torch"`` or the env var
-``MING_KERNELS_FORCE_REFERENCE=1``). The Triton modules are imported lazily on first use.
+``MING_KERNELS_FORCE_REFERENCE=1``). The Triton modules are imported lazily on first use. On the CPU,
+decode GEMVs and one token's routed experts run native kernels where they build (:mod:`.native`).
 """
 
 from .dispatch import FORCE_REFERENCE_ENV, Impl
 from .moe import (PackedExperts, PackedLinear, QuantizedCpuExperts, cpu_linear, emulates_bf16, moe_experts,
-                  moe_experts_dequant_reference, moe_experts_packed, moe_experts_reference, onednn_packing_available,
-                  onednn_packing_pays, pack_linears)
+                  moe_experts_dequant_reference, moe_experts_packed, moe_experts_reference, native_decode_applies,
+                  onednn_packing_available, onednn_packing_pays, pack_linears)
 from .rmsnorm import rms_norm, rms_norm_reference
 from .rotary import apply_rotary, apply_rotary_reference
 
@@ -27,6 +28,7 @@ __all__ = [
     "moe_experts",
     "moe_experts_packed",
     "moe_experts_reference",
+    "native_decode_applies",
     "onednn_packing_available",
     "onednn_packing_pays",
     "rms_norm",

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .dequant import dequantize, matrix_in_features, quantize_int8_rows, scale_layout, unpack_int4
 from .dispatch import Impl, prefer_sync_free, use_triton
 
@@ -118,8 +119,11 @@ def emulates_bf16(weight: torch.Tensor) -> bool:
 
 
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)``, except that a bf16 GEMM of at least BF16_UPCAST_MIN_ROWS rows on a CPU
-    that emulates bf16 runs in fp32 (result in x's dtype)."""
+    """``F.linear(x, weight)`` on the CPU: up to native.MAX_ROWS rows (decode) by the native GEMV where it
+    is built (:mod:`engine.kernels.native`); a bf16 GEMM of at least BF16_UPCAST_MIN_ROWS rows on a CPU
+    that emulates bf16 in fp32 (result in x's dtype); else torch's."""
+    if native.linear_applies(x, weight):
+        return native.linear(x, weight)
     if x.numel() >= BF16_UPCAST_MIN_ROWS * x.shape[-1] and emulates_bf16(weight):
         return F.linear(x.float(), weight.float()).to(x.dtype)
     return F.linear(x, weight)
@@ -277,17 +281,28 @@ def onednn_packing_available(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-# fp32 matrices smaller than this run faster through torch's plain GEMV than through oneDNN's pre-packed
-# one, whose fixed cost per call dominates (measured on an AMD EPYC, 1 and 2 threads: crossover between
-# 1 and 4 MiB with the weights in cache; bf16 packing wins at every size). Larger ones read 1.2-3x faster.
+# Without the native kernels: fp32 matrices smaller than this run faster through torch's plain GEMV than
+# through oneDNN's pre-packed one, whose fixed cost per call dominates (measured on an AMD EPYC, 1 and 2
+# threads: crossover between 1 and 4 MiB with the weights in cache; bf16 packing wins at every size).
+# Larger ones read 1.2-3x faster.
 ONEDNN_FP32_MIN_BYTES = 2 << 20
 
 
 def onednn_packing_pays(weight: torch.Tensor) -> bool:
-    """True when pre-packing this [out, in] CPU weight for oneDNN makes it faster (see ONEDNN_FP32_MIN_BYTES)."""
+    """True when pre-packing this [out, in] CPU weight for oneDNN makes it faster. bf16 (where the CPU
+    has native bf16): always. fp32: never where the native decode GEMV is built (it reads the plain
+    layout at or above oneDNN's packed rate, bench/cpu_gemv.py, and prefill GEMMs run well on it through
+    torch's BLAS); else from ONEDNN_FP32_MIN_BYTES."""
     if not onednn_packing_available(weight.dtype):
         return False
-    return weight.dtype != torch.float32 or weight.numel() * weight.element_size() >= ONEDNN_FP32_MIN_BYTES
+    if weight.dtype != torch.float32:
+        return True
+    return not native.available() and weight.numel() * weight.element_size() >= ONEDNN_FP32_MIN_BYTES
+
+
+def native_decode_applies(weight: torch.Tensor) -> bool:
+    """True when a plain-layout CPU weight of this dtype is run by the native decode kernels."""
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and native.available()
 
 
 def _pack_matrix(weight: torch.Tensor, use_onednn: bool) -> torch.Tensor:
@@ -325,7 +340,7 @@ class PackedLinear(torch.nn.Module):
                            and self.in_features % INT8_CPU_COLUMN_MULTIPLE == 0
                            else _DequantMatrix(q, scale, weight.dtype, {}))
         else:
-            self.packed = _pack_matrix(weight, onednn_packing_available(weight.dtype))
+            self.packed = _pack_matrix(weight, onednn_packing_pays(weight))
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.weight = torch.nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
                                          requires_grad=False)
@@ -339,12 +354,13 @@ class PackedLinear(torch.nn.Module):
 
 def pack_linears(module: torch.nn.Module, int8: bool = False) -> int:
     """Replace every ``nn.Linear`` under ``module`` by a :class:`PackedLinear` (int8, pre-packed where
-    :func:`onednn_packing_pays`, or plain bf16 run by :func:`cpu_linear` where the CPU emulates bf16);
-    returns how many."""
+    :func:`onednn_packing_pays`, or plain run by :func:`cpu_linear`: the native decode GEMV, and fp32
+    prefill GEMMs where the CPU emulates bf16); returns how many."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.Linear) and (int8 or onednn_packing_pays(child.weight)
-                                                   or emulates_bf16(child.weight)):
+                                                   or emulates_bf16(child.weight)
+                                                   or native_decode_applies(child.weight)):
             setattr(module, name, PackedLinear(child, int8))
             count += 1
         else:
@@ -365,9 +381,12 @@ class PackedExperts:
         self.hidden = hidden
         self.intermediate = intermediate
         self.dtype = dtype
-        self.onednn = onednn_packing_available(dtype) if use_onednn is None else use_onednn
+        if use_onednn is None:  # as pack_linears decides for a matrix of an expert's size
+            use_onednn = onednn_packing_pays(torch.empty((hidden, intermediate), dtype=dtype, device="meta"))
+        self.onednn = use_onednn
         self.gate_up: list[torch.Tensor] = []
         self.down: list[torch.Tensor] = []
+        self._native_table: native.ExpertTable | None = None
 
     @property
     def num_experts(self) -> int:
@@ -382,6 +401,15 @@ class PackedExperts:
             raise ValueError(f"expert weights must all be {self.dtype}")
         self.gate_up.append(_pack_matrix(torch.cat((w_gate, w_up), dim=0), self.onednn))
         self.down.append(_pack_matrix(w_down, self.onednn))
+        self._native_table = None
+
+    def native_table(self) -> native.ExpertTable | None:
+        """The experts' data pointers for native.moe_decode (plain layout only; built on first use)."""
+        if self.onednn or not self.gate_up or self.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        if self._native_table is None:
+            self._native_table = native.ExpertTable(self.gate_up, self.down)
+        return self._native_table
 
     @classmethod
     def from_weights(
@@ -410,6 +438,10 @@ def moe_experts_packed(
     if x.dtype != packed.dtype:
         raise ValueError(f"x dtype {x.dtype} differs from packed weights dtype {packed.dtype}")
     check_routing(topk_ids, topk_weights, x.shape[0])
+    if x.shape[0] == 1 and isinstance(packed, PackedExperts):  # decode: all the token's experts in one native call
+        table = packed.native_table()
+        if native.moe_applies(table, x, topk_ids):
+            return native.moe_decode(x, table, topk_ids, topk_weights).to(x.dtype)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if x.shape[0] == 1:  # decode fast path, same sums as below (see moe_experts_reference)
         ids = topk_ids[0].tolist()

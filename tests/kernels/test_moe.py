@@ -238,9 +238,12 @@ def test_argument_errors() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_matches_linear(dtype, bias, monkeypatch):
-    from engine.kernels import PackedLinear, onednn_packing_available, pack_linears
+    """PackedLinear computes nn.Linear's product; without the native decode kernels (disabled here, see
+    tests/kernels/test_native.py) small fp32 matrices are left unwrapped, large ones pre-packed."""
+    from engine.kernels import PackedLinear, native, onednn_packing_available, pack_linears
     import engine.kernels.moe as moe_kernels
 
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
     torch.manual_seed(0)
     lin = torch.nn.Linear(48, 40, bias=bias).to(dtype)
     x = torch.randn(2, 3, 48, dtype=dtype)
@@ -364,6 +367,7 @@ def test_cpu_linear_upcasts_emulated_bf16_gemms_of_many_rows(monkeypatch) -> Non
     the result is bf16 and matches an fp64 product up to bf16 rounding."""
     import engine.kernels.moe as moe
 
+    monkeypatch.setenv(moe.native.DISABLE_ENV, "0")  # torch's decode GEMV (the native one: test_native.py)
     real = moe.onednn_packing_available
     monkeypatch.setattr(moe, "onednn_packing_available", lambda dtype: dtype != torch.bfloat16 and real(dtype))
     gen = torch.Generator().manual_seed(3)

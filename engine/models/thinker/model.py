@@ -197,20 +197,23 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
 
 
 def pack_for_cpu(llm: BailingMoeV2ForCausalLM) -> bool:
-    """fp32 or bf16 weights on the CPU re-laid out once for oneDNN (experts and every projection where
-    it pays: bf16 always, fp32 from kernels.ONEDNN_FP32_MIN_BYTES per matrix, so the tiny model keeps
-    torch's plain path); True when anything was packed. oneDNN's pre-packed GEMV/GEMM reads large
-    weights 1.2-3x faster than the plain path on the CPUs measured (bench/vs_llamacpp.py); its sums
-    are ordered differently, so results agree with the unpacked model within fp rounding, not bit for bit.
-    On a CPU without native bf16 (no packing), bf16 projections are wrapped all the same, so that their
-    prefill GEMMs run in fp32 (kernels.cpu_linear; the experts' do through kernels.swiglu)."""
+    """fp32 or bf16 weights on the CPU laid out once for the CPU kernels; True when anything was.
+    Where the native decode kernels are built (kernels.native): experts fused gate+up per expert in the
+    checkpoint's plain layout (one native call per token's experts) and every projection wrapped so that
+    decode GEMVs run natively; fp32 stays plain (torch's BLAS for prefill), bf16 is pre-packed for oneDNN
+    only on CPUs with native bf16. Without them: oneDNN packing where it pays (bf16 always, fp32 from
+    kernels.ONEDNN_FP32_MIN_BYTES per matrix). Either way sums run in another order than the plain
+    model's: results agree within fp rounding, not bit for bit. On a CPU without native bf16, bf16
+    projections are wrapped all the same, so that their prefill GEMMs run in fp32 (kernels.cpu_linear;
+    the experts' do through kernels.swiglu)."""
     params = next(llm.parameters())
     if params.device.type != "cpu" or params.dtype not in (torch.float32, torch.bfloat16) or \
-            not (kernels.onednn_packing_available(params.dtype) or kernels.emulates_bf16(params)):
+            not (kernels.onednn_packing_available(params.dtype) or kernels.emulates_bf16(params)
+                 or kernels.native_decode_applies(params)):
         return False
     packed = 0
     for bank in _expert_banks(llm).values():  # one layer at a time: the stacked copy is freed as we go
-        if kernels.onednn_packing_pays(bank.down_proj[0]):
+        if kernels.onednn_packing_pays(bank.down_proj[0]) or kernels.native_decode_applies(bank.down_proj):
             bank.pack_for_cpu()
             packed += 1
     for layer in llm.model.layers:  # attention, dense and shared-expert projections too

@@ -106,10 +106,12 @@ def test_bf16_model_runs_close_to_fp32(tiny_checkpoint):
     assert cos > 0.95  # bf16 rounding may flip near-tie expert choices in a random model
 
 
-def test_cpu_packing_is_chosen_where_it_pays(tiny_checkpoint):
-    """fp32 matrices as small as the tiny model's stay on torch's plain path (oneDNN's fixed cost per call
-    would make it slower); large fp32 ones and bf16 ones are packed."""
+def test_cpu_packing_is_chosen_where_it_pays(tiny_checkpoint, monkeypatch):
+    """Without the native decode kernels: fp32 matrices as small as the tiny model's stay on torch's plain
+    path (oneDNN's fixed cost per call would make it slower); large fp32 ones and bf16 ones are packed.
+    With them (test_native_kernels_take_the_decode_of_the_default_cpu_load): fp32 is never pre-packed."""
     from engine import kernels
+    monkeypatch.setenv(kernels.native.DISABLE_ENV, "0")
     if not kernels.onednn_packing_available(torch.float32):
         pytest.skip("this torch build cannot pre-pack fp32 weights")
     tiny = load_model(tiny_checkpoint, dtype="fp32", device="cpu").llm
@@ -127,6 +129,7 @@ def test_cpu_packed_weights_match_the_plain_path(tiny_checkpoint, dtype, monkeyp
     from engine import kernels
     if not kernels.onednn_packing_available(parse_dtype(dtype)):
         pytest.skip(f"this torch build cannot pre-pack {dtype} weights")
+    monkeypatch.setenv(kernels.native.DISABLE_ENV, "0")  # oneDNN's layouts (the native kernels': below)
     monkeypatch.setattr(kernels.moe, "ONEDNN_FP32_MIN_BYTES", 0)  # pack the tiny model's fp32 matrices too
     packed = load_model(tiny_checkpoint, dtype=dtype, device="cpu")
     plain = load_model(tiny_checkpoint, dtype=dtype, device="cpu", pack_cpu_experts=False)
@@ -154,6 +157,48 @@ def test_cpu_packed_weights_match_the_plain_path(tiny_checkpoint, dtype, monkeyp
         assert torch.nn.functional.cosine_similarity(c.flatten(), d.flatten(), dim=0) > 0.999
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_native_kernels_take_the_decode_of_the_default_cpu_load(tiny_checkpoint, dtype, monkeypatch):
+    """Where the native CPU kernels build (every machine with a C compiler), the default CPU load keeps the
+    checkpoint's plain layout, every decode GEMV and each token's routed experts run natively, and a
+    prefill + decode step give the plain model's logits up to summation order (fp32: relative 1e-4;
+    bf16: cosine > 0.999)."""
+    from engine import kernels
+    from engine.kernels import PackedLinear, native
+
+    if native._compiler() is None:
+        pytest.skip("no C compiler here: the native kernels cannot be built (torch's path runs)")
+    assert native.available(), native.status()
+    fast = load_model(tiny_checkpoint, dtype=dtype, device="cpu")
+    plain = load_model(tiny_checkpoint, dtype=dtype, device="cpu", pack_cpu_experts=False)
+    bank = fast.llm.model.layers[1].mlp.experts
+    assert bank.packed is not None and not bank.packed.onednn and bank.packed.native_table() is not None
+    assert isinstance(fast.llm.lm_head, PackedLinear) and not fast.llm.lm_head.packed.is_mkldnn
+    calls = {"linear": 0, "moe_decode": 0}
+    for name in calls:
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name: calls.__setitem__(_name, calls[_name] + 1)
+                            or _real(*a))
+    ids = torch.tensor([[10, 20, 30, 40, 50, 60]])
+    out = []
+    with torch.inference_mode():
+        pos, delta = _positions(plain.llm, ids)
+        for m in (plain, fast):
+            cache = m.llm.new_cache(1, m.numerics, "cpu")
+            a = m.llm(m.llm.model.embed(ids), pos, m.numerics, cache=cache).float()
+            b = m.llm(m.llm.model.embed(torch.tensor([[70]])), decode_positions(cache.length, delta), m.numerics,
+                      cache=cache).float()
+            out.append((a, b))
+    moe_layers = sum(layer.is_moe for layer in fast.llm.model.layers)
+    assert calls["moe_decode"] == moe_layers  # the decode step only: a prefill of 6 tokens is torch's
+    assert calls["linear"] >= 4 * len(fast.llm.model.layers) + 1  # attention projections, MLPs, lm_head
+    for want, got in zip(*out):
+        if dtype == "fp32":
+            assert float((want - got).abs().max()) <= 1e-4 * float(want.abs().max())
+        else:
+            assert torch.nn.functional.cosine_similarity(want.flatten(), got.flatten(), dim=0) > 0.999
+
+
 def test_bf16_on_a_cpu_without_native_bf16_runs_prefill_gemms_in_fp32(tiny_checkpoint, monkeypatch):
     """Where bf16 matmuls are emulated (AVX2-only CPUs; forced here), the bf16 load wraps the projections
     so a prefill of many tokens computes them in fp32 (kernels.cpu_linear), the experts too (kernels.swiglu);
@@ -161,6 +206,7 @@ def test_bf16_on_a_cpu_without_native_bf16_runs_prefill_gemms_in_fp32(tiny_check
     from engine import kernels
     from engine.kernels import PackedLinear
 
+    monkeypatch.setenv(kernels.native.DISABLE_ENV, "0")  # decode GEMVs through torch, to see their dtype
     real = kernels.moe.onednn_packing_available
     monkeypatch.setattr(kernels.moe, "onednn_packing_available", lambda dt: dt != torch.bfloat16 and real(dt))
     monkeypatch.setattr(kernels, "onednn_packing_available", kernels.moe.onednn_packing_available)

@@ -1,0 +1,261 @@
+/* Decode-time CPU kernels: few-row linears (GEMV) and the routed experts of one token.
+ *
+ * Built on first use by engine/kernels/native.py with this machine's compiler for this machine's CPU
+ * (-march=native: AVX-512, AVX2+FMA or SSE code from the same source through GCC vector types) and
+ * OpenMP. Loaded into a process where torch already loaded its libgomp.so.1, so these parallel regions
+ * run on torch's own OpenMP threads (no second pool competing for the cores).
+ *
+ * Decode reads every weight once per token, so these kernels are memory bound: each thread streams a
+ * contiguous slice of rows, one row after the other with software prefetch ahead of it, and the
+ * activations stay in cache. Weights are row-major [n, k] fp32 or bf16 (the checkpoint's [out, in] layout, no repacking).
+ * Products are summed in fp32 (bf16 weights are widened exactly); a bf16 result is rounded to nearest
+ * even, as torch rounds. Sums run in another order than torch's kernels: results agree within fp32
+ * rounding, not bit for bit.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#if defined(__AVX512F__)
+#define VL 16
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+typedef uint16_t vh __attribute__((vector_size(VL * 2)));
+
+#define ROWS 4                    /* weight rows per work unit */
+#define PARALLEL_MIN_BYTES 65536  /* smaller matrices run on the calling thread alone */
+
+static inline vf load_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+
+/* bf16 weights: one vector load of 2*VL bf16 as VL 32-bit lanes gives the even elements (low halves shifted
+ * up) and the odd ones (high halves masked), exactly widened to fp32, with two integer ops and no
+ * shuffle. The activations are laid out to match once per call: see permute_for_bf16. */
+static inline void load_bf16_pairs(const uint16_t *p, vf *even, vf *odd) {
+    vu u;
+    memcpy(&u, p, sizeof u);
+    *even = (vf)(u << 16);
+    *odd = (vf)(u & 0xffff0000u);
+}
+
+static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+static inline float hsum(vf v) {
+    float s = 0.0f;
+    for (int i = 0; i < VL; i++) s += v[i];
+    return s;
+}
+
+/* Software prefetch distance along a weight row, in bytes: the row is streamed once (decode), and
+ * asking for the lines 1 KiB ahead keeps more of them in flight than the hardware prefetcher alone
+ * (2 threads of an AMD EPYC: 1-row streams with this prefetch read ~1.1-1.3x faster than 4-row blocks
+ * without it, bench/cpu_gemv.py). Prefetching past the end of a matrix is harmless. */
+#define PREFETCH_BYTES 1024
+
+/* w[0:k] . x[0:k], fp32 weights. */
+static inline float dot_row_f32(const float *w, int64_t k, const float *x) {
+    vf a = {0}, b = {0};
+    int64_t i = 0;
+    for (; i + 2 * VL <= k; i += 2 * VL) {
+        __builtin_prefetch(w + i + PREFETCH_BYTES / 4, 0, 3);
+        a += load_f32(w + i) * load_f32(x + i);
+        b += load_f32(w + i + VL) * load_f32(x + i + VL);
+    }
+    for (; i + VL <= k; i += VL) a += load_f32(w + i) * load_f32(x + i);
+    float s = hsum(a + b);
+    for (; i < k; i++) s += w[i] * x[i];
+    return s;
+}
+
+/* Each full chunk of 2*VL activations reordered as its VL even elements then its VL odd ones (the tail
+ * past the last full chunk stays in order), the layout dot_rows_bf16 reads. */
+static void permute_for_bf16(const float *x, float *xp, int64_t k) {
+    int64_t c = 0;
+    for (; c + 2 * VL <= k; c += 2 * VL)
+        for (int i = 0; i < VL; i++) {
+            xp[c + i] = x[c + 2 * i];
+            xp[c + VL + i] = x[c + 2 * i + 1];
+        }
+    for (; c < k; c++) xp[c] = x[c];
+}
+
+/* Where permute_for_bf16 puts element i of k. */
+static inline int64_t permuted_index(int64_t i, int64_t k) {
+    int64_t c = i - i % (2 * VL), j = i % (2 * VL);
+    if (c + 2 * VL > k) return i;
+    return c + (j % 2 ? VL + j / 2 : j / 2);
+}
+
+/* w[0:k] . x[0:k], bf16 weights, x laid out by permute_for_bf16 (xp). */
+static inline float dot_row_bf16(const uint16_t *w, int64_t k, const float *xp) {
+    const int64_t full = k - k % (2 * VL);
+    vf a = {0}, b = {0}, e, o;
+    for (int64_t i = 0; i < full; i += 2 * VL) {
+        __builtin_prefetch(w + i + PREFETCH_BYTES / 2, 0, 3);
+        load_bf16_pairs(w + i, &e, &o);
+        a += e * load_f32(xp + i);
+        b += o * load_f32(xp + i + VL);
+    }
+    float s = hsum(a + b);
+    for (int64_t i = full; i < k; i++) s += bf16_to_f32(w[i]) * xp[i];
+    return s;
+}
+
+/* out[r] = w[row + r, :] . x for `rows` rows of a row-major matrix with row stride k. */
+static inline void dot_rows(const void *w, int w_bf16, int64_t row, int64_t k, int rows, const float *x, float *out) {
+    for (int r = 0; r < rows; r++)
+        out[r] = w_bf16 ? dot_row_bf16((const uint16_t *)w + (row + r) * k, k, x)
+                        : dot_row_f32((const float *)w + (row + r) * k, k, x);
+}
+
+/* [first, last) of `units` work units for thread t of nt (contiguous, balanced). */
+static inline void split(int64_t units, int t, int nt, int64_t *first, int64_t *last) {
+    *first = units * t / nt;
+    *last = units * (t + 1) / nt;
+}
+
+static int team_size(int nthreads, int64_t nbytes) {
+    if (nthreads < 1) nthreads = 1;
+    return nbytes < PARALLEL_MIN_BYTES ? 1 : nthreads;
+}
+
+/* m rows of k activations (fp32 or bf16) as fp32 in the layout the weights' dot product reads: as given
+ * for fp32 weights (no copy when already fp32), permute_for_bf16 per row for bf16 weights. NULL when out
+ * of memory; *owned is what to free. */
+static const float *activations(const void *x, int x_bf16, int w_bf16, int64_t m, int64_t k, float **owned) {
+    *owned = NULL;
+    if (!x_bf16 && !w_bf16) return (const float *)x;
+    float *buf = (float *)malloc((size_t)(m * k) * sizeof(float) * (x_bf16 && w_bf16 ? 2 : 1));
+    if (!buf) return NULL;
+    *owned = buf;
+    const float *xf = (const float *)x;
+    if (x_bf16) {
+        const uint16_t *h = (const uint16_t *)x;
+        for (int64_t i = 0; i < m * k; i++) buf[i] = bf16_to_f32(h[i]);
+        xf = buf;
+    }
+    if (!w_bf16) return xf;
+    float *xp = xf == buf ? buf + m * k : buf;
+    for (int64_t r = 0; r < m; r++) permute_for_bf16(xf + r * k, xp + r * k, k);
+    return xp;
+}
+
+/* y[m, n] = x[m, k] @ w[n, k]^T. w fp32 or bf16 (w_bf16); x and y fp32 or bf16 (x_bf16, y_bf16).
+ * Every weight row is read once for all m rows of x (m is small: decode). Returns 0, or -1 when out of memory. */
+int ming_linear(const void *w, int w_bf16, const void *x, int x_bf16, void *y, int y_bf16,
+                int64_t m, int64_t n, int64_t k, int nthreads) {
+    float *xbuf;
+    const float *xf = activations(x, x_bf16, w_bf16, m, k, &xbuf);
+    if (!xf) return -1;
+    int64_t blocks = (n + ROWS - 1) / ROWS;
+    int nt = team_size(nthreads, n * k * (w_bf16 ? 2 : 4));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int64_t first, last;
+        split(blocks, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+        float dots[ROWS];
+        for (int64_t b = first; b < last; b++) {
+            int64_t row = b * ROWS;
+            int rows = (int)(n - row < ROWS ? n - row : ROWS);
+            for (int64_t r = 0; r < m; r++) {
+                dot_rows(w, w_bf16, row, k, rows, xf + r * k, dots);
+                for (int j = 0; j < rows; j++) {
+                    if (y_bf16) ((uint16_t *)y)[r * n + row + j] = f32_to_bf16(dots[j]);
+                    else ((float *)y)[r * n + row + j] = dots[j];
+                }
+            }
+        }
+    }
+    free(xbuf);
+    return 0;
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* The routed experts of one token (spec §2.6):
+ *   out[h] = sum over the top_k slots, by ascending expert id, of route_w[slot] * e_slot[h],
+ *   e = down(silu(gate(x)) * up(x)),
+ * with gate_up the fused [2I, H] matrix of an expert (gate rows first) and down [H, I], found through
+ * the tables of data pointers `gate_up_ptrs` / `down_ptrs` indexed by expert id. With `round_act` (bf16
+ * activations) every intermediate is rounded to bf16 where torch's bf16 expert rounds it: gate, up,
+ * silu(gate), their product and e; the weighted sum is fp32 either way. `scratch` holds
+ * top_k * 3 * I floats. Returns 0; -1 for an expert id outside [0, num_experts) or top_k > 64; -2 when
+ * out of memory. */
+int ming_moe_decode(const int64_t *gate_up_ptrs, const int64_t *down_ptrs, int64_t num_experts, int w_bf16,
+                    const int64_t *ids, const float *route_w, int64_t top_k, const void *x, int x_bf16,
+                    int64_t hidden, int64_t inter, int round_act, float *out, float *scratch, int nthreads) {
+    int64_t order[64];
+    if (top_k > 64) return -1;
+    for (int64_t s = 0; s < top_k; s++) {
+        if (ids[s] < 0 || ids[s] >= num_experts) return -1;
+        int64_t j = s;  /* insertion sort of the slots by expert id (stable) */
+        while (j > 0 && ids[order[j - 1]] > ids[s]) { order[j] = order[j - 1]; j--; }
+        order[j] = s;
+    }
+    float *xbuf;
+    const float *xf = activations(x, x_bf16, w_bf16, 1, hidden, &xbuf);
+    if (!xf) return -2;
+    float *gate_up = scratch;                      /* [top_k, 2I] */
+    float *act = scratch + top_k * 2 * inter;      /* [top_k, I] */
+    const int64_t gu_blocks = (2 * inter + ROWS - 1) / ROWS;
+    const int64_t down_blocks = (hidden + ROWS - 1) / ROWS;
+    int nt = team_size(nthreads, top_k * 3 * inter * hidden * (w_bf16 ? 2 : 4));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int t = omp_get_thread_num(), team = omp_get_num_threads();
+        int64_t first, last;
+        float dots[ROWS];
+        /* 1. gate and up rows of every slot's expert: one unit = ROWS rows of one expert */
+        split(top_k * gu_blocks, t, team, &first, &last);
+        for (int64_t u = first; u < last; u++) {
+            int64_t s = u / gu_blocks, row = (u % gu_blocks) * ROWS;
+            int rows = (int)(2 * inter - row < ROWS ? 2 * inter - row : ROWS);
+            dot_rows((const void *)(intptr_t)gate_up_ptrs[ids[s]], w_bf16, row, hidden, rows, xf, gate_up + s * 2 * inter + row);
+        }
+#pragma omp barrier
+        /* 2. silu(gate) * up, laid out for the down rows' dot product */
+        split(top_k * inter, t, team, &first, &last);
+        for (int64_t u = first; u < last; u++) {
+            int64_t s = u / inter, i = u % inter;
+            float g = gate_up[s * 2 * inter + i], v = gate_up[s * 2 * inter + inter + i];
+            act[s * inter + (w_bf16 ? permuted_index(i, inter) : i)] = round_act ? round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(v)) : silu(g) * v;
+        }
+#pragma omp barrier
+        /* 3. down rows: each thread owns a slice of out and adds the experts in ascending id order */
+        split(down_blocks, t, team, &first, &last);
+        int64_t row0 = first * ROWS, row1 = last * ROWS < hidden ? last * ROWS : hidden;
+        for (int64_t h = row0; h < row1; h++) out[h] = 0.0f;
+        for (int64_t o = 0; o < top_k; o++) {
+            int64_t s = order[o];
+            const void *down = (const void *)(intptr_t)down_ptrs[ids[s]];
+            float weight = route_w[s];
+            for (int64_t row = row0; row < row1; row += ROWS) {
+                int rows = (int)(row1 - row < ROWS ? row1 - row : ROWS);
+                dot_rows(down, w_bf16, row, inter, rows, act + s * inter, dots);
+                for (int j = 0; j < rows; j++) out[row + j] += (round_act ? round_bf16(dots[j]) : dots[j]) * weight;
+            }
+        }
+    }
+    free(xbuf);
+    return 0;
+}
+
+/* The vector width this build uses, in floats (16: AVX-512, 8: AVX/AVX2, 4: SSE or other). */
+int ming_vector_floats(void) { return VL; }

@@ -1,0 +1,217 @@
+"""Native CPU decode kernels (``csrc/cpu_decode.c``): few-row linears and one token's routed experts.
+
+Decode on the CPU is a chain of GEMVs, and torch's GEMV reads weights well below the memory bandwidth
+(bench/cpu_gemv.py: 11-19 GB/s of a 26-34 GB/s machine; oneDNN's pre-packed fp32 path 21-28 GB/s, and it
+has no bf16 path on CPUs without native bf16). These kernels stream the checkpoint's own row-major
+[out, in] weights (fp32 or bf16, no repacking) on torch's OpenMP threads.
+
+The C source is compiled on first use with the system C compiler for this CPU (``-march=native``) into
+the studio cache (``$XDG_CACHE_HOME/ming-omni-studio/kernels``, keyed by source, compiler and CPU), then
+loaded with ctypes. Without a compiler, when the build fails, or with ``MING_NATIVE_KERNELS=0`` (or
+``MING_KERNELS_FORCE_REFERENCE=1``), :func:`available` is False and callers keep torch's path, which
+stays the reference: results agree within fp32 rounding (sums in another order), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .dispatch import reference_forced
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.c"
+DISABLE_ENV = "MING_NATIVE_KERNELS"
+CACHE_ENV = "MING_KERNEL_CACHE"
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-std=c11")
+BUILD_TIMEOUT_S = 180
+# Linears of at most this many rows take the native kernel (each weight row is read once for all rows);
+# larger blocks (prefill) are GEMMs, where torch's BLAS is the faster choice.
+MAX_ROWS = 8
+MAX_TOP_K = 64  # the kernel sorts at most this many slots on its stack
+_DTYPES = (torch.float32, torch.bfloat16)
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_failure: str | None = None
+
+
+def _disabled() -> str | None:
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return f"{DISABLE_ENV}=0"
+    if reference_forced():
+        return "the torch reference is forced"
+    return None
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "ming-omni-studio" / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join((SOURCE.read_text(), cc, version, " ".join(CFLAGS), _cpu_identity(),
+                                    torch.__version__)).encode()).hexdigest()[:16]
+    out = cache_dir() / f"cpu_decode-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT_S)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.ming_linear.argtypes = (p, i32, p, i32, p, i32, i64, i64, i64, i32)
+    lib.ming_linear.restype = i32
+    lib.ming_moe_decode.argtypes = (p, p, i64, i32, p, p, i64, p, i32, i64, i64, i32, p, p, i32)
+    lib.ming_moe_decode.restype = i32
+    lib.ming_vector_floats.argtypes = ()
+    lib.ming_vector_floats.restype = i32
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried, _failure
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        cc = _compiler()
+        if cc is None:
+            _failure = "no C compiler (cc, gcc or clang) on PATH"
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build(cc)))
+                _declare(lib)
+                _lib = lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _failure = f"building {SOURCE.name} failed: {e}"
+        if _failure:
+            log.warning("native CPU decode kernels unavailable (%s); using torch's path", _failure)
+        return _lib
+
+
+def available() -> bool:
+    """True when the native kernels are built and loaded and not disabled (builds them on first call)."""
+    if _disabled() is not None:
+        return False
+    return _load() is not None
+
+
+def status() -> str:
+    """One line for logs and benchmarks: what runs the CPU decode GEMVs and why."""
+    reason = _disabled()
+    if reason is not None:
+        return f"torch ({reason})"
+    lib = _load()
+    if lib is None:
+        return f"torch ({_failure})"
+    return f"native ({lib.ming_vector_floats() * 32}-bit vectors, {torch.get_num_threads()} threads)"
+
+
+def reset() -> None:
+    """Forget the loaded library state (tests): the next call builds or loads again."""
+    global _lib, _tried, _failure
+    with _lock:
+        _lib, _tried, _failure = None, False, None
+
+
+def linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when :func:`linear` takes ``x @ weight.T``: CPU, fp32/bf16 x and weight, a contiguous 2-D
+    weight, at most MAX_ROWS rows of x, and the kernels available."""
+    return (weight.device.type == "cpu" and x.device.type == "cpu" and weight.dim() == 2
+            and weight.dtype in _DTYPES and x.dtype in _DTYPES and weight.is_contiguous()
+            and not weight.is_mkldnn and not weight.requires_grad and x.shape[-1] == weight.shape[1]
+            and 0 < x.numel() <= MAX_ROWS * x.shape[-1] and weight.numel() > 0 and available())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for few rows (check :func:`linear_applies` first); result in x's dtype."""
+    lib = _lib
+    assert lib is not None, "call linear_applies() first"
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    n, k = weight.shape
+    y = torch.empty((flat.shape[0], n), dtype=x.dtype)
+    rc = lib.ming_linear(weight.data_ptr(), weight.dtype == torch.bfloat16, flat.data_ptr(),
+                         flat.dtype == torch.bfloat16, y.data_ptr(), y.dtype == torch.bfloat16,
+                         flat.shape[0], n, k, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("native linear: out of memory for the converted activations")
+    return y.view(*x.shape[:-1], n)
+
+
+class ExpertTable:
+    """Data pointers of every expert's fused gate+up [2I, H] and down [H, I] matrices (contiguous CPU
+    tensors of one dtype, kept alive by the caller) for :func:`moe_decode`."""
+
+    def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> None:
+        self.gate_up = torch.tensor([t.data_ptr() for t in gate_up], dtype=torch.int64)
+        self.down = torch.tensor([t.data_ptr() for t in down], dtype=torch.int64)
+        self.num_experts = len(gate_up)
+        self.dtype = gate_up[0].dtype
+        self.inter, self.hidden = gate_up[0].shape[0] // 2, gate_up[0].shape[1]
+
+
+def moe_applies(table: ExpertTable | None, x: torch.Tensor, topk_ids: torch.Tensor) -> bool:
+    return (table is not None and x.device.type == "cpu" and x.dim() == 2 and x.shape[0] == 1
+            and x.dtype in _DTYPES and topk_ids.shape[1] <= MAX_TOP_K and available())
+
+
+def moe_decode(x: torch.Tensor, table: ExpertTable, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Routed experts of one token x [1, H] -> [1, H] fp32 (moe_experts' semantics; the caller casts).
+    Check :func:`moe_applies` first."""
+    lib = _lib
+    assert lib is not None, "call moe_applies() first"
+    ids = topk_ids.reshape(-1).to(torch.int64).contiguous()
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    xc = x.contiguous()
+    out = torch.empty((1, table.hidden), dtype=torch.float32)
+    scratch = torch.empty(ids.numel() * 3 * table.inter, dtype=torch.float32)
+    rc = lib.ming_moe_decode(table.gate_up.data_ptr(), table.down.data_ptr(), table.num_experts,
+                             table.dtype == torch.bfloat16, ids.data_ptr(), weights.data_ptr(), ids.numel(),
+                             xc.data_ptr(), xc.dtype == torch.bfloat16, table.hidden, table.inter,
+                             xc.dtype == torch.bfloat16, out.data_ptr(), scratch.data_ptr(),
+                             torch.get_num_threads())
+    if rc == -1:
+        raise ValueError(f"expert ids must lie in [0, {table.num_experts}); got {ids.tolist()}")
+    if rc != 0:
+        raise MemoryError("native moe_decode: out of memory for the converted activations")
+    return out

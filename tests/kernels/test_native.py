@@ -1,0 +1,156 @@
+"""Native CPU decode kernels (engine.kernels.native): few-row linears and one token's routed experts
+against torch's paths (within a stated tolerance: sums run in another order), the build cache, and the
+fallback to torch when they cannot be built or are switched off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import moe as moe_kernels
+from engine.kernels import native
+from engine.kernels.moe import PackedExperts, cpu_linear, moe_experts_packed, moe_experts_reference
+
+needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler: torch's path runs")
+
+
+@pytest.fixture
+def fresh_native(tmp_path, monkeypatch):
+    """The module as in a new process, building into an empty cache; restored afterwards."""
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    native.reset()
+    yield tmp_path
+    monkeypatch.undo()
+    native.reset()
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,n,k", [(1, 1, 1), (1, 7, 13), (1, 64, 2048), (3, 33, 100), (8, 130, 517),
+                                      (1, 1000, 4096)])
+def test_linear_matches_an_fp64_product(dtype, rows, n, k):
+    """Shapes with every kind of tail (rows not a multiple of the 4-row work unit, columns not a multiple
+    of the vector width): the fp32 sums agree with fp64 to 1e-5 relative; a bf16 result is the fp32 sum
+    rounded once (within one bf16 step of the rounded fp64 product)."""
+    assert native.available(), native.status()
+    gen = torch.Generator().manual_seed(rows * 1000 + n + k)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    want = x.double() @ w.double().T
+    got = native.linear(x, w)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    if dtype == torch.float32:
+        assert _rel_err(got, want) <= 1e-5
+    else:
+        assert float((got.double() - want).abs().max()) <= 2 ** -7 * float(want.abs().max())
+        torch.testing.assert_close(got.float(), F.linear(x, w).float(), atol=0.0, rtol=2 ** -7)
+
+
+@needs_compiler
+def test_linear_mixed_dtypes_and_batched_shapes():
+    """fp32 activations on bf16 weights (the widening is exact), and leading batch dimensions."""
+    assert native.available()
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 96, generator=gen).bfloat16()
+    x = torch.randn(2, 3, 96, generator=gen)
+    assert native.linear_applies(x, w)
+    got = native.linear(x, w)
+    assert got.shape == (2, 3, 40) and got.dtype == torch.float32
+    assert _rel_err(got, x.double() @ w.double().T) <= 1e-5
+
+
+def test_linear_applies_only_where_it_should():
+    w = torch.randn(16, 32)
+    big = torch.randn(native.MAX_ROWS + 1, 32)
+    assert not native.linear_applies(big, w)  # a prefill block: torch's BLAS
+    assert not native.linear_applies(torch.randn(1, 32), w.t())  # not contiguous
+    assert not native.linear_applies(torch.randn(1, 32, dtype=torch.float16), w.half())
+    assert not native.linear_applies(torch.randn(1, 32), torch.randn(16, 32, device="meta"))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("experts,hidden,inter,top_k", [(8, 64, 32, 2), (32, 256, 96, 8), (16, 100, 37, 3)])
+def test_moe_decode_matches_the_reference(dtype, experts, hidden, inter, top_k):
+    """One token through moe_experts_packed (the native call) against moe_experts_reference: fp32 within
+    1e-5 relative; bf16 rounds where torch's bf16 expert rounds (gate, up, silu, product, expert output),
+    so it agrees to within one bf16 step of the largest output."""
+    assert native.available()
+    gen = torch.Generator().manual_seed(experts + hidden + inter)
+    wg = (torch.randn(experts, inter, hidden, generator=gen) / hidden ** 0.5).to(dtype)
+    wu = (torch.randn(experts, inter, hidden, generator=gen) / hidden ** 0.5).to(dtype)
+    wd = (torch.randn(experts, hidden, inter, generator=gen) / inter ** 0.5).to(dtype)
+    packed = PackedExperts.from_weights(wg, wu, wd)
+    assert not packed.onednn and packed.native_table() is not None
+    x = torch.randn(1, hidden, generator=gen).to(dtype)
+    ids = torch.randperm(experts, generator=gen)[:top_k].view(1, -1)
+    weights = torch.rand(1, top_k, generator=gen)
+    want = moe_experts_reference(x, wg, wu, wd, ids, weights)
+    got = moe_experts_packed(x, packed, ids, weights)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert _rel_err(got, want) <= tol
+
+
+@needs_compiler
+def test_moe_decode_rejects_an_expert_id_out_of_range():
+    assert native.available()
+    w = torch.randn(4, 16, 8)
+    packed = PackedExperts.from_weights(w, w, torch.randn(4, 8, 16))
+    with pytest.raises(ValueError, match="expert ids"):
+        native.moe_decode(torch.randn(1, 8), packed.native_table(), torch.tensor([[1, 4]]), torch.ones(1, 2))
+
+
+@needs_compiler
+def test_results_do_not_depend_on_the_thread_count():
+    """Each output row is one thread's sum in a fixed order, so the team size does not change it (a
+    tolerance all the same: nothing here promises bit equality)."""
+    assert native.available()
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(4096, 64, generator=gen)  # large enough to run on a team
+    x = torch.randn(1, 64, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.linear(x, w)
+        torch.set_num_threads(max(2, threads))
+        many = native.linear(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, many, atol=1e-6, rtol=1e-6)
+
+
+@needs_compiler
+def test_build_is_cached_per_source_compiler_and_cpu(fresh_native):
+    assert native.available()
+    built = list(fresh_native.glob("cpu_decode-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    native.reset()
+    assert native.available()  # a second process loads the cached build
+    assert [p.stat().st_mtime_ns for p in fresh_native.glob("cpu_decode-*.so")] == [stamp]
+    assert native.status().startswith("native (")
+
+
+def test_a_failed_build_falls_back_to_torch(fresh_native, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    with caplog.at_level("WARNING"):
+        assert not native.available()
+    assert "native CPU decode kernels unavailable" in caplog.text and "failed" in native.status()
+    w, x = torch.randn(8, 16), torch.randn(1, 16)
+    torch.testing.assert_close(cpu_linear(x, w), F.linear(x, w))  # torch's path, same product
+    assert not list(fresh_native.glob("*.so"))  # nothing half-written left behind
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    assert not native.available() and native.status() == f"torch ({native.DISABLE_ENV}=0)"
+    assert not moe_kernels.native_decode_applies(torch.randn(4, 4))
+    monkeypatch.delenv(native.DISABLE_ENV)
+    monkeypatch.setenv("MING_KERNELS_FORCE_REFERENCE", "1")
+    assert not native.available() and "reference" in native.status()
