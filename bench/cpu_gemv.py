@@ -1,4 +1,4 @@
-"""One-token GEMV on this CPU: torch's plain path vs oneDNN's pre-packed one, against read bandwidth.
+"""One-token GEMV on this CPU: torch's plain path, oneDNN's pre-packed one and the native kernel, against read bandwidth.
 
     python bench/cpu_gemv.py [--threads 2] [--mib 768] [--json]
 
@@ -8,8 +8,9 @@ these read weights. This measures, in one run:
 * read bandwidth: best of a few ``sum`` passes over a buffer of --mib MiB (far above the caches);
 * for each shape of the mid-size bench model (bench/vs_llamacpp.py) and each dtype: ``--mib`` MiB of
   distinct [N, K] weights walked once per pass (out of cache, as in decode), through ``F.linear`` on
-  the plain weight and through oneDNN on the weight pre-packed by engine.kernels (the engine's CPU
-  path for large matrices); GB/s, the fraction of the read bandwidth, and packed / plain;
+  the plain weight, through oneDNN on the weight pre-packed by engine.kernels, and through the native
+  decode kernel on the plain weight (engine.kernels.native: the engine's CPU decode path where it
+  builds); GB/s, the fraction of the read bandwidth, packed / plain and native / plain;
 * the fixed cost per call: one small matrix (in cache) called repeatedly, plain vs packed, to show
   where engine.kernels.ONEDNN_FP32_MIN_BYTES (fp32 matrices below it stay unpacked) comes from.
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from engine.kernels import native  # noqa: E402
 from engine.kernels.moe import ONEDNN_FP32_MIN_BYTES, _pack_matrix, _packed_linear, onednn_packing_available  # noqa: E402
 
 # (name, N, K): one matrix of the mid-size bench model (hidden 2048, experts of 512)
@@ -59,6 +61,10 @@ def streamed(n: int, k: int, dtype: torch.dtype, mib: int) -> dict:
     x = torch.randn(1, k, generator=gen).to(dtype)
     nbytes = count * n * k * dtype.itemsize
     row = {"matrices": count, "plain_gbs": nbytes / _seconds(lambda: [F.linear(x, w) for w in plain], 3) / 1e9}
+    if native.available():  # bound once per weight, as PackedLinear does when loading
+        bound = [native.bind_linear(w) for w in plain]
+        row["native_gbs"] = nbytes / _seconds(lambda: [b(x) for b in bound], 3) / 1e9
+        del bound
     if onednn_packing_available(dtype):
         packed = [_pack_matrix(w, True) for w in plain]
         del plain
@@ -71,6 +77,9 @@ def per_call(n: int, dtype: torch.dtype) -> dict:
     x = torch.randn(1, n).to(dtype)
     row = {"kib": n * n * dtype.itemsize // 1024,
            "plain_us": _seconds(lambda: [F.linear(x, w) for _ in range(200)], 3) / 200 * 1e6}
+    if native.available():
+        bound = native.bind_linear(w)
+        row["native_us"] = _seconds(lambda: [bound(x) for _ in range(200)], 3) / 200 * 1e6
     if onednn_packing_available(dtype):
         p = _pack_matrix(w, True)
         row["packed_us"] = _seconds(lambda: [_packed_linear(x, p) for _ in range(200)], 3) / 200 * 1e6
@@ -96,20 +105,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     bw = out["read_gbs"]
     na = "n/a"
-    print(f"threads {args.threads}; read bandwidth (sum over {args.mib} MiB): {bw:.1f} GB/s")
+    print(f"threads {args.threads}; read bandwidth (sum over {args.mib} MiB): {bw:.1f} GB/s; "
+          f"native kernel: {native.status()}")
     print(f"\n{'weights streamed once per pass':40s} {'plain GB/s':>10s} {'packed GB/s':>11s} "
-          f"{'packed/bw':>9s} {'packed/plain':>12s}")
+          f"{'packed/bw':>9s} {'packed/plain':>12s} {'native GB/s':>11s} {'native/bw':>9s} {'native/plain':>12s}")
     for name, r in out["streamed"].items():
-        p = r.get("packed_gbs")
-        cols = (f"{p:11.1f} {p / bw:9.2f} {p / r['plain_gbs']:12.2f}" if p is not None
-                else f"{na:>11s} {na:>9s} {na:>12s}")
-        print(f"{name:40s} {r['plain_gbs']:10.1f} {cols}")
-    print(f"\n{'one matrix in cache, per call':40s} {'KiB':>6s} {'plain us':>9s} {'packed us':>10s}")
+        cols = ""
+        for key in ("packed_gbs", "native_gbs"):
+            p = r.get(key)
+            cols += (f" {p:11.1f} {p / bw:9.2f} {p / r['plain_gbs']:12.2f}" if p is not None
+                     else f" {na:>11s} {na:>9s} {na:>12s}")
+        print(f"{name:40s} {r['plain_gbs']:10.1f}{cols}")
+    print(f"\n{'one matrix in cache, per call':40s} {'KiB':>6s} {'plain us':>9s} {'packed us':>10s} {'native us':>10s}")
     for name, r in out["per_call"].items():
-        p = r.get("packed_us")
-        print(f"{name:40s} {r['kib']:6d} {r['plain_us']:9.1f} {f'{p:10.1f}' if p is not None else f'{na:>10s}'}")
-    print(f"\nengine.kernels.ONEDNN_FP32_MIN_BYTES = {ONEDNN_FP32_MIN_BYTES / 2**20:.0f} MiB "
-          "(fp32 matrices below it stay on the plain path; bf16 ones are packed where oneDNN supports bf16)")
+        cols = "".join(f" {r[key]:10.1f}" if key in r else f" {na:>10s}" for key in ("packed_us", "native_us"))
+        print(f"{name:40s} {r['kib']:6d} {r['plain_us']:9.1f}{cols}")
+    print(f"\nengine.kernels.ONEDNN_FP32_MIN_BYTES = {ONEDNN_FP32_MIN_BYTES / 2**20:.0f} MiB (without the native "
+          "kernel, fp32 matrices below it stay on the plain path; bf16 ones are packed where oneDNN supports bf16)")
     missing = [d for d, t in DTYPES.items() if not onednn_packing_available(t)]
     if missing:
         print(f"n/a: this CPU / torch build has no oneDNN packing for {', '.join(missing)}; "

@@ -301,8 +301,12 @@ def onednn_packing_pays(weight: torch.Tensor) -> bool:
 
 
 def native_decode_applies(weight: torch.Tensor) -> bool:
-    """True when a plain-layout CPU weight of this dtype is run by the native decode kernels."""
-    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and native.available()
+    """True when the native decode kernels run this plain-layout CPU weight: a linear's [out, in] matrix
+    (native.binds: large enough to gain), or a stacked [E, ., .] expert bank (one native call per token's
+    experts, whatever their size)."""
+    if weight.dim() == 3:
+        return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and native.available()
+    return native.binds(weight)
 
 
 def _pack_matrix(weight: torch.Tensor, use_onednn: bool) -> torch.Tensor:
@@ -321,8 +325,9 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class PackedLinear(torch.nn.Module):
-    """Drop-in for an ``nn.Linear`` whose weight was prepared once for the CPU: pre-packed for oneDNN
-    (see :func:`_pack_matrix`), or with ``int8=True`` quantised to int8 with one fp32 scale per output
+    """Drop-in for an ``nn.Linear`` whose weight was prepared once for the CPU: kept plain and bound to
+    the native decode GEMV (:func:`native.bind_linear`; larger blocks through :func:`cpu_linear`),
+    pre-packed for oneDNN (see :func:`_pack_matrix`), or with ``int8=True`` quantised to int8 with one fp32 scale per output
     channel (``dequant.quantize_int8_rows``) and run by torch's int8 weight-only kernel (half the bytes
     of bf16; activations stay in the weight's dtype).
 
@@ -341,11 +346,17 @@ class PackedLinear(torch.nn.Module):
                            else _DequantMatrix(q, scale, weight.dtype, {}))
         else:
             self.packed = _pack_matrix(weight, onednn_packing_pays(weight))
+        # decode GEMVs of a plain fp32/bf16 weight: the native kernel, bound once (None where it does not apply)
+        self.native = native.bind_linear(self.packed) if isinstance(self.packed, torch.Tensor) else None
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.weight = torch.nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
                                          requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            y = self.native(x)
+            if y is not None:
+                return y if self.bias is None else y + self.bias
         flat = x.reshape(-1, self.in_features)
         y = self.packed(flat) if callable(self.packed) else _packed_linear(flat, self.packed)
         y = y.reshape(*x.shape[:-1], self.out_features)

@@ -39,6 +39,10 @@ BUILD_TIMEOUT_S = 180
 # Linears of at most this many rows take the native kernel (each weight row is read once for all rows);
 # larger blocks (prefill) are GEMMs, where torch's BLAS is the faster choice.
 MAX_ROWS = 8
+# Matrices smaller than this stay on torch's F.linear: they sit in cache (a model this small fits), where
+# torch's ~6 us per call beats this path's ~12-20 us of Python, ctypes and tensor set-up (bench/cpu_gemv.py,
+# "one matrix in cache": fp32 512x512 about even, bf16 512x512 native 1.3x faster).
+BIND_MIN_BYTES = 512 << 10
 MAX_TOP_K = 64  # the kernel sorts at most this many slots on its stack
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -154,13 +158,19 @@ def reset() -> None:
         _lib, _tried, _failure = None, False, None
 
 
+def binds(weight: torch.Tensor) -> bool:
+    """True when decode GEMVs of this [out, in] weight take the native kernel: a contiguous fp32/bf16 CPU
+    matrix of at least BIND_MIN_BYTES, and the kernels available."""
+    return (weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in _DTYPES and not weight.is_mkldnn
+            and weight.is_contiguous() and weight.numel() * weight.element_size() >= BIND_MIN_BYTES
+            and available())
+
+
 def linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True when :func:`linear` takes ``x @ weight.T``: CPU, fp32/bf16 x and weight, a contiguous 2-D
-    weight, at most MAX_ROWS rows of x, and the kernels available."""
-    return (weight.device.type == "cpu" and x.device.type == "cpu" and weight.dim() == 2
-            and weight.dtype in _DTYPES and x.dtype in _DTYPES and weight.is_contiguous()
-            and not weight.is_mkldnn and not weight.requires_grad and x.shape[-1] == weight.shape[1]
-            and 0 < x.numel() <= MAX_ROWS * x.shape[-1] and weight.numel() > 0 and available())
+    """True when :func:`linear` takes ``x @ weight.T``: the weight :func:`binds`, fp32/bf16 CPU x of at
+    most MAX_ROWS rows."""
+    return (x.device.type == "cpu" and x.dtype in _DTYPES and x.shape[-1] == weight.shape[-1]
+            and 0 < x.numel() <= MAX_ROWS * x.shape[-1] and not weight.requires_grad and binds(weight))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -176,6 +186,42 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if rc != 0:
         raise MemoryError("native linear: out of memory for the converted activations")
     return y.view(*x.shape[:-1], n)
+
+
+class BoundLinear:
+    """One plain [out, in] fp32/bf16 CPU weight bound to the native kernel once (see :func:`bind_linear`):
+    its checks are made when binding, so a decode call costs little more than the kernel (torch's
+    F.linear on a small matrix costs ~6 us; the checked :func:`linear` ~3x that in Python alone)."""
+
+    __slots__ = ("weight", "lib", "ptr", "n", "k", "w_bf16")
+
+    def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL) -> None:
+        self.weight, self.lib = weight, lib  # keeps the weight (and so the pointer) alive
+        self.ptr, (self.n, self.k) = weight.data_ptr(), weight.shape
+        self.w_bf16 = weight.dtype == torch.bfloat16
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [..., k] @ weight.T in x's dtype, or None when x is not for this kernel (more than MAX_ROWS
+        rows, another dtype or device): the caller then runs torch's path."""
+        rows = x.numel() // self.k
+        if rows > MAX_ROWS or rows == 0 or x.dtype not in _DTYPES or x.device.type != "cpu":
+            return None
+        flat = x.reshape(rows, self.k).contiguous()
+        y = torch.empty((rows, self.n), dtype=x.dtype)
+        x_bf16 = x.dtype == torch.bfloat16
+        if self.lib.ming_linear(self.ptr, self.w_bf16, flat.data_ptr(), x_bf16, y.data_ptr(), x_bf16,
+                                rows, self.n, self.k, torch.get_num_threads()) != 0:
+            raise MemoryError("native linear: out of memory for the converted activations")
+        return y.view(*x.shape[:-1], self.n)
+
+
+def bind_linear(weight: torch.Tensor) -> BoundLinear | None:
+    """The native decode GEMV bound to this weight where it :func:`binds`, else None. Decided once:
+    PackedLinear binds when loading."""
+    if not binds(weight):
+        return None
+    assert _lib is not None
+    return BoundLinear(weight.detach(), _lib)
 
 
 class ExpertTable:

@@ -56,15 +56,16 @@ def test_linear_mixed_dtypes_and_batched_shapes():
     """fp32 activations on bf16 weights (the widening is exact), and leading batch dimensions."""
     assert native.available()
     gen = torch.Generator().manual_seed(5)
-    w = torch.randn(40, 96, generator=gen).bfloat16()
+    w = torch.randn(2752, 96, generator=gen).bfloat16()  # 516 KiB: above native.BIND_MIN_BYTES
     x = torch.randn(2, 3, 96, generator=gen)
-    assert native.linear_applies(x, w)
+    assert native.linear_applies(x, w) and not native.linear_applies(x, w[:40])  # small ones: torch's
     got = native.linear(x, w)
-    assert got.shape == (2, 3, 40) and got.dtype == torch.float32
+    assert got.shape == (2, 3, 2752) and got.dtype == torch.float32
     assert _rel_err(got, x.double() @ w.double().T) <= 1e-5
 
 
-def test_linear_applies_only_where_it_should():
+def test_linear_applies_only_where_it_should(monkeypatch):
+    monkeypatch.setattr(native, "BIND_MIN_BYTES", 0)
     w = torch.randn(16, 32)
     big = torch.randn(native.MAX_ROWS + 1, 32)
     assert not native.linear_applies(big, w)  # a prefill block: torch's BLAS

@@ -209,7 +209,7 @@ def pack_for_cpu(llm: BailingMoeV2ForCausalLM) -> bool:
     params = next(llm.parameters())
     if params.device.type != "cpu" or params.dtype not in (torch.float32, torch.bfloat16) or \
             not (kernels.onednn_packing_available(params.dtype) or kernels.emulates_bf16(params)
-                 or kernels.native_decode_applies(params)):
+                 or kernels.native.available()):
         return False
     packed = 0
     for bank in _expert_banks(llm).values():  # one layer at a time: the stacked copy is freed as we go

@@ -160,7 +160,8 @@ def test_cpu_packed_weights_match_the_plain_path(tiny_checkpoint, dtype, monkeyp
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_native_kernels_take_the_decode_of_the_default_cpu_load(tiny_checkpoint, dtype, monkeypatch):
     """Where the native CPU kernels build (every machine with a C compiler), the default CPU load keeps the
-    checkpoint's plain layout, every decode GEMV and each token's routed experts run natively, and a
+    checkpoint's plain layout, each token's routed experts and every decode GEMV of a large enough matrix
+    (here: all, by lowering the bound) run natively, and a
     prefill + decode step give the plain model's logits up to summation order (fp32: relative 1e-4;
     bf16: cosine > 0.999)."""
     from engine import kernels
@@ -169,16 +170,22 @@ def test_native_kernels_take_the_decode_of_the_default_cpu_load(tiny_checkpoint,
     if native._compiler() is None:
         pytest.skip("no C compiler here: the native kernels cannot be built (torch's path runs)")
     assert native.available(), native.status()
+    default = load_model(tiny_checkpoint, dtype=dtype, device="cpu").llm
+    assert default.model.layers[1].mlp.experts.packed.native_table() is not None
+    assert getattr(default.lm_head, "native", None) is None  # the tiny model's matrices are below native.BIND_MIN_BYTES
+    monkeypatch.setattr(native, "BIND_MIN_BYTES", 0)  # bind them all, as a large model's
     fast = load_model(tiny_checkpoint, dtype=dtype, device="cpu")
     plain = load_model(tiny_checkpoint, dtype=dtype, device="cpu", pack_cpu_experts=False)
     bank = fast.llm.model.layers[1].mlp.experts
     assert bank.packed is not None and not bank.packed.onednn and bank.packed.native_table() is not None
     assert isinstance(fast.llm.lm_head, PackedLinear) and not fast.llm.lm_head.packed.is_mkldnn
+    assert fast.llm.lm_head.native is not None
     calls = {"linear": 0, "moe_decode": 0}
-    for name in calls:
-        real = getattr(native, name)
-        monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name: calls.__setitem__(_name, calls[_name] + 1)
-                            or _real(*a))
+
+    def counted(name, real):
+        return lambda *a: calls.__setitem__(name, calls[name] + 1) or real(*a)
+    monkeypatch.setattr(native.BoundLinear, "__call__", counted("linear", native.BoundLinear.__call__))
+    monkeypatch.setattr(native, "moe_decode", counted("moe_decode", native.moe_decode))
     ids = torch.tensor([[10, 20, 30, 40, 50, 60]])
     out = []
     with torch.inference_mode():
