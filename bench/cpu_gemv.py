@@ -78,7 +78,7 @@ def per_call(n: int, dtype: torch.dtype) -> dict:
     row = {"kib": n * n * dtype.itemsize // 1024,
            "plain_us": _seconds(lambda: [F.linear(x, w) for _ in range(200)], 3) / 200 * 1e6}
     if native.available():
-        bound = native.bind_linear(w)
+        bound = native.bind_linear(w, min_bytes=0)  # every size, to show where BIND_MIN_BYTES comes from
         row["native_us"] = _seconds(lambda: [bound(x) for _ in range(200)], 3) / 200 * 1e6
     if onednn_packing_available(dtype):
         p = _pack_matrix(w, True)
@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in out["per_call"].items():
         cols = "".join(f" {r[key]:10.1f}" if key in r else f" {na:>10s}" for key in ("packed_us", "native_us"))
         print(f"{name:40s} {r['kib']:6d} {r['plain_us']:9.1f}{cols}")
-    print(f"\nengine.kernels.ONEDNN_FP32_MIN_BYTES = {ONEDNN_FP32_MIN_BYTES / 2**20:.0f} MiB (without the native "
+    print(f"\nengine.kernels.native.BIND_MIN_BYTES = {native.BIND_MIN_BYTES // 1024} KiB (smaller matrices stay on "
+          "torch's F.linear: in cache, its fixed cost per call is lower)")
+    print(f"engine.kernels.ONEDNN_FP32_MIN_BYTES = {ONEDNN_FP32_MIN_BYTES / 2**20:.0f} MiB (without the native "
           "kernel, fp32 matrices below it stay on the plain path; bf16 ones are packed where oneDNN supports bf16)")
     missing = [d for d, t in DTYPES.items() if not onednn_packing_available(t)]
     if missing:

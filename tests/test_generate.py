@@ -203,10 +203,18 @@ def test_decode_step_reads_nothing_back_to_the_host(stacked_engine, mode, monkey
     assert reads.count.total == 1 and reads.count.syncs["tolist"] == 1
 
 
-def test_host_sync_counter_sees_the_cpu_fast_path(tiny_engine, monkeypatch):
-    """Without the sync-free preference the CPU keeps its fastest MoE path, which reads the k expert
-    ids on the host: the counter must see that (one read per MoE layer)."""
+@pytest.mark.parametrize("native_kernels", [False, True])
+def test_host_sync_counter_sees_the_cpu_fast_path(tiny_engine, monkeypatch, native_kernels):
+    """Without the sync-free preference the CPU keeps its fastest MoE path. torch's reads the k expert
+    ids on the host, and the counter must see that (one read per MoE layer); the native decode kernel
+    (engine.kernels.native, where it builds) takes the ids as a tensor and reads none."""
+    from engine.kernels import native
+
     monkeypatch.delenv(SYNC_FREE_ENV, raising=False)
+    if not native_kernels:
+        monkeypatch.setenv(native.DISABLE_ENV, "0")
+    elif not native.available():
+        pytest.skip(f"native kernels not built here: {native.status()}")
     with torch.inference_mode():
         llm, num, _, cache, _, pre = _prefilled(tiny_engine)
         step = DecodeStep(llm, num, cache)
@@ -214,7 +222,7 @@ def test_host_sync_counter_sees_the_cpu_fast_path(tiny_engine, monkeypatch):
         with HostSyncCounter() as c:
             step.step()
     n_moe = sum(layer.is_moe for layer in llm.model.layers)
-    assert c.count.syncs["tolist"] == n_moe
+    assert c.count.syncs["tolist"] == (0 if native_kernels else n_moe)
 
 
 def test_decode_steps_match_the_host_path_with_any_window(tiny_engine):

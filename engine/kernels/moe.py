@@ -441,9 +441,12 @@ class PackedExperts:
 
 
 def moe_experts_packed(
-    x: torch.Tensor, packed: PackedExperts, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    x: torch.Tensor, packed: PackedExperts, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """:func:`moe_experts` on CPU with :class:`PackedExperts` weights (same semantics, faster)."""
+    """:func:`moe_experts` on CPU with :class:`PackedExperts` weights (same semantics, faster). With
+    ``shared`` (a shared expert's plain gate, up [I_s, H] and down [H, I_s] weights): ``routed.to(x.dtype)
+    + swiglu(x, *shared)``, for one token in the same native pass as the routed experts."""
     if x.dim() != 2 or x.shape[1] != packed.hidden:
         raise ValueError(f"x must be [T, {packed.hidden}]; got {tuple(x.shape)}")
     if x.dtype != packed.dtype:
@@ -451,21 +454,21 @@ def moe_experts_packed(
     check_routing(topk_ids, topk_weights, x.shape[0])
     if x.shape[0] == 1 and isinstance(packed, PackedExperts):  # decode: all the token's experts in one native call
         table = packed.native_table()
-        if native.moe_applies(table, x, topk_ids):
-            return native.moe_decode(x, table, topk_ids, topk_weights).to(x.dtype)
+        if native.moe_applies(table, x, topk_ids) and (shared is None or shared[0].dtype == packed.dtype):
+            return native.moe_decode(x, table, topk_ids, topk_weights, shared).to(x.dtype)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if x.shape[0] == 1:  # decode fast path, same sums as below (see moe_experts_reference)
         ids = topk_ids[0].tolist()
         for slot in sorted(range(len(ids)), key=ids.__getitem__):
             out += packed.forward_expert(x, ids[slot]).float() * topk_weights[0, slot]
-        return out.to(x.dtype)
-    groups = group_by_expert(topk_ids, topk_weights, packed.num_experts)
-    for i, expert in enumerate(groups.experts):
-        start, end = groups.offsets[i], groups.offsets[i + 1]
-        tokens = groups.token_index[start:end]
-        y = packed.forward_expert(x.index_select(0, tokens), expert)
-        out.index_add_(0, tokens, y.float() * groups.weights[start:end, None])
-    return out.to(x.dtype)
+    else:
+        groups = group_by_expert(topk_ids, topk_weights, packed.num_experts)
+        for i, expert in enumerate(groups.experts):
+            start, end = groups.offsets[i], groups.offsets[i + 1]
+            tokens = groups.token_index[start:end]
+            y = packed.forward_expert(x.index_select(0, tokens), expert)
+            out.index_add_(0, tokens, y.float() * groups.weights[start:end, None])
+    return out.to(x.dtype) if shared is None else out.to(x.dtype) + swiglu(x, *shared)
 
 
 # ---------------------------------------------------------------------------------------------

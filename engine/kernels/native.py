@@ -106,7 +106,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.ming_linear.argtypes = (p, i32, p, i32, p, i32, i64, i64, i64, i32)
     lib.ming_linear.restype = i32
-    lib.ming_moe_decode.argtypes = (p, p, i64, i32, p, p, i64, p, i32, i64, i64, i32, p, p, i32)
+    lib.ming_moe_decode.argtypes = (p, p, i64, i32, p, p, i64, p, i32, i64, i64, p, p, p, i64, i32, p, p, i32)
     lib.ming_moe_decode.restype = i32
     lib.ming_vector_floats.argtypes = ()
     lib.ming_vector_floats.restype = i32
@@ -158,11 +158,12 @@ def reset() -> None:
         _lib, _tried, _failure = None, False, None
 
 
-def binds(weight: torch.Tensor) -> bool:
+def binds(weight: torch.Tensor, min_bytes: int | None = None) -> bool:
     """True when decode GEMVs of this [out, in] weight take the native kernel: a contiguous fp32/bf16 CPU
-    matrix of at least BIND_MIN_BYTES, and the kernels available."""
+    matrix of at least ``min_bytes`` (default BIND_MIN_BYTES), and the kernels available."""
+    min_bytes = BIND_MIN_BYTES if min_bytes is None else min_bytes
     return (weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in _DTYPES and not weight.is_mkldnn
-            and weight.is_contiguous() and weight.numel() * weight.element_size() >= BIND_MIN_BYTES
+            and weight.is_contiguous() and weight.numel() * weight.element_size() >= min_bytes
             and available())
 
 
@@ -215,10 +216,10 @@ class BoundLinear:
         return y.view(*x.shape[:-1], self.n)
 
 
-def bind_linear(weight: torch.Tensor) -> BoundLinear | None:
+def bind_linear(weight: torch.Tensor, min_bytes: int | None = None) -> BoundLinear | None:
     """The native decode GEMV bound to this weight where it :func:`binds`, else None. Decided once:
     PackedLinear binds when loading."""
-    if not binds(weight):
+    if not binds(weight, min_bytes):
         return None
     assert _lib is not None
     return BoundLinear(weight.detach(), _lib)
@@ -241,21 +242,26 @@ def moe_applies(table: ExpertTable | None, x: torch.Tensor, topk_ids: torch.Tens
             and x.dtype in _DTYPES and topk_ids.shape[1] <= MAX_TOP_K and available())
 
 
-def moe_decode(x: torch.Tensor, table: ExpertTable, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """Routed experts of one token x [1, H] -> [1, H] fp32 (moe_experts' semantics; the caller casts).
-    Check :func:`moe_applies` first."""
+def moe_decode(x: torch.Tensor, table: ExpertTable, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+               shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Routed experts of one token x [1, H] -> [1, H] fp32 (moe_experts' semantics; the caller casts), plus
+    the shared expert when given (its plain gate, up [I_s, H] and down [H, I_s] weights, the table's
+    dtype): then the sum is rounded as ``routed.to(x.dtype) + shared_expert(x)`` rounds it. Check
+    :func:`moe_applies` first."""
     lib = _lib
     assert lib is not None, "call moe_applies() first"
     ids = topk_ids.reshape(-1).to(torch.int64).contiguous()
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     xc = x.contiguous()
     out = torch.empty((1, table.hidden), dtype=torch.float32)
-    scratch = torch.empty(ids.numel() * 3 * table.inter, dtype=torch.float32)
+    shared_inter = 0 if shared is None else shared[0].shape[0]
+    scratch = torch.empty(ids.numel() * 3 * table.inter + 3 * shared_inter, dtype=torch.float32)
+    gate, up, down = (None, None, None) if shared is None else (t.data_ptr() for t in shared)
     rc = lib.ming_moe_decode(table.gate_up.data_ptr(), table.down.data_ptr(), table.num_experts,
                              table.dtype == torch.bfloat16, ids.data_ptr(), weights.data_ptr(), ids.numel(),
                              xc.data_ptr(), xc.dtype == torch.bfloat16, table.hidden, table.inter,
-                             xc.dtype == torch.bfloat16, out.data_ptr(), scratch.data_ptr(),
-                             torch.get_num_threads())
+                             gate, up, down, shared_inter, xc.dtype == torch.bfloat16, out.data_ptr(),
+                             scratch.data_ptr(), torch.get_num_threads())
     if rc == -1:
         raise ValueError(f"expert ids must lie in [0, {table.num_experts}); got {ids.tolist()}")
     if rc != 0:

@@ -27,5 +27,8 @@ def test_real_shape_benchmark_runs_every_placement_at_tiny_limits():
     off = rows[("offload", 1)]
     assert 0 < off["experts_on_gpu"] < 1 and off["planner_decode_tokens_per_s"] > 0 and off["simulated_gpu"]
     assert off["host_layer_ms"] != 0 and off["decode_tokens_per_s_full"] > 0  # combined with the resident rows
-    # the CPU keeps its fastest MoE path for one token, which reads the expert ids (one sync per MoE layer)
-    assert rows[("resident", 1)]["host_syncs_per_moe_layer"] >= 1
+    # the CPU keeps its fastest MoE path for one token: the native kernel takes the expert ids as a tensor
+    # (no host read); torch's path, where it is not built, reads them (one sync per MoE layer)
+    from engine.kernels import native
+    syncs = rows[("resident", 1)]["host_syncs_per_moe_layer"]
+    assert syncs == 0 if native.available() else syncs >= 1

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from engine.kernels import moe as moe_kernels
 from engine.kernels import native
-from engine.kernels.moe import PackedExperts, cpu_linear, moe_experts_packed, moe_experts_reference
+from engine.kernels.moe import PackedExperts, cpu_linear, moe_experts_packed, moe_experts_reference, swiglu
 
 needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler: torch's path runs")
 
@@ -96,6 +96,31 @@ def test_moe_decode_matches_the_reference(dtype, experts, hidden, inter, top_k):
     assert got.dtype == dtype and got.shape == x.shape
     tol = 1e-5 if dtype == torch.float32 else 2 ** -7
     assert _rel_err(got, want) <= tol
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shared_inter", [32, 70])
+def test_moe_decode_with_the_shared_expert_in_the_same_pass(dtype, shared_inter):
+    """Routed + shared expert in one native call: ``routed.to(dtype) + swiglu(x, shared)`` as the model's
+    two-step path computes it (a shared expert wider than a routed one too), within the tolerances above;
+    prefill blocks (torch's path) give the same sum."""
+    assert native.available()
+    gen = torch.Generator().manual_seed(shared_inter)
+    experts, hidden, inter, top_k = 16, 96, 32, 4
+    wg, wu = ((torch.randn(experts, inter, hidden, generator=gen) / hidden ** 0.5).to(dtype) for _ in range(2))
+    wd = (torch.randn(experts, hidden, inter, generator=gen) / inter ** 0.5).to(dtype)
+    shared = tuple((torch.randn(*shape, generator=gen) / shape[1] ** 0.5).to(dtype)
+                   for shape in ((shared_inter, hidden), (shared_inter, hidden), (hidden, shared_inter)))
+    packed = PackedExperts.from_weights(wg, wu, wd)
+    for tokens in (1, 5):
+        x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+        ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+        weights = torch.rand(tokens, top_k, generator=gen)
+        want = moe_experts_reference(x, wg, wu, wd, ids, weights) + swiglu(x, *shared)
+        got = moe_experts_packed(x, packed, ids, weights, shared=shared)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -7)
 
 
 @needs_compiler

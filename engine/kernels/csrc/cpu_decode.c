@@ -189,67 +189,117 @@ int ming_linear(const void *w, int w_bf16, const void *x, int x_bf16, void *y, i
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
-/* The routed experts of one token (spec §2.6):
- *   out[h] = sum over the top_k slots, by ascending expert id, of route_w[slot] * e_slot[h],
+/* One expert of a token: gate and up [inter, hidden] rows, down [hidden, inter], its weight, and where its
+ * gate/up outputs and activations go in the scratch buffer. */
+typedef struct {
+    const void *gate, *up, *down;
+    int64_t inter, id;
+    float weight;
+    float *gate_up;  /* [2 * inter]: gate outputs, then up outputs */
+    float *act;      /* [inter], laid out for the down rows' dot product */
+} expert_slot;
+
+#define MAX_SLOTS 65  /* top_k <= 64 routed experts + the shared one */
+
+/* The slot holding work unit u, searching forward from slot `from`, given each slot's first unit
+ * (first[n] = the total). */
+static inline int slot_of(const int64_t *first, int n, int64_t u, int from) {
+    while (from + 1 < n && first[from + 1] <= u) from++;
+    return from;
+}
+
+/* The experts of one token (spec §2.6), routed and shared in one pass:
+ *   routed[h] = sum over the top_k slots, by ascending expert id, of route_w[slot] * e_slot[h]   (fp32)
+ *   out[h]    = routed[h] + shared[h]  (no shared expert when shared_gate is NULL: out = routed)
  *   e = down(silu(gate(x)) * up(x)),
- * with gate_up the fused [2I, H] matrix of an expert (gate rows first) and down [H, I], found through
- * the tables of data pointers `gate_up_ptrs` / `down_ptrs` indexed by expert id. With `round_act` (bf16
- * activations) every intermediate is rounded to bf16 where torch's bf16 expert rounds it: gate, up,
- * silu(gate), their product and e; the weighted sum is fp32 either way. `scratch` holds
- * top_k * 3 * I floats. Returns 0; -1 for an expert id outside [0, num_experts) or top_k > 64; -2 when
- * out of memory. */
+ * with gate_up the fused [2I, H] matrix of a routed expert (gate rows first) and down [H, I], found
+ * through the tables of data pointers `gate_up_ptrs` / `down_ptrs` indexed by expert id; the shared
+ * expert has its own gate, up [I_s, H] and down [H, I_s] matrices. With `round_act` (bf16 activations)
+ * every intermediate is rounded to bf16 where torch's bf16 modules round it: gate, up, silu(gate), their
+ * product, each expert's output, the routed sum before the shared expert is added, and out; the
+ * weighted routed sum is fp32 either way. `scratch` holds top_k * 3 * I + 3 * I_s floats. Returns 0;
+ * -1 for an expert id outside [0, num_experts) or top_k > 64; -2 when out of memory. */
 int ming_moe_decode(const int64_t *gate_up_ptrs, const int64_t *down_ptrs, int64_t num_experts, int w_bf16,
                     const int64_t *ids, const float *route_w, int64_t top_k, const void *x, int x_bf16,
-                    int64_t hidden, int64_t inter, int round_act, float *out, float *scratch, int nthreads) {
-    int64_t order[64];
-    if (top_k > 64) return -1;
+                    int64_t hidden, int64_t inter, const void *shared_gate, const void *shared_up,
+                    const void *shared_down, int64_t shared_inter, int round_act, float *out, float *scratch,
+                    int nthreads) {
+    if (top_k < 0 || top_k > MAX_SLOTS - 1) return -1;
+    expert_slot slot[MAX_SLOTS];
+    const size_t elem = w_bf16 ? 2 : 4;
+    int routed = 0;
     for (int64_t s = 0; s < top_k; s++) {
         if (ids[s] < 0 || ids[s] >= num_experts) return -1;
-        int64_t j = s;  /* insertion sort of the slots by expert id (stable) */
-        while (j > 0 && ids[order[j - 1]] > ids[s]) { order[j] = order[j - 1]; j--; }
-        order[j] = s;
+        const char *gu = (const char *)(intptr_t)gate_up_ptrs[ids[s]];
+        expert_slot e = {gu, gu + (size_t)(inter * hidden) * elem, (const void *)(intptr_t)down_ptrs[ids[s]],
+                         inter, ids[s], route_w[s], NULL, NULL};
+        int j = routed++;  /* insertion sort by expert id (stable): the order the routed sum runs in */
+        while (j > 0 && slot[j - 1].id > e.id) { slot[j] = slot[j - 1]; j--; }
+        slot[j] = e;
+    }
+    int n = routed;
+    if (shared_gate != NULL && shared_inter > 0)
+        slot[n++] = (expert_slot){shared_gate, shared_up, shared_down, shared_inter, -1, 1.0f, NULL, NULL};
+    int64_t first_row_unit[MAX_SLOTS + 1], first_elem[MAX_SLOTS + 1], bytes = 0;
+    float *cursor = scratch;
+    first_row_unit[0] = first_elem[0] = 0;
+    for (int j = 0; j < n; j++) {
+        slot[j].gate_up = cursor;
+        slot[j].act = cursor + 2 * slot[j].inter;
+        cursor += 3 * slot[j].inter;
+        /* phase 1 units: ROWS rows of gate, then of up */
+        first_row_unit[j + 1] = first_row_unit[j] + 2 * ((slot[j].inter + ROWS - 1) / ROWS);
+        first_elem[j + 1] = first_elem[j] + slot[j].inter;
+        bytes += 3 * slot[j].inter * hidden * (int64_t)elem;
     }
     float *xbuf;
     const float *xf = activations(x, x_bf16, w_bf16, 1, hidden, &xbuf);
     if (!xf) return -2;
-    float *gate_up = scratch;                      /* [top_k, 2I] */
-    float *act = scratch + top_k * 2 * inter;      /* [top_k, I] */
-    const int64_t gu_blocks = (2 * inter + ROWS - 1) / ROWS;
     const int64_t down_blocks = (hidden + ROWS - 1) / ROWS;
-    int nt = team_size(nthreads, top_k * 3 * inter * hidden * (w_bf16 ? 2 : 4));
+    int nt = team_size(nthreads, bytes);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         const int t = omp_get_thread_num(), team = omp_get_num_threads();
         int64_t first, last;
         float dots[ROWS];
-        /* 1. gate and up rows of every slot's expert: one unit = ROWS rows of one expert */
-        split(top_k * gu_blocks, t, team, &first, &last);
-        for (int64_t u = first; u < last; u++) {
-            int64_t s = u / gu_blocks, row = (u % gu_blocks) * ROWS;
-            int rows = (int)(2 * inter - row < ROWS ? 2 * inter - row : ROWS);
-            dot_rows((const void *)(intptr_t)gate_up_ptrs[ids[s]], w_bf16, row, hidden, rows, xf, gate_up + s * 2 * inter + row);
+        /* 1. gate and up rows of every expert */
+        split(first_row_unit[n], t, team, &first, &last);
+        for (int64_t u = first, j = 0; u < last; u++) {
+            j = slot_of(first_row_unit, n, u, (int)j);
+            const expert_slot *e = &slot[j];
+            int64_t blocks = (e->inter + ROWS - 1) / ROWS, v = u - first_row_unit[j];
+            int is_up = v >= blocks;
+            int64_t row = (is_up ? v - blocks : v) * ROWS;
+            int rows = (int)(e->inter - row < ROWS ? e->inter - row : ROWS);
+            dot_rows(is_up ? e->up : e->gate, w_bf16, row, hidden, rows, xf, e->gate_up + is_up * e->inter + row);
         }
 #pragma omp barrier
         /* 2. silu(gate) * up, laid out for the down rows' dot product */
-        split(top_k * inter, t, team, &first, &last);
-        for (int64_t u = first; u < last; u++) {
-            int64_t s = u / inter, i = u % inter;
-            float g = gate_up[s * 2 * inter + i], v = gate_up[s * 2 * inter + inter + i];
-            act[s * inter + (w_bf16 ? permuted_index(i, inter) : i)] = round_act ? round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(v)) : silu(g) * v;
+        split(first_elem[n], t, team, &first, &last);
+        for (int64_t u = first, j = 0; u < last; u++) {
+            j = slot_of(first_elem, n, u, (int)j);
+            const expert_slot *e = &slot[j];
+            int64_t i = u - first_elem[j];
+            float g = e->gate_up[i], v = e->gate_up[e->inter + i];
+            e->act[w_bf16 ? permuted_index(i, e->inter) : i] =
+                round_act ? round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(v)) : silu(g) * v;
         }
 #pragma omp barrier
-        /* 3. down rows: each thread owns a slice of out and adds the experts in ascending id order */
+        /* 3. down rows: each thread owns a slice of out; routed experts by ascending id, then the shared one */
         split(down_blocks, t, team, &first, &last);
         int64_t row0 = first * ROWS, row1 = last * ROWS < hidden ? last * ROWS : hidden;
         for (int64_t h = row0; h < row1; h++) out[h] = 0.0f;
-        for (int64_t o = 0; o < top_k; o++) {
-            int64_t s = order[o];
-            const void *down = (const void *)(intptr_t)down_ptrs[ids[s]];
-            float weight = route_w[s];
+        for (int j = 0; j < n; j++) {
+            const expert_slot *e = &slot[j];
+            const int shared = j >= routed;
             for (int64_t row = row0; row < row1; row += ROWS) {
                 int rows = (int)(row1 - row < ROWS ? row1 - row : ROWS);
-                dot_rows(down, w_bf16, row, inter, rows, act + s * inter, dots);
-                for (int j = 0; j < rows; j++) out[row + j] += (round_act ? round_bf16(dots[j]) : dots[j]) * weight;
+                dot_rows(e->down, w_bf16, row, e->inter, rows, e->act, dots);
+                for (int r = 0; r < rows; r++) {
+                    float y = round_act ? round_bf16(dots[r]) : dots[r];
+                    if (!shared) out[row + r] += y * e->weight;
+                    else out[row + r] = round_act ? round_bf16(round_bf16(out[row + r]) + y) : out[row + r] + y;
+                }
             }
         }
     }

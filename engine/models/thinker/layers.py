@@ -254,6 +254,27 @@ class MoEBlock(nn.Module):
         self.shared_experts = (
             SwiGLUMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
             if cfg.num_shared_experts else None)
+        self.cpu_shared = None  # the shared expert's plain weights, run with the packed routed experts (bind_cpu_shared)
+
+    def bind_cpu_shared(self) -> bool:
+        """After kernels.pack_linears / ExpertBank.pack_for_cpu: where the routed experts are packed in the
+        plain layout for the native decode kernel and the shared expert's three projections hold plain
+        bias-free weights of the same dtype, run the shared expert with them (one native pass per token,
+        ``routed.to(dtype) + shared(x)`` as before). True when bound."""
+        packed, mlp = self.experts.packed, self.shared_experts
+        if mlp is None or not isinstance(packed, kernels.PackedExperts) or packed.native_table() is None:
+            return False
+        weights = []
+        for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            if linear.bias is not None:
+                return False
+            w = linear.packed if isinstance(linear, kernels.PackedLinear) else linear.weight
+            if not isinstance(w, torch.Tensor) or w.is_mkldnn or w.device.type != "cpu" or \
+                    w.dtype != packed.dtype or not w.is_contiguous():
+                return False
+            weights.append(w.detach())
+        self.cpu_shared = tuple(weights)
+        return True
 
     def forward(self, x: torch.Tensor, numerics: Numerics, image_mask: torch.Tensor | None = None,
                 audio_mask: torch.Tensor | None = None, trace: list | None = None) -> torch.Tensor:
@@ -290,6 +311,8 @@ class MoEBlock(nn.Module):
             bank = self.experts
             return kernels.moe_experts(flat, bank.gate_proj, bank.up_proj, bank.down_proj, ids, weights,
                                        shared=shared).view(shape)
+        if self.cpu_shared is not None and self.experts.runtime is None:
+            return kernels.moe_experts_packed(flat, self.experts.packed, ids, weights, shared=self.cpu_shared).view(shape)
         out = self.experts(flat, ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

@@ -218,6 +218,8 @@ def pack_for_cpu(llm: BailingMoeV2ForCausalLM) -> bool:
             packed += 1
     for layer in llm.model.layers:  # attention, dense and shared-expert projections too
         packed += kernels.pack_linears(layer)
+        if layer.is_moe and kernels.native.available():
+            layer.mlp.bind_cpu_shared()  # the shared expert in the routed experts' native pass
     packed += kernels.pack_linears(llm)  # lm_head
     return packed > 0
 

@@ -172,6 +172,7 @@ def test_native_kernels_take_the_decode_of_the_default_cpu_load(tiny_checkpoint,
     assert native.available(), native.status()
     default = load_model(tiny_checkpoint, dtype=dtype, device="cpu").llm
     assert default.model.layers[1].mlp.experts.packed.native_table() is not None
+    assert default.model.layers[1].mlp.cpu_shared is not None  # the shared expert in the same native pass
     assert getattr(default.lm_head, "native", None) is None  # the tiny model's matrices are below native.BIND_MIN_BYTES
     monkeypatch.setattr(native, "BIND_MIN_BYTES", 0)  # bind them all, as a large model's
     fast = load_model(tiny_checkpoint, dtype=dtype, device="cpu")
