@@ -54,10 +54,10 @@ def use_triton(impl: Impl, *tensors: torch.Tensor | None) -> bool:
         if not triton_available():
             raise RuntimeError("impl='triton' was requested but triton is not installed")
         return True
-    if reference_forced() or not triton_available():
-        return False
     present = [t for t in tensors if t is not None]
-    return bool(present) and all(t.is_cuda for t in present)
+    if not present or not all(t.is_cuda for t in present):  # first: CPU calls skip the environment look-up
+        return False
+    return not reference_forced() and triton_available()
 
 
 def prefer_sync_free(*tensors: torch.Tensor | None) -> bool:

@@ -39,6 +39,9 @@ BUILD_TIMEOUT_S = 180
 # Linears of at most this many rows take the native kernel (each weight row is read once for all rows);
 # larger blocks (prefill) are GEMMs, where torch's BLAS is the faster choice.
 MAX_ROWS = 8
+# RMSNorm and rotary of at most this many elements run natively (decode: a token's hidden state or its
+# heads; ~10 torch ops each otherwise, whose fixed costs dominate at this size); larger ones are torch's.
+SMALL_OP_MAX_ELEMENTS = 1 << 16
 # Matrices smaller than this stay on torch's F.linear: they sit in cache (a model this small fits), where
 # torch's ~6 us per call beats this path's ~12-20 us of Python, ctypes and tensor set-up (bench/cpu_gemv.py,
 # "one matrix in cache": fp32 512x512 about even, bf16 512x512 native 1.3x faster).
@@ -108,6 +111,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ming_linear.restype = i32
     lib.ming_moe_decode.argtypes = (p, p, i64, i32, p, p, i64, p, i32, i64, i64, p, p, p, i64, i32, p, p, i32)
     lib.ming_moe_decode.restype = i32
+    lib.ming_rms_norm.argtypes = (p, p, p, p, p, i64, i64, ctypes.c_float, i32)
+    lib.ming_rms_norm.restype = i32
+    lib.ming_rotary.argtypes = (p, p, p, p, i64, i64, i64, i64, i64, i32)
+    lib.ming_rotary.restype = None
     lib.ming_vector_floats.argtypes = ()
     lib.ming_vector_floats.restype = i32
 
@@ -267,3 +274,49 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, topk_ids: torch.Tensor, topk
     if rc != 0:
         raise MemoryError("native moe_decode: out of memory for the converted activations")
     return out
+
+
+def _small_op_applies(*tensors: torch.Tensor) -> bool:
+    first = tensors[0]
+    return (first.device.type == "cpu" and first.dtype in _DTYPES and first.numel() <= SMALL_OP_MAX_ELEMENTS
+            and all(t.device.type == "cpu" and t.dtype == first.dtype for t in tensors)
+            and not any(t.requires_grad for t in tensors) and available())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """kernels.rms_norm's semantics for a decode-sized CPU input (x, weight and residual of one fp32/bf16
+    dtype, at most SMALL_OP_MAX_ELEMENTS); None where it does not apply (the caller runs torch's)."""
+    tensors = (x, weight) if residual is None else (x, weight, residual)
+    if x.dim() == 0 or not _small_op_applies(*tensors):
+        return None
+    lib = _lib
+    assert lib is not None
+    xc, wc = x.contiguous(), weight.contiguous()
+    rc_ = None if residual is None else residual.contiguous()
+    y = torch.empty_like(xc)
+    h = None if residual is None else torch.empty_like(xc)
+    dim = x.shape[-1]
+    rc = lib.ming_rms_norm(xc.data_ptr(), None if rc_ is None else rc_.data_ptr(), wc.data_ptr(), y.data_ptr(),
+                           None if h is None else h.data_ptr(), xc.numel() // dim, dim, eps,
+                           x.dtype == torch.bfloat16)
+    if rc != 0:
+        raise MemoryError("native rms_norm: out of memory")
+    return y if h is None else (y, h)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """kernels.apply_rotary's semantics for one position: x [B, heads, 1, head_dim] (fp32/bf16, CPU, at
+    most SMALL_OP_MAX_ELEMENTS), cos/sin [B or 1, 1, rot]; None where it does not apply."""
+    if x.dim() != 4 or x.shape[2] != 1 or cos.dim() != 3 or cos.shape[1] != 1 or cos.shape != sin.shape \
+            or cos.device.type != "cpu" or not _small_op_applies(x):
+        return None
+    lib = _lib
+    assert lib is not None
+    xc = x.contiguous()
+    c, s = cos.float().contiguous(), sin.float().contiguous()
+    y = torch.empty_like(xc)
+    batch, heads, _, head_dim = xc.shape
+    lib.ming_rotary(xc.data_ptr(), c.data_ptr(), s.data_ptr(), y.data_ptr(), batch, heads, head_dim, cos.shape[-1],
+                    cos.shape[0], x.dtype == torch.bfloat16)
+    return y

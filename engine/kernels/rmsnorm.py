@@ -11,6 +11,7 @@ from typing import overload
 
 import torch
 
+from . import native
 from .dispatch import Impl, use_triton
 
 
@@ -53,4 +54,8 @@ def rms_norm(
         from .triton_impl.rmsnorm import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps, residual)
+    if impl == "auto" and x.device.type == "cpu":  # decode-sized: the native kernel, where it is built
+        out = native.rms_norm(x, weight, eps, residual)
+        if out is not None:
+            return out
     return rms_norm_reference(x, weight, eps, residual)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from .dispatch import Impl, use_triton
 
 
@@ -63,4 +64,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl:
         from .triton_impl.rotary import apply_rotary_triton
 
         return apply_rotary_triton(x, cos, sin)
+    if impl == "auto" and x.device.type == "cpu":  # one position (decode): the native kernel, where it is built
+        check_rotary_shapes(x, cos, sin)
+        out = native.rotary(x, cos, sin)
+        if out is not None:
+            return out
     return apply_rotary_reference(x, cos, sin)

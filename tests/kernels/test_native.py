@@ -180,3 +180,47 @@ def test_switched_off_by_environment(monkeypatch):
     monkeypatch.delenv(native.DISABLE_ENV)
     monkeypatch.setenv("MING_KERNELS_FORCE_REFERENCE", "1")
     assert not native.available() and "reference" in native.status()
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (1, 16, 128), (3, 100), (7,)])
+def test_rms_norm_matches_the_reference(dtype, shape):
+    """Decode-sized RMSNorm, with and without the fused residual add: the residual sum is the reference's
+    exactly; y agrees within one step of its dtype (the mean of squares is summed in another order)."""
+    from engine.kernels import rms_norm, rms_norm_reference
+
+    assert native.available()
+    gen = torch.Generator().manual_seed(len(shape))
+    x, residual = (torch.randn(*shape, generator=gen).to(dtype) for _ in range(2))
+    weight = (torch.rand(shape[-1], generator=gen) + 0.5).to(dtype)
+    assert native.rms_norm(x, weight, 1e-6) is not None  # the native path takes it
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+    got, want = rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6)
+    assert got.dtype == dtype and _rel_err(got, want) <= tol
+    (got, got_h), (want, want_h) = rms_norm(x, weight, 1e-6, residual), rms_norm_reference(x, weight, 1e-6, residual)
+    assert torch.equal(got_h, want_h) and _rel_err(got, want) <= tol
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rot,table_batch", [(64, 1), (128, 1), (64, 2)])
+def test_rotary_of_one_position_matches_the_reference(dtype, rot, table_batch):
+    from engine.kernels import apply_rotary, apply_rotary_reference
+
+    assert native.available()
+    gen = torch.Generator().manual_seed(rot + table_batch)
+    x = torch.randn(2, 16, 1, 128, generator=gen).to(dtype)
+    cos, sin = (torch.randn(table_batch, 1, rot, generator=gen) for _ in range(2))
+    assert native.rotary(x, cos, sin) is not None
+    got, want = apply_rotary(x, cos, sin), apply_rotary_reference(x, cos, sin)
+    assert got.dtype == dtype and _rel_err(got, want) <= (1e-6 if dtype == torch.float32 else 2 ** -7)
+
+
+def test_small_ops_leave_other_inputs_to_torch():
+    """Prefill-sized inputs, mixed dtypes and several positions go to torch's path (None)."""
+    big = torch.randn(native.SMALL_OP_MAX_ELEMENTS + 1)
+    assert native.rms_norm(big, torch.ones(big.shape[-1]), 1e-6) is None
+    assert native.rms_norm(torch.randn(4, 8), torch.ones(8, dtype=torch.bfloat16), 1e-6) is None
+    x = torch.randn(1, 4, 3, 16)
+    assert native.rotary(x, torch.randn(1, 3, 16), torch.randn(1, 3, 16)) is None

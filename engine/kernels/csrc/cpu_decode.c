@@ -307,5 +307,73 @@ int ming_moe_decode(const int64_t *gate_up_ptrs, const int64_t *down_ptrs, int64
     return 0;
 }
 
+/* RMSNorm of `rows` rows of `dim` (spec §2.3), one thread (decode-sized inputs):
+ *   h = x (+ residual, rounded to the dtype), written to h_out when given;
+ *   y = weight * round(h * 1/sqrt(mean(h^2) + eps))     (fp32 inside; bf16: rounded where torch rounds).
+ * x, residual, weight, y and h_out share one dtype (bf16 when `bf16`). Returns 0, -2 when out of memory. */
+int ming_rms_norm(const void *x, const void *residual, const void *weight, void *y, void *h_out,
+                  int64_t rows, int64_t dim, float eps, int bf16) {
+    float *h = (float *)malloc((size_t)dim * sizeof(float));
+    if (!h) return -2;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t base = r * dim;
+        for (int64_t i = 0; i < dim; i++) {
+            float v = bf16 ? bf16_to_f32(((const uint16_t *)x)[base + i]) : ((const float *)x)[base + i];
+            if (residual) {
+                v += bf16 ? bf16_to_f32(((const uint16_t *)residual)[base + i]) : ((const float *)residual)[base + i];
+                if (bf16) v = round_bf16(v);
+            }
+            h[i] = v;
+        }
+        vf acc = {0};
+        int64_t i = 0;
+        for (; i + VL <= dim; i += VL) { vf v = load_f32(h + i); acc += v * v; }
+        float sum = hsum(acc);
+        for (; i < dim; i++) sum += h[i] * h[i];
+        const float inv = 1.0f / sqrtf(sum / (float)dim + eps);
+        for (i = 0; i < dim; i++) {
+            if (bf16) {
+                float out = round_bf16(bf16_to_f32(((const uint16_t *)weight)[i]) * round_bf16(h[i] * inv));
+                ((uint16_t *)y)[base + i] = f32_to_bf16(out);
+                if (h_out) ((uint16_t *)h_out)[base + i] = f32_to_bf16(h[i]);
+            } else {
+                ((float *)y)[base + i] = ((const float *)weight)[i] * (h[i] * inv);
+                if (h_out) ((float *)h_out)[base + i] = h[i];
+            }
+        }
+    }
+    free(h);
+    return 0;
+}
+
+/* Partial rotate-half RoPE (spec §2.4) on x [batch, heads, head_dim] (one position per batch row) with
+ * cos/sin [batch or 1, rot] in fp32, cast to x's dtype first as torch casts them: channel c < rot/2 pairs
+ * with c + rot/2, channels >= rot pass through; y = x * cos + rotate_half(x) * sin, each product and the
+ * sum rounded to the dtype (bf16 when `bf16`; fp32 products are not fused). */
+void ming_rotary(const void *x, const float *cos_t, const float *sin_t, void *y, int64_t batch, int64_t heads,
+                 int64_t head_dim, int64_t rot, int64_t table_batch, int bf16) {
+    const int64_t half = rot / 2;
+    for (int64_t b = 0; b < batch; b++) {
+        const float *c = cos_t + (table_batch > 1 ? b : 0) * rot, *s = sin_t + (table_batch > 1 ? b : 0) * rot;
+        for (int64_t hd = 0; hd < heads; hd++) {
+            const int64_t base = (b * heads + hd) * head_dim;
+            for (int64_t i = 0; i < head_dim; i++) {
+                float v = bf16 ? bf16_to_f32(((const uint16_t *)x)[base + i]) : ((const float *)x)[base + i];
+                float out = v;
+                if (i < rot) {
+                    int64_t j = i < half ? i + half : i - half;
+                    float pair = bf16 ? bf16_to_f32(((const uint16_t *)x)[base + j]) : ((const float *)x)[base + j];
+                    float rotated = i < half ? -pair : pair;
+                    float ci = bf16 ? round_bf16(c[i]) : c[i], si = bf16 ? round_bf16(s[i]) : s[i];
+                    float a = v * ci, bb = rotated * si;
+                    out = bf16 ? round_bf16(round_bf16(a) + round_bf16(bb)) : a + bb;
+                }
+                if (bf16) ((uint16_t *)y)[base + i] = f32_to_bf16(out);
+                else ((float *)y)[base + i] = out;
+            }
+        }
+    }
+}
+
 /* The vector width this build uses, in floats (16: AVX-512, 8: AVX/AVX2, 4: SSE or other). */
 int ming_vector_floats(void) { return VL; }
