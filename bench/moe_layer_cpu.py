@@ -27,8 +27,10 @@ Method
   bandwidth. The router GEMM is not in the timed call (routing is given, to control which experts are
   read); activations are not counted as bytes.
 * Paths: ``plain`` = ``moe_experts`` on stacked [E, I, H] weights (the reference CPU path);
-  ``packed`` = ``moe_experts_packed`` on :class:`engine.kernels.PackedExperts` (gate+up concatenated,
-  oneDNN-prepacked), the engine's fast CPU path. The headline numbers are those of the packed path
+  ``packed`` = ``moe_experts_packed`` on :class:`engine.kernels.PackedExperts` (gate+up concatenated;
+  plain layout run by the native decode kernel with the shared expert in the same pass where it is
+  built, engine.kernels.native, else oneDNN-prepacked where that pays), the engine's fast CPU path (the
+  native kernel's status is printed). The headline numbers are those of the packed path
   when it runs. The paths are built one after the other, so peak memory is one layer's weights.
   ``int8`` / ``int4``: the same routed experts quantised (engine.placement.quant) and run by
   :class:`engine.kernels.QuantizedCpuExperts` (torch's int8 / int4 weight-only kernels), activations in
@@ -61,6 +63,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.kernels import native  # noqa: E402
 from engine.kernels.moe import PackedExperts, moe_experts, moe_experts_packed, swiglu  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -235,7 +238,8 @@ def build_plain(source: WeightSource, shape: LayerShape) -> LayerCall:
 
 
 def build_packed(source: WeightSource, shape: LayerShape) -> tuple[LayerCall, bool]:
-    """``PackedExperts`` built expert by expert (no stacked copy) + ``moe_experts_packed``."""
+    """``PackedExperts`` built expert by expert (no stacked copy) + ``moe_experts_packed`` with the shared
+    expert, as the engine's CPU load runs a MoE layer."""
     packed = PackedExperts(shape.hidden, shape.inter, shape.dtype)
     offsets = expert_offsets(source, shape)
     gate = torch.empty(shape.inter, shape.hidden, dtype=shape.dtype)
@@ -245,12 +249,12 @@ def build_packed(source: WeightSource, shape: LayerShape) -> tuple[LayerCall, bo
         for i, w in enumerate((gate, up, down)):
             source.fill(w, offsets[3 * e + i])
         packed.append(gate, up, down)
-    shared = PackedExperts(shape.hidden, shape.shared_inter, shape.dtype)
-    for copy in make_shared(source, shape):
-        shared.append(*copy)
+    # the shared expert as the engine's MoE block passes it (MoEBlock.bind_cpu_shared): plain weights, run
+    # in the routed experts' native pass for one token, else added after them
+    shared = [tuple(w.contiguous() for w in copy) for copy in make_shared(source, shape)]
 
     def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared_copy: int) -> torch.Tensor:
-        return moe_experts_packed(x, packed, ids, weights) + shared.forward_expert(x, shared_copy)
+        return moe_experts_packed(x, packed, ids, weights, shared=shared[shared_copy])
 
     return call, packed.onednn
 
@@ -518,7 +522,8 @@ def main() -> None:
                 f"{r['other_cpu_load']:>11.2f}{_flag(float(r['other_cpu_load']))}"  # type: ignore[arg-type]
             )
     if "packed" in results:
-        print(f"packed path uses oneDNN prepacked weights: {results['packed'].get('onednn_prepacked')}")
+        print(f"native decode kernel: {native.status()}")
+    print(f"packed path uses oneDNN prepacked weights: {results['packed'].get('onednn_prepacked')}")
     for path, res in results.items():
         if "kernel" in res:
             print(f"{path} path kernel: {res['kernel']}")
