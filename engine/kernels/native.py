@@ -5,9 +5,9 @@ Decode on the CPU is a chain of GEMVs, and torch's GEMV reads weights well below
 has no bf16 path on CPUs without native bf16). These kernels stream the checkpoint's own row-major
 [out, in] weights (fp32 or bf16, no repacking) on torch's OpenMP threads.
 
-The C source is compiled on first use with the system C compiler for this CPU (``-march=native``) into
-the studio cache (``$XDG_CACHE_HOME/ming-omni-studio/kernels``, keyed by source, compiler and CPU), then
-loaded with ctypes. Without a compiler, when the build fails, or with ``MING_NATIVE_KERNELS=0`` (or
+The C source is compiled on first use (about a second) with the system C compiler for this CPU
+(``-march=native``) into the studio cache (``$MING_STUDIO_CACHE`` or ``~/.cache/ming-omni-studio``, folder
+``kernels``, keyed by source, compiler, CPU and torch), then loaded with ctypes. Without a compiler, when the build fails, or with ``MING_NATIVE_KERNELS=0`` (or
 ``MING_KERNELS_FORCE_REFERENCE=1``), :func:`available` is False and callers keep torch's path, which
 stays the reference: results agree within fp32 rounding (sums in another order), not bit for bit.
 """
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.c"
 DISABLE_ENV = "MING_NATIVE_KERNELS"
-CACHE_ENV = "MING_KERNEL_CACHE"
+CACHE_ENV = "MING_STUDIO_CACHE"  # the studio's cache (engine.tiny.default_cache_dir); kernels go in kernels/
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-std=c11")
 BUILD_TIMEOUT_S = 180
 # Linears of at most this many rows take the native kernel (each weight row is read once for all rows);
@@ -64,10 +64,9 @@ def _disabled() -> str | None:
 
 
 def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "ming-omni-studio" / "kernels"
+    studio = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                                       "ming-omni-studio")
+    return Path(studio) / "kernels"
 
 
 def _compiler() -> str | None:

@@ -154,12 +154,12 @@ def test_results_do_not_depend_on_the_thread_count():
 @needs_compiler
 def test_build_is_cached_per_source_compiler_and_cpu(fresh_native):
     assert native.available()
-    built = list(fresh_native.glob("cpu_decode-*.so"))
+    built = list((fresh_native / "kernels").glob("cpu_decode-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     native.reset()
     assert native.available()  # a second process loads the cached build
-    assert [p.stat().st_mtime_ns for p in fresh_native.glob("cpu_decode-*.so")] == [stamp]
+    assert [p.stat().st_mtime_ns for p in (fresh_native / "kernels").glob("cpu_decode-*.so")] == [stamp]
     assert native.status().startswith("native (")
 
 
@@ -170,7 +170,7 @@ def test_a_failed_build_falls_back_to_torch(fresh_native, monkeypatch, caplog):
     assert "native CPU decode kernels unavailable" in caplog.text and "failed" in native.status()
     w, x = torch.randn(8, 16), torch.randn(1, 16)
     torch.testing.assert_close(cpu_linear(x, w), F.linear(x, w))  # torch's path, same product
-    assert not list(fresh_native.glob("*.so"))  # nothing half-written left behind
+    assert not list(fresh_native.rglob("*.so"))  # nothing half-written left behind
 
 
 def test_switched_off_by_environment(monkeypatch):
