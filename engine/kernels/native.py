@@ -1,4 +1,5 @@
-"""Native CPU decode kernels (``csrc/cpu_decode.c``): few-row linears and one token's routed experts.
+"""Native CPU decode kernels (``csrc/cpu_decode.c``): few-row linears, one token's routed + shared
+experts, and decode-sized RMSNorm and rotary.
 
 Decode on the CPU is a chain of GEMVs, and torch's GEMV reads weights well below the memory bandwidth
 (bench/cpu_gemv.py: 11-19 GB/s of a 26-34 GB/s machine; oneDNN's pre-packed fp32 path 21-28 GB/s, and it
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.c"
 DISABLE_ENV = "MING_NATIVE_KERNELS"
 CACHE_ENV = "MING_STUDIO_CACHE"  # the studio's cache (engine.tiny.default_cache_dir); kernels go in kernels/
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-std=c11")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-std=c11")
 BUILD_TIMEOUT_S = 180
 # Linears of at most this many rows take the native kernel (each weight row is read once for all rows);
 # larger blocks (prefill) are GEMMs, where torch's BLAS is the faster choice.
@@ -287,7 +288,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     """kernels.rms_norm's semantics for a decode-sized CPU input (x, weight and residual of one fp32/bf16
     dtype, at most SMALL_OP_MAX_ELEMENTS); None where it does not apply (the caller runs torch's)."""
     tensors = (x, weight) if residual is None else (x, weight, residual)
-    if x.dim() == 0 or not _small_op_applies(*tensors):
+    if x.dim() == 0 or weight.shape != x.shape[-1:] or (residual is not None and residual.shape != x.shape) \
+            or not _small_op_applies(*tensors):
         return None
     lib = _lib
     assert lib is not None
@@ -308,6 +310,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """kernels.apply_rotary's semantics for one position: x [B, heads, 1, head_dim] (fp32/bf16, CPU, at
     most SMALL_OP_MAX_ELEMENTS), cos/sin [B or 1, 1, rot]; None where it does not apply."""
     if x.dim() != 4 or x.shape[2] != 1 or cos.dim() != 3 or cos.shape[1] != 1 or cos.shape != sin.shape \
+            or cos.shape[0] not in (1, x.shape[0]) or cos.shape[2] % 2 or not 0 < cos.shape[2] <= x.shape[3] \
             or cos.device.type != "cpu" or not _small_op_applies(x):
         return None
     lib = _lib

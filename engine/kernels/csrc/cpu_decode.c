@@ -1,16 +1,18 @@
-/* Decode-time CPU kernels: few-row linears (GEMV) and the routed experts of one token.
+/* Decode-time CPU kernels: few-row linears (GEMV), the experts of one token (routed + shared), and
+ * decode-sized RMSNorm and rotary.
  *
  * Built on first use by engine/kernels/native.py with this machine's compiler for this machine's CPU
- * (-march=native: AVX-512, AVX2+FMA or SSE code from the same source through GCC vector types) and
- * OpenMP. Loaded into a process where torch already loaded its libgomp.so.1, so these parallel regions
- * run on torch's own OpenMP threads (no second pool competing for the cores).
+ * (-march=native: AVX-512, AVX or SSE code from the same source through GCC vector types; products
+ * are never fused into FMAs, -ffp-contract=off, so they round as torch's do) and OpenMP. Loaded into a
+ * process where torch already loaded its libgomp.so.1, so these parallel regions run on torch's own
+ * OpenMP threads (no second pool competing for the cores).
  *
- * Decode reads every weight once per token, so these kernels are memory bound: each thread streams a
- * contiguous slice of rows, one row after the other with software prefetch ahead of it, and the
- * activations stay in cache. Weights are row-major [n, k] fp32 or bf16 (the checkpoint's [out, in] layout, no repacking).
- * Products are summed in fp32 (bf16 weights are widened exactly); a bf16 result is rounded to nearest
- * even, as torch rounds. Sums run in another order than torch's kernels: results agree within fp32
- * rounding, not bit for bit.
+ * Decode reads every weight once per token, so the GEMV kernels are memory bound: each thread streams
+ * a contiguous slice of rows, one row after the other with software prefetch ahead of it, and the
+ * activations stay in cache. Weights are row-major [n, k] fp32 or bf16 (the checkpoint's [out, in]
+ * layout, no repacking). Products are summed in fp32 (bf16 weights are widened exactly); a bf16 result
+ * is rounded to nearest even, as torch rounds. Sums run in another order than torch's kernels: results
+ * agree within fp32 rounding, not bit for bit.
  */
 #include <math.h>
 #include <stdint.h>
