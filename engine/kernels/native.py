@@ -214,13 +214,14 @@ class BoundLinear:
         rows = x.numel() // self.k
         if rows > MAX_ROWS or rows == 0 or x.dtype not in _DTYPES or x.device.type != "cpu":
             return None
-        flat = x.reshape(rows, self.k).contiguous()
-        y = torch.empty((rows, self.n), dtype=x.dtype)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = torch.empty((*x.shape[:-1], self.n), dtype=x.dtype)
         x_bf16 = x.dtype == torch.bfloat16
-        if self.lib.ming_linear(self.ptr, self.w_bf16, flat.data_ptr(), x_bf16, y.data_ptr(), x_bf16,
+        if self.lib.ming_linear(self.ptr, self.w_bf16, x.data_ptr(), x_bf16, y.data_ptr(), x_bf16,
                                 rows, self.n, self.k, torch.get_num_threads()) != 0:
             raise MemoryError("native linear: out of memory for the converted activations")
-        return y.view(*x.shape[:-1], self.n)
+        return y
 
 
 def bind_linear(weight: torch.Tensor, min_bytes: int | None = None) -> BoundLinear | None:
