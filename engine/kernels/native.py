@@ -83,9 +83,10 @@ def _cpu_identity() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    flags = (*CFLAGS, *extra_flags)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join((SOURCE.read_text(), cc, version, " ".join(CFLAGS), _cpu_identity(),
+    key = hashlib.sha256("\0".join((SOURCE.read_text(), cc, version, " ".join(flags), _cpu_identity(),
                                     torch.__version__)).encode()).hexdigest()[:16]
     out = cache_dir() / f"cpu_decode-{key}.so"
     if out.exists():
@@ -94,7 +95,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -138,6 +139,18 @@ def _load() -> ctypes.CDLL | None:
         if _failure:
             log.warning("native CPU decode kernels unavailable (%s); using torch's path", _failure)
         return _lib
+
+
+def build_with_vector_width(floats: int) -> ctypes.CDLL:
+    """The kernels built with another vector width (4, 8 or 16 floats: the SSE, AVX and AVX-512 code
+    paths' layouts; GCC splits wider vectors on a CPU without them), for tests that check every width's
+    tails and bf16 permutation on one machine. Raises RuntimeError when it cannot be built."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler")
+    lib = ctypes.CDLL(str(_build(cc, (f"-DMING_VECTOR_FLOATS={int(floats)}",))))
+    _declare(lib)
+    return lib
 
 
 def available() -> bool:

@@ -224,3 +224,37 @@ def test_small_ops_leave_other_inputs_to_torch():
     assert native.rms_norm(torch.randn(4, 8), torch.ones(8, dtype=torch.bfloat16), 1e-6) is None
     x = torch.randn(1, 4, 3, 16)
     assert native.rotary(x, torch.randn(1, 3, 16), torch.randn(1, 3, 16)) is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("floats", [4, 16])
+def test_every_vector_width_computes_the_same(floats, monkeypatch):
+    """The SSE (4 floats) and AVX-512 (16 floats) layouts — tails, the bf16 even/odd permutation of the
+    activations, the activations written in that layout by the MoE call — built on this CPU (GCC splits
+    vectors it lacks) and checked against torch on the shapes above."""
+    from engine.kernels import apply_rotary_reference, rms_norm_reference
+
+    lib = native.build_with_vector_width(floats)
+    assert lib.ming_vector_floats() == floats
+    assert native.available()
+    monkeypatch.setattr(native, "_lib", lib)
+    gen = torch.Generator().manual_seed(floats)
+    for dtype in (torch.float32, torch.bfloat16):
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+        for rows, n, k in ((1, 7, 13), (3, 33, 100), (1, 64, 2048), (2, 130, 517)):
+            w = torch.randn(n, k, generator=gen).to(dtype)
+            x = torch.randn(rows, k, generator=gen).to(dtype)
+            assert _rel_err(native.linear(x, w), x.double() @ w.double().T) <= tol
+        experts, hidden, inter = 8, 100, 37
+        wg, wu = ((torch.randn(experts, inter, hidden, generator=gen) / 10).to(dtype) for _ in range(2))
+        wd = (torch.randn(experts, hidden, inter, generator=gen) / 6).to(dtype)
+        shared = tuple((torch.randn(*s, generator=gen) / 8).to(dtype) for s in ((45, hidden), (45, hidden), (hidden, 45)))
+        packed = PackedExperts.from_weights(wg, wu, wd)
+        x = torch.randn(1, hidden, generator=gen).to(dtype)
+        ids, weights = torch.tensor([[6, 1, 3]]), torch.rand(1, 3, generator=gen)
+        want = moe_experts_reference(x, wg, wu, wd, ids, weights) + swiglu(x, *shared)
+        assert _rel_err(moe_experts_packed(x, packed, ids, weights, shared=shared), want) <= tol
+        h, weight = torch.randn(2, 100, generator=gen).to(dtype), (torch.rand(100, generator=gen) + 0.5).to(dtype)
+        assert _rel_err(native.rms_norm(h, weight, 1e-6), rms_norm_reference(h, weight, 1e-6)) <= tol
+        q, cos, sin = torch.randn(1, 4, 1, 64, generator=gen).to(dtype), torch.randn(1, 1, 32), torch.randn(1, 1, 32)
+        assert _rel_err(native.rotary(q, cos, sin), apply_rotary_reference(q, cos, sin)) <= tol
