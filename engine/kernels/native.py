@@ -7,10 +7,11 @@ has no bf16 path on CPUs without native bf16). These kernels stream the checkpoi
 [out, in] weights (fp32 or bf16, no repacking) on torch's OpenMP threads.
 
 The C source is compiled on first use (about a second) with the system C compiler for this CPU
-(``-march=native``) into the studio cache (``$MING_STUDIO_CACHE`` or ``~/.cache/ming-omni-studio``, folder
-``kernels``, keyed by source, compiler, CPU and torch), then loaded with ctypes. Without a compiler, when the build fails, or with ``MING_NATIVE_KERNELS=0`` (or
-``MING_KERNELS_FORCE_REFERENCE=1``), :func:`available` is False and callers keep torch's path, which
-stays the reference: results agree within fp32 rounding (sums in another order), not bit for bit.
+(``-march=native``) into the studio cache (``$MING_STUDIO_CACHE`` or ``~/.cache/ming-omni-studio``,
+folder ``kernels``, keyed by source, compiler, CPU and torch), then loaded with ctypes. Without a
+compiler, when the build fails, or with ``MING_NATIVE_KERNELS=0`` (or ``MING_KERNELS_FORCE_REFERENCE=1``),
+:func:`available` is False and callers keep torch's path, which stays the reference: results agree
+within fp32 rounding (sums in another order), not bit for bit.
 """
 
 from __future__ import annotations
