@@ -196,18 +196,15 @@ def linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` for few rows (check :func:`linear_applies` first); result in x's dtype."""
+    """``F.linear(x, weight)`` for few rows (check :func:`linear_applies` first); result in x's dtype.
+    The unbound form of :class:`BoundLinear`, for weights used once (cpu_linear's callers)."""
     lib = _lib
     assert lib is not None, "call linear_applies() first"
-    flat = x.reshape(-1, x.shape[-1]).contiguous()
-    n, k = weight.shape
-    y = torch.empty((flat.shape[0], n), dtype=x.dtype)
-    rc = lib.ming_linear(weight.data_ptr(), weight.dtype == torch.bfloat16, flat.data_ptr(),
-                         flat.dtype == torch.bfloat16, y.data_ptr(), y.dtype == torch.bfloat16,
-                         flat.shape[0], n, k, torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("native linear: out of memory for the converted activations")
-    return y.view(*x.shape[:-1], n)
+    y = BoundLinear(weight, lib)(x)
+    if y is None:
+        raise ValueError(f"native linear takes 1..{MAX_ROWS} rows of fp32/bf16 CPU activations; got "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    return y
 
 
 class BoundLinear:
