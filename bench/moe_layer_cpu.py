@@ -31,7 +31,8 @@ Method
   plain layout run by the native decode kernel with the shared expert in the same pass where it is
   built, engine.kernels.native, else oneDNN-prepacked where that pays), the engine's fast CPU path (the
   native kernel's status is printed). The headline numbers are those of the packed path
-  when it runs. The paths are built one after the other, so peak memory is one layer's weights.
+  when it runs. ``packed-native`` / ``packed-onednn`` force its plain layout (native kernel) or
+  oneDNN's pre-packed one, to measure the choice ``engine.kernels.onednn_packing_pays`` makes. The paths are built one after the other, so peak memory is one layer's weights.
   ``int8`` / ``int4``: the same routed experts quantised (engine.placement.quant) and run by
   :class:`engine.kernels.QuantizedCpuExperts` (torch's int8 / int4 weight-only kernels), activations in
   ``--dtype``; their bytes are the quantised bytes (scales included), so ``roofline`` compares the
@@ -64,7 +65,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.kernels import native  # noqa: E402
-from engine.kernels.moe import PackedExperts, moe_experts, moe_experts_packed, swiglu  # noqa: E402
+from engine.kernels.moe import PackedExperts, moe_experts, moe_experts_packed, onednn_packing_available, swiglu  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GIB = 1024**3
@@ -237,10 +238,11 @@ def build_plain(source: WeightSource, shape: LayerShape) -> LayerCall:
     return call
 
 
-def build_packed(source: WeightSource, shape: LayerShape) -> tuple[LayerCall, bool]:
+def build_packed(source: WeightSource, shape: LayerShape, use_onednn: bool | None = None) -> tuple[LayerCall, bool]:
     """``PackedExperts`` built expert by expert (no stacked copy) + ``moe_experts_packed`` with the shared
-    expert, as the engine's CPU load runs a MoE layer."""
-    packed = PackedExperts(shape.hidden, shape.inter, shape.dtype)
+    expert, as the engine's CPU load runs a MoE layer. ``use_onednn``: None = the engine's choice; False /
+    True force the plain layout (native kernel) / oneDNN's pre-packed one, to compare the two."""
+    packed = PackedExperts(shape.hidden, shape.inter, shape.dtype, use_onednn=use_onednn)
     offsets = expert_offsets(source, shape)
     gate = torch.empty(shape.inter, shape.hidden, dtype=shape.dtype)
     up = torch.empty_like(gate)
@@ -408,7 +410,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--path", default="both",
-                        help="comma-separated paths: plain, packed, int8, int4, kt-bf16, kt-int8, kt-int4 "
+                        help="comma-separated paths: plain, packed, packed-native, packed-onednn, int8, int4, "
+                             "kt-bf16, kt-int8, kt-int4 "
                              "(default 'both' = plain,packed; 'all' = every path)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -427,7 +430,7 @@ def main() -> None:
     gc.collect()
 
     results: dict[str, dict[str, object]] = {}
-    known = ("plain", "packed", "int8", "int4", *KT_METHODS)
+    known = ("plain", "packed", "packed-native", "packed-onednn", "int8", "int4", *KT_METHODS)
     paths = {"both": ("plain", "packed"), "all": known}.get(args.path) or tuple(args.path.split(","))
     unknown = [p for p in paths if p not in known]
     if unknown:
@@ -438,8 +441,12 @@ def main() -> None:
         nbytes = None
         if path == "plain":
             call = build_plain(source, shape)
-        elif path == "packed":
-            call, onednn = build_packed(source, shape)
+        elif path.startswith("packed"):
+            if path == "packed-onednn" and not onednn_packing_available(shape.dtype):
+                print(f"{path}: skipped, this torch build cannot pre-pack {shape.dtype} for oneDNN", file=sys.stderr)
+                continue
+            force = {"packed": None, "packed-native": False, "packed-onednn": True}[path]
+            call, onednn = build_packed(source, shape, force)
             info["onednn_prepacked"] = onednn
         elif path in ("int8", "int4"):
             call, nbytes, kernel = build_quantized(source, shape, path)
@@ -469,7 +476,8 @@ def main() -> None:
                 assert isinstance(r, dict)
                 r["roofline_fraction"] = float(r["achieved_gbs"]) / bandwidth
 
-    headline_path = next((p for p in ("packed", "plain") if p in results), next(iter(results)))
+    headline_path = next((p for p in ("packed", "packed-native", "packed-onednn", "plain") if p in results),
+                         next(iter(results)))
     head = results[headline_path]
     decode_r, prefill_r = head["decode"], head["prefill"]
     assert isinstance(decode_r, dict) and isinstance(prefill_r, dict)
@@ -521,9 +529,11 @@ def main() -> None:
                 f"{r['achieved_gbs']:>7.1f} {r['roofline_fraction']:>9.2f} {r['gflops']:>8.1f} "
                 f"{r['other_cpu_load']:>11.2f}{_flag(float(r['other_cpu_load']))}"  # type: ignore[arg-type]
             )
-    if "packed" in results:
+    if any(p.startswith("packed") for p in results):
         print(f"native decode kernel: {native.status()}")
-    print(f"packed path uses oneDNN prepacked weights: {results['packed'].get('onednn_prepacked')}")
+    for path, res in results.items():
+        if path.startswith("packed"):
+            print(f"{path} path uses oneDNN prepacked weights: {res.get('onednn_prepacked')}")
     for path, res in results.items():
         if "kernel" in res:
             print(f"{path} path kernel: {res['kernel']}")

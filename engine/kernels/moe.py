@@ -289,15 +289,17 @@ ONEDNN_FP32_MIN_BYTES = 2 << 20
 
 
 def onednn_packing_pays(weight: torch.Tensor) -> bool:
-    """True when pre-packing this [out, in] CPU weight for oneDNN makes it faster. bf16 (where the CPU
-    has native bf16): always. fp32: never where the native decode GEMV is built (it reads the plain
-    layout at or above oneDNN's packed rate, bench/cpu_gemv.py, and prefill GEMMs run well on it through
-    torch's BLAS); else from ONEDNN_FP32_MIN_BYTES."""
-    if not onednn_packing_available(weight.dtype):
+    """True when pre-packing this [out, in] CPU weight for oneDNN makes it faster. Never where the native
+    decode kernels are built: they read the plain layout at or above oneDNN's packed rate (fp32 on an
+    AVX2 EPYC, bench/cpu_gemv.py; bf16 on an avx512_bf16 Xeon: one MoE layer's decode 0.95 of the memory
+    roofline plain vs 0.63 pre-packed, bench/moe_layer_cpu.py --path packed-native,packed-onednn), and
+    torch's GEMMs run prefill on the plain layout within a few per cent of the packed one at 128+ rows.
+    Without them: bf16 (where the CPU has native bf16) always; fp32 from ONEDNN_FP32_MIN_BYTES."""
+    if not onednn_packing_available(weight.dtype) or native.available():
         return False
     if weight.dtype != torch.float32:
         return True
-    return not native.available() and weight.numel() * weight.element_size() >= ONEDNN_FP32_MIN_BYTES
+    return weight.numel() * weight.element_size() >= ONEDNN_FP32_MIN_BYTES
 
 
 def native_decode_applies(weight: torch.Tensor) -> bool:

@@ -229,9 +229,12 @@ class BoundLinear:
             x = x.contiguous()
         y = torch.empty((*x.shape[:-1], self.n), dtype=x.dtype)
         x_bf16 = x.dtype == torch.bfloat16
-        if self.lib.ming_linear(self.ptr, self.w_bf16, x.data_ptr(), x_bf16, y.data_ptr(), x_bf16,
-                                rows, self.n, self.k, torch.get_num_threads()) != 0:
+        code = self.lib.ming_linear(self.ptr, self.w_bf16, x.data_ptr(), x_bf16, y.data_ptr(), x_bf16,
+                                    rows, self.n, self.k, torch.get_num_threads())
+        if code == -1:
             raise MemoryError("native linear: out of memory for the converted activations")
+        if code != 0:
+            raise RuntimeError(f"native linear: the kernel refused {rows} rows (code {code})")
         return y
 
 

@@ -52,6 +52,21 @@ def test_linear_matches_an_fp64_product(dtype, rows, n, k):
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [100, 2048])
+def test_linear_row_results_do_not_depend_on_the_batch(dtype, k):
+    """Several rows share each weight row's loads (groups of up to 4 rows), but every row's sum runs as
+    the one-row kernel runs it: a decode batch of 1..8 gives each row what it gets alone (same kernel,
+    same order; stated as within 1e-6 relative)."""
+    gen = torch.Generator().manual_seed(k)
+    w = torch.randn(37, k, generator=gen).to(dtype)
+    x = torch.randn(native.MAX_ROWS, k, generator=gen).to(dtype)
+    alone = torch.cat([native.linear(x[r:r + 1], w) for r in range(native.MAX_ROWS)])
+    for rows in range(2, native.MAX_ROWS + 1):
+        assert _rel_err(native.linear(x[:rows], w), alone[:rows]) <= 1e-6
+
+
+@needs_compiler
 def test_linear_mixed_dtypes_and_batched_shapes():
     """fp32 activations on bf16 weights (the widening is exact), and leading batch dimensions."""
     assert native.available()
@@ -86,8 +101,8 @@ def test_moe_decode_matches_the_reference(dtype, experts, hidden, inter, top_k):
     wg = (torch.randn(experts, inter, hidden, generator=gen) / hidden ** 0.5).to(dtype)
     wu = (torch.randn(experts, inter, hidden, generator=gen) / hidden ** 0.5).to(dtype)
     wd = (torch.randn(experts, hidden, inter, generator=gen) / inter ** 0.5).to(dtype)
-    packed = PackedExperts.from_weights(wg, wu, wd)
-    assert not packed.onednn and packed.native_table() is not None
+    packed = PackedExperts.from_weights(wg, wu, wd, use_onednn=False)  # the layout the native call reads
+    assert packed.native_table() is not None
     x = torch.randn(1, hidden, generator=gen).to(dtype)
     ids = torch.randperm(experts, generator=gen)[:top_k].view(1, -1)
     weights = torch.rand(1, top_k, generator=gen)
@@ -228,10 +243,11 @@ def test_small_ops_leave_other_inputs_to_torch():
 
 
 @needs_compiler
-@pytest.mark.parametrize("floats", [4, 16])
+@pytest.mark.parametrize("floats", [4, 8, 16])
 def test_every_vector_width_computes_the_same(floats, monkeypatch):
-    """The SSE (4 floats) and AVX-512 (16 floats) layouts — tails, the bf16 even/odd permutation of the
-    activations, the activations written in that layout by the MoE call — built on this CPU (GCC splits
+    """The SSE (4 floats), AVX (8) and AVX-512 (16 floats) layouts — tails, the bf16 even/odd permutation
+    of the activations, the activations written in that layout by the MoE call, row groups of a decode
+    batch, fused multiply-adds where this CPU has them at that width — built on this CPU (GCC splits
     vectors it lacks) and checked against torch on the shapes above."""
     from engine.kernels import apply_rotary_reference, rms_norm_reference
 
@@ -242,7 +258,7 @@ def test_every_vector_width_computes_the_same(floats, monkeypatch):
     gen = torch.Generator().manual_seed(floats)
     for dtype in (torch.float32, torch.bfloat16):
         tol = 1e-5 if dtype == torch.float32 else 2 ** -7
-        for rows, n, k in ((1, 7, 13), (3, 33, 100), (1, 64, 2048), (2, 130, 517)):
+        for rows, n, k in ((1, 7, 13), (3, 33, 100), (1, 64, 2048), (2, 130, 517), (7, 130, 517)):
             w = torch.randn(n, k, generator=gen).to(dtype)
             x = torch.randn(rows, k, generator=gen).to(dtype)
             assert _rel_err(native.linear(x, w), x.double() @ w.double().T) <= tol
@@ -250,7 +266,7 @@ def test_every_vector_width_computes_the_same(floats, monkeypatch):
         wg, wu = ((torch.randn(experts, inter, hidden, generator=gen) / 10).to(dtype) for _ in range(2))
         wd = (torch.randn(experts, hidden, inter, generator=gen) / 6).to(dtype)
         shared = tuple((torch.randn(*s, generator=gen) / 8).to(dtype) for s in ((45, hidden), (45, hidden), (hidden, 45)))
-        packed = PackedExperts.from_weights(wg, wu, wd)
+        packed = PackedExperts.from_weights(wg, wu, wd, use_onednn=False)
         x = torch.randn(1, hidden, generator=gen).to(dtype)
         ids, weights = torch.tensor([[6, 1, 3]]), torch.rand(1, 3, generator=gen)
         want = moe_experts_reference(x, wg, wu, wd, ids, weights) + swiglu(x, *shared)

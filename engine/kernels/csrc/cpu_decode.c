@@ -2,8 +2,9 @@
  * decode-sized RMSNorm and rotary.
  *
  * Built on first use by engine/kernels/native.py with this machine's compiler for this machine's CPU
- * (-march=native: AVX-512, AVX or SSE code from the same source through GCC vector types; products
- * are never fused into FMAs, -ffp-contract=off, so they round as torch's do) and OpenMP. Loaded into a
+ * (-march=native: AVX-512, AVX or SSE code from the same source through GCC vector types; dot products
+ * accumulate with fused multiply-adds where the CPU has them, while the elementwise products are never
+ * fused, -ffp-contract=off, so they round as torch's do) and OpenMP. Loaded into a
  * process where torch already loaded its libgomp.so.1, so these parallel regions run on torch's own
  * OpenMP threads (no second pool competing for the cores).
  *
@@ -19,6 +20,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #if defined(MING_VECTOR_FLOATS) /* tests: another width's code path on this CPU */
 #define VL MING_VECTOR_FLOATS
@@ -35,9 +39,24 @@ typedef uint32_t vu __attribute__((vector_size(VL * 4)));
 typedef uint16_t vh __attribute__((vector_size(VL * 2)));
 
 #define ROWS 4                    /* weight rows per work unit */
+#define MAX_LINEAR_ROWS 8         /* activation rows ming_linear takes (decode batches) */
 #define PARALLEL_MIN_BYTES 65536  /* smaller matrices run on the calling thread alone */
 
 static inline vf load_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+
+/* acc + a * b for the dot products' sums: one fused multiply-add where the CPU has them (what BLAS GEMVs
+ * do too; a decode GEMV of several rows does twice the arithmetic per instruction), else a product and a
+ * sum. Elementwise ops that torch runs as separate tensor ops (norms, rotary, silu * up) keep separate
+ * roundings: the file is compiled with -ffp-contract=off. */
+#if VL == 16 && defined(__AVX512F__)
+static inline vf madd(vf acc, vf a, vf b) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc); }
+#elif VL == 8 && defined(__FMA__)
+static inline vf madd(vf acc, vf a, vf b) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc); }
+#elif VL == 4 && defined(__FMA__)
+static inline vf madd(vf acc, vf a, vf b) { return (vf)_mm_fmadd_ps((__m128)a, (__m128)b, (__m128)acc); }
+#else
+static inline vf madd(vf acc, vf a, vf b) { return acc + a * b; }
+#endif
 
 /* bf16 weights: one vector load of 2*VL bf16 as VL 32-bit lanes gives the even elements (low halves shifted
  * up) and the odd ones (high halves masked), exactly widened to fp32, with two integer ops and no
@@ -61,10 +80,14 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even; NaN sta
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+/* The sum of a vector's lanes as a tree (halves added pairwise): 4 dependent adds for 16 lanes instead of
+ * 16, which matters for short rows (a 512-wide expert down row is only 16 vector steps). */
 static inline float hsum(vf v) {
-    float s = 0.0f;
-    for (int i = 0; i < VL; i++) s += v[i];
-    return s;
+    float t[VL];
+    memcpy(t, &v, sizeof v);
+    for (int w = VL / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) t[i] += t[i + w];
+    return t[0];
 }
 
 /* Software prefetch distance along a weight row, in bytes: the row is streamed once (decode), and
@@ -79,10 +102,10 @@ static inline float dot_row_f32(const float *w, int64_t k, const float *x) {
     int64_t i = 0;
     for (; i + 2 * VL <= k; i += 2 * VL) {
         __builtin_prefetch(w + i + PREFETCH_BYTES / 4, 0, 3);
-        a += load_f32(w + i) * load_f32(x + i);
-        b += load_f32(w + i + VL) * load_f32(x + i + VL);
+        a = madd(a, load_f32(w + i), load_f32(x + i));
+        b = madd(b, load_f32(w + i + VL), load_f32(x + i + VL));
     }
-    for (; i + VL <= k; i += VL) a += load_f32(w + i) * load_f32(x + i);
+    for (; i + VL <= k; i += VL) a = madd(a, load_f32(w + i), load_f32(x + i));
     float s = hsum(a + b);
     for (; i < k; i++) s += w[i] * x[i];
     return s;
@@ -114,8 +137,8 @@ static inline float dot_row_bf16(const uint16_t *w, int64_t k, const float *xp) 
     for (int64_t i = 0; i < full; i += 2 * VL) {
         __builtin_prefetch(w + i + PREFETCH_BYTES / 2, 0, 3);
         load_bf16_pairs(w + i, &e, &o);
-        a += e * load_f32(xp + i);
-        b += o * load_f32(xp + i + VL);
+        a = madd(a, e, load_f32(xp + i));
+        b = madd(b, o, load_f32(xp + i + VL));
     }
     float s = hsum(a + b);
     for (int64_t i = full; i < k; i++) s += bf16_to_f32(w[i]) * xp[i];
@@ -127,6 +150,71 @@ static inline void dot_rows(const void *w, int w_bf16, int64_t row, int64_t k, i
     for (int r = 0; r < rows; r++)
         out[r] = w_bf16 ? dot_row_bf16((const uint16_t *)w + (row + r) * k, k, x)
                         : dot_row_f32((const float *)w + (row + r) * k, k, x);
+}
+
+/* Several activation rows against one weight row: out[r] = w[0:k] . x_r for the M rows x_r = x + r * k
+ * (M <= ROW_GROUP). The weight row is loaded (and, for bf16, widened) once for all M rows instead of once
+ * per row; each row's sum runs exactly as dot_row_f32 / dot_row_bf16 run it, so a row's result does not
+ * depend on how many rows come with it. Called with M a constant (see dot_row_group), so the
+ * accumulators stay in registers: 2 * ROW_GROUP of them, plus the weights and one activation vector,
+ * fit AVX2's 16 vector registers. */
+#define ROW_GROUP 4
+
+static inline __attribute__((always_inline)) void dot_row_rows(const void *w, int w_bf16, int64_t k, const float *x,
+                                                               const int M, float *out) {
+    vf a[ROW_GROUP] = {{0}}, b[ROW_GROUP] = {{0}};
+    int64_t i = 0;
+    if (w_bf16) {
+        const uint16_t *wh = (const uint16_t *)w;
+        const int64_t full = k - k % (2 * VL);
+        vf e, o;
+        for (; i < full; i += 2 * VL) {
+            __builtin_prefetch(wh + i + PREFETCH_BYTES / 2, 0, 3);
+            load_bf16_pairs(wh + i, &e, &o);
+            for (int r = 0; r < M; r++) {
+                a[r] = madd(a[r], e, load_f32(x + r * k + i));
+                b[r] = madd(b[r], o, load_f32(x + r * k + i + VL));
+            }
+        }
+        for (int r = 0; r < M; r++) {
+            float s = hsum(a[r] + b[r]);
+            for (int64_t j = full; j < k; j++) s += bf16_to_f32(wh[j]) * x[r * k + j];
+            out[r] = s;
+        }
+        return;
+    }
+    const float *wf = (const float *)w;
+    for (; i + 2 * VL <= k; i += 2 * VL) {
+        __builtin_prefetch(wf + i + PREFETCH_BYTES / 4, 0, 3);
+        vf w0 = load_f32(wf + i), w1 = load_f32(wf + i + VL);
+        for (int r = 0; r < M; r++) {
+            a[r] = madd(a[r], w0, load_f32(x + r * k + i));
+            b[r] = madd(b[r], w1, load_f32(x + r * k + i + VL));
+        }
+    }
+    for (; i + VL <= k; i += VL) {
+        vf w0 = load_f32(wf + i);
+        for (int r = 0; r < M; r++) a[r] = madd(a[r], w0, load_f32(x + r * k + i));
+    }
+    for (int r = 0; r < M; r++) {
+        float s = hsum(a[r] + b[r]);
+        for (int64_t j = i; j < k; j++) s += wf[j] * x[r * k + j];
+        out[r] = s;
+    }
+}
+
+/* out[r] = w[0:k] . x_r for m rows of x (row stride k), ROW_GROUP rows at a time (the weight row stays in
+ * L1 between groups). */
+static void dot_row_group(const void *w, int w_bf16, int64_t k, const float *x, int64_t m, float *out) {
+    for (int64_t r = 0; r < m; r += ROW_GROUP) {
+        const float *xr = x + r * k;
+        switch (m - r < ROW_GROUP ? m - r : ROW_GROUP) {
+        case 1: dot_row_rows(w, w_bf16, k, xr, 1, out + r); break;
+        case 2: dot_row_rows(w, w_bf16, k, xr, 2, out + r); break;
+        case 3: dot_row_rows(w, w_bf16, k, xr, 3, out + r); break;
+        default: dot_row_rows(w, w_bf16, k, xr, 4, out + r); break;
+        }
+    }
 }
 
 /* [first, last) of `units` work units for thread t of nt (contiguous, balanced). */
@@ -162,9 +250,11 @@ static const float *activations(const void *x, int x_bf16, int w_bf16, int64_t m
 }
 
 /* y[m, n] = x[m, k] @ w[n, k]^T. w fp32 or bf16 (w_bf16); x and y fp32 or bf16 (x_bf16, y_bf16).
- * Every weight row is read once for all m rows of x (m is small: decode). Returns 0, or -1 when out of memory. */
+ * Every weight row is read once for all m rows of x (m is small: decode). Returns 0, -1 when out of memory,
+ * -3 for m outside [1, MAX_LINEAR_ROWS]. */
 int ming_linear(const void *w, int w_bf16, const void *x, int x_bf16, void *y, int y_bf16,
                 int64_t m, int64_t n, int64_t k, int nthreads) {
+    if (m < 1 || m > MAX_LINEAR_ROWS) return -3;
     float *xbuf;
     const float *xf = activations(x, x_bf16, w_bf16, m, k, &xbuf);
     if (!xf) return -1;
@@ -174,17 +264,22 @@ int ming_linear(const void *w, int w_bf16, const void *x, int x_bf16, void *y, i
     {
         int64_t first, last;
         split(blocks, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
-        float dots[ROWS];
+        float dots[ROWS * MAX_LINEAR_ROWS];
+        const size_t elem = w_bf16 ? 2 : 4;
         for (int64_t b = first; b < last; b++) {
             int64_t row = b * ROWS;
             int rows = (int)(n - row < ROWS ? n - row : ROWS);
-            for (int64_t r = 0; r < m; r++) {
-                dot_rows(w, w_bf16, row, k, rows, xf + r * k, dots);
+            if (m == 1)
+                dot_rows(w, w_bf16, row, k, rows, xf, dots);
+            else  /* each weight row read once for all m activation rows: dots[j * m + r] */
+                for (int j = 0; j < rows; j++)
+                    dot_row_group((const char *)w + (size_t)((row + j) * k) * elem, w_bf16, k, xf, m, dots + j * m);
+            for (int64_t r = 0; r < m; r++)
                 for (int j = 0; j < rows; j++) {
-                    if (y_bf16) ((uint16_t *)y)[r * n + row + j] = f32_to_bf16(dots[j]);
-                    else ((float *)y)[r * n + row + j] = dots[j];
+                    float d = m == 1 ? dots[j] : dots[j * m + r];
+                    if (y_bf16) ((uint16_t *)y)[r * n + row + j] = f32_to_bf16(d);
+                    else ((float *)y)[r * n + row + j] = d;
                 }
-            }
         }
     }
     free(xbuf);

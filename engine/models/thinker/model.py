@@ -200,8 +200,7 @@ def pack_for_cpu(llm: BailingMoeV2ForCausalLM) -> bool:
     """fp32 or bf16 weights on the CPU laid out once for the CPU kernels; True when anything was.
     Where the native decode kernels are built (kernels.native): experts fused gate+up per expert in the
     checkpoint's plain layout (one native call per token's experts) and every projection wrapped so that
-    decode GEMVs run natively; fp32 stays plain (torch's BLAS for prefill), bf16 is pre-packed for oneDNN
-    only on CPUs with native bf16. Without them: oneDNN packing where it pays (bf16 always, fp32 from
+    decode GEMVs run natively; fp32 and bf16 stay plain (torch's GEMMs for prefill). Without them: oneDNN packing where it pays (bf16 always, fp32 from
     kernels.ONEDNN_FP32_MIN_BYTES per matrix). Either way sums run in another order than the plain
     model's: results agree within fp rounding, not bit for bit. On a CPU without native bf16, bf16
     projections are wrapped all the same, so that their prefill GEMMs run in fp32 (kernels.cpu_linear;
