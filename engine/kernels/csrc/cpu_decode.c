@@ -96,23 +96,8 @@ static inline float hsum(vf v) {
  * without it, bench/cpu_gemv.py). Prefetching past the end of a matrix is harmless. */
 #define PREFETCH_BYTES 1024
 
-/* w[0:k] . x[0:k], fp32 weights. */
-static inline float dot_row_f32(const float *w, int64_t k, const float *x) {
-    vf a = {0}, b = {0};
-    int64_t i = 0;
-    for (; i + 2 * VL <= k; i += 2 * VL) {
-        __builtin_prefetch(w + i + PREFETCH_BYTES / 4, 0, 3);
-        a = madd(a, load_f32(w + i), load_f32(x + i));
-        b = madd(b, load_f32(w + i + VL), load_f32(x + i + VL));
-    }
-    for (; i + VL <= k; i += VL) a = madd(a, load_f32(w + i), load_f32(x + i));
-    float s = hsum(a + b);
-    for (; i < k; i++) s += w[i] * x[i];
-    return s;
-}
-
 /* Each full chunk of 2*VL activations reordered as its VL even elements then its VL odd ones (the tail
- * past the last full chunk stays in order), the layout dot_rows_bf16 reads. */
+ * past the last full chunk stays in order), the layout dot_row_rows reads for bf16 weights. */
 static void permute_for_bf16(const float *x, float *xp, int64_t k) {
     int64_t c = 0;
     for (; c + 2 * VL <= k; c += 2 * VL)
@@ -130,34 +115,12 @@ static inline int64_t permuted_index(int64_t i, int64_t k) {
     return c + (j % 2 ? VL + j / 2 : j / 2);
 }
 
-/* w[0:k] . x[0:k], bf16 weights, x laid out by permute_for_bf16 (xp). */
-static inline float dot_row_bf16(const uint16_t *w, int64_t k, const float *xp) {
-    const int64_t full = k - k % (2 * VL);
-    vf a = {0}, b = {0}, e, o;
-    for (int64_t i = 0; i < full; i += 2 * VL) {
-        __builtin_prefetch(w + i + PREFETCH_BYTES / 2, 0, 3);
-        load_bf16_pairs(w + i, &e, &o);
-        a = madd(a, e, load_f32(xp + i));
-        b = madd(b, o, load_f32(xp + i + VL));
-    }
-    float s = hsum(a + b);
-    for (int64_t i = full; i < k; i++) s += bf16_to_f32(w[i]) * xp[i];
-    return s;
-}
-
-/* out[r] = w[row + r, :] . x for `rows` rows of a row-major matrix with row stride k. */
-static inline void dot_rows(const void *w, int w_bf16, int64_t row, int64_t k, int rows, const float *x, float *out) {
-    for (int r = 0; r < rows; r++)
-        out[r] = w_bf16 ? dot_row_bf16((const uint16_t *)w + (row + r) * k, k, x)
-                        : dot_row_f32((const float *)w + (row + r) * k, k, x);
-}
-
-/* Several activation rows against one weight row: out[r] = w[0:k] . x_r for the M rows x_r = x + r * k
- * (M <= ROW_GROUP). The weight row is loaded (and, for bf16, widened) once for all M rows instead of once
- * per row; each row's sum runs exactly as dot_row_f32 / dot_row_bf16 run it, so a row's result does not
- * depend on how many rows come with it. Called with M a constant (see dot_row_group), so the
- * accumulators stay in registers: 2 * ROW_GROUP of them, plus the weights and one activation vector,
- * fit AVX2's 16 vector registers. */
+/* out[r] = w[0:k] . x_r for the M rows x_r = x + r * k (M <= ROW_GROUP) against one weight row, fp32 or bf16
+ * (bf16: x laid out by permute_for_bf16). The weight row is loaded (and, for bf16, widened) once for all
+ * M rows instead of once per row; each row's sum runs in the same order whatever M is (two accumulators
+ * over alternate vectors, summed, then the tail), so a row's result does not depend on how many rows come
+ * with it. Called with M a constant (dot_rows, dot_row_group), so the accumulators stay in registers:
+ * 2 * ROW_GROUP of them, plus the weights and one activation vector, fit AVX2's 16 vector registers. */
 #define ROW_GROUP 4
 
 static inline __attribute__((always_inline)) void dot_row_rows(const void *w, int w_bf16, int64_t k, const float *x,
@@ -215,6 +178,13 @@ static void dot_row_group(const void *w, int w_bf16, int64_t k, const float *x, 
         default: dot_row_rows(w, w_bf16, k, xr, 4, out + r); break;
         }
     }
+}
+
+/* out[r] = w[row + r, :] . x for `rows` rows of a row-major matrix with row stride k (one activation row;
+ * bf16 weights read x laid out by permute_for_bf16). */
+static inline void dot_rows(const void *w, int w_bf16, int64_t row, int64_t k, int rows, const float *x, float *out) {
+    const size_t elem = w_bf16 ? 2 : 4;
+    for (int r = 0; r < rows; r++) dot_row_rows((const char *)w + (size_t)((row + r) * k) * elem, w_bf16, k, x, 1, out + r);
 }
 
 /* [first, last) of `units` work units for thread t of nt (contiguous, balanced). */
