@@ -34,7 +34,8 @@ Method
   when it runs. ``packed-native`` / ``packed-onednn`` force its plain layout (native kernel) or
   oneDNN's pre-packed one, to measure the choice ``engine.kernels.onednn_packing_pays`` makes. The paths are built one after the other, so peak memory is one layer's weights.
   ``int8`` / ``int4``: the same routed experts quantised (engine.placement.quant) and run by
-  :class:`engine.kernels.QuantizedCpuExperts` (torch's int8 / int4 weight-only kernels), activations in
+  :class:`engine.kernels.QuantizedCpuExperts` (torch's int8 / int4 weight-only kernels; int8 decode by
+  the native kernel, with the shared expert in its pass, where it is built), activations in
   ``--dtype``; their bytes are the quantised bytes (scales included), so ``roofline`` compares the
   bytes they really read with the bandwidth, and ``ms/call`` compares them with the bf16 paths.
   ``kt-bf16`` / ``kt-int8`` / ``kt-int4``: KTransformers' CPU MoE kernels (optional package
@@ -286,12 +287,15 @@ def build_quantized(source: WeightSource, shape: LayerShape, kind: str) -> tuple
         if e == 0:
             nbytes = sum(q.numel() * q.element_size() + sc.numel() * sc.element_size() for q, sc in quantized)
         packed.append(*(q for q, _ in quantized), tuple(sc for _, sc in quantized))
-    shared = _packed_shared(source, shape)
+    # the shared expert as the engine's MoE block passes it (MoEBlock.bind_cpu_shared): plain weights, in the
+    # routed experts' native pass (int8 experts with bf16 activations), else added after them
+    shared = [tuple(w.contiguous() for w in copy) for copy in make_shared(source, shape)]
 
     def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared_copy: int) -> torch.Tensor:
-        return moe_experts_packed(x, packed, ids, weights) + shared.forward_expert(x, shared_copy)
+        return moe_experts_packed(x, packed, ids, weights, shared=shared[shared_copy])
 
-    return call, nbytes, packed.kernel
+    table = packed.native_table()
+    return call, nbytes, packed.kernel + (" + native decode" if table is not None else "")
 
 
 KT_M_STEP = 64  # kt-kernel's buffers take token counts in multiples of its row tile

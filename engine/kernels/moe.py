@@ -443,10 +443,11 @@ class PackedExperts:
 
 
 def moe_experts_packed(
-    x: torch.Tensor, packed: PackedExperts, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+    x: torch.Tensor, packed: "PackedExperts | QuantizedCpuExperts", topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """:func:`moe_experts` on CPU with :class:`PackedExperts` weights (same semantics, faster). With
+    """:func:`moe_experts` on CPU with :class:`PackedExperts` or :class:`QuantizedCpuExperts` weights (same
+    semantics, faster; one token's experts in one native call where their table is built). With
     ``shared`` (a shared expert's plain gate, up [I_s, H] and down [H, I_s] weights): ``routed.to(x.dtype)
     + swiglu(x, *shared)``, for one token in the same native pass as the routed experts."""
     if x.dim() != 2 or x.shape[1] != packed.hidden:
@@ -454,10 +455,12 @@ def moe_experts_packed(
     if x.dtype != packed.dtype:
         raise ValueError(f"x dtype {x.dtype} differs from packed weights dtype {packed.dtype}")
     check_routing(topk_ids, topk_weights, x.shape[0])
-    if x.shape[0] == 1 and isinstance(packed, PackedExperts):  # decode: all the token's experts in one native call
+    if x.shape[0] == 1:  # decode: all the token's experts in one native call
         table = packed.native_table()
-        if native.moe_applies(table, x, topk_ids) and (shared is None or shared[0].dtype == packed.dtype):
-            return native.moe_decode(x, table, topk_ids, topk_weights, shared).to(x.dtype)
+        if native.moe_applies(table, x, topk_ids):
+            if shared is None or table.shared_fits(shared[0].dtype):
+                return native.moe_decode(x, table, topk_ids, topk_weights, shared).to(x.dtype)
+            return native.moe_decode(x, table, topk_ids, topk_weights).to(x.dtype) + swiglu(x, *shared)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if x.shape[0] == 1:  # decode fast path, same sums as below (see moe_experts_reference)
         ids = topk_ids[0].tolist()
@@ -493,7 +496,8 @@ def int4_cpu_kernel_available() -> bool:
 
 
 class _Int8Matrix:
-    """int8 [out, in] with per-channel scales, for ``torch._weight_int8pack_mm`` (scales in x's dtype)."""
+    """int8 [out, in] with per-channel scales, for ``torch._weight_int8pack_mm`` (scales in x's dtype) and the
+    native decode kernel (the same scale values, widened to fp32)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
         self.q, self.scale = q.contiguous(), scale.to(dtype).contiguous()
@@ -566,6 +570,7 @@ class QuantizedCpuExperts:
         self.dequant_fallbacks = 0  # matrices the kernel cannot take (computed by dequantising instead)
         self.gate_up: list = []
         self.down: list = []
+        self._native_table: native.ExpertTable | None = None
 
     @property
     def num_experts(self) -> int:
@@ -592,6 +597,7 @@ class QuantizedCpuExperts:
         else:
             self.gate_up.append(self._matrix(torch.cat((q_gate, q_up)), torch.cat((s_gate, s_up))))
         self.down.append(self._matrix(q_down, s_down))
+        self._native_table = None
 
     @classmethod
     def from_weights(cls, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, scales: Scales,
@@ -602,6 +608,16 @@ class QuantizedCpuExperts:
         for e in range(num_experts):
             packed.append(w_gate[e], w_up[e], w_down[e], tuple(s[e] for s in scales))
         return packed
+
+    def native_table(self) -> native.ExpertTable | None:
+        """int8 experts (gate and up fused, every matrix in torch's int8 layout, which is the plain one) as
+        a table for native.moe_decode, built on first use (the fp32 copies of the scales: 4 bytes a row);
+        None for other formats or where the native kernels are not built."""
+        if self._native_table is None and self.kernel == "int8" and self.gate_up and native.available() and \
+                all(isinstance(m, _Int8Matrix) and m.scale.dim() == 1 for m in (*self.gate_up, *self.down)):
+            self._native_table = native.ExpertTable([m.q for m in self.gate_up], [m.q for m in self.down],
+                                                    ([m.scale for m in self.gate_up], [m.scale for m in self.down]))
+        return self._native_table
 
     def forward_expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """SwiGLU of expert ``expert`` on x [M, H] -> [M, H] in x's dtype."""

@@ -111,7 +111,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.ming_linear.argtypes = (p, i32, p, i32, p, i32, i64, i64, i64, i32)
     lib.ming_linear.restype = i32
-    lib.ming_moe_decode.argtypes = (p, p, i64, i32, p, p, i64, p, i32, i64, i64, p, p, p, i64, i32, p, p, i32)
+    lib.ming_moe_decode.argtypes = (p, p, p, p, i64, i32, p, p, i64, p, i32, i64, i64, p, p, p, i64, i32, i32, p, p,
+                                    i32)
     lib.ming_moe_decode.restype = i32
     lib.ming_rms_norm.argtypes = (p, p, p, p, p, i64, i64, ctypes.c_float, i32)
     lib.ming_rms_norm.restype = i32
@@ -247,16 +248,40 @@ def bind_linear(weight: torch.Tensor, min_bytes: int | None = None) -> BoundLine
     return BoundLinear(weight.detach(), _lib)
 
 
+# Weight kinds of the kernels (cpu_decode.c): fp32, bf16, int8 with one fp32 scale per row.
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
 class ExpertTable:
     """Data pointers of every expert's fused gate+up [2I, H] and down [H, I] matrices (contiguous CPU
-    tensors of one dtype, kept alive by the caller) for :func:`moe_decode`."""
+    tensors of one dtype: fp32, bf16, or int8 with ``scales``: each expert's fp32 per-row scales of gate+up
+    [2I] and down [H], W = q * scale[row]), for :func:`moe_decode`. The tensors are kept alive here."""
 
-    def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> None:
-        self.gate_up = torch.tensor([t.data_ptr() for t in gate_up], dtype=torch.int64)
-        self.down = torch.tensor([t.data_ptr() for t in down], dtype=torch.int64)
-        self.num_experts = len(gate_up)
+    def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor],
+                 scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> None:
         self.dtype = gate_up[0].dtype
         self.inter, self.hidden = gate_up[0].shape[0] // 2, gate_up[0].shape[1]
+        if self.dtype not in _KINDS or any(t.dtype != self.dtype or not t.is_contiguous() or t.device.type != "cpu"
+                                           for t in (*gate_up, *down)):
+            raise ValueError("expert matrices must be contiguous CPU tensors of one dtype: fp32, bf16 or int8")
+        if (self.dtype == torch.int8) != (scales is not None):
+            raise ValueError("int8 experts need their per-row scales (and only they have scales)")
+        if scales is not None:
+            scales = ([t.float().contiguous() for t in scales[0]], [t.float().contiguous() for t in scales[1]])
+            if any(s.shape != (2 * self.inter,) for s in scales[0]) or any(s.shape != (self.hidden,) for s in scales[1]):
+                raise ValueError(f"int8 expert scales must be [{2 * self.inter}] and [{self.hidden}] per expert")
+        self.kind = _KINDS[self.dtype]
+        self._keep = (gate_up, down, scales)
+        self.gate_up = torch.tensor([t.data_ptr() for t in gate_up], dtype=torch.int64)
+        self.down = torch.tensor([t.data_ptr() for t in down], dtype=torch.int64)
+        self.gate_up_scale = None if scales is None else torch.tensor([t.data_ptr() for t in scales[0]], dtype=torch.int64)
+        self.down_scale = None if scales is None else torch.tensor([t.data_ptr() for t in scales[1]], dtype=torch.int64)
+        self.num_experts = len(gate_up)
+
+    def shared_fits(self, dtype: torch.dtype) -> bool:
+        """True when a shared expert with plain weights of ``dtype`` can run in the same native pass: the
+        experts' own fp32 / bf16, or either beside int8 experts (the activations' dtype)."""
+        return dtype in _DTYPES and (self.dtype == torch.int8 or dtype == self.dtype)
 
 
 def moe_applies(table: ExpertTable | None, x: torch.Tensor, topk_ids: torch.Tensor) -> bool:
@@ -267,9 +292,9 @@ def moe_applies(table: ExpertTable | None, x: torch.Tensor, topk_ids: torch.Tens
 def moe_decode(x: torch.Tensor, table: ExpertTable, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Routed experts of one token x [1, H] -> [1, H] fp32 (moe_experts' semantics; the caller casts), plus
-    the shared expert when given (its plain gate, up [I_s, H] and down [H, I_s] weights, the table's
-    dtype): then the sum is rounded as ``routed.to(x.dtype) + shared_expert(x)`` rounds it. Check
-    :func:`moe_applies` first."""
+    the shared expert when given (its plain gate, up [I_s, H] and down [H, I_s] weights, of a dtype
+    :meth:`ExpertTable.shared_fits`): then the sum is rounded as ``routed.to(x.dtype) + shared_expert(x)``
+    rounds it. Check :func:`moe_applies` first."""
     lib = _lib
     assert lib is not None, "call moe_applies() first"
     ids = topk_ids.reshape(-1).to(torch.int64).contiguous()
@@ -279,13 +304,18 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, topk_ids: torch.Tensor, topk
     shared_inter = 0 if shared is None else shared[0].shape[0]
     scratch = torch.empty(ids.numel() * 3 * table.inter + 3 * shared_inter, dtype=torch.float32)
     gate, up, down = (None, None, None) if shared is None else (t.data_ptr() for t in shared)
-    rc = lib.ming_moe_decode(table.gate_up.data_ptr(), table.down.data_ptr(), table.num_experts,
-                             table.dtype == torch.bfloat16, ids.data_ptr(), weights.data_ptr(), ids.numel(),
+    shared_kind = 0 if shared is None else _KINDS[shared[0].dtype]
+    rc = lib.ming_moe_decode(table.gate_up.data_ptr(), table.down.data_ptr(),
+                             None if table.gate_up_scale is None else table.gate_up_scale.data_ptr(),
+                             None if table.down_scale is None else table.down_scale.data_ptr(), table.num_experts,
+                             table.kind, ids.data_ptr(), weights.data_ptr(), ids.numel(),
                              xc.data_ptr(), xc.dtype == torch.bfloat16, table.hidden, table.inter,
-                             gate, up, down, shared_inter, xc.dtype == torch.bfloat16, out.data_ptr(),
+                             gate, up, down, shared_inter, shared_kind, xc.dtype == torch.bfloat16, out.data_ptr(),
                              scratch.data_ptr(), torch.get_num_threads())
     if rc == -1:
         raise ValueError(f"expert ids must lie in [0, {table.num_experts}); got {ids.tolist()}")
+    if rc == -4:
+        raise ValueError(f"a shared expert of {shared[0].dtype} cannot share the native pass of {table.dtype} experts")
     if rc != 0:
         raise MemoryError("native moe_decode: out of memory for the converted activations")
     return out

@@ -113,6 +113,62 @@ def test_moe_decode_matches_the_reference(dtype, experts, hidden, inter, top_k):
     assert _rel_err(got, want) <= tol
 
 
+def _int8_experts(gen, experts, hidden, inter):
+    """Random experts quantised to int8 per row: (fused gate+up q, down q, their scales, dequantised weights)."""
+    from engine.kernels.dequant import quantize_int8_rows
+
+    wg, wu = (torch.randn(experts, inter, hidden, generator=gen) / hidden ** 0.5 for _ in range(2))
+    wd = torch.randn(experts, hidden, inter, generator=gen) / inter ** 0.5
+    (qgu, sgu), (qd, sd) = quantize_int8_rows(torch.cat((wg, wu), dim=1)), quantize_int8_rows(wd)
+    deq_gu, deq_d = qgu.float() * sgu.unsqueeze(-1), qd.float() * sd.unsqueeze(-1)
+    return qgu, qd, sgu, sd, (deq_gu[:, :inter], deq_gu[:, inter:], deq_d)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("experts,hidden,inter,top_k", [(8, 64, 32, 2), (16, 100, 37, 3), (32, 256, 96, 8)])
+def test_int8_experts_in_one_native_call(dtype, experts, hidden, inter, top_k):
+    """int8 experts with one scale per row (the CPU-only and host-expert format): each row's sum of
+    q * x times its scale, as a weight-only int8 GEMM computes it, against the experts dequantised to fp32
+    and run by the reference (rows of every tail length: widths 64, 100, 256; 37 and 96 for down)."""
+    gen = torch.Generator().manual_seed(hidden + inter)
+    qgu, qd, sgu, sd, deq = _int8_experts(gen, experts, hidden, inter)
+    table = native.ExpertTable(list(qgu), list(qd), (list(sgu), list(sd)))
+    x = torch.randn(1, hidden, generator=gen).to(dtype)
+    ids = torch.randperm(experts, generator=gen)[:top_k].view(1, -1)
+    weights = torch.rand(1, top_k, generator=gen)
+    assert native.moe_applies(table, x, ids)
+    got = native.moe_decode(x, table, ids, weights).to(dtype)
+    want = moe_experts_reference(x, *(w.to(dtype) for w in deq), ids, weights)
+    # bf16: the dequantised weights are rounded to bf16 in the reference, not in the kernel (int8 x fp32
+    # scale is exact in fp32): a few bf16 steps
+    assert _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_experts_take_the_shared_expert_in_the_same_pass_and_refuse_what_does_not_fit(dtype):
+    """The shared expert (plain weights of the activations' dtype) in the int8 experts' pass: the int8 rows
+    read the activations in natural order, the bf16 shared rows in their even/odd layout, both made once."""
+    gen = torch.Generator().manual_seed(3)
+    experts, hidden, inter = 8, 64 + 36, 32
+    qgu, qd, sgu, sd, deq = _int8_experts(gen, experts, hidden, inter)
+    table = native.ExpertTable(list(qgu), list(qd), (list(sgu), list(sd)))
+    shared = tuple((torch.randn(*s, generator=gen) / 8).to(dtype) for s in ((48, hidden), (48, hidden), (hidden, 48)))
+    assert table.shared_fits(torch.bfloat16) and table.shared_fits(torch.float32) and not table.shared_fits(torch.int8)
+    x = torch.randn(1, hidden, generator=gen).to(dtype)
+    ids, weights = torch.tensor([[5, 2]]), torch.rand(1, 2, generator=gen)
+    got = native.moe_decode(x, table, ids, weights, shared).to(dtype)
+    want = moe_experts_reference(x, *(w.to(dtype) for w in deq), ids, weights) + swiglu(x, *shared)
+    assert _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -5)
+    with pytest.raises(ValueError, match="cannot share"):
+        native.moe_decode(x, table, ids, weights, (qgu[0][:48], qgu[0][48:96], qd[0][:, :48].contiguous()))
+    with pytest.raises(ValueError, match="scales"):
+        native.ExpertTable(list(qgu), list(qd))
+    with pytest.raises(ValueError, match="scales must be"):
+        native.ExpertTable(list(qgu), list(qd), (list(sgu), [t[:-1] for t in sd]))
+
+
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shared_inter", [32, 70])
@@ -271,6 +327,10 @@ def test_every_vector_width_computes_the_same(floats, monkeypatch):
         ids, weights = torch.tensor([[6, 1, 3]]), torch.rand(1, 3, generator=gen)
         want = moe_experts_reference(x, wg, wu, wd, ids, weights) + swiglu(x, *shared)
         assert _rel_err(moe_experts_packed(x, packed, ids, weights, shared=shared), want) <= tol
+        qgu, qd, sgu, sd, deq = _int8_experts(gen, experts, hidden, inter)
+        table = native.ExpertTable(list(qgu), list(qd), (list(sgu), list(sd)))
+        want = moe_experts_reference(x, *(w.to(dtype) for w in deq), ids, weights)
+        assert _rel_err(native.moe_decode(x, table, ids, weights).to(dtype), want) <= (tol if dtype == torch.float32 else 2 ** -5)
         h, weight = torch.randn(2, 100, generator=gen).to(dtype), (torch.rand(100, generator=gen) + 0.5).to(dtype)
         assert _rel_err(native.rms_norm(h, weight, 1e-6), rms_norm_reference(h, weight, 1e-6)) <= tol
         q, cos, sin = torch.randn(1, 4, 1, 64, generator=gen).to(dtype), torch.randn(1, 1, 32), torch.randn(1, 1, 32)

@@ -38,6 +38,39 @@ typedef float vf __attribute__((vector_size(VL * 4)));
 typedef uint32_t vu __attribute__((vector_size(VL * 4)));
 typedef uint16_t vh __attribute__((vector_size(VL * 2)));
 
+/* Weight storage kinds: fp32, bf16, int8 with one fp32 scale per row (symmetric, W = q * scale[row]). */
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+
+static inline size_t kind_bytes(int kind) { return kind == W_F32 ? 4 : kind == W_BF16 ? 2 : 1; }
+
+/* bf16 weights read the activations in the even/odd layout of permute_for_bf16; fp32 and int8 ones in
+ * their natural order. */
+static inline int reads_permuted(int kind) { return kind == W_BF16; }
+
+/* VL int8 weights, widened exactly to fp32: one sign extension and one conversion per vector (GCC's generic
+ * vector conversion of int8 lanes comes out as scalar code, hence the intrinsics). */
+#if VL == 16 && defined(__AVX512F__)
+static inline vf load_i8(const int8_t *p) {
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#elif VL == 8 && defined(__AVX2__)
+static inline vf load_i8(const int8_t *p) {
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+#elif VL == 4 && defined(__SSE4_1__)
+static inline vf load_i8(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return (vf)_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(v)));
+}
+#else
+static inline vf load_i8(const int8_t *p) {
+    vf v;
+    for (int i = 0; i < VL; i++) v[i] = (float)p[i];
+    return v;
+}
+#endif
+
 #define ROWS 4                    /* weight rows per work unit */
 #define MAX_LINEAR_ROWS 8         /* activation rows ming_linear takes (decode batches) */
 #define PARALLEL_MIN_BYTES 65536  /* smaller matrices run on the calling thread alone */
@@ -115,19 +148,40 @@ static inline int64_t permuted_index(int64_t i, int64_t k) {
     return c + (j % 2 ? VL + j / 2 : j / 2);
 }
 
-/* out[r] = w[0:k] . x_r for the M rows x_r = x + r * k (M <= ROW_GROUP) against one weight row, fp32 or bf16
- * (bf16: x laid out by permute_for_bf16). The weight row is loaded (and, for bf16, widened) once for all
+/* out[r] = w[0:k] . x_r for the M rows x_r = x + r * k (M <= ROW_GROUP) against one weight row of `kind`
+ * (bf16: x laid out by permute_for_bf16; int8 rows unscaled: the caller applies the row's scale). The weight row is loaded (and, for bf16, widened) once for all
  * M rows instead of once per row; each row's sum runs in the same order whatever M is (two accumulators
  * over alternate vectors, summed, then the tail), so a row's result does not depend on how many rows come
  * with it. Called with M a constant (dot_rows, dot_row_group), so the accumulators stay in registers:
  * 2 * ROW_GROUP of them, plus the weights and one activation vector, fit AVX2's 16 vector registers. */
 #define ROW_GROUP 4
 
-static inline __attribute__((always_inline)) void dot_row_rows(const void *w, int w_bf16, int64_t k, const float *x,
+static inline __attribute__((always_inline)) void dot_row_rows(const void *w, int kind, int64_t k, const float *x,
                                                                const int M, float *out) {
     vf a[ROW_GROUP] = {{0}}, b[ROW_GROUP] = {{0}};
     int64_t i = 0;
-    if (w_bf16) {
+    if (kind == W_I8) {
+        const int8_t *wq = (const int8_t *)w;
+        for (; i + 2 * VL <= k; i += 2 * VL) {
+            __builtin_prefetch(wq + i + PREFETCH_BYTES, 0, 3);
+            vf w0 = load_i8(wq + i), w1 = load_i8(wq + i + VL);
+            for (int r = 0; r < M; r++) {
+                a[r] = madd(a[r], w0, load_f32(x + r * k + i));
+                b[r] = madd(b[r], w1, load_f32(x + r * k + i + VL));
+            }
+        }
+        for (; i + VL <= k; i += VL) {
+            vf w0 = load_i8(wq + i);
+            for (int r = 0; r < M; r++) a[r] = madd(a[r], w0, load_f32(x + r * k + i));
+        }
+        for (int r = 0; r < M; r++) {
+            float s = hsum(a[r] + b[r]);
+            for (int64_t j = i; j < k; j++) s += (float)wq[j] * x[r * k + j];
+            out[r] = s;
+        }
+        return;
+    }
+    if (kind == W_BF16) {
         const uint16_t *wh = (const uint16_t *)w;
         const int64_t full = k - k % (2 * VL);
         vf e, o;
@@ -168,23 +222,23 @@ static inline __attribute__((always_inline)) void dot_row_rows(const void *w, in
 
 /* out[r] = w[0:k] . x_r for m rows of x (row stride k), ROW_GROUP rows at a time (the weight row stays in
  * L1 between groups). */
-static void dot_row_group(const void *w, int w_bf16, int64_t k, const float *x, int64_t m, float *out) {
+static void dot_row_group(const void *w, int kind, int64_t k, const float *x, int64_t m, float *out) {
     for (int64_t r = 0; r < m; r += ROW_GROUP) {
         const float *xr = x + r * k;
         switch (m - r < ROW_GROUP ? m - r : ROW_GROUP) {
-        case 1: dot_row_rows(w, w_bf16, k, xr, 1, out + r); break;
-        case 2: dot_row_rows(w, w_bf16, k, xr, 2, out + r); break;
-        case 3: dot_row_rows(w, w_bf16, k, xr, 3, out + r); break;
-        default: dot_row_rows(w, w_bf16, k, xr, 4, out + r); break;
+        case 1: dot_row_rows(w, kind, k, xr, 1, out + r); break;
+        case 2: dot_row_rows(w, kind, k, xr, 2, out + r); break;
+        case 3: dot_row_rows(w, kind, k, xr, 3, out + r); break;
+        default: dot_row_rows(w, kind, k, xr, 4, out + r); break;
         }
     }
 }
 
 /* out[r] = w[row + r, :] . x for `rows` rows of a row-major matrix with row stride k (one activation row;
- * bf16 weights read x laid out by permute_for_bf16). */
-static inline void dot_rows(const void *w, int w_bf16, int64_t row, int64_t k, int rows, const float *x, float *out) {
-    const size_t elem = w_bf16 ? 2 : 4;
-    for (int r = 0; r < rows; r++) dot_row_rows((const char *)w + (size_t)((row + r) * k) * elem, w_bf16, k, x, 1, out + r);
+ * bf16 weights read x laid out by permute_for_bf16; int8 sums unscaled). */
+static inline void dot_rows(const void *w, int kind, int64_t row, int64_t k, int rows, const float *x, float *out) {
+    const size_t elem = kind_bytes(kind);
+    for (int r = 0; r < rows; r++) dot_row_rows((const char *)w + (size_t)((row + r) * k) * elem, kind, k, x, 1, out + r);
 }
 
 /* [first, last) of `units` work units for thread t of nt (contiguous, balanced). */
@@ -199,12 +253,13 @@ static int team_size(int nthreads, int64_t nbytes) {
 }
 
 /* m rows of k activations (fp32 or bf16) as fp32 in the layout the weights' dot product reads: as given
- * for fp32 weights (no copy when already fp32), permute_for_bf16 per row for bf16 weights. NULL when out
+ * for fp32 and int8 weights (no copy when already fp32), permute_for_bf16 per row for bf16 weights
+ * (`permuted`). NULL when out
  * of memory; *owned is what to free. */
-static const float *activations(const void *x, int x_bf16, int w_bf16, int64_t m, int64_t k, float **owned) {
+static const float *activations(const void *x, int x_bf16, int permuted, int64_t m, int64_t k, float **owned) {
     *owned = NULL;
-    if (!x_bf16 && !w_bf16) return (const float *)x;
-    float *buf = (float *)malloc((size_t)(m * k) * sizeof(float) * (x_bf16 && w_bf16 ? 2 : 1));
+    if (!x_bf16 && !permuted) return (const float *)x;
+    float *buf = (float *)malloc((size_t)(m * k) * sizeof(float) * (x_bf16 && permuted ? 2 : 1));
     if (!buf) return NULL;
     *owned = buf;
     const float *xf = (const float *)x;
@@ -213,7 +268,7 @@ static const float *activations(const void *x, int x_bf16, int w_bf16, int64_t m
         for (int64_t i = 0; i < m * k; i++) buf[i] = bf16_to_f32(h[i]);
         xf = buf;
     }
-    if (!w_bf16) return xf;
+    if (!permuted) return xf;
     float *xp = xf == buf ? buf + m * k : buf;
     for (int64_t r = 0; r < m; r++) permute_for_bf16(xf + r * k, xp + r * k, k);
     return xp;
@@ -258,10 +313,13 @@ int ming_linear(const void *w, int w_bf16, const void *x, int x_bf16, void *y, i
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
-/* One expert of a token: gate and up [inter, hidden] rows, down [hidden, inter], its weight, and where its
- * gate/up outputs and activations go in the scratch buffer. */
+/* One expert of a token: gate and up [inter, hidden] rows, down [hidden, inter] (of weight `kind`; int8:
+ * with per-row scales, gate rows' then up rows' in gu_scale), its weight, and where its gate/up outputs
+ * and activations go in the scratch buffer. */
 typedef struct {
     const void *gate, *up, *down;
+    const float *gu_scale, *down_scale;
+    int kind;
     int64_t inter, id;
     float weight;
     float *gate_up;  /* [2 * inter]: gate outputs, then up outputs */
@@ -282,33 +340,44 @@ static inline int slot_of(const int64_t *first, int n, int64_t u, int from) {
  *   out[h]    = routed[h] + shared[h]  (no shared expert when shared_gate is NULL: out = routed)
  *   e = down(silu(gate(x)) * up(x)),
  * with gate_up the fused [2I, H] matrix of a routed expert (gate rows first) and down [H, I], found
- * through the tables of data pointers `gate_up_ptrs` / `down_ptrs` indexed by expert id; the shared
- * expert has its own gate, up [I_s, H] and down [H, I_s] matrices. With `round_act` (bf16 activations)
- * every intermediate is rounded to bf16 where torch's bf16 modules round it: gate, up, silu(gate), their
- * product, each expert's output, the routed sum before the shared expert is added, and out; the
- * weighted routed sum is fp32 either way. `scratch` holds top_k * 3 * I + 3 * I_s floats. Returns 0;
- * -1 for an expert id outside [0, num_experts) or top_k > 64; -2 when out of memory. */
-int ming_moe_decode(const int64_t *gate_up_ptrs, const int64_t *down_ptrs, int64_t num_experts, int w_bf16,
+ * through the tables of data pointers `gate_up_ptrs` / `down_ptrs` indexed by expert id, stored as
+ * `w_kind`: fp32, bf16, or int8 with one fp32 scale per row (tables `gate_up_scale_ptrs` [2I] and
+ * `down_scale_ptrs` [H] per expert; a row's sum is multiplied by its scale, as a weight-only int8 GEMM
+ * does). The shared expert has its own gate, up [I_s, H] and down [H, I_s] matrices of `shared_kind`
+ * (fp32 or bf16).
+ * With `round_act` (bf16 activations) every intermediate is rounded to bf16 where torch's bf16 modules
+ * round it: gate, up, silu(gate), their product, each expert's output, the routed sum before the shared
+ * expert is added, and out; the weighted routed sum is fp32 either way. `scratch` holds
+ * top_k * 3 * I + 3 * I_s floats. Returns 0; -1 for an expert id outside [0, num_experts) or
+ * top_k > 64; -2 when out of memory; -4 for a shared expert whose kind does not go with the routed ones. */
+int ming_moe_decode(const int64_t *gate_up_ptrs, const int64_t *down_ptrs, const int64_t *gate_up_scale_ptrs,
+                    const int64_t *down_scale_ptrs, int64_t num_experts, int w_kind,
                     const int64_t *ids, const float *route_w, int64_t top_k, const void *x, int x_bf16,
                     int64_t hidden, int64_t inter, const void *shared_gate, const void *shared_up,
-                    const void *shared_down, int64_t shared_inter, int round_act, float *out, float *scratch,
-                    int nthreads) {
+                    const void *shared_down, int64_t shared_inter, int shared_kind, int round_act, float *out,
+                    float *scratch, int nthreads) {
     if (top_k < 0 || top_k > MAX_SLOTS - 1) return -1;
+    const int has_shared = shared_gate != NULL && shared_inter > 0;
+    if (has_shared && shared_kind == W_I8) return -4;
     expert_slot slot[MAX_SLOTS];
-    const size_t elem = w_bf16 ? 2 : 4;
+    const size_t elem = kind_bytes(w_kind);
     int routed = 0;
     for (int64_t s = 0; s < top_k; s++) {
-        if (ids[s] < 0 || ids[s] >= num_experts) return -1;
-        const char *gu = (const char *)(intptr_t)gate_up_ptrs[ids[s]];
-        expert_slot e = {gu, gu + (size_t)(inter * hidden) * elem, (const void *)(intptr_t)down_ptrs[ids[s]],
-                         inter, ids[s], route_w[s], NULL, NULL};
+        const int64_t id = ids[s];
+        if (id < 0 || id >= num_experts) return -1;
+        const char *gu = (const char *)(intptr_t)gate_up_ptrs[id];
+        const float *gus = w_kind == W_I8 ? (const float *)(intptr_t)gate_up_scale_ptrs[id] : NULL;
+        const float *ds = w_kind == W_I8 ? (const float *)(intptr_t)down_scale_ptrs[id] : NULL;
+        expert_slot e = {gu, gu + (size_t)(inter * hidden) * elem, (const void *)(intptr_t)down_ptrs[id],
+                         gus, ds, w_kind, inter, id, route_w[s], NULL, NULL};
         int j = routed++;  /* insertion sort by expert id (stable): the order the routed sum runs in */
         while (j > 0 && slot[j - 1].id > e.id) { slot[j] = slot[j - 1]; j--; }
         slot[j] = e;
     }
     int n = routed;
-    if (shared_gate != NULL && shared_inter > 0)
-        slot[n++] = (expert_slot){shared_gate, shared_up, shared_down, shared_inter, -1, 1.0f, NULL, NULL};
+    if (has_shared)
+        slot[n++] = (expert_slot){shared_gate, shared_up, shared_down, NULL, NULL, shared_kind, shared_inter, -1,
+                                  1.0f, NULL, NULL};
     int64_t first_row_unit[MAX_SLOTS + 1], first_elem[MAX_SLOTS + 1], bytes = 0;
     float *cursor = scratch;
     first_row_unit[0] = first_elem[0] = 0;
@@ -319,11 +388,19 @@ int ming_moe_decode(const int64_t *gate_up_ptrs, const int64_t *down_ptrs, int64
         /* phase 1 units: ROWS rows of gate, then of up */
         first_row_unit[j + 1] = first_row_unit[j] + 2 * ((slot[j].inter + ROWS - 1) / ROWS);
         first_elem[j + 1] = first_elem[j] + slot[j].inter;
-        bytes += 3 * slot[j].inter * hidden * (int64_t)elem;
+        bytes += 3 * slot[j].inter * hidden * (int64_t)kind_bytes(slot[j].kind);
     }
-    float *xbuf;
-    const float *xf = activations(x, x_bf16, w_bf16, 1, hidden, &xbuf);
-    if (!xf) return -2;
+    /* x in each layout the slots read (routed experts in one, the shared expert maybe in the other) */
+    float *xbuf[2] = {NULL, NULL};
+    const float *xf[2] = {NULL, NULL};
+    for (int j = 0; j < n; j++) {
+        const int p = reads_permuted(slot[j].kind);
+        if (xf[p] == NULL && (xf[p] = activations(x, x_bf16, p, 1, hidden, &xbuf[p])) == NULL) {
+            free(xbuf[0]);
+            free(xbuf[1]);
+            return -2;
+        }
+    }
     const int64_t down_blocks = (hidden + ROWS - 1) / ROWS;
     int nt = team_size(nthreads, bytes);
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -340,7 +417,10 @@ int ming_moe_decode(const int64_t *gate_up_ptrs, const int64_t *down_ptrs, int64
             int is_up = v >= blocks;
             int64_t row = (is_up ? v - blocks : v) * ROWS;
             int rows = (int)(e->inter - row < ROWS ? e->inter - row : ROWS);
-            dot_rows(is_up ? e->up : e->gate, w_bf16, row, hidden, rows, xf, e->gate_up + is_up * e->inter + row);
+            float *y = e->gate_up + is_up * e->inter + row;
+            dot_rows(is_up ? e->up : e->gate, e->kind, row, hidden, rows, xf[reads_permuted(e->kind)], y);
+            if (e->gu_scale)
+                for (int r = 0; r < rows; r++) y[r] *= e->gu_scale[is_up * e->inter + row + r];
         }
 #pragma omp barrier
         /* 2. silu(gate) * up, laid out for the down rows' dot product */
@@ -350,7 +430,7 @@ int ming_moe_decode(const int64_t *gate_up_ptrs, const int64_t *down_ptrs, int64
             const expert_slot *e = &slot[j];
             int64_t i = u - first_elem[j];
             float g = e->gate_up[i], v = e->gate_up[e->inter + i];
-            e->act[w_bf16 ? permuted_index(i, e->inter) : i] =
+            e->act[reads_permuted(e->kind) ? permuted_index(i, e->inter) : i] =
                 round_act ? round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(v)) : silu(g) * v;
         }
 #pragma omp barrier
@@ -363,16 +443,18 @@ int ming_moe_decode(const int64_t *gate_up_ptrs, const int64_t *down_ptrs, int64
             const int shared = j >= routed;
             for (int64_t row = row0; row < row1; row += ROWS) {
                 int rows = (int)(row1 - row < ROWS ? row1 - row : ROWS);
-                dot_rows(e->down, w_bf16, row, e->inter, rows, e->act, dots);
+                dot_rows(e->down, e->kind, row, e->inter, rows, e->act, dots);
                 for (int r = 0; r < rows; r++) {
-                    float y = round_act ? round_bf16(dots[r]) : dots[r];
+                    float d = e->down_scale ? dots[r] * e->down_scale[row + r] : dots[r];
+                    float y = round_act ? round_bf16(d) : d;
                     if (!shared) out[row + r] += y * e->weight;
                     else out[row + r] = round_act ? round_bf16(round_bf16(out[row + r]) + y) : out[row + r] + y;
                 }
             }
         }
     }
-    free(xbuf);
+    free(xbuf[0]);
+    free(xbuf[1]);
     return 0;
 }
 

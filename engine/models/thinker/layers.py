@@ -257,12 +257,14 @@ class MoEBlock(nn.Module):
         self.cpu_shared = None  # the shared expert's plain weights, run with the packed routed experts (bind_cpu_shared)
 
     def bind_cpu_shared(self) -> bool:
-        """After kernels.pack_linears / ExpertBank.pack_for_cpu: where the routed experts are packed in the
-        plain layout for the native decode kernel and the shared expert's three projections hold plain
-        bias-free weights of the same dtype, run the shared expert with them (one native pass per token,
-        ``routed.to(dtype) + shared(x)`` as before). True when bound."""
+        """After kernels.pack_linears / ExpertBank.pack_for_cpu: where the routed experts have a native
+        decode table (plain fp32/bf16 or int8 experts) and the shared expert's three projections hold plain
+        bias-free weights of the activations' dtype that fit that table (ExpertTable.shared_fits), run the
+        shared expert with them (one native pass per token, ``routed.to(dtype) + shared(x)`` as before).
+        True when bound."""
         packed, mlp = self.experts.packed, self.shared_experts
-        if mlp is None or not isinstance(packed, kernels.PackedExperts) or packed.native_table() is None:
+        table = None if mlp is None or packed is None else packed.native_table()
+        if table is None or not table.shared_fits(packed.dtype):
             return False
         weights = []
         for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):

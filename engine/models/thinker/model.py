@@ -185,11 +185,12 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
         for layer in llm.model.layers:
             kernels.pack_linears(layer, int8=True)
         kernels.pack_linears(llm, int8=True)  # lm_head
-    if pack_cpu_experts and plan is None and expert_dtype != "bf16" and dev.type == "cpu":
-        for bank in banks.values():  # torch's int8/int4 weight-only CPU kernels read the quantised bytes
+    cpu_quantized = pack_cpu_experts and plan is None and expert_dtype != "bf16" and dev.type == "cpu"
+    if cpu_quantized:
+        for bank in banks.values():  # int8/int4 weight-only CPU kernels read the quantised bytes
             bank.pack_for_cpu(numerics.dtype)
-    if pack_cpu_experts and not custom_experts and dev.type == "cpu":
-        pack_for_cpu(llm)
+    if pack_cpu_experts and (cpu_quantized or not custom_experts) and dev.type == "cpu":
+        pack_for_cpu(llm)  # the other projections (and, for int8 experts, the shared expert's native pass)
     if runtime is not None and hasattr(plan, "layer_home"):
         place_non_expert_modules(llm, encoders, plan, runtime.device_map)
     return LoadedModel(config=cfg, llm=llm, numerics=numerics, device=dev, path=root, encoders=encoders,
@@ -199,9 +200,10 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
 def pack_for_cpu(llm: BailingMoeV2ForCausalLM) -> bool:
     """fp32 or bf16 weights on the CPU laid out once for the CPU kernels; True when anything was.
     Where the native decode kernels are built (kernels.native): experts fused gate+up per expert in the
-    checkpoint's plain layout (one native call per token's experts) and every projection wrapped so that
-    decode GEMVs run natively; fp32 and bf16 stay plain (torch's GEMMs for prefill). Without them: oneDNN packing where it pays (bf16 always, fp32 from
-    kernels.ONEDNN_FP32_MIN_BYTES per matrix). Either way sums run in another order than the plain
+    checkpoint's plain layout (one native call per token's experts; experts already packed as int8 keep
+    theirs, which the native call reads too) and every projection wrapped so that decode GEMVs run
+    natively; fp32 and bf16 stay plain (torch's GEMMs for prefill). Without them: oneDNN packing where it
+    pays (bf16 always, fp32 from kernels.ONEDNN_FP32_MIN_BYTES per matrix). Either way sums run in another order than the plain
     model's: results agree within fp rounding, not bit for bit. On a CPU without native bf16, bf16
     projections are wrapped all the same, so that their prefill GEMMs run in fp32 (kernels.cpu_linear;
     the experts' do through kernels.swiglu)."""
@@ -212,7 +214,7 @@ def pack_for_cpu(llm: BailingMoeV2ForCausalLM) -> bool:
         return False
     packed = 0
     for bank in _expert_banks(llm).values():  # one layer at a time: the stacked copy is freed as we go
-        if kernels.onednn_packing_pays(bank.down_proj[0]) or kernels.native_decode_applies(bank.down_proj):
+        if bank.packed is None and kernels.onednn_packing_pays(bank.down_proj[0]) or kernels.native_decode_applies(bank.down_proj):
             bank.pack_for_cpu()
             packed += 1
     for layer in llm.model.layers:  # attention, dense and shared-expert projections too

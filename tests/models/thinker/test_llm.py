@@ -264,3 +264,40 @@ def test_moe_block_folds_the_shared_expert_into_the_fused_kernel(tiny_checkpoint
         got = block(x, FP32)
     assert calls  # the fused kernel ran
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_int8_experts_decode_in_one_native_call_per_layer(tiny_checkpoint, dtype, monkeypatch):
+    """A CPU load with int8 experts (the no-GPU format): each decode step's routed experts run in one native
+    call per MoE layer, with the shared expert in it, and the logits match the same int8 model on torch's int8 kernels (fp32: relative 1e-4; bf16: cosine > 0.999)."""
+    from engine.kernels import native
+
+    if native._compiler() is None:
+        pytest.skip("no C compiler here: the native kernels cannot be built (torch's path runs)")
+    fast = load_model(tiny_checkpoint, dtype=dtype, device="cpu", expert_dtype="int8")
+    mlp = fast.llm.model.layers[1].mlp
+    assert mlp.experts.packed.kernel == "int8" and mlp.experts.packed.native_table() is not None
+    assert mlp.cpu_shared is not None
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    torch_path = load_model(tiny_checkpoint, dtype=dtype, device="cpu", expert_dtype="int8")
+    monkeypatch.delenv(native.DISABLE_ENV)
+    calls = []
+    monkeypatch.setattr(native, "moe_decode", lambda *a, _real=native.moe_decode: calls.append(1) or _real(*a))
+    ids = torch.tensor([[10, 20, 30, 40, 50, 60]])
+    steps = []
+    with torch.inference_mode():
+        pos, delta = _positions(fast.llm, ids)
+        for m, native_on in ((torch_path, False), (fast, True)):
+            if not native_on:
+                monkeypatch.setenv(native.DISABLE_ENV, "0")
+            cache = m.llm.new_cache(1, m.numerics, "cpu")
+            m.llm(m.llm.model.embed(ids), pos, m.numerics, cache=cache)
+            steps.append(m.llm(m.llm.model.embed(torch.tensor([[70]])), decode_positions(cache.length, delta),
+                               m.numerics, cache=cache).float())
+            monkeypatch.delenv(native.DISABLE_ENV, raising=False)
+    assert len(calls) == sum(layer.is_moe for layer in fast.llm.model.layers)  # the fast model's decode step only
+    want, got = steps
+    if dtype == "fp32":
+        assert float((want - got).abs().max()) <= 1e-4 * float(want.abs().max())
+    else:
+        assert torch.nn.functional.cosine_similarity(want.flatten(), got.flatten(), dim=0) > 0.999
