@@ -148,8 +148,11 @@ def apply_placement(llm, placement: str, real: MingConfig, cfg: LLMConfig, devic
                      planner_decode_tokens_per_s=plan.prediction.tokens_per_s,
                      planner_prefill_note="cold experts computed by the CPU (no fetch, no hot cache)",
                      simulated_gpu=device.type != "cuda")
-    elif placement == "resident" and device.type == "cpu":
-        notes["onednn_packed"] = pack_for_cpu(llm)
+    elif device.type == "cpu":  # as the engine's CPU load lays the weights out (engine.models.thinker.model)
+        if expert_dtype != "bf16":  # int8 (fp8 re-quantised to int8): the native decode pass, torch's GEMMs
+            for bank in moe_banks(llm).values():
+                bank.pack_for_cpu(next(llm.parameters()).dtype)
+        notes["cpu_packed"] = pack_for_cpu(llm)
     return notes
 
 
