@@ -421,7 +421,7 @@ class PackedExperts:
         if self.onednn or not self.gate_up or self.dtype not in (torch.float32, torch.bfloat16):
             return None
         if self._native_table is None:
-            self._native_table = native.ExpertTable(self.gate_up, self.down)
+            self._native_table = native.ExpertTable.fused(self.gate_up, self.down)
         return self._native_table
 
     @classmethod
@@ -615,8 +615,8 @@ class QuantizedCpuExperts:
         None for other formats or where the native kernels are not built."""
         if self._native_table is None and self.kernel == "int8" and self.gate_up and native.available() and \
                 all(isinstance(m, _Int8Matrix) and m.scale.dim() == 1 for m in (*self.gate_up, *self.down)):
-            self._native_table = native.ExpertTable([m.q for m in self.gate_up], [m.q for m in self.down],
-                                                    ([m.scale for m in self.gate_up], [m.scale for m in self.down]))
+            self._native_table = native.ExpertTable.fused([m.q for m in self.gate_up], [m.q for m in self.down],
+                                                          ([m.scale for m in self.gate_up], [m.scale for m in self.down]))
         return self._native_table
 
     def forward_expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:

@@ -111,8 +111,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.ming_linear.argtypes = (p, i32, p, i32, p, i32, i64, i64, i64, i32)
     lib.ming_linear.restype = i32
-    lib.ming_moe_decode.argtypes = (p, p, p, p, i64, i32, p, p, i64, p, i32, i64, i64, p, p, p, i64, i32, i32, p, p,
-                                    i32)
+    lib.ming_moe_decode.argtypes = (p, p, i64, i32, p, p, i64, p, i32, i64, i64, p, p, p, i64, i32, i32, p, p, i32)
     lib.ming_moe_decode.restype = i32
     lib.ming_rms_norm.argtypes = (p, p, p, p, p, i64, i64, ctypes.c_float, i32)
     lib.ming_rms_norm.restype = i32
@@ -253,30 +252,43 @@ _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
 class ExpertTable:
-    """Data pointers of every expert's fused gate+up [2I, H] and down [H, I] matrices (contiguous CPU
-    tensors of one dtype: fp32, bf16, or int8 with ``scales``: each expert's fp32 per-row scales of gate+up
-    [2I] and down [H], W = q * scale[row]), for :func:`moe_decode`. The tensors are kept alive here."""
+    """Data pointers of every expert's gate, up [I, H] and down [H, I] matrices (contiguous CPU tensors of one
+    dtype: fp32, bf16, or int8 with ``scales``: each matrix's fp32 per-row scales, [I], [I], [H], W = q *
+    scale[row]), for :func:`moe_decode`. Views into larger tensors are fine (gate and up as the two
+    halves of a fused [2I, H] matrix: ``ExpertTable.fused``); the tensors are kept alive here."""
 
-    def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor],
-                 scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> None:
-        self.dtype = gate_up[0].dtype
-        self.inter, self.hidden = gate_up[0].shape[0] // 2, gate_up[0].shape[1]
-        if self.dtype not in _KINDS or any(t.dtype != self.dtype or not t.is_contiguous() or t.device.type != "cpu"
-                                           for t in (*gate_up, *down)):
+    def __init__(self, gate: list[torch.Tensor], up: list[torch.Tensor], down: list[torch.Tensor],
+                 scales: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None) -> None:
+        self.dtype = gate[0].dtype
+        self.inter, self.hidden = gate[0].shape
+        self.num_experts = len(gate)
+        mats = (gate, up, down)
+        if self.dtype not in _KINDS or any(len(m) != self.num_experts for m in mats) or any(
+                t.dtype != self.dtype or not t.is_contiguous() or t.device.type != "cpu" for m in mats for t in m):
             raise ValueError("expert matrices must be contiguous CPU tensors of one dtype: fp32, bf16 or int8")
+        shapes = ((self.inter, self.hidden), (self.inter, self.hidden), (self.hidden, self.inter))
+        if any(t.shape != shape for m, shape in zip(mats, shapes) for t in m):
+            raise ValueError(f"expert matrices must be [{self.inter}, {self.hidden}] x2 and [{self.hidden}, {self.inter}]")
         if (self.dtype == torch.int8) != (scales is not None):
             raise ValueError("int8 experts need their per-row scales (and only they have scales)")
         if scales is not None:
-            scales = ([t.float().contiguous() for t in scales[0]], [t.float().contiguous() for t in scales[1]])
-            if any(s.shape != (2 * self.inter,) for s in scales[0]) or any(s.shape != (self.hidden,) for s in scales[1]):
-                raise ValueError(f"int8 expert scales must be [{2 * self.inter}] and [{self.hidden}] per expert")
+            scales = tuple([t.float().contiguous() for t in m] for m in scales)
+            if any(len(m) != self.num_experts or any(t.shape != (shape[0],) for t in m) for m, shape in zip(scales, shapes)):
+                raise ValueError(f"int8 expert scales must be [{self.inter}], [{self.inter}] and [{self.hidden}] per expert")
         self.kind = _KINDS[self.dtype]
-        self._keep = (gate_up, down, scales)
-        self.gate_up = torch.tensor([t.data_ptr() for t in gate_up], dtype=torch.int64)
-        self.down = torch.tensor([t.data_ptr() for t in down], dtype=torch.int64)
-        self.gate_up_scale = None if scales is None else torch.tensor([t.data_ptr() for t in scales[0]], dtype=torch.int64)
-        self.down_scale = None if scales is None else torch.tensor([t.data_ptr() for t in scales[1]], dtype=torch.int64)
-        self.num_experts = len(gate_up)
+        self._keep = (mats, scales)
+        self.ptrs = torch.tensor([t.data_ptr() for m in mats for t in m], dtype=torch.int64)
+        self.scale_ptrs = None if scales is None else torch.tensor([t.data_ptr() for m in scales for t in m],
+                                                                   dtype=torch.int64)
+
+    @classmethod
+    def fused(cls, gate_up: list[torch.Tensor], down: list[torch.Tensor],
+              scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> "ExpertTable":
+        """From fused gate+up [2I, H] matrices (gate rows first) and, for int8, their [2I] scales."""
+        inter = gate_up[0].shape[0] // 2
+        split = (lambda ts: [t[:inter] for t in ts], lambda ts: [t[inter:] for t in ts])
+        return cls(split[0](gate_up), split[1](gate_up), down,
+                   None if scales is None else (split[0](scales[0]), split[1](scales[0]), scales[1]))
 
     def shared_fits(self, dtype: torch.dtype) -> bool:
         """True when a shared expert with plain weights of ``dtype`` can run in the same native pass: the
@@ -305,10 +317,8 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, topk_ids: torch.Tensor, topk
     scratch = torch.empty(ids.numel() * 3 * table.inter + 3 * shared_inter, dtype=torch.float32)
     gate, up, down = (None, None, None) if shared is None else (t.data_ptr() for t in shared)
     shared_kind = 0 if shared is None else _KINDS[shared[0].dtype]
-    rc = lib.ming_moe_decode(table.gate_up.data_ptr(), table.down.data_ptr(),
-                             None if table.gate_up_scale is None else table.gate_up_scale.data_ptr(),
-                             None if table.down_scale is None else table.down_scale.data_ptr(), table.num_experts,
-                             table.kind, ids.data_ptr(), weights.data_ptr(), ids.numel(),
+    rc = lib.ming_moe_decode(table.ptrs.data_ptr(), None if table.scale_ptrs is None else table.scale_ptrs.data_ptr(),
+                             table.num_experts, table.kind, ids.data_ptr(), weights.data_ptr(), ids.numel(),
                              xc.data_ptr(), xc.dtype == torch.bfloat16, table.hidden, table.inter,
                              gate, up, down, shared_inter, shared_kind, xc.dtype == torch.bfloat16, out.data_ptr(),
                              scratch.data_ptr(), torch.get_num_threads())

@@ -69,7 +69,11 @@ Host-resident quantised experts (``cpu_kernels``, default on) run torch's CPU ke
 stored bytes in place; int4 keeps a second copy in the kernel's layout (the packed bytes stay for
 fetches); fp8 has no CPU kernel, so host-resident fp8 experts are re-quantised to int8 per channel at
 load (a fetch then copies int8 and the GPU kernel computes int8). Dequantising on every call instead
-(``cpu_kernels=False``, the reference semantics) is two orders of magnitude slower on a CPU.
+(``cpu_kernels=False``, the reference semantics) is two orders of magnitude slower on a CPU. For one
+token (decode at batch 1), where the native CPU kernels are built (engine.kernels.native) and a layer's
+host experts are int8 or plain in the activations' dtype, all of that token's host experts run in **one
+native call** on a CPU worker (their weighted sum comes back as one partial, like a fused GPU slot's),
+reading the experts' own storage through a table of pointers (no copy).
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from engine.kernels import native
 from engine.kernels.moe import QuantizedCpuExperts, check_routing, group_by_expert
 from engine.loader import TensorReader
 from engine.placement.planner import CPU, DEFAULT_EFFICIENCY, DEFAULT_HOP_LATENCY_US, DEFAULT_HOST_GBS, DEFAULT_PCIE_GBS
@@ -379,6 +384,8 @@ class LayerRuntime:
         self.fused: dict[int, FusedSlot] = {}
         self.staging = HostStaging(hidden, owner._pin)
         self._cpu_kernels: dict[torch.dtype, tuple[dict[int, int], object]] = {}
+        self._host_tables: dict[torch.dtype, tuple[dict[int, int], native.ExpertTable] | None] = {}
+        self._route_w: torch.Tensor | None = None  # reused (pinned on CUDA) routing weights of the host experts
 
     def cpu_expert(self, e: int, dtype: torch.dtype):
         """A callable computing host-resident expert e on activations of `dtype`: torch's int8 / int4
@@ -395,6 +402,33 @@ class LayerRuntime:
             self._cpu_kernels[dtype] = ({i: j for j, i in enumerate(host)}, packed)
         index, packed = self._cpu_kernels[dtype]
         return lambda x: packed.forward_expert(x, index[e])
+
+    def host_table(self, dtype: torch.dtype) -> tuple[dict[int, int], native.ExpertTable] | None:
+        """({expert: row of the table}, native.ExpertTable) over this layer's host-resident experts, for
+        activations of `dtype`: when the native kernels are built, ``cpu_kernels`` is on and every host
+        expert is int8 with per-row scales or plain in `dtype` (contiguous). Built once per dtype; None
+        otherwise (the per-expert path runs)."""
+        if dtype not in self._host_tables:
+            self._host_tables[dtype] = self._build_host_table(dtype)
+        return self._host_tables[dtype]
+
+    def _build_host_table(self, dtype: torch.dtype):
+        host = [e for e, s in enumerate(self.slots) if s == CPU]
+        if not host or not self.owner.options.cpu_kernels or dtype not in (torch.float32, torch.bfloat16) \
+                or not native.available():
+            return None
+        ws = [self.experts[e] for e in host]
+        if all(w.kind == "int8" and w.gate_scale.dim() == 1 for w in ws):
+            scales = tuple([getattr(w, f"{m}_scale") for w in ws] for m in ("gate", "up", "down"))
+        elif all(not w.quantized and w.gate.dtype == dtype for w in ws):
+            scales = None
+        else:
+            return None
+        try:
+            table = native.ExpertTable([w.gate for w in ws], [w.up for w in ws], [w.down for w in ws], scales)
+        except ValueError:  # not contiguous CPU storage: the per-expert path
+            return None
+        return {e: j for j, e in enumerate(host)}, table
 
     def build_fused(self, mode: str) -> None:
         """Stack each GPU slot's resident experts (mode "auto": where Triton runs; "triton": always).
@@ -484,8 +518,13 @@ class LayerRuntime:
             else:
                 cpu_jobs.append((i, e))
 
-        # 1. Host-resident experts go to the CPU workers first (one gather, one copy of their rows).
-        cpu_finish = self._submit_cpu(x, groups, cpu_jobs) if cpu_jobs else None
+        # 1. Host-resident experts go to the CPU workers first (one gather, one copy of their rows); one
+        #    token's in one native call where the layer has a host table.
+        host = self.host_table(x.dtype) if cpu_jobs and x.shape[0] == 1 and len(cpu_jobs) <= native.MAX_TOP_K else None
+        if host is not None:
+            cpu_finish = self._submit_cpu_native(x, groups, cpu_jobs, host)
+        else:
+            cpu_finish = self._submit_cpu(x, groups, cpu_jobs) if cpu_jobs else None
         # 2. Fused GPU calls, then per-expert GPU blocks (asynchronous on CUDA).
         partials = [self._run_fused(slot, x, ids, weights) for slot in sorted(fused_active)]
         results: dict[int, torch.Tensor] = {}
@@ -510,7 +549,11 @@ class LayerRuntime:
                     results[i] = self._run_block(x, groups, i, self.cache_slot, copy)
         # 4. The CPU's results (copied back in one transfer).
         if cpu_finish is not None:
-            results.update(cpu_finish())
+            done = cpu_finish()
+            if isinstance(done, torch.Tensor):  # the native call's weighted sum
+                partials.append(done)
+            else:
+                results.update(done)
 
         # Combine on the home device in ascending expert order (fp32, as moe_experts_reference).
         out = torch.zeros(x.shape, dtype=torch.float32, device=home)
@@ -575,6 +618,42 @@ class LayerRuntime:
             if x.is_cuda:
                 self.staging.released("outputs", x.device)
             return {i: back[a:b] for i, _e, a, b in spans}
+
+        return finish
+
+
+    def _submit_cpu_native(self, x: torch.Tensor, groups, jobs: list[tuple[int, int]], host):
+        """One token's host-resident experts in one native call on a CPU worker: the token's row and the
+        experts' routing weights staged in reused host buffers (pinned on CUDA; one copy each), the call
+        reads the experts in place. Returns `finish()`: the fp32 [1, H] weighted sum on the home device
+        (the experts' outputs summed in ascending id order, as moe_experts_reference sums them)."""
+        rt = self.owner
+        index, table = host
+        for _i, _e in jobs:
+            rt.stats.record("cpu", 1)
+        staged = self.staging.buffer("inputs", 1, x.dtype)
+        staged.copy_(x, non_blocking=x.is_cuda)
+        if self._route_w is None:
+            self._route_w = torch.empty(native.MAX_TOP_K, dtype=torch.float32, pin_memory=rt._pin)
+        route_w = self._route_w[:len(jobs)]
+        starts = torch.tensor([groups.offsets[i] for i, _e in jobs], device=groups.weights.device)
+        route_w.copy_(groups.weights.index_select(0, starts), non_blocking=x.is_cuda)
+        ids = torch.tensor([[index[e] for _i, e in jobs]], dtype=torch.int64)
+        ready = self.staging.mark(x.device) if x.is_cuda else None
+        rt.stats.host_transfers += 2
+        threads = torch.get_num_threads()
+
+        def work() -> torch.Tensor:
+            if ready is not None:
+                ready.synchronize()
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)  # per-thread OpenMP count: the caller's
+            return native.moe_decode(staged, table, ids, route_w.view(1, -1))
+
+        future = rt.run_on_cpu(work)
+
+        def finish() -> torch.Tensor:
+            return future.result().to(x.device, non_blocking=x.is_cuda)
 
         return finish
 

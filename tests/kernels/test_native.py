@@ -133,7 +133,7 @@ def test_int8_experts_in_one_native_call(dtype, experts, hidden, inter, top_k):
     and run by the reference (rows of every tail length: widths 64, 100, 256; 37 and 96 for down)."""
     gen = torch.Generator().manual_seed(hidden + inter)
     qgu, qd, sgu, sd, deq = _int8_experts(gen, experts, hidden, inter)
-    table = native.ExpertTable(list(qgu), list(qd), (list(sgu), list(sd)))
+    table = native.ExpertTable.fused(list(qgu), list(qd), (list(sgu), list(sd)))
     x = torch.randn(1, hidden, generator=gen).to(dtype)
     ids = torch.randperm(experts, generator=gen)[:top_k].view(1, -1)
     weights = torch.rand(1, top_k, generator=gen)
@@ -153,7 +153,7 @@ def test_int8_experts_take_the_shared_expert_in_the_same_pass_and_refuse_what_do
     gen = torch.Generator().manual_seed(3)
     experts, hidden, inter = 8, 64 + 36, 32
     qgu, qd, sgu, sd, deq = _int8_experts(gen, experts, hidden, inter)
-    table = native.ExpertTable(list(qgu), list(qd), (list(sgu), list(sd)))
+    table = native.ExpertTable.fused(list(qgu), list(qd), (list(sgu), list(sd)))
     shared = tuple((torch.randn(*s, generator=gen) / 8).to(dtype) for s in ((48, hidden), (48, hidden), (hidden, 48)))
     assert table.shared_fits(torch.bfloat16) and table.shared_fits(torch.float32) and not table.shared_fits(torch.int8)
     x = torch.randn(1, hidden, generator=gen).to(dtype)
@@ -164,9 +164,9 @@ def test_int8_experts_take_the_shared_expert_in_the_same_pass_and_refuse_what_do
     with pytest.raises(ValueError, match="cannot share"):
         native.moe_decode(x, table, ids, weights, (qgu[0][:48], qgu[0][48:96], qd[0][:, :48].contiguous()))
     with pytest.raises(ValueError, match="scales"):
-        native.ExpertTable(list(qgu), list(qd))
+        native.ExpertTable.fused(list(qgu), list(qd))
     with pytest.raises(ValueError, match="scales must be"):
-        native.ExpertTable(list(qgu), list(qd), (list(sgu), [t[:-1] for t in sd]))
+        native.ExpertTable.fused(list(qgu), list(qd), (list(sgu), [t[:-1] for t in sd]))
 
 
 @needs_compiler
@@ -328,7 +328,7 @@ def test_every_vector_width_computes_the_same(floats, monkeypatch):
         want = moe_experts_reference(x, wg, wu, wd, ids, weights) + swiglu(x, *shared)
         assert _rel_err(moe_experts_packed(x, packed, ids, weights, shared=shared), want) <= tol
         qgu, qd, sgu, sd, deq = _int8_experts(gen, experts, hidden, inter)
-        table = native.ExpertTable(list(qgu), list(qd), (list(sgu), list(sd)))
+        table = native.ExpertTable.fused(list(qgu), list(qd), (list(sgu), list(sd)))
         want = moe_experts_reference(x, *(w.to(dtype) for w in deq), ids, weights)
         assert _rel_err(native.moe_decode(x, table, ids, weights).to(dtype), want) <= (tol if dtype == torch.float32 else 2 ** -5)
         h, weight = torch.randn(2, 100, generator=gen).to(dtype), (torch.rand(100, generator=gen) + 0.5).to(dtype)

@@ -14,6 +14,7 @@ from torch import nn
 
 import engine.tools.parity as parity
 from engine import kernels
+from engine.kernels import native
 from engine.models.thinker.config import MingConfig
 from engine.models.thinker.layers import ExpertBank, Numerics
 from engine.placement.expert_runtime import (CPU, DeviceMap, ExpertPlacement, HotExpertCache, MoERuntime, RuntimeOptions,
@@ -83,7 +84,10 @@ PLACEMENTS = {
 
 @pytest.mark.parametrize("name", list(PLACEMENTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_runtime_equals_single_device_path(name, dtype):
+def test_runtime_equals_single_device_path(name, dtype, monkeypatch):
+    """Dispatch, staging and combine change nothing: bit for bit the single-device path, with every expert
+    on torch's kernels (one token's host experts in one native call: test_one_token_host_experts_...)."""
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
     placement, n_gpu, opts = PLACEMENTS[name]
     llm = _ToyLLM().to(dtype)
     steps = [_inputs(seed=s, dtype=dtype) for s in range(3)] + [_inputs(t=1, seed=9, dtype=dtype)]
@@ -311,10 +315,12 @@ def test_plan_places_non_expert_modules(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("workers", [0, 1, 3])
-def test_cpu_workers_and_fetch_window_keep_the_result(workers):
+def test_cpu_workers_and_fetch_window_keep_the_result(workers, monkeypatch):
     """Host-resident experts computed on 0 (inline), 1 or 3 worker threads while the calling thread
     computes the (simulated) GPU's experts, and fetches streamed 1 or 2 ahead: the same bits as the
-    single-device path (the combine order does not depend on who computed what)."""
+    single-device path (the combine order does not depend on who computed what; torch's kernels
+    everywhere, so that the bits can be compared)."""
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
     placement = ExpertPlacement(SPLIT, {1: 0, 2: 1})
     llm = _ToyLLM()
     steps = [_inputs(seed=s) for s in range(3)] + [_inputs(t=1, seed=9)]
@@ -406,4 +412,42 @@ def test_host_experts_run_the_cpu_kernels(kind):
     assert rt.stats.tokens.get("cpu", 0) > 0
     _index, packed = lr._cpu_kernels[torch.float32]
     assert packed.kernel == ("int8" if kind == "fp8" else kind) and packed.dequant_fallbacks == 0
+    rt.close()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["all_cpu_no_cache", "split_no_cache"])
+def test_one_token_host_experts_run_in_one_native_call(name, dtype, kind, monkeypatch):
+    """Decode at batch 1: the token's host-resident experts (plain or int8, read in place) in one native
+    call per layer on a CPU worker, its weighted sum combined with the GPU slots' results: the
+    reference within the kernels' summation order (fp32 1e-5, bf16 2^-6 of the largest output); several
+    tokens keep the per-expert path."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    placement, n_gpu, opts = PLACEMENTS[name]
+    torch.manual_seed(0)
+    llm = _ToyLLM().to(dtype)
+    for l in (1, 2):
+        if kind == "int8":
+            quantize_bank_(llm.bank(l), "int8")
+    refs = {l: (b.gate_proj.clone(), b.up_proj.clone(), b.down_proj.clone(), bank_scales(b)) for l, b in
+            ((l, llm.bank(l)) for l in (1, 2))}
+    rt = MoERuntime.attach(llm, placement, RuntimeOptions(device_map=DeviceMap.simulated(n_gpu), cpu_workers=1, **opts))
+    calls = []
+    monkeypatch.setattr(native, "moe_decode", lambda *a, _real=native.moe_decode: calls.append(a[2]) or _real(*a))
+    for t, seed in ((1, 9), (1, 10), (5, 11)):
+        x, ids, w = _inputs(t=t, seed=seed, dtype=dtype)
+        for l in (1, 2):
+            g, u, d, sc = refs[l]
+            want = (kernels.moe_experts_reference(x, g, u, d, ids, w) if sc is None else
+                    kernels.moe_experts_dequant_reference(x, g, u, d, sc, ids, w))
+            got = llm.bank(l)(x, ids, w)
+            tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+            assert float((got.float() - want.float()).abs().max()) <= tol * float(want.float().abs().max())
+    host_per_call = [int(a.numel()) for a in calls]
+    assert len(calls) == sum(any(rt.layers[l].slots[e] == CPU for e in _inputs(t=1, seed=s, dtype=dtype)[1][0].tolist())
+                             for s in (9, 10) for l in (1, 2))  # once per one-token layer call with host experts
+    assert all(n <= 3 for n in host_per_call)
+    assert rt.layers[1].host_table(dtype) is not None
     rt.close()

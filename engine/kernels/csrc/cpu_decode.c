@@ -314,11 +314,11 @@ int ming_linear(const void *w, int w_bf16, const void *x, int x_bf16, void *y, i
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 /* One expert of a token: gate and up [inter, hidden] rows, down [hidden, inter] (of weight `kind`; int8:
- * with per-row scales, gate rows' then up rows' in gu_scale), its weight, and where its gate/up outputs
- * and activations go in the scratch buffer. */
+ * with per-row scales), its weight, and where its gate/up outputs and activations go in the scratch
+ * buffer. */
 typedef struct {
     const void *gate, *up, *down;
-    const float *gu_scale, *down_scale;
+    const float *gate_scale, *up_scale, *down_scale;
     int kind;
     int64_t inter, id;
     float weight;
@@ -339,19 +339,17 @@ static inline int slot_of(const int64_t *first, int n, int64_t u, int from) {
  *   routed[h] = sum over the top_k slots, by ascending expert id, of route_w[slot] * e_slot[h]   (fp32)
  *   out[h]    = routed[h] + shared[h]  (no shared expert when shared_gate is NULL: out = routed)
  *   e = down(silu(gate(x)) * up(x)),
- * with gate_up the fused [2I, H] matrix of a routed expert (gate rows first) and down [H, I], found
- * through the tables of data pointers `gate_up_ptrs` / `down_ptrs` indexed by expert id, stored as
- * `w_kind`: fp32, bf16, or int8 with one fp32 scale per row (tables `gate_up_scale_ptrs` [2I] and
- * `down_scale_ptrs` [H] per expert; a row's sum is multiplied by its scale, as a weight-only int8 GEMM
- * does). The shared expert has its own gate, up [I_s, H] and down [H, I_s] matrices of `shared_kind`
+ * with a routed expert's gate, up [I, H] and down [H, I] matrices found through the tables of data
+ * pointers `ptrs` (gate, up, down: 3 * num_experts entries, gate's first) indexed by expert id, stored
+ * as `w_kind`: fp32, bf16, or int8 with one fp32 scale per row (table `scale_ptrs`, laid out as `ptrs`:
+ * [I], [I], [H] per expert; a row's sum is multiplied by its scale, as a weight-only int8 GEMM does). The shared expert has its own gate, up [I_s, H] and down [H, I_s] matrices of `shared_kind`
  * (fp32 or bf16).
  * With `round_act` (bf16 activations) every intermediate is rounded to bf16 where torch's bf16 modules
  * round it: gate, up, silu(gate), their product, each expert's output, the routed sum before the shared
  * expert is added, and out; the weighted routed sum is fp32 either way. `scratch` holds
  * top_k * 3 * I + 3 * I_s floats. Returns 0; -1 for an expert id outside [0, num_experts) or
  * top_k > 64; -2 when out of memory; -4 for a shared expert whose kind does not go with the routed ones. */
-int ming_moe_decode(const int64_t *gate_up_ptrs, const int64_t *down_ptrs, const int64_t *gate_up_scale_ptrs,
-                    const int64_t *down_scale_ptrs, int64_t num_experts, int w_kind,
+int ming_moe_decode(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t num_experts, int w_kind,
                     const int64_t *ids, const float *route_w, int64_t top_k, const void *x, int x_bf16,
                     int64_t hidden, int64_t inter, const void *shared_gate, const void *shared_up,
                     const void *shared_down, int64_t shared_inter, int shared_kind, int round_act, float *out,
@@ -360,24 +358,24 @@ int ming_moe_decode(const int64_t *gate_up_ptrs, const int64_t *down_ptrs, const
     const int has_shared = shared_gate != NULL && shared_inter > 0;
     if (has_shared && shared_kind == W_I8) return -4;
     expert_slot slot[MAX_SLOTS];
-    const size_t elem = kind_bytes(w_kind);
     int routed = 0;
+#define AT(table, which, id) ((const void *)(intptr_t)(table)[(which) * num_experts + (id)])
     for (int64_t s = 0; s < top_k; s++) {
         const int64_t id = ids[s];
         if (id < 0 || id >= num_experts) return -1;
-        const char *gu = (const char *)(intptr_t)gate_up_ptrs[id];
-        const float *gus = w_kind == W_I8 ? (const float *)(intptr_t)gate_up_scale_ptrs[id] : NULL;
-        const float *ds = w_kind == W_I8 ? (const float *)(intptr_t)down_scale_ptrs[id] : NULL;
-        expert_slot e = {gu, gu + (size_t)(inter * hidden) * elem, (const void *)(intptr_t)down_ptrs[id],
-                         gus, ds, w_kind, inter, id, route_w[s], NULL, NULL};
+        const int scaled = w_kind == W_I8;
+        expert_slot e = {AT(ptrs, 0, id), AT(ptrs, 1, id), AT(ptrs, 2, id),
+                         scaled ? (const float *)AT(scale_ptrs, 0, id) : NULL,
+                         scaled ? (const float *)AT(scale_ptrs, 1, id) : NULL,
+                         scaled ? (const float *)AT(scale_ptrs, 2, id) : NULL, w_kind, inter, id, route_w[s], NULL, NULL};
         int j = routed++;  /* insertion sort by expert id (stable): the order the routed sum runs in */
         while (j > 0 && slot[j - 1].id > e.id) { slot[j] = slot[j - 1]; j--; }
         slot[j] = e;
     }
     int n = routed;
     if (has_shared)
-        slot[n++] = (expert_slot){shared_gate, shared_up, shared_down, NULL, NULL, shared_kind, shared_inter, -1,
-                                  1.0f, NULL, NULL};
+        slot[n++] = (expert_slot){shared_gate, shared_up, shared_down, NULL, NULL, NULL, shared_kind, shared_inter,
+                                  -1, 1.0f, NULL, NULL};
     int64_t first_row_unit[MAX_SLOTS + 1], first_elem[MAX_SLOTS + 1], bytes = 0;
     float *cursor = scratch;
     first_row_unit[0] = first_elem[0] = 0;
@@ -419,8 +417,9 @@ int ming_moe_decode(const int64_t *gate_up_ptrs, const int64_t *down_ptrs, const
             int rows = (int)(e->inter - row < ROWS ? e->inter - row : ROWS);
             float *y = e->gate_up + is_up * e->inter + row;
             dot_rows(is_up ? e->up : e->gate, e->kind, row, hidden, rows, xf[reads_permuted(e->kind)], y);
-            if (e->gu_scale)
-                for (int r = 0; r < rows; r++) y[r] *= e->gu_scale[is_up * e->inter + row + r];
+            const float *scale = is_up ? e->up_scale : e->gate_scale;
+            if (scale)
+                for (int r = 0; r < rows; r++) y[r] *= scale[row + r];
         }
 #pragma omp barrier
         /* 2. silu(gate) * up, laid out for the down rows' dot product */
