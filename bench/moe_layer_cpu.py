@@ -32,7 +32,8 @@ Method
   built, engine.kernels.native, else oneDNN-prepacked where that pays), the engine's fast CPU path (the
   native kernel's status is printed). The headline numbers are those of the packed path
   when it runs. ``packed-native`` / ``packed-onednn`` force its plain layout (native kernel) or
-  oneDNN's pre-packed one, to measure the choice ``engine.kernels.onednn_packing_pays`` makes. The paths are built one after the other, so peak memory is one layer's weights.
+  oneDNN's pre-packed one, to measure the choice ``engine.kernels.onednn_packing_pays`` makes. The
+  paths are built one after the other, so peak memory is one layer's weights.
   ``int8`` / ``int4``: the same routed experts quantised (engine.placement.quant) and run by
   :class:`engine.kernels.QuantizedCpuExperts` (torch's int8 / int4 weight-only kernels; int8 decode by
   the native kernel, with the shared expert in its pass, where it is built), activations in
@@ -288,7 +289,7 @@ def build_quantized(source: WeightSource, shape: LayerShape, kind: str) -> tuple
             nbytes = sum(q.numel() * q.element_size() + sc.numel() * sc.element_size() for q, sc in quantized)
         packed.append(*(q for q, _ in quantized), tuple(sc for _, sc in quantized))
     # the shared expert as the engine's MoE block passes it (MoEBlock.bind_cpu_shared): plain weights, in the
-    # routed experts' native pass (int8 experts with bf16 activations), else added after them
+    # routed experts' native pass (int8 experts), else added after them (int4: torch's kernel)
     shared = [tuple(w.contiguous() for w in copy) for copy in make_shared(source, shape)]
 
     def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared_copy: int) -> torch.Tensor:

@@ -286,9 +286,11 @@ class ExpertTable:
               scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> "ExpertTable":
         """From fused gate+up [2I, H] matrices (gate rows first) and, for int8, their [2I] scales."""
         inter = gate_up[0].shape[0] // 2
-        split = (lambda ts: [t[:inter] for t in ts], lambda ts: [t[inter:] for t in ts])
-        return cls(split[0](gate_up), split[1](gate_up), down,
-                   None if scales is None else (split[0](scales[0]), split[1](scales[0]), scales[1]))
+
+        def halves(ts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            return [t[:inter] for t in ts], [t[inter:] for t in ts]
+
+        return cls(*halves(gate_up), down, None if scales is None else (*halves(scales[0]), scales[1]))
 
     def shared_fits(self, dtype: torch.dtype) -> bool:
         """True when a shared expert with plain weights of ``dtype`` can run in the same native pass: the

@@ -621,7 +621,6 @@ class LayerRuntime:
 
         return finish
 
-
     def _submit_cpu_native(self, x: torch.Tensor, groups, jobs: list[tuple[int, int]], host):
         """One token's host-resident experts in one native call on a CPU worker: the token's row and the
         experts' routing weights staged in reused host buffers (pinned on CUDA; one copy each), the call

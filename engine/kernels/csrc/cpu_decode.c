@@ -91,6 +91,15 @@ static inline vf madd(vf acc, vf a, vf b) { return (vf)_mm_fmadd_ps((__m128)a, (
 static inline vf madd(vf acc, vf a, vf b) { return acc + a * b; }
 #endif
 
+/* VL weights from element i of an fp32 or int8 row, and one weight, as fp32. */
+static inline vf load_w(const void *w, int kind, int64_t i) {
+    return kind == W_I8 ? load_i8((const int8_t *)w + i) : load_f32((const float *)w + i);
+}
+
+static inline float weight_at(const void *w, int kind, int64_t i) {
+    return kind == W_I8 ? (float)((const int8_t *)w)[i] : ((const float *)w)[i];
+}
+
 /* bf16 weights: one vector load of 2*VL bf16 as VL 32-bit lanes gives the even elements (low halves shifted
  * up) and the odd ones (high halves masked), exactly widened to fp32, with two integer ops and no
  * shuffle. The activations are laid out to match once per call: see permute_for_bf16. */
@@ -160,27 +169,6 @@ static inline __attribute__((always_inline)) void dot_row_rows(const void *w, in
                                                                const int M, float *out) {
     vf a[ROW_GROUP] = {{0}}, b[ROW_GROUP] = {{0}};
     int64_t i = 0;
-    if (kind == W_I8) {
-        const int8_t *wq = (const int8_t *)w;
-        for (; i + 2 * VL <= k; i += 2 * VL) {
-            __builtin_prefetch(wq + i + PREFETCH_BYTES, 0, 3);
-            vf w0 = load_i8(wq + i), w1 = load_i8(wq + i + VL);
-            for (int r = 0; r < M; r++) {
-                a[r] = madd(a[r], w0, load_f32(x + r * k + i));
-                b[r] = madd(b[r], w1, load_f32(x + r * k + i + VL));
-            }
-        }
-        for (; i + VL <= k; i += VL) {
-            vf w0 = load_i8(wq + i);
-            for (int r = 0; r < M; r++) a[r] = madd(a[r], w0, load_f32(x + r * k + i));
-        }
-        for (int r = 0; r < M; r++) {
-            float s = hsum(a[r] + b[r]);
-            for (int64_t j = i; j < k; j++) s += (float)wq[j] * x[r * k + j];
-            out[r] = s;
-        }
-        return;
-    }
     if (kind == W_BF16) {
         const uint16_t *wh = (const uint16_t *)w;
         const int64_t full = k - k % (2 * VL);
@@ -200,22 +188,24 @@ static inline __attribute__((always_inline)) void dot_row_rows(const void *w, in
         }
         return;
     }
-    const float *wf = (const float *)w;
+    /* fp32 and int8: natural order (the kind test is loop-invariant: the compiler unswitches it) */
+    const char *wb = (const char *)w;
+    const size_t elem = kind_bytes(kind);
     for (; i + 2 * VL <= k; i += 2 * VL) {
-        __builtin_prefetch(wf + i + PREFETCH_BYTES / 4, 0, 3);
-        vf w0 = load_f32(wf + i), w1 = load_f32(wf + i + VL);
+        __builtin_prefetch(wb + (size_t)i * elem + PREFETCH_BYTES, 0, 3);
+        vf w0 = load_w(w, kind, i), w1 = load_w(w, kind, i + VL);
         for (int r = 0; r < M; r++) {
             a[r] = madd(a[r], w0, load_f32(x + r * k + i));
             b[r] = madd(b[r], w1, load_f32(x + r * k + i + VL));
         }
     }
     for (; i + VL <= k; i += VL) {
-        vf w0 = load_f32(wf + i);
+        vf w0 = load_w(w, kind, i);
         for (int r = 0; r < M; r++) a[r] = madd(a[r], w0, load_f32(x + r * k + i));
     }
     for (int r = 0; r < M; r++) {
         float s = hsum(a[r] + b[r]);
-        for (int64_t j = i; j < k; j++) s += wf[j] * x[r * k + j];
+        for (int64_t j = i; j < k; j++) s += weight_at(w, kind, j) * x[r * k + j];
         out[r] = s;
     }
 }
@@ -342,13 +332,13 @@ static inline int slot_of(const int64_t *first, int n, int64_t u, int from) {
  * with a routed expert's gate, up [I, H] and down [H, I] matrices found through the tables of data
  * pointers `ptrs` (gate, up, down: 3 * num_experts entries, gate's first) indexed by expert id, stored
  * as `w_kind`: fp32, bf16, or int8 with one fp32 scale per row (table `scale_ptrs`, laid out as `ptrs`:
- * [I], [I], [H] per expert; a row's sum is multiplied by its scale, as a weight-only int8 GEMM does). The shared expert has its own gate, up [I_s, H] and down [H, I_s] matrices of `shared_kind`
- * (fp32 or bf16).
- * With `round_act` (bf16 activations) every intermediate is rounded to bf16 where torch's bf16 modules
+ * [I], [I], [H] per expert; a row's sum is multiplied by its scale, as a weight-only int8 GEMM does).
+ * The shared expert has its own gate, up [I_s, H] and down [H, I_s] matrices of `shared_kind` (fp32 or
+ * bf16). With `round_act` (bf16 activations) every intermediate is rounded to bf16 where torch's bf16 modules
  * round it: gate, up, silu(gate), their product, each expert's output, the routed sum before the shared
  * expert is added, and out; the weighted routed sum is fp32 either way. `scratch` holds
  * top_k * 3 * I + 3 * I_s floats. Returns 0; -1 for an expert id outside [0, num_experts) or
- * top_k > 64; -2 when out of memory; -4 for a shared expert whose kind does not go with the routed ones. */
+ * top_k > 64; -2 when out of memory; -4 for an int8 shared expert. */
 int ming_moe_decode(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t num_experts, int w_kind,
                     const int64_t *ids, const float *route_w, int64_t top_k, const void *x, int x_bf16,
                     int64_t hidden, int64_t inter, const void *shared_gate, const void *shared_up,
@@ -372,6 +362,7 @@ int ming_moe_decode(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t num_
         while (j > 0 && slot[j - 1].id > e.id) { slot[j] = slot[j - 1]; j--; }
         slot[j] = e;
     }
+#undef AT
     int n = routed;
     if (has_shared)
         slot[n++] = (expert_slot){shared_gate, shared_up, shared_down, NULL, NULL, NULL, shared_kind, shared_inter,

@@ -203,8 +203,8 @@ def pack_for_cpu(llm: BailingMoeV2ForCausalLM) -> bool:
     checkpoint's plain layout (one native call per token's experts; experts already packed as int8 keep
     theirs, which the native call reads too) and every projection wrapped so that decode GEMVs run
     natively; fp32 and bf16 stay plain (torch's GEMMs for prefill). Without them: oneDNN packing where it
-    pays (bf16 always, fp32 from kernels.ONEDNN_FP32_MIN_BYTES per matrix). Either way sums run in another order than the plain
-    model's: results agree within fp rounding, not bit for bit. On a CPU without native bf16, bf16
+    pays (bf16 always, fp32 from kernels.ONEDNN_FP32_MIN_BYTES per matrix). Either way sums run in another
+    order than the plain model's: results agree within fp rounding, not bit for bit. On a CPU without native bf16, bf16
     projections are wrapped all the same, so that their prefill GEMMs run in fp32 (kernels.cpu_linear;
     the experts' do through kernels.swiglu)."""
     params = next(llm.parameters())
@@ -214,7 +214,8 @@ def pack_for_cpu(llm: BailingMoeV2ForCausalLM) -> bool:
         return False
     packed = 0
     for bank in _expert_banks(llm).values():  # one layer at a time: the stacked copy is freed as we go
-        if bank.packed is None and kernels.onednn_packing_pays(bank.down_proj[0]) or kernels.native_decode_applies(bank.down_proj):
+        if bank.packed is None and (kernels.onednn_packing_pays(bank.down_proj[0])
+                                    or kernels.native_decode_applies(bank.down_proj)):
             bank.pack_for_cpu()
             packed += 1
     for layer in llm.model.layers:  # attention, dense and shared-expert projections too
