@@ -157,23 +157,24 @@ static inline int64_t permuted_index(int64_t i, int64_t k) {
     return c + (j % 2 ? VL + j / 2 : j / 2);
 }
 
-/* out[r] = w[0:k] . x_r for the M rows x_r = x + r * k (M <= ROW_GROUP) against one weight row of `kind`
- * (bf16: x laid out by permute_for_bf16; int8 rows unscaled: the caller applies the row's scale). The weight row is loaded (and, for bf16, widened) once for all
- * M rows instead of once per row; each row's sum runs in the same order whatever M is (two accumulators
- * over alternate vectors, summed, then the tail), so a row's result does not depend on how many rows come
- * with it. Called with M a constant (dot_rows, dot_row_group), so the accumulators stay in registers:
- * 2 * ROW_GROUP of them, plus the weights and one activation vector, fit AVX2's 16 vector registers. */
+/* Dot products of one weight row of `kind` with M activation rows x_r = x + r * k (M <= ROW_GROUP; bf16: x
+ * laid out by permute_for_bf16; int8 sums unscaled, the caller applies the row's scale). Each row's sum
+ * runs in one order whatever M is and however the row is cut into spans: two accumulators over alternate
+ * vectors (dot_span, full chunks of 2*VL), then dot_finish (fp32/int8: one more vector into the first
+ * accumulator; the two summed; the scalar tail), so a row's result does not depend on the batch it comes
+ * in. Called with M a constant (the switches below), so the accumulators stay in registers: 2 * ROW_GROUP
+ * of them, plus the weights and one activation vector, fit AVX2's 16 vector registers. */
 #define ROW_GROUP 4
 
-static inline __attribute__((always_inline)) void dot_row_rows(const void *w, int kind, int64_t k, const float *x,
-                                                               const int M, float *out) {
-    vf a[ROW_GROUP] = {{0}}, b[ROW_GROUP] = {{0}};
-    int64_t i = 0;
+/* acc_a/acc_b[r] += the products of chunks [i0, i1) (multiples of 2*VL) of the weight row with x_r. */
+static inline __attribute__((always_inline)) void dot_span(const void *w, int kind, int64_t i0, int64_t i1,
+                                                           const float *x, int64_t k, const int M, vf *acc_a, vf *acc_b) {
+    vf a[ROW_GROUP], b[ROW_GROUP];
+    for (int r = 0; r < M; r++) { a[r] = acc_a[r]; b[r] = acc_b[r]; }
     if (kind == W_BF16) {
         const uint16_t *wh = (const uint16_t *)w;
-        const int64_t full = k - k % (2 * VL);
         vf e, o;
-        for (; i < full; i += 2 * VL) {
+        for (int64_t i = i0; i < i1; i += 2 * VL) {
             __builtin_prefetch(wh + i + PREFETCH_BYTES / 2, 0, 3);
             load_bf16_pairs(wh + i, &e, &o);
             for (int r = 0; r < M; r++) {
@@ -181,47 +182,87 @@ static inline __attribute__((always_inline)) void dot_row_rows(const void *w, in
                 b[r] = madd(b[r], o, load_f32(x + r * k + i + VL));
             }
         }
-        for (int r = 0; r < M; r++) {
-            float s = hsum(a[r] + b[r]);
-            for (int64_t j = full; j < k; j++) s += bf16_to_f32(wh[j]) * x[r * k + j];
-            out[r] = s;
-        }
-        return;
-    }
-    /* fp32 and int8: natural order (the kind test is loop-invariant: the compiler unswitches it) */
-    const char *wb = (const char *)w;
-    const size_t elem = kind_bytes(kind);
-    for (; i + 2 * VL <= k; i += 2 * VL) {
-        __builtin_prefetch(wb + (size_t)i * elem + PREFETCH_BYTES, 0, 3);
-        vf w0 = load_w(w, kind, i), w1 = load_w(w, kind, i + VL);
-        for (int r = 0; r < M; r++) {
-            a[r] = madd(a[r], w0, load_f32(x + r * k + i));
-            b[r] = madd(b[r], w1, load_f32(x + r * k + i + VL));
+    } else {  /* fp32 and int8: natural order (the kind test is loop-invariant: the compiler unswitches it) */
+        const char *wb = (const char *)w;
+        const size_t elem = kind_bytes(kind);
+        for (int64_t i = i0; i < i1; i += 2 * VL) {
+            __builtin_prefetch(wb + (size_t)i * elem + PREFETCH_BYTES, 0, 3);
+            vf w0 = load_w(w, kind, i), w1 = load_w(w, kind, i + VL);
+            for (int r = 0; r < M; r++) {
+                a[r] = madd(a[r], w0, load_f32(x + r * k + i));
+                b[r] = madd(b[r], w1, load_f32(x + r * k + i + VL));
+            }
         }
     }
-    for (; i + VL <= k; i += VL) {
+    for (int r = 0; r < M; r++) { acc_a[r] = a[r]; acc_b[r] = b[r]; }
+}
+
+/* out[r] = the sums of dot_span's accumulators after every full chunk, plus what is past them. */
+static inline __attribute__((always_inline)) void dot_finish(const void *w, int kind, int64_t k, const float *x,
+                                                             const int M, vf *a, vf *b, float *out) {
+    int64_t i = k - k % (2 * VL);
+    if (kind != W_BF16 && i + VL <= k) {
         vf w0 = load_w(w, kind, i);
         for (int r = 0; r < M; r++) a[r] = madd(a[r], w0, load_f32(x + r * k + i));
+        i += VL;
     }
     for (int r = 0; r < M; r++) {
         float s = hsum(a[r] + b[r]);
-        for (int64_t j = i; j < k; j++) s += weight_at(w, kind, j) * x[r * k + j];
+        for (int64_t j = i; j < k; j++)
+            s += (kind == W_BF16 ? bf16_to_f32(((const uint16_t *)w)[j]) : weight_at(w, kind, j)) * x[r * k + j];
         out[r] = s;
     }
 }
 
-/* out[r] = w[0:k] . x_r for m rows of x (row stride k), ROW_GROUP rows at a time (the weight row stays in
- * L1 between groups). */
-static void dot_row_group(const void *w, int kind, int64_t k, const float *x, int64_t m, float *out) {
-    for (int64_t r = 0; r < m; r += ROW_GROUP) {
-        const float *xr = x + r * k;
-        switch (m - r < ROW_GROUP ? m - r : ROW_GROUP) {
-        case 1: dot_row_rows(w, kind, k, xr, 1, out + r); break;
-        case 2: dot_row_rows(w, kind, k, xr, 2, out + r); break;
-        case 3: dot_row_rows(w, kind, k, xr, 3, out + r); break;
-        default: dot_row_rows(w, kind, k, xr, 4, out + r); break;
-        }
+/* out[r] = w[0:k] . x_r for M rows at once (see above). */
+static inline __attribute__((always_inline)) void dot_row_rows(const void *w, int kind, int64_t k, const float *x,
+                                                               const int M, float *out) {
+    vf a[ROW_GROUP] = {{0}}, b[ROW_GROUP] = {{0}};
+    dot_span(w, kind, 0, k - k % (2 * VL), x, k, M, a, b);
+    dot_finish(w, kind, k, x, M, a, b, out);
+}
+
+/* Activations per k-tile of a decode batch: m rows of K_TILE fp32 (8 x 2 KiB) and the ROWS weight rows'
+ * slices stay in L1 while each weight slice meets every activation row (without tiling, 8 rows of
+ * k = 4096 are 128 KiB: every weight vector then waits on the L2). A multiple of 2 * VL. */
+#define K_TILE 512
+
+/* dots[j * m + r] = w[j, :] . x_r for `rows` (<= ROWS) consecutive weight rows of `row_bytes` bytes and
+ * m (<= MAX_LINEAR_ROWS) activation rows, k-tile by k-tile; each sum in dot_span / dot_finish's order. */
+static void dot_block_tiled(const char *w, int kind, int rows, size_t row_bytes, int64_t k, const float *x,
+                            int64_t m, float *dots) {
+    vf acc_a[ROWS][MAX_LINEAR_ROWS], acc_b[ROWS][MAX_LINEAR_ROWS];
+    memset(acc_a, 0, sizeof acc_a);
+    memset(acc_b, 0, sizeof acc_b);
+    const int64_t full = k - k % (2 * VL);
+    for (int64_t t0 = 0; t0 < full; t0 += K_TILE) {
+        const int64_t t1 = t0 + K_TILE < full ? t0 + K_TILE : full;
+        for (int j = 0; j < rows; j++)
+            for (int64_t r = 0; r < m; r += ROW_GROUP) {
+                const void *wj = w + (size_t)j * row_bytes;
+                const float *xr = x + r * k;
+                vf *a = &acc_a[j][r], *b = &acc_b[j][r];
+                switch (m - r < ROW_GROUP ? m - r : ROW_GROUP) {
+                case 1: dot_span(wj, kind, t0, t1, xr, k, 1, a, b); break;
+                case 2: dot_span(wj, kind, t0, t1, xr, k, 2, a, b); break;
+                case 3: dot_span(wj, kind, t0, t1, xr, k, 3, a, b); break;
+                default: dot_span(wj, kind, t0, t1, xr, k, 4, a, b); break;
+                }
+            }
     }
+    for (int j = 0; j < rows; j++)
+        for (int64_t r = 0; r < m; r += ROW_GROUP) {
+            const void *wj = w + (size_t)j * row_bytes;
+            const float *xr = x + r * k;
+            vf *a = &acc_a[j][r], *b = &acc_b[j][r];
+            float *out = dots + j * m + r;
+            switch (m - r < ROW_GROUP ? m - r : ROW_GROUP) {
+            case 1: dot_finish(wj, kind, k, xr, 1, a, b, out); break;
+            case 2: dot_finish(wj, kind, k, xr, 2, a, b, out); break;
+            case 3: dot_finish(wj, kind, k, xr, 3, a, b, out); break;
+            default: dot_finish(wj, kind, k, xr, 4, a, b, out); break;
+            }
+        }
 }
 
 /* out[r] = w[row + r, :] . x for `rows` rows of a row-major matrix with row stride k (one activation row;
@@ -287,8 +328,8 @@ int ming_linear(const void *w, int w_bf16, const void *x, int x_bf16, void *y, i
             if (m == 1)
                 dot_rows(w, w_bf16, row, k, rows, xf, dots);
             else  /* each weight row read once for all m activation rows: dots[j * m + r] */
-                for (int j = 0; j < rows; j++)
-                    dot_row_group((const char *)w + (size_t)((row + j) * k) * elem, w_bf16, k, xf, m, dots + j * m);
+                dot_block_tiled((const char *)w + (size_t)(row * k) * elem, w_bf16, rows, (size_t)k * elem, k, xf, m,
+                                dots);
             for (int64_t r = 0; r < m; r++)
                 for (int j = 0; j < rows; j++) {
                     float d = m == 1 ? dots[j] : dots[j * m + r];
