@@ -571,6 +571,7 @@ class QuantizedCpuExperts:
         self.gate_up: list = []
         self.down: list = []
         self._native_table: native.ExpertTable | None = None
+        self._int8_layout: bool | None = None  # every matrix in torch's plain int8 layout (native_table)
 
     @property
     def num_experts(self) -> int:
@@ -597,7 +598,7 @@ class QuantizedCpuExperts:
         else:
             self.gate_up.append(self._matrix(torch.cat((q_gate, q_up)), torch.cat((s_gate, s_up))))
         self.down.append(self._matrix(q_down, s_down))
-        self._native_table = None
+        self._native_table, self._int8_layout = None, None
 
     @classmethod
     def from_weights(cls, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, scales: Scales,
@@ -613,10 +614,14 @@ class QuantizedCpuExperts:
         """int8 experts (gate and up fused, every matrix in torch's int8 layout, which is the plain one) as
         a table for native.moe_decode, built on first use (the fp32 copies of the scales: 4 bytes a row);
         None for other formats or where the native kernels are not built."""
-        if self._native_table is None and self.kernel == "int8" and self.gate_up and native.available() and \
-                all(isinstance(m, _Int8Matrix) and m.scale.dim() == 1 for m in (*self.gate_up, *self.down)):
-            self._native_table = native.ExpertTable.fused([m.q for m in self.gate_up], [m.q for m in self.down],
-                                                          ([m.scale for m in self.gate_up], [m.scale for m in self.down]))
+        if self._native_table is None and self.kernel == "int8" and self.gate_up and native.available():
+            if self._int8_layout is None:  # checked once per set of experts, not on every decode step
+                self._int8_layout = all(isinstance(m, _Int8Matrix) and m.scale.dim() == 1
+                                        for m in (*self.gate_up, *self.down))
+            if self._int8_layout:
+                self._native_table = native.ExpertTable.fused(
+                    [m.q for m in self.gate_up], [m.q for m in self.down],
+                    ([m.scale for m in self.gate_up], [m.scale for m in self.down]))
         return self._native_table
 
     def forward_expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:

@@ -53,11 +53,11 @@ def test_linear_matches_an_fp64_product(dtype, rows, n, k):
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k", [100, 2048])
+@pytest.mark.parametrize("k", [100, 1100, 2048])
 def test_linear_row_results_do_not_depend_on_the_batch(dtype, k):
-    """Several rows share each weight row's loads (groups of up to 4 rows), but every row's sum runs as
-    the one-row kernel runs it: a decode batch of 1..8 gives each row what it gets alone (same kernel,
-    same order; stated as within 1e-6 relative)."""
+    """Several rows share each weight row's loads (groups of up to 4 rows, k-tiles of 512: 1100 ends in a
+    partial tile and a tail), but every row's sum runs as the one-row kernel runs it: a decode batch of
+    1..8 gives each row what it gets alone (same kernel, same order; stated as within 1e-6 relative)."""
     gen = torch.Generator().manual_seed(k)
     w = torch.randn(37, k, generator=gen).to(dtype)
     x = torch.randn(native.MAX_ROWS, k, generator=gen).to(dtype)

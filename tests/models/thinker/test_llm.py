@@ -269,7 +269,8 @@ def test_moe_block_folds_the_shared_expert_into_the_fused_kernel(tiny_checkpoint
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_int8_experts_decode_in_one_native_call_per_layer(tiny_checkpoint, dtype, monkeypatch):
     """A CPU load with int8 experts (the no-GPU format): each decode step's routed experts run in one native
-    call per MoE layer, with the shared expert in it, and the logits match the same int8 model on torch's int8 kernels (fp32: relative 1e-4; bf16: cosine > 0.999)."""
+    call per MoE layer, with the shared expert in it, and the logits match the same int8 model on torch's
+    int8 kernels (fp32: relative 1e-4; bf16: cosine > 0.999)."""
     from engine.kernels import native
 
     if native._compiler() is None:
