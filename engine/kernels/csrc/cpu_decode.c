@@ -123,7 +123,7 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even; NaN sta
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 /* The sum of a vector's lanes as a tree (halves added pairwise): 4 dependent adds for 16 lanes instead of
- * 16, which matters for short rows (a 512-wide expert down row is only 16 vector steps). */
+ * 16 at the end of every row (short rows: a 512-wide expert down row is only 16 vector steps). */
 static inline float hsum(vf v) {
     float t[VL];
     memcpy(t, &v, sizeof v);
@@ -139,7 +139,7 @@ static inline float hsum(vf v) {
 #define PREFETCH_BYTES 1024
 
 /* Each full chunk of 2*VL activations reordered as its VL even elements then its VL odd ones (the tail
- * past the last full chunk stays in order), the layout dot_row_rows reads for bf16 weights. */
+ * past the last full chunk stays in order), the layout dot_span reads for bf16 weights. */
 static void permute_for_bf16(const float *x, float *xp, int64_t k) {
     int64_t c = 0;
     for (; c + 2 * VL <= k; c += 2 * VL)
@@ -214,14 +214,6 @@ static inline __attribute__((always_inline)) void dot_finish(const void *w, int 
     }
 }
 
-/* out[r] = w[0:k] . x_r for M rows at once (see above). */
-static inline __attribute__((always_inline)) void dot_row_rows(const void *w, int kind, int64_t k, const float *x,
-                                                               const int M, float *out) {
-    vf a[ROW_GROUP] = {{0}}, b[ROW_GROUP] = {{0}};
-    dot_span(w, kind, 0, k - k % (2 * VL), x, k, M, a, b);
-    dot_finish(w, kind, k, x, M, a, b, out);
-}
-
 /* Activations per k-tile of a decode batch: m rows of K_TILE fp32 (8 x 2 KiB) and the ROWS weight rows'
  * slices stay in L1 while each weight slice meets every activation row (without tiling, 8 rows of
  * k = 4096 are 128 KiB: every weight vector then waits on the L2). A multiple of 2 * VL. */
@@ -269,7 +261,12 @@ static void dot_block_tiled(const char *w, int kind, int rows, size_t row_bytes,
  * bf16 weights read x laid out by permute_for_bf16; int8 sums unscaled). */
 static inline void dot_rows(const void *w, int kind, int64_t row, int64_t k, int rows, const float *x, float *out) {
     const size_t elem = kind_bytes(kind);
-    for (int r = 0; r < rows; r++) dot_row_rows((const char *)w + (size_t)((row + r) * k) * elem, kind, k, x, 1, out + r);
+    for (int r = 0; r < rows; r++) {
+        const void *wr = (const char *)w + (size_t)((row + r) * k) * elem;
+        vf a = {0}, b = {0};
+        dot_span(wr, kind, 0, k - k % (2 * VL), x, k, 1, &a, &b);
+        dot_finish(wr, kind, k, x, 1, &a, &b, out + r);
+    }
 }
 
 /* [first, last) of `units` work units for thread t of nt (contiguous, balanced). */
