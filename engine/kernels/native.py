@@ -1,5 +1,6 @@
 """Native CPU decode kernels (``csrc/cpu_decode.c``): few-row linears, one token's routed + shared
-experts, and decode-sized RMSNorm and rotary.
+experts, decode-sized RMSNorm and rotary, and the two halves of a decoder layer for one token
+(:class:`AttentionDecode`, :class:`MlpDecode`: one call each instead of ~20 torch ops).
 
 Decode on the CPU is a chain of GEMVs, and torch's GEMV reads weights well below the memory bandwidth
 (bench/cpu_gemv.py: 11-19 GB/s of a 26-34 GB/s machine; oneDNN's pre-packed fp32 path 21-28 GB/s, and it
@@ -117,6 +118,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ming_rms_norm.restype = i32
     lib.ming_rotary.argtypes = (p, p, p, p, i64, i64, i64, i64, i64, i32)
     lib.ming_rotary.restype = None
+    f32 = ctypes.c_float
+    lib.ming_attention_decode.argtypes = (p, p, p, p, f32, p, p, p, p, f32, i64, i64, i64, i64, p, p, i64, p, p, i64,
+                                          i64, f32, i32, p, p, i32)
+    lib.ming_attention_decode.restype = i32
+    lib.ming_mlp_decode.argtypes = (p, i32, p, i32, i32, p, i64, i64, i64, i64, f32, p, p, i32, i64, p, p, p, i64, i32,
+                                    i64, p, p, p, i32)
+    lib.ming_mlp_decode.restype = i32
     lib.ming_vector_floats.argtypes = ()
     lib.ming_vector_floats.restype = i32
 
@@ -379,3 +387,158 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     lib.ming_rotary(xc.data_ptr(), c.data_ptr(), s.data_ptr(), y.data_ptr(), batch, heads, head_dim, cos.shape[-1],
                     cos.shape[0], x.dtype == torch.bfloat16)
     return y
+
+
+def _plain(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """``t`` detached when it is a contiguous CPU tensor of ``dtype`` and ``shape``; else ValueError."""
+    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.dtype != dtype or t.is_mkldnn \
+            or tuple(t.shape) != tuple(shape) or not t.is_contiguous():
+        raise ValueError(f"expected a contiguous CPU {dtype} tensor of shape {tuple(shape)}; got "
+                         f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+    return t.detach()
+
+
+class AttentionDecode:
+    """The attention half of one decoder layer for one token, bound to ``ming_attention_decode``:
+    (x, residual) -> (post_norm(attention(input_norm(x + residual)) + x + residual), the new residual), the
+    token's rotated key and its value written into the layer's KV cache at ``slot``, attending to slots
+    0..slot. All weights plain, of the activations' dtype (fp32 or bf16), no biases; the checks are made
+    here, once, so a call costs the kernel and two output tensors."""
+
+    __slots__ = ("dtype", "hidden", "n_heads", "n_kv", "head_dim", "rot", "eps", "head_eps", "scale", "_keep",
+                 "_ptrs", "lib")
+
+    def __init__(self, *, input_norm: torch.Tensor, post_norm: torch.Tensor, eps: float, qkv: torch.Tensor,
+                 o: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, head_eps: float, n_heads: int,
+                 n_kv: int, head_dim: int, rotary_dim: int) -> None:
+        if not available():
+            raise RuntimeError("the native kernels are not available")
+        dtype, hidden = input_norm.dtype, input_norm.shape[0]
+        if dtype not in _DTYPES or n_kv < 1 or n_heads % n_kv or rotary_dim % 2 or not 0 <= rotary_dim <= head_dim:
+            raise ValueError(f"attention shape: {n_heads} heads, {n_kv} KV heads of {head_dim}, rotary {rotary_dim}")
+        self.dtype, self.hidden = dtype, hidden
+        self.n_heads, self.n_kv, self.head_dim, self.rot = n_heads, n_kv, head_dim, rotary_dim
+        self.eps, self.head_eps, self.scale = float(eps), float(head_eps), 1.0 / head_dim ** 0.5
+        tensors = (_plain(input_norm, dtype, (hidden,)), _plain(post_norm, dtype, (hidden,)),
+                   _plain(qkv, dtype, ((n_heads + 2 * n_kv) * head_dim, hidden)),
+                   _plain(o, dtype, (hidden, n_heads * head_dim)),
+                   _plain(q_norm, dtype, (head_dim,)), _plain(k_norm, dtype, (head_dim,)))
+        self._keep = tensors
+        self._ptrs = tuple(t.data_ptr() for t in tensors)
+        self.lib = _lib
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [.., hidden] of one token (residual None: the first layer, whose residual is x);
+        cos/sin: this position's fp32 tables, ``rotary_dim`` contiguous floats; k_cache/v_cache the layer's
+        contiguous [1, n_kv, capacity, head_dim] buffers of the dtype. Returns (y, new residual)."""
+        if x.dtype != self.dtype or x.numel() != self.hidden or cos.dtype != torch.float32 \
+                or cos.numel() != self.rot or sin.dtype != torch.float32 or sin.numel() != self.rot:
+            raise ValueError("native attention: one token of the layer's dtype and fp32 rotary tables of its width")
+        if k_cache.dtype != self.dtype or v_cache.dtype != self.dtype or k_cache.shape != v_cache.shape \
+                or k_cache.shape[0] != 1 or tuple(k_cache.shape[1::2]) != (self.n_kv, self.head_dim) \
+                or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError("native attention: the KV cache must be one sequence's contiguous buffers")
+        capacity = k_cache.shape[2]
+        x = x.contiguous()
+        if residual is not None:
+            residual = residual.contiguous()
+        y = torch.empty_like(x)
+        res_out = torch.empty_like(x)
+        in_norm, post_norm, qkv, o, q_norm, k_norm = self._ptrs
+        rc = self.lib.ming_attention_decode(
+            x.data_ptr(), None if residual is None else residual.data_ptr(), in_norm, post_norm, self.eps, qkv, o,
+            q_norm, k_norm, self.head_eps, self.hidden, self.n_heads, self.n_kv, self.head_dim, cos.data_ptr(),
+            sin.data_ptr(), self.rot, k_cache.data_ptr(), v_cache.data_ptr(), capacity, slot, self.scale,
+            self.dtype == torch.bfloat16, y.data_ptr(), res_out.data_ptr(), torch.get_num_threads())
+        if rc == -2:
+            raise MemoryError("native attention: out of memory")
+        if rc != 0:
+            raise ValueError(f"native attention: slot {slot} outside a cache of {capacity} (code {rc})")
+        return y, res_out
+
+
+class MlpDecode:
+    """The MLP half of one decoder layer for one token, bound to ``ming_mlp_decode``: a MoE layer's router
+    (fp32 logits from a fp32/bf16 gate, group-limited sigmoid top-k: engine.kernels.router) and its chosen
+    experts (an :class:`ExpertTable`) with the shared expert in one pass, or a dense layer's SwiGLU (as the
+    "shared" expert alone). Activations of one dtype (fp32 or bf16), rounded where torch's modules round."""
+
+    __slots__ = ("dtype", "hidden", "router", "table", "shared", "lib", "_keep", "_args", "_args_after")
+
+    def __init__(self, dtype: torch.dtype, hidden: int, *, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                 router_weight: torch.Tensor | None = None, expert_bias: torch.Tensor | None = None,
+                 table: ExpertTable | None = None, n_group: int = 1, topk_group: int = 1, top_k: int = 0,
+                 scaling: float = 1.0) -> None:
+        if not available():
+            raise RuntimeError("the native kernels are not available")
+        if dtype not in _DTYPES:
+            raise ValueError(f"activations must be fp32 or bf16; got {dtype}")
+        self.dtype, self.hidden, self.lib = dtype, hidden, _lib
+        keep: list = []
+        if shared is not None:
+            inter_s = shared[0].shape[0]
+            shared = (_plain(shared[0], dtype, (inter_s, hidden)), _plain(shared[1], dtype, (inter_s, hidden)),
+                      _plain(shared[2], dtype, (hidden, inter_s)))
+            keep.append(shared)
+        if router_weight is not None:
+            if table is None or table.hidden != hidden or (shared is not None and not table.shared_fits(dtype)):
+                raise ValueError("a MoE layer needs its expert table (of this hidden size, fitting its shared expert)")
+            e = table.num_experts
+            if router_weight.dtype not in _DTYPES:
+                raise ValueError(f"router weights must be fp32 or bf16; got {router_weight.dtype}")
+            router_weight = _plain(router_weight, router_weight.dtype, (e, hidden))
+            expert_bias = _plain(expert_bias.float().contiguous(), torch.float32, (e,))
+            if e % n_group or not 0 < topk_group <= n_group or not 0 < top_k <= min(e, MAX_TOP_K):
+                raise ValueError(f"router shape: {e} experts, {n_group} groups, keep {topk_group}, top-{top_k}")
+            keep += [router_weight, expert_bias, table]
+        elif shared is None:
+            raise ValueError("a dense layer needs its SwiGLU weights")
+        self.router, self.table, self.shared, self._keep = router_weight, table, shared, keep
+        g = u = d = None
+        if shared is not None:
+            g, u, d = (t.data_ptr() for t in shared)
+        self._args = (
+            None if router_weight is None else router_weight.data_ptr(),
+            0 if router_weight is None else _KINDS[router_weight.dtype],
+        )
+        self._args_after = (
+            None if expert_bias is None else expert_bias.data_ptr(),
+            0 if table is None else table.num_experts, n_group, topk_group, top_k if table is not None else 0,
+            float(scaling),
+            None if table is None else table.ptrs.data_ptr(),
+            None if table is None or table.scale_ptrs is None else table.scale_ptrs.data_ptr(),
+            0 if table is None else table.kind, 0 if table is None else table.inter,
+            g, u, d, 0 if shared is None else shared[0].shape[0], 0 if shared is None else _KINDS[shared[0].dtype],
+            hidden)
+
+    @property
+    def top_k(self) -> int:
+        return self._args_after[4]
+
+    @property
+    def can_route_in_bf16(self) -> bool:
+        """True when ``router_bf16`` is what the reference computes here: a bf16 router (or none: dense)."""
+        return self.router is None or self.router.dtype == torch.bfloat16
+
+    def __call__(self, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 router_bf16: bool = False) -> torch.Tensor:
+        """x [.., hidden] of one token -> the layer's MLP output, same shape and dtype. ``routing``: an
+        ([top_k] int64, [top_k] fp32) pair of tensors that receive the chosen experts and weights.
+        ``router_bf16``: select the experts in bf16 as the reference's bf16 router does (Numerics)."""
+        if x.dtype != self.dtype or x.numel() != self.hidden:
+            raise ValueError(f"native MLP: one token of {self.hidden} {self.dtype} activations")
+        if router_bf16 and not self.can_route_in_bf16:
+            raise ValueError("native MLP: a bf16 router needs its weights in bf16")
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        ids = weights = None
+        if routing is not None:
+            ids, weights = routing[0].data_ptr(), routing[1].data_ptr()
+        rc = self.lib.ming_mlp_decode(x.data_ptr(), self.dtype == torch.bfloat16, *self._args, bool(router_bf16),
+                                      *self._args_after, y.data_ptr(), ids, weights, torch.get_num_threads())
+        if rc == -2:
+            raise MemoryError("native MLP: out of memory")
+        if rc != 0:
+            raise ValueError(f"native MLP: the kernel refused the layer (code {rc})")
+        return y

@@ -302,9 +302,9 @@ def test_small_ops_leave_other_inputs_to_torch():
 @pytest.mark.parametrize("floats", [4, 8, 16])
 def test_every_vector_width_computes_the_same(floats, monkeypatch):
     """The SSE (4 floats), AVX (8) and AVX-512 (16 floats) layouts — tails, the bf16 even/odd permutation
-    of the activations, the activations written in that layout by the MoE call, row groups of a decode
-    batch, fused multiply-adds where this CPU has them at that width — built on this CPU (GCC splits
-    vectors it lacks) and checked against torch on the shapes above."""
+    of the activations, the activations written in that layout by the MoE call and the attention, row
+    groups of a decode batch, fused multiply-adds where this CPU has them at that width — built on this
+    CPU (GCC splits vectors it lacks) and checked against torch on the shapes above."""
     from engine.kernels import apply_rotary_reference, rms_norm_reference
 
     lib = native.build_with_vector_width(floats)
@@ -335,3 +335,164 @@ def test_every_vector_width_computes_the_same(floats, monkeypatch):
         assert _rel_err(native.rms_norm(h, weight, 1e-6), rms_norm_reference(h, weight, 1e-6)) <= tol
         q, cos, sin = torch.randn(1, 4, 1, 64, generator=gen).to(dtype), torch.randn(1, 1, 32), torch.randn(1, 1, 32)
         assert _rel_err(native.rotary(q, cos, sin), apply_rotary_reference(q, cos, sin)) <= tol
+        # the two halves of a decoder layer (head_dim 24: the attention's dot products have a tail at every width)
+        _check_attention_decode(dtype, 100, 4, 2, 24, 12, 33, False, seed=floats)
+        _check_mlp_decode(dtype, 12, 100, 37, 4, 3, 2, 45, seed=floats)
+
+
+def _attention_half_reference(x, residual, w, k_cache, v_cache, slot, cos, sin, eps, n_heads, n_kv, head_dim):
+    """The attention half of a decoder layer for one token as torch's modules compute it (in x's dtype)."""
+    from engine.kernels import apply_rotary_reference, rms_norm_reference
+
+    if residual is None:
+        h, res = rms_norm_reference(x, w["in_norm"], eps), x
+    else:
+        h, res = rms_norm_reference(x, w["in_norm"], eps, residual)
+    qkv = F.linear(h, w["qkv"]).view(1, 1, n_heads + 2 * n_kv, head_dim)
+    q, k, v = qkv.split([n_heads, n_kv, n_kv], dim=2)
+    q = apply_rotary_reference(rms_norm_reference(q, w["q_norm"], eps).transpose(1, 2), cos, sin)
+    k = apply_rotary_reference(rms_norm_reference(k, w["k_norm"], eps).transpose(1, 2), cos, sin)
+    k_cache[:, :, slot:slot + 1], v_cache[:, :, slot:slot + 1] = k, v.transpose(1, 2)
+    att = F.scaled_dot_product_attention(q.reshape(1, n_kv, n_heads // n_kv, head_dim), k_cache[:, :, :slot + 1],
+                                         v_cache[:, :, :slot + 1])
+    o = F.linear(att.reshape(1, 1, n_heads * head_dim), w["o"])
+    return rms_norm_reference(o, w["post_norm"], eps, res)
+
+
+def _attention_weights(gen, dtype, hidden, n_heads, n_kv, head_dim):
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+    return {"in_norm": (torch.rand(hidden, generator=gen) + 0.5).to(dtype),
+            "post_norm": (torch.rand(hidden, generator=gen) + 0.5).to(dtype),
+            "qkv": rnd((n_heads + 2 * n_kv) * head_dim, hidden, scale=hidden ** -0.5),
+            "o": rnd(hidden, n_heads * head_dim, scale=(n_heads * head_dim) ** -0.5),
+            "q_norm": (torch.rand(head_dim, generator=gen) + 0.5).to(dtype),
+            "k_norm": (torch.rand(head_dim, generator=gen) + 0.5).to(dtype)}
+
+
+def _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, first_layer, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = _attention_weights(gen, dtype, hidden, n_heads, n_kv, head_dim)
+    eps = 1e-6
+    bound = native.AttentionDecode(input_norm=w["in_norm"], post_norm=w["post_norm"], eps=eps, qkv=w["qkv"], o=w["o"],
+                                   q_norm=w["q_norm"], k_norm=w["k_norm"], head_eps=eps, n_heads=n_heads, n_kv=n_kv,
+                                   head_dim=head_dim, rotary_dim=rot)
+    capacity = past + 3
+    k_cache = torch.randn(1, n_kv, capacity, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(1, n_kv, capacity, head_dim, generator=gen).to(dtype)
+    x = torch.randn(1, 1, hidden, generator=gen).to(dtype)
+    residual = None if first_layer else torch.randn(1, 1, hidden, generator=gen).to(dtype)
+    angles = torch.rand(1, 1, rot // 2, generator=gen) * 50
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    kr, vr = k_cache.clone(), v_cache.clone()
+    before = k_cache.clone(), v_cache.clone()
+    want_y, want_res = _attention_half_reference(x, residual, w, kr, vr, past, cos.to(dtype), sin.to(dtype), eps,
+                                                 n_heads, n_kv, head_dim)
+    y, res = bound(x, residual, cos, sin, k_cache, v_cache, past)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+    assert y.dtype == dtype and y.shape == x.shape and res.shape == x.shape
+    others = [j for j in range(capacity) if j != past]
+    for got, want, old in ((k_cache, kr, before[0]), (v_cache, vr, before[1])):
+        assert torch.equal(got[:, :, others], old[:, :, others])  # only the token's slot is written
+        assert _rel_err(got[:, :, past], want[:, :, past]) <= tol
+    assert _rel_err(res, want_res) <= tol
+    assert _rel_err(y, want_y) <= (tol if dtype == torch.float32 else 2 ** -5)
+    assert float((y.double() - want_y.double()).abs().mean()) <= tol * float(want_y.double().abs().mean()) * 4
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden,n_heads,n_kv,head_dim,rot,past,first_layer", [
+    (64, 4, 2, 16, 8, 5, False), (96, 6, 6, 16, 16, 0, True), (128, 8, 2, 32, 16, 40, False),
+    (100, 4, 1, 24, 12, 300, True)])
+def test_attention_decode_matches_the_torch_modules(dtype, hidden, n_heads, n_kv, head_dim, rot, past, first_layer):
+    """The attention half of a decoder layer in one native call (norm + residual, qkv, q/k norms, partial
+    rotary, the KV cache write, GQA attention over every cached slot, output projection, post norm) against
+    torch's modules: fp32 within 1e-5 of the largest value; bf16 within the roundings both make (a few
+    ulps: the attention's softmax runs in another order than torch's flash kernel)."""
+    _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, first_layer, seed=hidden + past)
+
+
+@needs_compiler
+def test_attention_decode_refuses_what_it_cannot_run():
+    gen = torch.Generator().manual_seed(0)
+    w = _attention_weights(gen, torch.float32, 64, 4, 2, 16)
+    kwargs = dict(input_norm=w["in_norm"], post_norm=w["post_norm"], eps=1e-6, qkv=w["qkv"], o=w["o"],
+                  q_norm=w["q_norm"], k_norm=w["k_norm"], head_eps=1e-6, n_heads=4, n_kv=2, head_dim=16, rotary_dim=8)
+    bound = native.AttentionDecode(**kwargs)
+    with pytest.raises(ValueError):  # 4 query heads do not share 3 KV heads
+        native.AttentionDecode(**{**kwargs, "n_kv": 3})
+    with pytest.raises(ValueError):  # a bf16 projection beside fp32 norms
+        native.AttentionDecode(**{**kwargs, "qkv": w["qkv"].bfloat16()})
+    k_cache, cos = torch.zeros(1, 2, 4, 16), torch.ones(8)
+    x = torch.randn(1, 1, 64)
+    with pytest.raises(ValueError, match="slot 4"):  # past the cache's end: refused, nothing written
+        bound(x, None, cos, cos, k_cache, k_cache.clone(), 4)
+    with pytest.raises(ValueError):
+        bound(x.bfloat16(), None, cos, cos, k_cache, k_cache.clone(), 0)
+    with pytest.raises(ValueError):
+        bound(x, None, cos, cos, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), 0)
+
+
+def _check_mlp_decode(dtype, experts, hidden, inter, top_k, n_group, topk_group, shared_inter, seed, router_bf16=False):
+    from engine.kernels.router import route_experts_reference
+
+    gen = torch.Generator().manual_seed(seed)
+    wg, wu = ((torch.randn(experts, inter, hidden, generator=gen) / 10).to(dtype) for _ in range(2))
+    wd = (torch.randn(experts, hidden, inter, generator=gen) / 6).to(dtype)
+    shared = None if not shared_inter else tuple(
+        (torch.randn(*s, generator=gen) / 8).to(dtype) for s in ((shared_inter, hidden),) * 2 + ((hidden, shared_inter),))
+    router = torch.randn(experts, hidden, generator=gen).to(dtype)
+    bias = torch.randn(experts, generator=gen) / 4
+    packed = PackedExperts.from_weights(wg, wu, wd, use_onednn=False)
+    bound = native.MlpDecode(dtype, hidden, shared=shared, router_weight=router, expert_bias=bias,
+                             table=packed.native_table(), n_group=n_group, topk_group=topk_group, top_k=top_k,
+                             scaling=2.5)
+    x = torch.randn(1, hidden, generator=gen).to(dtype)
+    routing = torch.empty(top_k, dtype=torch.int64), torch.empty(top_k, dtype=torch.float32)
+    got = bound(x, routing, router_bf16=router_bf16)
+    logits = F.linear(x.bfloat16(), router.bfloat16()) if router_bf16 else F.linear(x.float(), router.float())
+    ids, weights = route_experts_reference(logits, bias, n_group, topk_group, top_k, 2.5)
+    order, got_order = ids[0].argsort(), routing[0].argsort()
+    assert routing[0][got_order].tolist() == ids[0][order].tolist()  # the same experts
+    assert _rel_err(routing[1][got_order], weights[0][order]) <= 1e-5
+    want = moe_experts_reference(x, wg, wu, wd, ids, weights)
+    if shared is not None:
+        want = want + swiglu(x, *shared)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -7)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype,router_bf16", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("experts,hidden,inter,top_k,n_group,topk_group,shared_inter", [
+    (8, 64, 32, 2, 1, 1, 32), (32, 256, 96, 8, 4, 2, 96), (16, 100, 37, 3, 8, 3, 0), (12, 48, 20, 4, 3, 3, 50)])
+def test_mlp_decode_routes_and_runs_the_experts_as_the_reference(dtype, experts, hidden, inter, top_k, n_group,
+                                                                  topk_group, shared_inter, router_bf16):
+    """A MoE layer's router (fp32 logits, group-limited sigmoid top-k with the expert bias for selection
+    only, renormalised and scaled weights; or selecting in bf16 as the reference's bf16 router does) and its
+    experts with the shared one, in one native call: the same experts as engine.kernels.router, weights
+    within 1e-5, the output within the experts' tolerance."""
+    _check_mlp_decode(dtype, experts, hidden, inter, top_k, n_group, topk_group, shared_inter,
+                      seed=experts * hidden + top_k, router_bf16=router_bf16)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_decode_of_a_dense_layer_is_its_swiglu(dtype):
+    gen = torch.Generator().manual_seed(3)
+    w = tuple((torch.randn(*s, generator=gen) / 8).to(dtype) for s in ((70, 96), (70, 96), (96, 70)))
+    x = torch.randn(1, 1, 96, generator=gen).to(dtype)
+    got = native.MlpDecode(dtype, 96, shared=w)(x)
+    assert got.shape == x.shape and _rel_err(got, swiglu(x, *w)) <= (1e-5 if dtype == torch.float32 else 2 ** -7)
+    with pytest.raises(ValueError):  # a router without its experts
+        native.MlpDecode(dtype, 96, shared=w, router_weight=torch.zeros(4, 96, dtype=dtype), expert_bias=torch.zeros(4))
+    with pytest.raises(ValueError):  # neither a router nor an MLP
+        native.MlpDecode(dtype, 96, shared=None)
+    packed = PackedExperts.from_weights(*(torch.zeros(4, 70, 96, dtype=dtype),) * 2, torch.zeros(4, 96, 70, dtype=dtype),
+                                        use_onednn=False)
+    moe = native.MlpDecode(dtype, 96, shared=w, router_weight=torch.zeros(4, 96), expert_bias=torch.zeros(4),
+                           table=packed.native_table(), top_k=2)
+    assert not moe.can_route_in_bf16  # an fp32 router: the bf16 router's rounding is torch's to do
+    with pytest.raises(ValueError, match="bf16 router"):
+        moe(x, router_bf16=True)

@@ -363,29 +363,16 @@ static inline int slot_of(const int64_t *first, int n, int64_t u, int from) {
     return from;
 }
 
-/* The experts of one token (spec §2.6), routed and shared in one pass:
- *   routed[h] = sum over the top_k slots, by ascending expert id, of route_w[slot] * e_slot[h]   (fp32)
- *   out[h]    = routed[h] + shared[h]  (no shared expert when shared_gate is NULL: out = routed)
- *   e = down(silu(gate(x)) * up(x)),
- * with a routed expert's gate, up [I, H] and down [H, I] matrices found through the tables of data
- * pointers `ptrs` (gate, up, down: 3 * num_experts entries, gate's first) indexed by expert id, stored
- * as `w_kind`: fp32, bf16, or int8 with one fp32 scale per row (table `scale_ptrs`, laid out as `ptrs`:
- * [I], [I], [H] per expert; a row's sum is multiplied by its scale, as a weight-only int8 GEMM does).
- * The shared expert has its own gate, up [I_s, H] and down [H, I_s] matrices of `shared_kind` (fp32 or
- * bf16). With `round_act` (bf16 activations) every intermediate is rounded to bf16 where torch's bf16 modules
- * round it: gate, up, silu(gate), their product, each expert's output, the routed sum before the shared
- * expert is added, and out; the weighted routed sum is fp32 either way. `scratch` holds
- * top_k * 3 * I + 3 * I_s floats. Returns 0; -1 for an expert id outside [0, num_experts) or
- * top_k > 64; -2 when out of memory; -4 for an int8 shared expert. */
-int ming_moe_decode(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t num_experts, int w_kind,
-                    const int64_t *ids, const float *route_w, int64_t top_k, const void *x, int x_bf16,
-                    int64_t hidden, int64_t inter, const void *shared_gate, const void *shared_up,
-                    const void *shared_down, int64_t shared_inter, int shared_kind, int round_act, float *out,
-                    float *scratch, int nthreads) {
+/* Slots of one token's experts: its top_k routed experts (ids, route_w) sorted by ascending id, then the
+ * shared expert when shared_gate is given. Returns how many; -1 for an expert id outside [0, num_experts)
+ * or top_k > 64; -4 for an int8 shared expert. *routed: how many of them are routed. */
+static int expert_slots(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t num_experts, int w_kind,
+                        const int64_t *ids, const float *route_w, int64_t top_k, int64_t inter,
+                        const void *shared_gate, const void *shared_up, const void *shared_down,
+                        int64_t shared_inter, int shared_kind, expert_slot *slot, int *routed_out) {
     if (top_k < 0 || top_k > MAX_SLOTS - 1) return -1;
     const int has_shared = shared_gate != NULL && shared_inter > 0;
     if (has_shared && shared_kind == W_I8) return -4;
-    expert_slot slot[MAX_SLOTS];
     int routed = 0;
 #define AT(table, which, id) ((const void *)(intptr_t)(table)[(which) * num_experts + (id)])
     for (int64_t s = 0; s < top_k; s++) {
@@ -405,6 +392,14 @@ int ming_moe_decode(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t num_
     if (has_shared)
         slot[n++] = (expert_slot){shared_gate, shared_up, shared_down, NULL, NULL, NULL, shared_kind, shared_inter,
                                   -1, 1.0f, NULL, NULL};
+    *routed_out = routed;
+    return n;
+}
+
+/* The n experts of `slot` (the first `routed` of them routed, then maybe the shared one) on one token x
+ * (see ming_moe_decode): out[hidden] fp32. Returns 0, -2 when out of memory. */
+static int run_experts(expert_slot *slot, int n, int routed, const void *x, int x_bf16, int64_t hidden,
+                       int round_act, float *out, float *scratch, int nthreads) {
     int64_t first_row_unit[MAX_SLOTS + 1], first_elem[MAX_SLOTS + 1], bytes = 0;
     float *cursor = scratch;
     first_row_unit[0] = first_elem[0] = 0;
@@ -486,72 +481,379 @@ int ming_moe_decode(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t num_
     return 0;
 }
 
-/* RMSNorm of `rows` rows of `dim` (spec §2.3), one thread (decode-sized inputs):
+/* The experts of one token (spec §2.6), routed and shared in one pass:
+ *   routed[h] = sum over the top_k slots, by ascending expert id, of route_w[slot] * e_slot[h]   (fp32)
+ *   out[h]    = routed[h] + shared[h]  (no shared expert when shared_gate is NULL: out = routed)
+ *   e = down(silu(gate(x)) * up(x)),
+ * with a routed expert's gate, up [I, H] and down [H, I] matrices found through the tables of data
+ * pointers `ptrs` (gate, up, down: 3 * num_experts entries, gate's first) indexed by expert id, stored
+ * as `w_kind`: fp32, bf16, or int8 with one fp32 scale per row (table `scale_ptrs`, laid out as `ptrs`:
+ * [I], [I], [H] per expert; a row's sum is multiplied by its scale, as a weight-only int8 GEMM does).
+ * The shared expert has its own gate, up [I_s, H] and down [H, I_s] matrices of `shared_kind` (fp32 or
+ * bf16). With `round_act` (bf16 activations) every intermediate is rounded to bf16 where torch's bf16 modules
+ * round it: gate, up, silu(gate), their product, each expert's output, the routed sum before the shared
+ * expert is added, and out; the weighted routed sum is fp32 either way. `scratch` holds
+ * top_k * 3 * I + 3 * I_s floats. Returns 0; -1 for an expert id outside [0, num_experts) or
+ * top_k > 64; -2 when out of memory; -4 for an int8 shared expert. */
+int ming_moe_decode(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t num_experts, int w_kind,
+                    const int64_t *ids, const float *route_w, int64_t top_k, const void *x, int x_bf16,
+                    int64_t hidden, int64_t inter, const void *shared_gate, const void *shared_up,
+                    const void *shared_down, int64_t shared_inter, int shared_kind, int round_act, float *out,
+                    float *scratch, int nthreads) {
+    expert_slot slot[MAX_SLOTS];
+    int routed;
+    int n = expert_slots(ptrs, scale_ptrs, num_experts, w_kind, ids, route_w, top_k, inter, shared_gate, shared_up,
+                         shared_down, shared_inter, shared_kind, slot, &routed);
+    if (n < 0) return n;
+    return run_experts(slot, n, routed, x, x_bf16, hidden, round_act, out, scratch, nthreads);
+}
+
+/* RMSNorm of one row of `dim` (spec §2.3):
  *   h = x (+ residual, rounded to the dtype), written to h_out when given;
- *   y = weight * round(h * 1/sqrt(mean(h^2) + eps))     (fp32 inside; bf16: rounded where torch rounds).
- * x, residual, weight, y and h_out share one dtype (bf16 when `bf16`). Returns 0, -2 when out of memory. */
+ *   y = weight * round(h * 1/sqrt(mean(h^2) + eps))     (fp32 inside; bf16: rounded where torch rounds),
+ * written to y (the dtype) and/or yf (fp32, holding the rounded values) when given. x, residual, weight
+ * and h_out share one dtype (bf16 when `bf16`); x may also be fp32 (`x_f32`, its values already of the
+ * dtype). h is `dim` floats of scratch. */
+static void rms_row(const void *x, int x_f32, const void *residual, const void *weight, void *y, float *yf,
+                    void *h_out, int64_t dim, float eps, int bf16, float *h) {
+    for (int64_t i = 0; i < dim; i++) {
+        float v = x_f32 || !bf16 ? ((const float *)x)[i] : bf16_to_f32(((const uint16_t *)x)[i]);
+        if (residual) {
+            v += bf16 ? bf16_to_f32(((const uint16_t *)residual)[i]) : ((const float *)residual)[i];
+            if (bf16) v = round_bf16(v);
+        }
+        h[i] = v;
+    }
+    vf acc = {0};
+    int64_t i = 0;
+    for (; i + VL <= dim; i += VL) { vf v = load_f32(h + i); acc += v * v; }
+    float sum = hsum(acc);
+    for (; i < dim; i++) sum += h[i] * h[i];
+    const float inv = 1.0f / sqrtf(sum / (float)dim + eps);
+    for (i = 0; i < dim; i++) {
+        float out;
+        if (bf16) {
+            out = round_bf16(bf16_to_f32(((const uint16_t *)weight)[i]) * round_bf16(h[i] * inv));
+            if (y) ((uint16_t *)y)[i] = f32_to_bf16(out);
+            if (h_out) ((uint16_t *)h_out)[i] = f32_to_bf16(h[i]);
+        } else {
+            out = ((const float *)weight)[i] * (h[i] * inv);
+            if (y) ((float *)y)[i] = out;
+            if (h_out) ((float *)h_out)[i] = h[i];
+        }
+        if (yf) yf[i] = out;
+    }
+}
+
+/* RMSNorm of `rows` rows of `dim` (rms_row), one thread (decode-sized inputs). x, residual, weight, y and
+ * h_out share one dtype (bf16 when `bf16`). Returns 0, -2 when out of memory. */
 int ming_rms_norm(const void *x, const void *residual, const void *weight, void *y, void *h_out,
                   int64_t rows, int64_t dim, float eps, int bf16) {
     float *h = (float *)malloc((size_t)dim * sizeof(float));
     if (!h) return -2;
+    const size_t row_bytes = (size_t)dim * (bf16 ? 2 : 4);
     for (int64_t r = 0; r < rows; r++) {
-        const int64_t base = r * dim;
-        for (int64_t i = 0; i < dim; i++) {
-            float v = bf16 ? bf16_to_f32(((const uint16_t *)x)[base + i]) : ((const float *)x)[base + i];
-            if (residual) {
-                v += bf16 ? bf16_to_f32(((const uint16_t *)residual)[base + i]) : ((const float *)residual)[base + i];
-                if (bf16) v = round_bf16(v);
-            }
-            h[i] = v;
-        }
-        vf acc = {0};
-        int64_t i = 0;
-        for (; i + VL <= dim; i += VL) { vf v = load_f32(h + i); acc += v * v; }
-        float sum = hsum(acc);
-        for (; i < dim; i++) sum += h[i] * h[i];
-        const float inv = 1.0f / sqrtf(sum / (float)dim + eps);
-        for (i = 0; i < dim; i++) {
-            if (bf16) {
-                float out = round_bf16(bf16_to_f32(((const uint16_t *)weight)[i]) * round_bf16(h[i] * inv));
-                ((uint16_t *)y)[base + i] = f32_to_bf16(out);
-                if (h_out) ((uint16_t *)h_out)[base + i] = f32_to_bf16(h[i]);
-            } else {
-                ((float *)y)[base + i] = ((const float *)weight)[i] * (h[i] * inv);
-                if (h_out) ((float *)h_out)[base + i] = h[i];
-            }
-        }
+        const size_t off = (size_t)r * row_bytes;
+        rms_row((const char *)x + off, 0, residual ? (const char *)residual + off : NULL, weight, (char *)y + off,
+                NULL, h_out ? (char *)h_out + off : NULL, dim, eps, bf16, h);
     }
     free(h);
     return 0;
 }
 
-/* Partial rotate-half RoPE (spec §2.4) on x [batch, heads, head_dim] (one position per batch row) with
- * cos/sin [batch or 1, rot] in fp32, cast to x's dtype first as torch casts them: channel c < rot/2 pairs
- * with c + rot/2, channels >= rot pass through; y = x * cos + rotate_half(x) * sin, each product and the
- * sum rounded to the dtype (bf16 when `bf16`; fp32 products are not fused). */
+/* Partial rotate-half RoPE (spec §2.4) of one head: x and y [head_dim] fp32 (x's values of the dtype), cos
+ * and sin [rot] fp32, cast to the dtype first as torch casts them: channel c < rot/2 pairs with c + rot/2,
+ * channels >= rot pass through; y = x * cos + rotate_half(x) * sin, each product and the sum rounded to the
+ * dtype (bf16 when `bf16`; fp32 products are not fused). */
+static void rotate_head(const float *x, const float *c, const float *s, float *y, int64_t head_dim, int64_t rot,
+                        int bf16) {
+    const int64_t half = rot / 2;
+    for (int64_t i = 0; i < head_dim; i++) {
+        float out = x[i];
+        if (i < rot) {
+            float rotated = i < half ? -x[i + half] : x[i - half];
+            float ci = bf16 ? round_bf16(c[i]) : c[i], si = bf16 ? round_bf16(s[i]) : s[i];
+            float a = x[i] * ci, bb = rotated * si;
+            out = bf16 ? round_bf16(round_bf16(a) + round_bf16(bb)) : a + bb;
+        }
+        y[i] = out;
+    }
+}
+
+static inline float load_act(const void *x, int bf16, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+static inline void store_act(void *y, int bf16, int64_t i, float v) {
+    if (bf16) ((uint16_t *)y)[i] = f32_to_bf16(v);
+    else ((float *)y)[i] = v;
+}
+
+/* rotate_head on x [batch, heads, head_dim] (one position per batch row) with cos/sin [batch or 1, rot] in
+ * fp32; x and y of one dtype (bf16 when `bf16`). */
 void ming_rotary(const void *x, const float *cos_t, const float *sin_t, void *y, int64_t batch, int64_t heads,
                  int64_t head_dim, int64_t rot, int64_t table_batch, int bf16) {
-    const int64_t half = rot / 2;
+    float in[head_dim], out[head_dim];
     for (int64_t b = 0; b < batch; b++) {
         const float *c = cos_t + (table_batch > 1 ? b : 0) * rot, *s = sin_t + (table_batch > 1 ? b : 0) * rot;
         for (int64_t hd = 0; hd < heads; hd++) {
             const int64_t base = (b * heads + hd) * head_dim;
-            for (int64_t i = 0; i < head_dim; i++) {
-                float v = bf16 ? bf16_to_f32(((const uint16_t *)x)[base + i]) : ((const float *)x)[base + i];
-                float out = v;
-                if (i < rot) {
-                    int64_t j = i < half ? i + half : i - half;
-                    float pair = bf16 ? bf16_to_f32(((const uint16_t *)x)[base + j]) : ((const float *)x)[base + j];
-                    float rotated = i < half ? -pair : pair;
-                    float ci = bf16 ? round_bf16(c[i]) : c[i], si = bf16 ? round_bf16(s[i]) : s[i];
-                    float a = v * ci, bb = rotated * si;
-                    out = bf16 ? round_bf16(round_bf16(a) + round_bf16(bb)) : a + bb;
-                }
-                if (bf16) ((uint16_t *)y)[base + i] = f32_to_bf16(out);
-                else ((float *)y)[base + i] = out;
-            }
+            for (int64_t i = 0; i < head_dim; i++) in[i] = load_act(x, bf16, base + i);
+            rotate_head(in, c, s, out, head_dim, rot, bf16);
+            for (int64_t i = 0; i < head_dim; i++) store_act(y, bf16, base + i, out[i]);
         }
     }
+}
+
+/* y[row] = w[row, :] . x for this thread's share of the n rows (ROWS-row blocks split as evenly as the team
+ * allows), inside a parallel region; x laid out for `kind` (activations()); each result rounded to bf16
+ * when `round_out`. */
+static void gemv_share(const void *w, int kind, int64_t n, int64_t k, const float *x, float *y, int round_out,
+                       int t, int team) {
+    int64_t first, last;
+    split((n + ROWS - 1) / ROWS, t, team, &first, &last);
+    for (int64_t b = first; b < last; b++) {
+        int64_t row = b * ROWS;
+        int rows = (int)(n - row < ROWS ? n - row : ROWS);
+        dot_rows(w, kind, row, k, rows, x, y + row);
+        if (round_out)
+            for (int r = 0; r < rows; r++) y[row + r] = round_bf16(y[row + r]);
+    }
+}
+
+/* sum over i < n of a[i] * b[i]: a fp32, b of the dtype (bf16 when `bf16`), VL lanes then the tail. */
+static inline float dot_act(const float *a, const void *b, int bf16, int64_t n) {
+    vf acc = {0};
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) {
+        vf bv;
+        if (bf16) {
+            vh h;
+            memcpy(&h, (const uint16_t *)b + i, sizeof h);
+            bv = (vf)(__builtin_convertvector(h, vu) << 16);
+        } else {
+            bv = load_f32((const float *)b + i);
+        }
+        acc = madd(acc, load_f32(a + i), bv);
+    }
+    float sum = hsum(acc);
+    for (; i < n; i++) sum += a[i] * load_act(b, bf16, i);
+    return sum;
+}
+
+/* The attention half of one decoder layer for one token at KV slot `slot` of a one-sequence cache, after
+ * the tokens of slots 0..slot-1 (spec §2.3-§2.5), with every intermediate rounded where torch's modules
+ * round it (activations of the dtype, bf16 when `bf16`; weights of the same dtype, no biases):
+ *   h   = x + residual (x alone when residual is NULL: the first layer)       -> residual stream
+ *   qkv = W_qkv . input_norm(h), split head-major into n_heads query, n_kv key and n_kv value heads
+ *   q, k = rotary(q_norm(q)), rotary(k_norm(k))   (cos/sin [rot] fp32: this position's tables)
+ *   k_cache[g, slot] = k, v_cache[g, slot] = v    (caches [n_kv, capacity, head_dim] of the dtype)
+ *   a[h] = softmax(scale * q[h] . K[g]) V[g] over slots 0..slot, g = h / (n_heads / n_kv)   (fp32 inside;
+ *          bf16: the unnormalised probabilities rounded before they weight V, as torch's CPU flash
+ *          attention rounds them)
+ *   y   = post_norm(W_o . a + h)  -> y [hidden];  res_out [hidden] = W_o . a + h, the new residual stream.
+ * y and res_out are of the dtype. Returns 0; -2 when out of memory; -3 for inconsistent shapes. */
+int ming_attention_decode(const void *x, const void *residual, const void *in_norm_w, const void *post_norm_w,
+                          float eps, const void *w_qkv, const void *w_o, const void *q_norm_w, const void *k_norm_w,
+                          float head_eps, int64_t hidden, int64_t n_heads, int64_t n_kv, int64_t head_dim,
+                          const float *cos_t, const float *sin_t, int64_t rot, void *k_cache, void *v_cache,
+                          int64_t capacity, int64_t slot, float scale, int bf16, void *y, void *res_out, int nthreads) {
+    if (n_kv < 1 || n_heads % n_kv || rot < 0 || rot % 2 || rot > head_dim || slot < 0 || slot >= capacity ||
+        hidden < 1 || head_dim < 1)
+        return -3;
+    const int kind = bf16 ? W_BF16 : W_F32;
+    const int64_t n_qkv = (n_heads + 2 * n_kv) * head_dim, n_att = n_heads * head_dim, n_keys = slot + 1;
+    const int64_t group = n_heads / n_kv;
+    int nt = team_size(nthreads, (n_qkv + hidden) * (int64_t)(hidden > n_att ? hidden : n_att) * (bf16 ? 2 : 4));
+    const size_t floats = (size_t)(3 * hidden + n_qkv + 2 * n_att + hidden + n_heads * n_keys + 2 * nt * head_dim);
+    float *buf = (float *)malloc(floats * sizeof(float));
+    if (!buf) return -2;
+    float *h = buf, *xn = h + hidden, *xp = xn + hidden, *qkv = xp + hidden, *q = qkv + n_qkv, *att = q + n_att;
+    float *o = att + n_att, *scores = o + hidden, *head_tmp = scores + n_heads * n_keys;
+    const void *res_mid = residual ? res_out : x;  /* the residual stream after the input norm's add */
+    rms_row(x, 0, residual, in_norm_w, NULL, xn, residual ? res_out : NULL, hidden, eps, bf16, h);
+    if (bf16) permute_for_bf16(xn, xp, hidden);
+    else memcpy(xp, xn, (size_t)hidden * sizeof(float));
+    const size_t elem = bf16 ? 2 : 4;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int t = omp_get_thread_num(), team = omp_get_num_threads();
+        float *tmp = head_tmp + 2 * t * head_dim, *tmp2 = tmp + head_dim;
+        int64_t first, last;
+        /* 1. qkv */
+        gemv_share(w_qkv, kind, n_qkv, hidden, xp, qkv, bf16, t, team);
+#pragma omp barrier
+        /* 2. q and k heads normed and rotated (k into the cache), v into the cache */
+        split(n_heads + 2 * n_kv, t, team, &first, &last);
+        for (int64_t u = first; u < last; u++) {
+            const float *src = qkv + u * head_dim;
+            if (u < n_heads) {
+                rms_row(src, 1, NULL, q_norm_w, NULL, tmp, NULL, head_dim, head_eps, bf16, tmp2);
+                rotate_head(tmp, cos_t, sin_t, q + u * head_dim, head_dim, rot, bf16);
+            } else if (u < n_heads + n_kv) {
+                const int64_t g = u - n_heads;
+                rms_row(src, 1, NULL, k_norm_w, NULL, tmp, NULL, head_dim, head_eps, bf16, tmp2);
+                rotate_head(tmp, cos_t, sin_t, tmp2, head_dim, rot, bf16);
+                char *dst = (char *)k_cache + (size_t)((g * capacity + slot) * head_dim) * elem;
+                for (int64_t i = 0; i < head_dim; i++) store_act(dst, bf16, i, tmp2[i]);
+            } else {
+                const int64_t g = u - n_heads - n_kv;
+                char *dst = (char *)v_cache + (size_t)((g * capacity + slot) * head_dim) * elem;
+                for (int64_t i = 0; i < head_dim; i++) store_act(dst, bf16, i, src[i]);
+            }
+        }
+#pragma omp barrier
+        /* 3. attention of each query head over its KV head's slots; its output laid out for W_o */
+        split(n_heads, t, team, &first, &last);
+        for (int64_t hd = first; hd < last; hd++) {
+            const int64_t g = hd / group;
+            const char *kg = (const char *)k_cache + (size_t)(g * capacity * head_dim) * elem;
+            const char *vg = (const char *)v_cache + (size_t)(g * capacity * head_dim) * elem;
+            float *sc = scores + hd * n_keys, mx = -INFINITY, sum = 0.0f;
+            for (int64_t j = 0; j < n_keys; j++) {
+                sc[j] = dot_act(q + hd * head_dim, kg + (size_t)(j * head_dim) * elem, bf16, head_dim) * scale;
+                if (sc[j] > mx) mx = sc[j];
+            }
+            for (int64_t i = 0; i < head_dim; i++) tmp[i] = 0.0f;
+            for (int64_t j = 0; j < n_keys; j++) {
+                float e = expf(sc[j] - mx);
+                sum += e;
+                if (bf16) e = round_bf16(e);
+                const char *vj = vg + (size_t)(j * head_dim) * elem;
+                for (int64_t i = 0; i < head_dim; i++) tmp[i] += e * load_act(vj, bf16, i);
+            }
+            for (int64_t i = 0; i < head_dim; i++) {
+                float a = tmp[i] / sum;
+                if (bf16) a = round_bf16(a);
+                int64_t at = hd * head_dim + i;
+                att[bf16 ? permuted_index(at, n_att) : at] = a;
+            }
+        }
+#pragma omp barrier
+        /* 4. the output projection */
+        gemv_share(w_o, kind, hidden, n_att, att, o, bf16, t, team);
+    }
+    rms_row(o, 1, res_mid, post_norm_w, y, NULL, res_out, hidden, eps, bf16, h);
+    free(buf);
+    return 0;
+}
+
+/* Group-limited sigmoid top-k routing of one token (spec §2.6; engine/kernels/router.py says it in torch):
+ * s = sigmoid(logits), selection by s + bias, a group's score the sum of its two best, the topk_group best
+ * groups kept, the top_k best experts of those chosen (ties: the lower index), weights the unbiased s
+ * renormalised (+1e-20) and scaled (fp32). With `in_bf16` the selection runs in bf16 as the reference's bf16
+ * router does (spec §2.11): logits, s, the bias, s + bias and the group scores each rounded to bf16.
+ * work: 2 * E floats and E bytes. */
+static void route_token(const float *logits, const float *bias, int64_t num_experts, int64_t n_group,
+                        int64_t topk_group, int64_t top_k, float scaling, int in_bf16, int64_t *ids, float *weights,
+                        float *work, unsigned char *taken) {
+    float *scores = work, *biased = work + num_experts;
+    const int64_t per_group = num_experts / n_group;
+    for (int64_t e = 0; e < num_experts; e++) {
+        if (in_bf16) {
+            scores[e] = round_bf16(1.0f / (1.0f + expf(-round_bf16(logits[e]))));
+            biased[e] = round_bf16(scores[e] + round_bf16(bias[e]));
+        } else {
+            scores[e] = 1.0f / (1.0f + expf(-logits[e]));
+            biased[e] = scores[e] + bias[e];
+        }
+        taken[e] = 0;
+    }
+    float group_score[n_group];
+    unsigned char keep[n_group];
+    for (int64_t g = 0; g < n_group; g++) {
+        float best = -INFINITY, second = -INFINITY;
+        for (int64_t e = g * per_group; e < (g + 1) * per_group; e++) {
+            float v = biased[e];
+            if (v > best) { second = best; best = v; }
+            else if (v > second) second = v;
+        }
+        group_score[g] = per_group >= 2 ? best + second : best;
+        if (in_bf16) group_score[g] = round_bf16(group_score[g]);
+        keep[g] = 0;
+    }
+    for (int64_t r = 0; r < topk_group; r++) {
+        int64_t pick = -1;
+        for (int64_t g = 0; g < n_group; g++)
+            if (!keep[g] && (pick < 0 || group_score[g] > group_score[pick])) pick = g;
+        if (pick < 0) break;  /* topk_group <= n_group: not reached */
+        keep[pick] = 1;
+    }
+    float total = 0.0f;
+    for (int64_t r = 0; r < top_k; r++) {
+        int64_t pick = -1;
+        float pv = 0.0f;
+        for (int64_t e = 0; e < num_experts; e++) {
+            if (taken[e]) continue;
+            float v = keep[e / per_group] ? biased[e] : -INFINITY;
+            if (pick < 0 || v > pv) { pick = e; pv = v; }
+        }
+        taken[pick] = 1;
+        ids[r] = pick;
+        total += scores[pick];
+    }
+    for (int64_t r = 0; r < top_k; r++) weights[r] = scores[ids[r]] / (total + 1e-20f) * scaling;
+}
+
+/* The MLP half of one decoder layer for one token x [hidden] (the post-attention norm's output, of the
+ * dtype: bf16 when `bf16`) -> y [hidden] of the dtype:
+ *   MoE layer (router_w given): router logits = W_router . x in fp32 (W_router [E, hidden] of
+ *   `router_kind`, fp32 or bf16, widened exactly), routed as route_token (expert_bias [E] fp32; with
+ *   `router_bf16`: x rounded to bf16 first, the selection in bf16), then the
+ *   chosen experts and the shared one as ming_moe_decode (ptrs ... shared_kind as there, activations
+ *   rounded when bf16); the chosen ids and weights are written to ids_out / weights_out when given;
+ *   dense layer (router_w NULL): the "shared" SwiGLU alone.
+ * Returns 0; -1 for a bad routing configuration; -2 when out of memory; -4 for an int8 shared expert. */
+int ming_mlp_decode(const void *x, int bf16, const void *router_w, int router_kind, int router_bf16,
+                    const float *expert_bias, int64_t num_experts, int64_t n_group, int64_t topk_group, int64_t top_k, float scaling,
+                    const int64_t *ptrs, const int64_t *scale_ptrs, int w_kind, int64_t inter,
+                    const void *shared_gate, const void *shared_up, const void *shared_down, int64_t shared_inter,
+                    int shared_kind, int64_t hidden, void *y, int64_t *ids_out, float *weights_out, int nthreads) {
+    int64_t ids[MAX_SLOTS];
+    float route_w[MAX_SLOTS];
+    if (!router_w) top_k = 0;
+    else if (n_group < 1 || num_experts % n_group || topk_group < 1 || topk_group > n_group || top_k < 1 ||
+             top_k > num_experts || top_k > MAX_SLOTS - 1 || (router_kind != W_F32 && router_kind != W_BF16))
+        return -1;
+    const int64_t inter_all = top_k * inter + (shared_gate ? shared_inter : 0);
+    const size_t floats = (size_t)(hidden + 3 * inter_all + (router_w ? 3 * num_experts : 0));
+    float *buf = (float *)malloc(floats * sizeof(float) + (size_t)num_experts);
+    if (!buf) return -2;
+    float *out = buf, *scratch = out + hidden, *logits = scratch + 3 * inter_all, *work = logits + num_experts;
+    int rc = 0;
+    if (router_w) {
+        float *xbuf;
+        const float *xf = activations(x, bf16, reads_permuted(router_kind), 1, hidden, &xbuf);
+        if (!xf) { free(buf); return -2; }
+        if (router_bf16 && !bf16) {  /* the bf16 router reads fp32 activations rounded to bf16 */
+            float *rounded = (float *)malloc((size_t)hidden * sizeof(float));
+            if (!rounded) { free(xbuf); free(buf); return -2; }
+            for (int64_t i = 0; i < hidden; i++) rounded[i] = round_bf16(xf[i]);
+            free(xbuf);
+            xf = xbuf = rounded;
+        }
+        int nt = team_size(nthreads, num_experts * hidden * (int64_t)kind_bytes(router_kind));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        gemv_share(router_w, router_kind, num_experts, hidden, xf, logits, 0, omp_get_thread_num(),
+                   omp_get_num_threads());
+        free(xbuf);
+        route_token(logits, expert_bias, num_experts, n_group, topk_group, top_k, scaling, router_bf16, ids, route_w, work,
+                    (unsigned char *)(work + 2 * num_experts));
+        for (int64_t r = 0; r < top_k; r++) {
+            if (ids_out) ids_out[r] = ids[r];
+            if (weights_out) weights_out[r] = route_w[r];
+        }
+    }
+    expert_slot slot[MAX_SLOTS];
+    int routed;
+    int n = expert_slots(ptrs, scale_ptrs, num_experts, w_kind, ids, route_w, top_k, inter, shared_gate, shared_up,
+                         shared_down, shared_inter, shared_kind, slot, &routed);
+    if (n < 0) rc = n;
+    else rc = run_experts(slot, n, routed, x, bf16, hidden, bf16, out, scratch, nthreads);
+    if (rc == 0)
+        for (int64_t i = 0; i < hidden; i++) store_act(y, bf16, i, bf16 ? round_bf16(out[i]) : out[i]);
+    free(buf);
+    return rc;
 }
 
 /* The vector width this build uses, in floats (16: AVX-512, 8: AVX/AVX2, 4: SSE or other). */

@@ -66,6 +66,13 @@ class StepInputs:
     causal: bool
     write_at: int | torch.Tensor | None = None
     read_upto: int | None = None
+    _fp32_tables: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def fp32_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin as contiguous fp32, made once per step (the native decode layers read them)."""
+        if self._fp32_tables is None:
+            self._fp32_tables = (self.cos.float().contiguous(), self.sin.float().contiguous())
+        return self._fp32_tables
 
     def to(self, device: torch.device) -> "StepInputs":
         move = (lambda t: t if t is None or isinstance(t, (int, CausalBias)) else t.to(device))  # noqa: E731
@@ -77,11 +84,64 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: LLMConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.hidden_size, self.rotary_dim = cfg.hidden_size, cfg.rotary_dim
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attention = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoEBlock(cfg) if self.is_moe else SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.cpu_decode: tuple[kernels.native.AttentionDecode, kernels.native.MlpDecode] | None = None
+
+    def bind_cpu_decode(self) -> bool:
+        """After the CPU packing (engine.models.thinker.model.pack_for_cpu): where this layer's attention
+        projections take the native decode GEMV, bind the whole layer to the native decode kernels (its
+        attention half and its MLP half, router and experts included, one call each; see
+        :meth:`_cpu_decode_applies` for the steps that use them). True when bound."""
+        self.cpu_decode = None
+        attn, mlp = self.attention, self.mlp
+        projections = (attn.query_key_value, attn.dense)
+        if not all(isinstance(m, kernels.PackedLinear) and m.native is not None and m.bias is None for m in projections):
+            return False
+        dtype = self.input_layernorm.weight.dtype
+        try:
+            attention = kernels.native.AttentionDecode(
+                input_norm=self.input_layernorm.weight, post_norm=self.post_attention_layernorm.weight,
+                eps=self.input_layernorm.eps, qkv=projections[0].packed, o=projections[1].packed,
+                q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight, head_eps=attn.q_norm.eps,
+                n_heads=attn.n_heads, n_kv=attn.n_kv, head_dim=attn.head_dim, rotary_dim=self.rotary_dim)
+            if self.is_moe:
+                table = None if mlp.experts.packed is None else mlp.experts.packed.native_table()
+                if table is None or (mlp.shared_experts is not None and mlp.cpu_shared is None):
+                    return False
+                gate = mlp.gate
+                mlp_decode = kernels.native.MlpDecode(
+                    dtype, self.hidden_size, shared=mlp.cpu_shared, router_weight=gate.weight,
+                    expert_bias=gate.expert_bias, table=table, n_group=gate.n_group, topk_group=gate.topk_group,
+                    top_k=gate.top_k, scaling=gate.scaling)
+            else:
+                shared = tuple(_plain_weight(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+                if any(w is None for w in shared):
+                    return False
+                mlp_decode = kernels.native.MlpDecode(dtype, self.hidden_size, shared=shared)
+        except ValueError:
+            return False
+        if attn.q_norm.eps != attn.k_norm.eps or self.input_layernorm.eps != self.post_attention_layernorm.eps:
+            return False
+        self.cpu_decode = (attention, mlp_decode)
+        return True
+
+    def _cpu_decode_applies(self, x: torch.Tensor, residual: torch.Tensor | None, step: "StepInputs",
+                            cache: KVCache | None, numerics: Numerics) -> bool:
+        """The bound native kernels run a host step of one token of one sequence that attends to every cached
+        slot (no mask), with the layer's own experts (no expert runtime) and a router they can round as
+        ``numerics`` says (the bf16 router: bf16 weights)."""
+        return (x.shape[0] == 1 and x.shape[1] == 1 and x.dtype == self.cpu_decode[0].dtype and cache is not None
+                and step.mask is None and isinstance(step.write_at, int) and step.read_upto == step.write_at + 1
+                and step.cos.shape[-1] == self.rotary_dim
+                and (not numerics.router_bf16 or self.cpu_decode[1].can_route_in_bf16)
+                and (residual is None or residual.dtype == x.dtype)
+                and (not self.is_moe or self.mlp.experts.runtime is None)
+                and cache.k[self.layer_idx].device.type == "cpu")
 
     @property
     def device(self) -> torch.device:
@@ -94,6 +154,13 @@ class DecoderLayer(nn.Module):
         """Pre-norm layer (spec §2.3) on the residual stream kept as a pair: the layer's input is
         `x + residual` (just `x` for the first layer), its output is (mlp_out, new residual), so each
         residual add is fused into the RMSNorm that follows it."""
+        if self.cpu_decode is not None and trace is None and image_mask is None and audio_mask is None \
+                and self._cpu_decode_applies(x, residual, step, cache, numerics):
+            attention, mlp = self.cpu_decode
+            cos, sin = step.fp32_tables()
+            h, residual = attention(x, residual, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx],
+                                    step.write_at)
+            return mlp(h, router_bf16=numerics.router_bf16), residual
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
@@ -103,6 +170,15 @@ class DecoderLayer(nn.Module):
             routers = trace.setdefault("routers", {}).setdefault(self.layer_idx, []) if trace is not None else None
             return self.mlp(h, numerics, image_mask, audio_mask, routers), residual
         return self.mlp(h), residual
+
+
+def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
+    """A bias-free projection's plain [out, in] CPU weight (an nn.Linear's, or a PackedLinear's kept plain),
+    or None (biased, pre-packed, quantised)."""
+    if getattr(linear, "bias", None) is not None:
+        return None
+    w = linear.packed if isinstance(linear, kernels.PackedLinear) else getattr(linear, "weight", None)
+    return w if isinstance(w, torch.Tensor) and not w.is_mkldnn and w.device.type == "cpu" else None
 
 
 def attention_mask_4d(key_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:

@@ -222,6 +222,8 @@ def pack_for_cpu(llm: BailingMoeV2ForCausalLM) -> bool:
         packed += kernels.pack_linears(layer)
         if layer.is_moe and kernels.native.available():
             layer.mlp.bind_cpu_shared()  # the shared expert in the routed experts' native pass
+        if kernels.native.available():
+            layer.bind_cpu_decode()  # one-token steps: each half of the layer in one native call
     packed += kernels.pack_linears(llm)  # lm_head
     return packed > 0
 

@@ -160,10 +160,10 @@ def test_cpu_packed_weights_match_the_plain_path(tiny_checkpoint, dtype, monkeyp
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_native_kernels_take_the_decode_of_the_default_cpu_load(tiny_checkpoint, dtype, monkeypatch):
     """Where the native CPU kernels build (every machine with a C compiler), the default CPU load keeps the
-    checkpoint's plain layout, each token's routed experts and every decode GEMV of a large enough matrix
-    (here: all, by lowering the bound) run natively, and a
-    prefill + decode step give the plain model's logits up to summation order (fp32: relative 1e-4;
-    bf16: cosine > 0.999)."""
+    checkpoint's plain layout; where a layer's projections are large enough for the native GEMV (here: all,
+    by lowering the bound), a decode step runs each half of every layer in one native call (attention;
+    router + routed and shared experts, or the dense MLP) and lm_head natively, and a prefill + decode
+    step give the plain model's logits up to summation order (fp32: relative 1e-4; bf16: cosine > 0.999)."""
     from engine import kernels
     from engine.kernels import PackedLinear, native
 
@@ -174,6 +174,7 @@ def test_native_kernels_take_the_decode_of_the_default_cpu_load(tiny_checkpoint,
     assert default.model.layers[1].mlp.experts.packed.native_table() is not None
     assert default.model.layers[1].mlp.cpu_shared is not None  # the shared expert in the same native pass
     assert getattr(default.lm_head, "native", None) is None  # the tiny model's matrices are below native.BIND_MIN_BYTES
+    assert all(layer.cpu_decode is None for layer in default.model.layers)  # and so are its layers' projections
     monkeypatch.setattr(native, "BIND_MIN_BYTES", 0)  # bind them all, as a large model's
     fast = load_model(tiny_checkpoint, dtype=dtype, device="cpu")
     plain = load_model(tiny_checkpoint, dtype=dtype, device="cpu", pack_cpu_experts=False)
@@ -181,12 +182,15 @@ def test_native_kernels_take_the_decode_of_the_default_cpu_load(tiny_checkpoint,
     assert bank.packed is not None and not bank.packed.onednn and bank.packed.native_table() is not None
     assert isinstance(fast.llm.lm_head, PackedLinear) and not fast.llm.lm_head.packed.is_mkldnn
     assert fast.llm.lm_head.native is not None
-    calls = {"linear": 0, "moe_decode": 0}
+    assert all(layer.cpu_decode is not None for layer in fast.llm.model.layers)
+    calls = {"linear": 0, "moe_decode": 0, "attention": 0, "mlp": 0}
 
     def counted(name, real):
-        return lambda *a: calls.__setitem__(name, calls[name] + 1) or real(*a)
+        return lambda *a, **kw: calls.__setitem__(name, calls[name] + 1) or real(*a, **kw)
     monkeypatch.setattr(native.BoundLinear, "__call__", counted("linear", native.BoundLinear.__call__))
     monkeypatch.setattr(native, "moe_decode", counted("moe_decode", native.moe_decode))
+    monkeypatch.setattr(native.AttentionDecode, "__call__", counted("attention", native.AttentionDecode.__call__))
+    monkeypatch.setattr(native.MlpDecode, "__call__", counted("mlp", native.MlpDecode.__call__))
     ids = torch.tensor([[10, 20, 30, 40, 50, 60]])
     out = []
     with torch.inference_mode():
@@ -194,12 +198,14 @@ def test_native_kernels_take_the_decode_of_the_default_cpu_load(tiny_checkpoint,
         for m in (plain, fast):
             cache = m.llm.new_cache(1, m.numerics, "cpu")
             a = m.llm(m.llm.model.embed(ids), pos, m.numerics, cache=cache).float()
+            prefill_calls = dict(calls)
             b = m.llm(m.llm.model.embed(torch.tensor([[70]])), decode_positions(cache.length, delta), m.numerics,
                       cache=cache).float()
             out.append((a, b))
-    moe_layers = sum(layer.is_moe for layer in fast.llm.model.layers)
-    assert calls["moe_decode"] == moe_layers  # the decode step only: a prefill of 6 tokens is torch's
-    assert calls["linear"] >= 4 * len(fast.llm.model.layers) + 1  # attention projections, MLPs, lm_head
+    layers = len(fast.llm.model.layers)
+    assert prefill_calls["attention"] == prefill_calls["mlp"] == 0  # a prefill of 6 tokens: torch's modules
+    decode_calls = {k: v - prefill_calls[k] for k, v in calls.items()}
+    assert decode_calls == {"attention": layers, "mlp": layers, "moe_decode": 0, "linear": 1}  # + lm_head
     for want, got in zip(*out):
         if dtype == "fp32":
             assert float((want - got).abs().max()) <= 1e-4 * float(want.abs().max())
