@@ -628,24 +628,50 @@ static void gemv_share(const void *w, int kind, int64_t n, int64_t k, const floa
     }
 }
 
-/* sum over i < n of a[i] * b[i]: a fp32, b of the dtype (bf16 when `bf16`), VL lanes then the tail. */
-static inline float dot_act(const float *a, const void *b, int bf16, int64_t n) {
-    vf acc = {0};
-    int64_t i = 0;
-    for (; i + VL <= n; i += VL) {
-        vf bv;
-        if (bf16) {
-            vh h;
-            memcpy(&h, (const uint16_t *)b + i, sizeof h);
-            bv = (vf)(__builtin_convertvector(h, vu) << 16);
-        } else {
-            bv = load_f32((const float *)b + i);
-        }
-        acc = madd(acc, load_f32(a + i), bv);
+/* VL activations of the dtype (bf16 when `bf16`) from element i of b, as fp32. */
+static inline vf load_act_vec(const void *b, int bf16, int64_t i) {
+    if (bf16) {
+        vh h;
+        memcpy(&h, (const uint16_t *)b + i, sizeof h);
+        return (vf)(__builtin_convertvector(h, vu) << 16);
     }
-    float sum = hsum(acc);
-    for (; i < n; i++) sum += a[i] * load_act(b, bf16, i);
-    return sum;
+    return load_f32((const float *)b + i);
+}
+
+/* sc[j] = scale * (q . k_j) for n_keys key rows k_j = k + j * head_dim of the dtype (bf16 when `bf16`), q fp32:
+ * each dot product over VL lanes, summed as a tree, then the tail; four keys at a time so that their sums'
+ * latencies overlap (each key's sum in the same order whichever four it comes with). */
+static void attention_scores(const float *q, const void *k, int bf16, int64_t head_dim, int64_t n_keys, float scale,
+                             float *sc) {
+    const size_t elem = bf16 ? 2 : 4, row = (size_t)head_dim * elem;
+    const int64_t full = head_dim - head_dim % VL;
+    int64_t j = 0;
+    for (; j < n_keys; j += 4) {
+        const int m = n_keys - j < 4 ? (int)(n_keys - j) : 4;
+        const char *kj = (const char *)k + (size_t)j * row;
+        vf acc[4] = {{0}, {0}, {0}, {0}};
+        for (int64_t i = 0; i < full; i += VL) {
+            const vf qv = load_f32(q + i);
+            for (int r = 0; r < m; r++) acc[r] = madd(acc[r], qv, load_act_vec(kj + r * row, bf16, i));
+        }
+        for (int r = 0; r < m; r++) {
+            float sum = hsum(acc[r]);
+            for (int64_t i = full; i < head_dim; i++) sum += q[i] * load_act(kj + r * row, bf16, i);
+            sc[j + r] = sum * scale;
+        }
+    }
+}
+
+/* out[i] += p * v[i] for head_dim values v of the dtype (bf16 when `bf16`). */
+static inline void add_scaled(float *out, float p, const void *v, int bf16, int64_t head_dim) {
+    const vf pv = (vf){0} + p;
+    int64_t i = 0;
+    for (; i + VL <= head_dim; i += VL) {
+        vf o = load_f32(out + i);
+        o = madd(o, pv, load_act_vec(v, bf16, i));
+        memcpy(out + i, &o, sizeof o);
+    }
+    for (; i < head_dim; i++) out[i] += p * load_act(v, bf16, i);
 }
 
 /* The attention half of one decoder layer for one token at KV slot `slot` of a one-sequence cache, after
@@ -717,17 +743,13 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
             const char *kg = (const char *)k_cache + (size_t)(g * capacity * head_dim) * elem;
             const char *vg = (const char *)v_cache + (size_t)(g * capacity * head_dim) * elem;
             float *sc = scores + hd * n_keys, mx = -INFINITY, sum = 0.0f;
-            for (int64_t j = 0; j < n_keys; j++) {
-                sc[j] = dot_act(q + hd * head_dim, kg + (size_t)(j * head_dim) * elem, bf16, head_dim) * scale;
-                if (sc[j] > mx) mx = sc[j];
-            }
+            attention_scores(q + hd * head_dim, kg, bf16, head_dim, n_keys, scale, sc);
+            for (int64_t j = 0; j < n_keys; j++) mx = sc[j] > mx ? sc[j] : mx;
             for (int64_t i = 0; i < head_dim; i++) tmp[i] = 0.0f;
             for (int64_t j = 0; j < n_keys; j++) {
                 float e = expf(sc[j] - mx);
                 sum += e;
-                if (bf16) e = round_bf16(e);
-                const char *vj = vg + (size_t)(j * head_dim) * elem;
-                for (int64_t i = 0; i < head_dim; i++) tmp[i] += e * load_act(vj, bf16, i);
+                add_scaled(tmp, bf16 ? round_bf16(e) : e, vg + (size_t)(j * head_dim) * elem, bf16, head_dim);
             }
             for (int64_t i = 0; i < head_dim; i++) {
                 float a = tmp[i] / sum;
