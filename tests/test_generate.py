@@ -323,3 +323,35 @@ def test_generate_is_the_same_for_any_prefill_chunk(tiny_engine):
     a = _done(list(generate(tiny_engine.model, tiny_engine.tokenizer, prompt, params, prefill_chunk=16)))
     b = _done(list(generate(tiny_engine.model, tiny_engine.tokenizer, prompt, params, prefill_chunk=4096)))
     assert a.token_ids == b.token_ids and len(a.token_ids) == 10
+
+
+def test_cpu_decode_loop_runs_each_half_layer_in_one_native_call(tiny_checkpoint, tiny_engine, monkeypatch):
+    """The decode loop's device steps on the CPU (slot tensors, exact window) take the bound native layer
+    kernels (engine.kernels.native.AttentionDecode / MlpDecode: one call per half layer) where the layers'
+    projections bind (here: all, by lowering the bound), write the KV slots the loop advances, and give the
+    torch path's logits within fp32 summation-order error."""
+    from engine.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels not built here: {native.status()}")
+    monkeypatch.setattr(native, "BIND_MIN_BYTES", 0)
+    fast = types.SimpleNamespace(model=load_model(tiny_checkpoint, dtype="fp32", device="cpu"))
+    assert all(layer.cpu_decode is not None for layer in fast.model.llm.model.layers)
+    calls = []
+    real = native.AttentionDecode.__call__
+    monkeypatch.setattr(native.AttentionDecode, "__call__", lambda self, *a: calls.append(a[-1]) or real(self, *a))
+    logits = {}
+    with torch.inference_mode():
+        for name, engine in (("torch", tiny_engine), ("native", fast)):
+            llm, num, _, cache, _, pre = _prefilled(engine)
+            step = DecodeStep(llm, num, cache)
+            step.feed(pre.logits.argmax(-1))
+            out = []
+            for _ in range(5):
+                out.append(step.step())
+                step.feed(out[-1].argmax(-1))
+            logits[name] = torch.stack(out)
+            assert cache.length == 24 + 5 and int(cache.positions[torch.device("cpu")]) == cache.length
+    layers = len(fast.model.llm.model.layers)
+    assert calls == [slot for slot in range(24, 29) for _ in range(layers)]  # every layer, at the loop's slots
+    torch.testing.assert_close(logits["native"], logits["torch"], atol=1e-4, rtol=1e-4)

@@ -96,10 +96,12 @@ class DecoderLayer(nn.Module):
         """After the CPU packing (engine.models.thinker.model.pack_for_cpu): where this layer's attention
         projections take the native decode GEMV, bind the whole layer to the native decode kernels (its
         attention half and its MLP half, router and experts included, one call each; see
-        :meth:`_cpu_decode_applies` for the steps that use them). True when bound."""
+        :meth:`_cpu_decode_slot` for the steps that use them). True when bound."""
         self.cpu_decode = None
         attn, mlp = self.attention, self.mlp
         projections = (attn.query_key_value, attn.dense)
+        if attn.q_norm.eps != attn.k_norm.eps or self.input_layernorm.eps != self.post_attention_layernorm.eps:
+            return False
         if not all(isinstance(m, kernels.PackedLinear) and m.native is not None and m.bias is None for m in projections):
             return False
         dtype = self.input_layernorm.weight.dtype
@@ -125,23 +127,24 @@ class DecoderLayer(nn.Module):
                 mlp_decode = kernels.native.MlpDecode(dtype, self.hidden_size, shared=shared)
         except ValueError:
             return False
-        if attn.q_norm.eps != attn.k_norm.eps or self.input_layernorm.eps != self.post_attention_layernorm.eps:
-            return False
         self.cpu_decode = (attention, mlp_decode)
         return True
 
-    def _cpu_decode_applies(self, x: torch.Tensor, residual: torch.Tensor | None, step: "StepInputs",
-                            cache: KVCache | None, numerics: Numerics) -> bool:
-        """The bound native kernels run a host step of one token of one sequence that attends to every cached
+    def _cpu_decode_slot(self, x: torch.Tensor, residual: torch.Tensor | None, step: "StepInputs",
+                         cache: KVCache | None, numerics: Numerics) -> int | None:
+        """The KV slot when the bound native kernels run this step, else None: one token of one sequence (a
+        host step, or a device step on the CPU: engine.generate's decode loop) that attends to every cached
         slot (no mask), with the layer's own experts (no expert runtime) and a router they can round as
         ``numerics`` says (the bf16 router: bf16 weights)."""
-        return (x.shape[0] == 1 and x.shape[1] == 1 and x.dtype == self.cpu_decode[0].dtype and cache is not None
-                and step.mask is None and isinstance(step.write_at, int) and step.read_upto == step.write_at + 1
-                and step.cos.shape[-1] == self.rotary_dim
+        if not (x.shape[0] == 1 and x.shape[1] == 1 and x.dtype == self.cpu_decode[0].dtype and cache is not None
+                and step.mask is None and step.cos.shape[-1] == self.rotary_dim
                 and (not numerics.router_bf16 or self.cpu_decode[1].can_route_in_bf16)
                 and (residual is None or residual.dtype == x.dtype)
                 and (not self.is_moe or self.mlp.experts.runtime is None)
-                and cache.k[self.layer_idx].device.type == "cpu")
+                and cache.k[self.layer_idx].device.type == "cpu"):
+            return None
+        slot = _host_slot(step)
+        return slot if slot is not None and step.read_upto == slot + 1 else None
 
     @property
     def device(self) -> torch.device:
@@ -154,12 +157,13 @@ class DecoderLayer(nn.Module):
         """Pre-norm layer (spec §2.3) on the residual stream kept as a pair: the layer's input is
         `x + residual` (just `x` for the first layer), its output is (mlp_out, new residual), so each
         residual add is fused into the RMSNorm that follows it."""
-        if self.cpu_decode is not None and trace is None and image_mask is None and audio_mask is None \
-                and self._cpu_decode_applies(x, residual, step, cache, numerics):
+        slot = None
+        if self.cpu_decode is not None and trace is None and image_mask is None and audio_mask is None:
+            slot = self._cpu_decode_slot(x, residual, step, cache, numerics)
+        if slot is not None:
             attention, mlp = self.cpu_decode
             cos, sin = step.fp32_tables()
-            h, residual = attention(x, residual, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx],
-                                    step.write_at)
+            h, residual = attention(x, residual, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx], slot)
             return mlp(h, router_bf16=numerics.router_bf16), residual
         if residual is None:
             residual, h = x, self.input_layernorm(x)
@@ -170,6 +174,17 @@ class DecoderLayer(nn.Module):
             routers = trace.setdefault("routers", {}).setdefault(self.layer_idx, []) if trace is not None else None
             return self.mlp(h, numerics, image_mask, audio_mask, routers), residual
         return self.mlp(h), residual
+
+
+def _host_slot(step: StepInputs) -> int | None:
+    """The one KV slot a step writes, as a host int: a host step's `write_at`, or a device step's slot
+    tensor when it lives on the CPU (reading it costs no sync there); None otherwise."""
+    slot = step.write_at
+    if isinstance(slot, int):
+        return slot
+    if isinstance(slot, torch.Tensor) and slot.device.type == "cpu" and slot.numel() == 1:
+        return int(slot)
+    return None
 
 
 def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
