@@ -328,8 +328,8 @@ def test_generate_is_the_same_for_any_prefill_chunk(tiny_engine):
 def test_cpu_decode_loop_runs_each_half_layer_in_one_native_call(tiny_checkpoint, tiny_engine, monkeypatch):
     """The decode loop's device steps on the CPU (slot tensors, exact window) take the bound native layer
     kernels (engine.kernels.native.AttentionDecode / MlpDecode: one call per half layer) where the layers'
-    projections bind (here: all, by lowering the bound), write the KV slots the loop advances, and give the
-    torch path's logits within fp32 summation-order error."""
+    projections bind (here: all, by lowering the bound), write the KV slots the loop advances (known on the
+    host: no tensor read), and give the torch path's logits within fp32 summation-order error."""
     from engine.kernels import native
 
     if not native.available():
@@ -347,11 +347,15 @@ def test_cpu_decode_loop_runs_each_half_layer_in_one_native_call(tiny_checkpoint
             step = DecodeStep(llm, num, cache)
             step.feed(pre.logits.argmax(-1))
             out = []
-            for _ in range(5):
-                out.append(step.step())
-                step.feed(out[-1].argmax(-1))
+            with HostSyncCounter() as syncs:
+                for _ in range(5):
+                    out.append(step.step())
+                    step.feed(out[-1].argmax(-1))
             logits[name] = torch.stack(out)
-            assert cache.length == 24 + 5 and int(cache.positions[torch.device("cpu")]) == cache.length
+            cpu = torch.device("cpu")
+            assert cache.length == 24 + 5 and int(cache.positions[cpu]) == cache.cpu_slots[cpu] == cache.length
+            if name == "native":  # the slot is taken from the cache's host copy, not read from its tensor
+                assert syncs.count.total == 0, syncs.count.syncs
     layers = len(fast.model.llm.model.layers)
     assert calls == [slot for slot in range(24, 29) for _ in range(layers)]  # every layer, at the loop's slots
     torch.testing.assert_close(logits["native"], logits["torch"], atol=1e-4, rtol=1e-4)

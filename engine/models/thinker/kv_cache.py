@@ -46,6 +46,9 @@ class KVCache:
         self.padded = False
         self._rope_deltas: torch.Tensor | None = None
         self.positions: dict[torch.device, torch.Tensor] = {}  # device steps: the slot to write next
+        # ... and on the host for CPU layer devices (kept with it by start_device_steps / advance_slot), so the
+        # CPU's native decode kernels take the slot as a number without reading the tensor
+        self.cpu_slots: dict[torch.device, int] = {}
         self._copies: dict[tuple[str, torch.device], torch.Tensor] = {}  # key_mask / rope_deltas per device
         self._stale = False  # key_mask or rope_deltas changed since the copies were made
         self._grow(capacity)
@@ -122,6 +125,7 @@ class KVCache:
         self.key_mask = self._rope_deltas = None
         self.padded = False
         self.positions.clear()
+        self.cpu_slots.clear()
         self._copies.clear()
         self.capacity = self.length = 0
 
@@ -150,6 +154,14 @@ class KVCache:
                 self.positions[dev].fill_(self.length)
             else:
                 self.positions[dev] = torch.full((1,), self.length, dtype=torch.long, device=dev)
+            if dev.type == "cpu":
+                self.cpu_slots[dev] = self.length
+
+    def advance_slot(self, device: torch.device) -> None:
+        """After a device step's layers on `device` wrote their slot: the next slot."""
+        self.positions[device].add_(1)
+        if device in self.cpu_slots:
+            self.cpu_slots[device] += 1
 
     def on(self, name: str, device: torch.device) -> torch.Tensor | None:
         """`key_mask` or `rope_deltas` on `device`: copied when they changed (host steps), never by a device

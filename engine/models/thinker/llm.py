@@ -66,6 +66,7 @@ class StepInputs:
     causal: bool
     write_at: int | torch.Tensor | None = None
     read_upto: int | None = None
+    host_slot: int | None = None  # a device step's slot as a host number, where the cache keeps one (CPU)
     _fp32_tables: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def fp32_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,14 +178,9 @@ class DecoderLayer(nn.Module):
 
 
 def _host_slot(step: StepInputs) -> int | None:
-    """The one KV slot a step writes, as a host int: a host step's `write_at`, or a device step's slot
-    tensor when it lives on the CPU (reading it costs no sync there); None otherwise."""
-    slot = step.write_at
-    if isinstance(slot, int):
-        return slot
-    if isinstance(slot, torch.Tensor) and slot.device.type == "cpu" and slot.numel() == 1:
-        return int(slot)
-    return None
+    """The one KV slot a step writes, as a host int: a host step's `write_at`, or a device step's slot as
+    the cache keeps it on the host for CPU devices (KVCache.cpu_slots); None otherwise."""
+    return step.write_at if isinstance(step.write_at, int) else step.host_slot
 
 
 def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
@@ -305,7 +301,7 @@ class BailingMoeV2Model(nn.Module):
             if key_mask is not None:
                 mask = mask & key_mask[:, :window]
             mask = mask.view(-1, 1, 1, window)
-        return StepInputs(cos, sin, mask, False, slot, window)
+        return StepInputs(cos, sin, mask, False, slot, window, host_slot=cache.cpu_slots.get(device))
 
     def step_segment(self, device: torch.device, layers: list[DecoderLayer], x: torch.Tensor,
                      residual: torch.Tensor | None, cache: KVCache, numerics: Numerics,
@@ -314,7 +310,7 @@ class BailingMoeV2Model(nn.Module):
         x, residual = x.to(device), None if residual is None else residual.to(device)
         step = self.device_step_inputs(cache, device, window, numerics)
         x, residual = self.run_layers(layers, x, residual, step, cache, numerics)
-        cache.positions[device].add_(1)
+        cache.advance_slot(device)
         return x, residual
 
     def forward_step(self, input_ids: torch.Tensor, cache: KVCache, numerics: Numerics, window: int) -> torch.Tensor:
