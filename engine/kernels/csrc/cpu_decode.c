@@ -1,5 +1,7 @@
-/* Decode-time CPU kernels: few-row linears (GEMV), the experts of one token (routed + shared), and
- * decode-sized RMSNorm and rotary.
+/* Decode-time CPU kernels: few-row linears (GEMV), the experts of one token (routed + shared),
+ * decode-sized RMSNorm and rotary, and the two halves of a decoder layer for one token (attention: norms,
+ * qkv, q/k norms, rotary, KV write, attention, output projection; MLP: router, routing and experts), so
+ * that a decode step is two calls per layer, not ~20 framework ops.
  *
  * Built on first use by engine/kernels/native.py with this machine's compiler for this machine's CPU
  * (-march=native: AVX-512, AVX or SSE code from the same source through GCC vector types; dot products
