@@ -331,7 +331,7 @@ class PackedLinear(torch.nn.Module):
     the native decode GEMV (:func:`native.bind_linear`; larger blocks through :func:`cpu_linear`),
     pre-packed for oneDNN (see :func:`_pack_matrix`), or with ``int8=True`` quantised to int8 with one fp32 scale per output
     channel (``dequant.quantize_int8_rows``) and run by torch's int8 weight-only kernel (half the bytes
-    of bf16; activations stay in the weight's dtype).
+    of bf16; activations stay in the weight's dtype), its decode GEMVs by the native kernel where bound.
 
     Built from an ``nn.Linear`` (see :func:`pack_linears`); keeps ``weight`` (and ``bias``) as meta placeholders of the
     original shapes so module names, shapes and parameter counts stay those of the checkpoint.
@@ -348,8 +348,14 @@ class PackedLinear(torch.nn.Module):
                            else _DequantMatrix(q, scale, weight.dtype, {}))
         else:
             self.packed = _pack_matrix(weight, onednn_packing_pays(weight))
-        # decode GEMVs of a plain fp32/bf16 weight: the native kernel, bound once (None where it does not apply)
-        self.native = native.bind_linear(self.packed) if isinstance(self.packed, torch.Tensor) else None
+        # decode GEMVs of a plain fp32/bf16 weight, or of an int8 one with its scales: the native kernel, bound
+        # once (None where it does not apply)
+        if isinstance(self.packed, torch.Tensor):
+            self.native = native.bind_linear(self.packed)
+        elif isinstance(self.packed, _Int8Matrix):
+            self.native = native.bind_linear(self.packed.q, scale=self.packed.scale)
+        else:
+            self.native = None
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.weight = torch.nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
                                          requires_grad=False)

@@ -110,7 +110,7 @@ def _build(cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.ming_linear.argtypes = (p, i32, p, i32, p, i32, i64, i64, i64, i32)
+    lib.ming_linear.argtypes = (p, i32, p, p, i32, p, i32, i64, i64, i64, i32)
     lib.ming_linear.restype = i32
     lib.ming_moe_decode.argtypes = (p, p, i64, i32, p, p, i64, p, i32, i64, i64, p, p, p, i64, i32, i32, p, p, i32)
     lib.ming_moe_decode.restype = i32
@@ -119,11 +119,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ming_rotary.argtypes = (p, p, p, p, i64, i64, i64, i64, i64, i32)
     lib.ming_rotary.restype = None
     f32 = ctypes.c_float
-    lib.ming_attention_decode.argtypes = (p, p, p, p, f32, p, p, p, p, f32, i64, i64, i64, i64, p, p, i64, p, p, i64,
-                                          i64, f32, i32, p, p, i32)
+    lib.ming_attention_decode.argtypes = (p, p, p, p, f32, p, p, i32, p, p, p, p, f32, i64, i64, i64, i64, p, p, i64,
+                                          p, p, i64, i64, f32, i32, p, p, i32)
     lib.ming_attention_decode.restype = i32
     lib.ming_mlp_decode.argtypes = (p, i32, p, i32, i32, p, i64, i64, i64, i64, f32, p, p, i32, i64, p, p, p, i64, i32,
-                                    i64, p, p, p, i32)
+                                    p, p, p, i64, p, p, p, i32)
     lib.ming_mlp_decode.restype = i32
     lib.ming_vector_floats.argtypes = ()
     lib.ming_vector_floats.restype = i32
@@ -187,11 +187,13 @@ def reset() -> None:
         _lib, _tried, _failure = None, False, None
 
 
-def binds(weight: torch.Tensor, min_bytes: int | None = None) -> bool:
+def binds(weight: torch.Tensor, min_bytes: int | None = None, scaled: bool = False) -> bool:
     """True when decode GEMVs of this [out, in] weight take the native kernel: a contiguous fp32/bf16 CPU
-    matrix of at least ``min_bytes`` (default BIND_MIN_BYTES), and the kernels available."""
+    matrix (int8 too when ``scaled``: it comes with its per-row scales) of at least ``min_bytes`` (default
+    BIND_MIN_BYTES), and the kernels available."""
     min_bytes = BIND_MIN_BYTES if min_bytes is None else min_bytes
-    return (weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in _DTYPES and not weight.is_mkldnn
+    kinds = (*_DTYPES, torch.int8) if scaled else _DTYPES
+    return (weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in kinds and not weight.is_mkldnn
             and weight.is_contiguous() and weight.numel() * weight.element_size() >= min_bytes
             and available())
 
@@ -216,16 +218,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class BoundLinear:
-    """One plain [out, in] fp32/bf16 CPU weight bound to the native kernel once (see :func:`bind_linear`):
-    its checks are made when binding, so a decode call costs little more than the kernel (torch's
-    F.linear on a small matrix costs ~6 us; the checked :func:`linear` ~3x that in Python alone)."""
+    """One plain [out, in] fp32/bf16 CPU weight, or an int8 one with its fp32 per-row ``scale`` (W = q *
+    scale[row], as torch's weight-only int8 GEMM reads it), bound to the native kernel once (see
+    :func:`bind_linear`): its checks are made when binding, so a decode call costs little more than the
+    kernel (torch's F.linear on a small matrix costs ~6 us; the checked :func:`linear` ~3x that in Python
+    alone)."""
 
-    __slots__ = ("weight", "lib", "ptr", "n", "k", "w_bf16")
+    __slots__ = ("weight", "scale", "lib", "ptr", "scale_ptr", "n", "k", "kind")
 
-    def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL) -> None:
+    def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL, scale: torch.Tensor | None = None) -> None:
+        if (weight.dtype == torch.int8) != (scale is not None):
+            raise ValueError("an int8 weight needs its per-row scales (and only it has scales)")
         self.weight, self.lib = weight, lib  # keeps the weight (and so the pointer) alive
         self.ptr, (self.n, self.k) = weight.data_ptr(), weight.shape
-        self.w_bf16 = weight.dtype == torch.bfloat16
+        self.kind = _KINDS[weight.dtype]
+        self.scale = None if scale is None else _plain(scale.float().contiguous(), torch.float32, (self.n,))
+        self.scale_ptr = None if self.scale is None else self.scale.data_ptr()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [..., k] @ weight.T in x's dtype, or None when x is not for this kernel (more than MAX_ROWS
@@ -237,7 +245,7 @@ class BoundLinear:
             x = x.contiguous()
         y = torch.empty((*x.shape[:-1], self.n), dtype=x.dtype)
         x_bf16 = x.dtype == torch.bfloat16
-        code = self.lib.ming_linear(self.ptr, self.w_bf16, x.data_ptr(), x_bf16, y.data_ptr(), x_bf16,
+        code = self.lib.ming_linear(self.ptr, self.kind, self.scale_ptr, x.data_ptr(), x_bf16, y.data_ptr(), x_bf16,
                                     rows, self.n, self.k, torch.get_num_threads())
         if code == -1:
             raise MemoryError("native linear: out of memory for the converted activations")
@@ -246,13 +254,14 @@ class BoundLinear:
         return y
 
 
-def bind_linear(weight: torch.Tensor, min_bytes: int | None = None) -> BoundLinear | None:
-    """The native decode GEMV bound to this weight where it :func:`binds`, else None. Decided once:
-    PackedLinear binds when loading."""
-    if not binds(weight, min_bytes):
+def bind_linear(weight: torch.Tensor, min_bytes: int | None = None, scale: torch.Tensor | None = None
+                ) -> BoundLinear | None:
+    """The native decode GEMV bound to this weight (int8: with its per-row ``scale``) where it :func:`binds`,
+    else None. Decided once: PackedLinear binds when loading."""
+    if not binds(weight, min_bytes, scaled=scale is not None) or (weight.dtype == torch.int8) != (scale is not None):
         return None
     assert _lib is not None
-    return BoundLinear(weight.detach(), _lib)
+    return BoundLinear(weight.detach(), _lib, scale)
 
 
 # Weight kinds of the kernels (cpu_decode.c): fp32, bf16, int8 with one fp32 scale per row.
@@ -402,15 +411,17 @@ class AttentionDecode:
     """The attention half of one decoder layer for one token, bound to ``ming_attention_decode``:
     (x, residual) -> (post_norm(attention(input_norm(x + residual)) + x + residual), the new residual), the
     token's rotated key and its value written into the layer's KV cache at ``slot``, attending to slots
-    0..slot. All weights plain, of the activations' dtype (fp32 or bf16), no biases; the checks are made
-    here, once, so a call costs the kernel and two output tensors."""
+    0..slot. Norm weights of the activations' dtype (fp32 or bf16), the two projections of it too or int8
+    with per-row scales, no biases; the checks are made here, once, so a call costs the kernel and two
+    output tensors."""
 
     __slots__ = ("dtype", "hidden", "n_heads", "n_kv", "head_dim", "rot", "eps", "head_eps", "scale", "_keep",
                  "_ptrs", "lib")
 
     def __init__(self, *, input_norm: torch.Tensor, post_norm: torch.Tensor, eps: float, qkv: torch.Tensor,
                  o: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, head_eps: float, n_heads: int,
-                 n_kv: int, head_dim: int, rotary_dim: int) -> None:
+                 n_kv: int, head_dim: int, rotary_dim: int, qkv_scale: torch.Tensor | None = None,
+                 o_scale: torch.Tensor | None = None) -> None:
         if not available():
             raise RuntimeError("the native kernels are not available")
         dtype, hidden = input_norm.dtype, input_norm.shape[0]
@@ -419,12 +430,19 @@ class AttentionDecode:
         self.dtype, self.hidden = dtype, hidden
         self.n_heads, self.n_kv, self.head_dim, self.rot = n_heads, n_kv, head_dim, rotary_dim
         self.eps, self.head_eps, self.scale = float(eps), float(head_eps), 1.0 / head_dim ** 0.5
+        n_qkv = (n_heads + 2 * n_kv) * head_dim
+        w_dtype = torch.int8 if qkv.dtype == torch.int8 else dtype  # int8 projections: with per-row scales
+        if (w_dtype == torch.int8) != (qkv_scale is not None and o_scale is not None):
+            raise ValueError("int8 projections need their per-row scales (and only they have scales)")
         tensors = (_plain(input_norm, dtype, (hidden,)), _plain(post_norm, dtype, (hidden,)),
-                   _plain(qkv, dtype, ((n_heads + 2 * n_kv) * head_dim, hidden)),
-                   _plain(o, dtype, (hidden, n_heads * head_dim)),
+                   _plain(qkv, w_dtype, (n_qkv, hidden)), _plain(o, w_dtype, (hidden, n_heads * head_dim)),
                    _plain(q_norm, dtype, (head_dim,)), _plain(k_norm, dtype, (head_dim,)))
-        self._keep = tensors
-        self._ptrs = tuple(t.data_ptr() for t in tensors)
+        scales = (None, None) if w_dtype != torch.int8 else (
+            _plain(qkv_scale.float().contiguous(), torch.float32, (n_qkv,)),
+            _plain(o_scale.float().contiguous(), torch.float32, (hidden,)))
+        self._keep = (tensors, scales)
+        self._ptrs = (*(t.data_ptr() for t in tensors[:4]), _KINDS[w_dtype],
+                      *(None if t is None else t.data_ptr() for t in scales), *(t.data_ptr() for t in tensors[4:]))
         self.lib = _lib
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
@@ -445,10 +463,10 @@ class AttentionDecode:
             residual = residual.contiguous()
         y = torch.empty_like(x)
         res_out = torch.empty_like(x)
-        in_norm, post_norm, qkv, o, q_norm, k_norm = self._ptrs
+        in_norm, post_norm, qkv, o, kind, qkv_scale, o_scale, q_norm, k_norm = self._ptrs
         rc = self.lib.ming_attention_decode(
             x.data_ptr(), None if residual is None else residual.data_ptr(), in_norm, post_norm, self.eps, qkv, o,
-            q_norm, k_norm, self.head_eps, self.hidden, self.n_heads, self.n_kv, self.head_dim, cos.data_ptr(),
+            kind, qkv_scale, o_scale, q_norm, k_norm, self.head_eps, self.hidden, self.n_heads, self.n_kv, self.head_dim, cos.data_ptr(),
             sin.data_ptr(), self.rot, k_cache.data_ptr(), v_cache.data_ptr(), capacity, slot, self.scale,
             self.dtype == torch.bfloat16, y.data_ptr(), res_out.data_ptr(), torch.get_num_threads())
         if rc == -2:
@@ -462,27 +480,38 @@ class MlpDecode:
     """The MLP half of one decoder layer for one token, bound to ``ming_mlp_decode``: a MoE layer's router
     (fp32 logits from a fp32/bf16 gate, group-limited sigmoid top-k: engine.kernels.router) and its chosen
     experts (an :class:`ExpertTable`) with the shared expert in one pass, or a dense layer's SwiGLU (as the
-    "shared" expert alone). Activations of one dtype (fp32 or bf16), rounded where torch's modules round."""
+    "shared" expert alone; of the activations' dtype, or int8 with ``shared_scales``). Activations of one
+    dtype (fp32 or bf16), rounded where torch's modules round."""
 
     __slots__ = ("dtype", "hidden", "router", "table", "shared", "lib", "_keep", "_args", "_args_after")
 
     def __init__(self, dtype: torch.dtype, hidden: int, *, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
                  router_weight: torch.Tensor | None = None, expert_bias: torch.Tensor | None = None,
                  table: ExpertTable | None = None, n_group: int = 1, topk_group: int = 1, top_k: int = 0,
-                 scaling: float = 1.0) -> None:
+                 scaling: float = 1.0, shared_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                 ) -> None:
         if not available():
             raise RuntimeError("the native kernels are not available")
         if dtype not in _DTYPES:
             raise ValueError(f"activations must be fp32 or bf16; got {dtype}")
         self.dtype, self.hidden, self.lib = dtype, hidden, _lib
         keep: list = []
+        scale_ptrs = (None, None, None)
         if shared is not None:
             inter_s = shared[0].shape[0]
-            shared = (_plain(shared[0], dtype, (inter_s, hidden)), _plain(shared[1], dtype, (inter_s, hidden)),
-                      _plain(shared[2], dtype, (hidden, inter_s)))
+            w_dtype = torch.int8 if shared[0].dtype == torch.int8 else dtype  # int8: with per-row scales
+            if (w_dtype == torch.int8) != (shared_scales is not None):
+                raise ValueError("int8 MLP weights need their per-row scales (and only they have scales)")
+            shared = (_plain(shared[0], w_dtype, (inter_s, hidden)), _plain(shared[1], w_dtype, (inter_s, hidden)),
+                      _plain(shared[2], w_dtype, (hidden, inter_s)))
             keep.append(shared)
+            if shared_scales is not None:
+                shared_scales = tuple(_plain(t.float().contiguous(), torch.float32, (n,))
+                                      for t, n in zip(shared_scales, (inter_s, inter_s, hidden)))
+                keep.append(shared_scales)
+                scale_ptrs = tuple(t.data_ptr() for t in shared_scales)
         if router_weight is not None:
-            if table is None or table.hidden != hidden or (shared is not None and not table.shared_fits(dtype)):
+            if table is None or table.hidden != hidden:
                 raise ValueError("a MoE layer needs its expert table (of this hidden size, fitting its shared expert)")
             e = table.num_experts
             if router_weight.dtype not in _DTYPES:
@@ -510,7 +539,7 @@ class MlpDecode:
             None if table is None or table.scale_ptrs is None else table.scale_ptrs.data_ptr(),
             0 if table is None else table.kind, 0 if table is None else table.inter,
             g, u, d, 0 if shared is None else shared[0].shape[0], 0 if shared is None else _KINDS[shared[0].dtype],
-            hidden)
+            *scale_ptrs, hidden)
 
     @property
     def top_k(self) -> int:

@@ -337,6 +337,7 @@ def test_every_vector_width_computes_the_same(floats, monkeypatch):
         assert _rel_err(native.rotary(q, cos, sin), apply_rotary_reference(q, cos, sin)) <= tol
         # the two halves of a decoder layer (head_dim 24: the attention's dot products have a tail at every width)
         _check_attention_decode(dtype, 100, 4, 2, 24, 12, 33, False, seed=floats)
+        _check_attention_decode(dtype, 100, 4, 2, 24, 12, 33, True, seed=floats, int8=True)
         _check_mlp_decode(dtype, 12, 100, 37, 4, 3, 2, 45, seed=floats)
 
 
@@ -370,11 +371,18 @@ def _attention_weights(gen, dtype, hidden, n_heads, n_kv, head_dim):
             "k_norm": (torch.rand(head_dim, generator=gen) + 0.5).to(dtype)}
 
 
-def _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, first_layer, seed):
+def _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, first_layer, seed, int8=False):
+    from engine.kernels.dequant import quantize_int8_rows
+
     gen = torch.Generator().manual_seed(seed)
     w = _attention_weights(gen, dtype, hidden, n_heads, n_kv, head_dim)
     eps = 1e-6
-    bound = native.AttentionDecode(input_norm=w["in_norm"], post_norm=w["post_norm"], eps=eps, qkv=w["qkv"], o=w["o"],
+    proj = {"qkv": w["qkv"], "o": w["o"]}
+    if int8:  # int8 projections with per-row scales; the reference multiplies the same values back out
+        (proj["qkv"], proj["qkv_scale"]), (proj["o"], proj["o_scale"]) = (quantize_int8_rows(w[n]) for n in ("qkv", "o"))
+        w = {**w, "qkv": (proj["qkv"] * proj["qkv_scale"][:, None]).to(dtype),
+             "o": (proj["o"] * proj["o_scale"][:, None]).to(dtype)}
+    bound = native.AttentionDecode(input_norm=w["in_norm"], post_norm=w["post_norm"], eps=eps, **proj,
                                    q_norm=w["q_norm"], k_norm=w["k_norm"], head_eps=eps, n_heads=n_heads, n_kv=n_kv,
                                    head_dim=head_dim, rotary_dim=rot)
     capacity = past + 3
@@ -411,6 +419,36 @@ def test_attention_decode_matches_the_torch_modules(dtype, hidden, n_heads, n_kv
     torch's modules: fp32 within 1e-5 of the largest value; bf16 within the roundings both make (a few
     ulps: the attention's softmax runs in another order than torch's flash kernel)."""
     _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, first_layer, seed=hidden + past)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden,n_heads,n_kv,head_dim,rot,past", [(64, 4, 2, 16, 8, 5), (128, 8, 2, 32, 16, 40)])
+def test_attention_decode_with_int8_projections(dtype, hidden, n_heads, n_kv, head_dim, rot, past):
+    """The no-GPU format's int8 linears (one fp32 scale per output row) in the attention half: the same
+    results as the attention with the dequantised projections, within the tolerances above."""
+    _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, False, seed=past, int8=True)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,n,k", [(1, 7, 13), (1, 64, 2048), (3, 33, 100), (8, 130, 517)])
+def test_linear_with_int8_weights_and_row_scales(dtype, rows, n, k):
+    """A bound int8 linear (PackedLinear(int8=True)'s decode GEMV): x @ (q * scale).T within the tolerance
+    of the plain kernels; an int8 weight without its scales is refused."""
+    from engine.kernels.dequant import quantize_int8_rows
+
+    gen = torch.Generator().manual_seed(rows * n + k)
+    q, scale = quantize_int8_rows(torch.randn(n, k, generator=gen))
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    bound = native.bind_linear(q, min_bytes=0, scale=scale)
+    got = bound(x)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    want = x.double() @ (q.double() * scale.double()[:, None]).T
+    assert _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -7)
+    assert native.bind_linear(q, min_bytes=0) is None
+    with pytest.raises(ValueError):
+        native.BoundLinear(q, native._lib)
 
 
 @needs_compiler
@@ -485,6 +523,14 @@ def test_mlp_decode_of_a_dense_layer_is_its_swiglu(dtype):
     x = torch.randn(1, 1, 96, generator=gen).to(dtype)
     got = native.MlpDecode(dtype, 96, shared=w)(x)
     assert got.shape == x.shape and _rel_err(got, swiglu(x, *w)) <= (1e-5 if dtype == torch.float32 else 2 ** -7)
+    from engine.kernels.dequant import quantize_int8_rows
+
+    q = [quantize_int8_rows(t) for t in w]  # int8 linears: their per-row scales go with them
+    deq = tuple((qi * si[:, None]).to(dtype) for qi, si in q)
+    got = native.MlpDecode(dtype, 96, shared=tuple(qi for qi, _ in q), shared_scales=tuple(si for _, si in q))(x)
+    assert _rel_err(got, swiglu(x, *deq)) <= (1e-5 if dtype == torch.float32 else 2 ** -7)
+    with pytest.raises(ValueError):  # int8 without its scales
+        native.MlpDecode(dtype, 96, shared=tuple(qi for qi, _ in q))
     with pytest.raises(ValueError):  # a router without its experts
         native.MlpDecode(dtype, 96, shared=w, router_weight=torch.zeros(4, 96, dtype=dtype), expert_bias=torch.zeros(4))
     with pytest.raises(ValueError):  # neither a router nor an MLP

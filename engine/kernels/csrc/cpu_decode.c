@@ -311,34 +311,38 @@ static const float *activations(const void *x, int x_bf16, int permuted, int64_t
     return xp;
 }
 
-/* y[m, n] = x[m, k] @ w[n, k]^T. w fp32 or bf16 (w_bf16); x and y fp32 or bf16 (x_bf16, y_bf16).
- * Every weight row is read once for all m rows of x (m is small: decode). Returns 0, -1 when out of memory,
- * -3 for m outside [1, MAX_LINEAR_ROWS]. */
-int ming_linear(const void *w, int w_bf16, const void *x, int x_bf16, void *y, int y_bf16,
+/* y[m, n] = x[m, k] @ w[n, k]^T. w of `w_kind`: fp32, bf16, or int8 with one fp32 scale per row (w_scale,
+ * NULL for the others; a row's sum times its scale, as torch's weight-only int8 GEMM computes it); x and y
+ * fp32 or bf16 (x_bf16, y_bf16). Every weight row is read once for all m rows of x (m is small: decode).
+ * Returns 0, -1 when out of memory, -3 for m outside [1, MAX_LINEAR_ROWS], -4 for a kind without (or a
+ * scale without) its kind. */
+int ming_linear(const void *w, int w_kind, const float *w_scale, const void *x, int x_bf16, void *y, int y_bf16,
                 int64_t m, int64_t n, int64_t k, int nthreads) {
     if (m < 1 || m > MAX_LINEAR_ROWS) return -3;
+    if (w_kind < W_F32 || w_kind > W_I8 || (w_kind == W_I8) != (w_scale != NULL)) return -4;
     float *xbuf;
-    const float *xf = activations(x, x_bf16, w_bf16, m, k, &xbuf);
+    const float *xf = activations(x, x_bf16, reads_permuted(w_kind), m, k, &xbuf);
     if (!xf) return -1;
     int64_t blocks = (n + ROWS - 1) / ROWS;
-    int nt = team_size(nthreads, n * k * (w_bf16 ? 2 : 4));
+    const size_t elem = kind_bytes(w_kind);
+    int nt = team_size(nthreads, n * k * (int64_t)elem);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int64_t first, last;
         split(blocks, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
         float dots[ROWS * MAX_LINEAR_ROWS];
-        const size_t elem = w_bf16 ? 2 : 4;
         for (int64_t b = first; b < last; b++) {
             int64_t row = b * ROWS;
             int rows = (int)(n - row < ROWS ? n - row : ROWS);
             if (m == 1)
-                dot_rows(w, w_bf16, row, k, rows, xf, dots);
+                dot_rows(w, w_kind, row, k, rows, xf, dots);
             else  /* each weight row read once for all m activation rows: dots[j * m + r] */
-                dot_block_tiled((const char *)w + (size_t)(row * k) * elem, w_bf16, rows, (size_t)k * elem, k, xf, m,
+                dot_block_tiled((const char *)w + (size_t)(row * k) * elem, w_kind, rows, (size_t)k * elem, k, xf, m,
                                 dots);
             for (int64_t r = 0; r < m; r++)
                 for (int j = 0; j < rows; j++) {
                     float d = m == 1 ? dots[j] : dots[j * m + r];
+                    if (w_scale) d *= w_scale[row + j];
                     if (y_bf16) ((uint16_t *)y)[r * n + row + j] = f32_to_bf16(d);
                     else ((float *)y)[r * n + row + j] = d;
                 }
@@ -373,15 +377,19 @@ static inline int slot_of(const int64_t *first, int n, int64_t u, int from) {
 }
 
 /* Slots of one token's experts: its top_k routed experts (ids, route_w) sorted by ascending id, then the
- * shared expert when shared_gate is given. Returns how many; -1 for an expert id outside [0, num_experts)
- * or top_k > 64; -4 for an int8 shared expert. *routed: how many of them are routed. */
+ * shared expert when shared_gate is given (int8: with its three matrices' per-row scales, shared_scales).
+ * Returns how many; -1 for an expert id outside [0, num_experts) or top_k > 64; -4 for an int8 shared
+ * expert without its scales. *routed: how many of them are routed. */
 static int expert_slots(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t num_experts, int w_kind,
                         const int64_t *ids, const float *route_w, int64_t top_k, int64_t inter,
                         const void *shared_gate, const void *shared_up, const void *shared_down,
-                        int64_t shared_inter, int shared_kind, expert_slot *slot, int *routed_out) {
+                        int64_t shared_inter, int shared_kind, const float *const *shared_scales,
+                        expert_slot *slot, int *routed_out) {
     if (top_k < 0 || top_k > MAX_SLOTS - 1) return -1;
     const int has_shared = shared_gate != NULL && shared_inter > 0;
-    if (has_shared && shared_kind == W_I8) return -4;
+    if (has_shared && shared_kind == W_I8 &&
+        (!shared_scales || !shared_scales[0] || !shared_scales[1] || !shared_scales[2]))
+        return -4;
     int routed = 0;
 #define AT(table, which, id) ((const void *)(intptr_t)(table)[(which) * num_experts + (id)])
     for (int64_t s = 0; s < top_k; s++) {
@@ -398,9 +406,12 @@ static int expert_slots(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t 
     }
 #undef AT
     int n = routed;
-    if (has_shared)
-        slot[n++] = (expert_slot){shared_gate, shared_up, shared_down, NULL, NULL, NULL, shared_kind, shared_inter,
-                                  -1, 1.0f, NULL, NULL};
+    if (has_shared) {
+        const int scaled = shared_kind == W_I8;
+        slot[n++] = (expert_slot){shared_gate, shared_up, shared_down, scaled ? shared_scales[0] : NULL,
+                                  scaled ? shared_scales[1] : NULL, scaled ? shared_scales[2] : NULL, shared_kind,
+                                  shared_inter, -1, 1.0f, NULL, NULL};
+    }
     *routed_out = routed;
     return n;
 }
@@ -512,7 +523,7 @@ int ming_moe_decode(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t num_
     expert_slot slot[MAX_SLOTS];
     int routed;
     int n = expert_slots(ptrs, scale_ptrs, num_experts, w_kind, ids, route_w, top_k, inter, shared_gate, shared_up,
-                         shared_down, shared_inter, shared_kind, slot, &routed);
+                         shared_down, shared_inter, shared_kind, NULL, slot, &routed);
     if (n < 0) return n;
     return run_experts(slot, n, routed, x, x_bf16, hidden, round_act, out, scratch, nthreads);
 }
@@ -614,19 +625,21 @@ void ming_rotary(const void *x, const float *cos_t, const float *sin_t, void *y,
     }
 }
 
-/* y[row] = w[row, :] . x for this thread's share of the n rows (ROWS-row blocks split as evenly as the team
- * allows), inside a parallel region; x laid out for `kind` (activations()); each result rounded to bf16
- * when `round_out`. */
-static void gemv_share(const void *w, int kind, int64_t n, int64_t k, const float *x, float *y, int round_out,
-                       int t, int team) {
+/* y[row] = w[row, :] . x (times scale[row] for int8 weights) for this thread's share of the n rows (ROWS-row
+ * blocks split as evenly as the team allows), inside a parallel region; x laid out for `kind`
+ * (activations()); each result rounded to bf16 when `round_out`. */
+static void gemv_share(const void *w, int kind, const float *scale, int64_t n, int64_t k, const float *x, float *y,
+                       int round_out, int t, int team) {
     int64_t first, last;
     split((n + ROWS - 1) / ROWS, t, team, &first, &last);
     for (int64_t b = first; b < last; b++) {
         int64_t row = b * ROWS;
         int rows = (int)(n - row < ROWS ? n - row : ROWS);
         dot_rows(w, kind, row, k, rows, x, y + row);
-        if (round_out)
-            for (int r = 0; r < rows; r++) y[row + r] = round_bf16(y[row + r]);
+        for (int r = 0; r < rows; r++) {
+            float v = scale ? y[row + r] * scale[row + r] : y[row + r];
+            y[row + r] = round_out ? round_bf16(v) : v;
+        }
     }
 }
 
@@ -678,7 +691,8 @@ static inline void add_scaled(float *out, float p, const void *v, int bf16, int6
 
 /* The attention half of one decoder layer for one token at KV slot `slot` of a one-sequence cache, after
  * the tokens of slots 0..slot-1 (spec §2.3-§2.5), with every intermediate rounded where torch's modules
- * round it (activations of the dtype, bf16 when `bf16`; weights of the same dtype, no biases):
+ * round it (activations of the dtype, bf16 when `bf16`; norm weights of the dtype; W_qkv and W_o of
+ * `w_kind`: the dtype, or int8 with one fp32 scale per row, qkv_scale and o_scale; no biases):
  *   h   = x + residual (x alone when residual is NULL: the first layer)       -> residual stream
  *   qkv = W_qkv . input_norm(h), split head-major into n_heads query, n_kv key and n_kv value heads
  *   q, k = rotary(q_norm(q)), rotary(k_norm(k))   (cos/sin [rot] fp32: this position's tables)
@@ -687,19 +701,22 @@ static inline void add_scaled(float *out, float p, const void *v, int bf16, int6
  *          bf16: the unnormalised probabilities rounded before they weight V, as torch's CPU flash
  *          attention rounds them)
  *   y   = post_norm(W_o . a + h)  -> y [hidden];  res_out [hidden] = W_o . a + h, the new residual stream.
- * y and res_out are of the dtype. Returns 0; -2 when out of memory; -3 for inconsistent shapes. */
+ * y and res_out are of the dtype. Returns 0; -2 when out of memory; -3 for inconsistent shapes; -4 for a
+ * weight kind that does not go with the dtype or its scales. */
 int ming_attention_decode(const void *x, const void *residual, const void *in_norm_w, const void *post_norm_w,
-                          float eps, const void *w_qkv, const void *w_o, const void *q_norm_w, const void *k_norm_w,
+                          float eps, const void *w_qkv, const void *w_o, int w_kind, const float *qkv_scale,
+                          const float *o_scale, const void *q_norm_w, const void *k_norm_w,
                           float head_eps, int64_t hidden, int64_t n_heads, int64_t n_kv, int64_t head_dim,
                           const float *cos_t, const float *sin_t, int64_t rot, void *k_cache, void *v_cache,
                           int64_t capacity, int64_t slot, float scale, int bf16, void *y, void *res_out, int nthreads) {
     if (n_kv < 1 || n_heads % n_kv || rot < 0 || rot % 2 || rot > head_dim || slot < 0 || slot >= capacity ||
         hidden < 1 || head_dim < 1)
         return -3;
-    const int kind = bf16 ? W_BF16 : W_F32;
+    const int kind = w_kind;
+    if (kind == W_I8 ? !qkv_scale || !o_scale : kind != (bf16 ? W_BF16 : W_F32) || qkv_scale || o_scale) return -4;
     const int64_t n_qkv = (n_heads + 2 * n_kv) * head_dim, n_att = n_heads * head_dim, n_keys = slot + 1;
     const int64_t group = n_heads / n_kv;
-    int nt = team_size(nthreads, (n_qkv + hidden) * (int64_t)(hidden > n_att ? hidden : n_att) * (bf16 ? 2 : 4));
+    int nt = team_size(nthreads, (n_qkv + hidden) * (int64_t)(hidden > n_att ? hidden : n_att) * (int64_t)kind_bytes(kind));
     const size_t floats = (size_t)(3 * hidden + n_qkv + 2 * n_att + hidden + n_heads * n_keys + 2 * nt * head_dim);
     float *buf = (float *)malloc(floats * sizeof(float));
     if (!buf) return -2;
@@ -707,7 +724,7 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
     float *o = att + n_att, *scores = o + hidden, *head_tmp = scores + n_heads * n_keys;
     const void *res_mid = residual ? res_out : x;  /* the residual stream after the input norm's add */
     rms_row(x, 0, residual, in_norm_w, NULL, xn, residual ? res_out : NULL, hidden, eps, bf16, h);
-    if (bf16) permute_for_bf16(xn, xp, hidden);
+    if (reads_permuted(kind)) permute_for_bf16(xn, xp, hidden);
     else memcpy(xp, xn, (size_t)hidden * sizeof(float));
     const size_t elem = bf16 ? 2 : 4;
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -716,7 +733,7 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
         float *tmp = head_tmp + 2 * t * head_dim, *tmp2 = tmp + head_dim;
         int64_t first, last;
         /* 1. qkv */
-        gemv_share(w_qkv, kind, n_qkv, hidden, xp, qkv, bf16, t, team);
+        gemv_share(w_qkv, kind, qkv_scale, n_qkv, hidden, xp, qkv, bf16, t, team);
 #pragma omp barrier
         /* 2. q and k heads normed and rotated (k into the cache), v into the cache */
         split(n_heads + 2 * n_kv, t, team, &first, &last);
@@ -757,12 +774,12 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
                 float a = tmp[i] / sum;
                 if (bf16) a = round_bf16(a);
                 int64_t at = hd * head_dim + i;
-                att[bf16 ? permuted_index(at, n_att) : at] = a;
+                att[reads_permuted(kind) ? permuted_index(at, n_att) : at] = a;
             }
         }
 #pragma omp barrier
         /* 4. the output projection */
-        gemv_share(w_o, kind, hidden, n_att, att, o, bf16, t, team);
+        gemv_share(w_o, kind, o_scale, hidden, n_att, att, o, bf16, t, team);
     }
     rms_row(o, 1, res_mid, post_norm_w, y, NULL, res_out, hidden, eps, bf16, h);
     free(buf);
@@ -834,12 +851,17 @@ static void route_token(const float *logits, const float *bias, int64_t num_expe
  *   chosen experts and the shared one as ming_moe_decode (ptrs ... shared_kind as there, activations
  *   rounded when bf16); the chosen ids and weights are written to ids_out / weights_out when given;
  *   dense layer (router_w NULL): the "shared" SwiGLU alone.
- * Returns 0; -1 for a bad routing configuration; -2 when out of memory; -4 for an int8 shared expert. */
+ * The shared SwiGLU's matrices are fp32, bf16 or int8 (shared_kind; int8 with their per-row scales).
+ * Returns 0; -1 for a bad routing configuration; -2 when out of memory; -4 for an int8 shared expert
+ * without its scales. */
 int ming_mlp_decode(const void *x, int bf16, const void *router_w, int router_kind, int router_bf16,
                     const float *expert_bias, int64_t num_experts, int64_t n_group, int64_t topk_group, int64_t top_k, float scaling,
                     const int64_t *ptrs, const int64_t *scale_ptrs, int w_kind, int64_t inter,
                     const void *shared_gate, const void *shared_up, const void *shared_down, int64_t shared_inter,
-                    int shared_kind, int64_t hidden, void *y, int64_t *ids_out, float *weights_out, int nthreads) {
+                    int shared_kind, const float *shared_gate_scale, const float *shared_up_scale,
+                    const float *shared_down_scale, int64_t hidden, void *y, int64_t *ids_out, float *weights_out,
+                    int nthreads) {
+    const float *shared_scales[3] = {shared_gate_scale, shared_up_scale, shared_down_scale};
     int64_t ids[MAX_SLOTS];
     float route_w[MAX_SLOTS];
     if (!router_w) top_k = 0;
@@ -865,7 +887,7 @@ int ming_mlp_decode(const void *x, int bf16, const void *router_w, int router_ki
         }
         int nt = team_size(nthreads, num_experts * hidden * (int64_t)kind_bytes(router_kind));
 #pragma omp parallel num_threads(nt) if (nt > 1)
-        gemv_share(router_w, router_kind, num_experts, hidden, xf, logits, 0, omp_get_thread_num(),
+        gemv_share(router_w, router_kind, NULL, num_experts, hidden, xf, logits, 0, omp_get_thread_num(),
                    omp_get_num_threads());
         free(xbuf);
         route_token(logits, expert_bias, num_experts, n_group, topk_group, top_k, scaling, router_bf16, ids, route_w, work,
@@ -878,7 +900,7 @@ int ming_mlp_decode(const void *x, int bf16, const void *router_w, int router_ki
     expert_slot slot[MAX_SLOTS];
     int routed;
     int n = expert_slots(ptrs, scale_ptrs, num_experts, w_kind, ids, route_w, top_k, inter, shared_gate, shared_up,
-                         shared_down, shared_inter, shared_kind, slot, &routed);
+                         shared_down, shared_inter, shared_kind, shared_scales, slot, &routed);
     if (n < 0) rc = n;
     else rc = run_experts(slot, n, routed, x, bf16, hidden, bf16, out, scratch, nthreads);
     if (rc == 0)

@@ -95,37 +95,44 @@ class DecoderLayer(nn.Module):
 
     def bind_cpu_decode(self) -> bool:
         """After the CPU packing (engine.models.thinker.model.pack_for_cpu): where this layer's attention
-        projections take the native decode GEMV, bind the whole layer to the native decode kernels (its
-        attention half and its MLP half, router and experts included, one call each; see
-        :meth:`_cpu_decode_slot` for the steps that use them). True when bound."""
+        projections take the native decode GEMV (plain fp32/bf16, or int8 linears), bind the whole layer to
+        the native decode kernels (its attention half and its MLP half, router and experts included, one
+        call each; see :meth:`_cpu_decode_slot` for the steps that use them). True when bound."""
         self.cpu_decode = None
         attn, mlp = self.attention, self.mlp
-        projections = (attn.query_key_value, attn.dense)
         if attn.q_norm.eps != attn.k_norm.eps or self.input_layernorm.eps != self.post_attention_layernorm.eps:
             return False
-        if not all(isinstance(m, kernels.PackedLinear) and m.native is not None and m.bias is None for m in projections):
+        projections = [_native_weight(m) for m in (attn.query_key_value, attn.dense)]
+        if any(p is None for p in projections) or not all(isinstance(m, kernels.PackedLinear) and m.native is not None
+                                                          for m in (attn.query_key_value, attn.dense)):
             return False
         dtype = self.input_layernorm.weight.dtype
+        (qkv, qkv_scale), (o, o_scale) = projections
         try:
             attention = kernels.native.AttentionDecode(
                 input_norm=self.input_layernorm.weight, post_norm=self.post_attention_layernorm.weight,
-                eps=self.input_layernorm.eps, qkv=projections[0].packed, o=projections[1].packed,
+                eps=self.input_layernorm.eps, qkv=qkv, o=o, qkv_scale=qkv_scale, o_scale=o_scale,
                 q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight, head_eps=attn.q_norm.eps,
                 n_heads=attn.n_heads, n_kv=attn.n_kv, head_dim=attn.head_dim, rotary_dim=self.rotary_dim)
+            swiglu = mlp.shared_experts if self.is_moe else mlp
+            shared = shared_scales = None
+            if swiglu is not None:
+                weights = [_native_weight(m) for m in (swiglu.gate_proj, swiglu.up_proj, swiglu.down_proj)]
+                if any(w is None for w in weights) or len({w[0].dtype for w in weights}) != 1:
+                    return False
+                shared = tuple(w for w, _ in weights)
+                shared_scales = None if weights[0][1] is None else tuple(s for _, s in weights)
             if self.is_moe:
                 table = None if mlp.experts.packed is None else mlp.experts.packed.native_table()
-                if table is None or (mlp.shared_experts is not None and mlp.cpu_shared is None):
+                if table is None:
                     return False
                 gate = mlp.gate
                 mlp_decode = kernels.native.MlpDecode(
-                    dtype, self.hidden_size, shared=mlp.cpu_shared, router_weight=gate.weight,
+                    dtype, self.hidden_size, shared=shared, shared_scales=shared_scales, router_weight=gate.weight,
                     expert_bias=gate.expert_bias, table=table, n_group=gate.n_group, topk_group=gate.topk_group,
                     top_k=gate.top_k, scaling=gate.scaling)
             else:
-                shared = tuple(_plain_weight(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-                if any(w is None for w in shared):
-                    return False
-                mlp_decode = kernels.native.MlpDecode(dtype, self.hidden_size, shared=shared)
+                mlp_decode = kernels.native.MlpDecode(dtype, self.hidden_size, shared=shared, shared_scales=shared_scales)
         except ValueError:
             return False
         self.cpu_decode = (attention, mlp_decode)
@@ -183,13 +190,20 @@ def _host_slot(step: StepInputs) -> int | None:
     return step.write_at if isinstance(step.write_at, int) else step.host_slot
 
 
-def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
-    """A bias-free projection's plain [out, in] CPU weight (an nn.Linear's, or a PackedLinear's kept plain),
-    or None (biased, pre-packed, quantised)."""
+def _native_weight(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A bias-free projection's [out, in] CPU weight as the native kernels read it: (plain weight, None) for
+    an nn.Linear or a PackedLinear kept plain, (int8 weight, its per-row scales) for a PackedLinear bound
+    natively in int8; None otherwise (biased, pre-packed, int4 ...)."""
     if getattr(linear, "bias", None) is not None:
         return None
-    w = linear.packed if isinstance(linear, kernels.PackedLinear) else getattr(linear, "weight", None)
-    return w if isinstance(w, torch.Tensor) and not w.is_mkldnn and w.device.type == "cpu" else None
+    if isinstance(linear, kernels.PackedLinear):
+        if linear.native is not None:
+            return linear.native.weight, linear.native.scale
+        w = linear.packed
+    else:
+        w = getattr(linear, "weight", None)
+    ok = isinstance(w, torch.Tensor) and not w.is_mkldnn and w.device.type == "cpu" and w.dtype != torch.int8
+    return (w, None) if ok else None
 
 
 def attention_mask_4d(key_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:

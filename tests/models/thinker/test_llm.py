@@ -308,3 +308,40 @@ def test_int8_experts_decode_in_one_native_call_per_layer(tiny_checkpoint, dtype
         assert float((want - got).abs().max()) <= 1e-4 * float(want.abs().max())
     else:
         assert torch.nn.functional.cosine_similarity(want.flatten(), got.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_int8_linears_decode_natively_layer_by_layer(tiny_checkpoint, dtype, monkeypatch):
+    """A CPU load with int8 linears (the no-GPU option): their decode GEMVs bind to the native kernel with
+    their per-row scales, where large enough (here: all, by lowering the bound) each layer's two halves run
+    natively, int8 projections included, and a decode step gives the logits of the same int8 model on
+    torch's int8 kernels (fp32: relative 1e-4; bf16: cosine > 0.999)."""
+    from engine.kernels import native
+
+    if native._compiler() is None:
+        pytest.skip("no C compiler here: the native kernels cannot be built (torch's path runs)")
+    monkeypatch.setattr(native, "BIND_MIN_BYTES", 0)
+    fast = load_model(tiny_checkpoint, dtype=dtype, device="cpu", linear_dtype="int8", numerics=Numerics.intent(
+        torch.float32 if dtype == "fp32" else torch.bfloat16))
+    layer = fast.llm.model.layers[1]
+    assert layer.attention.query_key_value.native.weight.dtype == torch.int8
+    assert all(layer.cpu_decode is not None for layer in fast.llm.model.layers)
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    torch_path = load_model(tiny_checkpoint, dtype=dtype, device="cpu", linear_dtype="int8", numerics=fast.numerics)
+    assert all(layer.cpu_decode is None for layer in torch_path.llm.model.layers)
+    assert torch_path.llm.model.layers[1].attention.query_key_value.native is None  # torch's int8 kernel
+    monkeypatch.delenv(native.DISABLE_ENV)
+    ids = torch.tensor([[10, 20, 30, 40, 50, 60]])
+    steps = []
+    with torch.inference_mode():
+        pos, delta = _positions(fast.llm, ids)
+        for m in (torch_path, fast):
+            cache = m.llm.new_cache(1, m.numerics, "cpu")
+            m.llm(m.llm.model.embed(ids), pos, m.numerics, cache=cache)
+            steps.append(m.llm(m.llm.model.embed(torch.tensor([[70]])), decode_positions(cache.length, delta),
+                               m.numerics, cache=cache).float())
+    want, got = steps
+    if dtype == "fp32":
+        assert float((want - got).abs().max()) <= 1e-4 * float(want.abs().max())
+    else:
+        assert torch.nn.functional.cosine_similarity(want.flatten(), got.flatten(), dim=0) > 0.999
