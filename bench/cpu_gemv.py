@@ -12,7 +12,9 @@ these read weights. This measures, in one run:
   decode kernel on the plain weight (engine.kernels.native: the engine's CPU decode path where it
   builds); GB/s, the fraction of the read bandwidth, packed / plain and native / plain;
 * the fixed cost per call: one small matrix (in cache) called repeatedly, plain vs packed, to show
-  where engine.kernels.ONEDNN_FP32_MIN_BYTES (fp32 matrices below it stay unpacked) comes from.
+  where engine.kernels.ONEDNN_FP32_MIN_BYTES (fp32 matrices below it stay unpacked) comes from;
+* int8 weights with one scale per row (the no-GPU option ``--linear-dtype int8``; int8 experts): torch's
+  weight-only int8 kernel against the native one, fp32 and bf16 activations, streamed as above.
 
 The figures move with other processes on the machine; ratios from the same run are what to compare.
 """
@@ -72,6 +74,26 @@ def streamed(n: int, k: int, dtype: torch.dtype, mib: int) -> dict:
     return row
 
 
+def streamed_int8(n: int, k: int, dtype: torch.dtype, mib: int) -> dict:
+    """int8 [n, k] weights with per-row scales, x of ``dtype``: torch's int8 GEMV vs the native one."""
+    from engine.kernels.dequant import quantize_int8_rows
+
+    count = max(2, mib * 2**20 // (n * k))
+    gen = torch.Generator().manual_seed(n * k + 8)
+    mats = [quantize_int8_rows(torch.randn(n, k, generator=gen)) for _ in range(count)]
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    nbytes = count * n * k
+    row: dict = {"matrices": count}
+    if hasattr(torch, "_weight_int8pack_mm"):
+        scales = [s.to(dtype) for _, s in mats]
+        row["torch_gbs"] = nbytes / _seconds(lambda: [torch._weight_int8pack_mm(x, q, sc)
+                                                      for (q, _), sc in zip(mats, scales)], 3) / 1e9
+    if native.available():
+        bound = [native.bind_linear(q, scale=sc) for q, sc in mats]
+        row["native_gbs"] = nbytes / _seconds(lambda: [b(x) for b in bound], 3) / 1e9
+    return row
+
+
 def per_call(n: int, dtype: torch.dtype) -> dict:
     w = torch.randn(n, n).to(dtype)
     x = torch.randn(1, n).to(dtype)
@@ -93,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out: dict = {"threads": args.threads, "read_gbs": read_bandwidth(args.mib), "streamed": {}, "per_call": {}}
+    out: dict = {"threads": args.threads, "read_gbs": read_bandwidth(args.mib), "streamed": {}, "per_call": {},
+                 "int8": {}}
     with torch.inference_mode():
         for dname, dtype in DTYPES.items():
             for name, n, k in SHAPES:
                 out["streamed"][f"{dname} {name} [{n}x{k}]"] = streamed(n, k, dtype, args.mib)
+                out["int8"][f"int8, {dname} x: {name} [{n}x{k}]"] = streamed_int8(n, k, dtype, args.mib)
             for n in SMALL:
                 out["per_call"][f"{dname} {n}x{n}"] = per_call(n, dtype)
     if args.json:
@@ -116,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             cols += (f" {p:11.1f} {p / bw:9.2f} {p / r['plain_gbs']:12.2f}" if p is not None
                      else f" {na:>11s} {na:>9s} {na:>12s}")
         print(f"{name:40s} {r['plain_gbs']:10.1f}{cols}")
+    print(f"\n{'int8 weights + row scales, streamed':40s} {'torch GB/s':>10s} {'native GB/s':>11s} {'native/bw':>9s} "
+          f"{'native/torch':>12s}")
+    for name, r in out["int8"].items():
+        t, n_ = r.get("torch_gbs"), r.get("native_gbs")
+        print(f"{name:40s} " + (f"{t:10.1f}" if t else f"{na:>10s}") + (f" {n_:11.1f} {n_ / bw:9.2f}" if n_ else
+              f" {na:>11s} {na:>9s}") + (f" {n_ / t:12.2f}" if t and n_ else f" {na:>12s}"))
     print(f"\n{'one matrix in cache, per call':40s} {'KiB':>6s} {'plain us':>9s} {'packed us':>10s} {'native us':>10s}")
     for name, r in out["per_call"].items():
         cols = "".join(f" {r[key]:10.1f}" if key in r else f" {na:>10s}" for key in ("packed_us", "native_us"))

@@ -14,3 +14,5 @@ def test_cpu_gemv_bench_reports_every_shape():
     out = json.loads(r.stdout)
     assert out["read_gbs"] > 0 and len(out["streamed"]) == 6 and len(out["per_call"]) == 10
     assert all(row["plain_gbs"] > 0 for row in out["streamed"].values())
+    assert len(out["int8"]) == 6  # int8 weights with row scales: torch's kernel and the native one
+    assert all(rate > 0 for row in out["int8"].values() for key, rate in row.items() if key.endswith("_gbs"))
