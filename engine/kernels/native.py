@@ -466,13 +466,13 @@ class AttentionDecode:
         in_norm, post_norm, qkv, o, kind, qkv_scale, o_scale, q_norm, k_norm = self._ptrs
         rc = self.lib.ming_attention_decode(
             x.data_ptr(), None if residual is None else residual.data_ptr(), in_norm, post_norm, self.eps, qkv, o,
-            kind, qkv_scale, o_scale, q_norm, k_norm, self.head_eps, self.hidden, self.n_heads, self.n_kv, self.head_dim, cos.data_ptr(),
-            sin.data_ptr(), self.rot, k_cache.data_ptr(), v_cache.data_ptr(), capacity, slot, self.scale,
+            kind, qkv_scale, o_scale, q_norm, k_norm, self.head_eps, self.hidden, self.n_heads, self.n_kv,
+            self.head_dim, cos.data_ptr(), sin.data_ptr(), self.rot, k_cache.data_ptr(), v_cache.data_ptr(), capacity, slot, self.scale,
             self.dtype == torch.bfloat16, y.data_ptr(), res_out.data_ptr(), torch.get_num_threads())
         if rc == -2:
             raise MemoryError("native attention: out of memory")
         if rc != 0:
-            raise ValueError(f"native attention: slot {slot} outside a cache of {capacity} (code {rc})")
+            raise ValueError(f"native attention: the kernel refused slot {slot} of a cache of {capacity} (code {rc})")
         return y, res_out
 
 
@@ -512,7 +512,7 @@ class MlpDecode:
                 scale_ptrs = tuple(t.data_ptr() for t in shared_scales)
         if router_weight is not None:
             if table is None or table.hidden != hidden:
-                raise ValueError("a MoE layer needs its expert table (of this hidden size, fitting its shared expert)")
+                raise ValueError("a MoE layer needs its expert table (of this hidden size)")
             e = table.num_experts
             if router_weight.dtype not in _DTYPES:
                 raise ValueError(f"router weights must be fp32 or bf16; got {router_weight.dtype}")
@@ -563,6 +563,11 @@ class MlpDecode:
         y = torch.empty_like(x)
         ids = weights = None
         if routing is not None:
+            k = self.top_k
+            if routing[0].dtype != torch.int64 or routing[1].dtype != torch.float32 or routing[0].numel() < k \
+                    or routing[1].numel() < k or not (routing[0].is_contiguous() and routing[1].is_contiguous()) \
+                    or routing[0].device.type != "cpu" or routing[1].device.type != "cpu":
+                raise ValueError(f"native MLP: routing takes contiguous CPU int64 and fp32 tensors of {k} entries")
             ids, weights = routing[0].data_ptr(), routing[1].data_ptr()
         rc = self.lib.ming_mlp_decode(x.data_ptr(), self.dtype == torch.bfloat16, *self._args, bool(router_bf16),
                                       *self._args_after, y.data_ptr(), ids, weights, torch.get_num_threads())

@@ -542,3 +542,5 @@ def test_mlp_decode_of_a_dense_layer_is_its_swiglu(dtype):
     assert not moe.can_route_in_bf16  # an fp32 router: the bf16 router's rounding is torch's to do
     with pytest.raises(ValueError, match="bf16 router"):
         moe(x, router_bf16=True)
+    with pytest.raises(ValueError, match="routing"):  # too small to receive the top-2: refused, nothing written
+        moe(x, (torch.empty(1, dtype=torch.int64), torch.empty(1)))
