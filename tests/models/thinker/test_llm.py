@@ -207,10 +207,7 @@ def test_native_kernels_take_the_decode_of_the_default_cpu_load(tiny_checkpoint,
     decode_calls = {k: v - prefill_calls[k] for k, v in calls.items()}
     assert decode_calls == {"attention": layers, "mlp": layers, "moe_decode": 0, "linear": 1}  # + lm_head
     for want, got in zip(*out):
-        if dtype == "fp32":
-            assert float((want - got).abs().max()) <= 1e-4 * float(want.abs().max())
-        else:
-            assert torch.nn.functional.cosine_similarity(want.flatten(), got.flatten(), dim=0) > 0.999
+        _assert_same_logits(want, got, dtype)
 
 
 def test_bf16_on_a_cpu_without_native_bf16_runs_prefill_gemms_in_fp32(tiny_checkpoint, monkeypatch):
@@ -272,6 +269,22 @@ def test_moe_block_folds_the_shared_expert_into_the_fused_kernel(tiny_checkpoint
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def _decode_step_logits(m, ids: torch.Tensor, pos: torch.Tensor, delta: torch.Tensor, token: int = 70) -> torch.Tensor:
+    """fp32 logits of one decode step (`token`) after a prefill of `ids` into a new cache of model `m`."""
+    cache = m.llm.new_cache(1, m.numerics, "cpu")
+    m.llm(m.llm.model.embed(ids), pos, m.numerics, cache=cache)
+    return m.llm(m.llm.model.embed(torch.tensor([[token]])), decode_positions(cache.length, delta), m.numerics,
+                 cache=cache).float()
+
+
+def _assert_same_logits(want: torch.Tensor, got: torch.Tensor, dtype: str) -> None:
+    """fp32: within 1e-4 of the largest logit (summation order); bf16: cosine > 0.999."""
+    if dtype == "fp32":
+        assert float((want - got).abs().max()) <= 1e-4 * float(want.abs().max())
+    else:
+        assert torch.nn.functional.cosine_similarity(want.flatten(), got.flatten(), dim=0) > 0.999
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_int8_experts_decode_in_one_native_call_per_layer(tiny_checkpoint, dtype, monkeypatch):
     """A CPU load with int8 experts (the no-GPU format): each decode step's routed experts run in one native
@@ -297,17 +310,10 @@ def test_int8_experts_decode_in_one_native_call_per_layer(tiny_checkpoint, dtype
         for m, native_on in ((torch_path, False), (fast, True)):
             if not native_on:
                 monkeypatch.setenv(native.DISABLE_ENV, "0")
-            cache = m.llm.new_cache(1, m.numerics, "cpu")
-            m.llm(m.llm.model.embed(ids), pos, m.numerics, cache=cache)
-            steps.append(m.llm(m.llm.model.embed(torch.tensor([[70]])), decode_positions(cache.length, delta),
-                               m.numerics, cache=cache).float())
+            steps.append(_decode_step_logits(m, ids, pos, delta))
             monkeypatch.delenv(native.DISABLE_ENV, raising=False)
     assert len(calls) == sum(layer.is_moe for layer in fast.llm.model.layers)  # the fast model's decode step only
-    want, got = steps
-    if dtype == "fp32":
-        assert float((want - got).abs().max()) <= 1e-4 * float(want.abs().max())
-    else:
-        assert torch.nn.functional.cosine_similarity(want.flatten(), got.flatten(), dim=0) > 0.999
+    _assert_same_logits(*steps, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -332,16 +338,7 @@ def test_int8_linears_decode_natively_layer_by_layer(tiny_checkpoint, dtype, mon
     assert torch_path.llm.model.layers[1].attention.query_key_value.native is None  # torch's int8 kernel
     monkeypatch.delenv(native.DISABLE_ENV)
     ids = torch.tensor([[10, 20, 30, 40, 50, 60]])
-    steps = []
     with torch.inference_mode():
         pos, delta = _positions(fast.llm, ids)
-        for m in (torch_path, fast):
-            cache = m.llm.new_cache(1, m.numerics, "cpu")
-            m.llm(m.llm.model.embed(ids), pos, m.numerics, cache=cache)
-            steps.append(m.llm(m.llm.model.embed(torch.tensor([[70]])), decode_positions(cache.length, delta),
-                               m.numerics, cache=cache).float())
-    want, got = steps
-    if dtype == "fp32":
-        assert float((want - got).abs().max()) <= 1e-4 * float(want.abs().max())
-    else:
-        assert torch.nn.functional.cosine_similarity(want.flatten(), got.flatten(), dim=0) > 0.999
+        steps = [_decode_step_logits(m, ids, pos, delta) for m in (torch_path, fast)]
+    _assert_same_logits(*steps, dtype)
