@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if not gguf_path.is_file() or gguf_path.stat().st_mtime < (ckpt / "config.json").stat().st_mtime:
         t0 = time.perf_counter()
         tok_json = json.loads((ckpt / "tokenizer.json").read_text(encoding="utf-8"))
-        # The same weights, as stored (our CPU bf16 load re-lays weights out for oneDNN).
+        # The same weights, as stored (the CPU load fuses experts and wraps projections; the export reads plain ones).
         plain = load_model(ckpt, dtype=args.dtype, device="cpu", numerics=numerics, pack_cpu_experts=False)
         rep = export_gguf(plain.llm, gguf_path, args.dtype, tokenizer_json=tok_json, name=ckpt.name,
                           bos_id=tiny_id("<|startoftext|>"), eos_id=tiny_id("<|role_end|>"),
