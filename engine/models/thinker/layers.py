@@ -230,6 +230,22 @@ class ExpertBank(nn.Module):
                                    scales=quant.bank_scales(self))
 
 
+def native_weight(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A bias-free projection's [out, in] CPU weight as the native kernels read it: (plain weight, None) for
+    an nn.Linear or a PackedLinear kept plain, (int8 weight, its per-row scales) for a PackedLinear bound
+    natively in int8; None otherwise (biased, pre-packed, int4 ...)."""
+    if getattr(linear, "bias", None) is not None:
+        return None
+    if isinstance(linear, kernels.PackedLinear):
+        if linear.native is not None:
+            return linear.native.weight, linear.native.scale
+        w = linear.packed
+    else:
+        w = getattr(linear, "weight", None)
+    ok = isinstance(w, torch.Tensor) and not w.is_mkldnn and w.device.type == "cpu" and w.dtype != torch.int8
+    return (w, None) if ok else None
+
+
 @dataclass
 class RouterTrace:
     """What one MoE layer decided, recorded only when asked (parity, statistics)."""
@@ -268,13 +284,10 @@ class MoEBlock(nn.Module):
             return False
         weights = []
         for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-            if linear.bias is not None:
+            found = native_weight(linear)
+            if found is None or found[1] is not None or found[0].dtype != packed.dtype or not found[0].is_contiguous():
                 return False
-            w = linear.packed if isinstance(linear, kernels.PackedLinear) else linear.weight
-            if not isinstance(w, torch.Tensor) or w.is_mkldnn or w.device.type != "cpu" or \
-                    w.dtype != packed.dtype or not w.is_contiguous():
-                return False
-            weights.append(w.detach())
+            weights.append(found[0].detach())
         self.cpu_shared = tuple(weights)
         return True
 

@@ -15,7 +15,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 from engine import kernels
 from engine.models.thinker.config import LLMConfig
 from engine.models.thinker.kv_cache import KVCache
-from engine.models.thinker.layers import MoEBlock, Numerics, RMSNorm, SwiGLUMLP, VideoRotary
+from engine.models.thinker.layers import MoEBlock, Numerics, RMSNorm, SwiGLUMLP, VideoRotary, native_weight
 
 
 class Attention(nn.Module):
@@ -102,7 +102,7 @@ class DecoderLayer(nn.Module):
         attn, mlp = self.attention, self.mlp
         if attn.q_norm.eps != attn.k_norm.eps or self.input_layernorm.eps != self.post_attention_layernorm.eps:
             return False
-        projections = [_native_weight(m) for m in (attn.query_key_value, attn.dense)]
+        projections = [native_weight(m) for m in (attn.query_key_value, attn.dense)]
         if any(p is None for p in projections) or not all(isinstance(m, kernels.PackedLinear) and m.native is not None
                                                           for m in (attn.query_key_value, attn.dense)):
             return False
@@ -117,7 +117,7 @@ class DecoderLayer(nn.Module):
             swiglu = mlp.shared_experts if self.is_moe else mlp
             shared = shared_scales = None
             if swiglu is not None:
-                weights = [_native_weight(m) for m in (swiglu.gate_proj, swiglu.up_proj, swiglu.down_proj)]
+                weights = [native_weight(m) for m in (swiglu.gate_proj, swiglu.up_proj, swiglu.down_proj)]
                 if any(w is None for w in weights) or len({w[0].dtype for w in weights}) != 1:
                     return False
                 shared = tuple(w for w, _ in weights)
@@ -188,22 +188,6 @@ def _host_slot(step: StepInputs) -> int | None:
     """The one KV slot a step writes, as a host int: a host step's `write_at`, or a device step's slot as
     the cache keeps it on the host for CPU devices (KVCache.cpu_slots); None otherwise."""
     return step.write_at if isinstance(step.write_at, int) else step.host_slot
-
-
-def _native_weight(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """A bias-free projection's [out, in] CPU weight as the native kernels read it: (plain weight, None) for
-    an nn.Linear or a PackedLinear kept plain, (int8 weight, its per-row scales) for a PackedLinear bound
-    natively in int8; None otherwise (biased, pre-packed, int4 ...)."""
-    if getattr(linear, "bias", None) is not None:
-        return None
-    if isinstance(linear, kernels.PackedLinear):
-        if linear.native is not None:
-            return linear.native.weight, linear.native.scale
-        w = linear.packed
-    else:
-        w = getattr(linear, "weight", None)
-    ok = isinstance(w, torch.Tensor) and not w.is_mkldnn and w.device.type == "cpu" and w.dtype != torch.int8
-    return (w, None) if ok else None
 
 
 def attention_mask_4d(key_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
