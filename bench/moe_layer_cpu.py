@@ -35,8 +35,10 @@ Method
   oneDNN's pre-packed one, to measure the choice ``engine.kernels.onednn_packing_pays`` makes. The
   paths are built one after the other, so peak memory is one layer's weights.
   ``int8`` / ``int4``: the same routed experts quantised (engine.placement.quant) and run by
-  :class:`engine.kernels.QuantizedCpuExperts` (torch's int8 / int4 weight-only kernels; int8 decode by
-  the native kernel, with the shared expert in its pass, where it is built), activations in
+  :class:`engine.kernels.QuantizedCpuExperts` (torch's int8 weight-only kernel, int8 decode by the native
+  kernel with the shared expert in its pass where it is built; int4 read in its storage layout by the native
+  kernels: decode in one native call with the shared expert, prefill dequantised natively for torch's GEMM;
+  ``int4-torch``: torch's int4 kernel on its own layout, the engine's fallback), activations in
   ``--dtype``; their bytes are the quantised bytes (scales included), so ``roofline`` compares the
   bytes they really read with the bandwidth, and ``ms/call`` compares them with the bf16 paths.
   ``kt-bf16`` / ``kt-int8`` / ``kt-int4``: KTransformers' CPU MoE kernels (optional package
@@ -276,7 +278,8 @@ def build_quantized(source: WeightSource, shape: LayerShape, kind: str) -> tuple
     from engine.kernels.moe import QuantizedCpuExperts
     from engine.placement.quant import quantize
 
-    packed = QuantizedCpuExperts(shape.hidden, shape.inter, shape.dtype, kind)
+    fmt = kind.split("-")[0]  # int4-torch: int4 on torch's kernel
+    packed = QuantizedCpuExperts(shape.hidden, shape.inter, shape.dtype, fmt, native_int4=kind != "int4-torch")
     offsets = expert_offsets(source, shape)
     mats = [torch.empty(shape.inter, shape.hidden, dtype=shape.dtype), torch.empty(shape.inter, shape.hidden, dtype=shape.dtype),
             torch.empty(shape.hidden, shape.inter, dtype=shape.dtype)]
@@ -284,12 +287,12 @@ def build_quantized(source: WeightSource, shape: LayerShape, kind: str) -> tuple
     for e in range(shape.experts):
         for i, w in enumerate(mats):
             source.fill(w, offsets[3 * e + i])
-        quantized = [quantize(w, kind) for w in mats]
+        quantized = [quantize(w, fmt) for w in mats]
         if e == 0:
             nbytes = sum(q.numel() * q.element_size() + sc.numel() * sc.element_size() for q, sc in quantized)
         packed.append(*(q for q, _ in quantized), tuple(sc for _, sc in quantized))
     # the shared expert as the engine's MoE block passes it (MoEBlock.bind_cpu_shared): plain weights, in the
-    # routed experts' native pass (int8 experts), else added after them (int4: torch's kernel)
+    # routed experts' native pass (int8 / native int4 experts), else added after them (int4-torch)
     shared = [tuple(w.contiguous() for w in copy) for copy in make_shared(source, shape)]
 
     def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared_copy: int) -> torch.Tensor:
@@ -415,7 +418,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--path", default="both",
-                        help="comma-separated paths: plain, packed, packed-native, packed-onednn, int8, int4, "
+                        help="comma-separated paths: plain, packed, packed-native, packed-onednn, int8, int4, int4-torch, "
                              "kt-bf16, kt-int8, kt-int4 "
                              "(default 'both' = plain,packed; 'all' = every path)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -435,7 +438,7 @@ def main() -> None:
     gc.collect()
 
     results: dict[str, dict[str, object]] = {}
-    known = ("plain", "packed", "packed-native", "packed-onednn", "int8", "int4", *KT_METHODS)
+    known = ("plain", "packed", "packed-native", "packed-onednn", "int8", "int4", "int4-torch", *KT_METHODS)
     paths = {"both": ("plain", "packed"), "all": known}.get(args.path) or tuple(args.path.split(","))
     unknown = [p for p in paths if p not in known]
     if unknown:
@@ -453,7 +456,7 @@ def main() -> None:
             force = {"packed": None, "packed-native": False, "packed-onednn": True}[path]
             call, onednn = build_packed(source, shape, force)
             info["onednn_prepacked"] = onednn
-        elif path in ("int8", "int4"):
+        elif path in ("int8", "int4", "int4-torch"):
             call, nbytes, kernel = build_quantized(source, shape, path)
             info["kernel"] = kernel
         else:

@@ -30,6 +30,7 @@ with ``scales`` it dequantises each weight tile inside the kernel.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -526,17 +527,49 @@ class _Int4Matrix:
         return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, self.scales_zeros)
 
 
+class _Buffers(threading.local):
+    """Dequantised-weight buffers reused across calls, one set per thread (the offload runtime's CPU workers
+    compute experts of one layer at the same time), keyed by shape and dtype."""
+
+    def __init__(self) -> None:
+        self.by_shape: dict[tuple, torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        buf = self.by_shape.get((shape, dtype))
+        if buf is None:
+            buf = self.by_shape[(shape, dtype)] = torch.empty(shape, dtype=dtype)
+        return buf
+
+
+class _NativeInt4Matrix:
+    """int4 [out, in/2] with group scales, read in place by the native kernels (no copy in another layout):
+    one row of activations (decode) through the int4 GEMV, which dequantises in registers; more rows by
+    dequantising into a reused buffer (natively, at memory speed) and torch's GEMM, which has the bf16 / AMX
+    instructions (bench/cpu_gemv.py, int4 section: faster than torch's int4 kernel from 2 rows on). Both
+    compute W as dequantize() does."""
+
+    def __init__(self, bound: native.BoundLinear, dtype: torch.dtype, buffers: _Buffers):
+        self.bound, self.dtype, self.buffers = bound, dtype, buffers
+        self.q, self.scale = bound.weight, bound.scale  # what the native expert table reads
+        self.shape = (bound.n, bound.k)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            y = self.bound(x)
+            if y is not None:
+                return y
+        return F.linear(x, self.bound.dequantize(self.buffers.get(self.shape, x.dtype)))
+
+
 class _DequantMatrix:
     """A quantised matrix no CPU kernel takes (shape limits): dequantised per call into a reused buffer."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, buffers: dict):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, buffers: _Buffers):
         self.q, self.scale, self.dtype, self.buffers = q, scale, dtype, buffers
         self.shape = (q.shape[0], matrix_in_features(q))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        buf = self.buffers.get(self.shape)
-        if buf is None:
-            buf = self.buffers[self.shape] = torch.empty(self.shape, dtype=self.dtype)
+        buf = self.buffers.get(self.shape, self.dtype)
         buf.copy_(dequantize(self.q, self.scale, self.dtype))
         return F.linear(x, buf)
 
@@ -557,13 +590,18 @@ class QuantizedCpuExperts:
 
     Per expert, gate and up are concatenated into one ``[2I, H]`` matrix (one kernel call) and each
     matrix is held in the layout of the CPU kernel of its format (``kernel`` says which: "int8",
-    "int4" or "dequant"). int8 and int4 keep only the quantised bytes; the results match
-    :func:`moe_experts_dequant_reference` up to the kernels' summation order and rounding.
+    "int4" or "dequant"; int4 matrices are read in their storage layout by the native kernels where they
+    are built and take the matrix's groups, else converted once to torch's int4 layout). int8 and int4 keep
+    only the quantised bytes; the results match :func:`moe_experts_dequant_reference` up to the kernels'
+    summation order and rounding.
     """
 
-    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, kind: str, fuse_gate_up: bool = True):
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, kind: str, fuse_gate_up: bool = True,
+                 native_int4: bool = True):
         """``fuse_gate_up`` False keeps gate and up as two matrices (no concatenated copy: int8 experts
-        then share the caller's storage)."""
+        then share the caller's storage). ``native_int4`` False keeps int4 on torch's kernel even where the
+        native one takes it (bench/moe_layer_cpu.py compares the two)."""
+        self.native_int4 = native_int4
         self.hidden, self.intermediate, self.dtype, self.kind = hidden, intermediate, dtype, kind
         self.fuse_gate_up = fuse_gate_up
         if kind in ("int8", "fp8") and int8_cpu_kernel_available():
@@ -572,12 +610,12 @@ class QuantizedCpuExperts:
             self.kernel = "int4"
         else:
             self.kernel = "dequant"
-        self._buffers: dict = {}
+        self._buffers = _Buffers()
         self.dequant_fallbacks = 0  # matrices the kernel cannot take (computed by dequantising instead)
         self.gate_up: list = []
         self.down: list = []
         self._native_table: native.ExpertTable | None = None
-        self._int8_layout: bool | None = None  # every matrix in torch's plain int8 layout (native_table)
+        self._native_layout: bool | None = None  # every matrix in a layout native_table reads
 
     @property
     def num_experts(self) -> int:
@@ -589,6 +627,10 @@ class QuantizedCpuExperts:
             q, scale = quantize_int8_rows(dequantize(q, scale))
         if self.kernel == "int8" and cols % INT8_CPU_COLUMN_MULTIPLE == 0:
             return _Int8Matrix(q, scale, self.dtype)
+        if self.kernel == "int4" and self.native_int4 and scale.dim() == 2:
+            bound = native.bind_linear(q.contiguous(), 0, scale)  # None: no native kernels, or groups they do not take
+            if bound is not None:
+                return _NativeInt4Matrix(bound, self.dtype, self._buffers)
         if self.kernel == "int4" and q.shape[0] % INT4_CPU_ROW_MULTIPLE == 0 \
                 and cols // scale.shape[-1] in INT4_CPU_GROUPS:
             return _Int4Matrix(q, scale, self.dtype)
@@ -604,27 +646,29 @@ class QuantizedCpuExperts:
         else:
             self.gate_up.append(self._matrix(torch.cat((q_gate, q_up)), torch.cat((s_gate, s_up))))
         self.down.append(self._matrix(q_down, s_down))
-        self._native_table, self._int8_layout = None, None
+        self._native_table, self._native_layout = None, None
 
     @classmethod
     def from_weights(cls, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, scales: Scales,
-                     dtype: torch.dtype, kind: str) -> "QuantizedCpuExperts":
+                     dtype: torch.dtype, kind: str, native_int4: bool = True) -> "QuantizedCpuExperts":
         """From a stacked quantised bank (``kind``: the storage format name, e.g. "int8")."""
         num_experts, inter = w_gate.shape[:2]
-        packed = cls(w_down.shape[1], inter, dtype, kind)
+        packed = cls(w_down.shape[1], inter, dtype, kind, native_int4=native_int4)
         for e in range(num_experts):
             packed.append(w_gate[e], w_up[e], w_down[e], tuple(s[e] for s in scales))
         return packed
 
     def native_table(self) -> native.ExpertTable | None:
-        """int8 experts (gate and up fused, every matrix in torch's int8 layout, which is the plain one) as
-        a table for native.moe_decode, built on first use (the fp32 copies of the scales: 4 bytes a row);
-        None for other formats or where the native kernels are not built."""
-        if self._native_table is None and self.kernel == "int8" and self.gate_up and native.available():
-            if self._int8_layout is None:  # checked once per set of experts, not on every decode step
-                self._int8_layout = all(isinstance(m, _Int8Matrix) and m.scale.dim() == 1
-                                        for m in (*self.gate_up, *self.down))
-            if self._int8_layout:
+        """int8 experts (gate and up fused, every matrix in torch's int8 layout, which is the plain one) or
+        int4 ones (gate and up fused, every matrix read natively in its storage layout) as a table for
+        native.moe_decode, built on first use (int8: the fp32 copies of the scales, 4 bytes a row); None for
+        other formats or where the native kernels are not built."""
+        if self._native_table is None and self.kernel in ("int8", "int4") and self.gate_up and native.available():
+            if self._native_layout is None:  # checked once per set of experts, not on every decode step
+                self._native_layout = all(
+                    isinstance(m, _Int8Matrix) and m.scale.dim() == 1 if self.kernel == "int8"
+                    else isinstance(m, _NativeInt4Matrix) for m in (*self.gate_up, *self.down))
+            if self._native_layout:
                 self._native_table = native.ExpertTable.fused(
                     [m.q for m in self.gate_up], [m.q for m in self.down],
                     ([m.scale for m in self.gate_up], [m.scale for m in self.down]))

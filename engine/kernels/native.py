@@ -110,9 +110,10 @@ def _build(cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.ming_linear.argtypes = (p, i32, p, p, i32, p, i32, i64, i64, i64, i32)
+    lib.ming_linear.argtypes = (p, i32, p, i64, p, i32, p, i32, i64, i64, i64, i32)
     lib.ming_linear.restype = i32
-    lib.ming_moe_decode.argtypes = (p, p, i64, i32, p, p, i64, p, i32, i64, i64, p, p, p, i64, i32, i32, p, p, i32)
+    lib.ming_moe_decode.argtypes = (p, p, i64, i32, i64, i64, p, p, i64, p, i32, i64, i64, p, p, p, i64, i32, i32, p, p,
+                                    i32)
     lib.ming_moe_decode.restype = i32
     lib.ming_rms_norm.argtypes = (p, p, p, p, p, i64, i64, ctypes.c_float, i32)
     lib.ming_rms_norm.restype = i32
@@ -122,9 +123,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ming_attention_decode.argtypes = (p, p, p, p, f32, p, p, i32, p, p, p, p, f32, i64, i64, i64, i64, p, p, i64,
                                           p, p, i64, i64, f32, i32, p, p, i32)
     lib.ming_attention_decode.restype = i32
-    lib.ming_mlp_decode.argtypes = (p, i32, p, i32, i32, p, i64, i64, i64, i64, f32, p, p, i32, i64, p, p, p, i64, i32,
-                                    p, p, p, i64, p, p, p, i32)
+    lib.ming_mlp_decode.argtypes = (p, i32, p, i32, i32, p, i64, i64, i64, i64, f32, p, p, i32, i64, i64, i64, p, p, p,
+                                    i64, i32, p, p, p, i64, p, p, p, i32)
     lib.ming_mlp_decode.restype = i32
+    lib.ming_dequant_int4.argtypes = (p, p, i64, i64, i64, p, i32, i32)
+    lib.ming_dequant_int4.restype = i32
     lib.ming_vector_floats.argtypes = ()
     lib.ming_vector_floats.restype = i32
 
@@ -189,10 +192,10 @@ def reset() -> None:
 
 def binds(weight: torch.Tensor, min_bytes: int | None = None, scaled: bool = False) -> bool:
     """True when decode GEMVs of this [out, in] weight take the native kernel: a contiguous fp32/bf16 CPU
-    matrix (int8 too when ``scaled``: it comes with its per-row scales) of at least ``min_bytes`` (default
-    BIND_MIN_BYTES), and the kernels available."""
+    matrix (int8 or packed int4 too when ``scaled``: they come with their scales) of at least ``min_bytes``
+    (default BIND_MIN_BYTES), and the kernels available."""
     min_bytes = BIND_MIN_BYTES if min_bytes is None else min_bytes
-    kinds = (*_DTYPES, torch.int8) if scaled else _DTYPES
+    kinds = (*_DTYPES, torch.int8, torch.uint8) if scaled else _DTYPES
     return (weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in kinds and not weight.is_mkldnn
             and weight.is_contiguous() and weight.numel() * weight.element_size() >= min_bytes
             and available())
@@ -217,81 +220,148 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
-class BoundLinear:
-    """One plain [out, in] fp32/bf16 CPU weight, or an int8 one with its fp32 per-row ``scale`` (W = q *
-    scale[row], as torch's weight-only int8 GEMM reads it), bound to the native kernel once (see
-    :func:`bind_linear`): its checks are made when binding, so a decode call costs little more than the
-    kernel (torch's F.linear on a small matrix costs ~6 us; the checked :func:`linear` ~3x that in Python
-    alone)."""
+def int4_group_fits(group: int, cols: int) -> bool:
+    """True when the native kernels take int4 matrices of ``cols`` input columns with scales per ``group``
+    of them: the group divides the row and is a multiple of two vectors of this build (a chunk of the dot
+    product never straddles two groups; 32 columns on AVX-512, 16 on AVX2, 8 on SSE)."""
+    return (available() and group > 0 and cols % group == 0
+            and group % (2 * _lib.ming_vector_floats()) == 0)
 
-    __slots__ = ("weight", "scale", "lib", "ptr", "scale_ptr", "n", "k", "kind")
+
+def _scale_layout(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[int, torch.Tensor | None, int]:
+    """(input columns, the scales as the kernel reads them, int4 group) of a weight the kernels take: fp32 /
+    bf16 without scales, int8 [n, k] with fp32 per-row scales [n], packed int4 (uint8 [n, k / 2], the
+    engine's storage: engine.kernels.dequant) with fp32 group scales [n, k / group]. ValueError otherwise."""
+    n, cols = weight.shape
+    if weight.dtype in _DTYPES:
+        if scale is not None:
+            raise ValueError(f"a {weight.dtype} weight has no scales")
+        return cols, None, 0
+    if weight.dtype == torch.int8 and scale is not None:
+        return cols, _plain(scale.float().contiguous(), torch.float32, (n,)), 0
+    if weight.dtype == torch.uint8 and scale is not None and scale.dim() == 2 and scale.shape[0] == n:
+        k, groups = 2 * cols, scale.shape[1]
+        group = k // groups if groups else 0
+        if not int4_group_fits(group, k):
+            raise ValueError(f"int4 groups of {group} columns (rows of {k}) do not fit the native kernels")
+        return k, _plain(scale.float().contiguous(), torch.float32, (n, groups)), group
+    raise ValueError(f"the native kernels take fp32 / bf16 weights, int8 with per-row scales and packed int4 "
+                     f"with group scales; got {weight.dtype} {tuple(weight.shape)} with scales "
+                     f"{None if scale is None else tuple(scale.shape)}")
+
+
+class BoundLinear:
+    """One plain [out, in] fp32/bf16 CPU weight, an int8 one with its fp32 per-row ``scale`` (W = q *
+    scale[row], as torch's weight-only int8 GEMM reads it), or a packed int4 one (uint8 [out, in / 2]) with
+    its group scales [out, in / group], bound to the native kernel once (see :func:`bind_linear`): its checks
+    are made when binding, so a decode call costs little more than the kernel (torch's F.linear on a small
+    matrix costs ~6 us; the checked :func:`linear` ~3x that in Python alone). int4 takes any number of rows
+    (the kernel runs them in chunks of MAX_ROWS); the others at most MAX_ROWS."""
+
+    __slots__ = ("weight", "scale", "lib", "ptr", "scale_ptr", "n", "k", "kind", "group")
 
     def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL, scale: torch.Tensor | None = None) -> None:
-        if (weight.dtype == torch.int8) != (scale is not None):
-            raise ValueError("an int8 weight needs its per-row scales (and only it has scales)")
+        if weight.dim() != 2 or weight.dtype not in _KINDS:
+            raise ValueError(f"expected a 2-D weight of {sorted(map(str, _KINDS))}; got {weight.dtype} {tuple(weight.shape)}")
         self.weight, self.lib = weight, lib  # keeps the weight (and so the pointer) alive
-        self.ptr, (self.n, self.k) = weight.data_ptr(), weight.shape
-        self.kind = _KINDS[weight.dtype]
-        self.scale = None if scale is None else _plain(scale.float().contiguous(), torch.float32, (self.n,))
+        self.n = weight.shape[0]
+        self.k, self.scale, self.group = _scale_layout(weight, scale)
+        self.ptr, self.kind = weight.data_ptr(), _KINDS[weight.dtype]
         self.scale_ptr = None if self.scale is None else self.scale.data_ptr()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [..., k] @ weight.T in x's dtype, or None when x is not for this kernel (more than MAX_ROWS
-        rows, another dtype or device): the caller then runs torch's path."""
+        rows of a weight other than int4, another dtype or device): the caller then runs torch's path."""
         rows = x.numel() // self.k
-        if rows > MAX_ROWS or rows == 0 or x.dtype not in _DTYPES or x.device.type != "cpu":
+        if (rows > MAX_ROWS and self.group == 0) or rows == 0 or x.dtype not in _DTYPES or x.device.type != "cpu":
             return None
         if not x.is_contiguous():
             x = x.contiguous()
         y = torch.empty((*x.shape[:-1], self.n), dtype=x.dtype)
         x_bf16 = x.dtype == torch.bfloat16
-        code = self.lib.ming_linear(self.ptr, self.kind, self.scale_ptr, x.data_ptr(), x_bf16, y.data_ptr(), x_bf16,
-                                    rows, self.n, self.k, torch.get_num_threads())
+        code = self.lib.ming_linear(self.ptr, self.kind, self.scale_ptr, self.group, x.data_ptr(), x_bf16,
+                                    y.data_ptr(), x_bf16, rows, self.n, self.k, torch.get_num_threads())
         if code == -1:
             raise MemoryError("native linear: out of memory for the converted activations")
         if code != 0:
             raise RuntimeError(f"native linear: the kernel refused {rows} rows (code {code})")
         return y
 
+    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        """An int4 weight dequantised into ``out`` (a contiguous CPU fp32 / bf16 [n, k] tensor): each value
+        (nibble - 8) * scale in fp32, rounded once to out's dtype, as engine.kernels.dequant.dequantize
+        computes it. Returns out."""
+        if self.group == 0:
+            raise ValueError("only int4 weights are dequantised here")
+        if out.dtype not in _DTYPES or out.device.type != "cpu" or tuple(out.shape) != (self.n, self.k) \
+                or not out.is_contiguous():
+            raise ValueError(f"dequantize: out must be a contiguous CPU fp32/bf16 tensor of shape {(self.n, self.k)}")
+        code = self.lib.ming_dequant_int4(self.ptr, self.scale_ptr, self.group, self.n, self.k, out.data_ptr(),
+                                          out.dtype == torch.bfloat16, torch.get_num_threads())
+        if code != 0:
+            raise RuntimeError(f"native dequantize: the kernel refused groups of {self.group} (code {code})")
+        return out
+
 
 def bind_linear(weight: torch.Tensor, min_bytes: int | None = None, scale: torch.Tensor | None = None
                 ) -> BoundLinear | None:
-    """The native decode GEMV bound to this weight (int8: with its per-row ``scale``) where it :func:`binds`,
-    else None. Decided once: PackedLinear binds when loading."""
-    if not binds(weight, min_bytes, scaled=scale is not None) or (weight.dtype == torch.int8) != (scale is not None):
+    """The native decode GEMV bound to this weight (int8: with its per-row ``scale``; packed int4: with its
+    group scales) where it :func:`binds`, else None. Decided once: PackedLinear binds when loading."""
+    if not binds(weight, min_bytes, scaled=scale is not None) or (weight.dtype in _SCALED) != (scale is not None):
         return None
     assert _lib is not None
-    return BoundLinear(weight.detach(), _lib, scale)
+    try:
+        return BoundLinear(weight.detach(), _lib, scale)
+    except ValueError:  # int4 groups this build's kernels do not take
+        return None
 
 
-# Weight kinds of the kernels (cpu_decode.c): fp32, bf16, int8 with one fp32 scale per row.
-_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+# Weight kinds of the kernels (cpu_decode.c): fp32, bf16, int8 with one fp32 scale per row, int4 packed two
+# per byte (uint8 storage) with one fp32 scale per group of columns.
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
+_SCALED = (torch.int8, torch.uint8)
 
 
 class ExpertTable:
     """Data pointers of every expert's gate, up [I, H] and down [H, I] matrices (contiguous CPU tensors of one
-    dtype: fp32, bf16, or int8 with ``scales``: each matrix's fp32 per-row scales, [I], [I], [H], W = q *
-    scale[row]), for :func:`moe_decode`. Views into larger tensors are fine (gate and up as the two
-    halves of a fused [2I, H] matrix: ``ExpertTable.fused``); the tensors are kept alive here."""
+    dtype: fp32, bf16, int8 with ``scales``: each matrix's fp32 per-row scales, [I], [I], [H], W = q *
+    scale[row]; or packed int4, uint8 [I, H / 2], [I, H / 2], [H, I / 2], with ``scales`` per group of input
+    columns, [I, H / g], [I, H / g], [H, I / g']), for :func:`moe_decode`. Views into larger tensors are fine
+    (gate and up as the two halves of a fused [2I, H] matrix: ``ExpertTable.fused``); the tensors are kept
+    alive here."""
 
     def __init__(self, gate: list[torch.Tensor], up: list[torch.Tensor], down: list[torch.Tensor],
                  scales: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None) -> None:
         self.dtype = gate[0].dtype
-        self.inter, self.hidden = gate[0].shape
+        packed = 2 if self.dtype == torch.uint8 else 1  # int4: two columns per byte
+        self.inter, self.hidden = gate[0].shape[0], gate[0].shape[1] * packed
         self.num_experts = len(gate)
         mats = (gate, up, down)
         if self.dtype not in _KINDS or any(len(m) != self.num_experts for m in mats) or any(
                 t.dtype != self.dtype or not t.is_contiguous() or t.device.type != "cpu" for m in mats for t in m):
-            raise ValueError("expert matrices must be contiguous CPU tensors of one dtype: fp32, bf16 or int8")
+            raise ValueError("expert matrices must be contiguous CPU tensors of one dtype: fp32, bf16, int8 or "
+                             "packed int4 (uint8)")
         shapes = ((self.inter, self.hidden), (self.inter, self.hidden), (self.hidden, self.inter))
-        if any(t.shape != shape for m, shape in zip(mats, shapes) for t in m):
-            raise ValueError(f"expert matrices must be [{self.inter}, {self.hidden}] x2 and [{self.hidden}, {self.inter}]")
-        if (self.dtype == torch.int8) != (scales is not None):
-            raise ValueError("int8 experts need their per-row scales (and only they have scales)")
+        if any(t.shape != (out, cols // packed) for m, (out, cols) in zip(mats, shapes) for t in m):
+            raise ValueError(f"expert matrices must be [{self.inter}, {self.hidden}] x2 and [{self.hidden}, {self.inter}]"
+                             + (" (int4: half the columns, two per byte)" if packed == 2 else ""))
+        if (self.dtype in _SCALED) != (scales is not None):
+            raise ValueError("int8 and int4 experts need their scales (and only they have scales)")
+        self.gate_up_group = self.down_group = 0
         if scales is not None:
             scales = tuple([t.float().contiguous() for t in m] for m in scales)
-            if any(len(m) != self.num_experts or any(t.shape != (shape[0],) for t in m) for m, shape in zip(scales, shapes)):
-                raise ValueError(f"int8 expert scales must be [{self.inter}], [{self.inter}] and [{self.hidden}] per expert")
+            if packed == 2:  # one group width per matrix role, from the first expert's scales
+                groups = [m[0].shape[-1] if m[0].dim() == 2 else 0 for m in scales]
+                self.gate_up_group = self.hidden // groups[0] if groups[0] and groups[0] == groups[1] else 0
+                self.down_group = self.inter // groups[2] if groups[2] else 0
+                if not (int4_group_fits(self.gate_up_group, self.hidden) and int4_group_fits(self.down_group, self.inter)):
+                    raise ValueError(f"int4 expert groups of {self.gate_up_group} / {self.down_group} columns do not fit "
+                                     "the native kernels")
+                scale_shapes = ((self.inter, groups[0]), (self.inter, groups[1]), (self.hidden, groups[2]))
+            else:
+                scale_shapes = tuple((out,) for out, _ in shapes)
+            if any(len(m) != self.num_experts or any(t.shape != shape for t in m) for m, shape in zip(scales, scale_shapes)):
+                raise ValueError(f"expert scales must be {' , '.join(str(list(s)) for s in scale_shapes)} per expert")
         self.kind = _KINDS[self.dtype]
         self._keep = (mats, scales)
         self.ptrs = torch.tensor([t.data_ptr() for m in mats for t in m], dtype=torch.int64)
@@ -301,7 +371,8 @@ class ExpertTable:
     @classmethod
     def fused(cls, gate_up: list[torch.Tensor], down: list[torch.Tensor],
               scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> "ExpertTable":
-        """From fused gate+up [2I, H] matrices (gate rows first) and, for int8, their [2I] scales."""
+        """From fused gate+up [2I, H] matrices (gate rows first) and, for int8 / int4, their [2I(, groups)]
+        scales."""
         inter = gate_up[0].shape[0] // 2
 
         def halves(ts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -311,8 +382,8 @@ class ExpertTable:
 
     def shared_fits(self, dtype: torch.dtype) -> bool:
         """True when a shared expert with plain weights of ``dtype`` can run in the same native pass: the
-        experts' own fp32 / bf16, or either beside int8 experts (the activations' dtype)."""
-        return dtype in _DTYPES and (self.dtype == torch.int8 or dtype == self.dtype)
+        experts' own fp32 / bf16, or either beside int8 / int4 experts (the activations' dtype)."""
+        return dtype in _DTYPES and (self.dtype in _SCALED or dtype == self.dtype)
 
 
 def moe_applies(table: ExpertTable | None, x: torch.Tensor, topk_ids: torch.Tensor) -> bool:
@@ -337,7 +408,7 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, topk_ids: torch.Tensor, topk
     gate, up, down = (None, None, None) if shared is None else (t.data_ptr() for t in shared)
     shared_kind = 0 if shared is None else _KINDS[shared[0].dtype]
     rc = lib.ming_moe_decode(table.ptrs.data_ptr(), None if table.scale_ptrs is None else table.scale_ptrs.data_ptr(),
-                             table.num_experts, table.kind, ids.data_ptr(), weights.data_ptr(), ids.numel(),
+                             table.num_experts, table.kind, table.gate_up_group, table.down_group, ids.data_ptr(), weights.data_ptr(), ids.numel(),
                              xc.data_ptr(), xc.dtype == torch.bfloat16, table.hidden, table.inter,
                              gate, up, down, shared_inter, shared_kind, xc.dtype == torch.bfloat16, out.data_ptr(),
                              scratch.data_ptr(), torch.get_num_threads())
@@ -537,7 +608,8 @@ class MlpDecode:
             float(scaling),
             None if table is None else table.ptrs.data_ptr(),
             None if table is None or table.scale_ptrs is None else table.scale_ptrs.data_ptr(),
-            0 if table is None else table.kind, 0 if table is None else table.inter,
+            0 if table is None else table.kind, 0 if table is None else table.gate_up_group,
+            0 if table is None else table.down_group, 0 if table is None else table.inter,
             g, u, d, 0 if shared is None else shared[0].shape[0], 0 if shared is None else _KINDS[shared[0].dtype],
             *scale_ptrs, hidden)
 

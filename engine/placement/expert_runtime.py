@@ -65,13 +65,14 @@ Not done here: non-expert modules stay where load_model put them (one device); t
 routed experts. No expert-weight prefetch ahead of the router (the next layer's experts are known
 only once its router ran).
 
-Host-resident quantised experts (``cpu_kernels``, default on) run torch's CPU kernels: int8 reads the
-stored bytes in place; int4 keeps a second copy in the kernel's layout (the packed bytes stay for
-fetches); fp8 has no CPU kernel, so host-resident fp8 experts are re-quantised to int8 per channel at
+Host-resident quantised experts (``cpu_kernels``, default on) run CPU kernels: int8 reads the stored
+bytes in place (torch's kernel, or the native one for one token); int4 too where the native kernels are
+built and take its groups (else torch's int4 kernel, with a second copy in its layout; the packed bytes stay
+for fetches); fp8 has no CPU kernel, so host-resident fp8 experts are re-quantised to int8 per channel at
 load (a fetch then copies int8 and the GPU kernel computes int8). Dequantising on every call instead
 (``cpu_kernels=False``, the reference semantics) is two orders of magnitude slower on a CPU. For one
 token (decode at batch 1), where the native CPU kernels are built (engine.kernels.native) and a layer's
-host experts are int8 or plain in the activations' dtype, all of that token's host experts run in **one
+host experts are int8, int4 or plain in the activations' dtype, all of that token's host experts run in **one
 native call** on a CPU worker (their weighted sum comes back as one partial, like a fused GPU slot's),
 reading the experts' own storage through a table of pointers (no copy).
 """
@@ -388,9 +389,10 @@ class LayerRuntime:
         self._route_w: torch.Tensor | None = None  # reused (pinned on CUDA) routing weights of the host experts
 
     def cpu_expert(self, e: int, dtype: torch.dtype):
-        """A callable computing host-resident expert e on activations of `dtype`: torch's int8 / int4
-        CPU kernels for quantised experts (built once per dtype; int8 reads the stored bytes in place,
-        int4 a copy in the kernel's layout), else ExpertWeights.forward."""
+        """A callable computing host-resident expert e on activations of `dtype`: the int8 / int4 CPU
+        kernels for quantised experts (built once per dtype, see QuantizedCpuExperts; int8 reads the stored
+        bytes in place, int4 too with the native kernels, else a copy in torch's layout), else
+        ExpertWeights.forward."""
         w = self.experts[e]
         if not (self.owner.options.cpu_kernels and w.quantized and w.kind in ("int8", "int4")):
             return w.forward
@@ -406,8 +408,8 @@ class LayerRuntime:
     def host_table(self, dtype: torch.dtype) -> tuple[dict[int, int], native.ExpertTable] | None:
         """({expert: row of the table}, native.ExpertTable) over this layer's host-resident experts, for
         activations of `dtype`: when the native kernels are built, ``cpu_kernels`` is on and every host
-        expert is int8 with per-row scales or plain in `dtype` (contiguous). Built once per dtype; None
-        otherwise (the per-expert path runs)."""
+        expert is int8 with per-row scales, int4 with group scales the kernels take, or plain in `dtype`
+        (contiguous). Built once per dtype; None otherwise (the per-expert path runs)."""
         if dtype not in self._host_tables:
             self._host_tables[dtype] = self._build_host_table(dtype)
         return self._host_tables[dtype]
@@ -418,7 +420,7 @@ class LayerRuntime:
                 or not native.available():
             return None
         ws = [self.experts[e] for e in host]
-        if all(w.kind == "int8" and w.gate_scale.dim() == 1 for w in ws):
+        if all(w.kind == "int8" and w.gate_scale.dim() == 1 for w in ws) or all(w.kind == "int4" for w in ws):
             scales = tuple([getattr(w, f"{m}_scale") for w in ws] for m in ("gate", "up", "down"))
         elif all(not w.quantized and w.gate.dtype == dtype for w in ws):
             scales = None
@@ -426,7 +428,7 @@ class LayerRuntime:
             return None
         try:
             table = native.ExpertTable([w.gate for w in ws], [w.up for w in ws], [w.down for w in ws], scales)
-        except ValueError:  # not contiguous CPU storage: the per-expert path
+        except ValueError:  # not contiguous CPU storage, or int4 groups the kernels do not take: the per-expert path
             return None
         return {e: j for j, e in enumerate(host)}, table
 

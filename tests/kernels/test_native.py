@@ -339,6 +339,10 @@ def test_every_vector_width_computes_the_same(floats, monkeypatch):
         _check_attention_decode(dtype, 100, 4, 2, 24, 12, 33, False, seed=floats)
         _check_attention_decode(dtype, 100, 4, 2, 24, 12, 33, True, seed=floats, int8=True)
         _check_mlp_decode(dtype, 12, 100, 37, 4, 3, 2, 45, seed=floats)
+        # int4: pairs (groups of 32 or 64) and, at 16 floats, octets (groups of 128); decode and prefill rows
+        for rows, n, k in ((1, 33, 256), (3, 40, 384), (9, 17, 128), (1, 64, 192)):
+            _check_int4_linear(dtype, rows, n, k, gen)
+        _check_int4_experts(dtype, 6, 256, 64, 3, gen)
 
 
 def _attention_half_reference(x, residual, w, k_cache, v_cache, slot, cos, sin, eps, n_heads, n_kv, head_dim):
@@ -449,6 +453,100 @@ def test_linear_with_int8_weights_and_row_scales(dtype, rows, n, k):
     assert native.bind_linear(q, min_bytes=0) is None
     with pytest.raises(ValueError):
         native.BoundLinear(q, native._lib)
+
+
+def _int4(gen, n: int, k: int):
+    """A random [n, k] matrix in the engine's int4 storage (uint8 [n, k / 2], fp32 group scales) and its
+    dequantised fp32 values."""
+    from engine.kernels.dequant import dequantize
+    from engine.placement.quant import quantize
+
+    q, scale = quantize(torch.randn(n, k, generator=gen) / 8, "int4")
+    return q, scale, dequantize(q, scale, torch.float32)
+
+
+def _check_int4_linear(dtype, rows, n, k, gen):
+    q, scale, w = _int4(gen, n, k)
+    group = k // scale.shape[1]
+    bound = native.bind_linear(q, min_bytes=0, scale=scale)
+    assert (bound is not None) == native.int4_group_fits(group, k)
+    if bound is None:
+        return
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    got = bound(x)  # int4 takes any number of rows, MAX_ROWS at a time
+    assert got.dtype == dtype and got.shape == (rows, n)
+    # the dequantised weights are exact in fp32 (what dequantize() computes), so only the sum's order and
+    # the output's rounding remain: the plain kernels' tolerance
+    assert _rel_err(got, x.double() @ w.double().T) <= (1e-5 if dtype == torch.float32 else 2 ** -7)
+    # a prefill block's weights, dequantised natively as dequantize() computes them (one fp32 product,
+    # one rounding to the dtype)
+    out = bound.dequantize(torch.empty(n, k, dtype=dtype))
+    assert _rel_err(out, w.to(dtype)) <= (2 ** -23 if dtype == torch.float32 else 2 ** -8)
+
+
+def _check_int4_experts(dtype, experts, hidden, inter, top_k, gen):
+    mats = [[_int4(gen, *shape) for _ in range(experts)] for shape in ((2 * inter, hidden), (hidden, inter))]
+    (gu, d) = mats
+    table = native.ExpertTable.fused([m[0] for m in gu], [m[0] for m in d], ([m[1] for m in gu], [m[1] for m in d]))
+    shared = tuple((torch.randn(*s, generator=gen) / 8).to(dtype) for s in ((48, hidden), (48, hidden), (hidden, 48)))
+    x = torch.randn(1, hidden, generator=gen).to(dtype)
+    ids = torch.randperm(experts, generator=gen)[:top_k].view(1, -1)
+    weights = torch.rand(1, top_k, generator=gen)
+    assert native.moe_applies(table, x, ids) and table.shared_fits(dtype)
+    wg = torch.stack([m[2][:inter] for m in gu]).to(dtype)
+    wu = torch.stack([m[2][inter:] for m in gu]).to(dtype)
+    wd = torch.stack([m[2] for m in d]).to(dtype)
+    want = moe_experts_reference(x, wg, wu, wd, ids, weights).to(dtype) + swiglu(x, *shared)
+    got = native.moe_decode(x, table, ids, weights, shared).to(dtype)
+    # bf16: the reference rounds the dequantised weights to bf16, the kernel keeps them in fp32
+    assert _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,n,k", [(1, 7, 128), (1, 64, 2048), (3, 33, 256), (8, 130, 512), (21, 40, 384),
+                                      (2, 16, 96)])
+def test_linear_with_int4_weights_and_group_scales(dtype, rows, n, k):
+    """A bound int4 linear (the CPU-only format's experts, read in their storage layout): x @ W.T within
+    the plain kernels' tolerance for decode rows and prefill blocks of any size; groups of 128 columns
+    (2048, 512, 384: one 64-byte load per 128 columns on AVX-512), of 64 or 32 (96: groups of 32); a
+    batch's rows get what each gets alone (stated as within 1e-6 relative)."""
+    gen = torch.Generator().manual_seed(rows * n + k)
+    _check_int4_linear(dtype, rows, n, k, gen)
+    q, scale, _ = _int4(gen, n, k)
+    bound = native.bind_linear(q, min_bytes=0, scale=scale)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    alone = torch.cat([bound(x[r:r + 1]) for r in range(rows)])
+    assert _rel_err(bound(x), alone) <= 1e-6
+
+
+@needs_compiler
+def test_int4_refuses_what_it_cannot_run():
+    """int4 groups that are not whole vector pairs (or do not divide the row) are not bound (the caller
+    keeps torch's int4 kernel or dequantises), nor is an int4 weight without its group scales."""
+    from engine.placement.quant import quantize
+
+    q, scale = quantize(torch.randn(8, 40), "int4")  # groups of 8 columns
+    assert native.bind_linear(q, min_bytes=0, scale=scale) is None
+    with pytest.raises(ValueError, match="int4 groups"):
+        native.BoundLinear(q, native._lib, scale)
+    q, scale = quantize(torch.randn(8, 256), "int4")
+    assert native.bind_linear(q, min_bytes=0) is None
+    with pytest.raises(ValueError, match="int4 groups"):  # 3 groups do not divide 256 columns
+        native.BoundLinear(q, native._lib, scale[:, :1].expand(8, 3).contiguous())
+    with pytest.raises(ValueError, match="scales"):  # scales of another row count
+        native.BoundLinear(q, native._lib, scale[:4].contiguous())
+    with pytest.raises(ValueError, match="only int4"):
+        native.BoundLinear(torch.randn(8, 256), native._lib).dequantize(torch.empty(8, 256))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("experts,hidden,inter,top_k", [(8, 128, 64, 2), (16, 256, 128, 4), (6, 96, 32, 3)])
+def test_int4_experts_in_one_native_call(dtype, experts, hidden, inter, top_k):
+    """int4 experts (group scales, two values a byte) and the shared expert in one native pass, against the
+    experts dequantised and run by the reference (groups of 128 and of 64 / 32 columns)."""
+    _check_int4_experts(dtype, experts, hidden, inter, top_k, torch.Generator().manual_seed(hidden + inter))
 
 
 @needs_compiler

@@ -415,11 +415,15 @@ def test_host_experts_run_the_cpu_kernels(kind):
     rt.close()
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8"])
+class _NativeInt4Cfg:
+    num_experts, hidden_size, moe_intermediate_size = E, H, 32
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["all_cpu_no_cache", "split_no_cache"])
 def test_one_token_host_experts_run_in_one_native_call(name, dtype, kind, monkeypatch):
-    """Decode at batch 1: the token's host-resident experts (plain or int8, read in place) in one native
+    """Decode at batch 1: the token's host-resident experts (plain, int8 or int4, read in place) in one native
     call per layer on a CPU worker, its weighted sum combined with the GPU slots' results: the
     reference within the kernels' summation order (fp32 1e-5, bf16 2^-6 of the largest output); several
     tokens keep the per-expert path."""
@@ -429,8 +433,13 @@ def test_one_token_host_experts_run_in_one_native_call(name, dtype, kind, monkey
     torch.manual_seed(0)
     llm = _ToyLLM().to(dtype)
     for l in (1, 2):
-        if kind == "int8":
-            quantize_bank_(llm.bank(l), "int8")
+        if kind == "int4":  # an intermediate width whose int4 groups (of I) the native kernels take
+            bank = ExpertBank(_NativeInt4Cfg).requires_grad_(False)
+            for p_ in bank.parameters():
+                p_.normal_(0, 0.2)
+            llm.model.layers[l].mlp.experts = bank.to(dtype)
+        if kind != "bf16":
+            quantize_bank_(llm.bank(l), kind)
     refs = {l: (b.gate_proj.clone(), b.up_proj.clone(), b.down_proj.clone(), bank_scales(b)) for l, b in
             ((l, llm.bank(l)) for l in (1, 2))}
     rt = MoERuntime.attach(llm, placement, RuntimeOptions(device_map=DeviceMap.simulated(n_gpu), cpu_workers=1, **opts))

@@ -17,6 +17,7 @@ from engine.models.thinker.layers import ExpertBank, Numerics
 from engine.loader import CheckpointError
 from engine.models.thinker.positions import PositionTokens, rope_index
 from engine.kernels.dequant import FP8_BLOCK, pack_int4, unpack_int4
+from engine.kernels import native
 from engine.kernels.moe import QuantizedCpuExperts, moe_experts_dequant_reference, moe_experts_packed
 from engine.placement.quant import (FP8_MAX, ExpertWeights, bank_scales, dequantize, int4_group_size, quantize,
                                     quantize_bank_)
@@ -203,9 +204,11 @@ def test_cpu_packed_quantized_experts_match_the_reference(kind, act, cfg):
     weights, scales = (bank.gate_proj, bank.up_proj, bank.down_proj), bank_scales(bank)
     packed = QuantizedCpuExperts.from_weights(*weights, scales, act, kind.split("-")[0])
     assert packed.kernel == ("int4" if kind == "int4" else "int8")  # fp8: re-quantised to int8 (no CPU fp8 kernel)
-    # shapes torch's kernels cannot take are dequantised instead: int4 needs rows in 16s and groups of
-    # 32+ (2I = 40 rows, groups of 8 and 4 here), int8 input widths in 16s (down's I = 20 here)
-    fallbacks = (2 if kind == "int4" else 1) * cfg.num_experts if cfg is _Cfg else 0
+    # shapes no CPU kernel takes are dequantised instead: int8 input widths in 16s (down's I = 20 here);
+    # int4 groups of 32+ for torch's kernel (and rows in 16s), or groups of two vectors for the native
+    # one (gate/up: groups of H = 32 here; down: groups of 4, neither kernel)
+    int4_gate_up_fallback = not native.int4_group_fits(cfg.hidden_size // scales[0].shape[-1], cfg.hidden_size)
+    fallbacks = (1 + int4_gate_up_fallback if kind == "int4" else 1) * cfg.num_experts if cfg is _Cfg else 0
     assert packed.dequant_fallbacks == fallbacks
     for t in (13, 1):  # prefill blocks and the one-token decode path
         x = torch.randn(t, cfg.hidden_size).to(act)

@@ -39,15 +39,39 @@
 typedef float vf __attribute__((vector_size(VL * 4)));
 typedef uint32_t vu __attribute__((vector_size(VL * 4)));
 typedef uint16_t vh __attribute__((vector_size(VL * 2)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+typedef uint8_t vb __attribute__((vector_size(VL)));
 
-/* Weight storage kinds: fp32, bf16, int8 with one fp32 scale per row (symmetric, W = q * scale[row]). */
-enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+/* Weight storage kinds: fp32, bf16, int8 with one fp32 scale per row (symmetric, W = q * scale[row]), and
+ * int4 with one fp32 scale per group of `group` input columns (w4a16; the engine's storage,
+ * engine/kernels/dequant.py: signed values in [-8, 7] stored as unsigned nibbles with an offset of 8, byte j
+ * of a row holding column 2j in its low nibble and 2j + 1 in its high one; W = (nibble - 8) * scale[row, c /
+ * group], the value dequantize() computes in fp32). */
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_I4 = 3 };
 
 static inline size_t kind_bytes(int kind) { return kind == W_F32 ? 4 : kind == W_BF16 ? 2 : 1; }
 
-/* bf16 weights read the activations in the even/odd layout of permute_for_bf16; fp32 and int8 ones in
- * their natural order. */
-static inline int reads_permuted(int kind) { return kind == W_BF16; }
+/* Bytes of one weight row of k elements (int4: two per byte, k even). */
+static inline size_t row_bytes(int kind, int64_t k) { return kind == W_I4 ? (size_t)(k / 2) : (size_t)k * kind_bytes(kind); }
+
+/* int8 rows' sums are multiplied by their row's scale after the dot product; int4 group scales are applied
+ * inside it (see load_i4_pairs). */
+static inline int scales_after(int kind) { return kind == W_I8; }
+
+/* The order in which a weight row's dot product reads the activations (laid out once per call, lay_out):
+ * fp32 and int8 weights in their natural order; bf16 ones in even/odd pairs (permute_for_bf16: a bf16 pair,
+ * like an int4 byte, holds an even column and the odd one after it), and int4 too, unless its groups are
+ * whole 128-column blocks on 16-float vectors: then in octets (X_OCTETS: one 64-byte load holds 16 dwords of
+ * 8 nibbles each, and the t-th nibble of every dword is one vector of weights, columns 8d + t, with no
+ * widening shuffle). */
+enum { X_NATURAL = 0, X_PAIRS = 1, X_OCTETS = 2, X_LAYOUTS = 3 };
+#define OCTET_COLS 128  /* int4 columns in one 64-byte unit of X_OCTETS */
+
+static inline int octets_fit(int64_t group) { return VL == 16 && group > 0 && group % OCTET_COLS == 0; }
+
+static inline int x_layout(int kind, int64_t group) {
+    return kind == W_BF16 ? X_PAIRS : kind == W_I4 ? (octets_fit(group) ? X_OCTETS : X_PAIRS) : X_NATURAL;
+}
 
 /* VL int8 weights, widened exactly to fp32: one sign extension and one conversion per vector (GCC's generic
  * vector conversion of int8 lanes comes out as scalar code, hence the intrinsics). */
@@ -112,6 +136,36 @@ static inline void load_bf16_pairs(const uint16_t *p, vf *even, vf *odd) {
     *odd = (vf)(u & 0xffff0000u);
 }
 
+/* int4 weights of one group: scale * (n - 8) for each nibble value n, the 16 values a group's weights take
+ * (each product rounded once to fp32, as dequantize() rounds it). */
+#if VL == 16
+static const vf I4_VALUES = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
+static inline vf i4_table(float scale) { return I4_VALUES * scale; }
+#else
+static inline vf i4_table(float scale) { (void)scale; vf t = {0}; return t; }  /* unused: see load_i4_pairs */
+#endif
+
+/* VL bytes of int4 weights (2 * VL columns) -> the even columns' values (low nibbles) and the odd ones'
+ * (high nibbles), exactly as dequantize() computes them, `table` being i4_table(the group's scale). AVX-512:
+ * the nibbles index the 16-entry table directly (one permute each, the index's upper bits ignored). */
+#if VL == 16 && defined(__AVX512F__)
+static inline void load_i4_pairs(const uint8_t *p, vf table, float scale, vf *even, vf *odd) {
+    (void)scale;
+    __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *even = (vf)_mm512_permutexvar_ps(u, (__m512)table);
+    *odd = (vf)_mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), (__m512)table);
+}
+#else
+static inline void load_i4_pairs(const uint8_t *p, vf table, float scale, vf *even, vf *odd) {
+    (void)table;
+    vb b;
+    memcpy(&b, p, sizeof b);
+    vi u = __builtin_convertvector(b, vi);
+    *even = __builtin_convertvector((u & 15) - 8, vf) * scale;
+    *odd = __builtin_convertvector((u >> 4) - 8, vf) * scale;
+}
+#endif
+
 static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
@@ -158,15 +212,50 @@ static void permute_for_bf16(const float *x, float *xp, int64_t k) {
     for (; c < k; c++) xp[c] = x[c];
 }
 
-/* Where permute_for_bf16 puts element i of k. */
-static inline int64_t permuted_index(int64_t i, int64_t k) {
+/* x [k] in `layout` (X_OCTETS: each 128-column block's column 8d + t at 16t + d; k a multiple of 128). */
+static void lay_out(const float *x, float *xp, int64_t k, int layout) {
+    if (layout == X_PAIRS) {
+        permute_for_bf16(x, xp, k);
+    } else if (layout == X_OCTETS) {
+        for (int64_t c = 0; c < k; c += OCTET_COLS)
+            for (int t = 0; t < 8; t++)
+                for (int d = 0; d < 16; d++) xp[c + 16 * t + d] = x[c + 8 * d + t];
+    } else {
+        memcpy(xp, x, (size_t)k * sizeof(float));
+    }
+}
+
+/* Where lay_out puts element i of k. */
+static inline int64_t layout_index(int64_t i, int64_t k, int layout) {
+    if (layout == X_OCTETS) {
+        int64_t c = i - i % OCTET_COLS, j = i % OCTET_COLS;
+        return c + 16 * (j % 8) + j / 8;
+    }
+    if (layout != X_PAIRS) return i;
     int64_t c = i - i % (2 * VL), j = i % (2 * VL);
     if (c + 2 * VL > k) return i;
     return c + (j % 2 ? VL + j / 2 : j / 2);
 }
 
-/* Dot products of one weight row of `kind` with M activation rows x_r = x + r * k (M <= ROW_GROUP; bf16: x
- * laid out by permute_for_bf16; int8 sums unscaled, the caller applies the row's scale). Each row's sum
+/* The t-th nibble of each of the 16 dwords of v (a 64-byte unit of int4 weights: columns 8d + t of its
+ * 128-column block), as table / scale give the values (see load_i4_pairs). */
+#if VL == 16
+#if defined(__AVX512F__)
+static inline vf load_i4_octet(vu v, int t, vf table, float scale) {
+    (void)scale;
+    return (vf)_mm512_permutexvar_ps((__m512i)(v >> (4 * t)), (__m512)table);
+}
+#else
+static inline vf load_i4_octet(vu v, int t, vf table, float scale) {
+    (void)table;
+    return __builtin_convertvector((vi)((v >> (4 * t)) & 15) - 8, vf) * scale;
+}
+#endif
+#endif
+
+/* Dot products of one weight row of `kind` with M activation rows x_r = x + r * k (M <= ROW_GROUP; bf16 and
+ * int4: x laid out by permute_for_bf16; int8 sums unscaled, the caller applies the row's scale; int4: `ws` the
+ * row's group scales, `group` a multiple of 2*VL dividing k, so a chunk never straddles two groups). Each row's sum
  * runs in one order whatever M is and however the row is cut into spans: two accumulators over alternate
  * vectors (dot_span, full chunks of 2*VL), then dot_finish (fp32/int8: one more vector into the first
  * accumulator; the two summed; the scalar tail), so a row's result does not depend on the batch it comes
@@ -175,11 +264,70 @@ static inline int64_t permuted_index(int64_t i, int64_t k) {
 #define ROW_GROUP 4
 
 /* acc_a/acc_b[r] += the products of chunks [i0, i1) (multiples of 2*VL) of the weight row with x_r. */
-static inline __attribute__((always_inline)) void dot_span(const void *w, int kind, int64_t i0, int64_t i1,
-                                                           const float *x, int64_t k, const int M, vf *acc_a, vf *acc_b) {
+static inline __attribute__((always_inline)) void dot_span(const void *w, int kind, const float *ws, int64_t group,
+                                                           int64_t i0, int64_t i1, const float *x, int64_t k, const int M,
+                                                           vf *acc_a, vf *acc_b) {
     vf a[ROW_GROUP], b[ROW_GROUP];
     for (int r = 0; r < M; r++) { a[r] = acc_a[r]; b[r] = acc_b[r]; }
-    if (kind == W_BF16) {
+    if (kind == W_I4) {
+        /* One group at a time, [i0, i1) being whole groups (see dot_block_tiled), summed into four fresh
+         * accumulators (two chunks of VL bytes per step: a chunk holds a quarter of what a bf16 one does, and
+         * two dependent multiply-adds per chunk would leave the loop waiting on their latency), then added to
+         * a and b: a row's sums run in one order whatever M and the spans are. */
+        const uint8_t *wq = (const uint8_t *)w;
+#if VL == 16
+        if (octets_fit(group)) {  /* X_OCTETS: 128 columns per 64-byte load, eight vectors of weights */
+            for (int64_t g0 = i0, g1, gi = i0 / group; g0 < i1; g0 = g1, gi++) {
+                g1 = g0 + group < i1 ? g0 + group : i1;
+                const float s = ws[gi];
+                const vf table = i4_table(s);
+                vf acc[4][ROW_GROUP];
+                for (int r = 0; r < M; r++) acc[0][r] = acc[1][r] = acc[2][r] = acc[3][r] = (vf){0};
+                for (uint64_t i = (uint64_t)g0; i < (uint64_t)g1; i += OCTET_COLS) {
+                    __builtin_prefetch(wq + i / 2 + PREFETCH_BYTES, 0, 3);
+                    vu v;
+                    memcpy(&v, wq + i / 2, sizeof v);
+                    for (int t = 0; t < 8; t++) {
+                        const vf wt = load_i4_octet(v, t, table, s);
+                        for (int r = 0; r < M; r++) acc[t % 4][r] = madd(acc[t % 4][r], wt, load_f32(x + r * k + i + 16 * t));
+                    }
+                }
+                for (int r = 0; r < M; r++) { a[r] += acc[0][r] + acc[2][r]; b[r] += acc[1][r] + acc[3][r]; }
+            }
+            for (int r = 0; r < M; r++) { acc_a[r] = a[r]; acc_b[r] = b[r]; }
+            return;
+        }
+#endif
+        vf e0, o0, e1, o1;
+        for (int64_t g0 = i0, g1, gi = i0 / group; g0 < i1; g0 = g1, gi++) {
+            g1 = g0 + group < i1 ? g0 + group : i1;
+            const float s = ws[gi];
+            const vf table = i4_table(s);
+            vf ga[ROW_GROUP], gb[ROW_GROUP], gc[ROW_GROUP], gd[ROW_GROUP];
+            for (int r = 0; r < M; r++) { ga[r] = gb[r] = gc[r] = gd[r] = (vf){0}; }
+            uint64_t i = (uint64_t)g0;
+            for (; i + 4 * VL <= (uint64_t)g1; i += 4 * VL) {
+                __builtin_prefetch(wq + i / 2 + PREFETCH_BYTES, 0, 3);
+                load_i4_pairs(wq + i / 2, table, s, &e0, &o0);
+                load_i4_pairs(wq + i / 2 + VL, table, s, &e1, &o1);
+                for (int r = 0; r < M; r++) {
+                    const float *xr = x + r * k + i;
+                    ga[r] = madd(ga[r], e0, load_f32(xr));
+                    gb[r] = madd(gb[r], o0, load_f32(xr + VL));
+                    gc[r] = madd(gc[r], e1, load_f32(xr + 2 * VL));
+                    gd[r] = madd(gd[r], o1, load_f32(xr + 3 * VL));
+                }
+            }
+            if (i < (uint64_t)g1) {  /* a group of an odd number of chunks: its last one */
+                load_i4_pairs(wq + i / 2, table, s, &e0, &o0);
+                for (int r = 0; r < M; r++) {
+                    ga[r] = madd(ga[r], e0, load_f32(x + r * k + i));
+                    gb[r] = madd(gb[r], o0, load_f32(x + r * k + i + VL));
+                }
+            }
+            for (int r = 0; r < M; r++) { a[r] += ga[r] + gc[r]; b[r] += gb[r] + gd[r]; }
+        }
+    } else if (kind == W_BF16) {
         const uint16_t *wh = (const uint16_t *)w;
         vf e, o;
         for (int64_t i = i0; i < i1; i += 2 * VL) {
@@ -209,8 +357,8 @@ static inline __attribute__((always_inline)) void dot_span(const void *w, int ki
 /* out[r] = the sums of dot_span's accumulators after every full chunk, plus what is past them. */
 static inline __attribute__((always_inline)) void dot_finish(const void *w, int kind, int64_t k, const float *x,
                                                              const int M, vf *a, vf *b, float *out) {
-    int64_t i = k - k % (2 * VL);
-    if (kind != W_BF16 && i + VL <= k) {
+    int64_t i = k - k % (2 * VL);  /* int4: k is a multiple of 2*VL, no tail */
+    if (x_layout(kind, 0) == X_NATURAL && i + VL <= k) {
         vf w0 = load_w(w, kind, i);
         for (int r = 0; r < M; r++) a[r] = madd(a[r], w0, load_f32(x + r * k + i));
         i += VL;
@@ -228,32 +376,37 @@ static inline __attribute__((always_inline)) void dot_finish(const void *w, int 
  * k = 4096 are 128 KiB: every weight vector then waits on the L2). A multiple of 2 * VL. */
 #define K_TILE 512
 
-/* dots[j * m + r] = w[j, :] . x_r for `rows` (<= ROWS) consecutive weight rows of `row_bytes` bytes and
- * m (<= MAX_LINEAR_ROWS) activation rows, k-tile by k-tile; each sum in dot_span / dot_finish's order. */
-static void dot_block_tiled(const char *w, int kind, int rows, size_t row_bytes, int64_t k, const float *x,
-                            int64_t m, float *dots) {
+/* dots[j * m + r] = w[j, :] . x_r for `rows` (<= ROWS) consecutive weight rows of `stride` bytes (int4: their
+ * group scales from ws, k / group per row) and m (<= MAX_LINEAR_ROWS) activation rows, k-tile by k-tile;
+ * each sum in dot_span / dot_finish's order. */
+static void dot_block_tiled(const char *w, int kind, const float *ws, int64_t group, int rows, size_t stride,
+                            int64_t k, const float *x, int64_t m, float *dots) {
+    const int64_t groups = group > 0 ? k / group : 0;
     vf acc_a[ROWS][MAX_LINEAR_ROWS], acc_b[ROWS][MAX_LINEAR_ROWS];
     memset(acc_a, 0, sizeof acc_a);
     memset(acc_b, 0, sizeof acc_b);
     const int64_t full = k - k % (2 * VL);
-    for (int64_t t0 = 0; t0 < full; t0 += K_TILE) {
-        const int64_t t1 = t0 + K_TILE < full ? t0 + K_TILE : full;
+    /* int4: tiles of whole groups (dot_span sums a group at a time) */
+    const int64_t tile = kind != W_I4 ? K_TILE : K_TILE >= group ? K_TILE / group * group : group;
+    for (int64_t t0 = 0; t0 < full; t0 += tile) {
+        const int64_t t1 = t0 + tile < full ? t0 + tile : full;
         for (int j = 0; j < rows; j++)
             for (int64_t r = 0; r < m; r += ROW_GROUP) {
-                const void *wj = w + (size_t)j * row_bytes;
+                const void *wj = w + (size_t)j * stride;
+                const float *sj = ws ? ws + j * groups : NULL;
                 const float *xr = x + r * k;
                 vf *a = &acc_a[j][r], *b = &acc_b[j][r];
                 switch (m - r < ROW_GROUP ? m - r : ROW_GROUP) {
-                case 1: dot_span(wj, kind, t0, t1, xr, k, 1, a, b); break;
-                case 2: dot_span(wj, kind, t0, t1, xr, k, 2, a, b); break;
-                case 3: dot_span(wj, kind, t0, t1, xr, k, 3, a, b); break;
-                default: dot_span(wj, kind, t0, t1, xr, k, 4, a, b); break;
+                case 1: dot_span(wj, kind, sj, group, t0, t1, xr, k, 1, a, b); break;
+                case 2: dot_span(wj, kind, sj, group, t0, t1, xr, k, 2, a, b); break;
+                case 3: dot_span(wj, kind, sj, group, t0, t1, xr, k, 3, a, b); break;
+                default: dot_span(wj, kind, sj, group, t0, t1, xr, k, 4, a, b); break;
                 }
             }
     }
     for (int j = 0; j < rows; j++)
         for (int64_t r = 0; r < m; r += ROW_GROUP) {
-            const void *wj = w + (size_t)j * row_bytes;
+            const void *wj = w + (size_t)j * stride;
             const float *xr = x + r * k;
             vf *a = &acc_a[j][r], *b = &acc_b[j][r];
             float *out = dots + j * m + r;
@@ -266,14 +419,17 @@ static void dot_block_tiled(const char *w, int kind, int rows, size_t row_bytes,
         }
 }
 
-/* out[r] = w[row + r, :] . x for `rows` rows of a row-major matrix with row stride k (one activation row;
- * bf16 weights read x laid out by permute_for_bf16; int8 sums unscaled). */
-static inline void dot_rows(const void *w, int kind, int64_t row, int64_t k, int rows, const float *x, float *out) {
-    const size_t elem = kind_bytes(kind);
+/* out[r] = w[row + r, :] . x for `rows` rows of a row-major [n, k] matrix (one activation row; bf16 and int4
+ * weights read x laid out by permute_for_bf16; int8 sums unscaled; int4 with the matrix's group scales
+ * `scale`, [n, k / group]). */
+static inline void dot_rows(const void *w, int kind, const float *scale, int64_t group, int64_t row, int64_t k,
+                            int rows, const float *x, float *out) {
+    const size_t stride = row_bytes(kind, k);
     for (int r = 0; r < rows; r++) {
-        const void *wr = (const char *)w + (size_t)((row + r) * k) * elem;
+        const void *wr = (const char *)w + (size_t)(row + r) * stride;
+        const float *sr = kind == W_I4 ? scale + (row + r) * (k / group) : NULL;
         vf a = {0}, b = {0};
-        dot_span(wr, kind, 0, k - k % (2 * VL), x, k, 1, &a, &b);
+        dot_span(wr, kind, sr, group, 0, k - k % (2 * VL), x, k, 1, &a, &b);
         dot_finish(wr, kind, k, x, 1, &a, &b, out + r);
     }
 }
@@ -289,12 +445,11 @@ static int team_size(int nthreads, int64_t nbytes) {
     return nbytes < PARALLEL_MIN_BYTES ? 1 : nthreads;
 }
 
-/* m rows of k activations (fp32 or bf16) as fp32 in the layout the weights' dot product reads: as given
- * for fp32 and int8 weights (no copy when already fp32), permute_for_bf16 per row for bf16 weights
- * (`permuted`). NULL when out
- * of memory; *owned is what to free. */
-static const float *activations(const void *x, int x_bf16, int permuted, int64_t m, int64_t k, float **owned) {
+/* m rows of k activations (fp32 or bf16) as fp32 in the layout the weights' dot product reads (x_layout;
+ * no copy when fp32 in their natural order). NULL when out of memory; *owned is what to free. */
+static const float *activations(const void *x, int x_bf16, int layout, int64_t m, int64_t k, float **owned) {
     *owned = NULL;
+    const int permuted = layout != X_NATURAL;
     if (!x_bf16 && !permuted) return (const float *)x;
     float *buf = (float *)malloc((size_t)(m * k) * sizeof(float) * (x_bf16 && permuted ? 2 : 1));
     if (!buf) return NULL;
@@ -307,60 +462,122 @@ static const float *activations(const void *x, int x_bf16, int permuted, int64_t
     }
     if (!permuted) return xf;
     float *xp = xf == buf ? buf + m * k : buf;
-    for (int64_t r = 0; r < m; r++) permute_for_bf16(xf + r * k, xp + r * k, k);
+    for (int64_t r = 0; r < m; r++) lay_out(xf + r * k, xp + r * k, k, layout);
     return xp;
 }
 
-/* y[m, n] = x[m, k] @ w[n, k]^T. w of `w_kind`: fp32, bf16, or int8 with one fp32 scale per row (w_scale,
- * NULL for the others; a row's sum times its scale, as torch's weight-only int8 GEMM computes it); x and y
- * fp32 or bf16 (x_bf16, y_bf16). Every weight row is read once for all m rows of x (m is small: decode).
- * Returns 0, -1 when out of memory, -3 for m outside [1, MAX_LINEAR_ROWS], -4 for a kind without (or a
- * scale without) its kind. */
-int ming_linear(const void *w, int w_kind, const float *w_scale, const void *x, int x_bf16, void *y, int y_bf16,
-                int64_t m, int64_t n, int64_t k, int nthreads) {
-    if (m < 1 || m > MAX_LINEAR_ROWS) return -3;
-    if (w_kind < W_F32 || w_kind > W_I8 || (w_kind == W_I8) != (w_scale != NULL)) return -4;
+/* True when a matrix of `kind` with k input columns can come with these scales: int8 with per-row ones; int4
+ * with per-group ones, `group` a multiple of 2*VL dividing k (no chunk straddles a group, no row tail);
+ * fp32 and bf16 with none. */
+static inline int group_fits(int64_t group, int64_t k) { return group > 0 && group % (2 * VL) == 0 && k % group == 0; }
+
+static int scales_fit(int kind, int has_scales, int64_t group, int64_t k) {
+    switch (kind) {
+    case W_F32: case W_BF16: return !has_scales;
+    case W_I8: return has_scales;
+    case W_I4: return has_scales && group_fits(group, k);
+    default: return 0;
+    }
+}
+
+/* y[m, n] = x[m, k] @ w[n, k]^T. w of `w_kind`: fp32, bf16, int8 with one fp32 scale per row (w_scale; a
+ * row's sum times its scale, as torch's weight-only int8 GEMM computes it), or int4 with one fp32 scale per
+ * group of `w_group` columns (w_scale [n, k / w_group]; see W_I4); x and y fp32 or bf16 (x_bf16, y_bf16).
+ * Every weight row is read once for each MAX_LINEAR_ROWS activation rows: fp32 / bf16 / int8 take at most
+ * that many (decode; larger blocks are GEMMs for BLAS), int4 any number (no other CPU kernel dequantises
+ * it in registers: a prefill block runs chunk by chunk, each chunk's activations staying in cache while the
+ * thread's weight rows stream by). Returns 0, -1 when out of memory, -3 for m outside [1, MAX_LINEAR_ROWS]
+ * (fp32, bf16, int8) or m < 1, -4 for an unknown kind or scales that do not go with it (scales_fit). */
+int ming_linear(const void *w, int w_kind, const float *w_scale, int64_t w_group, const void *x, int x_bf16,
+                void *y, int y_bf16, int64_t m, int64_t n, int64_t k, int nthreads) {
+    if (m < 1 || (m > MAX_LINEAR_ROWS && w_kind != W_I4)) return -3;
+    if (!scales_fit(w_kind, w_scale != NULL, w_group, k)) return -4;
     float *xbuf;
-    const float *xf = activations(x, x_bf16, reads_permuted(w_kind), m, k, &xbuf);
+    const float *xf = activations(x, x_bf16, x_layout(w_kind, w_group), m, k, &xbuf);
     if (!xf) return -1;
     int64_t blocks = (n + ROWS - 1) / ROWS;
-    const size_t elem = kind_bytes(w_kind);
-    int nt = team_size(nthreads, n * k * (int64_t)elem);
+    const size_t stride = row_bytes(w_kind, k);
+    const int64_t groups = w_kind == W_I4 ? k / w_group : 0;
+    int nt = team_size(nthreads, n * (int64_t)stride);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int64_t first, last;
         split(blocks, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
         float dots[ROWS * MAX_LINEAR_ROWS];
-        for (int64_t b = first; b < last; b++) {
-            int64_t row = b * ROWS;
-            int rows = (int)(n - row < ROWS ? n - row : ROWS);
-            if (m == 1)
-                dot_rows(w, w_kind, row, k, rows, xf, dots);
-            else  /* each weight row read once for all m activation rows: dots[j * m + r] */
-                dot_block_tiled((const char *)w + (size_t)(row * k) * elem, w_kind, rows, (size_t)k * elem, k, xf, m,
-                                dots);
-            for (int64_t r = 0; r < m; r++)
-                for (int j = 0; j < rows; j++) {
-                    float d = m == 1 ? dots[j] : dots[j * m + r];
-                    if (w_scale) d *= w_scale[row + j];
-                    if (y_bf16) ((uint16_t *)y)[r * n + row + j] = f32_to_bf16(d);
-                    else ((float *)y)[r * n + row + j] = d;
-                }
+        for (int64_t r0 = 0; r0 < m; r0 += MAX_LINEAR_ROWS) {  /* one chunk of activation rows at a time */
+            const int64_t mc = m - r0 < MAX_LINEAR_ROWS ? m - r0 : MAX_LINEAR_ROWS;
+            const float *xc = xf + r0 * k;
+            for (int64_t b = first; b < last; b++) {
+                int64_t row = b * ROWS;
+                int rows = (int)(n - row < ROWS ? n - row : ROWS);
+                if (mc == 1)
+                    dot_rows(w, w_kind, w_scale, w_group, row, k, rows, xc, dots);
+                else  /* each weight row read once for all mc activation rows: dots[j * mc + r] */
+                    dot_block_tiled((const char *)w + (size_t)row * stride, w_kind,
+                                    w_kind == W_I4 ? w_scale + row * groups : NULL, w_group, rows, stride, k, xc, mc,
+                                    dots);
+                for (int64_t r = 0; r < mc; r++)
+                    for (int j = 0; j < rows; j++) {
+                        float d = mc == 1 ? dots[j] : dots[j * mc + r];
+                        if (scales_after(w_kind)) d *= w_scale[row + j];
+                        const int64_t at = (r0 + r) * n + row + j;
+                        if (y_bf16) ((uint16_t *)y)[at] = f32_to_bf16(d);
+                        else ((float *)y)[at] = d;
+                    }
+            }
         }
     }
     free(xbuf);
     return 0;
 }
 
+/* W [n, k] = the int4 matrix q [n, k / 2] with group scales [n, k / group] dequantised (W_I4: (nibble - 8) *
+ * scale in fp32, as dequantize() computes it), written as fp32 or, when out_bf16, rounded once to bf16: the
+ * weights of a prefill block's GEMM (a BLAS GEMM with the bf16 / AMX instructions this kernel file does not
+ * use beats dequantising in registers once a block has more than one row). Returns 0; -4 for a group that
+ * does not divide k or is odd. */
+int ming_dequant_int4(const uint8_t *q, const float *scale, int64_t group, int64_t n, int64_t k, void *out,
+                      int out_bf16, int nthreads) {
+    if (group < 2 || group % 2 || k % group) return -4;
+    const int64_t groups = k / group;
+    int nt = team_size(nthreads, n * k / 2);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t row = 0; row < n; row++) {
+        const uint8_t *qr = q + row * (k / 2);
+        for (int64_t g = 0; g < groups; g++) {
+            const float s = scale[row * groups + g];
+            const int64_t c0 = g * group;
+            if (out_bf16) {
+                uint16_t *o = (uint16_t *)out + row * k + c0;
+                for (int64_t j = 0; j < group / 2; j++) {
+                    const uint8_t b = qr[c0 / 2 + j];
+                    o[2 * j] = f32_to_bf16((float)((int)(b & 15) - 8) * s);
+                    o[2 * j + 1] = f32_to_bf16((float)((int)(b >> 4) - 8) * s);
+                }
+            } else {
+                float *o = (float *)out + row * k + c0;
+                for (int64_t j = 0; j < group / 2; j++) {
+                    const uint8_t b = qr[c0 / 2 + j];
+                    o[2 * j] = (float)((int)(b & 15) - 8) * s;
+                    o[2 * j + 1] = (float)((int)(b >> 4) - 8) * s;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 /* One expert of a token: gate and up [inter, hidden] rows, down [hidden, inter] (of weight `kind`; int8:
- * with per-row scales), its weight, and where its gate/up outputs and activations go in the scratch
+ * with per-row scales; int4: with group scales, groups of gate_up_group columns of gate and up, of
+ * down_group columns of down), its weight, and where its gate/up outputs and activations go in the scratch
  * buffer. */
 typedef struct {
     const void *gate, *up, *down;
     const float *gate_scale, *up_scale, *down_scale;
     int kind;
+    int64_t gate_up_group, down_group;
     int64_t inter, id;
     float weight;
     float *gate_up;  /* [2 * inter]: gate outputs, then up outputs */
@@ -376,30 +593,39 @@ static inline int slot_of(const int64_t *first, int n, int64_t u, int from) {
     return from;
 }
 
+/* True when routed experts of `kind` can come with these scales and groups (see scales_fit): a table of
+ * scale pointers exactly for int8 and int4, int4 groups dividing hidden (gate, up) and inter (down). */
+static int experts_fit(int kind, const int64_t *scale_ptrs, int64_t gate_up_group, int64_t down_group,
+                       int64_t hidden, int64_t inter) {
+    return scales_fit(kind, scale_ptrs != NULL, gate_up_group, hidden) && (kind != W_I4 || group_fits(down_group, inter));
+}
+
 /* Slots of one token's experts: its top_k routed experts (ids, route_w) sorted by ascending id, then the
  * shared expert when shared_gate is given (int8: with its three matrices' per-row scales, shared_scales).
  * Returns how many; -1 for an expert id outside [0, num_experts) or top_k > 64; -4 for an int8 shared
- * expert without its scales. *routed: how many of them are routed. */
+ * expert without its scales or an int4 one. *routed: how many of them are routed. */
 static int expert_slots(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t num_experts, int w_kind,
-                        const int64_t *ids, const float *route_w, int64_t top_k, int64_t inter,
+                        int64_t gate_up_group, int64_t down_group, const int64_t *ids, const float *route_w, int64_t top_k, int64_t inter,
                         const void *shared_gate, const void *shared_up, const void *shared_down,
                         int64_t shared_inter, int shared_kind, const float *const *shared_scales,
                         expert_slot *slot, int *routed_out) {
     if (top_k < 0 || top_k > MAX_SLOTS - 1) return -1;
     const int has_shared = shared_gate != NULL && shared_inter > 0;
-    if (has_shared && shared_kind == W_I8 &&
-        (!shared_scales || !shared_scales[0] || !shared_scales[1] || !shared_scales[2]))
+    if (has_shared && ((shared_kind == W_I8 &&
+                        (!shared_scales || !shared_scales[0] || !shared_scales[1] || !shared_scales[2])) ||
+                       shared_kind == W_I4))
         return -4;
     int routed = 0;
 #define AT(table, which, id) ((const void *)(intptr_t)(table)[(which) * num_experts + (id)])
     for (int64_t s = 0; s < top_k; s++) {
         const int64_t id = ids[s];
         if (id < 0 || id >= num_experts) return -1;
-        const int scaled = w_kind == W_I8;
+        const int scaled = w_kind == W_I8 || w_kind == W_I4;
         expert_slot e = {AT(ptrs, 0, id), AT(ptrs, 1, id), AT(ptrs, 2, id),
                          scaled ? (const float *)AT(scale_ptrs, 0, id) : NULL,
                          scaled ? (const float *)AT(scale_ptrs, 1, id) : NULL,
-                         scaled ? (const float *)AT(scale_ptrs, 2, id) : NULL, w_kind, inter, id, route_w[s], NULL, NULL};
+                         scaled ? (const float *)AT(scale_ptrs, 2, id) : NULL, w_kind, gate_up_group, down_group,
+                         inter, id, route_w[s], NULL, NULL};
         int j = routed++;  /* insertion sort by expert id (stable): the order the routed sum runs in */
         while (j > 0 && slot[j - 1].id > e.id) { slot[j] = slot[j - 1]; j--; }
         slot[j] = e;
@@ -409,7 +635,7 @@ static int expert_slots(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t 
     if (has_shared) {
         const int scaled = shared_kind == W_I8;
         slot[n++] = (expert_slot){shared_gate, shared_up, shared_down, scaled ? shared_scales[0] : NULL,
-                                  scaled ? shared_scales[1] : NULL, scaled ? shared_scales[2] : NULL, shared_kind,
+                                  scaled ? shared_scales[1] : NULL, scaled ? shared_scales[2] : NULL, shared_kind, 0, 0,
                                   shared_inter, -1, 1.0f, NULL, NULL};
     }
     *routed_out = routed;
@@ -430,16 +656,15 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
         /* phase 1 units: ROWS rows of gate, then of up */
         first_row_unit[j + 1] = first_row_unit[j] + 2 * ((slot[j].inter + ROWS - 1) / ROWS);
         first_elem[j + 1] = first_elem[j] + slot[j].inter;
-        bytes += 3 * slot[j].inter * hidden * (int64_t)kind_bytes(slot[j].kind);
+        bytes += 3 * (int64_t)row_bytes(slot[j].kind, slot[j].inter * hidden);
     }
-    /* x in each layout the slots read (routed experts in one, the shared expert maybe in the other) */
-    float *xbuf[2] = {NULL, NULL};
-    const float *xf[2] = {NULL, NULL};
+    /* x in each layout the slots read (routed experts in one, the shared expert maybe in another) */
+    float *xbuf[X_LAYOUTS] = {NULL, NULL, NULL};
+    const float *xf[X_LAYOUTS] = {NULL, NULL, NULL};
     for (int j = 0; j < n; j++) {
-        const int p = reads_permuted(slot[j].kind);
+        const int p = x_layout(slot[j].kind, slot[j].gate_up_group);
         if (xf[p] == NULL && (xf[p] = activations(x, x_bf16, p, 1, hidden, &xbuf[p])) == NULL) {
-            free(xbuf[0]);
-            free(xbuf[1]);
+            for (int l = 0; l < X_LAYOUTS; l++) free(xbuf[l]);
             return -2;
         }
     }
@@ -460,9 +685,10 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
             int64_t row = (is_up ? v - blocks : v) * ROWS;
             int rows = (int)(e->inter - row < ROWS ? e->inter - row : ROWS);
             float *y = e->gate_up + is_up * e->inter + row;
-            dot_rows(is_up ? e->up : e->gate, e->kind, row, hidden, rows, xf[reads_permuted(e->kind)], y);
             const float *scale = is_up ? e->up_scale : e->gate_scale;
-            if (scale)
+            dot_rows(is_up ? e->up : e->gate, e->kind, scale, e->gate_up_group, row, hidden, rows,
+                     xf[x_layout(e->kind, e->gate_up_group)], y);
+            if (scales_after(e->kind))
                 for (int r = 0; r < rows; r++) y[r] *= scale[row + r];
         }
 #pragma omp barrier
@@ -473,7 +699,7 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
             const expert_slot *e = &slot[j];
             int64_t i = u - first_elem[j];
             float g = e->gate_up[i], v = e->gate_up[e->inter + i];
-            e->act[reads_permuted(e->kind) ? permuted_index(i, e->inter) : i] =
+            e->act[layout_index(i, e->inter, x_layout(e->kind, e->down_group))] =
                 round_act ? round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(v)) : silu(g) * v;
         }
 #pragma omp barrier
@@ -486,9 +712,9 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
             const int shared = j >= routed;
             for (int64_t row = row0; row < row1; row += ROWS) {
                 int rows = (int)(row1 - row < ROWS ? row1 - row : ROWS);
-                dot_rows(e->down, e->kind, row, e->inter, rows, e->act, dots);
+                dot_rows(e->down, e->kind, e->down_scale, e->down_group, row, e->inter, rows, e->act, dots);
                 for (int r = 0; r < rows; r++) {
-                    float d = e->down_scale ? dots[r] * e->down_scale[row + r] : dots[r];
+                    float d = scales_after(e->kind) ? dots[r] * e->down_scale[row + r] : dots[r];
                     float y = round_act ? round_bf16(d) : d;
                     if (!shared) out[row + r] += y * e->weight;
                     else out[row + r] = round_act ? round_bf16(round_bf16(out[row + r]) + y) : out[row + r] + y;
@@ -496,8 +722,7 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
             }
         }
     }
-    free(xbuf[0]);
-    free(xbuf[1]);
+    for (int l = 0; l < X_LAYOUTS; l++) free(xbuf[l]);
     return 0;
 }
 
@@ -507,23 +732,27 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
  *   e = down(silu(gate(x)) * up(x)),
  * with a routed expert's gate, up [I, H] and down [H, I] matrices found through the tables of data
  * pointers `ptrs` (gate, up, down: 3 * num_experts entries, gate's first) indexed by expert id, stored
- * as `w_kind`: fp32, bf16, or int8 with one fp32 scale per row (table `scale_ptrs`, laid out as `ptrs`:
- * [I], [I], [H] per expert; a row's sum is multiplied by its scale, as a weight-only int8 GEMM does).
+ * as `w_kind`: fp32, bf16, int8 with one fp32 scale per row (table `scale_ptrs`, laid out as `ptrs`:
+ * [I], [I], [H] per expert; a row's sum is multiplied by its scale, as a weight-only int8 GEMM does), or
+ * int4 with group scales (the same table: [I, H / gate_up_group], [I, H / gate_up_group], [H, I /
+ * down_group] per expert; see W_I4).
  * The shared expert has its own gate, up [I_s, H] and down [H, I_s] matrices of `shared_kind` (fp32 or
  * bf16). With `round_act` (bf16 activations) every intermediate is rounded to bf16 where torch's bf16 modules
  * round it: gate, up, silu(gate), their product, each expert's output, the routed sum before the shared
  * expert is added, and out; the weighted routed sum is fp32 either way. `scratch` holds
  * top_k * 3 * I + 3 * I_s floats. Returns 0; -1 for an expert id outside [0, num_experts) or
- * top_k > 64; -2 when out of memory; -4 for an int8 shared expert. */
+ * top_k > 64; -2 when out of memory; -4 for an int8 or int4 shared expert or routed experts' scales that do
+ * not go with their kind (experts_fit). */
 int ming_moe_decode(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t num_experts, int w_kind,
-                    const int64_t *ids, const float *route_w, int64_t top_k, const void *x, int x_bf16,
+                    int64_t gate_up_group, int64_t down_group, const int64_t *ids, const float *route_w, int64_t top_k, const void *x, int x_bf16,
                     int64_t hidden, int64_t inter, const void *shared_gate, const void *shared_up,
                     const void *shared_down, int64_t shared_inter, int shared_kind, int round_act, float *out,
                     float *scratch, int nthreads) {
+    if (!experts_fit(w_kind, scale_ptrs, gate_up_group, down_group, hidden, inter)) return -4;
     expert_slot slot[MAX_SLOTS];
     int routed;
-    int n = expert_slots(ptrs, scale_ptrs, num_experts, w_kind, ids, route_w, top_k, inter, shared_gate, shared_up,
-                         shared_down, shared_inter, shared_kind, NULL, slot, &routed);
+    int n = expert_slots(ptrs, scale_ptrs, num_experts, w_kind, gate_up_group, down_group, ids, route_w, top_k, inter,
+                         shared_gate, shared_up, shared_down, shared_inter, shared_kind, NULL, slot, &routed);
     if (n < 0) return n;
     return run_experts(slot, n, routed, x, x_bf16, hidden, round_act, out, scratch, nthreads);
 }
@@ -635,9 +864,9 @@ static void gemv_share(const void *w, int kind, const float *scale, int64_t n, i
     for (int64_t b = first; b < last; b++) {
         int64_t row = b * ROWS;
         int rows = (int)(n - row < ROWS ? n - row : ROWS);
-        dot_rows(w, kind, row, k, rows, x, y + row);
+        dot_rows(w, kind, scale, 0, row, k, rows, x, y + row);
         for (int r = 0; r < rows; r++) {
-            float v = scale ? y[row + r] * scale[row + r] : y[row + r];
+            float v = scales_after(kind) ? y[row + r] * scale[row + r] : y[row + r];
             y[row + r] = round_out ? round_bf16(v) : v;
         }
     }
@@ -724,8 +953,7 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
     float *o = att + n_att, *scores = o + hidden, *head_tmp = scores + n_heads * n_keys;
     const void *res_mid = residual ? res_out : x;  /* the residual stream after the input norm's add */
     rms_row(x, 0, residual, in_norm_w, NULL, xn, residual ? res_out : NULL, hidden, eps, bf16, h);
-    if (reads_permuted(kind)) permute_for_bf16(xn, xp, hidden);
-    else memcpy(xp, xn, (size_t)hidden * sizeof(float));
+    lay_out(xn, xp, hidden, x_layout(kind, 0));
     const size_t elem = bf16 ? 2 : 4;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -774,7 +1002,7 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
                 float a = tmp[i] / sum;
                 if (bf16) a = round_bf16(a);
                 int64_t at = hd * head_dim + i;
-                att[reads_permuted(kind) ? permuted_index(at, n_att) : at] = a;
+                att[layout_index(at, n_att, x_layout(kind, 0))] = a;
             }
         }
 #pragma omp barrier
@@ -851,12 +1079,15 @@ static void route_token(const float *logits, const float *bias, int64_t num_expe
  *   chosen experts and the shared one as ming_moe_decode (ptrs ... shared_kind as there, activations
  *   rounded when bf16); the chosen ids and weights are written to ids_out / weights_out when given;
  *   dense layer (router_w NULL): the "shared" SwiGLU alone.
- * The shared SwiGLU's matrices are fp32, bf16 or int8 (shared_kind; int8 with their per-row scales).
- * Returns 0; -1 for a bad routing configuration; -2 when out of memory; -4 for an int8 shared expert
+ * The routed experts as ming_moe_decode takes them (int4: gate_up_group, down_group). The shared SwiGLU's
+ * matrices are fp32, bf16 or int8 (shared_kind; int8 with their per-row scales).
+ * Returns 0; -1 for a bad routing configuration; -2 when out of memory; -4 for routed experts' scales that
+ * do not go with their kind, or an int8 shared expert
  * without its scales. */
 int ming_mlp_decode(const void *x, int bf16, const void *router_w, int router_kind, int router_bf16,
                     const float *expert_bias, int64_t num_experts, int64_t n_group, int64_t topk_group, int64_t top_k, float scaling,
-                    const int64_t *ptrs, const int64_t *scale_ptrs, int w_kind, int64_t inter,
+                    const int64_t *ptrs, const int64_t *scale_ptrs, int w_kind, int64_t gate_up_group,
+                    int64_t down_group, int64_t inter,
                     const void *shared_gate, const void *shared_up, const void *shared_down, int64_t shared_inter,
                     int shared_kind, const float *shared_gate_scale, const float *shared_up_scale,
                     const float *shared_down_scale, int64_t hidden, void *y, int64_t *ids_out, float *weights_out,
@@ -868,6 +1099,7 @@ int ming_mlp_decode(const void *x, int bf16, const void *router_w, int router_ki
     else if (n_group < 1 || num_experts % n_group || topk_group < 1 || topk_group > n_group || top_k < 1 ||
              top_k > num_experts || top_k > MAX_SLOTS - 1 || (router_kind != W_F32 && router_kind != W_BF16))
         return -1;
+    if (router_w && !experts_fit(w_kind, scale_ptrs, gate_up_group, down_group, hidden, inter)) return -4;
     const int64_t inter_all = top_k * inter + (shared_gate ? shared_inter : 0);
     const size_t floats = (size_t)(hidden + 3 * inter_all + (router_w ? 3 * num_experts : 0));
     float *buf = (float *)malloc(floats * sizeof(float) + (size_t)num_experts);
@@ -876,7 +1108,7 @@ int ming_mlp_decode(const void *x, int bf16, const void *router_w, int router_ki
     int rc = 0;
     if (router_w) {
         float *xbuf;
-        const float *xf = activations(x, bf16, reads_permuted(router_kind), 1, hidden, &xbuf);
+        const float *xf = activations(x, bf16, x_layout(router_kind, 0), 1, hidden, &xbuf);
         if (!xf) { free(buf); return -2; }
         if (router_bf16 && !bf16) {  /* the bf16 router reads fp32 activations rounded to bf16 */
             float *rounded = (float *)malloc((size_t)hidden * sizeof(float));
@@ -899,8 +1131,8 @@ int ming_mlp_decode(const void *x, int bf16, const void *router_w, int router_ki
     }
     expert_slot slot[MAX_SLOTS];
     int routed;
-    int n = expert_slots(ptrs, scale_ptrs, num_experts, w_kind, ids, route_w, top_k, inter, shared_gate, shared_up,
-                         shared_down, shared_inter, shared_kind, shared_scales, slot, &routed);
+    int n = expert_slots(ptrs, scale_ptrs, num_experts, w_kind, gate_up_group, down_group, ids, route_w, top_k, inter,
+                         shared_gate, shared_up, shared_down, shared_inter, shared_kind, shared_scales, slot, &routed);
     if (n < 0) rc = n;
     else rc = run_experts(slot, n, routed, x, bf16, hidden, bf16, out, scratch, nthreads);
     if (rc == 0)
