@@ -37,8 +37,8 @@ Method
   ``int8`` / ``int4``: the same routed experts quantised (engine.placement.quant) and run by
   :class:`engine.kernels.QuantizedCpuExperts` (torch's int8 weight-only kernel, int8 decode by the native
   kernel with the shared expert in its pass where it is built; int4 read in its storage layout by the native
-  kernels: decode in one native call with the shared expert, prefill dequantised natively for torch's GEMM;
-  ``int4-torch``: torch's int4 kernel on its own layout, the engine's fallback), activations in
+  kernel, decode in one native call with the shared expert; ``int4-torch``: torch's int4 kernel on its own
+  layout, the engine's fallback where the native kernels are not built), activations in
   ``--dtype``; their bytes are the quantised bytes (scales included), so ``roofline`` compares the
   bytes they really read with the bandwidth, and ``ms/call`` compares them with the bf16 paths.
   ``kt-bf16`` / ``kt-int8`` / ``kt-int4``: KTransformers' CPU MoE kernels (optional package

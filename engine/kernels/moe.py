@@ -542,23 +542,21 @@ class _Buffers(threading.local):
 
 
 class _NativeInt4Matrix:
-    """int4 [out, in/2] with group scales, read in place by the native kernels (no copy in another layout):
-    one row of activations (decode) through the int4 GEMV, which dequantises in registers; more rows by
-    dequantising into a reused buffer (natively, at memory speed) and torch's GEMM, which has the bf16 / AMX
-    instructions (bench/cpu_gemv.py, int4 section: faster than torch's int4 kernel from 2 rows on). Both
-    compute W as dequantize() does."""
+    """int4 [out, in/2] with group scales, read in place by the native int4 kernel (dequantised in registers,
+    no copy in another layout) for any number of activation rows. Against torch's int4 kernel on this
+    matrix's own layout (bench/moe_layer_cpu.py, int4 vs int4-torch): faster for one row (decode) in bf16,
+    and by tens of times in fp32 (torch's fp32 int4 path is not vectorised); slower for bf16 blocks of
+    several rows (torch's uses bf16 dot-product instructions; this one sums in fp32)."""
 
-    def __init__(self, bound: native.BoundLinear, dtype: torch.dtype, buffers: _Buffers):
-        self.bound, self.dtype, self.buffers = bound, dtype, buffers
+    def __init__(self, bound: native.BoundLinear):
+        self.bound = bound
         self.q, self.scale = bound.weight, bound.scale  # what the native expert table reads
-        self.shape = (bound.n, bound.k)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            y = self.bound(x)
-            if y is not None:
-                return y
-        return F.linear(x, self.bound.dequantize(self.buffers.get(self.shape, x.dtype)))
+        y = self.bound(x)
+        if y is None:
+            raise ValueError(f"int4 experts take fp32 / bf16 CPU activations; got {x.dtype} on {x.device}")
+        return y
 
 
 class _DequantMatrix:
@@ -630,7 +628,7 @@ class QuantizedCpuExperts:
         if self.kernel == "int4" and self.native_int4 and scale.dim() == 2:
             bound = native.bind_linear(q.contiguous(), 0, scale)  # None: no native kernels, or groups they do not take
             if bound is not None:
-                return _NativeInt4Matrix(bound, self.dtype, self._buffers)
+                return _NativeInt4Matrix(bound)
         if self.kernel == "int4" and q.shape[0] % INT4_CPU_ROW_MULTIPLE == 0 \
                 and cols // scale.shape[-1] in INT4_CPU_GROUPS:
             return _Int4Matrix(q, scale, self.dtype)

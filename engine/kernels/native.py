@@ -5,7 +5,8 @@ experts, decode-sized RMSNorm and rotary, and the two halves of a decoder layer 
 Decode on the CPU is a chain of GEMVs, and torch's GEMV reads weights well below the memory bandwidth
 (bench/cpu_gemv.py: 11-19 GB/s of a 26-34 GB/s machine; oneDNN's pre-packed fp32 path 21-28 GB/s, and it
 has no bf16 path on CPUs without native bf16). These kernels stream the checkpoint's own row-major
-[out, in] weights (fp32 or bf16, no repacking) on torch's OpenMP threads.
+[out, in] weights (fp32 or bf16, no repacking; int8 with row scales and int4 with group scales in the
+engine's quantised storage, read in place) on torch's OpenMP threads.
 
 The C source is compiled on first use (about a second) with the system C compiler for this CPU
 (``-march=native``) into the studio cache (``$MING_STUDIO_CACHE`` or ``~/.cache/ming-omni-studio``,
@@ -126,8 +127,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ming_mlp_decode.argtypes = (p, i32, p, i32, i32, p, i64, i64, i64, i64, f32, p, p, i32, i64, i64, i64, p, p, p,
                                     i64, i32, p, p, p, i64, p, p, p, i32)
     lib.ming_mlp_decode.restype = i32
-    lib.ming_dequant_int4.argtypes = (p, p, i64, i64, i64, p, i32, i32)
-    lib.ming_dequant_int4.restype = i32
     lib.ming_vector_floats.argtypes = ()
     lib.ming_vector_floats.restype = i32
 
@@ -287,20 +286,6 @@ class BoundLinear:
             raise RuntimeError(f"native linear: the kernel refused {rows} rows (code {code})")
         return y
 
-    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
-        """An int4 weight dequantised into ``out`` (a contiguous CPU fp32 / bf16 [n, k] tensor): each value
-        (nibble - 8) * scale in fp32, rounded once to out's dtype, as engine.kernels.dequant.dequantize
-        computes it. Returns out."""
-        if self.group == 0:
-            raise ValueError("only int4 weights are dequantised here")
-        if out.dtype not in _DTYPES or out.device.type != "cpu" or tuple(out.shape) != (self.n, self.k) \
-                or not out.is_contiguous():
-            raise ValueError(f"dequantize: out must be a contiguous CPU fp32/bf16 tensor of shape {(self.n, self.k)}")
-        code = self.lib.ming_dequant_int4(self.ptr, self.scale_ptr, self.group, self.n, self.k, out.data_ptr(),
-                                          out.dtype == torch.bfloat16, torch.get_num_threads())
-        if code != 0:
-            raise RuntimeError(f"native dequantize: the kernel refused groups of {self.group} (code {code})")
-        return out
 
 
 def bind_linear(weight: torch.Tensor, min_bytes: int | None = None, scale: torch.Tensor | None = None

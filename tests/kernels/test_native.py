@@ -478,10 +478,6 @@ def _check_int4_linear(dtype, rows, n, k, gen):
     # the dequantised weights are exact in fp32 (what dequantize() computes), so only the sum's order and
     # the output's rounding remain: the plain kernels' tolerance
     assert _rel_err(got, x.double() @ w.double().T) <= (1e-5 if dtype == torch.float32 else 2 ** -7)
-    # a prefill block's weights, dequantised natively as dequantize() computes them (one fp32 product,
-    # one rounding to the dtype)
-    out = bound.dequantize(torch.empty(n, k, dtype=dtype))
-    assert _rel_err(out, w.to(dtype)) <= (2 ** -23 if dtype == torch.float32 else 2 ** -8)
 
 
 def _check_int4_experts(dtype, experts, hidden, inter, top_k, gen):
@@ -536,8 +532,6 @@ def test_int4_refuses_what_it_cannot_run():
         native.BoundLinear(q, native._lib, scale[:, :1].expand(8, 3).contiguous())
     with pytest.raises(ValueError, match="scales"):  # scales of another row count
         native.BoundLinear(q, native._lib, scale[:4].contiguous())
-    with pytest.raises(ValueError, match="only int4"):
-        native.BoundLinear(torch.randn(8, 256), native._lib).dequantize(torch.empty(8, 256))
 
 
 @needs_compiler

@@ -13,8 +13,9 @@
  * Decode reads every weight once per token, so the GEMV kernels are memory bound: each thread streams
  * a contiguous slice of rows, one row after the other with software prefetch ahead of it, and the
  * activations stay in cache. Weights are row-major [n, k] fp32 or bf16 (the checkpoint's [out, in]
- * layout, no repacking). Products are summed in fp32 (bf16 weights are widened exactly); a bf16 result
- * is rounded to nearest even, as torch rounds. Sums run in another order than torch's kernels: results
+ * layout, no repacking), int8 with per-row scales or int4 with group scales (the engine's quantised
+ * storage, read in place: see W_I4). Products are summed in fp32 (bf16 weights are widened exactly, int4
+ * ones dequantised exactly as dequantize() does); a bf16 result is rounded to nearest even, as torch rounds. Sums run in another order than torch's kernels: results
  * agree within fp32 rounding, not bit for bit.
  */
 #include <math.h>
@@ -528,42 +529,6 @@ int ming_linear(const void *w, int w_kind, const float *w_scale, int64_t w_group
         }
     }
     free(xbuf);
-    return 0;
-}
-
-/* W [n, k] = the int4 matrix q [n, k / 2] with group scales [n, k / group] dequantised (W_I4: (nibble - 8) *
- * scale in fp32, as dequantize() computes it), written as fp32 or, when out_bf16, rounded once to bf16: the
- * weights of a prefill block's GEMM (a BLAS GEMM with the bf16 / AMX instructions this kernel file does not
- * use beats dequantising in registers once a block has more than one row). Returns 0; -4 for a group that
- * does not divide k or is odd. */
-int ming_dequant_int4(const uint8_t *q, const float *scale, int64_t group, int64_t n, int64_t k, void *out,
-                      int out_bf16, int nthreads) {
-    if (group < 2 || group % 2 || k % group) return -4;
-    const int64_t groups = k / group;
-    int nt = team_size(nthreads, n * k / 2);
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (int64_t row = 0; row < n; row++) {
-        const uint8_t *qr = q + row * (k / 2);
-        for (int64_t g = 0; g < groups; g++) {
-            const float s = scale[row * groups + g];
-            const int64_t c0 = g * group;
-            if (out_bf16) {
-                uint16_t *o = (uint16_t *)out + row * k + c0;
-                for (int64_t j = 0; j < group / 2; j++) {
-                    const uint8_t b = qr[c0 / 2 + j];
-                    o[2 * j] = f32_to_bf16((float)((int)(b & 15) - 8) * s);
-                    o[2 * j + 1] = f32_to_bf16((float)((int)(b >> 4) - 8) * s);
-                }
-            } else {
-                float *o = (float *)out + row * k + c0;
-                for (int64_t j = 0; j < group / 2; j++) {
-                    const uint8_t b = qr[c0 / 2 + j];
-                    o[2 * j] = (float)((int)(b & 15) - 8) * s;
-                    o[2 * j + 1] = (float)((int)(b >> 4) - 8) * s;
-                }
-            }
-        }
-    }
     return 0;
 }
 
