@@ -468,18 +468,21 @@ def main() -> None:
                 continue
             info["kernel"] = kernel
         decode = bench_decode(call, shape, bandwidth, args.seed + 1, nbytes)
-        prefill = bench_prefill(call, shape, args.prefill_tokens, bandwidth, args.seed + 2, nbytes)
-        results[path] = {"decode": asdict(decode), "prefill": asdict(prefill), **info}
+        results[path] = {"decode": asdict(decode), **info}
+        if args.prefill_tokens > 0:  # 0: decode only
+            results[path]["prefill"] = asdict(bench_prefill(call, shape, args.prefill_tokens, bandwidth, args.seed + 2,
+                                                             nbytes))
         del call, source
         gc.collect()
 
+    modes = ("decode", "prefill") if args.prefill_tokens > 0 else ("decode",)
     meter = ContentionMeter()
     bandwidth_end = measure_bandwidth()
     if bandwidth_end > bandwidth:
         bandwidth = bandwidth_end
         baseline_other_load = meter.other_load()
         for res in results.values():
-            for mode in ("decode", "prefill"):
+            for mode in modes:
                 r = res[mode]
                 assert isinstance(r, dict)
                 r["roofline_fraction"] = float(r["achieved_gbs"]) / bandwidth
@@ -487,7 +490,9 @@ def main() -> None:
     headline_path = next((p for p in ("packed", "packed-native", "packed-onednn", "plain") if p in results),
                          next(iter(results)))
     head = results[headline_path]
-    decode_r, prefill_r = head["decode"], head["prefill"]
+    decode_r = head["decode"]
+    prefill_r = head.get("prefill") or {k: None for k in ("roofline_fraction", "ms_per_call", "weight_bytes",
+                                                           "achieved_gbs", "gflops")}
     assert isinstance(decode_r, dict) and isinstance(prefill_r, dict)
     summary = {
         "path": headline_path,
@@ -510,7 +515,8 @@ def main() -> None:
         "decode_gbs": decode_r["achieved_gbs"],
         "prefill_gbs": prefill_r["achieved_gbs"],
         "prefill_gflops": prefill_r["gflops"],
-        "prefill_compute_fraction": float(prefill_r["gflops"]) / gemm_gflops,  # type: ignore[arg-type]
+        "prefill_compute_fraction": (None if prefill_r["gflops"] is None
+                                     else float(prefill_r["gflops"]) / gemm_gflops),  # type: ignore[arg-type]
         "paths": results,
     }
     if args.json:
@@ -525,15 +531,15 @@ def main() -> None:
         f"measured read bandwidth: {bandwidth:.1f} GB/s; dense GEMM {GEMM_SHAPE}: {gemm_gflops:.0f} GFLOP/s "
         f"(other processes' CPU load meanwhile: {baseline_other_load:.2f}){_flag(baseline_other_load)}"
     )
-    header = f"{'path':<8} {'mode':<8} {'ms/call':>9} {'weight MB':>10} {'GB/s':>7} {'roofline':>9} {'GFLOP/s':>8} {'other load':>11}"
+    header = f"{'path':<11} {'mode':<8} {'ms/call':>9} {'weight MB':>10} {'GB/s':>7} {'roofline':>9} {'GFLOP/s':>8} {'other load':>11}"
     print(header)
     print("-" * len(header))
     for path, res in results.items():
-        for mode in ("decode", "prefill"):
+        for mode in modes:
             r = res[mode]
             assert isinstance(r, dict)
             print(
-                f"{path:<8} {mode:<8} {r['ms_per_call']:>9.2f} {r['weight_bytes'] / 1e6:>10.1f} "
+                f"{path:<11} {mode:<8} {r['ms_per_call']:>9.2f} {r['weight_bytes'] / 1e6:>10.1f} "
                 f"{r['achieved_gbs']:>7.1f} {r['roofline_fraction']:>9.2f} {r['gflops']:>8.1f} "
                 f"{r['other_cpu_load']:>11.2f}{_flag(float(r['other_cpu_load']))}"  # type: ignore[arg-type]
             )
@@ -545,10 +551,10 @@ def main() -> None:
     for path, res in results.items():
         if "kernel" in res:
             print(f"{path} path kernel: {res['kernel']}")
-    print(
-        f"headline ({headline_path}): roofline_fraction decode {summary['roofline_fraction_decode']:.2f}, "
-        f"prefill {summary['roofline_fraction_prefill']:.2f} (prefill at {summary['prefill_compute_fraction']:.2f} of the dense GEMM rate)"
-    )
+    prefill_line = ("" if "prefill" not in modes else
+                    f", prefill {summary['roofline_fraction_prefill']:.2f} (prefill at "
+                    f"{summary['prefill_compute_fraction']:.2f} of the dense GEMM rate)")
+    print(f"headline ({headline_path}): roofline_fraction decode {summary['roofline_fraction_decode']:.2f}{prefill_line}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The engine at the real Ming-flash-omni 2.0 shape: decode and prefill per placement, extrapolated to 32 layers.
 
     python bench/real_shape.py [--config DIR] [--layers 2,6] [--batches 1,8] [--prompt-tokens 512]
-                               [--decode-steps 32] [--placements resident,fp8,int8,offload,offload_fp8]
+                               [--decode-steps 32] [--placements resident,fp8,int8,int4,offload,offload_fp8]
                                [--experts N] [--set KEY=VALUE ...] [--device cuda|cpu] [--json]
 
 No checkpoint is read: the LLM is built from the real config (``--config``, default the 2.0 config in
@@ -22,8 +22,8 @@ Method
   the same run (a large device copy, read + write).
 * Host syncs per step (engine.tools.host_sync, the token read excluded) and, on CUDA, kernels per step
   and the share of the step the GPU is busy (torch.profiler); on the CPU the dispatched ops per step.
-* Placements: ``resident`` (every expert in the model dtype on the device), ``fp8`` / ``int8`` (the
-  experts quantised, engine.placement.quant), ``offload`` / ``offload_fp8`` (the planner's plan for one
+* Placements: ``resident`` (every expert in the model dtype on the device), ``fp8`` / ``int8`` / ``int4``
+  (the experts quantised, engine.placement.quant; int8 and int4 are the no-GPU formats), ``offload`` / ``offload_fp8`` (the planner's plan for one
   80 GB GPU + 256 GB host: each MoE layer's experts split between the GPU and host memory as the plan
   splits the real layer, cold experts computed by the CPU through engine.placement.expert_runtime; on a
   machine without CUDA the GPU slot is simulated on the CPU, so only the code path is measured).
@@ -66,7 +66,8 @@ from engine.tools.host_sync import HostSyncCounter  # noqa: E402
 
 SHARED = Path(os.environ.get("MING_SHARED_DIR", REPO.parent / "shared"))
 DEFAULT_CONFIG = SHARED / "fixtures" / "real_configs" / "ming-flash-omni-2.0"
-PLACEMENTS = ("resident", "fp8", "int8", "offload", "offload_fp8")
+PLACEMENTS = ("resident", "fp8", "int8", "int4", "offload", "offload_fp8")
+QUANT_WIDTH = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}  # bytes per expert weight (scales not counted: <= 1/32 more)
 INIT_BLOCK = 1 << 24  # elements initialised at a time
 OFFLOAD_DEVICES = ("80GB", "256GB")  # the planner's one-GPU case: 1 x 80 GB + 256 GB host memory
 
@@ -131,7 +132,7 @@ def offload_plan(real: MingConfig, expert_dtype: str):
 def apply_placement(llm, placement: str, real: MingConfig, cfg: LLMConfig, device: torch.device) -> dict:
     """Quantise / offload the experts as `placement` says; returns notes for the table."""
     notes: dict = {}
-    expert_dtype = {"fp8": "fp8", "int8": "int8", "offload_fp8": "fp8"}.get(placement, "bf16")
+    expert_dtype = {"fp8": "fp8", "int8": "int8", "int4": "int4", "offload_fp8": "fp8"}.get(placement, "bf16")
     if expert_dtype != "bf16":
         for bank in moe_banks(llm).values():
             quant.quantize_bank_(bank, expert_dtype)
@@ -210,13 +211,13 @@ def step_bytes(llm, cfg: LLMConfig, batch: int, context: int) -> float:
     distinct = e * (1 - (1 - k / e) ** batch)
     for bank in moe_banks(llm).values():
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-        width = 1 if bank.expert_dtype in ("fp8", "int8") else torch.finfo(torch.bfloat16).bits // 8
+        width = QUANT_WIDTH.get(bank.expert_dtype, torch.finfo(torch.bfloat16).bits // 8)
         if bank.packed is None and bank.runtime is None and not bank.gate_proj.is_meta:
             width = bank.gate_proj.element_size()
         total += distinct * per_expert * width
     kv_width = torch.tensor([], dtype=next(llm.parameters()).dtype).element_size()
     total += cfg.num_hidden_layers * batch * context * 2 * cfg.num_key_value_heads * cfg.head_dim * kv_width
-    return total
+    return int(total)
 
 
 def profile_steps(run_step, device: torch.device, n: int) -> dict:
