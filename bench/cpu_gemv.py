@@ -14,7 +14,11 @@ these read weights. This measures, in one run:
 * the fixed cost per call: one small matrix (in cache) called repeatedly, plain vs packed, to show
   where engine.kernels.ONEDNN_FP32_MIN_BYTES (fp32 matrices below it stay unpacked) comes from;
 * int8 weights with one scale per row (the no-GPU option ``--linear-dtype int8``; int8 experts): torch's
-  weight-only int8 kernel against the native one, fp32 and bf16 activations, streamed as above.
+  weight-only int8 kernel against the native one, fp32 and bf16 activations, streamed as above;
+* int4 weights with a scale per 128 columns (the no-GPU expert format) at the real model's expert shapes:
+  torch's int4 kernel (on its own layout) against the native one (on the engine's storage), for a decode
+  row and the few-row blocks an expert gets in prefill; fp32 activations through torch's kernel are timed
+  on fewer matrices (that path is not vectorised: tens of times slower, so compute bound either way).
 
 The figures move with other processes on the machine; ratios from the same run are what to compare.
 """
@@ -94,6 +98,34 @@ def streamed_int8(n: int, k: int, dtype: torch.dtype, mib: int) -> dict:
     return row
 
 
+INT4_SHAPES = (("real expert gate+up", 2048, 4096), ("real expert down", 4096, 1024))
+INT4_ROWS = (1, 4, 16)
+INT4_TORCH_FP32_MATRICES = 4
+
+
+def streamed_int4(n: int, k: int, dtype: torch.dtype, rows: int, mib: int) -> dict:
+    """int4 [n, k] weights with group scales, ``rows`` activation rows of ``dtype``: torch's int4 kernel vs
+    the native one."""
+    from engine.kernels.moe import _Int4Matrix, int4_cpu_kernel_available
+    from engine.placement.quant import quantize
+
+    count = max(2, mib * 2**20 // (n * k // 2))
+    gen = torch.Generator().manual_seed(n * k + 4)
+    mats = [quantize(torch.randn(n, k, generator=gen), "int4") for _ in range(count)]
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    nbytes = n * k // 2
+    row: dict = {"matrices": count}
+    if native.available():
+        bound = [native.bind_linear(q, min_bytes=0, scale=sc) for q, sc in mats]
+        row["native_gbs"] = count * nbytes / _seconds(lambda: [b(x) for b in bound], 3) / 1e9
+        del bound
+    if int4_cpu_kernel_available():
+        used = mats if dtype != torch.float32 else mats[:INT4_TORCH_FP32_MATRICES]
+        torch_mats = [_Int4Matrix(q, sc, dtype) for q, sc in used]
+        row["torch_gbs"] = len(used) * nbytes / _seconds(lambda: [m(x) for m in torch_mats], 3) / 1e9
+    return row
+
+
 def per_call(n: int, dtype: torch.dtype) -> dict:
     w = torch.randn(n, n).to(dtype)
     x = torch.randn(1, n).to(dtype)
@@ -116,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out: dict = {"threads": args.threads, "read_gbs": read_bandwidth(args.mib), "streamed": {}, "per_call": {},
-                 "int8": {}}
+                 "int8": {}, "int4": {}}
     with torch.inference_mode():
         for dname, dtype in DTYPES.items():
             for name, n, k in SHAPES:
@@ -124,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                 out["int8"][f"int8, {dname} x: {name} [{n}x{k}]"] = streamed_int8(n, k, dtype, args.mib)
             for n in SMALL:
                 out["per_call"][f"{dname} {n}x{n}"] = per_call(n, dtype)
+            for name, n, k in INT4_SHAPES:
+                for rows in INT4_ROWS:
+                    out["int4"][f"int4, {dname} x{rows}: {name} [{n}x{k}]"] = streamed_int4(n, k, dtype, rows,
+                                                                                              args.mib // 2)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -145,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in out["int8"].items():
         t, n_ = r.get("torch_gbs"), r.get("native_gbs")
         print(f"{name:40s} " + (f"{t:10.1f}" if t else f"{na:>10s}") + (f" {n_:11.1f} {n_ / bw:9.2f}" if n_ else
+              f" {na:>11s} {na:>9s}") + (f" {n_ / t:12.2f}" if t and n_ else f" {na:>12s}"))
+    print(f"\n{'int4 weights + scale per 128, streamed':44s} {'torch GB/s':>10s} {'native GB/s':>11s} "
+          f"{'native/bw':>9s} {'native/torch':>12s}")
+    for name, r in out["int4"].items():
+        t, n_ = r.get("torch_gbs"), r.get("native_gbs")
+        print(f"{name:44s} " + (f"{t:10.2f}" if t else f"{na:>10s}") + (f" {n_:11.2f} {n_ / bw:9.2f}" if n_ else
               f" {na:>11s} {na:>9s}") + (f" {n_ / t:12.2f}" if t and n_ else f" {na:>12s}"))
     print(f"\n{'one matrix in cache, per call':40s} {'KiB':>6s} {'plain us':>9s} {'packed us':>10s} {'native us':>10s}")
     for name, r in out["per_call"].items():

@@ -240,7 +240,7 @@ def _scale_layout(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[int
         return cols, _plain(scale.float().contiguous(), torch.float32, (n,)), 0
     if weight.dtype == torch.uint8 and scale is not None and scale.dim() == 2 and scale.shape[0] == n:
         k, groups = 2 * cols, scale.shape[1]
-        group = k // groups if groups else 0
+        group = k // groups if groups and k % groups == 0 else 0  # 0: refused below
         if not int4_group_fits(group, k):
             raise ValueError(f"int4 groups of {group} columns (rows of {k}) do not fit the native kernels")
         return k, _plain(scale.float().contiguous(), torch.float32, (n, groups)), group
@@ -337,8 +337,9 @@ class ExpertTable:
             scales = tuple([t.float().contiguous() for t in m] for m in scales)
             if packed == 2:  # one group width per matrix role, from the first expert's scales
                 groups = [m[0].shape[-1] if m[0].dim() == 2 else 0 for m in scales]
-                self.gate_up_group = self.hidden // groups[0] if groups[0] and groups[0] == groups[1] else 0
-                self.down_group = self.inter // groups[2] if groups[2] else 0
+                self.gate_up_group = (self.hidden // groups[0] if groups[0] and groups[0] == groups[1]
+                                      and self.hidden % groups[0] == 0 else 0)  # 0: refused below
+                self.down_group = self.inter // groups[2] if groups[2] and self.inter % groups[2] == 0 else 0
                 if not (int4_group_fits(self.gate_up_group, self.hidden) and int4_group_fits(self.down_group, self.inter)):
                     raise ValueError(f"int4 expert groups of {self.gate_up_group} / {self.down_group} columns do not fit "
                                      "the native kernels")

@@ -532,6 +532,14 @@ def test_int4_refuses_what_it_cannot_run():
         native.BoundLinear(q, native._lib, scale[:, :1].expand(8, 3).contiguous())
     with pytest.raises(ValueError, match="scales"):  # scales of another row count
         native.BoundLinear(q, native._lib, scale[:4].contiguous())
+    q, scale = quantize(torch.randn(8, 2048), "int4")
+    with pytest.raises(ValueError, match="int4 groups"):  # 63 groups would read as 64 groups of 32 columns
+        native.BoundLinear(q, native._lib, torch.ones(8, 63))
+    gate, down = torch.zeros(64, 1024, dtype=torch.uint8), torch.zeros(2048, 32, dtype=torch.uint8)
+    down_scale = [torch.ones(2048, 2)]  # groups of 32 of I = 64: fits
+    native.ExpertTable([gate], [gate], [down], ([torch.ones(64, 64)], [torch.ones(64, 64)], down_scale))
+    with pytest.raises(ValueError, match="int4 expert groups"):  # nor do expert tables take 63 groups of H = 2048
+        native.ExpertTable([gate], [gate], [down], ([torch.ones(64, 63)], [torch.ones(64, 63)], down_scale))
 
 
 @needs_compiler

@@ -15,8 +15,9 @@
  * activations stay in cache. Weights are row-major [n, k] fp32 or bf16 (the checkpoint's [out, in]
  * layout, no repacking), int8 with per-row scales or int4 with group scales (the engine's quantised
  * storage, read in place: see W_I4). Products are summed in fp32 (bf16 weights are widened exactly, int4
- * ones dequantised exactly as dequantize() does); a bf16 result is rounded to nearest even, as torch rounds. Sums run in another order than torch's kernels: results
- * agree within fp32 rounding, not bit for bit.
+ * ones dequantised exactly as dequantize() does); a bf16 result is rounded to nearest even, as torch
+ * rounds. Sums run in another order than torch's kernels: results agree within fp32 rounding, not bit for
+ * bit.
  */
 #include <math.h>
 #include <stdint.h>
@@ -254,9 +255,9 @@ static inline vf load_i4_octet(vu v, int t, vf table, float scale) {
 #endif
 #endif
 
-/* Dot products of one weight row of `kind` with M activation rows x_r = x + r * k (M <= ROW_GROUP; bf16 and
- * int4: x laid out by permute_for_bf16; int8 sums unscaled, the caller applies the row's scale; int4: `ws` the
- * row's group scales, `group` a multiple of 2*VL dividing k, so a chunk never straddles two groups). Each row's sum
+/* Dot products of one weight row of `kind` with M activation rows x_r = x + r * k (M <= ROW_GROUP; x laid out
+ * as x_layout says; int8 sums unscaled, the caller applies the row's scale; int4: `ws` the row's group
+ * scales, `group` a multiple of 2*VL dividing k, so a chunk never straddles two groups). Each row's sum
  * runs in one order whatever M is and however the row is cut into spans: two accumulators over alternate
  * vectors (dot_span, full chunks of 2*VL), then dot_finish (fp32/int8: one more vector into the first
  * accumulator; the two summed; the scalar tail), so a row's result does not depend on the batch it comes
