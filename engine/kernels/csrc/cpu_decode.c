@@ -258,55 +258,58 @@ static inline vf load_i4_octet(vu v, int t, vf table, float scale) {
 /* Dot products of one weight row of `kind` with M activation rows x_r = x + r * k (M <= ROW_GROUP; x laid out
  * as x_layout says; int8 sums unscaled, the caller applies the row's scale; int4: `ws` the row's group
  * scales, `group` a multiple of 2*VL dividing k, so a chunk never straddles two groups). Each row's sum
- * runs in one order whatever M is and however the row is cut into spans: two accumulators over alternate
- * vectors (dot_span, full chunks of 2*VL), then dot_finish (fp32/int8: one more vector into the first
- * accumulator; the two summed; the scalar tail), so a row's result does not depend on the batch it comes
- * in. Called with M a constant (the switches below), so the accumulators stay in registers: 2 * ROW_GROUP
- * of them, plus the weights and one activation vector, fit AVX2's 16 vector registers. */
+ * runs in one order whatever M is and however the row is cut into spans: accumulators over alternate
+ * vectors (dot_span, full chunks of 2*VL: two for fp32, bf16 and int8; four for int4, whose chunk holds a
+ * quarter of a bf16 one's bytes, so that its multiply-adds do not wait on each other's latency), carried
+ * from span to span, then dot_finish (fp32/int8: one more vector into the first accumulator; all summed;
+ * the scalar tail), so a row's result does not depend on the batch it comes in. Called with M a constant
+ * (the switches below), so the accumulators stay in registers. */
 #define ROW_GROUP 4
 
-/* acc_a/acc_b[r] += the products of chunks [i0, i1) (multiples of 2*VL) of the weight row with x_r. */
+typedef struct { vf v[4]; } acc4;  /* one activation row's accumulators */
+
+/* acc[r] += the products of chunks [i0, i1) (multiples of 2*VL) of the weight row with x_r. */
 static inline __attribute__((always_inline)) void dot_span(const void *w, int kind, const float *ws, int64_t group,
                                                            int64_t i0, int64_t i1, const float *x, int64_t k, const int M,
-                                                           vf *acc_a, vf *acc_b) {
+                                                           acc4 *acc) {
     vf a[ROW_GROUP], b[ROW_GROUP];
-    for (int r = 0; r < M; r++) { a[r] = acc_a[r]; b[r] = acc_b[r]; }
-    if (kind == W_I4) {
-        /* One group at a time, [i0, i1) being whole groups (see dot_block_tiled), summed into four fresh
-         * accumulators (two chunks of VL bytes per step: a chunk holds a quarter of what a bf16 one does, and
-         * two dependent multiply-adds per chunk would leave the loop waiting on their latency), then added to
-         * a and b: a row's sums run in one order whatever M and the spans are. */
+    for (int r = 0; r < M; r++) { a[r] = acc[r].v[0]; b[r] = acc[r].v[1]; }
+    if (kind == W_I4) {  /* a group at a time (its scale in the table of its 16 values) */
         const uint8_t *wq = (const uint8_t *)w;
+        vf c[ROW_GROUP], d[ROW_GROUP];
+        for (int r = 0; r < M; r++) { c[r] = acc[r].v[2]; d[r] = acc[r].v[3]; }
 #if VL == 16
         if (octets_fit(group)) {  /* X_OCTETS: 128 columns per 64-byte load, eight vectors of weights */
             for (int64_t g0 = i0, g1, gi = i0 / group; g0 < i1; g0 = g1, gi++) {
                 g1 = g0 + group < i1 ? g0 + group : i1;
                 const float s = ws[gi];
                 const vf table = i4_table(s);
-                vf acc[4][ROW_GROUP];
-                for (int r = 0; r < M; r++) acc[0][r] = acc[1][r] = acc[2][r] = acc[3][r] = (vf){0};
                 for (uint64_t i = (uint64_t)g0; i < (uint64_t)g1; i += OCTET_COLS) {
                     __builtin_prefetch(wq + i / 2 + PREFETCH_BYTES, 0, 3);
                     vu v;
                     memcpy(&v, wq + i / 2, sizeof v);
-                    for (int t = 0; t < 8; t++) {
-                        const vf wt = load_i4_octet(v, t, table, s);
-                        for (int r = 0; r < M; r++) acc[t % 4][r] = madd(acc[t % 4][r], wt, load_f32(x + r * k + i + 16 * t));
+                    for (int t = 0; t < 8; t += 4) {
+                        const vf w0 = load_i4_octet(v, t, table, s), w1 = load_i4_octet(v, t + 1, table, s);
+                        const vf w2 = load_i4_octet(v, t + 2, table, s), w3 = load_i4_octet(v, t + 3, table, s);
+                        for (int r = 0; r < M; r++) {
+                            const float *xr = x + r * k + i + 16 * t;
+                            a[r] = madd(a[r], w0, load_f32(xr));
+                            b[r] = madd(b[r], w1, load_f32(xr + 16));
+                            c[r] = madd(c[r], w2, load_f32(xr + 32));
+                            d[r] = madd(d[r], w3, load_f32(xr + 48));
+                        }
                     }
                 }
-                for (int r = 0; r < M; r++) { a[r] += acc[0][r] + acc[2][r]; b[r] += acc[1][r] + acc[3][r]; }
             }
-            for (int r = 0; r < M; r++) { acc_a[r] = a[r]; acc_b[r] = b[r]; }
+            for (int r = 0; r < M; r++) { acc[r].v[0] = a[r]; acc[r].v[1] = b[r]; acc[r].v[2] = c[r]; acc[r].v[3] = d[r]; }
             return;
         }
 #endif
         vf e0, o0, e1, o1;
-        for (int64_t g0 = i0, g1, gi = i0 / group; g0 < i1; g0 = g1, gi++) {
+        for (int64_t g0 = i0, g1, gi = i0 / group; g0 < i1; g0 = g1, gi++) {  /* X_PAIRS: two chunks a step */
             g1 = g0 + group < i1 ? g0 + group : i1;
             const float s = ws[gi];
             const vf table = i4_table(s);
-            vf ga[ROW_GROUP], gb[ROW_GROUP], gc[ROW_GROUP], gd[ROW_GROUP];
-            for (int r = 0; r < M; r++) { ga[r] = gb[r] = gc[r] = gd[r] = (vf){0}; }
             uint64_t i = (uint64_t)g0;
             for (; i + 4 * VL <= (uint64_t)g1; i += 4 * VL) {
                 __builtin_prefetch(wq + i / 2 + PREFETCH_BYTES, 0, 3);
@@ -314,21 +317,21 @@ static inline __attribute__((always_inline)) void dot_span(const void *w, int ki
                 load_i4_pairs(wq + i / 2 + VL, table, s, &e1, &o1);
                 for (int r = 0; r < M; r++) {
                     const float *xr = x + r * k + i;
-                    ga[r] = madd(ga[r], e0, load_f32(xr));
-                    gb[r] = madd(gb[r], o0, load_f32(xr + VL));
-                    gc[r] = madd(gc[r], e1, load_f32(xr + 2 * VL));
-                    gd[r] = madd(gd[r], o1, load_f32(xr + 3 * VL));
+                    a[r] = madd(a[r], e0, load_f32(xr));
+                    b[r] = madd(b[r], o0, load_f32(xr + VL));
+                    c[r] = madd(c[r], e1, load_f32(xr + 2 * VL));
+                    d[r] = madd(d[r], o1, load_f32(xr + 3 * VL));
                 }
             }
             if (i < (uint64_t)g1) {  /* a group of an odd number of chunks: its last one */
                 load_i4_pairs(wq + i / 2, table, s, &e0, &o0);
                 for (int r = 0; r < M; r++) {
-                    ga[r] = madd(ga[r], e0, load_f32(x + r * k + i));
-                    gb[r] = madd(gb[r], o0, load_f32(x + r * k + i + VL));
+                    a[r] = madd(a[r], e0, load_f32(x + r * k + i));
+                    b[r] = madd(b[r], o0, load_f32(x + r * k + i + VL));
                 }
             }
-            for (int r = 0; r < M; r++) { a[r] += ga[r] + gc[r]; b[r] += gb[r] + gd[r]; }
         }
+        for (int r = 0; r < M; r++) { acc[r].v[2] = c[r]; acc[r].v[3] = d[r]; }
     } else if (kind == W_BF16) {
         const uint16_t *wh = (const uint16_t *)w;
         vf e, o;
@@ -353,20 +356,21 @@ static inline __attribute__((always_inline)) void dot_span(const void *w, int ki
             }
         }
     }
-    for (int r = 0; r < M; r++) { acc_a[r] = a[r]; acc_b[r] = b[r]; }
+    for (int r = 0; r < M; r++) { acc[r].v[0] = a[r]; acc[r].v[1] = b[r]; }
 }
 
 /* out[r] = the sums of dot_span's accumulators after every full chunk, plus what is past them. */
 static inline __attribute__((always_inline)) void dot_finish(const void *w, int kind, int64_t k, const float *x,
-                                                             const int M, vf *a, vf *b, float *out) {
+                                                             const int M, acc4 *acc, float *out) {
     int64_t i = k - k % (2 * VL);  /* int4: k is a multiple of 2*VL, no tail */
     if (x_layout(kind, 0) == X_NATURAL && i + VL <= k) {
         vf w0 = load_w(w, kind, i);
-        for (int r = 0; r < M; r++) a[r] = madd(a[r], w0, load_f32(x + r * k + i));
+        for (int r = 0; r < M; r++) acc[r].v[0] = madd(acc[r].v[0], w0, load_f32(x + r * k + i));
         i += VL;
     }
     for (int r = 0; r < M; r++) {
-        float s = hsum(a[r] + b[r]);
+        const vf *v = acc[r].v;
+        float s = hsum(kind == W_I4 ? (v[0] + v[2]) + (v[1] + v[3]) : v[0] + v[1]);
         for (int64_t j = i; j < k; j++)
             s += (kind == W_BF16 ? bf16_to_f32(((const uint16_t *)w)[j]) : weight_at(w, kind, j)) * x[r * k + j];
         out[r] = s;
@@ -384,11 +388,10 @@ static inline __attribute__((always_inline)) void dot_finish(const void *w, int 
 static void dot_block_tiled(const char *w, int kind, const float *ws, int64_t group, int rows, size_t stride,
                             int64_t k, const float *x, int64_t m, float *dots) {
     const int64_t groups = group > 0 ? k / group : 0;
-    vf acc_a[ROWS][MAX_LINEAR_ROWS], acc_b[ROWS][MAX_LINEAR_ROWS];
-    memset(acc_a, 0, sizeof acc_a);
-    memset(acc_b, 0, sizeof acc_b);
+    acc4 acc[ROWS][MAX_LINEAR_ROWS];
+    memset(acc, 0, sizeof acc);
     const int64_t full = k - k % (2 * VL);
-    /* int4: tiles of whole groups (dot_span sums a group at a time) */
+    /* int4: tiles of whole groups (dot_span takes a group's scale at its start) */
     const int64_t tile = kind != W_I4 ? K_TILE : K_TILE >= group ? K_TILE / group * group : group;
     for (int64_t t0 = 0; t0 < full; t0 += tile) {
         const int64_t t1 = t0 + tile < full ? t0 + tile : full;
@@ -397,12 +400,12 @@ static void dot_block_tiled(const char *w, int kind, const float *ws, int64_t gr
                 const void *wj = w + (size_t)j * stride;
                 const float *sj = ws ? ws + j * groups : NULL;
                 const float *xr = x + r * k;
-                vf *a = &acc_a[j][r], *b = &acc_b[j][r];
+                acc4 *a = &acc[j][r];
                 switch (m - r < ROW_GROUP ? m - r : ROW_GROUP) {
-                case 1: dot_span(wj, kind, sj, group, t0, t1, xr, k, 1, a, b); break;
-                case 2: dot_span(wj, kind, sj, group, t0, t1, xr, k, 2, a, b); break;
-                case 3: dot_span(wj, kind, sj, group, t0, t1, xr, k, 3, a, b); break;
-                default: dot_span(wj, kind, sj, group, t0, t1, xr, k, 4, a, b); break;
+                case 1: dot_span(wj, kind, sj, group, t0, t1, xr, k, 1, a); break;
+                case 2: dot_span(wj, kind, sj, group, t0, t1, xr, k, 2, a); break;
+                case 3: dot_span(wj, kind, sj, group, t0, t1, xr, k, 3, a); break;
+                default: dot_span(wj, kind, sj, group, t0, t1, xr, k, 4, a); break;
                 }
             }
     }
@@ -410,29 +413,28 @@ static void dot_block_tiled(const char *w, int kind, const float *ws, int64_t gr
         for (int64_t r = 0; r < m; r += ROW_GROUP) {
             const void *wj = w + (size_t)j * stride;
             const float *xr = x + r * k;
-            vf *a = &acc_a[j][r], *b = &acc_b[j][r];
+            acc4 *a = &acc[j][r];
             float *out = dots + j * m + r;
             switch (m - r < ROW_GROUP ? m - r : ROW_GROUP) {
-            case 1: dot_finish(wj, kind, k, xr, 1, a, b, out); break;
-            case 2: dot_finish(wj, kind, k, xr, 2, a, b, out); break;
-            case 3: dot_finish(wj, kind, k, xr, 3, a, b, out); break;
-            default: dot_finish(wj, kind, k, xr, 4, a, b, out); break;
+            case 1: dot_finish(wj, kind, k, xr, 1, a, out); break;
+            case 2: dot_finish(wj, kind, k, xr, 2, a, out); break;
+            case 3: dot_finish(wj, kind, k, xr, 3, a, out); break;
+            default: dot_finish(wj, kind, k, xr, 4, a, out); break;
             }
         }
 }
 
-/* out[r] = w[row + r, :] . x for `rows` rows of a row-major [n, k] matrix (one activation row; bf16 and int4
- * weights read x laid out by permute_for_bf16; int8 sums unscaled; int4 with the matrix's group scales
- * `scale`, [n, k / group]). */
+/* out[r] = w[row + r, :] . x for `rows` rows of a row-major [n, k] matrix (one activation row, laid out as
+ * x_layout says; int8 sums unscaled; int4 with the matrix's group scales `scale`, [n, k / group]). */
 static inline void dot_rows(const void *w, int kind, const float *scale, int64_t group, int64_t row, int64_t k,
                             int rows, const float *x, float *out) {
     const size_t stride = row_bytes(kind, k);
     for (int r = 0; r < rows; r++) {
         const void *wr = (const char *)w + (size_t)(row + r) * stride;
         const float *sr = kind == W_I4 ? scale + (row + r) * (k / group) : NULL;
-        vf a = {0}, b = {0};
-        dot_span(wr, kind, sr, group, 0, k - k % (2 * VL), x, k, 1, &a, &b);
-        dot_finish(wr, kind, k, x, 1, &a, &b, out + r);
+        acc4 acc = {{{0}}};
+        dot_span(wr, kind, sr, group, 0, k - k % (2 * VL), x, k, 1, &acc);
+        dot_finish(wr, kind, k, x, 1, &acc, out + r);
     }
 }
 
