@@ -285,21 +285,23 @@ def _assert_same_logits(want: torch.Tensor, got: torch.Tensor, dtype: str) -> No
         assert torch.nn.functional.cosine_similarity(want.flatten(), got.flatten(), dim=0) > 0.999
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_int8_experts_decode_in_one_native_call_per_layer(tiny_checkpoint, dtype, monkeypatch):
-    """A CPU load with int8 experts (the no-GPU format): each decode step's routed experts run in one native
-    call per MoE layer, with the shared expert in it, and the logits match the same int8 model on torch's
-    int8 kernels (fp32: relative 1e-4; bf16: cosine > 0.999)."""
+def test_quantized_experts_decode_in_one_native_call_per_layer(tiny_checkpoint, dtype, kind, monkeypatch):
+    """A CPU load with int8 or int4 experts (the no-GPU formats): each decode step's routed experts run in one
+    native call per MoE layer, with the shared expert in it, and the logits match the same quantised model on
+    torch's int8 / int4 kernels (fp32: relative 1e-4; bf16: cosine > 0.999)."""
     from engine.kernels import native
 
     if native._compiler() is None:
         pytest.skip("no C compiler here: the native kernels cannot be built (torch's path runs)")
-    fast = load_model(tiny_checkpoint, dtype=dtype, device="cpu", expert_dtype="int8")
+    fast = load_model(tiny_checkpoint, dtype=dtype, device="cpu", expert_dtype=kind)
     mlp = fast.llm.model.layers[1].mlp
-    assert mlp.experts.packed.kernel == "int8" and mlp.experts.packed.native_table() is not None
+    assert mlp.experts.packed.kernel == kind and mlp.experts.packed.native_table() is not None
     assert mlp.cpu_shared is not None
     monkeypatch.setenv(native.DISABLE_ENV, "0")
-    torch_path = load_model(tiny_checkpoint, dtype=dtype, device="cpu", expert_dtype="int8")
+    torch_path = load_model(tiny_checkpoint, dtype=dtype, device="cpu", expert_dtype=kind)
+    assert torch_path.llm.model.layers[1].mlp.experts.packed.native_table() is None
     monkeypatch.delenv(native.DISABLE_ENV)
     calls = []
     monkeypatch.setattr(native, "moe_decode", lambda *a, _real=native.moe_decode: calls.append(1) or _real(*a))
