@@ -1,7 +1,7 @@
 """The engine at the real Ming-flash-omni 2.0 shape: decode and prefill per placement, extrapolated to 32 layers.
 
     python bench/real_shape.py [--config DIR] [--layers 2,6] [--batches 1,8] [--prompt-tokens 512]
-                               [--decode-steps 32] [--placements resident,fp8,int8,int4,offload,offload_fp8]
+                               [--decode-steps 32] [--placements resident,fp8,int8,int4,cpu_only,offload,offload_fp8]
                                [--experts N] [--set KEY=VALUE ...] [--device cuda|cpu] [--json]
 
 No checkpoint is read: the LLM is built from the real config (``--config``, default the 2.0 config in
@@ -23,7 +23,9 @@ Method
 * Host syncs per step (engine.tools.host_sync, the token read excluded) and, on CUDA, kernels per step
   and the share of the step the GPU is busy (torch.profiler); on the CPU the dispatched ops per step.
 * Placements: ``resident`` (every expert in the model dtype on the device), ``fp8`` / ``int8`` / ``int4``
-  (the experts quantised, engine.placement.quant; int8 and int4 are the no-GPU formats), ``offload`` / ``offload_fp8`` (the planner's plan for one
+  (the experts quantised, engine.placement.quant), ``cpu_only`` (the no-GPU plan: int4 experts and int8
+  linears, on the CPU; beside it the planner's prediction for that plan at the bandwidth measured in the
+  run and the run's context), ``offload`` / ``offload_fp8`` (the planner's plan for one
   80 GB GPU + 256 GB host: each MoE layer's experts split between the GPU and host memory as the plan
   splits the real layer, cold experts computed by the CPU through engine.placement.expert_runtime; on a
   machine without CUDA the GPU slot is simulated on the CPU, so only the code path is measured).
@@ -57,16 +59,19 @@ from engine.generate import DecodeStep, TokenReader, prefill  # noqa: E402
 from engine.models.thinker.config import LLMConfig, MingConfig  # noqa: E402
 from engine.models.thinker.layers import Numerics  # noqa: E402
 from engine.models.thinker.llm import BailingMoeV2ForCausalLM  # noqa: E402
-from engine.models.thinker.model import pack_for_cpu  # noqa: E402
+from engine.models.thinker.model import int8_linears, pack_for_cpu  # noqa: E402
 from engine.placement import quant  # noqa: E402
 from engine.placement.expert_runtime import CPU, DeviceMap, ExpertPlacement, MoERuntime, RuntimeOptions  # noqa: E402
-from engine.placement.planner import DeviceSpec, plan_placement  # noqa: E402
+from engine.placement.planner import DeviceSpec, RooflineParams, plan_placement  # noqa: E402
 from engine.sampling import GenerationParams, Sampler  # noqa: E402
 from engine.tools.host_sync import HostSyncCounter  # noqa: E402
 
 SHARED = Path(os.environ.get("MING_SHARED_DIR", REPO.parent / "shared"))
 DEFAULT_CONFIG = SHARED / "fixtures" / "real_configs" / "ming-flash-omni-2.0"
-PLACEMENTS = ("resident", "fp8", "int8", "int4", "offload", "offload_fp8")
+PLACEMENTS = ("resident", "fp8", "int8", "int4", "cpu_only", "offload", "offload_fp8")
+# the no-GPU plan (README): int4 experts, int8 linears, everything in 64 GB of host memory
+CPU_ONLY_PLAN = dict(gpus="none", cpu_mem="64GB", expert_dtype="int4", linear_dtype="int8", host_reserve="3GB",
+                     kv_tokens=8192)
 QUANT_WIDTH = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}  # bytes per expert weight (scales not counted: <= 1/32 more)
 INIT_BLOCK = 1 << 24  # elements initialised at a time
 OFFLOAD_DEVICES = ("80GB", "256GB")  # the planner's one-GPU case: 1 x 80 GB + 256 GB host memory
@@ -132,7 +137,12 @@ def offload_plan(real: MingConfig, expert_dtype: str):
 def apply_placement(llm, placement: str, real: MingConfig, cfg: LLMConfig, device: torch.device) -> dict:
     """Quantise / offload the experts as `placement` says; returns notes for the table."""
     notes: dict = {}
-    expert_dtype = {"fp8": "fp8", "int8": "int8", "int4": "int4", "offload_fp8": "fp8"}.get(placement, "bf16")
+    expert_dtype = {"fp8": "fp8", "int8": "int8", "int4": "int4", "cpu_only": CPU_ONLY_PLAN["expert_dtype"],
+                    "offload_fp8": "fp8"}.get(placement, "bf16")
+    if placement == "cpu_only":
+        if device.type != "cpu":
+            raise SystemExit("the cpu_only placement is the no-GPU plan: run it with --device cpu")
+        notes["int8_linears"] = int8_linears(llm)
     if expert_dtype != "bf16":
         for bank in moe_banks(llm).values():
             quant.quantize_bank_(bank, expert_dtype)
@@ -201,10 +211,12 @@ def step_bytes(llm, cfg: LLMConfig, batch: int, context: int) -> float:
         if p.is_meta or ".experts." in name or name.startswith("model.word_embeddings"):
             continue
         total += p.numel() * p.element_size()
-    for mod in llm.modules():  # oneDNN-packed projections hold their weight outside the parameters
+    for mod in llm.modules():  # oneDNN-packed and int8 projections hold their weight outside the parameters
         packed = getattr(mod, "packed", None)
         if isinstance(packed, torch.Tensor):
             total += packed.numel() * packed.element_size()
+        elif isinstance(getattr(packed, "q", None), torch.Tensor):  # int8 (--linear-dtype int8): bytes + scales
+            total += sum(t.numel() * t.element_size() for t in (packed.q, packed.scale))
     emb = llm.model.word_embeddings.weight
     total += batch * emb.shape[1] * emb.element_size()
     e, k = cfg.num_experts, cfg.num_experts_per_tok
@@ -385,7 +397,7 @@ def run(args) -> dict:
                    "bandwidth_fraction": full_bytes / step_s / bandwidth if step_s > 0 else float("nan"),
                    "_fixed_decode_ms": 1e3 * (a["decode_step_s"] - n_moe[0] * layer_s),
                    "_fixed_prefill_ms": 1e3 * (a["prefill_s"] - n_moe[0] * layer_pf), "_prompt": prompt,
-                   "host_syncs_per_step": c["host_syncs_per_step"],
+                   "host_syncs_per_step": c["host_syncs_per_step"], "context": c["context"],
                    "host_syncs_per_moe_layer": (c["host_syncs_per_step"] - a["host_syncs_per_step"]) / (n_moe[1] - n_moe[0]),
                    "ops_per_moe_layer": (c["dispatched_ops_per_step"] - a["dispatched_ops_per_step"]) / (n_moe[1] - n_moe[0]),
                    **notes}
@@ -395,7 +407,22 @@ def run(args) -> dict:
                 row["gpu_busy_fraction"] = c["gpu_busy_fraction"]
             out["rows"].append(row)
     combine_offload_rows(out["rows"])
+    for row in out["rows"]:
+        if row["placement"] == "cpu_only":
+            row.update(cpu_only_prediction(real, bandwidth, row["context"]))
     return out
+
+
+def cpu_only_prediction(real: MingConfig, bandwidth: float, context: int) -> dict:
+    """The planner's decode prediction for the no-GPU plan (CPU_ONLY_PLAN) at this run's measured memory
+    bandwidth (taken as achieved: efficiency 1) and the measured context, to set beside the measurement."""
+    p = CPU_ONLY_PLAN
+    plan = plan_placement(real, DeviceSpec.parse(p["gpus"], p["cpu_mem"]), p["expert_dtype"], kv_tokens=p["kv_tokens"],
+                          host_reserve=p["host_reserve"], linear_dtype=p["linear_dtype"],
+                          roofline=RooflineParams(host_gbs=bandwidth / 1e9, efficiency=1.0, context_tokens=context))
+    return {"planner_decode_tokens_per_s": plan.prediction.tokens_per_s,
+            "planner_note": f"engine.plan --gpus none --cpu-mem 64GB --expert-dtype int4 --linear-dtype int8 at "
+                            f"{bandwidth / 1e9:.1f} GB/s"}
 
 
 def combine_offload_rows(rows: list[dict]) -> None:

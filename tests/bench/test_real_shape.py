@@ -15,12 +15,12 @@ def test_real_shape_benchmark_runs_every_placement_at_tiny_limits():
     config = real_config("ming-flash-omni-2.0")
     out = subprocess.run([sys.executable, "bench/real_shape.py", "--config", str(config), "--device", "cpu",
                           "--layers", "2,3", "--experts", "8", "--prompt-tokens", "8", "--decode-steps", "2",
-                          "--placements", "resident,offload", "--in-process", "--threads", "1", "--json", *TINY],
+                          "--placements", "resident,offload,cpu_only", "--in-process", "--threads", "1", "--json", *TINY],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     rows = {(r["placement"], r["batch"]): r for r in result["rows"]}
-    assert set(rows) == {(p, b) for p in ("resident", "offload") for b in (1, 8)}
+    assert set(rows) == {(p, b) for p in ("resident", "offload", "cpu_only") for b in (1, 8)}
     assert result["full_layers"] == 32 and result["memory_bytes_per_s"] > 0
     for r in rows.values():
         assert r["bytes_per_step_full"] > 0 and r["host_syncs_per_step"] >= 0 and r["ops_per_moe_layer"] > 0
@@ -32,3 +32,7 @@ def test_real_shape_benchmark_runs_every_placement_at_tiny_limits():
     from engine.kernels import native
     syncs = rows[("resident", 1)]["host_syncs_per_moe_layer"]
     assert syncs == 0 if native.available() else syncs >= 1
+    # the no-GPU plan: int8 linears, int4 experts, beside the planner's prediction at the measured bandwidth
+    cpu_only = rows[("cpu_only", 1)]
+    assert cpu_only["int8_linears"] > 0 and cpu_only["decode_tokens_per_s_full"] > 0
+    assert cpu_only["planner_decode_tokens_per_s"] > 0 and "--gpus none" in cpu_only["planner_note"]

@@ -140,8 +140,9 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     `moe_runtime`); `runtime_options` (RuntimeOptions) sets its device map, hot-expert cache and fetch
     threshold. Everything else is loaded on `device`.
     `pack_cpu_experts`: routed experts on CPU are re-laid out once for the CPU kernels (fp32 and bf16:
-    oneDNN where it pays, see pack_for_cpu; int8/int4: torch's weight-only kernels; fp8, which has no CPU
-    kernel: re-quantised to int8 per row).
+    oneDNN where it pays, see pack_for_cpu; int8: torch's weight-only kernel and the native decode pass;
+    int4: the native kernels, read as stored (torch's int4 kernel where they are not built); fp8, which has
+    no CPU kernel: re-quantised to int8 per row).
     `linear_dtype` "int8" (CPU only): the LLM's other linears (attention, dense MLP, shared experts,
     lm_head; not the routers) are quantised to int8 per output channel after loading (half the bytes).
     """
@@ -182,9 +183,7 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
             module.eval()
     check_unexpected(files, consumed)
     if linear_dtype == "int8":
-        for layer in llm.model.layers:
-            kernels.pack_linears(layer, int8=True)
-        kernels.pack_linears(llm, int8=True)  # lm_head
+        int8_linears(llm)
     cpu_quantized = pack_cpu_experts and plan is None and expert_dtype != "bf16" and dev.type == "cpu"
     if cpu_quantized:
         for bank in banks.values():  # int8/int4 weight-only CPU kernels read the quantised bytes
@@ -195,6 +194,14 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
         place_non_expert_modules(llm, encoders, plan, runtime.device_map)
     return LoadedModel(config=cfg, llm=llm, numerics=numerics, device=dev, path=root, encoders=encoders,
                        load_seconds=time.perf_counter() - t0, expert_dtype=expert_dtype, moe_runtime=runtime)
+
+
+def int8_linears(llm: BailingMoeV2ForCausalLM) -> int:
+    """``linear_dtype`` "int8": the LLM's linears other than the routed experts and the routers (attention,
+    dense MLP, shared experts, lm_head) quantised to int8 per output channel, for the CPU's int8 kernels.
+    Returns how many."""
+    count = sum(kernels.pack_linears(layer, int8=True) for layer in llm.model.layers)
+    return count + kernels.pack_linears(llm, int8=True)  # lm_head
 
 
 def pack_for_cpu(llm: BailingMoeV2ForCausalLM) -> bool:
