@@ -478,7 +478,8 @@ def print_table(out: dict) -> None:
           "host ms/layer: a layer whose experts are all computed by the CPU); tok/s@full, prefill tok/s@full: extrapolated to the full "
           "model; bw frac: bytes read per decode step / measured copy bandwidth; syncs/step: host syncs of a "
           "decode step (the token read excluded); per layer: per MoE layer; GPU busy: share of a step with a "
-          "kernel running; planner tok/s: the planner's prediction for the real model on 1x80 GB + host")
+          "kernel running; planner tok/s: the planner's prediction for the real model on 1x80 GB + host (offload "
+          "rows) or without a GPU at this run's bandwidth and context (cpu_only)")
 
 
 def main(argv: list[str] | None = None) -> int:
