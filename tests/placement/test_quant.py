@@ -223,6 +223,26 @@ def test_cpu_packed_quantized_experts_match_the_reference(kind, act, cfg):
     torch.testing.assert_close(bank(x, ids, w), moe_experts_packed(x, packed, ids, w), rtol=0, atol=0)
 
 
+def test_dequantised_fallback_matrices_are_safe_across_cpu_worker_threads():
+    """Matrices no CPU kernel takes are dequantised into a reused buffer; the offload runtime's CPU workers
+    compute experts of one layer at the same time, so each thread has its own buffers: results computed
+    from two threads at once equal those computed alone (the same kernel on the same data)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bank = _bank().requires_grad_(False)
+    quantize_bank_(bank, "int4")  # _Cfg's down matrices (groups of 4 columns): the dequantising fallback
+    weights, scales = (bank.gate_proj, bank.up_proj, bank.down_proj), bank_scales(bank)
+    packed = QuantizedCpuExperts.from_weights(*weights, scales, torch.float32, "int4")
+    assert packed.dequant_fallbacks > 0
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(7, _Cfg.hidden_size, generator=gen) for _ in range(8)]
+    alone = [[packed.forward_expert(x, e) for e in range(_Cfg.num_experts)] for x in xs]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            together = list(pool.map(lambda x: [packed.forward_expert(x, e) for e in range(_Cfg.num_experts)], xs))
+            assert all(torch.equal(a, b) for want, got in zip(alone, together) for a, b in zip(want, got))
+
+
 def test_quantized_moe_rejects_bad_scales():
     bank = _bank()
     quantize_bank_(bank, "int8")
