@@ -140,6 +140,17 @@ def per_call(n: int, dtype: torch.dtype) -> dict:
     return row
 
 
+def _print_torch_vs_native(title: str, rows: dict, bw: float, width: int, digits: int) -> None:
+    """A table of torch's kernel against the native one: GB/s each, native / read bandwidth, native / torch."""
+    na = "n/a"
+    print(f"\n{title:{width}s} {'torch GB/s':>10s} {'native GB/s':>11s} {'native/bw':>9s} {'native/torch':>12s}")
+    for name, r in rows.items():
+        t, n_ = r.get("torch_gbs"), r.get("native_gbs")
+        print(f"{name:{width}s} " + (f"{t:10.{digits}f}" if t else f"{na:>10s}")
+              + (f" {n_:11.{digits}f} {n_ / bw:9.2f}" if n_ else f" {na:>11s} {na:>9s}")
+              + (f" {n_ / t:12.2f}" if t and n_ else f" {na:>12s}"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -176,18 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             cols += (f" {p:11.1f} {p / bw:9.2f} {p / r['plain_gbs']:12.2f}" if p is not None
                      else f" {na:>11s} {na:>9s} {na:>12s}")
         print(f"{name:40s} {r['plain_gbs']:10.1f}{cols}")
-    print(f"\n{'int8 weights + row scales, streamed':40s} {'torch GB/s':>10s} {'native GB/s':>11s} {'native/bw':>9s} "
-          f"{'native/torch':>12s}")
-    for name, r in out["int8"].items():
-        t, n_ = r.get("torch_gbs"), r.get("native_gbs")
-        print(f"{name:40s} " + (f"{t:10.1f}" if t else f"{na:>10s}") + (f" {n_:11.1f} {n_ / bw:9.2f}" if n_ else
-              f" {na:>11s} {na:>9s}") + (f" {n_ / t:12.2f}" if t and n_ else f" {na:>12s}"))
-    print(f"\n{'int4 weights + scale per 128, streamed':44s} {'torch GB/s':>10s} {'native GB/s':>11s} "
-          f"{'native/bw':>9s} {'native/torch':>12s}")
-    for name, r in out["int4"].items():
-        t, n_ = r.get("torch_gbs"), r.get("native_gbs")
-        print(f"{name:44s} " + (f"{t:10.2f}" if t else f"{na:>10s}") + (f" {n_:11.2f} {n_ / bw:9.2f}" if n_ else
-              f" {na:>11s} {na:>9s}") + (f" {n_ / t:12.2f}" if t and n_ else f" {na:>12s}"))
+    _print_torch_vs_native("int8 weights + row scales, streamed", out["int8"], bw, 40, 1)
+    _print_torch_vs_native("int4 weights + scale per 128, streamed", out["int4"], bw, 48, 2)
     print(f"\n{'one matrix in cache, per call':40s} {'KiB':>6s} {'plain us':>9s} {'packed us':>10s} {'native us':>10s}")
     for name, r in out["per_call"].items():
         cols = "".join(f" {r[key]:10.1f}" if key in r else f" {na:>10s}" for key in ("packed_us", "native_us"))
