@@ -25,8 +25,8 @@ Method
   and the share of the step the GPU is busy (torch.profiler); on the CPU the dispatched ops per step.
 * Placements: ``resident`` (every expert in the model dtype on the device), ``fp8`` / ``int8`` / ``int4``
   (the experts quantised, engine.placement.quant), ``cpu_only`` (the no-GPU plan: int4 experts and int8
-  linears, on the CPU; beside it the planner's prediction for that plan at the bandwidth measured in the
-  run and the run's context), ``offload`` / ``offload_fp8`` (the planner's plan for one
+  linears, on the CPU; beside it the planner's prediction for that plan with the bandwidth measured in the
+  run as the host's peak and the run's context), ``offload`` / ``offload_fp8`` (the planner's plan for one
   80 GB GPU + 256 GB host: each MoE layer's experts split between the GPU and host memory as the plan
   splits the real layer, cold experts computed by the CPU through engine.placement.expert_runtime; on a
   machine without CUDA the GPU slot is simulated on the CPU, so only the code path is measured).
@@ -421,15 +421,16 @@ def run(args) -> dict:
 
 
 def cpu_only_prediction(real: MingConfig, bandwidth: float, context: int) -> dict:
-    """The planner's decode prediction for the no-GPU plan (CPU_ONLY_PLAN) at this run's measured memory
-    bandwidth (taken as achieved: efficiency 1) and the measured context, to set beside the measurement."""
+    """The planner's decode prediction for the no-GPU plan (CPU_ONLY_PLAN) with this run's measured memory
+    bandwidth as the host's peak (the planner's default efficiency applies to it, as to a datasheet figure)
+    and the measured context, to set beside the measurement."""
     p = CPU_ONLY_PLAN
     plan = plan_placement(real, DeviceSpec.parse(p["gpus"], p["cpu_mem"]), p["expert_dtype"], kv_tokens=p["kv_tokens"],
                           host_reserve=p["host_reserve"], linear_dtype=p["linear_dtype"],
-                          roofline=RooflineParams(host_gbs=bandwidth / 1e9, efficiency=1.0, context_tokens=context))
+                          roofline=RooflineParams(host_gbs=bandwidth / 1e9, context_tokens=context))
     return {"planner_decode_tokens_per_s": plan.prediction.tokens_per_s,
-            "planner_note": f"engine.plan --gpus none --cpu-mem 64GB --expert-dtype int4 --linear-dtype int8 at "
-                            f"{bandwidth / 1e9:.1f} GB/s"}
+            "planner_note": f"engine.plan --gpus none --cpu-mem 64GB --expert-dtype int4 --linear-dtype int8 "
+                            f"--host-gbs {bandwidth / 1e9:.1f} --context {context}"}
 
 
 def combine_offload_rows(rows: list[dict]) -> None:

@@ -226,7 +226,8 @@ def test_cpu_packed_quantized_experts_match_the_reference(kind, act, cfg):
 def test_dequantised_fallback_matrices_are_safe_across_cpu_worker_threads():
     """Matrices no CPU kernel takes are dequantised into a reused buffer; the offload runtime's CPU workers
     compute experts of one layer at the same time, so each thread has its own buffers: results computed
-    from two threads at once equal those computed alone (the same kernel on the same data)."""
+    from two threads at once are those computed alone (within 1e-5 relative: torch's GEMM may split its work
+    otherwise when two threads call it; a shared buffer gives another matrix's products)."""
     from concurrent.futures import ThreadPoolExecutor
 
     bank = _bank().requires_grad_(False)
@@ -240,7 +241,9 @@ def test_dequantised_fallback_matrices_are_safe_across_cpu_worker_threads():
     with ThreadPoolExecutor(2) as pool:
         for _ in range(3):
             together = list(pool.map(lambda x: [packed.forward_expert(x, e) for e in range(_Cfg.num_experts)], xs))
-            assert all(torch.equal(a, b) for want, got in zip(alone, together) for a, b in zip(want, got))
+            for want, got in zip(alone, together):
+                for a, b in zip(want, got):
+                    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
 
 
 def test_quantized_moe_rejects_bad_scales():
