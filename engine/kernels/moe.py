@@ -599,9 +599,8 @@ class QuantizedCpuExperts:
         """``fuse_gate_up`` False keeps gate and up as two matrices (no concatenated copy: int8 experts
         then share the caller's storage). ``native_int4`` False keeps int4 on torch's kernel even where the
         native one takes it (bench/moe_layer_cpu.py compares the two)."""
-        self.native_int4 = native_int4
         self.hidden, self.intermediate, self.dtype, self.kind = hidden, intermediate, dtype, kind
-        self.fuse_gate_up = fuse_gate_up
+        self.fuse_gate_up, self.native_int4 = fuse_gate_up, native_int4
         if kind in ("int8", "fp8") and int8_cpu_kernel_available():
             self.kernel = "int8"  # fp8 (no CPU kernel) is re-quantised to int8 per row, see _matrix
         elif kind == "int4" and int4_cpu_kernel_available():

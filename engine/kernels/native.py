@@ -271,6 +271,8 @@ class BoundLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [..., k] @ weight.T in x's dtype, or None when x is not for this kernel (more than MAX_ROWS
         rows of a weight other than int4, another dtype or device): the caller then runs torch's path."""
+        if x.dim() == 0 or x.shape[-1] != self.k:
+            raise ValueError(f"native linear: activations of {self.k} features expected; got {tuple(x.shape)}")
         rows = x.numel() // self.k
         if (rows > MAX_ROWS and self.group == 0) or rows == 0 or x.dtype not in _DTYPES or x.device.type != "cpu":
             return None
@@ -285,7 +287,6 @@ class BoundLinear:
         if code != 0:
             raise RuntimeError(f"native linear: the kernel refused {rows} rows (code {code})")
         return y
-
 
 
 def bind_linear(weight: torch.Tensor, min_bytes: int | None = None, scale: torch.Tensor | None = None
@@ -347,7 +348,7 @@ class ExpertTable:
             else:
                 scale_shapes = tuple((out,) for out, _ in shapes)
             if any(len(m) != self.num_experts or any(t.shape != shape for t in m) for m, shape in zip(scales, scale_shapes)):
-                raise ValueError(f"expert scales must be {' , '.join(str(list(s)) for s in scale_shapes)} per expert")
+                raise ValueError(f"expert scales must be {', '.join(str(list(s)) for s in scale_shapes)} per expert")
         self.kind = _KINDS[self.dtype]
         self._keep = (mats, scales)
         self.ptrs = torch.tensor([t.data_ptr() for m in mats for t in m], dtype=torch.int64)
@@ -394,7 +395,8 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, topk_ids: torch.Tensor, topk
     gate, up, down = (None, None, None) if shared is None else (t.data_ptr() for t in shared)
     shared_kind = 0 if shared is None else _KINDS[shared[0].dtype]
     rc = lib.ming_moe_decode(table.ptrs.data_ptr(), None if table.scale_ptrs is None else table.scale_ptrs.data_ptr(),
-                             table.num_experts, table.kind, table.gate_up_group, table.down_group, ids.data_ptr(), weights.data_ptr(), ids.numel(),
+                             table.num_experts, table.kind, table.gate_up_group, table.down_group, ids.data_ptr(),
+                             weights.data_ptr(), ids.numel(),
                              xc.data_ptr(), xc.dtype == torch.bfloat16, table.hidden, table.inter,
                              gate, up, down, shared_inter, shared_kind, xc.dtype == torch.bfloat16, out.data_ptr(),
                              scratch.data_ptr(), torch.get_num_threads())

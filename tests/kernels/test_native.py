@@ -532,6 +532,8 @@ def test_int4_refuses_what_it_cannot_run():
         native.BoundLinear(q, native._lib, scale[:, :1].expand(8, 3).contiguous())
     with pytest.raises(ValueError, match="scales"):  # scales of another row count
         native.BoundLinear(q, native._lib, scale[:4].contiguous())
+    with pytest.raises(ValueError, match="256 features"):  # activations of another width are refused, not read
+        native.BoundLinear(q, native._lib, scale)(torch.randn(2, 128))
     q, scale = quantize(torch.randn(8, 2048), "int4")
     with pytest.raises(ValueError, match="int4 groups"):  # 63 groups would read as 64 groups of 32 columns
         native.BoundLinear(q, native._lib, torch.ones(8, 63))
