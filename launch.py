@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             if engine_server is not None:
                 engine_server.stop()
 
-    from app.studio import build_studio, launch_options
+    from app.studio import build_studio, close_studio, launch_options
 
     demo = build_studio(client)
     try:
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        demo.close()
+        close_studio(demo)
         if engine_server is not None:
             engine_server.stop()
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import app  # noqa: F401  (sets GRADIO_ANALYTICS_ENABLED before gradio is imported)
 
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -61,3 +62,25 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
 def launch_options(demo: gr.Blocks) -> dict:
     """What `demo.launch` needs besides host/port/auth: the Live relay's route and the page CSS."""
     return {"app_kwargs": demo.live_proxy.app_kwargs(), "css": CSS}
+
+
+# How long close_studio waits for the server's loop to set Gradio's stop event before closing anyway.
+STOP_EVENT_WAIT_S = 2.0
+
+
+def close_studio(demo: gr.Blocks) -> None:
+    """``demo.close()``, with Gradio's stop event set on the server's own event loop first. Gradio sets that
+    asyncio.Event from the calling thread, which races with the server thread's heartbeats waiting on it
+    (CI saw "RuntimeError: deque mutated during iteration" there, and a close that fails half-way leaves
+    the port taken); set on its loop, the event is already set when close() reaches it."""
+    event = getattr(getattr(demo, "app", None), "stop_event", None)
+    loop = getattr(event, "_loop", None)  # the loop the event is bound to (asyncio's mixin), if any waited
+    if event is not None and loop is not None and loop.is_running() and not event.is_set():
+        try:
+            loop.call_soon_threadsafe(event.set)
+        except RuntimeError:  # the loop closed meanwhile: nothing waits on the event any more
+            pass
+        deadline = time.monotonic() + STOP_EVENT_WAIT_S
+        while not event.is_set() and loop.is_running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    demo.close()

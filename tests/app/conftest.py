@@ -21,7 +21,7 @@ def engine_server(tiny_engine):
 @pytest.fixture(scope="module")
 def studio_demo(engine_server):
     pytest.importorskip("gradio")
-    from app.studio import build_studio, launch_options
+    from app.studio import build_studio, close_studio, launch_options
     from engine.client import EngineClient
 
     demo = build_studio(EngineClient(engine_server.url, token="test-token"))
@@ -30,7 +30,7 @@ def studio_demo(engine_server):
     try:
         yield demo
     finally:
-        demo.close()
+        close_studio(demo)
 
 
 @pytest.fixture(scope="module")

@@ -130,3 +130,39 @@ def test_local_audio_without_a_sound_device_says_so(tmp_path):
     r = _run(["--local-audio"], tmp_path, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
     assert r.stderr.startswith("error: --local-audio:") and "Loading" not in r.stdout
+
+
+def test_closing_the_studio_sets_gradios_stop_event_on_the_servers_loop():
+    """close_studio (launch.py's shutdown, the tests' teardown) sets Gradio's stop event on the loop its
+    waiters run on, then closes: the event is set before demo.close() runs (Gradio's own set() from another
+    thread raced with those waiters in CI), and the waiter wakes. With no loop bound (nothing ever waited)
+    it simply closes."""
+    import asyncio
+    from types import SimpleNamespace
+
+    pytest.importorskip("gradio")
+    from app.studio import close_studio
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        async def make_and_wait():
+            event = asyncio.Event()
+            return event, asyncio.ensure_future(event.wait())
+
+        event, waiter = asyncio.run_coroutine_threadsafe(make_and_wait(), loop).result(5)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.05), loop).result(5)  # the waiter binds the event's loop
+        seen = []
+        close_studio(SimpleNamespace(app=SimpleNamespace(stop_event=event), close=lambda: seen.append(event.is_set())))
+        assert seen == [True]
+        asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(waiter), 5), loop).result(6)
+        assert waiter.done()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+    unbound = asyncio.Event()
+    seen = []
+    close_studio(SimpleNamespace(app=SimpleNamespace(stop_event=unbound), close=lambda: seen.append(unbound.is_set())))
+    assert seen == [False]  # nothing to do first: demo.close() sets it itself

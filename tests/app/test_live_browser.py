@@ -29,6 +29,7 @@ def served_live_tab(engine_url: str, token: str | None, **tab):
     the engine at `engine_url`."""
     gr = pytest.importorskip("gradio")
     from app.live_proxy import LiveProxy
+    from app.studio import close_studio
     from app.ui.live import build_live_tab
 
     proxy = LiveProxy(lambda: (engine_url, token))
@@ -40,7 +41,7 @@ def served_live_tab(engine_url: str, token: str | None, **tab):
     try:
         yield demo.local_url
     finally:
-        demo.close()
+        close_studio(demo)
 
 
 @pytest.fixture(scope="module")

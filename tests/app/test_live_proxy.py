@@ -172,6 +172,8 @@ def test_installed_in_a_real_gradio_app_behind_its_login(engine):
     import httpx
     from websockets.sync.client import connect
 
+    from app.studio import close_studio
+
     proxy = LiveProxy(lambda: (engine.url, engine.token))
     with gr.Blocks() as demo:
         gr.Markdown("studio")
@@ -189,7 +191,7 @@ def test_installed_in_a_real_gradio_app_behind_its_login(engine):
         with connect(url, additional_headers={"Cookie": cookie, "Origin": base}) as ws:
             assert json.loads(ws.recv())["type"] == "session.created"
     finally:
-        demo.close()
+        close_studio(demo)
     assert engine.wait_closed(1)
 
 
