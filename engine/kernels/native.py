@@ -227,6 +227,13 @@ def int4_group_fits(group: int, cols: int) -> bool:
             and group % (2 * _lib.ming_vector_floats()) == 0)
 
 
+def _int4_group(cols: int, groups: int) -> int:
+    """Input columns per scale of an int4 matrix of ``cols`` columns with ``groups`` scales per row, where the
+    native kernels take them (:func:`int4_group_fits`); 0 otherwise."""
+    group = cols // groups if groups > 0 and cols % groups == 0 else 0
+    return group if int4_group_fits(group, cols) else 0
+
+
 def _scale_layout(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[int, torch.Tensor | None, int]:
     """(input columns, the scales as the kernel reads them, int4 group) of a weight the kernels take: fp32 /
     bf16 without scales, int8 [n, k] with fp32 per-row scales [n], packed int4 (uint8 [n, k / 2], the
@@ -240,9 +247,9 @@ def _scale_layout(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[int
         return cols, _plain(scale.float().contiguous(), torch.float32, (n,)), 0
     if weight.dtype == torch.uint8 and scale is not None and scale.dim() == 2 and scale.shape[0] == n:
         k, groups = 2 * cols, scale.shape[1]
-        group = k // groups if groups and k % groups == 0 else 0  # 0: refused below
-        if not int4_group_fits(group, k):
-            raise ValueError(f"int4 groups of {group} columns (rows of {k}) do not fit the native kernels")
+        group = _int4_group(k, groups)
+        if not group:
+            raise ValueError(f"int4 groups of {k / max(groups, 1):g} columns (rows of {k}) do not fit the native kernels")
         return k, _plain(scale.float().contiguous(), torch.float32, (n, groups)), group
     raise ValueError(f"the native kernels take fp32 / bf16 weights, int8 with per-row scales and packed int4 "
                      f"with group scales; got {weight.dtype} {tuple(weight.shape)} with scales "
@@ -338,10 +345,9 @@ class ExpertTable:
             scales = tuple([t.float().contiguous() for t in m] for m in scales)
             if packed == 2:  # one group width per matrix role, from the first expert's scales
                 groups = [m[0].shape[-1] if m[0].dim() == 2 else 0 for m in scales]
-                self.gate_up_group = (self.hidden // groups[0] if groups[0] and groups[0] == groups[1]
-                                      and self.hidden % groups[0] == 0 else 0)  # 0: refused below
-                self.down_group = self.inter // groups[2] if groups[2] and self.inter % groups[2] == 0 else 0
-                if not (int4_group_fits(self.gate_up_group, self.hidden) and int4_group_fits(self.down_group, self.inter)):
+                self.gate_up_group = _int4_group(self.hidden, groups[0]) if groups[0] == groups[1] else 0
+                self.down_group = _int4_group(self.inter, groups[2])
+                if not (self.gate_up_group and self.down_group):
                     raise ValueError(f"int4 expert groups of {self.gate_up_group} / {self.down_group} columns do not fit "
                                      "the native kernels")
                 scale_shapes = ((self.inter, groups[0]), (self.inter, groups[1]), (self.hidden, groups[2]))

@@ -573,7 +573,8 @@ static int experts_fit(int kind, const int64_t *scale_ptrs, int64_t gate_up_grou
  * Returns how many; -1 for an expert id outside [0, num_experts) or top_k > 64; -4 for an int8 shared
  * expert without its scales or an int4 one. *routed: how many of them are routed. */
 static int expert_slots(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t num_experts, int w_kind,
-                        int64_t gate_up_group, int64_t down_group, const int64_t *ids, const float *route_w, int64_t top_k, int64_t inter,
+                        int64_t gate_up_group, int64_t down_group, const int64_t *ids, const float *route_w,
+                        int64_t top_k, int64_t inter,
                         const void *shared_gate, const void *shared_up, const void *shared_down,
                         int64_t shared_inter, int shared_kind, const float *const *shared_scales,
                         expert_slot *slot, int *routed_out) {
