@@ -34,5 +34,6 @@ def test_real_shape_benchmark_runs_every_placement_at_tiny_limits():
     assert syncs == 0 if native.available() else syncs >= 1
     # the no-GPU plan: int8 linears, int4 experts, beside the planner's prediction at the measured bandwidth
     cpu_only = rows[("cpu_only", 1)]
-    assert cpu_only["int8_linears"] > 0 and cpu_only["decode_tokens_per_s_full"] > 0
+    # (the measured step, not the 32-layer extrapolation: at these widths the 2 -> 3 layer slope is noise)
+    assert cpu_only["int8_linears"] > 0 and cpu_only["decode_ms_at_3_layers"] > 0
     assert cpu_only["planner_decode_tokens_per_s"] > 0 and "--gpus none" in cpu_only["planner_note"]
