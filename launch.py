@@ -66,10 +66,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "with Enter) in this terminal instead of serving the page (needs sounddevice and Debian's "
                          "libportaudio2)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                    help="weight and activation dtype (default: bf16 on GPU, fp32 on CPU)")
+                    help="weight and activation dtype (default: bf16 on GPU; on CPU fp32 where the model fits in the "
+                         "memory available, else bf16)")
     ap.add_argument("--expert-dtype", choices=["bf16", "fp8", "fp8-block", "int8", "int4"], default="bf16",
-                    help="routed-expert weights: bf16 = as stored (default), fp8 (e4m3) or int8 with per-channel "
-                         "scales, quantised while loading (about half the expert memory)")
+                    help="routed-expert weights: bf16 = as stored (default), or quantised while loading (fp8 e4m3 "
+                         "per channel or in 128x128 blocks, int8 per channel: half the expert memory; int4 with scales "
+                         "per 128 inputs: a quarter)")
+    ap.add_argument("--linear-dtype", choices=["bf16", "int8"], default="bf16",
+                    help="CPU only: the LLM's other linears (attention, dense MLP, shared experts, lm_head) as loaded "
+                         "(default) or int8 per output channel. A machine without a GPU: --expert-dtype int4 "
+                         "--linear-dtype int8 (python -m engine.plan --gpus none says how much memory that needs)")
     ap.add_argument("--placement", choices=["auto", "single"], default="auto",
                     help="auto (default): on CUDA, a model too big for one GPU is spread over this machine's GPUs and "
                          "host memory (cold experts computed by the CPU); single: everything on --device")
@@ -139,6 +145,7 @@ def _start_local_engine(args: argparse.Namespace):
     try:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device, progress=_LoadProgress(),
                              expert_dtype=args.expert_dtype, placement=args.placement,
+                             linear_dtype=args.linear_dtype,
                              log=lambda line: print(line, flush=True))
     except MingError as e:
         return _fail(f"could not load the model {args.model or what!r}:\n  {e}", EXIT_MODEL_ERROR)

@@ -31,7 +31,8 @@ from engine.sampling import GenerationParams
 from engine.models.thinker.config import MingConfig
 from engine.loader import resolve_checkpoint
 from engine.placement.expert_runtime import RuntimeOptions
-from engine.placement.auto import PLACEMENTS, auto_plan, machine_devices, placement_summary, runtime_options_for
+from engine.placement.auto import (PLACEMENTS, auto_plan, fit_on_host, machine_devices, placement_summary,
+                                   runtime_options_for)
 from engine.placement.planner import Plan
 from engine.models.thinker.model import LoadedModel, count_parameters, load_model, parse_dtype
 from engine.tiny import ensure_tiny_checkpoint, is_demo_checkpoint
@@ -77,23 +78,31 @@ class Engine:
     @classmethod
     def load(cls, path_or_id: str | Path | None = None, dtype: str | None = None, device: str | None = None,
              progress=None, cpu_threads: int | None = None, expert_dtype: str = "bf16",
-             placement: str | Plan = "auto", runtime_options: RuntimeOptions | None = None, log=None) -> "Engine":
+             placement: str | Plan = "auto", runtime_options: RuntimeOptions | None = None, log=None,
+             linear_dtype: str = "bf16") -> "Engine":
         """`path_or_id` None loads (and on first use generates) the tiny random demo checkpoint.
-        dtype defaults to bf16 on GPU and fp32 on CPU. `cpu_threads` sets torch's thread count;
-        by default a small model on CPU runs on one thread (see SMALL_MODEL_BYTES). `expert_dtype`
-        "fp8" or "int8" quantises the routed experts while loading (engine.placement.quant).
+        dtype defaults to bf16 on GPU and on CPU to fp32 where the model fits in memory in it, else bf16.
+        `cpu_threads` sets torch's thread count; by default a small model on CPU runs on one thread (see
+        SMALL_MODEL_BYTES). `expert_dtype` "fp8" | "fp8-block" | "int8" | "int4" quantises the routed experts
+        while loading (engine.placement.quant); `linear_dtype` "int8" (CPU only) the LLM's other linears.
         `placement`: "auto" (on CUDA, a model that does not fit on one GPU is spread over this
-        machine's GPUs and host memory by the planner, engine.placement.auto), "single" (everything on
-        `device`), or an engine.placement.planner.Plan to follow (with `runtime_options`). `log`: called with one
-        line saying where the weights went."""
+        machine's GPUs and host memory by the planner; on a CPU, the planner checks first that it fits in
+        the memory available now and leaves out the generators when only the thinker does:
+        engine.placement.auto), "single" (everything on `device`, unchecked), or an
+        engine.placement.planner.Plan to follow (with `runtime_options`). `log`: called with one line saying
+        where the weights went. Raises engine.placement.planner.PlanError (a ValueError) when it cannot fit."""
         path = ensure_tiny_checkpoint() if path_or_id is None else path_or_id
         dev = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        plan = host_fit = None
+        if not isinstance(placement, Plan) and placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS} or a Plan, got {placement!r}")
+        if placement == "auto" and dev.type == "cpu":
+            path = resolve_checkpoint(path)
+            host_fit = fit_on_host(MingConfig.from_file(path), dtype, expert_dtype, linear_dtype)
+            dtype = host_fit.dtype
         dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
-        plan = None
         if isinstance(placement, Plan):
             plan = placement
-        elif placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS} or a Plan, got {placement!r}")
         elif placement == "auto" and dev.type == "cuda" and parse_dtype(dtype).itemsize == 2:
             # (the planner sizes 16-bit weights; an fp32 load on a GPU keeps the "single" placement)
             devices = machine_devices()
@@ -104,18 +113,24 @@ class Engine:
         if plan is not None and runtime_options is None:
             runtime_options = runtime_options_for(plan)
         model = load_model(path, dtype=dtype, device=dev, progress=progress, expert_dtype=expert_dtype,
-                           plan=plan, runtime_options=runtime_options)
+                           plan=plan, runtime_options=runtime_options, linear_dtype=linear_dtype)
         tokenizer = MingTokenizer(model.path)
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         elif dev.type == "cpu" and model_bytes(model) < SMALL_MODEL_BYTES:
             torch.set_num_threads(1)
         engine = cls(model, tokenizer, is_demo=is_demo_checkpoint(model.path))
-        engine.placement = placement_summary(plan, str(dev))
-        engine._attach_image_generator(dev, dtype, plan)
+        engine.placement = host_fit.summary if host_fit is not None else placement_summary(plan, str(dev))
+        if host_fit is None or host_fit.generators:
+            engine._attach_image_generator(dev, dtype, plan)
+        else:
+            engine.image_generator_error = "not loaded: it does not fit in host memory beside the thinker"
         if log is not None:
             log(f"placement: {engine.placement}")
-        engine._load_talker(model.path, dtype, dev, log)  # speech out (see the talker block below)
+        if host_fit is None or host_fit.generators:
+            engine._load_talker(model.path, dtype, dev, log)  # speech out (see the talker block below)
+        else:
+            engine.talker_error = "the talker was not loaded: it does not fit in host memory beside the thinker"
         return engine
 
     def info(self) -> EngineInfo:

@@ -37,7 +37,7 @@ def banner_parts(info: ModelInfo) -> tuple[str, str, str | None]:
                 "Its replies, speech and images are meaningless; it only shows that the studio works. "
                 "To load the real model, run:", REAL_MODEL_HINT)
     details = f"release {info.release} · {shape} · {can}"
-    if info.placement and not info.placement.startswith("everything on"):
+    if info.placement and info.placement != f"everything on {info.device}":  # a plan, or what did not fit
         details += f" · placement: {info.placement}"
     return f"Model: {info.name}", details, None
 

@@ -4,23 +4,32 @@ planner (engine.placement.planner) where everything goes, and say whether the ex
 `Engine.load(..., placement="auto")` (the default, and what `launch.py` / `engine.server` do) uses
 this on CUDA machines: a model that fits on one GPU loads there as before; a bigger one (the real
 Ming-flash-omni is ~200 GB in bf16) is spread over the local GPUs, with the experts that fit nowhere
-kept in host memory and computed by the CPU (engine.placement.expert_runtime). On CPU-only machines nothing is
-planned: everything runs on the CPU.
+kept in host memory and computed by the CPU (engine.placement.expert_runtime). On a machine without
+a GPU everything runs on the CPU; `fit_on_host` checks with the planner, before anything is read, that
+it fits in the memory the host has available now (and picks the load dtype when none was asked for),
+so a model too big fails at once with what to try instead of being killed halfway through its load.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from engine.models.thinker.config import MingConfig
 from engine.placement.expert_runtime import CPU, RuntimeOptions
-from engine.placement.planner import DeviceSpec, GPUSpec, Plan, PlanError, plan_placement
+from engine.placement.planner import DeviceSpec, GPUSpec, Plan, PlanError, format_gb, plan_placement
 
 PLACEMENTS = ("auto", "single")
 CACHE_SHARE_OF_FREE_GPU = 0.25  # of the attention GPU's memory left free by the plan, for hot experts
 MAX_CACHED_EXPERTS = 256
+# What a CPU load keeps free of MemAvailable: this process's Python/torch heap and the transient copies
+# of one layer while its linears or experts are quantised.
+LOAD_HOST_RESERVE = "1GiB"
+# KV cache a CPU load must leave room for (the cache grows with the conversation): an 8k-token context.
+LOAD_KV_TOKENS = 8192
+CPU_DTYPES = ("fp32", "bf16")  # a CPU load's dtype when none is asked for: the first that fits
 
 
 def host_available_bytes() -> int:
@@ -60,6 +69,89 @@ def auto_plan(config: MingConfig, devices: DeviceSpec, expert_dtype: str = "bf16
     return None if fits_on_first_gpu(plan) else plan
 
 
+@dataclass(frozen=True)
+class HostFit:
+    """What `fit_on_host` decided: the load dtype, the planner's no-GPU plan in it, whether the generators
+    (talker, image generator) fit beside the thinker, and a line saying so for logs and the UI."""
+
+    dtype: str
+    plan: Plan
+    generators: bool
+    summary: str
+
+
+def fit_on_host(config: MingConfig, dtype: str | None, expert_dtype: str = "bf16", linear_dtype: str = "bf16",
+                available: int | None = None) -> HostFit:
+    """Check, before loading, that a CPU load fits in `available` bytes (default: MemAvailable now),
+    keeping LOAD_HOST_RESERVE and room for LOAD_KV_TOKENS of KV cache. `dtype` None: the first of
+    CPU_DTYPES that fits (fp32, the CPU default, else bf16). When the thinker fits but the generators do
+    not, it is loaded without them (`generators` False, said in `summary`). With int8 linears the load's
+    peak counts too: the linears are read as loaded and quantised after the thinker's load (before the
+    generators load and before any KV cache exists). Raises PlanError saying how much the smallest choice
+    needs, what is available and which options would shrink it, when even the thinker alone does not fit."""
+    available = host_available_bytes() if available is None else int(available)
+    candidates = (dtype,) if dtype else CPU_DTYPES
+
+    def plan(dt: str, memory: int, generators: str, linears: str = linear_dtype,
+             kv_tokens: int = LOAD_KV_TOKENS) -> Plan:
+        return plan_placement(config, DeviceSpec((), memory), expert_dtype, kv_tokens=kv_tokens,
+                              host_reserve=LOAD_HOST_RESERVE, generators=generators, linear_dtype=linears,
+                              dtype=dt)
+
+    def fits(dt: str, generators: str) -> Plan | None:
+        try:
+            if linear_dtype != "bf16":
+                plan(dt, available, "ignore", linears="bf16", kv_tokens=0)  # the peak while loading
+            return plan(dt, available, generators)
+        except PlanError:
+            return None
+
+    unbounded = plan(candidates[-1], 1 << 62, "ignore")  # errors other than memory (an unknown dtype) surface here
+    for candidate in candidates:
+        for generators in ("auto", "ignore"):
+            fitted = fits(candidate, generators)
+            if fitted is None:
+                continue
+            return HostFit(candidate, fitted, generators == "auto" or not fitted.sizes.generators,
+                           _host_summary(fitted, candidate, available, generators == "auto", linear_dtype))
+    need = unbounded.host.memory_bytes - unbounded.host.free_bytes
+    peak = plan(candidates[-1], 1 << 62, "ignore", linears="bf16", kv_tokens=0).host
+    need_text = f"{format_gb(need)} (its weights, an {LOAD_KV_TOKENS:,}-token KV cache and {LOAD_HOST_RESERVE} for this process)"
+    if peak.memory_bytes - peak.free_bytes > need:
+        need_text = (f"{format_gb(peak.memory_bytes - peak.free_bytes)} while loading (its linears are quantised "
+                     f"after they are read) and {need_text} after")
+    raise PlanError(
+        f"the model does not fit in this machine's memory: loaded on the CPU in {candidates[-1]} with "
+        f"{_experts_text(expert_dtype)} and {linear_dtype} linears it needs {need_text}, and "
+        f"{format_gb(available)} is available now. Try "
+        + ", ".join(_shrink_tips(candidates[-1], expert_dtype, linear_dtype) + ["a machine with more memory or a GPU"])
+        + " (python -m engine.plan --gpus none shows the sizes).")
+
+
+def _experts_text(expert_dtype: str) -> str:
+    return "unquantised experts" if expert_dtype == "bf16" else f"{expert_dtype} experts"
+
+
+def _shrink_tips(dtype: str, expert_dtype: str, linear_dtype: str) -> list[str]:
+    """The load options that would make a CPU load smaller than this one."""
+    return (([] if expert_dtype == "int4" else ["--expert-dtype int4"])
+            + ([] if linear_dtype == "int8" else ["--linear-dtype int8"])
+            + ([] if dtype != "fp32" else ["--dtype bf16"]))
+
+
+def _host_summary(plan: Plan, dtype: str, available: int, with_generators: bool, linear_dtype: str) -> str:
+    h = plan.host
+    used = h.memory_bytes - h.free_bytes - h.reserve_bytes
+    line = (f"everything on cpu ({dtype}, {_experts_text(plan.expert_dtype)}, {linear_dtype} linears): "
+            f"{format_gb(used)} of the {format_gb(available)} of host memory available at load, with an "
+            f"{LOAD_KV_TOKENS:,}-token KV cache")
+    if plan.sizes.generators and not with_generators:
+        need = sum(m.nbytes for m in plan.sizes.generators)
+        line += (f"; speech and image generation NOT loaded: their {format_gb(need)} do not fit beside the thinker "
+                 f"(try {', '.join(_shrink_tips(dtype, plan.expert_dtype, linear_dtype) + ['more RAM'])})")
+    return line
+
+
 def runtime_options_for(plan: Plan) -> RuntimeOptions:
     """Hot-expert cache sized from the memory the plan leaves free on the first attention GPU (only
     when some experts live in host memory)."""
@@ -87,5 +179,5 @@ def placement_summary(plan: Plan | None, device: str) -> str:
             f"each) on {', '.join(parts)}; predicted decode {plan.prediction.tokens_per_s:.1f} tokens/s")
 
 
-__all__ = ["PLACEMENTS", "PlanError", "auto_plan", "fits_on_first_gpu", "host_available_bytes", "machine_devices",
-           "placement_summary", "runtime_options_for"]
+__all__ = ["PLACEMENTS", "HostFit", "PlanError", "auto_plan", "fit_on_host", "fits_on_first_gpu", "host_available_bytes",
+           "machine_devices", "placement_summary", "runtime_options_for"]

@@ -42,8 +42,12 @@ from engine.models.thinker.config import ConfigError, LLMConfig, MingConfig
 # Constants and defaults (each is a CLI flag too)
 # ----------------------------------------------------------------------------------------------
 
-BF16 = 2  # bytes per non-expert weight and per activation element
+BF16 = 2  # bytes per activation element, and per weight of the releases' files
 FP32 = 4
+# The dtype weights are loaded in (`--dtype`; the engine's default on a CPU is fp32): bytes per
+# element of everything kept as loaded (non-quantised linears, norms, embeddings, encoders, the KV
+# cache, generators, "bf16" = unquantised experts).
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 EXPERT_WEIGHT_BYTES = {"bf16": 2, "fp8": 1, "fp8-block": 1, "int8": 1, "int4": 0.5}
 # fp32 scales (engine.kernels.dequant formats): fp8/int8 one per output channel, fp8-block one per
 # 128x128 block, int4 one per group of up to 128 input columns.
@@ -180,6 +184,7 @@ class ModelSizes:
     kv_bytes_per_token_per_layer: int
     max_context: int = 0
     generators: tuple[ModuleSize, ...] = ()  # talker / image generator sub-folders, sized from their files
+    dtype: str = "bf16"                      # the load dtype of everything not quantised
 
     @property
     def generator_bytes(self) -> int:
@@ -243,13 +248,21 @@ def expert_scale_count(expert_dtype: str, h: int, i: int) -> int:
     return 0
 
 
-def expert_bytes(llm: LLMConfig, expert_dtype: str = "bf16") -> int:
-    """Bytes of one routed expert: gate/up [I_e, H] and down [H, I_e] in the expert dtype, plus its
-    fp32 scales (see `expert_scale_count`)."""
+def expert_bytes(llm: LLMConfig, expert_dtype: str = "bf16", dtype: str = "bf16") -> int:
+    """Bytes of one routed expert: gate/up [I_e, H] and down [H, I_e] in the expert dtype ("bf16": not
+    quantised, so in the load `dtype`), plus its fp32 scales (see `expert_scale_count`)."""
     if expert_dtype not in EXPERT_WEIGHT_BYTES:
         raise PlanError(f"unknown expert dtype {expert_dtype!r}: choose one of {sorted(EXPERT_WEIGHT_BYTES)}")
     h, i = llm.hidden_size, llm.moe_intermediate_size
-    return int(3 * h * i * EXPERT_WEIGHT_BYTES[expert_dtype]) + expert_scale_count(expert_dtype, h, i) * FP32
+    per_weight = dtype_bytes(dtype) if expert_dtype == "bf16" else EXPERT_WEIGHT_BYTES[expert_dtype]
+    return int(3 * h * i * per_weight) + expert_scale_count(expert_dtype, h, i) * FP32
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a weight kept as loaded in `dtype` (see DTYPE_BYTES)."""
+    if dtype not in DTYPE_BYTES:
+        raise PlanError(f"unknown dtype {dtype!r}: choose one of {list(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
 
 
 def _linear(n_out: int, n_in: int, bias: bool = True) -> int:
@@ -305,25 +318,28 @@ def projector_params(in_dim: int, llm_hidden: int, depth: int, conv_kernel: int 
     return first + (depth - 1) * _linear(llm_hidden, llm_hidden)
 
 
-def model_sizes(config: MingConfig, expert_dtype: str = "bf16", linear_dtype: str = "bf16") -> ModelSizes:
-    """Exact sizes of every module of the thinker (LLM + encoders + projectors). `linear_dtype` "int8":
-    the LLM's non-expert linears (attention, dense MLP, shared experts, lm_head) hold int8 weights with
-    one fp32 scale per output channel (norms, routers, embeddings and encoders stay bf16)."""
+def model_sizes(config: MingConfig, expert_dtype: str = "bf16", linear_dtype: str = "bf16",
+                dtype: str = "bf16") -> ModelSizes:
+    """Exact sizes of every module of the thinker (LLM + encoders + projectors), loaded in `dtype`
+    ("bf16" as the releases store it, or "fp32"). `linear_dtype` "int8": the LLM's non-expert linears
+    (attention, dense MLP, shared experts, lm_head) hold int8 weights with one fp32 scale per output
+    channel (norms, routers, embeddings and encoders stay in `dtype`)."""
     if linear_dtype not in LINEAR_DTYPES:
         raise PlanError(f"unknown linear dtype {linear_dtype!r}: choose one of {list(LINEAR_DTYPES)}")
+    w = dtype_bytes(dtype)
     llm = config.llm
     h, v, hd = llm.hidden_size, llm.vocab_size, llm.head_dim
     mods: list[ModuleSize] = []
 
     def add(name, kind, params, nbytes=None, read=None, layer=None, exact=True):
-        nb = params * BF16 if nbytes is None else nbytes
+        nb = params * w if nbytes is None else nbytes
         mods.append(ModuleSize(name, kind, params, nb, nb if read is None else read, layer, exact))
 
     def linear_bytes(params: int, rows: int, small: int = 0) -> int:
-        """bf16, or int8 + fp32 per output row; `small` parameters (norms, biases) stay bf16."""
+        """As loaded, or int8 + fp32 per output row; `small` parameters (norms, biases) stay as loaded."""
         if linear_dtype == "bf16":
-            return (params + small) * BF16
-        return params + rows * FP32 + small * BF16
+            return (params + small) * w
+        return params + rows * FP32 + small * w
 
     depth = int(config.mlp_depth or 2)
     if config.vision:
@@ -334,11 +350,11 @@ def model_sizes(config: MingConfig, expert_dtype: str = "bf16", linear_dtype: st
     wc = (config.audio or {}).get("whisper_encoder_config") or {}
     if wc:
         ap, buf, exact = audio_params(config.audio)
-        add("audio", "encoder", ap, nbytes=(ap + buf) * BF16, read=0, exact=exact)
+        add("audio", "encoder", ap, nbytes=(ap + buf) * w, read=0, exact=exact)
         add("linear_proj_audio", "encoder",
             projector_params(int(wc["n_state"]), h, depth, int(config.audio.get("ds_kernel_size", 3))), read=0)
 
-    add("word_embeddings", "embedding", v * h, read=h * BF16)  # decode reads one row
+    add("word_embeddings", "embedding", v * h, read=h * w)  # decode reads one row
     qkv_rows = (llm.num_attention_heads + 2 * llm.num_key_value_heads) * hd
     attn_small = 2 * hd + 2 * h + (qkv_rows if llm.use_qkv_bias else 0) + (h if llm.use_bias else 0)
     attn = (_linear(qkv_rows, h, llm.use_qkv_bias) + _linear(h, llm.num_attention_heads * hd, llm.use_bias)
@@ -355,9 +371,9 @@ def model_sizes(config: MingConfig, expert_dtype: str = "bf16", linear_dtype: st
                 i_sh = llm.moe_intermediate_size * llm.num_shared_experts
                 add(f"layers.{layer}.shared_experts", "shared_expert", 3 * h * i_sh,
                     nbytes=linear_bytes(3 * h * i_sh, 2 * i_sh + h), layer=layer)
-            # Routers: weight [E, H] bf16 + expert_bias [E] fp32 each; decode uses only the text gate (§2.7).
+            # Routers: weight [E, H] as loaded + expert_bias [E] fp32 each; decode uses only the text gate (§2.7).
             add(f"layers.{layer}.routers", "router", n_gates * (e * h + e),
-                nbytes=n_gates * (e * h * BF16 + e * FP32), read=e * h * BF16 + e * FP32, layer=layer)
+                nbytes=n_gates * (e * h * w + e * FP32), read=e * h * w + e * FP32, layer=layer)
         else:
             add(f"layers.{layer}.mlp", "dense_mlp", 3 * h * llm.intermediate_size,
                 nbytes=linear_bytes(3 * h * llm.intermediate_size, 2 * llm.intermediate_size + h), layer=layer)
@@ -365,13 +381,14 @@ def model_sizes(config: MingConfig, expert_dtype: str = "bf16", linear_dtype: st
     if not llm.tie_word_embeddings:
         add("lm_head", "lm_head", v * h, nbytes=linear_bytes(v * h, v))
     else:  # tied: lm_head reads the embedding table every token
-        add("lm_head", "lm_head", 0, nbytes=0, read=v * h * BF16)
+        add("lm_head", "lm_head", 0, nbytes=0, read=v * h * w)
     return ModelSizes(
         modules=tuple(mods), moe_layers=tuple(moe_layers), num_experts=e, top_k=llm.num_experts_per_tok,
         hidden_size=h, num_layers=llm.num_hidden_layers, params_per_expert=3 * h * llm.moe_intermediate_size,
-        bytes_per_expert=expert_bytes(llm, expert_dtype), expert_dtype=expert_dtype,
-        kv_bytes_per_token_per_layer=2 * llm.num_key_value_heads * hd * BF16,
-        max_context=llm.max_position_embeddings, generators=generator_sizes(_checkpoint_dir(config)))
+        bytes_per_expert=expert_bytes(llm, expert_dtype, dtype), expert_dtype=expert_dtype,
+        kv_bytes_per_token_per_layer=2 * llm.num_key_value_heads * hd * w,
+        max_context=llm.max_position_embeddings, generators=generator_sizes(_checkpoint_dir(config), dtype),
+        dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -816,22 +833,32 @@ def _build(config: MingConfig, sizes: ModelSizes, devices: DeviceSpec, pop: dict
 
 
 def _build_cpu_only(config: MingConfig, sizes: ModelSizes, devices: DeviceSpec, pop: dict[int, list[float]],
-                    kv_tokens: int, host_reserve: int, encoders: str, roofline: RooflineParams) -> Plan:
-    """No GPU: every module, expert and the KV cache in host memory, computed by the CPU."""
+                    kv_tokens: int, host_reserve: int, encoders: str, roofline: RooflineParams,
+                    generators: str = "auto") -> Plan:
+    """No GPU: every module, expert, generator (`generators` "auto") and the KV cache in host memory,
+    computed by the CPU. The generators run one at a time on the CPU, so one workspace is kept for them:
+    GENERATOR_WORKSPACE, or the largest generator's own size when smaller (a small generator's step
+    needs less; the demo checkpoint's are a few MB)."""
     mods = [m for m in sizes.modules if encoders != "none" or m.kind != "encoder"]
     placed = tuple(ModulePlacement(m.name, m.kind, m.nbytes, "cpu", m.layer) for m in mods)
     modules_bytes = sum(m.nbytes for m in mods)
     n_exp = sizes.num_experts * len(sizes.moe_layers)
     kv_bytes = kv_tokens * sizes.kv_bytes_per_token
-    need = modules_bytes + n_exp * sizes.bytes_per_expert + kv_bytes + host_reserve
+    gens = sizes.generators if generators == "auto" else ()
+    gen_bytes = sum(m.nbytes for m in gens) + (min(GENERATOR_WORKSPACE, max(m.nbytes for m in gens)) if gens else 0)
+    need = modules_bytes + n_exp * sizes.bytes_per_expert + kv_bytes + gen_bytes + host_reserve
     if need > devices.host_memory_bytes:
+        loaded_as = dtype_bytes(sizes.dtype)
         raise PlanError(
             f"host memory cannot hold the model without a GPU: modules {format_gb(modules_bytes)} + routed experts "
             f"({sizes.expert_dtype}) {format_gb(n_exp * sizes.bytes_per_expert)} + KV cache {format_gb(kv_bytes)} "
-            f"for {kv_tokens} tokens + reserve {format_gb(host_reserve)} = {format_gb(need)} > --cpu-mem "
+            f"for {kv_tokens} tokens"
+            + (f" + generators and their workspace {format_gb(gen_bytes)}" if gens else "")
+            + f" + reserve {format_gb(host_reserve)} = {format_gb(need)} > host memory "
             f"{format_gb(devices.host_memory_bytes)}. Try "
-            + ", ".join(([] if sizes.expert_dtype == "int4" else ["--expert-dtype int4"])
-                        + ([] if modules_bytes < sum(m.params for m in mods) * BF16 else ["--linear-dtype int8"])
+            + ", ".join(([] if sizes.dtype == "bf16" else ["--dtype bf16"])
+                        + ([] if sizes.expert_dtype == "int4" else ["--expert-dtype int4"])
+                        + ([] if modules_bytes < sum(m.params for m in mods) * loaded_as else ["--linear-dtype int8"])
                         + ([] if encoders == "none" else ["--encoders none"])
                         + ["a smaller --kv-tokens or --host-reserve", "more RAM"]) + ".")
     free = devices.host_memory_bytes - need
@@ -842,7 +869,8 @@ def _build_cpu_only(config: MingConfig, sizes: ModelSizes, devices: DeviceSpec, 
                 modules=placed, layer_home=(CPU,) * sizes.num_layers, head_home=CPU, experts=experts, gpus=(),
                 host=host, kv_requested_tokens=kv_tokens, kv_budget_bytes=kv_bytes + free,
                 kv_max_tokens=int((kv_bytes + free) // per_token) if per_token else 0, embeddings="cpu",
-                encoders=encoders, expert_gpus=0, prediction=None)  # type: ignore[arg-type]
+                encoders=encoders, expert_gpus=0, prediction=None,  # type: ignore[arg-type]
+                generators=tuple(ModulePlacement(m.name, m.kind, m.nbytes, "cpu") for m in gens))
     return _with_prediction(plan, predict_decode(plan, roofline))
 
 
@@ -871,11 +899,12 @@ def plan_placement(config: MingConfig, devices: DeviceSpec, expert_dtype: str = 
                    kv_tokens: int | None = None, gpu_reserve: int | str = DEFAULT_GPU_RESERVE,
                    host_reserve: int | str = DEFAULT_HOST_RESERVE, encoders: str = "gpu",
                    embeddings: str = "auto", roofline: RooflineParams | None = None,
-                   generators: str = "auto", linear_dtype: str = "bf16") -> Plan:
+                   generators: str = "auto", linear_dtype: str = "bf16", dtype: str = "bf16") -> Plan:
     """Decide where everything lives and predict decode speed.
 
     Without GPUs (``DeviceSpec.gpus`` empty, ``--gpus none``) everything lives in host memory and the
-    CPU computes it all; `linear_dtype` "int8" sizes the non-expert linears as int8 (see `model_sizes`).
+    CPU computes it all, generators included (they run there); `linear_dtype` "int8" sizes the
+    non-expert linears as int8, `dtype` ("bf16" | "fp32") what is kept as loaded (see `model_sizes`).
 
     `expert_stats`: per-layer selection counts (see `normalize_expert_stats`), uniform when None.
     `kv_tokens`: KV-cache tokens to reserve (default: the model's max_position_embeddings).
@@ -896,14 +925,14 @@ def plan_placement(config: MingConfig, devices: DeviceSpec, expert_dtype: str = 
         raise PlanError(f"embeddings must be one of {EMBEDDING_CHOICES}, got {embeddings!r}")
     if config.llm.tie_word_embeddings and embeddings == "cpu":
         raise PlanError("tied word embeddings are lm_head's weight: they cannot stay in host memory")
-    sizes = model_sizes(config, expert_dtype, linear_dtype)
+    sizes = model_sizes(config, expert_dtype, linear_dtype, dtype)
     pop = normalize_expert_stats(expert_stats, config.llm)
     kv_tokens = config.llm.max_position_embeddings if kv_tokens is None else int(kv_tokens)
     if kv_tokens < 0:
         raise PlanError(f"kv_tokens must be >= 0, got {kv_tokens}")
     gpu_reserve, host_reserve = parse_size(gpu_reserve), parse_size(host_reserve)
     if not devices.gpus:
-        plan = _build_cpu_only(config, sizes, devices, pop, kv_tokens, host_reserve, encoders, roofline)
+        plan = _build_cpu_only(config, sizes, devices, pop, kv_tokens, host_reserve, encoders, roofline, generators)
         return _with_prediction(plan, plan.prediction, _notes(plan, sizes, 0))
     emb_options = ["gpu", "cpu"] if embeddings == "auto" else [embeddings]
     if config.llm.tie_word_embeddings:
@@ -929,7 +958,8 @@ def plan_placement(config: MingConfig, devices: DeviceSpec, expert_dtype: str = 
         def replan(devs: DeviceSpec) -> Plan:
             return plan_placement(config, devs, expert_dtype, expert_stats, kv_tokens=kv_tokens,
                                   gpu_reserve=gpu_reserve, host_reserve=host_reserve, encoders=encoders,
-                                  embeddings=embeddings, roofline=roofline, generators="ignore", linear_dtype=linear_dtype)
+                                  embeddings=embeddings, roofline=roofline, generators="ignore", linear_dtype=linear_dtype,
+                                  dtype=dtype)
         plan = place_generators(plan, devices, replan)
     return plan
 
@@ -949,9 +979,9 @@ def _checkpoint_dir(config: MingConfig) -> Path | None:
     return path.parent if path is not None and path.name == "config.json" and path.is_file() else None
 
 
-def generator_sizes(root: str | Path | None) -> tuple[ModuleSize, ...]:
+def generator_sizes(root: str | Path | None, dtype: str = "bf16") -> tuple[ModuleSize, ...]:
     """The generators a checkpoint directory holds, each sized by its weight files on disk (the
-    releases store them in bf16, so file bytes = resident bf16 bytes)."""
+    releases store them in bf16, so file bytes = resident bf16 bytes; scaled for another load `dtype`)."""
     if root is None:
         return ()
     root = Path(root)
@@ -962,7 +992,8 @@ def generator_sizes(root: str | Path | None) -> tuple[ModuleSize, ...]:
             continue
         nbytes = sum(p.stat().st_size for d in present for p in d.rglob("*")
                      if p.is_file() and p.name.endswith(GENERATOR_WEIGHT_SUFFIXES))
-        out.append(ModuleSize(name, "generator", nbytes // BF16, nbytes, 0, exact=False))
+        params = nbytes // BF16
+        out.append(ModuleSize(name, "generator", params, params * dtype_bytes(dtype), 0, exact=False))
     return tuple(out)
 
 
@@ -1304,6 +1335,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--expert-dtype", choices=sorted(EXPERT_WEIGHT_BYTES), default="bf16",
                     help="routed experts only, with their fp32 scales (fp8/int8: per output channel, fp8-block: per "
                          "128x128 block, int4: per group of 128 inputs); default bf16")
+    ap.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16",
+                    help="the dtype weights are loaded in (what launch.py's --dtype says; the engine's default on a "
+                         "CPU is fp32): everything not quantised is kept in it; default bf16, as the releases store it")
     ap.add_argument("--linear-dtype", choices=LINEAR_DTYPES, default="bf16",
                     help="the LLM's other linears (attention, dense MLP, shared experts, lm_head): bf16 or int8 "
                          "with one fp32 scale per output channel; default bf16")
@@ -1350,7 +1384,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_placement(config, devices, args.expert_dtype, stats, kv_tokens=args.kv_tokens,
                               gpu_reserve=args.gpu_reserve, host_reserve=args.host_reserve,
                               encoders=args.encoders, embeddings=args.embeddings, roofline=roofline,
-                              linear_dtype=args.linear_dtype)
+                              linear_dtype=args.linear_dtype, dtype=args.dtype)
     except (PlanError, ConfigError) as e:
         if args.json:
             print(json.dumps({"error": str(e)}))

@@ -24,11 +24,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--openai-only", action="store_true",
                     help="OpenAI's routes and shapes only: no /v1/realtime, no extension routes, fields, metrics or "
                          "queue comment lines (PCM audio at OpenAI's 24 kHz)")
-    ap.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--dtype", default=None,
+                    help="fp32 or bf16 (default: bf16 on GPU; on CPU fp32 where the model fits in memory, else bf16)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--expert-dtype", choices=["bf16", "fp8", "fp8-block", "int8", "int4"], default="bf16",
                     help="routed-expert weights: bf16 = as stored (default), or quantised while loading (fp8 e4m3 "
                          "per channel or in 128x128 blocks, int8 per channel, int4 with scales per 128 inputs)")
+    ap.add_argument("--linear-dtype", choices=["bf16", "int8"], default="bf16",
+                    help="CPU only: the LLM's other linears as loaded (default) or int8 per output channel; without a "
+                         "GPU: --expert-dtype int4 --linear-dtype int8")
     ap.add_argument("--placement", choices=["auto", "single"], default="auto",
                     help="auto (default): on CUDA, a model too big for one GPU is spread over the GPUs and host "
                          "memory (cold experts computed by the CPU); single: everything on --device")
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device, placement=args.placement,
-                             expert_dtype=args.expert_dtype,
+                             expert_dtype=args.expert_dtype, linear_dtype=args.linear_dtype,
                              log=lambda line: print(f"[{line}]", file=sys.stderr))
     except (OSError, ValueError, CheckpointError, TokenizerError) as e:  # missing/corrupt files, bad dtype, too big
         print(f"error: could not load the model {args.model or 'the tiny demo checkpoint'!r}: "

@@ -224,3 +224,14 @@ def test_banner_and_tabs(studio):
     assert tabs == ["Chat", "Live", "Speech", "Voice", "Image"]
     with urllib.request.urlopen(studio, timeout=10):
         pass
+
+
+def test_banner_says_where_a_real_model_went_and_what_was_left_out():
+    from app.ui.banner import banner_parts
+    from engine.client import ModelInfo
+    base = dict(id="m", name="Ming-flash-omni-2.0", is_demo=False, release="2.0", parameters=104 * 10**9,
+                dtype="bfloat16", device="cpu", capabilities={"text"})
+    assert "placement" not in banner_parts(ModelInfo(placement="everything on cpu", **base))[1]
+    cpu = ("everything on cpu (bf16, int4 experts, int8 linears): 60.02 GB of the 62.00 GB of host memory available "
+           "at load, with an 8,192-token KV cache; speech and image generation NOT loaded: their 20.00 GB do not fit")
+    assert "speech and image generation NOT loaded" in banner_parts(ModelInfo(placement=cpu, **base))[1]

@@ -47,7 +47,7 @@ def test_help_documents_every_flag(tmp_path):
     r = _run(["--help"], tmp_path, timeout=60)
     assert r.returncode == 0, r.stderr
     for flag in ("--model", "--engine", "--engine-token", "--host", "--port", "--share", "--auth", "--auth-file",
-                 "--insecure-no-auth", "--dtype", "--device"):
+                 "--insecure-no-auth", "--dtype", "--device", "--expert-dtype", "--linear-dtype"):
         assert flag in r.stdout
     assert "inclusionAI/Ming-flash-omni-2.0" in r.stdout
     assert "127.0.0.1" in r.stdout and "7860" in r.stdout  # the defaults are stated

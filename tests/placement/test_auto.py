@@ -8,8 +8,9 @@ import torch
 from engine.models.thinker.config import MingConfig
 from engine.events import Done
 from engine.placement.expert_runtime import CPU, DeviceMap, RuntimeOptions
-from engine.placement.auto import (auto_plan, fits_on_first_gpu, host_available_bytes, machine_devices, placement_summary,
-                              runtime_options_for)
+from engine.placement import auto
+from engine.placement.auto import (LOAD_HOST_RESERVE, LOAD_KV_TOKENS, auto_plan, fit_on_host, fits_on_first_gpu,
+                                   host_available_bytes, machine_devices, placement_summary, runtime_options_for)
 from engine.placement.planner import DeviceSpec, GPUSpec, PlanError, model_sizes, plan_placement
 from engine.runtime import Engine
 from engine.sampling import GenerationParams
@@ -83,3 +84,71 @@ def test_engine_follows_a_plan_and_generates_the_same_reply(tiny_checkpoint):
     b = [e for e in plain.chat(msgs, params) if isinstance(e, Done)][0]
     assert a.token_ids == b.token_ids and a.stats.new_tokens == 16
     assert {"gpu0", "gpu1", "cpu"} <= set(placed.model.moe_runtime.stats.tokens)
+
+
+def test_a_cpu_load_is_checked_against_the_memory_available(real_2_0):
+    """No GPU: the planner decides before anything is read whether the model fits in the memory the host
+    has now, and in which dtype (fp32, the CPU default, else bf16)."""
+    roomy = fit_on_host(real_2_0, None, "int4", "int8", available=128 * 10**9)
+    assert roomy.dtype == "fp32" and roomy.summary.startswith("everything on cpu (fp32, int4 experts, int8 linears)")
+    small = fit_on_host(real_2_0, None, "int4", "int8", available=64 * 10**9)
+    assert small.dtype == "bf16" and small.plan.cpu_experts == 31 * 256  # fp32 does not fit in 64 GB, bf16 does
+    with pytest.raises(PlanError, match="--dtype bf16"):
+        fit_on_host(real_2_0, "fp32", "int4", "int8", available=64 * 10**9)  # asked for explicitly: refused
+    with pytest.raises(PlanError) as e:
+        fit_on_host(real_2_0, None, "bf16", "bf16", available=64 * 10**9)
+    text = str(e.value)
+    assert "64.00 GB is available" in text and "--expert-dtype int4" in text and "--linear-dtype int8" in text
+    assert "--dtype" not in text  # bf16 was already tried
+    with pytest.raises(PlanError) as e:
+        fit_on_host(real_2_0, None, "int4", "int8", available=32 * 10**9)
+    assert "--expert-dtype" not in str(e.value) and "more memory" in str(e.value)
+    # int8 linears are quantised after the thinker's load: the peak before that must fit as well
+    final = small.plan.host.memory_bytes - small.plan.host.free_bytes
+    with pytest.raises(PlanError, match="while loading"):
+        fit_on_host(real_2_0, "bf16", "int4", "int8", available=final + 10**8)
+
+
+def _thinker_need(cfg: MingConfig, dtype: str) -> int:
+    plan = plan_placement(cfg, DeviceSpec((), 1 << 62), kv_tokens=LOAD_KV_TOKENS, host_reserve=LOAD_HOST_RESERVE,
+                          generators="ignore", dtype=dtype)
+    return plan.host.memory_bytes - plan.host.free_bytes
+
+
+def test_engine_load_on_a_cpu_without_room_for_the_generators(tiny_checkpoint, monkeypatch):
+    cfg = MingConfig.from_file(tiny_checkpoint)
+    monkeypatch.setattr(auto, "host_available_bytes", lambda: _thinker_need(cfg, "fp32") + 1)
+    lines = []
+    engine = Engine.load(tiny_checkpoint, device="cpu", log=lines.append)
+    assert engine.info().dtype == "float32" and not engine.has_talker and not engine.has_image_generator
+    assert "NOT loaded" in engine.info().placement and "NOT loaded" in lines[0]
+    assert "does not fit in host memory" in engine.talker_error
+    msgs = [{"role": "user", "content": "Still there?"}]
+    assert isinstance(list(engine.chat(msgs, GenerationParams(max_new_tokens=2)))[-1], Done)
+
+
+def test_engine_load_on_a_cpu_picks_bf16_when_fp32_does_not_fit(tiny_checkpoint, monkeypatch):
+    cfg = MingConfig.from_file(tiny_checkpoint)
+    assert _thinker_need(cfg, "bf16") < _thinker_need(cfg, "fp32")
+    monkeypatch.setattr(auto, "host_available_bytes", lambda: _thinker_need(cfg, "fp32") - 1)
+    assert Engine.load(tiny_checkpoint, device="cpu").info().dtype == "bfloat16"
+
+
+def test_engine_load_on_a_cpu_that_cannot_hold_it_fails_before_reading(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(auto, "host_available_bytes", lambda: 10**6)
+    read = []
+    with monkeypatch.context() as m:
+        m.setattr("engine.runtime.load_model", lambda *a, **k: read.append(a))
+        with pytest.raises(PlanError, match="does not fit in this machine's memory"):
+            Engine.load(tiny_checkpoint, device="cpu", expert_dtype="int4", linear_dtype="int8")
+    assert not read
+    # placement="single" is not checked (the caller knows better)
+    assert Engine.load(tiny_checkpoint, device="cpu", placement="single").info().placement.startswith("everything on cpu;")
+
+
+def test_int4_experts_and_int8_linears_from_engine_load(tiny_checkpoint):
+    engine = Engine.load(tiny_checkpoint, device="cpu", expert_dtype="int4", linear_dtype="int8")
+    assert "int4 experts, int8 linears" in engine.info().placement
+    msgs = [{"role": "user", "content": "A CPU-only Ming?"}]
+    events = list(engine.chat(msgs, GenerationParams(max_new_tokens=3)))
+    assert isinstance(events[-1], Done)

@@ -3,8 +3,11 @@ resident when the GPUs have room, otherwise moves them in on demand with room ke
 
 import json
 
+import pytest
+
 from engine.models.thinker.config import MingConfig
-from engine.placement.planner import GENERATOR_WORKSPACE, DeviceSpec, generator_sizes, model_sizes, plan_placement, render
+from engine.placement.planner import (GENERATOR_WORKSPACE, DeviceSpec, PlanError, generator_sizes, model_sizes,
+                                     plan_placement, render)
 from tests.placement.test_planner import spec_config_dict
 
 GB = 10**9
@@ -47,3 +50,23 @@ def test_on_one_gpu_they_are_moved_in_on_demand_with_room_kept(tmp_path):
     assert plan.gpu_experts < alone.gpu_experts                      # room for the largest one is kept free
     assert alone.gpus[0].memory_bytes - plan.gpus[0].memory_bytes == 13 * GB + GENERATOR_WORKSPACE
     assert "moved to cuda:0 on demand" in render(plan) and any("kept free" in n for n in plan.notes)
+
+
+def test_without_a_gpu_they_live_in_host_memory_and_count_there(tmp_path):
+    cfg = _checkpoint(tmp_path)
+    devices = DeviceSpec.parse("none", "200GB")
+    alone = plan_placement(cfg, devices, "int4", kv_tokens=8192, generators="ignore")
+    plan = plan_placement(cfg, devices, "int4", kv_tokens=8192)
+    assert {m.name: m.device for m in plan.generators} == {"image_generator": "cpu", "talker": "cpu"}
+    # both generators' weights and one workspace (they run one at a time) leave host memory
+    assert alone.host.free_bytes - plan.host.free_bytes == 16 * GB + GENERATOR_WORKSPACE
+    assert "run on the CPU" in render(plan)
+    tight = DeviceSpec((), alone.host.memory_bytes - alone.host.free_bytes + GB)
+    plan_placement(cfg, tight, "int4", kv_tokens=8192, generators="ignore")  # the thinker alone fits
+    with pytest.raises(PlanError, match="generators"):
+        plan_placement(cfg, tight, "int4", kv_tokens=8192)
+
+
+def test_an_fp32_load_doubles_the_generators(tmp_path):
+    sizes = model_sizes(_checkpoint(tmp_path), dtype="fp32")
+    assert {m.name: m.nbytes for m in sizes.generators} == {"image_generator": 26 * GB, "talker": 6 * GB}

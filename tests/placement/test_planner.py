@@ -168,6 +168,25 @@ def test_cpu_only_plan(cfg):
     assert "no GPU" in render(p)
 
 
+def test_an_fp32_load_doubles_what_is_kept_as_loaded(cfg):
+    """--dtype fp32 (the engine's CPU default): norms, embeddings, encoders, unquantised linears and experts,
+    and the KV cache take 4 bytes an element; quantised weights and their scales do not change."""
+    bf16, fp32 = model_sizes(cfg, "int4", "int8"), model_sizes(cfg, "int4", "int8", dtype="fp32")
+    by16, by32 = ({m.name: m for m in s.modules} for s in (bf16, fp32))
+    for name in ("word_embeddings", "vision", "audio", "layers.1.routers"):
+        assert by32[name].nbytes > by16[name].nbytes
+    assert by32["word_embeddings"].nbytes == 2 * by16["word_embeddings"].nbytes
+    assert by32["lm_head"].nbytes == by16["lm_head"].nbytes  # int8 + fp32 row scales either way
+    assert fp32.bytes_per_expert == bf16.bytes_per_expert and fp32.kv_bytes_per_token == 2 * bf16.kv_bytes_per_token
+    assert model_sizes(cfg, dtype="fp32").bytes_per_expert == 2 * model_sizes(cfg).bytes_per_expert
+    devices = DeviceSpec.parse("none", "64GB")
+    plan_placement(cfg, devices, "int4", kv_tokens=8192, host_reserve="2GiB", linear_dtype="int8")
+    with pytest.raises(PlanError, match="--dtype bf16"):
+        plan_placement(cfg, devices, "int4", kv_tokens=8192, host_reserve="2GiB", linear_dtype="int8", dtype="fp32")
+    with pytest.raises(PlanError, match="unknown dtype"):
+        model_sizes(cfg, dtype="fp64")
+
+
 @pytest.mark.parametrize("which", ["tiny", "spec"])
 def test_llm_count_matches_engine_module(which, cfg):
     """The analytic count equals what the engine's own BailingMoeV2 module consumes from a checkpoint."""
