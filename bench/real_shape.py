@@ -63,6 +63,7 @@ from engine.models.thinker.llm import BailingMoeV2ForCausalLM  # noqa: E402
 from engine.models.thinker.model import int8_linears, pack_for_cpu  # noqa: E402
 from engine.placement import quant  # noqa: E402
 from engine.placement.expert_runtime import CPU, DeviceMap, ExpertPlacement, MoERuntime, RuntimeOptions  # noqa: E402
+from engine.placement.host_rates import measure_rates  # noqa: E402
 from engine.placement.planner import DeviceSpec, RooflineParams, plan_placement  # noqa: E402
 from engine.sampling import GenerationParams, Sampler  # noqa: E402
 from engine.tools.host_sync import HostSyncCounter  # noqa: E402
@@ -367,9 +368,12 @@ def run(args) -> dict:
            "dtype": args.dtype, "layers": layers, "full_layers": full_layers, "experts": experts or real.llm.num_experts,
            "prompt_tokens": prompt, "decode_steps": steps, "memory_bytes_per_s": bandwidth,
            "torch_threads": torch.get_num_threads(), "rows": []}
+    host_rates = []  # the CPU kernels' streaming rates, measured around each cpu_only placement
     for placement in args.placements.split(","):
         if placement not in PLACEMENTS:
             raise SystemExit(f"unknown placement {placement!r}; choose from {PLACEMENTS}")
+        if placement == "cpu_only":
+            host_rates.append(measure_rates(CPU_ONLY_PLAN["expert_dtype"], CPU_ONLY_PLAN["linear_dtype"], args.dtype))
         per_count = []
         for n in layers:
             cfg = bench_config(real.llm, n, experts, overrides)
@@ -380,6 +384,8 @@ def run(args) -> dict:
             per_count.append((cfg, notes, meas))
             print(json.dumps({"placement": placement, "layers": n, **{str(b): m for b, m in meas.items()}}),
                   file=sys.stderr, flush=True)
+        if placement == "cpu_only":
+            host_rates.append(measure_rates(CPU_ONLY_PLAN["expert_dtype"], CPU_ONLY_PLAN["linear_dtype"], args.dtype))
         (cfg_a, notes, meas_a), (cfg_b, _, meas_b) = per_count
         n_moe = (cfg_a.num_moe_layers, cfg_b.num_moe_layers)
         full_moe = max(0, full_layers - cfg_a.first_k_dense_replace)
@@ -414,23 +420,39 @@ def run(args) -> dict:
     for row in out["rows"]:
         row["bandwidth_fraction"] *= start / bandwidth
     combine_offload_rows(out["rows"])
+    measured = [r for r in host_rates if r is not None]
+    rates = (sum(r.cpu_expert_gbs for r in measured) / len(measured),
+             sum(r.cpu_weight_gbs for r in measured) / len(measured)) if measured else None
     for row in out["rows"]:
         if row["placement"] == "cpu_only":
-            row.update(cpu_only_prediction(real, bandwidth, row["context"]))
+            row.update(cpu_only_prediction(real, bandwidth, row["context"], args.dtype, rates))
     return out
 
 
-def cpu_only_prediction(real: MingConfig, bandwidth: float, context: int) -> dict:
-    """The planner's decode prediction for the no-GPU plan (CPU_ONLY_PLAN) with this run's measured memory
-    bandwidth as the host's peak (the planner's default efficiency applies to it, as to a datasheet figure)
-    and the measured context, to set beside the measurement."""
+def cpu_only_prediction(real: MingConfig, bandwidth: float, context: int, dtype: str = "bf16",
+                        rates: tuple[float, float] | None = None) -> dict:
+    """The planner's decode predictions for the no-GPU plan (CPU_ONLY_PLAN) at the measured context, to
+    set beside the measurement: with this run's copy bandwidth as the host's peak (the planner's default
+    efficiency applies to it, as to a datasheet figure), and with `rates` (GB/s of the CPU kernels
+    streaming int4 experts and int8 weights, measured just before and after the placement, averaged; what
+    ``engine.plan --host-gbs measure`` measures)."""
     p = CPU_ONLY_PLAN
-    plan = plan_placement(real, DeviceSpec.parse(p["gpus"], p["cpu_mem"]), p["expert_dtype"], kv_tokens=p["kv_tokens"],
-                          host_reserve=p["host_reserve"], linear_dtype=p["linear_dtype"],
-                          roofline=RooflineParams(host_gbs=bandwidth / 1e9, context_tokens=context))
-    return {"planner_decode_tokens_per_s": plan.prediction.tokens_per_s,
-            "planner_note": f"engine.plan --gpus none --cpu-mem 64GB --expert-dtype int4 --linear-dtype int8 "
-                            f"--host-gbs {bandwidth / 1e9:.1f} --context {context}"}
+
+    def predict(roofline: RooflineParams) -> float:
+        plan = plan_placement(real, DeviceSpec.parse(p["gpus"], p["cpu_mem"]), p["expert_dtype"],
+                              kv_tokens=p["kv_tokens"], host_reserve=p["host_reserve"], linear_dtype=p["linear_dtype"],
+                              roofline=roofline, dtype=dtype)
+        return plan.prediction.tokens_per_s
+
+    flags = f"--gpus none --cpu-mem 64GB --expert-dtype int4 --linear-dtype int8 --dtype {dtype} --context {context}"
+    out = {"planner_decode_tokens_per_s": predict(RooflineParams(host_gbs=bandwidth / 1e9, context_tokens=context)),
+           "planner_note": f"engine.plan {flags} --host-gbs {bandwidth / 1e9:.1f}"}
+    if rates is not None:
+        out["planner_measured_decode_tokens_per_s"] = predict(RooflineParams(
+            context_tokens=context, cpu_expert_gbs=rates[0], cpu_weight_gbs=rates[1]))
+        out["planner_measured_note"] = (f"engine.plan {flags} --host-gbs measure (this run: int4 experts "
+                                        f"{rates[0]:.1f} GB/s, int8 weights {rates[1]:.1f} GB/s)")
+    return out
 
 
 def combine_offload_rows(rows: list[dict]) -> None:
@@ -470,7 +492,8 @@ TABLE = (("placement", "placement", "{}"), ("batch", "batch", "{}"), ("graphs", 
          ("prefill tok/s@full", "prefill_tokens_per_s_full", "{:.1f}"), ("bw frac", "bandwidth_fraction", "{:.2f}"),
          ("syncs/step", "host_syncs_per_step", "{:.1f}"), ("syncs/layer", "host_syncs_per_moe_layer", "{:.1f}"),
          ("ops/layer", "ops_per_moe_layer", "{:.0f}"), ("kernels/layer", "kernels_per_moe_layer", "{:.0f}"),
-         ("GPU busy", "gpu_busy_fraction", "{:.2f}"), ("planner tok/s", "planner_decode_tokens_per_s", "{:.1f}"))
+         ("GPU busy", "gpu_busy_fraction", "{:.2f}"), ("planner tok/s", "planner_decode_tokens_per_s", "{:.1f}"),
+         ("planner@measured tok/s", "planner_measured_decode_tokens_per_s", "{:.1f}"))
 
 
 def print_table(out: dict) -> None:
@@ -487,7 +510,8 @@ def print_table(out: dict) -> None:
           "model; bw frac: bytes read per decode step / measured copy bandwidth; syncs/step: host syncs of a "
           "decode step (the token read excluded); per layer: per MoE layer; GPU busy: share of a step with a "
           "kernel running; planner tok/s: the planner's prediction for the real model on 1x80 GB + host (offload "
-          "rows) or without a GPU at this run's bandwidth and context (cpu_only)")
+          "rows) or without a GPU at this run's bandwidth and context (cpu_only); planner@measured: the same with "
+          "the CPU kernels' streaming rates measured around the cpu_only rows (engine.plan --host-gbs measure)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from engine.models.thinker.config import MingConfig
 from engine.loader import resolve_checkpoint
 from engine.placement.expert_runtime import RuntimeOptions
 from engine.placement.auto import (PLACEMENTS, auto_plan, fit_on_host, machine_devices, placement_summary,
-                                   runtime_options_for)
+                                   runtime_options_for, with_measured_speed)
 from engine.placement.planner import Plan
 from engine.models.thinker.model import LoadedModel, count_parameters, load_model, parse_dtype
 from engine.tiny import ensure_tiny_checkpoint, is_demo_checkpoint
@@ -96,9 +96,12 @@ class Engine:
         plan = host_fit = None
         if not isinstance(placement, Plan) and placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS} or a Plan, got {placement!r}")
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
         if placement == "auto" and dev.type == "cpu":
             path = resolve_checkpoint(path)
             host_fit = fit_on_host(MingConfig.from_file(path), dtype, expert_dtype, linear_dtype)
+            host_fit = with_measured_speed(host_fit, linear_dtype)  # a large model: the speed to expect here
             dtype = host_fit.dtype
         dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
         if isinstance(placement, Plan):
@@ -115,9 +118,7 @@ class Engine:
         model = load_model(path, dtype=dtype, device=dev, progress=progress, expert_dtype=expert_dtype,
                            plan=plan, runtime_options=runtime_options, linear_dtype=linear_dtype)
         tokenizer = MingTokenizer(model.path)
-        if cpu_threads:
-            torch.set_num_threads(cpu_threads)
-        elif dev.type == "cpu" and model_bytes(model) < SMALL_MODEL_BYTES:
+        if not cpu_threads and dev.type == "cpu" and model_bytes(model) < SMALL_MODEL_BYTES:
             torch.set_num_threads(1)
         engine = cls(model, tokenizer, is_demo=is_demo_checkpoint(model.path))
         engine.placement = host_fit.summary if host_fit is not None else placement_summary(plan, str(dev))

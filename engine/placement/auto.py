@@ -13,13 +13,15 @@ so a model too big fails at once with what to try instead of being killed halfwa
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from engine.models.thinker.config import MingConfig
 from engine.placement.expert_runtime import CPU, RuntimeOptions
-from engine.placement.planner import DeviceSpec, GPUSpec, Plan, PlanError, format_gb, plan_placement
+from engine.placement.host_rates import measure_rates
+from engine.placement.planner import (DeviceSpec, GPUSpec, Plan, PlanError, RooflineParams, format_gb, plan_placement,
+                                      predict_decode)
 
 PLACEMENTS = ("auto", "single")
 CACHE_SHARE_OF_FREE_GPU = 0.25  # of the attention GPU's memory left free by the plan, for hot experts
@@ -30,6 +32,9 @@ LOAD_HOST_RESERVE = "1GiB"
 # KV cache a CPU load must leave room for (the cache grows with the conversation): an 8k-token context.
 LOAD_KV_TOKENS = 8192
 CPU_DTYPES = ("fp32", "bf16")  # a CPU load's dtype when none is asked for: the first that fits
+# CPU loads at least this large measure the host's streaming rates (about a second, engine.placement.host_rates)
+# to say the decode speed to expect; a small model's load would take longer measuring than loading.
+MEASURE_RATES_MIN_BYTES = 2 << 30
 
 
 def host_available_bytes() -> int:
@@ -128,6 +133,21 @@ def fit_on_host(config: MingConfig, dtype: str | None, expert_dtype: str = "bf16
         + " (python -m engine.plan --gpus none shows the sizes).")
 
 
+def with_measured_speed(fit: HostFit, linear_dtype: str = "bf16") -> HostFit:
+    """`fit` with the decode speed to expect added to its summary: the planner's CPU prediction with this
+    host's streaming rates measured now (before the load, while the memory is free), for loads of at least
+    MEASURE_RATES_MIN_BYTES; `fit` unchanged for smaller ones or without the native kernels."""
+    h = fit.plan.host
+    if h.memory_bytes - h.free_bytes - h.reserve_bytes < MEASURE_RATES_MIN_BYTES:
+        return fit
+    rates = measure_rates(fit.plan.expert_dtype, linear_dtype, fit.dtype, available=host_available_bytes())
+    if rates is None:
+        return fit
+    pred = predict_decode(fit.plan, RooflineParams(cpu_expert_gbs=rates.cpu_expert_gbs, cpu_weight_gbs=rates.cpu_weight_gbs))
+    return replace(fit, summary=f"{fit.summary}; predicted decode {pred.tokens_per_s:.1f} tokens/s at "
+                                f"{pred.params.context_tokens:,} tokens of context ({rates.describe()})")
+
+
 def _experts_text(expert_dtype: str) -> str:
     return "unquantised experts" if expert_dtype == "bf16" else f"{expert_dtype} experts"
 
@@ -180,4 +200,4 @@ def placement_summary(plan: Plan | None, device: str) -> str:
 
 
 __all__ = ["PLACEMENTS", "HostFit", "PlanError", "auto_plan", "fit_on_host", "fits_on_first_gpu", "host_available_bytes",
-           "machine_devices", "placement_summary", "runtime_options_for"]
+           "machine_devices", "placement_summary", "runtime_options_for", "with_measured_speed"]

@@ -462,7 +462,9 @@ def normalize_expert_stats(stats, llm: LLMConfig) -> dict[int, list[float]]:
 class RooflineParams:
     """Batch-1 decode roofline inputs. Bandwidths in GB/s (10^9 bytes/s) are peaks; `efficiency`
     scales all of them. `overlap_cpu`: CPU-computed experts run concurrently with GPU experts
-    (default False: back to back, as a first runtime does)."""
+    (default False: back to back, as a first runtime does). `cpu_expert_gbs` / `cpu_weight_gbs`: rates
+    measured on this host (engine.placement.host_rates: the CPU kernels streaming routed experts / the
+    other weights and the KV cache), taken as they are, without `efficiency`; None: host_gbs x efficiency."""
 
     hbm_gbs: float = DEFAULT_HBM_GBS
     pcie_gbs: float = DEFAULT_PCIE_GBS
@@ -471,15 +473,30 @@ class RooflineParams:
     efficiency: float = DEFAULT_EFFICIENCY
     context_tokens: int = DEFAULT_CONTEXT
     overlap_cpu: bool = False
+    cpu_expert_gbs: float | None = None
+    cpu_weight_gbs: float | None = None
 
     def validate(self) -> None:
         for name in ("hbm_gbs", "pcie_gbs", "host_gbs"):
             if getattr(self, name) <= 0:
                 raise PlanError(f"--{name.replace('_', '-')} must be > 0")
+        for name in ("cpu_expert_gbs", "cpu_weight_gbs"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise PlanError(f"{name} must be > 0 when given")
         if not 0 < self.efficiency <= 1:
             raise PlanError(f"--efficiency must be in (0, 1], got {self.efficiency}")
         if self.hop_latency_us < 0 or self.context_tokens < 0:
             raise PlanError("--hop-latency-us and --context must be >= 0")
+
+    @property
+    def measured(self) -> bool:
+        return self.cpu_expert_gbs is not None and self.cpu_weight_gbs is not None
+
+    def cpu_rates(self) -> tuple[float, float]:
+        """Bytes/s of the CPU streaming routed experts and the other host weights (and KV cache)."""
+        peak = self.host_gbs * 1e9 * self.efficiency
+        return (peak if self.cpu_expert_gbs is None else self.cpu_expert_gbs * 1e9,
+                peak if self.cpu_weight_gbs is None else self.cpu_weight_gbs * 1e9)
 
 
 @dataclass(frozen=True)
@@ -877,12 +894,12 @@ def _build_cpu_only(config: MingConfig, sizes: ModelSizes, devices: DeviceSpec, 
 def _predict_cpu_only(plan: Plan, rp: RooflineParams) -> Prediction:
     """Decode on the CPU alone: every byte a token needs is read from host memory."""
     s = plan.sizes
-    host_rate = rp.host_gbs * 1e9 * rp.efficiency
+    expert_rate, weight_rate = rp.cpu_rates()
     weights = sum(m.decode_read_bytes for m in s.modules if m.kind != "encoder")
     kv = rp.context_tokens * s.kv_bytes_per_token
     experts = len(s.moe_layers) * s.top_k * s.bytes_per_expert
     t = {k: 0.0 for k in BOTTLENECK_TEXT}
-    t["host_weights"], t["cpu_experts"] = (weights + kv) / host_rate, experts / host_rate
+    t["host_weights"], t["cpu_experts"] = (weights + kv) / weight_rate, experts / expert_rate
     total = sum(t.values())
     bottleneck = max(t, key=lambda key: t[key])
     return Prediction(tokens_per_s=1.0 / total if total > 0 else float("inf"), ms_per_token=total * 1e3,
@@ -1078,7 +1095,7 @@ class _Rates:
     @classmethod
     def of(cls, rp: RooflineParams, hbm_gbs: Sequence[float], hidden: int) -> "_Rates":
         e = rp.efficiency
-        return cls(tuple(b * 1e9 * e for b in hbm_gbs), rp.host_gbs * 1e9 * e, rp.pcie_gbs * 1e9 * e,
+        return cls(tuple(b * 1e9 * e for b in hbm_gbs), rp.cpu_rates()[0], rp.pcie_gbs * 1e9 * e,
                    rp.hop_latency_us * 1e-6, hidden * BF16, rp.overlap_cpu)
 
     def hop(self, nbytes: float) -> float:
@@ -1295,11 +1312,16 @@ def render(plan: Plan) -> str:
     lines += [
         "",
         (f"Decode roofline (batch 1, {rp.context_tokens} tokens of context, {int(rp.efficiency * 100)}% of peak: "
-         f"HBM {'/'.join(f'{b:g}' for b in bws)} GB/s, host {rp.host_gbs:g} GB/s, PCIe {rp.pcie_gbs:g} GB/s, "
+         f"HBM {'/'.join(f'{b:g}' for b in bws)} GB/s, "
+         + (f"CPU experts {rp.cpu_expert_gbs:.1f} GB/s measured, " if rp.measured else f"host {rp.host_gbs:g} GB/s, ")
+         + f"PCIe {rp.pcie_gbs:g} GB/s, "
          f"hop {rp.hop_latency_us:g} us, CPU/GPU experts {'overlapped' if rp.overlap_cpu else 'back to back'})"
          if plan.gpus else
-         f"Decode roofline (batch 1, {rp.context_tokens} tokens of context, {int(rp.efficiency * 100)}% of peak: "
-         f"host memory {rp.host_gbs:g} GB/s; no GPU)"),
+         (f"Decode roofline (batch 1, {rp.context_tokens} tokens of context, CPU rates measured on this host: "
+          f"experts {rp.cpu_expert_gbs:.1f} GB/s, other weights and KV cache {rp.cpu_weight_gbs:.1f} GB/s; no GPU)"
+          if rp.measured else
+          f"Decode roofline (batch 1, {rp.context_tokens} tokens of context, {int(rp.efficiency * 100)}% of peak: "
+          f"host memory {rp.host_gbs:g} GB/s; no GPU)")),
         f"  reads per token: {format_gb(p.hbm_bytes_per_token)} from HBM, {format_gb(p.host_bytes_per_token)} "
         f"from host memory",
         "  time per token: " + ", ".join(f"{k} {v:.2f} ms" for k, v in p.breakdown_ms.items())
@@ -1320,6 +1342,18 @@ def render(plan: Plan) -> str:
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
+
+
+MEASURE = "measure"
+
+
+def _host_gbs(text: str) -> float | str:
+    if text == MEASURE:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GB/s or '{MEASURE}', got {text!r}") from None
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -1357,9 +1391,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     help=f"GPU memory bandwidth, GB/s (default {DEFAULT_HBM_GBS:g}: H100 PCIe; SXM 3350, RTX 4090 1008)")
     ap.add_argument("--pcie-gbs", type=float, default=DEFAULT_PCIE_GBS,
                     help=f"host<->GPU and GPU<->GPU link, GB/s (default {DEFAULT_PCIE_GBS:g}: PCIe 4.0 x16)")
-    ap.add_argument("--host-gbs", type=float, default=DEFAULT_HOST_GBS,
+    ap.add_argument("--host-gbs", type=_host_gbs, default=DEFAULT_HOST_GBS,
                     help=f"host memory bandwidth the CPU experts get, GB/s (default {DEFAULT_HOST_GBS:g}: "
-                         f"dual-channel DDR5 workstation)")
+                         f"dual-channel DDR5 workstation), or 'measure': the rates at which this machine's CPU kernels "
+                         f"stream the chosen formats, measured now (about a second; taken without --efficiency)")
     ap.add_argument("--hop-latency-us", type=float, default=DEFAULT_HOP_LATENCY_US,
                     help=f"fixed cost of one transfer hop incl. synchronisation, us (default {DEFAULT_HOP_LATENCY_US:g})")
     ap.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY,
@@ -1378,9 +1413,17 @@ def main(argv: list[str] | None = None) -> int:
         config = MingConfig.from_file(args.config)
         devices = DeviceSpec.parse(args.gpus, args.cpu_mem)
         stats = load_expert_stats(args.expert_stats) if args.expert_stats else None
-        roofline = RooflineParams(hbm_gbs=args.hbm_gbs, pcie_gbs=args.pcie_gbs, host_gbs=args.host_gbs,
+        roofline = RooflineParams(hbm_gbs=args.hbm_gbs, pcie_gbs=args.pcie_gbs,
+                                  host_gbs=DEFAULT_HOST_GBS if args.host_gbs == MEASURE else args.host_gbs,
                                   hop_latency_us=args.hop_latency_us, efficiency=args.efficiency,
                                   context_tokens=args.context, overlap_cpu=args.overlap_cpu)
+        if args.host_gbs == MEASURE:
+            from engine.placement.host_rates import measure_rates  # noqa: PLC0415  (imports torch)
+            rates = measure_rates(args.expert_dtype, args.linear_dtype, args.dtype)
+            if rates is None:
+                raise PlanError("--host-gbs measure needs the native CPU kernels (a C compiler; see "
+                                "engine.kernels.native), which are not built here: give --host-gbs in GB/s")
+            roofline = replace(roofline, cpu_expert_gbs=rates.cpu_expert_gbs, cpu_weight_gbs=rates.cpu_weight_gbs)
         plan = plan_placement(config, devices, args.expert_dtype, stats, kv_tokens=args.kv_tokens,
                               gpu_reserve=args.gpu_reserve, host_reserve=args.host_reserve,
                               encoders=args.encoders, embeddings=args.embeddings, roofline=roofline,

@@ -37,3 +37,5 @@ def test_real_shape_benchmark_runs_every_placement_at_tiny_limits():
     # (the measured step, not the 32-layer extrapolation: at these widths the 2 -> 3 layer slope is noise)
     assert cpu_only["int8_linears"] > 0 and cpu_only["decode_ms_at_3_layers"] > 0
     assert cpu_only["planner_decode_tokens_per_s"] > 0 and "--gpus none" in cpu_only["planner_note"]
+    if native.available():  # and with the CPU kernels' rates measured in the run (engine.plan --host-gbs measure)
+        assert cpu_only["planner_measured_decode_tokens_per_s"] > 0 and "measure" in cpu_only["planner_measured_note"]

@@ -152,3 +152,16 @@ def test_int4_experts_and_int8_linears_from_engine_load(tiny_checkpoint):
     msgs = [{"role": "user", "content": "A CPU-only Ming?"}]
     events = list(engine.chat(msgs, GenerationParams(max_new_tokens=3)))
     assert isinstance(events[-1], Done)
+
+
+def test_a_large_cpu_load_says_the_speed_to_expect_here(tiny_checkpoint, monkeypatch):
+    from engine.kernels import native
+    from engine.placement import host_rates
+    if not native.available():
+        pytest.skip("the native CPU kernels are not built here (then no rates are measured)")
+    monkeypatch.setattr(auto, "MEASURE_RATES_MIN_BYTES", 0)  # the tiny model stands in for a large one
+    monkeypatch.setattr(host_rates, "matrix_bytes_for", lambda available=None: 4 << 20)
+    placement = Engine.load(tiny_checkpoint, device="cpu", expert_dtype="int4", linear_dtype="int8").info().placement
+    assert "predicted decode" in placement and "measured on this host: int4 experts stream at" in placement
+    monkeypatch.setattr(auto, "MEASURE_RATES_MIN_BYTES", 1 << 40)  # a small model measures nothing
+    assert "predicted decode" not in Engine.load(tiny_checkpoint, device="cpu").info().placement

@@ -468,6 +468,25 @@ def test_roofline_flags_move_the_prediction(cfg):
     assert slow_hops.breakdown_ms["transfers"] > 50 * base.prediction.breakdown_ms["transfers"]
 
 
+def test_measured_cpu_rates_replace_peak_times_efficiency(cfg):
+    """Rates measured on the host (engine.placement.host_rates) are taken as they are: a CPU-only token costs
+    its expert bytes at the expert rate plus the other bytes at the weight rate, whatever --efficiency says."""
+    devices = DeviceSpec.parse("none", "64GB")
+    rp = RooflineParams(context_tokens=100, efficiency=0.3, cpu_expert_gbs=12.5, cpu_weight_gbs=20.0)
+    p = plan_placement(cfg, devices, "int4", kv_tokens=8192, host_reserve="2GiB", linear_dtype="int8", roofline=rp)
+    s = p.sizes
+    experts = 31 * 8 * s.bytes_per_expert
+    other = sum(m.decode_read_bytes for m in s.modules if m.kind != "encoder") + 100 * s.kv_bytes_per_token
+    assert p.prediction.ms_per_token == pytest.approx((experts / 12.5e9 + other / 20e9) * 1e3)
+    assert "measured on this host" in render(p)
+    # a GPU plan's cold experts run at the measured expert rate too
+    gpu = plan(cfg, "24GB", roofline=RooflineParams(cpu_expert_gbs=12.5, cpu_weight_gbs=20.0))
+    assert gpu.prediction.breakdown_ms["cpu_experts"] > plan(cfg, "24GB", roofline=RooflineParams(
+        cpu_expert_gbs=25.0, cpu_weight_gbs=20.0)).prediction.breakdown_ms["cpu_experts"] * 1.9
+    with pytest.raises(PlanError, match="cpu_expert_gbs"):
+        RooflineParams(cpu_expert_gbs=0.0, cpu_weight_gbs=1.0).validate()
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -521,3 +540,25 @@ def test_render_mentions_every_device(cfg):
     for i in range(8):
         assert f"cuda:{i}" in text
     assert "tokens/s" in text and "cpu (host)" in text
+
+
+def test_cli_measures_this_hosts_rates(config_dir, capsys, monkeypatch):
+    from engine.kernels import native
+    from engine.placement import host_rates
+    if not native.available():
+        pytest.skip("the native CPU kernels are not built here: --host-gbs measure says so")
+    monkeypatch.setattr(host_rates, "matrix_bytes_for", lambda available=None: 4 << 20)  # fast; still streamed
+    argv = ["--config", str(config_dir), "--gpus", "none", "--cpu-mem", "64GB", "--expert-dtype", "int4",
+            "--linear-dtype", "int8", "--host-reserve", "2GiB", "--kv-tokens", "8192", "--host-gbs", "measure"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "CPU rates measured on this host: experts" in out and "predicted decode" in out
+    assert main(argv + ["--json"]) == 0
+    roofline = json.loads(capsys.readouterr().out)["prediction"]["roofline"]
+    assert roofline["cpu_expert_gbs"] > 0 and roofline["cpu_weight_gbs"] > 0
+
+
+def test_cli_rejects_a_host_rate_that_is_not_a_number(config_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(config_dir), "--gpus", "none", "--cpu-mem", "64GB", "--host-gbs", "fast"])
+    assert e.value.code == 2 and "expected GB/s or 'measure'" in capsys.readouterr().err
