@@ -38,7 +38,8 @@ Method
   :class:`engine.kernels.QuantizedCpuExperts` (torch's int8 weight-only kernel, int8 decode by the native
   kernel with the shared expert in its pass where it is built; int4 read in its storage layout by the native
   kernel, decode in one native call with the shared expert; ``int4-torch``: torch's int4 kernel on its own
-  layout, the engine's fallback where the native kernels are not built), activations in
+  layout, the engine's fallback where the native kernels are not built; ``int8-torch``: int8 with fp32
+  prefill blocks on torch's int8 kernel too, as before the native kernel took them), activations in
   ``--dtype``; their bytes are the quantised bytes (scales included), so ``roofline`` compares the
   bytes they really read with the bandwidth, and ``ms/call`` compares them with the bf16 paths.
   ``kt-bf16`` / ``kt-int8`` / ``kt-int4``: KTransformers' CPU MoE kernels (optional package
@@ -278,7 +279,7 @@ def build_quantized(source: WeightSource, shape: LayerShape, kind: str) -> tuple
     from engine.kernels.moe import QuantizedCpuExperts
     from engine.placement.quant import quantize
 
-    fmt = kind.split("-")[0]  # int4-torch: int4 on torch's kernel
+    fmt = kind.split("-")[0]  # int4-torch / int8-torch: on torch's kernel
     packed = QuantizedCpuExperts(shape.hidden, shape.inter, shape.dtype, fmt, native_int4=kind != "int4-torch")
     offsets = expert_offsets(source, shape)
     mats = [torch.empty(shape.inter, shape.hidden, dtype=shape.dtype), torch.empty(shape.inter, shape.hidden, dtype=shape.dtype),
@@ -298,6 +299,10 @@ def build_quantized(source: WeightSource, shape: LayerShape, kind: str) -> tuple
     def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared_copy: int) -> torch.Tensor:
         return moe_experts_packed(x, packed, ids, weights, shared=shared[shared_copy])
 
+    if kind == "int8-torch":  # fp32 blocks back on torch's int8 kernel (the decode GEMVs stay native)
+        for m in (*packed.gate_up, *packed.down):
+            if hasattr(m, "native"):
+                m.native = None
     table = packed.native_table()
     return call, nbytes, packed.kernel + (" + native decode" if table is not None else "")
 
@@ -418,7 +423,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--path", default="both",
-                        help="comma-separated paths: plain, packed, packed-native, packed-onednn, int8, int4, int4-torch, "
+                        help="comma-separated paths: plain, packed, packed-native, packed-onednn, int8, int8-torch, int4, int4-torch, "
                              "kt-bf16, kt-int8, kt-int4 "
                              "(default 'both' = plain,packed; 'all' = every path)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -438,7 +443,7 @@ def main() -> None:
     gc.collect()
 
     results: dict[str, dict[str, object]] = {}
-    known = ("plain", "packed", "packed-native", "packed-onednn", "int8", "int4", "int4-torch", *KT_METHODS)
+    known = ("plain", "packed", "packed-native", "packed-onednn", "int8", "int8-torch", "int4", "int4-torch", *KT_METHODS)
     paths = {"both": ("plain", "packed"), "all": known}.get(args.path) or tuple(args.path.split(","))
     unknown = [p for p in paths if p not in known]
     if unknown:
@@ -456,7 +461,7 @@ def main() -> None:
             force = {"packed": None, "packed-native": False, "packed-onednn": True}[path]
             call, onednn = build_packed(source, shape, force)
             info["onednn_prepacked"] = onednn
-        elif path in ("int8", "int4", "int4-torch"):
+        elif path in ("int8", "int8-torch", "int4", "int4-torch"):
             call, nbytes, kernel = build_quantized(source, shape, path)
             info["kernel"] = kernel
         else:

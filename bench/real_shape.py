@@ -74,6 +74,7 @@ PLACEMENTS = ("resident", "fp8", "int8", "int4", "cpu_only", "offload", "offload
 # the no-GPU plan (README): int4 experts, int8 linears, everything in 64 GB of host memory
 CPU_ONLY_PLAN = dict(gpus="none", cpu_mem="64GB", expert_dtype="int4", linear_dtype="int8", host_reserve="3GB",
                      kv_tokens=8192)
+CPU_ONLY_MEMORY = {"bf16": "64GB", "fp32": "128GB"}  # an fp32 load of that plan needs ~68 GB (engine.plan --dtype fp32)
 QUANT_WIDTH = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}  # bytes per expert weight (scales not counted: <= 1/32 more)
 INIT_BLOCK = 1 << 24  # elements initialised at a time
 OFFLOAD_DEVICES = ("80GB", "256GB")  # the planner's one-GPU case: 1 x 80 GB + 256 GB host memory
@@ -439,12 +440,12 @@ def cpu_only_prediction(real: MingConfig, bandwidth: float, context: int, dtype:
     p = CPU_ONLY_PLAN
 
     def predict(roofline: RooflineParams) -> float:
-        plan = plan_placement(real, DeviceSpec.parse(p["gpus"], p["cpu_mem"]), p["expert_dtype"],
+        plan = plan_placement(real, DeviceSpec.parse(p["gpus"], CPU_ONLY_MEMORY[dtype]), p["expert_dtype"],
                               kv_tokens=p["kv_tokens"], host_reserve=p["host_reserve"], linear_dtype=p["linear_dtype"],
                               roofline=roofline, dtype=dtype)
         return plan.prediction.tokens_per_s
 
-    flags = f"--gpus none --cpu-mem 64GB --expert-dtype int4 --linear-dtype int8 --dtype {dtype} --context {context}"
+    flags = f"--gpus none --cpu-mem {CPU_ONLY_MEMORY[dtype]} --expert-dtype int4 --linear-dtype int8 --dtype {dtype} --context {context}"
     out = {"planner_decode_tokens_per_s": predict(RooflineParams(host_gbs=bandwidth / 1e9, context_tokens=context)),
            "planner_note": f"engine.plan {flags} --host-gbs {bandwidth / 1e9:.1f}"}
     if rates is not None:

@@ -504,12 +504,20 @@ def int4_cpu_kernel_available() -> bool:
 
 class _Int8Matrix:
     """int8 [out, in] with per-channel scales, for ``torch._weight_int8pack_mm`` (scales in x's dtype) and the
-    native decode kernel (the same scale values, widened to fp32)."""
+    native decode kernel (the same scale values, widened to fp32). fp32 activations take the native kernel
+    for any number of rows where it is built: torch's int8 kernel has no vectorised fp32 path (1-2 GMAC/s
+    against the native kernel's 35-60 on a 2-core AVX-512 host, bench/cpu_gemv.py); bf16 blocks stay on
+    torch's, which uses bf16 dot products."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
         self.q, self.scale = q.contiguous(), scale.to(dtype).contiguous()
+        self.native = native.bind_linear(self.q, 0, self.scale, blocks=True) if dtype == torch.float32 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None and x.dtype == torch.float32:
+            y = self.native(x)
+            if y is not None:
+                return y
         return torch._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
 
 

@@ -262,11 +262,13 @@ class BoundLinear:
     its group scales [out, in / group], bound to the native kernel once (see :func:`bind_linear`): its checks
     are made when binding, so a decode call costs little more than the kernel (torch's F.linear on a small
     matrix costs ~6 us; the checked :func:`linear` ~3x that in Python alone). int4 takes any number of rows
-    (the kernel runs them in chunks of MAX_ROWS); the others at most MAX_ROWS."""
+    (the kernel runs them in chunks of MAX_ROWS), int8 too when bound with ``blocks`` (prefill blocks in
+    fp32, which torch's int8 kernel does not vectorise); the others at most MAX_ROWS."""
 
-    __slots__ = ("weight", "scale", "lib", "ptr", "scale_ptr", "n", "k", "kind", "group")
+    __slots__ = ("weight", "scale", "lib", "ptr", "scale_ptr", "n", "k", "kind", "group", "blocks")
 
-    def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL, scale: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL, scale: torch.Tensor | None = None,
+                 blocks: bool = False) -> None:
         if weight.dim() != 2 or weight.dtype not in _KINDS:
             raise ValueError(f"expected a 2-D weight of {sorted(map(str, _KINDS))}; got {weight.dtype} {tuple(weight.shape)}")
         self.weight, self.lib = weight, lib  # keeps the weight (and so the pointer) alive
@@ -274,14 +276,15 @@ class BoundLinear:
         self.k, self.scale, self.group = _scale_layout(weight, scale)
         self.ptr, self.kind = weight.data_ptr(), _KINDS[weight.dtype]
         self.scale_ptr = None if self.scale is None else self.scale.data_ptr()
+        self.blocks = self.group > 0 or (blocks and weight.dtype == torch.int8)  # any number of rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [..., k] @ weight.T in x's dtype, or None when x is not for this kernel (more than MAX_ROWS
-        rows of a weight other than int4, another dtype or device): the caller then runs torch's path."""
+        rows unless bound for blocks, another dtype or device): the caller then runs torch's path."""
         if x.dim() == 0 or x.shape[-1] != self.k:
             raise ValueError(f"native linear: activations of {self.k} features expected; got {tuple(x.shape)}")
         rows = x.numel() // self.k
-        if (rows > MAX_ROWS and self.group == 0) or rows == 0 or x.dtype not in _DTYPES or x.device.type != "cpu":
+        if (rows > MAX_ROWS and not self.blocks) or rows == 0 or x.dtype not in _DTYPES or x.device.type != "cpu":
             return None
         if not x.is_contiguous():
             x = x.contiguous()
@@ -296,15 +299,16 @@ class BoundLinear:
         return y
 
 
-def bind_linear(weight: torch.Tensor, min_bytes: int | None = None, scale: torch.Tensor | None = None
-                ) -> BoundLinear | None:
+def bind_linear(weight: torch.Tensor, min_bytes: int | None = None, scale: torch.Tensor | None = None,
+                blocks: bool = False) -> BoundLinear | None:
     """The native decode GEMV bound to this weight (int8: with its per-row ``scale``; packed int4: with its
-    group scales) where it :func:`binds`, else None. Decided once: PackedLinear binds when loading."""
+    group scales) where it :func:`binds`, else None. Decided once: PackedLinear binds when loading.
+    ``blocks``: an int8 weight takes blocks of any number of rows too (see BoundLinear)."""
     if not binds(weight, min_bytes, scaled=scale is not None) or (weight.dtype in _SCALED) != (scale is not None):
         return None
     assert _lib is not None
     try:
-        return BoundLinear(weight.detach(), _lib, scale)
+        return BoundLinear(weight.detach(), _lib, scale, blocks)
     except ValueError:  # int4 groups this build's kernels do not take
         return None
 

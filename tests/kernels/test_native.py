@@ -455,6 +455,52 @@ def test_linear_with_int8_weights_and_row_scales(dtype, rows, n, k):
         native.BoundLinear(q, native._lib)
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,n,k", [(9, 33, 100), (21, 130, 517), (64, 64, 2048)])
+def test_int8_linears_bound_for_blocks_take_any_number_of_rows(dtype, rows, n, k):
+    """Bound with ``blocks`` (prefill blocks in fp32, which torch's int8 kernel does not vectorise), an int8
+    linear takes more than MAX_ROWS rows, each row's result as it would be alone (within 1e-6); bound
+    without, it leaves them to torch (None)."""
+    from engine.kernels.dequant import quantize_int8_rows
+
+    gen = torch.Generator().manual_seed(rows + n + k)
+    q, scale = quantize_int8_rows(torch.randn(n, k, generator=gen))
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    assert rows > native.MAX_ROWS and native.bind_linear(q, min_bytes=0, scale=scale)(x) is None
+    got = native.bind_linear(q, min_bytes=0, scale=scale, blocks=True)(x)
+    want = x.double() @ (q.double() * scale.double()[:, None]).T
+    assert got.dtype == dtype and _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -7)
+    alone = torch.cat([native.bind_linear(q, min_bytes=0, scale=scale)(x[r:r + 1]) for r in range(rows)])
+    assert _rel_err(got, alone.double()) <= 1e-6
+
+
+@needs_compiler
+def test_fp32_int8_blocks_never_reach_torchs_unvectorised_int8_kernel(monkeypatch):
+    """fp32 prefill blocks of int8 linears and experts run natively (torch's int8 kernel computes fp32 at
+    1-2 GMAC/s); bf16 ones keep torch's kernel, which is faster there."""
+    from engine.kernels.dequant import quantize_int8_rows
+
+    if not moe_kernels.int8_cpu_kernel_available():
+        pytest.skip("this torch has no int8 weight-only kernel")
+    gen = torch.Generator().manual_seed(5)
+    linear = torch.nn.Linear(256, 96, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(96, 256, generator=gen))
+    packed = moe_kernels.PackedLinear(linear, int8=True)
+    x = torch.randn(3, 40, 256, generator=gen)  # 120 rows
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a) or real(*a))
+    got = packed(x)
+    q, scale = quantize_int8_rows(linear.weight.detach())
+    want = x.double() @ (q.double() * scale.double()[:, None]).T
+    assert not calls and got.shape == (3, 40, 96) and _rel_err(got, want) <= 1e-5
+    packed_bf16 = moe_kernels.PackedLinear(linear.to(torch.bfloat16), int8=True)
+    packed_bf16(x.bfloat16())
+    assert calls  # bf16 blocks: torch's kernel
+
+
 def _int4(gen, n: int, k: int):
     """A random [n, k] matrix in the engine's int4 storage (uint8 [n, k / 2], fp32 group scales) and its
     dequantised fp32 values."""

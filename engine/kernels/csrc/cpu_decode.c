@@ -487,14 +487,15 @@ static int scales_fit(int kind, int has_scales, int64_t group, int64_t k) {
 /* y[m, n] = x[m, k] @ w[n, k]^T. w of `w_kind`: fp32, bf16, int8 with one fp32 scale per row (w_scale; a
  * row's sum times its scale, as torch's weight-only int8 GEMM computes it), or int4 with one fp32 scale per
  * group of `w_group` columns (w_scale [n, k / w_group]; see W_I4); x and y fp32 or bf16 (x_bf16, y_bf16).
- * Every weight row is read once for each MAX_LINEAR_ROWS activation rows: fp32 / bf16 / int8 take at most
- * that many (decode; larger blocks are GEMMs for BLAS), int4 any number (no other CPU kernel dequantises
- * it in registers: a prefill block runs chunk by chunk, each chunk's activations staying in cache while the
- * thread's weight rows stream by). Returns 0, -1 when out of memory, -3 for m outside [1, MAX_LINEAR_ROWS]
- * (fp32, bf16, int8) or m < 1, -4 for an unknown kind or scales that do not go with it (scales_fit). */
+ * Every weight row is read once for each MAX_LINEAR_ROWS activation rows: fp32 / bf16 take at most that
+ * many (decode; larger blocks are GEMMs for BLAS), int4 and int8 any number (no other CPU kernel dequantises
+ * int4 in registers, and torch's int8 one has no vectorised fp32 path: a prefill block runs chunk by chunk,
+ * each chunk's activations staying in cache while the thread's weight rows stream by). Returns 0, -1 when
+ * out of memory, -3 for m outside [1, MAX_LINEAR_ROWS] (fp32, bf16) or m < 1, -4 for an unknown kind or
+ * scales that do not go with it (scales_fit). */
 int ming_linear(const void *w, int w_kind, const float *w_scale, int64_t w_group, const void *x, int x_bf16,
                 void *y, int y_bf16, int64_t m, int64_t n, int64_t k, int nthreads) {
-    if (m < 1 || (m > MAX_LINEAR_ROWS && w_kind != W_I4)) return -3;
+    if (m < 1 || (m > MAX_LINEAR_ROWS && w_kind != W_I4 && w_kind != W_I8)) return -3;
     if (!scales_fit(w_kind, w_scale != NULL, w_group, k)) return -4;
     float *xbuf;
     const float *xf = activations(x, x_bf16, x_layout(w_kind, w_group), m, k, &xbuf);
