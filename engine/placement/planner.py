@@ -65,6 +65,7 @@ DEFAULT_EFFICIENCY = 0.7       # fraction of peak bandwidth actually reached
 DEFAULT_CONTEXT = 4096         # tokens already in the KV cache when a decode step is timed
 
 ENCODER_CHOICES = ("gpu", "cpu", "none")
+GENERATOR_CHOICES = ("auto", "ignore")
 NO_GPUS = "none"  # --gpus none: a CPU-only machine
 EMBEDDING_CHOICES = ("auto", "gpu", "cpu")
 CPU = -1  # device index of host memory / the CPU in expert maps
@@ -877,6 +878,7 @@ def _build_cpu_only(config: MingConfig, sizes: ModelSizes, devices: DeviceSpec, 
                         + ([] if sizes.expert_dtype == "int4" else ["--expert-dtype int4"])
                         + ([] if modules_bytes < sum(m.params for m in mods) * loaded_as else ["--linear-dtype int8"])
                         + ([] if encoders == "none" else ["--encoders none"])
+                        + (["--generators ignore (no speech or image output)"] if gens else [])
                         + ["a smaller --kv-tokens or --host-reserve", "more RAM"]) + ".")
     free = devices.host_memory_bytes - need
     per_token = sizes.kv_bytes_per_token
@@ -940,6 +942,8 @@ def plan_placement(config: MingConfig, devices: DeviceSpec, expert_dtype: str = 
         raise PlanError(f"encoders must be one of {ENCODER_CHOICES}, got {encoders!r}")
     if embeddings not in EMBEDDING_CHOICES:
         raise PlanError(f"embeddings must be one of {EMBEDDING_CHOICES}, got {embeddings!r}")
+    if generators not in GENERATOR_CHOICES:
+        raise PlanError(f"generators must be one of {GENERATOR_CHOICES}, got {generators!r}")
     if config.llm.tie_word_embeddings and embeddings == "cpu":
         raise PlanError("tied word embeddings are lm_head's weight: they cannot stay in host memory")
     sizes = model_sizes(config, expert_dtype, linear_dtype, dtype)
@@ -1385,6 +1389,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     help=f"host memory kept free for the OS and runtime (default {DEFAULT_HOST_RESERVE})")
     ap.add_argument("--encoders", choices=ENCODER_CHOICES, default="gpu",
                     help="vision/audio encoders + projectors on GPU (default), in host memory on the CPU, or not loaded")
+    ap.add_argument("--generators", choices=GENERATOR_CHOICES, default="auto",
+                    help="the checkpoint's talker and image generator: placed and counted (auto, default), or left out "
+                         "(ignore: the thinker alone, as the engine loads it where they do not fit)")
     ap.add_argument("--embeddings", choices=EMBEDDING_CHOICES, default="auto",
                     help="word-embedding table on GPU, in host memory, or auto (whichever predicts faster)")
     ap.add_argument("--hbm-gbs", type=float, default=DEFAULT_HBM_GBS,
@@ -1427,6 +1434,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_placement(config, devices, args.expert_dtype, stats, kv_tokens=args.kv_tokens,
                               gpu_reserve=args.gpu_reserve, host_reserve=args.host_reserve,
                               encoders=args.encoders, embeddings=args.embeddings, roofline=roofline,
+                              generators=args.generators,
                               linear_dtype=args.linear_dtype, dtype=args.dtype)
     except (PlanError, ConfigError) as e:
         if args.json:

@@ -63,10 +63,21 @@ def test_without_a_gpu_they_live_in_host_memory_and_count_there(tmp_path):
     assert "run on the CPU" in render(plan)
     tight = DeviceSpec((), alone.host.memory_bytes - alone.host.free_bytes + GB)
     plan_placement(cfg, tight, "int4", kv_tokens=8192, generators="ignore")  # the thinker alone fits
-    with pytest.raises(PlanError, match="generators"):
+    with pytest.raises(PlanError, match="--generators ignore"):
         plan_placement(cfg, tight, "int4", kv_tokens=8192)
+    with pytest.raises(PlanError, match="generators must be one of"):
+        plan_placement(cfg, tight, "int4", generators="maybe")
 
 
 def test_an_fp32_load_doubles_the_generators(tmp_path):
     sizes = model_sizes(_checkpoint(tmp_path), dtype="fp32")
     assert {m.name: m.nbytes for m in sizes.generators} == {"image_generator": 26 * GB, "talker": 6 * GB}
+
+
+def test_cli_leaves_the_generators_out_when_asked(tmp_path, capsys):
+    from engine.placement.planner import main
+    _checkpoint(tmp_path)
+    argv = ["--config", str(tmp_path), "--gpus", "none", "--cpu-mem", "72GB", "--expert-dtype", "int4",
+            "--linear-dtype", "int8", "--host-reserve", "3GB", "--kv-tokens", "8192"]
+    assert main(argv) == 2 and "--generators ignore" in capsys.readouterr().err  # 16 GB of generators too many
+    assert main(argv + ["--generators", "ignore"]) == 0 and "Generators" not in capsys.readouterr().out
