@@ -15,6 +15,9 @@ these read weights. This measures, in one run:
   where engine.kernels.ONEDNN_FP32_MIN_BYTES (fp32 matrices below it stay unpacked) comes from;
 * int8 weights with one scale per row (the no-GPU option ``--linear-dtype int8``; int8 experts): torch's
   weight-only int8 kernel against the native one, fp32 and bf16 activations, streamed as above;
+* int8 prefill blocks (16 and 64 rows) at the real expert shapes: torch's int8 kernel against the native one
+  bound for blocks, which the engine runs for fp32 activations (torch's fp32 int8 path is not vectorised:
+  timed on fewer matrices) and leaves to torch in bf16;
 * int4 weights with a scale per 128 columns (the no-GPU expert format) at the real model's expert shapes:
   torch's int4 kernel (on its own layout) against the native one (on the engine's storage), for a decode
   row and the few-row blocks an expert gets in prefill; fp32 activations through torch's kernel are timed
@@ -98,6 +101,31 @@ def streamed_int8(n: int, k: int, dtype: torch.dtype, mib: int) -> dict:
     return row
 
 
+INT8_BLOCK_ROWS = (16, 64)  # prefill blocks: the native kernel takes them in fp32 (torch's int8 kernel's fp32 path is scalar)
+INT8_TORCH_FP32_MATRICES = 2
+
+
+def streamed_int8_block(n: int, k: int, dtype: torch.dtype, rows: int, mib: int) -> dict:
+    """int8 [n, k] weights with per-row scales, a block of ``rows`` activation rows of ``dtype``: torch's int8
+    kernel vs the native one bound for blocks (what engine.kernels.moe._Int8Matrix runs in fp32)."""
+    from engine.kernels.dequant import quantize_int8_rows
+
+    count = max(2, mib * 2**20 // (n * k))
+    gen = torch.Generator().manual_seed(n * k + rows)
+    mats = [quantize_int8_rows(torch.randn(n, k, generator=gen)) for _ in range(count)]
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    row: dict = {"matrices": count}
+    if native.available():
+        bound = [native.bind_linear(q, min_bytes=0, scale=sc, blocks=True) for q, sc in mats]
+        row["native_gbs"] = count * n * k / _seconds(lambda: [b(x) for b in bound], 3) / 1e9
+    if hasattr(torch, "_weight_int8pack_mm"):
+        used = mats if dtype != torch.float32 else mats[:INT8_TORCH_FP32_MATRICES]
+        scales = [sc.to(dtype) for _, sc in used]
+        row["torch_gbs"] = len(used) * n * k / _seconds(lambda: [torch._weight_int8pack_mm(x, q, sc)
+                                                                 for (q, _), sc in zip(used, scales)], 3) / 1e9
+    return row
+
+
 INT4_SHAPES = (("real expert gate+up", 2048, 4096), ("real expert down", 4096, 1024))
 INT4_ROWS = (1, 4, 16)
 INT4_TORCH_FP32_MATRICES = 4
@@ -159,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out: dict = {"threads": args.threads, "read_gbs": read_bandwidth(args.mib), "streamed": {}, "per_call": {},
-                 "int8": {}, "int4": {}}
+                 "int8": {}, "int8_blocks": {}, "int4": {}}
     with torch.inference_mode():
         for dname, dtype in DTYPES.items():
             for name, n, k in SHAPES:
@@ -168,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             for n in SMALL:
                 out["per_call"][f"{dname} {n}x{n}"] = per_call(n, dtype)
             for name, n, k in INT4_SHAPES:
+                for rows in INT8_BLOCK_ROWS:
+                    out["int8_blocks"][f"int8, {dname} x{rows}: {name} [{n}x{k}]"] = streamed_int8_block(
+                        n, k, dtype, rows, args.mib // 2)
                 for rows in INT4_ROWS:
                     out["int4"][f"int4, {dname} x{rows}: {name} [{n}x{k}]"] = streamed_int4(n, k, dtype, rows,
                                                                                               args.mib // 2)
@@ -188,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                      else f" {na:>11s} {na:>9s} {na:>12s}")
         print(f"{name:40s} {r['plain_gbs']:10.1f}{cols}")
     _print_torch_vs_native("int8 weights + row scales, streamed", out["int8"], bw, 40, 1)
+    _print_torch_vs_native("int8 prefill blocks (GB/s of int8 bytes)", out["int8_blocks"], bw, 48, 2)
     _print_torch_vs_native("int4 weights + scale per 128, streamed", out["int4"], bw, 48, 2)
     print(f"\n{'one matrix in cache, per call':40s} {'KiB':>6s} {'plain us':>9s} {'packed us':>10s} {'native us':>10s}")
     for name, r in out["per_call"].items():

@@ -16,6 +16,9 @@ def test_cpu_gemv_bench_reports_every_shape():
     assert all(row["plain_gbs"] > 0 for row in out["streamed"].values())
     assert len(out["int8"]) == 6  # int8 weights with row scales: torch's kernel and the native one
     assert all(rate > 0 for row in out["int8"].values() for key, rate in row.items() if key.endswith("_gbs"))
+    # int8 prefill blocks at the real expert shapes, both kernels
+    assert len(out["int8_blocks"]) == 8
+    assert all(rate > 0 for row in out["int8_blocks"].values() for key, rate in row.items() if key.endswith("_gbs"))
     # int4 weights with group scales at the real expert shapes: a decode row and prefill blocks, both kernels
     assert len(out["int4"]) == 12
     assert all(rate > 0 for row in out["int4"].values() for key, rate in row.items() if key.endswith("_gbs"))
