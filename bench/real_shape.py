@@ -2,7 +2,7 @@
 
     python bench/real_shape.py [--config DIR] [--layers 2,6] [--batches 1,8] [--prompt-tokens 512]
                                [--decode-steps 32] [--placements resident,fp8,int8,int4,cpu_only,offload,offload_fp8]
-                               [--experts N] [--set KEY=VALUE ...] [--device cuda|cpu] [--json]
+                               [--experts N] [--set KEY=VALUE ...] [--device cuda|cpu] [--repeats N] [--json]
 
 No checkpoint is read: the LLM is built from the real config (``--config``, default the 2.0 config in
 ``../shared/fixtures/real_configs``) with fewer layers and random weights made on the device.
@@ -344,6 +344,14 @@ def model_in_subprocess(spec: dict) -> tuple[dict, dict[int, dict]]:
     return notes, {int(b): m for b, m in meas.items()}
 
 
+TIMED = ("prefill_s", "decode_step_s")
+
+
+def fastest(first: dict[int, dict], second: dict[int, dict]) -> dict[int, dict]:
+    """Per batch, the first measurement with each of its times (TIMED) the smaller of the two's."""
+    return {b: {**m, **{key: min(m[key], second[b][key]) for key in TIMED}} for b, m in first.items()}
+
+
 def fit(a: dict, b: dict, key: str, n_moe: tuple[int, int], full_moe: int) -> tuple[float, float]:
     """(per MoE layer, full model) for a figure measured at two MoE-layer counts."""
     slope = (b[key] - a[key]) / (n_moe[1] - n_moe[0])
@@ -375,16 +383,20 @@ def run(args) -> dict:
             raise SystemExit(f"unknown placement {placement!r}; choose from {PLACEMENTS}")
         if placement == "cpu_only":
             host_rates.append(measure_rates(CPU_ONLY_PLAN["expert_dtype"], CPU_ONLY_PLAN["linear_dtype"], args.dtype))
-        per_count = []
-        for n in layers:
-            cfg = bench_config(real.llm, n, experts, overrides)
-            spec = {"config": args.config, "layers": n, "experts": experts, "overrides": overrides,
-                    "placement": placement, "device": str(device), "dtype": args.dtype, "batches": batches,
-                    "prompt": prompt, "steps": steps, "graphs": not args.no_graphs}
-            notes, meas = model_in_subprocess(spec) if args.isolate else measure_model(spec)
-            per_count.append((cfg, notes, meas))
-            print(json.dumps({"placement": placement, "layers": n, **{str(b): m for b, m in meas.items()}}),
-                  file=sys.stderr, flush=True)
+        per_count = {}
+        for _ in range(args.repeats):  # the two layer counts alternate, so that a slow spell of a shared
+            for n in layers:           # machine does not fall on one of them only; the fastest of each counts
+                cfg = bench_config(real.llm, n, experts, overrides)
+                spec = {"config": args.config, "layers": n, "experts": experts, "overrides": overrides,
+                        "placement": placement, "device": str(device), "dtype": args.dtype, "batches": batches,
+                        "prompt": prompt, "steps": steps, "graphs": not args.no_graphs}
+                notes, meas = model_in_subprocess(spec) if args.isolate else measure_model(spec)
+                print(json.dumps({"placement": placement, "layers": n, **{str(b): m for b, m in meas.items()}}),
+                      file=sys.stderr, flush=True)
+                if n in per_count:
+                    meas = fastest(per_count[n][2], meas)
+                per_count[n] = (cfg, notes, meas)
+        per_count = [per_count[n] for n in layers]
         if placement == "cpu_only":
             host_rates.append(measure_rates(CPU_ONLY_PLAN["expert_dtype"], CPU_ONLY_PLAN["linear_dtype"], args.dtype))
         (cfg_a, notes, meas_a), (cfg_b, _, meas_b) = per_count
@@ -531,9 +543,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in-process", dest="isolate", action="store_false",
                     help="measure every model in this process (default: one fresh process per model)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure each layer count this many times, alternating; the fastest counts (a shared "
+                         "machine's slow spells otherwise bend the per-layer fit)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:

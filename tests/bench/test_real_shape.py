@@ -39,3 +39,17 @@ def test_real_shape_benchmark_runs_every_placement_at_tiny_limits():
     assert cpu_only["planner_decode_tokens_per_s"] > 0 and "--gpus none" in cpu_only["planner_note"]
     if native.available():  # and with the CPU kernels' rates measured in the run (engine.plan --host-gbs measure)
         assert cpu_only["planner_measured_decode_tokens_per_s"] > 0 and "measure" in cpu_only["planner_measured_note"]
+
+
+def test_repeated_measurements_keep_the_fastest_time_of_each():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import real_shape
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    first = {1: {"prefill_s": 2.0, "decode_step_s": 0.5, "context": 86}}
+    second = {1: {"prefill_s": 3.0, "decode_step_s": 0.25, "context": 99}}
+    assert real_shape.fastest(first, second) == {1: {"prefill_s": 2.0, "decode_step_s": 0.25, "context": 86}}
+    r = subprocess.run([sys.executable, "bench/real_shape.py", "--repeats", "0"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--repeats must be at least 1" in r.stderr
