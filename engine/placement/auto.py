@@ -127,7 +127,7 @@ def fit_on_host(config: MingConfig, dtype: str | None, expert_dtype: str = "bf16
                      f"after they are read) and {need_text} after")
     raise PlanError(
         f"the model does not fit in this machine's memory: loaded on the CPU in {candidates[-1]} with "
-        f"{_experts_text(expert_dtype)} and {linear_dtype} linears it needs {need_text}, and "
+        f"{_experts_text(expert_dtype)} and {_linears_text(linear_dtype)} it needs {need_text}, and "
         f"{format_gb(available)} is available now. Try "
         + ", ".join(_shrink_tips(candidates[-1], expert_dtype, linear_dtype) + ["a machine with more memory or a GPU"])
         + " (python -m engine.plan --gpus none shows the sizes).")
@@ -152,6 +152,10 @@ def _experts_text(expert_dtype: str) -> str:
     return "unquantised experts" if expert_dtype == "bf16" else f"{expert_dtype} experts"
 
 
+def _linears_text(linear_dtype: str) -> str:
+    return "unquantised linears" if linear_dtype == "bf16" else f"{linear_dtype} linears"
+
+
 def _shrink_tips(dtype: str, expert_dtype: str, linear_dtype: str) -> list[str]:
     """The load options that would make a CPU load smaller than this one."""
     return (([] if expert_dtype == "int4" else ["--expert-dtype int4"])
@@ -162,7 +166,7 @@ def _shrink_tips(dtype: str, expert_dtype: str, linear_dtype: str) -> list[str]:
 def _host_summary(plan: Plan, dtype: str, available: int, with_generators: bool, linear_dtype: str) -> str:
     h = plan.host
     used = h.memory_bytes - h.free_bytes - h.reserve_bytes
-    line = (f"everything on cpu ({dtype}, {_experts_text(plan.expert_dtype)}, {linear_dtype} linears): "
+    line = (f"everything on cpu ({dtype}, {_experts_text(plan.expert_dtype)}, {_linears_text(linear_dtype)}): "
             f"{format_gb(used)} of the {format_gb(available)} of host memory available at load, with an "
             f"{LOAD_KV_TOKENS:,}-token KV cache")
     if plan.sizes.generators and not with_generators:

@@ -91,6 +91,8 @@ def test_a_cpu_load_is_checked_against_the_memory_available(real_2_0):
     has now, and in which dtype (fp32, the CPU default, else bf16)."""
     roomy = fit_on_host(real_2_0, None, "int4", "int8", available=128 * 10**9)
     assert roomy.dtype == "fp32" and roomy.summary.startswith("everything on cpu (fp32, int4 experts, int8 linears)")
+    plain = fit_on_host(real_2_0, None, "int4", "bf16", available=128 * 10**9)  # linears as loaded (fp32 here)
+    assert plain.summary.startswith("everything on cpu (fp32, int4 experts, unquantised linears)")
     small = fit_on_host(real_2_0, None, "int4", "int8", available=64 * 10**9)
     assert small.dtype == "bf16" and small.plan.cpu_experts == 31 * 256  # fp32 does not fit in 64 GB, bf16 does
     with pytest.raises(PlanError, match="--dtype bf16"):
