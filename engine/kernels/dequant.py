@@ -111,12 +111,25 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
 INT8_MAX = 127.0
 
 
+# Rows quantised at a time by quantize_int8_rows: its fp32 temporaries stay at a few times
+# QUANT_ROW_BLOCK x in x 4 bytes (the real lm_head, [157184, 4096] bf16, would otherwise take ~8 GB of them
+# while it is quantised; a CPU load's memory check counts one block, not that).
+QUANT_ROW_BLOCK = 4096
+
+
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one fp32 scale per row: W [..., out, in] -> (q int8, scale [..., out]);
-    scale = amax_row / 127 (1 for an all-zero row), q = round(W / scale). Non-finite weights are rejected."""
-    w = w.float()
-    amax = w.abs().amax(dim=-1)
-    if not bool(torch.isfinite(amax).all()):
-        raise ValueError("cannot quantise a weight with non-finite values")
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-    return torch.round(w / scale.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+    scale = amax_row / 127 (1 for an all-zero row), q = round(W / scale), computed QUANT_ROW_BLOCK rows at a
+    time (each row on its own: the same result in one go). Non-finite weights are rejected."""
+    rows = w.reshape(-1, w.shape[-1])
+    q = torch.empty(rows.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(rows.shape[0], dtype=torch.float32, device=w.device)
+    for r0 in range(0, rows.shape[0], QUANT_ROW_BLOCK):
+        block = rows[r0:r0 + QUANT_ROW_BLOCK].float()
+        amax = block.abs().amax(dim=-1)
+        if not bool(torch.isfinite(amax).all()):
+            raise ValueError("cannot quantise a weight with non-finite values")
+        s = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+        q[r0:r0 + QUANT_ROW_BLOCK] = torch.round(block / s.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+        scale[r0:r0 + QUANT_ROW_BLOCK] = s
+    return q.reshape(w.shape), scale.reshape(w.shape[:-1])

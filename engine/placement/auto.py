@@ -27,7 +27,7 @@ PLACEMENTS = ("auto", "single")
 CACHE_SHARE_OF_FREE_GPU = 0.25  # of the attention GPU's memory left free by the plan, for hot experts
 MAX_CACHED_EXPERTS = 256
 # What a CPU load keeps free of MemAvailable: this process's Python/torch heap and the transient copies
-# of one layer while its linears or experts are quantised.
+# while a matrix is quantised (one expert, or a block of rows of a linear: dequant.QUANT_ROW_BLOCK).
 LOAD_HOST_RESERVE = "1GiB"
 # KV cache a CPU load must leave room for (the cache grows with the conversation): an 8k-token context.
 LOAD_KV_TOKENS = 8192
