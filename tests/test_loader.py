@@ -114,3 +114,71 @@ def test_resolve_errors(tmp_path):
     # A hub id while offline (tests set HF_HUB_OFFLINE=1): a clear error, no network access.
     with pytest.raises(CheckpointError, match="hub"):
         resolve_checkpoint("inclusionAI/Ming-flash-omni-2.0")
+
+
+def _tensors(model):
+    return {k: v for k, v in model.llm.state_dict().items() if v.device.type != "meta"}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_large_tensors_are_read_a_block_of_rows_at_a_time(tiny_checkpoint, monkeypatch, dtype):
+    """A load never holds a whole large tensor twice (as read and as cast): tensors over READ_BLOCK_BYTES are
+    copied into their parameter a block of rows at a time, with the same values as read in one piece (a copy
+    and a bf16 -> fp32 cast are exact; fp32 -> bf16 rounds each value on its own)."""
+    import engine.loader as loader
+    whole = _tensors(load_model(tiny_checkpoint, dtype=dtype, device="cpu", pack_cpu_experts=False))
+    blocks = []
+    real_row_blocks = loader.TensorReader.row_blocks
+
+    def spy(self, name, max_bytes=None):
+        for r0, block in real_row_blocks(self, name, max_bytes):
+            blocks.append((name, r0, block.shape[0], block.numel() * block.element_size()))
+            yield r0, block
+    monkeypatch.setattr(loader, "READ_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(loader.TensorReader, "row_blocks", spy)
+    blocked = _tensors(load_model(tiny_checkpoint, dtype=dtype, device="cpu", pack_cpu_experts=False))
+    embedding = [b for b in blocks if b[0].endswith("word_embeddings.weight")]
+    assert len(embedding) > 10 and {b[1] for b in embedding} == set(range(0, embedding[-1][1] + 1, embedding[1][1]))
+    assert all(size <= 4096 for name, _, rows, size in blocks if rows > 1)
+    assert whole.keys() == blocked.keys()
+    for k in whole:
+        torch.testing.assert_close(blocked[k], whole[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_int8_linears_are_quantised_as_they_are_read(tiny_checkpoint, monkeypatch, dtype):
+    """With --linear-dtype int8 the linears (attention, dense MLP, shared experts, lm_head) are never held
+    unquantised: each block of rows read is quantised at once, to what quantising the loaded weight gives
+    (scales, as the int8 kernel keeps them, within 1e-6; values within one step: rows are quantised on their own
+    either way)."""
+    import engine.loader as loader
+    from engine.kernels.dequant import quantize_int8_rows
+    from engine.models.thinker.model import int8_linear_paths
+    plain = load_model(tiny_checkpoint, dtype=dtype, device="cpu", pack_cpu_experts=False)
+    whole_reads = []
+    real_get = loader.TensorReader.get
+    monkeypatch.setattr(loader.TensorReader, "get", lambda self, name: whole_reads.append(name) or real_get(self, name))
+    monkeypatch.setattr(loader, "READ_BLOCK_BYTES", 4096)
+    m = load_model(tiny_checkpoint, dtype=dtype, device="cpu", linear_dtype="int8")
+    paths = int8_linear_paths(plain.llm)
+    assert "lm_head" in paths and any(p.endswith("attention.dense") for p in paths)
+    assert any(p.endswith("shared_experts.down_proj") for p in paths) and "model.layers.0.mlp.up_proj" in paths
+    assert not [n for n in whole_reads if n.removeprefix("model.").removesuffix(".weight") in paths]
+    for path in paths:
+        packed = m.llm.get_submodule(path)
+        assert type(packed).__name__ == "PackedLinear" and packed.weight.device.type == "meta"
+        q_ref, scale_ref = quantize_int8_rows(plain.llm.get_submodule(path).weight)
+        q, scale = packed.packed.q, packed.packed.scale
+        torch.testing.assert_close(scale.float(), scale_ref.to(scale.dtype).float(), rtol=1e-6, atol=0)
+        assert int((q.int() - q_ref.int()).abs().max()) <= 1
+
+
+def test_a_misshaped_int8_linear_is_named(ckpt):
+    victim = {}
+
+    def reshape(t):
+        victim["name"] = next(k for k in t if k.endswith("attention.dense.weight"))
+        t[victim["name"]] = torch.ones(3, 5)
+    _rewrite(ckpt, reshape)
+    with pytest.raises(CheckpointError, match=rf"'{victim['name']}' has shape \[3, 5\], expected"):
+        load_model(ckpt, device="cpu", linear_dtype="int8")

@@ -339,16 +339,31 @@ class PackedLinear(torch.nn.Module):
     """
 
     def __init__(self, linear: torch.nn.Linear, int8: bool = False) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         if int8:
             q, scale = quantize_int8_rows(weight)
-            self.packed = (_Int8Matrix(q, scale, weight.dtype) if int8_cpu_kernel_available()
-                           and self.in_features % INT8_CPU_COLUMN_MULTIPLE == 0
-                           else _DequantMatrix(q, scale, weight.dtype, {}))
+            self._setup(weight.shape, weight.dtype, linear.bias, int8=(q, scale))
         else:
-            self.packed = _pack_matrix(weight, onednn_packing_pays(weight))
+            self._setup(weight.shape, weight.dtype, linear.bias, packed=_pack_matrix(weight, onednn_packing_pays(weight)))
+
+    @classmethod
+    def from_int8(cls, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                  bias: torch.Tensor | None = None) -> "PackedLinear":
+        """From weights already quantised as ``quantize_int8_rows`` does (q int8 [out, in], scale fp32 [out]),
+        e.g. a block of rows at a time while they are read (engine.models.thinker.model): the same module as
+        ``PackedLinear(linear, int8=True)`` of a linear in `dtype`."""
+        module = cls.__new__(cls)
+        module._setup(q.shape, dtype, bias, int8=(q, scale))
+        return module
+
+    def _setup(self, shape, dtype: torch.dtype, bias, *, packed=None, int8=None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = shape
+        if int8 is not None:
+            q, scale = int8
+            packed = (_Int8Matrix(q, scale, dtype) if int8_cpu_kernel_available()
+                      and self.in_features % INT8_CPU_COLUMN_MULTIPLE == 0 else _DequantMatrix(q, scale, dtype, {}))
+        self.packed = packed
         # decode GEMVs of a plain fp32/bf16 weight, or of an int8 one with its scales: the native kernel, bound
         # once (None where it does not apply)
         if isinstance(self.packed, torch.Tensor):
@@ -357,9 +372,8 @@ class PackedLinear(torch.nn.Module):
             self.native = native.bind_linear(self.packed.q, scale=self.packed.scale)
         else:
             self.native = None
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.weight = torch.nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
-                                         requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+        self.weight = torch.nn.Parameter(torch.empty(tuple(shape), dtype=dtype, device="meta"), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:
@@ -412,14 +426,22 @@ class PackedExperts:
     def num_experts(self) -> int:
         return len(self.gate_up)
 
-    def append(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> None:
-        """Pack one expert: w_gate, w_up [I, H]; w_down [H, I]."""
+    def append(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+               w_gate_up: torch.Tensor | None = None) -> None:
+        """Pack one expert: w_gate, w_up [I, H]; w_down [H, I]. `w_gate_up` [2I, H], when the caller has gate and
+        up fused already (w_gate and w_up its halves): packed as it is, no concatenated copy."""
         expected_in = (self.intermediate, self.hidden)
         if w_gate.shape != expected_in or w_up.shape != expected_in or w_down.shape != expected_in[::-1]:
             raise ValueError(f"expert shapes {tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)} do not match I={self.intermediate}, H={self.hidden}")
         if not (w_gate.dtype == w_up.dtype == w_down.dtype == self.dtype):
             raise ValueError(f"expert weights must all be {self.dtype}")
-        self.gate_up.append(_pack_matrix(torch.cat((w_gate, w_up), dim=0), self.onednn))
+        if w_gate_up is None:
+            w_gate_up = torch.cat((w_gate, w_up), dim=0)
+        elif not (w_gate_up.is_contiguous() and w_gate_up.shape == (2 * self.intermediate, self.hidden)
+                  and w_gate.data_ptr() == w_gate_up.data_ptr()
+                  and w_up.data_ptr() == w_gate_up[self.intermediate:].data_ptr()):
+            raise ValueError("w_gate_up must be a contiguous [2I, H] matrix whose halves are w_gate and w_up")
+        self.gate_up.append(_pack_matrix(w_gate_up, self.onednn))
         self.down.append(_pack_matrix(w_down, self.onednn))
         self._native_table = None
 
@@ -433,13 +455,16 @@ class PackedExperts:
 
     @classmethod
     def from_weights(
-        cls, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *, use_onednn: bool | None = None
+        cls, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *, use_onednn: bool | None = None,
+        gate_up: torch.Tensor | None = None,
     ) -> PackedExperts:
-        """Pack stacked weights: w_gate, w_up [E, I, H]; w_down [E, H, I]."""
+        """Pack stacked weights: w_gate, w_up [E, I, H]; w_down [E, H, I]; `gate_up` [E, 2I, H] when w_gate and
+        w_up are its halves (then read in place: no second copy of the layer's gate and up weights)."""
         num_experts, inter, hidden = w_gate.shape
         packed = cls(hidden, inter, w_gate.dtype, use_onednn=use_onednn)
         for expert in range(num_experts):
-            packed.append(w_gate[expert], w_up[expert], w_down[expert])
+            packed.append(w_gate[expert], w_up[expert], w_down[expert],
+                          None if gate_up is None else gate_up[expert])
         return packed
 
     def forward_expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:

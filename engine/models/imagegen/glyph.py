@@ -123,6 +123,9 @@ class _StateReader:
     def get(self, name: str) -> torch.Tensor:
         return self.state[name]
 
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        out.copy_(self.state[name])
+
 
 def _torch_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():

@@ -182,6 +182,17 @@ class ExpertBank(nn.Module):
         self.runtime = None
         self.packed = None  # CPU: kernels.PackedExperts (bf16, oneDNN) or QuantizedCpuExperts (see pack_for_cpu)
         self._packed_kind = None
+        self._gate_up = None  # [E, 2I, H] whose halves gate_proj and up_proj are (set_fused), until packed
+
+    def set_fused(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Plain weights given as gate and up fused per expert (gate_up [E, 2I, H], as the CPU kernels read them)
+        and down [E, H, I]: gate_proj and up_proj become the two halves of gate_up (views, no copy), and
+        pack_for_cpu packs gate_up as it is instead of concatenating the halves again."""
+        i = gate_up.shape[1] // 2
+        self.gate_proj = nn.Parameter(gate_up[:, :i], requires_grad=False)
+        self.up_proj = nn.Parameter(gate_up[:, i:], requires_grad=False)
+        self.down_proj = nn.Parameter(down, requires_grad=False)
+        self._gate_up = gate_up
 
     @property
     def expert_dtype(self) -> str:
@@ -207,7 +218,9 @@ class ExpertBank(nn.Module):
         scales = quant.bank_scales(self)
         self._packed_kind = self.expert_dtype
         if scales is None:
-            self.packed = kernels.PackedExperts.from_weights(self.gate_proj, self.up_proj, self.down_proj)
+            self.packed = kernels.PackedExperts.from_weights(self.gate_proj, self.up_proj, self.down_proj,
+                                                             gate_up=self._gate_up)
+            self._gate_up = None
         else:
             self.packed = kernels.QuantizedCpuExperts.from_weights(
                 self.gate_proj, self.up_proj, self.down_proj, scales, dtype or torch.get_default_dtype(),

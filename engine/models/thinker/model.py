@@ -24,7 +24,9 @@ from engine.models.thinker.audio_encoder import AudioEncoderConfig, WhisperAudio
 from engine.models.thinker.config import MingConfig
 from engine.models.thinker.layers import Numerics
 from engine.models.thinker.llm import BailingMoeV2ForCausalLM
-from engine.loader import CheckpointFiles, check_unexpected, load_module, resolve_checkpoint
+from engine.kernels.dequant import quantize_int8_rows
+from engine.loader import (CheckpointFiles, check_tensor, check_unexpected, load_module, resolve_checkpoint,
+                           return_freed_memory)
 from engine.models.thinker.projectors import AudioProjector, VisionProjector
 from engine.models.thinker.vision import VisionConfig, build_vision_encoder
 
@@ -112,8 +114,8 @@ def _without(root: nn.Module, paths: list[str]):
     """Temporarily detach the submodules at `paths` (so load_module skips them), then put them back."""
     taken = []
     for path in paths:
-        parent_path, leaf = path.rsplit(".", 1)
-        parent = root.get_submodule(parent_path)
+        parent_path, _, leaf = path.rpartition(".")
+        parent = root.get_submodule(parent_path)  # "" is the root itself
         taken.append((parent, leaf, parent._modules.pop(leaf)))
     try:
         yield
@@ -162,19 +164,29 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     encoders = build_encoders(cfg, rope_bf16_tables=numerics.rope_bf16_tables)
     banks = _expert_banks(llm)
     custom_experts = bool(banks) and (expert_dtype != "bf16" or plan is not None)
+    int8_paths = int8_linear_paths(llm) if linear_dtype == "int8" else []
+    # plain experts the CPU kernels will pack: read with gate and up fused per expert, as those kernels read them
+    fused_banks = bool(banks) and not custom_experts and pack_cpu_experts and dev.type == "cpu"
     runtime = None
     consumed: set[str] = set()
     with files.reader() as reader:
         for prefix, module in {cfg.llm_weight_prefix: llm, **encoders.components()}.items():
-            if module is llm and custom_experts:
-                with _without(llm, list(banks)):
+            if module is llm and (custom_experts or int8_paths or fused_banks):
+                # int8 linears quantised as they are read; routed experts by the runtime or quantised one by one
+                consumed |= _read_int8_linears(llm, reader, prefix, numerics.dtype, int8_paths, progress)
+                with _without(llm, (list(banks) if custom_experts or fused_banks else []) + int8_paths):
                     consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
-                if plan is not None:
+                if fused_banks:
+                    for i, (name, bank) in enumerate(banks.items()):
+                        consumed |= _read_fused_bank(bank, reader, prefix + name, numerics.dtype)
+                        if progress is not None:
+                            progress(i + 1, len(banks), name)
+                elif custom_experts and plan is not None:
                     from engine.placement.expert_runtime import MoERuntime
                     runtime, names = MoERuntime.load(llm, reader, prefix, plan, expert_dtype, numerics.dtype,
                                                      runtime_options, progress=progress)
                     consumed |= names
-                else:
+                elif custom_experts:
                     for name, bank in banks.items():
                         consumed |= quant.load_quantized_bank(bank, reader, prefix, name, expert_dtype, dev,
                                                               progress=progress)
@@ -182,8 +194,6 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
                 consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
             module.eval()
     check_unexpected(files, consumed)
-    if linear_dtype == "int8":
-        int8_linears(llm)
     cpu_quantized = pack_cpu_experts and plan is None and expert_dtype != "bf16" and dev.type == "cpu"
     if cpu_quantized:
         for bank in banks.values():  # int8/int4 weight-only CPU kernels read the quantised bytes
@@ -192,16 +202,80 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
         pack_for_cpu(llm)  # the other projections (and, for int8 experts, the shared expert's native pass)
     if runtime is not None and hasattr(plan, "layer_home"):
         place_non_expert_modules(llm, encoders, plan, runtime.device_map)
+    return_freed_memory()  # the read blocks and quantisation temporaries, which the C heap would keep
     return LoadedModel(config=cfg, llm=llm, numerics=numerics, device=dev, path=root, encoders=encoders,
                        load_seconds=time.perf_counter() - t0, expert_dtype=expert_dtype, moe_runtime=runtime)
 
 
+def int8_linear_paths(llm: BailingMoeV2ForCausalLM) -> list[str]:
+    """The linears ``linear_dtype`` "int8" quantises, by module path: every ``nn.Linear`` of the decoder
+    layers (attention, dense MLP, shared experts: the routers and routed experts are not ``nn.Linear``s)
+    and lm_head."""
+    paths = [f"model.layers.{i}.{name}" for i, layer in enumerate(llm.model.layers)
+             for name, mod in layer.named_modules() if type(mod) is nn.Linear]
+    return paths + (["lm_head"] if type(llm.lm_head) is nn.Linear else [])
+
+
 def int8_linears(llm: BailingMoeV2ForCausalLM) -> int:
-    """``linear_dtype`` "int8": the LLM's linears other than the routed experts and the routers (attention,
-    dense MLP, shared experts, lm_head) quantised to int8 per output channel, for the CPU's int8 kernels.
+    """``linear_dtype`` "int8" for a model already in memory (a load quantises them as it reads them): the
+    linears of `int8_linear_paths` quantised to int8 per output channel, for the CPU's int8 kernels.
     Returns how many."""
-    count = sum(kernels.pack_linears(layer, int8=True) for layer in llm.model.layers)
-    return count + kernels.pack_linears(llm, int8=True)  # lm_head
+    paths = int8_linear_paths(llm)
+    for path in paths:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = llm.get_submodule(parent_path)
+        setattr(parent, leaf, kernels.PackedLinear(getattr(parent, leaf), int8=True))
+    return len(paths)
+
+
+def _read_fused_bank(bank: nn.Module, reader, name: str, dtype: torch.dtype) -> set[str]:
+    """A bank of plain routed experts (`name`: its checkpoint prefix, e.g. 'model.model.layers.1.mlp.experts')
+    read one expert at a time into gate and up fused per expert ([E, 2I, H]) and down ([E, H, I]), so packing
+    them for the CPU kernels makes no second copy of the layer (ExpertBank.set_fused; 4.3 GB per real layer
+    in bf16). Returns the tensor names read."""
+    experts, inter, hidden = bank.gate_proj.shape
+    gate_up = torch.empty((experts, 2 * inter, hidden), dtype=dtype)
+    down = torch.empty(tuple(bank.down_proj.shape), dtype=dtype)
+    consumed: set[str] = set()
+    for e in range(experts):
+        for proj, dest in (("gate_proj", gate_up[e, :inter]), ("up_proj", gate_up[e, inter:]), ("down_proj", down[e])):
+            full = f"{name}.{e}.{proj}.weight"
+            check_tensor(reader, full, tuple(dest.shape))
+            reader.read_into(full, dest)
+            consumed.add(full)
+    bank.set_fused(gate_up, down)
+    return consumed
+
+
+def _read_int8_linears(llm: BailingMoeV2ForCausalLM, reader, prefix: str, dtype: torch.dtype, paths: list[str],
+                       progress=None) -> set[str]:
+    """The linears at `paths` read from the checkpoint a block of rows at a time, each block cast to the load
+    dtype and quantised as ``int8_linears`` would quantise the loaded weight (rows are quantised on their own:
+    the same int8 values and scales), so the load never holds them unquantised: its peak stays at what it
+    keeps (the real lm_head alone is 2.6 GB in fp32, 0.64 GB as int8). Returns the tensor names read."""
+    consumed: set[str] = set()
+    for i, path in enumerate(paths):
+        parent_path, _, leaf = path.rpartition(".")
+        parent = llm.get_submodule(parent_path)
+        linear = getattr(parent, leaf)
+        weight_name = f"{prefix}{path}.weight"
+        check_tensor(reader, weight_name, tuple(linear.weight.shape))
+        q = torch.empty(linear.weight.shape, dtype=torch.int8)
+        scale = torch.empty(linear.out_features, dtype=torch.float32)
+        for r0, block in reader.row_blocks(weight_name):
+            rows = slice(r0, r0 + block.shape[0])
+            q[rows], scale[rows] = quantize_int8_rows(block.to(dtype))
+        bias = None
+        if linear.bias is not None:
+            bias = torch.empty(linear.bias.shape, dtype=dtype)
+            check_tensor(reader, f"{prefix}{path}.bias", tuple(bias.shape))
+            reader.read_into(f"{prefix}{path}.bias", bias)
+            consumed.add(f"{prefix}{path}.bias")
+        setattr(parent, leaf, kernels.PackedLinear.from_int8(q, scale, dtype, bias))
+        consumed.add(weight_name)
+        if progress is not None:
+            progress(i + 1, len(paths), path)
+    return consumed
 
 
 def pack_for_cpu(llm: BailingMoeV2ForCausalLM) -> bool:
