@@ -26,8 +26,9 @@ from engine.placement.planner import (DeviceSpec, GPUSpec, Plan, PlanError, Roof
 PLACEMENTS = ("auto", "single")
 CACHE_SHARE_OF_FREE_GPU = 0.25  # of the attention GPU's memory left free by the plan, for hot experts
 MAX_CACHED_EXPERTS = 256
-# What a CPU load keeps free of MemAvailable: this process's Python/torch heap and the transient copies
-# while a matrix is quantised (one expert, or a block of rows of a linear: dequant.QUANT_ROW_BLOCK).
+# What a CPU load keeps free of MemAvailable: this process's Python/torch heap and what a load holds beyond
+# the model it keeps: a block of rows as read (engine.loader.READ_BLOCK_BYTES) and its quantisation
+# temporaries, or one expert (at most 0.2 GB above the model at the real width: bench/load_peak.py).
 LOAD_HOST_RESERVE = "1GiB"
 # KV cache a CPU load must leave room for (the cache grows with the conversation): an 8k-token context.
 LOAD_KV_TOKENS = 8192
@@ -90,23 +91,21 @@ def fit_on_host(config: MingConfig, dtype: str | None, expert_dtype: str = "bf16
     """Check, before loading, that a CPU load fits in `available` bytes (default: MemAvailable now),
     keeping LOAD_HOST_RESERVE and room for LOAD_KV_TOKENS of KV cache. `dtype` None: the first of
     CPU_DTYPES that fits (fp32, the CPU default, else bf16). When the thinker fits but the generators do
-    not, it is loaded without them (`generators` False, said in `summary`). With int8 linears the load's
-    peak counts too: the linears are read as loaded and quantised after the thinker's load (before the
-    generators load and before any KV cache exists). Raises PlanError saying how much the smallest choice
-    needs, what is available and which options would shrink it, when even the thinker alone does not fit."""
+    not, it is loaded without them (`generators` False, said in `summary`). A load holds no more than the
+    reserve beyond the model it keeps (tensors are read a block of rows at a time, int8 linears quantised
+    and experts packed as they are read), so what it keeps is what is checked. Raises PlanError saying how
+    much the smallest choice needs, what is available and which options would shrink it, when even the
+    thinker alone does not fit."""
     available = host_available_bytes() if available is None else int(available)
     candidates = (dtype,) if dtype else CPU_DTYPES
 
-    def plan(dt: str, memory: int, generators: str, linears: str = linear_dtype,
-             kv_tokens: int = LOAD_KV_TOKENS) -> Plan:
-        return plan_placement(config, DeviceSpec((), memory), expert_dtype, kv_tokens=kv_tokens,
-                              host_reserve=LOAD_HOST_RESERVE, generators=generators, linear_dtype=linears,
+    def plan(dt: str, memory: int, generators: str) -> Plan:
+        return plan_placement(config, DeviceSpec((), memory), expert_dtype, kv_tokens=LOAD_KV_TOKENS,
+                              host_reserve=LOAD_HOST_RESERVE, generators=generators, linear_dtype=linear_dtype,
                               dtype=dt)
 
     def fits(dt: str, generators: str) -> Plan | None:
         try:
-            if linear_dtype != "bf16":
-                plan(dt, available, "ignore", linears="bf16", kv_tokens=0)  # the peak while loading
             return plan(dt, available, generators)
         except PlanError:
             return None
@@ -120,11 +119,7 @@ def fit_on_host(config: MingConfig, dtype: str | None, expert_dtype: str = "bf16
             return HostFit(candidate, fitted, generators == "auto" or not fitted.sizes.generators,
                            _host_summary(fitted, candidate, available, generators == "auto", linear_dtype))
     need = unbounded.host.memory_bytes - unbounded.host.free_bytes
-    peak = plan(candidates[-1], 1 << 62, "ignore", linears="bf16", kv_tokens=0).host
     need_text = f"{format_gb(need)} (its weights, an {LOAD_KV_TOKENS:,}-token KV cache and {LOAD_HOST_RESERVE} for this process)"
-    if peak.memory_bytes - peak.free_bytes > need:
-        need_text = (f"{format_gb(peak.memory_bytes - peak.free_bytes)} while loading (its linears are quantised "
-                     f"after they are read) and {need_text} after")
     raise PlanError(
         f"the model does not fit in this machine's memory: loaded on the CPU in {candidates[-1]} with "
         f"{_experts_text(expert_dtype)} and {_linears_text(linear_dtype)} it needs {need_text}, and "
