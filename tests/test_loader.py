@@ -182,3 +182,23 @@ def test_a_misshaped_int8_linear_is_named(ckpt):
     _rewrite(ckpt, reshape)
     with pytest.raises(CheckpointError, match=rf"'{victim['name']}' has shape \[3, 5\], expected"):
         load_model(ckpt, device="cpu", linear_dtype="int8")
+
+
+def test_plain_experts_are_read_fused_and_packed_in_place(tiny_checkpoint):
+    """Plain experts bound for the CPU kernels are read one at a time into gate and up fused per expert (the
+    layout those kernels read), so packing them makes no second copy of the layer: each packed [2I, H] matrix
+    is the expert's slice of one [E, 2I, H] tensor, holding the checkpoint's gate then up rows."""
+    m = load_model(tiny_checkpoint, dtype="fp32", device="cpu")
+    bank = m.llm.model.layers[1].mlp.experts
+    packed = bank.packed
+    if packed is None or packed.onednn:
+        pytest.skip("no native kernels and oneDNN packing here: the experts are not packed plainly")
+    inter, hidden = packed.intermediate, packed.hidden
+    step = 2 * inter * hidden * 4
+    assert all(packed.gate_up[e].data_ptr() - packed.gate_up[0].data_ptr() == e * step for e in range(len(packed.gate_up)))
+    files = CheckpointFiles.open(tiny_checkpoint)
+    for e in (0, len(packed.gate_up) - 1):
+        for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))):
+            name = f"model.model.layers.1.mlp.experts.{e}.{proj}.weight"
+            stored = load_file(str(tiny_checkpoint / files.weight_map[name]))[name].float()
+            torch.testing.assert_close(packed.gate_up[e][rows], stored, rtol=0, atol=0)  # bf16 -> fp32 is exact
