@@ -157,6 +157,13 @@ def test_cpu_packed_weights_match_the_plain_path(tiny_checkpoint, dtype, monkeyp
         assert torch.nn.functional.cosine_similarity(c.flatten(), d.flatten(), dim=0) > 0.999
 
 
+def _skip_without_native_kernels(native) -> None:
+    if native._compiler() is None:
+        pytest.skip("no C compiler here: the native kernels cannot be built (torch's path runs)")
+    if native._disabled():
+        pytest.skip(f"the native kernels are turned off here ({native._disabled()})")
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_native_kernels_take_the_decode_of_the_default_cpu_load(tiny_checkpoint, dtype, monkeypatch):
     """Where the native CPU kernels build (every machine with a C compiler), the default CPU load keeps the
@@ -167,8 +174,7 @@ def test_native_kernels_take_the_decode_of_the_default_cpu_load(tiny_checkpoint,
     from engine import kernels
     from engine.kernels import PackedLinear, native
 
-    if native._compiler() is None:
-        pytest.skip("no C compiler here: the native kernels cannot be built (torch's path runs)")
+    _skip_without_native_kernels(native)
     assert native.available(), native.status()
     default = load_model(tiny_checkpoint, dtype=dtype, device="cpu").llm
     assert default.model.layers[1].mlp.experts.packed.native_table() is not None
@@ -293,8 +299,7 @@ def test_quantized_experts_decode_in_one_native_call_per_layer(tiny_checkpoint, 
     torch's int8 / int4 kernels (fp32: relative 1e-4; bf16: cosine > 0.999)."""
     from engine.kernels import native
 
-    if native._compiler() is None:
-        pytest.skip("no C compiler here: the native kernels cannot be built (torch's path runs)")
+    _skip_without_native_kernels(native)
     fast = load_model(tiny_checkpoint, dtype=dtype, device="cpu", expert_dtype=kind)
     mlp = fast.llm.model.layers[1].mlp
     assert mlp.experts.packed.kernel == kind and mlp.experts.packed.native_table() is not None
@@ -326,8 +331,7 @@ def test_int8_linears_decode_natively_layer_by_layer(tiny_checkpoint, dtype, mon
     torch's int8 kernels (fp32: relative 1e-4; bf16: cosine > 0.999)."""
     from engine.kernels import native
 
-    if native._compiler() is None:
-        pytest.skip("no C compiler here: the native kernels cannot be built (torch's path runs)")
+    _skip_without_native_kernels(native)
     monkeypatch.setattr(native, "BIND_MIN_BYTES", 0)
     fast = load_model(tiny_checkpoint, dtype=dtype, device="cpu", linear_dtype="int8", numerics=Numerics.intent(
         torch.float32 if dtype == "fp32" else torch.bfloat16))
