@@ -202,3 +202,30 @@ def test_plain_experts_are_read_fused_and_packed_in_place(tiny_checkpoint):
             name = f"model.model.layers.1.mlp.experts.{e}.{proj}.weight"
             stored = load_file(str(tiny_checkpoint / files.weight_map[name]))[name].float()
             torch.testing.assert_close(packed.gate_up[e][rows], stored, rtol=0, atol=0)  # bf16 -> fp32 is exact
+
+
+@pytest.mark.parametrize("expert_dtype", ["int8", "int4"])
+def test_quantised_experts_are_stored_fused_and_packed_in_place(tiny_checkpoint, expert_dtype):
+    """int8 / int4 experts for the CPU kernels are quantised into gate and up fused per expert (one [E, 2I, ...]
+    tensor of values, one of scales), so packing them makes no concatenated copy: each expert's packed gate+up
+    matrix reads that tensor in place, and the values are what quantising the expert's gate and up gives."""
+    from engine.kernels.dequant import unpack_int4
+    from engine.placement.quant import quantize
+    m = load_model(tiny_checkpoint, dtype="fp32", device="cpu", expert_dtype=expert_dtype)
+    packed = m.llm.model.layers[1].mlp.experts.packed
+    mats = packed.gate_up
+    if not all(hasattr(mat, "q") for mat in mats):
+        pytest.skip("these experts are not packed as int8 / int4 matrices here")
+    step = mats[1].q.data_ptr() - mats[0].q.data_ptr()
+    assert step == mats[0].q.numel() * mats[0].q.element_size()  # consecutive slices of one tensor
+    assert all(mats[e].q.data_ptr() - mats[0].q.data_ptr() == e * step for e in range(len(mats)))
+    files = CheckpointFiles.open(tiny_checkpoint)
+    e = len(mats) - 1
+    inter = packed.intermediate
+    for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))):
+        name = f"model.model.layers.1.mlp.experts.{e}.{proj}.weight"
+        q_ref, _ = quantize(load_file(str(tiny_checkpoint / files.weight_map[name]))[name].float(), expert_dtype)
+        got, want = mats[e].q[rows], q_ref
+        if expert_dtype == "int4":
+            got, want = unpack_int4(got), unpack_int4(want)
+        assert int((got.int() - want.int()).abs().max()) <= 1  # the same quantisation (a step at most apart)

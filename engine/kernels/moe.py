@@ -668,11 +668,20 @@ class QuantizedCpuExperts:
             self.dequant_fallbacks += 1  # a shape torch's kernel does not take
         return _DequantMatrix(q, scale, self.dtype, self._buffers)
 
-    def append(self, q_gate: torch.Tensor, q_up: torch.Tensor, q_down: torch.Tensor, scales: Scales) -> None:
-        """Add one expert: quantised gate/up [I, H(/2)], down [H, I(/2)] and their scales."""
+    def append(self, q_gate: torch.Tensor, q_up: torch.Tensor, q_down: torch.Tensor, scales: Scales,
+               fused: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Add one expert: quantised gate/up [I, H(/2)], down [H, I(/2)] and their scales. `fused` (q [2I, ...],
+        scale [2I, ...]): gate and up already fused, q_gate / q_up and their scales its halves (no concatenated
+        copy)."""
         s_gate, s_up, s_down = scales
         if not self.fuse_gate_up or scale_layout(q_gate, s_gate).block_out > 1:
             self.gate_up.append(_Stacked(self._matrix(q_gate, s_gate), self._matrix(q_up, s_up)))
+        elif fused is not None:
+            q_fused, s_fused = fused
+            if not (q_gate.data_ptr() == q_fused.data_ptr() and q_up.data_ptr() == q_fused[self.intermediate:].data_ptr()
+                    and s_gate.data_ptr() == s_fused.data_ptr() and s_up.data_ptr() == s_fused[self.intermediate:].data_ptr()):
+                raise ValueError("fused gate/up storage must hold q_gate, q_up and their scales as its two halves")
+            self.gate_up.append(self._matrix(q_fused, s_fused))
         else:
             self.gate_up.append(self._matrix(torch.cat((q_gate, q_up)), torch.cat((s_gate, s_up))))
         self.down.append(self._matrix(q_down, s_down))
@@ -680,12 +689,15 @@ class QuantizedCpuExperts:
 
     @classmethod
     def from_weights(cls, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, scales: Scales,
-                     dtype: torch.dtype, kind: str, native_int4: bool = True) -> "QuantizedCpuExperts":
-        """From a stacked quantised bank (``kind``: the storage format name, e.g. "int8")."""
+                     dtype: torch.dtype, kind: str, native_int4: bool = True,
+                     fused: tuple[torch.Tensor, torch.Tensor] | None = None) -> "QuantizedCpuExperts":
+        """From a stacked quantised bank (``kind``: the storage format name, e.g. "int8"); `fused` ([E, 2I, ...]
+        values and scales) when the bank's gate and up are its halves (engine.placement.quant.load_quantized_bank)."""
         num_experts, inter = w_gate.shape[:2]
         packed = cls(w_down.shape[1], inter, dtype, kind, native_int4=native_int4)
         for e in range(num_experts):
-            packed.append(w_gate[e], w_up[e], w_down[e], tuple(s[e] for s in scales))
+            packed.append(w_gate[e], w_up[e], w_down[e], tuple(s[e] for s in scales),
+                          None if fused is None else (fused[0][e], fused[1][e]))
         return packed
 
     def native_table(self) -> native.ExpertTable | None:

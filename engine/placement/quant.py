@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.dequant import FP8_BLOCK, INT4_MAX, INT8_MAX, dequantize, pack_int4, quantize_int8_rows
+from engine.kernels.dequant import (FP8_BLOCK, INT4_MAX, INT4_OFFSET, INT8_MAX, NIBBLE_BITS, QUANT_ROW_BLOCK,
+                                   dequantize, pack_int4, quantize_int8_rows)
 from engine.kernels.moe import swiglu
 from engine.loader import CheckpointError, TensorReader, checkpoint_sources
 
@@ -100,6 +101,10 @@ def quantize(w: torch.Tensor, expert_dtype: str) -> tuple[torch.Tensor, torch.Te
     (shapes in the module doc)."""
     if expert_dtype not in QUANT_STORAGE:
         raise ValueError(f"quantize: expert dtype must be one of {sorted(QUANT_STORAGE)}, got {expert_dtype!r}")
+    if expert_dtype == "int4":
+        return quantize_int4_rows(w)
+    if expert_dtype == "int8":
+        return quantize_int8_rows(w)
     w = w.float()
     out, cols = w.shape[-2:]
     if expert_dtype == "fp8":
@@ -109,15 +114,29 @@ def quantize(w: torch.Tensor, expert_dtype: str) -> tuple[torch.Tensor, torch.Te
         scale = _scales(_block_amax(w), FP8_MAX)
         full = scale.repeat_interleave(FP8_BLOCK, -1)[..., :cols].repeat_interleave(FP8_BLOCK, -2)[..., :out, :]
         q = (w / full).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    elif expert_dtype == "int8":
-        q, scale = quantize_int8_rows(w)
-    else:
-        group = int4_group_size(cols)
-        grouped = w.reshape(*w.shape[:-1], cols // group, group)
-        scale = _scales(grouped.abs().amax(dim=-1), float(INT4_MAX))
-        values = torch.round(grouped / scale.unsqueeze(-1)).clamp_(-INT4_MAX, INT4_MAX).reshape(w.shape)
-        q = pack_int4(values.to(torch.int8))
     return q, scale
+
+
+def quantize_int4_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 with one fp32 scale per group of int4_group_size(in) input columns: W [..., out, in] -> (packed uint8
+    [..., out, in/2], scale [..., out, groups]); scale = amax_group / 7 (1 for an all-zero group), values =
+    round(W / scale). Computed QUANT_ROW_BLOCK rows at a time (rows are quantised on their own: the same
+    result as in one go), so the fp32 temporaries stay small enough to be cache-resident."""
+    cols = w.shape[-1]
+    group = int4_group_size(cols)
+    rows = w.reshape(-1, cols)
+    q = torch.empty((rows.shape[0], cols // 2), dtype=torch.uint8, device=w.device)
+    scale = torch.empty((rows.shape[0], cols // group), dtype=torch.float32, device=w.device)
+    for r0 in range(0, rows.shape[0], QUANT_ROW_BLOCK):
+        grouped = rows[r0:r0 + QUANT_ROW_BLOCK].float().reshape(-1, cols // group, group)
+        s = _scales(grouped.abs().amax(dim=-1), float(INT4_MAX))
+        pairs = torch.round(grouped / s.unsqueeze(-1)).clamp_(-INT4_MAX, INT4_MAX).view(-1, cols // 2, 2)
+        # each byte as pack_int4 stores it, (even + 8) | (odd + 8) << 4, computed exactly in fp32 and converted
+        # once (half the conversions of converting every value; torch's float -> integer casts are the slow part)
+        high = float(1 << NIBBLE_BITS)
+        q[r0:r0 + QUANT_ROW_BLOCK] = (pairs[..., 1] * high).add_(pairs[..., 0]).add_(INT4_OFFSET * (high + 1)).to(torch.uint8)
+        scale[r0:r0 + QUANT_ROW_BLOCK] = s
+    return q.reshape(*w.shape[:-1], cols // 2), scale.reshape(*w.shape[:-1], cols // group)
 
 
 def stacked_shapes(expert_dtype: str, experts: int, inter: int, hidden: int) -> dict[str, tuple[tuple, tuple]]:
@@ -251,9 +270,12 @@ def set_meta_storage(bank, expert_dtype: str, dtype: torch.dtype) -> None:
 
 
 def load_quantized_bank(bank, reader: TensorReader, prefix: str, bank_name: str, expert_dtype: str,
-                        device: torch.device | str, progress=None) -> set[str]:
+                        device: torch.device | str, progress=None, fuse_gate_up: bool = False) -> set[str]:
     """Fill `bank` (an ExpertBank, possibly on meta) with experts quantised one at a time from the
-    checkpoint. Returns the checkpoint names consumed."""
+    checkpoint. Returns the checkpoint names consumed. `fuse_gate_up` (for the CPU kernels, which read gate
+    and up as one matrix): gate and up (and their scales) are stored as the two halves of one [E, 2I, ...]
+    tensor, kept in `bank.fused_gate_up`, so packing them makes no concatenated copy of the layer (not for
+    fp8-block, whose 128-row scale blocks are not per row)."""
     if expert_dtype not in QUANT_STORAGE:
         raise ValueError(f"load_quantized_bank: expert dtype must be one of {sorted(QUANT_STORAGE)}, "
                          f"got {expert_dtype!r}")
@@ -261,6 +283,13 @@ def load_quantized_bank(bank, reader: TensorReader, prefix: str, bank_name: str,
     shapes = stacked_shapes(expert_dtype, e_n, inter, hidden)
     q = {p: torch.empty(shapes[p][0], dtype=QUANT_STORAGE[expert_dtype], device=device) for p in PROJECTIONS}
     s = {p: torch.empty(shapes[p][1], dtype=torch.float32, device=device) for p in PROJECTIONS}
+    fused = None
+    if fuse_gate_up and expert_dtype != "fp8-block":
+        (qe, *q_rest), (se, *s_rest) = shapes["gate_proj"]
+        fused = (torch.empty((qe, 2 * inter, *q_rest[1:]), dtype=QUANT_STORAGE[expert_dtype], device=device),
+                 torch.empty((se, 2 * inter, *s_rest[1:]), dtype=torch.float32, device=device))
+        for store, whole in zip((q, s), fused):
+            store["gate_proj"], store["up_proj"] = whole[:, :inter], whole[:, inter:]
     consumed: set[str] = set()
     for e, *mats in read_checkpoint_experts(reader, prefix, bank_name, e_n, inter, hidden, consumed):
         for proj, w in zip(PROJECTIONS, mats):
@@ -271,6 +300,7 @@ def load_quantized_bank(bank, reader: TensorReader, prefix: str, bank_name: str,
             progress(e + 1, e_n, f"{bank_name} ({expert_dtype})")
     set_bank_storage(bank, q["gate_proj"], q["up_proj"], q["down_proj"],
                      (s["gate_proj"], s["up_proj"], s["down_proj"]))
+    bank.fused_gate_up = fused
     return consumed
 
 

@@ -358,3 +358,35 @@ def test_cpu_only_small_footprint_load_int4_experts_and_int8_linears(tiny_checkp
         load_model(tiny_checkpoint, dtype="fp32", device="meta", linear_dtype="int8")
     with pytest.raises(ValueError, match="linear dtype"):
         load_model(tiny_checkpoint, dtype="fp32", device="cpu", linear_dtype="int4")
+
+
+def _int4_in_one_go(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 format as its definition reads (group amax / 7, round, nibbles value + 8, even column low)."""
+    grouped = w.float().reshape(*w.shape[:-1], w.shape[-1] // group, group)
+    amax = grouped.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
+    values = torch.round(grouped / scale.unsqueeze(-1)).clamp(-7, 7).reshape(w.shape).to(torch.int16) + 8
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).to(torch.uint8), scale
+
+
+@pytest.mark.parametrize("shape", [(600, 256), (3, 40, 128), (5, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_quantisation_in_blocks_of_rows_is_the_format(shape, dtype, monkeypatch):
+    """quantize_int4_rows works QUANT_ROW_BLOCK rows at a time (cache-sized temporaries) and packs each byte in
+    fp32 before one conversion: the result is the format's definition computed in one go (scales within 1e-6,
+    each nibble within one step and equal almost everywhere), zero groups get scale 1, and the input is not
+    modified (an fp32 weight is not copied by .float())."""
+    from engine.placement import quant as quant_mod
+    monkeypatch.setattr(quant_mod, "QUANT_ROW_BLOCK", 7)
+    w = (torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 0.05).to(dtype)
+    group = int4_group_size(shape[-1])
+    w.reshape(-1, shape[-1])[1, :group] = 0  # a group of zeros
+    before = w.clone()
+    q, scale = quant_mod.quantize_int4_rows(w)
+    q_ref, scale_ref = _int4_in_one_go(w, group)
+    assert q.dtype == torch.uint8 and q.shape == q_ref.shape and scale.shape == scale_ref.shape
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    values, values_ref = unpack_int4(q).int(), unpack_int4(q_ref).int()
+    assert int((values - values_ref).abs().max()) <= 1 and (values != values_ref).float().mean().item() < 1e-3
+    assert int(values.abs().max()) <= 7 and float(scale.reshape(-1, scale.shape[-1])[1, 0]) == 1.0
+    torch.testing.assert_close(w, before, rtol=0, atol=0)

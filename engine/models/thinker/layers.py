@@ -182,7 +182,9 @@ class ExpertBank(nn.Module):
         self.runtime = None
         self.packed = None  # CPU: kernels.PackedExperts (bf16, oneDNN) or QuantizedCpuExperts (see pack_for_cpu)
         self._packed_kind = None
-        self._gate_up = None  # [E, 2I, H] whose halves gate_proj and up_proj are (set_fused), until packed
+        # (gate and up fused per expert [E, 2I, ...], their scales or None) whose halves gate_proj and up_proj
+        # (and their scales) are, when loaded that way (set_fused, quant.load_quantized_bank); until packed
+        self.fused_gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def set_fused(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         """Plain weights given as gate and up fused per expert (gate_up [E, 2I, H], as the CPU kernels read them)
@@ -192,7 +194,7 @@ class ExpertBank(nn.Module):
         self.gate_proj = nn.Parameter(gate_up[:, :i], requires_grad=False)
         self.up_proj = nn.Parameter(gate_up[:, i:], requires_grad=False)
         self.down_proj = nn.Parameter(down, requires_grad=False)
-        self._gate_up = gate_up
+        self.fused_gate_up = (gate_up, None)
 
     @property
     def expert_dtype(self) -> str:
@@ -217,14 +219,14 @@ class ExpertBank(nn.Module):
         placeholders so the memory is not held twice; shapes and parameter counts are unchanged."""
         scales = quant.bank_scales(self)
         self._packed_kind = self.expert_dtype
+        fused, self.fused_gate_up = self.fused_gate_up, None
         if scales is None:
             self.packed = kernels.PackedExperts.from_weights(self.gate_proj, self.up_proj, self.down_proj,
-                                                             gate_up=self._gate_up)
-            self._gate_up = None
+                                                             gate_up=None if fused is None else fused[0])
         else:
             self.packed = kernels.QuantizedCpuExperts.from_weights(
                 self.gate_proj, self.up_proj, self.down_proj, scales, dtype or torch.get_default_dtype(),
-                self._packed_kind.split("-")[0])
+                self._packed_kind.split("-")[0], fused=fused)
             for name in ("gate_proj_scale", "up_proj_scale", "down_proj_scale"):
                 old = self._buffers[name]
                 self._buffers[name] = torch.empty(old.shape, dtype=old.dtype, device="meta")

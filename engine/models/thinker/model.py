@@ -166,7 +166,8 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     custom_experts = bool(banks) and (expert_dtype != "bf16" or plan is not None)
     int8_paths = int8_linear_paths(llm) if linear_dtype == "int8" else []
     # plain experts the CPU kernels will pack: read with gate and up fused per expert, as those kernels read them
-    fused_banks = bool(banks) and not custom_experts and pack_cpu_experts and dev.type == "cpu"
+    cpu_packed = pack_cpu_experts and dev.type == "cpu"
+    fused_banks = bool(banks) and not custom_experts and cpu_packed
     runtime = None
     consumed: set[str] = set()
     with files.reader() as reader:
@@ -189,7 +190,7 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
                 elif custom_experts:
                     for name, bank in banks.items():
                         consumed |= quant.load_quantized_bank(bank, reader, prefix, name, expert_dtype, dev,
-                                                              progress=progress)
+                                                              progress=progress, fuse_gate_up=cpu_packed)
             else:
                 consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
             module.eval()
