@@ -89,8 +89,8 @@ class CheckpointFiles:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
-    def reader(self) -> "TensorReader":
-        return TensorReader(self)
+    def reader(self, progress=None) -> "TensorReader":
+        return TensorReader(self, progress)
 
 
 def _shard_keys(path: Path) -> list[str]:
@@ -107,12 +107,21 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16
 
 
 class TensorReader:
-    """Opens shards on demand (memory-mapped) and reads one tensor at a time."""
+    """Opens shards on demand (memory-mapped) and reads one tensor at a time. `progress`, when given, is
+    called as progress(tensors read, tensors in the checkpoint, name) as each tensor starts being read:
+    one count over the whole load, whichever module or expert path reads it."""
 
-    def __init__(self, files: CheckpointFiles):
+    def __init__(self, files: CheckpointFiles, progress=None):
         self.files = files
         self._stack = ExitStack()
         self._open: dict[str, object] = {}
+        self._progress = progress
+        self.tensors_read = 0
+
+    def _reading(self, name: str) -> None:
+        self.tensors_read += 1
+        if self._progress is not None:
+            self._progress(self.tensors_read, len(self.files.weight_map), name)
 
     def __enter__(self) -> "TensorReader":
         return self
@@ -141,6 +150,7 @@ class TensorReader:
 
     def get(self, name: str) -> torch.Tensor:
         shard = self.files.weight_map[name]
+        self._reading(name)
         try:
             return self._handle(shard).get_tensor(name)
         except CheckpointError:
@@ -153,6 +163,7 @@ class TensorReader:
         stored, at least one row; a tensor of under two dimensions, or one that fits, in one block."""
         max_bytes = READ_BLOCK_BYTES if max_bytes is None else max_bytes
         shard = self.files.weight_map[name]
+        self._reading(name)
         try:
             sl = self._handle(shard).get_slice(name)
             shape = tuple(sl.get_shape())

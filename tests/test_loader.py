@@ -229,3 +229,16 @@ def test_quantised_experts_are_stored_fused_and_packed_in_place(tiny_checkpoint,
         if expert_dtype == "int4":
             got, want = unpack_int4(got), unpack_int4(want)
         assert int((got.int() - want.int()).abs().max()) <= 1  # the same quantisation (a step at most apart)
+
+
+@pytest.mark.parametrize("options", [{}, {"expert_dtype": "int4", "linear_dtype": "int8"}, {"expert_dtype": "int8"},
+                                     {"pack_cpu_experts": False}])
+def test_progress_counts_every_tensor_of_the_checkpoint_once(tiny_checkpoint, options):
+    """Load progress is one count over the whole checkpoint (launch.py prints it every 10 %), whichever path
+    reads a tensor (modules, int8 linears, fused or quantised experts): it rises by one per tensor and ends at
+    the checkpoint's tensor count."""
+    calls = []
+    load_model(tiny_checkpoint, dtype="fp32", device="cpu", progress=lambda *a: calls.append(a), **options)
+    total = len(CheckpointFiles.open(tiny_checkpoint).names())
+    assert [c[0] for c in calls] == list(range(1, total + 1)) and {c[1] for c in calls} == {total}
+    assert len({c[2] for c in calls}) == total  # each tensor named once

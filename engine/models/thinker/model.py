@@ -146,7 +146,8 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     int4: the native kernels, read as stored (torch's int4 kernel where they are not built); fp8, which has
     no CPU kernel: re-quantised to int8 per row).
     `linear_dtype` "int8" (CPU only): the LLM's other linears (attention, dense MLP, shared experts,
-    lm_head; not the routers) are quantised to int8 per output channel after loading (half the bytes).
+    lm_head; not the routers) are quantised to int8 per output channel as they are read (half the bytes).
+    `progress(done, total, name)` is called as each of the checkpoint's `total` tensors starts being read.
     """
     t0 = time.perf_counter()
     root = resolve_checkpoint(path_or_id)
@@ -170,29 +171,27 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     fused_banks = bool(banks) and not custom_experts and cpu_packed
     runtime = None
     consumed: set[str] = set()
-    with files.reader() as reader:
+    with files.reader(progress) as reader:  # progress: tensors read of the whole checkpoint
         for prefix, module in {cfg.llm_weight_prefix: llm, **encoders.components()}.items():
             if module is llm and (custom_experts or int8_paths or fused_banks):
                 # int8 linears quantised as they are read; routed experts by the runtime or quantised one by one
-                consumed |= _read_int8_linears(llm, reader, prefix, numerics.dtype, int8_paths, progress)
+                consumed |= _read_int8_linears(llm, reader, prefix, numerics.dtype, int8_paths)
                 with _without(llm, (list(banks) if custom_experts or fused_banks else []) + int8_paths):
-                    consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
+                    consumed |= load_module(module, reader, prefix, numerics.dtype, dev)
                 if fused_banks:
-                    for i, (name, bank) in enumerate(banks.items()):
+                    for name, bank in banks.items():
                         consumed |= _read_fused_bank(bank, reader, prefix + name, numerics.dtype)
-                        if progress is not None:
-                            progress(i + 1, len(banks), name)
                 elif custom_experts and plan is not None:
                     from engine.placement.expert_runtime import MoERuntime
                     runtime, names = MoERuntime.load(llm, reader, prefix, plan, expert_dtype, numerics.dtype,
-                                                     runtime_options, progress=progress)
+                                                     runtime_options)
                     consumed |= names
                 elif custom_experts:
                     for name, bank in banks.items():
                         consumed |= quant.load_quantized_bank(bank, reader, prefix, name, expert_dtype, dev,
-                                                              progress=progress, fuse_gate_up=cpu_packed)
+                                                              fuse_gate_up=cpu_packed)
             else:
-                consumed |= load_module(module, reader, prefix, numerics.dtype, dev, progress=progress)
+                consumed |= load_module(module, reader, prefix, numerics.dtype, dev)
             module.eval()
     check_unexpected(files, consumed)
     cpu_quantized = pack_cpu_experts and plan is None and expert_dtype != "bf16" and dev.type == "cpu"
@@ -248,14 +247,14 @@ def _read_fused_bank(bank: nn.Module, reader, name: str, dtype: torch.dtype) -> 
     return consumed
 
 
-def _read_int8_linears(llm: BailingMoeV2ForCausalLM, reader, prefix: str, dtype: torch.dtype, paths: list[str],
-                       progress=None) -> set[str]:
+def _read_int8_linears(llm: BailingMoeV2ForCausalLM, reader, prefix: str, dtype: torch.dtype,
+                       paths: list[str]) -> set[str]:
     """The linears at `paths` read from the checkpoint a block of rows at a time, each block cast to the load
     dtype and quantised as ``int8_linears`` would quantise the loaded weight (rows are quantised on their own:
     the same int8 values and scales), so the load never holds them unquantised: its peak stays at what it
     keeps (the real lm_head alone is 2.6 GB in fp32, 0.64 GB as int8). Returns the tensor names read."""
     consumed: set[str] = set()
-    for i, path in enumerate(paths):
+    for path in paths:
         parent_path, _, leaf = path.rpartition(".")
         parent = llm.get_submodule(parent_path)
         linear = getattr(parent, leaf)
@@ -274,8 +273,6 @@ def _read_int8_linears(llm: BailingMoeV2ForCausalLM, reader, prefix: str, dtype:
             consumed.add(f"{prefix}{path}.bias")
         setattr(parent, leaf, kernels.PackedLinear.from_int8(q, scale, dtype, bias))
         consumed.add(weight_name)
-        if progress is not None:
-            progress(i + 1, len(paths), path)
     return consumed
 
 
