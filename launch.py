@@ -111,21 +111,6 @@ def _check_device(name: str | None) -> str | None:
     return None
 
 
-class _LoadProgress:
-    """Prints tensor-loading progress every 10% (only for checkpoints with many tensors)."""
-
-    def __init__(self):
-        self.shown = -1
-
-    def __call__(self, done: int, total: int, name: str) -> None:
-        if total < 200:
-            return
-        tenth = done * 10 // total
-        if tenth > self.shown:
-            self.shown = tenth
-            print(f"  loading tensors: {done}/{total} ({tenth * 10}%)", flush=True)
-
-
 def _start_local_engine(args: argparse.Namespace):
     """Load the model here and serve it on a loopback port of this process (a token made for this
     start): the studio reaches it through the same client a remote studio uses. Returns (client,
@@ -136,6 +121,7 @@ def _start_local_engine(args: argparse.Namespace):
 
     from engine.client import EngineClient
     from engine.errors import MingError
+    from engine.loader import LoadProgressPrinter
     from engine.runtime import REAL_MODEL_HINT, Engine
     from engine.server import ServerHandle, create_app
 
@@ -143,7 +129,7 @@ def _start_local_engine(args: argparse.Namespace):
     print(f"Loading {what} ...", flush=True)
     t_load = time.perf_counter()
     try:
-        engine = Engine.load(args.model, dtype=args.dtype, device=args.device, progress=_LoadProgress(),
+        engine = Engine.load(args.model, dtype=args.dtype, device=args.device, progress=LoadProgressPrinter(),
                              expert_dtype=args.expert_dtype, placement=args.placement,
                              linear_dtype=args.linear_dtype,
                              log=lambda line: print(line, flush=True))

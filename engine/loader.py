@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -99,6 +100,24 @@ def _shard_keys(path: Path) -> list[str]:
             return list(f.keys())
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from e
+
+
+class LoadProgressPrinter:
+    """A load's `progress` callback that prints "loading tensors: done/total (X%)" every 10 % to `stream`
+    (default stdout); silent for checkpoints of under `min_tensors` tensors, which load in moments."""
+
+    def __init__(self, stream=None, prefix: str = "  ", suffix: str = "", min_tensors: int = 200):
+        self.stream, self.prefix, self.suffix, self.min_tensors = stream, prefix, suffix, min_tensors
+        self.shown = -1
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if total < self.min_tensors:
+            return
+        tenth = done * 10 // total
+        if tenth > self.shown:
+            self.shown = tenth
+            print(f"{self.prefix}loading tensors: {done}/{total} ({tenth * 10}%){self.suffix}",
+                  file=self.stream or sys.stdout, flush=True)
 
 
 # Bytes per element of safetensors' dtype names (for sizing blocks; an unknown name counts as 4).

@@ -242,3 +242,20 @@ def test_progress_counts_every_tensor_of_the_checkpoint_once(tiny_checkpoint, op
     total = len(CheckpointFiles.open(tiny_checkpoint).names())
     assert [c[0] for c in calls] == list(range(1, total + 1)) and {c[1] for c in calls} == {total}
     assert len({c[2] for c in calls}) == total  # each tensor named once
+
+
+def test_the_progress_printer_prints_every_tenth_of_a_large_load_once():
+    import io
+    from engine.loader import LoadProgressPrinter
+    out = io.StringIO()
+    printer = LoadProgressPrinter(out, prefix="[", suffix="]")
+    for done in range(1, 1001):
+        printer(done, 1000, f"t{done}")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[loading tensors: 1/1000 (0%)]" and lines[-1] == "[loading tensors: 1000/1000 (100%)]"
+    assert len(lines) == 11
+    quiet = io.StringIO()
+    small = LoadProgressPrinter(quiet)
+    for done in range(1, 51):
+        small(done, 50, "t")
+    assert quiet.getvalue() == ""  # a small checkpoint loads in moments

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn  # noqa: PLC0415
 
-    from engine.loader import CheckpointError  # noqa: PLC0415
+    from engine.loader import CheckpointError, LoadProgressPrinter  # noqa: PLC0415
     from engine.runtime import Engine  # noqa: PLC0415
     from engine.server.app import create_app, uvicorn_config  # noqa: PLC0415
     from engine.models.thinker.tokenizer import TokenizerError  # noqa: PLC0415
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device, placement=args.placement,
                              expert_dtype=args.expert_dtype, linear_dtype=args.linear_dtype,
-                             log=lambda line: print(f"[{line}]", file=sys.stderr))
+                             log=lambda line: print(f"[{line}]", file=sys.stderr),
+                             progress=LoadProgressPrinter(sys.stderr, prefix="[", suffix="]"))
     except (OSError, ValueError, CheckpointError, TokenizerError) as e:  # missing/corrupt files, bad dtype, too big
         print(f"error: could not load the model {args.model or 'the tiny demo checkpoint'!r}: "
               f"{type(e).__name__}: {e}", file=sys.stderr)
