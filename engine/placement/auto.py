@@ -28,7 +28,7 @@ CACHE_SHARE_OF_FREE_GPU = 0.25  # of the attention GPU's memory left free by the
 MAX_CACHED_EXPERTS = 256
 # What a CPU load keeps free of MemAvailable: this process's Python/torch heap and what a load holds beyond
 # the model it keeps: a block of rows as read (engine.loader.READ_BLOCK_BYTES) and its quantisation
-# temporaries, or one expert (at most 0.2 GB above the model at the real width: bench/load_peak.py).
+# temporaries, or one expert (under 0.1 GB above the model at the real width: bench/load_peak.py).
 LOAD_HOST_RESERVE = "1GiB"
 # KV cache a CPU load must leave room for (the cache grows with the conversation): an 8k-token context.
 LOAD_KV_TOKENS = 8192

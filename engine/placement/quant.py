@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.dequant import (FP8_BLOCK, INT4_MAX, INT4_OFFSET, INT8_MAX, NIBBLE_BITS, QUANT_ROW_BLOCK,
-                                   dequantize, pack_int4, quantize_int8_rows)
+from engine.kernels.dequant import (FP8_BLOCK, INT4_MAX, INT4_OFFSET, NIBBLE_BITS, QUANT_ROW_BLOCK, dequantize,
+                                   quantize_int8_rows)
 from engine.kernels.moe import swiglu
 from engine.loader import CheckpointError, TensorReader, checkpoint_sources
 
@@ -131,7 +131,7 @@ def quantize_int4_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grouped = rows[r0:r0 + QUANT_ROW_BLOCK].float().reshape(-1, cols // group, group)
         s = _scales(grouped.abs().amax(dim=-1), float(INT4_MAX))
         pairs = torch.round(grouped / s.unsqueeze(-1)).clamp_(-INT4_MAX, INT4_MAX).view(-1, cols // 2, 2)
-        # each byte as pack_int4 stores it, (even + 8) | (odd + 8) << 4, computed exactly in fp32 and converted
+        # each byte as dequant.pack_int4 stores it, (even + 8) | (odd + 8) << 4, computed exactly in fp32 and converted
         # once (half the conversions of converting every value; torch's float -> integer casts are the slow part)
         high = float(1 << NIBBLE_BITS)
         q[r0:r0 + QUANT_ROW_BLOCK] = (pairs[..., 1] * high).add_(pairs[..., 0]).add_(INT4_OFFSET * (high + 1)).to(torch.uint8)
