@@ -109,13 +109,18 @@ def _expert_banks(llm: BailingMoeV2ForCausalLM) -> dict[str, nn.Module]:
             for i, layer in enumerate(llm.model.layers) if layer.is_moe}
 
 
+def _parent_of(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(the module holding the submodule at dotted `path`, its name there); a top-level name's parent is root."""
+    parent_path, _, leaf = path.rpartition(".")
+    return root.get_submodule(parent_path), leaf
+
+
 @contextmanager
 def _without(root: nn.Module, paths: list[str]):
     """Temporarily detach the submodules at `paths` (so load_module skips them), then put them back."""
     taken = []
     for path in paths:
-        parent_path, _, leaf = path.rpartition(".")
-        parent = root.get_submodule(parent_path)  # "" is the root itself
+        parent, leaf = _parent_of(root, path)
         taken.append((parent, leaf, parent._modules.pop(leaf)))
     try:
         yield
@@ -222,8 +227,7 @@ def int8_linears(llm: BailingMoeV2ForCausalLM) -> int:
     Returns how many."""
     paths = int8_linear_paths(llm)
     for path in paths:
-        parent_path, _, leaf = path.rpartition(".")
-        parent = llm.get_submodule(parent_path)
+        parent, leaf = _parent_of(llm, path)
         setattr(parent, leaf, kernels.PackedLinear(getattr(parent, leaf), int8=True))
     return len(paths)
 
@@ -255,8 +259,7 @@ def _read_int8_linears(llm: BailingMoeV2ForCausalLM, reader, prefix: str, dtype:
     keeps (the real lm_head alone is 2.6 GB in fp32, 0.64 GB as int8). Returns the tensor names read."""
     consumed: set[str] = set()
     for path in paths:
-        parent_path, _, leaf = path.rpartition(".")
-        parent = llm.get_submodule(parent_path)
+        parent, leaf = _parent_of(llm, path)
         linear = getattr(parent, leaf)
         weight_name = f"{prefix}{path}.weight"
         check_tensor(reader, weight_name, tuple(linear.weight.shape))
