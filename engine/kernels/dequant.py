@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
+
 FP8_BLOCK = 128  # rows and columns sharing one scale in the block-scaled fp8 format
 INT4_OFFSET = 8  # stored nibble = value + 8
 INT4_MIN, INT4_MAX = -8, 7
@@ -118,10 +120,18 @@ INT8_MAX = 127.0
 QUANT_ROW_BLOCK = 256
 
 
-def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8_rows(w: torch.Tensor, reference: bool = False,
+                       out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one fp32 scale per row: W [..., out, in] -> (q int8, scale [..., out]);
     scale = amax_row / 127 (1 for an all-zero row), q = round(W / scale), computed QUANT_ROW_BLOCK rows at a
-    time (each row on its own: the same result in one go). Non-finite weights are rejected."""
+    time (each row on its own: the same result in one go). Non-finite weights are rejected. An fp32 or bf16
+    CPU weight is quantised by the native quantiser where it is built (engine.kernels.native.quantize_rows,
+    the same values several times faster); ``reference`` True: by these torch ops, the definition. ``out``
+    (q, scale of those shapes): the result written there (a load's parameters: no second copy)."""
+    if not reference:
+        done = native.quantize_rows(w, out=out)
+        if done is not None:
+            return done
     rows = w.reshape(-1, w.shape[-1])
     q = torch.empty(rows.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(rows.shape[0], dtype=torch.float32, device=w.device)
@@ -133,4 +143,14 @@ def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
         q[r0:r0 + QUANT_ROW_BLOCK] = torch.round(block / s.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
         scale[r0:r0 + QUANT_ROW_BLOCK] = s
-    return q.reshape(w.shape), scale.reshape(w.shape[:-1])
+    return quantized_into(out, q.reshape(w.shape), scale.reshape(w.shape[:-1]))
+
+
+def quantized_into(out: tuple[torch.Tensor, torch.Tensor] | None, q: torch.Tensor, scale: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale), or copied into `out` (a quantiser's destination) and `out` returned when given."""
+    if out is None:
+        return q, scale
+    out[0].copy_(q)
+    out[1].copy_(scale)
+    return out

@@ -35,7 +35,8 @@ from .dispatch import reference_forced
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.c"
+# decode kernels, and the load's quantisers (ming_quantize_rows), compiled into one library
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("cpu_decode.c", "cpu_quantize.c"))
 DISABLE_ENV = "MING_NATIVE_KERNELS"
 CACHE_ENV = "MING_STUDIO_CACHE"  # the studio's cache (engine.tiny.default_cache_dir); kernels go in kernels/
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-std=c11")
@@ -89,7 +90,7 @@ def _cpu_identity() -> str:
 def _build(cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
     flags = (*CFLAGS, *extra_flags)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join((SOURCE.read_text(), cc, version, " ".join(flags), _cpu_identity(),
+    key = hashlib.sha256("\0".join((*(src.read_text() for src in SOURCES), cc, version, " ".join(flags), _cpu_identity(),
                                     torch.__version__)).encode()).hexdigest()[:16]
     out = cache_dir() / f"cpu_decode-{key}.so"
     if out.exists():
@@ -98,7 +99,7 @@ def _build(cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+        proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -127,6 +128,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ming_mlp_decode.argtypes = (p, i32, p, i32, i32, p, i64, i64, i64, i64, f32, p, p, i32, i64, i64, i64, p, p, p,
                                     i64, i32, p, p, p, i64, p, p, p, i32)
     lib.ming_mlp_decode.restype = i32
+    lib.ming_quantize_rows.argtypes = (p, i32, i64, i64, i64, p, p, i32)
+    lib.ming_quantize_rows.restype = i32
     lib.ming_vector_floats.argtypes = ()
     lib.ming_vector_floats.restype = i32
 
@@ -146,7 +149,7 @@ def _load() -> ctypes.CDLL | None:
                 _declare(lib)
                 _lib = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                _failure = f"building {SOURCE.name} failed: {e}"
+                _failure = f"building {', '.join(src.name for src in SOURCES)} failed: {e}"
         if _failure:
             log.warning("native CPU decode kernels unavailable (%s); using torch's path", _failure)
         return _lib
@@ -217,6 +220,39 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"native linear takes 1..{MAX_ROWS} rows of fp32/bf16 CPU activations; got "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")
     return y
+
+
+def quantize_rows(w: torch.Tensor, group: int = 0, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The load's quantisers (``csrc/cpu_quantize.c``): a contiguous fp32 or bf16 CPU weight [..., in] to int8
+    with one fp32 scale per row (``group`` 0; q int8 [..., in], scale [...]) or to int4 with one per group of
+    ``group`` columns (q uint8 [..., in / 2], scale [..., in / group]), the values of the torch definitions
+    (engine.kernels.dequant.quantize_int8_rows, engine.placement.quant.quantize_int4_rows). None where the
+    kernels are not built or do not take the weight (another dtype or device, not contiguous, a group that is
+    odd or does not divide ``in``, an ``out`` pair that is not contiguous CPU storage of those shapes and
+    dtypes): the caller runs the torch definition. ``out`` (q, scale): written in place and returned. Raises
+    ValueError for a weight with non-finite values, as they do."""
+    if not (w.device.type == "cpu" and w.dtype in _DTYPES and w.dim() >= 1 and w.is_contiguous()
+            and w.shape[-1] > 0 and not w.requires_grad and available()):
+        return None
+    cols = w.shape[-1]
+    if group and (group < 0 or group % 2 or cols % group):
+        return None
+    rows = w.numel() // cols
+    q_shape, q_dtype = ((*w.shape[:-1], cols // 2), torch.uint8) if group else (tuple(w.shape), torch.int8)
+    scale_shape = (*w.shape[:-1], cols // group) if group else tuple(w.shape[:-1])
+    if out is None:
+        q, scale = torch.empty(q_shape, dtype=q_dtype), torch.empty(scale_shape, dtype=torch.float32)
+    else:
+        q, scale = out
+        if not all(t.device.type == "cpu" and t.is_contiguous() and tuple(t.shape) == shape and t.dtype == dtype
+                   for t, shape, dtype in ((q, q_shape, q_dtype), (scale, scale_shape, torch.float32))):
+            return None
+    rc = _lib.ming_quantize_rows(w.data_ptr(), int(w.dtype == torch.bfloat16), rows, cols, group, q.data_ptr(),
+                                 scale.data_ptr(), torch.get_num_threads())
+    if rc == -1:
+        raise ValueError("cannot quantise a weight with non-finite values")
+    return (q, scale) if rc == 0 else None
 
 
 def int4_group_fits(group: int, cols: int) -> bool:

@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels.dequant import (FP8_BLOCK, INT4_MAX, INT4_OFFSET, NIBBLE_BITS, QUANT_ROW_BLOCK, dequantize,
-                                   quantize_int8_rows)
+                                   quantize_int8_rows, quantized_into)
+from engine.kernels import native
 from engine.kernels.moe import swiglu
 from engine.loader import CheckpointError, TensorReader, checkpoint_sources
 
@@ -96,15 +97,18 @@ def _block_amax(w: torch.Tensor) -> torch.Tensor:
     return padded.reshape(*w.shape[:-2], rows_b, FP8_BLOCK, cols_b, FP8_BLOCK).amax(dim=(-3, -1))
 
 
-def quantize(w: torch.Tensor, expert_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(w: torch.Tensor, expert_dtype: str, out: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """W [..., out, in] (any float dtype) -> (q, scale fp32) in the storage of `expert_dtype`
-    (shapes in the module doc)."""
+    (shapes in the module doc); written into `out` (q, scale) and returned when given."""
     if expert_dtype not in QUANT_STORAGE:
         raise ValueError(f"quantize: expert dtype must be one of {sorted(QUANT_STORAGE)}, got {expert_dtype!r}")
     if expert_dtype == "int4":
-        return quantize_int4_rows(w)
+        return quantize_int4_rows(w, out=out)
     if expert_dtype == "int8":
-        return quantize_int8_rows(w)
+        return quantize_int8_rows(w, out=out)
+    if out is not None:
+        return quantized_into(out, *quantize(w, expert_dtype))
     w = w.float()
     out, cols = w.shape[-2:]
     if expert_dtype == "fp8":
@@ -117,13 +121,21 @@ def quantize(w: torch.Tensor, expert_dtype: str) -> tuple[torch.Tensor, torch.Te
     return q, scale
 
 
-def quantize_int4_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int4_rows(w: torch.Tensor, reference: bool = False,
+                       out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """int4 with one fp32 scale per group of int4_group_size(in) input columns: W [..., out, in] -> (packed uint8
     [..., out, in/2], scale [..., out, groups]); scale = amax_group / 7 (1 for an all-zero group), values =
     round(W / scale). Computed QUANT_ROW_BLOCK rows at a time (rows are quantised on their own: the same
-    result as in one go), so the fp32 temporaries stay small enough to be cache-resident."""
+    result as in one go), so the fp32 temporaries stay small enough to be cache-resident. An fp32 or bf16 CPU
+    weight is quantised by the native quantiser where it is built (native.quantize_rows: the same values,
+    several times faster); ``reference`` True: by these torch ops, the definition. ``out`` (q, scale of those
+    shapes): the result written there (a bank's storage while loading: no second copy)."""
     cols = w.shape[-1]
     group = int4_group_size(cols)
+    if not reference:
+        done = native.quantize_rows(w, group, out=out)
+        if done is not None:
+            return done
     rows = w.reshape(-1, cols)
     q = torch.empty((rows.shape[0], cols // 2), dtype=torch.uint8, device=w.device)
     scale = torch.empty((rows.shape[0], cols // group), dtype=torch.float32, device=w.device)
@@ -136,7 +148,7 @@ def quantize_int4_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         high = float(1 << NIBBLE_BITS)
         q[r0:r0 + QUANT_ROW_BLOCK] = (pairs[..., 1] * high).add_(pairs[..., 0]).add_(INT4_OFFSET * (high + 1)).to(torch.uint8)
         scale[r0:r0 + QUANT_ROW_BLOCK] = s
-    return q.reshape(*w.shape[:-1], cols // 2), scale.reshape(*w.shape[:-1], cols // group)
+    return quantized_into(out, q.reshape(*w.shape[:-1], cols // 2), scale.reshape(*w.shape[:-1], cols // group))
 
 
 def stacked_shapes(expert_dtype: str, experts: int, inter: int, hidden: int) -> dict[str, tuple[tuple, tuple]]:
@@ -293,9 +305,8 @@ def load_quantized_bank(bank, reader: TensorReader, prefix: str, bank_name: str,
     consumed: set[str] = set()
     for e, *mats in read_checkpoint_experts(reader, prefix, bank_name, e_n, inter, hidden, consumed):
         for proj, w in zip(PROJECTIONS, mats):
-            qe, se = quantize(w.to(device=device, dtype=torch.float32), expert_dtype)
-            q[proj][e].copy_(qe)
-            s[proj][e].copy_(se)
+            # each format computes in fp32 (exact upcasts), written straight into the bank's storage
+            quantize(w.to(device=device), expert_dtype, out=(q[proj][e], s[proj][e]))
         if progress is not None:
             progress(e + 1, e_n, f"{bank_name} ({expert_dtype})")
     set_bank_storage(bank, q["gate_proj"], q["up_proj"], q["down_proj"],

@@ -12,7 +12,9 @@ from engine.kernels import moe as moe_kernels
 from engine.kernels import native
 from engine.kernels.moe import PackedExperts, cpu_linear, moe_experts_packed, moe_experts_reference, swiglu
 
-needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler: torch's path runs")
+needs_native = pytest.mark.skipif(native._compiler() is None or native._disabled() is not None,
+                                  reason="no C compiler, or the native kernels switched off by the environment: "
+                                         "torch's path runs")
 
 
 @pytest.fixture
@@ -29,7 +31,7 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,n,k", [(1, 1, 1), (1, 7, 13), (1, 64, 2048), (3, 33, 100), (8, 130, 517),
                                       (1, 1000, 4096)])
@@ -51,7 +53,7 @@ def test_linear_matches_an_fp64_product(dtype, rows, n, k):
         torch.testing.assert_close(got.float(), F.linear(x, w).float(), atol=0.0, rtol=2 ** -7)
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [100, 1100, 2048])
 def test_linear_row_results_do_not_depend_on_the_batch(dtype, k):
@@ -66,7 +68,7 @@ def test_linear_row_results_do_not_depend_on_the_batch(dtype, k):
         assert _rel_err(native.linear(x[:rows], w), alone[:rows]) <= 1e-6
 
 
-@needs_compiler
+@needs_native
 def test_linear_mixed_dtypes_and_batched_shapes():
     """fp32 activations on bf16 weights (the widening is exact), and leading batch dimensions."""
     assert native.available()
@@ -89,7 +91,7 @@ def test_linear_applies_only_where_it_should(monkeypatch):
     assert not native.linear_applies(torch.randn(1, 32), torch.randn(16, 32, device="meta"))
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("experts,hidden,inter,top_k", [(8, 64, 32, 2), (32, 256, 96, 8), (16, 100, 37, 3)])
 def test_moe_decode_matches_the_reference(dtype, experts, hidden, inter, top_k):
@@ -124,7 +126,7 @@ def _int8_experts(gen, experts, hidden, inter):
     return qgu, qd, sgu, sd, (deq_gu[:, :inter], deq_gu[:, inter:], deq_d)
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("experts,hidden,inter,top_k", [(8, 64, 32, 2), (16, 100, 37, 3), (32, 256, 96, 8)])
 def test_int8_experts_in_one_native_call(dtype, experts, hidden, inter, top_k):
@@ -145,7 +147,7 @@ def test_int8_experts_in_one_native_call(dtype, experts, hidden, inter, top_k):
     assert _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -5)
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_experts_take_the_shared_expert_in_the_same_pass_and_refuse_what_does_not_fit(dtype):
     """The shared expert (plain weights of the activations' dtype) in the int8 experts' pass: the int8 rows
@@ -169,7 +171,7 @@ def test_int8_experts_take_the_shared_expert_in_the_same_pass_and_refuse_what_do
         native.ExpertTable.fused(list(qgu), list(qd), (list(sgu), [t[:-1] for t in sd]))
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shared_inter", [32, 70])
 def test_moe_decode_with_the_shared_expert_in_the_same_pass(dtype, shared_inter):
@@ -194,7 +196,7 @@ def test_moe_decode_with_the_shared_expert_in_the_same_pass(dtype, shared_inter)
         assert _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -7)
 
 
-@needs_compiler
+@needs_native
 def test_moe_decode_rejects_an_expert_id_out_of_range():
     assert native.available()
     w = torch.randn(4, 16, 8)
@@ -203,7 +205,7 @@ def test_moe_decode_rejects_an_expert_id_out_of_range():
         native.moe_decode(torch.randn(1, 8), packed.native_table(), torch.tensor([[1, 4]]), torch.ones(1, 2))
 
 
-@needs_compiler
+@needs_native
 def test_results_do_not_depend_on_the_thread_count():
     """Each output row is one thread's sum in a fixed order, so the team size does not change it (a
     tolerance all the same: nothing here promises bit equality)."""
@@ -222,7 +224,7 @@ def test_results_do_not_depend_on_the_thread_count():
     torch.testing.assert_close(one, many, atol=1e-6, rtol=1e-6)
 
 
-@needs_compiler
+@needs_native
 def test_build_is_cached_per_source_compiler_and_cpu(fresh_native):
     assert native.available()
     built = list((fresh_native / "kernels").glob("cpu_decode-*.so"))
@@ -236,6 +238,8 @@ def test_build_is_cached_per_source_compiler_and_cpu(fresh_native):
 
 def test_a_failed_build_falls_back_to_torch(fresh_native, monkeypatch, caplog):
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    for switch in (native.DISABLE_ENV, "MING_KERNELS_FORCE_REFERENCE"):  # a build is tried, whatever this shell says
+        monkeypatch.delenv(switch, raising=False)
     with caplog.at_level("WARNING"):
         assert not native.available()
     assert "native CPU decode kernels unavailable" in caplog.text and "failed" in native.status()
@@ -253,7 +257,7 @@ def test_switched_off_by_environment(monkeypatch):
     assert not native.available() and "reference" in native.status()
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 1, 2048), (1, 16, 128), (3, 100), (7,)])
 def test_rms_norm_matches_the_reference(dtype, shape):
@@ -274,7 +278,7 @@ def test_rms_norm_matches_the_reference(dtype, shape):
     assert _rel_err(got_h, want_h) <= (2 ** -23 if dtype == torch.float32 else 2 ** -8) and _rel_err(got, want) <= tol
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rot,table_batch", [(64, 1), (128, 1), (64, 2)])
 def test_rotary_of_one_position_matches_the_reference(dtype, rot, table_batch):
@@ -298,7 +302,7 @@ def test_small_ops_leave_other_inputs_to_torch():
     assert native.rotary(x, torch.randn(1, 3, 16), torch.randn(1, 3, 16)) is None
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("floats", [4, 8, 16])
 def test_every_vector_width_computes_the_same(floats, monkeypatch):
     """The SSE (4 floats), AVX (8) and AVX-512 (16 floats) layouts — tails, the bf16 even/odd permutation
@@ -412,7 +416,7 @@ def _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, f
     assert float((y.double() - want_y.double()).abs().mean()) <= tol * float(want_y.double().abs().mean()) * 4
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden,n_heads,n_kv,head_dim,rot,past,first_layer", [
     (64, 4, 2, 16, 8, 5, False), (96, 6, 6, 16, 16, 0, True), (128, 8, 2, 32, 16, 40, False),
@@ -425,7 +429,7 @@ def test_attention_decode_matches_the_torch_modules(dtype, hidden, n_heads, n_kv
     _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, first_layer, seed=hidden + past)
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden,n_heads,n_kv,head_dim,rot,past", [(64, 4, 2, 16, 8, 5), (128, 8, 2, 32, 16, 40)])
 def test_attention_decode_with_int8_projections(dtype, hidden, n_heads, n_kv, head_dim, rot, past):
@@ -434,7 +438,7 @@ def test_attention_decode_with_int8_projections(dtype, hidden, n_heads, n_kv, he
     _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, False, seed=past, int8=True)
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,n,k", [(1, 7, 13), (1, 64, 2048), (3, 33, 100), (8, 130, 517)])
 def test_linear_with_int8_weights_and_row_scales(dtype, rows, n, k):
@@ -455,7 +459,7 @@ def test_linear_with_int8_weights_and_row_scales(dtype, rows, n, k):
         native.BoundLinear(q, native._lib)
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,n,k", [(9, 33, 100), (21, 130, 517), (64, 64, 2048)])
 def test_int8_linears_bound_for_blocks_take_any_number_of_rows(dtype, rows, n, k):
@@ -475,7 +479,7 @@ def test_int8_linears_bound_for_blocks_take_any_number_of_rows(dtype, rows, n, k
     assert _rel_err(got, alone.double()) <= 1e-6
 
 
-@needs_compiler
+@needs_native
 def test_fp32_int8_blocks_never_reach_torchs_unvectorised_int8_kernel(monkeypatch):
     """fp32 prefill blocks of int8 linears and experts run natively (torch's int8 kernel computes fp32 at
     1-2 GMAC/s); bf16 ones keep torch's kernel, which is faster there."""
@@ -544,7 +548,7 @@ def _check_int4_experts(dtype, experts, hidden, inter, top_k, gen):
     assert _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -5)
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,n,k", [(1, 7, 128), (1, 64, 2048), (3, 33, 256), (8, 130, 512), (21, 40, 384),
                                       (2, 16, 96)])
@@ -562,7 +566,7 @@ def test_linear_with_int4_weights_and_group_scales(dtype, rows, n, k):
     assert _rel_err(bound(x), alone) <= 1e-6
 
 
-@needs_compiler
+@needs_native
 def test_int4_refuses_what_it_cannot_run():
     """int4 groups that are not whole vector pairs (or do not divide the row) are not bound (the caller
     keeps torch's int4 kernel or dequantises), nor is an int4 weight without its group scales."""
@@ -590,7 +594,7 @@ def test_int4_refuses_what_it_cannot_run():
         native.ExpertTable([gate], [gate], [down], ([torch.ones(64, 63)], [torch.ones(64, 63)], down_scale))
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("experts,hidden,inter,top_k", [(8, 128, 64, 2), (16, 256, 128, 4), (6, 96, 32, 3)])
 def test_int4_experts_in_one_native_call(dtype, experts, hidden, inter, top_k):
@@ -599,7 +603,7 @@ def test_int4_experts_in_one_native_call(dtype, experts, hidden, inter, top_k):
     _check_int4_experts(dtype, experts, hidden, inter, top_k, torch.Generator().manual_seed(hidden + inter))
 
 
-@needs_compiler
+@needs_native
 def test_attention_decode_refuses_what_it_cannot_run():
     gen = torch.Generator().manual_seed(0)
     w = _attention_weights(gen, torch.float32, 64, 4, 2, 16)
@@ -649,7 +653,7 @@ def _check_mlp_decode(dtype, experts, hidden, inter, top_k, n_group, topk_group,
     assert _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -7)
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype,router_bf16", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
 @pytest.mark.parametrize("experts,hidden,inter,top_k,n_group,topk_group,shared_inter", [
     (8, 64, 32, 2, 1, 1, 32), (32, 256, 96, 8, 4, 2, 96), (16, 100, 37, 3, 8, 3, 0), (12, 48, 20, 4, 3, 3, 50)])
@@ -663,7 +667,7 @@ def test_mlp_decode_routes_and_runs_the_experts_as_the_reference(dtype, experts,
                       seed=experts * hidden + top_k, router_bf16=router_bf16)
 
 
-@needs_compiler
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mlp_decode_of_a_dense_layer_is_its_swiglu(dtype):
     gen = torch.Generator().manual_seed(3)
@@ -692,3 +696,96 @@ def test_mlp_decode_of_a_dense_layer_is_its_swiglu(dtype):
         moe(x, router_bf16=True)
     with pytest.raises(ValueError, match="routing"):  # too small to receive the top-2: refused, nothing written
         moe(x, (torch.empty(1, dtype=torch.int64), torch.empty(1)))
+
+
+def _quantisers_agree(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor], int4: bool) -> None:
+    """Two quantisations of one weight: the same dtypes and shapes, scales within 1e-6, each value within one
+    step and equal almost everywhere (they divide as the definition does; the tolerance is the policy for two
+    kernel paths)."""
+    from engine.kernels.dequant import unpack_int4
+
+    (q, scale), (q_ref, scale_ref) = got, want
+    assert q.dtype == q_ref.dtype and q.shape == q_ref.shape and scale.shape == scale_ref.shape
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    values, values_ref = (unpack_int4(q).int(), unpack_int4(q_ref).int()) if int4 else (q.int(), q_ref.int())
+    assert int((values - values_ref).abs().max()) <= 1 and (values != values_ref).float().mean().item() < 1e-3
+
+
+def _weights_to_quantise(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random rows of different magnitudes, with an all-zero row, a zero group and a subnormal-sized value."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) * torch.rand(*shape[:-1], 1, generator=gen) * 0.05
+    flat = w.view(-1, shape[-1])
+    flat[0] = 0
+    if flat.shape[0] > 2:
+        flat[1, : shape[-1] // 2] = 0
+        flat[2, -1] = 1e-30
+    return w.to(dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(300, 4096), (3, 40, 256), (5, 100), (1, 2)])
+def test_quantisers_give_the_torch_definitions_values(dtype, shape):
+    """The load's native int8 and int4 quantisers against the torch definitions (reference=True) on rows with
+    tails (100 columns: int4 groups of 4), zero rows and groups, 3-D banks; the input is not modified."""
+    from engine.kernels.dequant import quantize_int8_rows
+    from engine.placement.quant import int4_group_size, quantize_int4_rows
+
+    w = _weights_to_quantise(shape, dtype, seed=shape[-1])
+    before = w.clone()
+    int8 = native.quantize_rows(w)
+    assert int8 is not None
+    _quantisers_agree(int8, quantize_int8_rows(w, reference=True), int4=False)
+    int4 = native.quantize_rows(w, int4_group_size(shape[-1]))
+    assert int4 is not None
+    _quantisers_agree(int4, quantize_int4_rows(w, reference=True), int4=True)
+    assert float(int8[1].reshape(-1)[0]) == 1.0 and float(int4[1].reshape(-1)[0]) == 1.0  # the zero row
+    # the entry points take the native quantiser by default: the same values
+    _quantisers_agree(quantize_int8_rows(w), int8, int4=False)
+    _quantisers_agree(quantize_int4_rows(w), int4, int4=True)
+    torch.testing.assert_close(w, before, rtol=0, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("column", [5, 4095])
+def test_quantisers_reject_non_finite_weights(bad, column):
+    w = torch.randn(64, 4096)
+    w[17, column] = bad
+    for group in (0, 128):
+        with pytest.raises(ValueError, match="non-finite"):
+            native.quantize_rows(w, group)
+        with pytest.raises(ValueError, match="non-finite"):
+            native.quantize_rows(w.bfloat16(), group)
+
+
+@needs_native
+def test_quantisers_leave_what_they_do_not_take_to_torch():
+    w = torch.randn(8, 256)
+    assert native.quantize_rows(w.half()) is None
+    assert native.quantize_rows(w.t()) is None  # not contiguous
+    assert native.quantize_rows(w, group=3) is None and native.quantize_rows(w, group=96) is None
+    from engine.kernels.dequant import quantize_int8_rows
+
+    q, scale = quantize_int8_rows(w.t())  # torch's definition takes it
+    assert q.shape == (256, 8) and scale.shape == (256,)
+
+
+@needs_native
+def test_quantisers_scalar_path_gives_the_same_values(monkeypatch):
+    """The quantisers' scalar loops (CPUs without AVX-512, and a build of another vector width here)."""
+    from engine.kernels.dequant import quantize_int8_rows
+    from engine.placement.quant import int4_group_size, quantize_int4_rows
+
+    monkeypatch.setattr(native, "_lib", native.build_with_vector_width(8))
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((40, 256), (6, 100)):
+            w = _weights_to_quantise(shape, dtype, seed=7)
+            _quantisers_agree(native.quantize_rows(w), quantize_int8_rows(w, reference=True), int4=False)
+            _quantisers_agree(native.quantize_rows(w, int4_group_size(shape[-1])),
+                              quantize_int4_rows(w, reference=True), int4=True)
+    w = torch.randn(4, 256)
+    w[2, 200] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        native.quantize_rows(w, 128)

@@ -371,7 +371,8 @@ def _int4_in_one_go(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Te
 
 @pytest.mark.parametrize("shape", [(600, 256), (3, 40, 128), (5, 96)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_quantisation_in_blocks_of_rows_is_the_format(shape, dtype, monkeypatch):
+@pytest.mark.parametrize("reference", [True, False])
+def test_int4_quantisation_in_blocks_of_rows_is_the_format(shape, dtype, reference, monkeypatch):
     """quantize_int4_rows works QUANT_ROW_BLOCK rows at a time (cache-sized temporaries) and packs each byte in
     fp32 before one conversion: the result is the format's definition computed in one go (scales within 1e-6,
     each nibble within one step and equal almost everywhere), zero groups get scale 1, and the input is not
@@ -382,7 +383,7 @@ def test_int4_quantisation_in_blocks_of_rows_is_the_format(shape, dtype, monkeyp
     group = int4_group_size(shape[-1])
     w.reshape(-1, shape[-1])[1, :group] = 0  # a group of zeros
     before = w.clone()
-    q, scale = quant_mod.quantize_int4_rows(w)
+    q, scale = quant_mod.quantize_int4_rows(w, reference=reference)  # False: the native quantiser where built
     q_ref, scale_ref = _int4_in_one_go(w, group)
     assert q.dtype == torch.uint8 and q.shape == q_ref.shape and scale.shape == scale_ref.shape
     torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)

@@ -267,7 +267,9 @@ def _read_int8_linears(llm: BailingMoeV2ForCausalLM, reader, prefix: str, dtype:
         scale = torch.empty(linear.out_features, dtype=torch.float32)
         for r0, block in reader.row_blocks(weight_name):
             rows = slice(r0, r0 + block.shape[0])
-            q[rows], scale[rows] = quantize_int8_rows(block.to(dtype))
+            # a widening cast is exact (the same quantised values without it); a narrowing one rounds as the load does
+            widens = block.dtype.is_floating_point and torch.finfo(block.dtype).bits < torch.finfo(dtype).bits
+            quantize_int8_rows(block if widens else block.to(dtype), out=(q[rows], scale[rows]))
         bias = None
         if linear.bias is not None:
             bias = torch.empty(linear.bias.shape, dtype=dtype)
