@@ -4,8 +4,9 @@
 Three pieces, each usable on its own:
 
 * `prefill`: the prompt through the model in chunks of `chunk_tokens` (a cancel is honoured between
-  chunks, so a dropped long prompt stops within one chunk); returns the last position's logits and,
-  when asked, the final-norm hidden states of the whole prompt (what the image generator reads).
+  chunks and between a chunk's layers, so a dropped long prompt stops within one layer); returns the last
+  position's logits and, when asked, the final-norm hidden states of the whole prompt (what the image
+  generator reads).
 * `DecodeStep`: one token per row in, next logits out, with nothing read back to the host
   (positions, masks, rotary tables and the KV cache slot live on the device); on CUDA it is replayed
   from a CUDA graph (engine.decode_graphs) when the model allows, else run eagerly.
@@ -14,7 +15,7 @@ Three pieces, each usable on its own:
   host); on the CPU at once.
 
 `generate` strings them together for one prompt (batch 1): cancellation is checked between prefill
-chunks and between steps; stop strings never leak into the emitted text; text deltas never split a
+layers and between steps; stop strings never leak into the emitted text; text deltas never split a
 UTF-8 character and come one per token (a "speak while thinking" consumer can follow them); the KV
 cache is freed however the loop ends.
 """
@@ -28,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -41,8 +43,8 @@ from engine.models.thinker.positions import PositionTokens, rope_index
 from engine.models.thinker.tokenizer import MingTokenizer
 from engine.sampling import GenerationParams, Sampler
 
-# Prompt tokens per prefill chunk: the cancel granularity of a long prompt, and the size of the
-# attention/MoE blocks. On the CPU a 512-token chunk of the tiny model takes ~0.3 s.
+# Prompt tokens per prefill chunk: the size of the attention/MoE blocks (a cancel is also checked between a
+# chunk's layers). On the CPU a 512-token chunk of the tiny model takes ~0.3 s.
 DEFAULT_PREFILL_CHUNK = {"cpu": 512}
 DEFAULT_PREFILL_CHUNK_GPU = 2048
 # Initial KV capacity beyond the prompt when the cache may grow (eager decode); graphs use a fixed one.
@@ -87,6 +89,15 @@ class StopStringFilter:
 
 # ---------------------------------------------------------------------------------------------- prefill
 
+class _PrefillCancelled(Exception):
+    """Raised between the layers of a prefill chunk when its request is cancelled."""
+
+
+def _stop_if_set(cancel: threading.Event) -> None:
+    if cancel.is_set():
+        raise _PrefillCancelled
+
+
 @dataclass
 class PrefillResult:
     """logits: [B, V] fp32 at each row's last prompt position (None when cancelled); hidden: the
@@ -107,7 +118,9 @@ def prefill(llm: BailingMoeV2ForCausalLM, numerics: Numerics, cache: KVCache, em
     [3, B, L] of the whole prompt, optional step/image/audio masks [B, L]) into `cache`, in chunks of
     `chunk_tokens` (default: per device, DEFAULT_PREFILL_CHUNK). Positions, masks and the MultiRouter
     gate choice are per token, and attention is causal, so a chunk may end anywhere, inside an image
-    or audio span too. `cancel` is checked between chunks. Call it in inference mode."""
+    or audio span too. `cancel` is checked before each chunk and between the layers of a chunk (a chunk of a
+    large model on a CPU can take a minute, one of its layers a few seconds), and a cancelled prefill leaves `cache`
+    partly written (drop or reset it). Call it in inference mode."""
     length = embeds.shape[1]
     chunk = chunk_tokens or default_prefill_chunk(embeds.device)
     if chunk < 1:
@@ -117,11 +130,15 @@ def prefill(llm: BailingMoeV2ForCausalLM, numerics: Numerics, cache: KVCache, em
     h = None
     n = 0
     for start in range(0, length, chunk):
-        if start and cancel is not None and cancel.is_set():
+        if cancel is not None and cancel.is_set():
             return PrefillResult(None, None, cancelled=True, chunks=n)
         end = min(length, start + chunk)
-        h = llm.model(embeds[:, start:end], position_ids[..., start:end], numerics, cut(step_mask, start, end),
-                      cache, cut(image_mask, start, end), cut(audio_mask, start, end))
+        try:
+            h = llm.model(embeds[:, start:end], position_ids[..., start:end], numerics, cut(step_mask, start, end),
+                          cache, cut(image_mask, start, end), cut(audio_mask, start, end),
+                          after_layer=None if cancel is None else partial(_stop_if_set, cancel))
+        except _PrefillCancelled:
+            return PrefillResult(None, None, cancelled=True, chunks=n)
         n += 1
         if keep_hidden:
             hidden_parts.append(h)

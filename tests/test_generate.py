@@ -69,11 +69,11 @@ def test_stop_filter_holds_back_partial_matches():
     assert f.feed("yEN") == "y" and f.feed("D tail") == "" and f.stopped
 
 
-def test_cancel_before_start_yields_one_token(tiny_engine):
+def test_cancel_before_start_yields_nothing(tiny_engine):
     cancel = threading.Event()
     cancel.set()
     done = _done(list(tiny_engine.chat(MSG, GenerationParams(max_new_tokens=200), cancel=cancel)))
-    assert done.finish_reason == "cancelled" and len(done.token_ids) == 1
+    assert done.finish_reason == "cancelled" and done.token_ids == [] and done.text == ""
 
 
 def test_cancel_from_another_thread_stops_within_a_step(tiny_engine):
@@ -305,16 +305,30 @@ class CountingCancel(threading.Event):
         return self.checks >= self.at or super().is_set()
 
 
-def test_cancel_stops_a_long_prompt_between_prefill_chunks(tiny_engine, monkeypatch):
+@pytest.mark.parametrize("at_check", ["between chunks", "inside a chunk"])
+def test_cancel_stops_a_long_prompt_between_prefill_layers(tiny_engine, monkeypatch, at_check):
+    """A cancel during a long prompt is seen after the layer running when it came, not at the end of the chunk
+    (a chunk of the real model on a CPU takes a minute): checked after each layer and before each chunk."""
     model = tiny_engine.model.llm.model
-    chunks = []
+    layers = len(model.layers)
+    chunks, layer_runs = [], []
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: chunks.append(a[0].shape[1]) or forward(*a, **k))
+    hooks = [layer.register_forward_hook(lambda *_: layer_runs.append(1)) for layer in model.layers]
     prompt = [20 + i % 150 for i in range(300)]
-    done = _done(list(generate(tiny_engine.model, tiny_engine.tokenizer, prompt, GenerationParams(max_new_tokens=5),
-                               CountingCancel(at=2), prefill_chunk=64)))
+    # each chunk: one check before it, then one after each of its layers
+    at = layers + 2 if at_check == "between chunks" else layers + 3
+    try:
+        done = _done(list(generate(tiny_engine.model, tiny_engine.tokenizer, prompt,
+                                   GenerationParams(max_new_tokens=5), CountingCancel(at=at), prefill_chunk=64)))
+    finally:
+        for hook in hooks:
+            hook.remove()
     assert done.finish_reason == "cancelled" and done.token_ids == [] and done.text == ""
-    assert chunks == [64, 64]  # checked before chunks 2 and 3; set at the second check
+    if at_check == "between chunks":
+        assert chunks == [64] and len(layer_runs) == layers  # chunk 2 never started
+    else:
+        assert chunks == [64, 64] and len(layer_runs) == layers + 1  # chunk 2 stopped after its first layer
 
 
 def test_generate_is_the_same_for_any_prefill_chunk(tiny_engine):

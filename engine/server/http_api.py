@@ -6,8 +6,8 @@ request's prologue (content type, size, text, fields and model: engine.server.bo
 log line and a count, engine.server.logs).
 
 Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}, with a fitting status.
-A stream's client going away cancels its generation (the engine stops within one decode step or
-prefill chunk).
+A stream's client going away cancels its generation (the engine stops within one decode step or one
+layer of a prefill chunk).
 With --openai-only (`ServerContext.openai_only`) bodies carry OpenAI's fields only: our extension
 fields in a request are refused (`refuse_extensions`), answers have no metrics or comment lines.
 """

@@ -4,6 +4,7 @@ dense first layers, MoE layers with a MultiRouter, final norm and lm_head (spec 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
 
@@ -222,12 +223,16 @@ class BailingMoeV2Model(nn.Module):
     def run_layers(self, layers: list[DecoderLayer], x: torch.Tensor, residual: torch.Tensor | None,
                    step: StepInputs, cache: KVCache | None, numerics: Numerics,
                    image_mask: torch.Tensor | None = None, audio_mask: torch.Tensor | None = None,
-                   trace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layers of one device on the residual-stream pair (x, residual), both already on that device."""
+                   trace: dict | None = None, after_layer: Callable[[], None] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers of one device on the residual-stream pair (x, residual), both already on that device;
+        `after_layer` is called after each (see forward)."""
         for layer in layers:
             x, residual = layer(x, residual, step, cache, numerics, image_mask, audio_mask, trace)
             if trace is not None:
                 trace.setdefault("layer_output", []).append(x + residual)
+            if after_layer is not None:
+                after_layer()
         return x, residual
 
     def final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -240,12 +245,14 @@ class BailingMoeV2Model(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, numerics: Numerics,
                 step_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 image_mask: torch.Tensor | None = None, audio_mask: torch.Tensor | None = None,
-                trace: dict | None = None) -> torch.Tensor:
+                trace: dict | None = None, after_layer: Callable[[], None] | None = None) -> torch.Tensor:
         """A host step (a whole prompt, one chunk of it, or one token) -> final-norm hidden [B, q, H].
 
         inputs_embeds [B, q, H], position_ids [3, B, q], step_mask [B, q] (1 = real token; None = no
         padding). With a cache, the q tokens follow the `cache.length` cached ones (causal, bottom-right
-        aligned, spec §2.4)."""
+        aligned, spec §2.4). `after_layer()` is called after every decoder layer (no host sync): an
+        exception it raises abandons the step with the cache's length not advanced but some of the step's
+        slots written, so the caller then resets or drops the cache (a cancelled prefill's is freed)."""
         b, q_len, _ = inputs_embeds.shape
         x = inputs_embeds.to(numerics.dtype)
         past = cache.length if cache is not None else 0
@@ -277,7 +284,7 @@ class BailingMoeV2Model(nn.Module):
         for dev, layers in self.segments():  # activations move to the layers, weights stay put
             x, residual = x.to(dev), None if residual is None else residual.to(dev)
             x, residual = self.run_layers(layers, x, residual, step.to(dev), cache, numerics,
-                                          _to(image_mask, dev), _to(audio_mask, dev), trace)
+                                          _to(image_mask, dev), _to(audio_mask, dev), trace, after_layer)
         if cache is not None:
             cache.advance(q_len)
         return self.final_norm(x, residual)
