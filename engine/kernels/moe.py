@@ -578,8 +578,9 @@ class _NativeInt4Matrix:
     """int4 [out, in/2] with group scales, read in place by the native int4 kernel (dequantised in registers,
     no copy in another layout) for any number of activation rows. Against torch's int4 kernel on this
     matrix's own layout (bench/moe_layer_cpu.py, int4 vs int4-torch): faster for one row (decode) in bf16,
-    and by tens of times in fp32 (torch's fp32 int4 path is not vectorised); slower for bf16 blocks of
-    several rows (torch's uses bf16 dot-product instructions; this one sums in fp32)."""
+    and by tens of times in fp32 (torch's fp32 int4 path is not vectorised); level for bf16 prefill blocks on
+    CPUs with AVX-512 bf16 dot products, which take a kernel of their own (weights dequantised to bf16 into a
+    cache-resident panel; 0.6x torch's before it), slower for them on other CPUs (fp32 sums)."""
 
     def __init__(self, bound: native.BoundLinear):
         self.bound = bound

@@ -470,6 +470,114 @@ static const float *activations(const void *x, int x_bf16, int layout, int64_t m
     return xp;
 }
 
+/* int4 weights against bf16 activation blocks on CPUs with AVX-512 bf16 dot products (vdpbf16ps: 32 products
+ * of bf16 pairs per instruction, twice the fp32 multiply-adds' rate): a prefill block's experts. The weights
+ * are dequantised to bf16 exactly as dequantize(q, s, bf16) does (the fp32 product (n - 8) * s rounded to
+ * nearest even: the reference's own weights), I4B_WROWS rows at a time into a panel that stays in cache (32 KiB
+ * at k = 4096), which then meets every activation row, I4B_XROWS at a time with their sums in registers;
+ * products of two bf16 are exact and summed in fp32 (denormal products flushed to zero, as the instruction
+ * does). Decode (one row) keeps the streaming kernel, which is bound by memory, not arithmetic. */
+#if VL == 16 && defined(__AVX512BF16__)
+#define I4B_AVAILABLE 1
+#define I4B_WROWS 4        /* weight rows per panel */
+#define I4B_XROWS 6        /* activation rows per register block: 4 x 6 accumulators + 4 weights + 1 input */
+#define I4B_MIN_ROWS 2     /* activation rows from which a block takes this kernel */
+#define I4B_VEC 32         /* bf16 values per vector */
+
+/* The 16 values of a group with scale s as bf16, in the low halves of 16 dwords (*lo) and the high (*hi). */
+static inline void i4_bf16_tables(float s, __m512i *lo, __m512i *hi) {
+    const __m512 values = _mm512_mul_ps((__m512)I4_VALUES, _mm512_set1_ps(s));
+    *lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(values));
+    *hi = _mm512_slli_epi32(*lo, 16);
+}
+
+/* 16 bytes of int4 (32 columns) -> 32 bf16 weights in column order: byte j holds columns 2j (low nibble) and
+ * 2j + 1 (high), one dword of two bf16 (the table's upper index bits are ignored by the permute). */
+static inline __m512i i4_bf16_x32(const uint8_t *p, __m512i lo, __m512i hi) {
+    const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm512_or_si512(_mm512_permutexvar_epi32(u, lo), _mm512_permutexvar_epi32(_mm512_srli_epi32(u, 4), hi));
+}
+
+/* out[j * M + r] = panel row j . x row r over `vecs` vectors (whole rows), for M activation rows (a constant in
+ * each call: the accumulators stay in registers). */
+static inline __attribute__((always_inline)) void i4b_block(const __m512i *panel, int64_t vecs, const uint16_t *x,
+                                                            int64_t k, const int M, float *out) {
+    __m512 c[I4B_WROWS][I4B_XROWS];
+    for (int j = 0; j < I4B_WROWS; j++)
+        for (int r = 0; r < M; r++) c[j][r] = _mm512_setzero_ps();
+    for (int64_t v = 0; v < vecs; v++) {
+        const __m512i w0 = panel[v], w1 = panel[vecs + v], w2 = panel[2 * vecs + v], w3 = panel[3 * vecs + v];
+        for (int r = 0; r < M; r++) {
+            const __m512i xv = _mm512_loadu_si512((const void *)(x + r * k + I4B_VEC * v));
+            c[0][r] = _mm512_dpbf16_ps(c[0][r], (__m512bh)w0, (__m512bh)xv);
+            c[1][r] = _mm512_dpbf16_ps(c[1][r], (__m512bh)w1, (__m512bh)xv);
+            c[2][r] = _mm512_dpbf16_ps(c[2][r], (__m512bh)w2, (__m512bh)xv);
+            c[3][r] = _mm512_dpbf16_ps(c[3][r], (__m512bh)w3, (__m512bh)xv);
+        }
+    }
+    for (int j = 0; j < I4B_WROWS; j++)
+        for (int r = 0; r < M; r++) out[j * M + r] = _mm512_reduce_add_ps(c[j][r]);
+}
+
+/* y[m, n] = x[m, k] (bf16) @ w[n, k]^T for int4 w with group scales (group a multiple of 32 dividing k), y fp32
+ * or bf16. Returns 0, -1 when out of memory. */
+static int i4_bf16_linear(const uint8_t *w, const float *scale, int64_t group, const uint16_t *x, void *y, int y_bf16,
+                          int64_t m, int64_t n, int64_t k, int nthreads) {
+    const int64_t blocks = (n + I4B_WROWS - 1) / I4B_WROWS, vecs = k / I4B_VEC, groups = k / group;
+    const size_t stride = (size_t)(k / 2);
+    int failed = 0;
+    int nt = team_size(nthreads, n * (int64_t)stride);
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(|: failed)
+    {
+        __m512i *panel = (__m512i *)aligned_alloc(64, (size_t)(I4B_WROWS * vecs) * sizeof(__m512i));
+        if (!panel) {
+            failed = 1;
+        } else {
+            int64_t first, last;
+            split(blocks, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+            float dots[I4B_WROWS * I4B_XROWS];
+            for (int64_t b = first; b < last; b++) {
+                const int64_t row = b * I4B_WROWS;
+                const int rows = (int)(n - row < I4B_WROWS ? n - row : I4B_WROWS);
+                for (int j = 0; j < I4B_WROWS; j++) {  /* rows past n: zeros, computed and not stored */
+                    __m512i *dst = panel + j * vecs;
+                    if (j >= rows) { memset(dst, 0, (size_t)vecs * sizeof(__m512i)); continue; }
+                    const uint8_t *wr = w + (size_t)(row + j) * stride;
+                    const float *sr = scale + (row + j) * groups;
+                    __m512i lo = _mm512_setzero_si512(), hi = lo;
+                    for (int64_t c = 0; c < k; c += I4B_VEC) {
+                        if (c % group == 0) i4_bf16_tables(sr[c / group], &lo, &hi);
+                        dst[c / I4B_VEC] = i4_bf16_x32(wr + c / 2, lo, hi);
+                    }
+                }
+                for (int64_t r0 = 0; r0 < m; r0 += I4B_XROWS) {
+                    const uint16_t *xr = x + r0 * k;
+                    const int M = (int)(m - r0 < I4B_XROWS ? m - r0 : I4B_XROWS);
+                    switch (M) {
+                    case 1: i4b_block(panel, vecs, xr, k, 1, dots); break;
+                    case 2: i4b_block(panel, vecs, xr, k, 2, dots); break;
+                    case 3: i4b_block(panel, vecs, xr, k, 3, dots); break;
+                    case 4: i4b_block(panel, vecs, xr, k, 4, dots); break;
+                    case 5: i4b_block(panel, vecs, xr, k, 5, dots); break;
+                    default: i4b_block(panel, vecs, xr, k, 6, dots); break;
+                    }
+                    for (int r = 0; r < M; r++)
+                        for (int j = 0; j < rows; j++) {
+                            const int64_t at = (r0 + r) * n + row + j;
+                            if (y_bf16) ((uint16_t *)y)[at] = f32_to_bf16(dots[j * M + r]);
+                            else ((float *)y)[at] = dots[j * M + r];
+                        }
+                }
+            }
+        }
+        free(panel);
+    }
+    return failed ? -1 : 0;
+}
+#else
+#define I4B_AVAILABLE 0
+#endif
+
 /* True when a matrix of `kind` with k input columns can come with these scales: int8 with per-row ones; int4
  * with per-group ones, `group` a multiple of 2*VL dividing k (no chunk straddles a group, no row tail);
  * fp32 and bf16 with none. */
@@ -490,13 +598,18 @@ static int scales_fit(int kind, int has_scales, int64_t group, int64_t k) {
  * Every weight row is read once for each MAX_LINEAR_ROWS activation rows: fp32 / bf16 take at most that
  * many (decode; larger blocks are GEMMs for BLAS), int4 and int8 any number (no other CPU kernel dequantises
  * int4 in registers, and torch's int8 one has no vectorised fp32 path: a prefill block runs chunk by chunk,
- * each chunk's activations staying in cache while the thread's weight rows stream by). Returns 0, -1 when
+ * each chunk's activations staying in cache while the thread's weight rows stream by; int4 blocks of bf16
+ * activations take i4_bf16_linear where the CPU has bf16 dot products). Returns 0, -1 when
  * out of memory, -3 for m outside [1, MAX_LINEAR_ROWS] (fp32, bf16) or m < 1, -4 for an unknown kind or
  * scales that do not go with it (scales_fit). */
 int ming_linear(const void *w, int w_kind, const float *w_scale, int64_t w_group, const void *x, int x_bf16,
                 void *y, int y_bf16, int64_t m, int64_t n, int64_t k, int nthreads) {
     if (m < 1 || (m > MAX_LINEAR_ROWS && w_kind != W_I4 && w_kind != W_I8)) return -3;
     if (!scales_fit(w_kind, w_scale != NULL, w_group, k)) return -4;
+#if I4B_AVAILABLE
+    if (w_kind == W_I4 && x_bf16 && m >= I4B_MIN_ROWS)  /* scales_fit: groups of a multiple of 32 dividing k */
+        return i4_bf16_linear((const uint8_t *)w, w_scale, w_group, (const uint16_t *)x, y, y_bf16, m, n, k, nthreads);
+#endif
     float *xbuf;
     const float *xf = activations(x, x_bf16, x_layout(w_kind, w_group), m, k, &xbuf);
     if (!xf) return -1;
