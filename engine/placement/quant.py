@@ -42,9 +42,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import native
 from engine.kernels.dequant import (FP8_BLOCK, INT4_MAX, INT4_OFFSET, NIBBLE_BITS, QUANT_ROW_BLOCK, dequantize,
                                    quantize_int8_rows, quantized_into)
-from engine.kernels import native
 from engine.kernels.moe import swiglu
 from engine.loader import CheckpointError, TensorReader, checkpoint_sources
 
@@ -110,13 +110,13 @@ def quantize(w: torch.Tensor, expert_dtype: str, out: tuple[torch.Tensor, torch.
     if out is not None:
         return quantized_into(out, *quantize(w, expert_dtype))
     w = w.float()
-    out, cols = w.shape[-2:]
+    rows, cols = w.shape[-2:]
     if expert_dtype == "fp8":
         scale = _scales(w.abs().amax(dim=-1), FP8_MAX)
         q = (w / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     elif expert_dtype == "fp8-block":
         scale = _scales(_block_amax(w), FP8_MAX)
-        full = scale.repeat_interleave(FP8_BLOCK, -1)[..., :cols].repeat_interleave(FP8_BLOCK, -2)[..., :out, :]
+        full = scale.repeat_interleave(FP8_BLOCK, -1)[..., :cols].repeat_interleave(FP8_BLOCK, -2)[..., :rows, :]
         q = (w / full).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
