@@ -26,6 +26,12 @@
 enum { SRC_F32 = 0, SRC_BF16 = 1 };
 #define EXPONENT_BITS 0x7f800000u
 #define QUANT_PARALLEL_MIN 65536 /* fewer weights than this are quantised on the calling thread */
+/* The weights are read once (abs_max's pass; the quantising pass finds them in cache): their lines are asked
+ * into the L2 this far ahead, as the decode kernels stream theirs (cpu_decode.c, PREFETCH_BYTES). Measured on 2
+ * threads of an Emerald Rapids Xeon, a [16 384, 4 096] matrix, 6 alternating rounds: +3-30 % (fp32 to int4
+ * the most). */
+#define PREFETCH_AHEAD 8192
+#define LINE_BYTES 64
 
 static inline float src_at(const void *w, int src, int64_t i) {
     if (src == SRC_BF16) {
@@ -55,7 +61,10 @@ static float abs_max(const void *w, int src, int64_t n, int *bad) {
         const __m512i expo = _mm512_set1_epi32((int)EXPONENT_BITS);
         __m512 vm = _mm512_setzero_ps();
         __mmask16 nonfinite = 0;
+        const size_t elem = src == SRC_BF16 ? 2 : 4;
         for (; i < n; i += 16) {
+            if ((size_t)i * elem % LINE_BYTES == 0)  /* each cache line of the weights, PREFETCH_AHEAD bytes on */
+                __builtin_prefetch((const char *)w + (size_t)i * elem + PREFETCH_AHEAD, 0, 2);
             __m512 v = src16(w, src, i);
             __m512i e = _mm512_and_si512(_mm512_castps_si512(v), expo);
             nonfinite |= _mm512_cmpeq_epi32_mask(e, expo);
