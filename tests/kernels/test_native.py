@@ -420,12 +420,16 @@ def _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, f
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden,n_heads,n_kv,head_dim,rot,past,first_layer", [
     (64, 4, 2, 16, 8, 5, False), (96, 6, 6, 16, 16, 0, True), (128, 8, 2, 32, 16, 40, False),
-    (100, 4, 1, 24, 12, 300, True)])
+    (100, 4, 1, 24, 12, 300, True), (160, 10, 1, 16, 8, 70, False), (96, 4, 2, 48, 24, 130, False),
+    (128, 8, 1, 32, 16, 600, True)])
 def test_attention_decode_matches_the_torch_modules(dtype, hidden, n_heads, n_kv, head_dim, rot, past, first_layer):
     """The attention half of a decoder layer in one native call (norm + residual, qkv, q/k norms, partial
     rotary, the KV cache write, GQA attention over every cached slot, output projection, post norm) against
     torch's modules: fp32 within 1e-5 of the largest value; bf16 within the roundings both make (a few
-    ulps: the attention's softmax runs in another order than torch's flash kernel)."""
+    ulps: the attention's softmax runs in another order than torch's flash kernel). The kernel takes the
+    query heads of a KV head together, at most 8 at a time (10 heads of one KV head: two passes), keys in
+    blocks of 64 (70, 130, 600 cached slots: several blocks) and a head's values in slices of two vectors,
+    one, and the tail (head_dim 48 at 16 floats: a pair and a single; 24: a single and a tail)."""
     _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, first_layer, seed=hidden + past)
 
 

@@ -973,41 +973,99 @@ static inline vf load_act_vec(const void *b, int bf16, int64_t i) {
     return load_f32((const float *)b + i);
 }
 
-/* sc[j] = scale * (q . k_j) for n_keys key rows k_j = k + j * head_dim of the dtype (bf16 when `bf16`), q fp32:
- * each dot product over VL lanes, summed as a tree, then the tail; four keys at a time so that their sums'
- * latencies overlap (each key's sum in the same order whichever four it comes with). */
-static void attention_scores(const float *q, const void *k, int bf16, int64_t head_dim, int64_t n_keys, float scale,
-                             float *sc) {
-    const size_t elem = bf16 ? 2 : 4, row = (size_t)head_dim * elem;
+/* Decode attention with grouped queries: the query heads that share a KV head (n_heads / n_kv of them) meet
+ * each key and value row together, so a KV head's rows are read once per token, not once per query head (at
+ * long contexts those reads are most of the attention's time: a 6 144-token bf16 cache is 12.6 MB a layer
+ * in bench/vs_llamacpp.py's model). Up to ATT_HEADS heads at a time keep their sums in registers. */
+#define ATT_HEADS 8
+#define ATT_KEYS 64  /* keys per work unit of the scores */
+
+/* sc[h * n_keys + j] = scale * (q_h . k_j) for M (<= ATT_HEADS) query heads q_h = q + h * head_dim and keys
+ * j in [j0, j1), key rows k_j = k + j * head_dim of the dtype (bf16 when `bf16`), q fp32: each dot product
+ * over VL lanes (one fused multiply-add a vector, in column order), summed as a tree, then the tail. */
+static inline __attribute__((always_inline)) void group_scores(const float *q, const int M, const void *k, int bf16,
+                                                               int64_t head_dim, int64_t j0, int64_t j1, int64_t n_keys,
+                                                               float scale, float *sc) {
+    const size_t row = (size_t)head_dim * (bf16 ? 2 : 4);
     const int64_t full = head_dim - head_dim % VL;
-    int64_t j = 0;
-    for (; j < n_keys; j += 4) {
-        const int m = n_keys - j < 4 ? (int)(n_keys - j) : 4;
+    for (int64_t j = j0; j < j1; j++) {
         const char *kj = (const char *)k + (size_t)j * row;
-        vf acc[4] = {{0}, {0}, {0}, {0}};
+        vf acc[ATT_HEADS];
+        for (int h = 0; h < M; h++) acc[h] = (vf){0};
         for (int64_t i = 0; i < full; i += VL) {
-            const vf qv = load_f32(q + i);
-            for (int r = 0; r < m; r++) acc[r] = madd(acc[r], qv, load_act_vec(kj + r * row, bf16, i));
+            const vf kv = load_act_vec(kj, bf16, i);
+            for (int h = 0; h < M; h++) acc[h] = madd(acc[h], load_f32(q + h * head_dim + i), kv);
         }
-        for (int r = 0; r < m; r++) {
-            float sum = hsum(acc[r]);
-            for (int64_t i = full; i < head_dim; i++) sum += q[i] * load_act(kj + r * row, bf16, i);
-            sc[j + r] = sum * scale;
+        for (int h = 0; h < M; h++) {
+            float sum = hsum(acc[h]);
+            for (int64_t i = full; i < head_dim; i++) sum += q[h * head_dim + i] * load_act(kj, bf16, i);
+            sc[h * n_keys + j] = sum * scale;
         }
     }
 }
 
-/* out[i] += p * v[i] for head_dim values v of the dtype (bf16 when `bf16`). */
-static inline void add_scaled(float *out, float p, const void *v, int bf16, int64_t head_dim) {
-    const vf pv = (vf){0} + p;
-    int64_t i = 0;
-    for (; i + VL <= head_dim; i += VL) {
-        vf o = load_f32(out + i);
-        o = madd(o, pv, load_act_vec(v, bf16, i));
-        memcpy(out + i, &o, sizeof o);
+/* o[h * head_dim + i] = sum over keys j in order of p[h * n_keys + j] * v_j[i] for M (<= ATT_HEADS) heads and
+ * the dimensions i of [d0, d0 + V * VL) (V = 1 or 2 vectors: one fused multiply-add per key), or with V = 0 each
+ * i of [d0, head_dim) (the tail: a product and a sum per key); value rows v_j = v + j * head_dim of the dtype,
+ * each asked for ATT_PREFETCH_ROWS rows ahead (a slice is a line or two of each row: a stride the hardware
+ * prefetchers follow late). */
+#define ATT_PREFETCH_ROWS 16
+static inline __attribute__((always_inline)) void group_values(const float *p, const int M, int64_t n_keys,
+                                                               const void *v, int bf16, int64_t head_dim, int64_t d0,
+                                                               const int V, float *o) {
+    const size_t elem = bf16 ? 2 : 4, row = (size_t)head_dim * elem;
+    const char *vd = (const char *)v + (size_t)d0 * elem;
+    if (V > 0) {
+        vf acc[ATT_HEADS][2];
+        for (int h = 0; h < M; h++)
+            for (int c = 0; c < V; c++) acc[h][c] = (vf){0};
+        for (int64_t j = 0; j < n_keys; j++) {
+            const char *vj = vd + (size_t)j * row;
+            for (size_t line = 0; line < (size_t)V * VL * elem; line += LINE_BYTES)
+                __builtin_prefetch(vj + ATT_PREFETCH_ROWS * row + line, 0, PREFETCH_LOCALITY);
+            vf vv[2];
+            for (int c = 0; c < V; c++) vv[c] = load_act_vec(vj, bf16, c * VL);
+            for (int h = 0; h < M; h++) {
+                const vf pv = (vf){0} + p[h * n_keys + j];
+                for (int c = 0; c < V; c++) acc[h][c] = madd(acc[h][c], pv, vv[c]);
+            }
+        }
+        for (int h = 0; h < M; h++)
+            for (int c = 0; c < V; c++) memcpy(o + h * head_dim + d0 + c * VL, &acc[h][c], sizeof acc[h][c]);
+        return;
     }
-    for (; i < head_dim; i++) out[i] += p * load_act(v, bf16, i);
+    for (int64_t i = d0; i < head_dim; i++)
+        for (int h = 0; h < M; h++) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < n_keys; j++) acc += p[h * n_keys + j] * load_act((const char *)v + (size_t)j * row, bf16, i);
+            o[h * head_dim + i] = acc;
+        }
 }
+
+/* The value slices of a head: pairs of vectors, then one vector, then the tail of fewer than VL dimensions
+ * (the widths group_values takes); slice s starts at dimension *d0 and has *vectors (0: the tail). */
+static inline int64_t value_slice_count(int64_t head_dim) {
+    return head_dim / (2 * VL) + (head_dim % (2 * VL) >= VL) + (head_dim % VL != 0);
+}
+
+static inline void value_slice(int64_t s, int64_t head_dim, int64_t *d0, int *vectors) {
+    const int64_t pairs = head_dim / (2 * VL), single = head_dim % (2 * VL) >= VL;
+    if (s < pairs) { *d0 = s * 2 * VL; *vectors = 2; }
+    else if (s == pairs && single) { *d0 = pairs * 2 * VL; *vectors = 1; }
+    else { *d0 = head_dim - head_dim % VL; *vectors = 0; }
+}
+
+#define ATT_SWITCH(M, CALL) \
+    switch (M) {            \
+    case 1: CALL(1); break; \
+    case 2: CALL(2); break; \
+    case 3: CALL(3); break; \
+    case 4: CALL(4); break; \
+    case 5: CALL(5); break; \
+    case 6: CALL(6); break; \
+    case 7: CALL(7); break; \
+    default: CALL(8); break; \
+    }
 
 /* The attention half of one decoder layer for one token at KV slot `slot` of a one-sequence cache, after
  * the tokens of slots 0..slot-1 (spec §2.3-§2.5), with every intermediate rounded where torch's modules
@@ -1037,11 +1095,13 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
     const int64_t n_qkv = (n_heads + 2 * n_kv) * head_dim, n_att = n_heads * head_dim, n_keys = slot + 1;
     const int64_t group = n_heads / n_kv;
     int nt = team_size(nthreads, (n_qkv + hidden) * (int64_t)(hidden > n_att ? hidden : n_att) * (int64_t)kind_bytes(kind));
-    const size_t floats = (size_t)(3 * hidden + n_qkv + 2 * n_att + hidden + n_heads * n_keys + 2 * nt * head_dim);
+    const int64_t head_blocks = (group + ATT_HEADS - 1) / ATT_HEADS, key_blocks = (n_keys + ATT_KEYS - 1) / ATT_KEYS;
+    const int64_t value_slices = value_slice_count(head_dim);
+    const size_t floats = (size_t)(3 * hidden + n_qkv + 2 * n_att + hidden + n_heads * n_keys + n_heads + 2 * nt * head_dim);
     float *buf = (float *)malloc(floats * sizeof(float));
     if (!buf) return -2;
     float *h = buf, *xn = h + hidden, *xp = xn + hidden, *qkv = xp + hidden, *q = qkv + n_qkv, *att = q + n_att;
-    float *o = att + n_att, *scores = o + hidden, *head_tmp = scores + n_heads * n_keys;
+    float *o = att + n_att, *scores = o + hidden, *sums = scores + n_heads * n_keys, *head_tmp = sums + n_heads;
     const void *res_mid = residual ? res_out : x;  /* the residual stream after the input norm's add */
     rms_row(x, 0, residual, in_norm_w, NULL, xn, residual ? res_out : NULL, hidden, eps, bf16, h);
     lay_out(xn, xp, hidden, x_layout(kind, 0));
@@ -1074,27 +1134,59 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
             }
         }
 #pragma omp barrier
-        /* 3. attention of each query head over its KV head's slots; its output laid out for W_o */
+        /* 3. attention, the query heads of each KV head together (see ATT_HEADS): a. their scores, a block of
+         * keys a unit; b. each head's softmax (the unnormalised probabilities in place of its scores, bf16:
+         * rounded, their sum in key order); c. their weighted values, VL dimensions a unit, into q's place
+         * (q is read by a. only), normalised and laid out for W_o */
+        split(n_kv * head_blocks * key_blocks, t, team, &first, &last);
+        for (int64_t u = first; u < last; u++) {
+            const int64_t g = u / (head_blocks * key_blocks), b = u / key_blocks % head_blocks, kb = u % key_blocks;
+            const int64_t h0 = g * group + b * ATT_HEADS, j0 = kb * ATT_KEYS;
+            const int64_t j1 = j0 + ATT_KEYS < n_keys ? j0 + ATT_KEYS : n_keys;
+            const int m = (int)(group - b * ATT_HEADS < ATT_HEADS ? group - b * ATT_HEADS : ATT_HEADS);
+            const char *kg = (const char *)k_cache + (size_t)(g * capacity * head_dim) * elem;
+#define SCORES(M) group_scores(q + h0 * head_dim, M, kg, bf16, head_dim, j0, j1, n_keys, scale, scores + h0 * n_keys)
+            ATT_SWITCH(m, SCORES)
+#undef SCORES
+        }
+#pragma omp barrier
         split(n_heads, t, team, &first, &last);
         for (int64_t hd = first; hd < last; hd++) {
-            const int64_t g = hd / group;
-            const char *kg = (const char *)k_cache + (size_t)(g * capacity * head_dim) * elem;
-            const char *vg = (const char *)v_cache + (size_t)(g * capacity * head_dim) * elem;
             float *sc = scores + hd * n_keys, mx = -INFINITY, sum = 0.0f;
-            attention_scores(q + hd * head_dim, kg, bf16, head_dim, n_keys, scale, sc);
             for (int64_t j = 0; j < n_keys; j++) mx = sc[j] > mx ? sc[j] : mx;
-            for (int64_t i = 0; i < head_dim; i++) tmp[i] = 0.0f;
             for (int64_t j = 0; j < n_keys; j++) {
-                float e = expf(sc[j] - mx);
+                const float e = expf(sc[j] - mx);
                 sum += e;
-                add_scaled(tmp, bf16 ? round_bf16(e) : e, vg + (size_t)(j * head_dim) * elem, bf16, head_dim);
+                sc[j] = bf16 ? round_bf16(e) : e;
             }
-            for (int64_t i = 0; i < head_dim; i++) {
-                float a = tmp[i] / sum;
-                if (bf16) a = round_bf16(a);
-                int64_t at = hd * head_dim + i;
-                att[layout_index(at, n_att, x_layout(kind, 0))] = a;
-            }
+            sums[hd] = sum;
+        }
+#pragma omp barrier
+        split(n_kv * head_blocks * value_slices, t, team, &first, &last);
+        for (int64_t u = first; u < last; u++) {
+            const int64_t g = u / (head_blocks * value_slices), b = u / value_slices % head_blocks;
+            const int64_t h0 = g * group + b * ATT_HEADS;
+            int64_t d0;
+            int vectors;
+            value_slice(u % value_slices, head_dim, &d0, &vectors);
+            const int m = (int)(group - b * ATT_HEADS < ATT_HEADS ? group - b * ATT_HEADS : ATT_HEADS);
+            const char *vg = (const char *)v_cache + (size_t)(g * capacity * head_dim) * elem;
+            float *out = q + h0 * head_dim;
+#define VALUES(M)                                                                                     \
+    do {                                                                                              \
+        if (vectors == 2) group_values(scores + h0 * n_keys, M, n_keys, vg, bf16, head_dim, d0, 2, out); \
+        else if (vectors == 1) group_values(scores + h0 * n_keys, M, n_keys, vg, bf16, head_dim, d0, 1, out); \
+        else group_values(scores + h0 * n_keys, M, n_keys, vg, bf16, head_dim, d0, 0, out);           \
+    } while (0)
+            ATT_SWITCH(m, VALUES)
+#undef VALUES
+            const int64_t d1 = vectors ? d0 + vectors * VL : head_dim;
+            for (int h = 0; h < m; h++)
+                for (int64_t i = d0; i < d1; i++) {
+                    float a = out[h * head_dim + i] / sums[h0 + h];
+                    if (bf16) a = round_bf16(a);
+                    att[layout_index((h0 + h) * head_dim + i, n_att, x_layout(kind, 0))] = a;
+                }
         }
 #pragma omp barrier
         /* 4. the output projection */
