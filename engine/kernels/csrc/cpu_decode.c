@@ -980,15 +980,82 @@ static inline vf load_act_vec(const void *b, int bf16, int64_t i) {
 #define ATT_HEADS 8
 #define ATT_KEYS 64  /* keys per work unit of the scores */
 
+#if VL == 16 && defined(__AVX512F__)
+#define ATT_KEY_BLOCK 16     /* keys whose 16 sums one transposed reduction finishes */
+#define ATT_BLOCK_DIM 256    /* the widest head that takes it (its keys as fp32 on the stack: 16 KiB) */
+
+/* Lane k: hsum(a[k]), for 16 vectors, each sum paired exactly as hsum pairs it (lanes i and i + 8, then
+ * i + 4, i + 2, i + 1): four levels of shuffles and adds instead of 16 reductions. */
+static inline vf hsum16(const vf *a) {
+    __m512 b[8], c[4], d[2];
+    for (int m = 0; m < 8; m++) {
+        const __m512 x = (__m512)a[2 * m], y = (__m512)a[2 * m + 1];
+        b[m] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+    }
+    for (int n = 0; n < 4; n++)
+        c[n] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * n], b[2 * n + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * n], b[2 * n + 1], 0xDD));
+    for (int t = 0; t < 2; t++)
+        d[t] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * t], c[2 * t + 1], 0x44), _mm512_shuffle_ps(c[2 * t], c[2 * t + 1], 0xEE));
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
+    /* lane 4q + r of r holds a[4r + q]'s sum */
+    return (vf)_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+}
+#else
+#define ATT_KEY_BLOCK 0
+#endif
+
 /* sc[h * n_keys + j] = scale * (q_h . k_j) for M (<= ATT_HEADS) query heads q_h = q + h * head_dim and keys
  * j in [j0, j1), key rows k_j = k + j * head_dim of the dtype (bf16 when `bf16`), q fp32: each dot product
- * over VL lanes (one fused multiply-add a vector, in column order), summed as a tree, then the tail. */
+ * over VL lanes (one fused multiply-add a vector, in column order), summed as a tree (hsum), then the tail.
+ * With AVX-512, 16 keys at a time: their rows as fp32 once (bf16 converted on the stack), then per head 16
+ * sums in registers finished together (hsum16: the same sums). */
 static inline __attribute__((always_inline)) void group_scores(const float *q, const int M, const void *k, int bf16,
                                                                int64_t head_dim, int64_t j0, int64_t j1, int64_t n_keys,
                                                                float scale, float *sc) {
     const size_t row = (size_t)head_dim * (bf16 ? 2 : 4);
     const int64_t full = head_dim - head_dim % VL;
-    for (int64_t j = j0; j < j1; j++) {
+    int64_t j = j0;
+#if ATT_KEY_BLOCK
+    if (head_dim <= ATT_BLOCK_DIM) {
+        float block[ATT_KEY_BLOCK * ATT_BLOCK_DIM] __attribute__((aligned(64)));
+        for (; j + ATT_KEY_BLOCK <= j1; j += ATT_KEY_BLOCK) {
+            const float *kf = (const float *)((const char *)k + (size_t)j * row);
+            if (bf16) {
+                for (int kk = 0; kk < ATT_KEY_BLOCK; kk++) {
+                    const char *kj = (const char *)k + (size_t)(j + kk) * row;
+                    int64_t i = 0;
+                    for (; i < full; i += VL) {
+                        const vf v = load_act_vec(kj, 1, i);
+                        memcpy(block + kk * head_dim + i, &v, sizeof v);
+                    }
+                    for (; i < head_dim; i++) block[kk * head_dim + i] = load_act(kj, 1, i);
+                }
+                kf = block;
+            }
+            for (int h = 0; h < M; h++) {
+                const float *qh = q + h * head_dim;
+                vf acc[ATT_KEY_BLOCK];
+                for (int kk = 0; kk < ATT_KEY_BLOCK; kk++) acc[kk] = (vf){0};
+                for (int64_t i = 0; i < full; i += VL) {
+                    const vf qv = load_f32(qh + i);
+                    for (int kk = 0; kk < ATT_KEY_BLOCK; kk++) acc[kk] = madd(acc[kk], qv, load_f32(kf + kk * head_dim + i));
+                }
+                vf sums = hsum16(acc);
+                if (full < head_dim) {
+                    float t[ATT_KEY_BLOCK];
+                    memcpy(t, &sums, sizeof t);
+                    for (int kk = 0; kk < ATT_KEY_BLOCK; kk++)
+                        for (int64_t i = full; i < head_dim; i++) t[kk] += qh[i] * kf[kk * head_dim + i];
+                    memcpy(&sums, t, sizeof t);
+                }
+                sums = sums * scale;
+                memcpy(sc + h * n_keys + j, &sums, sizeof sums);
+            }
+        }
+    }
+#endif
+    for (; j < j1; j++) {
         const char *kj = (const char *)k + (size_t)j * row;
         vf acc[ATT_HEADS];
         for (int h = 0; h < M; h++) acc[h] = (vf){0};
