@@ -982,7 +982,7 @@ static inline vf load_act_vec(const void *b, int bf16, int64_t i) {
 
 #if VL == 16 && defined(__AVX512F__)
 #define ATT_KEY_BLOCK 16     /* keys whose 16 sums one transposed reduction finishes */
-#define ATT_BLOCK_DIM 256    /* the widest head that takes it (its keys as fp32 on the stack: 16 KiB) */
+#define ATT_BLOCK_DIM 256    /* the widest head that takes it (its keys as fp32: 16 KiB of the thread's stack) */
 
 /* Lane k: hsum(a[k]), for 16 vectors, each sum paired exactly as hsum pairs it (lanes i and i + 8, then
  * i + 4, i + 2, i + 1): four levels of shuffles and adds instead of 16 reductions. */
@@ -1003,22 +1003,22 @@ static inline vf hsum16(const vf *a) {
 }
 #else
 #define ATT_KEY_BLOCK 0
+#define ATT_BLOCK_DIM 1
 #endif
 
 /* sc[h * n_keys + j] = scale * (q_h . k_j) for M (<= ATT_HEADS) query heads q_h = q + h * head_dim and keys
  * j in [j0, j1), key rows k_j = k + j * head_dim of the dtype (bf16 when `bf16`), q fp32: each dot product
  * over VL lanes (one fused multiply-add a vector, in column order), summed as a tree (hsum), then the tail.
- * With AVX-512, 16 keys at a time: their rows as fp32 once (bf16 converted on the stack), then per head 16
- * sums in registers finished together (hsum16: the same sums). */
+ * With AVX-512, 16 keys at a time: their rows as fp32 once (bf16 converted into `block`, ATT_KEY_BLOCK *
+ * ATT_BLOCK_DIM floats), then per head 16 sums in registers finished together (hsum16: the same sums). */
 static inline __attribute__((always_inline)) void group_scores(const float *q, const int M, const void *k, int bf16,
                                                                int64_t head_dim, int64_t j0, int64_t j1, int64_t n_keys,
-                                                               float scale, float *sc) {
+                                                               float scale, float *sc, float *block) {
     const size_t row = (size_t)head_dim * (bf16 ? 2 : 4);
     const int64_t full = head_dim - head_dim % VL;
     int64_t j = j0;
 #if ATT_KEY_BLOCK
     if (head_dim <= ATT_BLOCK_DIM) {
-        float block[ATT_KEY_BLOCK * ATT_BLOCK_DIM] __attribute__((aligned(64)));
         for (; j + ATT_KEY_BLOCK <= j1; j += ATT_KEY_BLOCK) {
             const float *kf = (const float *)((const char *)k + (size_t)j * row);
             if (bf16) {
@@ -1054,6 +1054,8 @@ static inline __attribute__((always_inline)) void group_scores(const float *q, c
             }
         }
     }
+#else
+    (void)block;
 #endif
     for (; j < j1; j++) {
         const char *kj = (const char *)k + (size_t)j * row;
@@ -1203,8 +1205,9 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
 #pragma omp barrier
         /* 3. attention, the query heads of each KV head together (see ATT_HEADS): a. their scores, a block of
          * keys a unit; b. each head's softmax (the unnormalised probabilities in place of its scores, bf16:
-         * rounded, their sum in key order); c. their weighted values, VL dimensions a unit, into q's place
-         * (q is read by a. only), normalised and laid out for W_o */
+         * rounded, their sum in key order); c. their weighted values, a slice of each head's dimensions a unit
+         * (value_slice), into q's place (q is read by a. only), normalised and laid out for W_o */
+        float kblock[ATT_KEY_BLOCK * ATT_BLOCK_DIM + 1] __attribute__((aligned(64)));
         split(n_kv * head_blocks * key_blocks, t, team, &first, &last);
         for (int64_t u = first; u < last; u++) {
             const int64_t g = u / (head_blocks * key_blocks), b = u / key_blocks % head_blocks, kb = u % key_blocks;
@@ -1212,7 +1215,7 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
             const int64_t j1 = j0 + ATT_KEYS < n_keys ? j0 + ATT_KEYS : n_keys;
             const int m = (int)(group - b * ATT_HEADS < ATT_HEADS ? group - b * ATT_HEADS : ATT_HEADS);
             const char *kg = (const char *)k_cache + (size_t)(g * capacity * head_dim) * elem;
-#define SCORES(M) group_scores(q + h0 * head_dim, M, kg, bf16, head_dim, j0, j1, n_keys, scale, scores + h0 * n_keys)
+#define SCORES(M) group_scores(q + h0 * head_dim, M, kg, bf16, head_dim, j0, j1, n_keys, scale, scores + h0 * n_keys, kblock)
             ATT_SWITCH(m, SCORES)
 #undef SCORES
         }
