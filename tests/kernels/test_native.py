@@ -379,11 +379,13 @@ def _attention_weights(gen, dtype, hidden, n_heads, n_kv, head_dim):
             "k_norm": (torch.rand(head_dim, generator=gen) + 0.5).to(dtype)}
 
 
-def _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, first_layer, seed, int8=False):
+def _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, first_layer, seed, int8=False,
+                            q_gain=1.0):
     from engine.kernels.dequant import quantize_int8_rows
 
     gen = torch.Generator().manual_seed(seed)
     w = _attention_weights(gen, dtype, hidden, n_heads, n_kv, head_dim)
+    w["q_norm"] = (w["q_norm"].float() * q_gain).to(dtype)  # q_gain > 1: peaked softmax, most e^x underflow
     eps = 1e-6
     proj = {"qkv": w["qkv"], "o": w["o"]}
     if int8:  # int8 projections with per-row scales; the reference multiplies the same values back out
@@ -431,6 +433,14 @@ def test_attention_decode_matches_the_torch_modules(dtype, hidden, n_heads, n_kv
     blocks of 64 (70, 130, 600 cached slots: several blocks) and a head's values in slices of two vectors,
     one, and the tail (head_dim 48 at 16 floats: a pair and a single; 24: a single and a tail)."""
     _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, first_layer, seed=hidden + past)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_decode_with_peaked_scores(dtype):
+    """Scores spread over hundreds (q norm weights x 40): the kernel's vector exponential underflows to 0
+    where e^x is below fp32's normal range, as torch's softmax effectively does; same tolerances."""
+    _check_attention_decode(dtype, 128, 8, 2, 32, 16, 200, False, seed=7, q_gain=40.0)
 
 
 @needs_native
