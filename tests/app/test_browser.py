@@ -52,6 +52,9 @@ def test_stop_withdraws_a_queued_message_in_the_browser(studio):
             limit = alice.locator("#chat-max-tokens input[type=number]")
             limit.fill("4000")
             limit.press("Enter")
+            # the slider takes the typed value before the message goes (a loaded machine can be slower than the
+            # next keystrokes; the default limit, 256 tokens, would end Alice's reply before the Stops below)
+            sync_api.expect(alice.locator("#chat-max-tokens input[type=range]")).to_have_value("4000", timeout=30_000)
             alice.locator("#chat-input textarea").fill("Count slowly")  # greedy: thousands of tokens
             alice.locator("#chat-input textarea").press("Enter")
             sync_api.expect(alice.locator("#chat-figures")).to_contain_text("Generating", timeout=30_000)
