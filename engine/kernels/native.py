@@ -6,7 +6,9 @@ Decode on the CPU is a chain of GEMVs, and torch's GEMV reads weights well below
 (bench/cpu_gemv.py: 11-19 GB/s of a 26-34 GB/s machine; oneDNN's pre-packed fp32 path 21-28 GB/s, and it
 has no bf16 path on CPUs without native bf16). These kernels stream the checkpoint's own row-major
 [out, in] weights (fp32 or bf16, no repacking; int8 with row scales and int4 with group scales in the
-engine's quantised storage, read in place) on torch's OpenMP threads.
+engine's quantised storage, read in place) on torch's OpenMP threads. int4 weights meet int8 activations
+(quantised per 32 columns, AVX-512 VNNI byte dot products) where the CPU has VNNI, unless
+``MING_INT4_ACTIVATIONS=float`` (or :func:`set_int4_activations`) keeps fp32 ones.
 
 The C source is compiled on first use (about a second) with the system C compiler for this CPU
 (``-march=native``) into the studio cache (``$MING_STUDIO_CACHE`` or ``~/.cache/ming-omni-studio``,
@@ -52,12 +54,25 @@ SMALL_OP_MAX_ELEMENTS = 1 << 16
 # "one matrix in cache": fp32 512x512 about even, bf16 512x512 native 1.3x faster).
 BIND_MIN_BYTES = 512 << 10
 MAX_TOP_K = 64  # the kernel sorts at most this many slots on its stack
+# What int4 weights meet in the native kernels: "int8" activations (quantised per 32 columns, summed with
+# AVX-512 VNNI byte dot products, as llama.cpp's Q4_0 x Q8_0; used only where the CPU has VNNI) or "float"
+# (fp32, the weights dequantised exactly in registers). The environment variable picks it at load.
+INT4_ACTIVATIONS_ENV = "MING_INT4_ACTIVATIONS"
+INT4_ACTIVATION_KINDS = ("int8", "float")
 _DTYPES = (torch.float32, torch.bfloat16)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _failure: str | None = None
+
+
+def _int4_activations_from_env() -> str:
+    value = os.environ.get(INT4_ACTIVATIONS_ENV, "int8").strip().lower() or "int8"
+    if value not in INT4_ACTIVATION_KINDS:
+        log.warning("%s=%r is not one of %s; using int8", INT4_ACTIVATIONS_ENV, value, ", ".join(INT4_ACTIVATION_KINDS))
+        return "int8"
+    return value
 
 
 def _disabled() -> str | None:
@@ -132,10 +147,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ming_quantize_rows.restype = i32
     lib.ming_vector_floats.argtypes = ()
     lib.ming_vector_floats.restype = i32
+    lib.ming_int4_int8_available.argtypes = ()
+    lib.ming_int4_int8_available.restype = i32
+    lib.ming_set_int4_activations.argtypes = (i32,)
+    lib.ming_set_int4_activations.restype = None
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried, _failure
+    global _lib, _tried, _failure, _int4_activations_setting
     with _lock:
         if _tried:
             return _lib
@@ -147,6 +166,8 @@ def _load() -> ctypes.CDLL | None:
             try:
                 lib = ctypes.CDLL(str(_build(cc)))
                 _declare(lib)
+                _int4_activations_setting = _int4_activations_from_env()
+                lib.ming_set_int4_activations(int(_int4_activations_setting == "int8"))
                 _lib = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _failure = f"building {', '.join(src.name for src in SOURCES)} failed: {e}"
@@ -182,7 +203,32 @@ def status() -> str:
     lib = _load()
     if lib is None:
         return f"torch ({_failure})"
-    return f"native ({lib.ming_vector_floats() * 32}-bit vectors, {torch.get_num_threads()} threads)"
+    return (f"native ({lib.ming_vector_floats() * 32}-bit vectors, {torch.get_num_threads()} threads, "
+            f"int4 x {int4_activations()} activations)")
+
+
+def int4_activations() -> str:
+    """What int4 weights' dot products meet now: "int8" (quantised activations, VNNI) or "float"."""
+    lib = _load() if _disabled() is None else None
+    if lib is None or not lib.ming_int4_int8_available():
+        return "float"
+    return _int4_activations_setting
+
+
+_int4_activations_setting = "int8"
+
+
+def set_int4_activations(kind: str) -> str:
+    """Choose what int4 weights meet: "int8" activations (where the CPU has AVX-512 VNNI; else float stays)
+    or "float". Returns what runs from now on (see int4_activations)."""
+    global _int4_activations_setting
+    if kind not in INT4_ACTIVATION_KINDS:
+        raise ValueError(f"int4 activations must be one of {', '.join(INT4_ACTIVATION_KINDS)}; got {kind!r}")
+    lib = _load() if _disabled() is None else None
+    if lib is not None:
+        lib.ming_set_int4_activations(int(kind == "int8"))
+    _int4_activations_setting = kind
+    return int4_activations()
 
 
 def reset() -> None:

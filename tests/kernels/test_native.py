@@ -315,6 +315,8 @@ def test_every_vector_width_computes_the_same(floats, monkeypatch):
     assert lib.ming_vector_floats() == floats
     assert native.available()
     monkeypatch.setattr(native, "_lib", lib)
+    monkeypatch.setattr(native, "_int4_activations_setting", native._int4_activations_setting)
+    native.set_int4_activations("float")  # int4 against fp32 activations: the path every width has
     gen = torch.Generator().manual_seed(floats)
     for dtype in (torch.float32, torch.bfloat16):
         tol = 1e-5 if dtype == torch.float32 else 2 ** -7
@@ -529,6 +531,37 @@ def _int4(gen, n: int, k: int):
     return q, scale, dequantize(q, scale, torch.float32)
 
 
+@pytest.fixture(params=["float", "int8"])
+def int4_activations(request):
+    """What the int4 kernels' weights meet in the test: fp32 activations, and int8 ones (quantised per 32
+    columns, AVX-512 VNNI dot products) on CPUs that have them."""
+    before = native._int4_activations_setting
+    if native.set_int4_activations(request.param) != request.param:
+        native.set_int4_activations(before)
+        pytest.skip("int4 x int8 activations need AVX-512 VNNI (or the native kernels), which this CPU lacks")
+    yield request.param
+    native.set_int4_activations(before)
+
+
+# Error the int8 activations add to int4 dot products of random normal activations, relative to the largest
+# output (each element within half a step, max / 254 of its 32-column block; measured 0.35-1 % on these
+# shapes, 0.5-0.66 % on 8 x 64 outputs)
+INT8_ACTIVATIONS_REL_ERR = 2e-2
+
+
+def _int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the int4 x int8 kernel sees it: per 32 columns, scale max|x| / 127, x * (127 / max) rounded to
+    nearest even (fp32 arithmetic), times the scale."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv).clamp(-127, 127) * (amax / 127.0)).reshape(x.shape)
+
+
+def _int8_activations_apply(group: int, k: int) -> bool:
+    return native.int4_activations() == "int8" and group % 128 == 0 and k % group == 0
+
+
 def _check_int4_linear(dtype, rows, n, k, gen):
     q, scale, w = _int4(gen, n, k)
     group = k // scale.shape[1]
@@ -539,9 +572,17 @@ def _check_int4_linear(dtype, rows, n, k, gen):
     x = torch.randn(rows, k, generator=gen).to(dtype)
     got = bound(x)  # int4 takes any number of rows, MAX_ROWS at a time
     assert got.dtype == dtype and got.shape == (rows, n)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    exact = x.double() @ w.double().T
+    if _int8_activations_apply(group, k):
+        # the integer sums are exact: the quantised activations' product within the plain kernels' tolerance,
+        # and within the quantisation's error of the exact product
+        assert _rel_err(got, _int8_activations(x).double() @ w.double().T) <= tol
+        assert _rel_err(got, exact) <= INT8_ACTIVATIONS_REL_ERR
+        return
     # the dequantised weights are exact in fp32 (what dequantize() computes), so only the sum's order and
     # the output's rounding remain: the plain kernels' tolerance
-    assert _rel_err(got, x.double() @ w.double().T) <= (1e-5 if dtype == torch.float32 else 2 ** -7)
+    assert _rel_err(got, exact) <= tol
 
 
 def _check_int4_experts(dtype, experts, hidden, inter, top_k, gen):
@@ -558,15 +599,18 @@ def _check_int4_experts(dtype, experts, hidden, inter, top_k, gen):
     wd = torch.stack([m[2] for m in d]).to(dtype)
     want = moe_experts_reference(x, wg, wu, wd, ids, weights).to(dtype) + swiglu(x, *shared)
     got = native.moe_decode(x, table, ids, weights, shared).to(dtype)
-    # bf16: the reference rounds the dequantised weights to bf16, the kernel keeps them in fp32
-    assert _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -5)
+    # bf16: the reference rounds the dequantised weights to bf16, the kernel keeps them in fp32; int8
+    # activations (gate and up, or down too, with groups of 128): their quantisation's error
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -5
+    int8 = _int8_activations_apply(hidden // gu[0][1].shape[1], hidden)
+    assert _rel_err(got, want) <= (max(tol, INT8_ACTIVATIONS_REL_ERR) if int8 else tol)
 
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,n,k", [(1, 7, 128), (1, 64, 2048), (3, 33, 256), (8, 130, 512), (21, 40, 384),
                                       (2, 16, 96)])
-def test_linear_with_int4_weights_and_group_scales(dtype, rows, n, k):
+def test_linear_with_int4_weights_and_group_scales(dtype, rows, n, k, int4_activations):
     """A bound int4 linear (the CPU-only format's experts, read in their storage layout): x @ W.T within
     the plain kernels' tolerance for decode rows and prefill blocks of any size; groups of 128 columns
     (2048, 512, 384: one 64-byte load per 128 columns on AVX-512), of 64 or 32 (96: groups of 32); a row
@@ -584,6 +628,23 @@ def test_linear_with_int4_weights_and_group_scales(dtype, rows, n, k):
     else:
         pairs = torch.cat([bound(x[r:r + 2]) for r in range(0, rows - 1, 2)])
         assert _rel_err(y[:pairs.shape[0]], pairs) <= 1e-6
+
+
+@needs_native
+def test_int8_activations_of_int4_weights_keep_zero_blocks_and_outliers(int4_activations):
+    """The int4 x int8 path quantises each 32-column block on its own: a block of zeros stays zero (scale 0,
+    no division by it), a block with an outlier 10^6 times its other values loses those values to the
+    outlier's step but leaves its neighbours' blocks exact to their own steps. fp32 activations: exact."""
+    gen = torch.Generator().manual_seed(3)
+    q, scale, w = _int4(gen, 24, 512)
+    x = torch.randn(2, 512, generator=gen) * 1e-3
+    x[:, :32] = 0.0
+    x[0, 40] = 1e3
+    x[1, 300:332] = -x[1, 300:332].abs()  # a block of one sign
+    got = native.bind_linear(q, min_bytes=0, scale=scale)(x)
+    want = (_int8_activations(x) if int4_activations == "int8" else x).double() @ w.double().T
+    assert _rel_err(got, want) <= 1e-5
+    assert torch.isfinite(got).all()
 
 
 @needs_native
@@ -617,7 +678,7 @@ def test_int4_refuses_what_it_cannot_run():
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("experts,hidden,inter,top_k", [(8, 128, 64, 2), (16, 256, 128, 4), (6, 96, 32, 3)])
-def test_int4_experts_in_one_native_call(dtype, experts, hidden, inter, top_k):
+def test_int4_experts_in_one_native_call(dtype, experts, hidden, inter, top_k, int4_activations):
     """int4 experts (group scales, two values a byte) and the shared expert in one native pass, against the
     experts dequantised and run by the reference (groups of 128 and of 64 / 32 columns)."""
     _check_int4_experts(dtype, experts, hidden, inter, top_k, torch.Generator().manual_seed(hidden + inter))

@@ -15,8 +15,8 @@
  * activations stay in cache. Weights are row-major [n, k] fp32 or bf16 (the checkpoint's [out, in]
  * layout, no repacking), int8 with per-row scales or int4 with group scales (the engine's quantised
  * storage, read in place: see W_I4). Products are summed in fp32 (bf16 weights are widened exactly, int4
- * ones dequantised exactly as dequantize() does); a bf16 result is rounded to nearest even, as torch
- * rounds. Sums run in another order than torch's kernels: results agree within fp32 rounding, not bit for
+ * ones dequantised exactly as dequantize() does, or, where the CPU has AVX-512 VNNI, met by int8-quantised
+ * activations: see act8); a bf16 result is rounded to nearest even, as torch rounds. Sums run in another order than torch's kernels: results agree within fp32 rounding, not bit for
  * bit.
  */
 #include <math.h>
@@ -586,6 +586,140 @@ static int i4_bf16_linear(const uint8_t *w, const float *scale, int64_t group, c
 #define I4B_AVAILABLE 0
 #endif
 
+/* int4 weights against int8 activations on CPUs with AVX-512 VNNI (vpdpbusd: 64 products of unsigned by
+ * signed bytes summed into 16 int32 lanes per instruction), as llama.cpp's Q4_0 x Q8_0 dot products do: each
+ * activation row is quantised once per call to int8, one fp32 scale per A8_BLOCK columns (symmetric, s =
+ * max|x| / 127, q = x / s rounded to nearest even; a block of zeros has scale 0), and a weight row's 64-byte
+ * unit (128 columns) meets it in two instructions: its low nibbles (the even columns) with the unit's even
+ * activations, its high nibbles with the odd ones. The nibbles n are the stored, offset values (the weight is
+ * n - 8): sum (n - 8) x = sum n x - 8 sum x, the second sum taken once per unit from the quantised
+ * activations. A unit's int32 sums are exact; they become fp32 times the lane's block scale and the weight
+ * group's scale. The only approximation is the activations' quantisation (error at most half a step, max|x|
+ * / 254 of the block, each element). Decode of int4 weights on 2 cores was bound by the core, not by memory
+ * (the fp32 path spends 23 instructions on 128 weights, this one 8); `ming_set_int4_activations` chooses
+ * between the two (int8 by default where the CPU has VNNI). */
+#if VL == 16 && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define A8_AVAILABLE 1
+#define A8_BLOCK 32   /* activation columns per int8 scale */
+#define A8_UNIT 128   /* int4 columns in one 64-byte unit */
+
+static int int4_int8_activations = 1;
+
+/* One activation row quantised for the units of an int4 row: q [k] (per unit, its 64 even columns then its
+ * 64 odd ones), lane_scale [k / 8] (per unit, 16 lanes: lane d sums columns 8d..8d+7, whose block scale it
+ * holds), unit_sum [k / A8_UNIT] (the sum of the unit's quantised activations, times their scales). */
+typedef struct { int8_t *q; float *lane_scale; float *unit_sum; } act8;
+
+/* Floats of storage act8_place needs for one row of k (a multiple of A8_UNIT): k bytes, k / 8 + k / 128. */
+static inline int64_t act8_floats(int64_t k) { return k / 4 + k / 8 + k / A8_UNIT; }
+
+static inline act8 act8_place(float *at, int64_t k) {
+    act8 a = {(int8_t *)at, at + k / 4, at + k / 4 + k / 8};
+    return a;
+}
+
+/* Quantise units [u0, u1) of x [k] (fp32, natural order) into a: per block of A8_BLOCK columns, its maximum
+ * magnitude, the products x * (127 / max) rounded to nearest even (the CPU's rounding mode) and saturated to
+ * int8, the even columns' bytes to the unit's first half and the odd ones' to its second. */
+static void act8_quantize(const float *x, int64_t u0, int64_t u1, act8 a) {
+    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+    for (int64_t u = u0; u < u1; u++) {
+        float total = 0.0f;
+        for (int b = 0; b < A8_UNIT / A8_BLOCK; b++) {
+            const float *xb = x + u * A8_UNIT + b * A8_BLOCK;
+            const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+            const float s = amax / 127.0f;
+            const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
+            int8_t *q = a.q + u * A8_UNIT + b * (A8_BLOCK / 2);
+            _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q0, evens, q1)));
+            _mm_storeu_si128((__m128i *)(q + A8_UNIT / 2), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q0, odds, q1)));
+            total += s * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            for (int l = 0; l < 4; l++) a.lane_scale[u * 16 + b * 4 + l] = s;
+        }
+        a.unit_sum[u] = total;
+    }
+}
+
+/* The two running sums of one activation row against one int4 weight row. */
+typedef struct { __m512 even, odd; float offset; } a8_acc;
+
+/* acc[r] += weight row . x_r over units [u0, u1) for M (<= ROW_GROUP) activation rows, `ws` the row's group
+ * scales (group a multiple of A8_UNIT). Units alternate between the two vector sums by their index, so a
+ * row's sum runs in one order however it is cut into spans. */
+static inline __attribute__((always_inline)) void a8_span(const uint8_t *w, const float *ws, int64_t group, int64_t u0,
+                                                          int64_t u1, const act8 *x, const int M, a8_acc *acc) {
+    const __m512i low = _mm512_set1_epi8(15);
+    const int64_t units_per_group = group / A8_UNIT;
+    for (int64_t u = u0; u < u1; u++) {
+        __builtin_prefetch(w + u * 64 + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
+        const __m512i v = _mm512_loadu_si512((const void *)(w + u * 64));
+        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        const float s = ws[u / units_per_group];
+        const __m512 sv = _mm512_set1_ps(s);
+        for (int r = 0; r < M; r++) {
+            const int8_t *q = x[r].q + u * A8_UNIT;
+            __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)q));
+            sum = _mm512_dpbusd_epi32(sum, hi, _mm512_loadu_si512((const void *)(q + A8_UNIT / 2)));
+            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_loadu_ps(x[r].lane_scale + u * 16));
+            if (u % 2) acc[r].odd = _mm512_fmadd_ps(t, sv, acc[r].odd);
+            else acc[r].even = _mm512_fmadd_ps(t, sv, acc[r].even);
+            acc[r].offset += s * x[r].unit_sum[u];
+        }
+    }
+}
+
+static inline float a8_finish(const a8_acc *acc) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc->even, acc->odd)) - 8.0f * acc->offset;
+}
+
+/* out[j * m + r] = w[j, :] . x_r for `rows` (<= ROWS) int4 weight rows of k / 2 bytes from w (group scales
+ * from ws, k / group per row) and m activation rows (any number: ROW_GROUP at a time, each weight row staying
+ * in cache meanwhile). */
+static void a8_rows(const uint8_t *w, const float *ws, int64_t group, int rows, int64_t k, const act8 *x, int64_t m,
+                    float *out) {
+    const int64_t units = k / A8_UNIT, groups = k / group;
+    for (int j = 0; j < rows; j++) {
+        const uint8_t *wj = w + (size_t)j * (size_t)(k / 2);
+        const float *sj = ws + j * groups;
+        for (int64_t r = 0; r < m; r += ROW_GROUP) {
+            a8_acc acc[ROW_GROUP];
+            for (int i = 0; i < ROW_GROUP; i++) acc[i] = (a8_acc){_mm512_setzero_ps(), _mm512_setzero_ps(), 0.0f};
+            const int M = (int)(m - r < ROW_GROUP ? m - r : ROW_GROUP);
+            switch (M) {
+            case 1: a8_span(wj, sj, group, 0, units, x + r, 1, acc); break;
+            case 2: a8_span(wj, sj, group, 0, units, x + r, 2, acc); break;
+            case 3: a8_span(wj, sj, group, 0, units, x + r, 3, acc); break;
+            default: a8_span(wj, sj, group, 0, units, x + r, 4, acc); break;
+            }
+            for (int i = 0; i < M; i++) out[j * m + r + i] = a8_finish(&acc[i]);
+        }
+    }
+}
+
+/* True when an int4 matrix of k columns in groups of `group` takes the int8-activation kernel now. */
+static inline int a8_applies(int64_t group, int64_t k) {
+    return int4_int8_activations && group > 0 && group % A8_UNIT == 0 && k % group == 0;
+}
+#else
+#define A8_AVAILABLE 0
+static inline int a8_applies(int64_t group, int64_t k) { (void)group; (void)k; return 0; }
+#endif
+
+/* Whether this build has the int4 x int8 kernel (AVX-512 VNNI), and the choice between it and the exact fp32
+ * activations (on: 1, off: 0; ignored without it). */
+int ming_int4_int8_available(void) { return A8_AVAILABLE; }
+
+void ming_set_int4_activations(int int8) {
+#if A8_AVAILABLE
+    int4_int8_activations = int8 != 0;
+#else
+    (void)int8;
+#endif
+}
+
 /* True when a matrix of `kind` with k input columns can come with these scales: int8 with per-row ones; int4
  * with per-group ones, `group` a multiple of 2*VL dividing k (no chunk straddles a group, no row tail);
  * fp32 and bf16 with none. */
@@ -600,20 +734,71 @@ static int scales_fit(int kind, int has_scales, int64_t group, int64_t k) {
     }
 }
 
+#if A8_AVAILABLE
+/* y[m, n] = x[m, k] @ w[n, k]^T for int4 w with group scales and int8-quantised activations (see act8): every
+ * activation row quantised once, then MAX_LINEAR_ROWS of them at a time against each thread's weight rows.
+ * Returns 0, -1 when out of memory. */
+static int i4_a8_linear(const uint8_t *w, const float *scale, int64_t group, const void *x, int x_bf16, void *y,
+                        int y_bf16, int64_t m, int64_t n, int64_t k, int nthreads) {
+    float *xbuf;
+    const float *xf = activations(x, x_bf16, X_NATURAL, m, k, &xbuf);
+    if (!xf) return -1;
+    const int64_t per_row = act8_floats(k), units = k / A8_UNIT;
+    float *store = (float *)malloc((size_t)(m * per_row) * sizeof(float));
+    act8 *rows8 = (act8 *)malloc((size_t)m * sizeof(act8));
+    if (!store || !rows8) { free(store); free(rows8); free(xbuf); return -1; }
+    for (int64_t r = 0; r < m; r++) {
+        rows8[r] = act8_place(store + r * per_row, k);
+        act8_quantize(xf + r * k, 0, units, rows8[r]);
+    }
+    const int64_t blocks = (n + ROWS - 1) / ROWS, groups = k / group;
+    int nt = team_size(nthreads, n * (k / 2));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int64_t first, last;
+        split(blocks, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+        float dots[ROWS * MAX_LINEAR_ROWS];
+        for (int64_t r0 = 0; r0 < m; r0 += MAX_LINEAR_ROWS) {
+            const int64_t mc = m - r0 < MAX_LINEAR_ROWS ? m - r0 : MAX_LINEAR_ROWS;
+            for (int64_t b = first; b < last; b++) {
+                const int64_t row = b * ROWS;
+                const int rows = (int)(n - row < ROWS ? n - row : ROWS);
+                a8_rows(w + (size_t)row * (size_t)(k / 2), scale + row * groups, group, rows, k, rows8 + r0, mc, dots);
+                for (int64_t r = 0; r < mc; r++)
+                    for (int j = 0; j < rows; j++) {
+                        const int64_t at = (r0 + r) * n + row + j;
+                        if (y_bf16) ((uint16_t *)y)[at] = f32_to_bf16(dots[j * mc + r]);
+                        else ((float *)y)[at] = dots[j * mc + r];
+                    }
+            }
+        }
+    }
+    free(rows8);
+    free(store);
+    free(xbuf);
+    return 0;
+}
+#endif
+
 /* y[m, n] = x[m, k] @ w[n, k]^T. w of `w_kind`: fp32, bf16, int8 with one fp32 scale per row (w_scale; a
  * row's sum times its scale, as torch's weight-only int8 GEMM computes it), or int4 with one fp32 scale per
  * group of `w_group` columns (w_scale [n, k / w_group]; see W_I4); x and y fp32 or bf16 (x_bf16, y_bf16).
  * Every weight row is read once for each MAX_LINEAR_ROWS activation rows: fp32 / bf16 take at most that
  * many (decode; larger blocks are GEMMs for BLAS), int4 and int8 any number (no other CPU kernel dequantises
  * int4 in registers, and torch's int8 one has no vectorised fp32 path: a prefill block runs chunk by chunk,
- * each chunk's activations staying in cache while the thread's weight rows stream by; int4 blocks of bf16
- * activations take i4_bf16_linear where the CPU has bf16 dot products). Returns 0, -1 when
+ * each chunk's activations staying in cache while the thread's weight rows stream by; int4 takes int8
+ * activations where the CPU has VNNI (i4_a8_linear, unless switched off), else blocks of bf16 activations
+ * take i4_bf16_linear where the CPU has bf16 dot products). Returns 0, -1 when
  * out of memory, -3 for m outside [1, MAX_LINEAR_ROWS] (fp32, bf16) or m < 1, -4 for an unknown kind or
  * scales that do not go with it (scales_fit). */
 int ming_linear(const void *w, int w_kind, const float *w_scale, int64_t w_group, const void *x, int x_bf16,
                 void *y, int y_bf16, int64_t m, int64_t n, int64_t k, int nthreads) {
     if (m < 1 || (m > MAX_LINEAR_ROWS && w_kind != W_I4 && w_kind != W_I8)) return -3;
     if (!scales_fit(w_kind, w_scale != NULL, w_group, k)) return -4;
+#if A8_AVAILABLE
+    if (w_kind == W_I4 && a8_applies(w_group, k))
+        return i4_a8_linear((const uint8_t *)w, w_scale, w_group, x, x_bf16, y, y_bf16, m, n, k, nthreads);
+#endif
 #if I4B_AVAILABLE
     if (w_kind == W_I4 && x_bf16 && m >= I4B_MIN_ROWS)  /* scales_fit: groups of a multiple of 32 dividing k */
         return i4_bf16_linear((const uint8_t *)w, w_scale, w_group, (const uint16_t *)x, y, y_bf16, m, n, k, nthreads);
@@ -754,11 +939,37 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
     const float *xf[X_LAYOUTS] = {NULL, NULL, NULL};
     for (int j = 0; j < n; j++) {
         const int p = x_layout(slot[j].kind, slot[j].gate_up_group);
+        if (slot[j].kind == W_I4 && a8_applies(slot[j].gate_up_group, hidden)) continue;  /* int8 activations */
         if (xf[p] == NULL && (xf[p] = activations(x, x_bf16, p, 1, hidden, &xbuf[p])) == NULL) {
             for (int l = 0; l < X_LAYOUTS; l++) free(xbuf[l]);
             return -2;
         }
     }
+#if A8_AVAILABLE
+    /* int4 experts taking int8 activations: x quantised once; each one's down input quantised in phase 2 into
+     * its act buffer (act8_floats(inter) <= inter floats) */
+    int a8_up = 0, a8_down[MAX_SLOTS];
+    for (int j = 0; j < n; j++) {
+        a8_up |= slot[j].kind == W_I4 && a8_applies(slot[j].gate_up_group, hidden);
+        a8_down[j] = slot[j].kind == W_I4 && a8_applies(slot[j].down_group, slot[j].inter);
+    }
+    float *x8buf = NULL;
+    act8 x8 = {NULL, NULL, NULL};
+    if (a8_up) {
+        float *xb;
+        const float *xn = activations(x, x_bf16, X_NATURAL, 1, hidden, &xb);
+        x8buf = (float *)malloc((size_t)act8_floats(hidden) * sizeof(float));
+        if (!xn || !x8buf) {
+            free(xb);
+            free(x8buf);
+            for (int l = 0; l < X_LAYOUTS; l++) free(xbuf[l]);
+            return -2;
+        }
+        x8 = act8_place(x8buf, hidden);
+        act8_quantize(xn, 0, hidden / A8_UNIT, x8);
+        free(xb);
+    }
+#endif
     const int64_t down_blocks = (hidden + ROWS - 1) / ROWS;
     int nt = team_size(nthreads, bytes);
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -777,18 +988,37 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
             int rows = (int)(e->inter - row < ROWS ? e->inter - row : ROWS);
             float *y = e->gate_up + is_up * e->inter + row;
             const float *scale = is_up ? e->up_scale : e->gate_scale;
+#if A8_AVAILABLE
+            if (e->kind == W_I4 && a8_applies(e->gate_up_group, hidden)) {
+                const uint8_t *wq = (const uint8_t *)(is_up ? e->up : e->gate) + (size_t)row * (size_t)(hidden / 2);
+                a8_rows(wq, scale + row * (hidden / e->gate_up_group), e->gate_up_group, rows, hidden, &x8, 1, y);
+                continue;
+            }
+#endif
             dot_rows(is_up ? e->up : e->gate, e->kind, scale, e->gate_up_group, row, hidden, rows,
                      xf[x_layout(e->kind, e->gate_up_group)], y);
             if (scales_after(e->kind))
                 for (int r = 0; r < rows; r++) y[r] *= scale[row + r];
         }
 #pragma omp barrier
-        /* 2. silu(gate) * up, laid out for the down rows' dot product */
+        /* 2. silu(gate) * up, laid out for the down rows' dot product (int8-activation experts: a unit of
+         * A8_UNIT elements at a time, computed into the gate outputs' place, then quantised into act) */
         split(first_elem[n], t, team, &first, &last);
         for (int64_t u = first, j = 0; u < last; u++) {
             j = slot_of(first_elem, n, u, (int)j);
             const expert_slot *e = &slot[j];
             int64_t i = u - first_elem[j];
+#if A8_AVAILABLE
+            if (a8_down[j]) {
+                if (i % A8_UNIT) continue;  /* the unit's first element's thread takes the unit */
+                for (int64_t c = i; c < i + A8_UNIT; c++) {
+                    float g = e->gate_up[c], v = e->gate_up[e->inter + c];
+                    e->gate_up[c] = round_act ? round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(v)) : silu(g) * v;
+                }
+                act8_quantize(e->gate_up, i / A8_UNIT, i / A8_UNIT + 1, act8_place(e->act, e->inter));
+                continue;
+            }
+#endif
             float g = e->gate_up[i], v = e->gate_up[e->inter + i];
             e->act[layout_index(i, e->inter, x_layout(e->kind, e->down_group))] =
                 round_act ? round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(v)) : silu(g) * v;
@@ -803,6 +1033,13 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
             const int shared = j >= routed;
             for (int64_t row = row0; row < row1; row += ROWS) {
                 int rows = (int)(row1 - row < ROWS ? row1 - row : ROWS);
+#if A8_AVAILABLE
+                if (a8_down[j]) {
+                    const act8 a = act8_place(e->act, e->inter);
+                    a8_rows((const uint8_t *)e->down + (size_t)row * (size_t)(e->inter / 2),
+                            e->down_scale + row * (e->inter / e->down_group), e->down_group, rows, e->inter, &a, 1, dots);
+                } else
+#endif
                 dot_rows(e->down, e->kind, e->down_scale, e->down_group, row, e->inter, rows, e->act, dots);
                 for (int r = 0; r < rows; r++) {
                     float d = scales_after(e->kind) ? dots[r] * e->down_scale[row + r] : dots[r];
@@ -814,6 +1051,9 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
         }
     }
     for (int l = 0; l < X_LAYOUTS; l++) free(xbuf[l]);
+#if A8_AVAILABLE
+    free(x8buf);
+#endif
     return 0;
 }
 
