@@ -37,8 +37,10 @@ Method
   ``int8`` / ``int4``: the same routed experts quantised (engine.placement.quant) and run by
   :class:`engine.kernels.QuantizedCpuExperts` (torch's int8 weight-only kernel, int8 decode by the native
   kernel with the shared expert in its pass where it is built; int4 read in its storage layout by the native
-  kernel, decode in one native call with the shared expert, its activations int8 where the CPU has AVX-512 VNNI
-  (engine.kernels.native.int4_activations; ``int4-float``: the same with fp32 activations); ``int4-torch``: torch's int4 kernel on its own
+  kernel, decode in one native call with the shared expert; activations as the engine's default (where the CPU
+  has AVX-512 VNNI: int8 for int4 weights, fp32 for int8 ones, engine.kernels.native.quantized_activations);
+  ``-a8`` / ``-float`` (``int8-a8``, ``int4-float``, ...): int8 / fp32 activations whatever the default);
+  ``int4-torch``: torch's int4 kernel on its own
   layout, the engine's fallback where the native kernels are not built; ``int8-torch``: int8 with fp32
   prefill blocks on torch's int8 kernel too, as before the native kernel took them), activations in
   ``--dtype``; their bytes are the quantised bytes (scales included), so ``roofline`` compares the
@@ -297,17 +299,18 @@ def build_quantized(source: WeightSource, shape: LayerShape, kind: str) -> tuple
     # the shared expert as the engine's MoE block passes it (MoEBlock.bind_cpu_shared): plain weights, in the
     # routed experts' native pass (int8 / native int4 experts), else added after them (int4-torch)
     shared = [tuple(w.contiguous() for w in copy) for copy in make_shared(source, shape)]
-    activations = "float" if kind == "int4-float" else None  # int4-float: fp32 activations, whatever the default
+    # -float: fp32 activations, -a8: int8 ones (where the CPU has VNNI), else the engine's default
+    activations = {"float": "float", "a8": "int8"}.get(kind.rsplit("-", 1)[-1])
 
     def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared_copy: int) -> torch.Tensor:
         if activations is None:
             return moe_experts_packed(x, packed, ids, weights, shared=shared[shared_copy])
-        before = native._int4_activations_setting
-        native.set_int4_activations(activations)
+        before = native._activations_setting
+        native.set_quantized_activations(activations)
         try:
             return moe_experts_packed(x, packed, ids, weights, shared=shared[shared_copy])
         finally:
-            native.set_int4_activations(before)
+            native.set_quantized_activations(before)
 
     if kind == "int8-torch":  # fp32 blocks back on torch's int8 kernel (the decode GEMVs stay native)
         for m in (*packed.gate_up, *packed.down):
@@ -315,8 +318,8 @@ def build_quantized(source: WeightSource, shape: LayerShape, kind: str) -> tuple
                 m.native = None
     table = packed.native_table()
     kernel = packed.kernel + (" + native decode" if table is not None else "")
-    if fmt == "int4" and table is not None:
-        kernel += f", {activations or native.int4_activations()} activations"
+    if table is not None:
+        kernel += f", {native.activations_summary() if activations is None else activations + ' activations'}"
     return call, nbytes, kernel
 
 
@@ -436,7 +439,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--path", default="both",
-                        help="comma-separated paths: plain, packed, packed-native, packed-onednn, int8, int8-torch, int4, int4-float, int4-torch, "
+                        help="comma-separated paths: plain, packed, packed-native, packed-onednn, int8, int8-a8, int8-float, int8-torch, int4, int4-a8, int4-float, int4-torch, "
                              "kt-bf16, kt-int8, kt-int4 "
                              "(default 'both' = plain,packed; 'all' = every path)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -456,8 +459,8 @@ def main() -> None:
     gc.collect()
 
     results: dict[str, dict[str, object]] = {}
-    known = ("plain", "packed", "packed-native", "packed-onednn", "int8", "int8-torch", "int4", "int4-float", "int4-torch",
-             *KT_METHODS)
+    known = ("plain", "packed", "packed-native", "packed-onednn", "int8", "int8-a8", "int8-float", "int8-torch", "int4",
+             "int4-a8", "int4-float", "int4-torch", *KT_METHODS)
     paths = {"both": ("plain", "packed"), "all": known}.get(args.path) or tuple(args.path.split(","))
     unknown = [p for p in paths if p not in known]
     if unknown:
@@ -475,7 +478,7 @@ def main() -> None:
             force = {"packed": None, "packed-native": False, "packed-onednn": True}[path]
             call, onednn = build_packed(source, shape, force)
             info["onednn_prepacked"] = onednn
-        elif path in ("int8", "int8-torch", "int4", "int4-float", "int4-torch"):
+        elif path.split("-")[0] in ("int8", "int4"):
             call, nbytes, kernel = build_quantized(source, shape, path)
             info["kernel"] = kernel
         else:

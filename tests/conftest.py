@@ -22,6 +22,15 @@ import pytest  # noqa: E402
 
 
 
+@pytest.fixture
+def fp32_activations():
+    """The native kernels' int4 and int8 weights meet fp32 activations in this test (tests/activations.py)."""
+    from tests.activations import quantized_activations
+
+    with quantized_activations("float"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint() -> Path:
     from engine.tiny import ensure_tiny_checkpoint

@@ -531,15 +531,17 @@ class _Int8Matrix:
     """int8 [out, in] with per-channel scales, for ``torch._weight_int8pack_mm`` (scales in x's dtype) and the
     native decode kernel (the same scale values, widened to fp32). fp32 activations take the native kernel
     for any number of rows where it is built: torch's int8 kernel has no vectorised fp32 path (1-2 GMAC/s
-    against the native kernel's 35-60 on a 2-core AVX-512 host, bench/cpu_gemv.py); bf16 blocks stay on
-    torch's, which uses bf16 dot products."""
+    against the native kernel's 35-60 on a 2-core AVX-512 host, bench/cpu_gemv.py); bf16 blocks too where the
+    native kernel quantises them to int8 (CPUs with AVX-512 VNNI, widths of a multiple of 64: VNNI byte dot
+    products, ~1.8x torch's bf16 kernel here, bench/moe_layer_cpu.py --path int8,int8-float), else they stay
+    on torch's, which uses bf16 dot products."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
         self.q, self.scale = q.contiguous(), scale.to(dtype).contiguous()
-        self.native = native.bind_linear(self.q, 0, self.scale, blocks=True) if dtype == torch.float32 else None
+        self.native = native.bind_linear(self.q, 0, self.scale, blocks=True)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native is not None and x.dtype == torch.float32:
+        if self.native is not None and (x.dtype == torch.float32 or native.int8_activations_take(self.q.shape[1])):
             y = self.native(x)
             if y is not None:
                 return y

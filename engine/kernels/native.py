@@ -6,9 +6,10 @@ Decode on the CPU is a chain of GEMVs, and torch's GEMV reads weights well below
 (bench/cpu_gemv.py: 11-19 GB/s of a 26-34 GB/s machine; oneDNN's pre-packed fp32 path 21-28 GB/s, and it
 has no bf16 path on CPUs without native bf16). These kernels stream the checkpoint's own row-major
 [out, in] weights (fp32 or bf16, no repacking; int8 with row scales and int4 with group scales in the
-engine's quantised storage, read in place) on torch's OpenMP threads. int4 weights meet int8 activations
-(quantised per 32 columns, AVX-512 VNNI byte dot products) where the CPU has VNNI, unless
-``MING_INT4_ACTIVATIONS=float`` (or :func:`set_int4_activations`) keeps fp32 ones.
+engine's quantised storage, read in place) on torch's OpenMP threads. int4 and int8 weights meet int8
+activations (quantised per 32 columns, AVX-512 VNNI byte dot products) where the CPU has VNNI: int4 weights by
+default, int8 ones too with ``MING_CPU_ACTIVATIONS=int8``, neither with ``=float`` (or
+:func:`set_quantized_activations`).
 
 The C source is compiled on first use (about a second) with the system C compiler for this CPU
 (``-march=native``) into the studio cache (``$MING_STUDIO_CACHE`` or ``~/.cache/ming-omni-studio``,
@@ -54,11 +55,16 @@ SMALL_OP_MAX_ELEMENTS = 1 << 16
 # "one matrix in cache": fp32 512x512 about even, bf16 512x512 native 1.3x faster).
 BIND_MIN_BYTES = 512 << 10
 MAX_TOP_K = 64  # the kernel sorts at most this many slots on its stack
-# What int4 weights meet in the native kernels: "int8" activations (quantised per 32 columns, summed with
-# AVX-512 VNNI byte dot products, as llama.cpp's Q4_0 x Q8_0; used only where the CPU has VNNI) or "float"
-# (fp32, the weights dequantised exactly in registers). The environment variable picks it at load.
-INT4_ACTIVATIONS_ENV = "MING_INT4_ACTIVATIONS"
-INT4_ACTIVATION_KINDS = ("int8", "float")
+# What int4 and int8 weights meet in the native kernels: int8 activations (quantised per 32 columns, summed with
+# AVX-512 VNNI byte dot products, as llama.cpp's Q4_0 / Q8_0 x Q8_0; only where the CPU has VNNI) or fp32 ones
+# (the weights widened exactly in registers). "auto" (the default): int8 activations for int4 weights, whose own
+# error dwarfs theirs (bench/int8_activations.py at the real MoE shape: 20.4 % -> 20.4 % of the output), fp32 for
+# int8 weights, whose own error does not (1.5 % -> 2.1 %); "int8": both; "float": neither. The environment
+# variable picks it at load.
+ACTIVATIONS_ENV = "MING_CPU_ACTIVATIONS"
+ACTIVATION_KINDS = ("auto", "int8", "float")
+_INT8_ACTIVATION_KINDS = {"auto": ("int4",), "int8": ("int4", "int8"), "float": ()}
+_KIND_BITS = {"int8": 1 << 2, "int4": 1 << 3}  # the kernels' weight kinds W_I8, W_I4
 _DTYPES = (torch.float32, torch.bfloat16)
 
 _lock = threading.Lock()
@@ -67,12 +73,22 @@ _tried = False
 _failure: str | None = None
 
 
-def _int4_activations_from_env() -> str:
-    value = os.environ.get(INT4_ACTIVATIONS_ENV, "int8").strip().lower() or "int8"
-    if value not in INT4_ACTIVATION_KINDS:
-        log.warning("%s=%r is not one of %s; using int8", INT4_ACTIVATIONS_ENV, value, ", ".join(INT4_ACTIVATION_KINDS))
-        return "int8"
+def activations_summary() -> str:
+    """Which weights meet int8 activations now, in words (logs, benchmarks)."""
+    kinds = _INT8_ACTIVATION_KINDS[quantized_activations()]
+    return f"int8 activations for {' and '.join(kinds)} weights" if kinds else "fp32 activations"
+
+
+def _activations_from_env() -> str:
+    value = os.environ.get(ACTIVATIONS_ENV, "auto").strip().lower() or "auto"
+    if value not in ACTIVATION_KINDS:
+        log.warning("%s=%r is not one of %s; using auto", ACTIVATIONS_ENV, value, ", ".join(ACTIVATION_KINDS))
+        return "auto"
     return value
+
+
+def _kind_bits(setting: str) -> int:
+    return sum(_KIND_BITS[k] for k in _INT8_ACTIVATION_KINDS[setting])
 
 
 def _disabled() -> str | None:
@@ -147,14 +163,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ming_quantize_rows.restype = i32
     lib.ming_vector_floats.argtypes = ()
     lib.ming_vector_floats.restype = i32
-    lib.ming_int4_int8_available.argtypes = ()
-    lib.ming_int4_int8_available.restype = i32
-    lib.ming_set_int4_activations.argtypes = (i32,)
-    lib.ming_set_int4_activations.restype = None
+    lib.ming_int8_activations_available.argtypes = ()
+    lib.ming_int8_activations_available.restype = i32
+    lib.ming_set_int8_activations.argtypes = (i32,)
+    lib.ming_set_int8_activations.restype = None
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried, _failure, _int4_activations_setting
+    global _lib, _tried, _failure, _activations_setting
     with _lock:
         if _tried:
             return _lib
@@ -166,8 +182,8 @@ def _load() -> ctypes.CDLL | None:
             try:
                 lib = ctypes.CDLL(str(_build(cc)))
                 _declare(lib)
-                _int4_activations_setting = _int4_activations_from_env()
-                lib.ming_set_int4_activations(int(_int4_activations_setting == "int8"))
+                _activations_setting = _activations_from_env()
+                lib.ming_set_int8_activations(_kind_bits(_activations_setting))
                 _lib = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _failure = f"building {', '.join(src.name for src in SOURCES)} failed: {e}"
@@ -204,31 +220,44 @@ def status() -> str:
     if lib is None:
         return f"torch ({_failure})"
     return (f"native ({lib.ming_vector_floats() * 32}-bit vectors, {torch.get_num_threads()} threads, "
-            f"int4 x {int4_activations()} activations)")
+            f"{activations_summary()})")
 
 
-def int4_activations() -> str:
-    """What int4 weights' dot products meet now: "int8" (quantised activations, VNNI) or "float"."""
+def quantized_activations() -> str:
+    """What int4 and int8 weights' dot products meet now: "auto" (int8 activations for int4 weights), "int8"
+    (for both) or "float" (neither; also wherever the native kernels or AVX-512 VNNI are missing)."""
     lib = _load() if _disabled() is None else None
-    if lib is None or not lib.ming_int4_int8_available():
+    if lib is None or not lib.ming_int8_activations_available():
         return "float"
-    return _int4_activations_setting
+    return _activations_setting
 
 
-_int4_activations_setting = "int8"
+_activations_setting = "auto"
 
 
-def set_int4_activations(kind: str) -> str:
-    """Choose what int4 weights meet: "int8" activations (where the CPU has AVX-512 VNNI; else float stays)
-    or "float". Returns what runs from now on (see int4_activations)."""
-    global _int4_activations_setting
-    if kind not in INT4_ACTIVATION_KINDS:
-        raise ValueError(f"int4 activations must be one of {', '.join(INT4_ACTIVATION_KINDS)}; got {kind!r}")
+def int8_activations_take(cols: int, int4_group: int = 0) -> bool:
+    """True when a matrix of `cols` input columns meets int8 activations now: an int8 one (int4_group 0) where
+    the setting includes int8 weights and cols is a multiple of 64, an int4 one (groups of `int4_group`) where
+    it includes int4 weights and its groups are of a multiple of 128 dividing cols."""
+    kind = "int4" if int4_group else "int8"
+    if kind not in _INT8_ACTIVATION_KINDS[quantized_activations()]:
+        return False
+    if int4_group:
+        return int4_group % 128 == 0 and cols % int4_group == 0
+    return cols > 0 and cols % 64 == 0
+
+
+def set_quantized_activations(kind: str) -> str:
+    """Choose what int4 and int8 weights meet (see ACTIVATION_KINDS: "auto", "int8", "float"; int8 activations
+    only where the CPU has AVX-512 VNNI). Returns what runs from now on (see quantized_activations)."""
+    global _activations_setting
+    if kind not in ACTIVATION_KINDS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_KINDS)}; got {kind!r}")
     lib = _load() if _disabled() is None else None
     if lib is not None:
-        lib.ming_set_int4_activations(int(kind == "int8"))
-    _int4_activations_setting = kind
-    return int4_activations()
+        lib.ming_set_int8_activations(_kind_bits(kind))
+    _activations_setting = kind
+    return quantized_activations()
 
 
 def reset() -> None:

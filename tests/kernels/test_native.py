@@ -11,6 +11,10 @@ import torch.nn.functional as F
 from engine.kernels import moe as moe_kernels
 from engine.kernels import native
 from engine.kernels.moe import PackedExperts, cpu_linear, moe_experts_packed, moe_experts_reference, swiglu
+from tests.activations import quantized_activations
+
+# every test here compares the native kernels with exact fp32 activations unless it asks for `activations`
+pytestmark = pytest.mark.usefixtures("fp32_activations")
 
 needs_native = pytest.mark.skipif(native._compiler() is None or native._disabled() is not None,
                                   reason="no C compiler, or the native kernels switched off by the environment: "
@@ -129,7 +133,7 @@ def _int8_experts(gen, experts, hidden, inter):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("experts,hidden,inter,top_k", [(8, 64, 32, 2), (16, 100, 37, 3), (32, 256, 96, 8)])
-def test_int8_experts_in_one_native_call(dtype, experts, hidden, inter, top_k):
+def test_int8_experts_in_one_native_call(dtype, experts, hidden, inter, top_k, activations):
     """int8 experts with one scale per row (the CPU-only and host-expert format): each row's sum of
     q * x times its scale, as a weight-only int8 GEMM computes it, against the experts dequantised to fp32
     and run by the reference (rows of every tail length: widths 64, 100, 256; 37 and 96 for down)."""
@@ -143,8 +147,10 @@ def test_int8_experts_in_one_native_call(dtype, experts, hidden, inter, top_k):
     got = native.moe_decode(x, table, ids, weights).to(dtype)
     want = moe_experts_reference(x, *(w.to(dtype) for w in deq), ids, weights)
     # bf16: the dequantised weights are rounded to bf16 in the reference, not in the kernel (int8 x fp32
-    # scale is exact in fp32): a few bf16 steps
-    assert _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -5)
+    # scale is exact in fp32): a few bf16 steps; int8 activations (widths of a multiple of 64): their error
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -5
+    int8 = native.int8_activations_take(hidden) or native.int8_activations_take(inter)
+    assert _rel_err(got, want) <= (max(tol, INT8_ACTIVATIONS_REL_ERR) if int8 else tol)
 
 
 @needs_native
@@ -315,8 +321,8 @@ def test_every_vector_width_computes_the_same(floats, monkeypatch):
     assert lib.ming_vector_floats() == floats
     assert native.available()
     monkeypatch.setattr(native, "_lib", lib)
-    monkeypatch.setattr(native, "_int4_activations_setting", native._int4_activations_setting)
-    native.set_int4_activations("float")  # int4 against fp32 activations: the path every width has
+    monkeypatch.setattr(native, "_activations_setting", native._activations_setting)
+    native.set_quantized_activations("float")  # int4 against fp32 activations: the path every width has
     gen = torch.Generator().manual_seed(floats)
     for dtype in (torch.float32, torch.bfloat16):
         tol = 1e-5 if dtype == torch.float32 else 2 ** -7
@@ -382,7 +388,7 @@ def _attention_weights(gen, dtype, hidden, n_heads, n_kv, head_dim):
 
 
 def _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, first_layer, seed, int8=False,
-                            q_gain=1.0):
+                            q_gain=1.0, int8_activations=False):
     from engine.kernels.dequant import quantize_int8_rows
 
     gen = torch.Generator().manual_seed(seed)
@@ -410,6 +416,8 @@ def _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, f
                                                  n_heads, n_kv, head_dim)
     y, res = bound(x, residual, cos, sin, k_cache, v_cache, past)
     tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+    if int8_activations and hidden % 64 == 0:  # the projections' inputs quantised: their error, not rounding's
+        tol = INT8_ACTIVATIONS_REL_ERR
     assert y.dtype == dtype and y.shape == x.shape and res.shape == x.shape
     others = [j for j in range(capacity) if j != past]
     for got, want, old in ((k_cache, kr, before[0]), (v_cache, vr, before[1])):
@@ -448,18 +456,22 @@ def test_attention_decode_with_peaked_scores(dtype):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden,n_heads,n_kv,head_dim,rot,past", [(64, 4, 2, 16, 8, 5), (128, 8, 2, 32, 16, 40)])
-def test_attention_decode_with_int8_projections(dtype, hidden, n_heads, n_kv, head_dim, rot, past):
+def test_attention_decode_with_int8_projections(dtype, hidden, n_heads, n_kv, head_dim, rot, past, activations):
     """The no-GPU format's int8 linears (one fp32 scale per output row) in the attention half: the same
-    results as the attention with the dequantised projections, within the tolerances above."""
-    _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, False, seed=past, int8=True)
+    results as the attention with the dequantised projections, within the tolerances above; with int8
+    activations (the normed input and the attention's output quantised for the projections), within their
+    error."""
+    _check_attention_decode(dtype, hidden, n_heads, n_kv, head_dim, rot, past, False, seed=past, int8=True,
+                            int8_activations=native.int8_activations_take(hidden))
 
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,n,k", [(1, 7, 13), (1, 64, 2048), (3, 33, 100), (8, 130, 517)])
-def test_linear_with_int8_weights_and_row_scales(dtype, rows, n, k):
+@pytest.mark.parametrize("rows,n,k", [(1, 7, 13), (1, 64, 2048), (3, 33, 100), (8, 130, 517), (2, 40, 192)])
+def test_linear_with_int8_weights_and_row_scales(dtype, rows, n, k, activations):
     """A bound int8 linear (PackedLinear(int8=True)'s decode GEMV): x @ (q * scale).T within the tolerance
-    of the plain kernels; an int8 weight without its scales is refused."""
+    of the plain kernels; an int8 weight without its scales is refused. int8 activations (rows of a multiple of
+    64 columns): the quantised activations' product within that tolerance, the exact one within their error."""
     from engine.kernels.dequant import quantize_int8_rows
 
     gen = torch.Generator().manual_seed(rows * n + k)
@@ -469,7 +481,13 @@ def test_linear_with_int8_weights_and_row_scales(dtype, rows, n, k):
     got = bound(x)
     assert got.dtype == dtype and got.shape == (rows, n)
     want = x.double() @ (q.double() * scale.double()[:, None]).T
-    assert _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -7)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    if native.int8_activations_take(k):
+        assert activations == "int8" and k % 64 == 0
+        assert _rel_err(got, _int8_activations(x).double() @ (q.double() * scale.double()[:, None]).T) <= tol
+        assert _rel_err(got, want) <= INT8_ACTIVATIONS_REL_ERR
+    else:
+        assert _rel_err(got, want) <= tol
     assert native.bind_linear(q, min_bytes=0) is None
     with pytest.raises(ValueError):
         native.BoundLinear(q, native._lib)
@@ -478,7 +496,7 @@ def test_linear_with_int8_weights_and_row_scales(dtype, rows, n, k):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,n,k", [(9, 33, 100), (21, 130, 517), (64, 64, 2048)])
-def test_int8_linears_bound_for_blocks_take_any_number_of_rows(dtype, rows, n, k):
+def test_int8_linears_bound_for_blocks_take_any_number_of_rows(dtype, rows, n, k, activations):
     """Bound with ``blocks`` (prefill blocks in fp32, which torch's int8 kernel does not vectorise), an int8
     linear takes more than MAX_ROWS rows, each row's result as it would be alone (within 1e-6); bound
     without, it leaves them to torch (None)."""
@@ -489,7 +507,11 @@ def test_int8_linears_bound_for_blocks_take_any_number_of_rows(dtype, rows, n, k
     x = torch.randn(rows, k, generator=gen).to(dtype)
     assert rows > native.MAX_ROWS and native.bind_linear(q, min_bytes=0, scale=scale)(x) is None
     got = native.bind_linear(q, min_bytes=0, scale=scale, blocks=True)(x)
-    want = x.double() @ (q.double() * scale.double()[:, None]).T
+    if native.int8_activations_take(k):
+        x_seen = _int8_activations(x)  # the int8 path: each row quantised on its own
+    else:
+        x_seen = x
+    want = x_seen.double() @ (q.double() * scale.double()[:, None]).T
     assert got.dtype == dtype and _rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2 ** -7)
     alone = torch.cat([native.bind_linear(q, min_bytes=0, scale=scale)(x[r:r + 1]) for r in range(rows)])
     assert _rel_err(got, alone.double()) <= 1e-6
@@ -531,16 +553,14 @@ def _int4(gen, n: int, k: int):
     return q, scale, dequantize(q, scale, torch.float32)
 
 
-@pytest.fixture(params=["float", "int8"])
-def int4_activations(request):
-    """What the int4 kernels' weights meet in the test: fp32 activations, and int8 ones (quantised per 32
-    columns, AVX-512 VNNI dot products) on CPUs that have them."""
-    before = native._int4_activations_setting
-    if native.set_int4_activations(request.param) != request.param:
-        native.set_int4_activations(before)
-        pytest.skip("int4 x int8 activations need AVX-512 VNNI (or the native kernels), which this CPU lacks")
-    yield request.param
-    native.set_int4_activations(before)
+@pytest.fixture(params=["float", "int8", "auto"])
+def activations(request, fp32_activations):
+    """What the int4 / int8 kernels' weights meet in the test: fp32 activations; int8 ones (quantised per 32
+    columns, AVX-512 VNNI dot products) on CPUs that have them; the default there, int8 for int4 weights only."""
+    with quantized_activations(request.param) as took:
+        if not took:
+            pytest.skip("int8 activations need the native kernels and AVX-512 VNNI, which this CPU lacks")
+        yield request.param
 
 
 # Error the int8 activations add to int4 dot products of random normal activations, relative to the largest
@@ -559,7 +579,8 @@ def _int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def _int8_activations_apply(group: int, k: int) -> bool:
-    return native.int4_activations() == "int8" and group % 128 == 0 and k % group == 0
+    """Whether an int4 matrix of k columns in groups of `group` meets int8 activations now."""
+    return native.int8_activations_take(k, group)
 
 
 def _check_int4_linear(dtype, rows, n, k, gen):
@@ -610,7 +631,7 @@ def _check_int4_experts(dtype, experts, hidden, inter, top_k, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,n,k", [(1, 7, 128), (1, 64, 2048), (3, 33, 256), (8, 130, 512), (21, 40, 384),
                                       (2, 16, 96)])
-def test_linear_with_int4_weights_and_group_scales(dtype, rows, n, k, int4_activations):
+def test_linear_with_int4_weights_and_group_scales(dtype, rows, n, k, activations):
     """A bound int4 linear (the CPU-only format's experts, read in their storage layout): x @ W.T within
     the plain kernels' tolerance for decode rows and prefill blocks of any size; groups of 128 columns
     (2048, 512, 384: one 64-byte load per 128 columns on AVX-512), of 64 or 32 (96: groups of 32); a row
@@ -631,7 +652,32 @@ def test_linear_with_int4_weights_and_group_scales(dtype, rows, n, k, int4_activ
 
 
 @needs_native
-def test_int8_activations_of_int4_weights_keep_zero_blocks_and_outliers(int4_activations):
+def test_activation_settings_choose_by_weight_kind(fp32_activations):
+    """"auto" (the default): int4 weights meet int8 activations, int8 weights fp32 ones (the same results as with
+    "float", bit for bit: the same kernel); "int8": both; "float": neither. Unknown settings are refused."""
+    from engine.kernels.dequant import quantize_int8_rows
+
+    gen = torch.Generator().manual_seed(11)
+    q4, s4, _ = _int4(gen, 16, 256)
+    q8, s8 = quantize_int8_rows(torch.randn(16, 256, generator=gen))
+    int4, int8 = native.bind_linear(q4, min_bytes=0, scale=s4), native.bind_linear(q8, min_bytes=0, scale=s8)
+    x = torch.randn(2, 256, generator=gen)
+    out = {}
+    for setting in ("float", "auto", "int8"):
+        with quantized_activations(setting) as took:
+            if not took:
+                pytest.skip("int8 activations need AVX-512 VNNI, which this CPU lacks")
+            takes = (native.int8_activations_take(256, 128), native.int8_activations_take(256))
+            assert takes == {"float": (False, False), "auto": (True, False), "int8": (True, True)}[setting]
+            out[setting] = int4(x), int8(x)
+    assert torch.equal(out["auto"][1], out["float"][1]) and torch.equal(out["auto"][0], out["int8"][0])
+    assert not torch.equal(out["auto"][0], out["float"][0]) and not torch.equal(out["int8"][1], out["float"][1])
+    with pytest.raises(ValueError, match="activations must be one of"):
+        native.set_quantized_activations("int4")
+
+
+@needs_native
+def test_int8_activations_of_int4_weights_keep_zero_blocks_and_outliers(activations):
     """The int4 x int8 path quantises each 32-column block on its own: a block of zeros stays zero (scale 0,
     no division by it), a block with an outlier 10^6 times its other values loses those values to the
     outlier's step but leaves its neighbours' blocks exact to their own steps. fp32 activations: exact."""
@@ -642,7 +688,7 @@ def test_int8_activations_of_int4_weights_keep_zero_blocks_and_outliers(int4_act
     x[0, 40] = 1e3
     x[1, 300:332] = -x[1, 300:332].abs()  # a block of one sign
     got = native.bind_linear(q, min_bytes=0, scale=scale)(x)
-    want = (_int8_activations(x) if int4_activations == "int8" else x).double() @ w.double().T
+    want = (_int8_activations(x) if native.int8_activations_take(512, 128) else x).double() @ w.double().T
     assert _rel_err(got, want) <= 1e-5
     assert torch.isfinite(got).all()
 
@@ -678,7 +724,7 @@ def test_int4_refuses_what_it_cannot_run():
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("experts,hidden,inter,top_k", [(8, 128, 64, 2), (16, 256, 128, 4), (6, 96, 32, 3)])
-def test_int4_experts_in_one_native_call(dtype, experts, hidden, inter, top_k, int4_activations):
+def test_int4_experts_in_one_native_call(dtype, experts, hidden, inter, top_k, activations):
     """int4 experts (group scales, two values a byte) and the shared expert in one native pass, against the
     experts dequantised and run by the reference (groups of 128 and of 64 / 32 columns)."""
     _check_int4_experts(dtype, experts, hidden, inter, top_k, torch.Generator().manual_seed(hidden + inter))

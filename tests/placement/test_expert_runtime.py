@@ -381,9 +381,10 @@ class _KernelCfg:  # shapes torch's int8 / int4 CPU kernels take
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int8", "int4"])
-def test_host_experts_run_the_cpu_kernels(kind):
+def test_host_experts_run_the_cpu_kernels(kind, fp32_activations):
     """Host-resident quantised experts run torch's CPU kernels (fp8 re-quantised to int8 for them):
-    close to the dequantised reference, and a fetch copies what the host holds."""
+    close to the dequantised reference (fp32 activations: the summation order's difference), and a fetch
+    copies what the host holds."""
     torch.manual_seed(0)
     llm = _ToyLLM()
     for l in (1, 2):

@@ -18,6 +18,7 @@ from engine.loader import CheckpointError
 from engine.models.thinker.positions import PositionTokens, rope_index
 from engine.kernels.dequant import FP8_BLOCK, pack_int4, unpack_int4
 from engine.kernels import native
+from tests.activations import quantized_activations
 from engine.kernels.moe import QuantizedCpuExperts, moe_experts_dequant_reference, moe_experts_packed
 from engine.placement.quant import (FP8_MAX, ExpertWeights, bank_scales, dequantize, int4_group_size, quantize,
                                     quantize_bank_)
@@ -149,7 +150,7 @@ def _routing(t=13, e=6, k=2, seed=1):
 FORMAT_ERROR = {"fp8": 0.15, "fp8-block": 0.15, "int8": 0.03, "int4": 0.4}
 KINDS = list(FORMAT_ERROR)
 LOGIT_ERROR = {"fp8": 0.1, "fp8-block": 0.6, "int8": 0.1, "int4": 0.6}  # tiny model, relative to max |logit|
-INT8_ACTIVATIONS_LOGIT_ERROR = 0.02  # the int4 CPU kernel's int8 activations, relative to max |logit|
+INT8_ACTIVATIONS_LOGIT_ERROR = 0.02  # the int4 / int8 CPU kernels' int8 activations, relative to max |logit|
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -199,7 +200,9 @@ FP8_AS_INT8_TOLERANCE = 0.05  # fp8 experts re-quantised to int8 for the CPU ker
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cfg", [_CpuKernelCfg, _Cfg])
-def test_cpu_packed_quantized_experts_match_the_reference(kind, act, cfg):
+def test_cpu_packed_quantized_experts_match_the_reference(kind, act, cfg, fp32_activations):
+    """The CPU kernels with fp32 activations against the dequantised reference (their summation order; the int8
+    activations' error is tested against the quantised activations in tests/kernels/test_native.py)."""
     bank = _bank(cfg=cfg).requires_grad_(False)
     quantize_bank_(bank, kind)
     weights, scales = (bank.gate_proj, bank.up_proj, bank.down_proj), bank_scales(bank)
@@ -299,19 +302,14 @@ def test_quantized_load_matches_checkpoint_per_expert_and_runs(tiny_checkpoint, 
     # (fp8: re-quantised to int8 for the CPU kernel, one more rounding)
     packed = load_model(tiny_checkpoint, dtype="fp32", device="cpu", expert_dtype=kind)
     assert packed.llm.model.layers[1].mlp.experts.packed is not None
-    c = _logits(packed.llm, IDS)
     bound = LOGIT_ERROR[kind] if kind.startswith("fp8") else 1e-4
-    if kind == "int4" and native.int4_activations() == "int8":
-        # int4 experts against int8 activations (CPUs with AVX-512 VNNI; 0.6 % of max |logit| here), and
-        # against fp32 ones within the summation order's bound
-        assert float((c - b).abs().max()) <= INT8_ACTIVATIONS_LOGIT_ERROR * float(b.abs().max())
-        before = native._int4_activations_setting
-        native.set_int4_activations("float")
-        try:
-            c = _logits(packed.llm, IDS)
-        finally:
-            native.set_int4_activations(before)
+    with quantized_activations("float"):
+        c = _logits(packed.llm, IDS)
     assert float((c - b).abs().max()) <= bound * float(b.abs().max())
+    with quantized_activations("int8") as took:  # the default where the CPU has AVX-512 VNNI
+        if took:  # int8 activations: 0.6 % of max |logit| here
+            c = _logits(packed.llm, IDS)
+            assert float((c - b).abs().max()) <= max(bound, INT8_ACTIVATIONS_LOGIT_ERROR) * float(b.abs().max())
     engine = Engine(packed, MingTokenizer(packed.path), is_demo=True)
     done = list(engine.chat([{"role": "user", "content": "Hello"}], GenerationParams(max_new_tokens=3)))[-1]
     assert isinstance(done, Done) and len(done.token_ids) == 3

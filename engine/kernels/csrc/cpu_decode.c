@@ -586,87 +586,122 @@ static int i4_bf16_linear(const uint8_t *w, const float *scale, int64_t group, c
 #define I4B_AVAILABLE 0
 #endif
 
-/* int4 weights against int8 activations on CPUs with AVX-512 VNNI (vpdpbusd: 64 products of unsigned by
- * signed bytes summed into 16 int32 lanes per instruction), as llama.cpp's Q4_0 x Q8_0 dot products do: each
- * activation row is quantised once per call to int8, one fp32 scale per A8_BLOCK columns (symmetric, s =
- * max|x| / 127, q = x / s rounded to nearest even; a block of zeros has scale 0), and a weight row's 64-byte
- * unit (128 columns) meets it in two instructions: its low nibbles (the even columns) with the unit's even
- * activations, its high nibbles with the odd ones. The nibbles n are the stored, offset values (the weight is
- * n - 8): sum (n - 8) x = sum n x - 8 sum x, the second sum taken once per unit from the quantised
- * activations. A unit's int32 sums are exact; they become fp32 times the lane's block scale and the weight
- * group's scale. The only approximation is the activations' quantisation (error at most half a step, max|x|
- * / 254 of the block, each element). Decode of int4 weights on 2 cores was bound by the core, not by memory
- * (the fp32 path spends 23 instructions on 128 weights, this one 8); `ming_set_int4_activations` chooses
- * between the two (int8 by default where the CPU has VNNI). */
+/* int4 and int8 weights against int8 activations on CPUs with AVX-512 VNNI (vpdpbusd: 64 products of unsigned by
+ * signed bytes summed into 16 int32 lanes per instruction), as llama.cpp's Q4_0 / Q8_0 x Q8_0 dot products do:
+ * each activation row is quantised once per call to int8, one fp32 scale per A8_BLOCK columns (symmetric, s =
+ * max|x| / 127, q = x * (127 / max|x|) rounded to nearest even; a block of zeros has scale 0), and the weights'
+ * integer products are summed exactly in int32, then become fp32 times the lane's block scale (and the int4
+ * group's scale; int8 rows' scales multiply the row's sum, as for fp32 activations). The only approximation is
+ * the activations' quantisation: each element within half a step, max|x| / 254 of its block.
+ *   int4: a weight row's 64-byte unit (128 columns) meets the activations in two instructions, its low nibbles
+ *   (the even columns) the unit's even activations, its high nibbles the odd ones (act8's int4 layout). The
+ *   nibbles n are the stored, offset values (the weight is n - 8): sum (n - 8) x = sum n x - 8 sum x, the second
+ *   sum taken once per unit from the quantised activations.
+ *   int8: 64 weights (signed) per instruction against the activations offset by 128 (unsigned, natural order):
+ *   sum (q + 128) w - 128 sum w, the weights' sums taken by one more instruction per 64 weights.
+ * Decode of int4 weights on 2 cores was bound by the core, not by memory (the fp32 path spends 23 instructions on
+ * 128 weights, this one 8). `ming_set_int8_activations` says which weight kinds take int8 activations (the
+ * engine's default: int4 only, whose own quantisation error dwarfs theirs; see engine/kernels/native.py). */
 #if VL == 16 && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define A8_AVAILABLE 1
 #define A8_BLOCK 32   /* activation columns per int8 scale */
-#define A8_UNIT 128   /* int4 columns in one 64-byte unit */
 
-static int int4_int8_activations = 1;
+static int int8_activations = 1 << W_I4;  /* a bit per weight kind that takes int8 activations */
 
-/* One activation row quantised for the units of an int4 row: q [k] (per unit, its 64 even columns then its
- * 64 odd ones), lane_scale [k / 8] (per unit, 16 lanes: lane d sums columns 8d..8d+7, whose block scale it
- * holds), unit_sum [k / A8_UNIT] (the sum of the unit's quantised activations, times their scales). */
+/* Columns of one unit of a weight row: int4 128 (64 bytes), int8 64. */
+static inline int64_t a8_unit(int kind) { return kind == W_I4 ? 128 : 64; }
+
+/* One activation row quantised for the units of an int4 or int8 row: q [k] (int4 layout: per unit, its 64 even
+ * columns then its 64 odd ones, signed; int8 layout: natural order, offset by 128), lane_scale (per unit 16 lanes,
+ * each holding the scale of the block its columns are in: int4 lane d sums columns 8d..8d+7, int8 4d..4d+3),
+ * unit_sum [k / 128] (int4: the sum of the unit's quantised activations, times their scales). */
 typedef struct { int8_t *q; float *lane_scale; float *unit_sum; } act8;
 
-/* Floats of storage act8_place needs for one row of k (a multiple of A8_UNIT): k bytes, k / 8 + k / 128. */
-static inline int64_t act8_floats(int64_t k) { return k / 4 + k / 8 + k / A8_UNIT; }
+/* Floats of storage act8_place needs for one row of k (a multiple of the unit): k bytes, k / 4 lane scales at
+ * most, k / 128 unit sums. */
+static inline int64_t act8_floats(int64_t k) { return k / 4 + k / 4 + k / 128; }
 
 static inline act8 act8_place(float *at, int64_t k) {
-    act8 a = {(int8_t *)at, at + k / 4, at + k / 4 + k / 8};
+    act8 a = {(int8_t *)at, at + k / 4, at + k / 2};
     return a;
 }
 
-/* Quantise units [u0, u1) of x [k] (fp32, natural order) into a: per block of A8_BLOCK columns, its maximum
- * magnitude, the products x * (127 / max) rounded to nearest even (the CPU's rounding mode) and saturated to
- * int8, the even columns' bytes to the unit's first half and the odd ones' to its second. */
-static void act8_quantize(const float *x, int64_t u0, int64_t u1, act8 a) {
+/* Quantise units [u0, u1) of x [k] (fp32, natural order) into a, in `kind`'s layout: per block of A8_BLOCK
+ * columns, its maximum magnitude, the products x * (127 / max) rounded to nearest even (the CPU's rounding
+ * mode) and saturated to int8. */
+static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8 a) {
     const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+    const int64_t unit = a8_unit(kind), blocks = unit / A8_BLOCK, lanes = 16 / blocks;
     for (int64_t u = u0; u < u1; u++) {
         float total = 0.0f;
-        for (int b = 0; b < A8_UNIT / A8_BLOCK; b++) {
-            const float *xb = x + u * A8_UNIT + b * A8_BLOCK;
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *xb = x + u * unit + b * A8_BLOCK;
             const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
             const float s = amax / 127.0f;
             const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
             const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
-            int8_t *q = a.q + u * A8_UNIT + b * (A8_BLOCK / 2);
-            _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q0, evens, q1)));
-            _mm_storeu_si128((__m128i *)(q + A8_UNIT / 2), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q0, odds, q1)));
-            total += s * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-            for (int l = 0; l < 4; l++) a.lane_scale[u * 16 + b * 4 + l] = s;
+            if (kind == W_I4) {
+                int8_t *q = a.q + u * unit + b * (A8_BLOCK / 2);
+                _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q0, evens, q1)));
+                _mm_storeu_si128((__m128i *)(q + unit / 2), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q0, odds, q1)));
+                total += s * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            } else {  /* offset by 128: the bytes' unsigned values */
+                const __m512i offset = _mm512_set1_epi32(128);
+                int8_t *q = a.q + u * unit + b * A8_BLOCK;
+                _mm_storeu_si128((__m128i *)q, _mm512_cvtusepi32_epi8(_mm512_add_epi32(q0, offset)));
+                _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtusepi32_epi8(_mm512_add_epi32(q1, offset)));
+            }
+            for (int64_t l = 0; l < lanes; l++) a.lane_scale[u * 16 + b * lanes + l] = s;
         }
-        a.unit_sum[u] = total;
+        if (kind == W_I4) a.unit_sum[u] = total;
     }
 }
 
-/* The two running sums of one activation row against one int4 weight row. */
+/* The two running sums of one activation row against one weight row (int4: and the offset's). */
 typedef struct { __m512 even, odd; float offset; } a8_acc;
 
-/* acc[r] += weight row . x_r over units [u0, u1) for M (<= ROW_GROUP) activation rows, `ws` the row's group
- * scales (group a multiple of A8_UNIT). Units alternate between the two vector sums by their index, so a
- * row's sum runs in one order however it is cut into spans. */
-static inline __attribute__((always_inline)) void a8_span(const uint8_t *w, const float *ws, int64_t group, int64_t u0,
-                                                          int64_t u1, const act8 *x, const int M, a8_acc *acc) {
-    const __m512i low = _mm512_set1_epi8(15);
-    const int64_t units_per_group = group / A8_UNIT;
-    for (int64_t u = u0; u < u1; u++) {
-        __builtin_prefetch(w + u * 64 + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
-        const __m512i v = _mm512_loadu_si512((const void *)(w + u * 64));
-        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        const float s = ws[u / units_per_group];
-        const __m512 sv = _mm512_set1_ps(s);
-        for (int r = 0; r < M; r++) {
-            const int8_t *q = x[r].q + u * A8_UNIT;
-            __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)q));
-            sum = _mm512_dpbusd_epi32(sum, hi, _mm512_loadu_si512((const void *)(q + A8_UNIT / 2)));
-            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_loadu_ps(x[r].lane_scale + u * 16));
-            if (u % 2) acc[r].odd = _mm512_fmadd_ps(t, sv, acc[r].odd);
-            else acc[r].even = _mm512_fmadd_ps(t, sv, acc[r].even);
-            acc[r].offset += s * x[r].unit_sum[u];
+/* acc[r] += weight row . x_r over units [u0, u1) for M (<= ROW_GROUP) activation rows; int4: `ws` the row's
+ * group scales (group a multiple of 128). Units alternate between the two vector sums by their index, so a
+ * row's sum runs in one order however many rows come with it. */
+static inline __attribute__((always_inline)) void a8_span(int kind, const void *w, const float *ws, int64_t group,
+                                                          int64_t u0, int64_t u1, const act8 *x, const int M, a8_acc *acc) {
+    if (kind == W_I4) {
+        const uint8_t *wq = (const uint8_t *)w;
+        const __m512i low = _mm512_set1_epi8(15);
+        const int64_t units_per_group = group / 128;
+        for (int64_t u = u0; u < u1; u++) {
+            __builtin_prefetch(wq + u * 64 + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
+            const __m512i v = _mm512_loadu_si512((const void *)(wq + u * 64));
+            const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            const float s = ws[u / units_per_group];
+            const __m512 sv = _mm512_set1_ps(s);
+            for (int r = 0; r < M; r++) {
+                const int8_t *q = x[r].q + u * 128;
+                __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)q));
+                sum = _mm512_dpbusd_epi32(sum, hi, _mm512_loadu_si512((const void *)(q + 64)));
+                const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_loadu_ps(x[r].lane_scale + u * 16));
+                if (u % 2) acc[r].odd = _mm512_fmadd_ps(t, sv, acc[r].odd);
+                else acc[r].even = _mm512_fmadd_ps(t, sv, acc[r].even);
+                acc[r].offset += s * x[r].unit_sum[u];
+            }
+        }
+    } else {
+        const int8_t *wq = (const int8_t *)w;
+        const __m512i offset = _mm512_set1_epi8((char)0x80);
+        for (int64_t u = u0; u < u1; u++) {
+            __builtin_prefetch(wq + u * 64 + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
+            const __m512i v = _mm512_loadu_si512((const void *)(wq + u * 64));
+            const __m512i weights128 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, v);  /* 128 sum w */
+            for (int r = 0; r < M; r++) {
+                const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                                        _mm512_loadu_si512((const void *)(x[r].q + u * 64)), v);
+                const __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, weights128));
+                const __m512 ls = _mm512_loadu_ps(x[r].lane_scale + u * 16);
+                if (u % 2) acc[r].odd = _mm512_fmadd_ps(t, ls, acc[r].odd);
+                else acc[r].even = _mm512_fmadd_ps(t, ls, acc[r].even);
+            }
         }
     }
 }
@@ -675,48 +710,64 @@ static inline float a8_finish(const a8_acc *acc) {
     return _mm512_reduce_add_ps(_mm512_add_ps(acc->even, acc->odd)) - 8.0f * acc->offset;
 }
 
-/* out[j * m + r] = w[j, :] . x_r for `rows` (<= ROWS) int4 weight rows of k / 2 bytes from w (group scales
- * from ws, k / group per row) and m activation rows (any number: ROW_GROUP at a time, each weight row staying
- * in cache meanwhile). */
-static void a8_rows(const uint8_t *w, const float *ws, int64_t group, int rows, int64_t k, const act8 *x, int64_t m,
-                    float *out) {
-    const int64_t units = k / A8_UNIT, groups = k / group;
+/* out[j * m + r] = w[j, :] . x_r for `rows` (<= ROWS) consecutive weight rows of `kind` from w (int4: group
+ * scales from ws, k / group per row; int8: sums unscaled, the caller applies the rows' scales) and m activation
+ * rows (any number: ROW_GROUP at a time, each weight row staying in cache meanwhile). */
+static void a8_rows(int kind, const void *w, const float *ws, int64_t group, int rows, int64_t k, const act8 *x,
+                    int64_t m, float *out) {
+    const int64_t units = k / a8_unit(kind), groups = kind == W_I4 ? k / group : 0;
+    const size_t stride = row_bytes(kind, k);
     for (int j = 0; j < rows; j++) {
-        const uint8_t *wj = w + (size_t)j * (size_t)(k / 2);
-        const float *sj = ws + j * groups;
+        const void *wj = (const char *)w + (size_t)j * stride;
+        const float *sj = kind == W_I4 ? ws + j * groups : NULL;
         for (int64_t r = 0; r < m; r += ROW_GROUP) {
             a8_acc acc[ROW_GROUP];
             for (int i = 0; i < ROW_GROUP; i++) acc[i] = (a8_acc){_mm512_setzero_ps(), _mm512_setzero_ps(), 0.0f};
             const int M = (int)(m - r < ROW_GROUP ? m - r : ROW_GROUP);
+#define A8_SPAN(K, MM) a8_span(K, wj, sj, group, 0, units, x + r, MM, acc)
+#define A8_KIND(MM) do { if (kind == W_I4) A8_SPAN(W_I4, MM); else A8_SPAN(W_I8, MM); } while (0)
             switch (M) {
-            case 1: a8_span(wj, sj, group, 0, units, x + r, 1, acc); break;
-            case 2: a8_span(wj, sj, group, 0, units, x + r, 2, acc); break;
-            case 3: a8_span(wj, sj, group, 0, units, x + r, 3, acc); break;
-            default: a8_span(wj, sj, group, 0, units, x + r, 4, acc); break;
+            case 1: A8_KIND(1); break;
+            case 2: A8_KIND(2); break;
+            case 3: A8_KIND(3); break;
+            default: A8_KIND(4); break;
             }
+#undef A8_KIND
+#undef A8_SPAN
             for (int i = 0; i < M; i++) out[j * m + r + i] = a8_finish(&acc[i]);
         }
     }
 }
 
-/* True when an int4 matrix of k columns in groups of `group` takes the int8-activation kernel now. */
-static inline int a8_applies(int64_t group, int64_t k) {
-    return int4_int8_activations && group > 0 && group % A8_UNIT == 0 && k % group == 0;
+/* True when a matrix of `kind` with k columns (int4: in groups of `group`) takes int8 activations now. */
+static inline int a8_applies(int kind, int64_t group, int64_t k) {
+    if (!(int8_activations >> kind & 1)) return 0;
+    if (kind == W_I4) return group > 0 && group % 128 == 0 && k % group == 0;
+    return kind == W_I8 && k > 0 && k % 64 == 0;
+}
+
+/* x [k] (fp32) quantised into a new buffer in kind's layout (*owned: what to free). 0, -1 when out of memory. */
+static int act8_new(const float *x, int kind, int64_t k, act8 *a, float **owned) {
+    *owned = (float *)malloc((size_t)act8_floats(k) * sizeof(float));
+    if (!*owned) return -1;
+    *a = act8_place(*owned, k);
+    act8_quantize(x, kind, 0, k / a8_unit(kind), *a);
+    return 0;
 }
 #else
 #define A8_AVAILABLE 0
-static inline int a8_applies(int64_t group, int64_t k) { (void)group; (void)k; return 0; }
+static inline int a8_applies(int kind, int64_t group, int64_t k) { (void)kind; (void)group; (void)k; return 0; }
 #endif
 
-/* Whether this build has the int4 x int8 kernel (AVX-512 VNNI), and the choice between it and the exact fp32
- * activations (on: 1, off: 0; ignored without it). */
-int ming_int4_int8_available(void) { return A8_AVAILABLE; }
+/* Whether this build has the int8-activation kernels (AVX-512 VNNI), and which weight kinds take them: bit
+ * 1 << W_I4 int4, 1 << W_I8 int8 (others ignored; all ignored without the kernels). */
+int ming_int8_activations_available(void) { return A8_AVAILABLE; }
 
-void ming_set_int4_activations(int int8) {
+void ming_set_int8_activations(int kinds) {
 #if A8_AVAILABLE
-    int4_int8_activations = int8 != 0;
+    int8_activations = kinds & (1 << W_I4 | 1 << W_I8);
 #else
-    (void)int8;
+    (void)kinds;
 #endif
 }
 
@@ -735,24 +786,25 @@ static int scales_fit(int kind, int has_scales, int64_t group, int64_t k) {
 }
 
 #if A8_AVAILABLE
-/* y[m, n] = x[m, k] @ w[n, k]^T for int4 w with group scales and int8-quantised activations (see act8): every
- * activation row quantised once, then MAX_LINEAR_ROWS of them at a time against each thread's weight rows.
- * Returns 0, -1 when out of memory. */
-static int i4_a8_linear(const uint8_t *w, const float *scale, int64_t group, const void *x, int x_bf16, void *y,
-                        int y_bf16, int64_t m, int64_t n, int64_t k, int nthreads) {
+/* y[m, n] = x[m, k] @ w[n, k]^T for int4 w with group scales or int8 w with row scales, against int8-quantised
+ * activations (see act8): every activation row quantised once, then MAX_LINEAR_ROWS of them at a time against
+ * each thread's weight rows. Returns 0, -1 when out of memory. */
+static int a8_linear(int kind, const void *w, const float *scale, int64_t group, const void *x, int x_bf16, void *y,
+                     int y_bf16, int64_t m, int64_t n, int64_t k, int nthreads) {
     float *xbuf;
     const float *xf = activations(x, x_bf16, X_NATURAL, m, k, &xbuf);
     if (!xf) return -1;
-    const int64_t per_row = act8_floats(k), units = k / A8_UNIT;
+    const int64_t per_row = act8_floats(k), units = k / a8_unit(kind);
     float *store = (float *)malloc((size_t)(m * per_row) * sizeof(float));
     act8 *rows8 = (act8 *)malloc((size_t)m * sizeof(act8));
     if (!store || !rows8) { free(store); free(rows8); free(xbuf); return -1; }
     for (int64_t r = 0; r < m; r++) {
         rows8[r] = act8_place(store + r * per_row, k);
-        act8_quantize(xf + r * k, 0, units, rows8[r]);
+        act8_quantize(xf + r * k, kind, 0, units, rows8[r]);
     }
-    const int64_t blocks = (n + ROWS - 1) / ROWS, groups = k / group;
-    int nt = team_size(nthreads, n * (k / 2));
+    const int64_t blocks = (n + ROWS - 1) / ROWS, groups = kind == W_I4 ? k / group : 0;
+    const size_t stride = row_bytes(kind, k);
+    int nt = team_size(nthreads, n * (int64_t)stride);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int64_t first, last;
@@ -763,12 +815,14 @@ static int i4_a8_linear(const uint8_t *w, const float *scale, int64_t group, con
             for (int64_t b = first; b < last; b++) {
                 const int64_t row = b * ROWS;
                 const int rows = (int)(n - row < ROWS ? n - row : ROWS);
-                a8_rows(w + (size_t)row * (size_t)(k / 2), scale + row * groups, group, rows, k, rows8 + r0, mc, dots);
+                a8_rows(kind, (const char *)w + (size_t)row * stride, kind == W_I4 ? scale + row * groups : NULL, group,
+                        rows, k, rows8 + r0, mc, dots);
                 for (int64_t r = 0; r < mc; r++)
                     for (int j = 0; j < rows; j++) {
+                        const float d = scales_after(kind) ? dots[j * mc + r] * scale[row + j] : dots[j * mc + r];
                         const int64_t at = (r0 + r) * n + row + j;
-                        if (y_bf16) ((uint16_t *)y)[at] = f32_to_bf16(dots[j * mc + r]);
-                        else ((float *)y)[at] = dots[j * mc + r];
+                        if (y_bf16) ((uint16_t *)y)[at] = f32_to_bf16(d);
+                        else ((float *)y)[at] = d;
                     }
             }
         }
@@ -787,7 +841,7 @@ static int i4_a8_linear(const uint8_t *w, const float *scale, int64_t group, con
  * many (decode; larger blocks are GEMMs for BLAS), int4 and int8 any number (no other CPU kernel dequantises
  * int4 in registers, and torch's int8 one has no vectorised fp32 path: a prefill block runs chunk by chunk,
  * each chunk's activations staying in cache while the thread's weight rows stream by; int4 takes int8
- * activations where the CPU has VNNI (i4_a8_linear, unless switched off), else blocks of bf16 activations
+ * activations where the CPU has VNNI (a8_linear, unless switched off; int8 too, k a multiple of 64), else blocks of bf16 activations
  * take i4_bf16_linear where the CPU has bf16 dot products). Returns 0, -1 when
  * out of memory, -3 for m outside [1, MAX_LINEAR_ROWS] (fp32, bf16) or m < 1, -4 for an unknown kind or
  * scales that do not go with it (scales_fit). */
@@ -796,8 +850,8 @@ int ming_linear(const void *w, int w_kind, const float *w_scale, int64_t w_group
     if (m < 1 || (m > MAX_LINEAR_ROWS && w_kind != W_I4 && w_kind != W_I8)) return -3;
     if (!scales_fit(w_kind, w_scale != NULL, w_group, k)) return -4;
 #if A8_AVAILABLE
-    if (w_kind == W_I4 && a8_applies(w_group, k))
-        return i4_a8_linear((const uint8_t *)w, w_scale, w_group, x, x_bf16, y, y_bf16, m, n, k, nthreads);
+    if (a8_applies(w_kind, w_group, k))
+        return a8_linear(w_kind, w, w_scale, w_group, x, x_bf16, y, y_bf16, m, n, k, nthreads);
 #endif
 #if I4B_AVAILABLE
     if (w_kind == W_I4 && x_bf16 && m >= I4B_MIN_ROWS)  /* scales_fit: groups of a multiple of 32 dividing k */
@@ -939,36 +993,33 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
     const float *xf[X_LAYOUTS] = {NULL, NULL, NULL};
     for (int j = 0; j < n; j++) {
         const int p = x_layout(slot[j].kind, slot[j].gate_up_group);
-        if (slot[j].kind == W_I4 && a8_applies(slot[j].gate_up_group, hidden)) continue;  /* int8 activations */
+        if (a8_applies(slot[j].kind, slot[j].gate_up_group, hidden)) continue;  /* int8 activations */
         if (xf[p] == NULL && (xf[p] = activations(x, x_bf16, p, 1, hidden, &xbuf[p])) == NULL) {
             for (int l = 0; l < X_LAYOUTS; l++) free(xbuf[l]);
             return -2;
         }
     }
 #if A8_AVAILABLE
-    /* int4 experts taking int8 activations: x quantised once; each one's down input quantised in phase 2 into
-     * its act buffer (act8_floats(inter) <= inter floats) */
-    int a8_up = 0, a8_down[MAX_SLOTS];
+    /* experts taking int8 activations: x quantised once in each layout they read (int4's, int8's); each one's
+     * down input quantised in phase 2 into its act buffer (act8_floats(inter) <= inter floats) */
+    int a8_down[MAX_SLOTS];
+    float *x8buf[2] = {NULL, NULL}, *xnbuf = NULL;
+    act8 x8[2];
+    const float *xn = NULL;
     for (int j = 0; j < n; j++) {
-        a8_up |= slot[j].kind == W_I4 && a8_applies(slot[j].gate_up_group, hidden);
-        a8_down[j] = slot[j].kind == W_I4 && a8_applies(slot[j].down_group, slot[j].inter);
-    }
-    float *x8buf = NULL;
-    act8 x8 = {NULL, NULL, NULL};
-    if (a8_up) {
-        float *xb;
-        const float *xn = activations(x, x_bf16, X_NATURAL, 1, hidden, &xb);
-        x8buf = (float *)malloc((size_t)act8_floats(hidden) * sizeof(float));
-        if (!xn || !x8buf) {
-            free(xb);
-            free(x8buf);
+        a8_down[j] = a8_applies(slot[j].kind, slot[j].down_group, slot[j].inter);
+        const int layout = slot[j].kind == W_I8;
+        if (!a8_applies(slot[j].kind, slot[j].gate_up_group, hidden) || x8buf[layout]) continue;
+        if ((!xn && !(xn = activations(x, x_bf16, X_NATURAL, 1, hidden, &xnbuf))) ||
+            act8_new(xn, slot[j].kind, hidden, &x8[layout], &x8buf[layout])) {
+            free(xnbuf);
+            free(x8buf[0]);
+            free(x8buf[1]);
             for (int l = 0; l < X_LAYOUTS; l++) free(xbuf[l]);
             return -2;
         }
-        x8 = act8_place(x8buf, hidden);
-        act8_quantize(xn, 0, hidden / A8_UNIT, x8);
-        free(xb);
     }
+    free(xnbuf);
 #endif
     const int64_t down_blocks = (hidden + ROWS - 1) / ROWS;
     int nt = team_size(nthreads, bytes);
@@ -989,11 +1040,11 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
             float *y = e->gate_up + is_up * e->inter + row;
             const float *scale = is_up ? e->up_scale : e->gate_scale;
 #if A8_AVAILABLE
-            if (e->kind == W_I4 && a8_applies(e->gate_up_group, hidden)) {
-                const uint8_t *wq = (const uint8_t *)(is_up ? e->up : e->gate) + (size_t)row * (size_t)(hidden / 2);
-                a8_rows(wq, scale + row * (hidden / e->gate_up_group), e->gate_up_group, rows, hidden, &x8, 1, y);
-                continue;
-            }
+            if (a8_applies(e->kind, e->gate_up_group, hidden))
+                a8_rows(e->kind, (const char *)(is_up ? e->up : e->gate) + (size_t)row * row_bytes(e->kind, hidden),
+                        e->kind == W_I4 ? scale + row * (hidden / e->gate_up_group) : NULL, e->gate_up_group, rows,
+                        hidden, &x8[e->kind == W_I8], 1, y);
+            else
 #endif
             dot_rows(is_up ? e->up : e->gate, e->kind, scale, e->gate_up_group, row, hidden, rows,
                      xf[x_layout(e->kind, e->gate_up_group)], y);
@@ -1002,7 +1053,7 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
         }
 #pragma omp barrier
         /* 2. silu(gate) * up, laid out for the down rows' dot product (int8-activation experts: a unit of
-         * A8_UNIT elements at a time, computed into the gate outputs' place, then quantised into act) */
+         * a8_unit elements at a time, computed into the gate outputs' place, then quantised into act) */
         split(first_elem[n], t, team, &first, &last);
         for (int64_t u = first, j = 0; u < last; u++) {
             j = slot_of(first_elem, n, u, (int)j);
@@ -1010,12 +1061,13 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
             int64_t i = u - first_elem[j];
 #if A8_AVAILABLE
             if (a8_down[j]) {
-                if (i % A8_UNIT) continue;  /* the unit's first element's thread takes the unit */
-                for (int64_t c = i; c < i + A8_UNIT; c++) {
+                const int64_t unit = a8_unit(e->kind);
+                if (i % unit) continue;  /* the unit's first element's thread takes the unit */
+                for (int64_t c = i; c < i + unit; c++) {
                     float g = e->gate_up[c], v = e->gate_up[e->inter + c];
                     e->gate_up[c] = round_act ? round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(v)) : silu(g) * v;
                 }
-                act8_quantize(e->gate_up, i / A8_UNIT, i / A8_UNIT + 1, act8_place(e->act, e->inter));
+                act8_quantize(e->gate_up, e->kind, i / unit, i / unit + 1, act8_place(e->act, e->inter));
                 continue;
             }
 #endif
@@ -1036,8 +1088,9 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
 #if A8_AVAILABLE
                 if (a8_down[j]) {
                     const act8 a = act8_place(e->act, e->inter);
-                    a8_rows((const uint8_t *)e->down + (size_t)row * (size_t)(e->inter / 2),
-                            e->down_scale + row * (e->inter / e->down_group), e->down_group, rows, e->inter, &a, 1, dots);
+                    a8_rows(e->kind, (const char *)e->down + (size_t)row * row_bytes(e->kind, e->inter),
+                            e->kind == W_I4 ? e->down_scale + row * (e->inter / e->down_group) : NULL, e->down_group,
+                            rows, e->inter, &a, 1, dots);
                 } else
 #endif
                 dot_rows(e->down, e->kind, e->down_scale, e->down_group, row, e->inter, rows, e->act, dots);
@@ -1052,7 +1105,8 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
     }
     for (int l = 0; l < X_LAYOUTS; l++) free(xbuf[l]);
 #if A8_AVAILABLE
-    free(x8buf);
+    free(x8buf[0]);
+    free(x8buf[1]);
 #endif
     return 0;
 }
@@ -1188,13 +1242,20 @@ void ming_rotary(const void *x, const float *cos_t, const float *sin_t, void *y,
 /* y[row] = w[row, :] . x (times scale[row] for int8 weights) for this thread's share of the n rows (ROWS-row
  * blocks split as evenly as the team allows), inside a parallel region; x laid out for `kind`
  * (activations()); each result rounded to bf16 when `round_out`. */
-static void gemv_share(const void *w, int kind, const float *scale, int64_t n, int64_t k, const float *x, float *y,
-                       int round_out, int t, int team) {
+static void gemv_share(const void *w, int kind, const float *scale, int64_t n, int64_t k, const float *x,
+                       const void *x8, float *y, int round_out, int t, int team) {
+    (void)x8;  /* int8 activations (act8) where built and given, else x */
     int64_t first, last;
     split((n + ROWS - 1) / ROWS, t, team, &first, &last);
     for (int64_t b = first; b < last; b++) {
         int64_t row = b * ROWS;
         int rows = (int)(n - row < ROWS ? n - row : ROWS);
+#if A8_AVAILABLE
+        if (x8)
+            a8_rows(kind, (const char *)w + (size_t)row * row_bytes(kind, k), NULL, 0, rows, k, (const act8 *)x8, 1,
+                    y + row);
+        else
+#endif
         dot_rows(w, kind, scale, 0, row, k, rows, x, y + row);
         for (int r = 0; r < rows; r++) {
             float v = scales_after(kind) ? y[row + r] * scale[row + r] : y[row + r];
@@ -1466,14 +1527,35 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
     int nt = team_size(nthreads, (n_qkv + hidden) * (int64_t)(hidden > n_att ? hidden : n_att) * (int64_t)kind_bytes(kind));
     const int64_t head_blocks = (group + ATT_HEADS - 1) / ATT_HEADS, key_blocks = (n_keys + ATT_KEYS - 1) / ATT_KEYS;
     const int64_t value_slices = value_slice_count(head_dim);
-    const size_t floats = (size_t)(3 * hidden + n_qkv + 2 * n_att + hidden + n_heads * n_keys + n_heads + 2 * nt * head_dim);
+    /* int8 activations (int8 projections, widths multiples of 64): the normed x and the attention's output
+     * quantised for W_qkv and W_o */
+    const int a8_qkv = a8_applies(kind, 0, hidden), a8_o = a8_applies(kind, 0, n_att);
+#if A8_AVAILABLE
+    const int64_t a8_floats = (a8_qkv ? act8_floats(hidden) : 0) + (a8_o ? act8_floats(n_att) : 0);
+#else
+    const int64_t a8_floats = 0;
+#endif
+    const size_t floats = (size_t)(3 * hidden + n_qkv + 2 * n_att + hidden + n_heads * n_keys + n_heads + 2 * nt * head_dim +
+                                   a8_floats);
     float *buf = (float *)malloc(floats * sizeof(float));
     if (!buf) return -2;
     float *h = buf, *xn = h + hidden, *xp = xn + hidden, *qkv = xp + hidden, *q = qkv + n_qkv, *att = q + n_att;
     float *o = att + n_att, *scores = o + hidden, *sums = scores + n_heads * n_keys, *head_tmp = sums + n_heads;
+    float *a8_store = head_tmp + 2 * nt * head_dim;
+    void *x8 = NULL, *att8 = NULL;
+#if A8_AVAILABLE
+    act8 x8_rows, att8_rows;
+    if (a8_qkv) { x8_rows = act8_place(a8_store, hidden); x8 = &x8_rows; a8_store += act8_floats(hidden); }
+    if (a8_o) { att8_rows = act8_place(a8_store, n_att); att8 = &att8_rows; }
+#else
+    (void)a8_store; (void)a8_qkv; (void)a8_o;
+#endif
     const void *res_mid = residual ? res_out : x;  /* the residual stream after the input norm's add */
     rms_row(x, 0, residual, in_norm_w, NULL, xn, residual ? res_out : NULL, hidden, eps, bf16, h);
     lay_out(xn, xp, hidden, x_layout(kind, 0));
+#if A8_AVAILABLE
+    if (x8) act8_quantize(xn, kind, 0, hidden / a8_unit(kind), x8_rows);
+#endif
     const size_t elem = bf16 ? 2 : 4;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -1481,7 +1563,7 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
         float *tmp = head_tmp + 2 * t * head_dim, *tmp2 = tmp + head_dim;
         int64_t first, last;
         /* 1. qkv */
-        gemv_share(w_qkv, kind, qkv_scale, n_qkv, hidden, xp, qkv, bf16, t, team);
+        gemv_share(w_qkv, kind, qkv_scale, n_qkv, hidden, xp, x8, qkv, bf16, t, team);
 #pragma omp barrier
         /* 2. q and k heads normed and rotated (k into the cache), v into the cache */
         split(n_heads + 2 * n_kv, t, team, &first, &last);
@@ -1552,8 +1634,14 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
                 }
         }
 #pragma omp barrier
-        /* 4. the output projection */
-        gemv_share(w_o, kind, o_scale, hidden, n_att, att, o, bf16, t, team);
+        /* 4. the output projection (int8 activations: the attention's output quantised first) */
+#if A8_AVAILABLE
+        if (att8) {
+#pragma omp single
+            act8_quantize(att, kind, 0, n_att / a8_unit(kind), att8_rows);
+        }
+#endif
+        gemv_share(w_o, kind, o_scale, hidden, n_att, att, att8, o, bf16, t, team);
     }
     rms_row(o, 1, res_mid, post_norm_w, y, NULL, res_out, hidden, eps, bf16, h);
     free(buf);
@@ -1665,7 +1753,7 @@ int ming_mlp_decode(const void *x, int bf16, const void *router_w, int router_ki
         }
         int nt = team_size(nthreads, num_experts * hidden * (int64_t)kind_bytes(router_kind));
 #pragma omp parallel num_threads(nt) if (nt > 1)
-        gemv_share(router_w, router_kind, NULL, num_experts, hidden, xf, logits, 0, omp_get_thread_num(),
+        gemv_share(router_w, router_kind, NULL, num_experts, hidden, xf, NULL, logits, 0, omp_get_thread_num(),
                    omp_get_num_threads());
         free(xbuf);
         route_token(logits, expert_bias, num_experts, n_group, topk_group, top_k, scaling, router_bf16, ids, route_w, work,
