@@ -532,9 +532,9 @@ class _Int8Matrix:
     native decode kernel (the same scale values, widened to fp32). fp32 activations take the native kernel
     for any number of rows where it is built: torch's int8 kernel has no vectorised fp32 path (1-2 GMAC/s
     against the native kernel's 35-60 on a 2-core AVX-512 host, bench/cpu_gemv.py); bf16 blocks too where the
-    native kernel quantises them to int8 (CPUs with AVX-512 VNNI, widths of a multiple of 64: VNNI byte dot
-    products, ~1.8x torch's bf16 kernel here, bench/moe_layer_cpu.py --path int8,int8-float), else they stay
-    on torch's, which uses bf16 dot products."""
+    native kernel quantises them to int8 (native.int8_activations_take: MING_CPU_ACTIVATIONS=int8 on CPUs with
+    AVX-512 VNNI, widths of a multiple of 64; VNNI byte dot products, ~1.6x torch's bf16 kernel on 2 cores,
+    bench/moe_layer_cpu.py --path int8-a8,int8), else they stay on torch's, which uses bf16 dot products."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
         self.q, self.scale = q.contiguous(), scale.to(dtype).contiguous()

@@ -680,17 +680,22 @@ def test_activation_settings_choose_by_weight_kind(fp32_activations):
 def test_int8_activations_of_int4_weights_keep_zero_blocks_and_outliers(activations):
     """The int4 x int8 path quantises each 32-column block on its own: a block of zeros stays zero (scale 0,
     no division by it), a block with an outlier 10^6 times its other values loses those values to the
-    outlier's step but leaves its neighbours' blocks exact to their own steps. fp32 activations: exact."""
+    outlier's step but leaves its neighbours' blocks exact to their own steps. fp32 activations: exact. A NaN
+    or an infinity in a row's activations makes that row's outputs non-finite on either path."""
     gen = torch.Generator().manual_seed(3)
     q, scale, w = _int4(gen, 24, 512)
     x = torch.randn(2, 512, generator=gen) * 1e-3
     x[:, :32] = 0.0
     x[0, 40] = 1e3
     x[1, 300:332] = -x[1, 300:332].abs()  # a block of one sign
-    got = native.bind_linear(q, min_bytes=0, scale=scale)(x)
+    bound = native.bind_linear(q, min_bytes=0, scale=scale)
+    got = bound(x)
     want = (_int8_activations(x) if native.int8_activations_take(512, 128) else x).double() @ w.double().T
     assert _rel_err(got, want) <= 1e-5
     assert torch.isfinite(got).all()
+    x[1, 100], x[0, 7] = float("nan"), float("inf")  # non-finite activations give non-finite sums, not numbers
+    got = bound(x)
+    assert bool(torch.isnan(got[1]).all()) and not bool(torch.isfinite(got[0]).any())
 
 
 @needs_native

@@ -16,8 +16,8 @@
  * layout, no repacking), int8 with per-row scales or int4 with group scales (the engine's quantised
  * storage, read in place: see W_I4). Products are summed in fp32 (bf16 weights are widened exactly, int4
  * ones dequantised exactly as dequantize() does, or, where the CPU has AVX-512 VNNI, met by int8-quantised
- * activations: see act8); a bf16 result is rounded to nearest even, as torch rounds. Sums run in another order than torch's kernels: results agree within fp32 rounding, not bit for
- * bit.
+ * activations: see act8); a bf16 result is rounded to nearest even, as torch rounds. Sums run in another
+ * order than torch's kernels: results agree within fp32 rounding, not bit for bit.
  */
 #include <math.h>
 #include <stdint.h>
@@ -628,7 +628,8 @@ static inline act8 act8_place(float *at, int64_t k) {
 
 /* Quantise units [u0, u1) of x [k] (fp32, natural order) into a, in `kind`'s layout: per block of A8_BLOCK
  * columns, its maximum magnitude, the products x * (127 / max) rounded to nearest even (the CPU's rounding
- * mode) and saturated to int8. */
+ * mode) and saturated to int8. A block holding a NaN or an infinity gets a NaN scale, so that the sums it
+ * enters are NaN, as fp32 activations would make them. */
 static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8 a) {
     const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
@@ -639,8 +640,10 @@ static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8
             const float *xb = x + u * unit + b * A8_BLOCK;
             const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-            const float s = amax / 127.0f;
-            const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            const int finite = !(_mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x1, x1, _CMP_UNORD_Q)) &&
+                               amax <= 3.402823466e38f;
+            const float s = finite ? amax / 127.0f : NAN;
+            const __m512 inv = _mm512_set1_ps(finite && amax > 0.0f ? 127.0f / amax : 0.0f);
             const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
             if (kind == W_I4) {
                 int8_t *q = a.q + u * unit + b * (A8_BLOCK / 2);
