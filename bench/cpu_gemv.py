@@ -18,6 +18,10 @@ these read weights. This measures, in one run:
 * int8 prefill blocks (16 and 64 rows) at the real expert shapes: torch's int8 kernel against the native one
   bound for blocks, which the engine runs for fp32 activations (torch's fp32 int8 path is not vectorised:
   timed on fewer matrices) and leaves to torch in bf16;
+* few-row blocks (a decode batch, an expert's share of a prefill) of plain fp32 / bf16 weights at the real
+  model's shapes: torch's F.linear against the native kernel for 1-8 rows, and which one the engine takes
+  (engine.kernels.native.max_rows: on CPUs where torch's bf16 GEMMs use AMX tiles, they take bf16 blocks
+  from a few rows);
 * int4 weights with a scale per 128 columns (the no-GPU expert format) at the real model's expert shapes:
   torch's int4 kernel (on its own layout) against the native one (on the engine's storage), for a decode
   row and the few-row blocks an expert gets in prefill; fp32 activations through torch's kernel are timed
@@ -154,6 +158,25 @@ def streamed_int4(n: int, k: int, dtype: torch.dtype, rows: int, mib: int) -> di
     return row
 
 
+FEW_ROWS_SHAPES = (("real expert gate+up", 2048, 4096), ("real expert down", 4096, 1024), ("k 8192", 1024, 8192))
+FEW_ROWS = (1, 2, 3, 4, 6, 8)
+
+
+def few_rows(n: int, k: int, dtype: torch.dtype, rows: int, mib: int) -> dict:
+    """Plain [n, k] weights of ``dtype``, ``rows`` activation rows: torch's F.linear against the native kernel
+    (forced, whatever native.max_rows says), and what the engine's dispatch (native.linear_applies) picks."""
+    count = max(2, mib * 2**20 // (n * k * dtype.itemsize))
+    gen = torch.Generator().manual_seed(n * k + rows)
+    mats = [torch.randn(n, k, generator=gen).to(dtype) for _ in range(count)]
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    nbytes = count * n * k * dtype.itemsize
+    row: dict = {"matrices": count, "torch_gbs": nbytes / _seconds(lambda: [F.linear(x, w) for w in mats], 3) / 1e9}
+    if native.available():
+        row["native_gbs"] = nbytes / _seconds(lambda: [native.linear(x, w) for w in mats], 3) / 1e9
+        row["engine_takes"] = "native" if native.linear_applies(x, mats[0]) else "torch"
+    return row
+
+
 def per_call(n: int, dtype: torch.dtype) -> dict:
     w = torch.randn(n, n).to(dtype)
     x = torch.randn(1, n).to(dtype)
@@ -187,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out: dict = {"threads": args.threads, "read_gbs": read_bandwidth(args.mib), "streamed": {}, "per_call": {},
-                 "int8": {}, "int8_blocks": {}, "int4": {}}
+                 "int8": {}, "int8_blocks": {}, "int4": {}, "few_rows": {}}
     with torch.inference_mode():
         for dname, dtype in DTYPES.items():
             for name, n, k in SHAPES:
@@ -195,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                 out["int8"][f"int8, {dname} x: {name} [{n}x{k}]"] = streamed_int8(n, k, dtype, args.mib)
             for n in SMALL:
                 out["per_call"][f"{dname} {n}x{n}"] = per_call(n, dtype)
+            for name, n, k in FEW_ROWS_SHAPES:
+                for rows in FEW_ROWS:
+                    out["few_rows"][f"{dname} x{rows}: {name} [{n}x{k}]"] = few_rows(n, k, dtype, rows, args.mib // 4)
             for name, n, k in INT4_SHAPES:
                 for rows in INT8_BLOCK_ROWS:
                     out["int8_blocks"][f"int8, {dname} x{rows}: {name} [{n}x{k}]"] = streamed_int8_block(
@@ -221,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     _print_torch_vs_native("int8 weights + row scales, streamed", out["int8"], bw, 40, 1)
     _print_torch_vs_native("int8 prefill blocks (GB/s of int8 bytes)", out["int8_blocks"], bw, 48, 2)
     _print_torch_vs_native("int4 weights + scale per 128, streamed", out["int4"], bw, 48, 2)
+    _print_torch_vs_native("few-row blocks, plain weights (GB/s of weights)", out["few_rows"], bw, 48, 2)
+    takes = {name: r["engine_takes"] for name, r in out["few_rows"].items() if "engine_takes" in r}
+    if takes:
+        print("the engine takes: " + "; ".join(f"{name}: {who}" for name, who in takes.items()))
+    print(f"torch's bf16 GEMMs use AMX tiles: {native.torch_bf16_gemm_uses_amx()}")
     print(f"\n{'one matrix in cache, per call':40s} {'KiB':>6s} {'plain us':>9s} {'packed us':>10s} {'native us':>10s}")
     for name, r in out["per_call"].items():
         cols = "".join(f" {r[key]:10.1f}" if key in r else f" {na:>10s}" for key in ("packed_us", "native_us"))

@@ -47,6 +47,12 @@ BUILD_TIMEOUT_S = 180
 # Linears of at most this many rows take the native kernel (each weight row is read once for all rows);
 # larger blocks (prefill) are GEMMs, where torch's BLAS is the faster choice.
 MAX_ROWS = 8
+# Except bf16 where torch's GEMMs run on AMX tiles (oneDNN, CPUs with AMX-BF16): from a few rows they beat the
+# native kernel's fp32 multiply-adds, the sooner the longer the rows (bench/cpu_gemv.py "few-row blocks"; 2
+# threads of an AMX Xeon, matrices out of cache, torch's time over the native kernel's: k = 1024 at 5 rows
+# 0.95-1.09, 6 rows 0.88-1.02; k = 2048 at 4 rows 0.91-0.95; k = 4096 at 3 rows 0.91-1.02, 4 rows 0.81-0.90;
+# k = 8192 at 2 rows 0.86). Pairs (k below which, most rows the native kernel keeps), by k; from the last k: 1.
+AMX_BF16_NATIVE_ROWS = ((2048, 4), (8192, 3))
 # RMSNorm and rotary of at most this many elements run natively (decode: a token's hidden state or its
 # heads; ~10 torch ops each otherwise, whose fixed costs dominate at this size); larger ones are torch's.
 SMALL_OP_MAX_ELEMENTS = 1 << 16
@@ -219,8 +225,10 @@ def status() -> str:
     lib = _load()
     if lib is None:
         return f"torch ({_failure})"
+    amx = (f", bf16 blocks of {max_rows(torch.bfloat16, torch.bfloat16, 4096) + 1}+ rows (k = 4096) on torch's AMX GEMM"
+           if torch_bf16_gemm_uses_amx() else "")
     return (f"native ({lib.ming_vector_floats() * 32}-bit vectors, {torch.get_num_threads()} threads, "
-            f"{activations_summary()})")
+            f"{activations_summary()}{amx})")
 
 
 def quantized_activations() -> str:
@@ -278,11 +286,40 @@ def binds(weight: torch.Tensor, min_bytes: int | None = None, scaled: bool = Fal
             and available())
 
 
+_amx: bool | None = None
+
+
+def torch_bf16_gemm_uses_amx() -> bool:
+    """True when torch's CPU bf16 GEMMs run on AMX tiles: oneDNN built in, a CPU (and kernel) with AMX, and
+    ONEDNN_MAX_CPU_ISA not below it. Decided once."""
+    global _amx
+    if _amx is None:
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        try:
+            _amx = bool(torch.backends.mkldnn.is_available() and probe is not None and probe()
+                        and (not isa or isa in ("ALL", "DEFAULT") or "AMX" in isa))
+        except RuntimeError:
+            _amx = False
+    return _amx
+
+
+def max_rows(x_dtype: torch.dtype, weight_dtype: torch.dtype, k: int) -> int:
+    """Most activation rows of a linear with k input columns that should take the native kernel rather than
+    torch's GEMM: MAX_ROWS, fewer for bf16 on bf16 weights where torch's GEMMs use AMX
+    (AMX_BF16_NATIVE_ROWS)."""
+    if x_dtype != torch.bfloat16 or weight_dtype != torch.bfloat16 or not torch_bf16_gemm_uses_amx():
+        return MAX_ROWS
+    return next((rows for cols, rows in AMX_BF16_NATIVE_ROWS if k < cols), 1)
+
+
 def linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when :func:`linear` takes ``x @ weight.T``: the weight :func:`binds`, fp32/bf16 CPU x of at
-    most MAX_ROWS rows."""
-    return (x.device.type == "cpu" and x.dtype in _DTYPES and x.shape[-1] == weight.shape[-1]
-            and 0 < x.numel() <= MAX_ROWS * x.shape[-1] and not weight.requires_grad and binds(weight))
+    most :func:`max_rows` rows."""
+    k = x.shape[-1] if x.dim() else 0
+    return (x.device.type == "cpu" and x.dtype in _DTYPES and k == weight.shape[-1] and k > 0
+            and 0 < x.numel() <= max_rows(x.dtype, weight.dtype, k) * k and not weight.requires_grad
+            and binds(weight))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -290,7 +327,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     The unbound form of :class:`BoundLinear`, for weights used once (cpu_linear's callers)."""
     lib = _lib
     assert lib is not None, "call linear_applies() first"
-    y = BoundLinear(weight, lib)(x)
+    y = BoundLinear(weight, lib, bf16_rows=MAX_ROWS)(x)
     if y is None:
         raise ValueError(f"native linear takes 1..{MAX_ROWS} rows of fp32/bf16 CPU activations; got "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")
@@ -374,12 +411,13 @@ class BoundLinear:
     are made when binding, so a decode call costs little more than the kernel (torch's F.linear on a small
     matrix costs ~6 us; the checked :func:`linear` ~3x that in Python alone). int4 takes any number of rows
     (the kernel runs them in chunks of MAX_ROWS), int8 too when bound with ``blocks`` (prefill blocks in
-    fp32, which torch's int8 kernel does not vectorise); the others at most MAX_ROWS."""
+    fp32, which torch's int8 kernel does not vectorise); the others at most MAX_ROWS, bf16 activations of a
+    bf16 weight at most ``bf16_rows`` (default :func:`max_rows`: fewer where torch's GEMM is faster)."""
 
-    __slots__ = ("weight", "scale", "lib", "ptr", "scale_ptr", "n", "k", "kind", "group", "blocks")
+    __slots__ = ("weight", "scale", "lib", "ptr", "scale_ptr", "n", "k", "kind", "group", "blocks", "bf16_rows")
 
     def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL, scale: torch.Tensor | None = None,
-                 blocks: bool = False) -> None:
+                 blocks: bool = False, bf16_rows: int | None = None) -> None:
         if weight.dim() != 2 or weight.dtype not in _KINDS:
             raise ValueError(f"expected a 2-D weight of {sorted(map(str, _KINDS))}; got {weight.dtype} {tuple(weight.shape)}")
         self.weight, self.lib = weight, lib  # keeps the weight (and so the pointer) alive
@@ -388,6 +426,7 @@ class BoundLinear:
         self.ptr, self.kind = weight.data_ptr(), _KINDS[weight.dtype]
         self.scale_ptr = None if self.scale is None else self.scale.data_ptr()
         self.blocks = self.group > 0 or (blocks and weight.dtype == torch.int8)  # any number of rows
+        self.bf16_rows = max_rows(torch.bfloat16, weight.dtype, self.k) if bf16_rows is None else bf16_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [..., k] @ weight.T in x's dtype, or None when x is not for this kernel (more than MAX_ROWS
@@ -395,7 +434,8 @@ class BoundLinear:
         if x.dim() == 0 or x.shape[-1] != self.k:
             raise ValueError(f"native linear: activations of {self.k} features expected; got {tuple(x.shape)}")
         rows = x.numel() // self.k
-        if (rows > MAX_ROWS and not self.blocks) or rows == 0 or x.dtype not in _DTYPES or x.device.type != "cpu":
+        limit = self.bf16_rows if x.dtype == torch.bfloat16 else MAX_ROWS
+        if (rows > limit and not self.blocks) or rows == 0 or x.dtype not in _DTYPES or x.device.type != "cpu":
             return None
         if not x.is_contiguous():
             x = x.contiguous()

@@ -22,3 +22,9 @@ def test_cpu_gemv_bench_reports_every_shape():
     # int4 weights with group scales at the real expert shapes: a decode row and prefill blocks, both kernels
     assert len(out["int4"]) == 12
     assert all(rate > 0 for row in out["int4"].values() for key, rate in row.items() if key.endswith("_gbs"))
+    # few-row blocks of plain weights: torch's GEMM and the native kernel, and the engine's pick (fp32: the native
+    # kernel up to MAX_ROWS; bf16: one row always native, more rows torch's where its GEMMs use AMX tiles)
+    assert len(out["few_rows"]) == 36
+    assert all(rate > 0 for row in out["few_rows"].values() for key, rate in row.items() if key.endswith("_gbs"))
+    takes = {name: row["engine_takes"] for name, row in out["few_rows"].items() if "engine_takes" in row}
+    assert all(who == "native" for name, who in takes.items() if name.startswith("fp32") or " x1:" in name)

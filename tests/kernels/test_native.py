@@ -96,6 +96,29 @@ def test_linear_applies_only_where_it_should(monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_blocks_go_to_torch_where_its_gemm_uses_amx(monkeypatch, amx):
+    """Where torch's bf16 GEMMs run on AMX tiles, bf16 blocks of more than a few rows (fewer the longer the rows)
+    leave the native kernel for torch's GEMM, through the unbound and the bound linear alike; one row, fp32
+    blocks and fp32 activations on bf16 weights stay native up to MAX_ROWS. The result is the product either way
+    (within bf16 rounding of the output)."""
+    monkeypatch.setattr(native, "_amx", amx)
+    bf16, fp32 = torch.bfloat16, torch.float32
+    want_rows = {1024: 4, 4096: 3, 8192: 1} if amx else {1024: 8, 4096: 8, 8192: 8}
+    assert {k: native.max_rows(bf16, bf16, k) for k in want_rows} == want_rows
+    assert native.max_rows(fp32, fp32, 4096) == native.max_rows(fp32, bf16, 4096) == native.MAX_ROWS
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(64, 4096, generator=gen).to(bf16)  # 512 KiB: binds
+    bound = native.bind_linear(w)
+    for rows in range(1, native.MAX_ROWS + 1):
+        x = torch.randn(rows, 4096, generator=gen).to(bf16)
+        native_takes = rows <= want_rows[4096]
+        assert native.linear_applies(x, w) == native_takes and (bound(x) is not None) == native_takes
+        assert native.linear_applies(x.float(), w) and bound(x.float()) is not None
+        assert _rel_err(cpu_linear(x, w), x.double() @ w.double().T) <= 1e-2
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("experts,hidden,inter,top_k", [(8, 64, 32, 2), (32, 256, 96, 8), (16, 100, 37, 3)])
 def test_moe_decode_matches_the_reference(dtype, experts, hidden, inter, top_k):
