@@ -534,14 +534,17 @@ class _Int8Matrix:
     against the native kernel's 35-60 on a 2-core AVX-512 host, bench/cpu_gemv.py); bf16 blocks too where the
     native kernel quantises them to int8 (native.int8_activations_take: MING_CPU_ACTIVATIONS=int8 on CPUs with
     AVX-512 VNNI, widths of a multiple of 64; VNNI byte dot products, ~1.6x torch's bf16 kernel on 2 cores,
-    bench/moe_layer_cpu.py --path int8-a8,int8), else they stay on torch's, which uses bf16 dot products."""
+    bench/moe_layer_cpu.py --path int8-a8,int8), and bf16 blocks of native.AMX_QUANT_MIN_ROWS or more where torch's
+    bf16 GEMMs use AMX (bf16 panels of the dequantised weights through that GEMM); else they stay on torch's int8
+    kernel, which uses bf16 dot products."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
         self.q, self.scale = q.contiguous(), scale.to(dtype).contiguous()
         self.native = native.bind_linear(self.q, 0, self.scale, blocks=True)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native is not None and (x.dtype == torch.float32 or native.int8_activations_take(self.q.shape[1])):
+        if self.native is not None and (x.dtype == torch.float32 or native.int8_activations_take(self.q.shape[1])
+                                        or self.native.takes_bf16_panels(x)):
             y = self.native(x)
             if y is not None:
                 return y
@@ -582,7 +585,8 @@ class _NativeInt4Matrix:
     matrix's own layout (bench/moe_layer_cpu.py, int4 vs int4-torch): faster for one row (decode) in bf16,
     and by tens of times in fp32 (torch's fp32 int4 path is not vectorised); level for bf16 prefill blocks on
     CPUs with AVX-512 bf16 dot products, which take a kernel of their own (weights dequantised to bf16 into a
-    cache-resident panel; 0.6x torch's before it), slower for them on other CPUs (fp32 sums)."""
+    cache-resident panel; 0.6x torch's before it), slower for them on other CPUs (fp32 sums). Where torch's bf16
+    GEMMs use AMX, bf16 blocks of native.AMX_QUANT_MIN_ROWS or more go through that GEMM on bf16 panels."""
 
     def __init__(self, bound: native.BoundLinear):
         self.bound = bound

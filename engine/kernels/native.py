@@ -53,6 +53,15 @@ MAX_ROWS = 8
 # 0.95-1.09, 6 rows 0.88-1.02; k = 2048 at 4 rows 0.91-0.95; k = 4096 at 3 rows 0.91-1.02, 4 rows 0.81-0.90;
 # k = 8192 at 2 rows 0.86). Pairs (k below which, most rows the native kernel keeps), by k; from the last k: 1.
 AMX_BF16_NATIVE_ROWS = ((2048, 4), (8192, 3))
+# There too, int4 and int8 weights (bound for blocks) meeting bf16 blocks of at least this many rows are
+# dequantised to bf16 (ming_dequantize_bf16: ~0.05 ms per million weights on 2 cores) a panel of at most
+# AMX_PANEL_BYTES at a time, and the panel multiplied by torch's GEMM on AMX tiles. 2 threads of an AMX Xeon,
+# bf16 blocks against the native kernel's int8-activation path: int4 [2048, 4096] 8 rows 1.22 ms against 0.89,
+# 16 rows 1.29 against 1.75, 64 rows 2.2 against 5.9; [4096, 1024] 16 rows 0.69 against 0.73; one MoE layer's
+# 512-token prefill (bench/moe_layer_cpu.py --experts 64 --prefill-tokens 512) int4 628 -> 248 ms, int8 902 ->
+# 300 ms. The bf16 weights are what dequantize() gives; the activations stay bf16 (no int8 quantisation).
+AMX_QUANT_MIN_ROWS = 16
+AMX_PANEL_BYTES = 32 << 20
 # RMSNorm and rotary of at most this many elements run natively (decode: a token's hidden state or its
 # heads; ~10 torch ops each otherwise, whose fixed costs dominate at this size); larger ones are torch's.
 SMALL_OP_MAX_ELEMENTS = 1 << 16
@@ -167,6 +176,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ming_mlp_decode.restype = i32
     lib.ming_quantize_rows.argtypes = (p, i32, i64, i64, i64, p, p, i32)
     lib.ming_quantize_rows.restype = i32
+    lib.ming_dequantize_bf16.argtypes = (p, i32, p, i64, i64, i64, i64, p, i32)
+    lib.ming_dequantize_bf16.restype = i32
     lib.ming_vector_floats.argtypes = ()
     lib.ming_vector_floats.restype = i32
     lib.ming_int8_activations_available.argtypes = ()
@@ -225,8 +236,8 @@ def status() -> str:
     lib = _load()
     if lib is None:
         return f"torch ({_failure})"
-    amx = (f", bf16 blocks of {max_rows(torch.bfloat16, torch.bfloat16, 4096) + 1}+ rows (k = 4096) on torch's AMX GEMM"
-           if torch_bf16_gemm_uses_amx() else "")
+    amx = (f", bf16 blocks of {max_rows(torch.bfloat16, torch.bfloat16, 4096) + 1}+ rows (k = 4096; int4 / int8 "
+           f"weights: {AMX_QUANT_MIN_ROWS}+ rows, as bf16 panels) on torch's AMX GEMM" if torch_bf16_gemm_uses_amx() else "")
     return (f"native ({lib.ming_vector_floats() * 32}-bit vectors, {torch.get_num_threads()} threads, "
             f"{activations_summary()}{amx})")
 
@@ -404,6 +415,16 @@ def _scale_layout(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[int
                      f"{None if scale is None else tuple(scale.shape)}")
 
 
+_panels = threading.local()  # each thread's bf16 panel buffer (the offload runtime's CPU workers run experts at once)
+
+
+def _panel_buffer(numel: int) -> torch.Tensor:
+    buf = getattr(_panels, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _panels.buf = torch.empty(numel, dtype=torch.bfloat16)
+    return buf
+
+
 class BoundLinear:
     """One plain [out, in] fp32/bf16 CPU weight, an int8 one with its fp32 per-row ``scale`` (W = q *
     scale[row], as torch's weight-only int8 GEMM reads it), or a packed int4 one (uint8 [out, in / 2]) with
@@ -412,7 +433,9 @@ class BoundLinear:
     matrix costs ~6 us; the checked :func:`linear` ~3x that in Python alone). int4 takes any number of rows
     (the kernel runs them in chunks of MAX_ROWS), int8 too when bound with ``blocks`` (prefill blocks in
     fp32, which torch's int8 kernel does not vectorise); the others at most MAX_ROWS, bf16 activations of a
-    bf16 weight at most ``bf16_rows`` (default :func:`max_rows`: fewer where torch's GEMM is faster)."""
+    bf16 weight at most ``bf16_rows`` (default :func:`max_rows`: fewer where torch's GEMM is faster). Where
+    torch's bf16 GEMMs use AMX, bf16 blocks of AMX_QUANT_MIN_ROWS or more on int4 / int8 weights bound for
+    blocks go through bf16 panels (see :meth:`takes_bf16_panels`)."""
 
     __slots__ = ("weight", "scale", "lib", "ptr", "scale_ptr", "n", "k", "kind", "group", "blocks", "bf16_rows")
 
@@ -434,6 +457,8 @@ class BoundLinear:
         if x.dim() == 0 or x.shape[-1] != self.k:
             raise ValueError(f"native linear: activations of {self.k} features expected; got {tuple(x.shape)}")
         rows = x.numel() // self.k
+        if self.takes_bf16_panels(x):
+            return self._bf16_panels(x)
         limit = self.bf16_rows if x.dtype == torch.bfloat16 else MAX_ROWS
         if (rows > limit and not self.blocks) or rows == 0 or x.dtype not in _DTYPES or x.device.type != "cpu":
             return None
@@ -448,6 +473,35 @@ class BoundLinear:
         if code != 0:
             raise RuntimeError(f"native linear: the kernel refused {rows} rows (code {code})")
         return y
+
+
+    def takes_bf16_panels(self, x: torch.Tensor) -> bool:
+        """True when x (bf16, AMX_QUANT_MIN_ROWS rows or more) meets this int4 / int8 weight (bound for blocks)
+        as bf16 panels multiplied by torch's GEMM: where that GEMM uses AMX tiles."""
+        return (self.blocks and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() > 0
+                and x.shape[-1] == self.k and x.numel() >= AMX_QUANT_MIN_ROWS * self.k and torch_bf16_gemm_uses_amx())
+
+    def _bf16_panels(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T with W dequantised to bf16 a panel of rows at a time (this thread's buffer), each panel
+        through torch's GEMM; result bf16."""
+        x2 = x.reshape(-1, self.k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        per_panel = max(1, min(self.n, AMX_PANEL_BYTES // (2 * self.k)))
+        buf = _panel_buffer(per_panel * self.k)
+        y = torch.empty((x2.shape[0], self.n), dtype=torch.bfloat16)
+        for r0 in range(0, self.n, per_panel):
+            r = min(per_panel, self.n - r0)
+            panel = buf[: r * self.k].view(r, self.k)
+            code = self.lib.ming_dequantize_bf16(self.ptr, self.kind, self.scale_ptr, self.group, self.k, r0, r,
+                                                 panel.data_ptr(), torch.get_num_threads())
+            if code != 0:
+                raise RuntimeError(f"native dequantisation refused rows {r0}..{r0 + r} (code {code})")
+            if r == self.n:
+                torch.mm(x2, panel.t(), out=y)
+            else:
+                y[:, r0:r0 + r] = torch.mm(x2, panel.t())
+        return y.view(*x.shape[:-1], self.n)
 
 
 def bind_linear(weight: torch.Tensor, min_bytes: int | None = None, scale: torch.Tensor | None = None,

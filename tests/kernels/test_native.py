@@ -13,8 +13,15 @@ from engine.kernels import native
 from engine.kernels.moe import PackedExperts, cpu_linear, moe_experts_packed, moe_experts_reference, swiglu
 from tests.activations import quantized_activations
 
-# every test here compares the native kernels with exact fp32 activations unless it asks for `activations`
-pytestmark = pytest.mark.usefixtures("fp32_activations")
+# every test here compares the native kernels with exact fp32 activations unless it asks for `activations`, and
+# runs them on every CPU as on one whose torch has no AMX GEMMs unless it sets native._amx itself (the hand-offs to
+# those GEMMs are tested on their own)
+pytestmark = pytest.mark.usefixtures("fp32_activations", "no_amx_handoffs")
+
+
+@pytest.fixture
+def no_amx_handoffs(monkeypatch):
+    monkeypatch.setattr(native, "_amx", False)
 
 needs_native = pytest.mark.skipif(native._compiler() is None or native._disabled() is not None,
                                   reason="no C compiler, or the native kernels switched off by the environment: "
@@ -541,9 +548,12 @@ def test_int8_linears_bound_for_blocks_take_any_number_of_rows(dtype, rows, n, k
 
 
 @needs_native
-def test_fp32_int8_blocks_never_reach_torchs_unvectorised_int8_kernel(monkeypatch):
+@pytest.mark.parametrize("amx", [False, True])
+def test_fp32_int8_blocks_never_reach_torchs_unvectorised_int8_kernel(monkeypatch, amx):
     """fp32 prefill blocks of int8 linears and experts run natively (torch's int8 kernel computes fp32 at
-    1-2 GMAC/s); bf16 ones keep torch's kernel, which is faster there."""
+    1-2 GMAC/s); bf16 ones keep torch's kernel, which is faster there, unless torch's bf16 GEMMs use AMX: then
+    they go through bf16 panels (the product within bf16 rounding either way)."""
+    monkeypatch.setattr(native, "_amx", amx)
     from engine.kernels.dequant import quantize_int8_rows
 
     if not moe_kernels.int8_cpu_kernel_available():
@@ -562,8 +572,9 @@ def test_fp32_int8_blocks_never_reach_torchs_unvectorised_int8_kernel(monkeypatc
     want = x.double() @ (q.double() * scale.double()[:, None]).T
     assert not calls and got.shape == (3, 40, 96) and _rel_err(got, want) <= 1e-5
     packed_bf16 = moe_kernels.PackedLinear(linear.to(torch.bfloat16), int8=True)
-    packed_bf16(x.bfloat16())
-    assert calls  # bf16 blocks: torch's kernel
+    got = packed_bf16(x.bfloat16())
+    assert bool(calls) != (amx and native.available())  # bf16 blocks: torch's int8 kernel, or panels
+    assert _rel_err(got, x.bfloat16().double() @ (q.double() * scale.bfloat16().double()[:, None]).T) <= 1e-2
 
 
 def _int4(gen, n: int, k: int):
@@ -944,3 +955,49 @@ def test_quantisers_scalar_path_gives_the_same_values(monkeypatch):
     w[2, 200] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         native.quantize_rows(w, 128)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_quantised_weights_dequantise_to_bf16_as_dequantize_does(kind):
+    """ming_dequantize_bf16 gives each weight value * scale computed in fp32 and rounded once to bf16, the value
+    dequantize() gives (stated as within half a bf16 step), for any run of rows."""
+    from engine.kernels.dequant import dequantize, quantize_int8_rows
+    from engine.placement.quant import quantize
+
+    gen = torch.Generator().manual_seed(17)
+    w = torch.randn(40, 512, generator=gen)
+    q, scale = quantize(w, "int4") if kind == "int4" else quantize_int8_rows(w)
+    bound = native.bind_linear(q, min_bytes=0, scale=scale, blocks=True)
+    want = dequantize(q, scale, torch.bfloat16).float()
+    out = torch.empty(13, 512, dtype=torch.bfloat16)
+    assert native._lib.ming_dequantize_bf16(bound.ptr, bound.kind, bound.scale_ptr, bound.group, bound.k, 20, 13,
+                                             out.data_ptr(), 2) == 0
+    assert ((out.float() - want[20:33]).abs() <= want[20:33].abs() * 2.0**-9).all()
+    assert native._lib.ming_dequantize_bf16(bound.ptr, 0, None, 0, bound.k, 0, 1, out.data_ptr(), 1) == -4  # fp32
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_blocks_of_quantised_weights_take_bf16_panels_where_gemms_use_amx(monkeypatch, kind, amx):
+    """Where torch's bf16 GEMMs use AMX, int4 / int8 weights meet bf16 blocks of AMX_QUANT_MIN_ROWS rows or more
+    as bf16 panels (small panels here: several per matrix, the last one partial) through torch's GEMM: the
+    product with the dequantised weights, within bf16 rounding; fewer rows, fp32 blocks and other CPUs keep the
+    native kernel."""
+    from engine.kernels.dequant import dequantize, quantize_int8_rows
+    from engine.placement.quant import quantize
+
+    monkeypatch.setattr(native, "_amx", amx)
+    monkeypatch.setattr(native, "AMX_PANEL_BYTES", 7 * 512 * 2)  # 7 rows a panel: 100 rows in 15 panels
+    gen = torch.Generator().manual_seed(19)
+    w = torch.randn(100, 512, generator=gen)
+    q, scale = quantize(w, "int4") if kind == "int4" else quantize_int8_rows(w)
+    bound = native.bind_linear(q, min_bytes=0, scale=scale, blocks=True)
+    x = torch.randn(2, native.AMX_QUANT_MIN_ROWS // 2, 512, generator=gen).to(torch.bfloat16)
+    want = x.double() @ dequantize(q, scale, torch.bfloat16).double().T
+    assert bound.takes_bf16_panels(x) == amx
+    assert not bound.takes_bf16_panels(x[:, :-1]) and not bound.takes_bf16_panels(x.float())
+    got = bound(x)
+    assert got.shape == (2, native.AMX_QUANT_MIN_ROWS // 2, 100) and got.dtype == torch.bfloat16
+    assert _rel_err(got, want) <= 1e-2

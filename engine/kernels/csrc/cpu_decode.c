@@ -899,6 +899,48 @@ int ming_linear(const void *w, int w_kind, const float *w_scale, int64_t w_group
     return 0;
 }
 
+/* Rows [row0, row0 + rows) of an int4 (group scales, see W_I4) or int8 (one scale per row) matrix of k columns
+ * dequantised to bf16 into out [rows, k]: W = value * scale computed in fp32 and rounded to nearest even once,
+ * the value dequantize() computes to bf16. For GEMMs that run faster on bf16 weights than the kernels above
+ * run on these (torch's on AMX tiles, engine/kernels/native.py: a cache-sized panel of rows at a time).
+ * Returns 0; -4 for another kind or scales that do not go with it (scales_fit). */
+int ming_dequantize_bf16(const void *w, int kind, const float *scale, int64_t group, int64_t k, int64_t row0,
+                         int64_t rows, uint16_t *out, int nthreads) {
+    if ((kind != W_I4 && kind != W_I8) || !scales_fit(kind, scale != NULL, group, k) || rows < 0 || row0 < 0) return -4;
+    const size_t stride = row_bytes(kind, k);
+    const int nt = team_size(nthreads, rows * (int64_t)stride);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *src = (const uint8_t *)w + (size_t)(row0 + r) * stride;
+        uint16_t *dst = out + r * k;
+        int64_t c = 0;
+        if (kind == W_I4) {
+            const float *s = scale + (row0 + r) * (k / group);
+#if I4B_AVAILABLE  /* groups of a multiple of 32 columns (scales_fit): 32 at a time */
+            for (int64_t g = 0; g < k / group; g++) {
+                __m512i lo, hi;
+                i4_bf16_tables(s[g], &lo, &hi);
+                for (c = g * group; c < (g + 1) * group; c += 32)
+                    _mm512_storeu_si512((void *)(dst + c), i4_bf16_x32(src + c / 2, lo, hi));
+            }
+#endif
+            for (; c < k; c++)
+                dst[c] = f32_to_bf16((float)(((src[c / 2] >> (4 * (c & 1))) & 15) - 8) * s[c / group]);
+        } else {
+            const float s = scale[row0 + r];
+#if I4B_AVAILABLE
+            const __m512 sv = _mm512_set1_ps(s);
+            for (; c + 16 <= k; c += 16) {
+                const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + c))));
+                _mm256_storeu_si256((__m256i *)(dst + c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, sv)));
+            }
+#endif
+            for (; c < k; c++) dst[c] = f32_to_bf16((float)(int8_t)src[c] * s);
+        }
+    }
+    return 0;
+}
+
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 /* One expert of a token: gate and up [inter, hidden] rows, down [hidden, inter] (of weight `kind`; int8:
