@@ -659,6 +659,15 @@ def _check_int4_experts(dtype, experts, hidden, inter, top_k, gen):
     tol = 1e-5 if dtype == torch.float32 else 2 ** -5
     int8 = _int8_activations_apply(hidden // gu[0][1].shape[1], hidden)
     assert _rel_err(got, want) <= (max(tol, INT8_ACTIVATIONS_REL_ERR) if int8 else tol)
+    # threads split the gate / up rows by their bytes (an int4 row a quarter of a bf16 shared one): every row
+    # computed once, each output the same sum whatever the team (stated as within 1e-6 relative)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = native.moe_decode(x, table, ids, weights, shared)
+    finally:
+        torch.set_num_threads(threads)
+    assert _rel_err(native.moe_decode(x, table, ids, weights, shared), alone) <= 1e-6
 
 
 @needs_native

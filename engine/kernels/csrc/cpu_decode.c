@@ -437,9 +437,10 @@ static void dot_block_tiled(const char *w, int kind, const float *ws, int64_t gr
 static inline void dot_rows(const void *w, int kind, const float *scale, int64_t group, int64_t row, int64_t k,
                             int rows, const float *x, float *out) {
     const size_t stride = row_bytes(kind, k);
+    const int64_t groups = kind == W_I4 ? k / group : 0;  /* once per call: a division per row cost ~10 % of int4 decode */
     for (int r = 0; r < rows; r++) {
         const void *wr = (const char *)w + (size_t)(row + r) * stride;
-        const float *sr = kind == W_I4 ? scale + (row + r) * (k / group) : NULL;
+        const float *sr = kind == W_I4 ? scale + (row + r) * groups : NULL;
         acc4 acc = {{{0}}};
         dot_span(wr, kind, sr, group, 0, k - k % (2 * VL), x, k, 1, &acc);
         dot_finish(wr, kind, k, x, 1, &acc, out + r);
@@ -674,11 +675,16 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
         const uint8_t *wq = (const uint8_t *)w;
         const __m512i low = _mm512_set1_epi8(15);
         const int64_t units_per_group = group / 128;
+        int64_t gi = u0 / units_per_group, left = units_per_group - u0 % units_per_group;  /* no division per unit */
         for (int64_t u = u0; u < u1; u++) {
             __builtin_prefetch(wq + u * 64 + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
             const __m512i v = _mm512_loadu_si512((const void *)(wq + u * 64));
             const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-            const float s = ws[u / units_per_group];
+            const float s = ws[gi];
+            if (--left == 0) {
+                gi++;
+                left = units_per_group;
+            }
             const __m512 sv = _mm512_set1_ps(s);
             for (int r = 0; r < M; r++) {
                 const int8_t *q = x[r].q + u * 128;
@@ -714,11 +720,12 @@ static inline float a8_finish(const a8_acc *acc) {
 }
 
 /* out[j * m + r] = w[j, :] . x_r for `rows` (<= ROWS) consecutive weight rows of `kind` from w (int4: group
- * scales from ws, k / group per row; int8: sums unscaled, the caller applies the rows' scales) and m activation
- * rows (any number: ROW_GROUP at a time, each weight row staying in cache meanwhile). */
-static void a8_rows(int kind, const void *w, const float *ws, int64_t group, int rows, int64_t k, const act8 *x,
-                    int64_t m, float *out) {
-    const int64_t units = k / a8_unit(kind), groups = kind == W_I4 ? k / group : 0;
+ * scales from ws, `groups` = k / group per row, computed by the caller once per matrix: a division per call
+ * cost as much as the dot products of four short rows; int8: sums unscaled, the caller applies the rows'
+ * scales) and m activation rows (any number: ROW_GROUP at a time, each weight row staying in cache meanwhile). */
+static void a8_rows(int kind, const void *w, const float *ws, int64_t group, int64_t groups, int rows, int64_t k,
+                    const act8 *x, int64_t m, float *out) {
+    const int64_t units = k / a8_unit(kind);
     const size_t stride = row_bytes(kind, k);
     for (int j = 0; j < rows; j++) {
         const void *wj = (const char *)w + (size_t)j * stride;
@@ -819,7 +826,7 @@ static int a8_linear(int kind, const void *w, const float *scale, int64_t group,
                 const int64_t row = b * ROWS;
                 const int rows = (int)(n - row < ROWS ? n - row : ROWS);
                 a8_rows(kind, (const char *)w + (size_t)row * stride, kind == W_I4 ? scale + row * groups : NULL, group,
-                        rows, k, rows8 + r0, mc, dots);
+                        groups, rows, k, rows8 + r0, mc, dots);
                 for (int64_t r = 0; r < mc; r++)
                     for (int j = 0; j < rows; j++) {
                         const float d = scales_after(kind) ? dots[j * mc + r] * scale[row + j] : dots[j * mc + r];
@@ -967,6 +974,19 @@ static inline int slot_of(const int64_t *first, int n, int64_t u, int from) {
     return from;
 }
 
+/* The first phase-1 work unit whose weight bytes start at or after `target`: slot j's units are units
+ * [first_unit[j], first_unit[j + 1]) of unit_bytes[j] bytes each (ROWS rows of gate or up), starting at byte
+ * first_byte[j]. Threads split phase 1 by bytes, not units: an int4 expert's unit is a quarter of a bf16 shared
+ * expert's, and an even split of units left one thread with most of the shared expert (2 threads, int4 MoE
+ * decode: 0.68 -> 0.8 of the roofline, bench/moe_layer_cpu.py). */
+static int64_t unit_at_byte(const int64_t *first_unit, const int64_t *first_byte, const int64_t *unit_bytes, int n,
+                            int64_t target) {
+    for (int j = 0; j < n; j++)
+        if (first_byte[j + 1] > target)
+            return first_unit[j] + (target - first_byte[j] + unit_bytes[j] - 1) / unit_bytes[j];
+    return first_unit[n];
+}
+
 /* True when routed experts of `kind` can come with these scales and groups (see scales_fit): a table of
  * scale pointers exactly for int8 and int4, int4 groups dividing hidden (gate, up) and inter (down). */
 static int experts_fit(int kind, const int64_t *scale_ptrs, int64_t gate_up_group, int64_t down_group,
@@ -1022,14 +1042,17 @@ static int expert_slots(const int64_t *ptrs, const int64_t *scale_ptrs, int64_t 
 static int run_experts(expert_slot *slot, int n, int routed, const void *x, int x_bf16, int64_t hidden,
                        int round_act, float *out, float *scratch, int nthreads) {
     int64_t first_row_unit[MAX_SLOTS + 1], first_elem[MAX_SLOTS + 1], bytes = 0;
+    int64_t first_byte[MAX_SLOTS + 1], unit_bytes[MAX_SLOTS];  /* phase 1's units by their weight bytes */
     float *cursor = scratch;
-    first_row_unit[0] = first_elem[0] = 0;
+    first_row_unit[0] = first_elem[0] = first_byte[0] = 0;
     for (int j = 0; j < n; j++) {
         slot[j].gate_up = cursor;
         slot[j].act = cursor + 2 * slot[j].inter;
         cursor += 3 * slot[j].inter;
         /* phase 1 units: ROWS rows of gate, then of up */
         first_row_unit[j + 1] = first_row_unit[j] + 2 * ((slot[j].inter + ROWS - 1) / ROWS);
+        unit_bytes[j] = ROWS * (int64_t)row_bytes(slot[j].kind, hidden);
+        first_byte[j + 1] = first_byte[j] + (first_row_unit[j + 1] - first_row_unit[j]) * unit_bytes[j];
         first_elem[j + 1] = first_elem[j] + slot[j].inter;
         bytes += 3 * (int64_t)row_bytes(slot[j].kind, slot[j].inter * hidden);
     }
@@ -1047,14 +1070,18 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
 #if A8_AVAILABLE
     /* experts taking int8 activations: x quantised once in each layout they read (int4's, int8's); each one's
      * down input quantised in phase 2 into its act buffer (act8_floats(inter) <= inter floats) */
-    int a8_down[MAX_SLOTS];
+    int a8_down[MAX_SLOTS], a8_gate_up[MAX_SLOTS];
+    int64_t gate_up_groups[MAX_SLOTS], down_groups[MAX_SLOTS];  /* int4 scales per row */
     float *x8buf[2] = {NULL, NULL}, *xnbuf = NULL;
     act8 x8[2];
     const float *xn = NULL;
     for (int j = 0; j < n; j++) {
         a8_down[j] = a8_applies(slot[j].kind, slot[j].down_group, slot[j].inter);
+        a8_gate_up[j] = a8_applies(slot[j].kind, slot[j].gate_up_group, hidden);
+        gate_up_groups[j] = slot[j].kind == W_I4 ? hidden / slot[j].gate_up_group : 0;
+        down_groups[j] = slot[j].kind == W_I4 ? slot[j].inter / slot[j].down_group : 0;
         const int layout = slot[j].kind == W_I8;
-        if (!a8_applies(slot[j].kind, slot[j].gate_up_group, hidden) || x8buf[layout]) continue;
+        if (!a8_gate_up[j] || x8buf[layout]) continue;
         if ((!xn && !(xn = activations(x, x_bf16, X_NATURAL, 1, hidden, &xnbuf))) ||
             act8_new(xn, slot[j].kind, hidden, &x8[layout], &x8buf[layout])) {
             free(xnbuf);
@@ -1074,7 +1101,8 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
         int64_t first, last;
         float dots[ROWS];
         /* 1. gate and up rows of every expert */
-        split(first_row_unit[n], t, team, &first, &last);
+        first = unit_at_byte(first_row_unit, first_byte, unit_bytes, n, first_byte[n] * t / team);
+        last = unit_at_byte(first_row_unit, first_byte, unit_bytes, n, first_byte[n] * (t + 1) / team);
         for (int64_t u = first, j = 0; u < last; u++) {
             j = slot_of(first_row_unit, n, u, (int)j);
             const expert_slot *e = &slot[j];
@@ -1085,10 +1113,10 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
             float *y = e->gate_up + is_up * e->inter + row;
             const float *scale = is_up ? e->up_scale : e->gate_scale;
 #if A8_AVAILABLE
-            if (a8_applies(e->kind, e->gate_up_group, hidden))
+            if (a8_gate_up[j])
                 a8_rows(e->kind, (const char *)(is_up ? e->up : e->gate) + (size_t)row * row_bytes(e->kind, hidden),
-                        e->kind == W_I4 ? scale + row * (hidden / e->gate_up_group) : NULL, e->gate_up_group, rows,
-                        hidden, &x8[e->kind == W_I8], 1, y);
+                        e->kind == W_I4 ? scale + row * gate_up_groups[j] : NULL, e->gate_up_group, gate_up_groups[j],
+                        rows, hidden, &x8[e->kind == W_I8], 1, y);
             else
 #endif
             dot_rows(is_up ? e->up : e->gate, e->kind, scale, e->gate_up_group, row, hidden, rows,
@@ -1107,7 +1135,7 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
 #if A8_AVAILABLE
             if (a8_down[j]) {
                 const int64_t unit = a8_unit(e->kind);
-                if (i % unit) continue;  /* the unit's first element's thread takes the unit */
+                if (i & (unit - 1)) continue;  /* the unit's first element's thread takes the unit (a power of 2) */
                 for (int64_t c = i; c < i + unit; c++) {
                     float g = e->gate_up[c], v = e->gate_up[e->inter + c];
                     e->gate_up[c] = round_act ? round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(v)) : silu(g) * v;
@@ -1134,7 +1162,7 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
                 if (a8_down[j]) {
                     const act8 a = act8_place(e->act, e->inter);
                     a8_rows(e->kind, (const char *)e->down + (size_t)row * row_bytes(e->kind, e->inter),
-                            e->kind == W_I4 ? e->down_scale + row * (e->inter / e->down_group) : NULL, e->down_group,
+                            e->kind == W_I4 ? e->down_scale + row * down_groups[j] : NULL, e->down_group, down_groups[j],
                             rows, e->inter, &a, 1, dots);
                 } else
 #endif
@@ -1297,7 +1325,7 @@ static void gemv_share(const void *w, int kind, const float *scale, int64_t n, i
         int rows = (int)(n - row < ROWS ? n - row : ROWS);
 #if A8_AVAILABLE
         if (x8)
-            a8_rows(kind, (const char *)w + (size_t)row * row_bytes(kind, k), NULL, 0, rows, k, (const act8 *)x8, 1,
+            a8_rows(kind, (const char *)w + (size_t)row * row_bytes(kind, k), NULL, 0, 0, rows, k, (const act8 *)x8, 1,
                     y + row);
         else
 #endif
