@@ -696,8 +696,8 @@ def test_linear_with_int4_weights_and_group_scales(dtype, rows, n, k, activation
 
 @needs_native
 def test_activation_settings_choose_by_weight_kind(fp32_activations):
-    """"auto" (the default): int4 weights meet int8 activations, int8 weights fp32 ones (the same results as with
-    "float", bit for bit: the same kernel); "int8": both; "float": neither. Unknown settings are refused."""
+    """"auto" (the default): int4 weights meet int8 activations, int8 weights fp32 ones (the results of "float":
+    the same kernel); "int8": both; "float": neither. Unknown settings are refused."""
     from engine.kernels.dequant import quantize_int8_rows
 
     gen = torch.Generator().manual_seed(11)
@@ -713,8 +713,9 @@ def test_activation_settings_choose_by_weight_kind(fp32_activations):
             takes = (native.int8_activations_take(256, 128), native.int8_activations_take(256))
             assert takes == {"float": (False, False), "auto": (True, False), "int8": (True, True)}[setting]
             out[setting] = int4(x), int8(x)
-    assert torch.equal(out["auto"][1], out["float"][1]) and torch.equal(out["auto"][0], out["int8"][0])
-    assert not torch.equal(out["auto"][0], out["float"][0]) and not torch.equal(out["int8"][1], out["float"][1])
+    # the same kernel for the same kind of activations (stated as within 1e-6); int8 activations move the sums ~1e-2
+    assert _rel_err(out["auto"][1], out["float"][1]) <= 1e-6 and _rel_err(out["auto"][0], out["int8"][0]) <= 1e-6
+    assert _rel_err(out["auto"][0], out["float"][0]) > 1e-6 and _rel_err(out["int8"][1], out["float"][1]) > 1e-6
     with pytest.raises(ValueError, match="activations must be one of"):
         native.set_quantized_activations("int4")
 
