@@ -57,9 +57,10 @@ AMX_BF16_NATIVE_ROWS = ((2048, 4), (8192, 3))
 # dequantised to bf16 (ming_dequantize_bf16: ~0.05 ms per million weights on 2 cores) a panel of at most
 # AMX_PANEL_BYTES at a time, and the panel multiplied by torch's GEMM on AMX tiles. 2 threads of an AMX Xeon,
 # bf16 blocks against the native kernel's int8-activation path: int4 [2048, 4096] 8 rows 1.22 ms against 0.89,
-# 16 rows 1.29 against 1.75, 64 rows 2.2 against 5.9; [4096, 1024] 16 rows 0.69 against 0.73; one MoE layer's
-# 512-token prefill (bench/moe_layer_cpu.py --experts 64 --prefill-tokens 512) int4 628 -> 248 ms, int8 902 ->
-# 300 ms. The bf16 weights are what dequantize() gives; the activations stay bf16 (no int8 quantisation).
+# 16 rows 1.29 against 1.75, 64 rows 2.2 against 5.9; [4096, 1024] 16 rows 0.69 against 0.73; one MoE layer of
+# 256 experts (bench/moe_layer_cpu.py --prefill-tokens 2048 --path int4,int8), 2048-token prefill: int4 2235 ->
+# 1030 ms, int8 3464 -> 1234 ms (512 tokens, ~16 rows an expert: 620 -> 577, 1063 -> 854). The bf16 weights are
+# what dequantize() gives; the activations stay bf16 (no int8 quantisation).
 AMX_QUANT_MIN_ROWS = 16
 AMX_PANEL_BYTES = 32 << 20
 # RMSNorm and rotary of at most this many elements run natively (decode: a token's hidden state or its
