@@ -437,6 +437,33 @@ static void dot_block_tiled(const char *w, int kind, const float *ws, int64_t gr
 static inline void dot_rows(const void *w, int kind, const float *scale, int64_t group, int64_t row, int64_t k,
                             int rows, const float *x, float *out) {
     const size_t stride = row_bytes(kind, k);
+    if (kind == W_F32 && rows == ROWS) {
+        /* fp32: the ROWS rows a chunk at a time, each with its own two sums in dot_span's order (the same results
+         * as row by row): four streams in flight and one activation load for four rows read fp32 weights ~8 %
+         * faster on 2 cores of an AMX Xeon (row by row 26.4 GB/s, interleaved 28.4, torch's MKL GEMV 27-30;
+         * a standalone harness alternating the loops 8 times over 512 MiB; tiles of 512 columns did not gain) */
+        const float *wr[ROWS];
+        vf a[ROWS], b[ROWS];
+        for (int r = 0; r < ROWS; r++) {
+            wr[r] = (const float *)((const char *)w + (size_t)(row + r) * stride);
+            a[r] = b[r] = (vf){0};
+        }
+        const int64_t full = k - k % (2 * VL);
+        for (int64_t i = 0; i < full; i += 2 * VL) {
+            const vf x0 = load_f32(x + i), x1 = load_f32(x + i + VL);
+            for (int r = 0; r < ROWS; r++) {
+                for (size_t line = 0; line < 2 * VL * sizeof(float); line += LINE_BYTES)
+                    __builtin_prefetch((const char *)(wr[r] + i) + line + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
+                a[r] = madd(a[r], load_f32(wr[r] + i), x0);
+                b[r] = madd(b[r], load_f32(wr[r] + i + VL), x1);
+            }
+        }
+        for (int r = 0; r < ROWS; r++) {
+            acc4 acc = {{a[r], b[r], (vf){0}, (vf){0}}};
+            dot_finish(wr[r], kind, k, x, 1, &acc, out + r);
+        }
+        return;
+    }
     const int64_t groups = kind == W_I4 ? k / group : 0;  /* once per call: a division per row cost ~10 % of int4 decode */
     for (int r = 0; r < rows; r++) {
         const void *wr = (const char *)w + (size_t)(row + r) * stride;
