@@ -475,7 +475,6 @@ class BoundLinear:
             raise RuntimeError(f"native linear: the kernel refused {rows} rows (code {code})")
         return y
 
-
     def takes_bf16_panels(self, x: torch.Tensor) -> bool:
         """True when x (bf16, AMX_QUANT_MIN_ROWS rows or more) meets this int4 / int8 weight (bound for blocks)
         as bf16 panels multiplied by torch's GEMM: where that GEMM uses AMX tiles."""

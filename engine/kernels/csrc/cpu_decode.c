@@ -878,8 +878,8 @@ static int a8_linear(int kind, const void *w, const float *scale, int64_t group,
  * many (decode; larger blocks are GEMMs for BLAS), int4 and int8 any number (no other CPU kernel dequantises
  * int4 in registers, and torch's int8 one has no vectorised fp32 path: a prefill block runs chunk by chunk,
  * each chunk's activations staying in cache while the thread's weight rows stream by; int4 takes int8
- * activations where the CPU has VNNI (a8_linear, unless switched off; int8 too, k a multiple of 64), else blocks of bf16 activations
- * take i4_bf16_linear where the CPU has bf16 dot products). Returns 0, -1 when
+ * activations where the CPU has VNNI (a8_linear, unless switched off; int8 too, k a multiple of 64), else
+ * blocks of bf16 activations take i4_bf16_linear where the CPU has bf16 dot products). Returns 0, -1 when
  * out of memory, -3 for m outside [1, MAX_LINEAR_ROWS] (fp32, bf16) or m < 1, -4 for an unknown kind or
  * scales that do not go with it (scales_fit). */
 int ming_linear(const void *w, int w_kind, const float *w_scale, int64_t w_group, const void *x, int x_bf16,
