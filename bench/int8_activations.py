@@ -5,8 +5,9 @@ shape.
                                      [--top-k 8] [--tokens 3] [--outliers 4] [--prefill-rows 64] [--repeats 5]
                                      [--threads 2] [--json]
 
-On CPUs with AVX-512 VNNI the native kernels compute int4 and int8 weights against activations quantised to int8
-per 32 columns (engine.kernels.native.quantized_activations; `MING_CPU_ACTIVATIONS=float` keeps fp32 ones). For
+On CPUs with AVX2 the native kernels compute int4 weights against activations quantised to int8 per 32 columns,
+and int8 weights too where the CPU has VNNI (AVX-512 or AVX-VNNI) (engine.kernels.native.quantized_activations;
+`MING_CPU_ACTIVATIONS=float` keeps fp32 ones; `MING_NATIVE_ISA=avx2` runs the AVX2 build on a newer CPU). For
 each weight format, random experts (normal weights, std 0.02) are quantised (int4: groups of 128; int8: per row)
 and run on random tokens (normal activations with `--outliers` channels 20 times larger, as LLM hidden states
 have), one token at a time through the native MoE call:
@@ -19,7 +20,8 @@ have), one token at a time through the native MoE call:
   experts are called over and over and may sit in a large last-level cache (16 int4 experts: ~100 MB): this times
   the kernels' arithmetic; `python bench/moe_layer_cpu.py --path int4,int4-float,int8,int8-float` times the
   layer from memory.
-Exit status 2 where there is nothing to compare (no native kernels, no VNNI).
+A format the kernels cannot meet with int8 activations here is left out and named (JSON: "not_taken"). Exit status
+2 where there is nothing to compare (no native kernels, no AVX2).
 """
 
 from __future__ import annotations
@@ -127,19 +129,29 @@ def main() -> int:
     before = native._activations_setting
     if native.set_quantized_activations("int8") != "int8":
         native.set_quantized_activations(before)
-        print("this CPU has no AVX-512 VNNI: int4 and int8 weights meet fp32 activations only, nothing to compare",
-              file=sys.stderr)
+        print("the native kernels here have no int8 activations (they need AVX2): int4 and int8 weights meet fp32 "
+              "activations only, nothing to compare", file=sys.stderr)
         return 2
-    formats = [f for f in args.weights.split(",") if f]
-    if not formats or any(f not in ("int4", "int8") for f in formats):
+    requested = [f for f in args.weights.split(",") if f]
+    if not requested or any(f not in ("int4", "int8") for f in requested):
         ap.error(f"--weights takes int4 and / or int8; got {args.weights!r}")
+    kinds = native.int8_kernel_kinds()
+    formats = [f for f in requested if f in kinds]
+    not_taken = {f: "int8 weights meet int8 activations only on CPUs with VNNI (AVX-512 or AVX-VNNI)"
+                 for f in requested if f not in kinds}
+    for fmt, why in not_taken.items():
+        print(f"{fmt}: left out, {why}", file=sys.stderr)
+    if not formats:
+        native.set_quantized_activations(before)
+        return 2
     try:
         results = {fmt: measure(fmt, args) for fmt in formats}
     finally:
         native.set_quantized_activations(before)
     if args.json:
         print(json.dumps({"hidden": args.hidden, "inter": args.inter, "experts": args.experts, "top_k": args.top_k,
-                          "outliers": args.outliers, "threads": torch.get_num_threads(), "formats": results}))
+                          "outliers": args.outliers, "threads": torch.get_num_threads(), "formats": results,
+                          "not_taken": not_taken, "kernels": native.status()}))
         return 0
     for fmt, out in results.items():
         ms = out["ms"]

@@ -443,11 +443,17 @@ def main() -> None:
                              "kt-bf16, kt-int8, kt-int4 "
                              "(default 'both' = plain,packed; 'all' = every path)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--cpu-isa", choices=("native", *native.EMULATED_ISAS), default="native",
+                        help="the native kernels as built for this CPU (default) or as a CPU with only AVX2 (or "
+                             "AVX2 + AVX-VNNI) builds them, run on this one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.cpu_isa != "native":  # before the kernels first load
+        os.environ[native.ISA_ENV] = args.cpu_isa
+        native.reset()
     shape = LayerShape(args.experts, args.hidden, args.inter, args.shared_inter, args.top_k, DTYPES[args.dtype])
     if shape.experts < shape.top_k:
         parser.error("--experts must be >= --top-k")

@@ -44,6 +44,11 @@ DISABLE_ENV = "MING_NATIVE_KERNELS"
 CACHE_ENV = "MING_STUDIO_CACHE"  # the studio's cache (engine.tiny.default_cache_dir); kernels go in kernels/
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-std=c11")
 BUILD_TIMEOUT_S = 180
+# Instruction sets a build can be limited to, below this CPU's (tests and benchmarks: the code a CPU without
+# AVX-512 compiles, with AVX-VNNI or with neither, run on this one; its speed is this CPU's, not that CPU's).
+# MING_NATIVE_ISA=avx2 (or avx-vnni) makes the loaded kernels such a build.
+EMULATED_ISAS = {"avx2": ("-mno-avx512f", "-mno-avxvnni"), "avx-vnni": ("-mno-avx512f",)}
+ISA_ENV = "MING_NATIVE_ISA"
 # Linears of at most this many rows take the native kernel (each weight row is read once for all rows);
 # larger blocks (prefill) are GEMMs, where torch's BLAS is the faster choice.
 MAX_ROWS = 8
@@ -91,7 +96,7 @@ _failure: str | None = None
 
 def activations_summary() -> str:
     """Which weights meet int8 activations now, in words (logs, benchmarks)."""
-    kinds = _INT8_ACTIVATION_KINDS[quantized_activations()]
+    kinds = int8_activation_kinds()
     return f"int8 activations for {' and '.join(kinds)} weights" if kinds else "fp32 activations"
 
 
@@ -105,6 +110,17 @@ def _activations_from_env() -> str:
 
 def _kind_bits(setting: str) -> int:
     return sum(_KIND_BITS[k] for k in _INT8_ACTIVATION_KINDS[setting])
+
+
+def _emulated_isa() -> str | None:
+    """The instruction set MING_NATIVE_ISA limits the build to (a key of EMULATED_ISAS), or None for this CPU's."""
+    value = os.environ.get(ISA_ENV, "").strip().lower()
+    if value in ("", "native"):
+        return None
+    if value not in EMULATED_ISAS:
+        log.warning("%s=%r is not one of native, %s; building for this CPU", ISA_ENV, value, ", ".join(EMULATED_ISAS))
+        return None
+    return value
 
 
 def _disabled() -> str | None:
@@ -198,7 +214,7 @@ def _load() -> ctypes.CDLL | None:
             _failure = "no C compiler (cc, gcc or clang) on PATH"
         else:
             try:
-                lib = ctypes.CDLL(str(_build(cc)))
+                lib = ctypes.CDLL(str(_build(cc, EMULATED_ISAS.get(_emulated_isa() or "", ()))))
                 _declare(lib)
                 _activations_setting = _activations_from_env()
                 lib.ming_set_int8_activations(_kind_bits(_activations_setting))
@@ -214,11 +230,26 @@ def build_with_vector_width(floats: int) -> ctypes.CDLL:
     """The kernels built with another vector width (4, 8 or 16 floats: the SSE, AVX and AVX-512 code
     paths' layouts; GCC splits wider vectors on a CPU without them), for tests that check every width's
     tails and bf16 permutation on one machine. Raises RuntimeError when it cannot be built."""
+    return _build_with((f"-DMING_VECTOR_FLOATS={int(floats)}",))
+
+
+
+
+def build_for_isa(isa: str) -> ctypes.CDLL:
+    """The kernels as a CPU with only ``isa`` (a key of EMULATED_ISAS) builds them, for this CPU to run (which
+    must have it). Raises ValueError for an unknown name, RuntimeError when it cannot be built."""
+    if isa not in EMULATED_ISAS:
+        raise ValueError(f"isa must be one of {', '.join(EMULATED_ISAS)}; got {isa!r}")
+    return _build_with(EMULATED_ISAS[isa])
+
+
+def _build_with(extra_flags: tuple[str, ...]) -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler")
-    lib = ctypes.CDLL(str(_build(cc, (f"-DMING_VECTOR_FLOATS={int(floats)}",))))
+    lib = ctypes.CDLL(str(_build(cc, extra_flags)))
     _declare(lib)
+    lib.ming_set_int8_activations(_kind_bits(_activations_setting))
     return lib
 
 
@@ -239,15 +270,17 @@ def status() -> str:
         return f"torch ({_failure})"
     amx = (f", bf16 blocks of {max_rows(torch.bfloat16, torch.bfloat16, 4096) + 1}+ rows (k = 4096; int4 / int8 "
            f"weights: {AMX_QUANT_MIN_ROWS}+ rows, as bf16 panels) on torch's AMX GEMM" if torch_bf16_gemm_uses_amx() else "")
-    return (f"native ({lib.ming_vector_floats() * 32}-bit vectors, {torch.get_num_threads()} threads, "
+    isa = _emulated_isa()
+    built = f", built as for {isa} ({ISA_ENV})" if isa else ""
+    return (f"native ({lib.ming_vector_floats() * 32}-bit vectors{built}, {torch.get_num_threads()} threads, "
             f"{activations_summary()}{amx})")
 
 
 def quantized_activations() -> str:
     """What int4 and int8 weights' dot products meet now: "auto" (int8 activations for int4 weights), "int8"
-    (for both) or "float" (neither; also wherever the native kernels or AVX-512 VNNI are missing)."""
-    lib = _load() if _disabled() is None else None
-    if lib is None or not lib.ming_int8_activations_available():
+    (for both, where the kernels have both: see int8_activation_kinds) or "float" (neither; also wherever the
+    native kernels or the int8 kernels, AVX2 or newer, are missing)."""
+    if not int8_kernel_kinds():
         return "float"
     return _activations_setting
 
@@ -255,12 +288,27 @@ def quantized_activations() -> str:
 _activations_setting = "auto"
 
 
+def int8_kernel_kinds() -> tuple[str, ...]:
+    """The weight kinds the loaded kernels can meet with int8 activations (AVX-512 VNNI or AVX-VNNI: int4 and
+    int8; AVX2 alone: int4; none without the kernels)."""
+    lib = _load() if _disabled() is None else None
+    bits = lib.ming_int8_activations_available() if lib is not None else 0
+    return tuple(kind for kind, bit in _KIND_BITS.items() if bits & bit)
+
+
+def int8_activation_kinds() -> tuple[str, ...]:
+    """The weight kinds ("int4", "int8") that meet int8 activations now: the setting's, where the kernels have
+    them."""
+    available = int8_kernel_kinds()
+    return tuple(kind for kind in _INT8_ACTIVATION_KINDS[_activations_setting] if kind in available)
+
+
 def int8_activations_take(cols: int, int4_group: int = 0) -> bool:
     """True when a matrix of `cols` input columns meets int8 activations now: an int8 one (int4_group 0) where
-    the setting includes int8 weights and cols is a multiple of 64, an int4 one (groups of `int4_group`) where
-    it includes int4 weights and its groups are of a multiple of 128 dividing cols."""
+    they include int8 weights and cols is a multiple of 64, an int4 one (groups of `int4_group`) where they
+    include int4 weights and its groups are of a multiple of 128 dividing cols."""
     kind = "int4" if int4_group else "int8"
-    if kind not in _INT8_ACTIVATION_KINDS[quantized_activations()]:
+    if kind not in int8_activation_kinds():
         return False
     if int4_group:
         return int4_group % 128 == 0 and cols % int4_group == 0

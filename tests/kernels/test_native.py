@@ -4,6 +4,8 @@ fallback to torch when they cannot be built or are switched off."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -590,10 +592,11 @@ def _int4(gen, n: int, k: int):
 @pytest.fixture(params=["float", "int8", "auto"])
 def activations(request, fp32_activations):
     """What the int4 / int8 kernels' weights meet in the test: fp32 activations; int8 ones (quantised per 32
-    columns, AVX-512 VNNI dot products) on CPUs that have them; the default there, int8 for int4 weights only."""
+    columns, byte dot products: int4 weights' on CPUs with AVX2, int8 weights' too with VNNI) where the kernels
+    have them; the default there, int8 for int4 weights only."""
     with quantized_activations(request.param) as took:
         if not took:
-            pytest.skip("int8 activations need the native kernels and AVX-512 VNNI, which this CPU lacks")
+            pytest.skip("int8 activations need the native kernels and AVX2, which this CPU lacks")
         yield request.param
 
 
@@ -697,7 +700,8 @@ def test_linear_with_int4_weights_and_group_scales(dtype, rows, n, k, activation
 @needs_native
 def test_activation_settings_choose_by_weight_kind(fp32_activations):
     """"auto" (the default): int4 weights meet int8 activations, int8 weights fp32 ones (the results of "float":
-    the same kernel); "int8": both; "float": neither. Unknown settings are refused."""
+    the same kernel); "int8": both, where the kernels have int8 weights' (VNNI: AVX-512 or AVX-VNNI; AVX2 alone
+    only int4's); "float": neither. Unknown settings are refused."""
     from engine.kernels.dequant import quantize_int8_rows
 
     gen = torch.Generator().manual_seed(11)
@@ -709,15 +713,66 @@ def test_activation_settings_choose_by_weight_kind(fp32_activations):
     for setting in ("float", "auto", "int8"):
         with quantized_activations(setting) as took:
             if not took:
-                pytest.skip("int8 activations need AVX-512 VNNI, which this CPU lacks")
+                pytest.skip("int8 activations need the native kernels and AVX2, which this CPU lacks")
+            int8_weights = "int8" in native.int8_kernel_kinds()
             takes = (native.int8_activations_take(256, 128), native.int8_activations_take(256))
-            assert takes == {"float": (False, False), "auto": (True, False), "int8": (True, True)}[setting]
+            assert takes == {"float": (False, False), "auto": (True, False), "int8": (True, int8_weights)}[setting]
+            assert native.int8_activation_kinds() == tuple(k for k, t in zip(("int4", "int8"), takes) if t)
             out[setting] = int4(x), int8(x)
     # the same kernel for the same kind of activations (stated as within 1e-6); int8 activations move the sums ~1e-2
     assert _rel_err(out["auto"][1], out["float"][1]) <= 1e-6 and _rel_err(out["auto"][0], out["int8"][0]) <= 1e-6
-    assert _rel_err(out["auto"][0], out["float"][0]) > 1e-6 and _rel_err(out["int8"][1], out["float"][1]) > 1e-6
+    assert _rel_err(out["auto"][0], out["float"][0]) > 1e-6
+    assert (_rel_err(out["int8"][1], out["float"][1]) > 1e-6) == int8_weights
     with pytest.raises(ValueError, match="activations must be one of"):
         native.set_quantized_activations("int4")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                for f in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+@needs_native
+@pytest.mark.parametrize("isa,needs,kinds", [("avx2", {"avx2", "fma"}, ("int4",)),
+                                             ("avx-vnni", {"avx2", "fma", "avx_vnni"}, ("int4", "int8"))])
+def test_avx2_builds_meet_int4_weights_with_int8_activations(isa, needs, kinds, monkeypatch):
+    """The kernels as a CPU without AVX-512 builds them (8-float vectors; a 64-byte unit in two halves; byte dot
+    products by vpmaddubsw + vpmaddwd, or AVX-VNNI's vpdpbusd, which also takes int8 weights), run here: int4
+    (and, with VNNI, int8) weights against int8 activations give the quantised activations' exact products
+    within the plain kernels' tolerance, for decode rows, prefill blocks and one token's experts beside a bf16
+    shared one; a block of zeros stays zero, a NaN makes its row NaN."""
+    from engine.kernels.dequant import quantize_int8_rows
+
+    if not needs <= _cpu_flags():
+        pytest.skip(f"this CPU lacks {', '.join(sorted(needs - _cpu_flags()))}")
+    lib = native.build_for_isa(isa)
+    assert lib.ming_vector_floats() == 8
+    monkeypatch.setattr(native, "_lib", lib)
+    monkeypatch.setattr(native, "_activations_setting", native._activations_setting)
+    assert native.set_quantized_activations("int8") == "int8" and native.int8_activation_kinds() == kinds
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows, n, k in ((1, 33, 256), (3, 40, 384), (9, 17, 512), (1, 64, 2048)):
+            assert _int8_activations_apply(128, k)
+            _check_int4_linear(dtype, rows, n, k, gen)
+        _check_int4_experts(dtype, 6, 256, 128, 3, gen)
+    q, scale = quantize_int8_rows(torch.randn(24, 512, generator=gen))
+    x = torch.randn(3, 512, generator=gen)
+    seen = _int8_activations(x) if "int8" in kinds else x
+    got = native.bind_linear(q, min_bytes=0, scale=scale)(x)
+    assert _rel_err(got, seen.double() @ (q.double() * scale.double()[:, None]).T) <= 1e-5
+    q, scale, w = _int4(gen, 24, 512)
+    x = torch.randn(2, 512, generator=gen)
+    x[:, :32] = 0.0
+    x[1, 100] = float("nan")
+    got = native.bind_linear(q, min_bytes=0, scale=scale)(x)
+    assert _rel_err(got[:1], _int8_activations(x[:1]).double() @ w.double().T) <= 1e-5
+    assert bool(torch.isnan(got[1]).all())
+    native.set_quantized_activations("float")  # the fp32-activation path of that build, for comparison
+    assert _rel_err(native.bind_linear(q, min_bytes=0, scale=scale)(x[:1]), x[:1].double() @ w.double().T) <= 1e-5
 
 
 @needs_native

@@ -614,35 +614,62 @@ static int i4_bf16_linear(const uint8_t *w, const float *scale, int64_t group, c
 #define I4B_AVAILABLE 0
 #endif
 
-/* int4 and int8 weights against int8 activations on CPUs with AVX-512 VNNI (vpdpbusd: 64 products of unsigned by
- * signed bytes summed into 16 int32 lanes per instruction), as llama.cpp's Q4_0 / Q8_0 x Q8_0 dot products do:
- * each activation row is quantised once per call to int8, one fp32 scale per A8_BLOCK columns (symmetric, s =
+/* int4 and int8 weights against int8 activations, as llama.cpp's Q4_0 / Q8_0 x Q8_0 dot products do: each
+ * activation row is quantised once per call to int8, one fp32 scale per A8_BLOCK columns (symmetric, s =
  * max|x| / 127, q = x * (127 / max|x|) rounded to nearest even; a block of zeros has scale 0), and the weights'
  * integer products are summed exactly in int32, then become fp32 times the lane's block scale (and the int4
  * group's scale; int8 rows' scales multiply the row's sum, as for fp32 activations). The only approximation is
  * the activations' quantisation: each element within half a step, max|x| / 254 of its block.
- *   int4: a weight row's 64-byte unit (128 columns) meets the activations in two instructions, its low nibbles
- *   (the even columns) the unit's even activations, its high nibbles the odd ones (act8's int4 layout). The
- *   nibbles n are the stored, offset values (the weight is n - 8): sum (n - 8) x = sum n x - 8 sum x, the second
- *   sum taken once per unit from the quantised activations.
- *   int8: 64 weights (signed) per instruction against the activations offset by 128 (unsigned, natural order):
- *   sum (q + 128) w - 128 sum w, the weights' sums taken by one more instruction per 64 weights.
+ *   int4: a weight row's 64-byte unit (128 columns) meets the activations in two byte dot products, its low
+ *   nibbles (the even columns) the unit's even activations, its high nibbles the odd ones (act8's int4 layout).
+ *   The nibbles n are the stored, offset values (the weight is n - 8): sum (n - 8) x = sum n x - 8 sum x, the
+ *   second sum taken once per unit from the quantised activations.
+ *   int8: 64 weights (signed) against the activations offset by 128 (unsigned, natural order): sum (q + 128) w -
+ *   128 sum w, the weights' sums taken by one more dot product per 64 weights.
+ * The byte dot products: on CPUs with AVX-512 VNNI, vpdpbusd (64 products of unsigned by signed bytes summed into
+ * 16 int32 lanes per instruction); on AVX2 ones (8-float vectors) the same sums in the two 32-byte halves of a
+ * unit, by the 256-bit vpdpbusd where the CPU has AVX-VNNI, else by vpmaddubsw + vpmaddwd (pairs of products
+ * summed in int16: two nibbles times int8 activations, at most 2 * 15 * 127, and the low and high nibbles' pairs
+ * together at most 7 620, stay exact). Without VNNI only int4 weights take int8 activations (an int8 weight times
+ * an offset activation does not fit int16's pairs). The same integers either way: the sums differ from the
+ * AVX-512 ones only in the order the fp32 terms are added.
  * Decode of int4 weights on 2 cores was bound by the core, not by memory (the fp32 path spends 23 instructions on
- * 128 weights, this one 8). `ming_set_int8_activations` says which weight kinds take int8 activations (the
- * engine's default: int4 only, whose own quantisation error dwarfs theirs; see engine/kernels/native.py). */
+ * 128 weights at 16 floats, this one 8). `ming_set_int8_activations` says which weight kinds take int8
+ * activations (the engine's default: int4 only, whose own quantisation error dwarfs theirs; see
+ * engine/kernels/native.py). */
 #if VL == 16 && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define A8_AVAILABLE 1
+#define A8_KINDS (1 << W_I4 | 1 << W_I8)
+#elif VL == 8 && defined(__AVX2__) && defined(__FMA__)
+#define A8_AVAILABLE 1
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define A8_DPBUSD _mm256_dpbusd_epi32
+#elif defined(__AVXVNNI__)
+#define A8_DPBUSD _mm256_dpbusd_avx_epi32
+#endif
+#ifdef A8_DPBUSD
+#define A8_KINDS (1 << W_I4 | 1 << W_I8)
+#else
+#define A8_KINDS (1 << W_I4)
+#endif
+#else
+#define A8_AVAILABLE 0
+#define A8_KINDS 0
+#endif
+
+#if A8_AVAILABLE
 #define A8_BLOCK 32   /* activation columns per int8 scale */
 
-static int int8_activations = 1 << W_I4;  /* a bit per weight kind that takes int8 activations */
+static int int8_activations = 1 << W_I4;  /* a bit per weight kind that takes int8 activations (of A8_KINDS) */
 
 /* Columns of one unit of a weight row: int4 128 (64 bytes), int8 64. */
 static inline int64_t a8_unit(int kind) { return kind == W_I4 ? 128 : 64; }
 
 /* One activation row quantised for the units of an int4 or int8 row: q [k] (int4 layout: per unit, its 64 even
  * columns then its 64 odd ones, signed; int8 layout: natural order, offset by 128), lane_scale (per unit 16 lanes,
- * each holding the scale of the block its columns are in: int4 lane d sums columns 8d..8d+7, int8 4d..4d+3),
- * unit_sum [k / 128] (int4: the sum of the unit's quantised activations, times their scales). */
+ * each holding the scale of the block its columns are in: int4 lane d sums columns 8d..8d+7, int8 4d..4d+3; the
+ * AVX2 kernels' two halves of a unit take lanes 0-7 and 8-15), unit_sum [k / 128] (int4: the sum of the unit's
+ * quantised activations, times their scales). */
 typedef struct { int8_t *q; float *lane_scale; float *unit_sum; } act8;
 
 /* Floats of storage act8_place needs for one row of k (a multiple of the unit): k bytes, k / 4 lane scales at
@@ -654,10 +681,18 @@ static inline act8 act8_place(float *at, int64_t k) {
     return a;
 }
 
+/* A block's scale from its maximum magnitude and whether all its values are finite; *inv the factor its values
+ * are multiplied by before rounding. A block holding a NaN or an infinity gets a NaN scale (and zeros), so that
+ * the sums it enters are NaN, as fp32 activations would make them. */
+static inline float a8_block_scale(float amax, int finite, float *inv) {
+    *inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+    return finite ? amax / 127.0f : NAN;
+}
+
+#if VL == 16
 /* Quantise units [u0, u1) of x [k] (fp32, natural order) into a, in `kind`'s layout: per block of A8_BLOCK
  * columns, its maximum magnitude, the products x * (127 / max) rounded to nearest even (the CPU's rounding
- * mode) and saturated to int8. A block holding a NaN or an infinity gets a NaN scale, so that the sums it
- * enters are NaN, as fp32 activations would make them. */
+ * mode) and saturated to int8. */
 static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8 a) {
     const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
@@ -670,8 +705,9 @@ static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
             const int finite = !(_mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x1, x1, _CMP_UNORD_Q)) &&
                                amax <= 3.402823466e38f;
-            const float s = finite ? amax / 127.0f : NAN;
-            const __m512 inv = _mm512_set1_ps(finite && amax > 0.0f ? 127.0f / amax : 0.0f);
+            float inv_s;
+            const float s = a8_block_scale(amax, finite, &inv_s);
+            const __m512 inv = _mm512_set1_ps(inv_s);
             const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
             if (kind == W_I4) {
                 int8_t *q = a.q + u * unit + b * (A8_BLOCK / 2);
@@ -692,6 +728,8 @@ static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8
 
 /* The two running sums of one activation row against one weight row (int4: and the offset's). */
 typedef struct { __m512 even, odd; float offset; } a8_acc;
+
+static inline a8_acc a8_zero(void) { return (a8_acc){_mm512_setzero_ps(), _mm512_setzero_ps(), 0.0f}; }
 
 /* acc[r] += weight row . x_r over units [u0, u1) for M (<= ROW_GROUP) activation rows; int4: `ws` the row's
  * group scales (group a multiple of 128). Units alternate between the two vector sums by their index, so a
@@ -745,6 +783,142 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
 static inline float a8_finish(const a8_acc *acc) {
     return _mm512_reduce_add_ps(_mm512_add_ps(acc->even, acc->odd)) - 8.0f * acc->offset;
 }
+#else /* AVX2: 8-float vectors, a unit in two 32-byte halves */
+static inline float a8_hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+static inline float a8_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline int8_t a8_saturate(int32_t v) { return (int8_t)(v < -128 ? -128 : v > 127 ? 127 : v); }
+
+/* Quantise units [u0, u1) of x [k] (fp32, natural order) into a, in `kind`'s layout, as the 16-float version
+ * does (the products rounded by the CPU's rounding mode, nearest even), the block's bytes laid out one by one. */
+static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8 a) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const int64_t unit = a8_unit(kind), blocks = unit / A8_BLOCK, lanes = 16 / blocks;
+    for (int64_t u = u0; u < u1; u++) {
+        float total = 0.0f;
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *xb = x + u * unit + b * A8_BLOCK;
+            __m256 v[A8_BLOCK / 8], m = _mm256_setzero_ps();
+            int unordered = 0;
+            for (int i = 0; i < A8_BLOCK / 8; i++) {
+                v[i] = _mm256_loadu_ps(xb + 8 * i);
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+                unordered |= _mm256_movemask_ps(_mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
+            }
+            const float amax = a8_hmax(m);
+            float inv_s;
+            const float s = a8_block_scale(amax, !unordered && amax <= 3.402823466e38f, &inv_s);
+            const __m256 inv = _mm256_set1_ps(inv_s);
+            int32_t qi[A8_BLOCK];
+            for (int i = 0; i < A8_BLOCK / 8; i++)
+                _mm256_storeu_si256((__m256i *)(qi + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)));
+            if (kind == W_I4) {
+                int8_t *q = a.q + u * unit + b * (A8_BLOCK / 2);
+                int32_t sum = 0;
+                for (int c = 0; c < A8_BLOCK / 2; c++) {
+                    q[c] = a8_saturate(qi[2 * c]);
+                    q[c + unit / 2] = a8_saturate(qi[2 * c + 1]);
+                    sum += q[c] + q[c + unit / 2];
+                }
+                total += s * (float)sum;
+            } else {  /* offset by 128: the bytes' unsigned values */
+                uint8_t *q = (uint8_t *)a.q + u * unit + b * A8_BLOCK;
+                for (int c = 0; c < A8_BLOCK; c++) q[c] = (uint8_t)(a8_saturate(qi[c]) + 128);
+            }
+            for (int64_t l = 0; l < lanes; l++) a.lane_scale[u * 16 + b * lanes + l] = s;
+        }
+        if (kind == W_I4) a.unit_sum[u] = total;
+    }
+}
+
+/* The two running sums of one activation row against one weight row (the halves of its units; int4: and the
+ * offset's). */
+typedef struct { __m256 even, odd; float offset; } a8_acc;
+
+static inline a8_acc a8_zero(void) { return (a8_acc){_mm256_setzero_ps(), _mm256_setzero_ps(), 0.0f}; }
+
+/* int32 lane d: the products of bytes 4d..4d+3 of lo with those of qlo plus those of hi with qhi (lo, hi unsigned
+ * nibbles, q signed). */
+static inline __m256i a8_nibble_dots(__m256i lo, __m256i qlo, __m256i hi, __m256i qhi) {
+#ifdef A8_DPBUSD
+    return A8_DPBUSD(A8_DPBUSD(_mm256_setzero_si256(), lo, qlo), hi, qhi);
+#else
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, qlo), _mm256_maddubs_epi16(hi, qhi));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
+}
+
+/* acc[r] += weight row . x_r over units [u0, u1) for M (<= ROW_GROUP) activation rows (see the 16-float version);
+ * a unit's first half (lanes 0-7) goes to one vector sum, its second to the other. */
+static inline __attribute__((always_inline)) void a8_span(int kind, const void *w, const float *ws, int64_t group,
+                                                          int64_t u0, int64_t u1, const act8 *x, const int M, a8_acc *acc) {
+    if (kind == W_I4) {
+        const uint8_t *wq = (const uint8_t *)w;
+        const __m256i low = _mm256_set1_epi8(15);
+        const int64_t units_per_group = group / 128;
+        int64_t gi = u0 / units_per_group, left = units_per_group - u0 % units_per_group;  /* no division per unit */
+        for (int64_t u = u0; u < u1; u++) {
+            __builtin_prefetch(wq + u * 64 + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(wq + u * 64));
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(wq + u * 64 + 32));
+            const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+            const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+            const float s = ws[gi];
+            if (--left == 0) {
+                gi++;
+                left = units_per_group;
+            }
+            const __m256 sv = _mm256_set1_ps(s);
+            for (int r = 0; r < M; r++) {
+                const int8_t *q = x[r].q + u * 128;  /* evens q[0, 64), odds q[64, 128) */
+                const float *ls = x[r].lane_scale + u * 16;
+                const __m256i d0 = a8_nibble_dots(lo0, _mm256_loadu_si256((const __m256i *)q), hi0,
+                                                  _mm256_loadu_si256((const __m256i *)(q + 64)));
+                const __m256i d1 = a8_nibble_dots(lo1, _mm256_loadu_si256((const __m256i *)(q + 32)), hi1,
+                                                  _mm256_loadu_si256((const __m256i *)(q + 96)));
+                acc[r].even = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d0), _mm256_loadu_ps(ls)), sv, acc[r].even);
+                acc[r].odd = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d1), _mm256_loadu_ps(ls + 8)), sv, acc[r].odd);
+                acc[r].offset += s * x[r].unit_sum[u];
+            }
+        }
+    } else {
+#ifdef A8_DPBUSD  /* int8 weights take int8 activations only with VNNI (A8_KINDS) */
+        const int8_t *wq = (const int8_t *)w;
+        const __m256i offset = _mm256_set1_epi8((char)0x80);
+        for (int64_t u = u0; u < u1; u++) {
+            __builtin_prefetch(wq + u * 64 + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + u * 64 + 32 * h));
+                const __m256i weights128 = A8_DPBUSD(_mm256_setzero_si256(), offset, v);  /* 128 sum w */
+                for (int r = 0; r < M; r++) {
+                    const __m256i sum = A8_DPBUSD(_mm256_setzero_si256(),
+                                                  _mm256_loadu_si256((const __m256i *)(x[r].q + u * 64 + 32 * h)), v);
+                    const __m256 t = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, weights128));
+                    const __m256 ls = _mm256_loadu_ps(x[r].lane_scale + u * 16 + 8 * h);
+                    if (h) acc[r].odd = _mm256_fmadd_ps(t, ls, acc[r].odd);
+                    else acc[r].even = _mm256_fmadd_ps(t, ls, acc[r].even);
+                }
+            }
+        }
+#else
+        (void)w; (void)u0; (void)u1; (void)x; (void)M; (void)acc;
+#endif
+    }
+}
+
+static inline float a8_finish(const a8_acc *acc) {
+    return a8_hsum(_mm256_add_ps(acc->even, acc->odd)) - 8.0f * acc->offset;
+}
+#endif
 
 /* out[j * m + r] = w[j, :] . x_r for `rows` (<= ROWS) consecutive weight rows of `kind` from w (int4: group
  * scales from ws, `groups` = k / group per row, computed by the caller once per matrix: a division per call
@@ -759,7 +933,7 @@ static void a8_rows(int kind, const void *w, const float *ws, int64_t group, int
         const float *sj = kind == W_I4 ? ws + j * groups : NULL;
         for (int64_t r = 0; r < m; r += ROW_GROUP) {
             a8_acc acc[ROW_GROUP];
-            for (int i = 0; i < ROW_GROUP; i++) acc[i] = (a8_acc){_mm512_setzero_ps(), _mm512_setzero_ps(), 0.0f};
+            for (int i = 0; i < ROW_GROUP; i++) acc[i] = a8_zero();
             const int M = (int)(m - r < ROW_GROUP ? m - r : ROW_GROUP);
 #define A8_SPAN(K, MM) a8_span(K, wj, sj, group, 0, units, x + r, MM, acc)
 #define A8_KIND(MM) do { if (kind == W_I4) A8_SPAN(W_I4, MM); else A8_SPAN(W_I8, MM); } while (0)
@@ -792,17 +966,16 @@ static int act8_new(const float *x, int kind, int64_t k, act8 *a, float **owned)
     return 0;
 }
 #else
-#define A8_AVAILABLE 0
 static inline int a8_applies(int kind, int64_t group, int64_t k) { (void)kind; (void)group; (void)k; return 0; }
 #endif
 
-/* Whether this build has the int8-activation kernels (AVX-512 VNNI), and which weight kinds take them: bit
- * 1 << W_I4 int4, 1 << W_I8 int8 (others ignored; all ignored without the kernels). */
-int ming_int8_activations_available(void) { return A8_AVAILABLE; }
+/* The weight kinds this build's int8-activation kernels take (see A8_KINDS): bit 1 << W_I4 int4, 1 << W_I8 int8;
+ * 0 without them. ming_set_int8_activations says which of those take them now (other bits ignored). */
+int ming_int8_activations_available(void) { return A8_KINDS; }
 
 void ming_set_int8_activations(int kinds) {
 #if A8_AVAILABLE
-    int8_activations = kinds & (1 << W_I4 | 1 << W_I8);
+    int8_activations = kinds & A8_KINDS;
 #else
     (void)kinds;
 #endif
