@@ -38,8 +38,9 @@ Method
   :class:`engine.kernels.QuantizedCpuExperts` (torch's int8 weight-only kernel, int8 decode by the native
   kernel with the shared expert in its pass where it is built; int4 read in its storage layout by the native
   kernel, decode in one native call with the shared expert; activations as the engine's default (where the CPU
-  has AVX-512 VNNI: int8 for int4 weights, fp32 for int8 ones, engine.kernels.native.quantized_activations);
-  ``-a8`` / ``-float`` (``int8-a8``, ``int4-float``, ...): int8 / fp32 activations whatever the default);
+  has AVX2: int8 for int4 weights, fp32 for int8 ones, engine.kernels.native.quantized_activations);
+  ``-a8`` / ``-float`` (``int8-a8``, ``int4-float``, ...): int8 / fp32 activations whatever the default, int8
+  ones for int8 weights only with VNNI);
   ``int4-torch``: torch's int4 kernel on its own
   layout, the engine's fallback where the native kernels are not built; ``int8-torch``: int8 with fp32
   prefill blocks on torch's int8 kernel too, as before the native kernel took them), activations in
@@ -50,6 +51,9 @@ Method
   ``AMXInt8_MOE``, ``AMXInt4_MOE`` (AVX-512 variants on CPUs without AMX), quantised by kt-kernel
   itself from the same bf16 weights, on a kt worker pool of ``--threads`` threads; the shared expert
   runs on our packed path in every path. kt's ``roofline`` counts its quantised bytes without scales.
+* ``--cpu-isa avx2`` / ``avx-vnni``: the native kernels as a CPU without AVX-512 (with AVX-VNNI or without)
+  builds them, run on this CPU (MING_NATIVE_ISA): that code's speed here, not that CPU's; torch's own kernels
+  (AMX GEMMs included) are this CPU's.
 * Contention: the CPU time other processes used during each measurement is read from /proc/stat and
   reported as ``other_cpu_load`` (fraction of all cores). On a shared 2-core machine any other load
   ruins the numbers (OpenMP threads wait for the slowest core); the table flags such rows.
@@ -299,7 +303,7 @@ def build_quantized(source: WeightSource, shape: LayerShape, kind: str) -> tuple
     # the shared expert as the engine's MoE block passes it (MoEBlock.bind_cpu_shared): plain weights, in the
     # routed experts' native pass (int8 / native int4 experts), else added after them (int4-torch)
     shared = [tuple(w.contiguous() for w in copy) for copy in make_shared(source, shape)]
-    # -float: fp32 activations, -a8: int8 ones (where the CPU has VNNI), else the engine's default
+    # -float: fp32 activations, -a8: int8 ones (where the kernels have them), else the engine's default
     activations = {"float": "float", "a8": "int8"}.get(kind.rsplit("-", 1)[-1])
 
     def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared_copy: int) -> torch.Tensor:

@@ -7,9 +7,10 @@ Decode on the CPU is a chain of GEMVs, and torch's GEMV reads weights well below
 has no bf16 path on CPUs without native bf16). These kernels stream the checkpoint's own row-major
 [out, in] weights (fp32 or bf16, no repacking; int8 with row scales and int4 with group scales in the
 engine's quantised storage, read in place) on torch's OpenMP threads. int4 and int8 weights meet int8
-activations (quantised per 32 columns, AVX-512 VNNI byte dot products) where the CPU has VNNI: int4 weights by
-default, int8 ones too with ``MING_CPU_ACTIVATIONS=int8``, neither with ``=float`` (or
-:func:`set_quantized_activations`).
+activations (quantised per 32 columns, byte dot products: AVX-512 VNNI, AVX-VNNI, or AVX2's vpmaddubsw, which
+takes int4 weights only): int4 weights by default, int8 ones too with ``MING_CPU_ACTIVATIONS=int8``, neither
+with ``=float`` (or :func:`set_quantized_activations`). ``MING_NATIVE_ISA=avx2`` (or ``avx-vnni``) builds the
+kernels as a CPU without AVX-512 does, to test and time that code on a newer CPU.
 
 The C source is compiled on first use (about a second) with the system C compiler for this CPU
 (``-march=native``) into the studio cache (``$MING_STUDIO_CACHE`` or ``~/.cache/ming-omni-studio``,
@@ -77,7 +78,9 @@ SMALL_OP_MAX_ELEMENTS = 1 << 16
 BIND_MIN_BYTES = 512 << 10
 MAX_TOP_K = 64  # the kernel sorts at most this many slots on its stack
 # What int4 and int8 weights meet in the native kernels: int8 activations (quantised per 32 columns, summed with
-# AVX-512 VNNI byte dot products, as llama.cpp's Q4_0 / Q8_0 x Q8_0; only where the CPU has VNNI) or fp32 ones
+# byte dot products, as llama.cpp's Q4_0 / Q8_0 x Q8_0: AVX-512 VNNI or AVX-VNNI, both kinds; AVX2 alone, int4
+# only; decode of one MoE layer of int4 experts at the real shape on 2 cores of an AVX-512 Xeon, the kernels
+# built as for AVX2: 6.4 -> 3.4 ms, bench/moe_layer_cpu.py --cpu-isa avx2 --path int4-float,int4) or fp32 ones
 # (the weights widened exactly in registers). "auto" (the default): int8 activations for int4 weights, whose own
 # error dwarfs theirs (bench/int8_activations.py at the real MoE shape: 20.4 % -> 20.4 % of the output), fp32 for
 # int8 weights, whose own error does not (1.5 % -> 2.1 %); "int8": both; "float": neither. The environment
@@ -317,7 +320,8 @@ def int8_activations_take(cols: int, int4_group: int = 0) -> bool:
 
 def set_quantized_activations(kind: str) -> str:
     """Choose what int4 and int8 weights meet (see ACTIVATION_KINDS: "auto", "int8", "float"; int8 activations
-    only where the CPU has AVX-512 VNNI). Returns what runs from now on (see quantized_activations)."""
+    only where the kernels have them: int8_kernel_kinds). Returns what runs from now on (see
+    quantized_activations)."""
     global _activations_setting
     if kind not in ACTIVATION_KINDS:
         raise ValueError(f"activations must be one of {', '.join(ACTIVATION_KINDS)}; got {kind!r}")
