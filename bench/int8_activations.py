@@ -87,7 +87,8 @@ def measure(fmt: str, args) -> dict:
         fmt_out = moe_experts_reference(x.double(), *dequantized, ids, weights)
         got = {mode: run(mode, x, table, ids, weights) for mode in native.ACTIVATION_KINDS}
         rows.append({"format": rel(fmt_out, exact), "float": rel(got["float"], exact), "int8": rel(got["int8"], exact),
-                     "int8_vs_float": rel(got["int8"], got["float"])})
+                     "int8_vs_float": rel(got["int8"], got["float"]), "auto": rel(got["auto"], exact),
+                     "auto_vs_float": rel(got["auto"], got["float"])})
     x = torch.randn(1, h, generator=gen)
     ids, weights = torch.randperm(e, generator=gen)[:args.top_k].view(1, -1), torch.full((1, args.top_k), 1 / args.top_k)
     q, s = quantized[0][0]
@@ -100,10 +101,13 @@ def measure(fmt: str, args) -> dict:
             times[mode]["decode"].append(timed(lambda: native.moe_decode(x, table, ids, weights), 3))
             times[mode]["prefill"].append(timed(lambda: linear(block), 3))
     ms = {mode: {k: 1e3 * statistics.median(v) for k, v in t.items()} for mode, t in times.items()}
+    native.set_quantized_activations("auto")
+    auto = native.activations_for(fmt)  # what the default gives this format: int8 (int4), int8x2 (int8)
     flops = 2 * args.prefill_rows * i * h
     return {"tokens": rows, "mean": {k: statistics.mean(r[k] for r in rows) for k in rows[0]}, "ms": ms,
             "prefill_gflops": {mode: flops / (v["prefill"] * 1e-3) / 1e9 for mode, v in ms.items()},
-            "speedup": {k: ms["float"][k] / ms["int8"][k] for k in ("decode", "prefill")}}
+            "speedup": {k: ms["float"][k] / ms["int8"][k] for k in ("decode", "prefill")}, "auto": auto,
+            "speedup_auto": {k: ms["float"][k] / ms["auto"][k] for k in ("decode", "prefill")}}
 
 
 def main() -> int:
@@ -158,17 +162,21 @@ def main() -> int:
         print(f"{fmt} experts (H={args.hidden}, I={args.inter}, top-{args.top_k} of {args.experts}"
               f"{', groups of 128' if fmt == 'int4' else ', row scales'}), {args.outliers} outlier channels "
               f"x{OUTLIER_SCALE:g}, {torch.get_num_threads()} threads")
+        auto = f"auto ({out['auto']})"
         print(f"  error vs the unquantised experts (relative L2): token  {fmt} format  kernel fp32 act  kernel int8 act"
-              "  int8 vs fp32 act")
-        for n, r in enumerate(out["tokens"]):
-            print(f"    {n:5d}  {r['format']:11.4f}  {r['float']:15.4f}  {r['int8']:15.4f}  {r['int8_vs_float']:16.4f}")
-        m = out["mean"]
-        print(f"    mean   {m['format']:11.4f}  {m['float']:15.4f}  {m['int8']:15.4f}  {m['int8_vs_float']:16.4f}")
+              f"  int8 vs fp32 act  {auto:>14}  auto vs fp32 act")
+        for n, r in [*enumerate(out["tokens"]), ("mean", out["mean"])]:
+            print(f"    {n:>5}  {r['format']:11.4f}  {r['float']:15.4f}  {r['int8']:15.4f}  {r['int8_vs_float']:16.4f}  "
+                  f"{r['auto']:14.6f}  {r['auto_vs_float']:16.6f}")
         print(f"  time, fp32 act -> int8 act: decode (one token, {args.top_k} experts) {ms['float']['decode']:.3f} -> "
               f"{ms['int8']['decode']:.3f} ms ({out['speedup']['decode']:.2f}x); {args.prefill_rows}-row linear "
               f"[{args.inter}, {args.hidden}] {ms['float']['prefill']:.2f} -> {ms['int8']['prefill']:.2f} ms "
               f"({out['speedup']['prefill']:.2f}x, {out['prefill_gflops']['float']:.0f} -> "
               f"{out['prefill_gflops']['int8']:.0f} GFLOP/s)")
+        if out["auto"] not in ("int8", "float"):
+            print(f"  time, fp32 act -> {out['auto']} act (the default): decode {ms['float']['decode']:.3f} -> "
+                  f"{ms['auto']['decode']:.3f} ms ({out['speedup_auto']['decode']:.2f}x); {args.prefill_rows}-row linear "
+                  f"{ms['float']['prefill']:.2f} -> {ms['auto']['prefill']:.2f} ms ({out['speedup_auto']['prefill']:.2f}x)")
     return 0
 
 

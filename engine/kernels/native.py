@@ -8,8 +8,9 @@ has no bf16 path on CPUs without native bf16). These kernels stream the checkpoi
 [out, in] weights (fp32 or bf16, no repacking; int8 with row scales and int4 with group scales in the
 engine's quantised storage, read in place) on torch's OpenMP threads. int4 and int8 weights meet int8
 activations (quantised per 32 columns, byte dot products: AVX-512 VNNI, AVX-VNNI, or AVX2's vpmaddubsw, which
-takes int4 weights only): int4 weights by default, int8 ones too with ``MING_CPU_ACTIVATIONS=int8``, neither
-with ``=float`` (or :func:`set_quantized_activations`). ``MING_NATIVE_ISA=avx2`` (or ``avx-vnni``) builds the
+takes int4 weights only): by default int4 weights one-part int8 activations and int8 weights' decode rows
+two-part ones (int8x2, fp32-like; VNNI only), with ``MING_CPU_ACTIVATIONS=int8`` one-part ones for both, with
+``=float`` fp32 ones (or :func:`set_quantized_activations`; see ACTIVATIONS_ENV). ``MING_NATIVE_ISA=avx2`` (or ``avx-vnni``) builds the
 kernels as a CPU without AVX-512 does, to test and time that code on a newer CPU.
 
 The C source is compiled on first use (about a second) with the system C compiler for this CPU
@@ -81,14 +82,17 @@ MAX_TOP_K = 64  # the kernel sorts at most this many slots on its stack
 # byte dot products, as llama.cpp's Q4_0 / Q8_0 x Q8_0: AVX-512 VNNI or AVX-VNNI, both kinds; AVX2 alone, int4
 # only; decode of one MoE layer of int4 experts at the real shape on 2 cores of an AVX-512 Xeon, the kernels
 # built as for AVX2: 6.4 -> 3.4 ms, bench/moe_layer_cpu.py --cpu-isa avx2 --path int4-float,int4) or fp32 ones
-# (the weights widened exactly in registers). "auto" (the default): int8 activations for int4 weights, whose own
-# error dwarfs theirs (bench/int8_activations.py at the real MoE shape: 20.4 % -> 20.4 % of the output), fp32 for
-# int8 weights, whose own error does not (1.5 % -> 2.1 %); "int8": both; "float": neither. The environment
-# variable picks it at load.
+# (the weights widened exactly in registers), or, for int8 weights where the CPU has VNNI, "int8x2" activations:
+# two int8 parts per value (the second the first's remainder in 256ths: within max|x| / 65 024 of a 32-column
+# block, fp32-like), two byte dot products per 64 weights. "auto" (the default): int8 activations for int4
+# weights, whose own error dwarfs theirs (bench/int8_activations.py at the real MoE shape: 20.4 % -> 20.4 % of the
+# output), int8x2 for int8 weights, whose own error does not (1.5 % -> 2.1 % with int8 activations); "int8": int8
+# activations for both; "float": fp32 for both. The environment variable picks it at load.
 ACTIVATIONS_ENV = "MING_CPU_ACTIVATIONS"
 ACTIVATION_KINDS = ("auto", "int8", "float")
-_INT8_ACTIVATION_KINDS = {"auto": ("int4",), "int8": ("int4", "int8"), "float": ()}
+_ACTIVATIONS = {"auto": {"int4": "int8", "int8": "int8x2"}, "int8": {"int4": "int8", "int8": "int8"}, "float": {}}
 _KIND_BITS = {"int8": 1 << 2, "int4": 1 << 3}  # the kernels' weight kinds W_I8, W_I4
+_SPLIT_BIT = 1 << 4  # the kernels' A8_SPLIT_BIT: int8 weights' activations in two parts
 _DTYPES = (torch.float32, torch.bfloat16)
 
 _lock = threading.Lock()
@@ -98,9 +102,12 @@ _failure: str | None = None
 
 
 def activations_summary() -> str:
-    """Which weights meet int8 activations now, in words (logs, benchmarks)."""
-    kinds = int8_activation_kinds()
-    return f"int8 activations for {' and '.join(kinds)} weights" if kinds else "fp32 activations"
+    """What int4 and int8 weights meet now, in words (logs, benchmarks)."""
+    words = {"int8": "int8 activations", "int8x2": "two-part int8 activations (int8x2)", "float": "fp32 activations"}
+    acts = {kind: activations_for(kind) for kind in ("int4", "int8")}
+    if acts["int4"] == acts["int8"]:
+        return words[acts["int4"]] if acts["int4"] == "float" else f"{words[acts['int4']]} for int4 and int8 weights"
+    return ", ".join(f"{words[a]} for {kind} weights" for kind, a in acts.items())
 
 
 def _activations_from_env() -> str:
@@ -112,7 +119,7 @@ def _activations_from_env() -> str:
 
 
 def _kind_bits(setting: str) -> int:
-    return sum(_KIND_BITS[k] for k in _INT8_ACTIVATION_KINDS[setting])
+    return sum(_KIND_BITS[kind] | (_SPLIT_BIT if acts == "int8x2" else 0) for kind, acts in _ACTIVATIONS[setting].items())
 
 
 def _emulated_isa() -> str | None:
@@ -204,6 +211,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ming_int8_activations_available.restype = i32
     lib.ming_set_int8_activations.argtypes = (i32,)
     lib.ming_set_int8_activations.restype = None
+    lib.ming_int8x2_max_rows.argtypes = ()
+    lib.ming_int8x2_max_rows.restype = i32
 
 
 def _load() -> ctypes.CDLL | None:
@@ -280,9 +289,9 @@ def status() -> str:
 
 
 def quantized_activations() -> str:
-    """What int4 and int8 weights' dot products meet now: "auto" (int8 activations for int4 weights), "int8"
-    (for both, where the kernels have both: see int8_activation_kinds) or "float" (neither; also wherever the
-    native kernels or the int8 kernels, AVX2 or newer, are missing)."""
+    """The setting int4 and int8 weights' dot products follow now: "auto" (int8 activations for int4 weights, int8x2
+    for int8 ones), "int8" (int8 for both) or "float" (fp32 for both; also wherever the native kernels or their
+    int8 kernels, AVX2 or newer, are missing); activations_for says what each kind meets on this CPU."""
     if not int8_kernel_kinds():
         return "float"
     return _activations_setting
@@ -299,23 +308,36 @@ def int8_kernel_kinds() -> tuple[str, ...]:
     return tuple(kind for kind, bit in _KIND_BITS.items() if bits & bit)
 
 
+def activations_for(kind: str) -> str:
+    """What the native kernels' `kind` ("int4", "int8") weights meet now: "int8" activations, "int8x2" (two int8
+    parts) or "float": the setting's, where the kernels have it."""
+    acts = _ACTIVATIONS[_activations_setting].get(kind, "float")
+    return acts if kind in int8_kernel_kinds() else "float"
+
+
 def int8_activation_kinds() -> tuple[str, ...]:
-    """The weight kinds ("int4", "int8") that meet int8 activations now: the setting's, where the kernels have
-    them."""
-    available = int8_kernel_kinds()
-    return tuple(kind for kind in _INT8_ACTIVATION_KINDS[_activations_setting] if kind in available)
+    """The weight kinds ("int4", "int8") that meet (one-part) int8 activations now."""
+    return tuple(kind for kind in ("int4", "int8") if activations_for(kind) == "int8")
+
+
+def activations_take(cols: int, int4_group: int = 0, rows: int = 1) -> str:
+    """What a matrix of `cols` input columns meets now in a block of `rows` activation rows: an int8 one (int4_group
+    0) activations_for("int8") where cols is a multiple of 64 (int8x2: blocks of at most the kernels'
+    ming_int8x2_max_rows, larger ones fp32), an int4 one (groups of `int4_group`) activations_for("int4") where its
+    groups are of a multiple of 128 dividing cols; else "float"."""
+    if int4_group:
+        fits = int4_group % 128 == 0 and cols % int4_group == 0
+    else:
+        fits = cols > 0 and cols % 64 == 0
+    acts = activations_for("int4" if int4_group else "int8") if fits else "float"
+    if acts == "int8x2" and _lib is not None and rows > _lib.ming_int8x2_max_rows():
+        return "float"
+    return acts
 
 
 def int8_activations_take(cols: int, int4_group: int = 0) -> bool:
-    """True when a matrix of `cols` input columns meets int8 activations now: an int8 one (int4_group 0) where
-    they include int8 weights and cols is a multiple of 64, an int4 one (groups of `int4_group`) where they
-    include int4 weights and its groups are of a multiple of 128 dividing cols."""
-    kind = "int4" if int4_group else "int8"
-    if kind not in int8_activation_kinds():
-        return False
-    if int4_group:
-        return int4_group % 128 == 0 and cols % int4_group == 0
-    return cols > 0 and cols % 64 == 0
+    """True when a matrix of `cols` input columns meets (one-part) int8 activations now (activations_take)."""
+    return activations_take(cols, int4_group) == "int8"
 
 
 def set_quantized_activations(kind: str) -> str:

@@ -667,27 +667,45 @@ static int i4_bf16_linear(const uint8_t *w, const float *scale, int64_t group, c
 #define A8_KINDS 0
 #endif
 
+/* int8 weights may also meet activations in two int8 parts (A8_SPLIT: "int8x2"): per block the same scale s and
+ * q = x / s rounded as above, then the remainder's 256ths, l = (x / s - q) * 256 rounded (within [-128, 128], 128
+ * saturating to 127): x = s (q + l / 256) within s / 512 = max|x| / 65 024 of its block, fp32-like (a bf16
+ * activation is itself within x / 512), for two byte dot products per 64 weights: sum w q * 256 + sum w l, exact in
+ * int32 and in its conversion to fp32 (|sum| < 2^24 for |w| <= 128), times s / 256. The engine's default for int8
+ * weights ("auto"): fp32 activations' accuracy at the int8 kernels' speed. */
+#define A8_SPLIT_BIT (1 << 4)  /* in ming_set_int8_activations: int8 weights' activations in two parts */
+/* Blocks of more rows keep fp32 activations: from 5 or 6 rows the two dot products per row cost more than the
+ * weights' widening, shared by the block's rows (2 threads of an AMX Xeon, int8 [16384, 4096], ms per call, fp32 ->
+ * int8x2 activations: 1 row 1.82 -> 1.57, 2 rows 3.25 -> 2.07, 4 rows 4.66 -> 3.99, 6 rows 7.03 -> 9.22, 32 rows
+ * 35.9 -> 48.3). */
+#define A8_SPLIT_MAX_ROWS 4
+enum { A8_NONE = 0, A8_PLAIN = 1, A8_SPLIT = 2 };  /* what a matrix's activations are (a8_applies) */
+#define A8_I8_SPLIT 4  /* a8_span's kind for int8 weights against two-part activations (not a weight kind) */
+
 #if A8_AVAILABLE
 #define A8_BLOCK 32   /* activation columns per int8 scale */
 
-static int int8_activations = 1 << W_I4;  /* a bit per weight kind that takes int8 activations (of A8_KINDS) */
+/* a bit per weight kind that takes int8 activations (of A8_KINDS), and A8_SPLIT_BIT */
+static int int8_activations = 1 << W_I4;
 
 /* Columns of one unit of a weight row: int4 128 (64 bytes), int8 64. */
 static inline int64_t a8_unit(int kind) { return kind == W_I4 ? 128 : 64; }
 
 /* One activation row quantised for the units of an int4 or int8 row: q [k] (int4 layout: per unit, its 64 even
- * columns then its 64 odd ones, signed; int8 layout: natural order, offset by 128), lane_scale (per unit 16 lanes,
- * each holding the scale of the block its columns are in: int4 lane d sums columns 8d..8d+7, int8 4d..4d+3; the
- * AVX2 kernels' two halves of a unit take lanes 0-7 and 8-15), unit_sum [k / 128] (int4: the sum of the unit's
+ * columns then its 64 odd ones, signed; int8 layout: natural order, offset by 128), lo [k] (two-part activations,
+ * `split`: the remainders' 256ths, offset by 128), lane_scale (per unit 16 lanes, each holding the scale of the
+ * block its columns are in, divided by 256 when split: int4 lane d sums columns 8d..8d+7, int8 4d..4d+3; the AVX2
+ * kernels' two halves of a unit take lanes 0-7 and 8-15), unit_sum [k / 128] (int4: the sum of the unit's
  * quantised activations, times their scales). */
-typedef struct { int8_t *q; float *lane_scale; float *unit_sum; } act8;
+typedef struct { int8_t *q, *lo; float *lane_scale; float *unit_sum; int split; } act8;
 
-/* Floats of storage act8_place needs for one row of k (a multiple of the unit): k bytes, k / 4 lane scales at
- * most, k / 128 unit sums. */
-static inline int64_t act8_floats(int64_t k) { return k / 4 + k / 4 + k / 128; }
+/* Floats of storage act8_place needs for one row of k (a multiple of the unit): 2 k bytes, k / 4 lane scales at
+ * most, k / 128 unit sums (under k floats). */
+static inline int64_t act8_floats(int64_t k) { return k / 4 + k / 4 + k / 4 + k / 128; }
 
-static inline act8 act8_place(float *at, int64_t k) {
-    act8 a = {(int8_t *)at, at + k / 4, at + k / 2};
+/* An act8 in the storage at `at` for a row of k, for activations of `mode` (A8_PLAIN, A8_SPLIT). */
+static inline act8 act8_place(float *at, int64_t k, int mode) {
+    act8 a = {(int8_t *)at, (int8_t *)(at + k / 4), at + k / 2, at + 3 * (k / 4), mode == A8_SPLIT};
     return a;
 }
 
@@ -726,11 +744,19 @@ static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8
                 total += s * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
             } else {  /* offset by 128: the bytes' unsigned values */
                 const __m512i offset = _mm512_set1_epi32(128);
-                int8_t *q = a.q + u * unit + b * A8_BLOCK;
-                _mm_storeu_si128((__m128i *)q, _mm512_cvtusepi32_epi8(_mm512_add_epi32(q0, offset)));
-                _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtusepi32_epi8(_mm512_add_epi32(q1, offset)));
+                const int64_t at = u * unit + b * A8_BLOCK;
+                _mm_storeu_si128((__m128i *)(a.q + at), _mm512_cvtusepi32_epi8(_mm512_add_epi32(q0, offset)));
+                _mm_storeu_si128((__m128i *)(a.q + at + 16), _mm512_cvtusepi32_epi8(_mm512_add_epi32(q1, offset)));
+                if (a.split) {  /* the remainders x / s - q (exact in fp32), in 256ths */
+                    const __m512 f = _mm512_set1_ps(256.0f);
+                    const __m512i l0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(x0, inv), _mm512_cvtepi32_ps(q0)), f));
+                    const __m512i l1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(x1, inv), _mm512_cvtepi32_ps(q1)), f));
+                    _mm_storeu_si128((__m128i *)(a.lo + at), _mm512_cvtusepi32_epi8(_mm512_add_epi32(l0, offset)));
+                    _mm_storeu_si128((__m128i *)(a.lo + at + 16), _mm512_cvtusepi32_epi8(_mm512_add_epi32(l1, offset)));
+                }
             }
-            for (int64_t l = 0; l < lanes; l++) a.lane_scale[u * 16 + b * lanes + l] = s;
+            const float ls = a.split ? s / 256.0f : s;
+            for (int64_t l = 0; l < lanes; l++) a.lane_scale[u * 16 + b * lanes + l] = ls;
         }
         if (kind == W_I4) a.unit_sum[u] = total;
     }
@@ -769,6 +795,25 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
                 if (u % 2) acc[r].odd = _mm512_fmadd_ps(t, sv, acc[r].odd);
                 else acc[r].even = _mm512_fmadd_ps(t, sv, acc[r].even);
                 acc[r].offset += s * x[r].unit_sum[u];
+            }
+        }
+    } else if (kind == A8_I8_SPLIT) {  /* two parts: (sum w (q + 128) - 128 sum w) * 256 + the same for lo */
+        const int8_t *wq = (const int8_t *)w;
+        const __m512i offset = _mm512_set1_epi8((char)0x80);
+        for (int64_t u = u0; u < u1; u++) {
+            __builtin_prefetch(wq + u * 64 + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
+            const __m512i v = _mm512_loadu_si512((const void *)(wq + u * 64));
+            const __m512i weights128 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, v);  /* 128 sum w */
+            for (int r = 0; r < M; r++) {
+                const __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                                       _mm512_loadu_si512((const void *)(x[r].q + u * 64)), v);
+                const __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                                       _mm512_loadu_si512((const void *)(x[r].lo + u * 64)), v);
+                const __m512 t = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(_mm512_sub_epi32(hi, weights128), 8),
+                                                                     _mm512_sub_epi32(lo, weights128)));
+                const __m512 ls = _mm512_loadu_ps(x[r].lane_scale + u * 16);
+                if (u % 2) acc[r].odd = _mm512_fmadd_ps(t, ls, acc[r].odd);
+                else acc[r].even = _mm512_fmadd_ps(t, ls, acc[r].even);
             }
         }
     } else {
@@ -843,8 +888,20 @@ static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8
             } else {  /* offset by 128: the bytes' unsigned values */
                 uint8_t *q = (uint8_t *)a.q + u * unit + b * A8_BLOCK;
                 for (int c = 0; c < A8_BLOCK; c++) q[c] = (uint8_t)(a8_saturate(qi[c]) + 128);
+                if (a.split) {  /* the remainders x / s - q (exact in fp32), in 256ths */
+                    int32_t li[A8_BLOCK];
+                    const __m256 f = _mm256_set1_ps(256.0f);
+                    for (int i = 0; i < A8_BLOCK / 8; i++) {
+                        const __m256 y = _mm256_mul_ps(v[i], inv);
+                        const __m256 rest = _mm256_sub_ps(y, _mm256_cvtepi32_ps(_mm256_cvtps_epi32(y)));
+                        _mm256_storeu_si256((__m256i *)(li + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(rest, f)));
+                    }
+                    uint8_t *lo = (uint8_t *)a.lo + u * unit + b * A8_BLOCK;
+                    for (int c = 0; c < A8_BLOCK; c++) lo[c] = (uint8_t)(a8_saturate(li[c]) + 128);
+                }
             }
-            for (int64_t l = 0; l < lanes; l++) a.lane_scale[u * 16 + b * lanes + l] = s;
+            const float ls = a.split ? s / 256.0f : s;
+            for (int64_t l = 0; l < lanes; l++) a.lane_scale[u * 16 + b * lanes + l] = ls;
         }
         if (kind == W_I4) a.unit_sum[u] = total;
     }
@@ -904,15 +961,22 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
 #ifdef A8_DPBUSD  /* int8 weights take int8 activations only with VNNI (A8_KINDS) */
         const int8_t *wq = (const int8_t *)w;
         const __m256i offset = _mm256_set1_epi8((char)0x80);
+        const int two_parts = kind == A8_I8_SPLIT;
         for (int64_t u = u0; u < u1; u++) {
             __builtin_prefetch(wq + u * 64 + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
             for (int h = 0; h < 2; h++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + u * 64 + 32 * h));
                 const __m256i weights128 = A8_DPBUSD(_mm256_setzero_si256(), offset, v);  /* 128 sum w */
                 for (int r = 0; r < M; r++) {
-                    const __m256i sum = A8_DPBUSD(_mm256_setzero_si256(),
-                                                  _mm256_loadu_si256((const __m256i *)(x[r].q + u * 64 + 32 * h)), v);
-                    const __m256 t = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, weights128));
+                    __m256i sum = _mm256_sub_epi32(A8_DPBUSD(_mm256_setzero_si256(),
+                                                   _mm256_loadu_si256((const __m256i *)(x[r].q + u * 64 + 32 * h)), v),
+                                                   weights128);
+                    if (two_parts)  /* sum * 256 + the remainders' sum (see A8_SPLIT) */
+                        sum = _mm256_add_epi32(_mm256_slli_epi32(sum, 8),
+                                               _mm256_sub_epi32(A8_DPBUSD(_mm256_setzero_si256(),
+                                                                _mm256_loadu_si256((const __m256i *)(x[r].lo + u * 64 + 32 * h)),
+                                                                v), weights128));
+                    const __m256 t = _mm256_cvtepi32_ps(sum);
                     const __m256 ls = _mm256_loadu_ps(x[r].lane_scale + u * 16 + 8 * h);
                     if (h) acc[r].odd = _mm256_fmadd_ps(t, ls, acc[r].odd);
                     else acc[r].even = _mm256_fmadd_ps(t, ls, acc[r].even);
@@ -938,6 +1002,7 @@ static void a8_rows(int kind, const void *w, const float *ws, int64_t group, int
                     const act8 *x, int64_t m, float *out) {
     const int64_t units = k / a8_unit(kind);
     const size_t stride = row_bytes(kind, k);
+    const int two_parts = kind == W_I8 && x->split;  /* every row of x quantised alike (one act8_place mode) */
     for (int j = 0; j < rows; j++) {
         const void *wj = (const char *)w + (size_t)j * stride;
         const float *sj = kind == W_I4 ? ws + j * groups : NULL;
@@ -946,7 +1011,8 @@ static void a8_rows(int kind, const void *w, const float *ws, int64_t group, int
             for (int i = 0; i < ROW_GROUP; i++) acc[i] = a8_zero();
             const int M = (int)(m - r < ROW_GROUP ? m - r : ROW_GROUP);
 #define A8_SPAN(K, MM) a8_span(K, wj, sj, group, 0, units, x + r, MM, acc)
-#define A8_KIND(MM) do { if (kind == W_I4) A8_SPAN(W_I4, MM); else A8_SPAN(W_I8, MM); } while (0)
+#define A8_KIND(MM) \
+    do { if (kind == W_I4) A8_SPAN(W_I4, MM); else if (two_parts) A8_SPAN(A8_I8_SPLIT, MM); else A8_SPAN(W_I8, MM); } while (0)
             switch (M) {
             case 1: A8_KIND(1); break;
             case 2: A8_KIND(2); break;
@@ -960,32 +1026,41 @@ static void a8_rows(int kind, const void *w, const float *ws, int64_t group, int
     }
 }
 
-/* True when a matrix of `kind` with k columns (int4: in groups of `group`) takes int8 activations now. */
+/* What a matrix of `kind` with k columns (int4: in groups of `group`) meets now: A8_NONE (fp32 activations),
+ * A8_PLAIN (int8 ones) or A8_SPLIT (int8 weights: two-part ones). */
 static inline int a8_applies(int kind, int64_t group, int64_t k) {
-    if (!(int8_activations >> kind & 1)) return 0;
-    if (kind == W_I4) return group > 0 && group % 128 == 0 && k % group == 0;
-    return kind == W_I8 && k > 0 && k % 64 == 0;
+    const int on = int8_activations;  /* read once: the setting may change between calls */
+    if (!(on >> kind & 1)) return A8_NONE;
+    if (kind == W_I4) return group > 0 && group % 128 == 0 && k % group == 0 ? A8_PLAIN : A8_NONE;
+    if (kind != W_I8 || k <= 0 || k % 64) return A8_NONE;
+    return on & A8_SPLIT_BIT ? A8_SPLIT : A8_PLAIN;
 }
 
-/* x [k] (fp32) quantised into a new buffer in kind's layout (*owned: what to free). 0, -1 when out of memory. */
-static int act8_new(const float *x, int kind, int64_t k, act8 *a, float **owned) {
+/* x [k] (fp32) quantised into a new buffer in kind's layout for activations of `mode` (*owned: what to free). 0,
+ * -1 when out of memory. */
+static int act8_new(const float *x, int kind, int mode, int64_t k, act8 *a, float **owned) {
     *owned = (float *)malloc((size_t)act8_floats(k) * sizeof(float));
     if (!*owned) return -1;
-    *a = act8_place(*owned, k);
+    *a = act8_place(*owned, k, mode);
     act8_quantize(x, kind, 0, k / a8_unit(kind), *a);
     return 0;
 }
 #else
-static inline int a8_applies(int kind, int64_t group, int64_t k) { (void)kind; (void)group; (void)k; return 0; }
+static inline int a8_applies(int kind, int64_t group, int64_t k) { (void)kind; (void)group; (void)k; return A8_NONE; }
 #endif
 
-/* The weight kinds this build's int8-activation kernels take (see A8_KINDS): bit 1 << W_I4 int4, 1 << W_I8 int8;
- * 0 without them. ming_set_int8_activations says which of those take them now (other bits ignored). */
-int ming_int8_activations_available(void) { return A8_KINDS; }
+/* The weight kinds this build's int8-activation kernels take (see A8_KINDS): bit 1 << W_I4 int4, 1 << W_I8 int8,
+ * and A8_SPLIT_BIT with int8 (two-part activations); 0 without them. ming_set_int8_activations says which of
+ * those take them now (other bits ignored): int8 weights two-part ones when A8_SPLIT_BIT is set too. */
+#define A8_SETTINGS (A8_KINDS | (A8_KINDS & 1 << W_I8 ? A8_SPLIT_BIT : 0))
+int ming_int8_activations_available(void) { return A8_SETTINGS; }
+
+/* The most activation rows a linear's int8x2 activations take (larger blocks: fp32 ones). */
+int ming_int8x2_max_rows(void) { return A8_SPLIT_MAX_ROWS; }
 
 void ming_set_int8_activations(int kinds) {
 #if A8_AVAILABLE
-    int8_activations = kinds & A8_KINDS;
+    int8_activations = kinds & A8_SETTINGS;
 #else
     (void)kinds;
 #endif
@@ -1009,8 +1084,8 @@ static int scales_fit(int kind, int has_scales, int64_t group, int64_t k) {
 /* y[m, n] = x[m, k] @ w[n, k]^T for int4 w with group scales or int8 w with row scales, against int8-quantised
  * activations (see act8): every activation row quantised once, then MAX_LINEAR_ROWS of them at a time against
  * each thread's weight rows. Returns 0, -1 when out of memory. */
-static int a8_linear(int kind, const void *w, const float *scale, int64_t group, const void *x, int x_bf16, void *y,
-                     int y_bf16, int64_t m, int64_t n, int64_t k, int nthreads) {
+static int a8_linear(int kind, int mode, const void *w, const float *scale, int64_t group, const void *x, int x_bf16,
+                     void *y, int y_bf16, int64_t m, int64_t n, int64_t k, int nthreads) {
     float *xbuf;
     const float *xf = activations(x, x_bf16, X_NATURAL, m, k, &xbuf);
     if (!xf) return -1;
@@ -1019,7 +1094,7 @@ static int a8_linear(int kind, const void *w, const float *scale, int64_t group,
     act8 *rows8 = (act8 *)malloc((size_t)m * sizeof(act8));
     if (!store || !rows8) { free(store); free(rows8); free(xbuf); return -1; }
     for (int64_t r = 0; r < m; r++) {
-        rows8[r] = act8_place(store + r * per_row, k);
+        rows8[r] = act8_place(store + r * per_row, k, mode);
         act8_quantize(xf + r * k, kind, 0, units, rows8[r]);
     }
     const int64_t blocks = (n + ROWS - 1) / ROWS, groups = kind == W_I4 ? k / group : 0;
@@ -1070,8 +1145,9 @@ int ming_linear(const void *w, int w_kind, const float *w_scale, int64_t w_group
     if (m < 1 || (m > MAX_LINEAR_ROWS && w_kind != W_I4 && w_kind != W_I8)) return -3;
     if (!scales_fit(w_kind, w_scale != NULL, w_group, k)) return -4;
 #if A8_AVAILABLE
-    if (a8_applies(w_kind, w_group, k))
-        return a8_linear(w_kind, w, w_scale, w_group, x, x_bf16, y, y_bf16, m, n, k, nthreads);
+    const int mode = a8_applies(w_kind, w_group, k);
+    if (mode != A8_NONE && (mode != A8_SPLIT || m <= A8_SPLIT_MAX_ROWS))
+        return a8_linear(w_kind, mode, w, w_scale, w_group, x, x_bf16, y, y_bf16, m, n, k, nthreads);
 #endif
 #if I4B_AVAILABLE
     if (w_kind == W_I4 && x_bf16 && m >= I4B_MIN_ROWS)  /* scales_fit: groups of a multiple of 32 dividing k */
@@ -1293,7 +1369,7 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
         const int layout = slot[j].kind == W_I8;
         if (!a8_gate_up[j] || x8buf[layout]) continue;
         if ((!xn && !(xn = activations(x, x_bf16, X_NATURAL, 1, hidden, &xnbuf))) ||
-            act8_new(xn, slot[j].kind, hidden, &x8[layout], &x8buf[layout])) {
+            act8_new(xn, slot[j].kind, a8_gate_up[j], hidden, &x8[layout], &x8buf[layout])) {
             free(xnbuf);
             free(x8buf[0]);
             free(x8buf[1]);
@@ -1350,7 +1426,7 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
                     float g = e->gate_up[c], v = e->gate_up[e->inter + c];
                     e->gate_up[c] = round_act ? round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(v)) : silu(g) * v;
                 }
-                act8_quantize(e->gate_up, e->kind, i / unit, i / unit + 1, act8_place(e->act, e->inter));
+                act8_quantize(e->gate_up, e->kind, i / unit, i / unit + 1, act8_place(e->act, e->inter, a8_down[j]));
                 continue;
             }
 #endif
@@ -1370,7 +1446,7 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
                 int rows = (int)(row1 - row < ROWS ? row1 - row : ROWS);
 #if A8_AVAILABLE
                 if (a8_down[j]) {
-                    const act8 a = act8_place(e->act, e->inter);
+                    const act8 a = act8_place(e->act, e->inter, a8_down[j]);
                     a8_rows(e->kind, (const char *)e->down + (size_t)row * row_bytes(e->kind, e->inter),
                             e->kind == W_I4 ? e->down_scale + row * down_groups[j] : NULL, e->down_group, down_groups[j],
                             rows, e->inter, &a, 1, dots);
@@ -1828,8 +1904,8 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
     void *x8 = NULL, *att8 = NULL;
 #if A8_AVAILABLE
     act8 x8_rows, att8_rows;
-    if (a8_qkv) { x8_rows = act8_place(a8_store, hidden); x8 = &x8_rows; a8_store += act8_floats(hidden); }
-    if (a8_o) { att8_rows = act8_place(a8_store, n_att); att8 = &att8_rows; }
+    if (a8_qkv) { x8_rows = act8_place(a8_store, hidden, a8_qkv); x8 = &x8_rows; a8_store += act8_floats(hidden); }
+    if (a8_o) { att8_rows = act8_place(a8_store, n_att, a8_o); att8 = &att8_rows; }
 #else
     (void)a8_store; (void)a8_qkv; (void)a8_o;
 #endif
