@@ -128,9 +128,14 @@ def _emulated_isa() -> str | None:
     if value in ("", "native"):
         return None
     if value not in EMULATED_ISAS:
-        log.warning("%s=%r is not one of native, %s; building for this CPU", ISA_ENV, value, ", ".join(EMULATED_ISAS))
+        if value not in _warned_isas:  # once per value: status() asks on every call
+            _warned_isas.add(value)
+            log.warning("%s=%r is not one of native, %s; building for this CPU", ISA_ENV, value, ", ".join(EMULATED_ISAS))
         return None
     return value
+
+
+_warned_isas: set[str] = set()
 
 
 def _disabled() -> str | None:

@@ -273,6 +273,26 @@ def test_build_is_cached_per_source_compiler_and_cpu(fresh_native):
     assert native.status().startswith("native (")
 
 
+@needs_native
+def test_the_environment_builds_the_kernels_as_an_older_cpu_does(fresh_native, monkeypatch, caplog):
+    """MING_NATIVE_ISA=avx2 builds the kernels as a CPU without AVX-512 or VNNI does (8-float vectors at most, int8
+    activations for int4 weights only) into a cache entry of their own, and says so; an unknown value is named
+    once in the log and this CPU's build loads."""
+    assert native.available()
+    own = native._lib.ming_vector_floats()
+    monkeypatch.setenv(native.ISA_ENV, "avx2")
+    native.reset()
+    assert native.available() and native._lib.ming_vector_floats() == min(own, 8)
+    assert native.int8_kernel_kinds() in ((), ("int4",)) and f"built as for avx2 ({native.ISA_ENV})" in native.status()
+    assert len(list((fresh_native / "kernels").glob("cpu_decode-*.so"))) == 2  # its flags: a key of its own
+    monkeypatch.setenv(native.ISA_ENV, "sse9")
+    native.reset()
+    with caplog.at_level("WARNING"):
+        assert native.available() and native._lib.ming_vector_floats() == own
+        native.status(), native.status()
+    assert caplog.text.count("is not one of native, avx2, avx-vnni") == 1 and "built as for" not in native.status()
+
+
 def test_a_failed_build_falls_back_to_torch(fresh_native, monkeypatch, caplog):
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
     for switch in (native.DISABLE_ENV, "MING_KERNELS_FORCE_REFERENCE"):  # a build is tried, whatever this shell says
