@@ -645,8 +645,8 @@ static int i4_bf16_linear(const uint8_t *w, const float *scale, int64_t group, c
  * AVX-512 ones only in the order the fp32 terms are added.
  * Decode of int4 weights on 2 cores was bound by the core, not by memory (the fp32 path spends 23 instructions on
  * 128 weights at 16 floats, this one 8). `ming_set_int8_activations` says which weight kinds take int8
- * activations (the engine's default: int4 only, whose own quantisation error dwarfs theirs; see
- * engine/kernels/native.py). */
+ * activations (the engine's default: int4 weights, whose own quantisation error dwarfs theirs, and int8 ones'
+ * decode rows in two parts, A8_SPLIT; see engine/kernels/native.py). */
 #if VL == 16 && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define A8_AVAILABLE 1
 #define A8_KINDS (1 << W_I4 | 1 << W_I8)
@@ -1342,12 +1342,19 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
         first_elem[j + 1] = first_elem[j] + slot[j].inter;
         bytes += 3 * (int64_t)row_bytes(slot[j].kind, slot[j].inter * hidden);
     }
+    /* what each slot's matrices meet (a8_applies), decided once for the call: the setting may change meanwhile */
+    int a8_down[MAX_SLOTS], a8_gate_up[MAX_SLOTS];
+    for (int j = 0; j < n; j++) {
+        a8_down[j] = a8_applies(slot[j].kind, slot[j].down_group, slot[j].inter);
+        a8_gate_up[j] = a8_applies(slot[j].kind, slot[j].gate_up_group, hidden);
+    }
+    (void)a8_down;  /* read in phases 2 and 3 where the int8-activation kernels are built */
     /* x in each layout the slots read (routed experts in one, the shared expert maybe in another) */
     float *xbuf[X_LAYOUTS] = {NULL, NULL, NULL};
     const float *xf[X_LAYOUTS] = {NULL, NULL, NULL};
     for (int j = 0; j < n; j++) {
         const int p = x_layout(slot[j].kind, slot[j].gate_up_group);
-        if (a8_applies(slot[j].kind, slot[j].gate_up_group, hidden)) continue;  /* int8 activations */
+        if (a8_gate_up[j]) continue;  /* int8 activations */
         if (xf[p] == NULL && (xf[p] = activations(x, x_bf16, p, 1, hidden, &xbuf[p])) == NULL) {
             for (int l = 0; l < X_LAYOUTS; l++) free(xbuf[l]);
             return -2;
@@ -1356,14 +1363,11 @@ static int run_experts(expert_slot *slot, int n, int routed, const void *x, int 
 #if A8_AVAILABLE
     /* experts taking int8 activations: x quantised once in each layout they read (int4's, int8's); each one's
      * down input quantised in phase 2 into its act buffer (act8_floats(inter) <= inter floats) */
-    int a8_down[MAX_SLOTS], a8_gate_up[MAX_SLOTS];
     int64_t gate_up_groups[MAX_SLOTS], down_groups[MAX_SLOTS];  /* int4 scales per row */
     float *x8buf[2] = {NULL, NULL}, *xnbuf = NULL;
     act8 x8[2];
     const float *xn = NULL;
     for (int j = 0; j < n; j++) {
-        a8_down[j] = a8_applies(slot[j].kind, slot[j].down_group, slot[j].inter);
-        a8_gate_up[j] = a8_applies(slot[j].kind, slot[j].gate_up_group, hidden);
         gate_up_groups[j] = slot[j].kind == W_I4 ? hidden / slot[j].gate_up_group : 0;
         down_groups[j] = slot[j].kind == W_I4 ? slot[j].inter / slot[j].down_group : 0;
         const int layout = slot[j].kind == W_I8;
