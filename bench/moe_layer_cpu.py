@@ -51,9 +51,10 @@ Method
   ``AMXInt8_MOE``, ``AMXInt4_MOE`` (AVX-512 variants on CPUs without AMX), quantised by kt-kernel
   itself from the same bf16 weights, on a kt worker pool of ``--threads`` threads; the shared expert
   runs on our packed path in every path. kt's ``roofline`` counts its quantised bytes without scales.
-* ``--cpu-isa avx2`` / ``avx-vnni``: the native kernels as a CPU without AVX-512 (with AVX-VNNI or without)
-  builds them, run on this CPU (MING_NATIVE_ISA): that code's speed here, not that CPU's; torch's own kernels
-  (AMX GEMMs included) are this CPU's.
+* ``--cpu-isa avx2`` / ``avx-vnni`` / ``avx512``: the native kernels as a CPU without AVX-512 (with AVX-VNNI or
+  without) or with AVX-512 but no VNNI (Skylake-SP) builds them, run on this CPU (MING_NATIVE_ISA): that code's
+  speed here, not that CPU's; torch's own kernels (AMX GEMMs included) are this CPU's unless limited too
+  (ONEDNN_MAX_CPU_ISA=AVX2).
 * Contention: the CPU time other processes used during each measurement is read from /proc/stat and
   reported as ``other_cpu_load`` (fraction of all cores). On a shared 2-core machine any other load
   ruins the numbers (OpenMP threads wait for the slowest core); the table flags such rows.
@@ -448,8 +449,8 @@ def main() -> None:
                              "(default 'both' = plain,packed; 'all' = every path)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--cpu-isa", choices=("native", *native.EMULATED_ISAS), default="native",
-                        help="the native kernels as built for this CPU (default) or as a CPU with only AVX2 (or "
-                             "AVX2 + AVX-VNNI) builds them, run on this one")
+                        help="the native kernels as built for this CPU (default) or as an older CPU builds them "
+                             "(AVX2, AVX2 + AVX-VNNI, AVX-512 without VNNI), run on this one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()

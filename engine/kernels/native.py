@@ -7,11 +7,12 @@ Decode on the CPU is a chain of GEMVs, and torch's GEMV reads weights well below
 has no bf16 path on CPUs without native bf16). These kernels stream the checkpoint's own row-major
 [out, in] weights (fp32 or bf16, no repacking; int8 with row scales and int4 with group scales in the
 engine's quantised storage, read in place) on torch's OpenMP threads. int4 and int8 weights meet int8
-activations (quantised per 32 columns, byte dot products: AVX-512 VNNI, AVX-VNNI, or AVX2's vpmaddubsw, which
-takes int4 weights only): by default int4 weights one-part int8 activations and int8 weights' decode rows
-two-part ones (int8x2, fp32-like; VNNI only), with ``MING_CPU_ACTIVATIONS=int8`` one-part ones for both, with
-``=float`` fp32 ones (or :func:`set_quantized_activations`; see ACTIVATIONS_ENV). ``MING_NATIVE_ISA=avx2`` (or ``avx-vnni``) builds the
-kernels as a CPU without AVX-512 does, to test and time that code on a newer CPU.
+activations (quantised per 32 columns, byte dot products: AVX-512 VNNI, AVX-VNNI, or vpmaddubsw on AVX2 or
+AVX-512 without VNNI, which takes int4 weights only): by default int4 weights one-part int8 activations and
+int8 weights' decode rows two-part ones (int8x2, fp32-like; VNNI only), with ``MING_CPU_ACTIVATIONS=int8``
+one-part ones for both, with ``=float`` fp32 ones (or :func:`set_quantized_activations`; see
+ACTIVATIONS_ENV). ``MING_NATIVE_ISA=avx2`` (or ``avx-vnni``, ``avx512``) builds the kernels as an older CPU
+does, to test and time that code on a newer one.
 
 The C source is compiled on first use (about a second) with the system C compiler for this CPU
 (``-march=native``) into the studio cache (``$MING_STUDIO_CACHE`` or ``~/.cache/ming-omni-studio``,
@@ -47,9 +48,11 @@ CACHE_ENV = "MING_STUDIO_CACHE"  # the studio's cache (engine.tiny.default_cache
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-std=c11")
 BUILD_TIMEOUT_S = 180
 # Instruction sets a build can be limited to, below this CPU's (tests and benchmarks: the code a CPU without
-# AVX-512 compiles, with AVX-VNNI or with neither, run on this one; its speed is this CPU's, not that CPU's).
-# MING_NATIVE_ISA=avx2 (or avx-vnni) makes the loaded kernels such a build.
-EMULATED_ISAS = {"avx2": ("-mno-avx512f", "-mno-avxvnni"), "avx-vnni": ("-mno-avx512f",)}
+# AVX-512 compiles, with AVX-VNNI or without; or one with AVX-512 but neither VNNI nor bf16, as Skylake-SP; run on
+# this one: its speed is this CPU's, not that CPU's). MING_NATIVE_ISA=avx2 (avx-vnni, avx512) makes the loaded
+# kernels such a build.
+EMULATED_ISAS = {"avx2": ("-mno-avx512f", "-mno-avxvnni"), "avx-vnni": ("-mno-avx512f",),
+                 "avx512": ("-mno-avx512vnni", "-mno-avxvnni", "-mno-avx512bf16")}
 ISA_ENV = "MING_NATIVE_ISA"
 # Linears of at most this many rows take the native kernel (each weight row is read once for all rows);
 # larger blocks (prefill) are GEMMs, where torch's BLAS is the faster choice.
@@ -79,9 +82,10 @@ SMALL_OP_MAX_ELEMENTS = 1 << 16
 BIND_MIN_BYTES = 512 << 10
 MAX_TOP_K = 64  # the kernel sorts at most this many slots on its stack
 # What int4 and int8 weights meet in the native kernels: int8 activations (quantised per 32 columns, summed with
-# byte dot products, as llama.cpp's Q4_0 / Q8_0 x Q8_0: AVX-512 VNNI or AVX-VNNI, both kinds; AVX2 alone, int4
-# only; decode of one MoE layer of int4 experts at the real shape on 2 cores of an AVX-512 Xeon, the kernels
-# built as for AVX2: 6.4 -> 3.4 ms, bench/moe_layer_cpu.py --cpu-isa avx2 --path int4-float,int4) or fp32 ones
+# byte dot products, as llama.cpp's Q4_0 / Q8_0 x Q8_0: AVX-512 VNNI or AVX-VNNI, both kinds; AVX2 or AVX-512
+# without VNNI, int4 only; decode of one MoE layer of int4 experts at the real shape on 2 cores of an AVX-512
+# Xeon, the kernels built as for AVX2: 6.4 -> 3.4 ms, for AVX-512 without VNNI 4.2 -> 3.1 ms, bench/moe_layer_cpu.py
+# --cpu-isa avx2|avx512 --path int4-float,int4) or fp32 ones
 # (the weights widened exactly in registers), or, for int8 weights where the CPU has VNNI, "int8x2" activations:
 # two int8 parts per value (the second the first's remainder in 256ths: within max|x| / 65 024 of a 32-column
 # block, fp32-like), two byte dot products per 64 weights. "auto" (the default): int8 activations for int4
@@ -307,7 +311,7 @@ _activations_setting = "auto"
 
 def int8_kernel_kinds() -> tuple[str, ...]:
     """The weight kinds the loaded kernels can meet with int8 activations (AVX-512 VNNI or AVX-VNNI: int4 and
-    int8; AVX2 alone: int4; none without the kernels)."""
+    int8; AVX2 or AVX-512 without VNNI: int4; none without the kernels)."""
     lib = _load() if _disabled() is None else None
     bits = lib.ming_int8_activations_available() if lib is not None else 0
     return tuple(kind for kind, bit in _KIND_BITS.items() if bits & bit)

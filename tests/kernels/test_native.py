@@ -789,11 +789,13 @@ def _cpu_flags() -> set[str]:
 
 
 @needs_native
-@pytest.mark.parametrize("isa,needs,kinds", [("avx2", {"avx2", "fma"}, ("int4",)),
-                                             ("avx-vnni", {"avx2", "fma", "avx_vnni"}, ("int4", "int8"))])
-def test_avx2_builds_meet_int4_weights_with_int8_activations(isa, needs, kinds, monkeypatch):
+@pytest.mark.parametrize("isa,needs,floats,kinds", [
+    ("avx2", {"avx2", "fma"}, 8, ("int4",)), ("avx-vnni", {"avx2", "fma", "avx_vnni"}, 8, ("int4", "int8")),
+    ("avx512", {"avx512f", "avx512bw"}, 16, ("int4",))])
+def test_older_cpus_builds_meet_int4_weights_with_int8_activations(isa, needs, floats, kinds, monkeypatch):
     """The kernels as a CPU without AVX-512 builds them (8-float vectors; a 64-byte unit in two halves; byte dot
-    products by vpmaddubsw + vpmaddwd, or AVX-VNNI's vpdpbusd, which also takes int8 weights), run here: int4
+    products by vpmaddubsw + vpmaddwd, or AVX-VNNI's vpdpbusd, which also takes int8 weights), or one with AVX-512
+    but without VNNI (vpmaddubsw + vpmaddwd on 64 bytes), run here: int4
     (and, with VNNI, int8) weights against int8 activations (int8 weights: int8x2 ones too) give the quantised
     activations' exact products within the plain kernels' tolerance, for decode rows, prefill blocks and one
     token's experts beside a bf16 shared one; a block of zeros stays zero, a NaN makes its row NaN."""
@@ -802,7 +804,7 @@ def test_avx2_builds_meet_int4_weights_with_int8_activations(isa, needs, kinds, 
     if not needs <= _cpu_flags():
         pytest.skip(f"this CPU lacks {', '.join(sorted(needs - _cpu_flags()))}")
     lib = native.build_for_isa(isa)
-    assert lib.ming_vector_floats() == 8
+    assert lib.ming_vector_floats() == floats
     monkeypatch.setattr(native, "_lib", lib)
     monkeypatch.setattr(native, "_activations_setting", native._activations_setting)
     assert native.set_quantized_activations("int8") == "int8" and native.int8_activation_kinds() == kinds

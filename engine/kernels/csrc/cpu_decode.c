@@ -637,19 +637,24 @@ static int i4_bf16_linear(const uint8_t *w, const float *scale, int64_t group, c
  *   int8: 64 weights (signed) against the activations offset by 128 (unsigned, natural order): sum (q + 128) w -
  *   128 sum w, the weights' sums taken by one more dot product per 64 weights.
  * The byte dot products: on CPUs with AVX-512 VNNI, vpdpbusd (64 products of unsigned by signed bytes summed into
- * 16 int32 lanes per instruction); on AVX2 ones (8-float vectors) the same sums in the two 32-byte halves of a
- * unit, by the 256-bit vpdpbusd where the CPU has AVX-VNNI, else by vpmaddubsw + vpmaddwd (pairs of products
- * summed in int16: two nibbles times int8 activations, at most 2 * 15 * 127, and the low and high nibbles' pairs
- * together at most 7 620, stay exact). Without VNNI only int4 weights take int8 activations (an int8 weight times
+ * 16 int32 lanes per instruction); on AVX-512 ones without VNNI, vpmaddubsw + vpmaddwd (pairs of products summed
+ * in int16: two nibbles times int8 activations, at most 2 * 15 * 127, and the low and high nibbles' pairs together
+ * at most 7 620, stay exact); on AVX2 ones (8-float vectors) the same sums in the two 32-byte halves of a unit, by
+ * the 256-bit vpdpbusd where the CPU has AVX-VNNI, else by vpmaddubsw + vpmaddwd. Without VNNI only int4 weights take int8 activations (an int8 weight times
  * an offset activation does not fit int16's pairs). The same integers either way: the sums differ from the
  * AVX-512 ones only in the order the fp32 terms are added.
  * Decode of int4 weights on 2 cores was bound by the core, not by memory (the fp32 path spends 23 instructions on
  * 128 weights at 16 floats, this one 8). `ming_set_int8_activations` says which weight kinds take int8
  * activations (the engine's default: int4 weights, whose own quantisation error dwarfs theirs, and int8 ones'
  * decode rows in two parts, A8_SPLIT; see engine/kernels/native.py). */
-#if VL == 16 && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if VL == 16 && defined(__AVX512BW__)
 #define A8_AVAILABLE 1
+#ifdef __AVX512VNNI__
+#define A8_VNNI512 1
 #define A8_KINDS (1 << W_I4 | 1 << W_I8)
+#else
+#define A8_KINDS (1 << W_I4)
+#endif
 #elif VL == 8 && defined(__AVX2__) && defined(__FMA__)
 #define A8_AVAILABLE 1
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -767,6 +772,17 @@ typedef struct { __m512 even, odd; float offset; } a8_acc;
 
 static inline a8_acc a8_zero(void) { return (a8_acc){_mm512_setzero_ps(), _mm512_setzero_ps(), 0.0f}; }
 
+/* int32 lane d: the products of bytes 4d..4d+3 of lo with those of qlo plus those of hi with qhi (lo, hi unsigned
+ * nibbles, q signed). */
+static inline __m512i a8_nibble_dots(__m512i lo, __m512i qlo, __m512i hi, __m512i qhi) {
+#ifdef A8_VNNI512
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, qlo), hi, qhi);
+#else
+    const __m512i pairs = _mm512_add_epi16(_mm512_maddubs_epi16(lo, qlo), _mm512_maddubs_epi16(hi, qhi));
+    return _mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
+#endif
+}
+
 /* acc[r] += weight row . x_r over units [u0, u1) for M (<= ROW_GROUP) activation rows; int4: `ws` the row's
  * group scales (group a multiple of 128). Units alternate between the two vector sums by their index, so a
  * row's sum runs in one order however many rows come with it. */
@@ -789,15 +805,17 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
             const __m512 sv = _mm512_set1_ps(s);
             for (int r = 0; r < M; r++) {
                 const int8_t *q = x[r].q + u * 128;
-                __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)q));
-                sum = _mm512_dpbusd_epi32(sum, hi, _mm512_loadu_si512((const void *)(q + 64)));
+                const __m512i sum = a8_nibble_dots(lo, _mm512_loadu_si512((const void *)q), hi,
+                                                   _mm512_loadu_si512((const void *)(q + 64)));
                 const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_loadu_ps(x[r].lane_scale + u * 16));
                 if (u % 2) acc[r].odd = _mm512_fmadd_ps(t, sv, acc[r].odd);
                 else acc[r].even = _mm512_fmadd_ps(t, sv, acc[r].even);
                 acc[r].offset += s * x[r].unit_sum[u];
             }
         }
-    } else if (kind == A8_I8_SPLIT) {  /* two parts: (sum w (q + 128) - 128 sum w) * 256 + the same for lo */
+    }
+#ifdef A8_VNNI512  /* int8 weights take int8 activations only with VNNI (A8_KINDS) */
+    else if (kind == A8_I8_SPLIT) {  /* two parts: (sum w (q + 128) - 128 sum w) * 256 + the same for lo */
         const int8_t *wq = (const int8_t *)w;
         const __m512i offset = _mm512_set1_epi8((char)0x80);
         for (int64_t u = u0; u < u1; u++) {
@@ -833,6 +851,9 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
             }
         }
     }
+#else
+    (void)x; (void)M; (void)acc;
+#endif
 }
 
 static inline float a8_finish(const a8_acc *acc) {
