@@ -753,8 +753,8 @@ def test_linear_with_int4_weights_and_group_scales(dtype, rows, n, k, activation
 def test_activation_settings_choose_by_weight_kind(fp32_activations):
     """"auto" (the default): int4 weights meet int8 activations, int8 weights int8x2 ones (two int8 parts, where
     the kernels have int8 weights': VNNI, AVX-512 or AVX-VNNI; else fp32 ones); "int8": int8 activations for both
-    (int8 weights where the kernels have them); "float": neither. Each against what its kernel sees; unknown
-    settings are refused."""
+    (int8 weights where the kernels have them); "float": neither. Each against what its kernel sees, a NaN
+    making its row NaN; unknown settings are refused."""
     from engine.kernels.dequant import quantize_int8_rows
 
     gen = torch.Generator().manual_seed(11)
@@ -776,6 +776,10 @@ def test_activation_settings_choose_by_weight_kind(fp32_activations):
             assert _rel_err(int8(x), _seen_activations(x, 256).double() @ w8.T) <= 1e-5
             if modes[1] == "int8x2":  # near the fp32 activations' product, unlike int8 ones
                 assert 0 < _rel_err(int8(x), x.double() @ w8.T) <= INT8X2_ACTIVATIONS_REL_ERR
+            bad = x.clone()
+            bad[1, 70] = float("nan")  # a non-finite activation spoils its row, not the other
+            for got in (int4(bad), int8(bad)):
+                assert bool(torch.isnan(got[1]).all()) and bool(torch.isfinite(got[0]).all())
     with pytest.raises(ValueError, match="activations must be one of"):
         native.set_quantized_activations("int4")
 
