@@ -722,6 +722,30 @@ static inline float a8_block_scale(float amax, int finite, float *inv) {
     return finite ? amax / 127.0f : NAN;
 }
 
+/* Block b (of A8_BLOCK columns) of unit u: its scale s into its `lanes` lanes (s / 256 for two-part activations). */
+static inline void a8_set_lane_scales(act8 a, int64_t u, int64_t b, int64_t lanes, float s) {
+    const float ls = a.split ? s / 256.0f : s;
+    for (int64_t l = 0; l < lanes; l++) a.lane_scale[u * 16 + b * lanes + l] = ls;
+}
+
+/* An int4 row's group scales met unit by unit from unit u0 (groups of a multiple of 128 columns): the group's
+ * index counted, not divided out per unit. */
+typedef struct { int64_t gi, left, per_group; } a8_groups;
+
+static inline a8_groups a8_groups_from(int64_t group, int64_t u0) {
+    const int64_t per_group = group / 128;
+    return (a8_groups){u0 / per_group, per_group - u0 % per_group, per_group};
+}
+
+static inline float a8_next_scale(a8_groups *g, const float *ws) {
+    const float s = ws[g->gi];
+    if (--g->left == 0) {
+        g->gi++;
+        g->left = g->per_group;
+    }
+    return s;
+}
+
 #if VL == 16
 /* Quantise units [u0, u1) of x [k] (fp32, natural order) into a, in `kind`'s layout: per block of A8_BLOCK
  * columns, its maximum magnitude, the products x * (127 / max) rounded to nearest even (the CPU's rounding
@@ -760,8 +784,7 @@ static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8
                     _mm_storeu_si128((__m128i *)(a.lo + at + 16), _mm512_cvtusepi32_epi8(_mm512_add_epi32(l1, offset)));
                 }
             }
-            const float ls = a.split ? s / 256.0f : s;
-            for (int64_t l = 0; l < lanes; l++) a.lane_scale[u * 16 + b * lanes + l] = ls;
+            a8_set_lane_scales(a, u, b, lanes, s);
         }
         if (kind == W_I4) a.unit_sum[u] = total;
     }
@@ -791,17 +814,12 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
     if (kind == W_I4) {
         const uint8_t *wq = (const uint8_t *)w;
         const __m512i low = _mm512_set1_epi8(15);
-        const int64_t units_per_group = group / 128;
-        int64_t gi = u0 / units_per_group, left = units_per_group - u0 % units_per_group;  /* no division per unit */
+        a8_groups groups = a8_groups_from(group, u0);
         for (int64_t u = u0; u < u1; u++) {
             __builtin_prefetch(wq + u * 64 + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
             const __m512i v = _mm512_loadu_si512((const void *)(wq + u * 64));
             const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-            const float s = ws[gi];
-            if (--left == 0) {
-                gi++;
-                left = units_per_group;
-            }
+            const float s = a8_next_scale(&groups, ws);
             const __m512 sv = _mm512_set1_ps(s);
             for (int r = 0; r < M; r++) {
                 const int8_t *q = x[r].q + u * 128;
@@ -921,8 +939,7 @@ static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8
                     for (int c = 0; c < A8_BLOCK; c++) lo[c] = (uint8_t)(a8_saturate(li[c]) + 128);
                 }
             }
-            const float ls = a.split ? s / 256.0f : s;
-            for (int64_t l = 0; l < lanes; l++) a.lane_scale[u * 16 + b * lanes + l] = ls;
+            a8_set_lane_scales(a, u, b, lanes, s);
         }
         if (kind == W_I4) a.unit_sum[u] = total;
     }
@@ -952,19 +969,14 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
     if (kind == W_I4) {
         const uint8_t *wq = (const uint8_t *)w;
         const __m256i low = _mm256_set1_epi8(15);
-        const int64_t units_per_group = group / 128;
-        int64_t gi = u0 / units_per_group, left = units_per_group - u0 % units_per_group;  /* no division per unit */
+        a8_groups groups = a8_groups_from(group, u0);
         for (int64_t u = u0; u < u1; u++) {
             __builtin_prefetch(wq + u * 64 + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
             const __m256i v0 = _mm256_loadu_si256((const __m256i *)(wq + u * 64));
             const __m256i v1 = _mm256_loadu_si256((const __m256i *)(wq + u * 64 + 32));
             const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
             const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
-            const float s = ws[gi];
-            if (--left == 0) {
-                gi++;
-                left = units_per_group;
-            }
+            const float s = a8_next_scale(&groups, ws);
             const __m256 sv = _mm256_set1_ps(s);
             for (int r = 0; r < M; r++) {
                 const int8_t *q = x[r].q + u * 128;  /* evens q[0, 64), odds q[64, 128) */
