@@ -166,17 +166,18 @@ def main() -> int:
         print(f"  error vs the unquantised experts (relative L2): token  {fmt} format  kernel fp32 act  kernel int8 act"
               f"  int8 vs fp32 act  {auto:>14}  auto vs fp32 act")
         for n, r in [*enumerate(out["tokens"]), ("mean", out["mean"])]:
-            print(f"    {n:>5}  {r['format']:11.4f}  {r['float']:15.4f}  {r['int8']:15.4f}  {r['int8_vs_float']:16.4f}  "
-                  f"{r['auto']:14.6f}  {r['auto_vs_float']:16.6f}")
+            print(f"    {n:>5}  {r['format']:11.4f}  {r['float']:15.4f}  {r['int8']:15.4f}  "
+                  f"{r['int8_vs_float']:16.4f}  {r['auto']:14.6f}  {r['auto_vs_float']:16.6f}")
         print(f"  time, fp32 act -> int8 act: decode (one token, {args.top_k} experts) {ms['float']['decode']:.3f} -> "
               f"{ms['int8']['decode']:.3f} ms ({out['speedup']['decode']:.2f}x); {args.prefill_rows}-row linear "
               f"[{args.inter}, {args.hidden}] {ms['float']['prefill']:.2f} -> {ms['int8']['prefill']:.2f} ms "
               f"({out['speedup']['prefill']:.2f}x, {out['prefill_gflops']['float']:.0f} -> "
               f"{out['prefill_gflops']['int8']:.0f} GFLOP/s)")
         if out["auto"] not in ("int8", "float"):
+            up = out["speedup_auto"]
             print(f"  time, fp32 act -> {out['auto']} act (the default): decode {ms['float']['decode']:.3f} -> "
-                  f"{ms['auto']['decode']:.3f} ms ({out['speedup_auto']['decode']:.2f}x); {args.prefill_rows}-row linear "
-                  f"{ms['float']['prefill']:.2f} -> {ms['auto']['prefill']:.2f} ms ({out['speedup_auto']['prefill']:.2f}x)")
+                  f"{ms['auto']['decode']:.3f} ms ({up['decode']:.2f}x); {args.prefill_rows}-row linear "
+                  f"{ms['float']['prefill']:.2f} -> {ms['auto']['prefill']:.2f} ms ({up['prefill']:.2f}x)")
     return 0
 
 

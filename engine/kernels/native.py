@@ -84,9 +84,9 @@ MAX_TOP_K = 64  # the kernel sorts at most this many slots on its stack
 # What int4 and int8 weights meet in the native kernels: int8 activations (quantised per 32 columns, summed with
 # byte dot products, as llama.cpp's Q4_0 / Q8_0 x Q8_0: AVX-512 VNNI or AVX-VNNI, both kinds; AVX2 or AVX-512
 # without VNNI, int4 only; decode of one MoE layer of int4 experts at the real shape on 2 cores of an AVX-512
-# Xeon, the kernels built as for AVX2: 6.4 -> 3.4 ms, for AVX-512 without VNNI 4.2 -> 3.1 ms, bench/moe_layer_cpu.py
-# --cpu-isa avx2|avx512 --path int4-float,int4) or fp32 ones
-# (the weights widened exactly in registers), or, for int8 weights where the CPU has VNNI, "int8x2" activations:
+# Xeon, the kernels built as for AVX2: 6.4 -> 3.4 ms, for AVX-512 without VNNI 4.2 -> 3.1 ms,
+# bench/moe_layer_cpu.py --cpu-isa avx2|avx512 --path int4-float,int4) or fp32 ones (the weights widened
+# exactly in registers), or, for int8 weights where the CPU has VNNI, "int8x2" activations:
 # two int8 parts per value (the second the first's remainder in 256ths: within max|x| / 65 024 of a 32-column
 # block, fp32-like), two byte dot products per 64 weights. "auto" (the default): int8 activations for int4
 # weights, whose own error dwarfs theirs (bench/int8_activations.py at the real MoE shape: 20.4 % -> 20.4 % of the
@@ -123,7 +123,8 @@ def _activations_from_env() -> str:
 
 
 def _kind_bits(setting: str) -> int:
-    return sum(_KIND_BITS[kind] | (_SPLIT_BIT if acts == "int8x2" else 0) for kind, acts in _ACTIVATIONS[setting].items())
+    return sum(_KIND_BITS[kind] | (_SPLIT_BIT if acts == "int8x2" else 0)
+               for kind, acts in _ACTIVATIONS[setting].items())
 
 
 def _emulated_isa() -> str | None:
@@ -252,8 +253,6 @@ def build_with_vector_width(floats: int) -> ctypes.CDLL:
     paths' layouts; GCC splits wider vectors on a CPU without them), for tests that check every width's
     tails and bf16 permutation on one machine. Raises RuntimeError when it cannot be built."""
     return _build_with((f"-DMING_VECTOR_FLOATS={int(floats)}",))
-
-
 
 
 def build_for_isa(isa: str) -> ctypes.CDLL:

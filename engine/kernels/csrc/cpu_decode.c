@@ -164,7 +164,8 @@ static inline void load_i4_pairs(const uint8_t *p, vf table, float scale, vf *ev
     (void)table;
     const __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)), eight = _mm256_set1_epi32(8);
     const __m256 s = _mm256_set1_ps(scale);
-    *even = (vf)_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(u, _mm256_set1_epi32(15)), eight)), s);
+    const __m256i low = _mm256_and_si256(u, _mm256_set1_epi32(15));
+    *even = (vf)_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(low, eight)), s);
     *odd = (vf)_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(u, 4), eight)), s);
 }
 #else
@@ -640,9 +641,9 @@ static int i4_bf16_linear(const uint8_t *w, const float *scale, int64_t group, c
  * 16 int32 lanes per instruction); on AVX-512 ones without VNNI, vpmaddubsw + vpmaddwd (pairs of products summed
  * in int16: two nibbles times int8 activations, at most 2 * 15 * 127, and the low and high nibbles' pairs together
  * at most 7 620, stay exact); on AVX2 ones (8-float vectors) the same sums in the two 32-byte halves of a unit, by
- * the 256-bit vpdpbusd where the CPU has AVX-VNNI, else by vpmaddubsw + vpmaddwd. Without VNNI only int4 weights take int8 activations (an int8 weight times
- * an offset activation does not fit int16's pairs). The same integers either way: the sums differ from the
- * AVX-512 ones only in the order the fp32 terms are added.
+ * the 256-bit vpdpbusd where the CPU has AVX-VNNI, else by vpmaddubsw + vpmaddwd. Without VNNI only int4 weights
+ * take int8 activations (an int8 weight times an offset activation does not fit int16's pairs). The same integers
+ * either way: the sums differ from the AVX-512 VNNI ones only in the order the fp32 terms are added.
  * Decode of int4 weights on 2 cores was bound by the core, not by memory (the fp32 path spends 23 instructions on
  * 128 weights at 16 floats, this one 8). `ming_set_int8_activations` says which weight kinds take int8
  * activations (the engine's default: int4 weights, whose own quantisation error dwarfs theirs, and int8 ones'
@@ -778,8 +779,9 @@ static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8
                 _mm_storeu_si128((__m128i *)(a.q + at + 16), _mm512_cvtusepi32_epi8(_mm512_add_epi32(q1, offset)));
                 if (a.split) {  /* the remainders x / s - q (exact in fp32), in 256ths */
                     const __m512 f = _mm512_set1_ps(256.0f);
-                    const __m512i l0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(x0, inv), _mm512_cvtepi32_ps(q0)), f));
-                    const __m512i l1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(x1, inv), _mm512_cvtepi32_ps(q1)), f));
+                    const __m512 r0 = _mm512_sub_ps(_mm512_mul_ps(x0, inv), _mm512_cvtepi32_ps(q0));
+                    const __m512 r1 = _mm512_sub_ps(_mm512_mul_ps(x1, inv), _mm512_cvtepi32_ps(q1));
+                    const __m512i l0 = _mm512_cvtps_epi32(_mm512_mul_ps(r0, f)), l1 = _mm512_cvtps_epi32(_mm512_mul_ps(r1, f));
                     _mm_storeu_si128((__m128i *)(a.lo + at), _mm512_cvtusepi32_epi8(_mm512_add_epi32(l0, offset)));
                     _mm_storeu_si128((__m128i *)(a.lo + at + 16), _mm512_cvtusepi32_epi8(_mm512_add_epi32(l1, offset)));
                 }
@@ -845,8 +847,9 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
                                                        _mm512_loadu_si512((const void *)(x[r].q + u * 64)), v);
                 const __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
                                                        _mm512_loadu_si512((const void *)(x[r].lo + u * 64)), v);
-                const __m512 t = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(_mm512_sub_epi32(hi, weights128), 8),
-                                                                     _mm512_sub_epi32(lo, weights128)));
+                const __m512i both = _mm512_add_epi32(_mm512_slli_epi32(_mm512_sub_epi32(hi, weights128), 8),
+                                                      _mm512_sub_epi32(lo, weights128));
+                const __m512 t = _mm512_cvtepi32_ps(both);
                 const __m512 ls = _mm512_loadu_ps(x[r].lane_scale + u * 16);
                 if (u % 2) acc[r].odd = _mm512_fmadd_ps(t, ls, acc[r].odd);
                 else acc[r].even = _mm512_fmadd_ps(t, ls, acc[r].even);
