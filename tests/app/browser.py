@@ -8,11 +8,36 @@ from pathlib import Path
 
 from tests.paths import REPO
 
+try:
+    from playwright.sync_api import expect
+except ImportError:  # the browser tests skip themselves without playwright
+    expect = None
+
 CHROMIUM = Path("/usr/bin/chromium")
 # Quiet and offline (see platform notes).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(os.environ.get("STUDIO_ARTIFACTS") or REPO / "test-artifacts")
+
+
+def set_slider(page, elem_id: str, value: int, attempts: int = 6) -> None:
+    """Type `value` into the number box of the slider `#elem_id` until its range input shows it.
+
+    A keystroke that reaches the page before Gradio has wired the slider (a loaded machine, the page
+    still mounting) is lost without an error; the range input only moves once the component took the
+    value, so it is the check, and the typing is repeated until it holds (a slider that never takes
+    the value fails after `attempts` tries)."""
+    number = page.locator(f"#{elem_id} input[type=number]")
+    slider = page.locator(f"#{elem_id} input[type=range]")
+    for attempt in range(attempts):
+        number.fill(str(value))
+        number.press("Tab")  # leave the box: the value is committed on input and on blur
+        try:
+            expect(slider).to_have_value(str(value), timeout=5_000)
+            return
+        except AssertionError:
+            if attempt == attempts - 1:
+                raise
 
 
 def keep_screenshot(page, name: str) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot
+from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot, set_slider
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)", allow_module_level=True)
@@ -49,12 +49,9 @@ def test_stop_withdraws_a_queued_message_in_the_browser(studio):
             for page in (alice, bob):
                 page.goto(studio, wait_until="load", timeout=60_000)
             alice.locator("#chat-advanced").click()  # open the accordion to reach the token limit
-            limit = alice.locator("#chat-max-tokens input[type=number]")
-            limit.fill("4000")
-            limit.press("Enter")
-            # the slider takes the typed value before the message goes (a loaded machine can be slower than the
-            # next keystrokes; the default limit, 256 tokens, would end Alice's reply before the Stops below)
-            sync_api.expect(alice.locator("#chat-max-tokens input[type=range]")).to_have_value("4000", timeout=30_000)
+            # the slider holds the typed value before the message goes (the default limit, 256 tokens,
+            # would end Alice's reply before the Stops below)
+            set_slider(alice, "chat-max-tokens", 4000)
             alice.locator("#chat-input textarea").fill("Count slowly")  # greedy: thousands of tokens
             alice.locator("#chat-input textarea").press("Enter")
             sync_api.expect(alice.locator("#chat-figures")).to_contain_text("Generating", timeout=30_000)
