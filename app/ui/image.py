@@ -160,7 +160,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> Imag
                 aspect = gr.Dropdown(ASPECTS, value="1:1", label="Aspect ratio")
                 size = gr.Textbox(label="or exact size (WxH)", placeholder="1024x768")
             with gr.Row():
-                steps = gr.Slider(1, 50, value=30, step=1, label="Steps")
+                steps = gr.Slider(1, 50, value=30, step=1, label="Steps", elem_id="image-steps")
                 guidance = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Guidance")
             with gr.Row():
                 seed = gr.Number(value=None, precision=0, label="Seed (empty = random)", elem_id="image-seed")

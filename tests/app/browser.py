@@ -40,6 +40,19 @@ def set_slider(page, elem_id: str, value: int, attempts: int = 6) -> None:
                 raise
 
 
+def set_number(page, selector: str, value: int, attempts: int = 6) -> None:
+    """Type `value` into the number box `selector` and leave it, until the box still holds it a moment later
+    (a box typed into while its component mounts can be reset to the component's value)."""
+    box = page.locator(selector)
+    for attempt in range(attempts):
+        box.fill(str(value))
+        box.press("Tab")
+        page.wait_for_timeout(300)
+        if box.input_value() == str(value):
+            return
+    raise AssertionError(f"{selector} did not keep {value}: it holds {box.input_value()!r}")
+
+
 def keep_screenshot(page, name: str) -> Path:
     """A full-page screenshot of `page` kept as ARTIFACTS/<name>.png; its path."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot
+from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot, set_number, set_slider
 from tests.app.test_browser import sync_api
 from tests.paths import REPO
 
@@ -64,8 +64,8 @@ def test_voice_tab_speaks_and_offers_the_wav(browser, studio, viewport):
 def test_image_tab_generates_then_segments(browser, studio):
     page = open_tab(browser, studio, "Image", DESKTOP)
     page.locator("#image-prompt textarea").fill('A red cup on a table, a sign saying "OPEN"')
-    page.get_by_label("Steps").first.fill("8")  # a preview at step 5 (the default: every 5 steps)
-    page.locator("#image-seed input").fill("7")
+    set_slider(page, "image-steps", 8)  # a preview at step 5 (the default: every 5 steps)
+    set_number(page, "#image-seed input", 7)
     page.locator("#image-go").click()
     sync_api.expect(page.locator("#image-figures")).to_contain_text("seed 7", timeout=60_000)
     sync_api.expect(page.locator("#image-figures")).to_contain_text("time to first preview")
