@@ -5,8 +5,8 @@ shape.
                                      [--top-k 8] [--tokens 3] [--outliers 4] [--prefill-rows 64] [--repeats 5]
                                      [--threads 2] [--json]
 
-On CPUs with AVX2 the native kernels compute int4 weights against activations quantised to int8 per 32 columns,
-and int8 weights too where the CPU has VNNI (AVX-512 or AVX-VNNI) (engine.kernels.native.quantized_activations;
+On CPUs with AVX2 the native kernels compute int4 and int8 weights against activations quantised to int8 per 32
+columns (engine.kernels.native.quantized_activations;
 `MING_CPU_ACTIVATIONS=float` keeps fp32 ones; `MING_NATIVE_ISA=avx2` runs the AVX2 build on a newer CPU). For
 each weight format, random experts (normal weights, std 0.02) are quantised (int4: groups of 128; int8: per row)
 and run on random tokens (normal activations with `--outliers` channels 20 times larger, as LLM hidden states
@@ -141,7 +141,7 @@ def main() -> int:
         ap.error(f"--weights takes int4 and / or int8; got {args.weights!r}")
     kinds = native.int8_kernel_kinds()
     formats = [f for f in requested if f in kinds]
-    not_taken = {f: "int8 weights meet int8 activations only on CPUs with VNNI (AVX-512 or AVX-VNNI)"
+    not_taken = {f: "the native kernels' int8 activations need AVX2 (or the kernels are not built)"
                  for f in requested if f not in kinds}
     for fmt, why in not_taken.items():
         print(f"{fmt}: left out, {why}", file=sys.stderr)

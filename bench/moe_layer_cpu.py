@@ -38,9 +38,8 @@ Method
   :class:`engine.kernels.QuantizedCpuExperts` (torch's int8 weight-only kernel, int8 decode by the native
   kernel with the shared expert in its pass where it is built; int4 read in its storage layout by the native
   kernel, decode in one native call with the shared expert; activations as the engine's default (where the CPU
-  has AVX2: int8 for int4 weights, fp32 for int8 ones, engine.kernels.native.quantized_activations);
-  ``-a8`` / ``-float`` (``int8-a8``, ``int4-float``, ...): int8 / fp32 activations whatever the default, int8
-  ones for int8 weights only with VNNI);
+  has AVX2: int8 for int4 weights, int8x2 for int8 ones' decode rows, engine.kernels.native.quantized_activations);
+  ``-a8`` / ``-float`` (``int8-a8``, ``int4-float``, ...): int8 / fp32 activations whatever the default);
   ``int4-torch``: torch's int4 kernel on its own
   layout, the engine's fallback where the native kernels are not built; ``int8-torch``: int8 with fp32
   prefill blocks on torch's int8 kernel too, as before the native kernel took them), activations in

@@ -533,8 +533,8 @@ class _Int8Matrix:
     for any number of rows where it is built: torch's int8 kernel has no vectorised fp32 path (1-2 GMAC/s
     against the native kernel's 35-60 on a 2-core AVX-512 host, bench/cpu_gemv.py); bf16 blocks too where the
     native kernel quantises them to int8 (native.int8_activations_take: MING_CPU_ACTIVATIONS=int8 on CPUs with
-    VNNI, AVX-512 or AVX-VNNI, widths of a multiple of 64; VNNI byte dot products, ~1.6x torch's bf16 kernel on 2
-    cores, bench/moe_layer_cpu.py --path int8-a8,int8), and bf16 blocks of native.AMX_QUANT_MIN_ROWS or more where torch's
+    AVX2, widths of a multiple of 64; VNNI byte dot products, ~1.6x torch's bf16 kernel on 2 cores,
+    bench/moe_layer_cpu.py --path int8-a8,int8), and bf16 blocks of native.AMX_QUANT_MIN_ROWS or more where torch's
     bf16 GEMMs use AMX (bf16 panels of the dequantised weights through that GEMM); else they stay on torch's int8
     kernel, which uses bf16 dot products."""
 

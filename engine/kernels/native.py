@@ -8,8 +8,8 @@ has no bf16 path on CPUs without native bf16). These kernels stream the checkpoi
 [out, in] weights (fp32 or bf16, no repacking; int8 with row scales and int4 with group scales in the
 engine's quantised storage, read in place) on torch's OpenMP threads. int4 and int8 weights meet int8
 activations (quantised per 32 columns, byte dot products: AVX-512 VNNI, AVX-VNNI, or vpmaddubsw on AVX2 or
-AVX-512 without VNNI, which takes int4 weights only): by default int4 weights one-part int8 activations and
-int8 weights' decode rows two-part ones (int8x2, fp32-like; VNNI only), with ``MING_CPU_ACTIVATIONS=int8``
+AVX-512 without VNNI): by default int4 weights one-part int8 activations and int8 weights' decode rows
+two-part ones (int8x2, fp32-like), with ``MING_CPU_ACTIVATIONS=int8``
 one-part ones for both, with ``=float`` fp32 ones (or :func:`set_quantized_activations`; see
 ACTIVATIONS_ENV). ``MING_NATIVE_ISA=avx2`` (or ``avx-vnni``, ``avx512``) builds the kernels as an older CPU
 does, to test and time that code on a newer one.
@@ -82,11 +82,12 @@ SMALL_OP_MAX_ELEMENTS = 1 << 16
 BIND_MIN_BYTES = 512 << 10
 MAX_TOP_K = 64  # the kernel sorts at most this many slots on its stack
 # What int4 and int8 weights meet in the native kernels: int8 activations (quantised per 32 columns, summed with
-# byte dot products, as llama.cpp's Q4_0 / Q8_0 x Q8_0: AVX-512 VNNI or AVX-VNNI, both kinds; AVX2 or AVX-512
-# without VNNI, int4 only; decode of one MoE layer of int4 experts at the real shape on 2 cores of an AVX-512
-# Xeon, the kernels built as for AVX2: 6.4 -> 3.4 ms, for AVX-512 without VNNI 4.2 -> 3.1 ms,
-# bench/moe_layer_cpu.py --cpu-isa avx2|avx512 --path int4-float,int4) or fp32 ones (the weights widened
-# exactly in registers), or, for int8 weights where the CPU has VNNI, "int8x2" activations:
+# byte dot products, as llama.cpp's Q4_0 / Q8_0 x Q8_0: AVX-512 VNNI or AVX-VNNI; AVX2 or AVX-512 without VNNI
+# by vpmaddubsw, int8 weights as magnitudes against the activations given their signs; decode of one MoE layer at
+# the real shape on 2 cores of an AVX-512 Xeon, the kernels built as for AVX2: int4 experts 6.4 -> 3.4 ms, int8
+# ones (int8x2) 6.3 -> 5.0 ms; for AVX-512 without VNNI 4.2 -> 3.1 ms, 5.7 -> 4.6 ms, bench/moe_layer_cpu.py
+# --cpu-isa avx2|avx512 --path int4-float,int4,int8-float,int8) or fp32 ones (the weights widened
+# exactly in registers), or, for int8 weights, "int8x2" activations:
 # two int8 parts per value (the second the first's remainder in 256ths: within max|x| / 65 024 of a 32-column
 # block, fp32-like), two byte dot products per 64 weights. "auto" (the default): int8 activations for int4
 # weights, whose own error dwarfs theirs (bench/int8_activations.py at the real MoE shape: 20.4 % -> 20.4 % of the
@@ -309,8 +310,8 @@ _activations_setting = "auto"
 
 
 def int8_kernel_kinds() -> tuple[str, ...]:
-    """The weight kinds the loaded kernels can meet with int8 activations (AVX-512 VNNI or AVX-VNNI: int4 and
-    int8; AVX2 or AVX-512 without VNNI: int4; none without the kernels)."""
+    """The weight kinds the loaded kernels can meet with int8 activations (AVX2 or newer: int4 and int8; none
+    without the kernels or on older CPUs)."""
     lib = _load() if _disabled() is None else None
     bits = lib.ming_int8_activations_available() if lib is not None else 0
     return tuple(kind for kind, bit in _KIND_BITS.items() if bits & bit)

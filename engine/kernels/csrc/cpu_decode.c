@@ -641,9 +641,12 @@ static int i4_bf16_linear(const uint8_t *w, const float *scale, int64_t group, c
  * 16 int32 lanes per instruction); on AVX-512 ones without VNNI, vpmaddubsw + vpmaddwd (pairs of products summed
  * in int16: two nibbles times int8 activations, at most 2 * 15 * 127, and the low and high nibbles' pairs together
  * at most 7 620, stay exact); on AVX2 ones (8-float vectors) the same sums in the two 32-byte halves of a unit, by
- * the 256-bit vpdpbusd where the CPU has AVX-VNNI, else by vpmaddubsw + vpmaddwd. Without VNNI only int4 weights
- * take int8 activations (an int8 weight times an offset activation does not fit int16's pairs). The same integers
- * either way: the sums differ from the AVX-512 VNNI ones only in the order the fp32 terms are added.
+ * the 256-bit vpdpbusd where the CPU has AVX-VNNI, else by vpmaddubsw + vpmaddwd. Without VNNI an int8 weight
+ * times an offset activation does not fit int16's pairs, so int8 weights meet signed activations (A8_I8_SIGNED, as
+ * llama.cpp's Q8_0 x Q8_0 on AVX2): the weights' magnitudes times the activations given the weights' signs
+ * (vpsignb; AVX-512 has none: a masked subtraction), pairs of at most 128 * 127 * 2, exact in int16. The same
+ * integers either way (but a two-part activation's -128 remainder, which has no positive counterpart in int8,
+ * becomes -127 there): the sums differ from the AVX-512 VNNI ones only in the order the fp32 terms are added.
  * Decode of int4 weights on 2 cores was bound by the core, not by memory (the fp32 path spends 23 instructions on
  * 128 weights at 16 floats, this one 8). `ming_set_int8_activations` says which weight kinds take int8
  * activations (the engine's default: int4 weights, whose own quantisation error dwarfs theirs, and int8 ones'
@@ -652,22 +655,20 @@ static int i4_bf16_linear(const uint8_t *w, const float *scale, int64_t group, c
 #define A8_AVAILABLE 1
 #ifdef __AVX512VNNI__
 #define A8_VNNI512 1
-#define A8_KINDS (1 << W_I4 | 1 << W_I8)
 #else
-#define A8_KINDS (1 << W_I4)
+#define A8_I8_SIGNED 1
 #endif
+#define A8_KINDS (1 << W_I4 | 1 << W_I8)
 #elif VL == 8 && defined(__AVX2__) && defined(__FMA__)
 #define A8_AVAILABLE 1
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define A8_DPBUSD _mm256_dpbusd_epi32
 #elif defined(__AVXVNNI__)
 #define A8_DPBUSD _mm256_dpbusd_avx_epi32
-#endif
-#ifdef A8_DPBUSD
-#define A8_KINDS (1 << W_I4 | 1 << W_I8)
 #else
-#define A8_KINDS (1 << W_I4)
+#define A8_I8_SIGNED 1
 #endif
+#define A8_KINDS (1 << W_I4 | 1 << W_I8)
 #else
 #define A8_AVAILABLE 0
 #define A8_KINDS 0
@@ -683,8 +684,15 @@ static int i4_bf16_linear(const uint8_t *w, const float *scale, int64_t group, c
 /* Blocks of more rows keep fp32 activations: from 5 or 6 rows the two dot products per row cost more than the
  * weights' widening, shared by the block's rows (2 threads of an AMX Xeon, int8 [16384, 4096], ms per call, fp32 ->
  * int8x2 activations: 1 row 1.82 -> 1.57, 2 rows 3.25 -> 2.07, 4 rows 4.66 -> 3.99, 6 rows 7.03 -> 9.22, 32 rows
- * 35.9 -> 48.3). */
+ * 35.9 -> 48.3). Without VNNI (A8_I8_SIGNED: each dot product of 64 weights is 4 instructions, not 1) from 3
+ * or 4 rows (the kernels built as for AVX2, same machine and matrix: 1 row 2.18 -> 1.53, 2 rows 3.24 -> 2.91, 3 rows
+ * 4.79 -> 4.57, 4 rows 5.15 -> 5.84; as for AVX-512 without VNNI: 2.33 -> 1.93, 2.99 -> 2.74, 3.73 -> 3.77, 4.49 ->
+ * 5.62). */
+#ifdef A8_I8_SIGNED
+#define A8_SPLIT_MAX_ROWS 2
+#else
 #define A8_SPLIT_MAX_ROWS 4
+#endif
 enum { A8_NONE = 0, A8_PLAIN = 1, A8_SPLIT = 2 };  /* what a matrix's activations are (a8_applies) */
 #define A8_I8_SPLIT 4  /* a8_span's kind for int8 weights against two-part activations (not a weight kind) */
 
@@ -698,8 +706,8 @@ static int int8_activations = 1 << W_I4;
 static inline int64_t a8_unit(int kind) { return kind == W_I4 ? 128 : 64; }
 
 /* One activation row quantised for the units of an int4 or int8 row: q [k] (int4 layout: per unit, its 64 even
- * columns then its 64 odd ones, signed; int8 layout: natural order, offset by 128), lo [k] (two-part activations,
- * `split`: the remainders' 256ths, offset by 128), lane_scale (per unit 16 lanes, each holding the scale of the
+ * columns then its 64 odd ones, signed; int8 layout: natural order, offset by 128, or signed where A8_I8_SIGNED),
+ * lo [k] (two-part activations, `split`: the remainders' 256ths, as q; signed ones within [-127, 127]), lane_scale (per unit 16 lanes, each holding the scale of the
  * block its columns are in, divided by 256 when split: int4 lane d sums columns 8d..8d+7, int8 4d..4d+3; the AVX2
  * kernels' two halves of a unit take lanes 0-7 and 8-15), unit_sum [k / 128] (int4: the sum of the unit's
  * quantised activations, times their scales). */
@@ -748,6 +756,18 @@ static inline float a8_next_scale(a8_groups *g, const float *ws) {
 }
 
 #if VL == 16
+/* 32 int8 activations of the int8 layout at p from their int32 values q0, q1: offset by 128 (A8_I8_SIGNED: not). */
+static inline void a8_store_i8(int8_t *p, __m512i q0, __m512i q1) {
+#ifdef A8_I8_SIGNED
+    _mm_storeu_si128((__m128i *)p, _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128((__m128i *)(p + 16), _mm512_cvtsepi32_epi8(q1));
+#else
+    const __m512i offset = _mm512_set1_epi32(128);
+    _mm_storeu_si128((__m128i *)p, _mm512_cvtusepi32_epi8(_mm512_add_epi32(q0, offset)));
+    _mm_storeu_si128((__m128i *)(p + 16), _mm512_cvtusepi32_epi8(_mm512_add_epi32(q1, offset)));
+#endif
+}
+
 /* Quantise units [u0, u1) of x [k] (fp32, natural order) into a, in `kind`'s layout: per block of A8_BLOCK
  * columns, its maximum magnitude, the products x * (127 / max) rounded to nearest even (the CPU's rounding
  * mode) and saturated to int8. */
@@ -772,18 +792,20 @@ static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8
                 _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q0, evens, q1)));
                 _mm_storeu_si128((__m128i *)(q + unit / 2), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q0, odds, q1)));
                 total += s * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-            } else {  /* offset by 128: the bytes' unsigned values */
-                const __m512i offset = _mm512_set1_epi32(128);
+            } else {  /* offset by 128: the bytes' unsigned values (A8_I8_SIGNED: signed) */
                 const int64_t at = u * unit + b * A8_BLOCK;
-                _mm_storeu_si128((__m128i *)(a.q + at), _mm512_cvtusepi32_epi8(_mm512_add_epi32(q0, offset)));
-                _mm_storeu_si128((__m128i *)(a.q + at + 16), _mm512_cvtusepi32_epi8(_mm512_add_epi32(q1, offset)));
+                a8_store_i8(a.q + at, q0, q1);
                 if (a.split) {  /* the remainders x / s - q (exact in fp32), in 256ths */
                     const __m512 f = _mm512_set1_ps(256.0f);
                     const __m512 r0 = _mm512_sub_ps(_mm512_mul_ps(x0, inv), _mm512_cvtepi32_ps(q0));
                     const __m512 r1 = _mm512_sub_ps(_mm512_mul_ps(x1, inv), _mm512_cvtepi32_ps(q1));
                     const __m512i l0 = _mm512_cvtps_epi32(_mm512_mul_ps(r0, f)), l1 = _mm512_cvtps_epi32(_mm512_mul_ps(r1, f));
-                    _mm_storeu_si128((__m128i *)(a.lo + at), _mm512_cvtusepi32_epi8(_mm512_add_epi32(l0, offset)));
-                    _mm_storeu_si128((__m128i *)(a.lo + at + 16), _mm512_cvtusepi32_epi8(_mm512_add_epi32(l1, offset)));
+#ifdef A8_I8_SIGNED
+                    const __m512i least = _mm512_set1_epi32(-127);
+                    a8_store_i8(a.lo + at, _mm512_max_epi32(l0, least), _mm512_max_epi32(l1, least));
+#else
+                    a8_store_i8(a.lo + at, l0, l1);
+#endif
                 }
             }
             a8_set_lane_scales(a, u, b, lanes, s);
@@ -834,7 +856,7 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
             }
         }
     }
-#ifdef A8_VNNI512  /* int8 weights take int8 activations only with VNNI (A8_KINDS) */
+#ifdef A8_VNNI512
     else if (kind == A8_I8_SPLIT) {  /* two parts: (sum w (q + 128) - 128 sum w) * 256 + the same for lo */
         const int8_t *wq = (const int8_t *)w;
         const __m512i offset = _mm512_set1_epi8((char)0x80);
@@ -872,8 +894,34 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
             }
         }
     }
-#else
-    (void)x; (void)M; (void)acc;
+#else  /* signed activations (A8_I8_SIGNED): |w| times q given w's sign, pairs summed in int16 (exact) */
+    else {
+        const int8_t *wq = (const int8_t *)w;
+        const int two_parts = kind == A8_I8_SPLIT;
+        const __m512i ones = _mm512_set1_epi16(1), zero = _mm512_setzero_si512();
+        for (int64_t u = u0; u < u1; u++) {
+            __builtin_prefetch(wq + u * 64 + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
+            const __m512i v = _mm512_loadu_si512((const void *)(wq + u * 64));
+            const __m512i magnitude = _mm512_abs_epi8(v);  /* -128: 0x80, 128 as the unsigned operand */
+            const __mmask64 negative = _mm512_movepi8_mask(v);
+            for (int r = 0; r < M; r++) {
+                const __m512i q = _mm512_loadu_si512((const void *)(x[r].q + u * 64));
+                __m512i sum = _mm512_madd_epi16(_mm512_maddubs_epi16(magnitude, _mm512_mask_sub_epi8(q, negative, zero, q)),
+                                                ones);
+                if (two_parts) {  /* sum * 256 + the remainders' sum (see A8_SPLIT) */
+                    const __m512i l = _mm512_loadu_si512((const void *)(x[r].lo + u * 64));
+                    sum = _mm512_add_epi32(_mm512_slli_epi32(sum, 8),
+                                           _mm512_madd_epi16(_mm512_maddubs_epi16(magnitude,
+                                                                                  _mm512_mask_sub_epi8(l, negative, zero, l)),
+                                                             ones));
+                }
+                const __m512 t = _mm512_cvtepi32_ps(sum);
+                const __m512 ls = _mm512_loadu_ps(x[r].lane_scale + u * 16);
+                if (u % 2) acc[r].odd = _mm512_fmadd_ps(t, ls, acc[r].odd);
+                else acc[r].even = _mm512_fmadd_ps(t, ls, acc[r].even);
+            }
+        }
+    }
 #endif
 }
 
@@ -894,6 +942,16 @@ static inline float a8_hsum(__m256 v) {
 }
 
 static inline int8_t a8_saturate(int32_t v) { return (int8_t)(v < -128 ? -128 : v > 127 ? 127 : v); }
+
+/* An int8 activation q as the int8 layout stores it: offset by 128 (the byte's unsigned value), or as it is where
+ * A8_I8_SIGNED. */
+static inline int8_t a8_i8(int8_t q) {
+#ifdef A8_I8_SIGNED
+    return q;
+#else
+    return (int8_t)(uint8_t)((int)q + 128);
+#endif
+}
 
 /* Quantise units [u0, u1) of x [k] (fp32, natural order) into a, in `kind`'s layout, as the 16-float version
  * does (the products rounded by the CPU's rounding mode, nearest even), the block's bytes laid out one by one. */
@@ -928,8 +986,8 @@ static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8
                 }
                 total += s * (float)sum;
             } else {  /* offset by 128: the bytes' unsigned values */
-                uint8_t *q = (uint8_t *)a.q + u * unit + b * A8_BLOCK;
-                for (int c = 0; c < A8_BLOCK; c++) q[c] = (uint8_t)(a8_saturate(qi[c]) + 128);
+                int8_t *q = a.q + u * unit + b * A8_BLOCK;
+                for (int c = 0; c < A8_BLOCK; c++) q[c] = a8_i8(a8_saturate(qi[c]));
                 if (a.split) {  /* the remainders x / s - q (exact in fp32), in 256ths */
                     int32_t li[A8_BLOCK];
                     const __m256 f = _mm256_set1_ps(256.0f);
@@ -938,8 +996,12 @@ static void act8_quantize(const float *x, int kind, int64_t u0, int64_t u1, act8
                         const __m256 rest = _mm256_sub_ps(y, _mm256_cvtepi32_ps(_mm256_cvtps_epi32(y)));
                         _mm256_storeu_si256((__m256i *)(li + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(rest, f)));
                     }
-                    uint8_t *lo = (uint8_t *)a.lo + u * unit + b * A8_BLOCK;
-                    for (int c = 0; c < A8_BLOCK; c++) lo[c] = (uint8_t)(a8_saturate(li[c]) + 128);
+                    int8_t *lo = a.lo + u * unit + b * A8_BLOCK;
+#ifdef A8_I8_SIGNED
+                    for (int c = 0; c < A8_BLOCK; c++) lo[c] = a8_saturate(li[c] < -127 ? -127 : li[c]);
+#else
+                    for (int c = 0; c < A8_BLOCK; c++) lo[c] = a8_i8(a8_saturate(li[c]));
+#endif
                 }
             }
             a8_set_lane_scales(a, u, b, lanes, s);
@@ -994,7 +1056,7 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
             }
         }
     } else {
-#ifdef A8_DPBUSD  /* int8 weights take int8 activations only with VNNI (A8_KINDS) */
+#ifdef A8_DPBUSD
         const int8_t *wq = (const int8_t *)w;
         const __m256i offset = _mm256_set1_epi8((char)0x80);
         const int two_parts = kind == A8_I8_SPLIT;
@@ -1019,8 +1081,31 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
                 }
             }
         }
-#else
-        (void)w; (void)u0; (void)u1; (void)x; (void)M; (void)acc;
+#else  /* signed activations (A8_I8_SIGNED): |w| times q given w's sign (vpsignb), pairs summed in int16 (exact) */
+        const int8_t *wq = (const int8_t *)w;
+        const int two_parts = kind == A8_I8_SPLIT;
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int64_t u = u0; u < u1; u++) {
+            __builtin_prefetch(wq + u * 64 + PREFETCH_BYTES, 0, PREFETCH_LOCALITY);
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + u * 64 + 32 * h));
+                const __m256i magnitude = _mm256_sign_epi8(v, v);  /* -128: 0x80, 128 as the unsigned operand */
+                for (int r = 0; r < M; r++) {
+                    const __m256i q = _mm256_loadu_si256((const __m256i *)(x[r].q + u * 64 + 32 * h));
+                    __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(q, v)), ones);
+                    if (two_parts) {  /* sum * 256 + the remainders' sum (see A8_SPLIT) */
+                        const __m256i l = _mm256_loadu_si256((const __m256i *)(x[r].lo + u * 64 + 32 * h));
+                        sum = _mm256_add_epi32(_mm256_slli_epi32(sum, 8),
+                                               _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(l, v)),
+                                                                 ones));
+                    }
+                    const __m256 t = _mm256_cvtepi32_ps(sum);
+                    const __m256 ls = _mm256_loadu_ps(x[r].lane_scale + u * 16 + 8 * h);
+                    if (h) acc[r].odd = _mm256_fmadd_ps(t, ls, acc[r].odd);
+                    else acc[r].even = _mm256_fmadd_ps(t, ls, acc[r].even);
+                }
+            }
+        }
 #endif
     }
 }
