@@ -707,10 +707,10 @@ static inline int64_t a8_unit(int kind) { return kind == W_I4 ? 128 : 64; }
 
 /* One activation row quantised for the units of an int4 or int8 row: q [k] (int4 layout: per unit, its 64 even
  * columns then its 64 odd ones, signed; int8 layout: natural order, offset by 128, or signed where A8_I8_SIGNED),
- * lo [k] (two-part activations, `split`: the remainders' 256ths, as q; signed ones within [-127, 127]), lane_scale (per unit 16 lanes, each holding the scale of the
- * block its columns are in, divided by 256 when split: int4 lane d sums columns 8d..8d+7, int8 4d..4d+3; the AVX2
- * kernels' two halves of a unit take lanes 0-7 and 8-15), unit_sum [k / 128] (int4: the sum of the unit's
- * quantised activations, times their scales). */
+ * lo [k] (two-part activations, `split`: the remainders' 256ths, as q; signed ones within [-127, 127]),
+ * lane_scale (per unit 16 lanes, each holding the scale of the block its columns are in, divided by 256 when
+ * split: int4 lane d sums columns 8d..8d+7, int8 4d..4d+3; the AVX2 kernels' two halves of a unit take lanes 0-7
+ * and 8-15), unit_sum [k / 128] (int4: the sum of the unit's quantised activations, times their scales). */
 typedef struct { int8_t *q, *lo; float *lane_scale; float *unit_sum; int split; } act8;
 
 /* Floats of storage act8_place needs for one row of k (a multiple of the unit): 2 k bytes, k / 4 lane scales at
@@ -906,8 +906,8 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
             const __mmask64 negative = _mm512_movepi8_mask(v);
             for (int r = 0; r < M; r++) {
                 const __m512i q = _mm512_loadu_si512((const void *)(x[r].q + u * 64));
-                __m512i sum = _mm512_madd_epi16(_mm512_maddubs_epi16(magnitude, _mm512_mask_sub_epi8(q, negative, zero, q)),
-                                                ones);
+                const __m512i signed_q = _mm512_mask_sub_epi8(q, negative, zero, q);
+                __m512i sum = _mm512_madd_epi16(_mm512_maddubs_epi16(magnitude, signed_q), ones);
                 if (two_parts) {  /* sum * 256 + the remainders' sum (see A8_SPLIT) */
                     const __m512i l = _mm512_loadu_si512((const void *)(x[r].lo + u * 64));
                     sum = _mm512_add_epi32(_mm512_slli_epi32(sum, 8),
