@@ -294,6 +294,22 @@ def stream_response(ctx: ServerContext, job: Job, encode, finish,
     return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+def stream_usage(body: dict) -> bool:
+    """stream_options.include_usage (OpenAI: a last chunk with the usage): an object's boolean, else a 400 naming
+    the field (a string "false" read as true would be silently wrong). Other keys of the object are left alone
+    (OpenAI adds some, e.g. include_obfuscation, that change nothing here)."""
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise bad(f"'stream_options' must be an object, got {type(opts).__name__}", "invalid_type", "stream_options")
+    usage = opts.get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise bad(f"'stream_options.include_usage' must be true or false, got {type(usage).__name__}", "invalid_type",
+                  "stream_options.include_usage")
+    return bool(usage)
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     received = time.perf_counter()
@@ -301,8 +317,7 @@ async def chat_completions(request: Request):
     check_prompt_text(ctx, body.get("messages"))
     modalities, voice = check_unsupported(body, ctx.engine)
     stream = flag(body, "stream")
-    opts = body.get("stream_options")
-    include_usage = bool(stream and isinstance(opts, dict) and opts.get("include_usage"))
+    include_usage = stream and stream_usage(body)
     params = generation_params(body, ctx.limits)
     thinking = flag(body, "thinking")
     raw_messages = body.get("messages")

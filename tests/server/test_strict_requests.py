@@ -193,6 +193,15 @@ def test_chat_parameters_are_honoured_or_named_in_an_error(http, field, value, c
     assert err["code"] == code and err["param"] == field, err
 
 
+@pytest.mark.parametrize("options, field", [
+    ("usage", "stream_options"), ([True], "stream_options"),
+    ({"include_usage": "false"}, "stream_options.include_usage"), ({"include_usage": 1}, "stream_options.include_usage")])
+def test_stream_options_are_typed(http, options, field):
+    """A string "false" for include_usage would be read as true: refused, naming the field."""
+    err = error_of(http.post("/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": options}))
+    assert err["code"] == "invalid_type" and err["param"] == field, err
+
+
 def test_chat_parameters_that_have_no_effect_here_are_accepted(http):
     r = http.post("/v1/chat/completions", json={**CHAT, "user": "u1", "metadata": {"a": "b"}, "store": False,
                                                 "service_tier": "auto", "logit_bias": {}, "parallel_tool_calls": False,
