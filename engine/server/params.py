@@ -53,12 +53,13 @@ def output_kwargs(modalities: list[str], voice: str | None) -> dict:
     return {"modalities": list(modalities), "voice": None if voice == DEFAULT_VOICE else voice}
 
 
-def max_tokens_from(body: dict, limits: Limits, default: int | None = None) -> int:
+def max_tokens_from(body: dict, limits: Limits, default: int | None = None, where: str = "") -> int:
     """The token limit a request asks for under any of TOKEN_FIELDS; two of them that disagree are
-    refused (which one was meant cannot be told)."""
+    refused (which one was meant cannot be told). `where`: the fields' path in errors ("session.")."""
     given = {}
-    for name in TOKEN_FIELDS:
-        value = body.get(name)
+    for field in TOKEN_FIELDS:
+        value = body.get(field)
+        name = where + field
         if value is not None:
             given[name] = limits.max_new_tokens if value == "inf" else int(need_number(value, name, 1, None,
                                                                                         integer=True))
@@ -73,36 +74,38 @@ def max_tokens_from(body: dict, limits: Limits, default: int | None = None) -> i
     return next(iter(given.values()), default if default is not None else limits.default_max_tokens)
 
 
-def generation_params(body: dict, limits: Limits, base: GenerationParams | None = None) -> GenerationParams:
-    """`base` holds session defaults (realtime); fields present in `body` override them."""
+def generation_params(body: dict, limits: Limits, base: GenerationParams | None = None,
+                      where: str = "") -> GenerationParams:
+    """`base` holds session defaults (realtime); fields present in `body` override them. `where`: the fields'
+    path in errors ("session.", "response."; HTTP bodies: none)."""
     base = base or GenerationParams(max_new_tokens=limits.default_max_tokens)
-    p = GenerationParams(max_new_tokens=max_tokens_from(body, limits, base.max_new_tokens),
+    p = GenerationParams(max_new_tokens=max_tokens_from(body, limits, base.max_new_tokens, where),
                          temperature=base.temperature, top_p=base.top_p, top_k=base.top_k,
                          repetition_penalty=base.repetition_penalty, seed=base.seed, stop=list(base.stop))
     if body.get("temperature") is not None:
-        p.temperature = float(need_number(body["temperature"], "temperature", 0, 2))
+        p.temperature = float(need_number(body["temperature"], where + "temperature", 0, 2))
     if body.get("top_p") is not None:
-        p.top_p = float(need_number(body["top_p"], "top_p", 0, 1))
+        p.top_p = float(need_number(body["top_p"], where + "top_p", 0, 1))
         if p.top_p <= 0:
-            raise bad("'top_p' must be > 0", "invalid_value", "top_p")
+            raise bad(f"'{where}top_p' must be > 0", "invalid_value", where + "top_p")
     if body.get("top_k") is not None:
-        p.top_k = int(need_number(body["top_k"], "top_k", 0, 1_000_000, integer=True))
+        p.top_k = int(need_number(body["top_k"], where + "top_k", 0, 1_000_000, integer=True))
     if body.get("repetition_penalty") is not None:
-        p.repetition_penalty = float(need_number(body["repetition_penalty"], "repetition_penalty", 0.01, 10))
+        p.repetition_penalty = float(need_number(body["repetition_penalty"], where + "repetition_penalty", 0.01, 10))
     if body.get("seed") is not None:
-        p.seed = int(need_number(body["seed"], "seed", -(2 ** 63), 2 ** 63 - 1, integer=True))
+        p.seed = int(need_number(body["seed"], where + "seed", -(2 ** 63), 2 ** 63 - 1, integer=True))
     if body.get("stop") is not None:
         stop = body["stop"]
         stops = [stop] if isinstance(stop, str) else stop
         if not isinstance(stops, list) or len(stops) > limits.max_stop_strings:
-            raise bad(f"'stop' must be a string or a list of at most {limits.max_stop_strings} strings", "invalid_value",
-                      "stop")
-        p.stop = [need_str(s, "stop", allow_empty=False) for s in stops]
+            raise bad(f"'{where}stop' must be a string or a list of at most {limits.max_stop_strings} strings",
+                      "invalid_value", where + "stop")
+        p.stop = [need_str(s, where + "stop", allow_empty=False) for s in stops]
     for name in UNSUPPORTED_NONZERO:
         value = body.get(name)
-        if value is not None and need_number(value, name) != 0:
-            raise bad(f"'{name}' is not supported by this engine (use repetition_penalty)", "unsupported_parameter",
-                      name)
+        if value is not None and need_number(value, where + name) != 0:
+            raise bad(f"'{where}{name}' is not supported by this engine (use repetition_penalty)",
+                      "unsupported_parameter", where + name)
     try:
         return p.validate()
     except ValueError as e:

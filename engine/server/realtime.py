@@ -261,7 +261,7 @@ class RealtimeConnection:
         if self.session.audio.samples and new["rate"] != s.input_audio_sample_rate:
             raise bad("the input audio buffer holds audio at the old rate; commit or clear it before changing the "
                       "rate", "invalid_state", "session.audio.input.format")
-        params = generation_params(spec, self.limits, base=s.params)
+        params = generation_params(spec, self.limits, base=s.params, where="session.")
         detector = self._detector_for(new["turn_detection"])  # may refuse: nothing is applied then
         s.instructions, s.output_modalities = new["instructions"], new["output_modalities"]
         s.input_audio_sample_rate, s.thinking, s.params, s.voice = new["rate"], new["thinking"], params, new["voice"]
@@ -606,7 +606,7 @@ class RealtimeConnection:
         self._check_text_budget(0, instructions)
         if instructions is None:
             instructions = self.session.system_text()
-        params = generation_params(spec, self.limits, base=s.params)
+        params = generation_params(spec, self.limits, base=s.params, where="response.")
         thinking = flag(spec, "thinking", s.thinking)
         messages = self.session.messages()
         if not messages:

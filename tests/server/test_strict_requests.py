@@ -167,10 +167,25 @@ def test_realtime_token_limits_must_agree(server):
                             "session": {"max_output_tokens": 5, "max_response_output_tokens": 7}}))
         ev = recv_json(ws)
         assert ev["type"] == "error" and ev["error"]["code"] == "invalid_value", ev
+        assert ev["error"]["param"] == "session.max_output_tokens", ev
         ws.send(json.dumps({"type": "response.create",
                             "response": {"max_output_tokens": 5, "max_response_output_tokens": "inf"}}))
         ev = recv_json(ws)
         assert ev["type"] == "error" and ev["error"]["code"] == "invalid_value", ev
+        assert ev["error"]["param"] == "response.max_output_tokens", ev
+
+
+def test_realtime_sampling_errors_name_the_field_by_its_path(server):
+    """A session's or a response's sampling setting out of range names session.<field> / response.<field>, as
+    the other settings' errors do (the HTTP body's own fields go unprefixed)."""
+    with connect(server.ws_url) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        for event, field, value in (("session.update", "temperature", 1e308), ("session.update", "top_p", 0),
+                                    ("response.create", "stop", ["a"] * 50), ("response.create", "top_k", "x")):
+            key = event.split(".")[0]
+            ws.send(json.dumps({"type": event, key: {field: value}}))
+            ev = recv_json(ws)
+            assert ev["type"] == "error" and ev["error"]["param"] == f"{key}.{field}", ev
 
 
 # --------------------------------------------------------------------------- parameters
