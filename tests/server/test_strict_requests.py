@@ -210,7 +210,8 @@ def test_chat_parameters_are_honoured_or_named_in_an_error(http, field, value, c
 
 @pytest.mark.parametrize("options, field", [
     ("usage", "stream_options"), ([True], "stream_options"),
-    ({"include_usage": "false"}, "stream_options.include_usage"), ({"include_usage": 1}, "stream_options.include_usage")])
+    ({"include_usage": "false"}, "stream_options.include_usage"),
+    ({"include_usage": 1}, "stream_options.include_usage")])
 def test_stream_options_are_typed(http, options, field):
     """A string "false" for include_usage would be read as true: refused, naming the field."""
     err = error_of(http.post("/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": options}))
