@@ -396,17 +396,20 @@ class Engine:
         yield from speak_while_thinking(self.talker, thinker_events, req, cancel)
 
     def save_voice(self, name: str, ref_audio, ref_text: str | None = None, sample_rate: int | None = None,
-                   seed: int | None = None):
+                   seed: int | None = None, replace: bool = False):
         """Clone a voice from a reference clip and keep it under `name` (VoiceInfo). A missing transcript
-        is filled in by our ASR (VoiceInfo.ref_text shows it). Raises MingError on bad input."""
+        is filled in by our ASR (VoiceInfo.ref_text shows it). A voice already saved under `name` is replaced
+        only with `replace` (else VoiceExists, before any work). Raises MingError on bad input."""
         from engine.models.talker.voices import check_name  # noqa: PLC0415
         if self.talker is None:
             raise MediaError(self.talker_error or "no talker is loaded")
         check_name(name)
+        if not replace:
+            self.voices.check_free(name)
         notes: dict = {}
         cond = self._conditioning(None, ref_audio, ref_text, sample_rate, seed, notes)
         seconds = cond.latents.shape[1] * self.talker.vae.config.samples_per_latent / self.talker.sample_rate
-        return self.voices.save(name, cond, seconds)
+        return self.voices.save(name, cond, seconds, overwrite=replace)
 
     def list_voices(self) -> list:
         return self.voices.list() if self.talker is not None else []

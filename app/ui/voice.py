@@ -23,6 +23,7 @@ TASKS = {"Speech": "tts", "Sound effect": "sound", "Music": "music", "Podcast (s
 DEFAULT_VOICE = "Default voice"
 NO_CHOICE = "(model default)"
 VOICE_SOURCES = ("Default voice", "Saved voice", "Clone from a clip")
+REPLACE_LABEL = "Replace a saved voice of that name"
 
 
 def write_wav(chunks: list[np.ndarray], rate: int) -> str:
@@ -140,13 +141,17 @@ class VoiceController:
             return gr.update(), error_line(failure(e))
         return text, ""
 
-    def save(self, name, clip, clip_text):
+    def save(self, name, clip, clip_text, replace=False):
         name = (name or "").strip()
         if not name or not clip:
             return gr.update(), "Give the voice a name and a reference clip."
         try:
-            info = self.link.client.save_voice(name, Path(clip).read_bytes(), (clip_text or "").strip() or None)
+            info = self.link.client.save_voice(name, Path(clip).read_bytes(), (clip_text or "").strip() or None,
+                                               replace=bool(replace))
         except Exception as e:  # noqa: BLE001
+            if getattr(e, "code", None) == "voice_exists":
+                return gr.update(), (f"A voice named '{name}' is already saved: tick \"{REPLACE_LABEL}\" to "
+                                     "overwrite it, or choose another name.")
             return gr.update(), error_line(failure(e))
         names = self.voice_names()
         note = f"Saved the voice '{name}'."
@@ -198,8 +203,9 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
                                        elem_id="voice-clip-text")
                 with gr.Row():
                     fill = gr.Button("Transcribe the clip")
-                    name = gr.Textbox(label="Save as (name)", scale=2)
-                    save = gr.Button("Save voice")
+                    name = gr.Textbox(label="Save as (name)", scale=2, elem_id="voice-name")
+                    save = gr.Button("Save voice", elem_id="voice-save")
+                    replace = gr.Checkbox(value=False, label=REPLACE_LABEL, elem_id="voice-replace")
                     delete = gr.Button("Delete selected", variant="stop")
                 if examples:
                     gr.Examples([[e] for e in examples], [clip], label="Example clips (scripts/make_assets.py)")
@@ -242,7 +248,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
     stop.click(controller.stop, None, None, queue=False, api_visibility="private")
     fill.click(controller.transcribe_clip, [clip], [clip_text, status], concurrency_limit=None,
                api_visibility="private")
-    save.click(controller.save, [name, clip, clip_text], [saved, status], concurrency_limit=None,
+    save.click(controller.save, [name, clip, clip_text, replace], [saved, status], concurrency_limit=None,
                api_name="save_voice")
     delete.click(controller.delete, [saved], [saved, status], api_visibility="private")
     refresh.click(controller.refresh, None, [saved], queue=False, api_visibility="private")

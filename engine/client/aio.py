@@ -350,10 +350,11 @@ class AsyncEngineClient(core.EngineClientBase):
         self._refuse_on_openai("the voice library")
         return (await self._get(calls.VOICES_PATH))["data"]
 
-    async def save_voice(self, name: str, reference_audio: Any, reference_text: str | None = None) -> dict:
+    async def save_voice(self, name: str, reference_audio: Any, reference_text: str | None = None,
+                         replace: bool = False) -> dict:
         self._refuse_on_openai("the voice library")
         try:
-            upload = calls.voice_upload(name, reference_audio, reference_text)
+            upload = calls.voice_upload(name, reference_audio, reference_text, replace)
         except ValueError as e:
             raise ServerError(str(e), "invalid_request") from None
         return await self._json("POST", calls.VOICES_PATH, **upload)

@@ -103,8 +103,8 @@ def speech_call(text: str, task: str, voice: str | None, reference_audio: Any, r
                     wire.SpeechSseDecoder())
 
 
-def voice_upload(name: str, reference_audio: Any, reference_text: str | None) -> dict:
-    """httpx arguments of POST /v1/audio/voices (multipart: name, file, reference_text)."""
+def voice_upload(name: str, reference_audio: Any, reference_text: str | None, replace: bool = False) -> dict:
+    """httpx arguments of POST /v1/audio/voices (multipart: name, file, reference_text, replace)."""
     if isinstance(reference_audio, tuple) and len(reference_audio) == 2:
         payload = AudioPayload(wav_file(reference_audio[0], reference_audio[1]), "wav")
     else:
@@ -112,6 +112,8 @@ def voice_upload(name: str, reference_audio: Any, reference_text: str | None) ->
     data = {"name": name}
     if reference_text is not None:
         data["reference_text"] = reference_text
+    if replace:
+        data["replace"] = "true"
     return {"files": {"file": (f"reference.{payload.format}", payload.data)}, "data": data}
 
 

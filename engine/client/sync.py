@@ -383,12 +383,14 @@ class EngineClient(core.EngineClientBase):
         self._refuse_on_openai("the voice library")
         return self._get(calls.VOICES_PATH)["data"]
 
-    def save_voice(self, name: str, reference_audio: Any, reference_text: str | None = None) -> dict:
+    def save_voice(self, name: str, reference_audio: Any, reference_text: str | None = None,
+                   replace: bool = False) -> dict:
         """Clone a voice from a clip (an audio file, or (samples, sample_rate)) and keep it under `name`;
-        without `reference_text` our ASR transcribes the clip (`ref_text_from_asr` then holds its text)."""
+        without `reference_text` our ASR transcribes the clip (`ref_text_from_asr` then holds its text). A
+        voice already saved under `name` is replaced only with `replace` (else ServerError voice_exists)."""
         self._refuse_on_openai("the voice library")
         try:
-            upload = calls.voice_upload(name, reference_audio, reference_text)
+            upload = calls.voice_upload(name, reference_audio, reference_text, replace)
         except ValueError as e:
             raise ServerError(str(e), "invalid_request") from None
         return self._json("POST", calls.VOICES_PATH, **upload)

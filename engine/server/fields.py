@@ -90,8 +90,8 @@ IMAGE_IGNORED = ("quality", "style", "moderation", "user", "input_fidelity")  # 
 IMAGE_GENERATIONS = Fields(taken=IMAGE_TAKEN, ignored=IMAGE_IGNORED)
 IMAGE_EDITS = Fields(taken=IMAGE_TAKEN + ("image", "images", "image[]", "mask"), ignored=IMAGE_IGNORED)
 
-VOICES_JSON = Fields(taken=("name", "reference_audio", "reference_text"))
-VOICES_FORM = Fields(taken=("name", "file", "reference_text"))
+VOICES_JSON = Fields(taken=("name", "reference_audio", "reference_text", "replace"))
+VOICES_FORM = Fields(taken=("name", "file", "reference_text", "replace"))
 
 NO_TIMESTAMPS = "no timestamps are produced (verbose_json gives the duration only)"
 NO_DIARIZATION = "there is no diarization"

@@ -41,7 +41,7 @@ ERROR_CODES: dict[str, int] = {
     "video_too_long": 400, "too_many_parts": 400, "too_many_messages": 400, "max_tokens_exceeded": 400,
     "context_length_exceeded": 400, "conversation_too_long": 400, "session_media_limit": 400,
     "session_text_limit": 400,
-    "modality_not_supported": 400, "voice_not_found": 400,
+    "modality_not_supported": 400, "voice_not_found": 400, "voice_exists": 409,
     # realtime session state
     "conversation_empty": 400, "invalid_state": 400, "input_audio_buffer_commit_empty": 400,
     "input_video_buffer_commit_empty": 400, "item_not_found": 400, "conversation_already_has_active_response": 400,

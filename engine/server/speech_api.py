@@ -24,12 +24,12 @@ from engine.runtime import no_audio_after_cancel
 from engine.server import codec, fields
 from engine.server import protocol as wire
 from engine.server.audio_out import FORMATS, OPENAI_PCM_RATE, STREAMABLE, encode_audio, resampled, wav_header
-from engine.server.bodies import JSON, MULTIPART, body_kind, form_body, form_file, form_text, json_body
+from engine.server.bodies import JSON, MULTIPART, body_kind, form_body, form_file, form_flag, form_text, json_body
 from engine.server.codec import bad, need_dict, need_number
 from engine.server.context import ServerContext
 from engine.server.http_api import (collect, ctx_of, error_response, first_events, job_metrics, json_request,
                                     left_early, refused_at_once, stream_response, text_field)
-from engine.server.params import DEFAULT_VOICE
+from engine.server.params import DEFAULT_VOICE, flag
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 
@@ -227,9 +227,9 @@ async def list_voices(request: Request):
     return {"object": "list", "data": [voice_object(v) for v in voices]}
 
 
-async def voice_upload(request: Request, ctx: ServerContext) -> tuple[str, bytes, str | None]:
-    """(name, clip bytes, transcript or None) from multipart (`name`, `file`, `reference_text`) or JSON
-    (`name`, `reference_audio` base64 or data: URL, `reference_text`)."""
+async def voice_upload(request: Request, ctx: ServerContext) -> tuple[str, bytes, str | None, bool]:
+    """(name, clip bytes, transcript or None, replace) from multipart (`name`, `file`, `reference_text`,
+    `replace`) or JSON (`name`, `reference_audio` base64 or data: URL, `reference_text`, `replace`)."""
     if body_kind(request, (JSON, MULTIPART)) == MULTIPART:
         form = await form_body(request, ctx.limits, max_files=1, max_fields=16)
         try:
@@ -237,6 +237,7 @@ async def voice_upload(request: Request, ctx: ServerContext) -> tuple[str, bytes
             raw = await form_file(form, "file", "the reference clip")
             name = form_text(form, "name", 64)
             text = form_text(form, "reference_text", MAX_INPUT_CHARS)
+            replace = form_flag(form, "replace")
         finally:
             await form.close()
     else:
@@ -249,10 +250,11 @@ async def voice_upload(request: Request, ctx: ServerContext) -> tuple[str, bytes
         clips = reference_clips({"reference_audio": body["reference_audio"]}, ctx)
         raw = clips[0]
         text = body.get("reference_text")
+        replace = flag(body, "replace")
     name = text_field(name, "name", 64)
     text = text_field(text, "reference_text", MAX_INPUT_CHARS, required=False)
     await asyncio.to_thread(codec.audio_file, raw, ctx.limits, "file", True)  # (a recording's audio track too)
-    return name, raw, text
+    return name, raw, text, replace
 
 
 @extension_router.post("/v1/audio/voices")
@@ -261,13 +263,13 @@ async def save_voice(request: Request):
     (which runs the thinker, so this waits its turn in the scheduler)."""
     ctx = ctx_of(request)
     engine = talker_of(ctx)
-    name, raw, text = await voice_upload(request, ctx)
+    name, raw, text, replace = await voice_upload(request, ctx)
 
     def run(cancel) -> Iterator[Event]:
         from engine.errors import MingError  # noqa: PLC0415
 
         try:
-            info = engine.save_voice(name, raw, ref_text=text)
+            info = engine.save_voice(name, raw, ref_text=text, replace=replace)
         except MingError as e:
             yield Error(str(e), code=e.code)
             return

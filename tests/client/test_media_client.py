@@ -69,6 +69,11 @@ def test_the_voice_library_and_options(client):
     saved = client.save_voice("client voice", (tone(1.5), 22050), reference_text="hello there")
     assert saved["name"] == "client voice" and "ref_text_from_asr" not in saved
     assert "client voice" in [v["name"] for v in client.voices()]
+    with pytest.raises(ServerError) as info:  # the name is taken: the saved voice stays
+        client.save_voice("client voice", (tone(1.0), 22050), reference_text="another")
+    assert info.value.code == "voice_exists"
+    again = client.save_voice("client voice", (tone(1.5), 22050), reference_text="hello again", replace=True)
+    assert again["reference_text"] == "hello again"
     done = list(client.speak("With the saved voice.", voice="client voice", max_seconds=1))[-1]
     assert isinstance(done, Done) and done.result["voice"] == "client voice"
     assert client.delete_voice("client voice")["deleted"] is True

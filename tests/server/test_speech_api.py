@@ -157,6 +157,21 @@ def test_voice_library_round_trip(http):
     assert r.status_code == 201 and r.json()["ref_text_from_asr"] == r.json()["reference_text"]  # our ASR wrote it
     names = [v["name"] for v in http.get("/v1/audio/voices").json()["data"]]
     assert {"narrator", "asr voice"} <= set(names)
+    # a name picked twice does not lose the first voice: 409 unless the request says replace
+    r = http.post("/v1/audio/voices", json={"name": "narrator", "reference_audio": b64(clip), "reference_text": "x"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "voice_exists", r.text
+    r = http.post("/v1/audio/voices", files={"file": ("v.wav", clip)}, data={"name": "narrator", "reference_text": "x"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "voice_exists", r.text
+    assert [v for v in http.get("/v1/audio/voices").json()["data"] if v["name"] == "narrator"][0]["reference_text"] \
+        == "hello there"
+    r = http.post("/v1/audio/voices", files={"file": ("v.wav", clip)},
+                  data={"name": "narrator", "reference_text": "replaced", "replace": "true"})
+    assert r.status_code == 201 and r.json()["reference_text"] == "replaced", r.text
+    r = http.post("/v1/audio/voices", json={"name": "narrator", "reference_audio": b64(clip), "reference_text": "again",
+                                            "replace": True})
+    assert r.status_code == 201 and r.json()["reference_text"] == "again", r.text
+    r = http.post("/v1/audio/voices", json={"name": "narrator", "reference_audio": b64(clip), "replace": "yes"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "replace", r.text
     r = http.post("/v1/audio/speech", json={"input": "Reusing the saved voice.", "voice": "narrator", "max_seconds": 1})
     assert r.status_code == 200
     assert http.delete("/v1/audio/voices/narrator").json()["deleted"] is True

@@ -36,6 +36,10 @@ class VoiceNotFound(VoiceError):
     code = "voice_not_found"
 
 
+class VoiceExists(VoiceError):
+    code = "voice_exists"
+
+
 def check_name(name) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name.strip() != name or name in (".", ".."):
         raise VoiceError(f"invalid voice name {name!r}: use 1-64 letters, digits, spaces, '-', '_' or '.' "
@@ -61,12 +65,19 @@ class VoiceLibrary:
     def _dir(self, name: str) -> Path:
         return self.root / check_name(name)
 
-    def save(self, name: str, cond: Conditioning, seconds: float, overwrite: bool = True) -> VoiceInfo:
+    def check_free(self, name: str) -> None:
+        """VoiceExists when a voice is saved under `name`."""
+        if self._dir(name).exists():
+            raise VoiceExists(f"a voice named {name!r} is already saved: choose another name, or replace it")
+
+    def save(self, name: str, cond: Conditioning, seconds: float, overwrite: bool = False) -> VoiceInfo:
+        """Keep a cloned voice under `name`; a voice already saved under it is replaced only with `overwrite`
+        (else VoiceExists: a reference recording is not lost to a name picked twice)."""
         if cond.speaker is None or cond.latents is None:
             raise VoiceError("only a cloned voice (from a reference clip) can be saved")
         target = self._dir(name)
-        if target.exists() and not overwrite:
-            raise VoiceError(f"a voice named {name!r} already exists")
+        if not overwrite:
+            self.check_free(name)
         info = VoiceInfo(name, cond.ref_text, float(seconds), int(cond.speaker.shape[0]), time.time(), self.model)
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".voice-", dir=self.root))
