@@ -89,5 +89,10 @@ def error_line(error: Error) -> str:
 
 
 def failure(exc: BaseException) -> Error:
-    """An exception raised while talking to the engine, as the Error event a user sees."""
+    """An exception raised while talking to the engine, as the Error event a user sees: the server's own
+    error as it sent it (ServerError: its message and code, not "ServerError: code: message" again), any
+    other exception with its type."""
+    to_event = getattr(exc, "to_event", None)
+    if callable(to_event):
+        return to_event()
     return Error(f"{type(exc).__name__}: {exc}", code=getattr(exc, "code", None) or "studio_error")
