@@ -21,7 +21,8 @@ import gradio as gr
 import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
-from app.ui.common import (GENERATING, InFlight, error_line, failure, figures_line, queue_line, session_of)
+from app.ui.common import (GENERATING, InFlight, chosen_seed, error_line, failure, figures_line, queue_line, seed_box,
+                           session_of)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 TAB = "chat"
@@ -192,7 +193,7 @@ class ChatController:
                 messages, max_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
                 top_k=int(top_k) or None,
                 repetition_penalty=None if float(repetition_penalty) == 1.0 else float(repetition_penalty),
-                seed=None if seed in (None, "") else int(seed), system=(system_prompt or "").strip() or None,
+                seed=chosen_seed(seed), system=(system_prompt or "").strip() or None,
                 thinking=bool(thinking), modalities=modalities, voice=voice or None, cancel=cancel)
             for event in stream:
                 if isinstance(event, QueuePosition):
@@ -305,7 +306,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
         with gr.Row():
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
             repetition_penalty = gr.Slider(0.5, 2.0, value=1.0, step=0.01, label="Repetition penalty (1 = off)")
-            seed = gr.Number(value=None, precision=0, label="Seed (empty = random)")
+            seed = seed_box()
         system_prompt = gr.Textbox(label=f"System prompt ({DEFAULT_SYSTEM_HINT})", lines=2)
 
     options = [max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system_prompt, thinking, speak,

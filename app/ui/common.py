@@ -12,6 +12,24 @@ import gradio as gr
 from engine.events import Done, Error, GenerationStats, QueuePosition
 
 GENERATING = "Generating…"
+# The seed boxes' "a new random seed each time": a Number box cannot show empty (Gradio draws None as 0, which
+# then went out as seed 0, every time), so -1, as other generation UIs have it.
+RANDOM_SEED = -1
+
+
+def seed_box(**kwargs) -> gr.Number:
+    """A seed box starting at RANDOM_SEED, saying so."""
+    return gr.Number(value=RANDOM_SEED, precision=0, minimum=RANDOM_SEED, label=f"Seed ({RANDOM_SEED} = random)",
+                     **kwargs)
+
+
+def chosen_seed(value) -> int | None:
+    """The seed a box (or an API caller) asks for; None for a random one: RANDOM_SEED or any negative value,
+    empty or None."""
+    if value in (None, ""):
+        return None
+    seed = int(value)
+    return None if seed < 0 else seed
 
 
 def session_of(request: gr.Request | None) -> str:

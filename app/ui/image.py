@@ -16,7 +16,8 @@ import gradio as gr
 from PIL import Image
 
 from app.engine_link import IMAGE_OUT, EngineLink
-from app.ui.common import GENERATING, InFlight, error_line, failure, figures_line, queue_line, session_of
+from app.ui.common import (GENERATING, InFlight, chosen_seed, error_line, failure, figures_line, queue_line, seed_box,
+                           session_of)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
 TAB = "image"
@@ -64,7 +65,8 @@ class ImageController:
         if task == "segment" and not (target or "").strip():
             yield *nothing, "Say what to segment (e.g. 'the cup').", gr.update(), gallery_state, None
             return
-        seed = random.randint(0, MAX_SEED) if seed in (None, "") else int(seed)
+        seed = chosen_seed(seed)
+        seed = random.randint(0, MAX_SEED) if seed is None else seed
         settings = {"mode": mode, "prompt": prompt or "", "preset": preset, "target": target or "", "aspect": aspect,
                     "size": size or "", "steps": int(steps), "guidance": float(guidance), "seed": seed}
         session = session_of(request)
@@ -163,7 +165,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> Imag
                 steps = gr.Slider(1, 50, value=30, step=1, label="Steps", elem_id="image-steps")
                 guidance = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Guidance")
             with gr.Row():
-                seed = gr.Number(value=None, precision=0, label="Seed (empty = random)", elem_id="image-seed")
+                seed = seed_box(elem_id="image-seed")
                 dice = gr.Button("Random seed", scale=0, min_width=120)
                 preview_every = gr.Slider(0, 10, value=5, step=1, label="Preview every k steps (0 = none)")
             with gr.Row():

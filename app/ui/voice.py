@@ -15,7 +15,8 @@ import gradio as gr
 import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
-from app.ui.common import GENERATING, InFlight, error_line, failure, figures_line, queue_line, session_of
+from app.ui.common import (GENERATING, InFlight, chosen_seed, error_line, failure, figures_line, queue_line, seed_box,
+                           session_of)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 TAB = "voice"
@@ -74,7 +75,7 @@ class VoiceController:
         if task != "music" and not (text or "").strip():
             yield None, gr.update(), "Type the text to speak (or the sound to make) first.", None
             return
-        kwargs: dict = {"task": task, "seed": None if seed in (None, "") else int(seed)}
+        kwargs: dict = {"task": task, "seed": chosen_seed(seed)}
         if task == "music":
             kwargs["music"] = {k: v for k, v in {"genre": genre, "mood": mood, "instrument": instrument, "theme": theme,
                                                  "duration": duration}.items() if v not in (None, "")}
@@ -233,7 +234,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
                     instrument = gr.Textbox(label="Instrument", value="Piano")
                     theme = gr.Textbox(label="Theme", value="Rainy afternoon")
                 duration = gr.Slider(2, 60, value=10, step=1, label="Duration (s)")
-            seed = gr.Number(value=None, precision=0, label="Seed (empty = random)")
+            seed = seed_box()
             with gr.Row():
                 go = gr.Button("Make it", variant="primary", elem_id="voice-go")
                 stop = gr.Button("Stop", variant="stop", elem_id="voice-stop")

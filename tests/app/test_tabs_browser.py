@@ -64,6 +64,8 @@ def test_voice_tab_speaks_and_offers_the_wav(browser, studio, viewport):
 def test_image_tab_generates_then_segments(browser, studio):
     page = open_tab(browser, studio, "Image", DESKTOP)
     page.locator("#image-prompt textarea").fill('A red cup on a table, a sign saying "OPEN"')
+    # the seed box starts at -1 = random (a Number box drew "empty" as 0, which then went out as seed 0)
+    assert page.locator("#image-seed input").input_value() == "-1"
     set_slider(page, "image-steps", 8)  # a preview at step 5 (the default: every 5 steps)
     set_number(page, "#image-seed input", 7)
     page.locator("#image-go").click()
