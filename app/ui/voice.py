@@ -202,12 +202,13 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
                                 label="Reference clip (0.5 to 30 s of one speaker)", elem_id="voice-clip")
                 clip_text = gr.Textbox(label="What the clip says (empty = filled in by speech recognition)",
                                        elem_id="voice-clip-text")
+                fill = gr.Button("Transcribe the clip")
                 with gr.Row():
-                    fill = gr.Button("Transcribe the clip")
                     name = gr.Textbox(label="Save as (name)", scale=2, elem_id="voice-name")
-                    save = gr.Button("Save voice", elem_id="voice-save")
                     replace = gr.Checkbox(value=False, label=REPLACE_LABEL, elem_id="voice-replace")
-                    delete = gr.Button("Delete selected", variant="stop")
+                with gr.Row():
+                    save = gr.Button("Save voice", elem_id="voice-save")
+                    delete = gr.Button("Delete the selected saved voice", variant="stop")
                 if examples:
                     gr.Examples([[e] for e in examples], [clip], label="Example clips (scripts/make_assets.py)")
             with gr.Accordion("Instructions: dialect, emotion, speed, voice design", open=False):
@@ -225,7 +226,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
                 ip = gr.Textbox(label="Character voice (e.g. 水浒传_武松)")
                 with gr.Row():
                     env = gr.Textbox(label="Background ambience (e.g. Birds chirping)")
-                    snr = gr.Number(value=None, label="Speech-to-background SNR (dB)")
+                    snr = gr.Number(value=None, label="Speech-to-background SNR (dB; 0 = not set)")
             with gr.Accordion("Music", open=False):
                 with gr.Row():
                     genre = gr.Textbox(label="Genre", value="Lo-fi")
