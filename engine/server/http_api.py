@@ -317,7 +317,7 @@ async def chat_completions(request: Request):
     check_prompt_text(ctx, body.get("messages"))
     modalities, voice = check_unsupported(body, ctx.engine)
     stream = flag(body, "stream")
-    include_usage = stream and stream_usage(body)
+    include_usage = stream_usage(body) and stream  # checked whether it streams or not
     params = generation_params(body, ctx.limits)
     thinking = flag(body, "thinking")
     raw_messages = body.get("messages")
