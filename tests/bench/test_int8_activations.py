@@ -1,5 +1,5 @@
-"""bench/int8_activations.py runs (a small shape, CI smoke): for int4 and int8 experts (int8 ones where the CPU has
-VNNI) the kernel with fp32 activations has the format's own error, int8 activations stay within a few per cent of
+"""bench/int8_activations.py runs (a small shape, CI smoke): for int4 and int8 experts (where the CPU has AVX2) the
+kernel with fp32 activations has the format's own error, int8 activations stay within a few per cent of
 it, and both timings are reported."""
 
 import json
