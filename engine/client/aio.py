@@ -131,6 +131,11 @@ class AsyncRealtimeClient(core.RealtimeClientBase):
         self.state.log.forget(item_id)
         return ev
 
+    async def retrieve_item(self, item_id: str) -> dict:
+        """The server's view of one conversation item (conversation.item.retrieved's `item`)."""
+        ev = await self._request({"type": "conversation.item.retrieve", "item_id": item_id})
+        return ev["item"]
+
     async def append_audio(self, samples: Any, sample_rate: int | None = None) -> None:
         event = core.audio_append_event(samples, sample_rate)
         await self.send(event)

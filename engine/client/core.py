@@ -608,6 +608,7 @@ REPLIES = {  # the server event that completes each client request
     "session.update": "session.updated",
     "conversation.item.create": "conversation.item.done",
     "conversation.item.delete": "conversation.item.deleted",
+    "conversation.item.retrieve": "conversation.item.retrieved",
     "input_audio_buffer.commit": "conversation.item.done",
     "input_audio_buffer.clear": "input_audio_buffer.cleared",
     "input_video_buffer.commit": "conversation.item.done",

@@ -142,6 +142,11 @@ class RealtimeClient(core.RealtimeClientBase):
         self.state.log.forget(item_id)
         return ev
 
+    def retrieve_item(self, item_id: str) -> dict:
+        """The server's view of one conversation item (conversation.item.retrieved's `item`)."""
+        ev = self._request({"type": "conversation.item.retrieve", "item_id": item_id})
+        return ev["item"]
+
     def append_audio(self, samples: Any, sample_rate: int | None = None) -> None:
         event = core.audio_append_event(samples, sample_rate)
         self.send(event)

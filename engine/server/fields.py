@@ -114,7 +114,7 @@ REALTIME_EVENTS: dict[str, tuple[str, ...]] = {
     "input_video_buffer.append": ("image", "capture_time"),
     "input_video_buffer.commit": (), "input_video_buffer.clear": (),
     "conversation.item.create": ("item", "previous_item_id"),
-    "conversation.item.delete": ("item_id",),
+    "conversation.item.delete": ("item_id",), "conversation.item.retrieve": ("item_id",),
     "conversation.item.truncate": ("item_id", "content_index", "audio_end_ms"),
     "response.create": ("response",),
     "response.cancel": ("response_id",),

@@ -95,6 +95,7 @@ class RealtimeConnection:
             "conversation.item.create": self.on_item_create,
             "conversation.item.delete": self.on_item_delete,
             "conversation.item.truncate": self.on_item_truncate,
+            "conversation.item.retrieve": self.on_item_retrieve,
             "response.create": self.on_response_create,
             "response.cancel": self.on_response_cancel,
         }
@@ -447,7 +448,7 @@ class RealtimeConnection:
         else:
             item = self.session.find_item(item_id)
             if item is None:
-                raise bad(f"no item with id {item_id[:64]!r} in this session", "item_not_found", "item_id")
+                raise no_such_item(item_id)
             spans, parts = item.audio, len(item.public)
         if index >= parts:
             raise bad(f"item {item_id[:64]!r} has {parts} content part(s); content_index {index} is not one of them",
@@ -572,7 +573,16 @@ class RealtimeConnection:
                 del self.session.items[i]
                 await self.send({"type": "conversation.item.deleted", "item_id": item_id})
                 return
-        raise bad(f"no item with id {item_id[:64]!r} in this session", "item_not_found", "item_id")
+        raise no_such_item(item_id)
+
+    async def on_item_retrieve(self, event: dict, event_id) -> None:
+        """conversation.item.retrieve: the server's view of one item, as conversation.item.added showed it
+        (media described, not echoed; an assistant reply as truncated, its transcript filled in)."""
+        item_id = need_str(event.get("item_id"), "item_id")
+        item = self.session.find_item(item_id)
+        if item is None:
+            raise no_such_item(item_id)
+        await self.send({"type": "conversation.item.retrieved", "item": item.to_dict()})
 
     # ------------------------------------------------------------------ responses
     async def on_response_create(self, event: dict, event_id) -> None:
@@ -695,6 +705,11 @@ SESSION_FIELDS = {"model", "instructions", "output_modalities", "modalities", "a
                   "input_audio_sample_rate", "turn_detection", "video", "tools", "thinking", "temperature", "top_p",
                   "top_k", "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
                   "max_tokens"}
+
+
+def no_such_item(item_id: str) -> ApiError:
+    """The error for an item_id the session does not hold (delete, truncate, retrieve)."""
+    return bad(f"no item with id {item_id[:64]!r} in this session", "item_not_found", "item_id")
 
 
 def setting(parse, *args):

@@ -240,7 +240,11 @@ def test_realtime_client_session_errors_and_reconnect(server, tiny_engine):
             rt.update_session(output_modalities=["image"])
         assert info.value.code == "modality_not_supported"
         rt.update_session(instructions=SYSTEM, max_output_tokens=3)
-        rt.add_message("user", "Remember this.")
+        added = rt.add_message("user", "Remember this.")["item"]
+        assert rt.retrieve_item(added["id"]) == added  # the server's view of the item
+        with pytest.raises(ServerError) as info:
+            rt.retrieve_item("item_nope")
+        assert info.value.code == "item_not_found"
         rt.append_audio(pcm, 16000)
         rt.commit_audio()
         rt.append_frame(png_bytes(image_array(seed=1)), 1.0)
@@ -265,7 +269,8 @@ def test_async_realtime_client_and_the_session_limit(server, tiny_engine):
     async def main():
         async with AsyncRealtimeClient(server.ws_url) as rt:
             await rt.update_session(instructions=SYSTEM)
-            await rt.add_message("user", "Async hello")
+            added = (await rt.add_message("user", "Async hello"))["item"]
+            assert await rt.retrieve_item(added["id"]) == added
             return [ev async for ev in rt.respond(max_output_tokens=3)]
 
     events = asyncio.run(main())

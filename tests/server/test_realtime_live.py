@@ -220,6 +220,17 @@ def test_truncate_keeps_only_what_was_heard_of_a_spoken_reply():
         assert recv_until(ws, "conversation.item.truncated")[-1]["audio_end_ms"] == 0
         assert session.items[-1].parts == [{"type": "text", "text": ""}] and session.items[-1].status == "incomplete"
         assert session.items[-1].public[0]["transcript"] == ""
+        # conversation.item.retrieve shows the server's view: the reply as truncated, the user's turn as sent
+        ws.send(json.dumps({"type": "conversation.item.retrieve", "item_id": item2}))
+        got = recv_until(ws, "conversation.item.retrieved")[-1]["item"]
+        assert (got["id"], got["role"], got["status"]) == (item2, "assistant", "incomplete")
+        assert got["content"][0]["transcript"] == ""
+        ws.send(json.dumps({"type": "conversation.item.retrieve", "item_id": session.items[0].id}))
+        got = recv_until(ws, "conversation.item.retrieved")[-1]["item"]
+        assert (got["role"], got["content"]) == ("user", session.items[0].public)
+        ws.send(json.dumps({"type": "conversation.item.retrieve", "event_id": "r", "item_id": "item_nope"}))
+        err = recv_until(ws, "error")[-1]["error"]
+        assert (err["code"], err["param"], err["event_id"]) == ("item_not_found", "item_id", "r")
 
 
 def test_barge_in_on_a_spoken_reply_sends_no_stale_audio():
