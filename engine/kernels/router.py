@@ -5,6 +5,8 @@ when each row has its own gate, as the MultiRouter's per-token choice of gate do
 form ``n_group`` consecutive groups, a group's score is the sum of its two best selection scores,
 the ``topk_group`` best groups stay; the ``top_k`` best experts of those are chosen (order not
 significant); their weights are the **unbiased** s renormalised to sum to one (+1e-20) and scaled.
+With ``top_k == 1`` the reference skips the renormalisation (it would make every weight exactly the
+scale): the one weight is the unbiased score times the scale, rounded in the logits' dtype.
 Selection runs in the logits' dtype (the reference's bf16 router rounds there, spec §2.11); the
 weights are fp32.
 
@@ -36,7 +38,10 @@ def route_experts_reference(logits: torch.Tensor, bias: torch.Tensor, n_group: i
     group_offset = torch.full_like(group_scores, float("-inf")).scatter_(1, keep_groups, 0.0)
     candidates = (grouped + group_offset.unsqueeze(-1)).view(n, e)
     ids = candidates.topk(top_k, dim=-1, sorted=False).indices
-    chosen = scores.gather(1, ids).float()
+    chosen = scores.gather(1, ids)
+    if top_k == 1:  # the reference renormalises only when top_k > 1
+        return ids, (chosen * scaling).float()
+    chosen = chosen.float()
     weights = chosen / (chosen.sum(dim=-1, keepdim=True) + ROUTER_NORM_EPS) * scaling
     return ids, weights
 

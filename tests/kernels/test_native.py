@@ -1137,3 +1137,25 @@ def test_bf16_blocks_of_quantised_weights_take_bf16_panels_where_gemms_use_amx(m
     got = bound(x)
     assert got.shape == (2, native.AMX_QUANT_MIN_ROWS // 2, 100) and got.dtype == torch.bfloat16
     assert _rel_err(got, want) <= 1e-2
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,router_bf16", [(torch.float32, False), (torch.bfloat16, True)])
+def test_mlp_decode_top_1_weight_is_the_score_times_the_scale(dtype, router_bf16):
+    """With num_experts_per_tok = 1 the reference does not renormalise (spec §2.6 as the reference runs
+    it): the weight is sigmoid(logit) x scale, not the scale itself; the native router agrees."""
+    _check_mlp_decode(dtype, 8, 64, 32, 1, 2, 1, 32, seed=11, router_bf16=router_bf16)
+    gen = torch.Generator().manual_seed(12)
+    wg, wu = ((torch.randn(8, 32, 64, generator=gen) / 10).to(dtype) for _ in range(2))
+    wd = (torch.randn(8, 64, 32, generator=gen) / 6).to(dtype)
+    router = torch.randn(8, 64, generator=gen).to(dtype)
+    bias = torch.randn(8, generator=gen) / 4
+    packed = PackedExperts.from_weights(wg, wu, wd, use_onednn=False)
+    bound = native.MlpDecode(dtype, 64, shared=None, router_weight=router, expert_bias=bias, table=packed.native_table(),
+                             n_group=2, topk_group=1, top_k=1, scaling=2.5)
+    x = torch.randn(1, 64, generator=gen).to(dtype)
+    routing = torch.empty(1, dtype=torch.int64), torch.empty(1, dtype=torch.float32)
+    bound(x, routing, router_bf16=router_bf16)
+    logit = F.linear(x.float(), router.float())[0, routing[0][0]]
+    assert abs(float(routing[1][0]) - float(torch.sigmoid(logit)) * 2.5) < 2e-2
+    assert float(routing[1][0]) < 2.5

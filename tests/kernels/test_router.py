@@ -42,3 +42,18 @@ def test_router_shapes_are_checked():
         route_experts(torch.zeros(2, 10), torch.zeros(10), 4, 2, 2, 1.0)
     with pytest.raises(ValueError, match="bias"):
         route_experts(torch.zeros(2, 8), torch.zeros(3, 8), 4, 2, 2, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_1_routing_keeps_the_unbiased_score_times_the_scale(dtype):
+    """The reference renormalises the chosen scores only when top_k > 1 (a held-out config with
+    num_experts_per_tok = 1 broke here: every weight came out exactly the scale, 2.5)."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(40, 16, generator=g) * 2).to(dtype)
+    bias = torch.rand(16, generator=g) * 0.3 - 0.15
+    ids, weights = route_experts(logits, bias, 4, 2, 1, 2.5)
+    scores = torch.sigmoid(logits)
+    assert torch.equal(ids, straightforward(logits, bias, 4, 2, 1, 2.5)[0])
+    want = (scores.gather(1, ids) * 2.5).float()
+    assert weights.dtype == torch.float32 and torch.equal(weights, want)
+    assert (weights < 2.5).all()

@@ -2186,6 +2186,10 @@ static void route_token(const float *logits, const float *bias, int64_t num_expe
         ids[r] = pick;
         total += scores[pick];
     }
+    if (top_k == 1) {  /* the reference renormalises only when top_k > 1: the score times the scale, in its dtype */
+        weights[0] = in_bf16 ? round_bf16(scores[ids[0]] * scaling) : scores[ids[0]] * scaling;
+        return;
+    }
     for (int64_t r = 0; r < top_k; r++) weights[r] = scores[ids[r]] / (total + 1e-20f) * scaling;
 }
 
