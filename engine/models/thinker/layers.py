@@ -23,6 +23,18 @@ from engine.models.thinker.config import LLMConfig
 # frequencies (spec §2.4): the highest 24 frequencies alternate H (even f) / W (odd f), the
 # lowest 8 carry T. It is not in config.json.
 VIDEO_ROPE_SECTION = (8, 12, 12)
+# The reference assembles its cos/sin channel by channel from that split: 2 x (8 + 12 + 12) = 64
+# channels at most, whatever the rotary width; channel c takes its axis from c mod 32 and its angle
+# from channel c of the duplicated [f, f] table of the whole rotary width.
+VIDEO_ROPE_CHANNELS = 2 * sum(VIDEO_ROPE_SECTION)
+
+
+def video_rope_channels(rotary_dim: int) -> int:
+    """How many leading channels of each head the reference rotates: the rotary width, capped at the
+    64 channels its hard-coded split describes (spec §2.4 item 3)."""
+    return min(rotary_dim, VIDEO_ROPE_CHANNELS)
+
+
 GATE_TEXT, GATE_IMAGE, GATE_AUDIO = 0, 1, 2
 
 
@@ -72,6 +84,7 @@ class VideoRotary(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.rotary_dim = cfg.rotary_dim
+        self.channels = video_rope_channels(cfg.rotary_dim)
         self.theta = cfg.rope_theta
         self.max_positions = cfg.max_position_embeddings
         self._constants: dict[tuple, torch.Tensor] = {}  # per device: inverse frequencies, axes, decode tables
@@ -81,37 +94,43 @@ class VideoRotary(nn.Module):
         inv = 1.0 / (self.theta ** exps)
         return inv.to(torch.bfloat16).float() if bf16_rounded else inv
 
-    def frequency_axes(self) -> torch.Tensor:
-        """Axis of each frequency: 0 = T, 1 = H, 2 = W (spec §2.4 item 3)."""
-        n_freq = self.rotary_dim // 2
+    def channel_frequencies(self) -> torch.Tensor:
+        """Frequency index of each rotated channel: channel c of the duplicated [f, f] table, c mod (rotary_dim / 2)."""
+        return torch.arange(self.channels) % (self.rotary_dim // 2)
+
+    def channel_axes(self) -> torch.Tensor:
+        """Axis of each rotated channel: 0 = T, 1 = H, 2 = W (spec §2.4 item 3). With j = c mod 32: H for
+        even j < 24, W for odd j < 24, T for j >= 24; for a 64-wide rotary, channels c and c + 32 (one
+        frequency) share an axis."""
         _, h_freqs, w_freqs = VIDEO_ROPE_SECTION
-        f = torch.arange(n_freq)
-        axis = torch.zeros(n_freq, dtype=torch.long)
-        hw = f < h_freqs + w_freqs
-        axis[hw & (f % 2 == 0)] = 1
-        axis[hw & (f % 2 == 1)] = 2
+        j = torch.arange(self.channels) % (VIDEO_ROPE_CHANNELS // 2)
+        axis = torch.zeros(self.channels, dtype=torch.long)
+        hw = j < h_freqs + w_freqs
+        axis[hw & (j % 2 == 0)] = 1
+        axis[hw & (j % 2 == 1)] = 2
         return axis
 
     def _constant(self, name: str, device: torch.device, bf16_rounded: bool) -> torch.Tensor:
         """The inverse frequencies ("inv_freq") or frequency axes ("axis") on `device`, made once."""
         key = (name, device, bf16_rounded)
         if key not in self._constants:
-            value = self.inv_freq(bf16_rounded) if name == "inv_freq" else self.frequency_axes()
+            value = {"inv_freq": lambda: self.inv_freq(bf16_rounded), "axis": self.channel_axes,
+                     "freq": self.channel_frequencies}[name]()
             self._constants[key] = value.to(device)
         return self._constants[key]
 
     def forward(self, position_ids: torch.Tensor, numerics: Numerics) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [3, B, L] -> (cos, sin) [B, L, rotary_dim] in the activation dtype."""
+        """position_ids [3, B, L] -> (cos, sin) [B, L, channels] in the activation dtype."""
         device = position_ids.device
         inv_freq = self._constant("inv_freq", device, numerics.rope_bf16_tables)
-        angles = position_ids.float().unsqueeze(-1) * inv_freq  # [3, B, L, F], fp32
+        freq = self._constant("freq", device, numerics.rope_bf16_tables)
+        angles = position_ids.float().unsqueeze(-1) * inv_freq[freq]  # [3, B, L, channels], fp32
         axis = self._constant("axis", device, numerics.rope_bf16_tables)
-        picked = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:])).squeeze(0)
-        emb = torch.cat([picked, picked], dim=-1)
+        emb = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:])).squeeze(0)
         return emb.cos().to(numerics.dtype), emb.sin().to(numerics.dtype)
 
     def decode_tables(self, device: torch.device, numerics: Numerics) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [max_positions, rotary_dim] of every position p with p_T = p_H = p_W = p (what every
+        """cos/sin [max_positions, channels] of every position p with p_T = p_H = p_W = p (what every
         decode step uses, spec §3.3), made once per device: a step then only indexes them."""
         key = ("tables", torch.device(device), numerics.rope_bf16_tables, numerics.dtype)
         if key not in self._constants:

@@ -16,17 +16,21 @@ def _positions(llm, ids, mask=None):
     return rope_index(ids, PositionTokens.from_config(llm.config), attention_mask=mask)
 
 
-def test_kv_cache_decode_matches_full_forward(tiny_checkpoint):
-    llm = load_model(tiny_checkpoint, dtype="fp32", device="cpu").llm
-    ids = torch.tensor([[5, 60, 70, 80, 90, 100, 110, 120]])
+def _assert_decode_matches_full_forward(llm, ids: torch.Tensor, prefill: int) -> None:
+    """A prefill of `prefill` tokens then one-token KV-cache steps give the hidden states of one full forward."""
     with torch.inference_mode():
         pos, delta = _positions(llm, ids)
         full = llm(llm.model.embed(ids), pos, FP32)
         cache = llm.new_cache(1, FP32, "cpu")
-        part = llm(llm.model.embed(ids[:, :5]), pos[:, :, :5], FP32, cache=cache)
+        part = llm(llm.model.embed(ids[:, :prefill]), pos[:, :, :prefill], FP32, cache=cache)
         steps = [llm(llm.model.embed(ids[:, i:i + 1]), decode_positions(cache.length, delta), FP32, cache=cache)
-                 for i in range(5, 8)]
+                 for i in range(prefill, ids.shape[1])]
     torch.testing.assert_close(torch.cat([part] + steps, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_kv_cache_decode_matches_full_forward(tiny_checkpoint):
+    llm = load_model(tiny_checkpoint, dtype="fp32", device="cpu").llm
+    _assert_decode_matches_full_forward(llm, torch.tensor([[5, 60, 70, 80, 90, 100, 110, 120]]), 5)
 
 
 def test_left_padding_does_not_change_a_row(tiny_checkpoint):
@@ -82,8 +86,9 @@ def test_bf16_router_switch_rounds_logits():
 
 def test_rotary_axes_and_bf16_tables(tiny_checkpoint):
     rot = load_model(tiny_checkpoint, dtype="fp32", device="cpu").llm.model.rotary_emb
-    axes = rot.frequency_axes().tolist()
-    assert axes[:24] == [1, 2] * 12 and axes[24:] == [0] * 8  # H/W interleaved high freqs, T on the 8 lowest
+    axes = rot.channel_axes().tolist()
+    assert axes[:24] == [1, 2] * 12 and axes[24:32] == [0] * 8  # H/W interleaved high freqs, T on the 8 lowest
+    assert axes[32:] == axes[:32] and rot.channel_frequencies().tolist() == list(range(32)) * 2
     assert not torch.equal(rot.inv_freq(True), rot.inv_freq(False))
     assert torch.equal(rot.inv_freq(True), rot.inv_freq(False).to(torch.bfloat16).float())
     # text tokens (T = H = W): ordinary 1-D partial rotary
@@ -367,3 +372,29 @@ def test_int8_linears_decode_natively_layer_by_layer(tiny_checkpoint, dtype, mon
                 got = _decode_step_logits(fast, ids, pos, delta)
                 assert bool(torch.isfinite(got).all()) and not torch.equal(got, steps[1])
                 assert float((got - steps[0]).abs().max()) <= float(steps[0].abs().max())
+
+
+@pytest.mark.parametrize("head_dim,partial,rotated", [(64, 0.5, 32), (128, 1.0, 64), (96, 1.0, 64)])
+def test_video_rope_channel_map_at_other_rotary_widths(tmp_path, head_dim, partial, rotated):
+    """The reference builds cos/sin channel by channel from its hard-coded [8, 12, 12] split (spec §2.4):
+    at most 64 channels rotate, channel c takes its axis from c mod 32 (H even / W odd below 24, T from
+    24) and its angle from channel c of the duplicated table of the whole rotary width. A config with
+    head_dim 128 and partial_rotary_factor 1.0 rotated all 128 channels with per-frequency axes."""
+    from tests.models.thinker.variants import write_variant
+
+    ckpt = write_variant(tmp_path / "ckpt", llm={"head_dim": head_dim, "partial_rotary_factor": partial})
+    llm = load_model(ckpt, dtype="fp32", device="cpu").llm
+    rot = llm.model.rotary_emb
+    width = int(head_dim * partial)
+    p = torch.tensor([[3, 9], [5, -2], [11, 4]]).view(3, 1, 2)  # distinct T, H, W positions
+    cos, sin = rot(p, FP32)
+    assert cos.shape == (1, 2, rotated)
+    inv = 1.0 / 2400000.0 ** (torch.arange(0, width, 2).float() / width)
+    for c in range(rotated):
+        j = c % 32
+        axis = 0 if j >= 24 else (1 if j % 2 == 0 else 2)
+        angle = p[axis, 0].float() * inv[c % (width // 2)]
+        torch.testing.assert_close(cos[0, :, c], angle.cos())
+        torch.testing.assert_close(sin[0, :, c], angle.sin())
+    # channels past the rotated ones pass through the attention unchanged; decode agrees with a full forward
+    _assert_decode_matches_full_forward(llm, torch.tensor([[5, 60, 70, 80, 90, 100]]), 4)

@@ -1,0 +1,25 @@
+"""Tiny thinker checkpoints at other sizes than the embedded one (engine.tiny): the same generator with
+some config keys overridden, written as one safetensors file, for tests of sizes the fixtures never use."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from engine.tiny import tiny_config, tiny_state_dict
+
+
+def write_variant(out_dir: Path, llm: dict | None = None, vision: dict | None = None,
+                  audio: dict | None = None) -> Path:
+    """A checkpoint folder whose config is engine.tiny's with `llm` / `vision` / `audio` keys replaced."""
+    config = copy.deepcopy(tiny_config())
+    config["llm_config"].update(llm or {})
+    config["vision_config"].update(vision or {})
+    config["audio_config"].update(audio or {})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tiny_state_dict(config), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
