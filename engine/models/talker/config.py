@@ -29,6 +29,10 @@ MAX_STEPS = 1000
 DIT_DEFAULTS = {"in_channels": LATENT_DIM, "hidden_size": 1024, "depth": 28, "num_heads": 16, "mlp_ratio": 4.0,
                 "llm_cond_dim": 896}
 AGGREGATOR_DEFAULTS = {"in_channels": LATENT_DIM, "hidden_size": 1152, "depth": 28, "num_heads": 16, "mlp_ratio": 4.0}
+# transformers' Qwen2Config defaults, which upstream's `Qwen2Config.from_dict` fills in for keys a
+# backbone dict omits: with `use_sliding_window` on, the window is 4096 and layers from index 28 slide.
+QWEN2_DEFAULT_SLIDING_WINDOW = 4096
+QWEN2_DEFAULT_MAX_WINDOW_LAYERS = 28
 
 
 class TalkerConfigError(MingError, ValueError):
@@ -98,12 +102,12 @@ class Qwen2BackboneConfig:
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise TalkerConfigError(f"{where}: hidden_act '{act}' is not supported (Qwen2 uses 'silu')")
-        window = d.get("sliding_window") if d.get("use_sliding_window", False) else None
+        window = d.get("sliding_window", QWEN2_DEFAULT_SLIDING_WINDOW) if d.get("use_sliding_window", False) else None
         if window is not None:
-            window = _positive_int(d, "sliding_window", where)
+            window = _positive_int(d, "sliding_window", where, QWEN2_DEFAULT_SLIDING_WINDOW)
         types = d.get("layer_types")
         if types is None:
-            mwl = int(d.get("max_window_layers", layers))
+            mwl = int(d.get("max_window_layers", QWEN2_DEFAULT_MAX_WINDOW_LAYERS))
             types = ["sliding_attention" if window is not None and i >= mwl else "full_attention" for i in range(layers)]
         types = tuple(types)
         if len(types) < layers or any(t not in ("full_attention", "sliding_attention") for t in types):

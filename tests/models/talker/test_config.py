@@ -46,3 +46,20 @@ def test_rope_scaling_and_condition_width_are_refused(tmp_path):
     (folder / "llm" / "config.json").write_text(json.dumps(llm))
     with pytest.raises(TalkerConfigError, match="llm_cond_dim 896"):
         load_talker(folder)
+
+
+def test_qwen2_backbone_fills_omitted_sliding_keys_as_transformers_does():
+    """Upstream builds every Qwen2 stack with Qwen2Config.from_dict (spec §7.1, §7.8), so keys a backbone
+    dict omits take transformers' defaults: with use_sliding_window on, sliding_window 4096 and
+    max_window_layers 28. A 30-layer backbone without those keys made every layer full attention."""
+    from engine.models.talker.config import Qwen2BackboneConfig
+
+    base = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "vocab_size": 1,
+            "num_hidden_layers": 30, "use_sliding_window": True}
+    cfg = Qwen2BackboneConfig.from_dict(base, "backbone")
+    assert cfg.sliding_window == 4096
+    assert cfg.layer_types == ("full_attention",) * 28 + ("sliding_attention",) * 2
+    small = Qwen2BackboneConfig.from_dict({**base, "num_hidden_layers": 3, "max_window_layers": 1, "sliding_window": 8}, "b")
+    assert small.sliding_window == 8 and small.layer_types == ("full_attention",) + ("sliding_attention",) * 2
+    off = Qwen2BackboneConfig.from_dict({**base, "use_sliding_window": False}, "b")
+    assert off.sliding_window is None and set(off.layer_types) == {"full_attention"}
