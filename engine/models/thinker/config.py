@@ -23,6 +23,14 @@ UPSTREAM_TOKENS_PER_SECOND = 2
 # Default of the upstream `routed_scaling_factor` attribute; the shipped config only has the
 # (ignored) `moe_router_topk_scaling_factor` key, so the default is what the reference uses.
 UPSTREAM_ROUTED_SCALING_DEFAULT = 2.5
+# The router types the reference builds: "MultiRouter" (text / image / audio gates, spec §2.7) and
+# "topN" (one gate, the BailingMoeV2Config default). "TopkRouter" is this engine's older name for topN.
+MULTI_ROUTER = "MultiRouter"
+SINGLE_ROUTER = "topN"
+SINGLE_ROUTER_ALIASES = (SINGLE_ROUTER, "TopkRouter")
+# BailingMoeV2Config's defaults for keys a config.json may omit (the released files carry them all).
+UPSTREAM_LLM_DEFAULTS = {"use_bias": True, "use_qkv_bias": False, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-5,
+                         "max_position_embeddings": 16384, "router_type": SINGLE_ROUTER}
 
 
 class ConfigError(MingError, ValueError):
@@ -88,7 +96,7 @@ class LLMConfig:
 
     @property
     def uses_multi_router(self) -> bool:
-        return self.router_type == "MultiRouter"
+        return self.router_type == MULTI_ROUTER
 
     @property
     def video_start_token_is_image_end(self) -> bool:
@@ -116,10 +124,10 @@ class LLMConfig:
             num_attention_heads=heads,
             num_key_value_heads=int(d.get("num_key_value_heads") or heads),
             head_dim=int(head_dim),
-            partial_rotary_factor=float(d.get("partial_rotary_factor", 1.0)),
+            partial_rotary_factor=float(d.get("partial_rotary_factor", UPSTREAM_LLM_DEFAULTS["partial_rotary_factor"])),
             rope_theta=float(_require(d, "rope_theta", where)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            rms_norm_eps=float(d.get("rms_norm_eps", UPSTREAM_LLM_DEFAULTS["rms_norm_eps"])),
+            max_position_embeddings=int(d.get("max_position_embeddings", UPSTREAM_LLM_DEFAULTS["max_position_embeddings"])),
             num_experts=int(d.get("num_experts") or 0),
             num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
             num_shared_experts=int(d.get("num_shared_experts") or 0),
@@ -127,9 +135,9 @@ class LLMConfig:
             topk_group=int(d.get("topk_group") or 1),
             routed_scaling_factor=float(routed if routed is not None else UPSTREAM_ROUTED_SCALING_DEFAULT),
             first_k_dense_replace=int(d.get("first_k_dense_replace", 0)),
-            router_type=str(d.get("router_type") or "TopkRouter"),
-            use_qkv_bias=bool(d.get("use_qkv_bias", False)),
-            use_bias=bool(d.get("use_bias", False)),
+            router_type=str(d.get("router_type") or UPSTREAM_LLM_DEFAULTS["router_type"]),
+            use_qkv_bias=bool(d.get("use_qkv_bias", UPSTREAM_LLM_DEFAULTS["use_qkv_bias"])),
+            use_bias=bool(d.get("use_bias", UPSTREAM_LLM_DEFAULTS["use_bias"])),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             pad_token_id=d.get("pad_token_id"),
@@ -164,8 +172,8 @@ class LLMConfig:
                           f"{self.topk_group} groups of {self.num_experts // self.n_group} experts")
         if self.hidden_act != "silu":
             raise bad(f"hidden_act '{self.hidden_act}' is not supported (BailingMoeV2 uses silu)")
-        if self.router_type not in ("MultiRouter", "TopkRouter"):
-            raise bad(f"router_type '{self.router_type}' is not supported")
+        if self.router_type != MULTI_ROUTER and self.router_type not in SINGLE_ROUTER_ALIASES:
+            raise bad(f"router_type '{self.router_type}' is not supported ({MULTI_ROUTER!r} or {SINGLE_ROUTER!r})")
 
 
 @dataclass(frozen=True)

@@ -58,3 +58,19 @@ def test_missing_and_invalid_files(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ConfigError, match="neither"):
         MingConfig.from_file(tmp_path)
+
+
+def test_single_router_and_omitted_keys_follow_bailing_moe_v2_config():
+    """The reference's one-gate router is router_type "topN" (also BailingMoeV2Config's default); it was
+    refused as unsupported. Keys a config omits take BailingMoeV2Config's defaults (spec §2.1 lists the
+    released values; the class fills the rest): dense bias on, partial rotary 0.5, eps 1e-5."""
+    d = json.loads((real_config("ming-flash-omni-2.0") / "config.json").read_text())["llm_config"]
+    topn = MingConfig.from_dict({**d, "router_type": "topN"}).llm
+    assert topn.router_type == "topN" and not topn.uses_multi_router
+    bare = {k: v for k, v in d.items()
+            if k not in ("router_type", "use_bias", "partial_rotary_factor", "rms_norm_eps", "max_position_embeddings")}
+    llm = MingConfig.from_dict(bare).llm
+    assert not llm.uses_multi_router and llm.use_bias and not llm.use_qkv_bias
+    assert (llm.partial_rotary_factor, llm.rms_norm_eps, llm.max_position_embeddings) == (0.5, 1e-5, 16384)
+    with pytest.raises(ConfigError, match="router_type"):
+        MingConfig.from_dict({**d, "router_type": "noisy"})
