@@ -81,6 +81,7 @@ class LLMConfig:
     use_interleaved_frame_timestamp: bool
     rope_scaling_type: str | None
     hidden_act: str = "silu"
+    shared_experts_built: bool = True
     spatial_merge_size: int = UPSTREAM_SPATIAL_MERGE_SIZE
     tokens_per_second: int = UPSTREAM_TOKENS_PER_SECOND
     # Informational only: the reference never reads it (spec §1.4 item 2).
@@ -131,6 +132,9 @@ class LLMConfig:
             num_experts=int(d.get("num_experts") or 0),
             num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
             num_shared_experts=int(d.get("num_shared_experts") or 0),
+            # The reference builds the shared-expert MLP unless the key is null, even 0 wide (then it adds zeros
+            # and its checkpoint holds zero-size tensors); a missing key is the config class's default, 0.
+            shared_experts_built=d.get("num_shared_experts", 0) is not None,
             n_group=int(d.get("n_group") or 1),
             topk_group=int(d.get("topk_group") or 1),
             routed_scaling_factor=float(routed if routed is not None else UPSTREAM_ROUTED_SCALING_DEFAULT),

@@ -301,10 +301,16 @@ class MoEBlock(nn.Module):
             self.image_gate = Router(cfg)
             self.audio_gate = Router(cfg)
         self.experts = ExpertBank(cfg)
-        self.shared_experts = (
-            SwiGLUMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
-            if cfg.num_shared_experts else None)
+        shared_width = cfg.moe_intermediate_size * cfg.num_shared_experts
+        # Built whenever the reference builds it (names in the checkpoint), run only when it has a width.
+        self.shared_experts = SwiGLUMLP(cfg.hidden_size, shared_width) if cfg.shared_experts_built else None
+        self.shared_width = shared_width if cfg.shared_experts_built else 0
         self.cpu_shared = None  # the shared expert's plain weights, run with the packed routed experts (bind_cpu_shared)
+
+    @property
+    def active_shared(self) -> SwiGLUMLP | None:
+        """The shared expert when it contributes (a 0-wide one, num_shared_experts = 0, adds zeros)."""
+        return self.shared_experts if self.shared_width else None
 
     def bind_cpu_shared(self) -> bool:
         """After kernels.pack_linears / ExpertBank.pack_for_cpu: where the routed experts have a native
@@ -312,7 +318,7 @@ class MoEBlock(nn.Module):
         bias-free weights of the activations' dtype that fit that table (ExpertTable.shared_fits), run the
         shared expert with them (one native pass per token, ``routed.to(dtype) + shared(x)`` as before).
         True when bound."""
-        packed, mlp = self.experts.packed, self.shared_experts
+        packed, mlp = self.experts.packed, self.active_shared
         table = None if mlp is None or packed is None else packed.native_table()
         if table is None or not table.shared_fits(packed.dtype):
             return False
@@ -363,14 +369,14 @@ class MoEBlock(nn.Module):
         if self.cpu_shared is not None and self.experts.runtime is None:
             return kernels.moe_experts_packed(flat, self.experts.packed, ids, weights, shared=self.cpu_shared).view(shape)
         out = self.experts(flat, ids, weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+        if self.active_shared is not None:
+            out = out + self.active_shared(flat)
         return out.view(shape)
 
     def _shared_for_fused_pass(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The shared expert's weights when the routed experts run the fused Triton kernel on plain
         stacked weights and the shared expert has one routed expert's shape; else None."""
-        bank, mlp = self.experts, self.shared_experts
+        bank, mlp = self.experts, self.active_shared
         if mlp is None or bank.runtime is not None or bank.packed is not None or bank.gate_proj_scale is not None:
             return None
         linears = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)

@@ -115,7 +115,7 @@ class DecoderLayer(nn.Module):
                 eps=self.input_layernorm.eps, qkv=qkv, o=o, qkv_scale=qkv_scale, o_scale=o_scale,
                 q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight, head_eps=attn.q_norm.eps,
                 n_heads=attn.n_heads, n_kv=attn.n_kv, head_dim=attn.head_dim, rotary_dim=self.rotary_dim)
-            swiglu = mlp.shared_experts if self.is_moe else mlp
+            swiglu = mlp.active_shared if self.is_moe else mlp
             shared = shared_scales = None
             if swiglu is not None:
                 weights = [native_weight(m) for m in (swiglu.gate_proj, swiglu.up_proj, swiglu.down_proj)]

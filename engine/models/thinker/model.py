@@ -215,9 +215,9 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
 def int8_linear_paths(llm: BailingMoeV2ForCausalLM) -> list[str]:
     """The linears ``linear_dtype`` "int8" quantises, by module path: every ``nn.Linear`` of the decoder
     layers (attention, dense MLP, shared experts: the routers and routed experts are not ``nn.Linear``s)
-    and lm_head."""
+    and lm_head. A 0-wide shared expert's (num_shared_experts = 0) stay as they are: nothing to quantise."""
     paths = [f"model.layers.{i}.{name}" for i, layer in enumerate(llm.model.layers)
-             for name, mod in layer.named_modules() if type(mod) is nn.Linear]
+             for name, mod in layer.named_modules() if type(mod) is nn.Linear and mod.weight.numel()]
     return paths + (["lm_head"] if type(llm.lm_head) is nn.Linear else [])
 
 

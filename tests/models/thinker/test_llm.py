@@ -398,3 +398,26 @@ def test_video_rope_channel_map_at_other_rotary_widths(tmp_path, head_dim, parti
         torch.testing.assert_close(sin[0, :, c], angle.sin())
     # channels past the rotated ones pass through the attention unchanged; decode agrees with a full forward
     _assert_decode_matches_full_forward(llm, torch.tensor([[5, 60, 70, 80, 90, 100]]), 4)
+
+
+def test_zero_shared_experts_load_and_add_nothing(tmp_path):
+    """num_shared_experts = 0: the reference still builds the shared-expert MLP (0 wide, zero-size tensors in
+    the checkpoint) and adds its zeros; null builds none. The engine refused the 0 checkpoint's tensors
+    as unexpected; both now load and give the same logits (the other weights are drawn identically)."""
+    from tests.models.thinker.variants import write_variant
+
+    ids = torch.tensor([[5, 60, 70, 80, 90, 100]])
+    logits = {}
+    for n in (0, None):
+        llm = load_model(write_variant(tmp_path / str(n), llm={"num_shared_experts": n}), dtype="fp32", device="cpu").llm
+        mlp = llm.model.layers[1].mlp
+        assert (mlp.shared_experts is None) == (n is None)
+        with torch.inference_mode():
+            logits[n] = llm(llm.model.embed(ids), _positions(llm, ids)[0], FP32)
+        if n == 0:
+            assert mlp.shared_experts.gate_proj.weight.shape[0] == 0
+            _assert_decode_matches_full_forward(llm, ids, 4)
+            int8 = load_model(tmp_path / "0", dtype="fp32", device="cpu", linear_dtype="int8").llm  # nothing to quantise
+            with torch.inference_mode():
+                assert torch.isfinite(int8(int8.model.embed(ids), _positions(int8, ids)[0], FP32)).all()
+    torch.testing.assert_close(logits[0], logits[None], atol=0, rtol=0)
