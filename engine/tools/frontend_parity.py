@@ -113,9 +113,23 @@ def _named_inputs(meaning: str, inputs: dict) -> list[str]:
 # --------------------------------------------------------------------------- image
 
 
+def reference_release(meta: dict) -> str | None:
+    """The release whose processor code produced a case, from meta.json's ``environment.upstream``
+    ("... Ming-flash-omni 2.0 release tree ..."); None when it does not say (then the processor config
+    decides, as for a checkpoint's own file)."""
+    upstream = str((meta.get("environment") or {}).get("upstream", ""))
+    if re.search(r"\b2\.0\b", upstream):
+        return "2.0"
+    if re.search(r"preview", upstream, re.IGNORECASE):
+        return "preview"
+    return None
+
+
 def _image_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list[ParityRow]:
     case = case_dir.name
-    config = ImageProcessorConfig.from_json_file(case_dir / "config.json")
+    # The processor settings come from the case; the code path (Stage A bounds, smart-resize variant) is
+    # that of the release that ran it, whatever its patch size (a 2.0 run with 14-pixel patches is not Preview).
+    config = ImageProcessorConfig.from_json_file(case_dir / "config.json", release=reference_release(meta))
     cache: dict[tuple, object] = {}
 
     def memo(key: tuple, fn: Callable[[], object]):

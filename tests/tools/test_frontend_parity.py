@@ -44,3 +44,22 @@ def test_parity_reports_a_wrong_output_as_failure(tmp_path):
     assert rows["img_123x77.direct.pixel_values"].max_abs_diff == pytest.approx(1e-3, rel=1e-2)
     assert not rows["img_123x77.direct.image_grid_thw"].ok
     assert rows["img_640x480.direct.pixel_values"].ok
+
+
+def test_image_case_runs_the_processor_of_the_release_that_made_it(tmp_path):
+    """Every ming_ref case was produced by the 2.0 processor (meta.json environment.upstream). A 2.0 case
+    with 14-pixel patches was taken for a Preview one (the release was guessed from the patch size): the
+    Preview smart resize refused the 20x30 image that the 2.0 code upscales (spec §4.1)."""
+    import shutil
+
+    from engine.tools.frontend_parity import reference_release
+
+    src = fixture_case("frontend_image")
+    assert reference_release(json.loads((src / "meta.json").read_text())) == "2.0"
+    dst = tmp_path / "frontend_image"
+    shutil.copytree(src, dst)
+    config = json.loads((src / "config.json").read_text())
+    (dst / "config.json").chmod(0o644)
+    (dst / "config.json").write_text(json.dumps({**config, "patch_size": 14}))
+    errors = [r for r in run_frontend_case(dst) if "Error" in r.note]
+    assert not errors, "\n" + format_rows(errors)
