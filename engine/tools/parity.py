@@ -274,9 +274,13 @@ def conversation_from_prompt(text: str, media: dict[str, list]) -> tuple[list[di
 
 
 def _processor_for(case_dir: Path, loaded=None):
+    """The tokenizer and processor a case was run with: meta.json's `processor_settings` (the reference
+    processor's own settings, preprocessor_config.json keys) when it records them."""
     tok = MingTokenizer(case_dir)
     cfg = loaded.config if loaded is not None else None
-    settings = MediaSettings.for_checkpoint(case_dir, cfg) if cfg is not None else MediaSettings()
+    meta_path = case_dir / "meta.json"
+    recorded = json.loads(meta_path.read_text()).get("processor_settings") if meta_path.is_file() else None
+    settings = MediaSettings.for_checkpoint(case_dir, cfg, recorded) if cfg is not None else MediaSettings()
     return tok, MingProcessor(tok, settings)
 
 

@@ -68,3 +68,18 @@ def test_cli_exit_status(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "engine.parity", str(unsupported)], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "not supported yet" in bad.stdout
+
+
+def test_mm_case_processes_media_with_the_recorded_processor_settings(tmp_path):
+    """An mm case records the reference processor's settings (meta.json processor_settings); a held-out case
+    with other bounds or patch sizes must be processed with them, not with the release's shipped file.
+    Here min_pixels is raised in the record only: our pixel values then change and must be reported."""
+    case = tmp_path / "mm"
+    shutil.copytree(fixture_case("mm"), case)
+    meta_path = case / "meta.json"
+    meta_path.chmod(0o644)
+    meta = json.loads(meta_path.read_text())
+    meta["processor_settings"]["min_pixels"] = 4 * meta["processor_settings"]["min_pixels"]
+    meta_path.write_text(json.dumps(meta))
+    rows = {r.tensor: r for r in run_case(case)}
+    assert not rows["processor.image_grid_thw"].ok and not rows["processor.input_ids"].ok

@@ -42,14 +42,37 @@ class MediaSettings:
     interleaved_video: bool = True
 
     @classmethod
-    def for_checkpoint(cls, root: str | Path, cfg: MingConfig) -> "MediaSettings":
+    def for_checkpoint(cls, root: str | Path, cfg: MingConfig, settings: dict | None = None) -> "MediaSettings":
+        """From the checkpoint's `preprocessor_config.json` (or `settings`, the same keys, when given).
+        Without either, the release's shipped values, except what the model itself fixes: the ViT's
+        patch, temporal patch and merge sizes (`vision_config`) and Whisper's mel bins (`audio_config`),
+        so the processor always makes the rows the encoders take."""
         path = Path(root) / "preprocessor_config.json"
         release = "preview" if cfg.release == "preview" else "2.0"
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        image = ImageProcessorConfig.from_dict(data, release=release) if data else ImageProcessorConfig.for_release(release)
-        n_ctx = (cfg.audio.get("whisper_encoder_config") or {}).get("n_ctx") if cfg.audio else None
-        audio = AudioFrontendConfig.from_dict(data, n_ctx=n_ctx) if data else AudioFrontendConfig()
+        if settings is None:
+            settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        data = dict(settings) if settings else _settings_from_model(cfg, ImageProcessorConfig.for_release(release))
+        whisper = (cfg.audio.get("whisper_encoder_config") or {}) if cfg.audio else {}
+        image = ImageProcessorConfig.from_dict(data, release=release)
+        audio = AudioFrontendConfig.from_dict(data, n_ctx=whisper.get("n_ctx"))
         return cls(image=image, audio=audio, interleaved_video=cfg.llm.use_interleaved_frame_timestamp)
+
+
+def _settings_from_model(cfg: MingConfig, shipped: ImageProcessorConfig) -> dict:
+    """preprocessor_config.json keys for a checkpoint without that file: the release's shipped values with
+    the sizes the model's encoders fix."""
+    vision = cfg.vision or {}
+    whisper = (cfg.audio.get("whisper_encoder_config") or {}) if cfg.audio else {}
+    data: dict[str, Any] = {
+        "patch_size": int(vision.get("patch_size", vision.get("spatial_patch_size", shipped.patch_size))),
+        "temporal_patch_size": int(vision.get("temporal_patch_size", shipped.temporal_patch_size)),
+        "merge_size": int(vision.get("spatial_merge_size", shipped.merge_size)),
+        "min_pixels": shipped.min_pixels, "max_pixels": shipped.max_pixels,
+        "image_mean": list(shipped.image_mean), "image_std": list(shipped.image_std),
+    }
+    if "n_mels" in whisper:
+        data["whisper_frontend_args"] = {"n_mels": int(whisper["n_mels"])}
+    return data
 
 
 @dataclass

@@ -48,3 +48,29 @@ def test_typed_special_strings_stay_text(tok):
 def test_bad_messages(tok, msgs, msg):
     with pytest.raises(PromptError, match=msg):
         build_chat_prompt(msgs, tok)
+
+
+def test_processor_without_preprocessor_config_takes_the_encoders_sizes(tmp_path):
+    """A checkpoint without preprocessor_config.json got the release's shipped processor (16-pixel patches,
+    128 mel bins) whatever its ViT and Whisper were built for, so a ViT with 14-pixel patches was fed rows
+    of the wrong width (spec §4.1 patch flattening, §5.1 mel bins). The model's own sizes now fill in."""
+    import numpy as np
+    import torch
+
+    from engine.media.audio import log_mel_spectrogram
+    from engine.media.image import prepare_image
+    from engine.models.thinker.model import load_model
+    from tests.models.thinker.variants import write_variant
+
+    ckpt = write_variant(tmp_path / "ckpt", vision={"patch_size": 14}, audio={"whisper_encoder_config": {
+        "n_mels": 80, "n_ctx": 3000, "n_state": 32, "n_head": 2, "n_layer": 2}})
+    loaded = load_model(ckpt, dtype="fp32", device="cpu")
+    settings = MediaSettings.for_checkpoint(ckpt, loaded.config)
+    assert (settings.image.patch_size, settings.image.merge_size, settings.audio.n_mels) == (14, 2, 80)
+    assert settings.image.release == "2.0" and settings.image.min_pixels == 4096  # the rest: 2.0's shipped values
+    image = prepare_image(np.full((50, 70, 3), 128, dtype=np.uint8), settings.image)
+    with torch.inference_mode():
+        out = loaded.encoders.vision(image.pixel_values, image.grid_thw)
+    assert out.shape[0] == image.num_tokens[0]
+    mel = log_mel_spectrogram(torch.zeros(1600), settings.audio)
+    assert mel.shape[-1] == 80
