@@ -22,7 +22,7 @@ from engine.models.thinker.asr import TranscriptStream, asr_messages, dialect_pr
 from engine.errors import MingError
 from engine.events import AudioChunk, Done, Error, Event, TextDelta
 from engine.generate import generate
-from engine.models.thinker.llm import MultimodalInputError, MultimodalInputs
+from engine.models.thinker.llm import AudioSpan, MultimodalInputError, MultimodalInputs
 from engine.media.errors import MediaError
 from engine.models.thinker.processor import MediaSettings, MingProcessor, ProcessedPrompt
 from engine.models.thinker.projectors import encode_audio_wrapped, encode_images
@@ -168,7 +168,8 @@ class Engine:
                                                               feats.to(dev, dtype), lengths.to(dev))
                 spans, offset = [], 0
                 for (start, n), n_emb in zip(prompt.audio_spans, emb_lengths[0].tolist()):
-                    spans.append((start, embeds[0, offset: offset + n]))
+                    # the encoder's rows of this clip; the processor's count gives the slots (spec §5.4)
+                    spans.append(AudioSpan(start, embeds[0, offset: offset + int(n_emb)], n))
                     offset += int(n_emb)
                 mm.audio_spans = [spans]
         return mm

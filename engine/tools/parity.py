@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.models.thinker.layers import Router
-from engine.models.thinker.llm import MultimodalInputs
+from engine.models.thinker.llm import AudioSpan, MultimodalInputs
 from engine.models.thinker.positions import PositionTokens, decode_positions, rope_index
 from engine.models.thinker.processor import MediaSettings, MingProcessor
 from engine.models.thinker.projectors import encode_audio_wrapped
@@ -225,7 +225,7 @@ def llm_case_inputs(case_dir: Path) -> tuple[torch.Tensor, torch.Tensor, Multimo
             for j in range(locs.shape[1]):
                 start, n = int(locs[r, j, 0]), int(locs[r, j, 1])
                 if n:
-                    audio_spans[r].append((start, feats[r, offset: offset + int(lens[r, j])][:n]))
+                    audio_spans[r].append(AudioSpan(start, feats[r, offset: offset + int(lens[r, j])], n))
                 offset += int(lens[r, j])
     mm = MultimodalInputs(image_embeds=inputs.get("query_embeds_image"), video_embeds=inputs.get("query_embeds_video"),
                           audio_spans=audio_spans)

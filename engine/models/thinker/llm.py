@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -340,18 +341,33 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     return j <= i + (kv_len - q_len)
 
 
+class AudioSpan(NamedTuple):
+    """One audio placeholder run (spec §5.4): `slots` `<audioPatch>` positions from `start` (the processor's
+    count; None: as many as `embeds` rows) and the encoder's rows for it. As the reference patches them, the
+    first min(rows, slots) slots take the rows (any others keep their token embedding) and the audio
+    router covers every slot (spec §2.7: the spans of audio_placeholder_loc_lens)."""
+
+    start: int
+    embeds: torch.Tensor
+    slots: int | None = None
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[0] if self.slots is None else int(self.slots)
+
+
 @dataclass
 class MultimodalInputs:
     """Encoder features to write into placeholder slots at prefill (spec §2.2, §5.4).
 
     image_embeds: [n_image_tokens, H] in order over the batch, for `<imagePatch>` slots.
     video_embeds: [n_frame_tokens, H] for `<framePatch>` slots.
-    audio_spans: per batch row, a list of (start, embeds [n, H]) written at positions start..start+n-1.
+    audio_spans: per batch row, a list of AudioSpan (or plain (start, embeds [n, H]) pairs: n slots).
     """
 
     image_embeds: torch.Tensor | None = None
     video_embeds: torch.Tensor | None = None
-    audio_spans: list[list[tuple[int, torch.Tensor]]] = field(default_factory=list)
+    audio_spans: list[list[AudioSpan | tuple[int, torch.Tensor]]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -389,11 +405,13 @@ class BailingMoeV2ForCausalLM(nn.Module):
                 embeds[slots.to(embeds.device)] = feats.to(embeds.device, embeds.dtype)
         audio_mask = torch.zeros_like(input_ids, dtype=torch.bool)
         for b, spans in enumerate(mm.audio_spans):
-            for start, feats in spans:
-                end = start + feats.shape[0]
+            for span in spans:
+                start, feats, length = span[0], span[1], AudioSpan(*span).length
+                end = start + length
                 if start < 0 or end > input_ids.shape[1]:
                     raise MultimodalInputError(f"audio span {start}..{end} outside the sequence of row {b}")
-                embeds[b, start:end] = feats.to(embeds.device, embeds.dtype)
+                rows = min(feats.shape[0], length)
+                embeds[b, start:start + rows] = feats[:rows].to(embeds.device, embeds.dtype)
                 audio_mask[b, start:end] = True
         image_mask = (input_ids == cfg.image_patch_token) | (input_ids == cfg.video_patch_token)
         return embeds, image_mask, audio_mask

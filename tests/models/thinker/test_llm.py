@@ -421,3 +421,36 @@ def test_zero_shared_experts_load_and_add_nothing(tmp_path):
             with torch.inference_mode():
                 assert torch.isfinite(int8(int8.model.embed(ids), _positions(int8, ids)[0], FP32)).all()
     torch.testing.assert_close(logits[0], logits[None], atol=0, rtol=0)
+
+
+def test_audio_span_fills_min_of_rows_and_slots_and_routes_every_slot(tmp_path):
+    """Spec §5.4 / §2.7 as the reference patches them: the processor's count (fixed k 3 / stride 2 arithmetic)
+    gives the `<audioPatch>` slots, the encoder (the config's ds_kernel_size / ds_stride) gives the rows; the
+    first min(rows, slots) slots take the rows, the others keep their token embedding, and the audio router
+    covers every slot. With ds_stride 3 the engine read the next clip's rows into the spare slots."""
+    from engine.models.thinker.llm import AudioSpan, MultimodalInputs
+    from engine.models.thinker.processor import ProcessedPrompt
+    from engine.media.audio import AudioFeatures
+    from engine.runtime import Engine
+    from tests.models.thinker.variants import write_variant
+
+    loaded = load_model(write_variant(tmp_path / "ckpt", audio={"ds_stride": 3}), dtype="fp32", device="cpu")
+    llm, h = loaded.llm, loaded.llm.config.hidden_size
+    ids = torch.tensor([[10, 20, 30, 40, 50, 60, 70, 80]])
+    rows = torch.randn(3, h)
+    embeds, _, audio_mask = llm.prepare_inputs(ids, MultimodalInputs(audio_spans=[[AudioSpan(2, rows, 5)]]))
+    plain = llm.model.embed(ids)
+    torch.testing.assert_close(embeds[0, 2:5], rows)
+    torch.testing.assert_close(embeds[0, 5:7], plain[0, 5:7])  # spare slots keep their token embedding
+    assert audio_mask[0].tolist() == [False, False] + [True] * 5 + [False]
+
+    clips = [AudioFeatures(torch.randn(n, 128)) for n in (60, 44)]
+    slots = [c.n_tokens for c in clips]   # the processor's count: 15 and 11
+    starts = [1, 3 + slots[0]]
+    prompt = ProcessedPrompt(text="", ids=[0] * (starts[1] + slots[1] + 1), audios=clips,
+                             audio_spans=list(zip(starts, slots)))
+    engine = Engine(loaded, None, is_demo=False)
+    spans = engine.encode_media(prompt).audio_spans[0]
+    enc = loaded.encoders.linear_proj_audio
+    assert [AudioSpan(*s).length for s in spans] == slots
+    assert [s[1].shape[0] for s in spans] == [enc.output_length((c.n_frames - 1) // 2 + 1) for c in clips]  # 10, 8
