@@ -103,8 +103,7 @@ def check_exportable(cfg: LLMConfig) -> list[str]:
                      "so expert_group_count is not written (inert)")
     if cfg.uses_multi_router:
         notes.append("MultiRouter: only the text gate is exported (image/audio gates dropped; exact for text-only prompts)")
-    if cfg.rope_scaling_type == "video_rope":
-        notes.append("video_rope: exported as partial NEOX rope (identical for text tokens, p_T = p_H = p_W)")
+    notes.append("video_rope: exported as partial NEOX rope (identical for text tokens, p_T = p_H = p_W)")
     return notes
 
 

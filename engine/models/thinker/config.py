@@ -27,6 +27,7 @@ UPSTREAM_ROUTED_SCALING_DEFAULT = 2.5
 # "topN" (one gate, the BailingMoeV2Config default). "TopkRouter" is this engine's older name for topN.
 MULTI_ROUTER = "MultiRouter"
 SINGLE_ROUTER = "topN"
+VIDEO_ROPE = "video_rope"  # rope_scaling["type"] of both releases: the 3-D video rotary (spec §2.4)
 SINGLE_ROUTER_ALIASES = (SINGLE_ROUTER, "TopkRouter")
 # BailingMoeV2Config's defaults for keys a config.json may omit (the released files carry them all).
 UPSTREAM_LLM_DEFAULTS = {"use_bias": True, "use_qkv_bias": False, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-5,
@@ -174,6 +175,9 @@ class LLMConfig:
             if not 0 < self.num_experts_per_tok <= self.topk_group * (self.num_experts // self.n_group):
                 raise bad(f"num_experts_per_tok {self.num_experts_per_tok} cannot be chosen from "
                           f"{self.topk_group} groups of {self.num_experts // self.n_group} experts")
+        if self.rope_scaling_type != VIDEO_ROPE:
+            raise bad(f"rope_scaling {{'type': {self.rope_scaling_type!r}}} is not supported: the reference reads "
+                      f"rope_scaling['type'] and both releases set {VIDEO_ROPE!r} (3-D video rotary, spec §2.4)")
         if self.hidden_act != "silu":
             raise bad(f"hidden_act '{self.hidden_act}' is not supported (BailingMoeV2 uses silu)")
         if self.router_type != MULTI_ROUTER and self.router_type not in SINGLE_ROUTER_ALIASES:

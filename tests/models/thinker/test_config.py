@@ -41,6 +41,11 @@ def test_standalone_llm_config_has_no_prefix():
     (lambda c: c["llm_config"].update(num_key_value_heads=3), "num_key_value_heads"),
     (lambda c: c["llm_config"].update(n_group=7), "n_group"),
     (lambda c: c["llm_config"].update(num_experts_per_tok=300), "num_experts_per_tok"),
+    # the reference's attention reads rope_scaling["type"] and maps channels by it (spec §2.4): another
+    # type (or none) is not the rotary this engine implements
+    (lambda c: c["llm_config"].update(rope_scaling={"type": "m_rope"}), "rope_scaling"),
+    (lambda c: c["llm_config"].update(rope_scaling=None), "rope_scaling"),
+    (lambda c: c["llm_config"].update(rope_scaling={"rope_type": "video_rope"}), "rope_scaling"),
 ])
 def test_bad_configs_name_the_key(mutate, message):
     cfg = json.loads((real_config("ming-flash-omni-2.0") / "config.json").read_text())
