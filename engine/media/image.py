@@ -278,6 +278,19 @@ def _image_from_array(array: np.ndarray, max_input_pixels: int) -> Image.Image:
 # --------------------------------------------------------------------------- resizing
 
 
+def check_aspect(width: int, height: int) -> None:
+    """Refuse (`MediaError`) a zero-sized image, or one whose long side is more than
+    `MAX_ASPECT_RATIO` times its short side (smart resize cannot keep its shape)."""
+    if height <= 0 or width <= 0:
+        raise MediaError(f"image has zero size ({width}x{height})")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise MediaError(
+            f"image aspect ratio {ratio:.1f} ({width}x{height}) is too extreme; "
+            f"at most {MAX_ASPECT_RATIO}:1 is supported"
+        )
+
+
 def smart_resize(
     height: int,
     width: int,
@@ -299,14 +312,7 @@ def smart_resize(
 
     Rounding is Python's ``round`` (ties to even): 400/32 = 12.5 -> 12.
     """
-    if height <= 0 or width <= 0:
-        raise MediaError(f"image has zero size ({width}x{height})")
-    ratio = max(height, width) / min(height, width)
-    if ratio > MAX_ASPECT_RATIO:
-        raise MediaError(
-            f"image aspect ratio {ratio:.1f} ({width}x{height}) is too extreme; "
-            f"at most {MAX_ASPECT_RATIO}:1 is supported"
-        )
+    check_aspect(width, height)
     if variant == "processor_preview" and (height < factor or width < factor):
         raise MediaError(f"image side too small: {width}x{height}, both sides must be at least {factor} pixels")
     if variant not in ("fetch", "processor_v2", "processor_preview"):

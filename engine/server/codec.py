@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.media.audio import decode_audio
 from engine.media.errors import MediaError
-from engine.media.image import load_image
+from engine.media.image import check_aspect, load_image
 from engine.server.limits import ApiError, Limits, human_bytes
 
 AUDIO_FILE_FORMATS = ("wav", "mp3", "flac", "ogg", "webm", "m4a", "opus")
@@ -234,12 +234,22 @@ def image_array(raw: bytes, limits: Limits, name: str = "image") -> np.ndarray:
     if w * h > limits.max_image_pixels:
         raise bad(f"'{name}' is too large: {w}x{h} = {w * h} pixels, the limit is {limits.max_image_pixels}",
                   "image_too_large", name)
+    check_shape(w, h, "invalid_image", name)
     try:
         return np.asarray(load_image(raw, max_input_pixels=limits.max_image_pixels))
     except MediaError as e:
         raise bad(f"'{name}': {e}", "invalid_image", name) from None
     except Exception as e:
         raise bad(f"'{name}' could not be decoded: {type(e).__name__}", "invalid_image", name) from None
+
+
+def check_shape(width: int, height: int, code: str, name: str) -> None:
+    """A picture or video frame of a shape the model can take (not zero-sized, not more elongated than
+    engine.media.image.MAX_ASPECT_RATIO)."""
+    try:
+        check_aspect(width, height)
+    except MediaError as e:
+        raise bad(f"'{name}': {e}", code, name) from None
 
 
 def _video_streams(raw: bytes) -> list | None:
@@ -288,6 +298,8 @@ def check_video(raw: bytes, limits: Limits, name: str = "video") -> None:
     if w * h > limits.max_image_pixels:
         raise bad(f"'{name}' frames are too large: {w}x{h} = {w * h} pixels, the limit is "
                   f"{limits.max_image_pixels}", "image_too_large", name)
+    if w > 0 and h > 0:  # (a container may leave the size to the decoder)
+        check_shape(w, h, "invalid_video", name)
     if seconds is not None and seconds > 3600:
         raise bad(f"'{name}' is too long ({seconds:.0f} s)", "video_too_long", name)
 

@@ -11,6 +11,7 @@ from PIL import Image
 from engine.media import MediaError
 from engine.media.image import (
     ImageProcessorConfig,
+    check_aspect,
     fetch_image,
     load_image,
     normalize_image,
@@ -73,6 +74,13 @@ def test_smart_resize_rejects_extreme_aspect_ratio():
     with pytest.raises(MediaError, match="aspect ratio 201"):
         smart_resize(10, 2010, 32, 4096, 16777216)
     assert smart_resize(10, 2000, 32, 4096, 16777216)  # exactly 200:1 is allowed
+
+
+def test_check_aspect_tells_what_smart_resize_will_refuse_from_the_size_alone():
+    check_aspect(1, 200)
+    for width, height, message in ((1, 201, "aspect ratio 201"), (0, 5, "zero size")):
+        with pytest.raises(MediaError, match=message):
+            check_aspect(width, height)
 
 
 # --------------------------------------------------------------------------- resizing

@@ -21,11 +21,11 @@ PNG = png_bytes(image_array(24, 32))
 WAV = wav_bytes(tone_pcm16(1.0))
 
 
-def mp4_bytes(tmp_path) -> bytes:
+def mp4_bytes(tmp_path, width: int = 64, height: int = 48) -> bytes:
     path = tmp_path / "clip.mp4"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 4, (64, 48))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 4, (width, height))
     for i in range(6):
-        writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
+        writer.write(np.full((height, width, 3), 20 * i, np.uint8))
     writer.release()
     return path.read_bytes()
 
@@ -147,6 +147,22 @@ def test_speech_and_voices_refuse_a_picture_as_their_reference_clip(http):
     assert err["code"] == "invalid_audio", err
     err = error_of(http.post("/v1/audio/voices", files={"file": ("me.wav", PNG)}, data={"name": "me"}))
     assert err["code"] == "invalid_audio", err
+
+
+# --------------------------------------------------------------------------- media the model cannot take
+
+def test_pictures_too_elongated_for_the_model_are_refused_naming_the_part(http, tmp_path):
+    """Pictures and video frames beyond 200:1 (engine.media.image.MAX_ASPECT_RATIO), here 300:1 and 250:1."""
+    thin = png_bytes(image_array(300, 1))
+    err = error_of(http.post("/v1/chat/completions", json=chat_part(
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(thin)}})))
+    assert (err["code"], err["param"]) == ("invalid_image", "messages[0].content[0]"), err
+    assert "aspect ratio" in err["message"], err
+    err = error_of(http.post("/v1/images/edits", json={"prompt": "a teapot", "image": b64(thin), "steps": 1}))
+    assert (err["code"], err["param"]) == ("invalid_image", "image[0]"), err
+    err = error_of(http.post("/v1/chat/completions", json=chat_part(
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + b64(mp4_bytes(tmp_path, 4, 1000))}})))
+    assert (err["code"], err["param"]) == ("invalid_video", "messages[0].content[0]"), err
 
 
 # --------------------------------------------------------------------------- token limits that disagree
