@@ -75,6 +75,12 @@ class AudioFrontendConfig:
         return limit
 
     @property
+    def min_samples(self) -> int:
+        """Fewest samples (at ``sample_rate``) that make a log-mel frame: one hop, and more than the
+        STFT's centre reflect padding of n_fft // 2."""
+        return max(self.hop_length, self.n_fft // 2 + 1)
+
+    @property
     def max_duration_s(self) -> float:
         return self.max_frames * self.hop_length / self.sample_rate
 
@@ -298,6 +304,30 @@ def load_audio(
 # --------------------------------------------------------------------------- resampling
 
 
+def check_resample_rates(
+    orig_freq: int, new_freq: int, lowpass_filter_width: int = 6, rolloff: float = 0.99
+) -> tuple[int, int, int]:
+    """(orig, new, width) of the polyphase kernel from ``orig_freq`` to ``new_freq`` Hz: the rates
+    divided by their gcd and the padding. Raises `MediaError` for a rate pair whose kernel would be
+    too large (rates that share no useful common divisor, such as 16001 -> 16000 Hz)."""
+    g = math.gcd(int(orig_freq), int(new_freq))
+    orig, new = int(orig_freq) // g, int(new_freq) // g
+    base_freq = min(orig, new) * rolloff  # cut-off, in units of the reduced rates
+    width = math.ceil(lowpass_filter_width * orig / base_freq)
+    if new * (2 * width + orig) > MAX_RESAMPLE_KERNEL_ELEMENTS:
+        raise MediaError(
+            f"cannot resample {orig_freq} Hz -> {new_freq} Hz: the rates share no useful common "
+            f"divisor (ratio {orig}/{new}), the polyphase kernel would be too large"
+        )
+    return orig, new, width
+
+
+def resampled_length(n_samples: int, orig_freq: int, new_freq: int) -> int:
+    """Samples that `resample` makes of ``n_samples`` at ``orig_freq``: ceil(new * n / orig)."""
+    g = math.gcd(int(orig_freq), int(new_freq))
+    return math.ceil(int(new_freq) // g * n_samples / (int(orig_freq) // g))
+
+
 def sinc_resample_kernel(
     orig_freq: int, new_freq: int, lowpass_filter_width: int = 6, rolloff: float = 0.99
 ) -> tuple[torch.Tensor, int]:
@@ -306,17 +336,10 @@ def sinc_resample_kernel(
     Both rates are first divided by their gcd. The kernel is computed in float64 and stored as
     float32: [new, 1, 2*width + orig]. Returns the kernel and ``width`` (the padding).
     """
-    g = math.gcd(int(orig_freq), int(new_freq))
-    orig, new = int(orig_freq) // g, int(new_freq) // g
     if lowpass_filter_width <= 0:
         raise ValueError("lowpass_filter_width must be positive")
+    orig, new, width = check_resample_rates(orig_freq, new_freq, lowpass_filter_width, rolloff)
     base_freq = min(orig, new) * rolloff  # cut-off, in units of the reduced rates
-    width = math.ceil(lowpass_filter_width * orig / base_freq)
-    if new * (2 * width + orig) > MAX_RESAMPLE_KERNEL_ELEMENTS:
-        raise MediaError(
-            f"cannot resample {orig_freq} Hz -> {new_freq} Hz: the rates share no useful common "
-            f"divisor (ratio {orig}/{new}), the polyphase kernel would be too large"
-        )
     idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
     # output phase k sits at time -k/new (computed in float32 like torchaudio, then widened)
     t = torch.arange(0, -new, -1)[:, None, None] / new + idx
@@ -341,8 +364,7 @@ def resample(
         return waveform
     if not waveform.is_floating_point():
         raise MediaError("resample expects a floating-point waveform")
-    g = math.gcd(int(orig_freq), int(new_freq))
-    orig, new = int(orig_freq) // g, int(new_freq) // g
+    orig = int(orig_freq) // math.gcd(int(orig_freq), int(new_freq))
     kernel, width = sinc_resample_kernel(orig_freq, new_freq, lowpass_filter_width, rolloff)
     shape = waveform.shape
     x = waveform.reshape(-1, shape[-1]).to(torch.float32)
@@ -350,7 +372,7 @@ def resample(
     x = torch.nn.functional.pad(x, (width, width + orig))
     y = torch.nn.functional.conv1d(x[:, None], kernel.to(x.device), stride=orig)  # [B, new, frames]
     y = y.transpose(1, 2).reshape(x.shape[0], -1)
-    target = math.ceil(new * length / orig)
+    target = resampled_length(length, orig_freq, new_freq)
     return y[..., :target].reshape(*shape[:-1], -1).to(waveform.dtype)
 
 
@@ -467,6 +489,20 @@ def _cached_mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tens
     return _MEL_CACHE[key]
 
 
+def check_clip_length(n_samples: int, sample_rate: int, config: AudioFrontendConfig | None = None) -> None:
+    """Refuse (`MediaError`) a clip of ``n_samples`` at ``sample_rate`` Hz that the front end cannot
+    turn into features, before any work on it: a rate that cannot be resampled to the config's, or
+    too few samples, once resampled, for one log-mel frame (``config.min_samples``)."""
+    config = config or AudioFrontendConfig()
+    if sample_rate != config.sample_rate:
+        check_resample_rates(sample_rate, config.sample_rate)
+    if resampled_length(n_samples, sample_rate, config.sample_rate) < config.min_samples:
+        raise MediaError(
+            f"audio is too short: {1000 * n_samples / sample_rate:.1f} ms ({n_samples} samples at {sample_rate} Hz), "
+            f"at least {1000 * config.min_samples / config.sample_rate:.1f} ms is needed"
+        )
+
+
 def log_mel_spectrogram(wave: torch.Tensor | np.ndarray, config: AudioFrontendConfig | None = None) -> torch.Tensor:
     """Whisper log-mel features [T, n_mels] (float32) of a 1-D waveform at ``config.sample_rate``.
 
@@ -481,21 +517,11 @@ def log_mel_spectrogram(wave: torch.Tensor | np.ndarray, config: AudioFrontendCo
     if wave.ndim != 1:
         raise MediaError(f"log_mel_spectrogram expects a 1-D mono waveform, got shape {tuple(wave.shape)}")
     wave = wave.to(torch.float32)
-    n_frames = wave.shape[0] // config.hop_length
-    if n_frames <= 0:
-        raise MediaError(
-            f"audio is too short: {wave.shape[0]} samples, at least {config.hop_length} "
-            f"({1000 * config.hop_length / config.sample_rate:.0f} ms) are needed"
-        )
-    if n_frames > config.max_frames:
+    check_clip_length(wave.shape[0], config.sample_rate, config)
+    if wave.shape[0] // config.hop_length > config.max_frames:
         raise MediaError(
             f"audio is too long: {wave.shape[0] / config.sample_rate:.2f} s, "
             f"at most {config.max_duration_s:.0f} s is supported"
-        )
-    if wave.shape[0] <= config.n_fft // 2:  # centre reflect padding needs more samples than the pad
-        raise MediaError(
-            f"audio is too short: {wave.shape[0]} samples, at least {config.n_fft // 2 + 1} "
-            f"({1000 * (config.n_fft // 2 + 1) / config.sample_rate:.1f} ms) are needed"
         )
     window = torch.hann_window(config.n_fft)
     stft = torch.stft(wave, config.n_fft, config.hop_length, window=window, center=True,

@@ -18,13 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from engine.media.audio import decode_audio
+from engine.media.audio import AudioFrontendConfig, check_clip_length, check_resample_rates, decode_audio
 from engine.media.errors import MediaError
 from engine.media.image import check_aspect, load_image
 from engine.server.limits import ApiError, Limits, human_bytes
 
 AUDIO_FILE_FORMATS = ("wav", "mp3", "flac", "ogg", "webm", "m4a", "opus")
 PCM_FORMATS = ("pcm16", "pcm", "audio/pcm")
+#: Sample rates (Hz) accepted for input audio, raw PCM or files
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384_000
+#: The rate the model's audio front end resamples every input clip to
+MODEL_AUDIO_RATE = AudioFrontendConfig().sample_rate
 _DATA_URL = re.compile(r"^data:([\w.+\-]+/[\w.+\-]+)?((?:;[\w\-]+=[\w.\-]+)*)(;base64)?,", re.IGNORECASE)
 
 
@@ -144,7 +148,15 @@ def pcm16_samples(raw: bytes, name: str = "audio") -> np.ndarray:
 
 
 def check_sample_rate(rate: Any, name: str = "sample_rate") -> int:
-    return int(need_number(rate, name, 1000, 384_000, integer=True))
+    """An input audio rate a client declares: an integer in range that the model's audio front end
+    can resample (16001 Hz cannot be: see engine.media.audio.check_resample_rates)."""
+    rate = int(need_number(rate, name, MIN_SAMPLE_RATE, MAX_SAMPLE_RATE, integer=True))
+    try:
+        check_resample_rates(rate, MODEL_AUDIO_RATE)
+    except MediaError as e:
+        raise bad(f"'{name}': {e}; use a common rate such as 16000, 24000, 44100 or 48000", "invalid_value",
+                  name) from None
+    return rate
 
 
 def check_duration(n_samples: int, rate: int, limits: Limits, name: str = "audio") -> float:
@@ -154,6 +166,20 @@ def check_duration(n_samples: int, rate: int, limits: Limits, name: str = "audio
                   "audio_too_long", name)
     if n_samples == 0:
         raise bad(f"'{name}' has no samples", "invalid_audio", name)
+    return seconds
+
+
+def check_clip(n_samples: int, rate: int, limits: Limits, name: str = "audio") -> float:
+    """A clip as the model's audio front end takes it (its seconds): a rate in range that it can
+    resample, within the length limit, and long enough for one log-mel frame."""
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise bad(f"'{name}' has a sample rate of {rate} Hz; {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz is supported",
+                  "invalid_audio", name)
+    seconds = check_duration(n_samples, rate, limits, name)
+    try:
+        check_clip_length(n_samples, rate)
+    except MediaError as e:
+        raise bad(f"'{name}': {e}", "invalid_audio", name) from None
     return seconds
 
 
@@ -188,9 +214,7 @@ def audio_file(raw: bytes, limits: Limits, name: str = "file", video_ok: bool = 
         raise bad(str(e), "invalid_audio", name) from None
     except Exception as e:  # a decoder fault on hostile input is the input's problem
         raise bad(f"'{name}' could not be decoded as audio: {type(e).__name__}", "invalid_audio", name) from None
-    if rate <= 0:
-        raise bad(f"'{name}' has an invalid sample rate {rate}", "invalid_audio", name)
-    check_duration(len(samples), rate, limits, name)
+    check_clip(len(samples), rate, limits, name)
     if not np.all(np.isfinite(samples)):
         raise bad(f"'{name}' contains NaN or infinite samples", "invalid_audio", name)
     return Audio(np.ascontiguousarray(samples, dtype=np.float32), int(rate))
@@ -202,7 +226,7 @@ def audio_payload(raw: bytes, fmt: str | None, rate: int | None, limits: Limits,
         if rate is None:
             raise bad(f"'{name}': raw PCM16 audio needs its sample_rate", "invalid_audio", name)
         samples = pcm16_samples(raw, name)
-        check_duration(len(samples), rate, limits, name)
+        check_clip(len(samples), rate, limits, name)
         return Audio(samples.copy(), rate)
     if fmt in AUDIO_FILE_FORMATS:
         return audio_file(raw, limits, name)

@@ -16,6 +16,8 @@ from engine.media.audio import (
     AudioFrontendConfig,
     StreamingResampler,
     audio_token_count,
+    check_clip_length,
+    check_resample_rates,
     load_audio,
     log_mel_spectrogram,
     mel_filters,
@@ -235,6 +237,27 @@ def test_too_short_audio_is_an_error():
     with pytest.raises(MediaError, match="too short"):
         prepare_audio(np.zeros(200, dtype=np.float32), 16000)  # reflect pad of 200 needs 201 samples
     assert prepare_audio(np.zeros(201, dtype=np.float32) + 0.1, 16000).n_frames == 1
+
+
+def test_clip_length_is_checked_at_the_clips_own_rate_before_any_work():
+    """What prepare_audio would refuse, told from the sample count and rate alone (the server checks
+    clips this way before they join a conversation)."""
+    check_clip_length(201, 16000)
+    check_clip_length(101, 8000)  # 202 samples once resampled
+    with pytest.raises(MediaError, match="too short"):
+        check_clip_length(100, 8000)
+    with pytest.raises(MediaError, match="too short"):
+        check_clip_length(10_000, 1_000_000_000)  # resamples to one sample
+    with pytest.raises(MediaError, match="cannot resample 16001 Hz"):
+        check_clip_length(16001, 16001)
+    with pytest.raises(MediaError, match="too short"):
+        prepare_audio(np.zeros(100, dtype=np.float32) + 0.1, 8000)
+
+
+def test_resample_rates_reduce_by_their_gcd_or_are_refused():
+    assert check_resample_rates(48000, 16000)[:2] == (3, 1)
+    with pytest.raises(MediaError, match="no useful common divisor"):
+        check_resample_rates(44101, 16000)
 
 
 @pytest.mark.parametrize("orig", [48000, 44100, 24000, 8000, 16000])

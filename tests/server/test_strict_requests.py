@@ -14,7 +14,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.server import b64, image_array, png_bytes, recv_json, tone_pcm16, wav_bytes
+from tests.server import b64, image_array, png_bytes, recv_json, recv_until, tone_pcm16, wav_bytes
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 PNG = png_bytes(image_array(24, 32))
@@ -149,7 +149,35 @@ def test_speech_and_voices_refuse_a_picture_as_their_reference_clip(http):
     assert err["code"] == "invalid_audio", err
 
 
+
 # --------------------------------------------------------------------------- media the model cannot take
+
+def audio_part(raw: bytes, fmt: str = "wav", **spec) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": b64(raw), "format": fmt, **spec}}
+
+
+UNUSABLE_AUDIO = [  # each was let through and failed in the engine with param null (in realtime: every response)
+    (audio_part(wav_bytes(tone_pcm16(0.003))), "invalid_audio", ".input_audio.data", "too short"),
+    (audio_part(wav_bytes(tone_pcm16(0.5, rate=16001), rate=16001)), "invalid_audio", ".input_audio.data",
+     "cannot resample"),
+    (audio_part(wav_bytes(tone_pcm16(0.01, rate=8000), rate=1_000_000_000)), "invalid_audio", ".input_audio.data",
+     "sample rate"),
+    (audio_part(tone_pcm16(0.5, rate=16001).tobytes(), "pcm16", sample_rate=16001), "invalid_value",
+     ".input_audio.sample_rate", "cannot resample"),
+]
+
+
+@pytest.mark.parametrize("part, code, field, message", UNUSABLE_AUDIO)
+def test_audio_the_model_cannot_take_is_refused_naming_the_part(http, part, code, field, message):
+    err = error_of(http.post("/v1/chat/completions", json=chat_part(part)))
+    assert (err["code"], err["param"]) == (code, "messages[0].content[0]" + field), err
+    assert message in err["message"], err
+
+
+def test_an_upload_too_short_for_the_model_is_refused_naming_the_file(http):
+    err = error_of(http.post("/v1/audio/transcriptions", files={"file": ("a.wav", wav_bytes(tone_pcm16(0.003)))}))
+    assert (err["code"], err["param"]) == ("invalid_audio", "file") and "too short" in err["message"], err
+
 
 def test_pictures_too_elongated_for_the_model_are_refused_naming_the_part(http, tmp_path):
     """Pictures and video frames beyond 200:1 (engine.media.image.MAX_ASPECT_RATIO), here 300:1 and 250:1."""
@@ -163,6 +191,32 @@ def test_pictures_too_elongated_for_the_model_are_refused_naming_the_part(http, 
     err = error_of(http.post("/v1/chat/completions", json=chat_part(
         {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + b64(mp4_bytes(tmp_path, 4, 1000))}})))
     assert (err["code"], err["param"]) == ("invalid_video", "messages[0].content[0]"), err
+
+
+def test_realtime_refuses_media_the_model_cannot_take_and_the_conversation_keeps_working(server):
+    """Such an item used to join the conversation and fail every later response.create."""
+    with connect(server.ws_url, max_size=None) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        thin = {"type": "input_image", "image": b64(png_bytes(image_array(300, 1)))}
+        short = {"type": "input_audio", "audio": b64(wav_bytes(tone_pcm16(0.003))), "format": "wav"}
+        odd_rate = {"type": "input_audio", "audio": b64(tone_pcm16(0.3, rate=16001).tobytes()), "sample_rate": 16001}
+        for part, code, param in ((thin, "invalid_image", "item.content[0]"),
+                                  (short, "invalid_audio", "item.content[0].audio"),
+                                  (odd_rate, "invalid_value", "item.content[0].sample_rate")):
+            ws.send(json.dumps({"type": "conversation.item.create",
+                                "item": {"type": "message", "role": "user", "content": [part]}}))
+            ev = recv_json(ws)
+            assert ev["type"] == "error" and (ev["error"]["code"], ev["error"]["param"]) == (code, param), ev
+        ws.send(json.dumps({"type": "session.update", "session": {"input_audio_sample_rate": 16001}}))
+        ev = recv_json(ws)
+        assert ev["type"] == "error" and ev["error"]["param"] == "session.input_audio_sample_rate", ev
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}}))
+        assert recv_json(ws)["type"] == "conversation.item.added"
+        ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 1}}))
+        events = recv_until(ws, "response.done")
+        assert not [ev for ev in events if ev["type"] == "error"], events
+        assert events[-1]["response"]["status"] != "failed", events[-1]
 
 
 # --------------------------------------------------------------------------- token limits that disagree
