@@ -101,9 +101,36 @@ def reference_clips(body: dict, ctx: ServerContext) -> list[bytes] | None:
         name = "reference_audio" if len(values) == 1 else f"reference_audio[{i}]"
         raw = codec.data_url(v, name, ctx.limits.max_request_bytes)[1] if isinstance(v, str) and v.startswith(
             "data:") else codec.b64decode(v, name, ctx.limits.max_request_bytes)
-        codec.audio_file(raw, ctx.limits, name, video_ok=True)  # a clear 400 for a corrupt, empty or over-long clip
+        check_reference_clip(raw, ctx, name)
         clips.append(raw)
     return clips
+
+
+def check_reference_clip(raw: bytes, ctx: ServerContext, name: str) -> None:
+    """A clip the talker can clone a voice from, else a 400 naming `name`: decodable and within the limits
+    (codec.audio_file: a recording's audio track too), 0.5-30 s and not silent (the talker's own check)."""
+    import torch  # noqa: PLC0415
+
+    from engine.media.errors import MediaError  # noqa: PLC0415
+    from engine.models.talker.audio import check_reference  # noqa: PLC0415
+
+    audio = codec.audio_file(raw, ctx.limits, name, video_ok=True)
+    try:
+        check_reference(torch.from_numpy(audio.samples), audio.sample_rate)
+    except MediaError as e:
+        raise bad(f"'{name}': {e}", "invalid_media", name) from None
+
+
+def voice_name(value, field: str) -> str:
+    """A saved voice's name as the library takes it (engine.models.talker.voices.check_name), else a 400
+    naming `field`."""
+    from engine.models.talker.voices import VoiceError, check_name  # noqa: PLC0415
+
+    value = text_field(value, field, 64)
+    try:
+        return check_name(value)
+    except VoiceError as e:
+        raise bad(str(e), "invalid_value", field) from None
 
 
 def speech_request(body: dict, ctx: ServerContext) -> dict:
@@ -113,8 +140,10 @@ def speech_request(body: dict, ctx: ServerContext) -> dict:
     music = body.get("music")
     text = text_field(body.get("input"), "input", MAX_INPUT_CHARS, required=not (task == "music" and music))
     voice = body.get("voice")
-    if voice is not None:
-        voice = text_field(voice, "voice", 64)
+    if voice is not None and voice != DEFAULT_VOICE:
+        voice = voice_name(voice, "voice")
+        if body.get("reference_audio") is not None:
+            raise bad("give either a saved 'voice' or a 'reference_audio' clip, not both", "invalid_value", "voice")
     seed = body.get("seed")
     if seed is not None:
         seed = int(need_number(seed, "seed", 0, 2 ** 63 - 1, integer=True))
@@ -247,13 +276,15 @@ async def voice_upload(request: Request, ctx: ServerContext) -> tuple[str, bytes
         if body.get("reference_audio") is None:
             raise bad("'reference_audio' (the clip, base64 or a data: URL) is required", "missing_field",
                       "reference_audio")
-        clips = reference_clips({"reference_audio": body["reference_audio"]}, ctx)
-        raw = clips[0]
+        raw = body["reference_audio"]
         text = body.get("reference_text")
         replace = flag(body, "replace")
-    name = text_field(name, "name", 64)
+    name = voice_name(name, "name")
     text = text_field(text, "reference_text", MAX_INPUT_CHARS, required=False)
-    await asyncio.to_thread(codec.audio_file, raw, ctx.limits, "file", True)  # (a recording's audio track too)
+    if isinstance(raw, bytes):
+        await asyncio.to_thread(check_reference_clip, raw, ctx, "file")
+    else:
+        raw = (await asyncio.to_thread(reference_clips, {"reference_audio": raw}, ctx))[0]
     return name, raw, text, replace
 
 
@@ -279,7 +310,9 @@ async def save_voice(request: Request):
     ctx.scheduler.submit(job)
     _, final = await collect(request, ctx, job)
     if isinstance(final, Error):
-        return error_response(wire.engine_error(final))
+        err = wire.engine_error(final)
+        err.param = "name" if err.code == "voice_exists" else err.param
+        return error_response(err)
     return JSONResponse(final.result, status_code=201)
 
 

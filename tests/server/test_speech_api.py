@@ -182,6 +182,28 @@ def test_voice_library_round_trip(http):
     assert r.status_code == 400 and "invalid voice name" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("path, body, files, param", [
+    ("/v1/audio/speech", {"input": "hi", "voice": "../../etc/passwd"}, None, "voice"),
+    ("/v1/audio/speech", {"input": "hi", "voice": "a\u0000b"}, None, "voice"),
+    ("/v1/audio/speech", {"input": "hi", "voice": "someone", "reference_audio": b64(wav_clip(1.0, 16000))}, None,
+     "voice"),
+    ("/v1/audio/speech", {"input": "hi", "reference_audio": b64(wav_clip(0.2, 16000))}, None, "reference_audio"),
+    ("/v1/audio/speech", {"input": "hi", "reference_audio": [b64(wav_clip(1.0, 16000)), b64(wav_clip(1.0, 8000,
+                                                                                               level=0.0))]},
+     None, "reference_audio[1]"),
+    ("/v1/audio/voices", {"name": "../x", "reference_audio": b64(wav_clip(1.0, 16000))}, None, "name"),
+    ("/v1/audio/voices", {"name": "ok name", "reference_audio": b64(wav_clip(0.2, 16000))}, None, "reference_audio"),
+    ("/v1/audio/voices", {"name": "a/b", "reference_text": "hi"}, {"file": ("v.wav", wav_clip(1.0, 16000))}, "name"),
+    ("/v1/audio/voices", {"name": "ok name", "reference_text": "hi"}, {"file": ("v.wav", wav_clip(0.2, 16000))},
+     "file"),
+])
+def test_voice_names_and_reference_clips_are_refused_naming_the_field(http, path, body, files, param):
+    """These were refused by the engine with param null (a voice name, a clip too short or silent, a voice and
+    a clip together)."""
+    r = http.post(path, data=body, files=files) if files else http.post(path, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_options_list_what_the_voice_tab_offers(http):
     opts = http.get("/v1/audio/speech/options").json()
     assert opts["sample_rate"] == RATE and opts["tasks"] == ["tts", "sound", "music", "podcast"]
