@@ -204,6 +204,19 @@ def test_voice_names_and_reference_clips_are_refused_naming_the_field(http, path
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+def test_a_voice_name_with_a_leading_dot_is_refused_it_would_be_saved_but_never_listed(http):
+    r = http.post("/v1/audio/voices", json={"name": ".hidden", "reference_audio": b64(wav_clip(1.0, 16000)),
+                                            "reference_text": "hi"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name", r.text
+    r = http.post("/v1/audio/voices", json={"name": "twice", "reference_audio": b64(wav_clip(1.0, 16000)),
+                                            "reference_text": "hi"})
+    assert r.status_code == 201, r.text
+    r = http.post("/v1/audio/voices", json={"name": "twice", "reference_audio": b64(wav_clip(1.0, 16000)),
+                                            "reference_text": "hi"})
+    assert r.status_code == 409 and r.json()["error"]["param"] == "name", r.text
+    assert http.delete("/v1/audio/voices/twice").status_code == 200
+
+
 def test_options_list_what_the_voice_tab_offers(http):
     opts = http.get("/v1/audio/speech/options").json()
     assert opts["sample_rate"] == RATE and opts["tasks"] == ["tts", "sound", "music", "podcast"]

@@ -4,7 +4,8 @@ under a name in the studio cache (`$MING_STUDIO_CACHE` or `~/.cache/ming-omni-st
 
 A voice belongs to the talker it was made with (its latents are that VAE's): each stores the model
 fingerprint and is refused by another model. Names are 1-64 letters, digits, CJK characters, spaces,
-`-`, `_` or `.`; they are never paths.
+`-`, `_` or `.`, not starting with `.` (the library's own temporary folders do, and are never listed);
+they are never paths.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ class VoiceExists(VoiceError):
 
 
 def check_name(name) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.strip() != name or name in (".", ".."):
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.strip() != name or name.startswith("."):
         raise VoiceError(f"invalid voice name {name!r}: use 1-64 letters, digits, spaces, '-', '_' or '.' "
-                         "(no leading/trailing spaces)")
+                         "(no leading/trailing spaces, no leading '.')")
     return name
 
 
