@@ -31,6 +31,10 @@ from torch import nn
 # Constants the upstream modelling code hard-codes (they are not config keys).
 VIT_NORM_EPS = 1e-6          # LayerNorm (2.0) / RMSNorm (Preview) eps, blocks and merger
 VIT_ROPE_THETA = 10000.0     # base of the 2-D vision rotary
+#: Most bytes of attention scores one scaled_dot_product_attention call may hold: CPU's kernel
+#: materialises [heads, queries, keys] (a 4000x4000 picture is one chunk of 62,500 patches), so a chunk
+#: over it is attended in blocks of queries (each row's softmax is its own: the same result)
+MAX_SCORE_BYTES = 256 * 1024 * 1024
 
 QWEN3_VIT = "qwen3_moe_vit"
 QWEN2_5_VIT = "qwen2_5_vit"
@@ -244,9 +248,17 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         if b <= a:
             continue
-        qc, kc, vc = (t[a:b].transpose(0, 1) for t in (q, k, v))   # [heads, L, hd]
-        out[a:b] = F.scaled_dot_product_attention(qc, kc, vc).transpose(0, 1)
+        kc, vc = (t[a:b].transpose(0, 1) for t in (k, v))   # [heads, L, hd]
+        block = query_block(q.shape[1], b - a, q.element_size())
+        for start in range(a, b, block):
+            qc = q[start:min(b, start + block)].transpose(0, 1)
+            out[start:start + qc.shape[1]] = F.scaled_dot_product_attention(qc, kc, vc).transpose(0, 1)
     return out
+
+
+def query_block(heads: int, keys: int, element_size: int) -> int:
+    """Queries per attention call so that its [heads, queries, keys] scores stay within MAX_SCORE_BYTES."""
+    return max(1, MAX_SCORE_BYTES // (heads * keys * element_size))
 
 
 def per_frame_cu_seqlens(grid: list[tuple[int, int, int]], tokens_per_patch: int = 1) -> list[int]:

@@ -16,6 +16,7 @@ from engine.models.thinker.vision import (
     Qwen3MoeVisionTransformer,
     VisionConfig,
     build_vision_encoder,
+    chunked_attention,
     merge_order_coords,
     vision_rotary_cos_sin,
     window_partition,
@@ -284,6 +285,29 @@ def test_qwen3_vit_matches_dense_reference():
         ref = _qwen3_dense(vit, px, grids)
     assert out.shape == (sum(t * h * w for t, h, w in grids) // 4, 24)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+
+
+def test_attention_over_a_huge_image_runs_in_query_blocks_within_the_score_budget(monkeypatch):
+    """A 4000x4000 picture is 62,500 patches in one chunk: CPU attention materialises [heads, L, L] scores
+    (31 GB here, a 500 from the server), so the queries are taken in blocks whose scores fit the budget."""
+    from engine.models.thinker import vision
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(300, 2, 8, generator=gen) for _ in range(3))
+    whole = chunked_attention(q, k, v, [0, 100, 300])
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(qb, kb, vb):
+        seen.append((qb.shape[-2], kb.shape[-2]))
+        return real(qb, kb, vb)
+
+    monkeypatch.setattr(vision, "MAX_SCORE_BYTES", 2 * 50 * 200 * 4)  # heads * 50 queries * 200 keys * fp32
+    monkeypatch.setattr(vision.F, "scaled_dot_product_attention", spy)
+    blocked = chunked_attention(q, k, v, [0, 100, 300])
+    assert all(2 * n_q * n_k * 4 <= vision.MAX_SCORE_BYTES for n_q, n_k in seen), seen
+    assert {n_k for _, n_k in seen} == {100, 200} and len(seen) == 1 + 4  # the 200-patch chunk in 4 blocks
+    torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)
 
 
 def test_qwen3_images_and_frames_are_isolated():
