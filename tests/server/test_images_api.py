@@ -124,7 +124,7 @@ def test_awkward_but_valid_images_are_accepted(http):
 
 @pytest.mark.parametrize("raw, code", [
     (b"", "invalid_image"), (b"\x89PNG\r\n\x1a\nbroken", "invalid_image"), (b"plain text", "invalid_image"),
-    (png_claiming(50_000, 50_000), "image_too_large"), (png(Image.new("RGB", (4000, 10))), "invalid_media"),
+    (png_claiming(50_000, 50_000), "image_too_large"), (png(Image.new("RGB", (4000, 10))), "invalid_image"),
 ])
 def test_bad_images_are_400s(http, raw, code):
     r = edit(http, raw)
