@@ -85,18 +85,19 @@ class ImagineRequest:
             raise ImageGenError("the prompt must be text")
         if not self.prompt.strip():
             what = "a target to segment (e.g. 'the cup')" if self.task == "segment" else "a description"
-            raise ImageGenError(f"the prompt is empty: give {what}")
+            raise ImageGenError(f"the prompt is empty: give {what}", "prompt")
         if len(self.prompt) > MAX_PROMPT_CHARS:
             raise ImageGenError(f"the prompt is {len(self.prompt):,} characters; image prompts may have at most "
-                                f"{MAX_PROMPT_CHARS:,}")
+                                f"{MAX_PROMPT_CHARS:,}", "prompt")
         images = self.images if isinstance(self.images, (list, tuple)) else [self.images]
         self.images = [i for i in images if i is not None]
         if self.task in ("edit", "segment") and not self.images:
-            raise ImageGenError(f"'{self.task}' needs an input image")
+            raise ImageGenError(f"'{self.task}' needs an input image", "image")
         if self.task == "segment" and len(self.images) != 1:
-            raise ImageGenError("segmentation takes exactly one input image")
+            raise ImageGenError("segmentation takes exactly one input image", "image")
         if len(self.images) > MAX_REFERENCE_IMAGES:
-            raise ImageGenError(f"{len(self.images)} input images; at most {MAX_REFERENCE_IMAGES} are accepted")
+            raise ImageGenError(f"{len(self.images)} input images; at most {MAX_REFERENCE_IMAGES} are accepted",
+                                "image")
         if self.task == "generate" and self.images:
             self.task = "edit"  # images given: an edit (the first one is the VAE reference)
         self.steps = _int_in("steps", DEFAULT_STEPS if self.steps is None else self.steps, 1, MAX_STEPS)
@@ -104,18 +105,19 @@ class ImagineRequest:
         try:
             g = float(g)
         except (TypeError, ValueError):
-            raise ImageGenError(f"guidance {self.guidance!r} is not a number") from None
+            raise ImageGenError(f"guidance {self.guidance!r} is not a number", "guidance") from None
         if not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
-            raise ImageGenError(f"guidance {self.guidance!r} must be between 0 and {MAX_GUIDANCE:g} (<= 1: no CFG)")
+            raise ImageGenError(f"guidance {self.guidance!r} must be between 0 and {MAX_GUIDANCE:g} (<= 1: no CFG)",
+                                "guidance")
         self.guidance = g
         self.preview_every = _int_in("preview_every", self.preview_every or 0, 0, MAX_STEPS)
         if self.seed is not None:
             self.seed = _int_in("seed", self.seed, -MAX_SEED, MAX_SEED)
         if self.preset is not None and self.task == "generate":
-            raise ImageGenError("edit presets need an input image")
+            raise ImageGenError("edit presets need an input image", "preset")
         parse_aspect(self.aspect)  # early, clear errors for sizes too
         if self.size is not None and self.aspect is not None:
-            raise ImageGenError("give either a size or an aspect ratio, not both")
+            raise ImageGenError("give either a size or an aspect ratio, not both", "aspect")
 
     def instruction(self) -> str:
         """The text the thinker reads (segmentation and presets wrap the user's words)."""
@@ -129,10 +131,10 @@ class ImagineRequest:
 def _int_in(name: str, value, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
             isinstance(value, float) and value.is_integer()):
-        raise ImageGenError(f"{name} must be a whole number, got {value!r}")
+        raise ImageGenError(f"{name} must be a whole number, got {value!r}", name)
     value = int(value)
     if not lo <= value <= hi:
-        raise ImageGenError(f"{name} {value} is out of range {lo}..{hi}")
+        raise ImageGenError(f"{name} {value} is out of range {lo}..{hi}", name)
     return value
 
 

@@ -162,7 +162,25 @@ def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> t
             "steps": steps, "guidance": body.get("guidance"), "preview_every": preview_every or 0,
             **{k: v for k, v in options.items() if v is not None}}
     seed = _seed(body)
-    return [{**base, "seed": None if seed is None else seed + i} for i in range(n)], partials
+    requests = [{**base, "seed": None if seed is None else seed + i} for i in range(n)]
+    check_image_request(requests[-1])
+    return requests, partials
+
+
+def check_image_request(kwargs: dict) -> None:
+    """The image generator's own checks of a request (engine.imagine.ImagineRequest: steps, guidance,
+    previews, preset; its size or aspect; its mask colour), run here so that a refusal names its field."""
+    from engine.imagine import ImagineRequest  # noqa: PLC0415
+    from engine.models.imagegen.buckets import parse_size  # noqa: PLC0415
+    from engine.models.imagegen.config import ImageGenError  # noqa: PLC0415
+
+    request = ImagineRequest(**kwargs)
+    try:
+        request.check()
+        request.instruction()
+        parse_size(request.size)
+    except ImageGenError as e:
+        raise bad(str(e), e.code, e.param) from None
 
 
 def output_format(body: dict) -> tuple[str, int | None]:

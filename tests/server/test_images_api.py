@@ -154,6 +154,26 @@ def test_bad_requests_are_400s(http, body, code, words):
     assert r.status_code == 400 and err["code"] == code and words in err["message"], r.text
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/images/generations", {"size": "0x0"}, "size"),
+    ("/v1/images/generations", {"size": "10x1000"}, "size"),
+    ("/v1/images/generations", {"aspect": "1:0"}, "aspect"),
+    ("/v1/images/generations", {"steps": 0}, "steps"),
+    ("/v1/images/generations", {"steps": 1.5}, "steps"),
+    ("/v1/images/generations", {"guidance": 1e9}, "guidance"),
+    ("/v1/images/generations", {"preview_every": -1}, "preview_every"),
+    ("/v1/images/generations", {"preset": "remove_object"}, "preset"),
+    ("/v1/images/edits", {"preset": "zzz"}, "preset"),
+    ("/v1/images/segmentations", {"mask_color": "notacolor"}, "mask_color"),
+    ("/v1/images/segmentations", {"prompt": "\"''\""}, "prompt"),
+])
+def test_what_the_image_generator_refuses_names_its_field(http, path, body, param):
+    """These were the engine's refusals, with param null."""
+    image = {} if path.endswith("generations") else {"image": base64.b64encode(png(picture())).decode()}
+    r = http.post(path, json={"prompt": "a", "steps": 1, **image, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_odd_sizes_are_made_exactly(http):
     r = http.post("/v1/images/generations", json={"prompt": "a", "size": "33x17", "steps": 1})
     assert decoded(r.json()["data"][0]["b64_json"]).size == (33, 17)

@@ -94,16 +94,16 @@ def parse_size(size) -> tuple[int, int] | None:
     if isinstance(size, str):
         m = re.fullmatch(r"\s*(-?\d+)\s*[xX×*]\s*(-?\d+)\s*", size)
         if not m:
-            raise ImageGenError(f"size '{size}' is not of the form WIDTHxHEIGHT (e.g. 1024x768)")
+            raise ImageGenError(f"size '{size}' is not of the form WIDTHxHEIGHT (e.g. 1024x768)", "size")
         w, h = int(m.group(1)), int(m.group(2))
     else:
         try:
             w, h = (int(v) for v in size)
         except (TypeError, ValueError):
-            raise ImageGenError(f"size {size!r} must be 'WIDTHxHEIGHT' or a (width, height) pair") from None
+            raise ImageGenError(f"size {size!r} must be 'WIDTHxHEIGHT' or a (width, height) pair", "size") from None
     if not (1 <= w <= MAX_SIDE and 1 <= h <= MAX_SIDE):
-        raise ImageGenError(f"size {w}x{h} is out of range: each side must be 1..{MAX_SIDE} pixels")
-    _check_ratio(w / h, f"size {w}x{h}")
+        raise ImageGenError(f"size {w}x{h} is out of range: each side must be 1..{MAX_SIDE} pixels", "size")
+    _check_ratio(w / h, f"size {w}x{h}", "size")
     return h, w
 
 
@@ -116,22 +116,22 @@ def parse_aspect(aspect) -> float | None:
         try:
             value = float(m.group(1)) / float(m.group(2)) if m else float(aspect)
         except (ValueError, ZeroDivisionError):
-            raise ImageGenError(f"aspect '{aspect}' is not a ratio like 16:9 or 1.5") from None
+            raise ImageGenError(f"aspect '{aspect}' is not a ratio like 16:9 or 1.5", "aspect") from None
     else:
         try:
             value = float(aspect)
         except (TypeError, ValueError):
-            raise ImageGenError(f"aspect {aspect!r} is not a number or a W:H ratio") from None
+            raise ImageGenError(f"aspect {aspect!r} is not a number or a W:H ratio", "aspect") from None
     if not math.isfinite(value) or value <= 0:
-        raise ImageGenError(f"aspect {aspect!r} must be a positive ratio such as 16:9")
-    _check_ratio(value, f"aspect {aspect}")
+        raise ImageGenError(f"aspect {aspect!r} must be a positive ratio such as 16:9", "aspect")
+    _check_ratio(value, f"aspect {aspect}", "aspect")
     return value
 
 
-def _check_ratio(w_over_h: float, what: str) -> None:
+def _check_ratio(w_over_h: float, what: str, param: str) -> None:
     if max(w_over_h, 1 / w_over_h) > MAX_ASPECT + 1e-9:
         raise ImageGenError(f"{what} is too elongated: the long side may be at most {MAX_ASPECT:g} times the short "
-                            f"side (the resolution buckets span 1:4 to 4:1)")
+                            f"side (the resolution buckets span 1:4 to 4:1)", param)
 
 
 def plan_size(size=None, aspect=None, reference_hw: tuple[int, int] | None = None,
@@ -140,7 +140,7 @@ def plan_size(size=None, aspect=None, reference_hw: tuple[int, int] | None = Non
     explicit = parse_size(size)
     ratio = parse_aspect(aspect)
     if explicit is not None and ratio is not None:
-        raise ImageGenError("give either a size or an aspect ratio, not both")
+        raise ImageGenError("give either a size or an aspect ratio, not both", "aspect")
     if explicit is not None:
         h, w = explicit
         table = min(bases, key=lambda b: abs(b - math.sqrt(h * w)))
@@ -149,7 +149,7 @@ def plan_size(size=None, aspect=None, reference_hw: tuple[int, int] | None = Non
         h, w = PROCESSOR_SIDE, PROCESSOR_SIDE * ratio
     elif reference_hw is not None:
         h, w = reference_hw
-        _check_ratio(w / h, f"the reference image ({w}x{h})")
+        _check_ratio(w / h, f"the reference image ({w}x{h})", "image")
     else:
         h, w = PROCESSOR_SIDE, PROCESSOR_SIDE
     bucket = nearest_bucket(h, w, default_base)

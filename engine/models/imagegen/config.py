@@ -31,9 +31,14 @@ DEFAULT_TEXT_ENCODER_NORM = True
 
 
 class ImageGenError(MingError):
-    """A request or checkpoint the image generator cannot serve; the message says what is valid."""
+    """A request or checkpoint the image generator cannot serve; the message says what is valid and
+    `param` names the request field at fault (None: the checkpoint, or no one field)."""
 
     code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ImageGenUnsupported(ImageGenError):

@@ -49,17 +49,17 @@ def segmentation_prompt(target: str, color: str = DEFAULT_MASK_COLOR) -> str:
     """The SDK rewrite template, quotes stripped from the target (spec §8.9)."""
     clean = "".join(ch for ch in target if ch not in _QUOTES).strip()
     if not clean:
-        raise ImageGenError("segmentation needs a target to find, e.g. 'the cup'")
+        raise ImageGenError("segmentation needs a target to find, e.g. 'the cup'", "prompt")
     if color not in MASK_COLORS:
-        raise ImageGenError(f"mask colour '{color}' is not one of {', '.join(MASK_COLORS)}")
+        raise ImageGenError(f"mask colour '{color}' is not one of {', '.join(MASK_COLORS)}", "mask_color")
     return SEGMENT_TEMPLATE.format(target=clean, color=color)
 
 
 def preset_prompt(preset: str, text: str) -> str:
     if preset not in EDIT_PRESETS:
-        raise ImageGenError(f"unknown edit preset '{preset}'; choose one of {', '.join(EDIT_PRESETS)}")
+        raise ImageGenError(f"unknown edit preset '{preset}'; choose one of {', '.join(EDIT_PRESETS)}", "preset")
     if not text.strip():
-        raise ImageGenError(f"the '{preset}' preset needs a text (what to put in / what to remove)")
+        raise ImageGenError(f"the '{preset}' preset needs a text (what to put in / what to remove)", "prompt")
     return EDIT_PRESETS[preset].format(text=text.strip())
 
 
