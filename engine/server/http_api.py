@@ -31,7 +31,7 @@ from engine.server.bodies import form_file, form_flag, form_number, form_text, r
 from engine.server.codec import bad, need_dict, need_str
 from engine.server.context import ServerContext
 from engine.server.fields import Fields
-from engine.server.params import check_output_modalities, flag, generation_params, output_kwargs
+from engine.server.params import check_output_modalities, flag, generation_params, output_kwargs, voice_name
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import new_id
@@ -163,7 +163,7 @@ def check_unsupported(body: dict, engine) -> tuple[list[str], str | None]:
                       "invalid_value", "audio.format")
         voice = audio.get("voice")
         if voice is not None:
-            codec.need_str(voice, "audio.voice")
+            voice = voice_name(voice, "audio.voice")
     return modalities, voice
 
 

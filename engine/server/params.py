@@ -43,6 +43,25 @@ def check_output_modalities(value: Any, name: str, engine) -> list[str]:
 
 
 DEFAULT_VOICE = "default"  # names the talker's own voice (as leaving the voice out does)
+MAX_VOICE_NAME_CHARS = 64  # engine.models.talker.voices.MAX_NAME_CHARS (not imported: the talker loads torch)
+
+
+def voice_name(value: Any, field: str) -> str:
+    """A voice a request names: DEFAULT_VOICE, or a name the voice library can hold
+    (engine.models.talker.voices.check_name: never a path), else a 400 naming `field`. Whether such a
+    voice is saved is the engine's to say."""
+    need_str(value, field)
+    if value == DEFAULT_VOICE:
+        return value
+    if len(value) > MAX_VOICE_NAME_CHARS:
+        raise bad(f"'{field}' is too long: {len(value):,} characters, at most {MAX_VOICE_NAME_CHARS}", "invalid_value",
+                  field)
+    from engine.models.talker.voices import VoiceError, check_name  # noqa: PLC0415
+
+    try:
+        return check_name(value)
+    except VoiceError as e:
+        raise bad(str(e), "invalid_value", field) from None
 
 
 def output_kwargs(modalities: list[str], voice: str | None) -> dict:

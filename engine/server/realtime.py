@@ -37,7 +37,7 @@ from engine.server.auth import authorized
 from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
 from engine.server.fields import REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields
-from engine.server.params import check_output_modalities, flag, generation_params, output_kwargs
+from engine.server.params import check_output_modalities, flag, generation_params, output_kwargs, voice_name
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import AudioSpan, Item, Session, new_id
@@ -249,7 +249,7 @@ class RealtimeConnection:
         if "input_audio_sample_rate" in spec:
             new["rate"] = codec.check_sample_rate(spec["input_audio_sample_rate"], "session.input_audio_sample_rate")
         if spec.get("voice") is not None:
-            new["voice"] = need_str(spec["voice"], "session.voice")
+            new["voice"] = voice_name(spec["voice"], "session.voice")
         if "turn_detection" in spec:  # the beta shape
             new["turn_detection"] = setting(ServerVad.from_wire, spec["turn_detection"], "session.turn_detection")
         if "video" in spec:
@@ -778,7 +778,7 @@ def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str |
         raise bad(f"'{name}.format' must be {{\"type\": \"audio/pcm\"}} (PCM16; each delta names its sample_rate)",
                   "invalid_value", f"{name}.format")
     if spec.get("voice") is not None:
-        voice = need_str(spec["voice"], f"{name}.voice")
+        voice = voice_name(spec["voice"], f"{name}.voice")
     return voice
 
 

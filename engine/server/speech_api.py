@@ -29,7 +29,7 @@ from engine.server.codec import bad, need_dict, need_number
 from engine.server.context import ServerContext
 from engine.server.http_api import (collect, ctx_of, error_response, first_events, job_metrics, json_request,
                                     left_early, refused_at_once, stream_response, text_field)
-from engine.server.params import DEFAULT_VOICE, flag
+from engine.server.params import DEFAULT_VOICE, MAX_VOICE_NAME_CHARS, flag, voice_name
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 
@@ -121,17 +121,6 @@ def check_reference_clip(raw: bytes, ctx: ServerContext, name: str) -> None:
         raise bad(f"'{name}': {e}", "invalid_media", name) from None
 
 
-def voice_name(value, field: str) -> str:
-    """A saved voice's name as the library takes it (engine.models.talker.voices.check_name), else a 400
-    naming `field`."""
-    from engine.models.talker.voices import VoiceError, check_name  # noqa: PLC0415
-
-    value = text_field(value, field, 64)
-    try:
-        return check_name(value)
-    except VoiceError as e:
-        raise bad(str(e), "invalid_value", field) from None
-
 
 def speech_request(body: dict, ctx: ServerContext) -> dict:
     """engine.speak keyword arguments from a /v1/audio/speech body (types and limits checked here)."""
@@ -140,9 +129,9 @@ def speech_request(body: dict, ctx: ServerContext) -> dict:
     music = body.get("music")
     text = text_field(body.get("input"), "input", MAX_INPUT_CHARS, required=not (task == "music" and music))
     voice = body.get("voice")
-    if voice is not None and voice != DEFAULT_VOICE:
+    if voice is not None:
         voice = voice_name(voice, "voice")
-        if body.get("reference_audio") is not None:
+        if voice != DEFAULT_VOICE and body.get("reference_audio") is not None:
             raise bad("give either a saved 'voice' or a 'reference_audio' clip, not both", "invalid_value", "voice")
     seed = body.get("seed")
     if seed is not None:
@@ -279,7 +268,7 @@ async def voice_upload(request: Request, ctx: ServerContext) -> tuple[str, bytes
         raw = body["reference_audio"]
         text = body.get("reference_text")
         replace = flag(body, "replace")
-    name = voice_name(name, "name")
+    name = voice_name(text_field(name, "name", MAX_VOICE_NAME_CHARS), "name")
     text = text_field(text, "reference_text", MAX_INPUT_CHARS, required=False)
     if isinstance(raw, bytes):
         await asyncio.to_thread(check_reference_clip, raw, ctx, "file")

@@ -193,6 +193,21 @@ def test_pictures_too_elongated_for_the_model_are_refused_naming_the_part(http, 
     assert (err["code"], err["param"]) == ("invalid_video", "messages[0].content[0]"), err
 
 
+def test_a_voice_name_no_voice_can_have_is_refused_where_it_is_set(http, server):
+    """Chat's audio.voice, a realtime session's or response's voice: '../x' was taken and every spoken
+    response then failed (param null)."""
+    r = http.post("/v1/chat/completions", json={**CHAT, "modalities": ["text", "audio"], "audio": {"voice": "../x"}})
+    assert error_of(r)["param"] == "audio.voice"
+    with connect(server.ws_url) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        for event in ({"type": "session.update", "session": {"audio": {"output": {"voice": "a/b"}}}},
+                      {"type": "session.update", "session": {"voice": ".x"}},
+                      {"type": "response.create", "response": {"audio": {"output": {"voice": "a\u0000b"}}}}):
+            ws.send(json.dumps(event))
+            ev = recv_json(ws)
+            assert ev["type"] == "error" and ev["error"]["param"].endswith("voice"), ev
+
+
 def test_realtime_refuses_media_the_model_cannot_take_and_the_conversation_keeps_working(server):
     """Such an item used to join the conversation and fail every later response.create."""
     with connect(server.ws_url, max_size=None) as ws:

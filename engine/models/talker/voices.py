@@ -25,7 +25,8 @@ from engine.errors import MingError
 from engine.tiny import default_cache_dir
 from engine.models.talker.pipeline import Conditioning
 
-_NAME = re.compile(r"[\w\u3400-\u9fff .-]{1,64}")
+MAX_NAME_CHARS = 64
+_NAME = re.compile(rf"[\w\u3400-\u9fff .-]{{1,{MAX_NAME_CHARS}}}")
 VOICE_FILE, META_FILE = "voice.safetensors", "voice.json"
 
 
