@@ -269,6 +269,9 @@ async def voice_upload(request: Request, ctx: ServerContext) -> tuple[str, bytes
         text = body.get("reference_text")
         replace = flag(body, "replace")
     name = voice_name(text_field(name, "name", MAX_VOICE_NAME_CHARS), "name")
+    if name == DEFAULT_VOICE:
+        raise bad(f"'{DEFAULT_VOICE}' names the talker's own voice: save this one under another name", "invalid_value",
+                  "name")
     text = text_field(text, "reference_text", MAX_INPUT_CHARS, required=False)
     if isinstance(raw, bytes):
         await asyncio.to_thread(check_reference_clip, raw, ctx, "file")

@@ -192,6 +192,7 @@ def test_voice_library_round_trip(http):
                                                                                                level=0.0))]},
      None, "reference_audio[1]"),
     ("/v1/audio/voices", {"name": "../x", "reference_audio": b64(wav_clip(1.0, 16000))}, None, "name"),
+    ("/v1/audio/voices", {"name": "default", "reference_audio": b64(wav_clip(1.0, 16000))}, None, "name"),
     ("/v1/audio/voices", {"name": "ok name", "reference_audio": b64(wav_clip(0.2, 16000))}, None, "reference_audio"),
     ("/v1/audio/voices", {"name": "a/b", "reference_text": "hi"}, {"file": ("v.wav", wav_clip(1.0, 16000))}, "name"),
     ("/v1/audio/voices", {"name": "ok name", "reference_text": "hi"}, {"file": ("v.wav", wav_clip(0.2, 16000))},
