@@ -129,7 +129,8 @@ async def read_form(request: Request, limits, max_files: int, max_fields: int = 
 
 
 async def form_body(request: Request, limits, max_files: int, max_fields: int = 64) -> FormData:
-    await read_body(request, limits.max_upload_bytes, "upload")
+    body = await read_body(request, limits.max_upload_bytes, "upload")
+    check_closed(body, content_type(request)[1].get("boundary"))
     parser = StrictMultiPartParser(request.headers, request.stream(), max_files=max_files, max_fields=max_fields,
                                    max_part_size=1024 * 1024)
     try:
@@ -138,6 +139,14 @@ async def form_body(request: Request, limits, max_files: int, max_fields: int = 
         raise
     except Exception as e:  # MultiPartException, or malformed multipart of any other kind
         raise bad(f"the multipart body could not be parsed: {str(e)[:120]}", "invalid_multipart") from None
+
+
+def check_closed(body: bytes, boundary: str | None) -> None:
+    """A multipart body must hold its closing boundary ('--B--', an epilogue may follow): the parser
+    silently drops a part cut off before it (an upload that lost its end would read as a missing field)."""
+    if boundary and b"--" + boundary.encode("latin-1") + b"--" not in body:
+        raise bad(f"the multipart body ends before its closing boundary '--{boundary[:70]}--' (cut off or "
+                  "malformed): send the whole form", "invalid_multipart")
 
 
 async def form_file(form, name: str, what: str) -> bytes:

@@ -85,6 +85,20 @@ def test_transcriptions_take_multipart_only(http):
     assert err["code"] == "unsupported_content_type" and "multipart/form-data" in err["message"]
 
 
+
+def test_a_multipart_body_cut_before_its_closing_boundary_is_called_cut(http):
+    """It was "'file' (the audio file upload) is required": the parser drops an unfinished part."""
+    part = (b'--B\r\nContent-Disposition: form-data; name="max_tokens"\r\n\r\n1\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + WAV)
+    for body in (part, part + b"\r\n--B"):
+        err = error_of(http.post("/v1/audio/transcriptions", content=body,
+                                 headers={"Content-Type": "multipart/form-data; boundary=B"}))
+        assert err["code"] == "invalid_multipart" and "closing boundary" in err["message"], err
+    r = http.post("/v1/audio/transcriptions", content=part + b"\r\n--B--\r\n",
+                  headers={"Content-Type": "multipart/form-data; boundary=B"})
+    assert r.status_code == 200, r.text
+
+
 # --------------------------------------------------------------------------- media of the wrong kind
 
 def chat_part(part: dict) -> dict:
