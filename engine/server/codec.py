@@ -21,12 +21,14 @@ import numpy as np
 from engine.media.audio import AudioFrontendConfig, check_clip_length, check_resample_rates, decode_audio
 from engine.media.errors import MediaError
 from engine.media.image import check_aspect, load_image
-from engine.server.limits import ApiError, Limits, human_bytes
+from engine.server.limits import ApiError, Limits, MiB, human_bytes
 
 AUDIO_FILE_FORMATS = ("wav", "mp3", "flac", "ogg", "webm", "m4a", "opus")
 PCM_FORMATS = ("pcm16", "pcm", "audio/pcm")
 #: Sample rates (Hz) accepted for input audio, raw PCM or files
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384_000
+#: Bytes per decoded pixel (the engine takes RGB uint8)
+RGB_BYTES = 3
 #: The rate the model's audio front end resamples every input clip to
 MODEL_AUDIO_RATE = AudioFrontendConfig().sample_rate
 _DATA_URL = re.compile(r"^data:([\w.+\-]+/[\w.+\-]+)?((?:;[\w\-]+=[\w.\-]+)*)(;base64)?,", re.IGNORECASE)
@@ -234,8 +236,26 @@ def audio_payload(raw: bytes, fmt: str | None, rate: int | None, limits: Limits,
               "invalid_audio_format", name)
 
 
-def image_array(raw: bytes, limits: Limits, name: str = "image") -> np.ndarray:
-    """Encoded JPEG/PNG/WebP/... -> HxWx3 uint8, refusing more than max_image_pixels before decoding."""
+@dataclass
+class MediaBudget:
+    """Decoded media one HTTP request or one realtime item may hold (Limits.max_session_media_bytes): a
+    picture is charged from its header before it is decoded, so a small request of highly compressed
+    pictures cannot decode into gigabytes."""
+
+    limit: int
+    used: int = 0
+
+    def charge(self, nbytes: int, name: str) -> None:
+        self.used += nbytes
+        if self.used > self.limit:
+            raise bad(f"'{name}': the decoded media would take {self.used / MiB:.0f} MiB, more than the limit of "
+                      f"{self.limit / MiB:.0f} MiB for one request: send fewer or smaller pictures or clips",
+                      "media_too_large", name)
+
+
+def image_array(raw: bytes, limits: Limits, name: str = "image", budget: MediaBudget | None = None) -> np.ndarray:
+    """Encoded JPEG/PNG/WebP/... -> HxWx3 uint8, refusing more than max_image_pixels (and more than
+    `budget` holds) before decoding."""
     from PIL import Image  # noqa: PLC0415
 
     if not raw:
@@ -259,6 +279,8 @@ def image_array(raw: bytes, limits: Limits, name: str = "image") -> np.ndarray:
         raise bad(f"'{name}' is too large: {w}x{h} = {w * h} pixels, the limit is {limits.max_image_pixels}",
                   "image_too_large", name)
     check_shape(w, h, "invalid_image", name)
+    if budget is not None:
+        budget.charge(w * h * RGB_BYTES, name)
     try:
         return np.asarray(load_image(raw, max_input_pixels=limits.max_image_pixels))
     except MediaError as e:
@@ -402,7 +424,10 @@ class Converted:
 
 
 def convert_content(content: Any, limits: Limits, name: str = "content", default_rate: int | None = None,
-                    role: str = "user") -> Converted:
+                    role: str = "user", budget: MediaBudget | None = None) -> Converted:
+    """Content parts -> engine parts; their decoded media within `budget` (by default
+    Limits.max_session_media_bytes for this content alone)."""
+    budget = budget or MediaBudget(limits.max_session_media_bytes)
     if isinstance(content, str):
         return Converted([{"type": "text", "text": content}], [{"type": "input_text", "text": content}])
     if not isinstance(content, list):
@@ -424,17 +449,19 @@ def convert_content(content: Any, limits: Limits, name: str = "content", default
         if role == "assistant":
             raise bad(f"'{pname}': assistant messages may hold text only, got {kind!r}", "invalid_value", pname)
         if kind in ("image_url", "input_image", "image"):
-            arr = image_array(_image_source(part, kind, pname, limits), limits, pname)
+            arr = image_array(_image_source(part, kind, pname, limits), limits, pname, budget)
             parts.append({"type": "image", "image": arr})
             public.append({"type": "input_image", "width": int(arr.shape[1]), "height": int(arr.shape[0])})
         elif kind in ("input_audio", "audio"):
             audio = _audio_source(part, pname, limits, default_rate)
+            budget.charge(audio.samples.nbytes, pname)
             parts.append(audio.part())
             public.append({"type": "input_audio", "seconds": round(audio.seconds, 3),
                            "sample_rate": audio.sample_rate, "transcript": None})
         elif kind in ("video_url", "input_video", "video"):
             raw = _video_source(part, pname, limits)
             check_video(raw, limits, pname)
+            budget.charge(len(raw), pname)
             parts.append({"type": "video", "video": raw})
             public.append({"type": "input_video", "bytes": len(raw)})
         else:

@@ -97,6 +97,7 @@ def convert_messages(messages, limits) -> tuple[list[dict], str | None]:
         raise bad(f"'messages' holds {len(messages)} messages; at most {limits.max_conversation_items}",
                   "too_many_messages", "messages")
     out, system = [], []
+    budget = codec.MediaBudget(limits.max_session_media_bytes)
     for i, m in enumerate(messages):
         name = f"messages[{i}]"
         m = need_dict(m, name)
@@ -111,7 +112,7 @@ def convert_messages(messages, limits) -> tuple[list[dict], str | None]:
             raise bad("tool calls are not supported by this engine", "unsupported_parameter", f"{name}.tool_calls")
         if "content" not in m or m["content"] is None:
             raise bad(f"'{name}.content' is required", "missing_field", f"{name}.content")
-        conv = codec.convert_content(m["content"], limits, f"{name}.content", None, role)
+        conv = codec.convert_content(m["content"], limits, f"{name}.content", None, role, budget)
         out.append({"role": role, "content": conv.parts})
     if not out:
         raise bad("'messages' holds no user message", "invalid_value", "messages")

@@ -14,7 +14,8 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.server import b64, image_array, png_bytes, recv_json, recv_until, tone_pcm16, wav_bytes
+from tests.server import (b64, image_array, png_bytes, recv_json, recv_until, running_server, tone_pcm16,
+                          wav_bytes)
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 PNG = png_bytes(image_array(24, 32))
@@ -220,6 +221,32 @@ def test_a_voice_name_no_voice_can_have_is_refused_where_it_is_set(http, server)
             ws.send(json.dumps(event))
             ev = recv_json(ws)
             assert ev["type"] == "error" and ev["error"]["param"].endswith("voice"), ev
+
+
+def test_pictures_that_would_decode_past_the_media_budget_are_refused_before_decoding(tiny_engine, monkeypatch):
+    """20 black 4000x4000 PNGs are a 1 MiB request that decoded to 915 MiB (and 550 of them, within the
+    body limit, to 25 GiB: the server was killed). The request's (or realtime item's) decoded media now has
+    the session's budget, charged from each picture's header before it is decoded."""
+    from engine.server import codec
+
+    black = png_bytes(np.zeros((600, 800, 3), np.uint8))  # 1.4 MiB decoded each
+    decoded = []
+    real = codec.load_image
+    monkeypatch.setattr(codec, "load_image", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(black)}}] * 3
+    with running_server(tiny_engine, max_session_media_bytes=3 * 1024 * 1024) as srv:
+        body = {"messages": [{"role": "user", "content": parts[:1]}, {"role": "assistant", "content": "ok"},
+                             {"role": "user", "content": parts}], "max_tokens": 1}
+        err = error_of(httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60))
+        assert (err["code"], err["param"]) == ("media_too_large", "messages[2].content[1]"), err
+        assert len(decoded) == 2  # the third picture was refused from its header
+        with connect(srv.ws_url) as ws:
+            assert recv_json(ws)["type"] == "session.created"
+            ws.send(json.dumps({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user",
+                "content": [{"type": "input_image", "image": b64(black)}] * 3}}))
+            ev = recv_json(ws)
+            assert ev["type"] == "error" and ev["error"]["code"] == "media_too_large", ev
 
 
 def test_realtime_refuses_media_the_model_cannot_take_and_the_conversation_keeps_working(server):
