@@ -498,7 +498,8 @@ def check_clip_length(n_samples: int, sample_rate: int, config: AudioFrontendCon
         check_resample_rates(sample_rate, config.sample_rate)
     if resampled_length(n_samples, sample_rate, config.sample_rate) < config.min_samples:
         raise MediaError(
-            f"audio is too short: {1000 * n_samples / sample_rate:.1f} ms ({n_samples} samples at {sample_rate} Hz), "
+            f"audio is too short: {1000 * n_samples / sample_rate:.1f} ms ({n_samples} samples at "
+            f"{sample_rate} Hz), "
             f"at least {1000 * config.min_samples / config.sample_rate:.1f} ms is needed"
         )
 
