@@ -142,7 +142,8 @@ class Session:
         self.limits = limits
         self.settings = SessionSettings(params=GenerationParams(max_new_tokens=limits.default_max_tokens))
         self.audio = AudioBuffer()
-        self.clip = WebcamClip(max_buffer_frames=limits.max_video_frames, history_seconds=float("inf"))
+        self.clip = WebcamClip(max_buffer_frames=limits.max_video_frames, history_seconds=float("inf"),
+                               max_buffer_bytes=limits.max_session_media_bytes)
         self.video = VideoContext(max_frames=limits.max_video_frames)  # used when settings.video is set
         self.detector: TurnDetector | None = None  # set with settings.turn_detection
         self.items: list[Item] = []

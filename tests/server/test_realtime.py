@@ -273,6 +273,18 @@ def test_session_limit_is_enforced_with_a_clear_error(tiny_engine):
             opened(d)
 
 
+def test_webcam_frames_waiting_for_commit_are_held_within_the_media_budget():
+    """600 frames of 4000x4000 (black PNGs of 47 KB each) would have been held decoded: 28 GiB. The
+    push-to-talk clip drops its oldest frames beyond the session's media budget, as beyond its frame cap."""
+    from engine.server.limits import Limits
+    from engine.server.sessions import Session
+
+    session = Session(Limits(max_session_media_bytes=3 * 1024 * 1024))
+    for i in range(4):
+        session.clip.add_frame(np.zeros((600, 800, 3), np.uint8), float(i))  # 1.4 MiB each
+    assert len(session.clip) == 2 and session.clip.nbytes <= 3 * 1024 * 1024
+
+
 def test_session_media_budget_and_audio_buffer_limits(tiny_engine):
     pcm = tone_pcm16(1.0)  # 32 000 bytes of PCM16
     with running_server(tiny_engine, max_session_media_bytes=100_000, max_audio_seconds=1.5) as srv:
