@@ -31,7 +31,7 @@ from torch import nn
 # Constants the upstream modelling code hard-codes (they are not config keys).
 VIT_NORM_EPS = 1e-6          # LayerNorm (2.0) / RMSNorm (Preview) eps, blocks and merger
 VIT_ROPE_THETA = 10000.0     # base of the 2-D vision rotary
-#: Most bytes of attention scores one scaled_dot_product_attention call may hold: CPU's kernel
+#: Most bytes of attention scores one scaled_dot_product_attention call on the CPU may hold: its kernel
 #: materialises [heads, queries, keys] (a 4000x4000 picture is one chunk of 62,500 patches), so a chunk
 #: over it is attended in blocks of queries (each row's softmax is its own: the same result)
 MAX_SCORE_BYTES = 256 * 1024 * 1024
@@ -249,7 +249,8 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if b <= a:
             continue
         kc, vc = (t[a:b].transpose(0, 1) for t in (k, v))   # [heads, L, hd]
-        block = query_block(q.shape[1], b - a, q.element_size())
+        # CUDA's flash / memory-efficient kernels never hold the scores: one call per chunk there
+        block = query_block(q.shape[1], b - a, q.element_size()) if q.device.type == "cpu" else b - a
         for start in range(a, b, block):
             qc = q[start:min(b, start + block)].transpose(0, 1)
             out[start:start + qc.shape[1]] = F.scaled_dot_product_attention(qc, kc, vc).transpose(0, 1)
