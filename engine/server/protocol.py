@@ -239,14 +239,15 @@ def _queue_position(d: dict) -> QueuePosition:
 REALTIME_CLIENT_EVENTS = (
     "session.update", "input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
     "input_video_buffer.append", "input_video_buffer.commit", "input_video_buffer.clear",
-    "conversation.item.create", "conversation.item.delete", "conversation.item.truncate", "response.create",
-    "response.cancel",
+    "conversation.item.create", "conversation.item.delete", "conversation.item.truncate",
+    "conversation.item.retrieve", "response.create", "response.cancel",
 )
 
 # Server events that carry no engine event of their own (the decoder knows them and passes them by).
 REALTIME_BOOKKEEPING_EVENTS = (
     "session.created", "session.updated", "conversation.item.added", "conversation.item.done",
-    "conversation.item.deleted", "conversation.item.truncated", "input_audio_buffer.speech_started",
+    "conversation.item.deleted", "conversation.item.truncated", "conversation.item.retrieved",
+    "input_audio_buffer.speech_started",
     "input_audio_buffer.speech_stopped", "input_audio_buffer.committed", "input_audio_buffer.cleared",
     "input_video_buffer.committed", "input_video_buffer.cleared", "response.created", "response.output_item.added",
     "response.output_item.done", "response.content_part.added", "response.content_part.done",
