@@ -6,12 +6,16 @@ Steps, as the 2.0 reference runs them:
 1. **Frames.** A video file is sampled at ``smp_fps = min(2, src_fps)``:
    ``n = max(1, min(170, floor(src_frames / src_fps * smp_fps + 0.5)))`` frames at the rounded
    ``linspace(0, src_frames - 1, n)`` indices, frame i at ``i / fps_s`` seconds with
-   ``fps_s = n / src_frames * src_fps``. A directory (or list) of frames is taken as already
-   sampled at ``fps`` (2.0): frame i at ``i / fps``. Live webcam frames (`WebcamClip`) are sampled
-   from their capture times the same way.
+   ``fps_s = n / src_frames * src_fps``. A directory (natural name order) or list of frames is
+   kept whole, taken as sampled at the message's
+   ``max_video_fps`` (2.0): frame i at ``i / max_video_fps``; the message's ``nframes`` /
+   ``min_frames`` / ``max_frames`` / ``max_video_fps`` only set the frame count the pixel budget
+   divides by (`VideoOptions`, `frame_list_budget_frames`). Live webcam frames (`WebcamClip`) are
+   sampled from their capture times the same way as files.
 2. **Even count.** An odd number of frames gets the last frame repeated, with the same timestamp.
 3. **Resize.** One size for all frames: smart resize with factor 32, ``min_pixels = 128*32*32``
-   and ``max_pixels = max(96*128*32*32 * 2 / n, floor(1.05 * min_pixels))`` (a per-video budget),
+   and ``max_pixels = max(96*128*32*32 * 2 / n, floor(1.05 * min_pixels))`` (a per-video budget;
+   the message may set ``min_pixels`` and ``total_pixels``, its ``max_pixels`` is not read),
    resized with OpenCV ``INTER_CUBIC``.
 4. **Processor** (no further resize): normalise as images, frame pairs form temporal patches whose
    timestamp is the pair's mean, grid (n/2, h/16, w/16) split into n/2 entries of t = 1.
@@ -29,9 +33,9 @@ import re
 import tempfile
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Sequence, Union
+from typing import ClassVar, Sequence, Union
 
 import cv2
 import numpy as np
@@ -49,7 +53,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 class VideoSamplingConfig:
     """Frame sampling and per-video pixel budget of the 2.0 video path (spec §4.2)."""
 
-    fps: float = 2.0                 # sampling rate; also the rate assumed for frame directories
+    fps: float = 2.0                 # sampling rate; also the default max_video_fps of frame lists
     max_frames: int = 170            # MAX_FRAMES_OS = (3072*2*4)//144
     frame_factor: int = 2            # frames are padded to a multiple of this (temporal patch)
     factor: int = 32                 # smart-resize side multiple
@@ -57,6 +61,11 @@ class VideoSamplingConfig:
     total_pixels: int = 96 * 128 * 32 * 32  # VIDEO_TOTAL_PIXELS: the per-video budget
     min_src_fps: float = 1.0
     max_src_fps: float = 240.0
+    # frame lists (v1_smart_nframes): the rate the reference assumes for them, and the default
+    # min / max of the frame count their pixel budget divides by (FPS_MIN_FRAMES, FPS_MAX_FRAMES)
+    list_fps: float = 2.0
+    list_min_frames: int = 4
+    list_max_frames: int = 256
 
     def frame_budget(self, n_frames: int, min_pixels: int | None = None, total_pixels: int | None = None) -> tuple[int, int]:
         """(min_pixels, max_pixels) per frame for a clip of ``n_frames`` sampled frames."""
@@ -66,13 +75,103 @@ class VideoSamplingConfig:
         return lo, hi
 
 
+SAMPLE_METHODS = ("sequence", "uniform", "random")
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """The keys of a chat message's video element that the 2.0 reference reads (``v1_fetch_video``).
+
+    For a frame directory or list: ``max_video_fps`` (the rate the frames were taken at: frame i
+    is at i / max_video_fps), and ``nframes`` / ``min_frames`` / ``max_frames``, which with it set
+    the frame count the pixel budget divides by (every frame is kept); ``sample`` must name a
+    reference sampling method (it only picks which frames vote on the common size, and ours must
+    all have one size). For every source: ``min_pixels``, ``total_pixels``, ``resized_height`` +
+    ``resized_width``. ``fps`` is read only to refuse it together with ``nframes``. Keys the
+    reference's video path does not read (``NOT_READ``) are accepted and have no effect.
+    """
+
+    max_video_fps: float | None = None
+    nframes: int | None = None
+    fps: float | None = None
+    min_frames: int | None = None
+    max_frames: int | None = None
+    sample: str = "sequence"
+    min_pixels: int | None = None
+    total_pixels: int | None = None
+    resized_height: int | None = None
+    resized_width: int | None = None
+
+    NOT_READ: ClassVar[tuple[str, ...]] = ("max_pixels", "video_start", "video_end")
+    ELEMENT_KEYS: ClassVar[tuple[str, ...]] = ("type", "video", "video_url", "input_video")
+    RESIZE_KEYS: ClassVar[tuple[str, ...]] = ("min_pixels", "total_pixels", "resized_height", "resized_width")
+
+    def __post_init__(self) -> None:
+        if self.fps is not None and self.nframes is not None:
+            raise MediaError("a video takes either fps or nframes, not both")
+        if self.sample not in SAMPLE_METHODS:
+            raise MediaError(f"unknown video sampling method {self.sample!r}; expected one of {', '.join(SAMPLE_METHODS)}")
+        if self.max_video_fps is not None and not (math.isfinite(self.max_video_fps) and self.max_video_fps > 0):
+            raise MediaError(f"max_video_fps must be a positive number, got {self.max_video_fps!r}")
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_message(cls, element: dict | None, *, strict: bool = False) -> "VideoOptions":
+        """The options of a message's video element (its other keys are the element itself). With
+        ``strict``, a key that is neither an option nor one the reference leaves unread is refused."""
+        element = dict(element or {})
+        known = set(cls.keys())
+        unknown = sorted(k for k in element if k not in known and k not in cls.NOT_READ and k not in cls.ELEMENT_KEYS)
+        if strict and unknown:
+            raise MediaError(f"video option(s) {', '.join(map(repr, unknown))} not supported "
+                             f"(known: {', '.join(cls.keys() + cls.NOT_READ)})")
+        return cls(**{k: v for k, v in element.items() if k in known})
+
+    @property
+    def resize_overrides(self) -> dict:
+        return {k: getattr(self, k) for k in self.RESIZE_KEYS if getattr(self, k) is not None}
+
+
+def _floor_to(x: float, factor: int) -> int:
+    return math.floor(x / factor) * factor
+
+
+def _ceil_to(x: float, factor: int) -> int:
+    return math.ceil(x / factor) * factor
+
+
+def frame_list_budget_frames(total: int, options: VideoOptions, config: VideoSamplingConfig) -> int:
+    """The frame count a frame list's pixel budget divides by (the reference's ``v1_smart_nframes``):
+    ``nframes`` rounded to even, or ``total / list_fps * max_video_fps`` clamped to
+    [min_frames, max_frames] (each brought to even) and to ``total``, floored to even. The
+    reference refuses a count outside [frame_factor, total] (a single frame, max_frames < 2)."""
+    factor = config.frame_factor
+    min_frames = _ceil_to(config.list_min_frames if options.min_frames is None else options.min_frames, factor)
+    max_frames = _floor_to(min(config.list_max_frames, total) if options.max_frames is None else options.max_frames,
+                           factor)
+    if options.nframes is not None:
+        n = min(total, round(options.nframes / factor) * factor, max_frames)
+    else:
+        fps = config.fps if options.max_video_fps is None else float(options.max_video_fps)
+        n = _floor_to(min(max(total / config.list_fps * fps, min_frames), max_frames, total), factor)
+    if not factor <= n <= total:
+        raise MediaError(f"a video of {total} frame(s) gives {n} for its frame count (nframes/max_frames); "
+                         f"it must lie in [{factor}, {total}]")
+    return int(n)
+
+
 @dataclass
 class VideoFrames:
-    """Sampled RGB frames before resizing: ``frames`` [T, H, W, 3] uint8, ``timestamps`` [T] s."""
+    """Sampled RGB frames before resizing: ``frames`` [T, H, W, 3] uint8, ``timestamps`` [T] s;
+    ``budget_frames``: the frame count the per-video pixel budget divides by (None: T)."""
 
     frames: np.ndarray
     timestamps: np.ndarray
     sample_fps: float
+    budget_frames: int | None = None
 
 
 @dataclass
@@ -162,26 +261,25 @@ def frames_from_directory(directory: str | os.PathLike) -> list[np.ndarray]:
 
 
 def sample_frame_list(
-    frames: Sequence[np.ndarray], fps: float = 2.0, max_frames: int | None = None
+    frames: Sequence[np.ndarray], config: VideoSamplingConfig | None = None, options: VideoOptions | None = None
 ) -> VideoFrames:
-    """A list of frames taken as sampled at ``fps``: frame i at i / fps seconds.
-
-    With ``max_frames`` and more frames than that, ``max_frames`` frames at rounded
-    ``linspace`` indices are kept, each with its original time.
-    """
+    """A list of frames as the reference's list branch takes it: every frame, frame i at
+    i / max_video_fps seconds; the message's frame counts set only ``budget_frames``."""
+    config = config or VideoSamplingConfig()
+    options = options or VideoOptions()
     if len(frames) == 0:
         raise MediaError("video has no frames")
     arrays = [f if _is_rgb_frame(f) else np.asarray(load_image(f)) for f in frames]
     first = arrays[0].shape
     if any(a.shape != first for a in arrays):
         raise MediaError("all frames of a video must have the same size")
-    indices = np.arange(len(arrays))
-    if max_frames is not None and len(arrays) > max_frames:
-        indices = _linspace_indices(len(arrays), max(1, int(max_frames)))
+    budget = frame_list_budget_frames(len(arrays), options, config)
+    fps = config.fps if options.max_video_fps is None else float(options.max_video_fps)
     return VideoFrames(
-        frames=np.stack([arrays[i] for i in indices]),
-        timestamps=indices.astype(np.float64) / float(fps),
-        sample_fps=float(fps),
+        frames=np.stack(arrays),
+        timestamps=np.arange(len(arrays), dtype=np.float64) / fps,
+        sample_fps=fps,
+        budget_frames=budget,
     )
 
 
@@ -324,23 +422,23 @@ def fetch_video(
     source: VideoSource,
     config: VideoSamplingConfig | None = None,
     *,
-    max_frames: int | None = None,
+    options: VideoOptions | None = None,
     backend: str = "auto",
 ) -> VideoFrames:
     """Sampled frames of a video file (path/bytes), a frame directory or a list of frames.
 
-    ``max_frames`` applies to frame directories and lists only (the reference ignores it for
-    files).
+    ``options`` (the message's video keys) apply to frame directories and lists; a file is sampled
+    by the v2 sampler, which reads none of them (spec §4.2).
     """
     config = config or VideoSamplingConfig()
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        return sample_frame_list(frames_from_directory(source), config.fps, max_frames)
+        return sample_frame_list(frames_from_directory(source), config, options)
     if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
         return sample_video_file(source, config, backend=backend)
     if isinstance(source, np.ndarray) and source.ndim == 4:
         source = list(source)
     if isinstance(source, Sequence):
-        return sample_frame_list(source, config.fps, max_frames)
+        return sample_frame_list(source, config, options)
     raise MediaError(
         f"unsupported video input of type {type(source).__name__}; "
         "expected a file path, bytes, a frame directory or a list of frames"
@@ -372,7 +470,8 @@ def resize_frames(
 ) -> np.ndarray:
     """Resize all frames [T, H, W, 3] to the per-video smart-resize target with cv2 INTER_CUBIC.
 
-    ``max_pixels`` (message override) can only lower the per-video budget.
+    ``max_pixels`` (our own override; the reference's messages cannot set it) can only lower the
+    per-video budget.
     """
     height, width = frames.shape[1:3]
     lo, hi = config.frame_budget(n_sampled, min_pixels, total_pixels)
@@ -400,7 +499,7 @@ def preprocess_video(
     sampling = sampling or VideoSamplingConfig()
     if len(video.frames) == 0:
         raise MediaError("video has no frames")
-    n_sampled = len(video.frames)
+    n_sampled = len(video.frames) if video.budget_frames is None else video.budget_frames
     frames, timestamps = pad_to_even(video.frames, np.asarray(video.timestamps, dtype=np.float64),
                                      image_config.temporal_patch_size)
     frames = resize_frames(frames, n_sampled, sampling, **resize_overrides)
@@ -424,17 +523,19 @@ def prepare_video(
     image_config: ImageProcessorConfig | None = None,
     sampling: VideoSamplingConfig | None = None,
     *,
-    max_frames: int | None = None,
+    options: VideoOptions | None = None,
     backend: str = "auto",
-    **resize_overrides,
+    **message_keys,
 ) -> VideoInputs:
     """Full 2.0 video path: sample (`fetch_video`) then `preprocess_video`.
 
-    ``resize_overrides``: ``min_pixels``, ``max_pixels``, ``total_pixels``, ``resized_height``,
-    ``resized_width`` (chat message keys).
+    ``options`` (`VideoOptions.from_message` of a chat message) and ``message_keys`` (the same
+    keys as arguments: ``max_video_fps``, ``nframes``, ``max_frames``, ``min_pixels``,
+    ``total_pixels``, ``resized_height``, ...; they take precedence).
     """
-    frames = fetch_video(source, sampling, max_frames=max_frames, backend=backend)
-    return preprocess_video(frames, image_config, sampling, **resize_overrides)
+    opts = replace(options or VideoOptions(), **message_keys)
+    frames = fetch_video(source, sampling, options=opts, backend=backend)
+    return preprocess_video(frames, image_config, sampling, **opts.resize_overrides)
 
 
 # --------------------------------------------------------------------------- live webcam

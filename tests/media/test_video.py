@@ -11,6 +11,7 @@ from engine.media import MediaError
 from engine.media.image import ImageProcessorConfig
 from engine.media.video import (
     VideoFrames,
+    VideoOptions,
     VideoSamplingConfig,
     WebcamClip,
     fetch_video,
@@ -71,15 +72,67 @@ def test_odd_frame_lists_repeat_the_last_frame_and_timestamp():
     assert tuple(video.pixel_values.shape) == (72, 1536)
 
 
-def test_frame_directory_natural_order_and_max_frames(tmp_path):
+def test_frame_directory_natural_order(tmp_path):
     for i in (0, 1, 2, 10, 11):
         Image.fromarray(_frame(i * 10)).save(tmp_path / f"frame{i}.png")
     (tmp_path / "notes.txt").write_text("not a frame")
     frames = frames_from_directory(tmp_path)
     assert [int(f[0, 0, 0]) for f in frames] == [0, 10, 20, 100, 110]
-    sampled = fetch_video(tmp_path, max_frames=3)
-    assert [int(f[0, 0, 0]) for f in sampled.frames] == [0, 20, 110]
-    assert sampled.timestamps.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_frame_list_keeps_every_frame_and_max_frames_only_sets_the_budget():
+    """v1_fetch_video's list branch stacks every frame; max_frames (floored to even) only sets the
+    frame count n in the budget max(total_pixels / n * 2, 1.05 * min_pixels)."""
+    frames = [_textured(i, 128, 192) for i in range(6)]
+    budget = {"min_pixels": 1024, "total_pixels": 128 * 192 * 2}
+    whole = prepare_video(frames, **budget)  # n = 6: max 16384 px -> 96x128
+    assert tuple(whole.frames.shape) == (6, 3, 96, 128)
+    capped = prepare_video(frames, max_frames=4, **budget)  # n = 4: max 24576 px keeps 128x192
+    assert tuple(capped.frames.shape) == (6, 3, 128, 192)
+    assert capped.frame_timestamps.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert tuple(prepare_video(frames, max_frames=5, **budget).frames.shape) == (6, 3, 128, 192)  # 5 -> 4
+    assert tuple(prepare_video(frames, nframes=4, **budget).frames.shape) == (6, 3, 128, 192)
+
+
+@pytest.mark.parametrize("fps, stamps, labels", [
+    (1.0, [0.0, 1.0, 2.0, 3.0, 4.0, 4.0], ["<0.5 seconds>", "<2.5 seconds>", "<4.0 seconds>"]),
+    (4.0, [0.0, 0.25, 0.5, 0.75, 1.0, 1.0], ["<0.1 seconds>", "<0.6 seconds>", "<1.0 seconds>"]),
+])
+def test_frame_list_timestamps_follow_max_video_fps(fps, stamps, labels):
+    """Frame i of a list is at i / max_video_fps; an odd count repeats the last frame and its
+    timestamp; each temporal patch shows its pair's mean with Python's .1f."""
+    frames = [_textured(i) for i in range(5)]
+    video = prepare_video(frames, min_pixels=4096, max_video_fps=fps)
+    assert video.frames.shape[0] == 6 and np.array_equal(video.frames[5].numpy(), video.frames[4].numpy())
+    assert video.frame_timestamps.tolist() == stamps
+    text = video.prompt_text()
+    assert [text.index(label) for label in labels] == sorted(text.index(label) for label in labels)
+    assert text.count("seconds><image>") == 3
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"fps": 1.0, "nframes": 4}, "either fps or nframes"),
+    ({"sample": "every_other"}, "sampling method"),
+    ({"max_frames": 1}, r"must lie in \[2, 6\]"),
+    ({"nframes": 1}, r"must lie in \[2, 6\]"),
+])
+def test_frame_list_options_the_reference_refuses(options, message):
+    with pytest.raises(MediaError, match=message):
+        prepare_video([_textured(i) for i in range(6)], min_pixels=4096, **options)
+
+
+def test_a_single_frame_is_not_a_video():
+    with pytest.raises(MediaError, match=r"must lie in \[2, 1\]"):
+        prepare_video([_textured(0)], min_pixels=4096)
+
+
+def test_video_options_from_a_message():
+    element = {"type": "video", "video": "clip_dir", "max_video_fps": 1.0, "min_pixels": 4096, "max_pixels": 1}
+    assert VideoOptions.from_message(element) == VideoOptions(max_video_fps=1.0, min_pixels=4096)
+    assert VideoOptions.from_message(element, strict=True).resize_overrides == {"min_pixels": 4096}
+    with pytest.raises(MediaError, match="'speed'"):
+        VideoOptions.from_message({**element, "speed": 2}, strict=True)
+    assert VideoOptions.from_message({**element, "speed": 2}) == VideoOptions(max_video_fps=1.0, min_pixels=4096)
 
 
 def test_per_video_pixel_budget_shrinks_long_videos():

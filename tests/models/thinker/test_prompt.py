@@ -74,3 +74,17 @@ def test_processor_without_preprocessor_config_takes_the_encoders_sizes(tmp_path
     assert out.shape[0] == image.num_tokens[0]
     mel = log_mel_spectrogram(torch.zeros(1600), settings.audio)
     assert mel.shape[-1] == 80
+
+
+def test_a_video_part_s_options_reach_the_video_front_end(tok):
+    """A video part's own keys are the message's video options (spec §4.2, v1_fetch_video): a list of
+    5 frames at max_video_fps 1.0 is at 0, 1, 2, 3, 4 s (plus the repeated last frame), so its
+    patches read 0.5, 2.5 and 4.0 s; the options were dropped and every list read as 2 fps."""
+    import numpy as np
+
+    frames = [np.random.default_rng(i).integers(0, 256, (64, 96, 3), dtype=np.uint8) for i in range(5)]
+    part = {"type": "video", "video": frames, "min_pixels": 4096, "max_video_fps": 1.0}
+    prompt = build_chat_prompt([{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}], tok)
+    assert "<video><0.5 seconds><image>" in prompt.text
+    assert "</image><2.5 seconds><image>" in prompt.text and "</image><4.0 seconds><image>" in prompt.text
+    assert prompt.video_grid_thw.tolist() == [[1, 4, 6]] * 3  # min_pixels 4096 keeps 64x96
