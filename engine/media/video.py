@@ -15,8 +15,9 @@ Steps, as the 2.0 reference runs them:
 2. **Even count.** An odd number of frames gets the last frame repeated, with the same timestamp.
 3. **Resize.** One size for all frames: smart resize with factor 32, ``min_pixels = 128*32*32``
    and ``max_pixels = max(96*128*32*32 * 2 / n, floor(1.05 * min_pixels))`` (a per-video budget;
-   the message may set ``min_pixels`` and ``total_pixels``, its ``max_pixels`` is not read),
-   resized with OpenCV ``INTER_CUBIC``.
+   the message may set ``min_pixels`` and ``total_pixels``, its ``max_pixels`` is not read), or the
+   message's ``resized_height`` x ``resized_width`` smart-resized within the image bounds
+   (4*32*32 .. 16384*32*32); resized with OpenCV ``INTER_CUBIC``.
 4. **Processor** (no further resize): normalise as images, frame pairs form temporal patches whose
    timestamp is the pair's mean, grid (n/2, h/16, w/16) split into n/2 entries of t = 1.
 
@@ -66,6 +67,10 @@ class VideoSamplingConfig:
     list_fps: float = 2.0
     list_min_frames: int = 4
     list_max_frames: int = 256
+    # a message's resized_height x resized_width is smart-resized within the image bounds
+    # (MIN_PIXELS, MAX_PIXELS of the reference's video module), not the per-video budget
+    resized_min_pixels: int = 4 * 32 * 32
+    resized_max_pixels: int = 16384 * 32 * 32
 
     def frame_budget(self, n_frames: int, min_pixels: int | None = None, total_pixels: int | None = None) -> tuple[int, int]:
         """(min_pixels, max_pixels) per frame for a clip of ``n_frames`` sampled frames."""
@@ -471,7 +476,8 @@ def resize_frames(
     """Resize all frames [T, H, W, 3] to the per-video smart-resize target with cv2 INTER_CUBIC.
 
     ``max_pixels`` (our own override; the reference's messages cannot set it) can only lower the
-    per-video budget.
+    per-video budget. ``resized_height`` x ``resized_width`` is smart-resized within the image
+    bounds (``resized_min_pixels`` .. ``resized_max_pixels``), as the reference does.
     """
     height, width = frames.shape[1:3]
     lo, hi = config.frame_budget(n_sampled, min_pixels, total_pixels)
@@ -480,7 +486,8 @@ def resize_frames(
     if (resized_height is None) != (resized_width is None):
         raise MediaError("resized_height and resized_width must be given together")
     if resized_height is not None:
-        h, w = smart_resize(int(resized_height), int(resized_width), config.factor, lo, hi, "fetch")
+        h, w = smart_resize(int(resized_height), int(resized_width), config.factor,
+                            config.resized_min_pixels, config.resized_max_pixels, "fetch")
     else:
         h, w = smart_resize(height, width, config.factor, lo, hi, "fetch")
     if (h, w) == (height, width):

@@ -145,6 +145,16 @@ def test_per_video_pixel_budget_shrinks_long_videos():
     assert resize_frames(frames, 2, cfg).shape == (2, 1088, 1920, 3)
 
 
+def test_resized_height_and_width_use_the_image_bounds():
+    """A message's resized_height x resized_width is smart-resized with the video module's image
+    bounds (4*32*32 .. 16384*32*32), not the per-video budget (whose 128*32*32 floor made 64x96
+    into 320x448)."""
+    frames = [_textured(i, 100, 150) for i in range(4)]
+    assert tuple(prepare_video(frames, resized_height=64, resized_width=96).frames.shape) == (4, 3, 64, 96)
+    assert tuple(prepare_video(frames, resized_height=50, resized_width=70).frames.shape) == (4, 3, 64, 64)
+    assert tuple(prepare_video(frames, resized_height=20, resized_width=20).frames.shape) == (4, 3, 64, 64)
+
+
 def test_resize_uses_opencv_inter_cubic():
     frames = np.stack([_textured(1, 70, 100), _textured(2, 70, 100)])
     out = resize_frames(frames, 2, VideoSamplingConfig(), min_pixels=4096)
