@@ -6,8 +6,8 @@ Steps, as the 2.0 reference runs them:
 1. **Frames.** A video file is sampled at ``smp_fps = min(2, src_fps)``:
    ``n = max(1, min(170, floor(src_frames / src_fps * smp_fps + 0.5)))`` frames at the rounded
    ``linspace(0, src_frames - 1, n)`` indices, frame i at ``i / fps_s`` seconds with
-   ``fps_s = n / src_frames * src_fps``. A directory (natural name order) or list of frames is
-   kept whole, taken as sampled at the message's
+   ``fps_s = n / src_frames * src_fps``. A directory (file names in plain sorted order, as
+   ``sorted(os.listdir)``) or list of frames is kept whole, taken as sampled at the message's
    ``max_video_fps`` (2.0): frame i at ``i / max_video_fps``; the message's ``nframes`` /
    ``min_frames`` / ``max_frames`` / ``max_video_fps`` only set the frame count the pixel budget
    divides by (`VideoOptions`, `frame_list_budget_frames`). Live webcam frames (`WebcamClip`) are
@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import re
 import tempfile
 import threading
 from collections import deque
@@ -249,17 +248,15 @@ def video_prompt_text(
 # --------------------------------------------------------------------------- frame sources
 
 
-def _natural_key(name: str) -> list:
-    return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", name)]
-
-
 def frames_from_directory(directory: str | os.PathLike) -> list[np.ndarray]:
-    """All image files of a directory, in natural name order (frame2 before frame10), as RGB."""
+    """All image files of a directory as RGB, in the reference's order: file names sorted as
+    strings (``sorted(os.listdir)``: frame10 before frame2; name frames 0-padded to keep them in
+    time order)."""
     path = Path(directory)
     if not path.is_dir():
         raise MediaError(f"video frame directory not found: {path}")
     files = sorted((p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-                   key=lambda p: _natural_key(p.name))
+                   key=lambda p: p.name)
     if not files:
         raise MediaError(f"video frame directory {path} contains no image files")
     return [np.asarray(load_image(p)) for p in files]

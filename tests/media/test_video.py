@@ -72,12 +72,13 @@ def test_odd_frame_lists_repeat_the_last_frame_and_timestamp():
     assert tuple(video.pixel_values.shape) == (72, 1536)
 
 
-def test_frame_directory_natural_order(tmp_path):
+def test_frame_directory_is_read_in_sorted_name_order(tmp_path):
+    """The reference lists a frame directory with sorted(os.listdir): names compare as strings."""
     for i in (0, 1, 2, 10, 11):
         Image.fromarray(_frame(i * 10)).save(tmp_path / f"frame{i}.png")
     (tmp_path / "notes.txt").write_text("not a frame")
     frames = frames_from_directory(tmp_path)
-    assert [int(f[0, 0, 0]) for f in frames] == [0, 10, 20, 100, 110]
+    assert [int(f[0, 0, 0]) for f in frames] == [0, 10, 100, 110, 20]
 
 
 def test_frame_list_keeps_every_frame_and_max_frames_only_sets_the_budget():
