@@ -39,7 +39,8 @@ from engine.media.image import (
     prepare_images,
     preprocess_images,
 )
-from engine.media.video import VideoSamplingConfig, prepare_video
+from engine.media.errors import MediaError
+from engine.media.video import VideoOptions, VideoSamplingConfig, prepare_video
 
 FRONTEND_CASES = ("frontend_image", "frontend_audio", "frontend_video")
 
@@ -281,22 +282,31 @@ def tiny_tokenize(text: str, token_map: dict) -> list[int]:
     return ids
 
 
+def recorded_video_options(*records: dict) -> VideoOptions:
+    """The message's video options a case recorded: ``message_video_options`` of the first record
+    that holds it (config.json, then meta.json). A key the reference's video path neither reads nor
+    is known to leave unread is refused (MediaError): no option is dropped silently."""
+    for record in records:
+        if record.get("message_video_options") is not None:
+            return VideoOptions.from_message(record["message_video_options"], strict=True)
+    return VideoOptions()
+
+
 def _video_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list[ParityRow]:
     case = case_dir.name
     with open(case_dir / "config.json", encoding="utf-8") as fh:
         cfg_dict = json.load(fh)
-    options = dict(cfg_dict.get("message_video_options") or {})
-    resize_keys = ("min_pixels", "max_pixels", "total_pixels", "resized_height", "resized_width")
-    overrides = {k: options[k] for k in resize_keys if k in options}
-    max_frames = options.get("max_frames")
     frame_names = sorted((n for n in inputs if re.fullmatch(r"frame\d+", n)), key=lambda n: int(n[5:]))
     rows = []
     try:
+        if not cfg_dict.get("use_interleaved_frame_timestamp", meta.get("use_interleaved_frame_timestamp", True)):
+            raise MediaError("use_interleaved_frame_timestamp false: the 2.0 processor's layout without frame "
+                             "timestamps is not implemented")
+        options = recorded_video_options(cfg_dict, meta)
         with tempfile.TemporaryDirectory() as tmp:
             for name in frame_names:  # the reference read the frames back from PNG files in a directory
                 Image.fromarray(inputs[name]).save(Path(tmp) / f"{name}.png")
-            video = prepare_video(tmp, ImageProcessorConfig(), VideoSamplingConfig(),
-                                  max_frames=max_frames, **overrides)
+            video = prepare_video(tmp, ImageProcessorConfig(), VideoSamplingConfig(), options=options)
         error = None
     except Exception as exc:
         video, error = None, f"{type(exc).__name__}: {exc}"

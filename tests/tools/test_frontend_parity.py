@@ -63,3 +63,75 @@ def test_image_case_runs_the_processor_of_the_release_that_made_it(tmp_path):
     (dst / "config.json").write_text(json.dumps({**config, "patch_size": 14}))
     errors = [r for r in run_frontend_case(dst) if "Error" in r.note]
     assert not errors, "\n" + format_rows(errors)
+
+
+def _video_case_copy(tmp_path, options: dict, n_frames: int, **config_keys):
+    """frontend_video with other message options and frame count; its outputs are rebuilt from the
+    spec's rules (§4.2, §6.2), not by our code: every frame kept (the last one repeated when odd),
+    frame i at i / max_video_fps, patches labelled with their pair's mean as .1f, grid split to t = 1.
+    pixel_values_videos is dropped (no spec-only way to rebuild it)."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    src = fixture_case("frontend_video")
+    dst = tmp_path / "frontend_video"
+    shutil.copytree(src, dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    inputs = load_file(str(src / "inputs.safetensors"))
+    frames = [inputs[f"frame{i}"] for i in range(n_frames)]
+    save_file({f"frame{i}": f for i, f in enumerate(frames)}, str(dst / "inputs.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, **config_keys, "message_video_options": options}))
+
+    fps = options.get("max_video_fps", 2.0)
+    stamps = [i / fps for i in range(n_frames)]
+    if n_frames % 2:
+        frames, stamps = frames + frames[-1:], stamps + stamps[-1:]
+    h, w = frames[0].shape[:2]  # 64x96 at min_pixels 4096: smart resize keeps it
+    groups = len(frames) // 2
+    tokens = (h // 32) * (w // 32)
+    video_text = "<video>" + "".join(f"<{(stamps[2 * g] + stamps[2 * g + 1]) / 2:.1f} seconds><image>"
+                                     + "<framePatch>" * tokens + "</image>" for g in range(groups)) + "</video>"
+    meta = json.loads((src / "meta.json").read_text())
+    meta["expanded_prompt"] = meta["prompt_text_before_expansion"].replace("<VIDEO>", video_text)
+    outputs = {
+        "fetch_video.frames": np.stack(frames).transpose(0, 3, 1, 2).copy(),
+        "fetch_video.resmp_ts": np.array(stamps, dtype=np.float64),
+        "video_grid_thw": np.array([[1, h // 16, w // 16]] * groups, dtype=np.int64),
+    }
+    save_file(outputs, str(dst / "outputs.safetensors"))
+    meta["tensors"] = [t for t in meta["tensors"] if t["file"] == "outputs.safetensors" and t["name"] in outputs]
+    (dst / "meta.json").write_text(json.dumps(meta))
+    return dst
+
+
+@pytest.mark.parametrize("fps, n_frames", [(1.0, 5), (4.0, 5), (1.0, 4)])
+def test_video_case_honours_the_recorded_max_video_fps_and_frame_count(tmp_path, fps, n_frames):
+    """A held-out frontend_video case with another max_video_fps or an odd frame count: only the resize
+    keys and max_frames were read, so frames were placed 0.5 s apart whatever the case said."""
+    case = _video_case_copy(tmp_path, {"min_pixels": 4096, "max_video_fps": fps}, n_frames)
+    rows = {r.tensor: r for r in run_frontend_case(case)}
+    assert set(rows) == {"expanded_prompt (text)", "fetch_video.frames", "fetch_video.resmp_ts", "video_grid_thw"}
+    failed = [r for r in rows.values() if not r.ok]
+    assert not failed, "\n" + format_rows(failed)
+
+
+def test_video_case_keeps_every_frame_under_max_frames(tmp_path):
+    """max_frames sets only the frame count of the pixel budget: the reference keeps all 6 frames."""
+    case = _video_case_copy(tmp_path, {"min_pixels": 4096, "max_frames": 4}, 6)
+    failed = [r for r in run_frontend_case(case) if not r.ok]
+    assert not failed, "\n" + format_rows(failed)
+
+
+@pytest.mark.parametrize("options, config_keys, named", [
+    ({"min_pixels": 4096, "playback_speed": 2.0}, {}, "playback_speed"),
+    ({"min_pixels": 4096}, {"use_interleaved_frame_timestamp": False}, "use_interleaved_frame_timestamp"),
+])
+def test_video_case_refuses_what_it_cannot_reproduce(tmp_path, options, config_keys, named):
+    """An option or setting we do not implement fails every row and is named, never dropped."""
+    case = _video_case_copy(tmp_path, options, 6, **config_keys)
+    rows = run_frontend_case(case)
+    assert rows and all(not r.ok and named in r.note for r in rows), "\n" + format_rows(rows)
