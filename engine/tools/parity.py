@@ -16,9 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from engine.media.image import fetch_image
+from engine.media.video import VideoOptions
 from engine.models.thinker.layers import Router
 from engine.models.thinker.llm import AudioSpan, MultimodalInputs
 from engine.models.thinker.positions import PositionTokens, decode_positions, rope_index
@@ -266,7 +269,11 @@ def conversation_from_prompt(text: str, media: dict[str, list]) -> tuple[list[di
         for piece in re.split(r"(<IMAGE>|<AUDIO>|<VIDEO>)", body):
             if piece in PLACEHOLDERS:
                 kind = PLACEHOLDERS[piece]
-                parts.append({"type": kind, kind: queues[kind].pop(0)})
+                if not queues.get(kind):
+                    raise ValueError(f"the prompt has more {piece} placeholders than the case has {kind} inputs")
+                source = queues[kind].pop(0)
+                # a dict is a whole element: the source under its kind plus the message's options
+                parts.append({"type": kind, **source} if isinstance(source, dict) else {"type": kind, kind: source})
             elif piece:
                 parts.append({"type": "text", "text": piece})
         messages.append({"role": "user", "content": parts})
@@ -284,29 +291,112 @@ def _processor_for(case_dir: Path, loaded=None):
     return tok, MingProcessor(tok, settings)
 
 
+_RAW_MEDIA = re.compile(r"raw\.(image|audio|video)(\d+)")
+_RAW_VIDEO_FRAME = re.compile(r"raw\.video(\d+)[._]frame(\d+)")
+_RAW_FETCHED_IMAGE = re.compile(r"raw\.image(\d+)_resized_by_fetch_image")
+
+
+@dataclass
+class CaseMedia:
+    """The raw media of an `mm` case in prompt order: images [H, W, 3] uint8, audio waveforms, videos
+    (a list of [H, W, 3] uint8 frames each, from ``raw.video<i>`` [T, H, W, 3] or
+    ``raw.video<i>.frame<j>`` / ``raw.video<i>_frame<j>``), Stage-A images the reference recorded
+    (``raw.image<i>_resized_by_fetch_image``, by position in ``images``), and the raw inputs we cannot
+    place."""
+
+    images: list
+    audios: list
+    videos: list[list]
+    fetched_images: dict[int, tuple[str, torch.Tensor]]
+    unknown: list[str]
+
+
+def case_media(inputs: dict[str, torch.Tensor]) -> CaseMedia:
+    """Sort a case's ``raw.*`` inputs; numbered items keep their numbers' order (raw.image10 after
+    raw.image9)."""
+    found: dict[str, dict[int, torch.Tensor]] = {"image": {}, "audio": {}, "video": {}}
+    frames: dict[int, dict[int, torch.Tensor]] = {}
+    fetched: dict[int, torch.Tensor] = {}
+    unknown = []
+    for key, value in inputs.items():
+        if not key.startswith("raw."):
+            continue
+        if m := _RAW_MEDIA.fullmatch(key):
+            found[m.group(1)][int(m.group(2))] = value
+        elif m := _RAW_VIDEO_FRAME.fullmatch(key):
+            frames.setdefault(int(m.group(1)), {})[int(m.group(2))] = value
+        elif m := _RAW_FETCHED_IMAGE.fullmatch(key):
+            fetched[int(m.group(1))] = value
+        else:
+            unknown.append(key)
+    videos: dict[int, list] = {}
+    for i, video in found["video"].items():
+        if video.dim() == 4 and video.shape[-1] == 3:
+            videos[i] = [f.numpy() for f in video]
+        else:
+            unknown.append(f"raw.video{i} (shape {list(video.shape)}, expected [T, H, W, 3])")
+    for i, numbered in frames.items():
+        if i in videos:
+            unknown.append(f"raw.video{i} given both whole and frame by frame")
+        else:
+            videos[i] = [numbered[j].numpy() for j in sorted(numbered)]
+    image_numbers = sorted(found["image"])
+    for i in [i for i in fetched if i not in found["image"]]:
+        unknown.append(f"raw.image{i}_resized_by_fetch_image (no raw.image{i})")
+    return CaseMedia(images=[found["image"][i].numpy() for i in image_numbers],
+                     audios=[found["audio"][i] for i in sorted(found["audio"])],
+                     videos=[videos[i] for i in sorted(videos)],
+                     fetched_images={image_numbers.index(i): (f"raw.image{i}_resized_by_fetch_image", v)
+                                     for i, v in fetched.items() if i in found["image"]},
+                     unknown=sorted(unknown))
+
+
+def _video_parts(meta: dict, videos: list[list]) -> list[dict]:
+    """The video elements of an `mm` case's message: frames plus the recorded ``message_video_options``
+    (one dict for every video, or a list with one per video), checked strictly."""
+    recorded = meta.get("message_video_options")
+    per_video = recorded if isinstance(recorded, list) else [recorded] * len(videos)
+    if len(per_video) != len(videos):
+        raise ValueError(f"message_video_options lists {len(per_video)} videos, the case has {len(videos)}")
+    parts = []
+    for frames, options in zip(videos, per_video):
+        VideoOptions.from_message(options, strict=True)
+        parts.append({**(options or {}), "video": frames})
+    return parts
+
+
 def run_mm_case(case_dir: Path) -> list[ParityRow]:
-    """Kind `mm`: raw image and audio through our processor, encoders and LLM, end to end."""
+    """Kind `mm`: raw images, audio and videos through our processor, encoders and LLM, end to end."""
     meta = json.loads((case_dir / "meta.json").read_text())
     inputs = load_file(str(case_dir / "inputs.safetensors"))
     outputs = load_file(str(case_dir / "outputs.safetensors"))
     tol = meta.get("suggested_tolerance", {})
     loaded = load_model(case_dir, dtype="fp32", device=DEVICE)
     _, processor = _processor_for(case_dir, loaded)
-    media = {"image": [inputs[k].numpy() for k in sorted(inputs) if re.fullmatch(r"raw\.image\d+", k)],
-             "audio": [(inputs[k], 16000) for k in sorted(inputs) if re.fullmatch(r"raw\.audio\d+", k)],
-             "video": []}
+    raw = case_media(inputs)
+    rate = processor.settings.audio.sample_rate  # the waveforms are at the Whisper front end's rate
+    media = {"image": raw.images, "audio": [(a, rate) for a in raw.audios], "video": _video_parts(meta, raw.videos)}
     messages, system, thinking = conversation_from_prompt(meta["prompt_text_before_expansion"], media)
     prompt = processor.build(messages, system_prompt=system, thinking=thinking)
 
     # Processor outputs are checked as outputs of ours against the reference's recorded inputs.
     cmp = Comparer(case_dir.name, {**{f"processor.{k}": v for k, v in inputs.items() if not k.startswith("raw.")},
                                    **outputs})
+    cmp.rows += [ParityRow(case_dir.name, key, float("nan"), "-", False, "raw input the harness cannot place")
+                 for key in raw.unknown]
+    for pos, (name, fetched) in sorted(raw.fetched_images.items()):
+        cmp.outputs[name] = fetched
+        ours = np.array(fetch_image(raw.images[pos], processor.settings.image.release))
+        cmp.exact(name, torch.from_numpy(ours), note="our fetch_image (Stage A)")
     ids = torch.tensor([prompt.ids])
     cmp.exact("processor.input_ids", ids)
     cmp.exact("processor.attention_mask", torch.ones_like(ids))
     if prompt.images:
         cmp.close("processor.pixel_values", prompt.pixel_values, float(tol.get("pixel_values_atol", 1e-6)))
         cmp.exact("processor.image_grid_thw", prompt.image_grid_thw)
+    if prompt.videos:
+        cmp.close("processor.pixel_values_videos", prompt.pixel_values_videos, float(tol.get("pixel_values_atol", 1e-6)))
+        cmp.exact("processor.video_grid_thw", prompt.video_grid_thw)
     packed = prompt.packed_audio()
     if packed is not None:
         # FFT rounding differs between CPU instruction sets (log10 magnifies it near the floor).
@@ -324,6 +414,8 @@ def run_mm_case(case_dir: Path) -> list[ParityRow]:
                       float(tol.get("vision_embeds_atol", 1e-5)))
         if mm.image_embeds is not None and "vision_embeds" in outputs:
             cmp.close("vision_embeds", mm.image_embeds, float(tol.get("vision_embeds_atol", 1e-5)))
+        if mm.video_embeds is not None and "video_embeds" in outputs:
+            cmp.close("video_embeds", mm.video_embeds, float(tol.get("vision_embeds_atol", 1e-5)))
         if packed is not None:
             dev = next(enc.audio.parameters()).device
             embeds, lengths, enc_out = encode_audio_wrapped(enc.audio, enc.linear_proj_audio,

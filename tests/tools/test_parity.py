@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from engine.tools.parity import format_table, run_case
 from tests.paths import REPO, fixture_case
@@ -83,3 +84,77 @@ def test_mm_case_processes_media_with_the_recorded_processor_settings(tmp_path):
     meta_path.write_text(json.dumps(meta))
     rows = {r.tensor: r for r in run_case(case)}
     assert not rows["processor.image_grid_thw"].ok and not rows["processor.input_ids"].ok
+
+
+def _mm_case_with_video(tmp_path, frame_by_frame: bool):
+    """The mm case with the frontend_video clip added to its message: the frames as raw inputs, the
+    clip's message options, and the reference processor's own video outputs of that clip (frontend_video's
+    pixel_values_videos and video_grid_thw) where an mm case keeps processor outputs (inputs.safetensors)."""
+    from safetensors.torch import load_file, save_file
+
+    case = tmp_path / "mm"
+    shutil.copytree(fixture_case("mm"), case)
+    for f in case.iterdir():
+        f.chmod(0o644)
+    clip = fixture_case("frontend_video")
+    clip_in, clip_out = load_file(str(clip / "inputs.safetensors")), load_file(str(clip / "outputs.safetensors"))
+    frames = [clip_in[f"frame{j}"] for j in range(len(clip_in))]
+    inputs = load_file(str(case / "inputs.safetensors"))
+    if frame_by_frame:
+        inputs.update({f"raw.video0.frame{j}": f for j, f in enumerate(frames)})
+    else:
+        inputs["raw.video0"] = torch.stack(frames)
+    inputs["pixel_values_videos"] = clip_out["pixel_values_videos"]
+    inputs["video_grid_thw"] = clip_out["video_grid_thw"]
+    save_file(inputs, str(case / "inputs.safetensors"))
+    meta = json.loads((case / "meta.json").read_text())
+    meta["prompt_text_before_expansion"] = meta["prompt_text_before_expansion"].replace("<AUDIO>Describe",
+                                                                                        "<AUDIO><VIDEO>Describe")
+    meta["message_video_options"] = json.loads((clip / "config.json").read_text())["message_video_options"]
+    (case / "meta.json").write_text(json.dumps(meta))
+    return case
+
+
+@pytest.mark.parametrize("frame_by_frame", [False, True])
+def test_mm_case_runs_its_video_through_the_engine(tmp_path, frame_by_frame):
+    """A held-out mm case may carry a video (the reference processor's videos path): the harness gave the
+    processor no videos, so its <VIDEO> placeholder could not be filled. The clip now goes through our
+    processor and encoders; its processor outputs match the reference's (the prompt, and with it the
+    stored LLM outputs, changed, so only the video rows are expected to agree)."""
+    rows = {r.tensor: r for r in run_case(_mm_case_with_video(tmp_path, frame_by_frame))}
+    for name in ("processor.pixel_values_videos", "processor.video_grid_thw"):
+        assert rows[name].ok, format_table([rows[name]])
+    assert not rows["processor.input_ids"].ok  # the stored ids are those of the prompt without the video
+
+
+def test_mm_case_names_what_it_cannot_place_and_checks_stage_a(tmp_path):
+    """Raw inputs the harness has no use for were skipped silently, and the reference's Stage A image
+    (raw.image0_resized_by_fetch_image) was never compared: both are rows now."""
+    from safetensors.torch import load_file, save_file
+
+    case = tmp_path / "mm"
+    shutil.copytree(fixture_case("mm"), case)
+    (case / "inputs.safetensors").chmod(0o644)
+    inputs = load_file(str(case / "inputs.safetensors"))
+    inputs["raw.depth0"] = torch.zeros(4, 4)
+    inputs["raw.image0_resized_by_fetch_image"][0, 0, 0] ^= 1
+    save_file(inputs, str(case / "inputs.safetensors"))
+    rows = {r.tensor: r for r in run_case(case)}
+    assert not rows["raw.depth0"].ok and "cannot place" in rows["raw.depth0"].note
+    assert not rows["raw.image0_resized_by_fetch_image"].ok
+    assert rows["raw.image0_resized_by_fetch_image"].max_abs_diff == 1
+    assert rows["processor.pixel_values"].ok
+
+
+def test_case_media_keeps_numbered_order_and_names_the_unplaceable():
+    from engine.tools.parity import case_media
+
+    frame = torch.zeros(2, 2, 3, dtype=torch.uint8)
+    inputs = {"raw.image10": frame + 10, "raw.image2": frame + 2, "raw.audio11": torch.ones(3),
+              "raw.audio9": torch.zeros(3), "raw.video0_frame10": frame + 10, "raw.video0_frame9": frame + 9,
+              "raw.video1": torch.zeros(4, 4), "raw.mystery": frame, "pixel_values": torch.zeros(1)}
+    media = case_media(inputs)
+    assert [int(i[0, 0, 0]) for i in media.images] == [2, 10]
+    assert [float(a[0]) for a in media.audios] == [0.0, 1.0]
+    assert [[int(f[0, 0, 0]) for f in v] for v in media.videos] == [[9, 10]]
+    assert media.unknown == ["raw.mystery", "raw.video1 (shape [4, 4], expected [T, H, W, 3])"]
