@@ -45,6 +45,8 @@ MAX_ASPECT_RATIO = 200
 #: Decoded images above this many pixels are refused before they are loaded (Pillow's own
 #: decompression-bomb error threshold).
 DEFAULT_MAX_INPUT_PIXELS = 178_956_970
+#: The keys of a chat message's image element that Stage A (`fetch_image`) reads.
+FETCH_OPTION_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 
 
 # --------------------------------------------------------------------------- configuration

@@ -21,7 +21,7 @@ import torch
 from engine.models.thinker.config import MingConfig
 from engine.media.audio import AudioFeatures, AudioFrontendConfig, pack_audio_features, prepare_audio
 from engine.media.errors import MediaError
-from engine.media.image import ImageInputs, ImageProcessorConfig, prepare_image
+from engine.media.image import FETCH_OPTION_KEYS, ImageInputs, ImageProcessorConfig, prepare_image
 from engine.media.video import VideoInputs, VideoOptions, WebcamClip, prepare_video, video_prompt_text
 from engine.models.thinker.prompt import DEFAULT_SYSTEM_PROMPT, ROLE_NAMES, THINKING_SUFFIX, PromptError
 from engine.models.thinker.tokenizer import (AUDIO_END, AUDIO_PATCH, AUDIO_START, IMAGE_END, IMAGE_PATCH, IMAGE_START, ROLE_END_TAG,
@@ -120,10 +120,10 @@ class MingProcessor:
         self.settings = settings
 
     # ---------------------------------------------------------------- media parts
-    def _image(self, source: Any) -> ImageInputs:
+    def _image(self, source: Any, options: dict) -> ImageInputs:
         if isinstance(source, ImageInputs):
             return source
-        return prepare_image(source, self.settings.image)
+        return prepare_image(source, self.settings.image, **options)
 
     def _video(self, part: dict, source: Any) -> VideoInputs:
         """A video part; its other keys are the message's video options (`VideoOptions`)."""
@@ -147,8 +147,11 @@ class MingProcessor:
             return [(str(part.get("text", "")), False)]
         if kind in IMAGE_TYPES:
             pieces: list[tuple[str, bool]] = []
-            for i, src in enumerate(_as_list(part.get(kind if kind in part else "image"))):
-                img = self._image(src)
+            sources = part.get(kind if kind in part else "image")
+            # the reference's fetch_image reads a single image's element keys; a list's images get none
+            options = {} if isinstance(sources, list) else {k: part[k] for k in FETCH_OPTION_KEYS if k in part}
+            for i, src in enumerate(_as_list(sources)):
+                img = self._image(src, options)
                 out.images.append(img)
                 n = sum(img.num_tokens)
                 pieces.append((("\n" if i else "") + IMAGE_START + IMAGE_PATCH * n + IMAGE_END + "\n", True))

@@ -88,3 +88,21 @@ def test_a_video_part_s_options_reach_the_video_front_end(tok):
     assert "<video><0.5 seconds><image>" in prompt.text
     assert "</image><2.5 seconds><image>" in prompt.text and "</image><4.0 seconds><image>" in prompt.text
     assert prompt.video_grid_thw.tolist() == [[1, 4, 6]] * 3  # min_pixels 4096 keeps 64x96
+
+
+def test_an_image_part_s_resize_keys_reach_stage_a(tok):
+    """The reference's fetch_image reads min_pixels / max_pixels / resized_height / resized_width from a
+    single image's element (spec §4.1); a list's images are fetched without them. They were dropped."""
+    import numpy as np
+
+    image = np.full((64, 96, 3), 128, dtype=np.uint8)
+
+    def grid(part):
+        prompt = build_chat_prompt([{"role": "user", "content": [part, {"type": "text", "text": "?"}]}], tok)
+        return prompt.image_grid_thw.tolist()
+
+    assert grid({"type": "image", "image": image}) == [[1, 4, 6]]
+    assert grid({"type": "image", "image": image, "resized_height": 128, "resized_width": 128}) == [[1, 8, 8]]
+    assert grid({"type": "image", "image": image, "min_pixels": 4 * 64 * 96}) == [[1, 8, 12]]
+    assert grid({"type": "image", "image": [image, image], "resized_height": 128, "resized_width": 128}) == \
+        [[1, 4, 6], [1, 4, 6]]
