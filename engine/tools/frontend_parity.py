@@ -292,6 +292,13 @@ def recorded_video_options(*records: dict) -> VideoOptions:
     return VideoOptions()
 
 
+def _video_image_config(cfg_dict: dict, meta: dict) -> ImageProcessorConfig:
+    """The image processor a video case ran: the preprocessor keys it records (config.json, or meta.json's
+    ``processor_settings`` as mm cases keep them), else the release's shipped values."""
+    recorded = {**(meta.get("processor_settings") or {}), **cfg_dict}
+    return ImageProcessorConfig.from_dict(recorded, release=reference_release(meta) or "2.0")
+
+
 def _video_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list[ParityRow]:
     case = case_dir.name
     with open(case_dir / "config.json", encoding="utf-8") as fh:
@@ -306,7 +313,7 @@ def _video_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
         with tempfile.TemporaryDirectory() as tmp:
             for name in frame_names:  # the reference read the frames back from PNG files in a directory
                 Image.fromarray(inputs[name]).save(Path(tmp) / f"{name}.png")
-            video = prepare_video(tmp, ImageProcessorConfig(), VideoSamplingConfig(), options=options)
+            video = prepare_video(tmp, _video_image_config(cfg_dict, meta), VideoSamplingConfig(), options=options)
         error = None
     except Exception as exc:
         video, error = None, f"{type(exc).__name__}: {exc}"

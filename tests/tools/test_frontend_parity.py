@@ -92,7 +92,8 @@ def _video_case_copy(tmp_path, options: dict, n_frames: int, **config_keys):
         frames, stamps = frames + frames[-1:], stamps + stamps[-1:]
     h, w = frames[0].shape[:2]  # 64x96 at min_pixels 4096: smart resize keeps it
     groups = len(frames) // 2
-    tokens = (h // 32) * (w // 32)
+    patch = config_keys.get("patch_size", 16)
+    tokens = (h // patch) * (w // patch) // 4
     video_text = "<video>" + "".join(f"<{(stamps[2 * g] + stamps[2 * g + 1]) / 2:.1f} seconds><image>"
                                      + "<framePatch>" * tokens + "</image>" for g in range(groups)) + "</video>"
     meta = json.loads((src / "meta.json").read_text())
@@ -100,7 +101,7 @@ def _video_case_copy(tmp_path, options: dict, n_frames: int, **config_keys):
     outputs = {
         "fetch_video.frames": np.stack(frames).transpose(0, 3, 1, 2).copy(),
         "fetch_video.resmp_ts": np.array(stamps, dtype=np.float64),
-        "video_grid_thw": np.array([[1, h // 16, w // 16]] * groups, dtype=np.int64),
+        "video_grid_thw": np.array([[1, h // patch, w // patch]] * groups, dtype=np.int64),
     }
     save_file(outputs, str(dst / "outputs.safetensors"))
     meta["tensors"] = [t for t in meta["tensors"] if t["file"] == "outputs.safetensors" and t["name"] in outputs]
@@ -135,3 +136,13 @@ def test_video_case_refuses_what_it_cannot_reproduce(tmp_path, options, config_k
     case = _video_case_copy(tmp_path, options, 6, **config_keys)
     rows = run_frontend_case(case)
     assert rows and all(not r.ok and named in r.note for r in rows), "\n" + format_rows(rows)
+
+
+def test_video_case_uses_the_recorded_processor_settings(tmp_path):
+    """The video case ran a fixed 2.0 image processor: a case recording 8-pixel patches (config.json keys, as
+    frontend_image records them) has grids of 8x12 patches and 24 <framePatch> per temporal patch."""
+    case = _video_case_copy(tmp_path, {"min_pixels": 4096}, 6, patch_size=8)
+    rows = {r.tensor: r for r in run_frontend_case(case)}
+    failed = [r for r in rows.values() if not r.ok]
+    assert not failed, "\n" + format_rows(failed)
+    assert {"video_grid_thw", "expanded_prompt (text)"} <= set(rows)
