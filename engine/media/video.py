@@ -429,8 +429,9 @@ def fetch_video(
 ) -> VideoFrames:
     """Sampled frames of a video file (path/bytes), a frame directory or a list of frames.
 
-    ``options`` (the message's video keys) apply to frame directories and lists; a file is sampled
-    by the v2 sampler, which reads none of them (spec §4.2).
+    ``options`` (the message's video keys) steer the sampling of frame directories and lists; a file
+    is sampled by the v2 sampler, which reads none of them (spec §4.2). Their resize keys act later,
+    in `preprocess_video`.
     """
     config = config or VideoSamplingConfig()
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
