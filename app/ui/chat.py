@@ -22,7 +22,7 @@ import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.ui.common import (GENERATING, InFlight, chosen_seed, error_line, failure, figures_line, queue_line, seed_box,
-                           session_of)
+                           session_of, wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 TAB = "chat"
@@ -321,7 +321,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     chatbot.edit(controller.cut_for_edit, [chatbot], [chatbot], queue=False).then(
         controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None)
     chatbot.undo(controller.undo, [chatbot], [chatbot, box], queue=False)
-    stop.click(controller.stop, None, None, queue=False, api_name="stop")
+    wire_stop(stop, controller.stop, api_name="stop")
     clear.click(controller.clear, None, outputs, queue=False, api_name="clear")
     chatbot.clear(controller.clear, None, outputs, queue=False, api_visibility="private")
     export.click(lambda h: gr.update(value=export_conversation(h), visible=True), [chatbot], [exported],

@@ -32,6 +32,14 @@ def chosen_seed(value) -> int | None:
     return None if seed < 0 else seed
 
 
+def wire_stop(button: gr.Button, stop, **kwargs):
+    """Wire a tab's Stop button to `stop` (a controller's stop: it cancels this visitor's request, or says with
+    gr.Info that nothing is running). Queued: Gradio drops gr.Info from an event with queue=False, so Stop
+    pressed with nothing running showed nothing at all; with no concurrency limit it never waits behind the
+    work it stops."""
+    return button.click(stop, None, None, concurrency_limit=None, **kwargs)
+
+
 def session_of(request: gr.Request | None) -> str:
     session = getattr(request, "session_hash", None) if request is not None else None
     return session or f"anonymous-{uuid.uuid4().hex}"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from app.engine_link import IMAGE_OUT, EngineLink
 from app.ui.common import (GENERATING, InFlight, chosen_seed, error_line, failure, figures_line, queue_line, seed_box,
-                           session_of)
+                           session_of, wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
 TAB = "image"
@@ -185,7 +185,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> Imag
     go.click(controller.make, [mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
                                state], [picture, mask, overlay, status, gallery, state, files],
              api_name="imagine", concurrency_limit=None)
-    stop.click(controller.stop, None, None, queue=False, api_visibility="private")
+    wire_stop(stop, controller.stop, api_visibility="private")
     dice.click(lambda: random.randint(0, MAX_SEED), None, [seed], queue=False, api_visibility="private")
     gallery.select(controller.reuse, [state], [mode, prompt, preset, target, aspect, size, steps, guidance, seed],
                    api_visibility="private")

@@ -16,7 +16,7 @@ import gradio as gr
 import numpy as np
 
 from app.engine_link import AUDIO_IN, EngineLink
-from app.ui.common import InFlight, error_line, failure, figures_line, queue_line, session_of
+from app.ui.common import InFlight, error_line, failure, figures_line, queue_line, session_of, wire_stop
 from engine.events import Done, Error, QueuePosition, TextDelta
 
 TAB = "speech"
@@ -199,5 +199,5 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
                 concurrency_limit=None, api_visibility="private")
     live.stop_recording(controller.finish, [state, *settings], [state, transcript, status, txt, srt],
                         concurrency_limit=None, api_visibility="private")
-    stop.click(controller.stop, None, None, queue=False, api_visibility="private")
+    wire_stop(stop, controller.stop, api_visibility="private")
     return controller

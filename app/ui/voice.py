@@ -16,7 +16,7 @@ import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.ui.common import (GENERATING, InFlight, chosen_seed, error_line, failure, figures_line, queue_line, seed_box,
-                           session_of)
+                           session_of, wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 TAB = "voice"
@@ -247,7 +247,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
     inputs = [text, task, source, saved, clip, clip_text, dialect, emotion, speed, pitch, volume, style, ip, env,
               snr, genre, mood, instrument, theme, duration, seed]
     go.click(controller.synthesize, inputs, [player, clip_text, status, wav], api_name="speak", concurrency_limit=None)
-    stop.click(controller.stop, None, None, queue=False, api_visibility="private")
+    wire_stop(stop, controller.stop, api_visibility="private")
     fill.click(controller.transcribe_clip, [clip], [clip_text, status], concurrency_limit=None,
                api_visibility="private")
     save.click(controller.save, [name, clip, clip_text, replace], [saved, status], concurrency_limit=None,

@@ -98,3 +98,18 @@ def test_chat_tab_on_a_phone(browser, studio):
     print(f"\n[Chat tab, phone] {page.locator('#chat-figures').inner_text()}")
     keep_screenshot(page, "chat-phone")
     page.context.close()
+
+
+def test_stop_with_nothing_running_says_so_in_every_tab(browser, studio):
+    """Stop pressed while nothing is being made shows "Nothing is being …" (an unqueued event dropped that
+    gr.Info: the press showed nothing at all)."""
+    page = open_tab(browser, studio, "Chat", DESKTOP)
+    for tab, stop in (("Chat", "#chat-stop"), ("Speech", "#speech-stop"), ("Voice", "#voice-stop"),
+                      ("Image", "#image-stop")):
+        page.get_by_role("tab", name=tab).click()
+        page.locator(stop).click()
+        toast = page.locator(".toast-body").last
+        sync_api.expect(toast).to_contain_text("Nothing is being", timeout=15_000)
+        page.locator(".toast-close").last.click()  # the next tab's toast is then the only one
+        sync_api.expect(page.locator(".toast-body")).to_have_count(0, timeout=10_000)
+    page.context.close()
