@@ -15,6 +15,7 @@ from app.engine_link import REALTIME, SPEECH_OUT, EngineLink
 from app.live_proxy import LiveProxy
 from app.ui.banner import build_banner
 from app.ui.chat import build_chat_tab
+from app.ui.common import capability_note
 from app.ui.image import build_image_tab
 from app.ui.live import build_live_tab
 from app.ui.speech import build_speech_tab
@@ -44,9 +45,9 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
             with gr.Tab("Chat", id="chat"):
                 build_chat_tab(link, ASSETS if ASSETS.is_dir() else None)
             with gr.Tab("Live", id="live"):
-                if link.status().ok and not link.has(REALTIME):
-                    gr.Markdown("**Live needs the engine's realtime protocol**, which this engine does not serve "
-                                "(an OpenAI-compatible server: use Chat, Speech, Voice and Image).")
+                capability_note(link, REALTIME, "**Live needs the engine's realtime protocol**, which this engine "
+                                                "does not serve (an OpenAI-compatible server: use Chat, Speech, "
+                                                "Voice and Image).")
                 build_live_tab(speech_output=link.has(SPEECH_OUT))
             with gr.Tab("Speech", id="speech"):
                 build_speech_tab(link, examples=_assets("speech/*.wav"))

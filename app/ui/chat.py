@@ -21,8 +21,8 @@ import gradio as gr
 import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
-from app.ui.common import (GENERATING, InFlight, chosen_seed, error_line, failure, figures_line, queue_line, seed_box,
-                           session_of, wire_stop)
+from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, error_line, failure, figures_line,
+                           on_page_load, queue_line, seed_box, session_of, wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 TAB = "chat"
@@ -151,6 +151,15 @@ def chat_examples(assets: Path | None) -> list[list[dict]]:
         if (assets / rel).is_file():
             examples.append([{"text": text, "files": [str(assets / rel)]}])
     return examples
+
+
+def speech_controls(link: EngineLink) -> tuple[dict, dict]:
+    """The settings of the "Answer with speech too" box and of the spoken-reply player for what the engine
+    serves (set at each page load: the engine may have come back, or changed, since the page was built)."""
+    if link.status().ok and link.has(SPEECH_OUT):  # status(): the engine asked again if not asked lately
+        return {"interactive": True, "info": ""}, {"visible": True}
+    why = "this engine has no talker" if engine_lacks(link, SPEECH_OUT) else "the engine is not reachable"
+    return {"interactive": False, "info": why}, {"visible": False}
 
 
 # --------------------------------------------------------------------------- the controller
@@ -287,7 +296,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
         export = gr.Button("Export JSON", elem_id="chat-export", scale=1, min_width=80)
     figures = gr.Markdown("", elem_id="chat-figures")
     speech = gr.Audio(label="Spoken reply", streaming=True, autoplay=True, interactive=False,
-                      visible=link.has(SPEECH_OUT), elem_id="chat-speech")
+                      elem_id="chat-speech", **speech_controls(link)[1])
     exported = gr.File(label="Conversation (JSON)", visible=False, elem_id="chat-exported")
     with gr.Accordion("Camera snapshot", open=False):
         snapshot = gr.Image(sources=["webcam"], type="filepath", label="Take a picture, then attach it",
@@ -295,8 +304,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
         attach = gr.Button("Attach snapshot")
     with gr.Accordion("Options", open=False, elem_id="chat-advanced"):
         with gr.Row():
-            speak = gr.Checkbox(value=False, label="Answer with speech too", interactive=link.has(SPEECH_OUT),
-                                info=None if link.has(SPEECH_OUT) else "this engine has no talker")
+            speak = gr.Checkbox(value=False, label="Answer with speech too", **speech_controls(link)[0])
             voice = gr.Textbox(label="Voice (a preset or a saved voice; empty = default)", value="")
             thinking = gr.Checkbox(value=False, label="Thinking (detailed thinking on)")
         with gr.Row():
@@ -324,6 +332,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     wire_stop(stop, controller.stop, api_name="stop")
     clear.click(controller.clear, None, outputs, queue=False, api_name="clear")
     chatbot.clear(controller.clear, None, outputs, queue=False, api_visibility="private")
+    on_page_load(lambda: tuple(gr.update(**c) for c in speech_controls(link)), [speak, speech])
     export.click(lambda h: gr.update(value=export_conversation(h), visible=True), [chatbot], [exported],
                  queue=False, api_visibility="private")
     attach.click(lambda img, m: {"text": (m or {}).get("text", ""), "files": [*((m or {}).get("files") or []), img]}

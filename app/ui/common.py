@@ -8,7 +8,9 @@ import threading
 import uuid
 
 import gradio as gr
+from gradio.context import Context
 
+from app.engine_link import EngineLink
 from engine.events import Done, Error, GenerationStats, QueuePosition
 
 GENERATING = "Generating…"
@@ -30,6 +32,31 @@ def chosen_seed(value) -> int | None:
         return None
     seed = int(value)
     return None if seed < 0 else seed
+
+
+def engine_lacks(link: EngineLink, capability: str) -> bool:
+    """The engine was reached (now or earlier) and does not serve `capability`. False while it was never
+    reached: nothing is known of what it serves (the banner says it is unavailable), so no tab claims it
+    lacks anything."""
+    return link.status().info is not None and not link.has(capability)
+
+
+def note_text(link: EngineLink, capability: str, text: str) -> str:
+    return text if engine_lacks(link, capability) else ""
+
+
+def capability_note(link: EngineLink, capability: str, text: str) -> gr.Markdown:
+    """`text` (why a tab cannot do its work) while the engine lacks `capability`, worked out at each page
+    load: a studio started before its engine said "no talker" (and the like) for good, even after the
+    engine came back with one."""
+    return gr.Markdown(lambda: note_text(link, capability, text))
+
+
+def on_page_load(fn, outputs: list) -> None:
+    """Run `fn` (no inputs; it returns updates for `outputs`) at each page load, for what depends on the
+    engine's capabilities or lists (a page loaded after the engine came back shows what it serves now).
+    Call inside the studio's Blocks."""
+    Context.root_block.load(fn, None, outputs, queue=False, show_progress="hidden", api_visibility="private")
 
 
 def wire_stop(button: gr.Button, stop, **kwargs):

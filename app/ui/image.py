@@ -16,8 +16,8 @@ import gradio as gr
 from PIL import Image
 
 from app.engine_link import IMAGE_OUT, EngineLink
-from app.ui.common import (GENERATING, InFlight, chosen_seed, error_line, failure, figures_line, queue_line, seed_box,
-                           session_of, wire_stop)
+from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, error_line, failure, figures_line,
+                           queue_line, seed_box, session_of, wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
 TAB = "image"
@@ -144,8 +144,8 @@ def _caption(s: dict) -> str:
 
 def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> ImageController:
     controller = ImageController(link)
-    if not link.has(IMAGE_OUT):
-        gr.Markdown("**This engine has no image generator**, so it cannot generate, edit or segment images.")
+    capability_note(link, IMAGE_OUT, "**This engine has no image generator**, so it cannot generate, edit or "
+                                     "segment images.")
     with gr.Row():
         with gr.Column(scale=2):
             mode = gr.Radio(list(MODES), value="Generate", label="Task", elem_id="image-mode")

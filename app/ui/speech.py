@@ -16,7 +16,8 @@ import gradio as gr
 import numpy as np
 
 from app.engine_link import AUDIO_IN, EngineLink
-from app.ui.common import InFlight, error_line, failure, figures_line, queue_line, session_of, wire_stop
+from app.ui.common import (InFlight, capability_note, error_line, failure, figures_line, queue_line, session_of,
+                           wire_stop)
 from engine.events import Done, Error, QueuePosition, TextDelta
 
 TAB = "speech"
@@ -165,8 +166,7 @@ def _duration(path: str) -> float:
 
 def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> SpeechController:
     controller = SpeechController(link)
-    if not link.has(AUDIO_IN):
-        gr.Markdown("This engine serves no audio encoder, so it cannot transcribe speech.")
+    capability_note(link, AUDIO_IN, "This engine serves no audio encoder, so it cannot transcribe speech.")
     with gr.Row():
         with gr.Column():
             clip = gr.Audio(sources=["upload", "microphone"], type="filepath", label="A clip to transcribe",

@@ -15,8 +15,8 @@ import gradio as gr
 import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
-from app.ui.common import (GENERATING, InFlight, chosen_seed, error_line, failure, figures_line, queue_line, seed_box,
-                           session_of, wire_stop)
+from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, error_line, failure, figures_line,
+                           on_page_load, queue_line, seed_box, session_of, wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 TAB = "voice"
@@ -25,6 +25,7 @@ DEFAULT_VOICE = "Default voice"
 NO_CHOICE = "(model default)"
 VOICE_SOURCES = ("Default voice", "Saved voice", "Clone from a clip")
 REPLACE_LABEL = "Replace a saved voice of that name"
+INSTRUCTION_KEYS = ("dialects", "emotions", "speeds", "pitches", "volumes")  # speech_options() lists, in that order
 
 
 def write_wav(chunks: list[np.ndarray], rate: int) -> str:
@@ -172,6 +173,14 @@ class VoiceController:
     def refresh(self):
         return gr.update(choices=self.voice_names())
 
+    def page_load(self) -> tuple:
+        """The choices of the instruction dropdowns (dialect, emotion, speed, pitch, volume) and of the saved
+        voices, asked of the engine at each page load (one that was down when the studio started left them
+        empty for good)."""
+        self.link.status()  # the engine asked again if not asked lately (its capabilities decide what is asked)
+        options = self.options()
+        return (*(gr.update(choices=_choices(options, key)) for key in INSTRUCTION_KEYS), self.refresh())
+
     def stop(self, request: gr.Request | None = None) -> None:
         if not self.inflight.cancel(session_of(request), TAB):
             gr.Info("Nothing is being made.")
@@ -183,9 +192,9 @@ def _choices(options: dict, key: str) -> list[str]:
 
 def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> VoiceController:
     controller = VoiceController(link)
-    if not link.has(SPEECH_OUT):
-        gr.Markdown("**This engine has no talker**, so it cannot speak, make sounds or music. "
-                    "(A checkpoint without `talker/`, the Preview release, or an engine that does not serve speech.)")
+    capability_note(link, SPEECH_OUT, "**This engine has no talker**, so it cannot speak, make sounds or music. "
+                                      "(A checkpoint without `talker/`, the Preview release, or an engine that "
+                                      "does not serve speech.)")
     options = controller.options()
     with gr.Row():
         with gr.Column(scale=3):
@@ -253,5 +262,6 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
     save.click(controller.save, [name, clip, clip_text, replace], [saved, status], concurrency_limit=None,
                api_name="save_voice")
     delete.click(controller.delete, [saved], [saved, status], api_visibility="private")
+    on_page_load(controller.page_load, [dialect, emotion, speed, pitch, volume, saved])
     refresh.click(controller.refresh, None, [saved], queue=False, api_visibility="private")
     return controller

@@ -1,17 +1,21 @@
 """The Voice and Image tabs' controllers against the tiny engine behind its server: saving a voice under a
 name already taken keeps the saved voice and says how to replace it, ticking Replace replaces it; a seed box
-left at -1 (or emptied by an API caller) draws a new seed each time."""
+left at -1 (or emptied by an API caller) draws a new seed each time; a studio started before its engine claims
+nothing about what the engine serves, and shows it once the engine is up."""
 
 from __future__ import annotations
+
+import socket
 
 import pytest
 
 pytest.importorskip("gradio")
 
-from app.engine_link import EngineLink  # noqa: E402
-from app.ui.common import RANDOM_SEED, chosen_seed  # noqa: E402
+from app.engine_link import IMAGE_OUT, SPEECH_OUT, EngineLink  # noqa: E402
+from app.ui.chat import speech_controls  # noqa: E402
+from app.ui.common import RANDOM_SEED, chosen_seed, note_text  # noqa: E402
 from app.ui.image import ImageController  # noqa: E402
-from app.ui.voice import REPLACE_LABEL, VoiceController  # noqa: E402
+from app.ui.voice import NO_CHOICE, REPLACE_LABEL, VoiceController  # noqa: E402
 from engine.client import EngineClient  # noqa: E402
 from tests.server import tone_pcm16, wav_bytes  # noqa: E402
 
@@ -43,3 +47,34 @@ def test_a_seed_left_at_random_draws_a_new_seed_each_time(engine_server):
                               progress=lambda *a, **k: None)
         seeds.append(last[5][-1]["settings"]["seed"])  # the gallery state's newest entry
     assert len(set(seeds[:3])) == 3 and seeds[3] == 5, seeds
+
+
+def test_a_studio_started_before_its_engine_shows_what_the_engine_serves_once_it_is_up(tiny_engine):
+    """launch.py --engine URL starts the page while the engine is down: the tabs said "This engine has no
+    talker" (no image generator, ...) and kept the instruction and saved-voice lists empty after it came back.
+    Each page load asks the engine again (one link per tab here: none is refreshed by another's asking)."""
+    from engine.server import ServerHandle, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    chat, voice, notes = (EngineLink(EngineClient(f"http://127.0.0.1:{port}", token="test-token"), recheck_s=0)
+                          for _ in range(3))
+    voice = VoiceController(voice)
+    assert note_text(notes, SPEECH_OUT, "no talker") == note_text(notes, IMAGE_OUT, "no image generator") == ""
+    speak, speech = speech_controls(chat)
+    assert speak == {"interactive": False, "info": "the engine is not reachable"} and speech == {"visible": False}
+    assert [u["choices"] for u in voice.page_load()] == [[NO_CHOICE]] * 5 + [[]]
+
+    server = ServerHandle(create_app(tiny_engine, token="test-token"), host="127.0.0.1", port=port).start()
+    try:  # the pages loaded now
+        assert speech_controls(chat) == ({"interactive": True, "info": ""}, {"visible": True})
+        *instructions, saved = voice.page_load()
+        assert all(len(u["choices"]) > 1 and u["choices"][0] == NO_CHOICE for u in instructions), instructions
+        assert saved["choices"] == voice.voice_names()
+        assert note_text(notes, SPEECH_OUT, "no talker") == ""
+    finally:
+        server.stop()
+    assert note_text(notes, SPEECH_OUT, "no talker") == "" and not notes.status().ok  # seen serving a talker
+    notes.status().info.capabilities.discard(SPEECH_OUT)  # as an engine without a talker
+    assert note_text(notes, SPEECH_OUT, "no talker") == "no talker"
