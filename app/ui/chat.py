@@ -24,6 +24,9 @@ from app.engine_link import SPEECH_OUT, EngineLink
 from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, error_line, failure, figures_line,
                            on_page_load, queue_line, seed_box, session_of, wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
+from engine.server.limits import Limits
+
+MAX_NEW_TOKENS = Limits.max_new_tokens  # the engine server's cap unless started with --max-new-tokens
 
 TAB = "chat"
 CHAT_API_NAME = "chat"
@@ -308,7 +311,9 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
             voice = gr.Textbox(label="Voice (a preset or a saved voice; empty = default)", value="")
             thinking = gr.Checkbox(value=False, label="Thinking (detailed thinking on)")
         with gr.Row():
-            max_new_tokens = gr.Slider(1, 8192, value=256, step=1, label="Max new tokens", elem_id="chat-max-tokens")
+            # at most what the engine server allows (8192 went out and came back as max_tokens_exceeded)
+            max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=256, step=1, elem_id="chat-max-tokens",
+                                       label=f"Max new tokens (up to {MAX_NEW_TOKENS}, the engine server's default cap)")
             temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p")
         with gr.Row():
