@@ -32,6 +32,7 @@ TAB = "chat"
 CHAT_API_NAME = "chat"
 EMPTY_HINT = "Type a message or attach a file first, then press Enter (or Send)."
 WITHDRAWN = "Stopped before it started (it was waiting for the engine). Your message is back in the box."
+NOTHING_TO_EXPORT = "Nothing to export yet: the conversation is empty."
 DEFAULT_SYSTEM_HINT = "empty = the model's own default system prompt"
 MEDIA_KINDS = ("image", "video", "audio")
 
@@ -251,6 +252,14 @@ class ChatController:
         if not self.inflight.cancel(session_of(request), TAB):
             gr.Info("Nothing is being generated.")
 
+    @staticmethod
+    def export(history: list | None):
+        """Export JSON: (the file offered for download, the figures line). An empty conversation is not
+        exported (it gave a download of {"messages": []} without a word)."""
+        if not history_to_messages(history):
+            return gr.update(value=None, visible=False), NOTHING_TO_EXPORT
+        return gr.update(value=export_conversation(history), visible=True), gr.skip()
+
     def clear(self, request: gr.Request | None = None):
         self.inflight.cancel(session_of(request), TAB, clear=True)
         return [], {"text": "", "files": []}, "", None
@@ -338,8 +347,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     clear.click(controller.clear, None, outputs, queue=False, api_name="clear")
     chatbot.clear(controller.clear, None, outputs, queue=False, api_visibility="private")
     on_page_load(lambda: tuple(gr.update(**c) for c in speech_controls(link)), [speak, speech])
-    export.click(lambda h: gr.update(value=export_conversation(h), visible=True), [chatbot], [exported],
-                 queue=False, api_visibility="private")
+    export.click(controller.export, [chatbot], [exported, figures], queue=False, api_visibility="private")
     attach.click(lambda img, m: {"text": (m or {}).get("text", ""), "files": [*((m or {}).get("files") or []), img]}
                  if img else m, [snapshot, box], [box], queue=False, api_visibility="private")
     return controller

@@ -17,8 +17,8 @@ pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
-from app.ui.chat import (EMPTY_HINT, WITHDRAWN, ChatController, content_text, export_conversation,  # noqa: E402
-                         history_to_messages, user_turn)
+from app.ui.chat import (EMPTY_HINT, NOTHING_TO_EXPORT, WITHDRAWN, ChatController, content_text,  # noqa: E402
+                         export_conversation, history_to_messages, user_turn)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done  # noqa: E402
 from engine.sampling import GenerationParams  # noqa: E402
@@ -204,6 +204,14 @@ def test_export_writes_the_conversation_as_json(tmp_path):
     assert data["messages"] == [{"role": "user", "content": [{"type": "image", "image": "cup.png"},
                                                              {"type": "text", "text": "What?"}]},
                                 {"role": "assistant", "content": "A cup."}]
+
+
+def test_export_of_an_empty_conversation_says_so_instead_of_an_empty_file():
+    for history in (None, [], [{"role": "user", "content": ""}]):
+        file, figures = ChatController.export(history)
+        assert file["visible"] is False and file["value"] is None and figures == NOTHING_TO_EXPORT
+    file, _ = ChatController.export([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
+    assert file["visible"] is True and json.loads(Path(file["value"]).read_text())["messages"][1]["content"] == "Hello."
 
 
 def test_history_conversion_handles_gradio_message_shapes():
