@@ -13,7 +13,9 @@ from engine.client import ModelInfo
 
 BANNER_ELEM_ID = "model-banner"
 DEMO_HEADLINE = "RANDOM DEMO WEIGHTS"
-REAL_MODEL_HINT = "python launch.py --model inclusionAI/Ming-flash-omni-2.0   (or a local checkpoint directory)"
+# The command the banner shows as code, copyable as it is (the hint "(or a local checkpoint directory)" inside it
+# went along with a copy and broke the command); where else the model can come from is said before it.
+REAL_MODEL_COMMAND = "python launch.py --model inclusionAI/Ming-flash-omni-2.0"
 CAPABILITY_NAMES = {"text": "text", "image_in": "images in", "video_in": "video in", "audio_in": "audio in",
                     "speech_out": "speech out", "image_out": "images out",
                     "transcription": "speech recognition", "realtime": "live sessions"}
@@ -35,7 +37,7 @@ def banner_parts(info: ModelInfo) -> tuple[str, str, str | None]:
         return (DEMO_HEADLINE,
                 f"the engine serves the tiny, randomly initialised demo checkpoint '{info.name}' ({shape}; {can}). "
                 "Its replies, speech and images are meaningless; it only shows that the studio works. "
-                "To load the real model, run:", REAL_MODEL_HINT)
+                "To load the real model, run (or give --model a local checkpoint directory):", REAL_MODEL_COMMAND)
     details = f"release {info.release} · {shape} · {can}"
     if info.placement and info.placement != f"everything on {info.device}":  # a plan, or what did not fit
         details += f" · placement: {info.placement}"

@@ -5,6 +5,7 @@ queued), Clear, errors, empty input, export, and the banner and tabs."""
 from __future__ import annotations
 
 import json
+import shlex
 import threading
 import time
 import urllib.request
@@ -239,6 +240,18 @@ def test_banner_and_tabs(studio):
     assert tabs == ["Chat", "Live", "Speech", "Voice", "Image"]
     with urllib.request.urlopen(studio, timeout=10):
         pass
+
+
+def test_the_demo_banner_shows_a_command_that_runs_as_copied():
+    """The banner's code line read "python launch.py --model inclusionAI/Ming-flash-omni-2.0   (or a local checkpoint
+    directory)": copied from the page, the shell refused the parenthesis."""
+    from app.ui.banner import banner_parts
+    from engine.client import ModelInfo
+    info = ModelInfo(id="m", name="ming-tiny-random", is_demo=True, release="", parameters=2_500_000, dtype="float32",
+                     device="cpu", placement="", capabilities={"text"})
+    headline, details, command = banner_parts(info)
+    assert shlex.split(command) == ["python", "launch.py", "--model", "inclusionAI/Ming-flash-omni-2.0"]
+    assert "local checkpoint directory" in details
 
 
 def test_banner_says_where_a_real_model_went_and_what_was_left_out():
