@@ -32,6 +32,7 @@ TAB = "chat"
 CHAT_API_NAME = "chat"
 EMPTY_HINT = "Type a message or attach a file first, then press Enter (or Send)."
 WITHDRAWN = "Stopped before it started (it was waiting for the engine). Your message is back in the box."
+NO_SNAPSHOT = "No picture to attach yet: open the camera (Click to Access Webcam), take one, then Attach snapshot."
 NOTHING_TO_EXPORT = "Nothing to export yet: the conversation is empty."
 DEFAULT_SYSTEM_HINT = "empty = the model's own default system prompt"
 MEDIA_KINDS = ("image", "video", "audio")
@@ -253,6 +254,16 @@ class ChatController:
             gr.Info("Nothing is being generated.")
 
     @staticmethod
+    def attach_snapshot(image: str | None, message: dict | None, figures: str | None = None):
+        """Attach snapshot: (the input box with the webcam picture added, the figures line). Without a picture
+        it says how to take one (the press did nothing at all); that hint goes once a picture is attached."""
+        if not image:
+            return gr.update(), NO_SNAPSHOT
+        message = message or {}
+        return ({"text": message.get("text") or "", "files": [*(message.get("files") or []), image]},
+                "" if figures == NO_SNAPSHOT else gr.skip())
+
+    @staticmethod
     def export(history: list | None):
         """Export JSON: (the file offered for download, the figures line). An empty conversation is not
         exported (it gave a download of {"messages": []} without a word)."""
@@ -348,6 +359,6 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     chatbot.clear(controller.clear, None, outputs, queue=False, api_visibility="private")
     on_page_load(lambda: tuple(gr.update(**c) for c in speech_controls(link)), [speak, speech])
     export.click(controller.export, [chatbot], [exported, figures], queue=False, api_visibility="private")
-    attach.click(lambda img, m: {"text": (m or {}).get("text", ""), "files": [*((m or {}).get("files") or []), img]}
-                 if img else m, [snapshot, box], [box], queue=False, api_visibility="private")
+    attach.click(controller.attach_snapshot, [snapshot, box, figures], [box, figures], queue=False,
+                 api_visibility="private")
     return controller

@@ -18,8 +18,8 @@ pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
-from app.ui.chat import (EMPTY_HINT, NOTHING_TO_EXPORT, WITHDRAWN, ChatController, content_text,  # noqa: E402
-                         export_conversation, history_to_messages, user_turn)
+from app.ui.chat import (EMPTY_HINT, NO_SNAPSHOT, NOTHING_TO_EXPORT, WITHDRAWN, ChatController,  # noqa: E402
+                         content_text, export_conversation, history_to_messages, user_turn)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done  # noqa: E402
 from engine.sampling import GenerationParams  # noqa: E402
@@ -213,6 +213,14 @@ def test_export_of_an_empty_conversation_says_so_instead_of_an_empty_file():
         assert file["visible"] is False and file["value"] is None and figures == NOTHING_TO_EXPORT
     file, _ = ChatController.export([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
     assert file["visible"] is True and json.loads(Path(file["value"]).read_text())["messages"][1]["content"] == "Hello."
+
+
+def test_attach_snapshot_without_a_picture_says_how_to_take_one():
+    box, figures = ChatController.attach_snapshot(None, {"text": "look", "files": ["/tmp/a.png"]})
+    assert box == {"__type__": "update"} and figures == NO_SNAPSHOT  # the box as it was
+    box, figures = ChatController.attach_snapshot("/tmp/cam.png", {"text": "look", "files": ["/tmp/a.png"]}, NO_SNAPSHOT)
+    assert box == {"text": "look", "files": ["/tmp/a.png", "/tmp/cam.png"]} and figures == ""  # the hint goes
+    assert ChatController.attach_snapshot("/tmp/cam.png", None)[0] == {"text": "", "files": ["/tmp/cam.png"]}
 
 
 def test_history_conversion_handles_gradio_message_shapes():
