@@ -25,6 +25,9 @@ DEFAULT_VOICE = "Default voice"
 NO_CHOICE = "(model default)"
 VOICE_SOURCES = ("Default voice", "Saved voice", "Clone from a clip")
 REPLACE_LABEL = "Replace a saved voice of that name"
+# The engine's "podcast needs one reference clip (or saved voice) per speaker" read as if two could be given here.
+PODCAST_NEEDS_A_VOICE = ("A podcast needs a reference voice: choose Voice \"Clone from a clip\" or \"Saved voice\" "
+                         "(the voice of speaker_1; this tab takes one).")
 INSTRUCTION_KEYS = ("dialects", "emotions", "speeds", "pitches", "volumes")  # speech_options() lists, in that order
 
 
@@ -82,6 +85,9 @@ class VoiceController:
                                                  "duration": duration}.items() if v not in (None, "")}
         if task in ("tts", "podcast"):
             kwargs["instruct"] = instruction(dialect, emotion, speed, pitch, volume, style, ip, env, snr) or None
+            if task == "podcast" and source not in ("Saved voice", "Clone from a clip"):
+                yield None, gr.update(), PODCAST_NEEDS_A_VOICE, None
+                return
             if source == "Saved voice":
                 if not saved:
                     yield None, gr.update(), "Choose a saved voice (or save one from a clip first).", None

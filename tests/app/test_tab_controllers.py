@@ -15,7 +15,7 @@ from app.engine_link import IMAGE_OUT, SPEECH_OUT, EngineLink  # noqa: E402
 from app.ui.chat import speech_controls  # noqa: E402
 from app.ui.common import RANDOM_SEED, chosen_seed, note_text  # noqa: E402
 from app.ui.image import ImageController  # noqa: E402
-from app.ui.voice import NO_CHOICE, REPLACE_LABEL, VoiceController  # noqa: E402
+from app.ui.voice import NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS, VoiceController  # noqa: E402
 from engine.client import EngineClient  # noqa: E402
 from tests.server import tone_pcm16, wav_bytes  # noqa: E402
 
@@ -36,6 +36,22 @@ def test_saving_under_a_taken_name_keeps_the_voice_unless_replace_is_ticked(engi
     voices.delete("studio voice")
     _, note = voices.delete("studio voice")  # the server's error as it said it, once
     assert note == "Error (voice_not_found): unknown voice 'studio voice'"
+
+
+def test_a_podcast_with_the_default_voice_says_which_voice_to_choose(engine_server, tmp_path):
+    """Podcast with Voice "Default voice" came back as the engine's "podcast needs one reference clip (or saved
+    voice) per speaker", though this tab takes one clip; it now says which Voice to choose, and a clip speaks."""
+    voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    podcast = next(label for label, task in TASKS.items() if task == "podcast")
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.5, 22050, 220.0), 22050))
+
+    def status_of(source, clip_path):
+        *_, last = voices.synthesize("speaker_1: Hello.\nspeaker_2: Hi!", podcast, source, None, clip_path,
+                                     "hello there", *[None] * 5, "", "", "", None, "", "", "", "", 10, 3)
+        return last[2]
+    assert status_of("Default voice", None) == PODCAST_NEEDS_A_VOICE
+    assert "finish reason: stop" in status_of("Clone from a clip", str(clip))
 
 
 def test_a_seed_left_at_random_draws_a_new_seed_each_time(engine_server):
