@@ -22,7 +22,8 @@ import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, error_line, failure, figures_line,
-                           on_page_load, queue_line, seed_box, session_of, wire_stop)
+                           on_page_load, queue_line, saved_voice_names, seed_box, session_of,
+                           wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 from engine.server.limits import Limits
 
@@ -165,6 +166,12 @@ def speech_controls(link: EngineLink) -> tuple[dict, dict]:
         return {"interactive": True, "info": ""}, {"visible": True}
     why = "this engine has no talker" if engine_lacks(link, SPEECH_OUT) else "the engine is not reachable"
     return {"interactive": False, "info": why}, {"visible": False}
+
+
+def page_state(link: EngineLink) -> tuple:
+    """Updates of (the speak box, the spoken-reply player, the voice list) for each page load."""
+    speak, speech = speech_controls(link)
+    return gr.update(**speak), gr.update(**speech), gr.update(choices=saved_voice_names(link))
 
 
 # --------------------------------------------------------------------------- the controller
@@ -328,12 +335,14 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     with gr.Accordion("Options", open=False, elem_id="chat-advanced"):
         with gr.Row():
             speak = gr.Checkbox(value=False, label="Answer with speech too", **speech_controls(link)[0])
-            voice = gr.Textbox(label="Voice (a preset or a saved voice; empty = default)", value="")
+            # the engine has no preset voices (the label said "a preset or a saved voice"): the saved ones
+            voice = gr.Dropdown(saved_voice_names(link), value=None, allow_custom_value=True, elem_id="chat-voice",
+                                label="Voice (one saved in the Voice tab; empty = the default voice)")
             thinking = gr.Checkbox(value=False, label="Thinking (detailed thinking on)")
         with gr.Row():
             # at most what the engine server allows (8192 went out and came back as max_tokens_exceeded)
             max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=256, step=1, elem_id="chat-max-tokens",
-                                       label=f"Max new tokens (up to {MAX_NEW_TOKENS}, the engine server's default cap)")
+                                       label=f"Max new tokens (up to {MAX_NEW_TOKENS}, the server's default cap)")
             temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p")
         with gr.Row():
@@ -357,7 +366,9 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     wire_stop(stop, controller.stop, api_name="stop")
     clear.click(controller.clear, None, outputs, queue=False, api_name="clear")
     chatbot.clear(controller.clear, None, outputs, queue=False, api_visibility="private")
-    on_page_load(lambda: tuple(gr.update(**c) for c in speech_controls(link)), [speak, speech])
+    on_page_load(lambda: page_state(link), [speak, speech, voice])
+    voice.focus(lambda: page_state(link)[2], None, voice, queue=False, show_progress="hidden",
+                api_visibility="private")  # a voice saved in the Voice tab meanwhile is offered
     export.click(controller.export, [chatbot], [exported, figures], queue=False, api_visibility="private")
     attach.click(controller.attach_snapshot, [snapshot, box, figures], [box, figures], queue=False,
                  api_visibility="private")

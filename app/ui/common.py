@@ -10,7 +10,7 @@ import uuid
 import gradio as gr
 from gradio.context import Context
 
-from app.engine_link import EngineLink
+from app.engine_link import SPEECH_OUT, EngineLink
 from engine.events import Done, Error, GenerationStats, QueuePosition
 
 GENERATING = "Generating…"
@@ -57,6 +57,14 @@ def on_page_load(fn, outputs: list) -> None:
     engine's capabilities or lists (a page loaded after the engine came back shows what it serves now).
     Call inside the studio's Blocks."""
     Context.root_block.load(fn, None, outputs, queue=False, show_progress="hidden", api_visibility="private")
+
+
+def saved_voice_names(link: EngineLink) -> list[str]:
+    """The names of the voices saved in the engine's voice library (empty when it has no talker or cannot say)."""
+    try:
+        return [v["name"] for v in link.client.voices()] if link.has(SPEECH_OUT) else []
+    except Exception:  # noqa: BLE001  (the lists then stay empty; Refresh asks again)
+        return []
 
 
 def wire_stop(button: gr.Button, stop, **kwargs):

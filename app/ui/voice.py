@@ -16,7 +16,8 @@ import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, error_line, failure, figures_line,
-                           on_page_load, queue_line, seed_box, session_of, wire_stop)
+                           on_page_load, queue_line, saved_voice_names, seed_box, session_of,
+                           wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 TAB = "voice"
@@ -66,10 +67,7 @@ class VoiceController:
             return {}
 
     def voice_names(self) -> list[str]:
-        try:
-            return [v["name"] for v in self.link.client.voices()] if self.link.has(SPEECH_OUT) else []
-        except Exception:  # noqa: BLE001
-            return []
+        return saved_voice_names(self.link)
 
     def synthesize(self, text, task_label, source, saved, clip, clip_text, dialect, emotion, speed, pitch, volume,
                    style, ip, env, snr, genre, mood, instrument, theme, duration, seed,

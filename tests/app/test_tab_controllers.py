@@ -12,12 +12,27 @@ import pytest
 pytest.importorskip("gradio")
 
 from app.engine_link import IMAGE_OUT, SPEECH_OUT, EngineLink  # noqa: E402
-from app.ui.chat import speech_controls  # noqa: E402
+from app.ui.chat import page_state, speech_controls  # noqa: E402
 from app.ui.common import RANDOM_SEED, chosen_seed, note_text  # noqa: E402
 from app.ui.image import ImageController  # noqa: E402
 from app.ui.voice import NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS, VoiceController  # noqa: E402
 from engine.client import EngineClient  # noqa: E402
 from tests.server import tone_pcm16, wav_bytes  # noqa: E402
+
+
+def test_the_chat_voice_list_offers_the_saved_voices(engine_server, tmp_path):
+    """The Chat tab's voice box said "a preset or a saved voice" (the engine has no presets) and listed none;
+    it lists the saved voices, asked again at each page load and when the list is opened."""
+    link = EngineLink(EngineClient(engine_server.url, token="test-token"))
+    voices = VoiceController(link)
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.5, 22050, 220.0), 22050))
+    voices.save("chat voice", str(clip), "hello there", True)
+    try:
+        assert "chat voice" in page_state(link)[2]["choices"]
+    finally:
+        voices.delete("chat voice")
+    assert "chat voice" not in page_state(link)[2]["choices"]
 
 
 def test_saving_under_a_taken_name_keeps_the_voice_unless_replace_is_ticked(engine_server, tmp_path):
