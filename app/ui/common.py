@@ -133,6 +133,8 @@ def figures_line(done: Done) -> str:
     reason = FINISH_REASONS.get(done.finish_reason, done.finish_reason)
     stats: GenerationStats = done.stats
     waited = f" · waited {stats.queue_wait_s:.1f} s in line" if stats.queue_wait_s >= 0.05 else ""
+    if stats == GenerationStats():  # nothing measured (a stream Stop closed): no "prompt tokens 0, 0.0 tokens/s"
+        return f"finish reason: {reason}"
     return f"{stats.summary()}{waited} · finish reason: {reason}"
 
 

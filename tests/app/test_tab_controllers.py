@@ -13,10 +13,11 @@ pytest.importorskip("gradio")
 
 from app.engine_link import IMAGE_OUT, SPEECH_OUT, EngineLink  # noqa: E402
 from app.ui.chat import page_state, speech_controls  # noqa: E402
-from app.ui.common import RANDOM_SEED, chosen_seed, note_text  # noqa: E402
+from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # noqa: E402
 from app.ui.image import ImageController  # noqa: E402
 from app.ui.voice import NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS, VoiceController  # noqa: E402
 from engine.client import EngineClient  # noqa: E402
+from engine.events import Done, GenerationStats  # noqa: E402
 from tests.server import tone_pcm16, wav_bytes  # noqa: E402
 
 
@@ -67,6 +68,14 @@ def test_a_podcast_with_the_default_voice_says_which_voice_to_choose(engine_serv
         return last[2]
     assert status_of("Default voice", None) == PODCAST_NEEDS_A_VOICE
     assert "finish reason: stop" in status_of("Clone from a clip", str(clip))
+
+
+def test_a_stopped_stream_without_figures_shows_none():
+    """An image stopped mid-way read "prompt tokens 0, new tokens 0, time to first token 0.0 ms, 0.0 tokens/s ·
+    finish reason: cancelled (stopped)": the client ends a stream it closed with no figures."""
+    assert figures_line(Done(text="", finish_reason="cancelled")) == "finish reason: cancelled (stopped)"
+    measured = Done(text="", finish_reason="stop", stats=GenerationStats(images=1, image_steps=8, image_step_s=0.01))
+    assert figures_line(measured) == "8 steps, 0.01 s/step · finish reason: stop (complete)"
 
 
 def test_a_seed_left_at_random_draws_a_new_seed_each_time(engine_server):
