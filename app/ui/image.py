@@ -184,7 +184,8 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> Imag
     state = gr.State([])
     go.click(controller.make, [mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
                                state], [picture, mask, overlay, status, gallery, state, files],
-             api_name="imagine", concurrency_limit=None)
+             api_name="imagine", concurrency_limit=None,
+             show_progress_on=[status])  # the progress bar over the result hid the previews it is to show
     wire_stop(stop, controller.stop, api_visibility="private")
     dice.click(lambda: random.randint(0, MAX_SEED), None, [seed], queue=False, api_visibility="private")
     gallery.select(controller.reuse, [state], [mode, prompt, preset, target, aspect, size, steps, guidance, seed],

@@ -113,3 +113,23 @@ def test_stop_with_nothing_running_says_so_in_every_tab(browser, studio):
         page.locator(".toast-close").last.click()  # the next tab's toast is then the only one
         sync_api.expect(page.locator(".toast-body")).to_have_count(0, timeout=10_000)
     page.context.close()
+
+
+def test_image_previews_are_not_hidden_by_the_progress_bar(browser, studio):
+    """The progress bar lay over the result image (Gradio puts it on every output), so the previews the result
+    is labelled with were never seen; it is shown on the status line."""
+    page = open_tab(browser, studio, "Image", DESKTOP)
+    page.locator("#image-prompt textarea").fill("a red cup")
+    page.get_by_label("or exact size (WxH)").fill("1024x1024")  # slow enough to look at it while it is made
+    set_slider(page, "image-steps", 50)
+    page.locator("#image-go").click()
+    status, samples = page.locator("#image-figures"), []
+    while "finish reason" not in (text := status.inner_text()) and len(samples) < 400:
+        if "step" in text:  # a preview has come: the result shows it, with no progress bar on it
+            samples.append((page.locator("#image-result img").count(),
+                            page.locator("#image-result .progress-text").count()))
+        page.wait_for_timeout(20)
+    sync_api.expect(status).to_contain_text("finish reason", timeout=60_000)
+    assert samples, "no preview was seen while the image was made"
+    assert all(images >= 1 and bars == 0 for images, bars in samples), samples
+    page.context.close()
