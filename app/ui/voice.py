@@ -32,8 +32,10 @@ PODCAST_NEEDS_A_VOICE = ("A podcast needs a reference voice: choose Voice \"Clon
 INSTRUCTION_KEYS = ("dialects", "emotions", "speeds", "pitches", "volumes")  # speech_options() lists, in that order
 
 
-def write_wav(chunks: list[np.ndarray], rate: int) -> str:
-    path = Path(tempfile.mkdtemp(prefix="ming-voice-")) / f"speech-{time.strftime('%Y%m%d-%H%M%S')}.wav"
+def write_wav(chunks: list[np.ndarray], rate: int, task: str = "tts") -> str:
+    """The clip as a WAV file named for what it is (speech, sound, music, podcast: music was 'speech-….wav')."""
+    stem = {"tts": "speech"}.get(task, task)
+    path = Path(tempfile.mkdtemp(prefix="ming-voice-")) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.wav"
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -124,11 +126,11 @@ class VoiceController:
                 transcript = asr  # the transcript our ASR filled in: shown, editable for the next take
             status = figures_line(final) + (" · the clip's transcript was filled in by speech recognition"
                                             if asr is not None else "")
-            yield None, transcript, status, write_wav(chunks, rate) if chunks else None
+            yield None, transcript, status, write_wav(chunks, rate, task) if chunks else None
         else:
             final = final or Error("the engine ended without a result", code="engine_error")
             gr.Warning(f"Speech failed: {final.message}")
-            yield None, transcript, error_line(final), write_wav(chunks, rate) if chunks else None
+            yield None, transcript, error_line(final), write_wav(chunks, rate, task) if chunks else None
 
     def transcribe_clip(self, clip):
         """Fill the transcript box from the clip with the model's ASR (editable afterwards)."""

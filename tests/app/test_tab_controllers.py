@@ -6,6 +6,7 @@ nothing about what the engine serves, and shows it once the engine is up."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,15 @@ def test_a_podcast_with_the_default_voice_says_which_voice_to_choose(engine_serv
         return last[2]
     assert status_of("Default voice", None) == PODCAST_NEEDS_A_VOICE
     assert "finish reason: stop" in status_of("Clone from a clip", str(clip))
+
+
+def test_the_wav_download_is_named_for_what_was_made(engine_server):
+    """Music and sound effects were offered as 'speech-<time>.wav'."""
+    voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    for label, stem in (("Sound effect", "sound"), ("Speech", "speech")):
+        *_, last = voices.synthesize("Rain on a roof", label, "Default voice", None, None, "", *[None] * 5, "", "",
+                                     "", None, "", "", "", "", 10, 3)
+        assert Path(last[3]).name.startswith(f"{stem}-") and last[3].endswith(".wav"), last
 
 
 def test_a_stopped_stream_without_figures_shows_none():
