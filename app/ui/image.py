@@ -24,6 +24,12 @@ TAB = "image"
 MODES = {"Generate": "generate", "Edit": "edit", "Segment": "segment"}
 ASPECTS = ["1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "21:9"]
 PRESETS = {"(none)": None, "Replace the background": "replace_background", "Remove an object": "remove_object"}
+# What an Edit's prompt is, per preset (the engine wraps it: "Remove the {prompt} from the image ..."), said when
+# it is empty (the engine's "'prompt' is empty: give the prompt" came back after the upload).
+EDIT_PROMPT_HINTS = {"(none)": "Edit needs a prompt: say what to change (e.g. 'make the cup blue').",
+                     "Replace the background": "Describe the new background in the prompt (e.g. 'a sunny beach').",
+                     "Remove an object": "Name the object to remove in the prompt (e.g. 'cup')."}
+PRESET_INFO = "With a preset the prompt is only the new background, or the object to remove."
 MAX_SEED = 2**31 - 1
 
 
@@ -61,6 +67,9 @@ class ImageController:
             return
         if task in ("edit", "segment") and not images:
             yield *nothing, f"{mode} needs a reference image: upload one first.", gr.update(), gallery_state, None
+            return
+        if task == "edit" and not (prompt or "").strip():
+            yield *nothing, EDIT_PROMPT_HINTS.get(preset, EDIT_PROMPT_HINTS["(none)"]), gr.update(), gallery_state, None
             return
         if task == "segment" and not (target or "").strip():
             yield *nothing, "Say what to segment (e.g. 'the cup').", gr.update(), gallery_state, None
@@ -156,7 +165,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> Imag
             if examples:
                 gr.Examples([[[e]] for e in examples], [refs], label="Example images (scripts/make_assets.py)")
             with gr.Row():
-                preset = gr.Dropdown(list(PRESETS), value="(none)", label="Edit preset")
+                preset = gr.Dropdown(list(PRESETS), value="(none)", label="Edit preset", info=PRESET_INFO)
                 target = gr.Textbox(label="Segment: what to find", placeholder="the cup", elem_id="image-target")
             with gr.Row():
                 aspect = gr.Dropdown(ASPECTS, value="1:1", label="Aspect ratio")

@@ -15,10 +15,11 @@ pytest.importorskip("gradio")
 from app.engine_link import IMAGE_OUT, SPEECH_OUT, EngineLink  # noqa: E402
 from app.ui.chat import page_state, speech_controls  # noqa: E402
 from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # noqa: E402
-from app.ui.image import ImageController  # noqa: E402
+from app.ui.image import EDIT_PROMPT_HINTS, ImageController  # noqa: E402
 from app.ui.voice import NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS, VoiceController  # noqa: E402
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done, GenerationStats  # noqa: E402
+from tests.paths import REPO  # noqa: E402
 from tests.server import tone_pcm16, wav_bytes  # noqa: E402
 
 
@@ -86,6 +87,20 @@ def test_a_stopped_stream_without_figures_shows_none():
     assert figures_line(Done(text="", finish_reason="cancelled")) == "finish reason: cancelled (stopped)"
     measured = Done(text="", finish_reason="stop", stats=GenerationStats(images=1, image_steps=8, image_step_s=0.01))
     assert figures_line(measured) == "8 steps, 0.01 s/step · finish reason: stop (complete)"
+
+
+def test_an_edit_without_a_prompt_says_what_the_prompt_is_for(engine_server):
+    """An Edit with an empty prompt went to the engine and came back as "'prompt' is empty: give the prompt"; the
+    tab says what the prompt is for with the preset chosen (the new background, the object to remove)."""
+    image = ImageController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    cup = str(REPO / "app" / "assets" / "images" / "cup.png")
+    for preset, hint in EDIT_PROMPT_HINTS.items():
+        *_, last = image.make("Edit", " ", [cup], preset, "", "1:1", "32x32", 2, 2.0, 1, 0, [],
+                              progress=lambda *a, **k: None)
+        assert last[3] == hint
+    *_, last = image.make("Edit", "cup", [cup], "Remove an object", "", "1:1", "32x32", 2, 2.0, 1, 0, [],
+                          progress=lambda *a, **k: None)
+    assert "finish reason: stop" in last[3], last[3]
 
 
 def test_a_seed_left_at_random_draws_a_new_seed_each_time(engine_server):
