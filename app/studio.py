@@ -17,7 +17,7 @@ from app.ui.banner import build_banner
 from app.ui.chat import build_chat_tab
 from app.ui.common import capability_note
 from app.ui.image import build_image_tab
-from app.ui.live import build_live_tab
+from app.ui.live import build_live_tab, engine_settings
 from app.ui.speech import build_speech_tab
 from app.ui.voice import build_voice_tab
 from engine.client import EngineClient
@@ -48,7 +48,7 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
                 capability_note(link, REALTIME, "**Live needs the engine's realtime protocol**, which this engine "
                                                 "does not serve (an OpenAI-compatible server: use Chat, Speech, "
                                                 "Voice and Image).")
-                build_live_tab(speech_output=link.has(SPEECH_OUT))
+                build_live_tab(speech_output=link.has(SPEECH_OUT), settings=engine_settings(link))
             with gr.Tab("Speech", id="speech"):
                 build_speech_tab(link, examples=_assets("speech/*.wav"))
             with gr.Tab("Voice", id="voice"):

@@ -83,9 +83,34 @@ function send(event) {
 }
 
 // ------------------------------------------------------------------ start / stop
+// What the engine serves now (speech output, saved voices), asked of the studio when the page loads and at each
+// Start (cfg.settings names the studio's function): a page built while the engine was down stayed text-only.
+async function refreshSettings() {
+  if (!cfg.settings || typeof server === "undefined" || !server[cfg.settings]) return;
+  try {
+    const now = await server[cfg.settings]();
+    cfg.speech_output = !!now.speech_output;
+    cfg.voices = Array.isArray(now.voices) ? now.voices : [];
+  } catch (e) { return; }  // the page keeps what it had
+  q("text-only").hidden = cfg.speech_output;
+  const keep = ui.voice.value;
+  ui.voice.replaceChildren();
+  for (const [value, label] of cfg.speech_output ? [["", "default voice"], ...cfg.voices.map((v) => [v, v])]
+                                                 : [["", "(no speech output)"]]) {
+    const option = document.createElement("option");
+    option.value = value; option.textContent = label;
+    ui.voice.appendChild(option);
+  }
+  ui.voice.value = cfg.speech_output && cfg.voices.includes(keep) ? keep : "";
+  ui.voice.disabled = !cfg.speech_output;
+}
+
 async function start() {
   if (S) return;
   showError("");
+  ui.start.disabled = true;  // while the studio is asked what the engine serves now
+  await refreshSettings();
+  ui.start.disabled = false;
   const opts = settings();
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
     showError("This page cannot use a camera or microphone: browsers allow them only on https:// or on this " +
@@ -493,3 +518,4 @@ element.liveState = () => (S ? { ready: !!S.ready, playing: S.play.sources.lengt
                                  frames: S.frames, mode: S.opts.mode } : null);  // for tests and debugging
 showSettingValues();
 if (!cfg.speech_output) q("text-only").hidden = false;
+refreshSettings();

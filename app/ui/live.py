@@ -18,11 +18,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import gradio as gr
 
+from app.engine_link import SPEECH_OUT, EngineLink
 from app.live_proxy import LIVE_WS_PATH
+from app.ui.common import saved_voice_names
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 LIVE_ELEM_ID = "live"
@@ -103,18 +105,32 @@ def live_html(defaults: LiveDefaults, voices: Sequence[str], speech_output: bool
         voice_options=_options(voice_values, voice_values[0], voice_labels))
 
 
+def engine_settings(link: EngineLink) -> Callable[[], dict]:
+    """The function build_live_tab's `settings` takes for an app.engine_link.EngineLink: whether the engine
+    speaks and its saved voices, asked when the page loads and at each Start (a page built while the engine
+    was down stayed text-only for good, and the saved voices were never offered)."""
+    def live_settings(_data=None) -> dict:  # (Gradio hands a server function what the page sent: nothing)
+        link.status()  # asked again if not asked lately
+        return {"speech_output": link.has(SPEECH_OUT), "voices": saved_voice_names(link)}
+    return live_settings
+
+
 def build_live_tab(*, speech_output: bool = False, voices: Sequence[str] = (), defaults: LiveDefaults | None = None,
-                   ws_path: str = LIVE_WS_PATH, elem_id: str = LIVE_ELEM_ID) -> gr.HTML:
+                   ws_path: str = LIVE_WS_PATH, elem_id: str = LIVE_ELEM_ID,
+                   settings: Callable[[], dict] | None = None) -> gr.HTML:
     """The tab's content; call it inside `gr.Tab(...)`. `speech_output`: the engine can speak (the
     studio's capabilities); `voices`: the voices it offers; `ws_path`: where the studio serves
-    app.live_proxy's route."""
+    app.live_proxy's route; `settings`: a function of one ignored argument returning {"speech_output",
+    "voices"} as they are now (engine_settings), which the page asks when it loads and at each Start (the
+    voice list then starts with the default voice)."""
     defaults = defaults or LiveDefaults()
     if defaults.mode not in ("hands_free", "ptt"):
         raise ValueError(f"LiveDefaults.mode must be 'hands_free' or 'ptt', got {defaults.mode!r}")
     config = {"ws_path": ws_path, "speech_output": bool(speech_output), "voices": list(voices),
-              "defaults": asdict(defaults)}
+              "defaults": asdict(defaults), "settings": settings.__name__ if settings is not None else None}
     return gr.HTML(
         html_template=live_html(defaults, voices, speech_output),
         css_template=(STATIC / "live.css").read_text(encoding="utf-8"),
         js_on_load=(STATIC / "live.js").read_text(encoding="utf-8"),
-        apply_default_css=False, elem_id=elem_id, live_config=json.dumps(config))
+        apply_default_css=False, elem_id=elem_id, live_config=json.dumps(config),
+        server_functions=[settings] if settings is not None else None)

@@ -168,6 +168,32 @@ def test_permission_denied_and_a_blocked_camera_are_said_in_the_page(live_page):
             b.close()
 
 
+def test_a_page_built_without_speech_asks_the_studio_and_offers_the_saved_voices(browser):
+    """The tab was built once, when the studio started: an engine that was down then (or voices saved since)
+    left Live text-only with only "default voice" for good. The page asks the studio at load and at Start."""
+    now = {"speech_output": False, "voices": []}
+
+    def live_settings(_data=None) -> dict:
+        return dict(now)
+    with FakeEngine(speak=True) as engine, served_live_tab(engine.url, engine.token, speech_output=False,
+                                                            settings=live_settings) as url:
+        page = browser
+        page.goto(url, wait_until="networkidle", timeout=60_000)
+        sync_api.expect(page.locator('#live [data-role="text-only"]')).to_be_visible()
+        now.update(speech_output=True, voices=["anna"])  # the engine came back; a voice was saved
+        page.reload(wait_until="networkidle", timeout=60_000)
+        voice = page.locator('#live [data-role="voice"]')
+        sync_api.expect(voice.locator("option")).to_have_text(["default voice", "anna"], timeout=10_000)
+        assert page.locator('#live [data-role="text-only"]').is_hidden()
+        page.locator("#live details.live-settings summary").click()
+        voice.select_option("anna")
+        page.locator('#live [data-role="start"]').click()
+        sync_api.expect(page.locator('#live [data-role="status"]')).to_contain_text("Listening", timeout=20_000)
+        update = next(e for e in engine.got.events if e["type"] == "session.update")["session"]
+        assert update["output_modalities"] == ["audio"] and update["audio"]["output"] == {"voice": "anna"}
+        page.locator('#live [data-role="stop"]').click()
+
+
 # --------------------------------------------------------------------------- against a real engine server
 
 

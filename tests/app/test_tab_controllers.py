@@ -16,6 +16,7 @@ from app.engine_link import IMAGE_OUT, SPEECH_OUT, EngineLink  # noqa: E402
 from app.ui.chat import page_state, speech_controls  # noqa: E402
 from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # noqa: E402
 from app.ui.image import EDIT_PROMPT_HINTS, ImageController  # noqa: E402
+from app.ui.live import engine_settings  # noqa: E402
 from app.ui.voice import NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS, VoiceController  # noqa: E402
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done, GenerationStats  # noqa: E402
@@ -23,9 +24,10 @@ from tests.paths import REPO  # noqa: E402
 from tests.server import tone_pcm16, wav_bytes  # noqa: E402
 
 
-def test_the_chat_voice_list_offers_the_saved_voices(engine_server, tmp_path):
+def test_the_chat_and_live_voice_lists_offer_the_saved_voices(engine_server, tmp_path):
     """The Chat tab's voice box said "a preset or a saved voice" (the engine has no presets) and listed none;
-    it lists the saved voices, asked again at each page load and when the list is opened."""
+    it lists the saved voices, asked again at each page load and when the list is opened. Live offered only
+    the default voice: its page asks engine_settings at load and at Start."""
     link = EngineLink(EngineClient(engine_server.url, token="test-token"))
     voices = VoiceController(link)
     clip = tmp_path / "clip.wav"
@@ -33,6 +35,8 @@ def test_the_chat_voice_list_offers_the_saved_voices(engine_server, tmp_path):
     voices.save("chat voice", str(clip), "hello there", True)
     try:
         assert "chat voice" in page_state(link)[2]["choices"]
+        assert engine_settings(link)() == {"speech_output": True, "voices": voices.voice_names()}
+        assert "chat voice" in voices.voice_names()
     finally:
         voices.delete("chat voice")
     assert "chat voice" not in page_state(link)[2]["choices"]
