@@ -162,8 +162,13 @@ def _connect_remote_engine(args: argparse.Namespace):
         info = client.info()
         print(f"Engine at {args.engine}: {info.name}" + (" (RANDOM DEMO WEIGHTS)" if info.is_demo else ""), flush=True)
     except Exception as e:  # noqa: BLE001  (any failure to reach it is reported, the page keeps trying)
-        print(f"WARNING: the engine at {args.engine} is not answering ({e}). The studio starts anyway, shows "
-              "this in the page and reconnects when the engine is back.", file=sys.stderr, flush=True)
+        if getattr(e, "code", None) == "unauthorized":  # not "not answering ... reconnects": it never will
+            print(f"WARNING: the engine at {args.engine} refused the token ({e}): give its token with "
+                  "--engine-token (or ENGINE_TOKEN) and start the studio again. The studio starts anyway and "
+                  "shows this in the page.", file=sys.stderr, flush=True)
+        else:
+            print(f"WARNING: the engine at {args.engine} is not answering ({e}). The studio starts anyway, shows "
+                  "this in the page and reconnects when the engine is back.", file=sys.stderr, flush=True)
     return client, None
 
 

@@ -166,3 +166,15 @@ def test_closing_the_studio_sets_gradios_stop_event_on_the_servers_loop():
     seen = []
     close_studio(SimpleNamespace(app=SimpleNamespace(stop_event=unbound), close=lambda: seen.append(unbound.is_set())))
     assert seen == [False]  # nothing to do first: demo.close() sets it itself
+
+
+def test_a_remote_engine_that_refuses_the_token_is_said_so_at_start(engine_server, capsys):
+    """launch.py --engine URL --engine-token WRONG printed "the engine ... is not answering (unauthorized: ...)
+    ... reconnects when the engine is back", which it never does with that token."""
+    import argparse
+
+    import launch
+
+    launch._connect_remote_engine(argparse.Namespace(engine=engine_server.url, engine_token="wrong"))
+    err = capsys.readouterr().err
+    assert "refused the token" in err and "--engine-token" in err and "not answering" not in err, err
