@@ -71,7 +71,7 @@ class SpeechController:
         self.inflight = InFlight()
 
     def _run(self, audio: bytes | str, context, hotwords, dialect, request) -> tuple[str, str, dict | None]:
-        """Transcribe once: (transcript, figures line, result or None)."""
+        """Transcribe once: (transcript, figures line, result or None: failed or stopped)."""
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
         text, status, result = "", "", None
@@ -84,9 +84,11 @@ class SpeechController:
                 elif isinstance(event, TextDelta):
                     text += event.text
                 elif isinstance(event, Done):
+                    status = figures_line(event)
+                    if event.finish_reason == "cancelled":  # Stop: what was heard stays, no files (an empty .txt)
+                        break
                     result = event.result or {}
                     text = result.get("text", text)
-                    status = figures_line(event)
                     if result.get("language"):
                         status = f"language: {result['language']} · " + status
                     break

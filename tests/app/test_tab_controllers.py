@@ -6,6 +6,7 @@ nothing about what the engine serves, and shows it once the engine is up."""
 from __future__ import annotations
 
 import socket
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,10 @@ from app.ui.chat import page_state, speech_controls  # noqa: E402
 from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # noqa: E402
 from app.ui.image import EDIT_PROMPT_HINTS, ImageController  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
+from app.ui.speech import SpeechController  # noqa: E402
 from app.ui.voice import NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS, VoiceController  # noqa: E402
 from engine.client import EngineClient  # noqa: E402
-from engine.events import Done, GenerationStats  # noqa: E402
+from engine.events import Done, GenerationStats, TextDelta  # noqa: E402
 from tests.paths import REPO  # noqa: E402
 from tests.server import tone_pcm16, wav_bytes  # noqa: E402
 
@@ -105,6 +107,26 @@ def test_an_edit_without_a_prompt_says_what_the_prompt_is_for(engine_server):
     *_, last = image.make("Edit", "cup", [cup], "Remove an object", "", "1:1", "32x32", 2, 2.0, 1, 0, [],
                           progress=lambda *a, **k: None)
     assert "finish reason: stop" in last[3], last[3]
+
+
+class StoppedTranscriber:
+    """An engine client whose transcription is stopped after a word (as Stop ends it)."""
+    endpoints = SimpleNamespace(http="http://stub")
+
+    def info(self):
+        raise ConnectionError("no engine here")
+
+    def transcribe(self, audio, **kwargs):
+        yield TextDelta("hello")
+        yield Done(text="hello", finish_reason="cancelled")
+
+
+def test_a_stopped_transcription_offers_no_files(tmp_path):
+    """Stop during Transcribe offered a 1-byte transcript .txt and an .srt of nothing."""
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.0, 16000, 220.0), 16000))
+    text, status, txt, srt = SpeechController(EngineLink(StoppedTranscriber())).transcribe_file(str(clip), "", "", None)
+    assert (text, status, txt, srt) == ("hello", "finish reason: cancelled (stopped)", None, None)
 
 
 def test_a_seed_left_at_random_draws_a_new_seed_each_time(engine_server):
