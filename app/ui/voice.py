@@ -209,7 +209,9 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
             task = gr.Radio(list(TASKS), value="Speech", label="What to make", elem_id="voice-task")
             source = gr.Radio(list(VOICE_SOURCES), value=DEFAULT_VOICE, label="Voice", elem_id="voice-source")
             with gr.Row():
-                saved = gr.Dropdown(controller.voice_names(), label="Saved voice", allow_custom_value=False,
+                # value=None: Gradio selects the first choice by default, and "Delete the selected saved voice"
+                # pressed before choosing one deleted it
+                saved = gr.Dropdown(controller.voice_names(), value=None, label="Saved voice", allow_custom_value=False,
                                     elem_id="voice-saved")
                 refresh = gr.Button("Refresh", scale=0, min_width=60)
             with gr.Accordion("Clone from a clip / save a voice", open=False):

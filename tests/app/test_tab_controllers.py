@@ -44,6 +44,26 @@ def test_the_chat_and_live_voice_lists_offer_the_saved_voices(engine_server, tmp
     assert "chat voice" not in page_state(link)[2]["choices"]
 
 
+def test_no_saved_voice_is_selected_until_the_user_chooses_one(engine_server, tmp_path):
+    """The Saved voice list selected the first voice by itself (Gradio's default), so "Delete the selected saved
+    voice" pressed before choosing anything deleted it."""
+    import gradio as gr
+
+    from app.ui.voice import build_voice_tab
+
+    link = EngineLink(EngineClient(engine_server.url, token="test-token"))
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.5, 22050, 220.0), 22050))
+    VoiceController(link).save("first voice", str(clip), "hello there", True)
+    try:
+        with gr.Blocks() as demo:
+            build_voice_tab(link)
+        saved = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "voice-saved")
+        assert "first voice" in saved.choices[0] and saved.value is None
+    finally:
+        VoiceController(link).delete("first voice")
+
+
 def test_saving_under_a_taken_name_keeps_the_voice_unless_replace_is_ticked(engine_server, tmp_path):
     voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
     clip = tmp_path / "clip.wav"
