@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                 engine_server.stop()
 
     from app.studio import build_studio, close_studio, launch_options
+    from engine.server.ws_protocol import make_uvicorn_default
 
+    make_uvicorn_default()  # the Live relay's handshakes: a 414 / 431 answered, not left hanging
     demo = build_studio(client)
     try:
         demo.launch(**launch_options(demo), server_name=args.host, server_port=args.port, share=args.share,

@@ -23,7 +23,7 @@ from engine.server.http_api import error_response, router
 from engine.server.limits import ApiError, Limits
 from engine.server.realtime import realtime_endpoint
 from engine.server.text import check_url_text
-from engine.server.ws_protocol import RealtimeWebSocketProtocol
+from engine.server.ws_protocol import HandshakeAnsweringProtocol
 
 OPEN_PATHS = ("/health",)
 
@@ -107,7 +107,7 @@ def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning
     # frames somewhat over the per-event limit still reach the app (and get a structured error);
     # far larger ones are closed by the protocol layer with code 1009
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            ws=RealtimeWebSocketProtocol, ws_max_size=2 * limits.max_message_bytes + 1024 * 1024,
+                            ws=HandshakeAnsweringProtocol, ws_max_size=2 * limits.max_message_bytes + 1024 * 1024,
                             ws_per_message_deflate=False,
                             timeout_graceful_shutdown=3)
     logs.install()  # (creating the config configured uvicorn's logging: its loggers keep the filter)

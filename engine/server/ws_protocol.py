@@ -1,5 +1,6 @@
-"""The websocket protocol the server runs under uvicorn: uvicorn's websockets (sans-I/O) protocol, with
-the opening handshakes it leaves hanging answered and closed.
+"""The websocket protocol our servers run under uvicorn (the engine server's, and the studio's, which
+Gradio starts): uvicorn's websockets (sans-I/O) protocol, with the opening handshakes it leaves hanging
+answered and closed.
 
 websockets' parser answers a handshake whose request line or headers are too long (414 / 431) or which
 is not HTTP at all by queueing its response, or an end of stream, and raising no event; uvicorn's protocol
@@ -12,7 +13,7 @@ from __future__ import annotations
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 
-class RealtimeWebSocketProtocol(WebSocketsSansIOProtocol):
+class HandshakeAnsweringProtocol(WebSocketsSansIOProtocol):
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if not self.handshake_complete and self.conn.handshake_exc is not None:
@@ -25,3 +26,11 @@ class RealtimeWebSocketProtocol(WebSocketsSansIOProtocol):
         self.handshake_complete = True
         self.close_sent = True
         self.transport.close()
+
+
+def make_uvicorn_default() -> None:
+    """Make this uvicorn's "auto" websocket protocol, for a server that others configure (Gradio's launch
+    gives no choice of protocol). Call before that server starts."""
+    from uvicorn import config  # noqa: PLC0415
+
+    config.WS_PROTOCOLS["auto"] = f"{__name__}:{HandshakeAnsweringProtocol.__name__}"

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from app.live_proxy import LIVE_WS_PATH
+from tests.server import handshake_answer
+
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch.py"
 
@@ -107,6 +110,8 @@ def test_default_launch_serves_the_demo_studio(studio_cache):
             with urllib.request.urlopen(url + "config", timeout=10) as resp:
                 config = json.load(resp)
             banner = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "model-banner"]
+            # the Live relay's websocket: an oversized handshake is answered (uvicorn's protocol left it hanging)
+            long_handshake = handshake_answer(port, f"{LIVE_WS_PATH}?x={'a' * 9000}")
     finally:
         proc.terminate()
         try:
@@ -119,6 +124,7 @@ def test_default_launch_serves_the_demo_studio(studio_cache):
     assert ready.is_set(), f"launch.py never printed its URL (exit code {proc.returncode}):\n{out}"
     assert f"running at {url}" in out, out
     assert status == 200
+    assert long_handshake.startswith(b"HTTP/1.1 414")
     assert banner and "RANDOM DEMO WEIGHTS" in banner[0]["props"]["value"]
     assert re.search(r"Loaded ming-tiny-random-v\d+ in \d+\.\d s", out), out
     assert "RANDOM DEMO WEIGHTS" in out

@@ -275,3 +275,16 @@ def reset_mid_stream(port: int) -> None:
     while b"data: {" not in got:
         got += s.recv(4096)
     reset(s)
+
+
+def handshake_answer(port: int, path: str, extra_header: str = "") -> bytes:
+    """The first bytes the server answers a websocket opening handshake with (b"" if it answers nothing in 10 s)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra_header}Upgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        try:
+            return sock.recv(200)
+        except TimeoutError:
+            return b""

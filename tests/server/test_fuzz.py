@@ -514,30 +514,13 @@ def test_every_hostile_message_gets_a_structured_error_and_the_server_keeps_serv
     assert log.tracebacks == []
 
 
-def handshake_answer(port: int, path: str, extra_header: str = "") -> bytes:
-    """The first bytes the server answers a websocket opening handshake with (b"" if it answers nothing in 10 s)."""
-    import base64
-    import os
-    import socket
-
-    key = base64.b64encode(os.urandom(16)).decode()
-    request = (f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra_header}Upgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request.encode())
-        try:
-            return sock.recv(200)
-        except TimeoutError:
-            return b""
-
-
 def test_an_oversized_websocket_handshake_is_answered_and_the_server_stops_cleanly(monkeypatch):
     """A realtime handshake whose request line (a 9,000-character query) or a header is too long got no
     answer at all (the client waited until it gave up) and its open connection made the server's shutdown
     fail; now 414 / 431 at once, and the server keeps serving and stops cleanly."""
     import threading
 
-    from tests.server import FakeEngine, fake_server
+    from tests.server import FakeEngine, fake_server, handshake_answer
 
     crashed = []
     monkeypatch.setattr(threading, "excepthook", lambda args: crashed.append(args.exc_value))
