@@ -17,9 +17,13 @@ Steps, as the 2.0 reference runs them:
    and ``max_pixels = max(96*128*32*32 * 2 / n, floor(1.05 * min_pixels))`` (a per-video budget;
    the message may set ``min_pixels`` and ``total_pixels``, its ``max_pixels`` is not read), or the
    message's ``resized_height`` x ``resized_width`` smart-resized within the image bounds
-   (4*32*32 .. 16384*32*32); resized with OpenCV ``INTER_CUBIC``.
+   (4*32*32 .. 16384*32*32); resized with OpenCV ``INTER_CUBIC``. `prepare_video` resizes each
+   sampled frame as it is decoded (the target comes from the first frame's size and the frame count
+   the budget divides by, known before decoding), so one frame at most is held at the video's own
+   size; the pixels are those of resizing afterwards.
 4. **Processor** (no further resize): normalise as images, frame pairs form temporal patches whose
-   timestamp is the pair's mean, grid (n/2, h/16, w/16) split into n/2 entries of t = 1.
+   timestamp is the pair's mean, grid (n/2, h/16, w/16) split into n/2 entries of t = 1. Pairs are
+   normalised and patchified one at a time into ``pixel_values``.
 
 Prompt: ``<video>`` then per temporal patch ``<{ts:.1f} seconds><image>`` + ``<framePatch>`` x
 (h*w/4) + ``</image>``, then ``</video>`` (Python's ``.1f``: 0.25 -> "0.2", 1.25 -> "1.2").
@@ -27,6 +31,7 @@ Prompt: ``<video>`` then per temporal patch ``<{ts:.1f} seconds><image>`` + ``<f
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -169,13 +174,19 @@ def frame_list_budget_frames(total: int, options: VideoOptions, config: VideoSam
 
 @dataclass
 class VideoFrames:
-    """Sampled RGB frames before resizing: ``frames`` [T, H, W, 3] uint8, ``timestamps`` [T] s;
-    ``budget_frames``: the frame count the per-video pixel budget divides by (None: T)."""
+    """Sampled RGB frames: ``frames`` [T, H, W, 3] uint8, ``timestamps`` [T] s; ``budget_frames``:
+    the frame count the per-video pixel budget divides by (None: T).
+
+    ``source_size`` (height, width) is set when the frames were resized while decoding (`fetch_video`
+    with ``resize``): the size they had in the video, from which `resize_frames` computes the
+    target, so the frames are already at it and not resized again.
+    """
 
     frames: np.ndarray
     timestamps: np.ndarray
     sample_fps: float
     budget_frames: int | None = None
+    source_size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -263,10 +274,12 @@ def frames_from_directory(directory: str | os.PathLike) -> list[np.ndarray]:
 
 
 def sample_frame_list(
-    frames: Sequence[np.ndarray], config: VideoSamplingConfig | None = None, options: VideoOptions | None = None
+    frames: Sequence[np.ndarray], config: VideoSamplingConfig | None = None, options: VideoOptions | None = None,
+    resize: _FrameResizer | None = None,
 ) -> VideoFrames:
     """A list of frames as the reference's list branch takes it: every frame, frame i at
-    i / max_video_fps seconds; the message's frame counts set only ``budget_frames``."""
+    i / max_video_fps seconds; the message's frame counts set only ``budget_frames``. ``resize``:
+    the frames are brought to the model's size (for ``budget_frames``) before they are stacked."""
     config = config or VideoSamplingConfig()
     options = options or VideoOptions()
     if len(frames) == 0:
@@ -277,11 +290,15 @@ def sample_frame_list(
         raise MediaError("all frames of a video must have the same size")
     budget = frame_list_budget_frames(len(arrays), options, config)
     fps = config.fps if options.max_video_fps is None else float(options.max_video_fps)
+    if resize is not None:
+        resize.n_sampled = budget
+        arrays = [resize(f) for f in arrays]
     return VideoFrames(
         frames=np.stack(arrays),
         timestamps=np.arange(len(arrays), dtype=np.float64) / fps,
         sample_fps=fps,
         budget_frames=budget,
+        source_size=None if resize is None else resize.source_size,
     )
 
 
@@ -304,7 +321,7 @@ def sample_count(src_frames: int, src_fps: float, config: VideoSamplingConfig) -
     return n, n / src_frames * src_fps
 
 
-def _decode_with_av(data_or_path, wanted: set[int] | None, what: str):
+def _decode_with_av(data_or_path, wanted: set[int] | None, what: str, convert=None):
     import av  # noqa: PLC0415  (optional dependency)
 
     source = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else str(data_or_path)
@@ -316,26 +333,29 @@ def _decode_with_av(data_or_path, wanted: set[int] | None, what: str):
         fps = float(rate) if rate else 0.0
         if wanted is None:  # probe: frame count (demux only, no decoding when the header lacks it)
             count = int(stream.frames or 0)
+            size = (int(stream.codec_context.height or 0), int(stream.codec_context.width or 0))
             if count <= 0:
                 count = sum(1 for packet in container.demux(stream) if packet.size > 0)
-            return count, fps
+            return count, fps, size
         out: dict[int, np.ndarray] = {}
         last = max(wanted)
         for index, frame in enumerate(container.decode(stream)):
             if index in wanted:
-                out[index] = frame.to_ndarray(format="rgb24")
+                rgb = frame.to_ndarray(format="rgb24")
+                out[index] = rgb if convert is None else convert(rgb)
             if index >= last:
                 break
         return out, fps
 
 
-def _decode_with_cv2(path: str, wanted: set[int] | None, what: str):
+def _decode_with_cv2(path: str, wanted: set[int] | None, what: str, convert=None):
     cap = cv2.VideoCapture(path)
     try:
         if not cap.isOpened():
             raise MediaError(f"{what} could not be opened as a video")
         if wanted is None:
-            return int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), float(cap.get(cv2.CAP_PROP_FPS))
+            size = (int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)))
+            return int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), float(cap.get(cv2.CAP_PROP_FPS)), size
         out: dict[int, np.ndarray] = {}
         last = max(wanted)
         index = 0
@@ -344,7 +364,8 @@ def _decode_with_cv2(path: str, wanted: set[int] | None, what: str):
             if not ok:
                 break
             if index in wanted:
-                out[index] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                out[index] = rgb if convert is None else convert(rgb)
             index += 1
         return out, float(cap.get(cv2.CAP_PROP_FPS))
     finally:
@@ -359,64 +380,114 @@ def _have_av() -> bool:
     return True
 
 
-def sample_video_file(
-    source: str | os.PathLike | bytes, config: VideoSamplingConfig | None = None, *, backend: str = "auto"
-) -> VideoFrames:
-    """Decode and sample a video file (path or encoded bytes) per the 2.0 sampler.
+@dataclass(frozen=True)
+class VideoFilePlan:
+    """What the sampler will take from a video file, read from its container (demuxed, not decoded):
+    ``n`` frames at ``indices`` of ``src_frames``, at ``fps_s``; ``source_size`` (height, width)
+    as the header gives it ((0, 0) when it leaves the size to the decoder)."""
 
-    ``backend``: "av" (PyAV), "cv2" (OpenCV) or "auto" (PyAV when installed).
-    """
-    config = config or VideoSamplingConfig()
+    src_frames: int
+    n: int
+    fps_s: float
+    indices: np.ndarray
+    source_size: tuple[int, int]
+
+    def decoded_shape(self, config: VideoSamplingConfig | None = None, frame_factor: int = 2,
+                      **resize_overrides) -> tuple[int, int, int] | None:
+        """(frames, height, width) of the uint8 frames `prepare_video` holds for this file (padded
+        to ``frame_factor``, at the model's size), or None when the header has no size."""
+        if min(self.source_size) <= 0:
+            return None
+        h, w = frame_target(*self.source_size, self.n, config or VideoSamplingConfig(), **resize_overrides)
+        return self.n + (-self.n) % frame_factor, h, w
+
+
+@contextlib.contextmanager
+def _opened(source: str | os.PathLike | bytes, backend: str):
+    """(target, what, decode) for a video file or encoded bytes: what the decoder reads, how errors
+    name it, and the decoder (`_decode_with_av` or `_decode_with_cv2`)."""
     if backend not in ("auto", "av", "cv2"):
         raise ValueError(f"unknown video backend {backend!r}")
     use_av = backend == "av" or (backend == "auto" and _have_av())
+    decode = _decode_with_av if use_av else _decode_with_cv2
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
             raise MediaError("video data is empty (0 bytes)")
-        what = "video data"
         if not use_av:  # OpenCV reads files only
             with tempfile.NamedTemporaryFile(suffix=".video") as tmp:
                 tmp.write(data)
                 tmp.flush()
-                return sample_video_file(tmp.name, config, backend="cv2")
-        target: bytes | str = data
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise MediaError(f"video file not found: {path}")
-        if path.stat().st_size == 0:
-            raise MediaError(f"video file is empty (0 bytes): {path}")
-        what = f"video file {path}"
-        target = str(path)
+                yield tmp.name, "video data", decode
+            return
+        yield data, "video data", decode
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise MediaError(f"video file not found: {path}")
+    if path.stat().st_size == 0:
+        raise MediaError(f"video file is empty (0 bytes): {path}")
+    yield str(path), f"video file {path}", decode
 
-    decode = _decode_with_av if use_av else _decode_with_cv2
+
+def _plan(target, what: str, decode, config: VideoSamplingConfig) -> VideoFilePlan:
+    src_frames, src_fps, size = decode(target, None, what)
+    if src_frames <= 0:
+        raise MediaError(f"{what} contains no frames")
+    if not src_fps or not math.isfinite(src_fps):
+        raise MediaError(f"{what} has no usable frame rate")
+    n, fps_s = sample_count(src_frames, src_fps, config)
+    return VideoFilePlan(src_frames, n, fps_s, _linspace_indices(src_frames, n), size)
+
+
+@contextlib.contextmanager
+def _decoder_errors(what: str):
+    """FFmpeg/OpenCV errors of many types -> MediaError naming the source."""
     try:
-        src_frames, src_fps = decode(target, None, what)
-        if src_frames <= 0:
-            raise MediaError(f"{what} contains no frames")
-        if not src_fps or not math.isfinite(src_fps):
-            raise MediaError(f"{what} has no usable frame rate")
-        n, fps_s = sample_count(src_frames, src_fps, config)
-        indices = _linspace_indices(src_frames, n)
-        decoded, _ = decode(target, set(int(i) for i in indices), what)
+        yield
     except MediaError:
         raise
-    except Exception as exc:  # FFmpeg/OpenCV errors of many types
+    except Exception as exc:
         raise MediaError(f"{what} could not be decoded as video: {exc}") from exc
+
+
+def probe_video_file(source: str | os.PathLike | bytes, config: VideoSamplingConfig | None = None, *,
+                     backend: str = "auto") -> VideoFilePlan:
+    """The sampler's `VideoFilePlan` for a video file (path or encoded bytes), without decoding."""
+    with _opened(source, backend) as (target, what, decode), _decoder_errors(what):
+        return _plan(target, what, decode, config or VideoSamplingConfig())
+
+
+def sample_video_file(
+    source: str | os.PathLike | bytes, config: VideoSamplingConfig | None = None, *, backend: str = "auto",
+    resize: _FrameResizer | None = None,
+) -> VideoFrames:
+    """Decode and sample a video file (path or encoded bytes) per the 2.0 sampler.
+
+    ``backend``: "av" (PyAV), "cv2" (OpenCV) or "auto" (PyAV when installed). ``resize``: each
+    sampled frame is brought to the model's size as it is decoded, so only one frame is ever held
+    at the video's own size.
+    """
+    config = config or VideoSamplingConfig()
+    with _opened(source, backend) as (target, what, decode), _decoder_errors(what):
+        plan = _plan(target, what, decode, config)
+        if resize is not None:
+            resize.n_sampled = plan.n
+        decoded, _ = decode(target, set(int(i) for i in plan.indices), what, resize)
     if not decoded:
         raise MediaError(f"{what} decoded to no frames")
     # containers may hold fewer frames than announced: reuse the last decoded frame
     frames, last = [], None
-    for i in indices:
+    for i in plan.indices:
         last = decoded.get(int(i), last)
         if last is None:
             last = decoded[min(decoded)]
         frames.append(last)
     return VideoFrames(
         frames=np.stack(frames),
-        timestamps=np.arange(n, dtype=np.float64) / fps_s,
-        sample_fps=fps_s,
+        timestamps=np.arange(plan.n, dtype=np.float64) / plan.fps_s,
+        sample_fps=plan.fps_s,
+        source_size=None if resize is None else resize.source_size,
     )
 
 
@@ -426,22 +497,27 @@ def fetch_video(
     *,
     options: VideoOptions | None = None,
     backend: str = "auto",
+    resize: dict | None = None,
 ) -> VideoFrames:
     """Sampled frames of a video file (path/bytes), a frame directory or a list of frames.
 
     ``options`` (the message's video keys) steer the sampling of frame directories and lists; a file
-    is sampled by the v2 sampler, which reads none of them (spec §4.2). Their resize keys act later,
-    in `preprocess_video`.
+    is sampled by the v2 sampler, which reads none of them (spec §4.2). Their resize keys act in
+    `preprocess_video`, on the size the frames had in the video. ``resize`` (the `resize_frames`
+    overrides, ``{}`` for none; `prepare_video` passes the options' ``resize_overrides``): the
+    frames come at the size the model takes (`preprocess_video` with the same overrides leaves them
+    as they are), each resized as it is decoded; None: at the video's own size.
     """
     config = config or VideoSamplingConfig()
+    resizer = None if resize is None else _FrameResizer(config, dict(resize))
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        return sample_frame_list(frames_from_directory(source), config, options)
+        return sample_frame_list(frames_from_directory(source), config, options, resizer)
     if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
-        return sample_video_file(source, config, backend=backend)
+        return sample_video_file(source, config, backend=backend, resize=resizer)
     if isinstance(source, np.ndarray) and source.ndim == 4:
         source = list(source)
     if isinstance(source, Sequence):
-        return sample_frame_list(source, config, options)
+        return sample_frame_list(source, config, options, resizer)
     raise MediaError(
         f"unsupported video input of type {type(source).__name__}; "
         "expected a file path, bytes, a frame directory or a list of frames"
@@ -460,8 +536,9 @@ def pad_to_even(frames: np.ndarray, timestamps: np.ndarray, frame_factor: int = 
     return frames, timestamps
 
 
-def resize_frames(
-    frames: np.ndarray,
+def frame_target(
+    height: int,
+    width: int,
     n_sampled: int,
     config: VideoSamplingConfig,
     *,
@@ -470,27 +547,83 @@ def resize_frames(
     total_pixels: int | None = None,
     resized_height: int | None = None,
     resized_width: int | None = None,
-) -> np.ndarray:
-    """Resize all frames [T, H, W, 3] to the per-video smart-resize target with cv2 INTER_CUBIC.
+) -> tuple[int, int]:
+    """(height, width) the frames of a video of ``n_sampled`` sampled frames (the frame count the
+    budget divides by) of this size are resized to: the per-video smart-resize target.
 
     ``max_pixels`` (our own override; the reference's messages cannot set it) can only lower the
     per-video budget. ``resized_height`` x ``resized_width`` is smart-resized within the image
     bounds (``resized_min_pixels`` .. ``resized_max_pixels``), as the reference does.
     """
-    height, width = frames.shape[1:3]
     lo, hi = config.frame_budget(n_sampled, min_pixels, total_pixels)
     if max_pixels is not None:
         hi = min(hi, int(max_pixels))
     if (resized_height is None) != (resized_width is None):
         raise MediaError("resized_height and resized_width must be given together")
     if resized_height is not None:
-        h, w = smart_resize(int(resized_height), int(resized_width), config.factor,
+        return smart_resize(int(resized_height), int(resized_width), config.factor,
                             config.resized_min_pixels, config.resized_max_pixels, "fetch")
-    else:
-        h, w = smart_resize(height, width, config.factor, lo, hi, "fetch")
-    if (h, w) == (height, width):
+    return smart_resize(height, width, config.factor, lo, hi, "fetch")
+
+
+def _resize_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    if frame.shape[:2] == (h, w):
+        return frame
+    return cv2.resize(frame, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+class _FrameResizer:
+    """Brings each sampled frame to the model's size as it is decoded: the target comes from the
+    first frame's size and the frame count the budget divides by (``n_sampled``, set by the sampler
+    before decoding: a file's sample count, a frame list's ``budget_frames``); the same OpenCV call
+    on the same frame as `resize_frames`, so the same pixels."""
+
+    def __init__(self, config: VideoSamplingConfig, overrides: dict):
+        self.config, self.overrides = config, overrides
+        self.n_sampled: int | None = None
+        self.source_size: tuple[int, int] | None = None
+        self.size: tuple[int, int] | None = None
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        if self.size is None:
+            self.source_size = (int(frame.shape[0]), int(frame.shape[1]))
+            self.size = frame_target(*self.source_size, self.n_sampled or 1, self.config, **self.overrides)
+        return np.ascontiguousarray(_resize_frame(frame, self.size))
+
+
+def resize_frames(
+    frames: np.ndarray,
+    n_sampled: int,
+    config: VideoSamplingConfig,
+    *,
+    source_size: tuple[int, int] | None = None,
+    **overrides,
+) -> np.ndarray:
+    """Resize all frames [T, H, W, 3] to the per-video smart-resize target (`frame_target`) with
+    cv2 INTER_CUBIC. ``source_size``: the (height, width) the target is computed from when the
+    frames were already resized while decoding (default: their own size)."""
+    height, width = source_size or frames.shape[1:3]
+    h, w = frame_target(height, width, n_sampled, config, **overrides)
+    if frames.shape[1:3] == (h, w):
         return np.ascontiguousarray(frames)
-    return np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_CUBIC) for f in frames])
+    return np.stack([_resize_frame(f, (h, w)) for f in frames])
+
+
+def _patchify_frames(frames: np.ndarray, config: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """`normalize_image` then `patchify` of uint8 frames [T, H, W, 3] (T a multiple of the temporal
+    patch), one temporal patch at a time into the output: the float32 frames are never all held
+    besides ``pixel_values`` (the same values; rows are ordered t first)."""
+    tp = config.temporal_patch_size
+    out, rows = None, 0
+    for g in range(len(frames) // tp):
+        pair = np.stack([normalize_image(f, config.image_mean, config.image_std) for f in frames[g * tp:(g + 1) * tp]])
+        values, (_, grid_h, grid_w) = patchify(pair, config)
+        if out is None:
+            rows = len(values)
+            out = np.empty((rows * (len(frames) // tp), values.shape[1]), dtype=np.float32)
+        out[g * rows:(g + 1) * rows] = values
+    return out, (len(frames) // tp, grid_h, grid_w)
 
 
 def preprocess_video(
@@ -507,9 +640,8 @@ def preprocess_video(
     n_sampled = len(video.frames) if video.budget_frames is None else video.budget_frames
     frames, timestamps = pad_to_even(video.frames, np.asarray(video.timestamps, dtype=np.float64),
                                      image_config.temporal_patch_size)
-    frames = resize_frames(frames, n_sampled, sampling, **resize_overrides)
-    normalised = np.stack([normalize_image(f, image_config.image_mean, image_config.image_std) for f in frames])
-    pixel_values, (grid_t, grid_h, grid_w) = patchify(normalised, image_config)
+    frames = resize_frames(frames, n_sampled, sampling, source_size=video.source_size, **resize_overrides)
+    pixel_values, (grid_t, grid_h, grid_w) = _patchify_frames(frames, image_config)
     tp = image_config.temporal_patch_size
     patch_ts = [float(np.mean(timestamps[g * tp:(g + 1) * tp])) for g in range(grid_t)]
     grid = torch.tensor([[1, grid_h, grid_w]] * grid_t, dtype=torch.int64)
@@ -539,7 +671,7 @@ def prepare_video(
     ``total_pixels``, ``resized_height``, ...; they take precedence).
     """
     opts = replace(options or VideoOptions(), **message_keys)
-    frames = fetch_video(source, sampling, options=opts, backend=backend)
+    frames = fetch_video(source, sampling, options=opts, backend=backend, resize=opts.resize_overrides)
     return preprocess_video(frames, image_config, sampling, **opts.resize_overrides)
 
 

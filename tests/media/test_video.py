@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from engine.media import MediaError
@@ -213,6 +214,73 @@ def test_video_bytes_decode_like_the_file(tmp_path):
 def test_video_errors_name_the_problem(source, message):
     with pytest.raises(MediaError, match=message):
         prepare_video(source)
+
+
+def _write_textured_video(path, n_frames: int, fps: int, h: int, w: int) -> None:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    assert writer.isOpened()
+    for i in range(n_frames):
+        writer.write(cv2.resize(_textured(i, h // 8, w // 8), (w, h), interpolation=cv2.INTER_NEAREST))
+    writer.release()
+
+
+@pytest.mark.parametrize("backend", ["cv2", "av"])
+def test_video_frames_are_resized_as_they_are_decoded_with_the_same_pixels(tmp_path, backend):
+    """A 2.2 MB 1000x1000 mp4 took 990 MiB: up to 170 sampled frames were held at full size, twice.
+    Each frame is now brought to the model's size as it is decoded: exactly what resizing the
+    full-size frames afterwards gives (the same cv2 INTER_CUBIC call on the same frame)."""
+    if backend == "av":
+        pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    _write_textured_video(path, 7, 2, 256, 384)  # 7 frames: padded to 8
+    overrides = {"min_pixels": 4096, "total_pixels": 96 * 64 * 7 // 2}  # n = 7: at most 96*64 per frame
+    afterwards = preprocess_video(fetch_video(path, backend=backend), **overrides)
+    frames = fetch_video(path, backend=backend, resize=overrides)
+    assert frames.frames.shape == (7, 64, 96, 3) and frames.source_size == (256, 384)
+    inputs = prepare_video(path, backend=backend, **overrides)
+    assert torch.equal(inputs.frames, afterwards.frames)
+    assert torch.equal(inputs.pixel_values, afterwards.pixel_values)
+    assert inputs.grid_thw.tolist() == afterwards.grid_thw.tolist() == [[1, 4, 6]] * 4
+    listed = [np.asarray(f) for f in fetch_video(path, backend=backend).frames]
+    assert torch.equal(prepare_video(listed, **overrides).pixel_values,
+                       preprocess_video(fetch_video(listed), **overrides).pixel_values)
+    capped = VideoOptions(max_frames=4, max_video_fps=1.0, **overrides)  # a list's budget divides by 4, not 7
+    resized = fetch_video(listed, options=capped, resize=capped.resize_overrides)
+    assert resized.budget_frames == 4 and resized.source_size == (256, 384)
+    assert torch.equal(prepare_video(listed, options=capped).pixel_values,
+                       preprocess_video(fetch_video(listed, options=capped), **capped.resize_overrides).pixel_values)
+
+
+def test_decoding_a_large_video_never_holds_its_frames_at_full_size(tmp_path):
+    """Peak memory of prepare_video is bounded by what the model takes, not by the video's size."""
+    import tracemalloc
+
+    pytest.importorskip("av")
+    path = tmp_path / "big.mp4"
+    _write_textured_video(path, 40, 2, 640, 640)  # 40 sampled frames of 1.2 MB
+    full_frame = 640 * 640 * 3
+    tracemalloc.start()
+    try:
+        inputs = prepare_video(path.read_bytes(), min_pixels=4096, total_pixels=128 * 128 * 40 // 2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert inputs.frames.shape == (40, 3, 128, 128)
+    held = inputs.pixel_values.numel() * 4 + 3 * inputs.frames.numel()  # the output, the frames thrice
+    assert peak < held + 4 * full_frame, (peak, held)  # it was 80 full frames and more
+
+
+def test_probe_gives_the_decoded_size_without_decoding(tmp_path):
+    from engine.media.video import probe_video_file
+
+    path = tmp_path / "clip.mp4"
+    _write_textured_video(path, 7, 2, 256, 384)
+    plan = probe_video_file(path.read_bytes())
+    assert (plan.n, plan.source_size) == (7, (256, 384))
+    inputs = prepare_video(path, min_pixels=4096, total_pixels=96 * 64 * 7 // 2)
+    n, _, h, w = inputs.frames.shape
+    assert plan.decoded_shape(min_pixels=4096, total_pixels=96 * 64 * 7 // 2) == (n, h, w) == (8, 64, 96)
+    assert plan.decoded_shape() == (8, 320, 448)  # the default budget enlarges it to min_pixels
 
 
 def test_frames_of_different_sizes_are_rejected():
