@@ -21,6 +21,7 @@ import numpy as np
 from engine.media.audio import AudioFrontendConfig, check_clip_length, check_resample_rates, decode_audio
 from engine.media.errors import MediaError
 from engine.media.image import check_aspect, load_image
+from engine.media.video import VideoSamplingConfig, probe_video_file
 from engine.server.limits import ApiError, Limits, MiB, human_bytes
 
 AUDIO_FILE_FORMATS = ("wav", "mp3", "flac", "ogg", "webm", "m4a", "opus")
@@ -350,6 +351,23 @@ def check_video(raw: bytes, limits: Limits, name: str = "video") -> None:
         raise bad(f"'{name}' is too long ({seconds:.0f} s)", "video_too_long", name)
 
 
+def decoded_video_bytes(raw: bytes, name: str = "video") -> int:
+    """Memory the engine's front end decodes a video into, from its container (demuxed, not decoded):
+    the sampled frames at the model's size (engine.media.video.probe_video_file; the per-video pixel
+    budget when the header leaves the size to the decoder) plus the one frame it decodes at a time."""
+    try:
+        plan = probe_video_file(raw)
+        shape = plan.decoded_shape()
+    except MediaError as e:
+        raise bad(f"'{name}': {e}", "invalid_video", name) from None
+    if shape is None:
+        n = plan.n + plan.n % 2
+        return int(n * VideoSamplingConfig().frame_budget(plan.n)[1] * RGB_BYTES)
+    n, h, w = shape
+    src_h, src_w = plan.source_size
+    return (n * h * w + src_h * src_w) * RGB_BYTES
+
+
 # --------------------------------------------------------------------------- content parts
 
 
@@ -461,7 +479,7 @@ def convert_content(content: Any, limits: Limits, name: str = "content", default
         elif kind in ("video_url", "input_video", "video"):
             raw = _video_source(part, pname, limits)
             check_video(raw, limits, pname)
-            budget.charge(len(raw), pname)
+            budget.charge(decoded_video_bytes(raw, pname), pname)
             parts.append({"type": "video", "video": raw})
             public.append({"type": "input_video", "bytes": len(raw)})
         else:

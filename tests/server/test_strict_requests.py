@@ -249,6 +249,25 @@ def test_pictures_that_would_decode_past_the_media_budget_are_refused_before_dec
             assert ev["type"] == "error" and ev["error"]["code"] == "media_too_large", ev
 
 
+def test_a_video_is_charged_to_the_media_budget_by_its_decoded_size(tiny_engine, tmp_path):
+    """A video was charged by its encoded bytes (a 2.2 MB mp4 decodes to ~75 MiB of frames at the
+    model's size, and its 170 frames were decoded at full size): it is now charged, from its
+    container, by the frames the engine decodes it into."""
+    big = mp4_bytes(tmp_path, 640, 480)  # a few KB: 3 sampled frames, padded to 4, of 640x480 (3.5 MiB)
+    small = mp4_bytes(tmp_path, 64, 48)  # ... enlarged to the model's least size (1.5 MiB)
+
+    def video(raw):
+        return {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + b64(raw)}}
+    with running_server(tiny_engine, max_session_media_bytes=3 * 1024 * 1024) as srv:
+        ok = httpx.post(srv.url + "/v1/chat/completions", json=chat_part(video(small)), timeout=60)
+        assert ok.status_code == 200, ok.text
+        err = error_of(httpx.post(srv.url + "/v1/chat/completions", json=chat_part(video(big)), timeout=60))
+        assert (err["code"], err["param"]) == ("media_too_large", "messages[0].content[0]"), err
+        two = {"messages": [{"role": "user", "content": [video(small), video(small)]}], "max_tokens": 1}
+        err = error_of(httpx.post(srv.url + "/v1/chat/completions", json=two, timeout=60))
+        assert (err["code"], err["param"]) == ("media_too_large", "messages[0].content[1]"), err
+
+
 def test_realtime_refuses_media_the_model_cannot_take_and_the_conversation_keeps_working(server):
     """Such an item used to join the conversation and fail every later response.create."""
     with connect(server.ws_url, max_size=None) as ws:
