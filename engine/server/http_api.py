@@ -164,7 +164,7 @@ def check_unsupported(body: dict, engine) -> tuple[list[str], str | None]:
                       "invalid_value", "audio.format")
         voice = audio.get("voice")
         if voice is not None:
-            voice = voice_name(voice, "audio.voice")
+            voice = voice_name(voice, "audio.voice", engine)
     return modalities, voice
 
 

@@ -46,10 +46,11 @@ DEFAULT_VOICE = "default"  # names the talker's own voice (as leaving the voice 
 MAX_VOICE_NAME_CHARS = 64  # engine.models.talker.voices.MAX_NAME_CHARS (not imported: the talker loads torch)
 
 
-def voice_name(value: Any, field: str) -> str:
+def voice_name(value: Any, field: str, engine=None) -> str:
     """A voice a request names: DEFAULT_VOICE, or a name the voice library can hold
-    (engine.models.talker.voices.check_name: never a path), else a 400 naming `field`. Whether such a
-    voice is saved is the engine's to say."""
+    (engine.models.talker.voices.check_name: never a path), else a 400 naming `field`. With `engine`
+    (where a voice is used, not where one is saved), a voice its talker has not saved is refused too:
+    voice_not_found listing the saved ones (a voice deleted after it was set fails the response)."""
     need_str(value, field)
     if value == DEFAULT_VOICE:
         return value
@@ -59,9 +60,12 @@ def voice_name(value: Any, field: str) -> str:
     from engine.models.talker.voices import VoiceError, check_name  # noqa: PLC0415
 
     try:
-        return check_name(value)
+        check_name(value)
+        if getattr(engine, "has_talker", False):
+            engine.voices.check_saved(value)
     except VoiceError as e:
-        raise bad(str(e), "invalid_value", field) from None
+        raise bad(str(e), e.code if e.code == "voice_not_found" else "invalid_value", field) from None
+    return value
 
 
 def output_kwargs(modalities: list[str], voice: str | None) -> dict:

@@ -249,7 +249,7 @@ class RealtimeConnection:
         if "input_audio_sample_rate" in spec:
             new["rate"] = codec.check_sample_rate(spec["input_audio_sample_rate"], "session.input_audio_sample_rate")
         if spec.get("voice") is not None:
-            new["voice"] = voice_name(spec["voice"], "session.voice")
+            new["voice"] = voice_name(spec["voice"], "session.voice", engine)
         if "turn_detection" in spec:  # the beta shape
             new["turn_detection"] = setting(ServerVad.from_wire, spec["turn_detection"], "session.turn_detection")
         if "video" in spec:
@@ -778,7 +778,7 @@ def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str |
         raise bad(f"'{name}.format' must be {{\"type\": \"audio/pcm\"}} (PCM16; each delta names its sample_rate)",
                   "invalid_value", f"{name}.format")
     if spec.get("voice") is not None:
-        voice = voice_name(spec["voice"], f"{name}.voice")
+        voice = voice_name(spec["voice"], f"{name}.voice", engine)
     return voice
 
 

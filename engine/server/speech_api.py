@@ -130,7 +130,7 @@ def speech_request(body: dict, ctx: ServerContext) -> dict:
     text = text_field(body.get("input"), "input", MAX_INPUT_CHARS, required=not (task == "music" and music))
     voice = body.get("voice")
     if voice is not None:
-        voice = voice_name(voice, "voice")
+        voice = voice_name(voice, "voice", ctx.engine)
         if voice != DEFAULT_VOICE and body.get("reference_audio") is not None:
             raise bad("give either a saved 'voice' or a 'reference_audio' clip, not both", "invalid_value", "voice")
     seed = body.get("seed")

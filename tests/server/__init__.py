@@ -159,15 +159,31 @@ def every_kind_script() -> list:
                 time_to_first_preview_s=0.0789, image_steps=4, image_step_s=0.05, images=1))]
 
 
+class FakeVoices:
+    """The saved voices of a FakeEngine's talker: `check_saved` as VoiceLibrary's (engine.models.talker.voices)
+    refuses a name not among them, which the server asks where a voice is set (params.voice_name)."""
+
+    def __init__(self, names=()):
+        self.saved = list(names)
+
+    def check_saved(self, name: str) -> None:
+        from engine.models.talker.voices import VoiceNotFound
+
+        if name not in self.saved:
+            raise VoiceNotFound(f"unknown voice {name!r}; saved voices: {', '.join(self.saved) or 'none saved yet'}")
+
+
 class FakeEngine:
     """An `Engine`-like object (what create_app takes) whose chat() yields a script of events; it
-    records each call's arguments. `step_s`: a pause before each event (cancel is checked there)."""
+    records each call's arguments. `step_s`: a pause before each event (cancel is checked there).
+    `voices`: the names its talker has saved (with `has_talker`)."""
 
     is_demo = True
 
-    def __init__(self, script=None, has_talker: bool = False, step_s: float = 0.0):
+    def __init__(self, script=None, has_talker: bool = False, step_s: float = 0.0, voices=()):
         self.script = script if script is not None else every_kind_script()
         self.has_talker = has_talker
+        self.voices = FakeVoices(voices)
         self.step_s = step_s
         self.calls: list[dict] = []
 

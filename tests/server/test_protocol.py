@@ -204,7 +204,8 @@ def test_realtime_event_names_are_written_once_and_documented():
 
 
 def test_audio_output_is_asked_of_an_engine_with_a_talker():
-    engine = FakeEngine(script=[TextDelta("hi"), Done("hi", "stop", GenerationStats(new_tokens=1))], has_talker=True)
+    engine = FakeEngine(script=[TextDelta("hi"), Done("hi", "stop", GenerationStats(new_tokens=1))], has_talker=True,
+                        voices=("warm", "bright"))
     with fake_server(engine) as srv:
         card = httpx.get(srv.url + "/v1/models").json()["data"][0]
         assert "speech_out" in card["capabilities"] and card["output_modalities"] == ["text", "audio"]

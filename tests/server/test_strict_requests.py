@@ -223,6 +223,29 @@ def test_a_voice_name_no_voice_can_have_is_refused_where_it_is_set(http, server)
             assert ev["type"] == "error" and ev["error"]["param"].endswith("voice"), ev
 
 
+def test_a_voice_that_is_not_saved_is_refused_where_it_is_set_naming_the_field(http, server):
+    """'nobody' as chat audio.voice or a realtime session's or response's voice was taken and every
+    spoken response then failed with voice_not_found (param null); /v1/audio/speech named no field."""
+    r = http.post("/v1/chat/completions", json={**CHAT, "modalities": ["text", "audio"], "audio": {"voice": "nobody"}})
+    err = error_of(r)
+    assert (r.status_code, err["code"], err["param"]) == (400, "voice_not_found", "audio.voice"), err
+    assert "saved voices" in err["message"], err
+    err = error_of(http.post("/v1/audio/speech", json={"input": "hi", "voice": "nobody"}))
+    assert (err["code"], err["param"]) == ("voice_not_found", "voice"), err
+    with connect(server.ws_url) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        for event, param in (({"type": "session.update", "session": {"voice": "nobody"}}, "session.voice"),
+                             ({"type": "session.update", "session": {"audio": {"output": {"voice": "nobody"}}}},
+                              "session.audio.output.voice"),
+                             ({"type": "response.create", "response": {"audio": {"output": {"voice": "nobody"}}}},
+                              "response.audio.output.voice")):
+            ws.send(json.dumps(event))
+            ev = recv_json(ws)
+            assert ev["type"] == "error" and (ev["error"]["code"], ev["error"]["param"]) == ("voice_not_found", param), ev
+        ws.send(json.dumps({"type": "session.update", "session": {"voice": "default"}}))
+        assert recv_json(ws)["session"]["audio"]["output"]["voice"] == "default"
+
+
 def test_pictures_that_would_decode_past_the_media_budget_are_refused_before_decoding(tiny_engine, monkeypatch):
     """20 black 4000x4000 PNGs are a 1 MiB request that decoded to 915 MiB (and 550 of them, within the
     body limit, to 25 GiB: the server was killed). The request's (or realtime item's) decoded media now has

@@ -111,7 +111,9 @@ class VoiceLibrary:
     def names(self) -> list[str]:
         return [v.name for v in self.list()]
 
-    def load(self, name: str) -> Conditioning:
+    def check_saved(self, name: str) -> VoiceInfo:
+        """The saved voice `name` of this talker model; VoiceNotFound (listing the saved ones) or
+        VoiceError (made with another model) otherwise."""
         folder = self._dir(name)
         info = self._info(folder) if folder.is_dir() else None
         if info is None:
@@ -119,6 +121,11 @@ class VoiceLibrary:
             raise VoiceNotFound(f"unknown voice {name!r}; saved voices: {known}")
         if self.model and info.model != self.model:
             raise VoiceError(f"voice {name!r} was made with another talker model; clone it again with this one")
+        return info
+
+    def load(self, name: str) -> Conditioning:
+        folder = self._dir(name)
+        info = self.check_saved(name)
         try:
             tensors = load_file(str(folder / VOICE_FILE))
         except Exception as e:
