@@ -89,13 +89,14 @@ class StopStringFilter:
 
 # ---------------------------------------------------------------------------------------------- prefill
 
-class _PrefillCancelled(Exception):
-    """Raised between the layers of a prefill chunk when its request is cancelled."""
+class Cancelled(Exception):
+    """Raised between the layers of a prefill chunk, or the blocks of a media encoder, when its
+    request is cancelled."""
 
 
-def _stop_if_set(cancel: threading.Event) -> None:
+def stop_if_set(cancel: threading.Event) -> None:
     if cancel.is_set():
-        raise _PrefillCancelled
+        raise Cancelled
 
 
 @dataclass
@@ -136,8 +137,8 @@ def prefill(llm: BailingMoeV2ForCausalLM, numerics: Numerics, cache: KVCache, em
         try:
             h = llm.model(embeds[:, start:end], position_ids[..., start:end], numerics, cut(step_mask, start, end),
                           cache, cut(image_mask, start, end), cut(audio_mask, start, end),
-                          after_layer=None if cancel is None else partial(_stop_if_set, cancel))
-        except _PrefillCancelled:
+                          after_layer=None if cancel is None else partial(stop_if_set, cancel))
+        except Cancelled:
             return PrefillResult(None, None, cancelled=True, chunks=n)
         n += 1
         if keep_hidden:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ import torch
 
 from engine.models.thinker.asr import TranscriptStream, asr_messages, dialect_prefix, parse_transcript
 from engine.errors import MingError
-from engine.events import AudioChunk, Done, Error, Event, TextDelta
-from engine.generate import generate
+from engine.events import AudioChunk, Done, Error, Event, GenerationStats, TextDelta
+from engine.generate import Cancelled, generate, stop_if_set
 from engine.models.thinker.llm import AudioSpan, MultimodalInputError, MultimodalInputs
 from engine.media.errors import MediaError
 from engine.models.thinker.processor import MediaSettings, MingProcessor, ProcessedPrompt
@@ -144,9 +145,11 @@ class Engine:
                           placement=self.placement)
 
     # ------------------------------------------------------------------ media
-    def encode_media(self, prompt: ProcessedPrompt) -> MultimodalInputs:
-        """Run the encoders on the prompt's media: embeddings ready for the placeholder slots."""
+    def encode_media(self, prompt: ProcessedPrompt, cancel: threading.Event | None = None) -> MultimodalInputs:
+        """Run the encoders on the prompt's media: embeddings ready for the placeholder slots. `cancel`
+        is checked between the encoders' blocks (and the ViT's attention calls): `Cancelled` when set."""
         enc, dtype = self.model.encoders, self.model.numerics.dtype
+        check = None if cancel is None else partial(stop_if_set, cancel)
         mm = MultimodalInputs()
         with torch.inference_mode():
             for kind, pixels, grid in (("image", prompt.pixel_values, prompt.image_grid_thw),
@@ -156,7 +159,7 @@ class Engine:
                 if enc.vision is None or enc.linear_proj is None:
                     raise MediaError(f"this checkpoint has no vision encoder, so it cannot take {kind} input")
                 dev = next(enc.vision.parameters()).device
-                emb = encode_images(enc.vision, enc.linear_proj, pixels.to(dev, dtype), grid.to(dev))
+                emb = encode_images(enc.vision, enc.linear_proj, pixels.to(dev, dtype), grid.to(dev), check)
                 setattr(mm, f"{kind}_embeds", emb)
             packed = prompt.packed_audio()
             if packed is not None:
@@ -165,7 +168,7 @@ class Engine:
                 feats, lengths = packed
                 dev = next(enc.audio.parameters()).device
                 embeds, emb_lengths, _ = encode_audio_wrapped(enc.audio, enc.linear_proj_audio,
-                                                              feats.to(dev, dtype), lengths.to(dev))
+                                                              feats.to(dev, dtype), lengths.to(dev), check=check)
                 spans, offset = [], 0
                 for (start, n), n_emb in zip(prompt.audio_spans, emb_lengths[0].tolist()):
                     # the encoder's rows of this clip; the processor's count gives the slots (spec §5.4)
@@ -183,9 +186,15 @@ class Engine:
             t_start = time.perf_counter() if t_start is None else t_start + waited
             t_enc = time.perf_counter()
             try:
-                mm = self.encode_media(prompt) if prompt is not None else None
+                mm = self.encode_media(prompt, cancel) if prompt is not None else None
             except (MediaError, MultimodalInputError) as e:
                 yield Error(str(e), code="invalid_media")
+                return
+            except Cancelled:  # while the media was encoded: a cancelled response with no tokens
+                encode_s = time.perf_counter() - t_enc
+                yield Done(text="", finish_reason="cancelled",
+                           stats=GenerationStats(prompt_tokens=len(prompt_ids), queue_wait_s=waited,
+                                                 media_encode_s=encode_s, total_s=time.perf_counter() - t_start))
                 return
             encode_s = time.perf_counter() - t_enc
             grids = (prompt.image_grid_thw, prompt.video_grid_thw) if prompt is not None else (None, None)

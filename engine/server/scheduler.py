@@ -10,8 +10,8 @@ whose reader falls behind waits (it keeps its turn, as the engine runs one reque
 a reader that takes nothing for `slow_reader_timeout_s` has its response cancelled. The final
 event (Done / Error) is always delivered, outside the credits.
 
-Cancellation sets the `threading.Event` the engine checks between the layers of a prefill chunk and
-between decode steps, so generation stops within one layer or step and the engine frees the request's KV
+Cancellation sets the `threading.Event` the engine checks between the blocks of its media encoders,
+between the layers of a prefill chunk and between decode steps, so generation stops within one layer or step and the engine frees the request's KV
 cache. The event counts the engine's checks so the server can report how many decode steps ran after
 a cancel (always at most one; the checks made while the prompt was prefilled are not steps).
 """

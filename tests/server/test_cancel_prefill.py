@@ -9,11 +9,12 @@ import json
 import time
 
 import httpx
+import numpy as np
 import pytest
 from websockets.sync.client import connect
 
 import engine.generate
-from tests.server import recv_item, recv_json, recv_until, running_server, wait_for
+from tests.server import b64, png_bytes, recv_item, recv_json, recv_until, running_server, wait_for
 
 pytestmark = pytest.mark.skipif(not hasattr(engine.generate, "prefill"),
                                 reason="this engine prefills a prompt in one piece (no chunked prefill to cancel "
@@ -41,16 +42,39 @@ def record_of(server, before: int, label_start: str):
                                   if r.label.startswith(label_start)), None), 60)
 
 
-def test_an_http_stream_dropped_during_prefill_stops_within_a_chunk(server, tiny_engine):
+def dropped_http_stream(server, content, pause: float):
+    """The record of a streamed chat request whose client hangs up `pause` s after it is queued."""
     before = len(server.ctx.scheduler.history)
-    body = {"messages": [{"role": "user", "content": long_text(tiny_engine, PROMPT_TOKENS)}], "max_tokens": 4,
-            "stream": True}
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 4, "stream": True}
     with httpx.Client(timeout=60) as http, http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith(": queue_position"):
-                time.sleep(0.3)  # the engine is inside the prefill now
+                time.sleep(pause)  # the engine is at work on the prompt now
                 break
-    rec = record_of(server, before, "chat.completions")
+    return record_of(server, before, "chat.completions")
+
+
+def cancelled_realtime_response(server, content, how: str, pause: float):
+    """The record of a realtime response to `content` that is cancelled (`how`: "close" the socket or
+    "response.cancel") `pause` s after it is queued."""
+    before = len(server.ctx.scheduler.history)
+    with connect(server.ws_url, max_size=None) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": content}}))
+        recv_item(ws)
+        ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 4}}))
+        recv_until(ws, "response.queue_position")
+        time.sleep(pause)
+        if how == "response.cancel":
+            ws.send(json.dumps({"type": "response.cancel"}))
+            done = recv_until(ws, "response.done")[-1]
+            assert done["response"]["status"] == "cancelled"
+    return record_of(server, before, "realtime")
+
+
+def test_an_http_stream_dropped_during_prefill_stops_within_a_chunk(server, tiny_engine):
+    rec = dropped_http_stream(server, long_text(tiny_engine, PROMPT_TOKENS), 0.3)
     print(f"\n[HTTP drop during a {PROMPT_TOKENS}-token prefill] engine busy {rec.cancel_latency_s:.3f} s after the "
           f"drop (run {rec.run_s:.2f} s)")
     assert rec.finish_reason == "cancelled" and rec.new_tokens == 0
@@ -59,19 +83,29 @@ def test_an_http_stream_dropped_during_prefill_stops_within_a_chunk(server, tiny
 
 @pytest.mark.parametrize("how", ["close", "response.cancel"])
 def test_a_realtime_response_cancelled_during_prefill_stops_within_a_chunk(server, tiny_engine, how):
-    before = len(server.ctx.scheduler.history)
-    with connect(server.ws_url, max_size=None) as ws:
-        assert recv_json(ws)["type"] == "session.created"
-        ws.send(json.dumps({"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": long_text(tiny_engine, PROMPT_TOKENS)}}))
-        recv_item(ws)
-        ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 4}}))
-        recv_until(ws, "response.queue_position")
-        time.sleep(0.3)
-        if how == "response.cancel":
-            ws.send(json.dumps({"type": "response.cancel"}))
-            done = recv_until(ws, "response.done")[-1]
-            assert done["response"]["status"] == "cancelled"
-    rec = record_of(server, before, "realtime")
+    rec = cancelled_realtime_response(server, long_text(tiny_engine, PROMPT_TOKENS), how, 0.3)
     print(f"\n[realtime {how} during a {PROMPT_TOKENS}-token prefill] engine busy {rec.cancel_latency_s:.3f} s")
     assert rec.finish_reason == "cancelled" and rec.cancel_latency_s < CHUNK_BUDGET_S
+
+
+BIG_PICTURE = np.zeros((2000, 2000, 3), np.uint8)  # 15,625 patches: ~10 s through the tiny ViT's 2 blocks here
+ENCODE_BUDGET_S = 2.0  # a fraction of one ViT block: the check also runs between its attention query blocks
+
+
+def test_an_http_stream_dropped_during_vision_encoding_stops_within_a_block(server):
+    """A huge picture kept the engine busy until the ViT was through (60-120 s on the real model); the
+    cancel is now checked between the encoder's blocks (and attention query blocks)."""
+    url = "data:image/png;base64," + b64(png_bytes(BIG_PICTURE))
+    rec = dropped_http_stream(server, [{"type": "image_url", "image_url": {"url": url}},
+                                       {"type": "text", "text": "what is this?"}], 1.5)
+    print(f"\n[HTTP drop during vision encoding] engine busy {rec.cancel_latency_s:.3f} s after the drop "
+          f"(run {rec.run_s:.2f} s)")
+    assert rec.finish_reason == "cancelled" and rec.new_tokens == 0
+    assert rec.cancel_latency_s < ENCODE_BUDGET_S
+
+
+def test_a_realtime_response_cancel_during_vision_encoding_stops_within_a_block(server):
+    rec = cancelled_realtime_response(server, [{"type": "input_image", "image": b64(png_bytes(BIG_PICTURE))},
+                                               {"type": "input_text", "text": "what is this?"}], "response.cancel", 1.5)
+    print(f"\n[realtime response.cancel during vision encoding] engine busy {rec.cancel_latency_s:.3f} s")
+    assert rec.finish_reason == "cancelled" and rec.cancel_latency_s < ENCODE_BUDGET_S

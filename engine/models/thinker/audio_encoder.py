@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -148,12 +148,14 @@ class WhisperAudioEncoder(nn.Module):
     def audio_emb_dim(self) -> int:
         return self.config.n_state
 
-    def forward(self, mel: torch.Tensor | Sequence[torch.Tensor], *, pad_batch: bool = True):
+    def forward(self, mel: torch.Tensor | Sequence[torch.Tensor], *, pad_batch: bool = True,
+                check: Callable[[], None] | None = None):
+        """`check` is called between blocks (it may raise to stop: a cancelled request)."""
         if not isinstance(mel, torch.Tensor):
             clips = list(mel)
             if not pad_batch:
-                return [self.forward(c) for c in clips]
-            out, t2 = self.encode_padded(clips)
+                return [self.forward(c, check=check) for c in clips]
+            out, t2 = self.encode_padded(clips, check)
             return [out[i, :n] for i, n in enumerate(t2)]
         single = mel.dim() == 2
         x = mel.unsqueeze(0) if single else mel
@@ -169,11 +171,14 @@ class WhisperAudioEncoder(nn.Module):
         x = F.gelu(self.conv2(x)).transpose(1, 2)                       # [B, T₂, n_state]
         x = (x + self.positional_embedding[:t2]).to(x.dtype)
         for blk in self.blocks:
+            if check is not None:
+                check()
             x = blk(x)
         x = _layer_norm_fp32(self.ln_post, x)
         return x[0] if single else x
 
-    def encode_padded(self, clips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    def encode_padded(self, clips: Sequence[torch.Tensor],
+                      check: Callable[[], None] | None = None) -> tuple[torch.Tensor, list[int]]:
         """Reference batching: zero-pad clips [T_i, n_mels] to the longest, encode as one batch
         (no mask). Returns ([n, T₂max, n_state], [T₂_i])."""
         if not clips:
@@ -184,4 +189,4 @@ class WhisperAudioEncoder(nn.Module):
         if any(c.dim() != 2 for c in clips):
             raise ValueError("each clip must be [T, n_mels]")
         batch = torch.nn.utils.rnn.pad_sequence(list(clips), batch_first=True)
-        return self.forward(batch), [whisper_output_length(n) for n in lengths]
+        return self.forward(batch, check=check), [whisper_output_length(n) for n in lengths]

@@ -13,7 +13,7 @@ The helpers return embeddings ready to scatter into `<imagePatch>`/`<framePatch>
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,13 +108,14 @@ def audio_token_count(n_mel_frames: int, kernel_size: int = 3, stride: int = 2) 
 
 
 def encode_images(vision: nn.Module, linear_proj: nn.Module, pixel_values: torch.Tensor,
-                  grid_thw) -> torch.Tensor:
+                  grid_thw, check: Callable[[], None] | None = None) -> torch.Tensor:
     """pixel_values [N, C·tp·P·P] + grid_thw [n, 3] → unit-norm LLM embeddings [N/m², H].
 
     ViT → `linear_proj` → L2 normalisation (in the projector's dtype, as the reference does).
-    Images (or video frames) follow each other in grid order.
+    Images (or video frames) follow each other in grid order. `check`: called between the ViT's
+    blocks and attention calls (it may raise to stop).
     """
-    feats = vision(pixel_values, grid_thw)
+    feats = vision(pixel_values, grid_thw, check)
     proj_dtype = next(linear_proj.parameters()).dtype
     return l2_normalize(linear_proj(feats.to(proj_dtype)))
 
@@ -152,7 +153,7 @@ def encode_audio(audio_encoder: WhisperAudioEncoder, linear_proj_audio: AudioPro
 
 def encode_audio_wrapped(audio_encoder: WhisperAudioEncoder, linear_proj_audio: AudioProjector,
                          audio_feats: torch.Tensor, audio_feats_lengths: torch.Tensor, *,
-                         normalize: bool | None = None):
+                         normalize: bool | None = None, check: Callable[[], None] | None = None):
     """The processor's "wrapped" layout, encoded exactly as the reference model does.
 
     audio_feats [B, L, n_mels] holds each sample's clips concatenated in time; audio_feats_lengths
@@ -178,7 +179,7 @@ def encode_audio_wrapped(audio_encoder: WhisperAudioEncoder, linear_proj_audio: 
             start += n
     if not clips:
         raise ValueError("audio_feats_lengths holds no clip")
-    enc, t2 = audio_encoder.encode_padded(clips)
+    enc, t2 = audio_encoder.encode_padded(clips, check)
     proj = linear_proj_audio.project_time_major(enc.to(_dtype(linear_proj_audio)))
     t3 = [linear_proj_audio.output_length(n) for n in t2]
     per_sample: list[list[torch.Tensor]] = [[] for _ in range(audio_feats.shape[0])]

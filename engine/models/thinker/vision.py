@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -239,10 +239,11 @@ def apply_vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      cu_seqlens: Sequence[int]) -> torch.Tensor:
+                      cu_seqlens: Sequence[int], check: Callable[[], None] | None = None) -> torch.Tensor:
     """Non-causal attention within each [cu[i], cu[i+1]) chunk; q/k/v [S, heads, hd] → [S, heads, hd].
 
-    Scale 1/sqrt(head_dim). Tokens never attend across chunk boundaries.
+    Scale 1/sqrt(head_dim). Tokens never attend across chunk boundaries. `check` is called before
+    each attention call (it may raise to stop: a request cancelled during a huge picture).
     """
     out = torch.empty_like(q)
     for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
@@ -252,6 +253,8 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # CUDA's flash / memory-efficient kernels never hold the scores: one call per chunk there
         block = query_block(q.shape[1], b - a, q.element_size()) if q.device.type == "cpu" else b - a
         for start in range(a, b, block):
+            if check is not None:
+                check()
             qc = q[start:min(b, start + block)].transpose(0, 1)
             out[start:start + qc.shape[1]] = F.scaled_dot_product_attention(qc, kc, vc).transpose(0, 1)
     return out
@@ -319,13 +322,13 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor, cu_seqlens: Sequence[int], cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
+                sin: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         s = x.shape[0]
         # qkv output is [q (all heads) | k | v], each head-major.
         q, k, v = self.qkv(x).reshape(s, 3, self.num_heads, -1).unbind(1)
         q = apply_vision_rotary(q, cos, sin)
         k = apply_vision_rotary(k, cos, sin)
-        o = chunked_attention(q, k, v, cu_seqlens)
+        o = chunked_attention(q, k, v, cu_seqlens, check)
         return self.proj(o.reshape(s, -1))
 
 
@@ -355,8 +358,8 @@ class Qwen3VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads)
         self.mlp = Qwen3VisionMLP(cfg)
 
-    def forward(self, x, cu_seqlens, cos, sin):
-        x = x + self.attn(_layer_norm(self.norm1, x), cu_seqlens, cos, sin)
+    def forward(self, x, cu_seqlens, cos, sin, check=None):
+        x = x + self.attn(_layer_norm(self.norm1, x), cu_seqlens, cos, sin, check)
         return x + self.mlp(_layer_norm(self.norm2, x))
 
 
@@ -444,7 +447,8 @@ class Qwen3MoeVisionTransformer(nn.Module):
         coords = merge_order_coords(grid, self.config.spatial_merge_size, device=device)
         return vision_rotary_cos_sin(coords, self.config.head_dim, bf16_tables=self._bf16_tables())
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, grid_thw, check: Callable[[], None] | None = None) -> torch.Tensor:
+        """`check` is called between blocks and attention calls (it may raise to stop)."""
         grid = grid_list(grid_thw)
         _check_inputs(self.config, pixel_values, grid)
         x = self.patch_embed(pixel_values)
@@ -452,7 +456,9 @@ class Qwen3MoeVisionTransformer(nn.Module):
         cos, sin = self.rotary_cos_sin(grid, device=x.device)
         cu = per_frame_cu_seqlens(grid)
         for blk in self.blocks:
-            x = blk(x, cu, cos, sin)
+            x = blk(x, cu, cos, sin, check)
+            if check is not None:
+                check()
         return self.merger(x)
 
 
@@ -483,8 +489,8 @@ class Qwen2_5VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads)
         self.mlp = Qwen2_5VisionMLP(cfg)
 
-    def forward(self, x, cu_seqlens, cos, sin):
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+    def forward(self, x, cu_seqlens, cos, sin, check=None):
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin, check)
         return x + self.mlp(self.norm2(x))
 
 
@@ -554,7 +560,8 @@ class Qwen2_5_VisionTransformer(nn.Module):
         coords = merge_order_coords(grid, self.config.spatial_merge_size, device=device)
         return vision_rotary_cos_sin(coords, self.config.head_dim, bf16_tables=self._bf16_tables())
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, grid_thw, check: Callable[[], None] | None = None) -> torch.Tensor:
+        """`check` is called between blocks and attention calls (it may raise to stop)."""
         cfg = self.config
         grid = grid_list(grid_thw)
         _check_inputs(cfg, pixel_values, grid)
@@ -572,7 +579,9 @@ class Qwen2_5_VisionTransformer(nn.Module):
         cu_full = per_frame_cu_seqlens(grid)
         full = set(cfg.fullatt_block_indexes)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cu_full if i in full else cu_window, cos, sin)
+            x = blk(x, cu_full if i in full else cu_window, cos, sin, check)
+            if check is not None:
+                check()
         x = self.merger(x)
         return x[torch.argsort(perm)]
 

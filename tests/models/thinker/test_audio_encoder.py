@@ -159,6 +159,22 @@ def test_padded_batch_reproduces_reference_batching():
     assert (batch[1, :16] - alone_short).abs().max() > 1e-3
 
 
+def test_a_check_runs_between_blocks_and_can_stop_the_encoder():
+    """The audio encoder checks a cancelled request between its blocks, as the ViT does."""
+    enc = _encoder(seed=6)
+    clips = [_mel(50, seed=7), _mel(31, seed=8)]
+    calls = []
+    with torch.no_grad():
+        plain, _ = enc.encode_padded(clips)
+        checked, _ = enc.encode_padded(clips, lambda: calls.append(1))
+    assert torch.equal(plain, checked) and len(calls) == enc.config.n_layer
+
+    def stop():
+        raise StopIteration
+    with torch.no_grad(), pytest.raises(StopIteration):
+        enc(clips, check=stop)
+
+
 def test_too_long_audio_is_rejected():
     enc = _encoder()
     with pytest.raises(ValueError):

@@ -345,6 +345,36 @@ def test_window_partition_tiles_merge_units():
     assert perm[:4].tolist() == [0, 1, 5, 6] and perm[8:10].tolist() == [4, 9]
 
 
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("cfg", [QWEN3_SMALL, QWEN25_SMALL], ids=["qwen3", "qwen25"])
+def test_a_check_runs_between_blocks_and_attention_calls_and_can_stop_the_encoder(cfg):
+    """A cancelled request stopped only once the whole ViT was through (60-120 s for a huge picture):
+    `check` is called before each attention call and after each block, so raising stops it there; it
+    changes nothing else."""
+    vit = _model(cfg, seed=2)
+    grids = [(1, 4, 6), (1, 2, 4)]
+    px = _pixels(vit.config, grids)
+    calls = []
+    with torch.no_grad():
+        plain = vit(px, torch.tensor(grids))
+        checked = vit(px, torch.tensor(grids), lambda: calls.append(1))
+    assert torch.equal(plain, checked)
+    assert len(calls) >= 2 * vit.config.depth  # at least one attention call and one block end per block
+
+    def stop_in_second_block():
+        calls.append(1)
+        if len(calls) > len(calls_per_block):
+            raise _Stop
+    calls_per_block = calls[:len(calls) // vit.config.depth]
+    calls.clear()
+    with torch.no_grad(), pytest.raises(_Stop):
+        vit(px, torch.tensor(grids), stop_in_second_block)
+    assert len(calls) == len(calls_per_block) + 1
+
+
 def test_qwen25_vit_matches_dense_reference():
     vit = _model(QWEN25_SMALL, seed=6)
     assert vit.config.window_merged == 2
