@@ -138,7 +138,22 @@ async def form_body(request: Request, limits, max_files: int, max_fields: int = 
     except ApiError:
         raise
     except Exception as e:  # MultiPartException, or malformed multipart of any other kind
-        raise bad(f"the multipart body could not be parsed: {str(e)[:120]}", "invalid_multipart") from None
+        raise bad(f"the multipart body could not be parsed: {multipart_reason(e)[:200]}", "invalid_multipart") from None
+
+
+def multipart_reason(error: Exception) -> str:
+    """What is wrong with a multipart body: starlette says "Invalid multipart data." for whatever its
+    parser refused; the parser's own error says what (a part's header line over its limit: a file or
+    field name of thousands of characters)."""
+    from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE  # noqa: PLC0415
+
+    cause = error.__cause__
+    if cause is None:
+        return str(error)
+    if "header size" in str(cause):
+        return (f"a part's header line is longer than {DEFAULT_MAX_HEADER_SIZE:,} bytes (a file name or field name "
+                "that long?): shorten the file name")
+    return f"{error} ({cause})"
 
 
 def check_closed(body: bytes, boundary: str | None) -> None:

@@ -39,6 +39,18 @@ def bad(message: str, code: str = "invalid_value", param: str | None = None, sta
     return ApiError(message, code=code, status=status, param=param)
 
 
+ECHO_CHARS = 64  # of a client's value quoted in an error message
+
+
+def shown(value: Any, limit: int = ECHO_CHARS) -> str:
+    """A client's value as an error message quotes it: its repr, cut to `limit` characters, saying how
+    long it was when cut (a 10,000-character model id is not sent back whole)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text):,} characters)"
+
+
 # --------------------------------------------------------------------------- primitive checks
 
 
@@ -233,7 +245,7 @@ def audio_payload(raw: bytes, fmt: str | None, rate: int | None, limits: Limits,
         return Audio(samples.copy(), rate)
     if fmt in AUDIO_FILE_FORMATS:
         return audio_file(raw, limits, name)
-    raise bad(f"'{name}': unknown audio format {fmt!r}; use one of {', '.join(PCM_FORMATS[:1] + AUDIO_FILE_FORMATS)}",
+    raise bad(f"'{name}': unknown audio format {shown(fmt)}; use one of {', '.join(PCM_FORMATS[:1] + AUDIO_FILE_FORMATS)}",
               "invalid_audio_format", name)
 
 
@@ -483,7 +495,7 @@ def convert_content(content: Any, limits: Limits, name: str = "content", default
             parts.append({"type": "video", "video": raw})
             public.append({"type": "input_video", "bytes": len(raw)})
         else:
-            raise bad(f"'{pname}.type' {kind!r} is not supported; use text, image_url, input_audio or video_url "
+            raise bad(f"'{pname}.type' {shown(kind)} is not supported; use text, image_url, input_audio or video_url "
                       "(realtime: input_text, input_image, input_audio, input_video)", "unsupported_content_type",
                       f"{pname}.type")
     return Converted(parts, public)

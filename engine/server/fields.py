@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from engine.server.codec import bad
+from engine.server.codec import bad, shown
 from engine.server.protocol import ApiError
 
 Harmless = Callable[[Any], bool]  # a value of a refused field that asks for nothing (e.g. logit_bias {})
@@ -168,6 +168,6 @@ def check_model(requested: Any, served: tuple[str, ...], model_id: str, kind: st
     if requested in served or is_openai_alias(requested, kind):
         return
     names = OPENAI_MODELS[kind] if kind else sorted(n for v in OPENAI_MODELS.values() for n in v)
-    raise ApiError(f"model {requested[:100]!r} is not served here: this server serves {model_id!r} (ask for it by "
+    raise ApiError(f"model {shown(requested)} is not served here: this server serves {model_id!r} (ask for it by "
                    f"that id, 'default', or one of OpenAI's names for this endpoint: {', '.join(names)})",
                    code="model_not_found", status=404, param="model")

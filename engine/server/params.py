@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.sampling import GenerationParams
-from engine.server.codec import bad, need_number, need_str
+from engine.server.codec import bad, need_number, need_str, shown
 from engine.server.limits import Limits
 from engine.server.protocol import ApiError
 
@@ -30,7 +30,7 @@ def check_output_modalities(value: Any, name: str, engine) -> list[str]:
         raise bad(f"'{name}' must be a non-empty list of strings such as [\"text\"]", "invalid_type", name)
     for m in value:
         if m not in OUTPUT_MODALITIES:
-            raise bad(f"'{name}': unknown modality {m!r} (known: {', '.join(OUTPUT_MODALITIES)})", "invalid_value",
+            raise bad(f"'{name}': unknown modality {shown(m)} (known: {', '.join(OUTPUT_MODALITIES)})", "invalid_value",
                       name)
         if m == "image":
             raise ApiError(f"chat and realtime responses do not draw images: use {IMAGE_ENDPOINTS}; ask for "

@@ -124,8 +124,12 @@ def check_reference_clip(raw: bytes, ctx: ServerContext, name: str) -> None:
 
 def speech_request(body: dict, ctx: ServerContext) -> dict:
     """engine.speak keyword arguments from a /v1/audio/speech body (types and limits checked here)."""
+    from engine.models.talker.pipeline import TASKS  # noqa: PLC0415
+
     task = body.get("task", "tts")
     codec.need_str(task, "task")
+    if task not in TASKS:
+        raise bad(f"unknown task {codec.shown(task)}; valid tasks: {', '.join(TASKS)}", "invalid_value", "task")
     music = body.get("music")
     text = text_field(body.get("input"), "input", MAX_INPUT_CHARS, required=not (task == "music" and music))
     voice = body.get("voice")
@@ -313,6 +317,7 @@ async def delete_voice(request: Request, name: str):
     from engine.errors import MingError  # noqa: PLC0415
 
     engine = talker_of(ctx_of(request))
+    name = voice_name(name, "name")
     try:
         await asyncio.to_thread(engine.delete_voice, name)
     except MingError as e:

@@ -116,7 +116,7 @@ def test_openais_own_client_reads_it(server):
     ({"input": "hi", "dialect": "klingon"}, "invalid_request", "cantonese"),
     ({"input": "hi", "emotion": "grumpy", "stream_format": "sse"}, "invalid_request", "happy"),
     ({"input": "hi", "instruct": "emotion=grumpy"}, "invalid_request", "happy"),
-    ({"input": "hi", "task": "opera"}, "invalid_request", "tts, sound, music, podcast"),
+    ({"input": "hi", "task": "opera"}, "invalid_value", "tts, sound, music, podcast"),
     ({"input": "hi", "response_format": "ogg"}, "unsupported_parameter", "wav, pcm, flac"),
     ({"input": "hi", "response_format": "mp3", "stream_format": "audio"}, "unsupported_parameter", "whole file"),
     ({"input": "hi", "stream_format": "chunks"}, "invalid_value", "sse"),

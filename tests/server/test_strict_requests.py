@@ -473,6 +473,47 @@ def test_other_model_ids_are_refused_naming_the_served_one(http, server, path, b
     assert err["code"] == "model_not_found" and server.ctx.model_id in err["message"] and model in err["message"]
 
 
+LONG = "m" * 10_000
+
+
+@pytest.mark.parametrize("method, path, body, param", [
+    ("POST", "/v1/chat/completions", {**CHAT, "model": LONG}, "model"),
+    ("GET", "/v1/models/" + LONG, None, "model"),
+    ("POST", "/v1/chat/completions", {**CHAT, "modalities": [LONG]}, "modalities"),
+    ("POST", "/v1/chat/completions", chat_part({"type": LONG}), "messages[0].content[0].type"),
+    ("POST", "/v1/chat/completions", chat_part({"type": "input_audio", "input_audio": {"data": b64(WAV), "format": LONG}}),
+     "messages[0].content[0].input_audio.data"),
+    ("POST", "/v1/audio/speech", {"input": "hi", "task": LONG}, "task"),
+    ("DELETE", "/v1/audio/voices/" + LONG, None, "name"),
+])
+def test_long_client_values_are_cut_where_an_error_echoes_them(http, method, path, body, param):
+    """A 10,000-character model id, modality, part type, audio format, speech task or voice name came back
+    whole in the error message (the speech task's with param null)."""
+    r = http.request(method, path, json=body)
+    assert r.status_code in (400, 404), r.text[:300]
+    err = r.json()["error"]
+    assert err["param"] == param and len(err["message"]) < 1000, (len(err["message"]), err["param"])
+    assert "10,000 characters" in err["message"] or "too long" in err["message"], err["message"][:200]
+
+
+def test_realtime_long_values_are_cut_where_an_error_echoes_them(server):
+    with connect(server.ws_url) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        for session, param in (({"model": LONG}, "model"), ({"output_modalities": [LONG]}, "session.output_modalities")):
+            ws.send(json.dumps({"type": "session.update", "session": session}))
+            ev = recv_json(ws)
+            assert ev["type"] == "error" and ev["error"]["param"] == param, str(ev)[:300]
+            assert len(ev["error"]["message"]) < 1000, len(ev["error"]["message"])
+
+
+def test_a_multipart_header_over_the_parser_limit_says_so(http):
+    """A file name of 9,000 characters was refused as "Invalid multipart data."."""
+    r = http.post("/v1/audio/transcriptions", files={"file": ("a" * 9000 + ".wav", WAV)})
+    err = error_of(r)
+    assert err["code"] == "invalid_multipart" and "header" in err["message"] and "file name" in err["message"], err
+    assert len(err["message"]) < 300, err
+
+
 def test_realtime_model_ids(server):
     with connect(server.ws_url + "?model=gpt-realtime") as ws:
         assert recv_json(ws)["type"] == "session.created"
