@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from engine.errors import MingError
+from engine.generate import Cancelled
 from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress
 from engine.media.image import load_image
 from engine.models.imagegen.buckets import SizePlan, center_crop_box, parse_aspect, plan_size
@@ -208,13 +209,23 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
             yield Error(f"{type(e).__name__}: {e}")
 
 
+def stopped(stats: GenerationStats, t_start: float, seed: int, steps_done: int) -> Done:
+    """The Done of a request cancelled after `steps_done` denoising steps."""
+    stats.total_s = time.perf_counter() - t_start
+    return Done(text="", finish_reason="cancelled", stats=stats, result={"seed": seed, "steps_done": steps_done})
+
+
 def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Image.Image | None,
          aspect: float | None, seed: int, instruction: str, cancel, t_start: float, waited: float) -> Iterator[Event]:
     stats = GenerationStats(queue_wait_s=waited)
     model = engine.model
     yield Progress("encoding prompt", message=f"{len(prompt.ids)} tokens, {len(prompt.images)} image(s)")
     t_enc = time.perf_counter()
-    mm = engine.encode_media(prompt) if prompt.images else None
+    try:
+        mm = engine.encode_media(prompt, cancel) if prompt.images else None
+    except Cancelled:  # stopped while a (large) source picture was encoded
+        yield stopped(stats, t_start, seed, 0)
+        return
     stats.media_encode_s = time.perf_counter() - t_enc if mm is not None else 0.0
     glyph_text = glyph_text_from_prompt(instruction) if gen.glyph is not None else ""
     with gen.on_compute():
@@ -236,8 +247,7 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
             scheduler, _ = make_scheduler(gen.scheduler_config, request.steps, shape[2:], device=dev)
         n = len(scheduler.timesteps)
         if cancel is not None and cancel.is_set():  # stopped while the prompt was being encoded
-            stats.total_s = time.perf_counter() - t_start
-            yield Done(text="", finish_reason="cancelled", stats=stats, result={"seed": seed, "steps_done": 0})
+            yield stopped(stats, t_start, seed, 0)
             return
         previews = steps_for_preview(n, request.preview_every)
         rgb_map = gen.latent_rgb() if previews else None
@@ -260,8 +270,7 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
         stats.image_steps = done_steps
         stats.image_step_s = loop_s / done_steps if done_steps else 0.0
         if done_steps < n:
-            stats.total_s = time.perf_counter() - t_start
-            yield Done(text="", finish_reason="cancelled", stats=stats, result={"seed": seed, "steps_done": done_steps})
+            yield stopped(stats, t_start, seed, done_steps)
             return
         yield Progress("decoding image")
         with torch.inference_mode():

@@ -93,6 +93,16 @@ def test_cancel_before_denoising_starts(tiny_engine):
     assert done.finish_reason == "cancelled" and done.result["steps_done"] == 0
 
 
+def test_cancel_while_the_source_picture_is_encoded(tiny_engine):
+    """An edit cancelled during its picture's encoding stops inside the encoder (a huge picture kept it busy
+    to the end before): no encoding time is recorded, nothing is denoised."""
+    cancel = threading.Event()
+    cancel.set()
+    done = _final(list(tiny_engine.imagine("make it blue", images=[_photo()], steps=2, cancel=cancel)))
+    assert done.finish_reason == "cancelled" and done.result["steps_done"] == 0
+    assert done.stats.media_encode_s == 0.0
+
+
 def _cmyk_jpeg():
     return _png_bytes(Image.new("CMYK", (40, 30), (0, 128, 255, 0)), "JPEG")
 
