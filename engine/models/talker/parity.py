@@ -24,7 +24,25 @@ from engine.models.talker.vae import load_audio_vae
 from engine.models.talker.audio import left_pad_to_multiple
 
 
-TALKER_PATCH_DEFAULT = 4  # the 2.0 talker's patch_size
+
+
+def talker_patch_of_case(meta: dict, n_latents: int, chunks: list[int]) -> int:
+    """Latent frames per talker patch of an audio_vae case: its streaming chunks are counted in talker
+    patches, and the prompt padding span is hop * VAE patch * talker patch (spec §7.4), but the talker's
+    patch_size is no VAE setting. meta.json's `sizes.talker_patch_size` when recorded, else what the
+    case's latents and chunks imply (the chunks cover the latents); anything else is refused, naming it."""
+    recorded = (meta.get("sizes") or {}).get("talker_patch_size")
+    total = sum(int(n) for n in chunks)
+    if recorded is not None:
+        patch = int(recorded)
+        if patch <= 0 or (total and total * patch != n_latents):
+            raise ValueError(f"sizes.talker_patch_size {recorded} does not fit the case: stream_chunks_patches "
+                             f"{chunks} x {recorded} frames != {n_latents} latent frames")
+        return patch
+    if total <= 0 or n_latents % total:
+        raise ValueError(f"cannot tell the talker patch size: meta.json records no sizes.talker_patch_size and "
+                         f"stream_chunks_patches {chunks} (sum {total}) does not divide the {n_latents} latent frames")
+    return n_latents // total
 
 
 def _tol(meta: dict, key: str, default: float) -> float:
@@ -137,8 +155,7 @@ def run_audio_vae_case(case_dir: Path, comparer_cls, device: str = "cpu") -> lis
         cmp.close("oneshot.head_out", trace["head_out"], hid_tol)
 
         chunks = inputs["stream_chunks_patches"].tolist()
-        # streaming chunks are counted in talker patches (the talker's patch_size, not a VAE setting)
-        per_patch = int(meta.get("sizes", {}).get("talker_patch_size", TALKER_PATCH_DEFAULT))
+        per_patch = talker_patch_of_case(meta, latents.shape[1], chunks)
         stream = vae.stream()
         pieces, kv_lens, offset = [], [], 0
         for i, n in enumerate(chunks):

@@ -1,0 +1,40 @@
+"""The talker / AudioVAE parity runners read every setting from the case (held-out cases at other sizes
+and settings run with what they record, or fail naming it)."""
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from engine.models.talker.parity import talker_patch_of_case
+from engine.tools.parity import format_table, run_case
+from tests.paths import fixture_case
+
+
+def test_talker_patch_comes_from_the_case():
+    assert talker_patch_of_case({}, 40, [1, 2, 1, 3, 3]) == 4
+    assert talker_patch_of_case({}, 40, [2, 4, 2, 6, 6]) == 2
+    assert talker_patch_of_case({"sizes": {"talker_patch_size": 2}}, 40, [2, 4, 2, 6, 6]) == 2
+    with pytest.raises(ValueError, match="talker_patch_size"):
+        talker_patch_of_case({}, 41, [1, 2, 1, 3, 3])
+    with pytest.raises(ValueError, match="talker_patch_size 4"):
+        talker_patch_of_case({"sizes": {"talker_patch_size": 4}}, 40, [2, 4, 2, 6, 6])
+
+
+def test_audio_vae_case_streams_in_the_case_talker_patches(tmp_path):
+    """The same 40 latent frames streamed in 2-frame talker patches ([2, 4, 2, 6, 6] patches = the public
+    case's frame boundaries): every recorded output still holds (the prompt padding span hop*4*2 = 128
+    pads 1000 samples to 1024 as 256 does). Run with a fixed 4-frame patch, the chunks read 80 frames."""
+    case = tmp_path / "audio_vae"
+    shutil.copytree(fixture_case("audio_vae"), case)
+    inputs = load_file(str(case / "inputs.safetensors"))
+    inputs["stream_chunks_patches"] = inputs["stream_chunks_patches"] * 2
+    save_file(inputs, str(case / "inputs.safetensors"))
+    meta = json.loads((case / "meta.json").read_text())
+    meta["stream_chunks_patches"] = [2 * n for n in meta["stream_chunks_patches"]]
+    (case / "meta.json").write_text(json.dumps(meta))
+    rows = run_case(case)
+    bad = [r for r in rows if not r.ok]
+    assert rows and not bad, format_table(bad)
+    assert {"stream.wav_concat", "encode.padded_wav", "stream.chunk_kv_len"} <= {r.tensor for r in rows}
