@@ -95,8 +95,10 @@ class LLMStep:
 
 def generate_patches(talker: BailingTalker2, inputs_embeds: torch.Tensor, prompt_latents: torch.Tensor | None,
                      params: SamplingParams, noise: NoiseSource, cancel: threading.Event | None = None,
-                     trace: dict | None = None, runner=None) -> Iterator[Patch]:
-    """Yields latent patches until the stop head fires, a bound is reached, or `cancel` is set.
+                     trace: dict | None = None, runner=None,
+                     min_steps: int = MIN_STEPS_BEFORE_STOP) -> Iterator[Patch]:
+    """Yields latent patches until the stop head fires (only once step > `min_steps`, the reference's
+    min_new_token), a bound is reached, or `cancel` is set.
     `runner` (engine.models.talker.graphs.GraphRunner) replaces the eager steps on CUDA."""
     cfg = talker.config
     dtype, device = talker.dtype, talker.device
@@ -126,7 +128,7 @@ def generate_patches(talker: BailingTalker2, inputs_embeds: torch.Tensor, prompt
                     trace.setdefault(key, []).append(value.clone())
                 trace.setdefault("cfm", []).append(step_trace)
             his = torch.cat([his[:, cfg.patch_size:], gen], dim=1)
-            stop = step > MIN_STEPS_BEFORE_STOP and p_stop > STOP_THRESHOLD
+            stop = step > min_steps and p_stop > STOP_THRESHOLD
             last = stop or step + 1 >= limit
             yield Patch(gen, p_stop, last, step)
             if last:

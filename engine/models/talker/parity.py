@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from engine.models.talker.cfm import SamplingParams, epss_timesteps, time_grid
-from engine.models.talker.generate import StoredNoise, generate_patches, initial_history
+from engine.models.talker.generate import (MIN_STEPS_BEFORE_STOP, STOP_THRESHOLD, StoredNoise, generate_patches,
+                                           initial_history)
 from engine.models.talker.model import load_talker
 from engine.models.talker.prompt import build_prompt
 from engine.models.talker.tokenizer import TalkerTokenizer
@@ -43,6 +45,35 @@ def talker_patch_of_case(meta: dict, n_latents: int, chunks: list[int]) -> int:
         raise ValueError(f"cannot tell the talker patch size: meta.json records no sizes.talker_patch_size and "
                          f"stream_chunks_patches {chunks} (sum {total}) does not divide the {n_latents} latent frames")
     return n_latents // total
+
+
+# The sampler settings a talker case may record, with the upstream call defaults (meta.json's
+# `reference` of the public case: cfg=2.0, sigma=0.25, temperature=0; the stop rule's min_new_token(10)).
+SAMPLER_DEFAULTS = {"cfg": SamplingParams.cfg, "sigma": SamplingParams.sigma,
+                    "temperature": SamplingParams.temperature, "min_new_token": MIN_STEPS_BEFORE_STOP}
+
+
+def _recorded(meta: dict, case: dict, key: str):
+    """A sampler setting as the case records it: the sub-case's key, meta.json's top level or its
+    `sampling` object, else `key=value` / `key(value)` in meta.json's `reference` text; None if absent."""
+    for where in (case, meta, meta.get("sampling") or {}):
+        if where.get(key) is not None:
+            return where[key]
+    m = re.search(rf"\b{key}\s*(?:=\s*|\(\s*)([-+0-9.eE]+)", str(meta.get("reference", "")))
+    return m.group(1) if m else None
+
+
+def sampler_settings(meta: dict, case: dict) -> tuple[SamplingParams, int]:
+    """(SamplingParams, min_new_token) a talker sub-case was run with (upstream defaults where nothing
+    is recorded); a recorded value that is not a number fails naming it."""
+    got = {}
+    for key, default in SAMPLER_DEFAULTS.items():
+        value = _recorded(meta, case, key)
+        try:
+            got[key] = type(default)(float(value)) if value is not None else default
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"talker case setting '{key}' is {value!r}, not a number") from e
+    return SamplingParams(got["cfg"], got["sigma"], got["temperature"]), got["min_new_token"]
 
 
 def _tol(meta: dict, key: str, default: float) -> float:
@@ -89,9 +120,7 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             n_spk = 1 if zero_spk else (0 if spk is None else spk.shape[0])
             prompt = build_prompt(tok, case["prompt"], case["text"], n_speakers=n_spk, prompt_text=case.get("prompt_text"),
                                   n_prompt_patches=n_patches, instruction=case.get("instruction"))
-            # sampler settings of the case (the upstream call defaults otherwise)
-            params = SamplingParams(float(case.get("cfg", 2.0)), float(case.get("sigma", 0.25)),
-                                    float(case.get("temperature", 0.0)))
+            params, min_steps = sampler_settings(meta, case)
             if f"inputs.{name}.input_ids" in cmp.outputs:
                 cmp.exact(f"inputs.{name}.input_ids", torch.tensor([prompt.ids]))
             spk_embeds = talker.speaker_embedding(spk) if (spk is not None or zero_spk) else None
@@ -107,10 +136,15 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             cmp.close(f"{name}.prefill_last_hidden_state", talker.model(embeds), hidden_tol)
             noise = StoredNoise(outputs[f"{name}.noise_y0"], outputs[f"{name}.noise_sde"])
             trace: dict = {}
-            patches = list(generate_patches(talker, embeds, lat, params, noise, trace=trace))
+            patches = []
+            for patch in generate_patches(talker, embeds, lat, params, noise, trace=trace, min_steps=min_steps):
+                patches.append(patch)
+                if len(patches) == noise.y0.shape[0]:  # no noise is stored past the reference's last step
+                    break
             n = len(patches)
-            cmp.exact(f"{name}.n_steps", torch.tensor(n))
-            stopped = patches[-1].stop_prob > 0.5 and patches[-1].step > 10
+            # cut short where the reference's noise ends: at least one step more than it ran
+            cmp.exact(f"{name}.n_steps", torch.tensor(n if patches[-1].is_last else n + 1))
+            stopped = patches[-1].stop_prob > STOP_THRESHOLD and patches[-1].step > min_steps
             cmp.exact(f"{name}.stopped", torch.tensor(int(stopped), dtype=torch.uint8))
             cmp.exact(f"{name}.yield_is_last", torch.tensor([int(p.is_last) for p in patches], dtype=torch.uint8))
             gen = torch.cat([p.latents for p in patches])

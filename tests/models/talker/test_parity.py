@@ -38,3 +38,37 @@ def test_audio_vae_case_streams_in_the_case_talker_patches(tmp_path):
     bad = [r for r in rows if not r.ok]
     assert rows and not bad, format_table(bad)
     assert {"stream.wav_concat", "encode.padded_wav", "stream.chunk_kv_len"} <= {r.tensor for r in rows}
+
+
+def test_sampler_settings_are_the_ones_the_case_records():
+    from engine.models.talker.cfm import SamplingParams
+    from engine.models.talker.parity import sampler_settings
+    public = {"reference": "generate (stop rule step > min_new_token(10) and p_stop > 0.5); cfg=2.0, sigma=0.25, "
+                           "temperature=0 (upstream defaults)"}
+    assert sampler_settings(public, {}) == (SamplingParams(2.0, 0.25, 0.0), 10)
+    tta = {"reference": "cfg=4.5, sigma=0.3, temperature=2.5; step > min_new_token(6)"}
+    assert sampler_settings(tta, {}) == (SamplingParams(4.5, 0.3, 2.5), 6)
+    # a sub-case's own keys, then the top level / `sampling`, come before the reference text
+    assert sampler_settings({**tta, "sampling": {"sigma": 0.5}}, {"cfg": 3}) == (SamplingParams(3.0, 0.5, 2.5), 6)
+    assert sampler_settings({}, {}) == (SamplingParams(), 10)
+    with pytest.raises(ValueError, match="'temperature'"):
+        sampler_settings({"temperature": "hot"}, {})
+
+
+def _talker_variant(tmp_path, reference: str):
+    case = tmp_path / "talker"
+    shutil.copytree(fixture_case("talker"), case)
+    meta = json.loads((case / "meta.json").read_text())
+    meta["reference"] = reference
+    (case / "meta.json").write_text(json.dumps(meta))
+    return {r.tensor: r for r in run_case(case)}
+
+
+def test_talker_case_runs_with_its_recorded_cfg_and_stop_rule(tmp_path):
+    """The public case's outputs were made with cfg 2.0 and min_new_token 10; the same case saying it
+    ran with cfg 4.5 and min_new_token 20 must be run so (and so differ), not with the defaults."""
+    rows = _talker_variant(tmp_path, "omni_audio_generation_func -> generate (stop rule step > min_new_token(20) "
+                                     "and p_stop > 0.5); cfg=4.5, sigma=0.25, temperature=0")
+    assert not rows["tts.cfm_x"].ok and not rows["tts.step_gen_lat"].ok
+    assert not rows["tts.n_steps"].ok  # the public case stops at step 16, which min_new_token 20 does not allow
+    assert rows["tts.prefill_last_hidden_state"].ok  # the prompt is untouched
