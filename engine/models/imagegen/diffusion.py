@@ -27,6 +27,10 @@ CAPTION_NORM_SCALE = 1000.0
 SHIFT_DEFAULTS = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
 # The DiT patchifies the latent 2x2 (spec §8.5): latent sides must be even.
 DIT_PATCH = 2
+# The reference pipeline's DiT timestep is (1000 - t) / 1000 with this constant written in the loop,
+# whatever the scheduler's num_train_timesteps (t = sigma * num_train_timesteps): 1 - sigma at the
+# shipped 1000 (spec §8.6).
+PIPELINE_TIMESTEP_SCALE = 1000.0
 
 
 def caption_features(condition: torch.Tensor, head: QueryHeadConfig, caption_mlp: nn.Module | None) -> torch.Tensor:
@@ -90,7 +94,7 @@ class DenoiseStep:
 
     index: int
     total: int
-    timestep: torch.Tensor           # scheduler timestep t (the DiT gets 1 − t/T)
+    timestep: torch.Tensor           # scheduler timestep t (the DiT gets (1000 − t)/1000)
     sigma: float
     latents_in: torch.Tensor         # [1, C, h, w] fp32
     latents_out: torch.Tensor        # after the Euler step
@@ -123,7 +127,7 @@ def denoise(transformer: nn.Module, scheduler, latents: torch.Tensor, caption: t
     device; captions [L, C_cap]. CFG runs when guidance > 1: pred = pos + g·(pos − neg) in fp32, the
     model output is −pred. Yields happen outside inference mode (it is thread-local)."""
     timesteps = scheduler.timesteps
-    t_scale = float(scheduler.config.num_train_timesteps)
+    t_scale = PIPELINE_TIMESTEP_SCALE
     cfg = guidance > 1.0
     captions = [caption, negative_caption] if cfg else [caption]
     n = len(timesteps)

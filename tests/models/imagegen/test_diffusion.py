@@ -59,3 +59,31 @@ def test_previews_every_k_steps_but_not_after_the_last():
     assert steps_for_preview(10, 3) == {2, 5, 8}
     assert steps_for_preview(6, 3) == {2}
     assert steps_for_preview(10, 0) == set()
+
+
+class _RecordingDiT(torch.nn.Module):
+    """Stands in for the Z-Image DiT: returns zeros of each latent's shape and records the timesteps."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def forward(self, xs, t, captions, return_dict=False):
+        self.seen.append(t.clone())
+        return ([torch.zeros_like(x) for x in xs],)
+
+
+def test_dit_timestep_is_the_pipelines_1000_minus_t_over_1000_at_any_num_train_timesteps():
+    """The reference loop feeds (1000 - t)/1000 with 1000 written in the pipeline; a scheduler config with
+    num_train_timesteps 500 has t = 500 sigma, so the DiT sees 1 - sigma/2, not 1 - sigma."""
+    from engine.models.imagegen.diffusion import denoise
+    sched, _ = make_scheduler({**STATIC, "num_train_timesteps": 500}, 4, (8, 8))
+    dit = _RecordingDiT()
+    cap = torch.ones(3, 8)
+    steps = list(denoise(dit, sched, torch.zeros(1, 4, 8, 8), cap, torch.zeros_like(cap), 2.0))
+    expected = (1000.0 - sched.timesteps) / 1000.0
+    assert len(steps) == 4
+    assert torch.allclose(torch.stack([s.dit_t[0] for s in steps]), expected)
+    assert torch.allclose(torch.stack([t[0] for t in dit.seen]), expected) and dit.seen[0].shape == (2,)
+    assert not torch.allclose(expected, 1 - sched.sigmas[:-1])
