@@ -175,7 +175,7 @@ class StreamState:
     cache: DynamicKVCache | None = None
     audio_buffer: torch.Tensor | None = None  # overlap-added tail not yet complete [B, n_fft - hop]
     window_buffer: torch.Tensor | None = None
-    started: bool = False                     # the leading `pad` samples were dropped
+    to_drop: int | None = None                # leading `pad` samples still to drop (None: nothing emitted yet)
     decoder_calls: list[list[int]] = field(default_factory=list)
 
 
@@ -219,13 +219,17 @@ class StreamingDecoder:
         if st.audio_buffer is not None:
             audio = torch.cat([audio[:, :overlap] + st.audio_buffer, audio[:, overlap:]], dim=1)
             env = torch.cat([env[:overlap] + st.window_buffer, env[overlap:]])
-        start = 0 if st.started else head.pad
-        st.started = True
+        if st.to_drop is None:
+            st.to_drop = head.pad
         # the newest (n_fft - hop) samples still overlap the next chunk; on the last chunk they are
         # final except the trailing `pad`
         tail = audio.shape[1] - overlap
         st.audio_buffer, st.window_buffer = audio[:, tail:], env[tail:]
         end = audio.shape[1] - head.pad if last else tail
+        # a first chunk of one frame has only hop (< pad) final samples: the rest of the pad is
+        # dropped from the next chunk's, not emitted
+        start = min(st.to_drop, max(end, 0))
+        st.to_drop -= start
         return audio[:, start:end] / env[start:end]
 
     def _emit(self, h: torch.Tensor, last: bool) -> torch.Tensor:

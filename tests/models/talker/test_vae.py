@@ -48,3 +48,41 @@ def test_prompt_encoding_shapes(vae):
     with torch.inference_mode():
         post = vae.posterior(wav)
     assert post.mean.shape == (1, 8, 64) and (post.std > 0).all()
+
+
+def _variant_vae(folder, patch_size: int, hop: int):
+    """A random AudioVAE folder with engine.models.talker.tiny's config at another VAE patch and hop."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from engine.models.talker import tiny
+    from engine.models.talker.config import AudioVAEConfig
+    from engine.models.talker.vae import AudioVAE
+
+    cfg = tiny.tiny_vae_config()
+    cfg["patch_size"] = patch_size
+    cfg["enc_kwargs"].update(input_dim=hop, hop_size=hop)
+    cfg["dec_kwargs"]["output_dim"] = hop
+    folder.mkdir(parents=True)
+    with torch.device("cpu"):
+        module = AudioVAE(AudioVAEConfig.from_dict(cfg))
+    save_file(tiny._random_state(module, torch.Generator().manual_seed(5)), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return load_audio_vae(folder)
+
+
+@pytest.mark.parametrize("patch_size", [-1, 1])
+def test_streaming_one_frame_chunks_equals_one_shot(tmp_path, patch_size):
+    """Without latent upsampling a one-latent chunk is one decoder frame, whose final samples (hop) are
+    fewer than the leading `pad` (1.5 hop) to drop: the stream came out pad - hop samples too long."""
+    vae = _variant_vae(tmp_path / "vae", patch_size, hop=16)
+    torch.manual_seed(1)
+    latents = torch.randn(1, 7, 64)
+    with torch.inference_mode():
+        one = vae.decode(latents)
+        stream = vae.stream()
+        pieces = [stream.push(latents[:, i:i + 1], last=i == latents.shape[1] - 1) for i in range(latents.shape[1])]
+    streamed = torch.cat(pieces, dim=1)
+    assert streamed.shape == one.shape == (1, 7 * 16)
+    assert (streamed - one).abs().max() <= STREAM_ATOL
