@@ -108,13 +108,19 @@ def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
     transformer = ZImageTransformer2DModel.from_pretrained(str(case_dir), subfolder="transformer",
                                                            torch_dtype=torch.float32).eval().to(device)
     vae = AutoencoderKL.from_pretrained(str(case_dir), subfolder="vae", torch_dtype=torch.float32).eval().to(device)
-    head = QueryHeadConfig.from_folder(case_dir / "mlp") if list((case_dir / "mlp").glob("*.safetensors")) else None
-    mlp_cfg = json.loads((case_dir / "mlp" / "config.json").read_text())
-    if head is None:  # the DiT case ships only mlp/config.json: the wrapper switches
+    caption_mlp = None
+    if list((case_dir / "mlp").glob("*.safetensors")):  # a whole mlp/ folder: its caption MLP too, if any
+        query_head, caption_mlp = load_query_head(case_dir / "mlp", torch.float32, device)
+        head = query_head.config
+    else:  # the DiT case ships only mlp/config.json: the wrapper switches
+        mlp_cfg = json.loads((case_dir / "mlp" / "config.json").read_text())
         head = QueryHeadConfig(scales=(1,), llm_hidden=0, connector_hidden=0, c_dim=transformer.config.cap_feat_dim,
                                dit_type=str(mlp_cfg.get("dit_type", "zimage")),
                                use_identity_mlp=bool(mlp_cfg.get("use_identity_mlp", True)),
                                text_encoder_norm=bool(mlp_cfg.get("text_encoder_norm", True)))
+        if not head.use_identity_mlp:
+            raise ValueError(f"{case_dir / 'mlp' / 'config.json'}: use_identity_mlp is false but mlp/ ships no "
+                             "caption MLP weights (mlp.fc1 ...) to run")
     t_lat = _tol(meta, "step_latents_* / final_latents", HIDDEN_ATOL)
     t_dit = _tol(meta, "step_dit_out", HIDDEN_ATOL)
     t_sched = _tol(meta, "timesteps / sigmas / mu", 1e-6)
@@ -131,8 +137,9 @@ def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
         cmp.close(k + "timesteps", scheduler.timesteps, t_sched)
         cmp.close(k + "sigmas", scheduler.sigmas, t_sched)
         cmp.close(k + "mu", torch.tensor(mu, dtype=torch.float32), t_sched)
-        caption = caption_features(cond.float(), head, None)
-        negative = caption_features(torch.zeros_like(cond).float(), head, None)
+        with torch.inference_mode():
+            caption = caption_features(cond.float(), head, caption_mlp)
+            negative = caption_features(torch.zeros_like(cond).float(), head, caption_mlp)
         cmp.close(k + "cap_feats", torch.stack([caption, negative]), t_dit)
         ref = None
         if r.get("reference_image"):

@@ -1,0 +1,48 @@
+"""The image-generation parity runners run what the case's folders say (held-out cases at other
+settings run with them, or fail naming them)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine.tools.parity import run_case
+from tests.paths import fixture_case
+
+
+def _dit_variant(tmp_path, use_identity_mlp: bool):
+    case = tmp_path / "imagegen_dit"
+    shutil.copytree(fixture_case("imagegen_dit"), case)
+    cfg_path = case / "mlp" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["use_identity_mlp"] = use_identity_mlp
+    cfg_path.write_text(json.dumps(cfg))
+    return case
+
+
+def test_dit_case_without_caption_mlp_weights_says_so(tmp_path):
+    """mlp/config.json asking for the caption MLP with no weights to run was run as the identity."""
+    case = _dit_variant(tmp_path, use_identity_mlp=False)
+    with pytest.raises(ValueError, match="use_identity_mlp"):
+        run_case(case)
+
+
+def test_dit_case_runs_the_caption_mlp_its_mlp_folder_ships(tmp_path):
+    """A DiT case whose mlp/ holds a caption MLP (mlp.fc1 ...) must run it before cap_embedder: the public
+    case's outputs were made with the identity, so its caption features must now differ."""
+    case = _dit_variant(tmp_path, use_identity_mlp=False)
+    gen = torch.Generator().manual_seed(0)
+    c, hidden, conn = 40, 8, 12
+    state = {"query_tokens_dict.1x1": torch.randn(1, hidden, generator=gen),
+             "proj_in.weight": torch.randn(conn, hidden, generator=gen), "proj_in.bias": torch.zeros(conn),
+             "proj_out.weight": torch.randn(c, conn, generator=gen), "proj_out.bias": torch.zeros(c),
+             "mlp.fc1.weight": torch.randn(16, c, generator=gen), "mlp.fc1.bias": torch.zeros(16),
+             "mlp.layer_norm1.weight": torch.ones(16), "mlp.layer_norm1.bias": torch.zeros(16),
+             "mlp.fc2.weight": torch.randn(c, 16, generator=gen), "mlp.fc2.bias": torch.zeros(c),
+             "mlp.layer_norm2.weight": torch.ones(c), "mlp.layer_norm2.bias": torch.zeros(c)}
+    save_file(state, str(case / "mlp" / "model.safetensors"))
+    rows = {r.tensor: r for r in run_case(case)}
+    assert not rows["t2i.cap_feats"].ok and not rows["edit.cap_feats"].ok
+    assert rows["t2i.init_latents"].ok and rows["t2i.sigmas"].ok
