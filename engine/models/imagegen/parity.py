@@ -31,6 +31,8 @@ HIDDEN_ATOL = 1e-4
 CONDITION_ATOL = 1e-5
 EMBED_ATOL = 1e-6
 PIXEL_ATOL = 1e-6
+# The conditioning case whose model, mlp/ and connector/ a ByT5 case uses when its runs name none.
+DEFAULT_CONDITION_CASE = "imagegen_cond"
 
 
 def _tol(meta: dict, key: str, default: float) -> float:
@@ -163,6 +165,15 @@ def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
     return cmp.rows + cmp.missing()
 
 
+def condition_case_folder(meta: dict) -> str:
+    """The sibling conditioning case a ByT5 case builds on: the folder its runs name in `condition_case`
+    ('<folder>/<run>'), the public set's 'imagegen_cond' when none is named."""
+    named = {str(r["condition_case"]).split("/")[0] for r in (meta.get("runs") or {}).values() if r.get("condition_case")}
+    if len(named) > 1:
+        raise ValueError(f"the runs' condition_case name {len(named)} folders ({', '.join(sorted(named))}); one is used")
+    return named.pop() if named else DEFAULT_CONDITION_CASE
+
+
 def run_byt5_case(case_dir: Path, device: str = "cpu") -> list:
     """Kind imagegen, glyphs: text extraction, ByT5 ids/encoder/mapper, the appended condition."""
     from engine.tools.parity import Comparer, ParityRow
@@ -175,7 +186,7 @@ def run_byt5_case(case_dir: Path, device: str = "cpu") -> list:
         got = glyph_text_from_prompt(prompt)
         cmp.rows.append(ParityRow(case_dir.name, f"get_text_from_prompt({prompt[:32]!r})", 0.0 if got == expected else 1.0,
                                   "exact", got == expected, "" if got == expected else f"got {got!r}"))
-    cond_dir = case_dir.parent / "imagegen_cond"
+    cond_dir = case_dir.parent / condition_case_folder(meta)
     loaded, head, connector = _cond_components(cond_dir, device)
     glyph = GlyphEncoder.load(case_dir / "byt5", torch.float32, device)
     cond_meta = json.loads((cond_dir / "meta.json").read_text())

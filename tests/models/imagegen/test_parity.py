@@ -46,3 +46,20 @@ def test_dit_case_runs_the_caption_mlp_its_mlp_folder_ships(tmp_path):
     rows = {r.tensor: r for r in run_case(case)}
     assert not rows["t2i.cap_feats"].ok and not rows["edit.cap_feats"].ok
     assert rows["t2i.init_latents"].ok and rows["t2i.sigmas"].ok
+
+
+def test_byt5_case_uses_the_conditioning_case_its_runs_name(tmp_path):
+    """A ByT5 case builds on the model of the conditioning case named in its runs' condition_case; a set
+    whose cases are named otherwise ('cond_s7/t2i') was looked up in a fixed 'imagegen_cond' folder."""
+    from engine.models.imagegen.parity import condition_case_folder
+    shutil.copytree(fixture_case("imagegen_cond"), tmp_path / "cond_s7")
+    case = tmp_path / "byt5_s7"
+    shutil.copytree(fixture_case("imagegen_byt5"), case)
+    meta = json.loads((case / "meta.json").read_text())
+    for run in meta["runs"].values():
+        run["condition_case"] = run["condition_case"].replace("imagegen_cond/", "cond_s7/")
+    (case / "meta.json").write_text(json.dumps(meta))
+    assert condition_case_folder(meta) == "cond_s7" and condition_case_folder({"runs": {}}) == "imagegen_cond"
+    rows = run_case(case)
+    assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
+    assert "t2i.image_gen_text" in {r.tensor for r in rows}
