@@ -76,6 +76,16 @@ def sampler_settings(meta: dict, case: dict) -> tuple[SamplingParams, int]:
     return SamplingParams(got["cfg"], got["sigma"], got["temperature"]), got["min_new_token"]
 
 
+def instruction_text(value) -> str | None:
+    """A case's `instruction` as the prompt piece: a string as given, the caption object serialised as
+    upstream does (json.dumps, ensure_ascii=False, default separators; spec §7.10)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    raise ValueError(f"talker case instruction must be a string or a JSON object, got {type(value).__name__}")
+
+
 def _tol(meta: dict, key: str, default: float) -> float:
     value = meta.get("suggested_tolerances", {}).get(key, default)
     if isinstance(value, str):
@@ -119,7 +129,7 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             zero_spk = bool(case.get("use_zero_spk_emb")) and spk is None
             n_spk = 1 if zero_spk else (0 if spk is None else spk.shape[0])
             prompt = build_prompt(tok, case["prompt"], case["text"], n_speakers=n_spk, prompt_text=case.get("prompt_text"),
-                                  n_prompt_patches=n_patches, instruction=case.get("instruction"))
+                                  n_prompt_patches=n_patches, instruction=instruction_text(case.get("instruction")))
             params, min_steps = sampler_settings(meta, case)
             if f"inputs.{name}.input_ids" in cmp.outputs:
                 cmp.exact(f"inputs.{name}.input_ids", torch.tensor([prompt.ids]))

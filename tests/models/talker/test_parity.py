@@ -72,3 +72,26 @@ def test_talker_case_runs_with_its_recorded_cfg_and_stop_rule(tmp_path):
     assert not rows["tts.cfm_x"].ok and not rows["tts.step_gen_lat"].ok
     assert not rows["tts.n_steps"].ok  # the public case stops at step 16, which min_new_token 20 does not allow
     assert rows["tts.prefill_last_hidden_state"].ok  # the prompt is untouched
+
+
+def test_a_recorded_instruction_object_is_the_caption_json():
+    """A case may record the instruction as the caption object itself; it is the prompt piece upstream
+    serialises (ensure_ascii=False, default separators), not a crash in the tokenizer."""
+    from engine.models.talker.parity import instruction_text
+    from engine.models.talker.prompt import Instruction
+    caption = Instruction(emotion="高兴", speed="快速").caption()
+    assert instruction_text(json.loads(caption)) == caption and instruction_text(caption) == caption
+    assert instruction_text(None) is None
+    with pytest.raises(ValueError, match="instruction"):
+        instruction_text(3)
+
+
+def test_talker_case_with_an_instruction_object_runs(tmp_path):
+    case = tmp_path / "talker"
+    shutil.copytree(fixture_case("talker"), case)
+    meta = json.loads((case / "meta.json").read_text())
+    meta["cases"]["tts"]["instruction"] = {"audio_sequence": [{"序号": 1, "说话人": "speaker_1", "情感": "高兴"}]}
+    (case / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
+    rows = {r.tensor: r for r in run_case(case)}
+    assert not rows["inputs.tts.input_ids"].ok  # the recorded ids have no instruction: a real difference
+    assert rows["inputs.clone.input_ids"].ok and rows["clone.step_gen_lat"].ok
