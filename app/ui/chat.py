@@ -25,9 +25,12 @@ from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, erro
                            on_page_load, queue_line, saved_voice_names, seed_box, session_of,
                            wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
-from engine.server.limits import Limits
 
-MAX_NEW_TOKENS = Limits.max_new_tokens  # the engine server's cap unless started with --max-new-tokens
+# The Max new tokens slider stops at the engine's cap, which its model card reports (limits.max_new_tokens: a
+# server started with --max-new-tokens 16384 offers 16384). A server that does not say (an OpenAI-compatible
+# one, or an engine not reached yet) gets the engine server's default cap.
+ASSUMED_TOKEN_CAP = 4096
+DEFAULT_NEW_TOKENS = 256
 
 TAB = "chat"
 CHAT_API_NAME = "chat"
@@ -168,10 +171,25 @@ def speech_controls(link: EngineLink) -> tuple[dict, dict]:
     return {"interactive": False, "info": why}, {"visible": False}
 
 
+def token_slider(link: EngineLink) -> dict:
+    """The Max new tokens slider's maximum, value and label: up to the cap the engine reports, else
+    ASSUMED_TOKEN_CAP (said so in the label)."""
+    info = link.status().info
+    cap = info.max_new_tokens if info is not None else None
+    if cap:
+        label = f"Max new tokens (up to {cap:,}, the engine's cap)"
+    else:
+        cap = ASSUMED_TOKEN_CAP
+        label = f"Max new tokens (up to {cap:,}; the engine does not say its cap)"
+    return {"maximum": cap, "value": min(DEFAULT_NEW_TOKENS, cap), "label": label}
+
+
 def page_state(link: EngineLink) -> tuple:
-    """Updates of (the speak box, the spoken-reply player, the voice list) for each page load."""
+    """Updates of (the speak box, the spoken-reply player, the voice list, the Max new tokens slider) for
+    each page load."""
     speak, speech = speech_controls(link)
-    return gr.update(**speak), gr.update(**speech), gr.update(choices=saved_voice_names(link))
+    return (gr.update(**speak), gr.update(**speech), gr.update(choices=saved_voice_names(link)),
+            gr.update(**token_slider(link)))
 
 
 # --------------------------------------------------------------------------- the controller
@@ -340,9 +358,9 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
                                 label="Voice (one saved in the Voice tab; empty = the default voice)")
             thinking = gr.Checkbox(value=False, label="Thinking (detailed thinking on)")
         with gr.Row():
-            # at most what the engine server allows (8192 went out and came back as max_tokens_exceeded)
-            max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=256, step=1, elem_id="chat-max-tokens",
-                                       label=f"Max new tokens (up to {MAX_NEW_TOKENS}, the server's default cap)")
+            # at most what the engine allows (8192 went out and came back as max_tokens_exceeded); set again
+            # at each page load (the engine may have been down when the studio started, or restarted since)
+            max_new_tokens = gr.Slider(minimum=1, step=1, elem_id="chat-max-tokens", **token_slider(link))
             temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p")
         with gr.Row():
@@ -366,7 +384,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     wire_stop(stop, controller.stop, api_name="stop")
     clear.click(controller.clear, None, outputs, queue=False, api_name="clear")
     chatbot.clear(controller.clear, None, outputs, queue=False, api_visibility="private")
-    on_page_load(lambda: page_state(link), [speak, speech, voice])
+    on_page_load(lambda: page_state(link), [speak, speech, voice, max_new_tokens])
     voice.focus(lambda: page_state(link)[2], None, voice, queue=False, show_progress="hidden",
                 api_visibility="private")  # a voice saved in the Voice tab meanwhile is offered
     export.click(controller.export, [chatbot], [exported, figures], queue=False, api_visibility="private")

@@ -193,6 +193,13 @@ class ModelInfo:
     default_instructions: str | None = None  # speech_out, image_out; the system prompt used when none is given
     input_modalities: list[str] = field(default_factory=list)
     output_modalities: list[str] = field(default_factory=list)
+    limits: dict[str, float] = field(default_factory=dict)  # the card's `limits` (none from an OpenAI server)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        """The most new tokens a request may ask for (None: the server does not say)."""
+        n = self.limits.get("max_new_tokens")
+        return int(n) if n else None
 
     @classmethod
     def from_card(cls, card: dict) -> "ModelInfo":
@@ -203,9 +210,18 @@ class ModelInfo:
                        placement=str(card.get("placement", "")), capabilities=set(card.get("capabilities") or ["text"]),
                        default_instructions=card.get("default_instructions"),
                        input_modalities=list(card.get("input_modalities") or []),
-                       output_modalities=list(card.get("output_modalities") or []))
+                       output_modalities=list(card.get("output_modalities") or []),
+                       limits=_card_limits(card.get("limits")))
         except (KeyError, TypeError, ValueError) as e:
             raise ServerError(f"the server's model card is malformed: {e}", "protocol_error") from None
+
+
+def _card_limits(limits: Any) -> dict[str, float]:
+    """The card's positive numeric limits (anything else, or a card without them: none)."""
+    if not isinstance(limits, dict):
+        return {}
+    return {k: v for k, v in limits.items() if isinstance(k, str) and isinstance(v, (int, float))
+            and not isinstance(v, bool) and v > 0}
 
 
 def models_info(body: Any) -> ModelInfo:

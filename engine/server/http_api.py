@@ -436,7 +436,19 @@ def model_card(ctx: ServerContext) -> dict:
             "capabilities": sorted(caps), "default_instructions": DEFAULT_SYSTEM_PROMPT,
             "input_modalities": ["text"] + [m for m, c in (("image", "image_in"), ("video", "video_in"),
                                                            ("audio", "audio_in")) if c in caps],
-            "output_modalities": outputs}
+            "output_modalities": outputs, "limits": client_limits(ctx)}
+
+
+def client_limits(ctx: ServerContext) -> dict:
+    """The limits a client sizes its requests by (docs/protocol.md, "GET /v1/models"): the most new tokens
+    a request may ask for and the count when it names none, the model's context in tokens (when the
+    checkpoint says), and the largest body, upload, clip and image the server takes."""
+    lim = ctx.limits
+    out = {"max_new_tokens": lim.max_new_tokens, "default_max_tokens": lim.default_max_tokens}
+    if ctx.prompt_bound is not None:
+        out["context_tokens"] = ctx.prompt_bound.context_tokens
+    return out | {"max_request_bytes": lim.max_request_bytes, "max_upload_bytes": lim.max_upload_bytes,
+                  "max_audio_seconds": lim.max_audio_seconds, "max_image_pixels": lim.max_image_pixels}
 
 
 def capabilities(engine) -> set[str]:

@@ -190,7 +190,7 @@ def test_the_token_slider_offers_no_more_than_the_engine_server_allows(studio_de
     """The Max new tokens slider went to 8192; the server refuses more than its cap (max_tokens_exceeded)."""
     slider = next(b for b in studio_demo.blocks.values() if getattr(b, "elem_id", None) == "chat-max-tokens")
     assert slider.maximum == engine_server.ctx.limits.max_new_tokens
-    assert str(engine_server.ctx.limits.max_new_tokens) in slider.label
+    assert f"{engine_server.ctx.limits.max_new_tokens:,}" in slider.label
 
 
 def test_clear_endpoint_empties_the_conversation(client):

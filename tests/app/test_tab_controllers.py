@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("gradio")
 
 from app.engine_link import IMAGE_OUT, SPEECH_OUT, EngineLink  # noqa: E402
-from app.ui.chat import page_state, speech_controls  # noqa: E402
+from app.ui.chat import ASSUMED_TOKEN_CAP, page_state, speech_controls, token_slider  # noqa: E402
 from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # noqa: E402
 from app.ui.image import EDIT_PROMPT_HINTS, ImageController  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
@@ -23,7 +23,7 @@ from app.ui.voice import NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS,
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done, GenerationStats, TextDelta  # noqa: E402
 from tests.paths import REPO  # noqa: E402
-from tests.server import tone_pcm16, wav_bytes  # noqa: E402
+from tests.server import running_server, tone_pcm16, wav_bytes  # noqa: E402
 
 
 def test_the_chat_and_live_voice_lists_offer_the_saved_voices(engine_server, tmp_path):
@@ -42,6 +42,24 @@ def test_the_chat_and_live_voice_lists_offer_the_saved_voices(engine_server, tmp
     finally:
         voices.delete("chat voice")
     assert "chat voice" not in page_state(link)[2]["choices"]
+
+
+def test_the_token_slider_stops_at_the_cap_the_engine_reports(tiny_engine):
+    """The Max new tokens slider stopped at the engine server's default cap (4096) whatever the engine was
+    started with (--max-new-tokens): the model card now reports the cap and each page load reads it. A server
+    whose card does not say (an OpenAI-compatible one) gets the default cap, and the label says so."""
+    from engine.server import Limits, ServerHandle, create_app
+
+    with running_server(tiny_engine, max_new_tokens=1000) as srv:
+        link = EngineLink(EngineClient(srv.url))
+        assert token_slider(link) == {"maximum": 1000, "value": 256,
+                                      "label": "Max new tokens (up to 1,000, the engine's cap)"}
+        assert page_state(link)[3]["maximum"] == 1000
+    with running_server(tiny_engine, max_new_tokens=100) as srv:  # below the default 256: the value follows
+        assert token_slider(EngineLink(EngineClient(srv.url)))["value"] == 100
+    with ServerHandle(create_app(tiny_engine, Limits(), openai_only=True)) as srv:
+        slider = token_slider(EngineLink(EngineClient("openai+" + srv.url)))
+    assert slider["maximum"] == ASSUMED_TOKEN_CAP and "does not say" in slider["label"]
 
 
 def test_no_saved_voice_is_selected_until_the_user_chooses_one(engine_server, tmp_path):

@@ -84,6 +84,7 @@ def test_chat_with_media_equals_the_in_process_engine(server, tiny_engine):
     with EngineClient(server.url) as client:
         info = client.info()
         assert info.name == tiny_engine.info().name and {"text", "image_in", "audio_in"} <= info.capabilities
+        assert info.max_new_tokens == server.ctx.limits.max_new_tokens == info.limits["max_new_tokens"]
         assert client.health()["status"] == "ok"
         events = list(client.chat(messages, max_tokens=6, system=SYSTEM))
         http_events = list(client.chat(messages, max_tokens=6, system=SYSTEM, transport="http"))

@@ -15,8 +15,8 @@ from tests.server import (SYSTEM, b64, image_array, long_prompt, png_bytes, refe
 
 @pytest.fixture(scope="module")
 def server(tiny_engine):
-    with running_server(tiny_engine, max_upload_bytes=400_000, max_audio_seconds=5.0,
-                        max_image_pixels=200_000, max_request_bytes=1_000_000) as srv:
+    with running_server(tiny_engine, max_upload_bytes=400_000, max_audio_seconds=5.0, max_image_pixels=200_000,
+                        max_request_bytes=1_000_000, max_new_tokens=1000) as srv:
         yield srv
 
 
@@ -133,9 +133,13 @@ def test_transcription_limits_and_errors(server):
     assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_content_type"
 
 
-def test_models_and_health(client, server):
+def test_models_and_health(client, server, tiny_engine):
     models = client.models.list()
     assert [m.id for m in models.data] == [server.ctx.model_id]
+    assert models.data[0].model_extra["limits"] == {  # what the server was started with, not the defaults
+        "max_new_tokens": 1000, "default_max_tokens": 256,
+        "context_tokens": tiny_engine.model.config.llm.max_position_embeddings, "max_request_bytes": 1_000_000, "max_upload_bytes": 400_000, "max_audio_seconds": 5.0, "max_image_pixels": 200_000}
+    assert httpx.get(server.url + "/v1/models/default").json()["limits"]["max_new_tokens"] == 1000
     h = httpx.get(server.url + "/health").json()
     assert h["status"] == "ok" and h["model"] == server.ctx.model_id and h["auth"] is False
     r = httpx.get(server.url + "/v1/nothing-here")

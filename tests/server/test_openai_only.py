@@ -91,6 +91,7 @@ def test_pcm_is_openais_24_khz_and_files_state_their_rate():
 def test_the_openai_client_drives_the_standard_routes(client):
     info = client.info()
     assert {"text", "transcription", "speech_out", "image_out"} <= info.capabilities
+    assert info.limits == {} and info.max_new_tokens is None  # its card says no limits: a studio falls back
     events = list(client.chat([{"role": "user", "content": "Hi"}], max_tokens=6))
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
     assert isinstance(events[-1], Done) and text == events[-1].text
