@@ -26,6 +26,7 @@ AUTO = "Auto (detect)"
 # so any other tag typed here is passed through as given.
 KNOWN_TAGS = {"Chinese": "Chinese (Mandarin)", "上海": "上海 (Shanghainese, Wu)", "English": "English"}
 PARTIAL_EVERY_S = 3.0
+CUT_AT_LIMIT = "the transcript was cut at the engine's token limit: transcribe the rest as a separate, shorter clip"
 MAX_LIVE_SECONDS = 300.0
 
 
@@ -91,6 +92,8 @@ class SpeechController:
                     text = result.get("text", text)
                     if result.get("language"):
                         status = f"language: {result['language']} · " + status
+                    if event.finish_reason == "length":  # the wire said so (it read "stop (complete)" before)
+                        status += f" · {CUT_AT_LIMIT}"
                     break
                 elif isinstance(event, Error):
                     status = error_line(event)

@@ -613,11 +613,13 @@ def chat_completion(completion_id: str, created: int, model: str, got: Collected
 
 
 def transcription_body(done: Done, metrics_obj: dict | None, duration_s: float | None = None) -> dict:
-    """/v1/audio/transcriptions result (json; verbose_json adds task and duration)."""
+    """/v1/audio/transcriptions result (json; verbose_json adds task and duration). Ours, beside
+    `metrics`: `finish_reason`, "length" when the transcript was cut at max_tokens (OpenAI's has none)."""
     res = done.result or {}
     out = {"text": res.get("text", ""), "language": res.get("language"), "usage": usage(done.stats, "transcription")}
     if metrics_obj is not None:  # None: OpenAI's fields only (--openai-only)
         out["metrics"] = metrics_obj
+        out["finish_reason"] = finish_reason_http(done)
     if duration_s is not None:
         out.update({"task": "transcribe", "duration": round(duration_s, 3)})
     return out
@@ -723,8 +725,9 @@ class SseDecoder(SseLines):
             (delta,) = _need(obj, "delta")
             self.text.append(str(delta))
             return [TextDelta(str(delta))]
-        if kind == "transcript.text.done":
-            self._done = Done(text=str(obj.get("text", "")), finish_reason="stop",
+        if kind == "transcript.text.done":  # our finish_reason; an OpenAI server's transcript is complete
+            reason = "length" if obj.get("finish_reason") == "length" else "stop"
+            self._done = Done(text=str(obj.get("text", "")), finish_reason=reason,
                               stats=stats_from_wire(obj.get("usage"), obj.get("metrics")),
                               result={"language": obj.get("language"), "text": obj.get("text", "")})
             return []

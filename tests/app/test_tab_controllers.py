@@ -18,7 +18,7 @@ from app.ui.chat import ASSUMED_TOKEN_CAP, page_state, speech_controls, token_sl
 from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # noqa: E402
 from app.ui.image import EDIT_PROMPT_HINTS, ImageController  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
-from app.ui.speech import SpeechController  # noqa: E402
+from app.ui.speech import CUT_AT_LIMIT, SpeechController  # noqa: E402
 from app.ui.voice import NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS, VoiceController  # noqa: E402
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done, GenerationStats, TextDelta  # noqa: E402
@@ -165,6 +165,18 @@ def test_a_stopped_transcription_offers_no_files(tmp_path):
     clip.write_bytes(wav_bytes(tone_pcm16(1.0, 16000, 220.0), 16000))
     text, status, txt, srt = SpeechController(EngineLink(StoppedTranscriber())).transcribe_file(str(clip), "", "", None)
     assert (text, status, txt, srt) == ("hello", "finish reason: cancelled (stopped)", None, None)
+
+
+def test_a_transcript_cut_at_the_token_limit_says_so(tiny_engine, tmp_path):
+    """A transcript that hit the token cap said "finish reason: stop (complete)": the transcription wire had no
+    finish reason and the client assumed "stop". The server sends it (here every request is cut at 6 tokens)."""
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.0, 16000, 220.0), 16000))
+    with running_server(tiny_engine, max_new_tokens=6, default_max_tokens=6) as srv:
+        speech = SpeechController(EngineLink(EngineClient(srv.url)))
+        text, status, txt, srt = speech.transcribe_file(str(clip), "", "", "上海")
+    assert "finish reason: length (the token limit was reached)" in status and status.endswith(CUT_AT_LIMIT), status
+    assert text and txt and srt  # what was heard is still kept and offered
 
 
 def test_a_seed_left_at_random_draws_a_new_seed_each_time(engine_server):

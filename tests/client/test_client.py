@@ -111,6 +111,7 @@ def test_async_chat_and_transcription(server, tiny_engine):
     assert text_of(chat) == one_final(chat).text == expected.text and name == tiny_engine.info().name
     done = one_final(heard)
     assert isinstance(done, Done) and done.result["language"] == "上海" and done.result["text"] == done.text
+    assert done.finish_reason == "length"  # cut at max_tokens=4 (the client read every transcript as complete)
 
 
 def test_every_event_kind_reaches_the_client_over_both_transports():

@@ -105,6 +105,8 @@ def test_transcription_with_context_hotwords_and_dialect(client, tiny_engine):
     assert resp.text == done.result["text"]
     assert resp.model_extra["language"] == "上海" == done.result["language"]
     assert resp.usage.input_tokens == done.stats.prompt_tokens
+    # cut at max_tokens: said so (the wire had no finish reason and a cut transcript read as complete)
+    assert resp.model_extra["finish_reason"] == done.finish_reason == "length"
 
 
 def test_streaming_transcription_with_the_openai_client(client):
@@ -116,7 +118,7 @@ def test_streaming_transcription_with_the_openai_client(client):
     # with a forced dialect the transcript streams from the first token (otherwise the engine holds
     # text back until the model's language tag is complete)
     assert deltas and "".join(deltas).strip() == events[-1].text
-    assert events[-1].model_extra["language"] == "上海"
+    assert events[-1].model_extra["language"] == "上海" and events[-1].model_extra["finish_reason"] == "length"
 
 
 def test_transcription_limits_and_errors(server):
