@@ -29,7 +29,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from .errors import MediaError
+from .errors import MediaError, decode_failure
 
 #: Largest polyphase resampling kernel built (elements); only odd rate pairs such as
 #: 16001 -> 16000 Hz come near it.
@@ -223,7 +223,7 @@ def _decode_with_av(data: bytes, what: str) -> tuple[np.ndarray, int]:
     except MediaError:
         raise
     except Exception as exc:  # PyAV raises many FFmpeg error types
-        raise MediaError(f"{what} could not be decoded as audio: {exc}") from exc
+        raise decode_failure(exc, what, "audio") from exc
     if not chunks or rate <= 0:
         raise MediaError(f"{what} decoded to no audio samples")
     return np.concatenate(chunks).astype(np.float32), rate

@@ -13,3 +13,26 @@ class MediaError(MingError, ValueError):
     """
 
     code = "invalid_media"
+
+
+# What an FFmpeg (PyAV) error class means for the file being decoded, in words a user can act on.
+_FFMPEG_MEANINGS = {
+    "InvalidDataError": "is not {a} {kind} file FFmpeg can read (an unknown format, or a corrupt or cut-off file)",
+    "EOFError": "ends before its {kind} does (a cut-off file)",
+    "DemuxerNotFoundError": "is in a container format this FFmpeg build cannot read",
+    "DecoderNotFoundError": "is in {a} {kind} codec this FFmpeg build cannot decode",
+    "PatchWelcomeError": "uses {a} {kind} feature FFmpeg does not support",
+}
+
+
+def decode_failure(exc: BaseException, what: str, kind: str) -> MediaError:
+    """The MediaError for a decoder's exception while reading `what` as `kind` ("audio", "video"): what is
+    wrong, in words. FFmpeg's own text carried its errno and the file name, '<none>' for data in memory
+    ("[Errno 1094995529] Invalid data found when processing input: '<none>'", which a browser showed cut
+    off at the quote, taking <none> for a tag)."""
+    a = "an" if kind[:1] in "aeiou" else "a"
+    meaning = _FFMPEG_MEANINGS.get(type(exc).__name__)
+    if meaning is not None:
+        return MediaError(f"{what} {meaning.format(a=a, kind=kind)}")
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__  # strerror: without errno and name
+    return MediaError(f"{what} could not be decoded as {kind}: {reason}")

@@ -46,7 +46,7 @@ import cv2
 import numpy as np
 import torch
 
-from .errors import MediaError
+from .errors import MediaError, decode_failure
 from .image import ImageProcessorConfig, load_image, normalize_image, patchify, smart_resize
 
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Sequence[np.ndarray]]
@@ -447,8 +447,8 @@ def _decoder_errors(what: str):
         yield
     except MediaError:
         raise
-    except Exception as exc:
-        raise MediaError(f"{what} could not be decoded as video: {exc}") from exc
+    except Exception as exc:  # FFmpeg/OpenCV errors of many types
+        raise decode_failure(exc, what, "video") from exc
 
 
 def probe_video_file(source: str | os.PathLike | bytes, config: VideoSamplingConfig | None = None, *,

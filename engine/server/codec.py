@@ -224,7 +224,7 @@ def audio_file(raw: bytes, limits: Limits, name: str = "file", video_ok: bool = 
         raise bad(f"'{name}' is a video (it holds a video stream), not audio: send it as a video part",
                   "invalid_audio", name)
     try:
-        samples, rate = decode_audio(raw, name)
+        samples, rate = decode_audio(raw, f"'{name}'")  # the message names the field as the others do
     except MediaError as e:
         raise bad(str(e), "invalid_audio", name) from None
     except Exception as e:  # a decoder fault on hostile input is the input's problem

@@ -18,6 +18,7 @@ from engine.media.audio import (
     audio_token_count,
     check_clip_length,
     check_resample_rates,
+    decode_audio,
     load_audio,
     log_mel_spectrogram,
     mel_filters,
@@ -26,6 +27,7 @@ from engine.media.audio import (
     sinc_resample_kernel,
     whisper_encoder_frames,
 )
+from engine.media.errors import decode_failure
 
 
 def _sine(rate: int, freq: float, seconds: float, amp: float = 0.5) -> np.ndarray:
@@ -216,7 +218,7 @@ def test_compressed_formats_decode_via_pyav(fmt, codec, rate):
     [
         (b"", None, "empty"),
         (b"RIFF\x00\x00\x00\x00WAVEjunk", None, "corrupt WAV"),
-        (b"this is not audio at all" * 20, None, "could not be decoded|not a WAV file"),
+        (b"this is not audio at all" * 20, None, "not an audio file FFmpeg can read|not a WAV file"),
         (np.zeros(0, dtype=np.float32), 16000, "empty"),
         (np.array([0.1, np.nan] * 200, dtype=np.float32), 16000, "NaN"),
         (np.zeros(1000, dtype=np.float32), None, "needs its sample_rate"),
@@ -229,6 +231,26 @@ def test_compressed_formats_decode_via_pyav(fmt, codec, rate):
 def test_audio_errors_name_the_problem(source, rate, message):
     with pytest.raises(MediaError, match=message):
         prepare_audio(source, rate)
+
+
+def test_undecodable_audio_is_said_in_words():
+    """FFmpeg's text came through as is: "audio data could not be decoded as audio: [Errno 1094995529] Invalid
+    data found when processing input: '<none>'" (a browser showed it cut off at the quote, <none> read as a tag)."""
+    pytest.importorskip("av")
+    with pytest.raises(MediaError) as caught:
+        decode_audio(b"this is not audio at all" * 20, "'clip.mp3'")
+    assert str(caught.value) == ("'clip.mp3' is not an audio file FFmpeg can read (an unknown format, or a corrupt "
+                                 "or cut-off file)")
+
+
+def test_a_decoder_failure_keeps_no_errno_or_file_name():
+    av = pytest.importorskip("av")
+    cut = decode_failure(av.error.EOFError(541478725, "End of file", "<none>"), "audio data", "audio")
+    assert str(cut) == "audio data ends before its audio does (a cut-off file)"
+    other = decode_failure(av.error.UndefinedError(-1, "Something odd", "<none>"), "audio data", "audio")
+    assert str(other) == "audio data could not be decoded as audio: Something odd"
+    other = decode_failure(RuntimeError("boom"), "video data", "video")
+    assert str(other) == "video data could not be decoded as video: boom"
 
 
 def test_too_short_audio_is_an_error():

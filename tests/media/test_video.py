@@ -205,7 +205,7 @@ def test_video_bytes_decode_like_the_file(tmp_path):
     "source, message",
     [
         (b"", "empty"),
-        (b"definitely not a video" * 10, "could not be decoded|could not be opened|no frames"),
+        (b"definitely not a video" * 10, "is not a video file FFmpeg can read|could not be opened|no frames"),
         ("/nonexistent/movie.mp4", "not found"),
         ([], "no frames"),
         (42, "unsupported video input"),

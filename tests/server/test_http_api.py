@@ -129,6 +129,9 @@ def test_transcription_limits_and_errors(server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "audio_too_long"
     r = httpx.post(url, files={"file": ("x.wav", b"not audio at all")}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_audio"
+    # said in words (it was "...[Errno 1094995529] Invalid data found when processing input: '<none>'")
+    assert r.json()["error"]["message"] == ("'file' is not an audio file FFmpeg can read (an unknown format, "
+                                            "or a corrupt or cut-off file)")
     r = httpx.post(url, data={"prompt": "no file"}, files={"other": ("a", b"b")}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "missing_field"
     r = httpx.post(url, json={"file": "x"}, timeout=30)
