@@ -25,6 +25,7 @@ from engine.client import EngineClient
 TITLE = "Ming Omni Studio"
 ASSETS = Path(__file__).resolve().parent / "assets"
 # Narrow screens: the rows stack and nothing overflows sideways.
+A11Y_JS = (Path(__file__).resolve().parent / "static" / "a11y.js").read_text(encoding="utf-8")
 CSS = """
 @media (max-width: 640px) { .gradio-container { padding: 4px !important; } }
 """
@@ -61,8 +62,9 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
 
 
 def launch_options(demo: gr.Blocks) -> dict:
-    """What `demo.launch` needs besides host/port/auth: the Live relay's route and the page CSS."""
-    return {"app_kwargs": demo.live_proxy.app_kwargs(), "css": CSS}
+    """What `demo.launch` needs besides host/port/auth: the Live relay's route, the page CSS, and the script
+    that names the text fields Gradio leaves unnamed (app/static/a11y.js)."""
+    return {"app_kwargs": demo.live_proxy.app_kwargs(), "css": CSS, "js": A11Y_JS}
 
 
 # How long close_studio waits for the server's loop to set Gradio's stop event before closing anyway.

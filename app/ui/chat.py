@@ -150,16 +150,19 @@ def export_conversation(history: list | None, directory: str | None = None) -> s
     return str(path)
 
 
-def chat_examples(assets: Path | None) -> list[list[dict]]:
-    """Example turns for the input box: text alone, and text with our own example media."""
-    examples = [[{"text": "Hello! What can you do?", "files": []}]]
+def chat_examples(assets: Path | None) -> tuple[list[list[dict]], list[str]]:
+    """Example turns for the input box (text alone, and text with our own example media) and their labels: what
+    each example says and attaches (a spoken question alone was a button with no text, named by nothing)."""
+    examples, labels = [[{"text": "Hello! What can you do?", "files": []}]], ["Hello! What can you do?"]
     if assets is None:
-        return examples
+        return examples, labels
     for text, rel in (("What is on the table?", "images/cup.png"), ("Read the sign.", "images/sign.png"),
                       ("", "speech/what_do_you_see_en.wav"), ("What happens in this clip?", "video/cup_on_table.mp4")):
         if (assets / rel).is_file():
             examples.append([{"text": text, "files": [str(assets / rel)]}])
-    return examples
+            name = Path(rel).name
+            labels.append(f"{text} (+ {name})" if text else f"A spoken question ({name})")
+    return examples, labels
 
 
 def speech_controls(link: EngineLink) -> tuple[dict, dict]:
@@ -332,12 +335,14 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat-history", editable="user",
                          feedback_options=None, placeholder="Ask the model something, or attach an image, "
                                                             "a video or a recording.")
+    # the label names the box for screen readers (it was named by its placeholder only); app/static/a11y.js
+    # hands it to the text area, which Gradio leaves unlabelled
     box = gr.MultimodalTextbox(placeholder="Message (Enter sends, Shift+Enter: new line); attach, paste or record media",
-                               show_label=False, sources=["upload", "microphone"], file_count="multiple",
-                               file_types=["image", "video", "audio"], elem_id="chat-input", submit_btn="Send")
-    examples = chat_examples(assets)
-    if examples:
-        gr.Examples(examples, [box], label="Examples (media made by scripts/make_assets.py)")
+                               label="Message", show_label=False, sources=["upload", "microphone"],
+                               file_count="multiple", file_types=["image", "video", "audio"], elem_id="chat-input",
+                               submit_btn="Send")
+    examples, example_labels = chat_examples(assets)
+    gr.Examples(examples, [box], label="Examples (media made by scripts/make_assets.py)", example_labels=example_labels)
     with gr.Row():
         stop = gr.Button("Stop", variant="stop", elem_id="chat-stop", scale=1, min_width=80)
         clear = gr.Button("Clear", elem_id="chat-clear", scale=1, min_width=80)

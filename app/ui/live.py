@@ -67,14 +67,19 @@ HTML = """
   <div data-role="log" class="live-log"></div>
   <details class="live-settings">
     <summary>Settings</summary>
+    <!-- aria-label: a <label> names its first labelable element, here the <output> showing the value -->
     <label>VAD threshold <output data-role="threshold-out"></output>
-      <input data-role="threshold" type="range" min="0.1" max="0.95" step="0.05" value="{threshold}"></label>
+      <input data-role="threshold" aria-label="VAD threshold"
+             type="range" min="0.1" max="0.95" step="0.05" value="{threshold}"></label>
     <label>Silence that ends a turn <output data-role="silence-out"></output>
-      <input data-role="silence" type="range" min="200" max="2000" step="50" value="{silence}"></label>
+      <input data-role="silence" aria-label="Silence that ends a turn"
+             type="range" min="200" max="2000" step="50" value="{silence}"></label>
     <label>Audio kept before speech <output data-role="prefix-out"></output>
-      <input data-role="prefix" type="range" min="0" max="1000" step="50" value="{prefix}"></label>
+      <input data-role="prefix" aria-label="Audio kept before speech"
+             type="range" min="0" max="1000" step="50" value="{prefix}"></label>
     <label>Video window <output data-role="window-out"></output>
-      <input data-role="window" type="range" min="2" max="30" step="1" value="{window}"></label>
+      <input data-role="window" aria-label="Video window"
+             type="range" min="2" max="30" step="1" value="{window}"></label>
     <label>Frames per second
       <select data-role="fps">{fps_options}</select></label>
     <label><input data-role="camera" type="checkbox" {camera}> Camera</label>

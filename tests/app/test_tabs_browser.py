@@ -132,3 +132,37 @@ def test_image_previews_are_not_hidden_by_the_progress_bar(browser, studio):
     assert bars_on_result, "no preview was seen while the image was made"
     assert not any(bars_on_result), bars_on_result
     page.context.close()
+
+
+# Each form control's accessible name, as a screen reader finds it: aria-label, aria-labelledby, a <label> (around
+# it or for it), a button's text; a placeholder is not a name (it goes once something is typed).
+UNNAMED_CONTROLS = r"""() => Array.from(document.querySelectorAll(
+    'input:not([type=hidden]):not([type=file]), textarea, select, button, [role=slider], [role=combobox]'))
+  .filter(el => el.getClientRects().length && getComputedStyle(el).visibility !== 'hidden')
+  .filter(el => {
+    const by = (el.getAttribute('aria-labelledby') || '').split(' ').filter(Boolean)
+      .map(id => (document.getElementById(id) || {}).textContent || '').join('');
+    const name = (el.getAttribute('aria-label') || '') + by + Array.from(el.labels || []).map(l => l.textContent).join('')
+      + (el.tagName === 'BUTTON' ? el.textContent + (el.title || '') : '');
+    return !name.trim();
+  })
+  .map(el => `${el.tagName.toLowerCase()} in #${(el.closest('[id]') || {}).id} (placeholder ${JSON.stringify(el.placeholder || '')})`)"""
+
+
+def test_every_control_of_every_tab_has_a_name(browser, studio):
+    """The Chat message box was named only by its placeholder (no label), and the spoken example's button by
+    nothing (an example of a recording and no text): a screen reader announced "edit text" and "button"."""
+    page = open_tab(browser, studio, "Chat", DESKTOP)
+    sync_api.expect(page.get_by_role("textbox", name="Message", exact=True)).to_be_visible(timeout=15_000)
+    unnamed = {}
+    for tab in ("Chat", "Live", "Speech", "Voice", "Image"):
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_timeout(500)
+        for closed in page.locator(".label-wrap:not(.open)").all():  # the accordions' options too
+            if closed.is_visible():
+                closed.click()
+        page.wait_for_timeout(300)
+        if found := page.evaluate(UNNAMED_CONTROLS):
+            unnamed[tab] = found
+    assert not unnamed, unnamed
+    page.context.close()
