@@ -122,7 +122,7 @@ def _start_local_engine(args: argparse.Namespace):
     from engine.client import EngineClient
     from engine.errors import MingError
     from engine.loader import LoadProgressPrinter
-    from engine.runtime import REAL_MODEL_HINT, Engine
+    from engine.runtime import REAL_MODEL_COMMAND, Engine
     from engine.server import ServerHandle, create_app
 
     what = args.model or "the tiny random demo checkpoint"
@@ -143,7 +143,8 @@ def _start_local_engine(args: argparse.Namespace):
           f"{info.dtype} on {info.device})", flush=True)
     if engine.is_demo:
         print("NOTE: these are RANDOM DEMO WEIGHTS: the replies are meaningless text.\n"
-              f"      To load the real model: {REAL_MODEL_HINT}", flush=True)
+              "      To load the real model, run (or give --model a local checkpoint directory):\n"
+              f"        {REAL_MODEL_COMMAND}", flush=True)
     token = secrets.token_urlsafe(24)
     try:
         handle = ServerHandle(create_app(engine, token=token), host="127.0.0.1", port=0).start()

@@ -45,7 +45,9 @@ from engine.models.thinker.tokenizer import MingTokenizer
 SMALL_MODEL_BYTES = 64 * 2**20
 
 REF_TRANSCRIPT_MAX_TOKENS = 256  # ASR of a voice-cloning reference clip (see Engine._asr_text)
-REAL_MODEL_HINT = "python launch.py --model inclusionAI/Ming-flash-omni-2.0   (or a local checkpoint directory)"
+# The command launch.py prints to load the real model, on a line of its own so that it copies as it is (it had
+# "(or a local checkpoint directory)" after it); the same as the studio banner's (app/ui/banner.py).
+REAL_MODEL_COMMAND = "python launch.py --model inclusionAI/Ming-flash-omni-2.0"
 
 
 @dataclass

@@ -128,6 +128,10 @@ def test_default_launch_serves_the_demo_studio(studio_cache):
     assert banner and "RANDOM DEMO WEIGHTS" in banner[0]["props"]["value"]
     assert re.search(r"Loaded ming-tiny-random-v\d+ in \d+\.\d s", out), out
     assert "RANDOM DEMO WEIGHTS" in out
+    # the command is a line of its own, the banner's (it had "(or a local checkpoint directory)" after it)
+    from app.ui.banner import REAL_MODEL_COMMAND
+
+    assert REAL_MODEL_COMMAND in [line.strip() for line in lines], out
 
 
 def test_local_audio_without_a_sound_device_says_so(tmp_path):
