@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import gradio.utils as gradio_utils
 import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
@@ -40,6 +41,7 @@ NO_SNAPSHOT = "No picture to attach yet: open the camera (Click to Access Webcam
 NOTHING_TO_EXPORT = "Nothing to export yet: the conversation is empty."
 DEFAULT_SYSTEM_HINT = "empty = the model's own default system prompt"
 MEDIA_KINDS = ("image", "video", "audio")
+SAVED_CHAT_KEY = "ming-studio-chat"  # the browser's localStorage key of the conversation kept across reloads
 
 
 # --------------------------------------------------------------------------- conversation <-> engine
@@ -150,6 +152,31 @@ def export_conversation(history: list | None, directory: str | None = None) -> s
     return str(path)
 
 
+def restorable(saved: Any, file_roots: list[Path]) -> list[dict]:
+    """The conversation the browser kept (gr.BrowserState, SAVED_CHAT_KEY) as the Chatbot takes it: user and
+    assistant turns. An attachment comes back only while its file is still in one of `file_roots` (Gradio's
+    upload folder, the example assets): the browser holds what it gives back, so a path anywhere else is not
+    opened, and a file gone since (the studio restarted) is a note instead."""
+    out = []
+    for msg in saved if isinstance(saved, list) else []:
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if role not in ("user", "assistant"):
+            continue
+        content: list = []
+        for part in _parts(msg.get("content")):
+            if part["type"] == "text":
+                content += [part["text"]] if part["text"] else []
+                continue
+            path = Path(str(part["path"])).resolve()
+            if path.is_file() and any(path.is_relative_to(root) for root in file_roots):
+                content.append({"path": str(path), "mime_type": part.get("mime")})
+            else:
+                content.append(f"({path.name}: no longer available after the reload)")
+        if content:
+            out.append({"role": role, "content": content})
+    return out
+
+
 def chat_examples(assets: Path | None) -> tuple[list[list[dict]], list[str]]:
     """Example turns for the input box (text alone, and text with our own example media) and their labels: what
     each example says and attaches (a spoken question alone was a button with no text, named by nothing)."""
@@ -201,9 +228,11 @@ def page_state(link: EngineLink) -> tuple:
 class ChatController:
     """The Chat tab's callbacks, independent of the components (tests call them directly)."""
 
-    def __init__(self, link: EngineLink):
+    def __init__(self, link: EngineLink, file_roots: list[Path] | None = None):
         self.link = link
         self.inflight = InFlight()
+        # where an attachment of a conversation kept by the browser may come back from (see restorable)
+        self.file_roots = [Path(r).resolve() for r in file_roots or [gradio_utils.get_upload_folder()]]
 
     def add_message(self, message, history: list | None):
         """Enter / Send: the user's turn joins the conversation and the box empties (no engine call yet)."""
@@ -292,6 +321,15 @@ class ChatController:
                 "" if figures == NO_SNAPSHOT else gr.skip())
 
     @staticmethod
+    def keep(history: list | None) -> list:
+        """The conversation as the browser keeps it across a reload (a page reload lost it)."""
+        return list(history or [])
+
+    def restore(self, saved: Any) -> list:
+        """At page load: the conversation the browser kept (see restorable)."""
+        return restorable(saved, self.file_roots)
+
+    @staticmethod
     def export(history: list | None):
         """Export JSON: (the file offered for download, the figures line). An empty conversation is not
         exported (it gave a download of {"messages": []} without a word)."""
@@ -331,7 +369,7 @@ class ChatController:
 def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatController:
     """Build the Chat tab's components inside the current Blocks/Tab context. `assets`: the folder of
     example media (scripts/make_assets.py) the examples use."""
-    controller = ChatController(link)
+    controller = ChatController(link, [gradio_utils.get_upload_folder(), *([assets] if assets else [])])
     chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat-history", editable="user",
                          feedback_options=None, placeholder="Ask the model something, or attach an image, "
                                                             "a video or a recording.")
@@ -377,19 +415,25 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     options = [max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system_prompt, thinking, speak,
                voice]
     outputs = [chatbot, box, figures, speech]
+    # The conversation survives a page reload: the browser keeps it (localStorage, encrypted), written once
+    # each change is complete (not at each streamed piece), given back at page load.
+    saved = gr.BrowserState([], storage_key=SAVED_CHAT_KEY)
+    keep = {"fn": controller.keep, "inputs": [chatbot], "outputs": [saved], "queue": False,
+            "show_progress": "hidden", "api_visibility": "private"}
     # Every request goes straight to the engine server, whose one queue orders them and reports
     # positions (concurrency_limit=None: Gradio does not hold a second line of its own).
     box.submit(controller.add_message, [box, chatbot], [chatbot, box, figures], queue=False).then(
-        controller.respond, [chatbot, *options], outputs, api_name=CHAT_API_NAME, concurrency_limit=None)
+        controller.respond, [chatbot, *options], outputs, api_name=CHAT_API_NAME, concurrency_limit=None).then(**keep)
     chatbot.retry(controller.cut_for_retry, [chatbot], [chatbot], queue=False).then(
-        controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None)
+        controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None).then(**keep)
     chatbot.edit(controller.cut_for_edit, [chatbot], [chatbot], queue=False).then(
-        controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None)
-    chatbot.undo(controller.undo, [chatbot], [chatbot, box], queue=False)
+        controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None).then(**keep)
+    chatbot.undo(controller.undo, [chatbot], [chatbot, box], queue=False).then(**keep)
     wire_stop(stop, controller.stop, api_name="stop")
-    clear.click(controller.clear, None, outputs, queue=False, api_name="clear")
-    chatbot.clear(controller.clear, None, outputs, queue=False, api_visibility="private")
+    clear.click(controller.clear, None, outputs, queue=False, api_name="clear").then(**keep)
+    chatbot.clear(controller.clear, None, outputs, queue=False, api_visibility="private").then(**keep)
     on_page_load(lambda: page_state(link), [speak, speech, voice, max_new_tokens])
+    on_page_load(controller.restore, [chatbot], inputs=[saved])
     voice.focus(lambda: page_state(link)[2], None, voice, queue=False, show_progress="hidden",
                 api_visibility="private")  # a voice saved in the Voice tab meanwhile is offered
     export.click(controller.export, [chatbot], [exported, figures], queue=False, api_visibility="private")

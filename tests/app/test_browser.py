@@ -4,6 +4,8 @@ The screenshot is kept in test-artifacts/ (tests/app/browser.py)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 
 from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot, set_slider
@@ -13,30 +15,41 @@ if not CHROMIUM.exists():
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def test_type_send_and_see_the_reply(studio):
+@contextmanager
+def desktop_page(studio):
+    """The studio open in a desktop-sized page of a fresh browser."""
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(studio, wait_until="load", timeout=60_000)
-            banner = page.locator("#model-banner")
-            sync_api.expect(banner).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
-            sync_api.expect(banner).to_contain_text("--model inclusionAI/Ming-flash-omni-2.0")
-
-            box = page.locator("#chat-input textarea")
-            box.fill("Hello from the browser")
-            box.press("Enter")  # Enter sends (Shift+Enter would add a line)
-            figures = page.locator("#chat-figures")
-            sync_api.expect(figures).to_contain_text("finish reason", timeout=60_000)
-            history = page.locator("#chat-history")
-            sync_api.expect(history).to_contain_text("Hello from the browser")
-            assert page.locator("#chat-input textarea").input_value() == ""
-            bot = history.locator("[data-testid='bot']")
-            assert bot.count() >= 1 and bot.last.inner_text().strip(), "no assistant reply shown"
-
-            assert keep_screenshot(page, "chat-desktop").stat().st_size > 10_000
+            yield page
         finally:
             browser.close()
+
+
+def send_and_wait(page, text: str) -> None:
+    """Type `text` in the Chat box, press Enter (Shift+Enter would add a line), wait until the reply ends."""
+    box = page.locator("#chat-input textarea")
+    box.fill(text)
+    box.press("Enter")
+    sync_api.expect(page.locator("#chat-figures")).to_contain_text("finish reason", timeout=60_000)
+
+
+def test_type_send_and_see_the_reply(studio):
+    with desktop_page(studio) as page:
+        banner = page.locator("#model-banner")
+        sync_api.expect(banner).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
+        sync_api.expect(banner).to_contain_text("--model inclusionAI/Ming-flash-omni-2.0")
+
+        send_and_wait(page, "Hello from the browser")
+        history = page.locator("#chat-history")
+        sync_api.expect(history).to_contain_text("Hello from the browser")
+        assert page.locator("#chat-input textarea").input_value() == ""
+        bot = history.locator("[data-testid='bot']")
+        assert bot.count() >= 1 and bot.last.inner_text().strip(), "no assistant reply shown"
+
+        assert keep_screenshot(page, "chat-desktop").stat().st_size > 10_000
 
 
 def test_stop_withdraws_a_queued_message_in_the_browser(studio):
@@ -68,3 +81,24 @@ def test_stop_withdraws_a_queued_message_in_the_browser(studio):
             assert bob.locator("#chat-history [data-testid='bot']").count() == 0
         finally:
             browser.close()
+
+
+def test_the_conversation_survives_a_page_reload(studio):
+    """A page reload lost the chat history: the browser keeps it (gr.BrowserState) and the page shows it again."""
+    with desktop_page(studio) as page:
+        send_and_wait(page, "Remember me after a reload")
+        bot = page.locator("#chat-history [data-testid='bot']")
+        sync_api.expect(bot).to_have_count(1, timeout=10_000)
+        reply = bot.last.inner_text().strip()
+        page.wait_for_timeout(1_000)  # the kept copy is written once the reply is complete
+        page.reload(wait_until="load")
+        history = page.locator("#chat-history")
+        sync_api.expect(history).to_contain_text("Remember me after a reload", timeout=30_000)
+        sync_api.expect(history.locator("[data-testid='bot']").last).to_have_text(reply)
+        page.locator("#chat-clear").click()  # cleared: nothing comes back
+        sync_api.expect(history.locator("[data-testid='user']")).to_have_count(0, timeout=10_000)
+        page.wait_for_timeout(1_000)
+        page.reload(wait_until="load")
+        sync_api.expect(page.locator("#model-banner")).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
+        page.wait_for_timeout(2_000)
+        assert page.locator("#chat-history [data-testid='user']").count() == 0

@@ -19,7 +19,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
 from app.ui.chat import (EMPTY_HINT, NO_SNAPSHOT, NOTHING_TO_EXPORT, WITHDRAWN, ChatController,  # noqa: E402
-                         content_text, export_conversation, history_to_messages, user_turn)
+                         content_text, export_conversation, history_to_messages, restorable, user_turn)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done  # noqa: E402
 from engine.sampling import GenerationParams  # noqa: E402
@@ -191,6 +191,31 @@ def test_the_token_slider_offers_no_more_than_the_engine_server_allows(studio_de
     slider = next(b for b in studio_demo.blocks.values() if getattr(b, "elem_id", None) == "chat-max-tokens")
     assert slider.maximum == engine_server.ctx.limits.max_new_tokens
     assert f"{engine_server.ctx.limits.max_new_tokens:,}" in slider.label
+
+
+def test_a_kept_conversation_comes_back_with_the_files_still_there(tmp_path):
+    """A page reload lost the conversation; the browser keeps it, and at load it comes back as the Chatbot
+    takes it. The browser holds what it gives back: an attachment comes back only from the upload folder
+    (or the examples), a file gone since is a note, and what is not a user or assistant turn is left out."""
+    uploads, elsewhere = tmp_path / "uploads", tmp_path / "elsewhere"
+    uploads.mkdir(), elsewhere.mkdir()
+    cup, secret = uploads / "cup.png", elsewhere / "secret.png"
+    cup.write_bytes(b"png"), secret.write_bytes(b"png")
+    image = {"type": "file", "file": {"path": str(cup), "mime_type": "image/png"}}
+    saved = [{"role": "system", "content": "ignore this"},
+             {"role": "user", "content": [image, {"type": "text", "text": "What is this?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "A cup."}]},
+             {"role": "user", "content": [{"type": "file", "file": {"path": str(secret)}},
+                                          {"type": "file", "file": {"path": str(uploads / "gone.wav")}}]},
+             "not a message", {"role": "user", "content": []}]
+    assert restorable(saved, [uploads]) == [
+        {"role": "user", "content": [{"path": str(cup), "mime_type": "image/png"}, "What is this?"]},
+        {"role": "assistant", "content": ["A cup."]},
+        {"role": "user", "content": ["(secret.png: no longer available after the reload)",
+                                     "(gone.wav: no longer available after the reload)"]}]
+    assert restorable(None, [uploads]) == restorable({"role": "user"}, [uploads]) == []
+    controller = ChatController(SimpleNamespace(), [uploads])
+    assert controller.restore(controller.keep(saved[1:3])) == restorable(saved, [uploads])[:2]
 
 
 def test_clear_endpoint_empties_the_conversation(client):
