@@ -14,9 +14,9 @@ import gradio as gr
 from app.engine_link import REALTIME, SPEECH_OUT, EngineLink
 from app.live_proxy import LiveProxy
 from app.ui.banner import build_banner
-from app.ui.chat import build_chat_tab
+from app.ui.chat import SAVED_CHAT_KEY, build_chat_tab
 from app.ui.common import capability_note
-from app.ui.image import build_image_tab
+from app.ui.image import KEPT_GALLERY_KEY, build_image_tab
 from app.ui.live import build_live_tab, engine_settings
 from app.ui.speech import build_speech_tab
 from app.ui.voice import build_voice_tab
@@ -42,9 +42,11 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}")
         build_banner(link)
+        # what the browser keeps across a page reload, at the top level: the tabs read it at page load
+        kept_chat, kept_images = (gr.BrowserState([], storage_key=k) for k in (SAVED_CHAT_KEY, KEPT_GALLERY_KEY))
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                build_chat_tab(link, ASSETS if ASSETS.is_dir() else None)
+                build_chat_tab(link, ASSETS if ASSETS.is_dir() else None, kept=kept_chat)
             with gr.Tab("Live", id="live"):
                 capability_note(link, REALTIME, "**Live needs the engine's realtime protocol**, which this engine "
                                                 "does not serve (an OpenAI-compatible server: use Chat, Speech, "
@@ -55,7 +57,7 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
             with gr.Tab("Voice", id="voice"):
                 build_voice_tab(link, examples=_assets("speech/*.wav"))
             with gr.Tab("Image", id="image"):
-                build_image_tab(link, examples=_assets("images/*.png"))
+                build_image_tab(link, examples=_assets("images/*.png"), kept=kept_images)
     demo.link = link  # type: ignore[attr-defined]  (tests and launch.py reach the engine link here)
     demo.live_proxy = LiveProxy(link.target)  # type: ignore[attr-defined]
     return demo

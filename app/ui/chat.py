@@ -366,9 +366,10 @@ class ChatController:
         return before, turn_to_box(turn)
 
 
-def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatController:
+def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.BrowserState | None = None) -> ChatController:
     """Build the Chat tab's components inside the current Blocks/Tab context. `assets`: the folder of
-    example media (scripts/make_assets.py) the examples use."""
+    example media (scripts/make_assets.py) the examples use. `kept`: where the browser keeps the conversation,
+    made at the page's top level (see build_image_tab); a tab built alone makes its own."""
     controller = ChatController(link, [gradio_utils.get_upload_folder(), *([assets] if assets else [])])
     chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat-history", editable="user",
                          feedback_options=None, placeholder="Ask the model something, or attach an image, "
@@ -417,7 +418,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     outputs = [chatbot, box, figures, speech]
     # The conversation survives a page reload: the browser keeps it (localStorage, encrypted), written once
     # each change is complete (not at each streamed piece), given back at page load.
-    saved = gr.BrowserState([], storage_key=SAVED_CHAT_KEY)
+    saved = kept if kept is not None else gr.BrowserState([], storage_key=SAVED_CHAT_KEY)
     keep = {"fn": controller.keep, "inputs": [chatbot], "outputs": [saved], "queue": False,
             "show_progress": "hidden", "api_visibility": "private"}
     # Every request goes straight to the engine server, whose one queue orders them and reports

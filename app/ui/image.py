@@ -1,8 +1,8 @@
 """The Image tab: generate a picture from a prompt (aspect ratio or size, steps, guidance, seed with
 a random-seed button), edit one or more reference images (presets for background replacement and
 object removal), or segment a target (mask and overlay, both downloadable). Previews every few steps
-and a progress bar while it is made; Stop ends it between steps; a gallery keeps this session's
-results with their settings, reusable with one click."""
+and a progress bar while it is made; Stop ends it between steps; a gallery keeps the results with their
+settings, reusable with one click (kept by the browser across a page reload)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from PIL import Image
 
 from app.engine_link import IMAGE_OUT, EngineLink
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, error_line, failure, figures_line,
-                           queue_line, seed_box, session_of, wire_stop)
+                           on_page_load, queue_line, seed_box, session_of, wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
 TAB = "image"
@@ -31,10 +31,13 @@ EDIT_PROMPT_HINTS = {"(none)": "Edit needs a prompt: say what to change (e.g. 'm
                      "Remove an object": "Name the object to remove in the prompt (e.g. 'cup')."}
 PRESET_INFO = "With a preset the prompt is only the new background, or the object to remove."
 MAX_SEED = 2**31 - 1
+KEPT_GALLERY_KEY = "ming-studio-image-results"  # the browser's localStorage key of the gallery kept across reloads
+SAVED_PREFIX = "ming-image-"  # the folders (in the temp folder) _save_png writes to
+SETTINGS = ("mode", "prompt", "preset", "target", "aspect", "size", "steps", "guidance", "seed")
 
 
 def _save_png(data: bytes, stem: str) -> str:
-    path = Path(tempfile.mkdtemp(prefix="ming-image-")) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.png"
+    path = Path(tempfile.mkdtemp(prefix=SAVED_PREFIX)) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.png"
     path.write_bytes(data)
     return str(path)
 
@@ -132,6 +135,12 @@ class ImageController:
         yield shown, None, None, error_line(final), gr.update(), gallery_state, None
 
     @staticmethod
+    def restore_gallery(saved):
+        """At page load: (the gallery's entries, the gallery) as the browser kept them (see kept_results)."""
+        entries = kept_results(saved)
+        return entries, [(g["image"], _caption(g["settings"])) for g in entries]
+
+    @staticmethod
     def reuse(gallery_state, evt: gr.SelectData):
         """A gallery item clicked: its settings back into the controls."""
         item = (gallery_state or [])[evt.index] if evt is not None and evt.index < len(gallery_state or []) else None
@@ -146,12 +155,32 @@ class ImageController:
             gr.Info("Nothing is being made.")
 
 
+def kept_results(saved) -> list[dict]:
+    """The gallery's entries the browser kept (gr.BrowserState, KEPT_GALLERY_KEY) that can still be shown and
+    reused: a PNG this studio saved (the browser holds what it gives back: a path anywhere else is not opened),
+    still there (gone when the machine cleaned its temp folder), with its settings."""
+    temp = Path(tempfile.gettempdir()).resolve()
+    out = []
+    for entry in saved if isinstance(saved, list) else []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("settings"), dict):
+            continue
+        path = Path(str(entry.get("image") or "")).resolve()
+        if (path.suffix == ".png" and path.parent.parent == temp and path.parent.name.startswith(SAVED_PREFIX)
+                and path.is_file() and all(k in entry["settings"] for k in SETTINGS)):
+            out.append({"image": str(path), "settings": {k: entry["settings"][k] for k in SETTINGS}})
+    return out
+
+
 def _caption(s: dict) -> str:
     what = s["target"] if s["mode"] == "Segment" else s["prompt"]
     return f"{s['mode']}: {what[:60]} · seed {s['seed']} · {s['steps']} steps"
 
 
-def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> ImageController:
+def build_image_tab(link: EngineLink, examples: list[str] | None = None,
+                    kept: gr.BrowserState | None = None) -> ImageController:
+    """Build the Image tab inside the current Tab. `kept`: where the browser keeps the gallery, made at the page's
+    top level (a BrowserState inside a tab not yet opened is not there at page load: it gave back nothing);
+    a tab built alone makes its own."""
     controller = ImageController(link)
     capability_note(link, IMAGE_OUT, "**This engine has no image generator**, so it cannot generate, edit or "
                                      "segment images.")
@@ -188,13 +217,18 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> Imag
                 overlay = gr.Image(label="Overlay", type="pil", interactive=False, elem_id="image-overlay")
             status = gr.Markdown("", elem_id="image-figures")
             files = gr.File(label="Downloads (PNG)", file_count="multiple", elem_id="image-files")
-            gallery = gr.Gallery(label="This session's results (click one to reuse its settings)", columns=4,
+            gallery = gr.Gallery(label="Results (click one to reuse its settings)", columns=4,
                                  height=220, elem_id="image-gallery")
     state = gr.State([])
+    # a page reload emptied the gallery: the browser keeps its entries, written once each image is made
+    kept = kept if kept is not None else gr.BrowserState([], storage_key=KEPT_GALLERY_KEY)
     go.click(controller.make, [mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
                                state], [picture, mask, overlay, status, gallery, state, files],
              api_name="imagine", concurrency_limit=None,
-             show_progress_on=[status])  # the progress bar over the result hid the previews it is to show
+             show_progress_on=[status]).then(  # the progress bar over the result hid the previews it is to show
+        lambda entries: list(entries or []), [state], [kept], queue=False, show_progress="hidden",
+        api_visibility="private")
+    on_page_load(controller.restore_gallery, [state, gallery], inputs=[kept])
     wire_stop(stop, controller.stop, api_visibility="private")
     dice.click(lambda: random.randint(0, MAX_SEED), None, [seed], queue=False, api_visibility="private")
     gallery.select(controller.reuse, [state], [mode, prompt, preset, target, aspect, size, steps, guidance, seed],

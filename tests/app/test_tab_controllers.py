@@ -16,7 +16,7 @@ pytest.importorskip("gradio")
 from app.engine_link import IMAGE_OUT, SPEECH_OUT, EngineLink  # noqa: E402
 from app.ui.chat import ASSUMED_TOKEN_CAP, page_state, speech_controls, token_slider  # noqa: E402
 from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # noqa: E402
-from app.ui.image import EDIT_PROMPT_HINTS, ImageController  # noqa: E402
+from app.ui.image import EDIT_PROMPT_HINTS, ImageController, _save_png, kept_results  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
 from app.ui.speech import CUT_AT_LIMIT, SpeechController  # noqa: E402
 from app.ui.voice import NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS, VoiceController  # noqa: E402
@@ -145,6 +145,24 @@ def test_an_edit_without_a_prompt_says_what_the_prompt_is_for(engine_server):
     *_, last = image.make("Edit", "cup", [cup], "Remove an object", "", "1:1", "32x32", 2, 2.0, 1, 0, [],
                           progress=lambda *a, **k: None)
     assert "finish reason: stop" in last[3], last[3]
+
+
+def test_the_kept_gallery_gives_back_only_this_studios_images_still_there(tmp_path):
+    """A page reload emptied the Image gallery; the browser keeps its entries, and at load they come back. The
+    browser holds what it gives back: only a PNG this studio saved comes back, while it is still there."""
+    settings = {"mode": "Generate", "prompt": "a cup", "preset": "(none)", "target": "", "aspect": "1:1",
+                "size": "", "steps": 8, "guidance": 2.0, "seed": 7}
+    made, gone = _save_png(b"png", "image"), _save_png(b"png", "image")
+    Path(gone).unlink()
+    elsewhere = tmp_path / "image.png"
+    elsewhere.write_bytes(b"png")
+    saved = [{"image": made, "settings": {**settings, "extra": 1}}, {"image": gone, "settings": settings},
+             {"image": str(elsewhere), "settings": settings}, {"image": made, "settings": {"mode": "Generate"}},
+             {"image": made}, "junk"]
+    assert kept_results(saved) == [{"image": str(Path(made).resolve()), "settings": settings}]
+    entries, gallery = ImageController.restore_gallery(saved)
+    assert entries == kept_results(saved) and gallery == [(entries[0]["image"], "Generate: a cup · seed 7 · 8 steps")]
+    assert kept_results(None) == kept_results({"image": made}) == []
 
 
 class StoppedTranscriber:

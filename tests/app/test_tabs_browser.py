@@ -84,6 +84,15 @@ def test_image_tab_generates_then_segments(browser, studio):
     sync_api.expect(page.locator("#image-files")).to_contain_text("overlay", timeout=30_000)
     print(f"\n[Image tab, segment] {page.locator('#image-figures').inner_text()}")
     keep_screenshot(page, "image-segment-desktop")
+
+    # a page reload emptied the gallery: both results come back, and still give their settings back
+    page.wait_for_timeout(1_000)  # the kept copy is written once the image is made
+    page.reload(wait_until="load")
+    page.get_by_role("tab", name="Image").click()
+    thumbnails = page.locator("#image-gallery .thumbnail-item img, #image-gallery .grid-wrap img")
+    sync_api.expect(thumbnails).to_have_count(2, timeout=30_000)
+    thumbnails.first.click()
+    sync_api.expect(page.locator("#image-prompt textarea")).to_have_value('A red cup on a table, a sign saying "OPEN"')
     page.context.close()
 
 
