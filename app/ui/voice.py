@@ -26,6 +26,7 @@ DEFAULT_VOICE = "Default voice"
 NO_CHOICE = "(model default)"
 VOICE_SOURCES = ("Default voice", "Saved voice", "Clone from a clip")
 REPLACE_LABEL = "Replace a saved voice of that name"
+CONFIRM_DELETE, KEEP_VOICE = "Yes, delete it", "No, keep it"
 # The engine's "podcast needs one reference clip (or saved voice) per speaker" read as if two could be given here.
 PODCAST_NEEDS_A_VOICE = ("A podcast needs a reference voice: choose Voice \"Clone from a clip\" or \"Saved voice\" "
                          "(the voice of speaker_1; this tab takes one).")
@@ -167,6 +168,27 @@ class VoiceController:
             note += " Its transcript was filled in by speech recognition."
         return gr.update(choices=names, value=name), note
 
+    @staticmethod
+    def ask_delete(name):
+        """"Delete the selected saved voice": (the confirmation row, the voice asked about, the status line). A
+        voice was deleted at one press, with no way back: the confirmation names it and asks."""
+        if not name:
+            return gr.update(visible=False), None, "Choose a saved voice to delete."
+        return (gr.update(visible=True), name,
+                f"Delete the saved voice '{name}'? It cannot be undone: press \"{CONFIRM_DELETE}\" "
+                f"or \"{KEEP_VOICE}\".")
+
+    def confirm_delete(self, name):
+        """"Yes, delete it": (the Saved voice list, the status line, the confirmation row hidden, no voice asked
+        about). `name` is the voice the confirmation named, whatever the list shows meanwhile."""
+        voices, note = self.delete(name)
+        return voices, note, gr.update(visible=False), None
+
+    @staticmethod
+    def keep_voice(name):
+        """"No, keep it": (the confirmation row hidden, no voice asked about, the status line)."""
+        return gr.update(visible=False), None, f"Kept the voice '{name}'." if name else ""
+
     def delete(self, name):
         if not name:
             return gr.update(), "Choose a saved voice to delete."
@@ -225,7 +247,10 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
                     replace = gr.Checkbox(value=False, label=REPLACE_LABEL, elem_id="voice-replace")
                 with gr.Row():
                     save = gr.Button("Save voice", elem_id="voice-save")
-                    delete = gr.Button("Delete the selected saved voice", variant="stop")
+                    delete = gr.Button("Delete the selected saved voice", variant="stop", elem_id="voice-delete")
+                with gr.Row(visible=False, elem_id="voice-confirm-delete") as confirm_row:  # shown by Delete
+                    confirm = gr.Button(CONFIRM_DELETE, variant="stop", elem_id="voice-delete-yes")
+                    keep = gr.Button(KEEP_VOICE, elem_id="voice-delete-no")
                 if examples:
                     gr.Examples([[e] for e in examples], [clip], label="Example clips (scripts/make_assets.py)")
             with gr.Accordion("Instructions: dialect, emotion, speed, voice design", open=False):
@@ -269,7 +294,10 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
                api_visibility="private")
     save.click(controller.save, [name, clip, clip_text, replace], [saved, status], concurrency_limit=None,
                api_name="save_voice")
-    delete.click(controller.delete, [saved], [saved, status], api_visibility="private")
+    asked = gr.State(None)  # the voice the confirmation names
+    delete.click(controller.ask_delete, [saved], [confirm_row, asked, status], queue=False, api_visibility="private")
+    confirm.click(controller.confirm_delete, [asked], [saved, status, confirm_row, asked], api_visibility="private")
+    keep.click(controller.keep_voice, [asked], [confirm_row, asked, status], queue=False, api_visibility="private")
     on_page_load(controller.page_load, [dialect, emotion, speed, pitch, volume, saved])
     refresh.click(controller.refresh, None, [saved], queue=False, api_visibility="private")
     return controller

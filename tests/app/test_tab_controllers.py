@@ -19,7 +19,8 @@ from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # n
 from app.ui.image import EDIT_PROMPT_HINTS, ImageController, _save_png, kept_results  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
 from app.ui.speech import CUT_AT_LIMIT, SpeechController  # noqa: E402
-from app.ui.voice import NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS, VoiceController  # noqa: E402
+from app.ui.voice import (CONFIRM_DELETE, NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS,  # noqa: E402
+                          VoiceController)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done, GenerationStats, TextDelta  # noqa: E402
 from tests.paths import REPO  # noqa: E402
@@ -80,6 +81,29 @@ def test_no_saved_voice_is_selected_until_the_user_chooses_one(engine_server, tm
         assert "first voice" in saved.choices[0] and saved.value is None
     finally:
         VoiceController(link).delete("first voice")
+
+
+def test_deleting_a_saved_voice_asks_first(engine_server, tmp_path):
+    """"Delete the selected saved voice" deleted it at one press, with no way back: it now names the voice and
+    asks; "No, keep it" keeps it, "Yes, delete it" deletes the voice it named."""
+    voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.5, 22050, 220.0), 22050))
+    voices.save("asked voice", str(clip), "hello there")
+    try:
+        row, asked, note = voices.ask_delete("asked voice")
+        assert row == {"visible": True, "__type__": "update"} and asked == "asked voice"
+        assert note.startswith("Delete the saved voice 'asked voice'?") and CONFIRM_DELETE in note
+        assert "asked voice" in voices.voice_names()  # nothing deleted yet
+        assert voices.keep_voice(asked)[1:] == (None, "Kept the voice 'asked voice'.")
+        assert "asked voice" in voices.voice_names()
+        assert voices.ask_delete(None)[1:] == (None, "Choose a saved voice to delete.")
+        names, note, row, asked = voices.confirm_delete("asked voice")
+        assert note == "Deleted the voice 'asked voice'." and row["visible"] is False and asked is None
+        assert "asked voice" not in voices.voice_names() and "asked voice" not in names["choices"]
+    finally:
+        if "asked voice" in voices.voice_names():
+            voices.delete("asked voice")
 
 
 def test_saving_under_a_taken_name_keeps_the_voice_unless_replace_is_ticked(engine_server, tmp_path):

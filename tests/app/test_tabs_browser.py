@@ -96,6 +96,32 @@ def test_image_tab_generates_then_segments(browser, studio):
     page.context.close()
 
 
+def test_deleting_a_saved_voice_asks_first_in_the_browser(browser, studio, engine_server):
+    """The walk lost a saved voice at one press of Delete: the tab asks, and only "Yes, delete it" deletes."""
+    from engine.client import EngineClient
+    from tests.server import tone_pcm16, wav_bytes
+
+    with EngineClient(engine_server.url, token="test-token") as client:
+        client.save_voice("walk voice", wav_bytes(tone_pcm16(1.5, 22050, 220.0), 22050), "hello there", replace=True)
+    page = open_tab(browser, studio, "Voice", DESKTOP)
+    page.get_by_role("button", name="Clone from a clip / save a voice").click()
+    saved = page.locator("#voice-saved input")
+    saved.click()
+    page.get_by_role("option", name="walk voice", exact=True).click()
+    status, confirm = page.locator("#voice-figures"), page.locator("#voice-confirm-delete")
+    for answer, after in (("#voice-delete-no", "Kept the voice 'walk voice'."),
+                          ("#voice-delete-yes", "Deleted the voice 'walk voice'.")):
+        page.locator("#voice-delete").click()
+        sync_api.expect(status).to_contain_text("Delete the saved voice 'walk voice'?", timeout=15_000)
+        sync_api.expect(confirm).to_be_visible()
+        page.locator(answer).click()
+        sync_api.expect(status).to_contain_text(after, timeout=15_000)
+        sync_api.expect(confirm).to_be_hidden()
+    with EngineClient(engine_server.url, token="test-token") as client:
+        assert "walk voice" not in [v["name"] for v in client.voices()]
+    page.context.close()
+
+
 def test_chat_tab_on_a_phone(browser, studio):
     page = open_tab(browser, studio, "Chat", PHONE)
     box = page.locator("#chat-input textarea")
