@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engine.media.image import fetch_image
@@ -432,15 +433,90 @@ def run_mm_case(case_dir: Path) -> list[ParityRow]:
     return cmp.rows + cmp.missing()
 
 
-def _fixture_media(case_dir: Path, meta: dict) -> dict[str, list]:
-    """The media a `prompts` case names (`image_used`, audio 'same as frontend_audio wave_main'),
-    read from the sibling frontend cases."""
-    root = case_dir.parent
-    images = load_file(str(root / "frontend_image" / "inputs.safetensors"))
-    audios = load_file(str(root / "frontend_audio" / "inputs.safetensors"))
-    image = images[meta["image_used"]].numpy()
-    audio_name = re.search(r"frontend_audio (\w+)", meta["audio_used"]).group(1)
-    return {"image": [image] * 8, "audio": [(audios[audio_name], 16000)] * 8, "video": []}
+MEDIA_USED = {"image": "image_used", "audio": "audio_used", "video": "video_used"}  # meta.json keys, by kind
+_RATE_KEYS = ("sampling_rate", "sample_rate")  # where a case records an audio rate (config.json / meta.json)
+
+
+class UnplacedMedium(ValueError):
+    """A medium a `prompts` case names that the harness cannot find or load."""
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _input_names(case: Path) -> set[str]:
+    path = case / "inputs.safetensors"
+    if not path.is_file():
+        return set()
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys())
+
+
+def _recorded_rate(record: dict) -> int | None:
+    for key in _RATE_KEYS:
+        if record.get(key) is not None:
+            return int(record[key])
+    return None
+
+
+def _locate_medium(root: Path, text: str) -> tuple[Path, str]:
+    """The sibling case and input tensor a `<kind>_used` record names: '... <case> <input> ...', or a bare
+    input name held by exactly one sibling case."""
+    words = re.findall(r"[\w.-]+", text)
+    for case, name in zip(words, words[1:]):
+        if (root / case).is_dir() and name in _input_names(root / case):
+            return root / case, name
+    bare = text.strip()
+    holders = sorted(p for p in root.iterdir() if p.is_dir() and bare in _input_names(p)) if root.is_dir() else []
+    if len(holders) == 1:
+        return holders[0], bare
+    where = f"several cases hold {bare!r}: {', '.join(p.name for p in holders)}" if holders else \
+        f"no sibling case in {root} holds an input it names"
+    raise UnplacedMedium(f"cannot place {text!r}: {where}")
+
+
+def _load_medium(kind: str, text: str, root: Path, meta: dict):
+    """One recorded medium as the processor takes it: an image [H, W, 3] uint8, or (waveform, rate) with
+    the rate the prompts case or the source case records."""
+    case, name = _locate_medium(root, text)
+    tensor = load_file(str(case / "inputs.safetensors"))[name]
+    if kind == "image":
+        return tensor.numpy()
+    if kind == "audio":
+        rate = next((r for r in (_recorded_rate(meta), _recorded_rate(_read_json(case / "config.json")),
+                                 _recorded_rate(_read_json(case / "meta.json"))) if r is not None), None)
+        if rate is None:
+            raise UnplacedMedium(f"no sampling rate recorded for {text!r} (meta.json or {case.name}/config.json "
+                                 f"{' / '.join(_RATE_KEYS)})")
+        return tensor, rate
+    raise UnplacedMedium(f"cannot place {kind} {text!r}: the prompts harness places images and audio only")
+
+
+def _fixture_media(case_dir: Path, meta: dict, sub: dict) -> dict[str, list]:
+    """The media one `prompts` sub-case uses, in prompt order: its own or the case's `<kind>_used` records
+    (one, repeated for every placeholder of its kind, or one per placeholder), read from the sibling cases
+    they name. Anything it cannot place raises UnplacedMedium naming it."""
+    media: dict[str, list] = {}
+    for placeholder, kind in PLACEHOLDERS.items():
+        wanted = sub["prompt_text"].count(placeholder)
+        if not wanted:
+            continue
+        record = sub.get(MEDIA_USED[kind], meta.get(MEDIA_USED[kind]))
+        if record is None:
+            raise UnplacedMedium(f"{wanted} {placeholder} placeholder(s) but no {MEDIA_USED[kind]} recorded")
+        records = [record] if isinstance(record, str) else list(record)
+        if len(records) == 1:
+            records = records * wanted
+        if len(records) != wanted:
+            raise UnplacedMedium(f"{wanted} {placeholder} placeholder(s) but {len(records)} {MEDIA_USED[kind]} "
+                                 "records")
+        loaded: dict[str, object] = {}
+        for r in records:
+            if r not in loaded:
+                loaded[r] = _load_medium(kind, r, case_dir.parent, meta)
+        media[kind] = [loaded[r] for r in records]
+    return media
 
 
 def run_prompts_case(case_dir: Path) -> list[ParityRow]:
@@ -449,9 +525,13 @@ def run_prompts_case(case_dir: Path) -> list[ParityRow]:
     outputs = load_file(str(case_dir / "outputs.safetensors"))
     cmp = Comparer(case_dir.name, outputs)
     _, processor = _processor_for(case_dir)
-    media = _fixture_media(case_dir, meta)
     for sub in meta["cases"]:
         name = sub["name"]
+        try:
+            media = _fixture_media(case_dir, meta, sub)
+        except UnplacedMedium as e:
+            cmp.rows.append(ParityRow(case_dir.name, f"{name}.media", float("nan"), "-", False, str(e)))
+            continue
         messages, system, thinking = conversation_from_prompt(sub["prompt_text"], media)
         prompt = processor.build(messages, system_prompt=system, thinking=thinking, assistant_prefix=sub.get("lang_suffix"))
         same = prompt.text == sub["expanded_text"]

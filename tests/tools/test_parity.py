@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from engine.tools.parity import format_table, run_case
 from tests.paths import REPO, fixture_case
@@ -158,3 +159,82 @@ def test_case_media_keeps_numbered_order_and_names_the_unplaceable():
     assert [float(a[0]) for a in media.audios] == [0.0, 1.0]
     assert [[int(f[0, 0, 0]) for f in v] for v in media.videos] == [[9, 10]]
     assert media.unknown == ["raw.mystery", "raw.video1 (shape [4, 4], expected [T, H, W, 3])"]
+
+
+def _prompts_set(tmp_path, audio_case: str = "frontend_audio", image_case: str = "frontend_image"):
+    """The prompts case with its media cases under other folder names (the image case holding only the
+    image the prompts use); returns (prompts folder, its meta.json, the audio folder)."""
+    src = fixture_case("prompts")
+    case = tmp_path / "prompts"
+    shutil.copytree(src, case)
+    audio = tmp_path / audio_case
+    shutil.copytree(fixture_case("frontend_audio"), audio)
+    meta = json.loads((case / "meta.json").read_text())
+    images = load_file(str(fixture_case("frontend_image") / "inputs.safetensors"))
+    (tmp_path / image_case).mkdir()
+    save_file({meta["image_used"]: images[meta["image_used"]]}, str(tmp_path / image_case / "inputs.safetensors"))
+    meta["audio_used"] = meta["audio_used"].replace("frontend_audio", audio_case)
+    (case / "meta.json").write_text(json.dumps(meta))
+    return case, meta, audio
+
+
+def test_prompts_case_reads_its_media_from_the_cases_it_names(tmp_path):
+    """A held-out set whose media cases are named 'frontend_audio_s7' / 'image_s7' (meta audio_used
+    '... frontend_audio_s7 wave_main', image_used a bare input name) crashed with FileNotFoundError."""
+    case, _, _ = _prompts_set(tmp_path, "frontend_audio_s7", "image_s7")
+    rows = run_case(case)
+    assert rows and all(r.ok for r in rows), format_table([r for r in rows if not r.ok])
+
+
+def test_prompts_case_uses_the_recorded_sampling_rate(tmp_path):
+    """The audio case records its rate (config.json sampling_rate): the same clip at 8 kHz is resampled to
+    the front end's 16 kHz, so the prompts keep the reference's audio token counts (read as 16 kHz it has
+    half the mel frames)."""
+    case, _, audio = _prompts_set(tmp_path)
+    config = json.loads((audio / "config.json").read_text())
+    inputs = load_file(str(audio / "inputs.safetensors"))
+    step = 2
+    save_file({k: v[::step].contiguous() for k, v in inputs.items()}, str(audio / "inputs.safetensors"))
+    config["sampling_rate"] //= step
+    (audio / "config.json").write_text(json.dumps(config))
+    rows = run_case(case)
+    assert rows and all(r.ok for r in rows), format_table([r for r in rows if not r.ok])
+
+
+def test_prompts_case_places_any_number_of_media(tmp_path):
+    """A sub-case with nine <AUDIO> placeholders (the harness used to supply at most eight): expected
+    string and ids are the reference's plain_asr ones with its audio block repeated nine times."""
+    case, meta, _ = _prompts_set(tmp_path)
+    n = 9
+    plain = next(c for c in meta["cases"] if c["name"] == "plain_asr")
+    outputs = load_file(str(case / "outputs.safetensors"))
+    ids = outputs["plain_asr.input_ids"][0]
+    start, length = outputs["plain_asr.audio_placeholder_loc_lens"][0, 0].tolist()
+    block = slice(start - 1, start + length + 1)  # <audio> <audioPatch>*length </audio>
+    text = plain["expanded_text"]
+    a, b = text.index("<audio>"), text.index("</audio>") + len("</audio>")
+    many = {**plain, "name": "nine_audios", "prompt_text": plain["prompt_text"].replace("<AUDIO>", "<AUDIO>" * n),
+            "expanded_text": text[:a] + text[a:b] * n + text[b:]}
+    meta["cases"] = [many]
+    (case / "meta.json").write_text(json.dumps(meta))
+    save_file({"nine_audios.input_ids": torch.cat([ids[:block.start], ids[block].repeat(n), ids[block.stop:]])[None]},
+              str(case / "outputs.safetensors"))
+    rows = run_case(case)
+    assert rows and all(r.ok for r in rows), format_table([r for r in rows if not r.ok])
+
+
+def test_prompts_case_names_media_it_cannot_place(tmp_path):
+    """A medium no sibling case holds, or audio with no recorded rate, is a 'not ok' row naming it; the
+    other sub-cases still run."""
+    case, meta, audio = _prompts_set(tmp_path)
+    meta["image_used"] = "img_nowhere"
+    (case / "meta.json").write_text(json.dumps(meta))
+    rows = run_case(case)
+    bad = [r for r in rows if not r.ok]
+    assert any(r.tensor == "image_chat.media" and "img_nowhere" in r.note for r in bad)
+    assert any(r.tensor == "plain_asr.input_ids" and r.ok for r in rows)
+    config = json.loads((audio / "config.json").read_text())
+    del config["sampling_rate"]
+    (audio / "config.json").write_text(json.dumps(config))
+    rows = run_case(case)
+    assert any(r.tensor == "plain_asr.media" and not r.ok and "sampling rate" in r.note for r in rows)
