@@ -42,7 +42,7 @@ from engine.media.image import load_image
 from engine.models.imagegen.buckets import SizePlan, center_crop_box, parse_aspect, plan_size
 from engine.models.imagegen.condition import condition_from_prompt
 from engine.models.imagegen.config import ImageGenError
-from engine.models.imagegen.diffusion import (caption_features, check_latent_grid, decode_latents, denoise,
+from engine.models.imagegen.diffusion import (CfgOptions, caption_features, check_latent_grid, decode_latents, denoise,
                                               encode_reference, initial_noise, latent_shape, make_scheduler,
                                               steps_for_preview)
 from engine.models.imagegen.glyph import glyph_text_from_prompt
@@ -72,6 +72,8 @@ class ImagineRequest:
     aspect: Any = None
     steps: int | None = None
     guidance: float | None = None
+    cfg_truncation: float | None = CfgOptions.truncation          # ZImagePipeline's, spec §8.6 (off)
+    cfg_normalization: bool | float = CfgOptions.normalization    # ZImagePipeline's, spec §8.6 (off)
     seed: int | None = None
     preview_every: int = 0
     mask_color: str = DEFAULT_MASK_COLOR
@@ -111,6 +113,11 @@ class ImagineRequest:
             raise ImageGenError(f"guidance {self.guidance!r} must be between 0 and {MAX_GUIDANCE:g} (<= 1: no CFG)",
                                 "guidance")
         self.guidance = g
+        for name in ("truncation", "normalization"):
+            try:
+                CfgOptions(**{name: getattr(self, f"cfg_{name}")})
+            except ValueError as e:
+                raise ImageGenError(str(e), f"cfg_{name}") from None
         self.preview_every = _int_in("preview_every", self.preview_every or 0, 0, MAX_STEPS)
         if self.seed is not None:
             self.seed = _int_in("seed", self.seed, -MAX_SEED, MAX_SEED)
@@ -119,6 +126,10 @@ class ImagineRequest:
         parse_aspect(self.aspect)  # early, clear errors for sizes too
         if self.size is not None and self.aspect is not None:
             raise ImageGenError("give either a size or an aspect ratio, not both", "aspect")
+
+    def cfg_options(self) -> CfgOptions:
+        """The pipeline's CFG truncation / normalisation this request asks for (spec §8.6)."""
+        return CfgOptions(truncation=self.cfg_truncation, normalization=self.cfg_normalization)
 
     def instruction(self) -> str:
         """The text the thinker reads (segmentation and presets wrap the user's words)."""
@@ -254,7 +265,8 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
         yield Progress("denoising", 0, n)
         t_loop = time.perf_counter()
         done_steps = 0
-        for step in denoise(gen.transformer, scheduler, latents, caption, negative, request.guidance, ref_latent):
+        for step in denoise(gen.transformer, scheduler, latents, caption, negative, request.guidance, ref_latent,
+                            request.cfg_options()):
             latents = step.latents_out
             done_steps += 1
             yield Progress("denoising", done_steps, n)
@@ -315,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aspect", default=None, help="aspect ratio W:H, e.g. 16:9")
     ap.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEFAULT_STEPS})")
     ap.add_argument("--guidance", type=float, default=None, help=f"CFG scale (default {DEFAULT_GUIDANCE})")
+    ap.add_argument("--cfg-truncation", type=float, default=CfgOptions.truncation,
+                    help="no CFG on steps whose DiT timestep exceeds this (default %(default)s: never)")
+    ap.add_argument("--cfg-normalization", type=float, default=float(CfgOptions.normalization),
+                    help="cap the guided prediction's norm at this times the positive's (default 0: off)")
     ap.add_argument("--seed", type=int, default=None, help="same seed -> same pixels on the same device")
     ap.add_argument("--mask-color", default=DEFAULT_MASK_COLOR, help="segmentation colour (default green)")
     ap.add_argument("--preview-every", type=int, default=0, help="write a preview every N steps (--preview-dir)")
@@ -335,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     task = "segment" if args.segment is not None else ("edit" if args.edit else "generate")
     req = ImagineRequest(prompt=args.segment if args.segment is not None else args.prompt, images=[str(p) for p in args.edit],
                          task=task, size=args.size, aspect=args.aspect, steps=args.steps, guidance=args.guidance,
+                         cfg_truncation=args.cfg_truncation, cfg_normalization=args.cfg_normalization,
                          seed=args.seed, preview_every=args.preview_every if args.preview_dir else 0,
                          mask_color=args.mask_color, preset=args.preset)
     code = 0

@@ -10,6 +10,7 @@ DiT's frame axis: the reference latent is frame 1 of every branch and only frame
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,39 @@ DIT_PATCH = 2
 # whatever the scheduler's num_train_timesteps (t = sigma * num_train_timesteps): 1 - sigma at the
 # shipped 1000 (spec §8.6).
 PIPELINE_TIMESTEP_SCALE = 1000.0
+
+
+@dataclass(frozen=True)
+class CfgOptions:
+    """ZImagePipeline's CFG options besides the scale (spec §8.6), with the pipeline's defaults (both off).
+
+    truncation: CFG is skipped (one DiT branch, the positive, and no guidance) on steps whose DiT
+        timestep (1000 − t)/1000 exceeds it; None or above 1 never truncates.
+    normalization: False is off; True or a factor k > 0 caps ‖pred‖ at k·‖pos‖ (True = 1, the
+        pipeline's float(cfg_normalization)), norms over each sample's whole prediction in fp32."""
+
+    truncation: float | None = 1.0
+    normalization: bool | float = False
+
+    def __post_init__(self) -> None:
+        t, k = self.truncation, self.normalization
+        if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t)):
+            raise ValueError(f"cfg_truncation must be a finite number or None, got {t!r}")
+        if not isinstance(k, (int, float)) or not math.isfinite(k) or k < 0:
+            raise ValueError(f"cfg_normalization must be a bool or a factor >= 0, got {k!r}")
+
+    def guided_at(self, dit_t: float) -> bool:
+        """Whether a CFG run keeps its guidance at this DiT timestep."""
+        return self.truncation is None or float(self.truncation) > 1 or dit_t <= float(self.truncation)
+
+    def renormalize(self, pred: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The guided prediction scaled down to at most factor·‖pos‖ (unchanged when off or within it)."""
+        factor = float(self.normalization)
+        if factor <= 0:
+            return pred
+        limit = torch.linalg.vector_norm(pos) * factor
+        norm = torch.linalg.vector_norm(pred)
+        return pred * (limit / norm) if norm > limit else pred
 
 
 def caption_features(condition: torch.Tensor, head: QueryHeadConfig, caption_mlp: nn.Module | None) -> torch.Tensor:
@@ -121,23 +155,26 @@ def dit_velocity(transformer: nn.Module, latents: torch.Tensor, t_dit: torch.Ten
 
 
 def denoise(transformer: nn.Module, scheduler, latents: torch.Tensor, caption: torch.Tensor,
-            negative_caption: torch.Tensor, guidance: float, ref_latent: torch.Tensor | None = None
-            ) -> Iterator[DenoiseStep]:
+            negative_caption: torch.Tensor, guidance: float, ref_latent: torch.Tensor | None = None,
+            options: CfgOptions = CfgOptions()) -> Iterator[DenoiseStep]:
     """The CFG Euler loop (spec §8.6), one yield per step. `latents` fp32 [1, C, h, w] on the DiT's
-    device; captions [L, C_cap]. CFG runs when guidance > 1: pred = pos + g·(pos − neg) in fp32, the
-    model output is −pred. Yields happen outside inference mode (it is thread-local)."""
+    device; captions [L, C_cap]. CFG runs when guidance > 1 and `options` does not truncate the step:
+    pred = pos + g·(pos − neg) in fp32, renormalised per `options`; otherwise the DiT runs the positive
+    branch alone and pred = pos. The model output is −pred. Yields happen outside inference mode (it is
+    thread-local)."""
     timesteps = scheduler.timesteps
     t_scale = PIPELINE_TIMESTEP_SCALE
-    cfg = guidance > 1.0
-    captions = [caption, negative_caption] if cfg else [caption]
     n = len(timesteps)
     for i in range(n):
         with torch.inference_mode():
             t = timesteps[i]
-            t_dit = ((t_scale - t) / t_scale).expand(len(captions)).to(latents.device)
+            t_step = (t_scale - t) / t_scale
+            cfg = guidance > 1.0 and options.guided_at(float(t_step))
+            captions = [caption, negative_caption] if cfg else [caption]
+            t_dit = t_step.expand(len(captions)).to(latents.device)
             out = dit_velocity(transformer, latents, t_dit, captions, ref_latent)
             pos = out[0, :, 0].float()
-            pred = pos + guidance * (pos - out[1, :, 0].float()) if cfg else pos
+            pred = options.renormalize(pos + guidance * (pos - out[1, :, 0].float()), pos) if cfg else pos
             model_output = -pred.unsqueeze(0)
             sigma = float(scheduler.sigmas[i])
             new = scheduler.step(model_output, t, latents, return_dict=False)[0]
@@ -192,6 +229,6 @@ def steps_for_preview(total: int, every: int) -> set[int]:
     return {i for i in range(total - 1) if (i + 1) % every == 0}
 
 
-__all__ = ["CAPTION_NORM_SCALE", "DenoiseStep", "caption_features", "check_latent_grid", "decode_latents",
+__all__ = ["CAPTION_NORM_SCALE", "CfgOptions", "DenoiseStep", "caption_features", "check_latent_grid", "decode_latents",
            "denoise", "dit_velocity", "dynamic_shift_mu", "encode_latents", "encode_reference", "initial_noise", "latent_shape",
            "make_scheduler", "steps_for_preview", "vae_scale_factor"]

@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 
 from engine.models.imagegen.condition import Connector, condition_from_prompt, load_query_head
 from engine.models.imagegen.config import QueryHeadConfig
-from engine.models.imagegen.diffusion import (caption_features, decode_latents, denoise, encode_reference,
-                                              initial_noise, latent_shape, make_scheduler, vae_scale_factor)
+from engine.models.imagegen.diffusion import (CfgOptions, caption_features, decode_latents, denoise,
+                                              encode_reference, initial_noise, latent_shape, make_scheduler,
+                                              vae_scale_factor)
 from engine.models.imagegen.glyph import GlyphEncoder, glyph_text_from_prompt
 
 # Tolerances where a case's meta.json suggests none (README: hidden states 1e-4, projector outputs 1e-5).
@@ -98,6 +99,32 @@ def run_cond_case(case_dir: Path, device: str = "cpu") -> list:
     return cmp.rows + cmp.missing()
 
 
+def recorded_cfg_options(meta: dict, run: dict) -> CfgOptions:
+    """The pipeline's cfg_truncation / cfg_normalization a DiT run records (the run's own, else the
+    case's), the pipeline defaults where neither does (spec §8.6)."""
+    pick = {}
+    for field in ("truncation", "normalization"):
+        key = f"cfg_{field}"
+        if key in run or key in meta:
+            pick[field] = run[key] if key in run else meta[key]
+    return CfgOptions(**pick)
+
+
+def _close_steps(cmp, name: str, per_step: list[torch.Tensor], atol: float) -> None:
+    """Per-step [branches, ...] tensors stacked; when CFG truncation ran some steps on the positive branch
+    alone, each step is compared on the branches it ran (the rest of the row is left out)."""
+    widest = max(t.shape[0] for t in per_step)
+    if all(t.shape[0] == widest for t in per_step):
+        cmp.close(name, torch.stack(per_step), atol)
+        return
+    got = per_step[0].new_zeros((len(per_step), widest, *per_step[0].shape[1:]))
+    select = torch.zeros(got.shape, dtype=torch.bool, device=got.device)
+    for i, t in enumerate(per_step):
+        got[i, : t.shape[0]] = t
+        select[i, : t.shape[0]] = True
+    cmp.close(name, got, atol, select=select)
+
+
 def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
     """Kind imagegen, diffusion: our scheduler setup, CFG Euler loop and VAE against every run."""
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
@@ -149,12 +176,12 @@ def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
                 ref = encode_reference(vae, inputs[k + "ref_pixels"].to(device))
             cmp.close(k + "ref_latents", ref, t_lat)
         steps = list(denoise(transformer, scheduler, latents.to(device), caption, negative,
-                             float(r["guidance_scale"]), ref))
+                             float(r["guidance_scale"]), ref, recorded_cfg_options(meta, r)))
         cmp.close(k + "step_latents_in", torch.stack([s.latents_in for s in steps]), t_lat)
         cmp.close(k + "step_latents_out", torch.stack([s.latents_out for s in steps]), t_lat)
         cmp.close(k + "step_model_output", torch.stack([s.model_output for s in steps]), t_dit)
-        cmp.close(k + "step_dit_t", torch.stack([s.dit_t for s in steps]), t_sched)
-        cmp.close(k + "step_dit_out", torch.stack([s.dit_out for s in steps]), t_dit)
+        _close_steps(cmp, k + "step_dit_t", [s.dit_t for s in steps], t_sched)
+        _close_steps(cmp, k + "step_dit_out", [s.dit_out for s in steps], t_dit)
         final = steps[-1].latents_out
         cmp.close(k + "final_latents", final, t_lat)
         with torch.inference_mode():

@@ -87,3 +87,56 @@ def test_dit_timestep_is_the_pipelines_1000_minus_t_over_1000_at_any_num_train_t
     assert torch.allclose(torch.stack([s.dit_t[0] for s in steps]), expected)
     assert torch.allclose(torch.stack([t[0] for t in dit.seen]), expected) and dit.seen[0].shape == (2,)
     assert not torch.allclose(expected, 1 - sched.sigmas[:-1])
+
+
+class _CaptionDiT(_RecordingDiT):
+    """Outputs the caption's sum everywhere: the positive branch gives s, the zero negative 0."""
+
+    def forward(self, xs, t, captions, return_dict=False):
+        self.seen.append(t.clone())
+        return ([torch.ones_like(x) * c.sum() for x, c in zip(xs, captions)],)
+
+
+def _cfg_run(options, guidance=2.0):
+    from engine.models.imagegen.diffusion import denoise
+    sched, _ = make_scheduler(STATIC, 4, (8, 8))  # DiT timesteps 0, 1/7, 0.4, 1 (shift 3)
+    dit = _CaptionDiT()
+    cap = torch.ones(3, 8)  # positive output 24, negative 0
+    steps = list(denoise(dit, sched, torch.zeros(1, 4, 8, 8), cap, torch.zeros_like(cap), guidance, None, options))
+    return steps, dit
+
+
+def test_cfg_truncation_runs_the_positive_branch_alone_past_the_threshold():
+    """ZImagePipeline: with CFG on, a step whose DiT timestep (1000 - t)/1000 exceeds cfg_truncation runs
+    without guidance (one branch, pred = pos); None or a value above 1 never truncates (spec §8.6)."""
+    from engine.models.imagegen.diffusion import CfgOptions
+    steps, dit = _cfg_run(CfgOptions(truncation=0.3))
+    dit_t = [float(s.dit_t[0]) for s in steps]
+    assert dit_t[1] < 0.3 < dit_t[2]
+    assert [t.shape[0] for t in dit.seen] == [2, 2, 1, 1]
+    assert [float(s.model_output.mean()) for s in steps] == [-72.0, -72.0, -24.0, -24.0]  # -(24 + 2*(24 - 0))
+    for never in (CfgOptions(truncation=None), CfgOptions(truncation=1.5), CfgOptions()):
+        steps, dit = _cfg_run(never)
+        assert [t.shape[0] for t in dit.seen] == [2] * 4 and all(float(s.model_output.mean()) == -72.0 for s in steps)
+    steps, dit = _cfg_run(CfgOptions(truncation=0.3), guidance=1.0)  # no CFG at all: unchanged
+    assert [t.shape[0] for t in dit.seen] == [1] * 4
+
+
+def test_cfg_normalization_caps_the_guided_norm_at_a_multiple_of_the_positive():
+    """cfg_normalization True (= 1) or a factor k caps ||pred|| at k·||pos||, keeping its direction; a
+    prediction already within the cap, and False, leave it as guided (spec §8.6)."""
+    from engine.models.imagegen.diffusion import CfgOptions
+    for options, expected in ((CfgOptions(normalization=True), -24.0), (CfgOptions(normalization=2.0), -48.0),
+                              (CfgOptions(normalization=5.0), -72.0), (CfgOptions(normalization=False), -72.0)):
+        steps, _ = _cfg_run(options)
+        assert all(torch.allclose(s.model_output, torch.full_like(s.model_output, expected)) for s in steps), options
+
+
+def test_cfg_options_refuse_what_the_pipeline_cannot_use():
+    import pytest
+
+    from engine.models.imagegen.diffusion import CfgOptions
+    for bad in ({"truncation": float("nan")}, {"truncation": "0.5"}, {"normalization": -1.0},
+                {"normalization": "yes"}):
+        with pytest.raises(ValueError, match="cfg_"):
+            CfgOptions(**bad)

@@ -54,6 +54,18 @@ def test_same_seed_gives_identical_png_bytes(tiny_engine):
     assert a == b and a != c
 
 
+def test_requests_choose_the_pipelines_cfg_truncation_and_normalization(tiny_engine):
+    """cfg_truncation / cfg_normalization reach the denoise loop (spec §8.6); their defaults are the
+    reference pipeline's (1.0 / False), so giving them explicitly changes nothing."""
+    def run(**kw):  # 3 steps: the last one (sigma 0 -> 0) moves nothing, the second does
+        return next(e for e in tiny_engine.imagine("a cat", seed=11, **{**FAST, "steps": 3}, **kw)
+                    if isinstance(e, ImageDone)).image
+    default = run()
+    assert run(cfg_truncation=1.0, cfg_normalization=False) == default
+    assert run(cfg_truncation=0.0) != default  # the second step (DiT timestep > 0) runs without CFG
+    assert run(cfg_normalization=0.5) != default
+
+
 def test_edit_uses_every_image_in_the_prompt(tiny_engine):
     events = list(tiny_engine.imagine("make it blue", images=[_photo(), _photo(seed=1)], steps=2))
     done = _final(events)
@@ -152,6 +164,8 @@ def test_sixteen_bit_images_keep_their_tones():
     ({"prompt": "a", "images": [b"\x89PNG\r\n\x1a\nnot really"]}, "invalid_media", "corrupt|recognised"),
     ({"prompt": "a", "images": [_photo(2, 500)]}, "invalid_request", "elongated"),
     ({"prompt": "a", "colour": "red"}, "invalid_request", "option"),
+    ({"prompt": "a", "cfg_truncation": float("inf")}, "invalid_request", "cfg_truncation"),
+    ({"prompt": "a", "cfg_normalization": -1.0}, "invalid_request", "cfg_normalization"),
 ])
 def test_bad_requests_get_clear_errors(tiny_engine, kw, code, words):
     import re

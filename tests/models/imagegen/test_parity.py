@@ -63,3 +63,29 @@ def test_byt5_case_uses_the_conditioning_case_its_runs_name(tmp_path):
     rows = run_case(case)
     assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
     assert "t2i.image_gen_text" in {r.tensor for r in rows}
+
+
+def _dit_with_cfg_options(tmp_path, **options):
+    case = tmp_path / "imagegen_dit"
+    shutil.copytree(fixture_case("imagegen_dit"), case)
+    meta = json.loads((case / "meta.json").read_text())
+    meta["runs"]["t2i"].update(options)
+    (case / "meta.json").write_text(json.dumps(meta))
+    return case
+
+
+@pytest.mark.parametrize("options", [{"cfg_truncation": 0.1}, {"cfg_normalization": True}])
+def test_dit_case_runs_with_the_cfg_options_a_run_records(tmp_path, options):
+    """A run recording ZImagePipeline's cfg_truncation / cfg_normalization was run without them. The public
+    case's outputs were made with the defaults (1.0 / False), so with these recorded the t2i run's
+    guidance (and everything after it) must now differ, while the other runs stay within tolerance.
+    (Its 4 static-shift steps feed the DiT 0, 0.14, 0.4, 1: truncation 0.1 drops CFG from step 2 on.)"""
+    rows = run_case(_dit_with_cfg_options(tmp_path, **options))
+    bad = {r.tensor for r in rows if not r.ok}
+    assert "t2i.step_model_output" in bad and "t2i.final_latents" in bad
+    assert not {t for t in bad if not t.startswith("t2i.")}
+
+
+def test_dit_case_recording_the_default_cfg_options_matches(tmp_path):
+    rows = run_case(_dit_with_cfg_options(tmp_path, cfg_truncation=1.0, cfg_normalization=False))
+    assert rows and all(r.ok for r in rows)
