@@ -121,7 +121,6 @@ def check_reference_clip(raw: bytes, ctx: ServerContext, name: str) -> None:
         raise bad(f"'{name}': {e}", "invalid_media", name) from None
 
 
-
 def speech_request(body: dict, ctx: ServerContext) -> dict:
     """engine.speak keyword arguments from a /v1/audio/speech body (types and limits checked here)."""
     from engine.models.talker.pipeline import TASKS  # noqa: PLC0415
