@@ -259,8 +259,8 @@ def video_prompt_text(
 # --------------------------------------------------------------------------- frame sources
 
 
-def frames_from_directory(directory: str | os.PathLike) -> list[np.ndarray]:
-    """All image files of a directory as RGB, in the reference's order: file names sorted as
+def frame_files(directory: str | os.PathLike) -> list[Path]:
+    """The image files of a frame directory in the reference's order: file names sorted as
     strings (``sorted(os.listdir)``: frame10 before frame2; name frames 0-padded to keep them in
     time order)."""
     path = Path(directory)
@@ -270,29 +270,39 @@ def frames_from_directory(directory: str | os.PathLike) -> list[np.ndarray]:
                    key=lambda p: p.name)
     if not files:
         raise MediaError(f"video frame directory {path} contains no image files")
-    return [np.asarray(load_image(p)) for p in files]
+    return files
+
+
+def frames_from_directory(directory: str | os.PathLike) -> list[np.ndarray]:
+    """All image files of a directory as RGB, in `frame_files` order."""
+    return [np.asarray(load_image(p)) for p in frame_files(directory)]
 
 
 def sample_frame_list(
-    frames: Sequence[np.ndarray], config: VideoSamplingConfig | None = None, options: VideoOptions | None = None,
+    frames: Sequence, config: VideoSamplingConfig | None = None, options: VideoOptions | None = None,
     resize: _FrameResizer | None = None,
 ) -> VideoFrames:
     """A list of frames as the reference's list branch takes it: every frame, frame i at
-    i / max_video_fps seconds; the message's frame counts set only ``budget_frames``. ``resize``:
-    the frames are brought to the model's size (for ``budget_frames``) before they are stacked."""
+    i / max_video_fps seconds; the message's frame counts set only ``budget_frames``. Frames are
+    RGB arrays or anything `load_image` reads (a frame directory's files, read one at a time).
+    ``resize``: each frame is brought to the model's size (for ``budget_frames``) as it is read, so
+    only one frame is ever held at its own size."""
     config = config or VideoSamplingConfig()
     options = options or VideoOptions()
     if len(frames) == 0:
         raise MediaError("video has no frames")
-    arrays = [f if _is_rgb_frame(f) else np.asarray(load_image(f)) for f in frames]
-    first = arrays[0].shape
-    if any(a.shape != first for a in arrays):
-        raise MediaError("all frames of a video must have the same size")
-    budget = frame_list_budget_frames(len(arrays), options, config)
+    budget = frame_list_budget_frames(len(frames), options, config)
     fps = config.fps if options.max_video_fps is None else float(options.max_video_fps)
     if resize is not None:
         resize.n_sampled = budget
-        arrays = [resize(f) for f in arrays]
+    arrays, first = [], None
+    for f in frames:  # one frame (a path: read here) at its own size at a time
+        frame = f if _is_rgb_frame(f) else np.asarray(load_image(f))
+        if first is None:
+            first = frame.shape
+        elif frame.shape != first:
+            raise MediaError("all frames of a video must have the same size")
+        arrays.append(frame if resize is None else resize(frame))
     return VideoFrames(
         frames=np.stack(arrays),
         timestamps=np.arange(len(arrays), dtype=np.float64) / fps,
@@ -511,7 +521,7 @@ def fetch_video(
     config = config or VideoSamplingConfig()
     resizer = None if resize is None else _FrameResizer(config, dict(resize))
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        return sample_frame_list(frames_from_directory(source), config, options, resizer)
+        return sample_frame_list(frame_files(source), config, options, resizer)
     if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
         return sample_video_file(source, config, backend=backend, resize=resizer)
     if isinstance(source, np.ndarray) and source.ndim == 4:

@@ -333,3 +333,26 @@ def test_webcam_clip_errors():
     single = clip.to_video_inputs(min_pixels=4096)
     assert single.grid_thw.tolist() == [[1, 4, 6]]  # one frame, duplicated to a temporal pair
     assert isinstance(clip.sample(), VideoFrames)
+
+
+def test_a_frame_directory_is_read_one_frame_at_a_time(tmp_path):
+    """A directory of 120 1600x1200 JPEGs took +800 MiB: every file was read at full size before
+    any was resized. Each is now read and brought to the model's size in turn (+411 MiB), with the
+    same pixels as resizing the full-size frames afterwards."""
+    import tracemalloc
+
+    for i in range(24):
+        Image.fromarray(_textured(i, 320, 320)).save(tmp_path / f"f{i:03d}.png")
+    overrides = {"min_pixels": 4096, "total_pixels": 64 * 64 * 24 // 2}
+    full_frame = 320 * 320 * 3
+    tracemalloc.start()
+    try:
+        inputs = prepare_video(tmp_path, **overrides)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert inputs.frames.shape == (24, 3, 64, 64)
+    held = inputs.pixel_values.numel() * 4 + 3 * inputs.frames.numel()
+    assert peak < held + 4 * full_frame, (peak, held)  # it was 24 full frames and more
+    afterwards = preprocess_video(fetch_video(frames_from_directory(tmp_path)), **overrides)
+    assert torch.equal(inputs.pixel_values, afterwards.pixel_values)
