@@ -24,10 +24,19 @@ _QUERY_NAME = re.compile(r"^query_tokens_dict\.(\d+)x(\d+)$")
 # The 2.0 DiT (Z-Image); the Preview ships an SD3-style DiT that is not implemented (spec §8.10).
 ZIMAGE = "zimage"
 ZIMAGE_CLASS = "ZImageTransformer2DModel"
-# Defaults of the two DiT-wrapper switches when mlp/config.json omits them [U]: the fixtures and
-# vllm-omni run the 2.0 head with an identity caption MLP (when no `mlp.*` weights ship) and with the
-# x1000 re-normalisation on.
-DEFAULT_TEXT_ENCODER_NORM = True
+# The DiT-wrapper switch `text_encoder_norm` when mlp/config.json omits it: the reference loader
+# passes `text_encoder_norm=False` to ZImageLoss then (ZImageModel_withMLP's own default too), so the
+# x1000 re-normalisation is off unless the file turns it on (spec §8.5). `use_identity_mlp` omitted:
+# the caption MLP runs when `mlp.*` weights ship (the reference's default False); without them the
+# reference cannot load at all and we run the identity.
+DEFAULT_TEXT_ENCODER_NORM = False
+
+
+def wrapper_switches(data: dict, has_caption_weights: bool) -> tuple[bool, bool]:
+    """(use_identity_mlp, text_encoder_norm) of mlp/config.json's `data`, with the defaults above."""
+    identity = data.get("use_identity_mlp")
+    return (bool(identity) if identity is not None else not has_caption_weights,
+            bool(data.get("text_encoder_norm", DEFAULT_TEXT_ENCODER_NORM)))
 
 
 class ImageGenError(MingError):
@@ -135,11 +144,10 @@ class QueryHeadConfig:
             raise ImageGenError(f"{folder}: diffusion_c_input_dim {data['diffusion_c_input_dim']} but proj_out "
                                 f"produces {c_dim}")
         caption_mlp = {k: v for k, v in shapes.items() if k.startswith("mlp.")}
-        identity = data.get("use_identity_mlp")
+        identity, norm = wrapper_switches(data, bool(caption_mlp))
         return cls(scales=scales, llm_hidden=llm_hidden, connector_hidden=connector_hidden, c_dim=c_dim,
                    dit_type=str(data.get("dit_type") or ZIMAGE).lower(),
-                   use_identity_mlp=bool(identity) if identity is not None else not caption_mlp,
-                   text_encoder_norm=bool(data.get("text_encoder_norm", DEFAULT_TEXT_ENCODER_NORM)),
+                   use_identity_mlp=identity, text_encoder_norm=norm,
                    caption_mlp_shapes=caption_mlp)
 
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.models.imagegen.condition import Connector, condition_from_prompt, load_query_head
-from engine.models.imagegen.config import QueryHeadConfig
+from engine.models.imagegen.config import QueryHeadConfig, wrapper_switches
 from engine.models.imagegen.diffusion import (CfgOptions, caption_features, decode_latents, denoise,
                                               encode_reference, initial_noise, latent_shape, make_scheduler,
                                               vae_scale_factor)
@@ -143,10 +143,10 @@ def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
         head = query_head.config
     else:  # the DiT case ships only mlp/config.json: the wrapper switches
         mlp_cfg = json.loads((case_dir / "mlp" / "config.json").read_text())
+        identity, norm = wrapper_switches(mlp_cfg, has_caption_weights=False)
         head = QueryHeadConfig(scales=(1,), llm_hidden=0, connector_hidden=0, c_dim=transformer.config.cap_feat_dim,
                                dit_type=str(mlp_cfg.get("dit_type", "zimage")),
-                               use_identity_mlp=bool(mlp_cfg.get("use_identity_mlp", True)),
-                               text_encoder_norm=bool(mlp_cfg.get("text_encoder_norm", True)))
+                               use_identity_mlp=identity, text_encoder_norm=norm)
         if not head.use_identity_mlp:
             raise ValueError(f"{case_dir / 'mlp' / 'config.json'}: use_identity_mlp is false but mlp/ ships no "
                              "caption MLP weights (mlp.fc1 ...) to run")

@@ -46,3 +46,13 @@ def test_the_preview_sd3_dit_is_refused_with_a_clear_error(tmp_path):
     with pytest.raises(ImageGenUnsupported, match="SD3-style"):
         check_dit_kind(root, head)
     assert not has_image_generator(root)
+
+
+def test_omitted_wrapper_switches_take_the_reference_defaults(tmp_path):
+    """mlp/config.json without `text_encoder_norm` must run WITHOUT the ×1000 re-normalisation: the reference
+    loader passes `text_encoder_norm=False` to ZImageLoss when the key is absent (ZImageModel_withMLP's
+    default too), where we turned it on."""
+    cfg = QueryHeadConfig.from_folder(_mlp(tmp_path / "a", config={"dit_type": "zimage", "use_identity_mlp": True}))
+    assert cfg.text_encoder_norm is False and cfg.use_identity_mlp
+    on = QueryHeadConfig.from_folder(_mlp(tmp_path / "b", config={"text_encoder_norm": True}))
+    assert on.text_encoder_norm is True

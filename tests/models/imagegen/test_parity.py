@@ -89,3 +89,18 @@ def test_dit_case_runs_with_the_cfg_options_a_run_records(tmp_path, options):
 def test_dit_case_recording_the_default_cfg_options_matches(tmp_path):
     rows = run_case(_dit_with_cfg_options(tmp_path, cfg_truncation=1.0, cfg_normalization=False))
     assert rows and all(r.ok for r in rows)
+
+
+def test_dit_case_omitting_text_encoder_norm_runs_without_it(tmp_path):
+    """A DiT case whose mlp/config.json omits text_encoder_norm was run with the ×1000 re-normalisation on
+    (our default) where the reference's ZImageLoss gets False. The public outputs were made with it on, so
+    without the key the caption features (and the run after them) must now differ."""
+    case = tmp_path / "imagegen_dit"
+    shutil.copytree(fixture_case("imagegen_dit"), case)
+    cfg_path = case / "mlp" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["text_encoder_norm"]
+    cfg_path.write_text(json.dumps(cfg))
+    rows = {r.tensor: r for r in run_case(case)}
+    assert not rows["t2i.cap_feats"].ok and not rows["t2i.final_latents"].ok
+    assert rows["t2i.init_latents"].ok and rows["t2i.sigmas"].ok
