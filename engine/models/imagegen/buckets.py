@@ -158,11 +158,12 @@ def plan_size(size=None, aspect=None, reference_hw: tuple[int, int] | None = Non
 
 
 def center_crop_box(height: int, width: int, w_over_h: float) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the largest centred crop with the given W/H (spec §8.8)."""
-    if width / height > w_over_h:
-        new_w = max(1, int(round(height * w_over_h)))
-        left = (width - new_w) // 2
-        return left, 0, left + new_w, height
-    new_h = max(1, int(round(width / w_over_h)))
-    top = (height - new_h) // 2
-    return 0, top, width, top + new_h
+    """(left, top, right, bottom) of the largest centred crop with the given W/H (spec §8.8), rounded as the
+    reference processor does: the cut side is floored (⌊r·H⌋ when W/H ≥ r, else ⌊W/r⌋, at least 1) and the
+    box sits at torchvision CenterCrop's offset int(round(Δ/2)) (Python rounding, halves to even)."""
+    if width / height >= w_over_h:
+        new_h, new_w = height, max(1, min(int(math.floor(w_over_h * height)), width))
+    else:
+        new_h, new_w = max(1, min(int(math.floor(width / w_over_h)), height)), width
+    top, left = int(round((height - new_h) / 2.0)), int(round((width - new_w) / 2.0))
+    return left, top, left + new_w, top + new_h

@@ -52,3 +52,18 @@ def test_bad_sizes_are_refused_clearly(kw, words):
 def test_centre_crop_is_the_largest_centred_box():
     assert center_crop_box(100, 300, 1.0) == (100, 0, 200, 100)
     assert center_crop_box(300, 100, 1.0) == (0, 100, 100, 200)
+
+
+def test_centre_crop_rounds_like_the_reference_processor():
+    """The reference (crop_to_aspect_max) floors the cropped side (floor(r·H) / floor(W/r)) and places the box
+    with torchvision's CenterCrop offsets, int(round(Δ/2)) with Python's half-to-even rounding; we rounded the
+    side and floored the offset, so the VAE reference of an edit with an aspect ratio was cut a pixel off."""
+    # 300x100 at 16:9: side floor(177.78) = 177 (not 178), offset round(123/2 = 61.5) = 62 (not 61)
+    assert center_crop_box(100, 300, 16 / 9) == (62, 0, 239, 100)
+    # 195x100 square: offset round(47.5) = 48 (half to even), where 95 // 2 = 47
+    assert center_crop_box(100, 195, 1.0) == (48, 0, 148, 100)
+    assert center_crop_box(100, 193, 1.0) == (46, 0, 146, 100)   # round(46.5) = 46
+    # taller than the target: floor(W / r) rows, offset round(Δ/2)
+    assert center_crop_box(301, 100, 0.75) == (0, 84, 100, 217)
+    # W/H equal to the target takes the "wider" branch: floor(r·H), which float rounding can make W - 1
+    assert center_crop_box(47, 3, 3 / 47) == (0, 0, 2, 47)
