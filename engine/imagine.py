@@ -14,7 +14,8 @@ characters and must fit the thinker's context with its images and query tokens; 
 guidance 0..MAX_GUIDANCE (<= 1 turns CFG off); sizes per engine.models.imagegen.buckets; a seed of
 None or < 0 draws a random one (reported); reference images are decoded by engine.media.image (the
 first frame of an animation, alpha dropped, 16-bit rescaled) and shrunk to at most
-MAX_REFERENCE_PIXELS before the ViT (the VAE reference is resized to the bucket anyway).
+MAX_REFERENCE_PIXELS before the ViT; the VAE reference (bilinear to the bucket), the bucket and the
+output size are taken from the first picture as given, as the reference processor does.
 """
 
 from __future__ import annotations
@@ -185,9 +186,12 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
     try:
         request.check()
         instruction = request.instruction()
-        images = [_shrink(load_image(src), MAX_REFERENCE_PIXELS) for src in request.images]
+        originals = [load_image(src) for src in request.images]
+        images = [_shrink(img, MAX_REFERENCE_PIXELS) for img in originals]  # the ViT's inputs only
         aspect = parse_aspect(request.aspect)
-        ref = images[0] if images else None
+        # The VAE reference, the bucket and the output size come from the first picture as given (spec §8.8).
+        ref = originals[0] if originals else None
+        del originals
         ref_hw = None
         if ref is not None:
             ref_hw = (ref.height, ref.width)

@@ -190,3 +190,19 @@ def test_cli_writes_image_mask_and_overlay(tiny_checkpoint, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "s/step" in printed and "per image" in printed
     assert all(p.is_file() for p in (out, tmp_path / "seg_mask.png", tmp_path / "seg_overlay.png"))
+
+
+def test_edit_sizes_and_reference_frame_come_from_the_picture_as_given(tiny_engine, monkeypatch):
+    """Only the ViT input is shrunk to MAX_REFERENCE_PIXELS; the reference processor builds the VAE
+    reference (bilinear to the bucket) and the output size from the picture as given. A 307x250 picture
+    shrunk first (to 283x231 here) came back 274 wide instead of 275 = floor(307·224/250)."""
+    import engine.imagine
+    monkeypatch.setattr(engine.imagine, "MAX_REFERENCE_PIXELS", 256 * 256)
+    seen = []
+    real = engine.imagine._reference_pixels
+    monkeypatch.setattr(engine.imagine, "_reference_pixels", lambda image, *a: seen.append(image.size) or real(image, *a))
+    done = _final(list(tiny_engine.imagine("make it blue", images=[_photo(250, 307)], steps=1, seed=1)))
+    assert isinstance(done, Done), done
+    assert (done.result["height"], done.result["width"]) == (224, 275)
+    assert (done.result["diffusion_height"], done.result["diffusion_width"]) == (224, 272)
+    assert seen == [(307, 250)]
