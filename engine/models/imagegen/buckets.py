@@ -5,8 +5,10 @@ A request gives an explicit size (`WxH`), an aspect ratio (`W:H`), or neither (t
 editing: the reference image's own shape). The diffusion size is the bucket of the chosen table whose
 key (= H/W) is nearest the request's H/W, ties to the first key listed.
 
-* aspect ratio / default: the output is resized (Lanczos) to the reference's aspect-preserving size:
-  (H_b, ⌊w·H_b/h⌋) if H_b/h > W_b/w, else (⌊h·W_b/w⌋, W_b);
+* aspect ratio / default, text to image: the processor's request is the bucket of (512, int(512·aspect))
+  (the truncated width decides near-ties: 4:3 -> 512x682 -> key 0.78), and the image is that bucket;
+* editing without a size: the bucket of the reference's (h, w) (after the optional centre crop), resized
+  (Lanczos) to its aspect-preserving size (H_b, ⌊w·H_b/h⌋) if H_b/h > W_b/w, else (⌊h·W_b/w⌋, W_b);
 * explicit size: the table is the one whose base is nearest √(W·H), and the output is resized
   (Lanczos) to exactly W×H (our extension: upstream only takes an aspect ratio).
 
@@ -145,16 +147,15 @@ def plan_size(size=None, aspect=None, reference_hw: tuple[int, int] | None = Non
         h, w = explicit
         table = min(bases, key=lambda b: abs(b - math.sqrt(h * w)))
         return SizePlan(nearest_bucket(h, w, table), (h, w), table)
-    if ratio is not None:
-        h, w = PROCESSOR_SIDE, PROCESSOR_SIDE * ratio
-    elif reference_hw is not None:
+    if reference_hw is not None and ratio is None:
         h, w = reference_hw
         _check_ratio(w / h, f"the reference image ({w}x{h})", "image")
     else:
-        h, w = PROCESSOR_SIDE, PROCESSOR_SIDE
+        # Text to image: the processor asks for the bucket of (512, int(512·aspect)) (get_default_image_gen_hw)
+        # and generate buckets that request again; the result is resized to its aspect, i.e. kept at the bucket.
+        h, w = nearest_bucket(PROCESSOR_SIDE, int(PROCESSOR_SIDE * (1.0 if ratio is None else ratio)), default_base)
     bucket = nearest_bucket(h, w, default_base)
-    hh, ww = (round(h), round(w))
-    return SizePlan(bucket, aspect_output_size(hh, ww, bucket), default_base)
+    return SizePlan(bucket, aspect_output_size(h, w, bucket), default_base)
 
 
 def center_crop_box(height: int, width: int, w_over_h: float) -> tuple[int, int, int, int]:

@@ -17,8 +17,10 @@ def test_tables_match_the_spec():
 
 def test_default_text_to_image_is_1024_square_and_aspect_keeps_its_ratio():
     assert plan_size().diffusion == (1024, 1024) and plan_size().output == (1024, 1024)
-    p = plan_size(aspect="16:9")   # (512, 910.2) -> key 0.57 -> 768x1344, output 768 x floor(910*768/512)
-    assert p.diffusion == (768, 1344) and p.output == (768, 1365)
+    # The processor asks for the bucket of (512, int(512·aspect)); generate buckets that again and resizes to
+    # its aspect-preserving size, which is the bucket itself: 16:9 -> (512, 910) -> key 0.57 -> 768x1344.
+    p = plan_size(aspect="16:9")
+    assert p.diffusion == (768, 1344) and p.output == (768, 1344)
     assert nearest_bucket(100, 100, 512) == (512, 512)
     # equally near keys: the first one listed wins
     assert nearest_bucket(0.255, 1, 512) == (256, 1024)
@@ -67,3 +69,14 @@ def test_centre_crop_rounds_like_the_reference_processor():
     assert center_crop_box(301, 100, 0.75) == (0, 84, 100, 217)
     # W/H equal to the target takes the "wider" branch: floor(r·H), which float rounding can make W - 1
     assert center_crop_box(47, 3, 3 / 47) == (0, 0, 2, 47)
+
+
+@pytest.mark.parametrize("aspect, bucket", [("4:3", (896, 1152)), ("4:5", (1152, 896)), ("8:3", (640, 1600)),
+                                            ("10:7", (832, 1152)), ("16:9", (768, 1344)), ("1:1", (1024, 1024))])
+def test_text_to_image_aspect_is_the_bucket_of_the_truncated_processor_width(aspect, bucket):
+    """The reference processor's default size is process_ratio(512, int(512·aspect)): the truncated width
+    decides near-ties (4:3: 512/682 = 0.7507 -> key 0.78, where 512/682.67 = 0.75 tied 0.72/0.78 and took 0.72),
+    and that bucket is what generate gets as the requested size, so the image comes back at the bucket (we
+    resized 16:9 to 768x1365)."""
+    p = plan_size(aspect=aspect)
+    assert p.diffusion == bucket and p.output == bucket
