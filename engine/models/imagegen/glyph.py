@@ -22,14 +22,16 @@ from engine.loader import load_module
 from engine.models.imagegen.config import ByT5Settings, ImageGenError
 
 # get_text_from_prompt, 2.0 values (spec §8.4): single quotes become double quotes when every
-# '…' span weighs less than this (CJK characters count 3), and a lone span is dropped when one of
+# '…' span weighs less than this (ideographs U+4E00..U+9FFF count 3), and a lone span is dropped when one of
 # these words comes before the first quote.
 SHORT_SPAN_WEIGHT = 20
 CJK_WEIGHT = 3
 REMOVE_KEYWORDS = ("remove", "delete", "erase")
 QUOTE_PATTERNS = (re.compile(r'"(.*?)"', re.S), re.compile(r"‘(.*?)’", re.S), re.compile(r"“(.*?)”", re.S))
 OPENING_QUOTES = ('"', "‘", "“")
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+# Only the CJK Unified Ideographs block weighs CJK_WEIGHT (the reference's check_single_quotes tests
+# '\u4e00' <= ch <= '\u9fff'); kana, hangul and the other ideograph blocks count 1 like any character.
+_CJK = re.compile(r"[\u4e00-\u9fff]")
 # Glyph font tokens keep a language prefix for these codes (`<cn-font-3>`), `<font-i>` otherwise.
 FONT_LANGUAGE_PREFIXES = ("en", "cn", "jp", "kr")
 # The reference drops this prefix from the keys of byt5_model/base.pt (spec §8.4).

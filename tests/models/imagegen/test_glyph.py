@@ -32,3 +32,13 @@ def test_glyph_tokens_follow_the_tables(tmp_path):
                      font_special_token=True, font_ann_path="f.json", color_ann_path="c.json", multilingual=True,
                      mapper_layers=1, sdxl_channels=8, max_length=8)
     assert glyph_special_tokens(s) == ["<color-0>", "<color-1>", "<en-font-0>", "<cn-font-1>", "<font-2>", "<font-3>"]
+
+
+def test_only_cjk_unified_ideographs_weigh_three():
+    """check_single_quotes counts characters in U+4E00..U+9FFF three times and everything else once; we
+    weighed kana, hangul and the extension/compatibility blocks as 3 too, so a short Japanese or Korean
+    '…' span (10 characters: weight 10) was judged too long and not rendered."""
+    assert glyph_text_from_prompt("Write 'ありがとうございます' here") == 'Text "ありがとうございます". '
+    assert glyph_text_from_prompt("Write '안녕하세요반갑습니다' here") == 'Text "안녕하세요반갑습니다". '
+    assert glyph_text_from_prompt("Write '㐀㐀㐀㐀㐀㐀㐀' here") == 'Text "㐀㐀㐀㐀㐀㐀㐀". '   # ext. A: weight 7
+    assert glyph_text_from_prompt("Write '一二三四五六七' here") == ""                     # 7 ideographs: 21
