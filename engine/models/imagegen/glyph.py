@@ -27,7 +27,8 @@ from engine.models.imagegen.config import ByT5Settings, ImageGenError
 SHORT_SPAN_WEIGHT = 20
 CJK_WEIGHT = 3
 REMOVE_KEYWORDS = ("remove", "delete", "erase")
-QUOTE_PATTERNS = (re.compile(r'"(.*?)"', re.S), re.compile(r"‘(.*?)’", re.S), re.compile(r"“(.*?)”", re.S))
+# No DOTALL: as in the reference, a quoted span never runs over a line break.
+QUOTE_PATTERNS = (re.compile(r'"(.*?)"'), re.compile(r"‘(.*?)’"), re.compile(r"“(.*?)”"))
 OPENING_QUOTES = ('"', "‘", "“")
 # Only the CJK Unified Ideographs block weighs CJK_WEIGHT (the reference's check_single_quotes tests
 # '\u4e00' <= ch <= '\u9fff'); kana, hangul and the other ideograph blocks count 1 like any character.

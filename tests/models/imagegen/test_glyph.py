@@ -42,3 +42,13 @@ def test_only_cjk_unified_ideographs_weigh_three():
     assert glyph_text_from_prompt("Write '안녕하세요반갑습니다' here") == 'Text "안녕하세요반갑습니다". '
     assert glyph_text_from_prompt("Write '㐀㐀㐀㐀㐀㐀㐀' here") == 'Text "㐀㐀㐀㐀㐀㐀㐀". '   # ext. A: weight 7
     assert glyph_text_from_prompt("Write '一二三四五六七' here") == ""                     # 7 ideographs: 21
+
+
+def test_double_and_curly_quoted_spans_do_not_cross_lines():
+    """The reference's patterns r'"(.*?)"', r'‘(.*?)’', r'“(.*?)”' have no DOTALL: a span never runs over a
+    newline. Ours did, so a multi-line prompt could render the wrong span (or one the reference never finds)."""
+    assert glyph_text_from_prompt('Line one "A\nB" end') == ""
+    assert glyph_text_from_prompt('He said "hi\nand "bye"') == 'Text "bye". '
+    assert glyph_text_from_prompt("A “two\nlines” sign and “ok”") == 'Text "ok". '
+    # a short '…' span over a line break still turns into "…" (pairing is by position), then is not matched
+    assert glyph_text_from_prompt("Write 'a\nb' here") == ""
