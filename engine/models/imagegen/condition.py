@@ -192,6 +192,22 @@ def condition_from_prompt(llm: BailingMoeV2ForCausalLM, numerics: Numerics, head
                           image_mask=image_mask, last_scale_hidden=last, connector_out=conn_out, condition=cond)
 
 
+def load_caption_mlp(folder: str | Path, dtype: torch.dtype, device: torch.device | str) -> CaptionMLP | None:
+    """The DiT wrapper's caption MLP alone from the `mlp.*` tensors of `folder`'s safetensors (what ZImageLoss
+    reads), or None when none ship. No query tokens or projections are needed."""
+    from engine.models.imagegen.config import safetensors_names
+    folder = Path(folder)
+    shapes = {k: v for k, v in safetensors_names(folder).items() if k.startswith("mlp.")}
+    if not shapes:
+        return None
+    with torch.device("meta"):
+        caption = CaptionMLP(shapes)
+    files = CheckpointFiles.open(folder)
+    with files.reader() as reader:
+        load_module(caption, reader, "mlp.", dtype, device)
+    return caption.eval()
+
+
 def load_query_head(folder: str | Path, dtype: torch.dtype, device: torch.device | str,
                     cfg: QueryHeadConfig | None = None) -> tuple[QueryHead, CaptionMLP | None]:
     """`mlp/` -> (query head, caption MLP or None when the config asks for the identity)."""

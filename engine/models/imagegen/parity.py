@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from engine.models.imagegen.condition import Connector, condition_from_prompt, load_query_head
+from engine.models.imagegen.condition import Connector, condition_from_prompt, load_caption_mlp, load_query_head
 from engine.models.imagegen.config import QueryHeadConfig, wrapper_switches
 from engine.models.imagegen.diffusion import (CfgOptions, caption_features, decode_latents, denoise,
                                               encode_reference, initial_noise, latent_shape, make_scheduler,
@@ -137,19 +137,20 @@ def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
     transformer = ZImageTransformer2DModel.from_pretrained(str(case_dir), subfolder="transformer",
                                                            torch_dtype=torch.float32).eval().to(device)
     vae = AutoencoderKL.from_pretrained(str(case_dir), subfolder="vae", torch_dtype=torch.float32).eval().to(device)
-    caption_mlp = None
-    if list((case_dir / "mlp").glob("*.safetensors")):  # a whole mlp/ folder: its caption MLP too, if any
-        query_head, caption_mlp = load_query_head(case_dir / "mlp", torch.float32, device)
-        head = query_head.config
-    else:  # the DiT case ships only mlp/config.json: the wrapper switches
-        mlp_cfg = json.loads((case_dir / "mlp" / "config.json").read_text())
-        identity, norm = wrapper_switches(mlp_cfg, has_caption_weights=False)
-        head = QueryHeadConfig(scales=(1,), llm_hidden=0, connector_hidden=0, c_dim=transformer.config.cap_feat_dim,
-                               dit_type=str(mlp_cfg.get("dit_type", "zimage")),
-                               use_identity_mlp=identity, text_encoder_norm=norm)
-        if not head.use_identity_mlp:
-            raise ValueError(f"{case_dir / 'mlp' / 'config.json'}: use_identity_mlp is false but mlp/ ships no "
-                             "caption MLP weights (mlp.fc1 ...) to run")
+    # The DiT wrapper reads mlp/config.json's switches and only the `mlp.*` tensors of mlp/ (ZImageLoss's
+    # mlp_state_dict): a case may ship those alone, the whole query head, or no weights at all.
+    mlp_dir = case_dir / "mlp"
+    mlp_cfg = json.loads((mlp_dir / "config.json").read_text()) if (mlp_dir / "config.json").is_file() else {}
+    caption_mlp = load_caption_mlp(mlp_dir, torch.float32, device) if list(mlp_dir.glob("*.safetensors")) else None
+    identity, norm = wrapper_switches(mlp_cfg, has_caption_weights=caption_mlp is not None)
+    if identity:
+        caption_mlp = None
+    elif caption_mlp is None:
+        raise ValueError(f"{mlp_dir / 'config.json'}: use_identity_mlp is false but mlp/ ships no caption MLP "
+                         "weights (mlp.fc1 ...) to run")
+    head = QueryHeadConfig(scales=(1,), llm_hidden=0, connector_hidden=0, c_dim=transformer.config.cap_feat_dim,
+                           dit_type=str(mlp_cfg.get("dit_type") or "zimage"), use_identity_mlp=identity,
+                           text_encoder_norm=norm)
     t_lat = _tol(meta, "step_latents_* / final_latents", HIDDEN_ATOL)
     t_dit = _tol(meta, "step_dit_out", HIDDEN_ATOL)
     t_sched = _tol(meta, "timesteps / sigmas / mu", 1e-6)

@@ -104,3 +104,20 @@ def test_dit_case_omitting_text_encoder_norm_runs_without_it(tmp_path):
     rows = {r.tensor: r for r in run_case(case)}
     assert not rows["t2i.cap_feats"].ok and not rows["t2i.final_latents"].ok
     assert rows["t2i.init_latents"].ok and rows["t2i.sigmas"].ok
+
+
+def test_dit_case_whose_mlp_folder_holds_only_the_caption_mlp(tmp_path):
+    """ZImageLoss reads only the `mlp.*` tensors of mlp/model.safetensors, so a DiT case may ship just those;
+    the runner loaded the folder as a whole query head and stopped on the missing query tokens. It must run
+    the caption MLP (the public outputs were made with the identity, so the caption features now differ)."""
+    case = _dit_variant(tmp_path, use_identity_mlp=False)
+    gen = torch.Generator().manual_seed(0)
+    c = 40
+    state = {"mlp.fc1.weight": torch.randn(16, c, generator=gen), "mlp.fc1.bias": torch.zeros(16),
+             "mlp.layer_norm1.weight": torch.ones(16), "mlp.layer_norm1.bias": torch.zeros(16),
+             "mlp.fc2.weight": torch.randn(c, 16, generator=gen), "mlp.fc2.bias": torch.zeros(c),
+             "mlp.layer_norm2.weight": torch.ones(c), "mlp.layer_norm2.bias": torch.zeros(c)}
+    save_file(state, str(case / "mlp" / "model.safetensors"))
+    rows = {r.tensor: r for r in run_case(case)}
+    assert not rows["t2i.cap_feats"].ok and not rows["edit.cap_feats"].ok
+    assert rows["t2i.init_latents"].ok and rows["t2i.sigmas"].ok
