@@ -170,7 +170,6 @@ def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
         with torch.inference_mode():
             caption = caption_features(cond.float(), head, caption_mlp)
             negative = caption_features(torch.zeros_like(cond).float(), head, caption_mlp)
-        cmp.close(k + "cap_feats", torch.stack([caption, negative]), t_dit)
         ref = None
         if r.get("reference_image"):
             with torch.inference_mode():
@@ -178,6 +177,9 @@ def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
             cmp.close(k + "ref_latents", ref, t_lat)
         steps = list(denoise(transformer, scheduler, latents.to(device), caption, negative,
                              float(r["guidance_scale"]), ref, recorded_cfg_options(meta, r)))
+        # The caption features of the branches the first DiT call ran: [positive, negative] with CFG, the
+        # positive alone without (guidance <= 1, or truncated from the start).
+        cmp.close(k + "cap_feats", torch.stack([caption, negative][: steps[0].dit_out.shape[0]]), t_dit)
         cmp.close(k + "step_latents_in", torch.stack([s.latents_in for s in steps]), t_lat)
         cmp.close(k + "step_latents_out", torch.stack([s.latents_out for s in steps]), t_lat)
         cmp.close(k + "step_model_output", torch.stack([s.model_output for s in steps]), t_dit)

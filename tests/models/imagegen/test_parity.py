@@ -121,3 +121,25 @@ def test_dit_case_whose_mlp_folder_holds_only_the_caption_mlp(tmp_path):
     rows = {r.tensor: r for r in run_case(case)}
     assert not rows["t2i.cap_feats"].ok and not rows["edit.cap_feats"].ok
     assert rows["t2i.init_latents"].ok and rows["t2i.sigmas"].ok
+
+
+def test_dit_run_without_cfg_compares_the_one_caption_it_ran(tmp_path):
+    """guidance_scale <= 1: the reference pipeline runs the positive branch alone, so the caption features
+    entering the DiT (and the per-step DiT inputs/outputs) hold one row; the runner always compared the
+    [positive, negative] pair and failed on the shape. Here the public t2i recording is cut to what a run
+    without CFG records at step 0: its caption and DiT timesteps must match, the later steps (run with CFG
+    in the recording) must not."""
+    from safetensors.torch import load_file
+    case = tmp_path / "imagegen_dit"
+    shutil.copytree(fixture_case("imagegen_dit"), case)
+    meta = json.loads((case / "meta.json").read_text())
+    meta["runs"]["t2i"]["guidance_scale"] = 1.0
+    (case / "meta.json").write_text(json.dumps(meta))
+    out = load_file(str(case / "outputs.safetensors"))
+    for name in ("cap_feats", "step_dit_t", "step_dit_out"):
+        t = out[f"t2i.{name}"]
+        out[f"t2i.{name}"] = (t[:1] if name == "cap_feats" else t[:, :1]).contiguous()
+    save_file(out, str(case / "outputs.safetensors"))
+    rows = {r.tensor: r for r in run_case(case)}
+    assert rows["t2i.cap_feats"].ok and rows["t2i.step_dit_t"].ok, (rows["t2i.cap_feats"], rows["t2i.step_dit_t"])
+    assert not rows["t2i.final_latents"].ok and rows["edit.final_latents"].ok
