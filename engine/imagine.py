@@ -216,7 +216,7 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
     with engine._lock:
         waited = time.perf_counter() - t_wait
         try:
-            yield from _run(engine, gen, request, prompt, plan, ref, aspect, seed, instruction, cancel,
+            yield from _run(engine, gen, request, prompt, plan, ref, aspect, seed, cancel,
                             t_start, waited)
         except MingError as e:
             yield Error(str(e), code=e.code)
@@ -231,7 +231,7 @@ def stopped(stats: GenerationStats, t_start: float, seed: int, steps_done: int) 
 
 
 def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Image.Image | None,
-         aspect: float | None, seed: int, instruction: str, cancel, t_start: float, waited: float) -> Iterator[Event]:
+         aspect: float | None, seed: int, cancel, t_start: float, waited: float) -> Iterator[Event]:
     stats = GenerationStats(queue_wait_s=waited)
     model = engine.model
     yield Progress("encoding prompt", message=f"{len(prompt.ids)} tokens, {len(prompt.images)} image(s)")
@@ -242,7 +242,9 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
         yield stopped(stats, t_start, seed, 0)
         return
     stats.media_encode_s = time.perf_counter() - t_enc if mm is not None else 0.0
-    glyph_text = glyph_text_from_prompt(instruction) if gen.glyph is not None else ""
+    # The reference processor reads the glyph text from the whole chat text (system prompt, role tags, the
+    # user's words); the image-token expansions in ours hold no quotes or keywords (spec §8.4).
+    glyph_text = glyph_text_from_prompt(prompt.text) if gen.glyph is not None else ""
     with gen.on_compute():
         dev = gen.compute
         with torch.inference_mode():

@@ -206,3 +206,17 @@ def test_edit_sizes_and_reference_frame_come_from_the_picture_as_given(tiny_engi
     assert (done.result["height"], done.result["width"]) == (224, 275)
     assert (done.result["diffusion_height"], done.result["diffusion_width"]) == (224, 272)
     assert seen == [(307, 250)]
+
+
+def test_glyph_text_is_read_from_the_whole_chat_prompt(tiny_engine):
+    """The reference processor runs get_text_from_prompt on the chat text it is given (system prompt, role
+    tags and the user's words), not on the user's words alone: an apostrophe in a custom system prompt makes
+    the prompt's single quotes odd (no '…' -> "…"), and a remove keyword there drops a lone quoted span."""
+    def glyph(prompt, system=None):
+        done = _final(list(tiny_engine.imagine(prompt, system_prompt=system, seed=1, **{**FAST, "steps": 1})))
+        assert isinstance(done, Done), done
+        return done.result["glyph_text"]
+    assert glyph("Write 'OPEN' on the door") == 'Text "OPEN". '
+    assert glyph("Write 'OPEN' on the door", "You're a sign painter.") == ""
+    assert glyph('Paint "SALE" on the window', "Never remove the subject.") == ""
+    assert glyph('Paint "SALE" on the window', "You paint signs.") == 'Text "SALE". '
