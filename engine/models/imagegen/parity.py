@@ -226,9 +226,9 @@ def run_byt5_case(case_dir: Path, device: str = "cpu") -> list:
         k = f"{run}."
         text = r["image_gen_text"][0]
         if str(r.get("image_gen_text_source", "")).startswith("derived"):
+            # the processor reads it from the whole chat text it is given (system prompt included)
             source = prompts.get(str(r.get("condition_case", "")).split("/")[-1], "")
-            user = source.split("<role>HUMAN</role>")[-1].split("<|role_end|>")[0]
-            got = glyph_text_from_prompt(user)
+            got = glyph_text_from_prompt(source)
             cmp.rows.append(ParityRow(case_dir.name, k + "image_gen_text", 0.0 if got == text else 1.0, "exact",
                                       got == text, "" if got == text else f"got {got!r}"))
             text = got

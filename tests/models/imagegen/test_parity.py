@@ -143,3 +143,19 @@ def test_dit_run_without_cfg_compares_the_one_caption_it_ran(tmp_path):
     rows = {r.tensor: r for r in run_case(case)}
     assert rows["t2i.cap_feats"].ok and rows["t2i.step_dit_t"].ok, (rows["t2i.cap_feats"], rows["t2i.step_dit_t"])
     assert not rows["t2i.final_latents"].ok and rows["edit.final_latents"].ok
+
+
+def test_byt5_case_derives_the_glyph_text_from_the_whole_chat_text(tmp_path):
+    """A ByT5 run whose image_gen_text is 'derived by the processor' is re-derived from the conditioning case's
+    chat text as the processor sees it (system prompt included), not from the user's words alone: with a
+    system prompt saying 'remove', the lone "HI" span is dropped, so the recorded 'Text "HI". ' no longer
+    follows from that prompt and the runner must say so."""
+    shutil.copytree(fixture_case("imagegen_cond"), tmp_path / "imagegen_cond")
+    shutil.copytree(fixture_case("imagegen_byt5"), tmp_path / "imagegen_byt5")
+    meta_path = tmp_path / "imagegen_cond" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    t2i = next(c for c in meta["cases"] if c["name"] == "t2i")
+    t2i["prompt_text"] = t2i["prompt_text"].replace("你是一个友好的AI助手。", "Never remove a thing.")
+    meta_path.write_text(json.dumps(meta, ensure_ascii=False))
+    rows = {r.tensor: r for r in run_case(tmp_path / "imagegen_byt5")}
+    assert not rows["t2i.image_gen_text"].ok and "got ''" in rows["t2i.image_gen_text"].note
