@@ -38,6 +38,11 @@ MAX_SCORE_BYTES = 256 * 1024 * 1024
 
 QWEN3_VIT = "qwen3_moe_vit"
 QWEN2_5_VIT = "qwen2_5_vit"
+#: What the Preview's `Qwen2_5_VLVisionConfig` builds for a key its vision_config omits (spec §4.4; the
+#: widths are that class's defaults, never the released checkpoint's, which states them all)
+QWEN2_5_DEFAULTS = {"depth": 32, "hidden_size": 3584, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+                    "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                    "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,14 +114,23 @@ class VisionConfig:
             raise ValueError(f"vision_config.model_type {model_type!r} is not supported "
                              f"(expected {QWEN3_VIT!r} or {QWEN2_5_VIT!r})")
 
-        def req(key: str):
-            if key not in d:
-                raise ValueError(f"vision_config ({model_type}): missing required key {key!r}")
-            return d[key]
+        defaults = QWEN2_5_DEFAULTS if model_type == QWEN2_5_VIT else {}
 
-        patch = d.get("patch_size", d.get("spatial_patch_size"))
+        def req(key: str):
+            if key in d:
+                return d[key]
+            if key in defaults:
+                return defaults[key]
+            raise ValueError(f"vision_config ({model_type}): missing required key {key!r}")
+
+        if model_type == QWEN2_5_VIT:
+            # Qwen2_5_VisionTransformer reads `patch_size` only (`spatial_patch_size` is noise there)
+            patch = req("patch_size")
+        else:
+            patch = d.get("patch_size", d.get("spatial_patch_size"))
         if patch is None:
             raise ValueError(f"vision_config ({model_type}): missing required key 'patch_size'")
+        fullatt = d.get("fullatt_block_indexes", defaults.get("fullatt_block_indexes"))
         cfg = cls(
             model_type=model_type,
             depth=int(req("depth")),
@@ -132,7 +146,7 @@ class VisionConfig:
             num_position_embeddings=(int(req("num_position_embeddings")) if model_type == QWEN3_VIT else None),
             deepstack_visual_indexes=tuple(int(i) for i in (d.get("deepstack_visual_indexes") or ())),
             window_size=(int(req("window_size")) if model_type == QWEN2_5_VIT else None),
-            fullatt_block_indexes=tuple(int(i) for i in (d.get("fullatt_block_indexes") or ())),
+            fullatt_block_indexes=tuple(int(i) for i in (fullatt or ())),
         )
         cfg.validate()
         return cfg
@@ -542,9 +556,11 @@ class Qwen2_5_VisionTransformer(nn.Module):
         super().__init__()
         if cfg.model_type != QWEN2_5_VIT:
             raise ValueError(f"Qwen2_5_VisionTransformer needs model_type {QWEN2_5_VIT!r}, got {cfg.model_type!r}")
-        bad = [i for i in cfg.fullatt_block_indexes if not 0 <= i < cfg.depth]
+        # Indexes past the last block are never reached (upstream tests `layer_num in fullatt_block_indexes`):
+        # a shallow ViT keeping the released [7, 15, 23, 31] runs every block windowed.
+        bad = [i for i in cfg.fullatt_block_indexes if i < 0]
         if bad:
-            raise ValueError(f"fullatt_block_indexes {bad} outside 0..{cfg.depth - 1}")
+            raise ValueError(f"fullatt_block_indexes {bad} are negative")
         self.config = cfg
         self.rope_bf16_tables = rope_bf16_tables
         self.patch_embed = VisionPatchEmbed(cfg, bias=False)

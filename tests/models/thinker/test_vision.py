@@ -437,3 +437,29 @@ def test_mm_fixture_vision_encoder_out():
     with torch.no_grad():
         got = vit(inp["pixel_values"], inp["image_grid_thw"])
     torch.testing.assert_close(got, out["vision_encoder_out"], atol=1e-5, rtol=0)
+
+
+def test_preview_config_omitting_keys_takes_the_upstream_config_defaults():
+    # Qwen2_5_VLVisionConfig's defaults (spec §4.4): a Preview vision_config that omits window_size,
+    # fullatt_block_indexes, patch / merge / temporal sizes or hidden_act is built with them, not refused
+    cfg = VisionConfig.from_dict({"model_type": "qwen2_5_vit", "depth": 2, "hidden_size": 32, "num_heads": 2,
+                                  "intermediate_size": 40, "out_hidden_size": 24})
+    assert (cfg.patch_size, cfg.spatial_merge_size, cfg.temporal_patch_size, cfg.in_channels) == (14, 2, 2, 3)
+    assert (cfg.window_size, cfg.window_merged, cfg.fullatt_block_indexes) == (112, 4, (7, 15, 23, 31))
+    assert cfg.hidden_act == "silu"
+    # `spatial_patch_size` is informational upstream (the ViT reads `patch_size` only)
+    assert VisionConfig.from_dict({**QWEN25_SMALL, "patch_size": 4, "spatial_patch_size": 7}).patch_size == 4
+
+
+def test_preview_fullatt_indexes_past_the_depth_are_never_reached_not_refused():
+    # a 3-block Preview ViT keeping the released list [7, 15, 23, 31] runs every block windowed
+    # (upstream tests `layer_num in fullatt_block_indexes`); it equals the same ViT with no full blocks
+    vit = _model({**QWEN25_SMALL, "fullatt_block_indexes": [7, 15, 23, 31]}, seed=9)
+    windowed = _model({**QWEN25_SMALL, "fullatt_block_indexes": []}, seed=9)
+    grids = [(1, 8, 12)]
+    px = _pixels(vit.config, grids)
+    with torch.no_grad():
+        out, ref = vit(px, grids), windowed(px, grids)
+        dense = _qwen25_dense(vit, px, grids)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, dense, atol=2e-5, rtol=0)
