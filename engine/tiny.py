@@ -5,8 +5,12 @@ with upstream tensor names and an index, tokenizer files loadable by `tokenizers
 It is loaded by the same code as the real checkpoint. Its weights are random: it produces
 meaningless text and exists so the studio runs anywhere, and so tests exercise real code paths.
 It holds the LLM, a Qwen3-style ViT with its projector, a Whisper-style audio encoder with its
-projector, and a tiny talker (engine.models.talker.tiny); the image generator is added here when it
-is implemented.
+projector, a tiny talker (engine.models.talker.tiny) and a tiny image head.
+
+`--release preview` writes the Preview layout instead (spec §1.1, §1.4): a Qwen2.5-VL ViT (patch 14,
+window attention with full-attention blocks, no absolute positions), rope_theta 600000, no interleaved
+video timestamps, the Preview's processor settings. It has no talker/ and no image head: the Preview
+talker (§7.11) and SD3-style DiT (§8.10) are not implemented, and the engine says so.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from engine.models.talker.tiny import write_tiny_talker
 TINY_VERSION = 5  # 3: word tokens; 4: tiny talker; 5: tiny image head
 TINY_SEED = 20261122
 TINY_NAME = f"ming-tiny-random-v{TINY_VERSION}"
+RELEASES = ("2.0", "preview")
 SHARD_COUNT = 2
 
 # The real tokenizer's special tokens with their real ids (a fact of the released tokenizer_config);
@@ -64,8 +69,16 @@ def _vocab_size() -> int:
     return int(math.ceil(n / 64) * 64)
 
 
-def tiny_config() -> dict:
-    """A composite (BailingMM2) config.json in the 2.0 layout (Qwen3-style ViT, Whisper encoder)."""
+def _check_release(release: str) -> str:
+    if release not in RELEASES:
+        raise ValueError(f"unknown release {release!r}; expected one of {', '.join(RELEASES)}")
+    return release
+
+
+def tiny_config(release: str = "2.0") -> dict:
+    """A composite (BailingMM2) config.json in the 2.0 layout (Qwen3-style ViT, Whisper encoder), or with
+    `release` "preview" in the Preview's (Qwen2.5-VL ViT, rope_theta 600000, no interleaved timestamps)."""
+    _check_release(release)
     llm = {
         "architectures": ["BailingMoeV2ForCausalLM"], "model_type": "bailing_moe_v2",
         "vocab_size": _vocab_size(), "hidden_size": 128, "intermediate_size": 256,
@@ -87,13 +100,21 @@ def tiny_config() -> dict:
               "hidden_act": "gelu_pytorch_tanh", "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2,
               "in_channels": 3, "num_position_embeddings": 256, "out_hidden_size": 64,
               "deepstack_visual_indexes": []}
+    if release == "preview":
+        llm["rope_theta"] = 600000
+        del llm["use_interleaved_frame_timestamp"]  # absent from the Preview's config (spec §1.1)
+        # window 112 px = 4 merged tokens of 28 px; block 1 attends over the whole image, block 0 in windows
+        vision = {"model_type": "qwen2_5_vit", "depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64,
+                  "hidden_act": "silu", "patch_size": 14, "spatial_patch_size": 14, "temporal_patch_size": 2,
+                  "spatial_merge_size": 2, "in_channels": 3, "in_chans": 3, "window_size": 112,
+                  "fullatt_block_indexes": [1], "tokens_per_second": 2, "out_hidden_size": 64}
     # n_ctx 3000 encoder positions = 60 s of audio (the real model has 15000 = 300 s).
     audio = {"whisper_encoder_config": {"n_mels": 128, "n_ctx": 3000, "n_state": 32, "n_head": 2, "n_layer": 2},
              "ds_kernel_size": 3, "ds_stride": 2, "norm_query_embeds": True}
     return {"architectures": ["BailingMM2NativeForConditionalGeneration"], "model_type": "bailingmm_moe_v2_lite",
             "llm_config": llm, "vision_config": vision, "audio_config": audio, "mlp_depth": 2, "torch_dtype": "float32",
             "studio_demo": {"random_weights": True, "generator": "engine.tiny", "version": TINY_VERSION,
-                            "seed": TINY_SEED}}
+                            "seed": TINY_SEED, "release": release}}
 
 
 def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -139,8 +160,15 @@ def _favour_word_tokens(state: dict[str, torch.Tensor], head: str) -> None:
     w[128:BYTE_TOKENS] *= 0.02
 
 
-def tiny_preprocessor_config() -> dict:
-    """The 2.0 release's processor settings (patch 16, merge 2, CLIP normalisation)."""
+def tiny_preprocessor_config(release: str = "2.0") -> dict:
+    """The release's processor settings: 2.0 patch 16 (factor 32), interleaved video timestamps; Preview
+    patch 14 (factor 28), min/max pixels 78400 / 2007040, no timestamp key (spec §1.1); merge 2, CLIP."""
+    if _check_release(release) == "preview":
+        return {"min_pixels": 78400, "max_pixels": 2007040, "patch_size": 14, "temporal_patch_size": 2,
+                "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711], "image_token": "<image>",
+                "video_token": "<video>", "audio_token": "<audio>", "sampling_rate": 16000,
+                "whisper_frontend_args": {"n_mels": 128}, "processor_class": "BailingMM2Processor"}
     return {"min_pixels": 4 * 32 * 32, "max_pixels": 16384 * 32 * 32, "patch_size": 16, "temporal_patch_size": 2,
             "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
             "image_std": [0.26862954, 0.26130258, 0.27577711], "image_token": "<image>", "video_token": "<video>",
@@ -212,13 +240,15 @@ def tiny_tokenizer_files() -> dict[str, dict]:
             "special_tokens_map.json": special_map}
 
 
-def write_tiny_checkpoint(out_dir: str | Path) -> Path:
-    """Write the tiny checkpoint into out_dir (atomically: a half-written folder is never left)."""
+def write_tiny_checkpoint(out_dir: str | Path, release: str = "2.0") -> Path:
+    """Write the tiny checkpoint of `release` ("2.0" or "preview") into out_dir (atomically: a
+    half-written folder is never left)."""
+    _check_release(release)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
     try:
-        config = tiny_config()
+        config = tiny_config(release)
         state = tiny_state_dict(config)
         names = list(state)
         per_shard = math.ceil(len(names) / SHARD_COUNT)
@@ -232,15 +262,18 @@ def write_tiny_checkpoint(out_dir: str | Path) -> Path:
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "preprocessor_config.json").write_text(json.dumps(tiny_preprocessor_config(), indent=2) + "\n")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(tiny_preprocessor_config(release), indent=2) + "\n")
         for fname, content in tiny_tokenizer_files().items():
             (tmp / fname).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        write_tiny_talker(tmp)
+        if release == "2.0":  # the Preview's talker and DiT are other models, not implemented here
+            write_tiny_talker(tmp)
+        flag = "" if release == "2.0" else " --release preview"
         (tmp / "README.md").write_text(
-            f"# {TINY_NAME}\n\nRandomly initialised demo weights generated by `python -m engine.tiny` "
-            f"(seed {TINY_SEED}). They produce meaningless output. Load the real model with "
-            "`python launch.py --model inclusionAI/Ming-flash-omni-2.0` (or a local directory).\n")
-        write_tiny_image_head(tmp, TINY_SEED)
+            f"# {TINY_NAME} ({release} layout)\n\nRandomly initialised demo weights generated by "
+            f"`python -m engine.tiny{flag}` (seed {TINY_SEED}). They produce meaningless output. Load the real "
+            "model with `python launch.py --model inclusionAI/Ming-flash-omni-2.0` (or a local directory).\n")
+        if release == "2.0":
+            write_tiny_image_head(tmp, TINY_SEED)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -285,9 +318,11 @@ def tree_digest(path: str | Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.tiny", description=__doc__.splitlines()[0])
     ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--release", choices=RELEASES, default="2.0",
+                    help="checkpoint layout: 2.0 (default) or preview (Qwen2.5-VL ViT, rope_theta 600000)")
     args = ap.parse_args(argv)
-    path = write_tiny_checkpoint(args.out_dir)
-    print(f"wrote {path} ({TINY_NAME}, sha256 {tree_digest(path)[:16]})")
+    path = write_tiny_checkpoint(args.out_dir, release=args.release)
+    print(f"wrote {path} ({TINY_NAME}, {args.release} layout, sha256 {tree_digest(path)[:16]})")
     return 0
 
 

@@ -49,3 +49,50 @@ def test_random_replies_read_as_words_not_broken_bytes(tiny_engine):
         assert "\ufffd" not in done.text
         words = done.text.split()
         assert len(words) >= 6 and sum(w.isalpha() for w in words) >= 0.8 * len(words), done.text
+
+
+def test_preview_format_tiny_checkpoint_loads_and_runs_text_image_and_audio(tmp_path):
+    """`python -m engine.tiny --release preview`: the Preview layout (Qwen2.5-VL ViT with window attention
+    and full-attention blocks from its config, rope_theta 600000, no interleaved video timestamps,
+    patch-14 / factor-28 processor) loaded by the normal code, every implemented modality run on it."""
+    import numpy as np
+
+    from engine.events import Done
+    from engine.models.thinker.vision import Qwen2_5_VisionTransformer
+    from engine.runtime import Engine
+    from engine.sampling import GenerationParams
+
+    out = subprocess.run([sys.executable, "-m", "engine.tiny", "--release", "preview", str(tmp_path / "p")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    root = tmp_path / "p"
+    assert tree_digest(write_tiny_checkpoint(tmp_path / "q", release="preview")) == tree_digest(root)
+    cfg = MingConfig.from_file(root)
+    assert cfg.release == "preview" and cfg.llm.rope_theta == 600000
+    assert not cfg.llm.use_interleaved_frame_timestamp and cfg.llm.video_start_token_is_image_end
+    pre = json.loads((root / "preprocessor_config.json").read_text())
+    assert (pre["patch_size"], pre["min_pixels"], pre["max_pixels"]) == (14, 78400, 2007040)
+    assert "use_interleaved_frame_timestamp" not in pre
+    names = set(json.loads((root / "model.safetensors.index.json").read_text())["weight_map"])
+    assert "vision.blocks.0.mlp.gate_proj.weight" in names and "vision.merger.ln_q.weight" in names
+    assert "vision.patch_embed.proj.bias" not in names and not any(n.startswith("vision.pos_embed") for n in names)
+
+    engine = Engine.load(root, dtype="fp32", device="cpu")
+    vit = engine.model.encoders.vision
+    assert isinstance(vit, Qwen2_5_VisionTransformer)
+    assert 0 < len(vit.config.fullatt_block_indexes) and vit.config.window_merged >= 1
+    p = GenerationParams(max_new_tokens=3)
+    img = np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is it?"}]}]
+    prompt = engine.processor.build(msgs)
+    grid = prompt.image_grid_thw.tolist()[0]
+    # Preview: factor 28 (Stage B bounds 78400..2007040 enlarge a 70x90 picture), patch 14
+    assert grid[0] == 1 and grid[1] * grid[2] * 14 * 14 >= 78400
+    assert prompt.text.count("<imagePatch>") == grid[1] * grid[2] // 4
+    for messages in (msgs, [{"role": "user", "content": "Hello"}]):
+        done = list(engine.chat(messages, p))[-1]
+        assert isinstance(done, Done) and done.stats.new_tokens == 3, done
+    t = np.arange(8000) / 16000
+    done = list(engine.transcribe((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), sample_rate=16000,
+                                  params=p))[-1]
+    assert isinstance(done, Done), done
