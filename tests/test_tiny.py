@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from engine.models.thinker.config import MingConfig
 from engine.tiny import REAL_SPECIAL_TOKENS, is_demo_checkpoint, tree_digest, write_tiny_checkpoint
 from engine.models.thinker.tokenizer import MingTokenizer
@@ -96,3 +98,34 @@ def test_preview_format_tiny_checkpoint_loads_and_runs_text_image_and_audio(tmp_
     done = list(engine.transcribe((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), sample_rate=16000,
                                   params=p))[-1]
     assert isinstance(done, Done), done
+
+
+def test_preview_format_tiny_checkpoint_takes_video(tmp_path):
+    """Preview video (spec §4.2 Preview, §6.2, §3.4): its own sampler, one (t, h, w) grid encoded by the
+    Qwen2.5 ViT, `<video><framePatch>…</video>\\n` without timestamps, frame tokens on 1-D positions."""
+    import numpy as np
+
+    from engine.events import Done
+    from engine.models.thinker.positions import PositionTokens, rope_index
+    from engine.runtime import Engine
+    from engine.sampling import GenerationParams
+
+    root = write_tiny_checkpoint(tmp_path / "p", release="preview")
+    engine = Engine.load(root, dtype="fp32", device="cpu")
+    frames = [np.random.default_rng(i).integers(0, 255, (60, 80, 3), dtype=np.uint8) for i in range(6)]
+    img = np.random.default_rng(9).integers(0, 255, (56, 56, 3), dtype=np.uint8)
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "video", "video": frames},
+                                         {"type": "text", "text": "What happens?"}]}]
+    prompt = engine.processor.build(msgs)
+    (t, h, w), = prompt.video_grid_thw.tolist()
+    assert t == 3 and "seconds>" not in prompt.text
+    assert f"<video>{'<framePatch>' * (t * h * w // 4)}</video>\nWhat happens?" in prompt.text
+    ids = torch.tensor([prompt.ids])
+    pos, _ = rope_index(ids, PositionTokens.from_config(engine.model.config.llm), prompt.image_grid_thw,
+                        prompt.video_grid_thw)
+    frame_at = [i for i, tok in enumerate(prompt.ids) if tok == engine.model.config.llm.video_patch_token]
+    rows = pos[:, 0, frame_at]
+    assert torch.equal(rows[0], rows[1]) and torch.equal(rows[0], rows[2])            # 1-D, as the reference
+    assert torch.equal(rows[0].diff(), torch.ones(len(frame_at) - 1, dtype=rows.dtype))
+    done = list(engine.chat(msgs, GenerationParams(max_new_tokens=3)))[-1]
+    assert isinstance(done, Done) and done.stats.new_tokens == 3, done

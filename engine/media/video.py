@@ -27,6 +27,13 @@ Steps, as the 2.0 reference runs them:
 
 Prompt: ``<video>`` then per temporal patch ``<{ts:.1f} seconds><image>`` + ``<framePatch>`` x
 (h*w/4) + ``</image>``, then ``</video>`` (Python's ``.1f``: 0.25 -> "0.2", 1.25 -> "1.2").
+
+The Preview's path (`prepare_video_preview`, spec §4.2 Preview) differs: a file faster than 2 fps and
+longer than 4 s counts as ``int(duration * 2)`` frames, else as all; the count is clamped to [4, 128]
+and floored to even (``nframes`` / ``min_frames`` / ``max_frames``), and frames are taken at the
+truncated ``linspace`` ("sequence") or interval midpoints ("uniform"); factor 28 with the budget
+128·28² .. max(96·128·28²·2/n, 1.05·min), bilinear resize; no timestamps; one grid row (T/2, h, w);
+prompt ``<video>`` + ``<framePatch>`` x (t*h*w/4) + ``</video>\n``.
 """
 
 from __future__ import annotations
@@ -212,11 +219,16 @@ class VideoInputs:
 
     @property
     def num_tokens(self) -> int:
-        """Total ``<framePatch>`` tokens of the video."""
-        return self.tokens_per_frame * int(self.grid_thw.shape[0])
+        """Total ``<framePatch>`` tokens of the video (2.0: t = 1 rows; Preview: one row of t = T/2)."""
+        return sum(int(t) * int(h) * int(w) for t, h, w in self.grid_thw.tolist()) // (self.merge_size ** 2)
+
+    @property
+    def interleaved(self) -> bool:
+        """2.0 layout (one timestamp per temporal patch) rather than the Preview's (no timestamps)."""
+        return bool(self.patch_timestamps)
 
     def prompt_text(self) -> str:
-        return video_prompt_text(self.patch_timestamps, self.grid_thw, self.merge_size)
+        return video_prompt_text(self.patch_timestamps, self.grid_thw, self.merge_size, interleaved=self.interleaved)
 
 
 # --------------------------------------------------------------------------- prompt text
@@ -822,3 +834,169 @@ class WebcamClip:
                         window_seconds: float | None = None, **resize_overrides) -> VideoInputs:
         clip = self.sample(start, end, window_seconds)
         return preprocess_video(clip, image_config, self.sampling, **resize_overrides)
+
+
+# --------------------------------------------------------------------------- Preview path
+
+
+@dataclass(frozen=True)
+class PreviewVideoConfig:
+    """The Preview's video path (spec §4.2 Preview; its ``fetch_video``): frame count and per-video budget."""
+
+    fps: float = 2.0                   # max_video_fps default: long clips are brought to about this rate
+    long_clip_seconds: float = 4.0     # ... only when longer than this (and faster than fps)
+    min_frames: int = 4                # FPS_MIN_FRAMES
+    max_frames: int = 128              # FPS_MAX_FRAMES
+    frame_factor: int = 2
+    factor: int = 28                   # smart-resize side multiple (the Preview ViT's 14 x merge 2)
+    min_pixels: int = 128 * 28 * 28
+    total_pixels: int = 96 * 128 * 28 * 28
+    # a message's resized_height x resized_width is smart-resized within the image bounds
+    resized_min_pixels: int = 4 * 28 * 28
+    resized_max_pixels: int = 1024 * 28 * 28
+
+
+def preview_frame_count(total: int, options: VideoOptions | None = None,
+                        config: PreviewVideoConfig | None = None) -> int:
+    """The Preview's ``get_frames``: ``nframes`` rounded to even, else ``min(total, max_frames)`` (max_frames
+    default min(128, total), floored to even) raised to ``min_frames`` (default 4, ceiled to even), floored
+    to even. A count outside [2, total] is refused, as the reference refuses it."""
+    options, config = options or VideoOptions(), config or PreviewVideoConfig()
+    factor = config.frame_factor
+    if options.nframes is not None:
+        n = round(options.nframes / factor) * factor
+    else:
+        lo = _ceil_to(config.min_frames if options.min_frames is None else options.min_frames, factor)
+        hi = _floor_to(min(config.max_frames, total) if options.max_frames is None else options.max_frames, factor)
+        n = _floor_to(max(min(total, hi), lo), factor)
+    if not factor <= n <= total:
+        raise MediaError(f"a video of {total} frame(s) gives {n} for its frame count (nframes / min_frames / "
+                         f"max_frames); it must lie in [{factor}, {total}]")
+    return int(n)
+
+
+def preview_file_frame_count(src_frames: int, src_fps: float, options: VideoOptions | None = None,
+                             config: PreviewVideoConfig | None = None) -> int:
+    """Frames the Preview samples from a file: a clip faster than ``max_video_fps`` (default 2) and longer
+    than 4 s counts as ``int(src_frames / src_fps * max_video_fps)`` frames, else as all of them; then
+    `preview_frame_count`."""
+    options, config = options or VideoOptions(), config or PreviewVideoConfig()
+    if src_frames <= 0:
+        raise MediaError("video has no frames")
+    rate = config.fps if options.max_video_fps is None else float(options.max_video_fps)
+    counted = src_frames
+    if src_fps > rate and src_frames / float(src_fps) > config.long_clip_seconds:
+        counted = int(src_frames / float(src_fps) * rate)
+    return preview_frame_count(counted, options, config)
+
+
+def preview_frame_indices(n: int, total: int, sample: str = "sequence") -> np.ndarray:
+    """The Preview's ``sample_frames``: "sequence" = ``linspace(0, total - 1, n)`` truncated to integers;
+    "uniform" = the middle frame of each of n equal intervals of [0, total). "random" draws frames at random
+    upstream; it is refused here (a reply would not be reproducible)."""
+    if sample == "sequence":
+        return np.linspace(0, total - 1, n, dtype=int)
+    if sample == "uniform":
+        edges = np.linspace(0, total, n + 1, dtype=int)
+        return np.array([(int(a) + int(b) - 1) // 2 for a, b in zip(edges[:-1], edges[1:])], dtype=int)
+    if sample == "random":
+        raise MediaError("video sampling 'random' picks frames at random; use 'sequence' or 'uniform'")
+    raise MediaError(f"unknown video sampling method {sample!r}; expected one of {', '.join(SAMPLE_METHODS)}")
+
+
+def preview_frame_target(height: int, width: int, n_frames: int, config: PreviewVideoConfig | None = None, *,
+                         min_pixels: int | None = None, total_pixels: int | None = None,
+                         resized_height: int | None = None, resized_width: int | None = None) -> tuple[int, int]:
+    """(height, width) of the Preview's frames: smart resize (factor 28) within ``min_pixels`` (128·28²) and
+    ``max(total_pixels / n * 2, int(1.05 · min_pixels))`` (total 96·128·28²), ``n`` the sampled frame count;
+    or the message's resized size within the image bounds (4·28² .. 1024·28²)."""
+    config = config or PreviewVideoConfig()
+    if (resized_height is None) != (resized_width is None):
+        raise MediaError("resized_height and resized_width must be given together")
+    if resized_height is not None:
+        return smart_resize(int(resized_height), int(resized_width), config.factor, config.resized_min_pixels,
+                            config.resized_max_pixels, "fetch")
+    lo = config.min_pixels if min_pixels is None else int(min_pixels)
+    total = config.total_pixels if total_pixels is None else int(total_pixels)
+    hi = max(total / max(n_frames, 1) * config.frame_factor, int(lo * 1.05))
+    return smart_resize(int(height), int(width), config.factor, lo, hi, "fetch")
+
+
+def resize_frames_bilinear(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[T, H, W, 3] uint8 -> [T, h, w, 3] uint8 with torchvision's tensor resize (bilinear, antialiased:
+    ``interpolate(..., mode="bilinear", antialias=True)``), rounded back to uint8 as it does for uint8 frames."""
+    h, w = size
+    if frames.shape[1:3] == (h, w):
+        return np.ascontiguousarray(frames)
+    out = np.empty((len(frames), h, w, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):  # one frame at a time: never the whole clip in float
+        x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
+        y = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        out[i] = y[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return out
+
+
+def sample_video_file_preview(source: str | os.PathLike | bytes, options: VideoOptions | None = None,
+                              config: PreviewVideoConfig | None = None, *, backend: str = "auto") -> np.ndarray:
+    """A video file's frames as the Preview samples them (`preview_file_frame_count`, `preview_frame_indices`):
+    [n, H, W, 3] uint8 at the video's own size."""
+    options, config = options or VideoOptions(), config or PreviewVideoConfig()
+    with _opened(source, backend) as (target, what, decode), _decoder_errors(what):
+        src_frames, src_fps, _ = decode(target, None, what)
+        if src_frames <= 0:
+            raise MediaError(f"{what} contains no frames")
+        if not src_fps or not math.isfinite(src_fps):
+            raise MediaError(f"{what} has no usable frame rate")
+        n = preview_file_frame_count(src_frames, src_fps, options, config)
+        indices = preview_frame_indices(n, src_frames, options.sample)
+        decoded, _ = decode(target, set(int(i) for i in indices), what)
+    if not decoded:
+        raise MediaError(f"{what} decoded to no frames")
+    frames, last = [], None
+    for i in indices:  # containers may hold fewer frames than announced: reuse the last decoded frame
+        last = decoded.get(int(i), last)
+        if last is None:
+            last = decoded[min(decoded)]
+        frames.append(last)
+    return np.stack(frames)
+
+
+def prepare_video_preview(source: VideoSource, image_config: ImageProcessorConfig | None = None,
+                          config: PreviewVideoConfig | None = None, *, options: VideoOptions | None = None,
+                          backend: str = "auto") -> VideoInputs:
+    """The Preview's video path (spec §4.2 Preview, §6.2): sample (a file per `sample_video_file_preview`; a
+    frame directory or list is kept whole, its `preview_frame_count` only dividing the pixel budget), resize
+    every frame to `preview_frame_target` (bilinear), pad to an even count by repeating the last frame, and
+    patchify into ONE grid row (T/2, h/P, w/P): no timestamps, no split into t = 1 entries."""
+    image_config = image_config or ImageProcessorConfig.for_release("preview")
+    options, config = options or VideoOptions(), config or PreviewVideoConfig()
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        source = frames_from_directory(source)
+    if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        frames = sample_video_file_preview(source, options, config, backend=backend)
+        n_budget = len(frames)
+    else:
+        if isinstance(source, np.ndarray) and source.ndim == 4:
+            source = list(source)
+        if not isinstance(source, Sequence) or len(source) == 0:
+            raise MediaError("video has no frames" if isinstance(source, Sequence) else
+                             f"unsupported video input of type {type(source).__name__}; expected a file path, "
+                             "bytes, a frame directory or a list of frames")
+        arrays = [f if _is_rgb_frame(f) else np.asarray(load_image(f)) for f in source]
+        if any(a.shape != arrays[0].shape for a in arrays):
+            raise MediaError("all frames of a video must have the same size")
+        frames = np.stack(arrays)
+        n_budget = preview_frame_count(len(frames), options, config)
+        preview_frame_indices(n_budget, len(frames), options.sample)  # refuses what the reference refuses
+    size = preview_frame_target(frames.shape[1], frames.shape[2], n_budget, config, **options.resize_overrides)
+    frames = resize_frames_bilinear(frames, size)
+    frames, _ = pad_to_even(frames, np.zeros(len(frames)), image_config.temporal_patch_size)
+    pixel_values, (grid_t, grid_h, grid_w) = _patchify_frames(frames, image_config)
+    return VideoInputs(
+        pixel_values=torch.from_numpy(pixel_values),
+        grid_thw=torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.int64),
+        patch_timestamps=[],
+        frames=torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2))),
+        frame_timestamps=np.zeros(len(frames)),
+        merge_size=image_config.merge_size,
+    )

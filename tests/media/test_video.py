@@ -356,3 +356,75 @@ def test_a_frame_directory_is_read_one_frame_at_a_time(tmp_path):
     assert peak < held + 4 * full_frame, (peak, held)  # it was 24 full frames and more
     afterwards = preprocess_video(fetch_video(frames_from_directory(tmp_path)), **overrides)
     assert torch.equal(inputs.pixel_values, afterwards.pixel_values)
+
+
+# --------------------------------------------------------------------------- Preview path (spec §4.2 Preview)
+
+
+def test_preview_frame_count_rule():
+    from engine.media.video import preview_file_frame_count, preview_frame_count
+
+    assert preview_frame_count(30) == 30 and preview_frame_count(31) == 30          # floored to even
+    assert preview_frame_count(300) == 128                                          # FPS_MAX_FRAMES
+    assert preview_frame_count(300, VideoOptions(max_frames=17)) == 16
+    assert preview_frame_count(300, VideoOptions(nframes=9)) == 8                   # round(4.5) = 4 (ties to even)
+    assert preview_frame_count(5, VideoOptions(min_frames=3)) == 4
+    with pytest.raises(MediaError):
+        preview_frame_count(3)                                                      # min_frames 4 > 3 frames
+    # 10 s at 30 fps: faster than 2 fps and longer than 4 s -> counted as 20 frames
+    assert preview_file_frame_count(300, 30.0) == 20
+    assert preview_file_frame_count(300, 30.0, VideoOptions(max_video_fps=1.0)) == 10
+    # 3 s at 10 fps is not long enough to be thinned: all 30 frames (the 2.0 sampler takes 6)
+    assert preview_file_frame_count(30, 10.0) == 30
+    assert preview_file_frame_count(1000, 10.0) == 128
+
+
+def test_preview_frame_indices_sequence_truncates_and_uniform_takes_midpoints():
+    from engine.media.video import preview_frame_indices
+
+    assert preview_frame_indices(4, 10).tolist() == [0, 3, 6, 9]
+    assert preview_frame_indices(6, 30).tolist() == [0, 5, 11, 17, 23, 29]         # 11.6 -> 11, not 12
+    assert preview_frame_indices(4, 10, "uniform").tolist() == [0, 3, 5, 8]         # intervals 0,2,5,7,10
+    with pytest.raises(MediaError):
+        preview_frame_indices(4, 10, "random")
+
+
+def test_preview_frame_target_uses_factor_28_and_the_preview_budget():
+    from engine.media.video import preview_frame_target
+
+    h, w = preview_frame_target(64, 96, 4)
+    assert h % 28 == 0 and w % 28 == 0 and h * w >= 128 * 28 * 28                   # enlarged to min_pixels
+    h, w = preview_frame_target(1080, 1920, 128)
+    # max_pixels = 96·128·28²·2/128 = 150528; beta = sqrt(1080·1920/150528) -> floor(10.4)·28, floor(18.5)·28
+    assert h * w <= 150528 and (h, w) == (280, 504)
+    assert preview_frame_target(1080, 1920, 4, resized_height=100, resized_width=200) == (112, 196)
+
+
+def test_preview_video_is_one_grid_row_without_timestamps_and_bilinear_resized():
+    from engine.media.video import prepare_video_preview, resize_frames_bilinear
+
+    frames = [_textured(i, 60, 90) for i in range(5)]                               # odd: last frame repeated
+    cfg = ImageProcessorConfig.for_release("preview")
+    vid = prepare_video_preview(frames, cfg)
+    t, h, w = vid.grid_thw.tolist()[0]
+    assert vid.grid_thw.shape == (1, 3) and t == 3 and vid.patch_timestamps == []
+    assert h * 14 == vid.frames.shape[2] and w * 14 == vid.frames.shape[3] and h % 2 == 0 and w % 2 == 0
+    assert vid.num_tokens == t * h * w // 4 and vid.pixel_values.shape == (t * h * w, 3 * 2 * 14 * 14)
+    assert torch.equal(vid.frames[-1], vid.frames[-2])
+    text = vid.prompt_text()
+    assert text == "<video>" + "<framePatch>" * vid.num_tokens + "</video>\n"
+    # bilinear, antialiased (torchvision's tensor resize), not OpenCV's cubic: a within-rounding match
+    src = _textured(7, 60, 90)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(src).permute(2, 0, 1)[None].float(), size=(56, 84),
+                                          mode="bilinear", align_corners=False, antialias=True)[0]
+    got = torch.from_numpy(resize_frames_bilinear(src[None], (56, 84))[0]).permute(2, 0, 1).float()
+    assert (got - ref).abs().max() <= 0.5 + 1e-4
+
+
+def test_preview_video_file_is_sampled_by_the_preview_rule(tmp_path):
+    from engine.media.video import prepare_video_preview
+
+    path = tmp_path / "clip.mp4"
+    _write_video(path, 30, 10)                                                      # 3 s at 10 fps: 30 frames kept
+    vid = prepare_video_preview(path, ImageProcessorConfig.for_release("preview"), backend="cv2")
+    assert vid.frames.shape[0] == 30 and vid.grid_thw.tolist()[0][0] == 15

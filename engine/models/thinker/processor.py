@@ -22,7 +22,8 @@ from engine.models.thinker.config import MingConfig
 from engine.media.audio import AudioFeatures, AudioFrontendConfig, pack_audio_features, prepare_audio
 from engine.media.errors import MediaError
 from engine.media.image import FETCH_OPTION_KEYS, ImageInputs, ImageProcessorConfig, prepare_image
-from engine.media.video import VideoInputs, VideoOptions, WebcamClip, prepare_video, video_prompt_text
+from engine.media.video import (VideoInputs, VideoOptions, WebcamClip, prepare_video, prepare_video_preview,
+                                video_prompt_text)
 from engine.models.thinker.prompt import DEFAULT_SYSTEM_PROMPT, ROLE_NAMES, THINKING_SUFFIX, PromptError
 from engine.models.thinker.tokenizer import (AUDIO_END, AUDIO_PATCH, AUDIO_START, IMAGE_END, IMAGE_PATCH, IMAGE_START, ROLE_END_TAG,
                               ROLE_START, TURN_END, MingTokenizer)
@@ -129,9 +130,14 @@ class MingProcessor:
         """A video part; its other keys are the message's video options (`VideoOptions`)."""
         if isinstance(source, VideoInputs):
             return source
+        options = VideoOptions.from_message(part)
+        if not self.settings.interleaved_video:  # Preview: its own sampler, one (t, h, w) grid, no timestamps
+            if isinstance(source, WebcamClip):
+                source = list(source.sample().frames)
+            return prepare_video_preview(source, self.settings.image, options=options)
         if isinstance(source, WebcamClip):
             return source.to_video_inputs(self.settings.image)
-        return prepare_video(source, image_config=self.settings.image, options=VideoOptions.from_message(part))
+        return prepare_video(source, image_config=self.settings.image, options=options)
 
     def _audio(self, part: dict, source: Any) -> AudioFeatures:
         if isinstance(source, AudioFeatures):
@@ -157,9 +163,6 @@ class MingProcessor:
                 pieces.append((("\n" if i else "") + IMAGE_START + IMAGE_PATCH * n + IMAGE_END + "\n", True))
             return pieces
         if kind in VIDEO_TYPES:
-            if not self.settings.interleaved_video:
-                raise MediaError("video input for the Preview release is not supported yet (its sampler and "
-                                 "resize differ from 2.0's); images and audio work")
             vid = self._video(part, part.get(kind if kind in part else "video"))
             out.videos.append(vid)
             return [(video_prompt_text(vid.patch_timestamps, vid.grid_thw, self.settings.image.merge_size,
