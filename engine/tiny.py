@@ -107,7 +107,10 @@ def tiny_config(release: str = "2.0") -> dict:
         vision = {"model_type": "qwen2_5_vit", "depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64,
                   "hidden_act": "silu", "patch_size": 14, "spatial_patch_size": 14, "temporal_patch_size": 2,
                   "spatial_merge_size": 2, "in_channels": 3, "in_chans": 3, "window_size": 112,
-                  "fullatt_block_indexes": [1], "tokens_per_second": 2, "out_hidden_size": 64}
+                  "fullatt_block_indexes": [1], "tokens_per_second": 2,
+                  # the Preview's modelling file builds linear_proj from the ViT's hard-coded image_emb_dim
+                  # 8192, not from out_hidden_size: only 8192 makes a checkpoint the reference can load
+                  "out_hidden_size": 8192}
     # n_ctx 3000 encoder positions = 60 s of audio (the real model has 15000 = 300 s).
     audio = {"whisper_encoder_config": {"n_mels": 128, "n_ctx": 3000, "n_state": 32, "n_head": 2, "n_layer": 2},
              "ds_kernel_size": 3, "ds_stride": 2, "norm_query_embeds": True}

@@ -78,6 +78,8 @@ def test_preview_format_tiny_checkpoint_loads_and_runs_text_image_and_audio(tmp_
     names = set(json.loads((root / "model.safetensors.index.json").read_text())["weight_map"])
     assert "vision.blocks.0.mlp.gate_proj.weight" in names and "vision.merger.ln_q.weight" in names
     assert "vision.patch_embed.proj.bias" not in names and not any(n.startswith("vision.pos_embed") for n in names)
+    # upstream's Preview linear_proj takes the ViT's hard-coded image_emb_dim 8192 (not out_hidden_size)
+    assert json.loads((root / "config.json").read_text())["vision_config"]["out_hidden_size"] == 8192
 
     engine = Engine.load(root, dtype="fp32", device="cpu")
     vit = engine.model.encoders.vision
