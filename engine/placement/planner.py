@@ -342,7 +342,7 @@ def model_sizes(config: MingConfig, expert_dtype: str = "bf16", linear_dtype: st
             return (params + small) * w
         return params + rows * FP32 + small * w
 
-    depth = int(config.mlp_depth or 2)
+    depth = config.projector_depth
     if config.vision:
         vp, exact = vision_params(config.vision, h)
         add("vision", "encoder", vp, read=0, exact=exact)

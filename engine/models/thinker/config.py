@@ -29,6 +29,8 @@ MULTI_ROUTER = "MultiRouter"
 SINGLE_ROUTER = "topN"
 VIDEO_ROPE = "video_rope"  # rope_scaling["type"] of both releases: the 3-D video rotary (spec §2.4)
 SINGLE_ROUTER_ALIASES = (SINGLE_ROUTER, "TopkRouter")
+# BailingMM2Config's default for `mlp_depth` (both releases' config.json state 2).
+UPSTREAM_MLP_DEPTH_DEFAULT = 1
 # BailingMoeV2Config's defaults for keys a config.json may omit (the released files carry them all).
 UPSTREAM_LLM_DEFAULTS = {"use_bias": True, "use_qkv_bias": False, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-5,
                          "max_position_embeddings": 16384, "router_type": SINGLE_ROUTER}
@@ -196,6 +198,14 @@ class MingConfig:
     mlp_depth: int | None = None
     torch_dtype: str | None = None
     source: str = ""
+
+    @property
+    def projector_depth(self) -> int:
+        """Linears in `linear_proj` (and Linears after the conv in `linear_proj_audio`), as the reference builds
+        them: `mlp_depth`, the config class's default 1 when omitted; it loops range(1, mlp_depth), so 0 or less
+        also gives the single first layer (spec §4.5, §5.3)."""
+        depth = UPSTREAM_MLP_DEPTH_DEFAULT if self.mlp_depth is None else int(self.mlp_depth)
+        return max(1, depth)
 
     @property
     def llm_weight_prefix(self) -> str:

@@ -30,8 +30,6 @@ from engine.loader import (CheckpointFiles, check_tensor, check_unexpected, load
 from engine.models.thinker.projectors import AudioProjector, VisionProjector
 from engine.models.thinker.vision import VisionConfig, build_vision_encoder
 
-DEFAULT_MLP_DEPTH = 2
-
 
 def build_llm(cfg: MingConfig, device: torch.device | str = "meta") -> BailingMoeV2ForCausalLM:
     with torch.device(device):
@@ -56,7 +54,7 @@ class Encoders:
 def build_encoders(cfg: MingConfig, device: torch.device | str = "meta",
                    rope_bf16_tables: bool | None = None) -> Encoders:
     enc = Encoders()
-    depth = int(cfg.mlp_depth or DEFAULT_MLP_DEPTH)
+    depth = cfg.projector_depth
     with torch.device(device):
         if cfg.vision:
             vcfg = VisionConfig.from_dict(cfg.vision)

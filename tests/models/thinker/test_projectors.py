@@ -158,3 +158,23 @@ def test_encode_audio_wrapped_layout():
     torch.testing.assert_close(embeds[1, : n[2]], per_clip[2])
     assert torch.equal(embeds[1, n[2]:], torch.zeros_like(embeds[1, n[2]:]))
 
+
+
+def test_mlp_depth_omitted_or_below_one_builds_the_single_linear_the_reference_builds():
+    # BailingMM2Config(mlp_depth=1) is the upstream default, and its projectors loop range(1, mlp_depth):
+    # a config without the key (or with 0) has linear_proj = [Linear] and linear_proj_audio = [conv], not depth 2
+    from engine.tiny import tiny_config
+
+    base = tiny_config("preview")
+    for value in ("omitted", 0, 1):
+        d = json.loads(json.dumps(base))
+        if value == "omitted":
+            del d["mlp_depth"]
+        else:
+            d["mlp_depth"] = value
+        enc = build_encoders(MingConfig.from_dict(d), device="meta")
+        assert [k for k, _ in enc.linear_proj.named_parameters()] == ["0.weight", "0.bias"], value
+        assert [k for k, _ in enc.linear_proj_audio.named_parameters()] == ["0.weight", "0.bias"], value
+    d = json.loads(json.dumps(base))
+    enc = build_encoders(MingConfig.from_dict(d), device="meta")                    # stated 2: two Linears
+    assert [k for k, _ in enc.linear_proj.named_parameters()] == ["0.weight", "0.bias", "2.weight", "2.bias"]
