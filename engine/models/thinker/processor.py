@@ -24,6 +24,7 @@ from engine.media.errors import MediaError
 from engine.media.image import FETCH_OPTION_KEYS, ImageInputs, ImageProcessorConfig, prepare_image
 from engine.media.video import (VideoInputs, VideoOptions, WebcamClip, prepare_video, prepare_video_preview,
                                 video_prompt_text)
+from engine.models.thinker.vision import VisionConfig
 from engine.models.thinker.prompt import DEFAULT_SYSTEM_PROMPT, ROLE_NAMES, THINKING_SUFFIX, PromptError
 from engine.models.thinker.tokenizer import (AUDIO_END, AUDIO_PATCH, AUDIO_START, IMAGE_END, IMAGE_PATCH, IMAGE_START, ROLE_END_TAG,
                               ROLE_START, TURN_END, MingTokenizer)
@@ -62,12 +63,13 @@ class MediaSettings:
 def _settings_from_model(cfg: MingConfig, shipped: ImageProcessorConfig) -> dict:
     """preprocessor_config.json keys for a checkpoint without that file: the release's shipped values with
     the sizes the model's encoders fix."""
-    vision = cfg.vision or {}
     whisper = (cfg.audio.get("whisper_encoder_config") or {}) if cfg.audio else {}
+    # the sizes the ViT itself is built with (its config class's defaults for keys the file omits)
+    vit = VisionConfig.from_dict(cfg.vision) if cfg.vision else None
     data: dict[str, Any] = {
-        "patch_size": int(vision.get("patch_size", vision.get("spatial_patch_size", shipped.patch_size))),
-        "temporal_patch_size": int(vision.get("temporal_patch_size", shipped.temporal_patch_size)),
-        "merge_size": int(vision.get("spatial_merge_size", shipped.merge_size)),
+        "patch_size": vit.patch_size if vit else shipped.patch_size,
+        "temporal_patch_size": vit.temporal_patch_size if vit else shipped.temporal_patch_size,
+        "merge_size": vit.spatial_merge_size if vit else shipped.merge_size,
         "min_pixels": shipped.min_pixels, "max_pixels": shipped.max_pixels,
         "image_mean": list(shipped.image_mean), "image_std": list(shipped.image_std),
     }

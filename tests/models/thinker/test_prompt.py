@@ -106,3 +106,21 @@ def test_an_image_part_s_resize_keys_reach_stage_a(tok):
     assert grid({"type": "image", "image": image, "min_pixels": 4 * 64 * 96}) == [[1, 8, 12]]
     assert grid({"type": "image", "image": [image, image], "resized_height": 128, "resized_width": 128}) == \
         [[1, 4, 6], [1, 4, 6]]
+
+
+def test_without_a_preprocessor_config_the_preview_processor_takes_the_patch_size_its_vit_reads(tmp_path):
+    """A Preview vision_config stating only `spatial_patch_size` (informational upstream): the ViT reads
+    `patch_size` (Qwen2_5_VLVisionConfig default 14), so the processor's rows must be 14-pixel ones too, not
+    spatial_patch_size's (spec §4.4, §4.1 patch flattening)."""
+    from engine.models.thinker.config import MingConfig
+    from engine.models.thinker.vision import VisionConfig
+    from engine.tiny import tiny_config
+
+    d = tiny_config("preview")
+    del d["vision_config"]["patch_size"]
+    d["vision_config"]["spatial_patch_size"] = 16
+    cfg = MingConfig.from_dict(d)
+    settings = MediaSettings.for_checkpoint(tmp_path, cfg)                       # no preprocessor_config.json
+    vit = VisionConfig.from_dict(cfg.vision)
+    assert settings.image.patch_size == vit.patch_size == 14
+    assert settings.image.release == "preview" and settings.image.min_pixels == 78400
