@@ -33,7 +33,9 @@ SINGLE_ROUTER_ALIASES = (SINGLE_ROUTER, "TopkRouter")
 UPSTREAM_MLP_DEPTH_DEFAULT = 1
 # BailingMoeV2Config's defaults for keys a config.json may omit (the released files carry them all).
 UPSTREAM_LLM_DEFAULTS = {"use_bias": True, "use_qkv_bias": False, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-5,
-                         "max_position_embeddings": 16384, "router_type": SINGLE_ROUTER}
+                         "max_position_embeddings": 16384, "router_type": SINGLE_ROUTER, "rope_theta": 10000.0,
+                         # the 2.0 class's default; the Preview code has no interleaved path at all (spec §1.1)
+                         "use_interleaved_frame_timestamp": True}
 
 
 class ConfigError(MingError, ValueError):
@@ -111,7 +113,9 @@ class LLMConfig:
         return self.num_experts > 0 and layer_idx >= self.first_k_dense_replace
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "llm_config") -> "LLMConfig":
+    def from_dict(cls, d: dict, where: str = "llm_config", *, interleaving_code: bool = True) -> "LLMConfig":
+        """`interleaving_code`: whether the release's code has the interleaved-timestamp video path (2.0 and
+        its standalone LLM do, default on; the Preview's has none, so it is off whatever the config says)."""
         hidden = int(_require(d, "hidden_size", where))
         heads = int(_require(d, "num_attention_heads", where))
         head_dim = d.get("head_dim") or hidden // heads
@@ -129,7 +133,7 @@ class LLMConfig:
             num_key_value_heads=int(d.get("num_key_value_heads") or heads),
             head_dim=int(head_dim),
             partial_rotary_factor=float(d.get("partial_rotary_factor", UPSTREAM_LLM_DEFAULTS["partial_rotary_factor"])),
-            rope_theta=float(_require(d, "rope_theta", where)),
+            rope_theta=float(d.get("rope_theta", UPSTREAM_LLM_DEFAULTS["rope_theta"])),
             rms_norm_eps=float(d.get("rms_norm_eps", UPSTREAM_LLM_DEFAULTS["rms_norm_eps"])),
             max_position_embeddings=int(d.get("max_position_embeddings", UPSTREAM_LLM_DEFAULTS["max_position_embeddings"])),
             num_experts=int(d.get("num_experts") or 0),
@@ -152,7 +156,8 @@ class LLMConfig:
             video_patch_token=int(_require(d, "video_patch_token", where)),
             image_start_token=int(_require(d, "image_start_token", where)),
             video_start_token=int(_require(d, "video_start_token", where)),
-            use_interleaved_frame_timestamp=bool(d.get("use_interleaved_frame_timestamp") or False),
+            use_interleaved_frame_timestamp=interleaving_code and bool(
+                d.get("use_interleaved_frame_timestamp", UPSTREAM_LLM_DEFAULTS["use_interleaved_frame_timestamp"])),
             rope_scaling_type=rope_scaling.get("type") if isinstance(rope_scaling, dict) else None,
             hidden_act=str(d.get("hidden_act", "silu")),
             moe_router_topk_scaling_factor=d.get("moe_router_topk_scaling_factor"),
@@ -227,7 +232,9 @@ class MingConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: top level must be a JSON object")
         if "llm_config" in d:
-            llm = LLMConfig.from_dict(d["llm_config"], where=f"{source}: llm_config")
+            vision_type = (d.get("vision_config") or {}).get("model_type")
+            llm = LLMConfig.from_dict(d["llm_config"], where=f"{source}: llm_config",
+                                      interleaving_code=vision_type != "qwen2_5_vit")
             cfg = cls(llm=llm, model_type=str(d.get("model_type", "")), is_composite=True,
                       vision=dict(d.get("vision_config") or {}), audio=dict(d.get("audio_config") or {}),
                       mlp_depth=d.get("mlp_depth"), torch_dtype=d.get("torch_dtype"), source=source)

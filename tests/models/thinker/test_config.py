@@ -79,3 +79,23 @@ def test_single_router_and_omitted_keys_follow_bailing_moe_v2_config():
     assert (llm.partial_rotary_factor, llm.rms_norm_eps, llm.max_position_embeddings) == (0.5, 1e-5, 16384)
     with pytest.raises(ConfigError, match="router_type"):
         MingConfig.from_dict({**d, "router_type": "noisy"})
+
+
+def test_interleaved_frame_timestamp_defaults_per_release_and_rope_theta_default():
+    """BailingMoeV2Config (2.0 tree) defaults use_interleaved_frame_timestamp to True: a 2.0 or standalone LLM
+    config omitting it runs 2.0's interleaved video; the Preview code has no such path, so a Preview config never
+    interleaves, whatever it states (spec §1.1, §3.4). An omitted rope_theta is the class default 10000."""
+    v2 = json.loads((real_config("ming-flash-omni-2.0") / "config.json").read_text())
+    del v2["llm_config"]["use_interleaved_frame_timestamp"]
+    assert MingConfig.from_dict(v2).llm.use_interleaved_frame_timestamp
+    assert MingConfig.from_dict(v2["llm_config"]).llm.use_interleaved_frame_timestamp        # standalone LLM
+    v2["llm_config"]["use_interleaved_frame_timestamp"] = False
+    assert not MingConfig.from_dict(v2).llm.use_interleaved_frame_timestamp
+    pv = json.loads((real_config("ming-flash-omni-preview") / "config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert not MingConfig.from_dict(pv).llm.use_interleaved_frame_timestamp
+        pv["llm_config"]["use_interleaved_frame_timestamp"] = True
+        assert not MingConfig.from_dict(pv).llm.use_interleaved_frame_timestamp
+        del pv["llm_config"]["rope_theta"]
+        assert MingConfig.from_dict(pv).llm.rope_theta == 10000.0
