@@ -203,6 +203,8 @@ class VideoInputs:
     ``pixel_values`` [T/2 * h * w, 3*2*P*P] float32; ``grid_thw`` [T/2, 3] int64, already split
     into t = 1 entries; ``patch_timestamps`` [T/2] seconds (mean of each frame pair);
     ``frames`` [T, 3, H, W] uint8 after resizing and padding; ``frame_timestamps`` [T].
+    The Preview's (`prepare_video_preview`): ``grid_thw`` one row [[T/2, h, w]], no ``patch_timestamps``,
+    ``frames`` float32 for a frame list.
     """
 
     pixel_values: torch.Tensor
@@ -922,18 +924,39 @@ def preview_frame_target(height: int, width: int, n_frames: int, config: Preview
     return smart_resize(int(height), int(width), config.factor, lo, hi, "fetch")
 
 
-def resize_frames_bilinear(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """[T, H, W, 3] uint8 -> [T, h, w, 3] uint8 with torchvision's tensor resize (bilinear, antialiased:
-    ``interpolate(..., mode="bilinear", antialias=True)``), rounded back to uint8 as it does for uint8 frames."""
+def resize_frames_bilinear(frames: np.ndarray, size: tuple[int, int], *, keep_float: bool = False) -> np.ndarray:
+    """[T, H, W, 3] uint8 -> [T, h, w, 3] with torchvision's tensor resize (bilinear, antialiased:
+    ``interpolate(..., mode="bilinear", antialias=True)``): rounded back to uint8, as it returns uint8 frames
+    (a decoded file), or with ``keep_float`` the float32 values themselves, as it returns for the float
+    frames the reference makes of a frame list (spec §4.2 Preview)."""
     h, w = size
     if frames.shape[1:3] == (h, w):
-        return np.ascontiguousarray(frames)
-    out = np.empty((len(frames), h, w, 3), dtype=np.uint8)
+        return np.ascontiguousarray(frames.astype(np.float32) if keep_float else frames)
+    out = np.empty((len(frames), h, w, 3), dtype=np.float32 if keep_float else np.uint8)
     for i, frame in enumerate(frames):  # one frame at a time: never the whole clip in float
         x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
-        y = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        out[i] = y[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        y = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+        if not keep_float:
+            y = y.round().clamp(0, 255).to(torch.uint8)
+        out[i] = y.permute(1, 2, 0).numpy()
     return out
+
+
+def _patchify_float_frames(frames: np.ndarray, config: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """`_patchify_frames` for float frames [T, H, W, 3] on the 0..255 scale (not rounded to uint8): x/255 in
+    float64 stored float32, then (x - mean) / std in float32, as the image processor rescales them."""
+    mean, std = np.asarray(config.image_mean, dtype=np.float32), np.asarray(config.image_std, dtype=np.float32)
+    tp = config.temporal_patch_size
+    out, rows = None, 0
+    for g in range(len(frames) // tp):
+        pair = (frames[g * tp:(g + 1) * tp].astype(np.float64) * (1.0 / 255.0)).astype(np.float32)
+        pair = np.ascontiguousarray(((pair - mean) / std).transpose(0, 3, 1, 2))
+        values, (_, grid_h, grid_w) = patchify(pair, config)
+        if out is None:
+            rows = len(values)
+            out = np.empty((rows * (len(frames) // tp), values.shape[1]), dtype=np.float32)
+        out[g * rows:(g + 1) * rows] = values
+    return out, (len(frames) // tp, grid_h, grid_w)
 
 
 def sample_video_file_preview(source: str | os.PathLike | bytes, options: VideoOptions | None = None,
@@ -967,12 +990,14 @@ def prepare_video_preview(source: VideoSource, image_config: ImageProcessorConfi
     """The Preview's video path (spec §4.2 Preview, §6.2): sample (a file per `sample_video_file_preview`; a
     frame directory or list is kept whole, its `preview_frame_count` only dividing the pixel budget), resize
     every frame to `preview_frame_target` (bilinear), pad to an even count by repeating the last frame, and
-    patchify into ONE grid row (T/2, h/P, w/P): no timestamps, no split into t = 1 entries."""
+    patchify into ONE grid row (T/2, h/P, w/P): no timestamps, no split into t = 1 entries. ``frames`` are
+    uint8 for a file and float32 (the resize's unrounded values) for a frame list, as the reference holds them."""
     image_config = image_config or ImageProcessorConfig.for_release("preview")
     options, config = options or VideoOptions(), config or PreviewVideoConfig()
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         source = frames_from_directory(source)
-    if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+    from_file = isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview))
+    if from_file:
         frames = sample_video_file_preview(source, options, config, backend=backend)
         n_budget = len(frames)
     else:
@@ -989,9 +1014,11 @@ def prepare_video_preview(source: VideoSource, image_config: ImageProcessorConfi
         n_budget = preview_frame_count(len(frames), options, config)
         preview_frame_indices(n_budget, len(frames), options.sample)  # refuses what the reference refuses
     size = preview_frame_target(frames.shape[1], frames.shape[2], n_budget, config, **options.resize_overrides)
-    frames = resize_frames_bilinear(frames, size)
+    # a decoded file's uint8 frames come back uint8; a frame list is made float first and stays float
+    frames = resize_frames_bilinear(frames, size, keep_float=not from_file)
     frames, _ = pad_to_even(frames, np.zeros(len(frames)), image_config.temporal_patch_size)
-    pixel_values, (grid_t, grid_h, grid_w) = _patchify_frames(frames, image_config)
+    patchify_frames = _patchify_frames if from_file else _patchify_float_frames
+    pixel_values, (grid_t, grid_h, grid_w) = patchify_frames(frames, image_config)
     return VideoInputs(
         pixel_values=torch.from_numpy(pixel_values),
         grid_thw=torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.int64),

@@ -40,7 +40,7 @@ from engine.media.image import (
     preprocess_images,
 )
 from engine.media.errors import MediaError
-from engine.media.video import VideoOptions, VideoSamplingConfig, prepare_video
+from engine.media.video import VideoOptions, VideoSamplingConfig, prepare_video, prepare_video_preview
 
 FRONTEND_CASES = ("frontend_image", "frontend_audio", "frontend_video")
 
@@ -292,11 +292,11 @@ def recorded_video_options(*records: dict) -> VideoOptions:
     return VideoOptions()
 
 
-def _video_image_config(cfg_dict: dict, meta: dict) -> ImageProcessorConfig:
+def _video_image_config(cfg_dict: dict, meta: dict, release: str | None = None) -> ImageProcessorConfig:
     """The image processor a video case ran: the preprocessor keys it records (config.json, or meta.json's
     ``processor_settings`` as mm cases keep them), else the release's shipped values."""
     recorded = {**(meta.get("processor_settings") or {}), **cfg_dict}
-    return ImageProcessorConfig.from_dict(recorded, release=reference_release(meta) or "2.0")
+    return ImageProcessorConfig.from_dict(recorded, release=release or reference_release(meta) or "2.0")
 
 
 def _video_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list[ParityRow]:
@@ -305,15 +305,18 @@ def _video_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
         cfg_dict = json.load(fh)
     frame_names = sorted((n for n in inputs if re.fullmatch(r"frame\d+", n)), key=lambda n: int(n[5:]))
     rows = []
+    # the Preview's processor (no frame timestamps, its own sampler; spec §4.2 Preview), else 2.0's
+    preview = reference_release(meta) == "preview" or not cfg_dict.get(
+        "use_interleaved_frame_timestamp", meta.get("use_interleaved_frame_timestamp", True))
     try:
-        if not cfg_dict.get("use_interleaved_frame_timestamp", meta.get("use_interleaved_frame_timestamp", True)):
-            raise MediaError("use_interleaved_frame_timestamp false: the 2.0 processor's layout without frame "
-                             "timestamps is not implemented")
         options = recorded_video_options(cfg_dict, meta)
         with tempfile.TemporaryDirectory() as tmp:
             for name in frame_names:  # the reference read the frames back from PNG files in a directory
                 Image.fromarray(inputs[name]).save(Path(tmp) / f"{name}.png")
-            video = prepare_video(tmp, _video_image_config(cfg_dict, meta), VideoSamplingConfig(), options=options)
+            if preview:
+                video = prepare_video_preview(tmp, _video_image_config(cfg_dict, meta, "preview"), options=options)
+            else:
+                video = prepare_video(tmp, _video_image_config(cfg_dict, meta), VideoSamplingConfig(), options=options)
         error = None
     except Exception as exc:
         video, error = None, f"{type(exc).__name__}: {exc}"
@@ -333,7 +336,9 @@ def _video_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
             rows.append(_missing(case, name, tol, error))
             continue
         if name == "fetch_video.frames":
-            rows.append(_compare(case, name, video.frames, ref, tol))
+            # the Preview's fetch_video returns the frames before the processor pads them to an even count
+            frames = video.frames[:len(ref)] if preview and len(video.frames) > len(ref) else video.frames
+            rows.append(_compare(case, name, frames, ref, tol))
         elif name == "fetch_video.resmp_ts":
             rows.append(_compare(case, name, video.frame_timestamps, ref, tol))
         elif name == "pixel_values_videos":

@@ -428,3 +428,28 @@ def test_preview_video_file_is_sampled_by_the_preview_rule(tmp_path):
     _write_video(path, 30, 10)                                                      # 3 s at 10 fps: 30 frames kept
     vid = prepare_video_preview(path, ImageProcessorConfig.for_release("preview"), backend="cv2")
     assert vid.frames.shape[0] == 30 and vid.grid_thw.tolist()[0][0] == 15
+
+
+def test_preview_frame_lists_keep_the_resize_floats_and_files_are_rounded(tmp_path):
+    # the reference makes a frame list float before resizing (its values are never rounded); a decoded file is
+    # resized as uint8 frames and comes back rounded: both normalised as x/255 then CLIP mean/std
+    from engine.media.video import prepare_video_preview
+
+    cfg = ImageProcessorConfig.for_release("preview")
+    frames = [_textured(i, 60, 90) for i in range(4)]
+    vid = prepare_video_preview(frames, cfg)
+    assert vid.frames.dtype == torch.float32
+    h, w = vid.frames.shape[2:]
+    ref = torch.nn.functional.interpolate(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float(),
+                                          size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(vid.frames, ref, atol=1e-4, rtol=0)
+    assert not torch.equal(vid.frames, vid.frames.round())                          # not rounded to uint8
+    mean = torch.tensor(cfg.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+    norm = (ref / 255 - mean) / std                                                 # frame 0's first patch row:
+    p = 14
+    first = norm[0:2, :, 0:p, 0:p].permute(1, 0, 2, 3).reshape(-1)                  # (c, tau, y, x)
+    torch.testing.assert_close(vid.pixel_values[0], first, atol=1e-5, rtol=0)
+    path = tmp_path / "clip.mp4"
+    _write_video(path, 8, 10)
+    assert prepare_video_preview(path, cfg, backend="cv2").frames.dtype == torch.uint8

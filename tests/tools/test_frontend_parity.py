@@ -129,7 +129,6 @@ def test_video_case_keeps_every_frame_under_max_frames(tmp_path):
 
 @pytest.mark.parametrize("options, config_keys, named", [
     ({"min_pixels": 4096, "playback_speed": 2.0}, {}, "playback_speed"),
-    ({"min_pixels": 4096}, {"use_interleaved_frame_timestamp": False}, "use_interleaved_frame_timestamp"),
 ])
 def test_video_case_refuses_what_it_cannot_reproduce(tmp_path, options, config_keys, named):
     """An option or setting we do not implement fails every row and is named, never dropped."""
@@ -146,3 +145,29 @@ def test_video_case_uses_the_recorded_processor_settings(tmp_path):
     failed = [r for r in rows.values() if not r.ok]
     assert not failed, "\n" + format_rows(failed)
     assert {"video_grid_thw", "expanded_prompt (text)"} <= set(rows)
+
+
+def test_a_preview_video_case_runs_the_preview_processor(tmp_path):
+    """A case made by the Preview's processor (use_interleaved_frame_timestamp false) was refused; it runs the
+    Preview path (spec §4.2 Preview, §6.2): factor 28, bilinear float frames, one grid row, no timestamps."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    case = _video_case_copy(tmp_path, {"min_pixels": 4096}, 6, use_interleaved_frame_timestamp=False, patch_size=14)
+    inputs = load_file(str(case / "inputs.safetensors"))
+    frames = np.stack([inputs[f"frame{i}"] for i in range(6)])                  # 64x96 -> 56x84 (factor 28)
+    resized = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(56, 84),
+                                              mode="bilinear", align_corners=False, antialias=True)
+    save_file({"fetch_video.frames": resized.numpy().copy(),
+               "video_grid_thw": np.array([[3, 4, 6]], dtype=np.int64)}, str(case / "outputs.safetensors"))
+    meta = json.loads((case / "meta.json").read_text())
+    meta["expanded_prompt"] = meta["prompt_text_before_expansion"].replace(
+        "<VIDEO>", "<video>" + "<framePatch>" * 18 + "</video>\n")
+    meta["tensors"] = [{"file": "outputs.safetensors", "name": n, "dtype": d, "shape": []}
+                       for n, d in (("fetch_video.frames", "float32"), ("video_grid_thw", "int64"))]
+    (case / "meta.json").write_text(json.dumps(meta))
+    rows = {r.tensor: r for r in run_frontend_case(case)}
+    assert set(rows) == {"expanded_prompt (text)", "fetch_video.frames", "video_grid_thw"}
+    failed = [r for r in rows.values() if not r.ok]
+    assert not failed, "\n" + format_rows(failed)
