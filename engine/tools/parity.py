@@ -25,6 +25,7 @@ from engine.media.image import fetch_image
 from engine.media.video import VideoOptions
 from engine.models.thinker.layers import Router
 from engine.models.thinker.llm import AudioSpan, MultimodalInputs
+from engine.models.thinker.config import UPSTREAM_SPATIAL_MERGE_SIZE
 from engine.models.thinker.positions import PositionTokens, decode_positions, rope_index
 from engine.models.thinker.processor import MediaSettings, MingProcessor
 from engine.models.thinker.projectors import encode_audio_wrapped
@@ -550,12 +551,16 @@ def run_rope_index_case(case_dir: Path) -> list[ParityRow]:
     inputs = load_file(str(case_dir / "inputs.safetensors"))
     outputs = load_file(str(case_dir / "outputs.safetensors"))
     cmp = Comparer(case_dir.name, outputs)
+    # the 2.0 function's use_interleaved_frame_timestamp defaults to True; the Preview tree's has no such path
+    preview = "preview" in str((meta.get("environment") or {}).get("upstream", "")).lower()
     for sub in meta["cases"]:
         name, c = sub["name"], sub["config"]
+        interleaved = sub.get("use_interleaved_frame_timestamp", meta.get("use_interleaved_frame_timestamp", not preview))
         tokens = PositionTokens(image_patch=c["image_patch_token"], video_patch=c["video_patch_token"],
                                 image_start=c["image_start_token"], video_start=c["video_start_token"],
-                                interleaved_video=bool(sub["use_interleaved_frame_timestamp"]),
-                                spatial_merge_size=c["spatial_merge_size"])
+                                interleaved_video=bool(interleaved) and not preview,
+                                # the model hard-sets 2 on its own config (spec §1.4 item 7)
+                                spatial_merge_size=c.get("spatial_merge_size", UPSTREAM_SPATIAL_MERGE_SIZE))
         get = lambda k: inputs.get(f"{name}.{k}")  # noqa: E731
         pos, deltas = rope_index(get("input_ids"), tokens, get("image_grid_thw"), get("video_grid_thw"),
                                  get("attention_mask"), float(sub.get("scale_factor", 2.0)), get("second_per_grid_ts"))

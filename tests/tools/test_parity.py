@@ -238,3 +238,23 @@ def test_prompts_case_names_media_it_cannot_place(tmp_path):
     (audio / "config.json").write_text(json.dumps(config))
     rows = run_case(case)
     assert any(r.tensor == "plain_asr.media" and not r.ok and "sampling rate" in r.note for r in rows)
+
+
+def test_rope_index_sub_cases_omitting_the_flag_or_merge_size_take_the_reference_s_values(tmp_path):
+    """A rope_index sub-case that does not record use_interleaved_frame_timestamp (a Preview-tree function has
+    no such parameter; the 2.0 function defaults it to True) or spatial_merge_size (the model hard-sets 2,
+    spec §1.4 item 7) crashed the harness with KeyError; both take the reference's values."""
+    dst = tmp_path / "rope_index"
+    shutil.copytree(fixture_case("rope_index"), dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    meta = json.loads((dst / "meta.json").read_text())
+    for sub in meta["cases"]:
+        if sub["name"] in ("text_only", "one_image"):
+            del sub["use_interleaved_frame_timestamp"]
+            del sub["config"]["spatial_merge_size"]
+    (dst / "meta.json").write_text(json.dumps(meta))
+    rows = run_case(dst)
+    bad = [r for r in rows if not r.ok]
+    assert rows and not bad, format_table(bad)
+    assert {"one_image.position_ids", "text_only.rope_deltas"} <= {r.tensor for r in rows}
