@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine.media.image import fetch_image
+from engine.media.audio import AudioFrontendConfig
+from engine.media.image import ImageProcessorConfig, fetch_image
 from engine.media.video import VideoOptions
 from engine.models.thinker.layers import Router
 from engine.models.thinker.llm import AudioSpan, MultimodalInputs
@@ -288,8 +289,17 @@ def _processor_for(case_dir: Path, loaded=None):
     tok = MingTokenizer(case_dir)
     cfg = loaded.config if loaded is not None else None
     meta_path = case_dir / "meta.json"
-    recorded = json.loads(meta_path.read_text()).get("processor_settings") if meta_path.is_file() else None
-    settings = MediaSettings.for_checkpoint(case_dir, cfg, recorded) if cfg is not None else MediaSettings()
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    recorded = meta.get("processor_settings")
+    if cfg is not None:
+        settings = MediaSettings.for_checkpoint(case_dir, cfg, recorded)
+    else:  # no model: the processor of the release whose tree made the case (its recorded settings, if any)
+        release = "preview" if "preview" in str((meta.get("environment") or {}).get("upstream", "")).lower() else "2.0"
+        image = (ImageProcessorConfig.from_dict(recorded, release=release) if recorded
+                 else ImageProcessorConfig.for_release(release))
+        audio = AudioFrontendConfig.from_dict(recorded) if recorded else AudioFrontendConfig()
+        interleaved = release != "preview" and bool((recorded or {}).get("use_interleaved_frame_timestamp", True))
+        settings = MediaSettings(image=image, audio=audio, interleaved_video=interleaved)
     return tok, MingProcessor(tok, settings)
 
 

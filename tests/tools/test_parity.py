@@ -258,3 +258,23 @@ def test_rope_index_sub_cases_omitting_the_flag_or_merge_size_take_the_reference
     bad = [r for r in rows if not r.ok]
     assert rows and not bad, format_table(bad)
     assert {"one_image.position_ids", "text_only.rope_deltas"} <= {r.tensor for r in rows}
+
+
+def test_a_preview_prompts_case_is_built_with_the_preview_processor(tmp_path):
+    """A prompts case made by the Preview tree (meta.json environment.upstream) was built with 2.0's processor
+    settings (factor 32, interleaved video timestamps); it gets the Preview's: factor 28 (patch 14, Stage A
+    bounds 4..1024·28²), 1-D `<video><framePatch>…</video>` layout (spec §4.1, §6.2)."""
+    from engine.tools.parity import _processor_for
+
+    dst = tmp_path / "prompts"
+    shutil.copytree(fixture_case("prompts"), dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    _, v2 = _processor_for(dst)
+    assert v2.settings.image.factor == 32 and v2.settings.interleaved_video
+    meta = json.loads((dst / "meta.json").read_text())
+    meta["environment"]["upstream"] = "inclusionAI/Ming (Ming-flash-omni-Preview release tree, commit f54289d6)"
+    (dst / "meta.json").write_text(json.dumps(meta))
+    _, pv = _processor_for(dst)
+    assert (pv.settings.image.release, pv.settings.image.factor, pv.settings.image.patch_size) == ("preview", 28, 14)
+    assert pv.settings.image.min_pixels == 78400 and not pv.settings.interleaved_video
