@@ -33,6 +33,8 @@ TEXT_TYPES = ("text", "input_text")
 IMAGE_TYPES = ("image", "input_image", "image_url")
 VIDEO_TYPES = ("video", "input_video")
 AUDIO_TYPES = ("audio", "input_audio")
+# Read by the Preview's video reader (a time range), not implemented here: refused rather than ignored.
+PREVIEW_UNSUPPORTED_VIDEO_KEYS = ("video_start", "video_end")
 
 
 @dataclass
@@ -134,6 +136,10 @@ class MingProcessor:
             return source
         options = VideoOptions.from_message(part)
         if not self.settings.interleaved_video:  # Preview: its own sampler, one (t, h, w) grid, no timestamps
+            clipped = [k for k in PREVIEW_UNSUPPORTED_VIDEO_KEYS if part.get(k) is not None]
+            if clipped:  # the Preview's reader takes only that time range; ours would read the whole clip
+                raise MediaError(f"video option(s) {', '.join(clipped)} (a time range of the clip) are not supported "
+                                 "for the Preview release; cut the clip before sending it")
             if isinstance(source, WebcamClip):
                 source = list(source.sample().frames)
             return prepare_video_preview(source, self.settings.image, options=options)

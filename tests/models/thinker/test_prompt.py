@@ -124,3 +124,21 @@ def test_without_a_preprocessor_config_the_preview_processor_takes_the_patch_siz
     vit = VisionConfig.from_dict(cfg.vision)
     assert settings.image.patch_size == vit.patch_size == 14
     assert settings.image.release == "preview" and settings.image.min_pixels == 78400
+
+
+def test_a_preview_video_part_clipping_a_time_range_is_refused_not_ignored(tok):
+    """The Preview's video reader honours video_start / video_end (its torchvision fallback reads only that time
+    range); ours reads the whole clip, so such a part is refused naming the keys rather than silently answered
+    about other frames. 2.0's file path reads neither key, so there they stay without effect (spec §4.2)."""
+    import numpy as np
+
+    from engine.media.errors import MediaError
+    from engine.media.image import ImageProcessorConfig
+
+    frames = [np.random.default_rng(i).integers(0, 256, (64, 96, 3), dtype=np.uint8) for i in range(4)]
+    preview = MingProcessor(tok, MediaSettings(image=ImageProcessorConfig.for_release("preview"), interleaved_video=False))
+    part = {"type": "video", "video": frames, "video_start": 1.0}
+    with pytest.raises(MediaError, match="video_start"):
+        preview.build([{"role": "user", "content": [part]}])
+    assert preview.build([{"role": "user", "content": [{"type": "video", "video": frames}]}]).video_grid_thw.shape == (1, 3)
+    assert build_chat_prompt([{"role": "user", "content": [part]}], tok).videos            # 2.0: not read
