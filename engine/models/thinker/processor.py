@@ -12,6 +12,7 @@ Preview video to `<video><framePatch>…</video>\\n`; an audio clip to `<audio>`
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,10 @@ class MingProcessor:
             return source
         options = VideoOptions.from_message(part)
         if not self.settings.interleaved_video:  # Preview: its own sampler, one (t, h, w) grid, no timestamps
-            clipped = [k for k in PREVIEW_UNSUPPORTED_VIDEO_KEYS if part.get(k) is not None]
-            if clipped:  # the Preview's reader takes only that time range; ours would read the whole clip
+            is_file = isinstance(source, (bytes, bytearray, memoryview)) or (
+                isinstance(source, (str, os.PathLike)) and not Path(source).is_dir())
+            clipped = [k for k in PREVIEW_UNSUPPORTED_VIDEO_KEYS if part.get(k) is not None] if is_file else []
+            if clipped:  # the Preview's file reader takes only that time range; ours would read the whole clip
                 raise MediaError(f"video option(s) {', '.join(clipped)} (a time range of the clip) are not supported "
                                  "for the Preview release; cut the clip before sending it")
             if isinstance(source, WebcamClip):

@@ -127,9 +127,9 @@ def test_without_a_preprocessor_config_the_preview_processor_takes_the_patch_siz
 
 
 def test_a_preview_video_part_clipping_a_time_range_is_refused_not_ignored(tok):
-    """The Preview's video reader honours video_start / video_end (its torchvision fallback reads only that time
-    range); ours reads the whole clip, so such a part is refused naming the keys rather than silently answered
-    about other frames. 2.0's file path reads neither key, so there they stay without effect (spec §4.2)."""
+    """The Preview's file reader honours video_start / video_end (its torchvision fallback reads only that time
+    range); ours reads the whole clip, so such a file part is refused naming the keys rather than silently
+    answered about other frames. Frame lists (the reference ignores the keys there) and 2.0 are unchanged."""
     import numpy as np
 
     from engine.media.errors import MediaError
@@ -137,8 +137,8 @@ def test_a_preview_video_part_clipping_a_time_range_is_refused_not_ignored(tok):
 
     frames = [np.random.default_rng(i).integers(0, 256, (64, 96, 3), dtype=np.uint8) for i in range(4)]
     preview = MingProcessor(tok, MediaSettings(image=ImageProcessorConfig.for_release("preview"), interleaved_video=False))
-    part = {"type": "video", "video": frames, "video_start": 1.0}
     with pytest.raises(MediaError, match="video_start"):
-        preview.build([{"role": "user", "content": [part]}])
-    assert preview.build([{"role": "user", "content": [{"type": "video", "video": frames}]}]).video_grid_thw.shape == (1, 3)
+        preview.build([{"role": "user", "content": [{"type": "video", "video": b"an mp4", "video_start": 1.0}]}])
+    part = {"type": "video", "video": frames, "video_start": 1.0}                          # a list: not read
+    assert preview.build([{"role": "user", "content": [part]}]).video_grid_thw.shape == (1, 3)
     assert build_chat_prompt([{"role": "user", "content": [part]}], tok).videos            # 2.0: not read
