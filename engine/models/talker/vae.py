@@ -183,7 +183,8 @@ class StreamingDecoder:
     """`push(latents)` returns the waveform that is final so far; `push(latents, last=True)` flushes.
 
     The upsampler holds the newest chunk back until the next one arrives (its first frame is the
-    look-ahead the linear interpolation needs), so the first push returns nothing."""
+    look-ahead the linear interpolation needs), so the first push returns nothing. Without latent
+    patching (patch_size -1) there is no upsampler: each chunk is decoded and emitted at once."""
 
     def __init__(self, decoder: Decoder):
         self.dec = decoder
@@ -232,6 +233,18 @@ class StreamingDecoder:
         st.to_drop -= start
         return audio[:, start:end] / env[start:end]
 
+    def _flush_tail(self) -> torch.Tensor | None:
+        """A final call without new frames: the overlap tail is final, less the trailing `pad`."""
+        st, head = self.state, self.dec.head
+        if st.audio_buffer is None:
+            return None
+        end = st.audio_buffer.shape[1] - head.pad
+        start = min(st.to_drop or 0, max(end, 0))
+        st.to_drop = (st.to_drop or 0) - start
+        out = st.audio_buffer[:, start:end] / st.window_buffer[start:end]
+        st.audio_buffer = st.window_buffer = None
+        return out
+
     def _emit(self, h: torch.Tensor, last: bool) -> torch.Tensor:
         return self._istft(self._backbone(h), last)
 
@@ -241,7 +254,13 @@ class StreamingDecoder:
         st = self.state
         h = self.dec.fc1(latents) if latents is not None and latents.shape[1] else None
         out = None
-        if last:
+        if self.dec.cfg.patch_size == -1:
+            # no upsampler, so nothing to look ahead for: each chunk is decoded and emitted at once
+            if h is not None:
+                out = self._emit(h, last)
+            elif last:
+                out = self._flush_tail()
+        elif last:
             seq = [x for x in (st.held, h) if x is not None]
             st.held = None
             if seq:

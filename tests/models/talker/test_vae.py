@@ -86,3 +86,41 @@ def test_streaming_one_frame_chunks_equals_one_shot(tmp_path, patch_size):
     streamed = torch.cat(pieces, dim=1)
     assert streamed.shape == one.shape == (1, 7 * 16)
     assert (streamed - one).abs().max() <= STREAM_ATOL
+
+
+def test_streaming_without_latent_patching_emits_each_chunk_at_once(tmp_path):
+    """With patch_size -1 (the Preview VAE: no latent upsampling) upstream's decoder has no upsampler to
+    hold a chunk back for look-ahead: every call runs the backbone and emits its chunk at once (the first
+    less the leading pad, each later one T * hop samples; the last also flushes the overlap tail less
+    the trailing pad). Holding a chunk back gave an empty first chunk and every chunk one step late."""
+    vae = _variant_vae(tmp_path / "vae", -1, hop=16)
+    head = vae.decoder.head
+    torch.manual_seed(2)
+    chunks = [3, 2, 4]
+    latents = torch.randn(1, sum(chunks), 64)
+    with torch.inference_mode():
+        one = vae.decode(latents)
+        stream, pieces, kv, offset = vae.stream(), [], [], 0
+        for i, n in enumerate(chunks):
+            pieces.append(stream.push(latents[:, offset:offset + n], last=i == len(chunks) - 1))
+            kv.append(stream.state.cache.length)
+            offset += n
+    hop, overlap = 16, head.n_fft - head.hop
+    assert [p.shape[1] for p in pieces] == [3 * hop - head.pad, 2 * hop, 4 * hop + overlap - head.pad]
+    assert kv == [3, 5, 9]
+    assert stream.state.decoder_calls == [[3, 0], [2, 0], [4, 0]]
+    streamed = torch.cat(pieces, dim=1)
+    assert (streamed - one).abs().max() <= STREAM_ATOL
+    assert (pieces[0] - one[:, :pieces[0].shape[1]]).abs().max() <= STREAM_ATOL
+
+
+def test_streaming_without_latent_patching_bare_final_flush(tmp_path):
+    vae = _variant_vae(tmp_path / "vae", -1, hop=16)
+    torch.manual_seed(3)
+    latents = torch.randn(1, 5, 64)
+    with torch.inference_mode():
+        one = vae.decode(latents)
+        s = vae.stream()
+        parts = [s.push(latents[:, :2]), s.push(latents[:, 2:]), s.push(None, last=True)]
+    assert parts[2].shape[1] == vae.decoder.head.n_fft - vae.decoder.head.hop - vae.decoder.head.pad
+    assert (torch.cat(parts, 1) - one).abs().max() <= STREAM_ATOL
