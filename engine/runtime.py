@@ -420,7 +420,7 @@ class Engine:
             self.voices.check_free(name)
         notes: dict = {}
         cond = self._conditioning(None, ref_audio, ref_text, sample_rate, seed, notes)
-        seconds = cond.latents.shape[1] * self.talker.vae.config.samples_per_latent / self.talker.sample_rate
+        seconds = cond.latents.shape[1] * self.talker.vae.config.encoder_samples_per_latent / self.talker.sample_rate
         return self.voices.save(name, cond, seconds, overwrite=replace)
 
     def list_voices(self) -> list:

@@ -33,6 +33,13 @@ AGGREGATOR_DEFAULTS = {"in_channels": LATENT_DIM, "hidden_size": 1152, "depth": 
 # backbone dict omits: with `use_sliding_window` on, the window is 4096 and layers from index 28 slide.
 QWEN2_DEFAULT_SLIDING_WINDOW = 4096
 QWEN2_DEFAULT_MAX_WINDOW_LAYERS = 28
+# The other Qwen2Config defaults (transformers 4.57) that `from_dict` fills for omitted keys.
+QWEN2_DEFAULTS = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+                  "max_position_embeddings": 32768}
+# AudioVAEconfig's default sample rate and the encoder's default hop (`enc_kwargs.get('hop_size', 320)`).
+VAE_DEFAULT_SAMPLE_RATE = 16000
+VAE_DEFAULT_ENCODER_HOP = 320
 
 
 class TalkerConfigError(MingError, ValueError):
@@ -87,10 +94,13 @@ class Qwen2BackboneConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "Qwen2BackboneConfig":
-        hidden = _positive_int(d, "hidden_size", where)
-        heads = _positive_int(d, "num_attention_heads", where)
-        kv = _positive_int(d, "num_key_value_heads", where, heads)
-        layers = _positive_int(d, "num_hidden_layers", where)
+        q = QWEN2_DEFAULTS
+        hidden = _positive_int(d, "hidden_size", where, q["hidden_size"])
+        heads = _positive_int(d, "num_attention_heads", where, q["num_attention_heads"])
+        # an omitted key takes Qwen2Config's default; an explicit null means one kv head per head
+        kv = _positive_int(d, "num_key_value_heads", where, q["num_key_value_heads"]) \
+            if "num_key_value_heads" not in d or d["num_key_value_heads"] is not None else heads
+        layers = _positive_int(d, "num_hidden_layers", where, q["num_hidden_layers"])
         if heads % kv:
             raise TalkerConfigError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         head_dim = d.get("head_dim") or hidden // heads
@@ -114,11 +124,13 @@ class Qwen2BackboneConfig:
             raise TalkerConfigError(f"{where}: layer_types {list(types)} does not describe {layers} layers")
         if window is None and "sliding_attention" in types[:layers]:
             raise TalkerConfigError(f"{where}: layer_types has sliding layers but no sliding_window is set")
-        return cls(hidden_size=hidden, intermediate_size=_positive_int(d, "intermediate_size", where),
+        return cls(hidden_size=hidden, intermediate_size=_positive_int(d, "intermediate_size", where, q["intermediate_size"]),
                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, head_dim=int(head_dim),
-                   rope_theta=float(d.get("rope_theta", 10000.0)), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                   vocab_size=_positive_int(d, "vocab_size", where), layer_types=types,
-                   max_position_embeddings=int(d.get("max_position_embeddings", 32768)), sliding_window=window,
+                   rope_theta=float(d.get("rope_theta", q["rope_theta"])),
+                   rms_norm_eps=float(d.get("rms_norm_eps", q["rms_norm_eps"])),
+                   vocab_size=_positive_int(d, "vocab_size", where, q["vocab_size"]), layer_types=types,
+                   max_position_embeddings=int(d.get("max_position_embeddings", q["max_position_embeddings"])),
+                   sliding_window=window,
                    bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"))
 
     def with_layers(self, n: int) -> "Qwen2BackboneConfig":
@@ -214,8 +226,10 @@ class TalkerConfig:
 
 @dataclass(frozen=True)
 class AudioVAEConfig:
-    """`talker/vae/config.json` (AudioVAEconfig). hop = encoder `hop_size` = decoder `output_dim`
-    samples per frame; `patch_size` frames per latent (-1: no latent patching); n_fft = 4 hop."""
+    """`talker/vae/config.json` (AudioVAEconfig). The decoder emits hop = `output_dim` samples per frame
+    (n_fft = 4 hop); the encoder reads frames of `input_dim` samples every `hop_size` (default 320,
+    need not equal the decoder's hop); `patch_size` frames per latent (-1: no latent patching).
+    An omitted `sample_rate` is AudioVAEconfig's default, 16000."""
 
     sample_rate: int
     patch_size: int
@@ -241,7 +255,13 @@ class AudioVAEConfig:
 
     @property
     def samples_per_latent(self) -> int:
+        """Decoded samples per latent."""
         return self.dec_hop * self.frames_per_latent
+
+    @property
+    def encoder_samples_per_latent(self) -> int:
+        """Input samples the encoder reads per latent (the prompt padding unit, spec §7.4)."""
+        return self.enc_hop * self.frames_per_latent
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "talker/vae/config.json") -> "AudioVAEConfig":
@@ -257,11 +277,9 @@ class AudioVAEConfig:
                 raise TalkerConfigError(f"{where}: {side}.latent_dim must be {LATENT_DIM}, got {lat}")
             if not isinstance(kw.get("backbone"), dict):
                 raise TalkerConfigError(f"{where}: {side}.backbone (a Qwen2 config) is required")
-        enc_hop = _positive_int(enc, "hop_size", f"{where} enc_kwargs")
+        enc_hop = _positive_int(enc, "hop_size", f"{where} enc_kwargs", VAE_DEFAULT_ENCODER_HOP)
         dec_hop = _positive_int(dec, "output_dim", f"{where} dec_kwargs")
-        if enc_hop != dec_hop:
-            raise TalkerConfigError(f"{where}: encoder hop_size {enc_hop} differs from decoder output_dim {dec_hop}")
-        return cls(sample_rate=_positive_int(d, "sample_rate", where), patch_size=patch,
+        return cls(sample_rate=_positive_int(d, "sample_rate", where, VAE_DEFAULT_SAMPLE_RATE), patch_size=patch,
                    enc_input_dim=_positive_int(enc, "input_dim", f"{where} enc_kwargs"), enc_hop=enc_hop, dec_hop=dec_hop,
                    encoder=Qwen2BackboneConfig.from_dict(enc["backbone"], f"{where} enc_kwargs.backbone"),
                    decoder=Qwen2BackboneConfig.from_dict(dec["backbone"], f"{where} dec_kwargs.backbone"))

@@ -227,7 +227,7 @@ def run_audio_vae_case(case_dir: Path, comparer_cls, device: str = "cpu") -> lis
 
         # encoder path of a voice-cloning prompt (register_prompt_wav)
         wav = inputs["prompt_wav"].to(device)
-        span = cfg.samples_per_latent * per_patch
+        span = cfg.encoder_samples_per_latent * per_patch
         padded = left_pad_to_multiple(wav, span)
         cmp.close("encode.padded_wav", padded, 0.0)
         etrace: dict = {}

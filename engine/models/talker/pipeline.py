@@ -197,7 +197,7 @@ class TalkerPipeline:
     def prompt_latents(self, wave: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """Spec §7.4: a random sample of the posterior (mean + std * eps), eps from `seed`."""
         cfg = self.vae.config
-        span = cfg.samples_per_latent * self.talker.config.patch_size
+        span = cfg.encoder_samples_per_latent * self.talker.config.patch_size
         padded = left_pad_to_multiple(wave.reshape(1, -1), span).to(self.vae.decoder.fc1.weight.device,
                                                                     self.vae.decoder.fc1.weight.dtype)
         with torch.inference_mode():

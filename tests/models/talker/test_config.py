@@ -54,7 +54,7 @@ def test_qwen2_backbone_fills_omitted_sliding_keys_as_transformers_does():
     max_window_layers 28. A 30-layer backbone without those keys made every layer full attention."""
     from engine.models.talker.config import Qwen2BackboneConfig
 
-    base = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "vocab_size": 1,
+    base = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1,
             "num_hidden_layers": 30, "use_sliding_window": True}
     cfg = Qwen2BackboneConfig.from_dict(base, "backbone")
     assert cfg.sliding_window == 4096
@@ -63,3 +63,33 @@ def test_qwen2_backbone_fills_omitted_sliding_keys_as_transformers_does():
     assert small.sliding_window == 8 and small.layer_types == ("full_attention",) + ("sliding_attention",) * 2
     off = Qwen2BackboneConfig.from_dict({**base, "use_sliding_window": False}, "b")
     assert off.sliding_window is None and set(off.layer_types) == {"full_attention"}
+
+
+def test_audio_vae_config_takes_upstream_defaults_for_omitted_keys():
+    """AudioVAEconfig defaults sample_rate to 16000 and the encoder reads hop_size with default 320; the
+    encoder hop need not equal the decoder's output_dim (frames of input_dim samples every hop_size)."""
+    base = json.loads((fixture_case("audio_vae") / "config.json").read_text())
+    d = json.loads(json.dumps(base))
+    del d["sample_rate"]
+    del d["enc_kwargs"]["hop_size"]
+    cfg = AudioVAEConfig.from_dict(d)
+    assert cfg.sample_rate == 16000 and cfg.enc_hop == 320 and cfg.dec_hop == 16
+    d = json.loads(json.dumps(base))
+    d["enc_kwargs"].update(hop_size=8, input_dim=16)
+    cfg = AudioVAEConfig.from_dict(d)
+    assert (cfg.enc_hop, cfg.enc_input_dim, cfg.dec_hop) == (8, 16, 16)
+    # prompt audio is padded to whole talker patches of *encoder* frames (spec §7.4: hop_size * VAE patch * patch)
+    assert cfg.encoder_samples_per_latent == 8 * 4 and cfg.samples_per_latent == 16 * 4
+
+
+def test_qwen2_backbone_fills_omitted_sizes_with_qwen2config_defaults():
+    """Qwen2Config.from_dict fills omitted keys with Qwen2Config's defaults (vocab 151936, intermediate
+    22016, 32 layers / heads / kv heads, rope_theta 10000); an explicit null kv-head count means MHA."""
+    from engine.models.talker.config import Qwen2BackboneConfig
+
+    cfg = Qwen2BackboneConfig.from_dict({"hidden_size": 64, "num_attention_heads": 32}, "b")
+    assert (cfg.vocab_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_key_value_heads) == (151936, 22016, 32, 32)
+    assert cfg.rope_theta == 10000.0 and cfg.max_position_embeddings == 32768
+    mha = Qwen2BackboneConfig.from_dict({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": None,
+                                         "vocab_size": 8, "intermediate_size": 8, "num_hidden_layers": 1}, "b")
+    assert mha.num_key_value_heads == 4

@@ -124,3 +124,32 @@ def test_streaming_without_latent_patching_bare_final_flush(tmp_path):
         parts = [s.push(latents[:, :2]), s.push(latents[:, 2:]), s.push(None, last=True)]
     assert parts[2].shape[1] == vae.decoder.head.n_fft - vae.decoder.head.hop - vae.decoder.head.pad
     assert (torch.cat(parts, 1) - one).abs().max() <= STREAM_ATOL
+
+
+def test_prompt_latents_pad_to_encoder_frames(tmp_path, tiny_talker_dir):
+    """The prompt span is encoder hop_size * VAE patch * talker patch (spec §7.4). With an encoder hop
+    of 8 and a decoder hop of 16, a 300-sample clip pads to 384 samples (12 latents), not to 512."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from engine.models.talker import tiny
+    from engine.models.talker.config import AudioVAEConfig
+    from engine.models.talker.model import load_talker
+    from engine.models.talker.pipeline import TalkerPipeline
+    from engine.models.talker.tokenizer import TalkerTokenizer
+    from engine.models.talker.vae import AudioVAE
+
+    cfg = tiny.tiny_vae_config()
+    cfg["enc_kwargs"].update(input_dim=16, hop_size=8)
+    cfg["dec_kwargs"]["output_dim"] = 16
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    with torch.device("cpu"):
+        module = AudioVAE(AudioVAEConfig.from_dict(cfg))
+    save_file(tiny._random_state(module, torch.Generator().manual_seed(6)), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    pipe = TalkerPipeline(tiny_talker_dir, load_talker(tiny_talker_dir), load_audio_vae(folder),
+                          TalkerTokenizer(tiny_talker_dir / "llm"))
+    lat = pipe.prompt_latents(torch.randn(300) * 0.1, seed=0)
+    assert lat.shape == (1, 12, 64)
