@@ -154,10 +154,16 @@ class DiTConfig:
     llm_cond_dim: int = 0
     pe_attn_head: int | None = None
     spk_dim: int | None = None
+    qk_norm: str | None = None  # None or "rms_norm" (per-head RMSNorm of q and k before the rotary)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def attn_dim(self) -> int:
+        """heads * head_dim: the q/k/v width, below hidden_size when heads do not divide it (as upstream)."""
+        return self.head_dim * self.num_heads
 
     @property
     def mlp_hidden(self) -> int:
@@ -167,12 +173,13 @@ class DiTConfig:
     def from_dict(cls, d: dict, defaults: dict, where: str, condition: bool) -> "DiTConfig":
         merged = {**defaults, **{k: v for k, v in d.items() if v is not None}}
         hidden, heads = _positive_int(merged, "hidden_size", where), _positive_int(merged, "num_heads", where)
-        if hidden % heads:
-            raise TalkerConfigError(f"{where}: hidden_size {hidden} is not a multiple of num_heads {heads}")
+        if hidden < heads:
+            raise TalkerConfigError(f"{where}: hidden_size {hidden} is smaller than num_heads {heads}")
         if (hidden // heads) % 2:
             raise TalkerConfigError(f"{where}: the head width {hidden // heads} must be even (rotary pairs)")
-        if d.get("qk_norm"):
-            raise TalkerConfigError(f"{where}: qk_norm={d['qk_norm']!r} is not implemented (the 2.0 talker has none)")
+        qk_norm = d.get("qk_norm")
+        if qk_norm not in (None, "rms_norm"):
+            raise TalkerConfigError(f"{where}: qk_norm={qk_norm!r} is not supported (None or 'rms_norm', as upstream)")
         in_ch = _positive_int(merged, "in_channels", where)
         if in_ch != LATENT_DIM:
             raise TalkerConfigError(f"{where}: in_channels must be the latent width {LATENT_DIM}, got {in_ch}")
@@ -181,7 +188,7 @@ class DiTConfig:
                    mlp_ratio=float(merged.get("mlp_ratio", 4.0)),
                    llm_cond_dim=_positive_int(merged, "llm_cond_dim", where) if condition else 0,
                    pe_attn_head=None if pe is None else _positive_int(d, "pe_attn_head", where),
-                   spk_dim=None if not d.get("spk_dim") else _positive_int(d, "spk_dim", where))
+                   spk_dim=None if not d.get("spk_dim") else _positive_int(d, "spk_dim", where), qk_norm=qk_norm)
 
 
 @dataclass(frozen=True)

@@ -54,21 +54,32 @@ def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Non-causal multi-head attention, no mask, biases on all projections (`to_q/to_k/to_v/to_out.0`).
-    Rotary on all heads, or on the first `pe_attn_head` heads when the config says so."""
+    """Non-causal multi-head attention, no mask, biases on all projections (`to_q/to_k/to_v/to_out.0`),
+    heads of hidden // heads channels (q/k/v are heads * head_dim wide). With `qk_norm="rms_norm"` each
+    head's q and k go through an RMSNorm (`q_norm` / `k_norm`, eps 1e-6) before the rotary. Rotary on
+    all heads, or on the first `pe_attn_head` heads when the config says so."""
 
-    def __init__(self, dim: int, heads: int, pe_attn_head: int | None = None):
+    def __init__(self, dim: int, heads: int, pe_attn_head: int | None = None, qk_norm: str | None = None):
         super().__init__()
         self.heads = heads
+        self.head_dim = dim // heads
+        inner = self.head_dim * heads
         self.pe_attn_head = pe_attn_head
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        if qk_norm == "rms_norm":
+            self.q_norm = RMSNorm(self.head_dim, NORM_EPS)
+            self.k_norm = RMSNorm(self.head_dim, NORM_EPS)
+        else:
+            self.q_norm = self.k_norm = None
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = (p(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, self.head_dim).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.pe_attn_head is None:
             q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
         else:
@@ -76,7 +87,7 @@ class Attention(nn.Module):
             q = torch.cat([apply_rotary(q[:, :pn], freqs), q[:, pn:]], dim=1)
             k = torch.cat([apply_rotary(k[:, :pn], freqs), k[:, pn:]], dim=1)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out[0](out.transpose(1, 2).reshape(b, n, d))
+        return self.to_out[0](out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -95,7 +106,7 @@ class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.norm1 = RMSNorm(cfg.hidden_size, NORM_EPS)
-        self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.pe_attn_head)
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.pe_attn_head, cfg.qk_norm)
         self.norm2 = RMSNorm(cfg.hidden_size, NORM_EPS)
         self.mlp = FeedForward(cfg.hidden_size, cfg.mlp_hidden)
 

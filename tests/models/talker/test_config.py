@@ -21,9 +21,9 @@ def test_fixture_configs_parse():
 
 @pytest.mark.parametrize("patch, message", [
     ({"architectures": ["BailingTalker"]}, "Preview talker"),
-    ({"flowmodel": {"qk_norm": "rms_norm"}}, "qk_norm"),
+    ({"flowmodel": {"qk_norm": "layer_norm"}}, "qk_norm"),
     ({"steps": 0}, "steps"),
-    ({"flowmodel": {"hidden_size": 50, "num_heads": 4}}, "multiple"),
+    ({"flowmodel": {"hidden_size": 60, "num_heads": 4}}, "even"),
 ])
 def test_unsupported_talker_configs_are_refused(patch, message):
     base = json.loads((fixture_case("talker") / "config.json").read_text())
