@@ -78,11 +78,12 @@ class DynamicKVCache:
 class StaticKVCache:
     """Fixed [B, kvh, capacity, d] buffers per layer. Writes go to tensor positions (`index_copy_`),
     so the same code runs eagerly or inside a CUDA graph. Eagerly, attention reads only the filled
-    prefix; `full_view=True` (graph capture) reads the whole buffer behind a position mask."""
+    prefix; `full_view=True` (graph capture) reads the whole buffer behind a position mask. A sliding
+    layer keeps every key but masks those at or beyond `window` positions back (i - window < j <= i)."""
 
     def __init__(self, cfg: Qwen2BackboneConfig, capacity: int, batch: int, dtype: torch.dtype, device):
-        if "sliding_attention" in cfg.layer_types[:cfg.num_hidden_layers]:
-            raise ValueError("StaticKVCache does not implement sliding-window layers")
+        self.windows = [cfg.sliding_window if t == "sliding_attention" else None
+                        for t in cfg.layer_types[:cfg.num_hidden_layers]]
         shape = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
@@ -94,12 +95,21 @@ class StaticKVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor):
         self.keys[layer].index_copy_(2, q_pos, k)
         self.values[layer].index_copy_(2, q_pos, v)
+        window = self.windows[layer]
         if self.full_view:
-            return self.keys[layer], self.values[layer], self._k_pos[None, :] <= q_pos[:, None]
+            return self.keys[layer], self.values[layer], self._mask(self._k_pos, q_pos, window)
         end = self.length + k.shape[2]
         kk, vv = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-        mask = None if k.shape[2] == 1 else self._k_pos[None, :end] <= q_pos[:, None]
-        return kk, vv, mask
+        if k.shape[2] == 1 and (window is None or end <= window):
+            return kk, vv, None
+        return kk, vv, self._mask(self._k_pos[:end], q_pos, window)
+
+    @staticmethod
+    def _mask(k_pos: torch.Tensor, q_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+        return allowed
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -1,0 +1,55 @@
+"""The talker's Qwen2 stack with a sliding window on some layers (spec §7.1: the LLM is built from
+talker/llm/config.json, whose use_sliding_window / sliding_window / max_window_layers upstream keeps):
+the static-cache decode the AR loop runs must equal a whole-sequence forward with the window mask."""
+
+import torch
+
+from engine.models.talker.backbone import Qwen2Backbone, StaticKVCache
+from engine.models.talker.config import Qwen2BackboneConfig
+
+ATOL = 1e-5
+
+
+def _sliding_llm(window: int) -> Qwen2Backbone:
+    cfg = Qwen2BackboneConfig.from_dict({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                                         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8,
+                                         "use_sliding_window": True, "sliding_window": window,
+                                         "max_window_layers": 1, "rope_theta": 10000.0}, "llm")
+    assert cfg.layer_types == ("full_attention", "sliding_attention", "sliding_attention")
+    torch.manual_seed(11)
+    model = Qwen2Backbone(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def test_static_cache_decode_applies_the_sliding_window():
+    model = _sliding_llm(window=5)
+    x = torch.randn(1, 14, 32, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        full = model(x)  # whole sequence: causal + window mask on the sliding layers
+        cache = StaticKVCache(model.config, 64, 1, torch.float32, "cpu")
+        steps = [model(x[:, :8], cache)]
+        for i in range(8, 14):
+            steps.append(model(x[:, i:i + 1], cache))
+    got = torch.cat(steps, dim=1)
+    assert cache.length == 14
+    assert (got - full).abs().max() <= ATOL
+    # the window matters here: without it the last positions differ
+    wide = _sliding_llm(window=64)
+    with torch.no_grad():
+        assert (wide(x)[:, -1] - full[:, -1]).abs().max() > 1e-3
+
+
+def test_static_cache_full_view_masks_the_window():
+    """The CUDA-graph path reads the whole buffer behind a position mask; the window must be in it."""
+    model = _sliding_llm(window=4)
+    x = torch.randn(1, 9, 32, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        full = model(x)
+        cache = StaticKVCache(model.config, 16, 1, torch.float32, "cpu")
+        model(x[:, :6], cache)
+        cache.full_view = True
+        steps = [model(x[:, i:i + 1], cache) for i in range(6, 9)]
+    assert (torch.cat(steps, 1) - full[:, 6:]).abs().max() <= ATOL
