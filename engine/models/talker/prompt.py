@@ -195,14 +195,15 @@ class TalkerPrompt:
 
 def build_prompt(tok: TalkerTokenizer, task_prompt: str, text: str, n_speakers: int = 0,
                  prompt_text: str | None = None, n_prompt_patches: int = 0, instruction: str | None = None) -> TalkerPrompt:
-    """Pieces of spec §7.2. Prompt text and prompt patches are only used together (cloning)."""
+    """Pieces of spec §7.2. Prompt text and prompt patches are only used together (cloning): when there
+    are prompt patches and `prompt_text` is not None (an empty transcript still places the patches)."""
     pieces: list[tuple[str, bool]] = [(SYSTEM_PIECE, True), (USER_PIECE, True), (task_prompt, True)]
     for i in range(1, n_speakers + 1):
         pieces += [(f"  speaker_{i}:", True), (VISION_START, True), (VISION_PAD, True), (f"{VISION_END}\n", True)]
     if not is_music_text(text):
         pieces.append((TEXT_INPUT_PIECE, True))
-    cloning = bool(prompt_text) and n_prompt_patches > 0
-    if cloning:
+    cloning = prompt_text is not None and n_prompt_patches > 0
+    if cloning and prompt_text:
         pieces.append((prompt_text, False))
     pieces += [(text, False), (END_USER_PIECE, True), (ASSISTANT_PIECE, True)]
     if instruction is not None:

@@ -63,3 +63,15 @@ def test_instruction_caption_format():
 def test_bad_instructions_list_valid_values(spec, message):
     with pytest.raises(InstructionError, match=message):
         Instruction.parse(spec)
+
+
+def test_empty_prompt_text_with_prompt_latents_still_places_the_patches(tok):
+    """Upstream inserts the prompt transcript and the <audioPatch> slots whenever prompt latents exist and
+    prompt_text is not None; an empty transcript ("") still gets the N_p patch slots after <audio>."""
+    p = build_prompt(tok, TASK_PROMPTS["speech"], "hi", n_speakers=1, prompt_text="", n_prompt_patches=3)
+    audio = tok.token_id("<audio>")
+    at = p.ids.index(audio)
+    assert p.latent_slots == [at + 1, at + 2, at + 3]
+    assert p.ids[at + 1:] == [tok.token_id("<audioPatch>")] * 3
+    none = build_prompt(tok, TASK_PROMPTS["speech"], "hi", n_speakers=1, prompt_text=None, n_prompt_patches=3)
+    assert not none.latent_slots and none.ids[-1] == audio
