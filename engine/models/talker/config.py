@@ -222,6 +222,10 @@ class TalkerConfig:
                   patch_size=_positive_int(talker, "patch_size", where, 4),
                   history_patch_size=_positive_int(talker, "history_patch_size", where, 32),
                   cfg_strength=float(talker.get("cfg_strength", 2.0)))
+        if cfg.history_patch_size < cfg.patch_size:
+            # upstream's history update has no case for a history shorter than one patch
+            raise TalkerConfigError(f"{where}: history_patch_size {cfg.history_patch_size} is smaller than "
+                                    f"patch_size {cfg.patch_size}; the latent history must hold at least one patch")
         return cfg
 
     @classmethod

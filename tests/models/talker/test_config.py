@@ -24,6 +24,7 @@ def test_fixture_configs_parse():
     ({"flowmodel": {"qk_norm": "layer_norm"}}, "qk_norm"),
     ({"steps": 0}, "steps"),
     ({"flowmodel": {"hidden_size": 60, "num_heads": 4}}, "even"),
+    ({"history_patch_size": 2}, "history_patch_size"),  # upstream's loop raises NotImplementedError
 ])
 def test_unsupported_talker_configs_are_refused(patch, message):
     base = json.loads((fixture_case("talker") / "config.json").read_text())
