@@ -1,13 +1,14 @@
 """Text for the talker: segmentation, normalisation and validation (spec §7.9).
 
-1. `Segmenter` accumulates units (English words, numbers, CJK characters, punctuation; whitespace does
-   not count) and closes a segment at `！？。，!?` once >= 12 units have accumulated (>= 8 after the
-   first segment), at `.` under the same counts unless the previous unit ends in a digit, and at a
-   newline (which becomes `，` in Chinese text or `.` after an English letter). It also runs
-   incrementally, for speak-while-thinking.
-2. `cut_by_semantic_length(max_len=50, min_tail=5)`: semantic length = CJK characters + English words;
-   split at sentence enders, then at `，;；`, merge short clauses, hard-split over-long ones; decimals and
-   capitalised abbreviations are never split.
+1. `Segmenter` accumulates the characters of the text (spaces count) and closes a segment at
+   `！？。，!?` once >= 12 have accumulated (>= 8 once a fragment exists), at `.` under the same counts
+   unless a digit precedes it, and at a newline under the same counts (the newline becomes `，` after
+   a CJK character in Chinese text, `.` after an English letter in other text, else nothing). It also
+   runs incrementally, for speak-while-thinking, with the same result.
+2. `cut_by_semantic_length(max_len=50, min_tail=5)`: semantic length = CJK characters + English
+   words; a longer segment has its ASCII punctuation turned into CJK punctuation, is split at
+   sentence enders, then at `，;；`, short clauses are merged and over-long ones packed; decimals and
+   dots between capitals are never split.
 3. `normalize`: fragments without CJK get English number normalisation (integers, decimals, ordinals,
    currency, percentages); fragments with CJK get Chinese number readings. Emoji and control characters
    are removed, a leading `，` is dropped.
@@ -20,6 +21,7 @@ is passed through as written.
 from __future__ import annotations
 
 import re
+import string
 import unicodedata
 from dataclasses import dataclass
 
@@ -31,11 +33,8 @@ MAX_SEMANTIC_LEN = 50
 MIN_TAIL = 5
 MAX_TEXT_CHARS = 10_000  # per request (documented limit; longer texts should be split by the caller)
 CLOSERS = set("！？。，!?")
-SENTENCE_ENDERS = "。！？!?."
-CLAUSE_BREAKS = "，;；"
 
 _CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_UNIT = re.compile(rf"[A-Za-z]+(?:'[A-Za-z]+)?|\d+(?:[.,]\d+)*|[{_CJK}]|\s+|.", re.S)
 _HAS_CJK = re.compile(f"[{_CJK}]")
 _SPEAKABLE = re.compile(rf"[A-Za-z0-9{_CJK}]|[^\W_]")
 
@@ -89,122 +88,182 @@ def check_text(text, what: str = "text") -> str:
 
 
 class Segmenter:
-    """Incremental segment closer (step 1). `feed(text)` returns the segments it closed."""
+    """Incremental segment closer (step 1). `feed(text)` returns the segments it closed.
+
+    The units are the characters of the text, as upstream iterates a plain string (spaces count too):
+      * `！？。，!?` closes once >= 12 units have accumulated, or >= 8 once a fragment has been produced;
+      * `.` closes under the same counts unless the character before it is a digit 0-9;
+      * a newline is not kept: in text holding CJK it becomes `，` after a CJK character (else it is
+        dropped), in other text it becomes `.` after an English letter (else it is dropped); the segment
+        then closes if the counts are met;
+      * at the end, what is left is a segment only if it holds a letter, a CJK character or a digit 1-9.
+    Feeding the text in pieces gives the same segments as feeding it whole."""
 
     def __init__(self):
         self.units: list[str] = []
-        self.count = 0
-        self.closed = 0
-        self.pending = ""  # a trailing partial unit (e.g. a word or number still being streamed)
+        self.fragments = 0  # fragments the closed segments cut into (upstream's count)
 
-    def _threshold(self) -> int:
-        return FIRST_SEGMENT_UNITS if self.closed == 0 else LATER_SEGMENT_UNITS
+    def _counts_met(self) -> int:
+        n = len(self.units)
+        return n >= FIRST_SEGMENT_UNITS or (self.fragments > 0 and n >= LATER_SEGMENT_UNITS)
 
-    def _close(self) -> str | None:
-        seg = "".join(self.units).strip()
-        self.units, self.count = [], 0
-        if seg:
-            self.closed += 1
-            return seg
-        return None
+    def _close(self, out: list[str]) -> None:
+        seg = "".join(self.units)
+        self.units = []
+        pieces = cut_by_semantic_length(seg)
+        if pieces:
+            self.fragments += len(pieces)
+            out.append(seg)
 
-    def _push(self, unit: str, out: list[str]) -> None:
-        if unit == "\n" or (unit.isspace() and "\n" in unit):
-            prev = next((u for u in reversed(self.units) if not u.isspace()), "")
-            if prev and prev[-1] not in CLOSERS and prev[-1] != ".":
-                if has_cjk("".join(self.units)):
-                    self.units.append("，")
-                elif prev[-1].isascii() and prev[-1].isalpha():
+    def _push(self, ch: str, out: list[str]) -> None:
+        if ch in CLOSERS and self._counts_met():
+            self.units.append(ch)
+            self._close(out)
+        elif ch == "." and self._counts_met() and not (self.units and self.units[-1][-1:] in _ASCII_DIGITS):
+            self.units.append(ch)
+            self._close(out)
+        elif ch == "\n":
+            if self.units:
+                prev = self.units[-1][-1:]
+                if _SEGMENT_CJK.search("".join(self.units)):
+                    if _SEGMENT_CJK.match(prev):
+                        self.units.append("，")
+                elif prev.isascii() and prev.isalpha():
                     self.units.append(".")
-            seg = self._close()
-            if seg:
-                out.append(seg)
-            return
-        self.units.append(unit)
-        if unit.isspace():
-            return
-        self.count += 1
-        if self.count >= self._threshold():
-            prev = self.units[-2] if len(self.units) >= 2 else ""
-            if unit in CLOSERS or (unit == "." and not (prev and prev[-1].isdigit())):
-                seg = self._close()
-                if seg:
-                    out.append(seg)
+            if self._counts_met():
+                self._close(out)
+        else:
+            self.units.append(ch)
 
     def feed(self, text: str) -> list[str]:
         out: list[str] = []
-        units = _UNIT.findall(self.pending + text)
-        # the last unit may continue in the next delta (a word or number cut mid-stream)
-        self.pending = units.pop() if units and re.fullmatch(r"[A-Za-z']+|\d+(?:[.,]\d+)*[.,]?", units[-1]) else ""
-        for u in units:
-            self._push(u, out)
+        for ch in text:
+            self._push(ch, out)
         return out
 
     def flush(self) -> list[str]:
         out: list[str] = []
-        if self.pending:
-            for u in _UNIT.findall(self.pending):
-                self._push(u, out)
-            self.pending = ""
-        seg = self._close()
-        if seg:
-            out.append(seg)
+        if self.units and _FINAL_SPEAKABLE.search("".join(self.units)):
+            self._close(out)
+        self.units = []
         return out
 
 
+_ASCII_DIGITS = "0123456789"
+_SEGMENT_CJK = re.compile(r"[\u4e00-\u9fff]")
+_FINAL_SPEAKABLE = re.compile(r"[a-zA-Z\u4e00-\u9fff1-9]")
+_SEMANTIC_CJK = re.compile(r"[\u4e00-\u9fa5]")
+_ENGLISH_WORD = re.compile(r"[a-zA-Z]+")
+# Protected dots (decimals, capital abbreviations) ride through the cut as this placeholder, which
+# itself counts as one English word of semantic length, as upstream's does.
+_DOT = "##DOT##"
+_ASCII_PUNCT_SPACE = set(string.punctuation + string.whitespace)
+_LONG_UNITS = re.compile(r"[\u4e00-\u9fa5]|[a-zA-Z]+|[^a-zA-Z\u4e00-\u9fa5]+")
+
+
 def semantic_length(text: str) -> int:
-    return len(_HAS_CJK.findall(text)) + len(re.findall(r"[A-Za-z]+(?:'[A-Za-z]+)?", text))
+    """CJK characters (U+4E00..U+9FA5) plus runs of English letters."""
+    return len(_SEMANTIC_CJK.findall(text)) + len(_ENGLISH_WORD.findall(text))
 
 
-_PROTECT = re.compile(r"\d\.\d|\b(?:[A-Z]\.){1,}[A-Z]?|\b(?:Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|vs|etc|e\.g|i\.e)\.")
+def _has_content(text: str) -> bool:
+    """Anything but ASCII punctuation and whitespace (CJK punctuation counts as content)."""
+    return any(ch not in _ASCII_PUNCT_SPACE for ch in text)
 
 
-def _split_keep(text: str, breaks: str) -> list[str]:
-    """Split after each break character, except inside protected spans (decimals, abbreviations)."""
-    protected = set()
-    for m in _PROTECT.finditer(text):
-        protected.update(range(m.start(), m.end()))
-    parts, start = [], 0
-    for i, ch in enumerate(text):
-        if ch in breaks and i not in protected:
-            parts.append(text[start:i + 1])
-            start = i + 1
-    if start < len(text):
-        parts.append(text[start:])
-    return [p for p in parts if p.strip()]
+def _append_fragment(fragments: list[str], new: str, max_len: int, min_tail: int) -> None:
+    new = new.lstrip("，,:;" + string.whitespace)
+    if not _has_content(new):
+        return
+    if not fragments:
+        fragments.append(new)
+        return
+    last = fragments[-1]
+    if semantic_length(last) + semantic_length(new) > max_len or \
+            (last.endswith(("。", "！", "？")) and semantic_length(new) < min_tail):
+        fragments.append(new)
+        return
+    sep = " " if not last.endswith(" ") and re.match(r"[a-zA-Z0-9]", new) else ""
+    fragments[-1] = last + sep + new
 
 
-def _hard_split(text: str, max_len: int) -> list[str]:
+def _split_long(text: str, max_len: int) -> list[str]:
+    """Greedy packing of CJK characters / English words / other runs up to max_len; a single unit
+    longer than that stands alone."""
     out, cur = [], ""
-    for unit in _UNIT.findall(text):
-        if cur and semantic_length(cur + unit) > max_len:
-            out.append(cur)
-            cur = unit.lstrip() if unit.isspace() else unit
-        else:
+    for unit in _LONG_UNITS.findall(text):
+        n = semantic_length(unit)
+        if semantic_length(cur) + n <= max_len:
             cur += unit
-    if cur.strip():
+            continue
+        if cur:
+            out.append(cur)
+        if n > max_len:
+            out.append(unit)
+            cur = ""
+        else:
+            cur = unit
+    if cur:
         out.append(cur)
     return out
 
 
+def _split_after(text: str, marks: str, clauses: bool) -> list[str]:
+    """Pieces ending at each mark, stripped; a clause without content joins the previous clause;
+    an unterminated last sentence gets a `。`."""
+    pieces, cur = [], ""
+    for ch in text + "\0":
+        if ch != "\0":
+            cur += ch
+        if ch in marks or (ch == "\0" and cur):
+            piece = cur.strip()
+            cur = ""
+            if not clauses:
+                if ch == "\0" and not piece.endswith(("。", "！", "？")):
+                    piece += "。"
+                if piece:
+                    pieces.append(piece)
+            elif piece and _has_content(piece):
+                pieces.append(piece)
+            elif piece and pieces:
+                pieces[-1] += piece
+    return pieces
+
+
 def cut_by_semantic_length(text: str, max_len: int = MAX_SEMANTIC_LEN, min_tail: int = MIN_TAIL) -> list[str]:
-    if semantic_length(text) <= max_len:
-        return [text]
-    pieces: list[str] = []
-    for sentence in _split_keep(text, SENTENCE_ENDERS):
-        if semantic_length(sentence) <= max_len:
-            pieces.append(sentence)
-            continue
-        for clause in _split_keep(sentence, CLAUSE_BREAKS):
-            pieces += [clause] if semantic_length(clause) <= max_len else _hard_split(clause, max_len)
-    merged: list[str] = []
-    for piece in pieces:  # merge short clauses into their neighbour while it stays within max_len
-        if merged and (semantic_length(piece) < min_tail or semantic_length(merged[-1]) < min_tail) \
-                and semantic_length(merged[-1] + piece) <= max_len:
-            merged[-1] += piece
-        else:
-            merged.append(piece)
-    return [m.strip() for m in merged if m.strip()]
+    """Step 3 (upstream's cut_text_by_semantic_length): fragments of semantic length <= max_len.
+
+    Decimal points and dots between capitals are protected; newlines become spaces and `。，` becomes
+    `。`. A text within max_len is one fragment as it stands. A longer one has `.!?,` turned into
+    `。！？，`, is split into sentences at `。！？` (a last one without an ender gets `。`), sentences into
+    clauses at `，;；`; a clause under min_tail joins the next when the pair fits, an over-long clause
+    is packed unit by unit, and each piece is appended to the previous fragment while the sum fits
+    (not after a sentence ender when the piece is under min_tail), with a space before a piece that
+    starts with a letter or digit."""
+    if not _has_content(text):
+        return []
+    work = re.sub(r"(\d)\.(\d)", r"\1" + _DOT + r"\2", text)
+    for _ in range(3):
+        work = re.sub(r"([A-Z])\.([A-Z])", r"\1" + _DOT + r"\2", work)
+    work = work.replace("\n", " ").replace("。，", "。")
+    if semantic_length(work) <= max_len:
+        return [work.replace(_DOT, ".")]
+    work = work.replace(".", "。").replace("!", "！").replace("?", "？").replace(",", "，")
+    fragments: list[str] = []
+    for sentence in _split_after(work, "。！？", clauses=False):
+        clauses = _split_after(sentence, "，;；", clauses=True)
+        i = 0
+        while i < len(clauses):
+            clause = clauses[i]
+            n = semantic_length(clause)
+            if n < min_tail and i + 1 < len(clauses) and semantic_length(clause + clauses[i + 1]) <= max_len:
+                _append_fragment(fragments, clause + clauses[i + 1], max_len, min_tail)
+                i += 2
+                continue
+            for piece in (_split_long(clause, max_len) if n > max_len else [clause]):
+                _append_fragment(fragments, piece, max_len, min_tail)
+            i += 1
+    return [f.replace(_DOT, ".") for f in fragments]
 
 
 # ----------------------------------------------------------------------------- number readings

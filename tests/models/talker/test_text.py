@@ -19,10 +19,28 @@ def test_period_after_digit_does_not_close():
     assert out == ["one two three four five six seven eight nine ten eleven 3. and then it ends here."]
 
 
-def test_newline_closes_and_becomes_punctuation():
+def test_newline_becomes_punctuation_and_closes_only_at_the_counts():
+    """A newline is replaced (，after CJK, . after an English letter) and closes the segment only once
+    the unit counts are met, like a closing mark: a short line runs on into the next."""
     seg = Segmenter()
-    assert seg.feed("第一行\n") == ["第一行，"]
-    assert seg.feed("second line\n") == ["second line."]
+    assert seg.feed("第一行\n") == []
+    assert seg.feed("第二行的内容比较长一些。") == ["第一行，第二行的内容比较长一些。"]
+    seg = Segmenter()
+    assert seg.feed("a line\n") == []
+    assert seg.flush() == ["a line."]
+    seg = Segmenter()
+    assert seg.feed("这是第一行的内容比较长\n") == ["这是第一行的内容比较长，"]  # 12 units: the newline closes
+
+
+def test_units_are_characters_spaces_included():
+    """Upstream iterates a plain string character by character, so the counts are characters (spaces
+    too), not words: the '?' after 34 characters closes although it is only the 9th word or mark."""
+    frags = segment_text("Hi there, how are you doing today? I am fine.")
+    assert [f.text for f in frags] == ["Hi there, how are you doing today?", "I am fine."]
+    # a trailing remainder is spoken only if it holds a letter, a CJK character or a digit 1-9
+    seg = Segmenter()
+    assert seg.feed("今天天气很好，我们一起去公园散步吧。0") == ["今天天气很好，我们一起去公园散步吧。"]
+    assert seg.flush() == []
 
 
 def test_incremental_feeding_matches_whole_text():
@@ -36,11 +54,32 @@ def test_incremental_feeding_matches_whole_text():
 
 
 def test_semantic_cut_keeps_decimals_and_abbreviations():
+    """A text over max_len has its ASCII punctuation turned into CJK punctuation and is cut at the
+    sentence enders; decimal points and dots between capitals are protected."""
     text = ("Dr. Smith measured 3.14 metres in the U.S. lab. " * 6).strip()
     parts = cut_by_semantic_length(text, max_len=20)
     assert all(semantic_length(p) <= 20 for p in parts)
-    assert "".join(p.replace(" ", "") for p in parts) == text.replace(" ", "")
-    assert not any(p.endswith("3.") or p.startswith("14") or p.endswith("Dr.") for p in parts)
+    joined = "".join(p.replace(" ", "") for p in parts)
+    assert joined == text.replace(" ", "").replace("3.14", "#").replace("U.S.", "U#S。").replace(".", "。") \
+        .replace("#S", ".S").replace("#", "3.14")
+    assert all("3.14" in p for p in parts if "measured" in p)
+
+
+def test_semantic_cut_short_text_stays_as_written():
+    assert cut_by_semantic_length("Hello, world. Fine!\nYes.") == ["Hello, world. Fine! Yes."]
+    assert cut_by_semantic_length("...!!!") == []
+
+
+def test_semantic_cut_merges_short_clauses_and_packs_long_ones():
+    # 好的 (2 < 5) joins the next clause only if the pair fits: not with 60 characters (62 > 50); the
+    # 60-character clause is packed 50 + 10, and 谢谢 (< 5) after a sentence end starts anew
+    parts = cut_by_semantic_length("好的，" + "我" * 60 + "。谢谢。")
+    assert parts == ["好的，", "我" * 50, "我" * 10 + "。", "谢谢。"]
+    assert cut_by_semantic_length("好的，谢谢你，" + "我" * 60 + "。")[0] == "好的，谢谢你，"
+    # a protected decimal counts as one word: 44 + 1 + 5 words is 50 (kept as written), with 3.14 it is
+    # 51, so the text is cut at its sentence end
+    assert cut_by_semantic_length("w " * 44 + "3 14. " + "v " * 5 + "end.") == ["w " * 44 + "3 14. " + "v " * 5 + "end."]
+    assert cut_by_semantic_length("w " * 44 + "3.14. " + "v " * 5 + "end.") == ["w " * 43 + "w 3.14。", "v " * 5 + "end。"]
 
 
 def test_number_readings():
