@@ -126,10 +126,11 @@ class FinalLayer(nn.Module):
 
 
 def sinusoidal_time(t: torch.Tensor, dim: int = TIME_EMBED_DIM, scale: float = TIME_SCALE) -> torch.Tensor:
-    """[B] -> [B, dim]: sin then cos of scale*t*f_k, f_k = exp(-k ln(10000)/(dim/2 - 1)), in fp32."""
+    """[B] -> [B, dim]: sin then cos of scale*t*f_k, f_k = exp(-k ln(10000)/(dim/2 - 1)), in fp32.
+    As in the reference, scale * t is formed in t's dtype (bf16 rounds it) before the fp32 product."""
     half = dim // 2
     freqs = torch.exp(torch.arange(half, device=t.device).float() * -(math.log(10000.0) / (half - 1)))
-    arg = scale * t.float()[:, None] * freqs[None, :]
+    arg = (scale * t).float()[:, None] * freqs[None, :]
     return torch.cat((arg.sin(), arg.cos()), dim=-1)
 
 

@@ -104,3 +104,20 @@ def test_aggregator_with_qk_norm_matches_the_spec():
         want = agg.final_layer.linear(_rms(seq[:, :1], agg.final_layer.norm_final.weight))
     assert got.shape == (3, 1, 24)
     assert (got - want).abs().max() <= ATOL * max(1.0, float(want.abs().max()))
+
+
+def test_time_embedding_scales_t_in_the_model_dtype():
+    """The reference multiplies t by 1000 in t's dtype (bf16 when the talker runs in bf16) and only then
+    by the fp32 frequencies: at t' = 0.8046875 (the bf16 sway knot near 0.805) 1000 t rounds to 804
+    in bf16, so the first sine is sin(804), not sin(804.6875) (0.69 rad apart)."""
+    from engine.models.talker.dit import sinusoidal_time
+
+    t = torch.tensor([0.80491], dtype=torch.bfloat16)
+    assert float(t) == 0.8046875
+    emb = sinusoidal_time(t)
+    assert emb.dtype == torch.float32
+    assert abs(float(emb[0, 0]) - math.sin(804.0)) < 1e-5
+    assert abs(float(emb[0, 128]) - math.cos(804.0)) < 1e-5
+    # fp32 t keeps full precision
+    t32 = torch.tensor([0.8046875])
+    assert abs(float(sinusoidal_time(t32)[0, 0]) - math.sin(804.6875)) < 1e-4
