@@ -67,8 +67,9 @@ class BailingTalker2(nn.Module):
         return x
 
     def stop_probability(self, h: torch.Tensor) -> torch.Tensor:
-        """softmax(stop_head(h))[..., 1] in fp32."""
-        return torch.softmax(self.stop_head(h).float(), dim=-1)[..., 1]
+        """softmax(stop_head(h))[..., 1], taken in the talker dtype as the reference does (in bf16 it
+        is rounded before the p > 0.5 test), returned as fp32."""
+        return torch.softmax(self.stop_head(h), dim=-1)[..., 1].float()
 
 
 def build_talker(cfg: TalkerConfig, device: torch.device | str = "meta") -> BailingTalker2:
