@@ -11,8 +11,9 @@ Tasks (spec §7.9, §7.10):
   podcast  multi-speaker dialogue lines " speaker_i:..." with one reference clip per speaker, one call.
 
 Streaming: every latent patch goes through the streaming VAE decoder and the silence holder, so the
-first chunk leaves after the first patches; each fragment of segmented text stops taking chunks once
-its audio reaches the characters-per-second bound of spec §7.5.
+first chunk leaves after the first patches; the first fragment of segmented text stops taking chunks
+once its audio reaches the characters-per-second bound of spec §7.5 (upstream streams, and so bounds,
+only that one; later fragments run until the stop head ends them).
 """
 
 from __future__ import annotations
@@ -287,6 +288,7 @@ class TalkerPipeline:
         total_audio = 0.0
         for index, frag in enumerate(frags):
             report.fragments.append(frag.text)
+            streamed_first = len(report.fragments) == 1
             prompt = build_prompt(self.tokenizer, task_prompt, frag.text, n_speakers=cond.n_speakers,
                                   prompt_text=cond.ref_text if cloning else None,
                                   n_prompt_patches=0 if lat_embeds is None else lat_embeds.shape[0],
@@ -303,8 +305,9 @@ class TalkerPipeline:
             try:
                 for patch in patches:
                     report.patches += 1
-                    capped = segmented and frag_audio * CHARS_RATE_NUM / CHARS_RATE_DEN >= len(frag.text) \
-                        and frag_audio > CHARS_MIN_SECONDS
+                    # upstream streams only the request's first fragment, and only it has the cut-off
+                    capped = segmented and streamed_first and \
+                        frag_audio * CHARS_RATE_NUM / CHARS_RATE_DEN >= len(frag.text) and frag_audio > CHARS_MIN_SECONDS
                     over = max_seconds is not None and total_audio + frag_audio >= max_seconds
                     last = patch.is_last or capped or over
                     if capped or over:

@@ -1,0 +1,27 @@
+"""TalkerPipeline product rules that follow the reference driver (spec §7.5, §7.9)."""
+
+import torch
+
+import engine.models.talker.pipeline as pl
+from engine.models.talker.generate import Patch
+from engine.models.talker.text import Fragment
+
+N_PATCHES = 30
+
+
+def _endless(*args, **kwargs):
+    """A talker that never fires its stop head before the last of N_PATCHES patches."""
+    for step in range(N_PATCHES):
+        yield Patch(torch.full((1, 4, 64), 0.1), 0.0, step == N_PATCHES - 1, step)
+
+
+def test_only_the_first_fragment_is_capped_by_the_character_rate(tiny_pipeline, monkeypatch):
+    """The characters-per-second cut-off stops taking chunks of the streamed fragment; upstream streams
+    only the first fragment, so the later ones run until the stop head (or the loop bound) ends them."""
+    monkeypatch.setattr(pl, "generate_patches", _endless)
+    report = pl.SynthesisReport()
+    frags = [Fragment("短句。", "短句。"), Fragment("第二句。", "第二句。"), Fragment("三。", "三。")]
+    list(tiny_pipeline.synthesize(pl.SpeechRequest(text="x"), report=report, fragments=frags))
+    assert report.capped == [0]
+    first = report.patches - 2 * N_PATCHES
+    assert 0 < first < N_PATCHES  # the first fragment stopped early, the other two ran all their patches
