@@ -249,7 +249,8 @@ class AudioVAEConfig:
     dec_hop: int
     encoder: Qwen2BackboneConfig
     decoder: Qwen2BackboneConfig
-    latent_dim: int = LATENT_DIM
+    latent_dim: int = LATENT_DIM       # enc_kwargs.latent_dim: the posterior's width (fc3 gives 2x)
+    dec_latent_dim: int = LATENT_DIM   # dec_kwargs.latent_dim: what the decoder's fc1 takes
     encoder_aggregator_layers: int = 4  # fixed upstream [V]
 
     @property
@@ -283,15 +284,15 @@ class AudioVAEConfig:
         if not isinstance(patch, int) or (patch != -1 and patch <= 0):
             raise TalkerConfigError(f"{where}: patch_size must be -1 or a positive integer, got {patch!r}")
         for side, kw in (("enc_kwargs", enc), ("dec_kwargs", dec)):
-            lat = kw.get("latent_dim", LATENT_DIM)
-            if lat != LATENT_DIM:
-                raise TalkerConfigError(f"{where}: {side}.latent_dim must be {LATENT_DIM}, got {lat}")
+            _positive_int(kw, "latent_dim", f"{where} {side}", LATENT_DIM)
             if not isinstance(kw.get("backbone"), dict):
                 raise TalkerConfigError(f"{where}: {side}.backbone (a Qwen2 config) is required")
         enc_hop = _positive_int(enc, "hop_size", f"{where} enc_kwargs", VAE_DEFAULT_ENCODER_HOP)
         dec_hop = _positive_int(dec, "output_dim", f"{where} dec_kwargs")
         return cls(sample_rate=_positive_int(d, "sample_rate", where, VAE_DEFAULT_SAMPLE_RATE), patch_size=patch,
                    enc_input_dim=_positive_int(enc, "input_dim", f"{where} enc_kwargs"), enc_hop=enc_hop, dec_hop=dec_hop,
+                   latent_dim=_positive_int(enc, "latent_dim", where, LATENT_DIM),
+                   dec_latent_dim=_positive_int(dec, "latent_dim", where, LATENT_DIM),
                    encoder=Qwen2BackboneConfig.from_dict(enc["backbone"], f"{where} enc_kwargs.backbone"),
                    decoder=Qwen2BackboneConfig.from_dict(dec["backbone"], f"{where} dec_kwargs.backbone"))
 

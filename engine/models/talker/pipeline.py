@@ -123,6 +123,10 @@ class TalkerPipeline:
             raise TalkerError(f"{folder}: no talker folder in this checkpoint")
         talker = load_talker(folder, dtype=dtype, device=device)
         vae = load_audio_vae(folder / "vae", dtype=dtype, device=device)
+        width = talker.config.latent_dim
+        if (vae.config.latent_dim, vae.config.dec_latent_dim) != (width, width):
+            raise TalkerError(f"{folder / 'vae' / 'config.json'}: latent_dim {vae.config.latent_dim} (encoder) / "
+                              f"{vae.config.dec_latent_dim} (decoder) do not match the talker's {width}-d latents")
         tok = TalkerTokenizer(folder / "llm")
         pipe = cls(folder, talker, vae, tok)
         if cuda_graphs and torch.device(device).type == "cuda":

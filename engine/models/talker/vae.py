@@ -124,7 +124,7 @@ class Decoder(nn.Module):
         super().__init__()
         b = cfg.decoder
         self.cfg = cfg
-        self.fc1 = nn.Linear(cfg.latent_dim, b.hidden_size)
+        self.fc1 = nn.Linear(cfg.dec_latent_dim, b.hidden_size)
         self.decoder = Qwen2Backbone(b)
         self.head = ISTFTHead(b.hidden_size, cfg.n_fft, cfg.dec_hop)
 

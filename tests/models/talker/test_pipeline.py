@@ -25,3 +25,26 @@ def test_only_the_first_fragment_is_capped_by_the_character_rate(tiny_pipeline, 
     assert report.capped == [0]
     first = report.patches - 2 * N_PATCHES
     assert 0 < first < N_PATCHES  # the first fragment stopped early, the other two ran all their patches
+
+
+def test_a_vae_of_another_latent_width_is_refused_with_the_talker(tiny_talker_dir, tmp_path):
+    import json
+    import shutil
+
+    import pytest
+
+    folder = tmp_path / "talker"
+    shutil.copytree(tiny_talker_dir, folder)
+    cfg = json.loads((folder / "vae" / "config.json").read_text())
+    cfg["enc_kwargs"]["latent_dim"] = cfg["dec_kwargs"]["latent_dim"] = 32
+    (folder / "vae" / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import save_file
+
+    from engine.models.talker import tiny
+    from engine.models.talker.config import AudioVAEConfig
+    from engine.models.talker.vae import AudioVAE
+    with torch.device("cpu"):
+        vae = AudioVAE(AudioVAEConfig.from_dict(cfg))
+    save_file(tiny._random_state(vae, torch.Generator().manual_seed(1)), str(folder / "vae" / "model.safetensors"))
+    with pytest.raises(pl.TalkerError, match="latent_dim"):
+        pl.TalkerPipeline.load(folder)

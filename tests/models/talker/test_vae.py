@@ -153,3 +153,35 @@ def test_prompt_latents_pad_to_encoder_frames(tmp_path, tiny_talker_dir):
                           TalkerTokenizer(tiny_talker_dir / "llm"))
     lat = pipe.prompt_latents(torch.randn(300) * 0.1, seed=0)
     assert lat.shape == (1, 12, 64)
+
+
+def test_vae_latent_width_comes_from_its_config(tmp_path):
+    """The AudioVAE reads enc_kwargs.latent_dim / dec_kwargs.latent_dim (only the talker hard-codes 64):
+    a 32-wide VAE encodes to 32-d posteriors and decodes 32-d latents, streamed as one-shot."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from engine.models.talker import tiny
+    from engine.models.talker.config import AudioVAEConfig
+    from engine.models.talker.vae import AudioVAE
+
+    cfg = tiny.tiny_vae_config()
+    cfg["enc_kwargs"].update(input_dim=16, hop_size=16, latent_dim=32)
+    cfg["dec_kwargs"].update(output_dim=16, latent_dim=32)
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    with torch.device("cpu"):
+        module = AudioVAE(AudioVAEConfig.from_dict(cfg))
+    save_file(tiny._random_state(module, torch.Generator().manual_seed(9)), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    vae = load_audio_vae(folder)
+    assert vae.encoder.fc3.weight.shape[0] == 64 and vae.decoder.fc1.weight.shape[1] == 32
+    with torch.inference_mode():
+        post = vae.posterior(torch.randn(1, 16 * 4 * 6) * 0.1)
+        assert post.mean.shape == (1, 6, 32)
+        lat = torch.randn(1, 8, 32)
+        one = vae.decode(lat)
+        s = vae.stream()
+        streamed = torch.cat([s.push(lat[:, :4]), s.push(lat[:, 4:], last=True)], 1)
+    assert one.shape == (1, 8 * 64) and (streamed - one).abs().max() <= STREAM_ATOL
