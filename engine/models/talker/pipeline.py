@@ -260,18 +260,26 @@ class TalkerPipeline:
         return TASK_PROMPTS["speech"], frags, True
 
     # ------------------------------------------------------------------ synthesis
+    def effective_conditioning(self, req: SpeechRequest) -> Conditioning:
+        """The voice a request speaks with. Free-text style (voice design) and, when no voice or
+        reference clip is given, a character voice (IP) run with the zero speaker vector in one speaker
+        slot, as the reference runs them (use_zero_spk_emb, spec §7.3, §7.10)."""
+        cond, inst = req.conditioning, req.instruct
+        if inst is not None and inst.uses_zero_speaker and cond.speaker is not None:
+            raise InstructionError("a style (voice design) instruction makes a new voice: do not also give a voice "
+                                   "or a reference clip")
+        if inst is not None and (inst.uses_zero_speaker or
+                                 (inst.ip is not None and cond.speaker is None and cond.latents is None)):
+            return Conditioning(zero_speaker=True)
+        return cond
+
     def synthesize(self, req: SpeechRequest, cancel: threading.Event | None = None,
                    report: SynthesisReport | None = None, fragments: list[Fragment] | None = None) -> Iterator[WaveChunk]:
         """Stream waveform chunks for a request (or for given `fragments`, speak-while-thinking)."""
         report = report if report is not None else SynthesisReport()
         task_prompt, frags, segmented = self.plan(req) if fragments is None else (TASK_PROMPTS["speech"], fragments, True)
         params = self._sampling(req)
-        cond = req.conditioning
-        if req.instruct is not None and req.instruct.uses_zero_speaker and cond.speaker is not None:
-            raise InstructionError("a style (voice design) instruction makes a new voice: do not also give a voice "
-                                   "or a reference clip")
-        if req.instruct is not None and req.instruct.uses_zero_speaker:
-            cond = Conditioning(zero_speaker=True)
+        cond = self.effective_conditioning(req)
         caption = req.instruct.caption() if req.instruct is not None else None
         noise = NoiseSource(req.seed)
         talker = self.talker

@@ -48,3 +48,20 @@ def test_a_vae_of_another_latent_width_is_refused_with_the_talker(tiny_talker_di
     save_file(tiny._random_state(vae, torch.Generator().manual_seed(1)), str(folder / "vae" / "model.safetensors"))
     with pytest.raises(pl.TalkerError, match="latent_dim"):
         pl.TalkerPipeline.load(folder)
+
+
+def test_character_voice_without_a_voice_uses_the_zero_speaker_slot(tiny_pipeline):
+    """The reference runs IP (character voice) instructions, like free-text style, with
+    use_zero_spk_emb: one speaker slot holding a zero vector; a given voice is used as it is."""
+    from engine.models.talker.prompt import Instruction
+
+    ip = Instruction.parse({"ip": "水浒传_武松"})
+    cond = tiny_pipeline.effective_conditioning(pl.SpeechRequest(text="x", instruct=ip))
+    assert cond.zero_speaker and cond.n_speakers == 1
+    style = Instruction.parse({"style": "低沉的男声"})
+    assert tiny_pipeline.effective_conditioning(pl.SpeechRequest(text="x", instruct=style)).zero_speaker
+    voice = pl.Conditioning(speaker=torch.zeros(1, 192))
+    kept = tiny_pipeline.effective_conditioning(pl.SpeechRequest(text="x", instruct=ip, conditioning=voice))
+    assert kept is voice and not kept.zero_speaker
+    plain = tiny_pipeline.effective_conditioning(pl.SpeechRequest(text="x", instruct=Instruction.parse({"emotion": "happy"})))
+    assert plain.n_speakers == 0
