@@ -334,6 +334,7 @@ class Engine:
 
     def _conditioning(self, voice, ref_audio, ref_text, sample_rate, seed, notes: dict):
         from engine.models.talker.pipeline import Conditioning  # noqa: PLC0415
+        from engine.models.talker.prompt import podcast_text  # noqa: PLC0415
         if voice is not None and ref_audio is not None:
             raise MediaError("give either a saved voice or a reference clip, not both")
         if voice is not None:
@@ -343,14 +344,14 @@ class Engine:
                 return conds[0]
             return Conditioning(speaker=torch.cat([c.speaker for c in conds]),
                                 latents=torch.cat([c.latents for c in conds], dim=1),
-                                ref_text="\n".join(f" speaker_{i + 1}:{c.ref_text or ''}" for i, c in enumerate(conds)))
+                                ref_text=podcast_text([c.ref_text or "" for c in conds]))
         if ref_audio is None:
             return Conditioning()
         clips = list(ref_audio) if isinstance(ref_audio, list) else [ref_audio]
         cond = self.talker.clone_conditioning(clips, [sample_rate] * len(clips), ref_text, seed)  # checks the clips
         if ref_text is None:
             texts = [self._asr_text(c, sample_rate) for c in clips]
-            asr = texts[0] if len(texts) == 1 else "\n".join(f" speaker_{i + 1}:{t}" for i, t in enumerate(texts))
+            asr = texts[0] if len(texts) == 1 else podcast_text(texts)
             notes["ref_text_from_asr"] = asr
             cond.ref_text = asr or None
         return cond

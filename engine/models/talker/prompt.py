@@ -181,6 +181,11 @@ def music_text(genre: str, mood: str, instrument: str, theme: str, duration_s: f
     return " " + " ".join(parts) + f" Duration: {int(round(duration_s))}s."
 
 
+def podcast_text(lines: list[str]) -> str:
+    """Dialogue lines as the talker reads them: ' speaker_1:...\n speaker_2:...\n' (spec §7.10)."""
+    return "".join(f" speaker_{i + 1}:{line}\n" for i, line in enumerate(lines))
+
+
 def is_music_text(text: str) -> bool:
     return all(k in text for k in BGM_TEXT_KEYS)
 

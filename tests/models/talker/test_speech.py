@@ -172,3 +172,22 @@ def test_engine_without_talker_says_so(tiny_engine, tmp_path):
     assert not e.has_talker
     _, err = run(e.speak("hello"))
     assert isinstance(err, Error) and err.code == "talker_unavailable" and "talker" in err.message
+
+
+def test_podcast_reference_transcripts_follow_the_reference_layout(tiny_engine):
+    """Multi-speaker prompt text is ' speaker_1:...\n speaker_2:...\n' (each line ends in a newline, so the
+    target dialogue starts on its own line); two saved voices combine their transcripts that way."""
+    from engine.models.talker.prompt import podcast_text
+
+    assert podcast_text(["We had exams.", "Exactly."]) == " speaker_1:We had exams.\n speaker_2:Exactly.\n"
+    tiny_engine.save_voice("pod a", wav_file(tone(1.0), 22050, 1), ref_text="We had exams.")
+    tiny_engine.save_voice("pod b", wav_file(tone(1.2), 22050, 1), ref_text="Exactly.")
+    try:
+        cond = tiny_engine._conditioning(["pod a", "pod b"], None, None, None, None, {})
+        assert cond.ref_text == " speaker_1:We had exams.\n speaker_2:Exactly.\n"
+        text = " speaker_1:Could you say that again?\n speaker_2:Sure, it is a comedy.\n"
+        _, done = run(tiny_engine.speak(text, task="podcast", voice=["pod a", "pod b"], seed=2, max_seconds=1.0))
+        assert isinstance(done, Done)
+    finally:
+        tiny_engine.delete_voice("pod a")
+        tiny_engine.delete_voice("pod b")
