@@ -94,8 +94,8 @@ class Segmenter:
       * `！？。，!?` closes once >= 12 units have accumulated, or >= 8 once a fragment has been produced;
       * `.` closes under the same counts unless the character before it is a digit 0-9;
       * a newline is not kept: in text holding CJK it becomes `，` after a CJK character (else it is
-        dropped), in other text it becomes `.` after an English letter (else it is dropped); the segment
-        then closes if the counts are met;
+        dropped), in other text it becomes `.` after an English letter (else it is dropped but still
+        counts as a unit); the segment then closes if the counts are met;
       * at the end, what is left is a segment only if it holds a letter, a CJK character or a digit 1-9.
     Feeding the text in pieces gives the same segments as feeding it whole."""
 
@@ -128,8 +128,8 @@ class Segmenter:
                 if _SEGMENT_CJK.search("".join(self.units)):
                     if _SEGMENT_CJK.match(prev):
                         self.units.append("，")
-                elif prev.isascii() and prev.isalpha():
-                    self.units.append(".")
+                else:  # dropped after anything but a letter, yet it still counts as a unit, as upstream's ""
+                    self.units.append("." if prev.isascii() and prev.isalpha() else "")
             if self._counts_met():
                 self._close(out)
         else:

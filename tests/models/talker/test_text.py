@@ -100,3 +100,11 @@ def test_bad_text_is_refused(text, message):
 
 def test_emoji_are_dropped_from_speech():
     assert [f.text for f in segment_text("Hello 😀 world")] == ["Hello world"]
+
+
+def test_a_dropped_newline_still_counts_as_a_unit():
+    """In text without CJK a newline after anything but a letter is dropped, yet upstream still counts it
+    (it appends an empty unit): eleven digits and a newline make the twelve units that close a segment."""
+    seg = Segmenter()
+    assert seg.feed("12345678901\nabc") == ["12345678901"]
+    assert seg.flush() == ["abc"]
