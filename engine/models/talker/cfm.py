@@ -65,6 +65,13 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
 
 
+def sde_scalars(params: SamplingParams, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cfg, sigma * sqrt(temperature)) as 0-d tensors formed as the reference forms them: the three
+    settings held in the talker dtype, the noise scale computed in it (bf16 rounds each step)."""
+    args = torch.tensor([params.cfg, params.sigma, params.temperature], dtype=dtype, device=device)
+    return args[0], args[1] * args[2] ** 0.5
+
+
 class CFM(nn.Module):
     """Holds the DiT as `model` (checkpoint prefix `cfm.model.`)."""
 

@@ -13,7 +13,7 @@ import threading
 import torch
 
 from engine.models.talker.backbone import StaticKVCache
-from engine.models.talker.cfm import SamplingParams, time_grid
+from engine.models.talker.cfm import SamplingParams, sde_scalars, time_grid
 from engine.models.talker.config import MAX_CACHE_LEN
 from engine.models.talker.model import BailingTalker2
 
@@ -92,7 +92,8 @@ class GraphRunner:
         self.his.copy_(his)
         self.y0.copy_(y0)
         self.sde.copy_(sde)
-        self.cfg_t.fill_(params.cfg)
-        self.noise_scale_t.fill_(params.noise_scale)
+        cfg, noise_scale = sde_scalars(params, self.cfg_t.dtype, self.cfg_t.device)
+        self.cfg_t.copy_(cfg)
+        self.noise_scale_t.copy_(noise_scale)
         self.patch_graph.replay()
         return self.gen_out.clone(), self.next_out.clone(), self.p_out.clone()
