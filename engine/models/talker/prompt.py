@@ -160,7 +160,9 @@ class Instruction:
     def caption(self) -> str | None:
         if not any([self.dialect, self.emotion, self.speed, self.pitch, self.volume, self.ip, self.style, self.bgm]):
             return None
-        bgm = {k: self.bgm.get(k) for k in BGM_FIELDS}
+        # the caller's BGM keys in the caller's order (the reference takes the caller's object as
+        # given), then any of the six it left out, as null
+        bgm = {**self.bgm, **{k: None for k in BGM_FIELDS if k not in self.bgm}}
         entry = {"序号": 1, "说话人": "speaker_1", "方言": self.dialect, "风格": self.style, "语速": self.speed,
                  "基频": self.pitch, "音量": self.volume, "情感": self.emotion, "BGM": bgm, "IP": self.ip}
         if bgm.get("SNR") is not None:

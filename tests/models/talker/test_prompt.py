@@ -75,3 +75,25 @@ def test_empty_prompt_text_with_prompt_latents_still_places_the_patches(tok):
     assert p.ids[at + 1:] == [tok.token_id("<audioPatch>")] * 3
     none = build_prompt(tok, TASK_PROMPTS["speech"], "hi", n_speakers=1, prompt_text=None, n_prompt_patches=3)
     assert not none.latent_slots and none.ids[-1] == audio
+
+
+def _reference_caption(user: dict) -> str:
+    """The caption as the reference builds it: the template's top-level keys filled from the caller,
+    BGM taken as the caller's object (its key order), reordered when BGM.SNR is set."""
+    bgm = {"Genre": None, "Mood": None, "Instrument": None, "Theme": None, "ENV": None, "SNR": None}
+    entry = {"序号": 1, "说话人": "speaker_1", "方言": None, "风格": None, "语速": None, "基频": None, "音量": None,
+             "情感": None, "BGM": bgm, "IP": None}
+    entry.update({k: v for k, v in user.items() if k in entry})
+    if entry["BGM"].get("SNR") is not None:
+        entry = {k: entry[k] for k in ("序号", "说话人", "BGM", "情感", "方言", "风格", "语速", "基频", "音量", "IP")}
+    return json.dumps({"audio_sequence": [entry]}, ensure_ascii=False)
+
+
+@pytest.mark.parametrize("bgm", [
+    {"Genre": "新灵魂乐.", "Mood": "多愁善感/忧郁/孤独.", "Instrument": "原声钢琴.", "Theme": "分手.", "SNR": 10.0, "ENV": None},
+    {"ENV": "Birds chirping", "SNR": 10.0, "Genre": None, "Mood": None, "Instrument": None, "Theme": None},
+])
+def test_bgm_caption_keeps_the_callers_key_order(bgm):
+    """Speech + BGM and speech + sound captions as the reference's examples pass them: the BGM object
+    is the caller's, in the caller's key order (SNR before ENV, or ENV first), not the template's."""
+    assert Instruction.parse({"bgm": dict(bgm)}).caption() == _reference_caption({"BGM": bgm})
