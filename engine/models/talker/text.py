@@ -103,7 +103,7 @@ class Segmenter:
         self.units: list[str] = []
         self.fragments = 0  # fragments the closed segments cut into (upstream's count)
 
-    def _counts_met(self) -> int:
+    def _counts_met(self) -> bool:
         n = len(self.units)
         return n >= FIRST_SEGMENT_UNITS or (self.fragments > 0 and n >= LATER_SEGMENT_UNITS)
 
