@@ -89,20 +89,26 @@ class ISTFTHead(nn.Module):
         self.istft = nn.Module()
         self.istft.register_buffer("window", torch.hann_window(n_fft))
 
+    def _window(self) -> torch.Tensor:
+        """The Hann window in the head's dtype: the reference's buffer is cast with the model (bf16)."""
+        return self.istft.window.to(self.out.weight.dtype)
+
     def spectrum_frames(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, hidden] -> windowed time-domain frames [B, T, n_fft] (before overlap-add), fp32."""
-        out = self.out(x).float()
-        mag, phase = out.chunk(2, dim=-1)
-        mag = torch.clamp(torch.exp(mag), max=MAX_LOG_MAGNITUDE_EXP)
-        spec = torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
-        return torch.fft.irfft(spec, n=self.n_fft, dim=-1) * self.istft.window.float()
+        """[B, T, hidden] -> windowed time-domain frames [B, T, n_fft] (before overlap-add), fp32.
+        As in the reference, exp / clamp / cos / sin are taken in the head's dtype (bf16 rounds them),
+        the complex spectrum, inverse FFT and window product in fp32."""
+        mag, phase = self.out(x).chunk(2, dim=-1)
+        mag = torch.clamp(torch.exp(mag), max=MAX_LOG_MAGNITUDE_EXP).float()
+        spec = torch.complex(mag * torch.cos(phase).float(), mag * torch.sin(phase).float())
+        return torch.fft.irfft(spec, n=self.n_fft, dim=-1) * self._window().float()
 
     def overlap_add(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Overlap-add [B, T, n_fft] frames with stride hop: (audio [B, (T-1) hop + n_fft], envelope [same])."""
+        """Overlap-add [B, T, n_fft] frames with stride hop: (audio [B, (T-1) hop + n_fft] fp32, envelope
+        [same] of the squared window, folded in the head's dtype as the reference does)."""
         b, t, n = frames.shape
         size = (t - 1) * self.hop + n
         audio = F.fold(frames.transpose(1, 2), output_size=(1, size), kernel_size=(1, n), stride=(1, self.hop))[:, 0, 0]
-        wsq = self.istft.window.float().square()[None, :, None].expand(1, n, t)
+        wsq = self._window().square()[None, :, None].expand(1, n, t)
         env = F.fold(wsq, output_size=(1, size), kernel_size=(1, n), stride=(1, self.hop))[0, 0, 0]
         return audio, env
 

@@ -185,3 +185,36 @@ def test_vae_latent_width_comes_from_its_config(tmp_path):
         s = vae.stream()
         streamed = torch.cat([s.push(lat[:, :4]), s.push(lat[:, 4:], last=True)], 1)
     assert one.shape == (1, 8 * 64) and (streamed - one).abs().max() <= STREAM_ATOL
+
+
+def test_istft_head_in_bf16_rounds_as_the_reference():
+    """In a bf16 VAE the reference takes exp / clip / cos / sin of the head output in bf16, builds the
+    complex spectrum in complex64, multiplies by its bf16 window and folds the bf16 squared window into
+    a bf16 envelope; the fp32 path we took instead was ~1e-3 off (relative)."""
+    import torch.nn.functional as F
+
+    from engine.models.talker.vae import ISTFTHead
+
+    torch.manual_seed(4)
+    hop, n_fft, t = 16, 64, 9
+    head = ISTFTHead(32, n_fft, hop)
+    with torch.no_grad():
+        head.out.weight.normal_(0, 0.3)
+        head.out.bias.normal_(0, 0.3)
+    head = head.to(torch.bfloat16)
+    x = torch.randn(1, t, 32).bfloat16()
+    with torch.no_grad():
+        got = head(x)
+        out = head.out(x)
+        m, p = out.transpose(1, 2).chunk(2, dim=1)
+        spec = torch.clip(torch.exp(m), max=1e2) * (torch.cos(p) + 1j * torch.sin(p))
+        w = head.istft.window  # bf16 after .to(bfloat16), as the reference's buffer
+        frames = torch.fft.irfft(spec, n_fft, dim=1) * w[None, :, None]
+        size = (t - 1) * hop + n_fft
+        y = F.fold(frames, output_size=(1, size), kernel_size=(1, n_fft), stride=(1, hop))[:, 0, 0, :]
+        env = F.fold(w.square().expand(1, t, -1).transpose(1, 2), output_size=(1, size), kernel_size=(1, n_fft),
+                     stride=(1, hop)).squeeze()
+        pad = (n_fft - hop) // 2
+        want = y[:, pad:-pad] / env[pad:-pad]
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
