@@ -28,12 +28,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryTable(nn.Module):
-    """cos/sin of standard RoPE for given positions (computed in fp32, cast to the activations' dtype)."""
+    """cos/sin of standard RoPE for given positions (computed in fp32, cast to the activations' dtype).
+    `model_dtype`: the dtype the stack runs in; the reference casts the whole model with .to(dtype),
+    which also rounds this (non-persistent) inv_freq buffer, so a bf16 stack uses bf16-rounded values."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, model_dtype: torch.dtype = torch.float32):
         super().__init__()
         inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv, persistent=False)
+        self.register_buffer("inv_freq", inv.to(model_dtype).float(), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]

@@ -91,8 +91,9 @@ def load_talker(folder: str | Path, dtype: torch.dtype = torch.float32, device: 
     with files.reader() as reader:
         consumed = load_module(module, reader, "", dtype, device, keep_fp32=(), progress=progress)
     check_unexpected(files, consumed)
-    # non-persistent buffers (the LLM's RoPE inv_freq) are rebuilt on the device in fp32
-    module.model.rotary = type(module.model.rotary)(cfg.llm.head_dim, cfg.llm.rope_theta).to(device)
+    # non-persistent buffers (the LLM's RoPE inv_freq) are rebuilt on the device, rounded to the model
+    # dtype as the reference's .to(dtype) rounds them
+    module.model.rotary = type(module.model.rotary)(cfg.llm.head_dim, cfg.llm.rope_theta, dtype).to(device)
     module.eval()
     module.load_seconds = time.perf_counter() - t0
     return module

@@ -296,7 +296,7 @@ def load_audio_vae(folder: str | Path, dtype: torch.dtype = torch.float32, devic
     check_unexpected(files, consumed)
     for backbone in (vae.encoder.encoder, getattr(vae.encoder, "aggregator", None), vae.decoder.decoder):
         if backbone is not None:
-            backbone.rotary = RotaryTable(backbone.config.head_dim, backbone.config.rope_theta).to(device)
+            backbone.rotary = RotaryTable(backbone.config.head_dim, backbone.config.rope_theta, dtype).to(device)
     vae.eval()
     vae.load_seconds = time.perf_counter() - t0
     return vae

@@ -53,3 +53,21 @@ def test_static_cache_full_view_masks_the_window():
         cache.full_view = True
         steps = [model(x[:, i:i + 1], cache) for i in range(6, 9)]
     assert (torch.cat(steps, 1) - full[:, 6:]).abs().max() <= ATOL
+
+
+def test_rope_inverse_frequencies_are_rounded_to_the_model_dtype(tiny_talker_dir):
+    """The reference casts the whole talker and VAE with .to(bfloat16), which also rounds the Qwen2
+    stacks' (non-persistent) RoPE inv_freq buffers; in bf16 our tables must use the rounded values."""
+    from engine.models.talker.model import load_talker
+    from engine.models.talker.vae import load_audio_vae
+
+    talker = load_talker(tiny_talker_dir, dtype=torch.bfloat16)
+    cfg = talker.config.llm
+    exact = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
+    inv = talker.model.rotary.inv_freq
+    assert inv.dtype == torch.float32 and torch.equal(inv, exact.to(torch.bfloat16).float())
+    assert not torch.equal(inv, exact)
+    vae = load_audio_vae(tiny_talker_dir / "vae", dtype=torch.bfloat16)
+    for stack in (vae.encoder.encoder, vae.encoder.aggregator, vae.decoder.decoder):
+        assert torch.equal(stack.rotary.inv_freq, stack.rotary.inv_freq.to(torch.bfloat16).float())
+    assert torch.equal(load_talker(tiny_talker_dir).model.rotary.inv_freq, exact)  # fp32: exact
