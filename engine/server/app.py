@@ -55,7 +55,21 @@ class GateMiddleware:
                 await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
                 return
+            if scope["method"] == "HEAD":  # a GET resource answers HEAD (RFC 9110 §9.3.2): the GET's head, no body
+                scope, send = {**scope, "method": "GET", "ming.head": True}, without_body(send)
         await self.app(scope, receive, send)
+
+
+def without_body(send):
+    """An ASGI send that passes a response's status and headers (Content-Length as the GET's) and drops its
+    body: HEAD's answer. FastAPI's routes, unlike starlette's, do not take HEAD themselves."""
+
+    async def send_head(message):
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_head
 
 
 def create_app(engine: Engine, limits: Limits | None = None, token: str | None = None,
@@ -76,6 +90,7 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
         app.include_router(speech_api.extension_router)
         app.include_router(images_api.extension_router)
         app.add_api_websocket_route("/v1/realtime", realtime_endpoint)
+        app.add_api_route("/v1/realtime", realtime_without_upgrade, methods=["GET"], include_in_schema=False)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -89,8 +104,19 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(ApiError(f"{request.method} {request.url.path}: {exc.detail}", code=code,
-                                       status=exc.status_code))
+        detail = exc.detail
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405 and headers.get("Allow"):
+            allowed = [m.strip() for m in headers["Allow"].split(",")]
+            if "GET" in allowed and "HEAD" not in allowed:  # (GateMiddleware answers HEAD for every GET)
+                allowed.append("HEAD")
+            headers["Allow"] = ", ".join(allowed)
+            detail += f" (this route takes {headers['Allow']})"
+        method = "HEAD" if request.scope.get("ming.head") else request.method
+        response = error_response(ApiError(f"{method} {request.url.path}: {detail}", code=code,
+                                           status=exc.status_code))
+        response.headers.update(headers)  # a 405's Allow (RFC 9110 §15.5.6)
+        return response
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
@@ -100,6 +126,17 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
     app.add_middleware(GateMiddleware, ctx=ctx)
     logs.install()
     return app
+
+
+async def realtime_without_upgrade(request: Request):
+    """GET /v1/realtime as a plain HTTP request (no websocket upgrade): 426 saying how to connect, not a
+    404 that reads as if the route were missing."""
+    err = ApiError("/v1/realtime is a websocket endpoint: connect with a websocket client (ws:// or wss://, "
+                   "'Connection: Upgrade', 'Upgrade: websocket'); this request asked for no upgrade",
+                   code="upgrade_required", status=426)
+    response = error_response(err)
+    response.headers.update({"Upgrade": "websocket", "Connection": "Upgrade"})
+    return response
 
 
 def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:

@@ -50,6 +50,7 @@ ERROR_CODES: dict[str, int] = {
     "turn_detection_unavailable": 500,
     # who and where
     "unauthorized": 401, "model_not_found": 404, "not_found": 404, "method_not_allowed": 405,
+    "upgrade_required": 426,  # a plain HTTP request to the websocket route
     # load
     "queue_full": 429, "session_limit_reached": 503, "server_shutting_down": 503,
     # faults
