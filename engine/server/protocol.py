@@ -31,6 +31,7 @@ ERROR_CODES: dict[str, int] = {
     "missing_field": 400, "unknown_parameter": 400, "unsupported_parameter": 400,
     "unsupported_content_type": 400,  # a content part's type; a body's Content-Type: sent with status 415
     "invalid_multipart": 400, "invalid_request": 400, "http_error": 400,
+    "unsupported_content_encoding": 415, "invalid_content_encoding": 400,  # a body's Content-Encoding
     "invalid_text": 400,  # text that is not valid Unicode (engine.server.text)
     # media
     "invalid_base64": 400, "invalid_url": 400, "url_not_supported": 400, "invalid_audio": 400,

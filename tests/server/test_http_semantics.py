@@ -4,10 +4,16 @@ with a Content-Encoding."""
 
 from __future__ import annotations
 
+import gzip
+import json
+import zlib
+
 import httpx
 import pytest
 
-from tests.server import fake_server
+from tests.server import fake_server, tone_pcm16, wav_bytes
+
+WAV = wav_bytes(tone_pcm16(0.5))
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +53,54 @@ def test_a_plain_http_get_of_the_realtime_route_says_it_needs_a_websocket(fake):
 def test_head_of_a_route_without_get_is_a_405_naming_head(fake):
     r = fake.head("/v1/chat/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST" and r.content == b""
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
+def _post(client, raw: bytes, encoding: str):
+    return client.post("/v1/chat/completions", content=raw,
+                       headers={"content-type": "application/json", "content-encoding": encoding})
+
+
+@pytest.mark.parametrize("encoding, compress", [("gzip", lambda b: gzip.compress(b)),
+                                                ("deflate", lambda b: zlib.compress(b))])
+def test_a_compressed_json_body_is_decoded(fake, encoding, compress):
+    r = _post(fake, compress(json.dumps(CHAT).encode()), encoding)
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "chat.completion"
+
+
+def test_a_compressed_multipart_upload_is_decoded(fake):
+    req = httpx.Request("POST", "http://x/v1/audio/transcriptions", files={"file": ("a.wav", WAV, "audio/wav")})
+    body = req.read()
+    r = fake.post("/v1/audio/transcriptions", content=gzip.compress(body),
+                  headers={"content-type": req.headers["content-type"], "content-encoding": "gzip"})
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] == "fake transcript"
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "gzip, br"])
+def test_a_coding_the_server_does_not_decode_is_a_415_naming_it(fake, encoding):
+    r = _post(fake, json.dumps(CHAT).encode(), encoding)  # (a server ignoring the header would take it)
+    assert r.status_code == 415, r.text
+    err = r.json()["error"]
+    assert err["code"] == "unsupported_content_encoding" and encoding in err["message"]
+
+
+@pytest.mark.parametrize("raw", [b"this is not gzip", gzip.compress(json.dumps(CHAT).encode())[:-12]],
+                         ids=["not-gzip", "cut-off"])
+def test_a_body_that_does_not_decode_says_so_not_invalid_json(fake, raw):
+    r = _post(fake, raw, "gzip")
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_content_encoding" and "Content-Encoding" in err["message"]
+
+
+def test_a_compressed_body_is_held_to_the_size_limit_once_decoded():
+    bomb = gzip.compress(json.dumps({**CHAT, "metadata": {"pad": "x" * 3_000_000}}).encode())
+    assert len(bomb) < 100_000
+    with fake_server(max_request_bytes=1_000_000) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = _post(c, bomb, "gzip")
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "payload_too_large" and "decoded" in r.json()["error"]["message"]
