@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from engine.errors import MingError
 from engine.events import AudioChunk, Done, Error, Event
 from engine.runtime import no_audio_after_cancel
 from engine.server import codec, fields
@@ -56,35 +57,55 @@ def talker_of(ctx: ServerContext):
 def instruction_from(body: dict) -> dict | str | None:
     """The talker's instruction from OpenAI's `instructions` (free text = voice design, 风格; or
     "key=value,..." in the talker's keys), `speed`, and our fields (dialect, emotion, pitch, volume,
-    style, ip, bgm, instruct); the talker validates the values and lists the valid ones."""
+    style, ip, bgm, instruct); the talker's own check of each value runs here, so a value it refuses
+    (an unknown emotion or speed label ...) is a 400 naming the field it came from, listing the valid ones."""
     spec: dict = {}
+    origin: dict[str, str] = {}  # instruction key -> the request field that gave it
+
+    def put(values: dict, field: str) -> None:
+        spec.update(values)
+        origin.update({str(k): field for k in values})
+
     inst = body.get("instruct")
     if isinstance(inst, str):
         inst = {k.strip(): v.strip() for k, _, v in (p.partition("=") for p in inst.split(",") if p.strip())}
     if inst is not None:
-        spec.update(need_dict(inst, "instruct"))
+        put(need_dict(inst, "instruct"), "instruct")
     for name in fields.SPEECH_INSTRUCTION_FIELDS:
         if body.get(name) is not None:
-            spec[name] = text_field(body[name], name, MAX_FIELD_CHARS)
+            put({name: text_field(body[name], name, MAX_FIELD_CHARS)}, name)
     if body.get("bgm") is not None:
-        spec["bgm"] = need_dict(body["bgm"], "bgm")
+        put({"bgm": need_dict(body["bgm"], "bgm")}, "bgm")
     instructions = text_field(body.get("instructions"), "instructions", MAX_FIELD_CHARS, required=False)
     if instructions and instructions.strip():
         parts = [p.partition("=") for p in instructions.split(",") if p.strip()]
         if all(sep for _, sep, _ in parts):
-            spec.update({k.strip(): v.strip() for k, _, v in parts})
-        else:
-            spec.setdefault("style", instructions)
+            put({k.strip(): v.strip() for k, _, v in parts}, "instructions")
+        elif "style" not in spec:
+            put({"style": instructions}, "instructions")
     speed = body.get("speed")
     if isinstance(speed, str):
-        spec["speed"] = text_field(speed, "speed", 32)
+        put({"speed": text_field(speed, "speed", 32)}, "speed")
     elif speed is not None:
         value = need_number(speed, "speed", *SPEED_RANGE)
         if value < SLOW_BELOW:
-            spec["speed"] = "slow"
+            put({"speed": "slow"}, "speed")
         elif value > FAST_ABOVE:
-            spec["speed"] = "fast"
+            put({"speed": "fast"}, "speed")
+    check_instruction(spec, origin)
     return spec or None
+
+
+def check_instruction(spec: dict, origin: dict[str, str]) -> None:
+    """Each entry of an instruction as the talker parses it (engine.models.talker.prompt.Instruction), one
+    at a time so that a refusal names the request field the entry came from."""
+    from engine.models.talker.prompt import Instruction  # noqa: PLC0415
+
+    for key, value in spec.items():
+        try:
+            Instruction.parse({key: value})
+        except MingError as e:
+            raise bad(str(e), wire.wire_code(e.code), origin.get(str(key), "instruct")) from None
 
 
 def reference_clips(body: dict, ctx: ServerContext) -> list[bytes] | None:
@@ -124,6 +145,7 @@ def check_reference_clip(raw: bytes, ctx: ServerContext, name: str) -> None:
 def speech_request(body: dict, ctx: ServerContext) -> dict:
     """engine.speak keyword arguments from a /v1/audio/speech body (types and limits checked here)."""
     from engine.models.talker.pipeline import TASKS  # noqa: PLC0415
+    from engine.models.talker.text import check_text as check_speakable  # noqa: PLC0415
 
     task = body.get("task", "tts")
     codec.need_str(task, "task")
@@ -131,6 +153,12 @@ def speech_request(body: dict, ctx: ServerContext) -> dict:
         raise bad(f"unknown task {codec.shown(task)}; valid tasks: {', '.join(TASKS)}", "invalid_value", "task")
     music = body.get("music")
     text = text_field(body.get("input"), "input", MAX_INPUT_CHARS, required=not (task == "music" and music))
+    if not (task == "music" and music):  # what the talker speaks (or describes): checked as it checks it
+        try:
+            check_speakable(text, "'input'")
+        except MingError as e:
+            raise bad(f"{e} (the text to {'speak' if task in ('tts', 'podcast') else 'describe the ' + task})",
+                      wire.wire_code(e.code), "input") from None
     voice = body.get("voice")
     if voice is not None:
         voice = voice_name(voice, "voice", ctx.engine)
@@ -142,10 +170,17 @@ def speech_request(body: dict, ctx: ServerContext) -> dict:
     max_seconds = body.get("max_seconds")
     if max_seconds is not None:
         max_seconds = float(need_number(max_seconds, "max_seconds", 0.1, MAX_SECONDS))
+    instruct = instruction_from(body)
+    if task in ("sound", "music"):  # (the talker's own rule, named by the field that broke it)
+        given = [f for f in ("voice", "reference_audio", "instructions", "instruct", "speed", "bgm")
+                 + fields.SPEECH_INSTRUCTION_FIELDS if body.get(f) is not None and (f != "voice" or voice is not None)]
+        if given and (instruct or (voice is not None and voice != DEFAULT_VOICE) or "reference_audio" in given):
+            raise bad(f"task {task!r} takes a description only: no voice, reference clip or instruction "
+                      f"({', '.join(given)} given)", "invalid_request", given[0])
     return {"text": text or "", "task": task, "voice": None if voice == DEFAULT_VOICE else voice,
             "ref_audio": reference_clips(body, ctx),
             "ref_text": text_field(body.get("reference_text"), "reference_text", MAX_INPUT_CHARS, required=False),
-            "instruct": instruction_from(body), "music": None if music is None else need_dict(music, "music"),
+            "instruct": instruct, "music": None if music is None else need_dict(music, "music"),
             "seed": seed, "max_seconds": max_seconds}
 
 

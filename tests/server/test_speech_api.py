@@ -244,3 +244,31 @@ def test_speed_and_instructions_map_to_the_talker(http):
         t0 = time.perf_counter()
         r = http.post("/v1/audio/speech", json={"input": "Hi there.", "max_seconds": 1, **body})
         assert r.status_code == 200 and time.perf_counter() - t0 < 30, (body, r.text)
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"input": ""}, "input", "empty"),
+    ({"input": "   "}, "input", "empty"),
+    ({"input": "？！…… 😀"}, "input", "nothing to speak"),
+    ({"input": "", "task": "sound"}, "input", "empty"),
+    ({"input": "hi", "dialect": "klingon"}, "dialect", "cantonese"),
+    ({"input": "hi", "emotion": "grumpy", "stream_format": "sse"}, "emotion", "happy"),
+    ({"input": "hi", "emotion": "grumpy", "stream_format": "audio", "response_format": "pcm"}, "emotion", "happy"),
+    ({"input": "hi", "instruct": "emotion=grumpy"}, "instruct", "happy"),
+    ({"input": "hi", "instruct": {"tempo": "fast"}}, "instruct", "valid keys"),
+    ({"input": "hi", "instructions": "speed=warp"}, "instructions", "slow"),
+    ({"input": "hi", "speed": "ludicrous"}, "speed", "slow"),
+    ({"input": "hi", "pitch": "ultra"}, "pitch", "high"),
+    ({"input": "hi", "bgm": {"Colour": "red"}}, "bgm", "Genre"),
+    ({"input": "rain on a roof", "task": "sound", "emotion": "happy"}, "emotion", "description only"),
+])
+def test_what_the_talker_refuses_is_a_400_naming_the_request_field(http, server, body, param, words):
+    """The talker's refusals (empty text, an unknown label) used to come back from the engine with
+    param null and after the request had queued; they are checked up front, naming the field."""
+    failed = server.ctx.scheduler.counts["failed"]
+    r = http.post("/v1/audio/speech", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and words in err["message"], err
+    assert err["code"] == "invalid_request"  # (the talker's code, as before)
+    assert server.ctx.scheduler.counts["failed"] == failed  # refused before it reached the engine
