@@ -201,19 +201,20 @@ class RealtimeConnection:
             await self.send_error(ApiError(f"internal error handling this event: {type(e).__name__}",
                                            code="server_error", status=500), event_id)
 
-    def _check_text_budget(self, adding: int, instructions: str | None = None) -> None:
+    def _check_text_budget(self, adding: int, instructions: str | None = None, param: str | None = None) -> None:
         """The per-session text budget (like its media limit): the conversation's text, `adding` more
         characters and the instructions must fit the model's context (ServerContext.prompt_bound):
         context_length_exceeded when the new text alone cannot, session_text_limit when the session's
-        text with it cannot (delete items to make room)."""
+        text with it cannot (delete items to make room). `param`: the field that brought the new text."""
         bound = self.ctx.prompt_bound
         if bound is None or bound.max_chars is None:
             return
-        bound.check(adding + len(instructions or ""), "this text and the instructions")  # alone: cannot fit
+        bound.check(adding + len(instructions or ""), "this text and the instructions", param)  # alone: cannot fit
         total = self.session.text_chars + adding + len(instructions or "")
         if total > bound.max_chars:
             raise ApiError(f"the session's text would hold {total:,} characters: {bound.describe()}; delete items "
-                           "(conversation.item.delete) or start a new session", code="session_text_limit")
+                           "(conversation.item.delete) or start a new session", code="session_text_limit",
+                           param=param)
 
     # ------------------------------------------------------------------ session
     async def on_session_update(self, event: dict, event_id) -> None:
@@ -230,7 +231,7 @@ class RealtimeConnection:
         if "instructions" in spec:
             value = spec["instructions"]
             new["instructions"] = None if value is None else need_str(value, "session.instructions")
-            self._check_text_budget(0, new["instructions"])
+            self._check_text_budget(0, new["instructions"], "session.instructions")
         for name in ("output_modalities", "modalities"):
             if name in spec:
                 new["output_modalities"] = check_output_modalities(spec[name], f"session.{name}", engine)
@@ -550,7 +551,7 @@ class RealtimeConnection:
                           "item.id")
         if "content" not in item:
             raise bad("'item.content' is required", "missing_field", "item.content")
-        self._check_text_budget(text_chars(item["content"]))
+        self._check_text_budget(text_chars(item["content"]), param="item.content")
         if role == "system":
             text = codec.text_only(item["content"], "item.content")
             conv = codec.Converted([{"type": "text", "text": text}], [{"type": "input_text", "text": text}])
@@ -613,7 +614,7 @@ class RealtimeConnection:
                       "unsupported_parameter", "response.input")
         instructions = spec.get("instructions", None)
         instructions = need_str(instructions, "response.instructions") if instructions is not None else s.instructions
-        self._check_text_budget(0, instructions)
+        self._check_text_budget(0, instructions, "response.instructions" if "instructions" in spec else None)
         if instructions is None:
             instructions = self.session.system_text()
         params = generation_params(spec, self.limits, base=s.params, where="response.")

@@ -128,12 +128,15 @@ def test_a_realtime_session_has_a_text_budget(server, tiny_engine):
         refused = create(big)
         assert refused["type"] == "error" and refused["error"]["code"] == "session_text_limit", refused
         assert f"{bound:,}" in refused["error"]["message"]
+        assert refused["error"]["param"] == "item.content"  # each refusal names the field that brought the text
         ws.send(json.dumps({"type": "session.update", "session": {"instructions": big}}))
         ev = recv_json(ws)
         assert ev["type"] == "error" and ev["error"]["code"] == "session_text_limit", ev
+        assert ev["error"]["param"] == "session.instructions"
         ws.send(json.dumps({"type": "response.create", "response": {"instructions": big}}))
         ev = recv_json(ws)
         assert ev["type"] == "error" and ev["error"]["code"] == "session_text_limit", ev
+        assert ev["error"]["param"] == "response.instructions"
         # room is made by deleting items, as with media
         ws.send(json.dumps({"type": "conversation.item.delete", "item_id": first["item"]["id"]}))
         assert recv_json(ws)["type"] == "conversation.item.deleted"
@@ -170,3 +173,12 @@ def test_one_realtime_item_that_cannot_fit_alone_is_context_length_exceeded(serv
                             "item": {"type": "message", "role": "user", "content": "x" * (bound + 1)}}))
         ev = recv_json(ws)
         assert ev["type"] == "error" and ev["error"]["code"] == "context_length_exceeded", ev
+        assert ev["error"]["param"] == "item.content", ev
+        for event, param in (({"type": "session.update", "session": {"instructions": "x" * (bound + 1)}},
+                              "session.instructions"),
+                             ({"type": "response.create", "response": {"instructions": "x" * (bound + 1)}},
+                              "response.instructions")):
+            ws.send(json.dumps(event))
+            ev = recv_json(ws)
+            assert ev["type"] == "error" and ev["error"]["code"] == "context_length_exceeded", ev
+            assert ev["error"]["param"] == param, ev
