@@ -567,8 +567,20 @@ class RealtimeConnection:
         self.session.add_item(new)
         await self._item_added(new, prev)
 
+    def _streaming_item(self, item_id: str) -> Response | None:
+        """The active response whose assistant item is `item_id` (announced by conversation.item.added,
+        not yet in the conversation: it joins when the response ends), else None."""
+        active = self.session.active
+        if active is not None and active.encoder.item_open and active.encoder.item_id == item_id:
+            return active
+        return None
+
     async def on_item_delete(self, event: dict, event_id) -> None:
         item_id = need_str(event.get("item_id"), "item_id")
+        active = self._streaming_item(item_id)
+        if active is not None:
+            raise bad(f"item {item_id!r} is the reply response {active.id} is still writing: cancel it "
+                      "(response.cancel) or wait for response.done, then delete it", "invalid_state", "item_id")
         for i, it in enumerate(self.session.items):
             if it.id == item_id:
                 del self.session.items[i]
@@ -580,6 +592,10 @@ class RealtimeConnection:
         """conversation.item.retrieve: the server's view of one item, as conversation.item.added showed it
         (media described, not echoed; an assistant reply as truncated, its transcript filled in)."""
         item_id = need_str(event.get("item_id"), "item_id")
+        active = self._streaming_item(item_id)
+        if active is not None:  # the reply so far, as its next conversation.item.done will show it complete
+            await self.send({"type": "conversation.item.retrieved", "item": active.encoder.item("in_progress")})
+            return
         item = self.session.find_item(item_id)
         if item is None:
             raise no_such_item(item_id)

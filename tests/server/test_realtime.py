@@ -305,3 +305,35 @@ def test_session_media_budget_and_audio_buffer_limits(tiny_engine):
             send(ws, type="input_audio_buffer.append", event_id="a2", audio=b64(pcm.tobytes()))
             err = recv_json(ws)
             assert err["error"]["code"] == "audio_too_long" and "1.5 s" in err["error"]["message"]
+
+
+def test_the_reply_being_written_can_be_retrieved_and_is_not_called_missing():
+    """The assistant item of a running response is announced (conversation.item.added) before it joins
+    the conversation (at response.done): retrieving it then used to answer item_not_found and deleting
+    it 'no item with id ... in this session', of an id the server had just sent. It is retrieved as it
+    stands (in_progress), a delete says to cancel or wait, and it joins the conversation whole."""
+    from engine.events import Done, TextDelta
+    from tests.server import FakeEngine, fake_server
+
+    script = [TextDelta(w) for w in ("one ", "two ", "three ", "four ", "five ")] + [Done("one two three four five ",
+                                                                                        "stop")]
+    with fake_server(FakeEngine(script, step_s=0.25)) as srv, connect(srv.ws_url) as ws:
+        opened(ws)
+        send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": "count"})
+        recv_item(ws)
+        send(ws, type="response.create")
+        item_id = recv_until(ws, "response.output_item.added")[-1]["item"]["id"]
+        send(ws, type="conversation.item.retrieve", item_id=item_id, event_id="get")
+        send(ws, type="conversation.item.delete", item_id=item_id, event_id="del")
+        events = recv_until(ws, "response.done")
+        retrieved = [ev["item"] for ev in events if ev["type"] == "conversation.item.retrieved"]
+        assert retrieved and retrieved[0]["id"] == item_id and retrieved[0]["status"] == "in_progress", events
+        assert retrieved[0]["role"] == "assistant"
+        errors = [ev["error"] for ev in events if ev["type"] == "error"]
+        assert len(errors) == 1 and errors[0]["event_id"] == "del" and errors[0]["code"] == "invalid_state", errors
+        assert errors[0]["param"] == "item_id" and "response.cancel" in errors[0]["message"]
+        assert events[-1]["response"]["status"] == "completed"
+        send(ws, type="conversation.item.retrieve", item_id=item_id)
+        after = recv_json(ws)
+        assert after["type"] == "conversation.item.retrieved", after
+        assert after["item"]["content"][0]["text"] == "one two three four five "
