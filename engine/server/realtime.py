@@ -641,6 +641,10 @@ class RealtimeConnection:
                       "input_audio_buffer.commit) before response.create", "conversation_empty")
         if messages[-1]["role"] != "user":
             raise bad("the last conversation item must come from the user", "invalid_state")
+        if len(self.session.items) >= self.limits.max_conversation_items:  # the reply would have nowhere to go
+            raise ApiError(f"the conversation already holds {len(self.session.items)} items, the limit per session: "
+                           "the reply could not join it; delete items (conversation.item.delete) first",
+                           code="conversation_too_long")
         if self.ctx.prompt_bound is not None:  # a conversation that cannot fit is refused now, counted off the loop
             texts = ([instructions] if instructions else []) + [t for m in messages for t in texts_of(m["content"])]
             await self.ctx.prompt_bound.check_tokens(texts, params.max_new_tokens, "the conversation and instructions")
@@ -714,8 +718,10 @@ class RealtimeConnection:
                         else "incomplete", audio=resp.audio)
             try:
                 self.session.add_item(item, after=enc.previous_item_id)
-            except ApiError:
-                pass  # the conversation is full; the next item.create reports it
+            except ApiError as e:  # filled up while it ran (items created meanwhile): say the reply was not kept
+                await self.send_error(ApiError(f"the reply {item.id} was sent but not kept in the conversation "
+                                               f"(it will not be part of the next response): {e.message}",
+                                               code=e.code, status=e.status), resp.client_event_id)
 
 
 SESSION_FIELDS = {"model", "instructions", "output_modalities", "modalities", "audio", "input_audio_format", "voice",

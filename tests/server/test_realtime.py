@@ -337,3 +337,35 @@ def test_the_reply_being_written_can_be_retrieved_and_is_not_called_missing():
         after = recv_json(ws)
         assert after["type"] == "conversation.item.retrieved", after
         assert after["item"]["content"][0]["text"] == "one two three four five "
+
+
+def test_a_reply_with_no_room_in_the_conversation_is_refused_up_front_not_lost():
+    """With the conversation at its item limit, response.create used to run, stream a reply and announce
+    it (conversation.item.done), then drop it silently: a retrieve of its id said item_not_found and the
+    next response never saw it. It is refused before it starts; a reply that loses its room while it
+    runs (items created meanwhile) is followed by an error saying it was not kept."""
+    from engine.events import Done, TextDelta
+    from tests.server import FakeEngine, fake_server
+
+    script = [TextDelta("a "), TextDelta("b"), Done("a b", "stop")]
+    with fake_server(FakeEngine(script, step_s=0.3), max_conversation_items=3) as srv, connect(srv.ws_url) as ws:
+        opened(ws)
+        ids = []
+        for text in ("one", "two", "three"):
+            send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": text})
+            ids.append(recv_item(ws)["item"]["id"])
+        send(ws, type="response.create", event_id="full")
+        err = recv_json(ws)
+        assert err["type"] == "error" and err["error"]["code"] == "conversation_too_long", err
+        assert err["error"]["event_id"] == "full" and "delete items" in err["error"]["message"]
+        send(ws, type="conversation.item.delete", item_id=ids[0])
+        assert recv_json(ws)["type"] == "conversation.item.deleted"
+        send(ws, type="response.create", event_id="last-slot")
+        recv_until(ws, "response.created")
+        send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": "four"})
+        events = recv_until(ws, "response.done")
+        events.append(recv_json(ws))
+        errors = [ev["error"] for ev in events if ev["type"] == "error"]
+        assert [e["code"] for e in errors] == ["conversation_too_long"], events
+        assert errors[0]["event_id"] == "last-slot" and "not kept" in errors[0]["message"]
+
