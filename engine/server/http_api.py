@@ -393,6 +393,10 @@ async def transcriptions(request: Request):
                                    base=GenerationParams(max_new_tokens=min(512, limits.max_new_tokens)))
     finally:
         await form.close()
+    if ctx.prompt_bound is not None and (context or hotwords):  # text that cannot fit: refused before it queues
+        texts, param = [context or "", *hotwords], "prompt" if context else "hotwords"
+        ctx.prompt_bound.check(sum(map(len, texts)), f"the {param}", param)
+        await ctx.prompt_bound.check_tokens(texts, params.max_new_tokens, f"the {param}", param)
     audio = await asyncio.to_thread(codec.audio_file, raw, limits, "file", True)  # (a recording's audio track too)
     engine = ctx.engine
 

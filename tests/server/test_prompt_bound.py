@@ -182,3 +182,23 @@ def test_one_realtime_item_that_cannot_fit_alone_is_context_length_exceeded(serv
             ev = recv_json(ws)
             assert ev["type"] == "error" and ev["error"]["code"] == "context_length_exceeded", ev
             assert ev["error"]["param"] == param, ev
+
+
+def test_a_transcription_prompt_that_cannot_fit_is_refused_naming_it_before_it_queues(server, tiny_engine):
+    """A transcription's `prompt` (context for the recogniser) of 90,000 characters used to be queued,
+    tokenised by the engine and refused with context_length_exceeded, param null."""
+    from tests.server import tone_pcm16, wav_bytes
+
+    bound = expected_bound(server, tiny_engine)
+    prompt = ("the quick brown fox " * (bound // 20 + 10))[:bound + 100]
+    submitted = server.ctx.scheduler.counts["submitted"]
+    r = httpx.post(server.url + "/v1/audio/transcriptions", timeout=60,
+                   files={"file": ("a.wav", wav_bytes(tone_pcm16(0.5)))}, data={"prompt": prompt})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == "prompt", err
+    assert server.ctx.scheduler.counts["submitted"] == submitted  # never queued
+    r = httpx.post(server.url + "/v1/audio/transcriptions", timeout=60,  # a prompt that fits is taken
+                   files={"file": ("a.wav", wav_bytes(tone_pcm16(0.5)))}, data={"prompt": "a short context",
+                                                                                  "max_tokens": "2"})
+    assert r.status_code == 200, r.text
