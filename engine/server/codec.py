@@ -81,6 +81,27 @@ def need_number(value: Any, name: str, lo: float | None = None, hi: float | None
     return value
 
 
+def check_keys(obj: dict, name: str, taken: tuple[str, ...], ignored: tuple[str, ...] = ()) -> None:
+    """A nested object (a message, a content part, an `audio` spec ...) naming a field it does not have:
+    unknown_parameter naming `name.field` (a field is never silently ignored unless it is `ignored`:
+    OpenAI's, with no effect here). A field whose value is null is left alone, as at the top level."""
+    for key, value in obj.items():
+        if key in taken or key in ignored or value is None:
+            continue
+        field = f"{name}.{str(key)[:60]}"
+        raise bad(f"unknown field {field!r}; known: {', '.join(sorted(taken + ignored))}", "unknown_parameter",
+                  field)
+
+
+IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image `detail`: accepted, no effect (every image is seen whole)
+
+
+def check_detail(value: Any, name: str) -> None:
+    if value is not None and value not in IMAGE_DETAILS:
+        raise bad(f"'{name}' must be one of {', '.join(IMAGE_DETAILS)}, got {shown(str(value))}", "invalid_value",
+                  name)
+
+
 def b64decode(data: Any, name: str, max_bytes: int) -> bytes:
     """Strict base64 (standard or URL-safe alphabet, padding optional) with a size limit checked
     before decoding."""
@@ -385,11 +406,18 @@ def decoded_video_bytes(raw: bytes, name: str = "video") -> int:
 
 def _image_source(part: dict, kind: str, name: str, limits: Limits) -> bytes:
     """image_url {url} / image_url "data:..." / image "base64" / image "data:..."."""
+    check_keys(part, name, ("type", "image_url", "image", "detail"))
+    check_detail(part.get("detail"), f"{name}.detail")
     if "image_url" in part:
         url = part["image_url"]
+        where = f"{name}.image_url"
         if isinstance(url, dict):
-            url = url.get("url")
-        mime, raw = data_url(url, f"{name}.image_url", limits.max_request_bytes)
+            check_keys(url, where, ("url", "detail"))
+            check_detail(url.get("detail"), f"{where}.detail")
+            url, where = url.get("url"), f"{where}.url"
+            if url is None:
+                raise bad(f"'{where}' is required (a data: URL)", "missing_field", where)
+        mime, raw = data_url(url, where, limits.max_request_bytes)
         check_media_type(mime, "image", "invalid_image", name)
         return raw
     if "image" in part:
@@ -403,11 +431,16 @@ def _image_source(part: dict, kind: str, name: str, limits: Limits) -> bytes:
 
 
 def _video_source(part: dict, name: str, limits: Limits) -> bytes:
+    check_keys(part, name, ("type", "video_url", "video"))
     if "video_url" in part:
         url = part["video_url"]
+        where = f"{name}.video_url"
         if isinstance(url, dict):
-            url = url.get("url")
-        mime, raw = data_url(url, f"{name}.video_url", limits.max_request_bytes)
+            check_keys(url, where, ("url",))
+            url, where = url.get("url"), f"{where}.url"
+            if url is None:
+                raise bad(f"'{where}' is required (a data: URL)", "missing_field", where)
+        mime, raw = data_url(url, where, limits.max_request_bytes)
         check_media_type(mime, "video", "invalid_video", name)
         return raw
     if "video" in part:
@@ -423,8 +456,10 @@ def _video_source(part: dict, name: str, limits: Limits) -> bytes:
 def _audio_source(part: dict, name: str, limits: Limits, default_rate: int | None) -> Audio:
     """Chat completions: input_audio {data, format[, sample_rate]}. Realtime: audio (base64 PCM16 at
     the session's rate, or `format` for an encoded file)."""
+    check_keys(part, name, ("type", "input_audio", "audio", "format", "sample_rate"), ("transcript",))
     if "input_audio" in part:
         spec = need_dict(part["input_audio"], f"{name}.input_audio")
+        check_keys(spec, f"{name}.input_audio", ("data", "format", "sample_rate"))
         fmt = spec.get("format")
         if fmt is None:
             raise bad(f"'{name}.input_audio.format' is required ({', '.join(AUDIO_FILE_FORMATS)} or pcm16)",
@@ -472,6 +507,7 @@ def convert_content(content: Any, limits: Limits, name: str = "content", default
         kind = part.get("type")
         need_str(kind, f"{pname}.type")
         if kind in ("text", "input_text", "output_text"):
+            check_keys(part, pname, ("type", "text"), ("annotations",))
             text = need_str(part.get("text"), f"{pname}.text")
             parts.append({"type": "text", "text": text})
             public.append({"type": "output_text" if role == "assistant" else "input_text", "text": text})
@@ -512,5 +548,6 @@ def text_only(content: Any, name: str) -> str:
         part = need_dict(part, f"{name}[{i}]")
         if part.get("type") not in ("text", "input_text"):
             raise bad(f"'{name}[{i}]': system messages may hold text only", "invalid_value", name)
+        check_keys(part, f"{name}[{i}]", ("type", "text"), ("annotations",))
         conv_parts.append(need_str(part.get("text"), f"{name}[{i}].text"))
     return "".join(conv_parts)

@@ -110,6 +110,10 @@ def convert_messages(messages, limits) -> tuple[list[dict], str | None]:
                       "invalid_value", f"{name}.role")
         if m.get("tool_calls") or m.get("function_call"):
             raise bad("tool calls are not supported by this engine", "unsupported_parameter", f"{name}.tool_calls")
+        if m.get("audio") is not None:
+            raise bad(f"'{name}.audio' (an earlier reply's audio by id) is not supported: this server keeps no audio "
+                      "between requests; send the reply's text as 'content'", "unsupported_parameter", f"{name}.audio")
+        codec.check_keys(m, name, ("role", "content", "tool_calls", "function_call"), ("name", "refusal"))
         if "content" not in m or m["content"] is None:
             raise bad(f"'{name}.content' is required", "missing_field", f"{name}.content")
         conv = codec.convert_content(m["content"], limits, f"{name}.content", None, role, budget)
@@ -159,6 +163,7 @@ def check_unsupported(body: dict, engine) -> tuple[list[str], str | None]:
             check_output_modalities(["audio"], "audio", engine)  # refused without a talker
             raise bad("'audio' is set but 'modalities' does not ask for audio", "invalid_value", "audio")
         audio = need_dict(audio, "audio")
+        codec.check_keys(audio, "audio", ("voice", "format"))
         if audio.get("format", "pcm16") != "pcm16":
             raise bad("'audio.format' must be 'pcm16' (the audio streams as PCM16 at its sample_rate)",
                       "invalid_value", "audio.format")

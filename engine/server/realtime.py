@@ -239,7 +239,10 @@ class RealtimeConnection:
             audio = need_dict(spec["audio"], "session.audio")
             if audio.get("output") is not None:
                 new["voice"] = audio_output_voice(audio["output"], "session.audio.output", engine, new["voice"])
+            codec.check_keys(audio, "session.audio", ("input", "output"))
             inp = need_dict(audio.get("input", {}), "session.audio.input")
+            codec.check_keys(inp, "session.audio.input", ("format", "turn_detection"), ("transcription",
+                                                                                       "noise_reduction"))
             if "turn_detection" in inp:
                 new["turn_detection"] = setting(ServerVad.from_wire, inp["turn_detection"],
                                                 "session.audio.input.turn_detection")
@@ -620,6 +623,7 @@ class RealtimeConnection:
                 modalities = check_output_modalities(spec[name], f"response.{name}", engine)
         if spec.get("audio") is not None:
             audio = need_dict(spec["audio"], "response.audio")
+            codec.check_keys(audio, "response.audio", ("output",))
             if audio.get("output") is not None:
                 voice = audio_output_voice(audio["output"], "response.audio.output", engine, voice)
         if spec.get("conversation") not in (None, "auto"):
@@ -796,6 +800,7 @@ def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str |
     talker. Returns the voice (the output rate is the talker's, sent with every audio delta)."""
     check_output_modalities(["audio"], name, engine)
     spec = need_dict(spec, name)
+    codec.check_keys(spec, name, ("voice", "format"), ("speed",))
     fmt = spec.get("format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in ("audio/pcm", "pcm16")):
         raise bad(f"'{name}.format' must be {{\"type\": \"audio/pcm\"}} (PCM16; each delta names its sample_rate)",

@@ -14,7 +14,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.server import (b64, image_array, png_bytes, recv_json, recv_until, running_server, tone_pcm16,
+from tests.server import (b64, image_array, png_bytes, recv_item, recv_json, recv_until, running_server, tone_pcm16,
                           wav_bytes)
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
@@ -526,3 +526,73 @@ def test_realtime_model_ids(server):
         connect(server.ws_url + "?model=some-other-model").close()
     assert info.value.response.status_code == 404
     assert json.loads(info.value.response.body)["error"]["code"] == "model_not_found"
+
+
+IMG_URL = "data:image/png;base64," + b64(PNG)
+
+
+@pytest.mark.parametrize("messages, extra, code, param", [
+    ([{"role": "user", "content": "hi", "colour": "red"}], {}, "unknown_parameter", "messages[0].colour"),
+    ([{"role": "user", "content": [{"type": "text", "text": "hi", "colour": "red"}]}], {}, "unknown_parameter",
+     "messages[0].content[0].colour"),
+    ([{"role": "system", "content": [{"type": "text", "text": "be", "colour": "red"}]},
+      {"role": "user", "content": "hi"}], {}, "unknown_parameter", "messages[0].content[0].colour"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMG_URL, "detail": "ultra"}}]}], {},
+     "invalid_value", "messages[0].content[0].image_url.detail"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMG_URL, "colour": 1}}]}], {},
+     "unknown_parameter", "messages[0].content[0].image_url.colour"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"detail": "low"}}]}], {},
+     "missing_field", "messages[0].content[0].image_url.url"),
+    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": b64(WAV), "format": "wav",
+                                                                          "colour": 1}}]}], {},
+     "unknown_parameter", "messages[0].content[0].input_audio.colour"),
+    ([{"role": "user", "content": [{"type": "video_url", "video_url": {"uri": "data:video/mp4;base64,AAAA"}}]}], {},
+     "unknown_parameter", "messages[0].content[0].video_url.uri"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "audio": {"id": "audio_1"}, "content": "b"},
+      {"role": "user", "content": "c"}], {}, "unsupported_parameter", "messages[1].audio"),
+])
+def test_nested_fields_are_honoured_or_named_too(http, messages, extra, code, param):
+    """Fields inside a message, a content part, an image_url or input_audio object were silently ignored
+    (a typo'd 'detail' or a misplaced field gave no sign); they are checked as the top level is."""
+    r = http.post("/v1/chat/completions", json={**CHAT, "messages": messages, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["code"], err["param"]) == (code, param), err
+
+
+def test_openais_nested_fields_that_have_no_effect_here_are_accepted(http):
+    messages = [{"role": "system", "content": "Be brief.", "name": "policy"},
+                {"role": "user", "name": "ann", "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": IMG_URL, "detail": "low"}}]},
+                {"role": "assistant", "content": "a cup", "refusal": None, "tool_calls": []},
+                {"role": "user", "content": [{"type": "input_audio",
+                                              "input_audio": {"data": b64(WAV), "format": "wav"}}]}]
+    r = http.post("/v1/chat/completions", json={**CHAT, "messages": messages})
+    assert r.status_code == 200, r.text
+
+
+def test_realtime_nested_fields_are_honoured_or_named(server):
+    with connect(server.ws_url) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        for event, code, param in (
+                ({"type": "session.update", "session": {"audio": {"input": {"colour": 1}}}}, "unknown_parameter",
+                 "session.audio.input.colour"),
+                ({"type": "session.update", "session": {"audio": {"inptu": {}}}}, "unknown_parameter",
+                 "session.audio.inptu"),
+                ({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+                    {"type": "input_image", "image_url": IMG_URL, "detail": "huge"}]}}, "invalid_value",
+                 "item.content[0].detail"),
+                ({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+                    {"type": "input_text", "text": "hi", "colour": 1}]}}, "unknown_parameter",
+                 "item.content[0].colour")):
+            ws.send(json.dumps(event))
+            ev = recv_json(ws)
+            assert ev["type"] == "error" and (ev["error"]["code"], ev["error"]["param"]) == (code, param), ev
+        ws.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {
+            "transcription": {"model": "whisper-1"}, "noise_reduction": {"type": "near_field"}}}}}))
+        assert recv_json(ws)["type"] == "session.updated"  # OpenAI's, no effect here
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+            {"type": "input_image", "image_url": IMG_URL, "detail": "auto"},
+            {"type": "input_audio", "audio": b64(tone_pcm16(0.3).tobytes()), "transcript": None}]}}))
+        assert recv_item(ws)["item"]["role"] == "user"
