@@ -384,6 +384,10 @@ async def transcriptions(request: Request):
         if len(hotwords) > 256:
             raise bad("at most 256 hotwords", "invalid_value", "hotwords")
         language, dialect = form_text(form, "language", 64), form_text(form, "dialect", 64)
+        for name, value in (("language", language), ("dialect", dialect)):
+            if value and any(c in value for c in "\t\n\r"):  # (the model's tag ends at a tab: thinker.asr)
+                raise bad(f"'{name}' is a language or dialect tag such as 'en', 'Chinese' or '上海': it cannot "
+                          f"hold a tab or a line break, got {codec.shown(value)}", "invalid_value", name)
         language = ISO_TO_TAG.get(language, language) if language else None
         if language and dialect and language != dialect:
             raise bad("'language' and 'dialect' disagree; give one", "invalid_value", "dialect")
