@@ -45,8 +45,14 @@ def ctx_of(request: Request) -> ServerContext:
     return request.app.state.ctx
 
 
+RETRY_AFTER_S = 1  # what a 429 (queue_full) or 503 (shutting down, session limit) asks a client to wait
+
+
 def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse({"error": err.to_openai()}, status_code=err.status)
+    """OpenAI's error body with the error's status; a refusal for load (429, 503) says when to try again
+    (Retry-After, RFC 9110 §10.2.3), as OpenAI's own 429s do."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status in (429, 503) else None
+    return JSONResponse({"error": err.to_openai()}, status_code=err.status, headers=headers)
 
 
 async def json_request(request: Request, takes: Fields, kind: str,

@@ -104,3 +104,19 @@ def test_a_compressed_body_is_held_to_the_size_limit_once_decoded():
         r = _post(c, bomb, "gzip")
     assert r.status_code == 413, r.text
     assert r.json()["error"]["code"] == "payload_too_large" and "decoded" in r.json()["error"]["message"]
+
+
+def test_a_full_queue_is_a_429_that_says_when_to_retry():
+    from engine.events import Done, TextDelta
+    from tests.server import FakeEngine, wait_for
+
+    engine = FakeEngine([TextDelta("x")] * 20 + [Done("x" * 20, "stop")], step_s=0.2)
+    with fake_server(engine, max_queue=1) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as running:
+            next(running.iter_lines())
+            with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}):
+                wait_for(lambda: srv.ctx.scheduler.waiting == 1)
+                r = c.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == "queue_full"
+    assert int(r.headers["retry-after"]) >= 1
