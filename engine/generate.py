@@ -212,6 +212,14 @@ class TokenReader:
 
 # ---------------------------------------------------------------------------------------------- the loop
 
+def context_error(prompt_tokens: int, max_new_tokens: int, limit: int) -> Error | None:
+    """context_length_exceeded when the prompt and the tokens asked for cannot fit the model's context."""
+    if prompt_tokens + max_new_tokens > limit:
+        return Error(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                     f"context of {limit} tokens", code="context_length_exceeded")
+    return None
+
+
 def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int], params: GenerationParams,
              cancel: threading.Event | None = None, mm: MultimodalInputs | None = None,
              image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
@@ -231,10 +239,9 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
     if not prompt_ids:
         yield Error("empty prompt", code="invalid_request")
         return
-    limit = cfg.max_position_embeddings
-    if len(prompt_ids) + params.max_new_tokens > limit:
-        yield Error(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                    f"model's context of {limit} tokens", code="context_length_exceeded")
+    too_long = context_error(len(prompt_ids), params.max_new_tokens, cfg.max_position_embeddings)
+    if too_long is not None:
+        yield too_long
         return
     eos_ids = eos_ids if eos_ids is not None else set(cfg.eos_token_ids) | {tokenizer.eos_id}
     stats = GenerationStats(prompt_tokens=len(prompt_ids))

@@ -22,7 +22,7 @@ import torch
 from engine.models.thinker.asr import TranscriptStream, asr_messages, dialect_prefix, parse_transcript
 from engine.errors import MingError
 from engine.events import AudioChunk, Done, Error, Event, GenerationStats, TextDelta
-from engine.generate import Cancelled, generate, stop_if_set
+from engine.generate import Cancelled, context_error, generate, stop_if_set
 from engine.models.thinker.llm import AudioSpan, MultimodalInputError, MultimodalInputs
 from engine.media.errors import MediaError
 from engine.models.thinker.processor import MediaSettings, MingProcessor, ProcessedPrompt
@@ -182,6 +182,13 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def generate_ids(self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event | None = None,
                      prompt: ProcessedPrompt | None = None, t_start: float | None = None) -> Iterator[Event]:
+        # a prompt that cannot fit is refused before its media is encoded (minutes of ViT / Whisper work on
+        # a CPU, holding the engine from every other request, for a refusal known from the token count)
+        too_long = context_error(len(prompt_ids), (params or GenerationParams()).max_new_tokens,
+                                 self.model.config.llm.max_position_embeddings)
+        if too_long is not None:
+            yield too_long
+            return
         t_wait = time.perf_counter()
         with self._lock:
             waited = time.perf_counter() - t_wait

@@ -202,3 +202,36 @@ def test_a_transcription_prompt_that_cannot_fit_is_refused_naming_it_before_it_q
                    files={"file": ("a.wav", wav_bytes(tone_pcm16(0.5)))}, data={"prompt": "a short context",
                                                                                   "max_tokens": "2"})
     assert r.status_code == 200, r.text
+
+
+def test_a_media_prompt_that_cannot_fit_is_refused_before_its_media_is_encoded(server, tiny_engine, monkeypatch):
+    """Ten 1800x1800 pictures make more prompt tokens than the context holds: the engine used to encode
+    every one (88 s of ViT work on a CPU, holding the engine from every other client) before refusing
+    the request with context_length_exceeded, which the token count alone had decided."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from engine.media.errors import MediaError
+
+    encoded = []
+
+    def spy(prompt, cancel=None):
+        encoded.append(prompt)
+        raise MediaError("encode_media ran")  # (stands in for minutes of encoding)
+
+    monkeypatch.setattr(tiny_engine, "encode_media", spy)
+    buf = io.BytesIO()
+    Image.new("RGB", (1800, 1800), (90, 120, 200)).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}] * 10 + [{"type": "text", "text": "hi"}]
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=120,
+                   json={"messages": [{"role": "user", "content": content}], "max_tokens": 4096})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert encoded == []
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=120,  # one that fits still reaches the encoder
+                   json={"messages": [{"role": "user", "content": content[:1] + content[-1:]}], "max_tokens": 2})
+    assert r.status_code == 400 and "encode_media ran" in r.json()["error"]["message"], r.text
+    assert len(encoded) == 1
