@@ -241,17 +241,20 @@ async def with_keepalive(events: AsyncIterator[Event], interval_s: float) -> Asy
 QUEUE_GRACE_S = 0.5  # a request behind others is answered (streamed) after this, not when it starts
 
 
-async def first_events(job: Job) -> tuple[list[Event], AsyncIterator[Event]]:
+async def first_events(job: Job, bounded: bool = False,
+                       grace_s: float = QUEUE_GRACE_S) -> tuple[list[Event], AsyncIterator[Event]]:
     """The job's first events, read until it produces something (or has waited QUEUE_GRACE_S behind
     others, or ends), and all its events from the first: a request the engine refuses at once still
-    gets its HTTP status, and one that waits long learns its place in line from the stream."""
+    gets its HTTP status, and one that waits long learns its place in line from the stream. `bounded`:
+    wait `grace_s` at most while it runs, too (a chat's first token may take minutes of prefill: its
+    stream starts, with keepalives, and a later error comes in the stream)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + QUEUE_GRACE_S
+    deadline = loop.time() + grace_s
     it = job.events().__aiter__()
     head: list[Event] = []
     pending: asyncio.Future | None = None
     while not head or isinstance(head[-1], QueuePosition):
-        waiting = bool(head) and head[-1].position >= 1
+        waiting = bounded or (bool(head) and head[-1].position >= 1)
         if waiting and loop.time() >= deadline:
             break
         pending = pending or asyncio.ensure_future(it.__anext__())
@@ -357,9 +360,14 @@ async def chat_completions(request: Request):
             return error_response(wire.engine_error(final))
         return JSONResponse(wire.chat_completion(cid, created, ctx.model_id, got, final,
                                                  job_metrics(job, received, final), extensions=ext))
+    # (never silent past keepalive_s, the most a streaming client is promised to wait for a first byte)
+    head, events = await first_events(job, bounded=True, grace_s=min(QUEUE_GRACE_S, ctx.limits.keepalive_s))
+    refused = refused_at_once(head)  # refused before any output (context, modality ...): its HTTP status, as without
+    if refused is not None:          # stream, not a 200 whose stream holds the error
+        return error_response(wire.engine_error(refused))
     enc = wire.ChatChunkEncoder(cid, created, ctx.model_id, extensions=ext)
     return stream_response(ctx, job, enc.encode,
-                           lambda final: enc.finish(final, job_metrics(job, received, final), include_usage))
+                           lambda final: enc.finish(final, job_metrics(job, received, final), include_usage), events)
 
 
 # --------------------------------------------------------------------------- transcriptions

@@ -113,10 +113,34 @@ def test_a_full_queue_is_a_429_that_says_when_to_retry():
     engine = FakeEngine([TextDelta("x")] * 20 + [Done("x" * 20, "stop")], step_s=0.2)
     with fake_server(engine, max_queue=1) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as running:
-            next(running.iter_lines())
+            lines = running.iter_lines()  # (kept: a dropped line iterator closes the response)
+            next(lines)
             with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}):
                 wait_for(lambda: srv.ctx.scheduler.waiting == 1)
                 r = c.post("/v1/chat/completions", json=CHAT)
     assert r.status_code == 429, r.text
     assert r.json()["error"]["code"] == "queue_full"
     assert int(r.headers["retry-after"]) >= 1
+
+
+def test_a_streamed_chat_the_engine_refuses_at_once_gets_the_errors_status_not_200():
+    """A stream: true chat refused before any output (here context_length_exceeded, as a media prompt
+    too long for the context is) answered 200 with the error inside the event stream, unlike the same
+    request without stream (400) and unlike speech and images."""
+    import time
+
+    from engine.events import Done, Error, TextDelta
+    from tests.server import FakeEngine
+
+    with fake_server(FakeEngine([Error("prompt (40000 tokens) + max_new_tokens (3) exceeds the model's context",
+                                       "context_length_exceeded")])) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    slow = FakeEngine([TextDelta("late"), Done("late", "stop")], step_s=3.0)  # a long prefill before the first token
+    with fake_server(slow) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        t0 = time.perf_counter()
+        with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            assert r.status_code == 200 and time.perf_counter() - t0 < 2.0  # the stream still starts at once
+            assert any('"late"' in line for line in r.iter_lines())
