@@ -442,8 +442,12 @@ async def transcriptions(request: Request):
         if fmt == "text":
             return PlainTextResponse((final.result or {}).get("text", ""))
         return JSONResponse(wire.transcription_body(final, figures(final), duration))
+    head, events = await first_events(job, bounded=True, grace_s=min(QUEUE_GRACE_S, ctx.limits.keepalive_s))
+    refused = refused_at_once(head)  # (as a chat stream: a refusal before any output keeps its status)
+    if refused is not None:
+        return error_response(wire.engine_error(refused))
     return stream_response(ctx, job, lambda ev: wire.transcription_events(ev, ext),
-                           lambda final: wire.transcription_finish(final, figures(final)))
+                           lambda final: wire.transcription_finish(final, figures(final)), events)
 
 
 # --------------------------------------------------------------------------- models, health

@@ -144,3 +144,18 @@ def test_a_streamed_chat_the_engine_refuses_at_once_gets_the_errors_status_not_2
         with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
             assert r.status_code == 200 and time.perf_counter() - t0 < 2.0  # the stream still starts at once
             assert any('"late"' in line for line in r.iter_lines())
+
+
+def test_a_streamed_transcription_the_engine_refuses_at_once_gets_the_errors_status():
+    from engine.events import Error
+    from tests.server import FakeEngine
+
+    class Refusing(FakeEngine):
+        def transcribe(self, audio, **kw):
+            yield Error("prompt (40000 tokens) + max_new_tokens (512) exceeds the model's context",
+                        "context_length_exceeded")
+
+    with fake_server(Refusing()) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.post("/v1/audio/transcriptions", files={"file": ("a.wav", WAV, "audio/wav")}, data={"stream": "true"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
