@@ -43,7 +43,8 @@ def token_matches(provided: str | None, expected: str) -> bool:
 
 
 def token_from_scope(scope: dict) -> str | None:
-    """The token an HTTP or websocket request carries: Bearer header first, then ?token=."""
+    """The token an HTTP or websocket request carries: Bearer header first, then ?token=, then (a
+    websocket) the subprotocol 'openai-insecure-api-key.<token>'."""
     for name, value in scope.get("headers") or []:
         if name.lower() == b"authorization":
             text = value.decode("latin-1").strip()
@@ -55,7 +56,21 @@ def token_from_scope(scope: dict) -> str | None:
         values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("token")
         if values:
             return values[0]
+    for protocol in scope.get("subprotocols") or []:  # a websocket from a browser: OpenAI's SDK sends it so
+        if protocol.startswith(KEY_SUBPROTOCOL) and len(protocol) > len(KEY_SUBPROTOCOL):
+            return protocol[len(KEY_SUBPROTOCOL):]
     return None
+
+
+KEY_SUBPROTOCOL = "openai-insecure-api-key."  # Sec-WebSocket-Protocol carrying the key (browsers set no headers)
+
+
+def chosen_subprotocol(scope: dict) -> str | None:
+    """The subprotocol a websocket handshake answers with: "realtime" when the client offers it (OpenAI's
+    browser SDK offers "realtime" with its key and beta markers; a browser drops a connection whose answer
+    names none of those it offered), else none. A key-carrying protocol is never echoed back."""
+    offered = scope.get("subprotocols") or []
+    return "realtime" if "realtime" in offered else None
 
 
 def authorized(scope: dict, expected: str | None) -> bool:

@@ -33,7 +33,7 @@ from engine.events import AudioChunk, Done, Error, UnknownEventError
 from engine.media.errors import MediaError
 from engine.server import codec, logs
 from engine.server import protocol as wire
-from engine.server.auth import authorized
+from engine.server.auth import authorized, chosen_subprotocol
 from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
 from engine.server.fields import REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields
@@ -839,14 +839,15 @@ async def realtime_endpoint(ws: WebSocket) -> None:
         except RuntimeError:
             await ws.close(code=1008, reason=refusal.code)
         return
+    subprotocol = chosen_subprotocol(ws.scope)
     try:
         session = ctx.sessions.create()
     except ApiError as e:
-        await ws.accept()
+        await ws.accept(subprotocol=subprotocol)
         await ws.send_text(json.dumps({"event_id": new_id("event"), "type": "error",
                                        "error": {**e.to_openai(), "event_id": None}}))
         await ws.close(code=1013, reason="session limit reached")
         return
-    await ws.accept()
+    await ws.accept(subprotocol=subprotocol)
     await RealtimeConnection(ws, ctx, session).run()
 

@@ -142,3 +142,23 @@ def test_command_line_serves_the_model(tiny_checkpoint):
     log = proc.stdout.read() + proc.stderr.read()  # (uvicorn's access lines go to stdout)
     assert "/v1/models?token=[redacted]" in log
     assert "cli-token" not in log and "not-the-token" not in log
+
+
+def test_a_browser_websocket_sends_its_key_as_openais_sdk_does_and_gets_the_subprotocol_it_offered():
+    """OpenAI's browser SDK cannot set headers on a websocket: it offers the subprotocols "realtime" and
+    "openai-insecure-api-key.<key>". The key was not read (401) and the handshake named no subprotocol,
+    which a browser treats as a failed connection when it offered some."""
+    from engine.server import Limits, ServerHandle, create_app
+    from tests.server import FakeEngine
+
+    key = "sk-browser_key.42"  # (a subprotocol is an HTTP token: no '/', '+' or '=')
+    with ServerHandle(create_app(FakeEngine(), Limits(), token=key)) as srv:
+        offered = ["realtime", "openai-insecure-api-key." + key, "openai-beta.realtime-v1"]
+        with connect(srv.ws_url, subprotocols=offered) as ws:
+            assert ws.subprotocol == "realtime"
+            assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        with pytest.raises(InvalidStatus) as refused:
+            connect(srv.ws_url, subprotocols=["realtime", "openai-insecure-api-key.wrong"]).close()
+        assert refused.value.response.status_code == 401
+        with connect(srv.ws_url + "?token=" + key, subprotocols=["other"]) as ws:
+            assert ws.subprotocol is None  # only "realtime" is answered; never a key
