@@ -141,7 +141,9 @@ async def json_body(request: Request, limit: int) -> dict:
         data = parse_json_text(body)
     except (ValueError, RecursionError) as e:
         raise bad(f"the body is not valid JSON: {str(e)[:120]}", "invalid_json") from None
-    return need_dict(data, "body")
+    # a field set to null is a field left out (OpenAI's optional fields are nullable: clients that build bodies
+    # from typed objects send {"n": null, "response_format": null}); every endpoint then applies its default
+    return {key: value for key, value in need_dict(data, "body").items() if value is not None}
 
 
 class StrictMultiPartParser(MultiPartParser):

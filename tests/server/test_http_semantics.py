@@ -9,6 +9,7 @@ import json
 import zlib
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.server import fake_server, tone_pcm16, wav_bytes
@@ -159,3 +160,37 @@ def test_a_streamed_transcription_the_engine_refuses_at_once_gets_the_errors_sta
         r = c.post("/v1/audio/transcriptions", files={"file": ("a.wav", WAV, "audio/wav")}, data={"stream": "true"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {**CHAT, "n": None, "response_format": None, "stream": None, "stop": None,
+                              "temperature": None, "modalities": None, "stream_options": None, "seed": None}),
+    ("/v1/audio/speech", {"input": "hello", "voice": None, "response_format": None, "speed": None,
+                          "stream_format": None, "instructions": None}),
+    ("/v1/images/generations", {"prompt": "a cup", "n": None, "size": None, "response_format": None,
+                                "output_format": None, "quality": None, "background": None, "stream": None}),
+])
+def test_an_optional_field_set_to_null_takes_its_default(path, body):
+    """{"n": null} was refused ("'n' must be 1"; images: "must be an integer, got NoneType") and a null
+    response_format / output_format as an unsupported value, where OpenAI's optional fields are nullable
+    and a null means the default."""
+    from engine.events import AudioChunk, Done, ImageDone
+    from tests.server import FakeEngine, image_array, png_bytes
+
+    class Everything(FakeEngine):
+        class talker:
+            sample_rate = 24000
+
+        def speak(self, cancel=None, **kw):
+            yield AudioChunk.from_samples(np.zeros(240), 24000, text="hello", start_s=0.0)
+            yield Done("", "stop")
+
+        has_image_generator = True
+
+        def imagine(self, cancel=None, **kw):
+            yield ImageDone(png_bytes(image_array(8, 8)), 8, 8, seed=1)
+            yield Done("", "stop")
+
+    with fake_server(Everything(has_talker=True)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.post(path, json=body)
+    assert r.status_code == 200, r.text
