@@ -41,7 +41,8 @@ from engine.server.params import check_output_modalities, flag, generation_param
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import AudioSpan, Item, Session, new_id
-from engine.server.text import check_text, check_url_text, invalid_text_path, text_chars, texts_of
+from engine.server.text import (check_text, check_url_text, invalid_text_path, json_may_hold_surrogates, text_chars,
+                                texts_of)
 from engine.server.turns import ServerVad, SpeechStarted, SpeechStopped, TurnDetector
 from engine.server.video_context import VideoContextConfig, compact_clip
 
@@ -180,7 +181,8 @@ class RealtimeConnection:
                 raise bad("'event_id' must be a string", "invalid_type", "event_id")
             if event_id is not None and invalid_text_path(event_id) is not None:
                 event_id = None  # (it cannot be echoed)
-            check_text(event)  # refused whole: nothing of an event with invalid text is applied
+            if json_may_hold_surrogates(text):  # (a frame is UTF-8: only a \\uD8xx escape can make one)
+                check_text(event)  # refused whole: nothing of an event with invalid text is applied
             kind = event.get("type")
             if not isinstance(kind, str):
                 raise bad("the event has no string 'type'", "invalid_event", "type")

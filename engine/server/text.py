@@ -50,9 +50,50 @@ def _printable(key: str) -> str:
     return "".join(f"\\u{ord(c):04x}" if 0xD800 <= ord(c) <= 0xDFFF else c for c in key)
 
 
+def _holds_surrogate(value: Any) -> bool:
+    """Whether any string or key in a parsed JSON value holds a lone surrogate (no paths built: the walk
+    that names the field runs only when there is one to name)."""
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if _has_surrogate(value):
+                return True
+        elif isinstance(value, dict):
+            if any(_has_surrogate(key) for key in value):
+                return True
+            stack.extend(v for v in value.values() if not isinstance(v, (int, float, bool)) and v is not None)
+        elif isinstance(value, list):
+            stack.extend(v for v in value if not isinstance(v, (int, float, bool)) and v is not None)
+    return False
+
+
+# JSON text that can decode to a lone surrogate: a \\uD800-\\uDBFF escape not followed by a \\uDC00-\\uDFFF
+# one, or one of those not preceded by the first (an escaped pair is a character: Python's json.dumps writes
+# every emoji so). With an escaped backslash anywhere (which can hide where an escape starts) any surrogate
+# escape counts; a literal backslash followed by "ud800" matches too: both only cost the full check.
+_ANY = r"\\u[dD][89a-fA-F]"
+_LONE = (r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+         r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F]")
+_PATTERNS = {str: (re.compile(_ANY), re.compile(_LONE), "\\\\"),
+             bytes: (re.compile(_ANY.encode()), re.compile(_LONE.encode()), b"\\\\")}
+
+
+def json_may_hold_surrogates(text: str | bytes) -> bool:
+    """Whether JSON text (valid UTF-8) may decode to a string holding a lone surrogate: only through a
+    \\uD8xx-\\uDFxx escape that is not half of an escaped pair. When not, the walk over every value is
+    skipped (a body of millions of small values took 15 s of the event loop to walk)."""
+    any_escape, lone, escaped_backslash = _PATTERNS[type(text)]
+    if any_escape.search(text) is None:
+        return False
+    return escaped_backslash in text or lone.search(text) is not None
+
+
 def invalid_text_path(value: Any, root: str = "") -> str | None:
     """The path of the first string or object key in a parsed JSON value that holds a lone surrogate
     (`messages[0].content[1].text`; a bad key is named as written, escaped), else None."""
+    if not _holds_surrogate(value):
+        return None
     stack = [(value, root)]
     while stack:
         value, path = stack.pop()
@@ -90,9 +131,13 @@ def parse_json_text(raw: bytes) -> Any:
     """A JSON body (UTF-8; a BOM is skipped) parsed, with every string checked: bytes that are not
     UTF-8 are kept as lone surrogates (surrogateescape) so the error can name the field they are in.
     Raises ValueError (not JSON) or ApiError (invalid_text)."""
-    text = raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
-    value = json.loads(text)
-    check_text(value)
+    try:
+        text, suspect = raw.decode("utf-8"), json_may_hold_surrogates(raw)
+    except UnicodeDecodeError:
+        text, suspect = raw.decode("utf-8", "surrogateescape"), True
+    value = json.loads(text.removeprefix("\ufeff"))
+    if suspect:
+        check_text(value)
     return value
 
 
