@@ -49,6 +49,7 @@ from engine.server.video_context import VideoContextConfig, compact_clip
 log = logging.getLogger("engine.server.realtime")
 
 MIN_COMMIT_SECONDS = 0.1
+MAX_EVENT_ID_CHARS = 512  # a client's event_id, echoed in the error events it causes
 # OpenAI session fields that have no effect here and are accepted silently
 IGNORED_SESSION_FIELDS = {"type", "include", "tracing", "truncation", "prompt", "tool_choice",
                           "input_audio_transcription", "input_audio_noise_reduction", "speed", "object", "id"}
@@ -179,6 +180,10 @@ class RealtimeConnection:
             if event_id is not None and not isinstance(event_id, str):
                 event_id = None
                 raise bad("'event_id' must be a string", "invalid_type", "event_id")
+            if event_id is not None and len(event_id) > MAX_EVENT_ID_CHARS:  # every error echoes it: a 3 MB id
+                event_id = None                                               # would be sent back whole
+                raise bad(f"'event_id' is too long: at most {MAX_EVENT_ID_CHARS} characters", "invalid_value",
+                          "event_id")
             if event_id is not None and invalid_text_path(event_id) is not None:
                 event_id = None  # (it cannot be echoed)
             if json_may_hold_surrogates(text):  # (a frame is UTF-8: only a \\uD8xx escape can make one)

@@ -509,6 +509,22 @@ def test_realtime_long_values_are_cut_where_an_error_echoes_them(server):
             assert len(ev["error"]["message"]) < 1000, len(ev["error"]["message"])
 
 
+def test_a_realtime_event_id_is_bounded_before_any_error_echoes_it(server):
+    """An event's event_id is echoed in every error event it causes: one of 3,000,000 characters came back
+    whole (3 MB out per event in, held in the session's outgoing queue while the client does not read)."""
+    with connect(server.ws_url, max_size=None) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        for kind in ("no.such.event", "input_audio_buffer.clear"):
+            ws.send(json.dumps({"type": kind, "event_id": "e" * 3_000_000}))
+            raw = ws.recv(timeout=30)
+            assert len(raw) < 2000, len(raw)
+            ev = json.loads(raw)
+            assert ev["type"] == "error" and ev["error"]["code"] == "invalid_value", ev
+            assert ev["error"]["param"] == "event_id" and ev["error"]["event_id"] is None
+        ws.send(json.dumps({"type": "input_audio_buffer.clear", "event_id": "e" * 512}))
+        assert recv_json(ws)["type"] == "input_audio_buffer.cleared"  # (512 characters are fine)
+
+
 def test_a_multipart_header_over_the_parser_limit_says_so(http):
     """A file name of 9,000 characters was refused as "Invalid multipart data."."""
     r = http.post("/v1/audio/transcriptions", files={"file": ("a" * 9000 + ".wav", WAV)})
