@@ -171,6 +171,7 @@ def speech_request(body: dict, ctx: ServerContext) -> dict:
     if max_seconds is not None:
         max_seconds = float(need_number(max_seconds, "max_seconds", 0.1, MAX_SECONDS))
     instruct = instruction_from(body)
+    check_task_inputs(task, text, music, voice, body)
     if task in ("sound", "music"):  # (the talker's own rule, named by the field that broke it)
         given = [f for f in ("voice", "reference_audio", "instructions", "instruct", "speed", "bgm")
                  + fields.SPEECH_INSTRUCTION_FIELDS if body.get(f) is not None and (f != "voice" or voice is not None)]
@@ -182,6 +183,31 @@ def speech_request(body: dict, ctx: ServerContext) -> dict:
             "ref_text": text_field(body.get("reference_text"), "reference_text", MAX_INPUT_CHARS, required=False),
             "instruct": instruct, "music": None if music is None else need_dict(music, "music"),
             "seed": seed, "max_seconds": max_seconds}
+
+
+MUSIC_FIELDS = ("genre", "mood", "instrument", "theme", "duration")
+
+
+def check_task_inputs(task: str, text: str | None, music, voice: str | None, body: dict) -> None:
+    """What a music or podcast task needs, checked as the talker checks it (engine.models.talker.prompt
+    .music_text, pipeline), so a refusal names its field instead of coming back from the engine with none."""
+    from engine.models.talker.prompt import is_music_text, music_text  # noqa: PLC0415
+
+    if task == "music" and music:
+        music = need_dict(music, "music")
+        codec.check_keys(music, "music", MUSIC_FIELDS)
+        try:
+            music_text(music.get("genre", ""), music.get("mood", ""), music.get("instrument", ""),
+                       music.get("theme", ""), music.get("duration", 30))
+        except MingError as e:
+            raise bad(f"{e} (music takes {', '.join(MUSIC_FIELDS)})", wire.wire_code(e.code), "music") from None
+    elif task == "music" and not is_music_text(text or ""):
+        raise bad("music needs Genre, Mood, Instrument, Theme and Duration: give them as 'music' {genre, mood, "
+                  "instrument, theme, duration} or write 'input' as ' Genre: ... Mood: ... Instrument: ... Theme: "
+                  "... Duration: 30s.'", "invalid_request", "input")
+    if task == "podcast" and body.get("reference_audio") is None and (voice is None or voice == DEFAULT_VOICE):
+        raise bad("podcast needs one reference clip (or saved voice) per speaker: give 'reference_audio' (a list, "
+                  "one clip per speaker) or a saved 'voice'", "invalid_request", "reference_audio")
 
 
 def output_format(body: dict) -> tuple[str, str | None]:

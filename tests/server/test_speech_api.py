@@ -128,6 +128,7 @@ def test_openais_own_client_reads_it(server):
     ({"input": "hi", "reference_audio": b64(wav_clip(31.0, 8000))}, "invalid_media", "too long"),
     ({"input": "hi", "max_seconds": -1}, "invalid_value", "max_seconds"),
     ({"input": 5}, "invalid_type", "string"),
+    ({"task": "music", "music": {"colour": "red"}}, "unknown_parameter", "music.colour"),
 ])
 def test_bad_input_is_a_400_naming_what_is_valid(http, body, code, words):
     r = http.post("/v1/audio/speech", json=body)
@@ -261,6 +262,11 @@ def test_speed_and_instructions_map_to_the_talker(http):
     ({"input": "hi", "pitch": "ultra"}, "pitch", "high"),
     ({"input": "hi", "bgm": {"Colour": "red"}}, "bgm", "Genre"),
     ({"input": "rain on a roof", "task": "sound", "emotion": "happy"}, "emotion", "description only"),
+    ({"task": "music", "music": {"genre": 5}}, "music", "genre"),
+    ({"task": "music", "music": {"genre": "pop", "mood": "calm", "instrument": "piano", "theme": "sea",
+                                 "duration": 10 ** 9}}, "music", "duration"),
+    ({"task": "music", "input": "some music please"}, "input", "Genre"),
+    ({"task": "podcast", "input": " speaker_1: hi"}, "reference_audio", "per speaker"),
 ])
 def test_what_the_talker_refuses_is_a_400_naming_the_request_field(http, server, body, param, words):
     """The talker's refusals (empty text, an unknown label) used to come back from the engine with
