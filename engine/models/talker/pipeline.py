@@ -52,6 +52,7 @@ TASK_SAMPLING = {"tts": SamplingParams(2.0, 0.25, 0.0), "podcast": SamplingParam
 # the characters-per-second bound on streamed fragments (spec §7.5): stop once d * 16000 / 5818 >= chars and d > 2 s
 CHARS_RATE_NUM, CHARS_RATE_DEN, CHARS_MIN_SECONDS = 16000, 5818, 2.0
 MUSIC_SLACK_S = 5.0        # music stops at the requested duration plus this
+CAP_FADE_S = 0.01          # audio cut at max_seconds ends with a linear fade this long (no click)
 MIN_STEPS_ROOM = 16        # a prompt must leave room for this many patches in the 2048-position cache
 PROMPT_CACHE_SIZE = 8
 
@@ -85,7 +86,7 @@ class SpeechRequest:
     sigma: float | None = None
     temperature: float | None = None
     seed: int | None = None
-    max_seconds: float | None = None
+    max_seconds: float | None = None  # at most this much audio comes out (the last samples faded out)
     music: dict | None = None  # genre, mood, instrument, theme, duration (music task, instead of text)
 
 
@@ -298,6 +299,8 @@ class TalkerPipeline:
                 cap = float(duration) + MUSIC_SLACK_S
                 max_seconds = cap if max_seconds is None else min(max_seconds, cap)
         total_audio = 0.0
+        cap = None if max_seconds is None else int(round(max_seconds * self.sample_rate))
+        emitted = 0  # samples yielded so far: never more than cap
         for index, frag in enumerate(frags):
             report.fragments.append(frag.text)
             streamed_first = len(report.fragments) == 1
@@ -328,7 +331,13 @@ class TalkerPipeline:
                         wav = stream.push(patch.latents.to(self.vae.decoder.fc1.weight.dtype), last=last)
                     out = holder.push(wav[0].float().cpu().numpy(), last=last)
                     frag_audio += wav.shape[1] / self.sample_rate
+                    if cap is not None and emitted + out.size >= cap:
+                        # the decoder's last chunk (and held silence) run past the cap: cut it there
+                        out, last = _faded(out[:cap - emitted], int(CAP_FADE_S * self.sample_rate)), True
+                        if index not in report.capped:
+                            report.capped.append(index)
                     if out.size:
+                        emitted += out.size
                         yield WaveChunk(out, frag.source if first else "", index)
                         first = False
                     if last:
@@ -339,8 +348,17 @@ class TalkerPipeline:
             if cancel is not None and cancel.is_set():
                 report.cancelled = True
                 return
-            if max_seconds is not None and total_audio >= max_seconds:
+            if cap is not None and (total_audio >= max_seconds or emitted >= cap):
                 return
+
+
+def _faded(samples: np.ndarray, n: int) -> np.ndarray:
+    """``samples`` with their last ``n`` samples faded linearly to silence (a copy)."""
+    out = np.array(samples, dtype=np.float32)
+    n = min(n, out.size)
+    if n:
+        out[-n:] *= np.linspace(1.0, 0.0, n + 1, dtype=np.float32)[1:]
+    return out
 
 
 def _duration_of(text: str) -> float | None:

@@ -191,3 +191,17 @@ def test_podcast_reference_transcripts_follow_the_reference_layout(tiny_engine):
     finally:
         tiny_engine.delete_voice("pod a")
         tiny_engine.delete_voice("pod b")
+
+
+@pytest.mark.parametrize("max_seconds", [0.1, 0.5])
+def test_max_seconds_caps_the_audio_that_comes_out(tiny_engine, max_seconds):
+    """max_seconds 0.1 gave 0.96 s of audio: the patch that crossed the cap was decoded whole and the
+    decoder's flush added its tail. At most max_seconds comes out now, its last samples faded to silence."""
+    evs, done = run(tiny_engine.speak("A long text to say. " * 10, seed=1, max_seconds=max_seconds))
+    chunks = [e for e in evs if isinstance(e, AudioChunk)]
+    assert isinstance(done, Done) and chunks
+    total = sum(c.seconds for c in chunks)
+    assert total <= max_seconds + 1.0 / RATE and total >= max_seconds - 0.05, total
+    assert done.stats.audio_seconds == pytest.approx(total)
+    last = np.frombuffer(chunks[-1].pcm, dtype="<i2")
+    assert abs(int(last[-1])) <= 2  # faded out, no click
