@@ -23,7 +23,7 @@ import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, error_line, failure, figures_line,
-                           on_page_load, queue_line, saved_voice_names, seed_box, session_of,
+                           no_audio, on_page_load, queue_line, saved_voice_names, seed_box, session_of,
                            wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
@@ -250,12 +250,12 @@ class ChatController:
         history = list(history or [])
         before, turn = split_last_user_turn(history)
         if not turn:
-            yield history, gr.update(), EMPTY_HINT, None
+            yield history, gr.update(), EMPTY_HINT, gr.skip()
             return
         messages = history_to_messages(history)
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
-        reply, audio_seen, final = "", False, None
+        reply, audio_seen, final, shown_once = "", False, None, False
         modalities = ("text", "audio") if speak and self.link.has(SPEECH_OUT) else ("text",)
         try:
             stream = self.link.client.chat(
@@ -271,7 +271,9 @@ class ChatController:
                     yield gr.skip(), gr.skip(), queue_line(event), gr.skip()  # the history is unchanged: not sent again
                 elif isinstance(event, TextDelta):
                     reply += event.text
-                    yield history + [{"role": "assistant", "content": reply}], gr.update(), GENERATING, gr.skip()
+                    yield (history + [{"role": "assistant", "content": reply}], gr.update(), GENERATING,
+                           no_audio() if not (audio_seen or shown_once) else gr.skip())  # the last reply's speech goes
+                    shown_once = True
                 elif isinstance(event, AudioChunk):
                     audio_seen = True
                     pcm = np.frombuffer(event.pcm, dtype="<i2")
@@ -286,25 +288,27 @@ class ChatController:
             final = failure(e)
         finally:
             self.inflight.end(session, TAB, cancel)
+        # the stream of a spoken reply ends with its last value; a reply without speech never opens one
+        end = None if audio_seen else no_audio()
         if getattr(cancel, "cleared", False):  # Clear was pressed meanwhile: the tab stays empty
-            yield [], {"text": "", "files": []}, "", None
+            yield [], {"text": "", "files": []}, "", end
             return
         if final is None:
             final = Error("the engine ended the reply without a result", code="engine_error")
         if isinstance(final, Done):
             if final.finish_reason == "cancelled" and not reply and not audio_seen:
-                yield before, turn_to_box(turn), WITHDRAWN, None
+                yield before, turn_to_box(turn), WITHDRAWN, end
                 return
             text = final.text or reply
             shown = history + ([{"role": "assistant", "content": text}] if text or audio_seen else [])
-            yield shown, gr.update(), figures_line(final), None
+            yield shown, gr.update(), figures_line(final), end
             return
         if reply:  # keep what was generated before the error
             gr.Warning(f"The reply failed: {final.message}")
-            yield history + [{"role": "assistant", "content": reply}], gr.update(), error_line(final), None
+            yield history + [{"role": "assistant", "content": reply}], gr.update(), error_line(final), end
         else:  # nothing generated: the turn goes back to the box for another try
             gr.Warning(f"The reply failed: {final.message}")
-            yield before, turn_to_box(turn), error_line(final), None
+            yield before, turn_to_box(turn), error_line(final), end
 
     def stop(self, request: gr.Request | None = None) -> None:
         if not self.inflight.cancel(session_of(request), TAB):

@@ -34,6 +34,15 @@ def chosen_seed(value) -> int | None:
     return None if seed < 0 else seed
 
 
+def no_audio() -> dict:
+    """What a generator yields to a streaming gr.Audio that has nothing to play: the player emptied. A bare None
+    opens a stream (Gradio starts one at a streaming output's first value that is not an update) with no audio
+    in it: the player showed a pause button at 0:00 / 0:00 with a download of nothing, and the browser logged
+    "HLS error ... No Segments found in Playlist" (a text-only chat reply, a Voice message such as "Type the
+    text to speak first")."""
+    return gr.update(value=None)
+
+
 def engine_lacks(link: EngineLink, capability: str) -> bool:
     """The engine was reached (now or earlier) and does not serve `capability`. False while it was never
     reached: nothing is known of what it serves (the banner says it is unavailable), so no tab claims it

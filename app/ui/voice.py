@@ -16,7 +16,7 @@ import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, error_line, failure, figures_line,
-                           on_page_load, queue_line, saved_voice_names, seed_box, session_of,
+                           no_audio, on_page_load, queue_line, saved_voice_names, seed_box, session_of,
                            wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
@@ -78,7 +78,7 @@ class VoiceController:
         """Stream (audio chunk, transcript box, status, WAV file) while the audio is made."""
         task = TASKS.get(task_label, "tts")
         if task != "music" and not (text or "").strip():
-            yield None, gr.update(), "Type the text to speak (or the sound to make) first.", None
+            yield no_audio(), gr.update(), "Type the text to speak (or the sound to make) first.", None
             return
         kwargs: dict = {"task": task, "seed": chosen_seed(seed)}
         if task == "music":
@@ -87,16 +87,16 @@ class VoiceController:
         if task in ("tts", "podcast"):
             kwargs["instruct"] = instruction(dialect, emotion, speed, pitch, volume, style, ip, env, snr) or None
             if task == "podcast" and source not in ("Saved voice", "Clone from a clip"):
-                yield None, gr.update(), PODCAST_NEEDS_A_VOICE, None
+                yield no_audio(), gr.update(), PODCAST_NEEDS_A_VOICE, None
                 return
             if source == "Saved voice":
                 if not saved:
-                    yield None, gr.update(), "Choose a saved voice (or save one from a clip first).", None
+                    yield no_audio(), gr.update(), "Choose a saved voice (or save one from a clip first).", None
                     return
                 kwargs["voice"] = saved
             elif source == "Clone from a clip":
                 if not clip:
-                    yield None, gr.update(), "Upload or record a reference clip to clone.", None
+                    yield no_audio(), gr.update(), "Upload or record a reference clip to clone.", None
                     return
                 kwargs["reference_audio"] = Path(clip).read_bytes()
                 kwargs["reference_text"] = (clip_text or "").strip() or None
@@ -106,7 +106,7 @@ class VoiceController:
         try:
             for event in self.link.client.speak(text or "", cancel=cancel, **kwargs):
                 if isinstance(event, QueuePosition):
-                    yield None, transcript, queue_line(event), None
+                    yield no_audio(), transcript, queue_line(event), None
                 elif isinstance(event, AudioChunk):
                     pcm = np.frombuffer(event.pcm, dtype="<i2")
                     rate = event.sample_rate
@@ -127,11 +127,13 @@ class VoiceController:
                 transcript = asr  # the transcript our ASR filled in: shown, editable for the next take
             status = figures_line(final) + (" · the clip's transcript was filled in by speech recognition"
                                             if asr is not None else "")
-            yield None, transcript, status, write_wav(chunks, rate, task) if chunks else None
+            # the stream ends with its last value; with no audio made none was opened (see no_audio)
+            yield None if chunks else no_audio(), transcript, status, write_wav(chunks, rate, task) if chunks else None
         else:
             final = final or Error("the engine ended without a result", code="engine_error")
             gr.Warning(f"Speech failed: {final.message}")
-            yield None, transcript, error_line(final), write_wav(chunks, rate, task) if chunks else None
+            yield (None if chunks else no_audio(), transcript, error_line(final),
+                   write_wav(chunks, rate, task) if chunks else None)
 
     def transcribe_clip(self, clip):
         """Fill the transcript box from the clip with the model's ASR (editable afterwards)."""

@@ -201,3 +201,24 @@ def test_every_control_of_every_tab_has_a_name(browser, studio):
             unnamed[tab] = found
     assert not unnamed, unnamed
     page.context.close()
+
+
+def test_a_player_with_nothing_to_play_stays_empty(browser, studio):
+    """A text-only chat reply and Voice's "Type the text to speak first" left their streaming players showing a
+    pause button at 0:00 / 0:00 with a download of nothing, and the browser logged "HLS error ... No Segments
+    found in Playlist" (a None sent to a streaming gr.Audio opens an empty stream)."""
+    page = open_tab(browser, studio, "Chat", DESKTOP)
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.locator("#chat-input textarea").fill("Text only, please")
+    page.locator("#chat-input textarea").press("Enter")
+    sync_api.expect(page.locator("#chat-figures")).to_contain_text("finish reason", timeout=60_000)
+    page.get_by_role("tab", name="Voice").click()
+    page.locator("#voice-go").click()  # no text typed
+    sync_api.expect(page.locator("#voice-figures")).to_contain_text("Type the text to speak", timeout=15_000)
+    page.wait_for_timeout(2_000)  # the player would load its (empty) playlist by now
+    for player in ("#chat-speech", "#voice-player"):
+        assert "0:00" not in page.locator(player).inner_text(), f"{player} shows a player with nothing in it"
+        assert page.locator(f"{player} audio").count() == 0, f"{player} holds an audio element with nothing"
+    assert not [e for e in errors if "HLS" in e or "Playlist" in e], errors
+    page.context.close()
