@@ -39,6 +39,8 @@ EMPTY_HINT = "Type a message or attach a file first, then press Enter (or Send).
 WITHDRAWN = "Stopped before it started (it was waiting for the engine). Your message is back in the box."
 NO_SNAPSHOT = "No picture to attach yet: open the camera (Click to Access Webcam), take one, then Attach snapshot."
 NOTHING_TO_EXPORT = "Nothing to export yet: the conversation is empty."
+INTERRUPTED = ("The reply to your last message was interrupted (the page was reloaded or closed before it ended). "
+               "Your message is back in the box: press Enter to ask again.")
 DEFAULT_SYSTEM_HINT = "empty = the model's own default system prompt"
 MEDIA_KINDS = ("image", "video", "audio")
 SAVED_CHAT_KEY = "ming-studio-chat"  # the browser's localStorage key of the conversation kept across reloads
@@ -329,9 +331,15 @@ class ChatController:
         """The conversation as the browser keeps it across a reload (a page reload lost it)."""
         return list(history or [])
 
-    def restore(self, saved: Any) -> list:
-        """At page load: the conversation the browser kept (see restorable)."""
-        return restorable(saved, self.file_roots)
+    def restore(self, saved: Any):
+        """At page load: (the conversation the browser kept (see restorable), the input box, the figures line). A
+        message whose reply had not ended when the page went (a reload mid-reply) is kept as soon as it is sent, and
+        comes back in the input box, saying so: a reload lost the question and the reply silently."""
+        history = restorable(saved, self.file_roots)
+        before, turn = split_last_user_turn(history)
+        if not turn:
+            return history, gr.skip(), gr.skip()
+        return before, turn_to_box(turn), INTERRUPTED
 
     @staticmethod
     def export(history: list | None):
@@ -427,7 +435,8 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
             "show_progress": "hidden", "api_visibility": "private"}
     # Every request goes straight to the engine server, whose one queue orders them and reports
     # positions (concurrency_limit=None: Gradio does not hold a second line of its own).
-    box.submit(controller.add_message, [box, chatbot], [chatbot, box, figures], queue=False).then(
+    # kept once the message is in (a reload before the reply ended lost it), again once the reply is complete
+    box.submit(controller.add_message, [box, chatbot], [chatbot, box, figures], queue=False).then(**keep).then(
         controller.respond, [chatbot, *options], outputs, api_name=CHAT_API_NAME, concurrency_limit=None).then(**keep)
     chatbot.retry(controller.cut_for_retry, [chatbot], [chatbot], queue=False).then(
         controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None).then(**keep)
@@ -438,7 +447,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
     clear.click(controller.clear, None, outputs, queue=False, api_name="clear").then(**keep)
     chatbot.clear(controller.clear, None, outputs, queue=False, api_visibility="private").then(**keep)
     on_page_load(lambda: page_state(link), [speak, speech, voice, max_new_tokens])
-    on_page_load(controller.restore, [chatbot], inputs=[saved])
+    on_page_load(controller.restore, [chatbot, box, figures], inputs=[saved])
     voice.focus(lambda: page_state(link)[2], None, voice, queue=False, show_progress="hidden",
                 api_visibility="private")  # a voice saved in the Voice tab meanwhile is offered
     export.click(controller.export, [chatbot], [exported, figures], queue=False, api_visibility="private")

@@ -102,3 +102,18 @@ def test_the_conversation_survives_a_page_reload(studio):
         sync_api.expect(page.locator("#model-banner")).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
         page.wait_for_timeout(2_000)
         assert page.locator("#chat-history [data-testid='user']").count() == 0
+
+
+def test_a_message_sent_just_before_a_reload_is_not_lost(studio):
+    """A reload while the reply was streaming lost the question and the reply without a word (the browser kept
+    the conversation only once a reply was complete): the question comes back in the box, saying why."""
+    with desktop_page(studio) as page:
+        page.locator("#chat-advanced").click()
+        set_slider(page, "chat-max-tokens", 4000)  # a reply long enough to reload in the middle of it
+        page.locator("#chat-input textarea").fill("A question worth keeping")
+        page.locator("#chat-input textarea").press("Enter")
+        sync_api.expect(page.locator("#chat-history [data-testid='bot']")).to_have_count(1, timeout=30_000)
+        page.reload(wait_until="load")
+        sync_api.expect(page.locator("#chat-input textarea")).to_have_value("A question worth keeping", timeout=30_000)
+        sync_api.expect(page.locator("#chat-figures")).to_contain_text("interrupted")
+        page.locator("#chat-clear").click()

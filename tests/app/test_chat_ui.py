@@ -18,7 +18,7 @@ pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
-from app.ui.chat import (EMPTY_HINT, NO_SNAPSHOT, NOTHING_TO_EXPORT, WITHDRAWN, ChatController,  # noqa: E402
+from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NO_SNAPSHOT, NOTHING_TO_EXPORT, WITHDRAWN, ChatController,  # noqa: E402
                          content_text, export_conversation, history_to_messages, restorable, user_turn)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done  # noqa: E402
@@ -215,7 +215,23 @@ def test_a_kept_conversation_comes_back_with_the_files_still_there(tmp_path):
                                      "(gone.wav: no longer available after the reload)"]}]
     assert restorable(None, [uploads]) == restorable({"role": "user"}, [uploads]) == []
     controller = ChatController(SimpleNamespace(), [uploads])
-    assert controller.restore(controller.keep(saved[1:3])) == restorable(saved, [uploads])[:2]
+    history, box, figures = controller.restore(controller.keep(saved[1:3]))
+    assert history == restorable(saved, [uploads])[:2]
+
+
+def test_a_message_whose_reply_was_interrupted_comes_back_in_the_box(tmp_path):
+    """A reload mid-reply lost the message and the reply silently (the conversation was kept only once a reply
+    was complete). The message is kept as soon as it is sent; at the next load a last message without its reply
+    goes back to the input box (with its attachment), and the figures line says why."""
+    (tmp_path / "cup.png").write_bytes(b"png")
+    kept = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": {"path": str(tmp_path / "cup.png"), "mime_type": "image/png"}},
+            {"role": "user", "content": "What is this?"}]
+    controller = ChatController(SimpleNamespace(), [tmp_path])
+    history, box, figures = controller.restore(controller.keep(kept))
+    assert history == [{"role": "user", "content": ["Hi"]}, {"role": "assistant", "content": ["Hello."]}]
+    assert box == {"text": "What is this?", "files": [str(tmp_path / "cup.png")]}
+    assert figures == INTERRUPTED
 
 
 def test_clear_endpoint_empties_the_conversation(client):
