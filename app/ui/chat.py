@@ -22,7 +22,8 @@ import gradio.utils as gradio_utils
 import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
-from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, error_line, failure, figures_line,
+from app.media_check import media_problem
+from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, engine_limits, error_line, failure, figures_line,
                            no_audio, on_page_load, queue_line, saved_voice_names, seed_box, session_of,
                            wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
@@ -254,6 +255,10 @@ class ChatController:
         if not turn:
             yield history, gr.update(), EMPTY_HINT, gr.skip()
             return
+        if problem := self.attachment_problem(turn):  # said in the page's words, naming the file
+            gr.Warning(problem)
+            yield before, turn_to_box(turn), problem, gr.skip()
+            return
         messages = history_to_messages(history)
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
@@ -311,6 +316,17 @@ class ChatController:
         else:  # nothing generated: the turn goes back to the box for another try
             gr.Warning(f"The reply failed: {final.message}")
             yield before, turn_to_box(turn), error_line(final), end
+
+    def attachment_problem(self, turn: list[dict]) -> str | None:
+        """What is wrong with a file of the user's turn (app.media_check), or None. A text file renamed .wav came
+        back as "'item.content[0].audio' is not an audio file FFmpeg can read", naming no file."""
+        limits = engine_limits(self.link)
+        for msg in turn:
+            for part in _parts(msg.get("content")):
+                kind = media_kind(part["path"], part.get("mime")) if part["type"] == "file" else None
+                if kind and (problem := media_problem(part["path"], kind, limits)):
+                    return problem
+        return None
 
     def stop(self, request: gr.Request | None = None) -> None:
         if not self.inflight.cancel(session_of(request), TAB):

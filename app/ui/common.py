@@ -50,6 +50,12 @@ def engine_lacks(link: EngineLink, capability: str) -> bool:
     return link.status().info is not None and not link.has(capability)
 
 
+def engine_limits(link: EngineLink) -> dict:
+    """The limits the engine's model card reports (max_image_pixels, max_audio_seconds, ...); empty when unknown."""
+    info = link.status().info
+    return dict(getattr(info, "limits", None) or {}) if info is not None else {}
+
+
 def note_text(link: EngineLink, capability: str, text: str) -> str:
     return text if engine_lacks(link, capability) else ""
 

@@ -16,7 +16,8 @@ import gradio as gr
 from PIL import Image
 
 from app.engine_link import IMAGE_OUT, EngineLink
-from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, error_line, failure, figures_line,
+from app.media_check import media_problem
+from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line, failure, figures_line,
                            on_page_load, queue_line, seed_box, session_of, wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
@@ -71,6 +72,11 @@ class ImageController:
         if task in ("edit", "segment") and not images:
             yield *nothing, f"{mode} needs a reference image: upload one first.", gr.update(), gallery_state, None
             return
+        if task in ("edit", "segment"):  # "'image[0]' is not a recognised image" named no file
+            limits = engine_limits(self.link)
+            if problem := next(filter(None, (media_problem(p, "image", limits) for p in images)), None):
+                yield *nothing, problem, gr.update(), gallery_state, None
+                return
         if task == "edit" and not (prompt or "").strip():
             yield *nothing, EDIT_PROMPT_HINTS.get(preset, EDIT_PROMPT_HINTS["(none)"]), gr.update(), gallery_state, None
             return

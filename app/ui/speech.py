@@ -16,7 +16,8 @@ import gradio as gr
 import numpy as np
 
 from app.engine_link import AUDIO_IN, EngineLink
-from app.ui.common import (InFlight, capability_note, error_line, failure, figures_line, queue_line, session_of,
+from app.media_check import media_problem
+from app.ui.common import (InFlight, capability_note, engine_limits, error_line, failure, figures_line, queue_line, session_of,
                            wire_stop)
 from engine.events import Done, Error, QueuePosition, TextDelta
 
@@ -109,6 +110,8 @@ class SpeechController:
         if not path:
             gr.Info("Record or upload a clip first.")
             return "", "Record or upload a clip first.", None, None
+        if problem := media_problem(path, "audio", engine_limits(self.link), upload=True):
+            return "", problem, None, None
         text, status, result = self._run(Path(path).read_bytes(), context, hotwords, dialect, request)
         if result is None:
             return text, status, None, None

@@ -15,7 +15,8 @@ import gradio as gr
 import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
-from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, error_line, failure, figures_line,
+from app.media_check import media_problem
+from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line, failure, figures_line,
                            no_audio, on_page_load, queue_line, saved_voice_names, seed_box, session_of,
                            wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
@@ -98,6 +99,9 @@ class VoiceController:
                 if not clip:
                     yield no_audio(), gr.update(), "Upload or record a reference clip to clone.", None
                     return
+                if problem := media_problem(clip, "audio", engine_limits(self.link)):
+                    yield no_audio(), gr.update(), problem, None
+                    return
                 kwargs["reference_audio"] = Path(clip).read_bytes()
                 kwargs["reference_text"] = (clip_text or "").strip() or None
         session = session_of(request)
@@ -139,6 +143,8 @@ class VoiceController:
         """Fill the transcript box from the clip with the model's ASR (editable afterwards)."""
         if not clip:
             return gr.update(), "Upload or record a clip first."
+        if problem := media_problem(clip, "audio", engine_limits(self.link), upload=True):
+            return gr.update(), problem
         text = ""
         try:
             for event in self.link.client.transcribe(Path(clip).read_bytes()):
@@ -156,6 +162,8 @@ class VoiceController:
         name = (name or "").strip()
         if not name or not clip:
             return gr.update(), "Give the voice a name and a reference clip."
+        if problem := media_problem(clip, "audio", engine_limits(self.link), upload=True):
+            return gr.update(), problem
         try:
             info = self.link.client.save_voice(name, Path(clip).read_bytes(), (clip_text or "").strip() or None,
                                                replace=bool(replace))

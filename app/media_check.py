@@ -1,0 +1,77 @@
+"""A file the user gave the studio, checked before it goes to the engine: a 0-byte file, a text file renamed
+.wav, a PDF renamed .png, a picture over the engine's pixel limit or a clip over its length limit came back in
+the engine's wire terms ("'item.content[0].audio' is not an audio file FFmpeg can read", "'image[0]' is
+empty", "audio: not a recognised audio file ...; give samples with their sample_rate instead"), naming no file.
+`media_problem` says what is wrong with which file, in the words of the page, with the limits the engine's
+model card reports (ModelInfo.limits); None when the file looks fine (the engine still has the last word)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+AUDIO_FORMATS = "WAV, MP3, FLAC, OGG, WebM, M4A or Opus"
+IMAGE_FORMATS = "PNG, JPEG, WebP, GIF or BMP"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _image_problem(path: Path, name: str, limits: dict) -> str | None:
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            im.verify()
+    except Exception:  # noqa: BLE001  (PIL raises many kinds for what is not a picture)
+        return f"'{name}' is not a picture the engine can read (a {IMAGE_FORMATS} file; this one is not, or is damaged)."
+    most = limits.get("max_image_pixels")
+    if most and width * height > most:
+        return (f"'{name}' is too large: {width}x{height} = {width * height:,} pixels, the engine takes at most "
+                f"{int(most):,} pixels: make it smaller and try again.")
+    return None
+
+
+def _av_problem(path: Path, name: str, kind: str, limits: dict) -> str | None:
+    try:
+        import av
+    except ImportError:  # no PyAV: the engine checks the clip itself
+        return None
+    what = "an audio clip" if kind == "audio" else "a video"
+    formats = AUDIO_FORMATS if kind == "audio" else "MP4, WebM, MOV or MKV"
+    try:
+        with av.open(str(path)) as container:
+            streams = {s.type for s in container.streams}
+            seconds = container.duration / 1e6 if container.duration else None
+    except Exception:  # noqa: BLE001  (av.error.* for what FFmpeg cannot read)
+        return f"'{name}' is not {what} the engine can read (a {formats} file; this one is not, or is damaged)."
+    if kind not in streams:
+        return f"'{name}' has no {kind} in it."
+    most = limits.get("max_audio_seconds")
+    if kind == "audio" and most and seconds and seconds > most:
+        return (f"'{name}' is {seconds:,.0f} s long; the engine takes at most {most:,.0f} s: cut it into shorter "
+                "clips.")
+    return None
+
+
+def media_problem(path: str | Path, kind: str, limits: dict | None = None, upload: bool = False) -> str | None:
+    """What keeps the engine from using the file at `path` as `kind` ('image' | 'audio' | 'video'), in words
+    naming the file; None when nothing is found. `limits`: the engine's (ModelInfo.limits). `upload`: the file
+    goes as a multipart upload (a transcription or a voice clip), held to the engine's max_upload_bytes."""
+    path, limits = Path(path), limits or {}
+    name = path.name
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return f"'{name}' is no longer there: upload it again."
+    if size == 0:
+        return f"'{name}' is empty (0 bytes): choose another file."
+    most = limits.get("max_upload_bytes")
+    if upload and most and size > most:
+        return f"'{name}' is too large to send ({_mib(size)}; the engine takes at most {_mib(most)})."
+    if kind == "image":
+        return _image_problem(path, name, limits)
+    if kind in ("audio", "video"):
+        return _av_problem(path, name, kind, limits)
+    return None

@@ -1,0 +1,81 @@
+"""A file given to the studio is checked before it goes to the engine, and what is wrong is said naming the file:
+a 0-byte file, a text file renamed .wav, a PDF renamed .png, a picture over the engine's pixel limit, a clip
+over its length limit came back in the engine's wire terms ("'item.content[0].audio' is not an audio file FFmpeg
+can read", "'image[0]' is empty", "...; give samples with their sample_rate instead"), naming no file."""
+
+from __future__ import annotations
+
+import wave
+
+import pytest
+
+pytest.importorskip("gradio")
+from PIL import Image  # noqa: E402
+
+from app.engine_link import EngineLink  # noqa: E402
+from app.media_check import media_problem  # noqa: E402
+from app.ui.chat import ChatController  # noqa: E402
+from app.ui.image import ImageController  # noqa: E402
+from app.ui.speech import SpeechController  # noqa: E402
+from app.ui.voice import VoiceController  # noqa: E402
+from engine.client import EngineClient  # noqa: E402
+from tests.paths import REPO  # noqa: E402
+
+ASSETS = REPO / "app" / "assets"
+WIRE_TERMS = ("item.content", "image[0]", "sample_rate", "'file'", "reference_audio")
+
+
+@pytest.fixture()
+def files(tmp_path):
+    (tmp_path / "notes.wav").write_text("hello, this is text\n")
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "report.png").write_bytes(b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n")
+    Image.new("RGB", (5000, 4000)).save(tmp_path / "huge.png")
+    with wave.open(str(tmp_path / "long.wav"), "wb") as w:  # 400 s of silence at 1 kHz: over the 300 s limit
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(1000)
+        w.writeframes(b"\0\0" * 400_000)
+    return tmp_path
+
+
+def test_media_problem_names_the_file_and_what_is_wrong(files):
+    limits = {"max_image_pixels": 16_000_000, "max_audio_seconds": 300.0, "max_upload_bytes": 1000}
+    assert media_problem(files / "empty.wav", "audio", limits) == "'empty.wav' is empty (0 bytes): choose another file."
+    assert media_problem(files / "notes.wav", "audio", limits).startswith("'notes.wav' is not an audio clip")
+    assert media_problem(files / "report.png", "image", limits).startswith("'report.png' is not a picture")
+    assert "'huge.png' is too large: 5000x4000 = 20,000,000 pixels" in media_problem(files / "huge.png", "image", limits)
+    assert "'long.wav' is 400 s long; the engine takes at most 300 s" in media_problem(files / "long.wav", "audio", limits)
+    assert "too large to send" in media_problem(files / "long.wav", "audio", limits, upload=True)
+    assert media_problem(ASSETS / "images" / "cup.png", "image", limits) is None
+    assert media_problem(ASSETS / "speech" / "what_do_you_see_en.wav", "audio", limits) is None
+    assert media_problem(ASSETS / "video" / "cup_on_table.mp4", "video", limits) is None
+    assert media_problem(ASSETS / "images" / "cup.png", "audio", limits) is not None
+
+
+def test_every_tab_names_the_bad_file_in_its_own_words(engine_server, files):
+    link = EngineLink(EngineClient(engine_server.url, token="test-token"))
+    said = []
+    # Chat: the turn goes back to the box, the figures line says which file
+    chat = ChatController(link, [files])
+    turn = [{"role": "user", "content": {"path": str(files / "notes.wav")}}, {"role": "user", "content": "what?"}]
+    history, box, figures, _ = list(chat.respond(turn, 8, 0.0, 1.0, 0, 1.0, None, "", False, False, ""))[-1]
+    assert history == [] and box == {"text": "what?", "files": [str(files / "notes.wav")]}
+    said.append(figures)
+    # Speech
+    speech = SpeechController(link)
+    said.append(speech.transcribe_file(str(files / "empty.wav"), "", "", None)[1])
+    # Voice: cloning, transcribing and saving a clip
+    voice = VoiceController(link)
+    *_, last = voice.synthesize("Hello", "Speech", "Clone from a clip", None, str(files / "notes.wav"), "",
+                                *[None] * 5, "", "", "", None, "", "", "", "", 10, 3)
+    said += [last[2], voice.transcribe_clip(str(files / "empty.wav"))[1],
+             voice.save("x", str(files / "notes.wav"), "hi")[1]]
+    # Image: a PDF renamed .png, a picture over the pixel limit
+    image = ImageController(link)
+    for ref in ("report.png", "huge.png"):
+        *_, last = image.make("Edit", "make it blue", [str(files / ref)], "(none)", "", "1:1", "", 2, 2.0, 1, 0, [],
+                              progress=lambda *a, **k: None)
+        said.append(last[3])
+    names = ["notes.wav", "empty.wav", "notes.wav", "empty.wav", "notes.wav", "report.png", "huge.png"]
+    for name, text in zip(names, said):
+        assert f"'{name}'" in text, text
+        assert not any(term in text for term in WIRE_TERMS), text
