@@ -25,7 +25,8 @@ def _image_problem(path: Path, name: str, limits: dict) -> str | None:
             width, height = im.size
             im.verify()
     except Exception:  # noqa: BLE001  (PIL raises many kinds for what is not a picture)
-        return f"'{name}' is not a picture the engine can read (a {IMAGE_FORMATS} file; this one is not, or is damaged)."
+        return (f"'{name}' is not a picture the engine can read (a {IMAGE_FORMATS} file; this one is not, or is "
+                "damaged).")
     most = limits.get("max_image_pixels")
     if most and width * height > most:
         return (f"'{name}' is too large: {width}x{height} = {width * height:,} pixels, the engine takes at most "

@@ -23,9 +23,9 @@ import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import media_problem
-from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, engine_limits, error_line, failure, figures_line,
-                           no_audio, on_page_load, queue_line, saved_voice_names, seed_box, session_of,
-                           wire_stop)
+from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, engine_limits, error_line,
+                           error_text, failure, figures_line, no_audio, on_page_load, queue_line,
+                           saved_voice_names, seed_box, session_of, wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 # The Max new tokens slider stops at the engine's cap, which its model card reports (limits.max_new_tokens: a
@@ -311,10 +311,10 @@ class ChatController:
             yield shown, gr.update(), figures_line(final), end
             return
         if reply:  # keep what was generated before the error
-            gr.Warning(f"The reply failed: {final.message}")
+            gr.Warning(f"The reply failed: {error_text(final)}")
             yield history + [{"role": "assistant", "content": reply}], gr.update(), error_line(final), end
         else:  # nothing generated: the turn goes back to the box for another try
-            gr.Warning(f"The reply failed: {final.message}")
+            gr.Warning(f"The reply failed: {error_text(final)}")
             yield before, turn_to_box(turn), error_line(final), end
 
     def attachment_problem(self, turn: list[dict]) -> str | None:

@@ -162,8 +162,25 @@ def queue_line(event: QueuePosition) -> str:
         f"Waiting for the engine: yours is next ({event.waiting} waiting). Stop withdraws it."
 
 
+# The engine went away (stopped, restarted, the network dropped) before or while a request ran: said in the page's
+# words, with what to do (a chat reply cut by a restart read "the connection to the server was lost: connection
+# closed: received 1012 (service restart); then sent 1012 (service restart)", and nothing said what next).
+ENGINE_GONE = {"connection_lost": "The engine stopped answering in the middle of this request (it was stopped or "
+                                  "restarted, or the network dropped)",
+               "connect_failed": "The engine is not reachable right now (it is stopped, restarting or unreachable)"}
+RETRY_WHEN_BACK = ("Try again once the banner at the top shows the model again (the page checks every few seconds; "
+                   "nothing needs restarting here)")
+
+
+def error_text(error: Error) -> str:
+    """What went wrong, for the page: the engine's own message, or, when the engine went away, what that means and
+    what to do (its technical detail after it)."""
+    gone = ENGINE_GONE.get(error.code)
+    return f"{gone}. {RETRY_WHEN_BACK}. Detail: {error.message}" if gone else error.message
+
+
 def error_line(error: Error) -> str:
-    return f"Error ({error.code}): {error.message}"
+    return f"Error ({error.code}): {error_text(error)}"
 
 
 def failure(exc: BaseException) -> Error:

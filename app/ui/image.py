@@ -17,8 +17,8 @@ from PIL import Image
 
 from app.engine_link import IMAGE_OUT, EngineLink
 from app.media_check import media_problem
-from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line, failure, figures_line,
-                           on_page_load, queue_line, seed_box, session_of, wire_stop)
+from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
+                           error_text, failure, figures_line, on_page_load, queue_line, seed_box, session_of, wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
 TAB = "image"
@@ -137,7 +137,7 @@ class ImageController:
             yield shown, None, None, figures_line(final), gr.update(), gallery_state, None
             return
         final = final or Error("the engine ended without an image", code="engine_error")
-        gr.Warning(f"Image failed: {final.message}")
+        gr.Warning(f"Image failed: {error_text(final)}")
         yield shown, None, None, error_line(final), gr.update(), gallery_state, None
 
     @staticmethod

@@ -17,8 +17,8 @@ import numpy as np
 
 from app.engine_link import AUDIO_IN, EngineLink
 from app.media_check import media_problem
-from app.ui.common import (InFlight, capability_note, engine_limits, error_line, failure, figures_line, queue_line, session_of,
-                           wire_stop)
+from app.ui.common import (InFlight, capability_note, engine_limits, error_line, failure, figures_line, queue_line,
+                           session_of, wire_stop)
 from engine.events import Done, Error, QueuePosition, TextDelta
 
 TAB = "speech"

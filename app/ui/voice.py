@@ -16,9 +16,9 @@ import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import media_problem
-from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line, failure, figures_line,
-                           no_audio, on_page_load, queue_line, saved_voice_names, seed_box, session_of,
-                           wire_stop)
+from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
+                           error_text, failure, figures_line, no_audio, on_page_load, queue_line,
+                           saved_voice_names, seed_box, session_of, wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 TAB = "voice"
@@ -135,7 +135,7 @@ class VoiceController:
             yield None if chunks else no_audio(), transcript, status, write_wav(chunks, rate, task) if chunks else None
         else:
             final = final or Error("the engine ended without a result", code="engine_error")
-            gr.Warning(f"Speech failed: {final.message}")
+            gr.Warning(f"Speech failed: {error_text(final)}")
             yield (None if chunks else no_audio(), transcript, error_line(final),
                    write_wav(chunks, rate, task) if chunks else None)
 

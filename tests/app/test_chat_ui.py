@@ -176,7 +176,8 @@ def test_an_engine_that_went_away_is_a_message_not_a_crash():
     link = EngineLink(EngineClient("http://127.0.0.1:9", timeout=2))  # nothing listens there
     assert not link.status().ok and "not answering" in link.status().problem
     history, box, figures, _ = list(ChatController(link).respond(*chat_args(ask("anyone?"))))[-1]
-    assert history == [] and box["text"] == "anyone?" and figures.startswith("Error (connect_failed)")
+    assert history == [] and box["text"] == "anyone?"
+    assert figures.startswith("Error (connect_failed): The engine is not reachable right now")
 
 
 def test_empty_input_is_ignored_with_a_hint(controller):
@@ -312,3 +313,30 @@ def test_banner_says_where_a_real_model_went_and_what_was_left_out():
     cpu = ("everything on cpu (bf16, int4 experts, int8 linears): 60.02 GB of the 62.00 GB of host memory available "
            "at load, with an 8,192-token KV cache; speech and image generation NOT loaded: their 20.00 GB do not fit")
     assert "speech and image generation NOT loaded" in banner_parts(ModelInfo(placement=cpu, **base))[1]
+
+
+def test_an_engine_that_goes_down_mid_reply_is_said_plainly_and_the_tab_recovers(tiny_engine):
+    """The engine stopped mid-reply: the page read "Error (connection_lost): the connection to the server was lost:
+    connection closed: received 1012 (service restart); then sent 1012 (service restart)" and said nothing of what
+    to do. It says the engine stopped answering and to try again once the banner shows the model; what was said
+    stays, and the same controller answers once the engine is back on its address (nothing restarted here)."""
+    from engine.server import ServerHandle, create_app
+    first = ServerHandle(create_app(tiny_engine), host="127.0.0.1", port=0).start()
+    link = EngineLink(EngineClient(first.url, timeout=5), recheck_s=0.0)
+    controller = ChatController(link)
+    stream = controller.respond(*chat_args(ask("Count slowly"), max_new_tokens=4000))
+    for history, _, _, _ in stream:
+        if len(history) == 2 and content_text(history[-1]["content"]):
+            break  # the reply is streaming
+    first.stop()
+    history, box, figures, _ = list(stream)[-1]
+    assert figures.startswith("Error (connection_lost): The engine stopped answering in the middle of this request")
+    assert "Try again once the banner at the top shows the model again" in figures
+    assert content_text(history[-1]["content"])  # what was said before it stopped stays
+    second = ServerHandle(create_app(tiny_engine), host="127.0.0.1", port=first.port).start()
+    try:
+        assert link.status().ok
+        history, box, figures, _ = list(controller.respond(*chat_args(ask("Back?"), max_new_tokens=4)))[-1]
+        assert "finish reason" in figures and content_text(history[-1]["content"])
+    finally:
+        second.stop()
