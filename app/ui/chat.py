@@ -25,7 +25,7 @@ from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, engine_limits, error_line,
                            error_text, failure, figures_line, no_audio, on_page_load, queue_line,
-                           saved_voice_names, seed_box, session_of, wire_stop)
+                           saved_voice_names, seed_box, session_of, wire_stop, toolbar)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 # The Max new tokens slider stops at the engine's cap, which its model card reports (limits.max_new_tokens: a
@@ -400,6 +400,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
     made at the page's top level (see build_image_tab); a tab built alone makes its own."""
     controller = ChatController(link, [gradio_utils.get_upload_folder(), *([assets] if assets else [])])
     chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat-history", editable="user",
+                         buttons=toolbar("copy", "copy_all"),
                          feedback_options=None, placeholder="Ask the model something, or attach an image, "
                                                             "a video or a recording.")
     # the label names the box for screen readers (it was named by its placeholder only); app/static/a11y.js
@@ -416,10 +417,12 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
         export = gr.Button("Export JSON", elem_id="chat-export", scale=1, min_width=80)
     figures = gr.Markdown("", elem_id="chat-figures")
     speech = gr.Audio(label="Spoken reply", streaming=True, autoplay=True, interactive=False,
+                      buttons=toolbar("download"),
                       elem_id="chat-speech", **speech_controls(link)[1])
     exported = gr.File(label="Conversation (JSON)", visible=False, elem_id="chat-exported")
     with gr.Accordion("Camera snapshot", open=False):
-        snapshot = gr.Image(sources=["webcam"], type="filepath", label="Take a picture, then attach it",
+        snapshot = gr.Image(sources=["webcam"], type="filepath", buttons=toolbar("download", "fullscreen"),
+                            label="Take a picture, then attach it",
                             elem_id="chat-webcam")
         attach = gr.Button("Attach snapshot")
     with gr.Accordion("Options", open=False, elem_id="chat-advanced"):

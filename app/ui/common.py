@@ -4,6 +4,7 @@ shown under each tab's output, and turning a stream's failure into a message (ne
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 
@@ -32,6 +33,13 @@ def chosen_seed(value) -> int | None:
         return None
     seed = int(value)
     return None if seed < 0 else seed
+
+
+def toolbar(*names: str) -> list[str]:
+    """A media component's toolbar buttons: `names`, and Gradio's "share" only on a Hugging Face Space (SPACE_ID
+    set), the one place it works. Gradio shows it by default: anywhere else a press said only "Must be on
+    Spaces to share." (and the browser logged a ShareError)."""
+    return [*names, "share"] if os.environ.get("SPACE_ID") else list(names)
 
 
 def no_audio() -> dict:

@@ -18,7 +18,8 @@ from PIL import Image
 from app.engine_link import IMAGE_OUT, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
-                           error_text, failure, figures_line, on_page_load, queue_line, seed_box, session_of, wire_stop)
+                           error_text, failure, figures_line, on_page_load, queue_line, seed_box, session_of, toolbar,
+                           wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
 TAB = "image"
@@ -217,13 +218,17 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
                 stop = gr.Button("Stop", variant="stop", elem_id="image-stop")
         with gr.Column(scale=3):
             picture = gr.Image(label="Result (previews while it is made)", type="pil", interactive=False,
+                               buttons=toolbar("download", "fullscreen"),
                                elem_id="image-result")
             with gr.Row():
-                mask = gr.Image(label="Mask", type="pil", interactive=False, elem_id="image-mask")
-                overlay = gr.Image(label="Overlay", type="pil", interactive=False, elem_id="image-overlay")
+                mask = gr.Image(label="Mask", type="pil", interactive=False, elem_id="image-mask",
+                                buttons=toolbar("download", "fullscreen"))
+                overlay = gr.Image(label="Overlay", type="pil", interactive=False, elem_id="image-overlay",
+                                   buttons=toolbar("download", "fullscreen"))
             status = gr.Markdown("", elem_id="image-figures")
             files = gr.File(label="Downloads (PNG)", file_count="multiple", elem_id="image-files")
             gallery = gr.Gallery(label="Results (click one to reuse its settings)", columns=4,
+                                 buttons=toolbar("download", "download_all", "fullscreen"),
                                  height=220, elem_id="image-gallery")
     state = gr.State([])
     # a page reload emptied the gallery: the browser keeps its entries, written once each image is made

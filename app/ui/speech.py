@@ -18,7 +18,7 @@ import numpy as np
 from app.engine_link import AUDIO_IN, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (InFlight, capability_note, engine_limits, error_line, failure, figures_line, queue_line,
-                           session_of, wire_stop)
+                           session_of, wire_stop, toolbar)
 from engine.events import Done, Error, QueuePosition, TextDelta
 
 TAB = "speech"
@@ -178,8 +178,10 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
     with gr.Row():
         with gr.Column():
             clip = gr.Audio(sources=["upload", "microphone"], type="filepath", label="A clip to transcribe",
+                            buttons=toolbar("download"),
                             elem_id="speech-clip")
             live = gr.Audio(sources=["microphone"], streaming=True, label="Live: partial transcript while you speak",
+                            buttons=toolbar("download"),
                             elem_id="speech-live")
             context = gr.Textbox(label="Context (what the audio is about; optional)", lines=2,
                                  placeholder="This is an audio about Culinary Traditions.")

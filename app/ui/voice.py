@@ -18,7 +18,7 @@ from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, no_audio, on_page_load, queue_line,
-                           saved_voice_names, seed_box, session_of, wire_stop)
+                           saved_voice_names, seed_box, session_of, wire_stop, toolbar)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 TAB = "voice"
@@ -247,7 +247,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
                                     elem_id="voice-saved")
                 refresh = gr.Button("Refresh", scale=0, min_width=60)
             with gr.Accordion("Clone from a clip / save a voice", open=False):
-                clip = gr.Audio(sources=["upload", "microphone"], type="filepath",
+                clip = gr.Audio(sources=["upload", "microphone"], type="filepath", buttons=toolbar("download"),
                                 label="Reference clip (0.5 to 30 s of one speaker)", elem_id="voice-clip")
                 clip_text = gr.Textbox(label="What the clip says (empty = filled in by speech recognition)",
                                        elem_id="voice-clip-text")
@@ -293,6 +293,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
                 stop = gr.Button("Stop", variant="stop", elem_id="voice-stop")
         with gr.Column(scale=2):
             player = gr.Audio(label="Playing as it is made", streaming=True, autoplay=True, interactive=False,
+                              buttons=toolbar("download"),
                               elem_id="voice-player")
             status = gr.Markdown("", elem_id="voice-figures")
             wav = gr.File(label="WAV download", elem_id="voice-wav")

@@ -222,3 +222,21 @@ def test_a_player_with_nothing_to_play_stays_empty(browser, studio):
         assert page.locator(f"{player} audio").count() == 0, f"{player} holds an audio element with nothing"
     assert not [e for e in errors if "HLS" in e or "Playlist" in e], errors
     page.context.close()
+
+
+def test_no_share_button_that_only_fails_off_spaces(browser, studio):
+    """Every image, audio player, the gallery and the conversation offered Gradio's Share, which works only on a
+    Hugging Face Space: here a press said "Must be on Spaces to share." and the browser logged a ShareError."""
+    page = open_tab(browser, studio, "Image", DESKTOP)
+    page.locator("#image-prompt textarea").fill("a red cup")
+    page.get_by_label("or exact size (WxH)").fill("64x64")
+    page.locator("#image-go").click()
+    sync_api.expect(page.locator("#image-figures")).to_contain_text("finish reason", timeout=60_000)
+    sync_api.expect(page.locator("#image-result button[aria-label='Download']")).to_be_visible()
+    shares = {}
+    for tab in ("Image", "Chat", "Speech", "Voice"):
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_timeout(300)
+        shares[tab] = page.locator("button[aria-label='Share']:visible, button[title='Share']:visible").count()
+    assert not any(shares.values()), shares
+    page.context.close()
