@@ -7,8 +7,10 @@ from __future__ import annotations
 import html
 
 import gradio as gr
+from gradio.context import Context
 
 from app.engine_link import EngineLink, LinkStatus
+from app.ui.common import ENGINE_UP_ATTR
 from engine.client import ModelInfo
 
 BANNER_ELEM_ID = "model-banner"
@@ -61,8 +63,18 @@ def banner_html(status: LinkStatus) -> str:
 
 
 def build_banner(link: EngineLink) -> gr.HTML:
-    """The banner, refreshed every few seconds from the engine's status."""
+    """The banner, refreshed every few seconds from the engine's status. Inside the studio's Blocks it also keeps
+    whether the engine answers (a hidden checkbox at Blocks.engine_up, see app.ui.common.on_engine_change): the controls
+    that depend on the engine are set again when that changes."""
     banner = gr.HTML(lambda: banner_html(link.status()), elem_id=BANNER_ELEM_ID)  # computed per page load
+    # hidden: its change event is the page's (a gr.State set by an unqueued tick never fired its own)
+    engine_up = gr.Checkbox(value=link.status().ok, visible=False, label="The engine answers",
+                            elem_id="engine-up")
+    setattr(Context.root_block, ENGINE_UP_ATTR, engine_up)
+
+    def tick():
+        status = link.status()
+        return banner_html(status), status.ok
     timer = gr.Timer(link.recheck_s)
-    timer.tick(lambda: banner_html(link.status()), None, banner, queue=False, show_progress="hidden")
+    timer.tick(tick, None, [banner, engine_up], queue=False, show_progress="hidden")
     return banner

@@ -24,8 +24,8 @@ import numpy as np
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, engine_limits, error_line,
-                           error_text, failure, figures_line, no_audio, on_page_load, queue_line,
-                           saved_voice_names, seed_box, session_of, wire_stop, toolbar)
+                           error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
+                           queue_line, saved_voice_names, seed_box, session_of, toolbar, wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 # The Max new tokens slider stops at the engine's cap, which its model card reports (limits.max_new_tokens: a
@@ -217,12 +217,15 @@ def token_slider(link: EngineLink) -> dict:
     return {"maximum": cap, "value": min(DEFAULT_NEW_TOKENS, cap), "label": label}
 
 
-def page_state(link: EngineLink) -> tuple:
+def page_state(link: EngineLink, keep_value: bool = False) -> tuple:
     """Updates of (the speak box, the spoken-reply player, the voice list, the Max new tokens slider) for
-    each page load."""
+    each page load (`keep_value`: the slider keeps what the user set, when the engine came back meanwhile)."""
     speak, speech = speech_controls(link)
+    slider = token_slider(link)
+    if keep_value:
+        del slider["value"]
     return (gr.update(**speak), gr.update(**speech), gr.update(choices=saved_voice_names(link)),
-            gr.update(**token_slider(link)))
+            gr.update(**slider))
 
 
 # --------------------------------------------------------------------------- the controller
@@ -466,6 +469,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
     clear.click(controller.clear, None, outputs, queue=False, api_name="clear").then(**keep)
     chatbot.clear(controller.clear, None, outputs, queue=False, api_visibility="private").then(**keep)
     on_page_load(lambda: page_state(link), [speak, speech, voice, max_new_tokens])
+    on_engine_change(lambda: page_state(link, keep_value=True), [speak, speech, voice, max_new_tokens])
     on_page_load(controller.restore, [chatbot, box, figures], inputs=[saved])
     voice.focus(lambda: page_state(link)[2], None, voice, queue=False, show_progress="hidden",
                 api_visibility="private")  # a voice saved in the Voice tab meanwhile is offered

@@ -15,6 +15,8 @@ from app.engine_link import SPEECH_OUT, EngineLink
 from engine.events import Done, Error, GenerationStats, QueuePosition
 
 GENERATING = "Generating…"
+# The Blocks attribute holding the banner's gr.State "the engine answers" (app/ui/banner.py), if there is one.
+ENGINE_UP_ATTR = "engine_up"
 # The seed boxes' "a new random seed each time": a Number box cannot show empty (Gradio draws None as 0, which
 # then went out as seed 0, every time), so -1, as other generation UIs have it.
 RANDOM_SEED = -1
@@ -80,6 +82,16 @@ def on_page_load(fn, outputs: list, inputs: list | None = None) -> None:
     depends on the engine's capabilities or lists (a page loaded after the engine came back shows what it
     serves now) or on what the browser kept. Call inside the studio's Blocks."""
     Context.root_block.load(fn, inputs, outputs, queue=False, show_progress="hidden", api_visibility="private")
+
+
+def on_engine_change(fn, outputs: list) -> None:
+    """Run `fn` (no inputs; updates for `outputs`) whenever the banner sees the engine come back or go away (the
+    hidden checkbox at Blocks.engine_up, app/ui/banner.py): a page opened while the engine was down kept "Answer
+    with speech too" disabled ("the engine is not reachable") and the Voice tab's instruction lists empty after
+    the banner showed the model again, until a reload. Call inside the studio's Blocks, after build_banner."""
+    engine_up = getattr(Context.root_block, ENGINE_UP_ATTR, None)
+    if engine_up is not None:
+        engine_up.change(fn, None, outputs, queue=False, show_progress="hidden", api_visibility="private")
 
 
 def saved_voice_names(link: EngineLink) -> list[str]:

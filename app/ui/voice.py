@@ -17,8 +17,8 @@ import numpy as np
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
-                           error_text, failure, figures_line, no_audio, on_page_load, queue_line,
-                           saved_voice_names, seed_box, session_of, wire_stop, toolbar)
+                           error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
+                           queue_line, saved_voice_names, seed_box, session_of, toolbar, wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 TAB = "voice"
@@ -310,5 +310,6 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
     confirm.click(controller.confirm_delete, [asked], [saved, status, confirm_row, asked], api_visibility="private")
     keep.click(controller.keep_voice, [asked], [confirm_row, asked, status], queue=False, api_visibility="private")
     on_page_load(controller.page_load, [dialect, emotion, speed, pitch, volume, saved])
+    on_engine_change(controller.page_load, [dialect, emotion, speed, pitch, volume, saved])
     refresh.click(controller.refresh, None, [saved], queue=False, api_visibility="private")
     return controller
