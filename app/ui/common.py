@@ -94,6 +94,31 @@ def on_engine_change(fn, outputs: list) -> None:
         engine_up.change(fn, None, outputs, queue=False, show_progress="hidden", api_visibility="private")
 
 
+def interrupted_note(button: str) -> str:
+    return (f"Your last request was interrupted (the page was reloaded or closed before it was finished). What you "
+            f"asked is back: press \"{button}\" to make it again.")
+
+
+def kept_request(*values, names: tuple[str, ...]) -> dict:
+    """What a tab keeps in the browser when its Make it is pressed (a reload lost the text typed, and the run,
+    without a word): the fields `names` with their `values`, not finished yet."""
+    return {**dict(zip(names, values)), "done": False}
+
+
+def request_done(kept) -> dict:
+    """The kept request, marked finished (made, failed or stopped: nothing to say at the next load)."""
+    return {**kept, "done": True} if isinstance(kept, dict) else {}
+
+
+def restore_request(kept, names: tuple[str, ...], button: str) -> tuple:
+    """At page load: (each of `names` as kept, the status line): the request's fields come back, and a request that
+    was not finished says so (interrupted_note); nothing kept: nothing changes."""
+    if not isinstance(kept, dict) or not any(isinstance(kept.get(n), str) and kept.get(n) for n in names):
+        return (*(gr.skip() for _ in names), gr.skip())
+    fields = tuple(kept[n] if isinstance(kept.get(n), str) else gr.skip() for n in names)
+    return (*fields, gr.skip() if kept.get("done") else interrupted_note(button))
+
+
 def saved_voice_names(link: EngineLink) -> list[str]:
     """The names of the voices saved in the engine's voice library (empty when it has no talker or cannot say)."""
     try:

@@ -19,6 +19,7 @@ from app.engine_link import IMAGE_OUT, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, on_page_load, queue_line, seed_box, session_of, toolbar,
+                           kept_request, request_done, restore_request,
                            wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
@@ -33,6 +34,8 @@ EDIT_PROMPT_HINTS = {"(none)": "Edit needs a prompt: say what to change (e.g. 'm
                      "Remove an object": "Name the object to remove in the prompt (e.g. 'cup')."}
 PRESET_INFO = "With a preset the prompt is only the new background, or the object to remove."
 MAX_SEED = 2**31 - 1
+REQUEST_KEY = "ming-studio-image-request"  # the browser's key of the last request (kept_request)
+REQUEST_FIELDS = ("mode", "prompt", "target")
 KEPT_GALLERY_KEY = "ming-studio-image-results"  # the browser's localStorage key of the gallery kept across reloads
 SAVED_PREFIX = "ming-image-"  # the folders (in the temp folder) _save_png writes to
 SETTINGS = ("mode", "prompt", "preset", "target", "aspect", "size", "steps", "guidance", "seed")
@@ -184,7 +187,7 @@ def _caption(s: dict) -> str:
 
 
 def build_image_tab(link: EngineLink, examples: list[str] | None = None,
-                    kept: gr.BrowserState | None = None) -> ImageController:
+                    kept: gr.BrowserState | None = None, kept_ask: gr.BrowserState | None = None) -> ImageController:
     """Build the Image tab inside the current Tab. `kept`: where the browser keeps the gallery, made at the page's
     top level (a BrowserState inside a tab not yet opened is not there at page load: it gave back nothing);
     a tab built alone makes its own."""
@@ -233,13 +236,19 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
     state = gr.State([])
     # a page reload emptied the gallery: the browser keeps its entries, written once each image is made
     kept = kept if kept is not None else gr.BrowserState([], storage_key=KEPT_GALLERY_KEY)
-    go.click(controller.make, [mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
-                               state], [picture, mask, overlay, status, gallery, state, files],
-             api_name="imagine", concurrency_limit=None,
-             show_progress_on=[status]).then(  # the progress bar over the result hid the previews it is to show
-        lambda entries: list(entries or []), [state], [kept], queue=False, show_progress="hidden",
-        api_visibility="private")
+    # the request is kept in the browser when Make it is pressed, and marked finished once it is: a reload lost the
+    # prompt and the run without a word (`kept_ask`, made at the page's top level like `kept`)
+    ask = kept_ask if kept_ask is not None else gr.BrowserState({}, storage_key=REQUEST_KEY)
+    hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
+    go.click(lambda *values: kept_request(*values, names=REQUEST_FIELDS), [mode, prompt, target], [ask], **hidden).then(
+        controller.make, [mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
+                          state], [picture, mask, overlay, status, gallery, state, files],
+        api_name="imagine", concurrency_limit=None,
+        show_progress_on=[status]).then(  # the progress bar over the result hid the previews it is to show
+        lambda entries, asked: (list(entries or []), request_done(asked)), [state, ask], [kept, ask], **hidden)
     on_page_load(controller.restore_gallery, [state, gallery], inputs=[kept])
+    on_page_load(lambda asked: restore_request(asked, REQUEST_FIELDS, "Make it"), [mode, prompt, target, status],
+                 inputs=[ask])
     wire_stop(stop, controller.stop, api_visibility="private")
     dice.click(lambda: random.randint(0, MAX_SEED), None, [seed], queue=False, api_visibility="private")
     gallery.select(controller.reuse, [state], [mode, prompt, preset, target, aspect, size, steps, guidance, seed],

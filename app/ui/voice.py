@@ -18,7 +18,8 @@ from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
-                           queue_line, saved_voice_names, seed_box, session_of, toolbar, wire_stop)
+                           queue_line, saved_voice_names, seed_box, session_of, toolbar, wire_stop,
+                           kept_request, request_done, restore_request)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 TAB = "voice"
@@ -31,6 +32,8 @@ CONFIRM_DELETE, KEEP_VOICE = "Yes, delete it", "No, keep it"
 # The engine's "podcast needs one reference clip (or saved voice) per speaker" read as if two could be given here.
 PODCAST_NEEDS_A_VOICE = ("A podcast needs a reference voice: choose Voice \"Clone from a clip\" or \"Saved voice\" "
                          "(the voice of speaker_1; this tab takes one).")
+REQUEST_KEY = "ming-studio-voice-request"  # the browser's key of the last request (common.kept_request)
+REQUEST_FIELDS = ("text", "task")
 INSTRUCTION_KEYS = ("dialects", "emotions", "speeds", "pitches", "volumes")  # speech_options() lists, in that order
 
 
@@ -228,7 +231,10 @@ def _choices(options: dict, key: str) -> list[str]:
     return [NO_CHOICE, *options.get(key, [])]
 
 
-def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> VoiceController:
+def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
+                    kept_ask: gr.BrowserState | None = None) -> VoiceController:
+    """Build the Voice tab inside the current Tab. `kept_ask`: where the browser keeps the last request, made at the
+    page's top level (see build_image_tab); a tab built alone makes its own."""
     controller = VoiceController(link)
     capability_note(link, SPEECH_OUT, "**This engine has no talker**, so it cannot speak, make sounds or music. "
                                       "(A checkpoint without `talker/`, the Preview release, or an engine that "
@@ -299,7 +305,14 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
             wav = gr.File(label="WAV download", elem_id="voice-wav")
     inputs = [text, task, source, saved, clip, clip_text, dialect, emotion, speed, pitch, volume, style, ip, env,
               snr, genre, mood, instrument, theme, duration, seed]
-    go.click(controller.synthesize, inputs, [player, clip_text, status, wav], api_name="speak", concurrency_limit=None)
+    # the request is kept in the browser when Make it is pressed, and marked finished once it is: a reload lost the
+    # text typed and the run without a word
+    ask = kept_ask if kept_ask is not None else gr.BrowserState({}, storage_key=REQUEST_KEY)
+    hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
+    go.click(lambda *values: kept_request(*values, names=REQUEST_FIELDS), [text, task], [ask], **hidden).then(
+        controller.synthesize, inputs, [player, clip_text, status, wav], api_name="speak",
+        concurrency_limit=None).then(request_done, [ask], [ask], **hidden)
+    on_page_load(lambda asked: restore_request(asked, REQUEST_FIELDS, "Make it"), [text, task, status], inputs=[ask])
     wire_stop(stop, controller.stop, api_visibility="private")
     fill.click(controller.transcribe_clip, [clip], [clip_text, status], concurrency_limit=None,
                api_visibility="private")

@@ -240,3 +240,37 @@ def test_no_share_button_that_only_fails_off_spaces(browser, studio):
         shares[tab] = page.locator("button[aria-label='Share']:visible, button[title='Share']:visible").count()
     assert not any(shares.values()), shares
     page.context.close()
+
+
+def test_a_reload_mid_run_gives_back_what_was_asked_and_says_it_was_interrupted(browser, studio):
+    """A reload while Voice or Image was making something lost the text typed and the run without a word: what was
+    asked comes back, and the status line says the run was interrupted; a finished run's text comes back alone."""
+    page = open_tab(browser, studio, "Voice", DESKTOP)
+    page.locator("#voice-text textarea").fill("A long sentence to speak, interrupted by a reload. " * 6)
+    page.locator("#voice-go").click()
+    sync_api.expect(page.locator("#voice-figures")).to_contain_text("Generating", timeout=30_000)
+    page.reload(wait_until="load")
+    page.get_by_role("tab", name="Voice").click()
+    sync_api.expect(page.locator("#voice-text textarea")).to_have_value(
+        "A long sentence to speak, interrupted by a reload. " * 6, timeout=30_000)
+    sync_api.expect(page.locator("#voice-figures")).to_contain_text("interrupted")
+    page.get_by_role("tab", name="Image").click()
+    page.locator("#image-prompt textarea").fill("a cup, interrupted")
+    page.get_by_label("or exact size (WxH)").fill("1024x1024")
+    set_slider(page, "image-steps", 50)
+    page.locator("#image-go").click()
+    sync_api.expect(page.locator("#image-figures")).to_contain_text("step", timeout=30_000)
+    page.reload(wait_until="load")
+    page.get_by_role("tab", name="Image").click()
+    sync_api.expect(page.locator("#image-prompt textarea")).to_have_value("a cup, interrupted", timeout=30_000)
+    sync_api.expect(page.locator("#image-figures")).to_contain_text("interrupted")
+    page.locator("#image-prompt textarea").fill("a cup, finished")
+    page.get_by_label("or exact size (WxH)").fill("32x32")
+    page.locator("#image-go").click()
+    sync_api.expect(page.locator("#image-figures")).to_contain_text("finish reason", timeout=60_000)
+    page.wait_for_timeout(1_000)
+    page.reload(wait_until="load")
+    page.get_by_role("tab", name="Image").click()
+    sync_api.expect(page.locator("#image-prompt textarea")).to_have_value("a cup, finished", timeout=30_000)
+    assert "interrupted" not in page.locator("#image-figures").inner_text()
+    page.context.close()
