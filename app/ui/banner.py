@@ -76,5 +76,5 @@ def build_banner(link: EngineLink) -> gr.HTML:
         status = link.status()
         return banner_html(status), status.ok
     timer = gr.Timer(link.recheck_s)
-    timer.tick(tick, None, [banner, engine_up], queue=False, show_progress="hidden")
+    timer.tick(tick, None, [banner, engine_up], queue=False, show_progress="hidden", api_visibility="private")
     return banner
