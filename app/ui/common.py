@@ -12,6 +12,7 @@ import gradio as gr
 from gradio.context import Context
 
 from app.engine_link import SPEECH_OUT, EngineLink
+from app.media_check import media_problem
 from engine.events import Done, Error, GenerationStats, QueuePosition
 
 GENERATING = "Generating…"
@@ -117,6 +118,21 @@ def restore_request(kept, names: tuple[str, ...], button: str) -> tuple:
         return (*(gr.skip() for _ in names), gr.skip())
     fields = tuple(kept[n] if isinstance(kept.get(n), str) else gr.skip() for n in names)
     return (*fields, gr.skip() if kept.get("done") else interrupted_note(button))
+
+
+def check_on_upload(link: EngineLink, component, kind: str, status, upload: bool = False) -> None:
+    """Say at once on `status` what is wrong with a file given to `component` (app.media_check): a text file renamed
+    .wav was taken without a word, and only the button pressed later said it was not audio. A file that looks
+    fine leaves the status line as it is."""
+    def check(value):
+        paths = [getattr(v, "name", None) or (v.get("path") if isinstance(v, dict) else v)
+                 for v in (value if isinstance(value, list) else [value]) if v]
+        limits = engine_limits(link)
+        problem = next(filter(None, (media_problem(p, kind, limits, upload=upload) for p in paths if p)), None)
+        if problem:
+            gr.Warning(problem)
+        return problem or gr.skip()
+    component.upload(check, [component], [status], queue=False, show_progress="hidden", api_visibility="private")
 
 
 def saved_voice_names(link: EngineLink) -> list[str]:

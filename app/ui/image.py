@@ -19,7 +19,7 @@ from app.engine_link import IMAGE_OUT, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, on_page_load, queue_line, seed_box, session_of, toolbar,
-                           kept_request, request_done, restore_request,
+                           kept_request, request_done, restore_request, check_on_upload,
                            wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
@@ -250,6 +250,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
     on_page_load(lambda asked: restore_request(asked, REQUEST_FIELDS, "Make it"), [mode, prompt, target, status],
                  inputs=[ask])
     wire_stop(stop, controller.stop, api_visibility="private")
+    check_on_upload(link, refs, "image", status)
     dice.click(lambda: random.randint(0, MAX_SEED), None, [seed], queue=False, api_visibility="private")
     gallery.select(controller.reuse, [state], [mode, prompt, preset, target, aspect, size, steps, guidance, seed],
                    api_visibility="private")

@@ -18,7 +18,7 @@ import numpy as np
 from app.engine_link import AUDIO_IN, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (InFlight, capability_note, engine_limits, error_line, failure, figures_line, queue_line,
-                           session_of, wire_stop, toolbar)
+                           check_on_upload, session_of, toolbar, wire_stop)
 from engine.events import Done, Error, QueuePosition, TextDelta
 
 TAB = "speech"
@@ -210,4 +210,5 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
     live.stop_recording(controller.finish, [state, *settings], [state, transcript, status, txt, srt],
                         concurrency_limit=None, api_visibility="private")
     wire_stop(stop, controller.stop, api_visibility="private")
+    check_on_upload(link, clip, "audio", status, upload=True)
     return controller

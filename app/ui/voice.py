@@ -19,7 +19,7 @@ from app.media_check import media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
                            queue_line, saved_voice_names, seed_box, session_of, toolbar, wire_stop,
-                           kept_request, request_done, restore_request)
+                           kept_request, request_done, restore_request, check_on_upload)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 TAB = "voice"
@@ -314,6 +314,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
         concurrency_limit=None).then(request_done, [ask], [ask], **hidden)
     on_page_load(lambda asked: restore_request(asked, REQUEST_FIELDS, "Make it"), [text, task, status], inputs=[ask])
     wire_stop(stop, controller.stop, api_visibility="private")
+    check_on_upload(link, clip, "audio", status)
     fill.click(controller.transcribe_clip, [clip], [clip_text, status], concurrency_limit=None,
                api_visibility="private")
     save.click(controller.save, [name, clip, clip_text, replace], [saved, status], concurrency_limit=None,

@@ -274,3 +274,18 @@ def test_a_reload_mid_run_gives_back_what_was_asked_and_says_it_was_interrupted(
     sync_api.expect(page.locator("#image-prompt textarea")).to_have_value("a cup, finished", timeout=30_000)
     assert "interrupted" not in page.locator("#image-figures").inner_text()
     page.context.close()
+
+
+def test_a_file_that_is_not_what_it_says_is_named_as_soon_as_it_is_given(browser, studio, tmp_path):
+    """A text file renamed .wav (or a PDF renamed .png) was taken without a word: only the button pressed later
+    said, in the engine's wire terms, that it was not audio. The status line names the file as it is given."""
+    notes, report = tmp_path / "notes.wav", tmp_path / "report.png"
+    notes.write_text("hello, this is text\n")
+    report.write_bytes(b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n")
+    page = open_tab(browser, studio, "Speech", DESKTOP)
+    page.locator("#speech-clip input[type=file]").set_input_files(str(notes))
+    sync_api.expect(page.locator("#speech-figures")).to_contain_text("'notes.wav' is not an audio clip", timeout=15_000)
+    page.get_by_role("tab", name="Image").click()
+    page.locator("#image-refs input[type=file]").set_input_files(str(report))
+    sync_api.expect(page.locator("#image-figures")).to_contain_text("'report.png' is not a picture", timeout=15_000)
+    page.context.close()
