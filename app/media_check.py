@@ -11,6 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
+VOICE_CLIP_SECONDS = 30.0  # the talker's limit for a clip to clone (engine.models.talker.audio)
 AUDIO_FORMATS = "WAV, MP3, FLAC, OGG, WebM, M4A or Opus"
 IMAGE_FORMATS = "PNG, JPEG, WebP, GIF or BMP"
 
@@ -34,7 +35,7 @@ def _image_problem(path: Path, name: str, limits: dict) -> str | None:
     return None
 
 
-def _av_problem(path: Path, name: str, kind: str, limits: dict) -> str | None:
+def _av_problem(path: Path, name: str, kind: str, limits: dict, max_seconds: float | None) -> str | None:
     try:
         import av
     except ImportError:  # no PyAV: the engine checks the clip itself
@@ -49,17 +50,19 @@ def _av_problem(path: Path, name: str, kind: str, limits: dict) -> str | None:
         return f"'{name}' is not {what} the engine can read (a {formats} file; this one is not, or is damaged)."
     if kind not in streams:
         return f"'{name}' has no {kind} in it."
-    most = limits.get("max_audio_seconds")
+    most = max_seconds or limits.get("max_audio_seconds")
     if kind == "audio" and most and seconds and seconds > most:
-        return (f"'{name}' is {seconds:,.0f} s long; the engine takes at most {most:,.0f} s: cut it into shorter "
-                "clips.")
+        return (f"'{name}' is {seconds:,.0f} s long; {'a voice clip is' if max_seconds else 'the engine takes'} at "
+                f"most {most:,.0f} s: {'trim it to a few sentences' if max_seconds else 'cut it into shorter clips'}.")
     return None
 
 
-def media_problem(path: str | Path, kind: str, limits: dict | None = None, upload: bool = False) -> str | None:
+def media_problem(path: str | Path, kind: str, limits: dict | None = None, upload: bool = False,
+                  max_seconds: float | None = None) -> str | None:
     """What keeps the engine from using the file at `path` as `kind` ('image' | 'audio' | 'video'), in words
     naming the file; None when nothing is found. `limits`: the engine's (ModelInfo.limits). `upload`: the file
-    goes as a multipart upload (a transcription or a voice clip), held to the engine's max_upload_bytes."""
+    goes as a multipart upload (a transcription or a voice clip), held to the engine's max_upload_bytes.
+    `max_seconds`: a clip's own limit (a voice to clone: VOICE_CLIP_SECONDS), instead of the engine's."""
     path, limits = Path(path), limits or {}
     name = path.name
     try:
@@ -74,5 +77,5 @@ def media_problem(path: str | Path, kind: str, limits: dict | None = None, uploa
     if kind == "image":
         return _image_problem(path, name, limits)
     if kind in ("audio", "video"):
-        return _av_problem(path, name, kind, limits)
+        return _av_problem(path, name, kind, limits, max_seconds)
     return None

@@ -120,7 +120,8 @@ def restore_request(kept, names: tuple[str, ...], button: str) -> tuple:
     return (*fields, gr.skip() if kept.get("done") else interrupted_note(button))
 
 
-def check_on_upload(link: EngineLink, component, kind: str, status, upload: bool = False) -> None:
+def check_on_upload(link: EngineLink, component, kind: str, status, upload: bool = False,
+                    max_seconds: float | None = None) -> None:
     """Say at once on `status` what is wrong with a file given to `component` (app.media_check): a text file renamed
     .wav was taken without a word, and only the button pressed later said it was not audio. A file that looks
     fine leaves the status line as it is."""
@@ -128,11 +129,13 @@ def check_on_upload(link: EngineLink, component, kind: str, status, upload: bool
         paths = [getattr(v, "name", None) or (v.get("path") if isinstance(v, dict) else v)
                  for v in (value if isinstance(value, list) else [value]) if v]
         limits = engine_limits(link)
-        problem = next(filter(None, (media_problem(p, kind, limits, upload=upload) for p in paths if p)), None)
+        problem = next(filter(None, (media_problem(p, kind, limits, upload, max_seconds) for p in paths if p)), None)
         if problem:
             gr.Warning(problem)
         return problem or gr.skip()
-    component.upload(check, [component], [status], queue=False, show_progress="hidden", api_visibility="private")
+    # queued: Gradio drops the toast of an unqueued event
+    component.upload(check, [component], [status], concurrency_limit=None, show_progress="hidden",
+                     api_visibility="private")
 
 
 def saved_voice_names(link: EngineLink) -> list[str]:

@@ -15,7 +15,7 @@ import gradio as gr
 import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
-from app.media_check import media_problem
+from app.media_check import VOICE_CLIP_SECONDS, media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
                            queue_line, saved_voice_names, seed_box, session_of, toolbar, wire_stop,
@@ -102,7 +102,8 @@ class VoiceController:
                 if not clip:
                     yield no_audio(), gr.update(), "Upload or record a reference clip to clone.", None
                     return
-                if problem := media_problem(clip, "audio", engine_limits(self.link)):
+                limits = engine_limits(self.link)
+                if problem := media_problem(clip, "audio", limits, max_seconds=VOICE_CLIP_SECONDS):
                     yield no_audio(), gr.update(), problem, None
                     return
                 kwargs["reference_audio"] = Path(clip).read_bytes()
@@ -165,7 +166,8 @@ class VoiceController:
         name = (name or "").strip()
         if not name or not clip:
             return gr.update(), "Give the voice a name and a reference clip."
-        if problem := media_problem(clip, "audio", engine_limits(self.link), upload=True):
+        if problem := media_problem(clip, "audio", engine_limits(self.link), upload=True,
+                                     max_seconds=VOICE_CLIP_SECONDS):
             return gr.update(), problem
         try:
             info = self.link.client.save_voice(name, Path(clip).read_bytes(), (clip_text or "").strip() or None,
@@ -314,7 +316,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
         concurrency_limit=None).then(request_done, [ask], [ask], **hidden)
     on_page_load(lambda asked: restore_request(asked, REQUEST_FIELDS, "Make it"), [text, task, status], inputs=[ask])
     wire_stop(stop, controller.stop, api_visibility="private")
-    check_on_upload(link, clip, "audio", status)
+    check_on_upload(link, clip, "audio", status, max_seconds=VOICE_CLIP_SECONDS)
     fill.click(controller.transcribe_clip, [clip], [clip_text, status], concurrency_limit=None,
                api_visibility="private")
     save.click(controller.save, [name, clip, clip_text, replace], [saved, status], concurrency_limit=None,

@@ -79,3 +79,17 @@ def test_every_tab_names_the_bad_file_in_its_own_words(engine_server, files):
     for name, text in zip(names, said):
         assert f"'{name}'" in text, text
         assert not any(term in text for term in WIRE_TERMS), text
+
+
+def test_a_voice_clip_over_30_seconds_is_named_before_it_is_sent(engine_server, tmp_path):
+    """A 40 s clip to clone came back as "'reference_audio': reference clip is too long (40.0 s)": the Voice tab
+    says which clip, with the 30 s a voice clip may last."""
+    clip = tmp_path / "interview.wav"
+    with wave.open(str(clip), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(1000)
+        w.writeframes(b"\0\0" * 40_000)
+    voice = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    *_, last = voice.synthesize("Hello", "Speech", "Clone from a clip", None, str(clip), "", *[None] * 5, "", "", "",
+                                None, "", "", "", "", 10, 3)
+    assert last[2] == "'interview.wav' is 40 s long; a voice clip is at most 30 s: trim it to a few sentences."
+    assert voice.save("x", str(clip), "hi")[1] == last[2]

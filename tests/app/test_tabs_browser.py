@@ -285,6 +285,8 @@ def test_a_file_that_is_not_what_it_says_is_named_as_soon_as_it_is_given(browser
     page = open_tab(browser, studio, "Speech", DESKTOP)
     page.locator("#speech-clip input[type=file]").set_input_files(str(notes))
     sync_api.expect(page.locator("#speech-figures")).to_contain_text("'notes.wav' is not an audio clip", timeout=15_000)
+    # and in a toast, seen where the file was given (the status line is a column away, a screen away on a phone)
+    sync_api.expect(page.locator(".toast-body").last).to_contain_text("'notes.wav'", timeout=15_000)
     page.get_by_role("tab", name="Image").click()
     page.locator("#image-refs input[type=file]").set_input_files(str(report))
     sync_api.expect(page.locator("#image-figures")).to_contain_text("'report.png' is not a picture", timeout=15_000)
