@@ -300,8 +300,10 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
                 go = gr.Button("Make it", variant="primary", elem_id="voice-go")
                 stop = gr.Button("Stop", variant="stop", elem_id="voice-stop")
         with gr.Column(scale=2):
+            # no download here: the player's gave the stream as 'audio-stream.mp3' beside the WAV download named
+            # for what was made
             player = gr.Audio(label="Playing as it is made", streaming=True, autoplay=True, interactive=False,
-                              buttons=toolbar("download"),
+                              buttons=toolbar(),
                               elem_id="voice-player")
             status = gr.Markdown("", elem_id="voice-figures")
             wav = gr.File(label="WAV download", elem_id="voice-wav")
