@@ -28,6 +28,10 @@ AUTO = "Auto (detect)"
 KNOWN_TAGS = {"Chinese": "Chinese (Mandarin)", "上海": "上海 (Shanghainese, Wu)", "English": "English"}
 PARTIAL_EVERY_S = 3.0
 CUT_AT_LIMIT = "the transcript was cut at the engine's token limit: transcribe the rest as a separate, shorter clip"
+# On the random demo weights every transcript runs to the cap (they never end one), whatever the clip's length: the
+# advice above sent a user of a 2 s clip looking for a shorter one.
+CUT_ON_DEMO = ("the transcript ran to the engine's token limit: the random demo weights never end a transcript by "
+               "themselves, whatever the clip's length (the real model ends it where the speech ends)")
 MAX_LIVE_SECONDS = 300.0
 
 
@@ -94,7 +98,8 @@ class SpeechController:
                     if result.get("language"):
                         status = f"language: {result['language']} · " + status
                     if event.finish_reason == "length":  # the wire said so (it read "stop (complete)" before)
-                        status += f" · {CUT_AT_LIMIT}"
+                        info = self.link.status().info
+                        status += f" · {CUT_ON_DEMO if info is not None and info.is_demo else CUT_AT_LIMIT}"
                     break
                 elif isinstance(event, Error):
                     status = error_line(event)

@@ -18,7 +18,7 @@ from app.ui.chat import ASSUMED_TOKEN_CAP, page_state, speech_controls, token_sl
 from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # noqa: E402
 from app.ui.image import EDIT_PROMPT_HINTS, ImageController, _save_png, kept_results  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
-from app.ui.speech import CUT_AT_LIMIT, SpeechController  # noqa: E402
+from app.ui.speech import CUT_AT_LIMIT, CUT_ON_DEMO, SpeechController  # noqa: E402
 from app.ui.voice import (CONFIRM_DELETE, NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS,  # noqa: E402
                           VoiceController)
 from engine.client import EngineClient  # noqa: E402
@@ -217,8 +217,21 @@ def test_a_transcript_cut_at_the_token_limit_says_so(tiny_engine, tmp_path):
     with running_server(tiny_engine, max_new_tokens=6, default_max_tokens=6) as srv:
         speech = SpeechController(EngineLink(EngineClient(srv.url)))
         text, status, txt, srt = speech.transcribe_file(str(clip), "", "", "上海")
-    assert "finish reason: length (the token limit was reached)" in status and status.endswith(CUT_AT_LIMIT), status
+        speech.link.status().info.is_demo = False  # the same engine, taken for a real model: the advice is to cut
+        real = speech._run(clip.read_bytes(), "", "", None, None)[1]
+    assert "finish reason: length (the token limit was reached)" in status and status.endswith(CUT_ON_DEMO), status
     assert text and txt and srt  # what was heard is still kept and offered
+    assert real.endswith(CUT_AT_LIMIT), real
+
+
+def test_a_transcript_of_a_short_clip_cut_on_the_demo_weights_does_not_ask_for_a_shorter_clip(engine_server):
+    """The tiny random model runs every transcript to the cap: a 2 s example clip said "the transcript was cut at the
+    engine's token limit: transcribe the rest as a separate, shorter clip", sending the user after a shorter clip."""
+    speech = SpeechController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    text, status, *_ = speech.transcribe_file(str(REPO / "app" / "assets" / "speech" / "what_do_you_see_en.wav"),
+                                              "", "", None)
+    assert "finish reason: length" in status and "shorter clip" not in status, status
+    assert "random demo weights never end a transcript" in status
 
 
 def test_a_seed_left_at_random_draws_a_new_seed_each_time(engine_server):
