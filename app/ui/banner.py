@@ -55,6 +55,8 @@ def banner_html(status: LinkStatus) -> str:
                 'this page checks again every few seconds.</div>')
     headline, details, hint = (html.escape(p) if p else p for p in banner_parts(status.info))
     if status.info.is_demo:
+        # a phone broke "--model" at its hyphens ("(or give -" / "-model a local checkpoint directory)")
+        details = details.replace("--model", '<code style="white-space:nowrap">--model</code>')
         return ('<div style="border:2px solid #d97706;background:#fef3c7;color:#78350f;padding:10px 14px;'
                 'border-radius:8px;font-size:15px">'
                 f'<strong>⚠ {headline}</strong>: {details}<br><code>{hint}</code></div>')

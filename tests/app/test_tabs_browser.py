@@ -293,3 +293,24 @@ def test_a_file_that_is_not_what_it_says_is_named_as_soon_as_it_is_given(browser
     page.locator("#image-refs input[type=file]").set_input_files(str(report))
     sync_api.expect(page.locator("#image-figures")).to_contain_text("'report.png' is not a picture", timeout=15_000)
     page.context.close()
+
+
+def test_the_banner_keeps_a_flag_on_one_line_on_a_phone(browser, studio):
+    """On a phone the demo banner broke "--model" at its hyphens: "(or give -" on one line, "-model a local
+    checkpoint directory)" on the next, a flag nobody could type as shown."""
+    page = open_tab(browser, studio, "Chat", PHONE)
+    lines = page.evaluate("""() => {
+        const banner = document.getElementById('model-banner');
+        const walker = document.createTreeWalker(banner, NodeFilter.SHOW_TEXT);
+        for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+            const at = node.textContent.indexOf('--model');
+            if (at < 0 || node.parentElement.closest('code') && node.textContent.startsWith('python')) continue;
+            const range = document.createRange();
+            range.setStart(node, at);
+            range.setEnd(node, at + '--model'.length);
+            return new Set(Array.from(range.getClientRects()).map(r => Math.round(r.top))).size;
+        }
+        return -1;
+    }""")
+    assert lines == 1, f"'--model' in the banner's text spans {lines} lines on a phone"
+    page.context.close()
