@@ -50,6 +50,15 @@ def write_wav(chunks: list[np.ndarray], rate: int, task: str = "tts") -> str:
     return str(path)
 
 
+def music_length_note(made_s: float, asked_s) -> str:
+    """What the status line adds when music ended well before the Duration asked (10 s asked, 3.84 s made, and nothing
+    said why): the duration is asked of the model, which may end sooner; it is stopped a few seconds after it."""
+    if not asked_s or made_s >= float(asked_s) - 1.0:
+        return ""
+    return (f" · {made_s:.1f} s made of the {float(asked_s):.0f} s asked: the model ended the music sooner (the "
+            "duration is asked of the model, not imposed)")
+
+
 def instruction(dialect, emotion, speed, pitch, volume, style, ip, env, snr) -> dict:
     """The instruction caption fields the user set (choices left at the default are left out)."""
     fields = {"dialect": dialect, "emotion": emotion, "speed": speed, "pitch": pitch, "volume": volume,
@@ -135,6 +144,8 @@ class VoiceController:
                 transcript = asr  # the transcript our ASR filled in: shown, editable for the next take
             status = figures_line(final) + (" · the clip's transcript was filled in by speech recognition"
                                             if asr is not None else "")
+            if task == "music" and final.finish_reason == "stop":
+                status += music_length_note(sum(len(c) for c in chunks) / (rate or 1), duration)
             # the stream ends with its last value; with no audio made none was opened (see no_audio)
             yield None if chunks else no_audio(), transcript, status, write_wav(chunks, rate, task) if chunks else None
         else:

@@ -274,3 +274,13 @@ def test_a_studio_started_before_its_engine_shows_what_the_engine_serves_once_it
     assert note_text(notes, SPEECH_OUT, "no talker") == "" and not notes.status().ok  # seen serving a talker
     notes.status().info.capabilities.discard(SPEECH_OUT)  # as an engine without a talker
     assert note_text(notes, SPEECH_OUT, "no talker") == "no talker"
+
+
+def test_music_that_ends_before_the_duration_asked_says_so(engine_server):
+    """Music with Duration 10 s came back 3.84 s long, and nothing said why: the duration is asked of the model,
+    which may end sooner. The status line says how much was made of what was asked."""
+    voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    *_, last = voices.synthesize("", "Music", "Default voice", None, None, "", *[None] * 5, "", "", "", None,
+                                 "Lo-fi", "Calm", "Piano", "Rain", 60, 3)
+    assert "finish reason: stop" in last[2], last[2]
+    assert "of the 60 s asked: the model ended the music sooner" in last[2], last[2]
