@@ -323,9 +323,14 @@ def check_resample_rates(
 
 
 def resampled_length(n_samples: int, orig_freq: int, new_freq: int) -> int:
-    """Samples that `resample` makes of ``n_samples`` at ``orig_freq``: ceil(new * n / orig)."""
+    """Samples that `resample` makes of ``n_samples`` at ``orig_freq``, as torchaudio counts them:
+    the quotient new * n / orig (rates reduced by their gcd) is taken in float64, rounded to
+    float32 (``torch.as_tensor`` of a Python float) and only then ceiled. Where the exact quotient
+    lies less than half a float32 ulp above an integer, that is one sample fewer than the exact
+    ceil (44100 -> 16000 Hz: 180697 samples give 65559, not 65560)."""
     g = math.gcd(int(orig_freq), int(new_freq))
-    return math.ceil(int(new_freq) // g * n_samples / (int(orig_freq) // g))
+    quotient = int(new_freq) // g * int(n_samples) / (int(orig_freq) // g)
+    return math.ceil(float(np.float32(quotient)))
 
 
 def sinc_resample_kernel(
@@ -356,7 +361,7 @@ def resample(
 ) -> torch.Tensor:
     """Band-limited resampling of the last axis, as ``torchaudio.transforms.Resample``.
 
-    Output length is ceil(new * n / orig) (rates reduced by their gcd).
+    Output length is `resampled_length` (torchaudio's float32-rounded ceil of new * n / orig).
     """
     if int(orig_freq) != orig_freq or int(new_freq) != new_freq or orig_freq <= 0 or new_freq <= 0:
         raise MediaError(f"sample rates must be positive integers, got {orig_freq} -> {new_freq}")
@@ -430,7 +435,8 @@ class StreamingResampler:
         y = np.zeros(0, np.float32)
         if self.orig_freq != self.new_freq:
             y, _ = self._frames(np.concatenate([self._buf, np.zeros(self._width + self._orig, np.float32)]))
-            y = y[: max(0, math.ceil(self._new * self._samples_in / self._orig) - self._samples_out)]
+            total = resampled_length(self._samples_in, self.orig_freq, self.new_freq)
+            y = y[: max(0, total - self._samples_out)]
         self._buf = np.zeros(self._width, np.float32)
         self._samples_in = self._samples_out = 0
         return y

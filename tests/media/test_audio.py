@@ -299,3 +299,21 @@ def test_streaming_resampler_equals_resampling_the_whole(orig):
     assert got.shape == whole.shape
     torch.testing.assert_close(got, whole, rtol=0, atol=1e-5)
     assert stream.buffered < 2 * 441 + 200  # only a filter window is held back
+
+
+@pytest.mark.parametrize("n, orig, expected", [
+    (180696, 44100, 65559), (180697, 44100, 65559), (180698, 44100, 65560),  # exact ceil of 180697: 65560
+    (90569, 22050, 65719), (45505, 11025, 66039), (48000, 96000, 8000),  # exact: 65720, 66040
+])
+def test_resampled_length_is_torchaudios_float32_ceil(n, orig, expected):
+    """torchaudio's Resample (spec §5.1) keeps ceil(float32(new * n / orig)) samples: the float64
+    quotient is narrowed to float32 before the ceil, so where it lies a hair above an integer the
+    output is one sample shorter than the exact ceil. The resampler and the streaming one agree."""
+    from engine.media.audio import resampled_length
+
+    assert resampled_length(n, orig, 16000) == expected
+    x = torch.zeros(n)
+    assert resample(x, orig, 16000).shape[0] == expected
+    stream = StreamingResampler(orig, 16000)
+    got = sum(stream.feed(x[i:i + 30000]).size for i in range(0, n, 30000)) + stream.flush().size
+    assert got == expected
