@@ -86,13 +86,14 @@ class AudioFrontendConfig:
 
     @classmethod
     def from_dict(cls, data: dict, n_ctx: int | None = None) -> "AudioFrontendConfig":
-        """From a parsed ``preprocessor_config.json`` (``sampling_rate``,
-        ``whisper_frontend_args.n_mels``); ``n_ctx`` comes from the model config's
-        ``audio_config.whisper_encoder_config`` when known."""
+        """From a parsed ``preprocessor_config.json``: only ``whisper_frontend_args.n_mels`` is read
+        (the reference's WhisperFrontend takes it); ``n_ctx`` comes from the model config's
+        ``audio_config.whisper_encoder_config`` when known. The file's ``sampling_rate`` (like its
+        fbank keys) is not the Whisper path's: the reference audio processor resamples every clip to
+        a fixed 16 kHz and whisper's STFT / mel filters are built for that rate (spec §5.1)."""
         whisper = data.get("whisper_frontend_args") or {}
         defaults = cls()
         return cls(
-            sample_rate=int(data.get("sampling_rate", defaults.sample_rate)),
             n_mels=int(whisper.get("n_mels", defaults.n_mels)),
             n_ctx=int(n_ctx if n_ctx is not None else defaults.n_ctx),
         )

@@ -211,6 +211,7 @@ def _audio_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
     with open(case_dir / "config.json", encoding="utf-8") as fh:
         cfg_dict = json.load(fh)
     config = AudioFrontendConfig.from_dict(cfg_dict)
+    # the rate the case's waveforms were recorded at; the front end itself always runs at 16 kHz
     rate = int(cfg_dict.get("sampling_rate", 16000))
     order = [t["name"] for t in meta.get("tensors", []) if t.get("file") == "inputs.safetensors"]
     floats = [n for n in order if inputs[n].dtype.kind == "f"]

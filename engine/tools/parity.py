@@ -386,7 +386,8 @@ def run_mm_case(case_dir: Path) -> list[ParityRow]:
     loaded = load_model(case_dir, dtype="fp32", device=DEVICE)
     _, processor = _processor_for(case_dir, loaded)
     raw = case_media(inputs)
-    rate = processor.settings.audio.sample_rate  # the waveforms are at the Whisper front end's rate
+    # the waveforms' rate as the case records it (meta.json), else the Whisper front end's 16 kHz
+    rate = _recorded_rate(meta) or processor.settings.audio.sample_rate
     media = {"image": raw.images, "audio": [(a, rate) for a in raw.audios], "video": _video_parts(meta, raw.videos)}
     messages, system, thinking = conversation_from_prompt(meta["prompt_text_before_expansion"], media)
     prompt = processor.build(messages, system_prompt=system, thinking=thinking)

@@ -317,3 +317,15 @@ def test_resampled_length_is_torchaudios_float32_ceil(n, orig, expected):
     stream = StreamingResampler(orig, 16000)
     got = sum(stream.feed(x[i:i + 30000]).size for i in range(0, n, 30000)) + stream.flush().size
     assert got == expected
+
+
+def test_preprocessor_sampling_rate_does_not_move_the_whisper_front_end_off_16k():
+    """The reference audio processor resamples every clip to a fixed 16 kHz (its `sampling_rate`
+    key is not read by the Whisper path, spec §5.1): a preprocessor_config.json saying 8000 or
+    24000 still makes 100 frames per second of audio."""
+    for rate in (8000, 24000):
+        cfg = AudioFrontendConfig.from_dict({"sampling_rate": rate, "whisper_frontend_args": {"n_mels": 80}})
+        assert (cfg.sample_rate, cfg.n_mels) == (16000, 80)
+        feats = prepare_audio(_sine(16000, 300.0, 1.0), 16000, cfg)
+        assert tuple(feats.feats.shape) == (100, 80) and feats.n_tokens == 25
+        assert prepare_audio(_sine(48000, 300.0, 1.0), 48000, cfg).n_frames == 100
