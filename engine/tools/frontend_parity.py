@@ -206,14 +206,35 @@ def _image_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
 # --------------------------------------------------------------------------- audio
 
 
+_RATE_IN_WORDS = re.compile(r"(\d+(?:\.\d+)?)\s*(kHz|Hz)\b")
+
+
+def _recorded_input_rate(spec: dict, default: int) -> int:
+    """The sample rate one input waveform was recorded at: its tensor record's ``sample_rate`` /
+    ``sampling_rate``, else a rate its meaning states ("... float32 44.1 kHz mono ..."), else the
+    case's."""
+    for key in ("sample_rate", "sampling_rate"):
+        if spec.get(key) is not None:
+            return int(spec[key])
+    match = _RATE_IN_WORDS.search(str(spec.get("meaning", "")))
+    if match:
+        value = float(match.group(1)) * (1000 if match.group(2) == "kHz" else 1)
+        if value >= 1000 and abs(value - round(value)) < 1e-6:
+            return int(round(value))
+    return default
+
+
 def _audio_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list[ParityRow]:
     case = case_dir.name
     with open(case_dir / "config.json", encoding="utf-8") as fh:
         cfg_dict = json.load(fh)
     config = AudioFrontendConfig.from_dict(cfg_dict)
-    # the rate the case's waveforms were recorded at; the front end itself always runs at 16 kHz
+    # the rate the case's waveforms were recorded at (each input's own record first, then the
+    # case's); the front end itself always resamples to 16 kHz
     rate = int(cfg_dict.get("sampling_rate", 16000))
-    order = [t["name"] for t in meta.get("tensors", []) if t.get("file") == "inputs.safetensors"]
+    input_specs = {t["name"]: t for t in meta.get("tensors", []) if t.get("file") == "inputs.safetensors"}
+    rates = {name: _recorded_input_rate(spec, rate) for name, spec in input_specs.items()}
+    order = list(input_specs)
     floats = [n for n in order if inputs[n].dtype.kind == "f"]
     ints = [n for n in order if inputs[n].dtype.kind in "iu"]
 
@@ -234,7 +255,7 @@ def _audio_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
     def features(names: list[str]):
         key = tuple(names)
         if key not in cache:
-            cache[key] = pack_audio_features([prepare_audio(inputs[n], rate, config) for n in names])
+            cache[key] = pack_audio_features([prepare_audio(inputs[n], rates.get(n, rate), config) for n in names])
         return cache[key]
 
     rows = []

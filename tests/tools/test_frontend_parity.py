@@ -173,23 +173,30 @@ def test_a_preview_video_case_runs_the_preview_processor(tmp_path):
     assert not failed, "\n" + format_rows(failed)
 
 
-def test_an_audio_case_recorded_at_48k_is_resampled_to_the_16k_front_end(tmp_path):
-    """A frontend_audio case whose config records its waveforms at 48 kHz (`sampling_rate`): the
-    reference processor resamples them to its fixed 16 kHz (spec §5.1), so 2.5 s make 250 mel frames
-    and 63 tokens; the harness took the recorded rate as the front end's own and made 750 frames."""
+@pytest.mark.parametrize("config_rate, record", [
+    (48000, {"meaning": "[120000] float32 waveform"}),
+    (16000, {"meaning": "[120000] float32 48 kHz mono waveform (2.5 s)"}),
+    (None, {"meaning": "[120000] float32 waveform", "sample_rate": 48000}),
+])
+def test_an_audio_case_recorded_at_48k_is_resampled_to_the_16k_front_end(tmp_path, config_rate, record):
+    """A frontend_audio case whose waveform is recorded at 48 kHz (the config's `sampling_rate`, or the
+    input's own record: its meaning or a sample_rate key): the reference processor resamples it to its
+    fixed 16 kHz (spec §5.1), so 2.5 s make 250 mel frames and 63 tokens. The harness took the config's
+    rate as the front end's own (750 frames) and read no per-input rate."""
     import numpy as np
     from safetensors.numpy import save_file
 
     case = tmp_path / "frontend_audio"
     case.mkdir()
-    (case / "config.json").write_text(json.dumps({"whisper_frontend_args": {"n_mels": 128},
-                                                  "sampling_rate": 48000, "use_whisper_encoder": True}))
+    config = {"whisper_frontend_args": {"n_mels": 128}, "use_whisper_encoder": True}
+    if config_rate is not None:
+        config["sampling_rate"] = config_rate
+    (case / "config.json").write_text(json.dumps(config))
     t = np.arange(120000) / 48000
     save_file({"wave_main": (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)}, str(case / "inputs.safetensors"))
     save_file({"main.audio_feats_lengths": np.array([[250]], dtype=np.int64),
                "main.encoder_feats_lengths": np.array([[63]], dtype=np.int64)}, str(case / "outputs.safetensors"))
-    tensors = [{"file": "inputs.safetensors", "name": "wave_main", "shape": [120000], "dtype": "float32",
-                "meaning": "[120000] float32 48 kHz waveform"}]
+    tensors = [{"file": "inputs.safetensors", "name": "wave_main", "shape": [120000], "dtype": "float32", **record}]
     tensors += [{"file": "outputs.safetensors", "name": n, "shape": [1, 1], "dtype": "int64", "meaning": m}
                 for n, m in (("main.audio_feats_lengths", "[1, 1] mel frames"),
                              ("main.encoder_feats_lengths", "[1, 1] LLM audio tokens"))]
