@@ -209,13 +209,15 @@ def _image_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
 _RATE_IN_WORDS = re.compile(r"(\d+(?:\.\d+)?)\s*(kHz|Hz)\b")
 
 
-def _recorded_input_rate(spec: dict, default: int) -> int:
+def recorded_input_rate(spec: dict, case_rate: int | None, default: int | None) -> int | None:
     """The sample rate one input waveform was recorded at: its tensor record's ``sample_rate`` /
-    ``sampling_rate``, else a rate its meaning states ("... float32 44.1 kHz mono ..."), else the
-    case's."""
+    ``sampling_rate``, else the case's recorded rate, else a rate its meaning states ("... float32
+    44.1 kHz mono ..."), else `default`. Numbers recorded as such win over words."""
     for key in ("sample_rate", "sampling_rate"):
         if spec.get(key) is not None:
             return int(spec[key])
+    if case_rate is not None:
+        return int(case_rate)
     match = _RATE_IN_WORDS.search(str(spec.get("meaning", "")))
     if match:
         value = float(match.group(1)) * (1000 if match.group(2) == "kHz" else 1)
@@ -229,11 +231,13 @@ def _audio_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
     with open(case_dir / "config.json", encoding="utf-8") as fh:
         cfg_dict = json.load(fh)
     config = AudioFrontendConfig.from_dict(cfg_dict)
-    # the rate the case's waveforms were recorded at (each input's own record first, then the
-    # case's); the front end itself always resamples to 16 kHz
-    rate = int(cfg_dict.get("sampling_rate", 16000))
+    # the rate the case's waveforms were recorded at (an input's own sample_rate key, the config's
+    # sampling_rate, a rate the input's meaning states, else 16 kHz); the front end itself always
+    # resamples to 16 kHz
+    case_rate = cfg_dict.get("sampling_rate")
+    rate = int(case_rate) if case_rate is not None else 16000
     input_specs = {t["name"]: t for t in meta.get("tensors", []) if t.get("file") == "inputs.safetensors"}
-    rates = {name: _recorded_input_rate(spec, rate) for name, spec in input_specs.items()}
+    rates = {name: recorded_input_rate(spec, case_rate, 16000) for name, spec in input_specs.items()}
     order = list(input_specs)
     floats = [n for n in order if inputs[n].dtype.kind == "f"]
     ints = [n for n in order if inputs[n].dtype.kind in "iu"]

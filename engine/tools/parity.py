@@ -13,7 +13,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -321,6 +321,7 @@ class CaseMedia:
     videos: list[list]
     fetched_images: dict[int, tuple[str, torch.Tensor]]
     unknown: list[str]
+    audio_names: list[str] = field(default_factory=list)  # the raw input name of each of `audios`
 
 
 def case_media(inputs: dict[str, torch.Tensor]) -> CaseMedia:
@@ -360,7 +361,8 @@ def case_media(inputs: dict[str, torch.Tensor]) -> CaseMedia:
                      videos=[videos[i] for i in sorted(videos)],
                      fetched_images={image_numbers.index(i): (f"raw.image{i}_resized_by_fetch_image", v)
                                      for i, v in fetched.items() if i in found["image"]},
-                     unknown=sorted(unknown))
+                     unknown=sorted(unknown),
+                     audio_names=[f"raw.audio{i}" for i in sorted(found["audio"])])
 
 
 def _video_parts(meta: dict, videos: list[list]) -> list[dict]:
@@ -386,9 +388,12 @@ def run_mm_case(case_dir: Path) -> list[ParityRow]:
     loaded = load_model(case_dir, dtype="fp32", device=DEVICE)
     _, processor = _processor_for(case_dir, loaded)
     raw = case_media(inputs)
-    # the waveforms' rate as the case records it (meta.json), else the Whisper front end's 16 kHz
-    rate = _recorded_rate(meta) or processor.settings.audio.sample_rate
-    media = {"image": raw.images, "audio": [(a, rate) for a in raw.audios], "video": _video_parts(meta, raw.videos)}
+    # each waveform's rate as the case records it (its tensor record, else meta.json's), else the Whisper
+    # front end's 16 kHz; the processor resamples to 16 kHz as the reference does
+    rates = [_input_rate(meta, name, _recorded_rate(meta), processor.settings.audio.sample_rate)
+             for name in raw.audio_names]
+    media = {"image": raw.images, "audio": [(a, r) for a, r in zip(raw.audios, rates)],
+             "video": _video_parts(meta, raw.videos)}
     messages, system, thinking = conversation_from_prompt(meta["prompt_text_before_expansion"], media)
     prompt = processor.build(messages, system_prompt=system, thinking=thinking)
 
@@ -472,6 +477,20 @@ def _recorded_rate(record: dict) -> int | None:
     return None
 
 
+def _input_rate(meta: dict, name: str, case_rate: int | None, default: int | None,
+                words: bool = True) -> int | None:
+    """The rate one input waveform of a case was recorded at: its tensor record's sample_rate key, else
+    `case_rate`, else (with `words`) a rate the record's meaning states, else `default`
+    (frontend_parity's rule)."""
+    from engine.tools.frontend_parity import recorded_input_rate
+
+    spec = next((t for t in meta.get("tensors", []) if t.get("file") == "inputs.safetensors"
+                 and t.get("name") == name), {})
+    if not words:
+        spec = {k: v for k, v in spec.items() if k != "meaning"}
+    return recorded_input_rate(spec, case_rate, default)
+
+
 def _locate_medium(root: Path, text: str) -> tuple[Path, str]:
     """The sibling case and input tensor a `<kind>_used` record names: '... <case> <input> ...', or a bare
     input name held by exactly one sibling case."""
@@ -496,8 +515,10 @@ def _load_medium(kind: str, text: str, root: Path, meta: dict):
     if kind == "image":
         return tensor.numpy()
     if kind == "audio":
-        rate = next((r for r in (_recorded_rate(meta), _recorded_rate(_read_json(case / "config.json")),
-                                 _recorded_rate(_read_json(case / "meta.json"))) if r is not None), None)
+        source_meta = _read_json(case / "meta.json")
+        case_rate = next((r for r in (_recorded_rate(meta), _recorded_rate(_read_json(case / "config.json")),
+                                      _recorded_rate(source_meta)) if r is not None), None)
+        rate = _input_rate(source_meta, name, case_rate, None, words=False)
         if rate is None:
             raise UnplacedMedium(f"no sampling rate recorded for {text!r} (meta.json or {case.name}/config.json "
                                  f"{' / '.join(_RATE_KEYS)})")

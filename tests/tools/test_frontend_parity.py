@@ -175,8 +175,8 @@ def test_a_preview_video_case_runs_the_preview_processor(tmp_path):
 
 @pytest.mark.parametrize("config_rate, record", [
     (48000, {"meaning": "[120000] float32 waveform"}),
-    (16000, {"meaning": "[120000] float32 48 kHz mono waveform (2.5 s)"}),
-    (None, {"meaning": "[120000] float32 waveform", "sample_rate": 48000}),
+    (None, {"meaning": "[120000] float32 48 kHz mono waveform (2.5 s)"}),
+    (16000, {"meaning": "[120000] float32 waveform", "sample_rate": 48000}),
 ])
 def test_an_audio_case_recorded_at_48k_is_resampled_to_the_16k_front_end(tmp_path, config_rate, record):
     """A frontend_audio case whose waveform is recorded at 48 kHz (the config's `sampling_rate`, or the

@@ -278,3 +278,32 @@ def test_a_preview_prompts_case_is_built_with_the_preview_processor(tmp_path):
     _, pv = _processor_for(dst)
     assert (pv.settings.image.release, pv.settings.image.factor, pv.settings.image.patch_size) == ("preview", 28, 14)
     assert pv.settings.image.min_pixels == 78400 and not pv.settings.interleaved_video
+
+
+@pytest.mark.parametrize("record", ["meaning", "key"])
+def test_mm_case_resamples_a_clip_recorded_at_another_rate(tmp_path, record):
+    """An mm case whose second clip is recorded at 32 kHz (its tensor record says so: a sample_rate key
+    or '32 kHz' in its meaning): the reference processor resamples it to 16 kHz (spec §5.1), so its mel
+    frames, audio spans and prompt ids stay those of the 16 kHz clip. The harness fed every raw clip as
+    16 kHz audio: twice the frames and a longer prompt."""
+    from engine.media.audio import resample
+
+    case = tmp_path / "mm"
+    shutil.copytree(fixture_case("mm"), case)
+    for f in case.iterdir():
+        f.chmod(0o644)
+    inputs = load_file(str(case / "inputs.safetensors"))
+    inputs["raw.audio1"] = resample(inputs["raw.audio1"], 16000, 32000).contiguous()
+    save_file(inputs, str(case / "inputs.safetensors"))
+    meta = json.loads((case / "meta.json").read_text())
+    spec = next(t for t in meta["tensors"] if t["name"] == "raw.audio1")
+    spec["shape"] = list(inputs["raw.audio1"].shape)
+    if record == "meaning":
+        spec["meaning"] = spec["meaning"].replace("16 kHz", "32 kHz")
+    else:
+        spec["sample_rate"] = 32000
+    (case / "meta.json").write_text(json.dumps(meta))
+    rows = {r.tensor: r for r in run_case(case)}
+    for name in ("processor.audio_feats_lengths", "processor.audio_placeholder_loc_lens", "processor.input_ids",
+                 "audio_embeds_lengths"):
+        assert rows[name].ok, format_table([rows[name]])
