@@ -279,7 +279,14 @@ def load_audio(
     elif isinstance(source, (np.ndarray, torch.Tensor)):
         if sample_rate is None:
             raise MediaError("a raw audio array needs its sample_rate")
-        array = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
+        if isinstance(source, torch.Tensor):
+            tensor = source.detach().cpu()
+            # numpy has no bfloat16 (or other narrow torch floats): widen them, values unchanged
+            if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.float32, torch.float64):
+                tensor = tensor.to(torch.float32)
+            array = tensor.numpy()
+        else:
+            array = source
         if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
             raise MediaError(f"audio array has unsupported dtype {array.dtype}")
         samples, rate = _pcm_to_float(_array_channel0(array)), int(sample_rate)

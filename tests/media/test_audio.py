@@ -329,3 +329,11 @@ def test_preprocessor_sampling_rate_does_not_move_the_whisper_front_end_off_16k(
         feats = prepare_audio(_sine(16000, 300.0, 1.0), 16000, cfg)
         assert tuple(feats.feats.shape) == (100, 80) and feats.n_tokens == 25
         assert prepare_audio(_sine(48000, 300.0, 1.0), 48000, cfg).n_frames == 100
+
+
+def test_a_bfloat16_tensor_is_read_as_its_values():
+    """numpy has no bfloat16: such a tensor raised TypeError ('Got unsupported ScalarType BFloat16', no
+    MediaError naming the input) where float16 / float32 / float64 tensors are taken as their values."""
+    x = torch.randn(2, 1600, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    assert torch.equal(load_audio(x, 16000), x[0].float())
+    assert prepare_audio(x, 16000).n_frames == 10
