@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine.media.audio import AudioFrontendConfig
+from engine.media.audio import AudioFeatures, AudioFrontendConfig
+from engine.media.errors import MediaError
 from engine.media.image import ImageProcessorConfig, fetch_image
 from engine.media.video import VideoOptions
 from engine.models.thinker.layers import Router
@@ -575,7 +576,27 @@ def run_prompts_case(case_dir: Path) -> list[ParityRow]:
             cmp.exact(f"{name}.audio_placeholder_loc_lens", torch.tensor([[list(s) for s in prompt.audio_spans]]))
         if f"{name}.image_grid_thw" in outputs:
             cmp.exact(f"{name}.image_grid_thw", prompt.image_grid_thw)
+    cmp.rows += _audio_expansion_rows(case_dir.name, meta)
     return cmp.rows + cmp.missing()
+
+
+def _audio_expansion_rows(case: str, meta: dict) -> list[ParityRow]:
+    """meta.json's `expansion_counts` table: each audio entry's <audioPatch> count for its mel frames, as our
+    processor counts a clip of that many frames (spec §5.4)."""
+    rows = []
+    for i, entry in enumerate(meta.get("expansion_counts") or []):
+        if not isinstance(entry, dict) or "mel_frames" not in entry or "n_audioPatch" not in entry:
+            continue
+        frames, want = int(entry["mel_frames"]), int(entry["n_audioPatch"])
+        label = f"expansion_counts[{i}].n_audioPatch (mel_frames {frames})"
+        try:
+            got = AudioFeatures(feats=torch.zeros(frames, 1)).n_tokens
+        except MediaError as e:
+            rows.append(ParityRow(case, label, float("nan"), "exact", False, str(e)))
+            continue
+        rows.append(ParityRow(case, label, float(abs(got - want)), "exact", got == want,
+                              "" if got == want else f"ours {got}, reference {want}"))
+    return rows
 
 
 def run_rope_index_case(case_dir: Path) -> list[ParityRow]:

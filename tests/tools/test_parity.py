@@ -307,3 +307,20 @@ def test_mm_case_resamples_a_clip_recorded_at_another_rate(tmp_path, record):
     for name in ("processor.audio_feats_lengths", "processor.audio_placeholder_loc_lens", "processor.input_ids",
                  "audio_embeds_lengths"):
         assert rows[name].ok, format_table([rows[name]])
+
+
+def test_prompts_case_checks_its_audio_expansion_count_table(tmp_path):
+    """meta.json's expansion_counts lists <audioPatch> counts by mel frames (spec §5.4); the table was never
+    compared. Each audio entry is a row now: a wrong count (250 frames -> 64) fails, 30 s (3000 frames ->
+    750) and 300 s (30000 -> 7500) pass."""
+    case, meta, _ = _prompts_set(tmp_path)
+    table = meta["expansion_counts"]
+    entry = next(e for e in table if e.get("mel_frames") == 250)
+    entry["n_audioPatch"] = 64
+    table += [{"mel_frames": 3000, "n_audioPatch": 750}, {"mel_frames": 30000, "n_audioPatch": 7500}]
+    (case / "meta.json").write_text(json.dumps(meta))
+    rows = {r.tensor: r for r in run_case(case) if r.tensor.startswith("expansion_counts")}
+    audio_entries = [e for e in table if "mel_frames" in e]
+    assert len(rows) == len(audio_entries)
+    bad = [name for name, r in rows.items() if not r.ok]
+    assert bad == [f"expansion_counts[{table.index(entry)}].n_audioPatch (mel_frames 250)"]
