@@ -147,6 +147,11 @@ def _pcm_to_float(samples: np.ndarray) -> np.ndarray:
     raise MediaError(f"unsupported audio sample type {samples.dtype}")
 
 
+class _WavEncodingError(MediaError):
+    """A well-formed WAV file whose encoding the native parser does not read (mu-law, A-law, ADPCM, an
+    odd bit depth): FFmpeg may still decode it."""
+
+
 def _parse_wav(data: bytes, what: str) -> tuple[np.ndarray, int]:
     """Parse a RIFF/WAVE file; returns (samples [n, channels] float32, sample_rate)."""
     if len(data) < 12 or data[:4] not in (b"RIFF", b"RF64") or data[8:12] != b"WAVE":
@@ -186,16 +191,16 @@ def _parse_wav(data: bytes, what: str) -> tuple[np.ndarray, int]:
         elif bits == 32:
             samples = np.frombuffer(payload, dtype="<i4", count=len(payload) // 4 // channels * channels)
         else:
-            raise MediaError(f"{what}: unsupported WAV PCM bit depth {bits}")
+            raise _WavEncodingError(f"{what}: unsupported WAV PCM bit depth {bits}")
     elif tag == 3:  # IEEE float
         if bits == 32:
             samples = np.frombuffer(payload, dtype="<f4", count=len(payload) // 4 // channels * channels)
         elif bits == 64:
             samples = np.frombuffer(payload, dtype="<f8", count=len(payload) // 8 // channels * channels)
         else:
-            raise MediaError(f"{what}: unsupported WAV float bit depth {bits}")
+            raise _WavEncodingError(f"{what}: unsupported WAV float bit depth {bits}")
     else:
-        raise MediaError(f"{what}: unsupported WAV encoding (format tag {tag:#x})")
+        raise _WavEncodingError(f"{what}: unsupported WAV encoding (format tag {tag:#x})")
     return _pcm_to_float(samples.astype(samples.dtype.newbyteorder("="))).reshape(-1, channels), rate
 
 
@@ -235,7 +240,16 @@ def decode_audio(data: bytes, what: str = "audio data") -> tuple[np.ndarray, int
     if not data:
         raise MediaError(f"{what} is empty (0 bytes)")
     if data[:4] in (b"RIFF", b"RF64") and data[8:12] == b"WAVE":
-        samples, rate = _parse_wav(data, what)
+        try:
+            samples, rate = _parse_wav(data, what)
+        except _WavEncodingError as exc:
+            # a WAV encoding read here natively only for PCM / IEEE float: the reference loads files
+            # with torchaudio (FFmpeg), which decodes mu-law, A-law, ADPCM ... as well
+            try:
+                import av  # noqa: F401, PLC0415  (optional dependency)
+            except ImportError:
+                raise MediaError(f"{exc}; PyAV (package 'av') is not installed to decode it") from exc
+            return _decode_with_av(data, what)
         return np.ascontiguousarray(samples[:, 0]), rate
     return _decode_with_av(data, what)
 

@@ -337,3 +337,29 @@ def test_a_bfloat16_tensor_is_read_as_its_values():
     x = torch.randn(2, 1600, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     assert torch.equal(load_audio(x, 16000), x[0].float())
     assert prepare_audio(x, 16000).n_frames == 10
+
+
+@pytest.mark.parametrize("codec", ["pcm_mulaw", "pcm_alaw"])
+def test_a_mu_law_or_a_law_wav_is_decoded_not_refused(codec):
+    """Telephony WAVs (format tag 7 mu-law, 6 A-law) were refused ('unsupported WAV encoding (format tag
+    0x7)'); the reference loads files with torchaudio (FFmpeg), which decodes them. Channel 0 is taken
+    (spec §5.1) and an 8 kHz second makes 100 mel frames once resampled."""
+    av = pytest.importorskip("av")
+    rate = 8000
+    left = _sine(rate, 300.0, 1.0)
+    stereo = np.stack([left, np.full_like(left, -0.25)])
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="wav") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.layout = "stereo"
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray((stereo.T * 32767).astype(np.int16).reshape(1, -1)),
+                                           format="s16", layout="stereo")
+        frame.sample_rate = rate
+        for packet in list(stream.encode(frame)) + list(stream.encode(None)):
+            container.mux(packet)
+    data = buf.getvalue()
+    assert struct.unpack("<H", data[20:22])[0] in (6, 7)
+    samples, got_rate = decode_audio(data)
+    assert got_rate == rate and samples.shape == left.shape
+    np.testing.assert_allclose(samples, left, atol=0.03)  # 8-bit companding error
+    assert prepare_audio(data).n_frames == 100
