@@ -216,13 +216,9 @@ class MingProcessor:
         pieces.append((f"{ROLE_START}ASSISTANT{ROLE_END_TAG}", True))
         if assistant_prefix:
             pieces.append((assistant_prefix, False))
-        ids: list[int] = []
-        for text, is_template in pieces:
-            if text:
-                ids += self.tokenizer.encode(text) if is_template else self.tokenizer.encode_plain(text)
         out.text = "".join(t for t, _ in pieces)
-        out.ids = ids
-        out.audio_spans = self._audio_spans(ids, out.audios)
+        out.ids = self.tokenizer.encode_pieces(pieces)
+        out.audio_spans = self._audio_spans(out.ids, out.audios)
         return out
 
     def _audio_spans(self, ids: list[int], audios: list[AudioFeatures]) -> list[tuple[int, int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -67,6 +68,11 @@ class MingTokenizer:
         self.eos_id = self.token_id(eos)
         self._bytes = byte_level_alphabet()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+        self._added = added
+        # Splits template text at its added tokens, longest first (as the tokenizer matches them).
+        self._added_split = re.compile("(" + "|".join(re.escape(c) for c in sorted(added, key=len, reverse=True))
+                                       + ")") if added else None
 
     def token_id(self, token: str) -> int:
         i = self._tok.token_to_id(token)
@@ -83,6 +89,35 @@ class MingTokenizer:
     def encode_plain(self, text: str) -> list[int]:
         """Encode user-provided text: special-token strings in it are ordinary text."""
         return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def encode_pieces(self, pieces: list[tuple[str, bool]]) -> list[int]:
+        """A prompt given as (text, is_template) pieces, tokenised as the reference tokenises the whole
+        prompt string in one pass (spec §6.1): the text between two added tokens is one run, whichever
+        pieces it spans ("你好。" + "\n\ndetailed thinking off" is pre-tokenised and merged whole, where
+        the real tokenizer can join "。\n\n"); added tokens are split off template pieces only, so
+        "<role>" typed in a plain piece (user text) stays text."""
+        runs: list[str | int] = []
+        text: list[str] = []
+        for piece, is_template in pieces:
+            if not piece:
+                continue
+            parts = self._added_split.split(piece) if is_template and self._added_split else [piece]
+            for k, part in enumerate(parts):
+                if k % 2:  # an added token of the template
+                    if text:
+                        runs.append("".join(text))
+                        text = []
+                    runs.append(self._added[part])
+                elif part:
+                    text.append(part)
+        if text:
+            runs.append("".join(text))
+        texts = [r for r in runs if isinstance(r, str)]
+        encoded = iter(self._plain.encode_batch(texts, add_special_tokens=False) if texts else [])
+        ids: list[int] = []
+        for r in runs:
+            ids += [r] if isinstance(r, int) else next(encoded).ids
+        return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
