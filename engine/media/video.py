@@ -638,11 +638,17 @@ def _patchify_frames(frames: np.ndarray, config: ImageProcessorConfig) -> tuple[
     """`normalize_image` then `patchify` of uint8 frames [T, H, W, 3] (T a multiple of the temporal
     patch), one temporal patch at a time into the output: the float32 frames are never all held
     besides ``pixel_values`` (the same values; rows are ordered t first)."""
+    return _patchify_groups(frames, config, lambda group: np.stack(
+        [normalize_image(f, config.image_mean, config.image_std) for f in group]))
+
+
+def _patchify_groups(frames: np.ndarray, config: ImageProcessorConfig, normalize) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """`patchify` of ``normalize(group)`` for each temporal patch's group of frames, written into one
+    output as it goes (rows ordered t first)."""
     tp = config.temporal_patch_size
     out, rows = None, 0
     for g in range(len(frames) // tp):
-        pair = np.stack([normalize_image(f, config.image_mean, config.image_std) for f in frames[g * tp:(g + 1) * tp]])
-        values, (_, grid_h, grid_w) = patchify(pair, config)
+        values, (_, grid_h, grid_w) = patchify(normalize(frames[g * tp:(g + 1) * tp]), config)
         if out is None:
             rows = len(values)
             out = np.empty((rows * (len(frames) // tp), values.shape[1]), dtype=np.float32)
@@ -946,17 +952,12 @@ def _patchify_float_frames(frames: np.ndarray, config: ImageProcessorConfig) -> 
     """`_patchify_frames` for float frames [T, H, W, 3] on the 0..255 scale (not rounded to uint8): x/255 in
     float64 stored float32, then (x - mean) / std in float32, as the image processor rescales them."""
     mean, std = np.asarray(config.image_mean, dtype=np.float32), np.asarray(config.image_std, dtype=np.float32)
-    tp = config.temporal_patch_size
-    out, rows = None, 0
-    for g in range(len(frames) // tp):
-        pair = (frames[g * tp:(g + 1) * tp].astype(np.float64) * (1.0 / 255.0)).astype(np.float32)
-        pair = np.ascontiguousarray(((pair - mean) / std).transpose(0, 3, 1, 2))
-        values, (_, grid_h, grid_w) = patchify(pair, config)
-        if out is None:
-            rows = len(values)
-            out = np.empty((rows * (len(frames) // tp), values.shape[1]), dtype=np.float32)
-        out[g * rows:(g + 1) * rows] = values
-    return out, (len(frames) // tp, grid_h, grid_w)
+
+    def normalize(group: np.ndarray) -> np.ndarray:
+        group = (group.astype(np.float64) * (1.0 / 255.0)).astype(np.float32)
+        return np.ascontiguousarray(((group - mean) / std).transpose(0, 3, 1, 2))
+
+    return _patchify_groups(frames, config, normalize)
 
 
 def sample_video_file_preview(source: str | os.PathLike | bytes, options: VideoOptions | None = None,
