@@ -183,6 +183,31 @@ def pcm16_samples(raw: bytes, name: str = "audio") -> np.ndarray:
     return np.frombuffer(raw, dtype="<i2")
 
 
+def _g711_tables() -> dict[str, np.ndarray]:
+    """Every G.711 byte's PCM16 value (ITU-T G.711; the values audioop's ulaw2lin / alaw2lin give)."""
+    b = np.arange(256, dtype=np.int32)
+    u = ~b & 0xFF
+    mag = (((u & 0x0F) << 3) + 0x84 << ((u >> 4) & 7)) - 0x84
+    mulaw = np.where(u & 0x80, -mag, mag)
+    a = b ^ 0x55
+    exp, mant = (a >> 4) & 7, a & 0x0F
+    mag = np.where(exp == 0, (mant << 4) + 8, ((mant << 4) + 0x108) << np.maximum(exp - 1, 0))
+    alaw = np.where(a & 0x80, mag, -mag)
+    return {"pcmu": mulaw.astype("<i2"), "pcma": alaw.astype("<i2")}
+
+
+G711 = _g711_tables()
+G711_RATE = 8000  # OpenAI's audio/pcmu and audio/pcma (g711_ulaw / g711_alaw) are 8 kHz, a byte a sample
+
+
+def input_samples(raw: bytes, encoding: str, name: str = "audio") -> np.ndarray:
+    """An input_audio_buffer.append's bytes in the session's encoding ('pcm16', 'pcmu', 'pcma') as
+    int16 PCM."""
+    if encoding == "pcm16":
+        return pcm16_samples(raw, name)
+    return G711[encoding][np.frombuffer(raw, dtype=np.uint8)]
+
+
 def check_sample_rate(rate: Any, name: str = "sample_rate") -> int:
     """An input audio rate a client declares: an integer in range that the model's audio front end
     can resample (16001 Hz cannot be: see engine.media.audio.check_resample_rates)."""

@@ -229,7 +229,7 @@ class RealtimeConnection:
         s = self.session.settings
         engine = self.ctx.engine
         new = {"instructions": s.instructions, "output_modalities": s.output_modalities,
-               "rate": s.input_audio_sample_rate, "thinking": s.thinking, "voice": s.voice,
+               "rate": (s.input_audio_encoding, s.input_audio_sample_rate), "thinking": s.thinking, "voice": s.voice,
                "turn_detection": s.turn_detection, "video": s.video}
         for key in spec:
             if key not in IGNORED_SESSION_FIELDS and key not in SESSION_FIELDS:
@@ -258,7 +258,8 @@ class RealtimeConnection:
         if "input_audio_format" in spec:
             new["rate"] = audio_format_rate(spec["input_audio_format"], "session.input_audio_format")
         if "input_audio_sample_rate" in spec:
-            new["rate"] = codec.check_sample_rate(spec["input_audio_sample_rate"], "session.input_audio_sample_rate")
+            new["rate"] = ("pcm16", codec.check_sample_rate(spec["input_audio_sample_rate"],
+                                                            "session.input_audio_sample_rate"))
         if spec.get("voice") is not None:
             new["voice"] = voice_name(spec["voice"], "session.voice", engine)
         if "turn_detection" in spec:  # the beta shape
@@ -270,13 +271,14 @@ class RealtimeConnection:
             raise bad("tools are not supported by this engine", "unsupported_parameter", "session.tools")
         if "thinking" in spec:
             new["thinking"] = flag(spec, "thinking")
-        if self.session.audio.samples and new["rate"] != s.input_audio_sample_rate:
+        if self.session.audio.samples and new["rate"] != (s.input_audio_encoding, s.input_audio_sample_rate):
             raise bad("the input audio buffer holds audio at the old rate; commit or clear it before changing the "
                       "rate", "invalid_state", "session.audio.input.format")
         params = generation_params(spec, self.limits, base=s.params, where="session.")
         detector = self._detector_for(new["turn_detection"])  # may refuse: nothing is applied then
         s.instructions, s.output_modalities = new["instructions"], new["output_modalities"]
-        s.input_audio_sample_rate, s.thinking, s.params, s.voice = new["rate"], new["thinking"], params, new["voice"]
+        (s.input_audio_encoding, s.input_audio_sample_rate), s.thinking = new["rate"], new["thinking"]
+        s.params, s.voice = params, new["voice"]
         self._apply_turn_settings(new["turn_detection"], new["video"], detector)
         await self.send({"type": "session.updated", "session": s.to_dict(self.session.id, self.ctx.model_id)})
 
@@ -315,12 +317,16 @@ class RealtimeConnection:
     # ------------------------------------------------------------------ audio in
     async def on_audio_append(self, event: dict, event_id) -> None:
         buf = self.session.audio
+        s = self.session.settings
         rate = event.get("sample_rate")
-        rate = codec.check_sample_rate(rate) if rate is not None else self.session.settings.input_audio_sample_rate
+        rate = codec.check_sample_rate(rate) if rate is not None else s.input_audio_sample_rate
+        if s.input_audio_encoding != "pcm16" and rate != s.input_audio_sample_rate:
+            raise bad(f"the session's input format is audio/{s.input_audio_encoding} (G.711, "
+                      f"{s.input_audio_sample_rate} Hz); this chunk says {rate} Hz", "invalid_value", "sample_rate")
         detector = self.session.detector
         if detector is not None:  # server_vad: the detector keeps what a turn needs, nothing else does
             raw = codec.b64decode(event.get("audio"), "audio", self.limits.max_message_bytes)
-            samples = codec.pcm16_samples(raw, "audio")
+            samples = codec.input_samples(raw, s.input_audio_encoding, "audio")
             for ev in await asyncio.to_thread(detector.feed, samples, rate):
                 await self._turn_event(ev)
             return
@@ -328,7 +334,7 @@ class RealtimeConnection:
             raise bad(f"the buffer holds audio at {buf.sample_rate} Hz; this chunk says {rate} Hz (commit or clear "
                       "first)", "sample_rate_mismatch", "sample_rate")
         raw = codec.b64decode(event.get("audio"), "audio", self.limits.max_message_bytes)
-        samples = codec.pcm16_samples(raw, "audio")
+        samples = codec.input_samples(raw, s.input_audio_encoding, "audio")
         seconds = buf.seconds_with(len(samples), rate)
         if seconds > self.limits.max_audio_seconds:
             raise bad(f"the input audio buffer would hold {seconds:.1f} s, the limit is "
@@ -817,16 +823,30 @@ def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str |
     return voice
 
 
-def audio_format_rate(value: Any, name: str) -> int:
-    """'pcm16' (16 kHz here), or {"type": "audio/pcm", "rate": N}."""
+OPENAI_PCM_RATE = 24000  # OpenAI's 'pcm16' / audio/pcm: 24 kHz ("rate": always 24000 there; any rate here)
+G711_FORMATS = {"g711_ulaw": "pcmu", "g711_alaw": "pcma", "audio/pcmu": "pcmu", "audio/pcma": "pcma"}
+
+
+def audio_format_rate(value: Any, name: str) -> tuple[str, int]:
+    """An input audio format as OpenAI names it -> (encoding, rate): 'pcm16' or {"type": "audio/pcm"}
+    (24 kHz, as OpenAI's; {"type": "audio/pcm", "rate": N} for another rate), and G.711 at 8 kHz:
+    'g711_ulaw' / 'g711_alaw' (beta) or {"type": "audio/pcmu"} / {"type": "audio/pcma"} (GA)."""
+    kind = value.get("type") if isinstance(value, dict) else value
+    if isinstance(kind, str) and kind in G711_FORMATS:
+        if isinstance(value, dict):
+            codec.check_keys(value, name, ("type",))
+        return G711_FORMATS[kind], codec.G711_RATE
     if value == "pcm16":
-        return 16000
+        return "pcm16", OPENAI_PCM_RATE
     if isinstance(value, dict):
         if value.get("type") not in ("audio/pcm", "pcm16"):
-            raise bad(f"'{name}.type' must be 'audio/pcm' (PCM16 little-endian mono)", "invalid_value", name)
-        rate = value.get("rate", 16000)
-        return codec.check_sample_rate(rate, f"{name}.rate")
-    raise bad(f"'{name}' must be 'pcm16' or {{\"type\": \"audio/pcm\", \"rate\": N}}", "invalid_value", name)
+            raise bad(f"'{name}.type' must be 'audio/pcm' (PCM16 little-endian mono), 'audio/pcmu' or 'audio/pcma' "
+                      "(G.711, 8 kHz)", "invalid_value", f"{name}.type")
+        codec.check_keys(value, name, ("type", "rate"))
+        rate = value.get("rate", OPENAI_PCM_RATE)
+        return "pcm16", codec.check_sample_rate(rate, f"{name}.rate")
+    raise bad(f"'{name}' must be 'pcm16', 'g711_ulaw', 'g711_alaw' or {{\"type\": \"audio/pcm\", \"rate\": N}}",
+              "invalid_value", name)
 
 
 async def realtime_endpoint(ws: WebSocket) -> None:

@@ -31,6 +31,7 @@ class SessionSettings:
     instructions: str | None = None  # system prompt; None = the model's own
     output_modalities: list[str] = field(default_factory=lambda: ["text"])
     input_audio_sample_rate: int = 16000
+    input_audio_encoding: str = "pcm16"  # or G.711 "pcmu" / "pcma" (8 kHz)
     thinking: bool = False
     voice: str | None = None  # the talker's voice (None = its default)
     params: GenerationParams = field(default_factory=GenerationParams)
@@ -50,7 +51,9 @@ class SessionSettings:
         p = self.params
         return {"type": "realtime", "id": session_id, "object": "realtime.session", "model": model,
                 "instructions": self.instructions, "output_modalities": list(self.output_modalities),
-                "audio": {"input": {"format": {"type": "audio/pcm", "rate": self.input_audio_sample_rate},
+                "audio": {"input": {"format": {"type": "audio/pcm", "rate": self.input_audio_sample_rate}
+                                    if self.input_audio_encoding == "pcm16" else
+                                    {"type": f"audio/{self.input_audio_encoding}"},
                                     "turn_detection": self.turn_detection.to_wire() if self.turn_detection else None},
                           "output": {"format": {"type": "audio/pcm"}, "voice": self.voice}},
                 "video": self.video_context.to_wire() if self.video_context else None,

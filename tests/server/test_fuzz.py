@@ -86,8 +86,8 @@ def hostile_messages(seed: int = 1234) -> list[tuple[str, str | bytes]]:
               # (the tiny engine has a talker: "audio" is valid, "image" is never a chat output)
               "output_modalities": [["audio", "smell"], ["image"], [], "text", [1], ["video"], ["text", "image"]],
               "modalities": [["audio", "text", 5], ["speech"]],
-              "input_audio_format": ["g711_ulaw", {"type": "audio/pcm", "rate": 0}, {"type": "audio/ogg"}, 5,
-                                     {"type": "audio/pcm", "rate": "x"}],
+              "input_audio_format": ["g711_xlaw", {"type": "audio/pcmu", "rate": 8000}, {"type": "audio/pcm", "rate": 0},
+                                     {"type": "audio/ogg"}, 5, {"type": "audio/pcm", "rate": "x"}],
               "input_audio_sample_rate": [0, -16000, "x", 10 ** 9, 1.5],
               "turn_detection": [{"type": "server_vad"}, "auto"], "tools": [[{"type": "function"}]],
               "audio": [{"output": {"format": {"type": "audio/mp3"}}}, 5,

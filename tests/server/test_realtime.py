@@ -369,3 +369,88 @@ def test_a_reply_with_no_room_in_the_conversation_is_refused_up_front_not_lost()
         assert [e["code"] for e in errors] == ["conversation_too_long"], events
         assert errors[0]["event_id"] == "last-slot" and "not kept" in errors[0]["message"]
 
+
+
+# --------------------------------------------------------------------------- input audio formats
+
+
+def commit_audio(ws, raw: bytes) -> dict:
+    """Append `raw` in two pieces, commit; the committed item's input_audio part."""
+    send(ws, type="input_audio_buffer.append", audio=b64(raw[:len(raw) // 2]))
+    send(ws, type="input_audio_buffer.append", audio=b64(raw[len(raw) // 2:]))
+    send(ws, type="input_audio_buffer.commit", event_id="c")
+    ev = recv_json(ws)
+    assert ev["type"] == "input_audio_buffer.committed", ev
+    return recv_item(ws)["item"]["content"][0]
+
+
+@pytest.mark.parametrize("spec", [{"input_audio_format": "pcm16"},
+                                  {"audio": {"input": {"format": {"type": "audio/pcm"}}}},
+                                  {"audio": {"input": {"format": "pcm16"}}}])
+def test_openai_pcm16_is_24_khz(spec):
+    """OpenAI's 'pcm16' (beta) and {"type": "audio/pcm"} (GA, rate 'always 24000') are 24 kHz PCM16:
+    they were read as 16 kHz, so an OpenAI client's 0.5 s turn became 0.75 s of slowed, lowered
+    speech (and server_vad's audio_start_ms / audio_end_ms 1.5x too late)."""
+    from tests.server import FakeEngine, fake_server
+
+    with fake_server(FakeEngine()) as srv, connect(srv.ws_url) as ws:
+        opened(ws)
+        send(ws, type="session.update", session=spec)
+        upd = recv_json(ws)
+        assert upd["type"] == "session.updated", upd
+        assert upd["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
+        part = commit_audio(ws, tone_pcm16(0.5, rate=24000).tobytes())
+        assert (part["seconds"], part["sample_rate"]) == (0.5, 24000)
+
+
+def mulaw_encode(x: np.ndarray) -> bytes:
+    """G.711 mu-law (the reference encoder's rule: bias 0x84, clip 32635)."""
+    x = x.astype(np.int32)
+    sign = np.where(x < 0, 0x80, 0)
+    mag = np.minimum(np.abs(x), 32635) + 0x84
+    exp = np.floor(np.log2(mag)).astype(np.int32) - 7
+    mant = (mag >> (exp + 3)) & 0x0F
+    return (~(sign | (exp << 4) | mant) & 0xFF).astype(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("fmt,expected", [
+    ("g711_ulaw", {"type": "audio/pcmu"}), ({"type": "audio/pcmu"}, {"type": "audio/pcmu"}),
+    ("g711_alaw", {"type": "audio/pcma"}), ({"type": "audio/pcma"}, {"type": "audio/pcma"})])
+def test_g711_input_audio_is_decoded(fmt, expected):
+    """OpenAI's G.711 input formats (8 kHz, one byte a sample: what telephony bridges send) were
+    refused ('must be pcm16'); they are decoded to PCM16 at 8 kHz as they are appended (an odd
+    byte count is fine: a byte is a sample), in push-to-talk and server_vad alike."""
+    from tests.server import FakeEngine, fake_server
+
+    with fake_server(FakeEngine()) as srv, connect(srv.ws_url) as ws:
+        opened(ws)
+        key = "input_audio_format" if isinstance(fmt, str) else "audio"
+        send(ws, type="session.update", session={key: fmt} if key == "input_audio_format" else
+             {"audio": {"input": {"format": fmt}}})
+        upd = recv_json(ws)
+        assert upd["type"] == "session.updated", upd
+        assert upd["session"]["audio"]["input"]["format"] == expected
+        if expected["type"] == "audio/pcmu":
+            raw = bytes([0xFF, 0x7F, 0x00, 0x80, 0x8F]) * 801  # 4005 bytes: 0.5 s and an odd count
+            want = [0, 0, -32124, 32124, 16764]
+        else:
+            raw = bytes([0xD5, 0x55, 0x2A, 0xAA, 0xC5]) * 801
+            want = [8, -8, -32256, 32256, 264]
+        part = commit_audio(ws, raw)
+        assert (part["seconds"], part["sample_rate"]) == (round(4005 / 8000, 3), 8000)
+        session = next(iter(srv.ctx.sessions.open.values()))
+        audio = session.items[-1].parts[0]["audio"]
+        assert audio.dtype == np.int16 and audio[:5].tolist() == want
+        # a chunk naming another rate is refused, naming the field
+        send(ws, type="input_audio_buffer.append", event_id="r", audio=b64(raw[:100]), sample_rate=16000)
+        err = recv_json(ws)["error"]
+        assert (err["code"], err["param"], err["event_id"]) == ("invalid_value", "sample_rate", "r"), err
+    if expected["type"] == "audio/pcmu":  # the encoder here and the decoder agree on a tone
+        tone = tone_pcm16(0.1, rate=8000)
+        with fake_server(FakeEngine()) as srv, connect(srv.ws_url) as ws:
+            opened(ws)
+            send(ws, type="session.update", session={"input_audio_format": "g711_ulaw"})
+            recv_json(ws)
+            commit_audio(ws, mulaw_encode(tone))
+            audio = next(iter(srv.ctx.sessions.open.values())).items[-1].parts[0]["audio"]
+            assert np.max(np.abs(audio.astype(np.int32) - tone)) < 0.04 * 32768

@@ -155,6 +155,7 @@ def test_a_hands_free_turn_with_barge_in_end_to_end(server, tiny_engine):
 def spoken_reply_script(words: int = 12, chunk_s: float = 0.2, rate: int = 24000) -> list:
     """A reply spoken chunk by chunk, each chunk starting one word (what the talker yields)."""
     import numpy as np
+    import torch
 
     tone = (0.2 * np.sin(np.linspace(0, 300, int(chunk_s * rate)))).astype(np.float32)
     chunks = [AudioChunk.from_samples(tone, rate, text=f"w{i} ", start_s=round(i * chunk_s, 3)) for i in range(words)]
@@ -374,3 +375,39 @@ def test_a_full_hands_free_conversation_lets_its_oldest_turns_go():
         assert "error" not in c.types() and len(users) == 4
         assert deleted[:2] == [users[0], c.first("response.done")[2]["response"]["output"][0]["id"]]
         assert [it.role for it in session.items] == ["user", "assistant"] * 2 and session.items[0].id == users[2]
+
+
+def test_a_g711_caller_takes_turns_hands_free():
+    """A telephony bridge streaming G.711 mu-law (8 kHz, OpenAI's g711_ulaw) with server_vad: the
+    question is one turn, committed as 8 kHz audio, its times on the session's audio clock."""
+    import base64
+
+    import numpy as np
+    import torch
+
+    from engine.media.audio import resample
+    from tests.server.test_realtime import mulaw_encode
+
+    x = speech()
+    question = resample(torch.from_numpy(x), MIC_RATE, 8000).numpy()
+    pcm = np.clip(np.round(np.concatenate([question, np.zeros(12000, np.float32)]) * 32767), -32768, 32767)
+    law = mulaw_encode(pcm.astype(np.int16))
+    with fake_server(FakeEngine()) as srv, connect(srv.ws_url) as ws:
+        c = LiveClient(ws)
+        c.drain(10)
+        c.send(type="session.update", session={"input_audio_format": "g711_ulaw", "turn_detection": {
+            **VAD, "create_response": False}})
+        c.wait(lambda t: "session.updated" in t or "error" in t)
+        assert c.events[-1][1]["type"] == "session.updated", c.events[-1][1]
+        for i in range(0, len(law), 321):  # 40 ms pieces of an odd byte count
+            c.send(type="input_audio_buffer.append", audio=base64.b64encode(law[i:i + 321]).decode())
+        c.wait(lambda t: "conversation.item.done" in t)
+        started = c.first("input_audio_buffer.speech_started")[2]
+        stopped = c.first("input_audio_buffer.speech_stopped")[2]
+        item = c.first("conversation.item.done")[2]["item"]
+        assert abs(stopped["audio_end_ms"] - 1000 * last_loud_s(x) - 500) < 200, (stopped, last_loud_s(x))
+        assert started["audio_start_ms"] < 400
+        audio = next(p for p in item["content"] if p["type"] == "input_audio")
+        assert audio["sample_rate"] == 16000  # (a hands-free turn is kept at the detector's rate)
+        assert abs(audio["seconds"] - (stopped["audio_end_ms"] - started["audio_start_ms"]) / 1000) < 0.05
+        assert srv.ctx.sessions.open
