@@ -281,8 +281,19 @@ def audio_file(raw: bytes, limits: Limits, name: str = "file", video_ok: bool = 
     return Audio(np.ascontiguousarray(samples, dtype=np.float32), int(rate))
 
 
+G711_NAMES = {"pcmu": "pcmu", "g711_ulaw": "pcmu", "audio/pcmu": "pcmu",
+              "pcma": "pcma", "g711_alaw": "pcma", "audio/pcma": "pcma"}
+
+
 def audio_payload(raw: bytes, fmt: str | None, rate: int | None, limits: Limits, name: str) -> Audio:
     fmt = (fmt or "pcm16").lower()
+    if fmt in G711_NAMES:
+        if rate is not None and rate != G711_RATE:
+            raise bad(f"'{name}': G.711 audio is {G711_RATE} Hz, not {rate}", "invalid_value",
+                      name.rsplit(".", 1)[0] + ".sample_rate")
+        samples = input_samples(raw, G711_NAMES[fmt], name)
+        check_clip(len(samples), G711_RATE, limits, name)
+        return Audio(samples, G711_RATE)
     if fmt in PCM_FORMATS:
         if rate is None:
             raise bad(f"'{name}': raw PCM16 audio needs its sample_rate", "invalid_audio", name)
@@ -478,7 +489,8 @@ def _video_source(part: dict, name: str, limits: Limits) -> bytes:
     raise bad(f"'{name}' needs 'video_url' (a data: URL) or 'video' (base64)", "missing_field", name)
 
 
-def _audio_source(part: dict, name: str, limits: Limits, default_rate: int | None) -> Audio:
+def _audio_source(part: dict, name: str, limits: Limits, default_rate: int | None,
+                  default_format: str | None = None) -> Audio:
     """Chat completions: input_audio {data, format[, sample_rate]}. Realtime: audio (base64 PCM16 at
     the session's rate, or `format` for an encoded file)."""
     check_keys(part, name, ("type", "input_audio", "audio", "format", "sample_rate"), ("transcript",))
@@ -498,6 +510,8 @@ def _audio_source(part: dict, name: str, limits: Limits, default_rate: int | Non
         fmt = part.get("format")
         if fmt is not None:
             need_str(fmt, f"{name}.format")
+        else:
+            fmt = default_format
         rate = part.get("sample_rate")
         rate = check_sample_rate(rate, f"{name}.sample_rate") if rate is not None else default_rate
         raw = b64decode(part["audio"], f"{name}.audio", limits.max_message_bytes)
@@ -514,7 +528,8 @@ class Converted:
 
 
 def convert_content(content: Any, limits: Limits, name: str = "content", default_rate: int | None = None,
-                    role: str = "user", budget: MediaBudget | None = None) -> Converted:
+                    role: str = "user", budget: MediaBudget | None = None,
+                    default_format: str | None = None) -> Converted:
     """Content parts -> engine parts; their decoded media within `budget` (by default
     Limits.max_session_media_bytes for this content alone)."""
     budget = budget or MediaBudget(limits.max_session_media_bytes)
@@ -544,7 +559,7 @@ def convert_content(content: Any, limits: Limits, name: str = "content", default
             parts.append({"type": "image", "image": arr})
             public.append({"type": "input_image", "width": int(arr.shape[1]), "height": int(arr.shape[0])})
         elif kind in ("input_audio", "audio"):
-            audio = _audio_source(part, pname, limits, default_rate)
+            audio = _audio_source(part, pname, limits, default_rate, default_format)
             budget.charge(audio.samples.nbytes, pname)
             parts.append(audio.part())
             public.append({"type": "input_audio", "seconds": round(audio.seconds, 3),

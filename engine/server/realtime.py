@@ -572,7 +572,9 @@ class RealtimeConnection:
             text = codec.text_only(item["content"], "item.content")
             conv = codec.Converted([{"type": "text", "text": text}], [{"type": "input_text", "text": text}])
         else:
-            args = (item["content"], self.limits, "item.content", self.session.settings.input_audio_sample_rate, role)
+            s = self.session.settings  # raw audio parts are in the session's input format (OpenAI's rule)
+            args = (item["content"], self.limits, "item.content", s.input_audio_sample_rate, role, None,
+                    s.input_audio_encoding)
             content = item["content"]
             media = isinstance(content, list) and any(
                 not isinstance(p, dict) or p.get("type") not in ("text", "input_text", "output_text") for p in content)

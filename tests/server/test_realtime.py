@@ -454,3 +454,32 @@ def test_g711_input_audio_is_decoded(fmt, expected):
             commit_audio(ws, mulaw_encode(tone))
             audio = next(iter(srv.ctx.sessions.open.values())).items[-1].parts[0]["audio"]
             assert np.max(np.abs(audio.astype(np.int32) - tone)) < 0.04 * 32768
+
+
+def test_a_g711_session_reads_item_audio_as_g711():
+    """conversation.item.create with {"type": "input_audio", "audio": <base64>} carries audio in the
+    session's input format (OpenAI's rule): in a g711_ulaw session its bytes were read as PCM16 at
+    8 kHz (noise, half as long); they are decoded as the appends are, and a part may still name its
+    own format."""
+    from tests.server import FakeEngine, fake_server
+
+    tone = tone_pcm16(0.5, rate=8000)
+    with fake_server(FakeEngine()) as srv, connect(srv.ws_url) as ws:
+        opened(ws)
+        send(ws, type="session.update", session={"input_audio_format": "g711_ulaw"})
+        assert recv_json(ws)["type"] == "session.updated"
+        for part in ({"type": "input_audio", "audio": b64(mulaw_encode(tone))},
+                     {"type": "input_audio", "audio": b64(tone_pcm16(0.5).tobytes()), "format": "pcm16",
+                      "sample_rate": 16000}):
+            send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": [part]})
+            ev = recv_item(ws)
+            assert ev["type"] == "conversation.item.done", ev
+            assert ev["item"]["content"][0]["seconds"] == 0.5, ev
+        session = next(iter(srv.ctx.sessions.open.values()))
+        audio = session.items[0].parts[0]["audio"]
+        assert session.items[0].parts[0]["sample_rate"] == 8000
+        assert np.max(np.abs(audio.astype(np.int32) - tone)) < 0.04 * 32768
+        send(ws, type="conversation.item.create", event_id="x", item={"type": "message", "role": "user", "content": [
+            {"type": "input_audio", "audio": b64(mulaw_encode(tone)), "sample_rate": 16000}]})
+        err = recv_json(ws)["error"]
+        assert (err["code"], err["param"], err["event_id"]) == ("invalid_value", "item.content[0].sample_rate", "x")
