@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from engine.errors import MingError, SettingError
-from engine.events import AudioChunk, Done, Error, UnknownEventError
+from engine.events import AudioChunk, Done, Error, TextDelta, UnknownEventError
 from engine.media.errors import MediaError
 from engine.server import codec, logs
 from engine.server import protocol as wire
@@ -38,6 +38,7 @@ from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
 from engine.server.fields import REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields
 from engine.server.params import check_output_modalities, flag, generation_params, output_kwargs, voice_name
+from engine.sampling import GenerationParams
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import AudioSpan, Item, Session, new_id
@@ -52,7 +53,10 @@ MIN_COMMIT_SECONDS = 0.1
 MAX_EVENT_ID_CHARS = 512  # a client's event_id, echoed in the error events it causes
 # OpenAI session fields that have no effect here and are accepted silently
 IGNORED_SESSION_FIELDS = {"type", "include", "tracing", "truncation", "prompt", "tool_choice",
-                          "input_audio_transcription", "input_audio_noise_reduction", "speed", "object", "id"}
+                          "input_audio_noise_reduction", "speed", "object", "id"}
+MAX_PENDING_TRANSCRIPTIONS = 8  # per session: turns committed faster than the engine transcribes them
+TRANSCRIPTION_MAX_TOKENS = 512
+ISO_TO_TAG = {"zh": "Chinese"}  # (as /v1/audio/transcriptions: the model's own tags; others pass through)
 
 
 # the output events of a response that a cancel or barge-in drops while they wait in the queue
@@ -86,6 +90,7 @@ class RealtimeConnection:
         self.closed = False
         self.turn_item_id: str | None = None  # the id the user's turn in progress will get (server_vad)
         self.response_wanted = False  # a turn ended while a response ran: start one when it ends
+        self.transcriptions: dict[Job, asyncio.Task] = {}  # input audio transcriptions under way
         self.handlers = {
             "session.update": self.on_session_update,
             "input_audio_buffer.append": self.on_audio_append,
@@ -149,6 +154,9 @@ class RealtimeConnection:
                 self.ctx.scheduler.cancel(self.session.active.job, abandon=True)
                 if self.session.active.task is not None:
                     self.session.active.task.cancel()
+            for job, task in list(self.transcriptions.items()):
+                self.ctx.scheduler.cancel(job, abandon=True)
+                task.cancel()
             writer.cancel()
             self.ctx.sessions.close(self.session)
 
@@ -230,7 +238,7 @@ class RealtimeConnection:
         engine = self.ctx.engine
         new = {"instructions": s.instructions, "output_modalities": s.output_modalities,
                "rate": (s.input_audio_encoding, s.input_audio_sample_rate), "thinking": s.thinking, "voice": s.voice,
-               "turn_detection": s.turn_detection, "video": s.video}
+               "turn_detection": s.turn_detection, "video": s.video, "transcription": s.transcription}
         for key in spec:
             if key not in IGNORED_SESSION_FIELDS and key not in SESSION_FIELDS:
                 raise bad(f"unknown session field {str(key)[:60]!r}", "unknown_parameter", f"session.{key}")
@@ -248,13 +256,19 @@ class RealtimeConnection:
                 new["voice"] = audio_output_voice(audio["output"], "session.audio.output", engine, new["voice"])
             codec.check_keys(audio, "session.audio", ("input", "output"))
             inp = need_dict(audio.get("input", {}), "session.audio.input")
-            codec.check_keys(inp, "session.audio.input", ("format", "turn_detection"), ("transcription",
-                                                                                       "noise_reduction"))
+            codec.check_keys(inp, "session.audio.input", ("format", "turn_detection", "transcription"),
+                             ("noise_reduction",))
+            if "transcription" in inp:
+                new["transcription"] = self._transcription_setting(inp["transcription"],
+                                                                   "session.audio.input.transcription")
             if "turn_detection" in inp:
                 new["turn_detection"] = setting(ServerVad.from_wire, inp["turn_detection"],
                                                 "session.audio.input.turn_detection")
             if "format" in inp:
                 new["rate"] = audio_format_rate(inp["format"], "session.audio.input.format")
+        if "input_audio_transcription" in spec:  # the beta shape
+            new["transcription"] = self._transcription_setting(spec["input_audio_transcription"],
+                                                               "session.input_audio_transcription")
         if "input_audio_format" in spec:
             new["rate"] = audio_format_rate(spec["input_audio_format"], "session.input_audio_format")
         if "input_audio_sample_rate" in spec:
@@ -278,7 +292,7 @@ class RealtimeConnection:
         detector = self._detector_for(new["turn_detection"])  # may refuse: nothing is applied then
         s.instructions, s.output_modalities = new["instructions"], new["output_modalities"]
         (s.input_audio_encoding, s.input_audio_sample_rate), s.thinking = new["rate"], new["thinking"]
-        s.params, s.voice = params, new["voice"]
+        s.params, s.voice, s.transcription = params, new["voice"], new["transcription"]
         self._apply_turn_settings(new["turn_detection"], new["video"], detector)
         await self.send({"type": "session.updated", "session": s.to_dict(self.session.id, self.ctx.model_id)})
 
@@ -389,6 +403,92 @@ class RealtimeConnection:
             self.session.drop_old_turn_video(rolling.keep_turns)
         await self.send({"type": "input_audio_buffer.committed", "previous_item_id": prev, "item_id": item.id})
         await self._item_added(item, prev)
+        if self.session.settings.transcription is not None:
+            await self._transcribe(item, len(public) - 1, audio)
+
+    # ------------------------------------------------------------------ input audio transcription
+    def _transcription_setting(self, value: Any, param: str) -> dict | None:
+        """`audio.input.transcription` (beta: `input_audio_transcription`): null, or {"model",
+        "language", "prompt"} (all optional); our ASR transcribes each committed audio turn."""
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise bad(f"'{param}' must be null or an object such as {{\"model\": \"whisper-1\"}}", "invalid_type",
+                      param)
+        codec.check_keys(value, param, ("model", "language", "prompt"))
+        if "audio" not in self.ctx.engine.info().components:
+            raise bad("this model has no audio encoder: it cannot transcribe", "unsupported_parameter", param)
+        model = value.get("model")
+        if model is not None:
+            need_str(model, f"{param}.model")
+            try:
+                self.ctx.check_model(model, "transcription")
+            except ApiError as e:
+                raise ApiError(e.message, code=e.code, status=e.status, param=f"{param}.model") from None
+        language = value.get("language")
+        if language is not None:
+            need_str(language, f"{param}.language")
+            if len(language) > 64 or any(c in language for c in "\t\n\r"):
+                raise bad(f"'{param}.language' is a language tag such as 'en' or 'zh' (at most 64 characters, no "
+                          "tab or line break)", "invalid_value", f"{param}.language")
+        prompt = value.get("prompt")
+        if prompt is not None:
+            need_str(prompt, f"{param}.prompt")
+            if self.ctx.prompt_bound is not None:
+                self.ctx.prompt_bound.check(len(prompt), "the transcription prompt", f"{param}.prompt")
+        return {"model": model, "language": language or None, "prompt": prompt or None}
+
+    async def _transcribe(self, item: Item, index: int, audio: codec.Audio) -> None:
+        """Transcribe a committed audio turn with our ASR, queued like a response:
+        conversation.item.input_audio_transcription.delta events, then .completed (its transcript
+        also becomes the item's) or .failed."""
+        spec = self.session.settings.transcription
+        where = {"item_id": item.id, "content_index": index}
+        if len(self.transcriptions) >= MAX_PENDING_TRANSCRIPTIONS:
+            await self._transcription_failed(where, ApiError(
+                f"{len(self.transcriptions)} transcriptions of this session are still waiting for the engine; "
+                "this turn was not transcribed", code="transcription_backlog", status=429))
+            return
+        engine, language = self.ctx.engine, spec["language"]
+        tag = ISO_TO_TAG.get(language, language) if language else None
+        params = GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS, self.limits.max_new_tokens))
+
+        def run(cancel, _a=audio, _p=params, _c=spec["prompt"], _t=tag):
+            return engine.transcribe(_a.samples, context=_c, dialect=_t, params=_p, cancel=cancel,
+                                     sample_rate=_a.sample_rate)
+
+        job = Job(run, label=f"realtime {self.session.id} transcription")
+        try:
+            self.ctx.scheduler.submit(job)
+        except ApiError as e:
+            await self._transcription_failed(where, e)
+            return
+        self.transcriptions[job] = asyncio.create_task(self._stream_transcript(job, item, where))
+        self.transcriptions[job].add_done_callback(lambda _t, _j=job: self.transcriptions.pop(_j, None))
+
+    async def _stream_transcript(self, job: Job, item: Item, where: dict) -> None:
+        final = None
+        async for ev in job.events():
+            if isinstance(ev, (Done, Error)):
+                final = ev
+            elif isinstance(ev, TextDelta) and ev.text:
+                await self.send({"type": "conversation.item.input_audio_transcription.delta", **where,
+                                 "delta": ev.text})
+        if isinstance(final, Done):
+            text = (final.result or {}).get("text", final.text) if isinstance(final.result, dict) else final.text
+            part = item.public[where["content_index"]]
+            if part.get("type") == "input_audio":
+                part["transcript"] = text
+            await self.send({"type": "conversation.item.input_audio_transcription.completed", **where,
+                             "transcript": text})
+        else:
+            await self._transcription_failed(where, wire.engine_error(final or Error(
+                "the transcription ended without a result", "engine_error")))
+
+    async def _transcription_failed(self, where: dict, err: ApiError) -> None:
+        await self.send({"type": "conversation.item.input_audio_transcription.failed", **where,
+                         "error": {k: v for k, v in err.to_openai().items() if k in ("type", "code", "message",
+                                                                                    "param")}})
 
     # ------------------------------------------------------------------ server_vad turns
     async def _turn_event(self, ev: SpeechStarted | SpeechStopped, create_response: bool = True) -> None:
@@ -744,6 +844,7 @@ class RealtimeConnection:
 
 
 SESSION_FIELDS = {"model", "instructions", "output_modalities", "modalities", "audio", "input_audio_format", "voice",
+                  "input_audio_transcription",
                   "input_audio_sample_rate", "turn_detection", "video", "tools", "thinking", "temperature", "top_p",
                   "top_k", "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
                   "max_tokens"}

@@ -37,6 +37,7 @@ class SessionSettings:
     params: GenerationParams = field(default_factory=GenerationParams)
     turn_detection: ServerVad | None = None  # None: push-to-talk (the client commits its turns)
     video: VideoContextConfig | None = None  # None: frames wait for input_video_buffer.commit
+    transcription: dict | None = None  # {"model", "language", "prompt"}: each committed audio turn is transcribed
 
     @property
     def video_context(self) -> VideoContextConfig | None:
@@ -54,7 +55,8 @@ class SessionSettings:
                 "audio": {"input": {"format": {"type": "audio/pcm", "rate": self.input_audio_sample_rate}
                                     if self.input_audio_encoding == "pcm16" else
                                     {"type": f"audio/{self.input_audio_encoding}"},
-                                    "turn_detection": self.turn_detection.to_wire() if self.turn_detection else None},
+                                    "turn_detection": self.turn_detection.to_wire() if self.turn_detection else None,
+                                    "transcription": dict(self.transcription) if self.transcription else None},
                           "output": {"format": {"type": "audio/pcm"}, "voice": self.voice}},
                 "video": self.video_context.to_wire() if self.video_context else None,
                 "max_output_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,

@@ -483,3 +483,63 @@ def test_a_g711_session_reads_item_audio_as_g711():
             {"type": "input_audio", "audio": b64(mulaw_encode(tone)), "sample_rate": 16000}]})
         err = recv_json(ws)["error"]
         assert (err["code"], err["param"], err["event_id"]) == ("invalid_value", "item.content[0].sample_rate", "x")
+
+
+# --------------------------------------------------------------------------- input audio transcription
+
+
+def test_input_audio_transcription_transcribes_each_committed_turn(server):
+    """audio.input.transcription (and the beta input_audio_transcription) was accepted and ignored:
+    an OpenAI client that turns it on waits for conversation.item.input_audio_transcription.completed
+    for ever, and {"model": 5} or "yes" were taken too. Each committed audio turn is now transcribed
+    by our ASR: .delta events, then .completed with the whole transcript (also the item's
+    `transcript`), naming the item and its input_audio part; the engine is free afterwards."""
+    pcm = tone_pcm16(0.6, rate=16000)
+    with connect(server.ws_url) as ws:
+        opened(ws)
+        send(ws, type="session.update", session={"audio": {"input": {"transcription": {
+            "model": "gpt-4o-transcribe", "language": "en", "prompt": "A tone."}}}})
+        upd = recv_json(ws)
+        assert upd["type"] == "session.updated", upd
+        assert upd["session"]["audio"]["input"]["transcription"] == {"model": "gpt-4o-transcribe", "language": "en",
+                                                                     "prompt": "A tone."}
+        send(ws, type="input_audio_buffer.append", audio=b64(pcm.tobytes()), sample_rate=16000)
+        send(ws, type="input_audio_buffer.commit")
+        events = recv_until(ws, "conversation.item.input_audio_transcription.completed")
+        committed = next(e for e in events if e["type"] == "input_audio_buffer.committed")
+        assert [e["type"] for e in events if e["type"] == "error"] == []
+        done = events[-1]
+        deltas = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.delta"]
+        assert (done["item_id"], done["content_index"]) == (committed["item_id"], 0)
+        assert all((d["item_id"], d["content_index"]) == (committed["item_id"], 0) for d in deltas)
+        assert done["transcript"] and "".join(d["delta"] for d in deltas).strip() == done["transcript"]
+        send(ws, type="conversation.item.retrieve", item_id=committed["item_id"])
+        item = recv_until(ws, "conversation.item.retrieved")[-1]["item"]
+        assert item["content"][0]["transcript"] == done["transcript"]
+        wait_for(lambda: server.ctx.scheduler.running == 0 and server.ctx.scheduler.waiting == 0)
+        # the beta field, and off again: no transcription events
+        send(ws, type="session.update", session={"input_audio_transcription": None,
+                                                 "audio": {"input": {"transcription": None}}})
+        assert recv_json(ws)["session"]["audio"]["input"]["transcription"] is None
+        send(ws, type="input_audio_buffer.append", audio=b64(pcm.tobytes()), sample_rate=16000)
+        send(ws, type="input_audio_buffer.commit")
+        send(ws, type="conversation.item.retrieve", item_id="item_nope")
+        events = recv_until(ws, "error")
+        assert not any("transcription" in e["type"] for e in events), events
+        send(ws, type="session.update", session={"input_audio_transcription": {"model": "whisper-1"}})
+        assert recv_json(ws)["session"]["audio"]["input"]["transcription"]["model"] == "whisper-1"
+
+
+@pytest.mark.parametrize("value,code,param", [
+    ("yes", "invalid_type", ""), ({"model": 5}, "invalid_type", ".model"),
+    ({"model": "whisper-1", "bogus": 1}, "unknown_parameter", ".bogus"),
+    ({"model": "gpt-4"}, "model_not_found", ".model"), ({"language": 5}, "invalid_type", ".language"),
+    ({"language": "en\tx"}, "invalid_value", ".language"), ({"prompt": ["x"]}, "invalid_type", ".prompt")])
+def test_bad_transcription_settings_are_refused_naming_the_field(server, value, code, param):
+    with connect(server.ws_url) as ws:
+        opened(ws)
+        for spec, where in (({"audio": {"input": {"transcription": value}}}, "session.audio.input.transcription"),
+                            ({"input_audio_transcription": value}, "session.input_audio_transcription")):
+            send(ws, type="session.update", event_id="u", session=spec)
+            err = recv_json(ws)["error"]
+            assert (err["code"], err["param"], err["event_id"]) == (code, where + param, "u"), err
