@@ -826,8 +826,9 @@ class RealtimeConnection:
         job, enc = resp.job, resp.encoder
         ttft = None if job.first_token_at is None else job.first_token_at - resp.received_at
         figures = wire.metrics(final.stats if isinstance(final, Done) else None, job.queue_wait_s, ttft)
-        if resp.truncate_ms is not None:
-            resp.audio = cut_reply(enc, resp.audio, resp.truncate_ms)
+        cut_at = resp.truncate_ms
+        if cut_at is not None:
+            resp.audio = cut_reply(enc, resp.audio, cut_at)
         for wire_event in enc.finish(final, figures, "slow_reader" if job.slow_reader else resp.cancel_reason):
             await self.send(wire_event)
         if enc.item_open and isinstance(final, Done):
@@ -835,6 +836,8 @@ class RealtimeConnection:
                         enc.item("completed")["content"],
                         status="completed" if final.finish_reason == "stop" and resp.truncate_ms is None
                         else "incomplete", audio=resp.audio)
+            if resp.truncate_ms != cut_at:  # a truncate handled while the closing events waited for room
+                truncate_item(item, resp.truncate_ms)
             try:
                 self.session.add_item(item, after=enc.previous_item_id)
             except ApiError as e:  # filled up while it ran (items created meanwhile): say the reply was not kept

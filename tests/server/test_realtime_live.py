@@ -411,3 +411,49 @@ def test_a_g711_caller_takes_turns_hands_free():
         assert audio["sample_rate"] == 16000  # (a hands-free turn is kept at the detector's rate)
         assert abs(audio["seconds"] - (stopped["audio_end_ms"] - started["audio_start_ms"]) / 1000) < 0.05
         assert srv.ctx.sessions.open
+
+
+def test_a_truncate_that_arrives_while_the_reply_is_finishing_is_kept(monkeypatch):
+    """The reply has been generated and its closing events are on their way (a slow socket: they
+    wait for room) when the page's truncate arrives: it was answered conversation.item.truncated
+    but lost, since the reply had been cut (or not) before those sends, and the whole reply joined
+    the conversation (the model then 'remembers' words the user never heard). It is cut as it joins."""
+    import asyncio
+
+    from engine.server.realtime import RealtimeConnection
+
+    original = RealtimeConnection.send
+
+    async def slow_send(self, event):  # the closing events wait until the truncate has been handled
+        if event.get("type") == "response.output_audio.done":
+            for _ in range(500):
+                active = self.session.active
+                if active is None or active.truncate_ms is not None:
+                    break
+                await asyncio.sleep(0.01)
+        await original(self, event)
+
+    monkeypatch.setattr(RealtimeConnection, "send", slow_send)
+    engine = FakeEngine(script=spoken_reply_script(words=5), has_talker=True)
+    with fake_server(engine) as srv, connect(srv.ws_url) as ws:
+        recv_until(ws, "session.created")
+        ws.send(json.dumps({"type": "session.update", "session": {"output_modalities": ["audio"]}}))
+        recv_until(ws, "session.updated")
+        ws.send(json.dumps({"type": "conversation.item.create",
+                            "item": {"type": "message", "role": "user", "content": "Say something."}}))
+        recv_until(ws, "conversation.item.done")
+        ws.send(json.dumps({"type": "response.create"}))
+        got = []
+        while sum(e["type"] == "response.output_audio.delta" for e in got) < 5:
+            got += recv_until(ws, "response.output_audio.delta")
+        item_id = next(e for e in got if e["type"] == "response.output_item.added")["item"]["id"]
+        ws.send(json.dumps({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0,
+                            "audio_end_ms": 300}))
+        rest = recv_until(ws, "response.done")
+        assert any(e["type"] == "conversation.item.truncated" for e in rest)
+        session = next(iter(srv.ctx.sessions.open.values()))
+        wait_for(lambda: len(session.items) == 2)
+        assert session.items[-1].parts == [{"type": "text", "text": "w0 w1 "}]  # 0.2 s < 300 ms: w1 had started
+        assert session.items[-1].status == "incomplete"
+        ws.send(json.dumps({"type": "conversation.item.retrieve", "item_id": item_id}))
+        assert recv_until(ws, "conversation.item.retrieved")[-1]["item"]["content"][0]["transcript"] == "w0 w1 "
