@@ -91,6 +91,7 @@ class RealtimeConnection:
         self.turn_item_id: str | None = None  # the id the user's turn in progress will get (server_vad)
         self.response_wanted = False  # a turn ended while a response ran: start one when it ends
         self.transcriptions: dict[Job, asyncio.Task] = {}  # input audio transcriptions under way
+        self.audio_clock_ms = 0.0  # audio written during the session while no turn detector counted it
         self.handlers = {
             "session.update": self.on_session_update,
             "input_audio_buffer.append": self.on_audio_append,
@@ -303,7 +304,8 @@ class RealtimeConnection:
         if self.session.detector is not None:
             return self.session.detector
         try:
-            return TurnDetector(config, max_turn_seconds=self.limits.max_audio_seconds)
+            return TurnDetector(config, max_turn_seconds=self.limits.max_audio_seconds,
+                                start_ms=round(self.audio_clock_ms))
         except MingError as e:  # the silero-vad package is missing
             raise ApiError(str(e), code="turn_detection_unavailable", status=500,
                            param="session.audio.input.turn_detection") from None
@@ -317,6 +319,8 @@ class RealtimeConnection:
         if (turns is None) != (s.turn_detection is None):
             session.audio.clear()
             self.turn_item_id = None
+            if session.detector is not None:  # the session's audio clock goes on in push-to-talk
+                self.audio_clock_ms = float(session.detector.audio_ms)
         if detector is not None:
             detector.update(turns)
         session.detector = detector
@@ -354,6 +358,7 @@ class RealtimeConnection:
             raise bad(f"the input audio buffer would hold {seconds:.1f} s, the limit is "
                       f"{self.limits.max_audio_seconds:g} s; commit it first", "audio_too_long", "audio")
         buf.append(samples.copy(), rate)
+        self.audio_clock_ms += 1000 * len(samples) / rate
 
     async def on_audio_commit(self, event: dict, event_id) -> None:
         if self.session.detector is not None:  # server_vad: end the turn in progress now

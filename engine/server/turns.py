@@ -13,7 +13,8 @@ a streaming voice activity detector over a session's input audio, built on the s
   (silero's hysteresis, at least 0.01) for `silence_duration_ms`; `audio` is the turn, 16 kHz PCM16, from
   `audio_start_ms` to `audio_end_ms` (prefix padding and the trailing silence included).
 
-Times count milliseconds of all audio fed during the session (they keep counting across `clear`).
+Times count milliseconds of all audio fed during the session (they keep counting across `clear`;
+`start_ms`: the session's audio before this detector, written while turn detection was off).
 Memory is bounded: before speech only the prefix padding is kept; a turn that reaches
 `max_turn_seconds` (the server's audio limit) is ended there (`reason="max_duration"`) and a new
 one starts if the speaker goes on.
@@ -141,7 +142,8 @@ class SpeechStopped:
 class TurnDetector:
     """One session's streaming turn detector (not thread-safe: one feeder at a time)."""
 
-    def __init__(self, config: ServerVad, max_turn_seconds: float = 300.0, model: SileroVad | None = None):
+    def __init__(self, config: ServerVad, max_turn_seconds: float = 300.0, model: SileroVad | None = None,
+                 start_ms: int = 0):
         if max_turn_seconds <= 0:
             raise ValueError("max_turn_seconds must be positive")
         self.config = config
@@ -151,7 +153,8 @@ class TurnDetector:
         self._pending = np.zeros(0, np.float32)  # 16 kHz samples not yet a whole window
         self._h, self._c = self.model.initial_state()
         self._context = np.zeros(CONTEXT, np.float32)
-        self._windows = 0  # windows run since the session started (the clock)
+        self._windows = 0  # windows run since the detector started (the clock, from start_ms)
+        self._start_ms = int(start_ms)  # the session's audio before this detector (push-to-talk turns)
         self._before = np.zeros(0, np.int16)  # recent audio before the turn (prefix padding)
         self._turn: list[np.ndarray] = []
         self._turn_samples = 0
@@ -167,7 +170,7 @@ class TurnDetector:
     @property
     def audio_ms(self) -> int:
         """Milliseconds of audio analysed so far in the session."""
-        return self._windows * WINDOW_MS
+        return self._start_ms + self._windows * WINDOW_MS
 
     @property
     def held_bytes(self) -> int:

@@ -457,3 +457,35 @@ def test_a_truncate_that_arrives_while_the_reply_is_finishing_is_kept(monkeypatc
         assert session.items[-1].status == "incomplete"
         ws.send(json.dumps({"type": "conversation.item.retrieve", "item_id": item_id}))
         assert recv_until(ws, "conversation.item.retrieved")[-1]["item"]["content"][0]["transcript"] == "w0 w1 "
+
+
+def test_the_audio_clock_runs_across_turn_detection_switches():
+    """audio_start_ms / audio_end_ms count the audio written during the session (OpenAI's clock; the
+    page maps them to its own clock). Turning server_vad off (push-to-talk turns) and on again
+    restarted them at 0, so the next turn seemed to start before the first one had."""
+    with fake_server(FakeEngine()) as srv, connect(srv.ws_url, max_size=None) as ws:
+        c = LiveClient(ws)
+        vad = {"audio": {"input": {"turn_detection": {**VAD, "create_response": False}}}}
+        c.drain(10)
+        c.send(type="session.update", session=vad)
+        c.stream(speech(), pace=20)
+        c.stream(silence(1.0), pace=20)
+        c.wait(lambda t: "input_audio_buffer.committed" in t)
+        first = c.first("input_audio_buffer.speech_stopped")[2]["audio_end_ms"]
+        sent_vad = c.audio_s
+        c.send(type="session.update", session={"audio": {"input": {"turn_detection": None}}})
+        c.stream(speech(), pace=20)  # a push-to-talk turn: its audio counts too
+        c.send(type="input_audio_buffer.commit")
+        c.wait(lambda t: t.count("input_audio_buffer.committed") == 2)
+        at = len(c.events)
+        c.send(type="session.update", session=vad)
+        c.stream(speech(), pace=20)
+        c.stream(silence(1.0), pace=20)
+        c.wait(lambda t: "input_audio_buffer.speech_stopped" in t[at:])
+        started = c.first("input_audio_buffer.speech_started", at)[2]["audio_start_ms"]
+        stopped = c.first("input_audio_buffer.speech_stopped", at)[2]["audio_end_ms"]
+        assert first < 1000 * sent_vad <= started, (first, sent_vad, started)
+        ptt_s = c.audio_s - sent_vad - len(speech()) / MIC_RATE - 1.0
+        assert abs(started - 1000 * (sent_vad + ptt_s)) < 600, (started, sent_vad, ptt_s)
+        assert stopped > started
+        assert srv.ctx.sessions.open
