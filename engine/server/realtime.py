@@ -243,6 +243,16 @@ class RealtimeConnection:
         for key in spec:
             if key not in IGNORED_SESSION_FIELDS and key not in SESSION_FIELDS:
                 raise bad(f"unknown session field {str(key)[:60]!r}", "unknown_parameter", f"session.{key}")
+        given: dict[str, tuple[str, Any]] = {}
+
+        def twin(key: str, value: Any, param: str) -> Any:
+            """A setting with a GA field and beta twins: named twice, the values must agree."""
+            if key in given and given[key][1] != value:
+                raise bad(f"'{param}' and '{given[key][0]}' set the same thing to different values; give one",
+                          "invalid_value", param)
+            given[key] = (param, value)
+            return value
+
         self.ctx.check_model(spec.get("model"), "realtime")
         if "instructions" in spec:
             value = spec["instructions"]
@@ -260,25 +270,31 @@ class RealtimeConnection:
             codec.check_keys(inp, "session.audio.input", ("format", "turn_detection", "transcription"),
                              ("noise_reduction",))
             if "transcription" in inp:
-                new["transcription"] = self._transcription_setting(inp["transcription"],
-                                                                   "session.audio.input.transcription")
+                new["transcription"] = twin("transcription", self._transcription_setting(
+                    inp["transcription"], "session.audio.input.transcription"), "session.audio.input.transcription")
             if "turn_detection" in inp:
-                new["turn_detection"] = setting(ServerVad.from_wire, inp["turn_detection"],
-                                                "session.audio.input.turn_detection")
+                new["turn_detection"] = twin("turn_detection", setting(
+                    ServerVad.from_wire, inp["turn_detection"], "session.audio.input.turn_detection"),
+                    "session.audio.input.turn_detection")
             if "format" in inp:
-                new["rate"] = audio_format_rate(inp["format"], "session.audio.input.format")
+                new["rate"] = twin("rate", audio_format_rate(inp["format"], "session.audio.input.format"),
+                                   "session.audio.input.format")
         if "input_audio_transcription" in spec:  # the beta shape
-            new["transcription"] = self._transcription_setting(spec["input_audio_transcription"],
-                                                               "session.input_audio_transcription")
+            new["transcription"] = twin("transcription", self._transcription_setting(
+                spec["input_audio_transcription"], "session.input_audio_transcription"),
+                "session.input_audio_transcription")
         if "input_audio_format" in spec:
-            new["rate"] = audio_format_rate(spec["input_audio_format"], "session.input_audio_format")
+            new["rate"] = twin("rate", audio_format_rate(spec["input_audio_format"], "session.input_audio_format"),
+                               "session.input_audio_format")
         if "input_audio_sample_rate" in spec:
-            new["rate"] = ("pcm16", codec.check_sample_rate(spec["input_audio_sample_rate"],
-                                                            "session.input_audio_sample_rate"))
+            new["rate"] = twin("rate", ("pcm16", codec.check_sample_rate(spec["input_audio_sample_rate"],
+                                                                         "session.input_audio_sample_rate")),
+                               "session.input_audio_sample_rate")
         if spec.get("voice") is not None:
             new["voice"] = voice_name(spec["voice"], "session.voice", engine)
         if "turn_detection" in spec:  # the beta shape
-            new["turn_detection"] = setting(ServerVad.from_wire, spec["turn_detection"], "session.turn_detection")
+            new["turn_detection"] = twin("turn_detection", setting(ServerVad.from_wire, spec["turn_detection"],
+                                                                   "session.turn_detection"), "session.turn_detection")
         if "video" in spec:
             new["video"] = None if spec["video"] is None else setting(
                 VideoContextConfig.from_wire, spec["video"], s.video or VideoContextConfig(), "session.video")

@@ -543,3 +543,37 @@ def test_bad_transcription_settings_are_refused_naming_the_field(server, value, 
             send(ws, type="session.update", event_id="u", session=spec)
             err = recv_json(ws)["error"]
             assert (err["code"], err["param"], err["event_id"]) == (code, where + param, "u"), err
+
+
+@pytest.mark.parametrize("session,param", [
+    ({"input_audio_format": "pcm16", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 48000}}}},
+     "session.input_audio_format"),
+    ({"input_audio_sample_rate": 16000, "input_audio_format": "g711_ulaw"}, "session.input_audio_sample_rate"),
+    ({"turn_detection": None, "audio": {"input": {"turn_detection": {"type": "server_vad"}}}},
+     "session.turn_detection"),
+    ({"input_audio_transcription": {"model": "whisper-1"}, "audio": {"input": {"transcription": None}}},
+     "session.input_audio_transcription")])
+def test_one_setting_named_twice_with_two_values_is_refused(session, param):
+    """The GA field (audio.input.format / turn_detection / transcription) and its beta twin
+    (input_audio_format, input_audio_sample_rate, turn_detection, input_audio_transcription) in one
+    update, disagreeing: the one read last silently won (a 48 kHz stream was read as 24 kHz).
+    Refused as max_output_tokens vs max_response_output_tokens are; nothing is applied."""
+    from tests.server import FakeEngine, fake_server
+
+    with fake_server(FakeEngine()) as srv, connect(srv.ws_url) as ws:
+        opened(ws)
+        srv.ctx.engine.info = lambda _i=srv.ctx.engine.info: _with_audio(_i())  # (it can transcribe)
+        send(ws, type="session.update", event_id="u", session=session)
+        err = recv_json(ws)
+        assert err["type"] == "error", err
+        assert (err["error"]["code"], err["error"]["param"], err["error"]["event_id"]) == ("invalid_value", param, "u")
+        agreeing = {"input_audio_format": {"type": "audio/pcm", "rate": 48000},
+                    "audio": {"input": {"format": {"type": "audio/pcm", "rate": 48000}}}}
+        send(ws, type="session.update", session=agreeing)
+        assert recv_json(ws)["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 48000}
+
+
+def _with_audio(info):
+    from dataclasses import replace
+
+    return replace(info, components=[*info.components, "audio"])
