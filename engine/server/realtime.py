@@ -307,6 +307,10 @@ class RealtimeConnection:
                       "rate", "invalid_state", "session.audio.input.format")
         params = generation_params(spec, self.limits, base=s.params, where="session.")
         detector = self._detector_for(new["turn_detection"])  # may refuse: nothing is applied then
+        if new["turn_detection"] is None and self.session.detector is not None:  # to push-to-talk mid-turn: the
+            ended = self.session.detector.end_turn("turn_detection_off")         # turn so far is committed
+            if ended is not None:
+                await self._turn_event(ended, create_response=False)
         s.instructions, s.output_modalities = new["instructions"], new["output_modalities"]
         (s.input_audio_encoding, s.input_audio_sample_rate), s.thinking = new["rate"], new["thinking"]
         s.params, s.voice, s.transcription = params, new["voice"], new["transcription"]

@@ -489,3 +489,29 @@ def test_the_audio_clock_runs_across_turn_detection_switches():
         assert abs(started - 1000 * (sent_vad + ptt_s)) < 600, (started, sent_vad, ptt_s)
         assert stopped > started
         assert srv.ctx.sessions.open
+
+
+def test_turning_server_vad_off_mid_turn_keeps_what_was_said():
+    """speech_started had announced the turn's item_id when the client switched to push-to-talk
+    (turn_detection null): the turn was dropped without a word (no speech_stopped, no commit, the
+    page 'hearing you' for ever, the speech lost). It is ended and committed there, as a commit
+    would (no response is started), before the new settings apply."""
+    with fake_server(FakeEngine()) as srv, connect(srv.ws_url, max_size=None) as ws:
+        c = LiveClient(ws)
+        c.drain(10)
+        c.send(type="session.update", session={"audio": {"input": {"turn_detection": VAD}}})
+        c.stream(speech(), pace=20, until=lambda t: "input_audio_buffer.speech_started" in t)
+        c.stream(speech()[:MIC_RATE // 2], pace=20)
+        started = c.first("input_audio_buffer.speech_started")[2]
+        at = len(c.events)
+        c.send(type="session.update", session={"audio": {"input": {"turn_detection": None}}})
+        c.wait(lambda t: "session.updated" in t[at:])
+        c.drain(0.3)
+        types = c.types()[at:]
+        assert types[:4] == ["input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+                             "conversation.item.added", "conversation.item.done"], types
+        assert c.first("input_audio_buffer.speech_stopped", at)[2]["item_id"] == started["item_id"]
+        assert c.first("input_audio_buffer.committed", at)[2]["item_id"] == started["item_id"]
+        assert "response.created" not in types
+        session = next(iter(srv.ctx.sessions.open.values()))
+        assert [i.id for i in session.items] == [started["item_id"]] and session.detector is None
