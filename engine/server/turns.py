@@ -69,7 +69,8 @@ class ServerVad:
         if not isinstance(spec, dict):
             raise TurnDetectionError(f"'{param}' must be null or an object such as {{\"type\": \"server_vad\"}}",
                                      "invalid_type", param)
-        kind = spec.get("type", "server_vad")
+        kind = spec.get("type")
+        kind = "server_vad" if kind is None else kind  # (a null field is left out, as everywhere)
         if kind != "server_vad":
             raise TurnDetectionError(f"'{param}.type' {str(kind)[:40]!r} is not supported; use 'server_vad' (or null "
                                      "for push-to-talk)", "unsupported_parameter", f"{param}.type")
@@ -109,7 +110,9 @@ def _number(spec: dict, name: str, default, lo, hi, param: str, integer: bool = 
 
 
 def _flag(spec: dict, name: str, default: bool, param: str) -> bool:
-    value = spec.get(name, default)
+    value = spec.get(name)
+    if value is None:
+        return default
     if not isinstance(value, bool):
         raise TurnDetectionError(f"'{param}.{name}' must be true or false", "invalid_type", f"{param}.{name}")
     return value

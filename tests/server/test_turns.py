@@ -58,6 +58,16 @@ def test_turn_detection_settings_follow_openai_server_vad():
     assert ServerVad.from_wire(vad.to_wire()) == vad
 
 
+def test_null_turn_detection_fields_take_their_defaults():
+    """A typed client sends null for the fields it leaves unset: threshold / padding / silence null
+    took the defaults but create_response or interrupt_response null was refused ('must be true or
+    false') and type null was 'None is not supported'; every null field now means 'left out'."""
+    nulls = {"type": None, "threshold": None, "prefix_padding_ms": None, "silence_duration_ms": None,
+             "create_response": None, "interrupt_response": None, "idle_timeout_ms": None}
+    assert ServerVad.from_wire(nulls) == ServerVad()
+    assert ServerVad.from_wire({**nulls, "interrupt_response": False}) == ServerVad(interrupt_response=False)
+
+
 @pytest.mark.parametrize("spec, code, param", [
     ({"type": "semantic_vad"}, "unsupported_parameter", "session.turn_detection.type"),
     ({"type": "server_vad", "threshold": 1.5}, "invalid_value", "session.turn_detection.threshold"),
