@@ -30,6 +30,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from engine.errors import MingError, SettingError
 from engine.events import AudioChunk, Done, Error, TextDelta, UnknownEventError
+from engine.media.audio import StreamingResampler
 from engine.media.errors import MediaError
 from engine.server import codec, logs
 from engine.server import protocol as wire
@@ -78,6 +79,17 @@ class Response:
         self.cancel_reason = "client_cancelled"  # or "turn_detected" (barge-in)
         self.audio: list[AudioSpan] = []  # the audio chunks encoded for the client, in order
         self.truncate_ms: int | None = None  # conversation.item.truncate while it ran
+        self.output_rate: int | None = None  # the audio rate the client declared (None: the talker's own)
+        self.resamplers: dict[int, StreamingResampler] = {}  # talker rate -> output_rate, across chunks
+
+    def audio_out(self, ev: AudioChunk) -> AudioChunk:
+        """An audio chunk at the declared output rate (resampled as a stream: no seams between chunks)."""
+        if self.output_rate is None or ev.sample_rate == self.output_rate:
+            return ev
+        resampler = self.resamplers.get(ev.sample_rate)
+        if resampler is None:
+            resampler = self.resamplers[ev.sample_rate] = StreamingResampler(ev.sample_rate, self.output_rate)
+        return AudioChunk.from_samples(resampler.feed(ev.samples()), self.output_rate, ev.text, ev.start_s)
 
 
 class RealtimeConnection:
@@ -239,7 +251,8 @@ class RealtimeConnection:
         engine = self.ctx.engine
         new = {"instructions": s.instructions, "output_modalities": s.output_modalities,
                "rate": (s.input_audio_encoding, s.input_audio_sample_rate), "thinking": s.thinking, "voice": s.voice,
-               "turn_detection": s.turn_detection, "video": s.video, "transcription": s.transcription}
+               "turn_detection": s.turn_detection, "video": s.video, "transcription": s.transcription,
+               "output_rate": s.output_rate}
         for key in spec:
             if key not in IGNORED_SESSION_FIELDS and key not in SESSION_FIELDS:
                 raise bad(f"unknown session field {str(key)[:60]!r}", "unknown_parameter", f"session.{key}")
@@ -265,6 +278,10 @@ class RealtimeConnection:
             audio = need_dict(spec["audio"], "session.audio")
             if audio.get("output") is not None:
                 new["voice"] = audio_output_voice(audio["output"], "session.audio.output", engine, new["voice"])
+                fmt = audio["output"].get("format") if isinstance(audio["output"], dict) else None
+                if fmt is not None:
+                    new["output_rate"] = twin("output_rate", output_audio_rate(fmt, "session.audio.output.format"),
+                                              "session.audio.output.format")
             codec.check_keys(audio, "session.audio", ("input", "output"))
             inp = need_dict(audio.get("input", {}), "session.audio.input")
             codec.check_keys(inp, "session.audio.input", ("format", "turn_detection", "transcription"),
@@ -283,6 +300,11 @@ class RealtimeConnection:
             new["transcription"] = twin("transcription", self._transcription_setting(
                 spec["input_audio_transcription"], "session.input_audio_transcription"),
                 "session.input_audio_transcription")
+        if spec.get("output_audio_format") is not None:  # the beta shape
+            check_output_modalities(["audio"], "session.output_audio_format", engine)
+            new["output_rate"] = twin("output_rate", output_audio_rate(spec["output_audio_format"],
+                                                                       "session.output_audio_format"),
+                                      "session.output_audio_format")
         if "input_audio_format" in spec:
             new["rate"] = twin("rate", audio_format_rate(spec["input_audio_format"], "session.input_audio_format"),
                                "session.input_audio_format")
@@ -314,6 +336,7 @@ class RealtimeConnection:
         s.instructions, s.output_modalities = new["instructions"], new["output_modalities"]
         (s.input_audio_encoding, s.input_audio_sample_rate), s.thinking = new["rate"], new["thinking"]
         s.params, s.voice, s.transcription = params, new["voice"], new["transcription"]
+        s.output_rate = new["output_rate"]
         self._apply_turn_settings(new["turn_detection"], new["video"], detector)
         await self.send({"type": "session.updated", "session": s.to_dict(self.session.id, self.ctx.model_id)})
 
@@ -757,7 +780,7 @@ class RealtimeConnection:
                       "for response.done", "conversation_already_has_active_response")
         s = self.session.settings
         engine = self.ctx.engine
-        modalities, voice = s.output_modalities, s.voice
+        modalities, voice, output_rate = s.output_modalities, s.voice, s.output_rate
         for name in ("output_modalities", "modalities"):
             if name in spec:
                 modalities = check_output_modalities(spec[name], f"response.{name}", engine)
@@ -766,6 +789,9 @@ class RealtimeConnection:
             codec.check_keys(audio, "response.audio", ("output",))
             if audio.get("output") is not None:
                 voice = audio_output_voice(audio["output"], "response.audio.output", engine, voice)
+                fmt = audio["output"].get("format") if isinstance(audio["output"], dict) else None
+                if fmt is not None:
+                    output_rate = output_audio_rate(fmt, "response.audio.output.format")
         if spec.get("conversation") not in (None, "auto"):
             raise bad("only responses on the session's conversation ('conversation': 'auto') are supported",
                       "unsupported_parameter", "response.conversation")
@@ -802,6 +828,7 @@ class RealtimeConnection:
 
         job = Job(run, label=f"realtime {self.session.id}")
         resp = Response(self.session, job, event_id, modalities)
+        resp.output_rate = output_rate
         self.ctx.scheduler.submit(job)  # may raise queue_full
         self.session.active = resp
         await self.send(resp.encoder.created())
@@ -829,6 +856,8 @@ class RealtimeConnection:
                     continue
                 if resp.silenced:  # cancelled: nothing more of it goes out
                     continue
+                if isinstance(ev, AudioChunk):
+                    ev = resp.audio_out(ev)
                 try:
                     out = resp.encoder.encode(ev)
                 except UnknownEventError as e:
@@ -872,7 +901,7 @@ class RealtimeConnection:
 
 
 SESSION_FIELDS = {"model", "instructions", "output_modalities", "modalities", "audio", "input_audio_format", "voice",
-                  "input_audio_transcription",
+                  "input_audio_transcription", "output_audio_format",
                   "input_audio_sample_rate", "turn_detection", "video", "tools", "thinking", "temperature", "top_p",
                   "top_k", "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
                   "max_tokens"}
@@ -945,10 +974,8 @@ def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str |
     check_output_modalities(["audio"], name, engine)
     spec = need_dict(spec, name)
     codec.check_keys(spec, name, ("voice", "format"), ("speed",))
-    fmt = spec.get("format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in ("audio/pcm", "pcm16")):
-        raise bad(f"'{name}.format' must be {{\"type\": \"audio/pcm\"}} (PCM16; each delta names its sample_rate)",
-                  "invalid_value", f"{name}.format")
+    if spec.get("format") is not None:
+        output_audio_rate(spec["format"], f"{name}.format")
     if spec.get("voice") is not None:
         voice = voice_name(spec["voice"], f"{name}.voice", engine)
     return voice
@@ -956,6 +983,19 @@ def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str |
 
 OPENAI_PCM_RATE = 24000  # OpenAI's 'pcm16' / audio/pcm: 24 kHz ("rate": always 24000 there; any rate here)
 G711_FORMATS = {"g711_ulaw": "pcmu", "g711_alaw": "pcma", "audio/pcmu": "pcmu", "audio/pcma": "pcma"}
+
+
+def output_audio_rate(value: Any, name: str) -> int:
+    """session / response `audio.output.format` (beta: `output_audio_format`): 'pcm16' or
+    {"type": "audio/pcm"} (24 kHz, as OpenAI's), or {"type": "audio/pcm", "rate": N}: the reply's
+    audio is sent at that rate."""
+    if value == "pcm16":
+        return OPENAI_PCM_RATE
+    if isinstance(value, dict) and value.get("type") in ("audio/pcm", "pcm16"):
+        codec.check_keys(value, name, ("type", "rate"))
+        return codec.check_sample_rate(value.get("rate", OPENAI_PCM_RATE), f"{name}.rate")
+    raise bad(f"'{name}' must be {{\"type\": \"audio/pcm\", \"rate\": N}} or 'pcm16' (PCM16 at 24 kHz); G.711 "
+              "output is not supported", "invalid_value", name)
 
 
 def audio_format_rate(value: Any, name: str) -> tuple[str, int]:

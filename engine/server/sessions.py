@@ -37,6 +37,7 @@ class SessionSettings:
     params: GenerationParams = field(default_factory=GenerationParams)
     turn_detection: ServerVad | None = None  # None: push-to-talk (the client commits its turns)
     video: VideoContextConfig | None = None  # None: frames wait for input_video_buffer.commit
+    output_rate: int | None = None  # the reply audio's rate the client declared (None: the talker's own)
     transcription: dict | None = None  # {"model", "language", "prompt"}: each committed audio turn is transcribed
 
     @property
@@ -57,7 +58,9 @@ class SessionSettings:
                                     {"type": f"audio/{self.input_audio_encoding}"},
                                     "turn_detection": self.turn_detection.to_wire() if self.turn_detection else None,
                                     "transcription": dict(self.transcription) if self.transcription else None},
-                          "output": {"format": {"type": "audio/pcm"}, "voice": self.voice}},
+                          "output": {"format": {"type": "audio/pcm", **({"rate": self.output_rate}
+                                                                         if self.output_rate else {})},
+                                     "voice": self.voice}},
                 "video": self.video_context.to_wire() if self.video_context else None,
                 "max_output_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
                 "top_k": p.top_k, "repetition_penalty": p.repetition_penalty, "seed": p.seed, "stop": list(p.stop),

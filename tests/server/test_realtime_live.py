@@ -515,3 +515,40 @@ def test_turning_server_vad_off_mid_turn_keeps_what_was_said():
         assert "response.created" not in types
         session = next(iter(srv.ctx.sessions.open.values()))
         assert [i.id for i in session.items] == [started["item_id"]] and session.detector is None
+
+
+@pytest.mark.parametrize("session", [
+    {"audio": {"output": {"format": {"type": "audio/pcm", "rate": 24000}}}},
+    {"audio": {"output": {"format": {"type": "audio/pcm"}}}},
+    {"audio": {"output": {"format": "pcm16"}}},
+    {"output_audio_format": "pcm16"}])
+def test_the_declared_output_audio_rate_is_the_rate_sent(session):
+    """An OpenAI client declares audio.output.format {"type": "audio/pcm", "rate": 24000} (or the
+    beta "pcm16": 24 kHz) and plays every delta at that rate: the declaration was accepted (or
+    "pcm16" refused) and the talker's 44.1 kHz sent as it was, so the reply played 1.8x slow and
+    low. The reply is resampled to the declared rate as it streams; without a format the talker's
+    own rate is sent (each delta names it)."""
+    import base64
+
+    engine = FakeEngine(script=spoken_reply_script(words=6, chunk_s=0.2, rate=44100), has_talker=True)
+    with fake_server(engine) as srv, connect(srv.ws_url, max_size=None) as ws:
+        recv_until(ws, "session.created")
+        ws.send(json.dumps({"type": "session.update", "session": {"output_modalities": ["audio"], **session}}))
+        upd = recv_until(ws, "session.updated")[-1]
+        assert upd["type"] == "session.updated", upd
+        assert upd["session"]["audio"]["output"]["format"] == {"type": "audio/pcm", "rate": 24000}
+        for expected in (24000, 44100):
+            ws.send(json.dumps({"type": "conversation.item.create",
+                                "item": {"type": "message", "role": "user", "content": "Say something."}}))
+            recv_until(ws, "conversation.item.done")
+            ws.send(json.dumps({"type": "response.create", "response": {} if expected == 24000 else
+                                {"audio": {"output": {"format": {"type": "audio/pcm", "rate": 44100}}}}}))
+            events = recv_until(ws, "response.done")
+            deltas = [e for e in events if e["type"] == "response.output_audio.delta"]
+            assert len(deltas) == 6 and {d["sample_rate"] for d in deltas} == {expected}
+            samples = sum(len(base64.b64decode(d["delta"])) // 2 for d in deltas)
+            assert abs(samples - 1.2 * expected) < 0.01 * expected, samples
+            assert [d["start_s"] for d in deltas] == [round(0.2 * i, 3) for i in range(6)]
+        session_obj = next(iter(srv.ctx.sessions.open.values()))
+        wait_for(lambda: len(session_obj.items) == 4)
+        assert abs(sum(s.seconds for s in session_obj.items[1].audio) - 1.2) < 0.01
