@@ -53,7 +53,7 @@ ERROR_CODES: dict[str, int] = {
     "unauthorized": 401, "model_not_found": 404, "not_found": 404, "method_not_allowed": 405,
     "upgrade_required": 426,  # a plain HTTP request to the websocket route
     # load
-    "queue_full": 429, "session_limit_reached": 503, "server_shutting_down": 503,
+    "queue_full": 429, "transcription_backlog": 429, "session_limit_reached": 503, "server_shutting_down": 503,
     # faults
     "engine_error": 500, "server_error": 500,
 }
@@ -254,6 +254,8 @@ REALTIME_BOOKKEEPING_EVENTS = (
     "input_video_buffer.committed", "input_video_buffer.cleared", "response.created", "response.output_item.added",
     "response.output_item.done", "response.content_part.added", "response.content_part.done",
     "response.output_text.done", "response.output_audio.done", "response.output_audio_transcript.done",
+    "conversation.item.input_audio_transcription.delta", "conversation.item.input_audio_transcription.completed",
+    "conversation.item.input_audio_transcription.failed",
 )
 # Server events that carry engine events (see RealtimeResponseDecoder).
 REALTIME_STREAM_EVENTS = (
