@@ -687,7 +687,13 @@ class RealtimeConnection:
 
     # ------------------------------------------------------------------ conversation
     def _last_item_id(self) -> str | None:
-        return self.session.items[-1].id if self.session.items else None
+        """The item a new one follows: the last, or the reply being written right after it (announced
+        by conversation.item.added, it joins there when its response ends)."""
+        last = self.session.items[-1].id if self.session.items else None
+        active = self.session.active
+        if active is not None and active.encoder.item_open and active.encoder.previous_item_id == last:
+            return active.encoder.item_id
+        return last
 
     async def _item_added(self, item: Item, prev: str | None) -> None:
         """A complete item joined the conversation: conversation.item.added, then .done."""

@@ -552,3 +552,37 @@ def test_the_declared_output_audio_rate_is_the_rate_sent(session):
         session_obj = next(iter(srv.ctx.sessions.open.values()))
         wait_for(lambda: len(session_obj.items) == 4)
         assert abs(sum(s.seconds for s in session_obj.items[1].audio) - 1.2) < 0.01
+
+
+def test_a_turn_that_joins_while_a_reply_is_written_follows_the_reply():
+    """The reply being written was announced (conversation.item.added, after the user's item) and
+    joins the conversation there; a user turn committed meanwhile (interrupt_response off, or push
+    to talk) was announced with previous_item_id = the user's first item, the same as the reply's,
+    so a client rebuilding the conversation from previous_item_id could not tell the order the
+    server keeps (first turn, reply, second turn), and an item.create naming the reply as its
+    previous_item_id was refused. Items joining while the reply is written follow it."""
+    engine = FakeEngine(script=spoken_reply_script(words=10), has_talker=True, step_s=0.05)
+    with fake_server(engine) as srv, connect(srv.ws_url) as ws:
+        recv_until(ws, "session.created")
+        ws.send(json.dumps({"type": "session.update", "session": {"output_modalities": ["audio"]}}))
+        recv_until(ws, "session.updated")
+        ws.send(json.dumps({"type": "conversation.item.create",
+                            "item": {"type": "message", "role": "user", "content": "Say something."}}))
+        first = recv_until(ws, "conversation.item.done")[-1]["item"]["id"]
+        ws.send(json.dumps({"type": "response.create"}))
+        reply = recv_until(ws, "response.output_item.added")[-1]["item"]["id"]
+        ws.send(json.dumps({"type": "conversation.item.create",
+                            "item": {"type": "message", "role": "user", "content": "And then?"}}))
+        events = recv_until(ws, "conversation.item.done")
+        added = [e for e in events if e["type"] == "conversation.item.added" and e["item"]["role"] == "user"][-1]
+        second = added["item"]["id"]
+        assert added["previous_item_id"] == reply
+        ws.send(json.dumps({"type": "conversation.item.create", "previous_item_id": second,
+                            "item": {"type": "message", "role": "user", "content": "Third."}}))
+        third = recv_until(ws, "conversation.item.done")[-1]
+        assert third["type"] == "conversation.item.done" and third["previous_item_id"] == second
+        done = recv_until(ws, "response.done")[-1]["response"]
+        assert done["status"] == "completed"
+        session = next(iter(srv.ctx.sessions.open.values()))
+        wait_for(lambda: len(session.items) == 4)
+        assert [i.id for i in session.items] == [first, reply, second, third["item"]["id"]]
