@@ -891,11 +891,11 @@ class RealtimeConnection:
             resp.audio = cut_reply(enc, resp.audio, cut_at)
         for wire_event in enc.finish(final, figures, "slow_reader" if job.slow_reader else resp.cancel_reason):
             await self.send(wire_event)
-        if enc.item_open and isinstance(final, Done):
+        if enc.item_open:  # announced (conversation.item.added): it joins, even when the response failed midway
             item = Item(enc.item_id, "assistant", [{"type": "text", "text": enc.assistant_text}],
                         enc.item("completed")["content"],
-                        status="completed" if final.finish_reason == "stop" and resp.truncate_ms is None
-                        else "incomplete", audio=resp.audio)
+                        status="completed" if isinstance(final, Done) and final.finish_reason == "stop"
+                        and resp.truncate_ms is None else "incomplete", audio=resp.audio)
             if resp.truncate_ms != cut_at:  # a truncate handled while the closing events waited for room
                 truncate_item(item, resp.truncate_ms)
             try:

@@ -586,3 +586,34 @@ def test_a_turn_that_joins_while_a_reply_is_written_follows_the_reply():
         session = next(iter(srv.ctx.sessions.open.values()))
         wait_for(lambda: len(session.items) == 4)
         assert [i.id for i in session.items] == [first, reply, second, third["item"]["id"]]
+
+
+def test_a_reply_that_fails_midway_keeps_what_was_sent():
+    """The talker failed after three chunks: the reply had been announced (conversation.item.added,
+    then .done 'incomplete') and partly played, but it never joined the conversation, so the
+    page's truncate (the user speaking over it) and a retrieve were answered item_not_found and the
+    next reply's context lacked what the user heard. What was sent is kept, incomplete."""
+    from engine.events import Error
+
+    script = spoken_reply_script(words=3) + [Error("the talker failed", "engine_error")]
+    engine = FakeEngine(script=[e for e in script if type(e).__name__ != "Done"], has_talker=True)
+    with fake_server(engine) as srv, connect(srv.ws_url) as ws:
+        recv_until(ws, "session.created")
+        ws.send(json.dumps({"type": "session.update", "session": {"output_modalities": ["audio"]}}))
+        recv_until(ws, "session.updated")
+        ws.send(json.dumps({"type": "conversation.item.create",
+                            "item": {"type": "message", "role": "user", "content": "Say something."}}))
+        recv_until(ws, "conversation.item.done")
+        ws.send(json.dumps({"type": "response.create"}))
+        done = recv_until(ws, "response.done")[-1]["response"]
+        assert done["status"] == "failed"
+        item_id = done["output"][0]["id"]
+        ws.send(json.dumps({"type": "conversation.item.retrieve", "item_id": item_id}))
+        got = json.loads(ws.recv(timeout=10))
+        assert got["type"] == "conversation.item.retrieved", got
+        assert (got["item"]["status"], got["item"]["content"][0]["transcript"]) == ("incomplete", "w0 w1 w2 ")
+        ws.send(json.dumps({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0,
+                            "audio_end_ms": 300}))
+        assert recv_until(ws, "conversation.item.truncated")[-1]["audio_end_ms"] == 300
+        session = next(iter(srv.ctx.sessions.open.values()))
+        assert session.items[-1].parts == [{"type": "text", "text": "w0 w1 "}]
