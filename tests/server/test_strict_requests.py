@@ -615,3 +615,21 @@ def test_realtime_nested_fields_are_honoured_or_named(server):
             {"type": "input_image", "image_url": IMG_URL, "detail": "auto"},
             {"type": "input_audio", "audio": b64(tone_pcm16(0.3).tobytes()), "transcript": None}]}}))
         assert recv_item(ws)["item"]["role"] == "user"
+
+
+def test_a_session_counts_its_videos_by_their_decoded_size(tiny_engine, tmp_path):
+    """Each realtime item is charged by its decoded size, but the session's total counted a video by its
+    encoded bytes (a few KB), so a session could hold any number of videos that every response decodes
+    (1.5 MiB each here, 75 MiB for a real clip). The total now counts them as the engine decodes them."""
+    small = mp4_bytes(tmp_path, 64, 48)  # a few KB, decoded to 1.5 MiB at the model's least size
+    item = {"type": "message", "role": "user", "content": [{"type": "input_video", "video": b64(small)}]}
+    with running_server(tiny_engine, max_session_media_bytes=4 * 1024 * 1024) as srv:
+        with connect(srv.ws_url, max_size=None) as ws:
+            assert recv_json(ws)["type"] == "session.created"
+            for i in range(2):
+                ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+                recv_item(ws)
+            ws.send(json.dumps({"type": "conversation.item.create", "item": item, "event_id": "third"}))
+            err = recv_json(ws)
+            assert err["type"] == "error" and err["error"]["code"] == "session_media_limit", err
+            assert err["error"]["event_id"] == "third"
