@@ -43,6 +43,12 @@ QWEN2_5_VIT = "qwen2_5_vit"
 QWEN2_5_DEFAULTS = {"depth": 32, "hidden_size": 3584, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
                     "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
                     "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31]}
+#: What the 2.0's `Qwen3VLMoeVisionConfig` builds for a key its vision_config omits (spec §4.3; the class's
+#: defaults: out_hidden_size 3584 and three deepstack mergers, never the released checkpoint's 4096 / its keys)
+QWEN3_DEFAULTS = {"depth": 27, "hidden_size": 1152, "hidden_act": "gelu_pytorch_tanh", "intermediate_size": 4304,
+                  "num_heads": 16, "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2,
+                  "temporal_patch_size": 2, "out_hidden_size": 3584, "num_position_embeddings": 2304,
+                  "deepstack_visual_indexes": [8, 16, 24]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +120,7 @@ class VisionConfig:
             raise ValueError(f"vision_config.model_type {model_type!r} is not supported "
                              f"(expected {QWEN3_VIT!r} or {QWEN2_5_VIT!r})")
 
-        defaults = QWEN2_5_DEFAULTS if model_type == QWEN2_5_VIT else {}
+        defaults = QWEN2_5_DEFAULTS if model_type == QWEN2_5_VIT else QWEN3_DEFAULTS
 
         def req(key: str):
             if key in d:
@@ -123,14 +129,11 @@ class VisionConfig:
                 return defaults[key]
             raise ValueError(f"vision_config ({model_type}): missing required key {key!r}")
 
-        if model_type == QWEN2_5_VIT:
-            # Qwen2_5_VisionTransformer reads `patch_size` only (`spatial_patch_size` is noise there)
-            patch = req("patch_size")
-        else:
-            patch = d.get("patch_size", d.get("spatial_patch_size"))
-        if patch is None:
-            raise ValueError(f"vision_config ({model_type}): missing required key 'patch_size'")
+        # Both ViTs read `patch_size` only (`spatial_patch_size` is noise there)
+        patch = req("patch_size")
         fullatt = d.get("fullatt_block_indexes", defaults.get("fullatt_block_indexes"))
+        # omitted: the class default; present but null or empty: none (deepstack is never run, spec §4.3)
+        deepstack = d.get("deepstack_visual_indexes", defaults.get("deepstack_visual_indexes"))
         cfg = cls(
             model_type=model_type,
             depth=int(req("depth")),
@@ -141,10 +144,10 @@ class VisionConfig:
             patch_size=int(patch),
             temporal_patch_size=int(req("temporal_patch_size")),
             spatial_merge_size=int(req("spatial_merge_size")),
-            in_channels=int(d.get("in_channels", d.get("in_chans", 3))),
+            in_channels=int(d.get("in_channels", 3) if model_type == QWEN3_VIT else d.get("in_channels", d.get("in_chans", 3))),
             hidden_act=str(d.get("hidden_act", "gelu_pytorch_tanh" if model_type == QWEN3_VIT else "silu")),
             num_position_embeddings=(int(req("num_position_embeddings")) if model_type == QWEN3_VIT else None),
-            deepstack_visual_indexes=tuple(int(i) for i in (d.get("deepstack_visual_indexes") or ())),
+            deepstack_visual_indexes=tuple(int(i) for i in (deepstack or ())),
             window_size=(int(req("window_size")) if model_type == QWEN2_5_VIT else None),
             fullatt_block_indexes=tuple(int(i) for i in (fullatt or ())),
         )

@@ -174,7 +174,7 @@ def test_config_rejects_bad_input():
     with pytest.raises(ValueError):
         VisionConfig.from_dict({**QWEN3_SMALL, "model_type": "siglip"})
     with pytest.raises(ValueError):
-        VisionConfig.from_dict({k: v for k, v in QWEN3_SMALL.items() if k != "depth"})
+        VisionConfig.from_dict({"depth": 2})   # no model_type
     with pytest.raises(ValueError):
         VisionConfig.from_dict({**QWEN3_SMALL, "num_position_embeddings": 15})
 
@@ -449,6 +449,23 @@ def test_preview_config_omitting_keys_takes_the_upstream_config_defaults():
     assert cfg.hidden_act == "silu"
     # `spatial_patch_size` is informational upstream (the ViT reads `patch_size` only)
     assert VisionConfig.from_dict({**QWEN25_SMALL, "patch_size": 4, "spatial_patch_size": 7}).patch_size == 4
+
+
+def test_qwen3_config_omitting_keys_takes_the_upstream_config_defaults():
+    # Qwen3VLMoeVisionConfig's defaults (spec §4.3): a 2.0 vision_config that omits a key is built with
+    # the class default, not refused; an omitted deepstack list means three (unused) deepstack mergers,
+    # whose weights the checkpoint then holds, while an empty list means none
+    cfg = VisionConfig.from_dict({"model_type": "qwen3_moe_vit"})
+    assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size) == (27, 1152, 16, 4304)
+    assert (cfg.patch_size, cfg.temporal_patch_size, cfg.spatial_merge_size, cfg.in_channels) == (16, 2, 2, 3)
+    assert (cfg.out_hidden_size, cfg.num_grid_per_side, cfg.hidden_act) == (3584, 48, "gelu_pytorch_tanh")
+    assert cfg.deepstack_visual_indexes == (8, 16, 24)
+    small = {k: v for k, v in QWEN3_SMALL.items() if k != "deepstack_visual_indexes"}
+    vit = build_vision_encoder(small)
+    assert len(vit.deepstack_merger_list) == 3
+    assert "deepstack_merger_list.2.linear_fc2.bias" in vit.state_dict()
+    assert len(build_vision_encoder({**small, "deepstack_visual_indexes": []}).deepstack_merger_list) == 0
+    assert VisionConfig.from_dict({**QWEN3_SMALL, "patch_size": 4, "spatial_patch_size": 7}).patch_size == 4
 
 
 def test_preview_fullatt_indexes_past_the_depth_are_never_reached_not_refused():
