@@ -219,3 +219,27 @@ def test_huge_images_are_refused_before_decoding():
 
 def test_media_error_is_a_value_error():
     assert issubclass(MediaError, ValueError)
+
+
+def _png(image: Image.Image, **save) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG", **save)
+    return buf.getvalue()
+
+
+def test_alpha_palette_and_exif_are_handled_as_the_reference_does():
+    # alpha dropped (no compositing on white), palette looked up, EXIF orientation not applied
+    rgba = np.zeros((2, 3, 4), dtype=np.uint8)
+    rgba[..., :3] = (10, 20, 30)                      # fully transparent dark pixels stay dark
+    assert np.asarray(load_image(rgba)).reshape(-1, 3).tolist() == [[10, 20, 30]] * 6
+    la = Image.fromarray(np.dstack([np.full((2, 2), 40, np.uint8), np.zeros((2, 2), np.uint8)]), mode="LA")
+    assert np.asarray(load_image(_png(la))).reshape(-1).tolist() == [40] * 12
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    pal.putpixel((1, 0), 1)
+    assert np.asarray(load_image(_png(pal, transparency=0))).reshape(-1, 3).tolist() == [[0, 0, 0], [200, 100, 50]]
+    exif = Image.Exif()
+    exif[0x0112] = 6                                  # "rotate 90° CW to display"
+    buf = io.BytesIO()
+    Image.fromarray(_rng_image(20, 50)).save(buf, "JPEG", exif=exif)
+    assert load_image(buf.getvalue()).size == (50, 20)
