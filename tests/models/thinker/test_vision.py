@@ -480,3 +480,21 @@ def test_preview_fullatt_indexes_past_the_depth_are_never_reached_not_refused():
         dense = _qwen25_dense(vit, px, grids)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(out, dense, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("act, ref", [
+    ("gelu_new", lambda x: 0.5 * x * (1 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))),
+    ("gelu_fast", lambda x: 0.5 * x * (1 + torch.tanh(0.7978845608 * x * (1 + 0.044715 * x * x)))),
+    ("gelu_python", lambda x: 0.5 * x * (1 + torch.erf(x * 0.7071067811865476))),
+    ("relu", lambda x: x.clamp_min(0)), ("swish", lambda x: x / (1 + torch.exp(-x))),
+    ("relu2", lambda x: x.clamp_min(0) ** 2), ("tanh", torch.tanh),
+])
+def test_qwen3_mlp_reads_any_transformers_activation_name(act, ref):
+    # the reference MLP is fc2(ACT2FN[hidden_act](fc1 x)) (spec §4.3): a vision_config naming another
+    # transformers activation is built with it, not refused
+    vit = build_vision_encoder({**QWEN3_SMALL, "hidden_act": act})
+    assert vit.config.hidden_act == act
+    mlp = vit.blocks[0].mlp
+    x = torch.randn(5, QWEN3_SMALL["hidden_size"], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), mlp.linear_fc2(ref(mlp.linear_fc1(x))), atol=1e-5, rtol=1e-5)
