@@ -122,27 +122,47 @@ class ImageProcessorConfig:
         raise ValueError(f"unknown release {release!r}; expected '2.0' or 'preview'")
 
     @classmethod
+    def class_defaults(cls, release: Release) -> dict:
+        """What the release's ``BailingMM2ImageProcessor.__init__`` takes for a key its file omits (or
+        sets to null). Not the shipped files' values: the 2.0 class's max_pixels is 32*32*1280 =
+        1310720 (the file says 16777216), the Preview class's patch is 14 with 78400 / 2007040."""
+        if release == "2.0":
+            return {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
+                    "min_pixels": 64 * 64, "max_pixels": 32 * 32 * 1280}
+        if release == "preview":
+            return {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
+                    "min_pixels": 78400, "max_pixels": 2007040}
+        raise ValueError(f"unknown release {release!r}; expected '2.0' or 'preview'")
+
+    @classmethod
     def from_dict(cls, data: dict, release: Release | None = None) -> "ImageProcessorConfig":
-        """Build from a parsed ``preprocessor_config.json``; unknown keys are ignored.
+        """Build from a parsed ``preprocessor_config.json``; unknown keys (``size`` among them: both
+        processors overwrite it) are ignored, and an omitted or null key takes the release's processor
+        class default (`class_defaults`).
 
         Without ``release`` it is inferred: the 2.0 file carries ``use_interleaved_frame_timestamp``
         and 16-pixel patches, the Preview's has 14-pixel patches.
         """
-        defaults = cls()
-        patch_size = int(data.get("patch_size", defaults.patch_size))
         if release is None:
             if data.get("use_interleaved_frame_timestamp"):
                 release = "2.0"
             else:
-                release = "preview" if patch_size == 14 else "2.0"
+                release = "preview" if data.get("patch_size") == 14 else "2.0"
+        defaults = cls.class_defaults(release)
+
+        def get(key: str):
+            value = data.get(key)
+            return defaults[key] if value is None else value
+
+        mean, std = data.get("image_mean"), data.get("image_std")
         return cls(
-            patch_size=patch_size,
-            merge_size=int(data.get("merge_size", defaults.merge_size)),
-            temporal_patch_size=int(data.get("temporal_patch_size", defaults.temporal_patch_size)),
-            min_pixels=int(data.get("min_pixels", defaults.min_pixels)),
-            max_pixels=int(data.get("max_pixels", defaults.max_pixels)),
-            image_mean=tuple(float(v) for v in data.get("image_mean", defaults.image_mean)),
-            image_std=tuple(float(v) for v in data.get("image_std", defaults.image_std)),
+            patch_size=int(get("patch_size")),
+            merge_size=int(get("merge_size")),
+            temporal_patch_size=int(get("temporal_patch_size")),
+            min_pixels=int(get("min_pixels")),
+            max_pixels=int(get("max_pixels")),
+            image_mean=tuple(float(v) for v in (CLIP_MEAN if mean is None else mean)),
+            image_std=tuple(float(v) for v in (CLIP_STD if std is None else std)),
             release=release,
         )
 

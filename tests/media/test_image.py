@@ -17,6 +17,7 @@ from engine.media.image import (
     normalize_image,
     patchify,
     prepare_image,
+    processor_target_size,
     preprocess_images,
     resize_bicubic,
     smart_resize,
@@ -243,3 +244,18 @@ def test_alpha_palette_and_exif_are_handled_as_the_reference_does():
     buf = io.BytesIO()
     Image.fromarray(_rng_image(20, 50)).save(buf, "JPEG", exif=exif)
     assert load_image(buf.getvalue()).size == (50, 20)
+
+
+def test_preprocessor_keys_omitted_take_the_processor_class_defaults():
+    # BailingMM2ImageProcessor's own defaults (spec §4.1, §1.1), not the shipped file's values: the 2.0
+    # class caps at 32*32*1280 pixels, the Preview class has 14-pixel patches and 78400 / 2007040
+    v2 = ImageProcessorConfig.from_dict({"use_interleaved_frame_timestamp": True, "max_pixels": None})
+    assert (v2.release, v2.patch_size, v2.min_pixels, v2.max_pixels) == ("2.0", 16, 4096, 1310720)
+    assert ImageProcessorConfig.from_dict({}).max_pixels == 1310720
+    assert processor_target_size(2000, 2000, v2) == (1120, 1120)
+    pv = ImageProcessorConfig.from_dict({"min_pixels": 3136}, release="preview")
+    assert (pv.patch_size, pv.merge_size, pv.min_pixels, pv.max_pixels) == (14, 2, 3136, 2007040)
+    assert ImageProcessorConfig.from_dict({"patch_size": 14}).release == "preview"
+    full = ImageProcessorConfig.from_dict({"min_pixels": 4096, "max_pixels": 16777216, "patch_size": 16,
+                                           "size": {"shortest_edge": 1, "longest_edge": 2}})
+    assert (full.min_pixels, full.max_pixels) == (4096, 16777216)
