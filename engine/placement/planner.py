@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from engine.models.thinker.config import ConfigError, LLMConfig, MingConfig
+from engine.models.thinker.config import ConfigError, LLMConfig, MingConfig, vision_config_with_defaults
 
 # ----------------------------------------------------------------------------------------------
 # Constants and defaults (each is a CLI flag too)
@@ -274,6 +274,7 @@ def vision_params(vision: Mapping, llm_hidden: int) -> tuple[int, bool]:
     """(parameter count of the ViT, exact?) from the raw `vision_config` (spec §1.3, §4.3, §4.4)."""
     if not vision:
         return 0, True
+    vision = vision_config_with_defaults(dict(vision))  # what the ViT is built with (spec §4.3, §4.4)
     mt = vision.get("model_type")
     d = int(vision.get("depth", 0))
     w = int(vision.get("hidden_size", 0))
@@ -346,7 +347,7 @@ def model_sizes(config: MingConfig, expert_dtype: str = "bf16", linear_dtype: st
     if config.vision:
         vp, exact = vision_params(config.vision, h)
         add("vision", "encoder", vp, read=0, exact=exact)
-        out = int(config.vision.get("out_hidden_size", h))
+        out = int(vision_config_with_defaults(dict(config.vision)).get("out_hidden_size", h))
         add("linear_proj", "encoder", projector_params(out, h, depth), read=0)
     wc = (config.audio or {}).get("whisper_encoder_config") or {}
     if wc:

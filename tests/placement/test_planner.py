@@ -562,3 +562,22 @@ def test_cli_rejects_a_host_rate_that_is_not_a_number(config_dir, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--config", str(config_dir), "--gpus", "none", "--cpu-mem", "64GB", "--host-gbs", "fast"])
     assert e.value.code == 2 and "expected GB/s or 'measure'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("vision", [
+    {"model_type": "qwen3_moe_vit", "depth": 1},                                  # deepstack [8, 16, 24], out 3584
+    {"model_type": "qwen3_moe_vit", "depth": 1, "hidden_size": 64, "num_heads": 4, "deepstack_visual_indexes": []},
+    {"model_type": "qwen2_5_vit", "depth": 1, "hidden_size": 64, "num_heads": 4},  # patch 14, out 3584
+])
+def test_vision_count_takes_the_config_class_defaults_the_vit_is_built_with(vision):
+    # a vision_config omitting keys is built with its ViT config class's defaults (spec §4.3, §4.4):
+    # the planner counts that ViT, not one with its own fallbacks (patch 14 for 2.0, no deepstack)
+    import torch
+
+    from engine.models.thinker.vision import build_vision_encoder
+    from engine.placement.planner import vision_params
+
+    with torch.device("meta"):
+        vit = build_vision_encoder(dict(vision))
+    count, exact = vision_params(vision, 4096)
+    assert exact and count == sum(p.numel() for p in vit.parameters())

@@ -36,6 +36,22 @@ UPSTREAM_LLM_DEFAULTS = {"use_bias": True, "use_qkv_bias": False, "partial_rotar
                          "max_position_embeddings": 16384, "router_type": SINGLE_ROUTER, "rope_theta": 10000.0,
                          # the 2.0 class's default; the Preview code has no interleaved path at all (spec §1.1)
                          "use_interleaved_frame_timestamp": True}
+#: What each ViT's config class builds for a key its vision_config omits (spec §4.3, §4.4): the classes'
+#: own defaults (Qwen3VLMoeVisionConfig, Qwen2_5_VLVisionConfig), never the released checkpoints' values
+UPSTREAM_VISION_DEFAULTS = {
+    "qwen3_moe_vit": {"depth": 27, "hidden_size": 1152, "hidden_act": "gelu_pytorch_tanh", "intermediate_size": 4304,
+                      "num_heads": 16, "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2, "out_hidden_size": 3584, "num_position_embeddings": 2304,
+                      "deepstack_visual_indexes": [8, 16, 24]},
+    "qwen2_5_vit": {"depth": 32, "hidden_size": 3584, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+                    "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                    "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31]},
+}
+
+
+def vision_config_with_defaults(vision: dict) -> dict:
+    """A raw vision_config with the keys it omits filled from its ViT class's defaults (unknown types as given)."""
+    return {**UPSTREAM_VISION_DEFAULTS.get((vision or {}).get("model_type"), {}), **(vision or {})}
 
 
 class ConfigError(MingError, ValueError):

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models.thinker.config import UPSTREAM_VISION_DEFAULTS
+
 # Constants the upstream modelling code hard-codes (they are not config keys).
 VIT_NORM_EPS = 1e-6          # LayerNorm (2.0) / RMSNorm (Preview) eps, blocks and merger
 VIT_ROPE_THETA = 10000.0     # base of the 2-D vision rotary
@@ -38,17 +40,11 @@ MAX_SCORE_BYTES = 256 * 1024 * 1024
 
 QWEN3_VIT = "qwen3_moe_vit"
 QWEN2_5_VIT = "qwen2_5_vit"
-#: What the Preview's `Qwen2_5_VLVisionConfig` builds for a key its vision_config omits (spec §4.4; the
-#: widths are that class's defaults, never the released checkpoint's, which states them all)
-QWEN2_5_DEFAULTS = {"depth": 32, "hidden_size": 3584, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
-                    "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
-                    "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31]}
-#: What the 2.0's `Qwen3VLMoeVisionConfig` builds for a key its vision_config omits (spec §4.3; the class's
-#: defaults: out_hidden_size 3584 and three deepstack mergers, never the released checkpoint's 4096 / its keys)
-QWEN3_DEFAULTS = {"depth": 27, "hidden_size": 1152, "hidden_act": "gelu_pytorch_tanh", "intermediate_size": 4304,
-                  "num_heads": 16, "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2,
-                  "temporal_patch_size": 2, "out_hidden_size": 3584, "num_position_embeddings": 2304,
-                  "deepstack_visual_indexes": [8, 16, 24]}
+#: What the Preview's `Qwen2_5_VLVisionConfig` / the 2.0's `Qwen3VLMoeVisionConfig` build for a key a
+#: vision_config omits (spec §4.3, §4.4): the classes' defaults, never the released checkpoints' values
+#: (the 2.0 class: out_hidden_size 3584 and three deepstack mergers)
+QWEN2_5_DEFAULTS = UPSTREAM_VISION_DEFAULTS[QWEN2_5_VIT]
+QWEN3_DEFAULTS = UPSTREAM_VISION_DEFAULTS[QWEN3_VIT]
 
 
 # --------------------------------------------------------------------------------------------
