@@ -95,7 +95,7 @@ class VisionConfig:
 
     @property
     def num_grid_per_side(self) -> int:
-        """Side G of the learned G×G position table (2.0)."""
+        """Side G of the learned G×G position table (2.0): ⌊√n⌋, as upstream's int(n ** 0.5)."""
         if not self.num_position_embeddings:
             raise ValueError("this vision config has no learned position table")
         return math.isqrt(self.num_position_embeddings)
@@ -159,9 +159,9 @@ class VisionConfig:
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"{where}: hidden_act {self.hidden_act!r} not supported ({sorted(_ACTIVATIONS)})")
         if self.model_type == QWEN3_VIT:
-            g = math.isqrt(self.num_position_embeddings or 0)
-            if g * g != self.num_position_embeddings or g < 1:
-                raise ValueError(f"{where}: num_position_embeddings {self.num_position_embeddings} is not a square")
+            # upstream takes G = int(sqrt(n)) and leaves a non-square table's last n - G² rows unread
+            if (self.num_position_embeddings or 0) < 1:
+                raise ValueError(f"{where}: num_position_embeddings {self.num_position_embeddings} must be positive")
         if self.model_type == QWEN2_5_VIT and self.window_merged < 1:
             raise ValueError(f"{where}: window_size {self.window_size} is smaller than one merged token")
 

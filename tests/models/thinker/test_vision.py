@@ -176,7 +176,7 @@ def test_config_rejects_bad_input():
     with pytest.raises(ValueError):
         VisionConfig.from_dict({"depth": 2})   # no model_type
     with pytest.raises(ValueError):
-        VisionConfig.from_dict({**QWEN3_SMALL, "num_position_embeddings": 15})
+        VisionConfig.from_dict({**QWEN3_SMALL, "num_position_embeddings": 0})
 
 
 def test_factory_dispatches_on_model_type():
@@ -498,3 +498,18 @@ def test_qwen3_mlp_reads_any_transformers_activation_name(act, ref):
     x = torch.randn(5, QWEN3_SMALL["hidden_size"], generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(mlp(x), mlp.linear_fc2(ref(mlp.linear_fc1(x))), atol=1e-5, rtol=1e-5)
+
+
+def test_non_square_position_table_uses_its_first_floor_sqrt_squared_rows():
+    # upstream: G = int(num_position_embeddings ** 0.5); the table keeps all n rows (checkpoint shape)
+    # but bilinear indices stay below G² (spec §4.3): n = 20 runs exactly like n = 16 with those rows
+    big = _model({**QWEN3_SMALL, "num_position_embeddings": 20}, seed=4)
+    assert big.config.num_grid_per_side == 4 and tuple(big.pos_embed.weight.shape) == (20, 32)
+    small = _model(QWEN3_SMALL, seed=4)
+    state = big.state_dict()
+    state["pos_embed.weight"] = state["pos_embed.weight"][:16]
+    small.load_state_dict(state)
+    grids = [(1, 6, 10), (1, 2, 2)]
+    px = _pixels(big.config, grids)
+    with torch.no_grad():
+        torch.testing.assert_close(big(px, grids), small(px, grids), atol=1e-6, rtol=0)
