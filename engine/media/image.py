@@ -396,15 +396,15 @@ def fetch_image(
     """Stage A: decode to RGB and resize to the release's smart-resize target (spec §4.1).
 
     A chat message element may override ``min_pixels``/``max_pixels`` or ask for an explicit
-    ``resized_height``/``resized_width`` (rounded to the factor by smart resize).
+    ``resized_height``/``resized_width`` (rounded to the factor by smart resize; both or neither: one
+    alone is ignored, as the reference's ``"resized_height" in ele and "resized_width" in ele`` does).
     """
     image = load_image(source)
     bounds = FetchImageConfig.for_release(release)
     lo = bounds.min_pixels if min_pixels is None else int(min_pixels)
     hi = bounds.max_pixels if max_pixels is None else int(max_pixels)
-    if (resized_height is None) != (resized_width is None):
-        raise MediaError("resized_height and resized_width must be given together")
-    if resized_height is not None:
+    # the reference takes the explicit size only when the element holds both keys; one alone is unread
+    if resized_height is not None and resized_width is not None:
         h, w = smart_resize(int(resized_height), int(resized_width), bounds.factor,
                             bounds.min_pixels, bounds.max_pixels, "fetch")
     else:

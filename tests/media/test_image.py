@@ -259,3 +259,14 @@ def test_preprocessor_keys_omitted_take_the_processor_class_defaults():
     full = ImageProcessorConfig.from_dict({"min_pixels": 4096, "max_pixels": 16777216, "patch_size": 16,
                                            "size": {"shortest_edge": 1, "longest_edge": 2}})
     assert (full.min_pixels, full.max_pixels) == (4096, 16777216)
+
+
+def test_fetch_image_ignores_a_lone_resized_side_as_the_reference_does():
+    # the reference reads the explicit size only when the element holds both resized_height and
+    # resized_width; one alone leaves the min/max smart-resize path (spec §4.1), it is not an error
+    image = Image.fromarray(_rng_image(77, 300))
+    plain = fetch_image(image, "2.0").size
+    assert plain == (288, 64)
+    assert fetch_image(image, "2.0", resized_height=500).size == plain
+    assert fetch_image(image, "2.0", resized_width=500, max_pixels=64 * 64 * 2).size == \
+        fetch_image(image, "2.0", max_pixels=64 * 64 * 2).size == (160, 32)
