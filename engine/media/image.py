@@ -154,15 +154,20 @@ class ImageProcessorConfig:
             value = data.get(key)
             return defaults[key] if value is None else value
 
-        mean, std = data.get("image_mean"), data.get("image_std")
+        def per_channel(value, default):
+            # a single number is every channel's (transformers' normalize repeats it)
+            if value is None:
+                return default
+            return (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+
         return cls(
             patch_size=int(get("patch_size")),
             merge_size=int(get("merge_size")),
             temporal_patch_size=int(get("temporal_patch_size")),
             min_pixels=int(get("min_pixels")),
             max_pixels=int(get("max_pixels")),
-            image_mean=tuple(float(v) for v in (CLIP_MEAN if mean is None else mean)),
-            image_std=tuple(float(v) for v in (CLIP_STD if std is None else std)),
+            image_mean=per_channel(data.get("image_mean"), CLIP_MEAN),
+            image_std=per_channel(data.get("image_std"), CLIP_STD),
             release=release,
         )
 

@@ -270,3 +270,13 @@ def test_fetch_image_ignores_a_lone_resized_side_as_the_reference_does():
     assert fetch_image(image, "2.0", resized_height=500).size == plain
     assert fetch_image(image, "2.0", resized_width=500, max_pixels=64 * 64 * 2).size == \
         fetch_image(image, "2.0", max_pixels=64 * 64 * 2).size == (160, 32)
+
+
+def test_a_single_number_mean_or_std_applies_to_every_channel():
+    # the processor passes image_mean / image_std to transformers' normalize, which repeats a single
+    # number for each channel (spec §4.1): a file saying 0.5 / 0.25 normalises (x/255 - 0.5) / 0.25
+    cfg = ImageProcessorConfig.from_dict({"patch_size": 16, "image_mean": 0.5, "image_std": 0.25})
+    assert cfg.image_mean == (0.5, 0.5, 0.5) and cfg.image_std == (0.25, 0.25, 0.25)
+    rgb = np.full((32, 32, 3), 51, dtype=np.uint8)
+    x = normalize_image(rgb, cfg.image_mean, cfg.image_std)
+    np.testing.assert_allclose(x, (0.2 - 0.5) / 0.25, atol=1e-6)
