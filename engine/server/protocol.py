@@ -41,6 +41,7 @@ ERROR_CODES: dict[str, int] = {
     "message_too_large": 413, "payload_too_large": 413, "audio_too_long": 400, "image_too_large": 400,
     "video_too_long": 400, "too_many_parts": 400, "too_many_messages": 400, "max_tokens_exceeded": 400,
     "context_length_exceeded": 400, "conversation_too_long": 400, "session_media_limit": 400, "media_too_large": 400,
+    "server_media_limit": 503,
     "session_text_limit": 400,
     "modality_not_supported": 400, "voice_not_found": 400, "voice_exists": 409,
     # realtime session state

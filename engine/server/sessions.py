@@ -148,8 +148,9 @@ class AudioBuffer:
 
 
 class Session:
-    def __init__(self, limits: Limits):
+    def __init__(self, limits: Limits, registry: "SessionRegistry | None" = None):
         self.id = new_id("sess")
+        self.registry = registry  # the server's open sessions: their media count against max_total_media_bytes
         self.created_at = time.time()
         self.limits = limits
         self.settings = SessionSettings(params=GenerationParams(max_new_tokens=limits.default_max_tokens))
@@ -168,6 +169,11 @@ class Session:
                    if p.get("type") == "text" and isinstance(p.get("text"), str))
 
     @property
+    def media_bytes(self) -> int:
+        """Decoded media the conversation's items hold (what max_session_media_bytes bounds)."""
+        return sum(it.nbytes for it in self.items)
+
+    @property
     def held_bytes(self) -> int:
         """Memory the session holds: conversation media, buffered audio and frames, the detector."""
         return (sum(it.nbytes for it in self.items) + 2 * self.audio.samples + self.clip.nbytes + self.video.nbytes
@@ -179,12 +185,18 @@ class Session:
         if len(self.items) >= self.limits.max_conversation_items:
             raise ApiError(f"the conversation already holds {len(self.items)} items, the limit per session",
                            code="conversation_too_long")
-        held = sum(it.nbytes for it in self.items)
+        held = self.media_bytes
+        mib = 1024 * 1024
         if held + item.nbytes > self.limits.max_session_media_bytes:
-            mib = 1024 * 1024
             raise ApiError(f"the session's media would take {(held + item.nbytes) / mib:.0f} MiB, the limit is "
                            f"{self.limits.max_session_media_bytes / mib:.0f} MiB; delete items "
                            "(conversation.item.delete) or start a new session", code="session_media_limit")
+        everyone = self.registry.media_bytes() if self.registry is not None else held
+        if item.nbytes and everyone + item.nbytes > self.limits.max_total_media_bytes:
+            raise ApiError(f"the server's realtime sessions already hold {everyone / mib:.0f} MiB of media, and this "
+                           f"item's {item.nbytes / mib:.1f} MiB would pass the server's limit of "
+                           f"{self.limits.max_total_media_bytes / mib:.0f} MiB; try again later, or delete items "
+                           "(conversation.item.delete)", code="server_media_limit", status=503)
         index = next((i + 1 for i, it in enumerate(self.items) if it.id == after), len(self.items))
         self.items.insert(index, item)
 
@@ -240,7 +252,7 @@ class SessionRegistry:
         if len(self.open) >= self.limits.max_sessions:
             raise ApiError(f"too many realtime sessions: {len(self.open)} are open, the limit is "
                            f"{self.limits.max_sessions}; try again later", code="session_limit_reached", status=503)
-        s = Session(self.limits)
+        s = Session(self.limits, self)
         self.open[s.id] = s
         self.created = next(self.total)
         return s
@@ -252,6 +264,10 @@ class SessionRegistry:
         session.video.clear()
         session.detector = None
         session.items.clear()
+
+    def media_bytes(self) -> int:
+        """Decoded media all open sessions' conversations hold."""
+        return sum(s.media_bytes for s in list(self.open.values()))
 
     def __len__(self) -> int:
         return len(self.open)

@@ -577,3 +577,31 @@ def _with_audio(info):
     from dataclasses import replace
 
     return replace(info, components=[*info.components, "audio"])
+
+
+def test_all_sessions_together_hold_at_most_the_servers_media_limit():
+    """Each session was bounded by max_session_media_bytes alone: 64 sessions of 512 MiB could hold
+    32 GiB of decoded pictures between them. The server's open sessions now share max_total_media_bytes:
+    an item past it is refused (server_media_limit, 503) until another session lets its media go."""
+    from engine.server.limits import ApiError, Limits
+    from engine.server.sessions import Item, SessionRegistry
+
+    mib = 1024 * 1024
+    registry = SessionRegistry(Limits(max_session_media_bytes=3 * mib, max_total_media_bytes=5 * mib))
+    first, second = registry.create(), registry.create()
+
+    def picture(i):
+        return Item(f"item_{i}", "user", [{"type": "image", "image": np.zeros((1024, 1024, 2), np.uint8)}], [])  # 2 MiB
+    first.add_item(picture(1))
+    second.add_item(picture(2))
+    with pytest.raises(ApiError) as err:
+        second.add_item(picture(3))  # 6 MiB in all; the session alone would hold 4 > 3 too: first check
+    assert err.value.code == "session_media_limit"
+    third = registry.create()
+    with pytest.raises(ApiError) as err:
+        third.add_item(picture(4))  # the third session holds nothing, but the server would hold 6 MiB
+    assert (err.value.code, err.value.status) == ("server_media_limit", 503)
+    assert "5 MiB" in str(err.value) and "try again later" in str(err.value)
+    registry.close(first)
+    third.add_item(picture(5))
+    assert registry.media_bytes() == 4 * mib
