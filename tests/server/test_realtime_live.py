@@ -55,6 +55,17 @@ class Playback:
         return 0 if self.started is None else int(min(self.received_ms, 1000 * (now - self.started)))
 
 
+def start_spoken_reply(ws) -> None:
+    """A new session answering in audio: one user item, then response.create."""
+    recv_until(ws, "session.created")
+    ws.send(json.dumps({"type": "session.update", "session": {"output_modalities": ["audio"]}}))
+    recv_until(ws, "session.updated")
+    ws.send(json.dumps({"type": "conversation.item.create",
+                        "item": {"type": "message", "role": "user", "content": "Say something."}}))
+    recv_until(ws, "conversation.item.done")
+    ws.send(json.dumps({"type": "response.create"}))
+
+
 def test_a_hands_free_turn_with_barge_in_end_to_end(server, tiny_engine):
     """Turn 1: the question, then silence: the server stops the turn, commits video + audio and
     answers. Turn 2 starts while the answer streams: the answer is cancelled at once (reason
@@ -174,13 +185,7 @@ def test_truncate_keeps_only_what_was_heard_of_a_spoken_reply():
     cancels: the item keeps the words whose audio had started; a finished reply is cut the same way."""
     engine = FakeEngine(script=spoken_reply_script(), has_talker=True, step_s=0.03)
     with fake_server(engine) as srv, connect(srv.ws_url) as ws:
-        recv_until(ws, "session.created")
-        ws.send(json.dumps({"type": "session.update", "session": {"output_modalities": ["audio"]}}))
-        recv_until(ws, "session.updated")
-        ws.send(json.dumps({"type": "conversation.item.create",
-                            "item": {"type": "message", "role": "user", "content": "Say something."}}))
-        recv_until(ws, "conversation.item.done")
-        ws.send(json.dumps({"type": "response.create"}))
+        start_spoken_reply(ws)
         got = recv_until(ws, "response.output_audio.delta")
         got += recv_until(ws, "response.output_audio.delta") + recv_until(ws, "response.output_audio.delta")
         item_id = next(e for e in got if e["type"] == "response.output_item.added")["item"]["id"]
@@ -436,13 +441,7 @@ def test_a_truncate_that_arrives_while_the_reply_is_finishing_is_kept(monkeypatc
     monkeypatch.setattr(RealtimeConnection, "send", slow_send)
     engine = FakeEngine(script=spoken_reply_script(words=5), has_talker=True)
     with fake_server(engine) as srv, connect(srv.ws_url) as ws:
-        recv_until(ws, "session.created")
-        ws.send(json.dumps({"type": "session.update", "session": {"output_modalities": ["audio"]}}))
-        recv_until(ws, "session.updated")
-        ws.send(json.dumps({"type": "conversation.item.create",
-                            "item": {"type": "message", "role": "user", "content": "Say something."}}))
-        recv_until(ws, "conversation.item.done")
-        ws.send(json.dumps({"type": "response.create"}))
+        start_spoken_reply(ws)
         got = []
         while sum(e["type"] == "response.output_audio.delta" for e in got) < 5:
             got += recv_until(ws, "response.output_audio.delta")
@@ -598,13 +597,7 @@ def test_a_reply_that_fails_midway_keeps_what_was_sent():
     script = spoken_reply_script(words=3) + [Error("the talker failed", "engine_error")]
     engine = FakeEngine(script=[e for e in script if type(e).__name__ != "Done"], has_talker=True)
     with fake_server(engine) as srv, connect(srv.ws_url) as ws:
-        recv_until(ws, "session.created")
-        ws.send(json.dumps({"type": "session.update", "session": {"output_modalities": ["audio"]}}))
-        recv_until(ws, "session.updated")
-        ws.send(json.dumps({"type": "conversation.item.create",
-                            "item": {"type": "message", "role": "user", "content": "Say something."}}))
-        recv_until(ws, "conversation.item.done")
-        ws.send(json.dumps({"type": "response.create"}))
+        start_spoken_reply(ws)
         done = recv_until(ws, "response.done")[-1]["response"]
         assert done["status"] == "failed"
         item_id = done["output"][0]["id"]
