@@ -22,6 +22,23 @@ def _dit_variant(tmp_path, use_identity_mlp: bool):
     return case
 
 
+def _caption_mlp_state(c: int, gen: torch.Generator) -> dict:
+    """Random `mlp.*` tensors of a caption MLP of width c (hidden 16)."""
+    return {"mlp.fc1.weight": torch.randn(16, c, generator=gen), "mlp.fc1.bias": torch.zeros(16),
+            "mlp.layer_norm1.weight": torch.ones(16), "mlp.layer_norm1.bias": torch.zeros(16),
+            "mlp.fc2.weight": torch.randn(c, 16, generator=gen), "mlp.fc2.bias": torch.zeros(c),
+            "mlp.layer_norm2.weight": torch.ones(c), "mlp.layer_norm2.bias": torch.zeros(c)}
+
+
+def _runs_with_the_caption_mlp(case, state: dict) -> None:
+    """The case's mlp/ holds `state`: the runner applies that caption MLP (the public outputs were made
+    with the identity, so the caption features differ) and the rest still matches."""
+    save_file(state, str(case / "mlp" / "model.safetensors"))
+    rows = {r.tensor: r for r in run_case(case)}
+    assert not rows["t2i.cap_feats"].ok and not rows["edit.cap_feats"].ok
+    assert rows["t2i.init_latents"].ok and rows["t2i.sigmas"].ok
+
+
 def test_dit_case_without_caption_mlp_weights_says_so(tmp_path):
     """mlp/config.json asking for the caption MLP with no weights to run was run as the identity."""
     case = _dit_variant(tmp_path, use_identity_mlp=False)
@@ -38,14 +55,8 @@ def test_dit_case_runs_the_caption_mlp_its_mlp_folder_ships(tmp_path):
     state = {"query_tokens_dict.1x1": torch.randn(1, hidden, generator=gen),
              "proj_in.weight": torch.randn(conn, hidden, generator=gen), "proj_in.bias": torch.zeros(conn),
              "proj_out.weight": torch.randn(c, conn, generator=gen), "proj_out.bias": torch.zeros(c),
-             "mlp.fc1.weight": torch.randn(16, c, generator=gen), "mlp.fc1.bias": torch.zeros(16),
-             "mlp.layer_norm1.weight": torch.ones(16), "mlp.layer_norm1.bias": torch.zeros(16),
-             "mlp.fc2.weight": torch.randn(c, 16, generator=gen), "mlp.fc2.bias": torch.zeros(c),
-             "mlp.layer_norm2.weight": torch.ones(c), "mlp.layer_norm2.bias": torch.zeros(c)}
-    save_file(state, str(case / "mlp" / "model.safetensors"))
-    rows = {r.tensor: r for r in run_case(case)}
-    assert not rows["t2i.cap_feats"].ok and not rows["edit.cap_feats"].ok
-    assert rows["t2i.init_latents"].ok and rows["t2i.sigmas"].ok
+             **_caption_mlp_state(c, gen)}
+    _runs_with_the_caption_mlp(case, state)
 
 
 def test_byt5_case_uses_the_conditioning_case_its_runs_name(tmp_path):
@@ -113,14 +124,7 @@ def test_dit_case_whose_mlp_folder_holds_only_the_caption_mlp(tmp_path):
     case = _dit_variant(tmp_path, use_identity_mlp=False)
     gen = torch.Generator().manual_seed(0)
     c = 40
-    state = {"mlp.fc1.weight": torch.randn(16, c, generator=gen), "mlp.fc1.bias": torch.zeros(16),
-             "mlp.layer_norm1.weight": torch.ones(16), "mlp.layer_norm1.bias": torch.zeros(16),
-             "mlp.fc2.weight": torch.randn(c, 16, generator=gen), "mlp.fc2.bias": torch.zeros(c),
-             "mlp.layer_norm2.weight": torch.ones(c), "mlp.layer_norm2.bias": torch.zeros(c)}
-    save_file(state, str(case / "mlp" / "model.safetensors"))
-    rows = {r.tensor: r for r in run_case(case)}
-    assert not rows["t2i.cap_feats"].ok and not rows["edit.cap_feats"].ok
-    assert rows["t2i.init_latents"].ok and rows["t2i.sigmas"].ok
+    _runs_with_the_caption_mlp(case, _caption_mlp_state(c, gen))
 
 
 def test_dit_run_without_cfg_compares_the_one_caption_it_ran(tmp_path):
