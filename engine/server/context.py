@@ -41,10 +41,14 @@ class ServerContext:
     def create(cls, engine: Engine, limits: Limits | None = None, token: str | None = None,
                model_id: str | None = None, openai_only: bool = False) -> "ServerContext":
         limits = limits or Limits()
+        # HTTP requests in line and realtime conversations share max_total_media_bytes of decoded media
+        sessions = SessionRegistry(limits)
         scheduler = Scheduler(concurrency=limits.concurrency, max_queue=limits.max_queue,
-                              stream_buffer=limits.stream_buffer, slow_reader_timeout_s=limits.slow_reader_timeout_s)
+                              stream_buffer=limits.stream_buffer, slow_reader_timeout_s=limits.slow_reader_timeout_s,
+                              max_media_bytes=limits.max_total_media_bytes, other_media=sessions.media_bytes)
+        sessions.other_media = lambda: scheduler.media_bytes
         return cls(engine=engine, model_id=model_id or engine.info().name, limits=limits, token=token,
-                   scheduler=scheduler, sessions=SessionRegistry(limits), openai_only=openai_only,
+                   scheduler=scheduler, sessions=sessions, openai_only=openai_only,
                    prompt_bound=PromptBound.of_engine(engine))
 
     def check_model(self, requested, kind: str | None = None) -> None:

@@ -34,7 +34,7 @@ from engine.server.fields import Fields
 from engine.server.params import check_output_modalities, flag, generation_params, output_kwargs, voice_name
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
-from engine.server.sessions import new_id
+from engine.server.sessions import media_nbytes, new_id
 from engine.server.text import check_text, text_chars, texts_of
 
 router = APIRouter()
@@ -351,6 +351,7 @@ async def chat_completions(request: Request):
         return resampled(events, OPENAI_PCM_RATE) if ctx.openai_only and "audio" in modalities else events
 
     job = Job(run, label="chat.completions")
+    job.media_bytes = sum(media_nbytes(m["content"]) for m in messages if isinstance(m["content"], list))
     ctx.scheduler.submit(job)
     cid, created = "chatcmpl-" + new_id("c")[2:], int(time.time())
     ext = not ctx.openai_only

@@ -92,6 +92,7 @@ class Job:
         self.first_token_at: float | None = None
         self.last_position: int | None = None
         self.record: JobRecord | None = None
+        self.media_bytes = 0  # decoded media the job's request holds until it finishes (HTTP requests)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue | None = None
         self._credits: threading.Semaphore | None = None
@@ -127,8 +128,11 @@ class Job:
 
 class Scheduler:
     def __init__(self, concurrency: int = 1, max_queue: int = 256, stream_buffer: int = 32,
-                 slow_reader_timeout_s: float = 30.0):
+                 slow_reader_timeout_s: float = 30.0, max_media_bytes: int | None = None,
+                 other_media: Callable[[], int] | None = None):
         self.concurrency = concurrency
+        self.max_media_bytes = max_media_bytes  # decoded media of waiting and running jobs, with `other_media`
+        self.other_media = other_media  # what else holds media under the same limit (realtime sessions)
         self.max_queue = max_queue
         self.stream_buffer = stream_buffer
         self.slow_reader_timeout_s = slow_reader_timeout_s
@@ -148,6 +152,11 @@ class Scheduler:
     def running(self) -> int:
         return len(self._running)
 
+    @property
+    def media_bytes(self) -> int:
+        """Decoded media the waiting and running jobs' requests hold."""
+        return sum(j.media_bytes for j in self._waiting) + sum(j.media_bytes for j in self._running)
+
     def submit(self, job: Job) -> None:
         """Put a job in line (call on the event loop). Raises ApiError when the line is full."""
         if self._closed:
@@ -156,6 +165,15 @@ class Scheduler:
             self.counts["refused"] += 1
             raise ApiError(f"the request queue is full ({self.max_queue} requests waiting); try again later",
                            code="queue_full", status=429)
+        if job.media_bytes and self.max_media_bytes is not None:
+            held = self.media_bytes + (self.other_media() if self.other_media is not None else 0)
+            if held + job.media_bytes > self.max_media_bytes:
+                self.counts["refused"] += 1
+                mib = 1024 * 1024
+                raise ApiError(f"the server already holds {held / mib:.0f} MiB of media for requests and sessions, and "
+                               f"this request's {job.media_bytes / mib:.1f} MiB would pass its limit of "
+                               f"{self.max_media_bytes / mib:.0f} MiB; try again later", code="server_media_limit",
+                               status=503)
         job._attach(asyncio.get_running_loop(), self.stream_buffer)
         job.state = "queued"
         job.submitted_at = time.perf_counter()

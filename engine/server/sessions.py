@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -191,9 +192,9 @@ class Session:
             raise ApiError(f"the session's media would take {(held + item.nbytes) / mib:.0f} MiB, the limit is "
                            f"{self.limits.max_session_media_bytes / mib:.0f} MiB; delete items "
                            "(conversation.item.delete) or start a new session", code="session_media_limit")
-        everyone = self.registry.media_bytes() if self.registry is not None else held
+        everyone = self.registry.media_bytes() + self.registry.other_media() if self.registry is not None else held
         if item.nbytes and everyone + item.nbytes > self.limits.max_total_media_bytes:
-            raise ApiError(f"the server's realtime sessions already hold {everyone / mib:.0f} MiB of media, and this "
+            raise ApiError(f"the server already holds {everyone / mib:.0f} MiB of media for sessions and requests, and this "
                            f"item's {item.nbytes / mib:.1f} MiB would pass the server's limit of "
                            f"{self.limits.max_total_media_bytes / mib:.0f} MiB; try again later, or delete items "
                            "(conversation.item.delete)", code="server_media_limit", status=503)
@@ -245,6 +246,7 @@ class SessionRegistry:
     def __init__(self, limits: Limits):
         self.limits = limits
         self.open: dict[str, Session] = {}
+        self.other_media: Callable[[], int] = lambda: 0  # media held elsewhere under max_total_media_bytes (requests)
         self.total = itertools.count(1)
         self.created = 0
 

@@ -633,3 +633,27 @@ def test_a_session_counts_its_videos_by_their_decoded_size(tiny_engine, tmp_path
             err = recv_json(ws)
             assert err["type"] == "error" and err["error"]["code"] == "session_media_limit", err
             assert err["error"]["event_id"] == "third"
+
+
+def test_requests_in_line_and_sessions_share_the_servers_media_limit(tiny_engine):
+    """Up to 256 requests could wait in line, each holding up to 512 MiB of decoded pictures: the line
+    itself could take 128 GiB. Requests waiting or running and the realtime sessions' conversations now
+    share max_total_media_bytes: past it a request is refused with server_media_limit (503, Retry-After)."""
+    mib = 1024 * 1024
+    black = png_bytes(np.zeros((1000, 1000, 3), np.uint8))  # a few KB, 2.9 MiB decoded
+
+    def chat(n):
+        parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(black)}}] * n
+        return {"messages": [{"role": "user", "content": parts}], "max_tokens": 1}
+    with running_server(tiny_engine, max_total_media_bytes=5 * mib) as srv:
+        ok = httpx.post(srv.url + "/v1/chat/completions", json=chat(1), timeout=60)
+        assert ok.status_code == 200, ok.text  # 2.9 MiB: fits, and is let go when it finishes
+        r = httpx.post(srv.url + "/v1/chat/completions", json=chat(2), timeout=60)
+        assert r.status_code == 503 and r.headers.get("retry-after") == "1", r.text
+        assert r.json()["error"]["code"] == "server_media_limit"
+        assert httpx.post(srv.url + "/v1/chat/completions", json=chat(1), timeout=60).status_code == 200
+        from engine.server.sessions import Item
+        session = srv.app.state.ctx.sessions.create()  # a realtime conversation holding 2.9 MiB
+        session.add_item(Item("item_x", "user", [{"type": "image", "image": np.zeros((1000, 1000, 3), np.uint8)}], []))
+        r = httpx.post(srv.url + "/v1/chat/completions", json=chat(1), timeout=60)  # 2.9 + 2.9 > 5
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_media_limit", r.text
