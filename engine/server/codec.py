@@ -420,6 +420,13 @@ def check_video(raw: bytes, limits: Limits, name: str = "video") -> None:
         raise bad(f"'{name}' is too long ({seconds:.0f} s)", "video_too_long", name)
 
 
+class VideoBytes(bytes):
+    """A video file's bytes as a conversation holds them, with `decoded_nbytes`, the memory the front end
+    decodes them into at every response (`decoded_video_bytes`, measured once from the container)."""
+
+    decoded_nbytes: int = 0
+
+
 def decoded_video_bytes(raw: bytes, name: str = "video") -> int:
     """Memory the engine's front end decodes a video into, from its container (demuxed, not decoded):
     the sampled frames at the model's size (engine.media.video.probe_video_file; the per-video pixel
@@ -567,7 +574,9 @@ def convert_content(content: Any, limits: Limits, name: str = "content", default
         elif kind in ("video_url", "input_video", "video"):
             raw = _video_source(part, pname, limits)
             check_video(raw, limits, pname)
-            budget.charge(decoded_video_bytes(raw, pname), pname)
+            raw = VideoBytes(raw)
+            raw.decoded_nbytes = decoded_video_bytes(raw, pname)
+            budget.charge(raw.decoded_nbytes, pname)
             parts.append({"type": "video", "video": raw})
             public.append({"type": "input_video", "bytes": len(raw)})
         else:

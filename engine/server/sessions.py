@@ -18,7 +18,6 @@ import numpy as np
 
 from engine.media.video import WebcamClip
 from engine.sampling import GenerationParams
-from engine.server.codec import decoded_video_bytes
 from engine.server.limits import ApiError, Limits
 from engine.server.turns import ServerVad, TurnDetector
 from engine.server.video_context import VideoContext, VideoContextConfig
@@ -71,16 +70,14 @@ class SessionSettings:
 
 def media_nbytes(parts: list[dict]) -> int:
     """Memory the decoded media of some engine parts hold: a video file's bytes count with what the
-    front end decodes them into at every response that reads the conversation (codec.decoded_video_bytes)."""
+    front end decodes them into at every response that reads the conversation (codec.VideoBytes)."""
     total = 0
     for part in parts:
         for value in part.values():
             if isinstance(value, np.ndarray):
                 total += value.nbytes
-            elif isinstance(value, (bytes, bytearray)):
-                total += len(value)
-                if part.get("type") == "video":
-                    total += decoded_video_bytes(bytes(value))
+            elif isinstance(value, (bytes, bytearray)):  # a video file: + what it decodes into (codec.VideoBytes)
+                total += len(value) + getattr(value, "decoded_nbytes", 0)
             elif isinstance(value, WebcamClip):  # a turn's frames (uint8)
                 total += value.nbytes
             elif hasattr(value, "pixel_values"):  # VideoInputs
