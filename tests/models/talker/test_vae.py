@@ -129,26 +129,15 @@ def test_streaming_without_latent_patching_bare_final_flush(tmp_path):
 def test_prompt_latents_pad_to_encoder_frames(tmp_path, tiny_talker_dir):
     """The prompt span is encoder hop_size * VAE patch * talker patch (spec §7.4). With an encoder hop
     of 8 and a decoder hop of 16, a 300-sample clip pads to 384 samples (12 latents), not to 512."""
-    import json
-
-    from safetensors.torch import save_file
-
     from engine.models.talker import tiny
-    from engine.models.talker.config import AudioVAEConfig
     from engine.models.talker.model import load_talker
     from engine.models.talker.pipeline import TalkerPipeline
     from engine.models.talker.tokenizer import TalkerTokenizer
-    from engine.models.talker.vae import AudioVAE
 
     cfg = tiny.tiny_vae_config()
     cfg["enc_kwargs"].update(input_dim=16, hop_size=8)
     cfg["dec_kwargs"]["output_dim"] = 16
-    folder = tmp_path / "vae"
-    folder.mkdir()
-    with torch.device("cpu"):
-        module = AudioVAE(AudioVAEConfig.from_dict(cfg))
-    save_file(tiny._random_state(module, torch.Generator().manual_seed(6)), str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(cfg))
+    folder = _random_vae_folder(tmp_path, cfg, seed=6)
     pipe = TalkerPipeline(tiny_talker_dir, load_talker(tiny_talker_dir), load_audio_vae(folder),
                           TalkerTokenizer(tiny_talker_dir / "llm"))
     lat = pipe.prompt_latents(torch.randn(300) * 0.1, seed=0)
@@ -158,23 +147,12 @@ def test_prompt_latents_pad_to_encoder_frames(tmp_path, tiny_talker_dir):
 def test_vae_latent_width_comes_from_its_config(tmp_path):
     """The AudioVAE reads enc_kwargs.latent_dim / dec_kwargs.latent_dim (only the talker hard-codes 64):
     a 32-wide VAE encodes to 32-d posteriors and decodes 32-d latents, streamed as one-shot."""
-    import json
-
-    from safetensors.torch import save_file
-
     from engine.models.talker import tiny
-    from engine.models.talker.config import AudioVAEConfig
-    from engine.models.talker.vae import AudioVAE
 
     cfg = tiny.tiny_vae_config()
     cfg["enc_kwargs"].update(input_dim=16, hop_size=16, latent_dim=32)
     cfg["dec_kwargs"].update(output_dim=16, latent_dim=32)
-    folder = tmp_path / "vae"
-    folder.mkdir()
-    with torch.device("cpu"):
-        module = AudioVAE(AudioVAEConfig.from_dict(cfg))
-    save_file(tiny._random_state(module, torch.Generator().manual_seed(9)), str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(cfg))
+    folder = _random_vae_folder(tmp_path, cfg, seed=9)
     vae = load_audio_vae(folder)
     assert vae.encoder.fc3.weight.shape[0] == 64 and vae.decoder.fc1.weight.shape[1] == 32
     with torch.inference_mode():
@@ -218,3 +196,22 @@ def test_istft_head_in_bf16_rounds_as_the_reference():
         want = y[:, pad:-pad] / env[pad:-pad]
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def _random_vae_folder(tmp_path, cfg: dict, seed: int):
+    """tmp_path/vae: an AudioVAE of `cfg` with random weights (the talker tiny's initialiser), as a checkpoint."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from engine.models.talker import tiny
+    from engine.models.talker.config import AudioVAEConfig
+    from engine.models.talker.vae import AudioVAE
+
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    with torch.device("cpu"):
+        module = AudioVAE(AudioVAEConfig.from_dict(cfg))
+    save_file(tiny._random_state(module, torch.Generator().manual_seed(seed)), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
