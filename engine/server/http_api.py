@@ -31,7 +31,8 @@ from engine.server.bodies import form_file, form_flag, form_number, form_text, r
 from engine.server.codec import bad, need_dict, need_str
 from engine.server.context import ServerContext
 from engine.server.fields import Fields
-from engine.server.params import check_output_modalities, flag, generation_params, output_kwargs, voice_name
+from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_output_modalities, flag, generation_params,
+                                  output_kwargs, transcription_tag, voice_name)
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import media_nbytes, new_id
@@ -374,7 +375,6 @@ async def chat_completions(request: Request):
 # --------------------------------------------------------------------------- transcriptions
 
 
-ISO_TO_TAG = {"zh": "Chinese"}  # the model's own tags; others pass through as given
 
 
 @router.post("/v1/audio/transcriptions")
@@ -399,11 +399,8 @@ async def transcriptions(request: Request):
         if len(hotwords) > 256:
             raise bad("at most 256 hotwords", "invalid_value", "hotwords")
         language, dialect = form_text(form, "language", 64), form_text(form, "dialect", 64)
-        for name, value in (("language", language), ("dialect", dialect)):
-            if value and any(c in value for c in "\t\n\r"):  # (the model's tag ends at a tab: thinker.asr)
-                raise bad(f"'{name}' is a language or dialect tag such as 'en', 'Chinese' or '上海': it cannot "
-                          f"hold a tab or a line break, got {codec.shown(value)}", "invalid_value", name)
-        language = ISO_TO_TAG.get(language, language) if language else None
+        language = transcription_tag(language, "language")
+        dialect = transcription_tag(dialect, "dialect", iso=False)
         if language and dialect and language != dialect:
             raise bad("'language' and 'dialect' disagree; give one", "invalid_value", "dialect")
         tag = dialect or language
@@ -414,7 +411,7 @@ async def transcriptions(request: Request):
         stream = form_flag(form, "stream")
         numbers = {"temperature": form_number(form, "temperature"), "max_tokens": form_number(form, "max_tokens")}
         params = generation_params({k: v for k, v in numbers.items() if v is not None}, limits,
-                                   base=GenerationParams(max_new_tokens=min(512, limits.max_new_tokens)))
+                                   base=GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS, limits.max_new_tokens)))
     finally:
         await form.close()
     if ctx.prompt_bound is not None and (context or hotwords):  # text that cannot fit: refused before it queues

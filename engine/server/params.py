@@ -20,6 +20,8 @@ TOKEN_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens", "max
 UNSUPPORTED_NONZERO = ("frequency_penalty", "presence_penalty")
 OUTPUT_MODALITIES = ("text", "audio", "image")
 IMAGE_ENDPOINTS = "POST /v1/images/generations or /v1/images/edits"
+TRANSCRIPTION_MAX_TOKENS = 512  # a transcription's token limit when the request sets none
+ISO_TO_TAG = {"zh": "Chinese"}  # transcription language codes the model has its own tag for; others pass through
 
 
 def check_output_modalities(value: Any, name: str, engine) -> list[str]:
@@ -142,3 +144,15 @@ def flag(body: dict, name: str, default: bool = False) -> bool:
     if not isinstance(value, bool):
         raise bad(f"'{name}' must be true or false, got {type(value).__name__}", "invalid_type", name)
     return value
+
+
+def transcription_tag(value: str | None, name: str, iso: bool = True) -> str | None:
+    """A transcription `language` / `dialect` field (None or "" = not given), refused when it cannot be
+    a tag (the model's tag ends at a tab: engine.models.thinker.asr); `iso`: ISO codes the model has its
+    own name for are mapped to it ("zh" -> "Chinese"; a dialect is given as the model names it)."""
+    if not value:
+        return None
+    if any(c in value for c in "\t\n\r"):
+        raise bad(f"'{name}' is a language or dialect tag such as 'en', 'Chinese' or '上海': it cannot "
+                  f"hold a tab or a line break, got {shown(value)}", "invalid_value", name)
+    return ISO_TO_TAG.get(value, value) if iso else value

@@ -38,7 +38,8 @@ from engine.server.auth import authorized, chosen_subprotocol
 from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
 from engine.server.fields import REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields
-from engine.server.params import check_output_modalities, flag, generation_params, output_kwargs, voice_name
+from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_output_modalities, flag, generation_params,
+                                  output_kwargs, transcription_tag, voice_name)
 from engine.sampling import GenerationParams
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
@@ -56,8 +57,6 @@ MAX_EVENT_ID_CHARS = 512  # a client's event_id, echoed in the error events it c
 IGNORED_SESSION_FIELDS = {"type", "include", "tracing", "truncation", "prompt", "tool_choice",
                           "input_audio_noise_reduction", "speed", "object", "id"}
 MAX_PENDING_TRANSCRIPTIONS = 8  # per session: turns committed faster than the engine transcribes them
-TRANSCRIPTION_MAX_TOKENS = 512
-ISO_TO_TAG = {"zh": "Chinese"}  # (as /v1/audio/transcriptions: the model's own tags; others pass through)
 
 
 # the output events of a response that a cancel or barge-in drops while they wait in the queue
@@ -476,9 +475,10 @@ class RealtimeConnection:
         language = value.get("language")
         if language is not None:
             need_str(language, f"{param}.language")
-            if len(language) > 64 or any(c in language for c in "\t\n\r"):
-                raise bad(f"'{param}.language' is a language tag such as 'en' or 'zh' (at most 64 characters, no "
-                          "tab or line break)", "invalid_value", f"{param}.language")
+            if len(language) > 64:
+                raise bad(f"'{param}.language' is a language tag such as 'en' or 'zh' (at most 64 characters)",
+                          "invalid_value", f"{param}.language")
+            transcription_tag(language, f"{param}.language")
         prompt = value.get("prompt")
         if prompt is not None:
             need_str(prompt, f"{param}.prompt")
@@ -498,7 +498,7 @@ class RealtimeConnection:
                 "this turn was not transcribed", code="transcription_backlog", status=429))
             return
         engine, language = self.ctx.engine, spec["language"]
-        tag = ISO_TO_TAG.get(language, language) if language else None
+        tag = transcription_tag(language, "language")
         params = GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS, self.limits.max_new_tokens))
 
         def run(cancel, _a=audio, _p=params, _c=spec["prompt"], _t=tag):
