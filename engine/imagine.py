@@ -186,12 +186,14 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
     try:
         request.check()
         instruction = request.instruction()
-        originals = [load_image(src) for src in request.images]
-        images = [_shrink(img, MAX_REFERENCE_PIXELS) for img in originals]  # the ViT's inputs only
+        # The ViT's inputs are shrunk; the VAE reference, the bucket and the output size come from the first
+        # picture as given (spec §8.8), the only one kept at its own size.
+        images, ref = [], None
+        for src in request.images:
+            picture = load_image(src)
+            ref = picture if ref is None else ref
+            images.append(_shrink(picture, MAX_REFERENCE_PIXELS))
         aspect = parse_aspect(request.aspect)
-        # The VAE reference, the bucket and the output size come from the first picture as given (spec §8.8).
-        ref = originals[0] if originals else None
-        del originals
         ref_hw = None
         if ref is not None:
             ref_hw = (ref.height, ref.width)
