@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from engine.server.codec import bad, need_dict
 from engine.server.limits import human_bytes
 from engine.server.protocol import ApiError
-from engine.server.text import check_utf8, parse_json_text
+from engine.server.text import check_json_values, check_utf8, parse_json_text
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
@@ -129,14 +129,16 @@ async def read_body(request: Request, limit: int, what: str) -> bytes:
     return body
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """A JSON object body (the Content-Type checked first, then the size; every string valid text)."""
+async def read_json(request: Request, limits) -> dict:
+    """A JSON object body (the Content-Type checked first, then the size and number of values; every string
+    valid text)."""
     body_kind(request, (JSON,))
-    return await json_body(request, limit)
+    return await json_body(request, limits)
 
 
-async def json_body(request: Request, limit: int) -> dict:
-    body = await read_body(request, limit, "request body")
+async def json_body(request: Request, limits) -> dict:
+    body = await read_body(request, limits.max_request_bytes, "request body")
+    check_json_values(body, limits.max_json_values, "the body")
     try:
         data = parse_json_text(body)
     except (ValueError, RecursionError) as e:

@@ -62,7 +62,7 @@ async def json_request(request: Request, takes: Fields, kind: str,
     valid text, its fields known to this endpoint (`takes`), with --openai-only our `extensions`
     fields refused, and the model one this endpoint's `kind` answers to (engine.server.fields)."""
     ctx = ctx_of(request)
-    body = await read_json(request, ctx.limits.max_request_bytes)
+    body = await read_json(request, ctx.limits)
     takes.check(body)
     refuse_extensions(ctx, body, extensions)
     ctx.check_model(body.get("model"), kind)

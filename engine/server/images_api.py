@@ -66,7 +66,7 @@ async def image_body(request: Request, ctx: ServerContext, with_images: bool) ->
     `images: [{"image_url": "data:..."}]`."""
     if body_kind(request, (JSON, MULTIPART) if with_images else (JSON,)) == MULTIPART:
         return await _multipart(request, ctx)
-    body = await json_body(request, ctx.limits.max_request_bytes)
+    body = await json_body(request, ctx.limits)
     (fields.IMAGE_EDITS if with_images else fields.IMAGE_GENERATIONS).check(body)
     images: list[bytes] = []
     if with_images:

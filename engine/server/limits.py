@@ -16,6 +16,8 @@ class Limits:
     max_message_bytes: int = 4 * MiB  # one realtime websocket message (JSON text)
     max_request_bytes: int = 32 * MiB  # one HTTP JSON body (chat completions with base64 media)
     max_upload_bytes: int = 25 * MiB  # one multipart upload (transcriptions)
+    max_json_values: int = 200_000  # values (counted by commas) in one JSON body or event: parsing holds the
+    #                                 event loop (2.5 M values took 2.5 s); text with more cannot fit the context
     max_audio_seconds: float = 300.0  # one clip, and the realtime input audio buffer
     max_image_pixels: int = 16_000_000  # one image, webcam frame or video frame (width*height)
     max_video_frames: int = 600  # frames buffered per realtime session

@@ -44,8 +44,8 @@ from engine.sampling import GenerationParams
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import AudioSpan, Item, Session, new_id
-from engine.server.text import (check_text, check_url_text, invalid_text_path, json_may_hold_surrogates, text_chars,
-                                texts_of)
+from engine.server.text import (check_json_values, check_text, check_url_text, invalid_text_path,
+                                json_may_hold_surrogates, text_chars, texts_of)
 from engine.server.turns import ServerVad, SpeechStarted, SpeechStopped, TurnDetector
 from engine.server.video_context import VideoContextConfig, compact_clip
 
@@ -190,6 +190,7 @@ class RealtimeConnection:
                 raise ApiError(f"message too large: {len(text)} characters, the limit is "
                                f"{self.limits.max_message_bytes} bytes per event (send media in smaller pieces)",
                                code="message_too_large", status=413)
+            check_json_values(text, self.limits.max_json_values, "the message")
             try:
                 event = json.loads(text)
             except (ValueError, RecursionError) as e:

@@ -323,7 +323,7 @@ async def voice_upload(request: Request, ctx: ServerContext) -> tuple[str, bytes
         finally:
             await form.close()
     else:
-        body = await json_body(request, ctx.limits.max_request_bytes)
+        body = await json_body(request, ctx.limits)
         fields.VOICES_JSON.check(body)
         name = body.get("name")
         if body.get("reference_audio") is None:

@@ -127,6 +127,17 @@ def check_text(value: Any, root: str = "") -> None:
         raise invalid_text(path)
 
 
+def check_json_values(text: str | bytes, limit: int, what: str) -> None:
+    """Refuse JSON text of more than `limit` values before parsing it: json.loads holds the event loop (and the
+    GIL) for the whole parse, ~1 s per million values, so one body of millions of tiny values stalled every
+    stream and session. Counted by commas (a value but the first of a list or object follows one; commas in
+    strings count too): an image's base64 has none, and text with that many cannot fit a model's context."""
+    if len(text) > limit and text.count("," if isinstance(text, str) else b",") >= limit:
+        raise ApiError(f"{what} holds more than {limit} JSON values (counted by its commas): more than any request "
+                       f"needs, and text that long does not fit the model's context", code="too_many_json_values",
+                       status=413)
+
+
 def parse_json_text(raw: bytes) -> Any:
     """A JSON body (UTF-8; a BOM is skipped) parsed, with every string checked: bytes that are not
     UTF-8 are kept as lone surrogates (surrogateescape) so the error can name the field they are in.

@@ -657,3 +657,29 @@ def test_requests_in_line_and_sessions_share_the_servers_media_limit(tiny_engine
         session.add_item(Item("item_x", "user", [{"type": "image", "image": np.zeros((1000, 1000, 3), np.uint8)}], []))
         r = httpx.post(srv.url + "/v1/chat/completions", json=chat(1), timeout=60)  # 2.9 + 2.9 > 5
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_media_limit", r.text
+
+
+def test_a_body_or_event_of_millions_of_tiny_values_is_refused_before_it_is_parsed(tiny_engine):
+    """json.loads holds the event loop for the whole parse, ~1 s per million values: one 28 MB body of
+    2.5 M tiny values stalled /health, every stream and every realtime session for 2.5 s. A body or realtime
+    event with more than max_json_values values (counted by commas) is refused unparsed, naming the limit;
+    a body with a long text of that many commas is as refused (it would not fit the context either), and a
+    large base64 picture (no commas) is not."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "metadata": {"x": [0] * 2000}}
+    with running_server(tiny_engine, max_json_values=1000) as srv:
+        for path in ("/v1/chat/completions", "/v1/images/generations", "/v1/audio/speech"):
+            r = httpx.post(srv.url + path, json=body, timeout=60)
+            assert r.status_code == 413, (path, r.text)
+            err = r.json()["error"]
+            assert err["code"] == "too_many_json_values" and "1000" in err["message"], err
+        picture = png_bytes(np.random.default_rng(0).integers(0, 256, (200, 200, 3), np.uint8))  # ~160 KB
+        ok = {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(picture)}}]}], "max_tokens": 1}
+        assert httpx.post(srv.url + "/v1/chat/completions", json=ok, timeout=60).status_code == 200
+        with connect(srv.ws_url) as ws:
+            assert recv_json(ws)["type"] == "session.created"
+            ws.send(json.dumps({"type": "session.update", "event_id": "e1", "session": {"x": [0] * 2000}}))
+            ev = recv_json(ws)
+            assert ev["type"] == "error" and ev["error"]["code"] == "too_many_json_values", ev
+            ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            assert recv_json(ws)["type"] == "input_audio_buffer.cleared"  # the session keeps serving
