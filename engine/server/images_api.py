@@ -264,6 +264,7 @@ async def run_images(request: Request, task: str, kind: str):
     stream = flag(body, "stream")
     requests, partials = await asyncio.to_thread(image_requests, body, images, task, ctx)  # decodes the images
     job = Job(lambda cancel: imagine_n(engine, requests, cancel), label=f"images.{kind}")
+    job.media_bytes = sum(a.nbytes for a in requests[0]["images"])  # (the n requests share the pictures)
     ctx.scheduler.submit(job)
     created, encode = int(time.time()), encoder_of(fmt, compression)
     if not stream:

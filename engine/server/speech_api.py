@@ -236,6 +236,7 @@ def speech_job(ctx: ServerContext, engine, kwargs: dict, pcm_rate: int | None) -
         return resampled(events, pcm_rate) if pcm_rate else events
 
     job = Job(run, label="audio.speech")
+    job.media_bytes = sum(len(clip) for clip in kwargs.get("ref_audio") or ())  # held until the talker decodes them
     ctx.scheduler.submit(job)
     return job
 

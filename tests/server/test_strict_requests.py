@@ -659,6 +659,26 @@ def test_requests_in_line_and_sessions_share_the_servers_media_limit(tiny_engine
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_media_limit", r.text
 
 
+def test_image_and_speech_requests_in_line_count_against_the_servers_media_limit(tiny_engine):
+    """Only chat requests were charged to max_total_media_bytes: 256 image edits of eight 16-megapixel
+    pictures each could wait in line holding 98 GB of decoded pixels. An image request's decoded pictures and
+    a speech request's reference clips now count too (503 server_media_limit past it, and let go when done)."""
+    mib = 1024 * 1024
+    black = png_bytes(np.zeros((1000, 1000, 3), np.uint8))  # 2.9 MiB decoded
+    with running_server(tiny_engine, max_total_media_bytes=5 * mib) as srv:
+        def edit(n):
+            return httpx.post(srv.url + "/v1/images/edits", timeout=60, data={"prompt": "red", "steps": "1"},
+                              files=[("image[]", (f"{i}.png", black, "image/png")) for i in range(n)])
+        assert edit(1).status_code == 200
+        r = edit(2)  # 5.7 MiB
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_media_limit", r.text
+        assert edit(1).status_code == 200  # the first one's pictures were let go
+    clip = wav_bytes(tone_pcm16(3.0))  # 94 KiB held until the talker reads it
+    with running_server(tiny_engine, max_total_media_bytes=64 * 1024) as srv:
+        r = httpx.post(srv.url + "/v1/audio/speech", json={"input": "hi", "reference_audio": b64(clip)}, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_media_limit", r.text
+
+
 def test_a_body_or_event_of_millions_of_tiny_values_is_refused_before_it_is_parsed(tiny_engine):
     """json.loads holds the event loop for the whole parse, ~1 s per million values: one 28 MB body of
     2.5 M tiny values stalled /health, every stream and every realtime session for 2.5 s. A body or realtime
