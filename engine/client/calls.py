@@ -192,7 +192,8 @@ class WavStreamDecoder:
 
 def image_call(prompt: str, task: str, images: list | None, size: str | None, aspect: str | None, steps: int | None,
                guidance: float | None, seed: int | None, preview_every: int | None, preset: str | None,
-               mask_color: str | None, n: int, openai_model: str | None = None) -> HttpCall | Error:
+               mask_color: str | None, n: int, openai_model: str | None = None, cfg_truncation: float | None = None,
+               cfg_normalization: bool | float | None = None) -> HttpCall | Error:
     """POST /v1/images/generations (JSON), /edits or /segmentations (multipart: the images as `image[]`
     files, the first being the reference). Ours stream (`stream: true`, a preview every
     `preview_every` steps); an OpenAI-compatible backend answers one JSON body."""
@@ -210,7 +211,8 @@ def image_call(prompt: str, task: str, images: list | None, size: str | None, as
         task = "edit"  # images given: an edit (the first is the reference), as the engine does
     fields = {"prompt": prompt, "n": n, "size": size}
     ours = {"aspect": aspect, "steps": steps, "guidance": guidance, "seed": seed, "preview_every": preview_every,
-            "preset": preset, "mask_color": mask_color}
+            "preset": preset, "mask_color": mask_color, "cfg_truncation": cfg_truncation,
+            "cfg_normalization": cfg_normalization}
     if openai_model is not None:
         extras = _extras(**ours, segment=task == "segment")
         if extras:

@@ -413,13 +413,14 @@ class EngineClient(core.EngineClientBase):
     def imagine(self, prompt: str, *, task: str = "generate", images: list | None = None, size: str | None = None,
                 aspect: str | None = None, steps: int | None = None, guidance: float | None = None,
                 seed: int | None = None, preview_every: int | None = None, preset: str | None = None,
-                mask_color: str | None = None, n: int = 1, cancel: threading.Event | None = None) -> Iterator[Event]:
+                mask_color: str | None = None, n: int = 1, cfg_truncation: float | None = None,
+                cfg_normalization: bool | float | None = None, cancel: threading.Event | None = None) -> Iterator[Event]:
         """Generate, edit (images: the first is the reference) or segment (prompt = the target) images:
         QueuePosition, Progress, ImagePreview every `preview_every` steps, ImageDone (PNG; segmentation
         adds mask and overlay PNGs and a note when the mask is empty) per image, then Done or Error."""
         model, failed = self._model_or_error()
         call = failed or calls.image_call(prompt, task, images, size, aspect, steps, guidance, seed, preview_every,
-                                          preset, mask_color, n, model)
+                                          preset, mask_color, n, model, cfg_truncation, cfg_normalization)
         yield from self._call(call, cancel)
 
     def _call(self, call: calls.HttpCall | Error, cancel) -> Iterator[Event]:

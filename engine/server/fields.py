@@ -59,7 +59,8 @@ TRANSCRIPTION_EXTENSIONS = ("hotwords", "hotwords[]", "dialect")
 SPEECH_INSTRUCTION_FIELDS = ("dialect", "emotion", "pitch", "volume", "style", "ip")
 SPEECH_EXTENSIONS = ("task", "reference_audio", "reference_text", "instruct", "bgm", "music", "seed",
                      "max_seconds") + SPEECH_INSTRUCTION_FIELDS
-IMAGE_EXTENSIONS = ("aspect", "steps", "guidance", "seed", "preview_every", "negative_prompt", "preset", "mask_color")
+IMAGE_EXTENSIONS = ("aspect", "steps", "guidance", "cfg_truncation", "cfg_normalization", "seed", "preview_every",
+                    "negative_prompt", "preset", "mask_color")
 
 CHAT = Fields(
     taken=("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",

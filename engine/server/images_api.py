@@ -43,7 +43,8 @@ MAX_PARTIAL_IMAGES = 3
 MAX_INPUT_IMAGES = 8
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 IGNORED_FIELDS = fields.IMAGE_IGNORED
-NUMBER_FIELDS = ("n", "partial_images", "steps", "guidance", "seed", "preview_every", "output_compression")
+NUMBER_FIELDS = ("n", "partial_images", "steps", "guidance", "cfg_truncation", "seed", "preview_every",
+                 "output_compression")
 FLAG_FIELDS = ("stream",)
 TEXT_FIELDS = ("prompt", "model", "size", "response_format", "output_format", "background", "aspect",
                "negative_prompt", "preset", "mask_color") + IGNORED_FIELDS
@@ -104,6 +105,11 @@ async def _multipart(request: Request, ctx: ServerContext) -> tuple[dict, list[b
             body[name] = form_number(form, name)
         for name in FLAG_FIELDS:
             body[name] = form_flag(form, name) if form.get(name) is not None else None
+        normalization = form.get("cfg_normalization")  # true / false, or a factor
+        if isinstance(normalization, str) and normalization.strip().lower() in ("true", "false"):
+            body["cfg_normalization"] = form_flag(form, "cfg_normalization")
+        elif normalization is not None:
+            body["cfg_normalization"] = form_number(form, "cfg_normalization")
     finally:
         await form.close()
     return {k: v for k, v in body.items() if v is not None}, images
@@ -160,7 +166,8 @@ def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> t
                                              required=False)}
     base = {"prompt": prompt, "images": arrays, "task": task, "size": size, "aspect": body.get("aspect"),
             "steps": steps, "guidance": body.get("guidance"), "preview_every": preview_every or 0,
-            **{k: v for k, v in options.items() if v is not None}}
+            **{k: v for k, v in options.items() if v is not None},
+            **{k: body[k] for k in ("cfg_truncation", "cfg_normalization") if k in body}}  # checked by the engine
     seed = _seed(body)
     requests = [{**base, "seed": None if seed is None else seed + i} for i in range(n)]
     check_image_request(requests[-1])

@@ -136,6 +136,24 @@ def test_the_async_client_gives_the_same_events(server):
     assert isinstance(voices, list)
 
 
+def test_the_clients_pass_the_pipelines_cfg_options(server):
+    """cfg_truncation / cfg_normalization reach the image generator from both clients, JSON (generate) and
+    multipart (edit): capping the guided prediction changes the picture, the same way in both."""
+    def finished(events):
+        return [e.image for e in events if isinstance(e, ImageDone)]
+
+    async def run(**cfg):
+        async with AsyncEngineClient(server.url) as c:
+            return finished([e async for e in c.imagine("a cat", size="32x32", steps=2, seed=1, guidance=5.0, **cfg)])
+    with EngineClient(server.url) as c:
+        plain = finished(c.imagine("a cat", size="32x32", steps=2, seed=1, guidance=5.0))
+        capped = finished(c.imagine("a cat", size="32x32", steps=2, seed=1, guidance=5.0, cfg_normalization=0.05))
+        assert capped and capped != plain
+        assert asyncio.run(run(cfg_normalization=0.05)) == capped
+        edit = dict(task="edit", images=[image_array(48, 64)], size="32x32", steps=2, seed=1, guidance=5.0)
+        assert finished(c.imagine("blue", **edit, cfg_normalization=0.05)) != finished(c.imagine("blue", **edit))
+
+
 def test_an_openai_url_is_http_only():
     ep = Endpoints.parse("openai+https://gpu.example:8000")
     assert ep.openai and ep.http == "https://gpu.example:8000"
