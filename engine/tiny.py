@@ -147,7 +147,8 @@ def tiny_state_dict(config: dict) -> dict[str, torch.Tensor]:
         for name, shape in checkpoint_entries(module, prefix=prefix):
             value = buffers[name].clone() if name in buffers else _init_tensor(name, shape, gen)
             state[name] = value.float().contiguous()
-    _favour_word_tokens(state, f"{cfg.llm_weight_prefix}lm_head.weight")
+    if not cfg.llm.tie_word_embeddings:  # a tied head is the embedding table, drawn as embeddings are
+        _favour_word_tokens(state, f"{cfg.llm_weight_prefix}lm_head.weight")
     return state
 
 

@@ -384,6 +384,14 @@ class BailingMoeV2ForCausalLM(nn.Module):
         self.config = cfg
         self.model = BailingMoeV2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With ``tie_word_embeddings`` lm_head's weight is the embedding table itself (one Parameter, so
+        the checkpoint needs no ``lm_head.weight``), as the reference's PreTrainedModel ties them; called
+        again after loading, which replaces the table's Parameter. An lm_head already packed stays as is."""
+        if self.config.tie_word_embeddings and type(self.lm_head) is nn.Linear:
+            self.lm_head.weight = self.model.word_embeddings.weight
 
     def prepare_inputs(self, input_ids: torch.Tensor, mm: MultimodalInputs | None,
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -196,6 +196,10 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
             else:
                 consumed |= load_module(module, reader, prefix, numerics.dtype, dev)
             module.eval()
+    llm.tie_weights()
+    tied_head = cfg.llm_weight_prefix + "lm_head.weight"
+    if cfg.llm.tie_word_embeddings and tied_head in files.weight_map:
+        consumed.add(tied_head)  # the reference re-ties after loading: the embedding table wins
     check_unexpected(files, consumed)
     cpu_quantized = pack_cpu_experts and plan is None and expert_dtype != "bf16" and dev.type == "cpu"
     if cpu_quantized:
@@ -259,7 +263,8 @@ def _read_int8_linears(llm: BailingMoeV2ForCausalLM, reader, prefix: str, dtype:
     for path in paths:
         parent, leaf = _parent_of(llm, path)
         linear = getattr(parent, leaf)
-        weight_name = f"{prefix}{path}.weight"
+        tied = path == "lm_head" and llm.config.tie_word_embeddings  # quantised from the embedding table
+        weight_name = f"{prefix}{'model.word_embeddings' if tied else path}.weight"
         check_tensor(reader, weight_name, tuple(linear.weight.shape))
         q = torch.empty(linear.weight.shape, dtype=torch.int8)
         scale = torch.empty(linear.out_features, dtype=torch.float32)

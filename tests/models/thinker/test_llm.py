@@ -454,3 +454,34 @@ def test_audio_span_fills_min_of_rows_and_slots_and_routes_every_slot(tmp_path):
     enc = loaded.encoders.linear_proj_audio
     assert [AudioSpan(*s).length for s in spans] == slots
     assert [s[1].shape[0] for s in spans] == [enc.output_length((c.n_frames - 1) // 2 + 1) for c in clips]  # 10, 8
+
+
+def test_tied_word_embeddings_make_the_embedding_table_the_output_head(tmp_path):
+    """tie_word_embeddings true: the reference's PreTrainedModel ties lm_head.weight to
+    model.word_embeddings.weight (re-tied after loading, so a stored lm_head.weight does not count) and its
+    save_pretrained writes no lm_head.weight. The engine read lm_head.weight whatever the key said: a tied
+    checkpoint without one was refused, and one with a stale copy ran that copy."""
+    from safetensors.torch import load_file, save_file
+    from tests.models.thinker.variants import write_variant
+
+    ckpt = write_variant(tmp_path / "tied", llm={"tie_word_embeddings": True})
+    state = load_file(str(ckpt / "model.safetensors"))
+    assert "model.lm_head.weight" not in state
+    table = state["model.model.word_embeddings.weight"]
+    ids = torch.tensor([[5, 60, 70, 80, 90, 100]])
+
+    def run(llm):
+        trace: dict = {}
+        with torch.inference_mode():
+            logits = llm(llm.model.embed(ids), _positions(llm, ids)[0], FP32, trace=trace)
+        return logits, trace["last_hidden_state"]
+
+    logits, hidden = run(load_model(ckpt, dtype="fp32", device="cpu").llm)
+    torch.testing.assert_close(logits, hidden @ table.T, atol=1e-4, rtol=1e-4)
+    # a checkpoint that also stores some other lm_head.weight loads, and the embedding table still wins
+    state["model.lm_head.weight"] = torch.randn_like(table)
+    save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    torch.testing.assert_close(run(load_model(ckpt, dtype="fp32", device="cpu").llm)[0], logits, atol=1e-5, rtol=0)
+    # int8 linears quantise the tied head from the embedding table (per-row int8: ~1 % of the logits' range)
+    int8 = run(load_model(ckpt, dtype="fp32", device="cpu", linear_dtype="int8").llm)[0]
+    assert float((int8 - logits).abs().max()) <= 0.05 * float(logits.abs().max())
