@@ -34,6 +34,7 @@ UPSTREAM_MLP_DEPTH_DEFAULT = 1
 # BailingMoeV2Config's defaults for keys a config.json may omit (the released files carry them all).
 UPSTREAM_LLM_DEFAULTS = {"use_bias": True, "use_qkv_bias": False, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-5,
                          "max_position_embeddings": 16384, "router_type": SINGLE_ROUTER, "rope_theta": 10000.0,
+                         "num_experts": 16, "num_experts_per_tok": 2, "n_group": 8, "topk_group": 4,
                          # the 2.0 class's default; the Preview code has no interleaved path at all (spec §1.1)
                          "use_interleaved_frame_timestamp": True}
 #: What each ViT's config class builds for a key its vision_config omits (spec §4.3, §4.4): the classes'
@@ -64,6 +65,15 @@ def _require(d: dict, key: str, where: str) -> Any:
     if key not in d:
         raise ConfigError(f"{where}: missing required key '{key}'")
     return d[key]
+
+
+def _count(d: dict, key: str, where: str) -> int:
+    """An integer key the reference uses as given, BailingMoeV2Config's default when omitted; null (which the
+    reference keeps and then fails on) is refused naming the key."""
+    value = d.get(key, UPSTREAM_LLM_DEFAULTS[key])
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or int(value) != value:
+        raise ConfigError(f"{where}: '{key}' must be an integer (got {value!r})")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -142,7 +152,8 @@ class LLMConfig:
         cfg = cls(
             vocab_size=int(_require(d, "vocab_size", where)),
             hidden_size=hidden,
-            intermediate_size=int(_require(d, "intermediate_size", where)),
+            # both default to None in BailingMoeV2Config: needed only by the layers that use them (validate)
+            intermediate_size=int(d.get("intermediate_size") or 0),
             moe_intermediate_size=int(d.get("moe_intermediate_size") or 0),
             num_hidden_layers=int(_require(d, "num_hidden_layers", where)),
             num_attention_heads=heads,
@@ -152,14 +163,15 @@ class LLMConfig:
             rope_theta=float(d.get("rope_theta", UPSTREAM_LLM_DEFAULTS["rope_theta"])),
             rms_norm_eps=float(d.get("rms_norm_eps", UPSTREAM_LLM_DEFAULTS["rms_norm_eps"])),
             max_position_embeddings=int(d.get("max_position_embeddings", UPSTREAM_LLM_DEFAULTS["max_position_embeddings"])),
-            num_experts=int(d.get("num_experts") or 0),
-            num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
+            # null num_experts: every layer dense (the reference tests `num_experts is not None`)
+            num_experts=0 if d.get("num_experts", 0) is None else _count(d, "num_experts", where),
+            num_experts_per_tok=_count(d, "num_experts_per_tok", where),
             num_shared_experts=int(d.get("num_shared_experts") or 0),
             # The reference builds the shared-expert MLP unless the key is null, even 0 wide (then it adds zeros
             # and its checkpoint holds zero-size tensors); a missing key is the config class's default, 0.
             shared_experts_built=d.get("num_shared_experts", 0) is not None,
-            n_group=int(d.get("n_group") or 1),
-            topk_group=int(d.get("topk_group") or 1),
+            n_group=_count(d, "n_group", where),
+            topk_group=_count(d, "topk_group", where),
             routed_scaling_factor=float(routed if routed is not None else UPSTREAM_ROUTED_SCALING_DEFAULT),
             first_k_dense_replace=int(d.get("first_k_dense_replace", 0)),
             router_type=str(d.get("router_type") or UPSTREAM_LLM_DEFAULTS["router_type"]),
@@ -190,7 +202,14 @@ class LLMConfig:
                       f"num_key_value_heads {self.num_key_value_heads}")
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise bad(f"rotary dim {self.rotary_dim} (head_dim x partial_rotary_factor) must be even and <= head_dim")
+        layers = range(self.num_hidden_layers)
+        if any(not self.is_moe_layer(i) for i in layers) and self.intermediate_size <= 0:
+            raise bad("missing or zero 'intermediate_size' (the width of the dense layers before first_k_dense_replace)")
+        if any(self.is_moe_layer(i) for i in layers) and self.moe_intermediate_size <= 0:
+            raise bad("missing or zero 'moe_intermediate_size' (the width of each routed and shared expert)")
         if self.num_experts:
+            if self.n_group < 1:
+                raise bad(f"n_group {self.n_group} must be >= 1")
             if self.num_experts % self.n_group:
                 raise bad(f"num_experts {self.num_experts} is not divisible by n_group {self.n_group}")
             if not 0 < self.topk_group <= self.n_group:

@@ -485,3 +485,48 @@ def test_tied_word_embeddings_make_the_embedding_table_the_output_head(tmp_path)
     # int8 linears quantise the tied head from the embedding table (per-row int8: ~1 % of the logits' range)
     int8 = run(load_model(ckpt, dtype="fp32", device="cpu", linear_dtype="int8").llm)[0]
     assert float((int8 - logits).abs().max()) <= 0.05 * float(logits.abs().max())
+
+
+def _compare_with_reference(ckpt, atol: float = 1e-4) -> None:
+    """Our logits of a left-padded batch of two against tests/models/thinker/reference_llm.py's."""
+    import json
+
+    from safetensors.torch import load_file
+    from tests.models.thinker import reference_llm
+
+    config = json.loads((ckpt / "config.json").read_text())["llm_config"]
+    llm = load_model(ckpt, dtype="fp32", device="cpu").llm
+    ids = torch.tensor([[0, 0, 10, 20, 30, 40, 50, 60], [1, 2, 3, 4, 5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    pos, _ = _positions(llm, ids, mask)
+    with torch.inference_mode():
+        ours = llm(llm.model.embed(ids), pos, FP32, step_mask=mask)
+    ref = reference_llm.logits(load_file(str(ckpt / "model.safetensors")), config, ids, pos, mask, prefix="model.")
+    torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], atol=atol, rtol=1e-4)
+
+
+def test_omitted_moe_keys_take_bailing_moe_v2_config_defaults(tmp_path):
+    """BailingMoeV2Config defaults num_experts 16, num_experts_per_tok 2, n_group 8, topk_group 4. A config
+    omitting n_group / topk_group routed over all experts (read as 1 group of 1), one omitting
+    num_experts_per_tok was refused (read as 0) and one omitting num_experts ran every layer dense; now the
+    class's values, checked against a from-the-rules forward. moe_intermediate_size / intermediate_size
+    default to None upstream (a layer that needs one fails): refused only where a layer needs it."""
+    import json
+
+    from engine.models.thinker.config import ConfigError, MingConfig
+    from tests.models.thinker.variants import OMIT, write_variant
+
+    omitted = {"num_experts": OMIT, "num_experts_per_tok": OMIT, "n_group": OMIT, "topk_group": OMIT}
+    ckpt = write_variant(tmp_path / "omit", llm=omitted)
+    cfg = MingConfig.from_file(ckpt).llm
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group) == (16, 2, 8, 4)
+    _compare_with_reference(ckpt)
+    raw = json.loads((ckpt / "config.json").read_text())["llm_config"]
+    for key, value, message in (("n_group", None, "n_group"), ("moe_intermediate_size", OMIT, "moe_intermediate_size"),
+                                ("intermediate_size", OMIT, "intermediate_size")):
+        bad = {k: v for k, v in {**raw, key: value}.items() if v is not OMIT}
+        with pytest.raises(ConfigError, match=message):
+            MingConfig.from_dict(bad)
+    # no dense layer: intermediate_size is never read
+    all_moe = {k: v for k, v in raw.items() if k != "intermediate_size"}
+    assert MingConfig.from_dict({**all_moe, "first_k_dense_replace": 0}).llm.num_moe_layers == raw["num_hidden_layers"]
