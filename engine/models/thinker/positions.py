@@ -105,39 +105,43 @@ def rope_index(input_ids: torch.Tensor, tokens: PositionTokens,
             except ValueError:
                 return len(ids_list) + 1
 
-        def start_pos() -> float:
-            return float(chunks[-1][0].max()) + 1 if chunks else 0.0
+        def start_pos() -> torch.Tensor | int:
+            # a 0-d tensor of the previous chunk's dtype, as upstream: text after a fractional-time
+            # block continues in that block's float dtype
+            return chunks[-1][0].max() + 1 if chunks else 0
 
         for _ in range(n_images + n_videos):
             ed_image = next_index(tokens.image_patch, n_images)
             ed_video = next_index(tokens.video_patch, n_videos)
             if ed_image < ed_video:
                 t, h, w = (int(x) for x in image_grid_thw[image_i])
-                sec_per_t = 1.0
+                sec_per_t: torch.Tensor | float = 0  # upstream gives images no time step
                 image_i += 1
                 n_images -= 1
                 ed = ed_image
             else:
                 t, h, w = (int(x) for x in video_grid_thw[video_i])
-                sec_per_t = 1.0 if second_per_grid_ts is None else float(second_per_grid_ts[video_i])
+                sec_per_t = 1.0 if second_per_grid_ts is None else second_per_grid_ts[video_i]
                 video_i += 1
                 n_videos -= 1
                 ed = ed_video
             gt, gh, gw = t, h // m, w // m
             text_len = ed - st
             s0 = start_pos()
-            chunks.append(torch.arange(text_len, device=device, dtype=torch.float64).view(1, -1).expand(3, -1) + s0)
-            t_idx = (torch.arange(gt, device=device, dtype=torch.float64) * sec_per_t * scale_factor)
-            t_idx = t_idx.view(-1, 1, 1).expand(gt, gh, gw)
-            h_idx = (torch.arange(gh, device=device) - (gh - 1) // 2).view(1, -1, 1).expand(gt, gh, gw)
-            w_idx = (torch.arange(gw, device=device) - (gw - 1) // 2).view(1, 1, -1).expand(gt, gh, gw)
+            chunks.append(torch.arange(text_len, device=device).view(1, -1).expand(3, -1) + s0)
+            # the time index is computed in the reference's own tensor dtypes (float32 for the default dtype
+            # or a float32 second_per_grid_ts) and truncated at the end: a fractional step such as 0.7 s x 2.0
+            # rounds there as it does upstream, and adding the offset in float32 rounds it again
+            t_idx = torch.arange(gt, device=device).view(-1, 1).expand(-1, gh * gw).flatten()
+            t_idx = t_idx * sec_per_t * scale_factor if second_per_grid_ts is not None else t_idx * scale_factor
             p_t = t_idx + text_len + s0
-            block = torch.stack([p_t, h_idx + p_t, w_idx + p_t]).reshape(3, -1)
-            chunks.append(block)
+            h_idx = (torch.arange(gh, device=device) - (gh - 1) // 2).view(1, -1, 1).expand(gt, gh, gw).flatten()
+            w_idx = (torch.arange(gw, device=device) - (gw - 1) // 2).view(1, 1, -1).expand(gt, gh, gw).flatten()
+            chunks.append(torch.stack([p_t, h_idx + p_t, w_idx + p_t]))
             st = ed + gt * gh * gw
         if st < len(ids_list):
             s0 = start_pos()
-            chunks.append(torch.arange(len(ids_list) - st, device=device, dtype=torch.float64).view(1, -1).expand(3, -1) + s0)
+            chunks.append(torch.arange(len(ids_list) - st, device=device).view(1, -1).expand(3, -1) + s0)
         pos = torch.cat(chunks, dim=1).long() if chunks else torch.zeros(3, 0, dtype=torch.long, device=device)
         position_ids[:, b, keep] = pos
         t_max = int(pos[0].max()) if pos.numel() else -1

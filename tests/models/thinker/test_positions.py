@@ -1,5 +1,6 @@
 """3-D positions: the spec's worked example (§3.2) and decode continuation, independent of fixtures."""
 
+import numpy as np
 import torch
 
 from engine.models.thinker.positions import PositionTokens, decode_positions, rope_index
@@ -35,3 +36,21 @@ def test_interleaved_video_frames_each_take_one_t_position():
     pos, _ = rope_index(torch.tensor([ids]), TOK, video_grid_thw=torch.tensor([[2, 2, 4]]))
     t = pos[0, 0].tolist()
     assert t == [0, 1, 2, 3, 3, 4, 5, 6, 7, 7, 8]
+
+
+def test_fractional_seconds_per_grid_round_as_the_reference_float32_arithmetic():
+    """Preview-style video with absolute time (second_per_grid_ts, float32 as the processor makes it):
+    upstream multiplies t x 0.7 x 2.0 and adds the offset in float32, then truncates. k = 5 gives
+    float32(5 x 0.7) = 3.5 exactly, so T = 4 + 7 = 11 (float64 arithmetic gives 6.9999... -> 10)."""
+    tok = PositionTokens(image_patch=900, video_patch=901, image_start=902, video_start=903,
+                         interleaved_video=False, spatial_merge_size=2)
+    ids = [1, 2, 3, 903] + [901] * (6 * 2 * 2) + [905, 7]
+    sec = torch.tensor([0.7], dtype=torch.float32)
+    pos, delta = rope_index(torch.tensor([ids]), tok, video_grid_thw=torch.tensor([[6, 4, 4]]),
+                            second_per_grid_ts=sec)
+    t = pos[0, 0].tolist()
+    # the rule re-derived in numpy float32: int(float32(float32(k * 0.7) * 2) + 4)
+    expect = [int(np.float32(np.float32(k * np.float32(0.7)) * np.float32(2.0)) + np.float32(4)) for k in range(6)]
+    assert expect == [4, 5, 6, 8, 9, 11]
+    assert [t[4 + 4 * k] for k in range(6)] == expect
+    assert t[-2:] == [12, 13] and int(delta) == 13 + 1 - len(ids)
