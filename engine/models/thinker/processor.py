@@ -115,6 +115,23 @@ class ProcessedPrompt:
         return feats, lengths
 
 
+def _system_text(content: Any) -> str:
+    """A system message's text: a string, or a list of text parts (joined as a user turn's are).
+    The reference's system prompt is text only (spec §6.1), so media there are refused."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content if isinstance(content, list) else [content]:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type") in TEXT_TYPES:
+            texts.append(str(part.get("text", "")))
+        else:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise PromptError(f"a system message holds text only, not '{kind}'")
+    return "".join(texts)
+
+
 def _as_list(value: Any) -> list:
     """A list means several items; a tuple is one item (e.g. `(samples, sample_rate)`)."""
     return list(value) if isinstance(value, list) else [value]
@@ -198,7 +215,7 @@ class MingProcessor:
         for m in messages:
             if not isinstance(m, dict) or m.get("role") not in ROLE_NAMES:
                 raise PromptError(f"bad message {m!r}: needs a role of user, assistant or system")
-        system_texts = [m["content"] for m in messages if m["role"] == "system" and isinstance(m["content"], str)]
+        system_texts = [_system_text(m.get("content", "")) for m in messages if m["role"] == "system"]
         turns = [m for m in messages if m["role"] != "system"]
         if not turns:
             raise PromptError("no user message")

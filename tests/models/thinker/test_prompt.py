@@ -142,3 +142,16 @@ def test_a_preview_video_part_clipping_a_time_range_is_refused_not_ignored(tok):
     part = {"type": "video", "video": frames, "video_start": 1.0}                          # a list: not read
     assert preview.build([{"role": "user", "content": [part]}]).video_grid_thw.shape == (1, 3)
     assert build_chat_prompt([{"role": "user", "content": [part]}], tok).videos            # 2.0: not read
+
+
+def test_a_system_message_given_as_text_parts_replaces_the_persona(tok):
+    """A system message whose content is a list of text parts (the OpenAI content form) was dropped and the
+    default persona used; its text now replaces that sentence (spec §6.1), as a string's does."""
+    parts = [{"type": "text", "text": "Answer in "}, {"type": "input_text", "text": "one word."}]
+    p = build_chat_prompt([{"role": "system", "content": parts}, {"role": "user", "content": "hi"}], tok)
+    assert p.text.startswith("<role>SYSTEM</role>Answer in one word.\n\ndetailed thinking off<|role_end|>")
+    assert p.text == build_chat_prompt([{"role": "system", "content": "Answer in one word."},
+                                        {"role": "user", "content": "hi"}], tok).text
+    with pytest.raises(PromptError, match="text only"):
+        build_chat_prompt([{"role": "system", "content": [{"type": "image", "image": b"x"}]},
+                           {"role": "user", "content": "hi"}], tok)
