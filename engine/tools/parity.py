@@ -23,13 +23,13 @@ from safetensors.torch import load_file
 
 from engine.media.audio import AudioFeatures, AudioFrontendConfig
 from engine.media.errors import MediaError
-from engine.media.image import ImageProcessorConfig, fetch_image
+from engine.media.image import ImageProcessorConfig, fetch_image, image_token_count
 from engine.media.video import VideoOptions
 from engine.models.thinker.layers import Router
 from engine.models.thinker.llm import AudioSpan, MultimodalInputs
 from engine.models.thinker.config import UPSTREAM_SPATIAL_MERGE_SIZE
 from engine.models.thinker.positions import PositionTokens, decode_positions, rope_index
-from engine.models.thinker.processor import MediaSettings, MingProcessor
+from engine.models.thinker.processor import MediaSettings, MingProcessor, image_prompt_text
 from engine.models.thinker.projectors import encode_audio_wrapped
 from engine.runtime import Engine
 from engine.models.thinker.model import load_model
@@ -576,16 +576,30 @@ def run_prompts_case(case_dir: Path) -> list[ParityRow]:
             cmp.exact(f"{name}.audio_placeholder_loc_lens", torch.tensor([[list(s) for s in prompt.audio_spans]]))
         if f"{name}.image_grid_thw" in outputs:
             cmp.exact(f"{name}.image_grid_thw", prompt.image_grid_thw)
-    cmp.rows += _audio_expansion_rows(case_dir.name, meta)
+    cmp.rows += _expansion_rows(case_dir.name, meta, processor)
     return cmp.rows + cmp.missing()
 
 
-def _audio_expansion_rows(case: str, meta: dict) -> list[ParityRow]:
-    """meta.json's `expansion_counts` table: each audio entry's <audioPatch> count for its mel frames, as our
-    processor counts a clip of that many frames (spec §5.4)."""
+def _expansion_rows(case: str, meta: dict, processor: MingProcessor) -> list[ParityRow]:
+    """meta.json's `expansion_counts` table, each entry as our processor expands it (spec §6.2): an image
+    entry's <imagePatch> count for its grid and its expanded string (where recorded), an audio entry's
+    <audioPatch> count for its mel frames (spec §5.4)."""
     rows = []
     for i, entry in enumerate(meta.get("expansion_counts") or []):
-        if not isinstance(entry, dict) or "mel_frames" not in entry or "n_audioPatch" not in entry:
+        if not isinstance(entry, dict):
+            continue
+        if "image_grid_thw" in entry and "n_imagePatch" in entry:
+            grid, want = [int(v) for v in entry["image_grid_thw"]], int(entry["n_imagePatch"])
+            got = image_token_count(grid, processor.settings.image.merge_size)
+            label = f"expansion_counts[{i}].n_imagePatch (grid {grid})"
+            rows.append(ParityRow(case, label, float(abs(got - want)), "exact", got == want,
+                                  "" if got == want else f"ours {got}, reference {want}"))
+            if isinstance(entry.get("expanded"), str):
+                same = image_prompt_text(got) == entry["expanded"]
+                rows.append(ParityRow(case, f"expansion_counts[{i}].expanded (grid {grid})", 0.0 if same else 1.0,
+                                      "exact", same, "" if same else "expanded placeholder differs"))
+            continue
+        if "mel_frames" not in entry or "n_audioPatch" not in entry:
             continue
         frames, want = int(entry["mel_frames"]), int(entry["n_audioPatch"])
         label = f"expansion_counts[{i}].n_audioPatch (mel_frames {frames})"

@@ -319,8 +319,29 @@ def test_prompts_case_checks_its_audio_expansion_count_table(tmp_path):
     entry["n_audioPatch"] = 64
     table += [{"mel_frames": 3000, "n_audioPatch": 750}, {"mel_frames": 30000, "n_audioPatch": 7500}]
     (case / "meta.json").write_text(json.dumps(meta))
-    rows = {r.tensor: r for r in run_case(case) if r.tensor.startswith("expansion_counts")}
+    rows = {r.tensor: r for r in run_case(case) if r.tensor.startswith("expansion_counts") and "mel_frames" in r.tensor}
     audio_entries = [e for e in table if "mel_frames" in e]
     assert len(rows) == len(audio_entries)
     bad = [name for name, r in rows.items() if not r.ok]
     assert bad == [f"expansion_counts[{table.index(entry)}].n_audioPatch (mel_frames 250)"]
+
+
+def test_prompts_case_checks_its_image_expansion_count_table(tmp_path):
+    """expansion_counts also lists <imagePatch> counts and expanded strings by image grid (spec §6.2:
+    `<image>` + t*h*w/4 `<imagePatch>` + `</image>` + newline); those entries were skipped, so a held-out
+    table at other sizes was never compared. A wrong count or string fails, an odd-width grid passes."""
+    case, meta, _ = _prompts_set(tmp_path)
+    table = meta["expansion_counts"]
+    images = [e for e in table if "image_grid_thw" in e]
+    images[0]["n_imagePatch"] += 1
+    images[1]["expanded"] = images[1]["expanded"].replace("</image>\n", "</image>")
+    table.append({"image_grid_thw": [1, 6, 22], "n_imagePatch": 33,
+                  "expanded": "<image>" + "<imagePatch>" * 33 + "</image>\n"})
+    (case / "meta.json").write_text(json.dumps(meta))
+    rows = {r.tensor: r for r in run_case(case) if r.tensor.startswith("expansion_counts") and "grid" in r.tensor}
+    counted = [e for e in table if "image_grid_thw" in e]
+    assert sum(".n_imagePatch" in name for name in rows) == len(counted)
+    bad = sorted(name for name, r in rows.items() if not r.ok)
+    assert bad == sorted([f"expansion_counts[{table.index(images[0])}].n_imagePatch (grid {images[0]['image_grid_thw']})",
+                          f"expansion_counts[{table.index(images[1])}].expanded (grid {images[1]['image_grid_thw']})"])
+    assert rows[f"expansion_counts[{len(table) - 1}].expanded (grid [1, 6, 22])"].ok

@@ -115,6 +115,11 @@ class ProcessedPrompt:
         return feats, lengths
 
 
+def image_prompt_text(n_tokens: int) -> str:
+    """Expansion of one image placeholder (spec §6.2): `<image>` + `<imagePatch>`×n + `</image>` + newline."""
+    return IMAGE_START + IMAGE_PATCH * n_tokens + IMAGE_END + "\n"
+
+
 def _system_text(content: Any) -> str:
     """A system message's text: a string, or a list of text parts (joined as a user turn's are).
     The reference's system prompt is text only (spec §6.1), so media there are refused."""
@@ -188,7 +193,7 @@ class MingProcessor:
                 img = self._image(src, options)
                 out.images.append(img)
                 n = sum(img.num_tokens)
-                pieces.append((("\n" if i else "") + IMAGE_START + IMAGE_PATCH * n + IMAGE_END + "\n", True))
+                pieces.append((("\n" if i else "") + image_prompt_text(n), True))
             return pieces
         if kind in VIDEO_TYPES:
             vid = self._video(part, part.get(kind if kind in part else "video"))
