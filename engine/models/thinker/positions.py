@@ -78,8 +78,8 @@ def rope_index(input_ids: torch.Tensor, tokens: PositionTokens,
 
     m = tokens.spatial_merge_size
     if video_grid_thw is not None and tokens.interleaved_video:
-        if second_per_grid_ts is not None:
-            second_per_grid_ts = second_per_grid_ts.repeat_interleave(video_grid_thw[:, 0].long())
+        # second_per_grid_ts stays as given: upstream indexes it by the split blocks (one entry per
+        # temporal patch), whose single time step makes its value irrelevant but for the float dtype
         video_grid_thw = _split_video_grids(video_grid_thw)
     video_block_start = tokens.image_start if tokens.interleaved_video else tokens.video_start
     if attention_mask is None:

@@ -54,3 +54,16 @@ def test_fractional_seconds_per_grid_round_as_the_reference_float32_arithmetic()
     assert expect == [4, 5, 6, 8, 9, 11]
     assert [t[4 + 4 * k] for k in range(6)] == expect
     assert t[-2:] == [12, 13] and int(delta) == 13 + 1 - len(ids)
+
+
+def test_interleaved_video_takes_one_second_per_grid_entry_per_temporal_patch():
+    """2.0 layout with second_per_grid_ts: upstream splits the grids into t = 1 blocks and indexes the
+    seconds by block, one entry per temporal patch; each block's single time step (index 0) makes the
+    positions those without it. Two videos (2, 4, 4) and (1, 4, 4) with three entries raised a size
+    mismatch (the entries were repeated per video)."""
+    frame = [902] + [901] * 4 + [904]
+    ids = torch.tensor([[1, 903] + (frame + [5]) * 2 + [2, 903] + frame + [2]])
+    grid = torch.tensor([[2, 4, 4], [1, 4, 4]])
+    want, want_delta = rope_index(ids, TOK, video_grid_thw=grid)
+    pos, delta = rope_index(ids, TOK, video_grid_thw=grid, second_per_grid_ts=torch.tensor([0.7, 0.7, 1.5]))
+    assert torch.equal(pos, want) and torch.equal(delta, want_delta)
