@@ -120,20 +120,32 @@ def image_prompt_text(n_tokens: int) -> str:
     return IMAGE_START + IMAGE_PATCH * n_tokens + IMAGE_END + "\n"
 
 
+def _content_parts(content: Any) -> list:
+    """A message's content as a list of parts: a string is one text part, a single part dict is itself,
+    None is empty; anything else (a number, a part that is neither text nor a dict) is a PromptError."""
+    if content is None:
+        return []
+    if isinstance(content, (str, dict)):
+        return [content]
+    if not isinstance(content, list):
+        raise PromptError(f"message content must be a string or a list of parts, not {type(content).__name__}")
+    bad = [type(part).__name__ for part in content if not isinstance(part, (str, dict))]
+    if bad:
+        raise PromptError(f"content parts must be strings or objects with a 'type', not {bad[0]}")
+    return content
+
+
 def _system_text(content: Any) -> str:
     """A system message's text: a string, or a list of text parts (joined as a user turn's are).
     The reference's system prompt is text only (spec §6.1), so media there are refused."""
-    if content is None or isinstance(content, str):
-        return content or ""
     texts = []
-    for part in content if isinstance(content, list) else [content]:
+    for part in _content_parts(content):
         if isinstance(part, str):
             texts.append(part)
-        elif isinstance(part, dict) and part.get("type") in TEXT_TYPES:
+        elif part.get("type") in TEXT_TYPES:
             texts.append(str(part.get("text", "")))
         else:
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise PromptError(f"a system message holds text only, not '{kind}'")
+            raise PromptError(f"a system message holds text only, not '{part.get('type')}'")
     return "".join(texts)
 
 
@@ -231,8 +243,7 @@ class MingProcessor:
                                           (THINKING_SUFFIX.format("on" if thinking else "off") + TURN_END, True)]
         for m in turns:
             pieces.append((f"{ROLE_START}{ROLE_NAMES[m['role']]}{ROLE_END_TAG}", True))
-            content = m.get("content", "")
-            for part in ([content] if isinstance(content, str) else content):
+            for part in _content_parts(m.get("content")):
                 pieces += self._render_part(part, out)
             pieces.append((TURN_END, True))
         pieces.append((f"{ROLE_START}ASSISTANT{ROLE_END_TAG}", True))

@@ -155,3 +155,16 @@ def test_a_system_message_given_as_text_parts_replaces_the_persona(tok):
     with pytest.raises(PromptError, match="text only"):
         build_chat_prompt([{"role": "system", "content": [{"type": "image", "image": b"x"}]},
                            {"role": "user", "content": "hi"}], tok)
+
+
+def test_message_content_shapes_render_or_are_refused(tok):
+    """A single part dict as content was iterated as a dict (its keys rendered: "typetext"), and None, a
+    number or a None part raised TypeError / AttributeError, which the engine's chat does not turn into an
+    invalid_request error. A part dict is now that one part, None is empty, the rest is a PromptError."""
+    one = build_chat_prompt([{"role": "user", "content": {"type": "text", "text": "hi"}}], tok)
+    assert one.text == build_chat_prompt([{"role": "user", "content": "hi"}], tok).text
+    empty = build_chat_prompt([{"role": "user", "content": None}], tok)
+    assert "<role>HUMAN</role><|role_end|>" in empty.text
+    for content in (5, [None], ["ok", 3.5]):
+        with pytest.raises(PromptError, match="content"):
+            build_chat_prompt([{"role": "user", "content": content}], tok)
