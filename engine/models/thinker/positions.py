@@ -91,8 +91,9 @@ def rope_index(input_ids: torch.Tensor, tokens: PositionTokens,
     for b in range(batch):
         keep = attention_mask[b] == 1
         ids = input_ids[b][keep]
-        n_images = _count_blocks(ids, tokens.image_start, tokens.image_patch)
-        n_videos = _count_blocks(ids, video_block_start, tokens.video_patch)
+        # blocks of a kind count only when its grids are given (upstream); the others' tokens stay text
+        n_images = _count_blocks(ids, tokens.image_start, tokens.image_patch) if image_grid_thw is not None else 0
+        n_videos = _count_blocks(ids, video_block_start, tokens.video_patch) if video_grid_thw is not None else 0
         ids_list = ids.tolist()
         chunks: list[torch.Tensor] = []
         st = 0

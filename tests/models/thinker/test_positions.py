@@ -67,3 +67,17 @@ def test_interleaved_video_takes_one_second_per_grid_entry_per_temporal_patch():
     want, want_delta = rope_index(ids, TOK, video_grid_thw=grid)
     pos, delta = rope_index(ids, TOK, video_grid_thw=grid, second_per_grid_ts=torch.tensor([0.7, 0.7, 1.5]))
     assert torch.equal(pos, want) and torch.equal(delta, want_delta)
+
+
+def test_blocks_of_a_kind_without_grids_are_text():
+    """Upstream counts image blocks only when image_grid_thw is given (and video blocks only with
+    video_grid_thw); a prompt holding an image block but called with the video grid alone numbers the
+    image's tokens as text. It raised TypeError (indexing the missing image grid)."""
+    frame = [902] + [901] * 2 + [904]
+    image = [902] + [900] * 4 + [904]
+    ids = [1] + image + [2] + frame
+    pos, delta = rope_index(torch.tensor([ids]), TOK, video_grid_thw=torch.tensor([[1, 2, 4]]))
+    t = pos[0, 0].tolist()
+    assert t[:9] == list(range(9))          # text, the image block as text, text, <image>
+    assert t[9:11] == [9, 9] and t[11] == 10  # the frame: one T position, then </image>
+    assert int(delta) == 10 + 1 - len(ids)
