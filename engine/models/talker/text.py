@@ -10,8 +10,9 @@
    sentence enders, then at `，;；`, short clauses are merged and over-long ones packed; decimals and
    dots between capitals are never split.
 3. `normalize`: fragments without CJK get English number normalisation (integers, decimals, ordinals,
-   currency, percentages); fragments with CJK get Chinese number readings. Emoji and control characters
-   are removed, a leading `，` is dropped.
+   units, currency, fractions, signed percentages, letter-number names); fragments with CJK get Chinese
+   number readings (℃ / ℉ as 摄氏度 / 华氏度). Emoji and control characters are removed (degree signs
+   are kept), a leading `，` is dropped.
 
 NOT implemented: upstream's pynini text normaliser (`TalkerTN`; pynini is not available here). What it
 does beyond the number readings above (dates, times, units, phone numbers in Chinese context, symbols)
@@ -33,6 +34,7 @@ MAX_SEMANTIC_LEN = 50
 MIN_TAIL = 5
 MAX_TEXT_CHARS = 10_000  # per request (documented limit; longer texts should be split by the caller)
 CLOSERS = set("！？。，!?")
+DEGREE_SIGNS = "°℃℉"  # symbols (Unicode 'So') that are read, not dropped with the emoji
 
 _CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _HAS_CJK = re.compile(f"[{_CJK}]")
@@ -48,7 +50,7 @@ def has_cjk(text: str) -> bool:
 
 
 def _is_emoji_or_control(ch: str) -> bool:
-    if ch in "\n\t":
+    if ch in "\n\t" or ch in DEGREE_SIGNS:
         return False
     cat = unicodedata.category(ch)
     if cat in ("Cc", "Cf", "Cs", "Co", "Cn"):
@@ -308,17 +310,61 @@ def _english_decimal(text: str) -> str:
     return out + (" point " + " ".join(_ONES[int(d)] for d in frac) if frac else "")
 
 
+def _signed_words(text: str) -> str:
+    """'-12.5' -> 'minus twelve point five'."""
+    words = _english_decimal(text.lstrip("-"))
+    return "minus " + words if text.startswith("-") else words
+
+
+# A number not glued to a word before it; its '-' is a minus sign only where no word or digit precedes it
+# ('-5', not the hyphen of '5-10').
+_SIGNED = r"(?<![\w.])-?\d+(?:\.\d+)?"
+# Units read after a number (upstream normalize_numbers' table, spec §7.9 step 4). The one-letter units
+# only as written there (s, V, A, W), so 'take 1 a day' keeps its article.
+_UNIT_WORDS = {"ms": "milliseconds", "s": "seconds", "hz": "hertz", "khz": "kilohertz", "mhz": "megahertz",
+               "ghz": "gigahertz", "kb": "kilobytes", "mb": "megabytes", "gb": "gigabytes", "tb": "terabytes",
+               "bps": "bits per second", "kbps": "kilobits per second", "mbps": "megabits per second",
+               "gbps": "gigabits per second", "cm": "centimeters", "km": "kilometers", "kg": "kilograms",
+               "v": "volts", "a": "amperes", "w": "watts", "°c": "degrees celsius", "°f": "degrees fahrenheit",
+               "℃": "degrees celsius", "℉": "degrees fahrenheit"}
+_UNIT = re.compile(rf"({_SIGNED})\s*((?i:ms|k?bps|[mg]bps|[kmg]?hz|[kmgt]b|cm|km|kg|°c|°f)|[sVAW℃℉])(?!\w)")
+_CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "£": ("pound", "pounds", "penny", "pence")}
+
+
+def _money(m: re.Match) -> str:
+    one, many, sub_one, sub_many = _CURRENCY[m.group(1)]
+    whole, cents = m.group(2).replace(",", ""), m.group(3)
+    words = english_number(int(whole)) + (f" {one}" if int(whole) == 1 else f" {many}")
+    if cents and int(cents):
+        words += " and " + english_number(int(cents)) + (f" {sub_one}" if int(cents) == 1 else f" {sub_many}")
+    return words
+
+
+def _fraction(m: re.Match) -> str:
+    """3/4 -> three quarters, 1/2 -> one half, 2/3 -> two thirds."""
+    num, den = int(m.group(1)), int(m.group(2))
+    if den <= 1:
+        return f"{english_number(num)} over {english_number(den)}"
+    name = {2: ("half", "halves"), 4: ("quarter", "quarters")}.get(den)
+    name = name[num != 1] if name else english_ordinal(den) + ("s" if num != 1 else "")
+    return f"{english_number(num)} {name}"
+
+
 def normalize_english_numbers(text: str) -> str:
-    def money(m):
-        whole, cents = m.group(1).replace(",", ""), m.group(2)
-        words = english_number(int(whole)) + (" dollar" if whole == "1" else " dollars")
-        if cents and int(cents):
-            words += " and " + english_number(int(cents)) + (" cent" if int(cents) == 1 else " cents")
-        return words
-    text = re.sub(r"\$(\d[\d,]*)(?:\.(\d\d))?", money, text)
-    text = re.sub(r"(\d+(?:\.\d+)?)%", lambda m: _english_decimal(m.group(1)) + " percent", text)
-    text = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: english_ordinal(int(m.group(1))), text)
+    """Numbers in text without CJK as words, in upstream's order of rules (normalize_numbers): grouping
+    commas, numbers with units (5MB, 10 ms, 25°C), money ($, £), fractions, percentages (signed),
+    ordinals, letters followed by a number (GPT-4, v2.1 -> 'GPT four', 'v two point one'), then the
+    numbers left (a leading '-' read 'minus'). Unlike upstream, ordinals stay ordinal ('21st' -> 'twenty-
+    first', upstream reads the cardinal), money keeps cents / pence, fractions take plurals, a date like
+    12/25/2024 is no fraction, and no commas are put between thousands."""
     text = re.sub(r"\d{1,3}(?:,\d{3})+", lambda m: m.group(0).replace(",", ""), text)
+    text = _UNIT.sub(lambda m: f"{_signed_words(m.group(1))} {_UNIT_WORDS[m.group(2).lower()]}", text)
+    text = re.sub(r"([$£])(\d[\d,]*)(?:\.(\d\d))?", _money, text)
+    text = re.sub(r"(?<![\w./])(\d+)/(\d+)(?![\w/])", _fraction, text)
+    text = re.sub(rf"({_SIGNED})%", lambda m: _signed_words(m.group(1)) + " percent", text)
+    text = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: english_ordinal(int(m.group(1))), text)
+    text = re.sub(r"\b([a-zA-Z]+)-?(\d+(?:\.\d+)?)\b", lambda m: f"{m.group(1)} {_english_decimal(m.group(2))}", text)
+    text = re.sub(r"(?<![\w.])-(?=\d)", "minus ", text)
     text = re.sub(r"\d+\.\d+", lambda m: _english_decimal(m.group(0)), text)
     return re.sub(r"\d+", lambda m: english_number(int(m.group(0))) if len(m.group(0)) <= 15
                   else " ".join(_ONES[int(d)] for d in m.group(0)), text)
@@ -380,6 +426,7 @@ def chinese_reading(number: str) -> str:
 
 def normalize_chinese_numbers(text: str) -> str:
     text = re.sub(r"(\d+(?:\.\d+)?)%", lambda m: "百分之" + chinese_reading(m.group(1)), text)
+    text = text.replace("℃", "摄氏度").replace("℉", "华氏度")
     return re.sub(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?", lambda m: chinese_reading(m.group(0)), text)
 
 

@@ -108,3 +108,25 @@ def test_a_dropped_newline_still_counts_as_a_unit():
     seg = Segmenter()
     assert seg.feed("12345678901\nabc") == ["12345678901"]
     assert seg.flush() == ["abc"]
+
+
+@pytest.mark.parametrize("text, spoken", [
+    ("The file is 5MB and took 10ms.", "The file is five megabytes and took ten milliseconds."),
+    ("It weighs 5 kg at 25°C, 2.5 GHz.", "It weighs five kilograms at twenty-five degrees celsius, two point five gigahertz."),
+    ("Wait 10 s, then 30℃.", "Wait ten seconds, then thirty degrees celsius."),
+    ("take 1 a day", "take one a day"),
+    ("It costs £5 or £1.01.", "It costs five pounds or one pound and one penny."),
+    ("Use 3/4 cup, 1/2 spoon, 2/3 left.", "Use three quarters cup, one half spoon, two thirds left."),
+    ("It was -5 degrees, pages 5-10, growth -25.5%.",
+     "It was minus five degrees, pages five-ten, growth minus twenty-five point five percent."),
+    ("GPT-4 and v2.1 in A4.", "GPT four and v two point one in A four."),
+])
+def test_english_numbers_with_units_money_fractions_signs_and_versions(text, spoken):
+    """Upstream's normalize_numbers (front/number_en.py, spec §7.9 step 4) reads units after a number,
+    pounds, fractions, signed percentages and letter-number names; none may be left as glued digits
+    ('fiveMB', 'three/four', '£five', 'vtwo') or dropped (the degree sign)."""
+    assert normalize(text) == spoken
+
+
+def test_chinese_degrees_are_read():
+    assert normalize("今天30℃") == "今天三十摄氏度"
