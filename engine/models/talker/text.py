@@ -11,12 +11,14 @@
    dots between capitals are never split.
 3. `normalize`: fragments without CJK get English number normalisation (integers, decimals, ordinals,
    units, currency, fractions, signed percentages, letter-number names); fragments with CJK get Chinese
-   number readings (℃ / ℉ as 摄氏度 / 华氏度). Emoji and control characters are removed (degree signs
-   are kept), a leading `，` is dropped.
+   number readings (℃ / ℉ as 摄氏度 / 华氏度). Markup is stripped as upstream's TalkerTN pre-processor
+   strips it (LaTeX, links, code, markdown images / emphasis / headings / rules, list symbols, spaces
+   between non-letters). Emoji and control characters are removed (degree signs are kept), a leading
+   `，` is dropped.
 
-NOT implemented: upstream's pynini text normaliser (`TalkerTN`; pynini is not available here). What it
-does beyond the number readings above (dates, times, units, phone numbers in Chinese context, symbols)
-is passed through as written.
+NOT implemented: the rest of upstream's text normaliser (`TalkerTN`'s regex readings and pynini grammars;
+pynini is not available here). What it does beyond the above (dates, times, units, phone numbers in
+Chinese context, symbols) is passed through as written.
 """
 
 from __future__ import annotations
@@ -430,9 +432,33 @@ def normalize_chinese_numbers(text: str) -> str:
     return re.sub(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?", lambda m: chinese_reading(m.group(0)), text)
 
 
+# What the talker must not read, as upstream's text normaliser (TalkerTN) strips it from every fragment
+# before reading numbers: LaTeX math, links, code, markdown images, emphasis / heading / rule marks and
+# list symbols; spaces between two non-letters go, runs of spaces between letters become one.
+_UNSPOKEN = tuple(re.compile(p, re.DOTALL) for p in (
+    r"\$\$.*?\$\$|\$.*?\$",
+    r"https?://[A-Za-z0-9./?=&_:-]+|www\.[A-Za-z0-9./?=&_:-]+",
+    r"```.*?```|`.*?`",
+    r"!\[.*?\]\(.*?\)",
+    r"\*\*\*|\*\*|###|---",
+    "[▼●★☆■□▲△◆◇○◎√×✔✖]"))
+
+
+def strip_markup(text: str) -> str:
+    for pattern in _UNSPOKEN:
+        text = pattern.sub("", text)
+    text = re.sub(r"(?<=[^a-zA-Z.]) +(?=[^a-zA-Z.])", "", text)
+    return re.sub(r"(?<=[a-zA-Z]) +(?=[a-zA-Z])", " ", text)
+
+
 def normalize(fragment: str) -> str:
+    """A fragment as the talker reads it (spec §7.9 step 4): English number readings (text without
+    CJK) then markup stripped, or markup stripped then Chinese number readings; no leading `，`."""
     text = clean_text(fragment).strip()
-    text = normalize_chinese_numbers(text) if has_cjk(text) else normalize_english_numbers(text)
+    if has_cjk(text):
+        text = normalize_chinese_numbers(strip_markup(text))
+    else:
+        text = strip_markup(normalize_english_numbers(text))
     text = re.sub(r"[ \t]+", " ", text).strip()
     return text[1:].lstrip() if text.startswith("，") else text
 

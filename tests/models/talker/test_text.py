@@ -130,3 +130,18 @@ def test_english_numbers_with_units_money_fractions_signs_and_versions(text, spo
 
 def test_chinese_degrees_are_read():
     assert normalize("今天30℃") == "今天三十摄氏度"
+
+
+@pytest.mark.parametrize("text, spoken", [
+    ("**Bold** see https://example.com/x?a=1 for `code`, ![img](a.png) ### done.", "Bold see for , done."),
+    ("The formula $x^2$ is simple, it cost $5.", "The formula is simple, it cost five dollars."),
+    ("```python\nprint(1)\n``` Done.", "Done."),
+    ("这是***重点***，见 www.example.cn 。", "这是重点，见。"),
+    ("今天 天气 很好", "今天天气很好"),
+    ("我有 iPhone 15 和 Mac", "我有 iPhone 十五和 Mac"),
+])
+def test_markup_links_and_code_are_not_read(text, spoken):
+    """Upstream's text normaliser (talker_tn TalkerPreProcessor, spec §7.9 step 4) strips what a reply's
+    markdown carries (emphasis, headings, rules, images, code, LaTeX, links) and the spaces between two
+    non-letters before the talker reads a fragment; English money is read before the LaTeX rule."""
+    assert normalize(text) == spoken
