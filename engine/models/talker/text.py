@@ -11,14 +11,14 @@
    dots between capitals are never split.
 3. `normalize`: fragments without CJK get English number normalisation (integers, decimals, ordinals,
    units, currency, fractions, signed percentages, letter-number names); fragments with CJK get Chinese
-   number readings (℃ / ℉ as 摄氏度 / 华氏度). Markup is stripped as upstream's TalkerTN pre-processor
-   strips it (LaTeX, links, code, markdown images / emphasis / headings / rules, list symbols, spaces
-   between non-letters). Emoji and control characters are removed (degree signs are kept), a leading
-   `，` is dropped.
+   readings (years digit by digit, dates, clock times and versions in words, ℃ / ℉ as 摄氏度 / 华氏度).
+   Markup is stripped as upstream's TalkerTN pre-processor strips it (LaTeX, links, code, markdown
+   images / emphasis / headings / rules, list symbols, spaces between non-letters). Emoji and control
+   characters are removed (degree signs are kept), a leading `，` is dropped.
 
-NOT implemented: the rest of upstream's text normaliser (`TalkerTN`'s regex readings and pynini grammars;
-pynini is not available here). What it does beyond the above (dates, times, units, phone numbers in
-Chinese context, symbols) is passed through as written.
+NOT implemented: the rest of upstream's text normaliser (`TalkerTN`'s other regex readings and its pynini
+grammars; pynini is not available here): phone numbers, serial numbers, money and measures in Chinese
+context, formulas, symbols are passed through as written (numbers in them read as cardinals).
 """
 
 from __future__ import annotations
@@ -426,7 +426,61 @@ def chinese_reading(number: str) -> str:
     return out + ("点" + _zh_digits(frac) if frac else "")
 
 
+_MONTHS = {f"{n}" for n in range(1, 13)} | {f"{n:02d}" for n in range(1, 10)}
+_DAYS = {f"{n}" for n in range(1, 32)} | {f"{n:02d}" for n in range(1, 10)}
+_NOON = {"am": "上午", "AM": "上午", "a m": "上午", "A M": "上午", "pm": "下午", "PM": "下午", "p m": "下午", "P M": "下午"}
+
+
+def _zh_year(digits: str) -> str:
+    """A year digit by digit, leading zeros dropped: 2024 -> 二零二四."""
+    return _zh_digits(digits.lstrip("0"))
+
+
+# Characters that join digits into one run in upstream's Chinese normaliser (a date or a time is a whole run).
+_DIGIT_PUNCT = r"\d\-~～:：.+x*/÷=≥≤><"
+
+
+def _zh_date(m: re.Match) -> str:
+    """yyyy年mm月dd日 / yyyy-mm-dd (also . or /) with a real month and day. A dotted run a.b.c that is no
+    date, or follows 'v' or '版本', is a version (a点b点c); anything else stays as written."""
+    year, month, day, mark = m.group("y"), m.group("m"), m.group("d"), m.group("mark")
+    before = re.split(f"[{_DIGIT_PUNCT}]", m.string[:m.start()])[-1]
+    version = mark == "." and (before[-1:] in ("v", "V") or "版本" in before)
+    if month not in _MONTHS or (day is not None and day not in _DAYS) or version:
+        return "点".join(chinese_number(int(x)) for x in (year, month, day)) if mark == "." else m.group(0)
+    out = (_zh_year(year) + "年" if year else "") + chinese_number(int(month)) + "月"
+    return out + ("" if day is None else chinese_number(int(day)) + ("号" if mark in "-./" else mark))
+
+
+def _zh_time(hour: str, minute: str, second: str | None, noon: str | None) -> str:
+    """h:mm[:ss][am|pm] -> [上午|下午]h点mm分[ss秒]: 2 o'clock is 两点, :00 is 整, a minute or second
+    under ten (or written 0x) takes 零."""
+    out = _NOON.get(noon or "", "") + ("两" if hour in ("2", "02") else chinese_number(int(hour))) + "点"
+    if int(minute) == 0 and (second is None or int(second) == 0):
+        return out + "整"
+    for value, unit in ((minute, "分"), (second, "秒")):
+        if value is not None:
+            zero = "零" if len(value) == 1 or value[0] == "0" else ""
+            out += "零" + unit if int(value) == 0 else zero + chinese_number(int(value)) + unit
+    return out
+
+
+_CLOCK = r"(\d{1,2})[:：](\d{1,2})(?:[:：](\d{1,2}))?"
+_NOON_MARK = r"(am|pm|AM|PM|a m|p m|A M|P M)?"
+
+
 def normalize_chinese_numbers(text: str) -> str:
+    """Chinese readings, after the date, version and time rules of upstream's Chinese text normaliser: a
+    year is read digit by digit, dates and clock times in words (2024年5月1日 -> 二零二四年五月一日,
+    10:30-11:00 -> 十点三十分至十一点整), v1.2.3 -> v一点二点三."""
+    text = re.sub(r"(?<!\d)(?P<y>\d+)年(?P<m>\d{1,2})月(?:(?P<d>\d{1,2})(?P<mark>[日号]))?", _zh_date, text)
+    text = re.sub(rf"(?<![{_DIGIT_PUNCT}])(?P<y>\d+)(?P<mark>[-./])(?P<m>\d+)(?P=mark)(?P<d>\d+)(?![{_DIGIT_PUNCT}])",
+                  _zh_date, text)
+    text = re.sub(r"(?<!\d)(?P<y>)(?P<m>\d{1,2})月(?P<d>\d{1,2})(?P<mark>[日号])", _zh_date, text)
+    text = re.sub(r"(?<!\d)(\d{4})(?=年)", lambda m: _zh_year(m.group(1)), text)
+    text = re.sub(rf"(?<![{_DIGIT_PUNCT}]){_CLOCK}[-~～]{_CLOCK}(?![{_DIGIT_PUNCT}]){_NOON_MARK}",
+                  lambda m: _zh_time(*m.group(1, 2, 3), None) + "至" + _zh_time(*m.group(4, 5, 6, 7)), text)
+    text = re.sub(rf"(?<![{_DIGIT_PUNCT}]){_CLOCK}(?![{_DIGIT_PUNCT}]){_NOON_MARK}", lambda m: _zh_time(*m.groups()), text)
     text = re.sub(r"(\d+(?:\.\d+)?)%", lambda m: "百分之" + chinese_reading(m.group(1)), text)
     text = text.replace("℃", "摄氏度").replace("℉", "华氏度")
     return re.sub(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?", lambda m: chinese_reading(m.group(0)), text)

@@ -145,3 +145,19 @@ def test_markup_links_and_code_are_not_read(text, spoken):
     markdown carries (emphasis, headings, rules, images, code, LaTeX, links) and the spaces between two
     non-letters before the talker reads a fragment; English money is read before the LaTeX rule."""
     assert normalize(text) == spoken
+
+
+@pytest.mark.parametrize("text, spoken", [
+    ("今天是2024年5月1日，明天是5月2号。", "今天是二零二四年五月一日，明天是五月二号。"),
+    ("我在2008年去过北京，3年后回来", "我在二零零八年去过北京，三年后回来"),
+    ("会议在2024-05-01举行", "会议在二零二四年五月一号举行"),
+    ("下午2:05出发，10:30:05到", "下午两点零五分出发，十点三十分零五秒到"),
+    ("10:30-11:00开会，0:00结束", "十点三十分至十一点整开会，零点整结束"),
+    ("9:30pm见", "下午九点三十分见"),
+    ("升级到v2.1.3了，版本号是1.2.3", "升级到v二点一点三了，版本号是一点二点三"),
+])
+def test_chinese_dates_times_and_versions(text, spoken):
+    """Upstream's Chinese normaliser (talker_tn/re_utils re_date / re_time / re_version, spec §7.9 step 4)
+    reads a year digit by digit, dates and clock times in words (两点, 整, 零五分, 至 for a range) and
+    a v/版本 dotted number as a version, not as cardinals ('二千零二十四年', '十:三十')."""
+    assert normalize(text) == spoken
