@@ -46,17 +46,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _music(spec: str | None) -> dict | None:
+    """'genre=...,duration=30' (or '30s', as the music prompt writes it) -> the music dict; ValueError
+    naming a duration that is no number of seconds."""
     if not spec:
         return None
     out: dict = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, _, value = part.partition("=")
-        out[key.strip()] = float(value) if key.strip() == "duration" else value.strip()
+        key, value = key.strip(), value.strip()
+        if key == "duration":
+            try:
+                value = float(value.removesuffix("s"))
+            except ValueError:
+                raise ValueError(f"--music duration must be a number of seconds (e.g. 30 or 30s), got {value!r}") from None
+        out[key] = value
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        music = _music(args.music)
+    except ValueError as e:
+        parser.error(str(e))  # before the model loads: exit status 2 with the usage line
     from engine.runtime import Engine  # noqa: PLC0415  (torch import only when running)
     try:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
@@ -100,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for ev in engine.speak(args.text, voice=voice, ref_audio=ref, ref_text=args.ref_text, instruct=args.instruct,
                                task=args.task, cfg=args.cfg, sigma=args.sigma, temperature=args.temperature,
-                               seed=args.seed, max_seconds=args.max_seconds, music=_music(args.music)):
+                               seed=args.seed, max_seconds=args.max_seconds, music=music):
             if isinstance(ev, AudioChunk):
                 if first is None:
                     first = time.perf_counter() - t0

@@ -2,7 +2,9 @@
 
 import wave
 
-from engine.tts import main
+import pytest
+
+from engine.tts import _music, main
 
 
 def test_cli_writes_wav_and_prints_figures(tiny_checkpoint, tmp_path, capsys):
@@ -16,3 +18,14 @@ def test_cli_writes_wav_and_prints_figures(tiny_checkpoint, tmp_path, capsys):
     assert main(["--model", str(tiny_checkpoint), "--text", "hi", "--instruct", "dialect=klingon",
                  "--out", str(tmp_path / "x.wav")]) == 1
     assert "cantonese" in capsys.readouterr().err
+
+
+def test_cli_music_duration_as_written_in_the_prompt_or_refused_before_loading(capsys):
+    """'--music duration=30s' (the music prompt's own 'Duration: 30s.') is 30 seconds; a duration that is no
+    number ends with a usage error naming it (status 2), not a traceback after the model has loaded."""
+    assert _music("genre=jazz, duration=30s") == {"genre": "jazz", "duration": 30.0}
+    assert _music("duration=12.5")["duration"] == 12.5
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "/nonexistent/never/loaded", "--task", "music", "--music", "genre=jazz,duration=soon",
+              "--out", "x.wav"])
+    assert exit_info.value.code == 2 and "duration" in capsys.readouterr().err
