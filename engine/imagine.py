@@ -44,7 +44,7 @@ from engine.models.imagegen.buckets import SizePlan, center_crop_box, parse_aspe
 from engine.models.imagegen.condition import condition_from_prompt
 from engine.models.imagegen.config import ImageGenError
 from engine.models.imagegen.diffusion import (CfgOptions, caption_features, check_latent_grid, decode_latents, denoise,
-                                              encode_reference, initial_noise, latent_shape, make_scheduler,
+                                              encode_reference, latent_shape, make_scheduler, seeded_noise,
                                               steps_for_preview)
 from engine.models.imagegen.glyph import glyph_text_from_prompt
 from engine.models.imagegen.preview import preview_png, preview_size
@@ -262,7 +262,7 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
             if ref is not None:
                 ref_latent = encode_reference(gen.vae, _reference_pixels(ref, plan, aspect).to(dev))
             shape = latent_shape(*plan.diffusion, gen.latent_channels, gen.vae_scale)
-            latents = initial_noise(seed, shape).to(dev)
+            latents, step_noise = seeded_noise(seed, shape, dev)
             scheduler, _ = make_scheduler(gen.scheduler_config, request.steps, shape[2:], device=dev)
         n = len(scheduler.timesteps)
         if cancel is not None and cancel.is_set():  # stopped while the prompt was being encoded
@@ -274,7 +274,7 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
         t_loop = time.perf_counter()
         done_steps = 0
         for step in denoise(gen.transformer, scheduler, latents, caption, negative, request.guidance, ref_latent,
-                            request.cfg_options()):
+                            request.cfg_options(), step_noise):
             latents = step.latents_out
             done_steps += 1
             yield Progress("denoising", done_steps, n)

@@ -110,11 +110,24 @@ def make_scheduler(scheduler_config: dict, steps: int, latent_hw: tuple[int, int
     return sched, mu
 
 
-def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """fp32 Gaussian latents from a CPU generator seeded with `seed` (spec §8.6, §9 item 21): the same
-    numbers as the reference's `torch.manual_seed(seed)` on any device the loop then runs on."""
+def seeded_noise(seed: int, shape: tuple[int, ...], device=None) -> tuple[torch.Tensor, torch.Generator]:
+    """What the reference's `torch.manual_seed(seed)` gives its pipeline (spec §8.6, §9 item 21): fp32 Gaussian
+    latents from the CPU stream (the same numbers on any device the loop then runs on), moved to `device`,
+    and the generator a stochastic scheduler step (`stochastic_sampling` in the scheduler config) draws from.
+    Those steps call torch.randn_like on the latents' device with the global generators that manual_seed
+    seeded: on the CPU the stream the latents came from goes on, elsewhere that device's stream starts at
+    `seed`."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randn(shape, generator=gen, dtype=torch.float32)
+    latents = torch.randn(shape, generator=gen, dtype=torch.float32)
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cpu":
+        return latents, gen
+    return latents.to(device), torch.Generator(device=device).manual_seed(int(seed))
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The fp32 CPU latents of `seeded_noise`."""
+    return seeded_noise(seed, shape)[0]
 
 
 def latent_shape(height: int, width: int, channels: int, vae_scale: int) -> tuple[int, int, int, int]:
@@ -158,11 +171,12 @@ def dit_velocity(transformer: nn.Module, latents: torch.Tensor, t_dit: torch.Ten
 
 def denoise(transformer: nn.Module, scheduler, latents: torch.Tensor, caption: torch.Tensor,
             negative_caption: torch.Tensor, guidance: float, ref_latent: torch.Tensor | None = None,
-            options: CfgOptions = CfgOptions()) -> Iterator[DenoiseStep]:
+            options: CfgOptions = CfgOptions(), generator: torch.Generator | None = None) -> Iterator[DenoiseStep]:
     """The CFG Euler loop (spec §8.6), one yield per step. `latents` fp32 [1, C, h, w] on the DiT's
     device; captions [L, C_cap]. CFG runs when guidance > 1 and `options` does not truncate the step:
     pred = pos + g·(pos − neg) in fp32, renormalised per `options`; otherwise the DiT runs the positive
-    branch alone and pred = pos. The model output is −pred. Yields happen outside inference mode (it is
+    branch alone and pred = pos. The model output is −pred. A stochastic scheduler draws its step noise
+    from `generator` (seeded_noise's; None: the global RNG). Yields happen outside inference mode (it is
     thread-local)."""
     timesteps = scheduler.timesteps
     t_scale = PIPELINE_TIMESTEP_SCALE
@@ -179,7 +193,7 @@ def denoise(transformer: nn.Module, scheduler, latents: torch.Tensor, caption: t
             pred = options.renormalize(pos + guidance * (pos - out[1, :, 0].float()), pos) if cfg else pos
             model_output = -pred.unsqueeze(0)
             sigma = float(scheduler.sigmas[i])
-            new = scheduler.step(model_output, t, latents, return_dict=False)[0]
+            new = scheduler.step(model_output, t, latents, generator=generator, return_dict=False)[0]
         yield DenoiseStep(index=i, total=n, timestep=t, sigma=sigma, latents_in=latents, latents_out=new,
                           model_output=model_output, dit_t=t_dit, dit_out=out)
         latents = new
@@ -233,4 +247,4 @@ def steps_for_preview(total: int, every: int) -> set[int]:
 
 __all__ = ["CAPTION_NORM_SCALE", "CfgOptions", "DenoiseStep", "caption_features", "check_latent_grid", "decode_latents",
            "denoise", "dit_velocity", "dynamic_shift_mu", "encode_latents", "encode_reference", "initial_noise", "latent_shape",
-           "make_scheduler", "steps_for_preview", "vae_scale_factor"]
+           "make_scheduler", "seeded_noise", "steps_for_preview", "vae_scale_factor"]

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from engine.models.imagegen.condition import Connector, condition_from_prompt, load_caption_mlp, load_query_head
 from engine.models.imagegen.config import QueryHeadConfig, wrapper_switches
 from engine.models.imagegen.diffusion import (CfgOptions, caption_features, decode_latents, denoise,
-                                              encode_reference, initial_noise, latent_shape, make_scheduler,
+                                              encode_reference, latent_shape, make_scheduler, seeded_noise,
                                               vae_scale_factor)
 from engine.models.imagegen.glyph import GlyphEncoder, glyph_text_from_prompt
 
@@ -161,7 +161,7 @@ def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
         scheduler_config = json.loads((folder / "scheduler_config.json").read_text())
         cond = inputs[k + "condition_embeds"][0].to(device)
         shape = latent_shape(int(r["height"]), int(r["width"]), transformer.config.in_channels, vae_scale_factor(vae))
-        latents = initial_noise(int(r["seed"]), shape)
+        latents, step_noise = seeded_noise(int(r["seed"]), shape, device)
         cmp.exact(k + "init_latents", latents)
         scheduler, mu = make_scheduler(scheduler_config, int(r["steps"]), shape[2:], device=device)
         cmp.close(k + "timesteps", scheduler.timesteps, t_sched)
@@ -175,8 +175,8 @@ def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
             with torch.inference_mode():
                 ref = encode_reference(vae, inputs[k + "ref_pixels"].to(device))
             cmp.close(k + "ref_latents", ref, t_lat)
-        steps = list(denoise(transformer, scheduler, latents.to(device), caption, negative,
-                             float(r["guidance_scale"]), ref, recorded_cfg_options(meta, r)))
+        steps = list(denoise(transformer, scheduler, latents, caption, negative,
+                             float(r["guidance_scale"]), ref, recorded_cfg_options(meta, r), step_noise))
         # The caption features of the branches the first DiT call ran: [positive, negative] with CFG, the
         # positive alone without (guidance <= 1, or truncated from the start).
         cmp.close(k + "cap_feats", torch.stack([caption, negative][: steps[0].dit_out.shape[0]]), t_dit)

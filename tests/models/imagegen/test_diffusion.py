@@ -6,8 +6,8 @@ import torch
 
 from engine.models.imagegen.condition import CaptionMLP
 from engine.models.imagegen.config import QueryHeadConfig
-from engine.models.imagegen.diffusion import (caption_features, dynamic_shift_mu, initial_noise, latent_shape,
-                                              make_scheduler, steps_for_preview)
+from engine.models.imagegen.diffusion import (caption_features, denoise, dynamic_shift_mu, initial_noise, latent_shape,
+                                              make_scheduler, seeded_noise, steps_for_preview)
 
 STATIC = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
           "use_dynamic_shifting": False}
@@ -161,3 +161,28 @@ def test_a_bf16_dit_gets_the_timestep_in_fp32():
     expected = (1000.0 - sched.timesteps) / 1000.0
     assert all(t.dtype == torch.float32 and x == c == torch.bfloat16 for t, x, c in dit.seen)
     assert torch.equal(torch.stack([t[0] for t, _, _ in dit.seen]), expected.float())
+
+
+def test_a_stochastic_scheduler_draws_its_step_noise_from_the_seeded_stream():
+    """A scheduler config with stochastic_sampling draws fresh noise at every step. The reference seeds the
+    global generators with torch.manual_seed(seed), draws the latents, and its steps call torch.randn_like
+    on the latents' device, so on the CPU the step noise continues the stream the latents came from: the same
+    seed gives the same picture. We drew it from whatever state the global RNG was in."""
+    config = {**STATIC, "stochastic_sampling": True}
+    shape = (1, 4, 8, 8)
+    cap = torch.ones(3, 8)
+
+    def run(latents, generator):
+        sched, _ = make_scheduler(config, 4, shape[2:])
+        steps = list(denoise(_CaptionDiT(), sched, latents, cap, torch.zeros_like(cap), 2.0, generator=generator))
+        return torch.stack([s.latents_out for s in steps])
+
+    torch.manual_seed(7)                  # the reference: global stream for the latents, then for every step
+    expected = run(torch.randn(shape), None)
+    torch.manual_seed(12345)              # whatever the global RNG holds, the seed decides the picture
+    ours = run(*seeded_noise(7, shape, "cpu"))
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    again = run(*seeded_noise(7, shape, "cpu"))
+    torch.testing.assert_close(again, ours, rtol=0, atol=0)
+    other = run(*seeded_noise(8, shape, "cpu"))
+    assert not torch.allclose(other[-2], ours[-2])
