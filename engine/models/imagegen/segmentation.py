@@ -4,13 +4,18 @@ Segmentation is an ordinary edit: the model is asked to paint the target in a co
 input with the target overlaid; the binary mask is recovered from the difference between the input
 and the output, as the SDK does:
 
-1. blur both images (3×3 Gaussian, σ = 1), in [0, 1];
+1. blur both images (3×3 Gaussian, σ = 1, sampled as the SDK's `gaussian_kernel` does: at
+   linspace(−k/2, k/2, k) = −1.5, 0, 1.5, so 0.197 / 0.606 / 0.197 per axis), in [0, 1];
 2. d = f₁ − (2·f₂ − f₁) with f₁ the input (the reference) and f₂ the output [U: the SDK's argument
    order was not visible; with a 50 % blend of the colour inside the mask this is |f₁ − colour|
    there and 0 elsewhere];
 3. blur |d| again and average over the channels;
 4. threshold > 0.15;
 5. median filter, kernel 11.
+
+The mask keeps the picture's size: the blurs reflect at the border where the SDK's unpadded
+convolutions drop two pixels a side (and its cut-out stretches that smaller mask back), so the two
+agree away from the border.
 
 An empty mask means the model painted nothing: the target was not found, and the result says so. A
 mask over (nearly) the whole picture means the model repainted everything instead of marking a region
@@ -63,8 +68,17 @@ def preset_prompt(preset: str, text: str) -> str:
     return EDIT_PRESETS[preset].format(text=text.strip())
 
 
+def blur_kernel(size: int = BLUR_KERNEL, sigma: float = BLUR_SIGMA) -> np.ndarray:
+    """The SDK's normalised Gaussian per axis, exp(−x²/2σ²) at x = linspace(−size/2, size/2, size) (its 2-D
+    kernel is the outer product)."""
+    x = np.linspace(-size / 2, size / 2, size)
+    g = np.exp(-(x ** 2) / (2.0 * sigma ** 2))
+    return (g / g.sum()).astype(np.float32)
+
+
 def _blur(x: np.ndarray) -> np.ndarray:
-    return cv2.GaussianBlur(x, (BLUR_KERNEL, BLUR_KERNEL), BLUR_SIGMA)
+    k = blur_kernel()
+    return cv2.sepFilter2D(x, -1, k, k, borderType=cv2.BORDER_REFLECT_101)
 
 
 def recover_mask(reference: np.ndarray, output: np.ndarray) -> np.ndarray:

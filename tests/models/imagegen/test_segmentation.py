@@ -53,3 +53,36 @@ def test_presets_wrap_the_text():
     assert preset_prompt("remove_object", "cup").startswith("Remove the cup")
     with pytest.raises(ImageGenError):
         preset_prompt("recolour", "x")
+
+
+def _sdk_mask(reference: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """The SDK's get_mask(ref, pre) as it is written (ming_sdk/ming_img.py): gaussian_kernel(3, 1) sampled at
+    torch.linspace(-1.5, 1.5, 3), unpadded depthwise conv2d, (pre - 0.5 ref) * 2, |diff|, blur, channel mean
+    > 0.15, medianBlur 11. Its mask is 2 pixels smaller than the picture on every side."""
+    import cv2
+    import torch
+    x, y = torch.meshgrid(torch.linspace(-1.5, 1.5, 3), torch.linspace(-1.5, 1.5, 3), indexing="ij")
+    g = torch.exp(-(x ** 2 + y ** 2) / 2.0)
+    conv = torch.nn.Conv2d(3, 3, 3, groups=3, bias=False)
+    conv.weight.data = (g / g.sum()).expand(3, 3, 3).unsqueeze(1)
+    with torch.no_grad():
+        f1, f2 = (conv(torch.from_numpy(a).permute(2, 0, 1).float().div(255).unsqueeze(0)) for a in (reference, output))
+        score = conv((f1 - (f2 - 0.5 * f1) * 2).abs()).mean(dim=1)[0]
+    return cv2.medianBlur((score > 0.15).numpy().astype(np.uint8) * 255, 11) > 0
+
+
+def test_mask_recovery_blurs_with_the_sdks_kernel():
+    """The SDK samples its 3x3 sigma-1 Gaussian at -1.5, 0, 1.5 (0.197 / 0.606 / 0.197), not at -1, 0, 1 as
+    cv2.GaussianBlur does (0.274 / 0.452 / 0.274). Where the output differs from the input in fine detail
+    (stripes 39/255 darker on every other column, next to a painted region) the two kernels put the score
+    on either side of the 0.15 threshold: with cv2's the whole striped area was marked."""
+    image, target = _scene(3)
+    painted = overlay(image, target, "green").astype(np.int16)
+    painted[10:86, 64:90:2] -= 39
+    painted = np.clip(painted, 0, 255).astype(np.uint8)
+    ours = recover_mask(image, painted)
+    sdk = _sdk_mask(image, painted)
+    assert ours.shape == image.shape[:2] and sdk.shape == (92, 92)
+    inner = ours[2:-2, 2:-2][5:-5, 5:-5]  # the SDK's pixels whose median window lies inside its smaller mask
+    assert np.array_equal(inner, sdk[5:-5, 5:-5])
+    assert inner.any() and not inner.all()
