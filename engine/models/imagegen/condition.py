@@ -166,7 +166,7 @@ class ConditionTrace:
     image_mask: torch.Tensor         # [1, L'] image-gate tokens
     last_scale_hidden: torch.Tensor  # [1, s², H]
     connector_out: torch.Tensor      # [1, s², C_conn]
-    condition: torch.Tensor          # [1, s², C] L2-normalised
+    condition: torch.Tensor          # [1, s², C] L2-normalised, fp32
 
 
 def condition_from_prompt(llm: BailingMoeV2ForCausalLM, numerics: Numerics, head: QueryHead, connector: Connector,
@@ -187,7 +187,10 @@ def condition_from_prompt(llm: BailingMoeV2ForCausalLM, numerics: Numerics, head
     last = hidden[:, layout.last_scale_slots.to(hidden.device)]
     x = head.proj_in(last.to(head.proj_in.weight.device, head.proj_in.weight.dtype))
     conn_out = connector(x.to(next(connector.parameters()).dtype))
-    cond = l2_normalize(head.proj_out(conn_out.to(head.proj_out.weight.dtype)))
+    # The reference runs proj_out and the normalisation under bf16 autocast, where F.normalize's norm is taken in
+    # fp32 and the division promotes: the condition is the fp32 normalisation of proj_out's output, and stays
+    # fp32 up to the DiT (the pipeline and the x1000 wrapper never cast it).
+    cond = l2_normalize(head.proj_out(conn_out.to(head.proj_out.weight.dtype)).float())
     return ConditionTrace(layout=layout, slot_embeds=slots, inputs_embeds=embeds, position_ids=positions,
                           image_mask=image_mask, last_scale_hidden=last, connector_out=conn_out, condition=cond)
 

@@ -157,15 +157,18 @@ class DenoiseStep:
 def dit_velocity(transformer: nn.Module, latents: torch.Tensor, t_dit: torch.Tensor, captions: list[torch.Tensor],
                  ref_latent: torch.Tensor | None) -> torch.Tensor:
     """One DiT call on a batch of branches sharing the latent: returns frame 0 of each, [B, C, 1, h, w].
-    `ref_latent` [C, 1, h, w] becomes frame 1 of every branch (spec §8.8). `t_dit` is passed in fp32."""
+    `ref_latent` [C, 1, h, w] becomes frame 1 of every branch (spec §8.8). `t_dit` is passed in fp32, the
+    captions in the dtype they come in."""
     dtype = next(transformer.parameters()).dtype
     x = latents[0].to(dtype).unsqueeze(1)  # [C, 1, h, w]
     if ref_latent is not None:
         x = torch.cat([x, ref_latent.to(x.device, dtype)], dim=1)
     xs = [x for _ in captions]
-    # The timestep stays float32 as the reference pipeline passes it (the DiT builds its sinusoid from t·t_scale
-    # in fp32 and casts the embedding itself); latents and captions go in the DiT's dtype.
-    out = transformer(xs, t_dit.float(), [c.to(dtype) for c in captions], return_dict=False)[0]
+    # As the reference pipeline hands them over: the latents in the DiT's dtype, the timestep in float32 (the DiT
+    # builds its sinusoid from t·t_scale in fp32 and casts the embedding itself) and the captions uncast (fp32
+    # from the identity wrapper: cap_embedder's RMSNorm takes its statistics in fp32 and rounds to the weights'
+    # dtype once).
+    out = transformer(xs, t_dit.float(), list(captions), return_dict=False)[0]
     return torch.stack([o[:, :1] for o in out])
 
 

@@ -146,7 +146,7 @@ def test_a_bf16_dit_gets_the_timestep_in_fp32():
     """The reference hands ZImageTransformer2DModel the float32 (1000 - t)/1000 whatever the DiT's dtype (it
     scales by t_scale and builds the sinusoid in fp32 before casting); we cast it to the weights' dtype
     first, so a bf16 DiT saw e.g. 1/7 as 0.1426 and 1000·t off by ~0.3: the cosine phase of the lowest
-    frequency moved. The latents and captions still go in the DiT's dtype."""
+    frequency moved. The latents go in the DiT's dtype, the captions as they come (fp32 here)."""
     from engine.models.imagegen.diffusion import denoise
 
     class _DtypeDiT(_RecordingDiT):
@@ -159,7 +159,7 @@ def test_a_bf16_dit_gets_the_timestep_in_fp32():
     cap = torch.ones(3, 8)
     list(denoise(dit, sched, torch.zeros(1, 4, 8, 8), cap, torch.zeros_like(cap), 2.0))
     expected = (1000.0 - sched.timesteps) / 1000.0
-    assert all(t.dtype == torch.float32 and x == c == torch.bfloat16 for t, x, c in dit.seen)
+    assert all(t.dtype == c == torch.float32 and x == torch.bfloat16 for t, x, c in dit.seen)
     assert torch.equal(torch.stack([t[0] for t, _, _ in dit.seen]), expected.float())
 
 

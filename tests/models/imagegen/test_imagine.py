@@ -220,3 +220,42 @@ def test_glyph_text_is_read_from_the_whole_chat_prompt(tiny_engine):
     assert glyph("Write 'OPEN' on the door", "You're a sign painter.") == ""
     assert glyph('Paint "SALE" on the window', "Never remove the subject.") == ""
     assert glyph('Paint "SALE" on the window', "You paint signs.") == 'Text "SALE". '
+
+
+def test_a_bf16_engine_hands_the_dit_the_condition_in_fp32(tiny_checkpoint):
+    """The reference computes proj_out and the L2 normalisation under bf16 autocast: F.normalize's norm is taken
+    in fp32 and the division promotes, so the condition is the fp32 normalisation of the bf16 proj_out output;
+    ZImagePipeline hands it on uncast, the wrapper's x1000 renormalisation runs in fp32, and the DiT's
+    cap_embedder RMSNorm (fp32 statistics) rounds to bf16 once. We rounded the condition to bf16 after
+    normalising it and the caption features again before the DiT (spec §8.3 step 4, §8.5 wrapper)."""
+    import torch
+    import torch.nn.functional as F
+
+    from engine import imagine
+
+    bf16 = Engine.load(tiny_checkpoint, dtype="bf16", device="cpu")
+    gen = bf16.image_generator
+    assert gen.transformer.dtype == torch.bfloat16 and gen.head_config.text_encoder_norm
+    seen = {}
+
+    def keep(name, value) -> None:  # hooks must return None to leave the call alone
+        seen.setdefault(name, value)
+
+    hooks = [gen.query_head.proj_out.register_forward_hook(lambda m, a, out: keep("proj_out", out)),
+             gen.transformer.register_forward_pre_hook(lambda m, args: keep("captions", args[2]))]
+    real = imagine.condition_from_prompt
+    try:
+        imagine.condition_from_prompt = lambda *a, **k: seen.setdefault("trace", real(*a, **k))
+        done = _final(list(bf16.imagine("a cat", seed=5, **{**FAST, "steps": 1})))
+    finally:
+        imagine.condition_from_prompt = real
+        for h in hooks:
+            h.remove()
+    assert isinstance(done, Done), done
+    assert seen["proj_out"].dtype == torch.bfloat16
+    cond = seen["trace"].condition
+    assert cond.dtype == torch.float32
+    torch.testing.assert_close(cond, F.normalize(seen["proj_out"].float(), dim=-1), rtol=1e-6, atol=1e-7)
+    positive = seen["captions"][0]
+    assert positive.dtype == torch.float32
+    torch.testing.assert_close(positive, F.normalize(cond[0], dim=-1) * 1000.0, rtol=1e-6, atol=1e-4)
