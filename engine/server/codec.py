@@ -51,6 +51,13 @@ def shown(value: Any, limit: int = ECHO_CHARS) -> str:
     return f"{text[:limit]!r}… ({len(text):,} characters)"
 
 
+def shown_number(value: Any) -> str:
+    """A client's number as an error message quotes it: as written, or cut like `shown` when it is
+    long (JSON lets a client write an integer of thousands of digits)."""
+    text = str(value)
+    return text if len(text) <= ECHO_CHARS else shown(text)
+
+
 # --------------------------------------------------------------------------- primitive checks
 
 
@@ -68,16 +75,25 @@ def need_dict(value: Any, name: str) -> dict:
     return value
 
 
+def finite_number(value: Any) -> bool:
+    """A JSON number that is not NaN or ±Infinity (which Python's json reads). An integer is always
+    finite, however long: math.isfinite would raise OverflowError past float's range (1e309 written
+    out), where a client's huge number is a bad value like any other."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
 def need_number(value: Any, name: str, lo: float | None = None, hi: float | None = None,
                 integer: bool = False) -> float | int:
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok:
         raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {type(value).__name__}",
                   "invalid_type", name)
-    if not math.isfinite(value):
+    if not finite_number(value):
         raise bad(f"'{name}' must be finite", "invalid_value", name)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise bad(f"'{name}' must be in [{lo}, {hi}], got {value}", "invalid_value", name)
+        raise bad(f"'{name}' must be in [{lo}, {hi}], got {shown_number(value)}", "invalid_value", name)
     return value
 
 

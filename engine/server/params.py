@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.sampling import GenerationParams
-from engine.server.codec import bad, need_number, need_str, shown
+from engine.server.codec import bad, need_number, need_str, shown, shown_number
 from engine.server.limits import Limits
 from engine.server.protocol import ApiError
 
@@ -90,12 +90,13 @@ def max_tokens_from(body: dict, limits: Limits, default: int | None = None, wher
                                                                                         integer=True))
     if len(set(given.values())) > 1:
         names = list(given)
-        raise bad(f"{' and '.join(repr(n) for n in names)} disagree ({', '.join(str(given[n]) for n in names)}): "
+        values = ", ".join(shown_number(given[n]) for n in names)
+        raise bad(f"{' and '.join(repr(n) for n in names)} disagree ({values}): "
                   "they name the same limit, give one of them", "invalid_value", names[0])
     for name, n in given.items():
         if n > limits.max_new_tokens:
-            raise bad(f"'{name}' is {n}; this server allows at most {limits.max_new_tokens}", "max_tokens_exceeded",
-                      name)
+            raise bad(f"'{name}' is {shown_number(n)}; this server allows at most {limits.max_new_tokens}",
+                      "max_tokens_exceeded", name)
     return next(iter(given.values()), default if default is not None else limits.default_max_tokens)
 
 

@@ -22,7 +22,6 @@ one starts if the speaker goes on.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from engine.errors import SettingError
 from engine.media.audio import StreamingResampler
+from engine.server.codec import finite_number, shown_number
 from engine.models.vad.silero import CONTEXT, SAMPLE_RATE as VAD_RATE, WINDOW, SileroVad, VadUnavailable
 
 WINDOW_MS = 1000 * WINDOW // VAD_RATE  # 32
@@ -98,13 +98,13 @@ def _number(spec: dict, name: str, default, lo, hi, param: str, integer: bool = 
     value = spec.get(name, default)
     if value is None:
         return default
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = finite_number(value)
     if not ok or (integer and value != int(value)):
         kind = "an integer" if integer else "a number"
         raise TurnDetectionError(f"'{param}.{name}' must be {kind}, got {str(value)[:40]!r}", "invalid_type",
                                  f"{param}.{name}")
     if not lo <= value <= hi:
-        raise TurnDetectionError(f"'{param}.{name}' must be between {lo} and {hi}, got {value}", "invalid_value",
+        raise TurnDetectionError(f"'{param}.{name}' must be between {lo} and {hi}, got {shown_number(value)}", "invalid_value",
                                  f"{param}.{name}")
     return value
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from engine.errors import SettingError
 from engine.media.video import VideoSamplingConfig, WebcamClip
+from engine.server.codec import finite_number, shown_number
 
 MiB = 1024 * 1024
 
@@ -58,10 +59,10 @@ class VideoContextConfig:
         values = {}
         for name, (lo, hi) in (("window_seconds", cls.WINDOW_RANGE), ("fps", cls.FPS_RANGE)):
             value = spec.get(name, getattr(base, name))
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            if not finite_number(value):
                 raise VideoContextError(f"'{param}.{name}' must be a number", "invalid_type", f"{param}.{name}")
             if not lo <= value <= hi:
-                raise VideoContextError(f"'{param}.{name}' must be between {lo:g} and {hi:g}, got {value}",
+                raise VideoContextError(f"'{param}.{name}' must be between {lo:g} and {hi:g}, got {shown_number(value)}",
                                         "invalid_value", f"{param}.{name}")
             values[name] = float(value)
         return replace(base, **values)

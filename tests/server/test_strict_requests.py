@@ -356,6 +356,36 @@ def test_realtime_sampling_errors_name_the_field_by_its_path(server):
             assert ev["type"] == "error" and ev["error"]["param"] == f"{key}.{field}", ev
 
 
+HUGE = 10 ** 4000  # JSON allows any number of digits; past float's range math.isfinite raised OverflowError
+
+
+@pytest.mark.parametrize("field, code", [("temperature", "invalid_value"), ("top_p", "invalid_value"),
+                                         ("max_tokens", "max_tokens_exceeded"), ("seed", "invalid_value"),
+                                         ("repetition_penalty", "invalid_value")])
+def test_a_number_too_large_for_a_float_is_a_bad_value_named_and_cut(http, field, code):
+    """A 4001-digit integer in a numeric field was a 500 (OverflowError), after which the server dropped the
+    connection; it is a bad value like 1e308, named, and not echoed whole."""
+    err = error_of(http.post("/v1/chat/completions", json={**CHAT, field: HUGE}))
+    assert err["code"] == code and err["param"] == field, str(err)[:300]
+    assert len(err["message"]) < 300 and "4,001 characters" in err["message"], err["message"][:300]
+    assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_realtime_numbers_too_large_for_a_float_are_bad_values_named(server):
+    """The same number in a session's sampling, turn detection or video context setting was a server_error."""
+    with connect(server.ws_url) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        for session, param in (({"temperature": HUGE}, "session.temperature"),
+                               ({"turn_detection": {"type": "server_vad", "threshold": HUGE}},
+                                "session.turn_detection.threshold"),
+                               ({"video": {"fps": HUGE}}, "session.video.fps")):
+            ws.send(json.dumps({"type": "session.update", "event_id": "big", "session": session}))
+            ev = recv_json(ws)
+            assert ev["type"] == "error" and ev["error"]["code"] == "invalid_value", str(ev)[:300]
+            assert ev["error"]["param"] == param and ev["error"]["event_id"] == "big", str(ev)[:300]
+            assert len(ev["error"]["message"]) < 300, ev["error"]["message"][:300]
+
+
 # --------------------------------------------------------------------------- parameters
 
 @pytest.mark.parametrize("field, value, code", [
