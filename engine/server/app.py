@@ -120,8 +120,12 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
+        # starlette raises the exception again once this answer is sent, and uvicorn then closes the
+        # connection: 'Connection: close' tells the client so (RFC 9112 §9.6), else its next request on
+        # the kept-alive connection meets a reset
         return JSONResponse({"error": ApiError(f"internal error: {type(exc).__name__}", code="server_error",
-                                               status=500).to_openai()}, status_code=500)
+                                               status=500).to_openai()}, status_code=500,
+                            headers={"Connection": "close"})
 
     app.add_middleware(GateMiddleware, ctx=ctx)
     logs.install()

@@ -194,3 +194,29 @@ def test_an_optional_field_set_to_null_takes_its_default(path, body):
     with fake_server(Everything(has_talker=True)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         r = c.post(path, json=body)
     assert r.status_code == 200, r.text
+
+
+def test_after_an_internal_error_the_client_connection_keeps_working():
+    """A 500 (a bug in a handler) was sent on a keep-alive connection that the server then closed without
+    saying so: the client's next request on it failed with a connection reset. The 500 says
+    'Connection: close', so a client opens a new connection for the next request."""
+    from tests.server import FakeEngine
+
+    class Flaky(FakeEngine):
+        broken = False
+
+        def info(self):
+            if self.broken:
+                raise RuntimeError("the engine's info failed")
+            return super().info()
+
+    engine = Flaky()
+    with fake_server(engine) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.get("/v1/models").status_code == 200
+        engine.broken = True
+        r = c.get("/v1/models")
+        assert r.status_code == 500 and r.json()["error"]["code"] == "server_error", r.text
+        assert r.headers.get("connection") == "close"
+        engine.broken = False
+        for _ in range(3):
+            assert c.get("/v1/models").status_code == 200
