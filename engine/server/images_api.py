@@ -192,7 +192,7 @@ def check_image_request(kwargs: dict) -> None:
 
 def output_format(body: dict) -> tuple[str, int | None]:
     fmt = body.get("output_format", "png")
-    if fmt not in OUTPUT_FORMATS:
+    if not isinstance(fmt, str) or fmt not in OUTPUT_FORMATS:  # (a list or an object cannot be looked up)
         raise bad(f"output_format {str(fmt)[:20]!r} is not supported; use png, jpeg or webp", "unsupported_parameter",
                   "output_format")
     quality = body.get("output_compression")

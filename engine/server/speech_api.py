@@ -212,7 +212,7 @@ def check_task_inputs(task: str, text: str | None, music, voice: str | None, bod
 
 def output_format(body: dict) -> tuple[str, str | None]:
     fmt = body.get("response_format", "wav")
-    if fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in FORMATS:  # (a list or an object cannot be looked up)
         raise bad(f"response_format {str(fmt)[:20]!r} is not supported; use one of {', '.join(FORMATS)}",
                   "unsupported_parameter", "response_format")
     stream = body.get("stream_format")

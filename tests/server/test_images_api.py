@@ -142,6 +142,8 @@ def test_bad_images_are_400s(http, raw, code):
     ({"prompt": "a", "n": 9}, "invalid_value", "'n'"),
     ({"prompt": "a", "response_format": "url"}, "unsupported_parameter", "never hosts"),
     ({"prompt": "a", "output_format": "gif"}, "unsupported_parameter", "png, jpeg or webp"),
+    ({"prompt": "a", "output_format": ["png"]}, "unsupported_parameter", "png, jpeg or webp"),  # was a 500
+    ({"prompt": "a", "output_format": {"type": "png"}}, "unsupported_parameter", "png, jpeg or webp"),
     ({"prompt": "a", "background": "transparent"}, "unsupported_parameter", "opaque"),
     ({"prompt": "a", "partial_images": 7}, "invalid_value", "partial_images"),
     ({"prompt": "a", "steps": 0}, "invalid_request", "steps"),

@@ -118,6 +118,8 @@ def test_openais_own_client_reads_it(server):
     ({"input": "hi", "instruct": "emotion=grumpy"}, "invalid_request", "happy"),
     ({"input": "hi", "task": "opera"}, "invalid_value", "tts, sound, music, podcast"),
     ({"input": "hi", "response_format": "ogg"}, "unsupported_parameter", "wav, pcm, flac"),
+    ({"input": "hi", "response_format": ["wav"]}, "unsupported_parameter", "wav, pcm, flac"),  # was a 500
+    ({"input": "hi", "response_format": {"type": "wav"}}, "unsupported_parameter", "wav, pcm, flac"),
     ({"input": "hi", "response_format": "mp3", "stream_format": "audio"}, "unsupported_parameter", "whole file"),
     ({"input": "hi", "stream_format": "chunks"}, "invalid_value", "sse"),
     ({"input": "hi", "speed": 9}, "invalid_value", "speed"),
