@@ -108,6 +108,8 @@ class ImagineRequest:
         g = DEFAULT_GUIDANCE if self.guidance is None else self.guidance
         try:
             g = float(g)
+        except OverflowError:  # an integer past float's range (JSON allows one): out of range below
+            g = math.inf
         except (TypeError, ValueError):
             raise ImageGenError(f"guidance {self.guidance!r} is not a number", "guidance") from None
         if not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:

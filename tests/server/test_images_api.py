@@ -163,6 +163,8 @@ def test_bad_requests_are_400s(http, body, code, words):
     ("/v1/images/generations", {"steps": 0}, "steps"),
     ("/v1/images/generations", {"steps": 1.5}, "steps"),
     ("/v1/images/generations", {"guidance": 1e9}, "guidance"),
+    ("/v1/images/generations", {"guidance": 10 ** 400}, "guidance"),  # float() overflowed: these two were 500s
+    ("/v1/images/generations", {"aspect": 10 ** 400}, "aspect"),
     ("/v1/images/generations", {"preview_every": -1}, "preview_every"),
     ("/v1/images/generations", {"preset": "remove_object"}, "preset"),
     ("/v1/images/edits", {"preset": "zzz"}, "preset"),

@@ -263,10 +263,13 @@ def test_speed_and_instructions_map_to_the_talker(http):
     ({"input": "hi", "speed": "ludicrous"}, "speed", "slow"),
     ({"input": "hi", "pitch": "ultra"}, "pitch", "high"),
     ({"input": "hi", "bgm": {"Colour": "red"}}, "bgm", "Genre"),
+    ({"input": "hi", "bgm": {"SNR": 10 ** 400}}, "bgm", "between -20 and 60"),  # float() overflowed: a 500
     ({"input": "rain on a roof", "task": "sound", "emotion": "happy"}, "emotion", "description only"),
     ({"task": "music", "music": {"genre": 5}}, "music", "genre"),
     ({"task": "music", "music": {"genre": "pop", "mood": "calm", "instrument": "piano", "theme": "sea",
                                  "duration": 10 ** 9}}, "music", "duration"),
+    ({"task": "music", "music": {"genre": "pop", "mood": "calm", "instrument": "piano", "theme": "sea",
+                                 "duration": 10 ** 400}}, "music", "duration"),
     ({"task": "music", "input": "some music please"}, "input", "Genre"),
     ({"task": "podcast", "input": " speaker_1: hi"}, "reference_audio", "per speaker"),
 ])

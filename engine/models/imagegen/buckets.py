@@ -122,6 +122,8 @@ def parse_aspect(aspect) -> float | None:
     else:
         try:
             value = float(aspect)
+        except OverflowError:  # an integer past float's range: refused below
+            value = math.inf
         except (TypeError, ValueError):
             raise ImageGenError(f"aspect {aspect!r} is not a number or a W:H ratio", "aspect") from None
     if not math.isfinite(value) or value <= 0:

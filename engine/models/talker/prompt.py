@@ -143,6 +143,8 @@ class Instruction:
             if canon == "SNR":
                 try:
                     value = float(value)
+                except OverflowError:  # an integer past float's range: out of range below
+                    value = math.inf
                 except (TypeError, ValueError):
                     raise InstructionError(f"BGM SNR must be a number (dB), got {value!r}") from None
                 if not math.isfinite(value) or not -20 <= value <= 60:
@@ -178,7 +180,8 @@ def music_text(genre: str, mood: str, instrument: str, theme: str, duration_s: f
         if not isinstance(value, str) or not value.strip():
             raise InstructionError(f"music needs a non-empty {key.strip(': ').lower()}")
         parts.append(f"{key}{value.strip().rstrip('.')}.")
-    if not isinstance(duration_s, (int, float)) or not math.isfinite(duration_s) or not 1 <= duration_s <= 300:
+    # (the range test refuses NaN and infinities; math.isfinite would raise OverflowError on a huge integer)
+    if isinstance(duration_s, bool) or not isinstance(duration_s, (int, float)) or not 1 <= duration_s <= 300:
         raise InstructionError(f"music duration must be between 1 and 300 seconds, got {duration_s!r}")
     return " " + " ".join(parts) + f" Duration: {int(round(duration_s))}s."
 
