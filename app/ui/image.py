@@ -25,7 +25,11 @@ from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueueP
 
 TAB = "image"
 MODES = {"Generate": "generate", "Edit": "edit", "Segment": "segment"}
-ASPECTS = ["1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "21:9"]
+# The engine crops an Edit's or a Segment's reference to the aspect asked (spec §8.8): the box starts at "Auto", sent
+# as no aspect (a Generate is square, an Edit or a Segment keeps its reference's shape); 1:1 went out by default and
+# the 512x384 cup came back square, cut at both sides.
+AUTO_ASPECT = "Auto"
+ASPECTS = [AUTO_ASPECT, "1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "21:9"]
 PRESETS = {"(none)": None, "Replace the background": "replace_background", "Remove an object": "remove_object"}
 # What an Edit's prompt is, per preset (the engine wraps it: "Remove the {prompt} from the image ..."), said when
 # it is empty (the engine's "'prompt' is empty: give the prompt" came back after the upload).
@@ -97,8 +101,8 @@ class ImageController:
         try:
             stream = self.link.client.imagine(
                 (target if task == "segment" else prompt) or "", task=task, images=[Path(p).read_bytes() for p in images],
-                size=parse_size(size), aspect=None if parse_size(size) else aspect, steps=int(steps),
-                guidance=float(guidance), seed=seed, preview_every=int(preview_every) or None,
+                size=parse_size(size), aspect=None if parse_size(size) or aspect == AUTO_ASPECT else aspect,
+                steps=int(steps), guidance=float(guidance), seed=seed, preview_every=int(preview_every) or None,
                 preset=PRESETS.get(preset), cancel=cancel)
             for event in stream:
                 if isinstance(event, QueuePosition):
@@ -207,7 +211,9 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
                 preset = gr.Dropdown(list(PRESETS), value="(none)", label="Edit preset", info=PRESET_INFO)
                 target = gr.Textbox(label="Segment: what to find", placeholder="the cup", elem_id="image-target")
             with gr.Row():
-                aspect = gr.Dropdown(ASPECTS, value="1:1", label="Aspect ratio")
+                aspect = gr.Dropdown(ASPECTS, value=AUTO_ASPECT, label="Aspect ratio",
+                                     info="Auto: square for Generate; Edit / Segment keep the reference's shape "
+                                          "(another ratio crops it)")
                 size = gr.Textbox(label="or exact size (WxH)", placeholder="1024x768")
             with gr.Row():
                 steps = gr.Slider(1, 50, value=30, step=1, label="Steps", elem_id="image-steps")

@@ -16,7 +16,7 @@ pytest.importorskip("gradio")
 from app.engine_link import IMAGE_OUT, SPEECH_OUT, EngineLink  # noqa: E402
 from app.ui.chat import ASSUMED_TOKEN_CAP, page_state, speech_controls, token_slider  # noqa: E402
 from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # noqa: E402
-from app.ui.image import EDIT_PROMPT_HINTS, ImageController, _save_png, kept_results  # noqa: E402
+from app.ui.image import ASPECTS, AUTO_ASPECT, EDIT_PROMPT_HINTS, ImageController, _save_png, kept_results  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
 from app.ui.speech import CUT_AT_LIMIT, CUT_ON_DEMO, SpeechController  # noqa: E402
 from app.ui.voice import (CONFIRM_DELETE, NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS,  # noqa: E402
@@ -284,3 +284,27 @@ def test_music_that_ends_before_the_duration_asked_says_so(engine_server):
                                  "Lo-fi", "Calm", "Piano", "Rain", 60, 3)
     assert "finish reason: stop" in last[2], last[2]
     assert "of the 60 s asked: the model ended the music sooner" in last[2], last[2]
+
+
+def test_an_edit_or_segment_with_the_tabs_defaults_keeps_the_reference_shape(engine_server):
+    """The Aspect ratio box started at 1:1 and was always sent, and the engine crops an Edit's (or a Segment's)
+    reference to the aspect asked (spec §8.8): the 512x384 cup came back square, cut at both sides. The box starts
+    at Auto: a Generate is square, an Edit or a Segment keeps the reference's shape; an aspect chosen is sent."""
+    from PIL import Image
+
+    assert ASPECTS[0] == AUTO_ASPECT
+    image = ImageController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    cup = str(REPO / "app" / "assets" / "images" / "cup.png")
+    shapes = {}
+    asks = (("Edit", "make it blue", "", AUTO_ASPECT), ("Segment", "", "the cup", AUTO_ASPECT),
+            ("Edit", "make it blue", "", "1:1"), ("Generate", "a cup", "", AUTO_ASPECT))
+    for mode, prompt, target, aspect in asks:
+        refs = [cup] if mode != "Generate" else None
+        *_, last = image.make(mode, prompt, refs, "(none)", target, aspect, "", 1, 2.0, 1, 0, [],
+                              progress=lambda *a, **k: None)
+        assert "finish reason: stop" in last[3], last[3]
+        w, h = Image.open(last[6][0]).size
+        shapes[(mode, aspect)] = w / h
+    assert abs(shapes[("Edit", AUTO_ASPECT)] - 4 / 3) < 0.1, shapes
+    assert abs(shapes[("Segment", AUTO_ASPECT)] - 4 / 3) < 0.1, shapes
+    assert shapes[("Edit", "1:1")] == 1.0 and shapes[("Generate", AUTO_ASPECT)] == 1.0, shapes
