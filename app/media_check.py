@@ -35,6 +35,25 @@ def _image_problem(path: Path, name: str, limits: dict) -> str | None:
     return None
 
 
+def _seconds(container) -> float | None:
+    """How long an open PyAV container lasts: the container's duration, else its audio stream's; None if unknown."""
+    if container.duration:
+        return container.duration / 1e6
+    audio = next((s for s in container.streams if s.type == "audio"), None)
+    return float(audio.duration * audio.time_base) if audio is not None and audio.duration and audio.time_base else None
+
+
+def clip_seconds(path: str | Path) -> float | None:
+    """How long the audio or video at `path` lasts, whatever its format (Python's wave reads only integer PCM WAV:
+    an MP3, FLAC or float WAV read as 0 s); None when it cannot be read or does not say."""
+    try:
+        import av
+        with av.open(str(path)) as container:
+            return _seconds(container)
+    except Exception:  # noqa: BLE001  (no PyAV, or av.error.* for what FFmpeg cannot read)
+        return None
+
+
 def _av_problem(path: Path, name: str, kind: str, limits: dict, max_seconds: float | None) -> str | None:
     try:
         import av
@@ -45,7 +64,7 @@ def _av_problem(path: Path, name: str, kind: str, limits: dict, max_seconds: flo
     try:
         with av.open(str(path)) as container:
             streams = {s.type for s in container.streams}
-            seconds = container.duration / 1e6 if container.duration else None
+            seconds = _seconds(container)
     except Exception:  # noqa: BLE001  (av.error.* for what FFmpeg cannot read)
         return f"'{name}' is not {what} the engine can read (a {formats} file; this one is not, or is damaged)."
     if kind not in streams:

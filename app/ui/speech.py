@@ -16,7 +16,7 @@ import gradio as gr
 import numpy as np
 
 from app.engine_link import AUDIO_IN, EngineLink
-from app.media_check import media_problem
+from app.media_check import clip_seconds, media_problem
 from app.ui.common import (InFlight, capability_note, engine_limits, error_line, failure, figures_line, queue_line,
                            check_on_upload, session_of, toolbar, wire_stop)
 from engine.events import Done, Error, QueuePosition, TextDelta
@@ -120,7 +120,7 @@ class SpeechController:
         text, status, result = self._run(Path(path).read_bytes(), context, hotwords, dialect, request)
         if result is None:
             return text, status, None, None
-        return text, status, *self._files(text, _duration(path))
+        return text, status, *self._files(text, clip_seconds(path) or 0.0)
 
     @staticmethod
     def _files(text: str, seconds: float) -> tuple[str, str]:
@@ -167,14 +167,6 @@ class SpeechController:
     def stop(self, request: gr.Request | None = None) -> None:
         if not self.inflight.cancel(session_of(request), TAB):
             gr.Info("Nothing is being transcribed.")
-
-
-def _duration(path: str) -> float:
-    try:
-        with wave.open(path, "rb") as w:
-            return w.getnframes() / w.getframerate()
-    except (wave.Error, OSError, EOFError):
-        return 0.0
 
 
 def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> SpeechController:

@@ -308,3 +308,29 @@ def test_an_edit_or_segment_with_the_tabs_defaults_keeps_the_reference_shape(eng
     assert abs(shapes[("Edit", AUTO_ASPECT)] - 4 / 3) < 0.1, shapes
     assert abs(shapes[("Segment", AUTO_ASPECT)] - 4 / 3) < 0.1, shapes
     assert shapes[("Edit", "1:1")] == 1.0 and shapes[("Generate", AUTO_ASPECT)] == 1.0, shapes
+
+
+class Transcriber(StoppedTranscriber):
+    """An engine client whose transcription completes with 'hello'."""
+
+    def transcribe(self, audio, **kwargs):
+        yield Done(text="hello", finish_reason="stop", result={"text": "hello"})
+
+
+@pytest.mark.parametrize("fmt, codec", [("flac", "flac"), ("mp3", "libmp3lame"), ("wav", "pcm_f32le")])
+def test_the_srt_of_a_clip_that_is_not_16_bit_wav_spans_the_clip(tmp_path, fmt, codec):
+    """The .srt's cue was timed by Python's wave module alone: an MP3 or FLAC upload (or a 32-bit float WAV) got
+    '00:00:00,000 --> 00:00:00,001', a millisecond for a 2.5 s clip; the cue spans the clip whatever its format."""
+    av = pytest.importorskip("av")
+    clip, rate = tmp_path / f"clip.{fmt}", 16000
+    with av.open(str(clip), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(tone_pcm16(2.5, rate, 220.0)[None], format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    text, status, txt, srt = SpeechController(EngineLink(Transcriber())).transcribe_file(str(clip), "", "", None)
+    assert text == "hello" and txt, status
+    cue = Path(srt).read_text(encoding="utf-8").splitlines()[1]
+    assert cue.startswith("00:00:00,000 --> 00:00:02,"), cue
+    assert abs(int(cue[-3:]) - 500) <= 60, cue  # 2.5 s, give or take an encoder's padding
