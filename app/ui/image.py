@@ -36,6 +36,9 @@ PRESETS = {"(none)": None, "Replace the background": "replace_background", "Remo
 EDIT_PROMPT_HINTS = {"(none)": "Edit needs a prompt: say what to change (e.g. 'make the cup blue').",
                      "Replace the background": "Describe the new background in the prompt (e.g. 'a sunny beach').",
                      "Remove an object": "Name the object to remove in the prompt (e.g. 'cup')."}
+# A Generate makes a picture from the prompt alone: pictures left in the box from an Edit are not sent (the engine
+# takes a generate with pictures for an edit of the first), and the status line says so.
+REFS_NOT_USED = "the reference image(s) were not used: Generate draws from the prompt alone (Edit changes a picture)"
 PRESET_INFO = "With a preset the prompt is only the new background, or the object to remove."
 MAX_SEED = 2**31 - 1
 REQUEST_KEY = "ming-studio-image-request"  # the browser's key of the last request (kept_request)
@@ -72,6 +75,10 @@ class ImageController:
         task = MODES.get(mode, "generate")
         images = [f if isinstance(f, str) else getattr(f, "name", None) or f.get("path") for f in (refs or [])]
         images = [p for p in images if p]
+        # each task sends only what it uses (controls left from another task changed or broke it): Generate no
+        # pictures, Segment the first one (the box says so), the preset only with Edit
+        unused = task == "generate" and bool(images)
+        images = [] if task == "generate" else images[:1] if task == "segment" else images
         gallery_state = list(gallery_state or [])
         nothing = (None, None, None)
         if task == "generate" and not (prompt or "").strip():
@@ -103,7 +110,7 @@ class ImageController:
                 (target if task == "segment" else prompt) or "", task=task, images=[Path(p).read_bytes() for p in images],
                 size=parse_size(size), aspect=None if parse_size(size) or aspect == AUTO_ASPECT else aspect,
                 steps=int(steps), guidance=float(guidance), seed=seed, preview_every=int(preview_every) or None,
-                preset=PRESETS.get(preset), cancel=cancel)
+                preset=PRESETS.get(preset) if task == "edit" else None, cancel=cancel)
             for event in stream:
                 if isinstance(event, QueuePosition):
                     yield shown, None, None, queue_line(event), gr.update(), gallery_state, None
@@ -138,6 +145,8 @@ class ImageController:
             status = figures_line(final) + f" · seed {settings['seed']} · {result.width}x{result.height}"
             if result.note:
                 status += f" · {result.note}"
+            if unused:
+                status += f" · {REFS_NOT_USED}"
             gallery = [(g["image"], _caption(g["settings"])) for g in gallery_state]
             yield _pil(result.image), mask, overlay, status, gallery, gallery_state, files
             return

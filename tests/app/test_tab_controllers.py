@@ -16,7 +16,7 @@ pytest.importorskip("gradio")
 from app.engine_link import IMAGE_OUT, SPEECH_OUT, EngineLink  # noqa: E402
 from app.ui.chat import ASSUMED_TOKEN_CAP, page_state, speech_controls, token_slider  # noqa: E402
 from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # noqa: E402
-from app.ui.image import ASPECTS, AUTO_ASPECT, EDIT_PROMPT_HINTS, ImageController, _save_png, kept_results  # noqa: E402
+from app.ui.image import ASPECTS, AUTO_ASPECT, EDIT_PROMPT_HINTS, REFS_NOT_USED, ImageController, _save_png, kept_results  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
 from app.ui.speech import CUT_AT_LIMIT, CUT_ON_DEMO, SpeechController  # noqa: E402
 from app.ui.voice import (CONFIRM_DELETE, NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS,  # noqa: E402
@@ -334,3 +334,22 @@ def test_the_srt_of_a_clip_that_is_not_16_bit_wav_spans_the_clip(tmp_path, fmt, 
     cue = Path(srt).read_text(encoding="utf-8").splitlines()[1]
     assert cue.startswith("00:00:00,000 --> 00:00:02,"), cue
     assert abs(int(cue[-3:]) - 500) <= 60, cue  # 2.5 s, give or take an encoder's padding
+
+
+def test_controls_left_from_another_task_do_not_change_or_break_this_one(engine_server):
+    """A preset left chosen from an Edit made a Generate fail ('edit presets need an input image'), a picture left
+    from an Edit turned a Generate into an edit of it, and a Segment of two pictures (the box says the first one is
+    used) failed ('segmentation takes exactly one input image'): each task sends only what it uses."""
+    from PIL import Image
+
+    image = ImageController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    cup, sign = (str(REPO / "app" / "assets" / "images" / f) for f in ("cup.png", "sign.png"))
+    for mode, prompt, target, refs, preset in (("Generate", "a cup", "", None, "Remove an object"),
+                                               ("Generate", "a cup", "", [cup], "Remove an object"),
+                                               ("Segment", "", "the cup", [cup, sign], "Replace the background")):
+        *_, last = image.make(mode, prompt, refs, preset, target, AUTO_ASPECT, "", 1, 2.0, 1, 0, [],
+                              progress=lambda *a, **k: None)
+        assert "finish reason: stop" in last[3], (mode, last[3])
+        w, h = Image.open(last[6][0]).size
+        assert abs(w / h - (1.0 if mode == "Generate" else 4 / 3)) < 0.1, (mode, w, h)  # text to image; the cup
+        assert (REFS_NOT_USED in last[3]) == (mode == "Generate" and bool(refs)), last[3]  # said, not dropped silently
