@@ -452,12 +452,21 @@ class Engine:
         return self.image_generator is not None
 
     def _attach_image_generator(self, device: torch.device, dtype: str, plan: Plan | None) -> None:
-        from engine.models.imagegen.config import ImageGenUnsupported, has_image_generator
+        """Load the image generator when the checkpoint has its sub-folders. One that cannot be loaded (a
+        partial download: some folders or files missing, a broken config or weights) leaves the thinker
+        serving, as a talker that cannot be loaded does: `image_generator_error` and the placement line
+        (which `load` logs) say why."""
+        from engine.models.imagegen.config import REQUIRED_FOLDERS, has_image_generator, missing_folders
         from engine.models.imagegen.pipeline import ImageGenerator
         from engine.placement.planner import GENERATOR_WORKSPACE, generator_sizes
 
         root = self.model.path
         if not has_image_generator(root):
+            missing = missing_folders(root)
+            if len(missing) < len(REQUIRED_FOLDERS):  # some of its folders only: an incomplete download
+                self._image_generator_unavailable(f"missing its folder(s) {', '.join(missing)} in {root}")
+            else:
+                self.image_generator_error = f"this checkpoint has no image generator folders ({', '.join(missing)})"
             return
         home = compute = device
         if device.type == "cuda":
@@ -471,11 +480,15 @@ class Engine:
             compute = torch.device(where.split(">")[-1])
         try:
             self.image_generator = ImageGenerator.load(root, parse_dtype(dtype), device=compute, home=home)
-        except ImageGenUnsupported as e:
-            self.image_generator_error = str(e)
-            self.placement += f"; image generator not loaded ({e})"
+        except MingError as e:  # unsupported kind, or missing / broken files: the rest keeps working
+            self._image_generator_unavailable(str(e))
             return
         self.placement += f"; {self.image_generator.describe()}"
+
+    def _image_generator_unavailable(self, why: str) -> None:
+        self.image_generator = None
+        self.image_generator_error = f"the image generator could not be loaded: {why}"
+        self.placement += f"; image generator not loaded ({why})"
 
     def imagine(self, prompt: str, images: list | None = None, task: str = "generate", size=None, aspect=None,
                 steps: int | None = None, guidance: float | None = None, seed: int | None = None,

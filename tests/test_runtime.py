@@ -181,3 +181,29 @@ def test_chat_refuses_outputs_it_cannot_give(tiny_engine):
     mute._load_talker(tiny_engine.model.path / "no-such-folder", "fp32", torch.device("cpu"))
     (err,) = list(mute.chat([{"role": "user", "content": "hi"}], modalities=("text", "audio")))
     assert err.code == "modality_not_supported" and "no talker" in err.message
+
+
+@pytest.mark.parametrize("damage", ["weights_missing", "config_broken", "folder_missing"])
+def test_a_partly_downloaded_image_generator_leaves_the_rest_serving_and_says_why(tiny_checkpoint, tmp_path, damage):
+    """Only part of the image generator on disk (an interrupted download) or a broken file in it: the model
+    still loads and chats, speaks with its talker, and the engine says what is missing (as for the talker)."""
+    import shutil
+
+    from engine.runtime import Engine
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    if damage == "weights_missing":
+        next((ckpt / "transformer").glob("*.safetensors")).unlink()
+    elif damage == "config_broken":
+        (ckpt / "vae" / "config.json").write_text("{")
+    else:
+        shutil.rmtree(ckpt / "vae")
+    engine = Engine.load(ckpt, dtype="fp32", device="cpu")
+    assert not engine.has_image_generator and engine.has_talker
+    where = {"weights_missing": "transformer", "config_broken": "vae", "folder_missing": "vae"}[damage]
+    assert where in engine.image_generator_error and "image generator" in engine.image_generator_error
+    assert "image generator not loaded" in engine.placement
+    assert isinstance(_finish(list(engine.chat([{"role": "user", "content": "hi"}], P))), Done)
+    refused = _finish(list(engine.imagine("a cat")))
+    assert isinstance(refused, Error) and where in refused.message

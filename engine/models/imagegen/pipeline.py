@@ -83,12 +83,15 @@ class ImageGenerator:
         head, caption = load_query_head(root / "mlp", dtype, home, head_cfg)
         connector = Connector.load(root / "connector", dtype, home)
         glyph = GlyphEncoder.load(root / "byt5", dtype, home) if (root / "byt5").is_dir() else None
+        folder = "transformer"  # the diffusers component being read, which the error names
         try:
-            transformer = ZImageTransformer2DModel.from_pretrained(str(root), subfolder="transformer", torch_dtype=dtype)
-            vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype)
-            scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(str(root), subfolder="scheduler"))
+            transformer = ZImageTransformer2DModel.from_pretrained(str(root), subfolder=folder, torch_dtype=dtype)
+            folder = "vae"
+            vae = AutoencoderKL.from_pretrained(str(root), subfolder=folder, torch_dtype=dtype)
+            folder = "scheduler"
+            scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(str(root), subfolder=folder))
         except (OSError, ValueError, RuntimeError) as e:
-            raise ImageGenError(f"{root}: cannot load the diffusion components ({e})") from e
+            raise ImageGenError(f"{root / folder}: cannot load the diffusion component {folder}/ ({e})") from e
         gen = cls(root=root, head_config=head_cfg, query_head=head, caption_mlp=caption, connector=connector,
                   glyph=glyph, transformer=transformer.eval().to(home), vae=vae.eval().to(home),
                   scheduler_config=scheduler_config, dtype=dtype, home=home, compute=compute)
