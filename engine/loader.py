@@ -24,8 +24,10 @@ from engine.errors import MingError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# Files a snapshot of the thinker needs (sub-folders for speech/image generation come later).
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "am.mvn", "*.onnx"]  # *.onnx: talker/campplus.onnx
+# Files of a hub snapshot the engine reads: the thinker, the talker (*.onnx: talker/campplus.onnx) and the image
+# generator, whose ByT5 glyph encoder is stored as PyTorch pickles (byt5/byt5_model/*.pt, byt5/byt5_mapper/*.pt:
+# spec §1.2). ("*" matches "/" too, so each pattern reaches into the sub-folders.)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "am.mvn", "*.onnx", "byt5/*.pt"]
 # Large tensors are read this many bytes (as stored) at a time, straight into their destination: a load never
 # holds a whole tensor twice (the real embedding table is 1.3 GB in bf16, 2.6 GB more as fp32).
 READ_BLOCK_BYTES = 64 << 20

@@ -259,3 +259,22 @@ def test_the_progress_printer_prints_every_tenth_of_a_large_load_once():
     for done in range(1, 51):
         small(done, 50, "t")
     assert quiet.getvalue() == ""  # a small checkpoint loads in moments
+
+
+def test_a_hub_snapshot_fetches_every_file_the_engine_loads(tiny_checkpoint, tmp_path):
+    """`--model org/name` downloads only the files HUB_PATTERNS allows: a snapshot of a checkpoint in the
+    upstream layout (the tiny one mirrors it) must load whole, thinker, talker and image generator with its
+    ByT5 glyph encoder (.pt files, spec §1.2)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from engine.loader import HUB_PATTERNS
+    from engine.runtime import Engine
+
+    files = [f.relative_to(tiny_checkpoint).as_posix() for f in tiny_checkpoint.rglob("*") if f.is_file()]
+    snapshot = tmp_path / "snapshot"
+    for rel in filter_repo_objects(files, allow_patterns=HUB_PATTERNS):
+        (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(tiny_checkpoint / rel, snapshot / rel)
+    engine = Engine.load(snapshot, dtype="fp32", device="cpu")
+    assert engine.has_talker, engine.talker_error
+    assert engine.has_image_generator and engine.image_generator.glyph is not None, engine.image_generator_error
