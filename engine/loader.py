@@ -125,6 +125,15 @@ class LoadProgressPrinter:
 # Bytes per element of safetensors' dtype names (for sizing blocks; an unknown name counts as 4).
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
                 "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# The stored dtypes a floating-point parameter is read from (cast to the load dtype as it is copied). Anything
+# else (FP8, integers) holds quantised or foreign values that a plain cast would silently turn into a wrong model.
+WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
+_TORCH_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def stored_dtype_name(t: torch.Tensor) -> str:
+    """safetensors' name of a tensor's dtype (F32, BF16, ...; others by torch's name), for readers of state dicts."""
+    return _TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype).replace("torch.", ""))
 
 
 class TensorReader:
@@ -164,6 +173,16 @@ class TensorReader:
         shard = self.files.weight_map[name]
         try:
             return tuple(self._handle(shard).get_slice(name).get_shape())
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{self.files.root / shard}: tensor '{name}' unreadable ({e})") from e
+
+    def dtype(self, name: str) -> str:
+        """The tensor's dtype as stored, by safetensors' name (F32, BF16, F8_E4M3, I32, ...)."""
+        shard = self.files.weight_map[name]
+        try:
+            return self._handle(shard).get_slice(name).get_dtype()
         except CheckpointError:
             raise
         except Exception as e:
@@ -262,14 +281,21 @@ def return_freed_memory() -> bool:
     return True
 
 
-def check_tensor(reader: TensorReader, name: str, shape: tuple[int, ...]) -> None:
-    """CheckpointError naming the shard unless the checkpoint has tensor `name` with `shape`."""
+def check_tensor(reader: TensorReader, name: str, shape: tuple[int, ...], floating: bool = True) -> None:
+    """CheckpointError naming the shard unless the checkpoint has tensor `name` with `shape`, stored (for a
+    `floating` destination) as fp32, fp16 or bf16: an FP8 or integer tensor is a quantised checkpoint, whose
+    values a cast would silently get wrong (its scales are other tensors)."""
     if name not in reader.files.weight_map:
         raise CheckpointError(f"{reader.files.root}: tensor '{name}' is missing from the checkpoint")
+    where = reader.files.root / reader.files.weight_map[name]
     got = reader.shape(name)
     if got != shape:
-        raise CheckpointError(f"{reader.files.root / reader.files.weight_map[name]}: tensor '{name}' "
-                              f"has shape {list(got)}, expected {list(shape)}")
+        raise CheckpointError(f"{where}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
+    stored = reader.dtype(name)
+    if floating and stored not in WEIGHT_DTYPES:
+        raise CheckpointError(f"{where}: tensor '{name}' is stored as {stored}, expected {', '.join(WEIGHT_DTYPES[:3])}: "
+                              "quantised checkpoints are not read; load the bf16 checkpoint (--expert-dtype "
+                              "fp8 / int8 / int4 quantises the experts while loading)")
 
 
 def load_module(module: nn.Module, reader: TensorReader, prefix: str, dtype: torch.dtype,
@@ -287,7 +313,8 @@ def load_module(module: nn.Module, reader: TensorReader, prefix: str, dtype: tor
         out = torch.empty(t.shape, dtype=target_dtype, device=device)
         for src in checkpoint_sources(name, tuple(t.shape)):
             full = prefix + src.name
-            check_tensor(reader, full, tuple(t.shape[1:]) if src.index is not None else tuple(t.shape))
+            check_tensor(reader, full, tuple(t.shape[1:]) if src.index is not None else tuple(t.shape),
+                         floating=t.is_floating_point())
             reader.read_into(full, out if src.index is None else out[src.index])
             consumed.add(full)
         _set_tensor(module, name, out)

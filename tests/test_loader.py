@@ -90,6 +90,28 @@ def test_misshaped_tensor_is_named_with_shapes(ckpt):
         load_model(ckpt, device="cpu")
 
 
+@pytest.mark.parametrize("stored", [torch.float8_e4m3fn, torch.int32])
+@pytest.mark.parametrize("expert_dtype", ["bf16", "int8"])
+def test_a_quantised_or_integer_tensor_is_refused_not_cast(ckpt, stored, expert_dtype):
+    """An FP8 (or integer) tensor where a weight belongs is a quantised checkpoint whose scales a cast would
+    ignore: a clear error naming the shard, the tensor and its stored dtype, never a silently wrong model.
+    Both a dense weight and a routed expert (the plain and the quantise-while-loading paths)."""
+    victims = ["model.model.layers.0.attention.query_key_value.weight", "model.model.layers.1.mlp.experts.2.up_proj.weight"]
+    for victim in victims:
+        _rewrite(ckpt, lambda t: t.update({victim: t[victim].to(stored)}) if victim in t else None)
+    with pytest.raises(CheckpointError, match=r"tensor '.*' is stored as (F8_E4M3|I32), expected F32, F16, BF16"):
+        load_model(ckpt, dtype="fp32", device="cpu", expert_dtype=expert_dtype)
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_fp16_and_bf16_checkpoints_load_as_their_values(ckpt, stored):
+    name = "model.model.layers.0.attention.query_key_value.weight"
+    _rewrite(ckpt, lambda t: t.update({k: v.to(stored) for k, v in t.items() if v.is_floating_point()}))
+    m = load_model(ckpt, dtype="fp32", device="cpu", pack_cpu_experts=False)  # the weights as stored
+    expected = load_file(str(ckpt / CheckpointFiles.open(ckpt).weight_map[name]))[name].float()
+    assert torch.equal(m.llm.model.layers[0].attention.query_key_value.weight, expected)
+
+
 def test_unexpected_tensor_is_named(ckpt):
     _rewrite(ckpt, lambda t: t.update({"model.model.layers.0.surprise.weight": torch.ones(2)}))
     with pytest.raises(CheckpointError, match="unexpected tensor 'model.model.layers.0.surprise.weight'"):

@@ -46,7 +46,7 @@ from engine.kernels import native
 from engine.kernels.dequant import (FP8_BLOCK, INT4_MAX, INT4_OFFSET, NIBBLE_BITS, QUANT_ROW_BLOCK, dequantize,
                                    quantize_int8_rows, quantized_into)
 from engine.kernels.moe import swiglu
-from engine.loader import CheckpointError, TensorReader, checkpoint_sources
+from engine.loader import TensorReader, check_tensor, checkpoint_sources
 
 EXPERT_DTYPES = ("bf16", "fp8", "fp8-block", "int8", "int4")
 QUANT_STORAGE = {"fp8": torch.float8_e4m3fn, "fp8-block": torch.float8_e4m3fn, "int8": torch.int8,
@@ -246,12 +246,7 @@ def read_checkpoint_experts(reader: TensorReader, prefix: str, bank_name: str, n
         for proj in PROJECTIONS:
             src = names[proj][e]
             full = prefix + src.name
-            if full not in reader.files.weight_map:
-                raise CheckpointError(f"{reader.files.root}: tensor '{full}' is missing from the checkpoint")
-            got = reader.shape(full)
-            if got != shapes[proj]:
-                raise CheckpointError(f"{reader.files.root / reader.files.weight_map[full]}: tensor '{full}' "
-                                      f"has shape {list(got)}, expected {list(shapes[proj])}")
+            check_tensor(reader, full, shapes[proj])
             mats.append(reader.get(full))
             consumed.add(full)
         yield (e, *mats)

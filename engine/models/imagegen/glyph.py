@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from engine.loader import load_module
+from engine.loader import load_module, stored_dtype_name
 from engine.models.imagegen.config import ByT5Settings, ImageGenError
 
 # get_text_from_prompt, 2.0 values (spec §8.4): single quotes become double quotes when every
@@ -122,6 +122,9 @@ class _StateReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.state[name].shape)
+
+    def dtype(self, name: str) -> str:
+        return stored_dtype_name(self.state[name])
 
     def get(self, name: str) -> torch.Tensor:
         return self.state[name]
