@@ -72,11 +72,15 @@ class CheckpointFiles:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from e
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: not a valid safetensors index ('weight_map' must map each tensor "
+                                      "name to its shard's file name)")
             for shard in sorted(set(weight_map.values())):
                 if not (root / shard).is_file():
                     raise CheckpointError(f"{root / shard}: shard listed in {INDEX_FILE} is missing")
+            _check_index_against_shards(root, weight_map)
             return cls(root, dict(weight_map))
         shards = [root / SINGLE_FILE] if (root / SINGLE_FILE).is_file() else sorted(root.glob("*.safetensors"))
         if not shards:
@@ -94,6 +98,28 @@ class CheckpointFiles:
 
     def reader(self, progress=None) -> "TensorReader":
         return TensorReader(self, progress)
+
+
+def _check_index_against_shards(root: Path, weight_map: dict[str, str]) -> None:
+    """Every shard's header (a read of its first bytes) against the index, before any tensor is read: a shard
+    that is truncated or corrupt, a tensor the index puts in a shard that does not hold it, and a tensor a shard
+    holds that the index does not list (an index and shards of different downloads) are errors naming both."""
+    listed: dict[str, set[str]] = {}
+    every = set(weight_map)
+    for name, shard in weight_map.items():
+        listed.setdefault(shard, set()).add(name)
+    for shard, names in sorted(listed.items()):
+        stored = set(_shard_keys(root / shard))
+        absent, unlisted = sorted(names - stored), sorted(stored - every)
+        fix = "the index and the shards are from different downloads: download the checkpoint again"
+        if absent:
+            more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+            raise CheckpointError(f"{root / shard}: tensor '{absent[0]}'{more} is listed in {INDEX_FILE} for this "
+                                  f"shard but not stored in it; {fix}")
+        if unlisted:
+            more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+            raise CheckpointError(f"{root / shard}: holds tensor '{unlisted[0]}'{more} that {INDEX_FILE} does not "
+                                  f"list; {fix}")
 
 
 def _shard_keys(path: Path) -> list[str]:

@@ -126,6 +126,36 @@ def test_encoder_tensors_without_a_sub_config_are_unexpected(ckpt):
         load_model(ckpt, device="cpu")
 
 
+@pytest.mark.parametrize("damage", ["not_a_map", "names_an_absent_tensor", "shard_holds_an_unlisted_tensor",
+                                    "last_shard_truncated"])
+def test_an_index_that_disagrees_with_its_shards_is_named_before_any_tensor_is_read(ckpt, damage):
+    """model.safetensors.index.json and the shards' headers are checked against each other when the checkpoint is
+    opened: a clear error naming the file and the tensor, before a (200 GB) load starts, never a crash and never
+    a tensor quietly left out."""
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first, last = _shards(ckpt)[0], _shards(ckpt)[-1]
+    if damage == "not_a_map":
+        index["weight_map"] = list(index["weight_map"])
+        expected = "weight_map"
+    elif damage == "names_an_absent_tensor":
+        index["weight_map"]["model.model.layers.0.input_layernorm.weight"] = last.name  # stored in the first shard
+        expected = rf"{last.name}: tensor 'model.model.layers.0.input_layernorm.weight' is listed in .* not stored"
+    elif damage == "shard_holds_an_unlisted_tensor":
+        tensors = load_file(str(first))
+        tensors["model.model.layers.0.surprise.weight"] = torch.ones(2)
+        save_file(tensors, str(first))
+        expected = rf"{first.name}: holds tensor 'model.model.layers.0.surprise.weight' that .* does not list"
+    else:
+        last.write_bytes(last.read_bytes()[:-64])
+        expected = rf"{last.name}: cannot read safetensors header"
+    index_path.write_text(json.dumps(index))
+    progress = []
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(ckpt, device="cpu", progress=lambda *a: progress.append(a))
+    assert progress == []  # refused when opened, not half-way through the load
+
+
 def test_resolve_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no such directory"):
         resolve_checkpoint(tmp_path / "nope")
