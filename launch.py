@@ -189,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Running on the Hugging Face Space {os.environ['SPACE_ID']}: who may open it is the Space's "
               "visibility setting (set the secret STUDIO_AUTH=user:password to require a login too).", flush=True)
 
+    if not args.local_audio:  # the studio's address, before minutes of model loading (gradio binds it later)
+        from engine.server.auth import StartupRefused, listen_socket
+
+        try:
+            listen_socket(args.host, args.port).close()
+        except StartupRefused as e:
+            return _fail(str(e), EXIT_SERVER_ERROR)
     if args.local_audio:
         from app.local_audio import check_local_audio
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from engine.server.auth import StartupRefused, check_bind
+from engine.server.auth import StartupRefused, check_bind, listen_socket
 from engine.server.limits import MiB, Limits
 
 
@@ -53,22 +53,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        check_bind(args.host, args.token)  # before the (slow) model load
+    sock = None
+    try:  # before the (slow) model load: the address, the token, the limits
+        sock = listen_socket(args.host, args.port)  # held through the load: the port stays ours
+        check_bind(args.host, args.token)
         limits = Limits(max_sessions=args.max_sessions, max_queue=args.max_queue,
                         max_message_bytes=int(args.max_message_mb * MiB), max_request_bytes=int(args.max_request_mb * MiB),
                         max_upload_bytes=int(args.max_upload_mb * MiB), max_audio_seconds=args.max_audio_seconds,
                         max_image_pixels=args.max_image_pixels, max_new_tokens=args.max_new_tokens)
     except (StartupRefused, ValueError) as e:
+        if sock is not None:
+            sock.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     import uvicorn  # noqa: PLC0415
 
-    from engine.loader import CheckpointError, LoadProgressPrinter  # noqa: PLC0415
+    from engine.errors import MingError  # noqa: PLC0415
+    from engine.loader import LoadProgressPrinter  # noqa: PLC0415
     from engine.runtime import Engine  # noqa: PLC0415
     from engine.server.app import create_app, uvicorn_config  # noqa: PLC0415
-    from engine.models.thinker.tokenizer import TokenizerError  # noqa: PLC0415
 
     if args.threads:
         import torch  # noqa: PLC0415
@@ -79,18 +83,19 @@ def main(argv: list[str] | None = None) -> int:
                              expert_dtype=args.expert_dtype, linear_dtype=args.linear_dtype,
                              log=lambda line: print(f"[{line}]", file=sys.stderr),
                              progress=LoadProgressPrinter(sys.stderr, prefix="[", suffix="]"))
-    except (OSError, ValueError, CheckpointError, TokenizerError) as e:  # missing/corrupt files, bad dtype, too big
+    except (OSError, ValueError, MingError) as e:  # missing/corrupt files or config, bad dtype, too big
+        sock.close()
         print(f"error: could not load the model {args.model or 'the tiny demo checkpoint'!r}: "
               f"{type(e).__name__}: {e}", file=sys.stderr)
         return 2
     if engine.is_demo:
         print("[random demo weights: output is meaningless; use --model for the real checkpoint]", file=sys.stderr)
     app = create_app(engine, limits, token=args.token, model_id=args.served_model_name, openai_only=args.openai_only)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    where = "OpenAI routes only" if args.openai_only else f"realtime: ws://{host}:{args.port}/v1/realtime"
-    print(f"serving {app.state.ctx.model_id} on http://{host}:{args.port} ({where})"
+    host, port = (f"[{args.host}]" if ":" in args.host else args.host), sock.getsockname()[1]  # port 0: the one got
+    where = "OpenAI routes only" if args.openai_only else f"realtime: ws://{host}:{port}/v1/realtime"
+    print(f"serving {app.state.ctx.model_id} on http://{host}:{port} ({where})"
           f"{', token required' if args.token else ''}", file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn_config(app, args.host, args.port, args.log_level)).run()
+    uvicorn.Server(uvicorn_config(app, args.host, port, args.log_level)).run(sockets=[sock])
     return 0
 
 

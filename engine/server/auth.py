@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import errno
 import hmac
 import re
+import socket
 from urllib.parse import parse_qs
 
 from engine.client.core import is_loopback_host
@@ -33,6 +35,31 @@ def check_bind(host: str, token: str | None) -> None:
         "model (and its compute). Either bind to a loopback address (--host 127.0.0.1, the default) or "
         "set a secret with --token (or MING_SERVER_TOKEN); clients then send 'Authorization: Bearer <token>' "
         "or '?token=<token>'.")
+
+
+def listen_socket(host: str, port: int, flag: str = "--port") -> socket.socket:
+    """A socket bound to (host, port), made before the (minutes-long) model load so that a port in use, an
+    address this machine does not have or a port out of range is said at once, naming the flags and what to
+    do; the server then serves on it (port 0: the free port it got, `getsockname()[1]`)."""
+    if not 0 <= port <= 65535:  # (getaddrinfo would take 70000 as 4464)
+        raise StartupRefused(f"{flag} {port}: a port is 0 to 65535 (0 = any free port)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as e:
+        raise StartupRefused(f"--host {host}: not an address to listen on ({e}); give an address of this machine "
+                             "(127.0.0.1, 0.0.0.0 for every interface, ::1)") from e
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        fix = (f"the port is in use by another program: choose another {flag} (0 = any free port)"
+               if e.errno == errno.EADDRINUSE else "give an address of this machine with --host (127.0.0.1, 0.0.0.0)")
+        raise StartupRefused(f"cannot listen on --host {host} {flag} {port} ({e.strerror or e}): {fix}") from e
+    sock.set_inheritable(True)
+    return sock
 
 
 def token_matches(provided: str | None, expected: str) -> bool:

@@ -188,3 +188,14 @@ def test_a_remote_engine_that_refuses_the_token_is_said_so_at_start(engine_serve
     launch._connect_remote_engine(argparse.Namespace(engine=engine_server.url, engine_token="wrong"))
     err = capsys.readouterr().err
     assert "refused the token" in err and "--engine-token" in err and "not answering" not in err, err
+
+
+def test_a_studio_port_in_use_is_said_before_the_model_loads(studio_cache):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = _run(["--port", str(port)], studio_cache, timeout=60)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f"--port {port}" in r.stderr and "in use" in r.stderr and "Traceback" not in r.stderr
+    assert "Loading" not in r.stdout  # refused up front, not after the model load

@@ -18,3 +18,65 @@ def test_a_model_too_big_for_this_cpu_is_refused_before_loading(tiny_checkpoint,
                  "--linear-dtype", "int8"]) == 2
     err = capsys.readouterr().err
     assert "does not fit in this machine's memory" in err and "0.00 GB is available" in err and "Traceback" not in err
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the address was checked")
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(capsys, monkeypatch):
+    import socket
+
+    from engine.runtime import Engine
+    monkeypatch.setattr(Engine, "load", _no_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port}" in err and "in use" in err and "Traceback" not in err
+
+
+def test_an_address_or_port_that_cannot_be_listened_on_is_named_before_the_model_loads(capsys, monkeypatch):
+    from engine.runtime import Engine
+    monkeypatch.setattr(Engine, "load", _no_load)
+    assert main(["--port", "70000"]) == 2
+    assert "--port 70000" in capsys.readouterr().err
+    assert main(["--host", "no such host!", "--token", "t"]) == 2
+    err = capsys.readouterr().err
+    assert "--host no such host!" in err and "Traceback" not in err
+
+
+def test_port_0_prints_the_url_it_serves_on(tiny_checkpoint):
+    """--port 0 takes any free port: the line the server prints names that port (it said :0)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    env = {k: v for k, v in os.environ.items() if k != "MING_SERVER_TOKEN"}
+    proc = subprocess.Popen([sys.executable, "-m", "engine.server", "--model", str(tiny_checkpoint), "--port", "0",
+                             "--threads", "1"], cwd=Path(__file__).resolve().parents[2], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if line.startswith("serving "):
+                break
+        url = re.search(r"on (http://127\.0\.0\.1:(\d+))", line)
+        assert url and url[2] != "0", line
+        deadline = time.monotonic() + 60  # (uvicorn starts listening just after the line)
+        while True:
+            try:
+                assert httpx.get(f"{url[1]}/health", timeout=5).status_code == 200
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
