@@ -285,6 +285,9 @@ class Engine:
                 if text:
                     yield TextDelta(text)
             elif isinstance(ev, Done):
+                held = stream.flush()  # an output without a language tag: all of it is the transcript
+                if held:
+                    yield TextDelta(held)
                 t = parse_transcript(ev.text, forced)
                 ev.result = {"language": t.language, "text": t.text}
                 yield ev

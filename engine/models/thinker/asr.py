@@ -77,3 +77,10 @@ class TranscriptStream:
             self.seen_tab = True
             return self.buffer.split("\t", 1)[1]
         return ""
+
+    def flush(self) -> str:
+        """At the end of the output: the text still held back when no tab came. `parse_transcript` then reads
+        the whole output as the transcript (no language), so the streamed text ends as that one does."""
+        held, self.buffer = ("" if self.seen_tab else self.buffer), ""
+        self.seen_tab = True
+        return held

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 
@@ -39,3 +40,25 @@ def test_output_parsing_and_streaming():
     assert [s.feed(x) for x in ["Eng", "lish\the", "llo"]] == ["", "he", "llo"]
     with pytest.raises(ValueError):
         dialect_prefix("bad\ttag")
+
+
+def test_a_transcript_without_a_language_tag_is_streamed_at_the_end(tiny_engine, monkeypatch):
+    """The stream holds text back until the model's `Language<TAB>` tag; an output without a tab was never
+    streamed (no delta at all) while the final result held it all as the transcript (parse_transcript), so a
+    streaming client saw an empty transcript. The held text now comes out before Done."""
+    from engine.events import Done, TextDelta
+
+    s = TranscriptStream()
+    assert [s.feed(x) for x in ["hel", "lo there"]] == ["", ""] and s.flush() == "hello there"
+    s = TranscriptStream()
+    assert s.feed("English\thi") == "hi" and s.flush() == ""
+
+    def chat(*args, **kwargs):
+        yield TextDelta("hello ")
+        yield TextDelta("there")
+        yield Done(text="hello there", finish_reason="length")
+
+    monkeypatch.setattr(tiny_engine, "chat", chat)
+    events = list(tiny_engine.transcribe(np.zeros(1600, dtype=np.float32), sample_rate=16000))
+    deltas = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert deltas == "hello there" == events[-1].result["text"] and events[-1].result["language"] is None
