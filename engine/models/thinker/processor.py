@@ -135,6 +135,15 @@ def _content_parts(content: Any) -> list:
     return content
 
 
+def _part_text(part: dict) -> str:
+    """A text part's text: a string (left out: empty); anything else (None, a number) is a PromptError
+    rather than its repr spoken to the model ("None")."""
+    text = part.get("text", "")
+    if not isinstance(text, str):
+        raise PromptError(f"a text part's 'text' must be a string, not {type(text).__name__}")
+    return text
+
+
 def _system_text(content: Any) -> str:
     """A system message's text: a string, or a list of text parts (joined as a user turn's are).
     The reference's system prompt is text only (spec §6.1), so media there are refused."""
@@ -143,7 +152,7 @@ def _system_text(content: Any) -> str:
         if isinstance(part, str):
             texts.append(part)
         elif part.get("type") in TEXT_TYPES:
-            texts.append(str(part.get("text", "")))
+            texts.append(_part_text(part))
         else:
             raise PromptError(f"a system message holds text only, not '{part.get('type')}'")
     return "".join(texts)
@@ -195,7 +204,7 @@ class MingProcessor:
             return [(part, False)]
         kind = part.get("type")
         if kind in TEXT_TYPES:
-            return [(str(part.get("text", "")), False)]
+            return [(_part_text(part), False)]
         if kind in IMAGE_TYPES:
             pieces: list[tuple[str, bool]] = []
             sources = part.get(kind if kind in part else "image")

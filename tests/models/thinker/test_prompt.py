@@ -168,3 +168,17 @@ def test_message_content_shapes_render_or_are_refused(tok):
     for content in (5, [None], ["ok", 3.5]):
         with pytest.raises(PromptError, match="content"):
             build_chat_prompt([{"role": "user", "content": content}], tok)
+
+
+def test_a_text_part_whose_text_is_not_a_string_is_refused_not_spoken_as_its_repr(tok):
+    """{"type": "text", "text": None} put the word "None" into the prompt (and a number its digits); a text
+    part's text is a string (left out: empty), anything else is a PromptError naming the field."""
+    for text in (None, 5, ["a"]):
+        for role in ("user", "system"):
+            messages = [{"role": role, "content": [{"type": "text", "text": text}]}]
+            if role == "system":
+                messages.append({"role": "user", "content": "hi"})
+            with pytest.raises(PromptError, match="'text' must be a string"):
+                build_chat_prompt(messages, tok)
+    bare = build_chat_prompt([{"role": "user", "content": [{"type": "text"}, "hi"]}], tok)
+    assert bare.text == build_chat_prompt([{"role": "user", "content": "hi"}], tok).text
