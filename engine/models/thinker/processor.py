@@ -23,6 +23,7 @@ from engine.models.thinker.config import MingConfig
 from engine.media.audio import AudioFeatures, AudioFrontendConfig, pack_audio_features, prepare_audio
 from engine.media.errors import MediaError
 from engine.media.image import FETCH_OPTION_KEYS, ImageInputs, ImageProcessorConfig, prepare_image
+from engine.media.sources import local_source
 from engine.media.video import (VideoInputs, VideoOptions, WebcamClip, prepare_video, prepare_video_preview,
                                 video_prompt_text)
 from engine.models.thinker.vision import VisionConfig
@@ -172,12 +173,13 @@ class MingProcessor:
     def _image(self, source: Any, options: dict) -> ImageInputs:
         if isinstance(source, ImageInputs):
             return source
-        return prepare_image(source, self.settings.image, **options)
+        return prepare_image(local_source(source, "image"), self.settings.image, **options)
 
     def _video(self, part: dict, source: Any) -> VideoInputs:
         """A video part; its other keys are the message's video options (`VideoOptions`)."""
         if isinstance(source, VideoInputs):
             return source
+        source = local_source(source, "video")
         options = VideoOptions.from_message(part)
         if not self.settings.interleaved_video:  # Preview: its own sampler, one (t, h, w) grid, no timestamps
             is_file = isinstance(source, (bytes, bytearray, memoryview)) or (
@@ -196,7 +198,7 @@ class MingProcessor:
     def _audio(self, part: dict, source: Any) -> AudioFeatures:
         if isinstance(source, AudioFeatures):
             return source
-        return prepare_audio(source, part.get("sample_rate"), self.settings.audio)
+        return prepare_audio(local_source(source, "audio"), part.get("sample_rate"), self.settings.audio)
 
     def _render_part(self, part: dict | str, out: ProcessedPrompt) -> list[tuple[str, bool]]:
         """One content part -> (text, is_template) pieces; media is processed and recorded."""

@@ -182,3 +182,41 @@ def test_a_text_part_whose_text_is_not_a_string_is_refused_not_spoken_as_its_rep
                 build_chat_prompt(messages, tok)
     bare = build_chat_prompt([{"role": "user", "content": [{"type": "text"}, "hi"]}], tok)
     assert bare.text == build_chat_prompt([{"role": "user", "content": "hi"}], tok).text
+
+
+def test_media_given_as_file_or_data_urls_are_read_as_the_reference_reads_them(tok, tmp_path):
+    """The reference's fetch_image / fetch_video take 'file://PATH' and 'data:image/...;base64,...' strings;
+    ours read them as file names ('image file not found: file:/...'). Both are now read; an http(s) URL is
+    refused saying the engine does not fetch (no network), and a broken data: URL names the problem."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from engine.media.errors import MediaError
+
+    picture = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    path = tmp_path / "a.png"
+    Image.fromarray(picture).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        Image.fromarray(np.roll(picture, i, axis=1)).save(frames / f"f{i}.png")
+
+    def prompt(part):
+        return build_chat_prompt([{"role": "user", "content": [part, {"type": "text", "text": "?"}]}], tok)
+
+    want = prompt({"type": "image", "image": str(path)})
+    for source in ("file://" + str(path), url):
+        got = prompt({"type": "image", "image": source})
+        assert got.text == want.text and got.image_grid_thw.tolist() == want.image_grid_thw.tolist()
+    assert prompt({"type": "video", "video": "file://" + str(frames)}).text == \
+        prompt({"type": "video", "video": str(frames)}).text
+    for source, words in (("https://example.com/a.png", "not fetched"), ("data:image/png,abc", "not base64"),
+                          ("data:image/png;base64,@@@", "invalid base64")):
+        with pytest.raises(MediaError, match=words):
+            prompt({"type": "image", "image": source})
