@@ -461,3 +461,20 @@ def test_one_token_host_experts_run_in_one_native_call(name, dtype, kind, monkey
     assert all(n <= 3 for n in host_per_call)
     assert rt.layers[1].host_table(dtype) is not None
     rt.close()
+
+
+def test_a_tied_head_stays_with_the_final_norm(tmp_path):
+    """tie_word_embeddings: lm_head's weight is the embedding table (one Parameter). Moving the table to the
+    embeddings' GPU after the head had gone to the head GPU took the head along, away from the final norm
+    whose output it reads (on GPUs the move keeps the Parameter shared; here the head slot is the meta device)."""
+    from types import SimpleNamespace
+
+    from engine.models.thinker.model import build_encoders, build_llm, place_non_expert_modules
+    from tests.models.thinker.variants import write_variant
+
+    cfg = MingConfig.from_file(write_variant(tmp_path / "tied", llm={"tie_word_embeddings": True}))
+    llm, enc = build_llm(cfg, "cpu"), build_encoders(cfg, "cpu")
+    plan = SimpleNamespace(layer_home=(0,) * cfg.llm.num_hidden_layers, head_home=1, embeddings="gpu", encoders="gpu")
+    place_non_expert_modules(llm, enc, plan, DeviceMap((torch.device("cpu"), torch.device("meta"))))
+    assert llm.lm_head.weight is llm.model.word_embeddings.weight
+    assert llm.lm_head.weight.device == llm.model.norm.weight.device == torch.device("meta")

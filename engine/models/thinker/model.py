@@ -332,7 +332,10 @@ def place_non_expert_modules(llm: BailingMoeV2ForCausalLM, encoders: Encoders, p
                 child.to(home)
     llm.model.norm.to(gpus[plan.head_home])
     llm.lm_head.to(gpus[plan.head_home])
-    llm.model.word_embeddings.to(device_map.host if plan.embeddings == "cpu" else gpus[0])
+    # a tied head is the embedding table itself (one Parameter): the table stays with the head it is
+    embeddings = device_map.host if plan.embeddings == "cpu" else gpus[0]
+    llm.model.word_embeddings.to(gpus[plan.head_home] if llm.config.tie_word_embeddings else embeddings)
+    llm.tie_weights()  # a move that could not keep the Parameter shared (e.g. to the meta device) made a copy
     enc_device = device_map.host if plan.encoders == "cpu" else gpus[0]
     for module in encoders.components().values():
         module.to(enc_device)
