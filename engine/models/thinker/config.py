@@ -35,6 +35,7 @@ UPSTREAM_MLP_DEPTH_DEFAULT = 1
 UPSTREAM_LLM_DEFAULTS = {"use_bias": True, "use_qkv_bias": False, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-5,
                          "max_position_embeddings": 16384, "router_type": SINGLE_ROUTER, "rope_theta": 10000.0,
                          "num_experts": 16, "num_experts_per_tok": 2, "n_group": 8, "topk_group": 4,
+                         "use_sliding_window": False, "sliding_window": 81920,
                          # the 2.0 class's default; the Preview code has no interleaved path at all (spec §1.1)
                          "use_interleaved_frame_timestamp": True}
 #: What each ViT's config class builds for a key its vision_config omits (spec §4.3, §4.4): the classes'
@@ -112,6 +113,8 @@ class LLMConfig:
     use_interleaved_frame_timestamp: bool
     rope_scaling_type: str | None
     hidden_act: str = "silu"
+    # Keys a query attends to: i - sliding_window < j <= i (slot indices, padding included) when set; None: all
+    sliding_window: int | None = None
     shared_experts_built: bool = True
     spatial_merge_size: int = UPSTREAM_SPATIAL_MERGE_SIZE
     tokens_per_second: int = UPSTREAM_TOKENS_PER_SECOND
@@ -188,6 +191,11 @@ class LLMConfig:
                 d.get("use_interleaved_frame_timestamp", UPSTREAM_LLM_DEFAULTS["use_interleaved_frame_timestamp"])),
             rope_scaling_type=rope_scaling.get("type") if isinstance(rope_scaling, dict) else None,
             hidden_act=str(d.get("hidden_act", "silu")),
+            # the reference's eager (and masked SDPA) causal mask windows every layer when use_sliding_window is
+            # set and sliding_window is not null (flash_attention_2 ignores both)
+            sliding_window=(int(d.get("sliding_window", UPSTREAM_LLM_DEFAULTS["sliding_window"]))
+                            if d.get("use_sliding_window", UPSTREAM_LLM_DEFAULTS["use_sliding_window"])
+                            and d.get("sliding_window", UPSTREAM_LLM_DEFAULTS["sliding_window"]) is not None else None),
             moe_router_topk_scaling_factor=d.get("moe_router_topk_scaling_factor"),
         )
         cfg.validate(where)
@@ -220,6 +228,8 @@ class LLMConfig:
         if self.rope_scaling_type != VIDEO_ROPE:
             raise bad(f"rope_scaling {{'type': {self.rope_scaling_type!r}}} is not supported: the reference reads "
                       f"rope_scaling['type'] and both releases set {VIDEO_ROPE!r} (3-D video rotary, spec §2.4)")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise bad(f"sliding_window {self.sliding_window} must be >= 1 (a query would attend to no key)")
         if self.hidden_act != "silu":
             raise bad(f"hidden_act '{self.hidden_act}' is not supported (BailingMoeV2 uses silu)")
         if self.router_type != MULTI_ROUTER and self.router_type not in SINGLE_ROUTER_ALIASES:

@@ -192,13 +192,12 @@ def _host_slot(step: StepInputs) -> int | None:
     return step.write_at if isinstance(step.write_at, int) else step.host_slot
 
 
-def attention_mask_4d(key_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [B, 1, q, kv] mask: causal, bottom-right aligned, plus key padding.
-    Masked slots get the dtype's minimum (not -inf) so fully padded rows stay finite."""
+def attention_mask_4d(key_mask: torch.Tensor, q_len: int, dtype: torch.dtype,
+                      sliding_window: int | None = None) -> torch.Tensor:
+    """Additive [B, 1, q, kv] mask: causal, bottom-right aligned (within `sliding_window` when set), plus key
+    padding. Masked slots get the dtype's minimum (not -inf) so fully padded rows stay finite."""
     kv = key_mask.shape[1]
-    i = torch.arange(q_len, device=key_mask.device).view(-1, 1)
-    j = torch.arange(kv, device=key_mask.device).view(1, -1)
-    allowed = (j <= i + (kv - q_len)).unsqueeze(0) & key_mask.bool().unsqueeze(1)
+    allowed = causal_mask(q_len, kv, key_mask.device, sliding_window).unsqueeze(0) & key_mask.bool().unsqueeze(1)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask.unsqueeze(1)
@@ -267,8 +266,13 @@ class BailingMoeV2Model(nn.Module):
         else:
             key_mask = step_mask
         causal = q_len > 1
+        sliding = self.config.sliding_window
+        if sliding is not None and past + q_len <= sliding:
+            sliding = None  # every key is within the window
         if key_mask is not None:
-            mask = attention_mask_4d(key_mask, q_len, x.dtype)
+            mask = attention_mask_4d(key_mask, q_len, x.dtype, sliding)
+        elif sliding is not None:
+            mask = causal_mask(q_len, past + q_len, x.device, sliding)
         elif causal and past:  # a chunk after cached tokens: causal, bottom-right aligned
             # (on GPUs as a CausalBias, which SDPA runs in its flash kernel: a materialised mask with GQA
             # would fall back to the math kernel and its [heads, q, kv] scores)
@@ -300,10 +304,14 @@ class BailingMoeV2Model(nn.Module):
         cos_table, sin_table = self.rotary_emb.decode_tables(device, numerics)
         cos, sin = cos_table[position].unsqueeze(1), sin_table[position].unsqueeze(1)  # [B, 1, rot]
         key_mask = cache.on("key_mask", device)
-        if not cache.static and not cache.padded and window == cache.length + 1:
+        sliding = self.config.sliding_window
+        if not cache.static and not cache.padded and window == cache.length + 1 and (sliding is None or window <= sliding):
             mask = None  # every cached slot and the new one: nothing to mask (a graph always masks)
         else:
-            mask = torch.arange(window, device=device) <= slot  # [window]
+            slots = torch.arange(window, device=device)
+            mask = slots <= slot  # [window]
+            if sliding is not None:
+                mask = mask & (slots > slot - sliding)
             if key_mask is not None:
                 mask = mask & key_mask[:, :window]
             mask = mask.view(-1, 1, 1, window)
@@ -334,11 +342,13 @@ def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if t is None else t.to(device)
 
 
-def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean [q, kv] causal mask, bottom-right aligned (query i sees keys j <= i + kv - q)."""
-    i = torch.arange(q_len, device=device).view(-1, 1)
+def causal_mask(q_len: int, kv_len: int, device: torch.device, sliding_window: int | None = None) -> torch.Tensor:
+    """Boolean [q, kv] causal mask, bottom-right aligned (query i sees keys j <= i + kv - q), and with
+    `sliding_window` only the keys less than that far back (j > i + kv - q - sliding_window)."""
+    i = torch.arange(q_len, device=device).view(-1, 1) + (kv_len - q_len)
     j = torch.arange(kv_len, device=device).view(1, -1)
-    return j <= i + (kv_len - q_len)
+    allowed = j <= i
+    return allowed if sliding_window is None else allowed & (j > i - sliding_window)
 
 
 class AudioSpan(NamedTuple):

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 CLASS_DEFAULTS = {"num_experts": 16, "num_experts_per_tok": 2, "n_group": 8, "topk_group": 4,
                   "routed_scaling_factor": 2.5, "num_shared_experts": 0, "first_k_dense_replace": 0,
                   "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "head_dim": None,
-                  "router_type": "topN", "tie_word_embeddings": False}
+                  "router_type": "topN", "tie_word_embeddings": False, "use_sliding_window": False,
+                  "sliding_window": 81920}
 # The reference's hard-coded VideoRoPE split: [T 8, H 12, W 12] frequencies, assembled as sections of
 # (24 H/W alternating, 8 T) twice (spec §2.4).
 HW_SECTION, T_SECTION = 24, 8
@@ -119,6 +120,8 @@ def logits(sd: dict, config: dict, ids: torch.Tensor, position_ids: torch.Tensor
     x = table[ids.clamp(0, table.shape[0] - 1)]
     keys = torch.ones(b, length, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     causal = torch.ones(length, length).tril().bool()
+    if c["use_sliding_window"] and c["sliding_window"] is not None:  # the eager mask: keys j > i - window
+        causal &= torch.ones(length, length).triu(1 - c["sliding_window"]).bool()
     allowed = causal.unsqueeze(0) & keys.unsqueeze(1)
     mask = torch.zeros(b, 1, length, length).masked_fill(~allowed.unsqueeze(1), torch.finfo(torch.float32).min)
     cos, sin = video_rope(position_ids, c)

@@ -530,3 +530,32 @@ def test_omitted_moe_keys_take_bailing_moe_v2_config_defaults(tmp_path):
     # no dense layer: intermediate_size is never read
     all_moe = {k: v for k, v in raw.items() if k != "intermediate_size"}
     assert MingConfig.from_dict({**all_moe, "first_k_dense_replace": 0}).llm.num_moe_layers == raw["num_hidden_layers"]
+
+
+def test_sliding_window_masks_keys_as_the_reference_eager_mask_does(tmp_path):
+    """use_sliding_window true with sliding_window W (BailingMoeV2Config keeps both; defaults False / 81920):
+    the reference's eager causal mask (_prepare_4d_causal_attention_mask_with_cache_position, also the masked
+    SDPA path) hides keys j <= i - W from query i in every layer, slot indices counting the padding. The
+    engine ignored both keys. Checked on a left-padded batch against the from-the-rules forward, and a prefill
+    (in chunks) + device decode steps against one whole-sequence forward."""
+    from engine.generate import DecodeStep, prefill
+    from engine.models.thinker.config import MingConfig
+    from tests.models.thinker.variants import write_variant
+
+    ckpt = write_variant(tmp_path / "window", llm={"use_sliding_window": True, "sliding_window": 3})
+    assert MingConfig.from_file(ckpt).llm.sliding_window == 3
+    _compare_with_reference(ckpt)
+    llm = load_model(ckpt, dtype="fp32", device="cpu").llm
+    ids = torch.tensor([[0, 0, 10, 20, 30, 40, 50, 60, 70, 80], [1, 2, 3, 4, 5, 6, 7, 8, 9, 11]])
+    mask = torch.tensor([[0, 0] + [1] * 8, [1] * 10])
+    with torch.inference_mode():
+        full = llm(llm.model.embed(ids), _positions(llm, ids, mask)[0], FP32, step_mask=mask)
+        pos, delta = _positions(llm, ids[:, :6], mask[:, :6])
+        cache = llm.new_cache(2, FP32, "cpu", capacity=16)
+        cache.rope_deltas = delta
+        steps = [prefill(llm, FP32, cache, llm.model.embed(ids[:, :6]), pos, step_mask=mask[:, :6], chunk_tokens=4).logits]
+        step = DecodeStep(llm, FP32, cache)
+        for i in range(6, ids.shape[1] - 1):
+            step.feed(ids[:, i])
+            steps.append(step.step())
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 5:-1], atol=1e-4, rtol=1e-4)
