@@ -77,7 +77,8 @@ def is_speakable(text: str) -> bool:
 
 
 def check_text(text, what: str = "text") -> str:
-    """Validate user text: a non-empty string of at most MAX_TEXT_CHARS with something to say."""
+    """Validate user text: a non-empty string of at most MAX_TEXT_CHARS with something to say once
+    markup is stripped (a text that is only a link or code would be refused by the talker later)."""
     if not isinstance(text, str):
         raise TextError(f"{what} must be a string, got {type(text).__name__}")
     if not text.strip():
@@ -86,8 +87,9 @@ def check_text(text, what: str = "text") -> str:
         raise TextError(f"{what} is too long: {len(text)} characters, at most {MAX_TEXT_CHARS} per request "
                         "(split it into several requests)")
     cleaned = clean_text(text)
-    if not is_speakable(cleaned):
-        raise TextError(f"{what} has nothing to speak: it holds only punctuation, symbols or emoji")
+    if not is_speakable(strip_markup(cleaned)):
+        raise TextError(f"{what} has nothing to speak: it holds only punctuation, symbols, emoji, links, code "
+                        "or markup")
     return cleaned
 
 

@@ -92,6 +92,8 @@ def test_number_readings():
 
 @pytest.mark.parametrize("text, message", [("", "empty"), ("   \n", "empty"), ("!!! ... ？", "nothing to speak"),
                                            ("😀🎉👍", "nothing to speak"), ("a" * (MAX_TEXT_CHARS + 1), "too long"),
+                                           ("https://example.com/a?b=1", "nothing to speak"),
+                                           ("`x = 1` **", "nothing to speak"),
                                            (None, "must be a string")])
 def test_bad_text_is_refused(text, message):
     with pytest.raises(TextError, match=message):
