@@ -11,14 +11,15 @@
    dots between capitals are never split.
 3. `normalize`: fragments without CJK get English number normalisation (integers, decimals, ordinals,
    units, currency, fractions, signed percentages, letter-number names); fragments with CJK get Chinese
-   readings (years digit by digit, dates, clock times and versions in words, ℃ / ℉ as 摄氏度 / 华氏度).
+   readings (years digit by digit, dates, clock times and versions in words, phone and serial numbers
+   dictated with 幺, ℃ / ℉ as 摄氏度 / 华氏度).
    Markup is stripped as upstream's TalkerTN pre-processor strips it (LaTeX, links, code, markdown
    images / emphasis / headings / rules, list symbols, spaces between non-letters). Emoji and control
    characters are removed (degree signs are kept), a leading `，` is dropped.
 
 NOT implemented: the rest of upstream's text normaliser (`TalkerTN`'s other regex readings and its pynini
-grammars; pynini is not available here): phone numbers, serial numbers, money and measures in Chinese
-context, formulas, symbols are passed through as written (numbers in them read as cardinals).
+grammars; pynini is not available here): money and measures in Chinese context, number ranges,
+formulas, symbols are passed through as written (numbers in them read as cardinals).
 """
 
 from __future__ import annotations
@@ -467,6 +468,16 @@ def _zh_time(hour: str, minute: str, second: str | None, noon: str | None) -> st
     return out
 
 
+def _zh_yao(digits: str) -> str:
+    """Digits one by one as a number is dictated, 1 as 幺: 400 -> 四零零, 110 -> 幺幺零."""
+    return _zh_digits(digits).replace("一", "幺")
+
+
+# A phone number written with dashes (010-12345678, 0571-1234567, 400-123-4567) and digits after a serial
+# label (电话, 手机号, ID, 学号, 身份证, 尾号, FM / AM, optionally followed by 是 / 为 and a colon).
+_PHONE = re.compile(r"(?<![\d\-~～:：.+x*/÷=≥≤><])(?:(\d{3})-(\d{8})|(\d{4})-(\d{7,8})|(400|0\d{2,3})-(\d{3,4})-(\d{4}))"
+                    r"(?![\d\-~～:：.+x*/÷=≥≤><])")
+_SERIAL = re.compile(r"((?<![A-Za-z])(?:id|ID|FM|AM)|学号|身份证|手机号?|电话|尾号)((?:是|为)?：?)(\d+)(?![.\d])")
 _CLOCK = r"(\d{1,2})[:：](\d{1,2})(?:[:：](\d{1,2}))?"
 _NOON_MARK = r"(am|pm|AM|PM|a m|p m|A M|P M)?"
 
@@ -480,6 +491,8 @@ def normalize_chinese_numbers(text: str) -> str:
                   _zh_date, text)
     text = re.sub(r"(?<!\d)(?P<y>)(?P<m>\d{1,2})月(?P<d>\d{1,2})(?P<mark>[日号])", _zh_date, text)
     text = re.sub(r"(?<!\d)(\d{4})(?=年)", lambda m: _zh_year(m.group(1)), text)
+    text = _PHONE.sub(lambda m: "".join(_zh_yao(g) for g in m.groups() if g), text)
+    text = _SERIAL.sub(lambda m: m.group(1) + m.group(2) + _zh_yao(m.group(3)), text)
     text = re.sub(rf"(?<![{_DIGIT_PUNCT}]){_CLOCK}[-~～]{_CLOCK}(?![{_DIGIT_PUNCT}]){_NOON_MARK}",
                   lambda m: _zh_time(*m.group(1, 2, 3), None) + "至" + _zh_time(*m.group(4, 5, 6, 7)), text)
     text = re.sub(rf"(?<![{_DIGIT_PUNCT}]){_CLOCK}(?![{_DIGIT_PUNCT}]){_NOON_MARK}", lambda m: _zh_time(*m.groups()), text)

@@ -163,3 +163,16 @@ def test_chinese_dates_times_and_versions(text, spoken):
     reads a year digit by digit, dates and clock times in words (两点, 整, 零五分, 至 for a range) and
     a v/版本 dotted number as a version, not as cardinals ('二千零二十四年', '十:三十')."""
     assert normalize(text) == spoken
+
+
+@pytest.mark.parametrize("text, spoken", [
+    ("客服电话是400-123-4567", "客服电话是四零零幺二三四五六七"),
+    ("请拨打010-12345678或0571-1234567", "请拨打零幺零幺二三四五六七八或零五七幺幺二三四五六七"),
+    ("我的手机号是：13812345678，尾号1234", "我的手机号是：幺三八幺二三四五六七八，尾号幺二三四"),
+    ("我有110个，收听FM101.7", "我有一百一十个，收听FM一百零一点七"),
+])
+def test_chinese_phone_and_serial_numbers_are_dictated(text, spoken):
+    """Upstream's Chinese normaliser reads a dashed phone number (re_phone_dash) and the digits after a serial
+    label such as 电话 / 手机号 / 尾号 (re_serial, talker_re.json serial_before) one by one with 幺 for 1,
+    where a cardinal reading ('四百-一百二十三-四千五百六十七') is wrong; other numbers stay cardinals."""
+    assert normalize(text) == spoken
