@@ -12,14 +12,14 @@
 3. `normalize`: fragments without CJK get English number normalisation (integers, decimals, ordinals,
    units, currency, fractions, signed percentages, letter-number names); fragments with CJK get Chinese
    readings (years digit by digit, dates, clock times and versions in words, phone and serial numbers
-   dictated with 幺, ℃ / ℉ as 摄氏度 / 华氏度).
+   dictated with 幺, units and currencies in Chinese: 5kg -> 五千克, $5 -> 五美元, ℃ -> 摄氏度).
    Markup is stripped as upstream's TalkerTN pre-processor strips it (LaTeX, links, code, markdown
    images / emphasis / headings / rules, list symbols, spaces between non-letters). Emoji and control
    characters are removed (degree signs are kept), a leading `，` is dropped.
 
 NOT implemented: the rest of upstream's text normaliser (`TalkerTN`'s other regex readings and its pynini
-grammars; pynini is not available here): money and measures in Chinese context, number ranges,
-formulas, symbols are passed through as written (numbers in them read as cardinals).
+grammars; pynini is not available here): its full unit and currency tables (we read the common ones),
+bare number ranges, formulas, symbols are passed through as written (numbers in them read as cardinals).
 """
 
 from __future__ import annotations
@@ -478,6 +478,30 @@ def _zh_yao(digits: str) -> str:
 _PHONE = re.compile(r"(?<![\d\-~～:：.+x*/÷=≥≤><])(?:(\d{3})-(\d{8})|(\d{4})-(\d{7,8})|(400|0\d{2,3})-(\d{3,4})-(\d{4}))"
                     r"(?![\d\-~～:：.+x*/÷=≥≤><])")
 _SERIAL = re.compile(r"((?<![A-Za-z])(?:id|ID|FM|AM)|学号|身份证|手机号?|电话|尾号)((?:是|为)?：?)(\d+)(?![.\d])")
+# Units read after a number in Chinese text and currencies before / after one (upstream's measure_after and
+# money tables name them so; 'A' is left out: 5A级景区 is a grade, not amperes).
+_ZH_MEASURES = {"km": "千米", "m": "米", "cm": "厘米", "mm": "毫米", "kg": "千克", "g": "克", "mg": "毫克", "t": "吨",
+             "ml": "毫升", "mL": "毫升", "L": "升", "h": "小时", "min": "分钟", "s": "秒", "ms": "毫秒",
+             "Hz": "赫兹", "hz": "赫兹", "kHz": "千赫", "khz": "千赫兹", "MHz": "兆赫", "mhz": "兆赫兹",
+             "W": "瓦特", "kW": "千瓦", "kw": "千瓦", "V": "伏特", "v": "伏特", "mAh": "毫安时", "gb": "吉字节",
+             "m2": "平方米", "m²": "平方米", "cm2": "平方厘米", "cm²": "平方厘米", "cm3": "立方厘米", "cm³": "立方厘米",
+             "°C": "摄氏度", "°c": "摄氏度", "℃": "摄氏度", "°F": "华氏度", "°f": "华氏度", "℉": "华氏度"}
+_ZH_MONEY = {"$": "美元", "USD": "美元", "¥": "元", "￥": "元", "RMB": "元", "€": "欧元", "£": "英镑", "￡": "英镑",
+             "GBP": "英镑", "HKD": "港元", "JPY": "日元"}
+_ZH_NUMBER = r"\d+(?:\.\d+)?"
+_ZH_MEASURE = re.compile(rf"(?:(?<![\d.])([-~～]))?(?:({_ZH_NUMBER})[-~～])?({_ZH_NUMBER})"
+                         rf"({'|'.join(sorted(map(re.escape, _ZH_MEASURES), key=len, reverse=True))})(?![A-Za-z])")
+_ZH_MONEY_BEFORE = re.compile(rf"((?<![A-Za-z])(?:USD|RMB|GBP|HKD|JPY)|[$¥￥€£￡])({_ZH_NUMBER})")
+_ZH_MONEY_AFTER = re.compile(rf"({_ZH_NUMBER})(USD|RMB|GBP|HKD|JPY)(?![A-Za-z])")
+
+
+def _zh_measure(m: re.Match) -> str:
+    """5kg -> 五千克, 3-5kg -> 三至五千克, -5℃ -> 负五摄氏度, ~5m -> 大约五米 (upstream merge_punc_measure)."""
+    sign, low, number, unit = m.groups()
+    head = ("负" if sign == "-" else "大约") if sign else ""
+    return head + (chinese_reading(low) + "至" if low else "") + chinese_reading(number) + _ZH_MEASURES[unit]
+
+
 _CLOCK = r"(\d{1,2})[:：](\d{1,2})(?:[:：](\d{1,2}))?"
 _NOON_MARK = r"(am|pm|AM|PM|a m|p m|A M|P M)?"
 
@@ -496,6 +520,9 @@ def normalize_chinese_numbers(text: str) -> str:
     text = re.sub(rf"(?<![{_DIGIT_PUNCT}]){_CLOCK}[-~～]{_CLOCK}(?![{_DIGIT_PUNCT}]){_NOON_MARK}",
                   lambda m: _zh_time(*m.group(1, 2, 3), None) + "至" + _zh_time(*m.group(4, 5, 6, 7)), text)
     text = re.sub(rf"(?<![{_DIGIT_PUNCT}]){_CLOCK}(?![{_DIGIT_PUNCT}]){_NOON_MARK}", lambda m: _zh_time(*m.groups()), text)
+    text = _ZH_MONEY_BEFORE.sub(lambda m: chinese_reading(m.group(2)) + _ZH_MONEY[m.group(1)], text)
+    text = _ZH_MONEY_AFTER.sub(lambda m: chinese_reading(m.group(1)) + _ZH_MONEY[m.group(2)], text)
+    text = _ZH_MEASURE.sub(_zh_measure, text)
     text = re.sub(r"(\d+(?:\.\d+)?)%", lambda m: "百分之" + chinese_reading(m.group(1)), text)
     text = text.replace("℃", "摄氏度").replace("℉", "华氏度")
     return re.sub(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?", lambda m: chinese_reading(m.group(0)), text)

@@ -176,3 +176,16 @@ def test_chinese_phone_and_serial_numbers_are_dictated(text, spoken):
     label such as 电话 / 手机号 / 尾号 (re_serial, talker_re.json serial_before) one by one with 幺 for 1,
     where a cardinal reading ('四百-一百二十三-四千五百六十七') is wrong; other numbers stay cardinals."""
     assert normalize(text) == spoken
+
+
+@pytest.mark.parametrize("text, spoken", [
+    ("重5kg，长3-5m，气温-5℃", "重五千克，长三至五米，气温负五摄氏度"),
+    ("手机电池5000mAh，跑了10km，用时50min", "手机电池五千毫安时，跑了十千米，用时五十分钟"),
+    ("价格是$5或¥100，合100USD", "价格是五美元或一百元，合一百美元"),
+    ("这里是5A级景区，5G网络", "这里是五A级景区，五G网络"),
+])
+def test_chinese_measures_and_money(text, spoken):
+    """Upstream's Chinese normaliser reads a unit after a number (re_measure REMeasureAfter) and a currency
+    before or after it (re_money) in Chinese, a range with 至 and a leading minus as 负 (merge_punc_measure),
+    where the unit was left in Latin letters ('五kg', '$五')."""
+    assert normalize(text) == spoken
