@@ -355,14 +355,41 @@ def _fraction(m: re.Match) -> str:
     return f"{english_number(num)} {name}"
 
 
+def _plural(words: str) -> str:
+    return words[:-1] + "ies" if words.endswith("y") else words + "s"
+
+
+def _decade_words(n: int) -> str:
+    """1990 -> 'nineteen nineties', 1900 -> 'nineteen hundreds', 2000 -> 'two thousands', 80 -> 'eighties'."""
+    if n < 1000 or n % 1000 == 0:
+        return _plural(english_number(n))
+    if n % 100 == 0:
+        return english_number(n // 100) + " hundreds"
+    return english_number(n // 100) + " " + _plural(english_number(n % 100))
+
+
+# An 's' on a number that ends in 0 names a decade, not seconds: a year (the 1990s), a decade after an
+# apostrophe or a determiner (the '80s, in their 30s), or 'hundreds / thousands / millions of'.
+_DECADES = (
+    (re.compile(r"\b(100|1000|1000000)s(?=\s+of\b)"), lambda m: _plural(english_number(int(m.group(1))).split()[-1])),
+    (re.compile(r"(?<![\w.])([12]\d\d0)s\b"), lambda m: _decade_words(int(m.group(1)))),
+    (re.compile(r"['’]([1-9]0)s\b"), lambda m: _decade_words(int(m.group(1)))),
+    (re.compile(r"\b(the|their|his|her|my|your|our|early|mid|late)([ -])([1-9]0)s\b", re.IGNORECASE),
+     lambda m: m.group(1) + m.group(2) + _decade_words(int(m.group(3)))),
+)
+
+
 def normalize_english_numbers(text: str) -> str:
     """Numbers in text without CJK as words, in upstream's order of rules (normalize_numbers): grouping
     commas, numbers with units (5MB, 10 ms, 25°C), money ($, £), fractions, percentages (signed),
     ordinals, letters followed by a number (GPT-4, v2.1 -> 'GPT four', 'v two point one'), then the
-    numbers left (a leading '-' read 'minus'). Unlike upstream, ordinals stay ordinal ('21st' -> 'twenty-
+    numbers left (a leading '-' read 'minus'). Unlike upstream, a decade ('the 1990s', '80s') is no
+    number of seconds, ordinals stay ordinal ('21st' -> 'twenty-
     first', upstream reads the cardinal), money keeps cents / pence, fractions take plurals, a date like
     12/25/2024 is no fraction, and no commas are put between thousands."""
     text = re.sub(r"\d{1,3}(?:,\d{3})+", lambda m: m.group(0).replace(",", ""), text)
+    for pattern, words in _DECADES:
+        text = pattern.sub(words, text)
     text = _UNIT.sub(lambda m: f"{_signed_words(m.group(1))} {_UNIT_WORDS[m.group(2).lower()]}", text)
     text = re.sub(r"([$£])(\d[\d,]*)(?:\.(\d\d))?", _money, text)
     text = re.sub(r"(?<![\w./])(\d+)/(\d+)(?![\w/])", _fraction, text)

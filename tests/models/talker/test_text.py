@@ -189,3 +189,16 @@ def test_chinese_measures_and_money(text, spoken):
     before or after it (re_money) in Chinese, a range with 至 and a leading minus as 负 (merge_punc_measure),
     where the unit was left in Latin letters ('五kg', '$五')."""
     assert normalize(text) == spoken
+
+
+@pytest.mark.parametrize("text, spoken", [
+    ("In the 1990s and the '80s, music changed.", "In the nineteen nineties and the eighties, music changed."),
+    ("in their 30s, the 1900s, the 2000s", "in their thirties, the nineteen hundreds, the two thousands"),
+    ("100s of people and 1000s of cars", "hundreds of people and thousands of cars"),
+    ("timeout 30s, it took 5 s", "timeout thirty seconds, it took five seconds"),
+])
+def test_decades_are_not_seconds(text, spoken):
+    """With units read, an 's' on a number is seconds ('30s'), but a year or a decade with an 's' ('the
+    1990s', 'the '80s', 'in their 30s') and '100s of' are plurals, not 'one thousand nine hundred ninety
+    seconds' (upstream's _unit_re reads them as seconds; a deliberate deviation)."""
+    assert normalize(text) == spoken
