@@ -309,9 +309,15 @@ def english_ordinal(n: int) -> str:
     return (head + " " + last) if head else last
 
 
+def _cardinal(digits: str) -> str:
+    """A digit string in words; past 15 digits (or Python's int() limit) read digit by digit."""
+    digits = digits.lstrip("0") or "0"
+    return english_number(int(digits)) if len(digits) <= 15 else " ".join(_ONES[int(d)] for d in digits)
+
+
 def _english_decimal(text: str) -> str:
     whole, _, frac = text.partition(".")
-    out = english_number(int(whole or 0))
+    out = _cardinal(whole)
     return out + (" point " + " ".join(_ONES[int(d)] for d in frac) if frac else "")
 
 
@@ -339,7 +345,7 @@ _CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "£": ("pound", "pound
 def _money(m: re.Match) -> str:
     one, many, sub_one, sub_many = _CURRENCY[m.group(1)]
     whole, cents = m.group(2).replace(",", ""), m.group(3)
-    words = english_number(int(whole)) + (f" {one}" if int(whole) == 1 else f" {many}")
+    words = _cardinal(whole) + (f" {one}" if whole.lstrip("0") == "1" else f" {many}")
     if cents and int(cents):
         words += " and " + english_number(int(cents)) + (f" {sub_one}" if int(cents) == 1 else f" {sub_many}")
     return words
@@ -347,6 +353,8 @@ def _money(m: re.Match) -> str:
 
 def _fraction(m: re.Match) -> str:
     """3/4 -> three quarters, 1/2 -> one half, 2/3 -> two thirds."""
+    if max(len(m.group(1)), len(m.group(2))) > 15:
+        return f"{_cardinal(m.group(1))} over {_cardinal(m.group(2))}"
     num, den = int(m.group(1)), int(m.group(2))
     if den <= 1:
         return f"{english_number(num)} over {english_number(den)}"
@@ -394,12 +402,11 @@ def normalize_english_numbers(text: str) -> str:
     text = re.sub(r"([$£])(\d[\d,]*)(?:\.(\d\d))?", _money, text)
     text = re.sub(r"(?<![\w./])(\d+)/(\d+)(?![\w/])", _fraction, text)
     text = re.sub(rf"({_SIGNED})%", lambda m: _signed_words(m.group(1)) + " percent", text)
-    text = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: english_ordinal(int(m.group(1))), text)
+    text = re.sub(r"\b(\d{1,15})(st|nd|rd|th)\b", lambda m: english_ordinal(int(m.group(1))), text)
     text = re.sub(r"\b([a-zA-Z]+)-?(\d+(?:\.\d+)?)\b", lambda m: f"{m.group(1)} {_english_decimal(m.group(2))}", text)
     text = re.sub(r"(?<![\w.])-(?=\d)", "minus ", text)
-    text = re.sub(r"\d+\.\d+", lambda m: _english_decimal(m.group(0)), text)
-    return re.sub(r"\d+", lambda m: english_number(int(m.group(0))) if len(m.group(0)) <= 15
-                  else " ".join(_ONES[int(d)] for d in m.group(0)), text)
+    text = re.sub(r"(?<!\d)\d+\.\d+", lambda m: _english_decimal(m.group(0)), text)
+    return re.sub(r"\d+", lambda m: _cardinal(m.group(0)), text)
 
 
 _ZH_DIGITS = "零一二三四五六七八九"
@@ -477,7 +484,7 @@ def _zh_date(m: re.Match) -> str:
     before = re.split(f"[{_DIGIT_PUNCT}]", m.string[:m.start()])[-1]
     version = mark == "." and (before[-1:] in ("v", "V") or "版本" in before)
     if month not in _MONTHS or (day is not None and day not in _DAYS) or version:
-        return "点".join(chinese_number(int(x)) for x in (year, month, day)) if mark == "." else m.group(0)
+        return "点".join(chinese_reading(x.lstrip("0") or "0") for x in (year, month, day)) if mark == "." else m.group(0)
     out = (_zh_year(year) + "年" if year else "") + chinese_number(int(month)) + "月"
     return out + ("" if day is None else chinese_number(int(day)) + ("号" if mark in "-./" else mark))
 
@@ -516,10 +523,10 @@ _ZH_MEASURES = {"km": "千米", "m": "米", "cm": "厘米", "mm": "毫米", "kg"
 _ZH_MONEY = {"$": "美元", "USD": "美元", "¥": "元", "￥": "元", "RMB": "元", "€": "欧元", "£": "英镑", "￡": "英镑",
              "GBP": "英镑", "HKD": "港元", "JPY": "日元"}
 _ZH_NUMBER = r"\d+(?:\.\d+)?"
-_ZH_MEASURE = re.compile(rf"(?:(?<![\d.])([-~～]))?(?:({_ZH_NUMBER})[-~～])?({_ZH_NUMBER})"
+_ZH_MEASURE = re.compile(rf"(?:(?<![\d.])([-~～]))?(?<![\d.])(?:({_ZH_NUMBER})[-~～])?({_ZH_NUMBER})"
                          rf"({'|'.join(sorted(map(re.escape, _ZH_MEASURES), key=len, reverse=True))})(?![A-Za-z])")
 _ZH_MONEY_BEFORE = re.compile(rf"((?<![A-Za-z])(?:USD|RMB|GBP|HKD|JPY)|[$¥￥€£￡])({_ZH_NUMBER})")
-_ZH_MONEY_AFTER = re.compile(rf"({_ZH_NUMBER})(USD|RMB|GBP|HKD|JPY)(?![A-Za-z])")
+_ZH_MONEY_AFTER = re.compile(rf"(?<!\d)({_ZH_NUMBER})(USD|RMB|GBP|HKD|JPY)(?![A-Za-z])")
 
 
 def _zh_measure(m: re.Match) -> str:
@@ -550,7 +557,7 @@ def normalize_chinese_numbers(text: str) -> str:
     text = _ZH_MONEY_BEFORE.sub(lambda m: chinese_reading(m.group(2)) + _ZH_MONEY[m.group(1)], text)
     text = _ZH_MONEY_AFTER.sub(lambda m: chinese_reading(m.group(1)) + _ZH_MONEY[m.group(2)], text)
     text = _ZH_MEASURE.sub(_zh_measure, text)
-    text = re.sub(r"(\d+(?:\.\d+)?)%", lambda m: "百分之" + chinese_reading(m.group(1)), text)
+    text = re.sub(r"(?<!\d)(\d+(?:\.\d+)?)%", lambda m: "百分之" + chinese_reading(m.group(1)), text)
     text = text.replace("℃", "摄氏度").replace("℉", "华氏度")
     return re.sub(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?", lambda m: chinese_reading(m.group(0)), text)
 
@@ -562,7 +569,7 @@ _UNSPOKEN = tuple(re.compile(p, re.DOTALL) for p in (
     r"\$\$.*?\$\$|\$.*?\$",
     r"https?://[A-Za-z0-9./?=&_:-]+|www\.[A-Za-z0-9./?=&_:-]+",
     r"```.*?```|`.*?`",
-    r"!\[.*?\]\(.*?\)",
+    r"!\[[^\]]*\]\([^)]*\)",
     r"\*\*\*|\*\*|###|---",
     "[▼●★☆■□▲△◆◇○◎√×✔✖]"))
 

@@ -202,3 +202,17 @@ def test_decades_are_not_seconds(text, spoken):
     1990s', 'the '80s', 'in their 30s') and '100s of' are plurals, not 'one thousand nine hundred ninety
     seconds' (upstream's _unit_re reads them as seconds; a deliberate deviation)."""
     assert normalize(text) == spoken
+
+
+def test_hostile_text_is_read_quickly_and_without_int_overflow():
+    """A 10,000-character request is read in about linear time: a digit run past Python's int() limit (4300
+    digits) after '$', before 'th' or in Chinese is read digit by digit instead of raising ValueError, and
+    an unclosed markdown image run ('![a](' x 2000) does not backtrack for minutes."""
+    import threading
+
+    assert normalize("$" + "1" * 5000).endswith("one dollars")
+    assert normalize("1" * 5000 + "th").startswith("one one one")
+    assert normalize("版本" + "1" * 5000 + ".2.3").startswith("版本一一一")
+    done = threading.Event()
+    threading.Thread(target=lambda: (normalize("![a](" * 2000), done.set()), daemon=True).start()
+    assert done.wait(20), "an unclosed markdown image run took more than 20 s to read"
