@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import MingError
+from engine.models.thinker.vision import _ACTIVATIONS as ACT2FN  # transformers' ACT2FN, as the reference's MLPs call it
 
 # The reference hard-codes the latent width of the talker and its VAE (spec §7.1) [V].
 LATENT_DIM = 64
@@ -110,8 +111,8 @@ class Qwen2BackboneConfig:
         if scaling not in (None, {}) and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
             raise TalkerConfigError(f"{where}: rope_scaling {scaling} is not supported (only plain RoPE is implemented)")
         act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise TalkerConfigError(f"{where}: hidden_act '{act}' is not supported (Qwen2 uses 'silu')")
+        if act not in ACT2FN:  # Qwen2MLP runs ACT2FN[config.hidden_act]
+            raise TalkerConfigError(f"{where}: hidden_act {act!r} is not supported ({', '.join(sorted(ACT2FN))})")
         window = d.get("sliding_window", QWEN2_DEFAULT_SLIDING_WINDOW) if d.get("use_sliding_window", False) else None
         if window is not None:
             window = _positive_int(d, "sliding_window", where, QWEN2_DEFAULT_SLIDING_WINDOW)
@@ -130,7 +131,7 @@ class Qwen2BackboneConfig:
                    rms_norm_eps=float(d.get("rms_norm_eps", q["rms_norm_eps"])),
                    vocab_size=_positive_int(d, "vocab_size", where, q["vocab_size"]), layer_types=types,
                    max_position_embeddings=int(d.get("max_position_embeddings", q["max_position_embeddings"])),
-                   sliding_window=window,
+                   sliding_window=window, hidden_act=act,
                    bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"))
 
     def with_layers(self, n: int) -> "Qwen2BackboneConfig":

@@ -71,3 +71,24 @@ def test_rope_inverse_frequencies_are_rounded_to_the_model_dtype(tiny_talker_dir
     for stack in (vae.encoder.encoder, vae.encoder.aggregator, vae.decoder.decoder):
         assert torch.equal(stack.rotary.inv_freq, stack.rotary.inv_freq.to(torch.bfloat16).float())
     assert torch.equal(load_talker(tiny_talker_dir).model.rotary.inv_freq, exact)  # fp32: exact
+
+
+def test_backbone_mlp_takes_the_configured_activation():
+    """transformers' Qwen2MLP runs ACT2FN[config.hidden_act]: a talker LLM or AudioVAE backbone config naming
+    'gelu' (or 'relu', 'gelu_pytorch_tanh', ...) runs that activation, written out here from its formula;
+    an activation transformers does not know is refused naming it."""
+    import pytest
+    import torch.nn.functional as F
+
+    from engine.models.talker.config import TalkerConfigError
+
+    d = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+         "num_key_value_heads": 1, "vocab_size": 8, "hidden_act": "gelu"}
+    mlp = Qwen2Backbone(Qwen2BackboneConfig.from_dict(d, "test")).layers[0].mlp
+    x = torch.randn(3, 16)
+    gate = mlp.gate_proj(x)
+    expect = mlp.down_proj(0.5 * gate * (1 + torch.erf(gate / 2 ** 0.5)) * mlp.up_proj(x))
+    torch.testing.assert_close(mlp(x), expect, atol=ATOL, rtol=ATOL)
+    assert not torch.allclose(mlp(x), mlp.down_proj(F.silu(gate) * mlp.up_proj(x)), atol=ATOL)
+    with pytest.raises(TalkerConfigError, match="hidden_act 'bogus'"):
+        Qwen2BackboneConfig.from_dict({**d, "hidden_act": "bogus"}, "test")
