@@ -392,9 +392,9 @@ def normalize_english_numbers(text: str) -> str:
     commas, numbers with units (5MB, 10 ms, 25°C), money ($, £), fractions, percentages (signed),
     ordinals, letters followed by a number (GPT-4, v2.1 -> 'GPT four', 'v two point one'), then the
     numbers left (a leading '-' read 'minus'). Unlike upstream, a decade ('the 1990s', '80s') is no
-    number of seconds, ordinals stay ordinal ('21st' -> 'twenty-
-    first', upstream reads the cardinal), money keeps cents / pence, fractions take plurals, a date like
-    12/25/2024 is no fraction, and no commas are put between thousands."""
+    number of seconds, ordinals stay ordinal ('21st' -> 'twenty-first', upstream reads the cardinal),
+    money keeps cents / pence, fractions take plurals, a date like 12/25/2024 is no fraction, and no
+    commas are put between thousands."""
     text = re.sub(r"\d{1,3}(?:,\d{3})+", lambda m: m.group(0).replace(",", ""), text)
     for pattern, words in _DECADES:
         text = pattern.sub(words, text)
@@ -513,18 +513,20 @@ _PHONE = re.compile(r"(?<![\d\-~～:：.+x*/÷=≥≤><])(?:(\d{3})-(\d{8})|(\d{
                     r"(?![\d\-~～:：.+x*/÷=≥≤><])")
 _SERIAL = re.compile(r"((?<![A-Za-z])(?:id|ID|FM|AM)|学号|身份证|手机号?|电话|尾号)((?:是|为)?：?)(\d+)(?![.\d])")
 # Units read after a number in Chinese text and currencies before / after one (upstream's measure_after and
-# money tables name them so; 'A' is left out: 5A级景区 is a grade, not amperes).
+# money tables name them so; 'A' is left out: 5A级景区 is a grade, not amperes; nor is a unit read before a
+# digit: 5v5 is a match, not volts).
 _ZH_MEASURES = {"km": "千米", "m": "米", "cm": "厘米", "mm": "毫米", "kg": "千克", "g": "克", "mg": "毫克", "t": "吨",
-             "ml": "毫升", "mL": "毫升", "L": "升", "h": "小时", "min": "分钟", "s": "秒", "ms": "毫秒",
-             "Hz": "赫兹", "hz": "赫兹", "kHz": "千赫", "khz": "千赫兹", "MHz": "兆赫", "mhz": "兆赫兹",
-             "W": "瓦特", "kW": "千瓦", "kw": "千瓦", "V": "伏特", "v": "伏特", "mAh": "毫安时", "gb": "吉字节",
-             "m2": "平方米", "m²": "平方米", "cm2": "平方厘米", "cm²": "平方厘米", "cm3": "立方厘米", "cm³": "立方厘米",
-             "°C": "摄氏度", "°c": "摄氏度", "℃": "摄氏度", "°F": "华氏度", "°f": "华氏度", "℉": "华氏度"}
+                "ml": "毫升", "mL": "毫升", "L": "升", "h": "小时", "min": "分钟", "s": "秒", "ms": "毫秒",
+                "Hz": "赫兹", "hz": "赫兹", "kHz": "千赫", "khz": "千赫兹", "MHz": "兆赫", "mhz": "兆赫兹",
+                "W": "瓦特", "kW": "千瓦", "kw": "千瓦", "V": "伏特", "v": "伏特", "mAh": "毫安时", "gb": "吉字节",
+                "m2": "平方米", "m²": "平方米", "cm2": "平方厘米", "cm²": "平方厘米", "cm3": "立方厘米",
+                "cm³": "立方厘米", "°C": "摄氏度", "°c": "摄氏度", "℃": "摄氏度", "°F": "华氏度", "°f": "华氏度",
+                "℉": "华氏度"}
 _ZH_MONEY = {"$": "美元", "USD": "美元", "¥": "元", "￥": "元", "RMB": "元", "€": "欧元", "£": "英镑", "￡": "英镑",
              "GBP": "英镑", "HKD": "港元", "JPY": "日元"}
 _ZH_NUMBER = r"\d+(?:\.\d+)?"
 _ZH_MEASURE = re.compile(rf"(?:(?<![\d.])([-~～]))?(?<![\d.])(?:({_ZH_NUMBER})[-~～])?({_ZH_NUMBER})"
-                         rf"({'|'.join(sorted(map(re.escape, _ZH_MEASURES), key=len, reverse=True))})(?![A-Za-z])")
+                         rf"({'|'.join(sorted(map(re.escape, _ZH_MEASURES), key=len, reverse=True))})(?![A-Za-z\d])")
 _ZH_MONEY_BEFORE = re.compile(rf"((?<![A-Za-z])(?:USD|RMB|GBP|HKD|JPY)|[$¥￥€£￡])({_ZH_NUMBER})")
 _ZH_MONEY_AFTER = re.compile(rf"(?<!\d)({_ZH_NUMBER})(USD|RMB|GBP|HKD|JPY)(?![A-Za-z])")
 
@@ -549,11 +551,11 @@ def normalize_chinese_numbers(text: str) -> str:
                   _zh_date, text)
     text = re.sub(r"(?<!\d)(?P<y>)(?P<m>\d{1,2})月(?P<d>\d{1,2})(?P<mark>[日号])", _zh_date, text)
     text = re.sub(r"(?<!\d)(\d{4})(?=年)", lambda m: _zh_year(m.group(1)), text)
-    text = _PHONE.sub(lambda m: "".join(_zh_yao(g) for g in m.groups() if g), text)
-    text = _SERIAL.sub(lambda m: m.group(1) + m.group(2) + _zh_yao(m.group(3)), text)
     text = re.sub(rf"(?<![{_DIGIT_PUNCT}]){_CLOCK}[-~～]{_CLOCK}(?![{_DIGIT_PUNCT}]){_NOON_MARK}",
                   lambda m: _zh_time(*m.group(1, 2, 3), None) + "至" + _zh_time(*m.group(4, 5, 6, 7)), text)
     text = re.sub(rf"(?<![{_DIGIT_PUNCT}]){_CLOCK}(?![{_DIGIT_PUNCT}]){_NOON_MARK}", lambda m: _zh_time(*m.groups()), text)
+    text = _PHONE.sub(lambda m: "".join(_zh_yao(g) for g in m.groups() if g), text)
+    text = _SERIAL.sub(lambda m: m.group(1) + m.group(2) + _zh_yao(m.group(3)), text)
     text = _ZH_MONEY_BEFORE.sub(lambda m: chinese_reading(m.group(2)) + _ZH_MONEY[m.group(1)], text)
     text = _ZH_MONEY_AFTER.sub(lambda m: chinese_reading(m.group(1)) + _ZH_MONEY[m.group(2)], text)
     text = _ZH_MEASURE.sub(_zh_measure, text)

@@ -156,6 +156,7 @@ def test_markup_links_and_code_are_not_read(text, spoken):
     ("下午2:05出发，10:30:05到", "下午两点零五分出发，十点三十分零五秒到"),
     ("10:30-11:00开会，0:00结束", "十点三十分至十一点整开会，零点整结束"),
     ("9:30pm见", "下午九点三十分见"),
+    ("AM9:30开始", "AM九点三十分开始"),
     ("升级到v2.1.3了，版本号是1.2.3", "升级到v二点一点三了，版本号是一点二点三"),
 ])
 def test_chinese_dates_times_and_versions(text, spoken):
@@ -183,6 +184,7 @@ def test_chinese_phone_and_serial_numbers_are_dictated(text, spoken):
     ("手机电池5000mAh，跑了10km，用时50min", "手机电池五千毫安时，跑了十千米，用时五十分钟"),
     ("价格是$5或¥100，合100USD", "价格是五美元或一百元，合一百美元"),
     ("这里是5A级景区，5G网络", "这里是五A级景区，五G网络"),
+    ("5v5对战，电压5v", "五v五对战，电压五伏特"),
 ])
 def test_chinese_measures_and_money(text, spoken):
     """Upstream's Chinese normaliser reads a unit after a number (re_measure REMeasureAfter) and a currency
