@@ -391,7 +391,7 @@ def normalize_english_numbers(text: str) -> str:
     """Numbers in text without CJK as words, in upstream's order of rules (normalize_numbers): grouping
     commas, numbers with units (5MB, 10 ms, 25°C), money ($, £), fractions, percentages (signed),
     ordinals, letters followed by a number (GPT-4, v2.1 -> 'GPT four', 'v two point one'), then the
-    numbers left (a leading '-' read 'minus'). Unlike upstream, a decade ('the 1990s', '80s') is no
+    numbers left (a leading '-' read 'minus'; one touching letters set apart: 4K -> 'four K'). Unlike upstream, a decade ('the 1990s', '80s') is no
     number of seconds, ordinals stay ordinal ('21st' -> 'twenty-first', upstream reads the cardinal),
     money keeps cents / pence, fractions take plurals, a date like 12/25/2024 is no fraction, and no
     commas are put between thousands."""
@@ -405,6 +405,7 @@ def normalize_english_numbers(text: str) -> str:
     text = re.sub(r"\b(\d{1,15})(st|nd|rd|th)\b", lambda m: english_ordinal(int(m.group(1))), text)
     text = re.sub(r"\b([a-zA-Z]+)-?(\d+(?:\.\d+)?)\b", lambda m: f"{m.group(1)} {_english_decimal(m.group(2))}", text)
     text = re.sub(r"(?<![\w.])-(?=\d)", "minus ", text)
+    text = re.sub(r"(?<=[A-Za-z])(?=\d)|(?<=\d)(?=[A-Za-z])", " ", text)  # 4K, 3D, H2O: a word apart from its number
     text = re.sub(r"(?<!\d)\d+\.\d+", lambda m: _english_decimal(m.group(0)), text)
     return re.sub(r"\d+", lambda m: _cardinal(m.group(0)), text)
 

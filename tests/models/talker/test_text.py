@@ -218,3 +218,9 @@ def test_hostile_text_is_read_quickly_and_without_int_overflow():
     done = threading.Event()
     threading.Thread(target=lambda: (normalize("![a](" * 2000), done.set()), daemon=True).start()
     assert done.wait(20), "an unclosed markdown image run took more than 20 s to read"
+
+
+def test_numbers_inside_words_are_read_apart():
+    """A number touching letters is read as a word of its own ('4K' -> 'four K'), not glued into one
+    unreadable token ('fourK', 'threeD', 'HtwoO')."""
+    assert normalize("4K video in 3D, H2O and 3.5x faster") == "four K video in three D, H two O and three point five x faster"
