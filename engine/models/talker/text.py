@@ -539,6 +539,17 @@ def _zh_measure(m: re.Match) -> str:
     return head + (chinese_reading(low) + "至" if low else "") + chinese_reading(number) + _ZH_MEASURES[unit]
 
 
+_ZH_PERCENT = re.compile(rf"(?:(?<![\d.%])([-~～]))?(?<![\d.])(?:({_ZH_NUMBER})(%?)[-~～])?({_ZH_NUMBER})%")
+
+
+def _zh_percent(m: re.Match) -> str:
+    """5% -> 百分之五, 3-5% -> 百分之三至五, 3%-5% -> 百分之三至百分之五, -5% -> 负百分之五 (upstream REPercent)."""
+    sign, low, low_mark, number = m.groups()
+    head = ("负" if sign == "-" else "大约") if sign else ""
+    low = "" if low is None else chinese_reading(low) + "至" + ("百分之" if low_mark else "")
+    return head + "百分之" + low + chinese_reading(number)
+
+
 _CLOCK = r"(\d{1,2})[:：](\d{1,2})(?:[:：](\d{1,2}))?"
 _NOON_MARK = r"(am|pm|AM|PM|a m|p m|A M|P M)?"
 
@@ -560,7 +571,7 @@ def normalize_chinese_numbers(text: str) -> str:
     text = _ZH_MONEY_BEFORE.sub(lambda m: chinese_reading(m.group(2)) + _ZH_MONEY[m.group(1)], text)
     text = _ZH_MONEY_AFTER.sub(lambda m: chinese_reading(m.group(1)) + _ZH_MONEY[m.group(2)], text)
     text = _ZH_MEASURE.sub(_zh_measure, text)
-    text = re.sub(r"(?<!\d)(\d+(?:\.\d+)?)%", lambda m: "百分之" + chinese_reading(m.group(1)), text)
+    text = _ZH_PERCENT.sub(_zh_percent, text)
     text = text.replace("℃", "摄氏度").replace("℉", "华氏度")
     return re.sub(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?", lambda m: chinese_reading(m.group(0)), text)
 

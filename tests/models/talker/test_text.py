@@ -185,6 +185,7 @@ def test_chinese_phone_and_serial_numbers_are_dictated(text, spoken):
     ("价格是$5或¥100，合100USD", "价格是五美元或一百元，合一百美元"),
     ("这里是5A级景区，5G网络", "这里是五A级景区，五G网络"),
     ("5v5对战，电压5v", "五v五对战，电压五伏特"),
+    ("增长3-5%，或3%-5%，下跌-2.5%", "增长百分之三至五，或百分之三至百分之五，下跌负百分之二点五"),
 ])
 def test_chinese_measures_and_money(text, spoken):
     """Upstream's Chinese normaliser reads a unit after a number (re_measure REMeasureAfter) and a currency
