@@ -52,8 +52,18 @@ def has_cjk(text: str) -> bool:
     return bool(_HAS_CJK.search(text))
 
 
+def numeral_value(ch: str) -> int | None:
+    """The value of a circled or Roman numeral character (①, ㉑, ❶, ⓪, Ⅻ, ⅳ); None for any other."""
+    if ch.isascii() or unicodedata.category(ch) not in ("No", "Nl"):
+        return None
+    name, value = unicodedata.name(ch, ""), unicodedata.numeric(ch, -1)
+    if ("CIRCLED" in name or "ROMAN NUMERAL" in name) and value >= 0 and value == int(value):
+        return int(value)
+    return None
+
+
 def _is_emoji_or_control(ch: str) -> bool:
-    if ch in "\n\t" or ch in DEGREE_SIGNS:
+    if ch in "\n\t" or ch in DEGREE_SIGNS or numeral_value(ch) is not None:
         return False
     cat = unicodedata.category(ch)
     if cat in ("Cc", "Cf", "Cs", "Co", "Cn"):
@@ -554,10 +564,17 @@ _CLOCK = r"(\d{1,2})[:：](\d{1,2})(?:[:：](\d{1,2}))?"
 _NOON_MARK = r"(am|pm|AM|PM|a m|p m|A M|P M)?"
 
 
+def _zh_numeral(ch: str) -> str:
+    """A circled or Roman numeral (①, ㉑, ❶, ⓪, Ⅻ, ⅳ) as its Chinese cardinal; other characters unchanged."""
+    value = numeral_value(ch)
+    return ch if value is None else chinese_number(value)
+
+
 def normalize_chinese_numbers(text: str) -> str:
     """Chinese readings, after the date, version and time rules of upstream's Chinese text normaliser: a
     year is read digit by digit, dates and clock times in words (2024年5月1日 -> 二零二四年五月一日,
     10:30-11:00 -> 十点三十分至十一点整), v1.2.3 -> v一点二点三."""
+    text = "".join(_zh_numeral(ch) for ch in text)
     text = re.sub(r"(?<!\d)(?P<y>\d+)年(?P<m>\d{1,2})月(?:(?P<d>\d{1,2})(?P<mark>[日号]))?", _zh_date, text)
     text = re.sub(rf"(?<![{_DIGIT_PUNCT}])(?P<y>\d+)(?P<mark>[-./])(?P<m>\d+)(?P=mark)(?P<d>\d+)(?![{_DIGIT_PUNCT}])",
                   _zh_date, text)

@@ -225,3 +225,9 @@ def test_numbers_inside_words_are_read_apart():
     """A number touching letters is read as a word of its own ('4K' -> 'four K'), not glued into one
     unreadable token ('fourK', 'threeD', 'HtwoO')."""
     assert normalize("4K video in 3D, H2O and 3.5x faster") == "four K video in three D, H two O and three point five x faster"
+
+
+def test_chinese_circled_and_roman_numerals_are_read():
+    """Upstream's Chinese normaliser maps circled and Roman numerals to their cardinals before its other rules
+    (talker_re.json char_map0: ① 一, ⑫ 十二, ❶ 一, ⓪ 零, Ⅻ 十二); ❶ is no emoji to drop, and ² stays a unit mark."""
+    assert normalize("步骤①打开，步骤⑫关闭，第Ⅻ章，❶号，⓪点，面积5m²") == "步骤一打开，步骤十二关闭，第十二章，一号，零点，面积五平方米"
