@@ -426,6 +426,7 @@ _ZH_BIG = ["", "万", "亿", "万亿"]
 
 
 def _zh_under_10000(n: int) -> str:
+    """0 < n < 10000 in Chinese; a 2 before 千 or 百 is 两 (两千, 一千两百), as upstream's cardinal writes it."""
     out, zero = "", False
     for i in range(3, -1, -1):
         d = (n // 10**i) % 10
@@ -435,7 +436,7 @@ def _zh_under_10000(n: int) -> str:
         if zero:
             out += "零"
             zero = False
-        out += _ZH_DIGITS[d] + _ZH_UNITS[i]
+        out += ("两" if d == 2 and i >= 2 else _ZH_DIGITS[d]) + _ZH_UNITS[i]
     return out
 
 

@@ -231,3 +231,9 @@ def test_chinese_circled_and_roman_numerals_are_read():
     """Upstream's Chinese normaliser maps circled and Roman numerals to their cardinals before its other rules
     (talker_re.json char_map0: ① 一, ⑫ 十二, ❶ 一, ⓪ 零, Ⅻ 十二); ❶ is no emoji to drop, and ² stays a unit mark."""
     assert normalize("步骤①打开，步骤⑫关闭，第Ⅻ章，❶号，⓪点，面积5m²") == "步骤一打开，步骤十二关闭，第十二章，一号，零点，面积五平方米"
+
+
+def test_chinese_two_before_thousands_and_hundreds_is_liang():
+    """Upstream's Chinese cardinal (talker_tn re_digit.py REDigit d4_to_chi, d2c_liang) says 两 for a 2 before
+    千 or 百 ('两千元', '一千两百人'), where '二千' is not said; 二 stays elsewhere (二十二, 二万)."""
+    assert normalize("价格2000元，重200kg，共1200人，22人，12000") == "价格两千元，重两百千克，共一千两百人，二十二人，一万两千"
