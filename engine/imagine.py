@@ -14,8 +14,9 @@ characters and must fit the thinker's context with its images and query tokens; 
 guidance 0..MAX_GUIDANCE (<= 1 turns CFG off); sizes per engine.models.imagegen.buckets; a seed of
 None or < 0 draws a random one (reported); reference images are decoded by engine.media.image (the
 first frame of an animation, alpha dropped, 16-bit rescaled) and shrunk to at most
-MAX_REFERENCE_PIXELS before the ViT; the VAE reference (bilinear to the bucket), the bucket and the
-output size are taken from the first picture as given, as the reference processor does.
+MAX_REFERENCE_PIXELS before the ViT; the VAE reference (bilinear to the bucket), the bucket, the
+output size and a segmentation's mask are taken from the first picture as given, centre-cropped to a
+requested aspect, as the reference processor does.
 """
 
 from __future__ import annotations
@@ -167,11 +168,16 @@ def _shrink(image: Image.Image, max_pixels: int) -> Image.Image:
     return image.resize((max(1, int(image.width * f)), max(1, int(image.height * f))), Image.Resampling.LANCZOS)
 
 
-def _reference_pixels(image: Image.Image, plan: SizePlan, aspect: float | None) -> torch.Tensor:
-    """The VAE reference (spec §8.8): optional centre crop to the requested aspect, bilinear resize to
-    the bucket, mapped to [−1, 1]: [1, 3, H_b, W_b]."""
-    if aspect is not None:
-        image = image.crop(center_crop_box(image.height, image.width, aspect))
+def _edited_picture(picture: Image.Image, aspect: float | None) -> Image.Image:
+    """The picture an edit works on (spec §8.8): the first input, centre-cropped to the requested aspect
+    (largest centred crop). The VAE reference frame, the bucket and output size, and a segmentation's
+    mask and overlay all come from it; the ViT reads the pictures uncropped."""
+    return picture if aspect is None else picture.crop(center_crop_box(picture.height, picture.width, aspect))
+
+
+def _reference_pixels(image: Image.Image, plan: SizePlan) -> torch.Tensor:
+    """The VAE reference (spec §8.8): the edited picture bilinear-resized to the bucket, mapped to [−1, 1]:
+    [1, 3, H_b, W_b]."""
     hb, wb = plan.diffusion
     arr = np.asarray(image.resize((wb, hb), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0) * 2 - 1
@@ -188,22 +194,17 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
     try:
         request.check()
         instruction = request.instruction()
-        # The ViT's inputs are shrunk; the VAE reference, the bucket and the output size come from the first
-        # picture as given (spec §8.8), the only one kept at its own size.
+        # The ViT's inputs are shrunk; the VAE reference, the bucket, the output size and a segmentation's mask
+        # come from the first picture as given, cut to a requested aspect (spec §8.8), the only one kept at its size.
         images, ref = [], None
         for src in request.images:
             picture = load_image(src)
             ref = picture if ref is None else ref
             images.append(_shrink(picture, MAX_REFERENCE_PIXELS))
-        aspect = parse_aspect(request.aspect)
-        ref_hw = None
         if ref is not None:
-            ref_hw = (ref.height, ref.width)
-            if aspect is not None:
-                box = center_crop_box(ref.height, ref.width, aspect)
-                ref_hw = (box[3] - box[1], box[2] - box[0])
-        plan = plan_size(request.size, None if ref is not None else request.aspect, ref_hw,
-                         gen.bucket_bases, gen.default_base)
+            ref = _edited_picture(ref, parse_aspect(request.aspect))
+        plan = plan_size(request.size, None if ref is not None else request.aspect,
+                         None if ref is None else (ref.height, ref.width), gen.bucket_bases, gen.default_base)
         check_latent_grid(*plan.diffusion, gen.vae_scale)
         content = [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": instruction}]
         prompt = engine.processor.build([{"role": "user", "content": content}], system_prompt=request.system_prompt)
@@ -220,7 +221,7 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
     with engine._lock:
         waited = time.perf_counter() - t_wait
         try:
-            yield from _run(engine, gen, request, prompt, plan, ref, aspect, seed, cancel,
+            yield from _run(engine, gen, request, prompt, plan, ref, seed, cancel,
                             t_start, waited)
         except MingError as e:
             yield Error(str(e), code=e.code)
@@ -235,7 +236,7 @@ def stopped(stats: GenerationStats, t_start: float, seed: int, steps_done: int) 
 
 
 def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Image.Image | None,
-         aspect: float | None, seed: int, cancel, t_start: float, waited: float) -> Iterator[Event]:
+         seed: int, cancel, t_start: float, waited: float) -> Iterator[Event]:
     stats = GenerationStats(queue_wait_s=waited)
     model = engine.model
     yield Progress("encoding prompt", message=f"{len(prompt.ids)} tokens, {len(prompt.images)} image(s)")
@@ -262,7 +263,7 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
             negative = caption_features(torch.zeros_like(cond[0]).float(), gen.head_config, gen.caption_mlp)
             ref_latent = None
             if ref is not None:
-                ref_latent = encode_reference(gen.vae, _reference_pixels(ref, plan, aspect).to(dev))
+                ref_latent = encode_reference(gen.vae, _reference_pixels(ref, plan).to(dev))
             shape = latent_shape(*plan.diffusion, gen.latent_channels, gen.vae_scale)
             latents, step_noise = seeded_noise(seed, shape, dev)
             scheduler, _ = make_scheduler(gen.scheduler_config, request.steps, shape[2:], device=dev)

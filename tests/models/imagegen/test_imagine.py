@@ -259,3 +259,21 @@ def test_a_bf16_engine_hands_the_dit_the_condition_in_fp32(tiny_checkpoint):
     positive = seen["captions"][0]
     assert positive.dtype == torch.float32
     torch.testing.assert_close(positive, F.normalize(cond[0], dim=-1) * 1000.0, rtol=1e-6, atol=1e-4)
+
+
+def test_a_segmentation_cut_to_an_aspect_compares_the_cut_picture(tiny_engine):
+    """With an aspect ratio the edited picture is the centre crop (the VAE reference frame, bucket and output
+    size are the crop's), so the mask must compare the output with that crop and the overlay paint it; both used
+    the whole picture squeezed to the output's shape, so every column was off (the studio sends 1:1)."""
+    from engine.models.imagegen.segmentation import overlay, recover_mask
+
+    photo = _photo(60, 80, seed=4)
+    events = list(tiny_engine.imagine("the cup", images=[photo], task="segment", aspect="1:1", steps=1, seed=2))
+    done = _final(events)
+    assert isinstance(done, Done), done
+    image = next(e for e in events if isinstance(e, ImageDone))
+    out = np.asarray(Image.open(io.BytesIO(image.image)))
+    cut = np.asarray(Image.fromarray(photo[:, 10:70]).resize((image.width, image.height), Image.Resampling.LANCZOS))
+    mask = np.asarray(Image.open(io.BytesIO(image.mask))) > 0
+    assert np.array_equal(mask, recover_mask(cut, out))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(image.overlay))), overlay(cut, mask, "green"))
