@@ -16,7 +16,7 @@ None or < 0 draws a random one (reported); reference images are decoded by engin
 first frame of an animation, alpha dropped, 16-bit rescaled) and shrunk to at most
 MAX_REFERENCE_PIXELS before the ViT; the VAE reference (bilinear to the bucket), the bucket, the
 output size and a segmentation's mask are taken from the first picture as given, centre-cropped to a
-requested aspect, as the reference processor does.
+requested aspect (or an explicit size's proportions), as the reference processor does.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from engine.errors import MingError
 from engine.generate import Cancelled
 from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress
 from engine.media.image import load_image
-from engine.models.imagegen.buckets import SizePlan, center_crop_box, parse_aspect, plan_size
+from engine.models.imagegen.buckets import SizePlan, center_crop_box, parse_aspect, parse_size, plan_size
 from engine.models.imagegen.condition import condition_from_prompt
 from engine.models.imagegen.config import ImageGenError
 from engine.models.imagegen.diffusion import (CfgOptions, caption_features, check_latent_grid, decode_latents, denoise,
@@ -170,8 +170,9 @@ def _shrink(image: Image.Image, max_pixels: int) -> Image.Image:
 
 def _edited_picture(picture: Image.Image, aspect: float | None) -> Image.Image:
     """The picture an edit works on (spec §8.8): the first input, centre-cropped to the requested aspect
-    (largest centred crop). The VAE reference frame, the bucket and output size, and a segmentation's
-    mask and overlay all come from it; the ViT reads the pictures uncropped."""
+    (largest centred crop; an explicit size asks for its W:H). The VAE reference frame, the bucket and
+    output size, and a segmentation's mask and overlay all come from it; the ViT reads the pictures
+    uncropped."""
     return picture if aspect is None else picture.crop(center_crop_box(picture.height, picture.width, aspect))
 
 
@@ -202,7 +203,8 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
             ref = picture if ref is None else ref
             images.append(_shrink(picture, MAX_REFERENCE_PIXELS))
         if ref is not None:
-            ref = _edited_picture(ref, parse_aspect(request.aspect))
+            explicit = parse_size(request.size)  # (h, w): its proportions, as an aspect ratio would be
+            ref = _edited_picture(ref, parse_aspect(request.aspect) if explicit is None else explicit[1] / explicit[0])
         plan = plan_size(request.size, None if ref is not None else request.aspect,
                          None if ref is None else (ref.height, ref.width), gen.bucket_bases, gen.default_base)
         check_latent_grid(*plan.diffusion, gen.vae_scale)

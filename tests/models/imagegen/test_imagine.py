@@ -277,3 +277,18 @@ def test_a_segmentation_cut_to_an_aspect_compares_the_cut_picture(tiny_engine):
     mask = np.asarray(Image.open(io.BytesIO(image.mask))) > 0
     assert np.array_equal(mask, recover_mask(cut, out))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(image.overlay))), overlay(cut, mask, "green"))
+
+
+def test_an_edit_at_an_explicit_size_cuts_the_picture_to_its_proportions(tiny_engine, monkeypatch):
+    """An explicit size on an edit asks for a shape as an aspect ratio does, so the picture is centre-cropped to
+    W:H before it is bilinear-resized to the bucket; it was resized whole, so a 4:3 photo edited at 64x64 came
+    back squashed into the square."""
+    import engine.imagine
+    seen = []
+    real = engine.imagine._reference_pixels
+    monkeypatch.setattr(engine.imagine, "_reference_pixels", lambda image, *a: seen.append(image) or real(image, *a))
+    photo = _photo(60, 80, seed=5)
+    done = _final(list(tiny_engine.imagine("make it blue", images=[photo], size="64x64", steps=1, seed=1)))
+    assert isinstance(done, Done), done
+    assert (done.result["width"], done.result["height"]) == (64, 64)
+    assert [im.size for im in seen] == [(60, 60)] and np.array_equal(np.asarray(seen[0]), photo[:, 10:70])
