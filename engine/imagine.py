@@ -107,12 +107,12 @@ class ImagineRequest:
             self.task = "edit"  # images given: an edit (the first one is the VAE reference)
         self.steps = _int_in("steps", DEFAULT_STEPS if self.steps is None else self.steps, 1, MAX_STEPS)
         g = DEFAULT_GUIDANCE if self.guidance is None else self.guidance
+        if isinstance(g, bool) or not isinstance(g, (int, float, np.integer, np.floating)):
+            raise ImageGenError(f"guidance {self.guidance!r} is not a number", "guidance")
         try:
             g = float(g)
         except OverflowError:  # an integer past float's range (JSON allows one): out of range below
             g = math.inf
-        except (TypeError, ValueError):
-            raise ImageGenError(f"guidance {self.guidance!r} is not a number", "guidance") from None
         if not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
             raise ImageGenError(f"guidance {self.guidance!r} must be between 0 and {MAX_GUIDANCE:g} (<= 1: no CFG)",
                                 "guidance")

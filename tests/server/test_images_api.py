@@ -165,6 +165,9 @@ def test_bad_requests_are_400s(http, body, code, words):
     ("/v1/images/generations", {"guidance": 1e9}, "guidance"),
     ("/v1/images/generations", {"guidance": 10 ** 400}, "guidance"),  # float() overflowed: these two were 500s
     ("/v1/images/generations", {"aspect": 10 ** 400}, "aspect"),
+    ("/v1/images/generations", {"guidance": True}, "guidance"),   # these three were taken as 1.0, 2.0 and 1:1
+    ("/v1/images/generations", {"guidance": "2"}, "guidance"),
+    ("/v1/images/generations", {"aspect": True}, "aspect"),
     ("/v1/images/generations", {"preview_every": -1}, "preview_every"),
     ("/v1/images/generations", {"preset": "remove_object"}, "preset"),
     ("/v1/images/edits", {"preset": "zzz"}, "preset"),

@@ -121,6 +121,8 @@ def parse_aspect(aspect) -> float | None:
             raise ImageGenError(f"aspect '{aspect}' is not a ratio like 16:9 or 1.5", "aspect") from None
     else:
         try:
+            if isinstance(aspect, bool):  # JSON true is no ratio
+                raise TypeError
             value = float(aspect)
         except OverflowError:  # an integer past float's range: refused below
             value = math.inf
