@@ -176,16 +176,18 @@ def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> t
 
 def check_image_request(kwargs: dict) -> None:
     """The image generator's own checks of a request (engine.imagine.ImagineRequest: steps, guidance,
-    previews, preset; its size or aspect; its mask colour), run here so that a refusal names its field."""
+    previews, preset; its size or aspect, or the edited picture's shape; its mask colour), run here so that
+    a refusal names its field."""
     from engine.imagine import ImagineRequest  # noqa: PLC0415
-    from engine.models.imagegen.buckets import parse_size  # noqa: PLC0415
+    from engine.models.imagegen.buckets import check_reference_shape, parse_size  # noqa: PLC0415
     from engine.models.imagegen.config import ImageGenError  # noqa: PLC0415
 
     request = ImagineRequest(**kwargs)
     try:
         request.check()
         request.instruction()
-        parse_size(request.size)
+        if parse_size(request.size) is None and request.aspect is None and request.images:
+            check_reference_shape(*request.images[0].shape[:2])  # the edit keeps the picture's shape
     except ImageGenError as e:
         raise bad(str(e), e.code, e.param) from None
 

@@ -203,6 +203,17 @@ def test_the_pipelines_cfg_options_reach_the_image_generator(http):
     assert capped_edit != first and off == first
 
 
+def test_an_edit_picture_outside_the_buckets_range_names_the_image(http):
+    """An edit without a size or aspect keeps its picture's shape; one past 4:1 is refused, and the refusal
+    named no field (the engine's, after queueing). Cut to an aspect ratio the same picture is fine."""
+    image = base64.b64encode(png(picture(300, 20))).decode()
+    r = http.post("/v1/images/edits", json={"prompt": "a", "steps": 1, "image": image})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "image" and "elongated" in err["message"], r.text
+    r = http.post("/v1/images/edits", json={"prompt": "a", "steps": 1, "image": image, "aspect": "4:1"})
+    assert r.status_code == 200 and decoded(r.json()["data"][0]["b64_json"]).size == (512, 128), r.text
+
+
 def test_odd_sizes_are_made_exactly(http):
     r = http.post("/v1/images/generations", json={"prompt": "a", "size": "33x17", "steps": 1})
     assert decoded(r.json()["data"][0]["b64_json"]).size == (33, 17)

@@ -140,6 +140,11 @@ def _check_ratio(w_over_h: float, what: str, param: str) -> None:
                             f"side (the resolution buckets span 1:4 to 4:1)", param)
 
 
+def check_reference_shape(height: int, width: int) -> None:
+    """An edit without a size or aspect keeps its picture's shape, which must lie in the buckets' range."""
+    _check_ratio(width / height, f"the reference image ({width}x{height})", "image")
+
+
 def plan_size(size=None, aspect=None, reference_hw: tuple[int, int] | None = None,
               bases: tuple[int, ...] = REFERENCE_BASES, default_base: int = DEFAULT_BASE) -> SizePlan:
     """The diffusion and output sizes of a request (see the module docstring)."""
@@ -153,7 +158,7 @@ def plan_size(size=None, aspect=None, reference_hw: tuple[int, int] | None = Non
         return SizePlan(nearest_bucket(h, w, table), (h, w), table)
     if reference_hw is not None and ratio is None:
         h, w = reference_hw
-        _check_ratio(w / h, f"the reference image ({w}x{h})", "image")
+        check_reference_shape(h, w)
     else:
         # Text to image: the processor asks for the bucket of (512, int(512·aspect)) (get_default_image_gen_hw)
         # and generate buckets that request again; the result is resized to its aspect, i.e. kept at the bucket.
