@@ -32,8 +32,11 @@ from engine.models.imagegen.config import ImageGenError
 SEGMENT_TEMPLATE = ("Given the following instructions: {target}; please perform referring segmentation on this "
                     "image with {color} mask.")
 DEFAULT_MASK_COLOR = "green"
+# Colour words the prompt names and the overlay paints (the SDK's rewrite template takes the user's own word,
+# e.g. "orange mask"); matched without regard to case or surrounding spaces.
 MASK_COLORS = {"green": (0, 255, 0), "red": (255, 0, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
-               "cyan": (0, 255, 255), "magenta": (255, 0, 255), "white": (255, 255, 255), "black": (0, 0, 0)}
+               "cyan": (0, 255, 255), "magenta": (255, 0, 255), "white": (255, 255, 255), "black": (0, 0, 0),
+               "orange": (255, 165, 0), "purple": (128, 0, 128)}
 BLUR_KERNEL, BLUR_SIGMA = 3, 1.0
 MASK_THRESHOLD = 0.15
 MEDIAN_KERNEL = 11
@@ -50,14 +53,20 @@ EDIT_PRESETS = {
 _QUOTES = "\"'“”‘’「」『』"
 
 
+def mask_color_name(color) -> str:
+    """The MASK_COLORS key a request's colour names ('Green ' -> 'green'); refused when it names none."""
+    name = color.strip().lower() if isinstance(color, str) else None
+    if name not in MASK_COLORS:
+        raise ImageGenError(f"mask colour {color!r} is not one of {', '.join(MASK_COLORS)}", "mask_color")
+    return name
+
+
 def segmentation_prompt(target: str, color: str = DEFAULT_MASK_COLOR) -> str:
     """The SDK rewrite template, quotes stripped from the target (spec §8.9)."""
     clean = "".join(ch for ch in target if ch not in _QUOTES).strip()
     if not clean:
         raise ImageGenError("segmentation needs a target to find, e.g. 'the cup'", "prompt")
-    if color not in MASK_COLORS:
-        raise ImageGenError(f"mask colour '{color}' is not one of {', '.join(MASK_COLORS)}", "mask_color")
-    return SEGMENT_TEMPLATE.format(target=clean, color=color)
+    return SEGMENT_TEMPLATE.format(target=clean, color=mask_color_name(color))
 
 
 def preset_prompt(preset: str, text: str) -> str:
@@ -106,6 +115,6 @@ def overlay(image: np.ndarray, mask: np.ndarray, color: str = DEFAULT_MASK_COLOR
             alpha: float = OVERLAY_ALPHA) -> np.ndarray:
     """The input with the mask painted in `color` at `alpha` (what the model itself is asked to draw)."""
     out = image.astype(np.float32).copy()
-    tint = np.asarray(MASK_COLORS[color], dtype=np.float32)
+    tint = np.asarray(MASK_COLORS[mask_color_name(color)], dtype=np.float32)
     out[mask] = (1 - alpha) * out[mask] + alpha * tint
     return np.clip(np.round(out), 0, 255).astype(np.uint8)

@@ -26,6 +26,18 @@ def test_prompt_template_strips_quotes_and_checks_the_colour():
         segmentation_prompt("hair", "plaid")
 
 
+def test_mask_colours_are_words_whatever_their_case():
+    """The SDK's rewrite puts the user's own colour word in the prompt ("用橙色..." -> "orange mask"); "Green" or
+    " red " were refused as unknown colours, and orange was not offered."""
+    assert segmentation_prompt("the tower", " Orange ").endswith("with orange mask.")
+    assert "red mask" in segmentation_prompt("hair", "RED")
+    image, target = _scene(4)
+    assert np.array_equal(overlay(image, target, "Green"), overlay(image, target, "green"))
+    assert tuple(overlay(np.zeros((1, 1, 3), np.uint8), np.ones((1, 1), bool), "purple")[0, 0]) == (64, 0, 64)
+    with pytest.raises(ImageGenError, match="mask colour"):
+        segmentation_prompt("hair", "plaid")
+
+
 def test_mask_of_a_half_blend_matches_the_painted_region():
     image, target = _scene()
     painted = overlay(image, target, "green")
