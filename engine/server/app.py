@@ -20,6 +20,7 @@ from engine.server.context import ServerContext
 from engine.server import images_api, logs, speech_api
 from engine.server.bodies import ClientGone
 from engine.server.http_api import error_response, router
+from engine.server.http_protocol import OpenAIErrorsH11Protocol
 from engine.server.limits import ApiError, Limits
 from engine.server.realtime import realtime_endpoint
 from engine.server.text import check_url_text
@@ -148,8 +149,8 @@ def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning
     # frames somewhat over the per-event limit still reach the app (and get a structured error);
     # far larger ones are closed by the protocol layer with code 1009
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            ws=HandshakeAnsweringProtocol, ws_max_size=2 * limits.max_message_bytes + 1024 * 1024,
-                            ws_per_message_deflate=False,
+                            http=OpenAIErrorsH11Protocol, ws=HandshakeAnsweringProtocol,
+                            ws_max_size=2 * limits.max_message_bytes + 1024 * 1024, ws_per_message_deflate=False,
                             timeout_graceful_shutdown=3)
     logs.install()  # (creating the config configured uvicorn's logging: its loggers keep the filter)
     logs.share_uvicorn_handlers()

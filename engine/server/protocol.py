@@ -33,6 +33,8 @@ ERROR_CODES: dict[str, int] = {
     "invalid_multipart": 400, "invalid_request": 400, "http_error": 400,
     "unsupported_content_encoding": 415, "invalid_content_encoding": 400,  # a body's Content-Encoding
     "invalid_text": 400,  # text that is not valid Unicode (engine.server.text)
+    "invalid_http_request": 400,  # a request that is not valid HTTP/1.1 (engine.server.http_protocol)
+    "request_header_fields_too_large": 431,  # its request line and headers past the parser's buffer
     # media
     "invalid_base64": 400, "invalid_url": 400, "url_not_supported": 400, "invalid_audio": 400,
     "invalid_audio_format": 400, "invalid_image": 400, "invalid_video": 400, "invalid_media": 400,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 import zlib
 
 import httpx
@@ -220,3 +221,37 @@ def test_after_an_internal_error_the_client_connection_keeps_working():
         engine.broken = False
         for _ in range(3):
             assert c.get("/v1/models").status_code == 200
+
+
+def raw_answer(port: int, request: bytes) -> tuple[int, dict, bytes]:
+    """(status, headers, body) the server answers a raw HTTP request with; the connection is read to its end
+    (a server that closes before reading all of a long request resets it once its answer is read)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        data = b""
+        try:
+            sock.sendall(request)
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            assert data, "the connection was reset before any answer"
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict((k.strip().lower(), v.strip()) for k, v in (line.split(":", 1) for line in lines[1:]))
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("request_bytes, status, code", [
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 200_000 + b"\r\n\r\n", 431, "request_header_fields_too_large"),
+    (b"GET /v1/models?x=" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431, "request_header_fields_too_large"),
+    (b"GARBAGE\r\n\r\n", 400, "invalid_http_request"),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400, "invalid_http_request"),
+])
+def test_a_request_that_does_not_parse_gets_openais_error_body_and_its_status(request_bytes, status, code):
+    """Headers too long (or a request that is not HTTP) got uvicorn's plain-text 400 'Invalid HTTP request
+    received.': no JSON error body, and 400 where headers too large are a 431 (RFC 6585 §5)."""
+    with fake_server() as srv:
+        got, headers, body = raw_answer(srv.port, request_bytes)
+        assert (got, headers["content-type"], headers["connection"]) == (status, "application/json", "close"), body
+        err = json.loads(body)["error"]
+        assert err["code"] == code and err["type"] == "invalid_request_error", err
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
