@@ -43,7 +43,7 @@ from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_output_modalit
 from engine.sampling import GenerationParams
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
-from engine.server.sessions import AudioSpan, Item, Session, new_id
+from engine.server.sessions import ROOT, AudioSpan, Item, Session, new_id
 from engine.server.text import (check_json_values, check_text, check_url_text, invalid_text_path,
                                 json_may_hold_surrogates, text_chars, texts_of)
 from engine.server.turns import ServerVad, SpeechStarted, SpeechStopped, TurnDetector
@@ -704,10 +704,7 @@ class RealtimeConnection:
     async def on_item_create(self, event: dict, event_id) -> None:
         item = need_dict(event.get("item"), "item")
         REALTIME_ITEM.check(item, "item.")
-        prev = event.get("previous_item_id")
-        if prev is not None and prev != self._last_item_id():
-            raise bad("items can only be appended: 'previous_item_id' must be the last item's id (or left out)",
-                      "invalid_value", "previous_item_id")
+        after = self._insertion_point(event.get("previous_item_id"))
         if item.get("type", "message") != "message":
             raise bad(f"item type {str(item.get('type'))[:40]!r} is not supported; use 'message'", "invalid_value",
                       "item.type")
@@ -717,9 +714,9 @@ class RealtimeConnection:
         item_id = item.get("id")
         if item_id is not None:
             need_str(item_id, "item.id", allow_empty=False)
-            if len(item_id) > 64 or any(it.id == item_id for it in self.session.items):
-                raise bad("'item.id' must be unique in the session and at most 64 characters", "invalid_value",
-                          "item.id")
+            if len(item_id) > 64 or item_id == ROOT or any(it.id == item_id for it in self.session.items):
+                raise bad(f"'item.id' must be unique in the session, at most 64 characters and not {ROOT!r}",
+                          "invalid_value", "item.id")
         if "content" not in item:
             raise bad("'item.content' is required", "missing_field", "item.content")
         self._check_text_budget(text_chars(item["content"]), param="item.content")
@@ -736,9 +733,33 @@ class RealtimeConnection:
             # decoding images/audio takes a while: off the event loop
             conv = await asyncio.to_thread(codec.convert_content, *args) if media else codec.convert_content(*args)
         new = Item(item_id or new_id("item"), role, conv.parts, conv.public)
-        prev = self._last_item_id()
-        self.session.add_item(new)
+        prev = self._last_item_id() if after is None else None if after == ROOT else after
+        self.session.add_item(new, after=after)
         await self._item_added(new, prev)
+
+    def _insertion_point(self, prev: Any) -> str | None:
+        """Where conversation.item.create's `previous_item_id` puts the item (OpenAI's rule): left out
+        or the last item's id: appended (None); "root": first (ROOT); another item's id: right after it.
+        An id the session does not hold is item_not_found; the reply being written (or the item it
+        follows, whose next place it takes) is invalid_state until response.done."""
+        if prev is None:
+            return None
+        need_str(prev, "previous_item_id")
+        if prev == self._last_item_id():
+            return None
+        if prev == ROOT:
+            return ROOT
+        active = self.session.active
+        if active is not None and active.encoder.item_open and prev in (active.encoder.item_id,
+                                                                          active.encoder.previous_item_id):
+            raise bad(f"item {prev[:64]!r} is followed by the reply response {active.id} is still writing: add "
+                      "the item after response.done, or leave 'previous_item_id' out to append it",
+                      "invalid_state", "previous_item_id")
+        if self.session.find_item(prev) is None:
+            raise bad(f"no item with id {prev[:64]!r} in this session to insert after (use an item's id, 'root' "
+                      "for the start, or leave 'previous_item_id' out to append)", "item_not_found",
+                      "previous_item_id")
+        return prev
 
     def _streaming_item(self, item_id: str) -> Response | None:
         """The active response whose assistant item is `item_id` (announced by conversation.item.added,

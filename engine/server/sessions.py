@@ -23,6 +23,9 @@ from engine.server.turns import ServerVad, TurnDetector
 from engine.server.video_context import VideoContext, VideoContextConfig
 
 
+ROOT = "root"  # previous_item_id naming the start of the conversation (OpenAI's), never an item's id
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
@@ -179,7 +182,8 @@ class Session:
 
     def add_item(self, item: Item, after: str | None = None) -> None:
         """Append an item, or put it right after the item `after` (an assistant reply whose
-        response ran while the user's next turn joined)."""
+        response ran while the user's next turn joined; an item created with previous_item_id), or
+        first when `after` is ROOT."""
         if len(self.items) >= self.limits.max_conversation_items:
             raise ApiError(f"the conversation already holds {len(self.items)} items, the limit per session",
                            code="conversation_too_long")
@@ -195,7 +199,8 @@ class Session:
                            f"item's {item.nbytes / mib:.1f} MiB would pass the server's limit of "
                            f"{self.limits.max_total_media_bytes / mib:.0f} MiB; try again later, or delete items "
                            "(conversation.item.delete)", code="server_media_limit", status=503)
-        index = next((i + 1 for i, it in enumerate(self.items) if it.id == after), len(self.items))
+        index = 0 if after == ROOT else next((i + 1 for i, it in enumerate(self.items) if it.id == after),
+                                             len(self.items))
         self.items.insert(index, item)
 
     def make_room(self, item: Item, reply_slots: int = 1) -> list[str]:

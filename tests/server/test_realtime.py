@@ -339,6 +339,43 @@ def test_the_reply_being_written_can_be_retrieved_and_is_not_called_missing():
         assert after["item"]["content"][0]["text"] == "one two three four five "
 
 
+def test_previous_item_id_inserts_where_it_says():
+    """conversation.item.create with previous_item_id 'root' (OpenAI: the start of the conversation) or an
+    earlier item's id (right after it) was refused ('items can only be appended'), even 'root' in an empty
+    conversation; it inserts there, the next response reads the conversation in that order, and an id the
+    session does not hold is item_not_found naming previous_item_id."""
+    from tests.server import FakeEngine, fake_server
+
+    engine = FakeEngine()
+    with fake_server(engine) as srv, connect(srv.ws_url) as ws:
+        opened(ws)
+
+        def create(text, **where):
+            send(ws, type="conversation.item.create", event_id=text,
+                 item={"type": "message", "role": "user", "content": text}, **where)
+            ev = recv_json(ws)
+            if ev["type"] == "error":
+                return ev
+            assert recv_json(ws)["type"] == "conversation.item.done"
+            return ev
+
+        b = create("b", previous_item_id="root")
+        assert b["previous_item_id"] is None
+        d = create("d")
+        a = create("a", previous_item_id="root")
+        c = create("c", previous_item_id=b["item"]["id"])
+        assert (a["previous_item_id"], c["previous_item_id"]) == (None, b["item"]["id"])
+        e = create("e", previous_item_id=d["item"]["id"])  # the last item's id: appended
+        assert e["previous_item_id"] == d["item"]["id"]
+        missing = create("x", previous_item_id="item_nowhere")
+        assert missing["type"] == "error" and missing["error"]["code"] == "item_not_found", missing
+        assert missing["error"]["param"] == "previous_item_id" and missing["error"]["event_id"] == "x"
+        send(ws, type="response.create")
+        assert recv_until(ws, "response.done")[-1]["response"]["status"] == "completed"
+        said = [m["content"][0]["text"] for m in engine.calls[-1]["messages"]]
+        assert said == ["a", "b", "c", "d", "e"], said
+
+
 def test_a_reply_with_no_room_in_the_conversation_is_refused_up_front_not_lost():
     """With the conversation at its item limit, response.create used to run, stream a reply and announce
     it (conversation.item.done), then drop it silently: a retrieve of its id said item_not_found and the
