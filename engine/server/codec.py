@@ -575,8 +575,15 @@ def convert_content(content: Any, limits: Limits, name: str = "content", default
             parts.append({"type": "text", "text": text})
             public.append({"type": "output_text" if role == "assistant" else "input_text", "text": text})
             continue
+        if kind == "refusal" and role == "assistant":  # OpenAI's assistant part for a reply that refused:
+            check_keys(part, pname, ("type", "refusal"))  # a replayed turn, its words as the model said them
+            text = need_str(part.get("refusal"), f"{pname}.refusal")
+            parts.append({"type": "text", "text": text})
+            public.append({"type": "output_text", "text": text})
+            continue
         if role == "assistant":
-            raise bad(f"'{pname}': assistant messages may hold text only, got {kind!r}", "invalid_value", pname)
+            raise bad(f"'{pname}': assistant messages may hold text (or a refusal) only, got {kind!r}",
+                      "invalid_value", pname)
         if kind in ("image_url", "input_image", "image"):
             arr = image_array(_image_source(part, kind, pname, limits), limits, pname, budget)
             parts.append({"type": "image", "image": arr})

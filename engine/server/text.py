@@ -272,11 +272,13 @@ def chars_per_token(tokenizer_json: str) -> int | None:
 
 def texts_of(value: Any) -> list[str]:
     """The text pieces of message content as the prompt builder tokenises them: a string, or each
-    text part's "text"."""
+    text part's "text" (an assistant refusal part's "refusal", which is read as its text)."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, list):
-        return [p["text"] for p in value if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        return [text for p in value if isinstance(p, dict)
+                for text in (p.get("refusal") if p.get("type") == "refusal" else p.get("text"),)
+                if isinstance(text, str)]
     return []
 
 

@@ -621,6 +621,29 @@ def test_openais_nested_fields_that_have_no_effect_here_are_accepted(http):
     assert r.status_code == 200, r.text
 
 
+def test_an_assistant_refusal_part_is_read_as_what_the_assistant_said():
+    """OpenAI's assistant content may be a refusal part ({"type": "refusal", "refusal": ...}), which a client
+    replaying a conversation sends back; it was refused ('assistant messages may hold text only')."""
+    from tests.server import FakeEngine, fake_server
+
+    engine = FakeEngine()
+    messages = [{"role": "user", "content": "do the thing"},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't do that."}]},
+                {"role": "user", "content": "why not?"}]
+    with fake_server(engine) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": messages}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert engine.calls[-1]["messages"][1] == {"role": "assistant",
+                                                   "content": [{"type": "text", "text": "I can't do that."}]}
+        bad = [{**messages[1], "content": [{"type": "refusal", "refusal": 5}]}]
+        err = error_of(httpx.post(srv.url + "/v1/chat/completions", json={"messages": [messages[0], *bad,
+                                                                                        messages[2]]}, timeout=30))
+        assert (err["code"], err["param"]) == ("invalid_type", "messages[1].content[0].refusal"), err
+    from engine.server.text import text_chars
+
+    assert text_chars(messages[1]["content"]) == len("I can't do that.")  # held to the text limits as text
+
+
 def test_realtime_nested_fields_are_honoured_or_named(server):
     with connect(server.ws_url) as ws:
         assert recv_json(ws)["type"] == "session.created"
