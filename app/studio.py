@@ -15,7 +15,7 @@ from app.engine_link import REALTIME, SPEECH_OUT, EngineLink
 from app.live_proxy import LiveProxy
 from app.ui.banner import build_banner
 from app.ui.chat import SAVED_CHAT_KEY, build_chat_tab
-from app.ui.common import capability_note
+from app.ui.common import capability_note, share_css
 from app.ui.image import KEPT_GALLERY_KEY, REQUEST_KEY as IMAGE_REQUEST_KEY, build_image_tab
 from app.ui.live import build_live_tab, engine_settings
 from app.ui.speech import build_speech_tab
@@ -65,9 +65,10 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
 
 
 def launch_options(demo: gr.Blocks) -> dict:
-    """What `demo.launch` needs besides host/port/auth: the Live relay's route, the page CSS, and the script
+    """What `demo.launch` needs besides host/port/auth: the Live relay's route, the page CSS (with the Share buttons
+    that only work on a Space hidden elsewhere, common.share_css), and the script
     that names the text fields Gradio leaves unnamed (app/static/a11y.js)."""
-    return {"app_kwargs": demo.live_proxy.app_kwargs(), "css": CSS, "js": A11Y_JS}
+    return {"app_kwargs": demo.live_proxy.app_kwargs(), "css": CSS + share_css(), "js": A11Y_JS}
 
 
 # How long close_studio waits for the server's loop to set Gradio's stop event before closing anyway.

@@ -45,6 +45,21 @@ def toolbar(*names: str) -> list[str]:
     return [*names, "share"] if os.environ.get("SPACE_ID") else list(names)
 
 
+# The path of the Share button's icon (Gradio's "Community" icon), the one mark of the button in every language the
+# page speaks: its label is translated ("Teilen" in German).
+SHARE_ICON_PATH = "M23,20a5,5,0,0,0-3.89,1.89"
+
+
+def share_css() -> str:
+    """CSS hiding Gradio's Share buttons off a Hugging Face Space (SPACE_ID unset), where toolbar() cannot: the Chatbot
+    gives each picture, clip or recording in a message a Share button whatever its own buttons (hard-coded there),
+    and a press said "Must be on Spaces to share." (the browser logged a ShareError). Empty on a Space."""
+    if os.environ.get("SPACE_ID"):
+        return ""
+    return (f'.gradio-container button[aria-label="Share"], .gradio-container button:has(path[d^="{SHARE_ICON_PATH}"])'
+            " { display: none !important; }\n")
+
+
 def no_audio() -> dict:
     """What a generator yields to a streaming gr.Audio that has nothing to play: the player emptied. A bare None
     opens a stream (Gradio starts one at a streaming output's first value that is not an update) with no audio

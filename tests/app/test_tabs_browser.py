@@ -314,3 +314,24 @@ def test_the_banner_keeps_a_flag_on_one_line_on_a_phone(browser, studio):
     }""")
     assert lines == 1, f"'--model' in the banner's text spans {lines} lines on a phone"
     page.context.close()
+
+
+@pytest.mark.parametrize("locale, share", [("en-US", "Share"), ("de-DE", "Teilen")])
+def test_no_share_button_on_the_media_of_the_conversation(browser, studio, locale, share):
+    """Gradio's Chatbot gives each picture, clip or recording in a message a Share button whatever its own buttons
+    (it is hard-coded there): off a Space a press said "Must be on Spaces to share." and the browser logged a
+    ShareError. None is shown, in any language the page speaks (its label is translated: 'Teilen' in German)."""
+    context = browser.new_context(viewport=DESKTOP, locale=locale)
+    page = context.new_page()
+    page.goto(studio, wait_until="load", timeout=60_000)
+    sync_api.expect(page.locator("#model-banner")).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
+    page.get_by_role("button", name="What is on the table? (+ cup.png)").click()
+    page.locator("#chat-input textarea").press("Enter")
+    picture = page.locator("#chat-history img[src*='cup']").first
+    sync_api.expect(picture).to_be_visible(timeout=30_000)
+    sync_api.expect(page.locator("#chat-history button[aria-label='Download']:visible, "
+                                 "#chat-history button[aria-label='Herunterladen']:visible").first).to_be_visible()
+    shares = page.locator(f"#chat-history button[aria-label='{share}']:visible")
+    assert shares.count() == 0, f"{shares.count()} Share button(s) in the conversation"
+    page.locator("#chat-stop").click()
+    context.close()
