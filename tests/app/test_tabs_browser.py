@@ -335,3 +335,15 @@ def test_no_share_button_on_the_media_of_the_conversation(browser, studio, local
     assert shares.count() == 0, f"{shares.count()} Share button(s) in the conversation"
     page.locator("#chat-stop").click()
     context.close()
+
+
+@pytest.mark.parametrize("width", [320, 390])
+def test_every_tab_is_in_sight_on_a_phone(browser, studio, width):
+    """On a phone only Chat and Live (320 px) or Chat, Live and Speech (390 px) were tabs: Voice and Image hid
+    behind a '⋯' button (Gradio's 'More tabs'), where a first-time visitor never finds them. The five tabs fit."""
+    page = open_tab(browser, studio, "Chat", {"width": width, "height": 800})
+    tabs = page.get_by_role("tab")
+    sync_api.expect(tabs).to_have_count(5)
+    assert [t.inner_text() for t in tabs.all() if t.is_visible()] == ["Chat", "Live", "Speech", "Voice", "Image"]
+    assert page.evaluate("document.documentElement.scrollWidth") <= width + 1
+    page.context.close()
