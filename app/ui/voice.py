@@ -32,6 +32,10 @@ CONFIRM_DELETE, KEEP_VOICE = "Yes, delete it", "No, keep it"
 # The engine's "podcast needs one reference clip (or saved voice) per speaker" read as if two could be given here.
 PODCAST_NEEDS_A_VOICE = ("A podcast needs a reference voice: choose Voice \"Clone from a clip\" or \"Saved voice\" "
                          "(the voice of speaker_1; this tab takes one).")
+# What a task does not use (not sent: the talker takes music from the Music section alone, and refuses a voice for
+# a sound or music), said on the status line: it was dropped without a word.
+MUSIC_TEXT_UNUSED = "the text box was not used: music is made from the Music section (genre, mood, ...)"
+VOICE_UNUSED = "the Voice chosen was not used: {what} takes no voice"
 REQUEST_KEY = "ming-studio-voice-request"  # the browser's key of the last request (common.kept_request)
 REQUEST_FIELDS = ("text", "task")
 INSTRUCTION_KEYS = ("dialects", "emotions", "speeds", "pitches", "volumes")  # speech_options() lists, in that order
@@ -94,6 +98,9 @@ class VoiceController:
             yield no_audio(), gr.update(), "Type the text to speak (or the sound to make) first.", None
             return
         kwargs: dict = {"task": task, "seed": chosen_seed(seed)}
+        unused = [*([MUSIC_TEXT_UNUSED] if task == "music" and (text or "").strip() else []),
+                  *([VOICE_UNUSED.format(what={"sound": "a sound effect"}.get(task, task))]
+                    if task in ("sound", "music") and source != DEFAULT_VOICE else [])]
         if task == "music":
             kwargs["music"] = {k: v for k, v in {"genre": genre, "mood": mood, "instrument": instrument, "theme": theme,
                                                  "duration": duration}.items() if v not in (None, "")}
@@ -146,6 +153,7 @@ class VoiceController:
                                             if asr is not None else "")
             if task == "music" and final.finish_reason == "stop":
                 status += music_length_note(sum(len(c) for c in chunks) / (rate or 1), duration)
+            status += "".join(f" · {note}" for note in unused)
             # the stream ends with its last value; with no audio made none was opened (see no_audio)
             yield None if chunks else no_audio(), transcript, status, write_wav(chunks, rate, task) if chunks else None
         else:

@@ -19,8 +19,8 @@ from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # n
 from app.ui.image import ASPECTS, AUTO_ASPECT, EDIT_PROMPT_HINTS, REFS_NOT_USED, ImageController, _save_png, kept_results  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
 from app.ui.speech import CUT_AT_LIMIT, CUT_ON_DEMO, SpeechController  # noqa: E402
-from app.ui.voice import (CONFIRM_DELETE, NO_CHOICE, PODCAST_NEEDS_A_VOICE, REPLACE_LABEL, TASKS,  # noqa: E402
-                          VoiceController)
+from app.ui.voice import (CONFIRM_DELETE, MUSIC_TEXT_UNUSED, NO_CHOICE, PODCAST_NEEDS_A_VOICE,  # noqa: E402
+                          REPLACE_LABEL, TASKS, VOICE_UNUSED, VoiceController)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done, GenerationStats, TextDelta  # noqa: E402
 from tests.paths import REPO  # noqa: E402
@@ -353,3 +353,22 @@ def test_controls_left_from_another_task_do_not_change_or_break_this_one(engine_
         w, h = Image.open(last[6][0]).size
         assert abs(w / h - (1.0 if mode == "Generate" else 4 / 3)) < 0.1, (mode, w, h)  # text to image; the cup
         assert (REFS_NOT_USED in last[3]) == (mode == "Generate" and bool(refs)), last[3]  # said, not dropped silently
+
+
+def test_what_music_or_a_sound_does_not_use_is_said_not_dropped_silently(engine_server):
+    """Music is made from the Music section alone and a sound effect or music takes no voice (the talker refuses
+    one): text typed for Music, or a saved voice or clip chosen for them, was dropped without a word. It is still
+    not sent, and the status line says so."""
+    voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    music = ("Lo-fi", "Calm", "Piano", "Rain", 2)
+    *_, last = voices.synthesize("a sad violin piece", "Music", "Saved voice", "anna", None, "", *[None] * 5, "", "",
+                                 "", None, *music, 3)
+    assert "finish reason: stop" in last[2] and MUSIC_TEXT_UNUSED in last[2], last[2]
+    assert VOICE_UNUSED.format(what="music") in last[2], last[2]
+    *_, last = voices.synthesize("rain", "Sound effect", "Clone from a clip", None, None, "", *[None] * 5, "", "",
+                                 "", None, *music, 3)
+    assert "finish reason: stop" in last[2] and VOICE_UNUSED.format(what="a sound effect") in last[2], last[2]
+    assert MUSIC_TEXT_UNUSED not in last[2], last[2]
+    *_, last = voices.synthesize("", "Music", "Default voice", None, None, "", *[None] * 5, "", "", "", None,
+                                 *music, 3)
+    assert "not used" not in last[2], last[2]  # nothing given that goes unused: nothing said
