@@ -57,6 +57,9 @@ def banner_html(status: LinkStatus) -> str:
     if status.info.is_demo:
         # a phone broke "--model" at its hyphens ("(or give -" / "-model a local checkpoint directory)")
         details = details.replace("--model", '<code style="white-space:nowrap">--model</code>')
+        # the command too ("python launch.py --" / "model", "inclusionAI/Ming-flash-omni-" / "2.0"): it breaks only
+        # between its words
+        hint = " ".join(f'<span style="white-space:nowrap">{word}</span>' for word in hint.split(" "))
         return ('<div style="border:2px solid #d97706;background:#fef3c7;color:#78350f;padding:10px 14px;'
                 'border-radius:8px;font-size:15px">'
                 f'<strong>⚠ {headline}</strong>: {details}<br><code>{hint}</code></div>')

@@ -347,3 +347,30 @@ def test_every_tab_is_in_sight_on_a_phone(browser, studio, width):
     assert [t.inner_text() for t in tabs.all() if t.is_visible()] == ["Chat", "Live", "Speech", "Voice", "Image"]
     assert page.evaluate("document.documentElement.scrollWidth") <= width + 1
     page.context.close()
+
+
+@pytest.mark.parametrize("width", [320, 390])
+def test_the_banner_command_breaks_only_between_its_words_on_a_phone(browser, studio, width):
+    """The demo banner's command broke at its hyphens on a phone: 'python launch.py --' / 'model' at 320 px,
+    'inclusionAI/Ming-flash-omni-' / '2.0' at 390 px, a command nobody could type as shown. Each word of it stays
+    on one line (the line may break between words) and the page does not scroll sideways."""
+    page = open_tab(browser, studio, "Chat", {"width": width, "height": 800})
+    split = page.evaluate("""() => {
+        const code = Array.from(document.querySelectorAll('#model-banner code'))
+            .find(c => c.textContent.startsWith('python'));
+        const text = code.textContent, split = [];
+        const walker = document.createTreeWalker(code, NodeFilter.SHOW_TEXT);
+        for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+            for (const m of node.textContent.matchAll(/\\S+/g)) {
+                const range = document.createRange();
+                range.setStart(node, m.index);
+                range.setEnd(node, m.index + m[0].length);
+                if (new Set(Array.from(range.getClientRects()).map(r => Math.round(r.top))).size > 1) split.push(m[0]);
+            }
+        }
+        return [text, split];
+    }""")
+    assert split[0] == "python launch.py --model inclusionAI/Ming-flash-omni-2.0", split[0]
+    assert not split[1], f"broken across lines at {width} px: {split[1]}"
+    assert page.evaluate("document.documentElement.scrollWidth") <= width + 1
+    page.context.close()
