@@ -32,6 +32,10 @@ CONFIRM_DELETE, KEEP_VOICE = "Yes, delete it", "No, keep it"
 # The engine's "podcast needs one reference clip (or saved voice) per speaker" read as if two could be given here.
 PODCAST_NEEDS_A_VOICE = ("A podcast needs a reference voice: choose Voice \"Clone from a clip\" or \"Saved voice\" "
                          "(the voice of speaker_1; this tab takes one).")
+# The most tokens 'Transcribe the clip' asks for: the engine's own bound on a reference transcript it fills in
+# (engine.runtime.REF_TRANSCRIPT_MAX_TOKENS; a clip is at most 30 s). The transcription default (512) let the demo
+# weights' runaway transcript of a 6 s clip into the talker prompt, and Make it failed as "too long for the talker".
+REF_TRANSCRIPT_TOKENS = 256
 # What a task does not use (not sent: the talker takes music from the Music section alone, and refuses a voice for
 # a sound or music), said on the status line: it was dropped without a word.
 MUSIC_TEXT_UNUSED = "the text box was not used: music is made from the Music section (genre, mood, ...)"
@@ -170,7 +174,7 @@ class VoiceController:
             return gr.update(), problem
         text = ""
         try:
-            for event in self.link.client.transcribe(Path(clip).read_bytes()):
+            for event in self.link.client.transcribe(Path(clip).read_bytes(), max_tokens=REF_TRANSCRIPT_TOKENS):
                 if isinstance(event, Done):
                     return (event.result or {}).get("text", text), "Transcript filled in by speech recognition."
                 if isinstance(event, Error):

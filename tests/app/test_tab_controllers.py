@@ -372,3 +372,21 @@ def test_what_music_or_a_sound_does_not_use_is_said_not_dropped_silently(engine_
     *_, last = voices.synthesize("", "Music", "Default voice", None, None, "", *[None] * 5, "", "", "", None,
                                  *music, 3)
     assert "not used" not in last[2], last[2]  # nothing given that goes unused: nothing said
+
+
+def test_a_clip_transcribed_in_the_tab_can_then_be_cloned(engine_server):
+    """'Transcribe the clip' asked for up to 512 tokens, where the engine bounds the transcript it fills in itself at
+    256 (engine.runtime.REF_TRANSCRIPT_MAX_TOKENS): on the demo weights the 6 s example clip's transcript ran to
+    the cap, and Make it then failed with 'the prompt is too long for the talker (3276 tokens with the reference; at
+    most 2032): shorten the text or the reference clip'. The tab asks for what the engine itself allows."""
+    from engine.runtime import REF_TRANSCRIPT_MAX_TOKENS
+    from app.ui.voice import REF_TRANSCRIPT_TOKENS
+
+    assert REF_TRANSCRIPT_TOKENS == REF_TRANSCRIPT_MAX_TOKENS
+    voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    clip = str(REPO / "app" / "assets" / "speech" / "what_is_this_zh.wav")
+    transcript, status = voices.transcribe_clip(clip)
+    assert transcript and "filled in by speech recognition" in status, status
+    *_, last = voices.synthesize("Hello, this is a cloned voice.", "Speech", "Clone from a clip", None, clip,
+                                 transcript, *[None] * 5, "", "", "", None, "", "", "", "", 10, 3)
+    assert "finish reason: stop" in last[2], last[2]
