@@ -330,3 +330,26 @@ def test_a_hub_snapshot_fetches_every_file_the_engine_loads(tiny_checkpoint, tmp
     engine = Engine.load(snapshot, dtype="fp32", device="cpu")
     assert engine.has_talker, engine.talker_error
     assert engine.has_image_generator and engine.image_generator.glyph is not None, engine.image_generator_error
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda c: c["llm_config"].update(num_hidden_layers=None), "'num_hidden_layers' is None"),
+    (lambda c: c["llm_config"].update(hidden_size="128px"), "'hidden_size' is '128px'"),
+    (lambda c: c["llm_config"].update(rope_theta="big"), "llm_config: a value has the wrong type"),
+    (lambda c: c.update(vision_config=["qwen3_moe_vit"]), "'vision_config' must be a JSON object"),
+    (lambda c: c["vision_config"].update(depth="two"), "vision_config"),
+    (lambda c: c["audio_config"]["whisper_encoder_config"].pop("n_state"), "audio_config: missing key 'n_state'"),
+])
+def test_a_config_value_of_the_wrong_type_or_missing_is_named_with_its_file(ckpt, edit, named):
+    """config.json edited by hand (a null, a string, a list, a key left out): a ConfigError naming the file and
+    the key, through the whole load (the CPU memory check reads the sub-configs first), never a TypeError or
+    KeyError traceback."""
+    from engine.models.thinker.config import ConfigError
+    from engine.runtime import Engine
+
+    config = json.loads((ckpt / "config.json").read_text())
+    edit(config)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=named) as e:
+        Engine.load(ckpt, device="cpu")
+    assert str(ckpt / "config.json") in str(e.value)

@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from engine.models.thinker.config import ConfigError, LLMConfig, MingConfig, vision_config_with_defaults
+from engine.models.thinker.config import (ConfigError, LLMConfig, MingConfig, sub_config_errors,
+                                         vision_config_with_defaults)
 
 # ----------------------------------------------------------------------------------------------
 # Constants and defaults (each is a CLI flag too)
@@ -345,16 +346,18 @@ def model_sizes(config: MingConfig, expert_dtype: str = "bf16", linear_dtype: st
 
     depth = config.projector_depth
     if config.vision:
-        vp, exact = vision_params(config.vision, h)
+        with sub_config_errors(config.source, "vision_config"):
+            vp, exact = vision_params(config.vision, h)
+            out = int(vision_config_with_defaults(dict(config.vision)).get("out_hidden_size", h))
         add("vision", "encoder", vp, read=0, exact=exact)
-        out = int(vision_config_with_defaults(dict(config.vision)).get("out_hidden_size", h))
         add("linear_proj", "encoder", projector_params(out, h, depth), read=0)
     wc = (config.audio or {}).get("whisper_encoder_config") or {}
     if wc:
-        ap, buf, exact = audio_params(config.audio)
+        with sub_config_errors(config.source, "audio_config"):
+            ap, buf, exact = audio_params(config.audio)
+            proj = projector_params(int(wc["n_state"]), h, depth, int(config.audio.get("ds_kernel_size", 3)))
         add("audio", "encoder", ap, nbytes=(ap + buf) * w, read=0, exact=exact)
-        add("linear_proj_audio", "encoder",
-            projector_params(int(wc["n_state"]), h, depth, int(config.audio.get("ds_kernel_size", 3))), read=0)
+        add("linear_proj_audio", "encoder", proj, read=0)
 
     add("word_embeddings", "embedding", v * h, read=h * w)  # decode reads one row
     qkv_rows = (llm.num_attention_heads + 2 * llm.num_key_value_heads) * hd

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,10 +64,37 @@ class ConfigError(MingError, ValueError):
     code = "invalid_config"
 
 
-def _require(d: dict, key: str, where: str) -> Any:
+def _require(d: dict, key: str, where: str, kind: type | None = None) -> Any:
+    """d[key], read as `kind` (e.g. int) when given: ConfigError naming the key when it is absent or of the wrong type."""
     if key not in d:
         raise ConfigError(f"{where}: missing required key '{key}'")
-    return d[key]
+    if kind is None:
+        return d[key]
+    try:
+        return kind(d[key])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: key '{key}' is {d[key]!r}, not {'an integer' if kind is int else kind.__name__}") from e
+
+
+@contextmanager
+def sub_config_errors(source: str, key: str) -> Iterator[None]:
+    """Reading sub-config `key` (vision_config, audio_config) of the config file `source`: a missing key or a value
+    of the wrong type becomes a ConfigError naming the file and the sub-config."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise ConfigError(f"{source}: {detail if detail.startswith(key) else f'{key}: {detail}'}") from e
+
+
+def _sub_config(d: dict, key: str, source: str) -> dict:
+    """A sub-config object (llm_config, vision_config, audio_config): absent or null reads as {}."""
+    value = d.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: '{key}' must be a JSON object, found {type(value).__name__}")
+    return value
 
 
 def _count(d: dict, key: str, where: str) -> int:
@@ -145,59 +174,66 @@ class LLMConfig:
     def from_dict(cls, d: dict, where: str = "llm_config", *, interleaving_code: bool = True) -> "LLMConfig":
         """`interleaving_code`: whether the release's code has the interleaved-timestamp video path (2.0 and
         its standalone LLM do, default on; the Preview's has none, so it is off whatever the config says)."""
-        hidden = int(_require(d, "hidden_size", where))
-        heads = int(_require(d, "num_attention_heads", where))
+        hidden = _require(d, "hidden_size", where, int)
+        heads = _require(d, "num_attention_heads", where, int)
+        if heads < 1:
+            raise ConfigError(f"{where}: num_attention_heads {heads} must be at least 1")
         head_dim = d.get("head_dim") or hidden // heads
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         rope_scaling = d.get("rope_scaling") or {}
         routed = d.get("routed_scaling_factor")
-        cfg = cls(
-            vocab_size=int(_require(d, "vocab_size", where)),
-            hidden_size=hidden,
-            # both default to None in BailingMoeV2Config: needed only by the layers that use them (validate)
-            intermediate_size=int(d.get("intermediate_size") or 0),
-            moe_intermediate_size=int(d.get("moe_intermediate_size") or 0),
-            num_hidden_layers=int(_require(d, "num_hidden_layers", where)),
-            num_attention_heads=heads,
-            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            partial_rotary_factor=float(d.get("partial_rotary_factor", UPSTREAM_LLM_DEFAULTS["partial_rotary_factor"])),
-            rope_theta=float(d.get("rope_theta", UPSTREAM_LLM_DEFAULTS["rope_theta"])),
-            rms_norm_eps=float(d.get("rms_norm_eps", UPSTREAM_LLM_DEFAULTS["rms_norm_eps"])),
-            max_position_embeddings=int(d.get("max_position_embeddings", UPSTREAM_LLM_DEFAULTS["max_position_embeddings"])),
-            # null num_experts: every layer dense (the reference tests `num_experts is not None`)
-            num_experts=0 if d.get("num_experts", 0) is None else _count(d, "num_experts", where),
-            num_experts_per_tok=_count(d, "num_experts_per_tok", where),
-            num_shared_experts=int(d.get("num_shared_experts") or 0),
-            # The reference builds the shared-expert MLP unless the key is null, even 0 wide (then it adds zeros
-            # and its checkpoint holds zero-size tensors); a missing key is the config class's default, 0.
-            shared_experts_built=d.get("num_shared_experts", 0) is not None,
-            n_group=_count(d, "n_group", where),
-            topk_group=_count(d, "topk_group", where),
-            routed_scaling_factor=float(routed if routed is not None else UPSTREAM_ROUTED_SCALING_DEFAULT),
-            first_k_dense_replace=int(d.get("first_k_dense_replace", 0)),
-            router_type=str(d.get("router_type") or UPSTREAM_LLM_DEFAULTS["router_type"]),
-            use_qkv_bias=bool(d.get("use_qkv_bias", UPSTREAM_LLM_DEFAULTS["use_qkv_bias"])),
-            use_bias=bool(d.get("use_bias", UPSTREAM_LLM_DEFAULTS["use_bias"])),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            eos_token_ids=tuple(int(e) for e in eos_ids),
-            pad_token_id=d.get("pad_token_id"),
-            image_patch_token=int(_require(d, "image_patch_token", where)),
-            video_patch_token=int(_require(d, "video_patch_token", where)),
-            image_start_token=int(_require(d, "image_start_token", where)),
-            video_start_token=int(_require(d, "video_start_token", where)),
-            use_interleaved_frame_timestamp=interleaving_code and bool(
-                d.get("use_interleaved_frame_timestamp", UPSTREAM_LLM_DEFAULTS["use_interleaved_frame_timestamp"])),
-            rope_scaling_type=rope_scaling.get("type") if isinstance(rope_scaling, dict) else None,
-            hidden_act=str(d.get("hidden_act", "silu")),
-            # the reference's eager (and masked SDPA) causal mask windows every layer when use_sliding_window is
-            # set and sliding_window is not null (flash_attention_2 ignores both)
-            sliding_window=(int(d.get("sliding_window", UPSTREAM_LLM_DEFAULTS["sliding_window"]))
-                            if d.get("use_sliding_window", UPSTREAM_LLM_DEFAULTS["use_sliding_window"])
-                            and d.get("sliding_window", UPSTREAM_LLM_DEFAULTS["sliding_window"]) is not None else None),
-            moe_router_topk_scaling_factor=d.get("moe_router_topk_scaling_factor"),
-        )
+        try:
+            cfg = cls(
+                vocab_size=_require(d, "vocab_size", where, int),
+                hidden_size=hidden,
+                # both default to None in BailingMoeV2Config: needed only by the layers that use them (validate)
+                intermediate_size=int(d.get("intermediate_size") or 0),
+                moe_intermediate_size=int(d.get("moe_intermediate_size") or 0),
+                num_hidden_layers=_require(d, "num_hidden_layers", where, int),
+                num_attention_heads=heads,
+                num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+                head_dim=int(head_dim),
+                partial_rotary_factor=float(d.get("partial_rotary_factor", UPSTREAM_LLM_DEFAULTS["partial_rotary_factor"])),
+                rope_theta=float(d.get("rope_theta", UPSTREAM_LLM_DEFAULTS["rope_theta"])),
+                rms_norm_eps=float(d.get("rms_norm_eps", UPSTREAM_LLM_DEFAULTS["rms_norm_eps"])),
+                max_position_embeddings=int(d.get("max_position_embeddings", UPSTREAM_LLM_DEFAULTS["max_position_embeddings"])),
+                # null num_experts: every layer dense (the reference tests `num_experts is not None`)
+                num_experts=0 if d.get("num_experts", 0) is None else _count(d, "num_experts", where),
+                num_experts_per_tok=_count(d, "num_experts_per_tok", where),
+                num_shared_experts=int(d.get("num_shared_experts") or 0),
+                # The reference builds the shared-expert MLP unless the key is null, even 0 wide (then it adds zeros
+                # and its checkpoint holds zero-size tensors); a missing key is the config class's default, 0.
+                shared_experts_built=d.get("num_shared_experts", 0) is not None,
+                n_group=_count(d, "n_group", where),
+                topk_group=_count(d, "topk_group", where),
+                routed_scaling_factor=float(routed if routed is not None else UPSTREAM_ROUTED_SCALING_DEFAULT),
+                first_k_dense_replace=int(d.get("first_k_dense_replace", 0)),
+                router_type=str(d.get("router_type") or UPSTREAM_LLM_DEFAULTS["router_type"]),
+                use_qkv_bias=bool(d.get("use_qkv_bias", UPSTREAM_LLM_DEFAULTS["use_qkv_bias"])),
+                use_bias=bool(d.get("use_bias", UPSTREAM_LLM_DEFAULTS["use_bias"])),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                eos_token_ids=tuple(int(e) for e in eos_ids),
+                pad_token_id=d.get("pad_token_id"),
+                image_patch_token=_require(d, "image_patch_token", where, int),
+                video_patch_token=_require(d, "video_patch_token", where, int),
+                image_start_token=_require(d, "image_start_token", where, int),
+                video_start_token=_require(d, "video_start_token", where, int),
+                use_interleaved_frame_timestamp=interleaving_code and bool(
+                    d.get("use_interleaved_frame_timestamp", UPSTREAM_LLM_DEFAULTS["use_interleaved_frame_timestamp"])),
+                rope_scaling_type=rope_scaling.get("type") if isinstance(rope_scaling, dict) else None,
+                hidden_act=str(d.get("hidden_act", "silu")),
+                # the reference's eager (and masked SDPA) causal mask windows every layer when use_sliding_window is
+                # set and sliding_window is not null (flash_attention_2 ignores both)
+                sliding_window=(int(d.get("sliding_window", UPSTREAM_LLM_DEFAULTS["sliding_window"]))
+                                if d.get("use_sliding_window", UPSTREAM_LLM_DEFAULTS["use_sliding_window"])
+                                and d.get("sliding_window", UPSTREAM_LLM_DEFAULTS["sliding_window"]) is not None else None),
+                moe_router_topk_scaling_factor=d.get("moe_router_topk_scaling_factor"),
+            )
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:  # an optional key of the wrong type (the required ones say which)
+            raise ConfigError(f"{where}: a value has the wrong type ({e})") from e
         cfg.validate(where)
         return cfg
 
@@ -277,11 +313,11 @@ class MingConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: top level must be a JSON object")
         if "llm_config" in d:
-            vision_type = (d.get("vision_config") or {}).get("model_type")
-            llm = LLMConfig.from_dict(d["llm_config"], where=f"{source}: llm_config",
-                                      interleaving_code=vision_type != "qwen2_5_vit")
+            vision, audio = _sub_config(d, "vision_config", source), _sub_config(d, "audio_config", source)
+            llm = LLMConfig.from_dict(_sub_config(d, "llm_config", source), where=f"{source}: llm_config",
+                                      interleaving_code=vision.get("model_type") != "qwen2_5_vit")
             cfg = cls(llm=llm, model_type=str(d.get("model_type", "")), is_composite=True,
-                      vision=dict(d.get("vision_config") or {}), audio=dict(d.get("audio_config") or {}),
+                      vision=dict(vision), audio=dict(audio),
                       mlp_depth=d.get("mlp_depth"), torch_dtype=d.get("torch_dtype"), source=source)
         elif d.get("model_type") == "bailing_moe_v2" or "num_experts" in d:
             llm = LLMConfig.from_dict(d, where=source)

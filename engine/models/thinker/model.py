@@ -21,7 +21,7 @@ from torch import nn
 from engine import kernels
 from engine.placement import quant
 from engine.models.thinker.audio_encoder import AudioEncoderConfig, WhisperAudioEncoder
-from engine.models.thinker.config import MingConfig
+from engine.models.thinker.config import MingConfig, sub_config_errors
 from engine.models.thinker.layers import Numerics
 from engine.models.thinker.llm import BailingMoeV2ForCausalLM
 from engine.kernels.dequant import quantize_int8_rows
@@ -57,11 +57,13 @@ def build_encoders(cfg: MingConfig, device: torch.device | str = "meta",
     depth = cfg.projector_depth
     with torch.device(device):
         if cfg.vision:
-            vcfg = VisionConfig.from_dict(cfg.vision)
+            with sub_config_errors(cfg.source, "vision_config"):
+                vcfg = VisionConfig.from_dict(cfg.vision)
             enc.vision = build_vision_encoder(vcfg, rope_bf16_tables=rope_bf16_tables)
             enc.linear_proj = VisionProjector(vcfg.out_hidden_size, cfg.llm.hidden_size, depth)
         if cfg.audio:
-            acfg = AudioEncoderConfig.from_dict(cfg.audio)
+            with sub_config_errors(cfg.source, "audio_config"):
+                acfg = AudioEncoderConfig.from_dict(cfg.audio)
             enc.audio = WhisperAudioEncoder(acfg)
             enc.linear_proj_audio = AudioProjector.from_config(acfg, cfg.llm.hidden_size, depth)
     return enc
