@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from engine.models.imagegen.tiny import write_tiny_image_head
 from engine.models.thinker.config import MingConfig
-from engine.loader import checkpoint_entries
+from engine.loader import CheckpointError, checkpoint_entries
 from engine.models.thinker.model import build_encoders, build_llm
 from engine.models.thinker.tokenizer import byte_level_alphabet
 from engine.models.talker.tiny import write_tiny_talker
@@ -244,9 +244,10 @@ def tiny_tokenizer_files() -> dict[str, dict]:
             "special_tokens_map.json": special_map}
 
 
-def write_tiny_checkpoint(out_dir: str | Path, release: str = "2.0") -> Path:
+def write_tiny_checkpoint(out_dir: str | Path, release: str = "2.0", replace: bool = True) -> Path:
     """Write the tiny checkpoint of `release` ("2.0" or "preview") into out_dir (atomically: a
-    half-written folder is never left)."""
+    half-written folder is never left). `replace` False keeps a checkpoint another process published
+    at out_dir meanwhile (which that process may be reading) and discards this one."""
     _check_release(release)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -278,9 +279,13 @@ def write_tiny_checkpoint(out_dir: str | Path, release: str = "2.0") -> Path:
             "model with `python launch.py --model inclusionAI/Ming-flash-omni-2.0` (or a local directory).\n")
         if release == "2.0":
             write_tiny_image_head(tmp, TINY_SEED)
-        if out_dir.exists():
+        if out_dir.exists() and replace:
             shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        try:
+            os.rename(tmp, out_dir)  # atomic; refused onto a folder that is there (and not empty)
+        except OSError:
+            if replace or not out_dir.is_dir():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -294,10 +299,17 @@ def default_cache_dir() -> Path:
 
 
 def ensure_tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
-    """The tiny checkpoint in the cache, generated on first use."""
+    """The tiny checkpoint in the cache, generated on first use. Processes that start together each write
+    their own copy and the first to finish publishes it: the others keep it rather than replace it under
+    a process that is already loading it. A cache folder that cannot be written is a CheckpointError
+    naming it and saying what to do."""
     path = Path(cache_dir or default_cache_dir()) / TINY_NAME
     if not (path / "config.json").is_file() or not (path / "model.safetensors.index.json").is_file():
-        write_tiny_checkpoint(path)
+        try:
+            write_tiny_checkpoint(path, replace=path.exists())  # a damaged one is rewritten
+        except OSError as e:
+            raise CheckpointError(f"cannot write the tiny demo checkpoint into {path.parent} ({e}): set "
+                                  "MING_STUDIO_CACHE to a writable folder, or load a checkpoint with --model") from e
     return path
 
 

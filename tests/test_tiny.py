@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from engine.models.thinker.config import MingConfig
@@ -131,3 +132,34 @@ def test_preview_format_tiny_checkpoint_takes_video(tmp_path):
     assert torch.equal(rows[0].diff(), torch.ones(len(frame_at) - 1, dtype=rows.dtype))
     done = list(engine.chat(msgs, GenerationParams(max_new_tokens=3)))[-1]
     assert isinstance(done, Done) and done.stats.new_tokens == 3, done
+
+
+def test_a_process_that_finishes_second_keeps_the_first_ones_checkpoint(tmp_path, monkeypatch):
+    """Two studios started together on an empty cache both generate the demo checkpoint: the one that finishes
+    second must not delete the folder the first one published (and may be loading from) to put its own copy."""
+    import engine.tiny as tiny
+
+    path = tmp_path / tiny.TINY_NAME
+    published = {}
+    real_talker = tiny.write_tiny_talker
+
+    def other_process_publishes_first(folder):
+        if not published:  # meanwhile, another process published its (identical) checkpoint and opened it
+            published["inode"] = None
+            published["inode"] = tiny.write_tiny_checkpoint(path).joinpath("config.json").stat().st_ino
+        real_talker(folder)
+
+    monkeypatch.setattr(tiny, "write_tiny_talker", other_process_publishes_first)
+    assert tiny.ensure_tiny_checkpoint(tmp_path) == path
+    assert (path / "config.json").stat().st_ino == published["inode"]  # the first copy, still in place
+    assert [p.name for p in tmp_path.iterdir()] == [tiny.TINY_NAME]  # and no temporary folder left behind
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named_with_what_to_do(tmp_path):
+    from engine.loader import CheckpointError
+    from engine.tiny import ensure_tiny_checkpoint
+
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file where the cache folder should be")
+    with pytest.raises(CheckpointError, match=rf"cannot write the tiny demo checkpoint into {not_a_folder}.*MING_STUDIO_CACHE"):
+        ensure_tiny_checkpoint(not_a_folder)
