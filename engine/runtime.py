@@ -70,11 +70,11 @@ def model_bytes(model: LoadedModel) -> int:
 
 
 class Engine:
-    def __init__(self, model: LoadedModel, tokenizer: MingTokenizer, is_demo: bool):
+    def __init__(self, model: LoadedModel, tokenizer: MingTokenizer, is_demo: bool, media: MediaSettings | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.is_demo = is_demo
-        self.processor = MingProcessor(tokenizer, MediaSettings.for_checkpoint(model.path, model.config))
+        self.processor = MingProcessor(tokenizer, media or MediaSettings.for_checkpoint(model.path, model.config))
         self._lock = threading.Lock()
         self.placement = f"everything on {model.device}"
 
@@ -94,16 +94,19 @@ class Engine:
         engine.placement.auto), "single" (everything on `device`, unchecked), or an
         engine.placement.planner.Plan to follow (with `runtime_options`). `log`: called with one line saying
         where the weights went. Raises engine.placement.planner.PlanError (a ValueError) when it cannot fit."""
-        path = ensure_tiny_checkpoint() if path_or_id is None else path_or_id
         dev = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         plan = host_fit = None
         if not isinstance(placement, Plan) and placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS} or a Plan, got {placement!r}")
+        path = resolve_checkpoint(ensure_tiny_checkpoint() if path_or_id is None else path_or_id)
+        # the small files first (config, tokenizer, processor settings): a broken one is said before minutes of weights
+        config = MingConfig.from_file(path)
+        tokenizer = MingTokenizer(path)
+        media = MediaSettings.for_checkpoint(path, config)
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         if placement == "auto" and dev.type == "cpu":
-            path = resolve_checkpoint(path)
-            host_fit = fit_on_host(MingConfig.from_file(path), dtype, expert_dtype, linear_dtype)
+            host_fit = fit_on_host(config, dtype, expert_dtype, linear_dtype)
             host_fit = with_measured_speed(host_fit, linear_dtype)  # a large model: the speed to expect here
             dtype = host_fit.dtype
         dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
@@ -113,17 +116,14 @@ class Engine:
             # (the planner sizes 16-bit weights; an fp32 load on a GPU keeps the "single" placement)
             devices = machine_devices()
             if devices is not None:
-                root = resolve_checkpoint(path)
-                path = root
-                plan = auto_plan(MingConfig.from_file(root), devices, expert_dtype)
+                plan = auto_plan(config, devices, expert_dtype)
         if plan is not None and runtime_options is None:
             runtime_options = runtime_options_for(plan)
         model = load_model(path, dtype=dtype, device=dev, progress=progress, expert_dtype=expert_dtype,
                            plan=plan, runtime_options=runtime_options, linear_dtype=linear_dtype)
-        tokenizer = MingTokenizer(model.path)
         if not cpu_threads and dev.type == "cpu" and model_bytes(model) < SMALL_MODEL_BYTES:
             torch.set_num_threads(1)
-        engine = cls(model, tokenizer, is_demo=is_demo_checkpoint(model.path))
+        engine = cls(model, tokenizer, is_demo=is_demo_checkpoint(model.path), media=media)
         engine.placement = host_fit.summary if host_fit is not None else placement_summary(plan, str(dev))
         if host_fit is None or host_fit.generators:
             engine._attach_image_generator(dev, dtype, plan)

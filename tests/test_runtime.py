@@ -207,3 +207,24 @@ def test_a_partly_downloaded_image_generator_leaves_the_rest_serving_and_says_wh
     assert isinstance(_finish(list(engine.chat([{"role": "user", "content": "hi"}], P))), Done)
     refused = _finish(list(engine.imagine("a cat")))
     assert isinstance(refused, Error) and where in refused.message
+
+
+@pytest.mark.parametrize("damage, error, named", [
+    ("tokenizer.json", "TokenizerError", "tokenizer.json"),
+    ("preprocessor_config.json", "ConfigError", "preprocessor_config.json: invalid JSON"),
+])
+def test_a_broken_small_file_is_named_before_any_weight_is_read(tiny_checkpoint, tmp_path, damage, error, named):
+    """The tokenizer and the processor settings are read before the weights (minutes for the real model): a
+    truncated one is a clear error naming the file, said before the first tensor is read."""
+    import shutil
+
+    from engine.runtime import Engine
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    (ckpt / damage).write_text("{")
+    read = []
+    with pytest.raises(Exception) as e:
+        Engine.load(ckpt, dtype="fp32", device="cpu", progress=lambda *a: read.append(a))
+    assert type(e.value).__name__ == error and named in str(e.value) and str(ckpt) in str(e.value)
+    assert read == []

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from engine.models.thinker.config import MingConfig
+from engine.models.thinker.config import ConfigError, MingConfig, sub_config_errors
 from engine.media.audio import AudioFeatures, AudioFrontendConfig, pack_audio_features, prepare_audio
 from engine.media.errors import MediaError
 from engine.media.image import FETCH_OPTION_KEYS, ImageInputs, ImageProcessorConfig, prepare_image
@@ -56,11 +56,17 @@ class MediaSettings:
         path = Path(root) / "preprocessor_config.json"
         release = "preview" if cfg.release == "preview" else "2.0"
         if settings is None:
-            settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            try:
+                settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path}: invalid JSON ({e})") from e
+            if not isinstance(settings, dict):
+                raise ConfigError(f"{path}: top level must be a JSON object")
         data = dict(settings) if settings else _settings_from_model(cfg, ImageProcessorConfig.for_release(release))
         whisper = (cfg.audio.get("whisper_encoder_config") or {}) if cfg.audio else {}
-        image = ImageProcessorConfig.from_dict(data, release=release)
-        audio = AudioFrontendConfig.from_dict(data, n_ctx=whisper.get("n_ctx"))
+        with sub_config_errors(str(path.parent), path.name):  # a key of the wrong type, named with the file
+            image = ImageProcessorConfig.from_dict(data, release=release)
+            audio = AudioFrontendConfig.from_dict(data, n_ctx=whisper.get("n_ctx"))
         return cls(image=image, audio=audio, interleaved_video=cfg.llm.use_interleaved_frame_timestamp)
 
 
