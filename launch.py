@@ -158,7 +158,10 @@ def _connect_remote_engine(args: argparse.Namespace):
     and in the page, which reconnects when it comes back."""
     from engine.client import EngineClient
 
-    client = EngineClient(args.engine, token=args.engine_token)
+    try:
+        client = EngineClient(args.engine, token=args.engine_token)
+    except ValueError as e:  # not a URL the studio can reach an engine at
+        return _fail(f"--engine: {e}", EXIT_MODEL_ERROR)
     try:
         info = client.info()
         print(f"Engine at {args.engine}: {info.name}" + (" (RANDOM DEMO WEIGHTS)" if info.is_demo else ""), flush=True)

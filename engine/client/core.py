@@ -155,9 +155,13 @@ class Endpoints:
         openai = scheme in OPENAI_SCHEMES
         if openai:
             scheme = scheme.split("+", 1)[1]
-        if scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
-            raise ValueError(f"engine URL {url!r} must look like http://HOST:PORT or ws://HOST:PORT (or "
-                             "openai+http://HOST:PORT for any OpenAI-compatible server)")
+        try:
+            port_ok = parts.port is None or parts.port > 0  # (.port raises on a port that is not 0..65535)
+        except ValueError:
+            port_ok = False
+        if scheme not in ("http", "https", "ws", "wss") or not parts.hostname or not port_ok:
+            raise ValueError(f"engine URL {url!r} must look like http://HOST:PORT or ws://HOST:PORT with a port "
+                             "from 1 to 65535 (or openai+http://HOST:PORT for any OpenAI-compatible server)")
         secure = scheme in ("https", "wss")
         return cls(http=f"{'https' if secure else 'http'}://{parts.netloc}",
                    ws=f"{'wss' if secure else 'ws'}://{parts.netloc}{REALTIME_PATH}", token=token or None,
@@ -166,6 +170,13 @@ class Endpoints:
     @property
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+def checked_timeout(timeout: Any) -> float:
+    """`timeout` as seconds, refused unless a positive number (0 would make every socket non-blocking)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
 
 
 def env_settings(environ=os.environ) -> tuple[str, str | None]:
@@ -773,7 +784,7 @@ class RealtimeClientBase:
     def __init__(self, url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  reconnect_attempts: int = 3, backoff_s: float = 0.2):
         self.endpoints = Endpoints.parse(url, token)
-        self.timeout = timeout
+        self.timeout = checked_timeout(timeout)
         self.reconnect_attempts = reconnect_attempts
         self.backoff_s = backoff_s
         self.state = RealtimeState()
@@ -796,7 +807,7 @@ class EngineClientBase:
 
     def __init__(self, url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT):
         self.endpoints = Endpoints.parse(url, token)
-        self.timeout = timeout
+        self.timeout = checked_timeout(timeout)
         self._sessions = SessionPool()
         self._openai_info: ModelInfo | None = None  # an OpenAI-compatible backend's model, probed once
 

@@ -199,3 +199,9 @@ def test_a_studio_port_in_use_is_said_before_the_model_loads(studio_cache):
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert f"--port {port}" in r.stderr and "in use" in r.stderr and "Traceback" not in r.stderr
     assert "Loading" not in r.stdout  # refused up front, not after the model load
+
+
+def test_an_engine_url_that_is_not_one_exits_2_naming_it(tmp_path):
+    r = _run(["--engine", "localhost:8000"], tmp_path, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "--engine" in r.stderr and "'localhost:8000'" in r.stderr and "Traceback" not in r.stderr

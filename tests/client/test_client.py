@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import subprocess
 import sys
 import threading
@@ -307,3 +308,20 @@ def test_chats_reuse_an_emptied_session_and_replace_a_dead_one(server, tiny_engi
         pooled.ws.close()  # the idle connection dies (say, the server restarted)
         events = list(client.chat(second, max_tokens=3, system=SYSTEM))
         assert text_of(events) == expected.text and isinstance(one_final(events), Done)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:notaport", "http://127.0.0.1:70000", "http://:8000",
+                                 "ws://127.0.0.1:0", "localhost:8000"])
+@pytest.mark.parametrize("cls", [EngineClient, AsyncEngineClient, RealtimeClient])
+def test_a_malformed_engine_url_is_refused_when_the_client_is_made(cls, url):
+    """Not an httpx InvalidURL (or a connect to port 4464) on the first call: a ValueError naming the URL."""
+    with pytest.raises(ValueError, match=re.escape(repr(url))):
+        cls(url)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), "60"])
+def test_a_timeout_that_is_not_a_positive_number_is_refused(timeout):
+    """timeout=0 made every socket non-blocking ("Operation now in progress" on a reachable server)."""
+    for cls in (EngineClient, AsyncEngineClient, RealtimeClient):
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
+            cls("http://127.0.0.1:8000", timeout=timeout)
