@@ -127,14 +127,12 @@ class Engine:
         engine.placement = host_fit.summary if host_fit is not None else placement_summary(plan, str(dev))
         if host_fit is None or host_fit.generators:
             engine._attach_image_generator(dev, dtype, plan)
+            engine._load_talker(model.path, dtype, dev)  # speech out (see the talker block below)
         else:
             engine.image_generator_error = "not loaded: it does not fit in host memory beside the thinker"
-        if log is not None:
-            log(f"placement: {engine.placement}")
-        if host_fit is None or host_fit.generators:
-            engine._load_talker(model.path, dtype, dev, log)  # speech out (see the talker block below)
-        else:
             engine.talker_error = "the talker was not loaded: it does not fit in host memory beside the thinker"
+        if log is not None:  # (with a generator that could not be loaded, and why)
+            log(f"placement: {engine.placement}")
         return engine
 
     def info(self) -> EngineInfo:
@@ -305,7 +303,9 @@ class Engine:
     def has_talker(self) -> bool:
         return self.talker is not None
 
-    def _load_talker(self, root: Path, dtype: str, device: torch.device, log=None) -> None:
+    def _load_talker(self, root: Path, dtype: str, device: torch.device) -> None:
+        """Load <root>/talker when present; one that cannot be loaded (a partial download, a broken file) leaves
+        the rest serving, with `talker_error` and the placement line saying why."""
         from engine.models.talker.pipeline import TalkerPipeline  # noqa: PLC0415
         from engine.models.talker.voices import VoiceLibrary  # noqa: PLC0415
         folder = Path(root) / "talker"
@@ -321,8 +321,7 @@ class Engine:
             self.talker = TalkerPipeline.load(folder, dtype=parse_dtype(dtype), device=device)
         except MingError as e:
             self.talker_error = f"the talker could not be loaded: {e}"
-            if log is not None:
-                log(self.talker_error)
+            self.placement += f"; talker not loaded ({e})"
             return
         self.voices = VoiceLibrary(model=self.talker.fingerprint())
 

@@ -228,3 +228,23 @@ def test_a_broken_small_file_is_named_before_any_weight_is_read(tiny_checkpoint,
         Engine.load(ckpt, dtype="fp32", device="cpu", progress=lambda *a: read.append(a))
     assert type(e.value).__name__ == error and named in str(e.value) and str(ckpt) in str(e.value)
     assert read == []
+
+
+def test_a_partly_downloaded_talker_is_said_in_the_placement_line_the_server_logs_and_shows(tiny_checkpoint, tmp_path):
+    """talker/ there but its weights not (an interrupted download): the rest serves, and the one line the server
+    logs and the studio banner shows (the placement) says the talker was not loaded and which file is missing,
+    as it does for the image generator."""
+    import shutil
+
+    from engine.runtime import Engine
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    (ckpt / "talker" / "model.safetensors").unlink()
+    (ckpt / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    logged = []
+    engine = Engine.load(ckpt, dtype="fp32", device="cpu", log=logged.append)
+    assert not engine.has_talker and "talker" in engine.talker_error
+    line = next(x for x in logged if x.startswith("placement:"))
+    assert f"talker not loaded ({ckpt / 'talker'}" in line and "image generator not loaded" in line
+    assert line.endswith(engine.placement) and engine.info().placement == engine.placement
