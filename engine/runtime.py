@@ -313,12 +313,9 @@ class Engine:
         if not folder.is_dir():
             self.talker_error = f"this checkpoint has no talker/ folder ({folder}), so it cannot speak"
             return
-        if self.model.config.release == "preview":
-            self.talker_error = ("the Preview talker (spec §7.11: no chat template, 16 kHz VAE) is not implemented; "
-                                 "speech output needs Ming-flash-omni 2.0")
-            return
-        try:
-            self.talker = TalkerPipeline.load(folder, dtype=parse_dtype(dtype), device=device)
+        try:  # the thinker's release says which talker the folder holds (spec §7.11 for the Preview's)
+            self.talker = TalkerPipeline.load(folder, dtype=parse_dtype(dtype), device=device,
+                                              release=self.model.config.release)
         except MingError as e:
             self.talker_error = f"the talker could not be loaded: {e}"
             self.placement += f"; talker not loaded ({e})"
@@ -351,6 +348,8 @@ class Engine:
             conds = [self.voices.load(n) for n in names]
             if len(conds) == 1:
                 return conds[0]
+            if any(c.speaker is None for c in conds):
+                raise MediaError("several voices make a podcast, which the Preview talker does not do: give one voice")
             return Conditioning(speaker=torch.cat([c.speaker for c in conds]),
                                 latents=torch.cat([c.latents for c in conds], dim=1),
                                 ref_text=podcast_text([c.ref_text or "" for c in conds]))

@@ -57,7 +57,8 @@ def test_random_replies_read_as_words_not_broken_bytes(tiny_engine):
 def test_preview_format_tiny_checkpoint_loads_and_runs_text_image_and_audio(tmp_path):
     """`python -m engine.tiny --release preview`: the Preview layout (Qwen2.5-VL ViT with window attention
     and full-attention blocks from its config, rope_theta 600000, no interleaved video timestamps,
-    patch-14 / factor-28 processor) loaded by the normal code, every implemented modality run on it."""
+    patch-14 / factor-28 processor, the Preview talker) loaded by the normal code, every implemented
+    modality run on it (speech out: tests/models/talker/test_preview.py)."""
     import numpy as np
 
     from engine.events import Done
@@ -82,7 +83,17 @@ def test_preview_format_tiny_checkpoint_loads_and_runs_text_image_and_audio(tmp_
     # upstream's Preview linear_proj takes the ViT's hard-coded image_emb_dim 8192 (not out_hidden_size)
     assert json.loads((root / "config.json").read_text())["vision_config"]["out_hidden_size"] == 8192
 
+    # the Preview's talker (spec §7.11): no speaker head / CAM++, a 16 kHz VAE without latent patching
+    from safetensors import safe_open
+    with safe_open(str(root / "talker" / "model.safetensors"), "pt") as f:
+        talker_names = set(f.keys())
+    assert "stop_head.weight" in talker_names and not any(n.startswith("spk_head") for n in talker_names)
+    assert not (root / "talker" / "campplus.onnx").exists()
+    vae_cfg = json.loads((root / "talker" / "vae" / "config.json").read_text())
+    assert (vae_cfg["sample_rate"], vae_cfg["patch_size"]) == (16000, -1)
+
     engine = Engine.load(root, dtype="fp32", device="cpu")
+    assert engine.has_talker and engine.talker.preview and engine.talker.sample_rate == 16000, engine.talker_error
     vit = engine.model.encoders.vision
     assert isinstance(vit, Qwen2_5_VisionTransformer)
     assert 0 < len(vit.config.fullatt_block_indexes) and vit.config.window_merged >= 1

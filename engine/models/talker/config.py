@@ -7,11 +7,16 @@
 
 Keys the reference does not read are kept only where they inform (e.g. `cfg_strength`). Anything we do
 not implement (rope scaling, QK-norm in the DiT) is refused with a `TalkerConfigError`.
+
+Both releases' talkers are upstream's `BailingTalker2` class; the release (the thinker config's, spec
+§1.1) says which one a folder holds. The Preview's (spec §7.11) has no speaker head, keeps a history of
+one patch (`history_patch_size` is not read) and takes its CFG strength from `cfg_strength`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,8 @@ from engine.models.thinker.vision import _ACTIVATIONS as ACT2FN  # transformers'
 LATENT_DIM = 64
 # Width of a CAM++ speaker vector (the spk_head input).
 SPEAKER_DIM = 192
+# The talker releases (spec §7.11): which prompt layout, history and sampler a talker folder uses.
+TALKER_RELEASES = ("2.0", "preview")
 # BailingTalker2's static KV cache length and AR step bound (spec §7.5).
 MAX_CACHE_LEN = 2048
 MAX_STEPS = 1000
@@ -202,27 +209,41 @@ class TalkerConfig:
     steps: int = 10
     patch_size: int = 4
     history_patch_size: int = 32
-    cfg_strength: float = 2.0  # carried by the released config; the reference takes cfg per call
+    cfg_strength: float = 2.0  # 2.0 takes cfg per call; the Preview's CFM takes this one (spec §7.11)
     latent_dim: int = LATENT_DIM
     speaker_dim: int = SPEAKER_DIM
+    release: str = "2.0"  # "preview": spec §7.11's prompt, history and sampler
+
+    @property
+    def preview(self) -> bool:
+        return self.release == "preview"
 
     @classmethod
-    def from_dicts(cls, talker: dict, llm: dict, where: str = "talker/config.json") -> "TalkerConfig":
+    def from_dicts(cls, talker: dict, llm: dict, where: str = "talker/config.json",
+                   release: str = "2.0") -> "TalkerConfig":
+        if release not in TALKER_RELEASES:
+            raise TalkerConfigError(f"{where}: unknown talker release {release!r} (one of {', '.join(TALKER_RELEASES)})")
         arch = talker.get("architectures") or ["BailingTalker2"]
         if "BailingTalker2" not in arch:
             raise TalkerConfigError(
-                f"{where}: architecture {arch} is not supported; only the Ming-flash-omni 2.0 talker "
-                "(BailingTalker2) is implemented (the Preview talker, spec §7.11, is not)")
+                f"{where}: architecture {arch} is not supported; only BailingTalker2 (the Ming-flash-omni 2.0 "
+                "and Preview talker) is implemented")
         for key in ("flowmodel", "aggregator"):
             if not isinstance(talker.get(key, {}), dict):
                 raise TalkerConfigError(f"{where}: '{key}' must be an object")
         llm_cfg = Qwen2BackboneConfig.from_dict(llm, where.replace("config.json", "llm/config.json"))
         flow = DiTConfig.from_dict(talker.get("flowmodel", {}), DIT_DEFAULTS, f"{where} flowmodel", condition=True)
         agg = DiTConfig.from_dict(talker.get("aggregator", {}), AGGREGATOR_DEFAULTS, f"{where} aggregator", condition=False)
+        patch = _positive_int(talker, "patch_size", where, 4)
+        cfg_strength = talker.get("cfg_strength", 2.0)
+        if release == "preview" and (isinstance(cfg_strength, bool) or not isinstance(cfg_strength, (int, float))
+                                     or not math.isfinite(cfg_strength) or cfg_strength < 0):
+            # the Preview's sampler uses it (2.0 carries it unread)
+            raise TalkerConfigError(f"{where}: 'cfg_strength' must be a finite number >= 0, got {cfg_strength!r}")
+        # the Preview's history is the last patch (upstream's Preview loop keeps his_lat = gen_lat)
+        history = patch if release == "preview" else _positive_int(talker, "history_patch_size", where, 32)
         cfg = cls(flow=flow, aggregator=agg, llm=llm_cfg, steps=_positive_int(talker, "steps", where, 10),
-                  patch_size=_positive_int(talker, "patch_size", where, 4),
-                  history_patch_size=_positive_int(talker, "history_patch_size", where, 32),
-                  cfg_strength=float(talker.get("cfg_strength", 2.0)))
+                  patch_size=patch, history_patch_size=history, cfg_strength=float(cfg_strength), release=release)
         if cfg.history_patch_size < cfg.patch_size:
             # upstream's history update has no case for a history shorter than one patch
             raise TalkerConfigError(f"{where}: history_patch_size {cfg.history_patch_size} is smaller than "
@@ -230,10 +251,10 @@ class TalkerConfig:
         return cfg
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "TalkerConfig":
+    def from_folder(cls, folder: str | Path, release: str = "2.0") -> "TalkerConfig":
         folder = Path(folder)
         return cls.from_dicts(read_json(folder / "config.json"), read_json(folder / "llm" / "config.json"),
-                              where=str(folder / "config.json"))
+                              where=str(folder / "config.json"), release=release)
 
 
 @dataclass(frozen=True)

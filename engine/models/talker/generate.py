@@ -27,7 +27,9 @@ STOP_THRESHOLD = 0.5
 
 
 class NoiseSource:
-    """Per step: y0 [1, patch, 64] then SDE noise [steps, 1, patch, 64], drawn in the reference's order."""
+    """Per step: y0 [1, patch, 64] then SDE noise [steps, 1, patch, 64], drawn in the reference's order.
+    With `sde=False` (the Preview's sampler has no SDE term, spec §7.11) only y0 is drawn; the SDE
+    noise is zeros."""
 
     def __init__(self, seed: int | None = None):
         self.generator = torch.Generator()
@@ -36,10 +38,12 @@ class NoiseSource:
         else:
             self.generator.manual_seed(int(seed))
 
-    def draw(self, step: int, steps: int, patch: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(self, step: int, steps: int, patch: int, channels: int,
+             sde: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         y0 = torch.randn(1, patch, channels, generator=self.generator)
-        sde = torch.randn(steps, 1, patch, channels, generator=self.generator)
-        return y0, sde
+        if not sde:
+            return y0, torch.zeros(steps, 1, patch, channels)
+        return y0, torch.randn(steps, 1, patch, channels, generator=self.generator)
 
 
 class StoredNoise(NoiseSource):
@@ -48,7 +52,7 @@ class StoredNoise(NoiseSource):
     def __init__(self, y0: torch.Tensor, sde: torch.Tensor):
         self.y0, self.sde = y0, sde
 
-    def draw(self, step, steps, patch, channels):
+    def draw(self, step, steps, patch, channels, sde=True):
         return self.y0[step:step + 1], self.sde[step].unsqueeze(1)
 
 
@@ -119,7 +123,7 @@ def generate_patches(talker: BailingTalker2, inputs_embeds: torch.Tensor, prompt
         while step < limit:
             if cancel is not None and cancel.is_set():
                 return
-            y0, sde = noise.draw(step, cfg.steps, cfg.patch_size, cfg.latent_dim)
+            y0, sde = noise.draw(step, cfg.steps, cfg.patch_size, cfg.latent_dim, sde=not cfg.preview)
             y0, sde = y0.to(device, dtype), sde.to(device, dtype)
             step_trace = {} if trace is not None else None
             gen, nxt, p = patch_step(h, his, y0, sde, params, step_trace)

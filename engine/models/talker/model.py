@@ -1,10 +1,10 @@
-"""BailingTalker2, the 2.0 talker (spec §7.1): module tree named like the checkpoint
+"""BailingTalker2, the talker of both releases (spec §7.1, §7.11): module tree named like the checkpoint
 
   model.*        Qwen2 LLM (talker/llm/config.json), run on inputs_embeds
   cfm.model.*    flow-matching DiT (talker/config.json "flowmodel")
   aggregator.*   latent patch -> next LLM input (talker/config.json "aggregator")
   stop_head.*    Linear(H -> 2)
-  spk_head.*     Linear(192 -> H), CAM++ vector -> the speaker slot
+  spk_head.*     Linear(192 -> H), CAM++ vector -> the speaker slot (2.0 only: the Preview has none)
 
 and `load_talker(folder)`, which builds it on the meta device and reads `talker/*.safetensors` through
 engine.loader (missing, mis-shaped or unexpected tensors are CheckpointErrors naming the file).
@@ -33,7 +33,7 @@ class BailingTalker2(nn.Module):
         self.cfm = CFM(DiT(cfg.flow), cfg.steps)
         self.aggregator = Aggregator(cfg.aggregator, cfg.llm.hidden_size)
         self.stop_head = nn.Linear(cfg.llm.hidden_size, 2)
-        self.spk_head = nn.Linear(cfg.speaker_dim, cfg.llm.hidden_size)
+        self.spk_head = None if cfg.preview else nn.Linear(cfg.speaker_dim, cfg.llm.hidden_size)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -48,6 +48,8 @@ class BailingTalker2(nn.Module):
         voice-design slot, which the reference fills with zeros in the LLM space)."""
         if spk is None:
             return torch.zeros(1, self.config.llm.hidden_size, dtype=self.dtype, device=self.device)
+        if self.spk_head is None:
+            raise TalkerConfigError("the Preview talker has no speaker head (spec §7.11): it takes no speaker vector")
         return self.spk_head(spk.to(self.device, self.dtype))
 
     def prompt_latent_embeddings(self, latents: torch.Tensor) -> torch.Tensor:
@@ -58,8 +60,12 @@ class BailingTalker2(nn.Module):
 
     def embed_prompt(self, ids: list[int], speaker_slots: list[int], speaker_embeds: torch.Tensor | None,
                      latent_slots: list[int], latent_embeds: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings [1, L, H] with the speaker and prompt-latent slots substituted (spec §7.2)."""
+        """Token embeddings [1, L, H] with the speaker and prompt-latent slots substituted (spec §7.2).
+        Latent slots past the ids are appended (the Preview's prompt latents follow its tokens, §7.11)."""
         x = self.model.embed_tokens(torch.tensor([ids], device=self.device))
+        extra = max(latent_slots, default=-1) + 1 - len(ids)
+        if extra > 0:
+            x = torch.cat([x, x.new_zeros(1, extra, x.shape[-1])], dim=1)
         if speaker_slots:
             x[0, speaker_slots] = speaker_embeds[:len(speaker_slots)].to(x.dtype)
         if latent_slots:
@@ -78,9 +84,9 @@ def build_talker(cfg: TalkerConfig, device: torch.device | str = "meta") -> Bail
 
 
 def load_talker(folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                progress=None) -> BailingTalker2:
+                progress=None, release: str = "2.0") -> BailingTalker2:
     folder = Path(folder)
-    cfg = TalkerConfig.from_folder(folder)
+    cfg = TalkerConfig.from_folder(folder, release)
     if cfg.flow.llm_cond_dim != cfg.llm.hidden_size:
         raise TalkerConfigError(
             f"{folder / 'config.json'}: flowmodel.llm_cond_dim {cfg.flow.llm_cond_dim} differs from the talker LLM's "

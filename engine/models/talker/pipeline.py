@@ -14,6 +14,12 @@ Streaming: every latent patch goes through the streaming VAE decoder and the sil
 first chunk leaves after the first patches; the first fragment of segmented text stops taking chunks
 once its audio reaches the characters-per-second bound of spec §7.5 (upstream streams, and so bounds,
 only that one; later fragments run until the stop head ends them).
+
+The Preview talker (spec §7.11, `release="preview"`) speaks text only (task "tts", no instruction): its
+prompt is tokens(transcript) + tokens(text) + `<|endoftext|>` then the prompt-latent embeddings, with no
+speaker vector (no CAM++); reference clips are encoded at the VAE rate (16 kHz) unpadded, the latents cut
+to whole patches; CFG comes from its config and its sampler has no noise term. Its chunks leave as decoded
+(upstream has no silence holder and no characters-per-second cut-off there).
 """
 
 from __future__ import annotations
@@ -40,10 +46,10 @@ from engine.models.talker.cfm import SamplingParams
 from engine.models.talker.config import MAX_CACHE_LEN
 from engine.models.talker.generate import NoiseSource, generate_patches
 from engine.models.talker.model import BailingTalker2, load_talker
-from engine.models.talker.prompt import (TASK_PROMPTS, Instruction, InstructionError, build_prompt, is_music_text,
-                                         music_text)
+from engine.models.talker.prompt import (TASK_PROMPTS, Instruction, InstructionError, build_preview_prompt,
+                                         build_prompt, is_music_text, music_text)
 from engine.models.talker.text import Fragment, TextError, check_text, clean_text, segment_text
-from engine.models.talker.tokenizer import TalkerTokenizer
+from engine.models.talker.tokenizer import PREVIEW_REQUIRED_TOKENS, REQUIRED_TOKENS, TalkerTokenizer
 from engine.models.talker.vae import AudioVAE, load_audio_vae
 
 TASKS = ("tts", "sound", "music", "podcast")
@@ -117,18 +123,19 @@ class TalkerPipeline:
 
     @classmethod
     def load(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-             cuda_graphs: bool = True) -> "TalkerPipeline":
-        """Load `<ckpt>/talker`: talker weights, `vae/`, `llm/` tokenizer; CAM++ loads on first use."""
+             cuda_graphs: bool = True, release: str = "2.0") -> "TalkerPipeline":
+        """Load `<ckpt>/talker` of the checkpoint's `release` ("2.0" or "preview"): talker weights, `vae/`,
+        `llm/` tokenizer; CAM++ (2.0 only) loads on first use."""
         folder = Path(folder)
         if not folder.is_dir():
             raise TalkerError(f"{folder}: no talker folder in this checkpoint")
-        talker = load_talker(folder, dtype=dtype, device=device)
+        talker = load_talker(folder, dtype=dtype, device=device, release=release)
         vae = load_audio_vae(folder / "vae", dtype=dtype, device=device)
         width = talker.config.latent_dim
         if (vae.config.latent_dim, vae.config.dec_latent_dim) != (width, width):
             raise TalkerError(f"{folder / 'vae' / 'config.json'}: latent_dim {vae.config.latent_dim} (encoder) / "
                               f"{vae.config.dec_latent_dim} (decoder) do not match the talker's {width}-d latents")
-        tok = TalkerTokenizer(folder / "llm")
+        tok = TalkerTokenizer(folder / "llm", PREVIEW_REQUIRED_TOKENS if talker.config.preview else REQUIRED_TOKENS)
         pipe = cls(folder, talker, vae, tok)
         if cuda_graphs and torch.device(device).type == "cuda":
             from engine.models.talker.graphs import GraphRunner  # noqa: PLC0415
@@ -138,6 +145,11 @@ class TalkerPipeline:
     @property
     def sample_rate(self) -> int:
         return self.vae.sample_rate
+
+    @property
+    def preview(self) -> bool:
+        """The Preview talker (spec §7.11)."""
+        return self.talker.config.preview
 
     @property
     def seconds_per_patch(self) -> float:
@@ -155,7 +167,8 @@ class TalkerPipeline:
         for name in ("config.json", "vae/config.json"):
             p = self.folder / name
             h.update(p.read_bytes() if p.is_file() else b"")
-        h.update(str(self.talker.spk_head.weight.shape).encode())
+        head = self.talker.spk_head
+        h.update(str(head.weight.shape if head is not None else "preview: no speaker head").encode())
         return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ voices from audio
@@ -182,13 +195,14 @@ class TalkerPipeline:
                 raise MediaError(f"{what}: {e}") from None
             check_reference(wave16, SPEAKER_RATE, what)
             wave = self._load_clip(clip, rate, self.sample_rate)
-            key = hashlib.sha1(wave.numpy().tobytes()).hexdigest()
-            spks.append(self._speaker_vector(wave16, key))
+            if not self.preview:  # the Preview takes no speaker vector (spec §7.11)
+                key = hashlib.sha1(wave.numpy().tobytes()).hexdigest()
+                spks.append(self._speaker_vector(wave16, key))
             waves.append(wave)
         latents = self.prompt_latents(torch.cat(waves), seed)
         if ref_text is not None:
             ref_text = check_text(ref_text, "reference transcript")
-        return Conditioning(speaker=torch.cat(spks), latents=latents, ref_text=ref_text)
+        return Conditioning(speaker=torch.cat(spks) if spks else None, latents=latents, ref_text=ref_text)
 
     def _speaker_vector(self, wave16: torch.Tensor, key: str) -> torch.Tensor:
         if key in self._speaker_cache:
@@ -201,20 +215,28 @@ class TalkerPipeline:
         return spk
 
     def prompt_latents(self, wave: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """Spec §7.4: a random sample of the posterior (mean + std * eps), eps from `seed`."""
-        cfg = self.vae.config
-        span = cfg.encoder_samples_per_latent * self.talker.config.patch_size
-        padded = left_pad_to_multiple(wave.reshape(1, -1), span).to(self.vae.decoder.fc1.weight.device,
-                                                                    self.vae.decoder.fc1.weight.dtype)
+        """Spec §7.4: a random sample of the posterior (mean + std * eps), eps from `seed`; the wave is
+        left-padded to whole talker patches. The Preview (§7.11) encodes the wave as it is and drops the
+        trailing latents that do not fill a patch."""
+        cfg, patch = self.vae.config, self.talker.config.patch_size
+        wave = wave.reshape(1, -1)
+        if not self.preview:
+            wave = left_pad_to_multiple(wave, cfg.encoder_samples_per_latent * patch)
+        wave = wave.to(self.vae.decoder.fc1.weight.device, self.vae.decoder.fc1.weight.dtype)
         with torch.inference_mode():
-            post = self.vae.posterior(padded)
+            post = self.vae.posterior(wave)
         gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
         eps = torch.randn(post.mean.shape, generator=gen).to(post.mean.device)
-        return post.sample(eps).reshape(1, -1, cfg.latent_dim).float().cpu()
+        latents = post.sample(eps).reshape(1, -1, cfg.latent_dim).float().cpu()
+        return latents[:, :latents.shape[1] // patch * patch] if self.preview else latents
 
     # ------------------------------------------------------------------ planning
     def _sampling(self, req: SpeechRequest) -> SamplingParams:
         base = TASK_SAMPLING[req.task]
+        if self.preview:  # CFG from the config, no SDE term (spec §7.11)
+            if req.temperature:
+                raise InstructionError("the Preview talker's sampler has no noise term: temperature must be 0")
+            base = SamplingParams(self.talker.config.cfg_strength, base.sigma, 0.0)
         try:
             return SamplingParams(base.cfg if req.cfg is None else float(req.cfg),
                                   base.sigma if req.sigma is None else float(req.sigma),
@@ -222,10 +244,16 @@ class TalkerPipeline:
         except (TypeError, ValueError) as e:
             raise InstructionError(str(e)) from None
 
+    def _check_preview(self, req: SpeechRequest) -> None:
+        if self.preview and (req.task != "tts" or req.instruct is not None):
+            raise InstructionError("the Ming-flash-omni Preview talker speaks text only (task 'tts', a voice or "
+                                   "reference clip allowed): sound, music, podcast and instructions need the 2.0 model")
+
     def plan(self, req: SpeechRequest) -> tuple[str, list[Fragment], bool]:
         """(task prompt, fragments, segmented?) for a request; raises clear errors for bad input."""
         if req.task not in TASKS:
             raise InstructionError(f"unknown task {req.task!r}; valid tasks: {', '.join(TASKS)}")
+        self._check_preview(req)
         if req.max_seconds is not None and not (isinstance(req.max_seconds, (int, float)) and
                                                  math.isfinite(req.max_seconds) and req.max_seconds > 0):
             raise InstructionError(f"max_seconds must be a positive number, got {req.max_seconds!r}")
@@ -278,6 +306,7 @@ class TalkerPipeline:
                    report: SynthesisReport | None = None, fragments: list[Fragment] | None = None) -> Iterator[WaveChunk]:
         """Stream waveform chunks for a request (or for given `fragments`, speak-while-thinking)."""
         report = report if report is not None else SynthesisReport()
+        self._check_preview(req)
         task_prompt, frags, segmented = self.plan(req) if fragments is None else (TASK_PROMPTS["speech"], fragments, True)
         params = self._sampling(req)
         cond = self.effective_conditioning(req)
@@ -289,7 +318,8 @@ class TalkerPipeline:
             if cond.zero_speaker:
                 spk = talker.speaker_embedding(None)
             lat_embeds = None
-            cloning = cond.latents is not None and bool(cond.ref_text)
+            # the Preview appends the prompt latents whenever there are some (its transcript may be empty)
+            cloning = cond.latents is not None and (bool(cond.ref_text) or self.preview)
             if cloning:
                 lat_embeds = talker.prompt_latent_embeddings(cond.latents)
         max_seconds = req.max_seconds
@@ -304,24 +334,28 @@ class TalkerPipeline:
         for index, frag in enumerate(frags):
             report.fragments.append(frag.text)
             streamed_first = len(report.fragments) == 1
-            prompt = build_prompt(self.tokenizer, task_prompt, frag.text, n_speakers=cond.n_speakers,
-                                  prompt_text=cond.ref_text if cloning else None,
-                                  n_prompt_patches=0 if lat_embeds is None else lat_embeds.shape[0],
-                                  instruction=caption)
-            if len(prompt.ids) > MAX_CACHE_LEN - MIN_STEPS_ROOM:
-                raise TextError(f"the prompt is too long for the talker ({len(prompt.ids)} tokens with the reference; "
+            n_patches = 0 if lat_embeds is None else lat_embeds.shape[0]
+            if self.preview:
+                prompt = build_preview_prompt(self.tokenizer, frag.text, cond.ref_text, n_patches)
+            else:
+                prompt = build_prompt(self.tokenizer, task_prompt, frag.text, n_speakers=cond.n_speakers,
+                                      prompt_text=cond.ref_text if cloning else None, n_prompt_patches=n_patches,
+                                      instruction=caption)
+            length = max(len(prompt.ids), max(prompt.latent_slots, default=-1) + 1)
+            if length > MAX_CACHE_LEN - MIN_STEPS_ROOM:
+                raise TextError(f"the prompt is too long for the talker ({length} tokens with the reference; "
                                 f"at most {MAX_CACHE_LEN - MIN_STEPS_ROOM}): shorten the text or the reference clip")
             with torch.inference_mode():
                 embeds = talker.embed_prompt(prompt.ids, prompt.speaker_slots, spk, prompt.latent_slots, lat_embeds)
             stream = self.vae.stream()
-            holder = SilenceHolder(self.sample_rate)
+            holder = None if self.preview else SilenceHolder(self.sample_rate)
             frag_audio, first = 0.0, True
             patches = generate_patches(talker, embeds, cond.latents, params, noise, cancel, runner=self.runner)
             try:
                 for patch in patches:
                     report.patches += 1
                     # upstream streams only the request's first fragment, and only it has the cut-off
-                    capped = segmented and streamed_first and \
+                    capped = segmented and streamed_first and not self.preview and \
                         frag_audio * CHARS_RATE_NUM / CHARS_RATE_DEN >= len(frag.text) and frag_audio > CHARS_MIN_SECONDS
                     over = max_seconds is not None and total_audio + frag_audio >= max_seconds
                     last = patch.is_last or capped or over
@@ -329,7 +363,8 @@ class TalkerPipeline:
                         report.capped.append(index)
                     with torch.inference_mode():
                         wav = stream.push(patch.latents.to(self.vae.decoder.fc1.weight.dtype), last=last)
-                    out = holder.push(wav[0].float().cpu().numpy(), last=last)
+                    out = wav[0].float().cpu().numpy()
+                    out = out if holder is None else holder.push(out, last=last)
                     frag_audio += wav.shape[1] / self.sample_rate
                     if cap is not None and emitted + out.size >= cap:
                         # the decoder's last chunk (and held silence) run past the cap: cut it there

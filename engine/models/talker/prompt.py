@@ -1,4 +1,4 @@
-"""Talker prompts (spec §7.2) and instruction captions (spec §7.10).
+"""Talker prompts (spec §7.2; the Preview's, §7.11) and instruction captions (spec §7.10).
 
 `build_prompt` returns the token ids (each piece tokenised separately, then concatenated) and where
 the speaker vectors and prompt-latent embeddings go. `Instruction` turns caller-friendly settings into
@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from engine.errors import MingError
-from engine.models.talker.tokenizer import (AUDIO, AUDIO_PATCH, IM_END, IM_START, VISION_END, VISION_PAD,
+from engine.models.talker.tokenizer import (AUDIO, AUDIO_PATCH, ENDOFTEXT, IM_END, IM_START, VISION_END, VISION_PAD,
                                             VISION_START, TalkerTokenizer)
 
 SYSTEM_PIECE = f"{IM_START}system\nYou are a helpful assistant.{IM_END}\n"
@@ -229,3 +229,13 @@ def build_prompt(tok: TalkerTokenizer, task_prompt: str, text: str, n_speakers: 
     audio_pos = max(i for i, t in enumerate(ids) if t == audio)
     latent_slots = list(range(audio_pos + 1, audio_pos + 1 + n_prompt_patches)) if cloning else []
     return TalkerPrompt(ids, speaker_slots[:n_speakers], latent_slots, "".join(p for p, _ in pieces))
+
+
+def build_preview_prompt(tok: TalkerTokenizer, text: str, prompt_text: str | None = None,
+                         n_prompt_patches: int = 0) -> TalkerPrompt:
+    """The Preview talker's prefix (spec §7.11): tokens(prompt_text) + tokens(text) + `<|endoftext|>`, each
+    tokenised separately, then the N_p prompt-latent embeddings appended (their slots follow the ids).
+    No chat template, no speaker slot, no instruction."""
+    ids = tok.encode_text(prompt_text or "") + tok.encode_text(text) + [tok.token_id(ENDOFTEXT)]
+    slots = list(range(len(ids), len(ids) + n_prompt_patches))
+    return TalkerPrompt(ids, [], slots, f"{prompt_text or ''}{text}{ENDOFTEXT}")

@@ -1,6 +1,8 @@
 """A tiny random talker for the demo checkpoint: `write_tiny_talker(ckpt_dir)` writes `talker/`
 (config.json, model.safetensors, llm/ config + byte-level tokenizer, vae/ config + weights, and a tiny
-`campplus.onnx` built here with the onnx package) deterministically.
+`campplus.onnx` built here with the onnx package) deterministically. `release="preview"` writes the
+Preview's talker (spec §7.11) instead: no `spk_head` and no CAM++, a config without `history_patch_size`,
+and a 16 kHz VAE without latent patching (hop 320, AudioVAEconfig's encoder default).
 
 Kept from the real model: 44.1 kHz, 64-d latents, VAE patch 4, hop 882 (one talker patch = 0.32 s),
 talker patch 4, history 32, 10 CFM steps, the 192-d speaker vector. Only widths and depths shrink.
@@ -28,6 +30,8 @@ from engine.models.thinker.tokenizer import byte_level_alphabet
 TINY_TALKER_SEED = 20261210
 SAMPLE_RATE = 44100
 HOP = 882
+PREVIEW_SAMPLE_RATE = 16000
+PREVIEW_HOP = 320
 QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<audio>", "<audioPatch>"]
@@ -44,11 +48,14 @@ def tiny_llm_config() -> dict:
             "bos_token_id": 256, "eos_token_id": 258, "torch_dtype": "float32"}
 
 
-def tiny_talker_config() -> dict:
+def tiny_talker_config(release: str = "2.0") -> dict:
     dit = {"in_channels": 64, "hidden_size": 48, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0, "attn_backend": "torch",
            "attn_mask_enabled": False, "dropout": 0.0, "qk_norm": None, "pe_attn_head": None, "llm_cond_dim": 64}
     agg = {"in_channels": 64, "hidden_size": 40, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0, "attn_backend": "torch",
            "attn_mask_enabled": False, "dropout": 0.0, "qk_norm": None, "pe_attn_head": None}
+    if release == "preview":  # the keys the Preview's BailingTalker2 reads (no history_patch_size)
+        return {"architectures": ["BailingTalker2"], "flowmodel": dit, "aggregator": agg, "steps": 10,
+                "patch_size": 4, "cfg_strength": 2.0, "torch_dtype": "float32"}
     return {"architectures": ["BailingTalker2"], "flowmodel": dit, "aggregator": agg, "steps": 10, "patch_size": 4,
             "history_patch_size": 32, "cfg_strength": 2.0, "torch_dtype": "float32"}
 
@@ -61,10 +68,11 @@ def _backbone(layers: int, window: int | None = None, window_from: int = 0) -> d
             "tie_word_embeddings": False}
 
 
-def tiny_vae_config() -> dict:
-    return {"architectures": ["AudioVAE"], "sample_rate": SAMPLE_RATE, "patch_size": 4,
-            "enc_kwargs": {"input_dim": HOP, "hop_size": HOP, "latent_dim": 64, "backbone": _backbone(4)},
-            "dec_kwargs": {"output_dim": HOP, "latent_dim": 64, "backbone": _backbone(2, window=64, window_from=1)},
+def tiny_vae_config(release: str = "2.0") -> dict:
+    rate, hop, patch = (PREVIEW_SAMPLE_RATE, PREVIEW_HOP, -1) if release == "preview" else (SAMPLE_RATE, HOP, 4)
+    return {"architectures": ["AudioVAE"], "sample_rate": rate, "patch_size": patch,
+            "enc_kwargs": {"input_dim": hop, "hop_size": hop, "latent_dim": 64, "backbone": _backbone(4)},
+            "dec_kwargs": {"output_dim": hop, "latent_dim": 64, "backbone": _backbone(2, window=64, window_from=1)},
             "torch_dtype": "float32"}
 
 
@@ -120,14 +128,14 @@ def write_campplus_onnx(path: Path, seed: int = TINY_TALKER_SEED) -> None:
     path.write_bytes(model.SerializeToString(deterministic=True))
 
 
-def write_tiny_talker(ckpt_dir: str | Path) -> Path:
-    """Write `<ckpt_dir>/talker/` (deterministic bytes for a given version of this file)."""
+def write_tiny_talker(ckpt_dir: str | Path, release: str = "2.0") -> Path:
+    """Write `<ckpt_dir>/talker/` of `release` (deterministic bytes for a given version of this file)."""
     folder = Path(ckpt_dir) / "talker"
     (folder / "llm").mkdir(parents=True, exist_ok=True)
     (folder / "vae").mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(TINY_TALKER_SEED)
-    talker_cfg, llm_cfg, vae_cfg = tiny_talker_config(), tiny_llm_config(), tiny_vae_config()
-    talker = build_talker(TalkerConfig.from_dicts(talker_cfg, llm_cfg), "cpu")
+    talker_cfg, llm_cfg, vae_cfg = tiny_talker_config(release), tiny_llm_config(), tiny_vae_config(release)
+    talker = build_talker(TalkerConfig.from_dicts(talker_cfg, llm_cfg, release=release), "cpu")
     state = _random_state(talker, gen)
     # stop logits (keep, stop) nearly balanced: the loop ends a few patches after step 10
     state["stop_head.weight"] = 0.3 * torch.randn(state["stop_head.weight"].shape, generator=gen)
@@ -143,5 +151,6 @@ def write_tiny_talker(ckpt_dir: str | Path) -> Path:
                           (folder / "vae" / "config.json", vae_cfg), *((folder / "llm" / k, v)
                                                                         for k, v in tiny_tokenizer_files().items())):
         path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    write_campplus_onnx(folder / "campplus.onnx")
+    if release != "preview":  # the Preview takes no speaker vector
+        write_campplus_onnx(folder / "campplus.onnx")
     return folder

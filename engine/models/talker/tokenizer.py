@@ -16,6 +16,9 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_PAD, VISION_END = "<|vision_start|>", "<|vision_pad|>", "<|vision_end|>"
 AUDIO, AUDIO_PATCH = "<audio>", "<audioPatch>"
 REQUIRED_TOKENS = (IM_START, IM_END, VISION_START, VISION_PAD, VISION_END, AUDIO, AUDIO_PATCH)
+# The Preview talker's prompt (spec §7.11) has one special token: the text prefix ends with it.
+ENDOFTEXT = "<|endoftext|>"
+PREVIEW_REQUIRED_TOKENS = (ENDOFTEXT,)
 # Qwen2's pre-tokenizer split (a fact of the released Qwen2 tokenizer, used only when tokenizer.json is absent).
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                r"|\s+(?!\S)|\s+")
@@ -43,7 +46,8 @@ def _from_slow_files(folder: Path) -> Tokenizer:
 
 
 class TalkerTokenizer:
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, required: tuple[str, ...] = REQUIRED_TOKENS):
+        """`required`: the special tokens the release's prompt layout uses (each must be one token)."""
         folder = Path(folder)
         path = folder / "tokenizer.json"
         try:
@@ -59,7 +63,7 @@ class TalkerTokenizer:
         except Exception as e:
             raise TalkerTokenizerError(f"{folder}: cannot load the talker tokenizer ({e})") from e
         self._plain.encode_special_tokens = True
-        missing = [t for t in REQUIRED_TOKENS if self._tok.token_to_id(t) is None]
+        missing = [t for t in required if self._tok.token_to_id(t) is None]
         if missing:
             raise TalkerTokenizerError(f"{folder}: the talker tokenizer lacks {', '.join(missing)} (each must be one token)")
 

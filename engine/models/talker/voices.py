@@ -75,17 +75,20 @@ class VoiceLibrary:
     def save(self, name: str, cond: Conditioning, seconds: float, overwrite: bool = False) -> VoiceInfo:
         """Keep a cloned voice under `name`; a voice already saved under it is replaced only with `overwrite`
         (else VoiceExists: a reference recording is not lost to a name picked twice)."""
-        if cond.speaker is None or cond.latents is None:
+        if cond.latents is None:
             raise VoiceError("only a cloned voice (from a reference clip) can be saved")
         target = self._dir(name)
         if not overwrite:
             self.check_free(name)
-        info = VoiceInfo(name, cond.ref_text, float(seconds), int(cond.speaker.shape[0]), time.time(), self.model)
+        speakers = 1 if cond.speaker is None else int(cond.speaker.shape[0])  # the Preview keeps no speaker vector
+        info = VoiceInfo(name, cond.ref_text, float(seconds), speakers, time.time(), self.model)
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".voice-", dir=self.root))
         try:
-            save_file({"speaker": cond.speaker.float().contiguous(), "latents": cond.latents.float().contiguous()},
-                      str(tmp / VOICE_FILE))
+            tensors = {"latents": cond.latents.float().contiguous()}
+            if cond.speaker is not None:
+                tensors["speaker"] = cond.speaker.float().contiguous()
+            save_file(tensors, str(tmp / VOICE_FILE))
             (tmp / META_FILE).write_text(json.dumps(info.__dict__, ensure_ascii=False, indent=1), encoding="utf-8")
             if target.exists():
                 shutil.rmtree(target)
@@ -130,7 +133,7 @@ class VoiceLibrary:
             tensors = load_file(str(folder / VOICE_FILE))
         except Exception as e:
             raise VoiceError(f"voice {name!r} is damaged ({e}); delete it and clone it again") from e
-        return Conditioning(speaker=tensors["speaker"], latents=tensors["latents"], ref_text=info.ref_text)
+        return Conditioning(speaker=tensors.get("speaker"), latents=tensors["latents"], ref_text=info.ref_text)
 
     def delete(self, name: str) -> None:
         folder = self._dir(name)

@@ -1,0 +1,154 @@
+"""The Preview talker (spec §7.11): its prompt (no chat template, no speaker slot), its one-patch
+history, its sampler (CFG from the config, no noise term), and the Preview tiny checkpoint speaking
+at 16 kHz through Engine.speak, cloning and the chat speech path."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from engine.events import AudioChunk, Done, Error
+from engine.models.talker.cfm import SamplingParams
+from engine.models.talker.config import TalkerConfig
+from engine.models.talker.generate import NoiseSource, generate_patches
+from engine.models.talker.model import build_talker, load_talker
+from engine.models.talker.pipeline import SpeechRequest, TalkerPipeline
+from engine.models.talker.prompt import build_preview_prompt
+from engine.models.talker.tiny import tiny_llm_config, tiny_talker_config, write_tiny_talker
+from engine.models.talker.tokenizer import PREVIEW_REQUIRED_TOKENS, TalkerTokenizer
+
+
+@pytest.fixture(scope="module")
+def preview_dir(tmp_path_factory):
+    return write_tiny_talker(tmp_path_factory.mktemp("preview-talker"), release="preview")
+
+
+@pytest.fixture(scope="module")
+def preview_pipeline(preview_dir):
+    return TalkerPipeline.load(preview_dir, release="preview")
+
+
+@pytest.fixture(scope="module")
+def preview_engine(tmp_path_factory):
+    from engine.runtime import Engine
+    from engine.tiny import write_tiny_checkpoint
+    root = write_tiny_checkpoint(tmp_path_factory.mktemp("preview-ckpt") / "p", release="preview")
+    return Engine.load(root, dtype="fp32", device="cpu")
+
+
+def tone(seconds=1.5, rate=22050):
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+def test_prompt_is_transcript_text_endoftext_then_prompt_latents(preview_dir):
+    """tokens(prompt_text) + tokens(text) + <|endoftext|>, each piece tokenised on its own, then the N_p
+    prompt-latent embeddings appended: no system / user / assistant template, no speaker slot."""
+    raw = Tokenizer.from_file(str(preview_dir / "llm" / "tokenizer.json"))
+    tok = TalkerTokenizer(preview_dir / "llm", PREVIEW_REQUIRED_TOKENS)
+    prompt = build_preview_prompt(tok, "Nice to meet you.", "感谢你的认可。", n_prompt_patches=3)
+    expected = (raw.encode("感谢你的认可。", add_special_tokens=False).ids
+                + raw.encode("Nice to meet you.", add_special_tokens=False).ids + [raw.token_to_id("<|endoftext|>")])
+    assert prompt.ids == expected
+    assert prompt.speaker_slots == [] and prompt.latent_slots == [len(expected), len(expected) + 1, len(expected) + 2]
+    specials = {raw.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>", "<|vision_pad|>", "<audio>")}
+    assert not specials & set(prompt.ids)
+    # without a reference: the text and <|endoftext|> only
+    bare = build_preview_prompt(tok, "Nice to meet you.")
+    assert bare.ids == expected[-len(bare.ids):] and bare.latent_slots == []
+
+    talker = load_talker(preview_dir, release="preview")
+    lat = torch.randn(3, talker.config.llm.hidden_size)
+    with torch.no_grad():
+        x = talker.embed_prompt(prompt.ids, prompt.speaker_slots, None, prompt.latent_slots, lat)
+        tokens = talker.model.embed_tokens(torch.tensor([expected]))
+    assert x.shape[1] == len(expected) + 3
+    torch.testing.assert_close(x[:, :len(expected)], tokens)
+    torch.testing.assert_close(x[0, len(expected):], lat)
+
+
+def test_no_speaker_head_and_the_history_is_the_last_patch(preview_dir):
+    """The Preview's BailingTalker2 has no spk_head (so its checkpoint has none) and conditions each
+    patch on the previous patch only, starting from the last patch of the prompt latents."""
+    talker_cfg = {**tiny_talker_config("preview"), "history_patch_size": 32}  # not read by the Preview
+    cfg = TalkerConfig.from_dicts(talker_cfg, tiny_llm_config(), release="preview")
+    assert cfg.history_patch_size == cfg.patch_size == 4
+    assert not any(n.startswith("spk_head") for n, _ in build_talker(cfg, "meta").named_parameters())
+    assert TalkerConfig.from_dicts(tiny_talker_config(), tiny_llm_config()).history_patch_size == 32  # 2.0 as before
+
+    talker = load_talker(preview_dir, release="preview")
+    assert talker.spk_head is None
+    prompt_latents = torch.randn(1, 12, 64)
+    trace: dict = {}
+    embeds = torch.randn(1, 5, talker.config.llm.hidden_size)
+    patches = list(generate_patches(talker, embeds, prompt_latents, SamplingParams(2.0, 0.25, 0.0), NoiseSource(3),
+                                    trace=trace, min_steps=2))
+    assert len(patches) >= 3
+    torch.testing.assert_close(trace["his"][0], prompt_latents[:, -4:])
+    for k in range(1, len(patches)):
+        assert trace["his"][k].shape == (1, 4, 64)
+        torch.testing.assert_close(trace["his"][k], trace["gen"][k - 1])
+
+
+def test_sampler_takes_cfg_from_the_config_and_draws_only_the_start_noise(preview_dir, tmp_path):
+    """CFG strength from talker/config.json (the Preview's CFM is built with it); y0 is the only draw
+    per patch (no SDE noise), and a nonzero temperature is refused rather than ignored."""
+    folder = tmp_path / "talker"
+    import shutil
+    shutil.copytree(preview_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "cfg_strength": 3.5}))
+    pipe = TalkerPipeline.load(folder, release="preview")
+    assert pipe._sampling(SpeechRequest(text="hi")) == SamplingParams(3.5, 0.25, 0.0)
+    with pytest.raises(Exception, match="temperature"):
+        pipe._sampling(SpeechRequest(text="hi", temperature=1.0))
+    a, b = NoiseSource(7), NoiseSource(7)
+    y0_0, sde = a.draw(0, 10, 4, 64, sde=False)
+    y0_1, _ = a.draw(1, 10, 4, 64, sde=False)
+    assert torch.count_nonzero(sde) == 0
+    both = torch.randn(2, 4, 64, generator=b.generator)
+    torch.testing.assert_close(torch.cat([y0_0, y0_1]), both)
+
+
+def test_reference_latents_are_unpadded_and_cut_to_whole_patches(preview_pipeline):
+    """16 kHz clip -> ceil(N / hop) VAE frames (one latent each, no latent patching) -> the trailing
+    frames that do not fill a talker patch are dropped; no CAM++ vector."""
+    clip = tone(1.3, 22050)
+    cond = preview_pipeline.clone_conditioning([clip], [22050], "hello there")
+    n16 = int(round(len(clip) * 16000 / 22050))
+    frames = -(-n16 // 320)
+    assert cond.speaker is None and cond.latents.shape == (1, frames // 4 * 4, 64)
+    assert preview_pipeline.sample_rate == 16000
+
+
+def test_preview_tiny_checkpoint_speaks_at_16khz(preview_engine):
+    e = preview_engine
+    assert e.talker is not None, e.talker_error
+    assert not (e.model.path / "talker" / "campplus.onnx").exists()
+    for kwargs in (dict(text="Hello there, how are you today?"),
+                   dict(text="我们一起去公园散步吧。", ref_audio=tone(), ref_text="感谢你的认可。", sample_rate=22050)):
+        evs = list(e.speak(seed=2, **kwargs))
+        done = evs[-1]
+        assert isinstance(done, Done), done
+        chunks = [c for c in evs if isinstance(c, AudioChunk)]
+        assert chunks and all(c.sample_rate == 16000 for c in chunks) and done.stats.audio_seconds > 0
+        assert done.result["sample_rate"] == 16000
+    info = e.save_voice("preview voice", tone(), ref_text="hello there", sample_rate=22050)
+    done = list(e.speak("Reusing the saved voice.", voice="preview voice", seed=3))[-1]
+    assert isinstance(done, Done) and info.speakers == 1
+    e.delete_voice("preview voice")
+    for kwargs in (dict(text="rain on a roof", task="sound"), dict(text="hi", instruct="emotion=happy")):
+        err = list(e.speak(**kwargs))[-1]
+        assert isinstance(err, Error) and err.code == "invalid_request" and "Preview" in err.message
+
+
+def test_preview_chat_answers_in_speech(preview_engine):
+    from engine.sampling import GenerationParams
+    evs = list(preview_engine.chat([{"role": "user", "content": "Hello!"}],
+                                   GenerationParams(max_new_tokens=12, seed=1), modalities=("text", "audio")))
+    done = evs[-1]
+    assert isinstance(done, Done), done
+    chunks = [c for c in evs if isinstance(c, AudioChunk)]
+    assert chunks and all(c.sample_rate == 16000 for c in chunks)
