@@ -262,7 +262,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
     page's top level (see build_image_tab); a tab built alone makes its own."""
     controller = VoiceController(link)
     capability_note(link, SPEECH_OUT, "**This engine has no talker**, so it cannot speak, make sounds or music. "
-                                      "(A checkpoint without `talker/`, the Preview release, or an engine that "
+                                      "(A checkpoint without `talker/`, or an engine that "
                                       "does not serve speech.)")
     options = controller.options()
     with gr.Row():

@@ -397,10 +397,15 @@ def speech_options(engine) -> dict:
     from engine.models.talker.pipeline import TASKS  # noqa: PLC0415
     from engine.models.talker.prompt import BGM_FIELDS, DIALECTS, EMOTIONS, LEVELS, SPEEDS  # noqa: PLC0415
 
-    return {"object": "audio.speech.options", "sample_rate": engine.talker.sample_rate, "tasks": list(TASKS),
-            "dialects": dict(DIALECTS), "emotions": dict(EMOTIONS), "speeds": dict(SPEEDS), "pitches": dict(LEVELS),
-            "volumes": dict(LEVELS), "bgm_fields": list(BGM_FIELDS),
-            "music_fields": ["genre", "mood", "instrument", "theme", "duration"],
+    pipe = engine.talker
+    tasks = list(getattr(pipe, "tasks", TASKS))
+    inst = getattr(pipe, "takes_instructions", True)  # the Preview talker takes none (spec §7.11)
+    return {"object": "audio.speech.options", "sample_rate": pipe.sample_rate, "tasks": tasks,
+            "instructions": inst, "dialects": dict(DIALECTS) if inst else {},
+            "emotions": dict(EMOTIONS) if inst else {}, "speeds": dict(SPEEDS) if inst else {},
+            "pitches": dict(LEVELS) if inst else {}, "volumes": dict(LEVELS) if inst else {},
+            "bgm_fields": list(BGM_FIELDS) if inst else [],
+            "music_fields": ["genre", "mood", "instrument", "theme", "duration"] if "music" in tasks else [],
             "response_formats": list(FORMATS), "stream_formats": list(STREAM_FORMATS),
             "default_voice": DEFAULT_VOICE, "max_input_chars": MAX_INPUT_CHARS,
             "reference_seconds": [MIN_REFERENCE_S, MAX_REFERENCE_S], "max_seconds": MAX_SECONDS}

@@ -152,6 +152,16 @@ class TalkerPipeline:
         return self.talker.config.preview
 
     @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks this talker does: the Preview's prompt has no task prompt, so it speaks text only."""
+        return TASKS[:1] if self.preview else TASKS
+
+    @property
+    def takes_instructions(self) -> bool:
+        """Instruction captions (spec §7.10): the Preview's prompt has no place for them (§7.11)."""
+        return not self.preview
+
+    @property
     def seconds_per_patch(self) -> float:
         return self.talker.config.patch_size * self.vae.config.samples_per_latent / self.sample_rate
 
@@ -245,7 +255,7 @@ class TalkerPipeline:
             raise InstructionError(str(e)) from None
 
     def _check_preview(self, req: SpeechRequest) -> None:
-        if self.preview and (req.task != "tts" or req.instruct is not None):
+        if req.task not in self.tasks or (req.instruct is not None and not self.takes_instructions):
             raise InstructionError("the Ming-flash-omni Preview talker speaks text only (task 'tts', a voice or "
                                    "reference clip allowed): sound, music, podcast and instructions need the 2.0 model")
 

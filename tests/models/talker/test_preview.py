@@ -152,3 +152,12 @@ def test_preview_chat_answers_in_speech(preview_engine):
     assert isinstance(done, Done), done
     chunks = [c for c in evs if isinstance(c, AudioChunk)]
     assert chunks and all(c.sample_rate == 16000 for c in chunks)
+
+
+def test_speech_options_offer_only_what_the_preview_talker_does(preview_engine):
+    """The Voice tab and API clients fill their controls from /v1/audio/speech/options: for the Preview it
+    lists speech only, without instruction tables or music fields (each would be refused)."""
+    from engine.server.speech_api import speech_options
+    opts = speech_options(preview_engine)
+    assert opts["tasks"] == ["tts"] and opts["sample_rate"] == 16000 and opts["instructions"] is False
+    assert opts["dialects"] == opts["emotions"] == {} and opts["bgm_fields"] == opts["music_fields"] == []
