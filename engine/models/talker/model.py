@@ -96,6 +96,8 @@ def load_talker(folder: str | Path, dtype: torch.dtype = torch.float32, device: 
     files = CheckpointFiles.open(folder)
     with files.reader() as reader:
         consumed = load_module(module, reader, "", dtype, device, keep_fp32=(), progress=progress)
+    if cfg.preview:  # upstream's Preview class has no spk_head: from_pretrained drops one a folder holds
+        consumed |= {n for n in files.names() if n.startswith("spk_head.")}
     check_unexpected(files, consumed)
     # non-persistent buffers (the LLM's RoPE inv_freq) are rebuilt on the device, rounded to the model
     # dtype as the reference's .to(dtype) rounds them

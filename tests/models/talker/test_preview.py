@@ -161,3 +161,23 @@ def test_speech_options_offer_only_what_the_preview_talker_does(preview_engine):
     opts = speech_options(preview_engine)
     assert opts["tasks"] == ["tts"] and opts["sample_rate"] == 16000 and opts["instructions"] is False
     assert opts["dialects"] == opts["emotions"] == {} and opts["bgm_fields"] == opts["music_fields"] == []
+
+
+def test_a_preview_folder_holding_a_speaker_head_still_loads(preview_dir, tmp_path):
+    """A Preview talker folder with spk_head tensors (which its class does not have, so upstream's
+    from_pretrained drops them) loads without them; any other stray tensor is still refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from engine.loader import CheckpointError
+    folder = tmp_path / "talker"
+    shutil.copytree(preview_dir, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    h = tiny_llm_config()["hidden_size"]
+    save_file({**state, "spk_head.weight": torch.zeros(h, 192), "spk_head.bias": torch.zeros(h)},
+              str(folder / "model.safetensors"))
+    assert load_talker(folder, release="preview").spk_head is None
+    save_file({**state, "stray.weight": torch.zeros(2)}, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="stray.weight"):
+        load_talker(folder, release="preview")
