@@ -48,7 +48,8 @@ from engine.models.talker.generate import NoiseSource, generate_patches
 from engine.models.talker.model import BailingTalker2, load_talker
 from engine.models.talker.prompt import (TASK_PROMPTS, Instruction, InstructionError, build_preview_prompt,
                                          build_prompt, is_music_text, music_text)
-from engine.models.talker.text import Fragment, TextError, check_text, clean_text, segment_text
+from engine.models.talker.text import (CLOSERS, PREVIEW_CLOSERS, Fragment, TextError, check_text, clean_text,
+                                       segment_text)
 from engine.models.talker.tokenizer import PREVIEW_REQUIRED_TOKENS, REQUIRED_TOKENS, TalkerTokenizer
 from engine.models.talker.vae import AudioVAE, load_audio_vae
 
@@ -150,6 +151,11 @@ class TalkerPipeline:
     def preview(self) -> bool:
         """The Preview talker (spec §7.11)."""
         return self.talker.config.preview
+
+    @property
+    def segment_closers(self) -> frozenset[str]:
+        """The characters that close a text segment: the Preview's driver closes at ！？。!? only (no comma)."""
+        return PREVIEW_CLOSERS if self.preview else CLOSERS
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -293,7 +299,7 @@ class TalkerPipeline:
         one_call = inst is not None and (inst.style is not None or bool(inst.bgm))
         if one_call:
             return TASK_PROMPTS["speech"], [Fragment(clean_text(text).strip(), text)], False
-        frags = segment_text(text)
+        frags = segment_text(text, self.segment_closers)
         if not frags:
             raise TextError("text has nothing to speak after normalisation")
         return TASK_PROMPTS["speech"], frags, True

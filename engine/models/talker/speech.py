@@ -66,7 +66,7 @@ def speak_while_thinking(pipe: TalkerPipeline, thinker_events: Iterable[Event], 
     report = SynthesisReport()
 
     def pump():
-        seg = Segmenter()
+        seg = Segmenter(pipe.segment_closers)
         try:
             for ev in thinker_events:
                 out.put(("thinker", ev))

@@ -36,7 +36,8 @@ LATER_SEGMENT_UNITS = 8
 MAX_SEMANTIC_LEN = 50
 MIN_TAIL = 5
 MAX_TEXT_CHARS = 10_000  # per request (documented limit; longer texts should be split by the caller)
-CLOSERS = set("！？。，!?")
+CLOSERS = frozenset("！？。，!?")  # 2.0's segment closers
+PREVIEW_CLOSERS = frozenset("！？。!?")  # the Preview's: a comma does not close a segment (spec §7.11)
 DEGREE_SIGNS = "°℃℉"  # symbols (Unicode 'So') that are read, not dropped with the emoji
 
 _CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -108,7 +109,8 @@ class Segmenter:
     """Incremental segment closer (step 1). `feed(text)` returns the segments it closed.
 
     The units are the characters of the text, as upstream iterates a plain string (spaces count too):
-      * `！？。，!?` closes once >= 12 units have accumulated, or >= 8 once a fragment has been produced;
+      * `！？。，!?` (`closers`; the Preview's lack `，`) closes once >= 12 units have accumulated, or >= 8 once
+        a fragment has been produced;
       * `.` closes under the same counts unless the character before it is a digit 0-9;
       * a newline is not kept: in text holding CJK it becomes `，` after a CJK character (else it is
         dropped), in other text it becomes `.` after an English letter (else it is dropped but still
@@ -116,7 +118,8 @@ class Segmenter:
       * at the end, what is left is a segment only if it holds a letter, a CJK character or a digit 1-9.
     Feeding the text in pieces gives the same segments as feeding it whole."""
 
-    def __init__(self):
+    def __init__(self, closers: frozenset[str] = CLOSERS):
+        self.closers = closers
         self.units: list[str] = []
         self.fragments = 0  # fragments the closed segments cut into (upstream's count)
 
@@ -133,7 +136,7 @@ class Segmenter:
             out.append(seg)
 
     def _push(self, ch: str, out: list[str]) -> None:
-        if ch in CLOSERS and self._counts_met():
+        if ch in self.closers and self._counts_met():
             self.units.append(ch)
             self._close(out)
         elif ch == "." and self._counts_met() and not (self.units and self.units[-1][-1:] in _ASCII_DIGITS):
@@ -631,9 +634,9 @@ class Fragment:
     source: str    # the span of the user's text it speaks
 
 
-def segment_text(text: str) -> list[Fragment]:
+def segment_text(text: str, closers: frozenset[str] = CLOSERS) -> list[Fragment]:
     """Steps 1-4: the fragments to synthesise one by one (unspeakable ones dropped)."""
-    seg = Segmenter()
+    seg = Segmenter(closers)
     segments = seg.feed(text) + seg.flush()
     return fragments_of(segments)
 

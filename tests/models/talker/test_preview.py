@@ -181,3 +181,16 @@ def test_a_preview_folder_holding_a_speaker_head_still_loads(preview_dir, tmp_pa
     save_file({**state, "stray.weight": torch.zeros(2)}, str(folder / "model.safetensors"))
     with pytest.raises(CheckpointError, match="stray.weight"):
         load_talker(folder, release="preview")
+
+
+def test_preview_text_is_segmented_at_sentence_ends_not_commas(preview_pipeline, preview_dir):
+    """The Preview's driver (upstream modeling_bailing_talker.py of the Preview tree) closes a segment at
+    ！？。!? only; 2.0's also at a comma. The Preview talker cut Chinese text at commas as 2.0 does."""
+    from engine.models.talker.text import Segmenter
+    text = "今天的天气非常好，我们一起去公园散步吧，然后再去吃晚饭。"
+    two_o = TalkerPipeline.load(write_tiny_talker(preview_dir.parent / "two-o"))
+    assert [f.source for f in two_o.plan(SpeechRequest(text=text))[1]] == \
+        ["今天的天气非常好，我们一起去公园散步吧，", "然后再去吃晚饭。"]
+    assert [f.source for f in preview_pipeline.plan(SpeechRequest(text=text))[1]] == [text]
+    seg = Segmenter(preview_pipeline.segment_closers)  # (the speak-while-thinking path segments as it streams)
+    assert seg.feed(text) + seg.flush() == [text]
