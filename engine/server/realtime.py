@@ -876,6 +876,17 @@ class RealtimeConnection:
     async def _stream(self, resp: Response) -> None:
         """The job's events as server events; every kind is mapped explicitly (an event the mapping
         does not know fails the response, it never ends it quietly)."""
+        try:
+            final = await self._relay(resp)
+            await self._finish(resp, final or Error("the response ended without a result", "engine_error"))
+        finally:
+            if self.session.active is resp:
+                self.session.active = None
+
+    async def _relay(self, resp: Response) -> Done | Error | None:
+        """The job's events to the client until its Done or Error (returned). A fault here (a bug: an
+        event that cannot be encoded or resampled) cancels the job and fails the response: it still
+        ends with response.done, never left open."""
         final = None
         try:
             async for ev in resp.job.events():
@@ -899,10 +910,13 @@ class RealtimeConnection:
                     await self.send(wire_event)
                 if resp.silenced:  # cancelled while an event waited for room in the queue
                     self._drop_queued_output(resp)
-            await self._finish(resp, final or Error("the response ended without a result", "engine_error"))
-        finally:
-            if self.session.active is resp:
-                self.session.active = None
+        except (asyncio.CancelledError, WebSocketDisconnect):
+            raise
+        except Exception as e:
+            log.exception("realtime response %s failed while streaming", resp.id)
+            self.ctx.scheduler.cancel(resp.job, abandon=True)
+            return Error(f"internal error while streaming the response: {type(e).__name__}", "server_error")
+        return final
 
     async def _finish(self, resp: Response, final: Done | Error) -> None:
         job, enc = resp.job, resp.encoder

@@ -421,6 +421,35 @@ def commit_audio(ws, raw: bytes) -> dict:
     return recv_item(ws)["item"]["content"][0]
 
 
+def spoken_session(ws, rate: int) -> dict:
+    """A text item and a session.update asking for audio output at `rate`: the update's answer."""
+    opened(ws)
+    send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": "hi"})
+    recv_item(ws)
+    send(ws, type="session.update", session={"output_modalities": ["audio"],
+                                             "audio": {"output": {"format": {"type": "audio/pcm", "rate": rate}}}})
+    return recv_json(ws)
+
+
+def test_a_fault_while_a_reply_streams_still_ends_it_with_response_done():
+    """A reply whose streaming raised (here: audio the server cannot resample, from an engine that does not
+    say its talker's rate) stopped there: no response.done, the client waited for ever. The response now
+    fails (server_error) and the session goes on."""
+    from tests.server import FakeEngine, fake_server
+
+    with fake_server(FakeEngine(has_talker=True)) as srv, connect(srv.ws_url) as ws:
+        assert spoken_session(ws, 2654)["type"] == "session.updated"
+        send(ws, type="response.create")
+        done = recv_until(ws, "response.done", timeout=20)[-1]["response"]
+        assert done["status"] == "failed" and done["status_details"]["error"]["code"] == "server_error", done
+        send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": "again"})
+        recv_item(ws)
+        send(ws, type="response.create", response={"audio": {"output": {"format": {"type": "audio/pcm",
+                                                                                   "rate": 24000}}}})
+        assert recv_until(ws, "response.done", timeout=20)[-1]["response"]["status"] == "completed"
+        assert srv.ctx.scheduler.running == 0
+
+
 @pytest.mark.parametrize("spec", [{"input_audio_format": "pcm16"},
                                   {"audio": {"input": {"format": {"type": "audio/pcm"}}}},
                                   {"audio": {"input": {"format": "pcm16"}}}])
