@@ -30,7 +30,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from engine.errors import MingError, SettingError
 from engine.events import AudioChunk, Done, Error, TextDelta, UnknownEventError
-from engine.media.audio import StreamingResampler
+from engine.media.audio import StreamingResampler, check_resample_rates
 from engine.media.errors import MediaError
 from engine.server import codec, logs
 from engine.server import protocol as wire
@@ -280,7 +280,7 @@ class RealtimeConnection:
                 new["voice"] = audio_output_voice(audio["output"], "session.audio.output", engine, new["voice"])
                 fmt = audio["output"].get("format") if isinstance(audio["output"], dict) else None
                 if fmt is not None:
-                    new["output_rate"] = twin("output_rate", output_audio_rate(fmt, "session.audio.output.format"),
+                    new["output_rate"] = twin("output_rate", output_audio_rate(fmt, "session.audio.output.format", engine),
                                               "session.audio.output.format")
             codec.check_keys(audio, "session.audio", ("input", "output"))
             inp = need_dict(audio.get("input", {}), "session.audio.input")
@@ -303,7 +303,7 @@ class RealtimeConnection:
         if spec.get("output_audio_format") is not None:  # the beta shape
             check_output_modalities(["audio"], "session.output_audio_format", engine)
             new["output_rate"] = twin("output_rate", output_audio_rate(spec["output_audio_format"],
-                                                                       "session.output_audio_format"),
+                                                                       "session.output_audio_format", engine),
                                       "session.output_audio_format")
         if "input_audio_format" in spec:
             new["rate"] = twin("rate", audio_format_rate(spec["input_audio_format"], "session.input_audio_format"),
@@ -819,7 +819,7 @@ class RealtimeConnection:
                 voice = audio_output_voice(audio["output"], "response.audio.output", engine, voice)
                 fmt = audio["output"].get("format") if isinstance(audio["output"], dict) else None
                 if fmt is not None:
-                    output_rate = output_audio_rate(fmt, "response.audio.output.format")
+                    output_rate = output_audio_rate(fmt, "response.audio.output.format", engine)
         if spec.get("conversation") not in (None, "auto"):
             raise bad("only responses on the session's conversation ('conversation': 'auto') are supported",
                       "unsupported_parameter", "response.conversation")
@@ -1017,7 +1017,7 @@ def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str |
     spec = need_dict(spec, name)
     codec.check_keys(spec, name, ("voice", "format"), ("speed",))
     if spec.get("format") is not None:
-        output_audio_rate(spec["format"], f"{name}.format")
+        output_audio_rate(spec["format"], f"{name}.format", engine)
     if spec.get("voice") is not None:
         voice = voice_name(spec["voice"], f"{name}.voice", engine)
     return voice
@@ -1027,15 +1027,24 @@ OPENAI_PCM_RATE = 24000  # OpenAI's 'pcm16' / audio/pcm: 24 kHz ("rate": always 
 G711_FORMATS = {"g711_ulaw": "pcmu", "g711_alaw": "pcma", "audio/pcmu": "pcmu", "audio/pcma": "pcma"}
 
 
-def output_audio_rate(value: Any, name: str) -> int:
+def output_audio_rate(value: Any, name: str, engine) -> int:
     """session / response `audio.output.format` (beta: `output_audio_format`): 'pcm16' or
     {"type": "audio/pcm"} (24 kHz, as OpenAI's), or {"type": "audio/pcm", "rate": N}: the reply's
-    audio is sent at that rate."""
+    audio is sent at that rate, which the engine's talker audio must resample to (a rate such as
+    2654 Hz cannot be reached from 24 kHz: refused here, not when the reply's first chunk comes)."""
     if value == "pcm16":
         return OPENAI_PCM_RATE
     if isinstance(value, dict) and value.get("type") in ("audio/pcm", "pcm16"):
         codec.check_keys(value, name, ("type", "rate"))
-        return codec.check_sample_rate(value.get("rate", OPENAI_PCM_RATE), f"{name}.rate")
+        rate = codec.check_sample_rate(value.get("rate", OPENAI_PCM_RATE), f"{name}.rate")
+        talker_rate = getattr(getattr(engine, "talker", None), "sample_rate", None)
+        if talker_rate is not None:
+            try:
+                check_resample_rates(talker_rate, rate)
+            except MediaError as e:
+                raise bad(f"'{name}.rate': the talker speaks at {talker_rate} Hz and {e}; use a common rate such as "
+                          "16000, 24000, 44100 or 48000", "invalid_value", f"{name}.rate") from None
+        return rate
     raise bad(f"'{name}' must be {{\"type\": \"audio/pcm\", \"rate\": N}} or 'pcm16' (PCM16 at 24 kHz); G.711 "
               "output is not supported", "invalid_value", name)
 

@@ -431,6 +431,29 @@ def spoken_session(ws, rate: int) -> dict:
     return recv_json(ws)
 
 
+def test_an_output_rate_the_talker_cannot_be_resampled_to_is_refused_where_it_is_set():
+    """audio.output.format.rate 2654 (or 24895) passed the input-rate check, but the talker's 24 kHz audio
+    cannot be resampled to it: the reply stopped at its first audio chunk and never got response.done.
+    It is refused naming the field, in session.update and in response.create."""
+    from tests.server import FakeEngine, fake_server
+
+    class Talking(FakeEngine):
+        class talker:
+            sample_rate = 24000
+
+    with fake_server(Talking(has_talker=True)) as srv, connect(srv.ws_url) as ws:
+        err = spoken_session(ws, 2654)
+        assert err["type"] == "error" and err["error"]["param"] == "session.audio.output.format.rate", err
+        assert "24000 Hz" in err["error"]["message"]
+        send(ws, type="response.create", response={"output_modalities": ["audio"], "audio": {"output": {
+            "format": {"type": "audio/pcm", "rate": 24895}}}})
+        err = recv_json(ws)
+        assert err["type"] == "error" and err["error"]["param"] == "response.audio.output.format.rate", err
+        send(ws, type="response.create", response={"output_modalities": ["audio"], "audio": {"output": {
+            "format": {"type": "audio/pcm", "rate": 44100}}}})
+        assert recv_until(ws, "response.done")[-1]["response"]["status"] == "completed"
+
+
 def test_a_fault_while_a_reply_streams_still_ends_it_with_response_done():
     """A reply whose streaming raised (here: audio the server cannot resample, from an engine that does not
     say its talker's rate) stopped there: no response.done, the client waited for ever. The response now
