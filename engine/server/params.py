@@ -78,16 +78,18 @@ def output_kwargs(modalities: list[str], voice: str | None) -> dict:
     return {"modalities": list(modalities), "voice": None if voice == DEFAULT_VOICE else voice}
 
 
-def max_tokens_from(body: dict, limits: Limits, default: int | None = None, where: str = "") -> int:
+def max_tokens_from(body: dict, limits: Limits, default: int | None = None, where: str = "",
+                    inf_ok: bool = False) -> int:
     """The token limit a request asks for under any of TOKEN_FIELDS; two of them that disagree are
-    refused (which one was meant cannot be told). `where`: the fields' path in errors ("session.")."""
+    refused (which one was meant cannot be told). `where`: the fields' path in errors ("session.");
+    `inf_ok`: "inf" names the server's cap (OpenAI's realtime fields take it, HTTP bodies do not)."""
     given = {}
     for field in TOKEN_FIELDS:
         value = body.get(field)
         name = where + field
         if value is not None:
-            given[name] = limits.max_new_tokens if value == "inf" else int(need_number(value, name, 1, None,
-                                                                                        integer=True))
+            given[name] = limits.max_new_tokens if inf_ok and value == "inf" else int(need_number(
+                value, name, 1, None, integer=True))
     if len(set(given.values())) > 1:
         names = list(given)
         values = ", ".join(shown_number(given[n]) for n in names)
@@ -101,11 +103,11 @@ def max_tokens_from(body: dict, limits: Limits, default: int | None = None, wher
 
 
 def generation_params(body: dict, limits: Limits, base: GenerationParams | None = None,
-                      where: str = "") -> GenerationParams:
+                      where: str = "", inf_ok: bool = False) -> GenerationParams:
     """`base` holds session defaults (realtime); fields present in `body` override them. `where`: the fields'
-    path in errors ("session.", "response."; HTTP bodies: none)."""
+    path in errors ("session.", "response."; HTTP bodies: none); `inf_ok`: a token limit may be "inf"."""
     base = base or GenerationParams(max_new_tokens=limits.default_max_tokens)
-    p = GenerationParams(max_new_tokens=max_tokens_from(body, limits, base.max_new_tokens, where),
+    p = GenerationParams(max_new_tokens=max_tokens_from(body, limits, base.max_new_tokens, where, inf_ok),
                          temperature=base.temperature, top_p=base.top_p, top_k=base.top_k,
                          repetition_penalty=base.repetition_penalty, seed=base.seed, stop=list(base.stop))
     if body.get("temperature") is not None:

@@ -327,7 +327,7 @@ class RealtimeConnection:
         if self.session.audio.samples and new["rate"] != (s.input_audio_encoding, s.input_audio_sample_rate):
             raise bad("the input audio buffer holds audio at the old rate; commit or clear it before changing the "
                       "rate", "invalid_state", "session.audio.input.format")
-        params = generation_params(spec, self.limits, base=s.params, where="session.")
+        params = generation_params(spec, self.limits, base=s.params, where="session.", inf_ok=True)
         detector = self._detector_for(new["turn_detection"])  # may refuse: nothing is applied then
         if new["turn_detection"] is None and self.session.detector is not None:  # to push-to-talk mid-turn: the
             ended = self.session.detector.end_turn("turn_detection_off")         # turn so far is committed
@@ -831,7 +831,7 @@ class RealtimeConnection:
         self._check_text_budget(0, instructions, "response.instructions" if "instructions" in spec else None)
         if instructions is None:
             instructions = self.session.system_text()
-        params = generation_params(spec, self.limits, base=s.params, where="response.")
+        params = generation_params(spec, self.limits, base=s.params, where="response.", inf_ok=True)
         thinking = flag(spec, "thinking", s.thinking)
         messages = self.session.messages()
         if not messages:

@@ -400,6 +400,8 @@ def test_realtime_numbers_too_large_for_a_float_are_bad_values_named(server):
     ("tool_choice", "required", "unsupported_parameter"),
     ("frobnicate", 1, "unknown_parameter"),
     ("max_token", 5, "unknown_parameter"),
+    ("max_tokens", "inf", "invalid_type"),  # realtime's "inf" (the server's cap) was taken here too
+    ("max_completion_tokens", "inf", "invalid_type"),
 ])
 def test_chat_parameters_are_honoured_or_named_in_an_error(http, field, value, code):
     err = error_of(http.post("/v1/chat/completions", json={**CHAT, field: value}))
