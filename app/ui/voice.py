@@ -36,6 +36,9 @@ PODCAST_NEEDS_A_VOICE = ("A podcast needs a reference voice: choose Voice \"Clon
 # (engine.runtime.REF_TRANSCRIPT_MAX_TOKENS; a clip is at most 30 s). The transcription default (512) let the demo
 # weights' runaway transcript of a 6 s clip into the talker prompt, and Make it failed as "too long for the talker".
 REF_TRANSCRIPT_TOKENS = 256
+# Text over the engine's limit (speech options' max_input_chars) came back as "'input' is too long: ...".
+TEXT_TOO_LONG = ("The text is {n:,} characters; the engine speaks at most {most:,} at a time: split it and make each "
+                 "part in turn.")
 # What a task does not use (not sent: the talker takes music from the Music section alone, and refuses a voice for
 # a sound or music), said on the status line: it was dropped without a word.
 MUSIC_TEXT_UNUSED = "the text box was not used: music is made from the Music section (genre, mood, ...)"
@@ -100,6 +103,10 @@ class VoiceController:
         task = TASKS.get(task_label, "tts")
         if task != "music" and not (text or "").strip():
             yield no_audio(), gr.update(), "Type the text to speak (or the sound to make) first.", None
+            return
+        most = self.options().get("max_input_chars") if task != "music" else None
+        if most and len(text) > most:
+            yield no_audio(), gr.update(), TEXT_TOO_LONG.format(n=len(text), most=most), None
             return
         kwargs: dict = {"task": task, "seed": chosen_seed(seed)}
         unused = [*([MUSIC_TEXT_UNUSED] if task == "music" and (text or "").strip() else []),

@@ -20,7 +20,7 @@ from app.ui.image import ASPECTS, AUTO_ASPECT, EDIT_PROMPT_HINTS, REFS_NOT_USED,
 from app.ui.live import engine_settings  # noqa: E402
 from app.ui.speech import CUT_AT_LIMIT, CUT_ON_DEMO, SpeechController  # noqa: E402
 from app.ui.voice import (CONFIRM_DELETE, MUSIC_TEXT_UNUSED, NO_CHOICE, PODCAST_NEEDS_A_VOICE,  # noqa: E402
-                          REPLACE_LABEL, TASKS, VOICE_UNUSED, VoiceController)
+                          REPLACE_LABEL, TASKS, TEXT_TOO_LONG, VOICE_UNUSED, VoiceController)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done, GenerationStats, TextDelta  # noqa: E402
 from tests.paths import REPO  # noqa: E402
@@ -390,3 +390,16 @@ def test_a_clip_transcribed_in_the_tab_can_then_be_cloned(engine_server):
     *_, last = voices.synthesize("Hello, this is a cloned voice.", "Speech", "Clone from a clip", None, clip,
                                  transcript, *[None] * 5, "", "", "", None, "", "", "", "", 10, 3)
     assert "finish reason: stop" in last[2], last[2]
+
+
+def test_text_too_long_to_speak_is_said_in_the_tabs_words(engine_server):
+    """11,297 characters to speak came back as "Error (invalid_value): 'input' is too long: 11,297 characters, at
+    most 10,000", in the wire's words; the tab says it of the text box with the engine's limit (speech options'
+    max_input_chars) and what to do, before sending anything."""
+    voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    most = voices.options()["max_input_chars"]
+    text = "Hello there. " * (most // 13 + 100)
+    *_, last = voices.synthesize(text, "Speech", "Default voice", None, None, "", *[None] * 5, "", "", "", None,
+                                 "", "", "", "", 10, 3)
+    assert last[2] == TEXT_TOO_LONG.format(n=len(text), most=most), last[2]
+    assert f"{len(text):,}" in last[2] and "'input'" not in last[2]
