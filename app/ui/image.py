@@ -80,23 +80,26 @@ class ImageController:
         unused = task == "generate" and bool(images)
         images = [] if task == "generate" else images[:1] if task == "segment" else images
         gallery_state = list(gallery_state or [])
-        nothing = (None, None, None)
+        # a request refused here leaves the last picture, its mask, overlay and downloads as they were (a press with
+        # no prompt wiped the picture just made and its PNG)
+        kept = (gr.skip(),) * 3
         if task == "generate" and not (prompt or "").strip():
-            yield *nothing, "Describe the picture first.", gr.update(), gallery_state, None
+            yield *kept, "Describe the picture first.", gr.update(), gallery_state, gr.skip()
             return
         if task in ("edit", "segment") and not images:
-            yield *nothing, f"{mode} needs a reference image: upload one first.", gr.update(), gallery_state, None
+            yield *kept, f"{mode} needs a reference image: upload one first.", gr.update(), gallery_state, gr.skip()
             return
         if task in ("edit", "segment"):  # "'image[0]' is not a recognised image" named no file
             limits = engine_limits(self.link)
             if problem := next(filter(None, (media_problem(p, "image", limits) for p in images)), None):
-                yield *nothing, problem, gr.update(), gallery_state, None
+                yield *kept, problem, gr.update(), gallery_state, gr.skip()
                 return
         if task == "edit" and not (prompt or "").strip():
-            yield *nothing, EDIT_PROMPT_HINTS.get(preset, EDIT_PROMPT_HINTS["(none)"]), gr.update(), gallery_state, None
+            hint = EDIT_PROMPT_HINTS.get(preset, EDIT_PROMPT_HINTS["(none)"])
+            yield *kept, hint, gr.update(), gallery_state, gr.skip()
             return
         if task == "segment" and not (target or "").strip():
-            yield *nothing, "Say what to segment (e.g. 'the cup').", gr.update(), gallery_state, None
+            yield *kept, "Say what to segment (e.g. 'the cup').", gr.update(), gallery_state, gr.skip()
             return
         seed = chosen_seed(seed)
         seed = random.randint(0, MAX_SEED) if seed is None else seed

@@ -114,9 +114,9 @@ class SpeechController:
         """Transcribe an uploaded or recorded clip: (transcript, figures, .txt file, .srt file)."""
         if not path:
             gr.Info("Record or upload a clip first.")
-            return "", "Record or upload a clip first.", None, None
-        if problem := media_problem(path, "audio", engine_limits(self.link), upload=True):
-            return "", problem, None, None
+            return gr.skip(), "Record or upload a clip first.", gr.skip(), gr.skip()
+        if problem := media_problem(path, "audio", engine_limits(self.link), upload=True):  # the last transcript stays
+            return gr.skip(), problem, gr.skip(), gr.skip()
         text, status, result = self._run(Path(path).read_bytes(), context, hotwords, dialect, request)
         if result is None:
             return text, status, None, None

@@ -81,6 +81,12 @@ def instruction(dialect, emotion, speed, pitch, volume, style, ip, env, snr) -> 
     return out
 
 
+def refused(message: str) -> tuple:
+    """What Make it yields for a request refused before anything is sent: the message on the status line, the last
+    clip made left playing and offered (a press with no text wiped the player and the WAV just made)."""
+    return gr.skip(), gr.skip(), message, gr.skip()
+
+
 class VoiceController:
     def __init__(self, link: EngineLink):
         self.link = link
@@ -102,11 +108,11 @@ class VoiceController:
         """Stream (audio chunk, transcript box, status, WAV file) while the audio is made."""
         task = TASKS.get(task_label, "tts")
         if task != "music" and not (text or "").strip():
-            yield no_audio(), gr.update(), "Type the text to speak (or the sound to make) first.", None
+            yield refused("Type the text to speak (or the sound to make) first.")
             return
         most = self.options().get("max_input_chars") if task != "music" else None
         if most and len(text) > most:
-            yield no_audio(), gr.update(), TEXT_TOO_LONG.format(n=len(text), most=most), None
+            yield refused(TEXT_TOO_LONG.format(n=len(text), most=most))
             return
         kwargs: dict = {"task": task, "seed": chosen_seed(seed)}
         unused = [*([MUSIC_TEXT_UNUSED] if task == "music" and (text or "").strip() else []),
@@ -118,20 +124,20 @@ class VoiceController:
         if task in ("tts", "podcast"):
             kwargs["instruct"] = instruction(dialect, emotion, speed, pitch, volume, style, ip, env, snr) or None
             if task == "podcast" and source not in ("Saved voice", "Clone from a clip"):
-                yield no_audio(), gr.update(), PODCAST_NEEDS_A_VOICE, None
+                yield refused(PODCAST_NEEDS_A_VOICE)
                 return
             if source == "Saved voice":
                 if not saved:
-                    yield no_audio(), gr.update(), "Choose a saved voice (or save one from a clip first).", None
+                    yield refused("Choose a saved voice (or save one from a clip first).")
                     return
                 kwargs["voice"] = saved
             elif source == "Clone from a clip":
                 if not clip:
-                    yield no_audio(), gr.update(), "Upload or record a reference clip to clone.", None
+                    yield refused("Upload or record a reference clip to clone.")
                     return
                 limits = engine_limits(self.link)
                 if problem := media_problem(clip, "audio", limits, max_seconds=VOICE_CLIP_SECONDS):
-                    yield no_audio(), gr.update(), problem, None
+                    yield refused(problem)
                     return
                 kwargs["reference_audio"] = Path(clip).read_bytes()
                 kwargs["reference_text"] = (clip_text or "").strip() or None

@@ -403,3 +403,32 @@ def test_text_too_long_to_speak_is_said_in_the_tabs_words(engine_server):
                                  "", "", "", "", 10, 3)
     assert last[2] == TEXT_TOO_LONG.format(n=len(text), most=most), last[2]
     assert f"{len(text):,}" in last[2] and "'input'" not in last[2]
+
+
+def test_a_request_refused_before_sending_leaves_the_last_result_in_place(engine_server, tmp_path):
+    """Make it (or Transcribe) pressed with something missing wiped what the tab had just made: the picture, its mask,
+    overlay and PNG downloads, the clip playing and its WAV, the transcript and its files, to show only the message.
+    The message is shown and the last result stays (each output is left unchanged)."""
+    import gradio as gr
+
+    link = EngineLink(EngineClient(engine_server.url, token="test-token"))
+    unchanged = gr.skip()
+    image = ImageController(link)
+    for mode, prompt, refs, target in (("Generate", " ", None, ""), ("Edit", "blue", None, ""),
+                                       ("Segment", "", [str(REPO / "app" / "assets" / "images" / "cup.png")], "")):
+        out = list(image.make(mode, prompt, refs, "(none)", target, AUTO_ASPECT, "", 1, 2.0, 1, 0, [],
+                              progress=lambda *a, **k: None))
+        assert len(out) == 1 and out[0][3], out
+        assert [out[0][i] for i in (0, 1, 2, 6)] == [unchanged] * 4, (mode, out)
+    voices = VoiceController(link)
+    for text, task, source in (("", "Speech", "Default voice"), ("Hi", "Podcast (speaker_1: / speaker_2: lines)",
+                                                                  "Default voice"), ("Hi", "Speech", "Saved voice")):
+        out = list(voices.synthesize(text, task, source, None, None, "", *[None] * 5, "", "", "", None,
+                                     "", "", "", "", 10, 3))
+        assert len(out) == 1 and out[0][2] and [out[0][i] for i in (0, 1, 3)] == [unchanged] * 3, out
+    transcript, status, txt, srt = SpeechController(link).transcribe_file(None, "", "", None)
+    assert status and [transcript, txt, srt] == [unchanged] * 3
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    transcript, status, txt, srt = SpeechController(link).transcribe_file(str(empty), "", "", None)
+    assert "empty" in status and [transcript, txt, srt] == [unchanged] * 3
