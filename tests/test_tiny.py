@@ -154,11 +154,11 @@ def test_a_process_that_finishes_second_keeps_the_first_ones_checkpoint(tmp_path
     published = {}
     real_talker = tiny.write_tiny_talker
 
-    def other_process_publishes_first(folder):
+    def other_process_publishes_first(folder, *args, **kwargs):
         if not published:  # meanwhile, another process published its (identical) checkpoint and opened it
             published["inode"] = None
             published["inode"] = tiny.write_tiny_checkpoint(path).joinpath("config.json").stat().st_ino
-        real_talker(folder)
+        real_talker(folder, *args, **kwargs)
 
     monkeypatch.setattr(tiny, "write_tiny_talker", other_process_publishes_first)
     assert tiny.ensure_tiny_checkpoint(tmp_path) == path
