@@ -15,6 +15,7 @@ fields in a request are refused (`refuse_extensions`), answers have no metrics o
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -39,6 +40,7 @@ from engine.server.sessions import media_nbytes, new_id
 from engine.server.text import check_text, text_chars, texts_of
 
 router = APIRouter()
+log = logging.getLogger("engine.server.http_api")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -294,6 +296,7 @@ def stream_response(ctx: ServerContext, job: Job, encode, finish,
     and `finish(final)` give the lines."""
 
     async def lines() -> AsyncIterator[bytes]:
+        failed = False
         try:
             async for ev in with_keepalive(events or job.events(), ctx.limits.keepalive_s):
                 if ev is None:
@@ -304,8 +307,16 @@ def stream_response(ctx: ServerContext, job: Job, encode, finish,
                 else:
                     for line in encode(ev):
                         yield line
+        except Exception as e:  # a fault (a bug): the stream still ends as a failed one does, error then [DONE]
+            failed = True
+            log.exception("%s: the stream failed", job.label)
+            ctx.scheduler.cancel(job, abandon=True)
+            for line in finish(Error(f"internal error while streaming the answer: {type(e).__name__}",
+                                     "server_error")):
+                yield line
         finally:  # the client went away (or the stream ended): stop generating
-            left_early(ctx, job)
+            if not failed:
+                left_early(ctx, job)
 
     return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)
 

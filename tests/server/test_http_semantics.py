@@ -255,3 +255,29 @@ def test_a_request_that_does_not_parse_gets_openais_error_body_and_its_status(re
         err = json.loads(body)["error"]
         assert err["code"] == code and err["type"] == "invalid_request_error", err
         assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+
+
+def test_a_fault_while_an_answer_streams_still_ends_the_stream(monkeypatch):
+    """A chat stream whose encoding raised midway (a bug) was cut off: no error, no [DONE], and uvicorn
+    dropped the connection, so a client could not tell a failure from a network drop. It now ends as a
+    failed stream does: an error object, then [DONE]; the job is cancelled, not counted as a client leaving."""
+    from engine.events import Done, TextDelta
+    from engine.server import protocol as wire
+    from tests.server import FakeEngine
+
+    encode = wire.ChatChunkEncoder.encode
+
+    def faulty(self, ev):
+        if isinstance(ev, TextDelta) and ev.text == "two ":
+            raise KeyError("a bug")
+        return encode(self, ev)
+
+    monkeypatch.setattr(wire.ChatChunkEncoder, "encode", faulty)
+    script = [TextDelta("one "), TextDelta("two "), TextDelta("three "), Done("one two three ", "stop")]
+    with fake_server(FakeEngine(script)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            lines = list(r.iter_lines())
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "server_error", events
+        assert "data: [DONE]" in lines
+        assert c.get("/health").json()["client_aborts"]["left_mid_response"] == 0
