@@ -326,7 +326,10 @@ def test_no_share_button_on_the_media_of_the_conversation(browser, studio, local
     page.goto(studio, wait_until="load", timeout=60_000)
     sync_api.expect(page.locator("#model-banner")).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
     page.get_by_role("button", name="What is on the table? (+ cup.png)").click()
-    page.locator("#chat-input textarea").press("Enter")
+    box = page.locator("#chat-input textarea")
+    sync_api.expect(box).to_have_value("What is on the table?", timeout=15_000)  # the example is in the box
+    sync_api.expect(page.locator("#chat-input img").first).to_be_visible(timeout=15_000)  # with its picture
+    box.press("Enter")
     picture = page.locator("#chat-history img[src*='cup']").first
     sync_api.expect(picture).to_be_visible(timeout=30_000)
     sync_api.expect(page.locator("#chat-history button[aria-label='Download']:visible, "
