@@ -289,7 +289,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
                 # pressed before choosing one deleted it
                 saved = gr.Dropdown(controller.voice_names(), value=None, label="Saved voice", allow_custom_value=False,
                                     elem_id="voice-saved")
-                refresh = gr.Button("Refresh", scale=0, min_width=60)
+                refresh = gr.Button("Refresh", scale=0, min_width=90)  # 60 px: the bold label spilled out
             with gr.Accordion("Clone from a clip / save a voice", open=False):
                 clip = gr.Audio(sources=["upload", "microphone"], type="filepath", buttons=toolbar("download"),
                                 label="Reference clip (0.5 to 30 s of one speaker)", elem_id="voice-clip")

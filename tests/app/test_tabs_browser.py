@@ -377,3 +377,20 @@ def test_the_banner_command_breaks_only_between_its_words_on_a_phone(browser, st
     assert not split[1], f"broken across lines at {width} px: {split[1]}"
     assert page.evaluate("document.documentElement.scrollWidth") <= width + 1
     page.context.close()
+
+
+def test_no_button_label_overflows_its_button(browser, studio):
+    """The Voice tab's 'Refresh' spilled out of its 60 px button (65 px of bold text on a box that ends before
+    it). Every button of every tab, its accordions open, holds its label."""
+    page = open_tab(browser, studio, "Chat", PHONE)
+    spilled = {}
+    for tab in ("Chat", "Live", "Speech", "Voice", "Image"):
+        page.get_by_role("tab", name=tab).click()
+        for accordion in page.locator(".label-wrap:visible").all():
+            accordion.click()
+        page.wait_for_timeout(300)
+        spilled[tab] = page.evaluate("""() => Array.from(document.querySelectorAll('button'))
+            .filter(b => b.offsetParent && b.textContent.trim() && b.scrollWidth > b.clientWidth + 1)
+            .map(b => `${b.textContent.trim()} (${b.scrollWidth} px in ${b.clientWidth})`)""")
+    assert not any(spilled.values()), spilled
+    page.context.close()
