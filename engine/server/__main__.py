@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sock = None
     try:  # before the (slow) model load: the address, the token, the limits
+        check_bind(args.host, args.token)  # (what the flags say first: no port is taken for a refused start)
         sock = listen_socket(args.host, args.port)  # held through the load: the port stays ours
-        check_bind(args.host, args.token)
         limits = Limits(max_sessions=args.max_sessions, max_queue=args.max_queue,
                         max_message_bytes=int(args.max_message_mb * MiB), max_request_bytes=int(args.max_request_mb * MiB),
                         max_upload_bytes=int(args.max_upload_mb * MiB), max_audio_seconds=args.max_audio_seconds,

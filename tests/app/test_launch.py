@@ -66,7 +66,7 @@ def test_unloadable_model_exits_2_with_a_clear_message(tmp_path, studio_cache, k
         (target / "config.json").write_text("{ this is not json")
     elif kind == "file":
         target.write_text("not a checkpoint")
-    r = _run(["--model", str(target)], studio_cache)
+    r = _run(["--model", str(target), "--port", str(_free_port())], studio_cache)  # (7860 may be taken here)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     assert "error: could not load the model" in r.stderr
@@ -74,7 +74,7 @@ def test_unloadable_model_exits_2_with_a_clear_message(tmp_path, studio_cache, k
 
 
 def test_unusable_device_exits_2(tmp_path):
-    r = _run(["--device", "not-a-device"], tmp_path, timeout=60)
+    r = _run(["--device", "not-a-device", "--port", str(_free_port())], tmp_path, timeout=60)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and "--device not-a-device" in r.stderr.replace("'", "")
 

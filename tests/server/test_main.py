@@ -6,7 +6,7 @@ from engine.server.__main__ import main
 
 
 def test_unloadable_model_is_a_clear_error(tmp_path, capsys):
-    assert main(["--model", str(tmp_path / "missing")]) == 2
+    assert main(["--model", str(tmp_path / "missing"), "--port", "0"]) == 2  # (any free port: 8000 may be taken)
     err = capsys.readouterr().err
     assert "could not load the model" in err and "missing" in err and "Traceback" not in err
 
@@ -15,7 +15,7 @@ def test_a_model_too_big_for_this_cpu_is_refused_before_loading(tiny_checkpoint,
     from engine.placement import auto
     monkeypatch.setattr(auto, "host_available_bytes", lambda: 10**6)
     assert main(["--model", str(tiny_checkpoint), "--device", "cpu", "--expert-dtype", "int4",
-                 "--linear-dtype", "int8"]) == 2
+                 "--linear-dtype", "int8", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "does not fit in this machine's memory" in err and "0.00 GB is available" in err and "Traceback" not in err
 
