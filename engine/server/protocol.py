@@ -40,8 +40,9 @@ ERROR_CODES: dict[str, int] = {
     "invalid_audio_format": 400, "invalid_image": 400, "invalid_video": 400, "invalid_media": 400,
     "sample_rate_mismatch": 400,
     # limits
-    "message_too_large": 413, "payload_too_large": 413, "audio_too_long": 400, "image_too_large": 400,
-    "video_too_long": 400, "too_many_parts": 400, "too_many_messages": 400, "max_tokens_exceeded": 400,
+    "message_too_large": 413, "payload_too_large": 413, "too_many_json_values": 413, "audio_too_long": 400,
+    "image_too_large": 400, "video_too_long": 400, "too_many_parts": 400, "too_many_messages": 400,
+    "max_tokens_exceeded": 400,
     "context_length_exceeded": 400, "conversation_too_long": 400, "session_media_limit": 400, "media_too_large": 400,
     "server_media_limit": 503,
     "session_text_limit": 400,
