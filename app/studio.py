@@ -25,12 +25,17 @@ from engine.client import EngineClient
 TITLE = "Ming Omni Studio"
 ASSETS = Path(__file__).resolve().parent / "assets"
 A11Y_JS = (Path(__file__).resolve().parent / "static" / "a11y.js").read_text(encoding="utf-8")
+# The Image results: Gradio gives a gallery of n < columns pictures n columns, so one picture filled the 220 px box
+# at 700 px square, its caption (mode, prompt, seed) out of sight below; four columns (two on a phone) keep each
+# picture with its caption in the box.
 # Narrow screens: the page keeps a thin margin (Gradio's is 32 px a side) and the five tabs' names less room around
 # them, so all fit down to 320 px (Gradio hid Voice and Image behind its '⋯' More tabs button on a phone). A <style>
 # in the page's head: Gradio rewrites each rule of launch(css=...) inside an @media to apply only within its
 # `.contain` element, so these (given as css) never applied.
-NARROW_SCREEN_STYLE = """<style>
+PAGE_STYLE = """<style>
+#image-gallery .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important; }
 @media (max-width: 640px) {
+  #image-gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
   .gradio-container .main.app { padding-left: 4px !important; padding-right: 4px !important; }
   .gradio-container .tab-container button { padding-left: 8px !important; padding-right: 8px !important; }
 }
@@ -74,7 +79,7 @@ def launch_options(demo: gr.Blocks) -> dict:
     """What `demo.launch` needs besides host/port/auth: the Live relay's route, the page CSS (the Share buttons that
     only work on a Space hidden elsewhere, common.share_css) and narrow-screen style, and the script
     that names the text fields Gradio leaves unnamed (app/static/a11y.js)."""
-    return {"app_kwargs": demo.live_proxy.app_kwargs(), "css": share_css(), "head": NARROW_SCREEN_STYLE, "js": A11Y_JS}
+    return {"app_kwargs": demo.live_proxy.app_kwargs(), "css": share_css(), "head": PAGE_STYLE, "js": A11Y_JS}
 
 
 # How long close_studio waits for the server's loop to set Gradio's stop event before closing anyway.

@@ -394,3 +394,25 @@ def test_no_button_label_overflows_its_button(browser, studio):
             .map(b => `${b.textContent.trim()} (${b.scrollWidth} px in ${b.clientWidth})`)""")
     assert not any(spilled.values()), spilled
     page.context.close()
+
+
+def test_a_result_in_the_gallery_shows_with_its_caption(browser, studio):
+    """Gradio gives a gallery of fewer pictures than its columns that many columns: one result filled the 220 px
+    Results box as a 700 px square, cut, and its caption (mode, prompt, seed: what a click reuses) lay out of sight
+    below. Each result shows whole, with its caption in the box, on a desktop and on a phone."""
+    page = open_tab(browser, studio, "Image", DESKTOP)
+    page.locator("#image-prompt textarea").fill("a red cup")
+    page.get_by_label("or exact size (WxH)").fill("64x64")
+    set_slider(page, "image-steps", 2)
+    page.locator("#image-go").click()
+    caption = page.locator("#image-gallery .caption-label").first
+    sync_api.expect(caption).to_contain_text("Generate: a red cup", timeout=60_000)
+    for viewport in (DESKTOP, PHONE):
+        page.set_viewport_size(viewport)
+        page.wait_for_timeout(300)
+        box = page.locator("#image-gallery").bounding_box()
+        thumb = page.locator("#image-gallery .thumbnail-item").first.bounding_box()
+        cap = caption.bounding_box()
+        assert thumb["y"] + thumb["height"] <= box["y"] + box["height"] + 1, (viewport, box, thumb)
+        assert box["y"] <= cap["y"] and cap["y"] + cap["height"] <= box["y"] + box["height"] + 1, (viewport, box, cap)
+    page.context.close()
