@@ -92,33 +92,10 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _check_device(name: str | None) -> str | None:
-    """A readable problem with the requested device, or None when it can be used."""
-    if name is None:
-        return None
-    import torch
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        return f"invalid --device '{name}': {e}"
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"--device {name}: CUDA is not available on this machine (use --device cpu)"
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            return f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present"
-    elif dev.type not in ("cpu", "mps", "xpu"):
-        return f"--device {name}: unsupported device type '{dev.type}'"
-    return None
-
-
 def _start_local_engine(args: argparse.Namespace):
     """Load the model here and serve it on a loopback port of this process (a token made for this
     start): the studio reaches it through the same client a remote studio uses. Returns (client,
     server handle) or an exit code."""
-    problem = _check_device(args.device)
-    if problem:
-        return _fail(problem, EXIT_MODEL_ERROR)
-
     from engine.client import EngineClient
     from engine.errors import MingError
     from engine.loader import LoadProgressPrinter
@@ -192,7 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Running on the Hugging Face Space {os.environ['SPACE_ID']}: who may open it is the Space's "
               "visibility setting (set the secret STUDIO_AUTH=user:password to require a login too).", flush=True)
 
-    if not args.local_audio:  # the studio's address, before minutes of model loading (gradio binds it later)
+    if not args.engine:  # the settings of a local load, then the studio's address: before minutes of loading
+        from engine.runtime import device_problem
+
+        problem = device_problem(args.device)
+        if problem:
+            return _fail(problem, EXIT_MODEL_ERROR)
+    if not args.local_audio:  # (gradio binds the address later)
         from engine.server.auth import StartupRefused, listen_socket
 
         try:

@@ -50,6 +50,25 @@ REF_TRANSCRIPT_MAX_TOKENS = 256  # ASR of a voice-cloning reference clip (see En
 REAL_MODEL_COMMAND = "python launch.py --model inclusionAI/Ming-flash-omni-2.0"
 
 
+def device_problem(name: str | None) -> str | None:
+    """What is wrong with the --device a user asked for (None: it can be used, or none was asked for), said
+    before the model loads: a torch RuntimeError or an AssertionError from a torch built without CUDA otherwise."""
+    if name is None:
+        return None
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        return f"invalid --device '{name}': {e}"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {name}: CUDA is not available on this machine (use --device cpu)"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present"
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        return f"--device {name}: unsupported device type '{dev.type}'"
+    return None
+
+
 @dataclass
 class EngineInfo:
     name: str

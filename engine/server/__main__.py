@@ -10,6 +10,13 @@ from engine.server.auth import StartupRefused, check_bind, listen_socket
 from engine.server.limits import MiB, Limits
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m engine.server",
                                  description="Serve the engine over HTTP (OpenAI-compatible) and websockets "
@@ -45,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds, help="audio clip length")
     ap.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="pixels per image or frame")
     ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="largest max_tokens allowed")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=_positive_int, default=None,
                     help="torch intra-op threads (default: torch's choice; 1 suits small models on few cores)")
     ap.add_argument("--log-level", default="info")
     return ap.parse_args(argv)
@@ -71,9 +78,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.errors import MingError  # noqa: PLC0415
     from engine.loader import LoadProgressPrinter  # noqa: PLC0415
-    from engine.runtime import Engine  # noqa: PLC0415
+    from engine.runtime import Engine, device_problem  # noqa: PLC0415
     from engine.server.app import create_app, uvicorn_config  # noqa: PLC0415
 
+    problem = device_problem(args.device)
+    if problem:
+        sock.close()
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.threads:
         import torch  # noqa: PLC0415
 

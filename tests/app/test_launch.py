@@ -36,7 +36,10 @@ def studio_cache(tiny_checkpoint) -> Path:
 
 
 def _run(args: list[str], cache: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(LAUNCH), *args], cwd=REPO, env=_env(cache),
+    """launch.py with `args`, on a free port unless they name one (the default 7860 may be taken on this machine:
+    the studio's address is checked before the model loads)."""
+    port = [] if "--port" in args or "--help" in args else ["--port", str(_free_port())]
+    return subprocess.run([sys.executable, str(LAUNCH), *args, *port], cwd=REPO, env=_env(cache),
                           capture_output=True, text=True, timeout=timeout)
 
 

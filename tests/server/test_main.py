@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from engine.server.__main__ import main
 
 
@@ -80,3 +82,22 @@ def test_port_0_prints_the_url_it_serves_on(tiny_checkpoint):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99"])
+def test_an_unusable_device_is_refused_before_the_model_loads(capsys, monkeypatch, device):
+    """`--device bogus` was a torch RuntimeError traceback, `--device cuda` on a machine without CUDA an
+    AssertionError traceback from inside the load."""
+    from engine.runtime import Engine
+    monkeypatch.setattr(Engine, "load", _no_load)
+    assert main(["--port", "0", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}" in err.replace("'", "") and "Traceback" not in err
+
+
+def test_a_thread_count_below_one_is_refused_by_the_parser(capsys, monkeypatch):
+    from engine.runtime import Engine
+    monkeypatch.setattr(Engine, "load", _no_load)
+    with pytest.raises(SystemExit) as e:
+        main(["--threads", "0"])
+    assert e.value.code == 2 and "--threads: must be at least 1" in capsys.readouterr().err
