@@ -53,8 +53,9 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = Non
         try:
             from huggingface_hub import snapshot_download
             return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=HUB_PATTERNS))
-        except Exception as e:  # network, auth, missing repo: say what happened
-            raise CheckpointError(f"could not fetch '{text}' from the Hugging Face hub: {e}") from e
+        except Exception as e:  # network, auth, missing repo: say what happened (and that no folder has that name)
+            raise CheckpointError(f"{text}: no such local directory ({p.absolute()}), and it could not be fetched "
+                                  f"from the Hugging Face hub as a model id: {e}") from e
     raise CheckpointError(f"{text}: no such directory, and not a hub id of the form 'org/name'")
 
 

@@ -156,7 +156,7 @@ def test_an_index_that_disagrees_with_its_shards_is_named_before_any_tensor_is_r
     assert progress == []  # refused when opened, not half-way through the load
 
 
-def test_resolve_errors(tmp_path):
+def test_resolve_errors(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="no such directory"):
         resolve_checkpoint(tmp_path / "nope")
     f = tmp_path / "file.txt"
@@ -166,6 +166,10 @@ def test_resolve_errors(tmp_path):
     # A hub id while offline (tests set HF_HUB_OFFLINE=1): a clear error, no network access.
     with pytest.raises(CheckpointError, match="hub"):
         resolve_checkpoint("inclusionAI/Ming-flash-omni-2.0")
+    # a mistyped relative folder has the shape of a hub id: the error says no such folder either, and where it looked
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"ckpts/ming: no such local directory \({tmp_path}/ckpts/ming\).*hub"):
+        resolve_checkpoint("ckpts/ming")
 
 
 def _tensors(model):
