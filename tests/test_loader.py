@@ -112,10 +112,13 @@ def test_fp16_and_bf16_checkpoints_load_as_their_values(ckpt, stored):
     assert torch.equal(m.llm.model.layers[0].attention.query_key_value.weight, expected)
 
 
-def test_unexpected_tensor_is_named(ckpt):
+@pytest.mark.parametrize("options", [{}, {"expert_dtype": "int8"}, {"linear_dtype": "int8"}])
+def test_unexpected_tensor_is_named_before_any_tensor_is_read(ckpt, options):
     _rewrite(ckpt, lambda t: t.update({"model.model.layers.0.surprise.weight": torch.ones(2)}))
+    read = []
     with pytest.raises(CheckpointError, match="unexpected tensor 'model.model.layers.0.surprise.weight'"):
-        load_model(ckpt, device="cpu")
+        load_model(ckpt, device="cpu", progress=lambda *a: read.append(a), **options)
+    assert read == []  # not after minutes of loading the rest
 
 
 def test_encoder_tensors_without_a_sub_config_are_unexpected(ckpt):

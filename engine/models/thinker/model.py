@@ -25,8 +25,8 @@ from engine.models.thinker.config import MingConfig, sub_config_errors
 from engine.models.thinker.layers import Numerics
 from engine.models.thinker.llm import BailingMoeV2ForCausalLM
 from engine.kernels.dequant import quantize_int8_rows
-from engine.loader import (CheckpointFiles, check_tensor, check_unexpected, load_module, resolve_checkpoint,
-                           return_freed_memory)
+from engine.loader import (CheckpointFiles, check_tensor, check_unexpected, checkpoint_entries, load_module,
+                           resolve_checkpoint, return_freed_memory)
 from engine.models.thinker.projectors import AudioProjector, VisionProjector
 from engine.models.thinker.vision import VisionConfig, build_vision_encoder
 
@@ -176,8 +176,12 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     fused_banks = bool(banks) and not custom_experts and cpu_packed
     runtime = None
     consumed: set[str] = set()
+    components = {cfg.llm_weight_prefix: llm, **encoders.components()}
+    # a tensor no module takes is named before any is read (every read path takes checkpoint_entries' names)
+    check_unexpected(files, {name for prefix, module in components.items()
+                             for name, _ in checkpoint_entries(module, prefix)})
     with files.reader(progress) as reader:  # progress: tensors read of the whole checkpoint
-        for prefix, module in {cfg.llm_weight_prefix: llm, **encoders.components()}.items():
+        for prefix, module in components.items():
             if module is llm and (custom_experts or int8_paths or fused_banks):
                 # int8 linears quantised as they are read; routed experts by the runtime or quantised one by one
                 consumed |= _read_int8_linears(llm, reader, prefix, numerics.dtype, int8_paths)
