@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from engine.errors import MingError
 from engine.models.thinker.config import MingConfig
 from engine.loader import checkpoint_entries
 from engine.models.thinker.model import build_thinker
@@ -152,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("path", type=Path, help="config.json or a checkpoint directory")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    r = report(args.path)
+    try:
+        r = report(args.path)
+    except (MingError, OSError, ValueError) as e:  # no such folder, a config.json that is not a Ming model's
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(r, indent=2) if args.json else format_report(r))
     return 0
 

@@ -25,3 +25,16 @@ def test_inspect_totals_equal_upstream_full_names(release, sub):
     r = report(real_config(release))
     assert r["total_params"] == meta["total_parameters"] and r["tensors"] == meta["state_dict_entries"]
     assert r["llm_total_params"] == meta["parameters_per_top_level_prefix"]["model"]
+
+
+@pytest.mark.parametrize("what", ["missing", "not_ming"])
+def test_the_command_line_names_a_path_it_cannot_inspect_without_a_traceback(tmp_path, capsys, what):
+    from engine.tools.inspect import main
+
+    path = tmp_path / "nope"
+    if what == "not_ming":
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(path) in err
