@@ -258,7 +258,19 @@ class VoiceController:
         empty for good)."""
         self.link.status()  # the engine asked again if not asked lately (its capabilities decide what is asked)
         options = self.options()
-        return (*(gr.update(choices=_choices(options, key)) for key in INSTRUCTION_KEYS), self.refresh())
+        return (*(gr.update(choices=_choices(options, key)) for key in INSTRUCTION_KEYS), self.refresh(),
+                *self.offered(options))
+
+    @staticmethod
+    def offered(options: dict) -> tuple:
+        """The task choices and whether the Instructions and Music sections show, as the engine's talker says (the
+        Preview talker speaks text only, spec §7.11: no sound, music, podcast or instructions); an engine that
+        cannot say (down, or OpenAI-compatible) is offered everything."""
+        tasks = options.get("tasks")
+        labels = [label for label, task in TASKS.items() if tasks is None or task in tasks] or list(TASKS)
+        task = gr.update(choices=labels) if len(labels) == len(TASKS) else gr.update(choices=labels, value=labels[0])
+        return (task, gr.update(visible=bool(options.get("instructions", True))),
+                gr.update(visible=tasks is None or "music" in tasks))
 
     def stop(self, request: gr.Request | None = None) -> None:
         if not self.inflight.cancel(session_of(request), TAB):
@@ -307,7 +319,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
                     keep = gr.Button(KEEP_VOICE, elem_id="voice-delete-no")
                 if examples:
                     gr.Examples([[e] for e in examples], [clip], label="Example clips (scripts/make_assets.py)")
-            with gr.Accordion("Instructions: dialect, emotion, speed, voice design", open=False):
+            with gr.Accordion("Instructions: dialect, emotion, speed, voice design", open=False) as instructions_box:
                 with gr.Row():
                     dialect = gr.Dropdown(_choices(options, "dialects"), value=NO_CHOICE, allow_custom_value=True,
                                           label="Dialect")
@@ -323,7 +335,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
                 with gr.Row():
                     env = gr.Textbox(label="Background ambience (e.g. Birds chirping)")
                     snr = gr.Number(value=None, label="Speech-to-background SNR (dB; 0 = not set)")
-            with gr.Accordion("Music", open=False):
+            with gr.Accordion("Music", open=False) as music_box:
                 with gr.Row():
                     genre = gr.Textbox(label="Genre", value="Lo-fi")
                     mood = gr.Textbox(label="Mood", value="Calm")
@@ -363,7 +375,8 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
     delete.click(controller.ask_delete, [saved], [confirm_row, asked, status], queue=False, api_visibility="private")
     confirm.click(controller.confirm_delete, [asked], [saved, status, confirm_row, asked], api_visibility="private")
     keep.click(controller.keep_voice, [asked], [confirm_row, asked, status], queue=False, api_visibility="private")
-    on_page_load(controller.page_load, [dialect, emotion, speed, pitch, volume, saved])
-    on_engine_change(controller.page_load, [dialect, emotion, speed, pitch, volume, saved])
+    loaded = [dialect, emotion, speed, pitch, volume, saved, task, instructions_box, music_box]
+    on_page_load(controller.page_load, loaded)
+    on_engine_change(controller.page_load, loaded)
     refresh.click(controller.refresh, None, [saved], queue=False, api_visibility="private")
     return controller

@@ -260,12 +260,12 @@ def test_a_studio_started_before_its_engine_shows_what_the_engine_serves_once_it
     assert note_text(notes, SPEECH_OUT, "no talker") == note_text(notes, IMAGE_OUT, "no image generator") == ""
     speak, speech = speech_controls(chat)
     assert speak == {"interactive": False, "info": "the engine is not reachable"} and speech == {"visible": False}
-    assert [u["choices"] for u in voice.page_load()] == [[NO_CHOICE]] * 5 + [[]]
+    assert [u["choices"] for u in voice.page_load()[:6]] == [[NO_CHOICE]] * 5 + [[]]
 
     server = ServerHandle(create_app(tiny_engine, token="test-token"), host="127.0.0.1", port=port).start()
     try:  # the pages loaded now
         assert speech_controls(chat) == ({"interactive": True, "info": ""}, {"visible": True})
-        *instructions, saved = voice.page_load()
+        *instructions, saved, _, _, _ = voice.page_load()
         assert all(len(u["choices"]) > 1 and u["choices"][0] == NO_CHOICE for u in instructions), instructions
         assert saved["choices"] == voice.voice_names()
         assert note_text(notes, SPEECH_OUT, "no talker") == ""
@@ -432,3 +432,21 @@ def test_a_request_refused_before_sending_leaves_the_last_result_in_place(engine
     empty.write_bytes(b"")
     transcript, status, txt, srt = SpeechController(link).transcribe_file(str(empty), "", "", None)
     assert "empty" in status and [transcript, txt, srt] == [unchanged] * 3
+
+
+def test_the_voice_tab_offers_what_the_engines_talker_does(tiny_engine):
+    """A Preview engine's talker speaks text only (spec §7.11): the tab still offered Sound effect, Music and
+    Podcast and showed the Instructions and Music sections, each refused once pressed. The tab now offers
+    what /v1/audio/speech/options says; an engine that cannot say is offered everything."""
+    from engine.server import ServerHandle, create_app
+
+    preview = {"tasks": ["tts"], "instructions": False, "dialects": {}}
+    task, instructions, music = VoiceController.offered(preview)
+    assert task["choices"] == ["Speech"] and task["value"] == "Speech"
+    assert instructions["visible"] is False and music["visible"] is False
+    task, instructions, music = VoiceController.offered({})  # (engine down)
+    assert len(task["choices"]) == 4 and "value" not in task and instructions["visible"] and music["visible"]
+    with ServerHandle(create_app(tiny_engine, token="test-token"), host="127.0.0.1", port=0) as server:
+        voice = VoiceController(EngineLink(EngineClient(server.url, token="test-token")))
+        *_, task, instructions, music = voice.page_load()  # the 2.0 talker: everything
+        assert len(task["choices"]) == 4 and instructions["visible"] and music["visible"]
