@@ -79,6 +79,9 @@ class CheckpointFiles:
                 raise CheckpointError(f"{index}: not a valid safetensors index ('weight_map' must map each tensor "
                                       "name to its shard's file name)")
             for shard in sorted(set(weight_map.values())):
+                if Path(shard).name != shard or shard in (".", ".."):  # '../x', '/etc/x': a file outside the folder
+                    raise CheckpointError(f"{index}: shard {shard!r} is not a file name in the checkpoint folder "
+                                          "(a safetensors index names its shards beside it)")
                 if not (root / shard).is_file():
                     raise CheckpointError(f"{root / shard}: shard listed in {INDEX_FILE} is missing")
             _check_index_against_shards(root, weight_map)

@@ -159,6 +159,22 @@ def test_an_index_that_disagrees_with_its_shards_is_named_before_any_tensor_is_r
     assert progress == []  # refused when opened, not half-way through the load
 
 
+def test_an_index_naming_a_shard_outside_the_checkpoint_is_refused(ckpt, tmp_path):
+    """A weight_map value is a shard's file name beside the index; '../other/x.safetensors' (or an absolute path)
+    was opened wherever it pointed, so an index could make the load read a file outside the checkpoint."""
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = _shards(ckpt)[0]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / first.name).write_bytes(first.read_bytes())
+    for name in (f"../elsewhere/{first.name}", str(outside / first.name)):
+        moved = {k: (name if v == first.name else v) for k, v in index["weight_map"].items()}
+        index_path.write_text(json.dumps({**index, "weight_map": moved}))
+        with pytest.raises(CheckpointError, match="is not a file name in the checkpoint folder"):
+            load_model(ckpt, device="cpu")
+
+
 def test_resolve_errors(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="no such directory"):
         resolve_checkpoint(tmp_path / "nope")
