@@ -413,7 +413,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
                                file_count="multiple", file_types=["image", "video", "audio"], elem_id="chat-input",
                                submit_btn="Send")
     examples, example_labels = chat_examples(assets)
-    gr.Examples(examples, [box], label="Examples (media made by scripts/make_assets.py)", example_labels=example_labels)
+    gr.Examples(examples, [box], label="Examples", example_labels=example_labels)
     with gr.Row():
         stop = gr.Button("Stop", variant="stop", elem_id="chat-stop", scale=1, min_width=80)
         clear = gr.Button("Clear", elem_id="chat-clear", scale=1, min_width=80)

@@ -218,7 +218,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
             refs = gr.File(label="Reference image(s) for Edit / Segment (the first one is edited)",
                            file_count="multiple", file_types=["image"], elem_id="image-refs")
             if examples:
-                gr.Examples([[[e]] for e in examples], [refs], label="Example images (scripts/make_assets.py)")
+                gr.Examples([[[e]] for e in examples], [refs], label="Example images")
             with gr.Row():
                 preset = gr.Dropdown(list(PRESETS), value="(none)", label="Edit preset", info=PRESET_INFO)
                 target = gr.Textbox(label="Segment: what to find", placeholder="the cup", elem_id="image-target")

@@ -191,7 +191,7 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
                 go = gr.Button("Transcribe", variant="primary", elem_id="speech-go")
                 stop = gr.Button("Stop", variant="stop", elem_id="speech-stop")
             if examples:
-                gr.Examples([[e] for e in examples], [clip], label="Examples (made by scripts/make_assets.py)")
+                gr.Examples([[e] for e in examples], [clip], label="Examples")
         with gr.Column():
             transcript = gr.Textbox(label="Transcript", lines=8, buttons=["copy"], elem_id="speech-transcript")
             status = gr.Markdown("", elem_id="speech-figures")

@@ -318,7 +318,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
                     confirm = gr.Button(CONFIRM_DELETE, variant="stop", elem_id="voice-delete-yes")
                     keep = gr.Button(KEEP_VOICE, elem_id="voice-delete-no")
                 if examples:
-                    gr.Examples([[e] for e in examples], [clip], label="Example clips (scripts/make_assets.py)")
+                    gr.Examples([[e] for e in examples], [clip], label="Example clips")
             with gr.Accordion("Instructions: dialect, emotion, speed, voice design", open=False) as instructions_box:
                 with gr.Row():
                     dialect = gr.Dropdown(_choices(options, "dialects"), value=NO_CHOICE, allow_custom_value=True,

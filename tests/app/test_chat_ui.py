@@ -292,6 +292,16 @@ def test_banner_and_tabs(studio):
         pass
 
 
+def test_no_label_on_the_page_names_a_developer_script(studio):
+    """The example galleries were labelled 'Examples (made by scripts/make_assets.py)': a path in our repository,
+    meaningless to someone using the studio. No label, placeholder or info line names a script."""
+    with urllib.request.urlopen(studio + "config", timeout=10) as resp:
+        config = json.load(resp)
+    texts = [str(c["props"].get(key)) for c in config["components"] for key in ("label", "placeholder", "info")
+             if c.get("props", {}).get(key)]
+    assert texts and not [t for t in texts if ".py" in t or "scripts/" in t], texts
+
+
 def test_the_demo_banner_shows_a_command_that_runs_as_copied():
     """The banner's code line read "python launch.py --model inclusionAI/Ming-flash-omni-2.0   (or a local checkpoint
     directory)": copied from the page, the shell refused the parenthesis."""
