@@ -12,6 +12,7 @@ import ipaddress
 import itertools
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -81,7 +82,21 @@ def http_error(status: int, body: Any, text: str = "") -> ServerError:
     if isinstance(err, dict):
         ev = wire.error_event(err)
         return ServerError(ev.message, ev.code, status, body)
-    return ServerError(text[:200] or f"HTTP {status}", "server_error" if status >= 500 else "http_error", status, body)
+    return ServerError(_error_text(status, text), "server_error" if status >= 500 else "http_error", status, body)
+
+
+_HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def _error_text(status: int, text: str) -> str:
+    """What a non-JSON error answer says: its text, cut; an HTML page (a proxy's or gateway's 502 / 504, which came
+    through as kilobytes of markup) is said by its title, naming what answered."""
+    text = text.strip()
+    if text[:1] == "<" or "<html" in text[:512].lower():
+        title = _HTML_TITLE.search(text)
+        what = " ".join(re.sub(r"<[^>]+>", " ", title.group(1)).split())[:120] if title else ""
+        return f"HTTP {status}{': ' + what if what else ''} (an HTML page: a proxy or gateway answered, not the engine)"
+    return text[:200] or f"HTTP {status}"
 
 
 def reply_error(event: dict) -> ServerError:

@@ -325,3 +325,37 @@ def test_a_timeout_that_is_not_a_positive_number_is_refused(timeout):
     for cls in (EngineClient, AsyncEngineClient, RealtimeClient):
         with pytest.raises(ValueError, match="timeout must be a positive number"):
             cls("http://127.0.0.1:8000", timeout=timeout)
+
+
+def test_a_proxys_html_error_page_is_said_by_its_title_not_passed_on_as_markup():
+    """Behind a reverse proxy, an engine that is down answers with the proxy's 502 page: the client's error was
+    the page's first 200 characters of markup ('<html>\\r\\n<head><title>502 Bad Gateway</title>...'). It now
+    says the status, the page's title and that a proxy or gateway answered, not the engine."""
+    import http.server
+
+    page = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+            b"</center>\r\n<hr><center>nginx/1.25.3</center>\r\n</body>\r\n</html>\r\n" + b"<!-- padding -->" * 40)
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(502)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        with EngineClient(f"http://127.0.0.1:{proxy.server_address[1]}", timeout=10) as client:
+            with pytest.raises(ServerError) as info:
+                client.info()
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    message = str(info.value.args[0]) if info.value.args else str(info.value)
+    assert info.value.status == 502 and info.value.code == "server_error"
+    assert "502 Bad Gateway" in message and "proxy or gateway" in message and "<" not in message, message
