@@ -248,3 +248,27 @@ def test_a_partly_downloaded_talker_is_said_in_the_placement_line_the_server_log
     line = next(x for x in logged if x.startswith("placement:"))
     assert f"talker not loaded ({ckpt / 'talker'}" in line and "image generator not loaded" in line
     assert line.endswith(engine.placement) and engine.info().placement == engine.placement
+
+
+def test_what_the_engine_cannot_do_and_why_reaches_the_studios_tabs(tiny_checkpoint, tmp_path):
+    """The model card listed the capabilities only, so the Voice and Image tabs said a generic 'this engine has no
+    talker (a checkpoint without talker/ ...)' for a talker whose weights were missing. The card's `unavailable`
+    gives the engine's reason for each output it lacks, the client reads it, and the tab's note shows it."""
+    import shutil
+
+    from app.engine_link import SPEECH_OUT, EngineLink
+    from app.ui.common import note_text
+    from engine.client import EngineClient
+    from engine.runtime import Engine
+    from engine.server import ServerHandle, create_app
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    (ckpt / "talker" / "model.safetensors").unlink()
+    engine = Engine.load(ckpt, dtype="fp32", device="cpu")
+    with ServerHandle(create_app(engine, token="t"), host="127.0.0.1", port=0) as server:
+        with EngineClient(server.url, token="t") as client:
+            info = client.info()
+            assert set(info.unavailable) == {"speech_out"} and info.unavailable["speech_out"] == engine.talker_error
+            note = note_text(EngineLink(client), SPEECH_OUT, "No talker.")
+    assert note.startswith("No talker. The engine says: ") and "model.safetensors" in note.replace("\\", "")

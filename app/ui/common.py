@@ -5,6 +5,7 @@ shown under each tab's output, and turning a stream's failure into a message (ne
 from __future__ import annotations
 
 import os
+import re
 import threading
 import uuid
 
@@ -83,7 +84,20 @@ def engine_limits(link: EngineLink) -> dict:
 
 
 def note_text(link: EngineLink, capability: str, text: str) -> str:
-    return text if engine_lacks(link, capability) else ""
+    """`text` while the engine lacks `capability`, followed by the engine's own reason when its card gives one
+    (e.g. which file of a partly downloaded image generator is missing)."""
+    if not engine_lacks(link, capability):
+        return ""
+    why = (getattr(link.status().info, "unavailable", None) or {}).get(capability)
+    return f"{text} The engine says: {markdown_escaped(why)}" if why else text
+
+
+def markdown_escaped(text: str) -> str:
+    """`text` shown as written in a Markdown block (its underscores and asterisks are not emphasis)."""
+    return _MARKDOWN_SPECIAL.sub(lambda m: "\\" + m.group(0), text)
+
+
+_MARKDOWN_SPECIAL = re.compile(r"[\\`*_\[\]<>#|]")  # (a reason quoting a path such as talker/llm_config.json)
 
 
 def capability_note(link: EngineLink, capability: str, text: str) -> gr.Markdown:

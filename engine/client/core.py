@@ -220,6 +220,7 @@ class ModelInfo:
     input_modalities: list[str] = field(default_factory=list)
     output_modalities: list[str] = field(default_factory=list)
     limits: dict[str, float] = field(default_factory=dict)  # the card's `limits` (none from an OpenAI server)
+    unavailable: dict[str, str] = field(default_factory=dict)  # capability -> why the model lacks it (when known)
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -237,7 +238,9 @@ class ModelInfo:
                        default_instructions=card.get("default_instructions"),
                        input_modalities=list(card.get("input_modalities") or []),
                        output_modalities=list(card.get("output_modalities") or []),
-                       limits=_card_limits(card.get("limits")))
+                       limits=_card_limits(card.get("limits")),
+                       unavailable={str(k): str(v) for k, v in (card.get("unavailable") or {}).items()}
+                       if isinstance(card.get("unavailable"), dict) else {})
         except (KeyError, TypeError, ValueError) as e:
             raise ServerError(f"the server's model card is malformed: {e}", "protocol_error") from None
 

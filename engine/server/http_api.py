@@ -476,7 +476,15 @@ def model_card(ctx: ServerContext) -> dict:
             "capabilities": sorted(caps), "default_instructions": DEFAULT_SYSTEM_PROMPT,
             "input_modalities": ["text"] + [m for m, c in (("image", "image_in"), ("video", "video_in"),
                                                            ("audio", "audio_in")) if c in caps],
-            "output_modalities": outputs, "limits": client_limits(ctx)}
+            "output_modalities": outputs, "limits": client_limits(ctx), "unavailable": unavailable(ctx.engine, caps)}
+
+
+def unavailable(engine, caps: set[str]) -> dict[str, str]:
+    """Why the model gives no speech or images, when the engine knows (a checkpoint without talker/, a broken or
+    partly downloaded image generator, one left out because it does not fit): what a client shows its user."""
+    reasons = {"speech_out": getattr(engine, "talker_error", None),
+               "image_out": getattr(engine, "image_generator_error", None)}
+    return {cap: str(why) for cap, why in reasons.items() if cap not in caps and why}
 
 
 def client_limits(ctx: ServerContext) -> dict:
