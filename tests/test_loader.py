@@ -360,7 +360,8 @@ def test_a_hub_snapshot_fetches_every_file_the_engine_loads(tiny_checkpoint, tmp
     (lambda c: c["llm_config"].update(hidden_size="128px"), "'hidden_size' is '128px'"),
     (lambda c: c["llm_config"].update(rope_theta="big"), "llm_config: a value has the wrong type"),
     (lambda c: c.update(vision_config=["qwen3_moe_vit"]), "'vision_config' must be a JSON object"),
-    (lambda c: c["vision_config"].update(depth="two"), "vision_config"),
+    (lambda c: c["vision_config"].update(depth="two"), "vision_config.*key 'depth' is 'two', not an integer"),
+    (lambda c: c["vision_config"].update(num_heads=None), "vision_config.*key 'num_heads' is None, not an integer"),
     (lambda c: c["audio_config"]["whisper_encoder_config"].pop("n_state"), "audio_config: missing key 'n_state'"),
 ])
 def test_a_config_value_of_the_wrong_type_or_missing_is_named_with_its_file(ckpt, edit, named):

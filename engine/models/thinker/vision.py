@@ -118,12 +118,16 @@ class VisionConfig:
 
         defaults = QWEN2_5_DEFAULTS if model_type == QWEN2_5_VIT else QWEN3_DEFAULTS
 
-        def req(key: str):
-            if key in d:
-                return d[key]
-            if key in defaults:
-                return defaults[key]
-            raise ValueError(f"vision_config ({model_type}): missing required key {key!r}")
+        def req(key: str) -> int:
+            if key not in d and key not in defaults:
+                raise ValueError(f"vision_config ({model_type}): missing required key {key!r}")
+            value = d[key] if key in d else defaults[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                value = None  # (a null, list or object: refused below, naming the key)
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"vision_config ({model_type}): key {key!r} is {d[key]!r}, not an integer") from None
 
         # Both ViTs read `patch_size` only (`spatial_patch_size` is noise there)
         patch = req("patch_size")
@@ -132,19 +136,19 @@ class VisionConfig:
         deepstack = d.get("deepstack_visual_indexes", defaults.get("deepstack_visual_indexes"))
         cfg = cls(
             model_type=model_type,
-            depth=int(req("depth")),
-            hidden_size=int(req("hidden_size")),
-            num_heads=int(req("num_heads")),
-            intermediate_size=int(req("intermediate_size")),
-            out_hidden_size=int(req("out_hidden_size")),
-            patch_size=int(patch),
-            temporal_patch_size=int(req("temporal_patch_size")),
-            spatial_merge_size=int(req("spatial_merge_size")),
+            depth=req("depth"),
+            hidden_size=req("hidden_size"),
+            num_heads=req("num_heads"),
+            intermediate_size=req("intermediate_size"),
+            out_hidden_size=req("out_hidden_size"),
+            patch_size=patch,
+            temporal_patch_size=req("temporal_patch_size"),
+            spatial_merge_size=req("spatial_merge_size"),
             in_channels=int(d.get("in_channels", 3) if model_type == QWEN3_VIT else d.get("in_channels", d.get("in_chans", 3))),
             hidden_act=str(d.get("hidden_act", "gelu_pytorch_tanh" if model_type == QWEN3_VIT else "silu")),
-            num_position_embeddings=(int(req("num_position_embeddings")) if model_type == QWEN3_VIT else None),
+            num_position_embeddings=(req("num_position_embeddings") if model_type == QWEN3_VIT else None),
             deepstack_visual_indexes=tuple(int(i) for i in (deepstack or ())),
-            window_size=(int(req("window_size")) if model_type == QWEN2_5_VIT else None),
+            window_size=(req("window_size") if model_type == QWEN2_5_VIT else None),
             fullatt_block_indexes=tuple(int(i) for i in (fullatt or ())),
         )
         cfg.validate()
