@@ -4,6 +4,10 @@ message can be shown as it is. `code` is the stable machine-readable name the se
 
 from __future__ import annotations
 
+from typing import Any
+
+ECHO_CHARS = 64  # of a caller's value quoted in an error message
+
 
 class MingError(Exception):
     """Base of the engine's user-facing errors."""
@@ -19,3 +23,19 @@ class SettingError(MingError):
         super().__init__(message)
         self.code = code
         self.param = param
+
+
+def shown(value: Any, limit: int = ECHO_CHARS) -> str:
+    """A caller's value as an error message quotes it: its repr, cut to `limit` characters, saying how
+    long it was when cut (a 10,000-character model id is not sent back whole)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text):,} characters)"
+
+
+def shown_number(value: Any) -> str:
+    """A caller's number as an error message quotes it: as written, or cut like `shown` when it is
+    long (JSON lets a client write an integer of thousands of digits)."""
+    text = str(value)
+    return text if len(text) <= ECHO_CHARS else shown(text)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.errors import MingError
+from engine.errors import MingError, shown, shown_number
 from engine.generate import Cancelled
 from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress
 from engine.media.image import load_image
@@ -108,13 +108,13 @@ class ImagineRequest:
         self.steps = _int_in("steps", DEFAULT_STEPS if self.steps is None else self.steps, 1, MAX_STEPS)
         g = DEFAULT_GUIDANCE if self.guidance is None else self.guidance
         if isinstance(g, bool) or not isinstance(g, (int, float, np.integer, np.floating)):
-            raise ImageGenError(f"guidance {self.guidance!r} is not a number", "guidance")
+            raise ImageGenError(f"guidance {shown(self.guidance)} is not a number", "guidance")
         try:
             g = float(g)
         except OverflowError:  # an integer past float's range (JSON allows one): out of range below
             g = math.inf
         if not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
-            raise ImageGenError(f"guidance {self.guidance!r} must be between 0 and {MAX_GUIDANCE:g} (<= 1: no CFG)",
+            raise ImageGenError(f"guidance {shown_number(self.guidance)} must be between 0 and {MAX_GUIDANCE:g} (<= 1: no CFG)",
                                 "guidance")
         self.guidance = g
         for name in ("truncation", "normalization"):

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import shown, shown_number  # noqa: F401  (re-exported: the server's errors quote so)
 from engine.media.audio import AudioFrontendConfig, check_clip_length, check_resample_rates, decode_audio
 from engine.media.errors import MediaError
 from engine.media.image import check_aspect, load_image
@@ -39,23 +40,6 @@ def bad(message: str, code: str = "invalid_value", param: str | None = None, sta
     return ApiError(message, code=code, status=status, param=param)
 
 
-ECHO_CHARS = 64  # of a client's value quoted in an error message
-
-
-def shown(value: Any, limit: int = ECHO_CHARS) -> str:
-    """A client's value as an error message quotes it: its repr, cut to `limit` characters, saying how
-    long it was when cut (a 10,000-character model id is not sent back whole)."""
-    text = value if isinstance(value, str) else str(value)
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}… ({len(text):,} characters)"
-
-
-def shown_number(value: Any) -> str:
-    """A client's number as an error message quotes it: as written, or cut like `shown` when it is
-    long (JSON lets a client write an integer of thousands of digits)."""
-    text = str(value)
-    return text if len(text) <= ECHO_CHARS else shown(text)
 
 
 # --------------------------------------------------------------------------- primitive checks

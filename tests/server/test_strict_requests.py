@@ -371,6 +371,20 @@ def test_a_number_too_large_for_a_float_is_a_bad_value_named_and_cut(http, field
     assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/images/generations", {"prompt": "a", "steps": 1, "guidance": HUGE}, "guidance"),
+    ("/v1/images/generations", {"prompt": "a", "steps": 1, "aspect": HUGE}, "aspect"),
+    ("/v1/audio/speech", {"input": "", "task": "music", "music": {"genre": "a", "mood": "b", "instrument": "c",
+                                                                  "theme": "d", "duration": HUGE}}, "music"),
+])
+def test_the_engines_own_refusals_of_a_huge_number_cut_it_too(http, path, body, param):
+    """The image generator's and talker's checks (run up front by the server) quoted such a number whole: a
+    4,000-digit error message. They cut it as the server's own refusals do."""
+    err = error_of(http.post(path, json=body))
+    assert err["param"] == param and len(err["message"]) < 300 and "4,001 characters" in err["message"], \
+        (err["param"], err["message"][:300])
+
+
 def test_realtime_numbers_too_large_for_a_float_are_bad_values_named(server):
     """The same number in a session's sampling, turn detection or video context setting was a server_error."""
     with connect(server.ws_url) as ws:

@@ -23,6 +23,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from engine.errors import shown, shown_number
 from engine.models.imagegen.config import ImageGenError
 
 # key (≈ H/W) -> (H, W), in the order the reference lists them (ties go to the first).
@@ -127,9 +128,9 @@ def parse_aspect(aspect) -> float | None:
         except OverflowError:  # an integer past float's range: refused below
             value = math.inf
         except (TypeError, ValueError):
-            raise ImageGenError(f"aspect {aspect!r} is not a number or a W:H ratio", "aspect") from None
+            raise ImageGenError(f"aspect {shown(aspect)} is not a number or a W:H ratio", "aspect") from None
     if not math.isfinite(value) or value <= 0:
-        raise ImageGenError(f"aspect {aspect!r} must be a positive ratio such as 16:9", "aspect")
+        raise ImageGenError(f"aspect {shown_number(aspect)} must be a positive ratio such as 16:9", "aspect")
     _check_ratio(value, f"aspect {aspect}", "aspect")
     return value
 

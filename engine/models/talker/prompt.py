@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from engine.errors import MingError
+from engine.errors import MingError, shown, shown_number
 from engine.models.talker.tokenizer import (AUDIO, AUDIO_PATCH, ENDOFTEXT, IM_END, IM_START, VISION_END, VISION_PAD,
                                             VISION_START, TalkerTokenizer)
 
@@ -146,7 +146,7 @@ class Instruction:
                 except OverflowError:  # an integer past float's range: out of range below
                     value = math.inf
                 except (TypeError, ValueError):
-                    raise InstructionError(f"BGM SNR must be a number (dB), got {value!r}") from None
+                    raise InstructionError(f"BGM SNR must be a number (dB), got {shown(value)}") from None
                 if not math.isfinite(value) or not -20 <= value <= 60:
                     raise InstructionError(f"BGM SNR must be between -20 and 60 dB, got {value}")
             else:
@@ -182,7 +182,7 @@ def music_text(genre: str, mood: str, instrument: str, theme: str, duration_s: f
         parts.append(f"{key}{value.strip().rstrip('.')}.")
     # (the range test refuses NaN and infinities; math.isfinite would raise OverflowError on a huge integer)
     if isinstance(duration_s, bool) or not isinstance(duration_s, (int, float)) or not 1 <= duration_s <= 300:
-        raise InstructionError(f"music duration must be between 1 and 300 seconds, got {duration_s!r}")
+        raise InstructionError(f"music duration must be between 1 and 300 seconds, got {shown_number(duration_s)}")
     return " " + " ".join(parts) + f" Duration: {int(round(duration_s))}s."
 
 
