@@ -177,9 +177,12 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
     runtime = None
     consumed: set[str] = set()
     components = {cfg.llm_weight_prefix: llm, **encoders.components()}
-    # a tensor no module takes is named before any is read (every read path takes checkpoint_entries' names)
-    check_unexpected(files, {name for prefix, module in components.items()
-                             for name, _ in checkpoint_entries(module, prefix)})
+    # a tensor no module takes is named before any is read (every read path takes checkpoint_entries' names);
+    # a tied model's stored lm_head.weight is skipped: the reference re-ties after loading, the embedding table wins
+    tied_head = cfg.llm_weight_prefix + "lm_head.weight"
+    ignored = {tied_head} if cfg.llm.tie_word_embeddings else set()
+    check_unexpected(files, ignored | {name for prefix, module in components.items()
+                                       for name, _ in checkpoint_entries(module, prefix)})
     with files.reader(progress) as reader:  # progress: tensors read of the whole checkpoint
         for prefix, module in components.items():
             if module is llm and (custom_experts or int8_paths or fused_banks):
@@ -203,10 +206,7 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype = "fp32", device
                 consumed |= load_module(module, reader, prefix, numerics.dtype, dev)
             module.eval()
     llm.tie_weights()
-    tied_head = cfg.llm_weight_prefix + "lm_head.weight"
-    if cfg.llm.tie_word_embeddings and tied_head in files.weight_map:
-        consumed.add(tied_head)  # the reference re-ties after loading: the embedding table wins
-    check_unexpected(files, consumed)
+    check_unexpected(files, consumed | ignored)
     cpu_quantized = pack_cpu_experts and plan is None and expert_dtype != "bf16" and dev.type == "cpu"
     if cpu_quantized:
         for bank in banks.values():  # int8/int4 weight-only CPU kernels read the quantised bytes
