@@ -56,6 +56,14 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature (HF's TemperatureLogitsWarper), finite for any temperature > 0: the row's best
+    logit is moved to 0 first (softmax does not change) and 1 / temperature is held to the dtype's range,
+    so a temperature of 1e-40 is near-greedy rather than inf - inf = NaN everywhere."""
+    scale = min(1.0 / temperature, torch.finfo(logits.dtype).max)
+    return (logits - logits.amax(dim=-1, keepdim=True)) * scale
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
@@ -63,8 +71,10 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        # keep the smallest set reaching top_p (the best token always stays: its mass before it is 0 < top_p)
+        # keep the smallest set reaching top_p; the best token always stays (HF's min_tokens_to_keep=1), also
+        # for a top_p below the dtype's smallest number (1e-50 is 0 in fp32, which would remove every token)
         remove = probs.cumsum(-1) - probs >= top_p
+        remove[..., 0] = False
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
     return logits
 
@@ -102,7 +112,7 @@ class Sampler:
             logits = apply_repetition_penalty(logits, self.seen, p.repetition_penalty)
         if p.greedy:
             return logits.argmax(dim=-1)
-        probs = filter_top_k_top_p(logits / p.temperature, p.top_k, p.top_p).softmax(-1)
+        probs = filter_top_k_top_p(apply_temperature(logits, p.temperature), p.top_k, p.top_p).softmax(-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         # a zero draw would turn a removed token (p = 0) into 0/0: keep q strictly positive
         return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)

@@ -42,3 +42,18 @@ def test_seeded_draws_reproduce_and_follow_the_distribution():
     assert torch.equal(a, b) and not torch.equal(a, c)
     freq = torch.bincount(a, minlength=5).float() / a.numel()
     assert (freq - probs).abs().max() < 0.015 and freq[4] == 0
+
+
+def test_extreme_temperature_and_top_p_stay_near_greedy_instead_of_nan():
+    """A temperature or top_p the server accepts but fp32 cannot hold (1e-40 / 1e-300 / 1e-50 underflow to
+    0 or overflow logits / t to inf) made every probability NaN and the draw token 0 whatever the logits;
+    near 0 both mean the best token (ties drawn among the best), as top-1 (HF's min_tokens_to_keep=1)."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, -1.0, 0.5]]).expand(64, -1)
+    for kw in ({"temperature": 1e-40}, {"temperature": 1e-300}, {"temperature": 5e-324},
+               {"temperature": 1.0, "top_p": 1e-50}, {"temperature": 1e-300, "top_p": 1e-300}):
+        ids = Sampler(GenerationParams(seed=3, **kw), vocab_size=6, batch=64)(logits)
+        assert set(ids.tolist()) <= {1, 3}, kw  # the two tied best logits, never token 0
+        if "top_p" not in kw:
+            assert set(ids.tolist()) == {1, 3}, kw  # a tie is still a draw
+    assert Sampler(GenerationParams(temperature=1.0, top_p=1e-50, seed=3), 4)(
+        torch.tensor([[0.0, 0.2, 5.0, 0.1]])).item() == 2
