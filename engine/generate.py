@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -220,6 +220,16 @@ def context_error(prompt_tokens: int, max_new_tokens: int, limit: int) -> Error 
     return None
 
 
+def fit_to_context(params: GenerationParams, prompt_tokens: int, limit: int) -> GenerationParams:
+    """`params` whose max_new_tokens nobody asked for (`fit_context`) cut to the room the prompt leaves in
+    the context, so the reply ends there with finish_reason "length"; any other `params` as given
+    (context_error refuses what cannot fit)."""
+    room = limit - prompt_tokens
+    if params.fit_context and 0 < room < params.max_new_tokens:
+        return replace(params, max_new_tokens=room)
+    return params
+
+
 def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int], params: GenerationParams,
              cancel: threading.Event | None = None, mm: MultimodalInputs | None = None,
              image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
@@ -239,6 +249,7 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
     if not prompt_ids:
         yield Error("empty prompt", code="invalid_request")
         return
+    params = fit_to_context(params, len(prompt_ids), cfg.max_position_embeddings)
     too_long = context_error(len(prompt_ids), params.max_new_tokens, cfg.max_position_embeddings)
     if too_long is not None:
         yield too_long

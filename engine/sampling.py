@@ -24,10 +24,18 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # max_new_tokens is a ceiling nobody asked for (a default, realtime's "inf"): a prompt leaving less room in
+    # the context is answered up to the context's end (finish_reason "length") rather than refused
+    fit_context: bool = False
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0
+
+    @property
+    def room_needed(self) -> int:
+        """The fewest new tokens the prompt must leave room for in the model's context."""
+        return 1 if self.fit_context else self.max_new_tokens
 
     def validate(self) -> "GenerationParams":
         problems = []

@@ -373,3 +373,37 @@ def test_cpu_decode_loop_runs_each_half_layer_in_one_native_call(tiny_checkpoint
     layers = len(fast.model.llm.model.layers)
     assert calls == [slot for slot in range(24, 29) for _ in range(layers)]  # every layer, at the loop's slots
     torch.testing.assert_close(logits["native"], logits["torch"], atol=1e-4, rtol=1e-4)
+
+
+def short_context_engine(engine, context: int):
+    """`engine` (shared weights and lock) as if its checkpoint's context were `context` tokens."""
+    import copy
+    import dataclasses
+
+    cfg = engine.model.config
+    model = dataclasses.replace(engine.model, config=dataclasses.replace(
+        cfg, llm=dataclasses.replace(cfg.llm, max_position_embeddings=context)))
+    short = copy.copy(engine)
+    short.model = model
+    return short
+
+
+def test_a_limit_nobody_asked_for_ends_at_the_context_with_finish_length(tiny_engine):
+    """A prompt leaving 5 tokens of the context: with max_new_tokens a default ceiling (fit_context: a server
+    request naming no max_tokens, Engine.chat without params) the reply runs to the context's end and says
+    "length" (it was refused with context_length_exceeded for a limit the request never set); a limit the
+    request names still cannot pass the context, and a prompt filling the context is still refused."""
+    prompt = tiny_engine.processor.build(MSG).ids
+    short = short_context_engine(tiny_engine, len(prompt) + 5)
+    done = _done(list(short.chat(MSG, GenerationParams(max_new_tokens=50, fit_context=True))))
+    assert done.finish_reason == "length" and len(done.token_ids) == 5
+    assert done.token_ids == _done(_run(tiny_engine, max_new_tokens=5)).token_ids
+    done = _done(list(short.chat(MSG)))  # no params: the default ceiling is not a request
+    assert done.finish_reason == "length" and len(done.token_ids) == 5
+    events = list(generate(short.model, short.tokenizer, prompt, GenerationParams(max_new_tokens=50, fit_context=True)))
+    assert _done(events).finish_reason == "length" and len(_done(events).token_ids) == 5
+    refused = list(short.chat(MSG, GenerationParams(max_new_tokens=50)))
+    assert len(refused) == 1 and refused[0].code == "context_length_exceeded"
+    full = short_context_engine(tiny_engine, len(prompt))
+    refused = list(full.chat(MSG, GenerationParams(max_new_tokens=50, fit_context=True)))
+    assert len(refused) == 1 and refused[0].code == "context_length_exceeded"

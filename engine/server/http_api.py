@@ -354,7 +354,7 @@ async def chat_completions(request: Request):
         messages, system = convert_messages(raw_messages, ctx.limits)
     if ctx.prompt_bound is not None:  # text that cannot fit is refused now, counted off the event loop
         texts = ([system] if system else []) + [t for m in messages for t in texts_of(m["content"])]
-        await ctx.prompt_bound.check_tokens(texts, params.max_new_tokens, "the messages", "messages")
+        await ctx.prompt_bound.check_tokens(texts, params.room_needed, "the messages", "messages")
     engine = ctx.engine
     output = output_kwargs(modalities, voice)
 

@@ -2,7 +2,9 @@
 the output modalities a request may ask of the loaded engine.
 
 Field names accepted for the token limit (two that disagree are refused): max_completion_tokens,
-max_tokens, max_output_tokens, max_response_output_tokens (realtime; "inf" = the server's cap);
+max_tokens, max_output_tokens, max_response_output_tokens (realtime; "inf" = the server's cap). A limit
+the request names must fit the context with the prompt; none (the server's default) or "inf" is a
+ceiling that stops at the context's end (GenerationParams.fit_context);
 temperature (absent = 0, greedy), top_p, seed, stop (string or list), and the extensions top_k and
 repetition_penalty.
 """
@@ -106,10 +108,14 @@ def generation_params(body: dict, limits: Limits, base: GenerationParams | None 
                       where: str = "", inf_ok: bool = False) -> GenerationParams:
     """`base` holds session defaults (realtime); fields present in `body` override them. `where`: the fields'
     path in errors ("session.", "response."; HTTP bodies: none); `inf_ok`: a token limit may be "inf"."""
-    base = base or GenerationParams(max_new_tokens=limits.default_max_tokens)
+    base = base or GenerationParams(max_new_tokens=limits.default_max_tokens, fit_context=True)
+    # a limit the request names is kept (or refused when the prompt leaves less room); the server's default
+    # and realtime's "inf" are ceilings nobody asked for, cut to the context's room (finish_reason "length")
+    named = [body[f] for f in TOKEN_FIELDS if body.get(f) is not None]
     p = GenerationParams(max_new_tokens=max_tokens_from(body, limits, base.max_new_tokens, where, inf_ok),
                          temperature=base.temperature, top_p=base.top_p, top_k=base.top_k,
-                         repetition_penalty=base.repetition_penalty, seed=base.seed, stop=list(base.stop))
+                         repetition_penalty=base.repetition_penalty, seed=base.seed, stop=list(base.stop),
+                         fit_context=all(inf_ok and v == "inf" for v in named) if named else base.fit_context)
     if body.get("temperature") is not None:
         p.temperature = float(need_number(body["temperature"], where + "temperature", 0, 2))
     if body.get("top_p") is not None:

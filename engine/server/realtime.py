@@ -845,7 +845,7 @@ class RealtimeConnection:
                            code="conversation_too_long")
         if self.ctx.prompt_bound is not None:  # a conversation that cannot fit is refused now, counted off the loop
             texts = ([instructions] if instructions else []) + [t for m in messages for t in texts_of(m["content"])]
-            await self.ctx.prompt_bound.check_tokens(texts, params.max_new_tokens, "the conversation and instructions")
+            await self.ctx.prompt_bound.check_tokens(texts, params.room_needed, "the conversation and instructions")
             if self.session.active is not None:  # another response started while the text was counted
                 raise bad(f"conversation already has an active response ({self.session.active.id})",
                           "conversation_already_has_active_response")

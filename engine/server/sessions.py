@@ -154,7 +154,8 @@ class Session:
         self.registry = registry  # the server's open sessions: their media count against max_total_media_bytes
         self.created_at = time.time()
         self.limits = limits
-        self.settings = SessionSettings(params=GenerationParams(max_new_tokens=limits.default_max_tokens))
+        self.settings = SessionSettings(params=GenerationParams(max_new_tokens=limits.default_max_tokens,
+                                                                fit_context=True))
         self.audio = AudioBuffer()
         self.clip = WebcamClip(max_buffer_frames=limits.max_video_frames, history_seconds=float("inf"),
                                max_buffer_bytes=limits.max_session_media_bytes)

@@ -14,7 +14,8 @@ import pytest
 from tokenizers import Tokenizer
 from websockets.sync.client import connect
 
-from tests.server import recv_item, recv_json, running_server
+from tests.server import recv_item, recv_json, recv_until, running_server
+from tests.test_generate import short_context_engine
 
 
 def expected_bound(server, engine) -> int:
@@ -235,3 +236,35 @@ def test_a_media_prompt_that_cannot_fit_is_refused_before_its_media_is_encoded(s
                    json={"messages": [{"role": "user", "content": content[:1] + content[-1:]}], "max_tokens": 2})
     assert r.status_code == 400 and "encode_media ran" in r.json()["error"]["message"], r.text
     assert len(encoded) == 1
+
+
+def test_a_request_naming_no_token_limit_runs_to_the_end_of_the_context(tiny_engine):
+    """A prompt leaving 5 tokens of the context: a chat naming no max_tokens (the server's default of 256 is
+    no request) and a realtime response under the session's default or "inf" end there, finish_reason
+    "length" / status incomplete (they were refused with context_length_exceeded); a limit the request
+    names that cannot fit is still refused."""
+    msg = [{"role": "user", "content": "Hello"}]
+    short = short_context_engine(tiny_engine, len(tiny_engine.processor.build(msg).ids) + 5)
+    with running_server(short) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={"messages": msg})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 5, body
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={"messages": msg, "max_tokens": 50})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        with connect(srv.ws_url, max_size=None) as ws:
+            assert recv_json(ws)["type"] == "session.created"
+            ws.send(json.dumps({"type": "conversation.item.create",
+                                "item": {"type": "message", "role": "user", "content": "Hello"}}))
+            recv_item(ws)
+            for response in ({}, {"max_output_tokens": "inf"}):
+                ws.send(json.dumps({"type": "response.create", "response": response}))
+                done = recv_until(ws, "response.done")[-1]["response"]
+                assert done["status"] == "incomplete" and done["usage"]["output_tokens"] == 5, done
+                ws.send(json.dumps({"type": "conversation.item.delete", "item_id": done["output"][0]["id"]}))
+                assert recv_json(ws)["type"] == "conversation.item.deleted"
+            ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 50}}))
+            events = recv_until(ws, "response.done")
+            errors = [ev["response"]["status_details"]["error"] if ev["type"] == "response.done" else ev.get("error")
+                      for ev in events if ev["type"] in ("error", "response.done")]
+            assert any(e and e["code"] == "context_length_exceeded" for e in errors), events
