@@ -255,7 +255,9 @@ class MingProcessor:
             raise PromptError("no user message")
         if ROLE_NAMES[turns[-1]["role"]] != "HUMAN":
             raise PromptError("the last message must come from the user")
-        system = system_prompt if system_prompt is not None else ("\n".join(system_texts) or DEFAULT_SYSTEM_PROMPT)
+        # a system message replaces the default sentence even when empty, as the reference's sys_prompt_exp=""
+        system = system_prompt if system_prompt is not None else (
+            "\n".join(system_texts) if system_texts else DEFAULT_SYSTEM_PROMPT)
         pieces: list[tuple[str, bool]] = [(f"{ROLE_START}SYSTEM{ROLE_END_TAG}", True), (system, False),
                                           (THINKING_SUFFIX.format("on" if thinking else "off") + TURN_END, True)]
         for m in turns:

@@ -220,3 +220,16 @@ def test_media_given_as_file_or_data_urls_are_read_as_the_reference_reads_them(t
                           ("data:image/png;base64,@@@", "invalid base64")):
         with pytest.raises(MediaError, match=words):
             prompt({"type": "image", "image": source})
+
+
+def test_an_empty_system_message_leaves_the_system_sentence_empty(tok):
+    """An explicit empty system message (OpenAI clients send "" for "no system prompt") gave the model the
+    default persona sentence; the reference's sys_prompt_exp="" (processing_bailingmm2.apply_system_template)
+    and the tokenizer_config template both render it empty, and so does system_prompt="" and the server."""
+    want = "<role>SYSTEM</role>\n\ndetailed thinking off<|role_end|><role>HUMAN</role>hi<|role_end|><role>ASSISTANT</role>"
+    for content in ("", [], [{"type": "text", "text": ""}]):
+        p = build_chat_prompt([{"role": "system", "content": content}, {"role": "user", "content": "hi"}], tok)
+        assert p.text == want, content
+        assert p.ids == tok.encode(want)
+    assert build_chat_prompt([{"role": "user", "content": "hi"}], tok, system_prompt="").text == want
+    assert "你是一个友好的AI助手。" in build_chat_prompt([{"role": "user", "content": "hi"}], tok).text
