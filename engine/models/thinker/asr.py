@@ -63,24 +63,42 @@ def parse_transcript(output: str, forced_language: str | None = None) -> Transcr
 
 
 class TranscriptStream:
-    """Streams only the transcript part of `Language\\ttext`: holds text back until the tab."""
+    """Streams exactly the transcript `parse_transcript` reads from the whole output: the text after the first
+    tab (all of it when no tab comes, or with a forced language) without the whitespace around it. Text is held
+    back until the tab; then leading whitespace is dropped and trailing whitespace waits for the text after it,
+    so the deltas joined equal the final transcript."""
 
     def __init__(self, forced_language: str | None = None):
         self.seen_tab = bool(forced_language)
-        self.buffer = ""
+        self.buffer = ""  # before the tab: all the text; after it: the whitespace held back
+        self.started = False  # the transcript's first non-space character went out
+
+    def _transcript(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        text = self.buffer + text
+        body = text.rstrip()
+        self.buffer = text[len(body):]
+        return body
 
     def feed(self, delta: str) -> str:
         if self.seen_tab:
-            return delta
+            return self._transcript(delta)
         self.buffer += delta
         if "\t" in self.buffer:
             self.seen_tab = True
-            return self.buffer.split("\t", 1)[1]
+            rest = self.buffer.split("\t", 1)[1]
+            self.buffer = ""
+            return self._transcript(rest)
         return ""
 
     def flush(self) -> str:
-        """At the end of the output: the text still held back when no tab came. `parse_transcript` then reads
-        the whole output as the transcript (no language), so the streamed text ends as that one does."""
-        held, self.buffer = ("" if self.seen_tab else self.buffer), ""
-        self.seen_tab = True
+        """At the end of the output: the text still held back when no tab came (`parse_transcript` then reads
+        the whole output as the transcript, no language); trailing whitespace is dropped."""
+        held = ""
+        if not self.seen_tab:
+            self.seen_tab, whole, self.buffer = True, self.buffer, ""
+            held = self._transcript(whole)
+        self.buffer = ""
         return held
