@@ -269,6 +269,11 @@ class MingProcessor:
         if assistant_prefix:
             pieces.append((assistant_prefix, False))
         out.text = "".join(t for t, _ in pieces)
+        try:  # a lone UTF-16 surrogate (JSON's "\\ud800", a JS string cut mid-pair) is no character to tokenise
+            out.text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PromptError(f"the text holds a lone surrogate {out.text[e.start]!r} (half of a UTF-16 pair), "
+                              "which is not a character") from None
         out.ids = self.tokenizer.encode_pieces(pieces)
         out.audio_spans = self._audio_spans(out.ids, out.audios)
         return out

@@ -233,3 +233,14 @@ def test_an_empty_system_message_leaves_the_system_sentence_empty(tok):
         assert p.ids == tok.encode(want)
     assert build_chat_prompt([{"role": "user", "content": "hi"}], tok, system_prompt="").text == want
     assert "你是一个友好的AI助手。" in build_chat_prompt([{"role": "user", "content": "hi"}], tok).text
+
+
+def test_a_lone_surrogate_is_a_prompt_error_not_a_crash(tiny_engine):
+    """Text holding half a UTF-16 pair ("\\ud800" from JSON, a JS string cut mid-pair) made Engine.chat raise the
+    tokenizer's TypeError out of the stream; it ends with an invalid_request Error event, as other bad input."""
+    for messages, kw in (([{"role": "user", "content": "a\ud800b"}], {}),
+                         ([{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}], {}),
+                         ([{"role": "user", "content": "hi"}], {"system_prompt": "x\udc80"})):
+        events = list(tiny_engine.chat(messages, **kw))
+        assert len(events) == 1 and events[0].code == "invalid_request" and "surrogate" in events[0].message, events
+    assert list(tiny_engine.chat([{"role": "user", "content": "a\U0001F642b"}]))[-1].finish_reason in ("stop", "length")
