@@ -298,7 +298,8 @@ class Engine:
         messages = asr_messages(audio, context, hotwords, sample_rate)
         forced = prefix[:-1] if prefix else None
         stream = TranscriptStream(forced)
-        for ev in self.chat(messages, params or GenerationParams(max_new_tokens=512), cancel, assistant_prefix=prefix):
+        params = params or GenerationParams(max_new_tokens=512, fit_context=True)
+        for ev in self.chat(messages, params, cancel, assistant_prefix=prefix):
             if isinstance(ev, TextDelta):
                 text = stream.feed(ev.text)
                 if text:

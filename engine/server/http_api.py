@@ -422,13 +422,14 @@ async def transcriptions(request: Request):
         stream = form_flag(form, "stream")
         numbers = {"temperature": form_number(form, "temperature"), "max_tokens": form_number(form, "max_tokens")}
         params = generation_params({k: v for k, v in numbers.items() if v is not None}, limits,
-                                   base=GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS, limits.max_new_tokens)))
+                                   base=GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS, limits.max_new_tokens),
+                                                         fit_context=True))
     finally:
         await form.close()
     if ctx.prompt_bound is not None and (context or hotwords):  # text that cannot fit: refused before it queues
         texts, param = [context or "", *hotwords], "prompt" if context else "hotwords"
         ctx.prompt_bound.check(sum(map(len, texts)), f"the {param}", param)
-        await ctx.prompt_bound.check_tokens(texts, params.max_new_tokens, f"the {param}", param)
+        await ctx.prompt_bound.check_tokens(texts, params.room_needed, f"the {param}", param)
     audio = await asyncio.to_thread(codec.audio_file, raw, limits, "file", True)  # (a recording's audio track too)
     engine = ctx.engine
 

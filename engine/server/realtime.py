@@ -500,7 +500,8 @@ class RealtimeConnection:
             return
         engine, language = self.ctx.engine, spec["language"]
         tag = transcription_tag(language, "language")
-        params = GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS, self.limits.max_new_tokens))
+        params = GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS, self.limits.max_new_tokens),
+                                  fit_context=True)
 
         def run(cancel, _a=audio, _p=params, _c=spec["prompt"], _t=tag):
             return engine.transcribe(_a.samples, context=_c, dialect=_t, params=_p, cancel=cancel,

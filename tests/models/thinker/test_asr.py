@@ -94,3 +94,38 @@ def test_the_engine_streams_the_transcript_it_returns(tiny_engine):
         assert isinstance(events[-1], Done)
         streamed = "".join(e.text for e in events if isinstance(e, TextDelta))
         assert streamed and streamed == events[-1].result["text"], (streamed, events[-1].result)
+
+
+def test_a_transcription_with_its_default_limit_ends_at_the_context(tiny_engine):
+    """A clip whose prompt leaves 4 tokens of the context: the transcription's default limit (512, which no
+    request named) was refused with context_length_exceeded; it now transcribes up to the context's end,
+    in the engine and through POST /v1/audio/transcriptions (no max_tokens), which still refuses a named limit."""
+    import io
+    import wave
+
+    import httpx
+
+    from engine.events import Done
+    from engine.models.thinker.asr import asr_messages
+    from tests.server import running_server
+    from tests.test_generate import short_context_engine
+
+    audio = (np.random.default_rng(1).standard_normal(16000) * 0.1).astype(np.float32)
+    prompt = tiny_engine.processor.build(asr_messages(audio, sample_rate=16000)).ids
+    short = short_context_engine(tiny_engine, len(prompt) + 4)
+    done = list(short.transcribe(audio, sample_rate=16000))[-1]
+    assert isinstance(done, Done) and done.finish_reason == "length" and len(done.token_ids) == 4, done
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((audio * 32767).astype(np.int16).tobytes())
+    with running_server(short) as srv:
+        def post(**data):
+            return httpx.post(srv.url + "/v1/audio/transcriptions", timeout=60, data={"model": "whisper-1", **data},
+                              files={"file": ("a.wav", buf.getvalue(), "audio/wav")})
+        r = post()
+        assert r.status_code == 200, r.text
+        r = post(max_tokens="50")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
