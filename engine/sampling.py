@@ -45,10 +45,12 @@ class GenerationParams:
             problems.append(f"temperature must be in [0, 100] (got {self.temperature})")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0 (got {self.top_k})")
-        if self.repetition_penalty <= 0:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an integer >= 0 (got {self.top_k!r})")
+        if not self.repetition_penalty > 0:  # (NaN too)
             problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        if isinstance(self.stop, str):  # one stop string, as OpenAI's and HF's stop fields take it, not its characters
+            self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop strings must be non-empty strings")
         if problems:

@@ -407,3 +407,13 @@ def test_a_limit_nobody_asked_for_ends_at_the_context_with_finish_length(tiny_en
     full = short_context_engine(tiny_engine, len(prompt))
     refused = list(full.chat(MSG, GenerationParams(max_new_tokens=50, fit_context=True)))
     assert len(refused) == 1 and refused[0].code == "context_length_exceeded"
+
+
+def test_one_stop_string_given_as_a_str_is_one_stop_string(tiny_engine):
+    text = _done(_run(tiny_engine, max_new_tokens=24)).text
+    stop = " " + text.split()[2]  # the third word: some of its characters come earlier (read one by one, they stop there)
+    cut = text.index(stop)
+    assert any(c in text[:cut] for c in stop)
+    as_str = _done(_run(tiny_engine, max_new_tokens=24, stop=stop))
+    assert as_str.text == _done(_run(tiny_engine, max_new_tokens=24, stop=[stop])).text == text[:cut]
+    assert as_str.finish_reason == "stop"

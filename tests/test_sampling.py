@@ -57,3 +57,18 @@ def test_extreme_temperature_and_top_p_stay_near_greedy_instead_of_nan():
             assert set(ids.tolist()) == {1, 3}, kw  # a tie is still a draw
     assert Sampler(GenerationParams(temperature=1.0, top_p=1e-50, seed=3), 4)(
         torch.tensor([[0.0, 0.2, 5.0, 0.1]])).item() == 2
+
+
+def test_parameters_the_python_api_gets_wrong_are_refused_or_read_as_meant():
+    """stop="END" (one string, as OpenAI's and HF's stop fields take it) was read as its characters, so the
+    reply stopped at the first 'E', 'N' or 'D'; a NaN repetition_penalty (NaN <= 0 is false) turned every
+    seen token's logit into NaN and greedy picked one of them; top_k 2.5 failed inside torch.topk."""
+    assert GenerationParams(stop="END").validate().stop == ["END"]
+    for kw, word in (({"repetition_penalty": float("nan")}, "repetition_penalty"), ({"top_k": 2.5}, "top_k"),
+                     ({"top_k": True}, "top_k")):
+        try:
+            GenerationParams(**kw).validate()
+        except ValueError as e:
+            assert word in str(e)
+        else:
+            raise AssertionError(f"{kw} accepted")
