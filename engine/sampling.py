@@ -84,7 +84,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         # keep the smallest set reaching top_p; the best token always stays (HF's min_tokens_to_keep=1), also
         # for a top_p below the dtype's smallest number (1e-50 is 0 in fp32, which would remove every token)
         remove = probs.cumsum(-1) - probs >= top_p
-        remove[..., 0] = False
+        remove[..., 0].fill_(False)  # (fill_, not `= False`: no host scalar lifted onto the device)
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
     return logits
 
