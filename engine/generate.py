@@ -212,18 +212,22 @@ class TokenReader:
 
 # ---------------------------------------------------------------------------------------------- the loop
 
-def context_error(prompt_tokens: int, max_new_tokens: int, limit: int) -> Error | None:
-    """context_length_exceeded when the prompt and the tokens asked for cannot fit the model's context."""
-    if prompt_tokens + max_new_tokens > limit:
-        return Error(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                     f"context of {limit} tokens", code="context_length_exceeded")
+def context_error(prompt_tokens: int, params: GenerationParams, limit: int) -> Error | None:
+    """context_length_exceeded when the prompt and the tokens asked for cannot fit the model's context; for a
+    ceiling nobody asked for (`params.fit_context`), when the prompt leaves no room at all."""
+    if params.fit_context and prompt_tokens >= limit:
+        return Error(f"the prompt ({prompt_tokens} tokens) fills the model's context of {limit} tokens: no room is "
+                     "left for a reply", code="context_length_exceeded")
+    if not params.fit_context and prompt_tokens + params.max_new_tokens > limit:
+        return Error(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                     f"model's context of {limit} tokens", code="context_length_exceeded")
     return None
 
 
 def fit_to_context(params: GenerationParams, prompt_tokens: int, limit: int) -> GenerationParams:
     """`params` whose max_new_tokens nobody asked for (`fit_context`) cut to the room the prompt leaves in
     the context, so the reply ends there with finish_reason "length"; any other `params` as given
-    (context_error refuses what cannot fit)."""
+    (context_error first refuses what cannot fit)."""
     room = limit - prompt_tokens
     if params.fit_context and 0 < room < params.max_new_tokens:
         return replace(params, max_new_tokens=room)
@@ -249,11 +253,11 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
     if not prompt_ids:
         yield Error("empty prompt", code="invalid_request")
         return
-    params = fit_to_context(params, len(prompt_ids), cfg.max_position_embeddings)
-    too_long = context_error(len(prompt_ids), params.max_new_tokens, cfg.max_position_embeddings)
+    too_long = context_error(len(prompt_ids), params, cfg.max_position_embeddings)
     if too_long is not None:
         yield too_long
         return
+    params = fit_to_context(params, len(prompt_ids), cfg.max_position_embeddings)
     eos_ids = eos_ids if eos_ids is not None else set(cfg.eos_token_ids) | {tokenizer.eos_id}
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     decoder = tokenizer.stream_decoder()

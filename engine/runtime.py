@@ -22,7 +22,7 @@ import torch
 from engine.models.thinker.asr import TranscriptStream, asr_messages, dialect_prefix, parse_transcript
 from engine.errors import MingError
 from engine.events import AudioChunk, Done, Error, Event, GenerationStats, TextDelta
-from engine.generate import Cancelled, context_error, fit_to_context, generate, stop_if_set
+from engine.generate import Cancelled, context_error, generate, stop_if_set
 from engine.models.thinker.llm import AudioSpan, MultimodalInputError, MultimodalInputs
 from engine.media.errors import MediaError
 from engine.models.thinker.processor import MediaSettings, MingProcessor, ProcessedPrompt
@@ -201,9 +201,8 @@ class Engine:
                      prompt: ProcessedPrompt | None = None, t_start: float | None = None) -> Iterator[Event]:
         # a prompt that cannot fit is refused before its media is encoded (minutes of ViT / Whisper work on
         # a CPU, holding the engine from every other request, for a refusal known from the token count)
-        limit = self.model.config.llm.max_position_embeddings
-        too_long = context_error(len(prompt_ids), fit_to_context(params or GenerationParams(), len(prompt_ids),
-                                                                 limit).max_new_tokens, limit)
+        too_long = context_error(len(prompt_ids), params or GenerationParams(),
+                                 self.model.config.llm.max_position_embeddings)
         if too_long is not None:
             yield too_long
             return

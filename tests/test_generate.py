@@ -407,6 +407,7 @@ def test_a_limit_nobody_asked_for_ends_at_the_context_with_finish_length(tiny_en
     full = short_context_engine(tiny_engine, len(prompt))
     refused = list(full.chat(MSG, GenerationParams(max_new_tokens=50, fit_context=True)))
     assert len(refused) == 1 and refused[0].code == "context_length_exceeded"
+    assert "no room is left for a reply" in refused[0].message  # (it named a max_new_tokens nobody asked for)
 
 
 def test_one_stop_string_given_as_a_str_is_one_stop_string(tiny_engine):
