@@ -412,7 +412,7 @@ def test_a_limit_nobody_asked_for_ends_at_the_context_with_finish_length(tiny_en
 
 def test_one_stop_string_given_as_a_str_is_one_stop_string(tiny_engine):
     text = _done(_run(tiny_engine, max_new_tokens=24)).text
-    stop = " " + text.split()[2]  # the third word: some of its characters come earlier (read one by one, they stop there)
+    stop = " " + text.split()[2]  # the third word: some of its characters come earlier (one by one, they stop there)
     cut = text.index(stop)
     assert any(c in text[:cut] for c in stop)
     as_str = _done(_run(tiny_engine, max_new_tokens=24, stop=stop))

@@ -226,7 +226,8 @@ def test_an_empty_system_message_leaves_the_system_sentence_empty(tok):
     """An explicit empty system message (OpenAI clients send "" for "no system prompt") gave the model the
     default persona sentence; the reference's sys_prompt_exp="" (processing_bailingmm2.apply_system_template)
     and the tokenizer_config template both render it empty, and so does system_prompt="" and the server."""
-    want = "<role>SYSTEM</role>\n\ndetailed thinking off<|role_end|><role>HUMAN</role>hi<|role_end|><role>ASSISTANT</role>"
+    want = ("<role>SYSTEM</role>\n\ndetailed thinking off<|role_end|>"
+            "<role>HUMAN</role>hi<|role_end|><role>ASSISTANT</role>")
     for content in ("", [], [{"type": "text", "text": ""}]):
         p = build_chat_prompt([{"role": "system", "content": content}, {"role": "user", "content": "hi"}], tok)
         assert p.text == want, content
