@@ -621,15 +621,19 @@ def chat_completion(completion_id: str, created: int, model: str, got: Collected
 
 
 def transcription_body(done: Done, metrics_obj: dict | None, duration_s: float | None = None) -> dict:
-    """/v1/audio/transcriptions result (json; verbose_json adds task and duration). Ours, beside
-    `metrics`: `finish_reason`, "length" when the transcript was cut at max_tokens (OpenAI's has none)."""
+    """/v1/audio/transcriptions result: json (usage in tokens), or with the clip's `duration_s` verbose_json, whose
+    `language` is always a string ("" when the model named none) and whose usage is the clip's duration, as OpenAI's
+    verbose body has them (`TranscriptionVerbose`). Ours, beside `metrics`: `finish_reason`, "length" when the
+    transcript was cut at max_tokens (OpenAI's has none)."""
     res = done.result or {}
     out = {"text": res.get("text", ""), "language": res.get("language"), "usage": usage(done.stats, "transcription")}
     if metrics_obj is not None:  # None: OpenAI's fields only (--openai-only)
         out["metrics"] = metrics_obj
         out["finish_reason"] = finish_reason_http(done)
     if duration_s is not None:
-        out.update({"task": "transcribe", "duration": round(duration_s, 3)})
+        seconds = round(duration_s, 3)
+        out.update({"task": "transcribe", "language": out["language"] or "", "duration": seconds,
+                    "usage": {"type": "duration", "seconds": seconds}})
     return out
 
 

@@ -1,0 +1,41 @@
+"""OpenAI's own `openai` package against a real server on the tiny engine: every answer it gets parses into
+the SDK's typed model *and validates* (`model_validate` of what it read: the SDK itself only constructs its
+models, so a field of the wrong shape passes silently until a client's own code trips over it)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.server import running_server, tone_pcm16, wav_bytes
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    with running_server(tiny_engine) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused-on-loopback", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def validated(obj):
+    """`obj` (an SDK model) as OpenAI's types require it: validating what the SDK read raises on a wrong shape."""
+    return type(obj).model_validate(obj.model_dump())
+
+
+CLIP = ("clip.wav", wav_bytes(tone_pcm16(0.5), 16000))
+
+
+@pytest.mark.parametrize("language", [None, "en"])
+def test_verbose_json_transcription_is_openais_shape(client, language):
+    kwargs = {"language": language} if language else {}
+    got = validated(client.audio.transcriptions.create(model="whisper-1", file=CLIP, response_format="verbose_json",
+                                                        extra_body={"max_tokens": 8}, **kwargs))
+    assert got.duration == pytest.approx(0.5) and isinstance(got.language, str)
+    assert got.usage.type == "duration" and got.usage.seconds == pytest.approx(0.5)
+    plain = validated(client.audio.transcriptions.create(model="whisper-1", file=CLIP, extra_body={"max_tokens": 8}))
+    assert plain.usage.type == "tokens" and plain.usage.output_tokens >= 1  # json keeps its token usage
