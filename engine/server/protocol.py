@@ -903,10 +903,11 @@ def image_data(ev: ImageDone, image_b64: str, extensions: bool) -> dict:
 def images_body(created: int, images: list[tuple[ImageDone, str]], done: Done, output_format: str,
                 metrics_obj: dict, extensions: bool = True) -> dict:
     """The non-streaming images response: `images` holds (ImageDone, base64 of the file in
-    `output_format`) pairs in order."""
+    `output_format`) pairs in order. No `quality`: OpenAI's answer names the quality it rendered at (low ... max,
+    never "auto"), and ours has no such setting (the request's `quality` has no effect)."""
     first = images[0][0] if images else None
     body = {"created": created, "data": [image_data(ev, b, extensions) for ev, b in images],
-            "background": "opaque", "output_format": output_format, "quality": "auto",
+            "background": "opaque", "output_format": output_format,
             "size": image_size(first.width, first.height) if first else None, "usage": image_usage(done.stats)}
     return {**body, "metrics": metrics_obj} if extensions else body
 

@@ -39,3 +39,11 @@ def test_verbose_json_transcription_is_openais_shape(client, language):
     assert got.usage.type == "duration" and got.usage.seconds == pytest.approx(0.5)
     plain = validated(client.audio.transcriptions.create(model="whisper-1", file=CLIP, extra_body={"max_tokens": 8}))
     assert plain.usage.type == "tokens" and plain.usage.output_tokens >= 1  # json keeps its token usage
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"quality": "high", "style": "vivid", "background": "opaque"},
+                                    {"size": "auto", "quality": "auto"}])
+def test_an_images_answer_validates_whatever_was_asked(client, kwargs):
+    got = validated(client.images.generate(model="gpt-image-1", prompt="a red cup", **{"size": "32x32", **kwargs}))
+    assert got.data and got.data[0].b64_json and got.output_format == "png"
+    assert got.size and "x" in got.size  # the size made, not "auto"
