@@ -47,6 +47,9 @@ def check_output_modalities(value: Any, name: str, engine) -> list[str]:
 
 
 DEFAULT_VOICE = "default"  # names the talker's own voice (as leaving the voice out does)
+# OpenAI's built-in voices, which its SDK's speech call must name: the talker's own voice, unless one is saved so
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse",
+                 "marin", "cedar")
 MAX_VOICE_NAME_CHARS = 64  # engine.models.talker.voices.MAX_NAME_CHARS (not imported: the talker loads torch)
 
 
@@ -54,7 +57,8 @@ def voice_name(value: Any, field: str, engine=None) -> str:
     """A voice a request names: DEFAULT_VOICE, or a name the voice library can hold
     (engine.models.talker.voices.check_name: never a path), else a 400 naming `field`. With `engine`
     (where a voice is used, not where one is saved), a voice its talker has not saved is refused too:
-    voice_not_found listing the saved ones (a voice deleted after it was set fails the response)."""
+    voice_not_found listing the saved ones (a voice deleted after it was set fails the response), except one of
+    OPENAI_VOICES, which is then DEFAULT_VOICE."""
     need_str(value, field)
     if value == DEFAULT_VOICE:
         return value
@@ -68,6 +72,8 @@ def voice_name(value: Any, field: str, engine=None) -> str:
         if getattr(engine, "has_talker", False):
             engine.voices.check_saved(value)
     except VoiceError as e:
+        if e.code == "voice_not_found" and value in OPENAI_VOICES:
+            return DEFAULT_VOICE
         raise bad(str(e), e.code if e.code == "voice_not_found" else "invalid_value", field) from None
     return value
 

@@ -47,3 +47,18 @@ def test_an_images_answer_validates_whatever_was_asked(client, kwargs):
     got = validated(client.images.generate(model="gpt-image-1", prompt="a red cup", **{"size": "32x32", **kwargs}))
     assert got.data and got.data[0].b64_json and got.output_format == "png"
     assert got.size and "x" in got.size  # the size made, not "auto"
+
+
+def test_openais_voice_names_speak_in_the_talkers_own_voice(client):
+    """The SDK's speech call must name a voice; a drop-in client names one of OpenAI's (alloy ... cedar)."""
+    from engine.server.audio_out import read_wav_header
+
+    audio = client.audio.speech.create(model="tts-1", voice="cedar", input="Hi.", response_format="wav")
+    assert read_wav_header(audio.content)["data_len"] > 0
+    stream = client.chat.completions.create(model="gpt-4o-audio-preview", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=4, modalities=["text", "audio"], stream=True,
+                                            audio={"voice": "alloy", "format": "pcm16"})
+    assert any(c.choices and c.choices[0].delta.audio for c in stream)
+    with pytest.raises(openai.BadRequestError) as info:  # any other name is still one that must be saved first
+        client.audio.speech.create(model="tts-1", voice="nobody", input="Hello.")
+    assert info.value.code == "voice_not_found" and info.value.param == "voice"
