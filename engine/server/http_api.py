@@ -27,7 +27,7 @@ from engine.models.thinker.prompt import DEFAULT_SYSTEM_PROMPT
 from engine.sampling import GenerationParams
 from engine.server import codec, fields, logs
 from engine.server import protocol as wire
-from engine.server.audio_out import OPENAI_PCM_RATE, resampled
+from engine.server.audio_out import OPENAI_PCM_RATE, encode_audio, resampled
 from engine.server.bodies import form_file, form_flag, form_number, form_text, read_form, read_json
 from engine.server.codec import bad, need_dict, need_str
 from engine.server.context import ServerContext
@@ -150,8 +150,13 @@ def has_media(messages) -> bool:
                for m in messages)
 
 
-def check_unsupported(body: dict, engine) -> tuple[list[str], str | None]:
-    """Refuses what this engine does not do; returns the output modalities and the voice asked for."""
+# chat's `audio.format` (OpenAI's names) -> the speech endpoint's (audio_out.FORMATS); a stream's audio is pcm16
+CHAT_AUDIO_FORMATS = {"pcm16": "pcm", "wav": "wav", "mp3": "mp3", "flac": "flac", "opus": "opus", "aac": "aac"}
+
+
+def check_unsupported(body: dict, engine) -> tuple[list[str], str | None, str]:
+    """Refuses what this engine does not do; returns the output modalities, the voice and the audio format
+    (CHAT_AUDIO_FORMATS' key) asked for."""
     n = body.get("n", 1)
     if n != 1 or isinstance(n, bool):
         raise bad("'n' must be 1 (one choice per request)", "unsupported_parameter", "n")
@@ -165,7 +170,7 @@ def check_unsupported(body: dict, engine) -> tuple[list[str], str | None]:
     modalities = ["text"]
     if body.get("modalities") is not None:
         modalities = check_output_modalities(body["modalities"], "modalities", engine)
-    voice = None
+    voice, fmt = None, "pcm16"
     audio = body.get("audio")
     if audio is not None:
         if "audio" not in modalities:
@@ -173,13 +178,16 @@ def check_unsupported(body: dict, engine) -> tuple[list[str], str | None]:
             raise bad("'audio' is set but 'modalities' does not ask for audio", "invalid_value", "audio")
         audio = need_dict(audio, "audio")
         codec.check_keys(audio, "audio", ("voice", "format"))
-        if audio.get("format", "pcm16") != "pcm16":
-            raise bad("'audio.format' must be 'pcm16' (the audio streams as PCM16 at its sample_rate)",
-                      "invalid_value", "audio.format")
+        fmt = audio.get("format", "pcm16")
+        if not isinstance(fmt, str) or fmt not in CHAT_AUDIO_FORMATS:
+            raise bad(f"'audio.format' must be one of {', '.join(CHAT_AUDIO_FORMATS)}", "invalid_value", "audio.format")
+        if fmt != "pcm16" and flag(body, "stream"):
+            raise bad(f"a stream's audio is pcm16 (as OpenAI's): {fmt!r} comes only in a whole answer (stream false)",
+                      "unsupported_parameter", "audio.format")
         voice = audio.get("voice")
         if voice is not None:
             voice = voice_name(voice, "audio.voice", engine)
-    return modalities, voice
+    return modalities, voice, fmt
 
 
 def job_metrics(job: Job, received_at: float, final: Done | Error | None) -> dict:
@@ -342,7 +350,7 @@ async def chat_completions(request: Request):
     received = time.perf_counter()
     ctx, body = await json_request(request, fields.CHAT, "chat", fields.CHAT_EXTENSIONS)
     check_prompt_text(ctx, body.get("messages"))
-    modalities, voice = check_unsupported(body, ctx.engine)
+    modalities, voice, audio_format = check_unsupported(body, ctx.engine)
     stream = flag(body, "stream")
     include_usage = stream_usage(body) and stream  # checked whether it streams or not
     params = generation_params(body, ctx.limits)
@@ -371,8 +379,12 @@ async def chat_completions(request: Request):
         got, final = await collect(request, ctx, job)
         if isinstance(final, Error):
             return error_response(wire.engine_error(final))
+        audio = None
+        if got.audio and audio_format != "pcm16":  # a file: encoding takes a while, off the event loop
+            audio = await asyncio.to_thread(encode_audio, b"".join(c.pcm for c in got.audio), got.audio[0].sample_rate,
+                                            CHAT_AUDIO_FORMATS[audio_format])
         return JSONResponse(wire.chat_completion(cid, created, ctx.model_id, got, final,
-                                                 job_metrics(job, received, final), extensions=ext))
+                                                 job_metrics(job, received, final), extensions=ext, audio_file=audio))
     # (never silent past keepalive_s, the most a streaming client is promised to wait for a first byte)
     head, events = await first_events(job, bounded=True, grace_s=min(QUEUE_GRACE_S, ctx.limits.keepalive_s))
     refused = refused_at_once(head)  # refused before any output (context, modality ...): its HTTP status, as without

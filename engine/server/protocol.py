@@ -603,14 +603,16 @@ class Collected:
 
 
 def chat_completion(completion_id: str, created: int, model: str, got: Collected, done: Done,
-                    metrics_obj: dict, extensions: bool = True) -> dict:
-    """The non-streaming /v1/chat/completions body (`extensions` False: OpenAI's fields only)."""
+                    metrics_obj: dict, extensions: bool = True, audio_file: bytes | None = None) -> dict:
+    """The non-streaming /v1/chat/completions body (`extensions` False: OpenAI's fields only). Its audio: the
+    `audio_file` asked for (wav, mp3 ...; its header states its rate), else the PCM16 (at `sample_rate`, ours).
+    `expires_at` is `created`: the server keeps no audio (an assistant message cannot name it by id later)."""
     message: dict = {"role": "assistant", "content": "".join(got.text)}
     if got.audio:
         message["audio"] = {"id": "audio_" + completion_id.rsplit("-", 1)[-1],
-                            "data": _b64(b"".join(c.pcm for c in got.audio)),
-                            "transcript": "".join(c.text for c in got.audio)}
-        if extensions:
+                            "data": _b64(audio_file if audio_file is not None else b"".join(c.pcm for c in got.audio)),
+                            "expires_at": created, "transcript": "".join(c.text for c in got.audio)}
+        if extensions and audio_file is None:
             message["audio"]["sample_rate"] = got.audio[0].sample_rate
     if got.images:
         message["images"] = [_image_done_fields(im) for im in got.images]

@@ -62,3 +62,24 @@ def test_openais_voice_names_speak_in_the_talkers_own_voice(client):
     with pytest.raises(openai.BadRequestError) as info:  # any other name is still one that must be saved first
         client.audio.speech.create(model="tts-1", voice="nobody", input="Hello.")
     assert info.value.code == "voice_not_found" and info.value.param == "voice"
+
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("fmt, magic", [("wav", b"RIFF"), ("flac", b"fLaC"), ("mp3", b"ID3"), ("pcm16", None)])
+def test_a_whole_chat_answer_speaks_in_the_audio_format_asked_for(client, fmt, magic):
+    """OpenAI's audio-out example: not streamed, audio {voice, format: wav}; message.audio is a ChatCompletionAudio."""
+    import base64
+
+    got = validated(client.chat.completions.create(model="gpt-4o-audio-preview", messages=HI, max_tokens=4,
+                                                   modalities=["text", "audio"], audio={"voice": "alloy", "format": fmt}))
+    audio = got.choices[0].message.audio
+    data = base64.b64decode(audio.data)
+    assert audio.id and audio.expires_at == got.created and len(data) > 1000
+    assert data.startswith(magic) if magic else len(data) % 2 == 0 and audio.model_extra["sample_rate"] > 0
+    if fmt != "pcm16":
+        with pytest.raises(openai.BadRequestError) as info:  # a stream's audio is pcm16, as OpenAI's
+            client.chat.completions.create(model="gpt-4o-audio-preview", messages=HI, max_tokens=4, stream=True,
+                                           modalities=["text", "audio"], audio={"voice": "alloy", "format": fmt})
+        assert info.value.param == "audio.format"
