@@ -400,6 +400,9 @@ async def chat_completions(request: Request):
 
 
 
+TRANSCRIPTION_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+
+
 @router.post("/v1/audio/transcriptions")
 async def transcriptions(request: Request):
     received = time.perf_counter()
@@ -428,8 +431,8 @@ async def transcriptions(request: Request):
             raise bad("'language' and 'dialect' disagree; give one", "invalid_value", "dialect")
         tag = dialect or language
         fmt = form_text(form, "response_format", 32) or "json"
-        if fmt not in ("json", "text", "verbose_json"):
-            raise bad(f"response_format {fmt!r} is not supported (json, verbose_json or text)",
+        if fmt not in TRANSCRIPTION_FORMATS:
+            raise bad(f"response_format {fmt!r} is not supported ({', '.join(TRANSCRIPTION_FORMATS)})",
                       "unsupported_parameter", "response_format")
         stream = form_flag(form, "stream")
         numbers = {"temperature": form_number(form, "temperature"), "max_tokens": form_number(form, "max_tokens")}
@@ -461,8 +464,9 @@ async def transcriptions(request: Request):
         _, final = await collect(request, ctx, job)
         if isinstance(final, Error):
             return error_response(wire.engine_error(final))
-        if fmt == "text":
-            return PlainTextResponse((final.result or {}).get("text", ""))
+        if fmt in ("text", "srt", "vtt"):
+            text = (final.result or {}).get("text", "")
+            return PlainTextResponse(text if fmt == "text" else wire.subtitles(text, audio.seconds, fmt))
         return JSONResponse(wire.transcription_body(final, figures(final), duration))
     head, events = await first_events(job, bounded=True, grace_s=min(QUEUE_GRACE_S, ctx.limits.keepalive_s))
     refused = refused_at_once(head)  # (as a chat stream: a refusal before any output keeps its status)

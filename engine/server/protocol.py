@@ -639,6 +639,17 @@ def transcription_body(done: Done, metrics_obj: dict | None, duration_s: float |
     return out
 
 
+def subtitles(text: str, seconds: float, fmt: str) -> str:
+    """A transcript as an `srt` or `vtt` file: one cue spanning the clip (the model gives no timestamps)."""
+    mark = "," if fmt == "srt" else "."  # SubRip's decimal comma, WebVTT's point
+
+    def stamp(t: float) -> str:
+        ms = round(t * 1000)
+        return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{mark}{ms % 1000:03d}"
+    cue = f"{stamp(0)} --> {stamp(max(seconds, 0.001))}\n{text.strip()}\n"
+    return f"1\n{cue}" if fmt == "srt" else f"WEBVTT\n\n{cue}"
+
+
 def transcription_events(ev: Event, extensions: bool = True) -> list[bytes]:
     """A streaming transcription's SSE lines for one engine event other than Done / Error."""
     comments = progress_comments(ev, extensions)

@@ -83,3 +83,12 @@ def test_a_whole_chat_answer_speaks_in_the_audio_format_asked_for(client, fmt, m
             client.chat.completions.create(model="gpt-4o-audio-preview", messages=HI, max_tokens=4, stream=True,
                                            modalities=["text", "audio"], audio={"voice": "alloy", "format": fmt})
         assert info.value.param == "audio.format"
+
+
+@pytest.mark.parametrize("fmt, head, stamps", [("srt", "1\n", "00:00:00,000 --> 00:00:00,500"),
+                                               ("vtt", "WEBVTT\n\n", "00:00:00.000 --> 00:00:00.500")])
+def test_subtitle_transcriptions_are_one_cue_spanning_the_clip(client, fmt, head, stamps):
+    text = client.audio.transcriptions.create(model="whisper-1", file=CLIP, extra_body={"max_tokens": 8})
+    got = client.audio.transcriptions.create(model="whisper-1", file=CLIP, response_format=fmt,
+                                             extra_body={"max_tokens": 8})
+    assert isinstance(got, str) and got == f"{head}{stamps}\n{text.text.strip()}\n"
