@@ -23,6 +23,7 @@ from engine.server.http_api import error_response, router
 from engine.server.http_protocol import OpenAIErrorsH11Protocol
 from engine.server.limits import ApiError, Limits
 from engine.server.realtime import realtime_endpoint
+from engine.server.sessions import new_id
 from engine.server.text import check_url_text
 from engine.server.ws_protocol import HandshakeAnsweringProtocol
 
@@ -31,8 +32,10 @@ OPEN_PATHS = ("/health",)
 
 class GateMiddleware:
     """Every HTTP request: a URL that is valid text (invalid_text, engine.server.text), and with a token,
-    the token (every path but /health). Websockets are checked by their endpoint, which answers the
-    handshake with the same errors."""
+    the token (every path but /health); every answer names the request (`x-request-id`, which OpenAI's SDK
+    reads as `_request_id` and an error's `request_id`) and the server's time on it until the answer's head
+    (`openai-processing-ms`). Websockets are checked by their endpoint, which answers the handshake with the
+    same errors."""
 
     def __init__(self, app, ctx: ServerContext):
         self.app = app
@@ -40,6 +43,8 @@ class GateMiddleware:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
+            scope["ming.request_id"] = new_id("req")  # (in place: the crash handler, outside, reads it too)
+            send = with_request_headers(send, scope["ming.request_id"])
             refusal = None
             try:
                 check_url_text(scope)
@@ -59,6 +64,22 @@ class GateMiddleware:
             if scope["method"] == "HEAD":  # a GET resource answers HEAD (RFC 9110 §9.3.2): the GET's head, no body
                 scope, send = {**scope, "method": "GET", "ming.head": True}, without_body(send)
         await self.app(scope, receive, send)
+
+
+def with_request_headers(send, request_id: str):
+    """An ASGI send that adds `x-request-id` and `openai-processing-ms` to the response's head."""
+    started = time.perf_counter()
+
+    async def send_named(message):
+        if message["type"] == "http.response.start":
+            ms = str(round(1000 * (time.perf_counter() - started)))
+            headers = [h for h in message.get("headers", []) if h[0].lower() not in (b"x-request-id",
+                                                                                    b"openai-processing-ms")]
+            message = {**message, "headers": headers + [(b"x-request-id", request_id.encode()),
+                                                        (b"openai-processing-ms", ms.encode())]}
+        await send(message)
+
+    return send_named
 
 
 def without_body(send):
@@ -124,9 +145,11 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
         # starlette raises the exception again once this answer is sent, and uvicorn then closes the
         # connection: 'Connection: close' tells the client so (RFC 9112 §9.6), else its next request on
         # the kept-alive connection meets a reset
+        # (starlette sends this answer outside GateMiddleware: it names the request itself)
+        named = {"x-request-id": request.scope["ming.request_id"]} if "ming.request_id" in request.scope else {}
         return JSONResponse({"error": ApiError(f"internal error: {type(exc).__name__}", code="server_error",
                                                status=500).to_openai()}, status_code=500,
-                            headers={"Connection": "close"})
+                            headers={"Connection": "close", **named})
 
     app.add_middleware(GateMiddleware, ctx=ctx)
     logs.install()

@@ -92,3 +92,17 @@ def test_subtitle_transcriptions_are_one_cue_spanning_the_clip(client, fmt, head
     got = client.audio.transcriptions.create(model="whisper-1", file=CLIP, response_format=fmt,
                                              extra_body={"max_tokens": 8})
     assert isinstance(got, str) and got == f"{head}{stamps}\n{text.text.strip()}\n"
+
+
+def test_every_answer_names_its_request_as_openais_do(client):
+    """The SDK reads `x-request-id` as a result's `_request_id` and an error's `request_id` (what a user quotes)."""
+    first = client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=1)
+    raw = client.models.with_raw_response.list()
+    assert first._request_id and raw.request_id and first._request_id != raw.request_id
+    assert int(raw.headers["openai-processing-ms"]) >= 0
+    for call, error in ((lambda: client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=0),
+                         openai.BadRequestError),
+                        (lambda: client.embeddings.create(model="gpt-4o", input="hi"), openai.NotFoundError)):
+        with pytest.raises(error) as info:
+            call()
+        assert info.value.request_id and info.value.request_id.startswith("req_")
