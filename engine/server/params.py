@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.sampling import GenerationParams
-from engine.server.codec import bad, need_number, need_str, shown, shown_number
+from engine.server.codec import bad, check_keys, need_number, need_str, shown, shown_number
 from engine.server.limits import Limits
 from engine.server.protocol import ApiError
 
@@ -58,7 +58,10 @@ def voice_name(value: Any, field: str, engine=None) -> str:
     (engine.models.talker.voices.check_name: never a path), else a 400 naming `field`. With `engine`
     (where a voice is used, not where one is saved), a voice its talker has not saved is refused too:
     voice_not_found listing the saved ones (a voice deleted after it was set fails the response), except one of
-    OPENAI_VOICES, which is then DEFAULT_VOICE."""
+    OPENAI_VOICES, which is then DEFAULT_VOICE. OpenAI's custom voice object, {"id": name}, names a voice too."""
+    if isinstance(value, dict):
+        check_keys(value, field, ("id",))
+        value, field = value.get("id"), f"{field}.id"
     need_str(value, field)
     if value == DEFAULT_VOICE:
         return value

@@ -73,7 +73,8 @@ def test_a_whole_chat_answer_speaks_in_the_audio_format_asked_for(client, fmt, m
     import base64
 
     got = validated(client.chat.completions.create(model="gpt-4o-audio-preview", messages=HI, max_tokens=4,
-                                                   modalities=["text", "audio"], audio={"voice": "alloy", "format": fmt}))
+                                                   modalities=["text", "audio"],
+                                                   audio={"voice": "alloy", "format": fmt}))
     audio = got.choices[0].message.audio
     data = base64.b64decode(audio.data)
     assert audio.id and audio.expires_at == got.created and len(data) > 1000
@@ -106,3 +107,18 @@ def test_every_answer_names_its_request_as_openais_do(client):
         with pytest.raises(error) as info:
             call()
         assert info.value.request_id and info.value.request_id.startswith("req_")
+
+
+def test_openais_custom_voice_object_names_a_voice(client):
+    """The SDK's `voice` may be {"id": ...} (speech and chat): a voice by name, refused naming voice.id when unknown."""
+    audio = client.audio.speech.create(model="tts-1", voice={"id": "alloy"}, input="Hi.", response_format="pcm")
+    assert len(audio.content) > 1000
+    nobody = {"id": "nobody"}
+    for call, param in ((lambda: client.audio.speech.create(model="tts-1", voice=nobody, input="Hi."), "voice.id"),
+                        (lambda: client.chat.completions.create(model="gpt-4o-audio-preview", messages=HI, max_tokens=2,
+                                                                modalities=["text", "audio"],
+                                                                audio={"voice": nobody, "format": "wav"}),
+                         "audio.voice.id")):
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert (info.value.code, info.value.param) == ("voice_not_found", param)
