@@ -98,6 +98,25 @@ def text_field(value, name: str, max_chars: int, required: bool = True) -> str |
 # --------------------------------------------------------------------------- chat completions
 
 
+def replayed_words(m: dict, name: str):
+    """What an assistant message said, as the SDK replays an answer (`messages.append(answer.choices[0].message)`):
+    its `content`; else its `refusal` (an answer that refused has no content); else a spoken answer's
+    `audio.transcript`. Its audio itself is not kept: an `audio` naming an `id` only (OpenAI's way to refer to an
+    earlier reply's audio) is refused, as the server keeps no audio between requests."""
+    audio = m.get("audio")
+    if audio is not None:
+        audio = need_dict(audio, f"{name}.audio")
+        codec.check_keys(audio, f"{name}.audio", ("transcript",), ("id", "data", "expires_at", "sample_rate"))
+        if audio.get("transcript") is None:
+            raise bad(f"'{name}.audio' (an earlier reply's audio by id) is not supported: this server keeps no audio "
+                      "between requests; send the reply's text as 'content'", "unsupported_parameter", f"{name}.audio")
+    if m.get("content") is not None:
+        return m["content"]
+    if m.get("refusal") is not None:
+        return need_str(m["refusal"], f"{name}.refusal")
+    return None if audio is None else need_str(audio["transcript"], f"{name}.audio.transcript")
+
+
 def convert_messages(messages, limits) -> tuple[list[dict], str | None]:
     """OpenAI messages -> (engine messages, system prompt or None)."""
     if not isinstance(messages, list) or not messages:
@@ -119,13 +138,13 @@ def convert_messages(messages, limits) -> tuple[list[dict], str | None]:
                       "invalid_value", f"{name}.role")
         if m.get("tool_calls") or m.get("function_call"):
             raise bad("tool calls are not supported by this engine", "unsupported_parameter", f"{name}.tool_calls")
-        if m.get("audio") is not None:
-            raise bad(f"'{name}.audio' (an earlier reply's audio by id) is not supported: this server keeps no audio "
-                      "between requests; send the reply's text as 'content'", "unsupported_parameter", f"{name}.audio")
-        codec.check_keys(m, name, ("role", "content", "tool_calls", "function_call"), ("name", "refusal"))
-        if "content" not in m or m["content"] is None:
+        replayed = ("refusal", "audio") if role == "assistant" else ()  # (a user's refusal: no effect, as before)
+        codec.check_keys(m, name, ("role", "content", "tool_calls", "function_call") + replayed,
+                         ("name", "annotations") if replayed else ("name", "refusal"))
+        content = replayed_words(m, name) if replayed else m.get("content")
+        if content is None:
             raise bad(f"'{name}.content' is required", "missing_field", f"{name}.content")
-        conv = codec.convert_content(m["content"], limits, f"{name}.content", None, role, budget)
+        conv = codec.convert_content(content, limits, f"{name}.content", None, role, budget)
         out.append({"role": role, "content": conv.parts})
     if not out:
         raise bad("'messages' holds no user message", "invalid_value", "messages")

@@ -122,3 +122,25 @@ def test_openais_custom_voice_object_names_a_voice(client):
         with pytest.raises(openai.BadRequestError) as info:
             call()
         assert (info.value.code, info.value.param) == ("voice_not_found", param)
+
+
+def test_an_answer_replayed_as_the_sdk_appends_it_is_read_as_what_was_said(client, server, tiny_engine):
+    """`messages.append(answer.choices[0].message)`: a spoken answer (its audio object, transcript included) and a
+    refusal (no content) are the assistant's words in the next turn, as the same words given as content are."""
+    spoken = client.chat.completions.create(model="gpt-4o-audio-preview", messages=HI, max_tokens=3,
+                                            modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+    said = spoken.choices[0].message.audio.transcript
+    assert said
+    follow = {"role": "user", "content": "Again?"}
+
+    def reply(message):
+        return client.chat.completions.create(model="gpt-4o", messages=[*HI, message, follow], max_tokens=3)
+
+    as_text = reply({"role": "assistant", "content": said}).choices[0].message.content
+    assert reply(spoken.choices[0].message).choices[0].message.content == as_text
+    assert reply({"role": "assistant", "content": None, "audio": {"id": "a", "transcript": said}}
+                 ).choices[0].message.content == as_text
+    assert reply({"role": "assistant", "content": None, "refusal": said}).choices[0].message.content == as_text
+    with pytest.raises(openai.BadRequestError) as info:  # audio by id alone: this server keeps none
+        reply({"role": "assistant", "audio": {"id": spoken.choices[0].message.audio.id}})
+    assert info.value.param == "messages[1].audio"
