@@ -134,6 +134,8 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
                 allowed.append("HEAD")
             headers["Allow"] = ", ".join(allowed)
             detail += f" (this route takes {headers['Allow']})"
+        if exc.status_code == 404:  # (OpenAI's embeddings, responses, files ...: say what is served instead)
+            detail = f"this server has no such route; it serves {', '.join(served_routes(request.app))}"
         method = "HEAD" if request.scope.get("ming.head") else request.method
         response = error_response(ApiError(f"{method} {request.url.path}: {detail}", code=code,
                                            status=exc.status_code))
@@ -154,6 +156,19 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
     app.add_middleware(GateMiddleware, ctx=ctx)
     logs.install()
     return app
+
+
+def served_routes(app: FastAPI) -> list[str]:
+    """'POST /v1/chat/completions', ...: the /v1 routes of this app (the websocket's as 'WS /v1/realtime'),
+    those of its included routers too."""
+    def walk(routes):
+        for route in routes:
+            if hasattr(route, "original_router"):  # an included router
+                yield from walk(route.original_router.routes)
+            elif getattr(route, "include_in_schema", True) and route.path_format.startswith("/v1/"):
+                yield f"{'/'.join(sorted(getattr(route, 'methods', None) or ['WS']))} {route.path_format}"
+
+    return list(dict.fromkeys(walk(app.routes)))
 
 
 async def realtime_without_upgrade(request: Request):

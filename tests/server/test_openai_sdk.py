@@ -144,3 +144,14 @@ def test_an_answer_replayed_as_the_sdk_appends_it_is_read_as_what_was_said(clien
     with pytest.raises(openai.BadRequestError) as info:  # audio by id alone: this server keeps none
         reply({"role": "assistant", "audio": {"id": spoken.choices[0].message.audio.id}})
     assert info.value.param == "messages[1].audio"
+
+
+@pytest.mark.parametrize("call", [lambda c: c.embeddings.create(model="gpt-4o", input="hi"),
+                                  lambda c: c.responses.create(model="gpt-4o", input="hi"),
+                                  lambda c: c.moderations.create(input="hi"), lambda c: c.files.list(),
+                                  lambda c: c.audio.translations.create(model="whisper-1", file=CLIP)])
+def test_openais_routes_this_server_lacks_say_what_it_serves(client, call):
+    with pytest.raises(openai.NotFoundError) as info:
+        call(client)
+    assert info.value.code == "not_found" and info.value.type == "not_found_error"
+    assert "no such route" in info.value.message and "POST /v1/chat/completions" in info.value.message
