@@ -19,7 +19,7 @@ from engine.server.auth import authorized, check_bind
 from engine.server.context import ServerContext
 from engine.server import images_api, logs, speech_api
 from engine.server.bodies import ClientGone
-from engine.server.http_api import error_response, router
+from engine.server.http_api import error_response, retry_headers, router
 from engine.server.http_protocol import OpenAIErrorsH11Protocol
 from engine.server.limits import ApiError, Limits
 from engine.server.realtime import realtime_endpoint
@@ -151,7 +151,7 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
         named = {"x-request-id": request.scope["ming.request_id"]} if "ming.request_id" in request.scope else {}
         return JSONResponse({"error": ApiError(f"internal error: {type(exc).__name__}", code="server_error",
                                                status=500).to_openai()}, status_code=500,
-                            headers={"Connection": "close", **named})
+                            headers={"Connection": "close", **named, **retry_headers(500)})
 
     app.add_middleware(GateMiddleware, ctx=ctx)
     logs.install()

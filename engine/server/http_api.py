@@ -54,8 +54,17 @@ RETRY_AFTER_S = 1  # what a 429 (queue_full) or 503 (shutting down, session limi
 def error_response(err: ApiError) -> JSONResponse:
     """OpenAI's error body with the error's status; a refusal for load (429, 503) says when to try again
     (Retry-After, RFC 9110 §10.2.3), as OpenAI's own 429s do."""
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status in (429, 503) else None
-    return JSONResponse({"error": err.to_openai()}, status_code=err.status, headers=headers)
+    return JSONResponse({"error": err.to_openai()}, status_code=err.status, headers=retry_headers(err.status))
+
+
+def retry_headers(status: int) -> dict[str, str]:
+    """When to try again: after a refusal for load (429, 503), in RETRY_AFTER_S; never after a fault of the request
+    itself (a 500: an engine or server fault that the same request meets again) or a conflict (409: a voice name
+    taken), which OpenAI's SDK otherwise retries twice by itself, running the whole job each time (`x-should-retry`,
+    the header it obeys)."""
+    if status in (429, 503):
+        return {"Retry-After": str(RETRY_AFTER_S)}
+    return {"x-should-retry": "false"} if status == 409 or status >= 500 else {}
 
 
 async def json_request(request: Request, takes: Fields, kind: str,

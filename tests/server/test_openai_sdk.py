@@ -155,3 +155,18 @@ def test_openais_routes_this_server_lacks_say_what_it_serves(client, call):
         call(client)
     assert info.value.code == "not_found" and info.value.type == "not_found_error"
     assert "no such route" in info.value.message and "POST /v1/chat/completions" in info.value.message
+
+
+def test_the_sdk_does_not_rerun_a_request_the_engine_failed():
+    """OpenAI's SDK retries a 500 twice by itself (max_retries=2): each retry would run the whole job again (a
+    failing image generation three times over) unless the answer says `x-should-retry: false`."""
+    from engine.events import Error
+
+    from tests.server import FakeEngine, fake_server
+
+    engine = FakeEngine(script=[Error("the talker's weights are missing", "talker_error")])
+    with fake_server(engine) as srv, openai.OpenAI(base_url=srv.url + "/v1", api_key="x", timeout=30) as sdk:
+        with pytest.raises(openai.InternalServerError) as info:
+            sdk.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=2)
+        assert info.value.code == "engine_error" and len(engine.calls) == 1
+        assert info.value.response.headers["x-should-retry"] == "false"
