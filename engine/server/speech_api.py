@@ -2,8 +2,8 @@
 our voice library and options: GET/POST /v1/audio/voices, DELETE /v1/audio/voices/{name},
 GET /v1/audio/speech/options.
 
-`/v1/audio/speech` answers with the whole file (wav, pcm, flac, mp3, aac, opus; every header states
-the true rate), with raw bytes as they are made (`stream_format: "audio"`: wav with a streaming header,
+`/v1/audio/speech` answers with the whole file (wav, flac, mp3, aac, opus: every header states the true rate;
+pcm, which has none, at OpenAI's 24 kHz), with raw bytes as they are made (`stream_format: "audio"`: wav with a streaming header,
 or pcm), or with SSE (`stream_format: "sse"`: `speech.audio.delta` ... `speech.audio.done`). Every
 request runs through the server's one scheduler (queue positions, cancellation when the client goes
 away, limits). The talker's errors (unknown voice, dialect or emotion, empty text, a bad reference
@@ -248,7 +248,8 @@ async def speech(request: Request):
     engine = talker_of(ctx)
     fmt, stream = output_format(body)
     kwargs = await asyncio.to_thread(speech_request, body, ctx)  # decodes reference clips
-    pcm_rate = OPENAI_PCM_RATE if ctx.openai_only and fmt == "pcm" else None
+    # raw pcm has no header to state a rate: OpenAI's 24 kHz (an SSE delta names its rate, ours: the true one)
+    pcm_rate = OPENAI_PCM_RATE if fmt == "pcm" and (ctx.openai_only or stream != "sse") else None
     job = speech_job(ctx, engine, kwargs, pcm_rate)
     if stream is None:
         got, final = await collect(request, ctx, job)

@@ -170,3 +170,17 @@ def test_the_sdk_does_not_rerun_a_request_the_engine_failed():
             sdk.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=2)
         assert info.value.code == "engine_error" and len(engine.calls) == 1
         assert info.value.response.headers["x-should-retry"] == "false"
+
+
+def test_raw_pcm_speech_is_openais_24_khz(client, tiny_engine):
+    """`pcm` has no header to state a rate: a reader takes OpenAI's 24 kHz, so that is what it holds (the talker's
+    44.1 kHz samples read at 24 kHz would play 1.8 times too long and low); the WAV states the talker's own rate."""
+    from engine.server.audio_out import read_wav_header
+
+    kwargs = {"model": "tts-1", "voice": "alloy", "input": "Hello there.", "extra_body": {"seed": 1}}
+    wav = client.audio.speech.create(response_format="wav", **kwargs).content
+    pcm = client.audio.speech.create(response_format="pcm", **kwargs).content
+    head = read_wav_header(wav)
+    assert head["sample_rate"] == tiny_engine.talker.sample_rate != 24000
+    wav_s, pcm_s = head["data_len"] / 2 / head["sample_rate"], len(pcm) / 2 / 24000
+    assert pcm_s == pytest.approx(wav_s, abs=0.01)  # one second stays one second
