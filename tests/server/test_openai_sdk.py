@@ -146,6 +146,7 @@ def test_an_answer_replayed_as_the_sdk_appends_it_is_read_as_what_was_said(clien
     assert info.value.param == "messages[1].audio"
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (the SDK marks its translations call deprecated)
 @pytest.mark.parametrize("call", [lambda c: c.embeddings.create(model="gpt-4o", input="hi"),
                                   lambda c: c.responses.create(model="gpt-4o", input="hi"),
                                   lambda c: c.moderations.create(input="hi"), lambda c: c.files.list(),
