@@ -93,6 +93,7 @@ def check_keys(obj: dict, name: str, taken: tuple[str, ...], ignored: tuple[str,
                   field)
 
 
+CACHE_MARK = ("prompt_cache_breakpoint",)  # OpenAI's prompt caching mark on a content part: no effect here
 IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image `detail`: accepted, no effect (every image is seen whole)
 
 
@@ -449,7 +450,7 @@ def decoded_video_bytes(raw: bytes, name: str = "video") -> int:
 
 def _image_source(part: dict, kind: str, name: str, limits: Limits) -> bytes:
     """image_url {url} / image_url "data:..." / image "base64" / image "data:..."."""
-    check_keys(part, name, ("type", "image_url", "image", "detail"))
+    check_keys(part, name, ("type", "image_url", "image", "detail"), CACHE_MARK)
     check_detail(part.get("detail"), f"{name}.detail")
     if "image_url" in part:
         url = part["image_url"]
@@ -500,7 +501,7 @@ def _audio_source(part: dict, name: str, limits: Limits, default_rate: int | Non
                   default_format: str | None = None) -> Audio:
     """Chat completions: input_audio {data, format[, sample_rate]}. Realtime: audio (base64 PCM16 at
     the session's rate, or `format` for an encoded file)."""
-    check_keys(part, name, ("type", "input_audio", "audio", "format", "sample_rate"), ("transcript",))
+    check_keys(part, name, ("type", "input_audio", "audio", "format", "sample_rate"), ("transcript",) + CACHE_MARK)
     if "input_audio" in part:
         spec = need_dict(part["input_audio"], f"{name}.input_audio")
         check_keys(spec, f"{name}.input_audio", ("data", "format", "sample_rate"))
@@ -554,7 +555,7 @@ def convert_content(content: Any, limits: Limits, name: str = "content", default
         kind = part.get("type")
         need_str(kind, f"{pname}.type")
         if kind in ("text", "input_text", "output_text"):
-            check_keys(part, pname, ("type", "text"), ("annotations",))
+            check_keys(part, pname, ("type", "text"), ("annotations",) + CACHE_MARK)
             text = need_str(part.get("text"), f"{pname}.text")
             parts.append({"type": "text", "text": text})
             public.append({"type": "output_text" if role == "assistant" else "input_text", "text": text})
@@ -604,6 +605,6 @@ def text_only(content: Any, name: str) -> str:
         part = need_dict(part, f"{name}[{i}]")
         if part.get("type") not in ("text", "input_text"):
             raise bad(f"'{name}[{i}]': system messages may hold text only", "invalid_value", name)
-        check_keys(part, f"{name}[{i}]", ("type", "text"), ("annotations",))
+        check_keys(part, f"{name}[{i}]", ("type", "text"), ("annotations",) + CACHE_MARK)
         conv_parts.append(need_str(part.get("text"), f"{name}[{i}].text"))
     return "".join(conv_parts)

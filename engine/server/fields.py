@@ -66,7 +66,8 @@ CHAT = Fields(
     taken=("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
            "top_p", "seed", "stop", "modalities", "audio", "n", "response_format", "frequency_penalty",
            "presence_penalty", "logprobs", "tools", "functions") + CHAT_EXTENSIONS,
-    ignored=("user", "metadata", "safety_identifier", "prompt_cache_key", "parallel_tool_calls"),
+    ignored=("user", "metadata", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+             "prompt_cache_options", "parallel_tool_calls"),
     refused={
         "logit_bias": ("token biases are not applied (an empty object is accepted)", _empty),
         "top_logprobs": (NO_LOGPROBS, _empty),
@@ -80,6 +81,7 @@ CHAT = Fields(
         "store": ("nothing is stored (no stored completions); false is accepted", lambda v: v is False),
         "prediction": ("predicted outputs are not supported", lambda v: False),
         "web_search_options": ("this server does not search the web", lambda v: False),
+        "moderation": ("this server runs no moderation model (no moderated completions)", lambda v: False),
     })
 
 SPEECH = Fields(taken=("model", "input", "voice", "instructions", "response_format", "speed", "stream_format")
@@ -87,18 +89,25 @@ SPEECH = Fields(taken=("model", "input", "voice", "instructions", "response_form
 
 IMAGE_TAKEN = ("prompt", "model", "n", "size", "response_format", "output_format", "output_compression",
                "background", "stream", "partial_images") + IMAGE_EXTENSIONS
-IMAGE_IGNORED = ("quality", "style", "moderation", "user", "input_fidelity")  # OpenAI's, no effect here
-IMAGE_GENERATIONS = Fields(taken=IMAGE_TAKEN, ignored=IMAGE_IGNORED)
-IMAGE_EDITS = Fields(taken=IMAGE_TAKEN + ("image", "images", "image[]", "mask"), ignored=IMAGE_IGNORED)
+IMAGE_IGNORED = ("quality", "style", "moderation", "user", "safety_identifier", "input_fidelity",
+                 "complexity")  # OpenAI's, no effect here
+NO_ANIMATION = "GIF and SVG output are not made here (output_format png, jpeg or webp)"
+IMAGE_REFUSED = {name: (NO_ANIMATION, lambda v: False) for name in ("frame_count", "frame_duration_ms", "svg")}
+IMAGE_GENERATIONS = Fields(taken=IMAGE_TAKEN, ignored=IMAGE_IGNORED, refused=IMAGE_REFUSED)
+IMAGE_EDITS = Fields(taken=IMAGE_TAKEN + ("image", "images", "image[]", "mask"), ignored=IMAGE_IGNORED,
+                     refused={**IMAGE_REFUSED, "markup": ("a markup overlay is not read: describe the edit in the "
+                                                          "prompt", lambda v: False)})
 
 VOICES_JSON = Fields(taken=("name", "reference_audio", "reference_text", "replace"))
 VOICES_FORM = Fields(taken=("name", "file", "reference_text", "replace"))
 
 NO_TIMESTAMPS = "no timestamps are produced (verbose_json gives the duration only)"
 NO_DIARIZATION = "there is no diarization"
+TRANSCRIPTION_KEYWORDS = ("keywords", "keywords[]")  # OpenAI's name for what our hotwords are
 TRANSCRIPTION = Fields(
     taken=("file", "model", "prompt", "response_format", "temperature", "language", "stream", "max_tokens")
-    + TRANSCRIPTION_EXTENSIONS,
+    + TRANSCRIPTION_KEYWORDS + TRANSCRIPTION_EXTENSIONS,
+    ignored=("languages", "languages[]"),  # candidates: the model tells the language itself (`language` forces one)
     refused={name: (why, lambda v: False) for names, why in (
         (("timestamp_granularities", "timestamp_granularities[]"), NO_TIMESTAMPS),
         (("include", "include[]"), NO_LOGPROBS),

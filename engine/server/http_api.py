@@ -445,10 +445,10 @@ async def transcriptions(request: Request):
                           fields.TRANSCRIPTION_EXTENSIONS)
         context = form_text(form, "prompt")
         hotwords: list[str] = []
-        for key in ("hotwords", "hotwords[]"):
+        for key in ("hotwords", "hotwords[]") + fields.TRANSCRIPTION_KEYWORDS:
             for value in form.getlist(key):
                 if not isinstance(value, str):
-                    raise bad("'hotwords' must be text", "invalid_type", "hotwords")
+                    raise bad(f"'{key.removesuffix('[]')}' must be text", "invalid_type", key.removesuffix("[]"))
                 hotwords += [w.strip() for w in value.replace("，", ",").split(",") if w.strip()]
         if len(hotwords) > 256:
             raise bad("at most 256 hotwords", "invalid_value", "hotwords")

@@ -185,3 +185,38 @@ def test_raw_pcm_speech_is_openais_24_khz(client, tiny_engine):
     assert head["sample_rate"] == tiny_engine.talker.sample_rate != 24000
     wav_s, pcm_s = head["data_len"] / 2 / head["sample_rate"], len(pcm) / 2 / 24000
     assert pcm_s == pytest.approx(wav_s, abs=0.01)  # one second stays one second
+
+
+def test_every_field_the_sdk_can_send_is_known_by_name():
+    """Each parameter of the SDK's create calls is honoured, accepted with no effect, or refused naming why: never
+    'unknown field' (which says the field does not exist, as for a typo), the answer OpenAI's newer fields got."""
+    import inspect
+
+    from engine.server import fields
+
+    sdk = openai.OpenAI(api_key="x", base_url="http://127.0.0.1:9/v1")
+    for call, table in ((sdk.chat.completions.create, fields.CHAT), (sdk.audio.speech.create, fields.SPEECH),
+                        (sdk.audio.transcriptions.create, fields.TRANSCRIPTION),
+                        (sdk.images.generate, fields.IMAGE_GENERATIONS), (sdk.images.edit, fields.IMAGE_EDITS)):
+        sent = set(inspect.signature(call).parameters) - {"extra_headers", "extra_query", "extra_body", "timeout"}
+        assert sent <= set(table.taken) | set(table.ignored) | set(table.refused), (call, sorted(sent))
+
+
+def test_openais_newer_fields_reach_or_are_refused_by_name(client, server):
+    got = client.chat.completions.create(model="gpt-4o", max_tokens=1, prompt_cache_retention="24h",
+                                         messages=[{"role": "user", "content": [
+                                             {"type": "text", "text": "Hi", "prompt_cache_breakpoint": {}}]}])
+    assert got.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=1,
+                                       moderation={"model": "omni-moderation-latest"})
+    assert (info.value.code, info.value.param) == ("unsupported_parameter", "moderation")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(model="gpt-image-1", prompt="a cup", size="32x32", frame_count=4)
+    assert (info.value.code, info.value.param) == ("unsupported_parameter", "frame_count")
+    plain = client.audio.transcriptions.create(model="whisper-1", file=CLIP, extra_body={"max_tokens": 8})
+    hinted = client.audio.transcriptions.create(model="whisper-1", file=CLIP, keywords=["Jingdezhen"],
+                                                extra_body={"max_tokens": 8})
+    via_hotwords = client.audio.transcriptions.create(model="whisper-1", file=CLIP,
+                                                      extra_body={"max_tokens": 8, "hotwords": "Jingdezhen"})
+    assert hinted.usage.input_tokens == via_hotwords.usage.input_tokens > plain.usage.input_tokens  # in the prompt
