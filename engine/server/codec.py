@@ -94,7 +94,7 @@ def check_keys(obj: dict, name: str, taken: tuple[str, ...], ignored: tuple[str,
 
 
 CACHE_MARK = ("prompt_cache_breakpoint",)  # OpenAI's prompt caching mark on a content part: no effect here
-IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image `detail`: accepted, no effect (every image is seen whole)
+IMAGE_DETAILS = ("auto", "low", "high", "original")  # OpenAI's image `detail`: no effect (every image is seen whole)
 
 
 def check_detail(value: Any, name: str) -> None:

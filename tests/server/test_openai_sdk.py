@@ -220,3 +220,14 @@ def test_openais_newer_fields_reach_or_are_refused_by_name(client, server):
     via_hotwords = client.audio.transcriptions.create(model="whisper-1", file=CLIP,
                                                       extra_body={"max_tokens": 8, "hotwords": "Jingdezhen"})
     assert hinted.usage.input_tokens == via_hotwords.usage.input_tokens > plain.usage.input_tokens  # in the prompt
+
+
+def test_every_image_detail_the_sdk_offers_is_accepted(client):
+    from tests.server import b64, image_array, png_bytes
+
+    url = "data:image/png;base64," + b64(png_bytes(image_array(28, 28)))
+    for detail in ("auto", "low", "high", "original"):  # types/chat/chat_completion_content_part_image_param.py
+        part = {"type": "image_url", "image_url": {"url": url, "detail": detail}}
+        got = client.chat.completions.create(model="gpt-4o", max_tokens=1,
+                                             messages=[{"role": "user", "content": [part]}])
+        assert got.choices[0].finish_reason in ("stop", "length")
