@@ -147,15 +147,25 @@ def check_event_fields(event: dict) -> None:
 
 # --------------------------------------------------------------------------- model ids
 
-_DATED = r"(-\d{4}-\d{2}-\d{2})?"
+_DATED = r"(-\d{4}-\d{2}-\d{2}|-\d{4})?"  # a snapshot: gpt-4o-2024-08-06, gpt-4-0613
 OPENAI_MODELS: dict[str, tuple[str, ...]] = {  # OpenAI's model names a drop-in client sends, per endpoint kind
-    "chat": ("gpt-3.5-turbo", "gpt-4", "gpt-4-turbo", "gpt-4o", "gpt-4o-mini", "gpt-4o-audio-preview",
-             "gpt-4o-mini-audio-preview", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-5", "gpt-5-mini",
-             "gpt-5-nano", "gpt-audio", "gpt-audio-mini", "chatgpt-4o-latest"),
-    "transcription": ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"),
+    "chat": ("gpt-3.5-turbo", "gpt-3.5-turbo-16k", "gpt-4", "gpt-4-32k", "gpt-4-turbo", "gpt-4-turbo-preview",
+             "gpt-4-0125-preview", "gpt-4-1106-preview", "gpt-4-vision-preview", "gpt-4o", "gpt-4o-mini",
+             "gpt-4o-audio-preview", "gpt-4o-mini-audio-preview", "gpt-4o-search-preview", "gpt-4o-mini-search-preview",
+             "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o1", "o1-mini", "o1-preview", "o3", "o3-mini", "o4-mini",
+             "gpt-5", "gpt-5-mini", "gpt-5-nano", "gpt-5-chat-latest", "gpt-5.1", "gpt-5.1-mini", "gpt-5.1-codex",
+             "gpt-5.1-chat-latest", "gpt-5.2", "gpt-5.2-pro", "gpt-5.2-chat-latest", "gpt-5.3-chat-latest", "gpt-5.4",
+             "gpt-5.4-mini", "gpt-5.4-nano", "gpt-5.5", "gpt-5.6-sol", "gpt-5.6-terra", "gpt-5.6-luna", "gpt-6-sol",
+             "gpt-6-luna", "gpt-6-astra", "gpt-6.1-sol", "gpt-6.1-terra", "gpt-audio", "gpt-audio-mini",
+             "chatgpt-4o-latest", "codex-mini-latest"),
+    "transcription": ("whisper-1", "gpt-transcribe", "gpt-4o-transcribe", "gpt-4o-mini-transcribe",
+                      "gpt-4o-transcribe-diarize", "gpt-realtime-whisper"),
     "speech": ("tts-1", "tts-1-hd", "gpt-4o-mini-tts"),
-    "image": ("gpt-image-1", "gpt-image-1-mini", "dall-e-2", "dall-e-3"),
-    "realtime": ("gpt-realtime", "gpt-realtime-mini", "gpt-4o-realtime-preview", "gpt-4o-mini-realtime-preview"),
+    "image": ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2", "gpt-image-2.5-sunburst",
+              "gpt-image-2.5-flare", "gpt-image-2.6-sunburst", "gpt-image-2.6-flare", "chatgpt-image-latest",
+              "dall-e-2", "dall-e-3"),
+    "realtime": ("gpt-realtime", "gpt-realtime-mini", "gpt-realtime-1.5", "gpt-realtime-2", "gpt-realtime-2.1",
+                 "gpt-realtime-2.1-mini", "gpt-4o-realtime-preview", "gpt-4o-mini-realtime-preview"),
 }
 _ALIAS = {kind: re.compile("^(" + "|".join(map(re.escape, names)) + ")" + _DATED + "$")
           for kind, names in OPENAI_MODELS.items()}
@@ -178,6 +188,7 @@ def check_model(requested: Any, served: tuple[str, ...], model_id: str, kind: st
     if requested in served or is_openai_alias(requested, kind):
         return
     names = OPENAI_MODELS[kind] if kind else sorted(n for v in OPENAI_MODELS.values() for n in v)
+    listed = ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "")
     raise ApiError(f"model {shown(requested)} is not served here: this server serves {model_id!r} (ask for it by "
-                   f"that id, 'default', or one of OpenAI's names for this endpoint: {', '.join(names)})",
+                   f"that id, 'default', or one of OpenAI's names for this endpoint: {listed})",
                    code="model_not_found", status=404, param="model")

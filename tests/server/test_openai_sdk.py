@@ -231,3 +231,22 @@ def test_every_image_detail_the_sdk_offers_is_accepted(client):
         got = client.chat.completions.create(model="gpt-4o", max_tokens=1,
                                              messages=[{"role": "user", "content": [part]}])
         assert got.choices[0].finish_reason in ("stop", "length")
+
+
+def test_every_model_name_the_sdk_offers_is_answered_on_its_own_endpoint():
+    """A drop-in client names the model its SDK offers for the endpoint (types ChatModel, AudioModel, SpeechModel,
+    ImageModel): the served model answers each; a name of another kind, or no OpenAI model, is still refused."""
+    from typing import get_args
+
+    from openai.types import AudioModel, ChatModel, ImageModel
+    from openai.types.audio import SpeechModel
+
+    from engine.server.fields import is_openai_alias
+
+    def names(alias):
+        return {n for n in get_args(alias) if isinstance(n, str)} | {n for a in get_args(alias) for n in names(a)}
+
+    for alias, kind in ((ChatModel, "chat"), (AudioModel, "transcription"), (SpeechModel, "speech"),
+                        (ImageModel, "image")):
+        assert names(alias) and {n for n in names(alias) if not is_openai_alias(n, kind)} == set(), kind
+    assert not any(is_openai_alias(n, "chat") for n in ("whisper-1", "tts-1", "gpt-image-2", "gpt-9", "gpt-5.1-x"))
