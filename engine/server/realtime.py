@@ -25,6 +25,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -89,6 +90,15 @@ class Response:
         if resampler is None:
             resampler = self.resamplers[ev.sample_rate] = StreamingResampler(ev.sample_rate, self.output_rate)
         return AudioChunk.from_samples(resampler.feed(ev.samples()), self.output_rate, ev.text, ev.start_s)
+
+    def audio_tail(self) -> AudioChunk | None:
+        """The resampler's last output (its filter's tail), which the reply's audio ends with."""
+        tail = np.concatenate([np.zeros(0, np.float32), *(r.flush() for r in self.resamplers.values())])
+        self.resamplers.clear()
+        if not tail.size:
+            return None
+        end_s = self.audio[-1].start_s + self.audio[-1].seconds if self.audio else 0.0
+        return AudioChunk.from_samples(tail, self.output_rate, "", end_s)
 
 
 class RealtimeConnection:
@@ -893,24 +903,21 @@ class RealtimeConnection:
             async for ev in resp.job.events():
                 if isinstance(ev, (Done, Error)):
                     final = ev
+                    tail = None if resp.silenced else resp.audio_tail()
+                    if tail is not None:
+                        await self._send_output(resp, tail)
                     continue
                 if resp.silenced:  # cancelled: nothing more of it goes out
                     continue
                 if isinstance(ev, AudioChunk):
                     ev = resp.audio_out(ev)
                 try:
-                    out = resp.encoder.encode(ev)
+                    await self._send_output(resp, ev)
                 except UnknownEventError as e:
                     log.error("realtime response %s: %s", resp.id, e)
                     self.ctx.scheduler.cancel(resp.job)
                     final = Error(str(e), "engine_error")
                     break
-                if isinstance(ev, AudioChunk):
-                    resp.audio.append(AudioSpan(ev.start_s, ev.seconds, ev.text))
-                for wire_event in out:
-                    await self.send(wire_event)
-                if resp.silenced:  # cancelled while an event waited for room in the queue
-                    self._drop_queued_output(resp)
         except (asyncio.CancelledError, WebSocketDisconnect):
             raise
         except Exception as e:
@@ -918,6 +925,17 @@ class RealtimeConnection:
             self.ctx.scheduler.cancel(resp.job, abandon=True)
             return Error(f"internal error while streaming the response: {type(e).__name__}", "server_error")
         return final
+
+    async def _send_output(self, resp: Response, ev) -> None:
+        """One engine event of the response as its server events (UnknownEventError for a kind the
+        encoder does not map); an audio chunk is counted as sent."""
+        out = resp.encoder.encode(ev)
+        if isinstance(ev, AudioChunk):
+            resp.audio.append(AudioSpan(ev.start_s, ev.seconds, ev.text))
+        for wire_event in out:
+            await self.send(wire_event)
+        if resp.silenced:  # cancelled while an event waited for room in the queue
+            self._drop_queued_output(resp)
 
     async def _finish(self, resp: Response, final: Done | Error) -> None:
         job, enc = resp.job, resp.encoder
