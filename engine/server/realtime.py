@@ -35,6 +35,7 @@ from engine.media.audio import StreamingResampler, check_resample_rates
 from engine.media.errors import MediaError
 from engine.server import codec, logs
 from engine.server import protocol as wire
+from engine.server.audio_out import OPENAI_PCM_RATE  # OpenAI's 'pcm16' / audio/pcm ("rate": always 24000 there)
 from engine.server.auth import authorized, chosen_subprotocol
 from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
@@ -79,12 +80,12 @@ class Response:
         self.cancel_reason = "client_cancelled"  # or "turn_detected" (barge-in)
         self.audio: list[AudioSpan] = []  # the audio chunks encoded for the client, in order
         self.truncate_ms: int | None = None  # conversation.item.truncate while it ran
-        self.output_rate: int | None = None  # the audio rate the client declared (None: the talker's own)
+        self.output_rate = session.settings.output_rate  # the audio rate sent (the session's or this response's)
         self.resamplers: dict[int, StreamingResampler] = {}  # talker rate -> output_rate, across chunks
 
     def audio_out(self, ev: AudioChunk) -> AudioChunk:
-        """An audio chunk at the declared output rate (resampled as a stream: no seams between chunks)."""
-        if self.output_rate is None or ev.sample_rate == self.output_rate:
+        """An audio chunk at the output rate (resampled as a stream: no seams between chunks)."""
+        if ev.sample_rate == self.output_rate:
             return ev
         resampler = self.resamplers.get(ev.sample_rate)
         if resampler is None:
@@ -1031,7 +1032,7 @@ def unsend(resp: Response, dropped: list[dict]) -> None:
 
 def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str | None:
     """session/response `audio.output`: {"voice", "format": {"type": "audio/pcm"}, "speed"}; needs a
-    talker. Returns the voice (the output rate is the talker's, sent with every audio delta)."""
+    talker. Returns the voice (the format is read by output_audio_rate)."""
     check_output_modalities(["audio"], name, engine)
     spec = need_dict(spec, name)
     codec.check_keys(spec, name, ("voice", "format"), ("speed",))
@@ -1042,7 +1043,6 @@ def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str |
     return voice
 
 
-OPENAI_PCM_RATE = 24000  # OpenAI's 'pcm16' / audio/pcm: 24 kHz ("rate": always 24000 there; any rate here)
 G711_FORMATS = {"g711_ulaw": "pcmu", "g711_alaw": "pcma", "audio/pcmu": "pcmu", "audio/pcma": "pcma"}
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from engine.media.video import WebcamClip
 from engine.sampling import GenerationParams
+from engine.server.audio_out import OPENAI_PCM_RATE
 from engine.server.limits import ApiError, Limits
 from engine.server.turns import ServerVad, TurnDetector
 from engine.server.video_context import VideoContext, VideoContextConfig
@@ -34,14 +35,14 @@ def new_id(prefix: str) -> str:
 class SessionSettings:
     instructions: str | None = None  # system prompt; None = the model's own
     output_modalities: list[str] = field(default_factory=lambda: ["text"])
-    input_audio_sample_rate: int = 16000
+    input_audio_sample_rate: int = OPENAI_PCM_RATE  # OpenAI's default input format: PCM16 at 24 kHz
     input_audio_encoding: str = "pcm16"  # or G.711 "pcmu" / "pcma" (8 kHz)
     thinking: bool = False
     voice: str | None = None  # the talker's voice (None = its default)
     params: GenerationParams = field(default_factory=GenerationParams)
     turn_detection: ServerVad | None = None  # None: push-to-talk (the client commits its turns)
     video: VideoContextConfig | None = None  # None: frames wait for input_video_buffer.commit
-    output_rate: int | None = None  # the reply audio's rate the client declared (None: the talker's own)
+    output_rate: int = OPENAI_PCM_RATE  # the reply audio's rate (OpenAI's default: PCM16 at 24 kHz)
     transcription: dict | None = None  # {"model", "language", "prompt"}: each committed audio turn is transcribed
 
     @property
@@ -62,9 +63,7 @@ class SessionSettings:
                                     {"type": f"audio/{self.input_audio_encoding}"},
                                     "turn_detection": self.turn_detection.to_wire() if self.turn_detection else None,
                                     "transcription": dict(self.transcription) if self.transcription else None},
-                          "output": {"format": {"type": "audio/pcm", **({"rate": self.output_rate}
-                                                                         if self.output_rate else {})},
-                                     "voice": self.voice}},
+                          "output": {"format": {"type": "audio/pcm", "rate": self.output_rate}, "voice": self.voice}},
                 "video": self.video_context.to_wire() if self.video_context else None,
                 "max_output_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
                 "top_k": p.top_k, "repetition_penalty": p.repetition_penalty, "seed": p.seed, "stop": list(p.stop),
@@ -142,7 +141,7 @@ class AudioBuffer:
 
     def peek(self) -> tuple[np.ndarray, int]:
         data = np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype=np.int16)
-        return data, self.sample_rate or 16000
+        return data, self.sample_rate or OPENAI_PCM_RATE
 
     def clear(self) -> None:
         self.chunks, self.samples, self.sample_rate = [], 0, None

@@ -91,7 +91,7 @@ class FakeEngine:
                     state["vad"] = td is not None
                     send({"type": "session.updated", "session": {"id": "sess_fake", "turn_detection": td}})
                 elif kind == "input_audio_buffer.append":
-                    rate = ev.get("sample_rate", 16000)
+                    rate = ev.get("sample_rate", 24000)  # as the engine: OpenAI's default, PCM16 at 24 kHz
                     n = len(base64.b64decode(ev["audio"])) // 2
                     with self.lock:
                         self.got.audio_seconds += n / rate

@@ -126,7 +126,7 @@ def test_image_output_is_refused_and_audio_is_spoken(server):
     kinds = [e["type"] for e in events]
     audio = [e for e in events if e["type"] == "response.output_audio.delta"]
     transcript = [e["delta"] for e in events if e["type"] == "response.output_audio_transcript.delta"]
-    assert audio and all(e["sample_rate"] == 44100 and base64.b64decode(e["delta"]) for e in audio)
+    assert audio and all(e["sample_rate"] == 24000 and base64.b64decode(e["delta"]) for e in audio)  # OpenAI's rate
     assert "response.output_text.delta" in kinds and transcript
     assert kinds.index("response.output_audio_transcript.delta") < kinds.index("response.output_audio.delta")
     parts = [e["part"]["type"] for e in events if e["type"] == "response.content_part.added"]
@@ -136,7 +136,7 @@ def test_image_output_is_refused_and_audio_is_spoken(server):
     spoken = [c for c in done["output"][0]["content"] if c["type"] == "output_audio"][0]["transcript"]
     assert spoken == "".join(transcript) and spoken.strip()
     m = done["metrics"]
-    seconds = sum(len(base64.b64decode(e["delta"])) // 2 for e in audio) / 44100
+    seconds = sum(len(base64.b64decode(e["delta"])) // 2 for e in audio) / 24000
     assert m["audio_seconds"] == pytest.approx(seconds, abs=1e-3) and m["time_to_first_audio_ms"] > 0
     assert m["time_to_first_token_ms"] > 0 and m["audio_real_time_factor"] > 0
 
@@ -286,8 +286,8 @@ def test_webcam_frames_waiting_for_commit_are_held_within_the_media_budget():
 
 
 def test_session_media_budget_and_audio_buffer_limits(tiny_engine):
-    pcm = tone_pcm16(1.0)  # 32 000 bytes of PCM16
-    with running_server(tiny_engine, max_session_media_bytes=100_000, max_audio_seconds=1.5) as srv:
+    pcm = tone_pcm16(1.0, rate=24000)  # 48 000 bytes of PCM16 at the session's rate (OpenAI's default, 24 kHz)
+    with running_server(tiny_engine, max_session_media_bytes=150_000, max_audio_seconds=1.5) as srv:
         with connect(srv.ws_url) as ws:
             opened(ws)
             for i in range(3):

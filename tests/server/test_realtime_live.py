@@ -526,8 +526,7 @@ def test_the_declared_output_audio_rate_is_the_rate_sent(session):
     """An OpenAI client declares audio.output.format {"type": "audio/pcm", "rate": 24000} (or the
     beta "pcm16": 24 kHz) and plays every delta at that rate: the declaration was accepted (or
     "pcm16" refused) and the talker's 44.1 kHz sent as it was, so the reply played 1.8x slow and
-    low. The reply is resampled to the declared rate as it streams; without a format the talker's
-    own rate is sent (each delta names it)."""
+    low. The reply is resampled to the declared rate as it streams (each delta names it)."""
     import base64
 
     engine = FakeEngine(script=spoken_reply_script(words=6, chunk_s=0.2, rate=44100), has_talker=True)

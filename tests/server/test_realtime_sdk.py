@@ -1,0 +1,56 @@
+"""The realtime endpoint driven by OpenAI's own Python SDK (`client.realtime.connect`), as any
+OpenAI-shaped application drives it: its typed events parse, and what it assumes without saying
+(the formats a session starts with) is what the server does."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import openai
+import pytest
+
+from tests.server import FakeEngine, fake_server, tone_pcm16
+from tests.server.test_realtime_live import spoken_reply_script
+
+
+def sdk(srv) -> openai.OpenAI:
+    return openai.OpenAI(api_key="unused-on-loopback", base_url=srv.url + "/v1", max_retries=0,
+                         websocket_base_url=srv.ws_url.rsplit("/realtime", 1)[0])
+
+
+def recv_until(conn, kind: str) -> list:
+    out = []
+    while not out or out[-1].type != kind:
+        out.append(conn.recv())
+        assert out[-1].type != "error", out[-1]
+    return out
+
+
+def test_a_session_naming_no_format_speaks_openais_pcm16_at_24_khz_both_ways():
+    """OpenAI's SDK never names a rate: its session starts as PCM16 at 24 kHz in and out ('rate':
+    always 24000), so it appends 24 kHz microphone audio and plays every delta at 24 kHz. The server
+    took the audio as 16 kHz (0.5 s became 0.75 s, pitched down) and sent the talker's 44.1 kHz
+    (played 1.8x slow), and its session object said so in a shape the SDK flags (rate 16000)."""
+    engine = FakeEngine(script=spoken_reply_script(words=6, chunk_s=0.2, rate=44100), has_talker=True)
+    pcm = tone_pcm16(0.5, rate=24000)
+    with fake_server(engine) as srv, sdk(srv).realtime.connect(model="gpt-realtime") as conn:
+        created = conn.recv()
+        assert created.type == "session.created"
+        audio = created.session.audio
+        assert (audio.input.format.type, audio.input.format.rate) == ("audio/pcm", 24000)
+        assert (audio.output.format.type, audio.output.format.rate) == ("audio/pcm", 24000)
+        conn.session.update(session={"type": "realtime", "output_modalities": ["audio"]})
+        recv_until(conn, "session.updated")
+        for chunk in np.array_split(pcm, 4):
+            conn.input_audio_buffer.append(audio=base64.b64encode(chunk.tobytes()).decode())
+        conn.input_audio_buffer.commit()
+        item = recv_until(conn, "conversation.item.done")[-1].item
+        assert item.content[0].model_extra["seconds"] == pytest.approx(0.5)
+        conn.response.create()
+        events = recv_until(conn, "response.done")
+    heard = engine.calls[0]["messages"][-1]["content"][-1]
+    assert heard["sample_rate"] == 24000 and np.array_equal(heard["audio"], pcm)
+    deltas = [base64.b64decode(e.delta) for e in events if e.type == "response.output_audio.delta"]
+    seconds = sum(len(d) // 2 for d in deltas) / 24000  # as the SDK's user plays them
+    assert seconds == pytest.approx(1.2, abs=0.001)
