@@ -287,11 +287,13 @@ class RealtimeResponseEncoder:
     is announced with its first output; each kind of output (text, audio, each image) is one content
     part, opened when it first appears."""
 
-    def __init__(self, response_id: str, item_id: str, conversation_id: str, output_modalities: list[str],
-                 previous_item_id: str | None = None):
+    def __init__(self, response_id: str, item_id: str, conversation_id: str | None, output_modalities: list[str],
+                 previous_item_id: str | None = None, metadata: dict | None = None):
         self.response_id = response_id
         self.item_id = item_id
-        self.conversation_id = conversation_id
+        self.conversation_id = conversation_id  # None: an out-of-band reply (conversation "none"), announced to no
+        self.in_conversation = conversation_id is not None  # conversation (no conversation.item.* events)
+        self.metadata = metadata
         self.output_modalities = list(output_modalities)
         self.previous_item_id = previous_item_id
         self.item_open = False
@@ -302,7 +304,7 @@ class RealtimeResponseEncoder:
                         details: dict | None = None, metrics_obj: dict | None = None) -> dict:
         obj = {"id": self.response_id, "object": "realtime.response", "status": status, "status_details": details,
                "output": output or [], "output_modalities": self.output_modalities,
-               "conversation_id": self.conversation_id}
+               "conversation_id": self.conversation_id, "metadata": self.metadata}
         if usage_obj is not None:
             obj["usage"] = usage_obj
         if metrics_obj is not None:
@@ -342,9 +344,11 @@ class RealtimeResponseEncoder:
         if not self.item_open:
             self.item_open = True
             item = self.item("in_progress")
-            out += [{"type": "response.output_item.added", "response_id": self.response_id, "output_index": 0,
-                     "item": item},
-                    {"type": "conversation.item.added", "previous_item_id": self.previous_item_id, "item": item}]
+            out.append({"type": "response.output_item.added", "response_id": self.response_id, "output_index": 0,
+                        "item": item})
+            if self.in_conversation:
+                out.append({"type": "conversation.item.added", "previous_item_id": self.previous_item_id,
+                            "item": item})
         part = self.parts.get(key)
         if part is None:
             part = self.parts[key] = _Part(len(self.parts), kind)
@@ -410,9 +414,11 @@ class RealtimeResponseEncoder:
         output = []
         if self.item_open:
             item = self.item("completed" if status == "completed" else "incomplete")
-            out += [{"type": "response.output_item.done", "response_id": self.response_id, "output_index": 0,
-                     "item": item},
-                    {"type": "conversation.item.done", "previous_item_id": self.previous_item_id, "item": item}]
+            out.append({"type": "response.output_item.done", "response_id": self.response_id, "output_index": 0,
+                        "item": item})
+            if self.in_conversation:
+                out.append({"type": "conversation.item.done", "previous_item_id": self.previous_item_id,
+                            "item": item})
             output = [item]
         out.append({"type": "response.done", "response": self.response_object(status, output, usage_obj, details,
                                                                              metrics_obj)})

@@ -67,7 +67,8 @@ OUTPUT_DELTAS = ("response.output_text.delta", "response.output_audio_transcript
 
 
 class Response:
-    def __init__(self, session: Session, job: Job, client_event_id: str | None, modalities: list[str]):
+    def __init__(self, session: Session, job: Job, client_event_id: str | None, modalities: list[str],
+                 in_conversation: bool = True, metadata: dict | None = None):
         self.id = new_id("resp")
         self.session = session
         self.job = job
@@ -75,13 +76,19 @@ class Response:
         self.received_at = time.perf_counter()
         self.task: asyncio.Task | None = None
         prev = session.items[-1].id if session.items else None
-        self.encoder = wire.RealtimeResponseEncoder(self.id, new_id("item"), session.id, modalities, prev)
+        self.encoder = wire.RealtimeResponseEncoder(self.id, new_id("item"), session.id if in_conversation else None,
+                                                    modalities, prev, metadata)
         self.silenced = False  # cancelled: the rest of its output is never sent
         self.cancel_reason = "client_cancelled"  # or "turn_detected" (barge-in)
         self.audio: list[AudioSpan] = []  # the audio chunks encoded for the client, in order
         self.truncate_ms: int | None = None  # conversation.item.truncate while it ran
         self.output_rate = session.settings.output_rate  # the audio rate sent (the session's or this response's)
         self.resamplers: dict[int, StreamingResampler] = {}  # talker rate -> output_rate, across chunks
+
+    @property
+    def joins(self) -> bool:
+        """Its reply was announced (conversation.item.added) and joins the conversation when it ends."""
+        return self.encoder.item_open and self.encoder.in_conversation
 
     def audio_out(self, ev: AudioChunk) -> AudioChunk:
         """An audio chunk at the output rate (resampled as a stream: no seams between chunks)."""
@@ -704,7 +711,7 @@ class RealtimeConnection:
         by conversation.item.added, it joins there when its response ends)."""
         last = self.session.items[-1].id if self.session.items else None
         active = self.session.active
-        if active is not None and active.encoder.item_open and active.encoder.previous_item_id == last:
+        if active is not None and active.joins and active.encoder.previous_item_id == last:
             return active.encoder.item_id
         return last
 
@@ -732,22 +739,56 @@ class RealtimeConnection:
         if "content" not in item:
             raise bad("'item.content' is required", "missing_field", "item.content")
         self._check_text_budget(text_chars(item["content"]), param="item.content")
-        if role == "system":
-            text = codec.text_only(item["content"], "item.content")
-            conv = codec.Converted([{"type": "text", "text": text}], [{"type": "input_text", "text": text}])
-        else:
-            s = self.session.settings  # raw audio parts are in the session's input format (OpenAI's rule)
-            args = (item["content"], self.limits, "item.content", s.input_audio_sample_rate, role, None,
-                    s.input_audio_encoding)
-            content = item["content"]
-            media = isinstance(content, list) and any(
-                not isinstance(p, dict) or p.get("type") not in ("text", "input_text", "output_text") for p in content)
-            # decoding images/audio takes a while: off the event loop
-            conv = await asyncio.to_thread(codec.convert_content, *args) if media else codec.convert_content(*args)
+        conv = await self._item_content(role, item["content"], "item.content")
         new = Item(item_id or new_id("item"), role, conv.parts, conv.public)
         prev = self._last_item_id() if after is None else None if after == ROOT else after
         self.session.add_item(new, after=after)
         await self._item_added(new, prev)
+
+    async def _item_content(self, role: str, content: Any, param: str) -> codec.Converted:
+        """A message item's content as engine parts (a system item: text only)."""
+        if role == "system":
+            text = codec.text_only(content, param)
+            return codec.Converted([{"type": "text", "text": text}], [{"type": "input_text", "text": text}])
+        s = self.session.settings  # raw audio parts are in the session's input format (OpenAI's rule)
+        args = (content, self.limits, param, s.input_audio_sample_rate, role, None, s.input_audio_encoding)
+        media = isinstance(content, list) and any(
+            not isinstance(p, dict) or p.get("type") not in ("text", "input_text", "output_text") for p in content)
+        # decoding images/audio takes a while: off the event loop
+        return await asyncio.to_thread(codec.convert_content, *args) if media else codec.convert_content(*args)
+
+    async def _response_input(self, value: Any) -> list[Item]:
+        """response.create `input` (OpenAI's): the items this response reads instead of the conversation,
+        each an item of the session by reference ({"type": "item_reference", "id"}) or a new message item
+        (read by this response only, never added to the conversation)."""
+        if not isinstance(value, list):
+            raise bad("'response.input' must be a list of items", "invalid_type", "response.input")
+        if len(value) > self.limits.max_conversation_items:
+            raise bad(f"'response.input' holds {len(value)} items; at most {self.limits.max_conversation_items}",
+                      "too_many_messages", "response.input")
+        items = []
+        for i, spec in enumerate(value):
+            name = f"response.input[{i}]"
+            spec = need_dict(spec, name)
+            if spec.get("type") == "item_reference":
+                codec.check_keys(spec, name, ("type", "id"))
+                item = self.session.find_item(need_str(spec.get("id"), f"{name}.id"))
+                if item is None:
+                    raise bad(f"no item with id {spec['id'][:64]!r} in this session", "item_not_found", f"{name}.id")
+                items.append(item)
+                continue
+            REALTIME_ITEM.check(spec, f"{name}.")
+            if spec.get("type", "message") != "message":
+                raise bad(f"item type {str(spec.get('type'))[:40]!r} is not supported; use 'message' or "
+                          "'item_reference'", "invalid_value", f"{name}.type")
+            role = spec.get("role")
+            if role not in ("user", "assistant", "system"):
+                raise bad(f"'{name}.role' must be 'user', 'assistant' or 'system'", "invalid_value", f"{name}.role")
+            if "content" not in spec:
+                raise bad(f"'{name}.content' is required", "missing_field", f"{name}.content")
+            conv = await self._item_content(role, spec["content"], f"{name}.content")
+            items.append(Item(new_id("item"), role, conv.parts, conv.public))
+        return items
 
     def _insertion_point(self, prev: Any) -> str | None:
         """Where conversation.item.create's `previous_item_id` puts the item (OpenAI's rule): left out
@@ -762,8 +803,7 @@ class RealtimeConnection:
         if prev == ROOT:
             return ROOT
         active = self.session.active
-        if active is not None and active.encoder.item_open and prev in (active.encoder.item_id,
-                                                                          active.encoder.previous_item_id):
+        if active is not None and active.joins and prev in (active.encoder.item_id, active.encoder.previous_item_id):
             raise bad(f"item {prev[:64]!r} is followed by the reply response {active.id} is still writing: add "
                       "the item after response.done, or leave 'previous_item_id' out to append it",
                       "invalid_state", "previous_item_id")
@@ -777,7 +817,7 @@ class RealtimeConnection:
         """The active response whose assistant item is `item_id` (announced by conversation.item.added,
         not yet in the conversation: it joins when the response ends), else None."""
         active = self.session.active
-        if active is not None and active.encoder.item_open and active.encoder.item_id == item_id:
+        if active is not None and active.joins and active.encoder.item_id == item_id:
             return active
         return None
 
@@ -832,26 +872,33 @@ class RealtimeConnection:
                 fmt = audio["output"].get("format") if isinstance(audio["output"], dict) else None
                 if fmt is not None:
                     output_rate = output_audio_rate(fmt, "response.audio.output.format", engine)
-        if spec.get("conversation") not in (None, "auto"):
-            raise bad("only responses on the session's conversation ('conversation': 'auto') are supported",
-                      "unsupported_parameter", "response.conversation")
-        if spec.get("input") is not None:
-            raise bad("'response.input' is not supported; add items with conversation.item.create",
-                      "unsupported_parameter", "response.input")
+        conversation = spec.get("conversation")
+        if conversation not in (None, "auto", "none"):
+            raise bad(f"'response.conversation' must be 'auto' (the reply joins the session's conversation) or "
+                      f"'none' (an out-of-band reply), got {str(conversation)[:40]!r}", "invalid_value",
+                      "response.conversation")
+        in_conversation = conversation != "none"
+        metadata = response_metadata(spec.get("metadata"))
         instructions = spec.get("instructions", None)
         instructions = need_str(instructions, "response.instructions") if instructions is not None else s.instructions
         self._check_text_budget(0, instructions, "response.instructions" if "instructions" in spec else None)
-        if instructions is None:
-            instructions = self.session.system_text()
         params = generation_params(spec, self.limits, base=s.params, where="response.", inf_ok=True)
         thinking = flag(spec, "thinking", s.thinking)
-        messages = self.session.messages()
+        items = None if spec.get("input") is None else await self._response_input(spec["input"])
+        if self.session.active is not None:  # another response started while the input was decoded
+            raise bad(f"conversation already has an active response ({self.session.active.id})",
+                      "conversation_already_has_active_response")
+        if instructions is None:
+            instructions = self.session.system_text(items)
+        messages = self.session.messages(items)
+        where = "the conversation" if items is None else "'response.input'"
         if not messages:
-            raise bad("the conversation is empty: add a user item (conversation.item.create or "
-                      "input_audio_buffer.commit) before response.create", "conversation_empty")
+            raise bad(f"{where} is empty: add a user item (conversation.item.create or input_audio_buffer.commit, "
+                      "or in 'response.input') before response.create", "conversation_empty")
         if messages[-1]["role"] != "user":
-            raise bad("the last conversation item must come from the user", "invalid_state")
-        if len(self.session.items) >= self.limits.max_conversation_items:  # the reply would have nowhere to go
+            raise bad(f"the last item of {where} must come from the user", "invalid_state")
+        # the reply would have nowhere to go
+        if in_conversation and len(self.session.items) >= self.limits.max_conversation_items:
             raise ApiError(f"the conversation already holds {len(self.session.items)} items, the limit per session: "
                            "the reply could not join it; delete items (conversation.item.delete) first",
                            code="conversation_too_long")
@@ -867,7 +914,7 @@ class RealtimeConnection:
             return engine.chat(_m, _p, cancel, system_prompt=_i, thinking=_t, **output)
 
         job = Job(run, label=f"realtime {self.session.id}")
-        resp = Response(self.session, job, event_id, modalities)
+        resp = Response(self.session, job, event_id, modalities, in_conversation, metadata)
         resp.output_rate = output_rate
         self.ctx.scheduler.submit(job)  # may raise queue_full
         self.session.active = resp
@@ -947,7 +994,7 @@ class RealtimeConnection:
             resp.audio = cut_reply(enc, resp.audio, cut_at)
         for wire_event in enc.finish(final, figures, "slow_reader" if job.slow_reader else resp.cancel_reason):
             await self.send(wire_event)
-        if enc.item_open:  # announced (conversation.item.added): it joins, even when the response failed midway
+        if resp.joins:  # announced (conversation.item.added): it joins, even when the response failed midway
             item = Item(enc.item_id, "assistant", [{"type": "text", "text": enc.assistant_text}],
                         enc.item("completed")["content"],
                         status="completed" if isinstance(final, Done) and final.finish_reason == "stop"
@@ -967,6 +1014,29 @@ SESSION_FIELDS = {"model", "instructions", "output_modalities", "modalities", "a
                   "input_audio_sample_rate", "turn_detection", "video", "tools", "thinking", "temperature", "top_p",
                   "top_k", "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
                   "max_tokens"}
+
+
+MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
+
+
+def response_metadata(value: Any) -> dict | None:
+    """response.create `metadata`: at most 16 string keys (64 characters) to string values (512), echoed
+    in the response object (how a client tells its out-of-band responses apart)."""
+    if value is None:
+        return None
+    value = need_dict(value, "response.metadata")
+    if len(value) > MAX_METADATA_KEYS:
+        raise bad(f"'response.metadata' has {len(value)} keys; at most {MAX_METADATA_KEYS}", "invalid_value",
+                  "response.metadata")
+    for key, v in value.items():
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            raise bad(f"'response.metadata' keys are at most {MAX_METADATA_KEY_CHARS} characters", "invalid_value",
+                      "response.metadata")
+        need_str(v, f"response.metadata.{key[:MAX_METADATA_KEY_CHARS]}")
+        if len(v) > MAX_METADATA_VALUE_CHARS:
+            raise bad(f"'response.metadata.{key}' is {len(v)} characters; at most {MAX_METADATA_VALUE_CHARS}",
+                      "invalid_value", f"response.metadata.{key}")
+    return dict(value)
 
 
 def no_such_item(item_id: str) -> ApiError:

@@ -235,12 +235,16 @@ class Session:
     def find_item(self, item_id: str) -> Item | None:
         return next((it for it in self.items if it.id == item_id), None)
 
-    def messages(self) -> list[dict]:
-        """The conversation as engine messages (consecutive items of one role stay separate turns)."""
-        return [{"role": it.role, "content": list(it.parts)} for it in self.items if it.role != "system"]
+    def messages(self, items: list[Item] | None = None) -> list[dict]:
+        """The conversation (or `items`) as engine messages (consecutive items of one role stay separate
+        turns)."""
+        return [{"role": it.role, "content": list(it.parts)} for it in (self.items if items is None else items)
+                if it.role != "system"]
 
-    def system_text(self) -> str | None:
-        texts = [p["text"] for it in self.items if it.role == "system" for p in it.parts if p.get("type") == "text"]
+    def system_text(self, items: list[Item] | None = None) -> str | None:
+        """The text of the conversation's (or `items`') system items."""
+        texts = [p["text"] for it in (self.items if items is None else items) if it.role == "system"
+                 for p in it.parts if p.get("type") == "text"]
         return "\n".join(texts) if texts else None
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.server import FakeEngine, fake_server, tone_pcm16
+from tests.server import FakeEngine, fake_server, tone_pcm16, wait_for
 from tests.server.test_realtime_live import spoken_reply_script
 
 
@@ -79,3 +79,62 @@ def test_a_client_asking_for_the_beta_protocol_is_told_it_is_not_spoken():
         with connect(srv.ws_url, subprotocols=["realtime"], additional_headers={"OpenAI-Beta": "assistants=v2"}) as ws:
             assert '"session.created"' in ws.recv(timeout=10)
         assert srv.ctx.sessions.created == 1  # the refused clients never held a session
+
+
+def test_an_out_of_band_response_reads_its_own_input_and_leaves_the_conversation_alone():
+    """response.create with conversation "none" and `input` (OpenAI's out-of-band response: a
+    classification or summary beside the conversation, told apart by its `metadata`) was refused
+    ('unsupported_parameter') and metadata dropped. The reply reads only its input (an item by
+    reference and a new message), is announced to no conversation, and the conversation is as it was."""
+    from engine.events import Done, TextDelta
+
+    engine = FakeEngine(script=[TextDelta("positive"), Done("positive", "stop")])
+    with fake_server(engine) as srv, sdk(srv).realtime.connect(model="gpt-realtime") as conn:
+        recv_until(conn, "session.created")
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_text", "text": "I love it"}]})
+        first = recv_until(conn, "conversation.item.done")[-1].item
+        conn.response.create(response={
+            "conversation": "none", "metadata": {"topic": "sentiment"}, "output_modalities": ["text"],
+            "input": [{"type": "item_reference", "id": first.id},
+                      {"type": "message", "role": "user",
+                       "content": [{"type": "input_text", "text": "Positive or negative?"}]}]})
+        events = recv_until(conn, "response.done")
+        assert events[0].type == "response.created" and events[0].response.metadata == {"topic": "sentiment"}
+        assert events[0].response.conversation_id is None
+        done = events[-1].response
+        assert done.metadata == {"topic": "sentiment"} and done.conversation_id is None
+        assert done.output[0].content[0].text == "positive"
+        assert not [e.type for e in events if e.type.startswith("conversation.item.")]
+        # the conversation still holds the one item; a reply in it follows that item
+        conn.response.create(response={"metadata": {"topic": "chat"}})
+        events = recv_until(conn, "response.done")
+        added = next(e for e in events if e.type == "conversation.item.added")
+        assert added.previous_item_id == first.id and events[-1].response.conversation_id is not None
+        items = next(iter(srv.ctx.sessions.open.values())).items
+        wait_for(lambda: len(items) == 2)
+        assert [it.id for it in items] == [first.id, added.item.id]
+    oob, chat = engine.calls
+    assert [m["role"] for m in oob["messages"]] == ["user", "user"]
+    assert oob["messages"][1]["content"] == [{"type": "text", "text": "Positive or negative?"}]
+    assert [m["role"] for m in chat["messages"]] == ["user"]
+
+
+@pytest.mark.parametrize("response, param", [
+    ({"conversation": "conv_other"}, "response.conversation"),
+    ({"metadata": {"k": 1}}, "response.metadata.k"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "response.metadata"),
+    ({"input": [{"type": "item_reference", "id": "item_missing"}]}, "response.input[0].id"),
+    ({"input": [{"type": "message", "role": "user"}]}, "response.input[0].content"),
+    ({"input": [{"type": "message", "role": "assistant", "content": "hi"}]}, None),
+    ({"input": []}, None),
+])
+def test_out_of_band_fields_that_cannot_be_honoured_are_refused_naming_them(response, param):
+    with fake_server() as srv, sdk(srv).realtime.connect(model="gpt-realtime") as conn:
+        recv_until(conn, "session.created")
+        conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "hello"}]})
+        recv_until(conn, "conversation.item.done")
+        conn.send({"type": "response.create", "event_id": "oob", "response": response})
+        err = conn.recv()
+        assert err.type == "error" and err.error.event_id == "oob" and err.error.param == param, err
