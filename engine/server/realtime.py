@@ -56,7 +56,7 @@ log = logging.getLogger("engine.server.realtime")
 MIN_COMMIT_SECONDS = 0.1
 MAX_EVENT_ID_CHARS = 512  # a client's event_id, echoed in the error events it causes
 # OpenAI session fields that have no effect here and are accepted silently
-IGNORED_SESSION_FIELDS = {"type", "include", "tracing", "truncation", "prompt", "tool_choice",
+IGNORED_SESSION_FIELDS = {"include", "tracing", "truncation", "prompt", "tool_choice",
                           "input_audio_noise_reduction", "speed", "object", "id"}
 MAX_PENDING_TRANSCRIPTIONS = 8  # per session: turns committed faster than the engine transcribes them
 
@@ -285,6 +285,13 @@ class RealtimeConnection:
             return value
 
         self.ctx.check_model(spec.get("model"), "realtime")
+        if spec.get("type") == "transcription":
+            raise bad("transcription sessions (session.type 'transcription') are not supported: this is a realtime "
+                      "session; it transcribes each committed audio turn with 'audio.input.transcription' set",
+                      "unsupported_parameter", "session.type")
+        if spec.get("type") not in (None, "realtime"):
+            raise bad(f"'session.type' must be 'realtime', got {str(spec['type'])[:40]!r}", "invalid_value",
+                      "session.type")
         if "instructions" in spec:
             value = spec["instructions"]
             new["instructions"] = None if value is None else need_str(value, "session.instructions")
@@ -1009,7 +1016,7 @@ class RealtimeConnection:
                                                code=e.code, status=e.status), resp.client_event_id)
 
 
-SESSION_FIELDS = {"model", "instructions", "output_modalities", "modalities", "audio", "input_audio_format", "voice",
+SESSION_FIELDS = {"type", "model", "instructions", "output_modalities", "modalities", "audio", "input_audio_format", "voice",
                   "input_audio_transcription", "output_audio_format",
                   "input_audio_sample_rate", "turn_detection", "video", "tools", "thinking", "temperature", "top_p",
                   "top_k", "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",

@@ -138,3 +138,19 @@ def test_out_of_band_fields_that_cannot_be_honoured_are_refused_naming_them(resp
         conn.send({"type": "response.create", "event_id": "oob", "response": response})
         err = conn.recv()
         assert err.type == "error" and err.error.event_id == "oob" and err.error.param == param, err
+
+
+def test_a_transcription_session_is_refused_not_served_as_a_realtime_one():
+    """session.update {"type": "transcription"} (OpenAI's transcription-only session: no responses, turns
+    transcribed) was accepted and ignored: the client's session went on answering every turn. It is refused
+    naming session.type, and the session is unchanged; {"type": "realtime"} is taken."""
+    with fake_server() as srv, sdk(srv).realtime.connect(model="gpt-realtime") as conn:
+        recv_until(conn, "session.created")
+        conn.send({"type": "session.update", "event_id": "t",
+                   "session": {"type": "transcription", "audio": {"input": {"turn_detection": None}}}})
+        err = conn.recv()
+        assert err.type == "error" and err.error.code == "unsupported_parameter" and err.error.param == "session.type"
+        conn.send({"type": "session.update", "event_id": "x", "session": {"type": "realtime_v2"}})
+        assert conn.recv().error.param == "session.type"
+        conn.session.update(session={"type": "realtime", "instructions": "Be brief."})
+        assert recv_until(conn, "session.updated")[-1].session.instructions == "Be brief."
