@@ -757,6 +757,8 @@ class RealtimeConnection:
         if role == "system":
             text = codec.text_only(content, param)
             return codec.Converted([{"type": "text", "text": text}], [{"type": "input_text", "text": text}])
+        if role == "assistant" and isinstance(content, list):
+            return spoken_reply_content(content, self.limits, param)
         s = self.session.settings  # raw audio parts are in the session's input format (OpenAI's rule)
         args = (content, self.limits, param, s.input_audio_sample_rate, role, None, s.input_audio_encoding)
         media = isinstance(content, list) and any(
@@ -1021,6 +1023,26 @@ SESSION_FIELDS = {"type", "model", "instructions", "output_modalities", "modalit
                   "input_audio_sample_rate", "turn_detection", "video", "tools", "thinking", "temperature", "top_p",
                   "top_k", "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
                   "max_tokens"}
+
+
+def spoken_reply_content(content: list, limits, param: str) -> codec.Converted:
+    """An assistant item's content, OpenAI's `output_audio` parts (a spoken reply replayed, as
+    conversation.item.added showed it: {"type": "output_audio", "transcript", "audio"?}) included: the
+    model reads a reply as text, so such a part is its transcript (its audio is not kept)."""
+    spoken, parts = set(), []
+    for i, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "output_audio":
+            codec.check_keys(part, f"{param}[{i}]", ("type", "transcript"), ("audio", "format"))
+            if part.get("transcript") is None:
+                raise bad(f"'{param}[{i}].transcript' is required: the model reads an assistant's spoken reply by its "
+                          "transcript", "missing_field", f"{param}[{i}].transcript")
+            part = {"type": "output_text", "text": need_str(part["transcript"], f"{param}[{i}].transcript")}
+            spoken.add(i)
+        parts.append(part)
+    conv = codec.convert_content(parts, limits, param, role="assistant")
+    conv.public = [{"type": "output_audio", "transcript": p["text"]} if i in spoken else p
+                   for i, p in enumerate(conv.public)]
+    return conv
 
 
 MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits

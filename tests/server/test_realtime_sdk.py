@@ -154,3 +154,30 @@ def test_a_transcription_session_is_refused_not_served_as_a_realtime_one():
         assert conn.recv().error.param == "session.type"
         conn.session.update(session={"type": "realtime", "instructions": "Be brief."})
         assert recv_until(conn, "session.updated")[-1].session.instructions == "Be brief."
+
+
+def test_a_spoken_reply_can_be_replayed_as_conversation_item_added_showed_it():
+    """A client rebuilding a conversation (after a reconnect, or from another session) sends the
+    assistant's spoken replies back as the server showed them: {"type": "output_audio", "transcript"}
+    (with the audio, as OpenAI's assistant content allows). They were refused ('assistant messages may
+    hold text only'); the model reads the transcript, and the item shows the part as sent."""
+    engine = FakeEngine()
+    spoken = {"type": "output_audio", "transcript": "It is a cup.",
+              "audio": base64.b64encode(tone_pcm16(0.2, rate=24000).tobytes()).decode()}
+    with fake_server(engine) as srv, sdk(srv).realtime.connect(model="gpt-realtime") as conn:
+        recv_until(conn, "session.created")
+        items = []
+        for role, content in (("user", [{"type": "input_text", "text": "What is it?"}]),
+                              ("assistant", [spoken]), ("user", [{"type": "input_text", "text": "Sure?"}])):
+            conn.conversation.item.create(item={"type": "message", "role": role, "content": content})
+            items.append(recv_until(conn, "conversation.item.done")[-1].item)
+        shown = items[1].content[0]
+        assert (shown.type, shown.transcript) == ("output_audio", "It is a cup.")
+        conn.response.create(response={"output_modalities": ["text"]})
+        recv_until(conn, "response.done")
+        conn.send({"type": "conversation.item.create", "event_id": "bad", "item": {
+            "type": "message", "role": "assistant", "content": [{"type": "output_audio", "audio": spoken["audio"]}]}})
+        while (err := conn.recv()).type != "error":
+            pass
+        assert err.error.param == "item.content[0].transcript" and err.error.event_id == "bad"
+    assert engine.calls[0]["messages"][1] == {"role": "assistant", "content": [{"type": "text", "text": "It is a cup."}]}
