@@ -294,6 +294,7 @@ class RealtimeResponseEncoder:
         self.conversation_id = conversation_id  # None: an out-of-band reply (conversation "none"), announced to no
         self.in_conversation = conversation_id is not None  # conversation (no conversation.item.* events)
         self.metadata = metadata
+        self.settings: dict = {}  # what the response object also states: max_output_tokens, audio.output
         self.output_modalities = list(output_modalities)
         self.previous_item_id = previous_item_id
         self.item_open = False
@@ -304,7 +305,7 @@ class RealtimeResponseEncoder:
                         details: dict | None = None, metrics_obj: dict | None = None) -> dict:
         obj = {"id": self.response_id, "object": "realtime.response", "status": status, "status_details": details,
                "output": output or [], "output_modalities": self.output_modalities,
-               "conversation_id": self.conversation_id, "metadata": self.metadata}
+               "conversation_id": self.conversation_id, "metadata": self.metadata, **self.settings}
         if usage_obj is not None:
             obj["usage"] = usage_obj
         if metrics_obj is not None:

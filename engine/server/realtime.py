@@ -925,6 +925,8 @@ class RealtimeConnection:
         job = Job(run, label=f"realtime {self.session.id}")
         resp = Response(self.session, job, event_id, modalities, in_conversation, metadata)
         resp.output_rate = output_rate
+        resp.encoder.settings = {"max_output_tokens": params.max_new_tokens, "audio": {"output": {
+            "format": {"type": "audio/pcm", "rate": output_rate}, "voice": voice}}}
         self.ctx.scheduler.submit(job)  # may raise queue_full
         self.session.active = resp
         await self.send(resp.encoder.created())

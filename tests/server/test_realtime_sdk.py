@@ -181,3 +181,29 @@ def test_a_spoken_reply_can_be_replayed_as_conversation_item_added_showed_it():
             pass
         assert err.error.param == "item.content[0].transcript" and err.error.event_id == "bad"
     assert engine.calls[0]["messages"][1] == {"role": "assistant", "content": [{"type": "text", "text": "It is a cup."}]}
+
+
+def test_the_response_object_states_the_settings_it_runs_with():
+    """response.created / .done said max_output_tokens and audio null: a client reading the response
+    object for the format to play its deltas at (or the token cap it runs under) found nothing. They state
+    this response's own values (its overrides, else the session's)."""
+    engine = FakeEngine(script=spoken_reply_script(words=2, chunk_s=0.1, rate=44100), has_talker=True)
+    with fake_server(engine) as srv, sdk(srv).realtime.connect(model="gpt-realtime") as conn:
+        recv_until(conn, "session.created")
+        conn.session.update(session={"type": "realtime", "max_output_tokens": 40, "output_modalities": ["audio"]})
+        recv_until(conn, "session.updated")
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_text", "text": "hi"}]})
+        recv_until(conn, "conversation.item.done")
+        conn.response.create()
+        events = recv_until(conn, "response.done")
+        for response in (events[0].response, events[-1].response):
+            assert response.max_output_tokens == 40
+            assert (response.audio.output.format.type, response.audio.output.format.rate) == ("audio/pcm", 24000)
+        conn.response.create(response={"max_output_tokens": 7, "conversation": "none", "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "again"}]}],
+            "audio": {"output": {"format": {"type": "audio/pcm", "rate": 44100}}}})
+        events = recv_until(conn, "response.done")
+        created = events[0].response.model_dump()
+        assert created["max_output_tokens"] == 7 and created["audio"]["output"]["format"]["rate"] == 44100
+        assert {e.model_extra["sample_rate"] for e in events if e.type == "response.output_audio.delta"} == {44100}
