@@ -752,15 +752,17 @@ class RealtimeConnection:
         self.session.add_item(new, after=after)
         await self._item_added(new, prev)
 
-    async def _item_content(self, role: str, content: Any, param: str) -> codec.Converted:
-        """A message item's content as engine parts (a system item: text only)."""
+    async def _item_content(self, role: str, content: Any, param: str,
+                            budget: codec.MediaBudget | None = None) -> codec.Converted:
+        """A message item's content as engine parts (a system item: text only); its decoded media within
+        `budget` (by default max_session_media_bytes for this item alone)."""
         if role == "system":
             text = codec.text_only(content, param)
             return codec.Converted([{"type": "text", "text": text}], [{"type": "input_text", "text": text}])
         if role == "assistant" and isinstance(content, list):
             return spoken_reply_content(content, self.limits, param)
         s = self.session.settings  # raw audio parts are in the session's input format (OpenAI's rule)
-        args = (content, self.limits, param, s.input_audio_sample_rate, role, None, s.input_audio_encoding)
+        args = (content, self.limits, param, s.input_audio_sample_rate, role, budget, s.input_audio_encoding)
         media = isinstance(content, list) and any(
             not isinstance(p, dict) or p.get("type") not in ("text", "input_text", "output_text") for p in content)
         # decoding images/audio takes a while: off the event loop
@@ -775,7 +777,7 @@ class RealtimeConnection:
         if len(value) > self.limits.max_conversation_items:
             raise bad(f"'response.input' holds {len(value)} items; at most {self.limits.max_conversation_items}",
                       "too_many_messages", "response.input")
-        items = []
+        items, budget = [], codec.MediaBudget(self.limits.max_session_media_bytes)  # for all its new items together
         for i, spec in enumerate(value):
             name = f"response.input[{i}]"
             spec = need_dict(spec, name)
@@ -795,7 +797,7 @@ class RealtimeConnection:
                 raise bad(f"'{name}.role' must be 'user', 'assistant' or 'system'", "invalid_value", f"{name}.role")
             if "content" not in spec:
                 raise bad(f"'{name}.content' is required", "missing_field", f"{name}.content")
-            conv = await self._item_content(role, spec["content"], f"{name}.content")
+            conv = await self._item_content(role, spec["content"], f"{name}.content", budget)
             items.append(Item(new_id("item"), role, conv.parts, conv.public))
         return items
 

@@ -207,3 +207,26 @@ def test_the_response_object_states_the_settings_it_runs_with():
         created = events[0].response.model_dump()
         assert created["max_output_tokens"] == 7 and created["audio"]["output"]["format"]["rate"] == 44100
         assert {e.model_extra["sample_rate"] for e in events if e.type == "response.output_audio.delta"} == {44100}
+
+
+def test_the_media_of_an_out_of_band_input_count_together():
+    """response.input's new items are decoded for the response: each was given the whole per-item media
+    budget, so one event of many small, highly compressed pictures held many times the session's limit.
+    They share one budget (max_session_media_bytes), refused naming the part that passes it."""
+    from tests.server import b64, png_bytes
+
+    picture = "data:image/png;base64," + b64(png_bytes(np.zeros((200, 200, 3), np.uint8)))  # 120 000 bytes decoded
+    item = {"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": picture}]}
+    engine = FakeEngine()
+    with fake_server(engine, max_session_media_bytes=300_000) as srv, \
+            sdk(srv).realtime.connect(model="gpt-realtime") as conn:
+        recv_until(conn, "session.created")
+        conn.send({"type": "response.create", "event_id": "ok", "response": {"conversation": "none",
+                                                                             "input": [item, item]}})
+        recv_until(conn, "response.done")
+        conn.send({"type": "response.create", "event_id": "big", "response": {"conversation": "none",
+                                                                              "input": [item, item, item]}})
+        err = conn.recv()
+        assert err.type == "error" and err.error.code == "media_too_large" and err.error.event_id == "big"
+        assert err.error.param == "response.input[2].content[0]"
+    assert len(engine.calls) == 1
