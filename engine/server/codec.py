@@ -201,6 +201,31 @@ G711 = _g711_tables()
 G711_RATE = 8000  # OpenAI's audio/pcmu and audio/pcma (g711_ulaw / g711_alaw) are 8 kHz, a byte a sample
 
 
+MULAW_SEGMENT_ENDS = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF])  # biased 14-bit magnitudes
+ALAW_SEGMENT_ENDS = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF])  # 13-bit magnitudes
+MULAW_CLIP, MULAW_BIAS = 8159, 33
+
+
+def g711_bytes(pcm: bytes, encoding: str) -> bytes:
+    """PCM16 little-endian mono -> G.711 bytes ('pcmu' / 'pcma'), as ITU-T G.711 quantises (a sample's
+    segment, then the top 4 bits of its magnitude within it; what audioop's lin2ulaw / lin2alaw give)."""
+    x = np.frombuffer(pcm, dtype="<i2").astype(np.int32)
+    if encoding == "pcmu":
+        v = x >> 2
+        mask = np.where(v < 0, 0x7F, 0xFF)
+        mag = np.minimum(np.abs(v), MULAW_CLIP) + MULAW_BIAS
+        seg = np.searchsorted(MULAW_SEGMENT_ENDS, mag)
+        code = (seg << 4) | ((mag >> (seg + 1)) & 0xF)
+    else:
+        v = x >> 3
+        mask = np.where(v >= 0, 0xD5, 0x55)
+        mag = np.where(v >= 0, v, -v - 1)
+        seg = np.searchsorted(ALAW_SEGMENT_ENDS, mag)
+        code = (seg << 4) | ((mag >> np.where(seg < 2, 1, seg)) & 0xF)
+    code = np.where(seg >= 8, 0x7F, code)
+    return (code ^ mask).astype(np.uint8).tobytes()
+
+
 def input_samples(raw: bytes, encoding: str, name: str = "audio") -> np.ndarray:
     """An input_audio_buffer.append's bytes in the session's encoding ('pcm16', 'pcmu', 'pcma') as
     int16 PCM."""

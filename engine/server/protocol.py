@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -295,6 +296,7 @@ class RealtimeResponseEncoder:
         self.in_conversation = conversation_id is not None  # conversation (no conversation.item.* events)
         self.metadata = metadata
         self.settings: dict = {}  # what the response object also states: max_output_tokens, audio.output
+        self.audio_bytes: Callable[[bytes], bytes] | None = None  # PCM16 -> the bytes an audio delta sends
         self.output_modalities = list(output_modalities)
         self.previous_item_id = previous_item_id
         self.item_open = False
@@ -374,7 +376,8 @@ class RealtimeResponseEncoder:
             if ev.text:  # the span this chunk speaks comes first, so a client can pair it with the audio
                 part.text.append(ev.text)
                 out.append({"type": "response.output_audio_transcript.delta", **self._ids(part), "delta": ev.text})
-            return out + [{"type": "response.output_audio.delta", **self._ids(part), "delta": _b64(ev.pcm),
+            data = ev.pcm if self.audio_bytes is None else self.audio_bytes(ev.pcm)
+            return out + [{"type": "response.output_audio.delta", **self._ids(part), "delta": _b64(data),
                            "sample_rate": ev.sample_rate, "start_s": ev.start_s}]
         if isinstance(ev, ImagePreview):
             part, out = self._open(("image", ev.index), "image", {"index": ev.index})

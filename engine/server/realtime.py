@@ -20,6 +20,7 @@ cuts an assistant reply to what the user heard.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -45,7 +46,7 @@ from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_output_modalit
 from engine.sampling import GenerationParams
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
-from engine.server.sessions import ROOT, AudioSpan, Item, Session, new_id
+from engine.server.sessions import ROOT, AudioSpan, Item, Session, audio_format, new_id
 from engine.server.text import (check_json_values, check_text, check_url_text, invalid_text_path,
                                 json_may_hold_surrogates, text_chars, texts_of)
 from engine.server.turns import ServerVad, SpeechStarted, SpeechStopped, TurnDetector
@@ -84,6 +85,13 @@ class Response:
         self.truncate_ms: int | None = None  # conversation.item.truncate while it ran
         self.output_rate = session.settings.output_rate  # the audio rate sent (the session's or this response's)
         self.resamplers: dict[int, StreamingResampler] = {}  # talker rate -> output_rate, across chunks
+        self.set_output_format(session.settings.output_encoding, session.settings.output_rate)
+
+    def set_output_format(self, encoding: str, rate: int) -> None:
+        """The reply's audio as it is sent: PCM16 at `rate`, or G.711 ('pcmu' / 'pcma', 8 kHz)."""
+        self.output_rate = rate
+        self.encoder.audio_bytes = None if encoding == "pcm16" else functools.partial(codec.g711_bytes,
+                                                                                      encoding=encoding)
 
     @property
     def joins(self) -> bool:
@@ -270,7 +278,7 @@ class RealtimeConnection:
         new = {"instructions": s.instructions, "output_modalities": s.output_modalities,
                "rate": (s.input_audio_encoding, s.input_audio_sample_rate), "thinking": s.thinking, "voice": s.voice,
                "turn_detection": s.turn_detection, "video": s.video, "transcription": s.transcription,
-               "output_rate": s.output_rate}
+               "output": (s.output_encoding, s.output_rate)}
         for key in spec:
             if key not in IGNORED_SESSION_FIELDS and key not in SESSION_FIELDS:
                 raise bad(f"unknown session field {str(key)[:60]!r}", "unknown_parameter", f"session.{key}")
@@ -305,8 +313,8 @@ class RealtimeConnection:
                 new["voice"] = audio_output_voice(audio["output"], "session.audio.output", engine, new["voice"])
                 fmt = audio["output"].get("format") if isinstance(audio["output"], dict) else None
                 if fmt is not None:
-                    new["output_rate"] = twin("output_rate", output_audio_rate(fmt, "session.audio.output.format", engine),
-                                              "session.audio.output.format")
+                    new["output"] = twin("output", output_audio_format(fmt, "session.audio.output.format", engine),
+                                         "session.audio.output.format")
             codec.check_keys(audio, "session.audio", ("input", "output"))
             inp = need_dict(audio.get("input", {}), "session.audio.input")
             codec.check_keys(inp, "session.audio.input", ("format", "turn_detection", "transcription"),
@@ -327,9 +335,9 @@ class RealtimeConnection:
                 "session.input_audio_transcription")
         if spec.get("output_audio_format") is not None:  # the beta shape
             check_output_modalities(["audio"], "session.output_audio_format", engine)
-            new["output_rate"] = twin("output_rate", output_audio_rate(spec["output_audio_format"],
-                                                                       "session.output_audio_format", engine),
-                                      "session.output_audio_format")
+            new["output"] = twin("output", output_audio_format(spec["output_audio_format"],
+                                                               "session.output_audio_format", engine),
+                                 "session.output_audio_format")
         if "input_audio_format" in spec:
             new["rate"] = twin("rate", audio_format_rate(spec["input_audio_format"], "session.input_audio_format"),
                                "session.input_audio_format")
@@ -361,7 +369,7 @@ class RealtimeConnection:
         s.instructions, s.output_modalities = new["instructions"], new["output_modalities"]
         (s.input_audio_encoding, s.input_audio_sample_rate), s.thinking = new["rate"], new["thinking"]
         s.params, s.voice, s.transcription = params, new["voice"], new["transcription"]
-        s.output_rate = new["output_rate"]
+        s.output_encoding, s.output_rate = new["output"]
         self._apply_turn_settings(new["turn_detection"], new["video"], detector)
         await self.send({"type": "session.updated", "session": s.to_dict(self.session.id, self.ctx.model_id)})
 
@@ -871,7 +879,7 @@ class RealtimeConnection:
                       "for response.done", "conversation_already_has_active_response")
         s = self.session.settings
         engine = self.ctx.engine
-        modalities, voice, output_rate = s.output_modalities, s.voice, s.output_rate
+        modalities, voice, out_format = s.output_modalities, s.voice, (s.output_encoding, s.output_rate)
         for name in ("output_modalities", "modalities"):
             if name in spec:
                 modalities = check_output_modalities(spec[name], f"response.{name}", engine)
@@ -882,7 +890,7 @@ class RealtimeConnection:
                 voice = audio_output_voice(audio["output"], "response.audio.output", engine, voice)
                 fmt = audio["output"].get("format") if isinstance(audio["output"], dict) else None
                 if fmt is not None:
-                    output_rate = output_audio_rate(fmt, "response.audio.output.format", engine)
+                    out_format = output_audio_format(fmt, "response.audio.output.format", engine)
         conversation = spec.get("conversation")
         if conversation not in (None, "auto", "none"):
             raise bad(f"'response.conversation' must be 'auto' (the reply joins the session's conversation) or "
@@ -926,9 +934,9 @@ class RealtimeConnection:
 
         job = Job(run, label=f"realtime {self.session.id}")
         resp = Response(self.session, job, event_id, modalities, in_conversation, metadata)
-        resp.output_rate = output_rate
+        resp.set_output_format(*out_format)
         resp.encoder.settings = {"max_output_tokens": params.max_new_tokens, "audio": {"output": {
-            "format": {"type": "audio/pcm", "rate": output_rate}, "voice": voice}}}
+            "format": audio_format(*out_format), "voice": voice}}}
         self.ctx.scheduler.submit(job)  # may raise queue_full
         self.session.active = resp
         await self.send(resp.encoder.created())
@@ -1135,12 +1143,12 @@ def unsend(resp: Response, dropped: list[dict]) -> None:
 
 def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str | None:
     """session/response `audio.output`: {"voice", "format": {"type": "audio/pcm"}, "speed"}; needs a
-    talker. Returns the voice (the format is read by output_audio_rate)."""
+    talker. Returns the voice (the format is read by output_audio_format)."""
     check_output_modalities(["audio"], name, engine)
     spec = need_dict(spec, name)
     codec.check_keys(spec, name, ("voice", "format"), ("speed",))
     if spec.get("format") is not None:
-        output_audio_rate(spec["format"], f"{name}.format", engine)
+        output_audio_format(spec["format"], f"{name}.format", engine)
     if spec.get("voice") is not None:
         voice = voice_name(spec["voice"], f"{name}.voice", engine)
     return voice
@@ -1149,26 +1157,20 @@ def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str |
 G711_FORMATS = {"g711_ulaw": "pcmu", "g711_alaw": "pcma", "audio/pcmu": "pcmu", "audio/pcma": "pcma"}
 
 
-def output_audio_rate(value: Any, name: str, engine) -> int:
-    """session / response `audio.output.format` (beta: `output_audio_format`): 'pcm16' or
-    {"type": "audio/pcm"} (24 kHz, as OpenAI's), or {"type": "audio/pcm", "rate": N}: the reply's
-    audio is sent at that rate, which the engine's talker audio must resample to (a rate such as
-    2654 Hz cannot be reached from 24 kHz: refused here, not when the reply's first chunk comes)."""
-    if value == "pcm16":
-        return OPENAI_PCM_RATE
-    if isinstance(value, dict) and value.get("type") in ("audio/pcm", "pcm16"):
-        codec.check_keys(value, name, ("type", "rate"))
-        rate = codec.check_sample_rate(value.get("rate", OPENAI_PCM_RATE), f"{name}.rate")
-        talker_rate = getattr(getattr(engine, "talker", None), "sample_rate", None)
-        if talker_rate is not None:
-            try:
-                check_resample_rates(talker_rate, rate)
-            except MediaError as e:
-                raise bad(f"'{name}.rate': the talker speaks at {talker_rate} Hz and {e}; use a common rate such as "
-                          "16000, 24000, 44100 or 48000", "invalid_value", f"{name}.rate") from None
-        return rate
-    raise bad(f"'{name}' must be {{\"type\": \"audio/pcm\", \"rate\": N}} or 'pcm16' (PCM16 at 24 kHz); G.711 "
-              "output is not supported", "invalid_value", name)
+def output_audio_format(value: Any, name: str, engine) -> tuple[str, int]:
+    """session / response `audio.output.format` (beta: `output_audio_format`) -> (encoding, rate), named as
+    input formats are (audio_format_rate): PCM16 at 24 kHz unless a rate is named, or G.711 at 8 kHz. The
+    talker's audio is resampled to that rate as it streams (a rate such as 2654 Hz cannot be reached from
+    the talker's: refused here, not when the reply's first chunk comes)."""
+    encoding, rate = audio_format_rate(value, name)
+    talker_rate = getattr(getattr(engine, "talker", None), "sample_rate", None)
+    if talker_rate is not None:
+        try:
+            check_resample_rates(talker_rate, rate)
+        except MediaError as e:
+            raise bad(f"'{name}.rate': the talker speaks at {talker_rate} Hz and {e}; use a common rate such as "
+                      "16000, 24000, 44100 or 48000", "invalid_value", f"{name}.rate") from None
+    return encoding, rate
 
 
 def audio_format_rate(value: Any, name: str) -> tuple[str, int]:

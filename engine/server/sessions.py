@@ -43,6 +43,7 @@ class SessionSettings:
     turn_detection: ServerVad | None = None  # None: push-to-talk (the client commits its turns)
     video: VideoContextConfig | None = None  # None: frames wait for input_video_buffer.commit
     output_rate: int = OPENAI_PCM_RATE  # the reply audio's rate (OpenAI's default: PCM16 at 24 kHz)
+    output_encoding: str = "pcm16"  # or G.711 "pcmu" / "pcma" (8 kHz)
     transcription: dict | None = None  # {"model", "language", "prompt"}: each committed audio turn is transcribed
 
     @property
@@ -58,16 +59,21 @@ class SessionSettings:
         p = self.params
         return {"type": "realtime", "id": session_id, "object": "realtime.session", "model": model,
                 "instructions": self.instructions, "output_modalities": list(self.output_modalities),
-                "audio": {"input": {"format": {"type": "audio/pcm", "rate": self.input_audio_sample_rate}
-                                    if self.input_audio_encoding == "pcm16" else
-                                    {"type": f"audio/{self.input_audio_encoding}"},
+                "audio": {"input": {"format": audio_format(self.input_audio_encoding, self.input_audio_sample_rate),
                                     "turn_detection": self.turn_detection.to_wire() if self.turn_detection else None,
                                     "transcription": dict(self.transcription) if self.transcription else None},
-                          "output": {"format": {"type": "audio/pcm", "rate": self.output_rate}, "voice": self.voice}},
+                          "output": {"format": audio_format(self.output_encoding, self.output_rate),
+                                     "voice": self.voice}},
                 "video": self.video_context.to_wire() if self.video_context else None,
                 "max_output_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
                 "top_k": p.top_k, "repetition_penalty": p.repetition_penalty, "seed": p.seed, "stop": list(p.stop),
                 "thinking": self.thinking}
+
+
+def audio_format(encoding: str, rate: int) -> dict:
+    """An audio format as OpenAI's GA session states it: {"type": "audio/pcm", "rate"} or G.711's
+    {"type": "audio/pcmu"} / {"type": "audio/pcma"} (8 kHz)."""
+    return {"type": "audio/pcm", "rate": rate} if encoding == "pcm16" else {"type": f"audio/{encoding}"}
 
 
 def media_nbytes(parts: list[dict]) -> int:

@@ -8,6 +8,7 @@ import base64
 
 import numpy as np
 import openai
+import torch
 import pytest
 
 from tests.server import FakeEngine, fake_server, tone_pcm16, wait_for
@@ -230,3 +231,44 @@ def test_the_media_of_an_out_of_band_input_count_together():
         assert err.type == "error" and err.error.code == "media_too_large" and err.error.event_id == "big"
         assert err.error.param == "response.input[2].content[0]"
     assert len(engine.calls) == 1
+
+
+@pytest.mark.parametrize("session, law", [
+    ({"audio": {"output": {"format": {"type": "audio/pcmu"}}}}, "pcmu"),
+    ({"output_audio_format": "g711_alaw"}, "pcma")])
+def test_g711_output_is_sent_as_g711_at_8_khz(session, law):
+    """A telephony client (a phone bridge) asks for its replies in G.711, as OpenAI's audio/pcmu /
+    audio/pcma (beta: g711_ulaw / g711_alaw) output formats give them: the session.update was refused
+    whole ('G.711 output is not supported'), instructions and turn settings with it. The talker's audio is
+    resampled to 8 kHz as it streams and sent a byte a sample; the session says the format it sends."""
+    from engine.media.audio import resample, resampled_length
+    from engine.server.codec import G711
+
+    script = spoken_reply_script(words=6, chunk_s=0.2, rate=44100)
+    engine = FakeEngine(script=script, has_talker=True)
+    with fake_server(engine) as srv, sdk(srv).realtime.connect(model="gpt-realtime") as conn:
+        recv_until(conn, "session.created")
+        conn.send({"type": "session.update", "session": {"output_modalities": ["audio"], **session}})
+        assert recv_until(conn, "session.updated")[-1].session.audio.output.format.type == f"audio/{law}"
+        conn.conversation.item.create(item={"type": "message", "role": "user", "content": "Say something."})
+        recv_until(conn, "conversation.item.done")
+        conn.response.create()
+        events = recv_until(conn, "response.done")
+    deltas = [e for e in events if e.type == "response.output_audio.delta"]
+    assert {e.model_extra["sample_rate"] for e in deltas} == {8000}
+    sent = np.frombuffer(b"".join(base64.b64decode(e.delta) for e in deltas), np.uint8)
+    talker = np.concatenate([ev.samples() for ev in script if hasattr(ev, "samples")])
+    assert len(sent) == resampled_length(len(talker), 44100, 8000)  # one byte a sample
+    heard = G711[law][sent] / 32768
+    expected = np.clip(resample(torch.from_numpy(talker), 44100, 8000).numpy(), -1, 1)
+    assert np.abs(heard - expected).max() < 0.01  # G.711's quantisation step at this level, and no more
+
+
+def test_g711_encoding_is_the_inverse_of_its_decoding():
+    """Every G.711 byte's value is encoded back to that byte (mu-law's negative zero to its positive one)."""
+    from engine.server.codec import G711, g711_bytes
+
+    for law in ("pcmu", "pcma"):
+        codes = np.arange(256, dtype=np.uint8)
+        back = np.frombuffer(g711_bytes(G711[law][codes].astype("<i2").tobytes(), law), np.uint8)
+        assert np.array_equal(back, np.where(codes == 0x7F, 0xFF, codes) if law == "pcmu" else codes)
