@@ -83,12 +83,12 @@ class Response:
         self.cancel_reason = "client_cancelled"  # or "turn_detected" (barge-in)
         self.audio: list[AudioSpan] = []  # the audio chunks encoded for the client, in order
         self.truncate_ms: int | None = None  # conversation.item.truncate while it ran
-        self.output_rate = session.settings.output_rate  # the audio rate sent (the session's or this response's)
         self.resamplers: dict[int, StreamingResampler] = {}  # talker rate -> output_rate, across chunks
         self.set_output_format(session.settings.output_encoding, session.settings.output_rate)
 
     def set_output_format(self, encoding: str, rate: int) -> None:
-        """The reply's audio as it is sent: PCM16 at `rate`, or G.711 ('pcmu' / 'pcma', 8 kHz)."""
+        """The reply's audio as it is sent (the session's format, or this response's): PCM16 at `rate`, or
+        G.711 ('pcmu' / 'pcma', 8 kHz)."""
         self.output_rate = rate
         self.encoder.audio_bytes = None if encoding == "pcm16" else functools.partial(codec.g711_bytes,
                                                                                       encoding=encoding)
@@ -1030,9 +1030,8 @@ class RealtimeConnection:
                                                code=e.code, status=e.status), resp.client_event_id)
 
 
-SESSION_FIELDS = {"type", "model", "instructions", "output_modalities", "modalities", "audio", "input_audio_format", "voice",
-                  "input_audio_transcription", "output_audio_format",
-                  "input_audio_sample_rate", "turn_detection", "video", "tools", "thinking", "temperature", "top_p",
+SESSION_FIELDS = {"type", "model", "instructions", "output_modalities", "modalities", "audio", "input_audio_format",
+                  "voice", "input_audio_transcription", "output_audio_format", "input_audio_sample_rate", "turn_detection", "video", "tools", "thinking", "temperature", "top_p",
                   "top_k", "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
                   "max_tokens"}
 

@@ -181,7 +181,8 @@ def test_a_spoken_reply_can_be_replayed_as_conversation_item_added_showed_it():
         while (err := conn.recv()).type != "error":
             pass
         assert err.error.param == "item.content[0].transcript" and err.error.event_id == "bad"
-    assert engine.calls[0]["messages"][1] == {"role": "assistant", "content": [{"type": "text", "text": "It is a cup."}]}
+    replayed = engine.calls[0]["messages"][1]
+    assert replayed == {"role": "assistant", "content": [{"type": "text", "text": "It is a cup."}]}
 
 
 def test_the_response_object_states_the_settings_it_runs_with():
