@@ -880,6 +880,7 @@ class RealtimeConnection:
         s = self.session.settings
         engine = self.ctx.engine
         modalities, voice, out_format = s.output_modalities, s.voice, (s.output_encoding, s.output_rate)
+        fmt = None
         for name in ("output_modalities", "modalities"):
             if name in spec:
                 modalities = check_output_modalities(spec[name], f"response.{name}", engine)
@@ -891,6 +892,16 @@ class RealtimeConnection:
                 fmt = audio["output"].get("format") if isinstance(audio["output"], dict) else None
                 if fmt is not None:
                     out_format = output_audio_format(fmt, "response.audio.output.format", engine)
+        if spec.get("voice") is not None:  # the beta shape of audio.output.voice
+            check_output_modalities(["audio"], "response.voice", engine)
+            voice = voice_name(spec["voice"], "response.voice", engine)
+        if spec.get("output_audio_format") is not None:  # ... and of audio.output.format
+            check_output_modalities(["audio"], "response.output_audio_format", engine)
+            beta = output_audio_format(spec["output_audio_format"], "response.output_audio_format", engine)
+            if fmt is not None and beta != out_format:
+                raise bad("'response.output_audio_format' and 'response.audio.output.format' name different formats; "
+                          "give one", "invalid_value", "response.output_audio_format")
+            out_format = beta
         conversation = spec.get("conversation")
         if conversation not in (None, "auto", "none"):
             raise bad(f"'response.conversation' must be 'auto' (the reply joins the session's conversation) or "

@@ -273,3 +273,25 @@ def test_g711_encoding_is_the_inverse_of_its_decoding():
         codes = np.arange(256, dtype=np.uint8)
         back = np.frombuffer(g711_bytes(G711[law][codes].astype("<i2").tobytes(), law), np.uint8)
         assert np.array_equal(back, np.where(codes == 0x7F, 0xFF, codes) if law == "pcmu" else codes)
+
+
+def test_a_response_takes_voice_and_output_audio_format_in_their_beta_shape_too():
+    """The session takes the beta names of its settings (voice, output_audio_format); response.create
+    refused them ('unknown_parameter'), so a client overriding one reply's voice or format the way it set
+    the session's got no reply. They are taken as their GA twins (audio.output.voice / .format) are."""
+    engine = FakeEngine(script=spoken_reply_script(words=2, chunk_s=0.1, rate=44100), has_talker=True,
+                        voices=["narrator"])
+    with fake_server(engine) as srv, sdk(srv).realtime.connect(model="gpt-realtime") as conn:
+        recv_until(conn, "session.created")
+        conn.conversation.item.create(item={"type": "message", "role": "user", "content": "Say something."})
+        recv_until(conn, "conversation.item.done")
+        conn.send({"type": "response.create", "response": {"modalities": ["audio"], "voice": "narrator",
+                                                           "output_audio_format": "g711_ulaw"}})
+        events = recv_until(conn, "response.done")
+        assert events[0].response.audio.output.voice == "narrator"
+        assert {e.model_extra["sample_rate"] for e in events if e.type == "response.output_audio.delta"} == {8000}
+        conn.send({"type": "response.create", "event_id": "both", "response": {
+            "output_audio_format": "pcm16", "audio": {"output": {"format": {"type": "audio/pcmu"}}}}})
+        err = conn.recv()
+        assert err.type == "error" and err.error.param == "response.output_audio_format"
+    assert engine.calls[0]["voice"] == "narrator"
