@@ -77,7 +77,9 @@ def need_number(value: Any, name: str, lo: float | None = None, hi: float | None
     if not finite_number(value):
         raise bad(f"'{name}' must be finite", "invalid_value", name)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise bad(f"'{name}' must be in [{lo}, {hi}], got {shown_number(value)}", "invalid_value", name)
+        bounds = (f"in [{lo}, {hi}]" if lo is not None and hi is not None else
+                  f"at least {lo}" if lo is not None else f"at most {hi}")
+        raise bad(f"'{name}' must be {bounds}, got {shown_number(value)}", "invalid_value", name)
     return value
 
 

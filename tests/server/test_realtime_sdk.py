@@ -295,3 +295,13 @@ def test_a_response_takes_voice_and_output_audio_format_in_their_beta_shape_too(
         err = conn.recv()
         assert err.type == "error" and err.error.param == "response.output_audio_format"
     assert engine.calls[0]["voice"] == "narrator"
+
+
+def test_a_bound_on_one_side_is_said_as_such():
+    """max_output_tokens 0 was refused as "must be in [1, None]": the missing bound was printed as None."""
+    with fake_server() as srv, sdk(srv).realtime.connect(model="gpt-realtime") as conn:
+        recv_until(conn, "session.created")
+        conn.send({"type": "session.update", "event_id": "m", "session": {"max_output_tokens": 0}})
+        err = conn.recv()
+        assert err.error.param == "session.max_output_tokens" and "None" not in err.error.message
+        assert "at least 1, got 0" in err.error.message
