@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from engine.events import (AudioChunk, Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress,
                            QueuePosition, TextDelta, UnknownEventError)
 from engine.events import _b64, _unb64  # bytes <-> base64 exactly as the events' own JSON form
@@ -442,6 +444,7 @@ class RealtimeResponseDecoder:
         self.transcript: list[str] = []
         self._pending_transcript: list[str] = []
         self.other_errors: list[dict] = []
+        self.g711: str | None = None  # 'pcmu' / 'pcma': the response's audio deltas are G.711 bytes
 
     def _end(self, ev: Done | Error) -> list[Event]:
         self.finished = True
@@ -463,7 +466,10 @@ class RealtimeResponseDecoder:
             self.other_errors.append(wire)
             return []
         if kind == "response.created":
-            self.response_id = (wire.get("response") or {}).get("id")
+            response = wire.get("response") or {}
+            self.response_id = response.get("id")
+            fmt = ((response.get("audio") or {}).get("output") or {}).get("format") or {}
+            self.g711 = {"audio/pcmu": "pcmu", "audio/pcma": "pcma"}.get(fmt.get("type"))
             return []
         if kind in REALTIME_BOOKKEEPING_EVENTS:
             return []
@@ -483,7 +489,11 @@ class RealtimeResponseDecoder:
         if kind == "response.output_audio.delta":
             data, rate = _need(wire, "delta", "sample_rate")
             text, self._pending_transcript = "".join(self._pending_transcript), []
-            return [AudioChunk(_unb64(data, "delta"), int(rate), text, float(wire.get("start_s", 0.0)))]
+            pcm = _unb64(data, "delta")
+            if self.g711 is not None:  # a byte a sample -> PCM16, as the server's G.711 input is read
+                from engine.server.codec import G711  # noqa: PLC0415  (codec imports this module)
+                pcm = G711[self.g711][np.frombuffer(pcm, np.uint8)].tobytes()
+            return [AudioChunk(pcm, int(rate), text, float(wire.get("start_s", 0.0)))]
         if kind == "response.image.preview":
             return [_image_preview(wire)]
         if kind == "response.image.done":

@@ -359,3 +359,20 @@ def test_a_proxys_html_error_page_is_said_by_its_title_not_passed_on_as_markup()
     message = str(info.value.args[0]) if info.value.args else str(info.value)
     assert info.value.status == 502 and info.value.code == "server_error"
     assert "502 Bad Gateway" in message and "proxy or gateway" in message and "<" not in message, message
+
+
+def test_the_realtime_client_reads_g711_replies_as_pcm16():
+    """A session asking for G.711 replies (audio/pcmu, as a phone bridge does) got AudioChunks holding the
+    G.711 bytes labelled PCM16 at 8 kHz (half the length, noise). The client reads the format from
+    response.created and turns each byte into its PCM16 sample."""
+    from tests.server.test_realtime_live import spoken_reply_script
+
+    engine = FakeEngine(script=spoken_reply_script(words=3, chunk_s=0.2, rate=8000), has_talker=True)
+    with fake_server(engine) as srv, RealtimeClient(srv.ws_url) as rt:
+        rt.update_session(output_modalities=["audio"], audio={"output": {"format": {"type": "audio/pcmu"}}})
+        rt.add_message("user", "Say something.")
+        chunks = [e for e in rt.respond() if isinstance(e, AudioChunk)]
+    talker = np.concatenate([ev.samples() for ev in engine.script if isinstance(ev, AudioChunk)])
+    got = np.concatenate([c.samples() for c in chunks])
+    assert {c.sample_rate for c in chunks} == {8000} and len(got) == len(talker)
+    assert np.abs(got - talker).max() < 0.01  # G.711's quantisation step at this level
