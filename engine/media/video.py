@@ -4,7 +4,7 @@ plus the interleaved-timestamp prompt text.
 Steps, as the 2.0 reference runs them:
 
 1. **Frames.** A video file is sampled at ``smp_fps = min(2, src_fps)``:
-   ``n = max(1, min(170, floor(src_frames / src_fps * smp_fps + 0.5)))`` frames at the rounded
+   ``n = max(1, min(170, floor(src_frames / src_fps * smp_fps + 0.5)))`` frames at the truncated
    ``linspace(0, src_frames - 1, n)`` indices, frame i at ``i / fps_s`` seconds with
    ``fps_s = n / src_frames * src_fps``. A directory (file names in plain sorted order, as
    ``sorted(os.listdir)``) or list of frames is kept whole, taken as sampled at the message's
@@ -331,8 +331,9 @@ def _is_rgb_frame(frame) -> bool:
 
 
 def _linspace_indices(total: int, n: int) -> np.ndarray:
-    """Rounded (half to even) float32 ``linspace(0, total - 1, n)`` frame indices."""
-    return torch.linspace(0, total - 1, n).round().long().numpy()
+    """``linspace(0, total - 1, n)`` frame indices truncated to integers (numpy's ``dtype=int``, as both
+    releases' samplers take them: 11.6 -> 11, not 12)."""
+    return np.linspace(0, total - 1, n, dtype=int)
 
 
 def sample_count(src_frames: int, src_fps: float, config: VideoSamplingConfig) -> tuple[int, float]:
@@ -903,7 +904,7 @@ def preview_frame_indices(n: int, total: int, sample: str = "sequence") -> np.nd
     "uniform" = the middle frame of each of n equal intervals of [0, total). "random" draws frames at random
     upstream; it is refused here (a reply would not be reproducible)."""
     if sample == "sequence":
-        return np.linspace(0, total - 1, n, dtype=int)
+        return _linspace_indices(total, n)
     if sample == "uniform":
         edges = np.linspace(0, total, n + 1, dtype=int)
         return np.array([(int(a) + int(b) - 1) // 2 for a, b in zip(edges[:-1], edges[1:])], dtype=int)

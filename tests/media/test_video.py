@@ -176,17 +176,21 @@ def _write_video(path, n_frames: int, fps: int, h: int = 64, w: int = 96) -> Non
 
 
 @pytest.mark.parametrize("backend", ["cv2", "av"])
-def test_video_file_sampling(tmp_path, backend):
+@pytest.mark.parametrize("n_frames, fps", [(30, 10), (29, 10)])
+def test_video_file_sampling(tmp_path, backend, n_frames, fps):
+    """The 2.0 sampler (bailingmm_utils_video.v2_sample_video) takes np.linspace(0, N - 1, n, dtype=int):
+    indices truncated, not rounded (30 frames: 0, 5, 11, 17, 23, 29, never frame 6 or 12)."""
     if backend == "av":
         pytest.importorskip("av")
     path = tmp_path / "clip.mp4"
-    _write_video(path, 30, 10)  # 3 s at 10 fps -> 6 frames at 2 fps
+    _write_video(path, n_frames, fps)  # 3 s (2.9 s) at 10 fps -> 6 frames at 2 fps
     video = fetch_video(path, backend=backend)
-    assert len(video.frames) == 6
-    assert video.timestamps.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
-    expected = [0, 6, 12, 17, 23, 29]  # rounded linspace(0, 29, 6)
-    levels = [float(f.mean()) for f in video.frames]
-    assert np.allclose(levels, [i * 8 for i in expected], atol=3.0)
+    n = max(1, min(170, int(n_frames / fps * min(2.0, fps) + 0.5)))
+    assert len(video.frames) == n == 6
+    assert np.allclose(video.timestamps, [i * n_frames / (n * fps) for i in range(n)])
+    expected = [k * (n_frames - 1) // (n - 1) for k in range(n)]  # exact floor of linspace(0, N - 1, n)
+    assert expected != [round(k * (n_frames - 1) / (n - 1)) for k in range(n)]
+    assert [round(float(f.mean()) / 8) for f in video.frames] == expected  # grey level 8 i: frame i (lossy codec)
     inputs = prepare_video(path, backend=backend)  # default min_pixels 128*32*32 enlarges 64x96
     assert inputs.grid_thw.shape[0] == 3
     assert inputs.frames.shape[2] * inputs.frames.shape[3] >= 128 * 32 * 32
