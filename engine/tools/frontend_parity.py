@@ -207,22 +207,34 @@ def _image_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
 
 
 _RATE_IN_WORDS = re.compile(r"(\d+(?:\.\d+)?)\s*(kHz|Hz)\b")
+_CALL_PAIR = re.compile(r"\(\s*([A-Za-z_]\w*)\s*,\s*(\d+)\s*\)")
 
 
-def recorded_input_rate(spec: dict, case_rate: int | None, default: int | None) -> int | None:
+def call_input_rates(meaning: str, inputs: dict) -> dict[str, int]:
+    """The rate each input was handed to the processor with, where an output's meaning writes the call
+    (``BailingMM2AudioProcessor([(wave_main,16000)], ...)``): {input name: rate}."""
+    return {m.group(1): int(m.group(2)) for m in _CALL_PAIR.finditer(meaning) if m.group(1) in inputs}
+
+
+def recorded_input_rate(spec: dict, case_rate: int | None, default: int | None,
+                        call_rate: int | None = None) -> int | None:
     """The sample rate one input waveform was recorded at: its tensor record's ``sample_rate`` /
-    ``sampling_rate``, else the case's recorded rate, else a rate its meaning states ("... float32
-    44.1 kHz mono ..."), else `default`. Numbers recorded as such win over words."""
+    ``sampling_rate``, else the rate the processor call was given (``call_rate``, `call_input_rates`),
+    else a rate its meaning states ("... float32 44.1 kHz mono ..."), else the case config's
+    ``sampling_rate`` (the shipped preprocessor config's key is the processor's own 16 kHz, so it only
+    speaks for inputs that say nothing themselves), else `default`."""
     for key in ("sample_rate", "sampling_rate"):
         if spec.get(key) is not None:
             return int(spec[key])
-    if case_rate is not None:
-        return int(case_rate)
+    if call_rate is not None:
+        return int(call_rate)
     match = _RATE_IN_WORDS.search(str(spec.get("meaning", "")))
     if match:
         value = float(match.group(1)) * (1000 if match.group(2) == "kHz" else 1)
         if value >= 1000 and abs(value - round(value)) < 1e-6:
             return int(round(value))
+    if case_rate is not None:
+        return int(case_rate)
     return default
 
 
@@ -231,13 +243,11 @@ def _audio_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
     with open(case_dir / "config.json", encoding="utf-8") as fh:
         cfg_dict = json.load(fh)
     config = AudioFrontendConfig.from_dict(cfg_dict)
-    # the rate the case's waveforms were recorded at (an input's own sample_rate key, the config's
-    # sampling_rate, a rate the input's meaning states, else 16 kHz); the front end itself always
-    # resamples to 16 kHz
+    # the rate each waveform was recorded at (`recorded_input_rate`: its own record, the rate the call
+    # that made an output gave it, its meaning, the config's sampling_rate, else 16 kHz); the front end
+    # itself always resamples to 16 kHz
     case_rate = cfg_dict.get("sampling_rate")
-    rate = int(case_rate) if case_rate is not None else 16000
     input_specs = {t["name"]: t for t in meta.get("tensors", []) if t.get("file") == "inputs.safetensors"}
-    rates = {name: recorded_input_rate(spec, case_rate, 16000) for name, spec in input_specs.items()}
     order = list(input_specs)
     floats = [n for n in order if inputs[n].dtype.kind == "f"]
     ints = [n for n in order if inputs[n].dtype.kind in "iu"]
@@ -256,10 +266,18 @@ def _audio_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
 
     cache: dict[tuple, tuple] = {}
 
-    def features(names: list[str]):
-        key = tuple(names)
+    # every output of a call names the call's inputs and rates in its meaning, or only some of them do
+    group_meanings: dict[str, str] = {}
+    for t in _output_tensors(meta):
+        group = t["name"].split(".")[0]
+        group_meanings[group] = group_meanings.get(group, "") + " " + str(t.get("meaning", ""))
+
+    def features(names: list[str], group: str, meaning: str):
+        called = {**call_input_rates(group_meanings.get(group, ""), inputs), **call_input_rates(meaning, inputs)}
+        rates = tuple(recorded_input_rate(input_specs.get(n, {}), case_rate, 16000, called.get(n)) for n in names)
+        key = (tuple(names), rates)
         if key not in cache:
-            cache[key] = pack_audio_features([prepare_audio(inputs[n], rates.get(n, rate), config) for n in names])
+            cache[key] = pack_audio_features([prepare_audio(inputs[n], r, config) for n, r in zip(names, rates)])
         return cache[key]
 
     rows = []
@@ -273,7 +291,8 @@ def _audio_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
                 rows.append(_compare(case, name, mel_filters(config.sample_rate, config.n_fft, n_mels), ref, tol))
                 continue
             group, field = name.split(".", 1)
-            feats, lengths, tokens = features(clips_for(group, spec.get("meaning", "")))
+            meaning = spec.get("meaning", "")
+            feats, lengths, tokens = features(clips_for(group, meaning), group, meaning)
             if group == "tuple_call" and field == "encoder_feats_lengths":
                 rows.append(_compare(case, name, lengths, ref, tol,
                                      "reference quirk: a bare (wave, sr) tuple reports mel frames, not tokens"))

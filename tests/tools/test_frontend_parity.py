@@ -173,16 +173,23 @@ def test_a_preview_video_case_runs_the_preview_processor(tmp_path):
     assert not failed, "\n" + format_rows(failed)
 
 
-@pytest.mark.parametrize("config_rate, record", [
-    (48000, {"meaning": "[120000] float32 waveform"}),
-    (None, {"meaning": "[120000] float32 48 kHz mono waveform (2.5 s)"}),
-    (16000, {"meaning": "[120000] float32 waveform", "sample_rate": 48000}),
+@pytest.mark.parametrize("config_rate, record, call", [
+    (48000, {"meaning": "[120000] float32 waveform"}, ""),
+    (None, {"meaning": "[120000] float32 48 kHz mono waveform (2.5 s)"}, ""),
+    (16000, {"meaning": "[120000] float32 waveform", "sample_rate": 48000}, ""),
+    # the shipped preprocessor config's sampling_rate is the processor's own 16 kHz: the input's words win
+    (16000, {"meaning": "[120000] float32 48 kHz mono waveform (2.5 s)"}, ""),
+    # the rate is written only in the call that made the output (as the fixtures write it)
+    (16000, {"meaning": "[120000] float32 synthetic waveform"},
+     "BailingMM2AudioProcessor([(wave_main,48000)], use_whisper_encoder=True): "),
 ])
-def test_an_audio_case_recorded_at_48k_is_resampled_to_the_16k_front_end(tmp_path, config_rate, record):
-    """A frontend_audio case whose waveform is recorded at 48 kHz (the config's `sampling_rate`, or the
-    input's own record: its meaning or a sample_rate key): the reference processor resamples it to its
-    fixed 16 kHz (spec §5.1), so 2.5 s make 250 mel frames and 63 tokens. The harness took the config's
-    rate as the front end's own (750 frames) and read no per-input rate."""
+def test_an_audio_case_recorded_at_48k_is_resampled_to_the_16k_front_end(tmp_path, config_rate, record, call):
+    """A frontend_audio case whose waveform is recorded at 48 kHz (the config's `sampling_rate`, the input's
+    own record: its meaning or a sample_rate key, or the processor call an output's meaning writes): the
+    reference processor resamples it to its fixed 16 kHz (spec §5.1), so 2.5 s make 250 mel frames and 63
+    tokens. The harness took the config's rate as the front end's own (750 frames), read no per-input rate,
+    then let the config's 16 kHz (the processor's, as the shipped file has it) override the input's own
+    rate and never read the rate of the call."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -198,7 +205,7 @@ def test_an_audio_case_recorded_at_48k_is_resampled_to_the_16k_front_end(tmp_pat
                "main.encoder_feats_lengths": np.array([[63]], dtype=np.int64)}, str(case / "outputs.safetensors"))
     tensors = [{"file": "inputs.safetensors", "name": "wave_main", "shape": [120000], "dtype": "float32", **record}]
     tensors += [{"file": "outputs.safetensors", "name": n, "shape": [1, 1], "dtype": "int64", "meaning": m}
-                for n, m in (("main.audio_feats_lengths", "[1, 1] mel frames"),
+                for n, m in (("main.audio_feats_lengths", call + "[1, 1] mel frames"),
                              ("main.encoder_feats_lengths", "[1, 1] LLM audio tokens"))]
     (case / "meta.json").write_text(json.dumps({"case": "frontend_audio", "kind": "frontend", "tensors": tensors}))
     rows = run_frontend_case(case)
