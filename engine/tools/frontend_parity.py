@@ -344,6 +344,39 @@ def _video_image_config(cfg_dict: dict, meta: dict, release: str | None = None) 
     return ImageProcessorConfig.from_dict(recorded, release=release or reference_release(meta) or "2.0")
 
 
+_FRAME_FILE = re.compile(r"[\w.-]+\.(?:png|jpe?g|bmp|webp|gif|tiff?)\b", re.IGNORECASE)
+
+
+def frame_file_orders(meta: dict, frame_names: list[str]) -> list[list[str]]:
+    """The orders the reference may have read a case's frames in: it wrote them as files into a
+    directory and read them back in ``sorted(os.listdir)`` order. Where every frame's file name is
+    recorded (a ``filename`` / ``file_name`` / ``path`` key, or a file name in its meaning) that order
+    is known; otherwise both namings stay possible, ``frame{i}.png`` (frame10 before frame2) and a
+    zero-padded one (time order), and they differ from 11 frames on."""
+    specs = {t["name"]: t for t in meta.get("tensors", []) if t.get("file") == "inputs.safetensors"}
+    files = {}
+    for name in frame_names:
+        spec = specs.get(name, {})
+        given = next((spec[k] for k in ("filename", "file_name", "path") if spec.get(k)), None)
+        match = None if given else _FRAME_FILE.search(str(spec.get("meaning", "")))
+        if given or match:
+            files[name] = Path(str(given)).name if given else match.group()
+    if len(files) == len(frame_names) and len(set(files.values())) == len(files):
+        return [sorted(frame_names, key=lambda n: files[n])]
+    numeric = list(frame_names)
+    plain = sorted(frame_names, key=lambda n: f"{n}.png")
+    return [numeric] if plain == numeric else [numeric, plain]
+
+
+def _max_diff(ours, ref: np.ndarray | None) -> float:
+    if ref is None:
+        return math.inf
+    ours = ours.detach().cpu().numpy() if isinstance(ours, torch.Tensor) else np.asarray(ours)
+    if ours.shape != ref.shape:
+        return math.inf
+    return float(np.max(np.abs(ours.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
+
+
 def _video_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list[ParityRow]:
     case = case_dir.name
     with open(case_dir / "config.json", encoding="utf-8") as fh:
@@ -353,16 +386,33 @@ def _video_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
     # the Preview's processor (no frame timestamps, its own sampler; spec §4.2 Preview), else 2.0's
     preview = reference_release(meta) == "preview" or not cfg_dict.get(
         "use_interleaved_frame_timestamp", meta.get("use_interleaved_frame_timestamp", True))
-    try:
+
+    def run(order: list[str]):
         options = recorded_video_options(cfg_dict, meta)
         with tempfile.TemporaryDirectory() as tmp:
-            for name in frame_names:  # the reference read the frames back from PNG files in a directory
-                Image.fromarray(inputs[name]).save(Path(tmp) / f"{name}.png")
+            for k, name in enumerate(order):  # the reference read the frames back from image files in a directory
+                Image.fromarray(inputs[name]).save(Path(tmp) / f"{k:06d}.png")
             if preview:
-                video = prepare_video_preview(tmp, _video_image_config(cfg_dict, meta, "preview"), options=options)
-            else:
-                video = prepare_video(tmp, _video_image_config(cfg_dict, meta), VideoSamplingConfig(), options=options)
-        error = None
+                return prepare_video_preview(tmp, _video_image_config(cfg_dict, meta, "preview"), options=options)
+            return prepare_video(tmp, _video_image_config(cfg_dict, meta), VideoSamplingConfig(), options=options)
+
+    orders, order_note = frame_file_orders(meta, frame_names), ""
+    try:
+        candidates = [(order, run(order)) for order in orders]
+        if len(candidates) > 1:
+            # the file names are not recorded: the reference's own frames (its output) show which order it read
+            def distance(item):
+                video, ref = item[1], outputs.get("fetch_video.frames")
+                frames = video.frames[:len(ref)] if preview and ref is not None else video.frames
+                return (_max_diff(frames, ref), _max_diff(video.pixel_values, outputs.get("pixel_values_videos")))
+            best = min(candidates, key=distance)
+            shown = any(math.isfinite(d) for d in distance(best))
+            order_note = ("frame order " + ("frame0, frame1, ..." if best[0] == orders[0] else
+                                            "of files named frame{i}.png (frame10 before frame2)")
+                          + (", as the reference's stored frames show" if shown else
+                             " assumed: the case records neither the file names nor its frames"))
+            candidates = [best]
+        video, error = candidates[0][1], None
     except Exception as exc:
         video, error = None, f"{type(exc).__name__}: {exc}"
 
@@ -398,6 +448,9 @@ def _video_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
                 rows.append(_compare(case, name, ids, ref, tol, "expanded prompt under the tiny byte tokenizer"))
         else:
             rows.append(_missing(case, name, tol, "unknown tensor"))
+    if order_note:
+        for row in rows:
+            row.note = f"{row.note}; {order_note}" if row.note else order_note
     return rows
 
 

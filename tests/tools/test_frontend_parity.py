@@ -65,11 +65,12 @@ def test_image_case_runs_the_processor_of_the_release_that_made_it(tmp_path):
     assert not errors, "\n" + format_rows(errors)
 
 
-def _video_case_copy(tmp_path, options: dict, n_frames: int, **config_keys):
+def _video_case_copy(tmp_path, options: dict, n_frames: int, read_order=None, **config_keys):
     """frontend_video with other message options and frame count; its outputs are rebuilt from the
     spec's rules (§4.2, §6.2), not by our code: every frame kept (the last one repeated when odd),
     frame i at i / max_video_fps, patches labelled with their pair's mean as .1f, grid split to t = 1.
-    pixel_values_videos is dropped (no spec-only way to rebuild it)."""
+    pixel_values_videos is dropped (no spec-only way to rebuild it). More than 6 frames are synthetic;
+    ``read_order``: the input indices in the order the reference read their files (default: time order)."""
     import shutil
 
     import numpy as np
@@ -81,8 +82,12 @@ def _video_case_copy(tmp_path, options: dict, n_frames: int, **config_keys):
     for f in dst.iterdir():
         f.chmod(0o644)
     inputs = load_file(str(src / "inputs.safetensors"))
-    frames = [inputs[f"frame{i}"] for i in range(n_frames)]
+    rng = np.random.default_rng(7)
+    frames = [inputs[f"frame{i}"] if f"frame{i}" in inputs else rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+              for i in range(n_frames)]
     save_file({f"frame{i}": f for i, f in enumerate(frames)}, str(dst / "inputs.safetensors"))
+    if read_order is not None:
+        frames = [frames[i] for i in read_order]
     config = json.loads((src / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps({**config, **config_keys, "message_video_options": options}))
 
@@ -116,6 +121,29 @@ def test_video_case_honours_the_recorded_max_video_fps_and_frame_count(tmp_path,
     case = _video_case_copy(tmp_path, {"min_pixels": 4096, "max_video_fps": fps}, n_frames)
     rows = {r.tensor: r for r in run_frontend_case(case)}
     assert set(rows) == {"expanded_prompt (text)", "fetch_video.frames", "fetch_video.resmp_ts", "video_grid_thw"}
+    failed = [r for r in rows.values() if not r.ok]
+    assert not failed, "\n" + format_rows(failed)
+
+
+@pytest.mark.parametrize("names, read_order", [
+    (None, sorted(range(12), key=lambda i: f"frame{i}.png")),     # written as frame{i}.png: frame10, frame11, frame2
+    (None, list(range(12))),                                      # written zero-padded: time order
+    ("f_{:02d}.png", list(range(12))),                            # the file names recorded in the meaning
+])
+def test_video_case_with_eleven_frames_or_more_reads_them_in_the_reference_order(tmp_path, names, read_order):
+    """From 11 frames on, the order the reference read its frame files in (sorted(os.listdir)) depends on
+    how it named them, which the case may not record: the harness wrote frame{i}.png, so a case whose
+    frames were read in time order failed on every frame. A recorded name decides; else the reference's
+    own stored frames do."""
+    case = _video_case_copy(tmp_path, {"min_pixels": 4096}, 12, read_order=read_order)
+    if names:
+        meta = json.loads((case / "meta.json").read_text())
+        meta["tensors"] += [{"file": "inputs.safetensors", "name": f"frame{i}", "shape": [64, 96, 3], "dtype": "uint8",
+                             "meaning": f"[64, 96, 3] uint8 synthetic frame {i} (written as {names.format(i)})"}
+                            for i in range(12)]
+        (case / "meta.json").write_text(json.dumps(meta))
+    rows = {r.tensor: r for r in run_frontend_case(case)}
+    assert "fetch_video.frames" in rows
     failed = [r for r in rows.values() if not r.ok]
     assert not failed, "\n" + format_rows(failed)
 
