@@ -142,8 +142,18 @@ def _image_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
         return memo(("direct", names, tuple(sorted(kw.items()))),
                     lambda: preprocess_images([inputs[n] for n in names], config, **kw))
 
-    def chat(names: tuple[str, ...]) -> ImageInputs:
-        return memo(("chat", names), lambda: prepare_images([inputs[n] for n in names], config))
+    def chat(names: tuple[str, ...], **kw) -> ImageInputs:
+        return memo(("chat", names, tuple(sorted(kw.items()))),
+                    lambda: prepare_images([inputs[n] for n in names], config, **kw))
+
+    def token_path(group: str, ref: np.ndarray) -> str:
+        """The path a bare ``<group>.llm_tokens`` counts: the one whose stored grids give the stored count
+        (thin images: the chat path's Stage A clamps a side to 32 where the processor alone rounds it to 0)."""
+        for path in ("direct", "chat"):
+            grids = outputs.get(f"{group}.{path}.image_grid_thw")
+            if grids is not None and [image_token_count(g, config.merge_size) for g in grids.tolist()] == ref.tolist():
+                return path
+        return "direct"
 
     rows = []
     for spec in _output_tensors(meta):
@@ -153,35 +163,39 @@ def _image_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
         field = parts[-1]
         try:
             if parts[0] in inputs:
-                names, mode = (parts[0],), parts[1]
+                names = (parts[0],)
             else:  # a multi-image call: the inputs are named in some tensor meaning of its group
                 group_meanings = [t.get("meaning", "") for t in _output_tensors(meta)
                                   if t["name"].split(".")[0] == parts[0]]
                 named = [tuple(_named_inputs(m, inputs)) for m in [spec.get("meaning", "")] + group_meanings]
-                names, mode = next((n for n in named if n), ()), "direct"
+                names = next((n for n in named if n), ())
                 if not names:
                     rows.append(_missing(case, name, tol, "its meaning names no input image"))
                     continue
-            if mode == "llm_tokens":
-                ours = [image_token_count(direct(names).grid_thw[0].tolist(), config.merge_size)]
-                rows.append(_compare(case, name, np.array(ours, dtype=np.int64), ref, tol))
+            # "<inputs>.<call>.<field>" or "<inputs>.<field>"; a call is "direct" or "chat", with the
+            # processor's (direct) or the message's (chat) pixel bounds as maxpix<N> / minpix<N>
+            call = parts[1] if len(parts) > 2 else (token_path(parts[0], ref) if field == "llm_tokens" else "direct")
+            path, bounds, unknown = "direct", {}, []
+            for word in call.split("_"):
+                bound = re.fullmatch(r"(max|min)pix(\d+)", word)
+                if word in ("direct", "chat"):
+                    path = word
+                elif bound:
+                    bounds[f"{bound.group(1)}_pixels"] = int(bound.group(2))
+                else:
+                    unknown.append(word)
+            if unknown:
+                rows.append(_missing(case, name, tol, f"unknown call kind {call!r}"))
                 continue
-            if mode == "direct":
-                result = direct(names)
-            elif mode == "chat":
-                if field == "fetch_image_uint8":
-                    ours = np.asarray(fetch_image(inputs[names[0]], config.release))
-                    rows.append(_compare(case, name, ours, ref, tol, "Stage A (fetch_image)"))
-                    continue
-                result = chat(names)
-            elif re.fullmatch(r"(max|min)pix\d+", mode):
-                bound = int(re.search(r"\d+", mode).group())
-                key = "max_pixels" if mode.startswith("max") else "min_pixels"
-                result = direct(names, **{key: bound})
-            else:
-                rows.append(_missing(case, name, tol, f"unknown call kind {mode!r}"))
+            if field == "fetch_image_uint8":
+                ours = np.asarray(fetch_image(inputs[names[0]], config.release, **bounds))
+                rows.append(_compare(case, name, ours, ref, tol, "Stage A (fetch_image)"))
                 continue
-            if field == "pixel_values":
+            result = (chat if path == "chat" else direct)(names, **bounds)
+            if field == "llm_tokens":
+                rows.append(_compare(case, name, np.array(result.num_tokens, dtype=np.int64), ref, tol,
+                                     "" if len(parts) > 2 else f"tokens of the {path} path's grids"))
+            elif field == "pixel_values":
                 rows.append(_compare(case, name, result.pixel_values, ref, tol))
             elif field == "image_grid_thw":
                 rows.append(_compare(case, name, result.grid_thw, ref, tol))

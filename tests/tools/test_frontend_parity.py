@@ -65,6 +65,80 @@ def test_image_case_runs_the_processor_of_the_release_that_made_it(tmp_path):
     assert not errors, "\n" + format_rows(errors)
 
 
+def _upstream_smart_resize(h: int, w: int, lo: int, hi: int, stage_a: bool, factor: int = 32) -> tuple[int, int]:
+    """Upstream's two smart resizes (spec §4.1): bailingmm_utils.fetch_image's clamps the ROUNDED sides
+    to the factor, image_processing_bailingmm2's clamps the FLOORED ones."""
+    import math
+
+    hb, wb = round(h / factor) * factor, round(w / factor) * factor
+    if stage_a:
+        hb, wb = max(factor, hb), max(factor, wb)
+    if hb * wb > hi:
+        beta = math.sqrt(h * w / hi)
+        hb, wb = math.floor(h / beta / factor) * factor, math.floor(w / beta / factor) * factor
+        if not stage_a:
+            hb, wb = max(factor, hb), max(factor, wb)
+    elif hb * wb < lo:
+        beta = math.sqrt(lo / (h * w))
+        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    return hb, wb
+
+
+@pytest.mark.parametrize("tokens_of", ["chat", "direct"])
+def test_image_case_reads_chat_calls_bounds_and_token_counts_of_any_call(tmp_path, tokens_of):
+    """A thin 1000x10 image: the chat path's Stage A clamps its rounded height to 32 (992 wide, 31 tokens)
+    where the processor alone gives 32x640 (20 tokens). The harness counted a bare llm_tokens from the
+    direct grid only (and from the first image only), ran a multi-image '.chat.' call directly and refused
+    a chat call with message bounds (chat_maxpix<N>). Expected grids re-derive upstream's rules here."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    case = tmp_path / "frontend_image"
+    case.mkdir()
+    config = json.loads((fixture_case("frontend_image") / "config.json").read_text())
+    (case / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(3)
+    inputs = {"img_1000x10": rng.integers(0, 256, (10, 1000, 3), dtype=np.uint8),
+              "img_123x77": rng.integers(0, 256, (77, 123, 3), dtype=np.uint8)}
+    save_file(inputs, str(case / "inputs.safetensors"))
+    lo, hi = config["min_pixels"], config["max_pixels"]
+
+    def grid(name, chat, fetch_bounds=(4 * 32 * 32, 16384 * 32 * 32)):
+        h, w = inputs[name].shape[:2]
+        if chat:
+            h, w = _upstream_smart_resize(h, w, *fetch_bounds, stage_a=True)
+        h, w = _upstream_smart_resize(h, w, lo, hi, stage_a=False)
+        return [1, h // 16, w // 16]
+
+    direct, chat = grid("img_1000x10", False), grid("img_1000x10", True)
+    assert direct[1] * direct[2] // 4 == 20 and chat[1] * chat[2] // 4 == 31
+    counted = chat if tokens_of == "chat" else direct
+    outputs = {
+        "img_1000x10.direct.image_grid_thw": np.array([direct], dtype=np.int64),
+        "img_1000x10.chat.image_grid_thw": np.array([chat], dtype=np.int64),
+        "img_1000x10.llm_tokens": np.array([counted[1] * counted[2] // 4], dtype=np.int64),
+        "two_images.chat.image_grid_thw": np.array([grid("img_123x77", True), chat], dtype=np.int64),
+        "two_images.llm_tokens": np.array([g[1] * g[2] // 4 for g in (grid("img_123x77", False), direct)],
+                                          dtype=np.int64),
+        "two_images.image_grid_thw": np.array([grid("img_123x77", False), direct], dtype=np.int64),
+        "img_123x77.chat_maxpix4096.image_grid_thw": np.array([grid("img_123x77", True, (4096, 4096))],
+                                                              dtype=np.int64),
+    }
+    assert outputs["img_123x77.chat_maxpix4096.image_grid_thw"].tolist() == [[1, 4, 6]]  # 32x64, then up to 64x96
+    save_file(outputs, str(case / "outputs.safetensors"))
+    meaning = {"two_images.chat.image_grid_thw": "one chat-path call with [img_123x77, img_1000x10]",
+               "two_images.image_grid_thw": "one processor call with [img_123x77, img_1000x10]"}
+    tensors = [{"file": "outputs.safetensors", "name": n, "shape": list(v.shape), "dtype": "int64",
+                "meaning": meaning.get(n, "")} for n, v in outputs.items()]
+    (case / "meta.json").write_text(json.dumps({
+        "case": "frontend_image", "kind": "frontend", "tensors": tensors,
+        "environment": {"upstream": "inclusionAI/Ming (Ming-flash-omni 2.0 release tree)"}}))
+    rows = {r.tensor: r for r in run_frontend_case(case)}
+    assert set(rows) == set(outputs)
+    failed = [r for r in rows.values() if not r.ok]
+    assert not failed, "\n" + format_rows(failed)
+
+
 def _video_case_copy(tmp_path, options: dict, n_frames: int, read_order=None, **config_keys):
     """frontend_video with other message options and frame count; its outputs are rebuilt from the
     spec's rules (§4.2, §6.2), not by our code: every frame kept (the last one repeated when odd),
