@@ -377,8 +377,14 @@ def frame_file_orders(meta: dict, frame_names: list[str]) -> list[list[str]]:
             files[name] = Path(str(given)).name if given else match.group()
     if len(files) == len(frame_names) and len(set(files.values())) == len(files):
         return [sorted(frame_names, key=lambda n: files[n])]
-    numeric = list(frame_names)
-    plain = sorted(frame_names, key=lambda n: f"{n}.png")
+    return [[frame_names[i] for i in order] for order in numbered_file_orders(len(frame_names))]
+
+
+def numbered_file_orders(n: int) -> list[list[int]]:
+    """The orders ``sorted(os.listdir)`` reads n frame files numbered 0..n-1 in: zero-padded names keep
+    time order, plain ones (frame{i}.png, {i}.jpg) put 10 before 2. One order below 11 frames."""
+    numeric = list(range(n))
+    plain = sorted(numeric, key=lambda i: f"{i}.")
     return [numeric] if plain == numeric else [numeric, plain]
 
 

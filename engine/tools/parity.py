@@ -391,6 +391,30 @@ def _video_parts(meta: dict, videos: list[list]) -> list[dict]:
     return parts
 
 
+def reference_frame_orders(processor: MingProcessor, parts: list[dict],
+                           reference: torch.Tensor | None) -> list[dict]:
+    """The video elements with their frames in the order the reference read them. It read a video's
+    frames from files in a directory (sorted(os.listdir)); from 11 frames on, plain names (frame10
+    before frame2) and zero-padded ones (time order) differ and the case does not say which it wrote:
+    the order whose patches the reference's own ``pixel_values_videos`` holds is kept."""
+    from engine.tools.frontend_parity import numbered_file_orders
+
+    if reference is None or all(len(numbered_file_orders(len(p["video"]))) == 1 for p in parts):
+        return parts
+    out, offset = [], 0
+    for part in parts:
+        best = None
+        for order in numbered_file_orders(len(part["video"])):
+            candidate = {**part, "video": [part["video"][i] for i in order]}
+            pixels = processor._video(candidate, candidate["video"]).pixel_values
+            diff = _max_diff(pixels, reference[offset:offset + pixels.shape[0]])
+            if best is None or diff < best[0]:
+                best = (diff, candidate, pixels.shape[0])
+        out.append(best[1])
+        offset += best[2]
+    return out
+
+
 def run_mm_case(case_dir: Path) -> list[ParityRow]:
     """Kind `mm`: raw images, audio and videos through our processor, encoders and LLM, end to end."""
     meta = json.loads((case_dir / "meta.json").read_text())
@@ -405,7 +429,7 @@ def run_mm_case(case_dir: Path) -> list[ParityRow]:
     rates = [_input_rate(meta, name, _recorded_rate(meta), processor.settings.audio.sample_rate)
              for name in raw.audio_names]
     media = {"image": raw.images, "audio": [(a, r) for a, r in zip(raw.audios, rates)],
-             "video": _video_parts(meta, raw.videos)}
+             "video": reference_frame_orders(processor, _video_parts(meta, raw.videos), inputs.get("pixel_values_videos"))}
     messages, system, thinking = conversation_from_prompt(meta["prompt_text_before_expansion"], media)
     prompt = processor.build(messages, system_prompt=system, thinking=thinking)
 

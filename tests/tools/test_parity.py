@@ -147,6 +147,33 @@ def test_mm_case_runs_its_video_through_the_engine(tmp_path, frame_by_frame):
     assert not rows["processor.input_ids"].ok  # the stored ids are those of the prompt without the video
 
 
+def test_mm_case_reads_twelve_video_frames_in_the_order_the_reference_read_them(tmp_path):
+    """The reference read an mm video's frames back from files (sorted(os.listdir)); named frame{j}.png,
+    12 frames are read frame0, frame1, frame10, frame11, frame2, ... The harness fed them in time order,
+    so every patch after frame 1 disagreed; the order whose patches the reference's pixel_values_videos
+    holds is kept. (The reference rows are the frontend_video processing of the frames in that order.)"""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from engine.media.image import ImageProcessorConfig
+    from engine.media.video import VideoOptions, prepare_video
+
+    case = _mm_case_with_video(tmp_path, frame_by_frame=True)
+    inputs = load_file(str(case / "inputs.safetensors"))
+    rng = np.random.default_rng(5)
+    for j in range(6, 12):
+        inputs[f"raw.video0.frame{j}"] = torch.from_numpy(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    frames = [inputs[f"raw.video0.frame{j}"].numpy() for j in range(12)]
+    read = [frames[j] for j in sorted(range(12), key=lambda j: f"frame{j}.png")]
+    options = json.loads((case / "meta.json").read_text())["message_video_options"]
+    video = prepare_video(read, ImageProcessorConfig(), options=VideoOptions.from_message(options))
+    inputs["pixel_values_videos"], inputs["video_grid_thw"] = video.pixel_values, video.grid_thw
+    save_file(inputs, str(case / "inputs.safetensors"))
+    rows = {r.tensor: r for r in run_case(case)}
+    for name in ("processor.pixel_values_videos", "processor.video_grid_thw"):
+        assert rows[name].ok, format_table([rows[name]])
+
+
 def test_mm_case_names_what_it_cannot_place_and_checks_stage_a(tmp_path):
     """Raw inputs the harness has no use for were skipped silently, and the reference's Stage A image
     (raw.image0_resized_by_fetch_image) was never compared: both are rows now."""
