@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from engine.media.audio import AudioFeatures, AudioFrontendConfig
 from engine.media.errors import MediaError
 from engine.media.image import ImageProcessorConfig, fetch_image, image_token_count
-from engine.media.video import VideoOptions
+from engine.media.video import VideoOptions, video_prompt_text
 from engine.models.thinker.layers import Router
 from engine.models.thinker.llm import AudioSpan, MultimodalInputs
 from engine.models.thinker.config import UPSTREAM_SPATIAL_MERGE_SIZE
@@ -33,7 +33,7 @@ from engine.models.thinker.processor import MediaSettings, MingProcessor, image_
 from engine.models.thinker.projectors import encode_audio_wrapped
 from engine.runtime import Engine
 from engine.models.thinker.model import load_model
-from engine.models.thinker.tokenizer import MingTokenizer
+from engine.models.thinker.tokenizer import AUDIO_END, AUDIO_PATCH, AUDIO_START, MingTokenizer
 
 DEVICE = "cpu"  # where parity runs load the models (`--device`); the reference outputs stay on the CPU
 
@@ -617,34 +617,58 @@ def run_prompts_case(case_dir: Path) -> list[ParityRow]:
 
 def _expansion_rows(case: str, meta: dict, processor: MingProcessor) -> list[ParityRow]:
     """meta.json's `expansion_counts` table, each entry as our processor expands it (spec §6.2): an image
-    entry's <imagePatch> count for its grid and its expanded string (where recorded), an audio entry's
-    <audioPatch> count for its mel frames (spec §5.4)."""
+    entry's <imagePatch> count for its grid, an audio entry's <audioPatch> count for its mel frames
+    (spec §5.4), a video entry's <framePatch> count for its grid, and each one's expanded string where
+    recorded (a video's needs its timestamps in 2.0). An entry of another kind is a failed row."""
     rows = []
+    merge = processor.settings.image.merge_size
+
+    def row(label: str, got, want, note: str = "") -> None:
+        ok = got == want
+        diff = float(abs(got - want)) if isinstance(got, int) else (0.0 if ok else 1.0)
+        rows.append(ParityRow(case, label, diff, "exact", ok, "" if ok else note or f"ours {got}, reference {want}"))
+
     for i, entry in enumerate(meta.get("expansion_counts") or []):
         if not isinstance(entry, dict):
             continue
+        expanded = entry.get("expanded") if isinstance(entry.get("expanded"), str) else None
         if "image_grid_thw" in entry and "n_imagePatch" in entry:
-            grid, want = [int(v) for v in entry["image_grid_thw"]], int(entry["n_imagePatch"])
-            got = image_token_count(grid, processor.settings.image.merge_size)
-            label = f"expansion_counts[{i}].n_imagePatch (grid {grid})"
-            rows.append(ParityRow(case, label, float(abs(got - want)), "exact", got == want,
-                                  "" if got == want else f"ours {got}, reference {want}"))
-            if isinstance(entry.get("expanded"), str):
-                same = image_prompt_text(got) == entry["expanded"]
-                rows.append(ParityRow(case, f"expansion_counts[{i}].expanded (grid {grid})", 0.0 if same else 1.0,
-                                      "exact", same, "" if same else "expanded placeholder differs"))
-            continue
-        if "mel_frames" not in entry or "n_audioPatch" not in entry:
-            continue
-        frames, want = int(entry["mel_frames"]), int(entry["n_audioPatch"])
-        label = f"expansion_counts[{i}].n_audioPatch (mel_frames {frames})"
-        try:
-            got = AudioFeatures(feats=torch.zeros(frames, 1)).n_tokens
-        except MediaError as e:
-            rows.append(ParityRow(case, label, float("nan"), "exact", False, str(e)))
-            continue
-        rows.append(ParityRow(case, label, float(abs(got - want)), "exact", got == want,
-                              "" if got == want else f"ours {got}, reference {want}"))
+            grid = [int(v) for v in entry["image_grid_thw"]]
+            got = image_token_count(grid, merge)
+            row(f"expansion_counts[{i}].n_imagePatch (grid {grid})", got, int(entry["n_imagePatch"]))
+            if expanded is not None:
+                row(f"expansion_counts[{i}].expanded (grid {grid})", image_prompt_text(got), expanded,
+                    "expanded placeholder differs")
+        elif "video_grid_thw" in entry and "n_framePatch" in entry:
+            grids = entry["video_grid_thw"]
+            grids = [[int(v) for v in g] for g in (grids if grids and isinstance(grids[0], list) else [grids])]
+            label = f"expansion_counts[{i}].%s (video grid {grids})"
+            row(label % "n_framePatch", sum(image_token_count(g, merge) for g in grids), int(entry["n_framePatch"]))
+            stamps = next((entry[k] for k in ("timestamps", "video_timestamps_seconds") if k in entry), None)
+            if expanded is not None:
+                interleaved = processor.settings.interleaved_video
+                if interleaved and stamps is None:
+                    rows.append(ParityRow(case, label % "expanded", float("nan"), "exact", False,
+                                          "no timestamps recorded for the interleaved expansion"))
+                else:
+                    split = [[1, h, w] for t, h, w in grids for _ in range(t)] if interleaved else grids
+                    row(label % "expanded", video_prompt_text(stamps or [], split, merge, interleaved=interleaved),
+                        expanded, "expanded placeholder differs")
+        elif "mel_frames" in entry and "n_audioPatch" in entry:
+            frames = int(entry["mel_frames"])
+            label = f"expansion_counts[{i}].%s (mel_frames {frames})"
+            try:
+                got = AudioFeatures(feats=torch.zeros(frames, 1)).n_tokens
+            except MediaError as e:
+                rows.append(ParityRow(case, label % "n_audioPatch", float("nan"), "exact", False, str(e)))
+                continue
+            row(label % "n_audioPatch", got, int(entry["n_audioPatch"]))
+            if expanded is not None:
+                row(label % "expanded", AUDIO_START + AUDIO_PATCH * got + AUDIO_END, expanded,
+                    "expanded placeholder differs")
+        else:
+            rows.append(ParityRow(case, f"expansion_counts[{i}]", float("nan"), "exact", False,
+                                  f"entry not compared: keys {sorted(entry)}"))
     return rows
 
 

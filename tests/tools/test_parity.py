@@ -391,3 +391,27 @@ def test_prompts_case_checks_its_image_expansion_count_table(tmp_path):
     assert bad == sorted([f"expansion_counts[{table.index(images[0])}].n_imagePatch (grid {images[0]['image_grid_thw']})",
                           f"expansion_counts[{table.index(images[1])}].expanded (grid {images[1]['image_grid_thw']})"])
     assert rows[f"expansion_counts[{len(table) - 1}].expanded (grid [1, 6, 22])"].ok
+
+
+def test_prompts_case_checks_video_and_audio_expansions_and_names_entries_it_cannot_compare(tmp_path):
+    """expansion_counts entries other than image and audio counts were skipped without a row: a video entry
+    (<framePatch> count, and its interleaved 2.0 string with `<{ts:.1f} seconds>` per temporal patch) was
+    never compared, nor an audio entry's expanded string (no trailing newline, spec §6.2), and an entry of
+    an unknown kind vanished. Expected strings are written from the spec here."""
+    case, meta, _ = _prompts_set(tmp_path)
+    table = meta["expansion_counts"]
+    frames = "<framePatch>" * 6
+    video = {"video_grid_thw": [2, 4, 6], "n_framePatch": 12, "timestamps": [0.25, 1.25],
+             "expanded": f"<video><0.2 seconds><image>{frames}</image><1.2 seconds><image>{frames}</image></video>"}
+    audio_ok = {"mel_frames": 250, "n_audioPatch": 63, "expanded": "<audio>" + "<audioPatch>" * 63 + "</audio>"}
+    audio_bad = {"mel_frames": 83, "n_audioPatch": 21, "expanded": "<audio>" + "<audioPatch>" * 21 + "</audio>\n"}
+    table += [video, audio_ok, audio_bad, {"n_gen_imagePatch": 4}]
+    (case / "meta.json").write_text(json.dumps(meta))
+    rows = {r.tensor: r for r in run_case(case) if r.tensor.startswith("expansion_counts")}
+    at = {id(e): i for i, e in enumerate(table)}
+    assert rows[f"expansion_counts[{at[id(video)]}].n_framePatch (video grid [[2, 4, 6]])"].ok
+    assert rows[f"expansion_counts[{at[id(video)]}].expanded (video grid [[2, 4, 6]])"].ok
+    assert rows[f"expansion_counts[{at[id(audio_ok)]}].expanded (mel_frames 250)"].ok
+    assert not rows[f"expansion_counts[{at[id(audio_bad)]}].expanded (mel_frames 83)"].ok
+    unknown = rows[f"expansion_counts[{len(table) - 1}]"]
+    assert not unknown.ok and "n_gen_imagePatch" in unknown.note
