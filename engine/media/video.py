@@ -10,7 +10,8 @@ Steps, as the 2.0 reference runs them:
    ``sorted(os.listdir)``) or list of frames is kept whole, taken as sampled at the message's
    ``max_video_fps`` (2.0): frame i at ``i / max_video_fps``; the message's ``nframes`` /
    ``min_frames`` / ``max_frames`` / ``max_video_fps`` only set the frame count the pixel budget
-   divides by (`VideoOptions`, `frame_list_budget_frames`). Live webcam frames (`WebcamClip`) are
+   divides by (`VideoOptions`, `frame_list_budget_frames`); frames of another size are brought to the
+   common one as the reference does (`_odd_sized_frames`). Live webcam frames (`WebcamClip`) are
    sampled from their capture times the same way as files.
 2. **Even count.** An odd number of frames gets the last frame repeated, with the same timestamp.
 3. **Resize.** One size for all frames: smart resize with factor 32, ``min_pixels = 128*32*32``
@@ -44,7 +45,7 @@ import math
 import os
 import tempfile
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar, Sequence, Union
@@ -52,9 +53,10 @@ from typing import ClassVar, Sequence, Union
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 from .errors import MediaError, decode_failure
-from .image import ImageProcessorConfig, load_image, normalize_image, patchify, smart_resize
+from .image import ImageProcessorConfig, load_image, normalize_image, patchify, resize_bicubic, smart_resize
 
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Sequence[np.ndarray]]
 
@@ -300,30 +302,65 @@ def sample_frame_list(
     i / max_video_fps seconds; the message's frame counts set only ``budget_frames``. Frames are
     RGB arrays or anything `load_image` reads (a frame directory's files, read one at a time).
     ``resize``: each frame is brought to the model's size (for ``budget_frames``) as it is read, so
-    only one frame is ever held at its own size."""
+    only one frame is ever held at its own size. Frames of other sizes are handled as the reference
+    does (`_odd_sized_frames`)."""
     config = config or VideoSamplingConfig()
     options = options or VideoOptions()
     if len(frames) == 0:
         raise MediaError("video has no frames")
     budget = frame_list_budget_frames(len(frames), options, config)
     fps = config.fps if options.max_video_fps is None else float(options.max_video_fps)
+    major, source_size = _odd_sized_frames(frames, budget, options.sample)
     if resize is not None:
         resize.n_sampled = budget
-    arrays, first = [], None
+        if source_size is not None:
+            resize.preset(source_size)
+    arrays = []
     for f in frames:  # one frame (a path: read here) at its own size at a time
         frame = f if _is_rgb_frame(f) else np.asarray(load_image(f))
-        if first is None:
-            first = frame.shape
-        elif frame.shape != first:
-            raise MediaError("all frames of a video must have the same size")
+        if major is not None and frame.shape[:2] != major:
+            frame = np.asarray(resize_bicubic(Image.fromarray(frame), major[1], major[0]))
         arrays.append(frame if resize is None else resize(frame))
     return VideoFrames(
         frames=np.stack(arrays),
         timestamps=np.arange(len(arrays), dtype=np.float64) / fps,
         sample_fps=fps,
         budget_frames=budget,
-        source_size=None if resize is None else resize.source_size,
+        source_size=resize.source_size if resize is not None else source_size,
     )
+
+
+def _frame_size(frame) -> tuple[int, int]:
+    """(height, width) of a frame, read from an image file's header when it is one."""
+    if isinstance(frame, np.ndarray):
+        return int(frame.shape[0]), int(frame.shape[1])
+    try:
+        source = io.BytesIO(bytes(frame)) if isinstance(frame, (bytes, bytearray, memoryview)) else frame
+        with Image.open(source) as image:
+            return image.height, image.width
+    except Exception:  # not an image file: load_image names what is wrong with it
+        image = np.asarray(load_image(frame))
+        return int(image.shape[0]), int(image.shape[1])
+
+
+def _odd_sized_frames(frames: Sequence, budget: int, sample: str) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """(major, source_size) for a frame list whose frames differ in size, else (None, None). As the
+    reference's list branch (v1_fetch_video): the size most common among the frames its sampler picks
+    (``sample``, ``budget`` frames; the first such size on a tie) is the major one, and the picked frames
+    of another size are brought to it with PIL bicubic; the per-video target is computed from the second
+    frame's own size (``video[1]``). A frame of another size it does not pick is refused (it cannot
+    stack it)."""
+    sizes = [_frame_size(f) for f in frames]
+    if len(set(sizes)) == 1:
+        return None, None
+    picked = [int(i) for i in preview_frame_indices(budget, len(frames), sample)]
+    major = Counter(sizes[i] for i in picked).most_common(1)[0][0]
+    stray = [i for i, size in enumerate(sizes) if size != major and i not in set(picked)]
+    if stray:
+        h, w = sizes[stray[0]]
+        raise MediaError(f"video frame {stray[0]} is {w}x{h}, not {major[1]}x{major[0]} like the frames sampled "
+                         "to set the size; all frames of a video must have the same size")
+    return major, sizes[1]
 
 
 def _is_rgb_frame(frame) -> bool:
@@ -610,10 +647,14 @@ class _FrameResizer:
         self.source_size: tuple[int, int] | None = None
         self.size: tuple[int, int] | None = None
 
+    def preset(self, source_size: tuple[int, int]) -> None:
+        """Compute the target from this (height, width) rather than from the first frame's."""
+        self.source_size = (int(source_size[0]), int(source_size[1]))
+        self.size = frame_target(*self.source_size, self.n_sampled or 1, self.config, **self.overrides)
+
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         if self.size is None:
-            self.source_size = (int(frame.shape[0]), int(frame.shape[1]))
-            self.size = frame_target(*self.source_size, self.n_sampled or 1, self.config, **self.overrides)
+            self.preset(frame.shape[:2])
         return np.ascontiguousarray(_resize_frame(frame, self.size))
 
 

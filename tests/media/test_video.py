@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 import pytest
@@ -287,9 +289,38 @@ def test_probe_gives_the_decoded_size_without_decoding(tmp_path):
     assert plan.decoded_shape() == (8, 320, 448)  # the default budget enlarges it to min_pixels
 
 
-def test_frames_of_different_sizes_are_rejected():
+@pytest.mark.parametrize("odd", [3, 1])
+def test_a_frame_of_another_size_is_brought_to_the_video_s_size_as_the_reference_does(tmp_path, odd):
+    """v1_fetch_video's list branch: the size most common among the sampled frames wins, a sampled frame
+    of another size is resized to it with PIL bicubic (torchvision's resize of a PIL image), and the
+    per-video target comes from the SECOND frame's own size (video[1]); then cv2 INTER_CUBIC. Such a
+    list was refused. Re-derived here with PIL and OpenCV directly."""
+    frames = [_textured(i, 64, 96) for i in range(6)]
+    frames[odd] = _textured(9, 50, 40)
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(tmp_path / f"{i:02d}.png")
+    fixed = [f if f.shape[:2] == (64, 96) else np.asarray(Image.fromarray(f).resize((96, 64), Image.BICUBIC))
+             for f in frames]
+    h1, w1 = frames[1].shape[:2]
+    lo = 4096
+    hi = max(96 * 128 * 32 * 32 / 6 * 2, int(lo * 1.05))
+    hb, wb = max(32, round(h1 / 32) * 32), max(32, round(w1 / 32) * 32)
+    if hb * wb < lo:
+        beta = math.sqrt(lo / (h1 * w1))
+        hb, wb = math.ceil(h1 * beta / 32) * 32, math.ceil(w1 * beta / 32) * 32
+    assert hb * wb <= hi
+    expected = np.stack([cv2.resize(f, (wb, hb), interpolation=cv2.INTER_CUBIC) for f in fixed])
+    for source in (tmp_path, frames):
+        video = prepare_video(source, min_pixels=lo)
+        assert video.frames.shape == (6, 3, hb, wb)
+        assert np.abs(video.frames.numpy().transpose(0, 2, 3, 1).astype(int) - expected).max() <= 1
+
+
+def test_a_frame_of_another_size_the_sampler_skips_is_refused():
+    """The reference stacks every frame but only brings the sampled ones to the common size: max_frames 2
+    samples frames 0 and 3 of 4, so an odd frame 1 cannot be stacked (refused there as here)."""
     with pytest.raises(MediaError, match="same size"):
-        fetch_video([_frame(0, 64, 96), _frame(0, 32, 32)])
+        fetch_video([_frame(0), _frame(0, 32, 32), _frame(0), _frame(0)], options=VideoOptions(max_frames=2))
 
 
 # --------------------------------------------------------------------------- webcam
