@@ -1042,7 +1042,7 @@ def prepare_video_preview(source: VideoSource, image_config: ImageProcessorConfi
     from_file = isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview))
     if from_file:
         frames = sample_video_file_preview(source, options, config, backend=backend)
-        n_budget = len(frames)
+        n_budget, source_size = len(frames), None
     else:
         if isinstance(source, np.ndarray) and source.ndim == 4:
             source = list(source)
@@ -1051,12 +1051,15 @@ def prepare_video_preview(source: VideoSource, image_config: ImageProcessorConfi
                              f"unsupported video input of type {type(source).__name__}; expected a file path, "
                              "bytes, a frame directory or a list of frames")
         arrays = [f if _is_rgb_frame(f) else np.asarray(load_image(f)) for f in source]
-        if any(a.shape != arrays[0].shape for a in arrays):
-            raise MediaError("all frames of a video must have the same size")
+        n_budget = preview_frame_count(len(arrays), options, config)
+        preview_frame_indices(n_budget, len(arrays), options.sample)  # refuses what the reference refuses
+        major, source_size = _odd_sized_frames(arrays, n_budget, options.sample)  # the same rule as 2.0's
+        if major is not None:
+            arrays = [a if a.shape[:2] == major else np.asarray(resize_bicubic(Image.fromarray(a), major[1], major[0]))
+                      for a in arrays]
         frames = np.stack(arrays)
-        n_budget = preview_frame_count(len(frames), options, config)
-        preview_frame_indices(n_budget, len(frames), options.sample)  # refuses what the reference refuses
-    size = preview_frame_target(frames.shape[1], frames.shape[2], n_budget, config, **options.resize_overrides)
+    height, width = source_size or frames.shape[1:3]
+    size = preview_frame_target(height, width, n_budget, config, **options.resize_overrides)
     # a decoded file's uint8 frames come back uint8; a frame list is made float first and stays float
     frames = resize_frames_bilinear(frames, size, keep_float=not from_file)
     frames, _ = pad_to_even(frames, np.zeros(len(frames)), image_config.temporal_patch_size)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from engine.media import MediaError
-from engine.media.image import ImageProcessorConfig
+from engine.media.image import ImageProcessorConfig, resize_bicubic
 from engine.media.video import (
     VideoFrames,
     VideoOptions,
@@ -294,13 +294,12 @@ def test_a_frame_of_another_size_is_brought_to_the_video_s_size_as_the_reference
     """v1_fetch_video's list branch: the size most common among the sampled frames wins, a sampled frame
     of another size is resized to it with PIL bicubic (torchvision's resize of a PIL image), and the
     per-video target comes from the SECOND frame's own size (video[1]); then cv2 INTER_CUBIC. Such a
-    list was refused. Re-derived here with PIL and OpenCV directly."""
+    list was refused. Re-derived here with PIL (in Pillow 13's pass order, `resize_bicubic`) and OpenCV."""
     frames = [_textured(i, 64, 96) for i in range(6)]
     frames[odd] = _textured(9, 50, 40)
     for i, f in enumerate(frames):
         Image.fromarray(f).save(tmp_path / f"{i:02d}.png")
-    fixed = [f if f.shape[:2] == (64, 96) else np.asarray(Image.fromarray(f).resize((96, 64), Image.BICUBIC))
-             for f in frames]
+    fixed = [f if f.shape[:2] == (64, 96) else np.asarray(resize_bicubic(Image.fromarray(f), 96, 64)) for f in frames]
     h1, w1 = frames[1].shape[:2]
     lo = 4096
     hi = max(96 * 128 * 32 * 32 / 6 * 2, int(lo * 1.05))
@@ -314,6 +313,24 @@ def test_a_frame_of_another_size_is_brought_to_the_video_s_size_as_the_reference
         video = prepare_video(source, min_pixels=lo)
         assert video.frames.shape == (6, 3, hb, wb)
         assert np.abs(video.frames.numpy().transpose(0, 2, 3, 1).astype(int) - expected).max() <= 1
+
+
+def test_a_preview_frame_list_with_a_frame_of_another_size_follows_the_same_rule():
+    """The Preview's fetch_video list branch has the same rule (major size among sample_frames' picks, PIL
+    bicubic, target from video[1]); then its bilinear float resize (factor 28)."""
+    from engine.media.video import prepare_video_preview
+
+    frames = [_textured(i, 56, 84) for i in range(4)]
+    frames[1] = _textured(9, 70, 30)
+    fixed = [f if f.shape[:2] == (56, 84) else np.asarray(resize_bicubic(Image.fromarray(f), 84, 56)) for f in frames]
+    # target from frame 1's 70x30: smart resize, factor 28, min 128*28*28 -> up to 448x196
+    beta = math.sqrt(128 * 28 * 28 / (70 * 30))
+    hb, wb = math.ceil(70 * beta / 28) * 28, math.ceil(30 * beta / 28) * 28
+    expected = torch.nn.functional.interpolate(torch.from_numpy(np.stack(fixed)).permute(0, 3, 1, 2).float(),
+                                               size=(hb, wb), mode="bilinear", align_corners=False, antialias=True)
+    video = prepare_video_preview(frames)
+    assert tuple(video.frames.shape) == (4, 3, hb, wb)
+    assert torch.allclose(video.frames, expected, atol=1.0)
 
 
 def test_a_frame_of_another_size_the_sampler_skips_is_refused():
