@@ -244,14 +244,17 @@ def load_image(source: ImageSource, *, max_input_pixels: int = DEFAULT_MAX_INPUT
 
 # 16-bit / 32-bit single-channel modes: Pillow's convert("RGB") clips them at 255 (a 16-bit PNG comes
 # out almost white), so they are rescaled to 8 bits first: integer modes by their bit depth, float
-# images from [0, 1].
+# images from [0, 1]. Values already on the 0..255 scale (an "I" image up to 255, an "F" image above
+# 1) are left to convert("RGB"), as the reference's fetch_image converts every image.
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
     arr = np.asarray(image)
     if image.mode == "F":
-        scaled = np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0
+        if np.nanmax(arr, initial=0.0) > 1.0:
+            return image
+        scaled = np.clip(np.nan_to_num(arr.astype(np.float64)), 0.0, 1.0) * 255.0
     else:
         top = 65535.0 if image.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         scaled = np.clip(arr.astype(np.float64), 0.0, top) * (255.0 / top)

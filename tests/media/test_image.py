@@ -246,6 +246,20 @@ def test_alpha_palette_and_exif_are_handled_as_the_reference_does():
     assert load_image(buf.getvalue()).size == (50, 20)
 
 
+def test_float_images_on_the_8_bit_scale_convert_as_the_reference_does():
+    """A float ("F") TIFF holding 0..255 levels (as an 8-bit picture saved as float) came out almost white:
+    every value was taken as a [0, 1] intensity and clipped at 1. The reference converts it with
+    convert("RGB") (bailingmm_utils.fetch_image); a [0, 1] float image is still scaled to 0..255."""
+    levels = _rng_image(6, 9)[..., 0].astype(np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(levels, mode="F").save(buf, "TIFF")
+    expected = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert np.array_equal(np.asarray(load_image(buf.getvalue())), expected)
+    assert np.array_equal(expected[..., 0], levels.astype(np.uint8))
+    unit = Image.fromarray(levels / 255.0, mode="F")
+    assert np.abs(np.asarray(load_image(unit))[..., 0].astype(int) - levels.astype(int)).max() <= 1
+
+
 def test_preprocessor_keys_omitted_take_the_processor_class_defaults():
     # BailingMM2ImageProcessor's own defaults (spec §4.1, §1.1), not the shipped file's values: the 2.0
     # class caps at 32*32*1280 pixels, the Preview class has 14-pixel patches and 78400 / 2007040
