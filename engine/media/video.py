@@ -60,7 +60,13 @@ from .image import ImageProcessorConfig, load_image, normalize_image, patchify, 
 
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Sequence[np.ndarray]]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+def _readable_image_extensions() -> tuple[str, ...]:
+    """File extensions of every image format Pillow opens (the reference opens each frame file with PIL)."""
+    Image.init()
+    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
+
+
+IMAGE_EXTENSIONS = _readable_image_extensions()
 
 
 @dataclass(frozen=True)
@@ -276,9 +282,9 @@ def video_prompt_text(
 
 
 def frame_files(directory: str | os.PathLike) -> list[Path]:
-    """The image files of a frame directory in the reference's order: file names sorted as
-    strings (``sorted(os.listdir)``: frame10 before frame2; name frames 0-padded to keep them in
-    time order)."""
+    """The image files of a frame directory (any format Pillow opens) in the reference's order: file
+    names sorted as strings (``sorted(os.listdir)``: frame10 before frame2; name frames 0-padded to keep
+    them in time order). Other files are left out (the reference would fail on them)."""
     path = Path(directory)
     if not path.is_dir():
         raise MediaError(f"video frame directory not found: {path}")

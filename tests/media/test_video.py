@@ -84,6 +84,16 @@ def test_frame_directory_is_read_in_sorted_name_order(tmp_path):
     assert [int(f[0, 0, 0]) for f in frames] == [0, 10, 100, 110, 20]
 
 
+@pytest.mark.parametrize("fmt, ext", [("PPM", ".ppm"), ("JPEG", ".jfif"), ("TGA", ".tga"), ("PNG", ".PNG")])
+def test_frame_directory_takes_every_image_format_pillow_reads(tmp_path, fmt, ext):
+    """The reference opens every file of a frame directory with PIL; frames saved as .ppm, .jfif or .tga
+    were left out here ("contains no image files"), so the same directory gave no video or fewer frames."""
+    for i in range(4):
+        Image.fromarray(_frame(i * 40)).save(tmp_path / f"f{i}{ext}", fmt)
+    frames = frames_from_directory(tmp_path)
+    assert [round(float(f.mean()) / 40) for f in frames] == [0, 1, 2, 3]
+
+
 def test_frame_list_keeps_every_frame_and_max_frames_only_sets_the_budget():
     """v1_fetch_video's list branch stacks every frame; max_frames (floored to even) only sets the
     frame count n in the budget max(total_pixels / n * 2, 1.05 * min_pixels)."""
