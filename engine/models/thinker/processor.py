@@ -165,6 +165,16 @@ def _system_text(content: Any) -> str:
     return "".join(texts)
 
 
+def _part_source(part: dict, medium: str) -> Any:
+    """A media part's source: under its type's key, else `medium` ("image"), else `medium`_url, as the
+    reference's fetch_* read an element; an ``{"url": ...}`` object (OpenAI's image_url, upstream's
+    process_vision_info) stands for its url."""
+    kind = part.get("type")
+    key = next((k for k in (kind, medium, f"{medium}_url") if k in part), medium)
+    value = part.get(key)
+    return value["url"] if isinstance(value, dict) and "url" in value else value
+
+
 def _as_list(value: Any) -> list:
     """A list means several items; a tuple is one item (e.g. `(samples, sample_rate)`)."""
     return list(value) if isinstance(value, list) else [value]
@@ -215,7 +225,7 @@ class MingProcessor:
             return [(_part_text(part), False)]
         if kind in IMAGE_TYPES:
             pieces: list[tuple[str, bool]] = []
-            sources = part.get(kind if kind in part else "image")
+            sources = _part_source(part, "image")
             # the reference's fetch_image reads a single image's element keys; a list's images get none
             options = {} if isinstance(sources, list) else {k: part[k] for k in FETCH_OPTION_KEYS if k in part}
             for i, src in enumerate(_as_list(sources)):
@@ -225,13 +235,13 @@ class MingProcessor:
                 pieces.append((("\n" if i else "") + image_prompt_text(n), True))
             return pieces
         if kind in VIDEO_TYPES:
-            vid = self._video(part, part.get(kind if kind in part else "video"))
+            vid = self._video(part, _part_source(part, "video"))
             out.videos.append(vid)
             return [(video_prompt_text(vid.patch_timestamps, vid.grid_thw, self.settings.image.merge_size,
                                        interleaved=self.settings.interleaved_video), True)]
         if kind in AUDIO_TYPES:
             pieces = []
-            for i, src in enumerate(_as_list(part.get(kind if kind in part else "audio"))):
+            for i, src in enumerate(_as_list(_part_source(part, "audio"))):
                 feats = self._audio(part, src)
                 out.audios.append(feats)
                 pieces.append((("\n" if i else "") + AUDIO_START + AUDIO_PATCH * feats.n_tokens + AUDIO_END, True))

@@ -245,3 +245,35 @@ def test_a_lone_surrogate_is_a_prompt_error_not_a_crash(tiny_engine):
         events = list(tiny_engine.chat(messages, **kw))
         assert len(events) == 1 and events[0].code == "invalid_request" and "surrogate" in events[0].message, events
     assert list(tiny_engine.chat([{"role": "user", "content": "a\U0001F642b"}]))[-1].finish_reason in ("stop", "length")
+
+
+def test_media_parts_given_as_url_objects_or_url_keys_are_read_as_the_reference_reads_them(tok, tmp_path):
+    """Upstream's process_vision_info takes an element's image_url / video_url {"url": ...} object (OpenAI's
+    image_url shape) and fetch_image reads 'image_url' where 'image' is absent; ours refused both
+    ('unsupported image input of type dict' / 'NoneType'). Same prompt and pixels as the plain part."""
+    import base64
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    picture = np.random.default_rng(1).integers(0, 256, (40, 72, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        Image.fromarray(np.roll(picture, i, axis=0)).save(frames / f"f{i}.png")
+
+    def prompt(part):
+        return build_chat_prompt([{"role": "user", "content": [part, {"type": "text", "text": "?"}]}], tok)
+
+    want = prompt({"type": "image", "image": buf.getvalue()})
+    for part in ({"type": "image_url", "image_url": {"url": url}}, {"type": "image", "image_url": url},
+                 {"type": "input_image", "image_url": url}):
+        got = prompt(part)
+        assert got.text == want.text and torch.equal(got.pixel_values, want.pixel_values)
+    video = prompt({"type": "video", "video": str(frames)})
+    assert prompt({"type": "video", "video_url": {"url": "file://" + str(frames)}}).text == video.text
