@@ -178,11 +178,14 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen2Backbone(nn.Module):
-    """`Qwen2Model` on inputs_embeds: returns the final-norm hidden states [B, n, H]."""
+    """`Qwen2Model` on inputs_embeds: returns the final-norm hidden states [B, n, H].
+    `run_layers`: how many of its layers the forward runs (all by default); Qwen2Model.forward loops over
+    layers[:config.num_hidden_layers], so a config changed after the model was built runs fewer."""
 
-    def __init__(self, cfg: Qwen2BackboneConfig):
+    def __init__(self, cfg: Qwen2BackboneConfig, run_layers: int | None = None):
         super().__init__()
         self.config = cfg
+        self.run_layers = cfg.num_hidden_layers if run_layers is None else min(run_layers, cfg.num_hidden_layers)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -197,7 +200,7 @@ class Qwen2Backbone(nn.Module):
             positions = torch.arange(start, start + n, device=inputs_embeds.device)
         cos, sin = self.rotary(positions, inputs_embeds.dtype)
         x = inputs_embeds
-        for layer in self.layers:
+        for layer in self.layers[:self.run_layers]:
             x = layer(x, cos, sin, cache, positions)
         if cache is not None:
             cache.advance(n)

@@ -1,7 +1,7 @@
 """The AudioVAE (`talker/vae`, spec §7.8): waveform <-> 64-d latents at `sample_rate` (44.1 kHz for 2.0).
 
   * `Encoder` (`encoder.*`, prompt audio only): frames of `input_dim` samples with stride hop -> fc1
-    (no bias) -> fc2 -> causal Qwen2 -> per group of `patch_size` frames a learned CLS through a
+    (no bias) -> fc2 -> causal Qwen2 (with latent patching, its first 4 layers only) -> per group of `patch_size` frames a learned CLS through a
     4-layer causal Qwen2 aggregator run over the whole interleaved sequence -> fc3 -> (mean, scale); std = softplus(scale) + 1e-4.
   * `Decoder` (`decoder.*`): fc1 -> linear x`patch_size` upsampling (align_corners=False) -> causal Qwen2
     (KV-cached, sliding window per its config) -> ISTFT head (log-magnitude + phase, n_fft = 4 hop,
@@ -37,7 +37,10 @@ class Encoder(nn.Module):
         self.cfg = cfg
         self.fc1 = nn.Linear(cfg.enc_input_dim, b.hidden_size, bias=False)
         self.fc2 = nn.Linear(b.hidden_size, b.hidden_size)
-        self.encoder = Qwen2Backbone(b)
+        # Upstream builds the aggregator by setting num_hidden_layers = 4 on the config object the encoder's
+        # Qwen2Model already holds, and Qwen2Model.forward runs layers[:config.num_hidden_layers]: with
+        # latent patching the encoder runs its first 4 layers only (its deeper layers are loaded, unused).
+        self.encoder = Qwen2Backbone(b, cfg.encoder_aggregator_layers if cfg.patch_size != -1 else None)
         self.fc3 = nn.Linear(b.hidden_size, 2 * cfg.latent_dim)
         self.norm = nn.LayerNorm(b.hidden_size)  # defined upstream, unused [V]
         if cfg.patch_size != -1:
