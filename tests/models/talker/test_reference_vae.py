@@ -1,7 +1,8 @@
 """Our AudioVAE (the real loader, from files) against tests/models/talker/reference_vae.py, a plain
 re-derivation of the upstream forward, at many tiny configurations the fixtures never use: VAE patch,
 hops (odd, encoder hop != frame width, omitted), latent widths, backbone depth / heads / head_dim /
-activation / RoPE theta / sliding windows, omitted keys, a batch of odd-length waveforms.
+activation / RoPE theta / sliding windows, omitted keys, a batch of odd-length waveforms; the streamed
+decode joins to the reference's one-shot decode.
 fp32 throughout; tolerance 1e-5 relative to each output's scale."""
 
 import copy
@@ -75,6 +76,15 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread (thread hand-offs cost more than these ops on a busy CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _close(ours, theirs, what):
     assert ours.shape == theirs.shape, f"{what}: shape {tuple(ours.shape)} != reference {tuple(theirs.shape)}"
     err = (ours.float() - theirs.float()).abs().max().item()
@@ -98,7 +108,14 @@ def test_audio_vae_matches_the_reference(tmp_path, name):
     padded = left_pad_to_multiple(wavs, vae.config.encoder_samples_per_latent * talker_patch)
     assert padded.shape[-1] % span == 0 and padded.shape[-1] - wavs.shape[-1] < span
     with torch.inference_mode():
-        _close(vae.decode(latents), ref.decode(latents, state, c), "decode")
+        oneshot = ref.decode(latents, state, c)
+        _close(vae.decode(latents), oneshot, "decode")
+        # streamed in uneven chunks (token2wav(stream=True)), the pieces join to the one-shot decode
+        stream, pieces, start = vae.stream(), [], 0
+        for i, n in enumerate((1, 3, 1)):
+            pieces.append(stream.push(latents[:, start:start + n], last=i == 2))
+            start += n
+        _close(torch.cat(pieces, dim=1), oneshot, "streamed decode")
         post = vae.posterior(padded)
         mean, std = ref.posterior(ref.encode(padded, state, c))
         _close(post.mean, mean, "posterior mean")
