@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from engine.models.talker.cfm import SamplingParams, epss_timesteps, time_grid
 from engine.models.talker.generate import (MIN_STEPS_BEFORE_STOP, STOP_THRESHOLD, StoredNoise, generate_patches,
                                            initial_history)
+from engine.models.talker.config import TALKER_RELEASES
 from engine.models.talker.model import load_talker
-from engine.models.talker.prompt import build_prompt
-from engine.models.talker.tokenizer import TalkerTokenizer
+from engine.models.talker.prompt import build_preview_prompt, build_prompt
+from engine.models.talker.tokenizer import PREVIEW_REQUIRED_TOKENS, REQUIRED_TOKENS, TalkerTokenizer
 from engine.models.talker.vae import load_audio_vae
 from engine.models.talker.audio import left_pad_to_multiple
 
@@ -63,11 +64,23 @@ def _recorded(meta: dict, case: dict, key: str):
     return m.group(1) if m else None
 
 
-def sampler_settings(meta: dict, case: dict) -> tuple[SamplingParams, int]:
+def case_release(meta: dict) -> str:
+    """The talker release whose upstream tree made a case: meta.json's `release` when it names one, else
+    the Preview when `environment.upstream` names the Preview tree (e58533d), else 2.0 (as the
+    frontend cases tell their release)."""
+    release = str(meta.get("release") or "").lower()
+    if release in TALKER_RELEASES:
+        return release
+    upstream = str((meta.get("environment") or {}).get("upstream", "")).lower()
+    return "preview" if "preview" in upstream or "e58533d" in upstream else "2.0"
+
+
+def sampler_settings(meta: dict, case: dict, cfg_default: float = SAMPLER_DEFAULTS["cfg"]) -> tuple[SamplingParams, int]:
     """(SamplingParams, min_new_token) a talker sub-case was run with (upstream defaults where nothing
-    is recorded); a recorded value that is not a number fails naming it."""
+    is recorded; the Preview's CFG default is its config's `cfg_strength`, `cfg_default`); a recorded
+    value that is not a number fails naming it."""
     got = {}
-    for key, default in SAMPLER_DEFAULTS.items():
+    for key, default in {**SAMPLER_DEFAULTS, "cfg": cfg_default}.items():
         value = _recorded(meta, case, key)
         try:
             got[key] = type(default)(float(value)) if value is not None else default
@@ -109,9 +122,10 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
     lat_tol = _tol(meta, "cfm_pred_* / step_gen_lat / latents", 1e-4)
     emb_tol = _tol(meta, "step_next_embeds / prompt_wav_emb / spk_emb_proj", 1e-5)
     stop_tol = _tol(meta, "step_stop_prob", 1e-5)
-    talker = load_talker(case_dir, dtype=torch.float32, device=device)
-    tok = TalkerTokenizer(case_dir / "llm")
+    # a Preview case (spec §7.11): no chat template, no speaker head, CFG from the config, no SDE draw
+    talker = load_talker(case_dir, dtype=torch.float32, device=device, release=case_release(meta))
     cfg = talker.config
+    tok = TalkerTokenizer(case_dir / "llm", PREVIEW_REQUIRED_TOKENS if cfg.preview else REQUIRED_TOKENS)
     steps = cfg.steps
     with torch.inference_mode():
         if "t_schedule_raw" in outputs:
@@ -128,9 +142,13 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             n_patches = 0 if lat is None else lat.shape[1] // cfg.patch_size
             zero_spk = bool(case.get("use_zero_spk_emb")) and spk is None
             n_spk = 1 if zero_spk else (0 if spk is None else spk.shape[0])
-            prompt = build_prompt(tok, case["prompt"], case["text"], n_speakers=n_spk, prompt_text=case.get("prompt_text"),
-                                  n_prompt_patches=n_patches, instruction=instruction_text(case.get("instruction")))
-            params, min_steps = sampler_settings(meta, case)
+            if cfg.preview:
+                prompt = build_preview_prompt(tok, case["text"], case.get("prompt_text"), n_patches)
+            else:
+                prompt = build_prompt(tok, case["prompt"], case["text"], n_speakers=n_spk,
+                                      prompt_text=case.get("prompt_text"), n_prompt_patches=n_patches,
+                                      instruction=instruction_text(case.get("instruction")))
+            params, min_steps = sampler_settings(meta, case, cfg.cfg_strength if cfg.preview else SamplingParams.cfg)
             if f"inputs.{name}.input_ids" in cmp.outputs:
                 cmp.exact(f"inputs.{name}.input_ids", torch.tensor([prompt.ids]))
             spk_embeds = talker.speaker_embedding(spk) if (spk is not None or zero_spk) else None
@@ -144,7 +162,10 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             embeds = talker.embed_prompt(prompt.ids, prompt.speaker_slots, spk_embeds, prompt.latent_slots, lat_embeds)
             cmp.close(f"{name}.prefill_inputs_embeds", embeds, emb_tol)
             cmp.close(f"{name}.prefill_last_hidden_state", talker.model(embeds), hidden_tol)
-            noise = StoredNoise(outputs[f"{name}.noise_y0"], outputs[f"{name}.noise_sde"])
+            y0 = outputs[f"{name}.noise_y0"]
+            # the Preview draws no SDE noise: none is stored
+            sde = outputs.get(f"{name}.noise_sde", y0.new_zeros(y0.shape[0], steps, *y0.shape[1:]))
+            noise = StoredNoise(y0, sde)
             trace: dict = {}
             patches = []
             for patch in generate_patches(talker, embeds, lat, params, noise, trace=trace, min_steps=min_steps):
@@ -175,7 +196,8 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             cmp.close(f"{name}.cfm_pred_uncond", torch.stack([_stack(c["pred_uncond"]) for c in cfm]), lat_tol)
             # the reference's draws, consumed here as inputs: one per step actually run
             cmp.exact(f"{name}.noise_y0", torch.cat(trace["y0"]), note="re-injected")
-            cmp.exact(f"{name}.noise_sde", outputs[f"{name}.noise_sde"][:n], note="re-injected")
+            if f"{name}.noise_sde" in outputs:
+                cmp.exact(f"{name}.noise_sde", sde[:n], note="re-injected")
     return cmp.rows + cmp.missing()
 
 

@@ -154,8 +154,9 @@ def time_grid(steps: int, dtype=torch.float32) -> torch.Tensor:
     return t + -1 * (torch.cos(torch.pi / 2 * t) - 1 + t)
 
 
-def cfm_sample(cond, his, y0, sde_rnd, sd, c, cfg, sigma=0.0, temperature=0.0):
-    """CFM.sample with forward_with_cfg (2.0; the Preview's is the same without the SDE term)."""
+def cfm_sample(cond, his, y0, sde_rnd, sd, c, cfg, sigma=0.0, temperature=0.0, trace: dict | None = None):
+    """CFM.sample with forward_with_cfg (2.0; the Preview's is the same without the SDE term).
+    `trace` collects each sub-step's state x, time t and the two velocities."""
     t = time_grid(c["steps"], y0.dtype)
     args = torch.tensor([cfg, sigma, temperature], dtype=y0.dtype)
     for step in range(c["steps"]):
@@ -163,6 +164,9 @@ def cfm_sample(cond, his, y0, sde_rnd, sd, c, cfg, sigma=0.0, temperature=0.0):
         out = dit(torch.cat([y0, y0]), t[step].repeat(2 * y0.shape[0]), torch.cat([cond, torch.zeros_like(cond)]),
                   torch.cat([his, his]), sd, c)[:, -y0.shape[1]:]
         pred, null = out.chunk(2, dim=0)
+        if trace is not None:
+            for key, value in (("x", y0[0]), ("t", t[step]), ("pred_cond", pred[0]), ("pred_uncond", null[0])):
+                trace.setdefault(key, []).append(value)
         y0 = y0 + (pred + (pred - null) * args[0]) * dt
         if sde_rnd is not None:
             y0 = y0 + args[1] * (args[2] ** 0.5) * (dt.abs() ** 0.5) * sde_rnd[step]
@@ -198,9 +202,11 @@ def prompt_embeddings(ids: list[int], sd: dict, c: dict, vision_start: int | Non
 
 
 def generate(embeds, prompt_lat, sd, c, generator, cfg=2.0, sigma=0.25, temperature=0.0, min_new_token=10,
-             max_patches=MAX_STEPS):
+             max_patches=MAX_STEPS, trace: dict | None = None):
     """BailingTalker2.generate (2.0) / the Preview's: list of (patch [1, patch, 64], stop prob, is_last),
-    cut after `max_patches` (a test bound, not upstream's)."""
+    cut after `max_patches` (a test bound, not upstream's). `trace` collects per step: his, h, y0,
+    next, stop logits, the cache position of later steps, and the CFM sub-steps ("cfm")."""
+    trace = {} if trace is None else trace
     p, hist = c["patch_size"], c["history"]
     preview = c["release"] == "preview"
     if preview:
@@ -216,16 +222,24 @@ def generate(embeds, prompt_lat, sd, c, generator, cfg=2.0, sigma=0.25, temperat
                 his[:, start:] = prompt_lat
     out, seq, step = [], embeds, 0
     while step < MAX_STEPS and step < MAX_CACHE_LEN - embeds.shape[1] and len(out) < max_patches:
+        if step:
+            trace.setdefault("cache_position", []).append(seq.shape[1] - 1)
         h = qwen2_forward(seq, sd, "model.", c["llm"])[:, -1:]
+        sub = {}
         if preview:
             y0 = torch.randn(his.shape, generator=generator)
-            gen = cfm_sample(h, his, y0, None, sd, c, cfg)
+            gen = cfm_sample(h, his, y0, None, sd, c, cfg, trace=sub)
         else:
             y0 = torch.randn((1, p, LATENT_DIM), generator=generator)
             sde = torch.randn((c["steps"], 1, p, LATENT_DIM), generator=generator)
-            gen = cfm_sample(h, his, y0, sde, sd, c, cfg, sigma, temperature)
+            trace.setdefault("sde", []).append(sde[:, 0])
+            gen = cfm_sample(h, his, y0, sde, sd, c, cfg, sigma, temperature, trace=sub)
         nxt = aggregator(gen, sd, c)
-        stop = F.linear(h[:, -1], sd["stop_head.weight"], sd["stop_head.bias"]).softmax(dim=-1)
+        logits = F.linear(h[:, -1], sd["stop_head.weight"], sd["stop_head.bias"])
+        stop = logits.softmax(dim=-1)
+        for key, value in (("his", his[0]), ("h", h[0, 0]), ("y0", y0[0]), ("next", nxt[0, 0]), ("logits", logits[0]),
+                           ("cfm", sub)):
+            trace.setdefault(key, []).append(value)
         his = gen if hist == p else torch.cat([his[:, p - hist:], gen], dim=1)
         if step > min_new_token and stop[0, 1] > 0.5:
             out.append((gen, float(stop[0, 1]), True))

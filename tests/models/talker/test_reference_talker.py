@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from engine.models.talker.cfm import SamplingParams
@@ -174,3 +175,50 @@ def test_talker_matches_the_reference(tmp_path, name):
     assert [p.is_last for p in ours] == [last for _, _, last in theirs]
     _close(torch.tensor([p.stop_prob for p in ours]), torch.tensor([p for _, p, _ in theirs]), "stop probabilities")
     _close(torch.cat([p.latents for p in ours]), torch.cat([g for g, _, _ in theirs]), "patches")
+
+
+def test_a_preview_talker_case_runs_as_the_preview(tmp_path):
+    """A held-out `talker` parity case made by the Preview tree (meta.json's environment.upstream names it):
+    written here from the reference (cloning: prompt text + 12 prompt latent frames, CFG from the config,
+    no SDE noise stored); the parity runner loads it as the Preview and every recorded output holds."""
+    import json
+
+    from engine.tools.parity import format_table, run_case
+    from tests.models.talker.reference_qwen2 import qwen2_forward
+
+    talker_cfg, llm_cfg, release, req = VARIANTS["preview"]
+    c = ref.talker_settings(drop_omitted(talker_cfg), drop_omitted(llm_cfg), release)
+    state = random_state(ref.talker_state_entries(c), seed=3, fixed=ref.talker_buffers(c))
+    state["stop_head.bias"] = torch.tensor([0.0, 1.0])
+    files = {"config.json": talker_cfg, "llm/config.json": llm_cfg,
+             **{f"llm/{k}": v for k, v in tiny_tokenizer_files().items()}}
+    case = write_folder(tmp_path / "talker_preview", files, state)
+    ids = _reference_ids(Tokenizer.from_file(str(case / "llm" / "tokenizer.json")), req, 3, preview=True)
+    lat = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(1))
+    embeds = ref.prompt_embeddings(ids, state, c, prompt_lat=lat)
+    trace: dict = {}
+    out = ref.generate(embeds, lat, state, c, torch.Generator().manual_seed(2), trace=trace)
+    n = len(out)
+    assert out[-1][2] and n < 40
+    cfm = trace["cfm"]
+    outputs = {"prefill_inputs_embeds": embeds, "prefill_last_hidden_state": qwen2_forward(embeds, state, "model.", c["llm"]),
+               "n_steps": torch.tensor(n), "stopped": torch.tensor(1, dtype=torch.uint8),
+               "yield_is_last": torch.tensor([int(last) for _, _, last in out], dtype=torch.uint8),
+               "step_gen_lat": torch.cat([g for g, _, _ in out]), "latents": torch.cat([g for g, _, _ in out], dim=1),
+               "step_his_lat": torch.stack(trace["his"]), "step_llm_last_hidden": torch.stack(trace["h"]),
+               "step_next_embeds": torch.stack(trace["next"]), "step_stop_logits": torch.stack(trace["logits"]),
+               "step_stop_prob": torch.stack(trace["logits"]).softmax(-1),
+               "step_cache_position": torch.tensor(trace["cache_position"], dtype=torch.long),
+               "noise_y0": torch.stack(trace["y0"]),
+               **{f"cfm_{k}": torch.stack([torch.stack(s[k]) for s in cfm]) for k in ("x", "t", "pred_cond", "pred_uncond")}}
+    save_file({f"clone.{k}": v.contiguous() for k, v in outputs.items()}, str(case / "outputs.safetensors"))
+    save_file({"clone.prompt_wav_lat": lat, "clone.input_ids": torch.tensor([ids])}, str(case / "inputs.safetensors"))
+    meta = {"case": "talker_preview", "kind": "talker",
+            "environment": {"upstream": "inclusionAI/Ming (Ming-flash-omni Preview tree, commit e58533d)"},
+            "cases": {"clone": {"text": req.get("text", "Hello, world. 好!"), "prompt_text": req["prompt_text"],
+                                "prompt_latent_frames": 12}}}
+    (case / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
+    rows = run_case(case)
+    bad = [r for r in rows if not r.ok]
+    assert rows and not bad, format_table(bad)
+    assert {"clone.step_gen_lat", "clone.cfm_pred_uncond", "inputs.clone.input_ids"} <= {r.tensor for r in rows}
