@@ -110,3 +110,82 @@ def prompt_padding(c: dict, talker_patch: int) -> int:
 def frame_num(n_samples: int, c: dict) -> int:
     frames = math.ceil(n_samples / c["enc_kwargs"]["input_dim"])
     return math.ceil(frames / c["patch_size"]) if c["patch_size"] != -1 else frames
+
+
+def _upsample_stream(x: torch.Tensor, state: dict | None, is_last: bool, factor: int):
+    """StreamingLinearUpsample.forward: holds each chunk until the next one gives its look-ahead frame."""
+    up = lambda y: F.interpolate(y, scale_factor=factor, mode="linear", align_corners=False)  # noqa: E731
+    if state is None:
+        state = {"prev_chunk": None, "history_last": None, "is_first": True}
+    if state["is_first"] and is_last:
+        return up(x.transpose(1, 2)).transpose(1, 2), None
+    chunks = []
+    if state["is_first"]:
+        state["prev_chunk"], state["is_first"] = x, False
+        if not is_last:
+            return None, state
+    if state["prev_chunk"] is not None:
+        p = state["prev_chunk"].transpose(1, 2)
+        look = x[:, :1, :].transpose(1, 2)
+        if state["history_last"] is None:
+            out = up(torch.cat([p, look], dim=2))[:, :, :p.size(2) * factor]
+        else:
+            out = up(torch.cat([state["history_last"], p, look], dim=2))[:, :, factor:factor + p.size(2) * factor]
+        chunks.append(out.transpose(1, 2))
+        state["history_last"], state["prev_chunk"] = p[:, :, -1:], x
+    if is_last:
+        p = state["prev_chunk"].transpose(1, 2)
+        chunks.append(up(torch.cat([state["history_last"], p], dim=2))[:, :, factor:].transpose(1, 2))
+        state = None
+    return torch.cat(chunks, dim=1), state
+
+
+def _buffer_process(x: torch.Tensor, buffer, pad: int, buffer_len: int, last: bool):
+    """ISTFT.__buffer_process(streaming=True)."""
+    if buffer is None:
+        x = x[:, pad:]
+    else:
+        x = torch.cat([x[:, :buffer_len] + buffer, x[:, buffer_len:]], dim=1)
+    buffer = x[:, -buffer_len:]
+    return (x[:, :-pad] if last else x[:, :-buffer_len]), buffer
+
+
+def stream_decode(chunks: list[torch.Tensor], sd: dict, c: dict) -> list[dict]:
+    """token2wav(stream=True): Decoder.low_level_reconstruct(use_cache=True) per latent chunk, the last
+    with last_chunk=True. Per call: wav, the KV length after it (get_seq_length), the decoder call
+    lengths ([fill, rest] when the sliding-window split happens, else [n, 0]), the ISTFT audio / window
+    buffers and the upsampler's history_last. The cached Qwen2 is the whole sequence re-run."""
+    hop = c["dec_kwargs"]["output_dim"]
+    win = 4 * hop
+    pad, buffer_len, window = (win - hop) // 2, win - hop, torch.hann_window(win)
+    window_size = c["dec"]["sliding_window"]   # decoder.config.sliding_window
+    up_state, audio_buf, win_buf, seen, out = None, None, None, None, []
+    for i, lat in enumerate(chunks):
+        last = i == len(chunks) - 1
+        x = F.linear(lat, sd["decoder.fc1.weight"], sd["decoder.fc1.bias"])
+        past = 0 if seen is None else seen.shape[1]
+        if c["patch_size"] != -1:
+            x, up_state = _upsample_stream(x, up_state, last, c["patch_size"])
+            if x is None:
+                out.append({"wav": torch.zeros(lat.shape[0], 0), "kv": past, "calls": [0, 0],
+                            "history_last": up_state["history_last"]})
+                continue
+        n = x.shape[1]
+        split = window_size is not None and past < window_size - 1 and past + n >= window_size
+        calls = [window_size - 1 - past, n - (window_size - 1 - past)] if split else [n, 0]
+        seen = x if seen is None else torch.cat([seen, x], dim=1)
+        h = qwen2_forward(seen, sd, "decoder.decoder.", c["dec"])[:, -n:]
+        pred = F.linear(h, sd["decoder.head.out.weight"], sd["decoder.head.out.bias"]).transpose(1, 2)
+        mag, phase = pred.chunk(2, dim=1)
+        spec = torch.clip(torch.exp(mag), max=1e2) * (torch.cos(phase) + 1j * torch.sin(phase))
+        frames = torch.fft.irfft(spec, win, dim=1, norm="backward") * window[None, :, None]
+        t = frames.shape[-1]
+        size = (t - 1) * hop + win
+        y = F.fold(frames, output_size=(1, size), kernel_size=(1, win), stride=(1, hop))[:, 0, 0, :]
+        env = F.fold(window.square().expand(1, t, -1).transpose(1, 2), output_size=(1, size), kernel_size=(1, win),
+                     stride=(1, hop)).squeeze(0).squeeze(0)
+        y, audio_buf = _buffer_process(y, audio_buf, pad, buffer_len, last)
+        env, win_buf = _buffer_process(env, win_buf, pad, buffer_len, last)
+        out.append({"wav": y / env.squeeze(), "kv": seen.shape[1], "calls": calls, "audio_buffer": audio_buf,
+                    "window_buffer": win_buf, "history_last": None if up_state is None else up_state["history_last"]})
+    return out
