@@ -175,9 +175,11 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             n = len(patches)
             # cut short where the reference's noise ends: at least one step more than it ran
             cmp.exact(f"{name}.n_steps", torch.tensor(n if patches[-1].is_last else n + 1))
-            stopped = patches[-1].stop_prob > STOP_THRESHOLD and patches[-1].step > min_steps
-            cmp.exact(f"{name}.stopped", torch.tensor(int(stopped), dtype=torch.uint8))
-            cmp.exact(f"{name}.yield_is_last", torch.tensor([int(p.is_last) for p in patches], dtype=torch.uint8))
+            # upstream flags a yield True only when the stop head ends the run; a run ending at its step or
+            # cache bound yields False throughout (our loop still marks its final patch is_last)
+            flags = [int(p.is_last and p.step > min_steps and p.stop_prob > STOP_THRESHOLD) for p in patches]
+            cmp.exact(f"{name}.stopped", torch.tensor(flags[-1], dtype=torch.uint8))
+            cmp.exact(f"{name}.yield_is_last", torch.tensor(flags, dtype=torch.uint8))
             gen = torch.cat([p.latents for p in patches])
             cmp.close(f"{name}.step_gen_lat", gen, lat_tol)
             cmp.close(f"{name}.latents", gen.reshape(1, -1, gen.shape[-1]), lat_tol)

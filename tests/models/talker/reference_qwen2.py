@@ -71,6 +71,9 @@ def qwen2_forward(x: torch.Tensor, sd: dict, prefix: str, c: dict, run_layers: i
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    masks = {"full_attention": j <= i}
+    if c["sliding_window"] is not None:
+        masks["sliding_attention"] = (j <= i) & (j > i - c["sliding_window"])
     act = ACTIVATIONS[c["hidden_act"]]
     for layer in range(c["num_hidden_layers"] if run_layers is None else run_layers):
         p = f"{prefix}layers.{layer}."
@@ -80,11 +83,8 @@ def qwen2_forward(x: torch.Tensor, sd: dict, prefix: str, c: dict, run_layers: i
         v = F.linear(h, sd[p + "self_attn.v_proj.weight"], sd[p + "self_attn.v_proj.bias"]).view(b, n, kvh, hd).transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k, v = k.repeat_interleave(heads // kvh, dim=1), v.repeat_interleave(heads // kvh, dim=1)
-        allowed = j <= i
-        if c["layer_types"][layer] == "sliding_attention":
-            allowed = allowed & (j > i - c["sliding_window"])
         scores = (q @ k.transpose(-1, -2)) * hd ** -0.5
-        probs = scores.masked_fill(~allowed, float("-inf")).float().softmax(-1).to(q.dtype)
+        probs = scores.masked_fill(~masks[c["layer_types"][layer]], float("-inf")).float().softmax(-1).to(q.dtype)
         attn = (probs @ v).transpose(1, 2).reshape(b, n, heads * hd)
         x = x + F.linear(attn, sd[p + "self_attn.o_proj.weight"])
         h = qwen2_rms_norm(x, sd[p + "post_attention_layernorm.weight"], c["rms_norm_eps"])

@@ -177,32 +177,21 @@ def test_talker_matches_the_reference(tmp_path, name):
     _close(torch.cat([p.latents for p in ours]), torch.cat([g for g, _, _ in theirs]), "patches")
 
 
-def test_a_preview_talker_case_runs_as_the_preview(tmp_path):
-    """A held-out `talker` parity case made by the Preview tree (meta.json's environment.upstream names it):
-    written here from the reference (cloning: prompt text + 12 prompt latent frames, CFG from the config,
-    no SDE noise stored); the parity runner loads it as the Preview and every recorded output holds."""
+
+def _write_case(case, name: str, c: dict, state: dict, tok: Tokenizer, ids: list[int], meta_case: dict, upstream: str,
+                lat: torch.Tensor | None = None) -> None:
+    """A `talker` parity case in the public case's format, its outputs computed by the reference."""
     import json
 
-    from engine.tools.parity import format_table, run_case
     from tests.models.talker.reference_qwen2 import qwen2_forward
 
-    talker_cfg, llm_cfg, release, req = VARIANTS["preview"]
-    c = ref.talker_settings(drop_omitted(talker_cfg), drop_omitted(llm_cfg), release)
-    state = random_state(ref.talker_state_entries(c), seed=3, fixed=ref.talker_buffers(c))
-    state["stop_head.bias"] = torch.tensor([0.0, 1.0])
-    files = {"config.json": talker_cfg, "llm/config.json": llm_cfg,
-             **{f"llm/{k}": v for k, v in tiny_tokenizer_files().items()}}
-    case = write_folder(tmp_path / "talker_preview", files, state)
-    ids = _reference_ids(Tokenizer.from_file(str(case / "llm" / "tokenizer.json")), req, 3, preview=True)
-    lat = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(1))
-    embeds = ref.prompt_embeddings(ids, state, c, prompt_lat=lat)
+    embeds = ref.prompt_embeddings(ids, state, c, tok.token_to_id("<|vision_start|>"), tok.token_to_id("<audio>"),
+                                   prompt_lat=lat)
     trace: dict = {}
     out = ref.generate(embeds, lat, state, c, torch.Generator().manual_seed(2), trace=trace)
-    n = len(out)
-    assert out[-1][2] and n < 40
-    cfm = trace["cfm"]
+    n, cfm = len(out), trace["cfm"]
     outputs = {"prefill_inputs_embeds": embeds, "prefill_last_hidden_state": qwen2_forward(embeds, state, "model.", c["llm"]),
-               "n_steps": torch.tensor(n), "stopped": torch.tensor(1, dtype=torch.uint8),
+               "n_steps": torch.tensor(n), "stopped": torch.tensor(int(out[-1][2]), dtype=torch.uint8),
                "yield_is_last": torch.tensor([int(last) for _, _, last in out], dtype=torch.uint8),
                "step_gen_lat": torch.cat([g for g, _, _ in out]), "latents": torch.cat([g for g, _, _ in out], dim=1),
                "step_his_lat": torch.stack(trace["his"]), "step_llm_last_hidden": torch.stack(trace["h"]),
@@ -211,14 +200,57 @@ def test_a_preview_talker_case_runs_as_the_preview(tmp_path):
                "step_cache_position": torch.tensor(trace["cache_position"], dtype=torch.long),
                "noise_y0": torch.stack(trace["y0"]),
                **{f"cfm_{k}": torch.stack([torch.stack(s[k]) for s in cfm]) for k in ("x", "t", "pred_cond", "pred_uncond")}}
-    save_file({f"clone.{k}": v.contiguous() for k, v in outputs.items()}, str(case / "outputs.safetensors"))
-    save_file({"clone.prompt_wav_lat": lat, "clone.input_ids": torch.tensor([ids])}, str(case / "inputs.safetensors"))
-    meta = {"case": "talker_preview", "kind": "talker",
-            "environment": {"upstream": "inclusionAI/Ming (Ming-flash-omni Preview tree, commit e58533d)"},
-            "cases": {"clone": {"text": req.get("text", "Hello, world. 好!"), "prompt_text": req["prompt_text"],
-                                "prompt_latent_frames": 12}}}
+    if "sde" in trace:
+        outputs["noise_sde"] = torch.stack(trace["sde"])
+    save_file({f"{name}.{k}": v.contiguous() for k, v in outputs.items()}, str(case / "outputs.safetensors"))
+    inputs = {f"{name}.input_ids": torch.tensor([ids]), **({f"{name}.prompt_wav_lat": lat} if lat is not None else {})}
+    save_file(inputs, str(case / "inputs.safetensors"))
+    meta = {"case": case.name, "kind": "talker", "environment": {"upstream": upstream}, "cases": {name: meta_case}}
     (case / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
+
+
+def _case_folder(tmp_path, name: str, variant: str, stop_bias: float):
+    talker_cfg, llm_cfg, release, req = VARIANTS[variant]
+    c = ref.talker_settings(drop_omitted(talker_cfg), drop_omitted(llm_cfg), release)
+    state = random_state(ref.talker_state_entries(c), seed=3, fixed=ref.talker_buffers(c))
+    state["stop_head.bias"] = torch.tensor([0.0, stop_bias])
+    files = {"config.json": talker_cfg, "llm/config.json": llm_cfg,
+             **{f"llm/{k}": v for k, v in tiny_tokenizer_files().items()}}
+    case = write_folder(tmp_path / name, files, state)
+    return case, c, state, req, Tokenizer.from_file(str(case / "llm" / "tokenizer.json"))
+
+
+def _run_ok(case, expected: set[str]) -> None:
+    from engine.tools.parity import format_table, run_case
+
     rows = run_case(case)
     bad = [r for r in rows if not r.ok]
     assert rows and not bad, format_table(bad)
-    assert {"clone.step_gen_lat", "clone.cfm_pred_uncond", "inputs.clone.input_ids"} <= {r.tensor for r in rows}
+    assert expected <= {r.tensor for r in rows}
+
+
+def test_a_preview_talker_case_runs_as_the_preview(tmp_path):
+    """A held-out `talker` parity case made by the Preview tree (meta.json's environment.upstream names it):
+    written here from the reference (cloning: prompt text + 12 prompt latent frames, CFG from the config,
+    no SDE noise stored); the parity runner loads it as the Preview and every recorded output holds."""
+    case, c, state, req, tok = _case_folder(tmp_path, "talker_preview", "preview", 1.0)
+    ids = _reference_ids(tok, req, 3, preview=True)
+    lat = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(1))
+    _write_case(case, "clone", c, state, tok, ids, {"text": req.get("text", "Hello, world. 好!"), "prompt_text": req["prompt_text"],
+                                               "prompt_latent_frames": 12},
+                "inclusionAI/Ming (Ming-flash-omni Preview tree, commit e58533d)", lat)
+    _run_ok(case, {"clone.step_gen_lat", "clone.cfm_pred_uncond", "inputs.clone.input_ids"})
+
+
+def test_a_talker_case_ending_at_the_cache_bound(tmp_path):
+    """A prefill 2 positions short of the 2048-position cache: upstream's loop runs 2 steps and ends by its
+    bound, every yield flagged False (the stop head is never consulted before step 11). The case's
+    yield_is_last / stopped / n_steps are the reference's flags, whatever our loop calls its final patch."""
+    case, c, state, req, tok = _case_folder(tmp_path, "talker_bound", "fixture_like", 0.0)
+    base = _reference_ids(tok, {"text": ""}, 0, preview=False)
+    text = "a" * (ref.MAX_CACHE_LEN - 2 - len(base))
+    ids = _reference_ids(tok, {"text": text}, 0, preview=False)
+    assert len(ids) == ref.MAX_CACHE_LEN - 2
+    _write_case(case, "long", c, state, tok, ids, {"prompt": SPEECH, "text": text, "prompt_text": None},
+                "inclusionAI/Ming (Ming-flash-omni 2.0 release tree, commit 2a0c02ae)")
+    _run_ok(case, {"long.yield_is_last", "long.n_steps", "long.stopped", "long.step_gen_lat"})
