@@ -72,6 +72,9 @@ VARIANTS = {
              max_position_embeddings=OMIT, tie_word_embeddings=OMIT), "2.0", {}),
     "llm_sliding_window": (_talker(), _llm(use_sliding_window=True, sliding_window=9, max_window_layers=1),
                            "2.0", {"speakers": 2}),
+    # a 148-token prefill: the window (all layers) fills during the decode steps
+    "llm_sliding_window_fills_in_decode": (_talker(steps=5), _llm(use_sliding_window=True, sliding_window=153,
+                                                                 max_window_layers=0), "2.0", {}),
     "llm_head_dim_gelu_kv_null": (_talker(steps=5), _llm(head_dim=12, num_key_value_heads=None,
                                                          hidden_act="gelu_pytorch_tanh", num_hidden_layers=3,
                                                          rope_theta=500.0), "2.0", {"zero_speaker": True}),
