@@ -362,7 +362,7 @@ class PackedLinear(torch.nn.Module):
         if int8 is not None:
             q, scale = int8
             packed = (_Int8Matrix(q, scale, dtype) if int8_cpu_kernel_available()
-                      and self.in_features % INT8_CPU_COLUMN_MULTIPLE == 0 else _DequantMatrix(q, scale, dtype, {}))
+                      and self.in_features % INT8_CPU_COLUMN_MULTIPLE == 0 else _DequantMatrix(q, scale, dtype, _Buffers()))
         self.packed = packed
         # decode GEMVs of a plain fp32/bf16 weight, or of an int8 one with its scales: the native kernel, bound
         # once (None where it does not apply)

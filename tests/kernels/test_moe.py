@@ -384,3 +384,29 @@ def test_cpu_linear_upcasts_emulated_bf16_gemms_of_many_rows(monkeypatch) -> Non
         want = x.double() @ w.double().T
         assert float((y.double() - want).abs().max()) <= 2 ** -7 * float(want.abs().max())
     assert moe.emulates_bf16(w) and not moe.emulates_bf16(w.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [40, 100, 517])
+def test_int8_packed_linear_at_widths_the_int8_kernel_does_not_take(dtype, in_features):
+    """linear_dtype "int8" on a model whose hidden or intermediate size is not a multiple of torch's int8 kernel's
+    16 columns (a dense MLP of 100, a down projection of 40): PackedLinear(int8=True) and from_int8 compute
+    x @ (q * scale).T by dequantising (before: an AttributeError on the first call), for a decode row, a
+    few rows and a prefill block, with a bias."""
+    from engine.kernels import PackedLinear
+    from engine.kernels.dequant import quantize_int8_rows
+    from engine.kernels.moe import INT8_CPU_COLUMN_MULTIPLE
+
+    assert in_features % INT8_CPU_COLUMN_MULTIPLE
+    gen = torch.Generator().manual_seed(in_features)
+    linear = torch.nn.Linear(in_features, 72).to(dtype)
+    q, scale = quantize_int8_rows(linear.weight.detach().float())
+    want_w = (q.double() * scale.double()[:, None])
+    for module in (PackedLinear(linear, int8=True), PackedLinear.from_int8(q, scale, dtype, linear.bias)):
+        for shape in ((1, 1, in_features), (3, in_features), (2, 33, in_features)):
+            x = torch.randn(shape, generator=gen).to(dtype)
+            got = module(x)
+            want = x.double() @ want_w.T + linear.bias.detach().double()
+            assert got.dtype == dtype and got.shape == (*shape[:-1], 72)
+            tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+            assert float((got.double() - want).abs().max()) <= tol * float(want.abs().max())
