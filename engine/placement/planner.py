@@ -68,6 +68,7 @@ DEFAULT_CONTEXT = 4096         # tokens already in the KV cache when a decode st
 ENCODER_CHOICES = ("gpu", "cpu", "none")
 GENERATOR_CHOICES = ("auto", "ignore")
 NO_GPUS = "none"  # --gpus none: a CPU-only machine
+MAX_GPUS = 64  # GPUs of one machine a plan may list (the engine runs on one machine; planning time grows with the count)
 EMBEDDING_CHOICES = ("auto", "gpu", "cpu")
 CPU = -1  # device index of host memory / the CPU in expert maps
 
@@ -107,7 +108,16 @@ def parse_size(text: str | int) -> int:
     if unit not in _SIZE_UNITS:
         raise PlanError(f"unknown size unit {m.group(2)!r} in {text!r}: use B, KB, MB, GB, TB (powers of 10) "
                         f"or KiB, MiB, GiB, TiB (powers of 2)")
-    return int(round(float(number) * _SIZE_UNITS[unit]))
+    size = float(number) * _SIZE_UNITS[unit]
+    if not math.isfinite(size):
+        raise PlanError(f"size {_quoted(text)} is too large to be a memory size")
+    return int(round(size))
+
+
+def _quoted(text: str, limit: int = 40) -> str:
+    """`text` as repr() quotes it, its middle cut when longer than `limit` characters (a 4,000-digit size)."""
+    text = str(text)
+    return repr(text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}")
 
 
 def format_gb(n: float) -> str:
@@ -140,12 +150,19 @@ class DeviceSpec:
             if not m:
                 raise PlanError(f"cannot parse GPU {item!r}: use e.g. 80GB, 2x80GB or 24GB@1008")
             count = int(m.group(1) or 1)
+            if len(specs) + count > MAX_GPUS:
+                raise PlanError(f"at most {MAX_GPUS} GPUs (one machine's) can be planned for; got {_quoted(gpus)}")
             size = parse_size(m.group(2))
             if size <= 0:
-                raise PlanError(f"GPU memory must be > 0, got {item!r}")
-            bw = float(m.group(3)) if m.group(3) else None
-            if bw is not None and bw <= 0:
-                raise PlanError(f"GPU bandwidth must be > 0 GB/s, got {item!r}")
+                raise PlanError(f"GPU memory must be > 0, got {_quoted(item)}")
+            bw = None
+            if m.group(3):
+                try:
+                    bw = float(m.group(3))
+                except ValueError:
+                    raise PlanError(f"cannot parse the GPU bandwidth in {_quoted(item)}: use GB/s, e.g. 24GB@1008") from None
+                if not 0 < bw < math.inf:
+                    raise PlanError(f"GPU bandwidth must be a finite number > 0 GB/s, got {_quoted(item)}")
             first = len(specs)
             specs.extend([GPUSpec(size, bw, f"cuda:{first + i}") for i in range(count)])
         if not specs:
@@ -485,16 +502,19 @@ class RooflineParams:
     cpu_weight_gbs: float | None = None
 
     def validate(self) -> None:
+        """Raise PlanError unless every rate is a finite number > 0 (NaN and inf included: they would predict
+        'inf tokens/s'), the efficiency in (0, 1] and the hop latency and context finite and >= 0."""
         for name in ("hbm_gbs", "pcie_gbs", "host_gbs"):
-            if getattr(self, name) <= 0:
-                raise PlanError(f"--{name.replace('_', '-')} must be > 0")
+            if not 0 < getattr(self, name) < math.inf:
+                raise PlanError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
         for name in ("cpu_expert_gbs", "cpu_weight_gbs"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise PlanError(f"{name} must be > 0 when given")
+            if getattr(self, name) is not None and not 0 < getattr(self, name) < math.inf:
+                raise PlanError(f"{name} must be a finite number > 0 when given, got {getattr(self, name)}")
         if not 0 < self.efficiency <= 1:
             raise PlanError(f"--efficiency must be in (0, 1], got {self.efficiency}")
-        if self.hop_latency_us < 0 or self.context_tokens < 0:
-            raise PlanError("--hop-latency-us and --context must be >= 0")
+        if not (0 <= self.hop_latency_us < math.inf and self.context_tokens >= 0):
+            raise PlanError(f"--hop-latency-us and --context must be finite and >= 0, got {self.hop_latency_us} and "
+                            f"{self.context_tokens}")
 
     @property
     def measured(self) -> bool:

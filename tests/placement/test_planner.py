@@ -102,6 +102,30 @@ def test_device_spec_parse():
             DeviceSpec.parse(bad, "256GB")
 
 
+@pytest.mark.parametrize("gpus, cpu, match", [
+    ("80GB@.", "256GB", "GPU bandwidth"), ("80GB@1.2.3", "256GB", "GPU bandwidth"),
+    ("100000x80GB", "256GB", "at most 64 GPUs"), ("60x80GB,5x24GB", "256GB", "at most 64 GPUs"),
+    ("80GB", "9" * 400 + "TB", "too large"), ("9" * 400 + "GB", "256GB", "too large"),
+])
+def test_device_spec_refuses_sizes_counts_and_bandwidths_it_cannot_plan(gpus, cpu, match):
+    """A bandwidth that is not a number ('@.': a ValueError traceback before), a size past float's range (an
+    OverflowError traceback) and a GPU count no machine has (10^20 GPUs: a list of them built until memory ran out;
+    100,000: a plan that never ends) are refused as PlanError, the value quoted short."""
+    with pytest.raises(PlanError, match=match) as err:
+        DeviceSpec.parse(gpus, cpu)
+    assert len(str(err.value)) < 200
+    assert len(DeviceSpec.parse("64x24GB", "0").gpus) == 64  # as many as one machine may have
+
+
+@pytest.mark.parametrize("flag, value", [("--hbm-gbs", "nan"), ("--pcie-gbs", "inf"), ("--host-gbs", "nan"),
+                                         ("--host-gbs", "inf"), ("--hop-latency-us", "nan"), ("--hop-latency-us", "inf")])
+def test_cli_refuses_rates_that_are_not_finite(config_dir, capsys, flag, value):
+    """NaN or infinite rates passed the '> 0' checks and predicted 'inf tokens/s'; they exit 2 naming the flag."""
+    assert main(["--config", str(config_dir), "--gpus", "80GB", "--cpu-mem", "256GB", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "finite" in err
+
+
 def test_llm_and_encoder_counts_from_spec_shapes(cfg):
     s = model_sizes(cfg)
     assert s.llm_params == LLM_PARAMS
