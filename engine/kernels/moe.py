@@ -515,6 +515,7 @@ def moe_experts_packed(
 INT4_CPU_INNER_K_TILES = 1  # argument of torch's int4 CPU weight conversion (its layout ignores it)
 INT4_CPU_ROW_MULTIPLE = 16  # torch's int4 CPU layout packs output rows in blocks of 16
 INT4_CPU_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU kernel accepts
+NATIVE_INT4_DTYPES = (torch.float32, torch.bfloat16)  # activations the native int4 kernels take (fp16: torch's)
 # torch's int8 CPU kernel reads input columns 16 at a time: other widths crash it in bf16 (torch 2.13)
 INT8_CPU_COLUMN_MULTIPLE = 16
 
@@ -664,7 +665,7 @@ class QuantizedCpuExperts:
             q, scale = quantize_int8_rows(dequantize(q, scale))
         if self.kernel == "int8" and cols % INT8_CPU_COLUMN_MULTIPLE == 0:
             return _Int8Matrix(q, scale, self.dtype)
-        if self.kernel == "int4" and self.native_int4 and scale.dim() == 2:
+        if self.kernel == "int4" and self.native_int4 and scale.dim() == 2 and self.dtype in NATIVE_INT4_DTYPES:
             bound = native.bind_linear(q.contiguous(), 0, scale)  # None: no native kernels, or groups they do not take
             if bound is not None:
                 return _NativeInt4Matrix(bound)

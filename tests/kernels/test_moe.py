@@ -410,3 +410,22 @@ def test_int8_packed_linear_at_widths_the_int8_kernel_does_not_take(dtype, in_fe
             assert got.dtype == dtype and got.shape == (*shape[:-1], 72)
             tol = 1e-5 if dtype == torch.float32 else 2 ** -7
             assert float((got.double() - want).abs().max()) <= tol * float(want.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8", "fp8"])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_quantized_cpu_experts_take_fp16_activations(kind, tokens):
+    """An fp16 load (launch.py --dtype fp16) on the CPU with quantised experts: the experts compute in fp16
+    through torch's kernels or the dequantised fallback (the native int4 kernels take fp32 / bf16 only; before,
+    int4 experts refused the first token: 'int4 experts take fp32 / bf16 CPU activations'), and agree with the
+    dequantising reference within fp16 rounding (fp8: within its int8 re-quantisation, amax / 254 per row)."""
+    from engine.kernels import QuantizedCpuExperts
+
+    case = MoeCase("fp16", tokens=tokens, hidden=128, inter=64, experts=4, top_k=2)
+    x, qg, qu, qd, scales, ids, weights = quantized_inputs(case, torch.float16, kind)
+    packed = QuantizedCpuExperts.from_weights(qg, qu, qd, scales, torch.float16, kind)
+    got = moe_experts_packed(x, packed, ids, weights)
+    want = moe_experts_dequant_reference(x, qg, qu, qd, scales, ids, weights)
+    assert got.dtype == torch.float16 and got.shape == want.shape
+    tol = 5e-2 if kind == "fp8" else RELATIVE_TOLERANCE[torch.float16]
+    assert float((got.float() - want.float()).abs().max()) <= tol * float(want.float().abs().max())
