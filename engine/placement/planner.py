@@ -273,6 +273,9 @@ def expert_bytes(llm: LLMConfig, expert_dtype: str = "bf16", dtype: str = "bf16"
     if expert_dtype not in EXPERT_WEIGHT_BYTES:
         raise PlanError(f"unknown expert dtype {expert_dtype!r}: choose one of {sorted(EXPERT_WEIGHT_BYTES)}")
     h, i = llm.hidden_size, llm.moe_intermediate_size
+    if expert_dtype == "int4" and (h % 2 or i % 2):
+        raise PlanError(f"--expert-dtype int4 stores two input columns per byte, so hidden_size ({h}) and "
+                        f"moe_intermediate_size ({i}) must be even: use --expert-dtype int8 (or fp8) for this model")
     per_weight = dtype_bytes(dtype) if expert_dtype == "bf16" else EXPERT_WEIGHT_BYTES[expert_dtype]
     return int(3 * h * i * per_weight) + expert_scale_count(expert_dtype, h, i) * FP32
 

@@ -65,7 +65,8 @@ def check_expert_dtype(expert_dtype: str) -> str:
 def int4_group_size(cols: int) -> int:
     """Input columns per int4 scale for a matrix of `cols` input columns."""
     if cols % 2:
-        raise ValueError(f"int4 needs an even number of input columns, got {cols}")
+        raise ValueError(f"int4 stores two input columns per byte and needs an even number of them, got {cols}: "
+                         "use expert dtype int8 (or fp8) for this model")
     group = INT4_GROUP
     while cols % group:
         group //= 2

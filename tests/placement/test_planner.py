@@ -142,6 +142,24 @@ def test_llm_and_encoder_counts_from_spec_shapes(cfg):
     assert s.kv_bytes_per_token == 32 * 2 * 4 * 128 * 2 == 65536
 
 
+@pytest.mark.parametrize("key", ["moe_intermediate_size", "hidden_size"])
+def test_int4_experts_of_an_odd_width_are_refused_before_the_load(key):
+    """int4 packs two input columns per byte: an odd hidden or expert width cannot be stored. The planner
+    sized it anyway (a group of one column) and a CPU load, which asks the planner first, then failed at its
+    first MoE layer ('int4 needs an even number of input columns, got 45'); the plan now refuses it, naming
+    the key and the dtype to use, as the command line and Engine.load report it. Other formats still plan."""
+    from engine.placement.auto import fit_on_host
+
+    d = spec_config_dict()
+    d["llm_config"] = {**d["llm_config"], key: d["llm_config"][key] + 1}
+    odd = MingConfig.from_dict(d, source="odd")
+    with pytest.raises(PlanError, match=f"{key} .*must be even.*int8"):
+        expert_bytes(odd.llm, "int4")
+    with pytest.raises(PlanError, match=f"{key} .*must be even"):
+        fit_on_host(odd, "bf16", "int4", available=10**15)
+    assert fit_on_host(odd, "bf16", "int8", available=10**15).dtype == "bf16"
+
+
 def test_expert_bytes_per_dtype(cfg):
     assert expert_bytes(cfg.llm, "bf16") == 3 * 4096 * 1024 * 2 == 25_165_824
     scales = (2 * 1024 + 4096) * 4  # one fp32 scale per output channel of gate, up, down
