@@ -909,10 +909,13 @@ class MlpDecode:
         return self.router is None or self.router.dtype == torch.bfloat16
 
     def __call__(self, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 router_bf16: bool = False) -> torch.Tensor:
+                 router_bf16: bool = False) -> torch.Tensor | None:
         """x [.., hidden] of one token -> the layer's MLP output, same shape and dtype. ``routing``: an
         ([top_k] int64, [top_k] fp32) pair of tensors that receive the chosen experts and weights.
-        ``router_bf16``: select the experts in bf16 as the reference's bf16 router does (Numerics)."""
+        ``router_bf16``: select the experts in bf16 as the reference's bf16 router does (Numerics).
+        None (nothing computed) when the token's choice ties at its boundary (an expert or group left out
+        scores as the last one kept, frequent in bf16): which one torch.topk keeps is its algorithm's, so the
+        caller routes that token with torch (engine.kernels.router), as the reference does."""
         if x.dtype != self.dtype or x.numel() != self.hidden:
             raise ValueError(f"native MLP: one token of {self.hidden} {self.dtype} activations")
         if router_bf16 and not self.can_route_in_bf16:
@@ -929,6 +932,8 @@ class MlpDecode:
             ids, weights = routing[0].data_ptr(), routing[1].data_ptr()
         rc = self.lib.ming_mlp_decode(x.data_ptr(), self.dtype == torch.bfloat16, *self._args, bool(router_bf16),
                                       *self._args_after, y.data_ptr(), ids, weights, torch.get_num_threads())
+        if rc == 1:
+            return None
         if rc == -2:
             raise MemoryError("native MLP: out of memory")
         if rc != 0:

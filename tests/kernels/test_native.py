@@ -926,6 +926,21 @@ def test_attention_decode_refuses_what_it_cannot_run():
         bound(x, None, cos, cos, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), 0)
 
 
+def _ties_at_boundary(logits, bias, n_group: int, topk_group: int, top_k: int) -> bool:
+    """True when a router's choice for this one row of logits ties at its boundary (in the logits' dtype, as
+    engine.kernels.router selects): a group left out scores as the last kept one, or an expert left out as
+    the last chosen one."""
+    biased = (torch.sigmoid(logits) + bias.to(logits.dtype))[0]
+    grouped = biased.view(n_group, -1)
+    group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1).sort(descending=True).values
+    if topk_group < n_group and group_scores[topk_group - 1] == group_scores[topk_group]:
+        return True
+    kept = grouped.sum(-1).new_zeros(n_group, dtype=torch.bool)
+    kept[grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1).topk(topk_group).indices] = True
+    candidates = torch.where(kept[:, None], grouped, float("-inf")).flatten().sort(descending=True).values
+    return top_k < candidates.numel() and bool(candidates[top_k - 1] == candidates[top_k])
+
+
 def _check_mlp_decode(dtype, experts, hidden, inter, top_k, n_group, topk_group, shared_inter, seed, router_bf16=False):
     from engine.kernels.router import route_experts_reference
 
@@ -945,6 +960,9 @@ def _check_mlp_decode(dtype, experts, hidden, inter, top_k, n_group, topk_group,
     got = bound(x, routing, router_bf16=router_bf16)
     logits = F.linear(x.bfloat16(), router.bfloat16()) if router_bf16 else F.linear(x.float(), router.float())
     ids, weights = route_experts_reference(logits, bias, n_group, topk_group, top_k, 2.5)
+    if got is None:  # left to torch's router: only where the choice ties at its boundary
+        assert _ties_at_boundary(logits, bias, n_group, topk_group, top_k)
+        return
     order, got_order = ids[0].argsort(), routing[0].argsort()
     assert routing[0][got_order].tolist() == ids[0][order].tolist()  # the same experts
     assert _rel_err(routing[1][got_order], weights[0][order]) <= 1e-5
@@ -967,6 +985,37 @@ def test_mlp_decode_routes_and_runs_the_experts_as_the_reference(dtype, experts,
     within 1e-5, the output within the experts' tolerance."""
     _check_mlp_decode(dtype, experts, hidden, inter, top_k, n_group, topk_group, shared_inter,
                       seed=experts * hidden + top_k, router_bf16=router_bf16)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,router_bf16", [(torch.float32, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("n_group,topk_group,top_k", [(1, 1, 2), (4, 2, 3), (4, 2, 2)])
+def test_mlp_decode_leaves_a_tied_choice_to_torchs_router(dtype, router_bf16, n_group, topk_group, top_k):
+    """Experts whose selection scores tie at the boundary (frequent with a bf16 router: 2^-8 apart near 1):
+    torch.topk keeps whichever its selection algorithm reaches (here not the lowest ids), so the native kernel,
+    which took the lowest, chose other experts than the reference's router for the same token. It now computes
+    nothing for such a token (None) and the decoder layer routes it with torch; a choice without a tie runs."""
+    from engine.kernels.router import route_experts_reference
+
+    experts, hidden, inter = 8, 64, 32
+    gen = torch.Generator().manual_seed(1)
+    wg, wu = ((torch.randn(experts, inter, hidden, generator=gen) / 10).to(dtype) for _ in range(2))
+    wd = (torch.randn(experts, hidden, inter, generator=gen) / 6).to(dtype)
+    table = PackedExperts.from_weights(wg, wu, wd, use_onednn=False).native_table()
+    router, bias = torch.zeros(experts, hidden, dtype=dtype), torch.zeros(experts)  # every score 0.5: all tie
+    x = torch.randn(1, hidden, generator=gen).to(dtype)
+    bound = native.MlpDecode(dtype, hidden, shared=None, router_weight=router, expert_bias=bias, table=table,
+                             n_group=n_group, topk_group=topk_group, top_k=top_k, scaling=1.0)
+    assert bound(x, router_bf16=router_bf16) is None
+    ids, _ = route_experts_reference(torch.zeros(1, experts, dtype=dtype), bias, n_group, topk_group, top_k, 1.0)
+    assert sorted(ids[0].tolist()) != list(range(top_k))  # torch's choice is not the lowest ids
+    bias[torch.arange(experts)] = torch.arange(experts, dtype=torch.float32) / 64  # distinct scores: no tie
+    untied = native.MlpDecode(dtype, hidden, shared=None, router_weight=router, expert_bias=bias, table=table,
+                              n_group=n_group, topk_group=topk_group, top_k=top_k, scaling=1.0)
+    routing = torch.empty(top_k, dtype=torch.int64), torch.empty(top_k, dtype=torch.float32)
+    assert untied(x, routing, router_bf16=router_bf16) is not None
+    want, _ = route_experts_reference(torch.zeros(1, experts, dtype=dtype), bias, n_group, topk_group, top_k, 1.0)
+    assert sorted(routing[0].tolist()) == sorted(want[0].tolist())
 
 
 @needs_native

@@ -2134,11 +2134,14 @@ int ming_attention_decode(const void *x, const void *residual, const void *in_no
 
 /* Group-limited sigmoid top-k routing of one token (spec §2.6; engine/kernels/router.py says it in torch):
  * s = sigmoid(logits), selection by s + bias, a group's score the sum of its two best, the topk_group best
- * groups kept, the top_k best experts of those chosen (ties: the lower index), weights the unbiased s
- * renormalised (+1e-20) and scaled (fp32). With `in_bf16` the selection runs in bf16 as the reference's bf16
- * router does (spec §2.11): logits, s, the bias, s + bias and the group scores each rounded to bf16.
- * work: 2 * E floats and E bytes. */
-static void route_token(const float *logits, const float *bias, int64_t num_experts, int64_t n_group,
+ * groups kept, the top_k best experts of those chosen, weights the unbiased s renormalised (+1e-20) and scaled
+ * (fp32). With `in_bf16` the selection runs in bf16 as the reference's bf16 router does (spec §2.11): logits, s,
+ * the bias, s + bias and the group scores each rounded to bf16 (where ties are common).
+ * Returns 1 when the choice ties at its boundary (a group left out scores as the lowest kept one, or an expert
+ * left out as the lowest chosen one): which of them torch.topk keeps follows its selection algorithm, not an
+ * order this code can state, so the caller routes that token with torch; else 0 (ties among the chosen do not
+ * matter: the same set). work: 2 * E floats and E bytes. */
+static int route_token(const float *logits, const float *bias, int64_t num_experts, int64_t n_group,
                         int64_t topk_group, int64_t top_k, float scaling, int in_bf16, int64_t *ids, float *weights,
                         float *work, unsigned char *taken) {
     float *scores = work, *biased = work + num_experts;
@@ -2166,14 +2169,18 @@ static void route_token(const float *logits, const float *bias, int64_t num_expe
         if (in_bf16) group_score[g] = round_bf16(group_score[g]);
         keep[g] = 0;
     }
+    float last_group = INFINITY;
     for (int64_t r = 0; r < topk_group; r++) {
         int64_t pick = -1;
         for (int64_t g = 0; g < n_group; g++)
             if (!keep[g] && (pick < 0 || group_score[g] > group_score[pick])) pick = g;
         if (pick < 0) break;  /* topk_group <= n_group: not reached */
         keep[pick] = 1;
+        last_group = group_score[pick];
     }
-    float total = 0.0f;
+    for (int64_t g = 0; g < n_group; g++)
+        if (!keep[g] && group_score[g] == last_group) return 1;
+    float total = 0.0f, last = INFINITY;
     for (int64_t r = 0; r < top_k; r++) {
         int64_t pick = -1;
         float pv = 0.0f;
@@ -2185,12 +2192,16 @@ static void route_token(const float *logits, const float *bias, int64_t num_expe
         taken[pick] = 1;
         ids[r] = pick;
         total += scores[pick];
+        last = pv;
     }
+    for (int64_t e = 0; e < num_experts; e++)
+        if (!taken[e] && (keep[e / per_group] ? biased[e] : -INFINITY) == last) return 1;
     if (top_k == 1) {  /* the reference renormalises only when top_k > 1: the score times the scale, in its dtype */
         weights[0] = in_bf16 ? round_bf16(scores[ids[0]] * scaling) : scores[ids[0]] * scaling;
-        return;
+        return 0;
     }
     for (int64_t r = 0; r < top_k; r++) weights[r] = scores[ids[r]] / (total + 1e-20f) * scaling;
+    return 0;
 }
 
 /* The MLP half of one decoder layer for one token x [hidden] (the post-attention norm's output, of the
@@ -2203,9 +2214,9 @@ static void route_token(const float *logits, const float *bias, int64_t num_expe
  *   dense layer (router_w NULL): the "shared" SwiGLU alone.
  * The routed experts as ming_moe_decode takes them (int4: gate_up_group, down_group). The shared SwiGLU's
  * matrices are fp32, bf16 or int8 (shared_kind; int8 with their per-row scales).
- * Returns 0; -1 for a bad routing configuration; -2 when out of memory; -4 for routed experts' scales that
- * do not go with their kind, or an int8 shared expert
- * without its scales. */
+ * Returns 0; 1 when the token's expert choice ties at its boundary (route_token: nothing computed, the caller
+ * routes it with torch); -1 for a bad routing configuration; -2 when out of memory; -4 for routed experts'
+ * scales that do not go with their kind, or an int8 shared expert without its scales. */
 int ming_mlp_decode(const void *x, int bf16, const void *router_w, int router_kind, int router_bf16,
                     const float *expert_bias, int64_t num_experts, int64_t n_group, int64_t topk_group, int64_t top_k, float scaling,
                     const int64_t *ptrs, const int64_t *scale_ptrs, int w_kind, int64_t gate_up_group,
@@ -2244,8 +2255,11 @@ int ming_mlp_decode(const void *x, int bf16, const void *router_w, int router_ki
         gemv_share(router_w, router_kind, NULL, num_experts, hidden, xf, NULL, logits, 0, omp_get_thread_num(),
                    omp_get_num_threads());
         free(xbuf);
-        route_token(logits, expert_bias, num_experts, n_group, topk_group, top_k, scaling, router_bf16, ids, route_w, work,
-                    (unsigned char *)(work + 2 * num_experts));
+        if (route_token(logits, expert_bias, num_experts, n_group, topk_group, top_k, scaling, router_bf16, ids, route_w,
+                        work, (unsigned char *)(work + 2 * num_experts))) {
+            free(buf);
+            return 1;
+        }
         for (int64_t r = 0; r < top_k; r++) {
             if (ids_out) ids_out[r] = ids[r];
             if (weights_out) weights_out[r] = route_w[r];

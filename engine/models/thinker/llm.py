@@ -174,7 +174,9 @@ class DecoderLayer(nn.Module):
             attention, mlp = self.cpu_decode
             cos, sin = step.fp32_tables()
             h, residual = attention(x, residual, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx], slot)
-            return mlp(h, router_bf16=numerics.router_bf16), residual
+            out = mlp(h, router_bf16=numerics.router_bf16)
+            # None: the token's expert choice ties at its boundary; torch's router decides it, as the reference's does
+            return (out if out is not None else self.mlp(h, numerics)), residual
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:

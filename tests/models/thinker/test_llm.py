@@ -222,6 +222,36 @@ def test_native_kernels_take_the_decode_of_the_default_cpu_load(tiny_checkpoint,
         _assert_same_logits(want, got, dtype)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_native_decode_routes_tied_experts_as_the_reference(tiny_checkpoint, dtype, monkeypatch):
+    """Routers whose scores tie (here every router zeroed: all experts score 0.5; in bf16 ties at the top-k
+    boundary are common) must choose the experts torch's router chooses: the native decode layer took the
+    lowest ids, so a decode step's logits were those of other experts than the plain model's. The step's
+    logits now match the plain model's up to summation order."""
+    from engine.kernels import native
+
+    _skip_without_native_kernels(native)
+    monkeypatch.setattr(native, "BIND_MIN_BYTES", 0)  # every layer bound to the native decode kernels
+    models = [load_model(tiny_checkpoint, dtype=dtype, device="cpu", pack_cpu_experts=pack) for pack in (False, True)]
+    for m in models:
+        with torch.no_grad():
+            for layer in m.llm.model.layers:
+                if layer.is_moe:
+                    for gate in (layer.mlp.gate, layer.mlp.image_gate, layer.mlp.audio_gate):
+                        gate.weight.zero_()
+                        gate.expert_bias.zero_()
+        for layer in m.llm.model.layers:  # re-bound after the edit (the native layer reads the router's storage)
+            if layer.cpu_decode is not None:
+                assert layer.bind_cpu_decode()
+    plain, fast = models
+    assert all(layer.cpu_decode is not None for layer in fast.llm.model.layers)
+    ids = torch.tensor([[10, 20, 30, 40, 50, 60]])
+    with torch.inference_mode():
+        pos, delta = _positions(plain.llm, ids)
+        want, got = (_decode_step_logits(m, ids, pos, delta) for m in models)
+    _assert_same_logits(want, got, dtype)
+
+
 def test_bf16_on_a_cpu_without_native_bf16_runs_prefill_gemms_in_fp32(tiny_checkpoint, monkeypatch):
     """Where bf16 matmuls are emulated (AVX2-only CPUs; forced here), the bf16 load wraps the projections
     so a prefill of many tokens computes them in fp32 (kernels.cpu_linear), the experts too (kernels.swiglu);
