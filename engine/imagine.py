@@ -11,7 +11,8 @@ Cancellation is checked between steps.
 
 Limits and clamping (everything else is refused with a clear error): the prompt is 1..MAX_PROMPT_CHARS
 characters and must fit the thinker's context with its images and query tokens; steps 1..MAX_STEPS;
-guidance 0..MAX_GUIDANCE (<= 1 turns CFG off); sizes per engine.models.imagegen.buckets; a seed of
+guidance 0..MAX_GUIDANCE (<= 1 turns CFG off; the Preview's SD3 DiT adds image_guidance, its editing
+CFG over 4 branches, spec §8.10); sizes per engine.models.imagegen.buckets; a seed of
 None or < 0 draws a random one (reported); reference images are decoded by engine.media.image (the
 first frame of an animation, alpha dropped, 16-bit rescaled) and shrunk to at most
 MAX_REFERENCE_PIXELS before the ViT; the VAE reference (bilinear to the bucket), the bucket, the
@@ -43,7 +44,7 @@ from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImageP
 from engine.media.image import load_image
 from engine.models.imagegen.buckets import SizePlan, center_crop_box, parse_aspect, parse_size, plan_size
 from engine.models.imagegen.condition import condition_from_prompt
-from engine.models.imagegen.config import ImageGenError
+from engine.models.imagegen.config import SD3, SD3_PATCH, ImageGenError
 from engine.models.imagegen.diffusion import (CfgOptions, caption_features, check_latent_grid, decode_latents, denoise,
                                               encode_reference, latent_shape, make_scheduler, seeded_noise,
                                               steps_for_preview)
@@ -55,6 +56,10 @@ from engine.models.imagegen.segmentation import (DEFAULT_MASK_COLOR, mask_note, 
 TASKS = ("generate", "edit", "segment")
 DEFAULT_STEPS = 30          # spec §8.6
 DEFAULT_GUIDANCE = 2.0      # image_gen_cfg, spec §8.6
+# The Preview's SD3 pipeline (spec §8.10): image_gen_cfg 5.0, image_gen_image_cfg 2.0 (the reference frame's
+# guidance in the 4-branch CFG of an edit).
+PREVIEW_GUIDANCE = 5.0
+PREVIEW_IMAGE_GUIDANCE = 2.0
 MAX_STEPS = 200
 MAX_GUIDANCE = 30.0
 MAX_PROMPT_CHARS = 20_000
@@ -76,6 +81,7 @@ class ImagineRequest:
     guidance: float | None = None
     cfg_truncation: float | None = CfgOptions.truncation          # ZImagePipeline's, spec §8.6 (off)
     cfg_normalization: bool | float = CfgOptions.normalization    # ZImagePipeline's, spec §8.6 (off)
+    image_guidance: float | None = None  # the Preview's image_cfg (SD3 DiT only; default PREVIEW_IMAGE_GUIDANCE)
     seed: int | None = None
     preview_every: int = 0
     mask_color: str = DEFAULT_MASK_COLOR
@@ -83,7 +89,9 @@ class ImagineRequest:
     negative_prompt: str | None = None   # accepted and ignored, as the 2.0 reference does (spec §8.6)
     system_prompt: str | None = None
 
-    def check(self) -> None:
+    def check(self, kind: str | None = None) -> None:
+        """Validate and fill the defaults; `kind` is the loaded DiT's (config.ZIMAGE or SD3; None: not known
+        yet, the 2.0 defaults)."""
         if self.task not in TASKS:
             raise ImageGenError(f"task '{self.task}' is not one of {', '.join(TASKS)}")
         if not isinstance(self.prompt, str):
@@ -106,22 +114,21 @@ class ImagineRequest:
         if self.task == "generate" and self.images:
             self.task = "edit"  # images given: an edit (the first one is the VAE reference)
         self.steps = _int_in("steps", DEFAULT_STEPS if self.steps is None else self.steps, 1, MAX_STEPS)
-        g = DEFAULT_GUIDANCE if self.guidance is None else self.guidance
-        if isinstance(g, bool) or not isinstance(g, (int, float, np.integer, np.floating)):
-            raise ImageGenError(f"guidance {shown(self.guidance)} is not a number", "guidance")
-        try:
-            g = float(g)
-        except OverflowError:  # an integer past float's range (JSON allows one): out of range below
-            g = math.inf
-        if not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
-            raise ImageGenError(f"guidance {shown_number(self.guidance)} must be between 0 and {MAX_GUIDANCE:g} (<= 1: no CFG)",
-                                "guidance")
-        self.guidance = g
+        sd3 = kind == SD3
+        self.guidance = _guidance("guidance", self.guidance, PREVIEW_GUIDANCE if sd3 else DEFAULT_GUIDANCE)
+        if self.image_guidance is not None or sd3:
+            self.image_guidance = _guidance("image_guidance", self.image_guidance, PREVIEW_IMAGE_GUIDANCE)
         for name in ("truncation", "normalization"):
             try:
                 CfgOptions(**{name: getattr(self, f"cfg_{name}")})
             except ValueError as e:
                 raise ImageGenError(str(e), f"cfg_{name}") from None
+        if sd3 and self.cfg_options() != CfgOptions():
+            raise ImageGenError("cfg_truncation and cfg_normalization are options of the 2.0 (Z-Image) pipeline; the "
+                                "Preview's SD3 pipeline has none", "cfg_truncation")
+        if kind is not None and not sd3 and self.image_guidance is not None:
+            raise ImageGenError("image_guidance is an option of the Preview's SD3 pipeline; the 2.0 pipeline has none",
+                                "image_guidance")
         self.preview_every = _int_in("preview_every", self.preview_every or 0, 0, MAX_STEPS)
         if self.seed is not None:
             self.seed = _int_in("seed", self.seed, -MAX_SEED, MAX_SEED)
@@ -142,6 +149,20 @@ class ImagineRequest:
         if self.preset:
             return preset_prompt(self.preset, self.prompt)
         return self.prompt
+
+
+def _guidance(name: str, value, default: float) -> float:
+    """A CFG scale in 0..MAX_GUIDANCE (None: `default`)."""
+    g = default if value is None else value
+    if isinstance(g, bool) or not isinstance(g, (int, float, np.integer, np.floating)):
+        raise ImageGenError(f"{name} {shown(value)} is not a number", name)
+    try:
+        g = float(g)
+    except OverflowError:  # an integer past float's range (JSON allows one): out of range below
+        g = math.inf
+    if not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
+        raise ImageGenError(f"{name} {shown_number(value)} must be between 0 and {MAX_GUIDANCE:g} (<= 1: no CFG)", name)
+    return g
 
 
 def _int_in(name: str, value, lo: int, hi: int) -> int:
@@ -193,7 +214,7 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
                     "scheduler/ folders); load Ming-flash-omni-2.0 or the tiny demo model", code="unsupported_model")
         return
     try:
-        request.check()
+        request.check(gen.kind)
         instruction = request.instruction()
         # The ViT's inputs are shrunk; the VAE reference, the bucket, the output size and a segmentation's mask
         # come from the first picture as given, cut to a requested aspect (spec §8.8), the only one kept at its size.
@@ -261,14 +282,19 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
             stats.prompt_tokens = int(trace.layout.input_ids.shape[1])
             if glyph_text:
                 cond = torch.cat([cond, gen.glyph([glyph_text]).embeds.to(dev, cond.dtype)], dim=1)
-            caption = caption_features(cond[0].float(), gen.head_config, gen.caption_mlp)
-            negative = caption_features(torch.zeros_like(cond[0]).float(), gen.head_config, gen.caption_mlp)
-            ref_latent = None
-            if ref is not None:
-                ref_latent = encode_reference(gen.vae, _reference_pixels(ref, plan).to(dev))
-            shape = latent_shape(*plan.diffusion, gen.latent_channels, gen.vae_scale)
-            latents, step_noise = seeded_noise(seed, shape, dev)
-            scheduler, _ = make_scheduler(gen.scheduler_config, request.steps, shape[2:], device=dev)
+            if gen.kind == SD3:
+                scheduler, steps = _sd3_sampling(gen, request, cond, ref, plan, seed, dev)
+            else:
+                caption = caption_features(cond[0].float(), gen.head_config, gen.caption_mlp)
+                negative = caption_features(torch.zeros_like(cond[0]).float(), gen.head_config, gen.caption_mlp)
+                ref_latent = None
+                if ref is not None:
+                    ref_latent = encode_reference(gen.vae, _reference_pixels(ref, plan).to(dev))
+                shape = latent_shape(*plan.diffusion, gen.latent_channels, gen.vae_scale)
+                latents, step_noise = seeded_noise(seed, shape, dev)
+                scheduler, _ = make_scheduler(gen.scheduler_config, request.steps, shape[2:], device=dev)
+                steps = denoise(gen.transformer, scheduler, latents, caption, negative, request.guidance, ref_latent,
+                                request.cfg_options(), step_noise)
         n = len(scheduler.timesteps)
         if cancel is not None and cancel.is_set():  # stopped while the prompt was being encoded
             yield stopped(stats, t_start, seed, 0)
@@ -278,8 +304,7 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
         yield Progress("denoising", 0, n)
         t_loop = time.perf_counter()
         done_steps = 0
-        for step in denoise(gen.transformer, scheduler, latents, caption, negative, request.guidance, ref_latent,
-                            request.cfg_options(), step_noise):
+        for step in steps:
             latents = step.latents_out
             done_steps += 1
             yield Progress("denoising", done_steps, n)
@@ -322,6 +347,22 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
     yield Done(text=note, finish_reason="stop", stats=stats, result=result)
 
 
+def _sd3_sampling(gen, request: ImagineRequest, cond: torch.Tensor, ref: Image.Image | None, plan: SizePlan,
+                  seed: int, dev) -> tuple[Any, Iterator]:
+    """The Preview's scheduler and step iterator (spec §8.10): noise in the DiT's dtype, the reference latent
+    (posterior mode, (z − shift)·scale) at the bucket size, the 2- or 4-branch CFG loop."""
+    from engine.models.imagegen.diffusion import encode_latents
+    from engine.models.imagegen.sd3 import denoise_sd3, make_sd3_scheduler, sd3_latent_shape, sd3_noise
+
+    dtype = next(gen.transformer.parameters()).dtype
+    ref_latent = None if ref is None else encode_latents(gen.vae, _reference_pixels(ref, plan).to(dev))
+    shape = sd3_latent_shape(*plan.diffusion, gen.latent_channels, gen.vae_scale)
+    latents = sd3_noise(seed, shape, dtype, dev)
+    scheduler = make_sd3_scheduler(gen.scheduler_config, request.steps, shape[2:], SD3_PATCH, device=dev)
+    return scheduler, denoise_sd3(gen.transformer, gen.caption_mlp, scheduler, latents, cond, request.guidance,
+                                  request.image_guidance, ref_latent)
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 
@@ -339,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default=None, help="WIDTHxHEIGHT of the result")
     ap.add_argument("--aspect", default=None, help="aspect ratio W:H, e.g. 16:9")
     ap.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEFAULT_STEPS})")
-    ap.add_argument("--guidance", type=float, default=None, help=f"CFG scale (default {DEFAULT_GUIDANCE})")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help=f"CFG scale (default {DEFAULT_GUIDANCE}; the Preview's: {PREVIEW_GUIDANCE})")
+    ap.add_argument("--image-guidance", type=float, default=None,
+                    help=f"Preview only: the reference image's CFG scale when editing (default {PREVIEW_IMAGE_GUIDANCE})")
     ap.add_argument("--cfg-truncation", type=float, default=CfgOptions.truncation,
                     help="no CFG on steps whose DiT timestep exceeds this (default %(default)s: never)")
     ap.add_argument("--cfg-normalization", type=float, default=float(CfgOptions.normalization),
@@ -364,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     task = "segment" if args.segment is not None else ("edit" if args.edit else "generate")
     req = ImagineRequest(prompt=args.segment if args.segment is not None else args.prompt, images=[str(p) for p in args.edit],
                          task=task, size=args.size, aspect=args.aspect, steps=args.steps, guidance=args.guidance,
+                         image_guidance=args.image_guidance,
                          cfg_truncation=args.cfg_truncation, cfg_normalization=args.cfg_normalization,
                          seed=args.seed, preview_every=args.preview_every if args.preview_dir else 0,
                          mask_color=args.mask_color, preset=args.preset)

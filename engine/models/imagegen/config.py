@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,18 @@ REQUIRED_FOLDERS = ("mlp", "connector", "transformer", "vae", "scheduler")
 OPTIONAL_FOLDERS = ("byt5",)
 QUERY_TOKEN_PREFIX = "query_tokens_dict."
 _QUERY_NAME = re.compile(r"^query_tokens_dict\.(\d+)x(\d+)$")
-# The 2.0 DiT (Z-Image); the Preview ships an SD3-style DiT that is not implemented (spec §8.10).
+# The DiT kinds, by transformer/config.json's `_class_name`: the 2.0 Z-Image (spec §8.5) and the Preview's
+# SD3-style one (spec §8.10, the Preview's diffusion/sd3_transformer.py).
 ZIMAGE = "zimage"
 ZIMAGE_CLASS = "ZImageTransformer2DModel"
+SD3 = "sd3"
+SD3_CLASS = "SD3Transformer2DModel"
+DIT_CLASSES = {ZIMAGE_CLASS: ZIMAGE, SD3_CLASS: SD3}
+# The Preview hard-codes its DiT's 3-axis RoPE (sd3_transformer.py: axes_dim_rope [20, 22, 22], theta 10000;
+# the axes must fill the head) and its rotary grid (the patch grid as height // 2, width // 2).
+SD3_ROPE_AXES = (20, 22, 22)
+SD3_ROPE_THETA = 10000.0
+SD3_PATCH = 2
 # The DiT-wrapper switch `text_encoder_norm` when mlp/config.json omits it: the reference loader
 # passes `text_encoder_norm=False` to ZImageLoss then (ZImageModel_withMLP's own default too), so the
 # x1000 re-normalisation is off unless the file turns it on (spec §8.5). `use_identity_mlp` omitted:
@@ -98,7 +107,7 @@ class QueryHeadConfig:
     llm_hidden: int                  # width of the query tokens (= the thinker's hidden size)
     connector_hidden: int            # proj_in output width
     c_dim: int                       # diffusion_c_input_dim: proj_out output width
-    dit_type: str
+    dit_type: str                    # mlp/config.json's `dit_type` ("" when omitted: the DiT's class decides)
     use_identity_mlp: bool
     text_encoder_norm: bool
     caption_mlp_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # `mlp.*` tensors, if any
@@ -146,7 +155,7 @@ class QueryHeadConfig:
         caption_mlp = {k: v for k, v in shapes.items() if k.startswith("mlp.")}
         identity, norm = wrapper_switches(data, bool(caption_mlp))
         return cls(scales=scales, llm_hidden=llm_hidden, connector_hidden=connector_hidden, c_dim=c_dim,
-                   dit_type=str(data.get("dit_type") or ZIMAGE).lower(),
+                   dit_type=str(data.get("dit_type") or "").lower(),
                    use_identity_mlp=identity, text_encoder_norm=norm,
                    caption_mlp_shapes=caption_mlp)
 
@@ -186,12 +195,93 @@ class ByT5Settings:
                    sdxl_channels=int(mc["sdxl_channels"]), max_length=int(data["byt5_max_length"]))
 
 
-def check_dit_kind(root: str | Path, head: QueryHeadConfig) -> None:
-    """Refuse a DiT this engine does not implement (the Preview's SD3-style one, spec §8.10)."""
+@dataclass(frozen=True)
+class SD3DiTConfig:
+    """transformer/config.json of the Preview's SD3-style DiT (the Preview's SD3Transformer2DModel arguments,
+    with its defaults for keys the file omits)."""
+
+    sample_size: int = 128
+    patch_size: int = 2
+    in_channels: int = 16
+    num_layers: int = 18
+    attention_head_dim: int = 64
+    num_attention_heads: int = 18
+    joint_attention_dim: int = 4096
+    caption_projection_dim: int = 1152
+    pooled_projection_dim: int = 2048
+    out_channels: int = 16
+    pos_embed_max_size: int = 96
+    dual_attention_layers: tuple[int, ...] = ()
+    qk_norm: str | None = None
+    vae_ref_channel_cat: bool = False
+    rope_max_index: int = 1024
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "SD3DiTConfig":
+        path = Path(path)
+        data = _read_json(path)
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data or data[f.name] is None:
+                continue
+            v = data[f.name]
+            try:
+                if f.name == "dual_attention_layers":
+                    kw[f.name] = tuple(int(i) for i in v)
+                elif f.name == "qk_norm":
+                    kw[f.name] = str(v)
+                elif f.name == "vae_ref_channel_cat":
+                    kw[f.name] = bool(v)
+                else:
+                    if isinstance(v, bool) or int(v) != v or int(v) <= 0:
+                        raise ValueError
+                    kw[f.name] = int(v)
+            except (TypeError, ValueError):
+                raise ImageGenError(f"{path}: '{f.name}' is {str(v)[:40]!r}, not a valid value") from None
+        cfg = cls(**kw)
+        cfg.check(path)
+        return cfg
+
+    def check(self, path: Path) -> None:
+        """Refuse settings the Preview's DiT cannot run as written upstream."""
+        problems = []
+        if sum(SD3_ROPE_AXES) != self.attention_head_dim:
+            problems.append(f"attention_head_dim {self.attention_head_dim}: the Preview's RoPE axes "
+                            f"{list(SD3_ROPE_AXES)} need {sum(SD3_ROPE_AXES)}")
+        if self.patch_size != SD3_PATCH:
+            problems.append(f"patch_size {self.patch_size}: the Preview's RoPE grid assumes {SD3_PATCH}")
+        if self.vae_ref_channel_cat:
+            problems.append("vae_ref_channel_cat true (the reference channel-concatenation variant) is not implemented")
+        if self.caption_projection_dim != self.inner_dim:
+            problems.append(f"caption_projection_dim {self.caption_projection_dim} differs from the joint blocks' "
+                            f"width {self.inner_dim}")
+        if problems:
+            raise ImageGenUnsupported(f"{path}: " + "; ".join(problems))
+
+
+def dit_kind(root: str | Path, head: QueryHeadConfig) -> str:
+    """Which DiT the checkpoint ships (ZIMAGE or SD3), by transformer/config.json's `_class_name`; any other
+    DiT, or an mlp/config.json `dit_type` naming another, is refused."""
     cfg_path = Path(root) / "transformer" / "config.json"
     cls_name = _read_json(cfg_path).get("_class_name", ZIMAGE_CLASS) if cfg_path.is_file() else ZIMAGE_CLASS
-    if head.dit_type != ZIMAGE or cls_name != ZIMAGE_CLASS:
+    kind = DIT_CLASSES.get(cls_name)
+    if kind is None:
         raise ImageGenUnsupported(
-            f"this checkpoint's image generator uses dit_type '{head.dit_type}' ({cls_name}); only the 2.0 "
-            f"Z-Image DiT ({ZIMAGE_CLASS}) is implemented. The Preview's SD3-style DiT (spec §8.10) is not: "
-            "load Ming-flash-omni-2.0 for image generation.")
+            f"this checkpoint's image generator uses the DiT {cls_name!r}; only the 2.0 Z-Image DiT "
+            f"({ZIMAGE_CLASS}) and the Preview's SD3-style DiT ({SD3_CLASS}) are implemented")
+    if head.dit_type and (head.dit_type != ZIMAGE if kind == ZIMAGE else SD3 not in head.dit_type):
+        raise ImageGenUnsupported(f"mlp/config.json says dit_type '{head.dit_type}' but transformer/config.json "
+                                  f"is a {cls_name} ({kind})")
+    if kind == SD3 and (head.use_identity_mlp or head.text_encoder_norm or not head.caption_mlp_shapes):
+        raise ImageGenError(f"{root}: the Preview's SD3 DiT always runs its caption MLP (SD3Model_withMLP): "
+                            "mlp/ must ship the 'mlp.*' weights, with use_identity_mlp and text_encoder_norm off")
+    return kind
+
+
+def check_dit_kind(root: str | Path, head: QueryHeadConfig) -> None:
+    """Refuse a DiT this engine does not implement (see dit_kind)."""
+    dit_kind(root, head)

@@ -4,7 +4,8 @@
   caption_mlp  `mlp/` mlp.*   the DiT wrapper's ToClipMLP, or None for identity
   connector    `connector/`   bidirectional Qwen2 (transformers)
   glyph        `byt5/`        ByT5 encoder + mapper for quoted text, or None when the folder is absent
-  transformer  `transformer/` diffusers ZImageTransformer2DModel
+  transformer  `transformer/` diffusers ZImageTransformer2DModel (2.0), or the Preview's SD3-style DiT
+                              (engine.models.imagegen.sd3), by the folder's `_class_name`
   vae          `vae/`         diffusers AutoencoderKL
   scheduler    `scheduler/`   FlowMatchEulerDiscreteScheduler config (a fresh scheduler per request)
 
@@ -25,16 +26,18 @@ from torch import nn
 
 from engine.models.imagegen.buckets import DEFAULT_BASE, REFERENCE_BASES, bucket_table
 from engine.models.imagegen.condition import CaptionMLP, Connector, QueryHead, load_query_head
-from engine.models.imagegen.config import (ImageGenError, QueryHeadConfig, check_dit_kind, has_image_generator,
-                                           missing_folders)
+from engine.models.imagegen.config import (SD3, SD3_PATCH, ZIMAGE, ImageGenError, QueryHeadConfig, dit_kind,
+                                           has_image_generator, missing_folders)
 from engine.models.imagegen.diffusion import DIT_PATCH, vae_scale_factor
 from engine.models.imagegen.glyph import GlyphEncoder
 from engine.models.imagegen.preview import LatentRGB
 
 DEMO_BUCKET_KEY = "image_gen_bucket_base"  # in config.json's `studio_demo` block (tiny demo only)
+# The Preview's default bucket table: image_gen_highres False -> the 512 table (spec §8.7).
+PREVIEW_DEFAULT_BASE = 512
 
 
-def _bucket_bases(root: Path) -> tuple[tuple[int, ...], int]:
+def _bucket_bases(root: Path, kind: str = ZIMAGE) -> tuple[tuple[int, ...], int]:
     try:
         demo = json.loads((root / "config.json").read_text(encoding="utf-8")).get("studio_demo") or {}
     except (OSError, json.JSONDecodeError):
@@ -43,7 +46,11 @@ def _bucket_bases(root: Path) -> tuple[tuple[int, ...], int]:
     if base:
         bucket_table(int(base))  # validates
         return (int(base),), int(base)
-    return REFERENCE_BASES, DEFAULT_BASE
+    return REFERENCE_BASES, (PREVIEW_DEFAULT_BASE if kind == SD3 else DEFAULT_BASE)
+
+
+def _longest_side(base: int) -> int:
+    return max(max(hw) for _, hw in bucket_table(base))
 
 
 @dataclass
@@ -60,6 +67,7 @@ class ImageGenerator:
     dtype: torch.dtype
     home: torch.device
     compute: torch.device
+    kind: str = ZIMAGE               # which DiT: ZIMAGE (2.0) or SD3 (Preview)
     bucket_bases: tuple[int, ...] = REFERENCE_BASES
     default_base: int = DEFAULT_BASE
     load_seconds: float = 0.0
@@ -79,13 +87,17 @@ class ImageGenerator:
         compute = torch.device(device)
         home = torch.device(home) if home is not None else compute
         head_cfg = QueryHeadConfig.from_folder(root / "mlp")
-        check_dit_kind(root, head_cfg)
+        kind = dit_kind(root, head_cfg)
         head, caption = load_query_head(root / "mlp", dtype, home, head_cfg)
         connector = Connector.load(root / "connector", dtype, home)
         glyph = GlyphEncoder.load(root / "byt5", dtype, home) if (root / "byt5").is_dir() else None
         folder = "transformer"  # the diffusers component being read, which the error names
         try:
-            transformer = ZImageTransformer2DModel.from_pretrained(str(root), subfolder=folder, torch_dtype=dtype)
+            if kind == SD3:
+                from engine.models.imagegen.sd3 import SD3Transformer2DModel
+                transformer = SD3Transformer2DModel.load(root / folder, dtype, home)
+            else:
+                transformer = ZImageTransformer2DModel.from_pretrained(str(root), subfolder=folder, torch_dtype=dtype)
             folder = "vae"
             vae = AutoencoderKL.from_pretrained(str(root), subfolder=folder, torch_dtype=dtype)
             folder = "scheduler"
@@ -94,8 +106,13 @@ class ImageGenerator:
             raise ImageGenError(f"{root / folder}: cannot load the diffusion component {folder}/ ({e})") from e
         gen = cls(root=root, head_config=head_cfg, query_head=head, caption_mlp=caption, connector=connector,
                   glyph=glyph, transformer=transformer.eval().to(home), vae=vae.eval().to(home),
-                  scheduler_config=scheduler_config, dtype=dtype, home=home, compute=compute)
-        gen.bucket_bases, gen.default_base = _bucket_bases(root)
+                  scheduler_config=scheduler_config, dtype=dtype, home=home, compute=compute, kind=kind)
+        gen.bucket_bases, gen.default_base = _bucket_bases(root, kind)
+        if kind == SD3:  # the tables the DiT's position table covers (the Preview's 1024 table does not)
+            unit = gen.vae_scale * SD3_PATCH
+            fits = tuple(b for b in gen.bucket_bases
+                         if _longest_side(b) // unit <= transformer.config.pos_embed_max_size)
+            gen.bucket_bases = fits or gen.bucket_bases
         gen.validate()
         gen.load_seconds = time.perf_counter() - t0
         return gen
@@ -105,19 +122,25 @@ class ImageGenerator:
         tcfg, vcfg, hc = self.transformer.config, self.vae.config, self.head_config
         cap_in = hc.c_dim if self.caption_mlp is None else self.caption_mlp.fc2.out_features
         problems = []
-        if tcfg.cap_feat_dim != cap_in:
-            problems.append(f"the DiT expects caption width {tcfg.cap_feat_dim} but the condition is {cap_in} wide")
+        cap_dim = tcfg.joint_attention_dim if self.kind == SD3 else tcfg.cap_feat_dim
+        if cap_dim != cap_in:
+            problems.append(f"the DiT expects caption width {cap_dim} but the condition is {cap_in} wide")
+        if self.kind == SD3 and tcfg.out_channels != tcfg.in_channels:
+            problems.append(f"the DiT predicts {tcfg.out_channels} channels for {tcfg.in_channels} latent channels")
         if tcfg.in_channels != vcfg.latent_channels:
             problems.append(f"the DiT takes {tcfg.in_channels} latent channels, the VAE makes {vcfg.latent_channels}")
         if self.glyph is not None and self.glyph.settings.sdxl_channels != hc.c_dim:
             problems.append(f"ByT5 maps to {self.glyph.settings.sdxl_channels} channels, the condition is {hc.c_dim}")
         if self.connector.hidden_size != hc.connector_hidden:
             problems.append(f"proj_in makes {hc.connector_hidden} channels, the connector is {self.connector.hidden_size} wide")
-        unit = self.vae_scale * DIT_PATCH
+        unit = self.vae_scale * (SD3_PATCH if self.kind == SD3 else DIT_PATCH)
         for base in self.bucket_bases:
             bad = [hw for _, hw in bucket_table(base) if hw[0] % unit or hw[1] % unit]
             if bad:
                 problems.append(f"bucket table {base} has sizes that are not multiples of {unit} (e.g. {bad[0]})")
+            if self.kind == SD3 and _longest_side(base) // unit > tcfg.pos_embed_max_size:
+                problems.append(f"bucket table {base} needs {_longest_side(base) // unit} patches a side; "
+                                f"pos_embed holds {tcfg.pos_embed_max_size}")
         if problems:
             raise ImageGenError(f"{self.root}: the image generator's parts do not fit together: " + "; ".join(problems))
 
@@ -179,4 +202,10 @@ class ImageGenerator:
         """CUDA only: compile the DiT's repeated blocks (diffusers' regional compilation)."""
         if self.compute.type != "cuda":
             raise ImageGenError("compiling the DiT is only supported on CUDA devices")
+        if self.kind == SD3:
+            for blocks in (self.transformer.transformer_blocks, self.transformer.noise_refiner,
+                           self.transformer.ref_image_refiner):
+                for block in blocks:
+                    block.compile(fullgraph=True)
+            return
         self.transformer.compile_repeated_blocks(fullgraph=True)

@@ -8,6 +8,10 @@ Z-Image DiT of width 64 with 2 layers (+1 refiner each), a 4-block 8x VAE with 1
 the real one) and Z-Image's published scheduler config. The demo diffuses at the 512 bucket table
 halved (config.json `studio_demo.image_gen_bucket_base` = 256), so a 30-step image takes about a
 second on a CPU.
+
+`release="preview"` writes the Preview's head instead (spec §8.10): the same mlp/ (+ the caption MLP
+`mlp.*`, ToClipMLP C -> 32 -> 64), connector/ and byt5/, an SD3-style DiT (`SD3Transformer2DModel`, 2 joint
+blocks of one 64-wide head, the Preview's 2+2 refiners, pooled width 32), an SD3-like VAE and scheduler.
 """
 
 from __future__ import annotations
@@ -49,6 +53,16 @@ BYT5 = {"byt5_config": {"byt5_ckpt_path": "google__byt5-small", "byt5_name": "go
                         "color_special_token": True, "font_special_token": True, "font_ann_path": "glyph/font_idx.json",
                         "color_ann_path": "glyph/color_idx.json", "multilingual": True},
         "byt5_mapper_config": {"num_layers": 2, "sdxl_channels": C_DIM}, "byt5_max_length": 32}
+# The Preview head (spec §8.10): the DiT's head must be 64 wide (RoPE axes 20/22/22); the caption MLP maps the
+# condition to joint_attention_dim; its pooled output is averaged down to pooled_projection_dim.
+PREVIEW_MLP_HIDDEN = 32
+PREVIEW_TRANSFORMER = {"_class_name": "SD3Transformer2DModel", "sample_size": 32, "patch_size": 2, "in_channels": 16,
+                       "num_layers": 2, "num_refiner_layers": 2, "attention_head_dim": 64, "num_attention_heads": 1,
+                       "joint_attention_dim": 64, "caption_projection_dim": 64, "pooled_projection_dim": 32,
+                       "out_channels": 16, "pos_embed_max_size": 48, "dual_attention_layers": [], "qk_norm": None,
+                       "vae_ref_channel_cat": False, "rope_max_index": 1024}
+PREVIEW_VAE = {**VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+PREVIEW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 GLYPH_COLORS = {"white": 0, "black": 1, "red": 2}
 GLYPH_FONTS = {"en-Montserrat-Bold": 0, "cn-HanyiSentyCrayon": 1, "Roboto-Regular": 2}
 
@@ -64,8 +78,8 @@ def _random_state(module: torch.nn.Module, gen: torch.Generator, prefix: str = "
             for name, t in module.state_dict().items()}
 
 
-def write_tiny_image_head(out_dir: str | Path, seed: int) -> None:
-    """Write the image-head sub-folders into the tiny checkpoint folder `out_dir` (its config.json
+def write_tiny_image_head(out_dir: str | Path, seed: int, release: str = "2.0") -> None:
+    """Write the image-head sub-folders of `release` into the tiny checkpoint folder `out_dir` (its config.json
     already written) and record the demo bucket table in config.json's `studio_demo` block."""
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import ByT5Tokenizer, Qwen2Config, Qwen2ForCausalLM, T5Config
@@ -85,10 +99,19 @@ def write_tiny_image_head(out_dir: str | Path, seed: int) -> None:
     for name, shape in (("proj_in", (hidden, llm_hidden)), ("proj_out", (C_DIM, hidden))):
         mlp[f"{name}.weight"] = torch.randn(shape, generator=gen) / shape[1] ** 0.5
         mlp[f"{name}.bias"] = 0.05 * torch.randn(shape[0], generator=gen)
+    preview = release == "preview"
+    if preview:  # the DiT wrapper's ToClipMLP (SD3Model_withMLP.mlp)
+        from engine.models.imagegen.condition import CaptionMLP
+        shapes = {"mlp.fc1.weight": (PREVIEW_MLP_HIDDEN, C_DIM),
+                  "mlp.fc2.weight": (PREVIEW_TRANSFORMER["joint_attention_dim"], PREVIEW_MLP_HIDDEN)}
+        with torch.device("meta"):
+            caption_mlp = CaptionMLP(shapes)
+        mlp.update(_random_state(caption_mlp, gen, "mlp."))
     (out / "mlp").mkdir(parents=True, exist_ok=True)
     save_file(mlp, str(out / "mlp" / "model.safetensors"), metadata={"format": "pt"})
-    _json(out / "mlp" / "config.json", {"diffusion_c_input_dim": C_DIM, "img_gen_scales": list(SCALES),
-                                        "dit_type": "zimage", "use_identity_mlp": True, "text_encoder_norm": True})
+    head_cfg = {"diffusion_c_input_dim": C_DIM, "img_gen_scales": list(SCALES)}
+    _json(out / "mlp" / "config.json", {**head_cfg, "dit_type": "sd3"} if preview else
+          {**head_cfg, "dit_type": "zimage", "use_identity_mlp": True, "text_encoder_norm": True})
     # connector/: a Qwen2ForCausalLM folder
     with torch.device("meta"):
         connector = Qwen2ForCausalLM(Qwen2Config(**CONNECTOR))
@@ -96,14 +119,25 @@ def write_tiny_image_head(out_dir: str | Path, seed: int) -> None:
     save_file(_random_state(connector, gen), str(out / "connector" / "model.safetensors"), metadata={"format": "pt"})
     _json(out / "connector" / "config.json", CONNECTOR)
     # transformer/ and vae/: diffusers folders
-    for folder, cls, cfg in (("transformer", ZImageTransformer2DModel, TRANSFORMER), ("vae", AutoencoderKL, VAE)):
+    if preview:
+        from engine.models.imagegen.config import SD3DiTConfig
+        from engine.models.imagegen.sd3 import SD3Transformer2DModel
+        _json(out / "transformer" / "config.json", PREVIEW_TRANSFORMER)
+        dit = SD3Transformer2DModel(SD3DiTConfig.from_file(out / "transformer" / "config.json"))
+        buffers = {n: b.clone() for n, b in dit.named_buffers()}  # PatchEmbed's sin-cos tables, as computed
+        state = {n: buffers.get(n, t) for n, t in _random_state(dit, gen).items()}
+        save_file(state, str(out / "transformer" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    folders = [("vae", AutoencoderKL, PREVIEW_VAE if preview else VAE)]
+    if not preview:
+        folders.insert(0, ("transformer", ZImageTransformer2DModel, TRANSFORMER))
+    for folder, cls, cfg in folders:
         with torch.device("meta"):
             model = cls(**{k: v for k, v in cfg.items() if not k.startswith("_")})
         (out / folder).mkdir(parents=True, exist_ok=True)
         save_file(_random_state(model, gen), str(out / folder / "diffusion_pytorch_model.safetensors"),
                   metadata={"format": "pt"})
         _json(out / folder / "config.json", cfg)
-    _json(out / "scheduler" / "scheduler_config.json", SCHEDULER)
+    _json(out / "scheduler" / "scheduler_config.json", PREVIEW_SCHEDULER if preview else SCHEDULER)
     # byt5/: byt5.json, T5 config + ByT5 tokenizer, glyph tables, encoder and mapper weights
     byt5 = out / "byt5"
     _json(byt5 / "byt5.json", BYT5)

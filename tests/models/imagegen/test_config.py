@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.models.imagegen.config import (ImageGenError, ImageGenUnsupported, QueryHeadConfig, check_dit_kind,
-                                           has_image_generator)
+from engine.models.imagegen.config import (SD3, ZIMAGE, ImageGenError, ImageGenUnsupported, QueryHeadConfig,
+                                           SD3DiTConfig, check_dit_kind, dit_kind, has_image_generator)
 
 
 def _mlp(folder, scales=(2, 4), config=None, extra=None):
@@ -24,7 +24,7 @@ def _mlp(folder, scales=(2, 4), config=None, extra=None):
 def test_scales_and_widths_from_the_files(tmp_path):
     cfg = QueryHeadConfig.from_folder(_mlp(tmp_path / "a"))
     assert cfg.scales == (2, 4) and cfg.query_tokens == 16 and (cfg.llm_hidden, cfg.connector_hidden, cfg.c_dim) == (8, 6, 5)
-    assert cfg.use_identity_mlp and cfg.dit_type == "zimage"
+    assert cfg.use_identity_mlp and cfg.dit_type == ""  # omitted: transformer/config.json's class decides
     with_mlp = QueryHeadConfig.from_folder(_mlp(tmp_path / "b", extra={"mlp.fc1.weight": torch.zeros(3, 5)}))
     assert not with_mlp.use_identity_mlp
 
@@ -38,14 +38,46 @@ def test_inconsistent_head_is_refused(tmp_path, config, words):
         QueryHeadConfig.from_folder(_mlp(tmp_path / "m", config=config))
 
 
-def test_the_preview_sd3_dit_is_refused_with_a_clear_error(tmp_path):
+def _transformer(root, cfg):
+    (root / "transformer").mkdir(parents=True, exist_ok=True)
+    (root / "transformer" / "config.json").write_text(json.dumps(cfg))
+
+
+def test_the_dit_kind_comes_from_the_transformer_class(tmp_path):
+    """The Preview's SD3-style DiT (spec §8.10) is chosen by transformer/config.json's class (the Preview's
+    mlp/config.json, if any, is not read upstream); its wrapper always runs the caption MLP; another DiT class
+    is refused naming both implemented ones."""
     root = tmp_path / "ckpt"
-    head = QueryHeadConfig.from_folder(_mlp(root / "mlp", config={"dit_type": "sd3"}))
-    (root / "transformer").mkdir()
-    (root / "transformer" / "config.json").write_text('{"_class_name": "SD3Transformer2DModel"}')
-    with pytest.raises(ImageGenUnsupported, match="SD3-style"):
-        check_dit_kind(root, head)
+    mlp_w = {"mlp.fc1.weight": torch.zeros(3, 5), "mlp.fc2.weight": torch.zeros(4, 3)}
+    head = QueryHeadConfig.from_folder(_mlp(root / "mlp", extra=mlp_w))
+    _transformer(root, {"_class_name": "SD3Transformer2DModel"})
+    assert dit_kind(root, head) == SD3
     assert not has_image_generator(root)
+    bare = QueryHeadConfig.from_folder(_mlp(tmp_path / "bare" / "mlp"))  # no mlp.* weights: the SD3 wrapper cannot run
+    with pytest.raises(ImageGenError, match="caption MLP"):
+        dit_kind(root, bare)
+    zimage_head = QueryHeadConfig.from_folder(_mlp(tmp_path / "z" / "mlp", config={"dit_type": "zimage"}, extra=mlp_w))
+    with pytest.raises(ImageGenUnsupported, match="dit_type 'zimage'"):
+        dit_kind(root, zimage_head)
+    _transformer(root, {"_class_name": "SanaTransformer2DModel"})
+    with pytest.raises(ImageGenUnsupported, match="SanaTransformer2DModel.*ZImageTransformer2DModel.*SD3Transformer2DModel"):
+        check_dit_kind(root, head)
+    _transformer(root, {"_class_name": "ZImageTransformer2DModel"})
+    assert dit_kind(root, QueryHeadConfig.from_folder(_mlp(tmp_path / "a"))) == ZIMAGE
+
+
+@pytest.mark.parametrize("cfg, words", [
+    ({"attention_head_dim": 128}, "RoPE axes"),
+    ({"patch_size": 4}, "patch_size 4"),
+    ({"vae_ref_channel_cat": True}, "vae_ref_channel_cat"),
+    ({"num_layers": "two"}, "'num_layers'"),
+])
+def test_sd3_settings_the_preview_cannot_run_are_refused(tmp_path, cfg, words):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"_class_name": "SD3Transformer2DModel", "num_attention_heads": 2,
+                                "caption_projection_dim": 128, **cfg}))
+    with pytest.raises(ImageGenError, match=words):
+        SD3DiTConfig.from_file(path)
 
 
 def test_omitted_wrapper_switches_take_the_reference_defaults(tmp_path):

@@ -1,0 +1,193 @@
+"""The Preview's SD3-style image DiT (spec §8.10): its 3-axis RoPE, the caption MLP and pooled projection of its
+wrapper, the 2- and 4-branch CFG, the tensor names of the upstream module, and the Preview tiny checkpoint
+generating and editing through Engine."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine.events import Done, ImageDone
+from engine.models.imagegen.condition import CaptionMLP
+from engine.models.imagegen.config import SD3, SD3DiTConfig
+from engine.models.imagegen.sd3 import (SD3Transformer2DModel, apply_rope, caption_and_pooled, combine_guidance,
+                                        denoise_sd3, rope_freqs, rope_positions)
+
+TINY = {"sample_size": 16, "patch_size": 2, "in_channels": 4, "num_layers": 2, "attention_head_dim": 64,
+        "num_attention_heads": 1, "joint_attention_dim": 24, "caption_projection_dim": 64, "pooled_projection_dim": 12,
+        "out_channels": 4, "pos_embed_max_size": 16}
+
+
+def test_rope_positions_and_frequencies_follow_the_preview_rule():
+    """mm_rope.py QwenEmbedRope(scale_rope=True) as sd3_transformer.py builds it: axes 20/22/22, θ 10000; frame 0
+    for the noisy latent, 1 for the reference; rows and columns centred (the lower half negative, from
+    −(n − n//2)); text tokens at max(h//2, w//2) + j on all three axes; [image tokens, text tokens]."""
+    frames, h, w, text = 2, 5, 4, 3
+    pos = rope_positions(frames, h, w, text)
+    assert pos.shape == (frames * h * w + text, 3)
+    img = pos[:frames * h * w].reshape(frames, h, w, 3)
+    assert img[0, ..., 0].eq(0).all() and img[1, ..., 0].eq(1).all()
+    assert img[0, :, 0, 1].tolist() == [-3, -2, -1, 0, 1] and img[0, 0, :, 2].tolist() == [-2, -1, 0, 1]
+    assert pos[frames * h * w:].tolist() == [[2, 2, 2], [3, 3, 3], [4, 4, 4]]
+    freqs = rope_freqs(pos)
+    assert freqs.dtype == torch.complex64 and freqs.shape == (len(pos), 32)
+    angles = []
+    for axis, d in enumerate((20, 22, 22)):  # e^{i·pos·θ^(−2k/d)} per axis, re-derived in float64
+        angles += [pos[:, axis:axis + 1].double() * 10000.0 ** (-2 * k / d) for k in range(d // 2)]
+    want = torch.polar(torch.ones(len(pos), 32, dtype=torch.float64), torch.cat(angles, dim=1))
+    assert torch.allclose(torch.view_as_real(freqs).double(), torch.view_as_real(want), atol=1e-5)
+    # applied on adjacent channel pairs (2k, 2k+1) of each head
+    x = torch.randn(1, 2, 1, 64)
+    f = rope_freqs(torch.tensor([[0, 0, 0], [1, 2, 3]]))
+    out = apply_rope(x, f.unsqueeze(0))
+    assert torch.allclose(out[0, 0], x[0, 0])
+    a = float(f[1, 10].angle())  # the row axis' first pair: channels 20, 21 (after the frame axis' 10 pairs)
+    c, s = math.cos(a), math.sin(a)
+    x0, x1 = x[0, 1, 0, 20:22].tolist()
+    assert out[0, 1, 0, 20:22].tolist() == pytest.approx([c * x0 - s * x1, s * x0 + c * x1], abs=1e-5)
+
+
+def test_caption_mlp_and_pooled_projection():
+    """SD3Model_withMLP: ToClipMLP C -> hidden -> D on the condition; the pooled projection is the mean over
+    tokens of the MLP output, adaptive-average-pooled to pooled_projection_dim (D = 2P: adjacent pairs)."""
+    mlp = CaptionMLP({"mlp.fc1.weight": (8, 5), "mlp.fc2.weight": (24, 8)})
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p)
+    cond = torch.randn(3, 7, 5)
+    enc, pooled = caption_and_pooled(cond, mlp, 12, torch.float32)
+    assert enc.shape == (3, 7, 24) and pooled.shape == (3, 12)
+    mean = mlp(cond).mean(dim=1)
+    assert torch.allclose(pooled, (mean[:, 0::2] + mean[:, 1::2]) / 2, atol=1e-5)
+    _, zero_pooled = caption_and_pooled(torch.zeros(1, 7, 5), mlp, 12, torch.float32)
+    assert zero_pooled.abs().sum() > 0  # the null branch's pooled input is the MLP of zeros, not zeros
+
+
+def test_cfg_combines_two_or_four_branches():
+    u, img, txt, full = (torch.full((1, 2, 2, 2), v) for v in (1.0, 2.0, 3.0, 5.0))
+    assert torch.equal(combine_guidance(torch.cat([u, txt]), 4.0, 2.0), u + 4.0 * (txt - u))
+    four = combine_guidance(torch.cat([u, img, txt, full]), 4.0, 1.5)
+    assert torch.allclose(four, u + 1.5 * (img - u) + 4.0 * (full - img))  # mode 1: 1 + 1.5 + 12
+    assert float(four.flatten()[0]) == pytest.approx(14.5)
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in DiT that records what each call receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.config = SD3DiTConfig(pooled_projection_dim=4)
+        self.calls = []
+
+    def forward(self, x, enc, pooled, t, ref):
+        self.calls.append((x, enc, pooled, t, ref))
+        return torch.arange(x.shape[0], dtype=x.dtype).view(-1, 1, 1, 1).expand_as(x).clone()
+
+
+@pytest.mark.parametrize("guidance, image_guidance, with_ref, branches", [
+    (5.0, 2.0, True, 4), (5.0, 1.0, True, 2), (5.0, 2.0, False, 2), (1.0, 2.0, True, 1)])
+def test_denoise_feeds_the_preview_branches(guidance, image_guidance, with_ref, branches):
+    """pipeline_stable_diffusion_3.py: [null, text] (the reference in both), or with image_cfg > 1 and a
+    reference [null/zero ref, null/ref, text/zero ref, text/ref]; the raw scheduler timestep; the guided
+    output stepped as is. Without CFG (guidance <= 1) only the text branch runs."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    dit = _Recorder()
+    mlp = CaptionMLP({"mlp.fc1.weight": (8, 5), "mlp.fc2.weight": (8, 8)})
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(2)
+    cond = torch.randn(1, 3, 5)
+    ref = torch.randn(1, 4, 2, 2) if with_ref else None
+    steps = list(denoise_sd3(dit, mlp, sched, torch.zeros(1, 4, 2, 2), cond, guidance, image_guidance, ref))
+    x, enc, pooled, t, ref_in = dit.calls[0]
+    assert x.shape[0] == branches and torch.equal(t, sched.timesteps[0].expand(branches))
+    text_enc = caption_and_pooled(cond, mlp, 4, torch.float32)[0][0]
+    null_enc = caption_and_pooled(torch.zeros_like(cond), mlp, 4, torch.float32)[0][0]
+    texts = {4: [0, 0, 1, 1], 2: [0, 1], 1: [1]}[branches]
+    for b, is_text in enumerate(texts):
+        assert torch.allclose(enc[b], text_enc if is_text else null_enc)
+    if with_ref:
+        refs = [0, 1, 0, 1] if branches == 4 else [1] * branches
+        for b, has_ref in enumerate(refs):
+            assert torch.equal(ref_in[b], ref[0] if has_ref else torch.zeros_like(ref[0]))
+    else:
+        assert ref_in is None
+    out = torch.arange(branches, dtype=torch.float32)  # what the recorder answers per branch
+    want = combine_guidance(out.view(-1, 1), guidance, image_guidance)
+    assert torch.allclose(steps[0].model_output.flatten()[0], want.flatten()[0])
+    dt = float(sched.sigmas[1] - sched.sigmas[0])
+    assert torch.allclose(steps[0].latents_out, dt * steps[0].model_output)
+
+
+def test_every_tensor_name_exists_in_the_upstream_module():
+    """The Preview's SD3Transformer2DModel is diffusers' SD3 transformer (pos_embed, time_text_embed,
+    context_embedder, transformer_blocks, norm_out, proj_out) plus `ref_pos_embed` (a second PatchEmbed) and two
+    SD3SingleTransformerBlock refiners per stream (`noise_refiner`, `ref_image_refiner`); its RoPE modules hold
+    no tensors. Our module expects exactly those names and shapes."""
+    from diffusers import SD3Transformer2DModel as DiffusersSD3
+    from diffusers.models.transformers.transformer_sd3 import SD3SingleTransformerBlock
+
+    cfg = SD3DiTConfig(**TINY, dual_attention_layers=(0,), qk_norm="rms_norm")
+    with torch.device("meta"):
+        ours = SD3Transformer2DModel(cfg)
+        base = DiffusersSD3(**TINY, dual_attention_layers=(0,), qk_norm="rms_norm")
+        block = SD3SingleTransformerBlock(cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim)
+    upstream = {k: tuple(v.shape) for k, v in base.state_dict().items()}
+    upstream.update({"ref_" + k: v for k, v in upstream.items() if k.startswith("pos_embed.")})
+    for stream in ("noise_refiner", "ref_image_refiner"):
+        for i in range(2):
+            upstream.update({f"{stream}.{i}.{k}": tuple(v.shape) for k, v in block.state_dict().items()})
+    mine = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert mine == upstream
+    for name in ("ref_pos_embed.proj.weight", "ref_pos_embed.pos_embed", "noise_refiner.1.attn.to_q.weight",
+                 "ref_image_refiner.0.norm1.linear.weight", "transformer_blocks.0.attn.add_q_proj.weight",
+                 "transformer_blocks.0.attn2.to_k.weight", "transformer_blocks.1.norm1_context.linear.weight",
+                 "time_text_embed.text_embedder.linear_1.weight", "context_embedder.weight", "norm_out.linear.weight"):
+        assert name in mine
+
+
+@pytest.fixture(scope="module")
+def preview_engine(tmp_path_factory):
+    from engine.runtime import Engine
+    from engine.tiny import write_tiny_checkpoint
+
+    root = write_tiny_checkpoint(tmp_path_factory.mktemp("preview-imagegen") / "p", release="preview")
+    return Engine.load(root, dtype="fp32", device="cpu")
+
+
+def _image(events):
+    done = [e for e in events if isinstance(e, ImageDone)]
+    assert done and isinstance(events[-1], Done), events[-1]
+    return done[0], events[-1]
+
+
+def test_preview_tiny_checkpoint_generates_and_edits_through_the_engine(preview_engine):
+    """`engine.tiny --release preview` writes the Preview's image head in the upstream layout and Engine.imagine
+    runs it: text to image and an edit (4-branch CFG with the reference), the same pixels for the same seed."""
+    import json
+
+    gen = preview_engine.image_generator
+    assert gen is not None, preview_engine.image_generator_error
+    assert gen.kind == SD3 and gen.caption_mlp is not None
+    assert json.loads((gen.root / "transformer" / "config.json").read_text())["_class_name"] == "SD3Transformer2DModel"
+    first, done = _image(list(preview_engine.imagine("a red cat", steps=2, seed=5)))
+    assert (first.width, first.height) == (256, 256) and done.result["seed"] == 5
+    again, _ = _image(list(preview_engine.imagine("a red cat", steps=2, seed=5)))
+    other, _ = _image(list(preview_engine.imagine("a red cat", steps=2, seed=6)))
+    assert again.image == first.image and other.image != first.image
+    photo = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    edit, done = _image(list(preview_engine.imagine("make it blue", images=[photo], steps=2, seed=5)))
+    assert done.result["task"] == "edit" and edit.image != first.image
+    plain, _ = _image(list(preview_engine.imagine("make it blue", images=[photo], steps=2, seed=5,
+                                                  image_guidance=1.0)))
+    assert plain.image != edit.image  # image_cfg 1: the 2-branch CFG
+
+
+def test_preview_requests_refuse_the_zimage_pipeline_options(preview_engine):
+    ev = list(preview_engine.imagine("a cat", steps=1, cfg_truncation=0.5))
+    assert "Z-Image" in ev[-1].message and ev[-1].code == "invalid_request"
