@@ -23,6 +23,7 @@ requested aspect (or an explicit size's proportions), as the reference processor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import math
 import secrets
@@ -228,6 +229,10 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
             ref = _edited_picture(ref, parse_aspect(request.aspect) if explicit is None else explicit[1] / explicit[0])
         plan = plan_size(request.size, None if ref is not None else request.aspect,
                          None if ref is None else (ref.height, ref.width), gen.bucket_bases, gen.default_base)
+        if gen.kind == SD3 and parse_size(request.size) is None:
+            # The Preview returns the bucket-size picture (its generate() leaves the resize to the requested size
+            # commented out); an explicit size is still met (our extension, engine.models.imagegen.buckets).
+            plan = dataclasses.replace(plan, output=plan.diffusion)
         check_latent_grid(*plan.diffusion, gen.vae_scale)
         content = [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": instruction}]
         prompt = engine.processor.build([{"role": "user", "content": content}], system_prompt=request.system_prompt)

@@ -188,6 +188,20 @@ def test_preview_tiny_checkpoint_generates_and_edits_through_the_engine(preview_
     assert plain.image != edit.image  # image_cfg 1: the 2-branch CFG
 
 
+def test_preview_returns_the_bucket_size_picture(preview_engine):
+    """The Preview's generate() leaves its resize to the requested size commented out: an edit (and a text to
+    image request with an aspect) comes back at the bucket it diffused at, not resized to the source's aspect
+    as 2.0 does; an explicit size is still met."""
+    photo = np.random.default_rng(1).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    edit, done = _image(list(preview_engine.imagine("make it blue", images=[photo], steps=1, seed=1)))
+    bucket = (done.result["diffusion_width"], done.result["diffusion_height"])
+    assert (edit.width, edit.height) == bucket == (288, 208)
+    wide, done = _image(list(preview_engine.imagine("a cat", aspect="16:9", steps=1, seed=1)))
+    assert (wide.width, wide.height) == (done.result["diffusion_width"], done.result["diffusion_height"])
+    sized, _ = _image(list(preview_engine.imagine("a cat", size="100x60", steps=1, seed=1)))
+    assert (sized.width, sized.height) == (100, 60)
+
+
 def test_preview_requests_refuse_the_zimage_pipeline_options(preview_engine):
     ev = list(preview_engine.imagine("a cat", steps=1, cfg_truncation=0.5))
     assert "Z-Image" in ev[-1].message and ev[-1].code == "invalid_request"
