@@ -277,7 +277,7 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
     stats.media_encode_s = time.perf_counter() - t_enc if mm is not None else 0.0
     # The reference processor reads the glyph text from the whole chat text (system prompt, role tags, the
     # user's words); the image-token expansions in ours hold no quotes or keywords (spec §8.4).
-    glyph_text = glyph_text_from_prompt(prompt.text) if gen.glyph is not None else ""
+    glyph_text = glyph_text_from_prompt(prompt.text, preview=gen.kind == SD3) if gen.glyph is not None else ""
     with gen.on_compute():
         dev = gen.compute
         with torch.inference_mode():

@@ -27,6 +27,10 @@ from engine.models.imagegen.config import ByT5Settings, ImageGenError
 SHORT_SPAN_WEIGHT = 20
 CJK_WEIGHT = 3
 REMOVE_KEYWORDS = ("remove", "delete", "erase")
+# The Preview's processor (processing_bailingmm2.py check_single_quotes / get_text_from_prompt): spans weigh
+# less than 60, and the remove words are remove / delete / clear.
+PREVIEW_SHORT_SPAN_WEIGHT = 60
+PREVIEW_REMOVE_KEYWORDS = ("remove", "delete", "clear")
 # No DOTALL: as in the reference, a quoted span never runs over a line break.
 QUOTE_PATTERNS = (re.compile(r'"(.*?)"'), re.compile(r"‘(.*?)’"), re.compile(r"“(.*?)”"))
 OPENING_QUOTES = ('"', "‘", "“")
@@ -43,14 +47,17 @@ def _weight(span: str) -> int:
     return sum(CJK_WEIGHT if _CJK.match(ch) else 1 for ch in span)
 
 
-def glyph_text_from_prompt(prompt: str) -> str:
+def glyph_text_from_prompt(prompt: str, preview: bool = False) -> str:
     """The text the reference renders through ByT5: the LAST quoted span (pattern order "…", ‘…’,
     “…”) as `Text "<span>". `, or "" when there is none. Short '…' spans count as quotes; a single
-    span after a remove/delete/erase instruction is not rendered."""
+    span after a remove/delete/erase instruction is not rendered. `preview`: the Preview processor's
+    limits (spans shorter than 60; remove/delete/clear)."""
+    short = PREVIEW_SHORT_SPAN_WEIGHT if preview else SHORT_SPAN_WEIGHT
+    remove = PREVIEW_REMOVE_KEYWORDS if preview else REMOVE_KEYWORDS
     text = prompt
     if text.count("'") and text.count("'") % 2 == 0:
         spans = re.findall(r"'(.*?)'", text, re.S)
-        if all(_weight(s) < SHORT_SPAN_WEIGHT for s in spans):
+        if all(_weight(s) < short for s in spans):
             text = text.replace("'", '"')
     spans = [m for pattern in QUOTE_PATTERNS for m in pattern.findall(text)]
     if not spans:
@@ -58,7 +65,7 @@ def glyph_text_from_prompt(prompt: str) -> str:
     if len(spans) == 1:
         first = min((i for i in (text.find(q) for q in OPENING_QUOTES) if i >= 0), default=len(text))
         head = text[:first].lower()
-        if any(k in head for k in REMOVE_KEYWORDS):
+        if any(k in head for k in remove):
             return ""
     return f'Text "{spans[-1]}". '
 

@@ -52,3 +52,15 @@ def test_double_and_curly_quoted_spans_do_not_cross_lines():
     assert glyph_text_from_prompt("A “two\nlines” sign and “ok”") == 'Text "ok". '
     # a short '…' span over a line break still turns into "…" (pairing is by position), then is not matched
     assert glyph_text_from_prompt("Write 'a\nb' here") == ""
+
+
+def test_the_preview_processor_has_its_own_limits():
+    """processing_bailingmm2.py of the Preview: '…' spans count as quotes below a weight of 60 (2.0: 20), and
+    the remove words are remove / delete / clear (2.0: erase instead of clear)."""
+    mid = "'" + "x" * 25 + "'"
+    assert glyph_text_from_prompt(f"Write {mid}", preview=True) == f'Text "{"x" * 25}". '
+    assert glyph_text_from_prompt("Write '" + "x" * 60 + "'", preview=True) == ""
+    assert glyph_text_from_prompt("Write '七个汉字七个汉字'", preview=True) == 'Text "七个汉字七个汉字". '  # 24 < 60
+    assert glyph_text_from_prompt('Clear "SALE" from the poster', preview=True) == ""
+    assert glyph_text_from_prompt('Clear "SALE" from the poster') == 'Text "SALE". '
+    assert glyph_text_from_prompt('Please ERASE "x"', preview=True) == 'Text "x". '

@@ -205,3 +205,9 @@ def test_preview_returns_the_bucket_size_picture(preview_engine):
 def test_preview_requests_refuse_the_zimage_pipeline_options(preview_engine):
     ev = list(preview_engine.imagine("a cat", steps=1, cfg_truncation=0.5))
     assert "Z-Image" in ev[-1].message and ev[-1].code == "invalid_request"
+
+
+def test_preview_glyph_text_follows_the_preview_processor(preview_engine):
+    """The quoted text a Preview request renders through ByT5 is extracted by the Preview processor's rules."""
+    _, done = _image(list(preview_engine.imagine("Write '" + "x" * 25 + "' on a sign", steps=1, seed=1)))
+    assert done.result["glyph_text"] == f'Text "{"x" * 25}". '
