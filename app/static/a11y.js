@@ -10,6 +10,9 @@
       const title = field.closest(".block")?.querySelector("[data-testid=block-info]")?.textContent.trim();
       if (!labelled && title && !field.getAttribute("aria-labelledby")) field.setAttribute("aria-label", title);
     }
+    for (const run of document.querySelectorAll("button.studio-run:not([aria-keyshortcuts])")) {
+      run.setAttribute("aria-keyshortcuts", "Control+Enter Meta+Enter");  // (the Ctrl+Enter below)
+    }
   };
   let queued = false;
   new MutationObserver(() => {
@@ -19,4 +22,15 @@
     }
   }).observe(document.body, { childList: true, subtree: true });
   nameFields();
+  // Ctrl+Enter (Cmd+Enter on a Mac) in a text box of a tab made with common.runs_tab presses that tab's button made
+  // with common.run_button (Make it, Transcribe): Chat sends on Enter, the other tabs had no key to run them. The
+  // button says so to screen readers (aria-keyshortcuts).
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Enter" || !(e.ctrlKey || e.metaKey) || e.isComposing) return;
+    const box = e.target instanceof Element ? e.target.closest(".studio-runs-tab") : null;
+    const run = box ? (box.closest("[role=tabpanel]") || document).querySelector("button.studio-run") : null;
+    if (!run || run.disabled || !run.offsetParent) return;
+    e.preventDefault();
+    run.click();
+  });
 }

@@ -24,6 +24,23 @@ ENGINE_UP_ATTR = "engine_up"
 RANDOM_SEED = -1
 
 
+# Ctrl+Enter (Cmd+Enter on a Mac) in a text box marked RUNS_TAB presses its tab's button marked RUN_BUTTON
+# (app/static/a11y.js): Chat sends on Enter, but a keyboard-only user had no key to run Image, Voice or Speech.
+RUN_BUTTON, RUNS_TAB = "studio-run", "studio-runs-tab"
+
+
+def run_button(label: str, elem_id: str) -> gr.Button:
+    """A tab's primary button (Make it, Transcribe), pressed by Ctrl+Enter in the tab's text boxes made with
+    runs_tab()."""
+    return gr.Button(label, variant="primary", elem_id=elem_id, elem_classes=[RUN_BUTTON])
+
+
+def runs_tab(say: str | None = None) -> dict:
+    """The keyword arguments of a gr.Textbox in which Ctrl+Enter presses its tab's run_button: the class the page
+    script looks for and, with `say` (the button's label), an info line saying so (on the tab's main box)."""
+    return {"elem_classes": [RUNS_TAB], **({"info": f"Ctrl+Enter: {say}"} if say else {})}
+
+
 def seed_box(**kwargs) -> gr.Number:
     """A seed box starting at RANDOM_SEED, saying so."""
     return gr.Number(value=RANDOM_SEED, precision=0, minimum=RANDOM_SEED, label=f"Seed ({RANDOM_SEED} = random)",

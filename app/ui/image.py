@@ -18,7 +18,7 @@ from PIL import Image
 from app.engine_link import IMAGE_OUT, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
-                           error_text, failure, figures_line, on_page_load, queue_line, seed_box, session_of, toolbar,
+                           error_text, failure, figures_line, on_page_load, queue_line, run_button, runs_tab, seed_box, session_of, toolbar,
                            kept_request, request_done, restore_request, check_on_upload,
                            wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
@@ -214,19 +214,21 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
         with gr.Column(scale=2):
             mode = gr.Radio(list(MODES), value="Generate", label="Task", elem_id="image-mode")
             prompt = gr.Textbox(label='Prompt (quoted text, e.g. a sign saying "OPEN", is drawn as text)', lines=3,
-                                elem_id="image-prompt", placeholder="A red cup on a wooden table, morning light")
+                                elem_id="image-prompt", placeholder="A red cup on a wooden table, morning light",
+                                **runs_tab("Make it"))
             refs = gr.File(label="Reference image(s) for Edit / Segment (the first one is edited)",
                            file_count="multiple", file_types=["image"], elem_id="image-refs")
             if examples:
                 gr.Examples([[[e]] for e in examples], [refs], label="Example images")
             with gr.Row():
                 preset = gr.Dropdown(list(PRESETS), value="(none)", label="Edit preset", info=PRESET_INFO)
-                target = gr.Textbox(label="Segment: what to find", placeholder="the cup", elem_id="image-target")
+                target = gr.Textbox(label="Segment: what to find", placeholder="the cup", elem_id="image-target",
+                                    **runs_tab())
             with gr.Row():
                 aspect = gr.Dropdown(ASPECTS, value=AUTO_ASPECT, label="Aspect ratio",
                                      info="Auto: square for Generate; Edit / Segment keep the reference's shape "
                                           "(another ratio crops it)")
-                size = gr.Textbox(label="or exact size (WxH)", placeholder="1024x768")
+                size = gr.Textbox(label="or exact size (WxH)", placeholder="1024x768", **runs_tab())
             with gr.Row():
                 steps = gr.Slider(1, 50, value=30, step=1, label="Steps", elem_id="image-steps")
                 guidance = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Guidance")
@@ -235,7 +237,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
                 dice = gr.Button("Random seed", scale=0, min_width=120)
                 preview_every = gr.Slider(0, 10, value=5, step=1, label="Preview every k steps (0 = none)")
             with gr.Row():
-                go = gr.Button("Make it", variant="primary", elem_id="image-go")
+                go = run_button("Make it", "image-go")
                 stop = gr.Button("Stop", variant="stop", elem_id="image-stop")
         with gr.Column(scale=3):
             picture = gr.Image(label="Result (previews while it is made)", type="pil", interactive=False,

@@ -18,7 +18,7 @@ import numpy as np
 from app.engine_link import AUDIO_IN, EngineLink
 from app.media_check import clip_seconds, media_problem
 from app.ui.common import (InFlight, capability_note, engine_limits, error_line, failure, figures_line, queue_line,
-                           check_on_upload, session_of, toolbar, wire_stop)
+                           check_on_upload, run_button, runs_tab, session_of, toolbar, wire_stop)
 from engine.events import Done, Error, QueuePosition, TextDelta
 
 TAB = "speech"
@@ -181,14 +181,15 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
                             buttons=toolbar("download"),
                             elem_id="speech-live")
             context = gr.Textbox(label="Context (what the audio is about; optional)", lines=2,
-                                 placeholder="This is an audio about Culinary Traditions.")
+                                 placeholder="This is an audio about Culinary Traditions.",
+                                 **runs_tab("Transcribe"))
             hotwords = gr.Textbox(label="Hotwords (comma-separated; optional)",
-                                  placeholder="Gansu Province, Uyghur, copper cauldrons")
+                                  placeholder="Gansu Province, Uyghur, copper cauldrons", **runs_tab())
             dialect = gr.Dropdown([AUTO, *KNOWN_TAGS.values()], value=AUTO, allow_custom_value=True,
                                   label="Language / dialect", info="Auto lets the model detect it. Other tags the "
                                   "model emits can be typed in; its full dialect list is not published.")
             with gr.Row():
-                go = gr.Button("Transcribe", variant="primary", elem_id="speech-go")
+                go = run_button("Transcribe", "speech-go")
                 stop = gr.Button("Stop", variant="stop", elem_id="speech-stop")
             if examples:
                 gr.Examples([[e] for e in examples], [clip], label="Examples")

@@ -18,7 +18,7 @@ from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import VOICE_CLIP_SECONDS, media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
-                           queue_line, saved_voice_names, seed_box, session_of, toolbar, wire_stop,
+                           queue_line, run_button, runs_tab, saved_voice_names, seed_box, session_of, toolbar, wire_stop,
                            kept_request, request_done, restore_request, check_on_upload)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
@@ -293,7 +293,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
     with gr.Row():
         with gr.Column(scale=3):
             text = gr.Textbox(label="Text to speak, or the sound to make", lines=4, elem_id="voice-text",
-                              placeholder="Hello! This is Ming speaking.")
+                              placeholder="Hello! This is Ming speaking.", **runs_tab("Make it"))
             task = gr.Radio(list(TASKS), value="Speech", label="What to make", elem_id="voice-task")
             source = gr.Radio(list(VOICE_SOURCES), value=DEFAULT_VOICE, label="Voice", elem_id="voice-source")
             with gr.Row():
@@ -306,7 +306,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
                 clip = gr.Audio(sources=["upload", "microphone"], type="filepath", buttons=toolbar("download"),
                                 label="Reference clip (0.5 to 30 s of one speaker)", elem_id="voice-clip")
                 clip_text = gr.Textbox(label="What the clip says (empty = filled in by speech recognition)",
-                                       elem_id="voice-clip-text")
+                                       elem_id="voice-clip-text", **runs_tab())
                 fill = gr.Button("Transcribe the clip")
                 with gr.Row():
                     name = gr.Textbox(label="Save as (name)", scale=2, elem_id="voice-name")
@@ -330,22 +330,22 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
                     pitch = gr.Dropdown(_choices(options, "pitches"), value=NO_CHOICE, label="Pitch")
                     volume = gr.Dropdown(_choices(options, "volumes"), value=NO_CHOICE, label="Volume")
                 style = gr.Textbox(label="Voice design (free text: gender, age, timbre, pace…; used without a "
-                                         "reference voice)", lines=2)
-                ip = gr.Textbox(label="Character voice (e.g. 水浒传_武松)")
+                                         "reference voice)", lines=2, **runs_tab())
+                ip = gr.Textbox(label="Character voice (e.g. 水浒传_武松)", **runs_tab())
                 with gr.Row():
-                    env = gr.Textbox(label="Background ambience (e.g. Birds chirping)")
+                    env = gr.Textbox(label="Background ambience (e.g. Birds chirping)", **runs_tab())
                     snr = gr.Number(value=None, label="Speech-to-background SNR (dB; 0 = not set)")
             with gr.Accordion("Music", open=False) as music_box:
                 with gr.Row():
-                    genre = gr.Textbox(label="Genre", value="Lo-fi")
-                    mood = gr.Textbox(label="Mood", value="Calm")
+                    genre = gr.Textbox(label="Genre", value="Lo-fi", **runs_tab())
+                    mood = gr.Textbox(label="Mood", value="Calm", **runs_tab())
                 with gr.Row():
-                    instrument = gr.Textbox(label="Instrument", value="Piano")
-                    theme = gr.Textbox(label="Theme", value="Rainy afternoon")
+                    instrument = gr.Textbox(label="Instrument", value="Piano", **runs_tab())
+                    theme = gr.Textbox(label="Theme", value="Rainy afternoon", **runs_tab())
                 duration = gr.Slider(2, 60, value=10, step=1, label="Duration (s)")
             seed = seed_box()
             with gr.Row():
-                go = gr.Button("Make it", variant="primary", elem_id="voice-go")
+                go = run_button("Make it", "voice-go")
                 stop = gr.Button("Stop", variant="stop", elem_id="voice-stop")
         with gr.Column(scale=2):
             # no download here: the player's gave the stream as 'audio-stream.mp3' beside the WAV download named

@@ -416,3 +416,30 @@ def test_a_result_in_the_gallery_shows_with_its_caption(browser, studio):
         assert thumb["y"] + thumb["height"] <= box["y"] + box["height"] + 1, (viewport, box, thumb)
         assert box["y"] <= cap["y"] and cap["y"] + cap["height"] <= box["y"] + box["height"] + 1, (viewport, box, cap)
     page.context.close()
+
+
+def test_ctrl_enter_in_a_tabs_text_box_runs_the_tab(browser, studio):
+    """Chat sends on Enter, but a keyboard-only user had no key to run Image, Voice or Speech. Ctrl+Enter in the
+    tab's text boxes presses its button (the main box says so), and the button names the key to screen readers."""
+    page = open_tab(browser, studio, "Image", PHONE)
+    sync_api.expect(page.locator("#image-prompt")).to_contain_text("Ctrl+Enter: Make it")
+    sync_api.expect(page.locator("#image-go")).to_have_attribute("aria-keyshortcuts", "Control+Enter Meta+Enter")
+    page.locator("#image-prompt textarea").fill("a red cup")
+    set_slider(page, "image-steps", 2)
+    page.get_by_label("or exact size (WxH)").fill("64x64")
+    page.locator("#image-prompt textarea").press("Control+Enter")
+    sync_api.expect(page.locator("#image-figures")).to_contain_text("64x64", timeout=60_000)
+
+    page.get_by_role("tab", name="Voice").click()
+    sync_api.expect(page.locator("#voice-text")).to_contain_text("Ctrl+Enter: Make it")
+    page.locator("#voice-text textarea").fill("Hello.")
+    page.locator("#voice-text textarea").press("Control+Enter")
+    sync_api.expect(page.locator("#voice-figures")).to_contain_text("finish reason", timeout=60_000)
+    assert page.locator("#voice-text textarea").input_value() == "Hello."  # no line break typed into the text
+
+    page.get_by_role("tab", name="Speech").click()
+    hotwords = page.get_by_label("Hotwords (comma-separated; optional)")
+    hotwords.fill("Gansu")
+    hotwords.press("Control+Enter")  # pressed Transcribe: with no clip given it says what is missing
+    sync_api.expect(page.locator("#speech-figures")).to_contain_text("upload a clip", timeout=30_000)
+    page.context.close()
