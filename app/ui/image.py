@@ -45,6 +45,7 @@ REQUEST_KEY = "ming-studio-image-request"  # the browser's key of the last reque
 REQUEST_FIELDS = ("mode", "prompt", "target")
 KEPT_GALLERY_KEY = "ming-studio-image-results"  # the browser's localStorage key of the gallery kept across reloads
 SAVED_PREFIX = "ming-image-"  # the folders (in the temp folder) _save_png writes to
+CAPTION_CHARS = 48  # the most of a prompt a gallery caption shows (the whole prompt comes back with a click)
 SETTINGS = ("mode", "prompt", "preset", "target", "aspect", "size", "steps", "guidance", "seed")
 
 
@@ -198,8 +199,11 @@ def kept_results(saved) -> list[dict]:
 
 
 def _caption(s: dict) -> str:
+    """A result's caption in the gallery: what a click reuses first (the seed was cut off after a long prompt), then
+    the prompt, an ellipsis where it is cut (it was cut at 60 characters without a mark)."""
     what = s["target"] if s["mode"] == "Segment" else s["prompt"]
-    return f"{s['mode']}: {what[:60]} · seed {s['seed']} · {s['steps']} steps"
+    what = what if len(what) <= CAPTION_CHARS else what[:CAPTION_CHARS - 1].rstrip() + "…"
+    return f"{s['mode']} · seed {s['seed']} · {s['steps']} steps · {what}"
 
 
 def build_image_tab(link: EngineLink, examples: list[str] | None = None,

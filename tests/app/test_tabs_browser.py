@@ -399,14 +399,19 @@ def test_no_button_label_overflows_its_button(browser, studio):
 def test_a_result_in_the_gallery_shows_with_its_caption(browser, studio):
     """Gradio gives a gallery of fewer pictures than its columns that many columns: one result filled the 220 px
     Results box as a 700 px square, cut, and its caption (mode, prompt, seed: what a click reuses) lay out of sight
-    below. Each result shows whole, with its caption in the box, on a desktop and on a phone."""
+    below. Each result shows whole, with its caption in the box, on a desktop and on a phone; the caption is read
+    whole (one line cut it to "Generate: a red cu…", the seed out of sight), in the grid and in the preview."""
     page = open_tab(browser, studio, "Image", DESKTOP)
-    page.locator("#image-prompt textarea").fill("a red cup")
+    page.locator("#image-prompt textarea").fill("a red cup on a wooden table by a window, morning light, film grain")
     page.get_by_label("or exact size (WxH)").fill("64x64")
     set_slider(page, "image-steps", 2)
     page.locator("#image-go").click()
     caption = page.locator("#image-gallery .caption-label").first
-    sync_api.expect(caption).to_contain_text("Generate: a red cup", timeout=60_000)
+    sync_api.expect(caption).to_contain_text("a red cup on a wooden table", timeout=60_000)
+    seed = page.locator("#image-figures").inner_text().split("seed ")[1].split(" ")[0]
+    assert f"seed {seed} · 2 steps" in caption.inner_text()
+    assert caption.inner_text().endswith("…")  # a prompt cut short is marked so
+    cut = "e => e.scrollWidth > e.clientWidth + 1 || e.scrollHeight > e.clientHeight + 1"
     for viewport in (DESKTOP, PHONE):
         page.set_viewport_size(viewport)
         page.wait_for_timeout(300)
@@ -415,6 +420,12 @@ def test_a_result_in_the_gallery_shows_with_its_caption(browser, studio):
         cap = caption.bounding_box()
         assert thumb["y"] + thumb["height"] <= box["y"] + box["height"] + 1, (viewport, box, thumb)
         assert box["y"] <= cap["y"] and cap["y"] + cap["height"] <= box["y"] + box["height"] + 1, (viewport, box, cap)
+        assert not caption.evaluate(cut), (viewport, caption.inner_text())
+        assert thumb["x"] <= cap["x"] and cap["x"] + cap["width"] <= thumb["x"] + thumb["width"] + 1, (viewport, cap)
+    page.locator("#image-gallery .thumbnail-item").first.click()  # the preview (and the settings back)
+    preview = page.locator("#image-gallery .caption").first
+    sync_api.expect(preview).to_contain_text(f"seed {seed}")
+    assert not preview.evaluate(cut), preview.inner_text()
     page.context.close()
 
 
