@@ -28,8 +28,8 @@ A11Y_JS = (Path(__file__).resolve().parent / "static" / "a11y.js").read_text(enc
 # The Image results: Gradio gives a gallery of n < columns pictures n columns, so one picture filled the 220 px box
 # at 700 px square, its caption (mode, prompt, seed) out of sight below; four columns (two on a phone) keep each
 # picture with its caption in the box.
-# Their captions wrap inside the picture (Gradio's one line cut them to "Generate: a lighthous…", the seed out of sight),
-# in the grid and in the preview a click opens.
+# Their captions wrap inside the picture (Gradio's one line cut them to "Generate: a lighthous…", the seed out of
+# sight), in the grid and in the preview a click opens.
 # Narrow screens: the page keeps a thin margin (Gradio's is 32 px a side) and the five tabs' names less room around
 # them, so all fit down to 320 px (Gradio hid Voice and Image behind its '⋯' More tabs button on a phone). A <style>
 # in the page's head: Gradio rewrites each rule of launch(css=...) inside an @media to apply only within its

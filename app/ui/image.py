@@ -18,7 +18,8 @@ from PIL import Image
 from app.engine_link import IMAGE_OUT, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
-                           error_text, failure, figures_line, on_page_load, queue_line, run_button, runs_tab, seed_box, session_of, toolbar,
+                           error_text, failure, figures_line, on_page_load, queue_line, run_button, runs_tab, seed_box,
+                           session_of, toolbar,
                            kept_request, request_done, restore_request, check_on_upload,
                            wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
