@@ -17,8 +17,8 @@ import numpy as np
 
 from app.engine_link import AUDIO_IN, EngineLink
 from app.media_check import clip_seconds, media_problem
-from app.ui.common import (InFlight, capability_note, engine_limits, error_line, failure, figures_line, queue_line,
-                           check_on_upload, run_button, runs_tab, session_of, toolbar, wire_stop)
+from app.ui.common import (GENERATING, InFlight, capability_note, engine_limits, error_line, failure, figures_line,
+                           queue_line, check_on_upload, run_button, runs_tab, session_of, toolbar, wire_stop)
 from engine.events import Done, Error, QueuePosition, TextDelta
 
 TAB = "speech"
@@ -33,6 +33,7 @@ CUT_AT_LIMIT = "the transcript was cut at the engine's token limit: transcribe t
 CUT_ON_DEMO = ("the transcript ran to the engine's token limit: the random demo weights never end a transcript by "
                "themselves, whatever the clip's length (the real model ends it where the speech ends)")
 MAX_LIVE_SECONDS = 300.0
+TRANSCRIBING = "Transcribing…"
 
 
 def wav_bytes(rate: int, samples: np.ndarray) -> bytes:
@@ -76,19 +77,24 @@ class SpeechController:
         self.link = link
         self.inflight = InFlight()
 
-    def _run(self, audio: bytes | str, context, hotwords, dialect, request) -> tuple[str, str, dict | None]:
-        """Transcribe once: (transcript, figures line, result or None: failed or stopped)."""
+    def _stream(self, audio: bytes | str, context, hotwords, dialect, request):
+        """Transcribe once, saying how it goes: (transcript so far, status line, result, finished) each time either
+        changes; `result` is None until the end, and stays None when it failed or was stopped."""
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
-        text, status, result = "", "", None
+        text, status, result = "", TRANSCRIBING, None
         try:
             for event in self.link.client.transcribe(audio, context=(context or "").strip() or None,
                                                      hotwords=hotword_list(hotwords) or None,
                                                      dialect=dialect_tag(dialect), cancel=cancel):
                 if isinstance(event, QueuePosition):
                     status = queue_line(event)
+                    if status == GENERATING:
+                        status = TRANSCRIBING
+                    yield text, status, None, False
                 elif isinstance(event, TextDelta):
                     text += event.text
+                    yield text, TRANSCRIBING, None, False
                 elif isinstance(event, Done):
                     status = figures_line(event)
                     if event.finish_reason == "cancelled":  # Stop: what was heard stays, no files (an empty .txt)
@@ -108,19 +114,29 @@ class SpeechController:
             status = error_line(failure(e))
         finally:
             self.inflight.end(session, TAB, cancel)
+        yield text, status, result, True
+
+    def _run(self, audio: bytes | str, context, hotwords, dialect, request) -> tuple[str, str, dict | None]:
+        """Transcribe once: (transcript, figures line, result or None: failed or stopped)."""
+        *_, (text, status, result, _) = self._stream(audio, context, hotwords, dialect, request)
         return text, status, result
 
     def transcribe_file(self, path: str | None, context, hotwords, dialect, request: gr.Request | None = None):
-        """Transcribe an uploaded or recorded clip: (transcript, figures, .txt file, .srt file)."""
+        """Transcribe an uploaded or recorded clip, streaming (transcript, status, .txt file, .srt file): the place in
+        the engine's line and the transcript as it is written, then the figures and the files (a long clip showed
+        nothing, not even its place in line, until the whole transcript was done)."""
         if not path:
             gr.Info("Record or upload a clip first.")
-            return gr.skip(), "Record or upload a clip first.", gr.skip(), gr.skip()
+            yield gr.skip(), "Record or upload a clip first.", gr.skip(), gr.skip()
+            return
         if problem := media_problem(path, "audio", engine_limits(self.link), upload=True):  # the last transcript stays
-            return gr.skip(), problem, gr.skip(), gr.skip()
-        text, status, result = self._run(Path(path).read_bytes(), context, hotwords, dialect, request)
-        if result is None:
-            return text, status, None, None
-        return text, status, *self._files(text, clip_seconds(path) or 0.0)
+            yield gr.skip(), problem, gr.skip(), gr.skip()
+            return
+        for text, status, result, finished in self._stream(Path(path).read_bytes(), context, hotwords, dialect,
+                                                           request):
+            # no files until it is done (the last transcript's are not this one's), nor for one failed or stopped
+            done = finished and result is not None
+            yield text, status, *(self._files(text, clip_seconds(path) or 0.0) if done else (None, None))
 
     @staticmethod
     def _files(text: str, seconds: float) -> tuple[str, str]:

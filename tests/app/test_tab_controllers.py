@@ -22,9 +22,15 @@ from app.ui.speech import CUT_AT_LIMIT, CUT_ON_DEMO, SpeechController  # noqa: E
 from app.ui.voice import (CONFIRM_DELETE, MUSIC_TEXT_UNUSED, NO_CHOICE, PODCAST_NEEDS_A_VOICE,  # noqa: E402
                           REPLACE_LABEL, TASKS, TEXT_TOO_LONG, VOICE_UNUSED, VoiceController)
 from engine.client import EngineClient  # noqa: E402
-from engine.events import Done, GenerationStats, TextDelta  # noqa: E402
+from engine.events import Done, GenerationStats, QueuePosition, TextDelta  # noqa: E402
 from tests.paths import REPO  # noqa: E402
 from tests.server import running_server, tone_pcm16, wav_bytes  # noqa: E402
+
+
+def last(stream):
+    """What a tab's streaming handler shows at the end."""
+    *_, end = stream
+    return end
 
 
 def test_the_chat_and_live_voice_lists_offer_the_saved_voices(engine_server, tmp_path):
@@ -205,7 +211,8 @@ def test_a_stopped_transcription_offers_no_files(tmp_path):
     """Stop during Transcribe offered a 1-byte transcript .txt and an .srt of nothing."""
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav_bytes(tone_pcm16(1.0, 16000, 220.0), 16000))
-    text, status, txt, srt = SpeechController(EngineLink(StoppedTranscriber())).transcribe_file(str(clip), "", "", None)
+    speech = SpeechController(EngineLink(StoppedTranscriber()))
+    text, status, txt, srt = last(speech.transcribe_file(str(clip), "", "", None))
     assert (text, status, txt, srt) == ("hello", "finish reason: cancelled (stopped)", None, None)
 
 
@@ -216,7 +223,7 @@ def test_a_transcript_cut_at_the_token_limit_says_so(tiny_engine, tmp_path):
     clip.write_bytes(wav_bytes(tone_pcm16(1.0, 16000, 220.0), 16000))
     with running_server(tiny_engine, max_new_tokens=6, default_max_tokens=6) as srv:
         speech = SpeechController(EngineLink(EngineClient(srv.url)))
-        text, status, txt, srt = speech.transcribe_file(str(clip), "", "", "上海")
+        text, status, txt, srt = last(speech.transcribe_file(str(clip), "", "", "上海"))
         speech.link.status().info.is_demo = False  # the same engine, taken for a real model: the advice is to cut
         real = speech._run(clip.read_bytes(), "", "", None, None)[1]
     assert "finish reason: length (the token limit was reached)" in status and status.endswith(CUT_ON_DEMO), status
@@ -228,8 +235,8 @@ def test_a_transcript_of_a_short_clip_cut_on_the_demo_weights_does_not_ask_for_a
     """The tiny random model runs every transcript to the cap: a 2 s example clip said "the transcript was cut at the
     engine's token limit: transcribe the rest as a separate, shorter clip", sending the user after a shorter clip."""
     speech = SpeechController(EngineLink(EngineClient(engine_server.url, token="test-token")))
-    text, status, *_ = speech.transcribe_file(str(REPO / "app" / "assets" / "speech" / "what_do_you_see_en.wav"),
-                                              "", "", None)
+    text, status, *_ = last(speech.transcribe_file(str(REPO / "app" / "assets" / "speech" / "what_do_you_see_en.wav"),
+                                                   "", "", None))
     assert "finish reason: length" in status and "shorter clip" not in status, status
     assert "random demo weights never end a transcript" in status
 
@@ -317,6 +324,29 @@ class Transcriber(StoppedTranscriber):
         yield Done(text="hello", finish_reason="stop", result={"text": "hello"})
 
 
+class SlowTranscriber(StoppedTranscriber):
+    """An engine client whose transcription waits in line, then writes its transcript in pieces."""
+
+    def transcribe(self, audio, **kwargs):
+        yield QueuePosition(position=2, waiting=3)
+        yield TextDelta("hello")
+        yield TextDelta(" world")
+        yield Done(text="hello world", finish_reason="stop", result={"text": "hello world"})
+
+
+def test_a_transcription_shows_its_place_in_line_and_the_transcript_as_it_is_written(tmp_path):
+    """Transcribe showed nothing until the whole transcript was done (a long clip: minutes of a spinner), not even
+    its place in the engine's line; it now streams both, and offers the files only once it is done."""
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.0, 16000, 220.0), 16000))
+    shown = list(SpeechController(EngineLink(SlowTranscriber())).transcribe_file(str(clip), "", "", None))
+    assert "1 request ahead of yours" in shown[0][1] and shown[0][2:] == (None, None), shown[0]
+    assert [s[0] for s in shown[1:3]] == ["hello", "hello world"] and all(s[2] is None for s in shown[:3]), shown
+    text, status, txt, srt = shown[-1]
+    assert text == "hello world" and "finish reason: stop" in status
+    assert Path(txt).read_text(encoding="utf-8") == "hello world\n" and srt
+
+
 @pytest.mark.parametrize("fmt, codec", [("flac", "flac"), ("mp3", "libmp3lame"), ("wav", "pcm_f32le")])
 def test_the_srt_of_a_clip_that_is_not_16_bit_wav_spans_the_clip(tmp_path, fmt, codec):
     """The .srt's cue was timed by Python's wave module alone: an MP3 or FLAC upload (or a 32-bit float WAV) got
@@ -329,7 +359,7 @@ def test_the_srt_of_a_clip_that_is_not_16_bit_wav_spans_the_clip(tmp_path, fmt, 
         frame.sample_rate = rate
         for packet in [*stream.encode(frame), *stream.encode(None)]:
             container.mux(packet)
-    text, status, txt, srt = SpeechController(EngineLink(Transcriber())).transcribe_file(str(clip), "", "", None)
+    text, status, txt, srt = last(SpeechController(EngineLink(Transcriber())).transcribe_file(str(clip), "", "", None))
     assert text == "hello" and txt, status
     cue = Path(srt).read_text(encoding="utf-8").splitlines()[1]
     assert cue.startswith("00:00:00,000 --> 00:00:02,"), cue
@@ -426,11 +456,11 @@ def test_a_request_refused_before_sending_leaves_the_last_result_in_place(engine
         out = list(voices.synthesize(text, task, source, None, None, "", *[None] * 5, "", "", "", None,
                                      "", "", "", "", 10, 3))
         assert len(out) == 1 and out[0][2] and [out[0][i] for i in (0, 1, 3)] == [unchanged] * 3, out
-    transcript, status, txt, srt = SpeechController(link).transcribe_file(None, "", "", None)
+    transcript, status, txt, srt = last(SpeechController(link).transcribe_file(None, "", "", None))
     assert status and [transcript, txt, srt] == [unchanged] * 3
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
-    transcript, status, txt, srt = SpeechController(link).transcribe_file(str(empty), "", "", None)
+    transcript, status, txt, srt = last(SpeechController(link).transcribe_file(str(empty), "", "", None))
     assert "empty" in status and [transcript, txt, srt] == [unchanged] * 3
 
 
