@@ -30,6 +30,8 @@ A11Y_JS = (Path(__file__).resolve().parent / "static" / "a11y.js").read_text(enc
 # picture with its caption in the box.
 # Their captions wrap inside the picture (Gradio's one line cut them to "Generate: a lighthous…", the seed out of
 # sight), in the grid and in the preview a click opens.
+# A download's file name wraps (the size column keeps 8 rem: the .txt and .srt side by side on a phone showed ".t"
+# and ".s", the name cut to nothing).
 # Narrow screens: the page keeps a thin margin (Gradio's is 32 px a side) and the five tabs' names less room around
 # them, so all fit down to 320 px (Gradio hid Voice and Image behind its '⋯' More tabs button on a phone). A <style>
 # in the page's head: Gradio rewrites each rule of launch(css=...) inside an @media to apply only within its
@@ -40,6 +42,9 @@ PAGE_STYLE = """<style>
   overflow-wrap: anywhere; }
 #image-gallery .caption-label { max-width: calc(100% - 8px) !important; max-height: calc(100% - 8px);
   overflow-y: auto !important; line-height: 1.25; }
+.gradio-container .file-preview .filename { flex-wrap: wrap; }
+.gradio-container .file-preview .filename .stem { white-space: normal !important; overflow-wrap: anywhere; }
+.gradio-container .file-preview .download { min-width: 0 !important; width: auto !important; }
 @media (max-width: 640px) {
   #image-gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
   .gradio-container .main.app { padding-left: 4px !important; padding-right: 4px !important; }

@@ -18,6 +18,16 @@ PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 1000}
 
 
+def assert_download_names_whole(page, *elem_ids: str) -> None:
+    """Each download of the File outputs `elem_ids` shows its whole name (Gradio kept the size column at 8 rem and cut
+    the name: the Speech tab's .txt and .srt read ".t" and ".s" on a phone)."""
+    for elem_id in elem_ids:
+        name = page.locator(f"#{elem_id} td.filename").first
+        shown = name.evaluate("e => Array.from(e.querySelectorAll('span')).every(s => s.scrollWidth <= s.clientWidth + 1)"
+                              " && e.scrollWidth <= e.clientWidth + 1")
+        assert shown, (elem_id, name.get_attribute("aria-label"), name.bounding_box())
+
+
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as pw:
@@ -44,6 +54,7 @@ def test_speech_tab_transcribes_an_uploaded_clip(browser, studio, viewport):
     page.locator("#speech-go").click()
     sync_api.expect(page.locator("#speech-figures")).to_contain_text("finish reason", timeout=60_000)
     assert page.locator("#speech-transcript textarea").input_value().strip()
+    assert_download_names_whole(page, "speech-txt", "speech-srt")
     print(f"\n[Speech tab, {viewport['width']} px] {page.locator('#speech-figures').inner_text()}")
     assert keep_screenshot(page, f"speech-{'phone' if viewport is PHONE else 'desktop'}").stat().st_size > 10_000
     page.context.close()
@@ -56,6 +67,7 @@ def test_voice_tab_speaks_and_offers_the_wav(browser, studio, viewport):
     page.locator("#voice-go").click()
     sync_api.expect(page.locator("#voice-figures")).to_contain_text("real-time factor", timeout=60_000)
     sync_api.expect(page.locator("#voice-wav")).to_contain_text(".wav", timeout=30_000)
+    assert_download_names_whole(page, "voice-wav")
     # one download, named for what was made: the player's own gave the stream as 'audio-stream.mp3'
     assert page.locator("#voice-player a[download], #voice-player button[aria-label='Download']").count() == 0
     print(f"\n[Voice tab, {viewport['width']} px] {page.locator('#voice-figures').inner_text()}")
