@@ -17,6 +17,9 @@ SPEECH_OUT, IMAGE_OUT = "speech_out", "image_out"
 REALTIME = "realtime"  # the engine serves the realtime websocket protocol (the Live tab needs it)
 
 RECHECK_S = 5.0
+# What to do when the engine refuses the studio's token, said by the banner and by each tab's error line (the tabs
+# showed the engine's wire advice, "send 'Authorization: Bearer <token>'", to someone in a browser).
+TOKEN_ADVICE = "start the studio again with the engine's token (--engine-token T, or ENGINE_TOKEN=T)"
 
 
 @dataclass
@@ -25,6 +28,7 @@ class LinkStatus:
     info: ModelInfo | None
     problem: str | None  # why the engine cannot be used right now (None when ok)
     checked_at: float
+    code: str | None = None  # the failure's code (unauthorized: the token was refused; it will not pass by itself)
 
 
 class EngineLink:
@@ -47,10 +51,10 @@ class EngineLink:
             except Exception as e:  # noqa: BLE001  (unreachable, refused token, bad answer: all shown)
                 code = getattr(e, "code", None)
                 if code == "unauthorized":
-                    problem = f"the engine at {self.url_label} refused the token (check --engine-token / ENGINE_TOKEN)"
+                    problem = f"the engine at {self.url_label} refused this studio's token: {TOKEN_ADVICE}"
                 else:
                     problem = f"the engine at {self.url_label} is not answering ({e})"
-                self._status = LinkStatus(False, self._status.info, problem, time.monotonic())
+                self._status = LinkStatus(False, self._status.info, problem, time.monotonic(), code)
             return self._status
 
     def status(self) -> LinkStatus:

@@ -49,9 +49,11 @@ def banner_parts(info: ModelInfo) -> tuple[str, str, str | None]:
 def banner_html(status: LinkStatus) -> str:
     if not status.ok:
         known = f" (last seen serving '{html.escape(status.info.name)}')" if status.info else ""
+        # a refused token does not pass by itself ("until it is back" read as if waiting would do)
+        until = "then" if status.code == "unauthorized" else "it is back"
         return ('<div style="border:2px solid #b91c1c;background:#fee2e2;color:#7f1d1d;padding:10px 14px;'
                 'border-radius:8px;font-size:15px"><strong>⚠ ENGINE UNAVAILABLE</strong>: '
-                f'{html.escape(status.problem or "unknown problem")}{known}. Requests fail until it is back; '
+                f'{html.escape(status.problem or "unknown problem")}{known}. Requests fail until {until}; '
                 'this page checks again every few seconds.</div>')
     headline, details, hint = (html.escape(p) if p else p for p in banner_parts(status.info))
     if status.info.is_demo:

@@ -12,7 +12,7 @@ import uuid
 import gradio as gr
 from gradio.context import Context
 
-from app.engine_link import SPEECH_OUT, EngineLink
+from app.engine_link import SPEECH_OUT, TOKEN_ADVICE, EngineLink
 from app.media_check import media_problem
 from engine.events import Done, Error, GenerationStats, QueuePosition
 
@@ -285,6 +285,8 @@ RETRY_WHEN_BACK = ("Try again once the banner at the top shows the model again (
 def error_text(error: Error) -> str:
     """What went wrong, for the page: the engine's own message, or, when the engine went away, what that means and
     what to do (its technical detail after it)."""
+    if error.code == "unauthorized":  # the engine's own words tell a client program which header to send
+        return f"The engine refused this studio's token: {TOKEN_ADVICE}."
     gone = ENGINE_GONE.get(error.code)
     return f"{gone}. {RETRY_WHEN_BACK}. Detail: {error.message}" if gone else error.message
 

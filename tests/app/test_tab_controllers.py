@@ -480,3 +480,22 @@ def test_the_voice_tab_offers_what_the_engines_talker_does(tiny_engine):
         voice = VoiceController(EngineLink(EngineClient(server.url, token="test-token")))
         *_, task, instructions, music = voice.page_load()  # the 2.0 talker: everything
         assert len(task["choices"]) == 4 and instructions["visible"] and music["visible"]
+
+
+def test_a_refused_token_is_said_as_what_to_do_in_the_page(engine_server, monkeypatch):
+    """A studio started with the wrong --engine-token: each tab's Make it said "Error (unauthorized): missing or wrong
+    token: send 'Authorization: Bearer <token>' (or '?token=<token>')", advice for a client program, and the banner
+    "Requests fail until it is back", as if waiting would do. Both now say to start the studio with the engine's token."""
+    from app.ui.banner import banner_html
+
+    monkeypatch.setattr("gradio.Warning", lambda *a, **k: None)
+    link = EngineLink(EngineClient(engine_server.url, token="wrong-token"))
+    banner = banner_html(link.status())
+    assert "--engine-token" in banner and "until it is back" not in banner, banner
+    *_, image = ImageController(link).make("Generate", "a cup", None, None, "", "1:1", "32x32", 2, 2.0, 1, 0, [],
+                                           progress=lambda *a, **k: None)
+    *_, voice = VoiceController(link).synthesize("Hi", "Speech", "Default voice", None, None, "", *[None] * 5, "", "",
+                                                 "", None, "", "", "", "", 10, 3)
+    for said in (image[3], voice[2]):
+        assert "refused this studio's token" in said and "--engine-token" in said, said
+        assert "Authorization" not in said, said
