@@ -15,7 +15,7 @@ from app.engine_link import REALTIME, SPEECH_OUT, EngineLink
 from app.live_proxy import LiveProxy
 from app.ui.banner import build_banner
 from app.ui.chat import SAVED_CHAT_KEY, build_chat_tab
-from app.ui.common import capability_note, share_css
+from app.ui.common import capability_note, engine_lacks, share_css
 from app.ui.image import KEPT_GALLERY_KEY, REQUEST_KEY as IMAGE_REQUEST_KEY, build_image_tab
 from app.ui.live import build_live_tab, engine_settings
 from app.ui.speech import build_speech_tab
@@ -74,7 +74,7 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
                 capability_note(link, REALTIME, "**Live needs the engine's realtime protocol**, which this engine "
                                                 "does not serve (an OpenAI-compatible server: use Chat, Speech, "
                                                 "Voice and Image).")
-                build_live_tab(speech_output=link.has(SPEECH_OUT), settings=engine_settings(link))
+                build_live_tab(speech_output=not engine_lacks(link, SPEECH_OUT), settings=engine_settings(link))
             with gr.Tab("Speech", id="speech"):
                 build_speech_tab(link, examples=_assets("speech/*.wav"))
             with gr.Tab("Voice", id="voice"):

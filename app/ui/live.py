@@ -24,7 +24,7 @@ import gradio as gr
 
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.live_proxy import LIVE_WS_PATH
-from app.ui.common import saved_voice_names
+from app.ui.common import engine_lacks, saved_voice_names
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 LIVE_ELEM_ID = "live"
@@ -113,10 +113,11 @@ def live_html(defaults: LiveDefaults, voices: Sequence[str], speech_output: bool
 def engine_settings(link: EngineLink) -> Callable[[], dict]:
     """The function build_live_tab's `settings` takes for an app.engine_link.EngineLink: whether the engine
     speaks and its saved voices, asked when the page loads and at each Start (a page built while the engine
-    was down stayed text-only for good, and the saved voices were never offered)."""
+    was down stayed text-only for good, and the saved voices were never offered). An engine never reached is not
+    said to lack speech (the page said "this engine has no speech output" of an engine it could not ask)."""
     def live_settings(_data=None) -> dict:  # (Gradio hands a server function what the page sent: nothing)
         link.status()  # asked again if not asked lately
-        return {"speech_output": link.has(SPEECH_OUT), "voices": saved_voice_names(link)}
+        return {"speech_output": not engine_lacks(link, SPEECH_OUT), "voices": saved_voice_names(link)}
     return live_settings
 
 

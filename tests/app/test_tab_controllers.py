@@ -261,10 +261,12 @@ def test_a_studio_started_before_its_engine_shows_what_the_engine_serves_once_it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    chat, voice, notes = (EngineLink(EngineClient(f"http://127.0.0.1:{port}", token="test-token"), recheck_s=0)
-                          for _ in range(3))
+    chat, voice, notes, live = (EngineLink(EngineClient(f"http://127.0.0.1:{port}", token="test-token"), recheck_s=0)
+                                for _ in range(4))
     voice = VoiceController(voice)
     assert note_text(notes, SPEECH_OUT, "no talker") == note_text(notes, IMAGE_OUT, "no image generator") == ""
+    # Live said "Replies are text for now: this engine has no speech output yet" of an engine it never reached
+    assert engine_settings(live)()["speech_output"] is True
     speak, speech = speech_controls(chat)
     assert speak == {"interactive": False, "info": "the engine is not reachable"} and speech == {"visible": False}
     assert [u["choices"] for u in voice.page_load()[:6]] == [[NO_CHOICE]] * 5 + [[]]
@@ -276,11 +278,14 @@ def test_a_studio_started_before_its_engine_shows_what_the_engine_serves_once_it
         assert all(len(u["choices"]) > 1 and u["choices"][0] == NO_CHOICE for u in instructions), instructions
         assert saved["choices"] == voice.voice_names()
         assert note_text(notes, SPEECH_OUT, "no talker") == ""
+        assert engine_settings(live)()["speech_output"] is True
     finally:
         server.stop()
     assert note_text(notes, SPEECH_OUT, "no talker") == "" and not notes.status().ok  # seen serving a talker
     notes.status().info.capabilities.discard(SPEECH_OUT)  # as an engine without a talker
     assert note_text(notes, SPEECH_OUT, "no talker") == "no talker"
+    live.status().info.capabilities.discard(SPEECH_OUT)
+    assert engine_settings(live)()["speech_output"] is False  # an engine seen without a talker: replies are text
 
 
 def test_music_that_ends_before_the_duration_asked_says_so(engine_server):
