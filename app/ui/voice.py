@@ -380,4 +380,10 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
     on_page_load(controller.page_load, loaded)
     on_engine_change(controller.page_load, loaded)
     refresh.click(controller.refresh, None, [saved], queue=False, api_visibility="private")
+    # a saved voice chosen, or a clip given to clone, was not used while Voice stayed at "Default voice" (the default
+    # voice spoke without a word): choosing one makes it the Voice
+    quick = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
+    saved.input(lambda chosen: "Saved voice" if chosen else gr.skip(), [saved], [source], **quick)
+    for given in (clip.upload, clip.stop_recording):
+        given(lambda: "Clone from a clip", None, [source], **quick)
     return controller

@@ -466,3 +466,25 @@ def test_ctrl_enter_in_a_tabs_text_box_runs_the_tab(browser, studio):
     hotwords.press("Control+Enter")  # pressed Transcribe: with no clip given it says what is missing
     sync_api.expect(page.locator("#speech-figures")).to_contain_text("upload a clip", timeout=30_000)
     page.context.close()
+
+
+def test_choosing_a_saved_voice_or_giving_a_clip_makes_it_the_voice(browser, studio, engine_server):
+    """A saved voice chosen in its list, or a clip uploaded to clone, was not used while Voice stayed at "Default
+    voice": Make it spoke in the default voice without a word. Choosing one makes it the Voice."""
+    from engine.client import EngineClient
+    from tests.server import tone_pcm16, wav_bytes
+
+    with EngineClient(engine_server.url, token="test-token") as client:
+        client.save_voice("chosen voice", wav_bytes(tone_pcm16(1.5, 22050, 220.0), 22050), "hello there", replace=True)
+    try:
+        page = open_tab(browser, studio, "Voice", PHONE)
+        page.locator("#voice-saved input").click()
+        page.get_by_role("option", name="chosen voice", exact=True).click()
+        sync_api.expect(page.get_by_role("radio", name="Saved voice")).to_be_checked(timeout=15_000)
+        page.get_by_role("button", name="Clone from a clip / save a voice").click()
+        page.locator("#voice-clip input[type=file]").set_input_files(str(ASSETS / "speech" / "what_do_you_see_en.wav"))
+        sync_api.expect(page.get_by_role("radio", name="Clone from a clip")).to_be_checked(timeout=15_000)
+        page.context.close()
+    finally:
+        with EngineClient(engine_server.url, token="test-token") as client:
+            client.delete_voice("chosen voice")
