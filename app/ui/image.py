@@ -226,9 +226,11 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
             if examples:
                 gr.Examples([[[e]] for e in examples], [refs], label="Example images")
             with gr.Row():
-                preset = gr.Dropdown(list(PRESETS), value="(none)", label="Edit preset", info=PRESET_INFO)
+                # 200 px: side by side on a phone, "Replace the background" was cut to "Replace the backgrou"
+                preset = gr.Dropdown(list(PRESETS), value="(none)", label="Edit preset", info=PRESET_INFO,
+                                     min_width=200)
                 target = gr.Textbox(label="Segment: what to find", placeholder="the cup", elem_id="image-target",
-                                    **runs_tab())
+                                    min_width=200, **runs_tab())
             with gr.Row():
                 aspect = gr.Dropdown(ASPECTS, value=AUTO_ASPECT, label="Aspect ratio",
                                      info="Auto: square for Generate; Edit / Segment keep the reference's shape "
