@@ -191,7 +191,7 @@ def test_the_kept_gallery_gives_back_only_this_studios_images_still_there(tmp_pa
              {"image": made}, "junk"]
     assert kept_results(saved) == [{"image": str(Path(made).resolve()), "settings": settings}]
     entries, gallery = ImageController.restore_gallery(saved)
-    assert entries == kept_results(saved) and gallery == [(entries[0]["image"], "Generate: a cup · seed 7 · 8 steps")]
+    assert entries == kept_results(saved) and gallery == [(entries[0]["image"], "Generate · seed 7 · 8 steps · a cup")]
     assert kept_results(None) == kept_results({"image": made}) == []
 
 
