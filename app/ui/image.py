@@ -137,14 +137,11 @@ class ImageController:
         finally:
             self.inflight.end(session, TAB, cancel)
         if isinstance(final, Done) and result is not None:
-            files = [_save_png(result.image, "image")]
-            mask = overlay = None
-            if result.mask is not None:
-                files.append(_save_png(result.mask, "mask"))
-                mask = _pil(result.mask)
-            if result.overlay is not None:
-                files.append(_save_png(result.overlay, "overlay"))
-                overlay = _pil(result.overlay)
+            # shown as the PNGs saved (the Result, Mask and Overlay download buttons gave 'image.webp', a lossy WebP:
+            # a segmentation mask came back with grey edges)
+            picture, mask, overlay = (_save_png(data, stem) if data is not None else None for data, stem in
+                                      ((result.image, "image"), (result.mask, "mask"), (result.overlay, "overlay")))
+            files = [f for f in (picture, mask, overlay) if f]
             settings["seed"] = result.seed if result.seed is not None else seed
             gallery_state.append({"image": files[0], "settings": settings})
             status = figures_line(final) + f" · seed {settings['seed']} · {result.width}x{result.height}"
@@ -153,7 +150,7 @@ class ImageController:
             if unused:
                 status += f" · {REFS_NOT_USED}"
             gallery = [(g["image"], _caption(g["settings"])) for g in gallery_state]
-            yield _pil(result.image), mask, overlay, status, gallery, gallery_state, files
+            yield picture, mask, overlay, status, gallery, gallery_state, files
             return
         if isinstance(final, Done):  # cancelled before the image was finished
             yield shown, None, None, figures_line(final), gr.update(), gallery_state, None
@@ -247,14 +244,15 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
                 go = run_button("Make it", "image-go")
                 stop = gr.Button("Stop", variant="stop", elem_id="image-stop")
         with gr.Column(scale=3):
-            picture = gr.Image(label="Result (previews while it is made)", type="pil", interactive=False,
+            # PNG, not Gradio's default lossy WebP (the previews; the result is shown as the PNG saved)
+            picture = gr.Image(label="Result (previews while it is made)", type="pil", interactive=False, format="png",
                                buttons=toolbar("download", "fullscreen"),
                                elem_id="image-result")
             with gr.Row():
-                mask = gr.Image(label="Mask", type="pil", interactive=False, elem_id="image-mask",
+                mask = gr.Image(label="Mask", type="pil", interactive=False, elem_id="image-mask", format="png",
                                 buttons=toolbar("download", "fullscreen"))
                 overlay = gr.Image(label="Overlay", type="pil", interactive=False, elem_id="image-overlay",
-                                   buttons=toolbar("download", "fullscreen"))
+                                   format="png", buttons=toolbar("download", "fullscreen"))
             status = gr.Markdown("", elem_id="image-figures")
             files = gr.File(label="Downloads (PNG)", file_count="multiple", elem_id="image-files")
             gallery = gr.Gallery(label="Results (click one to reuse its settings)", columns=4,

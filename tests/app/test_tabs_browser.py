@@ -5,6 +5,8 @@ width. Screenshots are kept in $STUDIO_ARTIFACTS (default: test-artifacts/ in th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot, set_number, set_slider
@@ -26,6 +28,15 @@ def assert_download_names_whole(page, *elem_ids: str) -> None:
         shown = name.evaluate("e => Array.from(e.querySelectorAll('span')).every(s => s.scrollWidth <= s.clientWidth + 1)"
                               " && e.scrollWidth <= e.clientWidth + 1")
         assert shown, (elem_id, name.get_attribute("aria-label"), name.bounding_box())
+
+
+def assert_downloads_png(page, elem_id: str, stem: str) -> None:
+    """The download button of the picture `#elem_id` gives a lossless PNG named `stem`<date-time>.png."""
+    with page.expect_download() as download:
+        page.locator(f"#{elem_id} a[download]").first.click()
+    name = download.value.suggested_filename
+    assert name.startswith(stem) and name.endswith(".png"), name
+    assert Path(download.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +99,8 @@ def test_image_tab_generates_then_segments(browser, studio):
     print(f"\n[Image tab, generate] {page.locator('#image-figures').inner_text()}")
     sync_api.expect(page.locator("#image-gallery img").first).to_be_visible(timeout=30_000)
     keep_screenshot(page, "image-generate-desktop")
+    # the Result's own download is the PNG made, named for it (it gave 'image.webp', a lossy WebP)
+    assert_downloads_png(page, "image-result", "image-")
 
     page.get_by_role("radio", name="Segment").check()
     page.locator("#image-refs input[type=file]").set_input_files(str(ASSETS / "images" / "cup.png"))
@@ -97,6 +110,8 @@ def test_image_tab_generates_then_segments(browser, studio):
     sync_api.expect(page.locator("#image-mask img")).to_be_visible(timeout=30_000)
     sync_api.expect(page.locator("#image-files")).to_contain_text("overlay", timeout=30_000)
     print(f"\n[Image tab, segment] {page.locator('#image-figures').inner_text()}")
+    assert_downloads_png(page, "image-mask", "mask-")  # a lossy WebP gave the mask grey edges
+    assert_downloads_png(page, "image-overlay", "overlay-")
     keep_screenshot(page, "image-segment-desktop")
 
     # a page reload emptied the gallery: both results come back, and still give their settings back
