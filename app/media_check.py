@@ -14,6 +14,7 @@ from PIL import Image
 VOICE_CLIP_SECONDS = 30.0  # the talker's limit for a clip to clone (engine.models.talker.audio)
 AUDIO_FORMATS = "WAV, MP3, FLAC, OGG, WebM, M4A or Opus"
 IMAGE_FORMATS = "PNG, JPEG, WebP, GIF or BMP"
+SILENCE_DBFS = -60  # an audio clip whose loudest sample is quieter than this is silent
 
 
 def _mib(n: float) -> str:
@@ -54,6 +55,25 @@ def clip_seconds(path: str | Path) -> float | None:
         return None
 
 
+def _silent(path: Path) -> bool:
+    """Whether the audio at `path` never rises above SILENCE_DBFS (decoded until a louder sample is found)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        for frame in container.decode(audio=0):
+            samples = frame.to_ndarray()
+            if samples.dtype == np.uint8:  # unsigned 8-bit: silence is 128
+                peak = float(np.abs(samples.astype(np.float32) - 128.0).max(initial=0)) / 128.0
+            elif samples.dtype.kind == "i":
+                peak = float(np.abs(samples.astype(np.float64)).max(initial=0)) / np.iinfo(samples.dtype).max
+            else:
+                peak = float(np.abs(samples).max(initial=0))
+            if peak > 10 ** (SILENCE_DBFS / 20):
+                return False
+    return True
+
+
 def _av_problem(path: Path, name: str, kind: str, limits: dict, max_seconds: float | None) -> str | None:
     try:
         import av
@@ -73,6 +93,13 @@ def _av_problem(path: Path, name: str, kind: str, limits: dict, max_seconds: flo
     if kind == "audio" and most and seconds and seconds > most:
         return (f"'{name}' is {seconds:,.0f} s long; {'a voice clip is' if max_seconds else 'the engine takes'} at "
                 f"most {most:,.0f} s: {'trim it to a few sentences' if max_seconds else 'cut it into shorter clips'}.")
+    try:
+        silent = kind == "audio" and _silent(path)
+    except Exception:  # noqa: BLE001  (a stream FFmpeg cannot decode: the engine says what it makes of it)
+        silent = False
+    if silent:  # a transcript of nothing (the demo weights made one up), a voice cloned from nothing
+        return (f"'{name}' is silent (nothing louder than {SILENCE_DBFS} dBFS in it): choose or record a clip in "
+                "which someone speaks.")
     return None
 
 

@@ -51,6 +51,38 @@ def test_media_problem_names_the_file_and_what_is_wrong(files):
     assert media_problem(ASSETS / "images" / "cup.png", "audio", limits) is not None
 
 
+def test_a_silent_clip_is_named_before_it_is_sent(engine_server, tmp_path):
+    """A silent file given to Speech came back with a transcript (the demo weights made one up; the real model gives
+    an empty one, and empty .txt and .srt files); given to Voice, a voice was "cloned" from nothing. The file is named
+    as silent, in any encoding, at once; a quiet clip with speech in it is not."""
+    av = pytest.importorskip("av")
+    from tests.server import tone_pcm16
+
+    with wave.open(str(tmp_path / "silent.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(b"\0\0" * 32000)
+    with av.open(str(tmp_path / "silent.flac"), "w", format="flac") as container:
+        stream = container.add_stream("flac", rate=16000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(tone_pcm16(2.0, 16000, 220.0)[None] // 4000, format="s16", layout="mono")
+        frame.sample_rate = 16000  # peaks of a few units in 32768: below -60 dBFS
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    with wave.open(str(tmp_path / "quiet.wav"), "wb") as w:  # a tone at -50 dBFS: quiet, not silent
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((tone_pcm16(2.0, 16000, 220.0) // 100).astype("<i2").tobytes())
+    for name in ("silent.wav", "silent.flac"):
+        assert media_problem(tmp_path / name, "audio").startswith(f"'{name}' is silent"), name
+    assert media_problem(tmp_path / "quiet.wav", "audio") is None
+    link = EngineLink(EngineClient(engine_server.url, token="test-token"))
+    transcript, status, txt, srt = list(SpeechController(link).transcribe_file(str(tmp_path / "silent.wav"), "", "",
+                                                                               None))[-1]
+    assert status.startswith("'silent.wav' is silent") and not any(isinstance(f, str) for f in (txt, srt)), status
+    *_, last = VoiceController(link).synthesize("Hello", "Speech", "Clone from a clip", None,
+                                                str(tmp_path / "silent.wav"), "", *[None] * 5, "", "", "", None, "",
+                                                "", "", "", 10, 3)
+    assert last[2].startswith("'silent.wav' is silent"), last[2]
+
+
 def test_every_tab_names_the_bad_file_in_its_own_words(engine_server, files):
     link = EngineLink(EngineClient(engine_server.url, token="test-token"))
     said = []
