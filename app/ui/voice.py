@@ -153,7 +153,9 @@ class VoiceController:
                     pcm = np.frombuffer(event.pcm, dtype="<i2")
                     rate = event.sample_rate
                     chunks.append(pcm)
-                    yield (rate, pcm), transcript, GENERATING, None
+                    # how far it is (a long text said only "Generating…" for minutes)
+                    made = sum(len(c) for c in chunks) / rate
+                    yield (rate, pcm), transcript, f"{GENERATING} {made:.1f} s of audio so far", None
                 elif isinstance(event, (Done, Error)):
                     final = event
                     break

@@ -504,3 +504,14 @@ def test_a_refused_token_is_said_as_what_to_do_in_the_page(engine_server, monkey
     for said in (image[3], voice[2]):
         assert "refused this studio's token" in said and "--engine-token" in said, said
         assert "Authorization" not in said, said
+
+
+def test_a_long_text_says_how_much_audio_is_made_while_it_is_made(engine_server):
+    """A long text to speak said only "Generating…" until it was done (minutes for a few pages); each piece of audio
+    made now says how much there is so far."""
+    voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    shown = list(voices.synthesize("Hello there, this is a longer text. " * 6, "Speech", "Default voice", None, None,
+                                   "", *[None] * 5, "", "", "", None, "", "", "", "", 10, 3))
+    so_far = [float(s[2].split()[1]) for s in shown[:-1] if s[2].endswith("s of audio so far")]
+    assert len(so_far) >= 2 and so_far == sorted(so_far) and so_far[0] > 0, [s[2] for s in shown]
+    assert "finish reason: stop" in shown[-1][2]
