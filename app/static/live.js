@@ -323,7 +323,9 @@ function openSocket() {
       4001: s.lastError || "The engine ended the live session.",
       4003: s.lastError || "Log in to the studio first.",
     }[e.code] || s.lastError || `The connection to the studio was lost (code ${e.code}).`;
-    stop(why);
+    // the engine went away (stopped, restarted, unreachable): said with what to do, as the other tabs say it
+    const gone = e.code === 4001 && ["engine_closed", "engine_unreachable"].includes(e.reason);
+    stop(gone ? `${why.replace(/\.?$/, ".")} Press Start to call again once the banner at the top shows the model.` : why);
   };
 }
 

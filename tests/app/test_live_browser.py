@@ -248,3 +248,18 @@ def test_hands_free_against_the_real_engine_hears_the_question_sees_frames_and_r
     wait_for(lambda: srv.ctx.scheduler.running == 0 and srv.ctx.scheduler.waiting == 0)
     print(f"\n[live tab, real engine] user turn: {user_item.public}; reply shown: {text!r}; "
           f"{latency.inner_text()}; screenshot: {shot}")
+
+
+def test_an_engine_that_goes_down_mid_call_is_said_with_what_to_do(browser):
+    """The engine stopped mid-call (a restart: close code 1012): the tab said only "the engine closed the live session
+    (code 1012)". It says what to do: press Start again once the engine is back."""
+    with FakeEngine(speak=True) as engine, served_live_tab(engine.url, engine.token, speech_output=True) as url:
+        page = browser
+        page.goto(url, wait_until="networkidle", timeout=60_000)
+        page.locator('#live [data-role="start"]').click()
+        sync_api.expect(page.locator('#live [data-role="status"]')).to_contain_text("Listening", timeout=20_000)
+        engine.server.shutdown(code=1012)  # as uvicorn closes sessions when the engine server restarts
+        error = page.locator('#live [data-role="error"]')
+        sync_api.expect(error).to_contain_text("Press Start to call again once", timeout=20_000)
+        sync_api.expect(page.locator('#live [data-role="start"]')).to_be_enabled()
+        sync_api.expect(page.locator('#live [data-role="status"]')).to_have_text("Stopped.")
