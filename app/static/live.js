@@ -299,8 +299,16 @@ function sessionUpdate(opts) {  // the GA shape: turn detection under audio.inpu
     audio: { input: { turn_detection: turnDetection } },
     video: { window_seconds: opts.windowS, fps: opts.fps },
   };
-  if (cfg.speech_output && opts.voice) session.audio.output = { voice: opts.voice };
+  if (cfg.speech_output) {  // replies at this page's own audio rate: not OpenAI's 24 kHz default, no second resampling
+    session.audio.output = { format: { type: "audio/pcm", rate: playbackRate() } };
+    if (opts.voice) session.audio.output.voice = opts.voice;
+  }
   return { type: "session.update", session };
+}
+
+const MAX_REPLY_RATE = 48000;  // a faster AudioContext (96 kHz) gets 48 kHz replies: the talker's band fits in them
+function playbackRate() {
+  return S && S.ctx ? Math.min(Math.round(S.ctx.sampleRate), MAX_REPLY_RATE) : MAX_REPLY_RATE;
 }
 
 function openSocket() {

@@ -221,6 +221,7 @@ class ModelInfo:
     output_modalities: list[str] = field(default_factory=list)
     limits: dict[str, float] = field(default_factory=dict)  # the card's `limits` (none from an OpenAI server)
     unavailable: dict[str, str] = field(default_factory=dict)  # capability -> why the model lacks it (when known)
+    speech_sample_rate: int | None = None  # the talker's own rate (None: no talker, or the server does not say)
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -240,9 +241,18 @@ class ModelInfo:
                        output_modalities=list(card.get("output_modalities") or []),
                        limits=_card_limits(card.get("limits")),
                        unavailable={str(k): str(v) for k, v in (card.get("unavailable") or {}).items()}
-                       if isinstance(card.get("unavailable"), dict) else {})
+                       if isinstance(card.get("unavailable"), dict) else {},
+                       speech_sample_rate=_card_rate(card.get("speech_sample_rate")))
         except (KeyError, TypeError, ValueError) as e:
             raise ServerError(f"the server's model card is malformed: {e}", "protocol_error") from None
+
+
+def _card_rate(rate: Any) -> int | None:
+    """The card's speech_sample_rate when it is a positive whole number of Hz (else None: not said)."""
+    return rate if isinstance(rate, int) and not isinstance(rate, bool) and 0 < rate <= MAX_SPEECH_RATE else None
+
+
+MAX_SPEECH_RATE = 192_000  # the highest talker rate a card may name (above: malformed, not asked for)
 
 
 def _card_limits(limits: Any) -> dict[str, float]:
@@ -448,6 +458,7 @@ class ChatOptions:
     thinking: bool = False
     modalities: tuple[str, ...] | list[str] = ("text",)
     voice: str | None = None  # sent only when audio is asked for
+    audio_rate: int | None = None  # the reply audio's rate over realtime (None: the server's default, 24 kHz)
 
     def sampling(self) -> dict:
         fields_ = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
@@ -475,8 +486,11 @@ def realtime_chat_events(messages: list[dict], opts: ChatOptions) -> list[dict]:
         response["instructions"] = opts.system
     if opts.max_tokens is not None:
         response["max_output_tokens"] = opts.max_tokens
-    if opts.voice is not None and "audio" in opts.modalities:
-        response["audio"] = {"output": {"voice": opts.voice}}
+    if "audio" in opts.modalities and (opts.voice is not None or opts.audio_rate):
+        output = {} if opts.voice is None else {"voice": opts.voice}
+        if opts.audio_rate:
+            output["format"] = {"type": "audio/pcm", "rate": int(opts.audio_rate)}
+        response["audio"] = {"output": output}
     events.append({"type": "response.create", "event_id": event_id(), "response": response})
     return events
 
@@ -828,6 +842,20 @@ class EngineClientBase:
         self.timeout = checked_timeout(timeout)
         self._sessions = SessionPool()
         self._openai_info: ModelInfo | None = None  # an OpenAI-compatible backend's model, probed once
+        self._speech_rate: int | None = None  # the talker's own rate, from the model card (0: the card says none)
+
+    def _speech_rate_unknown(self, modalities: Any, transport: str) -> bool:
+        """True when a realtime chat asking for speech needs the talker's rate and the card was not read yet."""
+        return self._speech_rate is None and self._reply_rate_wanted(modalities, transport)
+
+    def _reply_rate_wanted(self, modalities: Any, transport: str) -> bool:
+        return "audio" in modalities and transport == "realtime" and not self.openai
+
+    def _reply_rate(self, modalities: Any, transport: str) -> int | None:
+        """The rate a realtime chat asks its spoken reply in: the talker's own (the card's
+        speech_sample_rate, read once), so the reply keeps its full band instead of OpenAI's 24 kHz
+        default; None (the server's default) when the card does not say."""
+        return (self._speech_rate or None) if self._reply_rate_wanted(modalities, transport) else None
 
     @property
     def openai(self) -> bool:

@@ -521,7 +521,8 @@ def model_card(ctx: ServerContext) -> dict:
             "capabilities": sorted(caps), "default_instructions": DEFAULT_SYSTEM_PROMPT,
             "input_modalities": ["text"] + [m for m, c in (("image", "image_in"), ("video", "video_in"),
                                                            ("audio", "audio_in")) if c in caps],
-            "output_modalities": outputs, "limits": client_limits(ctx), "unavailable": unavailable(ctx.engine, caps)}
+            "output_modalities": outputs, "limits": client_limits(ctx), "unavailable": unavailable(ctx.engine, caps),
+            **({"speech_sample_rate": int(ctx.engine.talker.sample_rate)} if "speech_out" in caps else {})}
 
 
 def unavailable(engine, caps: set[str]) -> dict[str, str]:

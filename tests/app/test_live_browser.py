@@ -80,7 +80,10 @@ def test_hands_free_the_tab_hears_a_question_sends_frames_and_shows_the_spoken_r
     turns = update["audio"]["input"]["turn_detection"]  # where the GA protocol puts it
     assert turns["type"] == "server_vad" and turns["silence_duration_ms"] > 0 and turns["interrupt_response"]
     assert update["video"] == {"window_seconds": 8, "fps": 1} and update["output_modalities"] == ["audio"]
-    assert update["audio"]["output"] == {"voice": "default"}
+    page_rate = page.evaluate("() => { const c = new AudioContext(); const r = c.sampleRate; c.close(); return r; }")
+    # replies at the page's own audio rate (at most 48 kHz), not OpenAI's 24 kHz default: the talker's band kept
+    assert update["audio"]["output"] == {"voice": "default",
+                                         "format": {"type": "audio/pcm", "rate": min(round(page_rate), 48000)}}
     assert engine.got.audio_seconds >= 1.0 and all(r >= 8000 for r in engine.got.audio_rates)
     assert engine.got.frames and all(f[:3] == b"\xff\xd8\xff" for f in engine.got.frames)  # JPEGs
     page.locator('#live [data-role="stop"]').click()
@@ -240,6 +243,8 @@ def test_hands_free_against_the_real_engine_hears_the_question_sees_frames_and_r
     assert [p["type"] for p in user_item.public] == ["input_video", "input_audio"]
     speech_s = user_item.public[1]["seconds"]
     assert 1.5 <= speech_s <= 3.5, speech_s  # the 1.6 s question with its padding, not the silence around it
+    if speech:  # spoken replies come at the page's audio rate (Chromium's 44.1 or 48 kHz), not at 24 kHz
+        assert session.settings.output_rate in (44100, 48000), session.settings.output_rate
     shot = keep_screenshot(page, "live-real-engine-phone")
     assert shot.stat().st_size > 10_000
     text = reply.inner_text()

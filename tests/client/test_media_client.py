@@ -168,3 +168,24 @@ def test_images_as_arrays_files_and_pil(client, tmp_path):
     for source in (image_array(32, 32), str(path), Image.fromarray(image_array(32, 32, seed=3))):
         events = list(client.imagine("edit me", task="edit", images=[source], steps=1, size="32x32"))
         assert isinstance(events[-1], Done), events[-1]
+
+
+def test_a_spoken_chat_reply_comes_at_the_talkers_own_rate(server, tiny_engine):
+    """A realtime session naming no format sends OpenAI's 24 kHz; our clients ask for the talker's own rate (the
+    model card's speech_sample_rate), so the studio's Chat tab keeps the talker's whole band (44.1 kHz for 2.0)."""
+    rate = tiny_engine.talker.sample_rate
+    assert rate != 24000
+    ask = dict(modalities=("text", "audio"), max_tokens=12, seed=1)
+    messages = [{"role": "user", "content": "Say hello to the studio."}]
+
+    async def run():
+        async with AsyncEngineClient(server.url) as c:
+            return [e async for e in c.chat(messages, **ask)]
+
+    with EngineClient(server.url) as c:
+        assert c.info().speech_sample_rate == rate
+        events = list(c.chat(messages, **ask))
+    for evs in (events, asyncio.run(run())):
+        chunks = [e for e in evs if isinstance(e, AudioChunk)]
+        assert isinstance(evs[-1], Done) and chunks, evs
+        assert {ch.sample_rate for ch in chunks} == {rate}
