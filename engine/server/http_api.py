@@ -542,7 +542,16 @@ def client_limits(ctx: ServerContext) -> dict:
     if ctx.prompt_bound is not None:
         out["context_tokens"] = ctx.prompt_bound.context_tokens
     return out | {"max_request_bytes": lim.max_request_bytes, "max_upload_bytes": lim.max_upload_bytes,
-                  "max_audio_seconds": lim.max_audio_seconds, "max_image_pixels": lim.max_image_pixels}
+                  "max_audio_seconds": audio_seconds_limit(ctx), "max_image_pixels": lim.max_image_pixels}
+
+
+def audio_seconds_limit(ctx: ServerContext) -> float:
+    """The longest clip a request may hold: the server's limit, or the model's audio encoder's when that is
+    shorter (its positional table; a client sizing uploads by the card is then not refused later by the model)."""
+    settings = getattr(getattr(ctx.engine, "processor", None), "settings", None)
+    if settings is None or "audio_in" not in capabilities(ctx.engine):
+        return ctx.limits.max_audio_seconds
+    return min(ctx.limits.max_audio_seconds, settings.audio.max_duration_s)
 
 
 def capabilities(engine) -> set[str]:

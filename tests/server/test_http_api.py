@@ -145,6 +145,10 @@ def test_models_and_health(client, server, tiny_engine):
         "max_new_tokens": 1000, "default_max_tokens": 256,
         "context_tokens": tiny_engine.model.config.llm.max_position_embeddings, "max_request_bytes": 1_000_000, "max_upload_bytes": 400_000, "max_audio_seconds": 5.0, "max_image_pixels": 200_000}
     assert httpx.get(server.url + "/v1/models/default").json()["limits"]["max_new_tokens"] == 1000
+    encoder_s = tiny_engine.processor.settings.audio.max_duration_s  # the tiny audio encoder's positions
+    assert 5.0 < encoder_s < 300.0
+    with running_server(tiny_engine) as default:  # 300 s by default: the card says the model's shorter limit
+        assert httpx.get(default.url + "/v1/models").json()["data"][0]["limits"]["max_audio_seconds"] == encoder_s
     h = httpx.get(server.url + "/health").json()
     assert h["status"] == "ok" and h["model"] == server.ctx.model_id and h["auth"] is False
     r = httpx.get(server.url + "/v1/nothing-here")
