@@ -116,7 +116,7 @@ class ImagineRequest:
             self.task = "edit"  # images given: an edit (the first one is the VAE reference)
         self.steps = _int_in("steps", DEFAULT_STEPS if self.steps is None else self.steps, 1, MAX_STEPS)
         sd3 = kind == SD3
-        self.guidance = _guidance("guidance", self.guidance, PREVIEW_GUIDANCE if sd3 else DEFAULT_GUIDANCE)
+        self.guidance = _guidance("guidance", self.guidance, request_defaults(kind)["guidance"])
         if self.image_guidance is not None or sd3:
             self.image_guidance = _guidance("image_guidance", self.image_guidance, PREVIEW_IMAGE_GUIDANCE)
         for name in ("truncation", "normalization"):
@@ -204,6 +204,15 @@ def _reference_pixels(image: Image.Image, plan: SizePlan) -> torch.Tensor:
     hb, wb = plan.diffusion
     arr = np.asarray(image.resize((wb, hb), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0) * 2 - 1
+
+
+def request_defaults(kind: str | None) -> dict[str, float]:
+    """What a request naming no steps or guidance runs with on an image generator whose DiT is `kind` (the
+    model card says it, so a client's controls start where the model does): the Preview's SD3 pipeline
+    guides at 5.0 (and its edits' reference at 2.0), 2.0's Z-Image at 2.0."""
+    if kind == SD3:
+        return {"steps": DEFAULT_STEPS, "guidance": PREVIEW_GUIDANCE, "image_guidance": PREVIEW_IMAGE_GUIDANCE}
+    return {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}
 
 
 def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = None) -> Iterator[Event]:

@@ -180,6 +180,14 @@ class ImageController:
             gr.Info("Nothing is being made.")
 
 
+def model_defaults(link: EngineLink) -> tuple:
+    """Steps and Guidance start at the loaded model's own defaults, as its card says them (the Preview guides at
+    5.0, 2.0 at 2.0): a slider fixed at 2.0 ran every Preview request at 2.0. Unchanged when the card says none."""
+    info = link.status().info
+    defaults = dict(getattr(info, "image_defaults", None) or {}) if info is not None else {}
+    return tuple(gr.update(value=defaults[k]) if k in defaults else gr.update() for k in ("steps", "guidance"))
+
+
 def kept_results(saved) -> list[dict]:
     """The gallery's entries the browser kept (gr.BrowserState, KEPT_GALLERY_KEY) that can still be shown and
     reused: a PNG this studio saved (the browser holds what it gives back: a path anywhere else is not opened),
@@ -272,6 +280,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
         show_progress_on=[status]).then(  # the progress bar over the result hid the previews it is to show
         lambda entries, asked: (list(entries or []), request_done(asked)), [state, ask], [kept, ask], **hidden)
     on_page_load(controller.restore_gallery, [state, gallery], inputs=[kept])
+    on_page_load(lambda: model_defaults(link), [steps, guidance])
     on_page_load(lambda asked: restore_request(asked, REQUEST_FIELDS, "Make it"), [mode, prompt, target, status],
                  inputs=[ask])
     wire_stop(stop, controller.stop, api_visibility="private")

@@ -222,6 +222,7 @@ class ModelInfo:
     limits: dict[str, float] = field(default_factory=dict)  # the card's `limits` (none from an OpenAI server)
     unavailable: dict[str, str] = field(default_factory=dict)  # capability -> why the model lacks it (when known)
     speech_sample_rate: int | None = None  # the talker's own rate (None: no talker, or the server does not say)
+    image_defaults: dict[str, float] = field(default_factory=dict)  # steps / guidance a request naming none gets
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -242,7 +243,8 @@ class ModelInfo:
                        limits=_card_limits(card.get("limits")),
                        unavailable={str(k): str(v) for k, v in (card.get("unavailable") or {}).items()}
                        if isinstance(card.get("unavailable"), dict) else {},
-                       speech_sample_rate=_card_rate(card.get("speech_sample_rate")))
+                       speech_sample_rate=_card_rate(card.get("speech_sample_rate")),
+                       image_defaults=_card_limits(card.get("image_defaults")))
         except (KeyError, TypeError, ValueError) as e:
             raise ServerError(f"the server's model card is malformed: {e}", "protocol_error") from None
 
@@ -256,7 +258,7 @@ MAX_SPEECH_RATE = 192_000  # the highest talker rate a card may name (above: mal
 
 
 def _card_limits(limits: Any) -> dict[str, float]:
-    """The card's positive numeric limits (anything else, or a card without them: none)."""
+    """The card's positive numeric limits or defaults (anything else, or a card without them: none)."""
     if not isinstance(limits, dict):
         return {}
     return {k: v for k, v in limits.items() if isinstance(k, str) and isinstance(v, (int, float))

@@ -522,7 +522,15 @@ def model_card(ctx: ServerContext) -> dict:
             "input_modalities": ["text"] + [m for m, c in (("image", "image_in"), ("video", "video_in"),
                                                            ("audio", "audio_in")) if c in caps],
             "output_modalities": outputs, "limits": client_limits(ctx), "unavailable": unavailable(ctx.engine, caps),
-            **({"speech_sample_rate": int(ctx.engine.talker.sample_rate)} if "speech_out" in caps else {})}
+            **({"speech_sample_rate": int(ctx.engine.talker.sample_rate)} if "speech_out" in caps else {}),
+            **({"image_defaults": image_defaults(ctx.engine)} if "image_out" in caps else {})}
+
+
+def image_defaults(engine) -> dict[str, float]:
+    """The steps and guidance an image request naming none runs with (they differ by release)."""
+    from engine.imagine import request_defaults  # noqa: PLC0415  (imported when asked, as images_api does)
+
+    return request_defaults(getattr(getattr(engine, "image_generator", None), "kind", None))
 
 
 def unavailable(engine, caps: set[str]) -> dict[str, str]:

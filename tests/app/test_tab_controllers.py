@@ -515,3 +515,20 @@ def test_a_long_text_says_how_much_audio_is_made_while_it_is_made(engine_server)
     so_far = [float(s[2].split()[1]) for s in shown[:-1] if s[2].endswith("s of audio so far")]
     assert len(so_far) >= 2 and so_far == sorted(so_far) and so_far[0] > 0, [s[2] for s in shown]
     assert "finish reason: stop" in shown[-1][2]
+
+
+def test_the_image_tab_starts_at_the_loaded_models_steps_and_guidance(tiny_engine, monkeypatch):
+    """The Guidance slider was fixed at 2.0 (2.0's image_gen_cfg), so every Preview request ran at 2.0 instead of
+    the Preview's 5.0 (spec §8.10). The card now says the loaded DiT's defaults and the tab starts there."""
+    from app.ui.image import model_defaults
+    from engine.models.imagegen.config import SD3
+
+    with running_server(tiny_engine) as srv:
+        link = EngineLink(EngineClient(srv.url))
+        assert link.status().info.image_defaults == {"steps": 30, "guidance": 2.0}
+        steps, guidance = model_defaults(link)
+        assert steps["value"] == 30 and guidance["value"] == 2.0
+        monkeypatch.setattr(tiny_engine.image_generator, "kind", SD3)  # what a Preview checkpoint loads
+        link.refresh(force=True)
+        assert link.status().info.image_defaults == {"steps": 30, "guidance": 5.0, "image_guidance": 2.0}
+        assert model_defaults(link)[1]["value"] == 5.0
