@@ -277,14 +277,14 @@ class AsyncEngineClient(core.EngineClientBase):
         if failed is not None:
             yield failed
             return
-        if self._speech_rate_unknown(modalities, transport):
+        if self._speech_rate_unknown(modalities):
             try:
                 self._speech_rate = (await self.info()).speech_sample_rate or 0
             except ServerError:  # the chat itself says the server cannot be reached
                 pass
         request = core.chat_request(messages, ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty,
                                                           seed, stop, system, thinking, modalities, voice,
-                                                          self._reply_rate(modalities, transport)), transport, model)
+                                                          self._reply_rate(modalities)), transport, model)
         if isinstance(request, Error):
             yield request
             return

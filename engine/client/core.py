@@ -460,7 +460,7 @@ class ChatOptions:
     thinking: bool = False
     modalities: tuple[str, ...] | list[str] = ("text",)
     voice: str | None = None  # sent only when audio is asked for
-    audio_rate: int | None = None  # the reply audio's rate over realtime (None: the server's default, 24 kHz)
+    audio_rate: int | None = None  # the spoken reply's rate (None: the server's default, OpenAI's 24 kHz)
 
     def sampling(self) -> dict:
         fields_ = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
@@ -523,8 +523,10 @@ def chat_completions_body(messages: list[dict], opts: ChatOptions, openai_model:
         body["modalities"] = list(opts.modalities)
     if opts.max_tokens is not None:
         body["max_tokens"] = opts.max_tokens
-    if "audio" in opts.modalities and (opts.voice is not None or openai):
+    if "audio" in opts.modalities and (opts.voice is not None or openai or opts.audio_rate):
         body["audio"] = {"format": "pcm16", **({"voice": opts.voice} if opts.voice is not None else {})}
+        if opts.audio_rate and not openai:  # our extension: pcm16 at this rate, not OpenAI's 24 kHz
+            body["audio"]["sample_rate"] = int(opts.audio_rate)
     return body
 
 
@@ -846,18 +848,18 @@ class EngineClientBase:
         self._openai_info: ModelInfo | None = None  # an OpenAI-compatible backend's model, probed once
         self._speech_rate: int | None = None  # the talker's own rate, from the model card (0: the card says none)
 
-    def _speech_rate_unknown(self, modalities: Any, transport: str) -> bool:
-        """True when a realtime chat asking for speech needs the talker's rate and the card was not read yet."""
-        return self._speech_rate is None and self._reply_rate_wanted(modalities, transport)
+    def _speech_rate_unknown(self, modalities: Any) -> bool:
+        """True when a chat asking for speech needs the talker's rate and the card was not read yet."""
+        return self._speech_rate is None and self._reply_rate_wanted(modalities)
 
-    def _reply_rate_wanted(self, modalities: Any, transport: str) -> bool:
-        return "audio" in modalities and transport == "realtime" and not self.openai
+    def _reply_rate_wanted(self, modalities: Any) -> bool:
+        return "audio" in modalities and not self.openai
 
-    def _reply_rate(self, modalities: Any, transport: str) -> int | None:
-        """The rate a realtime chat asks its spoken reply in: the talker's own (the card's
+    def _reply_rate(self, modalities: Any) -> int | None:
+        """The rate a chat asks its spoken reply in (realtime or HTTP): the talker's own (the card's
         speech_sample_rate, read once), so the reply keeps its full band instead of OpenAI's 24 kHz
         default; None (the server's default) when the card does not say."""
-        return (self._speech_rate or None) if self._reply_rate_wanted(modalities, transport) else None
+        return (self._speech_rate or None) if self._reply_rate_wanted(modalities) else None
 
     @property
     def openai(self) -> bool:

@@ -248,6 +248,20 @@ def check_sample_rate(rate: Any, name: str = "sample_rate") -> int:
     return rate
 
 
+def check_output_rate(rate: Any, name: str, engine) -> int:
+    """A rate a client asks the talker's audio in: an integer in range that the talker's own rate can be
+    resampled to (a rate such as 2654 Hz cannot: refused here, not when the reply's first chunk comes)."""
+    rate = int(need_number(rate, name, MIN_SAMPLE_RATE, MAX_SAMPLE_RATE, integer=True))
+    talker_rate = getattr(getattr(engine, "talker", None), "sample_rate", None)
+    if talker_rate is not None:
+        try:
+            check_resample_rates(talker_rate, rate)
+        except MediaError as e:
+            raise bad(f"'{name}': the talker speaks at {talker_rate} Hz and {e}; use a common rate such as "
+                      "16000, 24000, 44100 or 48000", "invalid_value", name) from None
+    return rate
+
+
 def check_duration(n_samples: int, rate: int, limits: Limits, name: str = "audio") -> float:
     seconds = n_samples / rate
     if seconds > limits.max_audio_seconds:

@@ -182,9 +182,10 @@ def has_media(messages) -> bool:
 CHAT_AUDIO_FORMATS = {"pcm16": "pcm", "wav": "wav", "mp3": "mp3", "flac": "flac", "opus": "opus", "aac": "aac"}
 
 
-def check_unsupported(body: dict, engine) -> tuple[list[str], str | None, str]:
-    """Refuses what this engine does not do; returns the output modalities, the voice and the audio format
-    (CHAT_AUDIO_FORMATS' key) asked for."""
+def check_unsupported(body: dict, engine, openai_only: bool = False) -> tuple[list[str], str | None, str, int]:
+    """Refuses what this engine does not do; returns the output modalities, the voice, the audio format
+    (CHAT_AUDIO_FORMATS' key) and the rate of pcm16 audio asked for: OpenAI's 24 kHz, or our extension
+    `audio.sample_rate` (our clients ask for the talker's own, the model card's speech_sample_rate)."""
     n = body.get("n", 1)
     if n != 1 or isinstance(n, bool):
         raise bad("'n' must be 1 (one choice per request)", "unsupported_parameter", "n")
@@ -198,14 +199,14 @@ def check_unsupported(body: dict, engine) -> tuple[list[str], str | None, str]:
     modalities = ["text"]
     if body.get("modalities") is not None:
         modalities = check_output_modalities(body["modalities"], "modalities", engine)
-    voice, fmt = None, "pcm16"
+    voice, fmt, rate = None, "pcm16", OPENAI_PCM_RATE
     audio = body.get("audio")
     if audio is not None:
         if "audio" not in modalities:
             check_output_modalities(["audio"], "audio", engine)  # refused without a talker
             raise bad("'audio' is set but 'modalities' does not ask for audio", "invalid_value", "audio")
         audio = need_dict(audio, "audio")
-        codec.check_keys(audio, "audio", ("voice", "format"))
+        codec.check_keys(audio, "audio", ("voice", "format") + (() if openai_only else ("sample_rate",)))
         fmt = audio.get("format", "pcm16")
         if not isinstance(fmt, str) or fmt not in CHAT_AUDIO_FORMATS:
             raise bad(f"'audio.format' must be one of {', '.join(CHAT_AUDIO_FORMATS)}", "invalid_value", "audio.format")
@@ -215,7 +216,12 @@ def check_unsupported(body: dict, engine) -> tuple[list[str], str | None, str]:
         voice = audio.get("voice")
         if voice is not None:
             voice = voice_name(voice, "audio.voice", engine)
-    return modalities, voice, fmt
+        if audio.get("sample_rate") is not None:
+            if fmt != "pcm16":
+                raise bad(f"'audio.sample_rate' sets the rate of pcm16 audio; a {fmt} file states its own",
+                          "invalid_value", "audio.sample_rate")
+            rate = codec.check_output_rate(audio["sample_rate"], "audio.sample_rate", engine)
+    return modalities, voice, fmt, rate
 
 
 def job_metrics(job: Job, received_at: float, final: Done | Error | None) -> dict:
@@ -378,7 +384,7 @@ async def chat_completions(request: Request):
     received = time.perf_counter()
     ctx, body = await json_request(request, fields.CHAT, "chat", fields.CHAT_EXTENSIONS)
     check_prompt_text(ctx, body.get("messages"))
-    modalities, voice, audio_format = check_unsupported(body, ctx.engine)
+    modalities, voice, audio_format, pcm_rate = check_unsupported(body, ctx.engine, ctx.openai_only)
     stream = flag(body, "stream")
     include_usage = stream_usage(body) and stream  # checked whether it streams or not
     params = generation_params(body, ctx.limits)
@@ -394,9 +400,16 @@ async def chat_completions(request: Request):
     engine = ctx.engine
     output = output_kwargs(modalities, voice)
 
+    # pcm16 comes at the rate asked for (OpenAI's 24 kHz unless `audio.sample_rate` names another); a file states its
+    # rate, the talker's own (OpenAI's 24 kHz with --openai-only)
+    out_rate = pcm_rate if audio_format == "pcm16" else (OPENAI_PCM_RATE if ctx.openai_only else None)
+    native_rate = talker_rate(engine)
+
     def run(cancel):
         events = engine.chat(messages, params, cancel, system_prompt=system, thinking=thinking, **output)
-        return resampled(events, OPENAI_PCM_RATE) if ctx.openai_only and "audio" in modalities else events
+        if "audio" not in modalities or out_rate is None or out_rate == native_rate:
+            return events
+        return resampled(events, out_rate)
 
     job = Job(run, label="chat.completions")
     job.media_bytes = sum(media_nbytes(m["content"]) for m in messages if isinstance(m["content"], list))
@@ -522,8 +535,14 @@ def model_card(ctx: ServerContext) -> dict:
             "input_modalities": ["text"] + [m for m, c in (("image", "image_in"), ("video", "video_in"),
                                                            ("audio", "audio_in")) if c in caps],
             "output_modalities": outputs, "limits": client_limits(ctx), "unavailable": unavailable(ctx.engine, caps),
-            **({"speech_sample_rate": int(ctx.engine.talker.sample_rate)} if "speech_out" in caps else {}),
+            **({"speech_sample_rate": int(talker_rate(ctx.engine))}
+               if "speech_out" in caps and talker_rate(ctx.engine) else {}),
             **({"image_defaults": image_defaults(ctx.engine)} if "image_out" in caps else {})}
+
+
+def talker_rate(engine) -> int | None:
+    """The talker's own sample rate (None: no talker, or an engine that does not say)."""
+    return getattr(getattr(engine, "talker", None), "sample_rate", None)
 
 
 def image_defaults(engine) -> dict[str, float]:

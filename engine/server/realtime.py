@@ -32,7 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from engine.errors import MingError, SettingError
 from engine.events import AudioChunk, Done, Error, TextDelta, UnknownEventError
-from engine.media.audio import StreamingResampler, check_resample_rates
+from engine.media.audio import StreamingResampler
 from engine.media.errors import MediaError
 from engine.server import codec, logs
 from engine.server import protocol as wire
@@ -1173,14 +1173,7 @@ def output_audio_format(value: Any, name: str, engine) -> tuple[str, int]:
     talker's audio is resampled to that rate as it streams (a rate such as 2654 Hz cannot be reached from
     the talker's: refused here, not when the reply's first chunk comes)."""
     encoding, rate = audio_format_rate(value, name)
-    talker_rate = getattr(getattr(engine, "talker", None), "sample_rate", None)
-    if talker_rate is not None:
-        try:
-            check_resample_rates(talker_rate, rate)
-        except MediaError as e:
-            raise bad(f"'{name}.rate': the talker speaks at {talker_rate} Hz and {e}; use a common rate such as "
-                      "16000, 24000, 44100 or 48000", "invalid_value", f"{name}.rate") from None
-    return encoding, rate
+    return encoding, codec.check_output_rate(rate, f"{name}.rate", engine)
 
 
 def audio_format_rate(value: Any, name: str) -> tuple[str, int]:

@@ -170,12 +170,14 @@ def test_images_as_arrays_files_and_pil(client, tmp_path):
         assert isinstance(events[-1], Done), events[-1]
 
 
-def test_a_spoken_chat_reply_comes_at_the_talkers_own_rate(server, tiny_engine):
-    """A realtime session naming no format sends OpenAI's 24 kHz; our clients ask for the talker's own rate (the
-    model card's speech_sample_rate), so the studio's Chat tab keeps the talker's whole band (44.1 kHz for 2.0)."""
+@pytest.mark.parametrize("transport", ["realtime", "http"])
+def test_a_spoken_chat_reply_comes_at_the_talkers_own_rate(server, tiny_engine, transport):
+    """Realtime sessions and chat completions naming no rate send OpenAI's 24 kHz pcm16; our clients ask for the
+    talker's own rate (the model card's speech_sample_rate), so the studio's Chat tab keeps the talker's whole band
+    (44.1 kHz for 2.0)."""
     rate = tiny_engine.talker.sample_rate
     assert rate != 24000
-    ask = dict(modalities=("text", "audio"), max_tokens=12, seed=1)
+    ask = dict(modalities=("text", "audio"), max_tokens=12, seed=1, transport=transport)
     messages = [{"role": "user", "content": "Say hello to the studio."}]
 
     async def run():

@@ -250,3 +250,27 @@ def test_every_model_name_the_sdk_offers_is_answered_on_its_own_endpoint():
                         (ImageModel, "image")):
         assert names(alias) and {n for n in names(alias) if not is_openai_alias(n, kind)} == set(), kind
     assert not any(is_openai_alias(n, "chat") for n in ("whisper-1", "tts-1", "gpt-image-2", "gpt-9", "gpt-5.1-x"))
+
+
+def test_chat_pcm16_is_openais_24_khz_unless_a_rate_is_asked(client, tiny_engine):
+    """Chat's pcm16 (whole or streamed) came at the talker's 44.1 kHz, said only in our `sample_rate` field: an SDK
+    user playing it at OpenAI's 24 kHz heard it 1.8 times too long and low. It is 24 kHz now, as realtime's and
+    speech's pcm; our extension `audio.sample_rate` asks for another (our clients: the talker's own)."""
+    import base64
+
+    ask = dict(model="gpt-4o-audio-preview", messages=HI, max_tokens=4, modalities=["text", "audio"])
+    pcm = client.chat.completions.create(audio={"voice": "alloy", "format": "pcm16"}, **ask)
+    audio = pcm.choices[0].message.audio
+    assert audio.model_extra["sample_rate"] == 24000 and len(base64.b64decode(audio.data)) > 1000
+    stream = client.chat.completions.create(audio={"voice": "alloy", "format": "pcm16"}, stream=True, **ask)
+    deltas = [c.choices[0].delta.audio for c in stream if c.choices and c.choices[0].delta.audio is not None]
+    rates = {(d.model_extra or {}).get("sample_rate") for d in deltas if getattr(d, "data", None)}
+    assert rates - {None} == {24000}
+    native = client.chat.completions.create(audio={"voice": "alloy", "format": "pcm16",
+                                                   "sample_rate": tiny_engine.talker.sample_rate},
+                                            **ask).choices[0].message.audio
+    assert native.model_extra["sample_rate"] == tiny_engine.talker.sample_rate
+    for bad_ask in ({"format": "wav", "sample_rate": 16000}, {"format": "pcm16", "sample_rate": 2654}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(audio={"voice": "alloy", **bad_ask}, **ask)
+        assert info.value.param == "audio.sample_rate"
