@@ -7,13 +7,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.server import running_server, tone_pcm16, wav_bytes
-
-
-@pytest.fixture(scope="module")
-def server(tiny_engine):
-    with running_server(tiny_engine) as srv:
-        yield srv
+from tests.server import tone_pcm16, wav_bytes
 
 
 @pytest.fixture(scope="module")

@@ -13,3 +13,13 @@ def tiny_talker_dir(tmp_path_factory):
 def tiny_pipeline(tiny_talker_dir):
     from engine.models.talker.pipeline import TalkerPipeline
     return TalkerPipeline.load(tiny_talker_dir)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread (thread hand-offs cost more than these ops on a busy CPU)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

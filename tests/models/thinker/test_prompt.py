@@ -184,28 +184,35 @@ def test_a_text_part_whose_text_is_not_a_string_is_refused_not_spoken_as_its_rep
     assert bare.text == build_chat_prompt([{"role": "user", "content": "hi"}], tok).text
 
 
-def test_media_given_as_file_or_data_urls_are_read_as_the_reference_reads_them(tok, tmp_path):
-    """The reference's fetch_image / fetch_video take 'file://PATH' and 'data:image/...;base64,...' strings;
-    ours read them as file names ('image file not found: file:/...'). Both are now read; an http(s) URL is
-    refused saying the engine does not fetch (no network), and a broken data: URL names the problem."""
+def picture_sources(tmp_path, seed: int, size: tuple[int, int], roll_axis: int):
+    """A random picture of `size` (h, w): (array, its PNG bytes, a data: URL of them, a folder of 4 frames rolled
+    along `roll_axis`)."""
     import base64
     import io
 
     import numpy as np
     from PIL import Image
 
-    from engine.media.errors import MediaError
-
-    picture = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    path = tmp_path / "a.png"
-    Image.fromarray(picture).save(path)
+    picture = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(picture).save(buf, "PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     frames = tmp_path / "frames"
     frames.mkdir()
     for i in range(4):
-        Image.fromarray(np.roll(picture, i, axis=1)).save(frames / f"f{i}.png")
+        Image.fromarray(np.roll(picture, i, axis=roll_axis)).save(frames / f"f{i}.png")
+    return picture, buf.getvalue(), url, frames
+
+
+def test_media_given_as_file_or_data_urls_are_read_as_the_reference_reads_them(tok, tmp_path):
+    """The reference's fetch_image / fetch_video take 'file://PATH' and 'data:image/...;base64,...' strings;
+    ours read them as file names ('image file not found: file:/...'). Both are now read; an http(s) URL is
+    refused saying the engine does not fetch (no network), and a broken data: URL names the problem."""
+    from engine.media.errors import MediaError
+
+    _, png, url, frames = picture_sources(tmp_path, 0, (64, 96), roll_axis=1)
+    path = tmp_path / "a.png"
+    path.write_bytes(png)
 
     def prompt(part):
         return build_chat_prompt([{"role": "user", "content": [part, {"type": "text", "text": "?"}]}], tok)
@@ -251,26 +258,14 @@ def test_media_parts_given_as_url_objects_or_url_keys_are_read_as_the_reference_
     """Upstream's process_vision_info takes an element's image_url / video_url {"url": ...} object (OpenAI's
     image_url shape) and fetch_image reads 'image_url' where 'image' is absent; ours refused both
     ('unsupported image input of type dict' / 'NoneType'). Same prompt and pixels as the plain part."""
-    import base64
-    import io
-
-    import numpy as np
     import torch
-    from PIL import Image
 
-    picture = np.random.default_rng(1).integers(0, 256, (40, 72, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(picture).save(buf, "PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    frames = tmp_path / "frames"
-    frames.mkdir()
-    for i in range(4):
-        Image.fromarray(np.roll(picture, i, axis=0)).save(frames / f"f{i}.png")
+    _, png, url, frames = picture_sources(tmp_path, 1, (40, 72), roll_axis=0)
 
     def prompt(part):
         return build_chat_prompt([{"role": "user", "content": [part, {"type": "text", "text": "?"}]}], tok)
 
-    want = prompt({"type": "image", "image": buf.getvalue()})
+    want = prompt({"type": "image", "image": png})
     for part in ({"type": "image_url", "image_url": {"url": url}}, {"type": "image", "image_url": url},
                  {"type": "input_image", "image_url": url}):
         got = prompt(part)
