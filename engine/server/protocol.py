@@ -55,7 +55,7 @@ ERROR_CODES: dict[str, int] = {
     "input_video_buffer_commit_empty": 400, "item_not_found": 400, "conversation_already_has_active_response": 400,
     "response_cancel_not_active": 400,
     # what this server lacks
-    "turn_detection_unavailable": 500, "beta_protocol_not_supported": 400,
+    "turn_detection_unavailable": 500,
     # who and where
     "unauthorized": 401, "model_not_found": 404, "not_found": 404, "method_not_allowed": 405,
     "upgrade_required": 426,  # a plain HTTP request to the websocket route

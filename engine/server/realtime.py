@@ -1216,38 +1216,14 @@ async def realtime_endpoint(ws: WebSocket) -> None:
             await ws.close(code=1008, reason=refusal.code)
         return
     subprotocol = chosen_subprotocol(ws.scope)
-    if asks_for_beta(ws):
-        await refuse_session(ws, subprotocol, ApiError(BETA_REFUSAL, code="beta_protocol_not_supported"), 1008,
-                             "the beta protocol is not supported")
-        return
     try:
         session = ctx.sessions.create()
     except ApiError as e:
-        await refuse_session(ws, subprotocol, e, 1013, "session limit reached")
+        await ws.accept(subprotocol=subprotocol)
+        await ws.send_text(json.dumps({"event_id": new_id("event"), "type": "error",
+                                       "error": {**e.to_openai(), "event_id": None}}))
+        await ws.close(code=1013, reason="session limit reached")
         return
     await ws.accept(subprotocol=subprotocol)
     await RealtimeConnection(ws, ctx, session).run()
-
-
-BETA_REFUSAL = ("this server speaks the Realtime API's GA protocol (server events such as conversation.item.added, "
-                "response.output_text.delta, response.output_audio.delta); the beta protocol this client asked for "
-                "(OpenAI-Beta: realtime=v1, or the subprotocol openai-beta.realtime-v1) is not supported: connect "
-                "without it (OpenAI's Python SDK: client.realtime.connect, not client.beta.realtime.connect)")
-
-
-def asks_for_beta(ws: WebSocket) -> bool:
-    """The client asks for the Realtime API's beta protocol, whose server events are named otherwise
-    (response.audio.delta, conversation.item.created, ...): header OpenAI-Beta: realtime=v1 (OpenAI's
-    SDKs' beta client), or the subprotocol openai-beta.realtime-v1 (browsers, which cannot set headers)."""
-    header = ",".join(ws.headers.getlist("openai-beta")).lower().replace(" ", "")
-    return "realtime=v1" in header.split(",") or "openai-beta.realtime-v1" in (ws.scope.get("subprotocols") or [])
-
-
-async def refuse_session(ws: WebSocket, subprotocol: str | None, err: ApiError, close_code: int, reason: str) -> None:
-    """A connection that gets no session: accepted, told why in an `error` event (a browser cannot read a
-    refused handshake's body), and closed."""
-    await ws.accept(subprotocol=subprotocol)
-    await ws.send_text(json.dumps({"event_id": new_id("event"), "type": "error",
-                                   "error": {**err.to_openai(), "event_id": None}}))
-    await ws.close(code=close_code, reason=reason)
 

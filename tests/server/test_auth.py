@@ -153,7 +153,7 @@ def test_a_browser_websocket_sends_its_key_as_openais_sdk_does_and_gets_the_subp
 
     key = "sk-browser_key.42"  # (a subprotocol is an HTTP token: no '/', '+' or '=')
     with ServerHandle(create_app(FakeEngine(), Limits(), token=key)) as srv:
-        offered = ["realtime", "openai-insecure-api-key." + key]
+        offered = ["realtime", "openai-insecure-api-key." + key, "openai-beta.realtime-v1"]
         with connect(srv.ws_url, subprotocols=offered) as ws:
             assert ws.subprotocol == "realtime"
             assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
