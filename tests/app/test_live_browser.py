@@ -193,7 +193,8 @@ def test_a_page_built_without_speech_asks_the_studio_and_offers_the_saved_voices
         page.locator('#live [data-role="start"]').click()
         sync_api.expect(page.locator('#live [data-role="status"]')).to_contain_text("Listening", timeout=20_000)
         update = next(e for e in engine.got.events if e["type"] == "session.update")["session"]
-        assert update["output_modalities"] == ["audio"] and update["audio"]["output"] == {"voice": "anna"}
+        assert update["output_modalities"] == ["audio"] and update["audio"]["output"]["voice"] == "anna"
+        assert update["audio"]["output"]["format"]["type"] == "audio/pcm"  # at the page's own rate (see above)
         page.locator('#live [data-role="stop"]').click()
 
 
