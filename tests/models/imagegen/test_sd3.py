@@ -67,7 +67,7 @@ def test_caption_mlp_and_pooled_projection():
 
 def test_cfg_combines_two_or_four_branches():
     u, img, txt, full = (torch.full((1, 2, 2, 2), v) for v in (1.0, 2.0, 3.0, 5.0))
-    assert torch.equal(combine_guidance(torch.cat([u, txt]), 4.0, 2.0), u + 4.0 * (txt - u))
+    assert torch.allclose(combine_guidance(torch.cat([u, txt]), 4.0, 2.0), u + 4.0 * (txt - u))  # 1 + 4 * 2
     four = combine_guidance(torch.cat([u, img, txt, full]), 4.0, 1.5)
     assert torch.allclose(four, u + 1.5 * (img - u) + 4.0 * (full - img))  # mode 1: 1 + 1.5 + 12
     assert float(four.flatten()[0]) == pytest.approx(14.5)
