@@ -43,8 +43,8 @@ class GenerationParams:
             problems.append(f"max_new_tokens must be a positive integer (got {self.max_new_tokens!r})")
         if not 0 <= self.temperature <= 100:
             problems.append(f"temperature must be in [0, 100] (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not 0 <= self.top_p <= 1:  # (0: the most likely token only, as OpenAI takes it)
+            problems.append(f"top_p must be in [0, 1] (got {self.top_p})")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             problems.append(f"top_k must be an integer >= 0 (got {self.top_k!r})")
         if not self.repetition_penalty > 0:  # (NaN too)
@@ -82,7 +82,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # keep the smallest set reaching top_p; the best token always stays (HF's min_tokens_to_keep=1), also
-        # for a top_p below the dtype's smallest number (1e-50 is 0 in fp32, which would remove every token)
+        # for a top_p of 0 or below the dtype's smallest number (1e-50 is 0 in fp32): the best token alone
         remove = probs.cumsum(-1) - probs >= top_p
         remove[..., 0].fill_(False)  # (fill_, not `= False`: no host scalar lifted onto the device)
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))

@@ -44,6 +44,11 @@ def test_seeded_sampling_reproduces_and_differs_from_greedy(tiny_engine):
     assert x != _done(_run(tiny_engine, max_new_tokens=16)).token_ids
 
 
+def test_top_p_zero_samples_the_greedy_reply(tiny_engine):
+    greedy = _done(_run(tiny_engine, max_new_tokens=12)).token_ids
+    assert _done(_run(tiny_engine, max_new_tokens=12, temperature=1.0, top_p=0.0, seed=9)).token_ids == greedy
+
+
 def test_eos_stops_generation(tiny_engine):
     ids = _done(_run(tiny_engine, max_new_tokens=8)).token_ids
     prompt = tiny_engine.processor.build(MSG).ids
@@ -90,7 +95,7 @@ def test_cancel_from_another_thread_stops_within_a_step(tiny_engine):
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
-    (dict(top_p=0), "top_p"), (dict(max_new_tokens=10**6), "context"),
+    (dict(top_p=-0.1), "top_p"), (dict(max_new_tokens=10**6), "context"),
 ])
 def test_bad_parameters_give_error_events(tiny_engine, kw, msg):
     ev = _run(tiny_engine, **kw)[-1]
@@ -100,7 +105,7 @@ def test_bad_parameters_give_error_events(tiny_engine, kw, msg):
 
 def test_cli_streams_and_prints_figures(tiny_checkpoint):
     out = subprocess.run([sys.executable, "-m", "engine.generate", "--model", str(tiny_checkpoint), "--prompt", "hi",
-                          "--max-new-tokens", "5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          "--max-new-tokens", "5", "--temperature", "1", "--top-p", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
     for field in ("prompt tokens", "new tokens 5", "time to first token", "tokens/s"):

@@ -59,6 +59,24 @@ def test_extreme_temperature_and_top_p_stay_near_greedy_instead_of_nan():
         torch.tensor([[0.0, 0.2, 5.0, 0.1]])).item() == 2
 
 
+def test_top_p_zero_keeps_only_the_most_likely_token_even_at_temperature_one():
+    """OpenAI takes top_p 0; as HF's min_tokens_to_keep=1 it keeps the best token alone: every draw is the
+    argmax, and nothing divides by zero (no NaN probabilities, a finite best logit)."""
+    logits = torch.randn(512, 50, generator=torch.Generator().manual_seed(0))
+    kept = filter_top_k_top_p(logits, 0, 0.0)
+    assert torch.isfinite(kept).sum(-1).eq(1).all() and not kept.softmax(-1).isnan().any()
+    ids = Sampler(GenerationParams(temperature=1.0, top_p=0.0, seed=4), vocab_size=50, batch=512)(logits)
+    assert torch.equal(ids, logits.argmax(-1))
+    assert GenerationParams(top_p=0.0).validate().top_p == 0.0
+    for bad in (-0.1, 1.5, float("nan")):
+        try:
+            GenerationParams(top_p=bad).validate()
+        except ValueError as e:
+            assert "top_p" in str(e)
+        else:
+            raise AssertionError(f"top_p {bad} accepted")
+
+
 def test_parameters_the_python_api_gets_wrong_are_refused_or_read_as_meant():
     """stop="END" (one string, as OpenAI's and HF's stop fields take it) was read as its characters, so the
     reply stopped at the first 'E', 'N' or 'D'; a NaN repetition_penalty (NaN <= 0 is false) turned every

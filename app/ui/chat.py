@@ -440,7 +440,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
             # at each page load (the engine may have been down when the studio started, or restarted since)
             max_new_tokens = gr.Slider(minimum=1, step=1, elem_id="chat-max-tokens", **token_slider(link))
             temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
-            top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p")
+            top_p = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Top-p")
         with gr.Row():
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
             repetition_penalty = gr.Slider(0.5, 2.0, value=1.0, step=0.01, label="Repetition penalty (1 = off)")

@@ -128,9 +128,7 @@ def generation_params(body: dict, limits: Limits, base: GenerationParams | None 
     if body.get("temperature") is not None:
         p.temperature = float(need_number(body["temperature"], where + "temperature", 0, 2))
     if body.get("top_p") is not None:
-        p.top_p = float(need_number(body["top_p"], where + "top_p", 0, 1))
-        if p.top_p <= 0:
-            raise bad(f"'{where}top_p' must be > 0", "invalid_value", where + "top_p")
+        p.top_p = float(need_number(body["top_p"], where + "top_p", 0, 1))  # (0: the most likely token only)
     if body.get("top_k") is not None:
         p.top_k = int(need_number(body["top_k"], where + "top_k", 0, 1_000_000, integer=True))
     if body.get("repetition_penalty") is not None:

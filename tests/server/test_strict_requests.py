@@ -348,7 +348,7 @@ def test_realtime_sampling_errors_name_the_field_by_its_path(server):
     the other settings' errors do (the HTTP body's own fields go unprefixed)."""
     with connect(server.ws_url) as ws:
         assert recv_json(ws)["type"] == "session.created"
-        for event, field, value in (("session.update", "temperature", 1e308), ("session.update", "top_p", 0),
+        for event, field, value in (("session.update", "temperature", 1e308), ("session.update", "top_p", -0.5),
                                     ("response.create", "stop", ["a"] * 50), ("response.create", "top_k", "x")):
             key = event.split(".")[0]
             ws.send(json.dumps({"type": event, key: {field: value}}))
