@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -29,7 +30,7 @@ from engine.server import codec, fields, logs
 from engine.server import protocol as wire
 from engine.server.audio_out import OPENAI_PCM_RATE, encode_audio, resampled
 from engine.server.bodies import form_file, form_flag, form_number, form_text, read_form, read_json
-from engine.server.codec import bad, need_dict, need_str
+from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
 from engine.server.fields import Fields
 from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_output_modalities, flag, generation_params,
@@ -186,9 +187,6 @@ def check_unsupported(body: dict, engine, openai_only: bool = False) -> tuple[li
     """Refuses what this engine does not do; returns the output modalities, the voice, the audio format
     (CHAT_AUDIO_FORMATS' key) and the rate of pcm16 audio asked for: OpenAI's 24 kHz, or our extension
     `audio.sample_rate` (our clients ask for the talker's own, the model card's speech_sample_rate)."""
-    n = body.get("n", 1)
-    if n != 1 or isinstance(n, bool):
-        raise bad("'n' must be 1 (one choice per request)", "unsupported_parameter", "n")
     if body.get("tools") or body.get("functions"):
         raise bad("tools/functions are not supported by this engine", "unsupported_parameter", "tools")
     if body.get("logprobs"):
@@ -222,6 +220,26 @@ def check_unsupported(body: dict, engine, openai_only: bool = False) -> tuple[li
                           "invalid_value", "audio.sample_rate")
             rate = codec.check_output_rate(audio["sample_rate"], "audio.sample_rate", engine)
     return modalities, voice, fmt, rate
+
+
+MAX_CHOICES = 8  # the most choices (`n`) one chat request may ask for: they are generated one after another
+
+
+def choice_count(body: dict, modalities: list[str]) -> int:
+    """`n`, the choices asked for (null or absent: 1), at most MAX_CHOICES; a spoken reply comes one per request."""
+    if body.get("n") is None:
+        return 1
+    n = int(need_number(body["n"], "n", 1, MAX_CHOICES, integer=True))
+    if n > 1 and "audio" in modalities:
+        raise bad(f"'n' is {n}, but a reply with audio comes one choice per request: ask for n 1, or text only",
+                  "unsupported_parameter", "n")
+    return n
+
+
+def ends_choices(final: Done | Error) -> bool:
+    """Whether a choice's end ends the whole response: an error, or a cancel (the client gone, the server
+    stopping), after which no further choice starts."""
+    return isinstance(final, Error) or final.finish_reason == "cancelled"
 
 
 def job_metrics(job: Job, received_at: float, final: Done | Error | None) -> dict:
@@ -332,10 +350,12 @@ def refused_at_once(head: list[Event]) -> Error | None:
     return head[-1] if head and isinstance(head[-1], Error) else None
 
 
-def stream_response(ctx: ServerContext, job: Job, encode, finish,
-                    events: AsyncIterator[Event] | None = None) -> StreamingResponse:
+def stream_response(ctx: ServerContext, job: Job, encode, finish, events: AsyncIterator[Event] | None = None,
+                    current: Callable[[], Job] | None = None) -> StreamingResponse:
     """An SSE response of a job (`events`: the job's events when partly read already): `encode(event)`
-    and `finish(final)` give the lines."""
+    and `finish(final)` give the lines. `current`: the job running now, where the response runs several one after
+    another (`events` holds them all; a chat's `n` choices), which a client going away cancels."""
+    now = current or (lambda: job)
 
     async def lines() -> AsyncIterator[bytes]:
         failed = False
@@ -352,13 +372,13 @@ def stream_response(ctx: ServerContext, job: Job, encode, finish,
         except Exception as e:  # a fault (a bug): the stream still ends as a failed one does, error then [DONE]
             failed = True
             log.exception("%s: the stream failed", job.label)
-            ctx.scheduler.cancel(job, abandon=True)
+            ctx.scheduler.cancel(now(), abandon=True)
             for line in finish(Error(f"internal error while streaming the answer: {type(e).__name__}",
                                      "server_error")):
                 yield line
         finally:  # the client went away (or the stream ended): stop generating
             if not failed:
-                left_early(ctx, job)
+                left_early(ctx, now())
 
     return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -385,6 +405,7 @@ async def chat_completions(request: Request):
     ctx, body = await json_request(request, fields.CHAT, "chat", fields.CHAT_EXTENSIONS)
     check_prompt_text(ctx, body.get("messages"))
     modalities, voice, audio_format, pcm_rate = check_unsupported(body, ctx.engine, ctx.openai_only)
+    n = choice_count(body, modalities)
     stream = flag(body, "stream")
     include_usage = stream_usage(body) and stream  # checked whether it streams or not
     params = generation_params(body, ctx.limits)
@@ -405,35 +426,73 @@ async def chat_completions(request: Request):
     out_rate = pcm_rate if audio_format == "pcm16" else (OPENAI_PCM_RATE if ctx.openai_only else None)
     native_rate = talker_rate(engine)
 
-    def run(cancel):
-        events = engine.chat(messages, params, cancel, system_prompt=system, thinking=thinking, **output)
-        if "audio" not in modalities or out_rate is None or out_rate == native_rate:
-            return events
-        return resampled(events, out_rate)
+    media_bytes = sum(media_nbytes(m["content"]) for m in messages if isinstance(m["content"], list))
+    jobs: list[Job] = []  # one per choice, each started when the one before has ended
 
-    job = Job(run, label="chat.completions")
-    job.media_bytes = sum(media_nbytes(m["content"]) for m in messages if isinstance(m["content"], list))
-    ctx.scheduler.submit(job)
+    def submit_choice() -> Job:
+        """The next choice's job, in line: its own draw (the seed + its index when a seed is given)."""
+        i = len(jobs)
+        choice_params = params if params.seed is None else replace(params, seed=params.seed + i)
+
+        def run(cancel):
+            events = engine.chat(messages, choice_params, cancel, system_prompt=system, thinking=thinking, **output)
+            if "audio" not in modalities or out_rate is None or out_rate == native_rate:
+                return events
+            return resampled(events, out_rate)
+
+        job = Job(run, label="chat.completions")
+        job.media_bytes = media_bytes
+        ctx.scheduler.submit(job)
+        jobs.append(job)
+        return job
+
+    job = submit_choice()
     cid, created = "chatcmpl-" + new_id("c")[2:], int(time.time())
     ext = not ctx.openai_only
     if not stream:
-        got, final = await collect(request, ctx, job)
-        if isinstance(final, Error):
-            return error_response(wire.engine_error(final))
-        audio = None
-        if got.audio and audio_format != "pcm16":  # a file: encoding takes a while, off the event loop
-            audio = await asyncio.to_thread(encode_audio, b"".join(c.pcm for c in got.audio), got.audio[0].sample_rate,
+        answers: list[wire.Answer] = []
+        while True:
+            got, final = await collect(request, ctx, job)
+            if isinstance(final, Error):
+                return error_response(wire.engine_error(final))
+            answers.append(wire.Answer(got, final, job_metrics(job, received, final)))
+            if len(answers) == n or ends_choices(final):
+                break
+            job = submit_choice()
+        audio, spoken = None, answers[0].got.audio  # (a reply with audio has one choice: choice_count)
+        if spoken and audio_format != "pcm16":  # a file: encoding takes a while, off the event loop
+            audio = await asyncio.to_thread(encode_audio, b"".join(c.pcm for c in spoken), spoken[0].sample_rate,
                                             CHAT_AUDIO_FORMATS[audio_format])
-        return JSONResponse(wire.chat_completion(cid, created, ctx.model_id, got, final,
-                                                 job_metrics(job, received, final), extensions=ext, audio_file=audio))
+        return JSONResponse(wire.chat_completion(cid, created, ctx.model_id, answers, extensions=ext, audio_file=audio))
     # (never silent past keepalive_s, the most a streaming client is promised to wait for a first byte)
     head, events = await first_events(job, bounded=True, grace_s=min(QUEUE_GRACE_S, ctx.limits.keepalive_s))
     refused = refused_at_once(head)  # refused before any output (context, modality ...): its HTTP status, as without
     if refused is not None:          # stream, not a 200 whose stream holds the error
         return error_response(wire.engine_error(refused))
     enc = wire.ChatChunkEncoder(cid, created, ctx.model_id, extensions=ext)
-    return stream_response(ctx, job, enc.encode,
-                           lambda final: enc.finish(final, job_metrics(job, received, final), include_usage), events)
+
+    async def every_choice() -> AsyncIterator[Event]:
+        """The choices' events one after another; the next choice starts when the one before has ended well."""
+        choice_events = events
+        while True:
+            final = None
+            async for ev in choice_events:
+                final = ev if isinstance(ev, (Done, Error)) else final
+                yield ev
+            if final is None or ends_choices(final) or len(jobs) == n:
+                return
+            enc.next_choice()
+            try:
+                choice_events = submit_choice().events()
+            except ApiError as e:  # the line is full, the server is stopping: the stream ends with that error
+                yield Error(e.message, e.code)
+                return
+
+    def finish(final: Done | Error) -> list[bytes]:
+        last = ends_choices(final) or len(enc.finished) + 1 == n
+        return enc.finish(final, job_metrics(jobs[-1], received, final), include_usage, last)
+
+    return stream_response(ctx, job, enc.encode, finish, every_choice(), current=lambda: jobs[-1])
 
 
 # --------------------------------------------------------------------------- transcriptions

@@ -557,12 +557,19 @@ class ChatChunkEncoder:
         self.created = created
         self.model = model
         self.extensions = extensions
+        self.index = 0  # the choice being streamed (a request's `n` choices come one after another)
         self.role_sent = False
+        self.finished: list[GenerationStats] = []  # the figures of the choices ended so far
         self.audio_id = "audio_" + completion_id.rsplit("-", 1)[-1]
+
+    def next_choice(self) -> None:
+        """What follows belongs to the next choice (its chunks carry its `index`, its first one the role)."""
+        self.index += 1
+        self.role_sent = False
 
     def _chunk(self, delta: dict, finish: str | None = None, **extra) -> dict:
         return {"id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                "model": self.model, "choices": [{"index": self.index, "delta": delta, "logprobs": None,
                                                   "finish_reason": finish}], **extra}
 
     def _delta(self, delta: dict) -> list[bytes]:
@@ -589,15 +596,20 @@ class ChatChunkEncoder:
             return self._delta({"image": _image_done_fields(ev)})
         raise UnknownEventError(f"no chat-completions mapping for {type(ev).__name__}")
 
-    def finish(self, final: Done | Error, metrics_obj: dict, include_usage: bool) -> list[bytes]:
+    def finish(self, final: Done | Error, metrics_obj: dict, include_usage: bool, last: bool = True) -> list[bytes]:
+        """The end of the current choice (its finish_reason, our metrics); `last`: of the response too (the usage
+        of every choice so far, as `choices_usage` counts it, then [DONE]). An Error ends the response."""
         if isinstance(final, Error):
             return [sse_data({"error": engine_error(final).to_openai()}), SSE_DONE]
         out = [] if self.role_sent else [sse_data(self._chunk({"role": "assistant", "content": ""}))]
         extra = {"metrics": metrics_obj} if self.extensions else {}
         out.append(sse_data(self._chunk({}, finish_reason_http(final), **extra)))
+        self.finished.append(final.stats)
+        if not last:
+            return out
         if include_usage:
             out.append(sse_data({"id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,
-                                 "model": self.model, "choices": [], "usage": usage(final.stats, "chat")}))
+                                 "model": self.model, "choices": [], "usage": choices_usage(self.finished)}))
         return out + [SSE_DONE]
 
 
@@ -622,11 +634,42 @@ class Collected:
             raise UnknownEventError(f"cannot collect {type(ev).__name__}")
 
 
-def chat_completion(completion_id: str, created: int, model: str, got: Collected, done: Done,
-                    metrics_obj: dict, extensions: bool = True, audio_file: bytes | None = None) -> dict:
-    """The non-streaming /v1/chat/completions body (`extensions` False: OpenAI's fields only). Its audio: the
-    `audio_file` asked for (wav, mp3 ...; its header states its rate), else the PCM16 (at `sample_rate`, ours).
-    `expires_at` is `created`: the server keeps no audio (an assistant message cannot name it by id later)."""
+def choices_usage(stats: list[GenerationStats]) -> dict:
+    """A response's chat usage over its choices, as OpenAI counts `n`: the prompt once, every choice's tokens."""
+    return usage(GenerationStats(prompt_tokens=stats[0].prompt_tokens, new_tokens=sum(s.new_tokens for s in stats)),
+                 "chat")
+
+
+@dataclass
+class Answer:
+    """One choice of a whole (non-streaming) chat answer: what it gathered, how it ended, its figures."""
+
+    got: Collected
+    done: Done
+    metrics: dict
+
+
+def chat_completion(completion_id: str, created: int, model: str, answers: list[Answer], extensions: bool = True,
+                    audio_file: bytes | None = None) -> dict:
+    """The non-streaming /v1/chat/completions body (`extensions` False: OpenAI's fields only): one choice per
+    answer, `index` 0..n-1; `metrics` (ours) is the body's with one choice, else each choice's own. Its audio (one
+    choice only): the `audio_file` asked for (wav, mp3 ...; its header states its rate), else the PCM16 (at
+    `sample_rate`, ours). `expires_at` is `created`: the server keeps no audio (an assistant message cannot name it
+    by id later)."""
+    choices = [{"index": i, "message": chat_message(completion_id, created, a.got, extensions, audio_file),
+                "finish_reason": finish_reason_http(a.done), "logprobs": None} for i, a in enumerate(answers)]
+    body = {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": choices_usage([a.done.stats for a in answers])}
+    if not extensions:
+        return body
+    if len(answers) == 1:
+        return {**body, "metrics": answers[0].metrics}
+    for choice, a in zip(choices, answers):
+        choice["metrics"] = a.metrics
+    return body
+
+
+def chat_message(completion_id: str, created: int, got: Collected, extensions: bool, audio_file: bytes | None) -> dict:
     message: dict = {"role": "assistant", "content": "".join(got.text)}
     if got.audio:
         message["audio"] = {"id": "audio_" + completion_id.rsplit("-", 1)[-1],
@@ -636,10 +679,7 @@ def chat_completion(completion_id: str, created: int, model: str, got: Collected
             message["audio"]["sample_rate"] = got.audio[0].sample_rate
     if got.images:
         message["images"] = [_image_done_fields(im) for im in got.images]
-    body = {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason_http(done), "logprobs": None}],
-            "usage": usage(done.stats, "chat")}
-    return {**body, "metrics": metrics_obj} if extensions else body
+    return message
 
 
 def transcription_body(done: Done, metrics_obj: dict | None, duration_s: float | None = None) -> dict:

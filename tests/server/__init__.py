@@ -82,10 +82,11 @@ def wav_bytes(pcm: np.ndarray, rate: int = 16000) -> bytes:
     return buf.getvalue()
 
 
-def reference_chat(engine, messages, max_new_tokens: int, system_prompt=None, thinking=False) -> Done:
-    """The in-process result a server response must equal (greedy decoding is deterministic)."""
+def reference_chat(engine, messages, max_new_tokens: int, system_prompt=None, thinking=False, **sampling) -> Done:
+    """The in-process result a server response must equal (greedy decoding is deterministic, and so is a
+    seeded draw: `sampling` holds GenerationParams' temperature, top_p, seed ...)."""
     with torch_threads(1):
-        events = list(engine.chat(messages, GenerationParams(max_new_tokens=max_new_tokens),
+        events = list(engine.chat(messages, GenerationParams(max_new_tokens=max_new_tokens, **sampling),
                                   system_prompt=system_prompt, thinking=thinking))
     assert isinstance(events[-1], Done), events[-1]
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == events[-1].text

@@ -80,7 +80,7 @@ def hostile_messages(seed: int = 1234) -> list[tuple[str, str | bytes]]:
     # --- session.update
     session_bad = [None, 1, "x", [], True]  # not an object
     fields = {"temperature": ["hot", -1, 3, [0.5]], "max_output_tokens": [0, -5, 10 ** 9, "many", 1.5, True],
-              "max_response_output_tokens": ["infinite", -1, 0], "top_p": [0, -0.5, 2, "x"], "top_k": [-1, 1.5, "x"],
+              "max_response_output_tokens": ["infinite", -1, 0], "top_p": [-0.5, 2, "x"], "top_k": [-1, 1.5, "x"],
               "repetition_penalty": [0, -1, "x", 100], "seed": ["x", 1.5, 2 ** 70], "stop": [5, [""], [1], ["a"] * 9],
               "instructions": [5, [], {}], "thinking": ["yes", 1, []],
               # (the tiny engine has a talker: "audio" is valid, "image" is never a chat output)
@@ -295,8 +295,8 @@ def hostile_http_requests() -> list[tuple[str, str, dict]]:
                                                                              "input_audio": {"data": "AAAA"}}]}],
                                               [{"role": "user", "content": [{"type": "image_url",
                                                                              "image_url": {"url": "ftp://x/y.png"}}]}]],
-                 "max_tokens": [0, -1, "x", 1.5, 10 ** 9, True], "temperature": ["x", -1, 5, []], "top_p": [0, 2, "x"],
-                 "stream": ["yes", 1, []], "n": [2, 0, "x"], "stop": [5, [""], ["a"] * 9], "seed": ["x", 1.5],
+                 "max_tokens": [0, -1, "x", 1.5, 10 ** 9, True], "temperature": ["x", -1, 5, []], "top_p": [-0.1, 2, "x"],
+                 "stream": ["yes", 1, []], "n": [9, 0, "x"], "stop": [5, [""], ["a"] * 9], "seed": ["x", 1.5],
                  "tools": [[{"type": "function"}]], "logprobs": [True], "response_format": [{"type": "json_object"}],
                  "model": [5, "other-model"], "frequency_penalty": [0.5, "x"],
                  "modalities": [["audio", "smell"], "text"],

@@ -3,6 +3,8 @@ loopback: streaming chat (one delta per chunk, [DONE]), media content parts, tra
 (context, hotwords, dialect, streaming), models, health, limits and errors, and a client that
 goes away mid-stream."""
 
+import time
+
 import httpx
 import numpy as np
 import openai
@@ -69,7 +71,10 @@ def test_media_urls_are_refused_because_the_server_never_fetches(client):
 
 @pytest.mark.parametrize("kwargs, status, code", [
     ({"model": "gpt-9"}, 404, "model_not_found"),
-    ({"n": 2}, 400, "unsupported_parameter"),
+    ({"n": 9}, 400, "invalid_value"),  # beyond MAX_CHOICES
+    ({"n": 0}, 400, "invalid_value"),
+    ({"n": 2, "modalities": ["text", "audio"]}, 400, "unsupported_parameter"),  # a spoken reply: one choice
+    ({"top_p": -0.1}, 400, "invalid_value"),
     ({"max_tokens": 10 ** 6}, 400, "max_tokens_exceeded"),
     ({"temperature": "hot"}, 400, "invalid_type"),
     ({"modalities": ["text", "image"]}, 400, "modality_not_supported"),  # chat never draws
@@ -88,6 +93,71 @@ def test_limits_and_bad_requests_get_clear_errors(server, kwargs, status, code):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and err["message"] and err["type"]
+    if "n" in kwargs or "top_p" in kwargs:
+        assert err["param"] == ("n" if "n" in kwargs else "top_p"), err
+
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def test_top_p_zero_keeps_the_most_likely_token_only(client, tiny_engine):
+    """OpenAI takes top_p 0: the best token alone (HF's min_tokens_to_keep=1), the greedy reply even at
+    temperature 1."""
+    expected = reference_chat(tiny_engine, HELLO, 6)
+    resp = client.chat.completions.create(model="default", messages=HELLO, max_tokens=6, temperature=1, top_p=0,
+                                          seed=4)
+    assert resp.choices[0].message.content == expected.text
+
+
+def test_n_choices_come_one_per_seed_with_their_index(client, tiny_engine):
+    """n choices, each its own draw (seed + index), index 0..n-1, the usage counting the prompt once and every
+    choice's tokens; the stream's chunks carry their choice's index, each choice ending with its own finish_reason,
+    and the same texts as the whole answer."""
+    sampling = {"temperature": 1.0, "top_k": 40}
+    expected = [reference_chat(tiny_engine, HELLO, 6, seed=11 + i, **sampling) for i in range(3)]
+    assert len({e.text for e in expected}) > 1  # (the seeds draw different replies, or the test proves nothing)
+    resp = client.chat.completions.create(model="default", messages=HELLO, max_tokens=6, n=3, seed=11,
+                                          temperature=1, extra_body={"top_k": 40})
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert [c.message.content for c in resp.choices] == [e.text for e in expected]
+    assert [c.finish_reason for c in resp.choices] == ["length" if e.finish_reason == "length" else "stop"
+                                                       for e in expected]
+    assert resp.usage.prompt_tokens == expected[0].stats.prompt_tokens
+    assert resp.usage.completion_tokens == sum(e.stats.new_tokens for e in expected)
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert all(c.model_extra["metrics"]["total_ms"] > 0 for c in resp.choices)
+
+    chunks = list(client.chat.completions.create(model="default", messages=HELLO, max_tokens=6, n=3, seed=11,
+                                                 temperature=1, extra_body={"top_k": 40}, stream=True,
+                                                 stream_options={"include_usage": True}))
+    texts, finishes, roles = ["", "", ""], [[], [], []], [0, 0, 0]
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+            roles[choice.index] += choice.delta.role == "assistant"
+            if choice.finish_reason:
+                finishes[choice.index].append(choice.finish_reason)
+    assert texts == [c.message.content for c in resp.choices] and roles == [1, 1, 1]
+    assert finishes == [[c.finish_reason] for c in resp.choices]
+    assert chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == resp.usage.prompt_tokens
+
+
+def test_a_client_leaving_stops_the_remaining_choices(server, tiny_engine):
+    prompt = long_prompt(tiny_engine)
+    before, submitted = len(server.ctx.scheduler.history), server.ctx.scheduler.counts["submitted"]
+    body = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
+            "max_tokens": 400, "stream": True, "n": 3}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url + "/v1/chat/completions", json=body) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                    break  # the first choice has a token: hang up
+    rec = wait_for(lambda: next((r for r in list(server.ctx.scheduler.history)[before:]
+                                 if r.label == "chat.completions"), None), 20)
+    assert rec.finish_reason == "cancelled" and rec.new_tokens < 400
+    time.sleep(0.5)  # (a second choice would have been put in line at once)
+    assert server.ctx.scheduler.counts["submitted"] == submitted + 1 and server.ctx.scheduler.running == 0
 
 
 def test_transcription_with_context_hotwords_and_dialect(client, tiny_engine):
