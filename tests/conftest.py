@@ -41,3 +41,25 @@ def tiny_checkpoint() -> Path:
 def tiny_engine(tiny_checkpoint):
     from engine.runtime import Engine
     return Engine.load(tiny_checkpoint, dtype="fp32", device="cpu")
+
+
+@pytest.fixture
+def scripted_tokens(monkeypatch):
+    """`script(ids)`: from then on every reply generated draws `ids` in turn, whatever the logits (a reply the
+    tiny random model would not give by itself: a character split over tokens and cut by the token limit ...)."""
+    import torch
+
+    def script(ids: list[int]) -> None:
+        class Scripted:
+            def __init__(self, params, vocab_size, batch=1, device="cpu"):
+                self.left = list(ids)
+
+            def observe(self, seen) -> None:
+                pass
+
+            def __call__(self, logits):
+                return torch.tensor([self.left.pop(0)], device=logits.device)
+
+        monkeypatch.setattr("engine.generate.Sampler", Scripted)
+
+    return script

@@ -49,6 +49,22 @@ def test_top_p_zero_samples_the_greedy_reply(tiny_engine):
     assert _done(_run(tiny_engine, max_new_tokens=12, temperature=1.0, top_p=0.0, seed=9)).token_ids == greedy
 
 
+def test_a_reply_cut_inside_a_character_drops_it_instead_of_ending_in_a_replacement_character(tiny_engine,
+                                                                                             scripted_tokens):
+    """A reply stopped by its token limit between the bytes of one character ended with U+FFFD (the held-back
+    bytes decoded); the cut drops the partial character, and a whole one still comes through."""
+    tok = tiny_engine.tokenizer
+    a, zh = tok.encode_plain("a"), tok.encode_plain("中")
+    assert len(zh) == 3  # (one byte a token: the character is split over three)
+    scripted_tokens(a + zh[:2])
+    events = _run(tiny_engine, max_new_tokens=3)
+    done = _done(events)
+    assert done.finish_reason == "length" and done.text == "a" and done.token_ids == a + zh[:2]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "a"
+    scripted_tokens(a + zh)
+    assert _done(_run(tiny_engine, max_new_tokens=4)).text == "a中"
+
+
 def test_eos_stops_generation(tiny_engine):
     ids = _done(_run(tiny_engine, max_new_tokens=8)).token_ids
     prompt = tiny_engine.processor.build(MSG).ids

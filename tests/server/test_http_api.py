@@ -143,6 +143,19 @@ def test_n_choices_come_one_per_seed_with_their_index(client, tiny_engine):
     assert chunks[-1].usage.prompt_tokens == resp.usage.prompt_tokens
 
 
+def test_a_reply_cut_inside_a_character_reads_the_same_streamed_or_whole(client, tiny_engine, scripted_tokens):
+    """Cut by max_tokens between the bytes of one character, the reply drops that character, in a stream as in a
+    whole answer (it ended with U+FFFD)."""
+    tok = tiny_engine.tokenizer
+    scripted_tokens(tok.encode_plain("a") + tok.encode_plain("中")[:2])
+    whole = client.chat.completions.create(model="default", messages=HELLO, max_tokens=3)
+    scripted_tokens(tok.encode_plain("a") + tok.encode_plain("中")[:2])
+    chunks = list(client.chat.completions.create(model="default", messages=HELLO, max_tokens=3, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.choices[0].message.content == streamed == "a"
+    assert whole.choices[0].finish_reason == "length" and chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_a_client_leaving_stops_the_remaining_choices(server, tiny_engine):
     prompt = long_prompt(tiny_engine)
     before, submitted = len(server.ctx.scheduler.history), server.ctx.scheduler.counts["submitted"]

@@ -161,9 +161,14 @@ class StreamDecoder:
         delta, self._emitted = text[len(self._emitted):], text
         return delta
 
-    def flush(self) -> str:
+    def flush(self, complete_only: bool = False) -> str:
+        """The text held back, at the reply's end. `complete_only`: the reply was cut (at its token limit), so a
+        character whose last bytes never came is dropped rather than ending the reply as U+FFFD."""
         if self._ids:
             text = self.tok.decode(self._ids)
             delta, self._emitted = text[len(self._emitted):], text
-            return delta
+            return delta.rstrip("\ufffd") if complete_only else delta
+        if complete_only:
+            self._utf8.reset()  # (it holds only the start of a valid character: invalid bytes were emitted as U+FFFD)
+            return ""
         return self._utf8.decode(b"", final=True)
