@@ -356,6 +356,20 @@ def test_realtime_sampling_errors_name_the_field_by_its_path(server):
             assert ev["type"] == "error" and ev["error"]["param"] == f"{key}.{field}", ev
 
 
+def test_realtime_takes_top_p_zero_as_openai_does(server):
+    """top_p 0 (the most likely token only) is a setting a session keeps, and a response runs with it."""
+    with connect(server.ws_url) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        ws.send(json.dumps({"type": "session.update", "session": {"top_p": 0, "temperature": 1}}))
+        ev = recv_json(ws)
+        assert ev["type"] == "session.updated" and ev["session"]["top_p"] == 0, ev
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}}))
+        ws.send(json.dumps({"type": "response.create", "response": {"top_p": 0, "max_output_tokens": 2}}))
+        done = recv_until(ws, "response.done")[-1]
+        assert done["response"]["status"] in ("completed", "incomplete"), done
+
+
 HUGE = 10 ** 4000  # JSON allows any number of digits; past float's range math.isfinite raised OverflowError
 
 
