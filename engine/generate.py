@@ -16,8 +16,9 @@ Three pieces, each usable on its own:
 
 `generate` strings them together for one prompt (batch 1): cancellation is checked between prefill
 layers and between steps; stop strings never leak into the emitted text; text deltas never split a
-UTF-8 character and come one per token (a reply cut at its token limit inside a character drops that character) (a "speak while thinking" consumer can follow them); the KV
-cache is freed however the loop ends.
+UTF-8 character and come one per token (a "speak while thinking" consumer can follow them), and a reply cut at
+its token limit inside a character drops that character rather than end in U+FFFD; the KV cache is freed however
+the loop ends.
 """
 
 from __future__ import annotations
