@@ -121,7 +121,8 @@ def test_bad_parameters_give_error_events(tiny_engine, kw, msg):
 
 def test_cli_streams_and_prints_figures(tiny_checkpoint):
     out = subprocess.run([sys.executable, "-m", "engine.generate", "--model", str(tiny_checkpoint), "--prompt", "hi",
-                          "--max-new-tokens", "5", "--temperature", "1", "--top-p", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          "--max-new-tokens", "5", "--temperature", "1", "--top-p", "0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
     for field in ("prompt tokens", "new tokens 5", "time to first token", "tokens/s"):
