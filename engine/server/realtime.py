@@ -334,7 +334,6 @@ class RealtimeConnection:
                 spec["input_audio_transcription"], "session.input_audio_transcription"),
                 "session.input_audio_transcription")
         if spec.get("output_audio_format") is not None:  # the beta shape
-            check_output_modalities(["audio"], "session.output_audio_format", engine)
             new["output"] = twin("output", output_audio_format(spec["output_audio_format"],
                                                                "session.output_audio_format", engine),
                                  "session.output_audio_format")
@@ -893,10 +892,8 @@ class RealtimeConnection:
                 if fmt is not None:
                     out_format = output_audio_format(fmt, "response.audio.output.format", engine)
         if spec.get("voice") is not None:  # the beta shape of audio.output.voice
-            check_output_modalities(["audio"], "response.voice", engine)
             voice = voice_name(spec["voice"], "response.voice", engine)
         if spec.get("output_audio_format") is not None:  # ... and of audio.output.format
-            check_output_modalities(["audio"], "response.output_audio_format", engine)
             beta = output_audio_format(spec["output_audio_format"], "response.output_audio_format", engine)
             if fmt is not None and beta != out_format:
                 raise bad("'response.output_audio_format' and 'response.audio.output.format' name different formats; "
@@ -1152,9 +1149,10 @@ def unsend(resp: Response, dropped: list[dict]) -> None:
 
 
 def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str | None:
-    """session/response `audio.output`: {"voice", "format": {"type": "audio/pcm"}, "speed"}; needs a
-    talker. Returns the voice (the format is read by output_audio_format)."""
-    check_output_modalities(["audio"], name, engine)
+    """session/response `audio.output`: {"voice", "format": {"type": "audio/pcm"}, "speed"}. Returns the
+    voice (the format is read by output_audio_format). Accepted without a talker too (OpenAI's SDK sends
+    the whole session object, its audio defaults included): only asking for audio in `output_modalities`
+    is refused there."""
     spec = need_dict(spec, name)
     codec.check_keys(spec, name, ("voice", "format"), ("speed",))
     if spec.get("format") is not None:

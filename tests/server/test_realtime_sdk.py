@@ -294,3 +294,37 @@ def test_a_bound_on_one_side_is_said_as_such():
         err = conn.recv()
         assert err.error.param == "session.max_output_tokens" and "None" not in err.error.message
         assert "at least 1, got 0" in err.error.message
+
+
+def test_a_talkerless_engine_stores_the_output_audio_format_and_refuses_only_audio_output():
+    """An application sends the whole session object, OpenAI's audio defaults included (an output format and
+    a voice), whatever the engine can say: a server without a talker refused the update for naming an output
+    format at all, so the client could not start. The format and voice are stored; what cannot be done,
+    audio in output_modalities, is refused naming that field, and the session still answers in text."""
+    from engine.events import Done, TextDelta
+
+    engine = FakeEngine(script=[TextDelta("hi"), Done("hi", "stop")])  # has_talker=False
+    session = {"type": "realtime", "output_modalities": ["text"], "instructions": "Be brief.",
+               "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": None},
+                         "output": {"format": {"type": "audio/pcm", "rate": 16000}, "voice": "marin", "speed": 1.0}}}
+    with fake_server(engine) as srv, sdk(srv).realtime.connect(model="gpt-realtime") as conn:
+        recv_until(conn, "session.created")
+        conn.session.update(session=session)
+        output = recv_until(conn, "session.updated")[-1].session.audio.output
+        assert (output.format.type, output.format.rate, output.voice) == ("audio/pcm", 16000, "marin")
+        conn.session.update(session={"type": "realtime", "output_audio_format": "g711_ulaw"})  # the beta shape too
+        assert recv_until(conn, "session.updated")[-1].session.audio.output.format.type == "audio/pcmu"
+        for field in ("output_modalities", "modalities"):
+            conn.send({"type": "session.update", "event_id": "speak", "session": {field: ["text", "audio"]}})
+            err = conn.recv()
+            assert err.type == "error" and err.error.event_id == "speak", err
+            assert (err.error.code, err.error.param) == ("modality_not_supported", f"session.{field}")
+            assert "talker" in err.error.message
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_text", "text": "hello"}]})
+        recv_until(conn, "conversation.item.done")
+        conn.response.create(response={"audio": {"output": {"voice": "marin"}}})
+        done = recv_until(conn, "response.done")[-1].response
+    assert done.status == "completed" and done.output_modalities == ["text"]
+    assert done.output[0].content[0].text == "hi"
+    assert "modalities" not in engine.calls[0]  # asked for text alone
