@@ -33,6 +33,9 @@ class GenerationStats:
 
     prompt_tokens: int = 0
     new_tokens: int = 0
+    prompt_image_tokens: int = 0  # of prompt_tokens: image and video patch tokens
+    prompt_audio_tokens: int = 0  # of prompt_tokens: audio tokens (the rest is text and the chat template)
+    audio_tokens: int = 0  # speech out: the talker's latent patches (beside new_tokens, the thinker's text)
     time_to_first_token_s: float = 0.0
     decode_tokens_per_s: float = 0.0
     total_s: float = 0.0

@@ -218,9 +218,9 @@ class Engine:
                 return
             except Cancelled:  # while the media was encoded: a cancelled response with no tokens
                 encode_s = time.perf_counter() - t_enc
-                yield Done(text="", finish_reason="cancelled",
-                           stats=GenerationStats(prompt_tokens=len(prompt_ids), queue_wait_s=waited,
-                                                 media_encode_s=encode_s, total_s=time.perf_counter() - t_start))
+                stats = GenerationStats(prompt_tokens=len(prompt_ids), queue_wait_s=waited, media_encode_s=encode_s,
+                                        total_s=time.perf_counter() - t_start)
+                yield Done(text="", finish_reason="cancelled", stats=count_media_tokens(stats, prompt))
                 return
             encode_s = time.perf_counter() - t_enc
             grids = (prompt.image_grid_thw, prompt.video_grid_thw) if prompt is not None else (None, None)
@@ -229,6 +229,7 @@ class Engine:
                 if isinstance(ev, Done):
                     ev.stats.queue_wait_s = waited
                     ev.stats.media_encode_s = encode_s
+                    count_media_tokens(ev.stats, prompt)
                 yield ev
 
     def chat(self, messages: list[ChatMessage | dict], params: GenerationParams | None = None,
@@ -546,6 +547,13 @@ def no_audio_after_cancel(events: Iterator[Event], cancel: threading.Event | Non
     for ev in events:
         if not (isinstance(ev, AudioChunk) and peek()):
             yield ev
+
+
+def count_media_tokens(stats: GenerationStats, prompt: ProcessedPrompt | None) -> GenerationStats:
+    """`stats` with the prompt's image and audio tokens counted (of its prompt_tokens; none without media)."""
+    if prompt is not None:
+        stats.prompt_image_tokens, stats.prompt_audio_tokens = prompt.image_tokens, prompt.audio_tokens
+    return stats
 
 
 def _speech_reply(events: Iterator[Event], cancel: threading.Event, keep_text: bool) -> Iterator[Event]:

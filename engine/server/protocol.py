@@ -149,9 +149,24 @@ USAGE_STYLES = {  # field names of (prompt, output, total) tokens per endpoint
 
 
 def usage(stats: GenerationStats, style: str) -> dict:
+    if style == "realtime":
+        return realtime_usage(stats)
     prompt, output, total = USAGE_STYLES[style]
     out = {prompt: stats.prompt_tokens, output: stats.new_tokens, total: stats.prompt_tokens + stats.new_tokens}
     return {"type": "tokens", **out} if style == "transcription" else out
+
+
+def realtime_usage(stats: GenerationStats) -> dict:
+    """A realtime response's usage as OpenAI's: the prompt's tokens by modality (text: everything that is
+    not an image, video or audio token, the chat template included; cached: none, the engine reuses no
+    prompt prefix) and the output's: the thinker's text tokens and the talker's latent patches."""
+    text_in = stats.prompt_tokens - stats.prompt_image_tokens - stats.prompt_audio_tokens
+    output = stats.new_tokens + stats.audio_tokens
+    return {"input_tokens": stats.prompt_tokens, "output_tokens": output, "total_tokens": stats.prompt_tokens + output,
+            "input_token_details": {"text_tokens": text_in, "audio_tokens": stats.prompt_audio_tokens,
+                                    "image_tokens": stats.prompt_image_tokens, "cached_tokens": 0,
+                                    "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0}},
+            "output_token_details": {"text_tokens": stats.new_tokens, "audio_tokens": stats.audio_tokens}}
 
 
 # (wire name, GenerationStats field, scale): the figures every response reports, both directions.
@@ -191,6 +206,13 @@ def stats_from_wire(usage_obj: dict | None, metrics_obj: dict | None) -> Generat
     u, m = usage_obj or {}, metrics_obj or {}
     stats = GenerationStats(prompt_tokens=int(u.get("prompt_tokens", u.get("input_tokens", 0)) or 0),
                             new_tokens=int(u.get("completion_tokens", u.get("output_tokens", 0)) or 0))
+    details_in, details_out = u.get("input_token_details"), u.get("output_token_details")
+    if isinstance(details_in, dict):  # realtime: the prompt's media tokens
+        stats.prompt_image_tokens = int(details_in.get("image_tokens") or 0)
+        stats.prompt_audio_tokens = int(details_in.get("audio_tokens") or 0)
+    if isinstance(details_out, dict):  # ... and output_tokens as the thinker's text and the talker's patches
+        stats.audio_tokens = int(details_out.get("audio_tokens") or 0)
+        stats.new_tokens = int(details_out.get("text_tokens", stats.new_tokens - stats.audio_tokens) or 0)
     for name, attr, scale in METRICS:
         value = m.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -262,7 +284,7 @@ REALTIME_BOOKKEEPING_EVENTS = (
     "response.output_item.done", "response.content_part.added", "response.content_part.done",
     "response.output_text.done", "response.output_audio.done", "response.output_audio_transcript.done",
     "conversation.item.input_audio_transcription.delta", "conversation.item.input_audio_transcription.completed",
-    "conversation.item.input_audio_transcription.failed",
+    "conversation.item.input_audio_transcription.failed", "rate_limits.updated",
 )
 # Server events that carry engine events (see RealtimeResponseDecoder).
 REALTIME_STREAM_EVENTS = (

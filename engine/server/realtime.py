@@ -270,6 +270,22 @@ class RealtimeConnection:
                            "(conversation.item.delete) or start a new session", code="session_text_limit",
                            param=param)
 
+    def _rate_limits(self, final: Done | Error) -> dict:
+        """rate_limits.updated, sent after each response.done as OpenAI's: the limits of this server that
+        OpenAI's names stand for, with what is left of them now. `requests`: the line in front of the
+        engine (Limits.max_queue requests may wait; queue_full past it), less those waiting. `tokens`:
+        the model's context (context_length_exceeded past it), less what the response's prompt and reply
+        took of it (when the engine counted them). Neither resets on a clock (no reset_seconds)."""
+        waiting = self.ctx.scheduler.waiting
+        limits = [{"name": "requests", "limit": self.limits.max_queue,
+                   "remaining": max(0, self.limits.max_queue - waiting)}]
+        bound = self.ctx.prompt_bound
+        if bound is not None and isinstance(final, Done) and final.stats.prompt_tokens:
+            used = final.stats.prompt_tokens + final.stats.new_tokens
+            limits.append({"name": "tokens", "limit": bound.context_tokens,
+                           "remaining": max(0, bound.context_tokens - used)})
+        return {"type": "rate_limits.updated", "rate_limits": limits}
+
     # ------------------------------------------------------------------ session
     async def on_session_update(self, event: dict, event_id) -> None:
         spec = need_dict(event.get("session"), "session")
@@ -1023,6 +1039,7 @@ class RealtimeConnection:
             resp.audio = cut_reply(enc, resp.audio, cut_at)
         for wire_event in enc.finish(final, figures, "slow_reader" if job.slow_reader else resp.cancel_reason):
             await self.send(wire_event)
+        await self.send(self._rate_limits(final))
         if resp.joins:  # announced (conversation.item.added): it joins, even when the response failed midway
             item = Item(enc.item_id, "assistant", [{"type": "text", "text": enc.assistant_text}],
                         enc.item("completed")["content"],

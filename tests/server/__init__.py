@@ -125,15 +125,25 @@ def recv_item(ws, timeout: float = 30.0) -> dict:
 
 
 def recv_until(ws, kind: str, timeout: float = 60.0) -> list[dict]:
-    """Events up to and including the first of type `kind`."""
+    """Events up to and including the first of type `kind`; after response.done, the rate_limits.updated that
+    follows it is read too (and checked), not returned."""
     out = []
     deadline = time.monotonic() + timeout
     while True:
         ev = recv_json(ws, max(0.1, deadline - time.monotonic()))
         out.append(ev)
         if ev["type"] == kind:
+            if kind == "response.done":
+                follows_response_done(recv_json(ws, max(0.1, deadline - time.monotonic())))
             return out
         assert time.monotonic() < deadline, f"no {kind} in time"
+
+
+def follows_response_done(event: dict) -> None:
+    """The event a realtime server sends right after each response.done: rate_limits.updated, OpenAI's shape."""
+    assert event["type"] == "rate_limits.updated", event
+    assert event["rate_limits"] and all(r["name"] in ("requests", "tokens") and 0 <= r["remaining"] <= r["limit"]
+                                        for r in event["rate_limits"]), event
 
 
 # --------------------------------------------------------------------------- an engine that yields every kind

@@ -65,8 +65,11 @@ def test_every_kind_crosses_the_realtime_wire_with_ga_names():
     added = [e for e in events if e["type"] == "response.content_part.added"]
     assert [(e["content_index"], e["part"]["type"]) for e in added] == [(0, "text"), (1, "audio"), (2, "image")]
     done = events[-1]["response"]
-    assert done["status"] == "completed" and done["usage"] == {"input_tokens": 7, "output_tokens": 2,
-                                                               "total_tokens": 9}
+    assert done["status"] == "completed" and done["usage"] == {
+        "input_tokens": 7, "output_tokens": 2, "total_tokens": 9,
+        "input_token_details": {"text_tokens": 7, "audio_tokens": 0, "image_tokens": 0, "cached_tokens": 0,
+                                "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0}},
+        "output_token_details": {"text_tokens": 2, "audio_tokens": 0}}
     assert done["output"][0]["content"] == [{"type": "output_text", "text": "Hello world"},
                                             {"type": "output_audio", "transcript": "Hello"},
                                             {"type": "output_image", "index": 0, "width": 16, "height": 16}]
@@ -159,6 +162,14 @@ def test_metrics_and_usage_round_trip():
     assert_done_carries_the_engine_figures(Done("", "stop", back), Done("", "stop", stats))
     assert wire.stats_from_wire(wire.usage(stats, "transcription"), None).prompt_tokens == 7
     assert wire.metrics(None, 0.1, None) == {"queue_wait_ms": 100.0}  # a failed response: its wait only
+    # realtime usage by modality: what a client reads back is what the engine counted
+    spoken = GenerationStats(prompt_tokens=50, new_tokens=6, prompt_image_tokens=30, prompt_audio_tokens=12,
+                             audio_tokens=9)
+    usage = wire.usage(spoken, "realtime")
+    assert (usage["input_token_details"]["text_tokens"], usage["output_tokens"], usage["total_tokens"]) == (8, 15, 65)
+    back = wire.stats_from_wire(usage, None)
+    assert [getattr(back, f) for f in ("prompt_tokens", "new_tokens", "prompt_image_tokens", "prompt_audio_tokens",
+                                       "audio_tokens")] == [50, 6, 30, 12, 9]
 
 
 def _codes_used_in(path) -> set[str]:

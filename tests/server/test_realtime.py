@@ -66,7 +66,8 @@ def test_whole_session_matches_the_in_process_engine(server, tiny_engine):
         assert vc["type"] == "input_video_buffer.committed" and vc["frames"] == 4
         assert vitem["item"]["content"][0] == {"type": "input_video", "frames": 4, "seconds": 1.5}
         send(ws, type="response.create", event_id="r1")
-        events = recv_until(ws, "response.done")
+        events = recv_until(ws, "rate_limits.updated")  # after each response.done
+        limits = events.pop()
         # second turn: the assistant's reply is now part of the conversation
         send(ws, type="conversation.item.create", item={"type": "message", "role": "user",
                                                         "content": [{"type": "input_text", "text": "More?"}]})
@@ -92,8 +93,23 @@ def test_whole_session_matches_the_in_process_engine(server, tiny_engine):
     assert deltas == expected.text == events[-5]["text"]
     assert done["status"] == ("incomplete" if expected.finish_reason == "length" else "completed")
     assert done["output"][0]["content"][0]["text"] == expected.text
-    assert done["usage"] == {"input_tokens": expected.stats.prompt_tokens, "output_tokens": expected.stats.new_tokens,
-                             "total_tokens": expected.stats.prompt_tokens + expected.stats.new_tokens}
+    # usage by modality: the prompt's patch tokens, counted here from the prompt the engine builds
+    prompt = tiny_engine.processor.build(messages, system_prompt=SYSTEM)
+    patches = {name: prompt.ids.count(tiny_engine.tokenizer.token_id(name))
+               for name in ("<imagePatch>", "<framePatch>", "<audioPatch>")}
+    assert all(patches.values()), patches
+    n_in, n_out = expected.stats.prompt_tokens, expected.stats.new_tokens
+    assert done["usage"] == {
+        "input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out,
+        "input_token_details": {"text_tokens": n_in - sum(patches.values()), "audio_tokens": patches["<audioPatch>"],
+                                "image_tokens": patches["<imagePatch>"] + patches["<framePatch>"], "cached_tokens": 0,
+                                "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0}},
+        "output_token_details": {"text_tokens": n_out, "audio_tokens": 0}}
+    # what is left of the server's limits: its whole line (nothing waits), and the context less this response
+    context = server.ctx.prompt_bound.context_tokens
+    assert limits == {"type": "rate_limits.updated", "event_id": limits["event_id"], "rate_limits": [
+        {"name": "requests", "limit": server.ctx.limits.max_queue, "remaining": server.ctx.limits.max_queue},
+        {"name": "tokens", "limit": context, "remaining": context - n_in - n_out}]}
     m = done["metrics"]
     assert m["queue_wait_ms"] >= 0 and m["time_to_first_token_ms"] > 0 and m["media_encode_ms"] > 0
     assert "tokens_per_s" in m and m["engine_time_to_first_token_ms"] > 0
@@ -135,6 +151,12 @@ def test_image_output_is_refused_and_audio_is_spoken(server):
     assert done["status"] in ("completed", "incomplete")  # incomplete: max_output_tokens reached
     spoken = [c for c in done["output"][0]["content"] if c["type"] == "output_audio"][0]["transcript"]
     assert spoken == "".join(transcript) and spoken.strip()
+    usage = done["usage"]  # the thinker's text tokens and the talker's latent patches, each counted
+    out, inp = usage["output_token_details"], usage["input_token_details"]
+    assert out["text_tokens"] > 0 and out["audio_tokens"] > 0
+    assert usage["output_tokens"] == out["text_tokens"] + out["audio_tokens"]
+    assert usage["input_tokens"] == inp["text_tokens"] + inp["audio_tokens"] + inp["image_tokens"] == inp["text_tokens"]
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     m = done["metrics"]
     seconds = sum(len(base64.b64decode(e["delta"])) // 2 for e in audio) / 24000
     assert m["audio_seconds"] == pytest.approx(seconds, abs=1e-3) and m["time_to_first_audio_ms"] > 0

@@ -14,7 +14,7 @@ from websockets.sync.client import connect
 
 from engine.events import AudioChunk, Done, GenerationStats, TextDelta
 from engine.media.audio import resampled_length
-from tests.server import FakeEngine, fake_server, running_server, wait_for
+from tests.server import FakeEngine, fake_server, follows_response_done, running_server, wait_for
 from tests.server.live import MIC_RATE, LiveClient, last_loud_s, silence, speaks, speech
 
 pytest.importorskip("silero_vad")
@@ -175,9 +175,13 @@ def spoken_reply_script(words: int = 12, chunk_s: float = 0.2, rate: int = 24000
 
 
 def recv_until(ws, kind: str, timeout: float = 20.0) -> list[dict]:
+    """Events up to and including the first of type `kind` (after response.done, the rate_limits.updated
+    that follows it is read and checked, not returned)."""
     out, deadline = [], time.monotonic() + timeout
     while not out or out[-1]["type"] != kind:
         out.append(json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic()))))
+    if kind == "response.done":
+        follows_response_done(json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic()))))
     return out
 
 

@@ -5,13 +5,14 @@ OpenAI-shaped application drives it: its typed events parse, and what it assumes
 from __future__ import annotations
 
 import base64
+from contextlib import ExitStack
 
 import numpy as np
 import openai
 import torch
 import pytest
 
-from tests.server import FakeEngine, fake_server, tone_pcm16, wait_for
+from tests.server import FakeEngine, fake_server, follows_response_done, tone_pcm16, wait_for
 from tests.server.test_realtime_live import spoken_reply_script
 
 
@@ -21,10 +22,14 @@ def sdk(srv) -> openai.OpenAI:
 
 
 def recv_until(conn, kind: str) -> list:
+    """Events up to and including the first of type `kind` (after response.done, the rate_limits.updated
+    that follows it is read and checked, not returned)."""
     out = []
     while not out or out[-1].type != kind:
         out.append(conn.recv())
         assert out[-1].type != "error", out[-1]
+    if kind == "response.done":
+        follows_response_done(conn.recv().model_dump())
     return out
 
 
@@ -328,3 +333,34 @@ def test_a_talkerless_engine_stores_the_output_audio_format_and_refuses_only_aud
     assert done.status == "completed" and done.output_modalities == ["text"]
     assert done.output[0].content[0].text == "hi"
     assert "modalities" not in engine.calls[0]  # asked for text alone
+
+
+def test_rate_limits_follow_each_response_done_with_what_is_left_of_the_line():
+    """OpenAI's server sends rate_limits.updated after each response.done; this one sent none. It now sends the
+    limit it enforces in OpenAI's terms, `requests` (the line in front of the engine: queue_full past it), with
+    what is left of it when the response ends: here one session's request still waits behind a running one."""
+    from openai.types.realtime import RateLimitsUpdatedEvent
+
+    from engine.events import Done, TextDelta
+
+    engine = FakeEngine(script=[TextDelta("x")] * 400 + [Done("x" * 400, "stop")], step_s=0.05)
+    with fake_server(engine, max_queue=5) as srv, ExitStack() as stack:
+        conns = [stack.enter_context(sdk(srv).realtime.connect(model="gpt-realtime")) for _ in range(3)]
+        for conn in conns:
+            recv_until(conn, "session.created")
+            conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                "content": [{"type": "input_text", "text": "hello"}]})
+            recv_until(conn, "conversation.item.done")
+        running, cancelled, waiting = conns
+        running.response.create()
+        recv_until(running, "response.output_text.delta")  # it holds the engine
+        for conn in (cancelled, waiting):
+            conn.response.create()
+            recv_until(conn, "response.queue_position")
+        wait_for(lambda: srv.ctx.scheduler.waiting == 2)
+        cancelled.response.cancel()  # it leaves the line at once
+        *_, done, limits = recv_until(cancelled, "rate_limits.updated")
+        assert done.type == "response.done" and done.response.status == "cancelled"
+        assert isinstance(limits, RateLimitsUpdatedEvent), limits
+        assert [(r.name, r.limit, r.remaining, r.reset_seconds) for r in limits.rate_limits] == [
+            ("requests", 5, 4, None)]  # (no tokens: this engine does not say its context)

@@ -137,6 +137,7 @@ def speak_while_thinking(pipe: TalkerPipeline, thinker_events: Iterable[Event], 
         final.stats.time_to_first_audio_s = a.time_to_first_audio_s
         final.stats.audio_seconds = a.audio_seconds
         final.stats.audio_real_time_factor = a.audio_real_time_factor
+        final.stats.audio_tokens = report.patches
         final.result = {**(final.result or {}), "audio": {"sample_rate": pipe.sample_rate, "fragments": report.fragments}}
         if report.cancelled and final.finish_reason != "cancelled":
             final.finish_reason = "cancelled"

@@ -115,6 +115,16 @@ class ProcessedPrompt:
     def pixel_values_videos(self) -> torch.Tensor | None:
         return torch.cat([v.pixel_values for v in self.videos]) if self.videos else None
 
+    @property
+    def image_tokens(self) -> int:
+        """The prompt's image and video patch tokens (those the vision encoder's rows fill)."""
+        return sum(sum(i.num_tokens) for i in self.images) + sum(v.num_tokens for v in self.videos)
+
+    @property
+    def audio_tokens(self) -> int:
+        """The prompt's audio tokens (those the audio encoder's rows fill)."""
+        return sum(n for _, n in self.audio_spans)
+
     def packed_audio(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not self.audios:
             return None
