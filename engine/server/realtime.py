@@ -957,6 +957,9 @@ class RealtimeConnection:
             return engine.chat(_m, _p, cancel, system_prompt=_i, thinking=_t, **output)
 
         job = Job(run, label=f"realtime {self.session.id}")
+        if items is not None:  # an out-of-band input's new items: their media count in the server's limit while it runs
+            held = {it.id for it in self.session.items}
+            job.media_bytes = sum(it.nbytes for it in items if it.id not in held)
         resp = Response(self.session, job, event_id, modalities, in_conversation, metadata)
         resp.set_output_format(*out_format)
         resp.encoder.settings = {"max_output_tokens": params.max_new_tokens, "audio": {"output": {

@@ -228,6 +228,40 @@ def test_the_media_of_an_out_of_band_input_count_together():
     assert len(engine.calls) == 1
 
 
+def test_an_out_of_band_inputs_media_counts_in_the_servers_media_limit():
+    """The server-wide media limit (max_total_media_bytes) counted conversations and HTTP requests, not the new items
+    of an out-of-band response's `input`: sessions could hold any amount beside it that way. They count while the
+    response runs, as an item in a conversation would: past the limit it is refused (server_media_limit, 503) and
+    the session goes on; while one runs, another session's picture that would pass the limit is refused."""
+    from engine.events import Done, TextDelta
+    from tests.server import b64, png_bytes
+
+    picture = "data:image/png;base64," + b64(png_bytes(np.zeros((200, 200, 3), np.uint8)))  # 120 000 bytes decoded
+    item = {"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": picture}]}
+    engine = FakeEngine(script=[TextDelta("x")] * 100 + [Done("x" * 100, "stop")], step_s=0.02)
+    with fake_server(engine, max_session_media_bytes=300_000, max_total_media_bytes=200_000) as srv, \
+            sdk(srv).realtime.connect(model="gpt-realtime") as conn, \
+            sdk(srv).realtime.connect(model="gpt-realtime") as other:
+        recv_until(conn, "session.created")
+        recv_until(other, "session.created")
+        conn.send({"type": "response.create", "event_id": "big", "response": {"conversation": "none",
+                                                                              "input": [item, item]}})
+        err = conn.recv()
+        assert err.type == "error" and err.error.event_id == "big", err
+        assert (err.error.code, err.error.type) == ("server_media_limit", "server_error")
+        assert srv.ctx.scheduler.media_bytes == 0 and not engine.calls
+        conn.response.create(response={"conversation": "none", "input": [item]})  # the session goes on
+        recv_until(conn, "response.output_text.delta")
+        assert srv.ctx.scheduler.media_bytes == 120_000  # held while it runs
+        other.send({"type": "conversation.item.create", "event_id": "pic", "item": item})
+        err = other.recv()
+        assert (err.type, err.error.code, err.error.event_id) == ("error", "server_media_limit", "pic"), err
+        assert recv_until(conn, "response.done")[-1].response.status == "completed"
+        wait_for(lambda: srv.ctx.scheduler.media_bytes == 0)  # let go when it ends
+        other.conversation.item.create(item=item)
+        recv_until(other, "conversation.item.done")
+
+
 @pytest.mark.parametrize("session, law", [
     ({"audio": {"output": {"format": {"type": "audio/pcmu"}}}}, "pcmu"),
     ({"output_audio_format": "g711_alaw"}, "pcma")])
