@@ -26,6 +26,7 @@ FORMATS: dict[str, tuple[str, str | None, str | None]] = {
     "opus": ("audio/ogg", "ogg", "libopus"),
 }
 STREAMABLE = ("wav", "pcm")   # formats `stream_format: "audio"` sends as they are made
+DEFAULT_FORMAT = "mp3"        # OpenAI's response_format when a request names none (a whole file)
 OPUS_RATE = 48000             # Opus codes 48 kHz (the talker's audio is resampled to it)
 OPENAI_PCM_RATE = 24000       # OpenAI's `pcm` / `pcm16`: 24 kHz, 16-bit, mono
 UNKNOWN_SIZE = 0xFFFFFFFF     # RIFF / data sizes of a WAV whose length is not known yet

@@ -2,7 +2,8 @@
 our voice library and options: GET/POST /v1/audio/voices, DELETE /v1/audio/voices/{name},
 GET /v1/audio/speech/options.
 
-`/v1/audio/speech` answers with the whole file (wav, flac, mp3, aac, opus: every header states the true rate;
+`/v1/audio/speech` answers with the whole file (mp3 unless another format is named, as OpenAI's; wav, flac, mp3,
+aac, opus: every header states the true rate;
 pcm, which has none, at OpenAI's 24 kHz), with raw bytes as they are made (`stream_format: "audio"`: wav with a streaming header,
 or pcm), or with SSE (`stream_format: "sse"`: `speech.audio.delta` ... `speech.audio.done`). Every
 request runs through the server's one scheduler (queue positions, cancellation when the client goes
@@ -24,7 +25,8 @@ from engine.events import AudioChunk, Done, Error, Event
 from engine.runtime import no_audio_after_cancel
 from engine.server import codec, fields
 from engine.server import protocol as wire
-from engine.server.audio_out import FORMATS, OPENAI_PCM_RATE, STREAMABLE, encode_audio, resampled, wav_header
+from engine.server.audio_out import (DEFAULT_FORMAT, FORMATS, OPENAI_PCM_RATE, STREAMABLE, encode_audio, resampled,
+                                     wav_header)
 from engine.server.bodies import JSON, MULTIPART, body_kind, form_body, form_file, form_flag, form_text, json_body
 from engine.server.codec import bad, need_dict, need_number
 from engine.server.context import ServerContext
@@ -211,7 +213,9 @@ def check_task_inputs(task: str, text: str | None, music, voice: str | None, bod
 
 
 def output_format(body: dict) -> tuple[str, str | None]:
-    fmt = body.get("response_format", "wav")
+    """(response_format, stream_format). Left out, the format is OpenAI's default, mp3 (a whole file); a stream
+    (stream_format "audio" or "sse") carries wav or pcm as it is made, so one that names no format is wav."""
+    fmt = body.get("response_format", DEFAULT_FORMAT if body.get("stream_format") is None else STREAMABLE[0])
     if not isinstance(fmt, str) or fmt not in FORMATS:  # (a list or an object cannot be looked up)
         raise bad(f"response_format {str(fmt)[:20]!r} is not supported; use one of {', '.join(FORMATS)}",
                   "unsupported_parameter", "response_format")

@@ -73,6 +73,26 @@ def test_every_file_format_states_the_true_rate(http, fmt):
         assert h["data_len"] == len(r.content) - 44 and h["riff_size"] == len(r.content) - 8
 
 
+def test_a_request_naming_no_format_gets_mp3_as_from_openai(http, server):
+    """OpenAI's speech answers mp3 when no response_format is named (its SDK's `speech.create(...)` then saves
+    speech.mp3); this server answered wav. It now answers an mp3 file (audio/mpeg) at the talker's true rate; a
+    stream naming no format still carries wav, the one format it can send as it is made."""
+    body = {"input": TEXT, "seed": 1, "max_seconds": 1.5}
+    r = http.post("/v1/audio/speech", json=body)
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/mpeg", r.text
+    with av.open(io.BytesIO(r.content)) as f:
+        stream = f.streams.audio[0]
+        assert (f.format.name, stream.codec_context.sample_rate) == ("mp3", RATE)
+        assert stream.codec_context.name.startswith("mp3")  # (PyAV's decoder: mp3float)
+        seconds = sum(frame.samples for frame in f.decode(stream)) / RATE
+    wav = http.post("/v1/audio/speech", json={**body, "response_format": "wav"}).content
+    assert seconds == pytest.approx((len(wav) - 44) / 2 / RATE, abs=0.06)  # the same speech (codec padding at most)
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        assert client.audio.speech.create(model="tts-1", voice="alloy", input="Hi.").content[:3] in (b"ID3", b"\xff\xfb")
+    with http.stream("POST", "/v1/audio/speech", json={**body, "stream_format": "audio"}) as s:
+        assert s.headers["content-type"] == "audio/wav" and read_wav_header(s.read())["sample_rate"] == RATE
+
+
 def test_streams_sse_and_raw_audio_as_it_is_made(http):
     body = {"input": TEXT, "seed": 3}
     whole = http.post("/v1/audio/speech", json={**body, "response_format": "wav"}).content[44:]  # the true rate's
@@ -146,7 +166,7 @@ def test_a_lone_surrogate_is_refused_like_chat_text(http):
 def test_reference_clips_of_any_rate_and_channel_count_clone(http):
     for rate, channels in ((8000, 1), (48000, 2), (44100, 6)):
         r = http.post("/v1/audio/speech", json={"input": "Hello again.", "reference_text": "hello", "max_seconds": 1,
-                                                "reference_audio": "data:audio/wav;base64," + b64(
+                                                "response_format": "wav", "reference_audio": "data:audio/wav;base64," + b64(
                                                     wav_clip(1.0, rate, channels))})
         assert r.status_code == 200 and read_wav_header(r.content)["sample_rate"] == RATE, r.text
 
