@@ -63,3 +63,13 @@ def scripted_tokens(monkeypatch):
         monkeypatch.setattr("engine.generate.Sampler", Scripted)
 
     return script
+
+
+@pytest.fixture(scope="session")
+def preview_engine(tmp_path_factory):
+    """A tiny Preview engine (`engine.tiny --release preview`): its image generator is the SD3-style DiT."""
+    from engine.runtime import Engine
+    from engine.tiny import write_tiny_checkpoint
+
+    root = write_tiny_checkpoint(tmp_path_factory.mktemp("preview-imagegen") / "p", release="preview")
+    return Engine.load(root, dtype="fp32", device="cpu")

@@ -61,6 +61,8 @@ SPEECH_EXTENSIONS = ("task", "reference_audio", "reference_text", "instruct", "b
                      "max_seconds") + SPEECH_INSTRUCTION_FIELDS
 IMAGE_EXTENSIONS = ("aspect", "steps", "guidance", "cfg_truncation", "cfg_normalization", "seed", "preview_every",
                     "negative_prompt", "preset", "mask_color")
+# ours on edits and segmentations only: the reference picture's guidance (the Preview's image_cfg, spec §8.10)
+IMAGE_REFERENCE_EXTENSIONS = ("image_guidance",)
 
 CHAT = Fields(
     taken=("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
@@ -93,8 +95,11 @@ IMAGE_IGNORED = ("quality", "style", "moderation", "user", "safety_identifier", 
                  "complexity")  # OpenAI's, no effect here
 NO_ANIMATION = "GIF and SVG output are not made here (output_format png, jpeg or webp)"
 IMAGE_REFUSED = {name: (NO_ANIMATION, lambda v: False) for name in ("frame_count", "frame_duration_ms", "svg")}
-IMAGE_GENERATIONS = Fields(taken=IMAGE_TAKEN, ignored=IMAGE_IGNORED, refused=IMAGE_REFUSED)
-IMAGE_EDITS = Fields(taken=IMAGE_TAKEN + ("image", "images", "image[]", "mask"), ignored=IMAGE_IGNORED,
+IMAGE_GENERATIONS = Fields(taken=IMAGE_TAKEN, ignored=IMAGE_IGNORED, refused={
+    **IMAGE_REFUSED, "image_guidance": ("it guides an edit's reference picture and a generation has none (send it "
+                                        "to /v1/images/edits)", lambda v: False)})
+IMAGE_EDITS = Fields(taken=IMAGE_TAKEN + IMAGE_REFERENCE_EXTENSIONS + ("image", "images", "image[]", "mask"),
+                     ignored=IMAGE_IGNORED,
                      refused={**IMAGE_REFUSED, "markup": ("a markup overlay is not read: describe the edit in the "
                                                           "prompt", lambda v: False)})
 

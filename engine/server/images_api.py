@@ -43,8 +43,8 @@ MAX_PARTIAL_IMAGES = 3
 MAX_INPUT_IMAGES = 8
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 IGNORED_FIELDS = fields.IMAGE_IGNORED
-NUMBER_FIELDS = ("n", "partial_images", "steps", "guidance", "cfg_truncation", "seed", "preview_every",
-                 "output_compression")
+NUMBER_FIELDS = ("n", "partial_images", "steps", "guidance", "image_guidance", "cfg_truncation", "seed",
+                 "preview_every", "output_compression")
 FLAG_FIELDS = ("stream",)
 TEXT_FIELDS = ("prompt", "model", "size", "response_format", "output_format", "background", "aspect",
                "negative_prompt", "preset", "mask_color") + IGNORED_FIELDS
@@ -167,24 +167,25 @@ def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> t
     base = {"prompt": prompt, "images": arrays, "task": task, "size": size, "aspect": body.get("aspect"),
             "steps": steps, "guidance": body.get("guidance"), "preview_every": preview_every or 0,
             **{k: v for k, v in options.items() if v is not None},
-            **{k: body[k] for k in ("cfg_truncation", "cfg_normalization") if k in body}}  # checked by the engine
+            **{k: body[k] for k in ("cfg_truncation", "cfg_normalization", "image_guidance")
+               if k in body}}  # checked by the engine
     seed = _seed(body)
     requests = [{**base, "seed": None if seed is None else seed + i} for i in range(n)]
-    check_image_request(requests[-1])
+    check_image_request(requests[-1], getattr(getattr(ctx.engine, "image_generator", None), "kind", None))
     return requests, partials
 
 
-def check_image_request(kwargs: dict) -> None:
+def check_image_request(kwargs: dict, kind: str | None = None) -> None:
     """The image generator's own checks of a request (engine.imagine.ImagineRequest: steps, guidance,
-    previews, preset; its size or aspect, or the edited picture's shape; its mask colour), run here so that
-    a refusal names its field."""
+    previews, preset; its size or aspect, or the edited picture's shape; its mask colour; the options the loaded
+    DiT `kind` has, e.g. image_guidance on the Preview's alone), run here so that a refusal names its field."""
     from engine.imagine import ImagineRequest  # noqa: PLC0415
     from engine.models.imagegen.buckets import check_reference_shape, parse_size  # noqa: PLC0415
     from engine.models.imagegen.config import ImageGenError  # noqa: PLC0415
 
     request = ImagineRequest(**kwargs)
     try:
-        request.check()
+        request.check(kind)
         request.instruction()
         if parse_size(request.size) is None and request.aspect is None and request.images:
             check_reference_shape(*request.images[0].shape[:2])  # the edit keeps the picture's shape
@@ -268,7 +269,7 @@ async def run_images(request: Request, task: str, kind: str):
     engine = image_generator_of(ctx)
     body, images = await image_body(request, ctx, with_images=task != "generate")
     ctx.check_model(body.get("model"), "image")
-    refuse_extensions(ctx, body, fields.IMAGE_EXTENSIONS)
+    refuse_extensions(ctx, body, fields.IMAGE_EXTENSIONS + fields.IMAGE_REFERENCE_EXTENSIONS)
     fmt, compression = output_format(body)
     stream = flag(body, "stream")
     requests, partials = await asyncio.to_thread(image_requests, body, images, task, ctx)  # decodes the images

@@ -154,6 +154,29 @@ def test_the_clients_pass_the_pipelines_cfg_options(server):
         assert finished(c.imagine("blue", **edit, cfg_normalization=0.05)) != finished(c.imagine("blue", **edit))
 
 
+def test_the_clients_send_an_edits_image_guidance(server, preview_engine):
+    """image_guidance (the Preview's reference-picture guidance) goes from both clients with an edit: 1.0 turns the
+    reference's guidance off and changes the picture, the same in both; a 2.0 engine refuses it by name."""
+    def finished(events):
+        return [e.image for e in events if isinstance(e, ImageDone)]
+
+    edit = dict(task="edit", images=[image_array(48, 64)], size="32x32", steps=2, seed=1)
+
+    async def run(url, **extra):
+        async with AsyncEngineClient(url) as c:
+            return finished([e async for e in c.imagine("blue", **edit, **extra)])
+    with running_server(preview_engine) as preview, EngineClient(preview.url) as c:
+        assert c.info().image_defaults["image_guidance"] == 2.0
+        default = finished(c.imagine("blue", **edit))
+        unguided = finished(c.imagine("blue", **edit, image_guidance=1.0))
+        assert default and unguided and unguided != default
+        assert finished(c.imagine("blue", **edit, image_guidance=2.0)) == default
+        assert asyncio.run(run(preview.url, image_guidance=1.0)) == unguided
+    with EngineClient(server.url) as c:
+        (err,) = [e for e in c.imagine("blue", **edit, image_guidance=2.0) if isinstance(e, Error)]
+        assert "image_guidance" in err.message and "2.0 pipeline has none" in err.message, err
+
+
 def test_an_openai_url_is_http_only():
     ep = Endpoints.parse("openai+https://gpu.example:8000")
     assert ep.openai and ep.http == "https://gpu.example:8000"

@@ -174,6 +174,9 @@ def test_bad_requests_are_400s(http, body, code, words):
     ("/v1/images/segmentations", {"mask_color": "notacolor"}, "mask_color"),
     ("/v1/images/generations", {"cfg_truncation": "soon"}, "cfg_truncation"),
     ("/v1/images/generations", {"cfg_normalization": -1}, "cfg_normalization"),
+    ("/v1/images/edits", {"image_guidance": 2.0}, "image_guidance"),  # the 2.0 pipeline has none
+    ("/v1/images/segmentations", {"image_guidance": 2.0}, "image_guidance"),
+    ("/v1/images/generations", {"image_guidance": 2.0}, "image_guidance"),  # no reference picture to guide
     ("/v1/images/segmentations", {"prompt": "\"''\""}, "prompt"),
 ])
 def test_what_the_image_generator_refuses_names_its_field(http, path, body, param):
@@ -201,6 +204,51 @@ def test_the_pipelines_cfg_options_reach_the_image_generator(http):
     assert [r.status_code for r in edits] == [200] * 3, [r.text for r in edits]
     first, capped_edit, off = (r.json()["data"][0]["b64_json"] for r in edits)
     assert capped_edit != first and off == first
+
+
+def test_image_guidance_is_refused_by_name_where_nothing_uses_it(http):
+    """image_guidance is the Preview SD3 pipeline's reference-picture guidance (spec §8.10): the 2.0 pipeline has
+    none, and a generation has no reference picture; each refusal says why (it was an unknown field everywhere)."""
+    edit = http.post("/v1/images/edits", files=[("image", ("a.png", png(picture()), "image/png"))],
+                     data={"prompt": "blue", "steps": "1", "image_guidance": "2"})
+    err = edit.json()["error"]
+    assert edit.status_code == 400 and err["param"] == "image_guidance" and "2.0 pipeline has none" in err["message"]
+    generation = http.post("/v1/images/generations", json={"prompt": "a", "steps": 1, "image_guidance": 2.0})
+    err = generation.json()["error"]
+    assert generation.status_code == 400 and err["code"] == "unsupported_parameter", generation.text
+    assert "/v1/images/edits" in err["message"]
+
+
+@pytest.fixture(scope="module")
+def preview_http(preview_engine):
+    with running_server(preview_engine) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        yield c
+
+
+def test_a_preview_edit_takes_image_guidance(preview_http):
+    """On the Preview, image_guidance reaches the edit's 4-branch CFG from JSON and multipart: its default (2.0, the
+    card's image_defaults) is the picture made without it, 1.0 (the reference unguided: 2 branches) another one;
+    out of range is a 400 naming it, as the engine's own check says."""
+    card = preview_http.get("/v1/models").json()["data"][0]
+    assert card["image_defaults"]["image_guidance"] == 2.0
+    image = base64.b64encode(png(picture())).decode()
+    body = {"prompt": "make it blue", "image": image, "seed": 4, **FAST}
+
+    def made(**extra):
+        r = preview_http.post("/v1/images/edits", json={**body, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]["b64_json"]
+
+    default = made()
+    assert made(image_guidance=2.0) == default
+    unguided = made(image_guidance=1.0)
+    assert unguided != default
+    form = {k: str(v) for k, v in {**body, "image_guidance": 1.0}.items() if k != "image"}
+    r = preview_http.post("/v1/images/edits", files=[("image", ("a.png", png(picture()), "image/png"))], data=form)
+    assert r.status_code == 200 and r.json()["data"][0]["b64_json"] == unguided, r.text
+    for bad_value in (31, -1, "2", True):
+        r = preview_http.post("/v1/images/edits", json={**body, "image_guidance": bad_value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "image_guidance", (bad_value, r.text)
 
 
 def test_an_edit_picture_outside_the_buckets_range_names_the_image(http):

@@ -151,15 +151,6 @@ def test_every_tensor_name_exists_in_the_upstream_module():
         assert name in mine
 
 
-@pytest.fixture(scope="module")
-def preview_engine(tmp_path_factory):
-    from engine.runtime import Engine
-    from engine.tiny import write_tiny_checkpoint
-
-    root = write_tiny_checkpoint(tmp_path_factory.mktemp("preview-imagegen") / "p", release="preview")
-    return Engine.load(root, dtype="fp32", device="cpu")
-
-
 def _image(events):
     done = [e for e in events if isinstance(e, ImageDone)]
     assert done and isinstance(events[-1], Done), events[-1]
