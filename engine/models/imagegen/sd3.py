@@ -9,11 +9,13 @@ text tokens] in the joint blocks. The wrapper (SD3Model_withMLP) runs the captio
 pools its output into the pooled projection. The sampler follows the Preview pipeline: noise in the DiT's
 dtype from the seeded CPU generator, the scheduler as configured (no sigma_min override), the raw
 timestep t, CFG over 2 branches ([null, text]) or, editing with image guidance, 4 ([null/zero ref,
-null/ref, text/zero ref, text/ref]), and the model output stepped as is.
+null/ref, text/zero ref, text/ref]), and the model output stepped as is. On CUDA the DiT's forward alone runs
+under bf16 autocast, as SD3Model_withMLP runs it (`dit_autocast`); elsewhere it runs in its load dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,6 +216,21 @@ def caption_and_pooled(condition: torch.Tensor, caption_mlp: nn.Module, pooled_d
     return enc, F.adaptive_avg_pool1d(pooled.squeeze(2), output_size=pooled_dim)
 
 
+# SD3Model_withMLP.forward runs the transformer, and only it, under torch.cuda.amp.autocast(bfloat16): the caption
+# MLP and pooling before it, the CFG combine, the scheduler step and the VAE run outside (upstream's autocast is
+# CUDA's, so it is off on a CPU).
+DIT_AUTOCAST_DEVICE = "cuda"
+DIT_AUTOCAST_DTYPE = torch.bfloat16
+
+
+def dit_autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The precision context of one DiT forward on `device`: bf16 autocast on CUDA, as upstream; none elsewhere
+    (the DiT computes in its load dtype)."""
+    if torch.device(device).type == DIT_AUTOCAST_DEVICE:
+        return torch.autocast(DIT_AUTOCAST_DEVICE, dtype=DIT_AUTOCAST_DTYPE)
+    return contextlib.nullcontext()
+
+
 def combine_guidance(out: torch.Tensor, guidance: float, image_guidance: float) -> torch.Tensor:
     """The Preview pipeline's CFG (mode 1) over the branch outputs: 2 branches [null, text]:
     u + g·(t − u); 4 branches [null/zero ref, null/ref, text/zero ref, text/ref]: u + g_img·(img − u) + g·(full − img).
@@ -255,7 +272,9 @@ def denoise_sd3(transformer: SD3Transformer2DModel, caption_mlp: nn.Module, sche
                 ref_latent: torch.Tensor | None = None) -> Iterator[DenoiseStep]:
     """The Preview's CFG Euler loop, one yield per step. `latents` [1, C, h, w] in the DiT's dtype, `condition`
     [1, L, C_cond] (its negative is zeros, through the same MLP), `ref_latent` [1, C, h, w] or None. CFG runs when
-    guidance > 1; with a reference and image_guidance > 1 over 4 branches."""
+    guidance > 1; with a reference and image_guidance > 1 over 4 branches. The DiT's forward runs in
+    `dit_autocast` of the latents' device (bf16 autocast on CUDA); its output is combined and stepped as it comes,
+    outside it, as the Preview pipeline does."""
     dtype = next(transformer.parameters()).dtype
     cfg = guidance > 1.0
     four = cfg and ref_latent is not None and image_guidance > 1.0
@@ -275,7 +294,8 @@ def denoise_sd3(transformer: SD3Transformer2DModel, caption_mlp: nn.Module, sche
             t = timesteps[i]
             t_dit = t.expand(len(conds))
             x = torch.cat([latents] * len(conds)).to(dtype)
-            out = transformer(x, enc, pooled, t_dit, ref_in)
+            with dit_autocast(x.device):
+                out = transformer(x, enc, pooled, t_dit, ref_in)
             pred = combine_guidance(out, guidance, image_guidance)
             sigma = float(scheduler.sigmas[i])
             new = scheduler.step(pred, t, latents, return_dict=False)[0]
@@ -285,4 +305,5 @@ def denoise_sd3(transformer: SD3Transformer2DModel, caption_mlp: nn.Module, sche
 
 
 __all__ = ["RopeJointAttnProcessor", "SD3Transformer2DModel", "apply_rope", "caption_and_pooled", "combine_guidance",
-           "denoise_sd3", "make_sd3_scheduler", "rope_freqs", "rope_positions", "sd3_latent_shape", "sd3_noise"]
+           "denoise_sd3", "dit_autocast", "make_sd3_scheduler", "rope_freqs", "rope_positions", "sd3_latent_shape",
+           "sd3_noise"]

@@ -14,7 +14,7 @@ from engine.events import Done, ImageDone
 from engine.models.imagegen.condition import CaptionMLP
 from engine.models.imagegen.config import SD3, SD3DiTConfig
 from engine.models.imagegen.sd3 import (SD3Transformer2DModel, apply_rope, caption_and_pooled, combine_guidance,
-                                        denoise_sd3, rope_freqs, rope_positions)
+                                        denoise_sd3, dit_autocast, rope_freqs, rope_positions)
 
 TINY = {"sample_size": 16, "patch_size": 2, "in_channels": 4, "num_layers": 2, "attention_head_dim": 64,
         "num_attention_heads": 1, "joint_attention_dim": 24, "caption_projection_dim": 64, "pooled_projection_dim": 12,
@@ -122,6 +122,64 @@ def test_denoise_feeds_the_preview_branches(guidance, image_guidance, with_ref, 
     assert torch.allclose(steps[0].model_output.flatten()[0], want.flatten()[0])
     dt = float(sched.sigmas[1] - sched.sigmas[0])
     assert torch.allclose(steps[0].latents_out, dt * steps[0].model_output)
+
+
+def test_the_dit_runs_under_bf16_autocast_on_cuda_only():
+    """Upstream's SD3Model_withMLP wraps its transformer in torch.cuda.amp.autocast(bfloat16), which is off on a CPU:
+    a CUDA device gets that autocast, any other none (the DiT computes in its load dtype)."""
+    import contextlib
+    import warnings
+
+    with warnings.catch_warnings():  # a CPU-only torch warns that CUDA autocast is off, and still builds it
+        warnings.simplefilter("ignore", UserWarning)
+        for device in ("cuda", torch.device("cuda:1")):
+            ctx = dit_autocast(device)
+            assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
+    for device in ("cpu", torch.device("cpu"), "meta"):
+        assert isinstance(dit_autocast(device), contextlib.nullcontext)
+
+
+def test_only_the_dit_forward_runs_in_the_autocast(monkeypatch):
+    """Where the autocast is: around the DiT's forward, not around the caption MLP before it nor the CFG combine and
+    the scheduler step after it (they run on the output as it comes, as the Preview pipeline does). A CPU autocast
+    stands in for CUDA's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from engine.models.imagegen import sd3
+
+    monkeypatch.setattr(sd3, "dit_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    seen = {"dit": [], "mlp": [], "step": []}
+    dit = _Recorder()
+    dit.register_forward_hook(lambda *_: seen["dit"].append(torch.is_autocast_enabled("cpu")))
+    mlp = CaptionMLP({"mlp.fc1.weight": (8, 5), "mlp.fc2.weight": (8, 8)})
+    mlp.register_forward_hook(lambda *_: seen["mlp"].append(torch.is_autocast_enabled("cpu")))
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(2)
+    step = sched.step
+    monkeypatch.setattr(sched, "step", lambda *a, **k: seen["step"].append(torch.is_autocast_enabled("cpu"))
+                        or step(*a, **k))
+    list(denoise_sd3(dit, mlp, sched, torch.zeros(1, 4, 2, 2), torch.randn(1, 3, 5), 5.0, 2.0, torch.randn(1, 4, 2, 2)))
+    assert seen == {"dit": [True, True], "mlp": [False], "step": [False, False]}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_preview_dit_computes_in_bf16_on_cuda(preview_engine):
+    """On CUDA an fp32-loaded Preview DiT's layers compute in bf16 (the autocast) while its caption MLP stays in
+    fp32; the edit is still made."""
+    from engine.runtime import Engine
+
+    engine = Engine.load(preview_engine.image_generator.root, dtype="fp32", device="cuda")
+    gen = engine.image_generator
+    dtypes = {"dit": set(), "mlp": set()}
+    hooks = [gen.transformer.proj_out.register_forward_hook(lambda m, i, o: dtypes["dit"].add(o.dtype)),
+             gen.caption_mlp.register_forward_hook(lambda m, i, o: dtypes["mlp"].add(o.dtype))]
+    try:
+        photo = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        _image(list(engine.imagine("make it blue", images=[photo], steps=2, seed=5)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert dtypes == {"dit": {torch.bfloat16}, "mlp": {torch.float32}}
 
 
 def test_every_tensor_name_exists_in_the_upstream_module():
