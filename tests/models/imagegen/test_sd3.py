@@ -237,6 +237,25 @@ def test_preview_tiny_checkpoint_generates_and_edits_through_the_engine(preview_
     assert plain.image != edit.image  # image_cfg 1: the 2-branch CFG
 
 
+@pytest.mark.parametrize("guidance, image_guidance, branches", [(5.0, 2.0, 4), (5.0, 1.0, 2), (5.0, 0.5, 2),
+                                                                (1.0, 2.0, 1)])
+def test_an_edits_image_guidance_at_most_1_skips_the_image_unconditional_branches(preview_engine, guidance,
+                                                                                   image_guidance, branches):
+    """Spec §8.10: the reference's own CFG (the 4-branch [null/zero ref, null/ref, text/zero ref, text/ref] batch) runs
+    only with image_guidance > 1; at most 1 the edit's DiT runs [null, text], both with the reference, and without
+    CFG (guidance <= 1) the text branch alone. Counted on the tiny Preview's DiT, once per step."""
+    batches = []
+    hook = preview_engine.image_generator.transformer.register_forward_hook(
+        lambda module, args, out: batches.append(args[0].shape[0]))
+    try:
+        photo = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        _image(list(preview_engine.imagine("make it blue", images=[photo], steps=3, seed=5, size="32x32",
+                                           guidance=guidance, image_guidance=image_guidance)))
+    finally:
+        hook.remove()
+    assert batches == [branches] * 3
+
+
 def test_preview_returns_the_bucket_size_picture(preview_engine):
     """The Preview's generate() leaves its resize to the requested size commented out: an edit (and a text to
     image request with an aspect) comes back at the bucket it diffused at, not resized to the source's aspect
