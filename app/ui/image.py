@@ -1,8 +1,9 @@
 """The Image tab: generate a picture from a prompt (aspect ratio or size, steps, guidance, seed with
 a random-seed button), edit one or more reference images (presets for background replacement and
-object removal), or segment a target (mask and overlay, both downloadable). Previews every few steps
-and a progress bar while it is made; Stop ends it between steps; a gallery keeps the results with their
-settings, reusable with one click (kept by the browser across a page reload)."""
+object removal; on a Preview engine an Image guidance slider for the reference), or segment a target
+(mask and overlay, both downloadable). Previews every few steps and a progress bar while it is made; Stop
+ends it between steps; a gallery keeps the results with their settings, reusable with one click (kept by the
+browser across a page reload)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ KEPT_GALLERY_KEY = "ming-studio-image-results"  # the browser's localStorage key
 SAVED_PREFIX = "ming-image-"  # the folders (in the temp folder) _save_png writes to
 CAPTION_CHARS = 48  # the most of a prompt a gallery caption shows (the whole prompt comes back with a click)
 SETTINGS = ("mode", "prompt", "preset", "target", "aspect", "size", "steps", "guidance", "seed")
+IMAGE_GUIDANCE = "image_guidance"  # the model card's image_defaults key of the Preview's reference guidance
 
 
 def _save_png(data: bytes, stem: str) -> str:
@@ -72,8 +74,9 @@ class ImageController:
         self.inflight = InFlight()
 
     def make(self, mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
-             gallery_state, request: gr.Request | None = None, progress=gr.Progress()):
-        """Stream (preview/result image, mask, overlay, status, gallery, gallery state, files)."""
+             gallery_state, image_guidance=None, request: gr.Request | None = None, progress=gr.Progress()):
+        """Stream (preview/result image, mask, overlay, status, gallery, gallery state, files). `image_guidance`
+        goes with an Edit, when the engine's card offers it (the Preview's; a 2.0 engine has none)."""
         task = MODES.get(mode, "generate")
         images = [f if isinstance(f, str) else getattr(f, "name", None) or f.get("path") for f in (refs or [])]
         images = [p for p in images if p]
@@ -115,7 +118,9 @@ class ImageController:
                 (target if task == "segment" else prompt) or "", task=task, images=[Path(p).read_bytes() for p in images],
                 size=parse_size(size), aspect=None if parse_size(size) or aspect == AUTO_ASPECT else aspect,
                 steps=int(steps), guidance=float(guidance), seed=seed, preview_every=int(preview_every) or None,
-                preset=PRESETS.get(preset) if task == "edit" else None, cancel=cancel)
+                preset=PRESETS.get(preset) if task == "edit" else None,
+                image_guidance=float(image_guidance) if task == "edit" and image_guidance is not None
+                and IMAGE_GUIDANCE in card_defaults(self.link) else None, cancel=cancel)
             for event in stream:
                 if isinstance(event, QueuePosition):
                     yield shown, None, None, queue_line(event), gr.update(), gallery_state, None
@@ -180,12 +185,20 @@ class ImageController:
             gr.Info("Nothing is being made.")
 
 
+def card_defaults(link: EngineLink) -> dict:
+    """The image request defaults the engine's card says (`image_defaults`; empty when unknown)."""
+    info = link.status().info
+    return dict(getattr(info, "image_defaults", None) or {}) if info is not None else {}
+
+
 def model_defaults(link: EngineLink) -> tuple:
     """Steps and Guidance start at the loaded model's own defaults, as its card says them (the Preview guides at
-    5.0, 2.0 at 2.0): a slider fixed at 2.0 ran every Preview request at 2.0. Unchanged when the card says none."""
-    info = link.status().info
-    defaults = dict(getattr(info, "image_defaults", None) or {}) if info is not None else {}
-    return tuple(gr.update(value=defaults[k]) if k in defaults else gr.update() for k in ("steps", "guidance"))
+    5.0, 2.0 at 2.0): a slider fixed at 2.0 ran every Preview request at 2.0. Unchanged when the card says none.
+    Image guidance is shown, at the card's default, only when the card offers it (the Preview's)."""
+    defaults = card_defaults(link)
+    offered = IMAGE_GUIDANCE in defaults
+    return (*(gr.update(value=defaults[k]) if k in defaults else gr.update() for k in ("steps", "guidance")),
+            gr.update(value=defaults[IMAGE_GUIDANCE], visible=True) if offered else gr.update(visible=False))
 
 
 def kept_results(saved) -> list[dict]:
@@ -244,6 +257,10 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
             with gr.Row():
                 steps = gr.Slider(1, 50, value=30, step=1, label="Steps", elem_id="image-steps")
                 guidance = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Guidance")
+                # shown at page load when the engine's card offers it (model_defaults)
+                image_guidance = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Image guidance (Edit)",
+                                           info="how strongly an edit is guided toward its reference (1 = off)",
+                                           visible=False, elem_id="image-image-guidance")
             with gr.Row():
                 seed = seed_box(elem_id="image-seed")
                 dice = gr.Button("Random seed", scale=0, min_width=120)
@@ -275,12 +292,12 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
     hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
     go.click(lambda *values: kept_request(*values, names=REQUEST_FIELDS), [mode, prompt, target], [ask], **hidden).then(
         controller.make, [mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
-                          state], [picture, mask, overlay, status, gallery, state, files],
+                          state, image_guidance], [picture, mask, overlay, status, gallery, state, files],
         api_name="imagine", concurrency_limit=None,
         show_progress_on=[status]).then(  # the progress bar over the result hid the previews it is to show
         lambda entries, asked: (list(entries or []), request_done(asked)), [state, ask], [kept, ask], **hidden)
     on_page_load(controller.restore_gallery, [state, gallery], inputs=[kept])
-    on_page_load(lambda: model_defaults(link), [steps, guidance])
+    on_page_load(lambda: model_defaults(link), [steps, guidance, image_guidance])
     on_page_load(lambda asked: restore_request(asked, REQUEST_FIELDS, "Make it"), [mode, prompt, target, status],
                  inputs=[ask])
     wire_stop(stop, controller.stop, api_visibility="private")

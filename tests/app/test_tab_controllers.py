@@ -9,7 +9,9 @@ import socket
 from types import SimpleNamespace
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("gradio")
 
@@ -526,9 +528,31 @@ def test_the_image_tab_starts_at_the_loaded_models_steps_and_guidance(tiny_engin
     with running_server(tiny_engine) as srv:
         link = EngineLink(EngineClient(srv.url))
         assert link.status().info.image_defaults == {"steps": 30, "guidance": 2.0}
-        steps, guidance = model_defaults(link)
-        assert steps["value"] == 30 and guidance["value"] == 2.0
+        steps, guidance, image_guidance = model_defaults(link)
+        assert steps["value"] == 30 and guidance["value"] == 2.0 and image_guidance["visible"] is False
         monkeypatch.setattr(tiny_engine.image_generator, "kind", SD3)  # what a Preview checkpoint loads
         link.refresh(force=True)
         assert link.status().info.image_defaults == {"steps": 30, "guidance": 5.0, "image_guidance": 2.0}
-        assert model_defaults(link)[1]["value"] == 5.0
+        _, guidance, image_guidance = model_defaults(link)
+        assert guidance["value"] == 5.0 and image_guidance == {**image_guidance, "value": 2.0, "visible": True}
+
+
+def test_the_image_guidance_slider_goes_with_a_preview_edit_only(tiny_engine, preview_engine, tmp_path):
+    """The Preview's reference-picture guidance: an Edit sends the slider's value (1.0 turns the reference's guidance
+    off: another picture); a Generate does not (the server refuses it there), nor does any request to a 2.0 engine,
+    whose card does not offer it."""
+    cup = tmp_path / "cup.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(cup)
+
+    def made(engine, mode, image_guidance):
+        with running_server(engine) as srv:
+            *_, out = ImageController(EngineLink(EngineClient(srv.url))).make(
+                mode, "make it blue", [str(cup)], "(none)", "", AUTO_ASPECT, "32x32", 2, 5.0, 1, 0, [], image_guidance,
+                progress=lambda *a, **k: None)
+        assert out[0] is not None, out[3]  # the picture (else the status line says why)
+        return Path(out[0]).read_bytes()
+
+    default = made(preview_engine, "Edit", 2.0)
+    assert made(preview_engine, "Edit", 1.0) != default
+    assert made(preview_engine, "Generate", 1.0) == made(preview_engine, "Generate", 2.0)
+    assert made(tiny_engine, "Edit", 1.0) == made(tiny_engine, "Edit", 2.0)
