@@ -28,10 +28,12 @@ roofline bandwidth flags and their defaults).
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import math
 import re
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -772,15 +774,21 @@ def _split_total(total: int, caps: list[int], weights: list[float]) -> list[int]
     return out
 
 
+def _popularity_order(sizes: ModelSizes, pop: dict[int, list[float]]) -> list[tuple[int, int]]:
+    """Every (MoE-layer position, expert) pair, most popular first (ties: earlier layers first, so cold
+    experts gather in few layers and few layers pay a CPU hop). The same for every variant a plan
+    weighs, so `plan_placement` sorts once."""
+    layers = sizes.moe_layers
+    return sorted(((li, x) for li in range(len(layers)) for x in range(sizes.num_experts)),
+                  key=lambda t: (-pop[layers[t[0]]][t[1]], t[0], t[1]))
+
+
 def _assign_experts(sizes: ModelSizes, pop: dict[int, list[float]], slots: list[int],
-                    bws: list[float]) -> list[LayerExperts]:
-    """Most popular (layer, expert) pairs go to the GPUs (ties: earlier layers first, so cold experts
-    gather in few layers and few layers pay a CPU hop); each layer's resident experts are dealt over
-    the GPUs in proportion to their capacity, then by popularity mass (largest first, to the GPU with
-    the least expected work)."""
-    layers, e, n_gpu = list(sizes.moe_layers), sizes.num_experts, len(slots)
-    order = sorted(((li, x) for li in range(len(layers)) for x in range(e)),
-                   key=lambda t: (-pop[layers[t[0]]][t[1]], t[0], t[1]))
+                    bws: list[float], order: list[tuple[int, int]]) -> list[LayerExperts]:
+    """The first (most popular) pairs of `order` (see `_popularity_order`) go to the GPUs; each
+    layer's resident experts are dealt over the GPUs in proportion to their capacity, then by
+    popularity mass (largest first, to the GPU with the least expected work)."""
+    layers, n_gpu = list(sizes.moe_layers), len(slots)
     total = min(sum(slots), len(order))
     per_layer: list[list[int]] = [[] for _ in layers]
     for li, x in order[:total]:
@@ -803,23 +811,34 @@ def _assign_experts(sizes: ModelSizes, pop: dict[int, list[float]], slots: list[
             g = max((g for g in range(n_gpu) if assigned[g] + counts[g] < quota[g]),
                     key=lambda g: (num[g] - counts[g] * total, -g))
             counts[g] += 1
-        device = [CPU] * e
-        load = [0.0] * n_gpu
-        left = list(counts)
-        for x in resident:
-            g = min((g for g in range(n_gpu) if left[g] > 0), key=lambda g: (load[g] / bws[g], -left[g], g))
-            device[x] = g
-            load[g] += pop[layer][x]
-            left[g] -= 1
+        device = _deal(resident, counts, pop[layer], bws)
         for g in range(n_gpu):
             assigned[g] += counts[g]
         out.append(LayerExperts(layer, tuple(device), tuple(pop[layer])))
     return out
 
 
+def _deal(resident: list[int], counts: list[int], popularity: list[float], bws: list[float]) -> list[int]:
+    """One layer's device per expert: `resident` experts (most popular first) each go to the GPU with
+    the least expected work per bandwidth among those with room left (`counts[g]` experts for GPU g;
+    ties: more room left, then the lower index); the others stay on the CPU. A heap keyed by exactly
+    that order keeps it O(k log n) instead of scanning every GPU for every expert (32 GPUs x 8k experts)."""
+    device = [CPU] * len(popularity)
+    load = [0.0] * len(counts)
+    heap = [(0.0, -c, g) for g, c in enumerate(counts) if c > 0]
+    heapq.heapify(heap)
+    for x in resident:
+        _, neg_left, g = heapq.heappop(heap)
+        device[x] = g
+        load[g] += popularity[x]
+        if neg_left < -1:
+            heapq.heappush(heap, (load[g] / bws[g], neg_left + 1, g))
+    return device
+
+
 def _build(config: MingConfig, sizes: ModelSizes, devices: DeviceSpec, pop: dict[int, list[float]],
            kv_tokens: int, gpu_reserve: int, host_reserve: int, encoders: str, embeddings: str,
-           expert_gpus: int, roofline: RooflineParams) -> Plan:
+           expert_gpus: int, roofline: RooflineParams, order: list[tuple[int, int]]) -> Plan:
     gpus = devices.gpus
     usable = [max(0, g.memory_bytes - gpu_reserve) for g in gpus]
     placed, mod_bytes, host_mod_bytes, home, kv = _place_nonexpert(sizes, usable, gpu_reserve, kv_tokens,
@@ -829,7 +848,7 @@ def _build(config: MingConfig, sizes: ModelSizes, devices: DeviceSpec, pop: dict
     eb = sizes.bytes_per_expert
     slots = [free[i] // eb if (i < expert_gpus and sizes.moe_layers) else 0 for i in range(len(gpus))]
     bws = [g.hbm_gbs or roofline.hbm_gbs for g in gpus]
-    experts = _assign_experts(sizes, pop, slots, bws) if sizes.moe_layers else []
+    experts = _assign_experts(sizes, pop, slots, bws, order) if sizes.moe_layers else []
     n_cpu = sum(le.count(CPU) for le in experts)
     host_need = host_mod_bytes + n_cpu * eb + host_reserve
     # A partly cold layer whose few GPU experts sit on other GPUs than its attention pays two
@@ -850,7 +869,8 @@ def _build(config: MingConfig, sizes: ModelSizes, devices: DeviceSpec, pop: dict
             experts[i] = LayerExperts(le.layer, (CPU,) * sizes.num_experts, le.popularity)
             n_cpu += moved
             host_need += moved * eb
-    n_on = [sum(le.count(i) for le in experts) for i in range(len(gpus))]
+    per_device = Counter(d for le in experts for d in le.device)
+    n_on = [per_device[i] for i in range(len(gpus))]
 
     if host_need > devices.host_memory_bytes:
         raise PlanError(
@@ -991,11 +1011,12 @@ def plan_placement(config: MingConfig, devices: DeviceSpec, expert_dtype: str = 
     best: Plan | None = None
     error: PlanError | None = None
     n_gpu = len(devices.gpus)
+    order = _popularity_order(sizes, pop)
     for emb in emb_options:
         for n in range(1, n_gpu + 1):
             try:
                 p = _build(config, sizes, devices, pop, kv_tokens, gpu_reserve, host_reserve, encoders, emb, n,
-                           roofline)
+                           roofline, order)
             except PlanError as e:
                 error = e
                 continue

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine.models.thinker.config import MingConfig
+from engine.placement import planner
 from engine.placement.planner import (
     CPU, DeviceSpec, PlanError, RooflineParams, expert_bytes, main, model_sizes, normalize_expert_stats,
     parse_size, plan_placement, predict_decode, render,
@@ -477,6 +478,42 @@ def test_planner_keeps_experts_on_fewer_gpus_when_hops_cost_more(cfg):
     slow = plan(cfg, "2x400GB", roofline=RooflineParams(hop_latency_us=2000))
     assert slow.expert_gpus == 1 and slow.gpus[1].experts == 0 and slow.cpu_experts == 0
     assert slow.prediction.breakdown_ms["transfers"] == 0
+
+
+def _deal_by_scan(resident, counts, popularity, bws):
+    """The dealing rule written out plainly: each resident expert, most popular first, to the GPU with
+    room left and the least expected work per bandwidth (ties: more room left, then the lower index)."""
+    device, load, left = [CPU] * len(popularity), [0.0] * len(counts), list(counts)
+    for x in resident:
+        g = min((g for g in range(len(counts)) if left[g] > 0), key=lambda g: (load[g] / bws[g], -left[g], g))
+        device[x] = g
+        load[g] += popularity[x]
+        left[g] -= 1
+    return device
+
+
+@pytest.mark.parametrize("gpus, cpu, expert_dtype, skewed", [
+    ("24GB", "256GB", "bf16", False), ("3x48GB", "256GB", "fp8", True), ("4x80GB", "64GB", "bf16", False),
+    ("80GB,24GB@1008,48GB@3350", "256GB", "int4", True), ("8x24GB", "256GB", "int8", True),
+])
+def test_expert_dealing_gives_the_plans_of_the_plain_scan(cfg, monkeypatch, gpus, cpu, expert_dtype, skewed):
+    """The planner deals each layer's experts with a heap (32 GPUs plan in well under a second); the plans
+    are those of scanning every GPU for every expert, ties included (uniform or few distinct counts)."""
+    stats = {"layers": {str(l): [(e * 37 + l * 11) % 5 for e in range(256)] for l in range(1, 32)}} if skewed else None
+    fast = plan(cfg, gpus, cpu, expert_dtype=expert_dtype, expert_stats=stats)
+    _check_consistent(fast)
+    monkeypatch.setattr(planner, "_deal", _deal_by_scan)
+    assert plan(cfg, gpus, cpu, expert_dtype=expert_dtype, expert_stats=stats).to_dict() == fast.to_dict()
+
+
+def test_the_popularity_order_is_sorted_once_per_plan(cfg, monkeypatch):
+    """Every variant a plan weighs (embeddings on GPU or host x experts on the first 1..N GPUs) shares one
+    sort of the layers x experts popularity order."""
+    calls = []
+    sort = planner._popularity_order
+    monkeypatch.setattr(planner, "_popularity_order", lambda *a: calls.append(a) or sort(*a))
+    p = plan(cfg, "8x24GB")
+    assert p.expert_gpus >= 1 and len(calls) == 1
 
 
 def test_partly_cold_layer_with_few_remote_experts_stays_on_cpu(cfg):
