@@ -528,6 +528,13 @@ def int4_cpu_kernel_available() -> bool:
     return hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
 
 
+def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
+    """x laid out as torch's int8 / int4 CPU kernels require (unit stride along the last dimension):
+    ``x.contiguous()``, and for an empty x a fresh empty tensor (torch counts an empty view as contiguous
+    whatever its strides, and those kernels refuse it)."""
+    return x.contiguous() if x.numel() else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 class _Int8Matrix:
     """int8 [out, in] with per-channel scales, for ``torch._weight_int8pack_mm`` (scales in x's dtype) and the
     native decode kernel (the same scale values, widened to fp32). fp32 activations take the native kernel
@@ -549,7 +556,7 @@ class _Int8Matrix:
             y = self.native(x)
             if y is not None:
                 return y
-        return torch._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
+        return torch._weight_int8pack_mm(_unit_stride_rows(x), self.q, self.scale)
 
 
 class _Int4Matrix:
@@ -563,7 +570,7 @@ class _Int4Matrix:
         self.scales_zeros = torch.stack((s, torch.zeros_like(s)), dim=-1).to(dtype).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, self.scales_zeros)
+        return torch._weight_int4pack_mm_for_cpu(_unit_stride_rows(x), self.packed, self.group, self.scales_zeros)
 
 
 class _Buffers(threading.local):

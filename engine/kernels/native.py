@@ -536,16 +536,19 @@ class BoundLinear:
         self.bf16_rows = max_rows(torch.bfloat16, weight.dtype, self.k) if bf16_rows is None else bf16_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [..., k] @ weight.T in x's dtype, or None when x is not for this kernel (more than MAX_ROWS
-        rows unless bound for blocks, another dtype or device): the caller then runs torch's path."""
+        """x [..., k] @ weight.T in x's dtype (no row: the empty result), or None when x is not for this
+        kernel (more than MAX_ROWS rows unless bound for blocks, another dtype or device): the caller then
+        runs torch's path."""
         if x.dim() == 0 or x.shape[-1] != self.k:
             raise ValueError(f"native linear: activations of {self.k} features expected; got {tuple(x.shape)}")
         rows = x.numel() // self.k
         if self.takes_bf16_panels(x):
             return self._bf16_panels(x)
         limit = self.bf16_rows if x.dtype == torch.bfloat16 else MAX_ROWS
-        if (rows > limit and not self.blocks) or rows == 0 or x.dtype not in _DTYPES or x.device.type != "cpu":
+        if (rows > limit and not self.blocks) or x.dtype not in _DTYPES or x.device.type != "cpu":
             return None
+        if rows == 0:  # no token: the empty result, whatever x's strides
+            return torch.empty((*x.shape[:-1], self.n), dtype=x.dtype)
         if not x.is_contiguous():
             x = x.contiguous()
         y = torch.empty((*x.shape[:-1], self.n), dtype=x.dtype)
@@ -719,9 +722,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     """kernels.rms_norm's semantics for a decode-sized CPU input (x, weight and residual of one fp32/bf16
     dtype, at most SMALL_OP_MAX_ELEMENTS); None where it does not apply (the caller runs torch's)."""
     tensors = (x, weight) if residual is None else (x, weight, residual)
-    if x.dim() == 0 or weight.shape != x.shape[-1:] or (residual is not None and residual.shape != x.shape) \
-            or not _small_op_applies(*tensors):
-        return None
+    if x.dim() == 0 or x.numel() == 0 or weight.shape != x.shape[-1:] \
+            or (residual is not None and residual.shape != x.shape) or not _small_op_applies(*tensors):
+        return None  # (no row, or rows of no width: torch's path returns the empty result)
     lib = _lib
     assert lib is not None
     xc, wc = x.contiguous(), weight.contiguous()

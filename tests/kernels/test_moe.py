@@ -429,3 +429,61 @@ def test_quantized_cpu_experts_take_fp16_activations(kind, tokens):
     assert got.dtype == torch.float16 and got.shape == want.shape
     tol = 5e-2 if kind == "fp8" else RELATIVE_TOLERANCE[torch.float16]
     assert float((got.float() - want.float()).abs().max()) <= tol * float(want.float().abs().max())
+
+
+def _no_token_and_strided_rows(dtype: torch.dtype, width: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Activations a caller may hand a CPU linear: an empty view with a column stride of 2 (torch counts it
+    contiguous, its strides stay), an empty 3-D batch, every other column of a wider block, a transposed one."""
+    wide = torch.randn(3, 2 * width, generator=gen).to(dtype)
+    return {"empty strided view": wide[:0, ::2], "empty batch": torch.empty(2, 0, width, dtype=dtype),
+            "strided columns": wide[:, ::2], "transposed": torch.randn(width, 5, generator=gen).to(dtype).t()}
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["plain", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_takes_no_token_and_strided_activations(dtype, int8, fp32_activations):
+    """PackedLinear (plain, or int8 through torch's int8 kernel / the native one, here with unquantised
+    activations) gives the empty result of the right shape for no token (before: an empty strided view raised
+    'A must be contiguous on the last dimension' in the int8 kernel) and x @ W.T for strided activations."""
+    from engine.kernels import PackedLinear
+    from engine.kernels.dequant import quantize_int8_rows
+
+    gen = torch.Generator().manual_seed(5)
+    linear = torch.nn.Linear(64, 48).to(dtype)
+    module = PackedLinear(linear, int8=int8)
+    weight = linear.weight.detach().double()
+    if int8:
+        q, scale = quantize_int8_rows(linear.weight.detach().float())
+        weight = q.double() * scale.double()[:, None]
+    for name, x in _no_token_and_strided_rows(dtype, 64, gen).items():
+        got = module(x)
+        assert got.dtype == dtype and got.shape == (*x.shape[:-1], 48), name
+        if x.numel():
+            want = x.double() @ weight.T + linear.bias.detach().double()
+            tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+            assert float((got.double() - want).abs().max()) <= tol * float(want.abs().max()), name
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_cpu_experts_take_no_token_and_strided_activations(kind, dtype):
+    """One expert of QuantizedCpuExperts on no token gives the empty [0, H] (before: int4 experts on the
+    native kernel refused it as 'int4 experts take fp32 / bf16 CPU activations; got torch.float32', int8 ones
+    raised in torch's kernel for an empty strided view), and on strided rows what it gives on a copy of them."""
+    from engine.kernels import QuantizedCpuExperts
+
+    case = MoeCase("edges", tokens=1, hidden=128, inter=64, experts=2, top_k=1)
+    _, qg, qu, qd, scales, _, _ = quantized_inputs(case, dtype, kind)
+    packed = QuantizedCpuExperts.from_weights(qg, qu, qd, scales, dtype, kind)
+    gen = torch.Generator().manual_seed(6)
+    rows = {name: x for name, x in _no_token_and_strided_rows(dtype, case.hidden, gen).items() if x.dim() == 2}
+    for name, x in rows.items():  # (an expert takes [M, H])
+        got = packed.forward_expert(x, 1)
+        assert got.dtype == dtype and got.shape == (*x.shape[:-1], case.hidden), name
+        if x.numel():
+            want = packed.forward_expert(x.contiguous(), 1)
+            scale = float(want.float().abs().max())
+            assert float((got.float() - want.float()).abs().max()) <= RELATIVE_TOLERANCE[dtype] * scale, name
+    none = torch.empty(0, case.hidden, dtype=dtype)
+    routed = moe_experts_packed(none, packed, torch.empty(0, 1, dtype=torch.int64), torch.empty(0, 1))
+    assert routed.shape == (0, case.hidden)

@@ -84,3 +84,15 @@ def test_shape_errors() -> None:
         rms_norm(torch.randn(2, 8), torch.ones(7), EPS)
     with pytest.raises(ValueError):
         rms_norm(torch.randn(2, 8), torch.ones(8), EPS, torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64), (3, 0), (0, 0)])
+def test_no_row_or_rows_of_no_width_give_the_empty_result(impl, shape) -> None:
+    """An empty batch, or rows of width 0, give the empty result of x's shape on every path (before: the
+    native CPU kernel divided by the width, the Triton wrapper could not reshape [-1, 0])."""
+    x = torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2]  # a strided view, as a caller may pass
+    weight = torch.rand(shape[-1])
+    y = rms_norm(x, weight, EPS, impl=impl)
+    y2, h = rms_norm(x, weight, EPS, x.clone(), impl=impl)
+    assert y.shape == y2.shape == h.shape == x.shape and y.dtype == x.dtype

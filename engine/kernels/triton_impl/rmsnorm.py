@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -50,17 +52,17 @@ def rms_norm_triton(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton implementation of :func:`engine.kernels.rms_norm` (same arguments and results)."""
     n_cols = x.shape[-1]
-    x2d = x.reshape(-1, n_cols).contiguous()
+    n_rows = math.prod(x.shape[:-1])  # (not reshape(-1, ...): ambiguous for rows of width 0)
+    x2d = x.reshape(n_rows, n_cols).contiguous()
     out_dtype = torch.result_type(weight, x)
     y = torch.empty(x2d.shape, dtype=out_dtype, device=x.device)
     if residual is not None:
-        residual2d = residual.to(x.dtype).reshape(-1, n_cols).contiguous()
+        residual2d = residual.to(x.dtype).reshape(n_rows, n_cols).contiguous()
         new_residual = torch.empty_like(x2d)
     else:
         residual2d = x2d
         new_residual = x2d
-    n_rows = x2d.shape[0]
-    if n_rows > 0:
+    if x2d.numel() > 0:  # no row, or rows of no width: the empty result
         _rms_norm_kernel[(n_rows,)](
             x2d,
             residual2d,
