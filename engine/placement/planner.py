@@ -369,7 +369,7 @@ def model_sizes(config: MingConfig, expert_dtype: str = "bf16", linear_dtype: st
     depth = config.projector_depth
     if config.vision:
         with sub_config_errors(config.source, "vision_config"):
-            from engine.models.thinker.vision import VisionConfig  # noqa: PLC0415  (its checks name the key)
+            from engine.models.thinker.vision_config import VisionConfig  # noqa: PLC0415  (its checks name the key)
 
             VisionConfig.from_dict(dict(config.vision))
             vp, exact = vision_params(config.vision, h)

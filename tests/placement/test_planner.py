@@ -614,6 +614,20 @@ def test_module_entry_point_prints_table(config_dir):
     assert "KV cache" in r.stdout
 
 
+@pytest.mark.parametrize("which", ["spec", "real"])
+def test_planning_does_not_import_torch(config_dir, which):
+    """Planning reads configs and sizes only: `python -m engine.plan` never loads torch (a second or more of
+    its run), the vision_config checks included."""
+    target = REAL["v2"] if which == "real" else config_dir
+    if not (target / "config.json").is_file():
+        pytest.skip("needs /work/shared (real configs)")
+    code = ("import sys\nfrom engine.placement.planner import main\n"
+            f"assert main(['--config', {str(target)!r}, '--gpus', '32x80GB', '--cpu-mem', '256GB']) == 0\n"
+            "assert 'torch' not in sys.modules, 'planning imported torch'\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 def test_render_mentions_every_device(cfg):
     text = render(plan(cfg, "8x24GB"))
     for i in range(8):

@@ -500,6 +500,16 @@ def test_qwen3_mlp_reads_any_transformers_activation_name(act, ref):
         torch.testing.assert_close(mlp(x), mlp.linear_fc2(ref(mlp.linear_fc1(x))), atol=1e-5, rtol=1e-5)
 
 
+def test_every_activation_name_the_config_takes_has_its_function():
+    # vision_config.VISION_ACTIVATIONS (checked without torch) and the functions the ViTs build with name the same set
+    from engine.models.thinker.vision import _ACTIVATIONS
+    from engine.models.thinker.vision_config import VISION_ACTIVATIONS
+
+    assert sorted(VISION_ACTIVATIONS) == sorted(_ACTIVATIONS)
+    with pytest.raises(ValueError, match="hidden_act 'gelu_accurate' not supported"):
+        VisionConfig.from_dict({**QWEN3_SMALL, "hidden_act": "gelu_accurate"})
+
+
 def test_non_square_position_table_uses_its_first_floor_sqrt_squared_rows():
     # upstream: G = int(num_position_embeddings ** 0.5); the table keeps all n rows (checkpoint shape)
     # but bilinear indices stay below G² (spec §4.3): n = 20 runs exactly like n = 16 with those rows
