@@ -113,6 +113,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
 INT8_MAX = 127.0
 
 
+def check_input_columns(w: torch.Tensor) -> None:
+    """Raise ValueError for a weight no quantised format can store: no input columns (its last dimension is 0,
+    or it has none), which leaves nothing for a per-row or per-group scale to measure."""
+    if w.dim() == 0 or w.shape[-1] == 0:
+        raise ValueError(f"cannot quantise a weight of shape {tuple(w.shape)}: it has no input columns")
+
+
 # Rows quantised at a time (quantize_int8_rows, engine.placement.quant.quantize_int4_rows): their fp32
 # temporaries stay at a few times QUANT_ROW_BLOCK x in x 4 bytes (4 MB at the real width), within the CPU's
 # caches: 3.6x the rate of 4096-row blocks for int8 (614 vs 169 M weights/s here; the real lm_head,
@@ -128,6 +135,7 @@ def quantize_int8_rows(w: torch.Tensor, reference: bool = False,
     CPU weight is quantised by the native quantiser where it is built (engine.kernels.native.quantize_rows,
     the same values several times faster); ``reference`` True: by these torch ops, the definition. ``out``
     (q, scale of those shapes): the result written there (a load's parameters: no second copy)."""
+    check_input_columns(w)
     if not reference:
         done = native.quantize_rows(w, out=out)
         if done is not None:

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import native
-from engine.kernels.dequant import (FP8_BLOCK, INT4_MAX, INT4_OFFSET, NIBBLE_BITS, QUANT_ROW_BLOCK, dequantize,
-                                   quantize_int8_rows, quantized_into)
+from engine.kernels.dequant import (FP8_BLOCK, INT4_MAX, INT4_OFFSET, NIBBLE_BITS, QUANT_ROW_BLOCK, check_input_columns,
+                                   dequantize, quantize_int8_rows, quantized_into)
 from engine.kernels.moe import swiglu
 from engine.loader import TensorReader, check_tensor, checkpoint_sources
 
@@ -110,6 +110,7 @@ def quantize(w: torch.Tensor, expert_dtype: str, out: tuple[torch.Tensor, torch.
         return quantize_int8_rows(w, out=out)
     if out is not None:
         return quantized_into(out, *quantize(w, expert_dtype))
+    check_input_columns(w)
     w = w.float()
     rows, cols = w.shape[-2:]
     if expert_dtype == "fp8":
@@ -131,6 +132,7 @@ def quantize_int4_rows(w: torch.Tensor, reference: bool = False,
     weight is quantised by the native quantiser where it is built (native.quantize_rows: the same values,
     several times faster); ``reference`` True: by these torch ops, the definition. ``out`` (q, scale of those
     shapes): the result written there (a bank's storage while loading: no second copy)."""
+    check_input_columns(w)
     cols = w.shape[-1]
     group = int4_group_size(cols)
     if not reference:

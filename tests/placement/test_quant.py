@@ -20,8 +20,8 @@ from engine.kernels.dequant import FP8_BLOCK, pack_int4, unpack_int4
 from engine.kernels import native
 from tests.activations import quantized_activations
 from engine.kernels.moe import QuantizedCpuExperts, moe_experts_dequant_reference, moe_experts_packed
-from engine.placement.quant import (FP8_MAX, ExpertWeights, bank_scales, dequantize, int4_group_size, quantize,
-                                    quantize_bank_)
+from engine.placement.quant import (FP8_MAX, QUANT_STORAGE, ExpertWeights, bank_scales, dequantize, int4_group_size,
+                                    quantize, quantize_bank_, quantize_int4_rows)
 from engine.runtime import Engine
 from engine.sampling import GenerationParams
 from engine.models.thinker.model import load_model
@@ -51,6 +51,19 @@ def test_int8_round_trip_is_within_half_a_step_per_channel():
     assert torch.equal(q.abs().amax(1)[nz].long(), torch.full((int(nz.sum()),), 127))
     err = (dequantize(q, s) - w).abs()
     assert bool((err <= s.unsqueeze(1) * 0.5 * (1 + 1e-6)).all())
+
+
+@pytest.mark.parametrize("kind", ["fp8", "fp8-block", "int8", "int4"])
+def test_a_weight_of_no_row_quantises_to_nothing_and_one_of_no_column_is_refused(kind):
+    """No output row: the empty storage of the format (a matrix sliced to nothing). No input column: a clear
+    ValueError (before: 'cannot reshape tensor of 0 elements' or amax()'s IndexError, by format)."""
+    q, s = quantize(torch.empty(0, 256), kind)
+    assert q.shape[0] == 0 and q.dtype == QUANT_STORAGE[kind] and s.dtype == torch.float32
+    for w in (torch.empty(4, 0), torch.empty(2, 4, 0, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match="no input columns"):
+            quantize(w, kind)
+    with pytest.raises(ValueError, match="no input columns"):
+        quantize_int4_rows(torch.empty(4, 0), reference=True)
 
 
 def test_fp8_round_trip_relative_error_bound():
