@@ -13,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.websockets import WebSocket
 
 from engine.runtime import Engine
 from engine.server.auth import authorized, check_bind
@@ -22,10 +23,10 @@ from engine.server.bodies import ClientGone
 from engine.server.http_api import error_response, retry_headers, router
 from engine.server.http_protocol import OpenAIErrorsH11Protocol
 from engine.server.limits import ApiError, Limits
-from engine.server.realtime import realtime_endpoint
+from engine.server.realtime import check_handshake, realtime_endpoint, refuse_handshake
 from engine.server.sessions import new_id
 from engine.server.text import check_url_text
-from engine.server.ws_protocol import HandshakeAnsweringProtocol
+from engine.server.ws_protocol import OpenAIErrorsWebSocketProtocol
 
 OPEN_PATHS = ("/health",)
 
@@ -153,6 +154,7 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
                                                status=500).to_openai()}, status_code=500,
                             headers={"Connection": "close", **named, **retry_headers(500)})
 
+    app.router.default = websocket_not_found(app, app.router.default)
     app.add_middleware(GateMiddleware, ctx=ctx)
     logs.install()
     return app
@@ -171,6 +173,29 @@ def served_routes(app: FastAPI) -> list[str]:
     return list(dict.fromkeys(walk(app.routes)))
 
 
+def websocket_not_found(app: FastAPI, not_found):
+    """The router's answer to a request no route takes (`not_found`: starlette's): a websocket handshake at a
+    path with no websocket route is refused with OpenAI's error body, after the gate an HTTP request meets (its
+    URL, the token), rather than starlette's bare 403 that said nothing of why."""
+
+    async def answer(scope, receive, send):
+        if scope["type"] != "websocket":
+            await not_found(scope, receive, send)
+            return
+        ws = WebSocket(scope, receive, send)
+        ctx: ServerContext = app.state.ctx
+        try:
+            check_handshake(scope, ctx.token)
+            websockets = [route for route in served_routes(app) if route.startswith("WS ")]
+            raise ApiError(f"WS {scope['path']}: this server has no websocket at this path; "
+                           + (f"it serves {', '.join(websockets)}" if websockets else "it serves none"),
+                           code="not_found", status=404)
+        except ApiError as refusal:
+            await refuse_handshake(ws, refusal)
+
+    return answer
+
+
 async def realtime_without_upgrade(request: Request):
     """GET /v1/realtime as a plain HTTP request (no websocket upgrade): 426 saying how to connect, not a
     404 that reads as if the route were missing."""
@@ -187,7 +212,7 @@ def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning
     # frames somewhat over the per-event limit still reach the app (and get a structured error);
     # far larger ones are closed by the protocol layer with code 1009
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            http=OpenAIErrorsH11Protocol, ws=HandshakeAnsweringProtocol,
+                            http=OpenAIErrorsH11Protocol, ws=OpenAIErrorsWebSocketProtocol,
                             ws_max_size=2 * limits.max_message_bytes + 1024 * 1024, ws_per_message_deflate=False,
                             timeout_graceful_shutdown=3)
     logs.install()  # (creating the config configured uvicorn's logging: its loggers keep the filter)

@@ -1216,22 +1216,34 @@ def audio_format_rate(value: Any, name: str) -> tuple[str, int]:
               "invalid_value", name)
 
 
+def check_handshake(scope: dict, token: str | None) -> None:
+    """What a websocket's opening handshake must pass before anything else (as an HTTP request meets in
+    engine.server.app's gate): a URL that is valid text, and the token where the server has one."""
+    check_url_text(scope)
+    if not authorized(scope, token):
+        raise ApiError("missing or wrong token: send 'Authorization: Bearer <token>' or '?token=<token>'",
+                       code="unauthorized", status=401)
+
+
+async def refuse_handshake(ws: WebSocket, refusal: ApiError) -> None:
+    """Answer a websocket's opening handshake with the refusal's HTTP status and OpenAI's error body (a server
+    without ASGI's denial-response extension: close code 1008 with the code as the reason)."""
+    try:
+        await ws.send_denial_response(JSONResponse({"error": refusal.to_openai()}, status_code=refusal.status))
+    except RuntimeError:
+        await ws.close(code=1008, reason=refusal.code)
+
+
 async def realtime_endpoint(ws: WebSocket) -> None:
     ctx: ServerContext = ws.app.state.ctx
     refusal = None
     try:
-        check_url_text(ws.scope)
-        if not authorized(ws.scope, ctx.token):
-            raise ApiError("missing or wrong token: send 'Authorization: Bearer <token>' or '?token=<token>'",
-                           code="unauthorized", status=401)
+        check_handshake(ws.scope, ctx.token)
         ctx.check_model(ws.query_params.get("model"), "realtime")
     except ApiError as e:
         refusal = e
-    if refusal is not None:  # answered at the handshake, with an HTTP status and OpenAI's error body
-        try:
-            await ws.send_denial_response(JSONResponse({"error": refusal.to_openai()}, status_code=refusal.status))
-        except RuntimeError:
-            await ws.close(code=1008, reason=refusal.code)
+    if refusal is not None:
+        await refuse_handshake(ws, refusal)
         return
     subprotocol = chosen_subprotocol(ws.scope)
     try:

@@ -6,11 +6,17 @@ websockets' parser answers a handshake whose request line or headers are too lon
 is not HTTP at all by queueing its response, or an end of stream, and raising no event; uvicorn's protocol
 only acts on events, so it never wrote that response: the client waited until it gave up, and the
 connection, still open, made uvicorn's shutdown fail (it then tried to send a 500 on it).
+
+The engine server's protocol (OpenAIErrorsWebSocketProtocol) also answers those refusals in OpenAI's error body.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Response
 
 
 class HandshakeAnsweringProtocol(WebSocketsSansIOProtocol):
@@ -34,3 +40,41 @@ def make_uvicorn_default() -> None:
     from uvicorn import config  # noqa: PLC0415
 
     config.WS_PROTOCOLS["auto"] = f"{__name__}:{HandshakeAnsweringProtocol.__name__}"
+
+
+# the codes of the handshake refusals websockets makes itself (any other is a handshake that is not valid)
+HANDSHAKE_REFUSAL_CODES = {405: "method_not_allowed", 414: "request_header_fields_too_large",
+                           431: "request_header_fields_too_large", 500: "server_error"}
+WEBSOCKETS_PREFIX = "Failed to open a WebSocket connection: "  # (what websockets' refusals begin with)
+
+
+def in_openai_shape(reject):
+    """websockets' `ServerProtocol.reject` (a handshake refusal with a plain-text body) giving the same refusal
+    with OpenAI's error body: its status kept, the code from HANDSHAKE_REFUSAL_CODES, its text as the message."""
+    from engine.server.protocol import ApiError  # noqa: PLC0415  (the studio's server imports this module too)
+
+    def reject_in_openai_shape(status, text: str) -> Response:
+        response = reject(status, text)
+        code = HANDSHAKE_REFUSAL_CODES.get(response.status_code, "invalid_http_request")
+        message = text.removeprefix(WEBSOCKETS_PREFIX).strip().rstrip(".") or response.reason_phrase
+        err = ApiError(f"the websocket opening handshake was refused: {message}", code=code,
+                       status=response.status_code)
+        body = json.dumps({"error": err.to_openai()}).encode()
+        for name, value in (("Content-Type", "application/json"), ("Content-Length", str(len(body)))):
+            del response.headers[name]  # (websockets' Headers adds a value on assignment)
+            response.headers[name] = value
+        if response.status_code == 405:
+            response.headers["Allow"] = "GET"  # (RFC 9110 §15.5.6: a websocket opens with GET only)
+        return dataclasses.replace(response, body=body)
+
+    return reject_in_openai_shape
+
+
+class OpenAIErrorsWebSocketProtocol(HandshakeAnsweringProtocol):
+    """The engine server's: every opening handshake websockets refuses itself (a method other than GET, a
+    missing or unsupported Sec-WebSocket-Version or -Key, a request line or headers too long) is answered with
+    OpenAI's error body, not websockets' plain text, as the HTTP protocol answers (engine.server.http_protocol)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn.reject = in_openai_shape(self.conn.reject)  # (websockets: "you may modify the response")

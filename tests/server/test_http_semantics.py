@@ -1,11 +1,13 @@
 """HTTP as a demanding client uses it (beyond the JSON fields): HEAD of a GET resource, a 405 saying
-which methods the route takes, a plain HTTP request to the websocket route, and request bodies sent
-with a Content-Encoding."""
+which methods the route takes, a plain HTTP request to the websocket route, a websocket handshake at a path
+without one or one websockets refuses, and request bodies sent with a Content-Encoding."""
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
+import os
 import socket
 import zlib
 
@@ -13,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.server import fake_server, tone_pcm16, wav_bytes
+from tests.server import fake_server, handshake_answer, tone_pcm16, wav_bytes
 
 WAV = wav_bytes(tone_pcm16(0.5))
 
@@ -50,6 +52,71 @@ def test_a_plain_http_get_of_the_realtime_route_says_it_needs_a_websocket(fake):
     assert r.headers["upgrade"] == "websocket"
     err = r.json()["error"]
     assert err["code"] == "upgrade_required" and "websocket" in err["message"]
+
+
+def websocket_handshake(port: int, path: str, method: str = "GET", version: str = "13", extra: str = ""):
+    """(status, headers, body) of the server's answer to a websocket opening handshake it refuses (it then
+    closes the connection)."""
+    request = (f"{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Upgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+               f"Sec-WebSocket-Version: {version}\r\n\r\n")
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/chat/completions", "/nope", "/v1/realtime/"])
+def test_a_websocket_at_a_path_without_one_is_a_404_naming_the_realtime_route(path):
+    """A websocket handshake at a path with no websocket route got starlette's 403 with an empty body."""
+    with fake_server() as srv:
+        status, headers, body = websocket_handshake(srv.port, path)
+        err = json.loads(body)["error"]
+        assert (status, err["code"]) == (404, "not_found"), body
+        assert headers["content-type"] == "application/json"
+        assert path in err["message"] and "WS /v1/realtime" in err["message"]
+        assert websocket_handshake(srv.port, "/v1/realtime?model=nope")[0] == 404  # (the route itself still answers)
+
+
+def test_a_websocket_without_the_token_is_refused_as_unauthorized_at_any_path():
+    from engine.server import Limits, ServerHandle, create_app
+    from tests.server import FakeEngine
+
+    with ServerHandle(create_app(FakeEngine(), Limits(), token="sesame")) as srv:
+        for path in ("/v1/realtime", "/nope"):
+            status, _, body = websocket_handshake(srv.port, path)
+            assert (status, json.loads(body)["error"]["code"]) == (401, "unauthorized"), (path, body)
+        status, _, body = websocket_handshake(srv.port, "/nope", extra="Authorization: Bearer sesame\r\n")
+        assert (status, json.loads(body)["error"]["code"]) == (404, "not_found")
+
+
+def test_an_openai_only_server_says_it_has_no_websocket():
+    from engine.server import Limits, ServerHandle, create_app
+    from tests.server import FakeEngine
+
+    with ServerHandle(create_app(FakeEngine(), Limits(), openai_only=True)) as srv:
+        status, _, body = websocket_handshake(srv.port, "/v1/realtime")
+        err = json.loads(body)["error"]
+        assert (status, err["code"]) == (404, "not_found") and "it serves none" in err["message"]
+
+
+@pytest.mark.parametrize("method, version, status, code", [("POST", "13", 405, "method_not_allowed"),
+                                                           ("GET", "8", 400, "invalid_http_request")])
+def test_a_handshake_websockets_refuses_gets_openais_error_body(method, version, status, code):
+    """websockets refuses these itself (before the app sees them) with a plain-text body; now OpenAI's."""
+    with fake_server() as srv:
+        got, headers, body = websocket_handshake(srv.port, "/v1/realtime", method=method, version=version)
+        err = json.loads(body)["error"]
+        assert (got, err["code"]) == (status, code), body
+        assert headers["content-type"] == "application/json" and int(headers["content-length"]) == len(body)
+        assert not err["message"].startswith("the websocket opening handshake was refused: Failed")
+        assert status != 405 or headers["allow"] == "GET"
+        assert handshake_answer(srv.port, "/v1/realtime").startswith(b"HTTP/1.1 101")
 
 
 def test_head_of_a_route_without_get_is_a_405_naming_head(fake):
