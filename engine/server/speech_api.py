@@ -387,7 +387,8 @@ async def delete_voice(request: Request, name: str):
     try:
         await asyncio.to_thread(engine.delete_voice, name)
     except MingError as e:
-        raise ApiError(str(e), code=wire.wire_code(e.code), param="name") from None
+        code = wire.wire_code(e.code)  # (a voice the path names that is not there: the resource is not found)
+        raise ApiError(str(e), code=code, status=404 if code == "voice_not_found" else None, param="name") from None
     return {"object": "audio.voice.deleted", "name": name, "deleted": True}
 
 

@@ -201,8 +201,8 @@ def test_voice_library_round_trip(http):
     assert r.status_code == 200
     assert http.delete("/v1/audio/voices/narrator").json()["deleted"] is True
     assert http.delete("/v1/audio/voices/asr%20voice").status_code == 200
-    r = http.delete("/v1/audio/voices/narrator")
-    assert r.status_code == 400 and r.json()["error"]["code"] == "voice_not_found"
+    r = http.delete("/v1/audio/voices/narrator")  # (already deleted: the resource the path names is not found)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "voice_not_found"
     r = http.post("/v1/audio/voices", json={"name": "../etc", "reference_audio": b64(clip)})
     assert r.status_code == 400 and "invalid voice name" in r.json()["error"]["message"]
 
