@@ -206,16 +206,25 @@ def check_closed(body: bytes, boundary: str | None) -> None:
                   "malformed): send the whole form", "invalid_multipart")
 
 
+def form_value(form, name: str):
+    """The one value of a form field that takes one (None when it is absent). A field sent twice is refused:
+    which of its values the client meant cannot be told (a multipart parser keeps either the first or the last)."""
+    values = form.getlist(name)
+    if len(values) > 1:
+        raise bad(f"'{name}' is sent {len(values)} times in the form; send it once", "invalid_value", name)
+    return values[0] if values else None
+
+
 async def form_file(form, name: str, what: str) -> bytes:
     """The bytes of a required file field."""
-    upload = form.get(name)
+    upload = form_value(form, name)
     if upload is None or isinstance(upload, str):
         raise bad(f"'{name}' ({what}) is required", "missing_field", name)
     return await upload.read()
 
 
 def form_text(form, name: str, max_len: int = 100_000) -> str | None:
-    value = form.get(name)
+    value = form_value(form, name)
     if value is None:
         return None
     if not isinstance(value, str):

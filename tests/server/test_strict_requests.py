@@ -100,6 +100,20 @@ def test_a_multipart_body_cut_before_its_closing_boundary_is_called_cut(http):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("path, files, field, values", [
+    ("/v1/audio/transcriptions", {"file": ("a.wav", WAV)}, "response_format", ["json", "text"]),
+    ("/v1/audio/transcriptions", {"file": ("a.wav", WAV)}, "language", ["en", "en"]),
+    ("/v1/audio/voices", {"file": ("a.wav", WAV)}, "name", ["one", "two"]),
+    ("/v1/images/edits", {"image": ("a.png", PNG)}, "prompt", ["a teapot", "a kettle"]),
+    ("/v1/images/edits", {"image": ("a.png", PNG)}, "steps", ["1", "2"]),
+])
+def test_a_form_field_sent_twice_is_refused_naming_it(http, path, files, field, values):
+    """The parser kept the last value of a field sent twice, and the request ran on it silently."""
+    err = error_of(http.post(path, files=files, data={field: values}))
+    assert (err["code"], err["param"]) == ("invalid_value", field), err
+    assert "2 times" in err["message"]
+
+
 # --------------------------------------------------------------------------- media of the wrong kind
 
 def chat_part(part: dict) -> dict:
