@@ -1226,10 +1226,13 @@ def check_handshake(scope: dict, token: str | None) -> None:
 
 
 async def refuse_handshake(ws: WebSocket, refusal: ApiError) -> None:
-    """Answer a websocket's opening handshake with the refusal's HTTP status and OpenAI's error body (a server
-    without ASGI's denial-response extension: close code 1008 with the code as the reason)."""
+    """Answer a websocket's opening handshake with the refusal's HTTP status and OpenAI's error body, a 401 with
+    the scheme to use as an HTTP request's (a server without ASGI's denial-response extension: close code 1008
+    with the code as the reason)."""
+    headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
     try:
-        await ws.send_denial_response(JSONResponse({"error": refusal.to_openai()}, status_code=refusal.status))
+        await ws.send_denial_response(JSONResponse({"error": refusal.to_openai()}, status_code=refusal.status,
+                                                   headers=headers))
     except RuntimeError:
         await ws.close(code=1008, reason=refusal.code)
 

@@ -89,8 +89,9 @@ def test_a_websocket_without_the_token_is_refused_as_unauthorized_at_any_path():
 
     with ServerHandle(create_app(FakeEngine(), Limits(), token="sesame")) as srv:
         for path in ("/v1/realtime", "/nope"):
-            status, _, body = websocket_handshake(srv.port, path)
+            status, headers, body = websocket_handshake(srv.port, path)
             assert (status, json.loads(body)["error"]["code"]) == (401, "unauthorized"), (path, body)
+            assert headers["www-authenticate"] == "Bearer"  # (as an HTTP request's 401 says)
         status, _, body = websocket_handshake(srv.port, "/nope", extra="Authorization: Bearer sesame\r\n")
         assert (status, json.loads(body)["error"]["code"]) == (404, "not_found")
 
