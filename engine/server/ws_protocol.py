@@ -18,6 +18,8 @@ import json
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Response
 
+from engine.server.protocol import ApiError
+
 
 class HandshakeAnsweringProtocol(WebSocketsSansIOProtocol):
     def data_received(self, data: bytes) -> None:
@@ -51,8 +53,6 @@ WEBSOCKETS_PREFIX = "Failed to open a WebSocket connection: "  # (what websocket
 def in_openai_shape(reject):
     """websockets' `ServerProtocol.reject` (a handshake refusal with a plain-text body) giving the same refusal
     with OpenAI's error body: its status kept, the code from HANDSHAKE_REFUSAL_CODES, its text as the message."""
-    from engine.server.protocol import ApiError  # noqa: PLC0415  (the studio's server imports this module too)
-
     def reject_in_openai_shape(status, text: str) -> Response:
         response = reject(status, text)
         code = HANDSHAKE_REFUSAL_CODES.get(response.status_code, "invalid_http_request")
