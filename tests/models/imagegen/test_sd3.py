@@ -95,6 +95,7 @@ def test_denoise_feeds_the_preview_branches(guidance, image_guidance, with_ref, 
     output stepped as is. Without CFG (guidance <= 1) only the text branch runs."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    torch.manual_seed(0)
     dit = _Recorder()
     mlp = CaptionMLP({"mlp.fc1.weight": (8, 5), "mlp.fc2.weight": (8, 8)})
     for p in mlp.parameters():
@@ -109,8 +110,8 @@ def test_denoise_feeds_the_preview_branches(guidance, image_guidance, with_ref, 
     text_enc = caption_and_pooled(cond, mlp, 4, torch.float32)[0][0]
     null_enc = caption_and_pooled(torch.zeros_like(cond), mlp, 4, torch.float32)[0][0]
     texts = {4: [0, 0, 1, 1], 2: [0, 1], 1: [1]}[branches]
-    for b, is_text in enumerate(texts):
-        assert torch.allclose(enc[b], text_enc if is_text else null_enc)
+    for b, is_text in enumerate(texts):  # (a batch and one row round differently in the MLP's matmuls)
+        assert torch.allclose(enc[b], text_enc if is_text else null_enc, rtol=1e-5, atol=1e-6)
     if with_ref:
         refs = [0, 1, 0, 1] if branches == 4 else [1] * branches
         for b, has_ref in enumerate(refs):
