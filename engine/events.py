@@ -4,7 +4,8 @@ engine, so a UI-only studio can use it.
 
 A response is a stream of:
 
-  * `TextDelta`      — the next piece of text (`text.delta`);
+  * `TextDelta`      — the next piece of text (`text.delta`), with the log probabilities of the tokens that
+                       made it when they were asked for (`TokenLogprob`);
   * `AudioChunk`     — a chunk of speech / sound / music: PCM16 mono at `sample_rate`, with the text span
                        it speaks (`audio.delta`);
   * `ImagePreview`   — a cheap preview of an image being denoised, at `step` of `total_steps` (`image.preview`);
@@ -114,9 +115,43 @@ class _Event:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log probability (natural log, of the model's own distribution), as OpenAI's
+    `logprobs.content` entry: `token` is its text (its `bytes` decoded; a token holding part of a multibyte
+    character shows U+FFFD there, its bytes are its own), `top_logprobs` its best alternatives, most likely
+    first (an alternative's own list is empty)."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top_logprobs: list["TokenLogprob"] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TokenLogprob":
+        try:
+            return cls(token=str(d["token"]), bytes=[int(b) for b in d["bytes"]], logprob=float(d["logprob"]),
+                       top_logprobs=[cls.from_dict(t) for t in d.get("top_logprobs") or []])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UnknownEventError(f"malformed token logprob: {e}") from None
+
+
+@dataclass
 class TextDelta(_Event):
+    """`logprobs`: one entry per token whose text this delta completes (None when they were not asked for)."""
+
     text: str
+    logprobs: list[TokenLogprob] | None = None
     type: ClassVar[str] = "text.delta"
+
+    @classmethod
+    def _from(cls, d: dict) -> "TextDelta":
+        entries = d.get("logprobs")
+        if entries is not None and not isinstance(entries, list):
+            raise UnknownEventError("malformed 'text.delta' event: 'logprobs' must be a list")
+        try:
+            return cls(text=d["text"], logprobs=None if entries is None else [TokenLogprob.from_dict(e) for e in entries])
+        except KeyError as e:
+            raise UnknownEventError(f"malformed 'text.delta' event: {e}") from None
 
 
 @dataclass

@@ -11,7 +11,8 @@ Three pieces, each usable on its own:
   (positions, masks, rotary tables and the KV cache slot live on the device); on CUDA it is replayed
   from a CUDA graph (engine.decode_graphs) when the model allows, else run eagerly.
 * `TokenReader`: the one host sync per step, reading the sampled ids for detokenisation and stop
-  checks. On CUDA it reads a step late (the next step is queued first, so the GPU never waits for the
+  checks (and, when asked, their log probabilities, computed on the device with the sampling and read
+  with the ids: `LogprobReports` hands them out with the text). On CUDA it reads a step late (the next step is queued first, so the GPU never waits for the
   host); on the CPU at once.
 
 `generate` strings them together for one prompt (batch 1): cancellation is checked between prefill
@@ -35,7 +36,7 @@ from functools import partial
 import torch
 
 from engine.decode_graphs import DecodeGraphs, decode_graphs_for
-from engine.events import Done, Error, Event, GenerationStats, TextDelta
+from engine.events import Done, Error, Event, GenerationStats, TextDelta, TokenLogprob
 from engine.models.thinker.kv_cache import KVCache
 from engine.models.thinker.layers import Numerics
 from engine.models.thinker.llm import BailingMoeV2ForCausalLM, MultimodalInputs
@@ -184,31 +185,70 @@ class DecodeStep:
 
 
 class TokenReader:
-    """Brings sampled ids [B] to the host: the decode loop's one sync per step. On CUDA the copy goes
-    to pinned host memory right after the step that made the ids and is waited for later (`wait`),
-    so the next step can be queued first; elsewhere `wait` reads at once."""
+    """Brings what a step sampled to the host: the decode loop's one sync per step. `push` takes the step's
+    tensors (the ids [B], and the log probabilities when asked: `Sampled.tensors`); on CUDA they are copied to
+    pinned host memory right after the step that made them, under one event that is waited for later (`wait`),
+    so the next step can be queued first; elsewhere `wait` reads at once. `wait` -> each tensor as a list."""
 
     def __init__(self, device: torch.device, batch: int, depth: int = 2):
         self.cuda = device.type == "cuda"
         if self.cuda:
-            self.buffers = [torch.empty(batch, dtype=torch.long, pin_memory=True) for _ in range(depth + 1)]
-            self.events = [torch.cuda.Event() for _ in range(depth + 1)]
+            self.slots = depth + 1
+            self.buffers: list[list[torch.Tensor]] = []  # per slot, pinned: made at the first push (its shapes)
+            self.events = [torch.cuda.Event() for _ in range(self.slots)]
             self.next = 0
 
-    def push(self, ids: torch.Tensor):
+    def push(self, *tensors: torch.Tensor):
         if not self.cuda:
-            return ids
+            return tensors
+        if not self.buffers:
+            self.buffers = [[torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+                            for _ in range(self.slots)]
         i = self.next
-        self.next = (i + 1) % len(self.buffers)
-        self.buffers[i].copy_(ids, non_blocking=True)
+        self.next = (i + 1) % self.slots
+        for buffer, t in zip(self.buffers[i], tensors):
+            buffer.copy_(t, non_blocking=True)
         self.events[i].record()
         return i
 
-    def wait(self, handle) -> list[int]:
+    def wait(self, handle) -> list[list]:
         if not self.cuda:
-            return handle.tolist()
+            return [t.tolist() for t in handle]
         self.events[handle].synchronize()
-        return self.buffers[handle].tolist()
+        return [buffer.tolist() for buffer in self.buffers[handle]]
+
+
+class LogprobReports:
+    """The log-probability entries of a batch-1 reply, each handed out with the text delta that carries the end
+    of its token's text (a token with no text of its own, the start of a character, goes with the next text).
+    A token whose text is never emitted (cut by a stop string, or a character cut at the token limit) is never
+    reported."""
+
+    def __init__(self, tokenizer: MingTokenizer):
+        self.tokenizer = tokenizer
+        self.decoded = 0  # characters the stream decoder has given so far
+        self.emitted = 0  # characters sent as text deltas
+        self.waiting: deque[tuple[int, TokenLogprob]] = deque()  # (end of the token's text, its entry)
+
+    def entry(self, token_id: int, logprob: float) -> TokenLogprob:
+        raw = self.tokenizer.piece_bytes(token_id)
+        return TokenLogprob(raw.decode("utf-8", errors="replace"), list(raw), logprob)
+
+    def add(self, read: list[list], decoded_text: str) -> None:
+        """One step's read (`TokenReader.wait` of `Sampled.tensors`, row 0) and the text its token decoded to."""
+        ids, logprob, top_ids, top_logprobs = read
+        token = self.entry(ids[0], logprob[0])
+        token.top_logprobs = [self.entry(i, v) for i, v in zip(top_ids[0], top_logprobs[0])]
+        self.decoded += len(decoded_text)
+        self.waiting.append((self.decoded, token))
+
+    def emit(self, text: str) -> list[TokenLogprob]:
+        """The entries of the tokens whose text ends within `text`, the next delta sent."""
+        self.emitted += len(text)
+        out = []
+        while self.waiting and self.waiting[0][0] <= self.emitted:
+            out.append(self.waiting.popleft()[1])
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -240,7 +280,8 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
              image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
              eos_ids: set[int] | None = None, t_start: float | None = None, prefill_chunk: int | None = None,
              cuda_graphs: bool | None = None) -> Iterator[Event]:
-    """Stream the response to one prompt (batch 1) as TextDelta events and a final Done.
+    """Stream the response to one prompt (batch 1) as TextDelta events and a final Done. With
+    `params.logprobs` each TextDelta carries the entries of the tokens it completes (`LogprobReports`).
     `t_start`: when the request began (time to first token counts from there; default now).
     `prefill_chunk`: prompt tokens per prefill forward (default per device). `cuda_graphs`: replay the
     decode step from CUDA graphs (default: when the model allows, see engine.decode_graphs)."""
@@ -265,6 +306,7 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
     stopper = StopStringFilter(list(params.stop))
     text_parts: list[str] = []
     new_ids: list[int] = []
+    reports = LogprobReports(tokenizer) if params.logprobs else None
     graphs = decode_graphs_for(llm, numerics) if cuda_graphs is not False else None
     head_device = llm.model.norm.weight.device  # lm_head lives with the final norm
     t0 = time.perf_counter() if t_start is None else t_start
@@ -289,9 +331,9 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
             if not pre.cancelled:
                 step = DecodeStep(llm, numerics, cache, graphs)
                 reader = TokenReader(head_device, 1)
-                first = sampler(pre.logits)
-                step.feed(first)
-                pending = deque([reader.push(first)])
+                first = sampler.sample(pre.logits)
+                step.feed(first.ids)
+                pending = deque([reader.push(*first.tensors())])
         if pre.cancelled:
             finish = "cancelled"
         lookahead = not pre.cancelled and reader.cuda and params.max_new_tokens > 1
@@ -300,15 +342,16 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
         def launch() -> None:
             nonlocal launched
             with torch.inference_mode():
-                ids_n = sampler(step.step())
-                step.feed(ids_n)
-                pending.append(reader.push(ids_n))
+                sampled = sampler.sample(step.step())
+                step.feed(sampled.ids)
+                pending.append(reader.push(*sampled.tensors()))
             launched += 1
 
         if lookahead:
             launch()  # token 1 is computed while the host waits for token 0
         for n in range(0 if pre.cancelled else params.max_new_tokens):
-            token = reader.wait(pending.popleft())[0]
+            read = reader.wait(pending.popleft())
+            token = read[0][0]
             now = time.perf_counter()
             if n == 0:
                 t_first = now
@@ -318,10 +361,13 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
                 finish = "stop"
                 break
             new_ids.append(token)
-            delta = stopper.feed(decoder.push(token))
+            piece = decoder.push(token)
+            if reports is not None:
+                reports.add(read, piece)
+            delta = stopper.feed(piece)
             if delta:
                 text_parts.append(delta)
-                yield TextDelta(delta)
+                yield TextDelta(delta, None if reports is None else reports.emit(delta))
             if stopper.stopped:
                 finish = "stop"
                 break
@@ -337,7 +383,7 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
             tail += "" if stopper.stopped else stopper.flush()
             if tail:
                 text_parts.append(tail)
-                yield TextDelta(tail)
+                yield TextDelta(tail, None if reports is None else reports.emit(tail))
         stats.new_tokens = len(new_ids)
         stats.total_s = time.perf_counter() - t0
         n_decoded = max(0, len(new_ids) - 1)

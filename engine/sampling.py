@@ -1,5 +1,6 @@
 """Next-token choice: greedy, or sampling with repetition penalty, temperature, top-k and top-p
-(applied in that order, as Hugging Face generate does), reproducible with a seed.
+(applied in that order, as Hugging Face generate does), reproducible with a seed; and, when asked, the
+log probabilities of the chosen tokens and of the best alternatives (`Sampler.sample`).
 
 Everything runs on the logits' device and nothing is read back to the host: the tokens seen so far
 (for the repetition penalty) are a [B, V] mask on the device, and a sample is drawn as
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_TOP_LOGPROBS = 20  # the most alternatives per token `top_logprobs` may ask for (OpenAI's bound)
+
 
 @dataclass
 class GenerationParams:
@@ -27,6 +30,9 @@ class GenerationParams:
     # max_new_tokens is a ceiling nobody asked for (a default, realtime's "inf"): a prompt leaving less room in
     # the context is answered up to the context's end (finish_reason "length") rather than refused
     fit_context: bool = False
+    # report each chosen token's log probability, with its `top_logprobs` best alternatives (0..MAX_TOP_LOGPROBS)
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -49,6 +55,11 @@ class GenerationParams:
             problems.append(f"top_k must be an integer >= 0 (got {self.top_k!r})")
         if not self.repetition_penalty > 0:  # (NaN too)
             problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        if (isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int)
+                or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
+            problems.append(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] (got {self.top_logprobs!r})")
+        elif self.top_logprobs and not self.logprobs:
+            problems.append("top_logprobs needs logprobs on")
         if isinstance(self.stop, str):  # one stop string, as OpenAI's and HF's stop fields take it, not its characters
             self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -89,11 +100,37 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+@dataclass
+class Sampled:
+    """One step's choice, on the device: `ids` [B] int64; with logprobs asked, `logprob` [B] fp32 of each chosen
+    id and the `top_ids` / `top_logprobs` [B, k] of the k most likely tokens, best first (k = 0: empty)."""
+
+    ids: torch.Tensor
+    logprob: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What the host reads of the step: the ids, then the log probabilities when asked."""
+        extra = [] if self.logprob is None else [self.logprob, self.top_ids, self.top_logprobs]
+        return [self.ids, *extra]
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, top: int) -> Sampled:
+    """The model's log probabilities of `ids` [B] and of its `top` most likely tokens: the log-softmax of the raw
+    logits [B, V], before repetition penalty, temperature, top-k and top-p (as OpenAI reports them: the model's
+    distribution, not the one the token was drawn from)."""
+    logp = logits.float().log_softmax(dim=-1)
+    best = logp.topk(top, dim=-1)
+    return Sampled(ids, logp.gather(-1, ids.view(-1, 1)).squeeze(-1), best.indices, best.values)
+
+
 class Sampler:
     """Chooses the next token of each row on the logits' device (see module doc).
 
-    ``sampler(logits)`` -> [B] int64 ids, and records them as seen. Call ``observe(prompt_ids)`` first
-    when the repetition penalty applies."""
+    ``sampler(logits)`` -> [B] int64 ids, and records them as seen; ``sampler.sample(logits)`` -> `Sampled`,
+    with the log probabilities when the params ask for them (computed only then). Call
+    ``observe(prompt_ids)`` first when the repetition penalty applies."""
 
     def __init__(self, params: GenerationParams, vocab_size: int, batch: int = 1,
                  device: torch.device | str = "cpu"):
@@ -131,3 +168,10 @@ class Sampler:
         ids = self.choose(logits)
         self.observe(ids)
         return ids
+
+    def sample(self, logits: torch.Tensor) -> Sampled:
+        """The next ids (as calling the sampler), with their log probabilities when `params.logprobs`."""
+        ids = self(logits)
+        if not self.params.logprobs:
+            return Sampled(ids)
+        return token_logprobs(logits, ids, self.params.top_logprobs)

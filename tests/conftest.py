@@ -49,15 +49,15 @@ def scripted_tokens(monkeypatch):
     tiny random model would not give by itself: a character split over tokens and cut by the token limit ...)."""
     import torch
 
+    from engine.sampling import Sampler
+
     def script(ids: list[int]) -> None:
-        class Scripted:
+        class Scripted(Sampler):  # (its log probabilities, when asked, are still the model's)
             def __init__(self, params, vocab_size, batch=1, device="cpu"):
+                super().__init__(params, vocab_size, batch, device)
                 self.left = list(ids)
 
-            def observe(self, seen) -> None:
-                pass
-
-            def __call__(self, logits):
+            def choose(self, logits):
                 return torch.tensor([self.left.pop(0)], device=logits.device)
 
         monkeypatch.setattr("engine.generate.Sampler", Scripted)

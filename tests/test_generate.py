@@ -200,29 +200,34 @@ def stacked_engine(tiny_checkpoint):
 
 
 SAMPLING = {"greedy": dict(), "sampled": dict(temperature=0.9, top_p=0.8, top_k=20, repetition_penalty=1.2, seed=4)}
+LOGPROBS = dict(logprobs=True, top_logprobs=5)
 
 
-@pytest.mark.parametrize("mode", list(SAMPLING))
+@pytest.mark.parametrize("mode", [*SAMPLING, "sampled with logprobs"])
 def test_decode_step_reads_nothing_back_to_the_host(stacked_engine, mode, monkeypatch):
-    """The GPU-shaped decode path (positions, masks, rotary, KV slot, routing, experts, sampling and the
-    repetition history on the device) counted on the CPU: 0 host syncs per step; reading the sampled
-    token (the loop's own, explicit read) is exactly one."""
+    """The GPU-shaped decode path (positions, masks, rotary, KV slot, routing, experts, sampling, the
+    log probabilities when asked and the repetition history on the device) counted on the CPU: 0 host syncs
+    per step; reading what a step sampled (the loop's own, explicit read) is one read of each of its tensors
+    (on CUDA: one copy each under one event, waited for once)."""
     monkeypatch.setenv(SYNC_FREE_ENV, "1")  # the torch MoE path takes its accelerator (sync-free) variant
+    kw = SAMPLING["sampled"] | LOGPROBS if mode == "sampled with logprobs" else SAMPLING[mode]
     with torch.inference_mode():
         llm, num, ids, cache, _, pre = _prefilled(stacked_engine)
-        sampler = Sampler(GenerationParams(**SAMPLING[mode]), llm.config.vocab_size)
+        sampler = Sampler(GenerationParams(**kw), llm.config.vocab_size)
         sampler.observe(ids)
         step = DecodeStep(llm, num, cache)
         reader = TokenReader(torch.device("cpu"), 1)
-        step.feed(sampler(pre.logits))
+        step.feed(sampler.sample(pre.logits).ids)
         with HostSyncCounter() as steps:
             for _ in range(6):
-                step.feed(sampler(step.step()))
+                sampled = sampler.sample(step.step())
+                step.feed(sampled.ids)
         with HostSyncCounter() as reads:
-            reader.wait(reader.push(step.tokens.view(-1)))
+            reader.wait(reader.push(*sampled.tensors()))
     assert steps.count.total == 0, steps.count.syncs
     assert steps.count.ops > 6 * 100  # the counter did see the steps
-    assert reads.count.total == 1 and reads.count.syncs["tolist"] == 1
+    tensors = 4 if "logprobs" in mode else 1  # (the ids; with logprobs, the chosen one's and the top ids, values)
+    assert reads.count.total == tensors and reads.count.syncs["tolist"] == tensors
 
 
 @pytest.mark.parametrize("native_kernels", [False, True])
@@ -440,3 +445,86 @@ def test_one_stop_string_given_as_a_str_is_one_stop_string(tiny_engine):
     as_str = _done(_run(tiny_engine, max_new_tokens=24, stop=stop))
     assert as_str.text == _done(_run(tiny_engine, max_new_tokens=24, stop=[stop])).text == text[:cut]
     assert as_str.finish_reason == "stop"
+
+
+# ------------------------------------------------------------------------------------------------
+# log probabilities
+
+LOGPROB_TOLERANCE = 1e-3  # the decode loop's logits against one forward pass of the whole sequence (fp32)
+
+
+def _entries(events) -> list:
+    return [e for ev in events if isinstance(ev, TextDelta) for e in ev.logprobs]
+
+
+def _sequence_logprobs(engine, prompt: list[int], reply: list[int]) -> torch.Tensor:
+    """log_softmax of the model's logits at every position before a reply token, from one prefill of the prompt and
+    the reply together (apart from the decode loop)."""
+    llm, num = engine.model.llm, engine.model.numerics
+    ids = torch.tensor([prompt + reply])
+    pos, deltas = rope_index(ids, PositionTokens.from_config(llm.config))
+    cache = llm.new_cache(1, num, "cpu", capacity=ids.shape[1])
+    cache.rope_deltas = deltas
+    with torch.inference_mode():
+        hidden = prefill(llm, num, cache, llm.model.embed(ids), pos, keep_hidden=True).hidden
+        return llm.logits(hidden[0, len(prompt) - 1:-1]).float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampled"])
+def test_logprobs_are_the_models_own_distribution(tiny_engine, mode):
+    """Each token's logprob is the log-softmax of the raw logits at its position (before penalty, temperature,
+    top-k, top-p), as one separate forward pass of the whole sequence gives it; its top_logprobs are that
+    distribution's best, most likely first; a greedy token is the best of them."""
+    top = 5
+    events = _run(tiny_engine, max_new_tokens=10, logprobs=True, top_logprobs=top, **SAMPLING[mode])
+    done, entries = _done(events), _entries(events)
+    assert 0 < len(entries) <= len(done.token_ids)
+    reference = _sequence_logprobs(tiny_engine, tiny_engine.processor.build(MSG).ids, done.token_ids)
+    tok = tiny_engine.tokenizer
+    for i, entry in enumerate(entries):
+        token = done.token_ids[i]
+        assert entry.bytes == list(tok.piece_bytes(token))
+        assert entry.logprob == pytest.approx(reference[i, token].item(), abs=LOGPROB_TOLERANCE)
+        best = reference[i].topk(top)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=LOGPROB_TOLERANCE)
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        if mode == "greedy":
+            assert entry.logprob == max(t.logprob for t in entry.top_logprobs)
+            assert entry.bytes == entry.top_logprobs[0].bytes
+
+
+def test_no_logprobs_unless_asked(tiny_engine):
+    events = _run(tiny_engine, max_new_tokens=6)
+    assert all(ev.logprobs is None for ev in events if isinstance(ev, TextDelta))
+    assert all(ev.logprobs is not None and all(e.top_logprobs == [] for e in ev.logprobs)
+               for ev in _run(tiny_engine, max_new_tokens=6, logprobs=True) if isinstance(ev, TextDelta))
+
+
+def test_a_character_split_over_tokens_reports_each_tokens_own_bytes(tiny_engine, scripted_tokens):
+    """"中" drawn as three one-byte tokens: three entries, each its own byte and U+FFFD as its text, all with the
+    delta that carries the character; cut by the token limit inside it, the partial character's tokens (whose text
+    is dropped) are not reported."""
+    tok = tiny_engine.tokenizer
+    a, zh = tok.encode_plain("a"), tok.encode_plain("中")
+    scripted_tokens(a + zh)
+    events = _run(tiny_engine, max_new_tokens=4, logprobs=True)
+    deltas = [ev for ev in events if isinstance(ev, TextDelta)]
+    assert [ev.text for ev in deltas] == ["a", "中"]
+    assert [e.bytes for e in deltas[1].logprobs] == [[b] for b in "中".encode()]
+    assert [e.token for e in deltas[1].logprobs] == ["\ufffd"] * 3
+    assert all(e.logprob <= 0 for ev in deltas for e in ev.logprobs)
+    scripted_tokens(a + zh[:2])
+    assert [e.token for e in _entries(_run(tiny_engine, max_new_tokens=3, logprobs=True))] == ["a"]
+
+
+def test_tokens_cut_by_a_stop_string_are_not_reported(tiny_engine):
+    text = _done(_run(tiny_engine, max_new_tokens=24)).text
+    stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if "\ufffd" not in text[i:i + 2]
+                and text[i:i + 2] not in text[:i])
+    events = _run(tiny_engine, max_new_tokens=24, stop=[stop], logprobs=True, top_logprobs=2)
+    done, entries = _done(events), _entries(events)
+    reported = b"".join(bytes(e.bytes) for e in entries).decode("utf-8", errors="replace")
+    assert done.text.startswith(reported) and len(entries) < len(done.token_ids)
+    # the next token drawn is the one the stop string cut: its text runs past the reply's
+    cut = b"".join(bytes(tiny_engine.tokenizer.piece_bytes(t)) for t in done.token_ids[:len(entries) + 1])
+    assert not done.text.startswith(cut.decode("utf-8", errors="replace"))

@@ -1,9 +1,10 @@
 """Next-token choice on the device: greedy, the repetition-penalty rule, top-k / top-p, seeded draws
-that follow the distribution."""
+that follow the distribution, and the log probabilities reported with the choice."""
 
+import pytest
 import torch
 
-from engine.sampling import GenerationParams, Sampler, apply_repetition_penalty, filter_top_k_top_p
+from engine.sampling import MAX_TOP_LOGPROBS, GenerationParams, Sampler, apply_repetition_penalty, filter_top_k_top_p
 
 
 def test_repetition_penalty_follows_the_ctrl_rule_once_per_seen_token():
@@ -90,3 +91,28 @@ def test_parameters_the_python_api_gets_wrong_are_refused_or_read_as_meant():
             assert word in str(e)
         else:
             raise AssertionError(f"{kw} accepted")
+
+
+def test_logprobs_are_the_raw_distributions_whatever_the_draw_was_shaped_by():
+    """The chosen token's logprob and the top alternatives are the log-softmax of the logits as given, not of what
+    the penalty, the temperature and top-k reshaped for the draw; only asked for, they are computed."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0], [0.0, 4.0, 1.5, 1.0, -2.0]])
+    params = GenerationParams(temperature=0.3, top_k=3, repetition_penalty=2.0, seed=5, logprobs=True, top_logprobs=3)
+    s = Sampler(params, vocab_size=5, batch=2)
+    s.observe(torch.tensor([[4], [1]]))
+    got = s.sample(logits)
+    raw = logits.log_softmax(-1)
+    assert got.logprob.tolist() == pytest.approx(raw.gather(1, got.ids.view(-1, 1)).view(-1).tolist())
+    assert got.top_ids.tolist() == [[4, 0, 1], [1, 2, 3]]
+    assert got.top_logprobs.view(-1).tolist() == pytest.approx(raw.topk(3).values.view(-1).tolist())
+    assert len(Sampler(GenerationParams(), vocab_size=5).sample(logits[:1]).tensors()) == 1  # the ids alone
+    greedy = Sampler(GenerationParams(logprobs=True), vocab_size=5, batch=2).sample(logits)
+    assert greedy.top_ids.shape == (2, 0) and greedy.logprob.tolist() == pytest.approx(raw.max(-1).values.tolist())
+
+
+def test_top_logprobs_is_bounded_and_needs_logprobs():
+    assert GenerationParams(logprobs=True, top_logprobs=MAX_TOP_LOGPROBS).validate()
+    for kw in ({"logprobs": True, "top_logprobs": MAX_TOP_LOGPROBS + 1}, {"logprobs": True, "top_logprobs": -1},
+               {"logprobs": True, "top_logprobs": 2.5}, {"top_logprobs": 2}):
+        with pytest.raises(ValueError, match="top_logprobs"):
+            GenerationParams(**kw).validate()

@@ -134,6 +134,15 @@ class MingTokenizer:
         except KeyError:
             return None
 
+    def piece_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for on its own, as a log-probability entry reports it: a byte-level token's
+        own bytes (part of a character when it splits one), a special token's name in UTF-8, else the token's
+        text decoded alone."""
+        if token_id in self.special_ids:
+            return (self._tok.id_to_token(token_id) or "").encode("utf-8")
+        raw = self.token_bytes(token_id)
+        return raw if raw is not None else self.decode([token_id]).encode("utf-8")
+
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
