@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 
 from engine.events import (AudioChunk, Done, Error, GenerationStats, ImageDone, ImagePreview, Progress, QueuePosition,
-                           TextDelta, UnknownEventError, event_from_dict, is_final)
+                           TextDelta, TokenLogprob, UnknownEventError, event_from_dict, is_final)
 from tests.paths import REPO
 
 EVENTS = [
     TextDelta("héllo 🌍"),
+    TextDelta("中", [TokenLogprob("\ufffd", [0xE4], -0.25, [TokenLogprob("\ufffd", [0xE4], -0.25),
+                                                           TokenLogprob(" a", [32, 97], -1.5)]),
+                    TokenLogprob("\ufffd", [0xB8, 0xAD], -0.0)]),
     AudioChunk.from_samples(np.sin(np.linspace(0, 20, 441)) * 0.5, 44100, text="Hello", start_s=0.32),
     ImagePreview(b"\x89PNG fake preview bytes", step=3, total_steps=30, width=64, height=32),
     ImageDone(b"\x89PNG image", 64, 32, seed=7, mask=b"\x89PNG mask", overlay=None, note="empty mask"),
@@ -42,7 +45,9 @@ def test_audio_chunk_carries_pcm16_at_its_rate():
 
 
 @pytest.mark.parametrize("bad", [{"type": "response.hologram"}, {"no": "type"}, ["text.delta"],
-                                 {"type": "done"}, {"type": "audio.delta", "pcm": "***", "sample_rate": 1}])
+                                 {"type": "done"}, {"type": "audio.delta", "pcm": "***", "sample_rate": 1},
+                                 {"type": "text.delta", "text": "a", "logprobs": [{"token": "a"}]},
+                                 {"type": "text.delta", "text": "a", "logprobs": "a"}, {"type": "text.delta"}])
 def test_unknown_or_malformed_events_are_refused(bad):
     with pytest.raises(UnknownEventError):
         event_from_dict(bad)

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from engine.events import Done, Error, Event, QueuePosition
 from engine.models.thinker.prompt import DEFAULT_SYSTEM_PROMPT
-from engine.sampling import GenerationParams
+from engine.sampling import MAX_TOP_LOGPROBS, GenerationParams
 from engine.server import codec, fields, logs
 from engine.server import protocol as wire
 from engine.server.audio_out import OPENAI_PCM_RATE, encode_audio, resampled
@@ -189,8 +189,6 @@ def check_unsupported(body: dict, engine, openai_only: bool = False) -> tuple[li
     `audio.sample_rate` (our clients ask for the talker's own, the model card's speech_sample_rate)."""
     if body.get("tools") or body.get("functions"):
         raise bad("tools/functions are not supported by this engine", "unsupported_parameter", "tools")
-    if body.get("logprobs"):
-        raise bad("logprobs are not supported", "unsupported_parameter", "logprobs")
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise bad("only response_format {\"type\": \"text\"} is supported", "unsupported_parameter", "response_format")
@@ -220,6 +218,22 @@ def check_unsupported(body: dict, engine, openai_only: bool = False) -> tuple[li
                           "invalid_value", "audio.sample_rate")
             rate = codec.check_output_rate(audio["sample_rate"], "audio.sample_rate", engine)
     return modalities, voice, fmt, rate
+
+
+def logprob_fields(body: dict, modalities: list[str]) -> tuple[bool, int]:
+    """`logprobs` (true: each token's log probability is reported) and `top_logprobs` (0..MAX_TOP_LOGPROBS
+    alternatives per token), as OpenAI takes them: top_logprobs needs logprobs true. A reply with audio reports
+    none (its text comes through the talker's segments): logprobs with audio output is refused."""
+    asked = flag(body, "logprobs")
+    top = 0
+    if body.get("top_logprobs") is not None:
+        top = int(need_number(body["top_logprobs"], "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True))
+        if not asked:
+            raise bad("'top_logprobs' needs 'logprobs': true", "invalid_value", "top_logprobs")
+    if asked and "audio" in modalities:
+        raise bad("'logprobs' are reported for a text reply only: ask for modalities [\"text\"], or leave logprobs "
+                  "out", "unsupported_parameter", "logprobs")
+    return asked, top
 
 
 MAX_CHOICES = 8  # the most choices (`n`) one chat request may ask for: they are generated one after another
@@ -406,9 +420,10 @@ async def chat_completions(request: Request):
     check_prompt_text(ctx, body.get("messages"))
     modalities, voice, audio_format, pcm_rate = check_unsupported(body, ctx.engine, ctx.openai_only)
     n = choice_count(body, modalities)
+    logprobs, top_logprobs = logprob_fields(body, modalities)
     stream = flag(body, "stream")
     include_usage = stream_usage(body) and stream  # checked whether it streams or not
-    params = generation_params(body, ctx.limits)
+    params = replace(generation_params(body, ctx.limits), logprobs=logprobs, top_logprobs=top_logprobs)
     thinking = flag(body, "thinking")
     raw_messages = body.get("messages")
     if has_media(raw_messages):  # decoding images/audio takes a while: off the event loop
@@ -463,7 +478,8 @@ async def chat_completions(request: Request):
         if spoken and audio_format != "pcm16":  # a file: encoding takes a while, off the event loop
             audio = await asyncio.to_thread(encode_audio, b"".join(c.pcm for c in spoken), spoken[0].sample_rate,
                                             CHAT_AUDIO_FORMATS[audio_format])
-        return JSONResponse(wire.chat_completion(cid, created, ctx.model_id, answers, extensions=ext, audio_file=audio))
+        return JSONResponse(wire.chat_completion(cid, created, ctx.model_id, answers, extensions=ext, audio_file=audio,
+                                                 logprobs=logprobs))
     # (never silent past keepalive_s, the most a streaming client is promised to wait for a first byte)
     head, events = await first_events(job, bounded=True, grace_s=min(QUEUE_GRACE_S, ctx.limits.keepalive_s))
     refused = refused_at_once(head)  # refused before any output (context, modality ...): its HTTP status, as without

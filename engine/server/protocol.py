@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine.events import (AudioChunk, Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress,
-                           QueuePosition, TextDelta, UnknownEventError)
+                           QueuePosition, TextDelta, TokenLogprob, UnknownEventError)
 from engine.events import _b64, _unb64  # bytes <-> base64 exactly as the events' own JSON form
 
 # =========================================================================== error codes and bodies
@@ -567,9 +567,23 @@ def progress_comments(ev: Event, extensions: bool) -> list[bytes] | None:
     return None
 
 
+def token_logprob_wire(entry: TokenLogprob, alternatives: bool = True) -> dict:
+    """OpenAI's `ChatCompletionTokenLogprob` of an entry (`alternatives` False: the shape of one of its
+    `top_logprobs`)."""
+    out: dict = {"token": entry.token, "bytes": entry.bytes, "logprob": entry.logprob}
+    if alternatives:
+        out["top_logprobs"] = [token_logprob_wire(t, alternatives=False) for t in entry.top_logprobs]
+    return out
+
+
+def choice_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
+    """A choice's `logprobs` (OpenAI's `ChoiceLogprobs`): its tokens' entries; None when they were not asked for."""
+    return None if entries is None else {"content": [token_logprob_wire(e) for e in entries], "refusal": None}
+
+
 class ChatChunkEncoder:
     """Server side: engine events -> /v1/chat/completions stream chunks (`chat.completion.chunk`).
-    Text is `delta.content`; audio is OpenAI's `delta.audio` ({id, data, transcript}) plus our
+    Text is `delta.content`, with its tokens' `logprobs` on the choice when they were asked for; audio is OpenAI's `delta.audio` ({id, data, transcript}) plus our
     `sample_rate` and `start_s`; images are our `delta.image_preview` / `delta.image`; queue
     positions and progress are comment lines. `extensions` False (--openai-only): OpenAI's shapes
     only (no comment lines, no extra fields, no metrics)."""
@@ -589,24 +603,24 @@ class ChatChunkEncoder:
         self.index += 1
         self.role_sent = False
 
-    def _chunk(self, delta: dict, finish: str | None = None, **extra) -> dict:
+    def _chunk(self, delta: dict, finish: str | None = None, logprobs: dict | None = None, **extra) -> dict:
         return {"id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "choices": [{"index": self.index, "delta": delta, "logprobs": None,
+                "model": self.model, "choices": [{"index": self.index, "delta": delta, "logprobs": logprobs,
                                                   "finish_reason": finish}], **extra}
 
-    def _delta(self, delta: dict) -> list[bytes]:
+    def _delta(self, delta: dict, logprobs: dict | None = None) -> list[bytes]:
         out = []
         if not self.role_sent:
             self.role_sent = True
             out.append(sse_data(self._chunk({"role": "assistant", "content": ""})))
-        return out + [sse_data(self._chunk(delta))]
+        return out + [sse_data(self._chunk(delta, logprobs=logprobs))]
 
     def encode(self, ev: Event) -> list[bytes]:
         comments = progress_comments(ev, self.extensions)
         if comments is not None:
             return comments
         if isinstance(ev, TextDelta):
-            return self._delta({"content": ev.text})
+            return self._delta({"content": ev.text}, choice_logprobs(ev.logprobs))
         if isinstance(ev, AudioChunk):
             audio = {"id": self.audio_id, "data": _b64(ev.pcm), "transcript": ev.text}
             if self.extensions:
@@ -637,15 +651,18 @@ class ChatChunkEncoder:
 
 @dataclass
 class Collected:
-    """A whole response gathered for a non-streaming answer; every kind has its place."""
+    """A whole response gathered for a non-streaming answer; every kind has its place (`logprobs`: the entries of
+    every token reported, when they were asked for)."""
 
     text: list[str] = field(default_factory=list)
     audio: list[AudioChunk] = field(default_factory=list)
     images: list[ImageDone] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def add(self, ev: Event) -> None:
         if isinstance(ev, TextDelta):
             self.text.append(ev.text)
+            self.logprobs += ev.logprobs or []
         elif isinstance(ev, AudioChunk):
             self.audio.append(ev)
         elif isinstance(ev, ImageDone):
@@ -672,14 +689,15 @@ class Answer:
 
 
 def chat_completion(completion_id: str, created: int, model: str, answers: list[Answer], extensions: bool = True,
-                    audio_file: bytes | None = None) -> dict:
+                    audio_file: bytes | None = None, logprobs: bool = False) -> dict:
     """The non-streaming /v1/chat/completions body (`extensions` False: OpenAI's fields only): one choice per
-    answer, `index` 0..n-1; `metrics` (ours) is the body's with one choice, else each choice's own. Its audio (one
+    answer, `index` 0..n-1, with its tokens' `logprobs` when they were asked for; `metrics` (ours) is the body's with one choice, else each choice's own. Its audio (one
     choice only): the `audio_file` asked for (wav, mp3 ...; its header states its rate), else the PCM16 (at
     `sample_rate`, ours). `expires_at` is `created`: the server keeps no audio (an assistant message cannot name it
     by id later)."""
     choices = [{"index": i, "message": chat_message(completion_id, created, a.got, extensions, audio_file),
-                "finish_reason": finish_reason_http(a.done), "logprobs": None} for i, a in enumerate(answers)]
+                "finish_reason": finish_reason_http(a.done),
+                "logprobs": choice_logprobs(a.got.logprobs if logprobs else None)} for i, a in enumerate(answers)]
     body = {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
             "choices": choices, "usage": choices_usage([a.done.stats for a in answers])}
     if not extensions:
@@ -856,7 +874,7 @@ class SseDecoder(SseLines):
         out: list[Event] = []
         if delta.get("content"):
             self.text.append(delta["content"])
-            out.append(TextDelta(delta["content"]))
+            out.append(TextDelta(delta["content"], _logprobs_of(choice)))
         if delta.get("audio") is not None:
             out += self._audio(delta["audio"])
         if delta.get("image_preview") is not None:
@@ -884,6 +902,16 @@ class SseDecoder(SseLines):
         rate = audio.get("sample_rate", OPENAI_PCM_RATE)
         text, self._transcript = "".join(self._transcript), []
         return [AudioChunk(_unb64(audio["data"], "audio.data"), int(rate), text, float(audio.get("start_s", 0.0)))]
+
+
+def _logprobs_of(choice: dict) -> list[TokenLogprob] | None:
+    """A stream chunk's choice's token entries (`logprobs.content`), None when the chunk has none."""
+    lp = choice.get("logprobs")
+    if lp is None:
+        return None
+    if not isinstance(lp, dict) or not isinstance(lp.get("content") or [], list):
+        raise UnknownEventError("'logprobs' must be an object whose 'content' is a list")
+    return [TokenLogprob.from_dict(e) for e in lp.get("content") or []]
 
 
 # =========================================================================== HTTP: speech (/v1/audio/speech)

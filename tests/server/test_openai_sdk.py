@@ -268,3 +268,38 @@ def test_chat_pcm16_is_openais_24_khz_unless_a_rate_is_asked(client, tiny_engine
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(audio={"voice": "alloy", **bad_ask}, **ask)
         assert info.value.param == "audio.sample_rate"
+
+
+TOP_LOGPROBS = 3
+
+
+def test_logprobs_parse_into_openais_types_in_a_whole_answer_and_a_stream(client):
+    """Each choice's `logprobs.content` (whole) and each chunk's (stream) are OpenAI's ChatCompletionTokenLogprob:
+    a greedy reply's tokens are each the best of their top_logprobs, and a stream reports the same tokens as the
+    whole answer."""
+    kw = dict(model="gpt-4o-mini", messages=HI, max_tokens=8, logprobs=True, top_logprobs=TOP_LOGPROBS)
+    whole = validated(client.chat.completions.create(n=2, **kw))
+    for choice in whole.choices:
+        entries = choice.logprobs.content
+        assert entries and all(len(e.top_logprobs) == TOP_LOGPROBS and e.logprob <= 0 for e in entries)
+        assert all(e.logprob == e.top_logprobs[0].logprob and e.bytes == e.top_logprobs[0].bytes for e in entries)
+        assert all(e.token == bytes(e.bytes).decode("utf-8", errors="replace") for e in entries)
+    streamed = [e for chunk in client.chat.completions.create(stream=True, **kw)
+                for c in validated(chunk).choices if c.logprobs is not None for e in c.logprobs.content]
+    first = whole.choices[0].logprobs.content
+    assert [e.bytes for e in streamed] == [e.bytes for e in first]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in first], abs=1e-4)
+    plain = client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=4)
+    assert plain.choices[0].logprobs is None  # (not asked for: nothing computed, nothing sent)
+
+
+@pytest.mark.parametrize("kwargs, code, param", [
+    (dict(top_logprobs=2), "invalid_value", "top_logprobs"),  # (as OpenAI: top_logprobs needs logprobs)
+    (dict(logprobs=True, top_logprobs=21), "invalid_value", "top_logprobs"),
+    (dict(logprobs=True, top_logprobs=-1), "invalid_value", "top_logprobs"),
+    (dict(logprobs=True, modalities=["text", "audio"]), "unsupported_parameter", "logprobs"),
+])
+def test_logprobs_asked_wrongly_are_refused_naming_the_field(client, kwargs, code, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=2, **kwargs)
+    assert (info.value.code, info.value.param) == (code, param)

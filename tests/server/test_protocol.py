@@ -17,7 +17,7 @@ import openai
 import pytest
 from websockets.sync.client import connect
 
-from engine.events import Done, GenerationStats, QueuePosition, TextDelta, UnknownEventError
+from engine.events import Done, GenerationStats, QueuePosition, TextDelta, TokenLogprob, UnknownEventError
 from engine.server import protocol as wire
 from engine.server.limits import Limits
 from engine.server.realtime import RealtimeConnection
@@ -105,6 +105,31 @@ def test_every_kind_crosses_the_chat_completions_stream():
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello world"
     assert [c.choices[0].delta.audio.transcript for c in chunks if c.choices and c.choices[0].delta.audio] \
         == ["Hello", ""]
+
+
+def test_token_logprobs_cross_the_chat_completions_stream_on_their_choice():
+    """A text delta's entries are its chunk's `choices[i].logprobs.content` (OpenAI's shape: an alternative has no
+    top_logprobs of its own), and the client's decoder gives them back on the same TextDelta; a delta without
+    them has `logprobs` null."""
+    alt = TokenLogprob(" b", [32, 98], -2.0)
+    sent = [TextDelta(" a", [TokenLogprob(" a", [32, 97], -0.5, [TokenLogprob(" a", [32, 97], -0.5), alt])]),
+            TextDelta("中", [TokenLogprob("\ufffd", [0xE4], -0.1), TokenLogprob("\ufffd", [0xB8, 0xAD], -0.2)])]
+    enc, dec = wire.ChatChunkEncoder("chatcmpl-x", 0, "m"), wire.SseDecoder()
+    lines = [line for ev in sent for raw in enc.encode(ev) for line in raw.decode().split("\n")]
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert chunks[0]["choices"][0]["logprobs"] is None  # (the role's chunk)
+    first = chunks[1]["choices"][0]["logprobs"]["content"][0]
+    assert first == {"token": " a", "bytes": [32, 97], "logprob": -0.5, "top_logprobs": [
+        {"token": " a", "bytes": [32, 97], "logprob": -0.5}, {"token": " b", "bytes": [32, 98], "logprob": -2.0}]}
+    assert [ev for line in lines for ev in dec.feed_line(line)] == sent
+    got = wire.Collected()
+    for ev in sent:
+        got.add(ev)
+    body = wire.chat_completion("chatcmpl-x", 0, "m", [wire.Answer(got, Done(" a中", "stop"), {})], logprobs=True)
+    assert [e["bytes"] for e in body["choices"][0]["logprobs"]["content"]] == [[32, 97], [0xE4], [0xB8, 0xAD]]
+    asked_none = wire.chat_completion("chatcmpl-x", 0, "m", [wire.Answer(wire.Collected(), Done("", "stop"), {})],
+                                      logprobs=True)
+    assert asked_none["choices"][0]["logprobs"] == {"content": [], "refusal": None}
 
 
 def test_an_unknown_event_kind_fails_the_response_and_the_server_keeps_serving():

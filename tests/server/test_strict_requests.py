@@ -434,7 +434,7 @@ def test_realtime_numbers_too_large_for_a_float_are_bad_values_named(server):
     ("logit_bias", {"50256": -100}, "unsupported_parameter"),
     ("reasoning_effort", "high", "unsupported_parameter"),
     ("service_tier", "flex", "unsupported_parameter"),
-    ("top_logprobs", 3, "unsupported_parameter"),
+    ("top_logprobs", 3, "invalid_value"),  # (without logprobs: true, as OpenAI refuses it)
     ("prediction", {"type": "content", "content": "x"}, "unsupported_parameter"),
     ("web_search_options", {}, "unsupported_parameter"),
     ("verbosity", "low", "unsupported_parameter"),
