@@ -149,7 +149,8 @@ class TextDelta(_Event):
         if entries is not None and not isinstance(entries, list):
             raise UnknownEventError("malformed 'text.delta' event: 'logprobs' must be a list")
         try:
-            return cls(text=d["text"], logprobs=None if entries is None else [TokenLogprob.from_dict(e) for e in entries])
+            return cls(text=d["text"],
+                       logprobs=None if entries is None else [TokenLogprob.from_dict(e) for e in entries])
         except KeyError as e:
             raise UnknownEventError(f"malformed 'text.delta' event: {e}") from None
 

@@ -12,8 +12,8 @@ Three pieces, each usable on its own:
   from a CUDA graph (engine.decode_graphs) when the model allows, else run eagerly.
 * `TokenReader`: the one host sync per step, reading the sampled ids for detokenisation and stop
   checks (and, when asked, their log probabilities, computed on the device with the sampling and read
-  with the ids: `LogprobReports` hands them out with the text). On CUDA it reads a step late (the next step is queued first, so the GPU never waits for the
-  host); on the CPU at once.
+  with the ids: `LogprobReports` hands them out with the text). On CUDA it reads a step late (the next
+  step is queued first, so the GPU never waits for the host); on the CPU at once.
 
 `generate` strings them together for one prompt (batch 1): cancellation is checked between prefill
 layers and between steps; stop strings never leak into the emitted text; text deltas never split a

@@ -583,8 +583,8 @@ def choice_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
 
 class ChatChunkEncoder:
     """Server side: engine events -> /v1/chat/completions stream chunks (`chat.completion.chunk`).
-    Text is `delta.content`, with its tokens' `logprobs` on the choice when they were asked for; audio is OpenAI's `delta.audio` ({id, data, transcript}) plus our
-    `sample_rate` and `start_s`; images are our `delta.image_preview` / `delta.image`; queue
+    Text is `delta.content`, with its tokens' `logprobs` on the choice when they were asked for; audio is
+    OpenAI's `delta.audio` ({id, data, transcript}) plus our `sample_rate` and `start_s`; images are our `delta.image_preview` / `delta.image`; queue
     positions and progress are comment lines. `extensions` False (--openai-only): OpenAI's shapes
     only (no comment lines, no extra fields, no metrics)."""
 
@@ -691,8 +691,8 @@ class Answer:
 def chat_completion(completion_id: str, created: int, model: str, answers: list[Answer], extensions: bool = True,
                     audio_file: bytes | None = None, logprobs: bool = False) -> dict:
     """The non-streaming /v1/chat/completions body (`extensions` False: OpenAI's fields only): one choice per
-    answer, `index` 0..n-1, with its tokens' `logprobs` when they were asked for; `metrics` (ours) is the body's with one choice, else each choice's own. Its audio (one
-    choice only): the `audio_file` asked for (wav, mp3 ...; its header states its rate), else the PCM16 (at
+    answer, `index` 0..n-1, with its tokens' `logprobs` when they were asked for; `metrics` (ours) is the body's
+    with one choice, else each choice's own. Its audio (one choice only): the `audio_file` asked for (wav, mp3 ...; its header states its rate), else the PCM16 (at
     `sample_rate`, ours). `expires_at` is `created`: the server keeps no audio (an assistant message cannot name it
     by id later)."""
     choices = [{"index": i, "message": chat_message(completion_id, created, a.got, extensions, audio_file),

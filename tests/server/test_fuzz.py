@@ -297,7 +297,8 @@ def hostile_http_requests() -> list[tuple[str, str, dict]]:
                                                                              "image_url": {"url": "ftp://x/y.png"}}]}]],
                  "max_tokens": [0, -1, "x", 1.5, 10 ** 9, True], "temperature": ["x", -1, 5, []], "top_p": [-0.1, 2, "x"],
                  "stream": ["yes", 1, []], "n": [9, 0, "x"], "stop": [5, [""], ["a"] * 9], "seed": ["x", 1.5],
-                 "tools": [[{"type": "function"}]], "logprobs": ["yes", 1], "top_logprobs": [21, -1, "x", 2], "response_format": [{"type": "json_object"}],
+                 "tools": [[{"type": "function"}]], "logprobs": ["yes", 1],
+                 "top_logprobs": [21, -1, "x", 2], "response_format": [{"type": "json_object"}],
                  "model": [5, "other-model"], "frequency_penalty": [0.5, "x"],
                  "modalities": [["audio", "smell"], "text"],
                  "audio": [{"voice": "x"}], "thinking": ["yes"]}
