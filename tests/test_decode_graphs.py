@@ -1,11 +1,11 @@
 """CUDA graphs of the decode step: window buckets, when a model can be captured, and (on a GPU only)
-the same greedy tokens with and without the graphs."""
+the same greedy tokens and log probabilities with and without the graphs."""
 
 import pytest
 import torch
 
 from engine.decode_graphs import MIN_WINDOW, decode_graphs_for, graph_blockers, window_bucket
-from engine.events import Done
+from engine.events import Done, TextDelta
 from engine.sampling import GenerationParams
 
 
@@ -48,3 +48,34 @@ def test_graph_replays_give_the_eager_greedy_tokens(tiny_checkpoint, dtype, monk
         assert with_graphs == tokens()
     finally:
         graphs.replay = True
+
+
+GRAPH_LOGPROB_TOLERANCE = 1e-3  # fp32: the replayed step against the same step launched eagerly
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_replays_give_the_eager_logprobs(tiny_checkpoint):
+    """Log probabilities are computed after the replay (from its static logits, before the next replay overwrites
+    them) and read back with the ids a step late: the same entries as the eager steps give."""
+    from engine.generate import generate
+    from engine.runtime import Engine
+
+    engine = Engine.load(tiny_checkpoint, dtype="fp32", device="cuda")
+    prompt = engine.processor.build([{"role": "user", "content": "Tell me about the Ming dynasty."}]).ids
+    params = GenerationParams(max_new_tokens=MIN_WINDOW + 10, logprobs=True, top_logprobs=4)
+
+    def entries():
+        events = list(generate(engine.model, engine.tokenizer, prompt, params, eos_ids=set()))
+        assert isinstance(events[-1], Done), events[-1]
+        return [e for ev in events if isinstance(ev, TextDelta) for e in ev.logprobs]
+
+    graphs = decode_graphs_for(engine.model.llm, engine.model.numerics)
+    with_graphs = entries()
+    graphs.replay = False
+    try:
+        eager = entries()
+    finally:
+        graphs.replay = True
+    assert eager and [e.bytes for e in with_graphs] == [e.bytes for e in eager]
+    flat = lambda es: [v for e in es for v in [e.logprob] + [t.logprob for t in e.top_logprobs]]  # noqa: E731
+    assert flat(with_graphs) == pytest.approx(flat(eager), abs=GRAPH_LOGPROB_TOLERANCE)
