@@ -188,7 +188,8 @@ class TokenReader:
     """Brings what a step sampled to the host: the decode loop's one sync per step. `push` takes the step's
     tensors (the ids [B], and the log probabilities when asked: `Sampled.tensors`); on CUDA they are copied to
     pinned host memory right after the step that made them, under one event that is waited for later (`wait`),
-    so the next step can be queued first; elsewhere `wait` reads at once. `wait` -> each tensor as a list."""
+    so the next step can be queued first; elsewhere `wait` reads at once. `wait` -> each tensor as a list.
+    (`batch`: the rows of each step; the pinned buffers take the shapes of the first push.)"""
 
     def __init__(self, device: torch.device, batch: int, depth: int = 2):
         self.cuda = device.type == "cuda"

@@ -303,3 +303,15 @@ def test_logprobs_asked_wrongly_are_refused_naming_the_field(client, kwargs, cod
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=2, **kwargs)
     assert (info.value.code, info.value.param) == (code, param)
+
+
+def test_tokens_a_stop_string_cut_are_not_in_the_logprobs(client):
+    kw = dict(model="gpt-4o-mini", messages=HI, max_tokens=24)
+    text = client.chat.completions.create(**kw).choices[0].message.content
+    stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if "\ufffd" not in text[i:i + 2]
+                and text[i:i + 2] not in text[:i])
+    got = validated(client.chat.completions.create(stop=stop, logprobs=True, **kw))
+    entries = got.choices[0].logprobs.content
+    reported = b"".join(bytes(e.bytes) for e in entries).decode("utf-8", errors="replace")
+    assert got.choices[0].message.content == text[:text.index(stop)] and text[:text.index(stop)].startswith(reported)
+    assert len(entries) < got.usage.completion_tokens  # (the stop string's tokens were drawn, not reported)
