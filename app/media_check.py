@@ -14,6 +14,8 @@ from PIL import Image
 VOICE_CLIP_SECONDS = 30.0  # the talker's limit for a clip to clone (engine.models.talker.audio)
 AUDIO_FORMATS = "WAV, MP3, FLAC, OGG, WebM, M4A or Opus"
 IMAGE_FORMATS = "PNG, JPEG, WebP, GIF or BMP"
+VIDEO_FORMATS = "MP4, WebM, MOV or MKV"
+VIDEO_SOUND = "video sound"  # a video given for its sound (the Speech tab): checked as audio, named as a video
 SILENCE_DBFS = -60  # an audio clip whose loudest sample is quieter than this is silent
 
 
@@ -80,13 +82,16 @@ def _av_problem(path: Path, name: str, kind: str, limits: dict, max_seconds: flo
     except ImportError:  # no PyAV: the engine checks the clip itself
         return None
     what = "an audio clip" if kind == "audio" else "a video"
-    formats = AUDIO_FORMATS if kind == "audio" else "MP4, WebM, MOV or MKV"
+    formats = AUDIO_FORMATS if kind == "audio" else VIDEO_FORMATS
+    kind = "audio" if kind == VIDEO_SOUND else kind
     try:
         with av.open(str(path)) as container:
             streams = {s.type for s in container.streams}
             seconds = _seconds(container)
     except Exception:  # noqa: BLE001  (av.error.* for what FFmpeg cannot read)
         return f"'{name}' is not {what} the engine can read (a {formats} file; this one is not, or is damaged)."
+    if kind == "audio" and "audio" not in streams and "video" in streams:
+        return f"'{name}' is a video with no sound track: there is no speech in it to use. Choose one with sound."
     if kind not in streams:
         return f"'{name}' has no {kind} in it."
     most = max_seconds or limits.get("max_audio_seconds")
@@ -103,10 +108,19 @@ def _av_problem(path: Path, name: str, kind: str, limits: dict, max_seconds: flo
     return None
 
 
+def upload_size_problem(what: str, size: int, limits: dict) -> str | None:
+    """What is wrong with sending `size` bytes (`what`: "'clip.wav'", "the sound track of 'talk.mp4'") as a multipart
+    upload: over the engine's max_upload_bytes; None when it fits (or the engine does not say)."""
+    most = limits.get("max_upload_bytes")
+    if most and size > most:
+        return f"{what} is too large to send ({_mib(size)}; the engine takes at most {_mib(most)})."
+    return None
+
+
 def media_problem(path: str | Path, kind: str, limits: dict | None = None, upload: bool = False,
                   max_seconds: float | None = None) -> str | None:
-    """What keeps the engine from using the file at `path` as `kind` ('image' | 'audio' | 'video'), in words
-    naming the file; None when nothing is found. `limits`: the engine's (ModelInfo.limits). `upload`: the file
+    """What keeps the engine from using the file at `path` as `kind` ('image' | 'audio' | 'video' | VIDEO_SOUND: a
+    video given for its sound), in words naming the file; None when nothing is found. `limits`: the engine's (ModelInfo.limits). `upload`: the file
     goes as a multipart upload (a transcription or a voice clip), held to the engine's max_upload_bytes.
     `max_seconds`: a clip's own limit (a voice to clone: VOICE_CLIP_SECONDS), instead of the engine's."""
     path, limits = Path(path), limits or {}
@@ -117,11 +131,10 @@ def media_problem(path: str | Path, kind: str, limits: dict | None = None, uploa
         return f"'{name}' is no longer there: upload it again."
     if size == 0:
         return f"'{name}' is empty (0 bytes): choose another file."
-    most = limits.get("max_upload_bytes")
-    if upload and most and size > most:
-        return f"'{name}' is too large to send ({_mib(size)}; the engine takes at most {_mib(most)})."
+    if upload and (problem := upload_size_problem(f"'{name}'", size, limits)):
+        return problem
     if kind == "image":
         return _image_problem(path, name, limits)
-    if kind in ("audio", "video"):
+    if kind in ("audio", "video", VIDEO_SOUND):
         return _av_problem(path, name, kind, limits, max_seconds)
     return None

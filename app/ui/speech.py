@@ -1,8 +1,7 @@
-"""The Speech tab: speech recognition from the microphone or a file, with the model's contextual ASR
-(a context sentence and a hotword list) and a forced language / dialect tag (spec §6.3). While
-recording, a partial transcript of what was said so far is refreshed every few seconds; the final
-one is copyable and downloadable as .txt and .srt (one cue spanning the clip: the model gives no
-word timestamps)."""
+"""The Speech tab: speech recognition from the microphone, an audio file or a video's sound, with the model's
+contextual ASR (a context sentence and a hotword list) and a forced language / dialect tag (spec §6.3). While
+recording, a partial transcript of what was said so far is refreshed every few seconds; the final one is copyable and
+downloadable as .txt and .srt (one cue spanning the clip: the model gives no word timestamps)."""
 
 from __future__ import annotations
 
@@ -16,7 +15,8 @@ import gradio as gr
 import numpy as np
 
 from app.engine_link import AUDIO_IN, EngineLink
-from app.media_check import clip_seconds, media_problem
+from app.media_check import VIDEO_FORMATS, VIDEO_SOUND, clip_seconds, media_problem, upload_size_problem
+from app.sound_track import sound_track
 from app.ui.common import (GENERATING, InFlight, capability_note, engine_limits, error_line, failure, figures_line,
                            queue_line, check_on_upload, run_button, runs_tab, session_of, toolbar, wire_stop)
 from engine.events import Done, Error, QueuePosition, TextDelta
@@ -34,6 +34,11 @@ CUT_ON_DEMO = ("the transcript ran to the engine's token limit: the random demo 
                "themselves, whatever the clip's length (the real model ends it where the speech ends)")
 MAX_LIVE_SECONDS = 300.0
 TRANSCRIBING = "Transcribing…"
+NOTHING_GIVEN = "Record or upload a clip, or give a video with sound, first."
+BOTH_GIVEN = ("Both a clip and a video are given: remove the one not to transcribe (its ×) and press Transcribe "
+              "again.")
+# The video files the Speech tab takes (their sound is transcribed): what phones, cameras and screen recorders write.
+VIDEO_FILE_TYPES = [".mp4", ".webm", ".mov", ".mkv", ".m4v"]
 
 
 def wav_bytes(rate: int, samples: np.ndarray) -> bytes:
@@ -121,22 +126,38 @@ class SpeechController:
         *_, (text, status, result, _) = self._stream(audio, context, hotwords, dialect, request)
         return text, status, result
 
-    def transcribe_file(self, path: str | None, context, hotwords, dialect, request: gr.Request | None = None):
-        """Transcribe an uploaded or recorded clip, streaming (transcript, status, .txt file, .srt file): the place in
-        the engine's line and the transcript as it is written, then the figures and the files (a long clip showed
-        nothing, not even its place in line, until the whole transcript was done)."""
-        if not path:
-            gr.Info("Record or upload a clip first.")
-            yield gr.skip(), "Record or upload a clip first.", gr.skip(), gr.skip()
+    def transcribe_file(self, path: str | None, context, hotwords, dialect, request: gr.Request | None = None,
+                        video: str | None = None):
+        """Transcribe an uploaded or recorded clip, or the sound of a `video` file, streaming (transcript, status,
+        .txt file, .srt file): the place in the engine's line and the transcript as it is written, then the figures
+        and the files (a long clip showed nothing, not even its place in line, until the whole transcript was
+        done). A refused request leaves the last transcript and its files in place."""
+        if path and video:
+            yield gr.skip(), BOTH_GIVEN, gr.skip(), gr.skip()
             return
-        if problem := media_problem(path, "audio", engine_limits(self.link), upload=True):  # the last transcript stays
+        source = path or video
+        if not source:
+            gr.Info(NOTHING_GIVEN)
+            yield gr.skip(), NOTHING_GIVEN, gr.skip(), gr.skip()
+            return
+        limits = engine_limits(self.link)
+        if problem := media_problem(path, "audio", limits, upload=True) if path else media_problem(video, VIDEO_SOUND,
+                                                                                                   limits):
             yield gr.skip(), problem, gr.skip(), gr.skip()
             return
-        for text, status, result, finished in self._stream(Path(path).read_bytes(), context, hotwords, dialect,
-                                                           request):
+        if path:
+            audio = Path(path).read_bytes()
+        elif sound := sound_track(video):  # its sound alone is sent
+            audio, what = sound, f"the sound track of '{Path(video).name}'"
+        else:  # a stream that cannot be copied out: the whole file, whose sound the engine's transcription takes too
+            audio, what = Path(video).read_bytes(), f"'{Path(video).name}'"
+        if video and (problem := upload_size_problem(what, len(audio), limits)):
+            yield gr.skip(), problem, gr.skip(), gr.skip()
+            return
+        for text, status, result, finished in self._stream(audio, context, hotwords, dialect, request):
             # no files until it is done (the last transcript's are not this one's), nor for one failed or stopped
             done = finished and result is not None
-            yield text, status, *(self._files(text, clip_seconds(path) or 0.0) if done else (None, None))
+            yield text, status, *(self._files(text, clip_seconds(source) or 0.0) if done else (None, None))
 
     @staticmethod
     def _files(text: str, seconds: float) -> tuple[str, str]:
@@ -193,6 +214,8 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
             clip = gr.Audio(sources=["upload", "microphone"], type="filepath", label="A clip to transcribe",
                             buttons=toolbar("download"),
                             elem_id="speech-clip")
+            video = gr.File(label=f"…or a video with sound ({VIDEO_FORMATS}): its sound is transcribed",
+                            file_types=VIDEO_FILE_TYPES, elem_id="speech-video")
             live = gr.Audio(sources=["microphone"], streaming=True, label="Live: partial transcript while you speak",
                             buttons=toolbar("download"),
                             elem_id="speech-live")
@@ -217,12 +240,13 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
                 srt = gr.File(label=".srt", elem_id="speech-srt")
     state = gr.State(None)
     settings = [context, hotwords, dialect]
-    go.click(controller.transcribe_file, [clip, *settings], [transcript, status, txt, srt], api_name="transcribe",
-             concurrency_limit=None)
+    go.click(controller.transcribe_file, [clip, *settings, video], [transcript, status, txt, srt],
+             api_name="transcribe", concurrency_limit=None)
     live.stream(controller.stream, [state, live, *settings], [state, transcript, status], stream_every=1.0,
                 concurrency_limit=None, api_visibility="private")
     live.stop_recording(controller.finish, [state, *settings], [state, transcript, status, txt, srt],
                         concurrency_limit=None, api_visibility="private")
     wire_stop(stop, controller.stop, api_visibility="private")
     check_on_upload(link, clip, "audio", status, upload=True)
+    check_on_upload(link, video, VIDEO_SOUND, status)  # (its sound track alone is sent: its size is checked then)
     return controller

@@ -20,7 +20,7 @@ from app.ui.chat import ASSUMED_TOKEN_CAP, page_state, speech_controls, token_sl
 from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # noqa: E402
 from app.ui.image import ASPECTS, AUTO_ASPECT, EDIT_PROMPT_HINTS, REFS_NOT_USED, ImageController, _save_png, kept_results  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
-from app.ui.speech import CUT_AT_LIMIT, CUT_ON_DEMO, SpeechController  # noqa: E402
+from app.ui.speech import BOTH_GIVEN, CUT_AT_LIMIT, CUT_ON_DEMO, NOTHING_GIVEN, SpeechController  # noqa: E402
 from app.ui.voice import (CONFIRM_DELETE, MUSIC_TEXT_UNUSED, NO_CHOICE, PODCAST_NEEDS_A_VOICE,  # noqa: E402
                           REPLACE_LABEL, TASKS, TEXT_TOO_LONG, VOICE_UNUSED, VoiceController)
 from engine.client import EngineClient  # noqa: E402
@@ -556,3 +556,67 @@ def test_the_image_guidance_slider_goes_with_a_preview_edit_only(tiny_engine, pr
     assert made(preview_engine, "Edit", 1.0) != default
     assert made(preview_engine, "Generate", 1.0) == made(preview_engine, "Generate", 2.0)
     assert made(tiny_engine, "Edit", 1.0) == made(tiny_engine, "Edit", 2.0)
+
+
+def video_file(path: Path, fmt: str, vcodec: str, acodec: str | None, seconds: float = 2.0, size=(320, 240)) -> Path:
+    """A video of noise frames (large for its length, as a phone's is) at 10 frames a second and, with `acodec`, a
+    220 Hz tone as its sound track."""
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    rng, rate = np.random.default_rng(0), 16000
+    with av.open(str(path), "w", format=fmt) as container:
+        picture = container.add_stream(vcodec, rate=10)
+        picture.width, picture.height, picture.pix_fmt = *size, "yuv420p"
+        sound = container.add_stream(acodec, rate=rate, layout="mono") if acodec else None
+        for _ in range(int(seconds * 10)):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), "rgb24")
+            for packet in picture.encode(frame):
+                container.mux(packet)
+        for packet in picture.encode(None):
+            container.mux(packet)
+        if sound is not None:
+            frame = av.AudioFrame.from_ndarray(tone_pcm16(seconds, rate, 220.0)[None], format="s16", layout="mono")
+            frame.sample_rate = rate
+            for packet in [*sound.encode(frame), *sound.encode(None)]:
+                container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("fmt, vcodec, acodec", [("mp4", "mpeg4", "aac"), ("webm", "libvpx", "libopus")])
+def test_the_sound_of_a_video_is_transcribed_even_when_the_video_is_over_the_upload_limit(tiny_engine, tmp_path, fmt,
+                                                                                         vcodec, acodec):
+    """The Speech tab took audio only: a video with sound got Gradio's own file-type message. A video's sound track
+    is transcribed, and only the sound is sent: a video larger than the engine's upload limit whose sound is small
+    is transcribed too, its .srt spanning the video."""
+    video = video_file(tmp_path / f"talk.{fmt}", fmt, vcodec, acodec)
+    limit = 96 * 1024
+    assert video.stat().st_size > limit  # the file as a whole could not be sent
+    with running_server(tiny_engine, max_upload_bytes=limit, default_max_tokens=4) as srv:
+        speech = SpeechController(EngineLink(EngineClient(srv.url)))
+        text, status, txt, srt = last(speech.transcribe_file(None, "", "", None, video=str(video)))
+    assert "finish reason" in status and text and txt, status
+    cue = Path(srt).read_text(encoding="utf-8").splitlines()[1]
+    assert cue.startswith("00:00:00,000 --> 00:00:02,"), cue
+
+
+def test_a_video_without_sound_or_with_a_clip_beside_it_is_said_and_nothing_is_lost(tmp_path):
+    """A video with no sound track is named as such (not sent, no empty files), a damaged one as a video (not as "an
+    audio clip" of the audio formats), and a clip given beside a video asks which to transcribe; the last transcript and its files stay in place."""
+    import gradio as gr
+
+    silent_film = REPO / "app" / "assets" / "video" / "cup_on_table.mp4"
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.0, 16000, 220.0), 16000))
+    speech = SpeechController(EngineLink(Transcriber()))
+    shown = list(speech.transcribe_file(None, "", "", None, video=str(silent_film)))
+    assert len(shown) == 1 and shown[0][1].startswith("'cup_on_table.mp4' is a video with no sound track"), shown
+    assert shown[0][0] == shown[0][2] == shown[0][3] == gr.skip()  # the last transcript and files are kept
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(silent_film.read_bytes()[:200])
+    damaged = last(speech.transcribe_file(None, "", "", None, video=str(broken)))[1]
+    assert damaged.startswith("'broken.mp4' is not a video the engine can read (a MP4"), damaged
+    both = list(speech.transcribe_file(str(clip), "", "", None, video=str(silent_film)))
+    assert [s[1] for s in both] == [BOTH_GIVEN], both
+    nothing = list(speech.transcribe_file(None, "", "", None))
+    assert [s[1] for s in nothing] == [NOTHING_GIVEN], nothing
