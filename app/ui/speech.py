@@ -37,6 +37,10 @@ TRANSCRIBING = "Transcribing…"
 NOTHING_GIVEN = "Record or upload a clip, or give a video with sound, first."
 BOTH_GIVEN = ("Both a clip and a video are given: remove the one not to transcribe (its ×) and press Transcribe "
               "again.")
+# A context and hotwords over what the model's context holds came back in the engine's wire terms ("'prompt' is too
+# long (200000 characters)"; the box is "Context"). A token stands for a character at most (the engine's own check).
+SETTINGS_TOO_LONG = ("The context and hotwords are {n:,} characters; this model's context holds at most {most:,} tokens, "
+                     "so at most {most:,} characters: shorten them to the few words that say what the audio is about.")
 # The video files the Speech tab takes (their sound is transcribed): what phones, cameras and screen recorders write.
 VIDEO_FILE_TYPES = [".mp4", ".webm", ".mov", ".mkv", ".m4v"]
 
@@ -77,6 +81,13 @@ def dialect_tag(choice: str | None) -> str | None:
     return choice.strip() or None
 
 
+def settings_problem(context: str | None, hotwords: str | None, limits: dict) -> str | None:
+    """What keeps the context and hotwords from fitting the model's context (ModelInfo.limits' context_tokens), in the
+    tab's words; None when they may fit (or the engine does not say)."""
+    n, most = len(context or "") + len(hotwords or ""), limits.get("context_tokens")
+    return SETTINGS_TOO_LONG.format(n=n, most=int(most)) if most and n > most else None
+
+
 class SpeechController:
     def __init__(self, link: EngineLink):
         self.link = link
@@ -85,6 +96,9 @@ class SpeechController:
     def _stream(self, audio: bytes | str, context, hotwords, dialect, request):
         """Transcribe once, saying how it goes: (transcript so far, status line, result, finished) each time either
         changes; `result` is None until the end, and stays None when it failed or was stopped."""
+        if problem := settings_problem(context, hotwords, engine_limits(self.link)):  # (a live partial transcript)
+            yield "", problem, None, True
+            return
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
         text, status, result = "", TRANSCRIBING, None
@@ -141,6 +155,9 @@ class SpeechController:
             yield gr.skip(), NOTHING_GIVEN, gr.skip(), gr.skip()
             return
         limits = engine_limits(self.link)
+        if problem := settings_problem(context, hotwords, limits):
+            yield gr.skip(), problem, gr.skip(), gr.skip()
+            return
         if problem := media_problem(path, "audio", limits, upload=True) if path else media_problem(video, VIDEO_SOUND,
                                                                                                    limits):
             yield gr.skip(), problem, gr.skip(), gr.skip()

@@ -620,3 +620,19 @@ def test_a_video_without_sound_or_with_a_clip_beside_it_is_said_and_nothing_is_l
     assert [s[1] for s in both] == [BOTH_GIVEN], both
     nothing = list(speech.transcribe_file(None, "", "", None))
     assert [s[1] for s in nothing] == [NOTHING_GIVEN], nothing
+
+
+def test_a_context_longer_than_the_model_can_read_is_said_in_the_tabs_words(engine_server):
+    """A context pasted whole (a long document) came back as "Error (invalid_value): 'prompt' is too long (200000
+    characters)": the engine's field name, not the tab's, and no limit. It is refused before sending, naming the
+    model's context, and the last transcript stays; a context that fits is sent."""
+    import gradio as gr
+
+    speech = SpeechController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    clip = str(REPO / "app" / "assets" / "speech" / "what_do_you_see_en.wav")
+    most = speech.link.status().info.limits["context_tokens"]
+    shown = list(speech.transcribe_file(clip, "x" * 200_000, "", None))
+    assert len(shown) == 1 and shown[0][1].startswith("The context and hotwords are 200,000 characters"), shown
+    assert f"at most {most:,} tokens" in shown[0][1] and shown[0][0] == shown[0][2] == gr.skip()
+    text, status, *_ = last(speech.transcribe_file(clip, "A talk about cooking.", "Gansu, Uyghur", None))
+    assert "finish reason" in status, status
