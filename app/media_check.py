@@ -81,15 +81,14 @@ def _av_problem(path: Path, name: str, kind: str, limits: dict, max_seconds: flo
         import av
     except ImportError:  # no PyAV: the engine checks the clip itself
         return None
-    what = "an audio clip" if kind == "audio" else "a video"
-    formats = AUDIO_FORMATS if kind == "audio" else VIDEO_FORMATS
+    what, formats = ("an audio clip", f"a {AUDIO_FORMATS}") if kind == "audio" else ("a video", f"an {VIDEO_FORMATS}")
     kind = "audio" if kind == VIDEO_SOUND else kind
     try:
         with av.open(str(path)) as container:
             streams = {s.type for s in container.streams}
             seconds = _seconds(container)
     except Exception:  # noqa: BLE001  (av.error.* for what FFmpeg cannot read)
-        return f"'{name}' is not {what} the engine can read (a {formats} file; this one is not, or is damaged)."
+        return f"'{name}' is not {what} the engine can read ({formats} file; this one is not, or is damaged)."
     if kind == "audio" and "audio" not in streams and "video" in streams:
         return f"'{name}' is a video with no sound track: there is no speech in it to use. Choose one with sound."
     if kind not in streams:

@@ -26,6 +26,7 @@ from app.ui.voice import (CONFIRM_DELETE, MUSIC_TEXT_UNUSED, NO_CHOICE, PODCAST_
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done, GenerationStats, QueuePosition, TextDelta  # noqa: E402
 from tests.paths import REPO  # noqa: E402
+from tests.app.media_files import video_file  # noqa: E402
 from tests.server import running_server, tone_pcm16, wav_bytes  # noqa: E402
 
 
@@ -558,31 +559,6 @@ def test_the_image_guidance_slider_goes_with_a_preview_edit_only(tiny_engine, pr
     assert made(tiny_engine, "Edit", 1.0) == made(tiny_engine, "Edit", 2.0)
 
 
-def video_file(path: Path, fmt: str, vcodec: str, acodec: str | None, seconds: float = 2.0, size=(320, 240)) -> Path:
-    """A video of noise frames (large for its length, as a phone's is) at 10 frames a second and, with `acodec`, a
-    220 Hz tone as its sound track."""
-    av = pytest.importorskip("av")
-    import numpy as np
-
-    rng, rate = np.random.default_rng(0), 16000
-    with av.open(str(path), "w", format=fmt) as container:
-        picture = container.add_stream(vcodec, rate=10)
-        picture.width, picture.height, picture.pix_fmt = *size, "yuv420p"
-        sound = container.add_stream(acodec, rate=rate, layout="mono") if acodec else None
-        for _ in range(int(seconds * 10)):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), "rgb24")
-            for packet in picture.encode(frame):
-                container.mux(packet)
-        for packet in picture.encode(None):
-            container.mux(packet)
-        if sound is not None:
-            frame = av.AudioFrame.from_ndarray(tone_pcm16(seconds, rate, 220.0)[None], format="s16", layout="mono")
-            frame.sample_rate = rate
-            for packet in [*sound.encode(frame), *sound.encode(None)]:
-                container.mux(packet)
-    return path
-
-
 @pytest.mark.parametrize("fmt, vcodec, acodec", [("mp4", "mpeg4", "aac"), ("webm", "libvpx", "libopus")])
 def test_the_sound_of_a_video_is_transcribed_even_when_the_video_is_over_the_upload_limit(tiny_engine, tmp_path, fmt,
                                                                                          vcodec, acodec):
@@ -615,7 +591,7 @@ def test_a_video_without_sound_or_with_a_clip_beside_it_is_said_and_nothing_is_l
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(silent_film.read_bytes()[:200])
     damaged = last(speech.transcribe_file(None, "", "", None, video=str(broken)))[1]
-    assert damaged.startswith("'broken.mp4' is not a video the engine can read (a MP4"), damaged
+    assert damaged.startswith("'broken.mp4' is not a video the engine can read (an MP4"), damaged
     both = list(speech.transcribe_file(str(clip), "", "", None, video=str(silent_film)))
     assert [s[1] for s in both] == [BOTH_GIVEN], both
     nothing = list(speech.transcribe_file(None, "", "", None))
