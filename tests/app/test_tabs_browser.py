@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot, set_number, set_slider
+from tests.app.media_files import video_file
 from tests.app.test_browser import sync_api
 from tests.paths import REPO
 
@@ -302,6 +303,23 @@ def test_a_reload_mid_run_gives_back_what_was_asked_and_says_it_was_interrupted(
     page.get_by_role("tab", name="Image").click()
     sync_api.expect(page.locator("#image-prompt textarea")).to_have_value("a cup, finished", timeout=30_000)
     assert "interrupted" not in page.locator("#image-figures").inner_text()
+    page.context.close()
+
+
+def test_speech_tab_transcribes_the_sound_of_a_video_and_names_a_silent_one(browser, studio, tmp_path):
+    """The Speech tab took audio only: a video dropped on it got Gradio's own file-type message. A video's sound is
+    transcribed; a video with no sound track is named as such when it is given."""
+    talk = video_file(tmp_path / "talk.mp4", "mp4", "mpeg4", "aac")
+    page = open_tab(browser, studio, "Speech", DESKTOP)
+    page.locator("#speech-video input[type=file]").set_input_files(str(ASSETS / "video" / "cup_on_table.mp4"))
+    sync_api.expect(page.locator("#speech-figures")).to_contain_text("'cup_on_table.mp4' is a video with no sound track",
+                                                                     timeout=15_000)
+    page.locator("#speech-video button[aria-label='Clear']").click()  # the box holds one file at a time
+    page.locator("#speech-video input[type=file]").set_input_files(str(talk))
+    sync_api.expect(page.locator("#speech-video")).to_contain_text("talk.mp4", timeout=15_000)
+    page.locator("#speech-go").click()
+    sync_api.expect(page.locator("#speech-figures")).to_contain_text("finish reason", timeout=60_000)
+    assert page.locator("#speech-transcript textarea").input_value().strip()
     page.context.close()
 
 
