@@ -37,6 +37,10 @@ PODCAST_NEEDS_A_VOICE = ("A podcast needs a reference voice: choose Voice \"Clon
 # (engine.runtime.REF_TRANSCRIPT_MAX_TOKENS; a clip is at most 30 s). The transcription default (512) let the demo
 # weights' runaway transcript of a 6 s clip into the talker prompt, and Make it failed as "too long for the talker".
 REF_TRANSCRIPT_TOKENS = 256
+# The longest name the engine saves a voice under (engine.server.params.MAX_VOICE_NAME_CHARS; not imported: that
+# module loads torch, which a UI-only studio has not): a longer one came back as "'name' is too long (5000 characters)".
+VOICE_NAME_CHARS = 64
+NAME_TOO_LONG = "The name is {n:,} characters; a saved voice's name is at most {most} characters: shorten it."
 # Text over the engine's limit (speech options' max_input_chars) came back as "'input' is too long: ...".
 TEXT_TOO_LONG = ("The text is {n:,} characters; the engine speaks at most {most:,} at a time: split it and make each "
                  "part in turn.")
@@ -205,6 +209,8 @@ class VoiceController:
         name = (name or "").strip()
         if not name or not clip:
             return gr.update(), "Give the voice a name and a reference clip."
+        if len(name) > VOICE_NAME_CHARS:
+            return gr.update(), NAME_TOO_LONG.format(n=len(name), most=VOICE_NAME_CHARS)
         if problem := media_problem(clip, "audio", engine_limits(self.link), upload=True,
                                      max_seconds=VOICE_CLIP_SECONDS):
             return gr.update(), problem

@@ -21,8 +21,8 @@ from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # n
 from app.ui.image import ASPECTS, AUTO_ASPECT, EDIT_PROMPT_HINTS, REFS_NOT_USED, ImageController, _save_png, kept_results  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
 from app.ui.speech import BOTH_GIVEN, CUT_AT_LIMIT, CUT_ON_DEMO, NOTHING_GIVEN, SpeechController  # noqa: E402
-from app.ui.voice import (CONFIRM_DELETE, MUSIC_TEXT_UNUSED, NO_CHOICE, PODCAST_NEEDS_A_VOICE,  # noqa: E402
-                          REPLACE_LABEL, TASKS, TEXT_TOO_LONG, VOICE_UNUSED, VoiceController)
+from app.ui.voice import (CONFIRM_DELETE, MUSIC_TEXT_UNUSED, NAME_TOO_LONG, NO_CHOICE, PODCAST_NEEDS_A_VOICE,  # noqa: E402
+                          REPLACE_LABEL, TASKS, TEXT_TOO_LONG, VOICE_NAME_CHARS, VOICE_UNUSED, VoiceController)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done, GenerationStats, QueuePosition, TextDelta  # noqa: E402
 from tests.paths import REPO  # noqa: E402
@@ -113,6 +113,20 @@ def test_deleting_a_saved_voice_asks_first(engine_server, tmp_path):
     finally:
         if "asked voice" in voices.voice_names():
             voices.delete("asked voice")
+
+
+def test_a_voice_name_longer_than_the_engine_keeps_is_said_before_sending(engine_server, tmp_path):
+    """A long name (a sentence pasted in Save as) came back as "Error (invalid_value): 'name' is too long (5000
+    characters)": the engine's field, no limit. The tab says the limit, the engine's own, before sending."""
+    from engine.server.params import MAX_VOICE_NAME_CHARS
+
+    voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.5, 22050, 220.0), 22050))
+    assert VOICE_NAME_CHARS == MAX_VOICE_NAME_CHARS
+    _, status = voices.save("x" * 5000, str(clip), "hello there", True)
+    assert status == NAME_TOO_LONG.format(n=5000, most=MAX_VOICE_NAME_CHARS), status
+    assert "x" * 5000 not in voices.voice_names()
 
 
 def test_saving_under_a_taken_name_keeps_the_voice_unless_replace_is_ticked(engine_server, tmp_path):
