@@ -228,7 +228,7 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
     capability_note(link, AUDIO_IN, "This engine serves no audio encoder, so it cannot transcribe speech.")
     with gr.Row():
         with gr.Column():
-            clip = gr.Audio(sources=["upload", "microphone"], type="filepath", label="A clip to transcribe",
+            clip = gr.Audio(sources=["upload", "microphone"], type="filepath", label="An audio clip to transcribe (a video: give it in the box below)",
                             buttons=toolbar("download"),
                             elem_id="speech-clip")
             video = gr.File(label=f"…or a video with sound ({VIDEO_FORMATS}): its sound is transcribed",
