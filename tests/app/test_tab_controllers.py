@@ -626,3 +626,12 @@ def test_a_context_longer_than_the_model_can_read_is_said_in_the_tabs_words(engi
     assert f"at most {most:,} tokens" in shown[0][1] and shown[0][0] == shown[0][2] == gr.skip()
     text, status, *_ = last(speech.transcribe_file(clip, "A talk about cooking.", "Gansu, Uyghur", None))
     assert "finish reason" in status, status
+
+
+def test_a_video_longer_than_the_engine_hears_is_refused_as_a_clip_is(tiny_engine, tmp_path):
+    """A video's sound is held to the engine's clip length (the model card's max_audio_seconds), said before sending."""
+    video = video_file(tmp_path / "lecture.mp4", "mp4", "mpeg4", "aac", seconds=3.0, size=(64, 48))
+    with running_server(tiny_engine, max_audio_seconds=2.0) as srv:
+        speech = SpeechController(EngineLink(EngineClient(srv.url)))
+        shown = list(speech.transcribe_file(None, "", "", None, video=str(video)))
+    assert len(shown) == 1 and shown[0][1].startswith("'lecture.mp4' is 3 s long; the engine takes at most 2 s"), shown
