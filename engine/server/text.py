@@ -192,7 +192,7 @@ class PromptBound:
     def check(self, chars: int, what: str, param: str | None = None) -> None:
         """context_length_exceeded when `chars` of text cannot fit (before anything tokenises it)."""
         if self.max_chars is not None and chars > self.max_chars:
-            raise ApiError(f"{what} hold {chars:,} characters of text: {self.describe()}, so they cannot fit",
+            raise ApiError(f"{what} ({chars:,} characters of text) cannot fit: {self.describe()}",
                            code="context_length_exceeded", param=param)
 
     def count_tokens(self, texts: list[str]) -> int:
@@ -210,7 +210,7 @@ class PromptBound:
             return None
         n = await asyncio.to_thread(self.count_tokens, texts)
         if n + max_new_tokens > self.context_tokens:
-            raise ApiError(f"{what} hold {n:,} tokens of text, and {max_new_tokens:,} more are asked for: that passes "
+            raise ApiError(f"{what} ({n:,} tokens of text) and {max_new_tokens:,} more tokens asked for pass "
                            f"this model's context of {self.context_tokens:,} tokens", code="context_length_exceeded",
                            param=param)
         return n
