@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +43,9 @@ TINY_SEED = 20261122
 TINY_NAME = f"ming-tiny-random-v{TINY_VERSION}"
 RELEASES = ("2.0", "preview")
 SHARD_COUNT = 2
+# Folders being written beside the destination are named so; one this old is left by a killed write.
+TEMP_PREFIX = ".tiny-"
+STALE_TEMP_SECONDS = 3600
 
 # The real tokenizer's special tokens with their real ids (a fact of the released tokenizer_config);
 # the tiny vocabulary keeps them in the same relative order after the 256 byte tokens, so the
@@ -252,7 +256,7 @@ def write_tiny_checkpoint(out_dir: str | Path, release: str = "2.0", replace: bo
     _check_release(release)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=out_dir.parent))
     try:
         config = tiny_config(release)
         state = tiny_state_dict(config)
@@ -278,17 +282,48 @@ def write_tiny_checkpoint(out_dir: str | Path, release: str = "2.0", replace: bo
             f"`python -m engine.tiny{flag}` (seed {TINY_SEED}). They produce meaningless output. Load the real "
             "model with `python launch.py --model inclusionAI/Ming-flash-omni-2.0` (or a local directory).\n")
         write_tiny_image_head(tmp, TINY_SEED, release)
-        if out_dir.exists() and replace:
-            shutil.rmtree(out_dir)
+        # The old folder is renamed aside, not deleted in place: a start killed while it is removed would leave
+        # a part of it (config.json and index with a shard gone) that the next start took for a checkpoint.
+        aside = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=out_dir.parent)) if replace else None
         try:
-            os.rename(tmp, out_dir)  # atomic; refused onto a folder that is there (and not empty)
-        except OSError:
-            if replace or not out_dir.is_dir():
-                raise
+            if aside is not None and (out_dir.exists() or out_dir.is_symlink()):
+                os.rename(out_dir, aside / "old")
+            try:
+                os.rename(tmp, out_dir)  # atomic; refused onto a folder that is there (and not empty)
+            except OSError:
+                if replace or not out_dir.is_dir():
+                    raise
+        finally:
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """Whether `path` holds a config.json, a safetensors index and every shard the index names (what a start
+    needs before it trusts a cached copy; anything less is written again)."""
+    path = Path(path)
+    try:
+        index = json.loads((path / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        shards = set(index["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return (path / "config.json").is_file() and all((path / str(shard)).is_file() for shard in shards)
+
+
+def remove_stale_temporaries(folder: str | Path, older_than_s: float = STALE_TEMP_SECONDS) -> None:
+    """Delete the temporary folders of writes that were killed before they finished (SIGKILL, power loss: no
+    `finally` ran), once they are older than any write still in progress could be."""
+    now = time.time()
+    for temp in Path(folder).glob(f"{TEMP_PREFIX}*"):
+        try:
+            if temp.is_dir() and now - temp.stat().st_mtime > older_than_s:
+                shutil.rmtree(temp, ignore_errors=True)
+        except OSError:
+            pass  # removed by another start meanwhile
 
 
 def default_cache_dir() -> Path:
@@ -303,9 +338,10 @@ def ensure_tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
     a process that is already loading it. A cache folder that cannot be written is a CheckpointError
     naming it and saying what to do."""
     path = Path(cache_dir or default_cache_dir()) / TINY_NAME
-    if not (path / "config.json").is_file() or not (path / "model.safetensors.index.json").is_file():
+    if not is_complete_checkpoint(path):
         try:
-            write_tiny_checkpoint(path, replace=path.exists())  # a damaged one is rewritten
+            remove_stale_temporaries(path.parent)
+            write_tiny_checkpoint(path, replace=path.exists() or path.is_symlink())  # a damaged one is rewritten
         except OSError as e:
             raise CheckpointError(f"cannot write the tiny demo checkpoint into {path.parent} ({e}): set "
                                   "MING_STUDIO_CACHE to a writable folder, or load a checkpoint with --model") from e
@@ -330,13 +366,37 @@ def tree_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def out_dir_problem(out_dir: str | Path) -> str | None:
+    """Why `python -m engine.tiny OUT_DIR` must not write there (it replaces what OUT_DIR holds), or None: a file,
+    or a folder with files in it that is not a tiny checkpoint (`python -m engine.tiny ~` would delete the home
+    folder). A new path, an empty folder and an earlier tiny checkpoint are fine."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir():
+        if is_demo_checkpoint(out_dir) or not any(out_dir.iterdir()):
+            return None
+        return (f"{out_dir} is a folder with files in it that is not a tiny checkpoint, and writing would replace "
+                "it: give a new or empty folder")
+    if out_dir.exists() or out_dir.is_symlink():
+        return f"{out_dir} is a file, not a folder: give a new or empty folder for the checkpoint"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.tiny", description=__doc__.splitlines()[0])
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--release", choices=RELEASES, default="2.0",
                     help="checkpoint layout: 2.0 (default) or preview (Qwen2.5-VL ViT, rope_theta 600000)")
     args = ap.parse_args(argv)
-    path = write_tiny_checkpoint(args.out_dir, release=args.release)
+    problem = out_dir_problem(args.out_dir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        path = write_tiny_checkpoint(args.out_dir, release=args.release)
+    except OSError as e:  # a parent that cannot be written, a full disk
+        print(f"error: cannot write the tiny checkpoint into {args.out_dir} ({e.strerror or e}): choose a folder "
+              "you can write to, on a disk with room", file=sys.stderr)
+        return 1
     print(f"wrote {path} ({TINY_NAME}, {args.release} layout, sha256 {tree_digest(path)[:16]})")
     return 0
 

@@ -1,8 +1,11 @@
 """The embedded tiny checkpoint: deterministic, upstream layout, loaded by the normal code."""
 
 import json
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +177,68 @@ def test_a_cache_folder_that_cannot_be_written_is_named_with_what_to_do(tmp_path
     not_a_folder.write_text("a file where the cache folder should be")
     with pytest.raises(CheckpointError, match=rf"cannot write the tiny demo checkpoint into {not_a_folder}.*MING_STUDIO_CACHE"):
         ensure_tiny_checkpoint(not_a_folder)
+
+
+def test_engine_tiny_never_replaces_a_folder_that_is_not_a_tiny_checkpoint(tmp_path, tiny_checkpoint, capsys):
+    """`python -m engine.tiny OUT_DIR` replaces what OUT_DIR holds: given a folder of the user's (`~`, `.`) or a
+    file it refuses, saying why, and deletes nothing; a new path, an empty folder or an earlier tiny checkpoint
+    are written."""
+    from engine.tiny import main, out_dir_problem
+
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("mine too")
+    assert "not a tiny checkpoint" in out_dir_problem(folder)
+    assert "is a file" in out_dir_problem(a_file)
+    assert main([str(folder)]) == 2 and main([str(a_file)]) == 2
+    assert "give a new or empty folder" in capsys.readouterr().err
+    assert (folder / "notes.txt").read_text() == "mine" and a_file.read_text() == "mine too"
+    (tmp_path / "empty").mkdir()
+    assert out_dir_problem(tmp_path / "empty") is None and out_dir_problem(tmp_path / "new") is None
+    assert out_dir_problem(tiny_checkpoint) is None
+
+
+def test_a_cache_left_incomplete_is_written_again_and_killed_writes_are_cleared(tmp_path):
+    """A cached tiny checkpoint whose index names a shard that is not there (a start killed while an old copy
+    was removed, a user deleting files) is rewritten, not loaded to fail every start; the temporary folders of
+    writes killed outright are removed once stale, and a write still in progress is left alone."""
+    import engine.tiny as tiny
+
+    path = tiny.ensure_tiny_checkpoint(tmp_path)
+    shard = sorted(path.glob("*.safetensors"))[0]
+    shard.unlink()
+    assert not tiny.is_complete_checkpoint(path)
+    killed, in_progress = tmp_path / f"{tiny.TEMP_PREFIX}killed", tmp_path / f"{tiny.TEMP_PREFIX}writing"
+    for temp in (killed, in_progress):
+        temp.mkdir()
+        (temp / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    stale = time.time() - tiny.STALE_TEMP_SECONDS - 60
+    os.utime(killed, (stale, stale))
+    assert tiny.ensure_tiny_checkpoint(tmp_path) == path and shard.is_file()
+    assert tiny.is_complete_checkpoint(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([tiny.TINY_NAME, in_progress.name])
+
+
+def test_a_write_interrupted_while_replacing_the_cache_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    """Interrupted between moving the damaged copy aside and publishing the new one, a rewrite leaves no folder
+    at the cache path (which the next start writes again), never a part of the old one."""
+    import engine.tiny as tiny
+
+    path = tmp_path / tiny.TINY_NAME
+    path.mkdir()
+    (path / "config.json").write_text("{}")  # a damaged copy: no index
+    real_rename = os.rename
+
+    def interrupted(src, dst):
+        real_rename(src, dst)
+        if Path(dst).name == "old":  # the old copy moved aside: then Ctrl+C
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny.os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny.ensure_tiny_checkpoint(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(tiny.os, "rename", real_rename)
+    assert tiny.is_complete_checkpoint(tiny.ensure_tiny_checkpoint(tmp_path))
