@@ -10,6 +10,7 @@ Both parse into `MingConfig`; `MingConfig.llm_weight_prefix` says where the LLM'
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,9 +72,17 @@ def _require(d: dict, key: str, where: str, kind: type | None = None) -> Any:
     if kind is None:
         return d[key]
     try:
-        return kind(d[key])
+        return _integer(d[key]) if kind is int else kind(d[key])
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: key '{key}' is {d[key]!r}, not {'an integer' if kind is int else kind.__name__}") from e
+
+
+def _integer(value: Any) -> int:
+    """A JSON integer (or a float with an integral value, 32.0): TypeError for anything else, true/false, "32" and
+    4.5 included, which int() would turn into 1, 32 and 4 and so into a different model."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise TypeError(f"{value!r} is not an integer")
+    return int(value)
 
 
 @contextmanager
@@ -241,6 +250,25 @@ class LLMConfig:
         def bad(msg: str) -> ConfigError:
             return ConfigError(f"{where}: {msg}")
 
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise bad(f"{name} {getattr(self, name)} must be at least 1")
+        for name in ("num_experts", "num_shared_experts", "first_k_dense_replace"):
+            if getattr(self, name) < 0:
+                raise bad(f"{name} {getattr(self, name)} must not be negative")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise bad(f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1]")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise bad(f"rope_theta {self.rope_theta} must be a finite number > 0")
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps >= 0):
+            raise bad(f"rms_norm_eps {self.rms_norm_eps} must be a finite number >= 0")
+        tokens = [("image_patch_token", self.image_patch_token), ("video_patch_token", self.video_patch_token),
+                  ("image_start_token", self.image_start_token), ("video_start_token", self.video_start_token),
+                  *(("eos_token_id", e) for e in self.eos_token_ids)]
+        for name, token in tokens:
+            if not 0 <= token < self.vocab_size:
+                raise bad(f"{name} {token} is not a token id of the vocabulary (0..{self.vocab_size - 1})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise bad(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                       f"num_key_value_heads {self.num_key_value_heads}")
@@ -343,6 +371,9 @@ class MingConfig:
             raise ConfigError(f"{path}: no config.json found")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON ({e})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: invalid JSON ({e}): a config.json is UTF-8 JSON text; download the "
+                              "checkpoint's config.json again") from e
+        except OSError as e:  # permission denied, an I/O error
+            raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from e
         return cls.from_dict(data, source=str(path))

@@ -46,6 +46,20 @@ def test_standalone_llm_config_has_no_prefix():
     (lambda c: c["llm_config"].update(rope_scaling={"type": "m_rope"}), "rope_scaling"),
     (lambda c: c["llm_config"].update(rope_scaling=None), "rope_scaling"),
     (lambda c: c["llm_config"].update(rope_scaling={"rope_type": "video_rope"}), "rope_scaling"),
+    # sizes a hand-edited config gets wrong: refused naming the key, not a torch error building the model
+    (lambda c: c["llm_config"].update(hidden_size=-64), "hidden_size -64 must be at least 1"),
+    (lambda c: c["llm_config"].update(num_hidden_layers=0), "num_hidden_layers 0 must be at least 1"),
+    (lambda c: c["llm_config"].update(vocab_size=0), "vocab_size 0 must be at least 1"),
+    (lambda c: c["llm_config"].update(first_k_dense_replace=-1), "first_k_dense_replace -1 must not be negative"),
+    (lambda c: c["llm_config"].update(partial_rotary_factor=-0.5), "partial_rotary_factor"),
+    (lambda c: c["llm_config"].update(rope_theta=0), "rope_theta"),
+    # what int() would quietly turn into another model: 4.5 layers, true heads, "32" layers
+    (lambda c: c["llm_config"].update(num_hidden_layers=4.5), "num_hidden_layers.*not an integer"),
+    (lambda c: c["llm_config"].update(num_attention_heads=True), "num_attention_heads.*not an integer"),
+    (lambda c: c["llm_config"].update(num_hidden_layers="32"), "num_hidden_layers.*not an integer"),
+    # a token id the embedding table does not have would fail in the middle of a chat
+    (lambda c: c["llm_config"].update(image_patch_token=200000), "image_patch_token 200000 is not a token id"),
+    (lambda c: c["llm_config"].update(eos_token_id=[156895, -1]), "eos_token_id -1 is not a token id"),
 ])
 def test_bad_configs_name_the_key(mutate, message):
     cfg = json.loads((real_config("ming-flash-omni-2.0") / "config.json").read_text())
@@ -59,6 +73,9 @@ def test_missing_and_invalid_files(tmp_path):
         MingConfig.from_file(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="invalid JSON"):
+        MingConfig.from_file(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{\x00}")  # UTF-16, or a binary file saved under the name
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'config.json'}: invalid JSON .*UTF-8"):
         MingConfig.from_file(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ConfigError, match="neither"):
