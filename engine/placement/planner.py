@@ -148,7 +148,8 @@ class DeviceSpec:
         items = [s for s in (gpus.split(",") if isinstance(gpus, str) else gpus) if str(s).strip()]
         specs: list[GPUSpec] = []
         for item in items:
-            m = re.match(r"^\s*(?:(\d+)\s*[xX\u00d7]\s*)?([^@]+?)\s*(?:@\s*([0-9.]+)\s*)?$", str(item))
+            # the size starts with a digit: '80XB' is a size with an unknown unit, not 80 GPUs of 'B'
+            m = re.match(r"^\s*(?:(\d+)\s*[xX\u00d7]\s*)?([0-9.][^@]*?)\s*(?:@\s*([0-9.]+)\s*)?$", str(item))
             if not m:
                 raise PlanError(f"cannot parse GPU {item!r}: use e.g. 80GB, 2x80GB or 24GB@1008")
             count = int(m.group(1) or 1)
@@ -432,7 +433,7 @@ def load_expert_stats(path: str | Path) -> dict:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise PlanError(f"{path}: cannot read expert statistics ({e})") from e
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # not JSON, or not text at all
         raise PlanError(f"{path}: invalid JSON ({e})") from e
 
 

@@ -107,6 +107,8 @@ def test_device_spec_parse():
     ("80GB@.", "256GB", "GPU bandwidth"), ("80GB@1.2.3", "256GB", "GPU bandwidth"),
     ("100000x80GB", "256GB", "at most 64 GPUs"), ("60x80GB,5x24GB", "256GB", "at most 64 GPUs"),
     ("80GB", "9" * 400 + "TB", "too large"), ("9" * 400 + "GB", "256GB", "too large"),
+    # a misspelt unit: 80XB is not 80 GPUs of 'B' (that read said "at most 64 GPUs")
+    ("80XB", "256GB", "unknown size unit 'XB' in '80XB'"), ("2x80XB", "256GB", "unknown size unit 'XB'"),
 ])
 def test_device_spec_refuses_sizes_counts_and_bandwidths_it_cannot_plan(gpus, cpu, match):
     """A bandwidth that is not a number ('@.': a ValueError traceback before), a size past float's range (an
@@ -603,6 +605,17 @@ def test_cli_errors_exit_2(config_dir, capsys):
     assert "host memory cannot hold" in capsys.readouterr().err
     assert main(["--config", str(config_dir), "--gpus", "80G", "--cpu-mem", "256GB", "--json"]) == 2
     assert "error" in json.loads(capsys.readouterr().out)
+
+
+def test_cli_names_files_that_are_not_json_text(config_dir, tmp_path, capsys):
+    """A binary file given as --expert-stats, or saved as config.json, was a UnicodeDecodeError traceback."""
+    binary = tmp_path / "stats.json"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    assert main(["--config", str(config_dir), "--gpus", "80GB", "--cpu-mem", "256GB", "--expert-stats", str(binary)]) == 2
+    assert f"{binary}: invalid JSON" in capsys.readouterr().err
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe\x00\x01")
+    assert main(["--config", str(tmp_path), "--gpus", "80GB", "--cpu-mem", "256GB"]) == 2
+    assert f"{tmp_path / 'config.json'}: invalid JSON" in capsys.readouterr().err
 
 
 def test_module_entry_point_prints_table(config_dir):
