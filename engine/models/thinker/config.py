@@ -353,7 +353,8 @@ class MingConfig:
                       torch_dtype=d.get("torch_dtype"), source=source)
         else:
             raise ConfigError(f"{source}: neither a Ming (BailingMM2) config with 'llm_config' nor a "
-                              f"BailingMoeV2 config (model_type={d.get('model_type')!r})")
+                              f"BailingMoeV2 config (model_type={d.get('model_type')!r}): this is another model's "
+                              "checkpoint; give the folder of a Ming-flash-omni 2.0 or Preview checkpoint")
         if cfg.llm.video_start_token_is_image_end and not cfg.llm.use_interleaved_frame_timestamp:
             warnings.warn(
                 f"{source}: video_start_token={cfg.llm.video_start_token} is the id of </image> (upstream "
@@ -368,7 +369,8 @@ class MingConfig:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise ConfigError(f"{path}: no config.json found")
+            raise ConfigError(f"{path}: no config.json found: give the folder of a Ming-flash-omni checkpoint (it "
+                              "holds config.json beside model.safetensors.index.json and the *.safetensors shards)")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -69,7 +69,7 @@ def test_bad_configs_name_the_key(mutate, message):
 
 
 def test_missing_and_invalid_files(tmp_path):
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(ConfigError, match="no config.json found: give the folder of a Ming-flash-omni checkpoint"):
         MingConfig.from_file(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="invalid JSON"):
@@ -78,7 +78,7 @@ def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match=f"{tmp_path / 'config.json'}: invalid JSON .*UTF-8"):
         MingConfig.from_file(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ConfigError, match="neither"):
+    with pytest.raises(ConfigError, match="neither.*another model's checkpoint; give the folder of a Ming-flash-omni"):
         MingConfig.from_file(tmp_path)
 
 
