@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -11,9 +12,23 @@ from engine.server.limits import MiB, Limits
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    """A size or duration limit: a finite number > 0 (nan, inf and 1e400 would switch the limit off or fail)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
 
 
@@ -31,8 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--openai-only", action="store_true",
                     help="OpenAI's routes and shapes only: no /v1/realtime, no extension routes, fields, metrics or "
                          "queue comment lines (PCM audio at OpenAI's 24 kHz)")
-    ap.add_argument("--dtype", default=None,
-                    help="fp32 or bf16 (default: bf16 on GPU; on CPU fp32 where the model fits in memory, else bf16)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                    help="weight and activation dtype (default: bf16 on GPU; on CPU fp32 where the model fits in "
+                         "memory, else bf16)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--expert-dtype", choices=["bf16", "fp8", "fp8-block", "int8", "int4"], default="bf16",
                     help="routed-expert weights: bf16 = as stored (default), or quantised while loading (fp8 e4m3 "
@@ -44,14 +60,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="auto (default): on CUDA, a model too big for one GPU is spread over the GPUs and host "
                          "memory (cold experts computed by the CPU); single: everything on --device")
     d = Limits()
-    ap.add_argument("--max-sessions", type=int, default=d.max_sessions, help="concurrent realtime sessions")
-    ap.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting for the engine")
-    ap.add_argument("--max-message-mb", type=float, default=d.max_message_bytes / MiB, help="realtime event size")
-    ap.add_argument("--max-request-mb", type=float, default=d.max_request_bytes / MiB, help="HTTP JSON body size")
-    ap.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / MiB, help="upload size")
-    ap.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds, help="audio clip length")
-    ap.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="pixels per image or frame")
-    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="largest max_tokens allowed")
+    ap.add_argument("--max-sessions", type=_positive_int, default=d.max_sessions, help="concurrent realtime sessions")
+    ap.add_argument("--max-queue", type=_positive_int, default=d.max_queue, help="requests waiting for the engine")
+    ap.add_argument("--max-message-mb", type=_positive_number, default=d.max_message_bytes / MiB,
+                    help="realtime event size")
+    ap.add_argument("--max-request-mb", type=_positive_number, default=d.max_request_bytes / MiB,
+                    help="HTTP JSON body size")
+    ap.add_argument("--max-upload-mb", type=_positive_number, default=d.max_upload_bytes / MiB, help="upload size")
+    ap.add_argument("--max-audio-seconds", type=_positive_number, default=d.max_audio_seconds, help="audio clip length")
+    ap.add_argument("--max-image-pixels", type=_positive_int, default=d.max_image_pixels,
+                    help="pixels per image or frame")
+    ap.add_argument("--max-new-tokens", type=_positive_int, default=d.max_new_tokens, help="largest max_tokens allowed")
     ap.add_argument("--threads", type=_positive_int, default=None,
                     help="torch intra-op threads (default: torch's choice; 1 suits small models on few cores)")
     ap.add_argument("--log-level", default="info")

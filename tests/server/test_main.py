@@ -101,3 +101,21 @@ def test_a_thread_count_below_one_is_refused_by_the_parser(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["--threads", "0"])
     assert e.value.code == 2 and "--threads: must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-upload-mb", "1e400", "must be a finite number > 0"),  # an OverflowError traceback
+    ("--max-message-mb", "nan", "must be a finite number > 0"),  # "cannot convert float NaN to integer"
+    ("--max-audio-seconds", "inf", "must be a finite number > 0"),  # started, with no audio limit at all
+    ("--max-request-mb", "-5", "must be a finite number > 0"),  # "Limits.max_request_bytes ... -5242880"
+    ("--max-queue", "0", "must be at least 1"), ("--max-image-pixels", "many", "must be a whole number"),
+    ("--dtype", "fp64", "invalid choice"),  # refused after the model load had started
+])
+def test_limits_and_dtype_the_server_cannot_use_are_refused_by_the_parser_naming_the_flag(capsys, monkeypatch, flag,
+                                                                                          value, message):
+    from engine.runtime import Engine
+    monkeypatch.setattr(Engine, "load", _no_load)
+    with pytest.raises(SystemExit) as e:
+        main([flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: {message}" in err and "Traceback" not in err
