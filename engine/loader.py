@@ -31,6 +31,9 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "am.mvn", "*.onnx
 # Large tensors are read this many bytes (as stored) at a time, straight into their destination: a load never
 # holds a whole tensor twice (the real embedding table is 1.3 GB in bf16, 2.6 GB more as fp32).
 READ_BLOCK_BYTES = 64 << 20
+# What to do when the tensors are not the ones config.json describes.
+MISMATCH_FIX = ("the weights do not match what config.json describes (a config.json of the other release, 2.0 or "
+                "Preview, or of another model beside these shards?): download the whole checkpoint again")
 _STACKED_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 
 
@@ -316,7 +319,7 @@ def check_tensor(reader: TensorReader, name: str, shape: tuple[int, ...], floati
     `floating` destination) as fp32, fp16 or bf16: an FP8 or integer tensor is a quantised checkpoint, whose
     values a cast would silently get wrong (its scales are other tensors)."""
     if name not in reader.files.weight_map:
-        raise CheckpointError(f"{reader.files.root}: tensor '{name}' is missing from the checkpoint")
+        raise CheckpointError(f"{reader.files.root}: tensor '{name}' is missing from the checkpoint; {MISMATCH_FIX}")
     where = reader.files.root / reader.files.weight_map[name]
     got = reader.shape(name)
     if got != shape:
@@ -359,4 +362,4 @@ def check_unexpected(files: CheckpointFiles, consumed: set[str]) -> None:
     if unknown:
         shard = files.weight_map[unknown[0]]
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise CheckpointError(f"{files.root / shard}: unexpected tensor '{unknown[0]}'{more}")
+        raise CheckpointError(f"{files.root / shard}: unexpected tensor '{unknown[0]}'{more}; {MISMATCH_FIX}")

@@ -377,3 +377,14 @@ def test_a_config_value_of_the_wrong_type_or_missing_is_named_with_its_file(ckpt
     with pytest.raises(ConfigError, match=named) as e:
         Engine.load(ckpt, device="cpu")
     assert str(ckpt / "config.json") in str(e.value)
+
+
+def test_a_config_of_the_other_release_beside_the_shards_says_what_to_do(ckpt):
+    """2.0 shards with the Preview's config.json (a hand-assembled folder, or one file of another download): the
+    vision tower's tensors are not the ones the config describes; the error says so and what to do."""
+    from engine.tiny import tiny_config
+
+    (ckpt / "config.json").write_text(json.dumps(tiny_config("preview")))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor '.*the other release, 2.0 or Preview.*download the "
+                                              r"whole checkpoint again"):
+        load_model(ckpt, device="cpu")
