@@ -263,12 +263,6 @@ class LLMConfig:
             raise bad(f"rope_theta {self.rope_theta} must be a finite number > 0")
         if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps >= 0):
             raise bad(f"rms_norm_eps {self.rms_norm_eps} must be a finite number >= 0")
-        tokens = [("image_patch_token", self.image_patch_token), ("video_patch_token", self.video_patch_token),
-                  ("image_start_token", self.image_start_token), ("video_start_token", self.video_start_token),
-                  *(("eos_token_id", e) for e in self.eos_token_ids)]
-        for name, token in tokens:
-            if not 0 <= token < self.vocab_size:
-                raise bad(f"{name} {token} is not a token id of the vocabulary (0..{self.vocab_size - 1})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise bad(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                       f"num_key_value_heads {self.num_key_value_heads}")

@@ -57,9 +57,6 @@ def test_standalone_llm_config_has_no_prefix():
     (lambda c: c["llm_config"].update(num_hidden_layers=4.5), "num_hidden_layers.*not an integer"),
     (lambda c: c["llm_config"].update(num_attention_heads=True), "num_attention_heads.*not an integer"),
     (lambda c: c["llm_config"].update(num_hidden_layers="32"), "num_hidden_layers.*not an integer"),
-    # a token id the embedding table does not have would fail in the middle of a chat
-    (lambda c: c["llm_config"].update(image_patch_token=200000), "image_patch_token 200000 is not a token id"),
-    (lambda c: c["llm_config"].update(eos_token_id=[156895, -1]), "eos_token_id -1 is not a token id"),
 ])
 def test_bad_configs_name_the_key(mutate, message):
     cfg = json.loads((real_config("ming-flash-omni-2.0") / "config.json").read_text())
