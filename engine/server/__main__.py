@@ -10,6 +10,8 @@ import sys
 from engine.server.auth import StartupRefused, check_bind, listen_socket
 from engine.server.limits import MiB, Limits
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's (a KeyError after the load)
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -73,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=_positive_int, default=d.max_new_tokens, help="largest max_tokens allowed")
     ap.add_argument("--threads", type=_positive_int, default=None,
                     help="torch intra-op threads (default: torch's choice; 1 suits small models on few cores)")
-    ap.add_argument("--log-level", default="info")
+    ap.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="the HTTP server's log (default: info)")
     return ap.parse_args(argv)
 
 
