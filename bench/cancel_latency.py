@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cli import run  # noqa: E402
 from engine.events import Done, Error  # noqa: E402
 from engine.runtime import Engine  # noqa: E402
 from engine.sampling import GenerationParams  # noqa: E402
@@ -91,4 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

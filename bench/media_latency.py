@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.cli import run  # noqa: E402
 from bench.server_latency import free_port, start_server  # noqa: E402
 from engine.client import EngineClient  # noqa: E402
 from engine.events import AudioChunk, Done, Error, ImagePreview, TextDelta  # noqa: E402
@@ -149,4 +150,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cli import run  # noqa: E402
 from engine.events import Done  # noqa: E402
 from engine.media.video import WebcamClip  # noqa: E402
 from engine.runtime import Engine  # noqa: E402
@@ -74,4 +75,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

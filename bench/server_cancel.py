@@ -29,6 +29,7 @@ import httpx  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
+from bench.cli import run  # noqa: E402
 from bench.server_latency import server_process  # noqa: E402
 from engine.tiny import ensure_tiny_checkpoint  # noqa: E402
 
@@ -123,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

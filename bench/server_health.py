@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from bench.cli import run  # noqa: E402
 from bench.server_latency import server_process  # noqa: E402
 from engine.server.text import chars_per_token  # noqa: E402
 from engine.tiny import ensure_tiny_checkpoint  # noqa: E402
@@ -160,4 +161,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
+from bench.cli import SetupError, run  # noqa: E402
 from engine.client import AsyncEngineClient, EngineClient, RealtimeClient  # noqa: E402
 from engine.events import Done, Error, TextDelta  # noqa: E402
 from engine.runtime import Engine  # noqa: E402
@@ -74,7 +75,8 @@ def start_server(model: str | None, port: int, threads: int, repo: Path = ROOT) 
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
+            raise SetupError(f"the engine server this benchmark starts exited (exit code {proc.returncode}): "
+                             f"{proc.stderr.read().strip()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -317,4 +319,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    sys.exit(main())
+    sys.exit(run(main))

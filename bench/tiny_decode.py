@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cli import run  # noqa: E402
 from engine.events import Done  # noqa: E402
 from engine.runtime import Engine  # noqa: E402
 from engine.sampling import GenerationParams  # noqa: E402
@@ -53,4 +54,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

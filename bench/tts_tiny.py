@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cli import run  # noqa: E402
 from engine.events import Done, TextDelta  # noqa: E402
 from engine.runtime import Engine  # noqa: E402
 
@@ -90,4 +91,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))
