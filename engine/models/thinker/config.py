@@ -338,6 +338,8 @@ class MingConfig:
             vision, audio = _sub_config(d, "vision_config", source), _sub_config(d, "audio_config", source)
             llm = LLMConfig.from_dict(_sub_config(d, "llm_config", source), where=f"{source}: llm_config",
                                       interleaving_code=vision.get("model_type") != "qwen2_5_vit")
+            if d.get("mlp_depth") is not None:
+                _require(d, "mlp_depth", source, int)  # (the projectors' depth: 'deep' failed building them)
             cfg = cls(llm=llm, model_type=str(d.get("model_type", "")), is_composite=True,
                       vision=dict(vision), audio=dict(audio),
                       mlp_depth=d.get("mlp_depth"), torch_dtype=d.get("torch_dtype"), source=source)

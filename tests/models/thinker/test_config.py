@@ -57,6 +57,7 @@ def test_standalone_llm_config_has_no_prefix():
     (lambda c: c["llm_config"].update(num_hidden_layers=4.5), "num_hidden_layers.*not an integer"),
     (lambda c: c["llm_config"].update(num_attention_heads=True), "num_attention_heads.*not an integer"),
     (lambda c: c["llm_config"].update(num_hidden_layers="32"), "num_hidden_layers.*not an integer"),
+    (lambda c: c.update(mlp_depth="deep"), "config.json: key 'mlp_depth' is 'deep', not an integer"),
 ])
 def test_bad_configs_name_the_key(mutate, message):
     cfg = json.loads((real_config("ming-flash-omni-2.0") / "config.json").read_text())
