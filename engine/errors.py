@@ -39,3 +39,9 @@ def shown_number(value: Any) -> str:
     long (JSON lets a client write an integer of thousands of digits)."""
     text = str(value)
     return text if len(text) <= ECHO_CHARS else shown(text)
+
+
+# What a model load raises for what the user supplied, which a command line shows as one message: the checkpoint,
+# its config or tokenizer (MingError), files and folders (OSError), settings and sizes (ValueError: the planner's
+# "does not fit", a dtype).
+LOAD_ERRORS = (MingError, OSError, ValueError)

@@ -36,6 +36,7 @@ from functools import partial
 import torch
 
 from engine.decode_graphs import DecodeGraphs, decode_graphs_for
+from engine.errors import LOAD_ERRORS
 from engine.events import Done, Error, Event, GenerationStats, TextDelta, TokenLogprob
 from engine.models.thinker.kv_cache import KVCache
 from engine.models.thinker.layers import Numerics
@@ -412,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    ap.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                    help="default: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--thinking", action="store_true", help="detailed thinking on")
     ap.add_argument("--expert-dtype", choices=["bf16", "fp8", "fp8-block", "int8", "int4"], default="bf16",
@@ -421,8 +423,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto: on CUDA, spread a model too big for one GPU over the GPUs and host; single: all on --device")
     args = ap.parse_args(argv)
 
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, expert_dtype=args.expert_dtype,
-                         placement=args.placement, log=lambda line: print(f"[{line}]", file=sys.stderr))
+    try:
+        engine = Engine.load(args.model, dtype=args.dtype, device=args.device, expert_dtype=args.expert_dtype,
+                             placement=args.placement, log=lambda line: print(f"[{line}]", file=sys.stderr))
+    except LOAD_ERRORS as e:
+        print(f"error: could not load the model {args.model or 'the tiny demo checkpoint'!r}: {e}", file=sys.stderr)
+        return 2
     if engine.is_demo:
         print("[random demo weights: output is meaningless; use --model for the real checkpoint]", file=sys.stderr)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.errors import MingError, shown, shown_number
+from engine.errors import LOAD_ERRORS, MingError, shown, shown_number
 from engine.generate import Cancelled
 from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress
 from engine.media.image import load_image
@@ -407,14 +407,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preview-every", type=int, default=0, help="write a preview every N steps (--preview-dir)")
     ap.add_argument("--preview-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, required=True, help="output PNG (segmentation adds _mask/_overlay PNGs)")
-    ap.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                    help="default: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--compile", action="store_true", help="CUDA: torch.compile the DiT's blocks")
     args = ap.parse_args(argv)
     if args.segment is None and not args.prompt:
         ap.error("--prompt is required (or --segment TARGET with --edit IMAGE)")
     log = lambda line: print(f"[{line}]", file=sys.stderr)  # noqa: E731
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, log=log)
+    try:
+        engine = Engine.load(args.model, dtype=args.dtype, device=args.device, log=log)
+    except LOAD_ERRORS as e:
+        print(f"error: could not load the model {args.model or 'the tiny demo checkpoint'!r}: {e}", file=sys.stderr)
+        return 2
     if engine.is_demo:
         log("random demo weights: the picture is noise; use --model for the real checkpoint")
     if args.compile and engine.image_generator is not None:

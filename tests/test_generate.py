@@ -528,3 +528,13 @@ def test_tokens_cut_by_a_stop_string_are_not_reported(tiny_engine):
     # the next token drawn is the one the stop string cut: its text runs past the reply's
     cut = b"".join(bytes(tiny_engine.tokenizer.piece_bytes(t)) for t in done.token_ids[:len(entries) + 1])
     assert not done.text.startswith(cut.decode("utf-8", errors="replace"))
+
+
+def test_cli_names_a_checkpoint_it_cannot_load_and_exits_2(tmp_path, capsys):
+    """Another model's checkpoint (or a broken config.json) was a ConfigError traceback."""
+    from engine.generate import main
+
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    assert main(["--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert f"error: could not load the model {str(tmp_path)!r}: {tmp_path / 'config.json'}: neither a Ming" in \
+        capsys.readouterr().err

@@ -292,3 +292,14 @@ def test_an_edit_at_an_explicit_size_cuts_the_picture_to_its_proportions(tiny_en
     assert isinstance(done, Done), done
     assert (done.result["width"], done.result["height"]) == (64, 64)
     assert [im.size for im in seen] == [(60, 60)] and np.array_equal(np.asarray(seen[0]), photo[:, 10:70])
+
+
+def test_cli_names_a_checkpoint_it_cannot_load_and_exits_2(tmp_path, capsys):
+    """Another model's checkpoint (or a broken config.json) was a ConfigError traceback."""
+    from engine.imagine import main
+
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    assert main(["--model", str(tmp_path), "--prompt", "a cup", "--out", str(tmp_path / "out.png")]) == 2
+    assert f"error: could not load the model {str(tmp_path)!r}: {tmp_path / 'config.json'}: neither a Ming" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists()

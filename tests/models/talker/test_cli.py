@@ -29,3 +29,11 @@ def test_cli_music_duration_as_written_in_the_prompt_or_refused_before_loading(c
         main(["--model", "/nonexistent/never/loaded", "--task", "music", "--music", "genre=jazz,duration=soon",
               "--out", "x.wav"])
     assert exit_info.value.code == 2 and "duration" in capsys.readouterr().err
+
+
+def test_cli_names_a_checkpoint_it_cannot_load(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    assert main(["--model", str(tmp_path), "--text", "hi", "--out", str(tmp_path / "out.wav")]) == 1
+    assert f"error: could not load the model {str(tmp_path)!r}: {tmp_path / 'config.json'}: neither a Ming" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out.wav").exists()
