@@ -46,6 +46,9 @@ class CheckpointError(MingError, RuntimeError):
 def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
     """A local directory as is; otherwise a hub id ("org/name") downloaded with huggingface_hub
     (honours HF_HUB_OFFLINE and the local cache)."""
+    if not str(path_or_id).strip():  # --model "" (an unset shell variable): Path("") is the current folder
+        raise CheckpointError("the checkpoint is an empty name: give a checkpoint directory or a hub id such as "
+                              "inclusionAI/Ming-flash-omni-2.0")
     p = Path(path_or_id).expanduser()
     if p.is_dir():
         return p

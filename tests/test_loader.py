@@ -189,6 +189,11 @@ def test_resolve_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match=rf"ckpts/ming: no such local directory \({tmp_path}/ckpts/ming\).*hub"):
         resolve_checkpoint("ckpts/ming")
+    # --model "$UNSET": Path("") is the current folder, which was then read as the checkpoint
+    (tmp_path / "config.json").write_text("{}")
+    for empty in ("", "  "):
+        with pytest.raises(CheckpointError, match="the checkpoint is an empty name: give a checkpoint directory"):
+            resolve_checkpoint(empty)
 
 
 def _tensors(model):
