@@ -63,6 +63,15 @@ def _music(spec: str | None) -> dict | None:
     return out
 
 
+def _out_problem(out: Path) -> str | None:
+    """Why the WAV cannot be written at `out` (None: it can be tried)."""
+    if out.is_dir():
+        return "is a folder: give a file name, e.g. out.wav"
+    if not out.parent.is_dir():
+        return f"the folder {out.parent} does not exist"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -70,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         music = _music(args.music)
     except ValueError as e:
         parser.error(str(e))  # before the model loads: exit status 2 with the usage line
+    if args.out is not None and _out_problem(args.out):
+        parser.error(f"--out {args.out}: {_out_problem(args.out)}")  # (was a traceback after the load)
     from engine.runtime import Engine  # noqa: PLC0415  (torch import only when running)
     try:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
@@ -109,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         voice = args.voice
     t0 = time.perf_counter()
     first = None
-    writer = WavWriter(args.out, engine.talker.sample_rate)
+    try:
+        writer = WavWriter(args.out, engine.talker.sample_rate)
+    except OSError as e:  # no permission, a full disk
+        print(f"error: cannot write {args.out} ({e.strerror or e})", file=sys.stderr)
+        return 1
     try:
         for ev in engine.speak(args.text, voice=voice, ref_audio=ref, ref_text=args.ref_text, instruct=args.instruct,
                                task=args.task, cfg=args.cfg, sigma=args.sigma, temperature=args.temperature,

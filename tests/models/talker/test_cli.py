@@ -37,3 +37,15 @@ def test_cli_names_a_checkpoint_it_cannot_load(tmp_path, capsys):
     assert f"error: could not load the model {str(tmp_path)!r}: {tmp_path / 'config.json'}: neither a Ming" in \
         capsys.readouterr().err
     assert not (tmp_path / "out.wav").exists()
+
+
+@pytest.mark.parametrize("out", ["a_folder", "missing/out.wav"])
+def test_an_out_path_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys, out):
+    """--out naming a folder or a file in a folder that does not exist was an IsADirectoryError / FileNotFoundError
+    traceback after the model had loaded (here --model names no checkpoint: the refusal comes first)."""
+    (tmp_path / "a_folder").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "never_loaded"), "--text", "hi", "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--out {tmp_path / out}: " in err
+    assert ("is a folder" if out == "a_folder" else "does not exist") in err
