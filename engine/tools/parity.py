@@ -31,7 +31,7 @@ from engine.models.thinker.config import UPSTREAM_SPATIAL_MERGE_SIZE
 from engine.models.thinker.positions import PositionTokens, decode_positions, rope_index
 from engine.models.thinker.processor import MediaSettings, MingProcessor, image_prompt_text
 from engine.models.thinker.projectors import encode_audio_wrapped
-from engine.runtime import Engine
+from engine.runtime import Engine, device_problem
 from engine.models.thinker.model import load_model
 from engine.models.thinker.tokenizer import AUDIO_END, AUDIO_PATCH, AUDIO_START, MingTokenizer
 
@@ -792,6 +792,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="where the models run: cpu (default), cuda, cuda:1 ... "
                     "(fp32 either way; TF32 stays off so the tolerances keep their meaning)")
     args = ap.parse_args(argv)
+    problem = device_problem(args.device)
+    if problem:  # (every case would fail with the same torch error)
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     global DEVICE
     DEVICE = args.device
     torch.backends.cuda.matmul.allow_tf32 = False  # fixtures are fp32: no TF32 matmuls or convolutions

@@ -91,6 +91,16 @@ def test_cli_exit_status(tmp_path):
     assert bad.returncode == 1 and "not supported yet" in bad.stdout
 
 
+@pytest.mark.parametrize("device", ["cudaX", "quantum"])
+def test_a_device_that_cannot_be_used_is_one_error_before_any_case(capsys, device):
+    """--device cudaX filled the table with the same torch error once per case."""
+    from engine.tools.parity import main
+
+    assert main([str(fixture_case("rope_index")), "--device", device]) == 2
+    out = capsys.readouterr()
+    assert f"invalid --device '{device}'" in out.err and out.out == ""
+
+
 def test_mm_case_processes_media_with_the_recorded_processor_settings(tmp_path):
     """An mm case records the reference processor's settings (meta.json processor_settings); a held-out case
     with other bounds or patch sizes must be processed with them, not with the release's shipped file.
