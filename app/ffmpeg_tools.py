@@ -42,9 +42,20 @@ def ensure_ffmpeg_tools() -> None:
     except ImportError:
         return  # Gradio then says plainly that ffmpeg is missing
     folder = _tools_dir()
+    try:
+        _place_tools(folder, need_ffmpeg, need_probe, imageio_ffmpeg.get_ffmpeg_exe)
+    except OSError as e:  # a cache that is a file, read-only, on a full disk: the studio starts without them
+        print(f"WARNING: cannot put ffmpeg and ffprobe into {folder} ({e.strerror or e}); the page's streamed audio "
+              "needs them: set MING_STUDIO_CACHE to a writable folder, or install ffmpeg", file=sys.stderr, flush=True)
+        return
+    os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def _place_tools(folder: Path, need_ffmpeg: bool, need_probe: bool, ffmpeg_exe) -> None:
+    """Write the `ffmpeg` link and the `ffprobe` script the machine lacks into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     if need_ffmpeg:
-        exe = imageio_ffmpeg.get_ffmpeg_exe()
+        exe = ffmpeg_exe()
         link = folder / "ffmpeg"
         if not link.exists() or os.path.realpath(link) != os.path.realpath(exe):
             _place(link, lambda tmp: os.symlink(exe, tmp))
@@ -57,7 +68,6 @@ def ensure_ffmpeg_tools() -> None:
                 tmp.write_text(script)
                 tmp.chmod(0o755)
             _place(probe, write)
-    os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 # --------------------------------------------------------------------------- the probe

@@ -76,6 +76,17 @@ def test_unloadable_model_exits_2_with_a_clear_message(tmp_path, studio_cache, k
     assert str(target) in r.stderr
 
 
+def test_a_cache_that_is_a_file_exits_2_saying_what_to_set(tmp_path):
+    """MING_STUDIO_CACHE naming a file: the ffmpeg tools placed there at import were a NotADirectoryError traceback;
+    now the tiny checkpoint's error says which folder and what to set."""
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file")
+    r = _run([], not_a_folder)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert f"cannot write the tiny demo checkpoint into {not_a_folder}" in r.stderr and "MING_STUDIO_CACHE" in r.stderr
+
+
 def test_unusable_device_exits_2(tmp_path):
     r = _run(["--device", "not-a-device", "--port", str(_free_port())], tmp_path, timeout=60)
     assert r.returncode == 2, (r.stdout, r.stderr)

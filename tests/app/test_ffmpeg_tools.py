@@ -1,0 +1,34 @@
+"""ffmpeg / ffprobe put on PATH at import when the machine lacks them: a cache they cannot be written into is a
+warning, never an import error (every `import app` would fail)."""
+
+import os
+
+import pytest
+
+from app import ffmpeg_tools
+
+
+@pytest.mark.parametrize("cache", ["a_file", "under_a_file"])
+def test_a_cache_that_cannot_be_written_is_a_warning_and_path_is_left_alone(tmp_path, monkeypatch, capsys, cache):
+    pytest.importorskip("imageio_ffmpeg")
+    pytest.importorskip("av")
+    a_file = tmp_path / "cache"
+    a_file.write_text("not a folder")
+    monkeypatch.setenv("MING_STUDIO_CACHE", str(a_file if cache == "a_file" else a_file / "sub"))
+    monkeypatch.setattr(ffmpeg_tools.shutil, "which", lambda name: None)  # a machine without ffmpeg
+    path = os.environ.get("PATH", "")
+    ffmpeg_tools.ensure_ffmpeg_tools()
+    assert os.environ.get("PATH", "") == path
+    err = capsys.readouterr().err
+    assert "cannot put ffmpeg and ffprobe into" in err and "MING_STUDIO_CACHE" in err
+
+
+def test_a_writable_cache_gets_the_tools_on_path(tmp_path, monkeypatch):
+    pytest.importorskip("imageio_ffmpeg")
+    pytest.importorskip("av")
+    monkeypatch.setenv("MING_STUDIO_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", os.environ.get("PATH", ""))  # restored after the test
+    monkeypatch.setattr(ffmpeg_tools.shutil, "which", lambda name: None)
+    ffmpeg_tools.ensure_ffmpeg_tools()
+    assert os.environ["PATH"].split(os.pathsep)[0] == str(tmp_path / "bin")
+    assert os.access(tmp_path / "bin" / "ffprobe", os.X_OK) and (tmp_path / "bin" / "ffmpeg").exists()
