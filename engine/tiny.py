@@ -376,7 +376,9 @@ def out_dir_problem(out_dir: str | Path) -> str | None:
             return None
         return (f"{out_dir} is a folder with files in it that is not a tiny checkpoint, and writing would replace "
                 "it: give a new or empty folder")
-    if out_dir.exists() or out_dir.is_symlink():
+    if out_dir.is_symlink() and not out_dir.exists():
+        return f"{out_dir} is a link to nothing ({os.readlink(out_dir)}): give a new or empty folder for the checkpoint"
+    if out_dir.exists():
         return f"{out_dir} is a file, not a folder: give a new or empty folder for the checkpoint"
     return None
 

@@ -192,6 +192,8 @@ def test_engine_tiny_never_replaces_a_folder_that_is_not_a_tiny_checkpoint(tmp_p
     a_file.write_text("mine too")
     assert "not a tiny checkpoint" in out_dir_problem(folder)
     assert "is a file" in out_dir_problem(a_file)
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    assert f"is a link to nothing ({tmp_path / 'gone'})" in out_dir_problem(tmp_path / "dangling")
     assert main([str(folder)]) == 2 and main([str(a_file)]) == 2
     assert "give a new or empty folder" in capsys.readouterr().err
     assert (folder / "notes.txt").read_text() == "mine" and a_file.read_text() == "mine too"
