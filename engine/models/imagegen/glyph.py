@@ -188,8 +188,8 @@ class GlyphEncoder(nn.Module):
         settings = ByT5Settings.from_folder(folder)
         ckpt = settings.folder / settings.ckpt_path
         try:
-            tokenizer = ByT5Tokenizer.from_pretrained(str(ckpt))
-            t5_config = T5Config.from_pretrained(str(ckpt))
+            tokenizer = ByT5Tokenizer.from_pretrained(str(ckpt), local_files_only=True)  # (never the hub)
+            t5_config = T5Config.from_pretrained(str(ckpt), local_files_only=True)
         except Exception as e:
             raise ImageGenError(f"{ckpt}: cannot load the ByT5 tokenizer/config ({e})") from e
         extra = glyph_special_tokens(settings)
