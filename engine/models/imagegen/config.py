@@ -19,6 +19,9 @@ from engine.errors import MingError
 # without it quoted text is simply not rendered through glyph embeddings.
 REQUIRED_FOLDERS = ("mlp", "connector", "transformer", "vae", "scheduler")
 OPTIONAL_FOLDERS = ("byt5",)
+# The config file of each diffusers component folder. Without its own, diffusers falls back to the checkpoint's
+# top-level config.json (Ming's) and fails later on a weight shape, saying nothing of the missing file.
+COMPONENT_CONFIGS = {"transformer": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
 QUERY_TOKEN_PREFIX = "query_tokens_dict."
 _QUERY_NAME = re.compile(r"^query_tokens_dict\.(\d+)x(\d+)$")
 # The DiT kinds, by transformer/config.json's `_class_name`: the 2.0 Z-Image (spec §8.5) and the Preview's
@@ -84,6 +87,12 @@ def has_image_generator(root: str | Path) -> bool:
 def missing_folders(root: str | Path) -> list[str]:
     root = Path(root)
     return [name for name in REQUIRED_FOLDERS if not (root / name).is_dir()]
+
+
+def missing_component_configs(root: str | Path) -> list[str]:
+    """The diffusers component folders' config files absent from a checkpoint (e.g. "vae/config.json")."""
+    root = Path(root)
+    return [f"{folder}/{name}" for folder, name in COMPONENT_CONFIGS.items() if not (root / folder / name).is_file()]
 
 
 def safetensors_names(folder: Path) -> dict[str, tuple[int, ...]]:

@@ -27,7 +27,7 @@ from torch import nn
 from engine.models.imagegen.buckets import DEFAULT_BASE, REFERENCE_BASES, bucket_table
 from engine.models.imagegen.condition import CaptionMLP, Connector, QueryHead, load_query_head
 from engine.models.imagegen.config import (SD3, SD3_PATCH, ZIMAGE, ImageGenError, QueryHeadConfig, dit_kind,
-                                           has_image_generator, missing_folders)
+                                           has_image_generator, missing_component_configs, missing_folders)
 from engine.models.imagegen.diffusion import DIT_PATCH, vae_scale_factor
 from engine.models.imagegen.glyph import GlyphEncoder
 from engine.models.imagegen.preview import LatentRGB
@@ -84,6 +84,9 @@ class ImageGenerator:
         root = Path(root)
         if not has_image_generator(root):
             raise ImageGenError(f"{root}: no image generator (missing {', '.join(missing_folders(root))})")
+        if absent := missing_component_configs(root):
+            raise ImageGenError(f"{root}: the image generator is incomplete: no {', '.join(absent)} (download those "
+                                "folders of the checkpoint again)")
         compute = torch.device(device)
         home = torch.device(home) if home is not None else compute
         head_cfg = QueryHeadConfig.from_folder(root / "mlp")
@@ -97,11 +100,13 @@ class ImageGenerator:
                 from engine.models.imagegen.sd3 import SD3Transformer2DModel
                 transformer = SD3Transformer2DModel.load(root / folder, dtype, home)
             else:
-                transformer = ZImageTransformer2DModel.from_pretrained(str(root), subfolder=folder, torch_dtype=dtype)
+                transformer = ZImageTransformer2DModel.from_pretrained(str(root), subfolder=folder, torch_dtype=dtype,
+                                                                       local_files_only=True)
             folder = "vae"
-            vae = AutoencoderKL.from_pretrained(str(root), subfolder=folder, torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(str(root), subfolder=folder, torch_dtype=dtype, local_files_only=True)
             folder = "scheduler"
-            scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(str(root), subfolder=folder))
+            scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(str(root), subfolder=folder,
+                                                                                local_files_only=True))
         except (OSError, ValueError, RuntimeError) as e:
             raise ImageGenError(f"{root / folder}: cannot load the diffusion component {folder}/ ({e})") from e
         gen = cls(root=root, head_config=head_cfg, query_head=head, caption_mlp=caption, connector=connector,

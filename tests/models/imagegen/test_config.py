@@ -88,3 +88,16 @@ def test_omitted_wrapper_switches_take_the_reference_defaults(tmp_path):
     assert cfg.text_encoder_norm is False and cfg.use_identity_mlp
     on = QueryHeadConfig.from_folder(_mlp(tmp_path / "b", config={"text_encoder_norm": True}))
     assert on.text_encoder_norm is True
+
+
+def test_a_component_folder_without_its_config_is_named_before_diffusers_reads_it(tmp_path):
+    """A vae/ without config.json: diffusers fell back to the checkpoint's own (Ming's) config.json and failed on a
+    weight shape, saying nothing of the missing file. The load names the file and what to do, before reading any."""
+    from engine.models.imagegen.pipeline import ImageGenerator
+
+    for folder in ("mlp", "connector", "transformer", "vae", "scheduler"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "transformer" / "config.json").write_text("{}")
+    with pytest.raises(ImageGenError, match=r"no vae/config.json, scheduler/scheduler_config.json \(download"):
+        ImageGenerator.load(tmp_path, torch.float32, "cpu")
