@@ -135,8 +135,9 @@ def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
     inputs = load_file(str(case_dir / "inputs.safetensors"))
     cmp = Comparer(case_dir.name, load_file(str(case_dir / "outputs.safetensors")))
     transformer = ZImageTransformer2DModel.from_pretrained(str(case_dir), subfolder="transformer",
-                                                           torch_dtype=torch.float32).eval().to(device)
-    vae = AutoencoderKL.from_pretrained(str(case_dir), subfolder="vae", torch_dtype=torch.float32).eval().to(device)
+                                                           torch_dtype=torch.float32, local_files_only=True).eval().to(device)
+    vae = AutoencoderKL.from_pretrained(str(case_dir), subfolder="vae", torch_dtype=torch.float32,
+                                        local_files_only=True).eval().to(device)
     # The DiT wrapper reads mlp/config.json's switches and only the `mlp.*` tensors of mlp/ (ZImageLoss's
     # mlp_state_dict): a case may ship those alone, the whole query head, or no weights at all.
     mlp_dir = case_dir / "mlp"
