@@ -151,6 +151,8 @@ USAGE_STYLES = {  # field names of (prompt, output, total) tokens per endpoint
 def usage(stats: GenerationStats, style: str) -> dict:
     if style == "realtime":
         return realtime_usage(stats)
+    if style == "chat":
+        return chat_usage(stats)
     prompt, output, total = USAGE_STYLES[style]
     out = {prompt: stats.prompt_tokens, output: stats.new_tokens, total: stats.prompt_tokens + stats.new_tokens}
     return {"type": "tokens", **out} if style == "transcription" else out
@@ -160,13 +162,39 @@ def realtime_usage(stats: GenerationStats) -> dict:
     """A realtime response's usage as OpenAI's: the prompt's tokens by modality (text: everything that is
     not an image, video or audio token, the chat template included; cached: none, the engine reuses no
     prompt prefix) and the output's: the thinker's text tokens and the talker's latent patches."""
-    text_in = stats.prompt_tokens - stats.prompt_image_tokens - stats.prompt_audio_tokens
-    output = stats.new_tokens + stats.audio_tokens
+    text_in, output = _prompt_text_tokens(stats), _output_tokens(stats)
     return {"input_tokens": stats.prompt_tokens, "output_tokens": output, "total_tokens": stats.prompt_tokens + output,
             "input_token_details": {"text_tokens": text_in, "audio_tokens": stats.prompt_audio_tokens,
                                     "image_tokens": stats.prompt_image_tokens, "cached_tokens": 0,
                                     "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0}},
             "output_token_details": {"text_tokens": stats.new_tokens, "audio_tokens": stats.audio_tokens}}
+
+
+def chat_usage(stats: GenerationStats) -> dict:
+    """A chat completion's usage as OpenAI's CompletionUsage: completion_tokens counts the thinker's text tokens and,
+    for a spoken reply, the talker's latent patches (its `audio_tokens`), as realtime's output_tokens does; the
+    prompt's tokens by modality as realtime's. `reasoning_tokens` is always 0: the engine does not separate a
+    thinking part from the answer ('thinking': true only changes the prompt), so it cannot count one; no prompt
+    prefix is cached and there are no predicted outputs."""
+    output = _output_tokens(stats)
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": output,
+            "total_tokens": stats.prompt_tokens + output,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": stats.prompt_audio_tokens,
+                                      "image_tokens": stats.prompt_image_tokens,
+                                      "text_tokens": _prompt_text_tokens(stats)},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": stats.audio_tokens,
+                                          "text_tokens": stats.new_tokens, "accepted_prediction_tokens": 0,
+                                          "rejected_prediction_tokens": 0}}
+
+
+def _prompt_text_tokens(stats: GenerationStats) -> int:
+    """The prompt's text tokens: everything that is not an image, video or audio token, the chat template included."""
+    return stats.prompt_tokens - stats.prompt_image_tokens - stats.prompt_audio_tokens
+
+
+def _output_tokens(stats: GenerationStats) -> int:
+    """A reply's tokens: the thinker's text and the talker's latent patches."""
+    return stats.new_tokens + stats.audio_tokens
 
 
 # (wire name, GenerationStats field, scale): the figures every response reports, both directions.
@@ -206,8 +234,9 @@ def stats_from_wire(usage_obj: dict | None, metrics_obj: dict | None) -> Generat
     u, m = usage_obj or {}, metrics_obj or {}
     stats = GenerationStats(prompt_tokens=int(u.get("prompt_tokens", u.get("input_tokens", 0)) or 0),
                             new_tokens=int(u.get("completion_tokens", u.get("output_tokens", 0)) or 0))
-    details_in, details_out = u.get("input_token_details"), u.get("output_token_details")
-    if isinstance(details_in, dict):  # realtime: the prompt's media tokens
+    details_in = u.get("input_token_details", u.get("prompt_tokens_details"))
+    details_out = u.get("output_token_details", u.get("completion_tokens_details"))
+    if isinstance(details_in, dict):  # realtime and chat: the prompt's media tokens
         stats.prompt_image_tokens = int(details_in.get("image_tokens") or 0)
         stats.prompt_audio_tokens = int(details_in.get("audio_tokens") or 0)
     if isinstance(details_out, dict):  # ... and output_tokens as the thinker's text and the talker's patches
@@ -675,8 +704,11 @@ class Collected:
 
 def choices_usage(stats: list[GenerationStats]) -> dict:
     """A response's chat usage over its choices, as OpenAI counts `n`: the prompt once, every choice's tokens."""
-    return usage(GenerationStats(prompt_tokens=stats[0].prompt_tokens, new_tokens=sum(s.new_tokens for s in stats)),
-                 "chat")
+    first = stats[0]
+    return chat_usage(GenerationStats(prompt_tokens=first.prompt_tokens, prompt_image_tokens=first.prompt_image_tokens,
+                                      prompt_audio_tokens=first.prompt_audio_tokens,
+                                      new_tokens=sum(s.new_tokens for s in stats),
+                                      audio_tokens=sum(s.audio_tokens for s in stats)))
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.server import tone_pcm16, wav_bytes
+from tests.server import b64, tone_pcm16, wav_bytes
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +315,41 @@ def test_tokens_a_stop_string_cut_are_not_in_the_logprobs(client):
     reported = b"".join(bytes(e.bytes) for e in entries).decode("utf-8", errors="replace")
     assert got.choices[0].message.content == text[:text.index(stop)] and text[:text.index(stop)].startswith(reported)
     assert len(entries) < got.usage.completion_tokens  # (the stop string's tokens were drawn, not reported)
+
+
+def usage_details_in_openais_types(usage) -> tuple:
+    """A chat usage's figures, checked against OpenAI's CompletionUsage: every field one the SDK knows (none left
+    over in `model_extra`), the totals adding up, nothing cached or predicted, no reasoning counted."""
+    assert not usage.model_extra and not usage.prompt_tokens_details.model_extra
+    assert not usage.completion_tokens_details.model_extra
+    prompt, completion = usage.prompt_tokens_details, usage.completion_tokens_details
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.prompt_tokens == prompt.text_tokens + prompt.audio_tokens + prompt.image_tokens
+    assert usage.completion_tokens == completion.text_tokens + completion.audio_tokens
+    assert (prompt.cached_tokens, completion.reasoning_tokens, completion.accepted_prediction_tokens,
+            completion.rejected_prediction_tokens) == (0, 0, 0, 0)
+    return prompt.audio_tokens, completion.text_tokens, completion.audio_tokens
+
+
+def test_a_spoken_chat_answers_usage_counts_the_prompts_audio_and_the_talkers_patches(client):
+    """A heard question answered in speech: the prompt's audio tokens and the reply's audio tokens (the talker's
+    latent patches, counted in completion_tokens as OpenAI's are), whole and in a stream's include_usage chunk."""
+    clip = {"type": "input_audio", "input_audio": {"data": b64(wav_bytes(tone_pcm16(0.5))), "format": "wav"}}
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What do you hear?"}, clip]}]
+    spoken = {"model": "gpt-4o-audio-preview", "messages": msgs, "max_tokens": 4, "seed": 3,
+              "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "pcm16"}}
+    whole = validated(client.chat.completions.create(**spoken))
+    audio_in, text_out, audio_out = usage_details_in_openais_types(whole.usage)
+    assert audio_in > 0 and text_out >= 1 and audio_out > 0
+    chunks = list(client.chat.completions.create(**spoken, stream=True, stream_options={"include_usage": True}))
+    streamed = usage_details_in_openais_types(validated(chunks[-1]).usage)
+    assert streamed[:2] == (audio_in, text_out) and streamed[2] > 0  # (the talker may draw another length)
+
+
+def test_n_choices_usage_counts_the_prompt_once_and_every_choices_tokens(client):
+    one = validated(client.chat.completions.create(model="default", messages=HI, max_tokens=4, seed=5))
+    two = validated(client.chat.completions.create(model="default", messages=HI, max_tokens=4, seed=5, n=2))
+    assert usage_details_in_openais_types(one.usage)[2] == 0  # a text answer has no audio tokens
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens
+    assert two.usage.completion_tokens_details.text_tokens == two.usage.completion_tokens > one.usage.completion_tokens
+    usage_details_in_openais_types(two.usage)

@@ -192,9 +192,23 @@ def test_metrics_and_usage_round_trip():
                              audio_tokens=9)
     usage = wire.usage(spoken, "realtime")
     assert (usage["input_token_details"]["text_tokens"], usage["output_tokens"], usage["total_tokens"]) == (8, 15, 65)
-    back = wire.stats_from_wire(usage, None)
-    assert [getattr(back, f) for f in ("prompt_tokens", "new_tokens", "prompt_image_tokens", "prompt_audio_tokens",
-                                       "audio_tokens")] == [50, 6, 30, 12, 9]
+    chat = wire.usage(spoken, "chat")  # chat's the same figures in OpenAI's chat names
+    assert (chat["prompt_tokens_details"]["text_tokens"], chat["completion_tokens"],
+            chat["total_tokens"]) == (8, 15, 65)
+    for counted in (usage, chat):
+        back = wire.stats_from_wire(counted, None)
+        assert [getattr(back, f) for f in ("prompt_tokens", "new_tokens", "prompt_image_tokens",
+                                           "prompt_audio_tokens", "audio_tokens")] == [50, 6, 30, 12, 9]
+
+
+def test_n_choices_usage_sums_every_choices_text_and_audio_and_counts_the_prompt_once():
+    choices = [GenerationStats(prompt_tokens=20, prompt_audio_tokens=12, new_tokens=n, audio_tokens=a)
+               for n, a in ((3, 5), (4, 7))]
+    got = wire.choices_usage(choices)
+    assert (got["prompt_tokens"], got["completion_tokens"], got["total_tokens"]) == (20, 19, 39)
+    assert got["prompt_tokens_details"]["audio_tokens"] == 12
+    details = got["completion_tokens_details"]
+    assert (details["text_tokens"], details["audio_tokens"]) == (7, 12)
 
 
 def _codes_used_in(path) -> set[str]:
