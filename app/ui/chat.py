@@ -25,7 +25,8 @@ from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, engine_limits, error_line,
                            error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
-                           queue_line, saved_voice_names, seed_box, session_of, toolbar, wire_stop)
+                           queue_line, saved_voice_names, seed_box, seed_problem, session_of, toolbar,
+                           wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 # The Max new tokens slider stops at the engine's cap, which its model card reports (limits.max_new_tokens: a
@@ -258,7 +259,8 @@ class ChatController:
         if not turn:
             yield history, gr.update(), EMPTY_HINT, gr.skip()
             return
-        if problem := self.attachment_problem(turn):  # said in the page's words, naming the file
+        # said in the page's words (an attachment's naming the file); the turn goes back in the box, to send again
+        if problem := seed_problem(seed) or self.attachment_problem(turn):
             gr.Warning(problem)
             yield before, turn_to_box(turn), problem, gr.skip()
             return

@@ -22,6 +22,9 @@ ENGINE_UP_ATTR = "engine_up"
 # The seed boxes' "a new random seed each time": a Number box cannot show empty (Gradio draws None as 0, which
 # then went out as seed 0, every time), so -1, as other generation UIs have it.
 RANDOM_SEED = -1
+# The largest seed a seed box sends: every engine route takes it (the largest the Image tab's dice draws too).
+SEED_MAX = 2**31 - 1
+SEED_RANGE = f"Seed: {RANDOM_SEED} for a random one, or 0 to {SEED_MAX}."
 
 
 # Ctrl+Enter (Cmd+Enter on a Mac) in a text box marked RUNS_TAB presses its tab's button marked RUN_BUTTON
@@ -42,9 +45,20 @@ def runs_tab(say: str | None = None) -> dict:
 
 
 def seed_box(**kwargs) -> gr.Number:
-    """A seed box starting at RANDOM_SEED, saying so."""
-    return gr.Number(value=RANDOM_SEED, precision=0, minimum=RANDOM_SEED, label=f"Seed ({RANDOM_SEED} = random)",
-                     **kwargs)
+    """A seed box starting at RANDOM_SEED, saying so. It has no Gradio minimum or maximum: Gradio would refuse a
+    value out of range with its own words and an Error badge; the tab says SEED_RANGE instead (seed_problem)."""
+    return gr.Number(value=RANDOM_SEED, precision=0, label=f"Seed ({RANDOM_SEED} = random)", **kwargs)
+
+
+def seed_problem(value) -> str | None:
+    """SEED_RANGE when a seed box's value (or an API caller's) is not RANDOM_SEED, empty or 0..SEED_MAX; else None."""
+    if value in (None, ""):
+        return None
+    try:
+        seed = int(value)
+    except (TypeError, ValueError):
+        return SEED_RANGE
+    return None if seed == RANDOM_SEED or 0 <= seed <= SEED_MAX else SEED_RANGE
 
 
 def chosen_seed(value) -> int | None:

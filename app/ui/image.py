@@ -20,7 +20,7 @@ from app.engine_link import IMAGE_OUT, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, on_page_load, queue_line, run_button, runs_tab, seed_box,
-                           session_of, toolbar,
+                           SEED_MAX, seed_problem, session_of, toolbar,
                            kept_request, request_done, restore_request, check_on_upload,
                            wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
@@ -42,7 +42,6 @@ EDIT_PROMPT_HINTS = {"(none)": "Edit needs a prompt: say what to change (e.g. 'm
 # takes a generate with pictures for an edit of the first), and the status line says so.
 REFS_NOT_USED = "the reference image(s) were not used: Generate draws from the prompt alone (Edit changes a picture)"
 PRESET_INFO = "With a preset the prompt is only the new background, or the object to remove."
-MAX_SEED = 2**31 - 1
 REQUEST_KEY = "ming-studio-image-request"  # the browser's key of the last request (kept_request)
 REQUEST_FIELDS = ("mode", "prompt", "target")
 KEPT_GALLERY_KEY = "ming-studio-image-results"  # the browser's localStorage key of the gallery kept across reloads
@@ -106,8 +105,11 @@ class ImageController:
         if task == "segment" and not (target or "").strip():
             yield *kept, "Say what to segment (e.g. 'the cup').", gr.update(), gallery_state, gr.skip()
             return
+        if problem := seed_problem(seed):
+            yield *kept, problem, gr.update(), gallery_state, gr.skip()
+            return
         seed = chosen_seed(seed)
-        seed = random.randint(0, MAX_SEED) if seed is None else seed
+        seed = random.randint(0, SEED_MAX) if seed is None else seed
         settings = {"mode": mode, "prompt": prompt or "", "preset": preset, "target": target or "", "aspect": aspect,
                     "size": size or "", "steps": int(steps), "guidance": float(guidance), "seed": seed}
         session = session_of(request)
@@ -302,7 +304,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
                  inputs=[ask])
     wire_stop(stop, controller.stop, api_visibility="private")
     check_on_upload(link, refs, "image", status)
-    dice.click(lambda: random.randint(0, MAX_SEED), None, [seed], queue=False, api_visibility="private")
+    dice.click(lambda: random.randint(0, SEED_MAX), None, [seed], queue=False, api_visibility="private")
     gallery.select(controller.reuse, [state], [mode, prompt, preset, target, aspect, size, steps, guidance, seed],
                    api_visibility="private")
     return controller

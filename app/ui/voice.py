@@ -18,8 +18,8 @@ from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import VOICE_CLIP_SECONDS, media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
-                           queue_line, run_button, runs_tab, saved_voice_names, seed_box, session_of, toolbar,
-                           wire_stop,
+                           queue_line, run_button, runs_tab, saved_voice_names, seed_box, seed_problem, session_of,
+                           toolbar, wire_stop,
                            kept_request, request_done, restore_request, check_on_upload)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
@@ -118,6 +118,9 @@ class VoiceController:
         most = self.options().get("max_input_chars") if task != "music" else None
         if most and len(text) > most:
             yield refused(TEXT_TOO_LONG.format(n=len(text), most=most))
+            return
+        if problem := seed_problem(seed):
+            yield refused(problem)
             return
         kwargs: dict = {"task": task, "seed": chosen_seed(seed)}
         unused = [*([MUSIC_TEXT_UNUSED] if task == "music" and (text or "").strip() else []),

@@ -16,8 +16,9 @@ from PIL import Image
 pytest.importorskip("gradio")
 
 from app.engine_link import IMAGE_OUT, SPEECH_OUT, EngineLink  # noqa: E402
-from app.ui.chat import ASSUMED_TOKEN_CAP, page_state, speech_controls, token_slider  # noqa: E402
-from app.ui.common import RANDOM_SEED, chosen_seed, figures_line, note_text  # noqa: E402
+from app.ui.chat import ASSUMED_TOKEN_CAP, ChatController, page_state, speech_controls, token_slider  # noqa: E402
+from app.ui.common import (RANDOM_SEED, SEED_MAX, SEED_RANGE, chosen_seed, figures_line, note_text,  # noqa: E402
+                           seed_box, seed_problem)
 from app.ui.image import ASPECTS, AUTO_ASPECT, EDIT_PROMPT_HINTS, REFS_NOT_USED, ImageController, _save_png, kept_results  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
 from app.ui.speech import BOTH_GIVEN, CUT_AT_LIMIT, CUT_ON_DEMO, NOTHING_GIVEN, SpeechController  # noqa: E402
@@ -267,6 +268,29 @@ def test_a_seed_left_at_random_draws_a_new_seed_each_time(engine_server):
                               progress=lambda *a, **k: None)
         seeds.append(last[5][-1]["settings"]["seed"])  # the gallery state's newest entry
     assert len(set(seeds[:3])) == 3 and seeds[3] == 5, seeds
+
+
+@pytest.mark.parametrize("seed", [-5, SEED_MAX + 1, "abc"])
+def test_a_seed_out_of_range_is_said_in_the_tabs_words_before_sending(seed):
+    """A seed below -1 showed Gradio's raw "Value -5 is less than minimum value -1." with an Error badge, one above
+    the engine's range "'seed' must be in [0, ...]". Each tab says the range itself and sends nothing (the
+    link here has no client: anything sent would fail), keeping the user's input: Chat's turn goes back in the box."""
+    import gradio as gr
+
+    assert seed_box().minimum is None  # Gradio's own check would answer first
+    no_engine = SimpleNamespace()
+    out = list(ImageController(no_engine).make("Generate", "a cup", None, None, "", "1:1", "32x32", 2, 2.0, seed, 0,
+                                               [], progress=lambda *a, **k: None))
+    assert len(out) == 1 and out[0][3] == SEED_RANGE and [out[0][i] for i in (0, 1, 2, 6)] == [gr.skip()] * 4
+    out = list(VoiceController(no_engine).synthesize("Hello.", "Speech", "Default voice", None, None, "", *[None] * 5,
+                                                     "", "", "", None, "", "", "", "", 10, seed))
+    assert len(out) == 1 and out[0][2] == SEED_RANGE and [out[0][i] for i in (0, 1, 3)] == [gr.skip()] * 3
+    turn = [{"role": "user", "content": [{"type": "text", "text": "Tell me a story."}]}]
+    history, box, figures, _ = last(ChatController(no_engine).respond(turn, 12, 0.0, 1.0, 0, 1.0, seed, "", False,
+                                                                      False, ""))
+    assert history == [] and box["text"] == "Tell me a story." and figures == SEED_RANGE
+    assert str(RANDOM_SEED) in SEED_RANGE and str(SEED_MAX) in SEED_RANGE
+    assert [seed_problem(v) for v in (RANDOM_SEED, None, "", 0, SEED_MAX, 3.0)] == [None] * 6  # what is sent
 
 
 def test_a_studio_started_before_its_engine_shows_what_the_engine_serves_once_it_is_up(tiny_engine):
