@@ -141,9 +141,7 @@ def error_event(obj: Any) -> Error:
 
 # =========================================================================== usage and metrics
 
-USAGE_STYLES = {  # field names of (prompt, output, total) tokens per endpoint
-    "chat": ("prompt_tokens", "completion_tokens", "total_tokens"),
-    "realtime": ("input_tokens", "output_tokens", "total_tokens"),
+USAGE_STYLES = {  # field names of (prompt, output, total) tokens per endpoint (chat and realtime: their own functions)
     "transcription": ("input_tokens", "output_tokens", "total_tokens"),
 }
 
