@@ -180,6 +180,7 @@ from engine.models.thinker.positions import PositionTokens, decode_positions, ro
 from engine.sampling import Sampler  # noqa: E402
 from engine.tools.host_sync import HostSyncCounter  # noqa: E402
 from tests.paths import fixture_case  # noqa: E402
+from tests.cli_checks import check_unloadable_checkpoint  # noqa: E402
 
 
 def _prefilled(engine, n_prompt=24, capacity=None, chunk=None, keep_hidden=False):
@@ -534,7 +535,4 @@ def test_cli_names_a_checkpoint_it_cannot_load_and_exits_2(tmp_path, capsys):
     """Another model's checkpoint (or a broken config.json) was a ConfigError traceback."""
     from engine.generate import main
 
-    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
-    assert main(["--model", str(tmp_path), "--prompt", "hi"]) == 2
-    assert f"error: could not load the model {str(tmp_path)!r}: {tmp_path / 'config.json'}: neither a Ming" in \
-        capsys.readouterr().err
+    check_unloadable_checkpoint(main, tmp_path, capsys, ["--prompt", "hi"], 2)
