@@ -19,6 +19,7 @@ import time  # noqa: E402
 
 EXIT_MODEL_ERROR = 2
 EXIT_SERVER_ERROR = 1
+EXIT_INTERRUPTED = 130  # Ctrl+C before the studio was ready (the shell's code for a SIGINT)
 # On a Hugging Face Space the Space's own visibility decides who may open it (a public Space is a
 # public demo by design), and the app must listen on every interface.
 IN_SPACE = bool(os.environ.get("SPACE_ID"))
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "  python launch.py --host 0.0.0.0 --auth alice:secret  # reachable from other machines, with a login\n"
                "  python launch.py --engine ws://gpu-box:8000 --engine-token T   # UI only, the engine runs elsewhere\n\n"
                f"exit codes: {EXIT_MODEL_ERROR} = the model could not be loaded or the settings were refused, "
-               f"{EXIT_SERVER_ERROR} = the server could not start.",
+               f"{EXIT_SERVER_ERROR} = the server could not start, {EXIT_INTERRUPTED} = stopped by Ctrl+C while starting.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", metavar="PATH_OR_HUB_ID", default=None,
                     help="checkpoint to load: a local directory, or a Hugging Face hub id such as "
@@ -229,5 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> int:
+    """main, with a Ctrl+C pressed while the studio starts (the model loading, the page being built) said in one
+    line instead of a KeyboardInterrupt traceback. (Once the page is served, Ctrl+C is main's normal stop: 0.)"""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("\nstopped (Ctrl+C) before the studio was ready", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

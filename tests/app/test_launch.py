@@ -219,3 +219,16 @@ def test_an_engine_url_that_is_not_one_exits_2_naming_it(tmp_path):
     r = _run(["--engine", "localhost:8000"], tmp_path, timeout=60)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "--engine" in r.stderr and "'localhost:8000'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_while_the_studio_starts_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """Ctrl+C pressed while the model loads (before the page is served) ended in a KeyboardInterrupt traceback and
+    death by SIGINT; it is said in one line, exit code 130."""
+    import launch
+
+    def loading(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "main", loading)
+    assert launch.run([]) == launch.EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err.strip() == "stopped (Ctrl+C) before the studio was ready"
