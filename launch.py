@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "  python launch.py --host 0.0.0.0 --auth alice:secret  # reachable from other machines, with a login\n"
                "  python launch.py --engine ws://gpu-box:8000 --engine-token T   # UI only, the engine runs elsewhere\n\n"
                f"exit codes: {EXIT_MODEL_ERROR} = the model could not be loaded or the settings were refused, "
-               f"{EXIT_SERVER_ERROR} = the server could not start, {EXIT_INTERRUPTED} = stopped by Ctrl+C while starting.",
+               f"{EXIT_SERVER_ERROR} = the server could not start, "
+               f"{EXIT_INTERRUPTED} = stopped by Ctrl+C while starting.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", metavar="PATH_OR_HUB_ID", default=None,
                     help="checkpoint to load: a local directory, or a Hugging Face hub id such as "
