@@ -237,7 +237,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         return main(argv)
     except KeyboardInterrupt:
-        print("\nstopped (Ctrl+C) before the studio was ready", file=sys.stderr)
+        print("\nstopped (Ctrl+C) while the studio was starting", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

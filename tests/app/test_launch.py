@@ -231,4 +231,4 @@ def test_ctrl_c_while_the_studio_starts_is_one_line_not_a_traceback(monkeypatch,
 
     monkeypatch.setattr(launch, "main", loading)
     assert launch.run([]) == launch.EXIT_INTERRUPTED == 130
-    assert capsys.readouterr().err.strip() == "stopped (Ctrl+C) before the studio was ready"
+    assert capsys.readouterr().err.strip() == "stopped (Ctrl+C) while the studio was starting"
