@@ -253,7 +253,9 @@ class Engine:
         if "audio" in wanted:
             cancel = cancel if cancel is not None else threading.Event()
             thinker = self._chat_text(messages, params, cancel, system_prompt, thinking, assistant_prefix, t_start)
-            spoken = self.speak_while_thinking(thinker, voice=voice, cancel=cancel)
+            # (the request's seed draws the talker's noise too: a seeded spoken reply is the same each time)
+            seed = params.seed if params is not None else None
+            spoken = self.speak_while_thinking(thinker, voice=voice, seed=seed, cancel=cancel)
             yield from _speech_reply(spoken, cancel, keep_text="text" in wanted)
             return
         yield from self._chat_text(messages, params, cancel, system_prompt, thinking, assistant_prefix, t_start)

@@ -116,6 +116,21 @@ def test_chat_answers_in_speech_with_both_figures(tiny_engine):
     assert not any(isinstance(e, TextDelta) for e in only_audio) and any(isinstance(e, AudioChunk) for e in only_audio)
 
 
+def test_a_seeded_spoken_reply_is_the_same_each_time(tiny_engine):
+    """The request's seed reached the thinker but not the talker, whose noise was drawn afresh: the same seeded
+    request spoke differently each time (found as whole and streamed HTTP answers with different audio lengths)."""
+    from engine.events import AudioChunk
+
+    def spoken(seed):
+        events = list(tiny_engine.chat([{"role": "user", "content": "Tell me a story."}],
+                                       GenerationParams(max_new_tokens=12, seed=seed), modalities=("text", "audio")))
+        return b"".join(e.pcm for e in events if isinstance(e, AudioChunk)), _finish(events).text
+
+    first = spoken(7)
+    assert first[0] and spoken(7) == first
+    assert spoken(8)[0] != first[0]  # (another seed: other noise)
+
+
 def test_chat_speaks_while_the_thinker_is_still_writing(tiny_engine, monkeypatch):
     """Engine.chat feeds the thinker's text to the talker segment by segment: audio of the first
     sentence arrives before the thinker's last word (a scripted thinker, whose text has sentences)."""
