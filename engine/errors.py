@@ -45,3 +45,9 @@ def shown_number(value: Any) -> str:
 # its config or tokenizer (MingError), files and folders (OSError), settings and sizes (ValueError: the planner's
 # "does not fit", a dtype).
 LOAD_ERRORS = (MingError, OSError, ValueError)
+
+
+def load_failure(model: str | None, error: BaseException) -> str:
+    """The one line a command line prints when `Engine.load(model)` raised one of LOAD_ERRORS (None: the tiny
+    demo checkpoint)."""
+    return f"error: could not load the model {model or 'the tiny demo checkpoint'!r}: {error}"

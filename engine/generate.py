@@ -36,7 +36,7 @@ from functools import partial
 import torch
 
 from engine.decode_graphs import DecodeGraphs, decode_graphs_for
-from engine.errors import LOAD_ERRORS
+from engine.errors import LOAD_ERRORS, load_failure
 from engine.events import Done, Error, Event, GenerationStats, TextDelta, TokenLogprob
 from engine.models.thinker.kv_cache import KVCache
 from engine.models.thinker.layers import Numerics
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device, expert_dtype=args.expert_dtype,
                              placement=args.placement, log=lambda line: print(f"[{line}]", file=sys.stderr))
     except LOAD_ERRORS as e:
-        print(f"error: could not load the model {args.model or 'the tiny demo checkpoint'!r}: {e}", file=sys.stderr)
+        print(load_failure(args.model, e), file=sys.stderr)
         return 2
     if engine.is_demo:
         print("[random demo weights: output is meaningless; use --model for the real checkpoint]", file=sys.stderr)

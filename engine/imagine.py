@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.errors import LOAD_ERRORS, MingError, shown, shown_number
+from engine.errors import LOAD_ERRORS, MingError, load_failure, shown, shown_number
 from engine.generate import Cancelled
 from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress
 from engine.media.image import load_image
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device, log=log)
     except LOAD_ERRORS as e:
-        print(f"error: could not load the model {args.model or 'the tiny demo checkpoint'!r}: {e}", file=sys.stderr)
+        print(load_failure(args.model, e), file=sys.stderr)
         return 2
     if engine.is_demo:
         log("random demo weights: the picture is noise; use --model for the real checkpoint")

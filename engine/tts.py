@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.errors import LOAD_ERRORS, MingError
+from engine.errors import LOAD_ERRORS, MingError, load_failure
 from engine.events import AudioChunk, Done, Error
 from engine.models.talker.audio import WavWriter
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
     except LOAD_ERRORS as e:
-        print(f"error: could not load the model {args.model or 'the tiny demo checkpoint'!r}: {e}", file=sys.stderr)
+        print(load_failure(args.model, e), file=sys.stderr)
         return 1
     if not engine.has_talker:
         print(f"error: {engine.talker_error}", file=sys.stderr)
