@@ -279,9 +279,13 @@ class Engine:
         try:
             msgs = [m.to_dict() if isinstance(m, ChatMessage) else m for m in messages]
             prompt = self.processor.build(msgs, system_prompt=system_prompt, thinking=thinking,
-                                          assistant_prefix=assistant_prefix)
+                                          assistant_prefix=assistant_prefix,
+                                          check=None if cancel is None else partial(stop_if_set, cancel))
         except (PromptError, MediaError, ValueError) as e:
             yield Error(str(e), code="invalid_request")
+            return
+        except Cancelled:  # while its pictures, videos or clips were read: a cancelled reply with no tokens
+            yield Done(text="", finish_reason="cancelled", stats=GenerationStats(total_s=time.perf_counter() - t_start))
             return
         media = prompt if (prompt.images or prompt.videos or prompt.audios) else None
         yield from self.generate_ids(prompt.ids, params or GenerationParams(fit_context=True), cancel, prompt=media,

@@ -182,6 +182,27 @@ def test_a_cancelled_spoken_chat_sends_no_audio_after_the_cancel(tiny_engine, mo
     assert isinstance(after[-1], Done) and after[-1].finish_reason == "cancelled"
 
 
+def test_a_chat_cancelled_while_its_pictures_are_read_reads_no_more_of_them(tiny_engine, monkeypatch):
+    """Decoding and resizing big pictures takes seconds before the ViT starts: a cancel meanwhile stops before
+    the next picture is read, with a cancelled reply of no tokens."""
+    import threading
+
+    cancel, read = threading.Event(), []
+    prepare = tiny_engine.processor._image
+
+    def image_then_cancel(source, options):
+        read.append(source)
+        cancel.set()  # the client hangs up while the first picture is read
+        return prepare(source, options)
+
+    monkeypatch.setattr(tiny_engine.processor, "_image", image_then_cancel)
+    content = [{"type": "image", "image": _image(seed=i)} for i in range(3)] + [{"type": "text", "text": "and?"}]
+    events = list(tiny_engine.chat([{"role": "user", "content": content}], P, cancel))
+    assert len(read) == 1
+    assert len(events) == 1 and isinstance(events[0], Done) and events[0].finish_reason == "cancelled"
+    assert events[0].text == "" and events[0].stats.new_tokens == 0
+
+
 def test_chat_refuses_outputs_it_cannot_give(tiny_engine):
     import torch
 

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -260,11 +260,12 @@ class MingProcessor:
 
     # ---------------------------------------------------------------- prompts
     def build(self, messages: list[dict], system_prompt: str | None = None, thinking: bool = False,
-              assistant_prefix: str | None = None) -> ProcessedPrompt:
+              assistant_prefix: str | None = None, check: Callable[[], None] | None = None) -> ProcessedPrompt:
         """Messages [{"role": "user"|"assistant"|"system", "content": str | [parts]}] -> prompt.
 
         `assistant_prefix` (e.g. "上海\\t" for dialect-forced ASR) is appended after the final
-        `<role>ASSISTANT</role>`, tokenised on its own (spec §6.3)."""
+        `<role>ASSISTANT</role>`, tokenised on its own (spec §6.3). `check` is called before each content part
+        (decoding and resizing a big picture or a long video takes seconds; it may raise to stop)."""
         out = ProcessedPrompt(text="", ids=[])
         for m in messages:
             if not isinstance(m, dict) or m.get("role") not in ROLE_NAMES:
@@ -283,6 +284,8 @@ class MingProcessor:
         for m in turns:
             pieces.append((f"{ROLE_START}{ROLE_NAMES[m['role']]}{ROLE_END_TAG}", True))
             for part in _content_parts(m.get("content")):
+                if check is not None:
+                    check()
                 pieces += self._render_part(part, out)
             pieces.append((TURN_END, True))
         pieces.append((f"{ROLE_START}ASSISTANT{ROLE_END_TAG}", True))
