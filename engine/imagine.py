@@ -12,7 +12,8 @@ Cancellation is checked between steps.
 Limits and clamping (everything else is refused with a clear error): the prompt is 1..MAX_PROMPT_CHARS
 characters and must fit the thinker's context with its images and query tokens; steps 1..MAX_STEPS;
 guidance 0..MAX_GUIDANCE (<= 1 turns CFG off; the Preview's SD3 DiT adds image_guidance, its editing
-CFG over 4 branches, spec §8.10); sizes per engine.models.imagegen.buckets; a seed of
+CFG over 4 branches, spec §8.10); a negative prompt (the Preview only, at most MAX_PROMPT_CHARS; blank: none)
+conditions the negative CFG branch, and a 2.0 model refuses one (spec §8.2, §8.6); sizes per engine.models.imagegen.buckets; a seed of
 None or < 0 draws a random one (reported); reference images are decoded by engine.media.image (the
 first frame of an animation, alpha dropped, 16-bit rescaled) and shrunk to at most
 MAX_REFERENCE_PIXELS before the ViT; the VAE reference (bilinear to the bucket), the bucket, the
@@ -87,7 +88,7 @@ class ImagineRequest:
     preview_every: int = 0
     mask_color: str = DEFAULT_MASK_COLOR
     preset: str | None = None
-    negative_prompt: str | None = None   # accepted and ignored, as the 2.0 reference does (spec §8.6)
+    negative_prompt: str | None = None   # the Preview's negative CFG branch (spec §8.2); refused by 2.0 (§8.6)
     system_prompt: str | None = None
 
     def check(self, kind: str | None = None) -> None:
@@ -130,6 +131,7 @@ class ImagineRequest:
         if kind is not None and not sd3 and self.image_guidance is not None:
             raise ImageGenError("image_guidance is an option of the Preview's SD3 pipeline; the 2.0 pipeline has none",
                                 "image_guidance")
+        self.negative_prompt = _negative_prompt(self.negative_prompt, kind)
         self.preview_every = _int_in("preview_every", self.preview_every or 0, 0, MAX_STEPS)
         if self.seed is not None:
             self.seed = _int_in("seed", self.seed, -MAX_SEED, MAX_SEED)
@@ -164,6 +166,26 @@ def _guidance(name: str, value, default: float) -> float:
     if not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
         raise ImageGenError(f"{name} {shown_number(value)} must be between 0 and {MAX_GUIDANCE:g} (<= 1: no CFG)", name)
     return g
+
+
+def _negative_prompt(value, kind: str | None) -> str | None:
+    """What the negative CFG branch is conditioned on: the words (None when absent or blank: zeros, spec §8.2).
+    The Preview's SD3 pipeline takes them; 2.0's Z-Image pipeline runs its negative branch on zeros whatever the
+    prompt (spec §8.6), so a 2.0 engine refuses them rather than drop them unsaid (`kind` None: not known yet)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ImageGenError(f"the negative prompt must be text, got {type(value).__name__}", "negative_prompt")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ImageGenError(f"the negative prompt is {len(value):,} characters; at most {MAX_PROMPT_CHARS:,}",
+                            "negative_prompt")
+    if not value.strip():
+        return None
+    if kind is not None and kind != SD3:
+        raise ImageGenError("negative_prompt is an option of the Preview's SD3 pipeline; the 2.0 (Z-Image) pipeline "
+                            "guides against an all-zero condition whatever the negative prompt, so it would be ignored",
+                            "negative_prompt")
+    return value
 
 
 def _int_in(name: str, value, lo: int, hi: int) -> int:
@@ -245,11 +267,12 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
         check_latent_grid(*plan.diffusion, gen.vae_scale)
         content = [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": instruction}]
         prompt = engine.processor.build([{"role": "user", "content": content}], system_prompt=request.system_prompt)
-        n_query = sum(s * s + 2 for s in gen.head_config.scales)
-        context = engine.model.config.llm.max_position_embeddings
-        if len(prompt.ids) + n_query > context:
-            raise ImageGenError(f"the prompt with its images is {len(prompt.ids):,} tokens; with the "
-                                f"{n_query} query tokens it exceeds the model's context of {context:,}")
+        _check_context(engine, gen, prompt, "the prompt with its images", "prompt")
+        negative = None
+        if request.negative_prompt is not None:  # the same chat template, words only (see _negative_condition)
+            words = [{"type": "text", "text": request.negative_prompt}]
+            negative = engine.processor.build([{"role": "user", "content": words}], system_prompt=request.system_prompt)
+            _check_context(engine, gen, negative, "the negative prompt", "negative_prompt")
     except (MingError, ValueError) as e:
         yield Error(str(e), code=getattr(e, "code", "invalid_request"))
         return
@@ -258,12 +281,21 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
     with engine._lock:
         waited = time.perf_counter() - t_wait
         try:
-            yield from _run(engine, gen, request, prompt, plan, ref, seed, cancel,
+            yield from _run(engine, gen, request, prompt, negative, plan, ref, seed, cancel,
                             t_start, waited)
         except MingError as e:
             yield Error(str(e), code=e.code)
         except Exception as e:  # the stream ends with a clear error; the engine keeps serving
             yield Error(f"{type(e).__name__}: {e}")
+
+
+def _check_context(engine, gen, prompt, what: str, param: str) -> None:
+    """The thinker's condition pass reads `prompt` with the query blocks appended: it must fit the context."""
+    n_query = sum(s * s + 2 for s in gen.head_config.scales)
+    context = engine.model.config.llm.max_position_embeddings
+    if len(prompt.ids) + n_query > context:
+        raise ImageGenError(f"{what} is {len(prompt.ids):,} tokens; with the {n_query} query tokens it exceeds the "
+                            f"model's context of {context:,}", param)
 
 
 def stopped(stats: GenerationStats, t_start: float, seed: int, steps_done: int) -> Done:
@@ -272,11 +304,12 @@ def stopped(stats: GenerationStats, t_start: float, seed: int, steps_done: int) 
     return Done(text="", finish_reason="cancelled", stats=stats, result={"seed": seed, "steps_done": steps_done})
 
 
-def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Image.Image | None,
+def _run(engine, gen, request: ImagineRequest, prompt, negative, plan: SizePlan, ref: Image.Image | None,
          seed: int, cancel, t_start: float, waited: float) -> Iterator[Event]:
     stats = GenerationStats(queue_wait_s=waited)
     model = engine.model
-    yield Progress("encoding prompt", message=f"{len(prompt.ids)} tokens, {len(prompt.images)} image(s)")
+    yield Progress("encoding prompt", message=f"{len(prompt.ids)} tokens, {len(prompt.images)} image(s)"
+                   + (f", negative prompt {len(negative.ids)} tokens" if negative is not None else ""))
     t_enc = time.perf_counter()
     try:
         mm = engine.encode_media(prompt, cancel) if prompt.images else None
@@ -297,7 +330,8 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
             if glyph_text:
                 cond = torch.cat([cond, gen.glyph([glyph_text]).embeds.to(dev, cond.dtype)], dim=1)
             if gen.kind == SD3:
-                scheduler, steps = _sd3_sampling(gen, request, cond, ref, plan, seed, dev)
+                negative_cond = None if negative is None else _negative_condition(model, gen, negative, cond)
+                scheduler, steps = _sd3_sampling(gen, request, cond, negative_cond, ref, plan, seed, dev)
             else:
                 caption = caption_features(cond[0].float(), gen.head_config, gen.caption_mlp)
                 negative = caption_features(torch.zeros_like(cond[0]).float(), gen.head_config, gen.caption_mlp)
@@ -361,10 +395,21 @@ def _run(engine, gen, request: ImagineRequest, prompt, plan: SizePlan, ref: Imag
     yield Done(text=note, finish_reason="stop", stats=stats, result=result)
 
 
-def _sd3_sampling(gen, request: ImagineRequest, cond: torch.Tensor, ref: Image.Image | None, plan: SizePlan,
-                  seed: int, dev) -> tuple[Any, Iterator]:
+def _negative_condition(model, gen, negative, cond: torch.Tensor) -> torch.Tensor:
+    """The Preview's negative branch for an explicit negative prompt (spec §8.2): its chat prompt (the same template
+    and system prompt, the words alone: the input pictures guide the edit through their own branches) through the
+    same query tokens, thinker pass, connector, proj_out and normalisation as the positive. The glyph rows (quoted
+    text, spec §8.4) stay zeros in the negative branch. [1, L, C] like `cond`. Call under inference mode."""
+    trace = condition_from_prompt(model.llm, model.numerics, gen.query_head, gen.connector, negative.ids)
+    words = trace.condition.to(cond.device, cond.dtype)
+    return torch.cat([words, torch.zeros_like(cond[:, words.shape[1]:])], dim=1)
+
+
+def _sd3_sampling(gen, request: ImagineRequest, cond: torch.Tensor, negative_cond: torch.Tensor | None,
+                  ref: Image.Image | None, plan: SizePlan, seed: int, dev) -> tuple[Any, Iterator]:
     """The Preview's scheduler and step iterator (spec §8.10): noise in the DiT's dtype, the reference latent
-    (posterior mode, (z − shift)·scale) at the bucket size, the 2- or 4-branch CFG loop."""
+    (posterior mode, (z − shift)·scale) at the bucket size, the 2- or 4-branch CFG loop against `negative_cond`
+    (None: zeros)."""
     from engine.models.imagegen.diffusion import encode_latents
     from engine.models.imagegen.sd3 import denoise_sd3, make_sd3_scheduler, sd3_latent_shape, sd3_noise
 
@@ -374,7 +419,7 @@ def _sd3_sampling(gen, request: ImagineRequest, cond: torch.Tensor, ref: Image.I
     latents = sd3_noise(seed, shape, dtype, dev)
     scheduler = make_sd3_scheduler(gen.scheduler_config, request.steps, shape[2:], SD3_PATCH, device=dev)
     return scheduler, denoise_sd3(gen.transformer, gen.caption_mlp, scheduler, latents, cond, request.guidance,
-                                  request.image_guidance, ref_latent)
+                                  request.image_guidance, ref_latent, negative_cond)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -398,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"CFG scale (default {DEFAULT_GUIDANCE}; the Preview's: {PREVIEW_GUIDANCE})")
     ap.add_argument("--image-guidance", type=float, default=None,
                     help=f"Preview only: the reference image's CFG scale when editing (default {PREVIEW_IMAGE_GUIDANCE})")
+    ap.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                    help="Preview only: what the picture should not show (the negative CFG branch's condition); "
+                         "a 2.0 model refuses it (its pipeline guides against zeros whatever the negative prompt)")
     ap.add_argument("--cfg-truncation", type=float, default=CfgOptions.truncation,
                     help="no CFG on steps whose DiT timestep exceeds this (default %(default)s: never)")
     ap.add_argument("--cfg-normalization", type=float, default=float(CfgOptions.normalization),
@@ -427,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     task = "segment" if args.segment is not None else ("edit" if args.edit else "generate")
     req = ImagineRequest(prompt=args.segment if args.segment is not None else args.prompt, images=[str(p) for p in args.edit],
                          task=task, size=args.size, aspect=args.aspect, steps=args.steps, guidance=args.guidance,
-                         image_guidance=args.image_guidance,
+                         image_guidance=args.image_guidance, negative_prompt=args.negative_prompt,
                          cfg_truncation=args.cfg_truncation, cfg_normalization=args.cfg_normalization,
                          seed=args.seed, preview_every=args.preview_every if args.preview_dir else 0,
                          mask_color=args.mask_color, preset=args.preset)

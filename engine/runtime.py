@@ -525,7 +525,9 @@ class Engine:
         """Generate (`task="generate"`), edit (`"edit"`: `images`, the first is the reference) or segment
         (`"segment"`: `prompt` is the target) an image: Progress, ImagePreview every `preview_every` steps,
         ImageDone, then one Done (or Error). `options`: mask_color, preset ("replace_background" |
-        "remove_object"), negative_prompt (ignored, as in the 2.0 reference), system_prompt.
+        "remove_object"), negative_prompt (the Preview: what the picture should not show, its negative CFG branch's
+        condition; a 2.0 model refuses one: its pipeline guides against zeros whatever the negative prompt),
+        system_prompt.
         See engine.imagine for sizes, limits and defaults."""
         from engine.imagine import ImagineRequest
 

@@ -178,6 +178,10 @@ def test_bad_requests_are_400s(http, body, code, words):
     ("/v1/images/segmentations", {"image_guidance": 2.0}, "image_guidance"),
     ("/v1/images/generations", {"image_guidance": 2.0}, "image_guidance"),  # no reference picture to guide
     ("/v1/images/segmentations", {"prompt": "\"''\""}, "prompt"),
+    ("/v1/images/generations", {"negative_prompt": "dogs"}, "negative_prompt"),  # 2.0 guides against zeros
+    ("/v1/images/edits", {"negative_prompt": "dogs"}, "negative_prompt"),
+    ("/v1/images/generations", {"negative_prompt": 5}, "negative_prompt"),
+    ("/v1/images/generations", {"negative_prompt": "x" * 20_001}, "negative_prompt"),
 ])
 def test_what_the_image_generator_refuses_names_its_field(http, path, body, param):
     """These were the engine's refusals, with param null."""
@@ -249,6 +253,31 @@ def test_a_preview_edit_takes_image_guidance(preview_http):
     for bad_value in (31, -1, "2", True):
         r = preview_http.post("/v1/images/edits", json={**body, "image_guidance": bad_value})
         assert r.status_code == 400 and r.json()["error"]["param"] == "image_guidance", (bad_value, r.text)
+
+
+def test_a_preview_request_takes_a_negative_prompt(preview_http):
+    """On the Preview, negative_prompt conditions the negative CFG branch (spec §8.2): from JSON (generations) and
+    multipart (edits) it changes the picture, blank is no negative prompt, and a wrong type or a too long one is a
+    400 naming it."""
+    body = {"prompt": "a red cat", "seed": 4, **FAST}
+
+    def made(path="/v1/images/generations", **extra):
+        r = preview_http.post(path, json={**body, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]["b64_json"]
+
+    plain = made()
+    assert made(negative_prompt="") == plain
+    assert made(negative_prompt="blurry, watermark") != plain
+    form = {k: str(v) for k, v in body.items()}
+    edits = [preview_http.post("/v1/images/edits", files=[("image", ("a.png", png(picture()), "image/png"))],
+                               data={**form, **extra}) for extra in ({}, {"negative_prompt": "blurry"})]
+    assert [r.status_code for r in edits] == [200, 200], [r.text for r in edits]
+    assert edits[0].json()["data"][0]["b64_json"] != edits[1].json()["data"][0]["b64_json"]
+    for bad_value, code in ((["blurry"], "invalid_type"), ("x" * 20_001, "invalid_value")):
+        r = preview_http.post("/v1/images/generations", json={**body, "negative_prompt": bad_value})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "negative_prompt" and err["code"] == code, r.text
 
 
 def test_an_edit_picture_outside_the_buckets_range_names_the_image(http):

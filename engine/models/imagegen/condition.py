@@ -6,7 +6,8 @@
 3. one causal, non-cached thinker forward; the final-norm hidden states at the LAST scale's query
    positions;
 4. proj_in -> bidirectional Qwen2 connector (transformers' Qwen2Model, causal flags off) -> proj_out
-   -> L2 normalisation. The negative condition is zeros.
+   -> L2 normalisation. The negative condition is zeros, or (the Preview) a negative prompt's condition made by
+   this same pass (engine.imagine).
 
 Module names follow `mlp/model.safetensors` (`query_tokens_dict.<s>x<s>`, `proj_in`, `proj_out`,
 `mlp.*`) and `connector/` (a Qwen2ForCausalLM whose `model.*` we run; its embedding table and LM head

@@ -269,17 +269,22 @@ def make_sd3_scheduler(scheduler_config: dict, steps: int, latent_hw: tuple[int,
 
 def denoise_sd3(transformer: SD3Transformer2DModel, caption_mlp: nn.Module, scheduler, latents: torch.Tensor,
                 condition: torch.Tensor, guidance: float, image_guidance: float,
-                ref_latent: torch.Tensor | None = None) -> Iterator[DenoiseStep]:
+                ref_latent: torch.Tensor | None = None,
+                negative_condition: torch.Tensor | None = None) -> Iterator[DenoiseStep]:
     """The Preview's CFG Euler loop, one yield per step. `latents` [1, C, h, w] in the DiT's dtype, `condition`
-    [1, L, C_cond] (its negative is zeros, through the same MLP), `ref_latent` [1, C, h, w] or None. CFG runs when
+    [1, L, C_cond], `negative_condition` the null branches' condition of the same shape (a negative prompt's; None:
+    zeros, spec §8.2), both through the same MLP, `ref_latent` [1, C, h, w] or None. CFG runs when
     guidance > 1; with a reference and image_guidance > 1 over 4 branches. The DiT's forward runs in
     `dit_autocast` of the latents' device (bf16 autocast on CUDA); its output is combined and stepped as it comes,
     outside it, as the Preview pipeline does."""
     dtype = next(transformer.parameters()).dtype
     cfg = guidance > 1.0
     four = cfg and ref_latent is not None and image_guidance > 1.0
+    if negative_condition is not None and negative_condition.shape != condition.shape:
+        raise ValueError(f"the negative condition is {tuple(negative_condition.shape)}, the condition "
+                         f"{tuple(condition.shape)}: the CFG branches need one shape")
     with torch.inference_mode():
-        null = torch.zeros_like(condition)
+        null = torch.zeros_like(condition) if negative_condition is None else negative_condition.to(condition)
         conds = ([null, null, condition, condition] if four else [null, condition] if cfg else [condition])
         enc, pooled = caption_and_pooled(torch.cat(conds), caption_mlp, transformer.config.pooled_projection_dim, dtype)
         ref_in = None
