@@ -193,11 +193,13 @@ class WavStreamDecoder:
 def image_call(prompt: str, task: str, images: list | None, size: str | None, aspect: str | None, steps: int | None,
                guidance: float | None, seed: int | None, preview_every: int | None, preset: str | None,
                mask_color: str | None, n: int, openai_model: str | None = None, cfg_truncation: float | None = None,
-               cfg_normalization: bool | float | None = None, image_guidance: float | None = None) -> HttpCall | Error:
+               cfg_normalization: bool | float | None = None, image_guidance: float | None = None,
+               negative_prompt: str | None = None) -> HttpCall | Error:
     """POST /v1/images/generations (JSON), /edits or /segmentations (multipart: the images as `image[]`
     files, the first being the reference). Ours stream (`stream: true`, a preview every
     `preview_every` steps); an OpenAI-compatible backend answers one JSON body. `image_guidance` (the
-    Preview's reference-picture guidance) goes with edits and segmentations; the server refuses it elsewhere."""
+    Preview's reference-picture guidance) goes with edits and segmentations; the server refuses it elsewhere.
+    `negative_prompt`: what the picture should not show (a Preview engine; a 2.0 engine refuses it)."""
     if task not in IMAGE_TASKS:
         return Error(f"task must be one of {', '.join(IMAGE_TASKS)}, got {task!r}", "invalid_request")
     sources = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
@@ -213,7 +215,8 @@ def image_call(prompt: str, task: str, images: list | None, size: str | None, as
     fields = {"prompt": prompt, "n": n, "size": size}
     ours = {"aspect": aspect, "steps": steps, "guidance": guidance, "seed": seed, "preview_every": preview_every,
             "preset": preset, "mask_color": mask_color, "cfg_truncation": cfg_truncation,
-            "cfg_normalization": cfg_normalization, "image_guidance": image_guidance}
+            "cfg_normalization": cfg_normalization, "image_guidance": image_guidance,
+            "negative_prompt": negative_prompt}
     if openai_model is not None:
         extras = _extras(**ours, segment=task == "segment")
         if extras:

@@ -177,6 +177,29 @@ def test_the_clients_send_an_edits_image_guidance(server, preview_engine):
         assert "image_guidance" in err.message and "2.0 pipeline has none" in err.message, err
 
 
+def test_the_clients_send_a_negative_prompt(server, preview_engine):
+    """negative_prompt goes from both clients, JSON (generate) and multipart (edit): on a Preview engine it changes
+    the picture, the same in both; a 2.0 engine refuses it by name."""
+    def finished(events):
+        return [e.image for e in events if isinstance(e, ImageDone)]
+
+    gen = dict(size="32x32", steps=2, seed=1)
+
+    async def run(url, **extra):
+        async with AsyncEngineClient(url) as c:
+            return finished([e async for e in c.imagine("a cat", **gen, **extra)])
+    with running_server(preview_engine) as preview, EngineClient(preview.url) as c:
+        plain = finished(c.imagine("a cat", **gen))
+        negative = finished(c.imagine("a cat", **gen, negative_prompt="blurry"))
+        assert plain and negative and negative != plain
+        assert asyncio.run(run(preview.url, negative_prompt="blurry")) == negative
+        edit = dict(task="edit", images=[image_array(48, 64)], **gen)
+        assert finished(c.imagine("blue", **edit, negative_prompt="red")) != finished(c.imagine("blue", **edit))
+    with EngineClient(server.url) as c:
+        (err,) = [e for e in c.imagine("a cat", **gen, negative_prompt="dogs") if isinstance(e, Error)]
+        assert "negative_prompt" in err.message and "Preview" in err.message, err
+
+
 def test_an_openai_url_is_http_only():
     ep = Endpoints.parse("openai+https://gpu.example:8000")
     assert ep.openai and ep.http == "https://gpu.example:8000"
