@@ -242,10 +242,13 @@ def load_image(source: ImageSource, *, max_input_pixels: int = DEFAULT_MAX_INPUT
         raise MediaError(f"image could not be decoded: {exc}") from exc
 
 
-# 16-bit / 32-bit single-channel modes: Pillow's convert("RGB") clips them at 255 (a 16-bit PNG comes
-# out almost white), so they are rescaled to 8 bits first: integer modes by their bit depth, float
-# images from [0, 1]. Values already on the 0..255 scale (an "I" image up to 255, an "F" image above
-# 1) are left to convert("RGB"), as the reference's fetch_image converts every image.
+# 16-bit / 32-bit single-channel modes: Pillow's convert("RGB") clips them at 255 (a 16-bit grey PNG,
+# mode I;16, comes out almost white), so they are rescaled to 8 bits first: integer modes by their bit
+# depth, float images from [0, 1]. This differs from the reference on purpose: its fetch_image calls
+# convert("RGB") on every image and so sees such a picture almost white. Values already on the 0..255
+# scale (an "I" image up to 255, an "F" image above 1) are left to convert("RGB"), as the reference does.
+# 16-bit colour PNGs (RGB, RGBA, grey + alpha) Pillow decodes to 8 bits a sample itself (the high byte),
+# the same pixels the reference gets.
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 

@@ -260,6 +260,49 @@ def test_float_images_on_the_8_bit_scale_convert_as_the_reference_does():
     assert np.abs(np.asarray(load_image(unit))[..., 0].astype(int) - levels.astype(int)).max() <= 1
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> grey, grey + alpha, RGB, RGBA
+
+
+def _png16(samples: np.ndarray) -> bytes:
+    """A 16-bit-per-sample PNG of `samples` (HxW or HxWxC uint16), written by hand (Pillow cannot save 48- or
+    64-bit RGB PNGs)."""
+    import struct
+    import zlib
+    h, w = samples.shape[:2]
+    channels = 1 if samples.ndim == 2 else samples.shape[2]
+    rows = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(h))  # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", w, h, 16, PNG_COLOUR_TYPES[channels], 0, 0, 0)
+    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("channels", [3, 4, 2])
+def test_16_bit_colour_pngs_decode_as_the_reference_does(channels):
+    """16-bit RGB, RGBA and grey + alpha PNGs: Pillow decodes them to 8 bits a sample (the high byte) and the
+    reference's fetch_image converts that to RGB; ours gives the same pixels (spec §4.1)."""
+    samples = np.random.default_rng(channels).integers(0, 65536, (5, 7, channels)).astype(np.uint16)
+    raw = _png16(samples)
+    expected = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    assert np.array_equal(np.asarray(load_image(raw)), expected)
+    assert np.array_equal(expected[..., 0], (samples[..., 0] >> 8).astype(np.uint8))
+
+
+def test_16_bit_grey_pngs_keep_their_tones_where_the_reference_clips_them():
+    """A 16-bit grey PNG opens as mode I;16, which the reference's convert("RGB") clips at 255: almost every
+    pixel white. Ours deliberately scales it by its bit depth instead (65535 -> 255), so the picture keeps its
+    tones; the round trip is exact to the nearest 8-bit level."""
+    levels = np.arange(0, 65536, 257, dtype=np.uint16)[:240].reshape(12, 20)  # each an exact 8-bit level x 257
+    raw = _png16(levels)
+    assert Image.open(io.BytesIO(raw)).mode == "I;16"
+    clipped = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    assert (clipped == 255).mean() > 0.99  # what the reference sees
+    ours = np.asarray(load_image(raw))
+    assert np.array_equal(ours, np.repeat((levels // 257).astype(np.uint8)[..., None], 3, axis=2))
+
+
 def test_preprocessor_keys_omitted_take_the_processor_class_defaults():
     # BailingMM2ImageProcessor's own defaults (spec §4.1, §1.1), not the shipped file's values: the 2.0
     # class caps at 32*32*1280 pixels, the Preview class has 14-pixel patches and 78400 / 2007040
