@@ -12,13 +12,13 @@ Cancellation is checked between steps.
 Limits and clamping (everything else is refused with a clear error): the prompt is 1..MAX_PROMPT_CHARS
 characters and must fit the thinker's context with its images and query tokens; steps 1..MAX_STEPS;
 guidance 0..MAX_GUIDANCE (<= 1 turns CFG off; the Preview's SD3 DiT adds image_guidance, its editing
-CFG over 4 branches, spec §8.10); a negative prompt (the Preview only, at most MAX_PROMPT_CHARS; blank: none)
-conditions the negative CFG branch, and a 2.0 model refuses one (spec §8.2, §8.6); sizes per engine.models.imagegen.buckets; a seed of
-None or < 0 draws a random one (reported); reference images are decoded by engine.media.image (the
-first frame of an animation, alpha dropped, 16-bit rescaled) and shrunk to at most
-MAX_REFERENCE_PIXELS before the ViT; the VAE reference (bilinear to the bucket), the bucket, the
-output size and a segmentation's mask are taken from the first picture as given, centre-cropped to a
-requested aspect (or an explicit size's proportions), as the reference processor does.
+CFG over 4 branches, spec §8.10); a negative prompt (the Preview only, at most MAX_PROMPT_CHARS; blank:
+none) conditions the negative CFG branch, and a 2.0 model refuses one (spec §8.2, §8.6); sizes per
+engine.models.imagegen.buckets; a seed of None or < 0 draws a random one (reported); reference images
+are decoded by engine.media.image (the first frame of an animation, alpha dropped, 16-bit rescaled) and
+shrunk to at most MAX_REFERENCE_PIXELS before the ViT; the VAE reference (bilinear to the bucket), the
+bucket, the output size and a segmentation's mask are taken from the first picture as given, centre-cropped
+to a requested aspect (or an explicit size's proportions), as the reference processor does.
 """
 
 from __future__ import annotations
@@ -268,11 +268,12 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
         content = [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": instruction}]
         prompt = engine.processor.build([{"role": "user", "content": content}], system_prompt=request.system_prompt)
         _check_context(engine, gen, prompt, "the prompt with its images", "prompt")
-        negative = None
+        negative_chat = None
         if request.negative_prompt is not None:  # the same chat template, words only (see _negative_condition)
             words = [{"type": "text", "text": request.negative_prompt}]
-            negative = engine.processor.build([{"role": "user", "content": words}], system_prompt=request.system_prompt)
-            _check_context(engine, gen, negative, "the negative prompt", "negative_prompt")
+            negative_chat = engine.processor.build([{"role": "user", "content": words}],
+                                                   system_prompt=request.system_prompt)
+            _check_context(engine, gen, negative_chat, "the negative prompt", "negative_prompt")
     except (MingError, ValueError) as e:
         yield Error(str(e), code=getattr(e, "code", "invalid_request"))
         return
@@ -281,7 +282,7 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
     with engine._lock:
         waited = time.perf_counter() - t_wait
         try:
-            yield from _run(engine, gen, request, prompt, negative, plan, ref, seed, cancel,
+            yield from _run(engine, gen, request, prompt, negative_chat, plan, ref, seed, cancel,
                             t_start, waited)
         except MingError as e:
             yield Error(str(e), code=e.code)
@@ -304,12 +305,12 @@ def stopped(stats: GenerationStats, t_start: float, seed: int, steps_done: int) 
     return Done(text="", finish_reason="cancelled", stats=stats, result={"seed": seed, "steps_done": steps_done})
 
 
-def _run(engine, gen, request: ImagineRequest, prompt, negative, plan: SizePlan, ref: Image.Image | None,
+def _run(engine, gen, request: ImagineRequest, prompt, negative_chat, plan: SizePlan, ref: Image.Image | None,
          seed: int, cancel, t_start: float, waited: float) -> Iterator[Event]:
     stats = GenerationStats(queue_wait_s=waited)
     model = engine.model
     yield Progress("encoding prompt", message=f"{len(prompt.ids)} tokens, {len(prompt.images)} image(s)"
-                   + (f", negative prompt {len(negative.ids)} tokens" if negative is not None else ""))
+                   + (f", negative prompt {len(negative_chat.ids)} tokens" if negative_chat is not None else ""))
     t_enc = time.perf_counter()
     try:
         mm = engine.encode_media(prompt, cancel) if prompt.images else None
@@ -330,7 +331,8 @@ def _run(engine, gen, request: ImagineRequest, prompt, negative, plan: SizePlan,
             if glyph_text:
                 cond = torch.cat([cond, gen.glyph([glyph_text]).embeds.to(dev, cond.dtype)], dim=1)
             if gen.kind == SD3:
-                negative_cond = None if negative is None else _negative_condition(model, gen, negative, cond)
+                negative_cond = (None if negative_chat is None
+                                 else _negative_condition(model, gen, negative_chat, cond))
                 scheduler, steps = _sd3_sampling(gen, request, cond, negative_cond, ref, plan, seed, dev)
             else:
                 caption = caption_features(cond[0].float(), gen.head_config, gen.caption_mlp)
@@ -395,12 +397,12 @@ def _run(engine, gen, request: ImagineRequest, prompt, negative, plan: SizePlan,
     yield Done(text=note, finish_reason="stop", stats=stats, result=result)
 
 
-def _negative_condition(model, gen, negative, cond: torch.Tensor) -> torch.Tensor:
+def _negative_condition(model, gen, negative_chat, cond: torch.Tensor) -> torch.Tensor:
     """The Preview's negative branch for an explicit negative prompt (spec §8.2): its chat prompt (the same template
     and system prompt, the words alone: the input pictures guide the edit through their own branches) through the
     same query tokens, thinker pass, connector, proj_out and normalisation as the positive. The glyph rows (quoted
     text, spec §8.4) stay zeros in the negative branch. [1, L, C] like `cond`. Call under inference mode."""
-    trace = condition_from_prompt(model.llm, model.numerics, gen.query_head, gen.connector, negative.ids)
+    trace = condition_from_prompt(model.llm, model.numerics, gen.query_head, gen.connector, negative_chat.ids)
     words = trace.condition.to(cond.device, cond.dtype)
     return torch.cat([words, torch.zeros_like(cond[:, words.shape[1]:])], dim=1)
 
