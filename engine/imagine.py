@@ -331,8 +331,10 @@ def _run(engine, gen, request: ImagineRequest, prompt, negative_chat, plan: Size
             if glyph_text:
                 cond = torch.cat([cond, gen.glyph([glyph_text]).embeds.to(dev, cond.dtype)], dim=1)
             if gen.kind == SD3:
-                negative_cond = (None if negative_chat is None
-                                 else _negative_condition(model, gen, negative_chat, cond))
+                negative_cond = None
+                if negative_chat is not None:
+                    negative_cond, negative_tokens = _negative_condition(model, gen, negative_chat, cond)
+                    stats.prompt_tokens += negative_tokens  # the thinker read both prompts
                 scheduler, steps = _sd3_sampling(gen, request, cond, negative_cond, ref, plan, seed, dev)
             else:
                 caption = caption_features(cond[0].float(), gen.head_config, gen.caption_mlp)
@@ -397,14 +399,15 @@ def _run(engine, gen, request: ImagineRequest, prompt, negative_chat, plan: Size
     yield Done(text=note, finish_reason="stop", stats=stats, result=result)
 
 
-def _negative_condition(model, gen, negative_chat, cond: torch.Tensor) -> torch.Tensor:
+def _negative_condition(model, gen, negative_chat, cond: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The Preview's negative branch for an explicit negative prompt (spec §8.2): its chat prompt (the same template
     and system prompt, the words alone: the input pictures guide the edit through their own branches) through the
     same query tokens, thinker pass, connector, proj_out and normalisation as the positive. The glyph rows (quoted
-    text, spec §8.4) stay zeros in the negative branch. [1, L, C] like `cond`. Call under inference mode."""
+    text, spec §8.4) stay zeros in the negative branch. Returns ([1, L, C] like `cond`, the tokens the thinker read).
+    Call under inference mode."""
     trace = condition_from_prompt(model.llm, model.numerics, gen.query_head, gen.connector, negative_chat.ids)
     words = trace.condition.to(cond.device, cond.dtype)
-    return torch.cat([words, torch.zeros_like(cond[:, words.shape[1]:])], dim=1)
+    return torch.cat([words, torch.zeros_like(cond[:, words.shape[1]:])], dim=1), int(trace.layout.input_ids.shape[1])
 
 
 def _sd3_sampling(gen, request: ImagineRequest, cond: torch.Tensor, negative_cond: torch.Tensor | None,

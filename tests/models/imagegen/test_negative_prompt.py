@@ -53,6 +53,18 @@ def test_the_previews_negative_branch_is_the_negative_prompts_condition(preview_
     assert neg_png != plain_png
 
 
+def test_the_token_count_includes_the_negative_prompts_pass(preview_engine):
+    """The thinker reads the negative prompt with its own query blocks: the request's prompt_tokens count both."""
+    def prompt_tokens(**kw):
+        done = list(preview_engine.imagine("a cat", steps=1, seed=1, size="32x32", **kw))[-1]
+        assert isinstance(done, Done), done
+        return done.stats.prompt_tokens
+    gen = preview_engine.image_generator
+    chat = preview_engine.processor.build([{"role": "user", "content": [{"type": "text", "text": "blurry"}]}])
+    query_tokens = sum(s * s + 2 for s in gen.head_config.scales)
+    assert prompt_tokens(negative_prompt="blurry") == prompt_tokens() + len(chat.ids) + query_tokens
+
+
 def test_a_blank_negative_prompt_is_no_negative_prompt(preview_engine):
     plain, plain_png = _captured_conditions(preview_engine, "a cat")
     blank, blank_png = _captured_conditions(preview_engine, "a cat", negative_prompt="  ")
