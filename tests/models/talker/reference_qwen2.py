@@ -61,9 +61,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def qwen2_forward(x: torch.Tensor, sd: dict, prefix: str, c: dict, run_layers: int | None = None) -> torch.Tensor:
+def qwen2_forward(x: torch.Tensor, sd: dict, prefix: str, c: dict, run_layers: int | None = None,
+                  causal: bool = True) -> torch.Tensor:
     """Final-norm hidden states [B, n, H] of inputs_embeds x [B, n, H] from position 0. `run_layers`:
-    how many layers run (Qwen2Model.forward loops over layers[:config.num_hidden_layers])."""
+    how many layers run (Qwen2Model.forward loops over layers[:config.num_hidden_layers]); `causal` False:
+    every token sees every other (the image generator's connector, spec §8.3)."""
     b, n, _ = x.shape
     hd, heads, kvh = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
     inv = 1.0 / (c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
@@ -71,7 +73,7 @@ def qwen2_forward(x: torch.Tensor, sd: dict, prefix: str, c: dict, run_layers: i
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    masks = {"full_attention": j <= i}
+    masks = {"full_attention": j <= i if causal else torch.ones(n, n, dtype=torch.bool)}
     if c["sliding_window"] is not None:
         masks["sliding_attention"] = (j <= i) & (j > i - c["sliding_window"])
     act = ACTIVATIONS[c["hidden_act"]]

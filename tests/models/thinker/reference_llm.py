@@ -115,9 +115,18 @@ def logits(sd: dict, config: dict, ids: torch.Tensor, position_ids: torch.Tensor
     `prefix + <upstream name>`."""
     c = settings(config)
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    b, length = ids.shape
     table = sd["model.word_embeddings.weight"]
-    x = table[ids.clamp(0, table.shape[0] - 1)]
+    x = final_hidden(sd, config, table[ids.clamp(0, table.shape[0] - 1)], position_ids, attention_mask,
+                     image_mask, audio_mask)
+    return F.linear(x, table if c["tie_word_embeddings"] else sd["lm_head.weight"])
+
+
+def final_hidden(sd: dict, config: dict, x: torch.Tensor, position_ids: torch.Tensor, attention_mask=None,
+                 image_mask=None, audio_mask=None) -> torch.Tensor:
+    """[B, L, H] output of the final RMSNorm for inputs_embeds x [B, L, H] (state dict names without the
+    wrapper's prefix: `model.layers.0. ...`)."""
+    c = settings(config)
+    b, length, _ = x.shape
     keys = torch.ones(b, length, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     causal = torch.ones(length, length).tril().bool()
     if c["use_sliding_window"] and c["sliding_window"] is not None:  # the eager mask: keys j > i - window
@@ -134,5 +143,4 @@ def logits(sd: dict, config: dict, ids: torch.Tensor, position_ids: torch.Tensor
             x = x + moe(h, sd, p + "mlp.", c, image_mask, audio_mask)
         else:
             x = x + swiglu(h, sd, p + "mlp.")
-    x = rms_norm(x, sd["model.norm.weight"], c["rms_norm_eps"])
-    return F.linear(x, table if c["tie_word_embeddings"] else sd["lm_head.weight"])
+    return rms_norm(x, sd["model.norm.weight"], c["rms_norm_eps"])
