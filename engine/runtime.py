@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from engine.models.thinker.asr import TranscriptStream, asr_messages, dialect_prefix, parse_transcript
+from engine.models.thinker.asr import TranscriptDeltas, TranscriptStream, asr_messages, dialect_prefix, parse_transcript
 from engine.errors import MingError
 from engine.events import AudioChunk, Done, Error, Event, GenerationStats, TextDelta
 from engine.generate import Cancelled, context_error, generate, stop_if_set
@@ -294,8 +294,8 @@ class Engine:
     def transcribe(self, audio: Any, context: str | None = None, hotwords: list[str] | None = None,
                    dialect: str | None = None, params: GenerationParams | None = None,
                    cancel: threading.Event | None = None, sample_rate: int | None = None) -> Iterator[Event]:
-        """ASR: streams the transcript (without the language tag) and ends with Done whose
-        `result` holds {"language", "text"}."""
+        """ASR: streams the transcript (without the language tag; with its tokens' log probabilities when
+        `params.logprobs`) and ends with Done whose `result` holds {"language", "text"}."""
         try:
             prefix = dialect_prefix(dialect)
         except ValueError as e:
@@ -303,17 +303,17 @@ class Engine:
             return
         messages = asr_messages(audio, context, hotwords, sample_rate)
         forced = prefix[:-1] if prefix else None
-        stream = TranscriptStream(forced)
         params = params or GenerationParams(max_new_tokens=512, fit_context=True)
+        deltas = TranscriptDeltas(TranscriptStream(forced), logprobs=params.logprobs)
         for ev in self.chat(messages, params, cancel, assistant_prefix=prefix):
             if isinstance(ev, TextDelta):
-                text = stream.feed(ev.text)
-                if text:
-                    yield TextDelta(text)
+                out = deltas.feed(ev)
+                if out is not None:
+                    yield out
             elif isinstance(ev, Done):
-                held = stream.flush()  # an output without a language tag: all of it is the transcript
-                if held:
-                    yield TextDelta(held)
+                held = deltas.flush()  # an output without a language tag: all of it is the transcript
+                if held is not None:
+                    yield held
                 t = parse_transcript(ev.text, forced)
                 ev.result = {"language": t.language, "text": t.text}
                 yield ev

@@ -51,7 +51,6 @@ class Fields:
 
 
 NO_TOOLS = "this model has no tool calling"
-NO_LOGPROBS = "log probabilities are not reported"
 
 # our extension fields per endpoint (refused with unknown_parameter under --openai-only)
 CHAT_EXTENSIONS = ("top_k", "repetition_penalty", "thinking")
@@ -109,12 +108,12 @@ NO_TIMESTAMPS = "no timestamps are produced (verbose_json gives the duration onl
 NO_DIARIZATION = "there is no diarization"
 TRANSCRIPTION_KEYWORDS = ("keywords", "keywords[]")  # OpenAI's name for what our hotwords are
 TRANSCRIPTION = Fields(
-    taken=("file", "model", "prompt", "response_format", "temperature", "language", "stream", "max_tokens")
+    taken=("file", "model", "prompt", "response_format", "temperature", "language", "stream", "max_tokens", "include",
+           "include[]")
     + TRANSCRIPTION_KEYWORDS + TRANSCRIPTION_EXTENSIONS,
     ignored=("languages", "languages[]"),  # candidates: the model tells the language itself (`language` forces one)
     refused={name: (why, lambda v: False) for names, why in (
         (("timestamp_granularities", "timestamp_granularities[]"), NO_TIMESTAMPS),
-        (("include", "include[]"), NO_LOGPROBS),
         (("chunking_strategy",), "the whole clip is transcribed at once"),
         (("known_speaker_names", "known_speaker_names[]", "known_speaker_references",
           "known_speaker_references[]"), NO_DIARIZATION)) for name in names})

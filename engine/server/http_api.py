@@ -517,6 +517,21 @@ async def chat_completions(request: Request):
 
 
 TRANSCRIPTION_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+TRANSCRIPTION_INCLUDES = ("logprobs",)  # what `include[]` may ask for (OpenAI's TranscriptionInclude)
+
+
+def transcription_logprobs(form, fmt: str) -> bool:
+    """Whether `include[]` asks for the transcript tokens' log probabilities ("logprobs", its one value); as OpenAI's,
+    they come in a json answer (a streamed one's events too) only, so another response_format is refused."""
+    asked = form.getlist("include") + form.getlist("include[]")
+    for value in asked:
+        if value not in TRANSCRIPTION_INCLUDES:
+            raise bad(f"'include' takes {', '.join(TRANSCRIPTION_INCLUDES)} only, got {codec.shown(str(value))}",
+                      "invalid_value", "include")
+    if asked and fmt != "json":
+        raise bad(f"'include' logprobs come with response_format json only, not {fmt!r}", "unsupported_parameter",
+                  "include")
+    return bool(asked)
 
 
 @router.post("/v1/audio/transcriptions")
@@ -551,10 +566,12 @@ async def transcriptions(request: Request):
             raise bad(f"response_format {fmt!r} is not supported ({', '.join(TRANSCRIPTION_FORMATS)})",
                       "unsupported_parameter", "response_format")
         stream = form_flag(form, "stream")
+        logprobs = transcription_logprobs(form, fmt)
         numbers = {"temperature": form_number(form, "temperature"), "max_tokens": form_number(form, "max_tokens")}
-        params = generation_params({k: v for k, v in numbers.items() if v is not None}, limits,
-                                   base=GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS, limits.max_new_tokens),
-                                                         fit_context=True))
+        params = replace(generation_params({k: v for k, v in numbers.items() if v is not None}, limits,
+                                           base=GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS,
+                                                                                    limits.max_new_tokens),
+                                                                 fit_context=True)), logprobs=logprobs)
     finally:
         await form.close()
     if ctx.prompt_bound is not None and (context or hotwords):  # text that cannot fit: refused before it queues
@@ -577,19 +594,20 @@ async def transcriptions(request: Request):
         return job_metrics(job, received, final) if ext else None
 
     if not stream:
-        _, final = await collect(request, ctx, job)
+        got, final = await collect(request, ctx, job)
         if isinstance(final, Error):
             return error_response(wire.engine_error(final))
         if fmt in ("text", "srt", "vtt"):
             text = (final.result or {}).get("text", "")
             return PlainTextResponse(text if fmt == "text" else wire.subtitles(text, audio.seconds, fmt))
-        return JSONResponse(wire.transcription_body(final, figures(final), duration))
+        return JSONResponse(wire.transcription_body(final, figures(final), duration,
+                                                    got.logprobs if logprobs else None))
     head, events = await first_events(job, bounded=True, grace_s=min(QUEUE_GRACE_S, ctx.limits.keepalive_s))
     refused = refused_at_once(head)  # (as a chat stream: a refusal before any output keeps its status)
     if refused is not None:
         return error_response(wire.engine_error(refused))
-    return stream_response(ctx, job, lambda ev: wire.transcription_events(ev, ext),
-                           lambda final: wire.transcription_finish(final, figures(final)), events)
+    enc = wire.TranscriptionSseEncoder(ext, logprobs)
+    return stream_response(ctx, job, enc.encode, lambda final: enc.finish(final, figures(final)), events)
 
 
 # --------------------------------------------------------------------------- models, health

@@ -752,13 +752,16 @@ def chat_message(completion_id: str, created: int, got: Collected, extensions: b
     return message
 
 
-def transcription_body(done: Done, metrics_obj: dict | None, duration_s: float | None = None) -> dict:
-    """/v1/audio/transcriptions result: json (usage in tokens), or with the clip's `duration_s` verbose_json, whose
-    `language` is always a string ("" when the model named none) and whose usage is the clip's duration, as OpenAI's
-    verbose body has them (`TranscriptionVerbose`). Ours, beside `metrics`: `finish_reason`, "length" when the
-    transcript was cut at max_tokens (OpenAI's has none)."""
+def transcription_body(done: Done, metrics_obj: dict | None, duration_s: float | None = None,
+                       logprobs: list[TokenLogprob] | None = None) -> dict:
+    """/v1/audio/transcriptions result: json (usage in tokens, and the transcript tokens' `logprobs` when they were
+    asked for), or with the clip's `duration_s` verbose_json, whose `language` is always a string ("" when the model
+    named none) and whose usage is the clip's duration, as OpenAI's verbose body has them (`TranscriptionVerbose`).
+    Ours, beside `metrics`: `finish_reason`, "length" when the transcript was cut at max_tokens (OpenAI's has none)."""
     res = done.result or {}
     out = {"text": res.get("text", ""), "language": res.get("language"), "usage": usage(done.stats, "transcription")}
+    if logprobs is not None:
+        out["logprobs"] = transcript_logprobs(logprobs)
     if metrics_obj is not None:  # None: OpenAI's fields only (--openai-only)
         out["metrics"] = metrics_obj
         out["finish_reason"] = finish_reason_http(done)
@@ -767,6 +770,11 @@ def transcription_body(done: Done, metrics_obj: dict | None, duration_s: float |
         out.update({"task": "transcribe", "language": out["language"] or "", "duration": seconds,
                     "usage": {"type": "duration", "seconds": seconds}})
     return out
+
+
+def transcript_logprobs(entries: list[TokenLogprob]) -> list[dict]:
+    """A transcription's `logprobs` (OpenAI's `Transcription.Logprob`): token, bytes and logprob per token."""
+    return [token_logprob_wire(e, alternatives=False) for e in entries]
 
 
 def subtitles(text: str, seconds: float, fmt: str) -> str:
@@ -780,20 +788,32 @@ def subtitles(text: str, seconds: float, fmt: str) -> str:
     return f"1\n{cue}" if fmt == "srt" else f"WEBVTT\n\n{cue}"
 
 
-def transcription_events(ev: Event, extensions: bool = True) -> list[bytes]:
-    """A streaming transcription's SSE lines for one engine event other than Done / Error."""
-    comments = progress_comments(ev, extensions)
-    if comments is not None:
-        return comments
-    if isinstance(ev, TextDelta):
-        return [sse_data({"type": "transcript.text.delta", "delta": ev.text})]
-    raise UnknownEventError(f"a transcription does not stream {type(ev).__name__}")
+class TranscriptionSseEncoder:
+    """A streaming transcription's SSE lines: `transcript.text.delta` per text delta, then `transcript.text.done`
+    with the whole body; with `logprobs` each event carries its tokens' entries (the done event all of them)."""
 
+    def __init__(self, extensions: bool = True, logprobs: bool = False):
+        self.extensions = extensions
+        self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
 
-def transcription_finish(final: Done | Error, metrics_obj: dict | None) -> list[bytes]:
-    if isinstance(final, Error):
-        return [sse_data({"error": engine_error(final).to_openai()}), SSE_DONE]
-    return [sse_data({"type": "transcript.text.done", **transcription_body(final, metrics_obj)}), SSE_DONE]
+    def encode(self, ev: Event) -> list[bytes]:
+        """The lines of one engine event other than Done / Error."""
+        comments = progress_comments(ev, self.extensions)
+        if comments is not None:
+            return comments
+        if not isinstance(ev, TextDelta):
+            raise UnknownEventError(f"a transcription does not stream {type(ev).__name__}")
+        delta = {"type": "transcript.text.delta", "delta": ev.text}
+        if self.logprobs is not None:
+            self.logprobs += ev.logprobs or []
+            delta["logprobs"] = transcript_logprobs(ev.logprobs or [])
+        return [sse_data(delta)]
+
+    def finish(self, final: Done | Error, metrics_obj: dict | None) -> list[bytes]:
+        if isinstance(final, Error):
+            return [sse_data({"error": engine_error(final).to_openai()}), SSE_DONE]
+        body = transcription_body(final, metrics_obj, logprobs=self.logprobs)
+        return [sse_data({"type": "transcript.text.done", **body}), SSE_DONE]
 
 
 _DELTA_KEYS = ("role", "content", "audio", "image_preview", "image", "refusal", "tool_calls", "function_call")

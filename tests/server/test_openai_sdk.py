@@ -353,3 +353,22 @@ def test_n_choices_usage_counts_the_prompt_once_and_every_choices_tokens(client)
     assert two.usage.prompt_tokens == one.usage.prompt_tokens
     assert two.usage.completion_tokens_details.text_tokens == two.usage.completion_tokens > one.usage.completion_tokens
     usage_details_in_openais_types(two.usage)
+
+
+def test_transcription_logprobs_come_as_openais_when_included(client):
+    """`include=["logprobs"]` (gpt-4o-transcribe's): the transcript's tokens with their log probabilities, in the json
+    body and in each streamed event (the done event all of them); it was refused as unsupported. The tokens are the
+    transcript's own (not the model's language tag), so their bytes spell the transcript."""
+    ask = {"model": "gpt-4o-transcribe", "file": CLIP, "include": ["logprobs"], "temperature": 0,
+           "extra_body": {"max_tokens": 8}}
+    got = validated(client.audio.transcriptions.create(**ask))
+    assert got.logprobs and all(lp.logprob <= 0 for lp in got.logprobs)
+    spelled = bytes(int(b) for lp in got.logprobs for b in lp.bytes).decode("utf-8", errors="replace")
+    assert spelled.strip() == got.text
+    events = [validated(e) for e in client.audio.transcriptions.create(stream=True, **ask)]
+    done, deltas = events[-1], [e for e in events if e.type == "transcript.text.delta"]
+    assert done.type == "transcript.text.done" and done.text == got.text
+    assert [lp.token for e in deltas for lp in e.logprobs] == [lp.token for lp in done.logprobs]
+    assert [lp.token for lp in done.logprobs] == [lp.token for lp in got.logprobs]
+    assert [lp.logprob for lp in done.logprobs] == pytest.approx([lp.logprob for lp in got.logprobs], abs=1e-4)
+    assert client.audio.transcriptions.create(**{k: v for k, v in ask.items() if k != "include"}).logprobs is None

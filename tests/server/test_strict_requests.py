@@ -483,7 +483,8 @@ def test_every_json_endpoint_names_fields_it_does_not_know(http, path, body, fie
 
 @pytest.mark.parametrize("data, field, code", [
     ({"timestamp_granularities[]": "word"}, "timestamp_granularities[]", "unsupported_parameter"),
-    ({"include[]": "logprobs"}, "include[]", "unsupported_parameter"),
+    ({"include[]": "segments"}, "include", "invalid_value"),  # (logprobs, its one value, is honoured)
+    ({"include[]": "logprobs", "response_format": "text"}, "include", "unsupported_parameter"),
     ({"frobnicate": "1"}, "frobnicate", "unknown_parameter"),
     ({"language": "en\tfr"}, "language", "invalid_value"),  # (was a 400 from the engine, param null, after queueing)
     ({"language": "en\n"}, "language", "invalid_value"),

@@ -3,7 +3,9 @@ and language/dialect-forced ASR, plus parsing of the model's `Language\\ttranscr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from engine.events import TextDelta, TokenLogprob
 
 ASR_INSTRUCTION = "Please recognize the language of this speech and transcribe it. Format: oral."
 HOTWORDS_PREFIX = "This audio may contains the following words or phrases:"
@@ -102,3 +104,41 @@ class TranscriptStream:
             held = self._transcript(whole)
         self.buffer = ""
         return held
+
+
+@dataclass
+class TranscriptDeltas:
+    """A TranscriptStream over the chat's text deltas, with their tokens' log probabilities when they were asked
+    for: a delta's entries go out with the transcript text they made. The tokens of the language tag and its tab,
+    and whitespace the transcript drops at either end, are not in the transcript, so they are not reported (a token
+    spanning the tab and transcript text is); an output without a tab is transcript throughout."""
+
+    stream: TranscriptStream
+    held: list[TokenLogprob] = field(default_factory=list)  # tokens whose text has not gone out (yet)
+    logprobs: bool = False  # they were asked for: each transcript delta carries a list (maybe empty)
+
+    def feed(self, delta: TextDelta) -> TextDelta | None:
+        """The transcript delta `delta` makes, None while its text is held back or dropped."""
+        before_tab = not self.stream.seen_tab
+        text = self.stream.feed(delta.text)
+        holds_tab = before_tab and self.stream.seen_tab
+        if holds_tab:
+            self.held = []  # the language tag: not transcript
+        if (holds_tab or not before_tab) and not self.stream.started:
+            return None  # the tab, or whitespace before the transcript: dropped with its text
+        self.held += delta.logprobs or []
+        return self._delta(text) if text else None
+
+    def flush(self) -> TextDelta | None:
+        """At the end: the text held back when no tab came, with the entries held but those of the whitespace the
+        transcript drops at either end."""
+        text = self.stream.flush()
+        while self.held and not self.held[-1].token.strip():
+            self.held.pop()
+        while self.held and not self.held[0].token.strip():
+            self.held.pop(0)
+        return self._delta(text) if text else None
+
+    def _delta(self, text: str) -> TextDelta:
+        entries, self.held = self.held, []
+        return TextDelta(text, entries if self.logprobs else None)

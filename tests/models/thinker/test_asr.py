@@ -129,3 +129,26 @@ def test_a_transcription_with_its_default_limit_ends_at_the_context(tiny_engine)
         assert r.status_code == 200, r.text
         r = post(max_tokens="50")
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+
+
+def test_transcript_deltas_report_the_transcripts_tokens_only():
+    """With logprobs asked for, a transcript delta carries the entries of the tokens that made its text: the language
+    tag's and its tab's are not the transcript's (nor whitespace the transcript drops), so they are not reported."""
+    from engine.events import TextDelta, TokenLogprob
+    from engine.models.thinker.asr import TranscriptDeltas
+
+    def token(text: str) -> TokenLogprob:
+        return TokenLogprob(text, list(text.encode()), -0.5)
+
+    def run(pieces, forced=None):
+        deltas = TranscriptDeltas(TranscriptStream(forced), logprobs=True)
+        out = [deltas.feed(TextDelta(p, [token(p)])) for p in pieces] + [deltas.flush()]
+        return [(d.text, [t.token for t in d.logprobs]) for d in out if d is not None]
+
+    assert run(["English", "\t", " he", "llo", " ", "world", " "]) == [
+        ("he", [" he"]), ("llo", ["llo"]), (" world", [" ", "world"])]
+    assert run(["Eng", "lish\tHi", "!"]) == [("Hi", ["lish\tHi"]), ("!", ["!"])]
+    assert run(["no", " tab", " "]) == [("no tab", ["no", " tab"])]  # all of it is the transcript
+    assert run([" hi"], forced="上海") == [("hi", [" hi"])]
+    plain = TranscriptDeltas(TranscriptStream())
+    assert plain.feed(TextDelta("x")) is None and plain.flush() == TextDelta("x", None)
