@@ -457,7 +457,7 @@ async def chat_completions(request: Request):
 
         job = Job(run, label="chat.completions")
         job.media_bytes = media_bytes
-        ctx.scheduler.submit(job)
+        ctx.scheduler.submit(job, continuing=bool(jobs))  # (the request was let in with its first choice)
         jobs.append(job)
         return job
 

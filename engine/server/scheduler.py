@@ -157,10 +157,25 @@ class Scheduler:
         """Decoded media the waiting and running jobs' requests hold."""
         return sum(j.media_bytes for j in self._waiting) + sum(j.media_bytes for j in self._running)
 
-    def submit(self, job: Job) -> None:
-        """Put a job in line (call on the event loop). Raises ApiError when the line is full."""
+    def submit(self, job: Job, continuing: bool = False) -> None:
+        """Put a job in line (call on the event loop). Raises ApiError when the line is full, or the job's media would
+        pass the media limit. `continuing`: the job continues a request let in already (a chat's later choice, put in
+        line when the one before ends): the line bounds requests and the request's media was counted when it was let
+        in, so only a server shutting down refuses it (OpenAI answers all of a request's choices or none)."""
         if self._closed:
             raise ApiError("the server is shutting down", code="server_shutting_down", status=503)
+        if not continuing:
+            self._admit(job)
+        job._attach(asyncio.get_running_loop(), self.stream_buffer)
+        job.state = "queued"
+        job.submitted_at = time.perf_counter()
+        self.counts["submitted"] += 1
+        self._waiting.append(job)
+        self._pump()
+        self._announce()
+
+    def _admit(self, job: Job) -> None:
+        """Refuses a new request when the line is full or its media would pass the limit."""
         if len(self._waiting) >= self.max_queue:
             self.counts["refused"] += 1
             raise ApiError(f"the request queue is full ({self.max_queue} requests waiting); try again later",
@@ -174,13 +189,6 @@ class Scheduler:
                                f"this request's {job.media_bytes / mib:.1f} MiB would pass its limit of "
                                f"{self.max_media_bytes / mib:.0f} MiB; try again later", code="server_media_limit",
                                status=503)
-        job._attach(asyncio.get_running_loop(), self.stream_buffer)
-        job.state = "queued"
-        job.submitted_at = time.perf_counter()
-        self.counts["submitted"] += 1
-        self._waiting.append(job)
-        self._pump()
-        self._announce()
 
     def cancel(self, job: Job, abandon: bool = False) -> None:
         """Stop a job: a waiting one leaves the line at once; a running one stops within one

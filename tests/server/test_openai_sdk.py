@@ -372,3 +372,41 @@ def test_transcription_logprobs_come_as_openais_when_included(client):
     assert [lp.token for lp in done.logprobs] == [lp.token for lp in got.logprobs]
     assert [lp.logprob for lp in done.logprobs] == pytest.approx([lp.logprob for lp in got.logprobs], abs=1e-4)
     assert client.audio.transcriptions.create(**{k: v for k, v in ask.items() if k != "include"}).logprobs is None
+
+
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize("load, status, code", [
+    (lambda s: setattr(s, "other_media", lambda: 3 * MIB), 503, "server_media_limit"),  # a session took the room
+    (lambda s: setattr(s, "max_queue", 0), 429, "queue_full")], ids=["media", "line"])  # requests filled the line
+def test_a_chats_later_choices_are_not_refused_for_load_let_in_with_the_first(load, status, code):
+    """`n` choices are made one after another, each put in line when the one before ends. A later choice was checked
+    against the server's load as a new request: when the load grew between two choices (another request or a realtime
+    session's media coming in at that moment, which a test cannot time: the scheduler's figures stand in), the whole
+    request failed after the first choice had been made, and that work was lost. OpenAI answers all of a request's
+    choices or none, refusing for load before any work: the request is now let in (or refused) with its first choice,
+    and its later choices continue it."""
+    import threading
+
+    import numpy as np
+
+    from engine.events import Done, TextDelta
+    from tests.server import FakeEngine, fake_server, png_bytes, wait_for
+
+    picture = "data:image/png;base64," + b64(png_bytes(np.zeros((1000, 1000, 3), np.uint8)))  # 2.9 MiB decoded
+    ask = {"model": "gpt-4o", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": picture}}]}]}
+    engine = FakeEngine([TextDelta("a"), TextDelta("b"), Done("ab", "stop")], step_s=0.3)
+    with fake_server(engine, max_total_media_bytes=5 * MIB) as srv, \
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60) as sdk:
+        answers = []
+        asking = threading.Thread(target=lambda: answers.append(sdk.chat.completions.create(n=2, **ask)))
+        asking.start()
+        wait_for(lambda: engine.calls)  # the first choice is being made: now the load grows
+        load(srv.app.state.ctx.scheduler)
+        asking.join(60)
+        assert [c.message.content for c in answers[0].choices] == ["ab", "ab"] and len(engine.calls) == 2
+        with pytest.raises(openai.APIStatusError) as info:  # a new request is refused for that load, before any work
+            sdk.chat.completions.create(**ask)
+        assert (info.value.status_code, info.value.code) == (status, code) and len(engine.calls) == 2
