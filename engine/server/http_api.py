@@ -33,8 +33,8 @@ from engine.server.bodies import form_file, form_flag, form_number, form_text, r
 from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
 from engine.server.fields import Fields
-from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_output_modalities, flag, generation_params,
-                                  output_kwargs, transcription_tag, voice_name)
+from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_metadata, check_output_modalities, flag,
+                                  generation_params, output_kwargs, transcription_tag, voice_name)
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import media_nbytes, new_id
@@ -189,9 +189,8 @@ def check_unsupported(body: dict, engine, openai_only: bool = False) -> tuple[li
     `audio.sample_rate` (our clients ask for the talker's own, the model card's speech_sample_rate)."""
     if body.get("tools") or body.get("functions"):
         raise bad("tools/functions are not supported by this engine", "unsupported_parameter", "tools")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad("only response_format {\"type\": \"text\"} is supported", "unsupported_parameter", "response_format")
+    check_response_format(body.get("response_format"))
+    check_accepted_fields(body)
     modalities = ["text"]
     if body.get("modalities") is not None:
         modalities = check_output_modalities(body["modalities"], "modalities", engine)
@@ -218,6 +217,39 @@ def check_unsupported(body: dict, engine, openai_only: bool = False) -> tuple[li
                           "invalid_value", "audio.sample_rate")
             rate = codec.check_output_rate(audio["sample_rate"], "audio.sample_rate", engine)
     return modalities, voice, fmt, rate
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")  # OpenAI's chat response_format types
+NO_STRUCTURED_OUTPUT = ("this engine has no constrained decoding, so it cannot promise JSON: use {\"type\": \"text\"} "
+                        "and ask for JSON in the messages")
+
+
+def check_response_format(fmt) -> None:
+    """`response_format`: an object whose `type` is OpenAI's; text is what every reply is, json_object (JSON mode) and
+    json_schema (structured outputs) are refused by name, as the reply could not be held to them."""
+    if fmt is None:
+        return
+    fmt = need_dict(fmt, "response_format")
+    kind = fmt.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise bad(f"'response_format.type' must be one of {', '.join(RESPONSE_FORMATS)}, got {codec.shown(str(kind))}",
+                  "invalid_value", "response_format.type")
+    if kind != "text":
+        raise bad(f"response_format {kind!r} is not supported: {NO_STRUCTURED_OUTPUT}", "unsupported_parameter",
+                  "response_format")
+
+
+ACCEPTED_TEXT_FIELDS = ("user", "safety_identifier", "prompt_cache_key")  # OpenAI's identifiers: no effect here
+
+
+def check_accepted_fields(body: dict) -> None:
+    """The fields accepted with no effect (engine.server.fields.CHAT's `ignored`) hold what OpenAI takes, else a 400
+    naming them: identifiers are strings, `metadata` OpenAI's Metadata, `parallel_tool_calls` a boolean."""
+    for name in ACCEPTED_TEXT_FIELDS:
+        if body.get(name) is not None:
+            need_str(body[name], name)
+    check_metadata(body.get("metadata"), "metadata")
+    flag(body, "parallel_tool_calls")
 
 
 def logprob_fields(body: dict, modalities: list[str]) -> tuple[bool, int]:

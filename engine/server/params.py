@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.sampling import GenerationParams
-from engine.server.codec import bad, check_keys, need_number, need_str, shown, shown_number
+from engine.server.codec import bad, check_keys, need_dict, need_number, need_str, shown, shown_number
 from engine.server.limits import Limits
 from engine.server.protocol import ApiError
 
@@ -151,6 +151,27 @@ def generation_params(body: dict, limits: Limits, base: GenerationParams | None 
         return p.validate()
     except ValueError as e:
         raise bad(str(e), "invalid_value") from None
+
+
+MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
+
+
+def check_metadata(value: Any, name: str) -> dict | None:
+    """A `metadata` field (chat's, realtime response.create's), as OpenAI's `Metadata`: at most 16 string keys
+    (64 characters) to string values (512)."""
+    if value is None:
+        return None
+    value = need_dict(value, name)
+    if len(value) > MAX_METADATA_KEYS:
+        raise bad(f"'{name}' has {len(value)} keys; at most {MAX_METADATA_KEYS}", "invalid_value", name)
+    for key, v in value.items():
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            raise bad(f"'{name}' keys are at most {MAX_METADATA_KEY_CHARS} characters", "invalid_value", name)
+        need_str(v, f"{name}.{key[:MAX_METADATA_KEY_CHARS]}")
+        if len(v) > MAX_METADATA_VALUE_CHARS:
+            raise bad(f"'{name}.{key}' is {len(v)} characters; at most {MAX_METADATA_VALUE_CHARS}", "invalid_value",
+                      f"{name}.{key}")
+    return dict(value)
 
 
 def flag(body: dict, name: str, default: bool = False) -> bool:

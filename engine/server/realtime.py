@@ -41,8 +41,8 @@ from engine.server.auth import authorized, chosen_subprotocol
 from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
 from engine.server.fields import REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields
-from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_output_modalities, flag, generation_params,
-                                  output_kwargs, transcription_tag, voice_name)
+from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_metadata, check_output_modalities, flag,
+                                  generation_params, output_kwargs, transcription_tag, voice_name)
 from engine.sampling import GenerationParams
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
@@ -921,7 +921,7 @@ class RealtimeConnection:
                       f"'none' (an out-of-band reply), got {str(conversation)[:40]!r}", "invalid_value",
                       "response.conversation")
         in_conversation = conversation != "none"
-        metadata = response_metadata(spec.get("metadata"))
+        metadata = check_metadata(spec.get("metadata"), "response.metadata")  # (echoed in the response)
         instructions = spec.get("instructions", None)
         instructions = need_str(instructions, "response.instructions") if instructions is not None else s.instructions
         self._check_text_budget(0, instructions, "response.instructions" if "instructions" in spec else None)
@@ -1082,29 +1082,6 @@ def spoken_reply_content(content: list, limits, param: str) -> codec.Converted:
     conv.public = [{"type": "output_audio", "transcript": p["text"]} if i in spoken else p
                    for i, p in enumerate(conv.public)]
     return conv
-
-
-MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
-
-
-def response_metadata(value: Any) -> dict | None:
-    """response.create `metadata`: at most 16 string keys (64 characters) to string values (512), echoed
-    in the response object (how a client tells its out-of-band responses apart)."""
-    if value is None:
-        return None
-    value = need_dict(value, "response.metadata")
-    if len(value) > MAX_METADATA_KEYS:
-        raise bad(f"'response.metadata' has {len(value)} keys; at most {MAX_METADATA_KEYS}", "invalid_value",
-                  "response.metadata")
-    for key, v in value.items():
-        if len(key) > MAX_METADATA_KEY_CHARS:
-            raise bad(f"'response.metadata' keys are at most {MAX_METADATA_KEY_CHARS} characters", "invalid_value",
-                      "response.metadata")
-        need_str(v, f"response.metadata.{key[:MAX_METADATA_KEY_CHARS]}")
-        if len(v) > MAX_METADATA_VALUE_CHARS:
-            raise bad(f"'response.metadata.{key}' is {len(v)} characters; at most {MAX_METADATA_VALUE_CHARS}",
-                      "invalid_value", f"response.metadata.{key}")
-    return dict(value)
 
 
 def no_such_item(item_id: str) -> ApiError:

@@ -410,3 +410,40 @@ def test_a_chats_later_choices_are_not_refused_for_load_let_in_with_the_first(lo
         with pytest.raises(openai.APIStatusError) as info:  # a new request is refused for that load, before any work
             sdk.chat.completions.create(**ask)
         assert (info.value.status_code, info.value.code) == (status, code) and len(engine.calls) == 2
+
+
+@pytest.mark.parametrize("kwargs, code, param, said", [
+    ({"response_format": {"type": "json_object"}}, "unsupported_parameter", "response_format", "json_object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}},
+     "unsupported_parameter", "response_format", "json_schema"),
+    ({"extra_body": {"response_format": {"type": "yaml"}}}, "invalid_value", "response_format.type", "yaml"),
+    ({"extra_body": {"metadata": {"run": 7}}}, "invalid_type", "metadata.run", "string"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "invalid_value", "metadata", "at most 16"),
+    ({"extra_body": {"user": 42}}, "invalid_type", "user", "string"),
+    ({"extra_body": {"parallel_tool_calls": "no"}}, "invalid_type", "parallel_tool_calls", "true or false"),
+])
+def test_chat_fields_refused_by_name_as_openai_refuses_them(client, kwargs, code, param, said):
+    """JSON mode and structured outputs are refused naming what was asked for (they were refused as "only text is
+    supported", and a `type` OpenAI does not have the same way); the fields accepted with no effect (metadata, user,
+    parallel_tool_calls ...) took any value, where OpenAI's 400 names one of the wrong type or size."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=1, **kwargs)
+    assert (info.value.code, info.value.param) == (code, param) and said in info.value.message
+    assert info.value.body["type"] == "invalid_request_error"
+
+
+def test_chat_fields_openai_takes_are_answered(client):
+    got = validated(client.chat.completions.create(
+        model="gpt-4o", messages=HI, max_completion_tokens=2, stop=["a", "b", "c", "d"], user="u-1", store=False,
+        metadata={"run": "7"}, service_tier="auto", parallel_tool_calls=False, safety_identifier="s-1",
+        prompt_cache_key="k", response_format={"type": "text"}))
+    assert got.choices[0].finish_reason in ("stop", "length") and got.usage.completion_tokens <= 2
+    chunks = list(client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=2, stop="zz", stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 2  # the usage chunk comes last
+    for kwargs, param in (({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"store": True}, "store"),
+                          ({"service_tier": "flex"}, "service_tier"),
+                          ({"prediction": {"type": "content", "content": "Hello"}}, "prediction")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=1, **kwargs)
+        assert info.value.param == param
