@@ -57,9 +57,10 @@ log = logging.getLogger("engine.server.realtime")
 MIN_COMMIT_SECONDS = 0.1
 MAX_EVENT_ID_CHARS = 512  # a client's event_id, echoed in the error events it causes
 # OpenAI session fields that have no effect here and are accepted silently
-IGNORED_SESSION_FIELDS = {"include", "tracing", "truncation", "prompt", "tool_choice",
+IGNORED_SESSION_FIELDS = {"tracing", "truncation", "prompt", "tool_choice",
                           "input_audio_noise_reduction", "speed", "object", "id"}
 MAX_PENDING_TRANSCRIPTIONS = 8  # per session: turns committed faster than the engine transcribes them
+TRANSCRIPTION_LOGPROBS = "item.input_audio_transcription.logprobs"  # session.include's one value (OpenAI's)
 
 
 # the output events of a response that a cancel or barge-in drops while they wait in the queue
@@ -294,7 +295,7 @@ class RealtimeConnection:
         new = {"instructions": s.instructions, "output_modalities": s.output_modalities,
                "rate": (s.input_audio_encoding, s.input_audio_sample_rate), "thinking": s.thinking, "voice": s.voice,
                "turn_detection": s.turn_detection, "video": s.video, "transcription": s.transcription,
-               "output": (s.output_encoding, s.output_rate)}
+               "output": (s.output_encoding, s.output_rate), "include": s.include}
         for key in spec:
             if key not in IGNORED_SESSION_FIELDS and key not in SESSION_FIELDS:
                 raise bad(f"unknown session field {str(key)[:60]!r}", "unknown_parameter", f"session.{key}")
@@ -370,6 +371,8 @@ class RealtimeConnection:
                 VideoContextConfig.from_wire, spec["video"], s.video or VideoContextConfig(), "session.video")
         if spec.get("tools"):
             raise bad("tools are not supported by this engine", "unsupported_parameter", "session.tools")
+        if "include" in spec:
+            new["include"] = session_include(spec["include"])
         if "thinking" in spec:
             new["thinking"] = flag(spec, "thinking")
         if self.session.audio.samples and new["rate"] != (s.input_audio_encoding, s.input_audio_sample_rate):
@@ -383,7 +386,7 @@ class RealtimeConnection:
                 await self._turn_event(ended, create_response=False)
         s.instructions, s.output_modalities = new["instructions"], new["output_modalities"]
         (s.input_audio_encoding, s.input_audio_sample_rate), s.thinking = new["rate"], new["thinking"]
-        s.params, s.voice, s.transcription = params, new["voice"], new["transcription"]
+        s.params, s.voice, s.transcription, s.include = params, new["voice"], new["transcription"], new["include"]
         s.output_encoding, s.output_rate = new["output"]
         self._apply_turn_settings(new["turn_detection"], new["video"], detector)
         await self.send({"type": "session.updated", "session": s.to_dict(self.session.id, self.ctx.model_id)})
@@ -548,8 +551,9 @@ class RealtimeConnection:
             return
         engine, language = self.ctx.engine, spec["language"]
         tag = transcription_tag(language, "language")
+        logprobs = TRANSCRIPTION_LOGPROBS in self.session.settings.include
         params = GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS, self.limits.max_new_tokens),
-                                  fit_context=True)
+                                  fit_context=True, logprobs=logprobs)
 
         def run(cancel, _a=audio, _p=params, _c=spec["prompt"], _t=tag):
             return engine.transcribe(_a.samples, context=_c, dialect=_t, params=_p, cancel=cancel,
@@ -561,24 +565,29 @@ class RealtimeConnection:
         except ApiError as e:
             await self._transcription_failed(where, e)
             return
-        self.transcriptions[job] = asyncio.create_task(self._stream_transcript(job, item, where))
+        self.transcriptions[job] = asyncio.create_task(self._stream_transcript(job, item, where, logprobs))
         self.transcriptions[job].add_done_callback(lambda _t, _j=job: self.transcriptions.pop(_j, None))
 
-    async def _stream_transcript(self, job: Job, item: Item, where: dict) -> None:
-        final = None
+    async def _stream_transcript(self, job: Job, item: Item, where: dict, logprobs: bool) -> None:
+        """The transcription's events; with `logprobs` (session.include) each delta carries its tokens' entries and
+        the completed event all of them (OpenAI's LogProbProperties)."""
+        final, entries = None, []
         async for ev in job.events():
             if isinstance(ev, (Done, Error)):
                 final = ev
             elif isinstance(ev, TextDelta) and ev.text:
+                entries += ev.logprobs or []
+                extra = {"logprobs": wire.transcript_logprobs(ev.logprobs or [])} if logprobs else {}
                 await self.send({"type": "conversation.item.input_audio_transcription.delta", **where,
-                                 "delta": ev.text})
+                                 "delta": ev.text, **extra})
         if isinstance(final, Done):
             text = (final.result or {}).get("text", final.text) if isinstance(final.result, dict) else final.text
             part = item.public[where["content_index"]]
             if part.get("type") == "input_audio":
                 part["transcript"] = text
+            extra = {"logprobs": wire.transcript_logprobs(entries)} if logprobs else {}
             await self.send({"type": "conversation.item.input_audio_transcription.completed", **where,
-                             "transcript": text})
+                             "transcript": text, **extra})
         else:
             await self._transcription_failed(where, wire.engine_error(final or Error(
                 "the transcription ended without a result", "engine_error")))
@@ -1058,7 +1067,7 @@ class RealtimeConnection:
                                                code=e.code, status=e.status), resp.client_event_id)
 
 
-SESSION_FIELDS = {"type", "model", "instructions", "output_modalities", "modalities", "audio", "input_audio_format",
+SESSION_FIELDS = {"type", "model", "include", "instructions", "output_modalities", "modalities", "audio", "input_audio_format",
                   "voice", "input_audio_transcription", "output_audio_format", "input_audio_sample_rate", "turn_detection", "video", "tools", "thinking", "temperature", "top_p",
                   "top_k", "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
                   "max_tokens"}
@@ -1082,6 +1091,20 @@ def spoken_reply_content(content: list, limits, param: str) -> codec.Converted:
     conv.public = [{"type": "output_audio", "transcript": p["text"]} if i in spoken else p
                    for i, p in enumerate(conv.public)]
     return conv
+
+
+def session_include(value: Any) -> tuple[str, ...]:
+    """session `include`: a list of what the server's events add; OpenAI's one value, the input audio
+    transcription's logprobs, is honoured (null: nothing)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise bad(f"'session.include' must be a list, got {type(value).__name__}", "invalid_type", "session.include")
+    for entry in value:
+        if entry != TRANSCRIPTION_LOGPROBS:
+            raise bad(f"'session.include' takes {TRANSCRIPTION_LOGPROBS!r} only, got {codec.shown(str(entry))}",
+                      "invalid_value", "session.include")
+    return tuple(dict.fromkeys(value))
 
 
 def no_such_item(item_id: str) -> ApiError:

@@ -45,6 +45,7 @@ class SessionSettings:
     output_rate: int = OPENAI_PCM_RATE  # the reply audio's rate (OpenAI's default: PCM16 at 24 kHz)
     output_encoding: str = "pcm16"  # or G.711 "pcmu" / "pcma" (8 kHz)
     transcription: dict | None = None  # {"model", "language", "prompt"}: each committed audio turn is transcribed
+    include: tuple[str, ...] = ()  # what the server's events add (OpenAI's: the transcription's logprobs)
 
     @property
     def video_context(self) -> VideoContextConfig | None:
@@ -64,7 +65,7 @@ class SessionSettings:
                                     "transcription": dict(self.transcription) if self.transcription else None},
                           "output": {"format": audio_format(self.output_encoding, self.output_rate),
                                      "voice": self.voice}},
-                "video": self.video_context.to_wire() if self.video_context else None,
+                "video": self.video_context.to_wire() if self.video_context else None, "include": list(self.include),
                 "max_output_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
                 "top_k": p.top_k, "repetition_penalty": p.repetition_penalty, "seed": p.seed, "stop": list(p.stop),
                 "thinking": self.thinking}

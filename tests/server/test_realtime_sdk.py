@@ -398,3 +398,30 @@ def test_rate_limits_follow_each_response_done_with_what_is_left_of_the_line():
         assert isinstance(limits, RateLimitsUpdatedEvent), limits
         assert [(r.name, r.limit, r.remaining, r.reset_seconds) for r in limits.rate_limits] == [
             ("requests", 5, 4, None)]  # (no tokens: this engine does not say its context)
+
+
+def test_input_transcription_logprobs_come_when_the_session_includes_them(server):
+    """session `include: ["item.input_audio_transcription.logprobs"]` was accepted and ignored: a client asking for
+    the transcription's confidence got none. Each transcription delta now carries its tokens' logprobs and the
+    completed event all of them (OpenAI's LogProbProperties); an include OpenAI has not is refused by name."""
+    pcm = tone_pcm16(0.6, rate=24000)
+    with sdk(server).realtime.connect(model="gpt-realtime") as conn:
+        recv_until(conn, "session.created")
+        conn.session.update(session={"type": "realtime", "include": ["item.input_audio_transcription.logprobs"],
+                                     "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}}})
+        assert recv_until(conn, "session.updated")[-1].session.include == ["item.input_audio_transcription.logprobs"]
+        conn.input_audio_buffer.append(audio=base64.b64encode(pcm.tobytes()).decode())
+        conn.input_audio_buffer.commit()
+        events = recv_until(conn, "conversation.item.input_audio_transcription.completed")
+        done = events[-1]
+        deltas = [e for e in events if e.type == "conversation.item.input_audio_transcription.delta"]
+        assert done.transcript and done.logprobs and all(lp.logprob <= 0 for lp in done.logprobs)
+        assert [lp.token for d in deltas for lp in d.logprobs] == [lp.token for lp in done.logprobs]
+        tokenizer = server.ctx.engine.tokenizer  # (a special token the random model draws is reported, by its name,
+        special = {tokenizer.piece_bytes(i) for i in tokenizer.special_ids}  # though the text skips it)
+        spelled = b"".join(bytes(lp.bytes) for lp in done.logprobs if bytes(lp.bytes) not in special)
+        assert spelled.decode("utf-8", errors="replace").strip() == done.transcript
+        wait_for(lambda: server.ctx.scheduler.running == 0 and server.ctx.scheduler.waiting == 0)
+        conn.session.update(session={"type": "realtime", "include": ["item.output_audio.logprobs"]})
+        err = conn.recv()
+        assert (err.type, err.error.code, err.error.param) == ("error", "invalid_value", "session.include")
