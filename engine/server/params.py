@@ -138,9 +138,9 @@ def generation_params(body: dict, limits: Limits, base: GenerationParams | None 
     if body.get("stop") is not None:
         stop = body["stop"]
         stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or len(stops) > limits.max_stop_strings:
+        if not isinstance(stops, list) or len(stops) > limits.max_stop_strings:  # (a number is of the wrong type)
             raise bad(f"'{where}stop' must be a string or a list of at most {limits.max_stop_strings} strings",
-                      "invalid_value", where + "stop")
+                      "invalid_value" if isinstance(stops, list) else "invalid_type", where + "stop")
         p.stop = [need_str(s, where + "stop", allow_empty=False) for s in stops]
     for name in UNSUPPORTED_NONZERO:
         value = body.get(name)

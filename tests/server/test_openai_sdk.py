@@ -421,6 +421,8 @@ def test_a_chats_later_choices_are_not_refused_for_load_let_in_with_the_first(lo
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "invalid_value", "metadata", "at most 16"),
     ({"extra_body": {"user": 42}}, "invalid_type", "user", "string"),
     ({"extra_body": {"parallel_tool_calls": "no"}}, "invalid_type", "parallel_tool_calls", "true or false"),
+    ({"extra_body": {"stop": 3}}, "invalid_type", "stop", "a string or a list"),  # (was invalid_value)
+    ({"stop": ["a", "b", "c", "d", "e"]}, "invalid_value", "stop", "at most 4"),
 ])
 def test_chat_fields_refused_by_name_as_openai_refuses_them(client, kwargs, code, param, said):
     """JSON mode and structured outputs are refused naming what was asked for (they were refused as "only text is
@@ -441,7 +443,7 @@ def test_chat_fields_openai_takes_are_answered(client):
     chunks = list(client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=2, stop="zz", stream=True,
                                                  stream_options={"include_usage": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 2  # the usage chunk comes last
-    for kwargs, param in (({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"store": True}, "store"),
+    for kwargs, param in (({"store": True}, "store"),
                           ({"service_tier": "flex"}, "service_tier"),
                           ({"prediction": {"type": "content", "content": "Hello"}}, "prediction")):
         with pytest.raises(openai.BadRequestError) as info:
