@@ -224,7 +224,7 @@ class LogprobReports:
     """The log-probability entries of a batch-1 reply, each handed out with the text delta that carries the end
     of its token's text (a token with no text of its own, the start of a character, goes with the next text).
     A token whose text is never emitted (cut by a stop string, or a character cut at the token limit) is never
-    reported."""
+    reported, nor is a special token (the reply's text skips it: the entries spell the text they come with)."""
 
     def __init__(self, tokenizer: MingTokenizer):
         self.tokenizer = tokenizer
@@ -239,9 +239,11 @@ class LogprobReports:
     def add(self, read: list[list], decoded_text: str) -> None:
         """One step's read (`TokenReader.wait` of `Sampled.tensors`, row 0) and the text its token decoded to."""
         ids, logprob, top_ids, top_logprobs = read
+        self.decoded += len(decoded_text)
+        if ids[0] in self.tokenizer.special_ids:
+            return
         token = self.entry(ids[0], logprob[0])
         token.top_logprobs = [self.entry(i, v) for i, v in zip(top_ids[0], top_logprobs[0])]
-        self.decoded += len(decoded_text)
         self.waiting.append((self.decoded, token))
 
     def emit(self, text: str) -> list[TokenLogprob]:

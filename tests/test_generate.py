@@ -501,6 +501,18 @@ def test_no_logprobs_unless_asked(tiny_engine):
                for ev in _run(tiny_engine, max_new_tokens=6, logprobs=True) if isinstance(ev, TextDelta))
 
 
+def test_a_special_token_the_reply_skips_is_not_in_its_logprobs(tiny_engine, scripted_tokens):
+    """The text leaves a special token out (as skip_special_tokens does): its entry would make the entries spell
+    something the reply never said, so it has none; the tokens around it keep theirs."""
+    tok = tiny_engine.tokenizer
+    special = tok.token_id("[gMASK]")
+    assert special in tok.special_ids
+    scripted_tokens(tok.encode_plain("a") + [special] + tok.encode_plain("b"))
+    events = _run(tiny_engine, max_new_tokens=3, logprobs=True)
+    assert _done(events).text == "ab"
+    assert "".join(e.token for e in _entries(events)) == "ab"
+
+
 def test_a_character_split_over_tokens_reports_each_tokens_own_bytes(tiny_engine, scripted_tokens):
     """"中" drawn as three one-byte tokens: three entries, each its own byte and U+FFFD as its text, all with the
     delta that carries the character; cut by the token limit inside it, the partial character's tokens (whose text
