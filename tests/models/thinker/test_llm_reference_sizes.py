@@ -10,8 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.generate import DecodeStep, prefill
 from engine.models.thinker.layers import Numerics
 from engine.models.thinker.model import load_model
+from engine.models.thinker.positions import decode_positions
 from tests.models.thinker import reference_llm
 from tests.models.thinker.variants import OMIT, write_variant
 
@@ -70,3 +72,45 @@ def test_logits_match_the_plain_reference_forward(tmp_path, overrides):
                                image_mask=image, audio_mask=audio, prefix="model.")
     assert ours.shape == ref.shape == (2, ids.shape[1], config["vocab_size"])
     torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("native_layers", [False, True], ids=["torch_decode", "native_decode"])
+@pytest.mark.parametrize("overrides", CONFIGS.values(), ids=CONFIGS.keys())
+def test_prefill_in_chunks_then_decode_steps_match_the_plain_forward(tmp_path, overrides, native_layers, monkeypatch):
+    """The image row's prompt (image and audio gates) prefilled in chunks of 4, then 3 tokens decoded through the
+    KV cache (text gate, positions cache length + rope delta on all axes, spec §2.9), by torch's modules or by
+    the native CPU decode layers a large model binds (bound here by lowering their size threshold); the
+    reference sees the whole sequence at once with those positions."""
+    if native_layers:
+        from engine.kernels import native
+        if not native.available():
+            pytest.skip(f"no native CPU kernels here ({native.status()})")
+        monkeypatch.setattr(native, "BIND_MIN_BYTES", 0)
+    ckpt = write_variant(tmp_path / "ckpt", llm=overrides)
+    config = json.loads((ckpt / "config.json").read_text())["llm_config"]
+    ids, _, pos, image, audio = _batch(config)
+    ids, pos, image, audio = ids[1:], pos[:, 1:], image[1:], audio[1:]  # the image row, no padding
+    prompt, new = ids.shape[1], torch.tensor([[101, 7, 250]])
+    delta = pos[0, :, :].max(dim=-1, keepdim=True).values + 1 - prompt
+    full_ids = torch.cat([ids, new], dim=1)
+    full_pos = torch.cat([pos, decode_positions(prompt, delta, new.shape[1])], dim=-1)
+    llm = load_model(ckpt, dtype="fp32", device="cpu").llm
+    if native_layers:  # every layer's decode is one native call per half (not for biased projections) + lm_head
+        biased = bool(config.get("use_qkv_bias") or config.get("use_bias"))
+        assert llm.lm_head.native is not None
+        assert all((layer.cpu_decode is not None) != biased for layer in llm.model.layers)
+    with torch.inference_mode():
+        cache = llm.new_cache(1, FP32, "cpu", capacity=16)
+        cache.rope_deltas = delta
+        steps = [prefill(llm, FP32, cache, llm.model.embed(ids), pos, image_mask=image, audio_mask=audio,
+                         chunk_tokens=4).logits]
+        step = DecodeStep(llm, FP32, cache)
+        for i in range(new.shape[1] - 1):
+            step.feed(new[:, i])
+            steps.append(step.step())
+    ours = torch.stack(steps, dim=1)
+    none = torch.zeros(1, new.shape[1], dtype=torch.bool)
+    ref = reference_llm.logits(load_file(str(ckpt / "model.safetensors")), config, full_ids, full_pos,
+                               image_mask=torch.cat([image, none], 1), audio_mask=torch.cat([audio, none], 1),
+                               prefix="model.")
+    torch.testing.assert_close(ours, ref[:, prompt - 1:-1], atol=ATOL, rtol=RTOL)
