@@ -155,6 +155,8 @@ def sample(sd: dict, cfg: dict, scheduler: dict, noise: torch.Tensor, caption: t
                   / PIPELINE_T)
         frames = x[0].unsqueeze(1) if ref_latent is None else torch.cat([x[0].unsqueeze(1), ref_latent], dim=1)
         pos = dit(sd, cfg, frames, t, caption)[:, 0]
-        pred = pos + guidance * (pos - dit(sd, cfg, frames, t, torch.zeros_like(caption))[:, 0]) if guidance > 1 else pos
+        pred = pos
+        if guidance > 1:
+            pred = pos + guidance * (pos - dit(sd, cfg, frames, t, torch.zeros_like(caption))[:, 0])
         x = x + (sig[i + 1] - sig[i]) * -pred.unsqueeze(0)
     return x
