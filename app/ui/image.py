@@ -1,9 +1,9 @@
 """The Image tab: generate a picture from a prompt (aspect ratio or size, steps, guidance, seed with
 a random-seed button), edit one or more reference images (presets for background replacement and
-object removal; on a Preview engine an Image guidance slider for the reference), or segment a target
-(mask and overlay, both downloadable). Previews every few steps and a progress bar while it is made; Stop
-ends it between steps; a gallery keeps the results with their settings, reusable with one click (kept by the
-browser across a page reload)."""
+object removal), or segment a target (mask and overlay, both downloadable); on a Preview engine an Image
+guidance slider guides an Edit or a Segment toward its reference. Previews every few steps and a progress bar
+while it is made; Stop ends it between steps; a gallery keeps the results with their settings, reusable with one
+click (kept by the browser across a page reload)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ SAVED_PREFIX = "ming-image-"  # the folders (in the temp folder) _save_png write
 CAPTION_CHARS = 48  # the most of a prompt a gallery caption shows (the whole prompt comes back with a click)
 SETTINGS = ("mode", "prompt", "preset", "target", "aspect", "size", "steps", "guidance", "seed")
 IMAGE_GUIDANCE = "image_guidance"  # the model card's image_defaults key of the Preview's reference guidance
+# A result's settings that are there only when they were sent (the image guidance of a Preview's Edit or Segment):
+# an entry kept by an earlier studio, without them, still comes back.
+OPTIONAL_SETTINGS = (IMAGE_GUIDANCE,)
+REFERENCE_TASKS = ("edit", "segment")  # the tasks with a reference picture, which the image guidance guides
 
 
 def _save_png(data: bytes, stem: str) -> str:
@@ -75,7 +79,7 @@ class ImageController:
     def make(self, mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
              gallery_state, image_guidance=None, request: gr.Request | None = None, progress=gr.Progress()):
         """Stream (preview/result image, mask, overlay, status, gallery, gallery state, files). `image_guidance`
-        goes with an Edit, when the engine's card offers it (the Preview's; a 2.0 engine has none)."""
+        goes with an Edit or a Segment, when the engine's card offers it (the Preview's; a 2.0 engine has none)."""
         task = MODES.get(mode, "generate")
         images = [f if isinstance(f, str) else getattr(f, "name", None) or f.get("path") for f in (refs or [])]
         images = [p for p in images if p]
@@ -112,6 +116,9 @@ class ImageController:
         seed = random.randint(0, SEED_MAX) if seed is None else seed
         settings = {"mode": mode, "prompt": prompt or "", "preset": preset, "target": target or "", "aspect": aspect,
                     "size": size or "", "steps": int(steps), "guidance": float(guidance), "seed": seed}
+        image_guidance = self.sent_image_guidance(task, image_guidance)
+        if image_guidance is not None:
+            settings[IMAGE_GUIDANCE] = image_guidance
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
         shown, final, result = None, None, None
@@ -120,9 +127,7 @@ class ImageController:
                 (target if task == "segment" else prompt) or "", task=task, images=[Path(p).read_bytes() for p in images],
                 size=parse_size(size), aspect=None if parse_size(size) or aspect == AUTO_ASPECT else aspect,
                 steps=int(steps), guidance=float(guidance), seed=seed, preview_every=int(preview_every) or None,
-                preset=PRESETS.get(preset) if task == "edit" else None,
-                image_guidance=float(image_guidance) if task == "edit" and image_guidance is not None
-                and IMAGE_GUIDANCE in card_defaults(self.link) else None, cancel=cancel)
+                preset=PRESETS.get(preset) if task == "edit" else None, image_guidance=image_guidance, cancel=cancel)
             for event in stream:
                 if isinstance(event, QueuePosition):
                     yield shown, None, None, queue_line(event), gr.update(), gallery_state, None
@@ -166,6 +171,12 @@ class ImageController:
         gr.Warning(f"Image failed: {error_text(final)}")
         yield shown, None, None, error_line(final), gr.update(), gallery_state, None
 
+    def sent_image_guidance(self, task: str, value) -> float | None:
+        """The Image guidance slider's value when it goes with this request: an Edit or a Segment (both guided toward
+        their reference picture) to an engine whose card offers it; else None (the server refuses it elsewhere)."""
+        offered = task in REFERENCE_TASKS and value is not None and IMAGE_GUIDANCE in card_defaults(self.link)
+        return float(value) if offered else None
+
     @staticmethod
     def restore_gallery(saved):
         """At page load: (the gallery's entries, the gallery) as the browser kept them (see kept_results)."""
@@ -174,13 +185,13 @@ class ImageController:
 
     @staticmethod
     def reuse(gallery_state, evt: gr.SelectData):
-        """A gallery item clicked: its settings back into the controls."""
+        """A gallery item clicked: its settings back into the controls (SETTINGS, then the image guidance when it
+        was sent; the slider is left as it is otherwise)."""
         item = (gallery_state or [])[evt.index] if evt is not None and evt.index < len(gallery_state or []) else None
         if item is None:
-            return [gr.update()] * 9
+            return [gr.update()] * (len(SETTINGS) + len(OPTIONAL_SETTINGS))
         s = item["settings"]
-        return (s["mode"], s["prompt"], s["preset"], s["target"], s["aspect"], s["size"], s["steps"], s["guidance"],
-                s["seed"])
+        return (*(s[k] for k in SETTINGS), *(s[k] if s.get(k) is not None else gr.update() for k in OPTIONAL_SETTINGS))
 
     def stop(self, request: gr.Request | None = None) -> None:
         if not self.inflight.cancel(session_of(request), TAB):
@@ -215,7 +226,8 @@ def kept_results(saved) -> list[dict]:
         path = Path(str(entry.get("image") or "")).resolve()
         if (path.suffix == ".png" and path.parent.parent == temp and path.parent.name.startswith(SAVED_PREFIX)
                 and path.is_file() and all(k in entry["settings"] for k in SETTINGS)):
-            out.append({"image": str(path), "settings": {k: entry["settings"][k] for k in SETTINGS}})
+            kept = (*SETTINGS, *(k for k in OPTIONAL_SETTINGS if entry["settings"].get(k) is not None))
+            out.append({"image": str(path), "settings": {k: entry["settings"][k] for k in kept}})
     return out
 
 
@@ -260,8 +272,9 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
                 steps = gr.Slider(1, 50, value=30, step=1, label="Steps", elem_id="image-steps")
                 guidance = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Guidance")
                 # shown at page load when the engine's card offers it (model_defaults)
-                image_guidance = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Image guidance (Edit)",
-                                           info="how strongly an edit is guided toward its reference (1 = off)",
+                image_guidance = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Image guidance (Edit / Segment)",
+                                           info="how strongly an edit or a segmentation is guided toward its "
+                                                "reference (1 = off)",
                                            visible=False, elem_id="image-image-guidance")
             with gr.Row():
                 seed = seed_box(elem_id="image-seed")
@@ -305,6 +318,6 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
     wire_stop(stop, controller.stop, api_visibility="private")
     check_on_upload(link, refs, "image", status)
     dice.click(lambda: random.randint(0, SEED_MAX), None, [seed], queue=False, api_visibility="private")
-    gallery.select(controller.reuse, [state], [mode, prompt, preset, target, aspect, size, steps, guidance, seed],
-                   api_visibility="private")
+    gallery.select(controller.reuse, [state], [mode, prompt, preset, target, aspect, size, steps, guidance, seed,
+                                              image_guidance], api_visibility="private")
     return controller

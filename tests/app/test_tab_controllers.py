@@ -576,25 +576,51 @@ def test_the_image_tab_starts_at_the_loaded_models_steps_and_guidance(tiny_engin
         assert guidance["value"] == 5.0 and image_guidance == {**image_guidance, "value": 2.0, "visible": True}
 
 
-def test_the_image_guidance_slider_goes_with_a_preview_edit_only(tiny_engine, preview_engine, tmp_path):
+def test_the_image_guidance_slider_goes_with_a_preview_edit_or_segment_only(tiny_engine, preview_engine, tmp_path):
     """The Preview's reference-picture guidance: an Edit sends the slider's value (1.0 turns the reference's guidance
-    off: another picture); a Generate does not (the server refuses it there), nor does any request to a 2.0 engine,
-    whose card does not offer it."""
+    off: another picture), and so does a Segment (it ran at the engine's default whatever the slider said); a
+    Generate does not (the server refuses it there), nor does any request to a 2.0 engine, whose card does not offer
+    it. The gallery keeps the value sent with the picture's other settings."""
     cup = tmp_path / "cup.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(cup)
 
     def made(engine, mode, image_guidance):
         with running_server(engine) as srv:
             *_, out = ImageController(EngineLink(EngineClient(srv.url))).make(
-                mode, "make it blue", [str(cup)], "(none)", "", AUTO_ASPECT, "32x32", 2, 5.0, 1, 0, [], image_guidance,
-                progress=lambda *a, **k: None)
+                mode, "make it blue", [str(cup)], "(none)", "the cup", AUTO_ASPECT, "32x32", 2, 5.0, 1, 0, [],
+                image_guidance, progress=lambda *a, **k: None)
         assert out[0] is not None, out[3]  # the picture (else the status line says why)
-        return Path(out[0]).read_bytes()
+        return Path(out[0]).read_bytes(), out[5][-1]["settings"]
 
-    default = made(preview_engine, "Edit", 2.0)
-    assert made(preview_engine, "Edit", 1.0) != default
-    assert made(preview_engine, "Generate", 1.0) == made(preview_engine, "Generate", 2.0)
-    assert made(tiny_engine, "Edit", 1.0) == made(tiny_engine, "Edit", 2.0)
+    default, settings = made(preview_engine, "Edit", 2.0)
+    assert made(preview_engine, "Edit", 1.0)[0] != default and settings["image_guidance"] == 2.0
+    segmented, settings = made(preview_engine, "Segment", 3.0)
+    assert made(preview_engine, "Segment", 1.0)[0] != segmented and settings["image_guidance"] == 3.0
+    generated, settings = made(preview_engine, "Generate", 1.0)
+    assert made(preview_engine, "Generate", 2.0)[0] == generated and "image_guidance" not in settings
+    edited, settings = made(tiny_engine, "Edit", 1.0)
+    assert made(tiny_engine, "Edit", 2.0)[0] == edited and "image_guidance" not in settings
+
+
+def test_a_picture_reopened_from_the_gallery_brings_back_its_image_guidance(tmp_path):
+    """A click on a gallery picture put back every setting but the Image guidance slider: a Preview edit reopened at
+    1.5 was made again at whatever the slider said. It comes back (from the browser's kept gallery too); an entry
+    made without it (a Generate, a 2.0 engine, an earlier studio's) leaves the slider as it is."""
+    import gradio as gr
+
+    settings = {"mode": "Edit", "prompt": "make it blue", "preset": "(none)", "target": "", "aspect": AUTO_ASPECT,
+                "size": "", "steps": 8, "guidance": 5.0, "seed": 7}
+    made = _save_png(b"png", "image")
+    kept = kept_results([{"image": made, "settings": {**settings, "image_guidance": 1.5}},
+                         {"image": made, "settings": settings}])
+    assert [e["settings"].get("image_guidance") for e in kept] == [1.5, None]
+
+    def reused(index):
+        return ImageController.reuse(kept, SimpleNamespace(index=index))
+
+    assert reused(0) == ("Edit", "make it blue", "(none)", "", AUTO_ASPECT, "", 8, 5.0, 7, 1.5)
+    assert reused(1)[:9] == reused(0)[:9] and reused(1)[9] == gr.update()
+    assert len(ImageController.reuse(kept, SimpleNamespace(index=5))) == 10  # nothing there: every control as it is
 
 
 @pytest.mark.parametrize("fmt, vcodec, acodec", [("mp4", "mpeg4", "aac"), ("webm", "libvpx", "libopus")])
