@@ -24,7 +24,12 @@ from engine.client import EngineClient
 
 TITLE = "Ming Omni Studio"
 ASSETS = Path(__file__).resolve().parent / "assets"
-A11Y_JS = (Path(__file__).resolve().parent / "static" / "a11y.js").read_text(encoding="utf-8")
+STATIC = Path(__file__).resolve().parent / "static"
+# The page's scripts, each a function (Gradio runs one at page load: it calls them in turn): the names of the fields
+# Gradio leaves unnamed and Ctrl+Enter (a11y.js), the audio boxes' refused files said in the tab's words (uploads.js).
+PAGE_SCRIPTS = ("a11y.js", "uploads.js")
+PAGE_JS = "() => {\n" + "".join(f"({(STATIC / name).read_text(encoding='utf-8').strip()})();\n"
+                                 for name in PAGE_SCRIPTS) + "}"
 # The Image results: Gradio gives a gallery of n < columns pictures n columns, so one picture filled the 220 px box
 # at 700 px square, its caption (mode, prompt, seed) out of sight below; four columns (two on a phone) keep each
 # picture with its caption in the box.
@@ -88,9 +93,9 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
 
 def launch_options(demo: gr.Blocks) -> dict:
     """What `demo.launch` needs besides host/port/auth: the Live relay's route, the page CSS (the Share buttons that
-    only work on a Space hidden elsewhere, common.share_css) and narrow-screen style, and the script
-    that names the text fields Gradio leaves unnamed (app/static/a11y.js)."""
-    return {"app_kwargs": demo.live_proxy.app_kwargs(), "css": share_css(), "head": PAGE_STYLE, "js": A11Y_JS}
+    only work on a Space hidden elsewhere, common.share_css) and narrow-screen style, and the page's scripts
+    (PAGE_SCRIPTS in app/static/)."""
+    return {"app_kwargs": demo.live_proxy.app_kwargs(), "css": share_css(), "head": PAGE_STYLE, "js": PAGE_JS}
 
 
 # How long close_studio waits for the server's loop to set Gradio's stop event before closing anyway.

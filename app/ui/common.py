@@ -4,6 +4,7 @@ shown under each tab's output, and turning a stream's failure into a message (ne
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -196,6 +197,35 @@ def check_on_upload(link: EngineLink, component, kind: str, status, upload: bool
     # queued: Gradio drops the toast of an unqueued event
     component.upload(check, [component], [status], concurrency_limit=None, show_progress="hidden",
                      api_visibility="private")
+
+
+# A file given to an audio box that Gradio's page refuses (its type is not audio/*: a video, a PDF) got Gradio's own
+# "Invalid file type: talk.mp4. Only audio/* allowed.", a MIME-type list. The page script (app/static/uploads.js)
+# stops such a file in a box with the class AUDIO_ONLY and writes its name and type into the box's hidden twin (the
+# box's elem_id + REFUSED_SUFFIX), whose change says it in the tab's words (say_refused_files).
+AUDIO_ONLY, REFUSED_SUFFIX = "studio-audio-only", "-refused-file"
+
+
+def audio_only(elem_id: str) -> dict:
+    """The keyword arguments of a gr.Audio taking uploads whose refused files are said by say_refused_files."""
+    return {"elem_id": elem_id, "elem_classes": [AUDIO_ONLY]}
+
+
+def say_refused_files(elem_id: str, status, sentence) -> None:
+    """Make the hidden twin of the audio box `elem_id` (made with audio_only()): a file the page refused there is said
+    on `status` and in a toast, in the words `sentence(name, is_video)` gives."""
+    twin = gr.Textbox(visible="hidden", elem_id=elem_id + REFUSED_SUFFIX)
+
+    def said(value):
+        try:
+            given = json.loads(value or "")
+            name, mime = str(given["name"]), str(given["type"])
+        except (ValueError, TypeError, KeyError):  # emptied, or not what the page script writes
+            return gr.skip()
+        text = sentence(name, mime.startswith("video/"))
+        gr.Warning(text)
+        return text
+    twin.change(said, [twin], [status], concurrency_limit=None, show_progress="hidden", api_visibility="private")
 
 
 def saved_voice_names(link: EngineLink) -> list[str]:

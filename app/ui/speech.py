@@ -15,10 +15,11 @@ import gradio as gr
 import numpy as np
 
 from app.engine_link import AUDIO_IN, EngineLink
-from app.media_check import VIDEO_FORMATS, VIDEO_SOUND, clip_seconds, media_problem, upload_size_problem
+from app.media_check import AUDIO_FORMATS, VIDEO_FORMATS, VIDEO_SOUND, clip_seconds, media_problem, upload_size_problem
 from app.sound_track import sound_track
 from app.ui.common import (GENERATING, InFlight, capability_note, engine_limits, error_line, failure, figures_line,
-                           queue_line, check_on_upload, run_button, runs_tab, session_of, toolbar, wire_stop)
+                           queue_line, check_on_upload, run_button, runs_tab, say_refused_files, session_of, toolbar,
+                           wire_stop, audio_only)
 from engine.events import Done, Error, QueuePosition, TextDelta
 
 TAB = "speech"
@@ -223,14 +224,21 @@ class SpeechController:
             gr.Info("Nothing is being transcribed.")
 
 
+def refused_clip(name: str, is_video: bool) -> str:
+    """What the clip box says of a file that is not audio (app/static/uploads.js): a video goes in the video box."""
+    if is_video:
+        return f"'{name}' is a video: give it in the box below (\"…or a video with sound\"), which transcribes its sound."
+    return f"'{name}' is not an audio clip: give a {AUDIO_FORMATS} file, or a video with sound in the box below."
+
+
 def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> SpeechController:
     controller = SpeechController(link)
     capability_note(link, AUDIO_IN, "This engine serves no audio encoder, so it cannot transcribe speech.")
     with gr.Row():
         with gr.Column():
-            clip = gr.Audio(sources=["upload", "microphone"], type="filepath", label="An audio clip to transcribe (a video: give it in the box below)",
-                            buttons=toolbar("download"),
-                            elem_id="speech-clip")
+            clip = gr.Audio(sources=["upload", "microphone"], type="filepath",
+                            label="An audio clip to transcribe (a video: give it in the box below)",
+                            buttons=toolbar("download"), **audio_only("speech-clip"))
             video = gr.File(label=f"…or a video with sound ({VIDEO_FORMATS}): its sound is transcribed",
                             file_types=VIDEO_FILE_TYPES, elem_id="speech-video")
             live = gr.Audio(sources=["microphone"], streaming=True, label="Live: partial transcript while you speak",
@@ -265,5 +273,6 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
                         concurrency_limit=None, api_visibility="private")
     wire_stop(stop, controller.stop, api_visibility="private")
     check_on_upload(link, clip, "audio", status, upload=True)
+    say_refused_files("speech-clip", status, refused_clip)
     check_on_upload(link, video, VIDEO_SOUND, status)  # (its sound track alone is sent: its size is checked then)
     return controller

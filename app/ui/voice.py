@@ -15,12 +15,13 @@ import gradio as gr
 import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
-from app.media_check import VOICE_CLIP_SECONDS, media_problem
+from app.media_check import AUDIO_FORMATS, VOICE_CLIP_SECONDS, media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
                            queue_line, run_button, runs_tab, saved_voice_names, seed_box, seed_problem, session_of,
                            toolbar, wire_stop,
-                           kept_request, request_done, restore_request, check_on_upload)
+                           kept_request, request_done, restore_request, check_on_upload, audio_only,
+                           say_refused_files)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 TAB = "voice"
@@ -293,6 +294,13 @@ def _choices(options: dict, key: str) -> list[str]:
     return [NO_CHOICE, *options.get(key, [])]
 
 
+def refused_clip(name: str, is_video: bool) -> str:
+    """What the reference clip box says of a file that is not audio (app/static/uploads.js)."""
+    what = "a video: a reference clip is sound alone" if is_video else "not an audio clip"
+    return (f"'{name}' is {what}: give a {AUDIO_FORMATS} file of one speaker (0.5 to 30 s), or record one with the "
+            "microphone.")
+
+
 def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
                     kept_ask: gr.BrowserState | None = None) -> VoiceController:
     """Build the Voice tab inside the current Tab. `kept_ask`: where the browser keeps the last request, made at the
@@ -316,7 +324,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
                 refresh = gr.Button("Refresh", scale=0, min_width=90)  # 60 px: the bold label spilled out
             with gr.Accordion("Clone from a clip / save a voice", open=False):
                 clip = gr.Audio(sources=["upload", "microphone"], type="filepath", buttons=toolbar("download"),
-                                label="Reference clip (0.5 to 30 s of one speaker)", elem_id="voice-clip")
+                                label="Reference clip (0.5 to 30 s of one speaker)", **audio_only("voice-clip"))
                 clip_text = gr.Textbox(label="What the clip says (empty = filled in by speech recognition)",
                                        elem_id="voice-clip-text", **runs_tab())
                 fill = gr.Button("Transcribe the clip")
@@ -379,6 +387,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
     on_page_load(lambda asked: restore_request(asked, REQUEST_FIELDS, "Make it"), [text, task, status], inputs=[ask])
     wire_stop(stop, controller.stop, api_visibility="private")
     check_on_upload(link, clip, "audio", status, max_seconds=VOICE_CLIP_SECONDS)
+    say_refused_files("voice-clip", status, refused_clip)
     fill.click(controller.transcribe_clip, [clip], [clip_text, status], concurrency_limit=None,
                api_visibility="private")
     save.click(controller.save, [name, clip, clip_text, replace], [saved, status], concurrency_limit=None,

@@ -549,3 +549,36 @@ def test_no_choice_of_a_list_is_cut_on_a_phone(browser, studio):
                            f"{box.evaluate('e => e.clientWidth')})")
     assert not cut, cut
     page.context.close()
+
+
+DROP_FILE = """([box, name, type]) => {
+  const files = new DataTransfer();
+  files.items.add(new File(["not audio"], name, { type }));
+  const area = document.querySelector(`#${box} input[type=file]`).parentElement;
+  area.dispatchEvent(new DragEvent("drop", { bubbles: true, cancelable: true, dataTransfer: files }));
+}"""
+
+
+def test_a_video_or_a_document_given_to_an_audio_box_is_said_in_the_tabs_words(browser, studio, tmp_path):
+    """A video dropped (or chosen) on the Speech tab's clip box or the Voice tab's reference clip got Gradio's own
+    "Invalid file type: talk.mp4. Only audio/* allowed.", a MIME-type list, and the Speech tab's video box went
+    unmentioned. The tab's status line (and a toast) names the file and says where it goes; an audio file is still
+    taken as before."""
+    talk = video_file(tmp_path / "talk.mp4", "mp4", "mpeg4", "aac")
+    page = open_tab(browser, studio, "Speech", DESKTOP)
+    page.locator("#speech-clip input[type=file]").set_input_files(str(talk))
+    said = "'talk.mp4' is a video: give it in the box below"
+    sync_api.expect(page.locator("#speech-figures")).to_contain_text(said, timeout=15_000)
+    sync_api.expect(page.locator(".toast-body").last).to_contain_text(said, timeout=15_000)
+    page.evaluate(DROP_FILE, ["speech-clip", "report.pdf", "application/pdf"])
+    sync_api.expect(page.locator("#speech-figures")).to_contain_text("'report.pdf' is not an audio clip",
+                                                                     timeout=15_000)
+    page.get_by_role("tab", name="Voice").click()
+    page.get_by_role("button", name="Clone from a clip / save a voice").click()
+    page.evaluate(DROP_FILE, ["voice-clip", "interview.mov", "video/quicktime"])
+    sync_api.expect(page.locator("#voice-figures")).to_contain_text(
+        "'interview.mov' is a video: a reference clip is sound alone", timeout=15_000)
+    assert "Invalid file type" not in page.locator("body").inner_text()
+    page.locator("#voice-clip input[type=file]").set_input_files(str(ASSETS / "speech" / "what_do_you_see_en.wav"))
+    sync_api.expect(page.get_by_role("radio", name="Clone from a clip")).to_be_checked(timeout=15_000)
+    page.context.close()
