@@ -23,9 +23,17 @@ ENGINE_UP_ATTR = "engine_up"
 # The seed boxes' "a new random seed each time": a Number box cannot show empty (Gradio draws None as 0, which
 # then went out as seed 0, every time), so -1, as other generation UIs have it.
 RANDOM_SEED = -1
-# The largest seed a seed box sends: every engine route takes it (the largest the Image tab's dice draws too).
-SEED_MAX = 2**31 - 1
-SEED_RANGE = f"Seed: {RANDOM_SEED} for a random one, or 0 to {SEED_MAX}."
+# The largest seed a seed box sends: the largest whole number the page's number box holds exactly (JavaScript's
+# Number.MAX_SAFE_INTEGER). The engine takes seeds up to 2**63 - 1, but the browser rounds a longer number typed in the
+# box before the studio sees it (9007199254740993 arrives as ...992): a seed above this would run as another seed
+# without a word, while every number typed up to it arrives as typed and every one above it arrives above it and is
+# refused (seed_problem). The boxes stopped at 2**31 - 1 before, refusing seeds the engine takes.
+SEED_MAX = 2**53 - 1
+SEED_RANGE = (f"Seed: {RANDOM_SEED} for a random one, or 0 to {SEED_MAX} (the largest whole number the page's number "
+              "box holds exactly).")
+# The largest seed the studio draws itself (the Image tab's dice and its random seeds): short enough to read and type
+# again, as the engine's own draws are (below 2**31).
+DRAWN_SEED_MAX = 2**31 - 1
 
 
 # Ctrl+Enter (Cmd+Enter on a Mac) in a text box marked RUNS_TAB presses its tab's button marked RUN_BUTTON

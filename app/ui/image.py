@@ -20,7 +20,7 @@ from app.engine_link import IMAGE_OUT, EngineLink
 from app.media_check import media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, on_page_load, queue_line, run_button, runs_tab, seed_box,
-                           SEED_MAX, seed_problem, session_of, toolbar,
+                           DRAWN_SEED_MAX, seed_problem, session_of, toolbar,
                            kept_request, request_done, restore_request, check_on_upload,
                            wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
@@ -113,7 +113,7 @@ class ImageController:
             yield *kept, problem, gr.update(), gallery_state, gr.skip()
             return
         seed = chosen_seed(seed)
-        seed = random.randint(0, SEED_MAX) if seed is None else seed
+        seed = random.randint(0, DRAWN_SEED_MAX) if seed is None else seed
         settings = {"mode": mode, "prompt": prompt or "", "preset": preset, "target": target or "", "aspect": aspect,
                     "size": size or "", "steps": int(steps), "guidance": float(guidance), "seed": seed}
         image_guidance = self.sent_image_guidance(task, image_guidance)
@@ -317,7 +317,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
                  inputs=[ask])
     wire_stop(stop, controller.stop, api_visibility="private")
     check_on_upload(link, refs, "image", status)
-    dice.click(lambda: random.randint(0, SEED_MAX), None, [seed], queue=False, api_visibility="private")
+    dice.click(lambda: random.randint(0, DRAWN_SEED_MAX), None, [seed], queue=False, api_visibility="private")
     gallery.select(controller.reuse, [state], [mode, prompt, preset, target, aspect, size, steps, guidance, seed,
                                               image_guidance], api_visibility="private")
     return controller

@@ -270,6 +270,21 @@ def test_a_seed_left_at_random_draws_a_new_seed_each_time(engine_server):
     assert len(set(seeds[:3])) == 3 and seeds[3] == 5, seeds
 
 
+def test_a_seed_the_engine_takes_is_sent_as_typed_up_to_the_largest_the_page_holds_exactly(engine_server):
+    """The seed boxes refused anything above 2147483647 ("Seed: -1 for a random one, or 0 to 2147483647.") while the
+    engine takes seeds up to 2**63 - 1. They take every seed the page's number box holds exactly (a JavaScript number:
+    whole numbers up to 2**53 - 1); a longer one is rounded by the browser, always upward of that limit, so it is
+    refused rather than run as another seed."""
+    image = ImageController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    for seed in (2**31, SEED_MAX):
+        *_, last = image.make("Generate", "a cup", None, None, "", "1:1", "32x32", 2, 2.0, seed, 0, [],
+                              progress=lambda *a, **k: None)
+        assert f"seed {seed} " in last[3] and last[5][-1]["settings"]["seed"] == seed, last[3]
+    assert int(float(SEED_MAX)) == SEED_MAX  # as the browser holds it (an IEEE double)
+    rounded = int(float(SEED_MAX + 2))
+    assert rounded != SEED_MAX + 2 and seed_problem(rounded) == SEED_RANGE  # arrives changed, above the limit
+
+
 @pytest.mark.parametrize("seed", [-5, SEED_MAX + 1, "abc"])
 def test_a_seed_out_of_range_is_said_in_the_tabs_words_before_sending(seed):
     """A seed below -1 showed Gradio's raw "Value -5 is less than minimum value -1." with an Error badge, one above

@@ -582,3 +582,23 @@ def test_a_video_or_a_document_given_to_an_audio_box_is_said_in_the_tabs_words(b
     page.locator("#voice-clip input[type=file]").set_input_files(str(ASSETS / "speech" / "what_do_you_see_en.wav"))
     sync_api.expect(page.get_by_role("radio", name="Clone from a clip")).to_be_checked(timeout=15_000)
     page.context.close()
+
+
+def test_a_long_seed_typed_runs_as_typed_or_is_refused_never_changed(browser, studio):
+    """The seed boxes stopped at 2147483647 while the engine takes seeds up to 2**63 - 1. They take every seed the
+    page's number box holds exactly (up to 9007199254740991); a longer one, which the browser rounds before the studio
+    sees it, is refused in the tab's words, not run as another seed."""
+    from app.ui.common import SEED_RANGE
+
+    largest = 2**53 - 1  # JavaScript's Number.MAX_SAFE_INTEGER
+    page = open_tab(browser, studio, "Image", DESKTOP)
+    page.locator("#image-prompt textarea").fill("a red cup")
+    set_slider(page, "image-steps", 2)
+    set_number(page, "#image-seed input", largest)
+    page.locator("#image-go").click()
+    sync_api.expect(page.locator("#image-figures")).to_contain_text(f"seed {largest} ", timeout=60_000)
+    page.locator("#image-seed input").fill(str(largest + 2))  # 9007199254740993: the browser holds ...992
+    page.locator("#image-seed input").press("Tab")
+    page.locator("#image-go").click()
+    sync_api.expect(page.locator("#image-figures")).to_have_text(SEED_RANGE, timeout=30_000)
+    page.context.close()
