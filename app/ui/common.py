@@ -207,20 +207,21 @@ def check_on_upload(link: EngineLink, component, kind: str, status, upload: bool
                      api_visibility="private")
 
 
-# A file given to an audio box that Gradio's page refuses (its type is not audio/*: a video, a PDF) got Gradio's own
-# "Invalid file type: talk.mp4. Only audio/* allowed.", a MIME-type list. The page script (app/static/uploads.js)
-# stops such a file in a box with the class AUDIO_ONLY and writes its name and type into the box's hidden twin (the
-# box's elem_id + REFUSED_SUFFIX), whose change says it in the tab's words (say_refused_files).
-AUDIO_ONLY, REFUSED_SUFFIX = "studio-audio-only", "-refused-file"
+# A file given to an upload box that Gradio's page refuses by its type (a video on an audio box, a PDF on the Image
+# tab's references) got Gradio's own "Invalid file type: talk.mp4. Only audio/* allowed.", a MIME-type list. The page
+# script (app/static/uploads.js) stops such a file in a box with the class SAYS_REFUSED and writes its name and type
+# into the box's hidden twin (the box's elem_id + REFUSED_SUFFIX), whose change says it in the tab's words
+# (say_refused_files).
+SAYS_REFUSED, REFUSED_SUFFIX = "studio-says-refused", "-refused-file"
 
 
-def audio_only(elem_id: str) -> dict:
-    """The keyword arguments of a gr.Audio taking uploads whose refused files are said by say_refused_files."""
-    return {"elem_id": elem_id, "elem_classes": [AUDIO_ONLY]}
+def says_refused(elem_id: str) -> dict:
+    """The keyword arguments of an upload component whose refused files are said by say_refused_files."""
+    return {"elem_id": elem_id, "elem_classes": [SAYS_REFUSED]}
 
 
 def say_refused_files(elem_id: str, status, sentence) -> None:
-    """Make the hidden twin of the audio box `elem_id` (made with audio_only()): a file the page refused there is said
+    """Make the hidden twin of the upload box `elem_id` (made with says_refused()): a file the page refused there is said
     on `status` and in a toast, in the words `sentence(name, is_video)` gives."""
     twin = gr.Textbox(visible="hidden", elem_id=elem_id + REFUSED_SUFFIX)
 

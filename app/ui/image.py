@@ -17,12 +17,12 @@ import gradio as gr
 from PIL import Image
 
 from app.engine_link import IMAGE_OUT, EngineLink
-from app.media_check import media_problem
+from app.media_check import IMAGE_FORMATS, media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, on_page_load, queue_line, run_button, runs_tab, seed_box,
                            DRAWN_SEED_MAX, seed_problem, session_of, toolbar,
                            kept_request, request_done, restore_request, check_on_upload,
-                           wire_stop)
+                           say_refused_files, says_refused, wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
 TAB = "image"
@@ -239,6 +239,12 @@ def _caption(s: dict) -> str:
     return f"{s['mode']} · seed {s['seed']} · {s['steps']} steps · {what}"
 
 
+def refused_reference(name: str, is_video: bool) -> str:
+    """What the reference box says of a file that is not a picture (app/static/uploads.js)."""
+    what = "a video" if is_video else "not a picture"
+    return f"'{name}' is {what}: a reference is a {IMAGE_FORMATS} file."
+
+
 def build_image_tab(link: EngineLink, examples: list[str] | None = None,
                     kept: gr.BrowserState | None = None, kept_ask: gr.BrowserState | None = None) -> ImageController:
     """Build the Image tab inside the current Tab. `kept`: where the browser keeps the gallery, made at the page's
@@ -254,7 +260,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
                                 elem_id="image-prompt", placeholder="A red cup on a wooden table, morning light",
                                 **runs_tab("Make it"))
             refs = gr.File(label="Reference image(s) for Edit / Segment (the first one is edited)",
-                           file_count="multiple", file_types=["image"], elem_id="image-refs")
+                           file_count="multiple", file_types=["image"], **says_refused("image-refs"))
             if examples:
                 gr.Examples([[[e]] for e in examples], [refs], label="Example images")
             with gr.Row():
@@ -317,6 +323,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
                  inputs=[ask])
     wire_stop(stop, controller.stop, api_visibility="private")
     check_on_upload(link, refs, "image", status)
+    say_refused_files("image-refs", status, refused_reference)
     dice.click(lambda: random.randint(0, DRAWN_SEED_MAX), None, [seed], queue=False, api_visibility="private")
     gallery.select(controller.reuse, [state], [mode, prompt, preset, target, aspect, size, steps, guidance, seed,
                                               image_guidance], api_visibility="private")

@@ -19,7 +19,7 @@ from app.media_check import AUDIO_FORMATS, VIDEO_FORMATS, VIDEO_SOUND, clip_seco
 from app.sound_track import sound_track
 from app.ui.common import (GENERATING, InFlight, capability_note, engine_limits, error_line, failure, figures_line,
                            queue_line, check_on_upload, run_button, runs_tab, say_refused_files, session_of, toolbar,
-                           wire_stop, audio_only)
+                           wire_stop, says_refused)
 from engine.events import Done, Error, QueuePosition, TextDelta
 
 TAB = "speech"
@@ -231,6 +231,13 @@ def refused_clip(name: str, is_video: bool) -> str:
     return f"'{name}' is not an audio clip: give a {AUDIO_FORMATS} file, or a video with sound in the box below."
 
 
+def refused_video(name: str, is_video: bool) -> str:
+    """What the video box says of a file that is not one of its video formats (app/static/uploads.js)."""
+    if is_video:
+        return f"'{name}' is a video in a format this box does not take: give an {VIDEO_FORMATS} file."
+    return f"'{name}' is not a video ({VIDEO_FORMATS}): an audio clip goes in the box above."
+
+
 def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> SpeechController:
     controller = SpeechController(link)
     capability_note(link, AUDIO_IN, "This engine serves no audio encoder, so it cannot transcribe speech.")
@@ -238,9 +245,9 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
         with gr.Column():
             clip = gr.Audio(sources=["upload", "microphone"], type="filepath",
                             label="An audio clip to transcribe (a video: give it in the box below)",
-                            buttons=toolbar("download"), **audio_only("speech-clip"))
+                            buttons=toolbar("download"), **says_refused("speech-clip"))
             video = gr.File(label=f"…or a video with sound ({VIDEO_FORMATS}): its sound is transcribed",
-                            file_types=VIDEO_FILE_TYPES, elem_id="speech-video")
+                            file_types=VIDEO_FILE_TYPES, **says_refused("speech-video"))
             live = gr.Audio(sources=["microphone"], streaming=True, label="Live: partial transcript while you speak",
                             buttons=toolbar("download"),
                             elem_id="speech-live")
@@ -274,5 +281,6 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
     wire_stop(stop, controller.stop, api_visibility="private")
     check_on_upload(link, clip, "audio", status, upload=True)
     say_refused_files("speech-clip", status, refused_clip)
+    say_refused_files("speech-video", status, refused_video)
     check_on_upload(link, video, VIDEO_SOUND, status)  # (its sound track alone is sent: its size is checked then)
     return controller

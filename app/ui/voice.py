@@ -20,7 +20,7 @@ from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, e
                            error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
                            queue_line, run_button, runs_tab, saved_voice_names, seed_box, seed_problem, session_of,
                            toolbar, wire_stop,
-                           kept_request, request_done, restore_request, check_on_upload, audio_only,
+                           kept_request, request_done, restore_request, check_on_upload, says_refused,
                            say_refused_files)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
@@ -324,7 +324,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
                 refresh = gr.Button("Refresh", scale=0, min_width=90)  # 60 px: the bold label spilled out
             with gr.Accordion("Clone from a clip / save a voice", open=False):
                 clip = gr.Audio(sources=["upload", "microphone"], type="filepath", buttons=toolbar("download"),
-                                label="Reference clip (0.5 to 30 s of one speaker)", **audio_only("voice-clip"))
+                                label="Reference clip (0.5 to 30 s of one speaker)", **says_refused("voice-clip"))
                 clip_text = gr.Textbox(label="What the clip says (empty = filled in by speech recognition)",
                                        elem_id="voice-clip-text", **runs_tab())
                 fill = gr.Button("Transcribe the clip")

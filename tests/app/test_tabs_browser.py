@@ -559,11 +559,12 @@ DROP_FILE = """([box, name, type]) => {
 }"""
 
 
-def test_a_video_or_a_document_given_to_an_audio_box_is_said_in_the_tabs_words(browser, studio, tmp_path):
+def test_a_file_of_the_wrong_kind_given_to_an_upload_box_is_said_in_the_tabs_words(browser, studio, tmp_path):
     """A video dropped (or chosen) on the Speech tab's clip box or the Voice tab's reference clip got Gradio's own
     "Invalid file type: talk.mp4. Only audio/* allowed.", a MIME-type list, and the Speech tab's video box went
-    unmentioned. The tab's status line (and a toast) names the file and says where it goes; an audio file is still
-    taken as before."""
+    unmentioned (a PDF among the Image tab's references, a clip on the video box: the same). The tab's status line
+    (and a toast) names the file and says where it goes; the files a box takes are still taken as before, the
+    pictures given with a PDF too."""
     talk = video_file(tmp_path / "talk.mp4", "mp4", "mpeg4", "aac")
     page = open_tab(browser, studio, "Speech", DESKTOP)
     page.locator("#speech-clip input[type=file]").set_input_files(str(talk))
@@ -578,9 +579,19 @@ def test_a_video_or_a_document_given_to_an_audio_box_is_said_in_the_tabs_words(b
     page.evaluate(DROP_FILE, ["voice-clip", "interview.mov", "video/quicktime"])
     sync_api.expect(page.locator("#voice-figures")).to_contain_text(
         "'interview.mov' is a video: a reference clip is sound alone", timeout=15_000)
-    assert "Invalid file type" not in page.locator("body").inner_text()
     page.locator("#voice-clip input[type=file]").set_input_files(str(ASSETS / "speech" / "what_do_you_see_en.wav"))
     sync_api.expect(page.get_by_role("radio", name="Clone from a clip")).to_be_checked(timeout=15_000)
+    page.get_by_role("tab", name="Speech").click()
+    page.locator("#speech-video input[type=file]").set_input_files(str(ASSETS / "speech" / "what_do_you_see_en.wav"))
+    sync_api.expect(page.locator("#speech-figures")).to_contain_text(
+        "'what_do_you_see_en.wav' is not a video", timeout=15_000)
+    page.get_by_role("tab", name="Image").click()
+    report = tmp_path / "report.pdf"
+    report.write_bytes(b"%PDF-1.4\n%%EOF\n")
+    page.locator("#image-refs input[type=file]").set_input_files([str(ASSETS / "images" / "cup.png"), str(report)])
+    sync_api.expect(page.locator("#image-figures")).to_contain_text("'report.pdf' is not a picture", timeout=15_000)
+    sync_api.expect(page.locator("#image-refs").get_by_role("cell", name="cup.png")).to_be_visible(timeout=15_000)
+    assert "Invalid file type" not in page.locator("body").inner_text()
     page.context.close()
 
 
