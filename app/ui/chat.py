@@ -22,11 +22,11 @@ import gradio.utils as gradio_utils
 import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
-from app.media_check import media_problem
+from app.media_check import AUDIO_FORMATS, IMAGE_FORMATS, VIDEO_FORMATS, media_problem
 from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, engine_limits, error_line,
                            error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
-                           queue_line, saved_voice_names, seed_box, seed_problem, session_of, toolbar,
-                           wire_stop)
+                           queue_line, saved_voice_names, say_refused_files, says_refused, seed_box, seed_problem,
+                           session_of, toolbar, wire_stop)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
 # The Max new tokens slider stops at the engine's cap, which its model card reports (limits.max_new_tokens: a
@@ -399,6 +399,12 @@ class ChatController:
         return before, turn_to_box(turn)
 
 
+def refused_attachment(name: str, is_video: bool) -> str:
+    """What the message box says of a file the model cannot read (app/static/uploads.js); the text typed stays."""
+    return (f"'{name}' cannot be attached: the model reads pictures ({IMAGE_FORMATS}), videos ({VIDEO_FORMATS}) "
+            f"and audio clips ({AUDIO_FORMATS}).")
+
+
 def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.BrowserState | None = None) -> ChatController:
     """Build the Chat tab's components inside the current Blocks/Tab context. `assets`: the folder of
     example media (scripts/make_assets.py) the examples use. `kept`: where the browser keeps the conversation,
@@ -412,8 +418,8 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
     # hands it to the text area, which Gradio leaves unlabelled
     box = gr.MultimodalTextbox(placeholder="Message (Enter sends, Shift+Enter: new line); attach, paste or record media",
                                label="Message", show_label=False, sources=["upload", "microphone"],
-                               file_count="multiple", file_types=["image", "video", "audio"], elem_id="chat-input",
-                               submit_btn="Send")
+                               file_count="multiple", file_types=["image", "video", "audio"],
+                               submit_btn="Send", **says_refused("chat-input"))
     examples, example_labels = chat_examples(assets)
     gr.Examples(examples, [box], label="Examples", example_labels=example_labels)
     with gr.Row():
@@ -421,6 +427,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
         clear = gr.Button("Clear", elem_id="chat-clear", scale=1, min_width=80)
         export = gr.Button("Export JSON", elem_id="chat-export", scale=1, min_width=80)
     figures = gr.Markdown("", elem_id="chat-figures")
+    say_refused_files("chat-input", figures, refused_attachment)
     speech = gr.Audio(label="Spoken reply", streaming=True, autoplay=True, interactive=False,
                       buttons=toolbar("download"),
                       elem_id="chat-speech", **speech_controls(link)[1])

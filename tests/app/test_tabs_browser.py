@@ -613,3 +613,18 @@ def test_a_long_seed_typed_runs_as_typed_or_is_refused_never_changed(browser, st
     page.locator("#image-go").click()
     sync_api.expect(page.locator("#image-figures")).to_have_text(SEED_RANGE, timeout=30_000)
     page.context.close()
+
+
+def test_a_document_attached_to_a_chat_message_is_said_in_the_tabs_words(browser, studio, tmp_path):
+    """A PDF attached to a chat message got Gradio's own "Invalid file type: report.pdf. Only image, video, audio
+    allowed." in an Error toast. The status line names the file and what the model reads; the text typed stays."""
+    report = tmp_path / "report.pdf"
+    report.write_bytes(b"%PDF-1.4\n%%EOF\n")
+    page = open_tab(browser, studio, "Chat", DESKTOP)
+    page.locator("#chat-input textarea").fill("What does this say?")
+    page.locator("#chat-input input[type=file]").set_input_files(str(report))
+    sync_api.expect(page.locator("#chat-figures")).to_contain_text("'report.pdf' cannot be attached: the model reads "
+                                                                   "pictures", timeout=15_000)
+    assert page.locator("#chat-input textarea").input_value() == "What does this say?"
+    assert "Invalid file type" not in page.locator("body").inner_text()
+    page.context.close()
