@@ -6,12 +6,14 @@ a streaming voice activity detector over a session's input audio, built on the s
 `TurnDetector.feed` takes PCM pieces at any rate (resampled to 16 kHz as they come), runs the model
 (engine.models.vad, numpy) on 32 ms windows and reports
 
-* `SpeechStarted(audio_start_ms)` when a window's speech probability reaches `threshold`;
-  `audio_start_ms` is that window's start minus `prefix_padding_ms` (OpenAI's meaning: the start
-  of the audio the turn will hold);
+* `SpeechStarted(audio_start_ms)` once the windows whose speech probability reaches `threshold` span
+  `min_speech_ms` (250 ms, silero's own shortest speech): a cough or a click over a reply is no turn,
+  so it neither interrupts the reply nor gets one; `audio_start_ms` is the first such window's start
+  minus `prefix_padding_ms` (OpenAI's meaning: the start of the audio the turn will hold);
 * `SpeechStopped(audio_end_ms, audio)` once the probability has stayed below `threshold - 0.15`
   (silero's hysteresis, at least 0.01) for `silence_duration_ms`; `audio` is the turn, 16 kHz PCM16, from
-  `audio_start_ms` to `audio_end_ms` (prefix padding and the trailing silence included).
+  `audio_start_ms` to `audio_end_ms` (prefix padding and the trailing silence included). A sound that
+  falls silent before it spans `min_speech_ms` ends without any event.
 
 Times count milliseconds of all audio fed during the session (they keep counting across `clear`;
 `start_ms`: the session's audio before this detector, written while turn detection was off).
@@ -36,6 +38,7 @@ WINDOW_MS = 1000 * WINDOW // VAD_RATE  # 32
 HYSTERESIS = 0.15  # speech goes on while the probability stays above threshold - this (silero's rule)
 MAX_PADDING_MS = 10_000
 MAX_SILENCE_MS = 10_000
+MIN_SPEECH_MS = 250  # silero-vad's min_speech_duration_ms: shorter sounds (a cough, a click) are not speech
 
 __all__ = ["ServerVad", "SpeechStarted", "SpeechStopped", "TurnDetector", "TurnDetectionError", "VadUnavailable"]
 
@@ -146,10 +149,11 @@ class TurnDetector:
     """One session's streaming turn detector (not thread-safe: one feeder at a time)."""
 
     def __init__(self, config: ServerVad, max_turn_seconds: float = 300.0, model: SileroVad | None = None,
-                 start_ms: int = 0):
+                 start_ms: int = 0, min_speech_ms: int = MIN_SPEECH_MS):
         if max_turn_seconds <= 0:
             raise ValueError("max_turn_seconds must be positive")
         self.config = config
+        self.min_speech_ms = min_speech_ms
         self.max_turn_samples = int(max_turn_seconds * VAD_RATE)
         self.model = model or SileroVad.from_package()
         self._resampler: StreamingResampler | None = None
@@ -162,13 +166,17 @@ class TurnDetector:
         self._turn: list[np.ndarray] = []
         self._turn_samples = 0
         self._turn_start_ms = 0
+        self._speech_from_ms = 0  # the turn's first and latest windows at the threshold
+        self._speech_until_ms = 0
+        self._announced = False  # SpeechStarted was reported (the turn has min_speech_ms of speech)
         self._silence_since_ms: int | None = None
         self.probability = 0.0  # of the latest window
 
     # -- state
     @property
     def in_speech(self) -> bool:
-        return bool(self._turn)
+        """A turn is under way (its SpeechStarted was reported)."""
+        return self._announced
 
     @property
     def audio_ms(self) -> int:
@@ -195,7 +203,7 @@ class TurnDetector:
         self._h, self._c = self.model.initial_state()
         self._context = np.zeros(CONTEXT, np.float32)
         self._before = np.zeros(0, np.int16)
-        self._turn, self._turn_samples, self._silence_since_ms = [], 0, None
+        self._turn, self._turn_samples, self._silence_since_ms, self._announced = [], 0, None, False
 
     # -- audio in
     def feed(self, samples: np.ndarray, sample_rate: int) -> list[SpeechStarted | SpeechStopped]:
@@ -230,34 +238,49 @@ class TurnDetector:
                 prefix = self._before[len(self._before) - pad:]
                 self._turn, self._turn_samples = [prefix, pcm], len(prefix) + len(pcm)
                 self._turn_start_ms = start_ms - 1000 * pad // VAD_RATE
+                self._speech_from_ms = self._speech_until_ms = start_ms
                 self._silence_since_ms = None
                 self._before = np.zeros(0, np.int16)
-                events.append(SpeechStarted(self._turn_start_ms))
             else:
-                keep = cfg.prefix_padding_ms * VAD_RATE // 1000
-                self._before = np.concatenate([self._before, pcm])[-keep:] if keep else np.zeros(0, np.int16)
-            return events
-        self._turn.append(pcm)
-        self._turn_samples += len(pcm)
+                self._keep_before(pcm)
+                return events
+        else:
+            self._turn.append(pcm)
+            self._turn_samples += len(pcm)
         if prob >= cfg.threshold:
             self._silence_since_ms = None
+            self._speech_until_ms = end_ms
         elif prob < self.silence_below and self._silence_since_ms is None:
             self._silence_since_ms = start_ms
+        if not self._announced and self._speech_until_ms - self._speech_from_ms >= self.min_speech_ms:
+            self._announced = True
+            events.append(SpeechStarted(self._turn_start_ms))
         if self._silence_since_ms is not None and end_ms - self._silence_since_ms >= cfg.silence_duration_ms:
-            events.append(self._end(end_ms, "silence"))
+            events += self._end(end_ms, "silence")
         elif self._turn_samples >= self.max_turn_samples:
-            events.append(self._end(end_ms, "max_duration"))
+            events += self._end(end_ms, "max_duration")
         return events
+
+    def _keep_before(self, pcm: np.ndarray) -> None:
+        """Audio outside any turn: only the prefix padding's worth of it is kept."""
+        keep = self.config.prefix_padding_ms * VAD_RATE // 1000
+        self._before = np.concatenate([self._before, pcm])[-keep:] if keep else np.zeros(0, np.int16)
 
     def end_turn(self, reason: str = "commit") -> SpeechStopped | None:
         """End the turn in progress now (a client's input_audio_buffer.commit in server_vad mode);
-        None when no one is speaking."""
+        None when no one is speaking (a sound too short to be speech is dropped)."""
         if not self._turn:
             return None
-        return self._end(self.audio_ms, reason)
+        ended = self._end(self.audio_ms, reason)
+        return ended[0] if ended else None
 
-    def _end(self, end_ms: int, reason: str) -> SpeechStopped:
+    def _end(self, end_ms: int, reason: str) -> list[SpeechStopped]:
+        """The turn's SpeechStopped; none for a sound that never spanned min_speech_ms (its audio becomes
+        the padding before the next turn)."""
         audio = np.concatenate(self._turn)
-        stopped = SpeechStopped(self._turn_start_ms, end_ms, audio, reason)
-        self._turn, self._turn_samples, self._silence_since_ms = [], 0, None
-        return stopped
+        announced = self._announced
+        self._turn, self._turn_samples, self._silence_since_ms, self._announced = [], 0, None, False
+        if not announced:
+            self._keep_before(audio)
+            return []
+        return [SpeechStopped(self._turn_start_ms, end_ms, audio, reason)]

@@ -161,3 +161,26 @@ def test_clear_drops_the_turn_in_progress_but_the_clock_goes_on():
     events = stream(detector, pcm16(np.concatenate([silence(1.0), q, silence(1.0)])), RATE, 1600)
     assert [type(e) for e in events] == [SpeechStarted, SpeechStopped]
     assert events[0].audio_start_ms >= before + 1000 - 300 - 100  # on the session's clock: silence, then padding
+
+
+def test_a_cough_is_no_turn_but_a_word_is():
+    """A burst of voice shorter than silero's shortest speech (250 ms: a cough, a click, the first 120 ms of a
+    word) reached the threshold, so it started a turn: over a reply that was a barge-in, and the burst was
+    committed and answered. It now ends without any event; the spoken question is still one turn."""
+    q = question()
+    on = np.flatnonzero(np.abs(q) > 0.02)[0]
+    for burst_ms in (120, 200):
+        cough = q[on:on + burst_ms * RATE // 1000]
+        detector = TurnDetector(ServerVad(threshold=0.5, silence_duration_ms=500))
+        pcm, events, loudest = pcm16(np.concatenate([silence(1.0), cough, silence(1.5)])), [], 0.0
+        for i in range(0, len(pcm), 512):
+            events += detector.feed(pcm[i:i + 512], RATE)
+            loudest = max(loudest, detector.probability)
+        assert loudest >= 0.9, loudest  # the burst is voice, well over the threshold
+        assert events == [] and not detector.in_speech, burst_ms
+        assert detector.end_turn() is None
+    detector = TurnDetector(ServerVad(threshold=0.5, silence_duration_ms=500))
+    events = stream(detector, pcm16(np.concatenate([silence(1.0), q[on:on + 120 * RATE // 1000], silence(0.6), q,
+                                                    silence(1.0)])), RATE, 640)
+    assert [type(e) for e in events] == [SpeechStarted, SpeechStopped]  # the question after the cough: its turn
+    assert events[0].audio_start_ms >= 1000 + 120 + 600 - 300 - 100
