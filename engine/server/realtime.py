@@ -606,8 +606,8 @@ class RealtimeConnection:
             active = self.session.active
             if config is not None and config.interrupt_response:
                 self.response_wanted = False  # the user goes on: answer once they have finished
-                if active is not None:
-                    self._silence(active, "turn_detected")  # barge-in: before anything else is sent
+                if active is not None and active.encoder.in_conversation:  # (OpenAI's: an out-of-band reply
+                    self._silence(active, "turn_detected")  # runs on) barge-in: before anything else is sent
             await self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": ev.audio_start_ms,
                              "item_id": self.turn_item_id})
             return

@@ -616,3 +616,24 @@ def test_a_reply_that_fails_midway_keeps_what_was_sent():
         assert recv_until(ws, "conversation.item.truncated")[-1]["audio_end_ms"] == 300
         session = next(iter(srv.ctx.sessions.open.values()))
         assert session.items[-1].parts == [{"type": "text", "text": "w0 w1 "}]
+
+
+def test_speech_interrupts_a_reply_to_the_conversation_but_not_an_out_of_band_one():
+    """OpenAI's interrupt_response cancels 'any ongoing response with output to the default conversation'; an
+    out-of-band response (conversation 'none': a summary, a classification) was cancelled by the user speaking
+    too. It runs to its end; the turn's own reply starts after it."""
+    engine = FakeEngine(script=[TextDelta(f"w{i} ") for i in range(60)] + [Done("", "stop", GenerationStats())],
+                        step_s=0.03)
+    with fake_server(engine) as srv, connect(srv.ws_url, max_size=None) as ws:
+        c = LiveClient(ws)
+        hands_free(c)
+        c.send(type="conversation.item.create", item={"type": "message", "role": "user", "content": "Summarise."})
+        c.send(type="response.create", response={"conversation": "none", "metadata": {"job": "summary"}})
+        c.wait(lambda t: "response.output_text.delta" in t)
+        c.stream(speech(), pace=4, until=lambda t: "input_audio_buffer.speech_started" in t)
+        c.stream(silence(1.0), pace=4)
+        c.wait(lambda t: t.count("response.done") >= 2)
+        done = [e["response"] for _, e in c.events if e["type"] == "response.done"]
+        assert done[0]["metadata"] == {"job": "summary"} and done[0]["status"] == "completed", done[0]
+        assert done[1]["conversation_id"] is not None and done[1]["status"] == "completed"
+        assert c.first("input_audio_buffer.speech_started")[0] < c.first("response.done")[0]  # spoken over it
