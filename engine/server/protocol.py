@@ -305,7 +305,7 @@ REALTIME_CLIENT_EVENTS = (
 REALTIME_BOOKKEEPING_EVENTS = (
     "session.created", "session.updated", "conversation.item.added", "conversation.item.done",
     "conversation.item.deleted", "conversation.item.truncated", "conversation.item.retrieved",
-    "input_audio_buffer.speech_started",
+    "input_audio_buffer.speech_started", "input_audio_buffer.timeout_triggered",
     "input_audio_buffer.speech_stopped", "input_audio_buffer.committed", "input_audio_buffer.cleared",
     "input_video_buffer.committed", "input_video_buffer.cleared", "response.created", "response.output_item.added",
     "response.output_item.done", "response.content_part.added", "response.content_part.done",

@@ -49,7 +49,7 @@ from engine.server.scheduler import Job
 from engine.server.sessions import ROOT, AudioSpan, Item, Session, audio_format, new_id
 from engine.server.text import (check_json_values, check_text, check_url_text, invalid_text_path,
                                 json_may_hold_surrogates, text_chars, texts_of)
-from engine.server.turns import ServerVad, SpeechStarted, SpeechStopped, TurnDetector
+from engine.server.turns import VAD_RATE, ServerVad, SpeechStarted, SpeechStopped, TurnDetector
 from engine.server.video_context import VideoContextConfig, compact_clip
 
 log = logging.getLogger("engine.server.realtime")
@@ -130,6 +130,7 @@ class RealtimeConnection:
         self.response_wanted = False  # a turn ended while a response ran: start one when it ends
         self.transcriptions: dict[Job, asyncio.Task] = {}  # input audio transcriptions under way
         self.audio_clock_ms = 0.0  # audio written during the session while no turn detector counted it
+        self.idle_from_ms: int | None = None  # server_vad idle_timeout_ms counts from here (the last reply's end)
         self.handlers = {
             "session.update": self.on_session_update,
             "input_audio_buffer.append": self.on_audio_append,
@@ -441,6 +442,7 @@ class RealtimeConnection:
             samples = codec.input_samples(raw, s.input_audio_encoding, "audio")
             for ev in await asyncio.to_thread(detector.feed, samples, rate):
                 await self._turn_event(ev)
+            await self._check_idle(detector)
             return
         if buf.samples and rate != buf.sample_rate:
             raise bad(f"the buffer holds audio at {buf.sample_rate} Hz; this chunk says {rate} Hz (commit or clear "
@@ -602,6 +604,7 @@ class RealtimeConnection:
         """One event of the turn detector, as the client and the conversation see it."""
         config = self.session.settings.turn_detection
         if isinstance(ev, SpeechStarted):
+            self.idle_from_ms = None  # the user is not idle
             self.turn_item_id = new_id("item")
             active = self.session.active
             if config is not None and config.interrupt_response:
@@ -634,6 +637,30 @@ class RealtimeConnection:
             await self._start_response({}, None)
         except ApiError as e:
             await self.send_error(e)
+
+    async def _check_idle(self, detector: TurnDetector) -> None:
+        """server_vad's idle_timeout_ms (OpenAI's): no speech for that long after the last reply's audio ended
+        (its response.done plus its audio's length): input_audio_buffer.timeout_triggered, the latest audio
+        committed as the user's turn, and a response."""
+        config = self.session.settings.turn_detection
+        if (config is None or config.idle_timeout_ms is None or self.idle_from_ms is None or detector.in_speech
+                or self.session.active is not None or detector.audio_ms - self.idle_from_ms < config.idle_timeout_ms):
+            return
+        item_id, start_ms, self.idle_from_ms = new_id("item"), self.idle_from_ms, None
+        await self.send({"type": "input_audio_buffer.timeout_triggered", "audio_start_ms": start_ms,
+                         "audio_end_ms": detector.audio_ms, "item_id": item_id})
+        try:
+            await self._commit_turn(item_id, codec.Audio(detector.recent_audio(), VAD_RATE))
+        except ApiError as e:
+            await self.send_error(e)
+            return
+        await self._respond_to_turn()
+
+    def _arm_idle(self, resp: Response) -> None:
+        """A reply to the conversation ended: the idle timeout counts from when its audio has played."""
+        detector = self.session.detector
+        if resp.encoder.in_conversation and detector is not None and not detector.in_speech:
+            self.idle_from_ms = detector.audio_ms + round(1000 * sum(span.seconds for span in resp.audio))
 
     def _response_ended(self, task: asyncio.Task) -> None:
         if self.response_wanted and not self.closed and self.session.active is None:
@@ -1052,6 +1079,7 @@ class RealtimeConnection:
         for wire_event in enc.finish(final, figures, "slow_reader" if job.slow_reader else resp.cancel_reason):
             await self.send(wire_event)
         await self.send(self._rate_limits(final))
+        self._arm_idle(resp)
         if resp.joins:  # announced (conversation.item.added): it joins, even when the response failed midway
             item = Item(enc.item_id, "assistant", [{"type": "text", "text": enc.assistant_text}],
                         enc.item("completed")["content"],

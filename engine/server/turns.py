@@ -17,9 +17,9 @@ a streaming voice activity detector over a session's input audio, built on the s
 
 Times count milliseconds of all audio fed during the session (they keep counting across `clear`;
 `start_ms`: the session's audio before this detector, written while turn detection was off).
-Memory is bounded: before speech only the prefix padding is kept; a turn that reaches
-`max_turn_seconds` (the server's audio limit) is ended there (`reason="max_duration"`) and a new
-one starts if the speaker goes on.
+Memory is bounded: before speech only the prefix padding (RECENT_AUDIO_MS at least) is kept; a turn
+that reaches `max_turn_seconds` (the server's audio limit) is ended there (`reason="max_duration"`)
+and a new one starts if the speaker goes on.
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ WINDOW_MS = 1000 * WINDOW // VAD_RATE  # 32
 HYSTERESIS = 0.15  # speech goes on while the probability stays above threshold - this (silero's rule)
 MAX_PADDING_MS = 10_000
 MAX_SILENCE_MS = 10_000
+MIN_IDLE_TIMEOUT_MS, MAX_IDLE_TIMEOUT_MS = 5_000, 30_000  # OpenAI's range for idle_timeout_ms
+RECENT_AUDIO_MS = 300  # audio kept before a turn at least (OpenAI's default padding): an idle timeout commits it
 MIN_SPEECH_MS = 250  # silero-vad's min_speech_duration_ms: shorter sounds (a cough, a click) are not speech
 
-__all__ = ["ServerVad", "SpeechStarted", "SpeechStopped", "TurnDetector", "TurnDetectionError", "VadUnavailable"]
+__all__ = ["VAD_RATE", "ServerVad", "SpeechStarted", "SpeechStopped", "TurnDetector", "TurnDetectionError", "VadUnavailable"]
 
 
 class TurnDetectionError(SettingError):
@@ -59,6 +61,7 @@ class ServerVad:
     silence_duration_ms: int = 500
     create_response: bool = True  # the server starts a response when a turn ends
     interrupt_response: bool = True  # speech starting during a response cancels it (barge-in)
+    idle_timeout_ms: int | None = None  # no speech this long after a reply's audio ended: a response is made
 
     FIELDS = ("type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response",
               "interrupt_response", "idle_timeout_ms")
@@ -81,20 +84,20 @@ class ServerVad:
             if key not in cls.FIELDS:
                 raise TurnDetectionError(f"unknown field {str(key)[:60]!r} in '{param}' (known: "
                                          f"{', '.join(cls.FIELDS)})", "unknown_parameter", f"{param}.{key}")
-        if spec.get("idle_timeout_ms") is not None:
-            raise TurnDetectionError("'idle_timeout_ms' is not supported (leave it null)", "unsupported_parameter",
-                                     f"{param}.idle_timeout_ms")
         d = cls()
+        idle = spec.get("idle_timeout_ms")
         return cls(threshold=_number(spec, "threshold", d.threshold, 0.0, 1.0, param),
                    prefix_padding_ms=int(_number(spec, "prefix_padding_ms", d.prefix_padding_ms, 0, MAX_PADDING_MS,
                                                  param, integer=True)),
                    silence_duration_ms=int(_number(spec, "silence_duration_ms", d.silence_duration_ms, 0,
                                                    MAX_SILENCE_MS, param, integer=True)),
                    create_response=_flag(spec, "create_response", d.create_response, param),
-                   interrupt_response=_flag(spec, "interrupt_response", d.interrupt_response, param))
+                   interrupt_response=_flag(spec, "interrupt_response", d.interrupt_response, param),
+                   idle_timeout_ms=None if idle is None else int(_number(
+                       spec, "idle_timeout_ms", None, MIN_IDLE_TIMEOUT_MS, MAX_IDLE_TIMEOUT_MS, param, integer=True)))
 
     def to_wire(self) -> dict:
-        return {"type": "server_vad", **asdict(self), "idle_timeout_ms": None}
+        return {"type": "server_vad", **asdict(self)}
 
 
 def _number(spec: dict, name: str, default, lo, hi, param: str, integer: bool = False) -> float:
@@ -262,9 +265,14 @@ class TurnDetector:
         return events
 
     def _keep_before(self, pcm: np.ndarray) -> None:
-        """Audio outside any turn: only the prefix padding's worth of it is kept."""
-        keep = self.config.prefix_padding_ms * VAD_RATE // 1000
-        self._before = np.concatenate([self._before, pcm])[-keep:] if keep else np.zeros(0, np.int16)
+        """Audio outside any turn: only the prefix padding's worth of it is kept (RECENT_AUDIO_MS at least)."""
+        keep = max(self.config.prefix_padding_ms, RECENT_AUDIO_MS) * VAD_RATE // 1000
+        self._before = np.concatenate([self._before, pcm])[-keep:]
+
+    def recent_audio(self) -> np.ndarray:
+        """The latest audio heard outside any turn (RECENT_AUDIO_MS or the prefix padding), 16 kHz PCM16: what
+        an idle timeout commits."""
+        return self._before.copy()
 
     def end_turn(self, reason: str = "commit") -> SpeechStopped | None:
         """End the turn in progress now (a client's input_audio_buffer.commit in server_vad mode);

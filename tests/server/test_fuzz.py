@@ -96,7 +96,7 @@ def hostile_messages(seed: int = 1234) -> list[tuple[str, str | bytes]]:
               "not_a_field": [1], "temperatur": [0.5]}
     # server_vad turn detection is valid: bad turn detection and video settings are refused
     fields["turn_detection"] = [{"type": "semantic_vad"}, "auto", {"type": "server_vad", "threshold": 2},
-                                {"type": "server_vad", "idle_timeout_ms": 5000}, {"silence_ms": 1}]
+                                {"type": "server_vad", "idle_timeout_ms": 1000}, {"silence_ms": 1}]
     fields["audio"] = [a for a in fields["audio"]
                        if not (isinstance(a, dict) and "turn_detection" in a.get("input", {}))]
     fields["audio"].append({"input": {"turn_detection": {"prefix_padding_ms": -1}}})

@@ -637,3 +637,36 @@ def test_speech_interrupts_a_reply_to_the_conversation_but_not_an_out_of_band_on
         assert done[0]["metadata"] == {"job": "summary"} and done[0]["status"] == "completed", done[0]
         assert done[1]["conversation_id"] is not None and done[1]["status"] == "completed"
         assert c.first("input_audio_buffer.speech_started")[0] < c.first("response.done")[0]  # spoken over it
+
+
+def test_idle_timeout_makes_a_response_when_the_user_stays_silent_after_a_reply():
+    """server_vad's idle_timeout_ms was refused ('not supported'). As OpenAI documents it: no speech for that long
+    after the last reply's audio has played (response.done plus the audio's length) sends
+    input_audio_buffer.timeout_triggered over the silent span, commits the latest audio as the user's item and
+    makes a response; speech before the timeout, or no reply yet, triggers nothing."""
+    engine = FakeEngine(script=spoken_reply_script(words=5, chunk_s=0.2), has_talker=True)  # 1 s of reply audio
+    with fake_server(engine) as srv, connect(srv.ws_url, max_size=None) as ws:
+        c = LiveClient(ws)
+        session = hands_free(c, output_modalities=["audio"],
+                             audio={"input": {"turn_detection": {**VAD, "idle_timeout_ms": 5000}}})
+        assert session["audio"]["input"]["turn_detection"]["idle_timeout_ms"] == 5000
+        c.stream(silence(6.0), pace=20)  # no reply yet: nothing to time out from
+        c.stream(speech(), pace=8)
+        c.stream(silence(1.0), pace=8, until=lambda t: "response.done" in t)
+        c.wait(lambda t: "response.done" in t)
+        replied_at_ms = 1000 * c.audio_s
+        c.stream(silence(4.5), pace=20)  # the reply's 1 s of audio plus 3.5 s: not idle long enough
+        assert "input_audio_buffer.timeout_triggered" not in c.types()
+        at = len(c.events)
+        c.stream(silence(3.0), pace=20, until=lambda t: "input_audio_buffer.timeout_triggered" in t[at:])
+        c.wait(lambda t: t.count("response.done") == 2)
+        _, _, fired = c.first("input_audio_buffer.timeout_triggered", at)
+        turn_end_ms = c.first("input_audio_buffer.speech_stopped")[2]["audio_end_ms"]  # the reply came after it
+        assert turn_end_ms + 1000 <= fired["audio_start_ms"] <= replied_at_ms + 1000, (fired, replied_at_ms)
+        assert abs(fired["audio_end_ms"] - fired["audio_start_ms"] - 5000) <= 100
+        _, _, committed = c.first("input_audio_buffer.committed", at)
+        assert committed["item_id"] == fired["item_id"]
+        assert c.first("response.created", at)[0] > c.first("input_audio_buffer.committed", at)[0]
+        user = srv.ctx.sessions.open[next(iter(srv.ctx.sessions.open))].find_item(fired["item_id"])
+        assert user.role == "user" and 0 < user.public[-1]["seconds"] <= 0.3 + 0.032  # the latest audio, silent
+        assert len(engine.calls) == 2  # the idle turn was answered

@@ -56,6 +56,8 @@ def test_turn_detection_settings_follow_openai_server_vad():
     assert (vad.threshold, vad.prefix_padding_ms, vad.silence_duration_ms, vad.create_response) == (0.8, 100, 1200,
                                                                                                       False)
     assert ServerVad.from_wire(vad.to_wire()) == vad
+    vad = ServerVad.from_wire({"type": "server_vad", "idle_timeout_ms": 6000})
+    assert vad.idle_timeout_ms == 6000 and vad.to_wire()["idle_timeout_ms"] == 6000
 
 
 def test_null_turn_detection_fields_take_their_defaults():
@@ -75,7 +77,8 @@ def test_null_turn_detection_fields_take_their_defaults():
     ({"silence_duration_ms": 250.5}, "invalid_type", "session.turn_detection.silence_duration_ms"),
     ({"prefix_padding_ms": -1}, "invalid_value", "session.turn_detection.prefix_padding_ms"),
     ({"eagerness": "high"}, "unknown_parameter", "session.turn_detection.eagerness"),
-    ({"idle_timeout_ms": 5000}, "unsupported_parameter", "session.turn_detection.idle_timeout_ms"),
+    ({"idle_timeout_ms": 1000}, "invalid_value", "session.turn_detection.idle_timeout_ms"),  # OpenAI's: 5-30 s
+    ({"idle_timeout_ms": 7500.5}, "invalid_type", "session.turn_detection.idle_timeout_ms"),
     ({"interrupt_response": 1}, "invalid_type", "session.turn_detection.interrupt_response"),
     ("server_vad", "invalid_type", "session.turn_detection"),
 ])
