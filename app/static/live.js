@@ -24,6 +24,7 @@ const ui = {
 const CHUNK_MS = 40;                 // audio is sent in pieces of about this length
 const MAX_SOCKET_BACKLOG = 1 << 20;  // frames are skipped while the socket has this much unsent
 const FRAME_MAX_WIDTH = 640;
+const FIRST_FRAME_WAIT_MS = 5000;    // a camera that has shown no picture by then is said to send none
 
 let S = null;  // the running session's state; null when stopped
 
@@ -163,6 +164,8 @@ async function start() {
       showError("The camera stopped: going on with sound only.");
     });
   }
+  const session = S;
+  S.cameraCheck = setTimeout(() => checkCameraPicture(session), FIRST_FRAME_WAIT_MS);
   for (const track of stream.getAudioTracks()) {
     track.addEventListener("ended", () => { if (S) stop("The microphone stopped (unplugged or switched off)."); });
   }
@@ -182,6 +185,7 @@ function stop(message) {
   s.userStopped = true;
   clearInterval(s.frameTimer);
   clearTimeout(s.silenceCheck);
+  clearTimeout(s.cameraCheck);
   stopPlayback(s);
   for (const track of s.stream.getTracks()) track.stop();
   if (s.ctx) s.ctx.close().catch(() => {});
@@ -286,6 +290,14 @@ function startFrames() {
       if (send({ type: "input_video_buffer.append", image: b64(bytes), capture_time: captured })) s.frames++;
     }, "image/jpeg", 0.7);
   }, Math.round(1000 / s.opts.fps));
+}
+
+function checkCameraPicture(s) {  // a camera that opened but sends no frames: said, and the call goes on without it
+  const tracks = s && S === s ? s.stream.getVideoTracks() : [];
+  if (!tracks.length || ui.preview.videoWidth) return;
+  for (const track of tracks) track.stop();
+  clearInterval(s.frameTimer); s.frameTimer = null; ui.preview.hidden = true;
+  showError("The camera sends no picture (in use elsewhere, or a broken driver?): going on with sound only.");
 }
 
 // ------------------------------------------------------------------ the socket

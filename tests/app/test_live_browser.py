@@ -13,6 +13,7 @@ import pytest
 
 from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot
 from tests.app.fake_engine import REPLY, FakeEngine
+from tests.app.test_remote_studio import free_port
 from tests.app.test_browser import sync_api
 from tests.paths import REPO
 
@@ -36,7 +37,7 @@ def served_live_tab(engine_url: str, token: str | None, **tab):
     with gr.Blocks(title="Live test") as demo:
         with gr.Tab("Live"):
             build_live_tab(**tab)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
                 app_kwargs=proxy.app_kwargs())
     try:
         yield demo.local_url
@@ -164,6 +165,7 @@ def test_permission_denied_and_a_blocked_camera_are_said_in_the_page(live_page):
             page.locator('#live [data-role="start"]').click()
             sync_api.expect(page.locator('#live [data-role="status"]')).to_contain_text("Listening", timeout=20_000)
             sync_api.expect(page.locator('#live [data-role="error"]')).to_contain_text("camera is blocked")
+            assert page.locator('#live [data-role="preview"]').is_hidden()  # no black box where the camera was
             page.wait_for_timeout(1200)
             assert len(engine.got.frames) == frames  # sound only
             page.locator('#live [data-role="stop"]').click()
@@ -269,3 +271,39 @@ def test_an_engine_that_goes_down_mid_call_is_said_with_what_to_do(browser):
         sync_api.expect(error).to_contain_text("Press Start to call again once", timeout=20_000)
         sync_api.expect(page.locator('#live [data-role="start"]')).to_be_enabled()
         sync_api.expect(page.locator('#live [data-role="status"]')).to_have_text("Stopped.")
+
+
+# a camera that opens but never delivers a frame (a canvas track nothing is drawn on), with the fake microphone
+SILENT_CAMERA = """
+const open = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+navigator.mediaDevices.getUserMedia = async (wanted) => {
+  const stream = await open({ audio: wanted.audio });
+  if (wanted.video) {
+    const canvas = document.createElement("canvas");
+    canvas.width = 640; canvas.height = 480;
+    stream.addTrack(canvas.captureStream(0).getVideoTracks()[0]);
+  }
+  return stream;
+};
+"""
+
+
+def test_a_camera_that_sends_no_picture_is_said_and_the_call_goes_on_with_sound(live_page, browser):
+    """A camera that opened but delivered no frame left an empty preview and sent nothing, without a word. The page
+    says so after a few seconds, hides the preview, and the call goes on with the microphone."""
+    url, engine = live_page
+    frames = len(engine.got.frames)
+    page = browser
+    page.add_init_script(SILENT_CAMERA)
+    page.goto(url, wait_until="networkidle", timeout=60_000)
+    page.locator('#live [data-role="start"]').click()
+    error = page.locator('#live [data-role="error"]')
+    sync_api.expect(error).to_contain_text("The camera sends no picture", timeout=15_000)
+    sync_api.expect(error).to_contain_text("going on with sound only")
+    assert page.locator('#live [data-role="preview"]').is_hidden()
+    sync_api.expect(page.locator('#live [data-role="status"]')).to_contain_text("Listening")
+    heard = engine.got.audio_seconds
+    page.wait_for_timeout(1500)
+    assert engine.got.audio_seconds >= heard + 1.0  # the microphone still streams to the engine
+    assert len(engine.got.frames) == frames  # no frame was ever sent
+    page.locator('#live [data-role="stop"]').click()
