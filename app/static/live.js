@@ -413,6 +413,10 @@ function handle(ev) {
     case "error": {
       const err = ev.error || {};
       if (err.code === "response_cancel_not_active") break;  // the reply had ended already
+      if (!s.ready) {  // the call's settings were refused: nothing would ever start (and Stop is not enabled yet)
+        stop(`The engine refused this call's settings: ${err.message || err.code || "error"}`);
+        break;
+      }
       s.lastError = err.message || "error";
       showError(err.message || JSON.stringify(err));
       break;

@@ -307,3 +307,25 @@ def test_a_camera_that_sends_no_picture_is_said_and_the_call_goes_on_with_sound(
     assert engine.got.audio_seconds >= heard + 1.0  # the microphone still streams to the engine
     assert len(engine.got.frames) == frames  # no frame was ever sent
     page.locator('#live [data-role="stop"]').click()
+
+
+def test_settings_the_engine_refuses_end_the_start_with_its_message_not_a_spinner(live_page, browser):
+    """The engine refused the page's session.update (an engine without silero-vad: turn_detection_unavailable): the
+    page showed the message but stayed on "Connecting…" with Start and Stop both disabled, for good. It stops the
+    call with the engine's message; Start works again and no engine session is left open."""
+    url, engine = live_page
+    closed = engine.got.closed
+    engine.session_refusal = {"type": "server_error", "code": "turn_detection_unavailable", "param": None,
+                              "message": "server-side turn detection needs the silero-vad package"}
+    try:
+        page = browser
+        page.goto(url, wait_until="networkidle", timeout=60_000)
+        page.locator('#live [data-role="start"]').click()
+        error = page.locator('#live [data-role="error"]')
+        sync_api.expect(error).to_contain_text("refused this call's settings: server-side turn detection needs the "
+                                               "silero-vad package", timeout=20_000)
+        sync_api.expect(page.locator('#live [data-role="status"]')).to_have_text("Stopped.")
+        sync_api.expect(page.locator('#live [data-role="start"]')).to_be_enabled()
+        assert engine.wait_closed(closed + 1), "the engine session stayed open"
+    finally:
+        engine.session_refusal = None
