@@ -24,6 +24,7 @@ const ui = {
 const CHUNK_MS = 40;                 // audio is sent in pieces of about this length
 const MAX_SOCKET_BACKLOG = 1 << 20;  // frames are skipped while the socket has this much unsent
 const FRAME_MAX_WIDTH = 640;
+const READY_WAIT_MS = 15000;        // the engine's answer to the call's settings (it answers at once when up)
 const FIRST_FRAME_WAIT_MS = 5000;    // a camera that has shown no picture by then is said to send none
 
 let S = null;  // the running session's state; null when stopped
@@ -186,6 +187,7 @@ function stop(message) {
   clearInterval(s.frameTimer);
   clearTimeout(s.silenceCheck);
   clearTimeout(s.cameraCheck);
+  clearTimeout(s.readyCheck);
   stopPlayback(s);
   for (const track of s.stream.getTracks()) track.stop();
   if (s.ctx) s.ctx.close().catch(() => {});
@@ -326,6 +328,10 @@ function playbackRate() {
 function openSocket() {
   const s = S;
   setStatus("Connecting…");
+  ui.stop.disabled = false;  // a connection that hangs can be given up
+  s.readyCheck = setTimeout(() => {
+    if (S === s && !s.ready) stop(`The engine did not answer within ${READY_WAIT_MS / 1000} s (busy or hung?). Press Start to try again.`);
+  }, READY_WAIT_MS);
   let ws;
   try { ws = new WebSocket(socketUrl()); } catch (e) { stop(`Cannot open the live connection: ${e.message}`); return; }
   s.ws = ws;

@@ -43,6 +43,7 @@ class FakeEngine:
         self.speak = speak
         self.barge_in_after: int | None = None  # words into a reply: the user "speaks" (speech_started)
         self.session_refusal: dict | None = None  # an OpenAI error object: session.update is refused with it
+        self.hung = False  # session.update is never answered (an engine whose loop is stuck)
         self.got = Received()
         self.lock = threading.Lock()
         self.server = serve(self._handle, "127.0.0.1", 0, process_request=self._check_token, max_size=2 ** 24)
@@ -87,6 +88,8 @@ class FakeEngine:
                 with self.lock:
                     self.got.events.append(ev)
                 kind = ev.get("type")
+                if kind == "session.update" and self.hung:
+                    continue
                 if kind == "session.update" and self.session_refusal is not None:
                     send({"type": "error", "error": {**self.session_refusal, "event_id": ev.get("event_id")}})
                 elif kind == "session.update":

@@ -329,3 +329,28 @@ def test_settings_the_engine_refuses_end_the_start_with_its_message_not_a_spinne
         assert engine.wait_closed(closed + 1), "the engine session stayed open"
     finally:
         engine.session_refusal = None
+
+
+def test_an_engine_that_never_answers_the_start_can_be_stopped_and_times_out(live_page, browser):
+    """An engine that accepted the call but never answered its settings left the page on "Connecting…" with Start and
+    Stop disabled, for good. Stop works at once, and the page gives up by itself after 15 s, saying why."""
+    url, engine = live_page
+    closed = engine.got.closed
+    engine.hung = True
+    try:
+        page = browser
+        page.goto(url, wait_until="networkidle", timeout=60_000)
+        page.locator('#live [data-role="start"]').click()
+        status = page.locator('#live [data-role="status"]')
+        sync_api.expect(status).to_have_text("Connecting…", timeout=20_000)
+        page.locator('#live [data-role="stop"]').click()  # given up by the user
+        sync_api.expect(status).to_have_text("Stopped.")
+        assert engine.wait_closed(closed + 1), "the engine session stayed open"
+        page.locator('#live [data-role="start"]').click()  # and left to time out
+        sync_api.expect(page.locator('#live [data-role="error"]')).to_contain_text("did not answer within 15 s",
+                                                                                    timeout=25_000)
+        sync_api.expect(status).to_have_text("Stopped.")
+        sync_api.expect(page.locator('#live [data-role="start"]')).to_be_enabled()
+        assert engine.wait_closed(closed + 2), "the engine session stayed open"
+    finally:
+        engine.hung = False
