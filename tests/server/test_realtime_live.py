@@ -670,3 +670,41 @@ def test_idle_timeout_makes_a_response_when_the_user_stays_silent_after_a_reply(
         user = srv.ctx.sessions.open[next(iter(srv.ctx.sessions.open))].find_item(fired["item_id"])
         assert user.role == "user" and 0 < user.public[-1]["seconds"] <= 0.3 + 0.032  # the latest audio, silent
         assert len(engine.calls) == 2  # the idle turn was answered
+
+
+def test_a_second_barge_in_cuts_the_reply_to_the_first_and_the_third_turn_is_answered():
+    """The user speaks over a reply, then over the reply to that turn too: each reply is cancelled (turn_detected)
+    with no output of it after its speech_started, each is kept cut to what was heard (200 ms), and the engine ran
+    the three responses and nothing more (the scheduler's history: two cancelled, the last complete)."""
+    engine = FakeEngine(script=spoken_reply_script(words=40, chunk_s=0.2), has_talker=True, step_s=0.02)
+    with fake_server(engine) as srv, connect(srv.ws_url, max_size=None) as ws:
+        c = LiveClient(ws)
+        sid = hands_free(c, output_modalities=["audio"])["id"]
+        c.stream(speech(), pace=8)
+        for n in (1, 2):
+            c.stream(silence(2.0), pace=8, until=lambda t, n=n: t.count("response.created") == n
+                     and t.count("response.output_audio.delta") >= 3 * n)
+            at = len(c.events)
+            c.stream(speech("describe_picture_en.wav"), pace=8,
+                     until=lambda t, a=at: "input_audio_buffer.speech_started" in t[a:])
+            reply_id = [e for _, e in c.events if e["type"] == "response.output_item.added"][-1]["item"]["id"]
+            c.send(type="conversation.item.truncate", item_id=reply_id, content_index=0, audio_end_ms=200)
+            c.stream(silence(1.0), pace=8)
+        c.wait(lambda t: t.count("response.done") >= 3)
+        done = [(i, e["response"]) for i, (_, e) in enumerate(c.events) if e["type"] == "response.done"]
+        assert [(r["status"], (r.get("status_details") or {}).get("reason")) for _, r in done] == [
+            ("cancelled", "turn_detected"), ("cancelled", "turn_detected"), ("completed", None)]
+        for _, r in done[:2]:
+            created = c.first("response.created", 0)[0] if r is done[0][1] else \
+                [i for i, (_, e) in enumerate(c.events) if e["type"] == "response.created"][1]
+            i_barge = c.first("input_audio_buffer.speech_started", created)[0]
+            assert not [e for _, e in c.events[i_barge:] if e.get("response_id") == r["id"]
+                        and e["type"] in OUTPUT_DELTAS], "stale output after a barge-in"
+        session = srv.ctx.sessions.open[sid]
+        wait_for(lambda: len(session.items) == 6)
+        replies = [it for it in session.items if it.role == "assistant"]
+        assert [it.status for it in replies] == ["incomplete", "incomplete", "completed"]
+        assert all(abs(sum(span.seconds for span in it.audio) - 0.2) < 1e-6 for it in replies[:2])  # what was heard
+    wait_for(lambda: srv.ctx.scheduler.running == 0 and srv.ctx.scheduler.waiting == 0)
+    runs = [r for r in srv.ctx.scheduler.history if r.label.endswith(sid)]
+    assert [r.finish_reason for r in runs] == ["cancelled", "cancelled", "stop"]
