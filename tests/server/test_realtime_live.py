@@ -708,3 +708,26 @@ def test_a_second_barge_in_cuts_the_reply_to_the_first_and_the_third_turn_is_ans
     wait_for(lambda: srv.ctx.scheduler.running == 0 and srv.ctx.scheduler.waiting == 0)
     runs = [r for r in srv.ctx.scheduler.history if r.label.endswith(sid)]
     assert [r.finish_reason for r in runs] == ["cancelled", "cancelled", "stop"]
+
+
+def test_with_interrupt_response_off_speech_over_a_reply_lets_it_finish_then_answers_the_turn():
+    """interrupt_response false (OpenAI's: the response 'will continue until complete'): speech over a reply is
+    still reported (speech_started / speech_stopped, the turn committed), the reply is not cancelled, and the turn
+    gets its own response once the reply has ended."""
+    engine = FakeEngine(script=[TextDelta(f"w{i} ") for i in range(60)] + [Done("", "stop", GenerationStats())],
+                        step_s=0.03)
+    with fake_server(engine) as srv, connect(srv.ws_url, max_size=None) as ws:
+        c = LiveClient(ws)
+        hands_free(c, audio={"input": {"turn_detection": {**VAD, "interrupt_response": False}}})
+        c.stream(speech(), pace=8)
+        c.stream(silence(1.0), pace=8, until=lambda t: "response.output_text.delta" in t)
+        at = len(c.events)
+        c.stream(speech("describe_picture_en.wav"), pace=4)
+        c.stream(silence(1.0), pace=4)
+        c.wait(lambda t: t.count("response.done") >= 2)
+        done = [(i, e["response"]) for i, (_, e) in enumerate(c.events) if e["type"] == "response.done"]
+        assert [r["status"] for _, r in done] == ["completed", "completed"]
+        assert c.first("input_audio_buffer.speech_started", at)[0] < done[0][0]  # spoken over the first reply
+        assert c.first("input_audio_buffer.committed", at)[0] < done[0][0]
+        assert len(done[0][1]["output"][0]["content"][0]["text"].split()) == 60  # the whole reply
+        assert len(engine.calls) == 2 and len(engine.calls[1]["messages"]) == 3  # the turn, answered after it
