@@ -330,7 +330,9 @@ function openSocket() {
   setStatus("Connecting…");
   ui.stop.disabled = false;  // a connection that hangs can be given up
   s.readyCheck = setTimeout(() => {
-    if (S === s && !s.ready) stop(`The engine did not answer within ${READY_WAIT_MS / 1000} s (busy or hung?). Press Start to try again.`);
+    if (S === s && !s.ready) {
+      stop(`The engine did not answer within ${READY_WAIT_MS / 1000} s (busy or hung?). Press Start to try again.`);
+    }
   }, READY_WAIT_MS);
   let ws;
   try { ws = new WebSocket(socketUrl()); } catch (e) { stop(`Cannot open the live connection: ${e.message}`); return; }

@@ -42,7 +42,8 @@ MIN_IDLE_TIMEOUT_MS, MAX_IDLE_TIMEOUT_MS = 5_000, 30_000  # OpenAI's range for i
 RECENT_AUDIO_MS = 300  # audio kept before a turn at least (OpenAI's default padding): an idle timeout commits it
 MIN_SPEECH_MS = 250  # silero-vad's min_speech_duration_ms: shorter sounds (a cough, a click) are not speech
 
-__all__ = ["VAD_RATE", "ServerVad", "SpeechStarted", "SpeechStopped", "TurnDetector", "TurnDetectionError", "VadUnavailable"]
+__all__ = ["VAD_RATE", "ServerVad", "SpeechStarted", "SpeechStopped", "TurnDetector", "TurnDetectionError",
+           "VadUnavailable"]
 
 
 class TurnDetectionError(SettingError):
