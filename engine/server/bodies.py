@@ -11,6 +11,7 @@ before the body is read.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 from fastapi import Request
@@ -96,8 +97,25 @@ def decoded_chunk(decoder, chunk: bytes, room: int, what: str, limit: int) -> by
     return out
 
 
-async def read_body(request: Request, limit: int, what: str) -> bytes:
-    """The request body, refused (413) as soon as it passes `limit` bytes (decoded, for a compressed body)."""
+async def arriving_chunks(request: Request, idle_s: float):
+    """The body's pieces as they arrive; a client that sends none for `idle_s` seconds (a Content-Length it never
+    fills, a chunked body that stops without its last chunk, while the connection stays open) is refused with 408:
+    uvicorn itself waits for the rest forever, holding the request and its connection."""
+    pieces = request.stream()
+    while True:
+        try:
+            yield await asyncio.wait_for(anext(pieces), idle_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ApiError(f"the request body stopped arriving: no byte for {idle_s:g} s before it ended (a "
+                           "Content-Length larger than the body sent, or a chunked body without its last chunk): "
+                           "send the whole body", code="request_timeout", status=408) from None
+
+
+async def read_body(request: Request, limit: int, what: str, idle_s: float) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes (decoded, for a compressed body), and
+    (408) when it stops arriving for `idle_s` seconds."""
     decoder = body_decoder(request)
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -109,7 +127,7 @@ async def read_body(request: Request, limit: int, what: str) -> bytes:
             raise bad("invalid Content-Length header", "invalid_request") from None
     chunks, size, decoded = [], 0, 0
     try:
-        async for chunk in request.stream():
+        async for chunk in arriving_chunks(request, idle_s):
             size += len(chunk)
             if size > limit:
                 raise ApiError(f"{what} too large: more than {human_bytes(limit)}", code="payload_too_large",
@@ -137,7 +155,7 @@ async def read_json(request: Request, limits) -> dict:
 
 
 async def json_body(request: Request, limits) -> dict:
-    body = await read_body(request, limits.max_request_bytes, "request body")
+    body = await read_body(request, limits.max_request_bytes, "request body", limits.body_idle_timeout_s)
     check_json_values(body, limits.max_json_values, "the body")
     try:
         data = parse_json_text(body)
@@ -171,7 +189,7 @@ async def read_form(request: Request, limits, max_files: int, max_fields: int = 
 
 
 async def form_body(request: Request, limits, max_files: int, max_fields: int = 64) -> FormData:
-    body = await read_body(request, limits.max_upload_bytes, "upload")
+    body = await read_body(request, limits.max_upload_bytes, "upload", limits.body_idle_timeout_s)
     check_closed(body, content_type(request)[1].get("boundary"))
     parser = StrictMultiPartParser(request.headers, request.stream(), max_files=max_files, max_fields=max_fields,
                                    max_part_size=1024 * 1024)

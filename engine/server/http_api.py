@@ -54,8 +54,10 @@ RETRY_AFTER_S = 1  # what a 429 (queue_full) or 503 (shutting down, session limi
 
 def error_response(err: ApiError) -> JSONResponse:
     """OpenAI's error body with the error's status; a refusal for load (429, 503) says when to try again
-    (Retry-After, RFC 9110 §10.2.3), as OpenAI's own 429s do."""
-    return JSONResponse({"error": err.to_openai()}, status_code=err.status, headers=retry_headers(err.status))
+    (Retry-After, RFC 9110 §10.2.3), as OpenAI's own 429s do. After a body that stopped arriving (408) the
+    connection closes: what is left of that body could still come, and would read as the next request."""
+    headers = retry_headers(err.status) | ({"Connection": "close"} if err.status == 408 else {})
+    return JSONResponse({"error": err.to_openai()}, status_code=err.status, headers=headers)
 
 
 def retry_headers(status: int) -> dict[str, str]:

@@ -349,3 +349,29 @@ def test_a_fault_while_an_answer_streams_still_ends_the_stream(monkeypatch):
         assert events[-1]["error"]["code"] == "server_error", events
         assert "data: [DONE]" in lines
         assert c.get("/health").json()["client_aborts"]["left_mid_response"] == 0
+
+
+JSON_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize("request_bytes", [
+    JSON_HEAD + b"Content-Length: 500\r\n\r\n" + json.dumps(CHAT).encode(),
+    JSON_HEAD + b"Transfer-Encoding: chunked\r\n\r\n10\r\n" + json.dumps(CHAT).encode()[:16] + b"\r\n",
+], ids=["content-length-never-filled", "chunked-without-last-chunk"])
+def test_a_body_that_stops_arriving_is_a_408_not_a_request_held_forever(request_bytes):
+    """A client that declared more body than it sent (or stopped a chunked body before its last chunk) and kept
+    the connection open got no answer at all: the request, and its connection, were held forever."""
+    with fake_server(body_idle_timeout_s=0.5) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(request_bytes)  # (and the connection stays open: nothing more comes)
+            assert httpx.get(srv.url + "/health", timeout=10).status_code == 200  # others are served meanwhile
+            data = b""
+            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                assert chunk, f"the connection closed without an answer: {data!r}"
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), head
+        err = json.loads(body)["error"]
+        assert err["code"] == "request_timeout" and err["type"] == "invalid_request_error", err
+        assert "0.5 s" in err["message"]
