@@ -13,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.websockets import WebSocket
 
 from engine.runtime import Engine
@@ -104,8 +105,10 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
         yield
         ctx.scheduler.close()
 
+    # (no redirect_slashes: starlette answered a route with a trailing '/' with a bodiless 307 to a URL built from
+    # the request's Host header; the 404 below names the route instead)
     app = FastAPI(title="Ming Omni Studio server", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None, redirect_slashes=False)
     app.state.ctx = ctx
     for r in (router, speech_api.router, images_api.router):
         app.include_router(r)
@@ -137,6 +140,8 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
             detail += f" (this route takes {headers['Allow']})"
         if exc.status_code == 404:  # (OpenAI's embeddings, responses, files ...: say what is served instead)
             detail = f"this server has no such route; it serves {', '.join(served_routes(request.app))}"
+            if (route := route_without_slash(request.app, request.scope)) is not None:
+                detail = f"this server has no such route; send the request to {route} (without the trailing '/')"
         method = "HEAD" if request.scope.get("ming.head") else request.method
         response = error_response(ApiError(f"{method} {request.url.path}: {detail}", code=code,
                                            status=exc.status_code))
@@ -171,6 +176,15 @@ def served_routes(app: FastAPI) -> list[str]:
                 yield f"{'/'.join(sorted(getattr(route, 'methods', None) or ['WS']))} {route.path_format}"
 
     return list(dict.fromkeys(walk(app.routes)))
+
+
+def route_without_slash(app: FastAPI, scope: dict) -> str | None:
+    """The path a request meant when its path is a served route's with trailing '/'s (None otherwise)."""
+    path = scope["path"].rstrip("/")
+    if not path or path == scope["path"]:
+        return None
+    meant = {**scope, "path": path}
+    return path if any(route.matches(meant)[0] is not Match.NONE for route in app.router.routes) else None
 
 
 def websocket_not_found(app: FastAPI, not_found):

@@ -375,3 +375,17 @@ def test_a_body_that_stops_arriving_is_a_408_not_a_request_held_forever(request_
         err = json.loads(body)["error"]
         assert err["code"] == "request_timeout" and err["type"] == "invalid_request_error", err
         assert "0.5 s" in err["message"]
+
+
+@pytest.mark.parametrize("method, path, meant", [
+    ("POST", "/v1/chat/completions/", "/v1/chat/completions"),
+    ("GET", "/v1/audio/voices//", "/v1/audio/voices"),
+    ("DELETE", "/v1/audio/voices/alice/", "/v1/audio/voices/alice"),
+])
+def test_a_route_with_a_trailing_slash_is_a_404_naming_the_route_not_a_bare_redirect(fake, method, path, meant):
+    """A trailing '/' was a 307 with no body, to a URL made from the request's Host header (a client that does
+    not follow redirects, as OpenAI's SDK for a POST, saw an empty answer)."""
+    r = fake.request(method, path, json=CHAT if method == "POST" else None, headers={"host": "elsewhere.example"})
+    assert r.status_code == 404 and "location" not in r.headers, (r.status_code, r.headers)
+    err = r.json()["error"]
+    assert err["code"] == "not_found" and f"send the request to {meant} " in err["message"], err
