@@ -97,6 +97,19 @@ def decoded_chunk(decoder, chunk: bytes, room: int, what: str, limit: int) -> by
     return out
 
 
+def check_decoded_whole(decoder) -> None:
+    """A compressed body must be exactly one compressed stream: one cut short is refused, and so are bytes after
+    its end (a second gzip member, anything appended), which zlib sets aside: they were silently dropped, and
+    the request was answered from the first part alone."""
+    if not decoder.eof:
+        raise bad("the body ends before its compressed stream does (Content-Encoding): send the whole body",
+                  "invalid_content_encoding")
+    if decoder.unused_data:
+        raise bad(f"the body goes on for {len(decoder.unused_data)} bytes after its compressed stream ends "
+                  "(Content-Encoding; a second gzip member?): send one compressed stream and nothing after it",
+                  "invalid_content_encoding")
+
+
 async def arriving_chunks(request: Request, idle_s: float):
     """The body's pieces as they arrive; a client that sends none for `idle_s` seconds (a Content-Length it never
     fills, a chunked body that stops without its last chunk, while the connection stays open) is refused with 408:
@@ -139,9 +152,8 @@ async def read_body(request: Request, limit: int, what: str, idle_s: float) -> b
     except ClientDisconnect:
         raise ClientGone("truncated_upload", f"{request.method} {request.url.path}: the client left after "
                                              f"{size} of {declared or 'unknown'} bytes") from None
-    if decoder is not None and not decoder.eof:
-        raise bad("the body ends before its compressed stream does (Content-Encoding): send the whole body",
-                  "invalid_content_encoding")
+    if decoder is not None:
+        check_decoded_whole(decoder)
     body = b"".join(chunks)
     request._body = body  # later parsing (forms) reads it from here
     return body

@@ -167,6 +167,20 @@ def test_a_body_that_does_not_decode_says_so_not_invalid_json(fake, raw):
     assert err["code"] == "invalid_content_encoding" and "Content-Encoding" in err["message"]
 
 
+@pytest.mark.parametrize("encoding, raw", [
+    ("gzip", gzip.compress(json.dumps(CHAT).encode()) + gzip.compress(b', "max_tokens": "many"}')),
+    ("gzip", gzip.compress(json.dumps(CHAT).encode()) + b"appended"),
+    ("deflate", zlib.compress(json.dumps(CHAT).encode()) + b"appended"),
+], ids=["second-gzip-member", "gzip-then-bytes", "deflate-then-bytes"])
+def test_bytes_after_the_compressed_stream_are_refused_not_dropped(fake, encoding, raw):
+    """What followed the end of a body's compressed stream was silently dropped: the request was answered (200)
+    from its first part alone."""
+    r = _post(fake, raw, encoding)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_content_encoding" and "after its compressed stream ends" in err["message"], err
+
+
 def test_a_compressed_body_is_held_to_the_size_limit_once_decoded():
     bomb = gzip.compress(json.dumps({**CHAT, "metadata": {"pad": "x" * 3_000_000}}).encode())
     assert len(bomb) < 100_000
