@@ -48,7 +48,7 @@ from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import ROOT, AudioSpan, Item, Session, audio_format, new_id
 from engine.server.text import (check_json_values, check_text, check_url_text, invalid_text_path,
-                                json_may_hold_surrogates, text_chars, texts_of)
+                                json_may_hold_surrogates, loads_json, text_chars, texts_of)
 from engine.server.turns import VAD_RATE, ServerVad, SpeechStarted, SpeechStopped, TurnDetector
 from engine.server.video_context import VideoContextConfig, compact_clip
 
@@ -220,7 +220,7 @@ class RealtimeConnection:
                                code="message_too_large", status=413)
             check_json_values(text, self.limits.max_json_values, "the message")
             try:
-                event = json.loads(text)
+                event = loads_json(text)
             except (ValueError, RecursionError) as e:
                 raise bad(f"the message is not valid JSON: {str(e)[:120]}", "invalid_json") from None
             if not isinstance(event, dict):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from engine.errors import ECHO_CHARS, shown
 from engine.server.protocol import ApiError
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -138,6 +139,24 @@ def check_json_values(text: str | bytes, limit: int, what: str) -> None:
                        status=413)
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are all different (json.loads' object_pairs_hook). A key sent twice is refused:
+    which of its values the client meant cannot be told (json.loads silently kept the last one), as with a form
+    field sent twice (engine.server.bodies.form_value)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ApiError(f"the key {shown(_printable(key))} appears more than once in one JSON object; send it once",
+                       code="invalid_json", param=_printable(key)[:ECHO_CHARS])
+    return obj
+
+
+def loads_json(text: str) -> Any:
+    """JSON text parsed, each object's keys unique (unique_keys); ValueError or RecursionError when not JSON."""
+    return json.loads(text, object_pairs_hook=unique_keys)
+
+
 def parse_json_text(raw: bytes) -> Any:
     """A JSON body (UTF-8; a BOM is skipped) parsed, with every string checked: bytes that are not
     UTF-8 are kept as lone surrogates (surrogateescape) so the error can name the field they are in.
@@ -146,7 +165,7 @@ def parse_json_text(raw: bytes) -> Any:
         text, suspect = raw.decode("utf-8"), json_may_hold_surrogates(raw)
     except UnicodeDecodeError:
         text, suspect = raw.decode("utf-8", "surrogateescape"), True
-    value = json.loads(text.removeprefix("\ufeff"))
+    value = loads_json(text.removeprefix("\ufeff"))
     if suspect:
         check_text(value)
     return value

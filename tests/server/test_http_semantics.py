@@ -403,3 +403,30 @@ def test_a_route_with_a_trailing_slash_is_a_404_naming_the_route_not_a_bare_redi
     assert r.status_code == 404 and "location" not in r.headers, (r.status_code, r.headers)
     err = r.json()["error"]
     assert err["code"] == "not_found" and f"send the request to {meant} " in err["message"], err
+
+
+@pytest.mark.parametrize("raw, key", [
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "max_tokens": 4000}', "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi", "content": "bye"}], "max_tokens": 1}', "content"),
+], ids=["top-level", "in-a-message"])
+def test_a_json_key_sent_twice_is_refused_naming_it(fake, raw, key):
+    """A key sent twice was taken silently with its last value (the first one lost), where a form field sent twice
+    is refused: which one the client meant cannot be told."""
+    r = fake.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_json" and f"'{key}' appears more than once" in err["message"], err
+    assert err["param"] == key
+
+
+def test_a_realtime_event_with_a_key_sent_twice_is_refused_and_the_session_goes_on():
+    from websockets.sync.client import connect
+
+    with fake_server() as srv, connect(f"ws://127.0.0.1:{srv.port}/v1/realtime") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        ws.send('{"type": "session.update", "session": {"instructions": "Be brief.", "instructions": "Be long."}}')
+        err = json.loads(ws.recv(timeout=10))
+        assert err["type"] == "error" and err["error"]["code"] == "invalid_json", err
+        assert err["error"]["param"] == "instructions" and "appears more than once" in err["error"]["message"]
+        ws.send(json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}))
+        assert json.loads(ws.recv(timeout=10))["session"]["instructions"] == "Be brief."
