@@ -4,6 +4,7 @@ in the foreground (`python -m engine.server`) or on a background thread (tests, 
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -226,7 +227,8 @@ def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning
     # frames somewhat over the per-event limit still reach the app (and get a structured error);
     # far larger ones are closed by the protocol layer with code 1009
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            http=OpenAIErrorsH11Protocol, ws=OpenAIErrorsWebSocketProtocol,
+                            http=functools.partial(OpenAIErrorsH11Protocol, head_timeout_s=limits.head_timeout_s),
+                            ws=OpenAIErrorsWebSocketProtocol,
                             ws_max_size=2 * limits.max_message_bytes + 1024 * 1024, ws_per_message_deflate=False,
                             timeout_graceful_shutdown=3)
     logs.install()  # (creating the config configured uvicorn's logging: its loggers keep the filter)

@@ -5,10 +5,12 @@ uvicorn answers every request h11 refuses (a request line and headers past h11's
 malformed request line or header) with a plain-text 400 "Invalid HTTP request received.": a
 client reading OpenAI's JSON error body found none, and headers too long read as a bad request
 rather than 431 (RFC 6585 §5). The connection still closes after the answer, as uvicorn's does.
+A request head that never arrives whole is timed (OpenAIErrorsH11Protocol.head_timeout_s).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 
@@ -33,11 +35,62 @@ def parse_error(exc: BaseException | None, max_head_bytes: int) -> ApiError:
 
 
 class OpenAIErrorsH11Protocol(H11Protocol):
+    """`head_timeout_s`: how long a connection may take to send a request's whole head (from its opening, or from
+    the previous answer). uvicorn waits for a head forever: a client that connected and sent part of a request
+    line, or nothing, held its connection (and a file descriptor) for good, and enough of them starve the server.
+    A head cut off so is answered 408 in OpenAI's body; a connection that sent nothing is closed."""
+
+    def __init__(self, *args, head_timeout_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_timeout_s = head_timeout_s
+        self.head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.time_the_head()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.time_the_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.time_the_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_head_timer()
+        super().connection_lost(exc)
+
+    def time_the_head(self) -> None:
+        """The head timer runs while the connection owes a request head (h11: the client's side is IDLE)."""
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            self.stop_head_timer()
+        elif self.head_timer is None:
+            self.head_timer = self.loop.call_later(self.head_timeout_s, self.head_timed_out)
+
+    def stop_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.transport.is_closing():
+            return
+        if not self.conn.trailing_data[0]:  # nothing of a request came: closed as an idle keep-alive connection is
+            self.transport.close()
+            return
+        self.answer_and_close(ApiError(f"the request's head did not arrive whole within {self.head_timeout_s:g} s "
+                                       "(its request line and headers stopped before their blank line): send the "
+                                       "whole request", code="request_timeout", status=408))
+
     def send_400_response(self, msg: str) -> None:
         """uvicorn calls this while it handles h11's RemoteProtocolError: that error's status and
         OpenAI's body, then the connection closes."""
         limit = self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
-        err = parse_error(sys.exc_info()[1], limit)
+        self.answer_and_close(parse_error(sys.exc_info()[1], limit))
+
+    def answer_and_close(self, err: ApiError) -> None:
         body = json.dumps({"error": err.to_openai()}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close")]

@@ -35,6 +35,8 @@ class Limits:
     slow_reader_timeout_s: float = 30.0  # a reader that takes nothing for this long is cut off
     keepalive_s: float = 15.0  # an SSE stream with no news for this long gets a keepalive comment
     body_idle_timeout_s: float = 10.0  # an HTTP request body that sends no byte for this long is refused (408)
+    head_timeout_s: float = 10.0  # an HTTP request head not whole this long after the connection opened (or the
+    #                               previous answer) is refused (408); a connection that sent nothing is closed
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -9,13 +9,14 @@ import gzip
 import json
 import os
 import socket
+import time
 import zlib
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.server import fake_server, handshake_answer, tone_pcm16, wav_bytes
+from tests.server import FakeEngine, fake_server, handshake_answer, tone_pcm16, wav_bytes
 
 WAV = wav_bytes(tone_pcm16(0.5))
 
@@ -430,3 +431,41 @@ def test_a_realtime_event_with_a_key_sent_twice_is_refused_and_the_session_goes_
         assert err["error"]["param"] == "instructions" and "appears more than once" in err["error"]["message"]
         ws.send(json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}))
         assert json.loads(ws.recv(timeout=10))["session"]["instructions"] == "Be brief."
+
+
+def test_a_request_head_that_stops_is_a_408_and_a_silent_connection_is_closed():
+    """A client that sent part of a request line (or connected and sent nothing) held its connection forever:
+    uvicorn waits for a head without limit, and enough such connections starve the server of sockets."""
+    with fake_server(head_timeout_s=0.5) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as silent, \
+                socket.create_connection(("127.0.0.1", srv.port), timeout=10) as partial:
+            partial.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # (no blank line: the head never ends)
+            assert httpx.get(srv.url + "/health", timeout=10).status_code == 200  # others are served meanwhile
+            data = b""
+            while chunk := partial.recv(65536):
+                data += chunk
+            assert silent.recv(100) == b""  # closed, nothing said
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), head
+        err = json.loads(body)["error"]
+        assert err["code"] == "request_timeout" and "0.5 s" in err["message"], err
+
+
+def test_a_kept_alive_connection_is_not_cut_while_its_requests_run_longer_than_the_head_timeout():
+    from engine.events import Done, TextDelta
+
+    slow = FakeEngine(script=[TextDelta("a"), TextDelta("b"), Done("ab", "stop")], step_s=0.4)
+    with fake_server(slow, head_timeout_s=0.5) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        for _ in range(2):  # (the same connection: each answer takes longer than the head timeout)
+            r = c.post("/v1/chat/completions", json=CHAT)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ab", r.text
+
+
+def test_a_realtime_session_outlives_the_head_timeout():
+    from websockets.sync.client import connect
+
+    with fake_server(head_timeout_s=0.3) as srv, connect(f"ws://127.0.0.1:{srv.port}/v1/realtime") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        time.sleep(1.0)
+        ws.send(json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.updated"
