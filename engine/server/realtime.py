@@ -799,7 +799,7 @@ class RealtimeConnection:
         item_id = item.get("id")
         if item_id is not None:
             need_str(item_id, "item.id", allow_empty=False)
-            if len(item_id) > 64 or item_id == ROOT or any(it.id == item_id for it in self.session.items):
+            if len(item_id) > 64 or item_id == ROOT or self._id_taken(item_id):
                 raise bad(f"'item.id' must be unique in the session, at most 64 characters and not {ROOT!r}",
                           "invalid_value", "item.id")
         if "content" not in item:
@@ -882,6 +882,10 @@ class RealtimeConnection:
                       "for the start, or leave 'previous_item_id' out to append)", "item_not_found",
                       "previous_item_id")
         return prev
+
+    def _id_taken(self, item_id: str) -> bool:
+        """Whether an item of the conversation, or the reply being written (it joins at response.done), has this id."""
+        return self._streaming_item(item_id) is not None or self.session.find_item(item_id) is not None
 
     def _streaming_item(self, item_id: str) -> Response | None:
         """The active response whose assistant item is `item_id` (announced by conversation.item.added,

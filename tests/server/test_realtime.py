@@ -361,6 +361,28 @@ def test_the_reply_being_written_can_be_retrieved_and_is_not_called_missing():
         assert after["item"]["content"][0]["text"] == "one two three four five "
 
 
+def test_an_item_cannot_take_the_id_of_the_reply_being_written():
+    """A user item created with the id of the assistant reply still being written was taken: once the reply joined
+    at response.done the conversation held two items of one id (retrieve, delete and truncate then acted on the
+    first, whichever that was)."""
+    from engine.events import Done, TextDelta
+    from tests.server import FakeEngine, fake_server
+
+    script = [TextDelta(w) for w in ("one ", "two ", "three ")] + [Done("one two three ", "stop")]
+    with fake_server(FakeEngine(script, step_s=0.25)) as srv, connect(srv.ws_url) as ws:
+        opened(ws)
+        send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": "count"})
+        recv_item(ws)
+        send(ws, type="response.create")
+        reply_id = recv_until(ws, "response.output_item.added")[-1]["item"]["id"]
+        send(ws, type="conversation.item.create", event_id="twin",
+             item={"id": reply_id, "type": "message", "role": "user", "content": "same id"})
+        events = recv_until(ws, "response.done")
+        errors = [ev["error"] for ev in events if ev["type"] == "error"]
+        assert [(e["event_id"], e["code"], e["param"]) for e in errors] == [("twin", "invalid_value", "item.id")], events
+        assert not [ev for ev in events if ev["type"] == "conversation.item.added" and ev["item"]["role"] == "user"]
+
+
 def test_previous_item_id_inserts_where_it_says():
     """conversation.item.create with previous_item_id 'root' (OpenAI: the start of the conversation) or an
     earlier item's id (right after it) was refused ('items can only be appended'), even 'root' in an empty
