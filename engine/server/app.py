@@ -51,6 +51,7 @@ class GateMiddleware:
             refusal = None
             try:
                 check_url_text(scope)
+                check_framing(scope)
             except ApiError as e:
                 refusal = e
             if refusal is None and scope["path"] not in OPEN_PATHS and not authorized(scope, self.ctx.token):
@@ -61,12 +62,23 @@ class GateMiddleware:
                 headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
                 if refusal.status == 401:
                     headers.append((b"www-authenticate", b"Bearer"))
+                if refusal.code == "invalid_http_request":  # (its body's end cannot be told: nothing after it is read)
+                    headers.append((b"connection", b"close"))
                 await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
                 return
             if scope["method"] == "HEAD":  # a GET resource answers HEAD (RFC 9110 §9.3.2): the GET's head, no body
                 scope, send = {**scope, "method": "GET", "ming.head": True}, without_body(send)
         await self.app(scope, receive, send)
+
+
+def check_framing(scope: dict) -> None:
+    """Refuse a request whose body's length two headers give: Transfer-Encoding and Content-Length together (RFC 9112
+    §6.3: request smuggling's shape; h11 read the chunks and kept the connection, where the RFC says it must close)."""
+    names = {name.lower() for name, _ in scope["headers"]}
+    if b"transfer-encoding" in names and b"content-length" in names:
+        raise ApiError("the request is not valid HTTP/1.1: it has both Transfer-Encoding and Content-Length, which "
+                       "disagree on where its body ends; send one of them", code="invalid_http_request", status=400)
 
 
 def with_request_headers(send, request_id: str):

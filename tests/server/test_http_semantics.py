@@ -469,3 +469,17 @@ def test_a_realtime_session_outlives_the_head_timeout():
         time.sleep(1.0)
         ws.send(json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}))
         assert json.loads(ws.recv(timeout=10))["type"] == "session.updated"
+
+
+def test_a_body_framed_by_both_transfer_encoding_and_content_length_is_refused_and_the_connection_closed():
+    """A request with both headers (request smuggling's shape, RFC 9112 §6.3) was read by its chunks and answered
+    200 on a connection kept open: a request hidden after it was then answered as the client's next."""
+    body = json.dumps(CHAT).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    hidden = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with fake_server() as srv:
+        status, headers, answer = raw_answer(srv.port, JSON_HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+                                             + chunked + hidden)
+    assert (status, headers["connection"]) == (400, "close"), answer
+    err = json.loads(answer)["error"]  # (one answer: the hidden request is not read)
+    assert err["code"] == "invalid_http_request" and "Transfer-Encoding and Content-Length" in err["message"], err
