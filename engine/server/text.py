@@ -153,8 +153,9 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 
 def loads_json(text: str) -> Any:
-    """JSON text parsed, each object's keys unique (unique_keys); ValueError or RecursionError when not JSON."""
-    return json.loads(text, object_pairs_hook=unique_keys)
+    """JSON text parsed (a leading BOM skipped, in a body and in a realtime event alike), each object's keys unique
+    (unique_keys); ValueError or RecursionError when not JSON."""
+    return json.loads(text.removeprefix("\ufeff"), object_pairs_hook=unique_keys)
 
 
 def parse_json_text(raw: bytes) -> Any:
@@ -165,7 +166,7 @@ def parse_json_text(raw: bytes) -> Any:
         text, suspect = raw.decode("utf-8"), json_may_hold_surrogates(raw)
     except UnicodeDecodeError:
         text, suspect = raw.decode("utf-8", "surrogateescape"), True
-    value = loads_json(text.removeprefix("\ufeff"))
+    value = loads_json(text)
     if suspect:
         check_text(value)
     return value

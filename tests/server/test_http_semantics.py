@@ -483,3 +483,17 @@ def test_a_body_framed_by_both_transfer_encoding_and_content_length_is_refused_a
     assert (status, headers["connection"]) == (400, "close"), answer
     err = json.loads(answer)["error"]  # (one answer: the hidden request is not read)
     assert err["code"] == "invalid_http_request" and "Transfer-Encoding and Content-Length" in err["message"], err
+
+
+def test_a_realtime_event_with_a_leading_bom_is_read_as_a_body_with_one_is():
+    """An HTTP body's leading BOM is skipped, but a realtime event with one was invalid_json ('Unexpected UTF-8 BOM
+    (decode using utf-8-sig)': Python's advice, not the client's)."""
+    from websockets.sync.client import connect
+
+    with fake_server() as srv, connect(f"ws://127.0.0.1:{srv.port}/v1/realtime") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        ws.send("\ufeff" + json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.updated"
+        r = httpx.post(srv.url + "/v1/chat/completions", content=b"\xef\xbb\xbf" + json.dumps(CHAT).encode(),
+                       headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 200, r.text
