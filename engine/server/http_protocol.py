@@ -30,8 +30,9 @@ def parse_error(exc: BaseException | None, max_head_bytes: int) -> ApiError:
                         "ended): send shorter or fewer headers, and media in the body",
                         code="request_header_fields_too_large", status=431)
     detail = str(exc)[:120] if exc is not None else ""
+    # (a 501 is h11's for a Transfer-Encoding other than chunked: the client's request, not a server fault)
     return ApiError(f"the request is not valid HTTP/1.1{': ' + detail if detail else ''}",
-                    code="invalid_http_request", status=status)
+                    code="invalid_http_request", status=status, kind="invalid_request_error")
 
 
 class OpenAIErrorsH11Protocol(H11Protocol):
@@ -93,7 +94,7 @@ class OpenAIErrorsH11Protocol(H11Protocol):
     def answer_and_close(self, err: ApiError) -> None:
         body = json.dumps({"error": err.to_openai()}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
+                   (b"connection", b"close"), (b"x-should-retry", b"false")]  # (the same request meets the same answer)
         for event in (h11.Response(status_code=err.status, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
         self.transport.close()

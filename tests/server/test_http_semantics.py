@@ -328,6 +328,7 @@ def raw_answer(port: int, request: bytes) -> tuple[int, dict, bytes]:
     (b"GET /v1/models?x=" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431, "request_header_fields_too_large"),
     (b"GARBAGE\r\n\r\n", 400, "invalid_http_request"),
     (b"GET /health HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400, "invalid_http_request"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "invalid_http_request"),
 ])
 def test_a_request_that_does_not_parse_gets_openais_error_body_and_its_status(request_bytes, status, code):
     """Headers too long (or a request that is not HTTP) got uvicorn's plain-text 400 'Invalid HTTP request
@@ -335,6 +336,7 @@ def test_a_request_that_does_not_parse_gets_openais_error_body_and_its_status(re
     with fake_server() as srv:
         got, headers, body = raw_answer(srv.port, request_bytes)
         assert (got, headers["content-type"], headers["connection"]) == (status, "application/json", "close"), body
+        assert headers["x-should-retry"] == "false"  # (a 501 was a server_error that OpenAI's SDK sent twice more)
         err = json.loads(body)["error"]
         assert err["code"] == code and err["type"] == "invalid_request_error", err
         assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
