@@ -115,6 +115,9 @@ def b64decode(data: Any, name: str, max_bytes: int) -> bytes:
         raise bad(f"'{name}' is too large: about {human_bytes(len(data) * 3 // 4)} decoded, the limit is "
                   f"{human_bytes(max_bytes)}", "payload_too_large", name, status=413)
     text = data.strip()
+    if text[:5].lower() == "data:":  # (base64's alphabet has no ':': said as what it is, not "Only base64 data")
+        raise bad(f"'{name}' is a data: URL; this field takes the base64 of the bytes alone: leave out the "
+                  f"'{text[:text.find(',') + 1 or 40][:80]}' prefix", "invalid_base64", name)
     if "-" in text or "_" in text:
         text = text.replace("-", "+").replace("_", "/")
     text += "=" * (-len(text) % 4)

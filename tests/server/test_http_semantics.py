@@ -499,3 +499,16 @@ def test_a_realtime_event_with_a_leading_bom_is_read_as_a_body_with_one_is():
         r = httpx.post(srv.url + "/v1/chat/completions", content=b"\xef\xbb\xbf" + json.dumps(CHAT).encode(),
                        headers={"content-type": "application/json"}, timeout=30)
         assert r.status_code == 200, r.text
+
+
+def test_a_data_url_where_plain_base64_is_taken_is_called_a_data_url():
+    """input_audio_buffer.append with a data: URL (what an image part takes) was 'not valid base64 (Only base64 data
+    is allowed)': Python's words, which did not say what was wrong."""
+    from websockets.sync.client import connect
+
+    with fake_server() as srv, connect(f"ws://127.0.0.1:{srv.port}/v1/realtime") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": "data:audio/pcm;base64,AAAAAA=="}))
+        err = json.loads(ws.recv(timeout=10))["error"]
+        assert (err["code"], err["param"]) == ("invalid_base64", "audio"), err
+        assert "data: URL" in err["message"] and "'data:audio/pcm;base64,' prefix" in err["message"], err
