@@ -4,6 +4,7 @@ message can be shown as it is. `code` is the stable machine-readable name the se
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 ECHO_CHARS = 64  # of a caller's value quoted in an error message
@@ -36,8 +37,12 @@ def shown(value: Any, limit: int = ECHO_CHARS) -> str:
 
 def shown_number(value: Any) -> str:
     """A caller's number as an error message quotes it: as written, or cut like `shown` when it is
-    long (JSON lets a client write an integer of thousands of digits)."""
-    text = str(value)
+    long (JSON lets a client write an integer of thousands of digits; one past Python's digit limit for str(),
+    sys.get_int_max_str_digits, is said by its size)."""
+    try:
+        text = str(value)
+    except ValueError:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)):,} digits"
     return text if len(text) <= ECHO_CHARS else shown(text)
 
 

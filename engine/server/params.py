@@ -99,8 +99,7 @@ def max_tokens_from(body: dict, limits: Limits, default: int | None = None, wher
         value = body.get(field)
         name = where + field
         if value is not None:
-            given[name] = limits.max_new_tokens if inf_ok and value == "inf" else int(need_number(
-                value, name, 1, None, integer=True))
+            given[name] = limits.max_new_tokens if inf_ok and value == "inf" else need_integer(value, name)
     if len(set(given.values())) > 1:
         names = list(given)
         values = ", ".join(shown_number(given[n]) for n in names)
@@ -111,6 +110,13 @@ def max_tokens_from(body: dict, limits: Limits, default: int | None = None, wher
             raise bad(f"'{name}' is {shown_number(n)}; this server allows at most {limits.max_new_tokens}",
                       "max_tokens_exceeded", name)
     return next(iter(given.values()), default if default is not None else limits.default_max_tokens)
+
+
+def need_integer(value: Any, name: str) -> int:
+    """A token count of at least 1, as an int (an int kept as it is: a LongInteger, engine.server.text, keeps the
+    text the client wrote for the error that refuses it)."""
+    number = need_number(value, name, 1, None, integer=True)
+    return number if isinstance(number, int) else int(number)
 
 
 def generation_params(body: dict, limits: Limits, base: GenerationParams | None = None,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -152,10 +153,34 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return obj
 
 
+class LongInteger(int):
+    """A JSON integer of more digits than Python converts to an int (sys.get_int_max_str_digits: a body was 'not valid
+    JSON: Exceeds the limit (4300 digits) for integer string conversion ... use sys.set_int_max_str_digits()', naming
+    no field). Its value lies past every bound (plus or minus 10**digits), so the field's own check refuses it
+    naming the field; its text is the client's, for that error to quote (cut: engine.errors.shown_number)."""
+
+    def __new__(cls, text: str):
+        magnitude = 10 ** sys.get_int_max_str_digits()
+        number = super().__new__(cls, -magnitude if text.startswith("-") else magnitude)
+        number.text = text
+        return number
+
+    def __str__(self) -> str:
+        return self.text
+
+    __repr__ = __str__
+
+
+def json_integer(text: str) -> int:
+    """A JSON integer as json.loads' parse_int: an int, or a LongInteger past Python's digit limit."""
+    limit = sys.get_int_max_str_digits()
+    return LongInteger(text) if limit and len(text.lstrip("-")) > limit else int(text)
+
+
 def loads_json(text: str) -> Any:
     """JSON text parsed (a leading BOM skipped, in a body and in a realtime event alike), each object's keys unique
-    (unique_keys); ValueError or RecursionError when not JSON."""
-    return json.loads(text.removeprefix("\ufeff"), object_pairs_hook=unique_keys)
+    (unique_keys), integers of any length (json_integer); ValueError or RecursionError when not JSON."""
+    return json.loads(text.removeprefix("\ufeff"), object_pairs_hook=unique_keys, parse_int=json_integer)
 
 
 def parse_json_text(raw: bytes) -> Any:

@@ -512,3 +512,35 @@ def test_a_data_url_where_plain_base64_is_taken_is_called_a_data_url():
         err = json.loads(ws.recv(timeout=10))["error"]
         assert (err["code"], err["param"]) == ("invalid_base64", "audio"), err
         assert "data: URL" in err["message"] and "'data:audio/pcm;base64,' prefix" in err["message"], err
+
+
+LONGER_THAN_PYTHON_CONVERTS = "9" * 5000  # (Python turns at most sys.get_int_max_str_digits() = 4300 digits into an int)
+
+
+@pytest.mark.parametrize("field, code", [("max_tokens", "invalid_value"), ("seed", "invalid_value"),
+                                         ("temperature", "invalid_value")])
+def test_an_integer_of_more_digits_than_python_converts_is_a_bad_value_named(fake, field, code):
+    """A 5,000-digit integer was 'the body is not valid JSON: Exceeds the limit (4300 digits) for integer string
+    conversion ... use sys.set_int_max_str_digits()', naming no field: valid JSON, called invalid, with Python's advice."""
+    raw = json.dumps({"messages": CHAT["messages"]})[:-1] + f', "{field}": -{LONGER_THAN_PYTHON_CONVERTS}}}'
+    r = fake.post("/v1/chat/completions", content=raw.encode(), headers={"content-type": "application/json"})
+    err = r.json()["error"]
+    assert r.status_code == 400 and (err["code"], err["param"]) == (code, field), str(err)[:300]
+    assert "5,001 characters" in err["message"] and len(err["message"]) < 300, err["message"][:300]
+
+
+def test_a_realtime_integer_of_more_digits_than_python_converts_is_a_bad_value_named():
+    from websockets.sync.client import connect
+
+    with fake_server() as srv, connect(f"ws://127.0.0.1:{srv.port}/v1/realtime") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        ws.send('{"type": "session.update", "session": {"max_output_tokens": ' + LONGER_THAN_PYTHON_CONVERTS + "}}")
+        err = json.loads(ws.recv(timeout=10))["error"]
+        assert err["param"] == "session.max_output_tokens" and err["code"] != "invalid_json", str(err)[:300]
+        assert len(err["message"]) < 300, err["message"][:300]
+
+
+def test_an_error_quoting_an_integer_past_pythons_digit_limit_says_its_size():
+    from engine.errors import shown_number
+
+    assert shown_number(10 ** 5000) == "an integer of about 5,000 digits"  # (str() of it raised ValueError)
