@@ -300,6 +300,7 @@ class RealtimeConnection:
         for key in spec:
             if key not in IGNORED_SESSION_FIELDS and key not in SESSION_FIELDS:
                 raise bad(f"unknown session field {str(key)[:60]!r}", "unknown_parameter", f"session.{key}")
+        check_ignored_speed(spec.get("speed"), "session.speed")
         given: dict[str, tuple[str, Any]] = {}
 
         def twin(key: str, value: Any, param: str) -> Any:
@@ -1207,11 +1208,22 @@ def audio_output_voice(spec: Any, name: str, engine, voice: str | None) -> str |
     is refused there."""
     spec = need_dict(spec, name)
     codec.check_keys(spec, name, ("voice", "format"), ("speed",))
+    check_ignored_speed(spec.get("speed"), f"{name}.speed")
     if spec.get("format") is not None:
         output_audio_format(spec["format"], f"{name}.format", engine)
     if spec.get("voice") is not None:
         voice = voice_name(spec["voice"], f"{name}.voice", engine)
     return voice
+
+
+OPENAI_REALTIME_SPEEDS = (0.25, 1.5)  # the range OpenAI's realtime `speed` takes
+
+
+def check_ignored_speed(value: Any, name: str) -> None:
+    """`speed` (accepted with no effect: OpenAI's SDK sends its default) must still be what OpenAI takes, a number in
+    OPENAI_REALTIME_SPEEDS: a string, a negative or a 1e308 speed was taken silently."""
+    if value is not None:
+        codec.need_number(value, name, *OPENAI_REALTIME_SPEEDS)
 
 
 G711_FORMATS = {"g711_ulaw": "pcmu", "g711_alaw": "pcma", "audio/pcmu": "pcmu", "audio/pcma": "pcma"}

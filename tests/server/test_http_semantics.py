@@ -544,3 +544,22 @@ def test_an_error_quoting_an_integer_past_pythons_digit_limit_says_its_size():
     from engine.errors import shown_number
 
     assert shown_number(10 ** 5000) == "an integer of about 5,000 digits"  # (str() of it raised ValueError)
+
+
+@pytest.mark.parametrize("session, code, param", [
+    ({"audio": {"output": {"speed": "fast"}}}, "invalid_type", "session.audio.output.speed"),
+    ({"audio": {"output": {"speed": 1e308}}}, "invalid_value", "session.audio.output.speed"),
+    ({"speed": -1}, "invalid_value", "session.speed"),
+], ids=["string", "huge", "negative"])
+def test_realtime_speed_accepted_without_effect_must_still_be_openais(session, code, param):
+    """`speed` has no effect here (OpenAI's SDK sends its default, 1.0), and any value was taken silently: a string,
+    a negative or a 1e308 speed. It must be a number in OpenAI's 0.25-1.5; 1.0 is still taken."""
+    from websockets.sync.client import connect
+
+    with fake_server() as srv, connect(f"ws://127.0.0.1:{srv.port}/v1/realtime") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        ws.send(json.dumps({"type": "session.update", "session": session}))
+        err = json.loads(ws.recv(timeout=10))["error"]
+        assert (err["code"], err["param"]) == (code, param), err
+        ws.send(json.dumps({"type": "session.update", "session": {"speed": 1.0, "audio": {"output": {"speed": 1.0}}}}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.updated"
