@@ -171,6 +171,9 @@ class LongInteger(int):
     __repr__ = __str__
 
 
+LongInteger.__name__ = "int"  # (what an error saying a field's type names: "must be a string, got int")
+
+
 def json_integer(text: str) -> int:
     """A JSON integer as json.loads' parse_int: an int, or a LongInteger past Python's digit limit."""
     limit = sys.get_int_max_str_digits()
