@@ -1,0 +1,108 @@
+"""What README.md and docs/*.md tell a user to run is there: every flag a documented command line names is one
+its command's parser takes (read from its own `--help`), every file or folder of the repository the pages
+name exists, every `python -m engine.…` module they name imports, and the README's engine.plan command lines
+run (exit 0) on the real 2.0 config. The pages cannot drift from the command lines silently."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import re
+import runpy
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.paths import REPO, real_config
+
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# one command line's start: the studio, an engine module, a benchmark or a script
+COMMAND = re.compile(r"launch\.py|-m (engine(?:\.[a-z_]+)+)|(?:bench|scripts)/[a-z0-9_]+\.py")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+# a path of the repository a page names: under one of its top folders, or the studio's entry point
+REPO_PATH = re.compile(r"(?<![\w./-])(?:(?:engine|app|bench|scripts|tests|docs)/[\w/.*-]*|launch\.py)")
+ENGINE_MODULE = re.compile(r"(?<![\w./-])-m (engine(?:\.[a-z_]+)+)")
+
+
+def page_code(page: Path) -> list[str]:
+    """The page's code: each line of its fenced blocks, and each inline code span (which may wrap a line)."""
+    text = page.read_text(encoding="utf-8")
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    return [line for block in blocks for line in block.splitlines()] + re.findall(r"`([^`]+)`", prose)
+
+
+def documented_commands() -> dict[str, set[str]]:
+    """{command ('launch.py', 'engine.plan', 'bench/x.py'): the flags the pages give it}; a command's flags are
+    those after it in the same code, up to the next command or a shell comment."""
+    commands: dict[str, set[str]] = {}
+    for page in PAGES:
+        for code in page_code(page):
+            starts = list(COMMAND.finditer(code))
+            for here, after in zip(starts, starts[1:] + [None]):
+                words = code[here.end():after.start() if after else len(code)].split("#")[0]
+                commands.setdefault(here.group(1) or here.group(0), set()).update(FLAG.findall(words))
+    return commands
+
+
+def help_text(command: str) -> str:
+    """What `command --help` prints, run in this process as its `__main__`."""
+    argv, out = sys.argv, io.StringIO()
+    sys.argv = [command, "--help"]
+    try:
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+            if command.endswith(".py"):
+                runpy.run_path(str(REPO / command), run_name="__main__")
+            else:
+                runpy.run_module(command, run_name="__main__", alter_sys=True)
+    finally:
+        sys.argv = argv
+    assert done.value.code in (0, None), f"{command} --help exited {done.value.code}"
+    return out.getvalue()
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_pages_name_the_command_lines_a_user_runs():
+    assert {"launch.py", "engine.server", "engine.plan", "engine.tiny", "engine.tts", "engine.imagine"} <= set(COMMANDS)
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # a module run again as __main__
+@pytest.mark.parametrize("command", sorted(c for c in COMMANDS if COMMANDS[c]))
+def test_every_documented_flag_is_one_the_command_takes(command):
+    if command.endswith(".py"):
+        assert (REPO / command).is_file(), f"{command} is named by the docs but does not exist"
+    taken = set(FLAG.findall(help_text(command)))
+    assert COMMANDS[command] - taken == set(), f"documented for {command} but not in its --help"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_repository_path_the_page_names_exists(page):
+    named = set(REPO_PATH.findall(page.read_text(encoding="utf-8")))
+    missing = {p for p in named if not (any(REPO.glob(p)) if "*" in p else (REPO / p).exists())}
+    assert missing == set(), f"{page.name} names paths that do not exist"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_engine_module_the_page_runs_imports(page):
+    modules = set(ENGINE_MODULE.findall(page.read_text(encoding="utf-8")))
+    assert {m for m in modules if importlib.util.find_spec(m) is None} == set()
+
+
+def readme_plan_commands() -> list[list[str]]:
+    """The README's `python -m engine.plan …` lines as argv, optional parts ([--json]) dropped."""
+    lines = [code for code in page_code(REPO / "README.md") if code.startswith("python -m engine.plan --config DIR")]
+    return [shlex.split(re.sub(r"\[[^]]*\]", "", " ".join(line.split()))[len("python -m engine.plan "):])
+            for line in lines]
+
+
+@pytest.mark.parametrize("argv", readme_plan_commands(), ids=" ".join)
+def test_the_readmes_plan_commands_fit_the_real_model(argv, capsys):
+    from engine.placement.planner import main
+    argv = [str(real_config("ming-flash-omni-2.0")) if a == "DIR" else a for a in argv]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "predicted decode" in capsys.readouterr().out
