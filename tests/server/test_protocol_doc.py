@@ -1,7 +1,8 @@
 """The "A whole session" transcript of docs/protocol.md, re-run against the real server (the tiny
 engine): its client events are read from the page and sent as written (media placeholders filled
 with real media), and the server must answer with the documented event types, in the documented
-order. The page cannot drift from what the server does."""
+order. The endpoint table of the page, its `--openai-only` extension routes and the README's list of
+endpoints are the server's routes. The page cannot drift from what the server does."""
 
 from __future__ import annotations
 
@@ -11,16 +12,19 @@ import re
 import pytest
 from websockets.sync.client import connect
 
+from engine.server.app import create_app, served_routes
 from tests.paths import REPO
-from tests.server import b64, image_array, png_bytes, recv_json, running_server, tone_pcm16
+from tests.server import FakeEngine, b64, image_array, png_bytes, recv_json, running_server, tone_pcm16
 
 REPEATS = 2  # how many times a client event marked (repeat) is sent
+DOC = (REPO / "docs" / "protocol.md").read_text(encoding="utf-8")
+README = (REPO / "README.md").read_text(encoding="utf-8")
+ROUTE = re.compile(r"`(GET|POST|DELETE) (/[^`]*)`")
 
 
 def transcript() -> list[tuple[str, str, bool]]:
     """[(direction "→"/"←", text, repeated)] of the page's whole-session transcript."""
-    doc = (REPO / "docs" / "protocol.md").read_text(encoding="utf-8")
-    block = doc.split("### A whole session")[1].split("```text\n")[1].split("```")[0]
+    block = DOC.split("### A whole session")[1].split("```text\n")[1].split("```")[0]
     entries: list[list[str]] = []
     for line in block.splitlines():
         if line.startswith(("→", "←")):
@@ -80,3 +84,41 @@ def test_the_documented_session_runs_against_the_server(tiny_engine):
 @pytest.mark.parametrize("step", [s for s in transcript()[1:] if s[0] == "→"], ids=lambda s: server_type(s[1]))
 def test_every_documented_client_event_is_valid_json(step):
     assert client_event(step[1], 0)["type"]
+
+
+def route_key(method: str, path: str) -> str:
+    """'GET /v1/models/{}': a route with its path parameters' names left out (the page writes {id})."""
+    return f"{method} {re.sub(r'{[^}]*}', '{}', path)}"
+
+
+def server_routes(openai_only: bool = False) -> set[str]:
+    """The /v1 routes a server serves, a websocket's as 'WS /v1/realtime'."""
+    routes = served_routes(create_app(FakeEngine(), openai_only=openai_only))
+    return {route_key(*route.split(" ", 1)) for route in routes}
+
+
+def test_the_endpoint_table_lists_the_servers_routes():
+    table = DOC.split("| endpoint | what |")[1].split("\n\n")[0]
+    documented = {route_key(method, path.removesuffix(" (websocket)").strip()) for method, path in ROUTE.findall(table)}
+    websocket = "`GET /v1/realtime` (websocket)" in table
+    documented = {"WS /v1/realtime" if websocket and r == "GET /v1/realtime" else r for r in documented}
+    assert documented - {"GET /health"} == server_routes()
+
+
+def test_the_openai_only_section_names_the_routes_it_leaves_out():
+    section = DOC.split("### `--openai-only`")[1].split("###")[0]
+    left_out = {path for path in re.findall(r"`(/v1/[^`]*)`", section)}
+    gone = {route.split(" ", 1)[1] for route in server_routes() - server_routes(openai_only=True)}
+    assert left_out <= gone
+    assert {g for g in gone if not any(g == p or g.startswith(p + "/") for p in left_out)} == set(), \
+        "left out with --openai-only but not named (a route under a named one counts as named)"
+
+
+def test_the_readmes_endpoints_are_served_and_those_it_calls_openai_compatible_by_an_openai_only_server():
+    row = next(line for line in README.splitlines() if line.startswith("| `python -m engine.server"))
+    openai_part, ours = row.split("OpenAI-compatible HTTP (")[1].split(")")[0], row.split(") and the realtime")[1]
+    served = {route.split(" ", 1)[1] for route in server_routes()}
+    openai_served = {route.split(" ", 1)[1] for route in server_routes(openai_only=True)}
+    openai_named = set(re.findall(r"`(/v1/[^`]*)`", openai_part.split("our ")[0]))
+    assert openai_named - openai_served == set(), "called OpenAI-compatible but not served with --openai-only"
+    assert set(re.findall(r"`(/v1/[^`]*)`", openai_part + ours)) - served == set()
