@@ -19,6 +19,7 @@ import pytest
 from tests.paths import REPO, real_config
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+README = PAGES[0].read_text(encoding="utf-8")
 # one command line's start: the studio, an engine module, a benchmark or a script
 COMMAND = re.compile(r"launch\.py|-m (engine(?:\.[a-z_]+)+)|(?:bench|scripts)/[a-z0-9_]+\.py")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
@@ -91,6 +92,17 @@ def test_every_repository_path_the_page_names_exists(page):
 def test_every_engine_module_the_page_runs_imports(page):
     modules = set(ENGINE_MODULE.findall(page.read_text(encoding="utf-8")))
     assert {m for m in modules if importlib.util.find_spec(m) is None} == set()
+
+
+# bench/ files that are no benchmark: the helpers the benchmarks share, and the GGUF export bench/vs_llamacpp.py uses
+NOT_BENCHMARKS = {"cli.py", "gguf_export.py"}
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+@pytest.mark.parametrize("bench", sorted(p.name for p in (REPO / "bench").glob("*.py") if p.name not in NOT_BENCHMARKS))
+def test_every_benchmark_takes_json_as_the_readme_says(bench):
+    assert "benchmarks (" in README and "each prints ratios and takes `--json`" in README
+    assert "--json" in FLAG.findall(help_text(f"bench/{bench}"))
 
 
 def readme_plan_commands() -> list[list[str]]:
