@@ -13,6 +13,7 @@ import pytest
 from websockets.sync.client import connect
 
 from engine.server.app import create_app, served_routes
+from engine.server.protocol import METRICS
 from tests.paths import REPO
 from tests.server import FakeEngine, b64, image_array, png_bytes, recv_json, running_server, tone_pcm16
 
@@ -122,3 +123,10 @@ def test_the_readmes_endpoints_are_served_and_those_it_calls_openai_compatible_b
     openai_named = set(re.findall(r"`(/v1/[^`]*)`", openai_part.split("our ")[0]))
     assert openai_named - openai_served == set(), "called OpenAI-compatible but not served with --openai-only"
     assert set(re.findall(r"`(/v1/[^`]*)`", openai_part + ours)) - served == set()
+
+
+def test_the_figures_the_page_lists_are_those_a_response_reports():
+    paragraph = DOC.split("Every response reports figures")[1].split("\n\n")[0]
+    documented = set(re.findall(r"`([a-z_]+)`", paragraph)) - {"metrics"}
+    reported = {name for name, _, _ in METRICS} | {"time_to_first_token_ms"}  # the server's own, from its clock
+    assert documented == reported
