@@ -6,12 +6,14 @@ endpoints are the server's routes. The page cannot drift from what the server do
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 
 import pytest
 from websockets.sync.client import connect
 
+from engine.client import AsyncEngineClient, EngineClient
 from engine.server.app import create_app, served_routes
 from engine.server.protocol import METRICS
 from tests.paths import REPO
@@ -130,3 +132,35 @@ def test_the_figures_the_page_lists_are_those_a_response_reports():
     documented = set(re.findall(r"`([a-z_]+)`", paragraph)) - {"metrics"}
     reported = {name for name, _, _ in METRICS} | {"time_to_first_token_ms"}  # the server's own, from its clock
     assert documented == reported
+
+
+def documented_signatures() -> list[tuple[str, list[str]]]:
+    """[(method, its parameter names)] of each `name(…)` signature the prose of the page's "Python client" section
+    writes (a bare `name()` names a method without its parameters)."""
+    section = re.sub(r"```.*?```", "", DOC.split("## Python client")[1], flags=re.S)
+    signatures = []
+    for span in re.findall(r"`([a-z_]+\([^`]*\))`", section):
+        name, inside = span.split("(", 1)
+        params, depth, word = [], 0, ""
+        for ch in inside[:-1] + ",":
+            depth += ch in "([{"
+            depth -= ch in ")]}"
+            if ch == "," and depth == 0:
+                params.append(word.split("=")[0].strip())
+                word = ""
+            else:
+                word += ch
+        signatures.append((name, [p for p in params if p not in ("", "*")]))
+    return signatures
+
+
+@pytest.mark.parametrize("client_class", [EngineClient, AsyncEngineClient], ids=lambda c: c.__name__)
+def test_the_client_signatures_the_page_writes_are_the_clients(client_class):
+    signatures = documented_signatures()
+    assert {"chat", "speak", "imagine", "save_voice", "delete_voice", "voices"} <= {name for name, _ in signatures}
+    for name, params in signatures:
+        method = getattr(client_class, name, None)
+        if method is None:  # a RealtimeClient method (respond)
+            continue
+        takes = list(inspect.signature(method).parameters)[1:]
+        assert params in (takes, []), f"{client_class.__name__}.{name}: the page writes {params}"
