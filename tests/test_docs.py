@@ -94,6 +94,30 @@ def test_every_engine_module_the_page_runs_imports(page):
     assert {m for m in modules if importlib.util.find_spec(m) is None} == set()
 
 
+def documented_defaults(command: str) -> set[tuple[str, str]]:
+    """{(flag, value)} of each `[--flag value]` a page writes after `command`, a literal value (not a placeholder
+    such as PATH_OR_HUB_ID or T): the default it means (the server's synopsis writes its defaults so; other
+    commands' synopses write example values: `[--release preview]`)."""
+    defaults = set()
+    for page in PAGES:
+        for code in page_code(page):
+            starts = list(COMMAND.finditer(code))
+            for here, after in zip(starts, starts[1:] + [None]):
+                words = code[here.end():after.start() if after else len(code)]
+                for flag, value in re.findall(r"\[(--[a-z][a-z0-9-]*) ([^]\s]+)\]", words):
+                    if (here.group(1) or here.group(0)) == command and not value.isupper():
+                        defaults.add((flag, value))
+    return defaults
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+@pytest.mark.parametrize("flag,value", sorted(documented_defaults("engine.server")), ids=" ".join)
+def test_the_servers_documented_defaults_are_those_its_help_states(flag, value):
+    entries = re.split(r"\n  (?=-)", help_text("engine.server"))
+    entry = " ".join(next(e for e in entries if re.match(rf"(-\w, )?{flag}\b", e)).split())
+    assert re.search(rf"default:? {re.escape(value)}\b", entry), f"the page says {flag} defaults to {value}: {entry}"
+
+
 # bench/ files that are no benchmark: the helpers the benchmarks share, and the GGUF export bench/vs_llamacpp.py uses
 NOT_BENCHMARKS = {"cli.py", "gguf_export.py"}
 

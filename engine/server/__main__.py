@@ -40,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                              "(/v1/realtime) on one port.")
     ap.add_argument("--model", default=None,
                     help="checkpoint directory or hub id (default: the tiny random demo model)")
-    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; others need --token)")
-    ap.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s; others need --token)")
+    ap.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0 = any free port)")
     ap.add_argument("--token", default=os.environ.get("MING_SERVER_TOKEN") or None,
                     help="secret clients must send (Authorization: Bearer T, or ?token=T); env MING_SERVER_TOKEN")
     ap.add_argument("--served-model-name", default=None, help="model id reported by /v1/models")
