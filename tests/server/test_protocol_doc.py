@@ -9,12 +9,14 @@ from __future__ import annotations
 import inspect
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 from websockets.sync.client import connect
 
 from engine.client import AsyncEngineClient, EngineClient
 from engine.server.app import create_app, served_routes
+from engine.server.speech_api import speech_options
 from engine.server.protocol import METRICS
 from tests.paths import REPO
 from tests.server import FakeEngine, b64, image_array, png_bytes, recv_json, running_server, tone_pcm16
@@ -164,3 +166,11 @@ def test_the_client_signatures_the_page_writes_are_the_clients(client_class):
             continue
         takes = list(inspect.signature(method).parameters)[1:]
         assert params in (takes, []), f"{client_class.__name__}.{name}: the page writes {params}"
+
+
+def test_the_speech_options_the_page_lists_are_those_the_server_answers():
+    section = DOC.split("### `GET /v1/audio/speech/options`")[1].split("###")[0]
+    documented = set(re.findall(r"`([a-z_]+)`", section))
+    answer = speech_options(SimpleNamespace(talker=SimpleNamespace(sample_rate=44100)))
+    assert f"`{answer.pop('object')}` object" in section
+    assert documented == set(answer)
