@@ -11,15 +11,17 @@ import json
 import re
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from websockets.sync.client import connect
 
 from engine.client import AsyncEngineClient, EngineClient
 from engine.server.app import create_app, served_routes
-from engine.server.speech_api import speech_options
+from engine.server.http_api import capabilities
 from engine.server.protocol import METRICS
+from engine.server.speech_api import speech_options
 from tests.paths import REPO
-from tests.server import FakeEngine, b64, image_array, png_bytes, recv_json, running_server, tone_pcm16
+from tests.server import FakeEngine, b64, fake_server, image_array, png_bytes, recv_json, running_server, tone_pcm16
 
 REPEATS = 2  # how many times a client event marked (repeat) is sent
 DOC = (REPO / "docs" / "protocol.md").read_text(encoding="utf-8")
@@ -174,3 +176,18 @@ def test_the_speech_options_the_page_lists_are_those_the_server_answers():
     answer = speech_options(SimpleNamespace(talker=SimpleNamespace(sample_rate=44100)))
     assert f"`{answer.pop('object')}` object" in section
     assert documented == set(answer)
+
+
+def test_the_model_card_the_page_shows_has_the_servers_fields_and_capabilities():
+    section = DOC.split("### `GET /v1/models`, `GET /health`")[1].split("\n## ")[0]
+    example = json.loads(section.split("```json\n")[1].split("```")[0])["data"][0]
+    with fake_server() as srv:
+        card = httpx.get(srv.url + "/v1/models").json()["data"][0]
+    assert set(example) == set(card)
+    assert set(example["limits"]) == set(card["limits"]) | {"context_tokens"}  # the fake engine has no tokenizer
+    prose = section.split("`capabilities` (")[1].split("), `default_instructions`")[0]
+    everything = SimpleNamespace(info=lambda: SimpleNamespace(components=["llm", "vision", "audio"]),
+                                 has_talker=True, has_image_generator=True)
+    assert set(re.findall(r"`([a-z_]+)`", prose)) == capabilities(everything) | {"realtime"}
+    assert set(example["capabilities"]) <= set(card["capabilities"]) | capabilities(everything)
+    assert "realtime" in card["capabilities"] and "realtime" in example["capabilities"]
