@@ -191,3 +191,13 @@ def test_the_model_card_the_page_shows_has_the_servers_fields_and_capabilities()
     assert set(re.findall(r"`([a-z_]+)`", prose)) == capabilities(everything) | {"realtime"}
     assert set(example["capabilities"]) <= set(card["capabilities"]) | capabilities(everything)
     assert "realtime" in card["capabilities"] and "realtime" in example["capabilities"]
+
+
+def test_the_health_answer_the_page_shows_has_the_servers_fields():
+    section = DOC.split("### `GET /v1/models`, `GET /health`")[1].split("\n## ")[0]
+    example = json.loads(section.split("```json\n")[2].split("```")[0])
+    with fake_server() as srv:
+        health = httpx.get(srv.url + "/health").json()
+    assert set(example) == set(health)
+    assert set(example["queue"]) == set(health["queue"])
+    assert set(example["client_aborts"]) == set(health["client_aborts"])
