@@ -1,11 +1,13 @@
 """What README.md and docs/*.md tell a user to run is there: every flag a documented command line names is one
-its command's parser takes (read from its own `--help`), every file or folder of the repository the pages
+its command's parser takes (read from its own `--help`), and every value it gives one of a fixed set is in that
+set, every file or folder of the repository the pages
 name exists, every `python -m engine.…` module they name imports, and the README's engine.plan command lines
 run (exit 0) on the real 2.0 config. The pages cannot drift from the command lines silently."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import io
 import re
@@ -49,6 +51,7 @@ def documented_commands() -> dict[str, set[str]]:
     return commands
 
 
+@functools.cache
 def help_text(command: str) -> str:
     """What `command --help` prints, run in this process as its `__main__`."""
     argv, out = sys.argv, io.StringIO()
@@ -116,6 +119,43 @@ def test_the_servers_documented_defaults_are_those_its_help_states(flag, value):
     entries = re.split(r"\n  (?=-)", help_text("engine.server"))
     entry = " ".join(next(e for e in entries if re.match(rf"(-\w, )?{flag}\b", e)).split())
     assert re.search(rf"default:? {re.escape(value)}\b", entry), f"the page says {flag} defaults to {value}: {entry}"
+
+
+# `--flag value` or `--flag a|b|c` (a table cell escapes the bar: a\\|b) in a page's code
+FLAG_VALUES = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)[ =]([a-z0-9][a-z0-9.-]*(?:\\?\|[a-z0-9][a-z0-9.-]*)*)(?![\w:/=,])")
+
+
+def documented_values() -> set[tuple[str | None, str, str]]:
+    """{(command or None when the code names none, flag, value)} of each value a page gives a flag."""
+    values = set()
+    for page in PAGES:
+        for code in page_code(page):
+            starts = list(COMMAND.finditer(code))
+            spans = [(None, code)] if not starts else [
+                (here.group(1) or here.group(0), code[here.end():after.start() if after else len(code)].split("#")[0])
+                for here, after in zip(starts, starts[1:] + [None])]
+            for command, words in spans:
+                for flag, written in FLAG_VALUES.findall(words):
+                    values |= {(command, flag, value) for value in written.replace("\\", "").split("|")}
+    return values
+
+
+def choices(command: str, flag: str) -> list[str] | None:
+    """The values `command --help` lists for `flag` ({a,b}), [] when it does not take the flag, None when it takes
+    any value."""
+    found = re.search(rf"\n  (?:-\w, )?{flag} \{{([^}}]*)\}}", help_text(command))
+    if found:
+        return found.group(1).split(",")
+    return None if re.search(rf"\n  (?:-\w, )?{flag}\b", help_text(command)) else []
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+@pytest.mark.parametrize("command,flag,value", sorted(documented_values(), key=str), ids=lambda v: str(v))
+def test_every_documented_flag_value_is_one_the_command_takes(command, flag, value):
+    candidates = [command] if command else [c for c in sorted(COMMANDS) if choices(c, flag) != []]
+    assert candidates, f"no documented command takes {flag}"
+    takes = [choices(c, flag) for c in candidates]
+    assert any(t is None or value in t for t in takes), f"{value!r} for {flag}: {dict(zip(candidates, takes))}"
 
 
 # bench/ files that are no benchmark: the helpers the benchmarks share, and the GGUF export bench/vs_llamacpp.py uses
