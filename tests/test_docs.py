@@ -1,7 +1,8 @@
 """What README.md and docs/*.md tell a user to run is there: every flag a documented command line names is one
 its command's parser takes (read from its own `--help`), and every value it gives one of a fixed set is in that
 set, every file or folder of the repository the pages
-name exists, every `python -m engine.…` module they name imports, and the README's engine.plan command lines
+name exists, every `python -m engine.…` module they name imports, every environment variable they name is
+read by the code, and the README's engine.plan command lines
 run (exit 0) on the real 2.0 config. The pages cannot drift from the command lines silently."""
 
 from __future__ import annotations
@@ -167,6 +168,16 @@ NOT_BENCHMARKS = {"cli.py", "gguf_export.py"}
 def test_every_benchmark_takes_json_as_the_readme_says(bench):
     assert "benchmarks (" in README and "each prints ratios and takes `--json`" in README
     assert "--json" in FLAG.findall(help_text(f"bench/{bench}"))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_environment_variable_or_constant_the_page_names_is_in_the_code(page):
+    named = set(re.findall(r"`\$?([A-Z][A-Z0-9]*_[A-Z0-9_]+)(?:=[^`]*)?`", page.read_text(encoding="utf-8")))
+    code = "\n".join(p.read_text(encoding="utf-8") for folder in ("engine", "app", "scripts", "bench", "tests")
+                     for p in (REPO / folder).rglob("*.py")) + (REPO / "launch.py").read_text(encoding="utf-8")
+    read = {name for name in named if f'"{name}"' in code}  # os.environ["NAME"], os.environ.get("NAME")
+    defined = {name for name in named if re.search(rf"^{name}\b[^=\n]*=", code, re.M)}  # a constant: ERROR_CODES
+    assert named - read - defined == set()
 
 
 def readme_plan_commands() -> list[list[str]]:
