@@ -18,6 +18,7 @@ from websockets.sync.client import connect
 from engine.client import AsyncEngineClient, EngineClient
 from engine.server.app import create_app, served_routes
 from engine.server.http_api import capabilities
+from engine.server.limits import MiB, Limits
 from engine.server.protocol import METRICS
 from engine.server.speech_api import speech_options
 from tests.paths import REPO
@@ -201,3 +202,28 @@ def test_the_health_answer_the_page_shows_has_the_servers_fields():
     assert set(example) == set(health)
     assert set(example["queue"]) == set(health["queue"])
     assert set(example["client_aborts"]) == set(health["client_aborts"])
+
+
+# the Limits table's rows (by how the row starts) and the Limits fields their default column states, in order
+LIMIT_ROWS = {
+    "one realtime event": ["max_message_bytes"], "one HTTP JSON body": ["max_request_bytes"],
+    "one upload": ["max_upload_bytes"], "values in one JSON body": ["max_json_values"],
+    "one audio clip": ["max_audio_seconds"], "pixels of one image": ["max_image_pixels"],
+    "decoded media of one HTTP request": ["max_session_media_bytes"], "webcam frames buffered": ["max_video_frames"],
+    "open realtime sessions": ["max_sessions"], "requests waiting": ["max_queue"],
+    "`max_tokens` a request": ["max_new_tokens", "default_max_tokens"],
+    "items per session": ["max_conversation_items", "max_session_media_bytes"],
+    "decoded media of all realtime sessions": ["max_total_media_bytes"],
+}
+DEFAULT_VALUE = re.compile(r"(\d+(?: \d{3})*(?:\.\d+)?)(?: (MiB|s)\b)?")  # 4 MiB, 300 s, 16 000 000
+
+
+def test_the_limits_table_states_the_servers_defaults():
+    table = DOC.split("## Limits")[1].split("\n\n")[1]
+    rows = {cells[1].strip(): cells[2] for cells in (line.split("|") for line in table.splitlines()[2:])}
+    defaults = Limits()
+    for start, names in LIMIT_ROWS.items():
+        cell = next(default for row, default in rows.items() if row.startswith(start))
+        stated = [float(number.replace(" ", "")) * (MiB if unit == "MiB" else 1)
+                  for number, unit in DEFAULT_VALUE.findall(cell)][:len(names)]
+        assert stated == [getattr(defaults, name) for name in names], f"the row '{start}…' says {cell.strip()}"
