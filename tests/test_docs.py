@@ -92,6 +92,17 @@ def test_every_repository_path_the_page_names_exists(page):
     assert missing == set(), f"{page.name} names paths that do not exist"
 
 
+def test_every_file_the_readmes_layout_table_names_is_in_its_folder():
+    table = README.split("## Layout")[1].split("\n\n")[1]
+    missing = []
+    for row in table.splitlines()[2:]:
+        _, folders, job, _ = row.split("|")
+        for name in re.findall(r"`([\w.]+\.py|\w+/)`", job):
+            if not any((REPO / folder / name).exists() for folder in re.findall(r"`([\w/]+/)`", folders)):
+                missing.append(f"{folders.strip()} {name}")
+    assert missing == []
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_every_engine_module_the_page_runs_imports(page):
     modules = set(ENGINE_MODULE.findall(page.read_text(encoding="utf-8")))
