@@ -129,7 +129,7 @@ def documented_defaults(command: str) -> set[tuple[str, str]]:
 @pytest.mark.parametrize("flag,value", sorted(documented_defaults("engine.server")), ids=" ".join)
 def test_the_servers_documented_defaults_are_those_its_help_states(flag, value):
     entries = re.split(r"\n  (?=-)", help_text("engine.server"))
-    entry = " ".join(next(e for e in entries if re.match(rf"(-\w, )?{flag}\b", e)).split())
+    entry = " ".join(next(e for e in entries if re.match(rf"(-\w, )?{flag}(?![\w-])", e)).split())
     assert re.search(rf"default:? {re.escape(value)}\b", entry), f"the page says {flag} defaults to {value}: {entry}"
 
 
@@ -158,7 +158,7 @@ def choices(command: str, flag: str) -> list[str] | None:
     found = re.search(rf"\n  (?:-\w, )?{flag} \{{([^}}]*)\}}", help_text(command))
     if found:
         return found.group(1).split(",")
-    return None if re.search(rf"\n  (?:-\w, )?{flag}\b", help_text(command)) else []
+    return None if re.search(rf"\n  (?:-\w, )?{flag}(?![\w-])", help_text(command)) else []
 
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
