@@ -134,7 +134,8 @@ def test_the_servers_documented_defaults_are_those_its_help_states(flag, value):
 
 
 # `--flag value` or `--flag a|b|c` (a table cell escapes the bar: a\\|b) in a page's code
-FLAG_VALUES = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)[ =]([a-z0-9][a-z0-9.-]*(?:\\?\|[a-z0-9][a-z0-9.-]*)*)(?![\w:/=,])")
+FLAG_VALUES = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)[ =]"
+                         r"([a-z0-9][a-z0-9.-]*(?:\\?\|[a-z0-9][a-z0-9.-]*)*)(?![\w:/=,])")
 
 
 def documented_values() -> set[tuple[str | None, str, str]]:
