@@ -2,7 +2,7 @@
 its command's parser takes (read from its own `--help`), and every value it gives one of a fixed set is in that
 set, every file or folder of the repository the pages
 name exists, every `python -m engine.…` module they name imports, every environment variable they name is
-read by the code, and the README's engine.plan command lines
+read by the code, the Space front matter shown is the one scripts/make_space.py writes, and the README's engine.plan command lines
 run (exit 0) on the real 2.0 config. The pages cannot drift from the command lines silently."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts.make_space import make_space
 from tests.paths import REPO, real_config
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -190,6 +191,13 @@ def test_every_environment_variable_or_constant_the_page_names_is_in_the_code(pa
     read = {name for name in named if f'"{name}"' in code}  # os.environ["NAME"], os.environ.get("NAME")
     defined = {name for name in named if re.search(rf"^{name}\b[^=\n]*=", code, re.M)}  # a constant: ERROR_CODES
     assert named - read - defined == set()
+
+
+def test_the_readme_shows_the_spaces_front_matter_and_it_pins_the_uis_gradio(tmp_path):
+    front_matter = (make_space(tmp_path / "space") / "README.md").read_text().split("---\n")[1]
+    assert README.split("```yaml\n---\n")[1].split("---\n```")[0] == front_matter
+    gradio_pin = re.search(r"^gradio==(\S+)$", (REPO / "requirements-ui.txt").read_text(), re.M).group(1)
+    assert f"sdk_version: {gradio_pin}\n" in front_matter
 
 
 def readme_plan_commands() -> list[list[str]]:

@@ -5,12 +5,10 @@ with only the Space's own files on the import path."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 
 from scripts.make_space import make_space
-from tests.paths import REPO
 
 
 def test_the_space_starts_the_ui_only_studio_from_its_own_files(tmp_path):
@@ -25,11 +23,3 @@ def test_the_space_starts_the_ui_only_studio_from_its_own_files(tmp_path):
                        cwd=space, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "engine.client" in r.stdout and "engine.runtime" not in r.stdout
-
-
-def test_the_readme_shows_the_spaces_front_matter_and_it_pins_the_uis_gradio(tmp_path):
-    front_matter = (make_space(tmp_path / "space") / "README.md").read_text().split("---\n")[1]
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert readme.split("```yaml\n---\n")[1].split("---\n```")[0] == front_matter
-    gradio_pin = re.search(r"^gradio==(\S+)$", (REPO / "requirements-ui.txt").read_text(), re.M).group(1)
-    assert f"sdk_version: {gradio_pin}\n" in front_matter
