@@ -1,9 +1,9 @@
 """What README.md and docs/*.md tell a user to run is there: every flag a documented command line names is one
-its command's parser takes (read from its own `--help`), and every value it gives one of a fixed set is in that
-set, every file or folder of the repository the pages
-name exists, every `python -m engine.…` module they name imports, every environment variable they name is
-read by the code, the Space front matter shown is the one scripts/make_space.py writes, and the README's engine.plan command lines
-run (exit 0) on the real 2.0 config. The pages cannot drift from the command lines silently."""
+its command's parser takes (read from its own `--help`) and every value it gives one of a fixed set is in that
+set; every file or folder of the repository the pages name exists; every `python -m engine.…` module they name
+imports; every environment variable they name is read by the code; the Space front matter shown is the one
+scripts/make_space.py writes; and the README's engine.plan command lines run (exit 0) on the real 2.0 config.
+The pages cannot drift from the command lines silently."""
 
 from __future__ import annotations
 
