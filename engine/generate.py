@@ -36,7 +36,7 @@ from functools import partial
 import torch
 
 from engine.decode_graphs import DecodeGraphs, decode_graphs_for
-from engine.errors import LOAD_ERRORS, load_failure
+from engine.errors import EXIT_CODES_HELP, EXIT_INPUT, LOAD_ERRORS, load_failure
 from engine.events import Done, Error, Event, GenerationStats, TextDelta, TokenLogprob
 from engine.models.thinker.kv_cache import KVCache
 from engine.models.thinker.layers import Numerics
@@ -404,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.runtime import Engine
 
     ap = argparse.ArgumentParser(prog="python -m engine.generate",
-                                 description="Stream a chat reply to stdout, then one line of figures.")
+                                 description="Stream a chat reply to stdout, then one line of figures.",
+                                 epilog=EXIT_CODES_HELP)
     ap.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the tiny random demo model)")
     ap.add_argument("--prompt", required=True, help="the user message")
     ap.add_argument("--system", default=None, help="system prompt (default: the model's own)")
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                              placement=args.placement, log=lambda line: print(f"[{line}]", file=sys.stderr))
     except LOAD_ERRORS as e:
         print(load_failure(args.model, e), file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     if engine.is_demo:
         print("[random demo weights: output is meaningless; use --model for the real checkpoint]", file=sys.stderr)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

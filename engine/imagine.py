@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.errors import LOAD_ERRORS, MingError, load_failure, shown, shown_number
+from engine.errors import EXIT_CODES_HELP, EXIT_INPUT, LOAD_ERRORS, MingError, load_failure, shown, shown_number
 from engine.generate import Cancelled
 from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress
 from engine.media.image import load_image
@@ -434,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.runtime import Engine
 
     ap = argparse.ArgumentParser(prog="python -m engine.imagine",
-                                 description="Generate, edit or segment an image; prints seconds per step and per image.")
+                                 description="Generate, edit or segment an image; prints seconds per step and per image.",
+                                 epilog=EXIT_CODES_HELP)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the tiny random demo model)")
     ap.add_argument("--prompt", default=None, help="what to draw / how to edit (the target for --segment)")
     ap.add_argument("--edit", nargs="+", default=[], metavar="IMAGE", help="input image(s); the first is the reference")
@@ -472,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device, log=log)
     except LOAD_ERRORS as e:
         print(load_failure(args.model, e), file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     if engine.is_demo:
         log("random demo weights: the picture is noise; use --model for the real checkpoint")
     if args.compile and engine.image_generator is not None:

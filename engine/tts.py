@@ -15,13 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-from engine.errors import LOAD_ERRORS, MingError, load_failure
+from engine.errors import EXIT_CODES_HELP, EXIT_FAILED, EXIT_INPUT, LOAD_ERRORS, MingError, load_failure
 from engine.events import AudioChunk, Done, Error
 from engine.models.talker.audio import WavWriter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m engine.tts", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m engine.tts", description=__doc__.splitlines()[0],
+                                 epilog=EXIT_CODES_HELP)
     ap.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the tiny demo)")
     ap.add_argument("--text", default="", help="what to say / the sound or music description")
     ap.add_argument("--task", default="tts", choices=["tts", "sound", "music", "podcast"])
@@ -86,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
     except LOAD_ERRORS as e:
         print(load_failure(args.model, e), file=sys.stderr)
-        return 1
-    if not engine.has_talker:
+        return EXIT_INPUT
+    if not engine.has_talker:  # a checkpoint without a (loadable) talker: the model given cannot speak
         print(f"error: {engine.talker_error}", file=sys.stderr)
-        return 1
+        return EXIT_INPUT
     try:
         if args.list_voices:
             for v in engine.list_voices():
@@ -102,17 +103,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_voice:
             if not args.ref or len(args.ref) != 1:
                 print("error: --save-voice needs one --ref clip", file=sys.stderr)
-                return 2
+                return EXIT_INPUT
             info = engine.save_voice(args.save_voice, args.ref[0], args.ref_text, seed=args.seed)
             print(f"saved voice {info.name!r} ({info.seconds:.1f} s, transcript: {info.ref_text!r})")
             if not args.out:
                 return 0
-    except MingError as e:
+    except MingError as e:  # an unknown voice, an unreadable reference clip
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_INPUT
     if args.out is None:
         print("error: --out is required", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     ref = args.ref if args.ref is None or len(args.ref) > 1 else args.ref[0]
     if args.save_voice:
         ref, voice = None, args.save_voice
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = WavWriter(args.out, engine.talker.sample_rate)
     except OSError as e:  # no permission, a full disk
         print(f"error: cannot write {args.out} ({e.strerror or e})", file=sys.stderr)
-        return 1
+        return EXIT_INPUT
     try:
         for ev in engine.speak(args.text, voice=voice, ref_audio=ref, ref_text=args.ref_text, instruct=args.instruct,
                                task=args.task, cfg=args.cfg, sigma=args.sigma, temperature=args.temperature,
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 writer.write(ev.pcm)
             elif isinstance(ev, Error):
                 print(f"error: {ev.message}", file=sys.stderr)
-                return 1
+                return EXIT_FAILED
             elif isinstance(ev, Done):
                 s = ev.stats
                 if (ev.result or {}).get("ref_text_from_asr") is not None:

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from engine.errors import EXIT_CODES_HELP, EXIT_INPUT
 from engine.models.thinker.config import (ConfigError, LLMConfig, MingConfig, sub_config_errors,
                                          vision_config_with_defaults)
 
@@ -1416,7 +1417,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m engine.plan",
         description="Plan where a Ming checkpoint's modules and routed experts live (GPUs, host memory/CPU) "
-                    "and predict batch-1 decode tokens/s with a roofline model.")
+                    "and predict batch-1 decode tokens/s with a roofline model.",
+        epilog=EXIT_CODES_HELP)
     ap.add_argument("--config", required=True, help="checkpoint directory or config.json")
     ap.add_argument("--gpus", required=True,
                     help="GPU memory budgets, comma-separated: 80GB,80GB or 8x24GB; '@GBPS' sets one GPU's HBM "
@@ -1492,7 +1494,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"error": str(e)}))
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     print(json.dumps(plan.to_dict()) if args.json else render(plan))
     return 0
 

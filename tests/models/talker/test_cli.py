@@ -34,7 +34,7 @@ def test_cli_music_duration_as_written_in_the_prompt_or_refused_before_loading(c
 
 def test_cli_names_a_checkpoint_it_cannot_load(tmp_path, capsys):
     out = tmp_path / "out.wav"
-    check_unloadable_checkpoint(main, tmp_path, capsys, ["--text", "hi", "--out", str(out)], 1, out)
+    check_unloadable_checkpoint(main, tmp_path, capsys, ["--text", "hi", "--out", str(out)], 2, out)
 
 
 @pytest.mark.parametrize("out", ["a_folder", "missing/out.wav"])
@@ -47,3 +47,12 @@ def test_an_out_path_that_cannot_be_written_is_refused_before_the_model_loads(tm
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--out {tmp_path / out}: " in err
     assert ("is a folder" if out == "a_folder" else "does not exist") in err
+
+
+def test_an_unknown_voice_is_refused_with_the_input_exit_code(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """--delete-voice of a voice that was never saved is the user's input refused: exit 2 and one line (it was 1,
+    the code of a generation that failed)."""
+    monkeypatch.setenv("MING_STUDIO_CACHE", str(tmp_path))  # an empty voice library
+    assert main(["--model", str(tiny_checkpoint), "--delete-voice", "never-saved"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "never-saved" in err and "Traceback" not in err
