@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from engine.errors import EXIT_CODES_HELP, EXIT_INPUT
+from engine.errors import EXIT_CODES_HELP, EXIT_INPUT, shown
 from engine.models.thinker.config import (ConfigError, LLMConfig, MingConfig, sub_config_errors,
                                          vision_config_with_defaults)
 
@@ -429,13 +429,19 @@ def model_sizes(config: MingConfig, expert_dtype: str = "bf16", linear_dtype: st
 
 
 def load_expert_stats(path: str | Path) -> dict:
-    """Read an expert-statistics JSON file (format: see `normalize_expert_stats`)."""
+    """Read an expert-statistics JSON file (format: see `normalize_expert_stats`); PlanError for a file that
+    cannot be read, is no JSON, or holds no statistics (`null`, an empty object or list, a number: a file given
+    on purpose never means 'uniform')."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        stats = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
-        raise PlanError(f"{path}: cannot read expert statistics ({e})") from e
+        raise PlanError(f"{path}: cannot read expert statistics ({e.strerror or e})") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:  # not JSON, or not text at all
         raise PlanError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(stats, (dict, list)) or not stats:
+        raise PlanError(f"{path}: holds no expert statistics ({shown(json.dumps(stats))}); expected "
+                        "{\"layers\": {layer: [counts]}} or a list of per-layer count lists")
+    return stats
 
 
 def normalize_expert_stats(stats, llm: LLMConfig) -> dict[int, list[float]]:
@@ -468,17 +474,14 @@ def normalize_expert_stats(stats, llm: LLMConfig) -> dict[int, list[float]]:
                             f"decoder layer ({llm.num_hidden_layers}), got {len(stats)}")
     else:
         raise PlanError("expert stats must be a JSON object {\"layers\": {layer: [counts]}} or a list of lists")
+    if not items:
+        raise PlanError("expert stats name no layer: give {\"layers\": {layer: [counts]}} (or leave them out: uniform)")
     out = dict(uniform)
     for layer, counts in items.items():
         if layer not in uniform:
             raise PlanError(f"expert stats: layer {layer} is not a MoE layer (MoE layers: {moe[0]}..{moe[-1]})"
                             if moe else "expert stats given but the model has no routed experts")
-        if not isinstance(counts, Sequence) or len(counts) != e:
-            raise PlanError(f"expert stats: layer {layer} must list {e} counts, got "
-                            f"{len(counts) if isinstance(counts, Sequence) else type(counts).__name__}")
-        vals = [float(c) for c in counts]
-        if any(not math.isfinite(c) or c < 0 for c in vals):
-            raise PlanError(f"expert stats: layer {layer} has negative or non-finite counts")
+        vals = _layer_counts(layer, counts, e)
         total = sum(vals)
         if total > 0:
             out[layer] = [c / total for c in vals]
@@ -1398,6 +1401,24 @@ def render(plan: Plan) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # CLI
+
+def _layer_counts(layer: int, counts, experts: int) -> list[float]:
+    """One layer's selection counts as floats; PlanError unless they are `experts` finite non-negative numbers
+    (a string, true/false, a nested list or an integer past float's range is no count)."""
+    if not isinstance(counts, Sequence) or isinstance(counts, str) or len(counts) != experts:
+        raise PlanError(f"expert stats: layer {layer} must list {experts} counts, got "
+                        f"{len(counts) if isinstance(counts, list) else shown(json.dumps(counts))}")
+    not_numbers = [c for c in counts if isinstance(c, bool) or not isinstance(c, (int, float))]
+    if not_numbers:
+        raise PlanError(f"expert stats: layer {layer} must list numbers, got {shown(json.dumps(not_numbers[0]))}")
+    try:
+        vals = [float(c) for c in counts]
+    except OverflowError:  # an integer of hundreds of digits
+        vals = [math.inf]
+    if any(not math.isfinite(c) or c < 0 for c in vals):
+        raise PlanError(f"expert stats: layer {layer} has negative or non-finite counts")
+    return vals
+
 # ----------------------------------------------------------------------------------------------
 
 

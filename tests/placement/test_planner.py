@@ -618,6 +618,32 @@ def test_cli_names_files_that_are_not_json_text(config_dir, tmp_path, capsys):
     assert f"{tmp_path / 'config.json'}: invalid JSON" in capsys.readouterr().err
 
 
+def _layer_three_starting(first: str) -> str:
+    """A stats file whose layer 3 lists `first` (JSON text) and then 255 ones."""
+    return '{"layers": {"3": [' + first + ", 1" * 255 + "]}}"
+
+
+@pytest.mark.parametrize("content, says", [
+    ("null", "holds no expert statistics ('null')"), ("[]", "holds no expert statistics"),
+    ("{}", "holds no expert statistics"), ("42", "holds no expert statistics ('42')"),
+    ('{"layers": null}', "must be a JSON object"), ('{"layers": {}}', "name no layer"),
+    ('{"layers": {"3": "%s"}}' % ("x" * 256), "layer 3 must list 256 counts"),
+    (_layer_three_starting("true"), "layer 3 must list numbers, got 'true'"),
+    (_layer_three_starting("[1]"), "layer 3 must list numbers, got '[1]'"),
+    (_layer_three_starting('"1"'), "layer 3 must list numbers"),
+    (_layer_three_starting("1" + "0" * 400), "non-finite"),
+])
+def test_cli_refuses_expert_stats_files_that_hold_no_statistics(config_dir, tmp_path, capsys, content, says):
+    """A --expert-stats file holding JSON null, an empty object or list, or layers listing strings, booleans,
+    nested lists or a number past float's range was planned as uniform popularity without a word, or ended in a
+    TypeError / ValueError / OverflowError traceback: each exits 2 with one line saying what is wrong."""
+    stats = tmp_path / "stats.json"
+    stats.write_text(content)
+    assert main(["--config", str(config_dir), "--gpus", "80GB", "--cpu-mem", "256GB", "--expert-stats", str(stats)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+
+
 def test_module_entry_point_prints_table(config_dir):
     target = REAL["v2"] if (REAL["v2"] / "config.json").is_file() else config_dir
     r = subprocess.run([sys.executable, "-m", "engine.plan", "--config", str(target), "--gpus", "80GB,80GB",
