@@ -1,6 +1,7 @@
 """engine.tools.inspect on the real configs (meta device, no memory): sizes and totals against the spec and upstream."""
 
 import json
+import math
 
 import pytest
 
@@ -38,3 +39,47 @@ def test_the_command_line_names_a_path_it_cannot_inspect_without_a_traceback(tmp
     assert main([str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(path) in err
+
+
+@pytest.fixture(scope="module")
+def poisoned_checkpoint(tmp_path_factory):
+    """The tiny checkpoint with one NaN and two -inf in a thinker weight and one +inf in a talker weight."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from engine.tiny import write_tiny_checkpoint
+
+    root = write_tiny_checkpoint(tmp_path_factory.mktemp("poisoned") / "ckpt")
+    for shard, poison in ((next(root.glob("*.safetensors")), [math.nan, -math.inf, -math.inf]),
+                          (next((root / "talker").rglob("*.safetensors")), [math.inf])):
+        tensors = load_file(shard)
+        name = next(n for n, t in sorted(tensors.items()) if t.is_floating_point() and t.numel() >= len(poison))
+        flat = tensors[name].flatten().clone()
+        flat[:len(poison)] = torch.tensor(poison, dtype=flat.dtype)
+        tensors[name] = flat.reshape(tensors[name].shape)
+        save_file(tensors, shard)
+    return root
+
+
+def test_check_finite_names_each_weight_that_holds_nan_or_inf(poisoned_checkpoint, capsys):
+    """A checkpoint whose weights hold NaN / inf loaded and answered garbage without a word; `--check-finite` reads
+    every floating-point weight (thinker and talker folders) and names each such tensor with its counts, exit 1."""
+    from engine.tools.inspect import main
+
+    assert main([str(poisoned_checkpoint), "--check-finite"]) == 1
+    captured = capsys.readouterr()
+    named = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(named) == 2, captured.err
+    assert "holds 1 NaN and 2 ±inf values" in named[0] and "holds 0 NaN and 1 ±inf values" in named[1]
+    assert "talker" in named[1] and "2 hold NaN or ±inf" in captured.out
+    assert main([str(poisoned_checkpoint), "--check-finite", "--json"]) == 1
+    found = json.loads(capsys.readouterr().out)["check_finite"]["non_finite"]
+    assert [(t["nan"], t["inf"]) for t in found] == [(1, 2), (0, 1)]
+
+
+def test_check_finite_passes_a_clean_checkpoint(tiny_checkpoint, capsys):
+    from engine.tools.inspect import main
+
+    assert main([str(tiny_checkpoint), "--check-finite"]) == 0
+    out = capsys.readouterr().out
+    assert "floating-point tensors checked: all values finite" in out
