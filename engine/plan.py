@@ -5,4 +5,6 @@ import sys
 from engine.placement.planner import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.command import run_command
+
+    sys.exit(run_command(main))

@@ -243,4 +243,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.command import run_command
+
+    sys.exit(run_command(main))

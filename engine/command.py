@@ -1,0 +1,58 @@
+"""How every command line of the engine ends when the user or the shell stops it (torch-free): Ctrl+C and SIGTERM
+end it with one line on stderr and the shell's code for that signal, after `finally` blocks have run (an output
+file being written is closed whole), and a reader that stopped reading stdout (`... | head -1`) ends it quietly.
+None of them is a Python traceback. Each `python -m engine.X` runs its `main` through `run_command`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: stopped by Ctrl+C
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: stopped by SIGTERM (kill, a service manager)
+EXIT_OUTPUT_CLOSED = 128 + signal.SIGPIPE  # 141: the reader of stdout went away
+STOP_CODES_HELP = (f"{EXIT_INTERRUPTED} = stopped by Ctrl+C, {EXIT_TERMINATED} = by SIGTERM, "
+                   f"{EXIT_OUTPUT_CLOSED} = stdout was closed (| head).")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl+C's KeyboardInterrupt (not an Exception: no handler of the
+    command's own takes it for a failure of its work)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is still buffered at exit raises nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+def run_command(main: Callable[..., int], *args) -> int:
+    """main(*args)'s exit code; EXIT_INTERRUPTED, EXIT_TERMINATED or EXIT_OUTPUT_CLOSED when it was stopped."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        code = main(*args)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return code
+    except KeyboardInterrupt:
+        print("\nstopped (Ctrl+C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("\nstopped (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_OUTPUT_CLOSED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

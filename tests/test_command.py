@@ -1,0 +1,60 @@
+"""engine.command: a command line stopped by Ctrl+C, SIGTERM or a closed stdout ends with one line (or none) and the
+shell's code for it, never a traceback; run as the user runs it (`python -m engine.generate` in a subprocess)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from engine.command import EXIT_INTERRUPTED, EXIT_OUTPUT_CLOSED, EXIT_TERMINATED, run_command
+from tests.paths import REPO
+
+STARTED_TIMEOUT_S = 120  # the tiny model's load and first token, on a loaded 2-core machine
+LONG_REPLY = "4000"  # tokens: the reply is still streaming when the test stops it
+
+
+def _generate(tiny_checkpoint) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "engine.generate", "--model", str(tiny_checkpoint), "--prompt", "hi",
+                             "--max-new-tokens", LONG_REPLY], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGINT, EXIT_INTERRUPTED, "stopped (Ctrl+C)"),
+                                             (signal.SIGTERM, EXIT_TERMINATED, "stopped (SIGTERM)")])
+def test_a_reply_stopped_by_a_signal_ends_in_one_line_and_the_signals_exit_code(tiny_checkpoint, sig, code, line):
+    """Ctrl+C while a reply streamed was a KeyboardInterrupt traceback; SIGTERM killed the process mid-write."""
+    proc = _generate(tiny_checkpoint)
+    try:
+        assert proc.stdout.read(1)  # the reply has started
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=STARTED_TIMEOUT_S)
+    finally:
+        proc.kill()
+    text = err.decode()
+    assert proc.returncode == code and text.rstrip().endswith(line) and "Traceback" not in text, text
+
+
+def test_a_reader_that_stops_reading_ends_the_reply_quietly(tiny_checkpoint):
+    """`python -m engine.generate ... | head -c 1` ended in a BrokenPipeError traceback."""
+    proc = _generate(tiny_checkpoint)
+    try:
+        assert proc.stdout.read(1)
+        proc.stdout.close()  # what head does after its first byte
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=STARTED_TIMEOUT_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_OUTPUT_CLOSED and "Traceback" not in err and "Error" not in err, err
+
+
+def test_a_main_that_finishes_keeps_its_exit_code_and_one_that_is_interrupted_gets_130(capsys):
+    assert run_command(lambda: 3) == 3
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert run_command(interrupted) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == "stopped (Ctrl+C)"
