@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import secrets  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -92,6 +93,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _fail(message: str, code: int) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def _address_exit_code(refused: Exception) -> int:
+    """A port in use is a server that could not start; a port out of range or a --host that is no address of this
+    machine is a setting refused (the exit codes of --help)."""
+    cause = refused.__cause__
+    in_use = isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE
+    return EXIT_SERVER_ERROR if in_use else EXIT_MODEL_ERROR
 
 
 def _start_local_engine(args: argparse.Namespace):
@@ -183,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             listen_socket(args.host, args.port).close()
         except StartupRefused as e:
-            return _fail(str(e), EXIT_SERVER_ERROR)
+            return _fail(str(e), _address_exit_code(e))
     if args.local_audio:
         from app.local_audio import check_local_audio
 

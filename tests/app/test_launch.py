@@ -215,6 +215,19 @@ def test_a_studio_port_in_use_is_said_before_the_model_loads(studio_cache):
     assert "Loading" not in r.stdout  # refused up front, not after the model load
 
 
+@pytest.mark.parametrize("flags, says", [(["--port", "-1"], "--port -1: a port is 0 to 65535"),
+                                         (["--port", "70000"], "--port 70000: a port is 0 to 65535"),
+                                         (["--host", "no such host", "--auth", "a:b"], "not an address to listen on")])
+def test_a_studio_address_that_is_no_address_is_a_refused_setting(capsys, flags, says):
+    """--port -1 / 70000 or a --host that names nothing exited 1, the code --help gives a server that could not
+    start (a port in use); they are settings refused: 2, before anything loads."""
+    import launch
+
+    assert launch.main(["--model", "/never/loaded", *flags]) == launch.EXIT_MODEL_ERROR
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+
+
 def test_an_engine_url_that_is_not_one_exits_2_naming_it(tmp_path):
     r = _run(["--engine", "localhost:8000"], tmp_path, timeout=60)
     assert r.returncode == 2, (r.stdout, r.stderr)
