@@ -400,14 +400,12 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
             cache.free()  # (a graph's static cache stays with the graphs for the next request)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from engine.runtime import Engine
-
+def _cli_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m engine.generate",
                                  description="Stream a chat reply to stdout, then one line of figures.",
                                  epilog=EXIT_CODES_HELP)
     ap.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the tiny random demo model)")
-    ap.add_argument("--prompt", required=True, help="the user message")
+    ap.add_argument("--prompt", required=True, help="the user message ('-': read it from stdin)")
     ap.add_argument("--system", default=None, help="system prompt (default: the model's own)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -424,8 +422,36 @@ def main(argv: list[str] | None = None) -> int:
                     help="routed-expert weights as stored (bf16) or quantised while loading")
     ap.add_argument("--placement", choices=["auto", "single"], default="auto",
                     help="auto: on CUDA, spread a model too big for one GPU over the GPUs and host; single: all on --device")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def _cli_request(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, GenerationParams]:
+    """The prompt (stdin's text for '-') and the sampling settings; what is wrong with them is a usage error
+    (exit 2) before the model loads, not an error after it."""
+    prompt = args.prompt
+    if prompt == "-":
+        try:
+            prompt = sys.stdin.buffer.read().decode("utf-8").removesuffix("\n")
+        except UnicodeDecodeError as e:
+            ap.error(f"--prompt -: stdin is not UTF-8 text ({e.reason} at byte {e.start})")
+    if not prompt.strip():
+        ap.error("--prompt is empty" + (" (nothing came on stdin)" if args.prompt == "-" else ""))
+    params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                              stop=args.stop)
+    try:
+        params.validate()
+    except ValueError as e:
+        ap.error(str(e))
+    return prompt, params
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.runtime import Engine
+
+    ap = _cli_parser()
+    args = ap.parse_args(argv)
+    prompt, params = _cli_request(ap, args)
     try:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device, expert_dtype=args.expert_dtype,
                              placement=args.placement, log=lambda line: print(f"[{line}]", file=sys.stderr))
@@ -434,11 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT
     if engine.is_demo:
         print("[random demo weights: output is meaningless; use --model for the real checkpoint]", file=sys.stderr)
-    params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                              stop=args.stop)
     code = 0
-    for ev in engine.chat([{"role": "user", "content": args.prompt}], params, system_prompt=args.system,
+    for ev in engine.chat([{"role": "user", "content": prompt}], params, system_prompt=args.system,
                           thinking=args.thinking):
         if isinstance(ev, TextDelta):
             sys.stdout.write(ev.text)

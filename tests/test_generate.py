@@ -548,3 +548,40 @@ def test_cli_names_a_checkpoint_it_cannot_load_and_exits_2(tmp_path, capsys):
     from engine.generate import main
 
     check_unloadable_checkpoint(main, tmp_path, capsys, ["--prompt", "hi"], 2)
+
+
+@pytest.mark.parametrize("flags, says", [(["--max-new-tokens", "-1"], "max_new_tokens must be a positive integer"),
+                                         (["--temperature", "nan"], "temperature must be in [0, 100]"),
+                                         (["--top-p", "2"], "top_p must be in [0, 1]"),
+                                         (["--prompt", ""], "--prompt is empty")])
+def test_cli_refuses_settings_before_the_model_loads(capsys, flags, says):
+    """--max-new-tokens -1 or --temperature nan loaded the model (minutes for the real one), then ended in an
+    'error:' line with exit 1, the code of a failed generation; they are usage errors: exit 2 before the load (the
+    --model here does not exist, so a load would say so instead)."""
+    from engine.generate import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "/never/loaded", "--prompt", "hi", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and says in err and "could not load" not in err, err
+
+
+@pytest.mark.parametrize("stdin, prompt, says", [("héllo\n".encode(), "héllo", None),
+                                                  (b"", None, "--prompt is empty (nothing came on stdin)"),
+                                                  (b"\xff\xfe", None, "stdin is not UTF-8 text")])
+def test_cli_reads_the_prompt_from_stdin_for_a_dash(capsys, monkeypatch, stdin, prompt, says):
+    """`--prompt -` sent the one-character message '-'; it is stdin's text (nothing there, or bytes that are not
+    text: a usage error before the model loads)."""
+    import io
+
+    from engine.generate import _cli_parser, _cli_request
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    ap = _cli_parser()
+    args = ap.parse_args(["--prompt", "-"])
+    if says is None:
+        assert _cli_request(ap, args)[0] == prompt
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        _cli_request(ap, args)
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
