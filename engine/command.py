@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: stopped by Ctrl+C
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: stopped by SIGTERM (kill, a service manager)
@@ -56,3 +57,19 @@ def run_command(main: Callable[..., int], *args) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def output_file_problem(out: Path, makes_folders: bool = False) -> str | None:
+    """Why a command cannot write its output file at `out` (None: it can be tried), said before the work starts:
+    a folder given as the file, a folder that does not exist (unless the command `makes_folders`: then the
+    nearest existing one must be a folder) or cannot be written."""
+    if out.is_dir():
+        return "is a folder: give a file name in it"
+    folder = out.parent
+    while makes_folders and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder" if folder.exists() else f"the folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"the folder {folder} cannot be written to"
+    return None

@@ -14,8 +14,15 @@ ECHO_CHARS = 64  # of a caller's value quoted in an error message
 # The exit codes every command line of the engine returns (argparse's own usage errors are 2 as well).
 EXIT_FAILED = 1  # the work itself failed after it started (a generation's error event, a file that could not be written)
 EXIT_INPUT = 2  # what the user gave was refused: a flag, an input file, a model that cannot be loaded
+# The codes of an `Error` event that are the engine's own failure (everything else: the request was refused).
+ENGINE_FAILURE_CODES = ("engine_error", "server_error", "talker_error")
 EXIT_CODES_HELP = (f"exit codes: 0 = done, {EXIT_INPUT} = a flag, an input file or the model was refused "
                    f"(nothing was written), {EXIT_FAILED} = the work failed after it started, " + STOP_CODES_HELP)
+
+
+def error_exit_code(code: str) -> int:
+    """The exit code of a command line whose work ended in an `Error` event of this code."""
+    return EXIT_FAILED if code in ENGINE_FAILURE_CODES else EXIT_INPUT
 
 
 class MingError(Exception):

@@ -36,7 +36,7 @@ from functools import partial
 import torch
 
 from engine.decode_graphs import DecodeGraphs, decode_graphs_for
-from engine.errors import EXIT_CODES_HELP, EXIT_INPUT, LOAD_ERRORS, load_failure
+from engine.errors import EXIT_CODES_HELP, EXIT_INPUT, LOAD_ERRORS, error_exit_code, load_failure
 from engine.events import Done, Error, Event, GenerationStats, TextDelta, TokenLogprob
 from engine.models.thinker.kv_cache import KVCache
 from engine.models.thinker.layers import Numerics
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{ev.stats.summary()}, finish {ev.finish_reason}]")
         elif isinstance(ev, Error):
             print(f"\nerror: {ev.message}", file=sys.stderr)
-            code = 1
+            code = error_exit_code(ev.code)
     return code
 
 

@@ -40,7 +40,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.errors import EXIT_CODES_HELP, EXIT_INPUT, LOAD_ERRORS, MingError, load_failure, shown, shown_number
+from engine.command import output_file_problem
+from engine.errors import (EXIT_CODES_HELP, EXIT_FAILED, EXIT_INPUT, LOAD_ERRORS, MingError, error_exit_code, load_failure, shown,
+                           shown_number)
 from engine.generate import Cancelled
 from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress
 from engine.media.image import load_image
@@ -430,6 +432,20 @@ def _sd3_sampling(gen, request: ImagineRequest, cond: torch.Tensor, negative_con
 # ------------------------------------------------------------------------------------------ CLI
 
 
+def _write_image_files(out: Path, done: ImageDone) -> None:
+    """The image at `out` (a segmentation's mask and overlay beside it, as OUT_mask.png and OUT_overlay.png)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(done.image)
+    print(f"wrote {out} ({done.width}x{done.height}, seed {done.seed})")
+    for kind, data in (("mask", done.mask), ("overlay", done.overlay)):
+        if data is not None:
+            path = out.with_name(f"{out.stem}_{kind}.png")
+            path.write_bytes(data)
+            print(f"wrote {path}")
+    if done.note:
+        print(f"note: {done.note}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from engine.runtime import Engine
 
@@ -468,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.segment is None and not args.prompt:
         ap.error("--prompt is required (or --segment TARGET with --edit IMAGE)")
+    out_problem = output_file_problem(args.out, makes_folders=True)
+    if out_problem:  # (a folder was an IsADirectoryError traceback after the image was made)
+        ap.error(f"--out {args.out}: {out_problem}")
+    if args.preview_dir is not None and args.preview_dir.exists() and not args.preview_dir.is_dir():
+        ap.error(f"--preview-dir {args.preview_dir}: is a file, not a folder")
     log = lambda line: print(f"[{line}]", file=sys.stderr)  # noqa: E731
     try:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device, log=log)
@@ -493,16 +514,11 @@ def main(argv: list[str] | None = None) -> int:
             args.preview_dir.mkdir(parents=True, exist_ok=True)
             (args.preview_dir / f"step_{ev.step:03d}.png").write_bytes(ev.image)
         elif isinstance(ev, ImageDone):
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_bytes(ev.image)
-            print(f"wrote {args.out} ({ev.width}x{ev.height}, seed {ev.seed})")
-            for kind, data in (("mask", ev.mask), ("overlay", ev.overlay)):
-                if data is not None:
-                    path = args.out.with_name(f"{args.out.stem}_{kind}.png")
-                    path.write_bytes(data)
-                    print(f"wrote {path}")
-            if ev.note:
-                print(f"note: {ev.note}")
+            try:
+                _write_image_files(args.out, ev)
+            except OSError as e:  # a full disk, a folder made read-only meanwhile
+                print(f"error: cannot write {e.filename or args.out} ({e.strerror or e})", file=sys.stderr)
+                code = EXIT_FAILED
         elif isinstance(ev, Done):
             s = ev.stats
             print(f"{s.image_steps} steps, {s.image_step_s:.3f} s/step, {s.total_s:.2f} s per image "
@@ -510,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                   + (", cancelled" if ev.finish_reason == "cancelled" else ""))
         elif isinstance(ev, Error):
             print(f"error: {ev.message}", file=sys.stderr)
-            code = 1
+            code = error_exit_code(ev.code)
     return code
 
 

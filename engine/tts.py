@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from engine.errors import EXIT_CODES_HELP, EXIT_FAILED, EXIT_INPUT, LOAD_ERRORS, MingError, load_failure
+from engine.command import output_file_problem
+from engine.errors import EXIT_CODES_HELP, EXIT_INPUT, LOAD_ERRORS, MingError, error_exit_code, load_failure
 from engine.events import AudioChunk, Done, Error
 from engine.models.talker.audio import WavWriter
 
@@ -64,15 +65,6 @@ def _music(spec: str | None) -> dict | None:
     return out
 
 
-def _out_problem(out: Path) -> str | None:
-    """Why the WAV cannot be written at `out` (None: it can be tried)."""
-    if out.is_dir():
-        return "is a folder: give a file name, e.g. out.wav"
-    if not out.parent.is_dir():
-        return f"the folder {out.parent} does not exist"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -80,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         music = _music(args.music)
     except ValueError as e:
         parser.error(str(e))  # before the model loads: exit status 2 with the usage line
-    if args.out is not None and _out_problem(args.out):
-        parser.error(f"--out {args.out}: {_out_problem(args.out)}")  # (was a traceback after the load)
+    out_problem = None if args.out is None else output_file_problem(args.out)
+    if out_problem:
+        parser.error(f"--out {args.out}: {out_problem}")  # (was a traceback after the load)
     from engine.runtime import Engine  # noqa: PLC0415  (torch import only when running)
     try:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
@@ -120,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         voice = args.voice
     t0 = time.perf_counter()
-    first = None
+    first, finished = None, False
     try:
         writer = WavWriter(args.out, engine.talker.sample_rate)
     except OSError as e:  # no permission, a full disk
@@ -137,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                 writer.write(ev.pcm)
             elif isinstance(ev, Error):
                 print(f"error: {ev.message}", file=sys.stderr)
-                return EXIT_FAILED
+                return error_exit_code(ev.code)
             elif isinstance(ev, Done):
+                finished = True
                 s = ev.stats
                 if (ev.result or {}).get("ref_text_from_asr") is not None:
                     print(f"reference transcript (from our ASR): {ev.result['ref_text_from_asr']!r}")
@@ -147,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"real-time factor {s.audio_real_time_factor:.3f} ({ev.finish_reason})")
     finally:
         writer.close()
+        if not finished and first is None:  # refused or stopped before a sound: no empty WAV left behind
+            args.out.unlink(missing_ok=True)
     return 0
 
 

@@ -301,3 +301,28 @@ def test_cli_names_a_checkpoint_it_cannot_load_and_exits_2(tmp_path, capsys):
 
     out = tmp_path / "out.png"
     check_unloadable_checkpoint(main, tmp_path, capsys, ["--prompt", "a cup", "--out", str(out)], 2, out)
+
+
+@pytest.mark.parametrize("out, says", [("a_folder", "is a folder"), ("a_file/out.png", "is a file, not a folder")])
+def test_cli_refuses_an_out_it_cannot_write_before_the_model_loads(tmp_path, capsys, out, says):
+    """--out naming a folder was an IsADirectoryError traceback after the image had been made (the work lost);
+    it is a usage error before the load (here --model names no checkpoint: the refusal comes first)."""
+    from engine.imagine import main
+
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "never_loaded"), "--prompt", "a cup", "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--out {tmp_path / out}: " in err and says in err, err
+
+
+def test_cli_a_missing_input_image_is_refused_input_with_exit_2(tiny_checkpoint, tmp_path, capsys):
+    """--edit of a file that does not exist exited 1, the code of a generation that failed; it is the user's input
+    refused (the event's code is not the engine's failure): 2, and no output file."""
+    from engine.imagine import main
+
+    out = tmp_path / "new" / "out.png"  # a folder --out may still create
+    assert main(["--model", str(tiny_checkpoint), "--edit", str(tmp_path / "nope.png"), "--prompt", "a cup",
+                 "--steps", "1", "--out", str(out)]) == 2
+    assert "nope.png" in capsys.readouterr().err and not out.exists()
