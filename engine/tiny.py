@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from engine.command import output_file_problem
 from engine.models.imagegen.tiny import write_tiny_image_head
 from engine.models.thinker.config import MingConfig
 from engine.loader import CheckpointError, checkpoint_entries
@@ -380,7 +381,8 @@ def out_dir_problem(out_dir: str | Path) -> str | None:
         return f"{out_dir} is a link to nothing ({os.readlink(out_dir)}): give a new or empty folder for the checkpoint"
     if out_dir.exists():
         return f"{out_dir} is a file, not a folder: give a new or empty folder for the checkpoint"
-    return None
+    where = output_file_problem(out_dir, makes_folders=True)  # the folders it would be made in
+    return f"cannot make {out_dir}: {where}" if where else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,6 +202,17 @@ def test_engine_tiny_never_replaces_a_folder_that_is_not_a_tiny_checkpoint(tmp_p
     assert out_dir_problem(tiny_checkpoint) is None
 
 
+def test_engine_tiny_inside_a_file_is_refused_as_input(tmp_path, capsys):
+    """OUT_DIR under a file (a.txt/tiny) exited 1 with 'File exists', the code of a write that failed on the way;
+    it is a path refused before anything is written: 2, naming the file."""
+    from engine.tiny import main
+
+    (tmp_path / "a.txt").write_text("mine")
+    assert main([str(tmp_path / "a.txt" / "deeper" / "tiny")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'a.txt'} is a file, not a folder" in err and (tmp_path / "a.txt").read_text() == "mine"
+
+
 def test_a_cache_left_incomplete_is_written_again_and_killed_writes_are_cleared(tmp_path):
     """A cached tiny checkpoint whose index names a shard that is not there (a start killed while an old copy
     was removed, a user deleting files) is rewritten, not loaded to fail every start; the temporary folders of
