@@ -792,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="where the models run: cpu (default), cuda, cuda:1 ... "
                     "(fp32 either way; TF32 stays off so the tolerances keep their meaning)")
     args = ap.parse_args(argv)
+    not_folders = [str(case) for case in args.cases if not case.is_dir()]
+    if not_folders:  # (a mistyped path is no parity failure)
+        ap.error(f"not a case folder: {', '.join(not_folders)}")
     problem = device_problem(args.device)
     if problem:  # (every case would fail with the same torch error)
         print(f"error: {problem}", file=sys.stderr)
