@@ -58,3 +58,16 @@ def test_a_main_that_finishes_keeps_its_exit_code_and_one_that_is_interrupted_ge
 
     assert run_command(interrupted) == EXIT_INTERRUPTED
     assert capsys.readouterr().err.strip() == "stopped (Ctrl+C)"
+
+
+COMMANDS = ["engine.generate", "engine.imagine", "engine.tts", "engine.tiny", "engine.plan", "engine.inspect",
+            "engine.parity", "engine.server", "engine.tools.inspect", "engine.tools.parity",
+            "engine.tools.frontend_parity"]
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_every_command_answers_help(module):
+    """`python -m engine.tools.frontend_parity --help` looked for fixtures in a folder named '--help' (exit 1)."""
+    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                       timeout=STARTED_TIMEOUT_S)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m engine."), r.stderr

@@ -504,10 +504,15 @@ def format_rows(rows: list[ParityRow]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m engine.tools.frontend_parity [FIXTURE_ROOT]``: print the table; exit 1 on failure."""
-    import sys
+    import argparse
 
-    args = sys.argv[1:] if argv is None else argv
-    root = Path(args[0]) if args else Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "ming_ref"
+    default_root = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "ming_ref"
+    ap = argparse.ArgumentParser(prog="python -m engine.tools.frontend_parity",
+                                 description="Compare the media front ends with the reference fixtures; exit 1 on "
+                                             "a failure or when no case is found.")
+    ap.add_argument("root", nargs="?", type=Path, default=default_root,
+                    help="the fixtures folder holding the case folders (default: %(default)s)")
+    root = ap.parse_args(argv).root
     rows = [row for name in FRONTEND_CASES if (root / name).is_dir() for row in run_frontend_case(root / name)]
     if not rows:
         print(f"no front-end cases found under {root}")
@@ -519,4 +524,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from engine.command import run_command
 
-    sys.exit(run_command(main))
+    raise SystemExit(run_command(main))
