@@ -65,6 +65,23 @@ def _music(spec: str | None) -> dict | None:
     return out
 
 
+def _flag_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags themselves, said before the model loads (each was said after it, or was a
+    traceback): --save-voice without one clip, an --out that cannot be written, a missing --out, a saved voice and a
+    clip together."""
+    if args.save_voice and (not args.ref or len(args.ref) != 1):
+        return "--save-voice needs one --ref clip"
+    manages_voices = args.list_voices or args.delete_voice or args.save_voice
+    if args.out is None:
+        return None if manages_voices else "--out is required (the WAV file to write)"
+    out_problem = output_file_problem(args.out)
+    if out_problem:
+        return f"--out {args.out}: {out_problem}"
+    if args.voice and args.ref:
+        return "--voice (a saved voice) and --ref (a clip to clone) exclude each other: give one"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -72,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         music = _music(args.music)
     except ValueError as e:
         parser.error(str(e))  # before the model loads: exit status 2 with the usage line
-    out_problem = None if args.out is None else output_file_problem(args.out)
-    if out_problem:
-        parser.error(f"--out {args.out}: {out_problem}")  # (was a traceback after the load)
+    if _flag_problem(args):
+        parser.error(_flag_problem(args))
     from engine.runtime import Engine  # noqa: PLC0415  (torch import only when running)
     try:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
@@ -94,18 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deleted voice {args.delete_voice!r}")
             return 0
         if args.save_voice:
-            if not args.ref or len(args.ref) != 1:
-                print("error: --save-voice needs one --ref clip", file=sys.stderr)
-                return EXIT_INPUT
             info = engine.save_voice(args.save_voice, args.ref[0], args.ref_text, seed=args.seed)
             print(f"saved voice {info.name!r} ({info.seconds:.1f} s, transcript: {info.ref_text!r})")
             if not args.out:
                 return 0
     except MingError as e:  # an unknown voice, an unreadable reference clip
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_INPUT
-    if args.out is None:
-        print("error: --out is required", file=sys.stderr)
         return EXIT_INPUT
     ref = args.ref if args.ref is None or len(args.ref) > 1 else args.ref[0]
     if args.save_voice:

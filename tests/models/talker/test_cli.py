@@ -57,3 +57,16 @@ def test_an_unknown_voice_is_refused_with_the_input_exit_code(tiny_checkpoint, t
     assert main(["--model", str(tiny_checkpoint), "--delete-voice", "never-saved"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "never-saved" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, says", [([], "--out is required"),
+                                         (["--voice", "x", "--ref", "a.wav", "--out", "x.wav"], "exclude each other"),
+                                         (["--save-voice", "x"], "--save-voice needs one --ref clip")])
+def test_flags_that_cannot_work_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, says):
+    """A missing --out, --voice with --ref, or --save-voice without a clip were said after the model had loaded
+    (minutes for the real one); they are usage errors first (the --model here would not load)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "never_loaded"), "--text", "hi", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err and "could not load" not in err, err
