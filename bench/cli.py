@@ -10,6 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.command import run_command  # noqa: E402
 from engine.errors import MingError  # noqa: E402
 from engine.placement.planner import PlanError  # noqa: E402
 
@@ -25,7 +26,12 @@ SETUP_ERRORS = (MingError, PlanError, OSError, SetupError)
 
 
 def run(main: Callable[[], int]) -> int:
-    """main()'s exit code, or EXIT_SETUP_ERROR after printing the setup error it raised."""
+    """main()'s exit code, or EXIT_SETUP_ERROR after printing the setup error it raised; stopped by Ctrl+C,
+    SIGTERM or a closed stdout, what every engine command does (engine.command: one line, 130 / 143 / 141)."""
+    return run_command(_saying_setup_errors, main)
+
+
+def _saying_setup_errors(main: Callable[[], int]) -> int:
     try:
         return main()
     except SETUP_ERRORS as e:

@@ -30,6 +30,17 @@ def test_the_measured_codes_own_failures_still_raise():
     assert run(lambda: 0) == 0
 
 
+def test_a_benchmark_stopped_by_ctrl_c_says_so_in_one_line(capsys):
+    """Ctrl+C during a benchmark run through bench.cli.run was a KeyboardInterrupt traceback."""
+    from engine.command import EXIT_INTERRUPTED
+
+    def main():
+        raise KeyboardInterrupt
+
+    assert run(main) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == "stopped (Ctrl+C)"
+
+
 def test_a_benchmark_given_another_models_checkpoint_names_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64}))
     r = subprocess.run([sys.executable, "bench/tiny_decode.py", "--model", str(tmp_path)], cwd=REPO,
