@@ -476,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mask-color", default=DEFAULT_MASK_COLOR, help="segmentation colour (default green)")
     ap.add_argument("--preview-every", type=int, default=0, help="write a preview every N steps (--preview-dir)")
     ap.add_argument("--preview-dir", type=Path, default=None)
-    ap.add_argument("--out", type=Path, required=True, help="output PNG (segmentation adds _mask/_overlay PNGs)")
+    ap.add_argument("--out", type=Path, required=True,
+                    help="output PNG (segmentation adds OUT_mask.png / OUT_overlay.png); existing files of these names "
+                         "are replaced, written only once the image is done")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                     help="default: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")

@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--max-seconds", type=float, default=None)
-    ap.add_argument("--out", type=Path, default=None, help="output WAV file")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output WAV file (an existing file of that name is replaced; a run refused or stopped before "
+                         "any sound leaves none)")
     ap.add_argument("--save-voice", default=None, metavar="NAME", help="clone --ref and save it under NAME")
     ap.add_argument("--list-voices", action="store_true")
     ap.add_argument("--delete-voice", default=None, metavar="NAME")
