@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--list-voices", action="store_true")
     ap.add_argument("--delete-voice", default=None, metavar="NAME")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None, choices=[None, "fp32", "bf16", "fp16"])
+    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                    help="weight and activation dtype (default: bf16 on GPU, fp32 on CPU where the model fits)")
     return ap
 
 

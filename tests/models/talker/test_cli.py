@@ -70,3 +70,10 @@ def test_flags_that_cannot_work_are_refused_before_the_model_loads(tmp_path, cap
         main(["--model", str(tmp_path / "never_loaded"), "--text", "hi", *flags])
     err = capsys.readouterr().err
     assert e.value.code == 2 and says in err and "could not load" not in err, err
+
+
+def test_help_offers_only_dtypes_that_can_be_given(capsys):
+    """--help listed '--dtype {None,fp32,bf16,fp16}', and '--dtype None' is refused: None is no choice."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--dtype {fp32,bf16,fp16}" in capsys.readouterr().out
