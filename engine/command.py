@@ -12,11 +12,14 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.errors import EXIT_FAILED, EXIT_INPUT
+
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: stopped by Ctrl+C
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: stopped by SIGTERM (kill, a service manager)
 EXIT_OUTPUT_CLOSED = 128 + signal.SIGPIPE  # 141: the reader of stdout went away
-STOP_CODES_HELP = (f"{EXIT_INTERRUPTED} = stopped by Ctrl+C, {EXIT_TERMINATED} = by SIGTERM, "
-                   f"{EXIT_OUTPUT_CLOSED} = stdout was closed (| head).")
+EXIT_CODES_HELP = (f"exit codes: 0 = done, {EXIT_INPUT} = a flag, an input file or the model was refused "
+                   f"(nothing was written), {EXIT_FAILED} = the work failed after it started, {EXIT_INTERRUPTED} = "
+                   f"stopped by Ctrl+C, {EXIT_TERMINATED} = by SIGTERM, {EXIT_OUTPUT_CLOSED} = stdout was closed (| head).")
 
 
 class Terminated(BaseException):

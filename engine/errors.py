@@ -7,8 +7,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from engine.command import STOP_CODES_HELP
-
 ECHO_CHARS = 64  # of a caller's value quoted in an error message
 
 # The exit codes every command line of the engine returns (argparse's own usage errors are 2 as well).
@@ -16,8 +14,6 @@ EXIT_FAILED = 1  # the work itself failed after it started (a generation's error
 EXIT_INPUT = 2  # what the user gave was refused: a flag, an input file, a model that cannot be loaded
 # The codes of an `Error` event that are the engine's own failure (everything else: the request was refused).
 ENGINE_FAILURE_CODES = ("engine_error", "server_error", "talker_error")
-EXIT_CODES_HELP = (f"exit codes: 0 = done, {EXIT_INPUT} = a flag, an input file or the model was refused "
-                   f"(nothing was written), {EXIT_FAILED} = the work failed after it started, " + STOP_CODES_HELP)
 
 
 def error_exit_code(code: str) -> int:

@@ -36,7 +36,8 @@ from functools import partial
 import torch
 
 from engine.decode_graphs import DecodeGraphs, decode_graphs_for
-from engine.errors import EXIT_CODES_HELP, EXIT_INPUT, LOAD_ERRORS, error_exit_code, load_failure
+from engine.command import EXIT_CODES_HELP
+from engine.errors import EXIT_INPUT, LOAD_ERRORS, error_exit_code, load_failure
 from engine.events import Done, Error, Event, GenerationStats, TextDelta, TokenLogprob
 from engine.models.thinker.kv_cache import KVCache
 from engine.models.thinker.layers import Numerics

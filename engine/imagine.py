@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.command import output_file_problem
-from engine.errors import (EXIT_CODES_HELP, EXIT_FAILED, EXIT_INPUT, LOAD_ERRORS, MingError, error_exit_code, load_failure, shown,
+from engine.command import EXIT_CODES_HELP, output_file_problem
+from engine.errors import (EXIT_FAILED, EXIT_INPUT, LOAD_ERRORS, MingError, error_exit_code, load_failure, shown,
                            shown_number)
 from engine.generate import Cancelled
 from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from engine.command import output_file_problem
-from engine.errors import EXIT_CODES_HELP, EXIT_INPUT, LOAD_ERRORS, MingError, error_exit_code, load_failure
+from engine.command import EXIT_CODES_HELP, output_file_problem
+from engine.errors import EXIT_INPUT, LOAD_ERRORS, MingError, error_exit_code, load_failure
 from engine.events import AudioChunk, Done, Error
 from engine.models.talker.audio import WavWriter
 

@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from engine.errors import EXIT_CODES_HELP, EXIT_INPUT, shown
+from engine.command import EXIT_CODES_HELP
+from engine.errors import EXIT_INPUT, shown
 from engine.models.thinker.config import (ConfigError, LLMConfig, MingConfig, sub_config_errors,
                                          vision_config_with_defaults)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import EXIT_CODES_HELP, EXIT_FAILED, EXIT_INPUT, MingError
+from engine.command import EXIT_CODES_HELP
+from engine.errors import EXIT_FAILED, EXIT_INPUT, MingError
 from engine.models.thinker.config import MingConfig
 from engine.loader import WEIGHT_DTYPES, CheckpointError, CheckpointFiles, checkpoint_entries
 from engine.models.thinker.model import build_thinker

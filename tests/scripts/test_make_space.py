@@ -23,3 +23,13 @@ def test_the_space_starts_the_ui_only_studio_from_its_own_files(tmp_path):
                        cwd=space, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "engine.client" in r.stdout and "engine.runtime" not in r.stdout
+
+
+def test_every_engine_module_the_space_ships_imports_from_the_space_alone(tmp_path):
+    """engine/errors.py is copied into the Space; when it imported engine.command (not copied) it would fail there."""
+    space = make_space(tmp_path / "space")
+    modules = sorted(".".join(p.relative_to(space).with_suffix("").parts) for p in (space / "engine").rglob("*.py")
+                     if p.name != "__init__.py")
+    code = f"import importlib, sys; sys.path.insert(0, {str(space)!r}); [importlib.import_module(m) for m in {modules!r}]"
+    r = subprocess.run([sys.executable, "-I", "-c", code], cwd=space, capture_output=True, text=True, timeout=120)
+    assert "engine.errors" in modules and r.returncode == 0, r.stderr[-3000:]
