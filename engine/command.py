@@ -5,6 +5,7 @@ None of them is a Python traceback. Each `python -m engine.X` runs its `main` th
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -19,7 +20,8 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: stopped by SIGTERM (kill, a servi
 EXIT_OUTPUT_CLOSED = 128 + signal.SIGPIPE  # 141: the reader of stdout went away
 EXIT_CODES_HELP = (f"exit codes: 0 = done, {EXIT_INPUT} = a flag, an input file or the model was refused "
                    f"(nothing was written), {EXIT_FAILED} = the work failed after it started, {EXIT_INTERRUPTED} = "
-                   f"stopped by Ctrl+C, {EXIT_TERMINATED} = by SIGTERM, {EXIT_OUTPUT_CLOSED} = stdout was closed (| head).")
+                   f"stopped by Ctrl+C, {EXIT_TERMINATED} = by SIGTERM, {EXIT_OUTPUT_CLOSED} = stdout was closed "
+                   "(| head).")
 
 
 class Terminated(BaseException):
@@ -42,8 +44,8 @@ def _discard_stdout() -> None:
 
 def run_command(main: Callable[..., int], *args) -> int:
     """main(*args)'s exit code; EXIT_INTERRUPTED, EXIT_TERMINATED or EXIT_OUTPUT_CLOSED when it was stopped."""
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is threading.main_thread() \
-        else None
+    in_main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers are set there only)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         code = main(*args)
         sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
@@ -76,3 +78,14 @@ def output_file_problem(out: Path, makes_folders: bool = False) -> str | None:
     if not os.access(folder, os.W_OK):
         return f"the folder {folder} cannot be written to"
     return None
+
+
+def text_argument(ap: argparse.ArgumentParser, flag: str, value: str | None) -> str | None:
+    """A text flag's value, or for '-' the text on stdin (one final newline dropped); bytes that are not UTF-8 are a
+    usage error naming the flag (exit 2)."""
+    if value != "-":
+        return value
+    try:
+        return sys.stdin.buffer.read().decode("utf-8").removesuffix("\n")
+    except UnicodeDecodeError as e:
+        ap.error(f"{flag} -: stdin is not UTF-8 text ({e.reason} at byte {e.start})")

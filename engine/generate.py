@@ -36,7 +36,7 @@ from functools import partial
 import torch
 
 from engine.decode_graphs import DecodeGraphs, decode_graphs_for
-from engine.command import EXIT_CODES_HELP
+from engine.command import EXIT_CODES_HELP, text_argument
 from engine.errors import EXIT_INPUT, LOAD_ERRORS, error_exit_code, load_failure
 from engine.events import Done, Error, Event, GenerationStats, TextDelta, TokenLogprob
 from engine.models.thinker.kv_cache import KVCache
@@ -429,12 +429,7 @@ def _cli_parser() -> argparse.ArgumentParser:
 def _cli_request(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, GenerationParams]:
     """The prompt (stdin's text for '-') and the sampling settings; what is wrong with them is a usage error
     (exit 2) before the model loads, not an error after it."""
-    prompt = args.prompt
-    if prompt == "-":
-        try:
-            prompt = sys.stdin.buffer.read().decode("utf-8").removesuffix("\n")
-        except UnicodeDecodeError as e:
-            ap.error(f"--prompt -: stdin is not UTF-8 text ({e.reason} at byte {e.start})")
+    prompt = text_argument(ap, "--prompt", args.prompt)
     if not prompt.strip():
         ap.error("--prompt is empty" + (" (nothing came on stdin)" if args.prompt == "-" else ""))
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.command import EXIT_CODES_HELP, output_file_problem
+from engine.command import EXIT_CODES_HELP, output_file_problem, text_argument
 from engine.errors import (EXIT_FAILED, EXIT_INPUT, LOAD_ERRORS, MingError, error_exit_code, load_failure, shown,
                            shown_number)
 from engine.generate import Cancelled
@@ -453,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Generate, edit or segment an image; prints seconds per step and per image.",
                                  epilog=EXIT_CODES_HELP)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the tiny random demo model)")
-    ap.add_argument("--prompt", default=None, help="what to draw / how to edit (the target for --segment)")
+    ap.add_argument("--prompt", default=None,
+                    help="what to draw / how to edit (the target for --segment); '-': read it from stdin")
     ap.add_argument("--edit", nargs="+", default=[], metavar="IMAGE", help="input image(s); the first is the reference")
     ap.add_argument("--segment", default=None, metavar="TARGET", help="segment TARGET in the --edit image")
     ap.add_argument("--preset", choices=["replace_background", "remove_object"], default=None,
@@ -484,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--compile", action="store_true", help="CUDA: torch.compile the DiT's blocks")
     args = ap.parse_args(argv)
+    args.prompt = text_argument(ap, "--prompt", args.prompt)
     if args.segment is None and not args.prompt:
         ap.error("--prompt is required (or --segment TARGET with --edit IMAGE)")
     out_problem = output_file_problem(args.out, makes_folders=True)

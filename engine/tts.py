@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.command import EXIT_CODES_HELP, output_file_problem
+from engine.command import EXIT_CODES_HELP, output_file_problem, text_argument
 from engine.errors import EXIT_INPUT, LOAD_ERRORS, MingError, error_exit_code, load_failure
 from engine.events import AudioChunk, Done, Error
 from engine.models.talker.audio import WavWriter
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m engine.tts", description=__doc__.splitlines()[0],
                                  epilog=EXIT_CODES_HELP)
     ap.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the tiny demo)")
-    ap.add_argument("--text", default="", help="what to say / the sound or music description")
+    ap.add_argument("--text", default="", help="what to say / the sound or music description ('-': read it from stdin)")
     ap.add_argument("--task", default="tts", choices=["tts", "sound", "music", "podcast"])
     ap.add_argument("--voice", default=None, help="a saved voice name (see --list-voices)")
     ap.add_argument("--ref", action="append", default=None, help="reference clip to clone (repeat for podcast)")
@@ -88,6 +88,7 @@ def _flag_problem(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.text = text_argument(parser, "--text", args.text)
     try:
         music = _music(args.music)
     except ValueError as e:

@@ -71,3 +71,14 @@ def test_every_command_answers_help(module):
     r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
                        timeout=STARTED_TIMEOUT_S)
     assert r.returncode == 0 and r.stdout.startswith("usage: python -m engine."), r.stderr
+
+
+def test_a_dash_reads_the_text_from_stdin(monkeypatch):
+    import argparse
+    import io
+
+    from engine.command import text_argument
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("a cup\nof tea\n".encode())))
+    ap = argparse.ArgumentParser()
+    assert text_argument(ap, "--text", "-") == "a cup\nof tea" and text_argument(ap, "--text", "-x") == "-x"

@@ -212,7 +212,8 @@ def _check_finite(path: Path, as_json: bool) -> tuple[dict, int]:
         for t in found[:NON_FINITE_SHOWN]:
             print(f"error: {t.line()}", file=sys.stderr)
         if len(found) > NON_FINITE_SHOWN:
-            print(f"error: ... and {len(found) - NON_FINITE_SHOWN:,} more tensors (--json lists them all)", file=sys.stderr)
+            print(f"error: ... and {len(found) - NON_FINITE_SHOWN:,} more tensors (--json lists them all)",
+                  file=sys.stderr)
         print(f"{checked:,} floating-point tensors checked: "
               + (f"{len(found):,} hold NaN or ±inf (a corrupt download: fetch those files again)" if found else
                  "all values finite"))

@@ -326,3 +326,15 @@ def test_cli_a_missing_input_image_is_refused_input_with_exit_2(tiny_checkpoint,
     assert main(["--model", str(tiny_checkpoint), "--edit", str(tmp_path / "nope.png"), "--prompt", "a cup",
                  "--steps", "1", "--out", str(out)]) == 2
     assert "nope.png" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_prompt_dash_is_read_from_stdin(tmp_path, capsys, monkeypatch):
+    """'--prompt -' drew the prompt '-'; it is stdin's text (bytes that are not UTF-8: a usage error first)."""
+    import io
+
+    from engine.imagine import main
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe")))
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "never_loaded"), "--prompt", "-", "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2 and "--prompt -: stdin is not UTF-8 text" in capsys.readouterr().err

@@ -77,3 +77,14 @@ def test_help_offers_only_dtypes_that_can_be_given(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--dtype {fp32,bf16,fp16}" in capsys.readouterr().out
+
+
+def test_text_dash_is_read_from_stdin(tmp_path, capsys, monkeypatch):
+    """'--text -' spoke the one character '-'; it is stdin's text, and bytes that are not UTF-8 are a usage error
+    before the model loads."""
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe")))
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "never_loaded"), "--text", "-", "--out", str(tmp_path / "x.wav")])
+    assert e.value.code == 2 and "--text -: stdin is not UTF-8 text" in capsys.readouterr().err
