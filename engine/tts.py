@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--max-seconds", type=float, default=None)
     ap.add_argument("--out", type=Path, default=None,
-                    help="output WAV file (an existing file of that name is replaced; a run refused or stopped before "
-                         "any sound leaves none)")
+                    help="output WAV file, written as OUT.partial while it streams and renamed to OUT at the end (an "
+                         "existing file of that name is replaced then; a run refused or stopped before any sound leaves "
+                         "it as it was)")
     ap.add_argument("--save-voice", default=None, metavar="NAME", help="clone --ref and save it under NAME")
     ap.add_argument("--list-voices", action="store_true")
     ap.add_argument("--delete-voice", default=None, metavar="NAME")
@@ -106,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT
     try:
         if args.list_voices:
-            for v in engine.list_voices():
+            voices = engine.list_voices()
+            for v in voices:
                 print(f"{v.name}\t{v.seconds:.1f} s\t{v.ref_text or ''}")
+            if not voices:
+                print("no saved voices (save one with --save-voice NAME --ref CLIP)", file=sys.stderr)
             return 0
         if args.delete_voice:
             engine.delete_voice(args.delete_voice)
@@ -128,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         voice = args.voice
     t0 = time.perf_counter()
     first, finished = None, False
+    partial = args.out.with_name(args.out.name + ".partial")  # the file stays whole until the speech has sound
     try:
-        writer = WavWriter(args.out, engine.talker.sample_rate)
+        writer = WavWriter(partial, engine.talker.sample_rate)
     except OSError as e:  # no permission, a full disk
         print(f"error: cannot write {args.out} ({e.strerror or e})", file=sys.stderr)
         return EXIT_INPUT
@@ -155,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"real-time factor {s.audio_real_time_factor:.3f} ({ev.finish_reason})")
     finally:
         writer.close()
-        if not finished and first is None:  # refused or stopped before a sound: no empty WAV left behind
-            args.out.unlink(missing_ok=True)
+        if finished or first is not None:  # (stopped after a sound: what was spoken is kept)
+            partial.replace(args.out)
+        else:  # refused or stopped before a sound: no empty WAV, and a file of that name is left as it was
+            partial.unlink(missing_ok=True)
     return 0
 
 

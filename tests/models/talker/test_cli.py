@@ -22,6 +22,29 @@ def test_cli_writes_wav_and_prints_figures(tiny_checkpoint, tmp_path, capsys):
     assert "cantonese" in capsys.readouterr().err and not (tmp_path / "x.wav").exists()  # not an empty WAV
 
 
+def test_a_run_refused_after_the_load_leaves_an_existing_out_file_as_it_was(tiny_checkpoint, tmp_path, capsys):
+    """The WAV was opened (truncated, then deleted) before the speech started: a request refused then destroyed
+    the file the user already had at that path. It is written beside it and renamed once it has sound."""
+    out = tmp_path / "keep.wav"
+    out.write_bytes(b"the user's earlier recording")
+    assert main(["--model", str(tiny_checkpoint), "--text", "hi", "--instruct", "dialect=klingon",
+                 "--out", str(out)]) == 2
+    assert out.read_bytes() == b"the user's earlier recording"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.wav"]
+    capsys.readouterr()
+    assert main(["--model", str(tiny_checkpoint), "--text", "Hello.", "--seed", "1", "--out", str(out)]) == 0
+    with wave.open(str(out)) as w:
+        assert w.getnframes() > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.wav"]
+
+
+def test_listing_no_saved_voices_says_so(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MING_STUDIO_CACHE", str(tmp_path))
+    assert main(["--model", str(tiny_checkpoint), "--list-voices"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no saved voices" in captured.err
+
+
 def test_cli_music_duration_as_written_in_the_prompt_or_refused_before_loading(capsys):
     """'--music duration=30s' (the music prompt's own 'Duration: 30s.') is 30 seconds; a duration that is no
     number ends with a usage error naming it (status 2), not a traceback after the model has loaded."""
