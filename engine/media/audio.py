@@ -29,7 +29,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from .errors import MediaError, decode_failure
+from .errors import MediaError, decode_failure, not_a_file
 
 #: Largest polyphase resampling kernel built (elements); only odd rate pairs such as
 #: 16001 -> 16000 Hz come near it.
@@ -286,7 +286,7 @@ def load_audio(
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise MediaError(f"audio file not found: {path}")
+            raise not_a_file(path, "audio")
         samples, rate = decode_audio(path.read_bytes(), f"audio file {path}")
     elif isinstance(source, (bytes, bytearray, memoryview)):
         samples, rate = decode_audio(bytes(source), "audio data")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from engine.errors import MingError
 
 
@@ -36,3 +38,11 @@ def decode_failure(exc: BaseException, what: str, kind: str) -> MediaError:
         return MediaError(f"{what} {meaning.format(a=a, kind=kind)}")
     reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__  # strerror: without errno and name
     return MediaError(f"{what} could not be decoded as {kind}: {reason}")
+
+
+def not_a_file(path: Path, kind: str) -> MediaError:
+    """The MediaError for a `kind` ("audio", "image", "video") path that names no readable file: a folder is said to
+    be one (a folder given for a clip was 'audio file not found: /tmp', though it plainly exists)."""
+    if path.is_dir():
+        return MediaError(f"{path} is a folder, not {'an' if kind[:1] in 'aeiou' else 'a'} {kind} file")
+    return MediaError(f"{kind} file not found: {path}")

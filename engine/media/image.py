@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import MediaError
+from .errors import MediaError, not_a_file
 
 Release = Literal["2.0", "preview"]
 SmartResizeVariant = Literal["fetch", "processor_v2", "processor_preview"]
@@ -224,7 +224,7 @@ def load_image(source: ImageSource, *, max_input_pixels: int = DEFAULT_MAX_INPUT
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise MediaError(f"image file not found: {path}")
+            raise not_a_file(path, "image")
         if path.stat().st_size == 0:
             raise MediaError(f"image file is empty (0 bytes): {path}")
         with open(path, "rb") as fh:

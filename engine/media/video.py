@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import MediaError, decode_failure
+from .errors import MediaError, decode_failure, not_a_file
 from .image import ImageProcessorConfig, load_image, normalize_image, patchify, resize_bicubic, smart_resize
 
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Sequence[np.ndarray]]
@@ -492,7 +492,7 @@ def _opened(source: str | os.PathLike | bytes, backend: str):
         return
     path = Path(source)
     if not path.is_file():
-        raise MediaError(f"video file not found: {path}")
+        raise not_a_file(path, "video")
     if path.stat().st_size == 0:
         raise MediaError(f"video file is empty (0 bytes): {path}")
     yield str(path), f"video file {path}", decode

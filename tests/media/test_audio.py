@@ -7,6 +7,8 @@ import math
 import struct
 import wave
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -226,6 +228,7 @@ def test_compressed_formats_decode_via_pyav(fmt, codec, rate):
         (np.zeros((2, 2, 2), dtype=np.float32), 16000, "1-D or 2-D"),
         ({"wave": 1}, 16000, "unsupported audio input of type dict"),
         ("/nonexistent/clip.wav", None, "not found"),
+        (str(Path(__file__).parent), None, "is a folder, not an audio file"),  # (was 'audio file not found')
     ],
 )
 def test_audio_errors_name_the_problem(source, rate, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,6 +198,7 @@ def test_image_inputs_from_path_bytes_and_array_agree(tmp_path):
         (np.zeros((10, 10, 2), dtype=np.uint8), "HxW, HxWx3 or HxWx4"),
         (12345, "unsupported image input of type int"),
         ("/nonexistent/picture.png", "not found"),
+        (str(Path(__file__).parent), "is a folder, not an image file"),
     ],
 )
 def test_load_image_errors_name_the_problem(source, message):
