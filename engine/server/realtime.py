@@ -169,11 +169,16 @@ class RealtimeConnection:
 
     async def run(self) -> None:
         writer = asyncio.create_task(self.writer())
+        ends_at = time.monotonic() + self.limits.max_session_s
         try:
             await self.send({"type": "session.created",
                              "session": self.session.settings.to_dict(self.session.id, self.ctx.model_id)})
             while True:
-                msg = await self.ws.receive()
+                try:
+                    msg = await asyncio.wait_for(self.ws.receive(), max(0.0, ends_at - time.monotonic()))
+                except asyncio.TimeoutError:
+                    await self._expire(writer)
+                    break
                 if msg["type"] == "websocket.disconnect":
                     self._disconnected(msg.get("code"))
                     break
@@ -199,6 +204,22 @@ class RealtimeConnection:
                 task.cancel()
             writer.cancel()
             self.ctx.sessions.close(self.session)
+
+    async def _expire(self, writer: asyncio.Task) -> None:
+        """The session reached its longest life (a client answering pings could otherwise hold one of the
+        server's session slots for ever): OpenAI's session_expired error, sent before the socket closes (1000)."""
+        minutes = self.limits.max_session_s / 60
+        await self.send_error(ApiError(f"Your session hit the maximum duration of {minutes:g} minutes.",
+                                       code="session_expired"))
+        for _ in range(100):  # let the writer send what is queued (the error last), at most a second
+            if self.out.empty() or writer.done():
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        try:
+            await self.ws.close(code=1000)
+        except RuntimeError:  # already closed
+            pass
 
     def _disconnected(self, code: int | None) -> None:
         """The client closed the socket (or the websocket layer did, for a frame that is not UTF-8)."""

@@ -295,6 +295,28 @@ def test_session_limit_is_enforced_with_a_clear_error(tiny_engine):
             opened(d)
 
 
+def test_a_session_past_its_longest_life_is_told_and_closed_and_its_slot_freed(tiny_engine):
+    """A client that answers pings held one of the server's session slots for ever; past `max_session_s` (OpenAI's
+    60 minutes) it gets session_expired, the socket closes normally and the slot is free again."""
+    from websockets.exceptions import ConnectionClosed
+
+    with running_server(tiny_engine, max_sessions=1, max_session_s=1.5) as srv:
+        with connect(srv.ws_url) as a:
+            opened(a)
+            send(a, type="conversation.item.create", item={"type": "message", "role": "user",
+                                                            "content": [{"type": "input_text", "text": "hi"}]})
+            recv_item(a)  # the session works meanwhile
+            err = recv_json(a, timeout=10)
+            assert err["type"] == "error" and err["error"]["code"] == "session_expired"
+            assert err["error"]["type"] == "invalid_request_error" and "maximum duration" in err["error"]["message"]
+            with pytest.raises(ConnectionClosed) as info:
+                a.recv(timeout=5)
+            assert info.value.rcvd.code == 1000
+        wait_for(lambda: len(srv.ctx.sessions) == 0)
+        with connect(srv.ws_url) as b:
+            opened(b)
+
+
 def test_webcam_frames_waiting_for_commit_are_held_within_the_media_budget():
     """600 frames of 4000x4000 (black PNGs of 47 KB each) would have been held decoded: 28 GiB. The
     push-to-talk clip drops its oldest frames beyond the session's media budget, as beyond its frame cap."""
