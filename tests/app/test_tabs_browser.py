@@ -559,6 +559,13 @@ DROP_FILE = """([box, name, type]) => {
 }"""
 
 
+def drop_file(page, box: str, name: str, mime: str) -> None:
+    """A file of `name` and `mime` dropped on upload box `#box`, once the box is on the page (a box in an accordion
+    just clicked open is rendered a moment later)."""
+    page.locator(f"#{box} input[type=file]").wait_for(state="attached", timeout=15_000)
+    page.evaluate(DROP_FILE, [box, name, mime])
+
+
 def test_a_file_of_the_wrong_kind_given_to_an_upload_box_is_said_in_the_tabs_words(browser, studio, tmp_path):
     """A video dropped (or chosen) on the Speech tab's clip box or the Voice tab's reference clip got Gradio's own
     "Invalid file type: talk.mp4. Only audio/* allowed.", a MIME-type list, and the Speech tab's video box went
@@ -571,12 +578,12 @@ def test_a_file_of_the_wrong_kind_given_to_an_upload_box_is_said_in_the_tabs_wor
     said = "'talk.mp4' is a video: give it in the box below"
     sync_api.expect(page.locator("#speech-figures")).to_contain_text(said, timeout=15_000)
     sync_api.expect(page.locator(".toast-body").last).to_contain_text(said, timeout=15_000)
-    page.evaluate(DROP_FILE, ["speech-clip", "report.pdf", "application/pdf"])
+    drop_file(page, "speech-clip", "report.pdf", "application/pdf")
     sync_api.expect(page.locator("#speech-figures")).to_contain_text("'report.pdf' is not an audio clip",
                                                                      timeout=15_000)
     page.get_by_role("tab", name="Voice").click()
     page.get_by_role("button", name="Clone from a clip / save a voice").click()
-    page.evaluate(DROP_FILE, ["voice-clip", "interview.mov", "video/quicktime"])
+    drop_file(page, "voice-clip", "interview.mov", "video/quicktime")
     sync_api.expect(page.locator("#voice-figures")).to_contain_text(
         "'interview.mov' is a video: a reference clip is sound alone", timeout=15_000)
     page.locator("#voice-clip input[type=file]").set_input_files(str(ASSETS / "speech" / "what_do_you_see_en.wav"))
