@@ -35,10 +35,10 @@ VIT_NORM_EPS = 1e-6          # LayerNorm (2.0) / RMSNorm (Preview) eps, blocks a
 VIT_ROPE_THETA = 10000.0     # base of the 2-D vision rotary
 #: Most bytes of attention scores one scaled_dot_product_attention call on the CPU may hold: its kernel
 #: materialises [heads, queries, keys] (a 4000x4000 picture is one chunk of 62,500 patches), so a chunk
-#: over it is attended in blocks of queries (each row's softmax is its own: the same result). 16 MiB blocks are
-#: no slower than 256 MiB ones here (they stay in cache) and a cancel is checked before each: a few hundredths
-#: of a second apart instead of seconds (bench/vit_attention_cpu.py)
-MAX_SCORE_BYTES = 16 * 1024 * 1024
+#: over it is attended in blocks of queries (each row's softmax is its own: the same result). A cancel is checked
+#: before each block; smaller blocks would check more often but cost time at the real shape (bench/vit_attention_cpu.py,
+#: 2.0 ViT over a 2000x2000 picture on 2 cores: 16 MiB blocks 2.06x and 64 MiB 1.24x the time of 256 MiB ones)
+MAX_SCORE_BYTES = 256 * 1024 * 1024
 
 #: `hidden_act` functions as transformers' ACT2FN holds them (the reference MLPs call ACT2FN[hidden_act]), one
 #: per name of vision_config.VISION_ACTIVATIONS
