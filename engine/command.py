@@ -24,6 +24,10 @@ EXIT_CODES_HELP = (f"exit codes: 0 = done, {EXIT_INPUT} = a flag, an input file 
                    "(| head).")
 
 
+STOPPED_BY_CTRL_C = "\nstopped (Ctrl+C)"
+STOPPED_BY_SIGTERM = "\nstopped (SIGTERM)"
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread like Ctrl+C's KeyboardInterrupt (not an Exception: no handler of the
     command's own takes it for a failure of its work)."""
@@ -51,10 +55,10 @@ def run_command(main: Callable[..., int], *args) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
         return code
     except KeyboardInterrupt:
-        print("\nstopped (Ctrl+C)", file=sys.stderr)
+        print(STOPPED_BY_CTRL_C, file=sys.stderr)
         return EXIT_INTERRUPTED
     except Terminated:
-        print("\nstopped (SIGTERM)", file=sys.stderr)
+        print(STOPPED_BY_SIGTERM, file=sys.stderr)
         return EXIT_TERMINATED
     except BrokenPipeError:
         _discard_stdout()
@@ -62,6 +66,21 @@ def run_command(main: Callable[..., int], *args) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def interrupts_end_quietly() -> None:
+    """Ctrl+C before `run_command` has started (while `python -m engine.X` still imports torch, seconds) ends the
+    command with run_command's one line instead of a traceback from inside the import system; the interpreter
+    still exits by SIGINT, so the shell sees 130 as after it. engine/__init__.py calls this for `python -m`."""
+    previous = sys.excepthook
+
+    def one_line_for_ctrl_c(kind, value, traceback) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            print(STOPPED_BY_CTRL_C, file=sys.stderr)
+        else:
+            previous(kind, value, traceback)
+
+    sys.excepthook = one_line_for_ctrl_c
 
 
 def output_file_problem(out: Path, makes_folders: bool = False) -> str | None:

@@ -3,6 +3,7 @@ shell's code for it, never a traceback; run as the user runs it (`python -m engi
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -82,3 +83,32 @@ def test_a_dash_reads_the_text_from_stdin(monkeypatch):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("a cup\nof tea\n".encode())))
     ap = argparse.ArgumentParser()
     assert text_argument(ap, "--text", "-") == "a cup\nof tea" and text_argument(ap, "--text", "-x") == "-x"
+
+
+CTRL_C_DURING_TORCH_IMPORT = '''
+import os, signal, sys
+
+
+class CtrlCWhileTorchImports:
+    """Presses Ctrl+C (SIGINT to this process) the moment the command first imports torch."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+
+sys.meta_path.insert(0, CtrlCWhileTorchImports())
+'''
+
+
+@pytest.mark.parametrize("module", ["engine.generate", "engine.tts"])
+def test_ctrl_c_while_a_command_still_imports_torch_ends_in_one_line(tmp_path, module):
+    """Ctrl+C in the seconds `python -m engine.X` spends importing torch, before run_command runs, printed a
+    traceback from inside the import system (the shell's code was right: 130)."""
+    (tmp_path / "sitecustomize.py").write_text(CTRL_C_DURING_TORCH_IMPORT)
+    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=STARTED_TIMEOUT_S, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode in (EXIT_INTERRUPTED, -signal.SIGINT), done.stderr
+    assert done.stderr.strip() == "stopped (Ctrl+C)" and done.stdout == ""
