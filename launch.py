@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "  python launch.py --engine ws://gpu-box:8000 --engine-token T   # UI only, the engine runs elsewhere\n\n"
                f"exit codes: {EXIT_MODEL_ERROR} = the model could not be loaded or the settings were refused, "
                f"{EXIT_SERVER_ERROR} = the server could not start, "
-               f"{EXIT_INTERRUPTED} = stopped by Ctrl+C while starting.",
+               f"{EXIT_INTERRUPTED} = stopped by Ctrl+C while starting, 143 = stopped by SIGTERM.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", metavar="PATH_OR_HUB_ID", default=None,
                     help="checkpoint to load: a local directory, or a Hugging Face hub id such as "
@@ -242,12 +242,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """main, with a Ctrl+C pressed while the studio starts (the model loading, the page being built) said in one
-    line instead of a KeyboardInterrupt traceback. (Once the page is served, Ctrl+C is main's normal stop: 0.)"""
+    line instead of a KeyboardInterrupt traceback. (Once the page is served, Ctrl+C is main's normal stop: 0.)
+    SIGTERM (kill, a service manager) at any time closes the studio and the engine as Ctrl+C does, then exits 143."""
+    from engine.command import EXIT_TERMINATED, STOPPED_BY_SIGTERM, Terminated, sigterm_raises_terminated
+
     try:
-        return main(argv)
+        with sigterm_raises_terminated():
+            return main(argv)
     except KeyboardInterrupt:
         print("\nstopped (Ctrl+C) while the studio was starting", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print(STOPPED_BY_SIGTERM, file=sys.stderr)
+        return EXIT_TERMINATED
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from engine.errors import EXIT_FAILED, EXIT_INPUT
@@ -46,13 +47,25 @@ def _discard_stdout() -> None:
         os.close(devnull)
 
 
-def run_command(main: Callable[..., int], *args) -> int:
-    """main(*args)'s exit code; EXIT_INTERRUPTED, EXIT_TERMINATED or EXIT_OUTPUT_CLOSED when it was stopped."""
-    in_main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers are set there only)
+@contextmanager
+def sigterm_raises_terminated() -> Iterator[None]:
+    """Within: SIGTERM raises Terminated in the main thread, so `finally` blocks run as for Ctrl+C (elsewhere than
+    the main thread, where no handler can be set, SIGTERM keeps its default)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
-        code = main(*args)
-        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(main: Callable[..., int], *args) -> int:
+    """main(*args)'s exit code; EXIT_INTERRUPTED, EXIT_TERMINATED or EXIT_OUTPUT_CLOSED when it was stopped."""
+    try:
+        with sigterm_raises_terminated():
+            code = main(*args)
+            sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
         return code
     except KeyboardInterrupt:
         print(STOPPED_BY_CTRL_C, file=sys.stderr)
@@ -63,9 +76,6 @@ def run_command(main: Callable[..., int], *args) -> int:
     except BrokenPipeError:
         _discard_stdout()
         return EXIT_OUTPUT_CLOSED
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def interrupts_end_quietly() -> None:

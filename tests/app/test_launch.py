@@ -138,6 +138,8 @@ def test_default_launch_serves_the_demo_studio(studio_cache):
     assert ready.is_set(), f"launch.py never printed its URL (exit code {proc.returncode}):\n{out}"
     assert f"running at {url}" in out, out
     assert status == 200
+    # SIGTERM (the terminate above) closes the studio and the engine as Ctrl+C does: it died by the signal's default
+    assert proc.returncode == 143 and out.rstrip().endswith("stopped (SIGTERM)") and "Traceback" not in out, out
     assert long_handshake.startswith(b"HTTP/1.1 414")
     assert banner and "RANDOM DEMO WEIGHTS" in banner[0]["props"]["value"]
     assert re.search(r"Loaded ming-tiny-random-v\d+ in \d+\.\d s", out), out
