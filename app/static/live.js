@@ -6,7 +6,8 @@
 // Sent: session.update (audio.input.turn_detection server_vad or null, video window/fps, output modalities),
 // input_audio_buffer.append (base64 PCM16 + sample_rate, ~40 ms pieces), input_video_buffer.append
 // (base64 JPEG + capture_time, `fps` per second), input_audio_buffer.clear/.commit and
-// response.create (push-to-talk), response.cancel and conversation.item.truncate (barge-in).
+// response.create (push-to-talk), conversation.item.create (input_text) and response.create (a typed turn;
+// a call without a microphone is typed), response.cancel and conversation.item.truncate (barge-in).
 // Handled: session.created/.updated, input_audio_buffer.speech_started/.speech_stopped/.committed,
 // conversation.item.added/.done, response.created, response.queue_position,
 // response.output_item.added, response.output_text.delta/.done,
@@ -19,7 +20,7 @@ const ui = {
   talk: q("talk"), status: q("status"), error: q("error"), log: q("log"), latency: q("latency"),
   threshold: q("threshold"), silence: q("silence"), prefix: q("prefix"), windowS: q("window"), fps: q("fps"),
   camera: q("camera"), voice: q("voice"), thresholdOut: q("threshold-out"), silenceOut: q("silence-out"),
-  prefixOut: q("prefix-out"), windowOut: q("window-out"),
+  prefixOut: q("prefix-out"), windowOut: q("window-out"), typeRow: q("type-row"), text: q("text"), send: q("send"),
 };
 const CHUNK_MS = 40;                 // audio is sent in pieces of about this length
 const MAX_SOCKET_BACKLOG = 1 << 20;  // frames are skipped while the socket has this much unsent
@@ -114,42 +115,8 @@ async function start() {
   await refreshSettings();
   ui.start.disabled = false;
   const opts = settings();
-  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
-    showError("This page cannot use a camera or microphone: browsers allow them only on https:// or on this " +
-              "machine (http://localhost). Open the studio that way, then press Start.");
-    return;
-  }
   ui.start.disabled = true;
-  setStatus("Asking for the microphone" + (opts.camera ? " and camera…" : "…"));
-  const audio = { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 };
-  const video = { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 15 } };
-  let stream = null;
-  try {
-    stream = await navigator.mediaDevices.getUserMedia({ audio, video: opts.camera ? video : false });
-  } catch (e) {
-    if (opts.camera && ["NotFoundError", "OverconstrainedError", "NotReadableError", "NotAllowedError"].includes(e.name)) {
-      try {  // the microphone alone may still be there (and allowed)
-        stream = await navigator.mediaDevices.getUserMedia({ audio });
-        showError({
-          NotReadableError: "The camera is in use by another application: going on with sound only.",
-          NotAllowedError: "The camera is blocked for this site: going on with sound only (allow it from the " +
-                           "icon in the address bar to be seen).",
-        }[e.name] || "No camera found: going on with sound only.");
-      } catch (e2) { e = e2; }
-    }
-    if (!stream) {
-      ui.start.disabled = false;
-      setStatus("Stopped.");
-      showError({
-        NotAllowedError: "Permission denied: allow the microphone (and camera) for this site, from the icon in " +
-                         "the address bar, then press Start again.",
-        NotFoundError: "No microphone found: Live needs one (plug one in, then press Start).",
-        NotReadableError: "The microphone is in use by another application (or blocked by the system).",
-        SecurityError: "The browser blocks media capture on this page (it must be https:// or localhost).",
-      }[e.name] || `Could not open the microphone: ${e.name}: ${e.message}`);
-      return;
-    }
-  }
+  const stream = await openMedia(opts);
   S = {
     stream, opts, ws: null, ctx: null, node: null, frameTimer: null, encoding: false, talking: false,
     userStopped: false, pcm: [], pcmSamples: 0, sentMs: 0, clock: [], turnMs: 0, frames: 0, heardAnything: false,
@@ -179,6 +146,44 @@ async function start() {
   openSocket();
 }
 
+// The microphone and camera the user allows: both, either, or neither (then the call is typed, with a message
+// saying why: a page that cannot ask, a blocked or missing or busy device). Never null.
+async function openMedia(opts) {
+  const typed = " You can still type your messages below.";
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    showError("This page cannot use a camera or microphone: browsers allow them only on https:// or on this " +
+              "machine (http://localhost)." + typed);
+    return new MediaStream();
+  }
+  setStatus("Asking for the microphone" + (opts.camera ? " and camera…" : "…"));
+  const audio = { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 };
+  const video = { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 15 } };
+  const ask = (constraints) => navigator.mediaDevices.getUserMedia(constraints).then((s) => [s, null], (e) => [null, e]);
+  const [stream, error] = await ask({ audio, video: opts.camera ? video : false });
+  if (stream) return stream;
+  let [micOnly, micError] = [null, error];
+  if (opts.camera) {  // the microphone alone may still be there (and allowed)
+    [micOnly, micError] = await ask({ audio });
+    if (micOnly) {
+      showError({
+        NotReadableError: "The camera is in use by another application: going on with sound only.",
+        NotAllowedError: "The camera is blocked for this site: going on with sound only (allow it from the " +
+                         "icon in the address bar to be seen).",
+      }[error.name] || "No camera found: going on with sound only.");
+      return micOnly;
+    }
+  }
+  const [cameraOnly] = opts.camera ? await ask({ video }) : [null];  // a typed call can still be seen
+  showError(({
+    NotAllowedError: "The microphone is blocked for this site (allow it from the icon in the address bar to talk).",
+    NotFoundError: "No microphone found (plug one in, then press Start again to talk).",
+    NotReadableError: "The microphone is in use by another application (or blocked by the system).",
+    SecurityError: "The browser blocks media capture on this page (it must be https:// or localhost).",
+  }[micError.name] || `Could not open the microphone: ${micError.name}: ${micError.message}.`) + typed);
+  return cameraOnly || new MediaStream();
+}
+function hasMicrophone(s) { return s.stream.getAudioTracks().length > 0; }
+
 function stop(message) {
   const s = S;
   if (!s) return;
@@ -195,6 +200,7 @@ function stop(message) {
   ui.preview.srcObject = null;
   ui.meter.style.width = "0%";
   ui.start.disabled = false; ui.stop.disabled = true; ui.talk.disabled = true; ui.mode.disabled = false;
+  ui.text.disabled = true; ui.send.disabled = true;
   setStatus("Stopped.");
   if (message) showError(message);
 }
@@ -209,6 +215,7 @@ async function startAudio() {
   const ctx = new AudioContext({ latencyHint: "interactive" });
   S.ctx = ctx;
   if (ctx.state === "suspended") await ctx.resume();
+  if (!hasMicrophone(S)) return;  // (the context still plays the replies)
   const source = ctx.createMediaStreamSource(S.stream);
   const sink = ctx.createGain(); sink.gain.value = 0; sink.connect(ctx.destination);  // keeps the graph pulled
   if (ctx.audioWorklet) {
@@ -304,7 +311,7 @@ function checkCameraPicture(s) {  // a camera that opened but sends no frames: s
 
 // ------------------------------------------------------------------ the socket
 function sessionUpdate(opts) {  // the GA shape: turn detection under audio.input; `video` is our extension
-  const turnDetection = opts.mode === "hands_free" ? {
+  const turnDetection = opts.mode === "hands_free" && S && hasMicrophone(S) ? {
     type: "server_vad", threshold: opts.threshold, prefix_padding_ms: opts.prefix,
     silence_duration_ms: opts.silence, create_response: true, interrupt_response: true,
   } : null;
@@ -361,9 +368,14 @@ function ready(s) {
   if (s.ready) return;
   s.ready = true;
   ui.stop.disabled = false; ui.mode.disabled = true;
-  ui.talk.disabled = s.opts.mode !== "ptt";
+  ui.talk.disabled = s.opts.mode !== "ptt" || !hasMicrophone(s);
+  ui.text.disabled = false; ui.send.disabled = false;
   startFrames();
-  setStatus(s.opts.mode === "ptt" ? "Hold “Talk” (or the space bar) while you speak." : "Listening… just talk.");
+  setStatus(idleStatus(s));
+}
+function idleStatus(s) {
+  if (!hasMicrophone(s)) return "Type a message below and press Enter.";
+  return s.opts.mode === "ptt" ? "Hold “Talk” (or the space bar) while you speak." : "Listening… just talk.";
 }
 
 function handle(ev) {
@@ -413,9 +425,11 @@ function handle(ev) {
     case "response.done": {
       const r = ev.response || {};
       if (r.id === s.current) s.current = null;
+      s.asked = false;
+      if (s.askAfterDone) { s.askAfterDone = false; askReply(s); }
       if (r.status === "failed") showError((r.status_details && r.status_details.error && r.status_details.error.message) || "The reply failed.");
       if (r.status === "cancelled") { const b = s.bubbles[lastReplyId(s)]; if (b) b.classList.add("live-interrupted"); }
-      setStatus(s.opts.mode === "ptt" ? "Hold “Talk” (or the space bar) while you speak." : "Listening… just talk.");
+      setStatus(idleStatus(s));
       break;
     }
     case "error": {
@@ -500,7 +514,7 @@ function bargeIn(s, cancelResponse) {
 // ------------------------------------------------------------------ push-to-talk
 function talkDown(e) {
   const s = S;
-  if (!s || !s.ready || s.opts.mode !== "ptt" || s.talking) return;
+  if (!s || !s.ready || s.opts.mode !== "ptt" || s.talking || !hasMicrophone(s)) return;
   if (e) e.preventDefault();
   bargeIn(s, true);
   s.talking = true; s.turnMs = 0; s.pcm = []; s.pcmSamples = 0;
@@ -518,13 +532,35 @@ function talkUp(e) {
   if (s.turnMs < 200) { send({ type: "input_audio_buffer.clear" }); setStatus("Too short: hold “Talk” while you speak."); return; }
   s.speechEnd = performance.now(); s.firstText = s.firstAudio = null; showLatency(s);
   send({ type: "input_audio_buffer.commit" });
-  send({ type: "response.create" });
+  askReply(s);
   setStatus("Thinking…");
+}
+
+// ------------------------------------------------------------------ typed turns
+function sendText(e) {
+  if (e) e.preventDefault();  // (the form would reload the page)
+  const s = S;
+  const text = ui.text.value.trim();
+  if (!s || !s.ready || !text) return;
+  const replying = !!(s.current || s.asked);
+  bargeIn(s, true);  // typing over a reply interrupts it as speaking over it does
+  const item = { type: "message", role: "user", content: [{ type: "input_text", text }] };
+  if (!send({ type: "conversation.item.create", item })) return;  // (the text is kept)
+  if (replying) s.askAfterDone = true;  // the engine takes one response at a time: asked at response.done
+  else askReply(s);
+  ui.text.value = "";
+  s.speechEnd = performance.now(); s.firstText = s.firstAudio = null; showLatency(s);
+  setStatus("Thinking…");
+}
+
+function askReply(s) {
+  s.asked = send({ type: "response.create" });
 }
 
 // ------------------------------------------------------------------ wiring
 ui.start.addEventListener("click", () => { start(); });
 ui.stop.addEventListener("click", () => stop());
+ui.typeRow.addEventListener("submit", sendText);
 ui.talk.addEventListener("pointerdown", (e) => {
   try { ui.talk.setPointerCapture(e.pointerId); } catch (err) { /* not a real pointer */ }
   talkDown(e);  // the button keeps the pointer: the page moving under a finger does not end the turn

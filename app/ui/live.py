@@ -1,7 +1,7 @@
 """The Live tab: talk with the model about what the camera sees, as in a video call.
 
 Everything runs in the page (app/static/live.js): camera preview, microphone level, hands-free or
-push-to-talk turns, streamed reply text, streamed speech played as it arrives and stopped at once
+push-to-talk turns, typed turns (a call without a microphone is typed), streamed reply text, streamed speech played as it arrives and stopped at once
 when the user speaks over it, a latency line, and settings (VAD threshold and silence, video window
 and frames per second, voice). Media goes over one websocket to the studio's own server
 (app/live_proxy.py), which relays it to the engine's /v1/realtime with the engine token added
@@ -39,6 +39,7 @@ class LiveDefaults:
     silence_duration_ms: int = 600
     prefix_padding_ms: int = 300
     window_seconds: float = 8.0  # video context attached to each turn
+    max_text_chars: int = 4000  # a typed message (the engine's own limits still apply)
     fps: float = 1.0
     camera: bool = True
 
@@ -63,6 +64,11 @@ HTML = """
   <div data-role="error" class="live-error" role="alert" hidden></div>
   <div data-role="text-only" class="live-note" hidden>
     Replies are text for now: this engine has no speech output yet.</div>
+  <form data-role="type-row" class="live-type-row">
+    <input data-role="text" type="text" maxlength="{max_text}" autocomplete="off" disabled
+           aria-label="Type a message" placeholder="Or type a message (Enter sends)">
+    <button data-role="send" type="submit" disabled>Send</button>
+  </form>
   <div data-role="latency" class="live-latency">Latency: speech end → first text … · → first audio …</div>
   <div data-role="log" class="live-log"></div>
   <details class="live-settings">
@@ -105,7 +111,7 @@ def live_html(defaults: LiveDefaults, voices: Sequence[str], speech_output: bool
         ptt="selected" if defaults.mode == "ptt" else "",
         threshold=defaults.threshold, silence=defaults.silence_duration_ms, prefix=defaults.prefix_padding_ms,
         window=int(defaults.window_seconds), fps_options=_options([0.5, 1, 2], defaults.fps),
-        camera="checked" if defaults.camera else "",
+        camera="checked" if defaults.camera else "", max_text=defaults.max_text_chars,
         voice_disabled="" if speech_output and voices else "disabled",
         voice_options=_options(voice_values, voice_values[0], voice_labels))
 

@@ -505,29 +505,34 @@ class RealtimeConnection:
     async def _commit_turn(self, item_id: str, audio: codec.Audio) -> None:
         """The user's turn joins the conversation: the rolling webcam video (when the session keeps
         one), then the audio; input_audio_buffer.committed, conversation.item.added/.done."""
-        parts, public, turn_video = [], [], False
-        rolling = self.session.settings.video_context
-        if rolling is not None:
-            taken = await asyncio.to_thread(self.session.video.take_turn_video)
-            if taken is not None:
-                parts.append(taken[0])
-                public.append(taken[1])
-                turn_video = True
+        parts, public = await self._turn_video()
         parts.append(audio.part())
         public.append({"type": "input_audio", "seconds": round(audio.seconds, 3), "sample_rate": audio.sample_rate,
                        "transcript": None})
-        item = Item(item_id, "user", parts, public, turn_video=turn_video)
+        item = Item(item_id, "user", parts, public, turn_video=len(parts) > 1)
         if self.session.detector is not None:  # hands-free: the oldest turns leave a full conversation
             for old in self.session.make_room(item):
                 await self.send({"type": "conversation.item.deleted", "item_id": old})
         prev = self._last_item_id()
         self.session.add_item(item)
-        if rolling is not None:
-            self.session.drop_old_turn_video(rolling.keep_turns)
+        self._drop_old_turn_video()
         await self.send({"type": "input_audio_buffer.committed", "previous_item_id": prev, "item_id": item.id})
         await self._item_added(item, prev)
         if self.session.settings.transcription is not None:
             await self._transcribe(item, len(public) - 1, audio)
+
+    async def _turn_video(self) -> tuple[list[dict], list[dict]]:
+        """A user turn's start when the session keeps a rolling webcam context that holds recent frames: that
+        video as an engine part and its public part (else two empty lists)."""
+        if self.session.settings.video_context is None:
+            return [], []
+        taken = await asyncio.to_thread(self.session.video.take_turn_video)
+        return ([taken[0]], [taken[1]]) if taken is not None else ([], [])
+
+    def _drop_old_turn_video(self) -> None:
+        rolling = self.session.settings.video_context
+        if rolling is not None:
+            self.session.drop_old_turn_video(rolling.keep_turns)
 
     # ------------------------------------------------------------------ input audio transcription
     def _transcription_setting(self, value: Any, param: str) -> dict | None:
@@ -828,9 +833,13 @@ class RealtimeConnection:
             raise bad("'item.content' is required", "missing_field", "item.content")
         self._check_text_budget(text_chars(item["content"]), param="item.content")
         conv = await self._item_content(role, item["content"], "item.content")
-        new = Item(item_id or new_id("item"), role, conv.parts, conv.public)
+        # a user message typed during a video call (appended as the latest turn) sees the camera as a spoken turn does
+        video, video_public = await self._turn_video() if role == "user" and after is None else ([], [])
+        new = Item(item_id or new_id("item"), role, video + conv.parts, video_public + conv.public,
+                   turn_video=bool(video))
         prev = self._last_item_id() if after is None else None if after == ROOT else after
         self.session.add_item(new, after=after)
+        self._drop_old_turn_video()
         await self._item_added(new, prev)
 
     async def _item_content(self, role: str, content: Any, param: str,

@@ -112,6 +112,10 @@ class FakeEngine:
                 elif kind == "input_audio_buffer.commit":
                     send({"type": "input_audio_buffer.committed", "item_id": "item_user1"})
                     send(self._user_item("item_user1"))
+                elif kind == "conversation.item.create":  # a typed turn
+                    state["typed"] = state.get("typed", 0) + 1
+                    item = {**ev["item"], "id": f"item_typed{state['typed']}"}
+                    send({"type": "conversation.item.added", "item": item})
                 elif kind == "response.create":
                     self._respond(send, state)
                 elif kind == "response.cancel":  # the canned reply has been sent whole already

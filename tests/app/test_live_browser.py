@@ -147,7 +147,7 @@ def test_barge_in_from_the_server_stops_the_speech_at_once_and_ignores_stale_aud
     assert "response.cancel" not in [e["type"] for e in got]  # hands-free: the server cancels by itself
 
 
-def test_permission_denied_and_a_blocked_camera_are_said_in_the_page(live_page):
+def test_a_denied_microphone_makes_a_typed_call_and_a_blocked_camera_is_said_in_the_page(live_page):
     url, engine = live_page
     args = CHROMIUM_ARGS + [a for a in MEDIA_ARGS if a != "--use-fake-ui-for-media-stream"]  # real permission checks
     with sync_api.sync_playwright() as pw:
@@ -156,9 +156,32 @@ def test_permission_denied_and_a_blocked_camera_are_said_in_the_page(live_page):
             page = b.new_context(permissions=[], viewport=PHONE).new_page()  # the user said no to everything
             page.goto(url, wait_until="networkidle", timeout=60_000)
             page.locator('#live [data-role="start"]').click()
-            sync_api.expect(page.locator('#live [data-role="error"]')).to_contain_text("Permission denied",
-                                                                                       timeout=20_000)
-            sync_api.expect(page.locator('#live [data-role="start"]')).to_be_enabled()
+            # the call goes on typed (it used to end with "Permission denied": no call without a microphone)
+            error = page.locator('#live [data-role="error"]')
+            sync_api.expect(error).to_contain_text("microphone is blocked", timeout=20_000)
+            sync_api.expect(error).to_contain_text("type your messages")
+            sync_api.expect(page.locator('#live [data-role="status"]')).to_contain_text("Type a message")
+            assert page.locator('#live [data-role="talk"]').is_disabled()
+            page.locator('#live [data-role="text"]').fill("what do you see?")
+            page.locator('#live [data-role="text"]').press("Enter")
+            sync_api.expect(page.locator("#live .live-user").last).to_have_text("You: what do you see?")
+            sync_api.expect(page.locator("#live .live-assistant").last).to_have_text(REPLY, timeout=20_000)
+            assert page.locator('#live [data-role="text"]').input_value() == ""
+            asked = sum(e["type"] == "response.create" for e in engine.got.events)
+            for text in ("and now?", "and then?"):  # the second while the first is answered: asked after it
+                page.locator('#live [data-role="text"]').fill(text)
+                page.locator('#live [data-role="text"]').press("Enter")
+            sync_api.expect(page.locator("#live .live-assistant")).to_have_count(3, timeout=20_000)
+            sync_api.expect(page.locator("#live .live-assistant").last).to_have_text(REPLY, timeout=20_000)
+            assert sum(e["type"] == "response.create" for e in engine.got.events) == asked + 2
+            assert page.locator('#live [data-role="error"]').text_content().count("active response") == 0
+            typed = [e["item"]["content"] for e in engine.got.events if e["type"] == "conversation.item.create"]
+            assert typed[-3:] == [[{"type": "input_text", "text": t}] for t in ("what do you see?", "and now?",
+                                                                                  "and then?")]
+            update = [e for e in engine.got.events if e["type"] == "session.update"][-1]["session"]
+            assert update["audio"]["input"]["turn_detection"] is None  # no microphone: nothing to detect
+            page.locator('#live [data-role="stop"]').click()
+            sync_api.expect(page.locator('#live [data-role="text"]')).to_be_disabled()
             frames = len(engine.got.frames)
             page = b.new_context(permissions=["microphone"], viewport=PHONE).new_page()  # the camera is blocked
             page.goto(url, wait_until="networkidle", timeout=60_000)

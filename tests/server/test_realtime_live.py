@@ -309,6 +309,34 @@ def test_push_to_talk_turns_carry_the_rolling_video_and_old_turns_lose_theirs(se
         assert all(it.nbytes <= 9 * frame_bytes + 2 * len(q) for it in session.items[2:])  # uint8 frames
 
 
+def test_a_message_typed_during_a_video_call_sees_the_camera(server):
+    """A Live call without a microphone types its turns (conversation.item.create): such a message got none of
+    the rolling webcam video a spoken turn gets, so "what am I holding?" was answered blind. An appended user
+    message now takes the frames as a committed turn does; a message inserted earlier and a system one do not."""
+    with connect(server.ws_url, max_size=None) as ws:
+        c = LiveClient(ws)
+        c.drain(10)
+        c.send(type="session.update", session={"audio": {"input": {"turn_detection": None}},
+                                               "video": {"window_seconds": 4, "fps": 2}})
+        c.wait(lambda t: "session.updated" in t)
+        sid = c.events[-1][1]["session"]["id"]
+        c.stream(silence(1.5), pace=50)  # the camera's frames arrive with the (silent) audio clock
+        typed = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "what is this?"}]}
+        c.send(type="conversation.item.create", item=typed)
+        c.wait(lambda t: t.count("conversation.item.done") == 1)
+        c.send(type="conversation.item.create", previous_item_id="root", item=typed)
+        c.send(type="conversation.item.create", item={**typed, "role": "system", "content": [
+            {"type": "input_text", "text": "be brief"}]})
+        c.wait(lambda t: t.count("conversation.item.done") == 3)
+        added = [e["item"] for _, e in c.events if e["type"] == "conversation.item.added"]
+        video, text = added[0]["content"]
+        assert video["type"] == "input_video" and video["frames"] >= 2 and text["text"] == "what is this?"
+        assert [p["type"] for p in added[1]["content"]] == ["input_text"]  # inserted first: not the latest turn
+        assert [p["type"] for p in added[2]["content"]] == ["input_text"]
+        items = server.ctx.sessions.open[sid].items
+        assert [p["type"] for it in items for p in it.parts].count("video") == 1
+
+
 # --------------------------------------------------------------------------- nothing left running
 
 
