@@ -5,6 +5,7 @@ with only the Space's own files on the import path."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -12,16 +13,25 @@ from scripts.make_space import make_space
 
 
 def test_the_space_starts_the_ui_only_studio_from_its_own_files(tmp_path):
+    """launch.main runs in the Space up to binding its port (held here, so it stops there and says so): the Space's
+    launch.py imported engine.server.auth at that step, which the Space did not ship (ModuleNotFoundError at start)."""
     space = make_space(tmp_path / "space")
     assert not [line for line in (space / "requirements.txt").read_text().splitlines() if line.startswith("torch")]
     assert (space / "README.md").read_text().startswith("---\ntitle: Ming Omni Studio")
-    code = ("import sys, launch, app.studio; "
-            "assert all(m.split('.')[0] != 'torch' for m in sys.modules), 'torch was imported'; "
-            "print(sorted(m for m in sys.modules if m.startswith('engine')))")
-    env = {**os.environ, "PYTHONPATH": str(space), "ENGINE_URL": "ws://127.0.0.1:9", "GRADIO_ANALYTICS_ENABLED": "False"}
-    r = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(space)!r}); {code}"],
-                       cwd=space, env=env, capture_output=True, text=True, timeout=120)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = ("import sys, launch, app.studio; "
+                f"code = launch.main(['--port', '{port}']); "
+                "assert all(m.split('.')[0] != 'torch' for m in sys.modules), 'torch was imported'; "
+                "print(code, sorted(m for m in sys.modules if m.startswith('engine')))")
+        env = {**os.environ, "PYTHONPATH": str(space), "ENGINE_URL": "ws://127.0.0.1:9",
+               "GRADIO_ANALYTICS_ENABLED": "False"}
+        r = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(space)!r}); {code}"],
+                           cwd=space, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("1 ") and f"--port {port}" in r.stderr and "in use" in r.stderr  # said as such
     assert "engine.client" in r.stdout and "engine.runtime" not in r.stdout
 
 
