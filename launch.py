@@ -105,8 +105,9 @@ def _address_exit_code(refused: Exception) -> int:
 
 def _start_local_engine(args: argparse.Namespace):
     """Load the model here and serve it on a loopback port of this process (a token made for this
-    start): the studio reaches it through the same client a remote studio uses. Returns (client,
-    server handle) or an exit code."""
+    start): the studio reaches it through the same client a remote studio uses. Returns (engine
+    link, server handle) or an exit code."""
+    from app.engine_link import EngineLink
     from engine.client import EngineClient
     from engine.errors import MingError
     from engine.loader import LoadProgressPrinter
@@ -138,30 +139,32 @@ def _start_local_engine(args: argparse.Namespace):
         handle = ServerHandle(create_app(engine, token=token), host="127.0.0.1", port=0).start()
     except (OSError, RuntimeError) as e:
         return _fail(f"could not start the engine server on a loopback port: {e}", EXIT_SERVER_ERROR)
-    return EngineClient(handle.url, token=token), handle
+    return EngineLink(EngineClient(handle.url, token=token)), handle
 
 
 def _connect_remote_engine(args: argparse.Namespace):
     """A UI-only studio: the engine runs elsewhere. An engine that is down at start is reported here
-    and in the page, which reconnects when it comes back."""
+    and in the page, which reconnects when it comes back. Returns (engine link, None) or an exit code."""
+    from app.engine_link import EngineLink
     from engine.client import EngineClient
 
     try:
         client = EngineClient(args.engine, token=args.engine_token)
     except ValueError as e:  # not a URL the studio can reach an engine at
         return _fail(f"--engine: {e}", EXIT_MODEL_ERROR)
-    try:
-        info = client.info()
-        print(f"Engine at {args.engine}: {info.name}" + (" (RANDOM DEMO WEIGHTS)" if info.is_demo else ""), flush=True)
-    except Exception as e:  # noqa: BLE001  (any failure to reach it is reported, the page keeps trying)
-        if getattr(e, "code", None) == "unauthorized":  # not "not answering ... reconnects": it never will
-            print(f"WARNING: the engine at {args.engine} refused the token ({e}): give its token with "
-                  "--engine-token (or ENGINE_TOKEN) and start the studio again. The studio starts anyway and "
-                  "shows this in the page.", file=sys.stderr, flush=True)
-        else:
-            print(f"WARNING: the engine at {args.engine} is not answering ({e}). The studio starts anyway, shows "
-                  "this in the page and reconnects when the engine is back.", file=sys.stderr, flush=True)
-    return client, None
+    link = EngineLink(client)  # asks the engine who it is, once (the page then reuses the answer)
+    status = link.status()
+    if status.ok:
+        print(f"Engine at {args.engine}: {status.info.name}" + (" (RANDOM DEMO WEIGHTS)" if status.info.is_demo else ""),
+              flush=True)
+    elif status.code == "unauthorized":  # not "not answering ... reconnects": it never will
+        print(f"WARNING: the engine at {args.engine} refused the token: give its token with --engine-token (or "
+              "ENGINE_TOKEN) and start the studio again. The studio starts anyway and shows this in the page.",
+              file=sys.stderr, flush=True)
+    else:  # (any failure to reach it is reported, the page keeps trying)
+        print(f"WARNING: {status.problem}. The studio starts anyway, shows this in the page and reconnects when the "
+              "engine is back.", file=sys.stderr, flush=True)
+    return link, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,12 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     started = _connect_remote_engine(args) if args.engine else _start_local_engine(args)
     if isinstance(started, int):
         return started
-    client, engine_server = started
+    link, engine_server = started
     if args.local_audio:
-        from app.engine_link import SPEECH_OUT, EngineLink
+        from app.engine_link import SPEECH_OUT
         from app.local_audio import run_local_audio
 
-        link = EngineLink(client)
         try:
             return run_local_audio(*link.target(), speech_output=link.has(SPEECH_OUT))
         finally:
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.server.ws_protocol import make_uvicorn_default
 
     make_uvicorn_default()  # the Live relay's handshakes: a 414 / 431 answered, not left hanging
-    demo = build_studio(client)
+    demo = build_studio(link)
     try:
         demo.launch(**launch_options(demo), server_name=args.host, server_port=args.port, share=args.share,
                     auth=credentials or None, auth_message="Ming Omni Studio: please log in.",

@@ -17,6 +17,10 @@ SPEECH_OUT, IMAGE_OUT = "speech_out", "image_out"
 REALTIME = "realtime"  # the engine serves the realtime websocket protocol (the Live tab needs it)
 
 RECHECK_S = 5.0
+# The most one "who are you" check may take. A hung engine (or a network that drops packets) held each check for the
+# client's whole request timeout (60 s), twice at start, and every page load and tab waited behind it; now it is
+# said as not answering after this, and a page load never waits for a check another visitor's page started.
+CHECK_TIMEOUT_S = 10.0
 # What to do when the engine refuses the studio's token, said by the banner and by each tab's error line (the tabs
 # showed the engine's wire advice, "send 'Authorization: Bearer <token>'", to someone in a browser).
 TOKEN_ADVICE = "start the studio again with the engine's token (--engine-token T, or ENGINE_TOKEN=T)"
@@ -32,30 +36,38 @@ class LinkStatus:
 
 
 class EngineLink:
-    def __init__(self, client: EngineClient, url_label: str | None = None, recheck_s: float = RECHECK_S):
+    def __init__(self, client: EngineClient, url_label: str | None = None, recheck_s: float = RECHECK_S,
+                 check_timeout_s: float = CHECK_TIMEOUT_S):
         self.client = client
         self.url_label = url_label or client.endpoints.http
         self.recheck_s = recheck_s
+        self.check_timeout_s = check_timeout_s
         self._lock = threading.Lock()
         self._status = LinkStatus(False, None, "not checked yet", 0.0)
         self.refresh(force=True)
 
     def refresh(self, force: bool = False) -> LinkStatus:
-        """Ask the engine who it is (at most every `recheck_s` seconds unless forced)."""
-        with self._lock:
-            if not force and time.monotonic() - self._status.checked_at < self.recheck_s:
-                return self._status
-            try:
-                info = self.client.info()
-                self._status = LinkStatus(True, info, None, time.monotonic())
-            except Exception as e:  # noqa: BLE001  (unreachable, refused token, bad answer: all shown)
-                code = getattr(e, "code", None)
-                if code == "unauthorized":
-                    problem = f"the engine at {self.url_label} refused this studio's token: {TOKEN_ADVICE}"
-                else:
-                    problem = f"the engine at {self.url_label} is not answering ({e})"
-                self._status = LinkStatus(False, self._status.info, problem, time.monotonic(), code)
+        """Ask the engine who it is (at most every `recheck_s` seconds unless forced). While another thread is
+        asking, the last answer is returned at once (forced: that thread's answer is waited for)."""
+        if not self._lock.acquire(blocking=force):
             return self._status
+        try:
+            if force or time.monotonic() - self._status.checked_at >= self.recheck_s:
+                self._status = self._check()
+            return self._status
+        finally:
+            self._lock.release()
+
+    def _check(self) -> LinkStatus:
+        try:
+            return LinkStatus(True, self.client.info(timeout=self.check_timeout_s), None, time.monotonic())
+        except Exception as e:  # noqa: BLE001  (unreachable, refused token, bad answer: all shown)
+            code = getattr(e, "code", None)
+            if code == "unauthorized":
+                problem = f"the engine at {self.url_label} refused this studio's token: {TOKEN_ADVICE}"
+            else:
+                problem = f"the engine at {self.url_label} is not answering ({e})"
+            return LinkStatus(False, self._status.info, problem, time.monotonic(), code)
 
     def status(self) -> LinkStatus:
         return self.refresh()

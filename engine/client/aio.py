@@ -235,10 +235,11 @@ class AsyncEngineClient(core.EngineClientBase):
         try:
             return await self.http.request(method, path, **kwargs)
         except httpx.HTTPError as e:
-            raise core.connect_error(self.endpoints.http + path, e) from e
+            waited = kwargs.get("timeout", self.timeout) if isinstance(e, httpx.TimeoutException) else None
+            raise core.connect_error(self.endpoints.http + path, e, waited) from e
 
-    async def _get(self, path: str) -> Any:
-        return await self._json("GET", path)
+    async def _get(self, path: str, **kwargs) -> Any:
+        return await self._json("GET", path, **kwargs)
 
     async def _json(self, method: str, path: str, **kwargs) -> Any:
         resp = await self._send(method, path, **kwargs)
@@ -247,14 +248,15 @@ class AsyncEngineClient(core.EngineClientBase):
     async def health(self) -> dict:
         return await self._get("/health")
 
-    async def info(self) -> ModelInfo:
+    async def info(self, timeout: float | None = None) -> ModelInfo:
+        each = {"timeout": core.checked_timeout(timeout)} if timeout is not None else {}
         if not self.openai:
-            return core.models_info(await self._get("/v1/models"))
+            return core.models_info(await self._get("/v1/models", **each))
         if self._openai_info is None:
-            models = await self._get("/v1/models")
+            models = await self._get("/v1/models", **each)
             found = {}
             for cap, path in calls.OPENAI_PROBES.items():
-                resp = await self._send("POST", path, json={})
+                resp = await self._send("POST", path, json={}, **each)
                 found[cap] = calls.probe_found(resp.status_code, resp.content)
             self._openai_info = calls.openai_info(models, found)
         return self._openai_info

@@ -132,9 +132,12 @@ def json_error_event(status: int, content: bytes) -> Error:
     return Error(f"HTTP {status}", "server_error")
 
 
-def connect_error(url: str, exc: BaseException) -> ServerError:
+def connect_error(url: str, exc: BaseException, timeout_s: float | None = None) -> ServerError:
     """Why a connection could not be made: the server's refusal (e.g. 401 unauthorized, with its
-    error body) or connect_failed."""
+    error body), `timeout` when the transport says the request's `timeout_s` passed without an answer
+    (a hung engine, a network that drops packets), or connect_failed."""
+    if timeout_s is not None:
+        return ServerError(f"the engine server at {url} did not answer within {timeout_s:g} s", "timeout")
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
     if status is not None:

@@ -250,10 +250,11 @@ class EngineClient(core.EngineClientBase):
         try:
             return self.http.request(method, path, **kwargs)
         except httpx.HTTPError as e:
-            raise core.connect_error(self.endpoints.http + path, e) from e
+            waited = kwargs.get("timeout", self.timeout) if isinstance(e, httpx.TimeoutException) else None
+            raise core.connect_error(self.endpoints.http + path, e, waited) from e
 
-    def _get(self, path: str) -> Any:
-        return self._json("GET", path)
+    def _get(self, path: str, **kwargs) -> Any:
+        return self._json("GET", path, **kwargs)
 
     def _json(self, method: str, path: str, **kwargs) -> Any:
         resp = self._send(method, path, **kwargs)
@@ -263,16 +264,18 @@ class EngineClient(core.EngineClientBase):
         """The server's /health (status, model, queue, sessions). Raises ServerError when unreachable."""
         return self._get("/health")
 
-    def info(self) -> ModelInfo:
-        """The served model. Raises ServerError (unauthorized, connect_failed, ...). For an
-        OpenAI-compatible backend: its first model, capabilities probed from the routes that answer."""
+    def info(self, timeout: float | None = None) -> ModelInfo:
+        """The served model. Raises ServerError (unauthorized, connect_failed, timeout, ...). For an
+        OpenAI-compatible backend: its first model, capabilities probed from the routes that answer.
+        `timeout`: seconds each of its requests may take (default: the client's)."""
+        each = {"timeout": core.checked_timeout(timeout)} if timeout is not None else {}
         if not self.openai:
-            return core.models_info(self._get("/v1/models"))
+            return core.models_info(self._get("/v1/models", **each))
         if self._openai_info is None:
-            models = self._get("/v1/models")
+            models = self._get("/v1/models", **each)
             found = {}
             for cap, path in calls.OPENAI_PROBES.items():
-                resp = self._send("POST", path, json={})
+                resp = self._send("POST", path, json={}, **each)
                 found[cap] = calls.probe_found(resp.status_code, resp.content)
             self._openai_info = calls.openai_info(models, found)
         return self._openai_info

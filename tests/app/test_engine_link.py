@@ -1,0 +1,49 @@
+"""The studio's engine link against engines that misbehave on the network: one that accepts connections and never
+answers (a hung engine, or a network that drops packets) is said as such within the link's check timeout, and no
+page load waits behind a check that another visitor's page started."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from app.engine_link import EngineLink
+from engine.client import EngineClient
+
+CHECK_S = 0.25  # the link's check timeout in these tests (the studio's is CHECK_TIMEOUT_S)
+CLIENT_S = 30.0  # the client's own request timeout: what a check waited before
+
+
+@pytest.fixture(scope="module")
+def hung_engine():
+    """A port that accepts connections (the kernel's backlog) and never answers a byte."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_a_hung_engine_is_said_not_answering_within_the_check_timeout(hung_engine):
+    t0 = time.monotonic()
+    link = EngineLink(EngineClient(hung_engine, token="T", timeout=CLIENT_S), check_timeout_s=CHECK_S)
+    took = time.monotonic() - t0
+    status = link.status()
+    assert CHECK_S * 0.9 <= took < CHECK_S + 2.0, took
+    assert not status.ok and status.code == "timeout"
+    assert "not answering" in status.problem and f"did not answer within {CHECK_S:g} s" in status.problem
+
+
+def test_a_page_load_does_not_wait_for_a_check_in_flight(hung_engine):
+    link = EngineLink(EngineClient(hung_engine, token="T", timeout=CLIENT_S), recheck_s=0.0, check_timeout_s=CHECK_S)
+    checking = threading.Thread(target=link.refresh, kwargs={"force": True})
+    checking.start()
+    time.sleep(0.1)  # that check now waits on the hung engine
+    t0 = time.monotonic()
+    status = link.status()  # another visitor's page load
+    waited = time.monotonic() - t0
+    checking.join()
+    assert waited < CHECK_S / 2, f"a page load waited {waited:.2f} s for another page's check"
+    assert not status.ok and "not answering" in status.problem
