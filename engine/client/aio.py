@@ -252,17 +252,20 @@ class AsyncEngineClient(core.EngineClientBase):
         each = {"timeout": core.checked_timeout(timeout)} if timeout is not None else {}
         if not self.openai:
             return core.models_info(await self._get("/v1/models", **each))
-        if self._openai_info is None:
-            models = await self._get("/v1/models", **each)
+        models = await self._get("/v1/models", **each)  # each time: a check that the engine still answers
+        if self._openai_routes is None:
             found = {}
             for cap, path in calls.OPENAI_PROBES.items():
                 resp = await self._send("POST", path, json={}, **each)
                 found[cap] = calls.probe_found(resp.status_code, resp.content)
-            self._openai_info = calls.openai_info(models, found)
+            self._openai_routes = found
+        self._openai_info = calls.openai_info(models, self._openai_routes)
         return self._openai_info
 
     async def _model(self) -> str | None:
-        return (await self.info()).id if self.openai else None
+        if not self.openai:
+            return None
+        return (self._openai_info or await self.info()).id  # (read once; the studio's checks read it again)
 
     async def _model_or_error(self) -> tuple[str | None, Error | None]:
         try:

@@ -848,7 +848,8 @@ class EngineClientBase:
         self.endpoints = Endpoints.parse(url, token)
         self.timeout = checked_timeout(timeout)
         self._sessions = SessionPool()
-        self._openai_info: ModelInfo | None = None  # an OpenAI-compatible backend's model, probed once
+        self._openai_info: ModelInfo | None = None  # an OpenAI-compatible backend's model, as last read
+        self._openai_routes: dict[str, bool] | None = None  # which of its optional routes answer, probed once
         self._speech_rate: int | None = None  # the talker's own rate, from the model card (0: the card says none)
 
     def _speech_rate_unknown(self, modalities: Any) -> bool:

@@ -271,18 +271,21 @@ class EngineClient(core.EngineClientBase):
         each = {"timeout": core.checked_timeout(timeout)} if timeout is not None else {}
         if not self.openai:
             return core.models_info(self._get("/v1/models", **each))
-        if self._openai_info is None:
-            models = self._get("/v1/models", **each)
+        models = self._get("/v1/models", **each)  # each time: a check that the engine still answers
+        if self._openai_routes is None:
             found = {}
             for cap, path in calls.OPENAI_PROBES.items():
                 resp = self._send("POST", path, json={}, **each)
                 found[cap] = calls.probe_found(resp.status_code, resp.content)
-            self._openai_info = calls.openai_info(models, found)
+            self._openai_routes = found
+        self._openai_info = calls.openai_info(models, self._openai_routes)
         return self._openai_info
 
     def _model(self) -> str | None:
         """The model an OpenAI-compatible backend is asked for (None for our server)."""
-        return self.info().id if self.openai else None
+        if not self.openai:
+            return None
+        return (self._openai_info or self.info()).id  # (read once; the studio's checks read it again)
 
     def _model_or_error(self) -> tuple[str | None, Error | None]:
         """_model(), or the Error a request ends with when the backend cannot be asked for it."""

@@ -47,3 +47,21 @@ def test_a_page_load_does_not_wait_for_a_check_in_flight(hung_engine):
     checking.join()
     assert waited < CHECK_S / 2, f"a page load waited {waited:.2f} s for another page's check"
     assert not status.ok and "not answering" in status.problem
+
+
+def test_an_openai_compatible_engine_that_stops_is_seen_stopped():
+    """--engine openai+http://...: the client kept the backend's model card from the first check, so the banner
+    showed the model for ever after the engine stopped (and every request then failed)."""
+    from engine.server import Limits, ServerHandle, create_app
+    from tests.server import FakeEngine
+
+    srv = ServerHandle(create_app(FakeEngine(), Limits(), openai_only=True), host="127.0.0.1", port=0).start()
+    try:
+        link = EngineLink(EngineClient(srv.url.replace("http://", "openai+http://"), timeout=CLIENT_S),
+                          check_timeout_s=CHECK_S)
+        assert link.status().ok
+    finally:
+        srv.stop()
+    status = link.refresh(force=True)
+    assert not status.ok and "not answering" in status.problem
+    assert status.info is not None  # what it served is still said ("last seen serving ...")
