@@ -45,8 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "Default: the tiny random demo checkpoint (meaningless output).")
     ap.add_argument("--engine", metavar="URL", default=os.environ.get("ENGINE_URL") or None,
                     help="use an engine server that runs elsewhere (python -m engine.server) instead of loading a "
-                         "model here: ws://HOST:PORT or http://HOST:PORT (default: $ENGINE_URL). This studio then "
-                         "only serves the page and never loads torch.")
+                         "model here: ws://HOST:PORT or http://HOST:PORT (wss:// or https:// through TLS; a path after "
+                         "the port is the prefix a reverse proxy serves the engine under; openai+http(s)://HOST:PORT: "
+                         "any OpenAI-compatible server) (default: $ENGINE_URL). This studio then only serves the page "
+                         "and never loads torch.")
     ap.add_argument("--engine-token", metavar="T", default=os.environ.get("ENGINE_TOKEN") or None,
                     help="the engine server's token (default: $ENGINE_TOKEN)")
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if IN_SPACE else "127.0.0.1"),

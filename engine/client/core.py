@@ -168,7 +168,12 @@ class Endpoints:
 
     @classmethod
     def parse(cls, url: str, token: str | None = None) -> "Endpoints":
+        """A path after HOST:PORT is kept as the prefix a reverse proxy serves the engine under
+        (https://box.example.org/ming/); a trailing /v1 or /v1/realtime is the engine's own."""
         parts = urlsplit(str(url).strip())
+        if "@" in parts.netloc:  # said without the URL: what is before the @ may be a secret
+            raise ValueError("the engine URL holds a user name or password (user:secret@HOST): the engine takes no "
+                             "login in its URL; give its token with --engine-token (or ENGINE_TOKEN) instead")
         scheme = parts.scheme.lower()
         openai = scheme in OPENAI_SCHEMES
         if openai:
@@ -180,14 +185,28 @@ class Endpoints:
         if scheme not in ("http", "https", "ws", "wss") or not parts.hostname or not port_ok:
             raise ValueError(f"engine URL {url!r} must look like http://HOST:PORT or ws://HOST:PORT with a port "
                              "from 1 to 65535 (or openai+http://HOST:PORT for any OpenAI-compatible server)")
+        prefix = _proxy_prefix(parts.path, url)
         secure = scheme in ("https", "wss")
-        return cls(http=f"{'https' if secure else 'http'}://{parts.netloc}",
-                   ws=f"{'wss' if secure else 'ws'}://{parts.netloc}{REALTIME_PATH}", token=token or None,
+        return cls(http=f"{'https' if secure else 'http'}://{parts.netloc}{prefix}",
+                   ws=f"{'wss' if secure else 'ws'}://{parts.netloc}{prefix}{REALTIME_PATH}", token=token or None,
                    openai=openai)
 
     @property
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+def _proxy_prefix(path: str, url: str) -> str:
+    """The path a reverse proxy serves the engine under ('' at the root), from an engine URL's path."""
+    prefix = path.rstrip("/")
+    for own in (REALTIME_PATH, "/v1"):
+        if prefix.endswith(own):
+            prefix = prefix[: -len(own)]
+            break
+    if "/v1/" in prefix + "/":  # e.g. .../v1/chat/completions: one of its routes, not where it is
+        raise ValueError(f"engine URL {url!r} names one of the engine's routes ({path}): give the server's own address, "
+                         "http://HOST:PORT or ws://HOST:PORT (with the path a proxy serves it under, if any)")
+    return prefix
 
 
 def checked_timeout(timeout: Any) -> float:

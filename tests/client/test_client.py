@@ -69,9 +69,34 @@ def test_one_url_gives_both_transports():
     assert Endpoints.parse("https://x.hf.space", "t").headers == {"Authorization": "Bearer t"}
     with pytest.raises(ValueError):
         Endpoints.parse("localhost:8000")
+    for url in ("https://box.example.org/ming/", "wss://box.example.org/ming/v1/realtime"):  # behind a proxy's path
+        assert Endpoints.parse(url) == Endpoints("https://box.example.org/ming", "wss://box.example.org/ming/v1/realtime")
+    with pytest.raises(ValueError, match="routes"):  # a route pasted as the address: 404 on every request
+        Endpoints.parse("http://h:1/v1/chat/completions")
+    with pytest.raises(ValueError, match="--engine-token") as refused:  # a secret in the URL: said without it
+        Endpoints.parse("ws://alice:s3cret@h:1")
+    assert "s3cret" not in str(refused.value)
     assert env_settings({"ENGINE_URL": "ws://h:1", "ENGINE_TOKEN": "t"}) == ("ws://h:1", "t")
     with pytest.raises(ValueError, match="ENGINE_URL"):
         env_settings({})
+
+
+def test_an_engine_behind_a_proxy_path_is_reached_there():
+    """ENGINE_URL=https://box.example.org/ming (a reverse proxy serving the engine under /ming): the path was dropped,
+    so every request went to /v1/... at the proxy's root (404) and the studio said the engine was not answering."""
+    from fastapi import FastAPI
+
+    from engine.server import Limits, ServerHandle, create_app
+    from tests.server import FakeEngine
+
+    engine_app = create_app(FakeEngine(), Limits())
+    proxy = FastAPI()
+    proxy.mount("/ming", engine_app)  # what the proxy does: /ming/... reaches the engine as /...
+    proxy.state.ctx = engine_app.state.ctx
+    with ServerHandle(proxy) as srv, EngineClient(srv.url + "/ming/", timeout=10) as client:
+        assert client.info().id == "fake-omni"
+        events = list(client.chat([{"role": "user", "content": "Hi"}], max_tokens=4))  # the realtime socket too
+    assert isinstance(events[-1], Done), events[-1]
 
 
 def test_chat_with_media_equals_the_in_process_engine(server, tiny_engine):
