@@ -87,9 +87,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default=None,
                     help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     args = ap.parse_args(argv)
+    engine_from = "--engine" if argv_names(argv, "--engine") else "ENGINE_URL (set in the environment)"
     if args.engine and args.model:
-        ap.error("--engine (a remote engine) and --model (load one here) exclude each other")
+        ap.error(f"{engine_from} (a remote engine) and --model (load one here) exclude each other")
+    loading = [flag for dest, flag in LOCAL_LOAD_FLAGS.items() if getattr(args, dest) != ap.get_default(dest)]
+    if args.engine and loading:  # they were dropped without a word: the engine server loads the model
+        ap.error(f"{', '.join(loading)}: how a model loads here, and with {engine_from} nothing loads here; give "
+                 "them to the engine server (python -m engine.server takes the same flags)")
     return args
+
+
+# The flags of a model load in this process (dest -> flag), which a studio driving a remote engine has no use for.
+LOCAL_LOAD_FLAGS = {"dtype": "--dtype", "device": "--device", "expert_dtype": "--expert-dtype",
+                    "linear_dtype": "--linear-dtype", "placement": "--placement"}
+
+
+def argv_names(argv: list[str] | None, flag: str) -> bool:
+    """True when the command line (`argv`, or sys.argv) gives `flag` (as `--flag V` or `--flag=V`)."""
+    return any(a == flag or a.startswith(flag + "=") for a in (sys.argv[1:] if argv is None else argv))
 
 
 def _fail(message: str, code: int) -> int:

@@ -247,3 +247,19 @@ def test_ctrl_c_while_the_studio_starts_is_one_line_not_a_traceback(monkeypatch,
     monkeypatch.setattr(launch, "main", loading)
     assert launch.run([]) == launch.EXIT_INTERRUPTED == 130
     assert capsys.readouterr().err.strip() == "stopped (Ctrl+C) while the studio was starting"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--engine", "ws://h:1", "--dtype", "bf16", "--device=cuda"], ["--dtype, --device", "engine.server"]),
+    (["--engine", "ws://h:1", "--expert-dtype", "int4"], ["--expert-dtype", "engine.server"]),
+    (["--model", "/m"], ["ENGINE_URL (set in the environment)", "--model"])])
+def test_flags_a_remote_engine_cannot_use_are_refused_naming_them(monkeypatch, capsys, argv, says):
+    """--engine URL --dtype bf16 started the studio with the flag dropped without a word (the model loads on the
+    engine server); a --model given where ENGINE_URL is set was refused as if --engine had been typed."""
+    import launch
+
+    monkeypatch.setenv("ENGINE_URL", "ws://gpu-box:8000")
+    with pytest.raises(SystemExit) as stopped:
+        launch.parse_args(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and all(s in err for s in says), err
