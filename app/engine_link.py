@@ -23,6 +23,8 @@ RECHECK_S = 5.0
 CHECK_TIMEOUT_S = 10.0
 # What to do when the engine refuses the studio's token, said by the banner and by each tab's error line (the tabs
 # showed the engine's wire advice, "send 'Authorization: Bearer <token>'", to someone in a browser).
+# The failures of a check that mean something else answered at the engine's address (a 404 page, a web app's answer).
+NOT_AN_ENGINE = ("http_error", "protocol_error")
 TOKEN_ADVICE = "start the studio again with the engine's token (--engine-token T, or ENGINE_TOKEN=T)"
 
 
@@ -65,6 +67,9 @@ class EngineLink:
             code = getattr(e, "code", None)
             if code == "unauthorized":
                 problem = f"the engine at {self.url_label} refused this studio's token: {TOKEN_ADVICE}"
+            elif code in NOT_AN_ENGINE:  # (said "is not answering" while it answered: the address was looked at last)
+                problem = (f"the server at {self.url_label} answered, but not as a Ming engine server does ({e}): "
+                           "check the engine's address and port (python -m engine.server's --host / --port)")
             else:
                 problem = f"the engine at {self.url_label} is not answering ({e})"
             return LinkStatus(False, self._status.info, problem, time.monotonic(), code)

@@ -65,3 +65,25 @@ def test_an_openai_compatible_engine_that_stops_is_seen_stopped():
     status = link.refresh(force=True)
     assert not status.ok and "not answering" in status.problem
     assert status.info is not None  # what it served is still said ("last seen serving ...")
+
+
+def test_an_address_where_something_else_answers_is_not_called_a_silent_engine(tmp_path):
+    """ENGINE_URL at another web server (a wrong port): its 404 page was said as 'the engine ... is not answering',
+    sending the user to look for a stopped engine instead of at the address."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    web = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        status = EngineLink(EngineClient(f"http://127.0.0.1:{web.server_address[1]}", timeout=CLIENT_S),
+                            check_timeout_s=5.0).status()
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert not status.ok and "answered, but not as a Ming engine server does" in status.problem
+    assert "HTTP 404" in status.problem and "--port" in status.problem
