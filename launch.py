@@ -169,7 +169,7 @@ def _connect_remote_engine(args: argparse.Namespace):
         client = EngineClient(args.engine, token=args.engine_token)
     except ValueError as e:  # not a URL the studio can reach an engine at
         return _fail(f"--engine: {e}", EXIT_MODEL_ERROR)
-    link = EngineLink(client)  # asks the engine who it is, once (the page then reuses the answer)
+    link = EngineLink(client, remote=True)  # asks the engine who it is, once (the page then reuses the answer)
     status = link.status()
     if status.ok:
         print(f"Engine at {args.engine}: {status.info.name}" + (" (RANDOM DEMO WEIGHTS)" if status.info.is_demo else ""),

@@ -39,8 +39,9 @@ class LinkStatus:
 
 class EngineLink:
     def __init__(self, client: EngineClient, url_label: str | None = None, recheck_s: float = RECHECK_S,
-                 check_timeout_s: float = CHECK_TIMEOUT_S):
+                 check_timeout_s: float = CHECK_TIMEOUT_S, remote: bool = False):
         self.client = client
+        self.remote = remote  # the engine runs in another process (launch.py --engine): its server loads the model
         self.url_label = url_label or client.endpoints.http
         self.recheck_s = recheck_s
         self.check_timeout_s = check_timeout_s

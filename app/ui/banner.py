@@ -18,6 +18,9 @@ DEMO_HEADLINE = "RANDOM DEMO WEIGHTS"
 # The command the banner shows as code, copyable as it is (the hint "(or a local checkpoint directory)" inside it
 # went along with a copy and broke the command); where else the model can come from is said before it.
 REAL_MODEL_COMMAND = "python launch.py --model inclusionAI/Ming-flash-omni-2.0"
+# The same for a studio driving a remote engine (launch.py --engine, a Space): the model loads on the engine's machine,
+# where the banner's "python launch.py --model" would start a second studio, not change what the engine serves.
+REMOTE_MODEL_COMMAND = "python -m engine.server --model inclusionAI/Ming-flash-omni-2.0 --host 0.0.0.0 --token T"
 CAPABILITY_NAMES = {"text": "text", "image_in": "images in", "video_in": "video in", "audio_in": "audio in",
                     "speech_out": "speech out", "image_out": "images out",
                     "transcription": "speech recognition", "realtime": "live sessions"}
@@ -31,22 +34,26 @@ def human_count(n: int) -> str:
     return str(n)
 
 
-def banner_parts(info: ModelInfo) -> tuple[str, str, str | None]:
-    """(headline, details, command hint or None): the single source of what the banner says."""
+def banner_parts(info: ModelInfo, remote: bool = False) -> tuple[str, str, str | None]:
+    """(headline, details, command hint or None): the single source of what the banner says. `remote`: the engine
+    runs elsewhere (EngineLink.remote), so the real model is loaded by restarting its server."""
     shape = f"{human_count(info.parameters)} parameters, {info.dtype} on {info.device}"
     can = ", ".join(CAPABILITY_NAMES.get(c, c) for c in sorted(info.capabilities))
     if info.is_demo:
+        how = ("To serve the real model, restart the engine server on its machine with (--model also takes a local "
+               "checkpoint directory):", REMOTE_MODEL_COMMAND) if remote else (
+            "To load the real model, run (or give --model a local checkpoint directory):", REAL_MODEL_COMMAND)
         return (DEMO_HEADLINE,
                 f"the engine serves the tiny, randomly initialised demo checkpoint '{info.name}' ({shape}; {can}). "
-                "Its replies, speech and images are meaningless; it only shows that the studio works. "
-                "To load the real model, run (or give --model a local checkpoint directory):", REAL_MODEL_COMMAND)
+                f"Its replies, speech and images are meaningless; it only shows that the studio works. {how[0]}",
+                how[1])
     details = f"release {info.release} · {shape} · {can}"
     if info.placement and info.placement != f"everything on {info.device}":  # a plan, or what did not fit
         details += f" · placement: {info.placement}"
     return f"Model: {info.name}", details, None
 
 
-def banner_html(status: LinkStatus) -> str:
+def banner_html(status: LinkStatus, remote: bool = False) -> str:
     if not status.ok:
         known = f" (last seen serving '{html.escape(status.info.name)}')" if status.info else ""
         # a refused token does not pass by itself ("until it is back" read as if waiting would do)
@@ -55,7 +62,7 @@ def banner_html(status: LinkStatus) -> str:
                 'border-radius:8px;font-size:15px"><strong>⚠ ENGINE UNAVAILABLE</strong>: '
                 f'{html.escape(status.problem or "unknown problem")}{known}. Requests fail until {until}; '
                 'this page checks again every few seconds.</div>')
-    headline, details, hint = (html.escape(p) if p else p for p in banner_parts(status.info))
+    headline, details, hint = (html.escape(p) if p else p for p in banner_parts(status.info, remote))
     if status.info.is_demo:
         # a phone broke "--model" at its hyphens ("(or give -" / "-model a local checkpoint directory)")
         details = details.replace("--model", '<code style="white-space:nowrap">--model</code>')
@@ -73,7 +80,7 @@ def build_banner(link: EngineLink) -> gr.HTML:
     """The banner, refreshed every few seconds from the engine's status. Inside the studio's Blocks it also keeps
     whether the engine answers (a hidden checkbox at Blocks.engine_up, see app.ui.common.on_engine_change): the controls
     that depend on the engine are set again when that changes."""
-    banner = gr.HTML(lambda: banner_html(link.status()), elem_id=BANNER_ELEM_ID)  # computed per page load
+    banner = gr.HTML(lambda: banner_html(link.status(), link.remote), elem_id=BANNER_ELEM_ID)  # computed per page load
     # hidden: its change event is the page's (a gr.State set by an unqueued tick never fired its own)
     engine_up = gr.Checkbox(value=link.status().ok, visible=False, label="The engine answers",
                             elem_id="engine-up")
@@ -81,7 +88,7 @@ def build_banner(link: EngineLink) -> gr.HTML:
 
     def tick():
         status = link.status()
-        return banner_html(status), status.ok
+        return banner_html(status, link.remote), status.ok
     timer = gr.Timer(link.recheck_s)
     timer.tick(tick, None, [banner, engine_up], queue=False, show_progress="hidden", api_visibility="private")
     return banner

@@ -87,3 +87,18 @@ def test_an_address_where_something_else_answers_is_not_called_a_silent_engine(t
         web.server_close()
     assert not status.ok and "answered, but not as a Ming engine server does" in status.problem
     assert "HTTP 404" in status.problem and "--port" in status.problem
+
+
+def test_a_remote_engines_demo_banner_says_to_restart_its_server():
+    """A Space (launch.py --engine) driving an engine with the random demo weights told its visitors to run
+    'python launch.py --model ...', which starts a second studio and leaves the engine as it was."""
+    from app.engine_link import LinkStatus
+    from app.ui.banner import banner_html
+    from engine.client import ModelInfo
+
+    demo = ModelInfo(id="m", name="ming-tiny-random", is_demo=True, release="2.0", parameters=2_500_000,
+                     dtype="float32", device="cpu", placement="", capabilities={"text"})
+    status = LinkStatus(True, demo, None, 0.0)
+    remote, here = banner_html(status, remote=True), banner_html(status)
+    assert "restart the engine server" in remote and "engine.server" in remote and "launch.py" not in remote
+    assert "launch.py" in here and "engine.server" not in here
