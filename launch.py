@@ -162,13 +162,16 @@ def _start_local_engine(args: argparse.Namespace):
 def _connect_remote_engine(args: argparse.Namespace):
     """A UI-only studio: the engine runs elsewhere. An engine that is down at start is reported here
     and in the page, which reconnects when it comes back. Returns (engine link, None) or an exit code."""
-    from app.engine_link import EngineLink
+    from app.engine_link import EngineLink, cleartext_token_warning
     from engine.client import EngineClient
 
     try:
         client = EngineClient(args.engine, token=args.engine_token)
     except ValueError as e:  # not a URL the studio can reach an engine at
         return _fail(f"--engine: {e}", EXIT_MODEL_ERROR)
+    plain = cleartext_token_warning(client)
+    if plain:
+        print(plain, file=sys.stderr, flush=True)
     link = EngineLink(client, remote=True)  # asks the engine who it is, once (the page then reuses the answer)
     status = link.status()
     if status.ok:

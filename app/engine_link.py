@@ -8,8 +8,9 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-from engine.client import EngineClient, ModelInfo
+from engine.client import EngineClient, ModelInfo, is_loopback_host
 
 # Capabilities an engine reports (engine.client.ModelInfo.capabilities).
 TEXT, IMAGE_IN, VIDEO_IN, AUDIO_IN = "text", "image_in", "video_in", "audio_in"
@@ -26,6 +27,18 @@ CHECK_TIMEOUT_S = 10.0
 # The failures of a check that mean something else answered at the engine's address (a 404 page, a web app's answer).
 NOT_AN_ENGINE = ("http_error", "protocol_error")
 TOKEN_ADVICE = "start the studio again with the engine's token (--engine-token T, or ENGINE_TOKEN=T)"
+
+
+def cleartext_token_warning(client: EngineClient) -> str | None:
+    """A warning when the studio's token would cross the network unencrypted: http:// or ws:// to an engine that is
+    not on this machine (anyone on the path can read the token, and use the engine with it). None otherwise."""
+    http = client.endpoints.http
+    host = urlsplit(http).hostname or ""
+    if not client.endpoints.token or http.startswith("https://") or is_loopback_host(host):
+        return None
+    return (f"WARNING: the engine's token goes to {host} unencrypted (http:// / ws://): anyone on the network path can "
+            "read it and use the engine. Put the engine behind TLS (a reverse proxy) and give its https:// or "
+            "wss:// address, or reach it over a private network or an SSH tunnel.")
 
 
 @dataclass

@@ -102,3 +102,15 @@ def test_a_remote_engines_demo_banner_says_to_restart_its_server():
     remote, here = banner_html(status, remote=True), banner_html(status)
     assert "restart the engine server" in remote and "engine.server" in remote and "launch.py" not in remote
     assert "launch.py" in here and "engine.server" not in here
+
+
+def test_a_token_sent_unencrypted_over_the_network_is_warned_of():
+    """A Space given ENGINE_URL=ws://PUBLIC-IP:8000 sent the engine's token in the clear on every request, silently."""
+    from app.engine_link import cleartext_token_warning
+
+    warning = cleartext_token_warning(EngineClient("ws://192.0.2.7:8000", token="sekrit-42"))
+    assert warning and "192.0.2.7" in warning and "unencrypted" in warning and "wss://" in warning
+    assert "sekrit-42" not in warning
+    for quiet in (EngineClient("wss://192.0.2.7:8000", token="T"), EngineClient("ws://127.0.0.1:8000", token="T"),
+                  EngineClient("ws://192.0.2.7:8000")):
+        assert cleartext_token_warning(quiet) is None
