@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     from app.access import AccessRefused, check_access, read_credentials
 
     try:
-        credentials = read_credentials(args.auth, args.auth_file)
+        credentials = read_credentials(args.auth, args.auth_file,
+                                       "--auth" if argv_names(argv, "--auth") else "STUDIO_AUTH (in the environment)")
         warning = check_access(args.host, args.share, credentials, args.insecure_no_auth or IN_SPACE)
     except AccessRefused as e:
         return _fail(str(e), EXIT_MODEL_ERROR)

@@ -15,16 +15,21 @@ class AccessRefused(RuntimeError):
 
 
 def parse_credential(text: str, where: str) -> tuple[str, str]:
+    """(user, password) from 'user:password'. Refused without repeating the text: it holds a password (a Space's
+    STUDIO_AUTH secret 'alice;wonderland' went into the log whole)."""
     user, sep, password = text.partition(":")
     if not sep or not user.strip() or not password:
-        raise AccessRefused(f"{where}: expected 'user:password', got {text!r}")
+        what = "no ':'" if not sep else "no user name before the ':'" if not user.strip() else "no password after the ':'"
+        raise AccessRefused(f"{where}: expected 'user:password' (a user name, ':', then the password); it has {what} "
+                            "(the value is not repeated here)")
     return user.strip(), password
 
 
-def read_credentials(auth: list[str] | None, auth_file: str | Path | None) -> list[tuple[str, str]]:
-    """(user, password) pairs from `--auth user:pass` (repeatable) and `--auth-file` (one per line;
-    blank lines and lines starting with # are skipped)."""
-    creds = [parse_credential(a, "--auth") for a in auth or []]
+def read_credentials(auth: list[str] | None, auth_file: str | Path | None,
+                     auth_source: str = "--auth") -> list[tuple[str, str]]:
+    """(user, password) pairs from `--auth user:pass` (repeatable; `auth_source`: where they came from, e.g. the
+    STUDIO_AUTH variable) and `--auth-file` (one per line; blank lines and lines starting with # are skipped)."""
+    creds = [parse_credential(a, auth_source) for a in auth or []]
     if auth_file is not None:
         path = Path(auth_file)
         try:

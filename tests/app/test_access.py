@@ -44,3 +44,17 @@ def test_malformed_credentials_are_named(bad, tmp_path):
         read_credentials(None, empty)
     with pytest.raises(AccessRefused, match="cannot read"):
         read_credentials(None, tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("bad", ["alice;wonderland", ":wonderland", "alice:"])
+def test_a_malformed_login_is_refused_without_repeating_its_password(bad, tmp_path):
+    """STUDIO_AUTH (a Space's secret) or --auth-file with a wrong separator: the refusal printed the value, password
+    and all, into the log."""
+    with pytest.raises(AccessRefused) as e:
+        read_credentials([bad], None, "STUDIO_AUTH")
+    assert str(e.value).startswith("STUDIO_AUTH:") and "wonderland" not in str(e.value)
+    f = tmp_path / "users.txt"
+    f.write_text(f"carol:pw\n{bad}\n", encoding="utf-8")
+    with pytest.raises(AccessRefused) as e:
+        read_credentials(None, f)
+    assert "line 2" in str(e.value) and "wonderland" not in str(e.value)
