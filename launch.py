@@ -205,8 +205,13 @@ def main(argv: list[str] | None = None) -> int:
               "visibility setting (set the secret STUDIO_AUTH=user:password to require a login too).", flush=True)
 
     if not args.engine:  # the settings of a local load, then the studio's address: before minutes of loading
-        from engine.runtime import device_problem
-
+        try:
+            from engine.runtime import device_problem
+        except ImportError as e:  # a UI-only install (no torch) or a Space (no engine.runtime) without ENGINE_URL
+            return _fail(f"no engine to use: this install cannot load a model here ({e}; a UI-only install from "
+                         "requirements-ui.txt, or a Space). Give it an engine server: --engine ws://HOST:PORT "
+                         "--engine-token T, or ENGINE_URL and ENGINE_TOKEN (on a Space: its secrets).",
+                         EXIT_MODEL_ERROR)
         problem = device_problem(args.device)
         if problem:
             return _fail(problem, EXIT_MODEL_ERROR)

@@ -14,7 +14,9 @@ from scripts.make_space import make_space
 
 def test_the_space_starts_the_ui_only_studio_from_its_own_files(tmp_path):
     """launch.main runs in the Space up to binding its port (held here, so it stops there and says so): the Space's
-    launch.py imported engine.server.auth at that step, which the Space did not ship (ModuleNotFoundError at start)."""
+    launch.py imported engine.server.auth at that step, which the Space did not ship (ModuleNotFoundError at start).
+    Then without its ENGINE_URL secret: that was a local load, a ModuleNotFoundError traceback (engine.runtime is not
+    shipped; a UI-only install has no torch) instead of what to set."""
     space = make_space(tmp_path / "space")
     assert not [line for line in (space / "requirements.txt").read_text().splitlines() if line.startswith("torch")]
     assert (space / "README.md").read_text().startswith("---\ntitle: Ming Omni Studio")
@@ -25,7 +27,8 @@ def test_the_space_starts_the_ui_only_studio_from_its_own_files(tmp_path):
         code = ("import sys, launch, app.studio; "
                 f"code = launch.main(['--port', '{port}']); "
                 "assert all(m.split('.')[0] != 'torch' for m in sys.modules), 'torch was imported'; "
-                "print(code, sorted(m for m in sys.modules if m.startswith('engine')))")
+                "print(code, sorted(m for m in sys.modules if m.startswith('engine'))); "
+                "import os; del os.environ['ENGINE_URL']; print('without ENGINE_URL:', launch.main(['--port', '0']))")
         env = {**os.environ, "PYTHONPATH": str(space), "ENGINE_URL": "ws://127.0.0.1:9",
                "GRADIO_ANALYTICS_ENABLED": "False"}
         r = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(space)!r}); {code}"],
@@ -33,6 +36,7 @@ def test_the_space_starts_the_ui_only_studio_from_its_own_files(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.startswith("1 ") and f"--port {port}" in r.stderr and "in use" in r.stderr  # said as such
     assert "engine.client" in r.stdout and "engine.runtime" not in r.stdout
+    assert "without ENGINE_URL: 2" in r.stdout and "ENGINE_URL and ENGINE_TOKEN (on a Space: its secrets)" in r.stderr
 
 
 def test_every_engine_module_the_space_ships_imports_from_the_space_alone(tmp_path):
@@ -43,3 +47,4 @@ def test_every_engine_module_the_space_ships_imports_from_the_space_alone(tmp_pa
     code = f"import importlib, sys; sys.path.insert(0, {str(space)!r}); [importlib.import_module(m) for m in {modules!r}]"
     r = subprocess.run([sys.executable, "-I", "-c", code], cwd=space, capture_output=True, text=True, timeout=120)
     assert "engine.errors" in modules and r.returncode == 0, r.stderr[-3000:]
+
