@@ -330,7 +330,8 @@ def queue_line(event: QueuePosition) -> str:
 # closed: received 1012 (service restart); then sent 1012 (service restart)", and nothing said what next).
 ENGINE_GONE = {"connection_lost": "The engine stopped answering in the middle of this request (it was stopped or "
                                   "restarted, or the network dropped)",
-               "connect_failed": "The engine is not reachable right now (it is stopped, restarting or unreachable)"}
+               "connect_failed": "The engine is not reachable right now (it is stopped, restarting or unreachable)",
+               "server_shutting_down": "The engine is shutting down (stopped or restarted) and took no new work"}
 RETRY_WHEN_BACK = ("Try again once the banner at the top shows the model again (the page checks every few seconds; "
                    "nothing needs restarting here)")
 

@@ -114,3 +114,13 @@ def test_a_token_sent_unencrypted_over_the_network_is_warned_of():
     for quiet in (EngineClient("wss://192.0.2.7:8000", token="T"), EngineClient("ws://127.0.0.1:8000", token="T"),
                   EngineClient("ws://192.0.2.7:8000")):
         assert cleartext_token_warning(quiet) is None
+
+
+def test_a_request_refused_by_an_engine_shutting_down_says_to_retry_when_it_is_back():
+    """A request sent while the engine restarted read only 'Error (server_shutting_down): the server is shutting
+    down', with nothing said of what to do; now as the other ways the engine goes away."""
+    from app.ui.common import RETRY_WHEN_BACK, error_line
+    from engine.events import Error
+
+    line = error_line(Error("the server is shutting down", "server_shutting_down"))
+    assert "shutting down" in line and RETRY_WHEN_BACK in line
