@@ -42,6 +42,9 @@ MAX_N = 4
 MAX_PARTIAL_IMAGES = 3
 MAX_INPUT_IMAGES = 8
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# output_compression is OpenAI's 0-100 for jpeg and webp, default 100 (the least compression): the encoder's quality.
+# Left out, the lossy files are written at this quality; a png is lossless and takes none.
+DEFAULT_LOSSY_QUALITY = 95
 IGNORED_FIELDS = fields.IMAGE_IGNORED
 NUMBER_FIELDS = ("n", "partial_images", "steps", "guidance", "image_guidance", "cfg_truncation", "seed",
                  "preview_every", "output_compression")
@@ -205,7 +208,10 @@ def output_format(body: dict) -> tuple[str, int | None]:
 
 
 def encoder_of(fmt: str, compression: int | None):
-    """ImageDone -> base64 of the image file in `fmt` (the engine's PNG as it is, else re-encoded)."""
+    """ImageDone -> base64 of the image file in `fmt` (the engine's PNG as it is, else re-encoded at the quality
+    `compression` says: 100 the best and largest file, 0 the smallest; None: DEFAULT_LOSSY_QUALITY). It was
+    taken as 100 - quality, but for 0, which gave 95: OpenAI's default of 100 made the worst file of all."""
+    quality = DEFAULT_LOSSY_QUALITY if compression is None else compression
 
     def encode(ev: ImageDone) -> str:
         if fmt == "png":
@@ -214,7 +220,7 @@ def encoder_of(fmt: str, compression: int | None):
 
         buf = io.BytesIO()
         with Image.open(io.BytesIO(ev.image)) as img:
-            img.convert("RGB").save(buf, OUTPUT_FORMATS[fmt], quality=100 - (compression or 0) if compression else 95)
+            img.convert("RGB").save(buf, OUTPUT_FORMATS[fmt], quality=quality)
         return base64.b64encode(buf.getvalue()).decode("ascii")
 
     return encode
