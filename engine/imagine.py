@@ -15,7 +15,8 @@ guidance 0..MAX_GUIDANCE (<= 1 turns CFG off; the Preview's SD3 DiT adds image_g
 CFG over 4 branches, spec §8.10); a negative prompt (the Preview only, at most MAX_PROMPT_CHARS; blank:
 none) conditions the negative CFG branch, and a 2.0 model refuses one (spec §8.2, §8.6); sizes per
 engine.models.imagegen.buckets; a seed of None or < 0 draws a random one (reported); reference images
-are decoded by engine.media.image (the first frame of an animation, alpha dropped, 16-bit rescaled) and
+are decoded by engine.media.image as a viewer shows them (turned by their EXIF orientation, transparency over
+white; the first frame of an animation, 16-bit rescaled) and
 shrunk to at most MAX_REFERENCE_PIXELS before the ViT; the VAE reference (bilinear to the bucket), the
 bucket, the output size and a segmentation's mask are taken from the first picture as given, centre-cropped
 to a requested aspect (or an explicit size's proportions), as the reference processor does.
@@ -254,7 +255,7 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
         # come from the first picture as given, cut to a requested aspect (spec §8.8), the only one kept at its size.
         images, ref = [], None
         for src in request.images:
-            picture = load_image(src)
+            picture = load_image(src, as_shown=True)  # the way up, and over the white, the user sees it
             ref = picture if ref is None else ref
             images.append(_shrink(picture, MAX_REFERENCE_PIXELS))
         if ref is not None:

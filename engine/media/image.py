@@ -29,7 +29,7 @@ from typing import Literal, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import MediaError, not_a_file
 
@@ -205,10 +205,13 @@ def image_token_count(grid_thw: Sequence[int], merge_size: int = 2) -> int:
 # --------------------------------------------------------------------------- loading
 
 
-def load_image(source: ImageSource, *, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> Image.Image:
+def load_image(source: ImageSource, *, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+               as_shown: bool = False) -> Image.Image:
     """Decode an image from a path, encoded bytes, a PIL image or a uint8 array; return it as RGB.
 
     Arrays may be HxW (grey), HxWx3 (RGB) or HxWx4 (RGBA, alpha dropped) and must be uint8.
+    `as_shown`: the picture as a viewer shows it (`shown_upright`), for a picture that comes back edited; else as
+    the reference's fetch_image reads it (spec §4.1): EXIF orientation not applied, alpha dropped.
     Raises `MediaError` for empty, corrupt, zero-sized or oversized input.
     """
     if isinstance(source, Image.Image):
@@ -235,11 +238,29 @@ def load_image(source: ImageSource, *, max_input_pixels: int = DEFAULT_MAX_INPUT
             "expected a path, bytes, a PIL image or a uint8 numpy array"
         )
     try:
+        if as_shown:
+            image = shown_upright(image)
         if image.mode in _HIGH_DEPTH_MODES:
             image = _to_8bit(image)
         return image.convert("RGB") if image.mode != "RGB" else image
     except (OSError, ValueError) as exc:
         raise MediaError(f"image could not be decoded: {exc}") from exc
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera's stored picture is turned for display (1: as stored)
+TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+FLATTEN_ONTO = (255, 255, 255, 255)  # what shows through a transparent picture: a white page
+
+
+def shown_upright(image: Image.Image) -> Image.Image:
+    """The picture as a viewer shows it: turned by its EXIF orientation (a phone's portrait photo is stored sideways)
+    and its transparent parts over white (dropping alpha shows whatever colour the file keeps there, often black).
+    For a picture edited or segmented: the result comes back the way up, and over the background, the user saw."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in TRANSPARENT_MODES or image.mode in ("P", "L", "RGB") and "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, FLATTEN_ONTO), image.convert("RGBA"))
+    return image
 
 
 # 16-bit / 32-bit single-channel modes: Pillow's convert("RGB") clips them at 255 (a 16-bit grey PNG,

@@ -368,9 +368,10 @@ class MediaBudget:
                       "media_too_large", name)
 
 
-def image_array(raw: bytes, limits: Limits, name: str = "image", budget: MediaBudget | None = None) -> np.ndarray:
+def image_array(raw: bytes, limits: Limits, name: str = "image", budget: MediaBudget | None = None,
+                as_shown: bool = False) -> np.ndarray:
     """Encoded JPEG/PNG/WebP/... -> HxWx3 uint8, refusing more than max_image_pixels (and more than
-    `budget` holds) before decoding."""
+    `budget` holds) before decoding. `as_shown`: upright and over white (engine.media.image.shown_upright)."""
     from PIL import Image  # noqa: PLC0415
 
     if not raw:
@@ -397,7 +398,7 @@ def image_array(raw: bytes, limits: Limits, name: str = "image", budget: MediaBu
     if budget is not None:
         budget.charge(w * h * RGB_BYTES, name)
     try:
-        return np.asarray(load_image(raw, max_input_pixels=limits.max_image_pixels))
+        return np.asarray(load_image(raw, max_input_pixels=limits.max_image_pixels, as_shown=as_shown))
     except MediaError as e:
         raise bad(f"'{name}': {e}", "invalid_image", name) from None
     except Exception as e:

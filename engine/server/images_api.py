@@ -160,7 +160,7 @@ def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> t
         preview_every = max(1, math.ceil((steps if isinstance(steps, int) else DEFAULT_STEPS) / (partials + 1)))
     if images and len(images) > MAX_INPUT_IMAGES:
         raise bad(f"{len(images)} input images; at most {MAX_INPUT_IMAGES}", "invalid_value", "image")
-    arrays = [codec.image_array(raw, ctx.limits, f"image[{i}]") for i, raw in enumerate(images)]
+    arrays = [codec.image_array(raw, ctx.limits, f"image[{i}]", as_shown=True) for i, raw in enumerate(images)]
     if task in ("edit", "segment") and not arrays:
         raise bad("'image' (the picture to work on) is required", "missing_field", "image")
     options = {"mask_color": text_field(body.get("mask_color"), "mask_color", 32, required=False),

@@ -339,3 +339,28 @@ def test_a_single_number_mean_or_std_applies_to_every_channel():
     rgb = np.full((32, 32, 3), 51, dtype=np.uint8)
     x = normalize_image(rgb, cfg.image_mean, cfg.image_std)
     np.testing.assert_allclose(x, (0.2 - 0.5) / 0.25, atol=1e-6)
+
+
+def test_a_picture_as_shown_is_upright_and_over_white():
+    """An edited picture comes back as the user saw it (`as_shown`): a phone's portrait photo, stored 50x20 with
+    EXIF orientation 6, is read 20x50 (it was edited lying on its side), and transparent parts are white (dropping
+    alpha showed the black the file keeps there); half-transparent pixels blend, palette transparency too."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = _rng_image(20, 50)
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "PNG", exif=exif)
+    upright = np.asarray(load_image(buf.getvalue(), as_shown=True))
+    assert upright.shape == (50, 20, 3) and np.array_equal(upright, np.rot90(stored, -1))
+    rgba = np.zeros((2, 2, 4), dtype=np.uint8)
+    rgba[0, 0] = (10, 20, 30, 255)
+    rgba[0, 1] = (0, 0, 0, 128)
+    shown = np.asarray(load_image(_png(Image.fromarray(rgba, mode="RGBA")), as_shown=True)).reshape(-1, 3).tolist()
+    assert shown[0] == [10, 20, 30] and shown[2:] == [[255, 255, 255]] * 2 and abs(shown[1][0] - 127) <= 1
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    pal.putpixel((1, 0), 1)
+    assert np.asarray(load_image(_png(pal, transparency=0), as_shown=True)).reshape(-1, 3).tolist() == \
+        [[255, 255, 255], [200, 100, 50]]
+    plain = _rng_image(4, 6)
+    assert np.array_equal(np.asarray(load_image(plain, as_shown=True)), plain)  # nothing to turn or flatten

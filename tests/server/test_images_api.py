@@ -14,6 +14,7 @@ import openai
 import pytest
 from PIL import Image
 
+from engine.models.imagegen.segmentation import OVERLAY_ALPHA
 from tests.server import FakeEngine, fake_server, leave_stream_at, running_server, sse_events
 from tests.server.test_fuzz import png_claiming
 
@@ -129,7 +130,7 @@ def edit(http, raw: bytes, **fields):
 
 
 def test_awkward_but_valid_images_are_accepted(http):
-    """Documented handling: CMYK and 16-bit converted, animations use the first frame, alpha dropped,
+    """Documented handling: CMYK and 16-bit converted, animations use the first frame, alpha over white,
     a 1x1 reference resized to the bucket."""
     frames = [picture(32, 32, s) for s in range(3)]
     gif = io.BytesIO()
@@ -139,6 +140,27 @@ def test_awkward_but_valid_images_are_accepted(http):
                 png(Image.new("RGB", (1, 1)))):
         r = edit(http, raw)
         assert r.status_code == 200 and decoded(r.json()["data"][0]["b64_json"]).size == (32, 32), r.text
+
+
+def test_an_edit_works_on_the_picture_as_the_user_sees_it(http):
+    """A phone photo stored 64x48 with EXIF orientation 6 is shown 48x64: its edit came back 64x48 (288x216), lying
+    on its side. A logo on a transparent background was segmented over the black kept under the transparency: its
+    overlay (the picture, green at OVERLAY_ALPHA where the mask is) was dark where the user saw white."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    r = http.post("/v1/images/edits", files=[("image", ("phone.jpg", png(picture(), "JPEG", exif=exif), "image/jpeg"))],
+                  data={"prompt": "make it blue", "steps": "1", "seed": "1"})
+    assert r.status_code == 200, r.text
+    w, h = decoded(r.json()["data"][0]["b64_json"]).size
+    assert h > w and w / h == pytest.approx(48 / 64, rel=0.02)
+    logo = Image.new("RGBA", (64, 48), (0, 0, 0, 0))
+    logo.paste((200, 30, 30, 255), (24, 16, 40, 32))
+    r = http.post("/v1/images/segmentations", files={"image": ("logo.png", png(logo), "image/png")},
+                  data={"prompt": "the red square", "steps": "1", "seed": "1", "size": "64x48"})
+    assert r.status_code == 200, r.text
+    red = np.asarray(decoded(r.json()["data"][0]["overlay"]).convert("RGB"))[..., 0].astype(int)
+    red[12:36, 20:44] = 255  # (the square, and the resize's ringing at its edge)
+    assert red.min() >= (1 - OVERLAY_ALPHA) * 255 - 2  # white, under the green mask wherever the model painted
 
 
 @pytest.mark.parametrize("raw, code", [
