@@ -41,6 +41,9 @@ extension_router = APIRouter()  # ours (absent with --openai-only)
 MAX_N = 4
 MAX_PARTIAL_IMAGES = 3
 MAX_INPUT_IMAGES = 8
+# The file parts a multipart edit may hold for the parser: more than the pictures taken, so that a request with too
+# many is refused saying how many it sent (at MAX_INPUT_IMAGES + 2 it was "Maximum number of files is 10")
+MAX_FORM_FILES = 4 * MAX_INPUT_IMAGES
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # output_compression is OpenAI's 0-100 for jpeg and webp, default 100 (the least compression): the encoder's quality.
 # Left out, the lossy files are written at this quality; a png is lossless and takes none.
@@ -79,20 +82,33 @@ async def image_body(request: Request, ctx: ServerContext, with_images: bool) ->
         extra = body.get("images") or []
         if not isinstance(extra, list):
             raise bad("'images' must be a list of {\"image_url\": \"data:...\"}", "invalid_type", "images")
-        for entry in extra:
-            sources.append(entry.get("image_url") if isinstance(entry, dict) else entry)
-        for i, src in enumerate(sources[:MAX_INPUT_IMAGES + 1]):
-            name = f"image[{i}]"
-            if isinstance(src, dict):
-                src = src.get("url")
-            images.append(codec.data_url(src, name, ctx.limits.max_request_bytes)[1]
-                          if isinstance(src, str) and src.startswith("data:")
-                          else codec.b64decode(src, name, ctx.limits.max_request_bytes))
+        sources += extra
+        check_image_count(len(sources))
+        images = [_json_image(src, f"image[{i}]", ctx.limits.max_request_bytes) for i, src in enumerate(sources)]
     return body, images
 
 
+def check_image_count(count: int) -> None:
+    if count > MAX_INPUT_IMAGES:
+        raise bad(f"{count} input images; at most {MAX_INPUT_IMAGES}", "invalid_value", "image")
+
+
+def _json_image(src, name: str, max_bytes: int) -> bytes:
+    """One JSON picture: base64, a data: URL, or OpenAI's {"image_url": ...}. OpenAI's {"file_id": ...} and web URLs
+    are refused by name (they were "must be a string, got NoneType" and "not valid base64")."""
+    if isinstance(src, dict):
+        if src.get("file_id") is not None:
+            raise bad(f"'{name}' names a file_id: this server has no Files API; send the picture inline as "
+                      "'image_url': 'data:image/png;base64,...'", "unsupported_parameter", name)
+        src = src.get("image_url", src.get("url"))
+        src = src.get("url") if isinstance(src, dict) else src
+    if isinstance(src, str) and ("://" in src[:16] or src[:5].lower() in ("data:", "file:")):
+        return codec.data_url(src, name, max_bytes)[1]  # (which refuses a URL to fetch)
+    return codec.b64decode(src, name, max_bytes)
+
+
 async def _multipart(request: Request, ctx: ServerContext) -> tuple[dict, list[bytes]]:
-    form = await form_body(request, ctx.limits, max_files=MAX_INPUT_IMAGES + 2)
+    form = await form_body(request, ctx.limits, max_files=MAX_FORM_FILES)
     try:
         fields.IMAGE_EDITS.check({key: form.get(key) for key in form.keys()})
         images = []
@@ -158,8 +174,7 @@ def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> t
     preview_every = body.get("preview_every")
     if preview_every is None and partials:
         preview_every = max(1, math.ceil((steps if isinstance(steps, int) else DEFAULT_STEPS) / (partials + 1)))
-    if images and len(images) > MAX_INPUT_IMAGES:
-        raise bad(f"{len(images)} input images; at most {MAX_INPUT_IMAGES}", "invalid_value", "image")
+    check_image_count(len(images))
     arrays = [codec.image_array(raw, ctx.limits, f"image[{i}]", as_shown=True) for i, raw in enumerate(images)]
     if task in ("edit", "segment") and not arrays:
         raise bad("'image' (the picture to work on) is required", "missing_field", "image")

@@ -349,6 +349,25 @@ def test_edits_refuse_a_mask_and_need_an_image(http):
     assert r.status_code == 200, r.text  # OpenAI's JSON edit shape
 
 
+def test_openais_other_picture_shapes_and_too_many_pictures_are_refused_by_name(http):
+    """OpenAI's {"file_id"} was "'image[0]' must be a string, got NoneType", a web URL "not valid base64", and 12
+    pictures "9 input images" in JSON (counted after a cut at 9) or "Maximum number of files is 10" in a form."""
+    one = base64.b64encode(png(picture(16, 16))).decode()
+    for body, code, words in (
+            ({"images": [{"file_id": "file-abc"}]}, "unsupported_parameter", "no Files API"),
+            ({"images": [{"image_url": "https://example.com/a.png"}]}, "url_not_supported", "does not fetch URLs"),
+            ({"image": "https://example.com/a.png"}, "url_not_supported", "does not fetch URLs"),
+            ({"image": [one] * 7, "images": [{"image_url": "data:image/png;base64," + one}] * 5}, "invalid_value",
+             "12 input images; at most 8")):
+        r = http.post("/v1/images/edits", json={"prompt": "x", "steps": 1, **body})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == code and words in err["message"], r.text
+        assert err["param"] == "image" if code == "invalid_value" else err["param"] == "image[0]"
+    r = http.post("/v1/images/edits", files=[("image[]", (f"{i}.png", png(picture(16, 16)), "image/png"))
+                                             for i in range(12)], data={"prompt": "x", "steps": "1"})
+    assert r.status_code == 400 and "12 input images; at most 8" in r.json()["error"]["message"], r.text
+
+
 def test_a_client_going_away_stops_between_steps(server, http):
     body = {"prompt": "a slow one", "stream": True, "steps": 200, "size": "32x32", "partial_images": 3}
     record = leave_stream_at(server, http, "/v1/images/generations", body, "partial_image", "images.image_generation")
