@@ -1,6 +1,6 @@
 """Image generation, editing and generative segmentation as a stream of events, and the command line
 `python -m engine.imagine --model DIR --prompt "..." [--edit in.png ...] [--segment "the cup"]
-[--size WxH | --aspect 16:9] [--steps N] [--seed S] --out out.png`.
+[--size WxH | --aspect 16:9] [--steps N] [--seed S] --out out.png` (or .jpg, .webp).
 
 One request: build the chat prompt (input images as ViT parts, then the text), run the thinker with
 the learned query tokens -> condition (+ ByT5 glyphs for quoted text), diffuse with CFG from seeded
@@ -71,6 +71,11 @@ MAX_PROMPT_CHARS = 20_000
 MAX_REFERENCE_IMAGES = 8
 MAX_REFERENCE_PIXELS = 1024 * 1024
 MAX_SEED = 2**63 - 1
+# The files an image is written as (the server's output_format, the CLI's --out suffix), and the quality of the
+# lossy ones when none is asked for (0-100, 100 the best)
+IMAGE_FILE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+DEFAULT_LOSSY_QUALITY = 95
 
 
 @dataclass
@@ -204,6 +209,17 @@ def _int_in(name: str, value, lo: int, hi: int) -> int:
 def _png(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encoded_as(png: bytes, fmt: str, quality: int | None = None) -> bytes:
+    """The engine's PNG as a file of `fmt` (IMAGE_FILE_FORMATS): a png as it is, a jpeg or webp at `quality` (0-100,
+    100 the best; None: DEFAULT_LOSSY_QUALITY)."""
+    if fmt == "png":
+        return png
+    buf = io.BytesIO()
+    with Image.open(io.BytesIO(png)) as img:
+        img.convert("RGB").save(buf, IMAGE_FILE_FORMATS[fmt], quality=DEFAULT_LOSSY_QUALITY if quality is None else quality)
     return buf.getvalue()
 
 
@@ -434,9 +450,10 @@ def _sd3_sampling(gen, request: ImagineRequest, cond: torch.Tensor, negative_con
 
 
 def _write_image_files(out: Path, done: ImageDone) -> None:
-    """The image at `out` (a segmentation's mask and overlay beside it, as OUT_mask.png and OUT_overlay.png)."""
+    """The image at `out`, in the format its suffix names (a segmentation's mask and overlay beside it, as
+    OUT_mask.png and OUT_overlay.png)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(done.image)
+    out.write_bytes(encoded_as(done.image, IMAGE_SUFFIXES[out.suffix.lower()]))
     print(f"wrote {out} ({done.width}x{done.height}, seed {done.seed})")
     for kind, data in (("mask", done.mask), ("overlay", done.overlay)):
         if data is not None:
@@ -479,8 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preview-every", type=int, default=0, help="write a preview every N steps (--preview-dir)")
     ap.add_argument("--preview-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, required=True,
-                    help="output PNG (segmentation adds OUT_mask.png / OUT_overlay.png); existing files of these names "
-                         "are replaced, written only once the image is done")
+                    help="output image: .png, .jpg or .webp (segmentation adds OUT_mask.png / OUT_overlay.png); existing "
+                         "files of these names are replaced, written only once the image is done")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                     help="default: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
@@ -492,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     out_problem = output_file_problem(args.out, makes_folders=True)
     if out_problem:  # (a folder was an IsADirectoryError traceback after the image was made)
         ap.error(f"--out {args.out}: {out_problem}")
+    if args.out.suffix.lower() not in IMAGE_SUFFIXES:  # (a PNG was written under any name: out.jpg was a PNG)
+        ap.error(f"--out {args.out}: name a {', '.join(IMAGE_SUFFIXES)} file (its suffix says the format)")
     if args.preview_dir is not None and args.preview_dir.exists() and not args.preview_dir.is_dir():
         ap.error(f"--preview-dir {args.preview_dir}: is a file, not a folder")
     log = lambda line: print(f"[{line}]", file=sys.stderr)  # noqa: E731

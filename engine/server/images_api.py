@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import math
 import time
 from collections.abc import Iterator
@@ -44,10 +43,7 @@ MAX_INPUT_IMAGES = 8
 # The file parts a multipart edit may hold for the parser: more than the pictures taken, so that a request with too
 # many is refused saying how many it sent (at MAX_INPUT_IMAGES + 2 it was "Maximum number of files is 10")
 MAX_FORM_FILES = 4 * MAX_INPUT_IMAGES
-OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
-# output_compression is OpenAI's 0-100 for jpeg and webp, default 100 (the least compression): the encoder's quality.
-# Left out, the lossy files are written at this quality; a png is lossless and takes none.
-DEFAULT_LOSSY_QUALITY = 95
+OUTPUT_FORMATS = ("png", "jpeg", "webp")  # engine.imagine.IMAGE_FILE_FORMATS
 IGNORED_FIELDS = fields.IMAGE_IGNORED
 NUMBER_FIELDS = ("n", "partial_images", "steps", "guidance", "image_guidance", "cfg_truncation", "seed",
                  "preview_every", "output_compression")
@@ -223,20 +219,13 @@ def output_format(body: dict) -> tuple[str, int | None]:
 
 
 def encoder_of(fmt: str, compression: int | None):
-    """ImageDone -> base64 of the image file in `fmt` (the engine's PNG as it is, else re-encoded at the quality
-    `compression` says: 100 the best and largest file, 0 the smallest; None: DEFAULT_LOSSY_QUALITY). It was
-    taken as 100 - quality, but for 0, which gave 95: OpenAI's default of 100 made the worst file of all."""
-    quality = DEFAULT_LOSSY_QUALITY if compression is None else compression
+    """ImageDone -> base64 of the image file in `fmt` (engine.imagine.encoded_as: the engine's PNG as it is, else
+    re-encoded at the quality `compression` says, OpenAI's output_compression: 100 the best and largest file, 0 the
+    smallest). It was taken as 100 - quality, but for 0, which gave 95: OpenAI's default of 100 made the worst file."""
+    from engine.imagine import encoded_as  # noqa: PLC0415
 
     def encode(ev: ImageDone) -> str:
-        if fmt == "png":
-            return base64.b64encode(ev.image).decode("ascii")
-        from PIL import Image  # noqa: PLC0415
-
-        buf = io.BytesIO()
-        with Image.open(io.BytesIO(ev.image)) as img:
-            img.convert("RGB").save(buf, OUTPUT_FORMATS[fmt], quality=quality)
-        return base64.b64encode(buf.getvalue()).decode("ascii")
+        return base64.b64encode(encoded_as(ev.image, fmt, compression)).decode("ascii")
 
     return encode
 

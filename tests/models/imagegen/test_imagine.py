@@ -182,15 +182,26 @@ def test_a_checkpoint_without_the_image_generator_says_so(tiny_engine):
 
 
 def test_cli_writes_image_mask_and_overlay(tiny_checkpoint, tmp_path, capsys):
+    """The image in the format its --out suffix names (seg.jpg was a PNG under that name), mask and overlay PNGs."""
     from engine.imagine import main
     src = tmp_path / "in.png"
     Image.fromarray(_photo()).save(src)
-    out = tmp_path / "seg.png"
+    out = tmp_path / "seg.jpg"
     assert main(["--model", str(tiny_checkpoint), "--edit", str(src), "--segment", "the cup", "--steps", "2",
                  "--seed", "5", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "s/step" in printed and "per image" in printed
-    assert all(p.is_file() for p in (out, tmp_path / "seg_mask.png", tmp_path / "seg_overlay.png"))
+    assert [Image.open(p).format for p in (out, tmp_path / "seg_mask.png", tmp_path / "seg_overlay.png")] == \
+        ["JPEG", "PNG", "PNG"]
+
+
+def test_cli_refuses_an_out_of_a_format_it_cannot_write_before_the_model_loads(tmp_path, capsys):
+    from engine.imagine import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "never_loaded"), "--prompt", "a cup", "--out", str(tmp_path / "a.gif")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and ".png, .jpg, .jpeg, .webp" in err and not (tmp_path / "a.gif").exists(), err
 
 
 def test_edit_sizes_and_reference_frame_come_from_the_picture_as_given(tiny_engine, monkeypatch):
