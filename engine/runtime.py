@@ -384,6 +384,8 @@ class Engine:
         if ref_audio is None:
             return Conditioning()
         clips = list(ref_audio) if isinstance(ref_audio, list) else [ref_audio]
+        if ref_text is not None and not ref_text.strip():  # a transcript box left blank: none given, ASR fills it in
+            ref_text = None
         cond = self.talker.clone_conditioning(clips, [sample_rate] * len(clips), ref_text, seed)  # checks the clips
         if ref_text is None:
             texts = [self._asr_text(c, sample_rate) for c in clips]

@@ -182,9 +182,25 @@ def speech_request(body: dict, ctx: ServerContext) -> dict:
                       f"({', '.join(given)} given)", "invalid_request", given[0])
     return {"text": text or "", "task": task, "voice": None if voice == DEFAULT_VOICE else voice,
             "ref_audio": reference_clips(body, ctx),
-            "ref_text": text_field(body.get("reference_text"), "reference_text", MAX_INPUT_CHARS, required=False),
+            "ref_text": reference_transcript(body.get("reference_text")),
             "instruct": instruct, "music": None if music is None else need_dict(music, "music"),
             "seed": seed, "max_seconds": max_seconds}
+
+
+def reference_transcript(value) -> str | None:
+    """`reference_text`: what the reference clip says, checked as the talker checks it (a refusal names the field);
+    left out or blank (an empty form field), our ASR transcribes the clip (`ref_text_from_asr` says what it heard)."""
+    from engine.models.talker.text import check_text as check_speakable  # noqa: PLC0415
+
+    text = text_field(value, "reference_text", MAX_INPUT_CHARS, required=False)
+    if text is None or not text.strip():
+        return None
+    try:
+        check_speakable(text, "'reference_text'")
+    except MingError as e:
+        raise bad(f"{e} (what the reference clip says; leave it out to have it transcribed)", wire.wire_code(e.code),
+                  "reference_text") from None
+    return text
 
 
 MUSIC_FIELDS = ("genre", "mood", "instrument", "theme", "duration")
@@ -342,7 +358,7 @@ async def voice_upload(request: Request, ctx: ServerContext) -> tuple[str, bytes
     if name == DEFAULT_VOICE:
         raise bad(f"'{DEFAULT_VOICE}' names the talker's own voice: save this one under another name", "invalid_value",
                   "name")
-    text = text_field(text, "reference_text", MAX_INPUT_CHARS, required=False)
+    text = reference_transcript(text)
     if isinstance(raw, bytes):
         await asyncio.to_thread(check_reference_clip, raw, ctx, "file")
     else:
