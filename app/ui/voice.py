@@ -6,6 +6,7 @@ dialogue. Audio plays while it is made; the finished clip is a WAV download."""
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 import wave
@@ -51,12 +52,17 @@ MUSIC_TEXT_UNUSED = "the text box was not used: music is made from the Music sec
 VOICE_UNUSED = "the Voice chosen was not used: {what} takes no voice"
 REQUEST_KEY = "ming-studio-voice-request"  # the browser's key of the last request (common.kept_request)
 REQUEST_FIELDS = ("text", "task")
+KEPT_TAKES_KEY = "ming-studio-voice-takes"  # the browser's key of the takes made (kept across a page reload)
+# Make it again replaced the WAV download: the take before was gone. Every take stays offered, newest first, up to:
+MAX_KEPT_TAKES = 20
+STEMS = {"tts": "speech", "sound": "sound", "music": "music", "podcast": "podcast"}  # a take's file name: what it is
+TAKE_NAME = re.compile(rf"({'|'.join(STEMS.values())})-\d{{8}}-\d{{6}}\.wav")
 INSTRUCTION_KEYS = ("dialects", "emotions", "speeds", "pitches", "volumes")  # speech_options() lists, in that order
 
 
 def write_wav(chunks: list[np.ndarray], rate: int, task: str = "tts") -> str:
     """The clip as a WAV file named for what it is (speech, sound, music, podcast: music was 'speech-….wav')."""
-    stem = {"tts": "speech"}.get(task, task)
+    stem = STEMS.get(task, task)
     path = Path(tempfile.mkdtemp(prefix="ming-voice-")) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.wav"
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
@@ -65,6 +71,33 @@ def write_wav(chunks: list[np.ndarray], rate: int, task: str = "tts") -> str:
         for c in chunks:
             w.writeframes(c.astype("<i2").tobytes())
     return str(path)
+
+
+def kept_takes(saved) -> list[str]:
+    """The takes the browser kept (gr.BrowserState, KEPT_TAKES_KEY) that can still be offered: a WAV named as
+    write_wav names one, under the temp folder (the browser holds what it gives back: a path anywhere else is not
+    opened), still there (gone when the machine cleaned its temp folder); at most MAX_KEPT_TAKES, newest first."""
+    temp = Path(tempfile.gettempdir()).resolve()
+    out: list[str] = []
+    for entry in saved if isinstance(saved, list) else []:
+        path = Path(str(entry)).resolve() if isinstance(entry, str) else None
+        if (path is not None and TAKE_NAME.fullmatch(path.name) and path.is_relative_to(temp) and path.is_file()
+                and str(path) not in out):
+            out.append(str(path))
+    return out[:MAX_KEPT_TAKES]
+
+
+def keep_take(latest, saved) -> tuple[list[str], list[str] | None]:
+    """After Make it: (the takes the browser keeps, the Takes list), the take in the WAV download first (a run refused
+    or failed before any sound leaves the download, and so the list, as it was)."""
+    takes = kept_takes([latest, *(saved if isinstance(saved, list) else [])])
+    return takes, takes or None
+
+
+def restore_takes(saved) -> tuple[list[str], list[str] | None]:
+    """At page load: (the takes kept, the Takes list) as the browser kept them (see kept_takes)."""
+    takes = kept_takes(saved)
+    return takes, takes or None
 
 
 def music_length_note(made_s: float, asked_s) -> str:
@@ -302,9 +335,10 @@ def refused_clip(name: str, is_video: bool) -> str:
 
 
 def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
-                    kept_ask: gr.BrowserState | None = None) -> VoiceController:
-    """Build the Voice tab inside the current Tab. `kept_ask`: where the browser keeps the last request, made at the
-    page's top level (see build_image_tab); a tab built alone makes its own."""
+                    kept_ask: gr.BrowserState | None = None,
+                    kept: gr.BrowserState | None = None) -> VoiceController:
+    """Build the Voice tab inside the current Tab. `kept_ask`: where the browser keeps the last request, `kept`: the
+    takes made, both made at the page's top level (see build_image_tab); a tab built alone makes its own."""
     controller = VoiceController(link)
     capability_note(link, SPEECH_OUT, "**This engine has no talker**, so it cannot speak, make sounds or music. "
                                       "(A checkpoint without `talker/`, or an engine that "
@@ -375,15 +409,20 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
                               elem_id="voice-player")
             status = gr.Markdown("", elem_id="voice-figures")
             wav = gr.File(label="WAV download", elem_id="voice-wav")
+            takes = gr.File(label=f"Every take (newest first, the last {MAX_KEPT_TAKES})", file_count="multiple",
+                            interactive=False, elem_id="voice-takes")
     inputs = [text, task, source, saved, clip, clip_text, dialect, emotion, speed, pitch, volume, style, ip, env,
               snr, genre, mood, instrument, theme, duration, seed]
     # the request is kept in the browser when Make it is pressed, and marked finished once it is: a reload lost the
     # text typed and the run without a word
     ask = kept_ask if kept_ask is not None else gr.BrowserState({}, storage_key=REQUEST_KEY)
+    kept = kept if kept is not None else gr.BrowserState([], storage_key=KEPT_TAKES_KEY)
     hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
     go.click(lambda *values: kept_request(*values, names=REQUEST_FIELDS), [text, task], [ask], **hidden).then(
         controller.synthesize, inputs, [player, clip_text, status, wav], api_name="speak",
-        concurrency_limit=None).then(request_done, [ask], [ask], **hidden)
+        concurrency_limit=None).then(request_done, [ask], [ask], **hidden).then(
+        keep_take, [wav, kept], [kept, takes], **hidden)
+    on_page_load(restore_takes, [kept, takes], inputs=[kept])
     on_page_load(lambda asked: restore_request(asked, REQUEST_FIELDS, "Make it"), [text, task, status], inputs=[ask])
     wire_stop(stop, controller.stop, api_visibility="private")
     check_on_upload(link, clip, "audio", status, max_seconds=VOICE_CLIP_SECONDS)

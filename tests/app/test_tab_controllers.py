@@ -23,7 +23,8 @@ from app.ui.image import ASPECTS, AUTO_ASPECT, EDIT_PROMPT_HINTS, REFS_NOT_USED,
 from app.ui.live import engine_settings  # noqa: E402
 from app.ui.speech import BOTH_GIVEN, CUT_AT_LIMIT, CUT_ON_DEMO, NOTHING_GIVEN, SpeechController  # noqa: E402
 from app.ui.voice import (CONFIRM_DELETE, MUSIC_TEXT_UNUSED, NAME_TOO_LONG, NO_CHOICE, PODCAST_NEEDS_A_VOICE,  # noqa: E402
-                          REPLACE_LABEL, TASKS, TEXT_TOO_LONG, VOICE_NAME_CHARS, VOICE_UNUSED, VoiceController)
+                          REPLACE_LABEL, TASKS, TEXT_TOO_LONG, VOICE_NAME_CHARS, VOICE_UNUSED, VoiceController,
+                          keep_take, restore_takes)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done, GenerationStats, QueuePosition, TextDelta  # noqa: E402
 from tests.paths import REPO  # noqa: E402
@@ -164,13 +165,25 @@ def test_a_podcast_with_the_default_voice_says_which_voice_to_choose(engine_serv
     assert "finish reason: stop" in status_of("Clone from a clip", str(clip))
 
 
-def test_the_wav_download_is_named_for_what_was_made(engine_server):
-    """Music and sound effects were offered as 'speech-<time>.wav'."""
+def test_the_wav_download_is_named_for_what_was_made_and_earlier_takes_are_kept(engine_server):
+    """Music and sound effects were offered as 'speech-<time>.wav'. Each Make it replaced the WAV download: the
+    take before it was gone. Every take is offered, newest first (a refused run adds none), and comes back after a
+    page reload; a path the browser gives back that this tab did not write, or that is gone, is not offered."""
     voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    kept, made = [], []
     for label, stem in (("Sound effect", "sound"), ("Speech", "speech")):
-        *_, last = voices.synthesize("Rain on a roof", label, "Default voice", None, None, "", *[None] * 5, "", "",
-                                     "", None, "", "", "", "", 10, 3)
-        assert Path(last[3]).name.startswith(f"{stem}-") and last[3].endswith(".wav"), last
+        *_, end = voices.synthesize("Rain on a roof", label, "Default voice", None, None, "", *[None] * 5, "", "",
+                                    "", None, "", "", "", "", 10, 3)
+        assert Path(end[3]).name.startswith(f"{stem}-") and end[3].endswith(".wav"), end
+        made.append(end[3])
+        kept, offered = keep_take(end[3], kept)
+    assert offered == kept == [str(Path(p).resolve()) for p in reversed(made)]
+    refused = last(voices.synthesize("", "Speech", "Default voice", None, None, "", *[None] * 5, "", "", "", None,
+                                     "", "", "", "", 10, 3))
+    assert keep_take(made[-1], kept)[0] == kept and len(refused) == 4  # (the download left as it was: no new take)
+    assert restore_takes(kept) == (kept, kept)
+    Path(made[0]).unlink()  # (gone: the machine cleaned its temp folder)
+    assert restore_takes([*kept, "/etc/passwd", "/speech-20260101-000000.wav", {"path": made[1]}]) == (kept[:1],) * 2
 
 
 def test_a_stopped_stream_without_figures_shows_none():

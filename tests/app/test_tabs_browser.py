@@ -80,6 +80,8 @@ def test_voice_tab_speaks_and_offers_the_wav(browser, studio, viewport):
     sync_api.expect(page.locator("#voice-figures")).to_contain_text("real-time factor", timeout=60_000)
     sync_api.expect(page.locator("#voice-wav")).to_contain_text(".wav", timeout=30_000)
     assert_download_names_whole(page, "voice-wav")
+    # the take is kept in the list of every take (Make it again replaced the only download: the earlier take was gone)
+    sync_api.expect(page.locator("#voice-takes")).to_contain_text(".wav", timeout=15_000)
     # one download, named for what was made: the player's own gave the stream as 'audio-stream.mp3'
     assert page.locator("#voice-player a[download], #voice-player button[aria-label='Download']").count() == 0
     print(f"\n[Voice tab, {viewport['width']} px] {page.locator('#voice-figures').inner_text()}")
