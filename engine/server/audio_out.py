@@ -30,6 +30,12 @@ DEFAULT_FORMAT = "mp3"        # OpenAI's response_format when a request names no
 OPUS_RATE = 48000             # Opus codes 48 kHz (the talker's audio is resampled to it)
 OPENAI_PCM_RATE = 24000       # OpenAI's `pcm` / `pcm16`: 24 kHz, 16-bit, mono
 UNKNOWN_SIZE = 0xFFFFFFFF     # RIFF / data sizes of a WAV whose length is not known yet
+RATE_HEADER = "X-Sample-Rate"  # every speech answer's rate in its head (raw pcm has no header of its own to say it)
+
+
+def coded_rate(fmt: str, sample_rate: int) -> int:
+    """The rate the samples of a `fmt` file made from audio at `sample_rate` are at (Opus: always 48 kHz)."""
+    return OPUS_RATE if fmt == "opus" else sample_rate
 
 
 def wav_header(sample_rate: int, data_bytes: int | None = None) -> bytes:
@@ -68,7 +74,7 @@ def encode_audio(pcm: bytes, sample_rate: int, fmt: str) -> bytes:
     buf = io.BytesIO()
     samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
     with av.open(buf, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=OPUS_RATE if fmt == "opus" else sample_rate)
+        stream = out.add_stream(codec, rate=coded_rate(fmt, sample_rate))
         stream.layout = "mono"
         if samples.size:
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="s16", layout="mono")

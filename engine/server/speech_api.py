@@ -25,8 +25,8 @@ from engine.events import AudioChunk, Done, Error, Event
 from engine.runtime import no_audio_after_cancel
 from engine.server import codec, fields
 from engine.server import protocol as wire
-from engine.server.audio_out import (DEFAULT_FORMAT, FORMATS, OPENAI_PCM_RATE, STREAMABLE, encode_audio, resampled,
-                                     wav_header)
+from engine.server.audio_out import (DEFAULT_FORMAT, FORMATS, OPENAI_PCM_RATE, RATE_HEADER, STREAMABLE, coded_rate,
+                                     encode_audio, resampled, wav_header)
 from engine.server.bodies import JSON, MULTIPART, body_kind, form_body, form_file, form_flag, form_text, json_body
 from engine.server.codec import bad, need_dict, need_number
 from engine.server.context import ServerContext
@@ -277,21 +277,22 @@ async def speech(request: Request):
             return error_response(wire.engine_error(final))
         rate = got.audio[0].sample_rate if got.audio else (pcm_rate or engine.talker.sample_rate)
         data = await asyncio.to_thread(encode_audio, b"".join(c.pcm for c in got.audio), rate, fmt)
-        return Response(data, media_type=FORMATS[fmt][0])
+        return Response(data, media_type=FORMATS[fmt][0], headers={RATE_HEADER: str(coded_rate(fmt, rate))})
     head, events = await first_events(job)
     refused = refused_at_once(head)
     if refused is not None:
         return error_response(wire.engine_error(refused))
-    if stream == "audio":
-        return raw_audio_stream(ctx, job, events, fmt)
     rate = pcm_rate or engine.talker.sample_rate
+    if stream == "audio":
+        return raw_audio_stream(ctx, job, events, fmt, rate)
     enc = wire.SpeechSseEncoder(extensions=not ctx.openai_only, wav_header=wav_header(rate) if fmt == "wav" else b"")
     return stream_response(ctx, job, enc.encode,
                            lambda final: enc.finish(final, job_metrics(job, received, final)), events)
 
 
-def raw_audio_stream(ctx: ServerContext, job: Job, events: AsyncIterator[Event], fmt: str) -> StreamingResponse:
-    """`stream_format: "audio"`: the bytes as they are made (wav: a streaming header first). An error
+def raw_audio_stream(ctx: ServerContext, job: Job, events: AsyncIterator[Event], fmt: str,
+                     rate: int) -> StreamingResponse:
+    """`stream_format: "audio"`: the bytes as they are made at `rate` (wav: a streaming header first). An error
     after the first bytes can only end the stream early."""
 
     async def body() -> AsyncIterator[bytes]:
@@ -308,7 +309,8 @@ def raw_audio_stream(ctx: ServerContext, job: Job, events: AsyncIterator[Event],
         finally:
             left_early(ctx, job)
 
-    return StreamingResponse(body(), media_type=FORMATS[fmt][0], headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(body(), media_type=FORMATS[fmt][0],
+                             headers={"Cache-Control": "no-cache", RATE_HEADER: str(rate)})
 
 
 # --------------------------------------------------------------------------- the voice library

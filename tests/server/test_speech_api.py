@@ -62,6 +62,7 @@ def test_every_file_format_states_the_true_rate(http, fmt):
         decoded = np.concatenate([frame.to_ndarray().reshape(-1) for frame in f.decode(stream)])
         rate = stream.codec_context.sample_rate
     assert rate == (48000 if fmt == "opus" else RATE)  # Opus codes 48 kHz only (documented)
+    assert r.headers["x-sample-rate"] == str(rate)
     assert len(decoded) / rate == pytest.approx(len(pcm) / RATE, abs=0.06)  # codec padding at most
     if fmt in ("wav", "flac"):  # lossless: the very samples
         assert np.array_equal(decoded, pcm)
@@ -71,6 +72,20 @@ def test_every_file_format_states_the_true_rate(http, fmt):
         h = read_wav_header(r.content)
         assert (h["sample_rate"], h["channels"], h["bits"], h["byte_rate"]) == (RATE, 1, 16, 2 * RATE)
         assert h["data_len"] == len(r.content) - 44 and h["riff_size"] == len(r.content) - 8
+
+
+def test_pcm_is_openais_24_khz_and_the_answer_says_its_rate(http):
+    """OpenAI's `pcm` is 24 kHz 16-bit mono, and raw samples have no header to say so: a client could only guess
+    (the talker's own rate is 44.1 kHz). The pcm answer, whole or streamed, is at 24 kHz, as long as the wav made
+    at the talker's rate, and its X-Sample-Rate header says 24000."""
+    body = {"input": TEXT, "seed": 1, "max_seconds": 1.0}
+    wav = http.post("/v1/audio/speech", json={**body, "response_format": "wav"})
+    whole = http.post("/v1/audio/speech", json={**body, "response_format": "pcm"})
+    with http.stream("POST", "/v1/audio/speech", json={**body, "response_format": "pcm", "stream_format": "audio"}) as s:
+        streamed, head = s.read(), s.headers
+    assert wav.headers["x-sample-rate"] == str(RATE)
+    assert whole.headers["x-sample-rate"] == head["x-sample-rate"] == "24000" and streamed == whole.content
+    assert len(whole.content) / 2 / 24000 == pytest.approx((len(wav.content) - 44) / 2 / RATE, abs=0.01)
 
 
 def test_a_request_naming_no_format_gets_mp3_as_from_openai(http, server):
