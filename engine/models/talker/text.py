@@ -400,16 +400,57 @@ _DECADES = (
 )
 
 
+MONTH_NAMES = ("January February March April May June July August September October November "
+               "December").split()
+
+
+def english_year(n: int) -> str:
+    """A year as it is said: 1999 -> 'nineteen ninety-nine', 1905 -> 'nineteen oh five', 1900 -> 'nineteen
+    hundred', 2005 -> 'two thousand five', 2024 -> 'twenty twenty-four'."""
+    high, low = divmod(n, 100)
+    if n < 1000 or 2000 <= n < 2010 or n % 1000 == 0:
+        return english_number(n)
+    return english_number(high) + (" hundred" if low == 0 else " oh " + _ONES[low] if low < 10
+                                   else " " + english_number(low))
+
+
+def _english_date(year: str, month: str, day: str) -> str | None:
+    """'May third, twenty twenty-four'; None when month or day is out of range (then no date)."""
+    if not (1 <= int(month) <= 12 and 1 <= int(day) <= 31):
+        return None
+    return f"{MONTH_NAMES[int(month) - 1]} {english_ordinal(int(day))}, {english_year(int(year))}"
+
+
+def _english_time(hour: str, minute: str) -> str:
+    """10:30 -> 'ten thirty', 9:05 -> 'nine oh five', 10:00 -> "ten o'clock"."""
+    minutes = int(minute)
+    said = "o'clock" if minutes == 0 else f"oh {_ONES[minutes]}" if minutes < 10 else english_number(minutes)
+    return f"{english_number(int(hour))} {said}"
+
+
+# Dates and clock times, read before any other number rule (an ISO date's hyphens are no minus signs, a time's
+# colon no separator): 2024-05-03, 5/3/2024 (month first unless the first number is over 12), 10:30, 9:05pm.
+_DATE_TIME = (
+    (re.compile(r"(?<![\w./-])(\d{4})-(\d{1,2})-(\d{1,2})(?![\w/-])"),
+     lambda m: _english_date(m.group(1), m.group(2), m.group(3)) or m.group(0)),
+    (re.compile(r"(?<![\w./])(\d{1,2})/(\d{1,2})/(\d{4})(?![\w/])"),
+     lambda m: (_english_date(m.group(3), m.group(1), m.group(2)) if int(m.group(1)) <= 12
+                else _english_date(m.group(3), m.group(2), m.group(1))) or m.group(0)),
+    (re.compile(r"(?<![\w.:])([01]?\d|2[0-3]):([0-5]\d)(?:\s*([aApP][mM]))?(?![\w:]|\.\d)"),
+     lambda m: _english_time(m.group(1), m.group(2)) + (f" {m.group(3).upper()}" if m.group(3) else "")),
+)
+
+
 def normalize_english_numbers(text: str) -> str:
     """Numbers in text without CJK as words, in upstream's order of rules (normalize_numbers): grouping
-    commas, numbers with units (5MB, 10 ms, 25°C), money ($, £), fractions, percentages (signed),
+    commas, (ours, first: dates and clock times, _DATE_TIME), numbers with units (5MB, 10 ms, 25°C), money ($, £), fractions, percentages (signed),
     ordinals, letters followed by a number (GPT-4, v2.1 -> 'GPT four', 'v two point one'), then the
     numbers left (a leading '-' read 'minus'; one touching letters set apart: 4K -> 'four K'). Unlike upstream, a decade ('the 1990s', '80s') is no
     number of seconds, ordinals stay ordinal ('21st' -> 'twenty-first', upstream reads the cardinal),
     money keeps cents / pence, fractions take plurals, a date like 12/25/2024 is no fraction, and no
     commas are put between thousands."""
     text = re.sub(r"\d{1,3}(?:,\d{3})+", lambda m: m.group(0).replace(",", ""), text)
-    for pattern, words in _DECADES:
+    for pattern, words in (*_DATE_TIME, *_DECADES):
         text = pattern.sub(words, text)
     text = _UNIT.sub(lambda m: f"{_signed_words(m.group(1))} {_UNIT_WORDS[m.group(2).lower()]}", text)
     text = re.sub(r"([$£])(\d[\d,]*)(?:\.(\d\d))?", _money, text)
@@ -606,7 +647,9 @@ _UNSPOKEN = tuple(re.compile(p, re.DOTALL) for p in (
     r"```.*?```|`.*?`",
     r"!\[[^\]]*\]\([^)]*\)",
     r"\*\*\*|\*\*|###|---",
-    "[▼●★☆■□▲△◆◇○◎√×✔✖]"))
+    "[▼●★☆■□▲△◆◇○◎√×✔✖]",
+    # HTML / SSML / XML tags (<speak>, <break time="1s"/>, </p>): markup, not words (their text stays)
+    r"""</?[A-Za-z][\w:.-]*(?:\s+[\w:.-]+(?:\s*=\s*(?:"[^"]*"|'[^']*'|[^\s"'<>]+))?)*\s*/?>"""))
 
 
 def strip_markup(text: str) -> str:

@@ -130,6 +130,22 @@ def test_english_numbers_with_units_money_fractions_signs_and_versions(text, spo
     assert normalize(text) == spoken
 
 
+@pytest.mark.parametrize("text, spoken", [
+    ("Due 2024-05-03.", "Due May third, twenty twenty-four."),
+    ("Born 12/25/1999 or 25/12/1905.", "Born December twenty-fifth, nineteen ninety-nine or December twenty-fifth, "
+                                        "nineteen oh five."),
+    ("Meet at 10:30, 9:05pm or 12:00.", "Meet at ten thirty, nine oh five PM or twelve o'clock."),
+    ("In 2005 and 2010-01-01.", "In two thousand five and January first, twenty ten."),
+    ("Not dates: 2024-13-40, 13/13/2020, v1.2:30, 16:9.",
+     "Not dates: two thousand twenty-four-thirteen-forty, thirteen/thirteen/two thousand twenty, v one point two:thirty, "
+     "sixteen:nine."),
+])
+def test_english_dates_and_clock_times_are_read_as_said(text, spoken):
+    """'2024-05-03 at 10:30' was read 'two thousand twenty-four-five-three at ten:thirty' (a minus sign and a
+    colon between numbers): a date is read month, ordinal day, year as said; a clock time as hours and minutes."""
+    assert normalize(text) == spoken
+
+
 def test_chinese_degrees_are_read():
     assert normalize("今天30℃") == "今天三十摄氏度"
 
@@ -141,6 +157,9 @@ def test_chinese_degrees_are_read():
     ("这是***重点***，见 www.example.cn 。", "这是重点，见。"),
     ("今天 天气 很好", "今天天气很好"),
     ("我有 iPhone 15 和 Mac", "我有 iPhone 十五和 Mac"),
+    # SSML / HTML tags were read out ('speak Hello break time one seconds'); their text is kept, 3 < 5 too
+    ('<speak>Hello <break time="1s"/> world, <emphasis level="strong">now</emphasis>.</speak>', "Hello world, now."),
+    ("a <b>bold</b> move, 3 < 5 and 7 > 2", "a bold move, three < five and seven > two"),
 ])
 def test_markup_links_and_code_are_not_read(text, spoken):
     """Upstream's text normaliser (talker_tn TalkerPreProcessor, spec §7.9 step 4) strips what a reply's
