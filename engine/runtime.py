@@ -17,8 +17,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from engine.models.thinker.asr_windows import Windowing, transcribe_windows
 from engine.models.thinker.asr import TranscriptDeltas, TranscriptStream, asr_messages, dialect_prefix, parse_transcript
 from engine.errors import MingError
 from engine.events import AudioChunk, Done, Error, Event, GenerationStats, TextDelta
@@ -291,11 +293,26 @@ class Engine:
         yield from self.generate_ids(prompt.ids, params or GenerationParams(fit_context=True), cancel, prompt=media,
                                      t_start=t_start)
 
+    asr_windowing = Windowing()  # how a long recording is cut for ASR
+
     def transcribe(self, audio: Any, context: str | None = None, hotwords: list[str] | None = None,
                    dialect: str | None = None, params: GenerationParams | None = None,
                    cancel: threading.Event | None = None, sample_rate: int | None = None) -> Iterator[Event]:
         """ASR: streams the transcript (without the language tag; with its tokens' log probabilities when
-        `params.logprobs`) and ends with Done whose `result` holds {"language", "text"}."""
+        `params.logprobs`) and ends with Done whose `result` holds {"language", "text"}. A recording (samples with
+        their `sample_rate`) longer than one window is transcribed a window at a time (asr_windows: Progress per
+        window, and the result's `segments`)."""
+        if isinstance(audio, np.ndarray) and sample_rate and len(audio) > self.asr_windowing.window_s * sample_rate:
+            yield from transcribe_windows(partial(self._transcribe_clip, context=context, hotwords=hotwords,
+                                                  dialect=dialect, params=params, cancel=cancel,
+                                                  sample_rate=sample_rate), audio, sample_rate, self.asr_windowing)
+            return
+        yield from self._transcribe_clip(audio, context, hotwords, dialect, params, cancel, sample_rate)
+
+    def _transcribe_clip(self, audio: Any, context: str | None = None, hotwords: list[str] | None = None,
+                         dialect: str | None = None, params: GenerationParams | None = None,
+                         cancel: threading.Event | None = None, sample_rate: int | None = None) -> Iterator[Event]:
+        """One clip's ASR, as the model takes it (spec §6.3)."""
         try:
             prefix = dialect_prefix(dialect)
         except ValueError as e:

@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="HTTP JSON body size")
     ap.add_argument("--max-upload-mb", type=_positive_number, default=d.max_upload_bytes / MiB, help="upload size")
     ap.add_argument("--max-audio-seconds", type=_positive_number, default=d.max_audio_seconds, help="audio clip length")
+    ap.add_argument("--max-transcription-seconds", type=_positive_number, default=d.max_transcription_seconds,
+                    help="length of one recording to transcribe (transcribed in 30 s windows)")
     ap.add_argument("--max-image-pixels", type=_positive_int, default=d.max_image_pixels,
                     help="pixels per image or frame")
     ap.add_argument("--max-new-tokens", type=_positive_int, default=d.max_new_tokens, help="largest max_tokens allowed")
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         limits = Limits(max_sessions=args.max_sessions, max_queue=args.max_queue,
                         max_message_bytes=int(args.max_message_mb * MiB), max_request_bytes=int(args.max_request_mb * MiB),
                         max_upload_bytes=int(args.max_upload_mb * MiB), max_audio_seconds=args.max_audio_seconds,
-                        max_image_pixels=args.max_image_pixels, max_new_tokens=args.max_new_tokens)
+                        max_transcription_seconds=args.max_transcription_seconds, max_image_pixels=args.max_image_pixels, max_new_tokens=args.max_new_tokens)
     except (StartupRefused, ValueError) as e:
         if sock is not None:
             sock.close()

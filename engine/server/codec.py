@@ -265,23 +265,24 @@ def check_output_rate(rate: Any, name: str, engine) -> int:
     return rate
 
 
-def check_duration(n_samples: int, rate: int, limits: Limits, name: str = "audio") -> float:
-    seconds = n_samples / rate
-    if seconds > limits.max_audio_seconds:
-        raise bad(f"'{name}' is too long: {seconds:.1f} s, the limit is {limits.max_audio_seconds:g} s",
-                  "audio_too_long", name)
+def check_duration(n_samples: int, rate: int, limits: Limits, name: str = "audio",
+                   most_s: float | None = None) -> float:
+    """The clip's seconds, refused past `most_s` (a transcription's limit) or else the clip limit."""
+    seconds, most_s = n_samples / rate, most_s or limits.max_audio_seconds
+    if seconds > most_s:
+        raise bad(f"'{name}' is too long: {seconds:.1f} s, the limit is {most_s:g} s", "audio_too_long", name)
     if n_samples == 0:
         raise bad(f"'{name}' has no samples", "invalid_audio", name)
     return seconds
 
 
-def check_clip(n_samples: int, rate: int, limits: Limits, name: str = "audio") -> float:
+def check_clip(n_samples: int, rate: int, limits: Limits, name: str = "audio", most_s: float | None = None) -> float:
     """A clip as the model's audio front end takes it (its seconds): a rate in range that it can
     resample, within the length limit, and long enough for one log-mel frame."""
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         raise bad(f"'{name}' has a sample rate of {rate} Hz; {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz is supported",
                   "invalid_audio", name)
-    seconds = check_duration(n_samples, rate, limits, name)
+    seconds = check_duration(n_samples, rate, limits, name, most_s)
     try:
         check_clip_length(n_samples, rate)
     except MediaError as e:
@@ -302,10 +303,12 @@ class Audio:
         return {"type": "audio", "audio": self.samples, "sample_rate": self.sample_rate}
 
 
-def audio_file(raw: bytes, limits: Limits, name: str = "file", video_ok: bool = False) -> Audio:
+def audio_file(raw: bytes, limits: Limits, name: str = "file", video_ok: bool = False,
+               most_s: float | None = None) -> Audio:
     """Encoded audio (wav natively; flac, mp3, ogg, webm, m4a via PyAV) -> channel-0 samples. A
     picture is refused; so is a video, unless `video_ok` (an upload endpoint such as transcriptions,
-    which like OpenAI's takes an mp4 or webm recording and uses its audio track)."""
+    which like OpenAI's takes an mp4 or webm recording and uses its audio track). `most_s`: its longest
+    length, when not the clip limit (a transcription's recording)."""
     if not raw:
         raise bad(f"'{name}' is empty", "invalid_audio", name)
     found = sniff(raw)
@@ -320,7 +323,7 @@ def audio_file(raw: bytes, limits: Limits, name: str = "file", video_ok: bool = 
         raise bad(str(e), "invalid_audio", name) from None
     except Exception as e:  # a decoder fault on hostile input is the input's problem
         raise bad(f"'{name}' could not be decoded as audio: {type(e).__name__}", "invalid_audio", name) from None
-    check_clip(len(samples), rate, limits, name)
+    check_clip(len(samples), rate, limits, name, most_s)
     if not np.all(np.isfinite(samples)):
         raise bad(f"'{name}' contains NaN or infinite samples", "invalid_audio", name)
     return Audio(np.ascontiguousarray(samples, dtype=np.float32), int(rate))

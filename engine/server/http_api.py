@@ -612,7 +612,8 @@ async def transcriptions(request: Request):
         texts, param = [context or "", *hotwords], "prompt" if context else "hotwords"
         ctx.prompt_bound.check(sum(map(len, texts)), f"the {param}", param)
         await ctx.prompt_bound.check_tokens(texts, params.room_needed, f"the {param}", param)
-    audio = await asyncio.to_thread(codec.audio_file, raw, limits, "file", True)  # (a recording's audio track too)
+    audio = await asyncio.to_thread(codec.audio_file, raw, limits, "file", True,  # (a recording's audio track too)
+                                    limits.max_transcription_seconds)
     engine = ctx.engine
 
     def run(cancel):
@@ -632,8 +633,10 @@ async def transcriptions(request: Request):
         if isinstance(final, Error):
             return error_response(wire.engine_error(final))
         if fmt in ("text", "srt", "vtt"):
-            text = (final.result or {}).get("text", "")
-            return PlainTextResponse(text if fmt == "text" else wire.subtitles(text, audio.seconds, fmt))
+            result = final.result or {}
+            text = result.get("text", "")
+            return PlainTextResponse(text if fmt == "text" else wire.subtitles(text, audio.seconds, fmt,
+                                                                               result.get("segments")))
         return JSONResponse(wire.transcription_body(final, figures(final), duration,
                                                     got.logprobs if logprobs else None))
     head, events = await first_events(job, bounded=True, grace_s=min(QUEUE_GRACE_S, ctx.limits.keepalive_s))
@@ -696,7 +699,8 @@ def client_limits(ctx: ServerContext) -> dict:
     if ctx.prompt_bound is not None:
         out["context_tokens"] = ctx.prompt_bound.context_tokens
     return out | {"max_request_bytes": lim.max_request_bytes, "max_upload_bytes": lim.max_upload_bytes,
-                  "max_audio_seconds": audio_seconds_limit(ctx), "max_image_pixels": lim.max_image_pixels}
+                  "max_audio_seconds": audio_seconds_limit(ctx), "max_transcription_seconds": lim.max_transcription_seconds,
+                  "max_image_pixels": lim.max_image_pixels}
 
 
 def audio_seconds_limit(ctx: ServerContext) -> float:

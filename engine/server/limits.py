@@ -19,6 +19,7 @@ class Limits:
     max_json_values: int = 200_000  # values (counted by commas) in one JSON body or event: parsing holds the
     #                                 event loop (2.5 M values took 2.5 s); text with more cannot fit the context
     max_audio_seconds: float = 300.0  # one clip, and the realtime input audio buffer
+    max_transcription_seconds: float = 1800.0  # one recording to transcribe (in windows: asr_windows)
     max_image_pixels: int = 16_000_000  # one image, webcam frame or video frame (width*height)
     max_video_frames: int = 600  # frames buffered per realtime session
     max_sessions: int = 64  # concurrent realtime sessions

@@ -779,15 +779,19 @@ def transcript_logprobs(entries: list[TokenLogprob]) -> list[dict]:
     return [token_logprob_wire(e, alternatives=False) for e in entries]
 
 
-def subtitles(text: str, seconds: float, fmt: str) -> str:
-    """A transcript as an `srt` or `vtt` file: one cue spanning the clip (the model gives no timestamps)."""
+def subtitles(text: str, seconds: float, fmt: str, segments: list[dict] | None = None) -> str:
+    """A transcript as an `srt` or `vtt` file: a cue per window of a long recording (`segments`: start, end,
+    text), else one cue spanning the clip (the model gives no timestamps)."""
     mark = "," if fmt == "srt" else "."  # SubRip's decimal comma, WebVTT's point
 
     def stamp(t: float) -> str:
         ms = round(t * 1000)
         return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{mark}{ms % 1000:03d}"
-    cue = f"{stamp(0)} --> {stamp(max(seconds, 0.001))}\n{text.strip()}\n"
-    return f"1\n{cue}" if fmt == "srt" else f"WEBVTT\n\n{cue}"
+    spans = [(s["start"], s["end"], s["text"]) for s in segments or () if s["text"].strip()] or [(0, seconds, text)]
+    cues = [f"{stamp(a)} --> {stamp(max(b, 0.001))}\n{t.strip()}\n" for a, b, t in spans]
+    if fmt == "srt":
+        return "\n".join(f"{i}\n{cue}" for i, cue in enumerate(cues, 1))
+    return "WEBVTT\n\n" + "\n".join(cues)
 
 
 class TranscriptionSseEncoder:

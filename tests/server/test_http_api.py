@@ -3,6 +3,7 @@ loopback: streaming chat (one delta per chunk, [DONE]), media content parts, tra
 (context, hotwords, dialect, streaming), models, health, limits and errors, and a client that
 goes away mid-stream."""
 
+import json
 import time
 
 import httpx
@@ -17,8 +18,8 @@ from tests.server import (SYSTEM, b64, image_array, long_prompt, png_bytes, refe
 
 @pytest.fixture(scope="module")
 def server(tiny_engine):
-    with running_server(tiny_engine, max_upload_bytes=400_000, max_audio_seconds=5.0, max_image_pixels=200_000,
-                        max_request_bytes=1_000_000, max_new_tokens=1000) as srv:
+    with running_server(tiny_engine, max_upload_bytes=400_000, max_audio_seconds=5.0, max_transcription_seconds=8.0,
+                        max_image_pixels=200_000, max_request_bytes=1_000_000, max_new_tokens=1000) as srv:
         yield srv
 
 
@@ -204,12 +205,39 @@ def test_streaming_transcription_with_the_openai_client(client):
     assert events[-1].model_extra["language"] == "上海" and events[-1].model_extra["finish_reason"] == "length"
 
 
+def pauses(seconds: float, rate: int = 8000) -> np.ndarray:
+    """PCM16 speech stand-in: a tone broken by a 0.1 s pause each second."""
+    pcm = tone_pcm16(seconds, rate=rate)
+    pcm[(np.arange(len(pcm)) % rate) >= int(0.9 * rate)] = 0
+    return pcm
+
+
+def test_a_recording_longer_than_a_clip_is_transcribed_in_windows(server, tiny_engine, monkeypatch):
+    """Past the encoder's clip (max_audio_seconds, 5 s here) a recording is transcribed a window at a time, up to the
+    transcription limit (8 s here); it was refused at the clip limit, so a 30-minute lecture could not be transcribed."""
+    from engine.models.thinker.asr_windows import Windowing
+
+    monkeypatch.setattr(tiny_engine, "asr_windowing", Windowing(window_s=3.0, search_s=1.0))
+    url, clip = server.url + "/v1/audio/transcriptions", wav_bytes(pauses(5.5), rate=8000)
+    r = httpx.post(url, files={"file": ("talk.wav", clip)}, data={"response_format": "srt", "max_tokens": "2"},
+                   timeout=60)
+    cues = r.text.strip().split("\n\n")
+    assert r.status_code == 200 and [c.split("\n")[0] for c in cues] == ["1", "2"]  # a cue per window
+    times = [c.split("\n")[1] for c in cues]  # cut in the pauses (.9-1 s of each second), the last at the clip's end
+    assert times == ["00:00:00,000 --> 00:00:02,975", "00:00:02,975 --> 00:00:05,500"]
+    r = httpx.post(url, files={"file": ("talk.wav", clip)}, data={"stream": "true", "max_tokens": "2"}, timeout=60)
+    assert r.text.count(": progress {\"stage\":\"transcribing\"") == 3  # before each window, and at the end
+    done = json.loads(r.text.split("data: ")[-2])
+    assert done["type"] == "transcript.text.done" and len(done["text"].split()) >= 2
+
+
 def test_transcription_limits_and_errors(server):
     url = server.url + "/v1/audio/transcriptions"
     r = httpx.post(url, files={"file": ("big.wav", b"\0" * 500_000)}, timeout=30)
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
-    r = httpx.post(url, files={"file": ("long.wav", wav_bytes(tone_pcm16(6.0, rate=8000), rate=8000))}, timeout=30)
+    r = httpx.post(url, files={"file": ("long.wav", wav_bytes(tone_pcm16(9.0, rate=8000), rate=8000))}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "audio_too_long"
+    assert r.json()["error"]["message"] == "'file' is too long: 9.0 s, the limit is 8 s"  # the transcription limit
     r = httpx.post(url, files={"file": ("x.wav", b"not audio at all")}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_audio"
     # said in words (it was "...[Errno 1094995529] Invalid data found when processing input: '<none>'")
@@ -226,7 +254,8 @@ def test_models_and_health(client, server, tiny_engine):
     assert [m.id for m in models.data] == [server.ctx.model_id]
     assert models.data[0].model_extra["limits"] == {  # what the server was started with, not the defaults
         "max_new_tokens": 1000, "default_max_tokens": 256,
-        "context_tokens": tiny_engine.model.config.llm.max_position_embeddings, "max_request_bytes": 1_000_000, "max_upload_bytes": 400_000, "max_audio_seconds": 5.0, "max_image_pixels": 200_000}
+        "context_tokens": tiny_engine.model.config.llm.max_position_embeddings, "max_request_bytes": 1_000_000, "max_upload_bytes": 400_000, "max_audio_seconds": 5.0, "max_transcription_seconds": 8.0,
+        "max_image_pixels": 200_000}
     assert httpx.get(server.url + "/v1/models/default").json()["limits"]["max_new_tokens"] == 1000
     encoder_s = tiny_engine.processor.settings.audio.max_duration_s  # the tiny audio encoder's positions
     assert 5.0 < encoder_s < 300.0

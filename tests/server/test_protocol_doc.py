@@ -208,7 +208,7 @@ def test_the_health_answer_the_page_shows_has_the_servers_fields():
 LIMIT_ROWS = {
     "one realtime event": ["max_message_bytes"], "one HTTP JSON body": ["max_request_bytes"],
     "one upload": ["max_upload_bytes"], "values in one JSON body": ["max_json_values"],
-    "one audio clip": ["max_audio_seconds"], "pixels of one image": ["max_image_pixels"],
+    "one audio clip": ["max_audio_seconds"], "one recording to transcribe": ["max_transcription_seconds"], "pixels of one image": ["max_image_pixels"],
     "decoded media of one HTTP request": ["max_session_media_bytes"], "webcam frames buffered": ["max_video_frames"],
     "open realtime sessions": ["max_sessions"], "one realtime session's life": ["max_session_s"],
     "requests waiting": ["max_queue"],
