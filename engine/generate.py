@@ -18,8 +18,8 @@ Three pieces, each usable on its own:
 `generate` strings them together for one prompt (batch 1): cancellation is checked between prefill
 layers and between steps; stop strings never leak into the emitted text; text deltas never split a
 UTF-8 character and come one per token (a "speak while thinking" consumer can follow them), and a reply cut at
-its token limit inside a character drops that character rather than end in U+FFFD; the KV cache is freed however
-the loop ends.
+its token limit or cancelled inside a character drops that character rather than end in U+FFFD; the KV cache is
+freed however the loop ends.
 """
 
 from __future__ import annotations
@@ -384,7 +384,8 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
             if launched < min(n + 1 + lookahead, params.max_new_tokens - 1):
                 launch()
         if not stopper.stopped:
-            tail = stopper.feed(decoder.flush(complete_only=finish == "length"))  # (a cut drops a partial character)
+            # a reply cut (token limit, cancel) drops a partial character; one the model ended keeps its U+FFFD
+            tail = stopper.feed(decoder.flush(complete_only=finish in ("length", "cancelled")))
             tail += "" if stopper.stopped else stopper.flush()
             if tail:
                 text_parts.append(tail)

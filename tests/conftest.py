@@ -45,20 +45,24 @@ def tiny_engine(tiny_checkpoint):
 
 @pytest.fixture
 def scripted_tokens(monkeypatch):
-    """`script(ids)`: from then on every reply generated draws `ids` in turn, whatever the logits (a reply the
-    tiny random model would not give by itself: a character split over tokens and cut by the token limit ...)."""
+    """`script(ids, after_last=None)`: from then on every reply generated draws `ids` in turn, whatever the logits (a
+    reply the tiny random model would not give by itself: a character split over tokens and cut by the token limit
+    ...); `after_last()` is called once the last of them is drawn (e.g. to cancel the reply there)."""
     import torch
 
     from engine.sampling import Sampler
 
-    def script(ids: list[int]) -> None:
+    def script(ids: list[int], after_last=None) -> None:
         class Scripted(Sampler):  # (its log probabilities, when asked, are still the model's)
             def __init__(self, params, vocab_size, batch=1, device="cpu"):
                 super().__init__(params, vocab_size, batch, device)
                 self.left = list(ids)
 
             def choose(self, logits):
-                return torch.tensor([self.left.pop(0)], device=logits.device)
+                chosen = self.left.pop(0)
+                if not self.left and after_last is not None:
+                    after_last()
+                return torch.tensor([chosen], device=logits.device)
 
         monkeypatch.setattr("engine.generate.Sampler", Scripted)
 

@@ -65,6 +65,20 @@ def test_a_reply_cut_inside_a_character_drops_it_instead_of_ending_in_a_replacem
     assert _done(_run(tiny_engine, max_new_tokens=4)).text == "a中"
 
 
+def test_a_reply_cancelled_inside_a_character_drops_it_instead_of_ending_in_a_replacement_character(
+        tiny_engine, scripted_tokens):
+    """A reply cancelled (the studio's Stop, a realtime response.cancel) between the bytes of one character ended
+    with U+FFFD, as one cut by its token limit did: the partial character is dropped the same way."""
+    tok = tiny_engine.tokenizer
+    a, zh = tok.encode_plain("a"), tok.encode_plain("中")
+    cancel = threading.Event()
+    scripted_tokens(a + zh[:2], after_last=cancel.set)
+    events = list(tiny_engine.chat(MSG, GenerationParams(max_new_tokens=10), cancel=cancel))
+    done = _done(events)
+    assert done.finish_reason == "cancelled" and done.token_ids == a + zh[:2]
+    assert done.text == "a" and "".join(e.text for e in events if isinstance(e, TextDelta)) == "a"
+
+
 def test_eos_stops_generation(tiny_engine):
     ids = _done(_run(tiny_engine, max_new_tokens=8)).token_ids
     prompt = tiny_engine.processor.build(MSG).ids
