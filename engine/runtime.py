@@ -27,7 +27,7 @@ from engine.events import AudioChunk, Done, Error, Event, GenerationStats, TextD
 from engine.generate import Cancelled, context_error, generate, stop_if_set
 from engine.models.thinker.llm import AudioSpan, MultimodalInputError, MultimodalInputs
 from engine.media.errors import MediaError
-from engine.models.thinker.processor import MediaSettings, MingProcessor, ProcessedPrompt
+from engine.models.thinker.processor import MediaPastContext, MediaSettings, MingProcessor, ProcessedPrompt
 from engine.models.thinker.projectors import encode_audio_wrapped, encode_images
 from engine.models.thinker.prompt import ChatMessage, PromptError
 from engine.sampling import GenerationParams
@@ -278,11 +278,19 @@ class Engine:
 
     def _chat_text(self, messages, params, cancel, system_prompt, thinking, assistant_prefix,
                    t_start: float) -> Iterator[Event]:
+        params = params or GenerationParams(fit_context=True)
+        context = self.model.config.llm.max_position_embeddings
         try:
+            params.validate()  # (before any media is read: the room the reply needs bounds what the media may take)
             msgs = [m.to_dict() if isinstance(m, ChatMessage) else m for m in messages]
             prompt = self.processor.build(msgs, system_prompt=system_prompt, thinking=thinking,
                                           assistant_prefix=assistant_prefix,
-                                          check=None if cancel is None else partial(stop_if_set, cancel))
+                                          check=None if cancel is None else partial(stop_if_set, cancel),
+                                          max_prompt_tokens=context - params.room_needed)
+        except MediaPastContext as e:
+            yield Error(f"{e} (the model's context: {context:,} tokens, {params.room_needed:,} of them kept for the "
+                        "reply)", code=e.code)
+            return
         except (PromptError, MediaError, ValueError) as e:
             yield Error(str(e), code="invalid_request")
             return
@@ -290,8 +298,7 @@ class Engine:
             yield Done(text="", finish_reason="cancelled", stats=GenerationStats(total_s=time.perf_counter() - t_start))
             return
         media = prompt if (prompt.images or prompt.videos or prompt.audios) else None
-        yield from self.generate_ids(prompt.ids, params or GenerationParams(fit_context=True), cancel, prompt=media,
-                                     t_start=t_start)
+        yield from self.generate_ids(prompt.ids, params, cancel, prompt=media, t_start=t_start)
 
     asr_windowing = Windowing()  # how a long recording is cut for ASR
 

@@ -308,3 +308,33 @@ def test_what_the_engine_cannot_do_and_why_reaches_the_studios_tabs(tiny_checkpo
             assert set(info.unavailable) == {"speech_out"} and info.unavailable["speech_out"] == engine.talker_error
             note = note_text(EngineLink(client), SPEECH_OUT, "No talker.")
     assert note.startswith("No talker. The engine says: ") and "model.safetensors" in note.replace("\\", "")
+
+
+def test_pictures_past_the_context_are_refused_before_the_rest_are_read(tiny_engine, monkeypatch):
+    """A history of many pictures whose tokens cannot fit the context: every picture was decoded, resized and
+    normalised (up to hundreds of MB of pixels each, tens of seconds on a CPU) before the prompt was counted and
+    refused; the refusal (context_length_exceeded, naming the counts) now comes once the pictures read pass what the
+    context leaves for the prompt, and the rest are never read."""
+    from tests.test_generate import short_context_engine
+
+    read = []
+    prepare = tiny_engine.processor._image
+
+    def counted(source, options):
+        read.append(source)
+        return prepare(source, options)
+
+    monkeypatch.setattr(tiny_engine.processor, "_image", counted)
+    picture = {"type": "image", "image": _image(h=128, w=128)}
+    per_picture = tiny_engine.processor.build([{"role": "user", "content": [picture]}]).image_tokens
+    read.clear()
+    history = [m for _ in range(5) for m in ({"role": "user", "content": [picture, {"type": "text", "text": "and?"}]},
+                                              {"role": "assistant", "content": "ok"})][:-1]
+    short = short_context_engine(tiny_engine, 2 * per_picture + 4 + 1)  # room for two pictures, not three
+    events = list(short.chat(history, GenerationParams(max_new_tokens=4)))
+    assert len(events) == 1 and isinstance(events[0], Error), events
+    assert events[0].code == "context_length_exceeded" and len(read) == 3
+    assert f"{3 * per_picture:,} tokens with 3 of them read" in events[0].message
+    assert f"context: {2 * per_picture + 5:,} tokens, 4 of them kept for the reply" in events[0].message
+    two = tiny_engine.processor.build(history[:3], max_prompt_tokens=2 * per_picture)  # (pictures at the bound pass)
+    assert two.image_tokens == 2 * per_picture

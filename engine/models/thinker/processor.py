@@ -121,6 +121,15 @@ class ProcessedPrompt:
         return sum(sum(i.num_tokens) for i in self.images) + sum(v.num_tokens for v in self.videos)
 
     @property
+    def media_items(self) -> int:
+        return len(self.images) + len(self.videos) + len(self.audios)
+
+    @property
+    def media_tokens(self) -> int:
+        """Tokens of the pictures, videos and audio clips read so far (known before the prompt is tokenised)."""
+        return self.image_tokens + sum(a.n_tokens for a in self.audios)
+
+    @property
     def audio_tokens(self) -> int:
         """The prompt's audio tokens (those the audio encoder's rows fill)."""
         return sum(n for _, n in self.audio_spans)
@@ -130,6 +139,26 @@ class ProcessedPrompt:
             return None
         feats, lengths, _ = pack_audio_features(self.audios)
         return feats, lengths
+
+
+class MediaPastContext(PromptError):
+    """The prompt's media alone take more tokens than the model's context leaves for a prompt: refused as soon as
+    the media read so far pass it, before the rest is decoded and resized (each picture's pixels take up to
+    hundreds of MB until the ViT reads them)."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, prompt: "ProcessedPrompt", max_prompt_tokens: int):
+        super().__init__(f"the prompt's pictures, videos and audio take {prompt.media_tokens:,} tokens with "
+                         f"{prompt.media_items} of them read, more than the {max_prompt_tokens:,} tokens the model's "
+                         "context leaves for a prompt: send fewer or smaller ones (a picture's tokens grow with its "
+                         "pixels)")
+
+
+def check_media_budget(prompt: "ProcessedPrompt", max_prompt_tokens: int | None) -> None:
+    """MediaPastContext when the media read so far already pass `max_prompt_tokens` (None: no bound)."""
+    if max_prompt_tokens is not None and prompt.media_tokens > max_prompt_tokens:
+        raise MediaPastContext(prompt, max_prompt_tokens)
 
 
 def image_prompt_text(n_tokens: int) -> str:
@@ -226,8 +255,10 @@ class MingProcessor:
             return source
         return prepare_audio(local_source(source, "audio"), part.get("sample_rate"), self.settings.audio)
 
-    def _render_part(self, part: dict | str, out: ProcessedPrompt) -> list[tuple[str, bool]]:
-        """One content part -> (text, is_template) pieces; media is processed and recorded."""
+    def _render_part(self, part: dict | str, out: ProcessedPrompt,
+                     max_prompt_tokens: int | None = None) -> list[tuple[str, bool]]:
+        """One content part -> (text, is_template) pieces; media is processed and recorded, and refused
+        (MediaPastContext) as soon as it passes `max_prompt_tokens`."""
         if isinstance(part, str):
             return [(part, False)]
         kind = part.get("type")
@@ -239,6 +270,7 @@ class MingProcessor:
             # the reference's fetch_image reads a single image's element keys; a list's images get none
             options = {} if isinstance(sources, list) else {k: part[k] for k in FETCH_OPTION_KEYS if k in part}
             for i, src in enumerate(_as_list(sources)):
+                check_media_budget(out, max_prompt_tokens)  # (a list's next picture: not read once past it)
                 img = self._image(src, options)
                 out.images.append(img)
                 n = sum(img.num_tokens)
@@ -260,12 +292,15 @@ class MingProcessor:
 
     # ---------------------------------------------------------------- prompts
     def build(self, messages: list[dict], system_prompt: str | None = None, thinking: bool = False,
-              assistant_prefix: str | None = None, check: Callable[[], None] | None = None) -> ProcessedPrompt:
+              assistant_prefix: str | None = None, check: Callable[[], None] | None = None,
+              max_prompt_tokens: int | None = None) -> ProcessedPrompt:
         """Messages [{"role": "user"|"assistant"|"system", "content": str | [parts]}] -> prompt.
 
         `assistant_prefix` (e.g. "上海\\t" for dialect-forced ASR) is appended after the final
         `<role>ASSISTANT</role>`, tokenised on its own (spec §6.3). `check` is called before each content part
-        (decoding and resizing a big picture or a long video takes seconds; it may raise to stop)."""
+        (decoding and resizing a big picture or a long video takes seconds; it may raise to stop).
+        `max_prompt_tokens`: what the model's context leaves for the prompt; media passing it is refused
+        (MediaPastContext) before the rest is read."""
         out = ProcessedPrompt(text="", ids=[])
         for m in messages:
             if not isinstance(m, dict) or m.get("role") not in ROLE_NAMES:
@@ -286,7 +321,8 @@ class MingProcessor:
             for part in _content_parts(m.get("content")):
                 if check is not None:
                     check()
-                pieces += self._render_part(part, out)
+                pieces += self._render_part(part, out, max_prompt_tokens)
+                check_media_budget(out, max_prompt_tokens)
             pieces.append((TURN_END, True))
         pieces.append((f"{ROLE_START}ASSISTANT{ROLE_END_TAG}", True))
         if assistant_prefix:
