@@ -136,12 +136,37 @@ def turn_to_box(turn: list[dict]) -> dict:
     return {"text": "\n".join(text), "files": files}
 
 
+def _is_user(message: Any) -> bool:
+    return (message.get("role") if isinstance(message, dict) else getattr(message, "role", None)) == "user"
+
+
 def split_last_user_turn(history: list) -> tuple[list, list]:
     """(history before the last user turn, that turn's messages)."""
-    i = len(history)
-    while i > 0 and (history[i - 1].get("role") if isinstance(history[i - 1], dict) else None) == "user":
-        i -= 1
-    return list(history[:i]), list(history[i:])
+    start, _ = user_turn_bounds(history, len(history))
+    return list(history[:start]), list(history[start:])
+
+
+def user_turn_bounds(history: list, index: int) -> tuple[int, int]:
+    """(start, end) of the user turn holding message `index` (or, for `index` == len(history), ending there): Gradio
+    shows each attachment of a turn as a message of its own, followed by the turn's text, and its Undo, Retry and
+    Edit name one of them (the text)."""
+    start = end = index
+    while start > 0 and _is_user(history[start - 1]):
+        start -= 1
+    while end < len(history) and _is_user(history[end]):
+        end += 1
+    return start, end
+
+
+def into_box(turn: dict, draft: dict | str | None) -> dict:
+    """A turn given back to the input box (turn_to_box) joined with what the box holds now: the turn first, then
+    what was typed or attached since (it replaced that draft)."""
+    draft = {"text": draft, "files": []} if isinstance(draft, str) else (draft or {})
+    typed = (draft.get("text") or "").strip()
+    files = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None))
+             for f in draft.get("files") or []]
+    return {"text": "\n\n".join(t for t in (turn["text"], typed) if t),
+            "files": [*turn["files"], *(f for f in files if f and f not in turn["files"])]}
 
 
 def export_conversation(history: list | None, directory: str | None = None) -> str:
@@ -387,16 +412,16 @@ class ChatController:
     def cut_for_retry(history: list | None, retry: gr.RetryData):
         """Retry: keep the conversation up to the retried user turn (answered again)."""
         history = list(history or [])
-        i = retry.index if isinstance(retry.index, int) else retry.index[0]
-        return history[: i + 1]
+        return history[: user_turn_bounds(history, retry.index if isinstance(retry.index, int) else retry.index[0])[1]]
 
     @staticmethod
-    def undo(history: list | None, undo: gr.UndoData):
-        """Undo: the last user turn (and its reply) leave the conversation; the turn goes back to the box."""
+    def undo(history: list | None, draft: dict | None, undo: gr.UndoData):
+        """Undo: the last user turn (its attachments too) and its reply leave the conversation; the turn goes back
+        to the box, before whatever the box held (an undone picture stayed in the conversation, unanswered, and
+        the box's draft was replaced)."""
         history = list(history or [])
-        i = undo.index if isinstance(undo.index, int) else undo.index[0]
-        before, turn = history[:i], [m for m in history[i:] if m.get("role") == "user"]
-        return before, turn_to_box(turn)
+        start, end = user_turn_bounds(history, undo.index if isinstance(undo.index, int) else undo.index[0])
+        return history[:start], into_box(turn_to_box(history[start:end]), draft)
 
 
 def refused_attachment(name: str, is_video: bool) -> str:
@@ -473,7 +498,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
         controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None).then(**keep)
     chatbot.edit(controller.cut_for_edit, [chatbot], [chatbot], queue=False).then(
         controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None).then(**keep)
-    chatbot.undo(controller.undo, [chatbot], [chatbot, box], queue=False).then(**keep)
+    chatbot.undo(controller.undo, [chatbot, box], [chatbot, box], queue=False).then(**keep)
     wire_stop(stop, controller.stop, api_name="stop")
     clear.click(controller.clear, None, outputs, queue=False, api_name="clear").then(**keep)
     chatbot.clear(controller.clear, None, outputs, queue=False, api_visibility="private").then(**keep)

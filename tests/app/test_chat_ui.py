@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("gradio")
+import gradio as gr  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
@@ -350,3 +351,21 @@ def test_an_engine_that_goes_down_mid_reply_is_said_plainly_and_the_tab_recovers
         assert "finish reason" in figures and content_text(history[-1]["content"])
     finally:
         second.stop()
+
+
+def test_undo_takes_back_the_whole_turn_and_keeps_the_draft(tmp_path):
+    """Gradio shows a turn's attachment and its text as two messages, and Undo names the text: the video stayed in
+    the conversation, unanswered, only the text came back, and it replaced what the box held. Retry of such a turn
+    keeps its attachment."""
+    video = str(tmp_path / "clip.mp4")
+    earlier = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    turn = [{"role": "user", "content": {"path": video}}, {"role": "user", "content": "What happens here?"}]
+    history = [*earlier, *turn, {"role": "assistant", "content": "A cup."}]
+    for named in (3, 4):  # the turn's text, or its reply
+        kept, box = ChatController.undo(history, {"text": "next question", "files": []}, gr.UndoData(None, {
+            "index": named, "value": ""}))
+        assert kept == earlier
+        assert box == {"text": "What happens here?\n\nnext question", "files": [video]}
+    assert ChatController.cut_for_retry(history, gr.RetryData(None, {"index": 3, "value": ""})) == [*earlier, *turn]
+    assert history_to_messages(ChatController.cut_for_retry(history, gr.RetryData(None, {"index": 4, "value": ""})))[-1] \
+        == {"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "What happens here?"}]}
