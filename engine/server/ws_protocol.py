@@ -7,6 +7,10 @@ is not HTTP at all by queueing its response, or an end of stream, and raising no
 only acts on events, so it never wrote that response: the client waited until it gave up, and the
 connection, still open, made uvicorn's shutdown fail (it then tried to send a 500 on it).
 
+A peer that reads nothing is not read from either (HandshakeAnsweringProtocol.pause_writing): websockets answers
+every ping with a pong by itself, and uvicorn wrote those pongs without flow control, so a client that sent pings and
+read nothing grew the server's write buffer by what it sent (200 MB in 40 s on loopback) until its connection closed.
+
 The engine server's protocol (OpenAIErrorsWebSocketProtocol) also answers those refusals in OpenAI's error body.
 """
 
@@ -34,6 +38,23 @@ class HandshakeAnsweringProtocol(WebSocketsSansIOProtocol):
         self.handshake_complete = True
         self.close_sent = True
         self.transport.close()
+
+    # flow control: while the peer reads nothing of what we write (the transport's buffer is past its high-water
+    # mark), its frames are not read either, so the pongs websockets answers its pings with cannot pile up here
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if not self.read_paused:  # (uvicorn's own pause: a message waits for the app to take it)
+            self.transport.resume_reading()
+
+    async def receive(self):
+        message = await super().receive()  # (uvicorn resumes reading once the app has taken every message)
+        if not self.writable.is_set():
+            self.transport.pause_reading()
+        return message
 
 
 def make_uvicorn_default() -> None:
