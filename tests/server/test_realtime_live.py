@@ -272,6 +272,15 @@ def test_barge_in_on_a_spoken_reply_sends_no_stale_audio():
 # --------------------------------------------------------------------------- push-to-talk and memory
 
 
+def push_to_talk_with_video(client: LiveClient) -> str:
+    """The session's id, once it takes turns the client commits, each with the last 4 s of frames at 2 fps."""
+    client.drain(10)
+    client.send(type="session.update", session={"audio": {"input": {"turn_detection": None}},
+                                                "video": {"window_seconds": 4, "fps": 2}})
+    client.wait(lambda t: "session.updated" in t)
+    return client.events[-1][1]["session"]["id"]
+
+
 def test_push_to_talk_turns_carry_the_rolling_video_and_old_turns_lose_theirs(server):
     """With video settings and no turn detection, each committed turn gets the last seconds of
     frames (compact uint8); after `keep_turns` newer turns an old turn's video leaves the
@@ -283,11 +292,7 @@ def test_push_to_talk_turns_carry_the_rolling_video_and_old_turns_lose_theirs(se
     q = speech()
     with connect(server.ws_url, max_size=None) as ws:
         c = LiveClient(ws)
-        c.drain(10)
-        c.send(type="session.update", session={"audio": {"input": {"turn_detection": None}},
-                                               "video": {"window_seconds": 4, "fps": 2}})
-        c.wait(lambda t: "session.updated" in t)
-        sid = c.events[-1][1]["session"]["id"]
+        sid = push_to_talk_with_video(c)
         for turn in range(keep + 2):
             c.send(type="input_audio_buffer.clear")
             c.stream(q, pace=50)
@@ -315,11 +320,7 @@ def test_a_message_typed_during_a_video_call_sees_the_camera(server):
     message now takes the frames as a committed turn does; a message inserted earlier and a system one do not."""
     with connect(server.ws_url, max_size=None) as ws:
         c = LiveClient(ws)
-        c.drain(10)
-        c.send(type="session.update", session={"audio": {"input": {"turn_detection": None}},
-                                               "video": {"window_seconds": 4, "fps": 2}})
-        c.wait(lambda t: "session.updated" in t)
-        sid = c.events[-1][1]["session"]["id"]
+        sid = push_to_talk_with_video(c)
         c.stream(silence(1.5), pace=50)  # the camera's frames arrive with the (silent) audio clock
         typed = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "what is this?"}]}
         c.send(type="conversation.item.create", item=typed)
