@@ -321,7 +321,7 @@ class RealtimeConnection:
         for key in spec:
             if key not in IGNORED_SESSION_FIELDS and key not in SESSION_FIELDS:
                 raise bad(f"unknown session field {str(key)[:60]!r}", "unknown_parameter", f"session.{key}")
-        check_ignored_speed(spec.get("speed"), "session.speed")
+        check_ignored_session_fields(spec)
         given: dict[str, tuple[str, Any]] = {}
 
         def twin(key: str, value: Any, param: str) -> Any:
@@ -359,6 +359,7 @@ class RealtimeConnection:
             inp = need_dict(audio.get("input", {}), "session.audio.input")
             codec.check_keys(inp, "session.audio.input", ("format", "turn_detection", "transcription"),
                              ("noise_reduction",))
+            check_noise_reduction(inp.get("noise_reduction"), "session.audio.input.noise_reduction")
             if "transcription" in inp:
                 new["transcription"] = twin("transcription", self._transcription_setting(
                     inp["transcription"], "session.audio.input.transcription"), "session.audio.input.transcription")
@@ -1254,6 +1255,59 @@ def check_ignored_speed(value: Any, name: str) -> None:
     OPENAI_REALTIME_SPEEDS: a string, a negative or a 1e308 speed was taken silently."""
     if value is not None:
         codec.need_number(value, name, *OPENAI_REALTIME_SPEEDS)
+
+
+NOISE_REDUCTION_TYPES = ("near_field", "far_field")  # OpenAI's
+TRUNCATION_MODES = ("auto", "disabled")  # or {"type": "retention_ratio", ...}
+
+
+def check_ignored_session_fields(spec: dict) -> None:
+    """OpenAI's session fields that have no effect here (IGNORED_SESSION_FIELDS) must still be what OpenAI takes (a
+    tracing of 42, a truncation of "sometimes" were taken silently); one asking for what this server cannot do is
+    refused by name, as in response.create: a stored `prompt`, a `tool_choice` naming a tool (it has none)."""
+    check_ignored_speed(spec.get("speed"), "session.speed")
+    check_noise_reduction(spec.get("input_audio_noise_reduction"), "session.input_audio_noise_reduction")
+    tracing = spec.get("tracing")
+    if tracing is not None and tracing != "auto":
+        if not isinstance(tracing, dict):
+            kind = "invalid_value" if isinstance(tracing, str) else "invalid_type"
+            raise bad(f"'session.tracing' must be 'auto', an object or null, got {codec.shown(tracing)}", kind,
+                      "session.tracing")
+        codec.check_keys(tracing, "session.tracing", ("group_id", "metadata", "workflow_name"))
+        for key in ("group_id", "workflow_name"):
+            if tracing.get(key) is not None:
+                need_str(tracing[key], f"session.tracing.{key}")
+    truncation = spec.get("truncation")
+    if truncation is not None and truncation not in TRUNCATION_MODES:
+        if not isinstance(truncation, dict):
+            kind = "invalid_value" if isinstance(truncation, str) else "invalid_type"
+            raise bad(f"'session.truncation' must be 'auto', 'disabled' or a retention_ratio object, got "
+                      f"{codec.shown(truncation)}", kind, "session.truncation")
+        codec.check_keys(truncation, "session.truncation", ("type", "retention_ratio", "token_limits"))
+        if truncation.get("type") != "retention_ratio":
+            raise bad("'session.truncation.type' must be 'retention_ratio'", "invalid_value", "session.truncation.type")
+        codec.need_number(truncation.get("retention_ratio"), "session.truncation.retention_ratio", 0.0, 1.0)
+        if truncation.get("token_limits") is not None:
+            limits = need_dict(truncation["token_limits"], "session.truncation.token_limits")
+            codec.check_keys(limits, "session.truncation.token_limits", ("post_instructions",))
+            if limits.get("post_instructions") is not None:
+                codec.need_number(limits["post_instructions"], "session.truncation.token_limits.post_instructions",
+                                  0, integer=True)
+    for name, (why, harmless) in REALTIME_RESPONSE.refused.items():  # the same rule as response.create's
+        if name in IGNORED_SESSION_FIELDS and spec.get(name) is not None and not harmless(spec[name]):
+            raise bad(f"'session.{name}' is not supported by this server: {why}", "unsupported_parameter",
+                      f"session.{name}")
+
+
+def check_noise_reduction(value: Any, name: str) -> None:
+    """OpenAI's input noise reduction (no effect here: the browser's own suppression runs before us): null or
+    {"type": "near_field" | "far_field"}."""
+    if value is None:
+        return
+    codec.check_keys(need_dict(value, name), name, ("type",))
+    if value.get("type") is not None and value["type"] not in NOISE_REDUCTION_TYPES:
+        raise bad(f"'{name}.type' must be one of {', '.join(NOISE_REDUCTION_TYPES)}, got {codec.shown(value['type'])}",
+                  "invalid_value", f"{name}.type")
 
 
 G711_FORMATS = {"g711_ulaw": "pcmu", "g711_alaw": "pcma", "audio/pcmu": "pcmu", "audio/pcma": "pcma"}

@@ -514,6 +514,42 @@ def test_realtime_fields_are_honoured_or_named(server):
             assert ev["type"] == "error" and (ev["error"]["code"], ev["error"]["param"]) == (code, param), ev
 
 
+def test_realtime_session_fields_without_effect_still_take_only_openais_values(server):
+    """tracing, truncation and the noise reduction have no effect here, and took any value (42, "sometimes", a
+    ratio of 7); a stored prompt and a tool_choice naming a tool were taken silently in a session although
+    response.create refuses them. OpenAI's own values still pass."""
+    with connect(server.ws_url) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        for session, code, param in (
+                ({"tracing": 42}, "invalid_type", "session.tracing"),
+                ({"tracing": "sometimes"}, "invalid_value", "session.tracing"),
+                ({"tracing": {"group_id": 7}}, "invalid_type", "session.tracing.group_id"),
+                ({"tracing": {"colour": "red"}}, "unknown_parameter", "session.tracing.colour"),
+                ({"truncation": "sometimes"}, "invalid_value", "session.truncation"),
+                ({"truncation": {"type": "retention_ratio", "retention_ratio": 7}}, "invalid_value",
+                 "session.truncation.retention_ratio"),
+                ({"truncation": {"type": "cut", "retention_ratio": 0.5}}, "invalid_value", "session.truncation.type"),
+                ({"truncation": {"type": "retention_ratio", "retention_ratio": 0.5,
+                                 "token_limits": {"post_instructions": -1}}}, "invalid_value",
+                 "session.truncation.token_limits.post_instructions"),
+                ({"input_audio_noise_reduction": {"type": "loud"}}, "invalid_value",
+                 "session.input_audio_noise_reduction.type"),
+                ({"audio": {"input": {"noise_reduction": "on"}}}, "invalid_type", "session.audio.input.noise_reduction"),
+                ({"prompt": {"id": "pmpt_1"}}, "unsupported_parameter", "session.prompt"),
+                ({"tool_choice": "required"}, "unsupported_parameter", "session.tool_choice")):
+            ws.send(json.dumps({"type": "session.update", "session": session}))
+            ev = recv_json(ws)
+            assert ev["type"] == "error" and (ev["error"]["code"], ev["error"]["param"]) == (code, param), (session, ev)
+        ws.send(json.dumps({"type": "session.update", "session": {
+            "tracing": {"workflow_name": "demo", "group_id": "g", "metadata": {"a": 1}}, "tool_choice": "auto",
+            "truncation": {"type": "retention_ratio", "retention_ratio": 0.8, "token_limits": {"post_instructions": 5}},
+            "input_audio_noise_reduction": {"type": "far_field"}, "prompt": None}}))
+        assert recv_json(ws)["type"] == "session.updated"
+        for session in ({"tracing": "auto", "truncation": "disabled"}, {"tracing": None, "truncation": "auto"}):
+            ws.send(json.dumps({"type": "session.update", "session": session}))
+            assert recv_json(ws)["type"] == "session.updated"
+
+
 # --------------------------------------------------------------------------- model ids
 
 @pytest.mark.parametrize("model", ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4o-2024-08-06", "default"])
