@@ -242,16 +242,28 @@ def check_response_format(fmt) -> None:
 
 
 ACCEPTED_TEXT_FIELDS = ("user", "safety_identifier", "prompt_cache_key")  # OpenAI's identifiers: no effect here
+# OpenAI's prompt cache settings (no effect: every prompt is prefilled anew): the values its API takes
+PROMPT_CACHE_CHOICES = {"prompt_cache_retention": ("in_memory", "24h"), "prompt_cache_options.mode":
+                        ("implicit", "explicit"), "prompt_cache_options.ttl": ("30m",)}
 
 
 def check_accepted_fields(body: dict) -> None:
     """The fields accepted with no effect (engine.server.fields.CHAT's `ignored`) hold what OpenAI takes, else a 400
-    naming them: identifiers are strings, `metadata` OpenAI's Metadata, `parallel_tool_calls` a boolean."""
+    naming them: identifiers are strings, `metadata` OpenAI's Metadata, `parallel_tool_calls` a boolean, the prompt
+    cache settings OpenAI's values."""
     for name in ACCEPTED_TEXT_FIELDS:
         if body.get(name) is not None:
             need_str(body[name], name)
     check_metadata(body.get("metadata"), "metadata")
     flag(body, "parallel_tool_calls")
+    options = body.get("prompt_cache_options")
+    if options is not None:
+        codec.check_keys(need_dict(options, "prompt_cache_options"), "prompt_cache_options", ("mode", "ttl"))
+    for name, choices in PROMPT_CACHE_CHOICES.items():
+        value = body.get(name) if "." not in name else (options or {}).get(name.split(".")[1])
+        if value is not None and value not in choices:
+            raise bad(f"'{name}' must be one of {', '.join(map(repr, choices))}, got {codec.shown(value)}",
+                      "invalid_value" if isinstance(value, str) else "invalid_type", name)
 
 
 def logprob_fields(body: dict, modalities: list[str]) -> tuple[bool, int]:

@@ -426,6 +426,10 @@ def test_a_chats_later_choices_are_not_refused_for_load_let_in_with_the_first(lo
     ({"extra_body": {"parallel_tool_calls": "no"}}, "invalid_type", "parallel_tool_calls", "true or false"),
     ({"extra_body": {"stop": 3}}, "invalid_type", "stop", "a string or a list"),  # (was invalid_value)
     ({"stop": ["a", "b", "c", "d", "e"]}, "invalid_value", "stop", "at most 4"),
+    ({"extra_body": {"prompt_cache_retention": "forever"}}, "invalid_value", "prompt_cache_retention", "'24h'"),
+    ({"extra_body": {"prompt_cache_retention": 24}}, "invalid_type", "prompt_cache_retention", "'in_memory'"),
+    ({"extra_body": {"prompt_cache_options": {"ttl": "1h"}}}, "invalid_value", "prompt_cache_options.ttl", "'30m'"),
+    ({"extra_body": {"prompt_cache_options": {"size": 1}}}, "unknown_parameter", "prompt_cache_options.size", "size"),
 ])
 def test_chat_fields_refused_by_name_as_openai_refuses_them(client, kwargs, code, param, said):
     """JSON mode and structured outputs are refused naming what was asked for (they were refused as "only text is
@@ -441,7 +445,8 @@ def test_chat_fields_openai_takes_are_answered(client):
     got = validated(client.chat.completions.create(
         model="gpt-4o", messages=HI, max_completion_tokens=2, stop=["a", "b", "c", "d"], user="u-1", store=False,
         metadata={"run": "7"}, service_tier="auto", parallel_tool_calls=False, safety_identifier="s-1",
-        prompt_cache_key="k", response_format={"type": "text"}))
+        prompt_cache_key="k", response_format={"type": "text"}, prompt_cache_retention="24h",
+        extra_body={"prompt_cache_options": {"mode": "explicit", "ttl": "30m"}}))
     assert got.choices[0].finish_reason in ("stop", "length") and got.usage.completion_tokens <= 2
     chunks = list(client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=2, stop="zz", stream=True,
                                                  stream_options={"include_usage": True}))
