@@ -233,7 +233,12 @@ class AsyncEngineClient(core.EngineClientBase):
 
     async def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
-            return await self.http.request(method, path, **kwargs)
+            try:
+                return await self.http.request(method, path, **kwargs)
+            except httpx.RemoteProtocolError:  # closed unanswered: a kept-alive connection the server dropped
+                if method != "GET":  # as it was reused (its idle timeout, 5 s for uvicorn: the studio's check period)
+                    raise
+                return await self.http.request(method, path, **kwargs)  # a GET is asked again, on a fresh connection
         except httpx.HTTPError as e:
             waited = kwargs.get("timeout", self.timeout) if isinstance(e, httpx.TimeoutException) else None
             raise core.connect_error(self.endpoints.http + path, e, waited) from e

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -79,6 +80,52 @@ def test_one_url_gives_both_transports():
     assert env_settings({"ENGINE_URL": "ws://h:1", "ENGINE_TOKEN": "t"}) == ("ws://h:1", "t")
     with pytest.raises(ValueError, match="ENGINE_URL"):
         env_settings({})
+
+
+class DropsReusedConnections:
+    """An HTTP server that answers the first request of each connection (kept alive) with a model card and closes the
+    connection unanswered when a second request comes on it: what a server whose keep-alive timeout ends as the
+    client reuses the connection does (uvicorn's is 5 s, the studio's engine check period too)."""
+
+    CARD = b'{"object": "list", "data": [{"id": "m", "name": "kept-alive"}]}'
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                if b"\r\n\r\n" in conn.recv(65536):
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                                 + str(len(self.CARD)).encode() + b"\r\n\r\n" + self.CARD)
+                    conn.recv(65536)  # the next request on this connection: closed, unanswered
+
+
+def test_a_kept_alive_connection_the_engine_dropped_is_not_an_engine_down():
+    """The studio's banner flipped to ENGINE UNAVAILABLE ('Server disconnected without sending a response') when its
+    check reused a connection the engine closed at its keep-alive timeout; a GET is asked again afresh."""
+    server = DropsReusedConnections()
+    try:
+        with EngineClient(server.url, timeout=10) as client:
+            assert [client.info().name for _ in range(3)] == ["kept-alive"] * 3
+
+        async def three_checks():
+            async with AsyncEngineClient(server.url, timeout=10) as client:
+                return [(await client.info()).name for _ in range(3)]
+        assert asyncio.run(three_checks()) == ["kept-alive"] * 3
+        assert server.connections == 6
+    finally:
+        server.sock.close()
 
 
 def test_an_engine_behind_a_proxy_path_is_reached_there():
