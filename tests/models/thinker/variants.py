@@ -16,10 +16,10 @@ OMIT = object()  # a key given this value is left out of the written config
 
 
 def write_variant(out_dir: Path, llm: dict | None = None, vision: dict | None = None,
-                  audio: dict | None = None) -> Path:
-    """A checkpoint folder whose config is engine.tiny's with `llm` / `vision` / `audio` keys replaced
-    (or left out: OMIT)."""
-    config = copy.deepcopy(tiny_config())
+                  audio: dict | None = None, release: str = "2.0") -> Path:
+    """A checkpoint folder whose config is engine.tiny's (of `release`) with `llm` / `vision` / `audio` keys
+    replaced (or left out: OMIT)."""
+    config = copy.deepcopy(tiny_config(release))
     for part, keys in (("llm_config", llm), ("vision_config", vision), ("audio_config", audio)):
         config[part].update(keys or {})
         for key in [k for k, v in config[part].items() if v is OMIT]:
