@@ -149,12 +149,14 @@ class ImageController:
         finally:
             self.inflight.end(session, TAB, cancel)
         if isinstance(final, Done) and result is not None:
-            # shown as the PNGs saved (the Result, Mask and Overlay download buttons gave 'image.webp', a lossy WebP:
-            # a segmentation mask came back with grey edges)
-            picture, mask, overlay = (_save_png(data, stem) if data is not None else None for data, stem in
-                                      ((result.image, "image"), (result.mask, "mask"), (result.overlay, "overlay")))
-            files = [f for f in (picture, mask, overlay) if f]
             settings["seed"] = result.seed if result.seed is not None else seed
+            # shown as the PNGs saved (the Result, Mask and Overlay download buttons gave 'image.webp', a lossy WebP:
+            # a segmentation mask came back with grey edges), named for what was made and its seed
+            stem = f"{task}-seed{settings['seed']}"
+            picture, mask, overlay = (_save_png(data, name) if data is not None else None for data, name in
+                                      ((result.image, stem), (result.mask, f"{stem}-mask"),
+                                       (result.overlay, f"{stem}-overlay")))
+            files = [f for f in (picture, mask, overlay) if f]
             gallery_state.append({"image": files[0], "settings": settings})
             status = figures_line(final) + f" · seed {settings['seed']} · {result.width}x{result.height}"
             if result.note:

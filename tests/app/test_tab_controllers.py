@@ -5,6 +5,7 @@ nothing about what the engine serves, and shows it once the engine is up."""
 
 from __future__ import annotations
 
+import re
 import socket
 from types import SimpleNamespace
 from pathlib import Path
@@ -386,6 +387,10 @@ def test_an_edit_or_segment_with_the_tabs_defaults_keeps_the_reference_shape(eng
         assert "finish reason: stop" in last[3], last[3]
         w, h = Image.open(last[6][0]).size
         shapes[(mode, aspect)] = w / h
+        # the downloads are named for what was made and its seed (all were 'image-<time>.png')
+        kinds = ("", "-mask", "-overlay") if mode == "Segment" else ("",)
+        names = [re.sub(r"-\d{8}-\d{6}\.png$", "", Path(f).name) for f in last[6]]
+        assert names == [f"{mode.lower()}-seed1{k}" for k in kinds], last[6]
     assert abs(shapes[("Edit", AUTO_ASPECT)] - 4 / 3) < 0.1, shapes
     assert abs(shapes[("Segment", AUTO_ASPECT)] - 4 / 3) < 0.1, shapes
     assert shapes[("Edit", "1:1")] == 1.0 and shapes[("Generate", AUTO_ASPECT)] == 1.0, shapes
