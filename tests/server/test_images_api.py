@@ -328,6 +328,7 @@ def test_an_edit_picture_outside_the_buckets_range_names_the_image(http):
     r = http.post("/v1/images/edits", json={"prompt": "a", "steps": 1, "image": image})
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == "image" and "elongated" in err["message"], r.text
+    assert "aspect ratio such as 4:1, or a size, to edit its centre crop" in err["message"]  # (it said no way on)
     r = http.post("/v1/images/edits", json={"prompt": "a", "steps": 1, "image": image, "aspect": "4:1"})
     assert r.status_code == 200 and decoded(r.json()["data"][0]["b64_json"]).size == (512, 128), r.text
 

@@ -135,15 +135,18 @@ def parse_aspect(aspect) -> float | None:
     return value
 
 
-def _check_ratio(w_over_h: float, what: str, param: str) -> None:
+def _check_ratio(w_over_h: float, what: str, param: str, hint: str = "") -> None:
     if max(w_over_h, 1 / w_over_h) > MAX_ASPECT + 1e-9:
         raise ImageGenError(f"{what} is too elongated: the long side may be at most {MAX_ASPECT:g} times the short "
-                            f"side (the resolution buckets span 1:4 to 4:1)", param)
+                            f"side (the resolution buckets span 1:4 to 4:1){hint}", param)
 
 
 def check_reference_shape(height: int, width: int) -> None:
-    """An edit without a size or aspect keeps its picture's shape, which must lie in the buckets' range."""
-    _check_ratio(width / height, f"the reference image ({width}x{height})", "image")
+    """An edit without a size or aspect keeps its picture's shape, which must lie in the buckets' range; the refusal
+    says how to edit such a picture (a panorama was refused with no way on)."""
+    widest = f"{MAX_ASPECT:g}:1" if width > height else f"1:{MAX_ASPECT:g}"
+    _check_ratio(width / height, f"the reference image ({width}x{height})", "image",
+                 f"; ask for an aspect ratio such as {widest}, or a size, to edit its centre crop")
 
 
 def plan_size(size=None, aspect=None, reference_hw: tuple[int, int] | None = None,
