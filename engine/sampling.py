@@ -1,5 +1,6 @@
 """Next-token choice: greedy, or sampling with repetition penalty, temperature, top-k and top-p
-(applied in that order, as Hugging Face generate does), reproducible with a seed; and, when asked, the
+(applied in that order, as Hugging Face generate does), reproducible with a seed; OpenAI's presence and
+frequency penalties (over the reply's own tokens, first of all, greedy too); and, when asked, the
 log probabilities of the chosen tokens and of the best alternatives (`Sampler.sample`).
 
 Everything runs on the logits' device and nothing is read back to the host: the tokens seen so far
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_TOP_LOGPROBS = 20  # the most alternatives per token `top_logprobs` may ask for (OpenAI's bound)
+MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's bound)
 
 
 @dataclass
@@ -25,6 +27,9 @@ class GenerationParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0
+    # OpenAI's: subtracted from the logit of each token the reply has used (presence: once; frequency: per use)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     # max_new_tokens is a ceiling nobody asked for (a default, realtime's "inf"): a prompt leaving less room in
@@ -55,6 +60,10 @@ class GenerationParams:
             problems.append(f"top_k must be an integer >= 0 (got {self.top_k!r})")
         if not self.repetition_penalty > 0:  # (NaN too)
             problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_OPENAI_PENALTY <= getattr(self, name) <= MAX_OPENAI_PENALTY:  # (NaN too)
+                problems.append(f"{name} must be in [-{MAX_OPENAI_PENALTY:g}, {MAX_OPENAI_PENALTY:g}] "
+                                f"(got {getattr(self, name)})")
         if (isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int)
                 or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
             problems.append(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] (got {self.top_logprobs!r})")
@@ -75,6 +84,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     if penalty == 1.0:
         return logits
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def apply_presence_frequency(logits: torch.Tensor, uses: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: logit - frequency x uses - presence x (uses > 0); `uses`: [B, V] how many times each token
+    came in the reply so far (the prompt's tokens do not count, as in OpenAI's and vLLM's definitions)."""
+    return logits - uses * frequency - (uses > 0).to(logits.dtype) * presence
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -128,8 +144,9 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, top: int) -> Sampled
 class Sampler:
     """Chooses the next token of each row on the logits' device (see module doc).
 
-    ``sampler(logits)`` -> [B] int64 ids, and records them as seen; ``sampler.sample(logits)`` -> `Sampled`,
-    with the log probabilities when the params ask for them (computed only then). Call
+    ``sampler(logits)`` -> [B] int64 ids, and records them as seen (and used, for the OpenAI penalties);
+    ``sampler.sample(logits)`` -> `Sampled`, with the log probabilities when the params ask for them (computed
+    only then). Call
     ``observe(prompt_ids)`` first when the repetition penalty applies."""
 
     def __init__(self, params: GenerationParams, vocab_size: int, batch: int = 1,
@@ -138,6 +155,8 @@ class Sampler:
         self.device = torch.device(device)
         self.seen = (torch.zeros(batch, vocab_size, dtype=torch.bool, device=self.device)
                      if params.repetition_penalty != 1.0 else None)
+        self.uses = (torch.zeros(batch, vocab_size, dtype=torch.float32, device=self.device)
+                     if params.presence_penalty or params.frequency_penalty else None)
         self.generator = None
         if not params.greedy:
             self.generator = torch.Generator(device=self.device)
@@ -155,6 +174,8 @@ class Sampler:
         """logits [B, V] -> ids [B] (int64), on the device."""
         p = self.params
         logits = logits.float()
+        if self.uses is not None:
+            logits = apply_presence_frequency(logits, self.uses, p.presence_penalty, p.frequency_penalty)
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, p.repetition_penalty)
         if p.greedy:
@@ -167,6 +188,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         ids = self.choose(logits)
         self.observe(ids)
+        if self.uses is not None:  # (the reply's tokens only: `observe` also takes the prompt's)
+            self.uses.scatter_add_(1, ids.view(-1, 1), torch.ones_like(ids, dtype=self.uses.dtype).view(-1, 1))
         return ids
 
     def sample(self, logits: torch.Tensor) -> Sampled:

@@ -4,7 +4,8 @@ that follow the distribution, and the log probabilities reported with the choice
 import pytest
 import torch
 
-from engine.sampling import MAX_TOP_LOGPROBS, GenerationParams, Sampler, apply_repetition_penalty, filter_top_k_top_p
+from engine.sampling import (MAX_TOP_LOGPROBS, GenerationParams, Sampler, apply_repetition_penalty,
+                             filter_top_k_top_p)
 
 
 def test_repetition_penalty_follows_the_ctrl_rule_once_per_seen_token():
@@ -14,6 +15,26 @@ def test_repetition_penalty_follows_the_ctrl_rule_once_per_seen_token():
     out = apply_repetition_penalty(logits, seen, 2.0)
     assert out.tolist() == [[1.0, -2.0, 0.5, 3.0, -4.0]]
     assert apply_repetition_penalty(logits, seen, 1.0) is logits
+
+
+def test_presence_and_frequency_penalties_follow_openais_rule_over_the_replys_own_tokens():
+    """OpenAI's presence_penalty / frequency_penalty were refused by the server (a client sending them got a 400);
+    they are honoured as OpenAI defines them: logit - frequency x uses - presence x (used at all), counting the
+    reply's tokens only (the prompt's do not count), greedy too."""
+    logits = torch.tensor([[3.0, 2.5, 2.0, 0.0]])
+    s = Sampler(GenerationParams(frequency_penalty=0.4), vocab_size=4)
+    s.observe(torch.tensor([[0, 0, 0]]))  # (the prompt: not counted)
+    assert [s(logits).item() for _ in range(4)] == [0, 0, 1, 0]  # 3.0 > 2.6 > 2.5 > 2.2 ... 2.2 > 2.1
+    assert s.uses.tolist() == [[3.0, 1.0, 0.0, 0.0]]
+    s = Sampler(GenerationParams(presence_penalty=1.25), vocab_size=4)
+    assert [s(logits).item() for _ in range(4)] == [0, 1, 2, 0]  # once used, each is 1.25 lower, however often
+    close = torch.tensor([[3.0, 2.8, 0.0, 0.0]])
+    for presence, drawn in ((0.0, [0, 1, 0]), (-0.4, [0, 0, 1])):  # (negative: a used token comes back sooner)
+        s = Sampler(GenerationParams(frequency_penalty=0.5, presence_penalty=presence), vocab_size=4)
+        assert [s(close).item() for _ in range(3)] == drawn
+    for name in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(ValueError, match=name):
+            GenerationParams(**{name: 2.5}).validate()
 
 
 def test_top_k_and_top_p_keep_the_expected_sets():

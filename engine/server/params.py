@@ -5,21 +5,21 @@ Field names accepted for the token limit (two that disagree are refused): max_co
 max_tokens, max_output_tokens, max_response_output_tokens (realtime; "inf" = the server's cap). A limit
 the request names must fit the context with the prompt; none (the server's default) or "inf" is a
 ceiling that stops at the context's end (GenerationParams.fit_context);
-temperature (absent = 0, greedy), top_p, seed, stop (string or list), and the extensions top_k and
-repetition_penalty.
+temperature (absent = 0, greedy), top_p, seed, stop (string or list), presence_penalty and frequency_penalty
+(OpenAI's, in [-2, 2]), and the extensions top_k and repetition_penalty.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from engine.sampling import GenerationParams
+from engine.sampling import MAX_OPENAI_PENALTY, GenerationParams
 from engine.server.codec import bad, check_keys, need_dict, need_number, need_str, shown, shown_number
 from engine.server.limits import Limits
 from engine.server.protocol import ApiError
 
 TOKEN_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens", "max_response_output_tokens")
-UNSUPPORTED_NONZERO = ("frequency_penalty", "presence_penalty")
+OPENAI_PENALTIES = ("presence_penalty", "frequency_penalty")
 OUTPUT_MODALITIES = ("text", "audio", "image")
 IMAGE_ENDPOINTS = "POST /v1/images/generations or /v1/images/edits"
 TRANSCRIPTION_MAX_TOKENS = 512  # a transcription's token limit when the request sets none
@@ -129,7 +129,8 @@ def generation_params(body: dict, limits: Limits, base: GenerationParams | None 
     named = [body[f] for f in TOKEN_FIELDS if body.get(f) is not None]
     p = GenerationParams(max_new_tokens=max_tokens_from(body, limits, base.max_new_tokens, where, inf_ok),
                          temperature=base.temperature, top_p=base.top_p, top_k=base.top_k,
-                         repetition_penalty=base.repetition_penalty, seed=base.seed, stop=list(base.stop),
+                         repetition_penalty=base.repetition_penalty, presence_penalty=base.presence_penalty,
+                         frequency_penalty=base.frequency_penalty, seed=base.seed, stop=list(base.stop),
                          fit_context=all(inf_ok and v == "inf" for v in named) if named else base.fit_context)
     if body.get("temperature") is not None:
         p.temperature = float(need_number(body["temperature"], where + "temperature", 0, 2))
@@ -148,11 +149,9 @@ def generation_params(body: dict, limits: Limits, base: GenerationParams | None 
             raise bad(f"'{where}stop' must be a string or a list of at most {limits.max_stop_strings} strings",
                       "invalid_value" if isinstance(stops, list) else "invalid_type", where + "stop")
         p.stop = [need_str(s, where + "stop", allow_empty=False) for s in stops]
-    for name in UNSUPPORTED_NONZERO:
-        value = body.get(name)
-        if value is not None and need_number(value, where + name) != 0:
-            raise bad(f"'{where}{name}' is not supported by this engine (use repetition_penalty)",
-                      "unsupported_parameter", where + name)
+    for name in OPENAI_PENALTIES:
+        if body.get(name) is not None:
+            setattr(p, name, float(need_number(body[name], where + name, -MAX_OPENAI_PENALTY, MAX_OPENAI_PENALTY)))
     try:
         return p.validate()
     except ValueError as e:

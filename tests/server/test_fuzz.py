@@ -299,7 +299,7 @@ def hostile_http_requests() -> list[tuple[str, str, dict]]:
                  "stream": ["yes", 1, []], "n": [9, 0, "x"], "stop": [5, [""], ["a"] * 9], "seed": ["x", 1.5],
                  "tools": [[{"type": "function"}]], "logprobs": ["yes", 1],
                  "top_logprobs": [21, -1, "x", 2], "response_format": [{"type": "json_object"}],
-                 "model": [5, "other-model"], "frequency_penalty": [0.5, "x"],
+                 "model": [5, "other-model"], "frequency_penalty": [2.5, "x"],
                  "modalities": [["audio", "smell"], "text"],
                  "audio": [{"voice": "x"}], "thinking": ["yes"]}
     for name, values in mutations.items():

@@ -14,8 +14,8 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.server import (b64, image_array, png_bytes, recv_item, recv_json, recv_until, running_server, tone_pcm16,
-                          wav_bytes)
+from tests.server import (b64, image_array, png_bytes, recv_item, recv_json, recv_until, reference_chat,
+                          running_server, tone_pcm16, wav_bytes)
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 PNG = png_bytes(image_array(24, 32))
@@ -444,6 +444,8 @@ def test_realtime_numbers_too_large_for_a_float_are_bad_values_named(server):
     ("max_token", 5, "unknown_parameter"),
     ("max_tokens", "inf", "invalid_type"),  # realtime's "inf" (the server's cap) was taken here too
     ("max_completion_tokens", "inf", "invalid_type"),
+    ("presence_penalty", 2.5, "invalid_value"),  # (OpenAI's range: -2 to 2)
+    ("frequency_penalty", "x", "invalid_type"),
 ])
 def test_chat_parameters_are_honoured_or_named_in_an_error(http, field, value, code):
     err = error_of(http.post("/v1/chat/completions", json={**CHAT, field: value}))
@@ -458,6 +460,18 @@ def test_stream_options_are_typed(http, options, field):
     """A string "false" for include_usage would be read as true: refused, naming the field."""
     err = error_of(http.post("/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": options}))
     assert err["code"] == "invalid_type" and err["param"] == field, err
+
+
+def test_openais_presence_and_frequency_penalties_are_honoured(http, tiny_engine):
+    """They were refused when not 0 (unsupported_parameter), so an OpenAI client that sends them could not chat;
+    the reply is the engine's with the same penalties (a negative presence penalty makes greedy repeat itself)."""
+    msgs = CHAT["messages"]
+    penalised = reference_chat(tiny_engine, msgs, 6, presence_penalty=-2.0, frequency_penalty=0.0)
+    assert penalised.text != reference_chat(tiny_engine, msgs, 6).text
+    r = http.post("/v1/chat/completions",
+                  json={**CHAT, "max_tokens": 6, "presence_penalty": -2, "frequency_penalty": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == penalised.text
 
 
 def test_chat_parameters_that_have_no_effect_here_are_accepted(http):
