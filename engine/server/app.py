@@ -238,9 +238,12 @@ def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning
     limits: Limits = app.state.ctx.limits
     # frames somewhat over the per-event limit still reach the app (and get a structured error);
     # far larger ones are closed by the protocol layer with code 1009
+    stalled = {"stalled_peer_s": limits.slow_reader_timeout_s,
+               "on_stalled": functools.partial(logs.client_aborted, app.state.ctx, "stalled_reader")}
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            http=functools.partial(OpenAIErrorsH11Protocol, head_timeout_s=limits.head_timeout_s),
-                            ws=OpenAIErrorsWebSocketProtocol,
+                            http=functools.partial(OpenAIErrorsH11Protocol, head_timeout_s=limits.head_timeout_s,
+                                                   **stalled),
+                            ws=functools.partial(OpenAIErrorsWebSocketProtocol, **stalled),
                             ws_max_size=2 * limits.max_message_bytes + 1024 * 1024, ws_per_message_deflate=False,
                             timeout_graceful_shutdown=3)
     logs.install()  # (creating the config configured uvicorn's logging: its loggers keep the filter)

@@ -19,6 +19,7 @@ from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from engine.server.protocol import ApiError
+from engine.server.stalled_peers import CutsOffStalledPeers
 
 
 def parse_error(exc: BaseException | None, max_head_bytes: int) -> ApiError:
@@ -35,11 +36,12 @@ def parse_error(exc: BaseException | None, max_head_bytes: int) -> ApiError:
                     code="invalid_http_request", status=status, kind="invalid_request_error")
 
 
-class OpenAIErrorsH11Protocol(H11Protocol):
+class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
     """`head_timeout_s`: how long a connection may take to send a request's whole head (from its opening, or from
     the previous answer). uvicorn waits for a head forever: a client that connected and sent part of a request
     line, or nothing, held its connection (and a file descriptor) for good, and enough of them starve the server.
-    A head cut off so is answered 408 in OpenAI's body; a connection that sent nothing is closed."""
+    A head cut off so is answered 408 in OpenAI's body; a connection that sent nothing is closed. A connection whose
+    client reads nothing of its answer is cut off (CutsOffStalledPeers)."""
 
     def __init__(self, *args, head_timeout_s: float, **kwargs):
         super().__init__(*args, **kwargs)

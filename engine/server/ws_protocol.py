@@ -23,6 +23,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.http11 import Response
 
 from engine.server.protocol import ApiError
+from engine.server.stalled_peers import CutsOffStalledPeers
 
 
 class HandshakeAnsweringProtocol(WebSocketsSansIOProtocol):
@@ -91,10 +92,11 @@ def in_openai_shape(reject):
     return reject_in_openai_shape
 
 
-class OpenAIErrorsWebSocketProtocol(HandshakeAnsweringProtocol):
+class OpenAIErrorsWebSocketProtocol(CutsOffStalledPeers, HandshakeAnsweringProtocol):
     """The engine server's: every opening handshake websockets refuses itself (a method other than GET, a
     missing or unsupported Sec-WebSocket-Version or -Key, a request line or headers too long) is answered with
-    OpenAI's error body, not websockets' plain text, as the HTTP protocol answers (engine.server.http_protocol)."""
+    OpenAI's error body, not websockets' plain text, as the HTTP protocol answers (engine.server.http_protocol). A
+    session whose client reads nothing is cut off (CutsOffStalledPeers), which closes the session."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

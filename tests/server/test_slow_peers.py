@@ -6,22 +6,26 @@ small send buffer, so its window fills in milliseconds (as a real network's does
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
-import struct
 import time
 
+import httpx
 import pytest
 
-from tests.server import fake_server, wait_for
+from engine.events import Done, TextDelta
+from tests.server import FakeEngine, fake_server, wait_for
 
 SMALL_WINDOW = 4096  # bytes: the kernel buffers of a stalled connection, on both sides
 MiB = 1024 * 1024
+STALLED_S = 0.5  # the server's slow_reader_timeout_s here
+LONG_REPLY = [TextDelta("x" * 4000)] * 100 + [Done("x" * 400_000, "stop")]  # 400 KB: far past both windows
 
 
 @pytest.fixture(scope="module")
 def server():
-    with fake_server() as srv:
+    with fake_server(FakeEngine(LONG_REPLY), slow_reader_timeout_s=STALLED_S) as srv:
         yield srv
 
 
@@ -55,6 +59,21 @@ def masked_frame(opcode: int, payload: bytes) -> bytes:
     return bytes([0x80 | opcode, 0x80 | len(payload)]) + b"\0\0\0\0" + payload  # (a mask of zeros)
 
 
+def text_frame(event: dict) -> bytes:
+    payload = json.dumps(event).encode()
+    assert 126 <= len(payload) < 65536
+    return bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + b"\0\0\0\0" + payload
+
+
+def cut_off(srv, proto) -> bool:
+    """The server dropped the connection of `proto` (its client reading nothing meanwhile), within 10 s."""
+    return wait_for(lambda: proto not in srv.server.server_state.connections, 10)
+
+
+def stalled_readers(srv) -> int:
+    return httpx.get(srv.url + "/health").json()["client_aborts"]["stalled_reader"]
+
+
 def send_for(sock: socket.socket, data: bytes, seconds: float) -> int:
     """Send `data` over and over for `seconds` (or until the peer stops taking it); the bytes sent."""
     sock.setblocking(False)
@@ -71,9 +90,37 @@ def send_for(sock: socket.socket, data: bytes, seconds: float) -> int:
 def test_a_ping_flood_that_reads_no_pong_does_not_grow_the_servers_memory(server):
     sock = open_websocket(server.port)
     proto = server_side(server, sock)
+    proto.stalled_peer_s = 60  # (this connection is not cut off while its flood is measured)
     pings = masked_frame(0x9, b"p" * 125) * 64
     sent = send_for(sock, pings, 0.6)
     buffered = proto.transport.get_write_buffer_size()
     sock.close()
     # (before: every ping's pong stayed in the server's buffer, as many bytes as the client sent: megabytes here)
     assert buffered < MiB, f"the server holds {buffered} bytes of pongs after {sent} bytes of pings"
+
+
+def test_a_stream_whose_client_reads_nothing_is_cut_off_and_its_job_cancelled(server):
+    before, jobs = stalled_readers(server), len(server.ctx.scheduler.history)
+    sock = stalled_socket(server.port)
+    proto = server_side(server, sock)
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    assert cut_off(server, proto)  # (before: held, its answer's task blocked, until the client closed)
+    sock.close()
+    job = wait_for(lambda: next(iter(list(server.ctx.scheduler.history)[jobs:]), None))
+    assert job.finish_reason in ("cancelled", "slow_reader")
+    assert stalled_readers(server) == before + 1
+
+
+def test_a_realtime_session_whose_client_reads_nothing_is_closed(server):
+    before = stalled_readers(server)
+    sock = open_websocket(server.port)
+    proto = server_side(server, sock)
+    sock.sendall(text_frame({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi " * 40}]}}))
+    sock.sendall(text_frame({"type": "response.create", "response": {"metadata": {"why": "x" * 100}}}))
+    assert cut_off(server, proto)
+    sock.close()
+    wait_for(lambda: not server.ctx.sessions.open)  # (before: its slot was held for max_session_s, an hour)
+    assert stalled_readers(server) == before + 1
