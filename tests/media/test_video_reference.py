@@ -1,6 +1,6 @@
 """The 2.0 video path against the spec's §4.2 / §6.2 written out plainly here (sharing no code with the engine):
-the frame count n = max(1, min(170, floor(N / fps * min(2, fps) + 0.5))), frames at the integer linspace
-of [0, N - 1], frame i at i / fps_s with fps_s = n / N * fps, an odd count's last frame repeated with its
+the frame count n = max(1, min(170, floor(N / fps * min(2, fps) + 0.5))), frames at numpy's linspace of
+[0, N - 1] truncated, frame i at i / fps_s with fps_s = n / N * fps, an odd count's last frame repeated with its
 timestamp, the per-video pixel budget max(96*128*32^2 * 2 / n, floor(1.05 * 128*32^2)), OpenCV cubic
 resizing, one t = 1 grid row per frame pair at the pair's mean time, and the interleaved prompt text.
 Clips the fixtures never use: one frame, two, three, seven (odd), 24 / 240 fps sources and a clip long enough
@@ -13,10 +13,9 @@ import math
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from engine.media.image import ImageProcessorConfig
-from engine.media.video import fetch_video, prepare_video, video_prompt_text
+from engine.media.video import VideoSamplingConfig, fetch_video, prepare_video, sample_count, video_prompt_text
 from tests.media.reference_image import spec_normalise, spec_pixel_values, spec_smart_resize
 
 MAX_FRAMES = (3072 * 2 * 4) // 144  # MAX_FRAMES_OS
@@ -26,10 +25,17 @@ HEIGHT, WIDTH = 32, 48
 LEVEL_STEP = 16  # each half of a frame holds one digit of its index, 16 grey levels apart (a lossy codec moves a few)
 
 
+def spec_frame_count(n_src: int, src_fps: float) -> int:
+    return max(1, min(MAX_FRAMES, math.floor(n_src / src_fps * min(2.0, src_fps) + 0.5)))
+
+
 def spec_sampling(n_src: int, src_fps: float) -> tuple[list[int], list[float]]:
     """The sampled frames' indices and timestamps (§4.2 steps 2-3, before the odd-count repeat)."""
-    n = max(1, min(MAX_FRAMES, math.floor(n_src / src_fps * min(2.0, src_fps) + 0.5)))
-    indices = [k * (n_src - 1) // (n - 1) if n > 1 else 0 for k in range(n)]  # floor of linspace(0, N-1, n)
+    n = spec_frame_count(n_src, src_fps)
+    # "integer linspace": numpy's float linspace truncated, as the reference's sampler takes it; where
+    # k (N-1) / (n-1) is a whole number the float can fall just below it (89961 frames, n 170: frame 6919 for
+    # k = 13, not 6920)
+    indices = [int(i) for i in np.linspace(0, n_src - 1, n)]
     fps_s = n / n_src * src_fps
     return indices, [i / fps_s for i in range(n)]
 
@@ -97,7 +103,18 @@ def test_short_clips_pixel_values_grid_and_prompt_follow_the_spec(tmp_path, n_sr
 
     ours = prepare_video(path, ImageProcessorConfig())
     assert ours.grid_thw.tolist() == [[1, h // 16, w // 16]] * (len(frames) // 2)
-    torch.testing.assert_close(ours.pixel_values, torch.from_numpy(np.concatenate(rows)),
+    np.testing.assert_allclose(ours.pixel_values.numpy(), np.concatenate(rows),
                                atol=1e-6, rtol=0)  # the same OpenCV call on the same frames
     assert ours.patch_timestamps == pytest.approx(pair_stamps, abs=1e-9)
     assert video_prompt_text(ours.patch_timestamps, ours.grid_thw, 2) == spec_prompt(pair_stamps, h * w // 1024)
+
+
+def test_frame_counts_and_rates_follow_the_spec_for_clips_of_every_length():
+    """The sampler's frame count and rate (no decoding) for 2,000 clips from one frame to an hour, at 1-240 fps."""
+    rng = np.random.default_rng(0)
+    rates = [1.0, 2.0, 23.976, 25.0, 29.97, 30.0, 59.94, 120.0, 240.0]
+    config = VideoSamplingConfig()
+    for _ in range(2000):
+        n_src, fps = int(rng.integers(1, 864_000)), float(rng.choice(rates + [rng.uniform(1, 240)]))
+        n, fps_s = sample_count(n_src, fps, config)
+        assert n == spec_frame_count(n_src, fps) and fps_s == pytest.approx(n / n_src * fps, rel=1e-12), (n_src, fps)
