@@ -135,8 +135,8 @@ def conv_out(length: int, kernel: int = 3, stride: int = 2, pad: int = 1) -> int
 @pytest.mark.parametrize("n_frames", [1, 2, 3, 4, 5, 6, 7, 8, 9, 99, 100, 101, 2999, 30000])
 def test_token_count_is_the_length_after_both_stride_2_convolutions(n_frames):
     """§5.4: Whisper's conv2 then the projector's conv, each k 3 / stride 2 / pad 1; checked on real convs."""
-    wave_frames = torch.zeros(1, 1, n_frames)
-    after_conv2 = torch.nn.functional.conv1d(wave_frames, torch.zeros(1, 1, 3), stride=2, padding=1)
+    mel_frames = torch.zeros(1, 1, n_frames)
+    after_conv2 = torch.nn.functional.conv1d(mel_frames, torch.zeros(1, 1, 3), stride=2, padding=1)
     after_proj = torch.nn.functional.conv1d(after_conv2, torch.zeros(1, 1, 3), stride=2, padding=1)
     assert after_proj.shape[-1] == conv_out(conv_out(n_frames))
     assert AudioFeatures(torch.zeros(n_frames, N_MELS)).n_tokens == after_proj.shape[-1]
@@ -150,7 +150,7 @@ def processor(tmp_path_factory):
 @pytest.mark.parametrize("lengths", [[321], [4001, 1601], [201, 16007, 479]], ids=["one", "two", "three"])
 def test_each_clip_s_span_starts_after_its_audio_tag_and_holds_its_token_count(processor, lengths):
     clips = [(_clip(n, seed=n), SR) for n in lengths]
-    parts = [{"type": "text", "text": "listen:"}, {"type": "audio", "audio": [c for c in clips]}]
+    parts = [{"type": "text", "text": "listen:"}, {"type": "audio", "audio": clips}]
     out = processor.build([{"role": "user", "content": parts}])
     tok = processor.tokenizer
     starts = [i + 1 for i, t in enumerate(out.ids) if t == tok.token_id("<audio>")]
