@@ -6,8 +6,9 @@ adds `Authorization: Bearer <token>` there. When the studio has a login (`--auth
 requires it (Gradio's session cookie), and it refuses pages of another site (the Origin header),
 so a web page elsewhere cannot drive the model through a logged-in browser. Closing either side
 closes the other, so a closed tab leaves nothing running on the engine (which cancels the
-session's response when its socket closes). One live session per user: a second tab (or window)
-takes over and the first is told so.
+session's response when its socket closes). One live session per browser: a second tab (or window)
+of the same browser takes over and the first is told so; two browsers logged in with the same login (a
+Space's one STUDIO_AUTH shared by its visitors) each keep their own.
 
 Install it when launching Gradio (routes given to the app come before Gradio's own):
 
@@ -182,13 +183,13 @@ class LiveProxy:
 
     @staticmethod
     def _owner(ws: WebSocket, user: str | None) -> str:
-        """Whose session this is: the logged-in user, else the browser's own id (?client=)."""
-        if user is not None:
-            return f"user:{user}"
+        """Whose session this is: the browser's own id (?client=) under its login, if any. (By the login alone, one
+        visitor's Start stopped another's session wherever visitors share a login, as a Space's STUDIO_AUTH is.)"""
+        login = f"user:{user}/" if user is not None else ""
         client = parse_qs(ws.scope.get("query_string", b"").decode("latin-1")).get("client", [""])[0]
         if client and len(client) <= 64 and client.replace("-", "").replace("_", "").isalnum():
-            return f"browser:{client}"
-        return f"socket:{id(ws)}"  # unknown browser: no takeover
+            return f"{login}browser:{client}"
+        return f"{login}socket:{id(ws)}"  # unknown browser: no takeover
 
     async def _close(self, ws: WebSocket, code: str, message: str, close_code: int) -> None:
         try:

@@ -165,6 +165,24 @@ def test_a_second_tab_takes_over_and_the_first_is_told(engine):
     assert engine.wait_closed(2) and proxy.active == {}
 
 
+def test_two_browsers_sharing_one_login_keep_their_own_sessions(engine):
+    """A Space's STUDIO_AUTH is one login for all its visitors: the session was kept per login, so a second visitor's
+    Start stopped the first visitor's live session ('Live was started in another tab or window')."""
+    proxy, app = make_app(engine.url, engine.token, auth={"demo": "pw"}, auth_dependency=None, cookie_id="c1",
+                          tokens={"tok-a": "demo", "tok-b": "demo"})
+    with TestClient(app) as visitor_a, TestClient(app) as visitor_b:
+        visitor_a.cookies.set("access-token-unsecure-c1", "tok-a")
+        visitor_b.cookies.set("access-token-unsecure-c1", "tok-b")
+        with visitor_a.websocket_connect(LIVE_WS_PATH + "?client=browser-a") as a:
+            assert recv(a)["type"] == "session.created"
+            with visitor_b.websocket_connect(LIVE_WS_PATH + "?client=browser-b") as b:
+                assert recv(b)["type"] == "session.created"
+                for ws in (a, b):  # both sessions still answer
+                    ws.send_text(json.dumps({"type": "response.create"}))
+                    assert recv_until(ws, "response.created")[-1]["type"] == "response.created"
+                assert sorted(proxy.active) == ["user:demo/browser:browser-a", "user:demo/browser:browser-b"]
+
+
 def test_installed_in_a_real_gradio_app_behind_its_login(engine):
     """demo.launch(auth=..., app_kwargs=proxy.app_kwargs()): the route sits in Gradio's own app and
     trusts Gradio's login cookie; the page itself still loads."""
