@@ -188,9 +188,13 @@ def test_with_auth_a_login_is_required(cache):
         with httpx.Client(base_url=url, timeout=10) as http:
             assert http.post("login", data={"username": "alice", "password": "wrong"}).status_code in (400, 401)
             assert http.post("login", data={"username": "alice", "password": "wonderland"}).status_code == 200
-            assert http.get("config").status_code == 200
+            config = http.get("config")
+            assert config.status_code == 200
+            page = http.get("")
+        assert TOKEN not in config.text and TOKEN not in page.text  # the engine's token stays on the studio's server
     finally:
         ui.stop()
+    assert TOKEN not in ui.output and "wonderland" not in ui.output  # nor in its log (the engine was down: warned)
 
 
 def test_studio_drives_an_openai_compatible_engine(cache):
