@@ -188,12 +188,26 @@ class Endpoints:
         prefix = _proxy_prefix(parts.path, url)
         secure = scheme in ("https", "wss")
         return cls(http=f"{'https' if secure else 'http'}://{parts.netloc}{prefix}",
-                   ws=f"{'wss' if secure else 'ws'}://{parts.netloc}{prefix}{REALTIME_PATH}", token=token or None,
-                   openai=openai)
+                   ws=f"{'wss' if secure else 'ws'}://{parts.netloc}{prefix}{REALTIME_PATH}",
+                   token=checked_token(token), openai=openai)
 
     @property
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # what an Authorization header carries: visible ASCII, no spaces
+
+
+def checked_token(token: str | None) -> str | None:
+    """The token with the whitespace around it trimmed (a secret pasted with its line end, 'T\\n', was sent as
+    'Bearer T\\n': the header was refused before leaving, the engine said to be unreachable and the error showed
+    the token); one with a space, control or non-ASCII character inside is refused without repeating it."""
+    token = (token or "").strip()
+    if token and not _TOKEN.fullmatch(token):
+        raise ValueError("the engine token (--engine-token / ENGINE_TOKEN) holds a space, a control character or a "
+                         "non-ASCII character inside it: give the engine server's --token exactly (not repeated here)")
+    return token or None
 
 
 def _proxy_prefix(path: str, url: str) -> str:

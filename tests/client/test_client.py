@@ -77,6 +77,11 @@ def test_one_url_gives_both_transports():
     with pytest.raises(ValueError, match="--engine-token") as refused:  # a secret in the URL: said without it
         Endpoints.parse("ws://alice:s3cret@h:1")
     assert "s3cret" not in str(refused.value)
+    assert Endpoints.parse("ws://h:1", " s3cret\r\n").headers == {"Authorization": "Bearer s3cret"}  # a pasted line
+    for bad in ("s3cret two", "s3cr\x00et", "s3crét"):
+        with pytest.raises(ValueError, match="ENGINE_TOKEN") as refused:
+            Endpoints.parse("ws://h:1", bad)
+        assert "s3cr" not in str(refused.value)
     assert env_settings({"ENGINE_URL": "ws://h:1", "ENGINE_TOKEN": "t"}) == ("ws://h:1", "t")
     with pytest.raises(ValueError, match="ENGINE_URL"):
         env_settings({})
