@@ -164,21 +164,23 @@ def _connect_remote_engine(args: argparse.Namespace):
     and in the page, which reconnects when it comes back. Returns (engine link, None) or an exit code."""
     from app.engine_link import EngineLink, cleartext_token_warning
     from engine.client import EngineClient
+    from engine.client.core import url_shown
 
     try:
         client = EngineClient(args.engine, token=args.engine_token)
     except ValueError as e:  # not a URL the studio can reach an engine at
         return _fail(f"--engine: {e}", EXIT_MODEL_ERROR)
+    shown = url_shown(args.engine)  # (a ?token= stays out of the log)
     plain = cleartext_token_warning(client)
     if plain:
         print(plain, file=sys.stderr, flush=True)
     link = EngineLink(client, remote=True)  # asks the engine who it is, once (the page then reuses the answer)
     status = link.status()
     if status.ok:
-        print(f"Engine at {args.engine}: {status.info.name}" + (" (RANDOM DEMO WEIGHTS)" if status.info.is_demo else ""),
+        print(f"Engine at {shown}: {status.info.name}" + (" (RANDOM DEMO WEIGHTS)" if status.info.is_demo else ""),
               flush=True)
     elif status.code == "unauthorized":  # not "not answering ... reconnects": it never will
-        print(f"WARNING: the engine at {args.engine} refused the token: give its token with --engine-token (or "
+        print(f"WARNING: the engine at {shown} refused the token: give its token with --engine-token (or "
               "ENGINE_TOKEN) and start the studio again. The studio starts anyway and shows this in the page.",
               file=sys.stderr, flush=True)
     else:  # (any failure to reach it is reported, the page keeps trying)

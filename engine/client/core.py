@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -169,8 +169,10 @@ class Endpoints:
     @classmethod
     def parse(cls, url: str, token: str | None = None) -> "Endpoints":
         """A path after HOST:PORT is kept as the prefix a reverse proxy serves the engine under
-        (https://box.example.org/ming/); a trailing /v1 or /v1/realtime is the engine's own."""
+        (https://box.example.org/ming/); a trailing /v1 or /v1/realtime is the engine's own. A `?token=T` in the URL
+        (the engine's websocket takes one there) is the token when none is given."""
         parts = urlsplit(str(url).strip())
+        url = url_shown(url)  # (what the errors below repeat)
         if "@" in parts.netloc:  # said without the URL: what is before the @ may be a secret
             raise ValueError("the engine URL holds a user name or password (user:secret@HOST): the engine takes no "
                              "login in its URL; give its token with --engine-token (or ENGINE_TOKEN) instead")
@@ -189,11 +191,17 @@ class Endpoints:
         secure = scheme in ("https", "wss")
         return cls(http=f"{'https' if secure else 'http'}://{parts.netloc}{prefix}",
                    ws=f"{'wss' if secure else 'ws'}://{parts.netloc}{prefix}{REALTIME_PATH}",
-                   token=checked_token(token), openai=openai)
+                   token=checked_token(token or parse_qs(parts.query).get("token", [None])[0]), openai=openai)
 
     @property
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+def url_shown(url: str) -> str:
+    """An engine URL as logs and messages may show it: without its query and fragment (the engine also takes its token
+    as ?token=, which then went into the studio's log with the URL)."""
+    return urlunsplit(urlsplit(str(url).strip())._replace(query="", fragment=""))
 
 
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # what an Authorization header carries: visible ASCII, no spaces

@@ -204,6 +204,10 @@ def test_a_remote_engine_that_refuses_the_token_is_said_so_at_start(engine_serve
     launch._connect_remote_engine(argparse.Namespace(engine=engine_server.url, engine_token="wrong"))
     err = capsys.readouterr().err
     assert "refused the token" in err and "--engine-token" in err and "not answering" not in err, err
+    # the token given in the URL (?token=, as the engine's websocket takes it) is used, and kept out of the log
+    launch._connect_remote_engine(argparse.Namespace(engine=engine_server.url + "/?token=not-it-42", engine_token=None))
+    said = capsys.readouterr()
+    assert "refused the token" in said.err and "not-it-42" not in said.out + said.err, said
 
 
 def test_a_studio_port_in_use_is_said_before_the_model_loads(studio_cache):

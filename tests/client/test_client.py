@@ -78,6 +78,10 @@ def test_one_url_gives_both_transports():
         Endpoints.parse("ws://alice:s3cret@h:1")
     assert "s3cret" not in str(refused.value)
     assert Endpoints.parse("ws://h:1", " s3cret\r\n").headers == {"Authorization": "Bearer s3cret"}  # a pasted line
+    assert Endpoints.parse("wss://h:1/v1/realtime?token=s3cret").token == "s3cret"  # as the engine's socket takes it
+    with pytest.raises(ValueError, match="routes") as refused:  # a URL refused is repeated without its query
+        Endpoints.parse("http://h:1/v1/models?token=s3cret")
+    assert "s3cret" not in str(refused.value)
     for bad in ("s3cret two", "s3cr\x00et", "s3crét"):
         with pytest.raises(ValueError, match="ENGINE_TOKEN") as refused:
             Endpoints.parse("ws://h:1", bad)
