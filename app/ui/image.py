@@ -2,8 +2,8 @@
 a random-seed button), edit one or more reference images (presets for background replacement and
 object removal), or segment a target (mask and overlay, both downloadable); on a Preview engine an Image
 guidance slider guides an Edit or a Segment toward its reference. Previews every few steps and a progress bar
-while it is made; Stop ends it between steps; a gallery keeps the results with their settings, reusable with one
-click (kept by the browser across a page reload)."""
+while it is made; Stop ends it between steps; a gallery keeps the results with their settings (an Edit's or a Segment's
+pictures too), reusable with one click (kept by the browser across a page reload)."""
 
 from __future__ import annotations
 
@@ -49,9 +49,10 @@ SAVED_PREFIX = "ming-image-"  # the folders (in the temp folder) _save_png write
 CAPTION_CHARS = 48  # the most of a prompt a gallery caption shows (the whole prompt comes back with a click)
 SETTINGS = ("mode", "prompt", "preset", "target", "aspect", "size", "steps", "guidance", "seed")
 IMAGE_GUIDANCE = "image_guidance"  # the model card's image_defaults key of the Preview's reference guidance
+REFERENCES = "references"  # an Edit's or a Segment's pictures, copies kept with the result (_keep_copy)
 # A result's settings that are there only when they were sent (the image guidance of a Preview's Edit or Segment):
 # an entry kept by an earlier studio, without them, still comes back.
-OPTIONAL_SETTINGS = (IMAGE_GUIDANCE,)
+OPTIONAL_SETTINGS = (IMAGE_GUIDANCE, REFERENCES)
 REFERENCE_TASKS = ("edit", "segment")  # the tasks with a reference picture, which the image guidance guides
 
 
@@ -59,6 +60,23 @@ def _save_png(data: bytes, stem: str) -> str:
     path = Path(tempfile.mkdtemp(prefix=SAVED_PREFIX)) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.png"
     path.write_bytes(data)
     return str(path)
+
+
+def _keep_copy(data: bytes, name: str) -> str:
+    """A reference picture kept, under its own name, with the result made from it: reopened, the result brings it
+    back (the upload box may hold other pictures by then, or none after a reload)."""
+    path = Path(tempfile.mkdtemp(prefix=SAVED_PREFIX)) / Path(name).name
+    path.write_bytes(data)
+    return str(path)
+
+
+def _saved_here(path_text) -> Path | None:
+    """The file at `path_text` when this studio saved it (_save_png, _keep_copy) and it is still there, else None:
+    the browser holds what it gives back, so a path anywhere else is not opened."""
+    path = Path(str(path_text or "")).resolve()
+    temp = Path(tempfile.gettempdir()).resolve()
+    ours = path.parent.parent == temp and path.parent.name.startswith(SAVED_PREFIX)
+    return path if ours and path.is_file() else None
 
 
 def _pil(data: bytes) -> Image.Image:
@@ -123,8 +141,9 @@ class ImageController:
         cancel = self.inflight.begin(session, TAB)
         shown, final, result = None, None, None
         try:
+            pictures = [Path(p).read_bytes() for p in images]
             stream = self.link.client.imagine(
-                (target if task == "segment" else prompt) or "", task=task, images=[Path(p).read_bytes() for p in images],
+                (target if task == "segment" else prompt) or "", task=task, images=pictures,
                 size=parse_size(size), aspect=None if parse_size(size) or aspect == AUTO_ASPECT else aspect,
                 steps=int(steps), guidance=float(guidance), seed=seed, preview_every=int(preview_every) or None,
                 preset=PRESETS.get(preset) if task == "edit" else None, image_guidance=image_guidance, cancel=cancel)
@@ -157,6 +176,8 @@ class ImageController:
                                       ((result.image, stem), (result.mask, f"{stem}-mask"),
                                        (result.overlay, f"{stem}-overlay")))
             files = [f for f in (picture, mask, overlay) if f]
+            if pictures:
+                settings[REFERENCES] = [_keep_copy(data, p) for data, p in zip(pictures, images)]
             gallery_state.append({"image": files[0], "settings": settings})
             status = figures_line(final) + f" · seed {settings['seed']} · {result.width}x{result.height}"
             if result.note:
@@ -187,8 +208,8 @@ class ImageController:
 
     @staticmethod
     def reuse(gallery_state, evt: gr.SelectData):
-        """A gallery item clicked: its settings back into the controls (SETTINGS, then the image guidance when it
-        was sent; the slider is left as it is otherwise)."""
+        """A gallery item clicked: its settings back into the controls (SETTINGS, then the image guidance and the
+        reference pictures when they were sent; the slider and the upload box are left as they are otherwise)."""
         item = (gallery_state or [])[evt.index] if evt is not None and evt.index < len(gallery_state or []) else None
         if item is None:
             return [gr.update()] * (len(SETTINGS) + len(OPTIONAL_SETTINGS))
@@ -220,16 +241,20 @@ def kept_results(saved) -> list[dict]:
     """The gallery's entries the browser kept (gr.BrowserState, KEPT_GALLERY_KEY) that can still be shown and
     reused: a PNG this studio saved (the browser holds what it gives back: a path anywhere else is not opened),
     still there (gone when the machine cleaned its temp folder), with its settings."""
-    temp = Path(tempfile.gettempdir()).resolve()
     out = []
     for entry in saved if isinstance(saved, list) else []:
         if not isinstance(entry, dict) or not isinstance(entry.get("settings"), dict):
             continue
-        path = Path(str(entry.get("image") or "")).resolve()
-        if (path.suffix == ".png" and path.parent.parent == temp and path.parent.name.startswith(SAVED_PREFIX)
-                and path.is_file() and all(k in entry["settings"] for k in SETTINGS)):
-            kept = (*SETTINGS, *(k for k in OPTIONAL_SETTINGS if entry["settings"].get(k) is not None))
-            out.append({"image": str(path), "settings": {k: entry["settings"][k] for k in kept}})
+        path = _saved_here(entry.get("image"))
+        if path is not None and path.suffix == ".png" and all(k in entry["settings"] for k in SETTINGS):
+            settings = {k: entry["settings"][k] for k in SETTINGS}
+            if entry["settings"].get(IMAGE_GUIDANCE) is not None:
+                settings[IMAGE_GUIDANCE] = entry["settings"][IMAGE_GUIDANCE]
+            references = entry["settings"].get(REFERENCES)
+            references = [_saved_here(r) for r in references] if isinstance(references, list) else []
+            if references and all(references):  # (all of them, or the edit would not be the same)
+                settings[REFERENCES] = [str(r) for r in references]
+            out.append({"image": str(path), "settings": settings})
     return out
 
 
@@ -328,5 +353,5 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
     say_refused_files("image-refs", status, refused_reference)
     dice.click(lambda: random.randint(0, DRAWN_SEED_MAX), None, [seed], queue=False, api_visibility="private")
     gallery.select(controller.reuse, [state], [mode, prompt, preset, target, aspect, size, steps, guidance, seed,
-                                              image_guidance], api_visibility="private")
+                                              image_guidance, refs], api_visibility="private")
     return controller

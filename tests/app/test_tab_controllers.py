@@ -20,7 +20,7 @@ from app.engine_link import IMAGE_OUT, SPEECH_OUT, EngineLink  # noqa: E402
 from app.ui.chat import ASSUMED_TOKEN_CAP, ChatController, page_state, speech_controls, token_slider  # noqa: E402
 from app.ui.common import (RANDOM_SEED, SEED_MAX, SEED_RANGE, chosen_seed, figures_line, note_text,  # noqa: E402
                            seed_box, seed_problem)
-from app.ui.image import ASPECTS, AUTO_ASPECT, EDIT_PROMPT_HINTS, REFS_NOT_USED, ImageController, _save_png, kept_results  # noqa: E402
+from app.ui.image import ASPECTS, AUTO_ASPECT, EDIT_PROMPT_HINTS, REFS_NOT_USED, ImageController, _keep_copy, _save_png, kept_results  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
 from app.ui.speech import BOTH_GIVEN, CUT_AT_LIMIT, CUT_ON_DEMO, NOTHING_GIVEN, SpeechController  # noqa: E402
 from app.ui.voice import (CONFIRM_DELETE, MUSIC_TEXT_UNUSED, NAME_TOO_LONG, NO_CHOICE, PODCAST_NEEDS_A_VOICE,  # noqa: E402
@@ -391,6 +391,10 @@ def test_an_edit_or_segment_with_the_tabs_defaults_keeps_the_reference_shape(eng
         kinds = ("", "-mask", "-overlay") if mode == "Segment" else ("",)
         names = [re.sub(r"-\d{8}-\d{6}\.png$", "", Path(f).name) for f in last[6]]
         assert names == [f"{mode.lower()}-seed1{k}" for k in kinds], last[6]
+        # an Edit's or a Segment's picture is kept with its result, to come back when the result is reopened
+        kept = last[5][-1]["settings"].get("references")
+        assert kept is None if mode == "Generate" else [Path(k).read_bytes() for k in kept] == [Path(cup).read_bytes()]
+        assert kept is None or Path(kept[0]).name == "cup.png"
     assert abs(shapes[("Edit", AUTO_ASPECT)] - 4 / 3) < 0.1, shapes
     assert abs(shapes[("Segment", AUTO_ASPECT)] - 4 / 3) < 0.1, shapes
     assert shapes[("Edit", "1:1")] == 1.0 and shapes[("Generate", AUTO_ASPECT)] == 1.0, shapes
@@ -651,9 +655,25 @@ def test_a_picture_reopened_from_the_gallery_brings_back_its_image_guidance(tmp_
     def reused(index):
         return ImageController.reuse(kept, SimpleNamespace(index=index))
 
-    assert reused(0) == ("Edit", "make it blue", "(none)", "", AUTO_ASPECT, "", 8, 5.0, 7, 1.5)
+    assert reused(0) == ("Edit", "make it blue", "(none)", "", AUTO_ASPECT, "", 8, 5.0, 7, 1.5, gr.update())
     assert reused(1)[:9] == reused(0)[:9] and reused(1)[9] == gr.update()
-    assert len(ImageController.reuse(kept, SimpleNamespace(index=5))) == 10  # nothing there: every control as it is
+    assert len(ImageController.reuse(kept, SimpleNamespace(index=5))) == 11  # nothing there: every control as it is
+
+
+def test_a_reopened_edit_brings_back_the_pictures_it_edited(tmp_path):
+    """A click on an Edit in the gallery put its prompt and settings back but not its pictures: Make it then edited
+    whatever the upload box held (nothing after a reload). The copies kept with the result come back, from the
+    browser's kept gallery too, only where this studio saved all of them (a path anywhere else is not opened)."""
+    settings = {"mode": "Edit", "prompt": "make it blue", "preset": "(none)", "target": "", "aspect": AUTO_ASPECT,
+                "size": "", "steps": 8, "guidance": 2.0, "seed": 7}
+    made, picture = _save_png(b"png", "edit-seed7"), _keep_copy(b"jpeg", "/uploads/photo.jpg")
+    elsewhere = tmp_path / "photo.jpg"
+    elsewhere.write_bytes(b"jpeg")
+    kept = kept_results([{"image": made, "settings": {**settings, "references": [picture]}},
+                         {"image": made, "settings": {**settings, "references": [picture, str(elsewhere)]}}])
+    assert Path(picture).name == "photo.jpg" and Path(picture).read_bytes() == b"jpeg"
+    assert [e["settings"].get("references") for e in kept] == [[str(Path(picture).resolve())], None]
+    assert ImageController.reuse(kept, SimpleNamespace(index=0))[-1] == [str(Path(picture).resolve())]
 
 
 @pytest.mark.parametrize("fmt, vcodec, acodec", [("mp4", "mpeg4", "aac"), ("webm", "libvpx", "libopus")])
