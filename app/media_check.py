@@ -16,6 +16,8 @@ AUDIO_FORMATS = "WAV, MP3, FLAC, OGG, WebM, M4A or Opus"
 IMAGE_FORMATS = "PNG, JPEG, WebP, GIF or BMP"
 VIDEO_FORMATS = "MP4, WebM, MOV or MKV"
 VIDEO_SOUND = "video sound"  # a video given for its sound (the Speech tab): checked as audio, named as a video
+TO_TRANSCRIBE = "audio to transcribe"  # a recording for the Speech tab: checked as audio, held to the transcription limit
+TRANSCRIBED = (VIDEO_SOUND, TO_TRANSCRIBE)  # held to the card's max_transcription_seconds (transcribed in windows)
 SILENCE_DBFS = -60  # an audio clip whose loudest sample is quieter than this is silent
 
 
@@ -81,8 +83,11 @@ def _av_problem(path: Path, name: str, kind: str, limits: dict, max_seconds: flo
         import av
     except ImportError:  # no PyAV: the engine checks the clip itself
         return None
-    what, formats = ("an audio clip", f"a {AUDIO_FORMATS}") if kind == "audio" else ("a video", f"an {VIDEO_FORMATS}")
-    kind = "audio" if kind == VIDEO_SOUND else kind
+    what, formats = ("a video", f"an {VIDEO_FORMATS}") if kind in ("video", VIDEO_SOUND) else ("an audio clip",
+                                                                                                f"a {AUDIO_FORMATS}")
+    most = max_seconds or (limits.get("max_transcription_seconds") if kind in TRANSCRIBED else None) or limits.get(
+        "max_audio_seconds")
+    kind = "audio" if kind in TRANSCRIBED else kind
     try:
         with av.open(str(path)) as container:
             streams = {s.type for s in container.streams}
@@ -93,7 +98,6 @@ def _av_problem(path: Path, name: str, kind: str, limits: dict, max_seconds: flo
         return f"'{name}' is a video with no sound track: there is no speech in it to use. Choose one with sound."
     if kind not in streams:
         return f"'{name}' has no {kind} in it."
-    most = max_seconds or limits.get("max_audio_seconds")
     if kind == "audio" and most and seconds and seconds > most:
         return (f"'{name}' is {seconds:,.0f} s long; {'a voice clip is' if max_seconds else 'the engine takes'} at "
                 f"most {most:,.0f} s: {'trim it to a few sentences' if max_seconds else 'cut it into shorter clips'}.")
@@ -118,7 +122,7 @@ def upload_size_problem(what: str, size: int, limits: dict) -> str | None:
 
 def media_problem(path: str | Path, kind: str, limits: dict | None = None, upload: bool = False,
                   max_seconds: float | None = None) -> str | None:
-    """What keeps the engine from using the file at `path` as `kind` ('image' | 'audio' | 'video' | VIDEO_SOUND: a
+    """What keeps the engine from using the file at `path` as `kind` ('image' | 'audio' | 'video' | TO_TRANSCRIBE | VIDEO_SOUND: a
     video given for its sound), in words naming the file; None when nothing is found. `limits`: the engine's (ModelInfo.limits). `upload`: the file
     goes as a multipart upload (a transcription or a voice clip), held to the engine's max_upload_bytes.
     `max_seconds`: a clip's own limit (a voice to clone: VOICE_CLIP_SECONDS), instead of the engine's."""
@@ -134,6 +138,6 @@ def media_problem(path: str | Path, kind: str, limits: dict | None = None, uploa
         return problem
     if kind == "image":
         return _image_problem(path, name, limits)
-    if kind in ("audio", "video", VIDEO_SOUND):
+    if kind in ("audio", "video", *TRANSCRIBED):
         return _av_problem(path, name, kind, limits, max_seconds)
     return None

@@ -15,12 +15,13 @@ import gradio as gr
 import numpy as np
 
 from app.engine_link import AUDIO_IN, EngineLink
-from app.media_check import AUDIO_FORMATS, VIDEO_FORMATS, VIDEO_SOUND, clip_seconds, media_problem, upload_size_problem
+from app.media_check import (AUDIO_FORMATS, TO_TRANSCRIBE, VIDEO_FORMATS, VIDEO_SOUND, clip_seconds, media_problem,
+                              upload_size_problem)
 from app.sound_track import sound_track
 from app.ui.common import (GENERATING, InFlight, capability_note, engine_limits, error_line, failure, figures_line,
                            queue_line, check_on_upload, run_button, runs_tab, say_refused_files, session_of, toolbar,
                            wire_stop, says_refused)
-from engine.events import Done, Error, QueuePosition, TextDelta
+from engine.events import Done, Error, Progress, QueuePosition, TextDelta
 
 TAB = "speech"
 AUTO = "Auto (detect)"
@@ -62,11 +63,18 @@ def wav_bytes(rate: int, samples: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def srt_text(text: str, seconds: float) -> str:
+def srt_text(text: str, seconds: float, segments: list[dict] | None = None) -> str:
+    """SubRip cues: one per window of a long recording (the result's `segments`), else one spanning the clip."""
     def stamp(t: float) -> str:
         ms = int(round(t * 1000))
         return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
-    return f"1\n{stamp(0)} --> {stamp(max(seconds, 0.001))}\n{text.strip()}\n"
+    spans = [(s["start"], s["end"], s["text"]) for s in segments or () if s["text"].strip()] or [(0, seconds, text)]
+    return "\n".join(f"{i}\n{stamp(a)} --> {stamp(max(b, 0.001))}\n{t.strip()}\n" for i, (a, b, t) in enumerate(spans, 1))
+
+
+def progress_line(event: Progress) -> str:
+    """The status of a long recording transcribed in windows (the engine's Progress, counted in windows)."""
+    return f"{TRANSCRIBING} part {min(event.done + 1, event.total)} of {event.total}"
 
 
 def hotword_list(text: str | None) -> list[str]:
@@ -112,9 +120,12 @@ class SpeechController:
                     if status == GENERATING:
                         status = TRANSCRIBING
                     yield text, status, None, False
+                elif isinstance(event, Progress) and event.total > 1:
+                    status = progress_line(event)
+                    yield text, status, None, False
                 elif isinstance(event, TextDelta):
                     text += event.text
-                    yield text, TRANSCRIBING, None, False
+                    yield text, status if status.startswith(TRANSCRIBING) else TRANSCRIBING, None, False
                 elif isinstance(event, Done):
                     status = figures_line(event)
                     if event.finish_reason == "cancelled":  # Stop: what was heard stays, no files (an empty .txt)
@@ -159,8 +170,8 @@ class SpeechController:
         if problem := settings_problem(context, hotwords, limits):
             yield gr.skip(), problem, gr.skip(), gr.skip()
             return
-        if problem := media_problem(path, "audio", limits, upload=True) if path else media_problem(video, VIDEO_SOUND,
-                                                                                                   limits):
+        if problem := media_problem(path, TO_TRANSCRIBE, limits, upload=True) if path else media_problem(
+                video, VIDEO_SOUND, limits):
             yield gr.skip(), problem, gr.skip(), gr.skip()
             return
         if path:
@@ -175,15 +186,15 @@ class SpeechController:
         for text, status, result, finished in self._stream(audio, context, hotwords, dialect, request):
             # no files until it is done (the last transcript's are not this one's), nor for one failed or stopped
             done = finished and result is not None
-            yield text, status, *(self._files(text, clip_seconds(source) or 0.0) if done else (None, None))
+            yield text, status, *(self._files(text, clip_seconds(source) or 0.0, result) if done else (None, None))
 
     @staticmethod
-    def _files(text: str, seconds: float) -> tuple[str, str]:
+    def _files(text: str, seconds: float, result: dict | None = None) -> tuple[str, str]:
         folder = Path(tempfile.mkdtemp(prefix="ming-asr-"))
         stem = f"transcript-{time.strftime('%Y%m%d-%H%M%S')}"
         txt, srt = folder / f"{stem}.txt", folder / f"{stem}.srt"
         txt.write_text(text.strip() + "\n", encoding="utf-8")
-        srt.write_text(srt_text(text, seconds), encoding="utf-8")
+        srt.write_text(srt_text(text, seconds, (result or {}).get("segments")), encoding="utf-8")
         return str(txt), str(srt)
 
     def stream(self, state: dict | None, chunk, context, hotwords, dialect, request: gr.Request | None = None):
@@ -216,7 +227,7 @@ class SpeechController:
             return None, "", "Nothing was recorded.", None, None
         audio = wav_bytes(state["rate"], np.concatenate(state["chunks"]))
         text, status, result = self._run(audio, context, hotwords, dialect, request)
-        files = self._files(text, state["seconds"]) if result is not None else (None, None)
+        files = self._files(text, state["seconds"], result) if result is not None else (None, None)
         return None, text, status, *files
 
     def stop(self, request: gr.Request | None = None) -> None:
@@ -279,7 +290,7 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
     live.stop_recording(controller.finish, [state, *settings], [state, transcript, status, txt, srt],
                         concurrency_limit=None, api_visibility="private")
     wire_stop(stop, controller.stop, api_visibility="private")
-    check_on_upload(link, clip, "audio", status, upload=True)
+    check_on_upload(link, clip, TO_TRANSCRIBE, status, upload=True)
     say_refused_files("speech-clip", status, refused_clip)
     say_refused_files("speech-video", status, refused_video)
     check_on_upload(link, video, VIDEO_SOUND, status)  # (its sound track alone is sent: its size is checked then)

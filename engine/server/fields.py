@@ -41,10 +41,12 @@ class Fields:
             if key in self.taken or key in self.ignored or value is None:
                 continue
             name = f"{prefix}{key}"
-            if key in self.refused:
-                why, harmless = self.refused[key]
-                if harmless(value):
+            base = key.split("[", 1)[0]  # an object sent as form fields: chunking_strategy[type]=server_vad
+            if key in self.refused or base in self.refused:
+                why, harmless = self.refused.get(key) or self.refused[base]
+                if key in self.refused and harmless(value):
                     continue
+                name = f"{prefix}{key if key in self.refused else base}"
                 raise bad(f"'{name}' is not supported by this server: {why}", "unsupported_parameter", name)
             raise bad(f"unknown field {name[:60]!r}; known: {', '.join(sorted(self.taken + self.ignored))}",
                       "unknown_parameter", name[:60])
@@ -112,11 +114,12 @@ TRANSCRIPTION = Fields(
            "include[]")
     + TRANSCRIPTION_KEYWORDS + TRANSCRIPTION_EXTENSIONS,
     ignored=("languages", "languages[]"),  # candidates: the model tells the language itself (`language` forces one)
-    refused={name: (why, lambda v: False) for names, why in (
-        (("timestamp_granularities", "timestamp_granularities[]"), NO_TIMESTAMPS),
-        (("chunking_strategy",), "the whole clip is transcribed at once"),
+    refused={name: (why, harmless) for names, why, harmless in (
+        (("timestamp_granularities", "timestamp_granularities[]"), NO_TIMESTAMPS, lambda v: False),
+        (("chunking_strategy",), "a recording over 30 s is cut into 30 s windows at their quietest moments; only "
+         "'auto' (that) is taken", lambda v: v == "auto"),
         (("known_speaker_names", "known_speaker_names[]", "known_speaker_references",
-          "known_speaker_references[]"), NO_DIARIZATION)) for name in names})
+          "known_speaker_references[]"), NO_DIARIZATION, lambda v: False)) for name in names})
 
 # realtime: the fields of each client event (besides type and event_id), of response.create's
 # `response`, and of a conversation item

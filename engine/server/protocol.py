@@ -759,7 +759,8 @@ def transcription_body(done: Done, metrics_obj: dict | None, duration_s: float |
     """/v1/audio/transcriptions result: json (usage in tokens, and the transcript tokens' `logprobs` when they were
     asked for), or with the clip's `duration_s` verbose_json, whose `language` is always a string ("" when the model
     named none) and whose usage is the clip's duration, as OpenAI's verbose body has them (`TranscriptionVerbose`).
-    Ours, beside `metrics`: `finish_reason`, "length" when the transcript was cut at max_tokens (OpenAI's has none)."""
+    Ours, beside `metrics`: `finish_reason`, "length" when the transcript was cut at max_tokens (OpenAI's has none),
+    and a long recording's `windows` (start, end, text of each window it was transcribed in)."""
     res = done.result or {}
     out = {"text": res.get("text", ""), "language": res.get("language"), "usage": usage(done.stats, "transcription")}
     if logprobs is not None:
@@ -767,6 +768,8 @@ def transcription_body(done: Done, metrics_obj: dict | None, duration_s: float |
     if metrics_obj is not None:  # None: OpenAI's fields only (--openai-only)
         out["metrics"] = metrics_obj
         out["finish_reason"] = finish_reason_http(done)
+        if res.get("segments"):  # a long recording's windows (engine.models.thinker.asr_windows): start, end, text
+            out["windows"] = res["segments"]
     if duration_s is not None:
         seconds = round(duration_s, 3)
         out.update({"task": "transcribe", "language": out["language"] or "", "duration": seconds,
@@ -910,7 +913,8 @@ class SseDecoder(SseLines):
             reason = "length" if obj.get("finish_reason") == "length" else "stop"
             self._done = Done(text=str(obj.get("text", "")), finish_reason=reason,
                               stats=stats_from_wire(obj.get("usage"), obj.get("metrics")),
-                              result={"language": obj.get("language"), "text": obj.get("text", "")})
+                              result={"language": obj.get("language"), "text": obj.get("text", ""),
+                                      **({"segments": obj["windows"]} if isinstance(obj.get("windows"), list) else {})})
             return []
         if kind is not None or obj.get("object") != "chat.completion.chunk":
             return self._unknown(f"unknown stream event {str(kind or obj.get('object'))[:60]!r}")

@@ -731,10 +731,25 @@ def test_a_context_longer_than_the_model_can_read_is_said_in_the_tabs_words(engi
     assert "finish reason" in status, status
 
 
-def test_a_video_longer_than_the_engine_hears_is_refused_as_a_clip_is(tiny_engine, tmp_path):
-    """A video's sound is held to the engine's clip length (the model card's max_audio_seconds), said before sending."""
+def test_a_recording_is_held_to_the_transcription_limit_and_transcribed_in_windows(tiny_engine, tmp_path, monkeypatch):
+    """A video's sound and a clip are held to the engine's transcription limit (the model card's
+    max_transcription_seconds), said before sending. The tab held them to the clip limit (max_audio_seconds), so a
+    10-minute talk was refused though the engine transcribes it in windows; the status says which window it is on and
+    the .srt has a cue per window."""
+    from engine.models.thinker.asr_windows import Windowing
+
+    monkeypatch.setattr(tiny_engine, "asr_windowing", Windowing(window_s=1.5, search_s=0.5))
     video = video_file(tmp_path / "lecture.mp4", "mp4", "mpeg4", "aac", seconds=3.0, size=(64, 48))
-    with running_server(tiny_engine, max_audio_seconds=2.0) as srv:
+    clip = tmp_path / "talk.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.9, 8000, 220.0), 8000))  # over the clip limit, within the transcription's
+    with running_server(tiny_engine, max_audio_seconds=1.0, max_transcription_seconds=2.0, max_new_tokens=2,
+                        default_max_tokens=2) as srv:  # (2 transcript tokens a window)
         speech = SpeechController(EngineLink(EngineClient(srv.url)))
-        shown = list(speech.transcribe_file(None, "", "", None, video=str(video)))
-    assert len(shown) == 1 and shown[0][1].startswith("'lecture.mp4' is 3 s long; the engine takes at most 2 s"), shown
+        refused = list(speech.transcribe_file(None, "", "", None, video=str(video)))
+        shown = list(speech.transcribe_file(str(clip), "", "", None))
+    assert len(refused) == 1 and refused[0][1].startswith("'lecture.mp4' is 3 s long; the engine takes at most 2 s")
+    statuses = [status for _, status, *_ in shown]
+    assert "Transcribing… part 1 of 2" in statuses and "Transcribing… part 2 of 2" in statuses, statuses
+    text, status, txt, srt = shown[-1]
+    cues = Path(srt).read_text(encoding="utf-8").strip().split("\n\n")
+    assert "finish reason" in status and text and len(cues) == 2 and cues[1].startswith("2\n"), cues

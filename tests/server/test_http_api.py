@@ -229,6 +229,19 @@ def test_a_recording_longer_than_a_clip_is_transcribed_in_windows(server, tiny_e
     assert r.text.count(": progress {\"stage\":\"transcribing\"") == 3  # before each window, and at the end
     done = json.loads(r.text.split("data: ")[-2])
     assert done["type"] == "transcript.text.done" and len(done["text"].split()) >= 2
+    assert [w["start"] for w in done["windows"]] == [0.0, 2.975] and done["windows"][-1]["end"] == 5.5
+
+
+def test_chunking_strategy_auto_is_taken_and_a_vad_one_refused_saying_what_the_server_does(client):
+    """`chunking_strategy` was refused whatever its value, "the whole clip is transcribed at once", no longer true."""
+    got = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", wav_bytes(tone_pcm16(0.3))),
+                                             chunking_strategy="auto", extra_body={"max_tokens": 1})
+    assert got.text is not None
+    with pytest.raises(openai.BadRequestError) as info:
+        client.audio.transcriptions.create(model="whisper-1", file=("a.wav", wav_bytes(tone_pcm16(0.3))),
+                                           chunking_strategy={"type": "server_vad", "threshold": 0.5})
+    assert (info.value.code, info.value.param) == ("unsupported_parameter", "chunking_strategy")
+    assert "30 s windows" in info.value.message
 
 
 def test_transcription_limits_and_errors(server):
