@@ -23,7 +23,6 @@ OPENAI_PENALTIES = ("presence_penalty", "frequency_penalty")
 OUTPUT_MODALITIES = ("text", "audio", "image")
 IMAGE_ENDPOINTS = "POST /v1/images/generations or /v1/images/edits"
 TRANSCRIPTION_MAX_TOKENS = 512  # a transcription's token limit when the request sets none
-ISO_TO_TAG = {"zh": "Chinese"}  # transcription language codes the model has its own tag for; others pass through
 
 
 def check_output_modalities(value: Any, name: str, engine) -> list[str]:
@@ -190,11 +189,20 @@ def flag(body: dict, name: str, default: bool = False) -> bool:
 
 def transcription_tag(value: str | None, name: str, iso: bool = True) -> str | None:
     """A transcription `language` / `dialect` field (None or "" = not given), refused when it cannot be
-    a tag (the model's tag ends at a tab: engine.models.thinker.asr); `iso`: ISO codes the model has its
-    own name for are mapped to it ("zh" -> "Chinese"; a dialect is given as the model names it)."""
+    a tag (the model's tag ends at a tab: engine.models.thinker.asr); `iso`: an ISO 639-1 code is mapped to the
+    model's tag for it ("zh" -> "Chinese", "en-US" -> "English"), one it has none for is refused (a dialect, and
+    any other tag, is given as the model names it)."""
     if not value:
         return None
     if any(c in value for c in "\t\n\r"):
         raise bad(f"'{name}' is a language or dialect tag such as 'en', 'Chinese' or '上海': it cannot "
                   f"hold a tab or a line break, got {shown(value)}", "invalid_value", name)
-    return ISO_TO_TAG.get(value, value) if iso else value
+    if not iso:
+        return value
+    from engine.models.thinker.asr import iso_language  # noqa: PLC0415
+
+    try:
+        return iso_language(value) or value
+    except KeyError:
+        raise bad(f"'{name}' {shown(value)} is not an ISO 639-1 code the model has a language for; give one such as "
+                  "'en', 'zh' or 'ja', or the model's own tag ('Chinese', '上海')", "invalid_value", name) from None

@@ -193,6 +193,22 @@ def test_transcription_with_context_hotwords_and_dialect(client, tiny_engine):
     assert resp.model_extra["finish_reason"] == done.finish_reason == "length"
 
 
+@pytest.mark.parametrize("language, tag", [("en", "English"), ("zh-CN", "Chinese"), ("上海", "上海")])
+def test_an_iso_language_code_is_forced_as_the_models_tag(client, language, tag):
+    """`language=en`, what OpenAI's clients send, was forced as the tag "en\t", one the model never writes (its tags
+    are language names: "Chinese", spec §6.3); a dialect tag is forced as given."""
+    got = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", wav_bytes(tone_pcm16(0.3))),
+                                             language=language, extra_body={"max_tokens": 1})
+    assert got.model_extra["language"] == tag
+
+
+def test_a_language_code_the_model_has_no_tag_for_is_refused(client):
+    with pytest.raises(openai.BadRequestError) as info:  # (it was forced as "xx\t" and transcribed as if known)
+        client.audio.transcriptions.create(model="whisper-1", file=("a.wav", wav_bytes(tone_pcm16(0.3))), language="xx")
+    assert (info.value.code, info.value.param) == ("invalid_value", "language")
+    assert "'en', 'zh' or 'ja'" in info.value.message
+
+
 def test_streaming_transcription_with_the_openai_client(client):
     stream = client.audio.transcriptions.create(model="default", file=("clip.wav", wav_bytes(tone_pcm16(0.5))),
                                                 stream=True, extra_body={"max_tokens": 6, "dialect": "上海"})

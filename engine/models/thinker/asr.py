@@ -20,6 +20,30 @@ KNOWN_LANGUAGE_TAGS = {
 }
 
 
+# OpenAI's `language` (ISO 639-1) -> the model's tag. The tags the model writes before the tab are language names in
+# English ("Chinese": the one language tag confirmed upstream, spec §6.3), so a code is forced as its language's
+# English name; a code the model was not trained on is a tag it never saw (forcing one is the caller's choice).
+ISO_LANGUAGES = {
+    "zh": "Chinese", "en": "English", "ja": "Japanese", "ko": "Korean", "yue": "Cantonese", "fr": "French",
+    "de": "German", "es": "Spanish", "pt": "Portuguese", "it": "Italian", "ru": "Russian", "ar": "Arabic",
+    "hi": "Hindi", "th": "Thai", "vi": "Vietnamese", "id": "Indonesian", "ms": "Malay", "tr": "Turkish",
+    "nl": "Dutch", "pl": "Polish", "sv": "Swedish", "da": "Danish", "no": "Norwegian", "fi": "Finnish",
+    "cs": "Czech", "el": "Greek", "he": "Hebrew", "uk": "Ukrainian", "hu": "Hungarian", "ro": "Romanian",
+    "fa": "Persian", "ur": "Urdu", "bn": "Bengali", "ta": "Tamil", "tl": "Tagalog", "ca": "Catalan",
+}
+
+
+def iso_language(code: str) -> str | None:
+    """The model's tag for an ISO 639-1 code, a region allowed ("en", "zh-CN", "pt_BR"); None when `code` does not
+    look like one (a tag such as "Chinese" or "上海", passed as given); KeyError for a code of that form not known."""
+    primary, _, region = code.replace("_", "-").partition("-")
+    if not (primary.isascii() and primary.isalpha() and primary.islower() and 2 <= len(primary) <= 3):
+        return None
+    if region and not (region.isascii() and region.isalnum()):
+        return None
+    return ISO_LANGUAGES[primary]
+
+
 def asr_instruction(context: str | None = None, hotwords: list[str] | None = None) -> str:
     """The HUMAN text before the audio: the instruction, then context and hotwords, no spaces."""
     text = ASR_INSTRUCTION + (context or "")
