@@ -43,6 +43,9 @@ BOTH_GIVEN = ("Both a clip and a video are given: remove the one not to transcri
 # long (200000 characters)"; the box is "Context"). A token stands for a character at most (the engine's own check).
 SETTINGS_TOO_LONG = ("The context and hotwords are {n:,} characters; this model's context holds at most {most:,} tokens, "
                      "so at most {most:,} characters: shorten them to the few words that say what the audio is about.")
+# While a transcription runs, and when it fails or is stopped, the .txt and .srt boxes keep the last finished
+# transcript's files (they were emptied when the next one started: a stopped or failed run lost the earlier transcript).
+KEEP_FILES = (gr.skip(), gr.skip())
 # The video files the Speech tab takes (their sound is transcribed): what phones, cameras and screen recorders write.
 VIDEO_FILE_TYPES = [".mp4", ".webm", ".mov", ".mkv", ".m4v"]
 
@@ -184,9 +187,9 @@ class SpeechController:
             yield gr.skip(), problem, gr.skip(), gr.skip()
             return
         for text, status, result, finished in self._stream(audio, context, hotwords, dialect, request):
-            # no files until it is done (the last transcript's are not this one's), nor for one failed or stopped
+            # the last finished transcript's files stay until this one is done, and stay when it fails or is stopped
             done = finished and result is not None
-            yield text, status, *(self._files(text, clip_seconds(source) or 0.0, result) if done else (None, None))
+            yield text, status, *(self._files(text, clip_seconds(source) or 0.0, result) if done else KEEP_FILES)
 
     @staticmethod
     def _files(text: str, seconds: float, result: dict | None = None) -> tuple[str, str]:
@@ -224,10 +227,10 @@ class SpeechController:
         """Recording stopped: the final transcript of the whole recording."""
         state = state or {}
         if not state.get("chunks"):
-            return None, "", "Nothing was recorded.", None, None
+            return None, gr.skip(), "Nothing was recorded.", *KEEP_FILES
         audio = wav_bytes(state["rate"], np.concatenate(state["chunks"]))
         text, status, result = self._run(audio, context, hotwords, dialect, request)
-        files = self._files(text, state["seconds"], result) if result is not None else (None, None)
+        files = self._files(text, state["seconds"], result) if result is not None else KEEP_FILES
         return None, text, status, *files
 
     def stop(self, request: gr.Request | None = None) -> None:
@@ -279,8 +282,8 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
             transcript = gr.Textbox(label="Transcript", lines=8, buttons=["copy"], elem_id="speech-transcript")
             status = gr.Markdown("", elem_id="speech-figures")
             with gr.Row():
-                txt = gr.File(label=".txt", elem_id="speech-txt")
-                srt = gr.File(label=".srt", elem_id="speech-srt")
+                txt = gr.File(label=".txt (the last finished transcript)", elem_id="speech-txt")
+                srt = gr.File(label=".srt (the last finished transcript)", elem_id="speech-srt")
     state = gr.State(None)
     settings = [context, hotwords, dialect]
     go.click(controller.transcribe_file, [clip, *settings, video], [transcript, status, txt, srt],

@@ -239,13 +239,18 @@ class StoppedTranscriber:
         yield Done(text="hello", finish_reason="cancelled")
 
 
-def test_a_stopped_transcription_offers_no_files(tmp_path):
-    """Stop during Transcribe offered a 1-byte transcript .txt and an .srt of nothing."""
+def test_a_stopped_transcription_offers_no_files_and_keeps_the_last_finished_ones(tmp_path):
+    """Stop during Transcribe offered a 1-byte transcript .txt and an .srt of nothing; and starting a transcription
+    emptied the boxes of the last finished one's files, so a stopped or failed run lost the earlier transcript."""
+    import gradio as gr
+
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav_bytes(tone_pcm16(1.0, 16000, 220.0), 16000))
     speech = SpeechController(EngineLink(StoppedTranscriber()))
-    text, status, txt, srt = last(speech.transcribe_file(str(clip), "", "", None))
-    assert (text, status, txt, srt) == ("hello", "finish reason: cancelled (stopped)", None, None)
+    shown = list(speech.transcribe_file(str(clip), "", "", None))
+    assert shown[-1] == ("hello", "finish reason: cancelled (stopped)", gr.skip(), gr.skip())
+    assert all(files == (gr.skip(), gr.skip()) for *_, files in ((s[:2], s[2:]) for s in shown)), shown
+    assert speech.finish({"chunks": []}, "", "", None)[1:] == (gr.skip(), "Nothing was recorded.", gr.skip(), gr.skip())
 
 
 def test_a_transcript_cut_at_the_token_limit_says_so(tiny_engine, tmp_path):
@@ -420,11 +425,14 @@ class SlowTranscriber(StoppedTranscriber):
 def test_a_transcription_shows_its_place_in_line_and_the_transcript_as_it_is_written(tmp_path):
     """Transcribe showed nothing until the whole transcript was done (a long clip: minutes of a spinner), not even
     its place in the engine's line; it now streams both, and offers the files only once it is done."""
+    import gradio as gr
+
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav_bytes(tone_pcm16(1.0, 16000, 220.0), 16000))
     shown = list(SpeechController(EngineLink(SlowTranscriber())).transcribe_file(str(clip), "", "", None))
-    assert "1 request ahead of yours" in shown[0][1] and shown[0][2:] == (None, None), shown[0]
-    assert [s[0] for s in shown[1:3]] == ["hello", "hello world"] and all(s[2] is None for s in shown[:3]), shown
+    keep = (gr.skip(), gr.skip())  # (the last finished transcript's files stay until this one is done)
+    assert "1 request ahead of yours" in shown[0][1] and shown[0][2:] == keep, shown[0]
+    assert [s[0] for s in shown[1:3]] == ["hello", "hello world"] and all(s[2:] == keep for s in shown[:3]), shown
     text, status, txt, srt = shown[-1]
     assert text == "hello world" and "finish reason: stop" in status
     assert Path(txt).read_text(encoding="utf-8") == "hello world\n" and srt
