@@ -933,6 +933,11 @@ class RealtimeConnection:
         if active is not None:
             raise bad(f"item {item_id!r} is the reply response {active.id} is still writing: cancel it "
                       "(response.cancel) or wait for response.done, then delete it", "invalid_state", "item_id")
+        active = self.session.active
+        if active is not None and active.joins and active.encoder.previous_item_id == item_id:
+            raise bad(f"item {item_id[:64]!r} is followed by the reply response {active.id} is still writing (its "
+                      "conversation.item.added named it as previous_item_id): delete it after response.done",
+                      "invalid_state", "item_id")
         for i, it in enumerate(self.session.items):
             if it.id == item_id:
                 del self.session.items[i]
