@@ -59,6 +59,8 @@ MAX_EVENT_ID_CHARS = 512  # a client's event_id, echoed in the error events it c
 # OpenAI session fields that have no effect here and are accepted silently
 IGNORED_SESSION_FIELDS = {"tracing", "truncation", "prompt", "tool_choice",
                           "input_audio_noise_reduction", "speed", "object", "id"}
+CANCELLED_RESPONSE_WAIT_S = 5.0  # a response.create right after response.cancel waits this long for the cancelled
+#                                  response to end (its engine stops within a step) before it is refused
 MAX_PENDING_TRANSCRIPTIONS = 8  # per session: turns committed faster than the engine transcribes them
 TRANSCRIPTION_LOGPROBS = "item.input_audio_transcription.logprobs"  # session.include's one value (OpenAI's)
 
@@ -962,8 +964,17 @@ class RealtimeConnection:
     async def on_response_create(self, event: dict, event_id) -> None:
         spec = need_dict({} if event.get("response") is None else event["response"], "response")
         REALTIME_RESPONSE.check(spec, "response.")
+        await self._let_cancelled_response_end()
         await self._start_response(spec, event_id)
         self.response_wanted = False  # the client asked for this one itself
+
+    async def _let_cancelled_response_end(self) -> None:
+        """A cancelled response (response.cancel, a barge-in) is active until its engine stops and its response.done
+        is queued: a response.create sent right after response.cancel waits for that (CANCELLED_RESPONSE_WAIT_S at
+        most) rather than meet conversation_already_has_active_response for a response its client has ended."""
+        active = self.session.active
+        if active is not None and active.silenced and active.task is not None:
+            await asyncio.wait({active.task}, timeout=CANCELLED_RESPONSE_WAIT_S)
 
     async def _start_response(self, spec: dict, event_id: str | None) -> None:
         if self.session.active is not None:

@@ -57,3 +57,20 @@ def test_the_item_a_running_reply_follows_cannot_be_deleted_until_it_ends(server
         assert deleted["item_id"] == asked
         session, = server.ctx.sessions.open.values()
         assert [item.id for item in session.items] == [reply, later]
+
+
+def test_a_response_created_right_after_cancelling_the_running_one_runs(server):
+    with connect(server.ws_url) as ws:
+        recv_json(ws)  # session.created
+        user_item(ws)
+        send(ws, {"type": "response.create"})
+        first = recv_until(ws, "response.output_text.delta")[-1]["response_id"]
+        send(ws, {"type": "response.cancel"})  # a client's barge-in: cancel, the user's new turn, a response to it
+        send(ws, {"type": "conversation.item.create",
+                  "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "stop"}]}})
+        send(ws, {"type": "response.create", "event_id": "again"})  # (all sent at once)
+        events = recv_until(ws, "response.done", 10) + recv_until(ws, "response.done", 10)
+        # (before: conversation_already_has_active_response, and no second response)
+        assert [e["error"] for e in events if e["type"] == "error"] == []
+        done = [e["response"] for e in events if e["type"] == "response.done"]
+        assert [(r["id"] == first, r["status"]) for r in done] == [(True, "cancelled"), (False, "completed")]
