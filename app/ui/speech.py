@@ -17,7 +17,7 @@ import numpy as np
 from app.engine_link import AUDIO_IN, EngineLink
 from app.media_check import (AUDIO_FORMATS, TO_TRANSCRIBE, VIDEO_FORMATS, VIDEO_SOUND, clip_seconds, media_problem,
                               upload_size_problem)
-from app.sound_track import sound_track
+from app.sound_track import sound_track, speech_track
 from app.ui.common import (GENERATING, InFlight, capability_note, engine_limits, error_line, failure, figures_line,
                            queue_line, check_on_upload, run_button, runs_tab, say_refused_files, session_of, toolbar,
                            wire_stop, says_refused)
@@ -173,23 +173,31 @@ class SpeechController:
         if problem := settings_problem(context, hotwords, limits):
             yield gr.skip(), problem, gr.skip(), gr.skip()
             return
-        if problem := media_problem(path, TO_TRANSCRIBE, limits, upload=True) if path else media_problem(
-                video, VIDEO_SOUND, limits):
+        if problem := media_problem(path, TO_TRANSCRIBE, limits) if path else media_problem(video, VIDEO_SOUND, limits):
             yield gr.skip(), problem, gr.skip(), gr.skip()
             return
-        if path:
-            audio = Path(path).read_bytes()
-        elif sound := sound_track(video):  # its sound alone is sent
-            audio, what = sound, f"the sound track of '{Path(video).name}'"
-        else:  # a stream that cannot be copied out: the whole file, whose sound the engine's transcription takes too
-            audio, what = Path(video).read_bytes(), f"'{Path(video).name}'"
-        if video and (problem := upload_size_problem(what, len(audio), limits)):
+        audio, what = self._audio_to_send(path, video, limits)
+        if problem := upload_size_problem(what, len(audio), limits):
             yield gr.skip(), problem, gr.skip(), gr.skip()
             return
         for text, status, result, finished in self._stream(audio, context, hotwords, dialect, request):
             # the last finished transcript's files stay until this one is done, and stay when it fails or is stopped
             done = finished and result is not None
             yield text, status, *(self._files(text, clip_seconds(source) or 0.0, result) if done else KEEP_FILES)
+
+    @staticmethod
+    def _audio_to_send(path: str | None, video: str | None, limits: dict) -> tuple[bytes, str]:
+        """(bytes, what they are in words) sent for a clip or a video: a clip as it is or, when it is too large to
+        upload, what the model hears of it (speech_track: 30 minutes of WAV in 7 MiB); a video's sound track alone, or
+        the whole video when that cannot be copied out (the engine's transcription takes a video's sound too)."""
+        if path:
+            name = f"'{Path(path).name}'"
+            if upload_size_problem(name, Path(path).stat().st_size, limits) and (speech := speech_track(path)):
+                return speech, f"{name} as 16 kHz speech"
+            return Path(path).read_bytes(), name
+        if sound := sound_track(video):
+            return sound, f"the sound track of '{Path(video).name}'"
+        return Path(video).read_bytes(), f"'{Path(video).name}'"
 
     @staticmethod
     def _files(text: str, seconds: float, result: dict | None = None) -> tuple[str, str]:
@@ -293,7 +301,7 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
     live.stop_recording(controller.finish, [state, *settings], [state, transcript, status, txt, srt],
                         concurrency_limit=None, api_visibility="private")
     wire_stop(stop, controller.stop, api_visibility="private")
-    check_on_upload(link, clip, TO_TRANSCRIBE, status, upload=True)
+    check_on_upload(link, clip, TO_TRANSCRIBE, status)  # (one too large to upload is sent as 16 kHz speech)
     say_refused_files("speech-clip", status, refused_clip)
     say_refused_files("speech-video", status, refused_video)
     check_on_upload(link, video, VIDEO_SOUND, status)  # (its sound track alone is sent: its size is checked then)

@@ -701,6 +701,29 @@ def test_the_sound_of_a_video_is_transcribed_even_when_the_video_is_over_the_upl
     assert cue.startswith("00:00:00,000 --> 00:00:02,"), cue
 
 
+def test_a_recording_too_large_to_upload_is_sent_as_the_speech_the_model_hears(tiny_engine, tmp_path):
+    """A clip over the engine's upload limit (30 minutes of WAV is 160 MiB; the limit is 25 MiB) was refused before
+    sending; it is sent as its first channel at 16 kHz in Opus (what the model's front end takes of it), and
+    transcribed."""
+    import wave
+
+    rate, seconds = 48000, 4.0
+    tone = tone_pcm16(seconds, rate, 220.0)
+    clip = tmp_path / "meeting.wav"
+    with wave.open(str(clip), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.stack([tone, np.zeros_like(tone)], 1).tobytes())  # speech on the first channel only
+    limit = 96 * 1024
+    assert clip.stat().st_size > 7 * limit
+    with running_server(tiny_engine, max_upload_bytes=limit, max_new_tokens=2, default_max_tokens=2) as srv:
+        speech = SpeechController(EngineLink(EngineClient(srv.url)))
+        text, status, txt, srt = last(speech.transcribe_file(str(clip), "", "", None))
+    assert "finish reason" in status and text and txt, status
+    assert Path(srt).read_text(encoding="utf-8").splitlines()[1] == "00:00:00,000 --> 00:00:04,000"
+
+
 def test_a_video_without_sound_or_with_a_clip_beside_it_is_said_and_nothing_is_lost(tmp_path):
     """A video with no sound track is named as such (not sent, no empty files), a damaged one as a video (not as "an
     audio clip" of the audio formats), and a clip given beside a video asks which to transcribe; the last transcript and its files stay in place."""
