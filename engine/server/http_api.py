@@ -603,7 +603,7 @@ async def transcriptions(request: Request):
             raise bad("at most 256 hotwords", "invalid_value", "hotwords")
         language, dialect = form_text(form, "language", 64), form_text(form, "dialect", 64)
         language = transcription_tag(language, "language")
-        dialect = transcription_tag(dialect, "dialect", iso=False)
+        dialect = transcription_tag(dialect, "dialect")
         if language and dialect and language != dialect:
             raise bad("'language' and 'dialect' disagree; give one", "invalid_value", "dialect")
         tag = dialect or language

@@ -187,18 +187,16 @@ def flag(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
-def transcription_tag(value: str | None, name: str, iso: bool = True) -> str | None:
+def transcription_tag(value: str | None, name: str) -> str | None:
     """A transcription `language` / `dialect` field (None or "" = not given), refused when it cannot be
-    a tag (the model's tag ends at a tab: engine.models.thinker.asr); `iso`: an ISO 639-1 code is mapped to the
+    a tag (the model's tag ends at a tab: engine.models.thinker.asr); an ISO 639-1 code is mapped to the
     model's tag for it ("zh" -> "Chinese", "en-US" -> "English"), one it has none for is refused (a dialect, and
-    any other tag, is given as the model names it)."""
+    any other tag, is given as the model names it: "上海")."""
     if not value:
         return None
     if any(c in value for c in "\t\n\r"):
         raise bad(f"'{name}' is a language or dialect tag such as 'en', 'Chinese' or '上海': it cannot "
                   f"hold a tab or a line break, got {shown(value)}", "invalid_value", name)
-    if not iso:
-        return value
     from engine.models.thinker.asr import iso_language  # noqa: PLC0415
 
     try:

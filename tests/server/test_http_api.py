@@ -193,12 +193,14 @@ def test_transcription_with_context_hotwords_and_dialect(client, tiny_engine):
     assert resp.model_extra["finish_reason"] == done.finish_reason == "length"
 
 
-@pytest.mark.parametrize("language, tag", [("en", "English"), ("zh-CN", "Chinese"), ("上海", "上海")])
-def test_an_iso_language_code_is_forced_as_the_models_tag(client, language, tag):
+@pytest.mark.parametrize("field, language, tag", [("language", "en", "English"), ("language", "zh-CN", "Chinese"),
+                                                  ("language", "上海", "上海"), ("dialect", "en", "English")])
+def test_an_iso_language_code_is_forced_as_the_models_tag(client, field, language, tag):
     """`language=en`, what OpenAI's clients send, was forced as the tag "en\t", one the model never writes (its tags
-    are language names: "Chinese", spec §6.3); a dialect tag is forced as given."""
+    are language names: "Chinese", spec §6.3); a dialect tag is forced as given. Our `dialect` field (what the Speech
+    tab's typed-in choice sends) maps a code too."""
     got = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", wav_bytes(tone_pcm16(0.3))),
-                                             language=language, extra_body={"max_tokens": 1})
+                                             extra_body={"max_tokens": 1, field: language})
     assert got.model_extra["language"] == tag
 
 
