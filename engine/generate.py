@@ -290,13 +290,13 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
     `t_start`: when the request began (time to first token counts from there; default now).
     `prefill_chunk`: prompt tokens per prefill forward (default per device). `cuda_graphs`: replay the
     decode step from CUDA graphs (default: when the model allows, see engine.decode_graphs)."""
+    llm, numerics, dev = model.llm, model.numerics, model.device
+    cfg = model.config.llm
     try:
-        params.validate()
+        params.validate(vocab_size=min(cfg.vocab_size, tokenizer.vocab_size))
     except ValueError as e:
         yield Error(str(e), code="invalid_request")
         return
-    llm, numerics, dev = model.llm, model.numerics, model.device
-    cfg = model.config.llm
     if not prompt_ids:
         yield Error("empty prompt", code="invalid_request")
         return

@@ -281,7 +281,8 @@ class Engine:
         params = params or GenerationParams(fit_context=True)
         context = self.model.config.llm.max_position_embeddings
         try:
-            params.validate()  # (before any media is read: the room the reply needs bounds what the media may take)
+            # (before any media is read: the room the reply needs bounds what the media may take)
+            params.validate(vocab_size=min(self.model.config.llm.vocab_size, self.tokenizer.vocab_size))
             msgs = [m.to_dict() if isinstance(m, ChatMessage) else m for m in messages]
             prompt = self.processor.build(msgs, system_prompt=system_prompt, thinking=thinking,
                                           assistant_prefix=assistant_prefix,

@@ -1,6 +1,6 @@
 """Next-token choice: greedy, or sampling with repetition penalty, temperature, top-k and top-p
-(applied in that order, as Hugging Face generate does), reproducible with a seed; OpenAI's presence and
-frequency penalties (over the reply's own tokens, first of all, greedy too); and, when asked, the
+(applied in that order, as Hugging Face generate does), reproducible with a seed; before them OpenAI's logit_bias,
+then its presence and frequency penalties (over the reply's own tokens, greedy too); and, when asked, the
 log probabilities of the chosen tokens and of the best alternatives (`Sampler.sample`).
 
 Everything runs on the logits' device and nothing is read back to the host: the tokens seen so far
@@ -18,6 +18,7 @@ import torch
 
 MAX_TOP_LOGPROBS = 20  # the most alternatives per token `top_logprobs` may ask for (OpenAI's bound)
 MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's bound)
+MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-100, 100] (OpenAI's bound: -100 bans a token, 100 forces it)
 
 
 @dataclass
@@ -32,6 +33,8 @@ class GenerationParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # OpenAI's logit_bias: token id -> value added to its logit before anything else ([-100, 100])
+    logit_bias: dict[int, float] = field(default_factory=dict)
     # max_new_tokens is a ceiling nobody asked for (a default, realtime's "inf"): a prompt leaving less room in
     # the context is answered up to the context's end (finish_reason "length") rather than refused
     fit_context: bool = False
@@ -48,8 +51,12 @@ class GenerationParams:
         """The fewest new tokens the prompt must leave room for in the model's context."""
         return 1 if self.fit_context else self.max_new_tokens
 
-    def validate(self) -> "GenerationParams":
+    def validate(self, vocab_size: int | None = None) -> "GenerationParams":
+        """Self, or ValueError naming every setting out of range; `vocab_size`: logit_bias ids must be below it."""
         problems = []
+        past = [t for t in self.logit_bias if isinstance(t, int) and vocab_size is not None and t >= vocab_size]
+        if past:
+            problems.append(f"logit_bias names token {max(past)}; this model's tokens are 0 to {vocab_size - 1}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be a positive integer (got {self.max_new_tokens!r})")
         if not 0 <= self.temperature <= 100:
@@ -69,6 +76,10 @@ class GenerationParams:
             problems.append(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] (got {self.top_logprobs!r})")
         elif self.top_logprobs and not self.logprobs:
             problems.append("top_logprobs needs logprobs on")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.logit_bias):
+            problems.append("logit_bias keys must be token ids (integers >= 0)")
+        if not all(-MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS for v in self.logit_bias.values()):  # (NaN too)
+            problems.append(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         if isinstance(self.stop, str):  # one stop string, as OpenAI's and HF's stop fields take it, not its characters
             self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -134,7 +145,7 @@ class Sampled:
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, top: int) -> Sampled:
     """The model's log probabilities of `ids` [B] and of its `top` most likely tokens: the log-softmax of the raw
-    logits [B, V], before repetition penalty, temperature, top-k and top-p (as OpenAI reports them: the model's
+    logits [B, V], before logit_bias, the penalties, temperature, top-k and top-p (as OpenAI reports them: the model's
     distribution, not the one the token was drawn from)."""
     logp = logits.float().log_softmax(dim=-1)
     best = logp.topk(top, dim=-1)
@@ -157,6 +168,11 @@ class Sampler:
                      if params.repetition_penalty != 1.0 else None)
         self.uses = (torch.zeros(batch, vocab_size, dtype=torch.float32, device=self.device)
                      if params.presence_penalty or params.frequency_penalty else None)
+        self.bias = None
+        if params.logit_bias:
+            self.bias = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
+            self.bias[torch.tensor(list(params.logit_bias), device=self.device)] = torch.tensor(
+                list(params.logit_bias.values()), dtype=torch.float32, device=self.device)
         self.generator = None
         if not params.greedy:
             self.generator = torch.Generator(device=self.device)
@@ -174,6 +190,8 @@ class Sampler:
         """logits [B, V] -> ids [B] (int64), on the device."""
         p = self.params
         logits = logits.float()
+        if self.bias is not None:
+            logits = logits + self.bias
         if self.uses is not None:
             logits = apply_presence_frequency(logits, self.uses, p.presence_penalty, p.frequency_penalty)
         if self.seen is not None:

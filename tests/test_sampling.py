@@ -37,6 +37,18 @@ def test_presence_and_frequency_penalties_follow_openais_rule_over_the_replys_ow
             GenerationParams(**{name: 2.5}).validate()
 
 
+def test_logit_bias_is_added_to_the_named_tokens_before_the_choice():
+    logits = torch.tensor([[3.0, 2.5, 2.0, 0.0]])
+    assert Sampler(GenerationParams(logit_bias={3: 100.0}), vocab_size=4)(logits).item() == 3  # (forced, greedy)
+    assert Sampler(GenerationParams(logit_bias={0: -100.0, 1: -0.6}), vocab_size=4)(logits).item() == 2
+    drawn = Sampler(GenerationParams(temperature=1.0, seed=3, logit_bias={0: -100.0}), vocab_size=4, batch=500)
+    assert 0 not in drawn(logits.expand(500, -1)).tolist()  # (banned from a draw too)
+    with pytest.raises(ValueError, match="tokens are 0 to 3"):
+        GenerationParams(logit_bias={4: 1.0}).validate(vocab_size=4)
+    with pytest.raises(ValueError, match=r"logit_bias values must be in \[-100, 100\]"):
+        GenerationParams(logit_bias={1: 101.0}).validate()
+
+
 def test_top_k_and_top_p_keep_the_expected_sets():
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
     kept = lambda t: torch.isfinite(t).nonzero()[:, 1].tolist()  # noqa: E731

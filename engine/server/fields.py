@@ -20,7 +20,7 @@ from typing import Any, Callable
 from engine.server.codec import bad, shown
 from engine.server.protocol import ApiError
 
-Harmless = Callable[[Any], bool]  # a value of a refused field that asks for nothing (e.g. logit_bias {})
+Harmless = Callable[[Any], bool]  # a value of a refused field that asks for nothing (e.g. tool_choice "none")
 
 
 def _empty(value: Any) -> bool:
@@ -68,11 +68,10 @@ IMAGE_REFERENCE_EXTENSIONS = ("image_guidance",)
 CHAT = Fields(
     taken=("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
            "top_p", "seed", "stop", "modalities", "audio", "n", "response_format", "frequency_penalty",
-           "presence_penalty", "logprobs", "top_logprobs", "tools", "functions") + CHAT_EXTENSIONS,
+           "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "tools", "functions") + CHAT_EXTENSIONS,
     ignored=("user", "metadata", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
              "prompt_cache_options", "parallel_tool_calls"),
     refused={
-        "logit_bias": ("token biases are not applied (an empty object is accepted)", _empty),
         "tool_choice": (NO_TOOLS, lambda v: v in ("none", "auto")),
         "function_call": (NO_TOOLS, lambda v: v in ("none", "auto")),
         "reasoning_effort": ("there is no reasoning budget; the extension field 'thinking': true turns on the "

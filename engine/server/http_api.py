@@ -34,7 +34,7 @@ from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
 from engine.server.fields import Fields
 from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_metadata, check_output_modalities, flag,
-                                  generation_params, output_kwargs, transcription_tag, voice_name)
+                                  generation_params, logit_bias, output_kwargs, transcription_tag, voice_name)
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import media_nbytes, new_id
@@ -282,6 +282,14 @@ def logprob_fields(body: dict, modalities: list[str]) -> tuple[bool, int]:
     return asked, top
 
 
+def vocab_size(engine) -> int | None:
+    """The loaded model's tokens (those the tokenizer and the output head both have), None when not known."""
+    try:
+        return min(int(engine.tokenizer.vocab_size), int(engine.model.config.llm.vocab_size))
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 MAX_CHOICES = 8  # the most choices (`n`) one chat request may ask for: they are generated one after another
 
 
@@ -469,7 +477,8 @@ async def chat_completions(request: Request):
     logprobs, top_logprobs = logprob_fields(body, modalities)
     stream = flag(body, "stream")
     include_usage = stream_usage(body) and stream  # checked whether it streams or not
-    params = replace(generation_params(body, ctx.limits), logprobs=logprobs, top_logprobs=top_logprobs)
+    params = replace(generation_params(body, ctx.limits), logprobs=logprobs, top_logprobs=top_logprobs,
+                     logit_bias=logit_bias(body.get("logit_bias"), vocab_size(ctx.engine)))
     thinking = flag(body, "thinking")
     raw_messages = body.get("messages")
     if has_media(raw_messages):  # decoding images/audio takes a while: off the event loop

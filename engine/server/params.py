@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.sampling import MAX_OPENAI_PENALTY, GenerationParams
+from engine.sampling import MAX_LOGIT_BIAS, MAX_OPENAI_PENALTY, GenerationParams
 from engine.server.codec import bad, check_keys, need_dict, need_number, need_str, shown, shown_number
 from engine.server.limits import Limits
 from engine.server.protocol import ApiError
@@ -155,6 +155,32 @@ def generation_params(body: dict, limits: Limits, base: GenerationParams | None 
         return p.validate()
     except ValueError as e:
         raise bad(str(e), "invalid_value") from None
+
+
+MAX_LOGIT_BIAS_TOKENS = 1024  # the most tokens one logit_bias may name (a bound on the body's work, no more)
+MAX_TOKEN_ID_DIGITS = 12  # a longer token id is past any vocabulary (and int() of thousands of digits is refused)
+
+
+def logit_bias(value: Any, vocab_size: int | None) -> dict[int, float]:
+    """OpenAI's `logit_bias`: {"token id": bias in [-100, 100]} -> {id: bias}; an id that is not a number, or not
+    one of this model's tokens (`vocab_size`: the tokenizer's, when known), is refused naming the field."""
+    if value is None:
+        return {}
+    value = need_dict(value, "logit_bias")
+    if len(value) > MAX_LOGIT_BIAS_TOKENS:
+        raise bad(f"'logit_bias' names {len(value):,} tokens; at most {MAX_LOGIT_BIAS_TOKENS}", "invalid_value",
+                  "logit_bias")
+    out = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit()) or len(key) > MAX_TOKEN_ID_DIGITS:
+            raise bad(f"'logit_bias' keys are token ids such as \"1234\", got {shown(key)}", "invalid_value",
+                      "logit_bias")
+        token = int(key)
+        if vocab_size is not None and token >= vocab_size:
+            raise bad(f"'logit_bias' names token {token}; this model's tokens are 0 to {vocab_size - 1}",
+                      "invalid_value", "logit_bias")
+        out[token] = float(need_number(bias, f"logit_bias.{key}", -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS))
+    return out
 
 
 MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits

@@ -366,7 +366,7 @@ def issue9_http_requests() -> list[tuple[str, str, dict]]:
                  {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(wav)}},
                  {"type": "input_audio", "input_audio": {"data": b64(png), "format": "wav"}}]:
         reqs.append(("POST", chat, {"json": {"messages": [{"role": "user", "content": [part]}], "max_tokens": 2}}))
-    for extra in [{"max_tokens": 10 ** 9, "max_completion_tokens": 2}, {"logit_bias": {"1": 5}},
+    for extra in [{"max_tokens": 10 ** 9, "max_completion_tokens": 2}, {"logit_bias": {"1": 500}},
                   {"reasoning_effort": "high"}, {"service_tier": "flex"}, {"store": True}, {"model": "whisper-1"},
                   {"tool_choice": "required"}, {"top_logprobs": 2}]:
         reqs.append(("POST", chat, {"json": {**json_bodies[chat], **extra}}))

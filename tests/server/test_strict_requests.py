@@ -431,7 +431,8 @@ def test_realtime_numbers_too_large_for_a_float_are_bad_values_named(server):
 # --------------------------------------------------------------------------- parameters
 
 @pytest.mark.parametrize("field, value, code", [
-    ("logit_bias", {"50256": -100}, "unsupported_parameter"),
+    ("logit_bias", {"50256": -100}, "invalid_value"),  # (not one of the tiny model's tokens)
+    ("logit_bias", {"the": -100}, "invalid_value"),
     ("reasoning_effort", "high", "unsupported_parameter"),
     ("service_tier", "flex", "unsupported_parameter"),
     ("top_logprobs", 3, "invalid_value"),  # (without logprobs: true, as OpenAI refuses it)
@@ -472,6 +473,21 @@ def test_openais_presence_and_frequency_penalties_are_honoured(http, tiny_engine
                   json={**CHAT, "max_tokens": 6, "presence_penalty": -2, "frequency_penalty": 0})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == penalised.text
+
+
+def test_logit_bias_is_honoured_and_its_token_ids_and_values_checked(http, tiny_engine):
+    """OpenAI's logit_bias was refused unless empty; it is added to the named tokens' logits (100 forces a token,
+    as OpenAI's does, greedy or not), and an id that is not one of the model's tokens or a bias past [-100, 100]
+    is a 400 naming it."""
+    _, second = reference_chat(tiny_engine, CHAT["messages"], 2).token_ids  # (greedy: `second` never first)
+    r = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 3, "logit_bias": {str(second): 100}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == tiny_engine.tokenizer.decode([second] * 3) != ""
+    vocab = tiny_engine.tokenizer.vocab_size
+    err = error_of(http.post("/v1/chat/completions", json={**CHAT, "logit_bias": {str(vocab): 1}}))
+    assert err["code"] == "invalid_value" and f"tokens are 0 to {vocab - 1}" in err["message"], err
+    err = error_of(http.post("/v1/chat/completions", json={**CHAT, "logit_bias": {"5": 101}}))
+    assert err["code"] == "invalid_value" and err["param"] == "logit_bias.5", err
 
 
 def test_chat_parameters_that_have_no_effect_here_are_accepted(http):
