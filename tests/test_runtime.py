@@ -11,6 +11,7 @@ from engine.models.thinker.asr import asr_instruction, parse_transcript
 from engine.events import Done, Error, TextDelta
 from engine.media.video import WebcamClip
 from engine.sampling import GenerationParams
+from tests.test_generate import short_context_engine
 
 P = GenerationParams(max_new_tokens=4)
 
@@ -315,8 +316,6 @@ def test_pictures_past_the_context_are_refused_before_the_rest_are_read(tiny_eng
     normalised (up to hundreds of MB of pixels each, tens of seconds on a CPU) before the prompt was counted and
     refused; the refusal (context_length_exceeded, naming the counts) now comes once the pictures read pass what the
     context leaves for the prompt, and the rest are never read."""
-    from tests.test_generate import short_context_engine
-
     read = []
     prepare = tiny_engine.processor._image
 
