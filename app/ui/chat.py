@@ -278,7 +278,8 @@ class ChatController:
     def respond(self, history: list | None, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
                 system_prompt: str | None, thinking: bool, speak: bool, voice: str | None,
                 request: gr.Request | None = None):
-        """Stream (history, input box, figures line, audio chunk) while the reply is generated."""
+        """Stream (history, the turn given back for the input box (give_back), figures line, audio chunk) while the
+        reply is generated."""
         history = list(history or [])
         before, turn = split_last_user_turn(history)
         if not turn:
@@ -371,6 +372,14 @@ class ChatController:
         message = message or {}
         return ({"text": message.get("text") or "", "files": [*(message.get("files") or []), image]},
                 "" if figures == NO_SNAPSHOT else gr.skip())
+
+    @staticmethod
+    def give_back(given: dict | None, draft: dict | None):
+        """After a reply: (the input box, the given-back slot emptied). A turn the reply gave back (stopped before it
+        started, failed, the engine gone) joins what was typed meanwhile; it replaced that draft, which was lost."""
+        if not isinstance(given, dict) or not (given.get("text") or given.get("files")):
+            return gr.skip(), None
+        return into_box({"text": given.get("text") or "", "files": list(given.get("files") or [])}, draft), None
 
     @staticmethod
     def keep(history: list | None) -> list:
@@ -483,7 +492,12 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
 
     options = [max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system_prompt, thinking, speak,
                voice]
-    outputs = [chatbot, box, figures, speech]
+    # A turn a reply gives back goes here, then into the box with what was typed meanwhile (give_back): the box is
+    # read when the reply ends, not when it began (/chat API callers get it as the second output, as before).
+    given_back = gr.JSON(None, visible="hidden", elem_id="chat-given-back")
+    outputs = [chatbot, given_back, figures, speech]
+    to_box = {"fn": controller.give_back, "inputs": [given_back, box], "outputs": [box, given_back], "queue": False,
+              "show_progress": "hidden", "api_visibility": "private"}
     # The conversation survives a page reload: the browser keeps it (localStorage, encrypted), written once
     # each change is complete (not at each streamed piece), given back at page load.
     saved = kept if kept is not None else gr.BrowserState([], storage_key=SAVED_CHAT_KEY)
@@ -493,15 +507,19 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
     # positions (concurrency_limit=None: Gradio does not hold a second line of its own).
     # kept once the message is in (a reload before the reply ended lost it), again once the reply is complete
     box.submit(controller.add_message, [box, chatbot], [chatbot, box, figures], queue=False).then(**keep).then(
-        controller.respond, [chatbot, *options], outputs, api_name=CHAT_API_NAME, concurrency_limit=None).then(**keep)
+        controller.respond, [chatbot, *options], outputs, api_name=CHAT_API_NAME, concurrency_limit=None).then(
+        **to_box).then(**keep)
     chatbot.retry(controller.cut_for_retry, [chatbot], [chatbot], queue=False).then(
-        controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None).then(**keep)
+        controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None).then(
+        **to_box).then(**keep)
     chatbot.edit(controller.cut_for_edit, [chatbot], [chatbot], queue=False).then(
-        controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None).then(**keep)
+        controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None).then(
+        **to_box).then(**keep)
     chatbot.undo(controller.undo, [chatbot, box], [chatbot, box], queue=False).then(**keep)
     wire_stop(stop, controller.stop, api_name="stop")
-    clear.click(controller.clear, None, outputs, queue=False, api_name="clear").then(**keep)
-    chatbot.clear(controller.clear, None, outputs, queue=False, api_visibility="private").then(**keep)
+    cleared = [chatbot, box, figures, speech]
+    clear.click(controller.clear, None, cleared, queue=False, api_name="clear").then(**keep)
+    chatbot.clear(controller.clear, None, cleared, queue=False, api_visibility="private").then(**keep)
     on_page_load(lambda: page_state(link), [speak, speech, voice, max_new_tokens])
     on_engine_change(lambda: page_state(link, keep_value=True), [speak, speech, voice, max_new_tokens])
     on_page_load(controller.restore, [chatbot, box, figures], inputs=[saved])

@@ -54,7 +54,8 @@ def test_type_send_and_see_the_reply(studio):
 
 def test_stop_withdraws_a_queued_message_in_the_browser(studio):
     """Two visitors: Alice's long reply holds the engine; Bob sends, sees his request wait, presses Stop.
-    When Alice stops, Bob's request ends without generating and his message is back in the box."""
+    When Alice stops, Bob's request ends without generating and his message is back in the box, before what he typed
+    meanwhile (which the message replaced)."""
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -72,12 +73,13 @@ def test_stop_withdraws_a_queued_message_in_the_browser(studio):
             bob.locator("#chat-input textarea").fill("Bob's question")
             bob.locator("#chat-input textarea").press("Enter")
             sync_api.expect(bob.locator("#chat-figures")).to_contain_text("Waiting for the engine", timeout=30_000)
+            bob.locator("#chat-input textarea").fill("a second thought")  # typed while it waits: kept too
             bob.locator("#chat-stop").click()
             bob.wait_for_timeout(500)
             alice.locator("#chat-stop").click()
             sync_api.expect(alice.locator("#chat-figures")).to_contain_text("cancelled", timeout=30_000)
             sync_api.expect(bob.locator("#chat-figures")).to_contain_text("Stopped before it started", timeout=30_000)
-            assert bob.locator("#chat-input textarea").input_value() == "Bob's question"
+            assert bob.locator("#chat-input textarea").input_value() == "Bob's question\n\na second thought"
             assert bob.locator("#chat-history [data-testid='bot']").count() == 0
         finally:
             browser.close()

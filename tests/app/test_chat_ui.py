@@ -19,8 +19,8 @@ import gradio as gr  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
-from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NO_SNAPSHOT, NOTHING_TO_EXPORT, WITHDRAWN, ChatController,  # noqa: E402
-                         content_text, export_conversation, history_to_messages, restorable, user_turn)
+from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NO_SNAPSHOT, NOTHING_TO_EXPORT, WITHDRAWN,  # noqa: E402
+                         ChatController, content_text, export_conversation, history_to_messages, restorable, user_turn)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done  # noqa: E402
 from engine.sampling import GenerationParams  # noqa: E402
@@ -369,3 +369,17 @@ def test_undo_takes_back_the_whole_turn_and_keeps_the_draft(tmp_path):
     assert ChatController.cut_for_retry(history, gr.RetryData(None, {"index": 3, "value": ""})) == [*earlier, *turn]
     assert history_to_messages(ChatController.cut_for_retry(history, gr.RetryData(None, {"index": 4, "value": ""})))[-1] \
         == {"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "What happens here?"}]}
+
+
+def test_a_turn_given_back_joins_what_was_typed_meanwhile(tmp_path):
+    """A reply that failed or was stopped before it started gave its turn back by replacing the input box: what the
+    user had typed or attached while it waited (the engine gone mid-answer) was lost."""
+    clip = str(tmp_path / "clip.wav")
+    given = {"text": "What is said here?", "files": [clip]}
+    box, slot = ChatController.give_back(given, {"text": "and a follow-up", "files": [{"path": str(tmp_path / "b.png")}]})
+    assert box == {"text": "What is said here?\n\nand a follow-up", "files": [clip, str(tmp_path / "b.png")]}
+    assert slot is None
+    assert ChatController.give_back(given, {"text": "", "files": []})[0] == given
+    for nothing in (None, {"text": "", "files": []}):  # nothing given back (a reply, or Clear): the box stays as it is
+        assert ChatController.give_back(nothing, {"text": "draft", "files": []}) == (gr.skip(), None)
+
