@@ -45,6 +45,10 @@ INTERRUPTED = ("The reply to your last message was interrupted (the page was rel
                "Your message is back in the box: press Enter to ask again.")
 DEFAULT_SYSTEM_HINT = "empty = the model's own default system prompt"
 MEDIA_KINDS = ("image", "video", "audio")
+# A streamed reply is shown again at most this often (its first piece at once, its end when it ends): the page
+# renders the whole reply's Markdown at each update, and one update per token froze it within a few thousand
+# characters (Stop could no longer be pressed).
+REPLY_SHOWN_EVERY_S = 0.1
 SAVED_CHAT_KEY = "ming-studio-chat"  # the browser's localStorage key of the conversation kept across reloads
 
 
@@ -293,7 +297,7 @@ class ChatController:
         messages = history_to_messages(history)
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
-        reply, audio_seen, final, shown_once = "", False, None, False
+        reply, audio_seen, final, shown_at = "", False, None, None
         modalities = ("text", "audio") if speak and self.link.has(SPEECH_OUT) else ("text",)
         try:
             stream = self.link.client.chat(
@@ -309,9 +313,11 @@ class ChatController:
                     yield gr.skip(), gr.skip(), queue_line(event), gr.skip()  # the history is unchanged: not sent again
                 elif isinstance(event, TextDelta):
                     reply += event.text
+                    if shown_at is not None and time.monotonic() - shown_at < REPLY_SHOWN_EVERY_S:
+                        continue  # shown with the next piece (or the end)
                     yield (history + [{"role": "assistant", "content": reply}], gr.update(), GENERATING,
-                           no_audio() if not (audio_seen or shown_once) else gr.skip())  # the last reply's speech goes
-                    shown_once = True
+                           no_audio() if not (audio_seen or shown_at) else gr.skip())  # the last reply's speech goes
+                    shown_at = time.monotonic()
                 elif isinstance(event, AudioChunk):
                     audio_seen = True
                     pcm = np.frombuffer(event.pcm, dtype="<i2")

@@ -19,7 +19,7 @@ import gradio as gr  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
-from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NO_SNAPSHOT, NOTHING_TO_EXPORT, WITHDRAWN,  # noqa: E402
+from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NO_SNAPSHOT, NOTHING_TO_EXPORT, REPLY_SHOWN_EVERY_S, WITHDRAWN,  # noqa: E402
                          ChatController, content_text, export_conversation, history_to_messages, restorable, user_turn)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done  # noqa: E402
@@ -383,3 +383,17 @@ def test_a_turn_given_back_joins_what_was_typed_meanwhile(tmp_path):
     for nothing in (None, {"text": "", "files": []}):  # nothing given back (a reply, or Clear): the box stays as it is
         assert ChatController.give_back(nothing, {"text": "draft", "files": []}) == (gr.skip(), None)
 
+
+def test_a_long_reply_is_shown_a_few_times_a_second_not_at_every_token(controller):
+    """One page update per token made the page render the whole reply's Markdown a few hundred times a second: a
+    4,000-token reply froze the page within a few thousand characters (a script call took 34 s; Stop could not be
+    pressed). Updates are REPLY_SHOWN_EVERY_S apart at least, the first piece at once and the whole reply at the end."""
+    shown = []  # (when, text) of each update of the conversation while the reply streams
+    for update in controller.respond(*chat_args(ask("Count slowly"), max_new_tokens=150)):
+        if isinstance(update[0], list) and update[0][-1]["role"] == "assistant":
+            shown.append((time.monotonic(), content_text(update[0][-1]["content"])))
+    *streamed, (_, whole) = shown
+    assert streamed and streamed[0][1] and whole.startswith(streamed[-1][1]) and len(whole) > len(streamed[0][1])
+    gaps = [later - earlier for (earlier, _), (later, _) in zip(streamed, streamed[1:])]
+    assert gaps, "the reply streamed in one piece"
+    assert all(gap >= REPLY_SHOWN_EVERY_S * 0.9 for gap in gaps), gaps  # (0.9: the clocks' rounding)
