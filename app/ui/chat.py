@@ -40,6 +40,7 @@ CHAT_API_NAME = "chat"
 EMPTY_HINT = "Type a message or attach a file first, then press Enter (or Send)."
 WITHDRAWN = "Stopped before it started (it was waiting for the engine). Your message is back in the box."
 NO_SNAPSHOT = "No picture to attach yet: open the camera (Click to Access Webcam), take one, then Attach snapshot."
+EMPTY_EDIT = "An edited message cannot be empty: the conversation is as it was (Undo takes the last message back)."
 NOTHING_TO_EXPORT = "Nothing to export yet: the conversation is empty."
 INTERRUPTED = ("The reply to your last message was interrupted (the page was reloaded or closed before it ended). "
                "Your message is back in the box: press Enter to ask again.")
@@ -416,9 +417,14 @@ class ChatController:
 
     @staticmethod
     def cut_for_edit(history: list | None, edit: gr.EditData):
-        """An edited user message: the conversation is cut after it (it is then answered again)."""
+        """An edited user message: the conversation is cut after it (it is then answered again). A message edited to
+        nothing leaves the conversation as it was, saying so: it went to the engine as a conversation ending with the
+        model's own reply, and everything after the message was gone."""
         history = list(history or [])
         i = edit.index if isinstance(edit.index, int) else edit.index[0]
+        if not any(part["type"] == "file" or part["text"].strip() for part in _parts(edit.value)):
+            gr.Warning(EMPTY_EDIT)
+            return history
         history = history[: i + 1]
         history[i] = {"role": "user", "content": edit.value}
         return history

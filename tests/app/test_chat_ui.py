@@ -397,3 +397,16 @@ def test_a_long_reply_is_shown_a_few_times_a_second_not_at_every_token(controlle
     gaps = [later - earlier for (earlier, _), (later, _) in zip(streamed, streamed[1:])]
     assert gaps, "the reply streamed in one piece"
     assert all(gap >= REPLY_SHOWN_EVERY_S * 0.9 for gap in gaps), gaps  # (0.9: the clocks' rounding)
+
+
+def test_a_message_edited_to_nothing_leaves_the_conversation_as_it_was(controller):
+    """Editing an earlier message to nothing cut the conversation after it and sent the rest, which ended with the
+    model's own reply, to the engine; the conversation now stays as it was and no request is made."""
+    history = [{"role": "user", "content": "First"}, {"role": "assistant", "content": "One."},
+               {"role": "user", "content": "Second"}, {"role": "assistant", "content": "Two."}]
+    for nothing in ("", "  \n"):
+        with pytest.warns(UserWarning, match="cannot be empty"):
+            assert ChatController.cut_for_edit(history, gr.EditData(None, {"index": 0, "value": nothing, "previous_value": "First"})) == history
+    assert list(controller.respond(*chat_args(history)))[-1][2] == EMPTY_HINT  # nothing unanswered: nothing sent
+    edited = ChatController.cut_for_edit(history, gr.EditData(None, {"index": 2, "value": "Third", "previous_value": "Second"}))
+    assert edited == [*history[:2], {"role": "user", "content": "Third"}]
