@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from contextlib import asynccontextmanager
+from urllib.parse import unquote
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -46,6 +47,7 @@ class GateMiddleware:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
+            scope = origin_form(scope)
             scope["ming.request_id"] = new_id("req")  # (in place: the crash handler, outside, reads it too)
             send = with_request_headers(send, scope["ming.request_id"])
             refusal = None
@@ -70,6 +72,17 @@ class GateMiddleware:
             if scope["method"] == "HEAD":  # a GET resource answers HEAD (RFC 9110 §9.3.2): the GET's head, no body
                 scope, send = {**scope, "method": "GET", "ming.head": True}, without_body(send)
         await self.app(scope, receive, send)
+
+
+def origin_form(scope: dict) -> dict:
+    """The request with an absolute-form target (`GET http://host/v1/models`, as a client speaking to a proxy sends)
+    read as its path, which a server must accept (RFC 9112 §3.2.2): it was a 404 naming '/http://host/v1/models'."""
+    raw = scope.get("raw_path") or b""
+    scheme, sep, rest = raw.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return scope
+    raw_path = b"/" + rest.partition(b"/")[2]
+    return {**scope, "raw_path": raw_path, "path": unquote(raw_path.decode("ascii"))}
 
 
 def check_framing(scope: dict) -> None:

@@ -569,3 +569,11 @@ def test_realtime_speed_accepted_without_effect_must_still_be_openais(session, c
         assert (err["code"], err["param"]) == (code, param), err
         ws.send(json.dumps({"type": "session.update", "session": {"speed": 1.0, "audio": {"output": {"speed": 1.0}}}}))
         assert json.loads(ws.recv(timeout=10))["type"] == "session.updated"
+
+
+@pytest.mark.parametrize("target", [b"http://engine.example/v1/models", b"HTTPS://engine.example:8000/v1/models?x=1"])
+def test_an_absolute_form_request_target_is_served_as_its_path(fake, target):
+    """RFC 9112 §3.2.2: a server must accept a target in absolute form (before: a 404 naming '/http://...')."""
+    request = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    status, _, body = raw_answer(fake.base_url.port, request)
+    assert status == 200 and json.loads(body)["object"] == "list", body
