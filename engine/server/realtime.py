@@ -730,6 +730,9 @@ class RealtimeConnection:
             item = self.session.find_item(item_id)
             if item is None:
                 raise no_such_item(item_id)
+            if item.role != "assistant":  # (OpenAI's: truncate cuts what the user heard of a reply)
+                raise bad(f"item {item_id[:64]!r} is a {item.role} message: only an assistant reply's audio can be "
+                          "truncated", "invalid_value", "item_id")
             spans, parts = item.audio, len(item.public)
         if index >= parts:
             raise bad(f"item {item_id[:64]!r} has {parts} content part(s); content_index {index} is not one of them",

@@ -10,7 +10,7 @@ import pytest
 from websockets.sync.client import connect
 
 from engine.events import Done, TextDelta
-from tests.server import FakeEngine, fake_server, recv_json, recv_until
+from tests.server import FakeEngine, b64, fake_server, recv_json, recv_until, tone_pcm16
 
 WORDS = 40
 STEP_S = 0.02  # the fake engine's pause before each event: a reply takes WORDS * STEP_S
@@ -74,3 +74,16 @@ def test_a_response_created_right_after_cancelling_the_running_one_runs(server):
         assert [e["error"] for e in events if e["type"] == "error"] == []
         done = [e["response"] for e in events if e["type"] == "response.done"]
         assert [(r["id"] == first, r["status"]) for r in done] == [(True, "cancelled"), (False, "completed")]
+
+
+def test_truncating_a_users_spoken_item_says_only_a_reply_can_be_truncated(server):
+    with connect(server.ws_url) as ws:
+        recv_json(ws)  # session.created
+        send(ws, {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+            {"type": "input_audio", "audio": b64(tone_pcm16(0.5, 24000).tobytes())}]}})
+        spoken = recv_until(ws, "conversation.item.done")[-1]["item"]["id"]
+        send(ws, {"type": "conversation.item.truncate", "item_id": spoken, "content_index": 0, "audio_end_ms": 100})
+        error = recv_json(ws)["error"]
+        # (before: "item ... has no audio to truncate", of an item holding half a second of it)
+        assert (error["code"], error["param"]) == ("invalid_value", "item_id")
+        assert "user message" in error["message"] and "assistant" in error["message"], error
