@@ -46,8 +46,9 @@ class GateMiddleware:
         self.ctx = ctx
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             scope = origin_form(scope)
+        if scope["type"] == "http":
             scope["ming.request_id"] = new_id("req")  # (in place: the crash handler, outside, reads it too)
             send = with_request_headers(send, scope["ming.request_id"])
             refusal = None
@@ -75,11 +76,12 @@ class GateMiddleware:
 
 
 def origin_form(scope: dict) -> dict:
-    """The request with an absolute-form target (`GET http://host/v1/models`, as a client speaking to a proxy sends)
-    read as its path, which a server must accept (RFC 9112 §3.2.2): it was a 404 naming '/http://host/v1/models'."""
+    """The request with an absolute-form target (`GET http://host/v1/models`, as a client speaking to a proxy sends;
+    `ws://host/v1/realtime` for a websocket) read as its path, which a server must accept (RFC 9112 §3.2.2): it was a
+    404 naming '/http://host/v1/models'."""
     raw = scope.get("raw_path") or b""
     scheme, sep, rest = raw.partition(b"://")
-    if not sep or scheme.lower() not in (b"http", b"https"):
+    if not sep or scheme.lower() not in (b"http", b"https", b"ws", b"wss"):
         return scope
     raw_path = b"/" + rest.partition(b"/")[2]
     return {**scope, "raw_path": raw_path, "path": unquote(raw_path.decode("ascii"))}

@@ -577,3 +577,8 @@ def test_an_absolute_form_request_target_is_served_as_its_path(fake, target):
     request = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     status, _, body = raw_answer(fake.base_url.port, request)
     assert status == 200 and json.loads(body)["object"] == "list", body
+
+
+@pytest.mark.parametrize("target", ["ws://engine.example/v1/realtime", "http://engine.example/v1/realtime"])
+def test_a_websocket_handshake_with_an_absolute_form_target_opens_the_session(fake, target):
+    assert handshake_answer(fake.base_url.port, target).startswith(b"HTTP/1.1 101")  # (before: a 404)
