@@ -2,7 +2,8 @@
 pitch, volume, a free-text voice design, a character voice), voice cloning from an uploaded or
 recorded clip with its transcript (filled in by the model's ASR when left empty, and editable), a
 voice library (save, reuse, delete), sound effects and music from a description, and podcast-style
-dialogue. Audio plays while it is made; the finished clip is a WAV download."""
+dialogue. Audio plays while it is made; the finished clip is a WAV download, and every take stays offered (the
+last MAX_KEPT_TAKES, kept by the browser across a page reload)."""
 
 from __future__ import annotations
 
