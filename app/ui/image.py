@@ -41,6 +41,8 @@ EDIT_PROMPT_HINTS = {"(none)": "Edit needs a prompt: say what to change (e.g. 'm
 # A Generate makes a picture from the prompt alone: pictures left in the box from an Edit are not sent (the engine
 # takes a generate with pictures for an edit of the first), and the status line says so.
 REFS_NOT_USED = "the reference image(s) were not used: Generate draws from the prompt alone (Edit changes a picture)"
+# Said with each picture the tiny random checkpoint makes (the page's banner says so, scrolled away on a phone)
+DEMO_PICTURE = "random demo weights: the picture is noise, not Ming's (load the real model with --model)"
 PRESET_INFO = "With a preset the prompt is only the new background, or the object to remove."
 REQUEST_KEY = "ming-studio-image-request"  # the browser's key of the last request (kept_request)
 REQUEST_FIELDS = ("mode", "prompt", "target")
@@ -184,6 +186,9 @@ class ImageController:
                 status += f" · {result.note}"
             if unused:
                 status += f" · {REFS_NOT_USED}"
+            info = self.link.status().info
+            if info is not None and info.is_demo:
+                status += f" · {DEMO_PICTURE}"
             gallery = [(g["image"], _caption(g["settings"])) for g in gallery_state]
             yield picture, mask, overlay, status, gallery, gallery_state, files
             return
