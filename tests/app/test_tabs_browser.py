@@ -5,6 +5,7 @@ width. Screenshots are kept in $STUDIO_ARTIFACTS (default: test-artifacts/ in th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -102,8 +103,8 @@ def test_image_tab_generates_then_segments(browser, studio):
     print(f"\n[Image tab, generate] {page.locator('#image-figures').inner_text()}")
     sync_api.expect(page.locator("#image-gallery img").first).to_be_visible(timeout=30_000)
     keep_screenshot(page, "image-generate-desktop")
-    # the Result's own download is the PNG made, named for it (it gave 'image.webp', a lossy WebP)
-    assert_downloads_png(page, "image-result", "image-")
+    # the Result's own download is the PNG made, named for the task and seed (it gave 'image.webp', a lossy WebP)
+    assert_downloads_png(page, "image-result", "generate-seed7-")
 
     page.get_by_role("radio", name="Segment").check()
     page.locator("#image-refs input[type=file]").set_input_files(str(ASSETS / "images" / "cup.png"))
@@ -113,8 +114,8 @@ def test_image_tab_generates_then_segments(browser, studio):
     sync_api.expect(page.locator("#image-mask img")).to_be_visible(timeout=30_000)
     sync_api.expect(page.locator("#image-files")).to_contain_text("overlay", timeout=30_000)
     print(f"\n[Image tab, segment] {page.locator('#image-figures').inner_text()}")
-    assert_downloads_png(page, "image-mask", "mask-")  # a lossy WebP gave the mask grey edges
-    assert_downloads_png(page, "image-overlay", "overlay-")
+    assert_downloads_png(page, "image-mask", "segment-seed7-mask-")  # a lossy WebP gave the mask grey edges
+    assert_downloads_png(page, "image-overlay", "segment-seed7-overlay-")
     keep_screenshot(page, "image-segment-desktop")
 
     # a page reload emptied the gallery: both results come back, and still give their settings back
@@ -123,6 +124,10 @@ def test_image_tab_generates_then_segments(browser, studio):
     page.get_by_role("tab", name="Image").click()
     thumbnails = page.locator("#image-gallery .thumbnail-item img, #image-gallery .grid-wrap img")
     sync_api.expect(thumbnails).to_have_count(2, timeout=30_000)
+    # the Segment reopened brings back its target and the picture it was made from (the reload emptied the box)
+    thumbnails.nth(1).click()
+    sync_api.expect(page.locator("#image-target textarea")).to_have_value("the cup")
+    sync_api.expect(page.locator("#image-refs")).to_contain_text(re.compile(r"cup\s*\.png"), timeout=10_000)
     thumbnails.first.click()
     sync_api.expect(page.locator("#image-prompt textarea")).to_have_value('A red cup on a table, a sign saying "OPEN"')
     page.context.close()
