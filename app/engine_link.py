@@ -22,10 +22,10 @@ RECHECK_S = 5.0
 # client's whole request timeout (60 s), twice at start, and every page load and tab waited behind it; now it is
 # said as not answering after this, and a page load never waits for a check another visitor's page started.
 CHECK_TIMEOUT_S = 10.0
-# What to do when the engine refuses the studio's token, said by the banner and by each tab's error line (the tabs
-# showed the engine's wire advice, "send 'Authorization: Bearer <token>'", to someone in a browser).
 # The failures of a check that mean something else answered at the engine's address (a 404 page, a web app's answer).
 NOT_AN_ENGINE = ("http_error", "protocol_error")
+# What to do when the engine refuses the studio's token, said by the banner and by each tab's error line (the tabs
+# showed the engine's wire advice, "send 'Authorization: Bearer <token>'", to someone in a browser).
 TOKEN_ADVICE = "start the studio again with the engine's token (--engine-token T, or ENGINE_TOKEN=T)"
 
 
