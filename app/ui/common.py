@@ -238,9 +238,11 @@ def say_refused_files(elem_id: str, status, sentence) -> None:
 
 
 def saved_voice_names(link: EngineLink) -> list[str]:
-    """The names of the voices saved in the engine's voice library (empty when it has no talker or cannot say)."""
+    """The names of the voices saved in the engine's voice library (empty when it has no talker or cannot say; not
+    asked while the link finds the engine down: an engine that hung held each page load's list, and Live's Start, for
+    the client's whole request timeout)."""
     try:
-        return [v["name"] for v in link.client.voices()] if link.has(SPEECH_OUT) else []
+        return [v["name"] for v in link.client.voices()] if link.status().ok and link.has(SPEECH_OUT) else []
     except Exception:  # noqa: BLE001  (the lists then stay empty; Refresh asks again)
         return []
 

@@ -124,3 +124,29 @@ def test_a_request_refused_by_an_engine_shutting_down_says_to_retry_when_it_is_b
 
     line = error_line(Error("the server is shutting down", "server_shutting_down"))
     assert "shutting down" in line and RETRY_WHEN_BACK in line
+
+
+def test_an_engine_that_hangs_after_answering_does_not_hold_the_voice_lists(hung_engine):
+    """An engine seen with a talker, then hung: each page load's voice list (and Live's Start) waited the client's
+    whole request timeout for the voice library; once the link finds it down, nothing is asked."""
+    from app.ui.common import saved_voice_names
+
+    card = b'{"data": [{"id": "m", "capabilities": ["text", "speech_out"]}]}'
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+
+        def answer_once():
+            conn, _ = s.accept()
+            with conn:  # the first check is answered; later connections wait in the backlog, unanswered
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                             b"Content-Length: " + str(len(card)).encode() + b"\r\n\r\n" + card)
+        threading.Thread(target=answer_once, daemon=True).start()
+        link = EngineLink(EngineClient(f"http://127.0.0.1:{s.getsockname()[1]}", timeout=CLIENT_S),
+                          recheck_s=60.0, check_timeout_s=CHECK_S)
+        assert link.status().ok and link.has("speech_out")
+        assert not link.refresh(force=True).ok  # it hangs now
+        t0 = time.monotonic()
+        assert saved_voice_names(link) == []
+        assert time.monotonic() - t0 < CHECK_S
