@@ -572,6 +572,7 @@ async def chat_completions(request: Request):
 
 
 TRANSCRIPTION_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+WHOLE_TRANSCRIPTION_FORMATS = ("srt", "vtt", "verbose_json")  # not streamed: cues and duration need the whole clip
 TRANSCRIPTION_INCLUDES = ("logprobs",)  # what `include[]` may ask for (OpenAI's TranscriptionInclude)
 
 
@@ -621,6 +622,9 @@ async def transcriptions(request: Request):
             raise bad(f"response_format {fmt!r} is not supported ({', '.join(TRANSCRIPTION_FORMATS)})",
                       "unsupported_parameter", "response_format")
         stream = form_flag(form, "stream")
+        if stream and fmt in WHOLE_TRANSCRIPTION_FORMATS:
+            raise bad(f"response_format {fmt!r} comes as a whole answer; a stream carries transcript.text events "
+                      "(response_format json or text, or leave stream out)", "unsupported_parameter", "response_format")
         logprobs = transcription_logprobs(form, fmt)
         numbers = {"temperature": form_number(form, "temperature"), "max_tokens": form_number(form, "max_tokens")}
         params = replace(generation_params({k: v for k, v in numbers.items() if v is not None}, limits,

@@ -262,6 +262,15 @@ def test_chunking_strategy_auto_is_taken_and_a_vad_one_refused_saying_what_the_s
     assert "30 s windows" in info.value.message
 
 
+@pytest.mark.parametrize("fmt", ["srt", "vtt", "verbose_json"])
+def test_a_streamed_transcription_refuses_a_format_that_comes_whole(server, fmt):
+    """stream=true with response_format srt was answered with json SSE events, the format silently dropped."""
+    r = httpx.post(server.url + "/v1/audio/transcriptions", files={"file": ("a.wav", wav_bytes(tone_pcm16(0.3)))},
+                   data={"stream": "true", "response_format": fmt}, timeout=30)
+    err = r.json()["error"]
+    assert r.status_code == 400 and (err["code"], err["param"]) == ("unsupported_parameter", "response_format"), err
+
+
 def test_transcription_limits_and_errors(server):
     url = server.url + "/v1/audio/transcriptions"
     r = httpx.post(url, files={"file": ("big.wav", b"\0" * 500_000)}, timeout=30)
