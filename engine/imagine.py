@@ -146,6 +146,7 @@ class ImagineRequest:
         if self.preset is not None and self.task == "generate":
             raise ImageGenError("edit presets need an input image", "preset")
         parse_aspect(self.aspect)  # early, clear errors for sizes too
+        parse_size(self.size)
         if self.size is not None and self.aspect is not None:
             raise ImageGenError("give either a size or an aspect ratio, not both", "aspect")
 
@@ -513,6 +514,20 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--out {args.out}: name a {', '.join(IMAGE_SUFFIXES)} file (its suffix says the format)")
     if args.preview_dir is not None and args.preview_dir.exists() and not args.preview_dir.is_dir():
         ap.error(f"--preview-dir {args.preview_dir}: is a file, not a folder")
+    task = "segment" if args.segment is not None else ("edit" if args.edit else "generate")
+    req = ImagineRequest(prompt=args.segment if args.segment is not None else args.prompt, images=[str(p) for p in args.edit],
+                         task=task, size=args.size, aspect=args.aspect, steps=args.steps, guidance=args.guidance,
+                         image_guidance=args.image_guidance, negative_prompt=args.negative_prompt,
+                         cfg_truncation=args.cfg_truncation, cfg_normalization=args.cfg_normalization,
+                         seed=args.seed, preview_every=args.preview_every if args.preview_dir else 0,
+                         mask_color=args.mask_color, preset=args.preset)
+    try:  # what needs no model is checked before the load (a clash of --size and --aspect came after a minute)
+        dataclasses.replace(req).check()
+    except ImageGenError as e:
+        ap.error(str(e))
+    missing = [Path(p) for p in args.edit if not Path(p).is_file()]
+    if missing:
+        ap.error(f"--edit {missing[0]}: " + ("is a folder, not a picture" if missing[0].is_dir() else "no such file"))
     log = lambda line: print(f"[{line}]", file=sys.stderr)  # noqa: E731
     try:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device, log=log)
@@ -523,13 +538,6 @@ def main(argv: list[str] | None = None) -> int:
         log("random demo weights: the picture is noise; use --model for the real checkpoint")
     if args.compile and engine.image_generator is not None:
         engine.image_generator.compile_transformer()
-    task = "segment" if args.segment is not None else ("edit" if args.edit else "generate")
-    req = ImagineRequest(prompt=args.segment if args.segment is not None else args.prompt, images=[str(p) for p in args.edit],
-                         task=task, size=args.size, aspect=args.aspect, steps=args.steps, guidance=args.guidance,
-                         image_guidance=args.image_guidance, negative_prompt=args.negative_prompt,
-                         cfg_truncation=args.cfg_truncation, cfg_normalization=args.cfg_normalization,
-                         seed=args.seed, preview_every=args.preview_every if args.preview_dir else 0,
-                         mask_color=args.mask_color, preset=args.preset)
     code = 0
     for ev in engine.imagine_request(req):
         if isinstance(ev, Progress) and ev.stage != "denoising":

@@ -204,6 +204,24 @@ def test_cli_refuses_an_out_of_a_format_it_cannot_write_before_the_model_loads(t
     assert exit_info.value.code == 2 and ".png, .jpg, .jpeg, .webp" in err and not (tmp_path / "a.gif").exists(), err
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--size", "512x512", "--aspect", "16:9"], "either a size or an aspect ratio"),
+    (["--size", "big"], "not of the form WIDTHxHEIGHT"),
+    (["--aspect", "9:1"], "aspect"),
+    (["--steps", "0"], "steps"),
+])
+def test_cli_refuses_what_needs_no_model_before_the_model_loads(tmp_path, capsys, flags, says):
+    """--size with --aspect (or a size that is no size, 0 steps) was refused only once
+    the model had loaded, a minute on the real checkpoint; now before (the model path here does not exist)."""
+    from engine.imagine import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "never_loaded"), "--prompt", "a cup", "--out", str(tmp_path / "a.png"),
+              *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and says in err and "never_loaded" not in err, err
+
+
 def test_edit_sizes_and_reference_frame_come_from_the_picture_as_given(tiny_engine, monkeypatch):
     """Only the ViT input is shrunk to MAX_REFERENCE_PIXELS; the reference processor builds the VAE
     reference (bilinear to the bucket) and the output size from the picture as given. A 307x250 picture
@@ -328,15 +346,18 @@ def test_cli_refuses_an_out_it_cannot_write_before_the_model_loads(tmp_path, cap
     assert exit_info.value.code == 2 and f"--out {tmp_path / out}: " in err and says in err, err
 
 
-def test_cli_a_missing_input_image_is_refused_input_with_exit_2(tiny_checkpoint, tmp_path, capsys):
+def test_cli_a_missing_input_image_is_refused_input_with_exit_2(tmp_path, capsys):
     """--edit of a file that does not exist exited 1, the code of a generation that failed; it is the user's input
-    refused (the event's code is not the engine's failure): 2, and no output file."""
+    refused: 2, before the model loads (the model path here does not exist), and no output file."""
     from engine.imagine import main
 
     out = tmp_path / "new" / "out.png"  # a folder --out may still create
-    assert main(["--model", str(tiny_checkpoint), "--edit", str(tmp_path / "nope.png"), "--prompt", "a cup",
-                 "--steps", "1", "--out", str(out)]) == 2
-    assert "nope.png" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "never_loaded"), "--edit", str(tmp_path / "nope.png"), "--prompt", "a cup",
+              "--steps", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "nope.png: no such file" in err and "never_loaded" not in err, err
+    assert not out.exists()
 
 
 def test_cli_prompt_dash_is_read_from_stdin(tmp_path, capsys, monkeypatch):
