@@ -1,5 +1,5 @@
 () => {
-  // Names the text fields Gradio leaves unnamed, for screen readers: a MultimodalTextbox's text area (its
+  // Names the text fields Gradio leaves unnamed, for screen readers (and gives texts their own direction, below): a MultimodalTextbox's text area (its
   // label is only a hidden span of the block) and a Textbox with a copy button (the <label> around it names
   // its first labelable element: the button). Such a field gets its block's label as aria-label. Tabs are
   // built when first opened, so new fields are looked for whenever the page changes (once per frame).
@@ -9,6 +9,11 @@
       const labelled = Array.from(field.labels || []).some((l) => l.textContent.trim());
       const title = field.closest(".block")?.querySelector("[data-testid=block-info]")?.textContent.trim();
       if (!labelled && title && !field.getAttribute("aria-labelledby")) field.setAttribute("aria-label", title);
+    }
+    // Right-to-left text (Arabic, Hebrew) in a message or a text box read left to right, its punctuation on the wrong
+    // side: each takes the direction of its own text.
+    for (const text of document.querySelectorAll(".message-content:not([dir=auto]), .block textarea:not([dir=auto])")) {
+      text.setAttribute("dir", "auto");
     }
     for (const run of document.querySelectorAll("button.studio-run:not([aria-keyshortcuts])")) {
       run.setAttribute("aria-keyshortcuts", "Control+Enter Meta+Enter");  // (the Ctrl+Enter below)

@@ -51,6 +51,19 @@ def test_type_send_and_see_the_reply(studio):
 
         assert keep_screenshot(page, "chat-desktop").stat().st_size > 10_000
 
+        # Arabic in the box and in the conversation read left to right (Gradio sets every text 'ltr'), its question
+        # mark on the wrong side: each text takes the direction of its own words
+        direction = "e => getComputedStyle(e).direction"
+        box = page.locator("#chat-input textarea")
+        box.fill("مرحبا، كيف حالك؟ 👋")
+        assert box.evaluate(direction) == "rtl"
+        box.press("Enter")
+        sent = history.locator("[data-testid='user'] .message-content").last
+        sync_api.expect(sent).to_contain_text("كيف حالك", timeout=30_000)
+        sync_api.expect(sent).to_have_attribute("dir", "auto", timeout=10_000)
+        assert sent.evaluate(direction) == "rtl"
+        assert history.locator("[data-testid='user'] .message-content").first.evaluate(direction) == "ltr"
+
 
 def test_stop_withdraws_a_queued_message_in_the_browser(studio):
     """Two visitors: Alice's long reply holds the engine; Bob sends, sees his request wait, presses Stop.
@@ -119,3 +132,4 @@ def test_a_message_sent_just_before_a_reload_is_not_lost(studio):
         sync_api.expect(page.locator("#chat-input textarea")).to_have_value("A question worth keeping", timeout=30_000)
         sync_api.expect(page.locator("#chat-figures")).to_contain_text("interrupted")
         page.locator("#chat-clear").click()
+
