@@ -215,9 +215,12 @@ class ImageDone(_Event):
     _BYTES: ClassVar[tuple[str, ...]] = ("image", "mask", "overlay")
 
 
+TRANSCRIBING_STAGE = "transcribing"  # a long recording's ASR: `done` of `total` windows (engine.models.thinker.asr_windows)
+
+
 @dataclass
 class Progress(_Event):
-    """`stage` (e.g. "prefill", "denoising", "decoding image"), `done` of `total` units."""
+    """`stage` (e.g. "prefill", "denoising", "decoding image", TRANSCRIBING_STAGE), `done` of `total` units."""
 
     stage: str
     done: int = 0

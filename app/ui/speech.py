@@ -21,7 +21,7 @@ from app.sound_track import sound_track, speech_track
 from app.ui.common import (GENERATING, InFlight, capability_note, engine_limits, error_line, failure, figures_line,
                            queue_line, check_on_upload, run_button, runs_tab, say_refused_files, session_of, toolbar,
                            wire_stop, says_refused)
-from engine.events import Done, Error, Progress, QueuePosition, TextDelta
+from engine.events import TRANSCRIBING_STAGE, Done, Error, Progress, QueuePosition, TextDelta
 
 TAB = "speech"
 AUTO = "Auto (detect)"
@@ -123,7 +123,7 @@ class SpeechController:
                     if status == GENERATING:
                         status = TRANSCRIBING
                     yield text, status, None, False
-                elif isinstance(event, Progress) and event.total > 1:
+                elif isinstance(event, Progress) and event.stage == TRANSCRIBING_STAGE and event.total > 1:
                     status = progress_line(event)
                     yield text, status, None, False
                 elif isinstance(event, TextDelta):

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.events import TRANSCRIBING_STAGE as STAGE
 from engine.events import Done, Error, Event, GenerationStats, Progress, TextDelta
-
-STAGE = "transcribing"  # the Progress stage of a windowed transcription (done = windows finished, of total)
 
 
 @dataclass(frozen=True)
