@@ -338,6 +338,11 @@ class ChatController:
         if getattr(cancel, "cleared", False):  # Clear was pressed meanwhile: the tab stays empty
             yield [], {"text": "", "files": []}, "", end
             return
+        if cancel.is_set() and self.inflight.running(session, TAB):
+            # a message sent while this reply streamed cut it: the tab shows that message's turn (with this reply as
+            # far as it had come); this conversation, without that message, and "cancelled" replaced it meanwhile
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
         if final is None:
             final = Error("the engine ended the reply without a result", code="engine_error")
         if isinstance(final, Done):

@@ -410,3 +410,16 @@ def test_a_message_edited_to_nothing_leaves_the_conversation_as_it_was(controlle
     assert list(controller.respond(*chat_args(history)))[-1][2] == EMPTY_HINT  # nothing unanswered: nothing sent
     edited = ChatController.cut_for_edit(history, gr.EditData(None, {"index": 2, "value": "Third", "previous_value": "Second"}))
     assert edited == [*history[:2], {"role": "user", "content": "Third"}]
+
+
+def test_a_message_sent_while_a_reply_streams_stays_in_sight(controller):
+    """A message sent while the last reply streamed cut that reply, whose last update then showed its own conversation,
+    without the new message, and "cancelled" while the new message was being answered (for as long as it waited)."""
+    me = SimpleNamespace(session_hash="impatient")
+    first = controller.respond(*chat_args(ask("Tell me a long story"), max_new_tokens=4000), request=me)
+    so_far = next(u for u in first if isinstance(u[0], list) and u[0][-1]["role"] == "assistant")[0]
+    second = controller.respond(*chat_args(ask("Shorter, please", so_far), max_new_tokens=2), request=me)
+    assert next(second)  # the second request is under way: the first is cut
+    assert list(first)[-1] == (gr.skip(), gr.skip(), gr.skip(), gr.skip())
+    history, _, figures, _ = list(second)[-1]
+    assert content_text(history[-2]["content"]) == "Shorter, please" and "finish reason" in figures
