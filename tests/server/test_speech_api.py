@@ -81,7 +81,8 @@ def test_pcm_is_openais_24_khz_and_the_answer_says_its_rate(http):
     body = {"input": TEXT, "seed": 1, "max_seconds": 1.0}
     wav = http.post("/v1/audio/speech", json={**body, "response_format": "wav"})
     whole = http.post("/v1/audio/speech", json={**body, "response_format": "pcm"})
-    with http.stream("POST", "/v1/audio/speech", json={**body, "response_format": "pcm", "stream_format": "audio"}) as s:
+    streaming = {**body, "response_format": "pcm", "stream_format": "audio"}
+    with http.stream("POST", "/v1/audio/speech", json=streaming) as s:
         streamed, head = s.read(), s.headers
     assert wav.headers["x-sample-rate"] == str(RATE)
     assert whole.headers["x-sample-rate"] == head["x-sample-rate"] == "24000" and streamed == whole.content

@@ -443,7 +443,8 @@ _DATE_TIME = (
 
 def normalize_english_numbers(text: str) -> str:
     """Numbers in text without CJK as words, in upstream's order of rules (normalize_numbers): grouping
-    commas, (ours, first: dates and clock times, _DATE_TIME), numbers with units (5MB, 10 ms, 25°C), money ($, £), fractions, percentages (signed),
+    commas, (ours, first: dates and clock times, _DATE_TIME),
+    numbers with units (5MB, 10 ms, 25°C), money ($, £), fractions, percentages (signed),
     ordinals, letters followed by a number (GPT-4, v2.1 -> 'GPT four', 'v two point one'), then the
     numbers left (a leading '-' read 'minus'; one touching letters set apart: 4K -> 'four K'). Unlike upstream, a decade ('the 1990s', '80s') is no
     number of seconds, ordinals stay ordinal ('21st' -> 'twenty-first', upstream reads the cardinal),
