@@ -1,8 +1,9 @@
 () => {
-  // Names the text fields Gradio leaves unnamed, for screen readers (and gives texts their own direction, below): a MultimodalTextbox's text area (its
-  // label is only a hidden span of the block) and a Textbox with a copy button (the <label> around it names
-  // its first labelable element: the button). Such a field gets its block's label as aria-label. Tabs are
-  // built when first opened, so new fields are looked for whenever the page changes (once per frame).
+  // Names the text fields Gradio leaves unnamed, for screen readers (and gives texts their own direction, below): a
+  // MultimodalTextbox's text area (its label is only a hidden span of the block) and a Textbox with a copy button
+  // (the <label> around it names its first labelable element: the button). Such a field gets its block's label as
+  // aria-label. Tabs are built when first opened, so new fields are looked for whenever the page changes (once per
+  // frame).
   const unnamed = ".block textarea:not([aria-label]), .block input[type=text]:not([aria-label])";
   const nameFields = () => {
     for (const field of document.querySelectorAll(unnamed)) {

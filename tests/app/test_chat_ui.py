@@ -19,8 +19,9 @@ import gradio as gr  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
-from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NO_SNAPSHOT, NOTHING_TO_EXPORT, REPLY_SHOWN_EVERY_S, WITHDRAWN,  # noqa: E402
-                         ChatController, content_text, export_conversation, history_to_messages, restorable, user_turn)
+from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NO_SNAPSHOT, NOTHING_TO_EXPORT, REPLY_SHOWN_EVERY_S,  # noqa: E402
+                         WITHDRAWN, ChatController, content_text, export_conversation, history_to_messages, restorable,
+                         user_turn)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import Done  # noqa: E402
 from engine.sampling import GenerationParams  # noqa: E402
@@ -367,8 +368,9 @@ def test_undo_takes_back_the_whole_turn_and_keeps_the_draft(tmp_path):
         assert kept == earlier
         assert box == {"text": "What happens here?\n\nnext question", "files": [video]}
     assert ChatController.cut_for_retry(history, gr.RetryData(None, {"index": 3, "value": ""})) == [*earlier, *turn]
-    assert history_to_messages(ChatController.cut_for_retry(history, gr.RetryData(None, {"index": 4, "value": ""})))[-1] \
-        == {"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "What happens here?"}]}
+    retried = history_to_messages(ChatController.cut_for_retry(history, gr.RetryData(None, {"index": 4, "value": ""})))
+    assert retried[-1] == {"role": "user", "content": [{"type": "video", "video": video},
+                                                       {"type": "text", "text": "What happens here?"}]}
 
 
 def test_a_turn_given_back_joins_what_was_typed_meanwhile(tmp_path):
@@ -376,7 +378,8 @@ def test_a_turn_given_back_joins_what_was_typed_meanwhile(tmp_path):
     user had typed or attached while it waited (the engine gone mid-answer) was lost."""
     clip = str(tmp_path / "clip.wav")
     given = {"text": "What is said here?", "files": [clip]}
-    box, slot = ChatController.give_back(given, {"text": "and a follow-up", "files": [{"path": str(tmp_path / "b.png")}]})
+    draft = {"text": "and a follow-up", "files": [{"path": str(tmp_path / "b.png")}]}
+    box, slot = ChatController.give_back(given, draft)
     assert box == {"text": "What is said here?\n\nand a follow-up", "files": [clip, str(tmp_path / "b.png")]}
     assert slot is None
     assert ChatController.give_back(given, {"text": "", "files": []})[0] == given
@@ -406,9 +409,11 @@ def test_a_message_edited_to_nothing_leaves_the_conversation_as_it_was(controlle
                {"role": "user", "content": "Second"}, {"role": "assistant", "content": "Two."}]
     for nothing in ("", "  \n"):
         with pytest.warns(UserWarning, match="cannot be empty"):
-            assert ChatController.cut_for_edit(history, gr.EditData(None, {"index": 0, "value": nothing, "previous_value": "First"})) == history
+            emptied = gr.EditData(None, {"index": 0, "value": nothing, "previous_value": "First"})
+            assert ChatController.cut_for_edit(history, emptied) == history
     assert list(controller.respond(*chat_args(history)))[-1][2] == EMPTY_HINT  # nothing unanswered: nothing sent
-    edited = ChatController.cut_for_edit(history, gr.EditData(None, {"index": 2, "value": "Third", "previous_value": "Second"}))
+    edited = ChatController.cut_for_edit(history, gr.EditData(None, {"index": 2, "value": "Third",
+                                                                     "previous_value": "Second"}))
     assert edited == [*history[:2], {"role": "user", "content": "Third"}]
 
 
