@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,19 @@ import httpx
 from engine.client import calls, core
 from engine.client.core import ChatOptions, ConnectionLost, ModelInfo, ServerError
 from engine.events import Error, Event
+
+
+def hang_up(resp: httpx.Response) -> None:
+    """Shut the connection under a streamed answer that is left unfinished (cancelled, or lost) down at once, waking
+    the reader thread blocked on it. Closing the stream alone, under that thread's pending read, was not always heard
+    by the server: a stopped synthesis went on (the next request waited ~40 s, the stopped one ended 'slow_reader')."""
+    stream = resp.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed by the server, or by the reader's failure
+            pass
 
 
 class RealtimeClient(core.RealtimeClientBase):
@@ -462,6 +476,7 @@ class EngineClient(core.EngineClientBase):
             return
         run = core.sse_run(cancel, self.timeout, call.decoder)
         lines: queue.Queue = queue.Queue()
+        answered = False  # the server ended the answer itself (else this end hangs up)
         try:
             stream = self.http.stream(call.method, call.path, **call.kwargs)
             resp = stream.__enter__()
@@ -470,6 +485,7 @@ class EngineClient(core.EngineClientBase):
             return
         try:
             if resp.status_code >= 400:
+                answered = True
                 resp.read()
                 yield core.json_error_event(resp.status_code, resp.content)
                 return
@@ -494,8 +510,11 @@ class EngineClient(core.EngineClientBase):
                 if kind == "data":
                     yield from run.on_event(value)
                 else:
-                    yield from run.on_end() if kind == "end" else run.on_lost(value)
+                    answered = kind == "end"
+                    yield from run.on_end() if answered else run.on_lost(value)
         finally:  # closing the stream stops the request on the server (queued or running)
+            if not answered:
+                hang_up(resp)
             try:
                 stream.__exit__(None, None, None)
             except Exception:  # noqa: BLE001  the reader thread may be failing on the same socket

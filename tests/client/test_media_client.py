@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import time
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -115,6 +117,27 @@ def test_cancel_stops_an_image_between_steps(client):
             cancel.set()
     assert isinstance(events[-1], Done) and events[-1].finish_reason == "cancelled"
     assert not any(isinstance(e, ImageDone) for e in events)
+
+
+def test_stopping_a_synthesis_frees_the_engine_for_the_next_request_at_once(server, client):
+    """The Voice tab's Stop then Make it again: the stopped synthesis went on on the server (the client closed its
+    stream, but the socket stayed open under the reader thread's pending read), the next request waited ~40 s behind
+    it, and the first ended as a slow reader instead of cancelled. It is cancelled at once now."""
+    before = len(server.ctx.scheduler.history)
+    with httpx.Client(base_url=server.url, timeout=120) as other:  # (another visitor, connected before)
+        cancel, chunks = threading.Event(), 0
+        for ev in client.speak("A long text to read aloud for a while. " * 100, seed=3, cancel=cancel):
+            chunks += isinstance(ev, AudioChunk)
+            if chunks == 3:
+                cancel.set()
+            if isinstance(ev, Done):
+                break
+        started = time.monotonic()
+        r = other.post("/v1/audio/speech", json={"input": "Hi.", "max_seconds": 0.3})
+        waited = time.monotonic() - started
+    assert r.status_code == 200 and waited < 10, waited
+    reasons = [r.finish_reason for r in list(server.ctx.scheduler.history)[before:]]  # (an earlier test's may lag)
+    assert reasons[-2:] == ["cancelled", "stop"] and "slow_reader" not in reasons, reasons
 
 
 def test_the_async_client_gives_the_same_events(server):
