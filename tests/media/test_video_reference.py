@@ -72,11 +72,17 @@ CLIPS = {"one_frame": (1, 30.0), "two_frames_1fps": (2, 1.0), "three_frames_2fps
          "long_181_frames_2fps": (181, 2.0)}
 
 
-@pytest.mark.parametrize("n_src,fps", CLIPS.values(), ids=CLIPS.keys())
-def test_sampled_frames_and_timestamps_follow_the_spec(tmp_path, n_src, fps):
+def _spec_clip(tmp_path, n_src: int, fps: float):
+    """A clip of `n_src` numbered frames at `fps` written to disk, and the (frame indices, timestamps) the spec
+    samples from it."""
     path = tmp_path / "clip.mp4"
     _write_clip(path, n_src, fps)
-    indices, stamps = spec_sampling(n_src, fps)
+    return path, spec_sampling(n_src, fps)
+
+
+@pytest.mark.parametrize("n_src,fps", CLIPS.values(), ids=CLIPS.keys())
+def test_sampled_frames_and_timestamps_follow_the_spec(tmp_path, n_src, fps):
+    path, (indices, stamps) = _spec_clip(tmp_path, n_src, fps)
     video = fetch_video(path)
     assert [_frame_index(f) for f in video.frames] == indices
     np.testing.assert_allclose(video.timestamps, stamps, rtol=0, atol=1e-9)
@@ -88,9 +94,7 @@ SHORT = {k: v for k, v in CLIPS.items() if v[0] <= 8}
 
 @pytest.mark.parametrize("n_src,fps", SHORT.values(), ids=SHORT.keys())
 def test_short_clips_pixel_values_grid_and_prompt_follow_the_spec(tmp_path, n_src, fps):
-    path = tmp_path / "clip.mp4"
-    _write_clip(path, n_src, fps)
-    indices, stamps = spec_sampling(n_src, fps)
+    path, (indices, stamps) = _spec_clip(tmp_path, n_src, fps)
     stamps = repeat_last_if_odd(stamps)
     decoded = fetch_video(path).frames  # the decoder is not the spec's business: its frames at their own size
     frames = np.stack(repeat_last_if_odd(list(decoded)))
