@@ -403,6 +403,8 @@ class ChatController:
         message whose reply had not ended when the page went (a reload mid-reply) is kept as soon as it is sent, and
         comes back in the input box, saying so: a reload lost the question and the reply silently."""
         history = restorable(saved, self.file_roots)
+        if not history:  # nothing kept: the page's empty conversation is left alone (an empty one sent back late, on
+            return gr.skip(), gr.skip(), gr.skip()  # a busy machine, wiped a message typed meanwhile)
         before, turn = split_last_user_turn(history)
         if not turn:
             return history, gr.skip(), gr.skip()
