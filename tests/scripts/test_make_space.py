@@ -13,7 +13,7 @@ from scripts.make_space import make_space
 
 
 def test_the_space_starts_the_ui_only_studio_from_its_own_files(tmp_path):
-    """launch.main runs in the Space up to binding its port (held here, so it stops there and says so): the Space's
+    """launch.run (what `python launch.py` calls) runs in the Space up to binding its port (held here, so it stops there and says so): the Space's
     launch.py imported engine.server.auth at that step, which the Space did not ship (ModuleNotFoundError at start).
     Then without its ENGINE_URL secret: that was a local load, a ModuleNotFoundError traceback (engine.runtime is not
     shipped; a UI-only install has no torch) instead of what to set."""
@@ -25,10 +25,10 @@ def test_the_space_starts_the_ui_only_studio_from_its_own_files(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         code = ("import sys, launch, app.studio; "
-                f"code = launch.main(['--port', '{port}']); "
+                f"code = launch.run(['--port', '{port}']); "
                 "assert all(m.split('.')[0] != 'torch' for m in sys.modules), 'torch was imported'; "
                 "print(code, sorted(m for m in sys.modules if m.startswith('engine'))); "
-                "import os; del os.environ['ENGINE_URL']; print('without ENGINE_URL:', launch.main(['--port', '0']))")
+                "import os; del os.environ['ENGINE_URL']; print('without ENGINE_URL:', launch.run(['--port', '0']))")
         env = {**os.environ, "PYTHONPATH": str(space), "ENGINE_URL": "ws://127.0.0.1:9",
                "GRADIO_ANALYTICS_ENABLED": "False"}
         r = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(space)!r}); {code}"],
