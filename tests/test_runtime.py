@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.models.thinker.asr import asr_instruction, parse_transcript
-from engine.events import Done, Error, TextDelta
+from engine.events import Done, Error, Progress, TextDelta
 from engine.media.video import WebcamClip
 from engine.sampling import GenerationParams
 from tests.test_generate import short_context_engine
@@ -92,10 +92,17 @@ def test_bad_media_is_a_clear_error_and_the_engine_keeps_serving(tiny_engine, pa
     assert isinstance(ok, Done)
 
 
-def test_too_long_audio_is_refused_with_the_limit(tiny_engine):
+def test_a_recording_longer_than_a_window_is_transcribed_window_by_window(tiny_engine):
+    """A 61 s recording was refused as too long (the encoder takes 30 s at once); it is transcribed in windows of at
+    most Engine.asr_windowing.window_s, said by Progress and covering the whole clip in the result's segments."""
     long = np.zeros(16000 * 61, dtype=np.float32)
-    err = _finish(list(tiny_engine.transcribe(long, sample_rate=16000, params=P)))
-    assert isinstance(err, Error) and "too long" in err.message
+    events = list(tiny_engine.transcribe(long, sample_rate=16000, params=P))
+    done = _finish(events)
+    assert isinstance(done, Done), done
+    segments = done.result["segments"]
+    assert segments[0]["start"] == 0 and segments[-1]["end"] == 61.0 and len(segments) == 3
+    assert all(s["end"] - s["start"] <= tiny_engine.asr_windowing.window_s for s in segments)
+    assert [e.done for e in events if isinstance(e, Progress)][-1] == 3
 
 
 # --------------------------------------------------------------------------- chat that speaks
