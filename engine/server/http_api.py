@@ -243,8 +243,9 @@ def check_response_format(fmt) -> None:
 
 ACCEPTED_TEXT_FIELDS = ("user", "safety_identifier", "prompt_cache_key")  # OpenAI's identifiers: no effect here
 # OpenAI's prompt cache settings (no effect: every prompt is prefilled anew): the values its API takes
-PROMPT_CACHE_CHOICES = {"prompt_cache_retention": ("in_memory", "24h"), "prompt_cache_options.mode":
-                        ("implicit", "explicit"), "prompt_cache_options.ttl": ("30m",)}
+PROMPT_CACHE_RETENTIONS = ("in_memory", "24h")
+PROMPT_CACHE_MODES = ("implicit", "explicit")
+PROMPT_CACHE_TTLS = ("30m",)
 
 
 def check_accepted_fields(body: dict) -> None:
@@ -256,14 +257,20 @@ def check_accepted_fields(body: dict) -> None:
             need_str(body[name], name)
     check_metadata(body.get("metadata"), "metadata")
     flag(body, "parallel_tool_calls")
+    one_of(body.get("prompt_cache_retention"), "prompt_cache_retention", PROMPT_CACHE_RETENTIONS)
     options = body.get("prompt_cache_options")
     if options is not None:
         codec.check_keys(need_dict(options, "prompt_cache_options"), "prompt_cache_options", ("mode", "ttl"))
-    for name, choices in PROMPT_CACHE_CHOICES.items():
-        value = body.get(name) if "." not in name else (options or {}).get(name.split(".")[1])
-        if value is not None and value not in choices:
-            raise bad(f"'{name}' must be one of {', '.join(map(repr, choices))}, got {codec.shown(value)}",
-                      "invalid_value" if isinstance(value, str) else "invalid_type", name)
+        one_of(options.get("mode"), "prompt_cache_options.mode", PROMPT_CACHE_MODES)
+        one_of(options.get("ttl"), "prompt_cache_options.ttl", PROMPT_CACHE_TTLS)
+
+
+def one_of(value, name: str, choices: tuple[str, ...]) -> None:
+    """A field that takes one of `choices` (None: left out): another string is invalid_value, another type
+    invalid_type."""
+    if value is not None and value not in choices:
+        raise bad(f"'{name}' must be one of {', '.join(map(repr, choices))}, got {codec.shown(value)}",
+                  "invalid_value" if isinstance(value, str) else "invalid_type", name)
 
 
 def logprob_fields(body: dict, modalities: list[str]) -> tuple[bool, int]:
@@ -724,8 +731,8 @@ def client_limits(ctx: ServerContext) -> dict:
     if ctx.prompt_bound is not None:
         out["context_tokens"] = ctx.prompt_bound.context_tokens
     return out | {"max_request_bytes": lim.max_request_bytes, "max_upload_bytes": lim.max_upload_bytes,
-                  "max_audio_seconds": audio_seconds_limit(ctx), "max_transcription_seconds": lim.max_transcription_seconds,
-                  "max_image_pixels": lim.max_image_pixels}
+                  "max_audio_seconds": audio_seconds_limit(ctx),
+                  "max_transcription_seconds": lim.max_transcription_seconds, "max_image_pixels": lim.max_image_pixels}
 
 
 def audio_seconds_limit(ctx: ServerContext) -> float:

@@ -508,11 +508,11 @@ class RealtimeConnection:
     async def _commit_turn(self, item_id: str, audio: codec.Audio) -> None:
         """The user's turn joins the conversation: the rolling webcam video (when the session keeps
         one), then the audio; input_audio_buffer.committed, conversation.item.added/.done."""
-        parts, public = await self._turn_video()
-        parts.append(audio.part())
-        public.append({"type": "input_audio", "seconds": round(audio.seconds, 3), "sample_rate": audio.sample_rate,
-                       "transcript": None})
-        item = Item(item_id, "user", parts, public, turn_video=len(parts) > 1)
+        video, video_public = await self._turn_video()
+        parts = video + [audio.part()]
+        public = video_public + [{"type": "input_audio", "seconds": round(audio.seconds, 3),
+                                  "sample_rate": audio.sample_rate, "transcript": None}]
+        item = Item(item_id, "user", parts, public, turn_video=bool(video))
         if self.session.detector is not None:  # hands-free: the oldest turns leave a full conversation
             for old in self.session.make_room(item):
                 await self.send({"type": "conversation.item.deleted", "item_id": old})
