@@ -868,8 +868,12 @@ static inline __attribute__((always_inline)) void a8_span(int kind, const void *
                 const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_loadu_ps(x[r].lane_scale + u * 16));
                 if (u % 2) acc[r].odd = _mm512_fmadd_ps(t, sv, acc[r].odd);
                 else acc[r].even = _mm512_fmadd_ps(t, sv, acc[r].even);
-                acc[r].offset += s * x[r].unit_sum[u];
             }
+        }
+        /* the offsets' sums after the vector loop (the same terms in the same order), out of its way */
+        for (int r = 0; r < M; r++) {
+            groups = a8_groups_from(group, u0);
+            for (int64_t u = u0; u < u1; u++) acc[r].offset += a8_next_scale(&groups, ws) * x[r].unit_sum[u];
         }
     }
 #ifdef A8_VNNI512
