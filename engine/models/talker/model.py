@@ -43,14 +43,23 @@ class BailingTalker2(nn.Module):
     def device(self) -> torch.device:
         return self.stop_head.weight.device
 
+    def speaker_vectors(self, spk: torch.Tensor) -> torch.Tensor:
+        """CAM++ vectors in any layout that lists them in speaker order ([n, 192], a stack of [1, 192]
+        vectors [n, 1, 192], or one batch row [1, n, 192]) -> [n, 192]: speaker i fills slot i (spec §7.2)."""
+        width = self.config.speaker_dim
+        if spk.dim() == 0 or spk.shape[-1] != width or spk.numel() == 0:
+            raise TalkerConfigError(f"speaker vectors must be CAM++ vectors of {width} values each "
+                                    f"([n, {width}]), got shape {list(spk.shape)}")
+        return spk.reshape(-1, width)
+
     def speaker_embedding(self, spk: torch.Tensor | None) -> torch.Tensor:
-        """CAM++ vectors [n, 192] -> speaker slot embeddings [n, H]; None -> one zero vector (the
-        voice-design slot, which the reference fills with zeros in the LLM space)."""
+        """CAM++ vectors (see `speaker_vectors`) -> speaker slot embeddings [n, H]; None -> one zero vector
+        (the voice-design slot, which the reference fills with zeros in the LLM space)."""
         if spk is None:
             return torch.zeros(1, self.config.llm.hidden_size, dtype=self.dtype, device=self.device)
         if self.spk_head is None:
             raise TalkerConfigError("the Preview talker has no speaker head (spec §7.11): it takes no speaker vector")
-        return self.spk_head(spk.to(self.device, self.dtype))
+        return self.spk_head(self.speaker_vectors(spk).to(self.device, self.dtype))
 
     def prompt_latent_embeddings(self, latents: torch.Tensor) -> torch.Tensor:
         """Prompt latents [1, N_f, 64] (N_f a multiple of the patch) -> [N_f / patch, H] (spec §7.4)."""

@@ -141,7 +141,7 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             lat = inputs.get(f"{name}.prompt_wav_lat")
             n_patches = 0 if lat is None else lat.shape[1] // cfg.patch_size
             zero_spk = bool(case.get("use_zero_spk_emb")) and spk is None
-            n_spk = 1 if zero_spk else (0 if spk is None else spk.shape[0])
+            n_spk = 1 if zero_spk else (0 if spk is None else talker.speaker_vectors(spk).shape[0])
             if cfg.preview:
                 prompt = build_preview_prompt(tok, case["text"], case.get("prompt_text"), n_patches)
             else:
@@ -153,7 +153,8 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
                 cmp.exact(f"inputs.{name}.input_ids", torch.tensor([prompt.ids]))
             spk_embeds = talker.speaker_embedding(spk) if (spk is not None or zero_spk) else None
             if spk is not None and f"{name}.spk_emb_proj" in outputs:
-                cmp.close(f"{name}.spk_emb_proj", spk_embeds, emb_tol)
+                # spk_head keeps the layout the case lists its vectors in ([n, 192], [n, 1, 192], [1, n, 192])
+                cmp.close(f"{name}.spk_emb_proj", spk_embeds.reshape(*spk.shape[:-1], -1), emb_tol)
             lat_embeds = talker.prompt_latent_embeddings(lat) if lat is not None else None
             if lat_embeds is not None and f"{name}.prompt_wav_emb" in outputs:
                 cmp.close(f"{name}.prompt_wav_emb", lat_embeds[None], emb_tol)
