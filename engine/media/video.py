@@ -761,11 +761,12 @@ class WebcamClip:
     """Rolling buffer of live webcam frames that turns a time window into video input.
 
     `add_frame` stores RGB frames (HxWx3 uint8) with capture times in seconds (any monotonic
-    clock). `sample` picks frames from a window the way the video sampler picks them from a
-    file: ``n = max(1, min(170, floor(duration * fps + 0.5)))`` evenly spaced sample times from
-    the window's first to last capture, each taking the nearest captured frame; timestamps are
-    capture times relative to the window start. `to_video_inputs` then runs the normal video
-    processing, so a live chat turn sees exactly what an uploaded clip would give.
+    clock). `sample` reads a window as a clip of its N frames recorded at their mean rate
+    (``src_fps = (N - 1) / (last - first capture)``) and picks from it exactly as the video sampler
+    picks from a file (spec §4.2): ``n = max(1, min(170, floor(N / src_fps * min(fps, src_fps) + 0.5)))``
+    frames at the truncated ``linspace(0, N - 1, n)`` indices, frame i at ``i / fps_s`` seconds. A
+    camera slower than ``fps`` gives each frame once (never the same frame twice). `to_video_inputs`
+    then runs the normal video processing, so a live chat turn sees what an uploaded clip would give.
 
     Memory is bounded three ways: frames older than ``history_seconds`` before the newest are
     dropped, and so are the oldest beyond ``max_buffer_frames`` or ``max_buffer_bytes``. With
@@ -869,21 +870,17 @@ class WebcamClip:
         chosen = [(t, f) for t, f in buffered if start <= t <= end]
         if not chosen:
             raise MediaError(f"no webcam frames between {start:.3f} s and {end:.3f} s")
-        times = np.array([t for t, _ in chosen], dtype=np.float64)
-        t0 = times[0]
-        duration = times[-1] - t0
-        n = max(1, min(self.sampling.max_frames, math.floor(duration * self.sampling.fps + 0.5)))
-        targets = np.linspace(t0, times[-1], n) if n > 1 else np.array([t0])
-        picks = [int(np.argmin(np.abs(times - target))) for target in targets]
+        span = chosen[-1][0] - chosen[0][0]
+        # the window as a clip at its mean frame rate (one frame, or frames captured at one instant:
+        # the fastest rate the file sampler takes)
+        src_fps = (len(chosen) - 1) / span if span > 0 else self.sampling.max_src_fps
+        n, fps_s = sample_count(len(chosen), src_fps, self.sampling)
+        picks = _linspace_indices(len(chosen), n)
         # a camera may change resolution mid-stream: bring frames to the latest frame's size
         height, width = chosen[-1][1].shape[:2]
         frames = [chosen[i][1] if chosen[i][1].shape[:2] == (height, width)
                   else cv2.resize(chosen[i][1], (width, height), interpolation=cv2.INTER_CUBIC) for i in picks]
-        return VideoFrames(
-            frames=np.stack(frames),
-            timestamps=times[picks] - t0,
-            sample_fps=(n / duration) if duration > 0 else self.sampling.fps,
-        )
+        return VideoFrames(frames=np.stack(frames), timestamps=np.arange(n, dtype=np.float64) / fps_s, sample_fps=fps_s)
 
     def to_video_inputs(self, image_config: ImageProcessorConfig | None = None, *,
                         start: float | None = None, end: float | None = None,

@@ -358,10 +358,11 @@ def test_webcam_clip_samples_capture_times_like_a_video():
     for i in range(90):  # 3 s at 30 fps, capture times with a start offset and jitter
         clip.add_frame(_textured(i, 48, 64), 100.0 + i / 30 + (0.004 if i % 2 else 0.0))
     sampled = clip.sample()
-    span = (100.0 + 89 / 30 + 0.004) - 100.0
-    assert len(sampled.frames) == int(np.floor(span * 2 + 0.5)) == 6
-    assert sampled.timestamps[0] == 0.0
-    assert np.allclose(np.diff(sampled.timestamps), span / 5, atol=1 / 30)
+    src_fps = 89 / ((100.0 + 89 / 30 + 0.004) - 100.0)  # the window's mean rate
+    assert len(sampled.frames) == int(np.floor(90 / src_fps * 2 + 0.5)) == 6
+    assert [i for i in range(90) for f in sampled.frames if np.array_equal(f, _textured(i, 48, 64))] == \
+        [0, 17, 35, 53, 71, 89]  # truncated linspace(0, 89, 6)
+    assert np.allclose(sampled.timestamps, np.arange(6) / (6 / 90 * src_fps))
     inputs = clip.to_video_inputs(min_pixels=4096)
     reference = preprocess_video(sampled, ImageProcessorConfig(), VideoSamplingConfig(), min_pixels=4096)
     assert np.array_equal(inputs.pixel_values.numpy(), reference.pixel_values.numpy())
@@ -377,10 +378,30 @@ def test_webcam_clip_window_and_history():
         clip.add_frame(_frame(i), i / 8)
     assert clip.time_span == (4.875, 9.875)  # older frames fell out of the 5 s history
     window = clip.sample(window_seconds=2.0)
-    assert len(window.frames) == 4  # span 2.0 s -> floor(2 * 2 + 0.5)
-    # sample times linspace(7.875, 9.875, 4) take the nearest captured frames
-    assert [int(f[0, 0, 0]) for f in window.frames] == [63, 68, 74, 79]
-    assert window.timestamps.tolist() == [0.0, 0.625, 1.375, 2.0]
+    assert len(window.frames) == 4  # 17 frames at 8 fps -> floor(17 / 8 * 2 + 0.5)
+    # truncated linspace(0, 16, 4) = [0, 5, 10, 16] of frames 63..79, frame i at i / (4 / 17 * 8) s
+    assert [int(f[0, 0, 0]) for f in window.frames] == [63, 68, 73, 79]
+    assert window.timestamps.tolist() == [0.0, 0.53125, 1.0625, 1.59375]
+
+
+@pytest.mark.parametrize("rate, n_frames, fps", [(30.0, 301, 2.0), (8.0, 17, 2.0), (2.0, 21, 2.0), (1.0, 10, 2.0),
+                                                  (0.5, 6, 1.0), (3.0, 7, 1.0), (24.0, 5, 2.0)])
+def test_webcam_window_is_sampled_as_the_spec_samples_a_clip_at_its_rate(rate, n_frames, fps):
+    """Spec §4.2 re-derived for a live window of N frames captured every 1 / rate s: smp_fps = min(fps, rate),
+    n = max(1, min(170, floor(N / rate * smp_fps + 0.5))), indices = linspace(0, N - 1, n) truncated, frame i
+    at i / (n / N * rate) s. A camera slower than the sampling rate gave every frame about twice
+    (n = floor(span * fps + 0.5) sample times, each taking the nearest frame): a 1 fps camera sampled
+    at 2 fps sent 18 frames for 10 captures."""
+    clip = WebcamClip(sampling=VideoSamplingConfig(fps=fps))
+    for i in range(n_frames):
+        clip.add_frame(_frame(i % 256, 8, 8), 50.0 + i / rate)
+    sampled = clip.sample()
+    rate_seen = min(max(rate, 1.0), 240.0)  # the file sampler's clamp of the source rate
+    n = max(1, min(170, math.floor(n_frames / rate_seen * min(fps, rate_seen) + 0.5)))
+    indices = np.linspace(0, n_frames - 1, n).astype(int)
+    assert [int(f[0, 0, 0]) for f in sampled.frames] == [i % 256 for i in indices]
+    assert len(set(indices.tolist())) == n  # no frame twice
+    np.testing.assert_allclose(sampled.timestamps, np.arange(n) / (n / n_frames * rate_seen), rtol=1e-9)
 
 
 def test_webcam_clip_errors():
