@@ -251,6 +251,9 @@ class SD3DiTConfig:
                     kw[f.name] = int(v)
             except (TypeError, ValueError):
                 raise ImageGenError(f"{path}: '{f.name}' is {str(v)[:40]!r}, not a valid value") from None
+        if "out_channels" in data and data["out_channels"] is None:
+            # diffusers' SD3Transformer2DModel: an explicit null predicts as many channels as it takes in
+            kw["out_channels"] = kw.get("in_channels", cls.in_channels)
         cfg = cls(**kw)
         cfg.check(path)
         return cfg

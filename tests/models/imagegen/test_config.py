@@ -80,6 +80,25 @@ def test_sd3_settings_the_preview_cannot_run_are_refused(tmp_path, cfg, words):
         SD3DiTConfig.from_file(path)
 
 
+def test_sd3_config_keys_a_file_omits_or_nulls_take_diffusers_values(tmp_path):
+    """transformer/config.json is read as diffusers' SD3Transformer2DModel reads it (spec §1.2, §8.10 [L]): an
+    omitted key takes the class default, and an explicit null out_channels means as many channels out as in (a
+    4-channel DiT with out_channels null predicted 16 channels and its proj_out did not load)."""
+    # SD3Transformer2DModel.__init__'s defaults (diffusers 0.33, the Preview's pin, as in 0.36 and 0.42)
+    defaults = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 18, "attention_head_dim": 64,
+                "num_attention_heads": 18, "joint_attention_dim": 4096, "caption_projection_dim": 1152,
+                "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 96,
+                "dual_attention_layers": (), "qk_norm": None}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    cfg = SD3DiTConfig.from_file(path)
+    assert {k: getattr(cfg, k) for k in defaults} == defaults
+    path.write_text(json.dumps({"in_channels": 4, "out_channels": None}))
+    assert SD3DiTConfig.from_file(path).out_channels == 4
+    path.write_text(json.dumps({"in_channels": 4}))
+    assert SD3DiTConfig.from_file(path).out_channels == 16  # diffusers' default, not in_channels
+
+
 def test_omitted_wrapper_switches_take_the_reference_defaults(tmp_path):
     """mlp/config.json without `text_encoder_norm` must run WITHOUT the ×1000 re-normalisation: the reference
     loader passes `text_encoder_norm=False` to ZImageLoss when the key is absent (ZImageModel_withMLP's
