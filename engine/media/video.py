@@ -379,11 +379,14 @@ def _linspace_indices(total: int, n: int) -> np.ndarray:
     return np.linspace(0, total - 1, n, dtype=int)
 
 
-def sample_count(src_frames: int, src_fps: float, config: VideoSamplingConfig) -> tuple[int, float]:
-    """(n, fps_s): number of frames to sample from a video and the effective sampling rate."""
+def sample_count(src_frames: int, src_fps: float, config: VideoSamplingConfig,
+                 decoded: bool = True) -> tuple[int, float]:
+    """(n, fps_s): number of frames to sample from a video and the effective sampling rate. A decoded file's
+    rate is first clamped to the decoder's range (`decoded`); a live stream's measured rate is taken as is."""
     if src_frames <= 0:
         raise MediaError("video has no frames")
-    src_fps = min(max(float(src_fps), config.min_src_fps), config.max_src_fps)
+    if decoded:
+        src_fps = min(max(float(src_fps), config.min_src_fps), config.max_src_fps)
     smp_fps = min(config.fps, src_fps)
     n = max(1, min(config.max_frames, math.floor(src_frames / src_fps * smp_fps + 0.5)))
     return n, n / src_frames * src_fps
@@ -762,11 +765,11 @@ class WebcamClip:
 
     `add_frame` stores RGB frames (HxWx3 uint8) with capture times in seconds (any monotonic
     clock). `sample` reads a window as a clip of its N frames recorded at their mean rate
-    (``src_fps = (N - 1) / (last - first capture)``) and picks from it exactly as the video sampler
-    picks from a file (spec §4.2): ``n = max(1, min(170, floor(N / src_fps * min(fps, src_fps) + 0.5)))``
-    frames at the truncated ``linspace(0, N - 1, n)`` indices, frame i at ``i / fps_s`` seconds. A
-    camera slower than ``fps`` gives each frame once (never the same frame twice). `to_video_inputs`
-    then runs the normal video processing, so a live chat turn sees what an uploaded clip would give.
+    (``src_fps = (N - 1) / (last - first capture)``, not clamped to a decoder's range) and picks from it
+    as the video sampler picks from a file (spec §4.2): ``n = max(1, min(170, floor(N / src_fps *
+    min(fps, src_fps) + 0.5)))`` frames at the truncated ``linspace(0, N - 1, n)`` indices; each keeps its
+    capture time (relative to the window's first frame). A camera slower than ``fps`` gives each frame
+    once (never the same frame twice). `to_video_inputs` then runs the normal video processing.
 
     Memory is bounded three ways: frames older than ``history_seconds`` before the newest are
     dropped, and so are the oldest beyond ``max_buffer_frames`` or ``max_buffer_bytes``. With
@@ -874,13 +877,14 @@ class WebcamClip:
         # the window as a clip at its mean frame rate (one frame, or frames captured at one instant:
         # the fastest rate the file sampler takes)
         src_fps = (len(chosen) - 1) / span if span > 0 else self.sampling.max_src_fps
-        n, fps_s = sample_count(len(chosen), src_fps, self.sampling)
+        n, fps_s = sample_count(len(chosen), src_fps, self.sampling, decoded=False)
         picks = _linspace_indices(len(chosen), n)
         # a camera may change resolution mid-stream: bring frames to the latest frame's size
         height, width = chosen[-1][1].shape[:2]
         frames = [chosen[i][1] if chosen[i][1].shape[:2] == (height, width)
                   else cv2.resize(chosen[i][1], (width, height), interpolation=cv2.INTER_CUBIC) for i in picks]
-        return VideoFrames(frames=np.stack(frames), timestamps=np.arange(n, dtype=np.float64) / fps_s, sample_fps=fps_s)
+        times = np.array([chosen[i][0] - chosen[0][0] for i in picks], dtype=np.float64)
+        return VideoFrames(frames=np.stack(frames), timestamps=times, sample_fps=fps_s)
 
     def to_video_inputs(self, image_config: ImageProcessorConfig | None = None, *,
                         start: float | None = None, end: float | None = None,

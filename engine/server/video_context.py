@@ -144,8 +144,8 @@ class VideoContext:
 
 def compact_clip(clip: WebcamClip) -> WebcamClip:
     """Only the frames `clip` would give the model (its sampling picks, brought to one size), as
-    uint8 in a clip of their own: it turns into the same VideoInputs as `clip` itself (the picks
-    of the same sample times among a subset holding every pick are the same frames), in a
+    uint8 in a clip of their own: it turns into the same VideoInputs as `clip` itself (its n frames,
+    the window's first and last among them, resample to all n at their capture times), in a
     quarter of the bytes of the pixel values, and is preprocessed only when a response runs."""
     sampled = clip.sample()
     out = WebcamClip(sampling=clip.sampling, history_seconds=float("inf"), max_buffer_frames=len(sampled.frames))

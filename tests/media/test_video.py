@@ -362,7 +362,8 @@ def test_webcam_clip_samples_capture_times_like_a_video():
     assert len(sampled.frames) == int(np.floor(90 / src_fps * 2 + 0.5)) == 6
     assert [i for i in range(90) for f in sampled.frames if np.array_equal(f, _textured(i, 48, 64))] == \
         [0, 17, 35, 53, 71, 89]  # truncated linspace(0, 89, 6)
-    assert np.allclose(sampled.timestamps, np.arange(6) / (6 / 90 * src_fps))
+    times = np.array([i / 30 + (0.004 if i % 2 else 0.0) for i in (0, 17, 35, 53, 71, 89)])
+    np.testing.assert_allclose(sampled.timestamps, times, atol=1e-9)  # their capture times
     inputs = clip.to_video_inputs(min_pixels=4096)
     reference = preprocess_video(sampled, ImageProcessorConfig(), VideoSamplingConfig(), min_pixels=4096)
     assert np.array_equal(inputs.pixel_values.numpy(), reference.pixel_values.numpy())
@@ -379,29 +380,29 @@ def test_webcam_clip_window_and_history():
     assert clip.time_span == (4.875, 9.875)  # older frames fell out of the 5 s history
     window = clip.sample(window_seconds=2.0)
     assert len(window.frames) == 4  # 17 frames at 8 fps -> floor(17 / 8 * 2 + 0.5)
-    # truncated linspace(0, 16, 4) = [0, 5, 10, 16] of frames 63..79, frame i at i / (4 / 17 * 8) s
+    # truncated linspace(0, 16, 4) = [0, 5, 10, 16] of frames 63..79, at their capture times
     assert [int(f[0, 0, 0]) for f in window.frames] == [63, 68, 73, 79]
-    assert window.timestamps.tolist() == [0.0, 0.53125, 1.0625, 1.59375]
+    assert window.timestamps.tolist() == [0.0, 0.625, 1.25, 2.0]
 
 
 @pytest.mark.parametrize("rate, n_frames, fps", [(30.0, 301, 2.0), (8.0, 17, 2.0), (2.0, 21, 2.0), (1.0, 10, 2.0),
-                                                  (0.5, 6, 1.0), (3.0, 7, 1.0), (24.0, 5, 2.0)])
+                                                  (0.5, 6, 1.0), (0.5, 5, 0.5), (0.25, 4, 0.25), (3.0, 7, 1.0),
+                                                  (24.0, 5, 2.0)])
 def test_webcam_window_is_sampled_as_the_spec_samples_a_clip_at_its_rate(rate, n_frames, fps):
     """Spec §4.2 re-derived for a live window of N frames captured every 1 / rate s: smp_fps = min(fps, rate),
-    n = max(1, min(170, floor(N / rate * smp_fps + 0.5))), indices = linspace(0, N - 1, n) truncated, frame i
-    at i / (n / N * rate) s. A camera slower than the sampling rate gave every frame about twice
-    (n = floor(span * fps + 0.5) sample times, each taking the nearest frame): a 1 fps camera sampled
-    at 2 fps sent 18 frames for 10 captures."""
+    n = max(1, min(170, floor(N / rate * smp_fps + 0.5))), indices = linspace(0, N - 1, n) truncated, each frame
+    at its capture time (a live rate is measured, not clamped to a decoder's [1, 240]: a 0.5 fps camera keeps
+    its 8 s). A camera slower than the sampling rate gave every frame about twice (n = floor(span * fps + 0.5)
+    sample times, each taking the nearest frame): a 1 fps camera sampled at 2 fps sent 18 frames for 10."""
     clip = WebcamClip(sampling=VideoSamplingConfig(fps=fps))
     for i in range(n_frames):
         clip.add_frame(_frame(i % 256, 8, 8), 50.0 + i / rate)
     sampled = clip.sample()
-    rate_seen = min(max(rate, 1.0), 240.0)  # the file sampler's clamp of the source rate
-    n = max(1, min(170, math.floor(n_frames / rate_seen * min(fps, rate_seen) + 0.5)))
+    n = max(1, min(170, math.floor(n_frames / rate * min(fps, rate) + 0.5)))
     indices = np.linspace(0, n_frames - 1, n).astype(int)
     assert [int(f[0, 0, 0]) for f in sampled.frames] == [i % 256 for i in indices]
     assert len(set(indices.tolist())) == n  # no frame twice
-    np.testing.assert_allclose(sampled.timestamps, np.arange(n) / (n / n_frames * rate_seen), rtol=1e-9)
+    np.testing.assert_allclose(sampled.timestamps, indices / rate, atol=1e-9)
 
 
 def test_webcam_clip_errors():

@@ -88,11 +88,14 @@ def test_frames_of_mixed_sizes_become_one_video_at_the_newest_size():
     assert video.num_tokens > 0 and len(video.patch_timestamps) == video.grid_thw.shape[0]
 
 
-@pytest.mark.parametrize("times", [[0.0, 1.0, 2.1, 2.9, 4.0, 5.2, 6.0, 7.1], [0.0, 5.0], [0.0, 0.9, 4.0, 4.8]])
-def test_a_turn_keeps_compact_uint8_frames_that_make_the_same_video_input(times):
+@pytest.mark.parametrize("times, fps", [([0.0, 1.0, 2.1, 2.9, 4.0, 5.2, 6.0, 7.1], 1.0), ([0.0, 5.0], 1.0),
+                                        ([0.0, 0.9, 4.0, 4.8], 1.0), ([0.0, 2.0, 4.0, 6.0, 8.0], 0.5),
+                                        ([0.0, 4.1, 7.9, 12.0], 0.25)])
+def test_a_turn_keeps_compact_uint8_frames_that_make_the_same_video_input(times, fps):
     """The turn's part holds the picked frames as uint8 (not float pixel values, 4x the bytes) and
-    turns into exactly the video input the whole window gives (sparse frames picked twice too)."""
-    ctx = VideoContext(VideoContextConfig(window_seconds=10.0, fps=1.0))
+    turns into exactly the video input the whole window gives (sparse frames too, and a camera slower
+    than 1 fps, whose measured rate is not clamped up to a decoder's 1 fps)."""
+    ctx = VideoContext(VideoContextConfig(window_seconds=15.0, fps=fps))
     for i, t in enumerate(times):
         ctx.add(frame(i * 40, 96, 128) if i else frame(0, 48, 64), t)  # the first frame differs in size
     whole = WebcamClip(sampling=ctx.clip.sampling)
