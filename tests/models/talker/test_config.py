@@ -94,3 +94,24 @@ def test_qwen2_backbone_fills_omitted_sizes_with_qwen2config_defaults():
     mha = Qwen2BackboneConfig.from_dict({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": None,
                                          "vocab_size": 8, "intermediate_size": 8, "num_hidden_layers": 1}, "b")
     assert mha.num_key_value_heads == 4
+
+
+def test_the_real_preview_config_selects_the_preview_talker_of_spec_7_11():
+    """The released Preview config.json (no weights) read by our loader names the release whose talker spec §7.11
+    describes; that release's talker and VAE configs then hold §7.11's fields: history = the last talker patch (a
+    history_patch_size key is not read), no speaker head input, CFG strength from the config, a 16 kHz VAE
+    (AudioVAEconfig's default when omitted) with no latent patching (one latent per VAE frame)."""
+    from engine.models.talker.tiny import tiny_llm_config, tiny_talker_config, tiny_vae_config
+    from engine.models.thinker.config import MingConfig
+    from tests.paths import real_config
+
+    release = MingConfig.from_file(real_config("ming-flash-omni-preview") / "config.json").release
+    assert release == "preview"
+    assert MingConfig.from_file(real_config("ming-flash-omni-2.0") / "config.json").release == "2.0"
+    talker = TalkerConfig.from_dicts({**tiny_talker_config("preview"), "history_patch_size": 32, "cfg_strength": 3.0},
+                                     tiny_llm_config(), release=release)
+    assert (talker.preview, talker.history_patch_size, talker.patch_size, talker.cfg_strength) == (True, 4, 4, 3.0)
+    vae = {**tiny_vae_config("preview")}
+    del vae["sample_rate"], vae["patch_size"]
+    vae_cfg = AudioVAEConfig.from_dict(vae)
+    assert (vae_cfg.sample_rate, vae_cfg.patch_size, vae_cfg.frames_per_latent) == (16000, -1, 1)
