@@ -41,6 +41,7 @@ from engine.server.auth import authorized, chosen_subprotocol
 from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
 from engine.server.fields import REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields
+from engine.server.http_api import retry_headers
 from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_metadata, check_output_modalities, flag,
                                   generation_params, output_kwargs, transcription_tag, voice_name)
 from engine.sampling import GenerationParams
@@ -1374,9 +1375,9 @@ def check_handshake(scope: dict, token: str | None) -> None:
 
 async def refuse_handshake(ws: WebSocket, refusal: ApiError) -> None:
     """Answer a websocket's opening handshake with the refusal's HTTP status and OpenAI's error body, a 401 with
-    the scheme to use as an HTTP request's (a server without ASGI's denial-response extension: close code 1008
-    with the code as the reason)."""
-    headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
+    the scheme to use as an HTTP request's, a refusal for load (503) with when to try again (a server without
+    ASGI's denial-response extension: close code 1008 with the code as the reason)."""
+    headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else retry_headers(refusal.status)
     try:
         await ws.send_denial_response(JSONResponse({"error": refusal.to_openai()}, status_code=refusal.status,
                                                    headers=headers))
@@ -1395,15 +1396,14 @@ async def realtime_endpoint(ws: WebSocket) -> None:
     if refusal is not None:
         await refuse_handshake(ws, refusal)
         return
-    subprotocol = chosen_subprotocol(ws.scope)
-    try:
+    try:  # (a full server refuses the handshake itself: a client never sees a socket that was not a session)
         session = ctx.sessions.create()
     except ApiError as e:
-        await ws.accept(subprotocol=subprotocol)
-        await ws.send_text(json.dumps({"event_id": new_id("event"), "type": "error",
-                                       "error": {**e.to_openai(), "event_id": None}}))
-        await ws.close(code=1013, reason="session limit reached")
+        await refuse_handshake(ws, e)
         return
-    await ws.accept(subprotocol=subprotocol)
-    await RealtimeConnection(ws, ctx, session).run()
+    try:
+        await ws.accept(subprotocol=chosen_subprotocol(ws.scope))
+        await RealtimeConnection(ws, ctx, session).run()
+    finally:  # (the client may leave during the handshake: its slot is freed all the same)
+        ctx.sessions.close(session)
 

@@ -277,18 +277,21 @@ def test_queue_positions_are_reported_in_fair_fifo_order(server, tiny_engine):
     assert finished == ids  # served in arrival order
 
 
-def test_session_limit_is_enforced_with_a_clear_error(tiny_engine):
-    from websockets.exceptions import ConnectionClosed
+def test_session_limit_refuses_the_handshake_with_a_clear_error(tiny_engine):
+    """A session past the limit is refused before the upgrade (503, OpenAI's error body, Retry-After): it was
+    accepted and then sent an error event, so a client first thought it was connected."""
+    from websockets.exceptions import InvalidStatus
 
     with running_server(tiny_engine, max_sessions=2) as srv:
         with connect(srv.ws_url) as a, connect(srv.ws_url) as b:
             opened(a), opened(b)
-            with connect(srv.ws_url) as c:
-                err = recv_json(c)
-                assert err["type"] == "error" and err["error"]["code"] == "session_limit_reached"
-                with pytest.raises(ConnectionClosed) as info:
-                    c.recv(timeout=5)
-                assert info.value.rcvd.code == 1013
+            with pytest.raises(InvalidStatus) as info:
+                connect(srv.ws_url)
+            answer = info.value.response
+            assert answer.status_code == 503 and int(answer.headers["Retry-After"]) >= 1
+            error = json.loads(answer.body)["error"]
+            assert error["code"] == "session_limit_reached" and "2 are open" in error["message"], error
+            assert len(srv.ctx.sessions) == 2  # the refused handshake holds no slot
         time.sleep(0.05)
         wait_for(lambda: len(srv.ctx.sessions) == 0)
         with connect(srv.ws_url) as d:  # slots are freed when sessions close
