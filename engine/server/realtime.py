@@ -1027,11 +1027,11 @@ class RealtimeConnection:
             instructions = self.session.system_text(items)
         messages = self.session.messages(items)
         where = "the conversation" if items is None else "'response.input'"
-        if not messages:
-            raise bad(f"{where} is empty: add a user item (conversation.item.create or input_audio_buffer.commit, "
-                      "or in 'response.input') before response.create", "conversation_empty")
-        if messages[-1]["role"] != "user":
-            raise bad(f"the last item of {where} must come from the user", "invalid_state")
+        prompt, reply_start = continued_reply(messages)
+        if not prompt:  # (the model answers a user)
+            raise bad(f"{where} {'holds no user item' if messages else 'is empty'}: add a user item "
+                      "(conversation.item.create or input_audio_buffer.commit, or in 'response.input') before "
+                      "response.create", "conversation_empty", None if items is None else "response.input")
         # the reply would have nowhere to go
         if in_conversation and len(self.session.items) >= self.limits.max_conversation_items:
             raise ApiError(f"the conversation already holds {len(self.session.items)} items, the limit per session: "
@@ -1045,8 +1045,8 @@ class RealtimeConnection:
                           "conversation_already_has_active_response")
         output = output_kwargs(modalities, voice)
 
-        def run(cancel, _m=messages, _p=params, _i=instructions, _t=thinking):
-            return engine.chat(_m, _p, cancel, system_prompt=_i, thinking=_t, **output)
+        def run(cancel, _m=prompt, _p=params, _i=instructions, _t=thinking, _r=reply_start):
+            return engine.chat(_m, _p, cancel, system_prompt=_i, thinking=_t, assistant_prefix=_r, **output)
 
         job = Job(run, label=f"realtime {self.session.id}")
         if items is not None:  # an out-of-band input's new items: their media count in the server's limit while it runs
@@ -1155,6 +1155,20 @@ SESSION_FIELDS = {"type", "model", "include", "instructions", "output_modalities
                   "voice", "input_audio_transcription", "output_audio_format", "input_audio_sample_rate", "turn_detection", "video", "tools", "thinking", "temperature", "top_p",
                   "top_k", "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
                   "max_tokens"}
+
+
+def continued_reply(messages: list[dict]) -> tuple[list[dict], str | None]:
+    """A conversation that ends with assistant items is answered as it is (OpenAI's response.create takes it): the
+    model's prompt ends with the user's turn (spec §6.1), so the text of those last assistant items becomes the start
+    of its reply, which the model continues (the engine's assistant_prefix). Returns (the messages up to the user's
+    last one, that text; None when the conversation ends with the user)."""
+    end = len(messages)
+    while end and messages[end - 1]["role"] == "assistant":
+        end -= 1
+    if end == len(messages):
+        return messages, None
+    texts = ["".join(p["text"] for p in m["content"] if p.get("type") == "text") for m in messages[end:]]
+    return messages[:end], "\n".join(texts)
 
 
 def spoken_reply_content(content: list, limits, param: str) -> codec.Converted:

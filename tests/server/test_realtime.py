@@ -120,6 +120,41 @@ def test_whole_session_matches_the_in_process_engine(server, tiny_engine):
     assert events2[-1]["response"]["usage"]["input_tokens"] == expected2.stats.prompt_tokens
 
 
+def test_a_response_after_an_assistant_item_continues_that_item(server, tiny_engine):
+    """response.create right after an assistant item (conversation.item.create role=assistant) was refused ('the last
+    item must come from the user'); OpenAI answers the conversation as it is: the model continues that item (its
+    text starts the reply, as the in-process engine's assistant_prefix), and the reply joins after it. Input with no
+    user item at all is refused naming response.input."""
+    from engine.events import Done
+    from engine.sampling import GenerationParams
+    from tests.server import torch_threads
+
+    question, start = "Name a city.", "The city is"
+    with connect(server.ws_url) as ws:
+        opened(ws)
+        send(ws, type="session.update", session={"instructions": SYSTEM})
+        recv_until(ws, "session.updated")
+        send(ws, type="conversation.item.create", item={"type": "message", "role": "user", "content": question})
+        recv_item(ws)
+        send(ws, type="conversation.item.create", item={"type": "message", "role": "assistant", "content": [
+            {"type": "output_text", "text": start}]})
+        said = recv_item(ws)["item"]["id"]
+        send(ws, type="response.create", response={"max_output_tokens": 4})
+        events = recv_until(ws, "response.done")
+        send(ws, type="response.create", event_id="only-assistant", response={"input": [
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": start}]}]})
+        refused = recv_json(ws)
+    assert events[-1]["response"]["status"] in ("completed", "incomplete"), events[-1]  # (incomplete: at 4 tokens)
+    assert next(e for e in events if e["type"] == "conversation.item.added")["previous_item_id"] == said
+    with torch_threads(1):
+        expected = list(tiny_engine.chat([{"role": "user", "content": question}], GenerationParams(max_new_tokens=4),
+                                         system_prompt=SYSTEM, assistant_prefix=start))[-1]
+    assert isinstance(expected, Done)
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == expected.text
+    assert refused["type"] == "error" and refused["error"]["code"] == "conversation_empty", refused
+    assert refused["error"]["param"] == "response.input" and refused["error"]["event_id"] == "only-assistant"
+
+
 def test_image_output_is_refused_and_audio_is_spoken(server):
     with connect(server.ws_url) as ws:
         opened(ws)
