@@ -514,8 +514,9 @@ class RealtimeConnection:
         public = video_public + [{"type": "input_audio", "seconds": round(audio.seconds, 3),
                                   "sample_rate": audio.sample_rate, "transcript": None}]
         item = Item(item_id, "user", parts, public, turn_video=bool(video))
-        if self.session.detector is not None:  # hands-free: the oldest turns leave a full conversation
-            for old in self.session.make_room(item):
+        if self.session.detector is not None:  # hands-free: the oldest turns leave a full conversation, never
+            answered = self._answered_item_id()  # the one a running reply answers; that reply needs a slot too
+            for old in self.session.make_room(item, reply_slots=1 + (answered is not None), keep=answered):
                 await self.send({"type": "conversation.item.deleted", "item_id": old})
         prev = self._last_item_id()
         self.session.add_item(item)
@@ -814,6 +815,12 @@ class RealtimeConnection:
         if active is not None and active.joins and active.encoder.previous_item_id == last:
             return active.encoder.item_id
         return last
+
+    def _answered_item_id(self) -> str | None:
+        """The item the running response's reply joins after (the one it answers), when that reply joins the
+        conversation; else None."""
+        active = self.session.active
+        return active.encoder.previous_item_id if active is not None and active.encoder.in_conversation else None
 
     async def _item_added(self, item: Item, prev: str | None) -> None:
         """A complete item joined the conversation: conversation.item.added, then .done."""

@@ -210,10 +210,12 @@ class Session:
                                              len(self.items))
         self.items.insert(index, item)
 
-    def make_room(self, item: Item, reply_slots: int = 1) -> list[str]:
+    def make_room(self, item: Item, reply_slots: int = 1, keep: str | None = None) -> list[str]:
         """Drop the oldest items (system items stay) until `item` and `reply_slots` more items fit in
         the item and media limits, and the conversation still opens with the user: what a
-        hands-free session does instead of refusing its next turn. Returns the dropped ids."""
+        hands-free session does instead of refusing its next turn. `keep`: the item a running reply
+        answers (the reply joins right after it): neither it nor what follows it is dropped, even
+        when the limits are still passed (adding `item` may then be refused). Returns the dropped ids."""
         dropped = []
 
         def full() -> bool:
@@ -222,7 +224,8 @@ class Session:
                     or held + item.nbytes > self.limits.max_session_media_bytes)
 
         def oldest() -> Item | None:
-            return next((it for it in self.items if it.role != "system"), None)
+            first = next((it for it in self.items if it.role != "system"), None)
+            return None if first is None or first.id == keep else first
 
         while (full() or (dropped and getattr(oldest(), "role", "user") != "user")) and oldest() is not None:
             it = oldest()

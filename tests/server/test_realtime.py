@@ -367,6 +367,26 @@ def test_webcam_frames_waiting_for_commit_are_held_within_the_media_budget():
     assert len(session.clip) == 2 and session.clip.nbytes <= 3 * 1024 * 1024
 
 
+def test_making_room_in_a_full_conversation_never_drops_the_item_a_running_reply_answers():
+    """A hands-free turn whose audio passes the session's media budget with the turn a running reply answers made
+    room by dropping that turn (the reply then joined after an item the client had been told was deleted); the
+    answered item, and the turns after it, stay (adding the new turn is then refused by the budget, by name)."""
+    from engine.server.limits import Limits
+    from engine.server.sessions import Item, Session
+
+    session = Session(Limits(max_session_media_bytes=3 * 1024 * 1024))
+
+    def turn(name: str) -> Item:
+        return Item(name, "user", [{"type": "audio", "audio": np.zeros(1024 * 1024, np.int16)}], [])  # 2 MiB
+
+    session.add_item(turn("old"))
+    assert session.make_room(turn("answered")) == ["old"]
+    session.add_item(turn("answered"))
+    assert session.make_room(turn("new"), keep="answered") == []
+    assert [it.id for it in session.items] == ["answered"]
+    assert session.make_room(turn("new")) == ["answered"]  # (what it did)
+
+
 def test_session_media_budget_and_audio_buffer_limits(tiny_engine):
     pcm = tone_pcm16(1.0, rate=24000)  # 48 000 bytes of PCM16 at the session's rate (OpenAI's default, 24 kHz)
     with running_server(tiny_engine, max_session_media_bytes=150_000, max_audio_seconds=1.5) as srv:

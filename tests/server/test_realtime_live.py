@@ -7,6 +7,7 @@ output the tiny engine cannot give yet)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -414,6 +415,54 @@ def test_a_full_hands_free_conversation_lets_its_oldest_turns_go():
         assert "error" not in c.types() and len(users) == 4
         assert deleted[:2] == [users[0], c.first("response.done")[2]["response"]["output"][0]["id"]]
         assert [it.role for it in session.items] == ["user", "assistant"] * 2 and session.items[0].id == users[2]
+
+
+class HeldReplies(FakeEngine):
+    """Each reply sends one delta, then waits until the test releases it (`release()`): a turn can be spoken while a
+    given reply is still running, whatever the machine's speed."""
+
+    def __init__(self):
+        super().__init__(script=[])
+        self.released = threading.Semaphore(0)
+
+    def release(self) -> None:
+        self.released.release()
+
+    def chat(self, messages, params=None, cancel=None, system_prompt=None, thinking=False, **output):
+        self.calls.append({"messages": messages})
+        yield TextDelta("ok")
+        while not self.released.acquire(timeout=0.05):
+            if cancel is not None and cancel.is_set():
+                break
+        yield Done("ok", "stop", GenerationStats(new_tokens=1))
+
+
+def test_a_full_hands_free_conversation_keeps_the_item_a_running_reply_answers_and_room_for_both_replies():
+    """interrupt_response off, each turn spoken while the previous reply runs, in a conversation of 5 items: the
+    third turn left room for one reply only, so once the running reply joined, the third turn's own response was
+    refused (conversation_too_long). Room is now made for both replies, the oldest turns leave
+    (conversation.item.deleted), never the item the running reply answers."""
+    engine = HeldReplies()
+    with fake_server(engine, max_conversation_items=5) as srv, connect(srv.ws_url, max_size=None) as ws:
+        c = LiveClient(ws)
+        hands_free(c, audio={"input": {"turn_detection": {**VAD, "interrupt_response": False}}})
+        for turn in range(1, 4):  # each turn spoken while the previous reply runs
+            c.stream(speech(), pace=10)
+            c.stream(silence(1.0), pace=10, until=lambda t, n=turn: t.count("input_audio_buffer.committed") == n)
+            c.wait(lambda t, n=turn: t.count("input_audio_buffer.committed") == n)
+            if turn > 1:
+                engine.release()  # the previous reply ends; this turn's starts
+            c.wait(lambda t, n=turn: t.count("response.output_text.delta") == n)
+        engine.release()
+        c.wait(lambda t: t.count("response.done") == 3)
+        users = [e["item_id"] for _, e in c.events if e["type"] == "input_audio_buffer.committed"]
+        replies = [e["response"]["output"][0]["id"] for _, e in c.events if e["type"] == "response.done"]
+        deleted = [e["item_id"] for _, e in c.events if e["type"] == "conversation.item.deleted"]
+        assert "error" not in c.types(), [e for _, e in c.events if e["type"] == "error"]
+        assert deleted == [users[0], replies[0]]  # at the third turn; the second (being answered) stays
+        session = next(iter(srv.ctx.sessions.open.values()))
+        wait_for(lambda: len(session.items) == 4)
+        assert [it.id for it in session.items] == [users[1], replies[1], users[2], replies[2]]
 
 
 def test_a_g711_caller_takes_turns_hands_free():
