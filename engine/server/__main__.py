@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = Limits()
     ap.add_argument("--max-sessions", type=_positive_int, default=d.max_sessions, help="concurrent realtime sessions")
     ap.add_argument("--max-queue", type=_positive_int, default=d.max_queue, help="requests waiting for the engine")
+    ap.add_argument("--max-connections", type=_positive_int, default=d.max_connections,
+                    help="open HTTP and websocket connections (past it the one idle longest is closed, or the new one "
+                         "refused with 503)")
     ap.add_argument("--max-message-mb", type=_positive_number, default=d.max_message_bytes / MiB,
                     help="realtime event size")
     ap.add_argument("--max-request-mb", type=_positive_number, default=d.max_request_bytes / MiB,
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # before the (slow) model load: the address, the token, the limits
         check_bind(args.host, args.token)  # (what the flags say first: no port is taken for a refused start)
         sock = listen_socket(args.host, args.port)  # held through the load: the port stays ours
-        limits = Limits(max_sessions=args.max_sessions, max_queue=args.max_queue,
+        limits = Limits(max_sessions=args.max_sessions, max_queue=args.max_queue, max_connections=args.max_connections,
                         max_message_bytes=int(args.max_message_mb * MiB), max_request_bytes=int(args.max_request_mb * MiB),
                         max_upload_bytes=int(args.max_upload_mb * MiB), max_audio_seconds=args.max_audio_seconds,
                         max_transcription_seconds=args.max_transcription_seconds, max_image_pixels=args.max_image_pixels, max_new_tokens=args.max_new_tokens)

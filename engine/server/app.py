@@ -257,7 +257,8 @@ def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning
                "on_stalled": functools.partial(logs.client_aborted, app.state.ctx, "stalled_reader")}
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             http=functools.partial(OpenAIErrorsH11Protocol, head_timeout_s=limits.head_timeout_s,
-                                                   **stalled),
+                                                   max_connections=limits.max_connections,
+                                                   on_full=logs.connections_full, **stalled),
                             ws=functools.partial(OpenAIErrorsWebSocketProtocol, **stalled),
                             ws_max_size=2 * limits.max_message_bytes + 1024 * 1024, ws_per_message_deflate=False,
                             timeout_graceful_shutdown=3)

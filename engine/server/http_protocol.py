@@ -5,7 +5,8 @@ uvicorn answers every request h11 refuses (a request line and headers past h11's
 malformed request line or header) with a plain-text 400 "Invalid HTTP request received.": a
 client reading OpenAI's JSON error body found none, and headers too long read as a bad request
 rather than 431 (RFC 6585 §5). The connection still closes after the answer, as uvicorn's does.
-A request head that never arrives whole is timed (OpenAIErrorsH11Protocol.head_timeout_s).
+A request head that never arrives whole is timed (OpenAIErrorsH11Protocol.head_timeout_s), and the
+connections the server holds are bounded (OpenAIErrorsH11Protocol.max_connections).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 
 import h11
 from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from engine.server.http_api import retry_headers
 from engine.server.protocol import ApiError
 from engine.server.stalled_peers import CutsOffStalledPeers
 
@@ -41,20 +44,70 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
     the previous answer). uvicorn waits for a head forever: a client that connected and sent part of a request
     line, or nothing, held its connection (and a file descriptor) for good, and enough of them starve the server.
     A head cut off so is answered 408 in OpenAI's body; a connection that sent nothing is closed. A connection whose
-    client reads nothing of its answer is cut off (CutsOffStalledPeers)."""
+    client reads nothing of its answer is cut off (CutsOffStalledPeers).
 
-    def __init__(self, *args, head_timeout_s: float, **kwargs):
+    `max_connections`: the connections (HTTP and websocket) the server holds. uvicorn took every one: a client opening
+    thousands of keep-alive connections held a file descriptor each until they idled out, and the server then could
+    accept no one. Past the limit the connection idle longest (kept alive, owing no request) is closed, as a client
+    expects a kept-alive connection may be; with none idle, the new connection's request is answered 503
+    (too_many_connections, Retry-After) and it closes. `on_full(what)` is told of each (None: no one is)."""
+
+    def __init__(self, *args, head_timeout_s: float, max_connections: int,
+                 on_full: Callable[[str], None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.head_timeout_s = head_timeout_s
         self.head_timer: asyncio.TimerHandle | None = None
+        self.max_connections = max_connections
+        self.on_full = on_full
+        self.idle_since: float | None = None  # (loop time) kept alive, owing no request: may be closed to make room
+        self.refusal: ApiError | None = None  # past the limit with no connection idle: its request's answer
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            self.make_room()
         self.time_the_head()
 
+    def make_room(self) -> None:
+        """Close the connection idle longest, or (none idle) refuse this one's request."""
+        idle = [c for c in self.connections if isinstance(c, OpenAIErrorsH11Protocol) and c is not self
+                and c.idle_since is not None and not c.transport.is_closing()]
+        if idle:
+            oldest = min(idle, key=lambda c: c.idle_since)
+            oldest.transport.close()
+            self.tell(f"{len(self.connections) - 1} connections were open, the limit is {self.max_connections}: "
+                      f"the one idle longest ({self.loop.time() - oldest.idle_since:.1f} s) was closed")
+            return
+        self.refusal = ApiError(f"the server holds {len(self.connections) - 1} connections, its limit, and every one "
+                                "is busy; try again shortly", code="too_many_connections", status=503)
+        self.tell(f"{len(self.connections) - 1} connections were open, the limit is {self.max_connections}, none "
+                  "idle: a new one was refused (503)")
+
+    def tell(self, what: str) -> None:
+        if self.on_full is not None:
+            self.on_full(what)
+
     def data_received(self, data: bytes) -> None:
+        if self.refusal is not None:
+            self.refuse_request(data)
+            return
         super().data_received(data)
         self.time_the_head()
+
+    def refuse_request(self, data: bytes) -> None:
+        """A refused connection's request: answered with the refusal once its head has come whole (answered before,
+        it could be lost to the reset a close with unread data makes), then closed."""
+        self.conn.receive_data(data)
+        try:
+            event = self.conn.next_event()
+        except h11.RemoteProtocolError:
+            event = None
+        if event is h11.NEED_DATA:
+            return
+        if isinstance(event, h11.Request):
+            self.answer_and_close(self.refusal)
+        else:
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -66,7 +119,10 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
 
     def time_the_head(self) -> None:
         """The head timer runs while the connection owes a request head (h11: the client's side is IDLE)."""
-        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+        owes_head = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+        idle = owes_head and not self.conn.trailing_data[0] and self.refusal is None
+        self.idle_since = (self.idle_since or self.loop.time()) if idle else None
+        if not owes_head:
             self.stop_head_timer()
         elif self.head_timer is None:
             self.head_timer = self.loop.call_later(self.head_timeout_s, self.head_timed_out)
@@ -95,8 +151,10 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
 
     def answer_and_close(self, err: ApiError) -> None:
         body = json.dumps({"error": err.to_openai()}).encode()
+        # (a bad request meets the same answer again: not to be retried; a refusal for load: when to try again)
+        retry = retry_headers(err.status) or {"x-should-retry": "false"}
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close"), (b"x-should-retry", b"false")]  # (the same request meets the same answer)
+                   (b"connection", b"close"), *((k.lower().encode(), v.encode()) for k, v in retry.items())]
         for event in (h11.Response(status_code=err.status, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
         self.transport.close()

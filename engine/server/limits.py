@@ -37,6 +37,8 @@ class Limits:
     slow_reader_timeout_s: float = 30.0  # a reader that takes nothing for this long is cut off
     keepalive_s: float = 15.0  # an SSE stream with no news for this long gets a keepalive comment
     body_idle_timeout_s: float = 10.0  # an HTTP request body that sends no byte for this long is refused (408)
+    max_connections: int = 512  # open HTTP and websocket connections: past it the one idle longest is closed, or
+    #                             with none idle the new one is refused (503, too_many_connections)
     head_timeout_s: float = 10.0  # an HTTP request head not whole this long after the connection opened (or the
     #                               previous answer) is refused (408); a connection that sent nothing is closed
 

@@ -9,6 +9,8 @@
   records uvicorn would write for the same events with a stack trace (a websocket text frame that is
   not UTF-8) are dropped by the filter; the realtime endpoint, which sees that connection close with
   1007, writes the line. A truncated upload surfaces in the app as bodies.ClientGone.
+* The server at its connection limit (Limits.max_connections) says so in one WARNING line a second at most (a
+  flood of connections would write one each), with how many lines it left out meanwhile.
 * uvicorn's "ASGI callable returned without completing handshake" after a websocket handshake we
   answered with an HTTP response (a 401 or 404) is not a fault either: dropped.
 """
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from engine.server.auth import redact_token
 
@@ -71,3 +74,18 @@ def client_aborted(ctx, kind: str, what: str) -> None:
     """Count a client that left early (`kind` one of context.CLIENT_ABORTS) and log one line."""
     ctx.client_aborts[kind] += 1
     log.info("client abort (%s): %s", kind, what)
+
+
+FULL_LOG_INTERVAL_S = 1.0  # at most one line this often about the connection limit
+_full = {"last": float("-inf"), "left_out": 0}
+
+
+def connections_full(what: str) -> None:
+    """The server at its connection limit (engine.server.http_protocol): one WARNING line a second at most."""
+    now = time.monotonic()
+    if now - _full["last"] < FULL_LOG_INTERVAL_S:
+        _full["left_out"] += 1
+        return
+    more = f" ({_full['left_out']} more such since the last line)" if _full["left_out"] else ""
+    _full["last"], _full["left_out"] = now, 0
+    log.warning("connection limit: %s%s", what, more)

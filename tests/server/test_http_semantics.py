@@ -11,12 +11,13 @@ import os
 import socket
 import time
 import zlib
+from contextlib import ExitStack
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.server import FakeEngine, fake_server, handshake_answer, tone_pcm16, wav_bytes
+from tests.server import FakeEngine, fake_server, handshake_answer, tone_pcm16, wait_for, wav_bytes
 
 WAV = wav_bytes(tone_pcm16(0.5))
 
@@ -582,3 +583,35 @@ def test_an_absolute_form_request_target_is_served_as_its_path(fake, target):
 @pytest.mark.parametrize("target", ["ws://engine.example/v1/realtime", "http://engine.example/v1/realtime"])
 def test_a_websocket_handshake_with_an_absolute_form_target_opens_the_session(fake, target):
     assert handshake_answer(fake.base_url.port, target).startswith(b"HTTP/1.1 101")  # (before: a 404)
+
+
+def test_past_the_connection_limit_idle_connections_make_room_and_busy_ones_mean_a_503():
+    """A client opening thousands of kept-alive connections held a socket each until they idled out (10 s), and the
+    server then accepted no one. Past Limits.max_connections the connection idle longest is closed, so a new client
+    is still answered; when every connection is busy (here: a request head under way), a new one's request is
+    answered 503 too_many_connections with Retry-After, and it closes."""
+    limit = 6
+    with fake_server(max_connections=limit) as srv, ExitStack() as stack:
+        def opened() -> socket.socket:
+            return stack.enter_context(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
+
+        flood = [opened() for _ in range(3 * limit)]
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200  # another client is answered
+        assert all(s.recv(100) == b"" for s in flood[:2 * limit])  # the ones idle longest were closed, silently
+        for s in flood[2 * limit:]:
+            s.close()
+        wait_for(lambda: len(srv.server.server_state.connections) == 0)
+        for s in [opened() for _ in range(limit)]:  # every connection busy: a head under way
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        held = srv.server.server_state.connections
+        wait_for(lambda: len(held) == limit and all(c.idle_since is None for c in list(held)))  # (the heads came)
+        late = opened()
+        late.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := late.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower(), head
+    assert b"connection: close" in head.lower()
+    err = json.loads(body)["error"]
+    assert err["code"] == "too_many_connections" and f"{limit} connections" in err["message"], err

@@ -210,7 +210,7 @@ LIMIT_ROWS = {
     "one upload": ["max_upload_bytes"], "values in one JSON body": ["max_json_values"],
     "one audio clip": ["max_audio_seconds"], "one recording to transcribe": ["max_transcription_seconds"], "pixels of one image": ["max_image_pixels"],
     "decoded media of one HTTP request": ["max_session_media_bytes"], "webcam frames buffered": ["max_video_frames"],
-    "open realtime sessions": ["max_sessions"], "one realtime session's life": ["max_session_s"],
+    "open realtime sessions": ["max_sessions"], "open HTTP and websocket connections": ["max_connections"], "one realtime session's life": ["max_session_s"],
     "requests waiting": ["max_queue"],
     "`max_tokens` a request": ["max_new_tokens", "default_max_tokens"],
     "items per session": ["max_conversation_items", "max_session_media_bytes"],
