@@ -4,7 +4,7 @@ be UTF-8; starlette would read other bytes as Latin-1), form fields by kind, and
 away mid-upload (ClientGone: one log line and a count, see engine.server.logs).
 
 Content types: a JSON endpoint takes `application/json` or any `application/*+json`, with no charset
-or UTF-8; an upload endpoint takes `multipart/form-data`. Anything else (text/plain, a form, no
+or UTF-8; an upload endpoint takes `multipart/form-data`, with no charset or UTF-8 too. Anything else (text/plain, a form, no
 Content-Type at all) is refused with 415 `unsupported_content_type` naming what the endpoint takes,
 before the body is read.
 """
@@ -54,13 +54,16 @@ def is_json(mime: str) -> bool:
 def body_kind(request: Request, takes: tuple[str, ...]) -> str:
     """JSON or MULTIPART, whichever of `takes` the request's Content-Type is; else 415."""
     mime, options = content_type(request)
+    charset = options.get("charset", "utf-8").lower()
     if JSON in takes and is_json(mime):
-        charset = options.get("charset", "utf-8").lower()
         if charset in ("utf-8", "utf8"):
             return JSON
         why = f"a JSON body must be UTF-8, this one says charset={charset}"
     elif MULTIPART in takes and mime == MULTIPART:
-        return MULTIPART
+        if charset in ("utf-8", "utf8"):
+            return MULTIPART
+        # (starlette decoded the form's field names and text by it: a UTF-8 body's 'model' read as '浯敤' ...)
+        why = f"a form's field names and text are read as UTF-8, this one says charset={charset}"
     else:
         why = f"got {mime!r}" if mime else "the request has no Content-Type"
     wanted = " or ".join(f"'Content-Type: {t}'" for t in takes)

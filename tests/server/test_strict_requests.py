@@ -87,6 +87,20 @@ def test_transcriptions_take_multipart_only(http):
 
 
 
+@pytest.mark.parametrize("path, field", [("/v1/audio/transcriptions", "model"), ("/v1/images/edits", "prompt"),
+                                         ("/v1/audio/voices", "name")])
+def test_a_form_whose_charset_is_not_utf8_is_refused_naming_it(http, path, field):
+    """A UTF-8 form sent as 'multipart/form-data; charset=utf-16' had its field names decoded as UTF-16: the answer
+    named a field '牰浯瑰' nobody sent. Such a charset is refused (415) naming it; UTF-8 named is taken."""
+    form = f'--B\r\nContent-Disposition: form-data; name="{field}"\r\n\r\nwhisper-1\r\n--B--\r\n'.encode()
+    for charset in ("utf-16", "latin-1"):
+        r = http.post(path, content=form, headers={"content-type": f"multipart/form-data; charset={charset}; boundary=B"})
+        err = error_of(r, 415)
+        assert err["code"] == "unsupported_content_type" and f"charset={charset}" in err["message"], err
+    r = http.post(path, content=form, headers={"content-type": "multipart/form-data; charset=UTF-8; boundary=B"})
+    assert error_of(r)["code"] == "missing_field"  # (read: its one field taken, the upload it lacks named)
+
+
 def test_a_multipart_body_cut_before_its_closing_boundary_is_called_cut(http):
     """It was "'file' (the audio file upload) is required": the parser drops an unfinished part."""
     part = (b'--B\r\nContent-Disposition: form-data; name="max_tokens"\r\n\r\n1\r\n'
