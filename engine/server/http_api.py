@@ -37,7 +37,7 @@ from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_metadata, chec
                                   generation_params, logit_bias, output_kwargs, transcription_tag, voice_name)
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
-from engine.server.sessions import media_nbytes, new_id
+from engine.server.sessions import continued_reply, media_nbytes, new_id
 from engine.server.text import check_text, text_chars, texts_of
 
 router = APIRouter()
@@ -158,10 +158,8 @@ def convert_messages(messages, limits) -> tuple[list[dict], str | None]:
             raise bad(f"'{name}.content' is required", "missing_field", f"{name}.content")
         conv = codec.convert_content(content, limits, f"{name}.content", None, role, budget)
         out.append({"role": role, "content": conv.parts})
-    if not out:
+    if not any(m["role"] == "user" for m in out):  # (the model answers a user; after the last, see continued_reply)
         raise bad("'messages' holds no user message", "invalid_value", "messages")
-    if out[-1]["role"] != "user":
-        raise bad("the last message must come from the user", "invalid_value", "messages")
     return out, ("\n".join(system) if system else None)
 
 
@@ -495,6 +493,7 @@ async def chat_completions(request: Request):
     if ctx.prompt_bound is not None:  # text that cannot fit is refused now, counted off the event loop
         texts = ([system] if system else []) + [t for m in messages for t in texts_of(m["content"])]
         await ctx.prompt_bound.check_tokens(texts, params.room_needed, "the messages", "messages")
+    prompt, reply_start = continued_reply(messages)  # trailing assistant messages: the reply continues them
     engine = ctx.engine
     output = output_kwargs(modalities, voice)
 
@@ -512,7 +511,8 @@ async def chat_completions(request: Request):
         choice_params = params if params.seed is None else replace(params, seed=params.seed + i)
 
         def run(cancel):
-            events = engine.chat(messages, choice_params, cancel, system_prompt=system, thinking=thinking, **output)
+            events = engine.chat(prompt, choice_params, cancel, system_prompt=system, thinking=thinking,
+                                 assistant_prefix=reply_start, **output)
             if "audio" not in modalities or out_rate is None or out_rate == native_rate:
                 return events
             return resampled(events, out_rate)

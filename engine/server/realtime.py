@@ -47,7 +47,7 @@ from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_metadata, chec
 from engine.sampling import GenerationParams
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
-from engine.server.sessions import ROOT, AudioSpan, Item, Session, audio_format, new_id
+from engine.server.sessions import ROOT, AudioSpan, Item, Session, audio_format, continued_reply, new_id
 from engine.server.text import (check_json_values, check_text, check_url_text, invalid_text_path,
                                 json_may_hold_surrogates, loads_json, text_chars, texts_of)
 from engine.server.turns import VAD_RATE, ServerVad, SpeechStarted, SpeechStopped, TurnDetector
@@ -1162,20 +1162,6 @@ SESSION_FIELDS = {"type", "model", "include", "instructions", "output_modalities
                   "voice", "input_audio_transcription", "output_audio_format", "input_audio_sample_rate", "turn_detection", "video", "tools", "thinking", "temperature", "top_p",
                   "top_k", "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
                   "max_tokens"}
-
-
-def continued_reply(messages: list[dict]) -> tuple[list[dict], str | None]:
-    """A conversation that ends with assistant items is answered as it is (OpenAI's response.create takes it): the
-    model's prompt ends with the user's turn (spec §6.1), so the text of those last assistant items becomes the start
-    of its reply, which the model continues (the engine's assistant_prefix). Returns (the messages up to the user's
-    last one, that text; None when the conversation ends with the user)."""
-    end = len(messages)
-    while end and messages[end - 1]["role"] == "assistant":
-        end -= 1
-    if end == len(messages):
-        return messages, None
-    texts = ["".join(p["text"] for p in m["content"] if p.get("type") == "text") for m in messages[end:]]
-    return messages[:end], "\n".join(texts)
 
 
 def spoken_reply_content(content: list, limits, param: str) -> codec.Converted:

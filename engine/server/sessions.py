@@ -94,6 +94,20 @@ def media_nbytes(parts: list[dict]) -> int:
     return total
 
 
+def continued_reply(messages: list[dict]) -> tuple[list[dict], str | None]:
+    """A conversation that ends with assistant messages is answered as it is (OpenAI's chat completions and realtime
+    response.create take it): the model's prompt ends with the user's turn (spec §6.1), so the text of those last
+    assistant messages becomes the start of its reply, which the model continues (the engine's assistant_prefix).
+    Returns (the messages up to the user's last one, that text; None when the conversation ends with the user)."""
+    end = len(messages)
+    while end and messages[end - 1]["role"] == "assistant":
+        end -= 1
+    if end == len(messages):
+        return messages, None
+    texts = ["".join(p["text"] for p in m["content"] if p.get("type") == "text") for m in messages[end:]]
+    return messages[:end], "\n".join(texts)
+
+
 @dataclass
 class AudioSpan:
     """One audio chunk of an assistant reply: where it starts in the reply's audio, how long it

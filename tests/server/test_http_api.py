@@ -63,6 +63,25 @@ def test_non_streaming_chat_with_image_and_audio_parts(client, tiny_engine):
     assert resp.model_extra["metrics"]["media_encode_ms"] > 0
 
 
+def test_a_chat_ending_with_an_assistant_message_is_answered_by_continuing_it(client, tiny_engine):
+    """Messages ending with an assistant message were refused ('the last message must come from the user'); OpenAI
+    answers them. The reply continues that message (the in-process engine's assistant_prefix); messages with no user
+    message at all are still refused, naming 'messages'."""
+    from engine.sampling import GenerationParams
+    from tests.server import torch_threads
+
+    question, start = "Name a city.", "The city is"
+    resp = client.chat.completions.create(model="default", max_tokens=4, messages=[
+        {"role": "user", "content": question}, {"role": "assistant", "content": start}])
+    with torch_threads(1):
+        expected = list(tiny_engine.chat([{"role": "user", "content": question}], GenerationParams(max_new_tokens=4),
+                                         assistant_prefix=start))[-1]
+    assert isinstance(expected, Done) and resp.choices[0].message.content == expected.text
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="default", messages=[{"role": "assistant", "content": start}])
+    assert info.value.code == "invalid_value" and info.value.param == "messages" and "no user" in info.value.message
+
+
 def test_media_urls_are_refused_because_the_server_never_fetches(client):
     content = [{"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}, {"type": "text", "text": "?"}]
     with pytest.raises(openai.BadRequestError) as info:
