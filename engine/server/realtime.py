@@ -60,6 +60,9 @@ MAX_EVENT_ID_CHARS = 512  # a client's event_id, echoed in the error events it c
 # OpenAI session fields that have no effect here and are accepted silently
 IGNORED_SESSION_FIELDS = {"tracing", "truncation", "prompt", "tool_choice",
                           "input_audio_noise_reduction", "speed", "object", "id"}
+# session fields whose null means nothing of its own: left as they are, as when the field is left out (null for most
+# others has a meaning: instructions the model's own, turn_detection push-to-talk, transcription off ...)
+NULL_IS_LEFT_OUT = ("output_modalities", "modalities", "audio", "input_audio_format", "input_audio_sample_rate")
 CANCELLED_RESPONSE_WAIT_S = 5.0  # a response.create right after response.cancel waits this long for the cancelled
 #                                  response to end (its engine stops within a step) before it is refused
 MAX_PENDING_TRANSCRIPTIONS = 8  # per session: turns committed faster than the engine transcribes them
@@ -315,6 +318,7 @@ class RealtimeConnection:
     # ------------------------------------------------------------------ session
     async def on_session_update(self, event: dict, event_id) -> None:
         spec = need_dict(event.get("session"), "session")
+        spec = {key: value for key, value in spec.items() if value is not None or key not in NULL_IS_LEFT_OUT}
         s = self.session.settings
         engine = self.ctx.engine
         new = {"instructions": s.instructions, "output_modalities": s.output_modalities,
@@ -359,7 +363,7 @@ class RealtimeConnection:
                     new["output"] = twin("output", output_audio_format(fmt, "session.audio.output.format", engine),
                                          "session.audio.output.format")
             codec.check_keys(audio, "session.audio", ("input", "output"))
-            inp = need_dict(audio.get("input", {}), "session.audio.input")
+            inp = need_dict({} if audio.get("input") is None else audio["input"], "session.audio.input")
             codec.check_keys(inp, "session.audio.input", ("format", "turn_detection", "transcription"),
                              ("noise_reduction",))
             check_noise_reduction(inp.get("noise_reduction"), "session.audio.input.noise_reduction")
@@ -370,7 +374,7 @@ class RealtimeConnection:
                 new["turn_detection"] = twin("turn_detection", setting(
                     ServerVad.from_wire, inp["turn_detection"], "session.audio.input.turn_detection"),
                     "session.audio.input.turn_detection")
-            if "format" in inp:
+            if inp.get("format") is not None:
                 new["rate"] = twin("rate", audio_format_rate(inp["format"], "session.audio.input.format"),
                                    "session.audio.input.format")
         if "input_audio_transcription" in spec:  # the beta shape
@@ -996,7 +1000,7 @@ class RealtimeConnection:
         modalities, voice, out_format = s.output_modalities, s.voice, (s.output_encoding, s.output_rate)
         fmt = None
         for name in ("output_modalities", "modalities"):
-            if name in spec:
+            if spec.get(name) is not None:  # (null: the session's)
                 modalities = check_output_modalities(spec[name], f"response.{name}", engine)
         if spec.get("audio") is not None:
             audio = need_dict(spec["audio"], "response.audio")

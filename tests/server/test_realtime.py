@@ -155,6 +155,27 @@ def test_a_response_after_an_assistant_item_continues_that_item(server, tiny_eng
     assert refused["error"]["param"] == "response.input" and refused["error"]["event_id"] == "only-assistant"
 
 
+def test_null_for_an_optional_setting_leaves_it_as_it_is(server):
+    """session.update with output_modalities, modalities, audio, audio.input, audio.input.format, input_audio_format
+    or input_audio_sample_rate null was refused (invalid_type, invalid_value), where null for the other optional
+    fields is taken (OpenAI's SDK sends the whole session object, unset fields as null); it now leaves the setting
+    as it is, as leaving the field out does. A response's output_modalities null is the session's."""
+    with connect(server.ws_url) as ws:
+        before = opened(ws)
+        for session in ({"output_modalities": None}, {"modalities": None}, {"audio": None}, {"audio": {"input": None}},
+                        {"audio": {"input": {"format": None}}}, {"input_audio_format": None},
+                        {"input_audio_sample_rate": None}):
+            send(ws, type="session.update", session=session)
+            updated = recv_json(ws)
+            assert updated["type"] == "session.updated", (session, updated)
+            assert updated["session"] == before, session
+        send(ws, type="response.create", response={"output_modalities": None, "max_output_tokens": 1,
+                                                    "input": [{"type": "message", "role": "user", "content": "hi"}]})
+        created = recv_json(ws)
+        assert created["type"] == "response.created" and created["response"]["output_modalities"] == ["text"], created
+        recv_until(ws, "response.done")
+
+
 def test_image_output_is_refused_and_audio_is_spoken(server):
     with connect(server.ws_url) as ws:
         opened(ws)
