@@ -216,11 +216,12 @@ class ImageDone(_Event):
 
 
 TRANSCRIBING_STAGE = "transcribing"  # a long recording's ASR: `done` of `total` windows (engine.models.thinker.asr_windows)
+PREFILL_STAGE = "prefill"  # a long prompt read by the model: `done` of `total` prompt tokens (engine.generate)
 
 
 @dataclass
 class Progress(_Event):
-    """`stage` (e.g. "prefill", "denoising", "decoding image", TRANSCRIBING_STAGE), `done` of `total` units."""
+    """`stage` (e.g. PREFILL_STAGE, "denoising", "decoding image", TRANSCRIBING_STAGE), `done` of `total` units."""
 
     stage: str
     done: int = 0

@@ -38,7 +38,7 @@ import torch
 from engine.decode_graphs import DecodeGraphs, decode_graphs_for
 from engine.command import EXIT_CODES_HELP, text_argument
 from engine.errors import EXIT_INPUT, LOAD_ERRORS, error_exit_code, load_failure
-from engine.events import Done, Error, Event, GenerationStats, TextDelta, TokenLogprob
+from engine.events import PREFILL_STAGE, Done, Error, Event, GenerationStats, Progress, TextDelta, TokenLogprob
 from engine.models.thinker.kv_cache import KVCache
 from engine.models.thinker.layers import Numerics
 from engine.models.thinker.llm import BailingMoeV2ForCausalLM, MultimodalInputs
@@ -51,6 +51,9 @@ from engine.sampling import GenerationParams, Sampler
 # chunk's layers). On the CPU a 512-token chunk of the tiny model takes ~0.3 s.
 DEFAULT_PREFILL_CHUNK = {"cpu": 512}
 DEFAULT_PREFILL_CHUNK_GPU = 2048
+# A long prompt's prefill reports how far it is at most this often (PrefillReports): a slow machine's chunk takes
+# seconds and is reported each time; a GPU's takes milliseconds.
+PREFILL_REPORT_EVERY_S = 0.5
 # Initial KV capacity beyond the prompt when the cache may grow (eager decode); graphs use a fixed one.
 INITIAL_DECODE_ROOM = 1024
 
@@ -114,41 +117,93 @@ class PrefillResult:
     chunks: int = 0
 
 
+class ChunkedPrefill:
+    """A prompt's prefill one chunk at a time (what `prefill` runs, for a caller that reports between chunks):
+    `step()` runs the next chunk, `done` counts the prompt tokens read of `total`, and `result()` is the
+    PrefillResult once `finished`. Takes `prefill`'s arguments."""
+
+    def __init__(self, llm: BailingMoeV2ForCausalLM, numerics: Numerics, cache: KVCache, embeds: torch.Tensor,
+                 position_ids: torch.Tensor, *, step_mask: torch.Tensor | None = None,
+                 image_mask: torch.Tensor | None = None, audio_mask: torch.Tensor | None = None,
+                 chunk_tokens: int | None = None, cancel: threading.Event | None = None, keep_hidden: bool = False):
+        self.chunk = chunk_tokens or default_prefill_chunk(embeds.device)
+        if self.chunk < 1:
+            raise ValueError(f"chunk_tokens must be >= 1 (got {self.chunk})")
+        if embeds.shape[1] < 1:
+            raise ValueError("an empty prompt has nothing to prefill")
+        self.llm, self.numerics, self.cache, self.embeds, self.position_ids = llm, numerics, cache, embeds, position_ids
+        self.masks = (step_mask, image_mask, audio_mask)
+        self.cancel, self.keep_hidden = cancel, keep_hidden
+        self.total, self.done, self.chunks = embeds.shape[1], 0, 0
+        self.cancelled = False
+        self.hidden_parts: list[torch.Tensor] = []  # each chunk's final-norm hidden states (the last one's always)
+
+    @property
+    def finished(self) -> bool:
+        return self.cancelled or self.done >= self.total
+
+    def step(self) -> None:
+        """The next chunk into the cache (nothing once finished); a cancel seen before it or between its layers
+        ends the prefill (`cancelled`)."""
+        if self.finished:
+            return
+        if self.cancel is not None and self.cancel.is_set():
+            self.cancelled = True
+            return
+        start, end = self.done, min(self.total, self.done + self.chunk)
+        step_mask, image_mask, audio_mask = (None if m is None else m[..., start:end] for m in self.masks)
+        try:
+            h = self.llm.model(self.embeds[:, start:end], self.position_ids[..., start:end], self.numerics, step_mask,
+                               self.cache, image_mask, audio_mask,
+                               after_layer=None if self.cancel is None else partial(stop_if_set, self.cancel))
+        except Cancelled:
+            self.cancelled = True
+            return
+        self.done, self.chunks = end, self.chunks + 1
+        if not self.keep_hidden:
+            self.hidden_parts.clear()
+        self.hidden_parts.append(h)
+
+    def result(self) -> PrefillResult:
+        if self.cancelled:
+            return PrefillResult(None, None, cancelled=True, chunks=self.chunks)
+        hidden = torch.cat(self.hidden_parts, dim=1) if self.keep_hidden else None
+        return PrefillResult(self.llm.logits(self.hidden_parts[-1][:, -1]), hidden, chunks=self.chunks)
+
+
 def prefill(llm: BailingMoeV2ForCausalLM, numerics: Numerics, cache: KVCache, embeds: torch.Tensor,
-            position_ids: torch.Tensor, *, step_mask: torch.Tensor | None = None,
-            image_mask: torch.Tensor | None = None, audio_mask: torch.Tensor | None = None,
-            chunk_tokens: int | None = None, cancel: threading.Event | None = None,
-            keep_hidden: bool = False) -> PrefillResult:
+            position_ids: torch.Tensor, **options) -> PrefillResult:
     """Run a prompt (embeds [B, L, H] with multimodal features already in place, position_ids
-    [3, B, L] of the whole prompt, optional step/image/audio masks [B, L]) into `cache`, in chunks of
-    `chunk_tokens` (default: per device, DEFAULT_PREFILL_CHUNK). Positions, masks and the MultiRouter
+    [3, B, L] of the whole prompt, optional `step_mask` / `image_mask` / `audio_mask` [B, L]) into `cache`, in
+    chunks of `chunk_tokens` (default: per device, DEFAULT_PREFILL_CHUNK; `keep_hidden`: return the prompt's
+    final-norm hidden states too). Positions, masks and the MultiRouter
     gate choice are per token, and attention is causal, so a chunk may end anywhere, inside an image
     or audio span too. `cancel` is checked before each chunk and between the layers of a chunk (a chunk of a
     large model on a CPU can take a minute, one of its layers a few seconds), and a cancelled prefill leaves `cache`
     partly written (drop or reset it). Call it in inference mode."""
-    length = embeds.shape[1]
-    chunk = chunk_tokens or default_prefill_chunk(embeds.device)
-    if chunk < 1:
-        raise ValueError(f"chunk_tokens must be >= 1 (got {chunk})")
-    cut = (lambda t, a, b: None if t is None else t[..., a:b])  # noqa: E731
-    hidden_parts: list[torch.Tensor] = []
-    h = None
-    n = 0
-    for start in range(0, length, chunk):
-        if cancel is not None and cancel.is_set():
-            return PrefillResult(None, None, cancelled=True, chunks=n)
-        end = min(length, start + chunk)
-        try:
-            h = llm.model(embeds[:, start:end], position_ids[..., start:end], numerics, cut(step_mask, start, end),
-                          cache, cut(image_mask, start, end), cut(audio_mask, start, end),
-                          after_layer=None if cancel is None else partial(stop_if_set, cancel))
-        except Cancelled:
-            return PrefillResult(None, None, cancelled=True, chunks=n)
-        n += 1
-        if keep_hidden:
-            hidden_parts.append(h)
-    hidden = torch.cat(hidden_parts, dim=1) if keep_hidden else None
-    return PrefillResult(llm.logits(h[:, -1]), hidden, chunks=n)
+    run = ChunkedPrefill(llm, numerics, cache, embeds, position_ids, **options)
+    while not run.finished:
+        run.step()
+    return run.result()
+
+
+@dataclass
+class PrefillReports:
+    """When a prompt's prefill says how far it is (Progress, PREFILL_STAGE, `done` of `total` prompt tokens): only
+    for a prompt of more than one chunk (a shorter one is read at once), before its first chunk, then after a chunk
+    when `every_s` has passed since the last report (a GPU reads a chunk in milliseconds: no flood of events)."""
+
+    total: int
+    chunk: int
+    every_s: float
+    last_at: float | None = None
+
+    def due(self, done: int) -> Progress | None:
+        now = time.perf_counter()
+        if self.total <= self.chunk or (self.last_at is not None and now - self.last_at < self.every_s):
+            return None
+        self.last_at = now
+        return Progress(PREFILL_STAGE, done, self.total)
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -284,9 +339,10 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
              cancel: threading.Event | None = None, mm: MultimodalInputs | None = None,
              image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
              eos_ids: set[int] | None = None, t_start: float | None = None, prefill_chunk: int | None = None,
-             cuda_graphs: bool | None = None) -> Iterator[Event]:
-    """Stream the response to one prompt (batch 1) as TextDelta events and a final Done. With
-    `params.logprobs` each TextDelta carries the entries of the tokens it completes (`LogprobReports`).
+             cuda_graphs: bool | None = None, report_every_s: float = PREFILL_REPORT_EVERY_S) -> Iterator[Event]:
+    """Stream the response to one prompt (batch 1) as TextDelta events and a final Done; a prompt longer than one
+    prefill chunk first says how far its reading is (Progress, at most once per `report_every_s`: PrefillReports).
+    With `params.logprobs` each TextDelta carries the entries of the tokens it completes (`LogprobReports`).
     `t_start`: when the request began (time to first token counts from there; default now).
     `prefill_chunk`: prompt tokens per prefill forward (default per device). `cuda_graphs`: replay the
     decode step from CUDA graphs (default: when the model allows, see engine.decode_graphs)."""
@@ -331,8 +387,16 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
             cache.rope_deltas = deltas
             sampler = Sampler(params, cfg.vocab_size, 1, head_device)
             sampler.observe(ids.to(head_device))
-            pre = prefill(llm, numerics, cache, embeds, positions, image_mask=image_mask, audio_mask=audio_mask,
-                          chunk_tokens=prefill_chunk, cancel=cancel)
+            reading = ChunkedPrefill(llm, numerics, cache, embeds, positions, image_mask=image_mask,
+                                     audio_mask=audio_mask, chunk_tokens=prefill_chunk, cancel=cancel)
+        reports_due = PrefillReports(reading.total, reading.chunk, report_every_s)
+        while not reading.finished:
+            if (report := reports_due.due(reading.done)) is not None:
+                yield report
+            with torch.inference_mode():
+                reading.step()
+        with torch.inference_mode():
+            pre = reading.result()
             if not pre.cancelled:
                 step = DecodeStep(llm, numerics, cache, graphs)
                 reader = TokenReader(head_device, 1)

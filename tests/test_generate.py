@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from engine.events import Done, Error, TextDelta
+from engine.events import PREFILL_STAGE, Done, Error, Progress, TextDelta
 from engine.generate import StopStringFilter, generate
 from engine.sampling import GenerationParams
 from tests.paths import REPO
@@ -151,7 +151,7 @@ def test_stream_survives_being_resumed_on_other_threads(tiny_engine, monkeypatch
 
     import torch
 
-    from engine.events import Done, Error, TextDelta
+    from engine.events import PREFILL_STAGE, Done, Error, Progress, TextDelta
     from engine.sampling import GenerationParams
 
     model = tiny_engine.model.llm.model
@@ -371,6 +371,50 @@ def test_cancel_stops_a_long_prompt_between_prefill_layers(tiny_engine, monkeypa
         assert chunks == [64] and len(layer_runs) == layers  # chunk 2 never started
     else:
         assert chunks == [64, 64] and len(layer_runs) == layers + 1  # chunk 2 stopped after its first layer
+
+
+LONG_PROMPT = [20 + i % 150 for i in range(300)]  # 5 prefill chunks of 64 tokens
+
+
+def _prefill_run(tiny_engine, monkeypatch, prompt, cancel_at_done=None, **kw):
+    """generate()'s events for `prompt` in chunks of 64, and the sizes of the prefill forwards it ran; with
+    `cancel_at_done`, the consumer cancels when a report says that many prompt tokens are read."""
+    model = tiny_engine.model.llm.model
+    forwards, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: forwards.append(a[0].shape[1]) or forward(*a, **k))
+    cancel, events = threading.Event(), []
+    for ev in generate(tiny_engine.model, tiny_engine.tokenizer, prompt, GenerationParams(max_new_tokens=3), cancel,
+                       prefill_chunk=64, **kw):
+        events.append(ev)
+        if isinstance(ev, Progress) and ev.done == cancel_at_done:
+            cancel.set()
+    return events, forwards
+
+
+def test_a_long_prompt_says_how_far_its_prefill_is_chunk_by_chunk(tiny_engine, monkeypatch):
+    """A long message showed nothing but "Generating..." until its first token: each prefill chunk now reports the
+    prompt tokens read (before the reply's first text); a prompt of one chunk is read at once, unreported."""
+    events, forwards = _prefill_run(tiny_engine, monkeypatch, LONG_PROMPT, report_every_s=0.0)
+    reports = [ev for ev in events if isinstance(ev, Progress)]
+    assert [(r.stage, r.done, r.total) for r in reports] == [(PREFILL_STAGE, n, 300) for n in (0, 64, 128, 192, 256)]
+    assert forwards[:5] == [64, 64, 64, 64, 44]
+    first_text = next(i for i, ev in enumerate(events) if isinstance(ev, (TextDelta, Done)))
+    assert all(isinstance(ev, Progress) for ev in events[:first_text]) and _done(events).token_ids
+    short, _ = _prefill_run(tiny_engine, monkeypatch, LONG_PROMPT[:64], report_every_s=0.0)
+    assert not any(isinstance(ev, Progress) for ev in short)
+
+
+def test_prefill_reports_are_throttled(tiny_engine, monkeypatch):
+    """Reports come at most once per `report_every_s` (a GPU reads a chunk in milliseconds): the first at once."""
+    events, _ = _prefill_run(tiny_engine, monkeypatch, LONG_PROMPT, report_every_s=3600.0)
+    assert [ev.done for ev in events if isinstance(ev, Progress)] == [0]
+
+
+def test_a_cancel_during_the_prefill_stops_it_at_the_next_chunk(tiny_engine, monkeypatch):
+    """The consumer cancels when told 128 of 300 tokens are read: no further chunk runs, no token comes."""
+    events, forwards = _prefill_run(tiny_engine, monkeypatch, LONG_PROMPT, cancel_at_done=128, report_every_s=0.0)
+    done = _done(events)
+    assert forwards == [64, 64] and done.finish_reason == "cancelled" and done.token_ids == []
 
 
 def test_generate_is_the_same_for_any_prefill_chunk(tiny_engine):

@@ -20,7 +20,7 @@ import pytest
 from engine.client import (AsyncEngineClient, AsyncRealtimeClient, ConnectionLost, Endpoints, EngineClient,
                            RealtimeClient, ServerError)
 from engine.client.core import env_settings
-from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
+from engine.events import PREFILL_STAGE, AudioChunk, Done, Error, Progress, QueuePosition, TextDelta
 from tests.paths import REPO
 from tests.server import (SYSTEM, FakeEngine, every_kind_script, fake_server, image_array, long_prompt, png_bytes,
                           reference_chat, running_server, tone_pcm16, wait_for, wav_bytes)
@@ -204,6 +204,22 @@ def test_every_event_kind_reaches_the_client_over_both_transports():
             assert events[:-1] == [QueuePosition(0, 0)] + script[:-1], transport
             assert one_final(events).stats.audio_seconds == pytest.approx(0.04)
     assert any(isinstance(e, AudioChunk) for e in events)
+
+
+def test_a_long_prompts_prefill_progress_reaches_the_client_over_both_transports(server, tiny_engine):
+    """A prompt longer than one prefill chunk (512 tokens on the CPU) says how far its reading is before the first
+    token: realtime's response.progress and the chat stream's `: progress` comment both come back as Progress."""
+    unit = "the quick brown fox jumps over the lazy dog. "
+    content = unit * (600 // len(tiny_engine.tokenizer.encode_plain(unit)) + 1)
+    with EngineClient(server.url) as client:
+        for transport in ("realtime", "http"):
+            events = list(client.chat([{"role": "user", "content": content}], max_tokens=1, transport=transport))
+            done = one_final(events)
+            reports = [e for e in events if isinstance(e, Progress)]
+            assert reports and reports[0] == Progress(PREFILL_STAGE, 0, done.stats.prompt_tokens), transport
+            assert done.stats.prompt_tokens > 512 and all(r.stage == PREFILL_STAGE for r in reports)
+            first_text = next(i for i, e in enumerate(events) if isinstance(e, (TextDelta, Done)))
+            assert events.index(reports[-1]) < first_text, transport
 
 
 def test_server_errors_become_error_events_with_the_servers_code(server):
