@@ -27,7 +27,7 @@ from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, engi
                            error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
                            queue_line, saved_voice_names, say_refused_files, says_refused, seed_box, seed_problem,
                            session_of, toolbar, wire_stop)
-from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
+from engine.events import PREFILL_STAGE, AudioChunk, Done, Error, Progress, QueuePosition, TextDelta
 
 # The Max new tokens slider stops at the engine's cap, which its model card reports (limits.max_new_tokens: a
 # server started with --max-new-tokens 16384 offers 16384). A server that does not say (an OpenAI-compatible
@@ -50,7 +50,13 @@ MEDIA_KINDS = ("image", "video", "audio")
 # renders the whole reply's Markdown at each update, and one update per token froze it within a few thousand
 # characters (Stop could no longer be pressed).
 REPLY_SHOWN_EVERY_S = 0.1
+READING = "Reading your message…"  # the status while a long prompt is read (the engine's prefill), before any reply
 SAVED_CHAT_KEY = "ming-studio-chat"  # the browser's localStorage key of the conversation kept across reloads
+
+
+def reading_line(event: Progress) -> str:
+    """The status while a long message (or its media) is read: the engine's prefill, in prompt tokens read."""
+    return f"{READING} {100 * event.done // max(event.total, 1)} %"
 
 
 # --------------------------------------------------------------------------- conversation <-> engine
@@ -312,6 +318,8 @@ class ChatController:
             for event in stream:
                 if isinstance(event, QueuePosition):
                     yield gr.skip(), gr.skip(), queue_line(event), gr.skip()  # the history is unchanged: not sent again
+                elif isinstance(event, Progress) and event.stage == PREFILL_STAGE:
+                    yield gr.skip(), gr.skip(), reading_line(event), gr.skip()
                 elif isinstance(event, TextDelta):
                     reply += event.text
                     if shown_at is not None and time.monotonic() - shown_at < REPLY_SHOWN_EVERY_S:

@@ -19,7 +19,7 @@ import gradio as gr  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
-from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NO_SNAPSHOT, NOTHING_TO_EXPORT, REPLY_SHOWN_EVERY_S,  # noqa: E402
+from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NO_SNAPSHOT, NOTHING_TO_EXPORT, READING, REPLY_SHOWN_EVERY_S,  # noqa: E402
                          WITHDRAWN, ChatController, content_text, export_conversation, history_to_messages, restorable,
                          user_turn)
 from engine.client import EngineClient  # noqa: E402
@@ -404,6 +404,18 @@ def test_a_long_reply_is_shown_a_few_times_a_second_not_at_every_token(controlle
     gaps = [later - earlier for (earlier, _), (later, _) in zip(streamed, streamed[1:])]
     assert gaps, "the reply streamed in one piece"
     assert all(gap >= REPLY_SHOWN_EVERY_S * 0.9 for gap in gaps), gaps  # (0.9: the clocks' rounding)
+
+
+def test_a_long_message_says_how_far_its_reading_is_before_the_reply(controller, tiny_engine):
+    """A long message showed only "Generating…" while the engine read it (minutes on a slow machine): the status says
+    "Reading your message… N %" from the engine's prefill progress, then "Generating…" once the reply comes."""
+    unit = "the quick brown fox jumps over the lazy dog. "
+    message = unit * (600 // len(tiny_engine.tokenizer.encode_plain(unit)) + 1)  # two prefill chunks of 512
+    statuses = [update[2] for update in controller.respond(*chat_args(ask(message), max_new_tokens=1))
+                if isinstance(update[2], str)]
+    reading = [i for i, status in enumerate(statuses) if status.startswith(READING)]
+    assert reading and statuses[reading[0]] == f"{READING} 0 %", statuses
+    assert not statuses[-1].startswith(READING) and reading[-1] < len(statuses) - 1
 
 
 def test_a_message_edited_to_nothing_leaves_the_conversation_as_it_was(controller):
