@@ -478,6 +478,13 @@ def _cli_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--presence-penalty", type=float, default=0.0,
+                    help="OpenAI's, in [-2, 2]: subtracted once from the logit of each token the reply has used")
+    ap.add_argument("--frequency-penalty", type=float, default=0.0,
+                    help="OpenAI's, in [-2, 2]: subtracted from a token's logit per use in the reply")
+    ap.add_argument("--logit-bias", type=logit_bias_entry, action="append", default=[], metavar="TOKEN_ID=BIAS",
+                    help="OpenAI's logit_bias: add BIAS in [-100, 100] to that token's logit (100 forces it, -100 bans "
+                         "it; repeatable)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
@@ -491,6 +498,17 @@ def _cli_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def logit_bias_entry(text: str) -> tuple[int, float]:
+    """`--logit-bias TOKEN_ID=BIAS` -> (id, bias); the ranges are GenerationParams.validate's."""
+    token, sep, bias = text.partition("=")
+    try:
+        if not sep or not token.strip().isdigit():
+            raise ValueError
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS such as 1234=-100, got {text!r}") from None
+
+
 def _cli_request(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, GenerationParams]:
     """The prompt (stdin's text for '-') and the sampling settings; what is wrong with them is a usage error
     (exit 2) before the model loads, not an error after it."""
@@ -499,7 +517,8 @@ def _cli_request(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
         ap.error("--prompt is empty" + (" (nothing came on stdin)" if args.prompt == "-" else ""))
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                              stop=args.stop)
+                              stop=args.stop, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty, logit_bias=dict(args.logit_bias))
     try:
         params.validate()
     except ValueError as e:

@@ -611,7 +611,11 @@ def test_cli_names_a_checkpoint_it_cannot_load_and_exits_2(tmp_path, capsys):
 @pytest.mark.parametrize("flags, says", [(["--max-new-tokens", "-1"], "max_new_tokens must be a positive integer"),
                                          (["--temperature", "nan"], "temperature must be in [0, 100]"),
                                          (["--top-p", "2"], "top_p must be in [0, 1]"),
-                                         (["--prompt", ""], "--prompt is empty")])
+                                         (["--prompt", ""], "--prompt is empty"),
+                                         (["--presence-penalty", "3"], "presence_penalty must be in [-2, 2]"),
+                                         (["--frequency-penalty", "nan"], "frequency_penalty must be in [-2, 2]"),
+                                         (["--logit-bias", "5=500"], "logit_bias values must be in [-100, 100]"),
+                                         (["--logit-bias", "five=1"], "expected TOKEN_ID=BIAS")])
 def test_cli_refuses_settings_before_the_model_loads(capsys, flags, says):
     """--max-new-tokens -1 or --temperature nan loaded the model (minutes for the real one), then ended in an
     'error:' line with exit 1, the code of a failed generation; they are usage errors: exit 2 before the load (the
@@ -643,3 +647,23 @@ def test_cli_reads_the_prompt_from_stdin_for_a_dash(capsys, monkeypatch, stdin, 
     with pytest.raises(SystemExit) as exit_info:
         _cli_request(ap, args)
     assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_cli_takes_openai_penalties_and_logit_bias(tiny_engine, monkeypatch, capsys):
+    """The server honoured presence_penalty / frequency_penalty / logit_bias; the command line had no way to ask.
+    --logit-bias ID=100 forces that token (greedy); the penalties reach the engine as the server's do; a token id
+    the model has not is refused naming the range (exit 2)."""
+    from engine.generate import main
+    from engine.runtime import Engine
+
+    asked, chat = [], Engine.chat
+    monkeypatch.setattr(Engine, "load", lambda *a, **k: tiny_engine)
+    monkeypatch.setattr(Engine, "chat", lambda self, msgs, params, **kw: asked.append(params) or chat(self, msgs, params,
+                                                                                                      **kw))
+    forced = tiny_engine.tokenizer.encode_plain(" cat")[0]
+    assert main(["--prompt", "hi", "--max-new-tokens", "3", "--logit-bias", f"{forced}=100"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == tiny_engine.tokenizer.decode([forced] * 3)
+    main(["--prompt", "hi", "--max-new-tokens", "2", "--presence-penalty", "1.5", "--frequency-penalty", "-0.5"])
+    assert (asked[-1].presence_penalty, asked[-1].frequency_penalty) == (1.5, -0.5)
+    assert main(["--prompt", "hi", "--logit-bias", "99999999=1"]) == 2
+    assert "this model's tokens are 0 to " in capsys.readouterr().err
