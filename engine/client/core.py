@@ -505,11 +505,36 @@ class ChatOptions:
     modalities: tuple[str, ...] | list[str] = ("text",)
     voice: str | None = None  # sent only when audio is asked for
     audio_rate: int | None = None  # the spoken reply's rate (None: the server's default, OpenAI's 24 kHz)
+    # OpenAI's: in [-2, 2], subtracted from the logit of each token the reply has used (presence: once; frequency:
+    # per use); logit_bias: token id -> bias in [-100, 100] (the server checks the ranges and the ids)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
 
     def sampling(self) -> dict:
         fields_ = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                   "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": self.stop}
+                   "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": self.stop,
+                   "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                   "logit_bias": wire_logit_bias(self.logit_bias)}
         return {k: v for k, v in fields_.items() if v is not None}
+
+
+def wire_logit_bias(bias: dict | None) -> dict[str, float] | None:
+    """OpenAI's `logit_bias` object ({"token id": bias}) of {token id: bias}; ValueError for a key that is not a token
+    id or a bias that is not a number (the server checks the ranges, and that the ids are the model's)."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}")
+    out = {}
+    for token, value in bias.items():
+        if isinstance(token, bool) or not ((isinstance(token, int) and token >= 0)
+                                           or (isinstance(token, str) and token.isascii() and token.isdigit())):
+            raise ValueError(f"logit_bias keys are token ids (integers >= 0), got {token!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"logit_bias values are numbers in [-100, 100], got {value!r} for token {token}")
+        out[str(int(token))] = float(value)
+    return out
 
 
 def check_role(message: Any) -> str:

@@ -137,7 +137,8 @@ REALTIME_EVENTS: dict[str, tuple[str, ...]] = {
 REALTIME_RESPONSE = Fields(
     taken=("instructions", "max_output_tokens", "max_response_output_tokens", "output_modalities", "modalities",
            "audio", "conversation", "input", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop",
-           "thinking", "metadata", "voice", "output_audio_format"),
+           "thinking", "metadata", "voice", "output_audio_format", "presence_penalty", "frequency_penalty",
+           "logit_bias"),
     ignored=("object",),
     refused={"tools": (NO_TOOLS, _empty), "tool_choice": (NO_TOOLS, lambda v: v in ("none", "auto")),
              "prompt": ("stored prompts are not supported", lambda v: False)})

@@ -34,7 +34,8 @@ from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
 from engine.server.fields import Fields
 from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_metadata, check_output_modalities, flag,
-                                  generation_params, logit_bias, output_kwargs, transcription_tag, voice_name)
+                                  generation_params, logit_bias, output_kwargs, transcription_tag, vocab_size,
+                                  voice_name)
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import continued_reply, media_nbytes, new_id
@@ -285,14 +286,6 @@ def logprob_fields(body: dict, modalities: list[str]) -> tuple[bool, int]:
         raise bad("'logprobs' are reported for a text reply only: ask for modalities [\"text\"], or leave logprobs "
                   "out", "unsupported_parameter", "logprobs")
     return asked, top
-
-
-def vocab_size(engine) -> int | None:
-    """The loaded model's tokens (those the tokenizer and the output head both have), None when not known."""
-    try:
-        return min(int(engine.tokenizer.vocab_size), int(engine.model.config.llm.vocab_size))
-    except (AttributeError, TypeError, ValueError):
-        return None
 
 
 MAX_CHOICES = 8  # the most choices (`n`) one chat request may ask for: they are generated one after another

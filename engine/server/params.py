@@ -161,25 +161,31 @@ MAX_LOGIT_BIAS_TOKENS = 1024  # the most tokens one logit_bias may name (a bound
 MAX_TOKEN_ID_DIGITS = 12  # a longer token id is past any vocabulary (and int() of thousands of digits is refused)
 
 
-def logit_bias(value: Any, vocab_size: int | None) -> dict[int, float]:
+def vocab_size(engine) -> int | None:
+    """The loaded model's tokens (those the tokenizer and the output head both have), None when not known."""
+    try:
+        return min(int(engine.tokenizer.vocab_size), int(engine.model.config.llm.vocab_size))
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def logit_bias(value: Any, vocab_size: int | None, name: str = "logit_bias") -> dict[int, float]:
     """OpenAI's `logit_bias`: {"token id": bias in [-100, 100]} -> {id: bias}; an id that is not a number, or not
-    one of this model's tokens (`vocab_size`: the tokenizer's, when known), is refused naming the field."""
+    one of this model's tokens (`vocab_size`: the tokenizer's, when known), is refused naming the field (`name`)."""
     if value is None:
         return {}
-    value = need_dict(value, "logit_bias")
+    value = need_dict(value, name)
     if len(value) > MAX_LOGIT_BIAS_TOKENS:
-        raise bad(f"'logit_bias' names {len(value):,} tokens; at most {MAX_LOGIT_BIAS_TOKENS}", "invalid_value",
-                  "logit_bias")
+        raise bad(f"'{name}' names {len(value):,} tokens; at most {MAX_LOGIT_BIAS_TOKENS}", "invalid_value", name)
     out = {}
     for key, bias in value.items():
         if not (key.isascii() and key.isdigit()) or len(key) > MAX_TOKEN_ID_DIGITS:
-            raise bad(f"'logit_bias' keys are token ids such as \"1234\", got {shown(key)}", "invalid_value",
-                      "logit_bias")
+            raise bad(f"'{name}' keys are token ids such as \"1234\", got {shown(key)}", "invalid_value", name)
         token = int(key)
         if vocab_size is not None and token >= vocab_size:
-            raise bad(f"'logit_bias' names token {token}; this model's tokens are 0 to {vocab_size - 1}",
-                      "invalid_value", "logit_bias")
-        out[token] = float(need_number(bias, f"logit_bias.{key}", -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS))
+            raise bad(f"'{name}' names token {token}; this model's tokens are 0 to {vocab_size - 1}", "invalid_value",
+                      name)
+        out[token] = float(need_number(bias, f"{name}.{key}", -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS))
     return out
 
 

@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,8 @@ from engine.server.context import ServerContext
 from engine.server.fields import REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields
 from engine.server.http_api import retry_headers
 from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_metadata, check_output_modalities, flag,
-                                  generation_params, output_kwargs, transcription_tag, voice_name)
+                                  generation_params, logit_bias, output_kwargs, transcription_tag, vocab_size,
+                                  voice_name)
 from engine.sampling import GenerationParams
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
@@ -1028,7 +1030,8 @@ class RealtimeConnection:
         instructions = spec.get("instructions", None)
         instructions = need_str(instructions, "response.instructions") if instructions is not None else s.instructions
         self._check_text_budget(0, instructions, "response.instructions" if "instructions" in spec else None)
-        params = generation_params(spec, self.limits, base=s.params, where="response.", inf_ok=True)
+        params = replace(generation_params(spec, self.limits, base=s.params, where="response.", inf_ok=True),
+                         logit_bias=logit_bias(spec.get("logit_bias"), vocab_size(engine), "response.logit_bias"))
         thinking = flag(spec, "thinking", s.thinking)
         items = None if spec.get("input") is None else await self._response_input(spec["input"])
         if self.session.active is not None:  # another response started while the input was decoded

@@ -222,6 +222,29 @@ def test_a_long_prompts_prefill_progress_reaches_the_client_over_both_transports
             assert events.index(reports[-1]) < first_text, transport
 
 
+def test_openai_penalties_and_logit_bias_reach_the_engine_over_both_transports(server, tiny_engine):
+    """The server honoured presence_penalty / frequency_penalty / logit_bias on /v1/chat/completions, but the client
+    could not send them (and realtime's response.create refused them). Both transports now give the in-process
+    engine's reply for the same settings, and out-of-range values come back as the server's error naming them."""
+    msgs = [{"role": "user", "content": "Say it again and again"}]
+    forced = tiny_engine.tokenizer.encode_plain(" cat")[0]
+    penalties = dict(presence_penalty=2.0, frequency_penalty=2.0)
+    want = reference_chat(tiny_engine, msgs, 4, **penalties)
+    assert want.text != reference_chat(tiny_engine, msgs, 4).text  # the penalties change this reply
+    with EngineClient(server.url) as client:
+        for transport in ("realtime", "http"):
+            done = one_final(list(client.chat(msgs, max_tokens=4, transport=transport, **penalties)))
+            assert done.text == want.text, transport
+            done = one_final(list(client.chat(msgs, max_tokens=3, logit_bias={forced: 100}, transport=transport)))
+            assert done.text == tiny_engine.tokenizer.decode([forced] * 3), transport
+            for bad, names in ((dict(presence_penalty=3.0), "presence_penalty"),
+                               (dict(logit_bias={10 ** 9: 1}), "logit_bias")):
+                (err,) = list(client.chat(msgs, max_tokens=3, transport=transport, **bad))
+                assert err.code == "invalid_value" and names in err.message, (transport, err)
+        (err,) = list(client.chat(msgs, logit_bias={"cat": 1}))
+        assert err.code == "invalid_request" and "token ids" in err.message
+
+
 def test_server_errors_become_error_events_with_the_servers_code(server):
     with EngineClient(server.url) as client:
         cases = [(dict(max_tokens=10 ** 6), "max_tokens_exceeded"),
