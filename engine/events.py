@@ -217,6 +217,7 @@ class ImageDone(_Event):
 
 TRANSCRIBING_STAGE = "transcribing"  # a long recording's ASR: `done` of `total` windows (engine.models.thinker.asr_windows)
 PREFILL_STAGE = "prefill"  # a long prompt read by the model: `done` of `total` prompt tokens (engine.generate)
+MEDIA_STAGE = "encoding media"  # a prompt's pictures, videos and clips through their encoders: `total` of them
 
 
 @dataclass

@@ -23,8 +23,8 @@ import torch
 from engine.models.thinker.asr_windows import Windowing, transcribe_windows
 from engine.models.thinker.asr import TranscriptDeltas, TranscriptStream, asr_messages, dialect_prefix, parse_transcript
 from engine.errors import MingError
-from engine.events import AudioChunk, Done, Error, Event, GenerationStats, TextDelta
-from engine.generate import Cancelled, context_error, generate, stop_if_set
+from engine.events import MEDIA_STAGE, AudioChunk, Done, Error, Event, GenerationStats, Progress, TextDelta
+from engine.generate import Cancelled, context_error, default_prefill_chunk, generate, stop_if_set
 from engine.models.thinker.llm import AudioSpan, MultimodalInputError, MultimodalInputs
 from engine.media.errors import MediaError
 from engine.models.thinker.processor import MediaPastContext, MediaSettings, MingProcessor, ProcessedPrompt
@@ -213,6 +213,8 @@ class Engine:
             waited = time.perf_counter() - t_wait
             t_start = time.perf_counter() if t_start is None else t_start + waited
             t_enc = time.perf_counter()
+            if prompt is not None and long_media(prompt, self.model.device):
+                yield media_progress(prompt)
             try:
                 mm = self.encode_media(prompt, cancel) if prompt is not None else None
             except (MediaError, MultimodalInputError) as e:
@@ -582,6 +584,19 @@ def no_audio_after_cancel(events: Iterator[Event], cancel: threading.Event | Non
     for ev in events:
         if not (isinstance(ev, AudioChunk) and peek()):
             yield ev
+
+
+def long_media(prompt: ProcessedPrompt, device: torch.device) -> bool:
+    """Media whose encoding is worth a word before it starts (a long video's frames through the ViT take a while on a
+    CPU): more tokens than one prefill chunk, the same bar as the prefill's own reports (engine.generate)."""
+    return prompt.image_tokens + prompt.audio_tokens > default_prefill_chunk(device)
+
+
+def media_progress(prompt: ProcessedPrompt) -> Progress:
+    """What the encoders are about to read (MEDIA_STAGE): the prompt's pictures, videos and clips, counted."""
+    counts = {"picture": len(prompt.images), "video": len(prompt.videos), "audio clip": len(prompt.audios)}
+    said = ", ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in counts.items() if n)
+    return Progress(MEDIA_STAGE, 0, sum(counts.values()), message=said)
 
 
 def count_media_tokens(stats: GenerationStats, prompt: ProcessedPrompt | None) -> GenerationStats:

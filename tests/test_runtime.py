@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.models.thinker.asr import asr_instruction, parse_transcript
-from engine.events import Done, Error, Progress, TextDelta
+from engine.events import MEDIA_STAGE, PREFILL_STAGE, Done, Error, Progress, TextDelta
 from engine.media.video import WebcamClip
 from engine.sampling import GenerationParams
 from tests.test_generate import short_context_engine
@@ -44,6 +44,20 @@ def test_image_chat_puts_image_tokens_in_the_prompt(tiny_engine):
     done = _finish(list(tiny_engine.chat(msgs, P)))
     assert isinstance(done, Done) and done.stats.new_tokens == 4
     assert done.stats.prompt_tokens == len(prompt.ids) and done.stats.media_encode_s > 0
+
+
+def test_a_prompt_with_long_media_says_so_before_its_encoders_run(tiny_engine):
+    """A long video showed only "Generating..." while the ViT read its frames: media of more tokens than one prefill
+    chunk is announced first (Progress MEDIA_STAGE: how many, of which kind), then the prefill reports; a small
+    picture is read at once, unannounced."""
+    big = [{"role": "user", "content": [{"type": "image", "image": _image(768, 768)}, {"type": "text", "text": "?"}]}]
+    assert tiny_engine.processor.build(big).image_tokens > 512  # (the CPU's prefill chunk)
+    events = list(tiny_engine.chat(big, GenerationParams(max_new_tokens=1)))
+    reports = [(e.stage, e.done, e.total, e.message) for e in events if isinstance(e, Progress)]
+    assert reports[0] == (MEDIA_STAGE, 0, 1, "1 picture") and reports[1][:2] == (PREFILL_STAGE, 0), reports
+    assert isinstance(_finish(events), Done)
+    small = [{"role": "user", "content": [{"type": "image", "image": _image()}, {"type": "text", "text": "?"}]}]
+    assert not any(isinstance(e, Progress) for e in tiny_engine.chat(small, GenerationParams(max_new_tokens=1)))
 
 
 def test_webcam_clip_chat_uses_interleaved_frames(tiny_engine):

@@ -27,7 +27,7 @@ from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, engi
                            error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
                            queue_line, saved_voice_names, say_refused_files, says_refused, seed_box, seed_problem,
                            session_of, toolbar, wire_stop)
-from engine.events import PREFILL_STAGE, AudioChunk, Done, Error, Progress, QueuePosition, TextDelta
+from engine.events import MEDIA_STAGE, PREFILL_STAGE, AudioChunk, Done, Error, Progress, QueuePosition, TextDelta
 
 # The Max new tokens slider stops at the engine's cap, which its model card reports (limits.max_new_tokens: a
 # server started with --max-new-tokens 16384 offers 16384). A server that does not say (an OpenAI-compatible
@@ -55,7 +55,10 @@ SAVED_CHAT_KEY = "ming-studio-chat"  # the browser's localStorage key of the con
 
 
 def reading_line(event: Progress) -> str:
-    """The status while a long message (or its media) is read: the engine's prefill, in prompt tokens read."""
+    """The status while a long message is read: its media through the encoders ("Reading your message… (1 video)"),
+    then the engine's prefill, in prompt tokens read ("Reading your message… 40 %")."""
+    if event.stage == MEDIA_STAGE:
+        return f"{READING} ({event.message})" if event.message else READING
     return f"{READING} {100 * event.done // max(event.total, 1)} %"
 
 
@@ -318,7 +321,7 @@ class ChatController:
             for event in stream:
                 if isinstance(event, QueuePosition):
                     yield gr.skip(), gr.skip(), queue_line(event), gr.skip()  # the history is unchanged: not sent again
-                elif isinstance(event, Progress) and event.stage == PREFILL_STAGE:
+                elif isinstance(event, Progress) and event.stage in (MEDIA_STAGE, PREFILL_STAGE):
                     yield gr.skip(), gr.skip(), reading_line(event), gr.skip()
                 elif isinstance(event, TextDelta):
                     reply += event.text

@@ -20,10 +20,10 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
 from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NO_SNAPSHOT, NOTHING_TO_EXPORT, READING, REPLY_SHOWN_EVERY_S,  # noqa: E402
-                         WITHDRAWN, ChatController, content_text, export_conversation, history_to_messages, restorable,
-                         user_turn)
+                         WITHDRAWN, ChatController, content_text, export_conversation, history_to_messages, reading_line,
+                         restorable, user_turn)
 from engine.client import EngineClient  # noqa: E402
-from engine.events import Done  # noqa: E402
+from engine.events import MEDIA_STAGE, Done, Progress  # noqa: E402
 from engine.sampling import GenerationParams  # noqa: E402
 from tests.paths import REPO  # noqa: E402
 
@@ -416,6 +416,8 @@ def test_a_long_message_says_how_far_its_reading_is_before_the_reply(controller,
     reading = [i for i, status in enumerate(statuses) if status.startswith(READING)]
     assert reading and statuses[reading[0]] == f"{READING} 0 %", statuses
     assert not statuses[-1].startswith(READING) and reading[-1] < len(statuses) - 1
+    # a long video's frames through the ViT come first, said by what they are
+    assert reading_line(Progress(MEDIA_STAGE, 0, 1, "1 video")) == f"{READING} (1 video)"
 
 
 def test_a_message_edited_to_nothing_leaves_the_conversation_as_it_was(controller):
