@@ -546,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(ev, TextDelta):
             sys.stdout.write(ev.text)
             sys.stdout.flush()
+        elif isinstance(ev, Progress) and ev.stage == PREFILL_STAGE:  # a long prompt: how far its reading is
+            print(f"[reading the prompt: {ev.done:,} of {ev.total:,} tokens]", file=sys.stderr)
         elif isinstance(ev, Done):
             print()
             print(f"[{ev.stats.summary()}, finish {ev.finish_reason}]")

@@ -667,3 +667,16 @@ def test_cli_takes_openai_penalties_and_logit_bias(tiny_engine, monkeypatch, cap
     assert (asked[-1].presence_penalty, asked[-1].frequency_penalty) == (1.5, -0.5)
     assert main(["--prompt", "hi", "--logit-bias", "99999999=1"]) == 2
     assert "this model's tokens are 0 to " in capsys.readouterr().err
+
+
+def test_cli_says_how_far_a_long_prompts_reading_is(tiny_engine, monkeypatch, capsys):
+    """A long --prompt (or stdin) printed nothing until its first token: stderr says how far its reading is."""
+    from engine.generate import main
+    from engine.runtime import Engine
+
+    monkeypatch.setattr(Engine, "load", lambda *a, **k: tiny_engine)
+    unit = "the quick brown fox jumps over the lazy dog. "
+    prompt = unit * (600 // len(tiny_engine.tokenizer.encode_plain(unit)) + 1)  # two prefill chunks of 512
+    assert main(["--prompt", prompt, "--max-new-tokens", "1"]) == 0
+    out = capsys.readouterr()
+    assert "[reading the prompt: 0 of " in out.err and "reading" not in out.out
