@@ -143,7 +143,10 @@ def convert_messages(messages, limits) -> tuple[list[dict], str | None]:
         name = f"messages[{i}]"
         m = need_dict(m, name)
         role = m.get("role")
+        if m.get("name") is not None:  # OpenAI's participant name: no effect here, but a string
+            need_str(m["name"], f"{name}.name")
         if role in ("system", "developer"):
+            codec.check_keys(m, name, ("role", "content"), ("name",))
             system.append(codec.text_only(m.get("content"), f"{name}.content"))
             continue
         if role not in ("user", "assistant"):
