@@ -457,3 +457,18 @@ def test_chat_fields_openai_takes_are_answered(client):
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=1, **kwargs)
         assert info.value.param == param
+
+
+def test_a_long_prompts_progress_comments_leave_the_sdks_stream_as_openais(client, server, tiny_engine):
+    """A prompt of more than one prefill chunk gets `: progress` comment lines before its first token (our extension):
+    the SDK reads past them, every chunk validates and the usage chunk comes last."""
+    import httpx
+
+    unit = "the quick brown fox jumps over the lazy dog. "
+    body = {"model": "gpt-4o", "max_tokens": 2, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": unit * (600 // len(tiny_engine.tokenizer.encode_plain(unit)) + 1)}]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as raw:
+        assert any(line.startswith(': progress {"stage":"prefill"') for line in raw.iter_lines())
+    chunks = [validated(c) for c in client.chat.completions.create(**body)]
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens > 512
+    assert any(c.choices and c.choices[0].delta.content for c in chunks)
