@@ -145,6 +145,9 @@ def convert_messages(messages, limits) -> tuple[list[dict], str | None]:
         role = m.get("role")
         if m.get("name") is not None:  # OpenAI's participant name: no effect here, but a string
             need_str(m["name"], f"{name}.name")
+        if m.get("content") == []:  # (OpenAI's "empty array": a list of parts holds at least one)
+            raise bad(f"'{name}.content' is an empty list: give a string or at least one part", "invalid_value",
+                      f"{name}.content")
         if role in ("system", "developer"):
             codec.check_keys(m, name, ("role", "content"), ("name",))
             system.append(codec.text_only(m.get("content"), f"{name}.content"))

@@ -472,10 +472,13 @@ def test_chat_parameters_are_honoured_or_named_in_an_error(http, field, value, c
     ({"role": "developer", "content": "Be brief.", "colour": "red"}, "unknown_parameter", "messages[0].colour"),
     ({"role": "system", "content": "Be brief.", "name": 5}, "invalid_type", "messages[0].name"),
     ({"role": "user", "content": "hi", "name": ["bob"]}, "invalid_type", "messages[0].name"),
+    ({"role": "user", "content": []}, "invalid_value", "messages[0].content"),  # (was answered as an empty message)
+    ({"role": "system", "content": []}, "invalid_value", "messages[0].content"),
 ])
 def test_a_system_message_and_a_name_are_checked_as_a_user_message_is(http, message, code, param):
-    """A system or developer message passed any field unread (a user message's unknown field was refused), and a
-    message's `name` (OpenAI's participant name, a string) passed whatever it was: both now a 400 naming them."""
+    """A system or developer message passed any field unread (a user message's unknown field was refused), a
+    message's `name` (OpenAI's participant name, a string) passed whatever it was, and an empty list of parts was
+    an empty message (OpenAI: "empty array"): each now a 400 naming the field."""
     messages = [message] + ([] if message["role"] == "user" else CHAT["messages"])
     err = error_of(http.post("/v1/chat/completions", json={**CHAT, "messages": messages}))
     assert (err["code"], err["param"]) == (code, param), err
