@@ -44,6 +44,9 @@ EMPTY_EDIT = "An edited message cannot be empty: the conversation is as it was (
 NOTHING_TO_EXPORT = "Nothing to export yet: the conversation is empty."
 INTERRUPTED = ("The reply to your last message was interrupted (the page was reloaded or closed before it ended). "
                "Your message is back in the box: press Enter to ask again.")
+# The mark after a reply that was cut (by Stop, or by a message sent while it streamed): a message of its own, shown in
+# the conversation and never sent to the engine (history_to_messages), which is given the cut reply as it was shown.
+STOPPED_NOTE = "⏹ *stopped: the reply was cut here (Stop, or a newer message); the model is given it as far as shown*"
 DEFAULT_SYSTEM_HINT = "empty = the model's own default system prompt"
 MEDIA_KINDS = ("image", "video", "audio")
 # A streamed reply is shown again at most this often (its first piece at once, its end when it ends): the page
@@ -93,14 +96,20 @@ def content_text(content: Any) -> str:
     return "".join(p["text"] for p in _parts(content) if p["type"] == "text")
 
 
+def stopped_note() -> dict:
+    """The message marking a cut reply (STOPPED_NOTE)."""
+    return {"role": "assistant", "content": STOPPED_NOTE}
+
+
 def history_to_messages(history: list | None) -> list[dict]:
     """Chatbot history -> engine messages: user turns keep their text and media (as file paths the
-    client encodes), assistant turns their text. Empty turns and other roles are left out."""
+    client encodes), assistant turns their text. Empty turns, other roles and the marks of cut replies
+    (STOPPED_NOTE) are left out."""
     out: list[dict] = []
     for msg in history or []:
         role = msg.get("role") if isinstance(msg, dict) else getattr(msg, "role", None)
         content = msg.get("content") if isinstance(msg, dict) else getattr(msg, "content", None)
-        if role not in ("user", "assistant"):
+        if role not in ("user", "assistant") or (role == "assistant" and content_text(content) == STOPPED_NOTE):
             continue
         parts = []
         for p in _parts(content):
@@ -280,14 +289,17 @@ class ChatController:
         # where an attachment of a conversation kept by the browser may come back from (see restorable)
         self.file_roots = [Path(r).resolve() for r in file_roots or [gradio_utils.get_upload_folder()]]
 
-    def add_message(self, message, history: list | None):
-        """Enter / Send: the user's turn joins the conversation and the box empties (no engine call yet)."""
+    def add_message(self, message, history: list | None, request: gr.Request | None = None):
+        """Enter / Send: the user's turn joins the conversation and the box empties (no engine call yet). A reply
+        still streaming is cut by it (respond): it stays as far as it came, marked stopped (a cut reply looked like
+        a whole one)."""
         history = list(history or [])
         turn = user_turn(message)
         if not turn:
             gr.Info(EMPTY_HINT)
             return history, gr.update(), EMPTY_HINT
-        return history + turn, {"text": "", "files": []}, GENERATING
+        cut = [stopped_note()] if self.inflight.running(session_of(request), TAB) else []
+        return history + cut + turn, {"text": "", "files": []}, GENERATING
 
     def respond(self, history: list | None, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
                 system_prompt: str | None, thinking: bool, speak: bool, voice: str | None,
@@ -362,6 +374,8 @@ class ChatController:
                 return
             text = final.text or reply
             shown = history + ([{"role": "assistant", "content": text}] if text or audio_seen else [])
+            if final.finish_reason == "cancelled":
+                shown.append(stopped_note())
             yield shown, gr.update(), figures_line(final), end
             return
         if reply:  # keep what was generated before the error

@@ -20,8 +20,8 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
 from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NO_SNAPSHOT, NOTHING_TO_EXPORT, READING, REPLY_SHOWN_EVERY_S,  # noqa: E402
-                         WITHDRAWN, ChatController, content_text, export_conversation, history_to_messages, reading_line,
-                         restorable, user_turn)
+                         STOPPED_NOTE, WITHDRAWN, ChatController, content_text, export_conversation, history_to_messages,
+                         reading_line, restorable, user_turn)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import MEDIA_STAGE, Done, Progress  # noqa: E402
 from engine.sampling import GenerationParams  # noqa: E402
@@ -446,3 +446,25 @@ def test_a_message_sent_while_a_reply_streams_stays_in_sight(controller):
     assert list(first)[-1] == (gr.skip(), gr.skip(), gr.skip(), gr.skip())
     history, _, figures, _ = list(second)[-1]
     assert content_text(history[-2]["content"]) == "Shorter, please" and "finish reason" in figures
+
+
+def test_a_cut_reply_is_marked_stopped_and_the_engine_gets_it_as_shown(controller):
+    """A reply cut by Stop or by a newer message looked like a whole one. It stays as far as it was shown, followed by
+    STOPPED_NOTE; the next request gives the engine the cut reply as shown and never the note."""
+    me = SimpleNamespace(session_hash="cut-twice")
+    first = controller.respond(*chat_args(ask("Tell me a long story"), max_new_tokens=4000), request=me)
+    shown = next(u for u in first if isinstance(u[0], list) and u[0][-1]["role"] == "assistant")[0]
+    cut_reply = content_text(shown[-1]["content"])
+    history, _, _ = controller.add_message({"text": "Shorter, please", "files": []}, shown, request=me)
+    assert [content_text(m["content"]) for m in history[-3:]] == [cut_reply, STOPPED_NOTE, "Shorter, please"]
+    assert history_to_messages(history)[1:] == [{"role": "assistant", "content": cut_reply},
+                                                {"role": "user", "content": "Shorter, please"}]
+    second = controller.respond(*chat_args(history, max_new_tokens=4000), request=me)
+    assert next(second) and list(first)[-1] == (gr.skip(),) * 4  # the first reply is cut, the tab left to the second
+    next(u for u in second if isinstance(u[0], list) and u[0][-1]["role"] == "assistant")
+    controller.stop(me)
+    stopped, _, figures, _ = list(second)[-1]
+    assert "finish reason: cancelled" in figures and content_text(stopped[-1]["content"]) == STOPPED_NOTE
+    assert content_text(stopped[-2]["content"]) and stopped[-3]["content"] == history[-1]["content"]
+    added, _, _ = controller.add_message({"text": "Thanks", "files": []}, stopped, request=me)  # nothing runs now
+    assert content_text(added[-2]["content"]) == STOPPED_NOTE and len(added) == len(stopped) + 1
