@@ -26,8 +26,9 @@ TITLE = "Ming Omni Studio"
 ASSETS = Path(__file__).resolve().parent / "assets"
 STATIC = Path(__file__).resolve().parent / "static"
 # The page's scripts, each a function (Gradio runs one at page load: it calls them in turn): the names of the fields
-# Gradio leaves unnamed and Ctrl+Enter (a11y.js), the audio boxes' refused files said in the tab's words (uploads.js).
-PAGE_SCRIPTS = ("a11y.js", "uploads.js")
+# Gradio leaves unnamed and Ctrl+Enter (a11y.js), the audio boxes' refused files said in the tab's words (uploads.js),
+# the user's chat messages shown as typed, not rendered as Markdown and HTML (typed.js).
+PAGE_SCRIPTS = ("a11y.js", "uploads.js", "typed.js")
 PAGE_JS = "() => {\n" + "".join(f"({(STATIC / name).read_text(encoding='utf-8').strip()})();\n"
                                  for name in PAGE_SCRIPTS) + "}"
 # The Image results: Gradio gives a gallery of n < columns pictures n columns, so one picture filled the 220 px box

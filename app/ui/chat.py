@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import mimetypes
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -141,10 +142,24 @@ def user_turn(message: dict | str | None) -> list[dict]:
         path = f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None))
         if path:
             turn.append({"role": "user", "content": {"path": path}})
-    text = (message.get("text") or "").strip()
-    if text:
-        turn.append({"role": "user", "content": text})
+    if text := typed_text(message.get("text")):
+        turn.append({"role": "user", "content": text_part(text)})
     return turn
+
+
+def typed_text(text: str | None) -> str:
+    """What a user typed, as sent: without the blank lines and spaces around it, but with the first line's indentation
+    (a code snippet pasted lost it)."""
+    return _LEADING_BLANK_LINES.sub("", (text or "").rstrip())
+
+
+_LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*\r?\n)+")
+
+
+def text_part(text: str) -> dict:
+    """A text message as the Chatbot keeps it exactly: a plain string is dedented by Gradio (inspect.cleandoc), so a
+    pasted code snippet lost its indentation, in the page and on its way to the engine."""
+    return {"type": "text", "text": text}
 
 
 def turn_to_box(turn: list[dict]) -> dict:
@@ -217,13 +232,13 @@ def restorable(saved: Any, file_roots: list[Path]) -> list[dict]:
         content: list = []
         for part in _parts(msg.get("content")):
             if part["type"] == "text":
-                content += [part["text"]] if part["text"] else []
+                content += [text_part(part["text"])] if part["text"] else []
                 continue
             path = Path(str(part["path"])).resolve()
             if path.is_file() and any(path.is_relative_to(root) for root in file_roots):
                 content.append({"path": str(path), "mime_type": part.get("mime")})
             else:
-                content.append(f"({path.name}: no longer available after the reload)")
+                content.append(text_part(f"({path.name}: no longer available after the reload)"))
         if content:
             out.append({"role": role, "content": content})
     return out
@@ -458,7 +473,7 @@ class ChatController:
             gr.Warning(EMPTY_EDIT)
             return history
         history = history[: i + 1]
-        history[i] = {"role": "user", "content": edit.value}
+        history[i] = {"role": "user", "content": text_part(edit.value) if isinstance(edit.value, str) else edit.value}
         return history
 
     @staticmethod

@@ -64,6 +64,15 @@ def test_type_send_and_see_the_reply(studio):
         assert sent.evaluate(direction) == "rtl"
         assert history.locator("[data-testid='user'] .message-content").first.evaluate(direction) == "ltr"
 
+        # HTML typed in a message was rendered (sanitised: "<b>x</b>" showed a bold x, a snippet's tags vanished), and
+        # Markdown too ("*word*" in italics, a snippet's indentation gone): a message reads as it was typed
+        typed = "<b>x</b> and a < b > c, *not italic*\n<div>\n    <p class=\"x\">hi &amp; bye</p>\n</div>\n# no heading"
+        box.fill(typed)
+        box.press("Enter")
+        sent = history.locator("[data-testid='user'] .message-content").last
+        sync_api.expect(sent).to_have_text(typed, use_inner_text=True, timeout=30_000)  # (what is in sight)
+        page.locator("#chat-stop").click()
+
 
 def test_stop_withdraws_a_queued_message_in_the_browser(studio):
     """Two visitors: Alice's long reply holds the engine; Bob sends, sees his request wait, presses Stop.

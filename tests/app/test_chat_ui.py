@@ -19,9 +19,10 @@ import gradio as gr  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
-from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NO_SNAPSHOT, NOTHING_TO_EXPORT, READING, REPLY_SHOWN_EVERY_S,  # noqa: E402
-                         STOPPED_NOTE, WITHDRAWN, ChatController, content_text, export_conversation, history_to_messages,
-                         reading_line, restorable, user_turn)
+from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NOTHING_TO_EXPORT, NO_SNAPSHOT, READING,  # noqa: E402
+                         REPLY_SHOWN_EVERY_S, STOPPED_NOTE, WITHDRAWN, ChatController, content_text,
+                         export_conversation, history_to_messages, reading_line, restorable, text_part,
+                         user_turn)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import MEDIA_STAGE, Done, Progress  # noqa: E402
 from engine.sampling import GenerationParams  # noqa: E402
@@ -212,13 +213,13 @@ def test_a_kept_conversation_comes_back_with_the_files_still_there(tmp_path):
                                           {"type": "file", "file": {"path": str(uploads / "gone.wav")}}]},
              "not a message", {"role": "user", "content": []}]
     assert restorable(saved, [uploads]) == [
-        {"role": "user", "content": [{"path": str(cup), "mime_type": "image/png"}, "What is this?"]},
-        {"role": "assistant", "content": ["A cup."]},
-        {"role": "user", "content": ["(secret.png: no longer available after the reload)",
-                                     "(gone.wav: no longer available after the reload)"]}]
+        {"role": "user", "content": [{"path": str(cup), "mime_type": "image/png"}, text_part("What is this?")]},
+        {"role": "assistant", "content": [text_part("A cup.")]},
+        {"role": "user", "content": [text_part("(secret.png: no longer available after the reload)"),
+                                     text_part("(gone.wav: no longer available after the reload)")]}]
     assert restorable(None, [uploads]) == restorable({"role": "user"}, [uploads]) == []
     controller = ChatController(SimpleNamespace(), [uploads])
-    history, box, figures = controller.restore(controller.keep(saved[1:3]))
+    history, box, figures = controller.restore(saved[1:3])
     assert history == restorable(saved, [uploads])[:2]
     # nothing kept: the page's conversation is left alone (an empty one arriving late on a busy machine wiped the
     # message typed meanwhile, whose reply then found no question: "Type a message ... first")
@@ -235,8 +236,9 @@ def test_a_message_whose_reply_was_interrupted_comes_back_in_the_box(tmp_path):
             {"role": "user", "content": {"path": str(tmp_path / "cup.png"), "mime_type": "image/png"}},
             {"role": "user", "content": "What is this?"}]
     controller = ChatController(SimpleNamespace(), [tmp_path])
-    history, box, figures = controller.restore(controller.keep(kept))
-    assert history == [{"role": "user", "content": ["Hi"]}, {"role": "assistant", "content": ["Hello."]}]
+    history, box, figures = controller.restore(kept)
+    assert history == [{"role": "user", "content": [text_part("Hi")]},
+                       {"role": "assistant", "content": [text_part("Hello.")]}]
     assert box == {"text": "What is this?", "files": [str(tmp_path / "cup.png")]}
     assert figures == INTERRUPTED
 
@@ -285,8 +287,21 @@ def test_history_conversion_handles_gradio_message_shapes():
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
         {"role": "user", "content": [{"type": "image", "image": "/tmp/x.png"}, {"type": "audio", "audio": "/tmp/y.wav"},
                                      {"type": "text", "text": "and this"}]}]
-    assert user_turn({"text": " hi ", "files": ["/tmp/x.png"]}) == [{"role": "user", "content": {"path": "/tmp/x.png"}},
-                                                                    {"role": "user", "content": "hi"}]
+    assert user_turn({"text": "hi \n", "files": ["/tmp/x.png"]}) == [{"role": "user", "content": {"path": "/tmp/x.png"}},
+                                                                      {"role": "user", "content": text_part("hi")}]
+
+
+def test_a_pasted_code_snippet_keeps_its_indentation_in_the_page_and_for_the_engine(studio_demo):
+    """Gradio dedents a message given as a plain string (inspect.cleandoc) and the box's text was stripped: a pasted
+    snippet lost its indentation in the page and on its way to the engine. Only the blank lines around it go."""
+    snippet = "    if a < b:\n        print('<b>x</b>')"
+    turn = user_turn({"text": f"\n  \n{snippet}\n\n", "files": []})
+    chatbot = next(b for b in studio_demo.blocks.values() if getattr(b, "elem_id", None) == "chat-history")
+    shown = chatbot.postprocess(turn).model_dump()[0]["content"][0]["text"]
+    assert shown == snippet and history_to_messages(chatbot.preprocess(chatbot.postprocess(turn))) == [
+        {"role": "user", "content": snippet}]
+    restored = ChatController(SimpleNamespace(), []).restore([*turn, {"role": "assistant", "content": "ok"}])[0]
+    assert chatbot.postprocess(restored).model_dump()[0]["content"][0]["text"] == snippet
 
 
 def test_banner_and_tabs(studio):
@@ -432,7 +447,7 @@ def test_a_message_edited_to_nothing_leaves_the_conversation_as_it_was(controlle
     assert list(controller.respond(*chat_args(history)))[-1][2] == EMPTY_HINT  # nothing unanswered: nothing sent
     edited = ChatController.cut_for_edit(history, gr.EditData(None, {"index": 2, "value": "Third",
                                                                      "previous_value": "Second"}))
-    assert edited == [*history[:2], {"role": "user", "content": "Third"}]
+    assert edited == [*history[:2], {"role": "user", "content": text_part("Third")}]
 
 
 def test_a_message_sent_while_a_reply_streams_stays_in_sight(controller):
