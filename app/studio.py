@@ -14,7 +14,7 @@ import gradio as gr
 from app.engine_link import REALTIME, SPEECH_OUT, EngineLink
 from app.live_proxy import LiveProxy
 from app.ui.banner import build_banner
-from app.ui.chat import SAVED_CHAT_KEY, build_chat_tab
+from app.ui.chat import build_chat_tab
 from app.ui.common import capability_note, engine_lacks, share_css
 from app.ui.image import KEPT_GALLERY_KEY, REQUEST_KEY as IMAGE_REQUEST_KEY, build_image_tab
 from app.ui.live import build_live_tab, engine_settings
@@ -71,12 +71,12 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}")
         build_banner(link)
         # what the browser keeps across a page reload, at the top level: the tabs read it at page load
-        kept_chat, kept_images = (gr.BrowserState([], storage_key=k) for k in (SAVED_CHAT_KEY, KEPT_GALLERY_KEY))
+        kept_images = gr.BrowserState([], storage_key=KEPT_GALLERY_KEY)
         voice_ask, image_ask = (gr.BrowserState({}, storage_key=k) for k in (VOICE_REQUEST_KEY, IMAGE_REQUEST_KEY))
         voice_takes = gr.BrowserState([], storage_key=KEPT_TAKES_KEY)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                build_chat_tab(link, ASSETS if ASSETS.is_dir() else None, kept=kept_chat)
+                build_chat_tab(link, ASSETS if ASSETS.is_dir() else None)
             with gr.Tab("Live", id="live"):
                 capability_note(link, REALTIME, "**Live needs the engine's realtime protocol**, which this engine "
                                                 "does not serve (an OpenAI-compatible server: use Chat, Speech, "

@@ -55,7 +55,10 @@ MEDIA_KINDS = ("image", "video", "audio")
 # characters (Stop could no longer be pressed).
 REPLY_SHOWN_EVERY_S = 0.1
 READING = "Reading your message…"  # the status while a long prompt is read (the engine's prefill), before any reply
-SAVED_CHAT_KEY = "ming-studio-chat"  # the browser's localStorage key of the conversation kept across reloads
+# The conversations kept in this browser, one per browser tab (app/static/chats.js): an event's js calls them.
+CHATS_JS = (Path(__file__).resolve().parent.parent / "static" / "chats.js").read_text(encoding="utf-8").strip()
+EARLIER_LABEL = "Earlier conversations (kept in this browser): open one here"
+OPEN_WHILE_REPLYING = "Stop the reply first (or wait for it to end), then open an earlier conversation."
 
 
 def reading_line(event: Progress) -> str:
@@ -220,7 +223,7 @@ def export_conversation(history: list | None, directory: str | None = None) -> s
 
 
 def restorable(saved: Any, file_roots: list[Path]) -> list[dict]:
-    """The conversation the browser kept (gr.BrowserState, SAVED_CHAT_KEY) as the Chatbot takes it: user and
+    """A conversation the browser kept (app/static/chats.js) as the Chatbot takes it: user and
     assistant turns. An attachment comes back only while its file is still in one of `file_roots` (Gradio's
     upload folder, the example assets): the browser holds what it gives back, so a path anywhere else is not
     opened, and a file gone since (the studio restarted) is a note instead."""
@@ -242,6 +245,27 @@ def restorable(saved: Any, file_roots: list[Path]) -> list[dict]:
         if content:
             out.append({"role": role, "content": content})
     return out
+
+
+def chats_js(call: str) -> str:
+    """An event's js running `call` with `chats`, the page's store of conversations (app/static/chats.js), and the
+    event's values as `args` (its inputs, then its outputs); what it returns replaces the inputs."""
+    return f"(...args) => {{ const chats = ({CHATS_JS})(); {call} }}"
+
+
+def from_json(text: str | None) -> Any:
+    """A value the page's store gave as JSON; None for anything else."""
+    try:
+        return json.loads(text or "null")
+    except ValueError:
+        return None
+
+
+def earlier_choices(earlier: Any) -> dict:
+    """The Earlier conversations list for what chats.js's earlier() gave (label and id of each), hidden when empty."""
+    choices = [(str(c.get("label") or c["id"]), str(c["id"])) for c in earlier if isinstance(c, dict) and c.get("id")] \
+        if isinstance(earlier, list) else []
+    return gr.update(choices=choices, value=None, visible=bool(choices))
 
 
 def chat_examples(assets: Path | None) -> tuple[list[list[dict]], list[str]]:
@@ -433,11 +457,6 @@ class ChatController:
             return gr.skip(), None
         return into_box({"text": given.get("text") or "", "files": list(given.get("files") or [])}, draft), None
 
-    @staticmethod
-    def keep(history: list | None) -> list:
-        """The conversation as the browser keeps it across a reload (a page reload lost it)."""
-        return list(history or [])
-
     def restore(self, saved: Any):
         """At page load: (the conversation the browser kept (see restorable), the input box, the figures line). A
         message whose reply had not ended when the page went (a reload mid-reply) is kept as soon as it is sent, and
@@ -449,6 +468,25 @@ class ChatController:
         if not turn:
             return history, gr.skip(), gr.skip()
         return before, turn_to_box(turn), INTERRUPTED
+
+    def load(self, saved: str | None, earlier: str | None):
+        """At page load: restore() of this browser tab's conversation, and the Earlier conversations list (both as
+        JSON, from app/static/chats.js)."""
+        return (*self.restore(from_json(saved)), earlier_choices(from_json(earlier)))
+
+    def may_open(self, chosen: str | None, request: gr.Request | None = None):
+        """An earlier conversation chosen: (its id, the figures line); no id while this tab's reply is being generated
+        (its end would be written over the conversation opened)."""
+        if self.inflight.running(session_of(request), TAB):
+            gr.Warning(OPEN_WHILE_REPLYING)
+            return "", OPEN_WHILE_REPLYING
+        return chosen or "", gr.skip()
+
+    def open_earlier(self, chosen: str | None, saved: Any, earlier: Any):
+        """The conversation `chosen` (kept by the browser, `saved`) in place of this tab's, which stays in the list."""
+        if not chosen:
+            return gr.skip(), gr.skip(), gr.skip(), gr.update(value=None)
+        return self.load(saved, earlier)
 
     @staticmethod
     def export(history: list | None):
@@ -498,10 +536,9 @@ def refused_attachment(name: str, is_video: bool) -> str:
             f"and audio clips ({AUDIO_FORMATS}).")
 
 
-def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.BrowserState | None = None) -> ChatController:
+def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatController:
     """Build the Chat tab's components inside the current Blocks/Tab context. `assets`: the folder of
-    example media (scripts/make_assets.py) the examples use. `kept`: where the browser keeps the conversation,
-    made at the page's top level (see build_image_tab); a tab built alone makes its own."""
+    example media (scripts/make_assets.py) the examples use."""
     controller = ChatController(link, [gradio_utils.get_upload_folder(), *([assets] if assets else [])])
     chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat-history", editable="user",
                          buttons=toolbar("copy", "copy_all"),
@@ -520,6 +557,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
         clear = gr.Button("Clear", elem_id="chat-clear", scale=1, min_width=80)
         export = gr.Button("Export JSON", elem_id="chat-export", scale=1, min_width=80)
     figures = gr.Markdown("", elem_id="chat-figures")
+    earlier = gr.Dropdown([], value=None, label=EARLIER_LABEL, visible=False, elem_id="chat-earlier")
     say_refused_files("chat-input", figures, refused_attachment)
     speech = gr.Audio(label="Spoken reply", streaming=True, autoplay=True, interactive=False,
                       buttons=toolbar("download"),
@@ -557,10 +595,10 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
     outputs = [chatbot, given_back, figures, speech]
     to_box = {"fn": controller.give_back, "inputs": [given_back, box], "outputs": [box, given_back], "queue": False,
               "show_progress": "hidden", "api_visibility": "private"}
-    # The conversation survives a page reload: the browser keeps it (localStorage, encrypted), written once
+    # The conversation survives a page reload: the browser keeps it (chats.js: this browser tab's own), written once
     # each change is complete (not at each streamed piece), given back at page load.
-    saved = kept if kept is not None else gr.BrowserState([], storage_key=SAVED_CHAT_KEY)
-    keep = {"fn": controller.keep, "inputs": [chatbot], "outputs": [saved], "queue": False,
+    kept, kept_list, chosen = (gr.Textbox(visible="hidden") for _ in range(3))  # (the store's values as JSON)
+    keep = {"fn": None, "inputs": [chatbot], "js": chats_js("chats.keep(args[0]); return [];"),
             "show_progress": "hidden", "api_visibility": "private"}
     # Every request goes straight to the engine server, whose one queue orders them and reports
     # positions (concurrency_limit=None: Gradio does not hold a second line of its own).
@@ -581,7 +619,14 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None, kept: gr.Browse
     chatbot.clear(controller.clear, None, cleared, queue=False, api_visibility="private").then(**keep)
     on_page_load(lambda: page_state(link), [speak, speech, voice, max_new_tokens])
     on_engine_change(lambda: page_state(link, keep_value=True), [speak, speech, voice, max_new_tokens])
-    on_page_load(controller.restore, [chatbot, box, figures], inputs=[saved])
+    on_page_load(controller.load, [chatbot, box, figures, earlier], inputs=[kept, kept_list],
+                 js=chats_js("return [chats.mine(), chats.earlier()].map(JSON.stringify);"))
+    earlier.input(controller.may_open, [earlier], [chosen, figures], concurrency_limit=None, show_progress="hidden",
+                  api_visibility="private").then(
+        controller.open_earlier, [chosen, kept, kept_list], [chatbot, box, figures, earlier], queue=False,
+        show_progress="hidden", api_visibility="private",
+        js=chats_js("return args[0] ? [args[0], ...[chats.open(args[0]), chats.earlier()].map(JSON.stringify)] "
+                    ": [args[0], '', ''];"))
     voice.focus(lambda: page_state(link)[2], None, voice, queue=False, show_progress="hidden",
                 api_visibility="private")  # a voice saved in the Voice tab meanwhile is offered
     export.click(controller.export, [chatbot], [exported, figures], queue=False, api_visibility="private")

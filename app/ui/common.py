@@ -147,11 +147,12 @@ def capability_note(link: EngineLink, capability: str, text: str) -> gr.Markdown
     return gr.Markdown(lambda: note_text(link, capability, text))
 
 
-def on_page_load(fn, outputs: list, inputs: list | None = None) -> None:
+def on_page_load(fn, outputs: list, inputs: list | None = None, js: str | None = None) -> None:
     """Run `fn` (of `inputs`, usually none; it returns updates for `outputs`) at each page load, for what
     depends on the engine's capabilities or lists (a page loaded after the engine came back shows what it
-    serves now) or on what the browser kept. Call inside the studio's Blocks."""
-    Context.root_block.load(fn, inputs, outputs, queue=False, show_progress="hidden", api_visibility="private")
+    serves now) or on what the browser kept (`js`: a page function whose values replace the inputs' first). Call
+    inside the studio's Blocks."""
+    Context.root_block.load(fn, inputs, outputs, queue=False, show_progress="hidden", api_visibility="private", js=js)
 
 
 def on_engine_change(fn, outputs: list) -> None:

@@ -4,6 +4,7 @@ The screenshot is kept in test-artifacts/ (tests/app/browser.py)."""
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 
 import pytest
@@ -108,7 +109,7 @@ def test_stop_withdraws_a_queued_message_in_the_browser(studio):
 
 
 def test_the_conversation_survives_a_page_reload(studio):
-    """A page reload lost the chat history: the browser keeps it (gr.BrowserState) and the page shows it again."""
+    """A page reload lost the chat history: the browser keeps it (app/static/chats.js) and the page shows it again."""
     with desktop_page(studio) as page:
         send_and_wait(page, "Remember me after a reload")
         bot = page.locator("#chat-history [data-testid='bot']")
@@ -142,3 +143,43 @@ def test_a_message_sent_just_before_a_reload_is_not_lost(studio):
         sync_api.expect(page.locator("#chat-figures")).to_contain_text("interrupted")
         page.locator("#chat-clear").click()
 
+
+
+def chat_shown(page, text: str, timeout_s: float = 30) -> str:
+    """The Chat tab's conversation and input box as text, once `text` is in one of them (the box holds a message
+    whose reply a reload cut)."""
+    shown = ""
+    for _ in range(int(timeout_s * 2)):
+        shown = page.locator("#chat-history").inner_text() + "\n" + page.locator("#chat-input textarea").input_value()
+        if text in shown:
+            return shown
+        page.wait_for_timeout(500)
+    raise AssertionError(f"{text!r} is not in the Chat tab: {shown!r}")
+
+
+def test_two_tabs_keep_their_own_conversations_and_a_new_tab_can_open_either(studio):
+    """Two tabs of one browser shared one kept conversation: at the next reload the one written last came back in both,
+    the other was gone. Each tab keeps its own across a reload (here a message sent just before it: back in the box);
+    a tab opened later offers both under Earlier conversations and opens the one chosen."""
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 1000})
+            tabs = {"first tab's question": context.new_page(), "second tab's question": context.new_page()}
+            for text, page in tabs.items():
+                page.goto(studio, wait_until="load", timeout=60_000)
+                page.locator("#chat-input textarea").fill(text)
+                page.locator("#chat-input textarea").press("Enter")
+                sync_api.expect(page.locator("#chat-history [data-testid='user']")).to_have_count(1, timeout=30_000)
+            for text, page in tabs.items():  # (the reply cut, or ended before: the message is in the box or above it)
+                page.reload(wait_until="load")
+                shown = chat_shown(page, text)
+                assert not any(other in shown for other in tabs if other != text), shown
+            later = context.new_page()
+            later.goto(studio, wait_until="load", timeout=60_000)
+            later.locator("#chat-earlier input").click()
+            sync_api.expect(later.get_by_role("option")).to_have_count(2, timeout=30_000)
+            later.get_by_role("option", name=re.compile("second tab's question")).click()
+            assert "first tab's question" not in chat_shown(later, "second tab's question")
+        finally:
+            browser.close()

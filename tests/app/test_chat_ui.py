@@ -483,3 +483,20 @@ def test_a_cut_reply_is_marked_stopped_and_the_engine_gets_it_as_shown(controlle
     assert content_text(stopped[-2]["content"]) and stopped[-3]["content"] == history[-1]["content"]
     added, _, _ = controller.add_message({"text": "Thanks", "files": []}, stopped, request=me)  # nothing runs now
     assert content_text(added[-2]["content"]) == STOPPED_NOTE and len(added) == len(stopped) + 1
+
+
+def test_an_earlier_conversation_is_listed_and_not_opened_over_a_reply_being_generated(tmp_path):
+    """The Earlier conversations list shows what the page's store gave (hidden when empty); choosing one while this
+    tab's reply is generated is refused, saying why (the reply's end would be written over the conversation opened)."""
+    controller = ChatController(SimpleNamespace(), [tmp_path])
+    earlier = json.dumps([{"id": "a1", "label": "today: Hello"}, {"label": "no id"}, "junk"])
+    kept = json.dumps([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}])
+    history, _, _, listed = controller.load(kept, earlier)
+    assert content_text(history[-1]["content"]) == "Hi." and listed["choices"] == [("today: Hello", "a1")]
+    assert listed["visible"] and not controller.load(None, "not json")[3]["visible"]
+    me = SimpleNamespace(session_hash="busy")
+    assert controller.may_open("a1", me) == ("a1", gr.skip())
+    controller.inflight.begin("busy", "chat")
+    with pytest.warns(UserWarning, match="Stop the reply first"):
+        assert controller.may_open("a1", me)[0] == ""
+    assert controller.open_earlier("", kept, earlier)[0] == gr.skip()
