@@ -220,6 +220,20 @@ PREFILL_STAGE = "prefill"  # a long prompt read by the model: `done` of `total` 
 MEDIA_STAGE = "encoding media"  # a prompt's pictures, videos and clips through their encoders: `total` of them
 
 
+def transcript_joint(before: str, after: str) -> str:
+    """What goes between two consecutive pieces of one transcript (a long recording's windows, engine.models.thinker
+    .asr_windows; the studio's live partials, which keep finished windows): a space, unless either side is empty,
+    already has one, or is written without spaces (Chinese, Japanese)."""
+    if not before or not after or before[-1].isspace() or after[0].isspace():
+        return ""
+    return "" if unspaced(before[-1]) or unspaced(after[0]) else " "
+
+
+def unspaced(ch: str) -> bool:
+    """A character of a script written without spaces between words (CJK ideographs, kana, their punctuation)."""
+    return "\u2e80" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff" or "\uff00" <= ch <= "\uffef"
+
+
 @dataclass
 class Progress(_Event):
     """`stage` (e.g. PREFILL_STAGE, "denoising", "decoding image", TRANSCRIBING_STAGE), `done` of `total` units."""

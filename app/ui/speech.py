@@ -21,6 +21,7 @@ from app.sound_track import sound_track, speech_track
 from app.ui.common import (GENERATING, InFlight, capability_note, engine_limits, error_line, failure, figures_line,
                            queue_line, check_on_upload, run_button, runs_tab, say_refused_files, session_of, toolbar,
                            wire_stop, says_refused)
+from app.ui.speech_live import KeptWindows
 from engine.events import TRANSCRIBING_STAGE, Done, Error, Progress, QueuePosition, TextDelta
 
 TAB = "speech"
@@ -209,9 +210,11 @@ class SpeechController:
         return str(txt), str(srt)
 
     def stream(self, state: dict | None, chunk, context, hotwords, dialect, request: gr.Request | None = None):
-        """A microphone chunk while recording: keep it, and every few seconds transcribe what was
-        said so far (partial transcript). Returns (state, partial transcript, status)."""
-        state = dict(state or {"rate": None, "chunks": [], "seconds": 0.0, "last": 0.0, "text": ""})
+        """A microphone chunk while recording: keep it, and every few seconds transcribe what was said since the
+        last finished window (speech_live: the finished windows' text is kept, not transcribed again). Returns
+        (state, partial transcript, status)."""
+        state = dict(state or {"rate": None, "chunks": [], "seconds": 0.0, "last": 0.0, "text": "",
+                               "kept": KeptWindows()})
         if chunk is None:
             return state, state["text"], ""
         rate, samples = chunk
@@ -226,20 +229,34 @@ class SpeechController:
         if state["seconds"] - state["last"] < PARTIAL_EVERY_S:
             return state, state["text"], f"recording… {state['seconds']:.0f} s"
         state["last"] = state["seconds"]
-        audio = wav_bytes(rate, np.concatenate(state["chunks"]))
-        text, status, _ = self._run(audio, context, hotwords, dialect, request)
-        state["text"] = text
-        return state, text, f"partial transcript after {state['seconds']:.0f} s · {status}"
+        kept, audio = self._open_audio(state, context, hotwords, dialect)
+        text, status, result = self._run(wav_bytes(rate, audio), context, hotwords, dialect, request)
+        state["text"] = kept.joined(text)
+        kept.keep(result, rate)
+        return state, state["text"], f"partial transcript after {state['seconds']:.0f} s · {status}"
+
+    @staticmethod
+    def _open_audio(state: dict, *settings) -> tuple[KeptWindows, np.ndarray]:
+        """The recording's finished windows (none when the settings changed since they were transcribed) and the
+        audio after them."""
+        kept = state.get("kept")
+        if kept is None or kept.settings != settings:
+            kept = state["kept"] = KeptWindows(settings)
+        return kept, kept.open_audio(np.concatenate(state["chunks"]))
 
     def finish(self, state: dict | None, context, hotwords, dialect, request: gr.Request | None = None):
-        """Recording stopped: the final transcript of the whole recording."""
+        """Recording stopped: the final transcript of the whole recording (the windows the partials finished are
+        kept; the audio after them is transcribed now)."""
         state = state or {}
         if not state.get("chunks"):
             return None, gr.skip(), "Nothing was recorded.", *KEEP_FILES
-        audio = wav_bytes(state["rate"], np.concatenate(state["chunks"]))
-        text, status, result = self._run(audio, context, hotwords, dialect, request)
-        files = self._files(text, state["seconds"], result) if result is not None else KEEP_FILES
-        return None, text, status, *files
+        kept, audio = self._open_audio(state, context, hotwords, dialect)
+        text, status, result = self._run(wav_bytes(state["rate"], audio), context, hotwords, dialect, request)
+        if kept.segments:
+            status += f" · the first {kept.upto / state['rate']:.0f} s were transcribed while recording"
+        result = None if result is None else kept.whole(result, len(audio) / state["rate"], state["rate"])
+        files = self._files(result["text"], state["seconds"], result) if result is not None else KEEP_FILES
+        return None, kept.joined(text), status, *files
 
     def stop(self, request: gr.Request | None = None) -> None:
         if not self.inflight.cancel(session_of(request), TAB):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.events import TRANSCRIBING_STAGE as STAGE
-from engine.events import Done, Error, Event, GenerationStats, Progress, TextDelta
+from engine.events import Done, Error, Event, GenerationStats, Progress, TextDelta, transcript_joint
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,8 @@ class Joined:
     stats: list[GenerationStats] = field(default_factory=list)
 
     def separator(self, next_text: str) -> str:
-        """What goes between the transcript so far and a window's first text: a space, unless either side is
-        written without spaces (Chinese, Japanese) or already has one."""
-        if not self.text or not next_text or self.text[-1].isspace() or next_text[0].isspace():
-            return ""
-        return "" if unspaced(self.text[-1]) or unspaced(next_text[0]) else " "
+        """What goes between the transcript so far and a window's first text (engine.events.transcript_joint)."""
+        return transcript_joint(self.text, next_text)
 
     def done(self, finish_reason: str) -> Done:
         reason = "length" if finish_reason == "stop" and self.cut else finish_reason
@@ -74,11 +71,6 @@ class Joined:
                   "segments": [{"start": round(s.start_s, 3), "end": round(s.end_s, 3), "text": s.text}
                                for s in self.segments]}
         return Done(text=self.text, finish_reason=reason, stats=summed(self.stats), result=result)
-
-
-def unspaced(ch: str) -> bool:
-    """A character of a script written without spaces between words (CJK ideographs, kana, their punctuation)."""
-    return "\u2e80" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff" or "\uff00" <= ch <= "\uffef"
 
 
 def summed(stats: list[GenerationStats]) -> GenerationStats:
