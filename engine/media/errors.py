@@ -17,6 +17,17 @@ class MediaError(MingError, ValueError):
     code = "invalid_media"
 
 
+
+class AudioTooLong(MediaError):
+    """Audio longer than a decode was allowed to read (engine.media.audio.decode_audio's `max_seconds`), found from
+    its container's stated duration before decoding (`seconds`: that duration) or while decoding, which stops there
+    (`seconds`: None, it is at least `most_s`)."""
+
+    def __init__(self, what: str, most_s: float, seconds: float | None = None):
+        length = f"{seconds:.1f} s (its container says)" if seconds is not None else f"longer than {most_s:g} s"
+        super().__init__(f"{what} is too long: {length}")
+        self.most_s, self.seconds = most_s, seconds
+
 # What an FFmpeg (PyAV) error class means for the file being decoded, in words a user can act on.
 _FFMPEG_MEANINGS = {
     "InvalidDataError": "is not {a} {kind} file FFmpeg can read (an unknown format, or a corrupt or cut-off file)",

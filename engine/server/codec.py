@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.errors import shown, shown_number  # noqa: F401  (re-exported: the server's errors quote so)
 from engine.media.audio import AudioFrontendConfig, check_clip_length, check_resample_rates, decode_audio
-from engine.media.errors import MediaError
+from engine.media.errors import AudioTooLong, MediaError
 from engine.media.image import check_aspect, load_image
 from engine.media.video import VideoSamplingConfig, probe_video_file
 from engine.server.limits import ApiError, Limits, MiB, human_bytes
@@ -265,12 +265,25 @@ def check_output_rate(rate: Any, name: str, engine) -> int:
     return rate
 
 
+def length_limit(limits: Limits, most_s: float | None = None) -> tuple[float, str]:
+    """(seconds, the server's setting that says so) a clip is held to: `most_s`, a transcription's recording
+    (max_transcription_seconds), else one clip (max_audio_seconds)."""
+    return (most_s, "max_transcription_seconds") if most_s else (limits.max_audio_seconds, "max_audio_seconds")
+
+
+def too_long(name: str, length: str, limits: Limits, most_s: float | None = None) -> ApiError:
+    """audio_too_long, naming the limit and the server setting (and flag) that sets it."""
+    most_s, setting = length_limit(limits, most_s)
+    return bad(f"'{name}' is too long: {length}, the limit is {most_s:g} s (the server's {setting}, "
+               f"--{setting.replace('_', '-')})", "audio_too_long", name)
+
+
 def check_duration(n_samples: int, rate: int, limits: Limits, name: str = "audio",
                    most_s: float | None = None) -> float:
     """The clip's seconds, refused past `most_s` (a transcription's limit) or else the clip limit."""
-    seconds, most_s = n_samples / rate, most_s or limits.max_audio_seconds
-    if seconds > most_s:
-        raise bad(f"'{name}' is too long: {seconds:.1f} s, the limit is {most_s:g} s", "audio_too_long", name)
+    seconds = n_samples / rate
+    if seconds > length_limit(limits, most_s)[0]:
+        raise too_long(name, f"{seconds:.1f} s", limits, most_s)
     if n_samples == 0:
         raise bad(f"'{name}' has no samples", "invalid_audio", name)
     return seconds
@@ -317,8 +330,11 @@ def audio_file(raw: bytes, limits: Limits, name: str = "file", video_ok: bool = 
     if not video_ok and found is None and _video_streams(raw):
         raise bad(f"'{name}' is a video (it holds a video stream), not audio: send it as a video part",
                   "invalid_audio", name)
-    try:
-        samples, rate = decode_audio(raw, f"'{name}'")  # the message names the field as the others do
+    try:  # (the message names the field as the others do; a file longer than the limit is not decoded whole)
+        samples, rate = decode_audio(raw, f"'{name}'", length_limit(limits, most_s)[0])
+    except AudioTooLong as e:
+        length = f"over {e.most_s:g} s" if e.seconds is None else f"{e.seconds:.1f} s (its container says)"
+        raise too_long(name, length + ", not decoded past the limit", limits, most_s) from None
     except MediaError as e:
         raise bad(str(e), "invalid_audio", name) from None
     except Exception as e:  # a decoder fault on hostile input is the input's problem

@@ -366,3 +366,29 @@ def test_a_mu_law_or_a_law_wav_is_decoded_not_refused(codec):
     assert got_rate == rate and samples.shape == left.shape
     np.testing.assert_allclose(samples, left, atol=0.03)  # 8-bit companding error
     assert prepare_audio(data).n_frames == 100
+
+
+def test_a_long_compressed_file_is_refused_before_it_is_decoded_whole(monkeypatch):
+    """A 25 MB upload of compressed audio can hold hours: it was decoded whole (30 minutes of Opus: 87 s and 1 GB on
+    a busy 2-core machine) before its length was checked. Past the limit it is refused from its container's stated
+    length without decoding, and when the container states none the decode stops at the limit; a file just at the
+    limit (Opus states its encoder padding too: 12.0065 s) is still decoded."""
+    pytest.importorskip("av")
+    from engine.media import audio
+    from engine.media.errors import AudioTooLong
+    from tests.server import opus_bytes
+
+    data = opus_bytes(12.0)
+    with pytest.raises(AudioTooLong, match="is too long: 12.0 s") as refused:
+        decode_audio(data, "'file'", max_seconds=3.0)
+    assert refused.value.seconds == pytest.approx(12.0, abs=0.1)
+    samples, rate = decode_audio(data, "'file'", max_seconds=12.0)
+    assert len(samples) == pytest.approx(12 * rate, abs=rate // 100)
+
+    frames = []
+    monkeypatch.setattr(audio, "stated_seconds", lambda container, stream: None)  # a stream that states no length
+    monkeypatch.setattr(audio, "_frame_channel0", lambda frame, read=audio._frame_channel0: frames.append(
+        frame.samples) or read(frame))
+    with pytest.raises(AudioTooLong, match="longer than 3 s") as refused:
+        decode_audio(data, "'file'", max_seconds=3.0)
+    assert refused.value.seconds is None and 3 * 48000 < sum(frames) <= 3 * 48000 + max(frames), sum(frames)

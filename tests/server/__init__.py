@@ -82,6 +82,25 @@ def wav_bytes(pcm: np.ndarray, rate: int = 16000) -> bytes:
     return buf.getvalue()
 
 
+def opus_bytes(seconds: float, rate: int = 48000, bitrate: int = 8000) -> bytes:
+    """A mono Ogg Opus file of a tone, `seconds` long (stated in its container), small: 8 kbit/s."""
+    import av  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="ogg") as container:
+        stream = container.add_stream("libopus", rate=rate, layout="mono")
+        stream.bit_rate = bitrate
+        second = tone_pcm16(1.0, rate)[None]
+        for _ in range(int(seconds)):
+            frame = av.AudioFrame.from_ndarray(second, format="s16", layout="mono")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buf.getvalue()
+
+
 def reference_chat(engine, messages, max_new_tokens: int, system_prompt=None, thinking=False, **sampling) -> Done:
     """The in-process result a server response must equal (greedy decoding is deterministic, and so is a
     seeded draw: `sampling` holds GenerationParams' temperature, top_p, seed ...)."""

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from engine.events import Done
-from tests.server import (SYSTEM, b64, image_array, long_prompt, png_bytes, reference_chat, running_server,
+from tests.server import (SYSTEM, opus_bytes, b64, image_array, long_prompt, png_bytes, reference_chat, running_server,
                           tone_pcm16, wait_for, wav_bytes)
 
 
@@ -296,7 +296,13 @@ def test_transcription_limits_and_errors(server):
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
     r = httpx.post(url, files={"file": ("long.wav", wav_bytes(tone_pcm16(9.0, rate=8000), rate=8000))}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "audio_too_long"
-    assert r.json()["error"]["message"] == "'file' is too long: 9.0 s, the limit is 8 s"  # the transcription limit
+    assert r.json()["error"]["message"] == ("'file' is too long: 9.0 s, the limit is 8 s (the server's "
+                                            "max_transcription_seconds, --max-transcription-seconds)")
+    # compressed audio that says it is longer is refused before it is decoded (a 25 MB upload can hold hours)
+    r = httpx.post(url, files={"file": ("long.ogg", opus_bytes(12.0))}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["message"] == (
+        "'file' is too long: 12.0 s (its container says), not decoded past the limit, the limit is 8 s (the server's "
+        "max_transcription_seconds, --max-transcription-seconds)")
     r = httpx.post(url, files={"file": ("x.wav", b"not audio at all")}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_audio"
     # said in words (it was "...[Errno 1094995529] Invalid data found when processing input: '<none>'")
