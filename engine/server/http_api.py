@@ -652,6 +652,7 @@ async def transcriptions(request: Request):
                                  params=params, cancel=cancel, sample_rate=audio.sample_rate)
 
     job = Job(run, label="audio.transcriptions")
+    job.media_bytes = audio.samples.nbytes  # (a 30-minute recording at 48 kHz: 0.3 GB, held until it is transcribed)
     ctx.scheduler.submit(job)
     duration = audio.seconds if fmt == "verbose_json" else None
     ext = not ctx.openai_only

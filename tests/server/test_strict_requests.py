@@ -858,8 +858,9 @@ def test_requests_in_line_and_sessions_share_the_servers_media_limit(tiny_engine
 
 def test_image_and_speech_requests_in_line_count_against_the_servers_media_limit(tiny_engine):
     """Only chat requests were charged to max_total_media_bytes: 256 image edits of eight 16-megapixel
-    pictures each could wait in line holding 98 GB of decoded pixels. An image request's decoded pictures and
-    a speech request's reference clips now count too (503 server_media_limit past it, and let go when done)."""
+    pictures each could wait in line holding 98 GB of decoded pixels. An image request's decoded pictures,
+    a speech request's reference clips and a transcription's decoded recording now count too (503 server_media_limit
+    past it, and let go when done)."""
     mib = 1024 * 1024
     black = png_bytes(np.zeros((1000, 1000, 3), np.uint8))  # 2.9 MiB decoded
     with running_server(tiny_engine, max_total_media_bytes=5 * mib) as srv:
@@ -873,6 +874,9 @@ def test_image_and_speech_requests_in_line_count_against_the_servers_media_limit
     clip = wav_bytes(tone_pcm16(3.0))  # 94 KiB held until the talker reads it
     with running_server(tiny_engine, max_total_media_bytes=64 * 1024) as srv:
         r = httpx.post(srv.url + "/v1/audio/speech", json={"input": "hi", "reference_audio": b64(clip)}, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_media_limit", r.text
+        # a transcription's recording, decoded (188 KiB of float32 here; 30 minutes at 48 kHz: 330 MiB), counts too
+        r = httpx.post(srv.url + "/v1/audio/transcriptions", files={"file": ("a.wav", clip)}, timeout=60)
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_media_limit", r.text
 
 
