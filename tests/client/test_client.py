@@ -196,6 +196,43 @@ def test_async_chat_and_transcription(server, tiny_engine):
     assert done.finish_reason == "length"  # cut at max_tokens=4 (the client read every transcript as complete)
 
 
+
+WINDOW_TOKENS = 8
+
+
+@pytest.mark.parametrize("stop", ["cancel", "aclose"])
+def test_stopping_an_async_transcription_frees_the_engine(server, stop):
+    """The async client's stop path: a transcription stopped mid-way (its cancel event set, or its stream closed by
+    the caller) ends the job on the server at once, a long recording's later windows are not transcribed, and the
+    engine is free for the next request. (The random weights never write the language tag, so a window's text comes
+    whole at its end: the stop lands as the second window starts.)"""
+    before = len(server.ctx.scheduler.history)
+    long_recording = wav_bytes(tone_pcm16(32.0, rate=8000), rate=8000)  # two windows (asr_windows: 30 s each)
+
+    async def main():
+        async with AsyncEngineClient(server.url) as client:
+            cancel, events = threading.Event(), []
+            stream = client.transcribe(long_recording, max_tokens=WINDOW_TOKENS, cancel=cancel)
+            async for ev in stream:
+                events.append(ev)
+                if isinstance(ev, TextDelta):
+                    if stop == "aclose":
+                        break
+                    cancel.set()
+            await stream.aclose()
+            record = await asyncio.to_thread(wait_for, lambda: next(iter(list(server.ctx.scheduler.history)[before:]),
+                                                                    None), 20)
+            free = (server.ctx.scheduler.running, server.ctx.scheduler.waiting)
+            after = [ev async for ev in client.transcribe(wav_bytes(tone_pcm16(0.5)), max_tokens=1)]
+            return events, record, free, after
+
+    events, record, free, after = asyncio.run(main())
+    if stop == "cancel":
+        assert one_final(events).finish_reason == "cancelled"
+    assert record.label == "audio.transcriptions" and record.finish_reason == "cancelled", record
+    assert record.new_tokens <= WINDOW_TOKENS and record.cancel_latency_s < 1.0, record  # the second window: stopped
+    assert free == (0, 0) and one_final(after).finish_reason == "length"
+
 def test_every_event_kind_reaches_the_client_over_both_transports():
     script = every_kind_script()
     with fake_server() as srv, EngineClient(srv.url) as client:
