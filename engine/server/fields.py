@@ -105,7 +105,8 @@ IMAGE_EDITS = Fields(taken=IMAGE_TAKEN + IMAGE_REFERENCE_EXTENSIONS + ("image", 
 VOICES_JSON = Fields(taken=("name", "reference_audio", "reference_text", "replace"))
 VOICES_FORM = Fields(taken=("name", "file", "reference_text", "replace"))
 
-NO_TIMESTAMPS = "no timestamps are produced (verbose_json gives the duration only)"
+NO_TIMESTAMPS = ("the model gives no word or segment timestamps; a recording over 30 s is transcribed in 30 s windows "
+                 "and response_format srt or vtt gives a cue per window")
 NO_DIARIZATION = "there is no diarization"
 TRANSCRIPTION_KEYWORDS = ("keywords", "keywords[]")  # OpenAI's name for what our hotwords are
 TRANSCRIPTION = Fields(

@@ -558,6 +558,14 @@ def test_transcription_form_fields_are_honoured_or_named(http, data, field, code
     assert err["code"] == code and err["param"] == field, err
 
 
+def test_asking_for_timestamps_says_where_the_windows_times_are(http):
+    """timestamp_granularities was refused with 'no timestamps are produced', while srt and vtt give a cue per 30 s
+    window of a long recording: the refusal now says so."""
+    err = error_of(http.post("/v1/audio/transcriptions", files={"file": ("a.wav", WAV)},
+                             data={"timestamp_granularities[]": "segment"}))
+    assert err["param"] == "timestamp_granularities[]" and "srt or vtt gives a cue per window" in err["message"], err
+
+
 def test_realtime_fields_are_honoured_or_named(server):
     with connect(server.ws_url) as ws:
         assert recv_json(ws)["type"] == "session.created"
