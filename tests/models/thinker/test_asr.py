@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from engine.models.thinker.asr import TranscriptStream, asr_messages, dialect_prefix, parse_transcript
+from engine.models.thinker.asr import TranscriptStream, asr_messages, dialect_prefix, iso_language, parse_transcript
 from engine.models.thinker.processor import MediaSettings, MingProcessor
 from engine.models.thinker.tokenizer import MingTokenizer
 from tests.paths import fixture_case
@@ -152,3 +152,18 @@ def test_transcript_deltas_report_the_transcripts_tokens_only():
     assert run([" hi"], forced="上海") == [("hi", [" hi"])]
     plain = TranscriptDeltas(TranscriptStream())
     assert plain.feed(TextDelta("x")) is None and plain.flush() == TextDelta("x", None)
+
+
+@pytest.mark.parametrize("code, tag", [("en", "English"), ("zh-CN", "Chinese"), ("pt_BR", "Portuguese"),
+                                       ("zh-Hant-TW", "Chinese"), ("es-419", "Spanish"), ("zh-yue", "Cantonese"),
+                                       ("yue-HK", "Cantonese"), ("Chinese", None), ("上海", None)])
+def test_a_language_code_with_a_script_region_or_dialect_is_mapped_to_the_models_tag(code, tag):
+    """'zh-yue' (Cantonese, as BCP 47 writes it with an extended language subtag) was forced as Chinese: the dialect
+    dropped; 'zh-Hant-TW' was forced as the tag 'zh-Hant-TW', one the model never writes. A tag that is not a code
+    ("Chinese", "上海") is the model's own and passes as given."""
+    assert iso_language(code) == tag
+
+
+def test_a_dialect_code_the_model_has_no_tag_for_is_refused_not_forced_as_chinese():
+    with pytest.raises(KeyError):
+        iso_language("zh-wuu")  # (Wu Chinese: the model's tags for it are not published; '上海' is one, given as is)
