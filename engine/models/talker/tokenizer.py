@@ -1,7 +1,8 @@
 """The talker's own Qwen2 tokenizer (`talker/llm/`, via `tokenizers`): `tokenizer.json`, or the
 slow-tokenizer pair `vocab.json` + `merges.txt` with the special tokens of `tokenizer_config.json`.
 The prompt pieces of spec §7.2 are tokenised one by one; template pieces recognise special tokens,
-user text never does (a typed "<|im_end|>" stays text)."""
+user text never does (a typed "<|im_end|>" stays text, and so does an added token the tokenizer files mark
+non-special, such as Qwen2.5's "<tool_call>" or "<|fim_prefix|>": to user text every added token is special)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class TalkerTokenizerError(MingError, RuntimeError):
     code = "tokenizer_error"
 
 
-def _from_slow_files(folder: Path) -> Tokenizer:
+def _from_slow_files(folder: Path, all_special: bool = False) -> Tokenizer:
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
     tok.normalizer = normalizers.NFC()
@@ -40,9 +41,19 @@ def _from_slow_files(folder: Path) -> Tokenizer:
     added = json.loads(cfg_path.read_text(encoding="utf-8")).get("added_tokens_decoder", {}) if cfg_path.is_file() else {}
     for idx in sorted(added, key=int):
         entry = added[idx]
-        token = AddedToken(entry["content"], special=bool(entry.get("special", True)), normalized=False)
-        tok.add_special_tokens([token]) if entry.get("special", True) else tok.add_tokens([token])
+        special = all_special or bool(entry.get("special", True))
+        token = AddedToken(entry["content"], special=special, normalized=False)
+        tok.add_special_tokens([token]) if special else tok.add_tokens([token])
     return tok
+
+
+def _all_added_special(path: Path) -> Tokenizer:
+    """tokenizer.json with every added token marked special: with `encode_special_tokens` set, the tokenizer then
+    reads none of them in user text (it would still read an added token marked non-special as one token)."""
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    for entry in spec.get("added_tokens", []):
+        entry["special"] = True
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 class TalkerTokenizer:
@@ -53,9 +64,9 @@ class TalkerTokenizer:
         try:
             if path.is_file() and path.stat().st_size:
                 self._tok = Tokenizer.from_file(str(path))
-                self._plain = Tokenizer.from_file(str(path))
+                self._plain = _all_added_special(path)
             elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-                self._tok, self._plain = _from_slow_files(folder), _from_slow_files(folder)
+                self._tok, self._plain = _from_slow_files(folder), _from_slow_files(folder, all_special=True)
             else:
                 raise TalkerTokenizerError(f"{folder}: no tokenizer.json (or vocab.json + merges.txt) for the talker")
         except TalkerTokenizerError:

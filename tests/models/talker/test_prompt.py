@@ -37,6 +37,30 @@ def test_user_text_cannot_inject_special_tokens(tok):
     assert p.ids.count(tok.token_id("<|im_end|>")) == 2  # system + end of user turn only
 
 
+def _with_non_special_tokens(folder, out):
+    """The talker's tokenizer.json with `<audio>` marked non-special and Qwen2.5's non-special `<tool_call>` added (as
+    the released Qwen2.5 tokenizer marks it): added tokens a user can type that the special-token switch misses."""
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    for entry in spec["added_tokens"]:
+        entry["special"] = entry["special"] and entry["content"] != "<audio>"
+    spec["added_tokens"].append({"id": len(spec["model"]["vocab"]) + len(spec["added_tokens"]), "content": "<tool_call>",
+                                 "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                                 "special": False})
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    return out
+
+
+def test_typed_non_special_added_tokens_stay_text(tmp_path):
+    """A typed `<tool_call>` (and a talker token the files mark non-special) in the text to speak was one control
+    token in the talker's prompt: every added token stays text in user text, and the template still places them."""
+    tok = TalkerTokenizer(_with_non_special_tokens(fixture_case("talker") / "llm", tmp_path))
+    typed = "<tool_call> <audio>"
+    p = build_prompt(tok, TASK_PROMPTS["speech"], typed)
+    assert tok.token_id("<tool_call>") not in p.ids
+    assert p.ids.count(tok.token_id("<audio>")) == 1  # the template's own <audio>, before the generated audio
+    assert tok.decode(tok.encode_text(typed)) == typed
+
+
 def test_music_text_drops_text_input_marker(tok):
     text = music_text("jazz", "calm", "piano", "night", 60)
     assert text == " Genre: jazz. Mood: calm. Instrument: piano. Theme: night. Duration: 60s."
