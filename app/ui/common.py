@@ -20,6 +20,8 @@ from engine.events import Done, Error, GenerationStats, QueuePosition
 GENERATING = "Generating…"
 # The Blocks attribute holding the banner's gr.State "the engine answers" (app/ui/banner.py), if there is one.
 ENGINE_UP_ATTR = "engine_up"
+# The most a page load waits for the engine's saved voices (an engine hung on the list held it 60 s, the client's timeout)
+VOICE_LIST_TIMEOUT_S = 5.0
 # The seed boxes' "a new random seed each time": a Number box cannot show empty (Gradio draws None as 0, which
 # then went out as seed 0, every time), so -1, as other generation UIs have it.
 RANDOM_SEED = -1
@@ -241,9 +243,10 @@ def say_refused_files(elem_id: str, status, sentence) -> None:
 def saved_voice_names(link: EngineLink) -> list[str]:
     """The names of the voices saved in the engine's voice library (empty when it has no talker or cannot say; not
     asked while the link finds the engine down: an engine that hung held each page load's list, and Live's Start, for
-    the client's whole request timeout)."""
+    the client's whole request timeout; one found up but hung on the list holds it VOICE_LIST_TIMEOUT_S at most)."""
     try:
-        return [v["name"] for v in link.client.voices()] if link.status().ok and link.has(SPEECH_OUT) else []
+        up = link.status().ok and link.has(SPEECH_OUT)
+        return [v["name"] for v in link.client.voices(timeout=VOICE_LIST_TIMEOUT_S)] if up else []
     except Exception:  # noqa: BLE001  (the lists then stay empty; Refresh asks again)
         return []
 

@@ -59,6 +59,11 @@ MAX_KEPT_TAKES = 20
 STEMS = {"tts": "speech", "sound": "sound", "music": "music", "podcast": "podcast"}  # a take's file name: what it is
 TAKE_NAME = re.compile(rf"({'|'.join(STEMS.values())})-\d{{8}}-\d{{6}}\.wav")
 INSTRUCTION_KEYS = ("dialects", "emotions", "speeds", "pitches", "volumes")  # speech_options() lists, in that order
+# The most the tab waits for the engine's speech options (the instruction lists, the text limit): a hung engine held
+# the studio's start, each page load and each Make it for the client's whole request timeout (60 s).
+OPTIONS_TIMEOUT_S = 5.0
+OPTIONS_UNANSWERED = ("The engine did not say its voice options ({why}): the Dialect, Emotion, Speed, Pitch and Volume "
+                      "lists offer their default only for now. Press Refresh to ask again.")
 
 
 def write_wav(chunks: list[np.ndarray], rate: int, task: str = "tts") -> str:
@@ -134,10 +139,18 @@ class VoiceController:
 
     def options(self) -> dict:
         """Valid instruction values, tasks and the sample rate from the engine (empty when it cannot say)."""
+        return self.asked_options()[0]
+
+    def asked_options(self) -> tuple[dict, str | None]:
+        """(the engine's speech options, None), or ({}, what the page says) when it did not give them within
+        OPTIONS_TIMEOUT_S or failed; not asked while the link finds the engine down or without a talker ({}, None)."""
+        if not (self.link.status().ok and self.link.has(SPEECH_OUT)):
+            return {}, None
         try:
-            return self.link.client.speech_options() if self.link.has(SPEECH_OUT) else {}
-        except Exception:  # noqa: BLE001  (the dropdowns then offer free text only)
-            return {}
+            return self.link.client.speech_options(timeout=OPTIONS_TIMEOUT_S), None
+        except Exception as e:  # noqa: BLE001  (the dropdowns then offer their default only)
+            late = getattr(e, "code", None) == "timeout"
+            return {}, OPTIONS_UNANSWERED.format(why=f"no answer within {OPTIONS_TIMEOUT_S:.0f} s" if late else e)
 
     def voice_names(self) -> list[str]:
         return saved_voice_names(self.link)
@@ -304,9 +317,9 @@ class VoiceController:
         voices, asked of the engine at each page load (one that was down when the studio started left them
         empty for good)."""
         self.link.status()  # the engine asked again if not asked lately (its capabilities decide what is asked)
-        options = self.options()
+        options, problem = self.asked_options()
         return (*(gr.update(choices=_choices(options, key)) for key in INSTRUCTION_KEYS), self.refresh(),
-                *self.offered(options))
+                *self.offered(options), problem or gr.skip())
 
     @staticmethod
     def offered(options: dict) -> tuple:
@@ -436,10 +449,11 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
     delete.click(controller.ask_delete, [saved], [confirm_row, asked, status], queue=False, api_visibility="private")
     confirm.click(controller.confirm_delete, [asked], [saved, status, confirm_row, asked], api_visibility="private")
     keep.click(controller.keep_voice, [asked], [confirm_row, asked, status], queue=False, api_visibility="private")
-    loaded = [dialect, emotion, speed, pitch, volume, saved, task, instructions_box, music_box]
+    loaded = [dialect, emotion, speed, pitch, volume, saved, task, instructions_box, music_box, status]
     on_page_load(controller.page_load, loaded)
     on_engine_change(controller.page_load, loaded)
-    refresh.click(controller.refresh, None, [saved], queue=False, api_visibility="private")
+    # the saved voices and the options asked again (the status line said to press it when the options did not come)
+    refresh.click(controller.page_load, None, loaded, queue=False, api_visibility="private")
     # a saved voice chosen, or a clip given to clone, was not used while Voice stayed at "Default voice" (the default
     # voice spoke without a word): choosing one makes it the Voice
     quick = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}

@@ -369,9 +369,10 @@ class AsyncEngineClient(core.EngineClientBase):
         async for ev in self._call(call, cancel):
             yield ev
 
-    async def voices(self) -> list[dict]:
+    async def voices(self, timeout: float | None = None) -> list[dict]:
         self._refuse_on_openai("the voice library")
-        return (await self._get(calls.VOICES_PATH))["data"]
+        each = {"timeout": core.checked_timeout(timeout)} if timeout is not None else {}
+        return (await self._get(calls.VOICES_PATH, **each))["data"]
 
     async def save_voice(self, name: str, reference_audio: Any, reference_text: str | None = None,
                          replace: bool = False) -> dict:
@@ -386,9 +387,10 @@ class AsyncEngineClient(core.EngineClientBase):
         self._refuse_on_openai("the voice library")
         return await self._json("DELETE", f"{calls.VOICES_PATH}/{quote(name, safe='')}")
 
-    async def speech_options(self) -> dict:
+    async def speech_options(self, timeout: float | None = None) -> dict:
         self._refuse_on_openai("the speech options")
-        return await self._get(calls.SPEECH_OPTIONS_PATH)
+        each = {"timeout": core.checked_timeout(timeout)} if timeout is not None else {}
+        return await self._get(calls.SPEECH_OPTIONS_PATH, **each)
 
     async def imagine(self, prompt: str, *, task: str = "generate", images: list | None = None,
                       size: str | None = None, aspect: str | None = None, steps: int | None = None,

@@ -417,10 +417,12 @@ class EngineClient(core.EngineClientBase):
                                  max_seconds, model)
         yield from self._call(call, cancel)
 
-    def voices(self) -> list[dict]:
-        """The saved voices: [{name, reference_text, seconds, speakers, created}]. Raises ServerError."""
+    def voices(self, timeout: float | None = None) -> list[dict]:
+        """The saved voices: [{name, reference_text, seconds, speakers, created}]. Raises ServerError. `timeout`:
+        seconds the request may take (default: the client's)."""
         self._refuse_on_openai("the voice library")
-        return self._get(calls.VOICES_PATH)["data"]
+        each = {"timeout": core.checked_timeout(timeout)} if timeout is not None else {}
+        return self._get(calls.VOICES_PATH, **each)["data"]
 
     def save_voice(self, name: str, reference_audio: Any, reference_text: str | None = None,
                    replace: bool = False) -> dict:
@@ -438,11 +440,13 @@ class EngineClient(core.EngineClientBase):
         self._refuse_on_openai("the voice library")
         return self._json("DELETE", f"{calls.VOICES_PATH}/{quote(name, safe='')}")
 
-    def speech_options(self) -> dict:
+    def speech_options(self, timeout: float | None = None) -> dict:
         """What speak() takes: tasks, dialect / emotion / speed / pitch / volume aliases, BGM and music
-        fields, formats, limits, the talker's sample rate."""
+        fields, formats, limits, the talker's sample rate. `timeout`: seconds the request may take (default: the
+        client's)."""
         self._refuse_on_openai("the speech options")
-        return self._get(calls.SPEECH_OPTIONS_PATH)
+        each = {"timeout": core.checked_timeout(timeout)} if timeout is not None else {}
+        return self._get(calls.SPEECH_OPTIONS_PATH, **each)
 
     def imagine(self, prompt: str, *, task: str = "generate", images: list | None = None, size: str | None = None,
                 aspect: str | None = None, steps: int | None = None, guidance: float | None = None,

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("gradio")
+gr = pytest.importorskip("gradio")
 
 from app.engine_link import IMAGE_OUT, SPEECH_OUT, EngineLink  # noqa: E402
 from app.ui.chat import ASSUMED_TOKEN_CAP, ChatController, page_state, speech_controls, token_slider  # noqa: E402
@@ -23,6 +28,7 @@ from app.ui.common import (RANDOM_SEED, SEED_MAX, SEED_RANGE, chosen_seed, figur
 from app.ui.image import ASPECTS, AUTO_ASPECT, DEMO_PICTURE, EDIT_PROMPT_HINTS, REFS_NOT_USED, ImageController, _keep_copy, _save_png, kept_results  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
 from app.ui.speech import BOTH_GIVEN, CUT_AT_LIMIT, CUT_ON_DEMO, NOTHING_GIVEN, SpeechController  # noqa: E402
+from app.ui import common, voice as voice_tab  # noqa: E402
 from app.ui.voice import (CONFIRM_DELETE, MUSIC_TEXT_UNUSED, NAME_TOO_LONG, NO_CHOICE, PODCAST_NEEDS_A_VOICE,  # noqa: E402
                           REPLACE_LABEL, TASKS, TEXT_TOO_LONG, VOICE_NAME_CHARS, VOICE_UNUSED, VoiceController,
                           keep_take, restore_takes)
@@ -349,7 +355,7 @@ def test_a_studio_started_before_its_engine_shows_what_the_engine_serves_once_it
     server = ServerHandle(create_app(tiny_engine, token="test-token"), host="127.0.0.1", port=port).start()
     try:  # the pages loaded now
         assert speech_controls(chat) == ({"interactive": True, "info": ""}, {"visible": True})
-        *instructions, saved, _, _, _ = voice.page_load()
+        *instructions, saved, _, _, _, _ = voice.page_load()
         assert all(len(u["choices"]) > 1 and u["choices"][0] == NO_CHOICE for u in instructions), instructions
         assert saved["choices"] == voice.voice_names()
         assert note_text(notes, SPEECH_OUT, "no talker") == ""
@@ -569,8 +575,59 @@ def test_the_voice_tab_offers_what_the_engines_talker_does(tiny_engine):
     assert len(task["choices"]) == 4 and "value" not in task and instructions["visible"] and music["visible"]
     with ServerHandle(create_app(tiny_engine, token="test-token"), host="127.0.0.1", port=0) as server:
         voice = VoiceController(EngineLink(EngineClient(server.url, token="test-token")))
-        *_, task, instructions, music = voice.page_load()  # the 2.0 talker: everything
+        *_, task, instructions, music, _ = voice.page_load()  # the 2.0 talker: everything
         assert len(task["choices"]) == 4 and instructions["visible"] and music["visible"]
+
+
+@contextmanager
+def engine_hung_on_speech_options(card: bytes):
+    """An engine that answers its model card (so the studio finds it up, with a talker) and never answers the speech
+    options: the request is held until the test ends."""
+    release = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path.startswith("/v1/models"):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(card)))
+                self.end_headers()
+                self.wfile.write(card)
+            else:
+                release.wait(30)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_engine_hung_on_the_speech_options_holds_the_voice_tab_a_bounded_time(engine_server, monkeypatch):
+    """The Voice tab asked the engine's speech options with the client's whole timeout (60 s): an engine hung on them
+    held the studio's start, each page load and each Make it for a minute (its saved voices list as long), and the lists
+    came up empty without a word.
+    The wait is bounded, the status line says the options did not come and that Refresh asks again."""
+    card = httpx.get(f"{engine_server.url}/v1/models", headers={"Authorization": "Bearer test-token"}).content
+    monkeypatch.setattr(voice_tab, "OPTIONS_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(common, "VOICE_LIST_TIMEOUT_S", 0.3)  # (the saved voices: held as long)
+    with engine_hung_on_speech_options(card) as url:
+        voices = VoiceController(EngineLink(EngineClient(url, timeout=60)))
+        started = time.monotonic()
+        *lists, saved, _, _, _, status = voices.page_load()
+        waited = time.monotonic() - started
+    assert waited < 5, waited
+    assert [u["choices"] for u in lists] == [[NO_CHOICE]] * 5
+    assert "did not say its voice options" in status and "Refresh" in status, status
+    working = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    assert working.page_load()[-1] == gr.skip()  # nothing said of an engine that answers
 
 
 def test_a_refused_token_is_said_as_what_to_do_in_the_page(engine_server, monkeypatch):
