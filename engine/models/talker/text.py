@@ -9,21 +9,25 @@
    words; a longer segment has its ASCII punctuation turned into CJK punctuation, is split at
    sentence enders, then at `，;；`, short clauses are merged and over-long ones packed; decimals and
    dots between capitals are never split.
-3. `normalize`: fragments without CJK get English number normalisation (integers, decimals, ordinals,
-   units, currency, fractions, signed percentages, letter-number names); fragments with CJK get Chinese
-   readings (years digit by digit, dates, clock times and versions in words, phone and serial numbers
-   dictated with 幺, units and currencies in Chinese: 5kg -> 五千克, $5 -> 五美元, ℃ -> 摄氏度).
+3. `normalize`: HTML character references (&amp; &lt; &#39;) become their characters and '&' between words is
+   said ('and', 和). Fragments without CJK get English number normalisation (integers, decimals, ordinals,
+   units, currency ($ £ € ¥), fractions, signed percentages, letter-number names, clock times with seconds,
+   phone numbers digit by digit, ratios and ranges with 'to', years after 'in' / 'since' / ... as said);
+   fragments with CJK get Chinese readings (years digit by digit, dates, clock times and versions in words,
+   phone, mobile and serial numbers dictated with 幺, units and currencies in Chinese: 5kg -> 五千克, $5 -> 五美元,
+   ℃ -> 摄氏度, ratios with 比, ranges with 至, a minus sign as 负).
    Markup is stripped as upstream's TalkerTN pre-processor strips it (LaTeX, links, code, markdown
    images / emphasis / headings / rules, list symbols, spaces between non-letters). Emoji and control
    characters are removed (degree signs are kept), a leading `，` is dropped.
 
 NOT implemented: the rest of upstream's text normaliser (`TalkerTN`'s other regex readings and its pynini
 grammars; pynini is not available here): its full unit and currency tables (we read the common ones),
-bare number ranges, formulas, symbols are passed through as written (numbers in them read as cardinals).
+formulas and symbols are passed through as written (numbers in them read as cardinals).
 """
 
 from __future__ import annotations
 
+import html
 import re
 import string
 import unicodedata
@@ -72,10 +76,21 @@ def _is_emoji_or_control(ch: str) -> bool:
     return cat == "So" or 0x1F000 <= ord(ch) <= 0x1FAFF or 0x2600 <= ord(ch) <= 0x27BF or ord(ch) in (0xFE0F, 0x200D)
 
 
+# An HTML character reference with its ';' (&amp; &lt; &#39; &#x27;), as a page or a reply's markup writes one: read
+# as the character it names, not as '&amp;' or '&#thirty-nine;'. (html.unescape alone also takes a bare '&not'
+# in 'this&nothing'.)
+_HTML_ENTITY = re.compile(r"&(?:#\d{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+
+
+def unescape_entities(text: str) -> str:
+    return _HTML_ENTITY.sub(lambda m: html.unescape(m.group(0)), text)
+
+
 def clean_text(text: str) -> str:
-    """Drop emoji and control characters; NFKC-normalise full-width letters/digits (not CJK punctuation)."""
+    """HTML character references as their characters; drop emoji and control characters; NFKC-normalise
+    full-width letters/digits (not CJK punctuation)."""
     out = []
-    for ch in text:
+    for ch in unescape_entities(text):
         if _is_emoji_or_control(ch):
             continue
         if ch.isalnum() and unicodedata.east_asian_width(ch) == "F":
@@ -350,9 +365,13 @@ _UNIT_WORDS = {"ms": "milliseconds", "s": "seconds", "hz": "hertz", "khz": "kilo
                "bps": "bits per second", "kbps": "kilobits per second", "mbps": "megabits per second",
                "gbps": "gigabits per second", "cm": "centimeters", "km": "kilometers", "kg": "kilograms",
                "v": "volts", "a": "amperes", "w": "watts", "°c": "degrees celsius", "°f": "degrees fahrenheit",
-               "℃": "degrees celsius", "℉": "degrees fahrenheit"}
-_UNIT = re.compile(rf"({_SIGNED})\s*((?i:ms|k?bps|[mg]bps|[kmg]?hz|[kmgt]b|cm|km|kg|°c|°f)|[sVAW℃℉])(?!\w)")
-_CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "£": ("pound", "pounds", "penny", "pence")}
+               "℃": "degrees celsius", "℉": "degrees fahrenheit", "mm": "millimeters", "mg": "milligrams",
+               "ml": "milliliters", "km/h": "kilometers per hour", "kmh": "kilometers per hour", "mph": "miles per hour",
+               "lb": "pounds", "lbs": "pounds", "oz": "ounces", "ft": "feet", "kw": "kilowatts", "kwh": "kilowatt hours"}
+_UNIT = re.compile(rf"({_SIGNED})\s*((?i:ms|k?bps|[mg]bps|[kmg]?hz|[kmgt]b|km/h|kmh|kwh|kw|mph|cm|mm|km|kg|mg|ml|lbs?|oz|"
+                   rf"ft|°c|°f)|[sVAW℃℉])(?![\w/])")
+_CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "£": ("pound", "pounds", "penny", "pence"),
+             "€": ("euro", "euros", "cent", "cents"), "¥": ("yen", "yen", "sen", "sen")}
 
 
 def _money(m: re.Match) -> str:
@@ -421,11 +440,37 @@ def _english_date(year: str, month: str, day: str) -> str | None:
     return f"{MONTH_NAMES[int(month) - 1]} {english_ordinal(int(day))}, {english_year(int(year))}"
 
 
-def _english_time(hour: str, minute: str) -> str:
-    """10:30 -> 'ten thirty', 9:05 -> 'nine oh five', 10:00 -> "ten o'clock"."""
+def _english_time(hour: str, minute: str, second: str | None = None) -> str:
+    """10:30 -> 'ten thirty', 9:05 -> 'nine oh five', 10:00 -> "ten o'clock", 12:30:45 -> 'twelve thirty and
+    forty-five seconds'."""
     minutes = int(minute)
     said = "o'clock" if minutes == 0 else f"oh {_ONES[minutes]}" if minutes < 10 else english_number(minutes)
+    if second is not None and int(second):
+        said += f" and {english_number(int(second))} second" + ("" if int(second) == 1 else "s")
     return f"{english_number(int(hour))} {said}"
+
+
+def _digits_said(group: str) -> str:
+    """'555' -> 'five five five': a number dictated digit by digit."""
+    return " ".join(_ONES[int(d)] for d in group if d.isdigit())
+
+
+def _phone(m: re.Match) -> str:
+    """+1 415 555 0100 -> 'plus one, four one five, five five five, zero one zero zero' (groups apart)."""
+    groups = re.findall(r"\+?\d+", m.group(0))
+    return ", ".join(("plus " if g.startswith("+") else "") + _digits_said(g) for g in groups)
+
+
+def _range(m: re.Match) -> str:
+    """3-5 -> '3 to 5' (the numbers are read by the later rules); 1990-1995 and 2020-21 are years."""
+    low, high = m.group(1), m.group(2)
+    if not (low.isdigit() and high.isdigit() and 1100 <= int(low) <= 2099):
+        return f"{low} to {high}"
+    if 1100 <= int(high) <= 2099 and int(low) < int(high):
+        return f"{english_year(int(low))} to {english_year(int(high))}"
+    if len(high) == 2 and int(high) > int(low) % 100:  # 2020-21: the second year's last two digits
+        return f"{english_year(int(low))} to {english_number(int(high))}"
+    return f"{low} to {high}"
 
 
 # Dates and clock times, read before any other number rule (an ISO date's hyphens are no minus signs, a time's
@@ -436,9 +481,20 @@ _DATE_TIME = (
     (re.compile(r"(?<![\w./])(\d{1,2})/(\d{1,2})/(\d{4})(?![\w/])"),
      lambda m: (_english_date(m.group(3), m.group(1), m.group(2)) if int(m.group(1)) <= 12
                 else _english_date(m.group(3), m.group(2), m.group(1))) or m.group(0)),
-    (re.compile(r"(?<![\w.:])([01]?\d|2[0-3]):([0-5]\d)(?:\s*([aApP][mM]))?(?![\w:]|\.\d)"),
-     lambda m: _english_time(m.group(1), m.group(2)) + (f" {m.group(3).upper()}" if m.group(3) else "")),
+    (re.compile(r"(?<![\w.:])([01]?\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?(?:\s*([aApP][mM]))?(?![\w:]|\.\d)"),
+     lambda m: _english_time(*m.group(1, 2, 3)) + (f" {m.group(4).upper()}" if m.group(4) else "")),
 )
+# Read before ranges and other numbers (English): phone numbers, dictated digit by digit in their groups (an
+# international number with '+', or the North American shapes 555-123-4567, 555.123.4567, (555) 123-4567); a ratio
+# or a score that is no clock time (3:2, 16:9) as 'three to two'; a range '3-5' or '10–12' (no spaces around a
+# hyphen: '5 - 3' is a subtraction) as 'three to five'; a year after 'in', 'since', 'until', 'year', ... (1100 to
+# 2099, no unit after it) as said, 'in 1999' -> 'in nineteen ninety-nine' while '1999 apples' stays a cardinal.
+_PHONE_EN = re.compile(r"(?<![\w+.-])(?:\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}|\(\d{3}\) ?\d{3}[-.]\d{4}|"
+                       r"\d{3}([-.])\d{3}\1\d{4})(?![\w-]|\.\d)")
+_RATIO = re.compile(r"(?<![\w.:])(\d+):(\d+)(?![\w:]|\.\d)")
+_RANGE = re.compile(r"(?<![\w.,:/–-])(\d+(?:\.\d+)?)(?:-|\s?[–—]\s?)(\d+(?:\.\d+)?)(?![\w:/–-]|\.\d)")
+_YEAR_AFTER = re.compile(r"\b((?i:in|since|until|till|year|circa|during))\s+(1[1-9]\d\d|20\d\d)"
+                         r"(?![\d.,]\d|\s*[%°]|\s*(?i:ms|s|min|h|hz|[kmgt]b|[ckm]?m|[km]?g|ml)\b)")
 
 
 def normalize_english_numbers(text: str) -> str:
@@ -453,8 +509,12 @@ def normalize_english_numbers(text: str) -> str:
     text = re.sub(r"\d{1,3}(?:,\d{3})+", lambda m: m.group(0).replace(",", ""), text)
     for pattern, words in (*_DATE_TIME, *_DECADES):
         text = pattern.sub(words, text)
+    text = _PHONE_EN.sub(_phone, text)
+    text = _RATIO.sub(r"\1 to \2", text)
+    text = _RANGE.sub(_range, text)
+    text = _YEAR_AFTER.sub(lambda m: f"{m.group(1)} {english_year(int(m.group(2)))}", text)
     text = _UNIT.sub(lambda m: f"{_signed_words(m.group(1))} {_UNIT_WORDS[m.group(2).lower()]}", text)
-    text = re.sub(r"([$£])(\d[\d,]*)(?:\.(\d\d))?", _money, text)
+    text = re.sub(r"([$£€¥])(\d+)(?:\.(\d\d))?", _money, text)  # (grouping commas are gone: '$4, ' keeps its comma)
     text = re.sub(r"(?<![\w./])(\d+)/(\d+)(?![\w/])", _fraction, text)
     text = re.sub(rf"({_SIGNED})%", lambda m: _signed_words(m.group(1)) + " percent", text)
     text = re.sub(r"\b(\d{1,15})(st|nd|rd|th)\b", lambda m: english_ordinal(int(m.group(1))), text)
@@ -606,8 +666,26 @@ def _zh_percent(m: re.Match) -> str:
     return head + "百分之" + low + chinese_reading(number)
 
 
-_CLOCK = r"(\d{1,2})[:：](\d{1,2})(?:[:：](\d{1,2}))?"
+# A clock time writes its minutes (and seconds) with two digits: 3:2 is a ratio or a score (三比二), not 三点零二分.
+_CLOCK = r"(\d{1,2})[:：](\d{2})(?:[:：](\d{2}))?"
 _NOON_MARK = r"(am|pm|AM|PM|a m|p m|A M|P M)?"
+
+
+# Read after dates, times, phone numbers, measures and percentages (Chinese): a ratio or score that is no clock time
+# (3:2 -> 三比二), a range (3-5, 3~5 -> 三至五), a minus sign where no letter or digit precedes it (-5 -> 负五) and a
+# mobile number written without a label (13812345678, dictated with 幺).
+_ZH_RATIO = re.compile(rf"(?<![{_DIGIT_PUNCT}])({_ZH_NUMBER})[:：]({_ZH_NUMBER})(?![{_DIGIT_PUNCT}])")
+_ZH_RANGE = re.compile(rf"(?<![{_DIGIT_PUNCT}])({_ZH_NUMBER})[-~～—–]({_ZH_NUMBER})(?![{_DIGIT_PUNCT}])")
+_ZH_MINUS = re.compile(r"(?<![A-Za-z\d.])-(?=\d)")
+_ZH_MOBILE = re.compile(r"(?<![\d.])1[3-9]\d{9}(?![\d.])")
+
+
+def _zh_range(m: re.Match) -> str:
+    """3-5 -> 3至5 (read by the cardinal rule after); 2023-2024 -> 二零二三至二零二四, years digit by digit."""
+    low, high = m.groups()
+    if all(x.isdigit() and len(x) == 4 and 1100 <= int(x) <= 2099 for x in (low, high)) and int(low) < int(high):
+        return f"{_zh_year(low)}至{_zh_year(high)}"
+    return f"{low}至{high}"
 
 
 def _zh_numeral(ch: str) -> str:
@@ -635,6 +713,10 @@ def normalize_chinese_numbers(text: str) -> str:
     text = _ZH_MONEY_AFTER.sub(lambda m: chinese_reading(m.group(1)) + _ZH_MONEY[m.group(2)], text)
     text = _ZH_MEASURE.sub(_zh_measure, text)
     text = _ZH_PERCENT.sub(_zh_percent, text)
+    text = _ZH_MOBILE.sub(lambda m: _zh_yao(m.group(0)), text)
+    text = _ZH_RATIO.sub(r"\1比\2", text)
+    text = _ZH_RANGE.sub(_zh_range, text)
+    text = _ZH_MINUS.sub("负", text)
     text = text.replace("℃", "摄氏度").replace("℉", "华氏度")
     return re.sub(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?", lambda m: chinese_reading(m.group(0)), text)
 
@@ -653,6 +735,10 @@ _UNSPOKEN = tuple(re.compile(p, re.DOTALL) for p in (
     r"""</?[A-Za-z][\w:.-]*(?:\s+[\w:.-]+(?:\s*=\s*(?:"[^"]*"|'[^']*'|[^\s"'<>]+))?)*\s*/?>"""))
 
 
+# '&' between two words is said: 'Tom & Jerry', 'R&D' -> 'and' (English), 汤姆&杰瑞 -> 和 (Chinese).
+_AMPERSAND = re.compile(r"(?<=\w)\s*&\s*(?=\w)")
+
+
 def strip_markup(text: str) -> str:
     for pattern in _UNSPOKEN:
         text = pattern.sub("", text)
@@ -665,9 +751,9 @@ def normalize(fragment: str) -> str:
     CJK) then markup stripped, or markup stripped then Chinese number readings; no leading `，`."""
     text = clean_text(fragment).strip()
     if has_cjk(text):
-        text = normalize_chinese_numbers(strip_markup(text))
+        text = normalize_chinese_numbers(strip_markup(_AMPERSAND.sub("和", text)))
     else:
-        text = strip_markup(normalize_english_numbers(text))
+        text = strip_markup(normalize_english_numbers(_AMPERSAND.sub(" and ", text)))
     text = re.sub(r"[ \t]+", " ", text).strip()
     return text[1:].lstrip() if text.startswith("，") else text
 

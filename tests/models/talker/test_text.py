@@ -120,7 +120,7 @@ def test_a_dropped_newline_still_counts_as_a_unit():
     ("It costs £5 or £1.01.", "It costs five pounds or one pound and one penny."),
     ("Use 3/4 cup, 1/2 spoon, 2/3 left.", "Use three quarters cup, one half spoon, two thirds left."),
     ("It was -5 degrees, pages 5-10, growth -25.5%.",
-     "It was minus five degrees, pages five-ten, growth minus twenty-five point five percent."),
+     "It was minus five degrees, pages five to ten, growth minus twenty-five point five percent."),
     ("GPT-4 and v2.1 in A4.", "GPT four and v two point one in A four."),
 ])
 def test_english_numbers_with_units_money_fractions_signs_and_versions(text, spoken):
@@ -138,7 +138,7 @@ def test_english_numbers_with_units_money_fractions_signs_and_versions(text, spo
     ("In 2005 and 2010-01-01.", "In two thousand five and January first, twenty ten."),
     ("Not dates: 2024-13-40, 13/13/2020, v1.2:30, 16:9.",
      "Not dates: two thousand twenty-four-thirteen-forty, thirteen/thirteen/two thousand twenty, v one point two:thirty, "
-     "sixteen:nine."),
+     "sixteen to nine."),
 ])
 def test_english_dates_and_clock_times_are_read_as_said(text, spoken):
     """'2024-05-03 at 10:30' was read 'two thousand twenty-four-five-three at ten:thirty' (a minus sign and a
@@ -256,3 +256,42 @@ def test_chinese_two_before_thousands_and_hundreds_is_liang():
     """Upstream's Chinese cardinal (talker_tn re_digit.py REDigit d4_to_chi, d2c_liang) says 两 for a 2 before
     千 or 百 ('两千元', '一千两百人'), where '二千' is not said; 二 stays elsewhere (二十二, 二万)."""
     assert normalize("价格2000元，重200kg，共1200人，22人，12000") == "价格两千元，重两百千克，共一千两百人，二十二人，一万两千"
+
+
+@pytest.mark.parametrize("text, spoken", [
+    ("Up at 12:30:45, mix it 3:2 on a 16:9 screen.",
+     "Up at twelve thirty and forty-five seconds, mix it three to two on a sixteen to nine screen."),
+    ("Call 555-123-4567, (555) 123-4567 or +1 415 555 0100.",
+     "Call five five five, one two three, four five six seven, five five five, one two three, four five six seven or "
+     "plus one, four one five, five five five, zero one zero zero."),
+    ("It is 5 km at 30 mph, 20 °C, 50% and $3.50, €4, ¥100.",
+     "It is five kilometers at thirty miles per hour, twenty degrees celsius, fifty percent and three dollars and "
+     "fifty cents, four euros, one hundred yen."),
+    ("Tom &amp; Jerry &lt;3 it&#39;s R&D, this&nothing.", "Tom and Jerry <three it's R and D, this and nothing."),
+    ("In 1999 we had 1999 apples, since 2024 in 1500 ms.",
+     "In nineteen ninety-nine we had one thousand nine hundred ninety-nine apples, since twenty twenty-four in one "
+     "thousand five hundred milliseconds."),
+    ("Read pages 3-5, 10–12 and 5-10 kg, from 1990-1995, in 2020-21; 5 - 3 is 2, -2.5 is the 21st.",
+     "Read pages three to five, ten to twelve and five to ten kilograms, from nineteen ninety to nineteen ninety-five, "
+     "in twenty twenty to twenty-one; five - three is two, minus two point five is the twenty-first."),
+])
+def test_english_text_is_read_as_a_speaker_says_it(text, spoken):
+    """Read as written, a clock time with seconds was 'twelve:thirty:forty-five', a ratio 'three:two', a phone number
+    'five hundred fifty-five-one hundred twenty-three-...', euros and yen '€four', '¥one hundred', an HTML entity
+    '&#thirty-nine;', a year 'one thousand nine hundred ninety-nine', a range 'three-five'. Each is said as a speaker
+    says it; a subtraction with spaces and a number after 'in' with a unit stay numbers."""
+    assert normalize(text) == spoken
+
+
+@pytest.mark.parametrize("text, spoken", [
+    ("比例是3:2，比分3：2，现在是12:30:45", "比例是三比二，比分三比二，现在是十二点三十分四十五秒"),
+    ("打给13812345678吧", "打给幺三八幺二三四五六七八吧"),
+    ("第3-5页，3~5个，2023-2024赛季", "第三至五页，三至五个，二零二三至二零二四赛季"),
+    ("温度-5度，零下-3.5", "温度负五度，零下负三点五"),
+    ("汤姆&amp;杰瑞&#39;s，价格€4和¥100", "汤姆和杰瑞's，价格四欧元和一百元"),
+])
+def test_chinese_text_is_read_as_a_speaker_says_it(text, spoken):
+    """In Chinese a ratio or score was read as a clock time (3:2 -> 三点零二分), a mobile number without a label as a
+    cardinal (一百三十八亿...), a range and a minus sign were left as '-' and '~' between readings (三-五, -五), years
+    in a range as cardinals, and an HTML entity as '&amp;'."""
+    assert normalize(text) == spoken
