@@ -393,6 +393,16 @@ class Engine:
                 text = (ev.result or {}).get("text", "") or ""
         return text.strip()
 
+    def _asr_texts(self, clips: list, sample_rate: int | None) -> list[str]:
+        """The transcript of each reference clip; a clip given for two speakers (the same file, bytes or samples)
+        is transcribed once (it was run through the thinker's ASR once per speaker)."""
+        from engine.models.talker.audio import clip_key  # noqa: PLC0415
+        heard: dict[str, str] = {}
+        for clip in clips:
+            if clip_key(clip) not in heard:
+                heard[clip_key(clip)] = self._asr_text(clip, sample_rate)
+        return [heard[clip_key(clip)] for clip in clips]
+
     def _conditioning(self, voice, ref_audio, ref_text, sample_rate, seed, notes: dict):
         from engine.models.talker.pipeline import Conditioning  # noqa: PLC0415
         from engine.models.talker.prompt import podcast_text  # noqa: PLC0415
@@ -415,7 +425,7 @@ class Engine:
             ref_text = None
         cond = self.talker.clone_conditioning(clips, [sample_rate] * len(clips), ref_text, seed)  # checks the clips
         if ref_text is None:
-            texts = [self._asr_text(c, sample_rate) for c in clips]
+            texts = self._asr_texts(clips, sample_rate)
             asr = texts[0] if len(texts) == 1 else podcast_text(texts)
             notes["ref_text_from_asr"] = asr
             cond.ref_text = asr or None

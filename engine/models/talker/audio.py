@@ -1,8 +1,10 @@
 """Waveform helpers of the talker: prompt padding (spec §7.4), the silence holder (spec §7.8
-post-processing), reference-clip checks, and a WAV writer/reader whose header states the true rate."""
+post-processing), reference-clip checks and keys, and a WAV writer/reader whose header states the true rate."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import struct
 
 import numpy as np
@@ -17,6 +19,19 @@ MAX_TRAILING_SILENCE_S = 0.3  # kept at the very end
 MIN_REFERENCE_S = 0.5
 MAX_REFERENCE_S = 30.0
 SILENT_REFERENCE_RMS = 1e-4
+
+
+def clip_key(clip) -> str:
+    """What identifies a reference clip within a request: its file's path, its bytes' or samples' hash (the same
+    clip given for two speakers has one key); any other object, itself."""
+    if isinstance(clip, (str, os.PathLike)):
+        return f"path:{os.fspath(clip)}"
+    if isinstance(clip, (bytes, bytearray, memoryview)):
+        return "bytes:" + hashlib.sha1(bytes(clip)).hexdigest()
+    if isinstance(clip, (np.ndarray, torch.Tensor)):
+        array = np.ascontiguousarray(clip.detach().cpu().float().numpy() if isinstance(clip, torch.Tensor) else clip)
+        return f"samples:{array.dtype}:{array.shape}:" + hashlib.sha1(array.tobytes()).hexdigest()
+    return f"object:{id(clip)}"
 
 
 def left_pad_to_multiple(wav: torch.Tensor, multiple: int) -> torch.Tensor:

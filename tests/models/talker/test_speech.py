@@ -133,6 +133,24 @@ def test_podcast_with_one_clip_per_speaker(tiny_engine):
     assert isinstance(err, Error) and "one reference clip" in err.message
 
 
+def test_a_podcast_clip_given_for_two_speakers_is_transcribed_and_encoded_once(tiny_engine, monkeypatch):
+    """A podcast whose two speakers share one reference clip, without a transcript, ran the thinker's ASR on it once
+    per speaker; the clip is transcribed once and its speaker vector encoded once (both speakers get them)."""
+    clip = wav_file(tone(1.0, 16000) * 0.9, 16000, 1)  # (a clip no other test has encoded)
+    pipe = tiny_engine.talker
+    heard, encoded = [], []
+    asr, embed = tiny_engine._asr_text, pipe.speaker_encoder.embed
+    monkeypatch.setattr(tiny_engine, "_asr_text", lambda *a: heard.append(1) or asr(*a))
+    monkeypatch.setattr(pipe.speaker_encoder, "embed", lambda *a: encoded.append(1) or embed(*a))
+    monkeypatch.setattr("engine.runtime.REF_TRANSCRIPT_MAX_TOKENS", 4)  # (what the demo weights say is no matter)
+    _, done = run(tiny_engine.speak(" speaker_1:Hi.\n speaker_2:Hello.", task="podcast", ref_audio=[clip, clip],
+                                    seed=1, max_seconds=0.2))
+    assert isinstance(done, Done), done
+    assert len(heard) == 1 and len(encoded) == 1
+    said = done.result["ref_text_from_asr"]
+    assert said.count(" speaker_") == 2 and said.split("\n")[0][len(" speaker_1:"):] == said.split("\n")[1][len(" speaker_2:"):]
+
+
 def test_reference_clips_of_any_rate_and_channel_count(tiny_engine):
     for rate, channels in ((8000, 1), (48000, 2), (44100, 6)):
         clip = wav_file(tone(1.0, rate, channels), rate, channels)
