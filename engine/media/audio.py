@@ -2,7 +2,8 @@
 
 Follows spec §5.1 / §5.4:
 
-- integer PCM is divided by 2**(bits-1); only **channel 0** is kept (no down-mix);
+- integer PCM is divided by 2**(bits-1); only **channel 0** is kept (no down-mix; `load_audio(...,
+  mix_channels=True)` averages the channels instead, for the talker's reference clips);
 - other sample rates are converted with the algorithm of torchaudio's default
   ``torchaudio.transforms.Resample`` (Hann-windowed sinc, ``lowpass_filter_width=6``,
   ``rolloff=0.99``), re-implemented here in torch;
@@ -210,10 +211,11 @@ def _parse_wav(data: bytes, what: str) -> tuple[np.ndarray, int]:
 STATED_LENGTH_SLACK = 1.05
 
 
-def _decode_with_av(data: bytes, what: str, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
-    """Decode any container/codec FFmpeg knows; returns channel 0 as float32 and the rate. `max_seconds`: a file whose
-    container says it is longer is refused before decoding (AudioTooLong), and the decode stops once past it (a
-    compressed file 25 MB large can hold hours: gigabytes of samples)."""
+def _decode_with_av(data: bytes, what: str, max_seconds: float | None = None, mix: bool = False
+                    ) -> tuple[np.ndarray, int]:
+    """Decode any container/codec FFmpeg knows; returns channel 0 (`mix`: the channels' mean) as float32 and the
+    rate. `max_seconds`: a file whose container says it is longer is refused before decoding (AudioTooLong), and the
+    decode stops once past it (a compressed file 25 MB large can hold hours: gigabytes of samples)."""
     try:
         import av  # noqa: PLC0415  (optional dependency)
     except ImportError as exc:
@@ -230,7 +232,7 @@ def _decode_with_av(data: bytes, what: str, max_seconds: float | None = None) ->
                 raise AudioTooLong(what, max_seconds, stated)
             for frame in container.decode(stream):
                 rate = frame.sample_rate
-                chunks.append(_frame_channel0(frame))
+                chunks.append(_frame_samples(frame, mix))
                 decoded += len(chunks[-1])
                 if max_seconds is not None and decoded > max_seconds * rate:
                     raise AudioTooLong(what, max_seconds)
@@ -251,17 +253,22 @@ def stated_seconds(container, stream) -> float | None:
     return container.duration / 1_000_000 if container.duration is not None else None  # (av.time_base: microseconds)
 
 
-def _frame_channel0(frame) -> np.ndarray:
-    """A decoded frame's channel 0 as float32."""
+def _frame_samples(frame, mix: bool = False) -> np.ndarray:
+    """A decoded frame's channel 0 (`mix`: the channels' mean) as float32."""
     array = frame.to_ndarray()
-    if frame.format.is_planar:
-        return _pcm_to_float(np.asarray(array[0]))
-    return _pcm_to_float(np.asarray(array.reshape(-1)[::len(frame.layout.channels)]))  # packed: interleaved
+    if not mix:
+        if frame.format.is_planar:
+            return _pcm_to_float(np.asarray(array[0]))
+        return _pcm_to_float(np.asarray(array.reshape(-1)[::len(frame.layout.channels)]))  # packed: interleaved
+    # planar: one row per channel; packed: samples interleaved in one row
+    channels = array if frame.format.is_planar else array.reshape(-1, len(frame.layout.channels)).T
+    return _pcm_to_float(np.asarray(channels)).mean(axis=0)
 
 
-def decode_audio(data: bytes, what: str = "audio data", max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+def decode_audio(data: bytes, what: str = "audio data", max_seconds: float | None = None, mix: bool = False
+                 ) -> tuple[np.ndarray, int]:
     """Decode an encoded file in memory to (channel-0 samples float32, sample rate); `max_seconds`: longer audio is
-    refused (AudioTooLong) before it is decoded whole."""
+    refused (AudioTooLong) before it is decoded whole; `mix`: the channels' mean instead of channel 0."""
     if not data:
         raise MediaError(f"{what} is empty (0 bytes)")
     if data[:4] in (b"RIFF", b"RF64") and data[8:12] == b"WAVE":
@@ -274,19 +281,19 @@ def decode_audio(data: bytes, what: str = "audio data", max_seconds: float | Non
                 import av  # noqa: F401, PLC0415  (optional dependency)
             except ImportError:
                 raise MediaError(f"{exc}; PyAV (package 'av') is not installed to decode it") from exc
-            return _decode_with_av(data, what, max_seconds)
-        return np.ascontiguousarray(samples[:, 0]), rate
-    return _decode_with_av(data, what, max_seconds)
+            return _decode_with_av(data, what, max_seconds, mix)
+        return np.ascontiguousarray(samples.mean(axis=1) if mix else samples[:, 0]), rate
+    return _decode_with_av(data, what, max_seconds, mix)
 
 
-def _array_channel0(array: np.ndarray) -> np.ndarray:
-    """Channel 0 of a (n,), (n, channels) or (channels, n) array (the shorter axis is channels)."""
+def _array_channel0(array: np.ndarray, mix: bool = False) -> np.ndarray:
+    """Channel 0 (`mix`: the channels' mean) of a (n,), (n, channels) or (channels, n) array (the shorter axis is
+    channels)."""
     if array.ndim == 1:
         return array
     if array.ndim == 2:
-        if array.shape[0] <= array.shape[1]:
-            return array[0]
-        return array[:, 0]
+        channels = array if array.shape[0] <= array.shape[1] else array.T
+        return channels.mean(axis=0) if mix else channels[0]
     raise MediaError(f"audio array must be 1-D or 2-D (channels x samples), got shape {tuple(array.shape)}")
 
 
@@ -296,8 +303,10 @@ def load_audio(
     *,
     target_rate: int = 16000,
     max_seconds: float | None = None,
+    mix_channels: bool = False,
 ) -> torch.Tensor:
-    """Load audio as a 1-D float32 tensor at ``target_rate`` Hz, channel 0 only.
+    """Load audio as a 1-D float32 tensor at ``target_rate`` Hz, channel 0 only (``mix_channels``: the mean of the
+    channels, so a voice on any channel is kept).
 
     ``source`` is a file path, encoded file bytes (WAV natively; flac/mp3/ogg/webm/... via PyAV),
     or a numpy array / torch tensor of samples (int16/int32/uint8 PCM or float; 1-D, or 2-D with
@@ -312,9 +321,9 @@ def load_audio(
         path = Path(source)
         if not path.is_file():
             raise not_a_file(path, "audio")
-        samples, rate = decode_audio(path.read_bytes(), f"audio file {path}")
+        samples, rate = decode_audio(path.read_bytes(), f"audio file {path}", mix=mix_channels)
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        samples, rate = decode_audio(bytes(source), "audio data")
+        samples, rate = decode_audio(bytes(source), "audio data", mix=mix_channels)
     elif isinstance(source, (np.ndarray, torch.Tensor)):
         if sample_rate is None:
             raise MediaError("a raw audio array needs its sample_rate")
@@ -328,7 +337,7 @@ def load_audio(
             array = source
         if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
             raise MediaError(f"audio array has unsupported dtype {array.dtype}")
-        samples, rate = _pcm_to_float(_array_channel0(array)), int(sample_rate)
+        samples, rate = _array_channel0(_pcm_to_float(array), mix_channels), int(sample_rate)
     else:
         raise MediaError(
             f"unsupported audio input of type {type(source).__name__}; "

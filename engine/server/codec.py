@@ -317,8 +317,9 @@ class Audio:
 
 
 def audio_file(raw: bytes, limits: Limits, name: str = "file", video_ok: bool = False,
-               most_s: float | None = None) -> Audio:
-    """Encoded audio (wav natively; flac, mp3, ogg, webm, m4a via PyAV) -> channel-0 samples. A
+               most_s: float | None = None, mix_channels: bool = False) -> Audio:
+    """Encoded audio (wav natively; flac, mp3, ogg, webm, m4a via PyAV) -> channel-0 samples (`mix_channels`: the
+    channels' mean, as the talker reads a reference clip). A
     picture is refused; so is a video, unless `video_ok` (an upload endpoint such as transcriptions,
     which like OpenAI's takes an mp4 or webm recording and uses its audio track). `most_s`: its longest
     length, when not the clip limit (a transcription's recording)."""
@@ -331,7 +332,7 @@ def audio_file(raw: bytes, limits: Limits, name: str = "file", video_ok: bool = 
         raise bad(f"'{name}' is a video (it holds a video stream), not audio: send it as a video part",
                   "invalid_audio", name)
     try:  # (the message names the field as the others do; a file longer than the limit is not decoded whole)
-        samples, rate = decode_audio(raw, f"'{name}'", length_limit(limits, most_s)[0])
+        samples, rate = decode_audio(raw, f"'{name}'", length_limit(limits, most_s)[0], mix=mix_channels)
     except AudioTooLong as e:
         length = f"over {e.most_s:g} s" if e.seconds is None else f"{e.seconds:.1f} s (its container says)"
         raise too_long(name, length + ", not decoded past the limit", limits, most_s) from None

@@ -137,7 +137,7 @@ def check_reference_clip(raw: bytes, ctx: ServerContext, name: str) -> None:
     from engine.media.errors import MediaError  # noqa: PLC0415
     from engine.models.talker.audio import check_reference  # noqa: PLC0415
 
-    audio = codec.audio_file(raw, ctx.limits, name, video_ok=True)
+    audio = codec.audio_file(raw, ctx.limits, name, video_ok=True, mix_channels=True)  # (as the talker reads it)
     try:
         check_reference(torch.from_numpy(audio.samples), audio.sample_rate)
     except MediaError as e:

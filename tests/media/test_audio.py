@@ -210,6 +210,20 @@ def test_compressed_formats_decode_via_pyav(fmt, codec, rate):
     peak_hz = np.argmax(spectrum) * 16000 / (out[: 16000 // 2 * 2].shape[0])
     assert abs(peak_hz - 440.0) < 5.0
     assert 0.25 < np.max(np.abs(out)) < 0.75
+    mixed = load_audio(buf.getvalue(), mix_channels=True).numpy()  # (the sine and silence: half the sine)
+    assert np.max(np.abs(mixed)) == pytest.approx(np.max(np.abs(out)) / 2, rel=0.1)
+
+
+def test_mixed_channels_keep_a_voice_on_any_channel():
+    """A stereo clip whose sound is on its right channel only read as silence (channel 0); `mix_channels` gives the
+    channels' mean (the talker's reference clips), from a WAV file and from an integer array alike."""
+    right = _sine(16000, 300.0, 0.5)
+    stereo = np.stack([np.zeros_like(right), right], axis=1)
+    ints = (stereo * 32767).astype("<i2")
+    for source in (_wav_bytes(ints, 16000), ints):
+        assert load_audio(source, 16000).abs().max() == 0
+        mixed = load_audio(source, 16000, mix_channels=True).numpy()
+        assert np.abs(mixed - right / 2).max() < 1e-4
 
 
 # --------------------------------------------------------------------------- errors

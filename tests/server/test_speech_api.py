@@ -189,6 +189,21 @@ def test_reference_clips_of_any_rate_and_channel_count_clone(http):
         assert r.status_code == 200 and read_wav_header(r.content)["sample_rate"] == RATE, r.text
 
 
+def test_a_stereo_reference_with_the_voice_on_its_right_channel_clones(http):
+    """Channel 0 of a reference was all that was read: a stereo clip with the voice on its right channel only was a
+    400 'is silent'. Its channels are mixed down, at the check and in the talker."""
+    pcm = np.frombuffer(wav_clip(1.0, 16000)[44:], "<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(np.stack([np.zeros_like(pcm), pcm], axis=1).tobytes())
+    r = http.post("/v1/audio/speech", json={"input": "Hello again.", "reference_text": "hello", "max_seconds": 0.2,
+                                            "response_format": "wav", "reference_audio": b64(buf.getvalue())})
+    assert r.status_code == 200, r.text
+
+
 def test_voice_library_round_trip(http):
     clip = wav_clip(1.5, 22050)
     r = http.post("/v1/audio/voices", files={"file": ("v.wav", clip)}, data={"name": "narrator",

@@ -189,7 +189,9 @@ class TalkerPipeline:
 
     # ------------------------------------------------------------------ voices from audio
     def _load_clip(self, clip, rate: int | None, target: int) -> torch.Tensor:
-        return load_audio(clip, rate, target_rate=target, max_seconds=600.0)
+        """A reference clip, its channels mixed down: upstream reads channel 0 (spec §7.3), and a stereo clip whose
+        voice is on its right channel only was refused as silent (a clip with the same voice on both is unchanged)."""
+        return load_audio(clip, rate, target_rate=target, max_seconds=600.0, mix_channels=True)
 
     def clone_conditioning(self, clips: list, rates: list[int | None] | None = None, ref_text: str | None = None,
                            seed: int | None = None) -> Conditioning:

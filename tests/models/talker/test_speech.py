@@ -151,6 +151,15 @@ def test_a_podcast_clip_given_for_two_speakers_is_transcribed_and_encoded_once(t
     assert said.count(" speaker_") == 2 and said.split("\n")[0][len(" speaker_1:"):] == said.split("\n")[1][len(" speaker_2:"):]
 
 
+def test_a_stereo_reference_with_the_voice_on_its_right_channel_is_cloned(tiny_engine):
+    """The talker read channel 0 of a reference clip: a stereo recording with the voice on its right channel only was
+    refused as 'silent'; its channels are mixed down."""
+    voice = tone(1.0, 16000)
+    clip = wav_file(np.stack([np.zeros_like(voice), voice]), 16000, 2)
+    _, done = run(tiny_engine.speak("Hello again.", ref_audio=clip, ref_text="hello", seed=1, max_seconds=0.2))
+    assert isinstance(done, Done), done
+
+
 def test_reference_clips_of_any_rate_and_channel_count(tiny_engine):
     for rate, channels in ((8000, 1), (48000, 2), (44100, 6)):
         clip = wav_file(tone(1.0, rate, channels), rate, channels)
