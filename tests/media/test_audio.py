@@ -401,8 +401,8 @@ def test_a_long_compressed_file_is_refused_before_it_is_decoded_whole(monkeypatc
 
     frames = []
     monkeypatch.setattr(audio, "stated_seconds", lambda container, stream: None)  # a stream that states no length
-    monkeypatch.setattr(audio, "_frame_channel0", lambda frame, read=audio._frame_channel0: frames.append(
-        frame.samples) or read(frame))
+    monkeypatch.setattr(audio, "_frame_samples", lambda frame, mix=False, read=audio._frame_samples: frames.append(
+        frame.samples) or read(frame, mix))
     with pytest.raises(AudioTooLong, match="longer than 3 s") as refused:
         decode_audio(data, "'file'", max_seconds=3.0)
     assert refused.value.seconds is None and 3 * 48000 < sum(frames) <= 3 * 48000 + max(frames), sum(frames)
