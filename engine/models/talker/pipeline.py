@@ -25,11 +25,12 @@ to whole patches; CFG comes from its config and its sampler has no noise term. I
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,7 @@ from engine.models.talker.model import BailingTalker2, load_talker
 from engine.models.talker.prompt import (TASK_PROMPTS, Instruction, InstructionError, build_preview_prompt,
                                          build_prompt, is_music_text, music_text)
 from engine.models.talker.text import (CLOSERS, PREVIEW_CLOSERS, Fragment, TextError, check_text, clean_text,
-                                       segment_text)
+                                       iter_fragments)
 from engine.models.talker.tokenizer import PREVIEW_REQUIRED_TOKENS, REQUIRED_TOKENS, TalkerTokenizer
 from engine.models.talker.vae import AudioVAE, load_audio_vae
 
@@ -267,7 +268,7 @@ class TalkerPipeline:
             raise InstructionError("the Ming-flash-omni Preview talker speaks text only (task 'tts', a voice or "
                                    "reference clip allowed): sound, music, podcast and instructions need the 2.0 model")
 
-    def plan(self, req: SpeechRequest) -> tuple[str, list[Fragment], bool]:
+    def plan(self, req: SpeechRequest) -> tuple[str, Iterable[Fragment], bool]:
         """(task prompt, fragments, segmented?) for a request; raises clear errors for bad input."""
         if req.task not in TASKS:
             raise InstructionError(f"unknown task {req.task!r}; valid tasks: {', '.join(TASKS)}")
@@ -301,10 +302,11 @@ class TalkerPipeline:
         one_call = inst is not None and (inst.style is not None or bool(inst.bgm))
         if one_call:
             return TASK_PROMPTS["speech"], [Fragment(clean_text(text).strip(), text)], False
-        frags = segment_text(text, self.segment_closers)
-        if not frags:
+        frags = iter_fragments(text, self.segment_closers)  # (made as they are spoken: the first is not kept waiting)
+        first = next(frags, None)
+        if first is None:
             raise TextError("text has nothing to speak after normalisation")
-        return TASK_PROMPTS["speech"], frags, True
+        return TASK_PROMPTS["speech"], itertools.chain([first], frags), True
 
     # ------------------------------------------------------------------ synthesis
     def effective_conditioning(self, req: SpeechRequest) -> Conditioning:

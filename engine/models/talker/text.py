@@ -27,10 +27,12 @@ formulas and symbols are passed through as written (numbers in them read as card
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import string
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from engine.errors import MingError
@@ -39,6 +41,7 @@ FIRST_SEGMENT_UNITS = 12
 LATER_SEGMENT_UNITS = 8
 MAX_SEMANTIC_LEN = 50
 MIN_TAIL = 5
+FEED_CHARS = 200  # iter_fragments feeds the Segmenter this much text at a time
 MAX_TEXT_CHARS = 10_000  # per request (documented limit; longer texts should be split by the caller)
 CLOSERS = frozenset("！？。，!?")  # 2.0's segment closers
 PREVIEW_CLOSERS = frozenset("！？。!?")  # the Preview's: a comma does not close a segment (spec §7.11)
@@ -266,6 +269,12 @@ def _split_after(text: str, marks: str, clauses: bool) -> list[str]:
 
 
 def cut_by_semantic_length(text: str, max_len: int = MAX_SEMANTIC_LEN, min_tail: int = MIN_TAIL) -> list[str]:
+    """Step 3 (see _cut); a segment is cut once (the Segmenter counts its fragments, then they are read)."""
+    return list(_cut(text, max_len, min_tail))
+
+
+@functools.lru_cache(maxsize=8)
+def _cut(text: str, max_len: int, min_tail: int) -> tuple[str, ...]:
     """Step 3 (upstream's cut_text_by_semantic_length): fragments of semantic length <= max_len.
 
     Decimal points and dots between capitals are protected; newlines become spaces and `。，` becomes
@@ -276,13 +285,13 @@ def cut_by_semantic_length(text: str, max_len: int = MAX_SEMANTIC_LEN, min_tail:
     (not after a sentence ender when the piece is under min_tail), with a space before a piece that
     starts with a letter or digit."""
     if not _has_content(text):
-        return []
+        return ()
     work = re.sub(r"(\d)\.(\d)", r"\1" + _DOT + r"\2", text)
     for _ in range(3):
         work = re.sub(r"([A-Z])\.([A-Z])", r"\1" + _DOT + r"\2", work)
     work = work.replace("\n", " ").replace("。，", "。")
     if semantic_length(work) <= max_len:
-        return [work.replace(_DOT, ".")]
+        return (work.replace(_DOT, "."),)
     work = work.replace(".", "。").replace("!", "！").replace("?", "？").replace(",", "，")
     fragments: list[str] = []
     for sentence in _split_after(work, "。！？", clauses=False):
@@ -298,7 +307,7 @@ def cut_by_semantic_length(text: str, max_len: int = MAX_SEMANTIC_LEN, min_tail:
             for piece in (_split_long(clause, max_len) if n > max_len else [clause]):
                 _append_fragment(fragments, piece, max_len, min_tail)
             i += 1
-    return [f.replace(_DOT, ".") for f in fragments]
+    return tuple(f.replace(_DOT, ".") for f in fragments)
 
 
 # ----------------------------------------------------------------------------- number readings
@@ -766,9 +775,16 @@ class Fragment:
 
 def segment_text(text: str, closers: frozenset[str] = CLOSERS) -> list[Fragment]:
     """Steps 1-4: the fragments to synthesise one by one (unspeakable ones dropped)."""
+    return list(iter_fragments(text, closers))
+
+
+def iter_fragments(text: str, closers: frozenset[str] = CLOSERS) -> Iterator[Fragment]:
+    """segment_text's fragments, each made when asked for: the first is spoken while the rest of a long text is
+    still to be segmented and normalised (10,000 characters took ~0.5-1 s before the first audio)."""
     seg = Segmenter(closers)
-    segments = seg.feed(text) + seg.flush()
-    return fragments_of(segments)
+    for start in range(0, len(text), FEED_CHARS):
+        yield from fragments_of(seg.feed(text[start:start + FEED_CHARS]))
+    yield from fragments_of(seg.flush())
 
 
 def fragments_of(segments: list[str]) -> list[Fragment]:

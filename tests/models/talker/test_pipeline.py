@@ -65,3 +65,19 @@ def test_character_voice_without_a_voice_uses_the_zero_speaker_slot(tiny_pipelin
     assert kept is voice and not kept.zero_speaker
     plain = tiny_pipeline.effective_conditioning(pl.SpeechRequest(text="x", instruct=Instruction.parse({"emotion": "happy"})))
     assert plain.n_speakers == 0
+
+
+def test_a_long_text_starts_speaking_before_the_rest_of_it_is_read(tiny_pipeline, monkeypatch):
+    """A 10,000-character text was segmented and normalised whole before its first fragment was spoken (~0.5-1 s on
+    a busy CPU, before any audio); the fragments are now made as they are spoken: the first audio leaves while the
+    rest of the text is unread, and every fragment is still spoken in order."""
+    import engine.models.talker.text as text_rules
+
+    read = []
+    normalize = text_rules.normalize
+    monkeypatch.setattr(text_rules, "normalize", lambda piece: read.append(piece) or normalize(piece))
+    text = "This is sentence number one, with a few words. " * 200
+    _, fragments, _ = tiny_pipeline.plan(pl.SpeechRequest(text=text))
+    first = next(iter(fragments))  # what synthesize speaks first
+    assert first.source == "This is sentence number one, with a few words." and 0 < len(read) < 10, len(read)
+    assert [first.source, *(f.source for f in fragments)] == [f.source for f in text_rules.segment_text(text)]
