@@ -56,11 +56,12 @@ def talker_of(ctx: ServerContext):
     return engine
 
 
-def instruction_from(body: dict) -> dict | str | None:
+def instruction_from(body: dict, with_voice: bool = False) -> dict | str | None:
     """The talker's instruction from OpenAI's `instructions` (free text = voice design, 风格; or
     "key=value,..." in the talker's keys), `speed`, and our fields (dialect, emotion, pitch, volume,
     style, ip, bgm, instruct); the talker's own check of each value runs here, so a value it refuses
-    (an unknown emotion or speed label ...) is a 400 naming the field it came from, listing the valid ones."""
+    (an unknown emotion or speed label ...) is a 400 naming the field it came from, listing the valid ones.
+    `with_voice`: a saved voice or a reference clip is given, which a voice design cannot go with."""
     spec: dict = {}
     origin: dict[str, str] = {}  # instruction key -> the request field that gave it
 
@@ -95,6 +96,11 @@ def instruction_from(body: dict) -> dict | str | None:
         elif value > FAST_ABOVE:
             put({"speed": "fast"}, "speed")
     check_instruction(spec, origin)
+    if with_voice and spec.get("style") is not None:  # (the talker's refusal came back naming no field)
+        field = origin["style"]
+        raise bad(f"'{field}' as free text describes a new voice (voice design), which cannot go with a saved 'voice' "
+                  "or a 'reference_audio' clip: leave those out, or give the voice's manner as key=value pairs "
+                  "(e.g. 'emotion=happy, speed=fast')", "invalid_request", field)
     return spec or None
 
 
@@ -172,7 +178,8 @@ def speech_request(body: dict, ctx: ServerContext) -> dict:
     max_seconds = body.get("max_seconds")
     if max_seconds is not None:
         max_seconds = float(need_number(max_seconds, "max_seconds", 0.1, MAX_SECONDS))
-    instruct = instruction_from(body)
+    instruct = instruction_from(body, (voice is not None and voice != DEFAULT_VOICE)
+                                or body.get("reference_audio") is not None)
     check_task_inputs(task, text, music, voice, body)
     if task in ("sound", "music"):  # (the talker's own rule, named by the field that broke it)
         given = [f for f in ("voice", "reference_audio", "instructions", "instruct", "speed", "bgm")

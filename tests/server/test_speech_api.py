@@ -176,6 +176,16 @@ def test_bad_input_is_a_400_naming_what_is_valid(http, body, code, words):
     assert r.status_code == 400 and err["code"] == code and words in err["message"], r.text
 
 
+def test_free_text_instructions_with_a_cloned_voice_are_refused_naming_the_field(http):
+    """OpenAI's `instructions` as free text is a voice design here (a new voice): with a reference clip it came back
+    as a 400 naming no field ('param': null). It names 'instructions' and says how to give the manner instead."""
+    clip = b64(wav_clip(1.0, 16000))
+    r = http.post("/v1/audio/speech", json={"input": "hi", "reference_audio": clip, "reference_text": "hello",
+                                            "instructions": "Speak in a cheerful and positive tone."})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "instructions" and "emotion=happy" in err["message"], r.text
+
+
 def test_a_lone_surrogate_is_refused_like_chat_text(http):
     r = http.post("/v1/audio/speech", content=b'{"input": "\\ud800abc"}', headers={"content-type": "application/json"})
     assert r.status_code == 400 and "Unicode" in r.json()["error"]["message"]
