@@ -494,12 +494,12 @@ _DATE_TIME = (
      lambda m: _english_time(*m.group(1, 2, 3)) + (f" {m.group(4).upper()}" if m.group(4) else "")),
 )
 # Read before ranges and other numbers (English): phone numbers, dictated digit by digit in their groups (an
-# international number with '+', or the North American shapes 555-123-4567, 555.123.4567, (555) 123-4567); a ratio
+# international number with '+', or the North American shapes 555-123-4567, 1-800-555-0100, (555) 123-4567); a ratio
 # or a score that is no clock time (3:2, 16:9) as 'three to two'; a range '3-5' or '10–12' (no spaces around a
 # hyphen: '5 - 3' is a subtraction) as 'three to five'; a year after 'in', 'since', 'until', 'year', ... (1100 to
 # 2099, no unit after it) as said, 'in 1999' -> 'in nineteen ninety-nine' while '1999 apples' stays a cardinal.
-_PHONE_EN = re.compile(r"(?<![\w+.-])(?:\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}|\(\d{3}\) ?\d{3}[-.]\d{4}|"
-                       r"\d{3}([-.])\d{3}\1\d{4})(?![\w-]|\.\d)")
+_PHONE_EN = re.compile(r"(?<![\w+.-])(?:\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}|(?:1[-.])?\(\d{3}\) ?\d{3}[-.]\d{4}|"
+                       r"(?:1([-.]))?\d{3}([-.])\d{3}\2\d{4})(?![\w-]|\.\d)")
 _RATIO = re.compile(r"(?<![\w.:])(\d+):(\d+)(?![\w:]|\.\d)")
 _RANGE = re.compile(r"(?<![\w.,:/–-])(\d+(?:\.\d+)?)(?:-|\s?[–—]\s?)(\d+(?:\.\d+)?)(?![\w:/–-]|\.\d)")
 _YEAR_AFTER = re.compile(r"\b((?i:in|since|until|till|year|circa|during))\s+(1[1-9]\d\d|20\d\d)"

@@ -264,6 +264,7 @@ def test_chinese_two_before_thousands_and_hundreds_is_liang():
     ("Call 555-123-4567, (555) 123-4567 or +1 415 555 0100.",
      "Call five five five, one two three, four five six seven, five five five, one two three, four five six seven or "
      "plus one, four one five, five five five, zero one zero zero."),
+    ("Call 1-800-555-0100.", "Call one, eight zero zero, five five five, zero one zero zero."),
     ("It is 5 km at 30 mph, 20 °C, 50% and $3.50, €4, ¥100.",
      "It is five kilometers at thirty miles per hour, twenty degrees celsius, fifty percent and three dollars and "
      "fifty cents, four euros, one hundred yen."),
