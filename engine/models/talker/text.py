@@ -783,15 +783,18 @@ def iter_fragments(text: str, closers: frozenset[str] = CLOSERS) -> Iterator[Fra
     still to be segmented and normalised (10,000 characters took ~0.5-1 s before the first audio)."""
     seg = Segmenter(closers)
     for start in range(0, len(text), FEED_CHARS):
-        yield from fragments_of(seg.feed(text[start:start + FEED_CHARS]))
-    yield from fragments_of(seg.flush())
+        yield from _fragments(seg.feed(text[start:start + FEED_CHARS]))
+    yield from _fragments(seg.flush())
 
 
 def fragments_of(segments: list[str]) -> list[Fragment]:
-    out = []
+    return list(_fragments(segments))
+
+
+def _fragments(segments: list[str]) -> Iterator[Fragment]:
+    """Each piece of each segment normalised when asked for (a long segment's pieces are not all read first)."""
     for s in segments:
         for piece in cut_by_semantic_length(s):
             norm = normalize(piece)
             if is_speakable(norm):
-                out.append(Fragment(norm, piece))
-    return out
+                yield Fragment(norm, piece)
