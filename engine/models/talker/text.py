@@ -378,7 +378,7 @@ _UNIT_WORDS = {"ms": "milliseconds", "s": "seconds", "hz": "hertz", "khz": "kilo
                "ml": "milliliters", "km/h": "kilometers per hour", "kmh": "kilometers per hour", "mph": "miles per hour",
                "lb": "pounds", "lbs": "pounds", "oz": "ounces", "ft": "feet", "kw": "kilowatts", "kwh": "kilowatt hours"}
 _UNIT = re.compile(rf"({_SIGNED})\s*((?i:ms|k?bps|[mg]bps|[kmg]?hz|[kmgt]b|km/h|kmh|kwh|kw|mph|cm|mm|km|kg|mg|ml|lbs?|oz|"
-                   rf"ft|°c|°f)|[sVAW℃℉])(?![\w/])")
+                   rf"ft|°c|°f)|[sVAW℃℉])(?!\w)")
 _CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "£": ("pound", "pounds", "penny", "pence"),
              "€": ("euro", "euros", "cent", "cents"), "¥": ("yen", "yen", "sen", "sen")}
 
@@ -470,12 +470,20 @@ def _phone(m: re.Match) -> str:
     return ", ".join(("plus " if g.startswith("+") else "") + _digits_said(g) for g in groups)
 
 
+# A four-digit number in this range is read as a year where the text says it is one ('in 1999', 1990-1995).
+SPOKEN_YEARS = range(1100, 2100)
+
+
+def _is_year(digits: str) -> bool:
+    return digits.isdigit() and len(digits) == 4 and int(digits) in SPOKEN_YEARS
+
+
 def _range(m: re.Match) -> str:
     """3-5 -> '3 to 5' (the numbers are read by the later rules); 1990-1995 and 2020-21 are years."""
     low, high = m.group(1), m.group(2)
-    if not (low.isdigit() and high.isdigit() and 1100 <= int(low) <= 2099):
+    if not (_is_year(low) and high.isdigit()):
         return f"{low} to {high}"
-    if 1100 <= int(high) <= 2099 and int(low) < int(high):
+    if _is_year(high) and int(low) < int(high):
         return f"{english_year(int(low))} to {english_year(int(high))}"
     if len(high) == 2 and int(high) > int(low) % 100:  # 2020-21: the second year's last two digits
         return f"{english_year(int(low))} to {english_number(int(high))}"
@@ -502,7 +510,7 @@ _PHONE_EN = re.compile(r"(?<![\w+.-])(?:\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}|(?:
                        r"(?:1([-.]))?\d{3}([-.])\d{3}\2\d{4})(?![\w-]|\.\d)")
 _RATIO = re.compile(r"(?<![\w.:])(\d+):(\d+)(?![\w:]|\.\d)")
 _RANGE = re.compile(r"(?<![\w.,:/–-])(\d+(?:\.\d+)?)(?:-|\s?[–—]\s?)(\d+(?:\.\d+)?)(?![\w:/–-]|\.\d)")
-_YEAR_AFTER = re.compile(r"\b((?i:in|since|until|till|year|circa|during))\s+(1[1-9]\d\d|20\d\d)"
+_YEAR_AFTER = re.compile(r"\b((?i:in|since|until|till|year|circa|during))\s+(1[1-9]\d\d|20\d\d)"  # (SPOKEN_YEARS)
                          r"(?![\d.,]\d|\s*[%°]|\s*(?i:ms|s|min|h|hz|[kmgt]b|[ckm]?m|[km]?g|ml)\b)")
 
 
@@ -692,7 +700,7 @@ _ZH_MOBILE = re.compile(r"(?<![\d.])1[3-9]\d{9}(?![\d.])")
 def _zh_range(m: re.Match) -> str:
     """3-5 -> 3至5 (read by the cardinal rule after); 2023-2024 -> 二零二三至二零二四, years digit by digit."""
     low, high = m.groups()
-    if all(x.isdigit() and len(x) == 4 and 1100 <= int(x) <= 2099 for x in (low, high)) and int(low) < int(high):
+    if _is_year(low) and _is_year(high) and int(low) < int(high):
         return f"{_zh_year(low)}至{_zh_year(high)}"
     return f"{low}至{high}"
 
