@@ -9,6 +9,10 @@ The path follows the reference exactly (spec §4.1):
    that went through Stage A), then ``x/255``, CLIP mean/std in float32, duplication of the still
    frame to ``temporal_patch_size`` frames, and channel-major patch flattening in merge-block order.
 
+Decoding converts a picture with an ICC colour profile other than sRGB (Display P3, Adobe RGB, a CMYK print
+profile) to sRGB through it (`in_srgb`), where the reference reads the stored numbers as sRGB: the model sees the
+colours the user's viewer shows. Pictures without a profile or in sRGB are read bit for bit as the reference does.
+
 Resizing is bit-compatible with Pillow >= 13 on any installed Pillow: Pillow resizes in two
 separable passes and since 13.0 runs the vertical pass first when the height shrinks by more
 than twice as many pixels as the width. The reference fixtures were made that way, so
@@ -18,6 +22,7 @@ Pillow versions).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -29,7 +34,7 @@ from typing import Literal, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .errors import MediaError, not_a_file
 
@@ -210,6 +215,7 @@ def load_image(source: ImageSource, *, max_input_pixels: int = DEFAULT_MAX_INPUT
     """Decode an image from a path, encoded bytes, a PIL image or a uint8 array; return it as RGB.
 
     Arrays may be HxW (grey), HxWx3 (RGB) or HxWx4 (RGBA, alpha dropped) and must be uint8.
+    Colours are in sRGB (`in_srgb`: an embedded ICC profile is applied).
     `as_shown`: the picture as a viewer shows it (`shown_upright`), for a picture that comes back edited; else as
     the reference's fetch_image reads it (spec §4.1): EXIF orientation not applied, alpha dropped.
     Raises `MediaError` for empty, corrupt, zero-sized or oversized input.
@@ -238,6 +244,7 @@ def load_image(source: ImageSource, *, max_input_pixels: int = DEFAULT_MAX_INPUT
             "expected a path, bytes, a PIL image or a uint8 numpy array"
         )
     try:
+        image = in_srgb(image)
         if as_shown:
             image = shown_upright(image)
         if image.mode in _HIGH_DEPTH_MODES:
@@ -245,6 +252,54 @@ def load_image(source: ImageSource, *, max_input_pixels: int = DEFAULT_MAX_INPUT
         return image.convert("RGB") if image.mode != "RGB" else image
     except (OSError, ValueError) as exc:
         raise MediaError(f"image could not be decoded: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- colour profiles
+
+SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+# Colorimetric: colours sRGB can show stay as they are, the rest go to the nearest it can (a matrix/TRC display
+# profile such as Display P3 or Adobe RGB has no other intent; a printer's CMYK profile is read the same way)
+COLOUR_INTENT = ImageCms.Intent.RELATIVE_COLORIMETRIC
+# A profile that sends every probe colour (SRGB_PROBE_LEVELS levels per channel) to itself within this many
+# levels is sRGB under another name (a camera's "sRGB IEC61966-2.1"): its pixels are kept as stored, untouched
+SRGB_PROBE_LEVELS = 16
+SRGB_TOLERANCE = 1
+_PROFILE_MODES = {"RGB ": ("RGB", "RGBA"), "CMYK": ("CMYK",)}  # the profile's colour space -> modes it describes
+
+
+def in_srgb(image: Image.Image) -> Image.Image:
+    """The picture's colours in sRGB, the space the model was trained on: a picture whose embedded ICC profile says
+    its numbers mean other colours (a Display P3 phone photo, an Adobe RGB or a CMYK print file) is converted through
+    its profile (alpha kept, the rest of `info` too: EXIF orientation); one in sRGB, with no profile, with a grey
+    profile or one that cannot be read is returned as it is (the numbers as stored, what the reference reads)."""
+    icc = image.info.get("icc_profile")
+    if not icc:
+        return image
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        modes = _PROFILE_MODES.get(profile.profile.xcolor_space, ())
+    except (OSError, ValueError, TypeError):  # a damaged profile: the pixels as stored
+        return image
+    if image.mode in ("P", "PA") or image.mode == "RGB" and "transparency" in image.info:
+        image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+    if image.mode not in modes or modes == ("RGB", "RGBA") and _is_srgb(icc):
+        return image
+    out_mode = "RGBA" if image.mode == "RGBA" else "RGB"
+    converted = ImageCms.profileToProfile(image, profile, SRGB_PROFILE, renderingIntent=COLOUR_INTENT,
+                                          outputMode=out_mode)
+    converted.info = {k: v for k, v in image.info.items() if k not in ("icc_profile", "transparency")}
+    return converted
+
+
+@functools.lru_cache(maxsize=16)
+def _is_srgb(icc: bytes) -> bool:
+    """Whether an RGB profile shows the probe colours as sRGB does (SRGB_TOLERANCE); asked once per profile."""
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    levels = np.linspace(0, 255, SRGB_PROBE_LEVELS).round().astype(np.uint8)
+    cube = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(1, -1, 3)
+    probe = Image.fromarray(cube, mode="RGB")
+    shown = ImageCms.profileToProfile(probe, profile, SRGB_PROFILE, renderingIntent=COLOUR_INTENT, outputMode="RGB")
+    return int(np.abs(np.asarray(shown, dtype=np.int16) - cube).max()) <= SRGB_TOLERANCE
 
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera's stored picture is turned for display (1: as stored)

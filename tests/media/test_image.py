@@ -11,6 +11,7 @@ from PIL import Image
 
 from engine.media import MediaError
 from engine.media.image import (
+    EXIF_ORIENTATION,
     ImageProcessorConfig,
     check_aspect,
     fetch_image,
@@ -364,3 +365,74 @@ def test_a_picture_as_shown_is_upright_and_over_white():
         [[255, 255, 255], [200, 100, 50]]
     plain = _rng_image(4, 6)
     assert np.array_equal(np.asarray(load_image(plain, as_shown=True)), plain)  # nothing to turn or flatten
+
+
+# --------------------------------------------------------------------------- colour profiles
+
+
+def _encoded(image: Image.Image, fmt: str, **save) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_display_p3_picture_is_read_in_srgb(fmt):
+    """A phone photo tagged Display P3 was read with its numbers taken as sRGB (colours duller than the phone
+    showed). Now its colours are converted through its profile: what the matrices of both spaces say, within a
+    level; the chat path (fetch_image) and an edit's (as_shown) read the same colours."""
+    from tests.media.icc import display_p3_profile, p3_to_srgb
+
+    stored = _rng_image(64, 64, seed=3)  # (a size fetch_image keeps)
+    raw = _encoded(Image.fromarray(stored), fmt, icc_profile=display_p3_profile(), quality=95)
+    as_stored = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))  # (JPEG: its own rounding)
+    expected = p3_to_srgb(as_stored).astype(int)
+    for read in (load_image(raw), load_image(raw, as_shown=True), fetch_image(raw)):
+        got = np.asarray(read).astype(int)
+        assert got.shape == expected.shape and np.abs(got - expected).max() <= 1
+    assert np.abs(expected - as_stored).max() > 40  # (the conversion moves colours a lot: the test can fail)
+
+
+def test_a_profiled_picture_keeps_its_orientation_and_transparency():
+    """The conversion keeps what the picture's viewer uses next: its EXIF orientation and its alpha (over white)."""
+    from tests.media.icc import display_p3_profile, p3_to_srgb
+
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    stored = _rng_image(20, 50)
+    raw = _encoded(Image.fromarray(stored), "PNG", icc_profile=display_p3_profile(), exif=exif)
+    upright = np.asarray(load_image(raw, as_shown=True)).astype(int)
+    assert upright.shape == (50, 20, 3) and np.abs(upright - np.rot90(p3_to_srgb(stored), -1)).max() <= 1
+    rgba = np.dstack([stored, np.where(np.arange(50) < 25, 255, 0).astype(np.uint8)[None].repeat(20, 0)])
+    shown = np.asarray(load_image(_encoded(Image.fromarray(rgba, "RGBA"), "PNG", icc_profile=display_p3_profile()),
+                                  as_shown=True)).astype(int)
+    assert np.abs(shown[:, :25] - p3_to_srgb(stored)[:, :25]).max() <= 1 and (shown[:, 25:] == 255).all()
+
+
+def test_a_cmyk_picture_with_a_profile_is_read_through_it():
+    """A CMYK print file's colours are what its profile says, not Pillow's profile-blind 255 - ink: with a profile
+    that prints every ink mix as Lab (50.2, 0, 0) the picture is that grey in sRGB (worked out from L*); without a
+    profile Pillow's conversion stays (the red of cyan-free magenta + yellow)."""
+    from tests.media.icc import flat_cmyk_profile
+
+    cmyk = Image.new("CMYK", (6, 4), (0, 255, 255, 0))
+    lightness = 128 / 255 * 100
+    y = ((lightness + 16) / 116) ** 3
+    grey = round((1.055 * y ** (1 / 2.4) - 0.055) * 255)
+    for fmt in ("JPEG", "TIFF"):
+        got = np.asarray(load_image(_encoded(cmyk, fmt, icc_profile=flat_cmyk_profile()))).astype(int)
+        assert np.abs(got - grey).max() <= 1, fmt
+    assert np.asarray(load_image(_encoded(cmyk, "TIFF"))).reshape(-1, 3).tolist()[0] == [255, 0, 0]
+
+
+def test_srgb_tagged_and_unreadable_profiles_leave_the_pixels_as_stored():
+    """A camera's sRGB profile (any name) is sRGB: the pixels are the stored ones, bit for bit (what the reference
+    reads); so are a damaged profile's and a grey picture's."""
+    from PIL import ImageCms
+
+    stored = _rng_image(16, 16, seed=5)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for icc in (srgb, b"not a profile", srgb[:200]):
+        assert np.array_equal(np.asarray(load_image(_png(Image.fromarray(stored), icc_profile=icc))), stored)
+    grey = Image.fromarray(stored[..., 0])
+    assert np.array_equal(np.asarray(load_image(_png(grey, icc_profile=srgb)))[..., 1], stored[..., 0])

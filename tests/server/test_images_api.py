@@ -14,7 +14,7 @@ import openai
 import pytest
 from PIL import Image
 
-from engine.models.imagegen.segmentation import OVERLAY_ALPHA
+from engine.models.imagegen.segmentation import OVERLAY_ALPHA, overlay
 from tests.server import FakeEngine, fake_server, leave_stream_at, running_server, sse_events
 from tests.server.test_fuzz import png_claiming
 
@@ -161,6 +161,25 @@ def test_an_edit_works_on_the_picture_as_the_user_sees_it(http):
     red = np.asarray(decoded(r.json()["data"][0]["overlay"]).convert("RGB"))[..., 0].astype(int)
     red[12:36, 20:44] = 255  # (the square, and the resize's ringing at its edge)
     assert red.min() >= (1 - OVERLAY_ALPHA) * 255 - 2  # white, under the green mask wherever the model painted
+
+
+def test_a_display_p3_picture_is_segmented_in_srgb_and_the_results_carry_no_other_profile(http):
+    """A Display P3 photo was segmented with its numbers read as sRGB: the overlay (the picture, tinted where the
+    mask is) came back duller than the user's. It is converted first (engine.media.image.in_srgb); the PNGs and JPEGs
+    made carry no ICC profile, so a viewer shows them as sRGB, which they are."""
+    from tests.media.icc import display_p3_profile, p3_to_srgb
+
+    stored = np.asarray(picture(64, 48, seed=4))
+    raw = png(Image.fromarray(stored), icc_profile=display_p3_profile())
+    r = http.post("/v1/images/segmentations", files={"image": ("p3.png", raw, "image/png")},
+                  data={"prompt": "the cup", "steps": "1", "seed": "2", "size": "64x48", "output_format": "jpeg"})
+    assert r.status_code == 200, r.text
+    (item,) = r.json()["data"]
+    mask = np.asarray(decoded(item["mask"])) > 0
+    expected = overlay(p3_to_srgb(stored), mask).astype(int)  # (the random model's mask: mostly everywhere)
+    assert np.abs(np.asarray(decoded(item["overlay"]).convert("RGB")).astype(int) - expected).max() <= 1
+    for made in (item["b64_json"], item["mask"], item["overlay"]):
+        assert decoded(made).info.get("icc_profile") is None
 
 
 @pytest.mark.parametrize("raw, code", [
