@@ -89,9 +89,9 @@ SPEECH = Fields(taken=("model", "input", "voice", "instructions", "response_form
                 + SPEECH_EXTENSIONS)
 
 IMAGE_TAKEN = ("prompt", "model", "n", "size", "response_format", "output_format", "output_compression",
-               "background", "stream", "partial_images") + IMAGE_EXTENSIONS
-IMAGE_IGNORED = ("quality", "style", "moderation", "user", "safety_identifier", "input_fidelity",
-                 "complexity")  # OpenAI's, no effect here
+               "background", "stream", "partial_images", "quality") + IMAGE_EXTENSIONS
+IMAGE_IGNORED = ("style", "moderation", "user", "safety_identifier", "input_fidelity",
+                 "complexity")  # OpenAI's, no effect here (engine.server.images_api checks their values)
 NO_ANIMATION = "GIF and SVG output are not made here (output_format png, jpeg or webp)"
 IMAGE_REFUSED = {name: (NO_ANIMATION, lambda v: False) for name in ("frame_count", "frame_duration_ms", "svg")}
 IMAGE_GENERATIONS = Fields(taken=IMAGE_TAKEN, ignored=IMAGE_IGNORED, refused={

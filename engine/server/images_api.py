@@ -45,11 +45,24 @@ MAX_INPUT_IMAGES = 8
 MAX_FORM_FILES = 4 * MAX_INPUT_IMAGES
 OUTPUT_FORMATS = ("png", "jpeg", "webp")  # engine.imagine.IMAGE_FILE_FORMATS
 IGNORED_FIELDS = fields.IMAGE_IGNORED
+# OpenAI's values of its image fields (gpt-image-1's and dall-e-3's): another value is refused naming the field.
+# `quality` is honoured as steps (QUALITY_STEPS); `style` (dall-e-3's look), `moderation` (there is none here) and
+# `input_fidelity` (an edit's reference is always read in full) have no effect; `background` transparent is refused.
+OPENAI_CHOICES = {
+    "quality": ("auto", "low", "medium", "high", "standard", "hd"),
+    "style": ("vivid", "natural"),
+    "moderation": ("auto", "low"),
+    "input_fidelity": ("low", "high"),
+    "background": ("auto", "opaque", "transparent"),
+}
+# The denoising steps a `quality` stands for when the request names no `steps`: fewer steps, a rougher picture sooner.
+# The others (high, hd, standard, auto) run the pipeline's own schedule (engine.imagine.DEFAULT_STEPS, spec §8.6).
+QUALITY_STEPS = {"low": 10, "medium": 20}
 NUMBER_FIELDS = ("n", "partial_images", "steps", "guidance", "image_guidance", "cfg_truncation", "seed",
                  "preview_every", "output_compression")
 FLAG_FIELDS = ("stream",)
 TEXT_FIELDS = ("prompt", "model", "size", "response_format", "output_format", "background", "aspect",
-               "negative_prompt", "preset", "mask_color") + IGNORED_FIELDS
+               "negative_prompt", "preset", "mask_color", "quality") + IGNORED_FIELDS
 
 
 def image_generator_of(ctx: ServerContext):
@@ -153,12 +166,7 @@ def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> t
                   "unsupported_parameter", "response_format")
     if fmt != "b64_json":
         raise bad("response_format must be 'b64_json'", "invalid_value", "response_format")
-    if body.get("background") not in (None, "auto", "opaque"):
-        raise bad("background must be 'auto' or 'opaque' (the images have no transparency)", "unsupported_parameter",
-                  "background")
-    for name in IGNORED_FIELDS:
-        if body.get(name) is not None:
-            codec.need_str(body[name], name)
+    steps = openai_steps(body)
     size = body.get("size")
     if size is not None:
         size = text_field(size, "size", 32)
@@ -166,7 +174,6 @@ def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> t
     partials = body.get("partial_images")
     if partials is not None:
         partials = int(need_number(partials, "partial_images", 0, MAX_PARTIAL_IMAGES, integer=True))
-    steps = body.get("steps")
     preview_every = body.get("preview_every")
     if preview_every is None and partials:
         preview_every = max(1, math.ceil((steps if isinstance(steps, int) else DEFAULT_STEPS) / (partials + 1)))
@@ -187,6 +194,24 @@ def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> t
     requests = [{**base, "seed": None if seed is None else seed + i} for i in range(n)]
     check_image_request(requests[-1], getattr(getattr(ctx.engine, "image_generator", None), "kind", None))
     return requests, partials
+
+
+def openai_steps(body: dict):
+    """Checks OpenAI's fields of fixed values (OPENAI_CHOICES) and the free-text ones; returns the denoising steps: the
+    request's `steps`, else what its `quality` stands for (QUALITY_STEPS), else None (the engine's default)."""
+    for name, choices in OPENAI_CHOICES.items():
+        value = body.get(name)
+        if value is not None and (not isinstance(value, str) or value not in choices):
+            raise bad(f"{name} {str(value)[:40]!r} is not one of OpenAI's values: {', '.join(choices)}",
+                      "invalid_value", name)
+    if body.get("background") == "transparent":
+        raise bad("background 'transparent' is not supported: the images have no transparency (use 'auto' or "
+                  "'opaque')", "unsupported_parameter", "background")
+    for name in IGNORED_FIELDS:
+        if name not in OPENAI_CHOICES and body.get(name) is not None:
+            codec.need_str(body[name], name)
+    steps = body.get("steps")
+    return QUALITY_STEPS.get(body.get("quality")) if steps is None else steps
 
 
 def check_image_request(kwargs: dict, kind: str | None = None) -> None:

@@ -62,6 +62,19 @@ def test_generations_in_openais_shape_with_n_and_seeds(http):
     assert decoded(jpeg.json()["data"][0]["b64_json"]).format == "JPEG"
 
 
+def test_quality_is_honoured_as_steps_and_openais_other_values_are_taken(http):
+    """OpenAI's `quality` had no effect: `low` now runs QUALITY_STEPS' 10 steps, `medium` 20 (a rougher picture,
+    sooner), `high` the model's default; a `steps` given wins. style / moderation / input_fidelity take their values."""
+    from engine.server.images_api import QUALITY_STEPS, openai_steps
+
+    r = http.post("/v1/images/generations", json={"prompt": "a cup", "size": "32x32", "quality": "low",
+                                                  "style": "natural", "moderation": "low"})
+    assert r.status_code == 200 and r.json()["metrics"]["image_steps"] == QUALITY_STEPS["low"], r.text
+    assert openai_steps({"quality": "medium"}) == QUALITY_STEPS["medium"]
+    assert openai_steps({"quality": "medium", "steps": 3}) == 3
+    assert openai_steps({"quality": "high", "input_fidelity": "high"}) is openai_steps({}) is None  # the default
+
+
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
 def test_output_compression_is_openais_quality_100_the_best(fmt):
     """OpenAI's output_compression (0-100, default 100) is the lossy encoder's quality: 100 was written at quality 0
@@ -205,6 +218,12 @@ def test_bad_images_are_400s(http, raw, code):
     ({"prompt": "a", "output_format": ["png"]}, "unsupported_parameter", "png, jpeg or webp"),  # was a 500
     ({"prompt": "a", "output_format": {"type": "png"}}, "unsupported_parameter", "png, jpeg or webp"),
     ({"prompt": "a", "background": "transparent"}, "unsupported_parameter", "opaque"),
+    ({"prompt": "a", "background": "clear"}, "invalid_value", "background 'clear' is not one of"),  # was "opaque"
+    ({"prompt": "a", "quality": "ultra"}, "invalid_value", "quality 'ultra' is not one of"),  # each was taken
+    ({"prompt": "a", "quality": 3}, "invalid_value", "quality"),
+    ({"prompt": "a", "style": "anime"}, "invalid_value", "style 'anime' is not one of OpenAI's values: vivid"),
+    ({"prompt": "a", "moderation": "strict"}, "invalid_value", "moderation 'strict'"),
+    ({"prompt": "a", "input_fidelity": "max"}, "invalid_value", "input_fidelity 'max'"),
     ({"prompt": "a", "partial_images": 7}, "invalid_value", "partial_images"),
     ({"prompt": "a", "steps": 0}, "invalid_request", "steps"),
     ({"prompt": "a", "guidance": 1e9}, "invalid_request", "guidance"),
