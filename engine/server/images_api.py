@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview
+from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress
 from engine.server import codec, fields
 from engine.server import protocol as wire
 from engine.server.bodies import JSON, MULTIPART, body_kind, form_body, form_flag, form_number, form_text, json_body
@@ -37,7 +37,7 @@ from engine.server.scheduler import Job
 router = APIRouter()            # OpenAI's routes
 extension_router = APIRouter()  # ours (absent with --openai-only)
 
-MAX_N = 4
+MAX_N = 10  # OpenAI's most; made one after another, so memory holds one picture in the making at a time
 MAX_PARTIAL_IMAGES = 3
 MAX_INPUT_IMAGES = 8
 # The file parts a multipart edit may hold for the parser: more than the pictures taken, so that a request with too
@@ -260,8 +260,9 @@ def encoder_of(fmt: str, compression: int | None):
 
 def imagine_n(engine, requests: list[dict], cancel) -> Iterator[Event]:
     """The images of one request, one after another, as one event stream: previews and images carry
-    their index; one Done at the end with the figures of all of them (time to first preview: the
-    first image's), or the first Error."""
+    their index, and with more than one picture each progress event says which ("picture 2 of 4"); one Done at the
+    end with the figures of all of them (time to first preview: the first image's), or the first Error. A cancel
+    stops between steps, and no further picture is started."""
     t_start = time.perf_counter()
     total = GenerationStats()
     seeds, notes, step_s = [], [], 0.0
@@ -269,6 +270,8 @@ def imagine_n(engine, requests: list[dict], cancel) -> Iterator[Event]:
         for ev in engine.imagine(cancel=cancel, **kwargs):
             if isinstance(ev, (ImagePreview, ImageDone)):
                 ev.index = i
+            if isinstance(ev, Progress) and len(requests) > 1:
+                ev.message = "; ".join(filter(None, (f"picture {i + 1} of {len(requests)}", ev.message)))
             if isinstance(ev, Error):
                 yield ev
                 return

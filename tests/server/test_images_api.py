@@ -212,7 +212,7 @@ def test_bad_images_are_400s(http, raw, code):
     ({"prompt": "a", "size": "10x1000"}, "invalid_request", "elongated"),
     ({"prompt": "a", "size": "big"}, "invalid_request", "WIDTHxHEIGHT"),
     ({"prompt": "a", "aspect": "100:1"}, "invalid_request", "elongated"),
-    ({"prompt": "a", "n": 9}, "invalid_value", "'n'"),
+    ({"prompt": "a", "n": 11}, "invalid_value", "'n' must be in [1, 10]"),  # OpenAI's most (it was 4)
     ({"prompt": "a", "response_format": "url"}, "unsupported_parameter", "never hosts"),
     ({"prompt": "a", "output_format": "gif"}, "unsupported_parameter", "png, jpeg or webp"),
     ({"prompt": "a", "output_format": ["png"]}, "unsupported_parameter", "png, jpeg or webp"),  # was a 500
@@ -411,6 +411,15 @@ def test_a_client_going_away_stops_between_steps(server, http):
     body = {"prompt": "a slow one", "stream": True, "steps": 200, "size": "32x32", "partial_images": 3}
     record = leave_stream_at(server, http, "/v1/images/generations", body, "partial_image", "images.image_generation")
     assert record.finish_reason == "cancelled" and record.cancel_latency_s < 5
+
+
+def test_ten_pictures_are_made_one_at_a_time_each_with_its_progress_and_a_client_leaving_stops_the_rest(server,
+                                                                                                         http):
+    """OpenAI allows n up to 10 (ours refused more than 4): they are made one after another, each progress line says
+    which picture it is about, and a client that goes away after the first stops the request there."""
+    body = {"prompt": "ten boats", "stream": True, "steps": 1, "size": "32x32", "n": 10}
+    record = leave_stream_at(server, http, "/v1/images/generations", body, "picture 2 of 10", "images.image_generation")
+    assert record.finish_reason == "cancelled"
 
 
 def test_an_engine_without_an_image_generator_says_so():
