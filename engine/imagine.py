@@ -16,8 +16,9 @@ CFG over 4 branches, spec §8.10); a negative prompt (the Preview only, at most 
 none) conditions the negative CFG branch, and a 2.0 model refuses one (spec §8.2, §8.6); sizes per
 engine.models.imagegen.buckets; a seed of None or < 0 draws a random one (reported); reference images
 are decoded by engine.media.image as a viewer shows them (turned by their EXIF orientation, transparency over
-white; the first frame of an animation, 16-bit rescaled) and
-shrunk to at most MAX_REFERENCE_PIXELS before the ViT; the VAE reference (bilinear to the bucket), the
+white; the first frame of an animation, 16-bit rescaled; colours in sRGB) and
+shrunk to at most MAX_REFERENCE_PIXELS before the ViT, keeping their aspect ratio (`vit_size`; the image's note
+says so); the VAE reference (bilinear to the bucket), the
 bucket, the output size and a segmentation's mask are taken from the first picture as given, centre-cropped
 to a requested aspect (or an explicit size's proportions), as the reference processor does.
 """
@@ -224,12 +225,27 @@ def encoded_as(png: bytes, fmt: str, quality: int | None = None) -> bytes:
     return buf.getvalue()
 
 
-def _shrink(image: Image.Image, max_pixels: int) -> Image.Image:
-    n = image.width * image.height
-    if n <= max_pixels:
-        return image
-    f = math.sqrt(max_pixels / n)
-    return image.resize((max(1, int(image.width * f)), max(1, int(image.height * f))), Image.Resampling.LANCZOS)
+def vit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) a picture is shrunk to for the ViT: itself when it has at most `max_pixels`, else the long side
+    scaled by sqrt(max_pixels / pixels) and the short one rounded from the picture's own ratio (within half a pixel
+    of it: 4000x1000 -> 2048x512), never over `max_pixels`."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    long_side, short_side = max(width, height), min(width, height)
+    new_long = max(1, int(long_side * scale))
+    new_short = max(1, min(round(new_long * short_side / long_side), max_pixels // new_long))
+    return (new_long, new_short) if width >= height else (new_short, new_long)
+
+
+def _vit_picture(picture: Image.Image, number: int) -> tuple[Image.Image, str]:
+    """An input picture as the ViT reads it (vit_size, Lanczos) and, when it was shrunk, a note that says so."""
+    size = vit_size(picture.width, picture.height, MAX_REFERENCE_PIXELS)
+    if size == picture.size:
+        return picture, ""
+    note = (f"picture {number} ({picture.width}x{picture.height}) was read at {size[0]}x{size[1]} by the vision "
+            f"encoder (at most {MAX_REFERENCE_PIXELS:,} pixels); the edit starts from the picture as given")
+    return picture.resize(size, Image.Resampling.LANCZOS), note
 
 
 def _edited_picture(picture: Image.Image, aspect: float | None) -> Image.Image:
@@ -270,11 +286,13 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
         instruction = request.instruction()
         # The ViT's inputs are shrunk; the VAE reference, the bucket, the output size and a segmentation's mask
         # come from the first picture as given, cut to a requested aspect (spec §8.8), the only one kept at its size.
-        images, ref = [], None
-        for src in request.images:
+        images, ref, shrunk = [], None, []
+        for number, src in enumerate(request.images, 1):
             picture = load_image(src, as_shown=True)  # the way up, and over the white, the user sees it
             ref = picture if ref is None else ref
-            images.append(_shrink(picture, MAX_REFERENCE_PIXELS))
+            image, note = _vit_picture(picture, number)
+            images.append(image)
+            shrunk.append(note)
         if ref is not None:
             explicit = parse_size(request.size)  # (h, w): its proportions, as an aspect ratio would be
             ref = _edited_picture(ref, parse_aspect(request.aspect) if explicit is None else explicit[1] / explicit[0])
@@ -303,7 +321,7 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
         waited = time.perf_counter() - t_wait
         try:
             yield from _run(engine, gen, request, prompt, negative_chat, plan, ref, seed, cancel,
-                            t_start, waited)
+                            t_start, waited, "; ".join(filter(None, shrunk)))
         except MingError as e:
             yield Error(str(e), code=e.code)
         except Exception as e:  # the stream ends with a clear error; the engine keeps serving
@@ -326,7 +344,8 @@ def stopped(stats: GenerationStats, t_start: float, seed: int, steps_done: int) 
 
 
 def _run(engine, gen, request: ImagineRequest, prompt, negative_chat, plan: SizePlan, ref: Image.Image | None,
-         seed: int, cancel, t_start: float, waited: float) -> Iterator[Event]:
+         seed: int, cancel, t_start: float, waited: float, input_note: str = "") -> Iterator[Event]:
+    """The image of a checked request; `input_note` says what the user should know of the input pictures."""
     stats = GenerationStats(queue_wait_s=waited)
     model = engine.model
     yield Progress("encoding prompt", message=f"{len(prompt.ids)} tokens, {len(prompt.images)} image(s)"
@@ -403,7 +422,7 @@ def _run(engine, gen, request: ImagineRequest, prompt, negative_chat, plan: Size
         image = image.resize((w, h), Image.Resampling.LANCZOS)
     out = np.asarray(image)
     mask_png = overlay_png = None
-    note = ""
+    note = input_note
     result = {"seed": seed, "task": request.task, "width": w, "height": h, "diffusion_width": plan.diffusion[1],
               "diffusion_height": plan.diffusion[0], "glyph_text": glyph_text}
     if request.task == "segment":
@@ -412,7 +431,7 @@ def _run(engine, gen, request: ImagineRequest, prompt, negative_chat, plan: Size
         mask_png = _png((mask * 255).astype(np.uint8))
         overlay_png = _png(overlay(ref_out, mask, request.mask_color))
         result["mask_pixels"] = int(mask.sum())
-        note = mask_note(mask)
+        note = "; ".join(filter(None, (mask_note(mask), input_note)))
     stats.images = 1
     stats.total_s = time.perf_counter() - t_start
     yield ImageDone(image=_png(out), width=w, height=h, seed=seed, mask=mask_png, overlay=overlay_png, note=note)

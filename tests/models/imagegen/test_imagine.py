@@ -225,7 +225,7 @@ def test_cli_refuses_what_needs_no_model_before_the_model_loads(tmp_path, capsys
 def test_edit_sizes_and_reference_frame_come_from_the_picture_as_given(tiny_engine, monkeypatch):
     """Only the ViT input is shrunk to MAX_REFERENCE_PIXELS; the reference processor builds the VAE
     reference (bilinear to the bucket) and the output size from the picture as given. A 307x250 picture
-    shrunk first (to 283x231 here) came back 274 wide instead of 275 = floor(307·224/250)."""
+    shrunk first (to 283x230 here) came back 274 wide instead of 275 = floor(307·224/250)."""
     import engine.imagine
     monkeypatch.setattr(engine.imagine, "MAX_REFERENCE_PIXELS", 256 * 256)
     seen = []
@@ -236,6 +236,28 @@ def test_edit_sizes_and_reference_frame_come_from_the_picture_as_given(tiny_engi
     assert (done.result["height"], done.result["width"]) == (224, 275)
     assert (done.result["diffusion_height"], done.result["diffusion_width"]) == (224, 272)
     assert seen == [(307, 250)]
+
+
+def test_a_picture_over_the_vits_limit_is_shrunk_to_its_own_ratio_and_the_image_says_so(tiny_engine, monkeypatch):
+    """A 4000x1000 edit: the ViT read it shrunk (to at most MAX_REFERENCE_PIXELS) without a word. It is read at the
+    picture's own 4:1 (2048x512 at the real limit; 256x64 at the small limit set here to keep the test quick) and the
+    image's note says so. The short side is rounded, not cut: 3000x1999 was 1254x835."""
+    import engine.imagine
+    from engine.imagine import MAX_REFERENCE_PIXELS, vit_size
+
+    assert vit_size(4000, 1000, MAX_REFERENCE_PIXELS) == (2048, 512)
+    assert vit_size(1000, 4000, MAX_REFERENCE_PIXELS) == (512, 2048)
+    for w, h in ((3000, 1999), (4032, 3024), (1920, 1081), (5000, 37)):
+        sw, sh = vit_size(w, h, MAX_REFERENCE_PIXELS)
+        assert sw * sh <= MAX_REFERENCE_PIXELS and abs(sh - sw * h / w) <= 0.5, (w, h, sw, sh)
+    assert vit_size(640, 480, MAX_REFERENCE_PIXELS) == (640, 480)
+    monkeypatch.setattr(engine.imagine, "MAX_REFERENCE_PIXELS", 256 * 64)
+    events = list(tiny_engine.imagine("make it blue", images=[_photo(1000, 4000)], steps=1, seed=1, size="400x100"))
+    done = _final(events)
+    assert isinstance(done, Done), done
+    image = next(e for e in events if isinstance(e, ImageDone))
+    assert (image.width, image.height) == (400, 100)
+    assert "picture 1 (4000x1000) was read at 256x64" in image.note and image.note in done.text
 
 
 def test_glyph_text_is_read_from_the_whole_chat_prompt(tiny_engine):
