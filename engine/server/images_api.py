@@ -45,18 +45,21 @@ MAX_INPUT_IMAGES = 8
 MAX_FORM_FILES = 4 * MAX_INPUT_IMAGES
 OUTPUT_FORMATS = ("png", "jpeg", "webp")  # engine.imagine.IMAGE_FILE_FORMATS
 IGNORED_FIELDS = fields.IMAGE_IGNORED
-# OpenAI's values of its image fields (gpt-image-1's and dall-e-3's): another value is refused naming the field.
-# `quality` is honoured as steps (QUALITY_STEPS); `style` (dall-e-3's look), `moderation` (there is none here) and
-# `input_fidelity` (an edit's reference is always read in full) have no effect; `background` transparent is refused.
+# OpenAI's values of its image fields (the GPT image models' and dall-e-3's, as OpenAI's SDK types them): another
+# value is refused naming the field. `quality` is honoured as steps (QUALITY_STEPS); `style` (dall-e-3's look),
+# `moderation` (there is none here), `input_fidelity` (an edit's reference is always read in full) and `complexity`
+# have no effect; `background` transparent is refused.
 OPENAI_CHOICES = {
-    "quality": ("auto", "low", "medium", "high", "standard", "hd"),
+    "quality": ("auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"),
     "style": ("vivid", "natural"),
     "moderation": ("auto", "low"),
     "input_fidelity": ("low", "high"),
+    "complexity": ("low", "medium", "high"),
     "background": ("auto", "opaque", "transparent"),
 }
 # The denoising steps a `quality` stands for when the request names no `steps`: fewer steps, a rougher picture sooner.
-# The others (high, hd, standard, auto) run the pipeline's own schedule (engine.imagine.DEFAULT_STEPS, spec §8.6).
+# The others (high, xhigh, max, hd, standard, auto) run the pipeline's own schedule (engine.imagine.DEFAULT_STEPS,
+# spec §8.6: more steps than the model was made for buy nothing certain).
 QUALITY_STEPS = {"low": 10, "medium": 20}
 NUMBER_FIELDS = ("n", "partial_images", "steps", "guidance", "image_guidance", "cfg_truncation", "seed",
                  "preview_every", "output_compression")

@@ -72,7 +72,8 @@ def test_quality_is_honoured_as_steps_and_openais_other_values_are_taken(http):
     assert r.status_code == 200 and r.json()["metrics"]["image_steps"] == QUALITY_STEPS["low"], r.text
     assert openai_steps({"quality": "medium"}) == QUALITY_STEPS["medium"]
     assert openai_steps({"quality": "medium", "steps": 3}) == 3
-    assert openai_steps({"quality": "high", "input_fidelity": "high"}) is openai_steps({}) is None  # the default
+    for default in ("high", "xhigh", "max", "hd", "standard", "auto"):  # OpenAI's SDK's values: the model's default
+        assert openai_steps({"quality": default, "input_fidelity": "high", "complexity": "high"}) is None
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
@@ -224,6 +225,7 @@ def test_bad_images_are_400s(http, raw, code):
     ({"prompt": "a", "style": "anime"}, "invalid_value", "style 'anime' is not one of OpenAI's values: vivid"),
     ({"prompt": "a", "moderation": "strict"}, "invalid_value", "moderation 'strict'"),
     ({"prompt": "a", "input_fidelity": "max"}, "invalid_value", "input_fidelity 'max'"),
+    ({"prompt": "a", "complexity": "extreme"}, "invalid_value", "complexity 'extreme'"),
     ({"prompt": "a", "partial_images": 7}, "invalid_value", "partial_images"),
     ({"prompt": "a", "steps": 0}, "invalid_request", "steps"),
     ({"prompt": "a", "guidance": 1e9}, "invalid_request", "guidance"),
