@@ -1,9 +1,10 @@
 """The Image tab: generate a picture from a prompt (aspect ratio or size, steps, guidance, seed with
 a random-seed button), edit one or more reference images (presets for background replacement and
 object removal), or segment a target (mask and overlay, both downloadable); on a Preview engine an Image
-guidance slider guides an Edit or a Segment toward its reference. Previews every few steps and a progress bar
-while it is made; Stop ends it between steps; a gallery keeps the results with their settings (an Edit's or a Segment's
-pictures too), reusable with one click (kept by the browser across a page reload)."""
+guidance slider guides an Edit or a Segment toward its reference; up to MAX_PICTURES pictures a press (seed,
+seed + 1, ...). Previews every few steps and a progress bar (which picture, which step) while it is made; Stop ends
+it between steps; a gallery keeps the results with their settings (an Edit's or a Segment's pictures too), each as
+soon as it is made, reusable with one click (kept by the browser across a page reload)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ REFERENCES = "references"  # an Edit's or a Segment's pictures, copies kept with
 # an entry kept by an earlier studio, without them, still comes back.
 OPTIONAL_SETTINGS = (IMAGE_GUIDANCE, REFERENCES)
 REFERENCE_TASKS = ("edit", "segment")  # the tasks with a reference picture, which the image guidance guides
+# The most pictures one press makes (the request's n; the engine makes them one after another, seed, seed + 1, ...)
+MAX_PICTURES = 4
 
 
 def _save_png(data: bytes, stem: str) -> str:
@@ -97,9 +100,11 @@ class ImageController:
         self.inflight = InFlight()
 
     def make(self, mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
-             gallery_state, image_guidance=None, request: gr.Request | None = None, progress=gr.Progress()):
+             gallery_state, image_guidance=None, count=1, request: gr.Request | None = None, progress=gr.Progress()):
         """Stream (preview/result image, mask, overlay, status, gallery, gallery state, files). `image_guidance`
-        goes with an Edit or a Segment, when the engine's card offers it (the Preview's; a 2.0 engine has none)."""
+        goes with an Edit or a Segment, when the engine's card offers it (the Preview's; a 2.0 engine has none).
+        `count` pictures (1..MAX_PICTURES) are made one after another: each goes to the gallery and the downloads
+        as soon as it is done (a Stop or a failure later keeps it), the status says which picture is being made."""
         task = MODES.get(mode, "generate")
         images = [f if isinstance(f, str) else getattr(f, "name", None) or f.get("path") for f in (refs or [])]
         images = [p for p in images if p]
@@ -139,29 +144,38 @@ class ImageController:
         image_guidance = self.sent_image_guidance(task, image_guidance)
         if image_guidance is not None:
             settings[IMAGE_GUIDANCE] = image_guidance
+        count = max(1, min(int(count or 1), MAX_PICTURES))
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
-        shown, final, result = None, None, None
+        shown, final, made, latest, files = None, None, [], (None, None, None), []
         try:
             pictures = [Path(p).read_bytes() for p in images]
+            if pictures:  # kept once, with every picture made from them
+                settings[REFERENCES] = [_keep_copy(data, p) for data, p in zip(pictures, images)]
             stream = self.link.client.imagine(
                 (target if task == "segment" else prompt) or "", task=task, images=pictures,
                 size=parse_size(size), aspect=None if parse_size(size) or aspect == AUTO_ASPECT else aspect,
                 steps=int(steps), guidance=float(guidance), seed=seed, preview_every=int(preview_every) or None,
-                preset=PRESETS.get(preset) if task == "edit" else None, image_guidance=image_guidance, cancel=cancel)
+                preset=PRESETS.get(preset) if task == "edit" else None, image_guidance=image_guidance, n=count,
+                cancel=cancel)
             for event in stream:
                 if isinstance(event, QueuePosition):
                     yield shown, None, None, queue_line(event), gr.update(), gallery_state, None
                 elif isinstance(event, Progress):
                     if event.total:
-                        progress(event.done / event.total, desc=event.stage)
+                        progress(event.done / event.total, desc=_stage(event, count))
                 elif isinstance(event, ImagePreview):
                     shown = _pil(event.image)
-                    progress(event.step / max(event.total_steps, 1), desc=f"step {event.step} of {event.total_steps}")
-                    yield shown, None, None, f"{GENERATING} step {event.step} of {event.total_steps}", gr.update(), \
-                        gallery_state, None
+                    where = " · ".join(filter(None, (_which(event.index, count),
+                                                     f"step {event.step} of {event.total_steps}")))
+                    progress(event.step / max(event.total_steps, 1), desc=where)
+                    yield shown, None, None, f"{GENERATING} {where}", gr.update(), gallery_state, None
                 elif isinstance(event, ImageDone):
-                    result = event
+                    made.append(event)
+                    latest = _keep_result(event, task, settings, seed, gallery_state, files)
+                    if len(made) < count:  # the next one is being made: this one is shown, kept and downloadable
+                        yield *latest, f"{GENERATING} {_which(len(made), count)}", _gallery(gallery_state), \
+                            gallery_state, files
                 elif isinstance(event, (Done, Error)):
                     final = event
                     break
@@ -169,34 +183,28 @@ class ImageController:
             final = failure(e)
         finally:
             self.inflight.end(session, TAB, cancel)
-        if isinstance(final, Done) and result is not None:
-            settings["seed"] = result.seed if result.seed is not None else seed
-            # shown as the PNGs saved (the Result, Mask and Overlay download buttons gave 'image.webp', a lossy WebP:
-            # a segmentation mask came back with grey edges), named for what was made and its seed
-            stem = f"{task}-seed{settings['seed']}"
-            picture, mask, overlay = (_save_png(data, name) if data is not None else None for data, name in
-                                      ((result.image, stem), (result.mask, f"{stem}-mask"),
-                                       (result.overlay, f"{stem}-overlay")))
-            files = [f for f in (picture, mask, overlay) if f]
-            if pictures:
-                settings[REFERENCES] = [_keep_copy(data, p) for data, p in zip(pictures, images)]
-            gallery_state.append({"image": files[0], "settings": settings})
-            status = figures_line(final) + f" · seed {settings['seed']} · {result.width}x{result.height}"
-            if result.note:
-                status += f" · {result.note}"
+        if isinstance(final, Done) and made:
+            seeds = ", ".join(str(m.seed if m.seed is not None else seed) for m in made)
+            size = f"{made[-1].width}x{made[-1].height}"
+            status = f"{figures_line(final)} · seed{'s' * (len(made) > 1)} {seeds} · {size}"
+            notes = dict.fromkeys(m.note for m in made if m.note)  # (the same note of each picture said once)
+            if notes:
+                status += " · " + " · ".join(notes)
             if unused:
                 status += f" · {REFS_NOT_USED}"
             info = self.link.status().info
             if info is not None and info.is_demo:
                 status += f" · {DEMO_PICTURE}"
-            gallery = [(g["image"], _caption(g["settings"])) for g in gallery_state]
-            yield picture, mask, overlay, status, gallery, gallery_state, files
+            yield *latest, status, _gallery(gallery_state), gallery_state, files
             return
         if isinstance(final, Done):  # cancelled before the image was finished
             yield shown, None, None, figures_line(final), gr.update(), gallery_state, None
             return
         final = final or Error("the engine ended without an image", code="engine_error")
         gr.Warning(f"Image failed: {error_text(final)}")
+        if made:  # the pictures made before it failed stay shown, in the gallery and downloadable
+            yield *latest, error_line(final), _gallery(gallery_state), gallery_state, files
+            return
         yield shown, None, None, error_line(final), gr.update(), gallery_state, None
 
     def sent_image_guidance(self, task: str, value) -> float | None:
@@ -209,7 +217,7 @@ class ImageController:
     def restore_gallery(saved):
         """At page load: (the gallery's entries, the gallery) as the browser kept them (see kept_results)."""
         entries = kept_results(saved)
-        return entries, [(g["image"], _caption(g["settings"])) for g in entries]
+        return entries, _gallery(entries)
 
     @staticmethod
     def reuse(gallery_state, evt: gr.SelectData):
@@ -224,6 +232,35 @@ class ImageController:
     def stop(self, request: gr.Request | None = None) -> None:
         if not self.inflight.cancel(session_of(request), TAB):
             gr.Info("Nothing is being made.")
+
+
+def _which(index: int, count: int) -> str:
+    """"picture 2 of 4" for the picture at `index` of several; nothing when one is made."""
+    return f"picture {index + 1} of {count}" if count > 1 else ""
+
+
+def _stage(event: Progress, count: int) -> str:
+    """The progress bar's words: the stage, and which picture when several are made (the engine's message says)."""
+    return f"{event.stage} ({event.message})" if count > 1 and event.message else event.stage
+
+
+def _keep_result(result: ImageDone, task: str, settings: dict, seed: int, gallery_state: list,
+                 files: list) -> tuple[str | None, str | None, str | None]:
+    """A picture made: saved as PNGs (with its mask and overlay) added to `files`, kept in the gallery with its
+    settings and its own seed; returns the (picture, mask, overlay) files to show."""
+    kept = {**settings, "seed": result.seed if result.seed is not None else seed}
+    # shown as the PNGs saved (the Result, Mask and Overlay download buttons gave 'image.webp', a lossy WebP:
+    # a segmentation mask came back with grey edges), named for what was made and its seed
+    stem = f"{task}-seed{kept['seed']}"
+    shown = tuple(_save_png(data, name) if data is not None else None for data, name in
+                  ((result.image, stem), (result.mask, f"{stem}-mask"), (result.overlay, f"{stem}-overlay")))
+    files += [f for f in shown if f]
+    gallery_state.append({"image": shown[0], "settings": kept})
+    return shown
+
+
+def _gallery(gallery_state: list) -> list[tuple[str, str]]:
+    return [(g["image"], _caption(g["settings"])) for g in gallery_state]
 
 
 def card_defaults(link: EngineLink) -> dict:
@@ -318,6 +355,8 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
                 seed = seed_box(elem_id="image-seed")
                 dice = gr.Button("Random seed", scale=0, min_width=120)
                 preview_every = gr.Slider(0, 10, value=5, step=1, label="Preview every k steps (0 = none)")
+                count = gr.Slider(1, MAX_PICTURES, value=1, step=1, label="Pictures",
+                                  info="made one after another, with seed, seed + 1, ...", elem_id="image-count")
             with gr.Row():
                 go = run_button("Make it", "image-go")
                 stop = gr.Button("Stop", variant="stop", elem_id="image-stop")
@@ -345,7 +384,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
     hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
     go.click(lambda *values: kept_request(*values, names=REQUEST_FIELDS), [mode, prompt, target], [ask], **hidden).then(
         controller.make, [mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
-                          state, image_guidance], [picture, mask, overlay, status, gallery, state, files],
+                          state, image_guidance, count], [picture, mask, overlay, status, gallery, state, files],
         api_name="imagine", concurrency_limit=None,
         show_progress_on=[status]).then(  # the progress bar over the result hid the previews it is to show
         lambda entries, asked: (list(entries or []), request_done(asked)), [state, ask], [kept, ask], **hidden)

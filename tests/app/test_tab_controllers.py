@@ -26,6 +26,8 @@ from app.ui.chat import ASSUMED_TOKEN_CAP, ChatController, page_state, speech_co
 from app.ui.common import (RANDOM_SEED, SEED_MAX, SEED_RANGE, chosen_seed, figures_line, note_text,  # noqa: E402
                            seed_box, seed_problem)
 from app.ui.image import ASPECTS, AUTO_ASPECT, DEMO_PICTURE, EDIT_PROMPT_HINTS, REFS_NOT_USED, ImageController, _keep_copy, _save_png, kept_results  # noqa: E402
+from app.ui.common import GENERATING  # noqa: E402
+from app.ui.image import MAX_PICTURES  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
 from app.ui.speech import BOTH_GIVEN, CUT_AT_LIMIT, CUT_ON_DEMO, NOTHING_GIVEN, SpeechController  # noqa: E402
 from app.ui import common, voice as voice_tab  # noqa: E402
@@ -213,6 +215,34 @@ def test_an_edit_without_a_prompt_says_what_the_prompt_is_for(engine_server):
     *_, last = image.make("Edit", "cup", [cup], "Remove an object", "", "1:1", "32x32", 2, 2.0, 1, 0, [],
                           progress=lambda *a, **k: None)
     assert "finish reason: stop" in last[3], last[3]
+
+
+def test_several_pictures_a_press_each_kept_as_it_is_made_and_stop_keeps_those_made(engine_server):
+    """The Image tab made one picture a press. It makes up to MAX_PICTURES (seed, seed + 1, ...): the progress bar
+    and the status say which picture is being made, each goes to the gallery (after the earlier results) and to the
+    downloads, named by its seed, as soon as it is done; Stop after the first keeps the first."""
+    image = ImageController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    visitor = SimpleNamespace(session_hash="pictures")
+    earlier = [{"image": "earlier.png", "settings": {"mode": "Generate", "prompt": "before", "target": "", "seed": 1,
+                                                      "steps": 1}}]
+    said = []
+    shown = []  # (status, gallery entries, downloads) as each update was sent
+    for out in image.make("Generate", "a cup", None, None, "", "1:1", "32x32", 1, 2.0, 5, 0, earlier, count=2,
+                          request=visitor, progress=lambda *a, desc="", **k: said.append(desc)):
+        shown.append((str(out[3]), len(out[5]), list(out[6] or [])))
+    picture, _, _, status, _, kept, files = out
+    assert [k["settings"]["seed"] for k in kept] == [1, 5, 6] and "seeds 5, 6" in status
+    assert [Path(f).name.split("-")[:2] for f in files] == [["generate", "seed5"], ["generate", "seed6"]]
+    assert picture == files[-1] and (f"{GENERATING} picture 2 of 2", 2, files[:1]) in shown  # the first, kept at once
+    assert any("picture 2 of 2" in d for d in said) and MAX_PICTURES >= 4, said
+
+    def stop_at_the_second(*a, desc="", **k):
+        if "picture 2 of" in desc:
+            image.stop(visitor)
+    *_, stopped = image.make("Generate", "a cup", None, None, "", "1:1", "32x32", 2, 2.0, 7, 0, [], count=3,
+                             request=visitor, progress=stop_at_the_second)
+    assert "cancelled" in stopped[3] and [k["settings"]["seed"] for k in stopped[5]] == [7], stopped[3]
+    assert len(stopped[6]) == 1 and Path(stopped[6][0]).is_file()
 
 
 def test_the_kept_gallery_gives_back_only_this_studios_images_still_there(tmp_path):
