@@ -367,6 +367,7 @@ def _run(engine, gen, request: ImagineRequest, prompt, negative_chat, plan: Size
                                           mm.image_embeds if mm is not None else None, prompt.image_grid_thw)
             cond = trace.condition.to(dev)
             stats.prompt_tokens = int(trace.layout.input_ids.shape[1])
+            stats.prompt_image_tokens = prompt.image_tokens  # the input pictures' (the query tokens are not pictures)
             if glyph_text:
                 cond = torch.cat([cond, gen.glyph([glyph_text]).embeds.to(dev, cond.dtype)], dim=1)
             if gen.kind == SD3:

@@ -283,6 +283,7 @@ def imagine_n(engine, requests: list[dict], cancel) -> Iterator[Event]:
                 continue
             s = ev.stats
             total.prompt_tokens += s.prompt_tokens
+            total.prompt_image_tokens += s.prompt_image_tokens
             total.media_encode_s += s.media_encode_s
             total.image_steps += s.image_steps
             total.images += s.images

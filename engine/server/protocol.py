@@ -1070,9 +1070,11 @@ def image_size(width: int, height: int) -> str:
 
 
 def image_usage(stats: GenerationStats) -> dict:
-    """Image usage in OpenAI's shape: the thinker's prompt tokens in, no tokens out."""
+    """Image usage in OpenAI's shape: the thinker's prompt tokens in (of them the input pictures' patch tokens as
+    image_tokens, the rest text: the words, the chat template and the query tokens), no tokens out."""
+    details = {"text_tokens": stats.prompt_tokens - stats.prompt_image_tokens, "image_tokens": stats.prompt_image_tokens}
     return {"input_tokens": stats.prompt_tokens, "output_tokens": 0, "total_tokens": stats.prompt_tokens,
-            "input_tokens_details": {"text_tokens": stats.prompt_tokens, "image_tokens": 0}}
+            "input_tokens_details": details}
 
 
 def image_data(ev: ImageDone, image_b64: str, extensions: bool) -> dict:

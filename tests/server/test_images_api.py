@@ -388,6 +388,9 @@ def test_edits_refuse_a_mask_and_need_an_image(http):
                                             "images": [{"image_url": "data:image/png;base64,"
                                                         + base64.b64encode(png(picture())).decode()}]})
     assert r.status_code == 200, r.text  # OpenAI's JSON edit shape
+    usage = r.json()["usage"]  # the picture's patch tokens were counted as text, image_tokens 0
+    details = usage["input_tokens_details"]
+    assert details["image_tokens"] > 0 and details["text_tokens"] + details["image_tokens"] == usage["input_tokens"]
 
 
 def test_openais_other_picture_shapes_and_too_many_pictures_are_refused_by_name(http):
