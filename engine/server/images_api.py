@@ -178,7 +178,7 @@ def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> t
     if partials is not None:
         partials = int(need_number(partials, "partial_images", 0, MAX_PARTIAL_IMAGES, integer=True))
     preview_every = body.get("preview_every")
-    if preview_every is None and partials:
+    if preview_every is None and partials and flag(body, "stream"):  # (an answer in one body has no previews)
         preview_every = max(1, math.ceil((steps if isinstance(steps, int) else DEFAULT_STEPS) / (partials + 1)))
     check_image_count(len(images))
     arrays = [codec.image_array(raw, ctx.limits, f"image[{i}]", as_shown=True) for i, raw in enumerate(images)]

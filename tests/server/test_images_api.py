@@ -108,6 +108,9 @@ def test_streams_previews_before_the_final_image(http):
     assert [e["index"] for e in data] == [0, 0, 0, 1, 1, 1]
     assert "usage" not in data[2] and data[-1]["usage"]["input_tokens"] > 0  # the request's totals on the last
     assert data[-1]["metrics"]["time_to_first_preview_ms"] > 0
+    # without stream the previews asked for were made and thrown away (time to a preview nobody saw was reported)
+    r = http.post("/v1/images/generations", json={"prompt": "a boat", "partial_images": 3, "steps": 2, "size": "32x32"})
+    assert r.status_code == 200 and r.json()["metrics"]["time_to_first_preview_ms"] == 0, r.text
     assert any(isinstance(e, str) and e.startswith(": progress") for e in events)
     assert decoded(data[0]["b64_json"]).format == "PNG" and data[-1]["size"] == "32x32"
 
