@@ -20,7 +20,8 @@ REALTIME = "realtime"  # the engine serves the realtime websocket protocol (the 
 RECHECK_S = 5.0
 # The most one "who are you" check may take. A hung engine (or a network that drops packets) held each check for the
 # client's whole request timeout (60 s), twice at start, and every page load and tab waited behind it; now it is
-# said as not answering after this, and a page load never waits for a check another visitor's page started.
+# said as not answering after this, and a page load never waits for a check another visitor's page started. What a
+# page asks the engine for at load (its saved voices, for Chat, Voice and Live) is given up after this too.
 CHECK_TIMEOUT_S = 10.0
 # The failures of a check that mean something else answered at the engine's address (a 404 page, a web app's answer).
 NOT_AN_ENGINE = ("http_error", "protocol_error")

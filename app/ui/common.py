@@ -243,10 +243,12 @@ def say_refused_files(elem_id: str, status, sentence) -> None:
 def saved_voice_names(link: EngineLink) -> list[str]:
     """The names of the voices saved in the engine's voice library (empty when it has no talker or cannot say; not
     asked while the link finds the engine down: an engine that hung held each page load's list, and Live's Start, for
-    the client's whole request timeout; one found up but hung on the list holds it VOICE_LIST_TIMEOUT_S at most)."""
+    the client's whole request timeout; one found up but hung on the list holds it VOICE_LIST_TIMEOUT_S at most, or
+    the link's check timeout where shorter)."""
     try:
         up = link.status().ok and link.has(SPEECH_OUT)
-        return [v["name"] for v in link.client.voices(timeout=VOICE_LIST_TIMEOUT_S)] if up else []
+        timeout = min(VOICE_LIST_TIMEOUT_S, link.check_timeout_s)
+        return [v["name"] for v in link.client.voices(timeout=timeout)] if up else []
     except Exception:  # noqa: BLE001  (the lists then stay empty; Refresh asks again)
         return []
 

@@ -250,11 +250,11 @@ class AsyncEngineClient(core.EngineClientBase):
         resp = await self._send(method, path, **kwargs)
         return core.json_answer(resp.status_code, resp.content)
 
-    async def health(self) -> dict:
-        return await self._get("/health")
+    async def health(self, timeout: float | None = None) -> dict:
+        return await self._get("/health", **core.timeout_option(timeout))
 
     async def info(self, timeout: float | None = None) -> ModelInfo:
-        each = {"timeout": core.checked_timeout(timeout)} if timeout is not None else {}
+        each = core.timeout_option(timeout)
         if not self.openai:
             return core.models_info(await self._get("/v1/models", **each))
         models = await self._get("/v1/models", **each)  # each time: a check that the engine still answers
@@ -280,11 +280,9 @@ class AsyncEngineClient(core.EngineClientBase):
 
     async def chat(self, messages: list[dict], *, max_tokens: int | None = None, temperature: float | None = None,
                    top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
-                   seed: int | None = None, stop: str | list[str] | None = None, presence_penalty: float | None = None,
-                   frequency_penalty: float | None = None, logit_bias: dict[int, float] | None = None,
-                   system: str | None = None, thinking: bool = False, modalities: tuple[str, ...] = ("text",),
-                   voice: str | None = None, cancel: threading.Event | None = None,
-                   transport: str = "realtime") -> AsyncIterator[Event]:
+                   seed: int | None = None, stop: str | list[str] | None = None, system: str | None = None,
+                   thinking: bool = False, modalities: tuple[str, ...] = ("text",), voice: str | None = None,
+                   cancel: threading.Event | None = None, transport: str = "realtime") -> AsyncIterator[Event]:
         model, failed = await self._model_or_error()
         if failed is not None:
             yield failed
@@ -296,8 +294,7 @@ class AsyncEngineClient(core.EngineClientBase):
                 pass
         request = core.chat_request(messages, ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty,
                                                           seed, stop, system, thinking, modalities, voice,
-                                                          self._reply_rate(modalities), presence_penalty,
-                                                          frequency_penalty, logit_bias), transport, model)
+                                                          self._reply_rate(modalities)), transport, model)
         if isinstance(request, Error):
             yield request
             return
@@ -371,8 +368,7 @@ class AsyncEngineClient(core.EngineClientBase):
 
     async def voices(self, timeout: float | None = None) -> list[dict]:
         self._refuse_on_openai("the voice library")
-        each = {"timeout": core.checked_timeout(timeout)} if timeout is not None else {}
-        return (await self._get(calls.VOICES_PATH, **each))["data"]
+        return (await self._get(calls.VOICES_PATH, **core.timeout_option(timeout)))["data"]
 
     async def save_voice(self, name: str, reference_audio: Any, reference_text: str | None = None,
                          replace: bool = False) -> dict:
@@ -389,8 +385,7 @@ class AsyncEngineClient(core.EngineClientBase):
 
     async def speech_options(self, timeout: float | None = None) -> dict:
         self._refuse_on_openai("the speech options")
-        each = {"timeout": core.checked_timeout(timeout)} if timeout is not None else {}
-        return await self._get(calls.SPEECH_OPTIONS_PATH, **each)
+        return await self._get(calls.SPEECH_OPTIONS_PATH, **core.timeout_option(timeout))
 
     async def imagine(self, prompt: str, *, task: str = "generate", images: list | None = None,
                       size: str | None = None, aspect: str | None = None, steps: int | None = None,

@@ -238,6 +238,11 @@ def checked_timeout(timeout: Any) -> float:
     return float(timeout)
 
 
+def timeout_option(timeout: Any) -> dict:
+    """The keyword arguments that give one request `timeout` seconds (None: the client's own timeout)."""
+    return {"timeout": checked_timeout(timeout)} if timeout is not None else {}
+
+
 def env_settings(environ=os.environ) -> tuple[str, str | None]:
     """(ENGINE_URL, ENGINE_TOKEN) from the environment."""
     url = environ.get("ENGINE_URL")

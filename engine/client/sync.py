@@ -279,15 +279,16 @@ class EngineClient(core.EngineClientBase):
         resp = self._send(method, path, **kwargs)
         return core.json_answer(resp.status_code, resp.content)
 
-    def health(self) -> dict:
-        """The server's /health (status, model, queue, sessions). Raises ServerError when unreachable."""
-        return self._get("/health")
+    def health(self, timeout: float | None = None) -> dict:
+        """The server's /health (status, model, queue, sessions). Raises ServerError when unreachable.
+        `timeout`: seconds it may take (default: the client's)."""
+        return self._get("/health", **core.timeout_option(timeout))
 
     def info(self, timeout: float | None = None) -> ModelInfo:
         """The served model. Raises ServerError (unauthorized, connect_failed, timeout, ...). For an
         OpenAI-compatible backend: its first model, capabilities probed from the routes that answer.
         `timeout`: seconds each of its requests may take (default: the client's)."""
-        each = {"timeout": core.checked_timeout(timeout)} if timeout is not None else {}
+        each = core.timeout_option(timeout)
         if not self.openai:
             return core.models_info(self._get("/v1/models", **each))
         models = self._get("/v1/models", **each)  # each time: a check that the engine still answers
@@ -315,17 +316,14 @@ class EngineClient(core.EngineClientBase):
 
     def chat(self, messages: list[dict], *, max_tokens: int | None = None, temperature: float | None = None,
              top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
-             seed: int | None = None, stop: str | list[str] | None = None, presence_penalty: float | None = None,
-             frequency_penalty: float | None = None, logit_bias: dict[int, float] | None = None,
-             system: str | None = None, thinking: bool = False, modalities: tuple[str, ...] = ("text",),
-             voice: str | None = None, cancel: threading.Event | None = None,
-             transport: str = "realtime") -> Iterator[Event]:
+             seed: int | None = None, stop: str | list[str] | None = None, system: str | None = None,
+             thinking: bool = False, modalities: tuple[str, ...] = ("text",), voice: str | None = None,
+             cancel: threading.Event | None = None, transport: str = "realtime") -> Iterator[Event]:
         """Stream a reply: QueuePosition, TextDelta, AudioChunk, ... then exactly one Done or Error.
         `messages` use the engine's format (role + content str or parts with image / audio / video as
         bytes, paths or arrays). `transport`: "realtime" (a realtime session per call, taken from a
         small pool of connected sessions and emptied after use) or "http" (/v1/chat/completions;
-        larger media). `presence_penalty`, `frequency_penalty` and `logit_bias` ({token id: bias}) are OpenAI's, on
-        both transports (the server checks their ranges and refuses a token id the model has not)."""
+        larger media)."""
         model, failed = self._model_or_error()
         if failed is not None:
             yield failed
@@ -337,8 +335,7 @@ class EngineClient(core.EngineClientBase):
                 pass
         request = core.chat_request(messages, ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty,
                                                           seed, stop, system, thinking, modalities, voice,
-                                                          self._reply_rate(modalities), presence_penalty,
-                                                          frequency_penalty, logit_bias), transport, model)
+                                                          self._reply_rate(modalities)), transport, model)
         if isinstance(request, Error):
             yield request
             return
@@ -418,11 +415,10 @@ class EngineClient(core.EngineClientBase):
         yield from self._call(call, cancel)
 
     def voices(self, timeout: float | None = None) -> list[dict]:
-        """The saved voices: [{name, reference_text, seconds, speakers, created}]. Raises ServerError. `timeout`:
-        seconds the request may take (default: the client's)."""
+        """The saved voices: [{name, reference_text, seconds, speakers, created}]. Raises ServerError (code timeout
+        when `timeout` seconds pass without the list; default: the client's timeout)."""
         self._refuse_on_openai("the voice library")
-        each = {"timeout": core.checked_timeout(timeout)} if timeout is not None else {}
-        return self._get(calls.VOICES_PATH, **each)["data"]
+        return self._get(calls.VOICES_PATH, **core.timeout_option(timeout))["data"]
 
     def save_voice(self, name: str, reference_audio: Any, reference_text: str | None = None,
                    replace: bool = False) -> dict:
@@ -442,11 +438,9 @@ class EngineClient(core.EngineClientBase):
 
     def speech_options(self, timeout: float | None = None) -> dict:
         """What speak() takes: tasks, dialect / emotion / speed / pitch / volume aliases, BGM and music
-        fields, formats, limits, the talker's sample rate. `timeout`: seconds the request may take (default: the
-        client's)."""
+        fields, formats, limits, the talker's sample rate. `timeout`: seconds it may take (default: the client's)."""
         self._refuse_on_openai("the speech options")
-        each = {"timeout": core.checked_timeout(timeout)} if timeout is not None else {}
-        return self._get(calls.SPEECH_OPTIONS_PATH, **each)
+        return self._get(calls.SPEECH_OPTIONS_PATH, **core.timeout_option(timeout))
 
     def imagine(self, prompt: str, *, task: str = "generate", images: list | None = None, size: str | None = None,
                 aspect: str | None = None, steps: int | None = None, guidance: float | None = None,

@@ -150,3 +150,59 @@ def test_an_engine_that_hangs_after_answering_does_not_hold_the_voice_lists(hung
         t0 = time.monotonic()
         assert saved_voice_names(link) == []
         assert time.monotonic() - t0 < CHECK_S
+
+
+@pytest.fixture(scope="module")
+def engine_hung_on_lists():
+    """An engine whose model card (with a talker) answers at once and whose voice library and speech options never
+    answer (a stuck worker behind a live front): the link finds it up, so the page asks it."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    card = b'{"data": [{"id": "m", "capabilities": ["text", "speech_out"]}]}'
+    release = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/v1/models":
+                release.wait()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(card)))
+            self.end_headers()
+            self.wfile.write(card)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_voice_list_the_engine_never_sends_is_given_up_after_the_check_timeout(engine_hung_on_lists):
+    """The link finds the engine up (its card answers) but its voice library hangs: each page load's voice list (Chat,
+    Voice) and Live's Start waited the client's whole request timeout (60 s)."""
+    from app.ui.common import saved_voice_names
+
+    link = EngineLink(EngineClient(engine_hung_on_lists, timeout=CLIENT_S), recheck_s=60.0, check_timeout_s=CHECK_S)
+    assert link.status().ok and link.has("speech_out")
+    t0 = time.monotonic()
+    assert saved_voice_names(link) == []
+    assert time.monotonic() - t0 < CHECK_S + 1.0
+
+
+@pytest.mark.parametrize("ask", ["health", "voices", "speech_options"])
+def test_the_clients_page_time_questions_take_a_timeout(engine_hung_on_lists, ask):
+    from engine.client import ServerError
+
+    client = EngineClient(engine_hung_on_lists, timeout=CLIENT_S)
+    t0 = time.monotonic()
+    with pytest.raises(ServerError) as refused:
+        getattr(client, ask)(timeout=CHECK_S)
+    assert time.monotonic() - t0 < CHECK_S + 1.0
+    assert refused.value.code == "timeout" and f"did not answer within {CHECK_S:g} s" in str(refused.value)
