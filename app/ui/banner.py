@@ -76,19 +76,34 @@ def banner_html(status: LinkStatus, remote: bool = False) -> str:
             f'<strong>{headline}</strong> · {details}</div>')
 
 
+ENGINE_DOWN = "down"
+
+
+def engine_state(status: LinkStatus) -> str:
+    """What the page's engine-dependent controls follow, as one value that changes whenever they must be set again:
+    the engine going away or coming back, and an engine that came back with other parts between two checks (a talker
+    or an image generator more or less, another model or its limits: a restart within the banner's few seconds left
+    the tabs as the page had found the engine, "no talker" and all, until a reload)."""
+    if not status.ok or status.info is None:
+        return ENGINE_DOWN
+    info = status.info
+    return (f"up: {info.name} {info.release} {sorted(info.capabilities)} {sorted(info.limits.items())} "
+            f"{sorted(info.image_defaults.items())}")
+
+
 def build_banner(link: EngineLink) -> gr.HTML:
     """The banner, refreshed every few seconds from the engine's status. Inside the studio's Blocks it also keeps
-    whether the engine answers (a hidden checkbox at Blocks.engine_up, see app.ui.common.on_engine_change): the controls
-    that depend on the engine are set again when that changes."""
+    the engine's state (engine_state: whether it answers, and with which parts; a hidden box at Blocks.engine_up, see
+    app.ui.common.on_engine_change): the controls that depend on the engine are set again when that changes."""
     banner = gr.HTML(lambda: banner_html(link.status(), link.remote), elem_id=BANNER_ELEM_ID)  # computed per page load
     # hidden: its change event is the page's (a gr.State set by an unqueued tick never fired its own)
-    engine_up = gr.Checkbox(value=link.status().ok, visible=False, label="The engine answers",
-                            elem_id="engine-up")
+    engine_up = gr.Textbox(lambda: engine_state(link.status()), visible=False, label="The engine's state",
+                           elem_id="engine-up")
     setattr(Context.root_block, ENGINE_UP_ATTR, engine_up)
 
     def tick():
         status = link.status()
-        return banner_html(status, link.remote), status.ok
+        return banner_html(status, link.remote), engine_state(status)
     timer = gr.Timer(link.recheck_s)
     timer.tick(tick, None, [banner, engine_up], queue=False, show_progress="hidden", api_visibility="private")
     return banner

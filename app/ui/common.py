@@ -18,7 +18,7 @@ from app.media_check import media_problem
 from engine.events import Done, Error, GenerationStats, QueuePosition
 
 GENERATING = "Generating…"
-# The Blocks attribute holding the banner's gr.State "the engine answers" (app/ui/banner.py), if there is one.
+# The Blocks attribute holding the banner's hidden "engine's state" box (app/ui/banner.py), if there is one.
 ENGINE_UP_ATTR = "engine_up"
 # The most a page load waits for the engine's saved voices (an engine hung on the list held it 60 s, the client's timeout)
 VOICE_LIST_TIMEOUT_S = 5.0
@@ -144,9 +144,11 @@ _MARKDOWN_SPECIAL = re.compile(r"[\\`*_\[\]<>#|]")  # (a reason quoting a path s
 
 def capability_note(link: EngineLink, capability: str, text: str) -> gr.Markdown:
     """`text` (why a tab cannot do its work) while the engine lacks `capability`, worked out at each page
-    load: a studio started before its engine said "no talker" (and the like) for good, even after the
-    engine came back with one."""
-    return gr.Markdown(lambda: note_text(link, capability, text))
+    load and whenever the engine's state changes (on_engine_change): a studio started before its engine said "no
+    talker" (and the like) for good, even after the engine came back with one."""
+    note = gr.Markdown(lambda: note_text(link, capability, text))
+    on_engine_change(lambda: note_text(link, capability, text), [note])
+    return note
 
 
 def on_page_load(fn, outputs: list, inputs: list | None = None, js: str | None = None) -> None:
@@ -158,10 +160,10 @@ def on_page_load(fn, outputs: list, inputs: list | None = None, js: str | None =
 
 
 def on_engine_change(fn, outputs: list) -> None:
-    """Run `fn` (no inputs; updates for `outputs`) whenever the banner sees the engine come back or go away (the
-    hidden checkbox at Blocks.engine_up, app/ui/banner.py): a page opened while the engine was down kept "Answer
-    with speech too" disabled ("the engine is not reachable") and the Voice tab's instruction lists empty after
-    the banner showed the model again, until a reload. Call inside the studio's Blocks, after build_banner."""
+    """Run `fn` (no inputs; updates for `outputs`) whenever the banner sees the engine come back, go away or come back
+    with other parts (the hidden box at Blocks.engine_up, app/ui/banner.py): a page opened while the engine was down
+    kept "Answer with speech too" disabled ("the engine is not reachable") and the Voice tab's instruction lists empty
+    after the banner showed the model again, until a reload. Call inside the studio's Blocks, after build_banner."""
     engine_up = getattr(Context.root_block, ENGINE_UP_ATTR, None)
     if engine_up is not None:
         engine_up.change(fn, None, outputs, queue=False, show_progress="hidden", api_visibility="private")

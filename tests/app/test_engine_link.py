@@ -177,7 +177,7 @@ def engine_hung_on_lists():
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     release.set()
     server.shutdown()
@@ -206,3 +206,64 @@ def test_the_clients_page_time_questions_take_a_timeout(engine_hung_on_lists, as
         getattr(client, ask)(timeout=CHECK_S)
     assert time.monotonic() - t0 < CHECK_S + 1.0
     assert refused.value.code == "timeout" and f"did not answer within {CHECK_S:g} s" in str(refused.value)
+
+
+@pytest.fixture(scope="module")
+def engine_with_parts():
+    """An engine whose model card the test changes (`parts`: its capabilities), as an engine restarted with other
+    parts (a talker, an image generator) between two of the studio's checks."""
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    parts = ["text", "audio_in", "speech_out", "image_out", "realtime"]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            answer = {"data": [{"id": "m", "capabilities": parts}]} if self.path == "/v1/models" else {"data": []}
+            body = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", parts
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_page_follows_an_engine_restarted_with_other_parts(engine_with_parts):
+    """An engine restarted without its talker and image generator between two checks (the banner saw it answer both
+    times): the tabs' notes ("no talker", "no image generator") were worked out at page load only, and the controls
+    that follow the engine were set again only when it went away or came back, so the page offered what the engine no
+    longer had until a reload."""
+    gr = pytest.importorskip("gradio")
+    from app.engine_link import IMAGE_OUT, SPEECH_OUT
+    from app.ui.banner import build_banner
+    from app.ui.common import capability_note
+
+    url, parts = engine_with_parts
+    link = EngineLink(EngineClient(url, timeout=CLIENT_S), recheck_s=0.0)
+    with gr.Blocks() as demo:  # the banner and two tabs' notes, as the studio builds them (app/studio.py)
+        build_banner(link)
+        capability_note(link, SPEECH_OUT, "This engine has no talker.")
+        capability_note(link, IMAGE_OUT, "This engine has no image generator.")
+    engine_state = demo.engine_up
+    tick = next(f.fn for f in demo.fns.values() if any(event == "tick" for _, event in f.targets))
+    followers = [f for f in demo.fns.values() if (engine_state._id, "change") in f.targets]
+    notes = [f.fn for f in followers if [type(o).__name__ for o in f.outputs] == ["Markdown"]]
+
+    _, before = tick()
+    assert not any(note() for note in notes)  # it has every part: no tab says it lacks one
+    parts.remove("speech_out")
+    parts.remove("image_out")
+    _, after = tick()
+    assert after != before, "the page's engine state did not change, so nothing on it would follow"
+    said = " ".join(note() for note in notes)
+    assert "no talker" in said and "no image generator" in said
