@@ -27,9 +27,13 @@ class AsyncRealtimeClient(core.RealtimeClientBase):
 
         try:
             self.ws = await connect(self.endpoints.ws, **self._ws_options())
-        except Exception as e:  # refused, unreachable, 401, TLS ...
-            raise core.connect_error(self.endpoints.ws, e) from e
-        return self.state.connected(await self.recv(timeout=self.timeout))
+        except Exception as e:  # refused, unreachable, 401, TLS, no handshake within connect_timeout ...
+            raise core.connect_error(self.endpoints.ws, e, core.waited_for(e, self.connect_timeout)) from e
+        try:
+            return self.state.connected(await self.recv(timeout=self.connect_timeout))
+        except TimeoutError as e:
+            await self.close()
+            raise core.connect_error(self.endpoints.ws, e, self.connect_timeout) from e
 
     async def close(self) -> None:
         if self.ws is not None:
@@ -213,8 +217,9 @@ class AsyncEngineClient(core.EngineClientBase):
     """EngineClient over asyncio: the same methods; chat(), transcribe(), speak() and imagine() are
     async iterators."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = core.DEFAULT_TIMEOUT):
-        super().__init__(url, token, timeout)
+    def __init__(self, url: str, token: str | None = None, timeout: float = core.DEFAULT_TIMEOUT,
+                 connect_timeout: float = core.CONNECT_TIMEOUT_S):
+        super().__init__(url, token, timeout, connect_timeout)
         self.http = httpx.AsyncClient(**self._http_options())
 
     async def close(self) -> None:
@@ -229,7 +234,8 @@ class AsyncEngineClient(core.EngineClientBase):
         await self.close()
 
     def realtime(self) -> AsyncRealtimeClient:
-        return AsyncRealtimeClient(self.endpoints.ws, self.endpoints.token, self.timeout)
+        return AsyncRealtimeClient(self.endpoints.ws, self.endpoints.token, self.timeout,
+                                   connect_timeout=self.connect_timeout)
 
     async def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
@@ -421,8 +427,9 @@ class AsyncEngineClient(core.EngineClientBase):
         try:
             stream = self.http.stream(call.method, call.path, **call.kwargs)
             resp = await stream.__aenter__()
-        except httpx.HTTPError as e:
-            yield core.connect_error(self.endpoints.http + call.path, e).to_event()
+        except httpx.HTTPError as e:  # (a timeout: no answer within the client's timeout)
+            waited = self.timeout if isinstance(e, httpx.TimeoutException) else None
+            yield core.connect_error(self.endpoints.http + call.path, e, waited).to_event()
             return
         pump_task = None
         try:

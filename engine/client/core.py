@@ -29,6 +29,10 @@ from engine.events import Done, Error, Event, UnknownEventError
 from engine.server import protocol as wire
 
 DEFAULT_TIMEOUT = 60.0  # seconds: connecting, each request/reply, each HTTP read, a cancel's answer
+# Seconds a realtime session's opening may take (the websocket handshake, then the session's first event), at most the
+# client's timeout. An engine that is up answers it at once however busy it is (a request waits in its queue after);
+# a hung engine held each chat for the client's whole timeout (60 s), its Stop unheard until then.
+CONNECT_TIMEOUT_S = 10.0
 POLL_S = 0.05  # how often a streaming read looks at its cancel event
 PING_S = 20.0  # websocket keepalive (at most; and every `timeout`): a server that stops answering pings is lost
 REALTIME_PATH = "/v1/realtime"
@@ -130,6 +134,11 @@ def json_error_event(status: int, content: bytes) -> Error:
     except ServerError as e:
         return e.to_event()
     return Error(f"HTTP {status}", "server_error")
+
+
+def waited_for(exc: BaseException, timeout_s: float) -> float | None:
+    """`timeout_s` when `exc` says that time passed without an answer (connect_error's `timeout_s`), else None."""
+    return timeout_s if isinstance(exc, TimeoutError) else None
 
 
 def connect_error(url: str, exc: BaseException, timeout_s: float | None = None) -> ServerError:
@@ -892,9 +901,10 @@ class RealtimeClientBase:
     """What RealtimeClient and AsyncRealtimeClient share: where, how long, and the session state."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 reconnect_attempts: int = 3, backoff_s: float = 0.2):
+                 reconnect_attempts: int = 3, backoff_s: float = 0.2, connect_timeout: float = CONNECT_TIMEOUT_S):
         self.endpoints = Endpoints.parse(url, token)
         self.timeout = checked_timeout(timeout)
+        self.connect_timeout = min(checked_timeout(connect_timeout), self.timeout)
         self.reconnect_attempts = reconnect_attempts
         self.backoff_s = backoff_s
         self.state = RealtimeState()
@@ -907,7 +917,7 @@ class RealtimeClientBase:
     def _ws_options(self) -> dict:
         """websockets connect() options: auth, limits, and keepalive pings (a server that stops
         answering is a lost connection after about two `timeout`s)."""
-        return {"additional_headers": self.endpoints.headers, "open_timeout": self.timeout,
+        return {"additional_headers": self.endpoints.headers, "open_timeout": self.connect_timeout,
                 "max_size": MAX_MESSAGE_BYTES, "compression": None, "ping_interval": min(PING_S, self.timeout),
                 "ping_timeout": self.timeout}
 
@@ -915,9 +925,11 @@ class RealtimeClientBase:
 class EngineClientBase:
     """What EngineClient and AsyncEngineClient share."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 connect_timeout: float = CONNECT_TIMEOUT_S):
         self.endpoints = Endpoints.parse(url, token)
         self.timeout = checked_timeout(timeout)
+        self.connect_timeout = min(checked_timeout(connect_timeout), self.timeout)  # its realtime sessions' opening
         self._sessions = SessionPool()
         self._openai_info: ModelInfo | None = None  # an OpenAI-compatible backend's model, as last read
         self._openai_routes: dict[str, bool] | None = None  # which of its optional routes answer, probed once

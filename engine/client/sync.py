@@ -36,7 +36,8 @@ class RealtimeClient(core.RealtimeClientBase):
     """One realtime session (/v1/realtime): settings, conversation items, audio and webcam buffers, and
     responses streamed as engine events. Requests that the server answers (update_session,
     add_message, commit_audio, ...) return the answering server event, or raise ServerError.
-    RealtimeClient(url, token=None, timeout=60, reconnect_attempts=3, backoff_s=0.2)."""
+    RealtimeClient(url, token=None, timeout=60, reconnect_attempts=3, backoff_s=0.2, connect_timeout=10): the
+    session's opening (handshake and first event) takes at most connect_timeout seconds."""
 
     # ------------------------------------------------------------------ connection
     def connect(self) -> dict:
@@ -44,9 +45,13 @@ class RealtimeClient(core.RealtimeClientBase):
 
         try:
             self.ws = connect(self.endpoints.ws, legacy=True, **self._ws_options())
-        except Exception as e:  # refused, unreachable, 401, TLS ...
-            raise core.connect_error(self.endpoints.ws, e) from e
-        return self.state.connected(self.recv(timeout=self.timeout))
+        except Exception as e:  # refused, unreachable, 401, TLS, no handshake within connect_timeout ...
+            raise core.connect_error(self.endpoints.ws, e, core.waited_for(e, self.connect_timeout)) from e
+        try:
+            return self.state.connected(self.recv(timeout=self.connect_timeout))
+        except TimeoutError as e:  # (it escaped as a bare TimeoutError, out of chat() too)
+            self.close()
+            raise core.connect_error(self.endpoints.ws, e, self.connect_timeout) from e
 
     def close(self) -> None:
         if self.ws is not None:
@@ -236,13 +241,14 @@ class RealtimeClient(core.RealtimeClientBase):
 class EngineClient(core.EngineClientBase):
     """The engine server, from anywhere: health(), info(), chat(), transcribe(), speak(), imagine()
     returning engine events, and the voice library (voices(), save_voice(), delete_voice(),
-    speech_options()). EngineClient(url, token=None, timeout=60) or EngineClient.from_env()
+    speech_options()). EngineClient(url, token=None, timeout=60, connect_timeout=10) or EngineClient.from_env()
     (ENGINE_URL, ENGINE_TOKEN); `url`: http(s)://HOST:PORT or ws(s)://HOST:PORT (both transports
     derive from it), or openai+http(s)://HOST:PORT for any OpenAI-compatible server (HTTP, OpenAI's
     standard routes only; what it cannot do ends with Error(code="not_supported_by_engine"))."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = core.DEFAULT_TIMEOUT):
-        super().__init__(url, token, timeout)
+    def __init__(self, url: str, token: str | None = None, timeout: float = core.DEFAULT_TIMEOUT,
+                 connect_timeout: float = core.CONNECT_TIMEOUT_S):
+        super().__init__(url, token, timeout, connect_timeout)
         self.http = httpx.Client(**self._http_options())
 
     def close(self) -> None:
@@ -258,7 +264,8 @@ class EngineClient(core.EngineClientBase):
 
     def realtime(self) -> RealtimeClient:
         """A (not yet connected) realtime session client for the same server."""
-        return RealtimeClient(self.endpoints.ws, self.endpoints.token, self.timeout)
+        return RealtimeClient(self.endpoints.ws, self.endpoints.token, self.timeout,
+                              connect_timeout=self.connect_timeout)
 
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
@@ -482,8 +489,9 @@ class EngineClient(core.EngineClientBase):
         try:
             stream = self.http.stream(call.method, call.path, **call.kwargs)
             resp = stream.__enter__()
-        except httpx.HTTPError as e:
-            yield core.connect_error(self.endpoints.http + call.path, e).to_event()
+        except httpx.HTTPError as e:  # (a timeout: no answer within the client's timeout)
+            waited = self.timeout if isinstance(e, httpx.TimeoutException) else None
+            yield core.connect_error(self.endpoints.http + call.path, e, waited).to_event()
             return
         try:
             if resp.status_code >= 400:

@@ -534,3 +534,58 @@ def test_the_realtime_client_reads_g711_replies_as_pcm16():
     got = np.concatenate([c.samples() for c in chunks])
     assert {c.sample_rate for c in chunks} == {8000} and len(got) == len(talker)
     assert np.abs(got - talker).max() < 0.01  # G.711's quantisation step at this level
+
+
+CONNECT_S = 0.3  # the clients' connect_timeout in the tests below (the default is CONNECT_TIMEOUT_S)
+LONG_S = 30.0  # their request timeout: what a chat on a hung engine waited before
+
+
+@pytest.fixture(scope="module")
+def hung_ports():
+    """(a port that accepts connections and never answers a byte, the URL of a websocket server that completes the
+    handshake and then never sends the session's first event): two ways an engine hangs."""
+    from websockets.sync.server import serve
+
+    release = threading.Event()
+    silent = serve(lambda ws: release.wait(), "127.0.0.1", 0)
+    threading.Thread(target=silent.serve_forever, daemon=True).start()
+    with socket.socket() as backlog:
+        backlog.bind(("127.0.0.1", 0))
+        backlog.listen(16)
+        yield backlog.getsockname()[1], silent.socket.getsockname()[1]
+    release.set()
+    silent.shutdown()
+
+
+@pytest.mark.parametrize("hang", ["no handshake", "no session event"])
+def test_a_chat_on_a_hung_engine_says_so_within_the_connect_timeout(hung_ports, hang):
+    """A chat's realtime session to a hung engine waited the client's whole timeout (60 s), its Stop unheard, and said
+    'could not reach the engine server ... TimeoutError'; a handshake answered without a session event raised a bare
+    TimeoutError out of chat()."""
+    port = hung_ports[0] if hang == "no handshake" else hung_ports[1]
+    client = EngineClient(f"ws://127.0.0.1:{port}", timeout=LONG_S, connect_timeout=CONNECT_S)
+    t0 = time.monotonic()
+    events = list(client.chat([{"role": "user", "content": "hi"}]))
+    assert time.monotonic() - t0 < CONNECT_S + 2.0
+    assert len(events) == 1 and isinstance(events[0], Error) and events[0].code == "timeout", events
+    assert f"did not answer within {CONNECT_S:g} s" in events[0].message
+
+
+def test_an_async_realtime_session_on_a_hung_engine_says_so_within_the_connect_timeout(hung_ports):
+    async def connect():
+        rt = AsyncRealtimeClient(f"ws://127.0.0.1:{hung_ports[1]}", timeout=LONG_S, connect_timeout=CONNECT_S)
+        with pytest.raises(ServerError) as refused:
+            await rt.connect()
+        return refused.value
+
+    t0 = time.monotonic()
+    refused = asyncio.run(connect())
+    assert time.monotonic() - t0 < CONNECT_S + 2.0 and refused.code == "timeout"
+
+
+def test_a_stream_the_engine_never_answers_is_said_as_no_answer_not_as_unreachable(hung_ports):
+    """speak() / imagine() / transcribe() on a hung engine said 'could not reach the engine server ... ReadTimeout'
+    (code connect_failed), sending the user to look at the address of an engine that took the connection."""
+    events = list(EngineClient(f"http://127.0.0.1:{hung_ports[0]}", timeout=CONNECT_S).speak("hello"))
+    assert len(events) == 1 and events[0].code == "timeout", events
+    assert f"did not answer within {CONNECT_S:g} s" in events[0].message
