@@ -244,10 +244,12 @@ def main(argv: list[str] | None = None) -> int:
             if engine_server is not None:
                 engine_server.stop()
 
+    from app.http_answers import make_studio_http_default
     from app.studio import build_studio, close_studio, launch_options
     from engine.server.ws_protocol import make_uvicorn_default
 
     make_uvicorn_default()  # the Live relay's handshakes: a 414 / 431 answered, not left hanging
+    make_studio_http_default()  # a request that does not parse: h11's status (431 for a head too long) and why
     demo = build_studio(link)
     try:
         demo.launch(**launch_options(demo), server_name=args.host, server_port=args.port, share=args.share,
