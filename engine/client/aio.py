@@ -433,7 +433,7 @@ class AsyncEngineClient(core.EngineClientBase):
             return
         pump_task = None
         try:
-            if resp.status_code >= 400:
+            if resp.status_code >= 400 or core.is_html(resp.headers.get("content-type", "")):  # (not a stream)
                 await resp.aread()
                 yield core.json_error_event(resp.status_code, resp.content)
                 return

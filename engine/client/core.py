@@ -92,15 +92,27 @@ def http_error(status: int, body: Any, text: str = "") -> ServerError:
 _HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
 
+def html_page_title(text: str) -> str | None:
+    """The title of an HTML page ("" when it has none); None when `text` is not an HTML page."""
+    text = text.strip()
+    if not (text[:1] == "<" or "<html" in text[:512].lower()):
+        return None
+    title = _HTML_TITLE.search(text)
+    return " ".join(re.sub(r"<[^>]+>", " ", title.group(1)).split())[:120] if title else ""
+
+
+def is_html(content_type: str) -> bool:
+    """True for an answer that says it is a web page (a captive portal's or a proxy's login page answers any URL)."""
+    return content_type.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml")
+
+
 def _error_text(status: int, text: str) -> str:
     """What a non-JSON error answer says: its text, cut; an HTML page (a proxy's or gateway's 502 / 504, which came
     through as kilobytes of markup) is said by its title, naming what answered."""
-    text = text.strip()
-    if text[:1] == "<" or "<html" in text[:512].lower():
-        title = _HTML_TITLE.search(text)
-        what = " ".join(re.sub(r"<[^>]+>", " ", title.group(1)).split())[:120] if title else ""
-        return f"HTTP {status}{': ' + what if what else ''} (an HTML page: a proxy or gateway answered, not the engine)"
-    return text[:200] or f"HTTP {status}"
+    title = html_page_title(text)
+    if title is not None:
+        return f"HTTP {status}{': ' + title if title else ''} (an HTML page: a proxy or gateway answered, not the engine)"
+    return text.strip()[:200] or f"HTTP {status}"
 
 
 def reply_error(event: dict) -> ServerError:
@@ -124,6 +136,11 @@ def json_answer(status: int, content: bytes) -> Any:
     if status >= 400:
         raise http_error(status, body, content.decode("utf-8", "replace"))
     if body is None:
+        title = html_page_title(content.decode("utf-8", "replace"))
+        if title is not None:  # (a captive portal, a proxy's login page: "not JSON" sent the user to the engine)
+            raise ServerError(f"a web page{' (' + repr(title) + ')' if title else ''} answered instead of the engine: a "
+                              "network's sign-in page (captive portal), a proxy's login or another web site at this "
+                              "address", "protocol_error", status)
         raise ServerError("the server's answer is not JSON", "protocol_error", status)
     return body
 
@@ -151,10 +168,12 @@ def connect_error(url: str, exc: BaseException, timeout_s: float | None = None) 
     status = getattr(response, "status_code", None)
     if status is not None:
         body = getattr(response, "body", None)
+        page = bytes(body or b"").decode("utf-8", "replace")  # a web page is said by its title, not the bare status
+        text = page if html_page_title(page) is not None else str(exc)
         try:
-            return http_error(status, json.loads(body) if body else None, str(exc))
+            return http_error(status, json.loads(body) if body else None, text)
         except ValueError:
-            return http_error(status, None, str(exc))
+            return http_error(status, None, text)
     return ServerError(f"could not reach the engine server at {url}: {type(exc).__name__}: {exc}", "connect_failed")
 
 

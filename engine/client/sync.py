@@ -494,7 +494,7 @@ class EngineClient(core.EngineClientBase):
             yield core.connect_error(self.endpoints.http + call.path, e, waited).to_event()
             return
         try:
-            if resp.status_code >= 400:
+            if resp.status_code >= 400 or core.is_html(resp.headers.get("content-type", "")):  # (not a stream)
                 answered = True
                 resp.read()
                 yield core.json_error_event(resp.status_code, resp.content)

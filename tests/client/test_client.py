@@ -589,3 +589,43 @@ def test_a_stream_the_engine_never_answers_is_said_as_no_answer_not_as_unreachab
     events = list(EngineClient(f"http://127.0.0.1:{hung_ports[0]}", timeout=CONNECT_S).speak("hello"))
     assert len(events) == 1 and events[0].code == "timeout", events
     assert f"did not answer within {CONNECT_S:g} s" in events[0].message
+
+
+@pytest.fixture(scope="module")
+def captive_portal():
+    """A network's sign-in page: every request, whatever its path or method (a websocket handshake too), is answered
+    200 with the same web page, as a hotel's or a company's captive portal answers."""
+    page = b"<!DOCTYPE html><html><head><title>Sign in to Hotel WiFi</title></head><body>Log in</body></html>"
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nConnection: close\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(page) + page)
+    portal = socket.socket()
+    portal.bind(("127.0.0.1", 0))
+    portal.listen(16)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = portal.accept()
+            except OSError:  # closed: the module's tests are done
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+    threading.Thread(target=serve, daemon=True).start()
+    yield portal.getsockname()[1]
+    portal.close()
+
+
+def test_a_captive_portals_page_is_said_as_a_web_page_not_a_json_or_stream_error(captive_portal):
+    """A studio (or script) on a network with a sign-in page got 'the server's answer is not JSON' from the model
+    check and "unexpected stream line '<!DOCTYPE html><html><head><title>Sign in...'" from every streamed request:
+    neither said that a web page, not the engine, had answered. The realtime handshake said only 'HTTP 200'."""
+    client = EngineClient(f"http://127.0.0.1:{captive_portal}", timeout=5)
+    with pytest.raises(ServerError) as checked:
+        client.info()
+    spoken = list(client.speak("hello"))
+    chatted = list(client.chat([{"role": "user", "content": "hi"}]))  # (the realtime transport)
+    for said in (str(checked.value), spoken[-1].message, chatted[-1].message):
+        assert "Sign in to Hotel WiFi" in said and "<" not in said, said
+    assert "captive portal" in str(checked.value) and "captive portal" in spoken[-1].message
+    assert len(spoken) == 1 and spoken[0].code == "protocol_error"
