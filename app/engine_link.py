@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from engine.client import EngineClient, ModelInfo, is_loopback_host
+from engine.client.core import tls_failure
 
 # Capabilities an engine reports (engine.client.ModelInfo.capabilities).
 TEXT, IMAGE_IN, VIDEO_IN, AUDIO_IN = "text", "image_in", "video_in", "audio_in"
@@ -85,6 +86,8 @@ class EngineLink:
             elif code in NOT_AN_ENGINE:  # (said "is not answering" while it answered: the address was looked at last)
                 problem = (f"the server at {self.url_label} answered, but not as a Ming engine server does ({e}): "
                            "check the engine's address and port (python -m engine.server's --host / --port)")
+            elif tls_failure(e) is not None:  # (it answered: "is not answering" sent the user to a running engine)
+                problem = f"the studio could not open a secure connection to the engine at {self.url_label} ({e})"
             else:
                 problem = f"the engine at {self.url_label} is not answering ({e})"
             return LinkStatus(False, self._status.info, problem, time.monotonic(), code)

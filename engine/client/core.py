@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 import wave
@@ -158,12 +159,36 @@ def waited_for(exc: BaseException, timeout_s: float) -> float | None:
     return timeout_s if isinstance(exc, TimeoutError) else None
 
 
+def tls_failure(exc: BaseException | None) -> ssl.SSLError | None:
+    """The TLS error behind `exc` (httpx and websockets wrap it), if there is one."""
+    while exc is not None and not isinstance(exc, ssl.SSLError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def tls_error(url: str, failure: ssl.SSLError) -> ServerError:
+    """A TLS failure said by its cause (it read "the engine ... is not answering ... SSLCertVerificationError"), with
+    the way to trust a self-signed engine: SSL_CERT_FILE, which both transports read."""
+    if not isinstance(failure, ssl.SSLCertVerificationError):
+        return ServerError(f"could not open TLS (https:// / wss://) with the server at {url} ({failure.reason or failure}): "
+                           "if it serves plain HTTP, give its http:// or ws:// address", "connect_failed")
+    why = failure.verify_message or str(failure)
+    clock = " (check this machine's clock too)" if "expired" in why or "not yet valid" in why else ""
+    return ServerError(f"the engine server at {url} presented a TLS certificate this machine does not trust: "
+                       f"{why}{clock}. Give the engine's TLS proxy a certificate from a public authority (such as "
+                       "Let's Encrypt), or trust its own here: SSL_CERT_FILE=/path/to/its-certificate.pem (the "
+                       "self-signed certificate, or the authority that signed it)", "connect_failed")
+
+
 def connect_error(url: str, exc: BaseException, timeout_s: float | None = None) -> ServerError:
     """Why a connection could not be made: the server's refusal (e.g. 401 unauthorized, with its
     error body), `timeout` when the transport says the request's `timeout_s` passed without an answer
-    (a hung engine, a network that drops packets), or connect_failed."""
+    (a hung engine, a network that drops packets), a TLS failure said by its cause, or connect_failed."""
     if timeout_s is not None:
         return ServerError(f"the engine server at {url} did not answer within {timeout_s:g} s", "timeout")
+    tls = tls_failure(exc)
+    if tls is not None:
+        return tls_error(url, tls)
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
     if status is not None:

@@ -267,3 +267,65 @@ def test_a_page_follows_an_engine_restarted_with_other_parts(engine_with_parts):
     assert after != before, "the page's engine state did not change, so nothing on it would follow"
     said = " ".join(note() for note in notes)
     assert "no talker" in said and "no image generator" in said
+
+
+@pytest.fixture(scope="module")
+def self_signed_engine(tmp_path_factory, engine_with_parts):
+    """(the https:// URL of an engine behind a self-signed certificate, that certificate's file)."""
+    import shutil
+    import ssl
+    import subprocess
+    from urllib.parse import urlsplit
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a certificate with")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "engine-cert.pem", folder / "engine-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    plain_port = urlsplit(engine_with_parts[0]).port
+    with socket.socket() as listener:  # TLS in front of the plain card server, as an engine's TLS proxy
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+
+        def relay(conn):
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls, socket.create_connection(
+                        ("127.0.0.1", plain_port)) as plain:
+                    plain.sendall(tls.recv(65536))
+                    while chunk := plain.recv(65536):
+                        tls.sendall(chunk)
+            except (OSError, ssl.SSLError):  # the client refused the certificate
+                pass
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                threading.Thread(target=relay, args=(conn,), daemon=True).start()
+        threading.Thread(target=serve, daemon=True).start()
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}", cert
+
+
+def test_an_untrusted_certificate_is_said_with_the_way_to_trust_it(self_signed_engine, monkeypatch):
+    """An engine behind a self-signed certificate: the banner said 'the engine ... is not answering (connect_failed:
+    ... SSLCertVerificationError ...)', sending the user to look for a stopped engine; it says the certificate is not
+    trusted and how to trust it (SSL_CERT_FILE, which both transports read), and that works."""
+    url, cert = self_signed_engine
+    status = EngineLink(EngineClient(url, timeout=CLIENT_S), check_timeout_s=5.0).status()
+    assert not status.ok and "not answering" not in status.problem
+    assert "does not trust" in status.problem and "self-signed" in status.problem, status.problem
+    assert "SSL_CERT_FILE" in status.problem
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    assert EngineLink(EngineClient(url, timeout=CLIENT_S), check_timeout_s=5.0).status().ok
+
+
+def test_https_to_an_engine_that_serves_plain_http_says_to_give_its_http_address(engine_with_parts):
+    status = EngineLink(EngineClient(engine_with_parts[0].replace("http://", "https://"), timeout=CLIENT_S),
+                        check_timeout_s=5.0).status()
+    assert not status.ok and "could not open TLS" in status.problem and "http://" in status.problem, status.problem
