@@ -238,8 +238,10 @@ class Endpoints:
         except ValueError:
             port_ok = False
         if scheme not in ("http", "https", "ws", "wss") or not parts.hostname or not port_ok:
+            bare_ipv6 = parts.netloc.count(":") > 1 and "[" not in parts.netloc  # (ws://::1:8000 read as port "1:8000")
             raise ValueError(f"engine URL {url!r} must look like http://HOST:PORT or ws://HOST:PORT with a port "
-                             "from 1 to 65535 (or openai+http://HOST:PORT for any OpenAI-compatible server)")
+                             "from 1 to 65535 (or openai+http://HOST:PORT for any OpenAI-compatible server)"
+                             + ("; an IPv6 address goes in brackets: ws://[2001:db8::1]:8000" if bare_ipv6 else ""))
         prefix = _proxy_prefix(parts.path, url)
         secure = scheme in ("https", "wss")
         return cls(http=f"{'https' if secure else 'http'}://{parts.netloc}{prefix}",

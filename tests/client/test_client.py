@@ -629,3 +629,13 @@ def test_a_captive_portals_page_is_said_as_a_web_page_not_a_json_or_stream_error
         assert "Sign in to Hotel WiFi" in said and "<" not in said, said
     assert "captive portal" in str(checked.value) and "captive portal" in spoken[-1].message
     assert len(spoken) == 1 and spoken[0].code == "protocol_error"
+
+
+def test_an_ipv6_engine_address_is_reached_in_brackets_and_said_so_without():
+    """ws://::1:8000 was refused as not looking like ws://HOST:PORT, which it does to a reader; the refusal now says an
+    IPv6 address goes in brackets, and the bracketed form keeps its brackets in both transports."""
+    with pytest.raises(ValueError, match=r"IPv6 address goes in brackets: ws://\[2001:db8::1\]:8000"):
+        EngineClient("ws://2001:db8::1:8000")
+    bracketed = Endpoints.parse("wss://[2001:db8::1]:8443/ming", "T")
+    assert bracketed.http == "https://[2001:db8::1]:8443/ming"
+    assert bracketed.ws == "wss://[2001:db8::1]:8443/ming/v1/realtime"
