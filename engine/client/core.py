@@ -112,7 +112,8 @@ def _error_text(status: int, text: str) -> str:
     through as kilobytes of markup) is said by its title, naming what answered."""
     title = html_page_title(text)
     if title is not None:
-        return f"HTTP {status}{': ' + title if title else ''} (an HTML page: a proxy or gateway answered, not the engine)"
+        what = f": {title}" if title else ""
+        return f"HTTP {status}{what} (an HTML page: a proxy or gateway answered, not the engine)"
     return text.strip()[:200] or f"HTTP {status}"
 
 
@@ -139,9 +140,9 @@ def json_answer(status: int, content: bytes) -> Any:
     if body is None:
         title = html_page_title(content.decode("utf-8", "replace"))
         if title is not None:  # (a captive portal, a proxy's login page: "not JSON" sent the user to the engine)
-            raise ServerError(f"a web page{' (' + repr(title) + ')' if title else ''} answered instead of the engine: a "
-                              "network's sign-in page (captive portal), a proxy's login or another web site at this "
-                              "address", "protocol_error", status)
+            named = f" ({title!r})" if title else ""
+            raise ServerError(f"a web page{named} answered instead of the engine: a network's sign-in page (captive "
+                              "portal), a proxy's login or another web site at this address", "protocol_error", status)
         raise ServerError("the server's answer is not JSON", "protocol_error", status)
     return body
 
@@ -170,8 +171,9 @@ def tls_error(url: str, failure: ssl.SSLError) -> ServerError:
     """A TLS failure said by its cause (it read "the engine ... is not answering ... SSLCertVerificationError"), with
     the way to trust a self-signed engine: SSL_CERT_FILE, which both transports read."""
     if not isinstance(failure, ssl.SSLCertVerificationError):
-        return ServerError(f"could not open TLS (https:// / wss://) with the server at {url} ({failure.reason or failure}): "
-                           "if it serves plain HTTP, give its http:// or ws:// address", "connect_failed")
+        why = failure.reason or failure
+        return ServerError(f"could not open TLS (https:// / wss://) with the server at {url} ({why}): if it serves "
+                           "plain HTTP, give its http:// or ws:// address", "connect_failed")
     why = failure.verify_message or str(failure)
     clock = " (check this machine's clock too)" if "expired" in why or "not yet valid" in why else ""
     return ServerError(f"the engine server at {url} presented a TLS certificate this machine does not trust: "

@@ -639,3 +639,22 @@ def test_an_ipv6_engine_address_is_reached_in_brackets_and_said_so_without():
     bracketed = Endpoints.parse("wss://[2001:db8::1]:8443/ming", "T")
     assert bracketed.http == "https://[2001:db8::1]:8443/ming"
     assert bracketed.ws == "wss://[2001:db8::1]:8443/ming/v1/realtime"
+
+
+@pytest.mark.parametrize("verify_message, clock", [("certificate has expired", True),
+                                                   ("certificate is not yet valid", True),
+                                                   ("self-signed certificate", False)])
+def test_a_certificate_refused_for_its_dates_names_the_clock(verify_message, clock):
+    """A studio whose clock is off (a VM resumed from a snapshot, a board without a battery) finds a valid certificate
+    'expired' or 'not yet valid': the message says to check this machine's clock too."""
+    import ssl
+
+    from engine.client.core import connect_error
+
+    refused = ssl.SSLCertVerificationError(1, f"[SSL: CERTIFICATE_VERIFY_FAILED] {verify_message}")
+    refused.verify_message = verify_message
+    try:
+        raise ConnectionError("wrapped, as httpx and websockets raise it") from refused
+    except ConnectionError as e:
+        said = str(connect_error("https://box.example.org", e))
+    assert verify_message in said and "does not trust" in said and ("clock" in said) == clock
