@@ -294,10 +294,12 @@ class AsyncEngineClient(core.EngineClientBase):
             yield failed
             return
         if self._speech_rate_unknown(modalities):
-            try:
-                self._speech_rate = (await self.info()).speech_sample_rate or 0
-            except ServerError:  # the chat itself says the server cannot be reached
-                pass
+            try:  # (as long as a session's opening may take: a hung engine held a spoken chat 60 s here first)
+                self._speech_rate = (await self.info(timeout=self.connect_timeout)).speech_sample_rate or 0
+            except ServerError as e:  # the chat itself says the server cannot be reached, unless it did not answer
+                if e.code == "timeout":
+                    yield e.to_event()
+                    return
         request = core.chat_request(messages, ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty,
                                                           seed, stop, system, thinking, modalities, voice,
                                                           self._reply_rate(modalities)), transport, model)

@@ -571,6 +571,16 @@ def test_a_chat_on_a_hung_engine_says_so_within_the_connect_timeout(hung_ports, 
     assert f"did not answer within {CONNECT_S:g} s" in events[0].message
 
 
+def test_a_spoken_chat_on_a_hung_engine_says_so_within_the_connect_timeout(hung_ports):
+    """A chat asking for speech first reads the talker's rate from the model card: on a hung engine that read waited
+    the client's whole timeout (60 s) before the chat even tried its session."""
+    client = EngineClient(f"http://127.0.0.1:{hung_ports[0]}", timeout=LONG_S, connect_timeout=CONNECT_S)
+    t0 = time.monotonic()
+    events = list(client.chat([{"role": "user", "content": "hi"}], modalities=("text", "audio")))
+    assert time.monotonic() - t0 < CONNECT_S + 2.0
+    assert len(events) == 1 and events[0].code == "timeout", events
+
+
 def test_an_async_realtime_session_on_a_hung_engine_says_so_within_the_connect_timeout(hung_ports):
     async def connect():
         rt = AsyncRealtimeClient(f"ws://127.0.0.1:{hung_ports[1]}", timeout=LONG_S, connect_timeout=CONNECT_S)
