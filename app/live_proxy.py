@@ -37,6 +37,8 @@ import anyio
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from engine.client.core import connect_error, tls_failure, waited_for
+
 log = logging.getLogger("app.live_proxy")
 
 LIVE_WS_PATH = "/live/realtime"
@@ -135,6 +137,15 @@ async def studio_user(ws: WebSocket) -> tuple[bool, str | None]:
     return user is not None, user
 
 
+def unreachable_text(url: str, failure: BaseException, open_timeout: float) -> str:
+    """Why the engine's realtime socket did not open: an engine that took the connection and did not answer, or a
+    TLS certificate this machine does not trust, said as the client says them (both read "cannot reach the engine
+    ... is it running?", of an engine that was running), else the engine not reachable."""
+    if isinstance(failure, TimeoutError) or tls_failure(failure) is not None:
+        return connect_error(url, failure, waited_for(failure, open_timeout)).message
+    return f"cannot reach the engine at {urlsplit(url).netloc} ({type(failure).__name__}); is it running?"
+
+
 class LiveProxy:
     """The relay route and its bookkeeping (`active`: the live sessions open now, by user)."""
 
@@ -225,8 +236,7 @@ class LiveProxy:
                                   "session", CLOSE_ENGINE)
             return
         except (OSError, TimeoutError, WebSocketException) as e:
-            await self._close(ws, "engine_unreachable", f"cannot reach the engine at {urlsplit(url).netloc} "
-                              f"({type(e).__name__}); is it running?", CLOSE_ENGINE)
+            await self._close(ws, "engine_unreachable", unreachable_text(url, e, self.open_timeout), CLOSE_ENGINE)
             return
         browser_gone = asyncio.Event()
         tasks = (asyncio.create_task(self._browser_to_engine(ws, upstream, browser_gone)),

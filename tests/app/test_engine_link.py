@@ -272,20 +272,12 @@ def test_a_page_follows_an_engine_restarted_with_other_parts(engine_with_parts):
 @pytest.fixture(scope="module")
 def self_signed_engine(tmp_path_factory, engine_with_parts):
     """(the https:// URL of an engine behind a self-signed certificate, that certificate's file)."""
-    import shutil
     import ssl
-    import subprocess
     from urllib.parse import urlsplit
 
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl command to make a certificate with")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "engine-cert.pem", folder / "engine-key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+    from tests.app.self_signed import self_signed_context
+
+    context, cert = self_signed_context(tmp_path_factory.mktemp("tls"))
     plain_port = urlsplit(engine_with_parts[0]).port
     with socket.socket() as listener:  # TLS in front of the plain card server, as an engine's TLS proxy
         listener.bind(("127.0.0.1", 0))

@@ -249,3 +249,49 @@ def test_a_frame_that_is_not_utf8_costs_one_log_line_not_a_stack_trace(engine, c
         uvicorn_log.removeHandler(caplog.handler)
     assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
     assert sum("client abort (invalid_utf8_frame)" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.fixture(scope="module")
+def tls_port(tmp_path_factory):
+    """A port that answers TLS with a self-signed certificate (an engine's TLS proxy nobody told this machine of)."""
+    import socket
+    import ssl
+    import threading
+
+    from tests.app.self_signed import self_signed_context
+
+    context, _ = self_signed_context(tmp_path_factory.mktemp("tls"))
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                context.wrap_socket(conn, server_side=True).close()
+            except (OSError, ssl.SSLError):  # the relay refused the certificate
+                conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+def test_an_engine_behind_an_untrusted_certificate_or_hung_is_said_so_not_asked_if_running(tls_port):
+    """The Live tab said 'cannot reach the engine ... (SSLCertVerificationError); is it running?' of an engine behind
+    a self-signed certificate, and '(TimeoutError); is it running?' of one that took the connection and never
+    answered; both are said by their cause now, as the studio's banner says them."""
+    import socket
+
+    _, app = make_app(f"wss://127.0.0.1:{tls_port}", "engine-secret")
+    with TestClient(app) as client, client.websocket_connect(LIVE_WS_PATH) as ws:
+        err = recv(ws)["error"]
+    assert err["code"] == "engine_unreachable" and "does not trust" in err["message"], err
+    assert "SSL_CERT_FILE" in err["message"] and "is it running" not in err["message"]
+    with socket.create_server(("127.0.0.1", 0)) as hung:  # takes connections into its backlog, answers nothing
+        proxy, app = make_app(f"ws://127.0.0.1:{hung.getsockname()[1]}", "engine-secret")
+        proxy.open_timeout = 0.3
+        with TestClient(app) as client, client.websocket_connect(LIVE_WS_PATH) as ws:
+            err = recv(ws)["error"]
+    assert err["code"] == "engine_unreachable" and "did not answer within 0.3 s" in err["message"], err
