@@ -88,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     args = ap.parse_args(argv)
     engine_from = "--engine" if argv_names(argv, "--engine") else "ENGINE_URL (set in the environment)"
+    args.engine_from = engine_from  # (what messages about the engine's address name: a Space sets ENGINE_URL)
     if args.engine and args.model:
         ap.error(f"{engine_from} (a remote engine) and --model (load one here) exclude each other")
     loading = [flag for dest, flag in LOCAL_LOAD_FLAGS.items() if getattr(args, dest) != ap.get_default(dest)]
@@ -169,7 +170,7 @@ def _connect_remote_engine(args: argparse.Namespace):
     try:
         client = EngineClient(args.engine, token=args.engine_token)
     except ValueError as e:  # not a URL the studio can reach an engine at
-        return _fail(f"--engine: {e}", EXIT_MODEL_ERROR)
+        return _fail(f"{args.engine_from}: {e}", EXIT_MODEL_ERROR)
     shown = url_shown(args.engine)  # (a ?token= stays out of the log)
     plain = cleartext_token_warning(client)
     if plain:

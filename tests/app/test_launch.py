@@ -267,3 +267,16 @@ def test_flags_a_remote_engine_cannot_use_are_refused_naming_them(monkeypatch, c
         launch.parse_args(argv)
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and all(s in err for s in says), err
+
+
+def test_an_engine_url_secret_with_a_login_in_it_is_refused_naming_the_secret_not_repeating_it(monkeypatch, capsys):
+    """A Space whose ENGINE_URL secret held a login (wss://alice:s3cret@gpu-box:8000) was refused as '--engine: ...',
+    a flag its operator never typed; the refusal names ENGINE_URL, and still never repeats the password."""
+    import launch
+
+    monkeypatch.setenv("ENGINE_URL", "wss://alice:s3cret@gpu-box:8000")
+    monkeypatch.delenv("ENGINE_TOKEN", raising=False)
+    assert launch.main(["--port", "0"]) == launch.EXIT_MODEL_ERROR
+    err = capsys.readouterr().err
+    assert "ENGINE_URL" in err and "--engine:" not in err and "user name or password" in err, err
+    assert "s3cret" not in err
