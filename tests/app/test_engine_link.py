@@ -249,7 +249,7 @@ def test_a_page_follows_an_engine_restarted_with_other_parts(engine_with_parts):
     from app.ui.common import capability_note
 
     url, parts = engine_with_parts
-    link = EngineLink(EngineClient(url, timeout=CLIENT_S), recheck_s=0.0)
+    link = EngineLink(EngineClient(url, timeout=CLIENT_S), recheck_s=60.0)
     with gr.Blocks() as demo:  # the banner and two tabs' notes, as the studio builds them (app/studio.py)
         build_banner(link)
         capability_note(link, SPEECH_OUT, "This engine has no talker.")
@@ -263,6 +263,7 @@ def test_a_page_follows_an_engine_restarted_with_other_parts(engine_with_parts):
     assert not any(note() for note in notes)  # it has every part: no tab says it lacks one
     parts.remove("speech_out")
     parts.remove("image_out")
+    link.refresh(force=True)  # the banner's next check (every few seconds)
     _, after = tick()
     assert after != before, "the page's engine state did not change, so nothing on it would follow"
     said = " ".join(note() for note in notes)
