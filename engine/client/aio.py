@@ -276,7 +276,9 @@ class AsyncEngineClient(core.EngineClientBase):
     async def _model(self) -> str | None:
         if not self.openai:
             return None
-        return (self._openai_info or await self.info()).id  # (read once; the studio's checks read it again)
+        # (read once, within the connect timeout: a hung backend held each first request 60 s here; the studio's
+        # checks read it again)
+        return (self._openai_info or await self.info(timeout=self.connect_timeout)).id
 
     async def _model_or_error(self) -> tuple[str | None, Error | None]:
         try:

@@ -312,7 +312,9 @@ class EngineClient(core.EngineClientBase):
         """The model an OpenAI-compatible backend is asked for (None for our server)."""
         if not self.openai:
             return None
-        return (self._openai_info or self.info()).id  # (read once; the studio's checks read it again)
+        # (read once, within the connect timeout: a hung backend held each first request 60 s here; the studio's
+        # checks read it again)
+        return (self._openai_info or self.info(timeout=self.connect_timeout)).id
 
     def _model_or_error(self) -> tuple[str | None, Error | None]:
         """_model(), or the Error a request ends with when the backend cannot be asked for it."""

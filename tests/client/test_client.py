@@ -581,6 +581,16 @@ def test_a_spoken_chat_on_a_hung_engine_says_so_within_the_connect_timeout(hung_
     assert len(events) == 1 and events[0].code == "timeout", events
 
 
+def test_a_request_to_a_hung_openai_compatible_backend_says_so_within_the_connect_timeout(hung_ports):
+    """openai+http://: a request first reads which model to ask for (the backend's /v1/models, once): on a hung backend
+    that read waited the client's whole timeout (60 s)."""
+    client = EngineClient(f"openai+http://127.0.0.1:{hung_ports[0]}", timeout=LONG_S, connect_timeout=CONNECT_S)
+    t0 = time.monotonic()
+    events = list(client.speak("hello"))
+    assert time.monotonic() - t0 < CONNECT_S + 2.0
+    assert len(events) == 1 and events[0].code == "timeout", events
+
+
 def test_an_async_realtime_session_on_a_hung_engine_says_so_within_the_connect_timeout(hung_ports):
     async def connect():
         rt = AsyncRealtimeClient(f"ws://127.0.0.1:{hung_ports[1]}", timeout=LONG_S, connect_timeout=CONNECT_S)
