@@ -61,6 +61,9 @@ OPENAI_CHOICES = {
 # The others (high, xhigh, max, hd, standard, auto) run the pipeline's own schedule (engine.imagine.DEFAULT_STEPS,
 # spec §8.6: more steps than the model was made for buy nothing certain).
 QUALITY_STEPS = {"low": 10, "medium": 20}
+# How a stream's events name a request's quality setting (theirs has no dall-e-3 values: hd is its high, standard
+# its default)
+STREAM_QUALITY = {"hd": "high", "standard": "auto"}
 NUMBER_FIELDS = ("n", "partial_images", "steps", "guidance", "image_guidance", "cfg_truncation", "seed",
                  "preview_every", "output_compression")
 FLAG_FIELDS = ("stream",)
@@ -330,7 +333,9 @@ async def run_images(request: Request, task: str, kind: str):
     refused = refused_at_once(head)
     if refused is not None:
         return error_response(wire.engine_error(refused))
-    enc = wire.ImageSseEncoder(kind, fmt, created, encode, partials, extensions=not ctx.openai_only)
+    quality = body.get("quality") or "auto"
+    enc = wire.ImageSseEncoder(kind, fmt, created, encode, partials, extensions=not ctx.openai_only,
+                               quality=STREAM_QUALITY.get(quality, quality))
     return stream_response(ctx, job, enc.encode, lambda final: enc.finish(final, job_metrics(job, received, final)),
                            events)
 

@@ -1107,7 +1107,7 @@ class ImageSseEncoder:
     progress comment lines. `encode_image(ImageDone) -> base64` writes the final file."""
 
     def __init__(self, kind: str, output_format: str, created: int, encode_image, max_partials: int | None = None,
-                 extensions: bool = True):
+                 extensions: bool = True, quality: str = "auto"):
         if kind not in IMAGE_STREAM_KINDS:
             raise ValueError(f"unknown image stream kind {kind!r}")
         self.kind = kind
@@ -1116,11 +1116,12 @@ class ImageSseEncoder:
         self.encode_image = encode_image
         self.max_partials = max_partials
         self.extensions = extensions
+        self.quality = quality  # the request's quality setting, as OpenAI's events name it
         self.partials: dict[int, int] = {}  # image index -> previews sent
         self.pending: ImageDone | None = None  # its .completed leaves with the next event (the last: with usage)
 
     def _common(self, size: str, fmt: str) -> dict:
-        return {"created_at": self.created, "size": size, "quality": "auto", "background": "opaque",
+        return {"created_at": self.created, "size": size, "quality": self.quality, "background": "opaque",
                 "output_format": fmt}
 
     def _completed(self, usage_obj: dict | None = None, metrics_obj: dict | None = None) -> list[bytes]:

@@ -98,13 +98,14 @@ def test_output_compression_is_openais_quality_100_the_best(fmt):
 def test_streams_previews_before_the_final_image(http):
     with http.stream("POST", "/v1/images/generations",
                      json={"prompt": "a boat", "stream": True, "partial_images": 2, "steps": 6, "size": "32x32",
-                           "n": 2}) as r:
+                           "n": 2, "quality": "medium"}) as r:
         events = sse_events(r)
     data = [e for e in events if isinstance(e, dict)]
     kinds = [e["type"] for e in data]
     assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"] + \
         ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     assert [e["partial_image_index"] for e in data if e["type"].endswith("partial_image")] == [0, 1, 0, 1]
+    assert {e["quality"] for e in data} == {"medium"}  # the setting asked (every event said "auto")
     assert [e["index"] for e in data] == [0, 0, 0, 1, 1, 1]
     assert "usage" not in data[2] and data[-1]["usage"]["input_tokens"] > 0  # the request's totals on the last
     assert data[-1]["metrics"]["time_to_first_preview_ms"] > 0
