@@ -144,9 +144,9 @@ class VoiceController:
     def asked_options(self) -> tuple[dict, str | None]:
         """(the engine's speech options, None), or ({}, what the page says) when it did not give them within
         OPTIONS_TIMEOUT_S or failed; not asked while the link finds the engine down or without a talker ({}, None)."""
-        if not (self.link.status().ok and self.link.has(SPEECH_OUT)):
-            return {}, None
         try:
+            if not (self.link.status().ok and self.link.has(SPEECH_OUT)):
+                return {}, None
             return self.link.client.speech_options(timeout=OPTIONS_TIMEOUT_S), None
         except Exception as e:  # noqa: BLE001  (the dropdowns then offer their default only)
             late = getattr(e, "code", None) == "timeout"
