@@ -767,10 +767,10 @@ def normalize(fragment: str) -> str:
     """A fragment as the talker reads it (spec §7.9 step 4): English number readings (text without
     CJK) then markup stripped, or markup stripped then Chinese number readings; no leading `，`."""
     text = clean_text(fragment).strip()
-    if has_cjk(text):
-        text = normalize_chinese_numbers(strip_markup(_AMPERSAND.sub("和", text)))
+    if has_cjk(text):  # ('&' is read once links are gone: a link's '&' is not said)
+        text = normalize_chinese_numbers(_AMPERSAND.sub("和", strip_markup(text)))
     else:
-        text = strip_markup(normalize_english_numbers(_AMPERSAND.sub(" and ", text)))
+        text = _AMPERSAND.sub(" and ", strip_markup(normalize_english_numbers(text)))
     text = re.sub(r"[ \t]+", " ", text).strip()
     return text[1:].lstrip() if text.startswith("，") else text
 

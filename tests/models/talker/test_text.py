@@ -269,6 +269,7 @@ def test_chinese_two_before_thousands_and_hundreds_is_liang():
      "It is five kilometers at thirty miles per hour, twenty degrees celsius, fifty percent and three dollars and "
      "fifty cents, four euros, one hundred yen."),
     ("Tom &amp; Jerry &lt;3 it&#39;s R&D, this&nothing.", "Tom and Jerry <three it's R and D, this and nothing."),
+    ("See https://x.org/?a=1&amp;b=2 &amp; www.y.org/?c=3&d=4 now.", "See and now."),
     ("In 1999 we had 1999 apples, since 2024 in 1500 ms.",
      "In nineteen ninety-nine we had one thousand nine hundred ninety-nine apples, since twenty twenty-four in one "
      "thousand five hundred milliseconds."),
@@ -290,6 +291,7 @@ def test_english_text_is_read_as_a_speaker_says_it(text, spoken):
     ("第3-5页，3~5个，2023-2024赛季", "第三至五页，三至五个，二零二三至二零二四赛季"),
     ("温度-5度，零下-3.5", "温度负五度，零下负三点五"),
     ("汤姆&amp;杰瑞&#39;s，价格€4和¥100", "汤姆和杰瑞's，价格四欧元和一百元"),
+    ("见https://x.org/?a=1&b=2。", "见。"),
 ])
 def test_chinese_text_is_read_as_a_speaker_says_it(text, spoken):
     """In Chinese a ratio or score was read as a clock time (3:2 -> 三点零二分), a mobile number without a label as a
