@@ -288,9 +288,11 @@ class AsyncEngineClient(core.EngineClientBase):
 
     async def chat(self, messages: list[dict], *, max_tokens: int | None = None, temperature: float | None = None,
                    top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
-                   seed: int | None = None, stop: str | list[str] | None = None, system: str | None = None,
-                   thinking: bool = False, modalities: tuple[str, ...] = ("text",), voice: str | None = None,
-                   cancel: threading.Event | None = None, transport: str = "realtime") -> AsyncIterator[Event]:
+                   seed: int | None = None, stop: str | list[str] | None = None, presence_penalty: float | None = None,
+                   frequency_penalty: float | None = None, logit_bias: dict[int, float] | None = None,
+                   system: str | None = None, thinking: bool = False, modalities: tuple[str, ...] = ("text",),
+                   voice: str | None = None, cancel: threading.Event | None = None,
+                   transport: str = "realtime") -> AsyncIterator[Event]:
         model, failed = await self._model_or_error()
         if failed is not None:
             yield failed
@@ -304,7 +306,8 @@ class AsyncEngineClient(core.EngineClientBase):
                     return
         request = core.chat_request(messages, ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty,
                                                           seed, stop, system, thinking, modalities, voice,
-                                                          self._reply_rate(modalities)), transport, model)
+                                                          self._reply_rate(modalities), presence_penalty,
+                                                          frequency_penalty, logit_bias), transport, model)
         if isinstance(request, Error):
             yield request
             return

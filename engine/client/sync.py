@@ -325,14 +325,17 @@ class EngineClient(core.EngineClientBase):
 
     def chat(self, messages: list[dict], *, max_tokens: int | None = None, temperature: float | None = None,
              top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
-             seed: int | None = None, stop: str | list[str] | None = None, system: str | None = None,
-             thinking: bool = False, modalities: tuple[str, ...] = ("text",), voice: str | None = None,
-             cancel: threading.Event | None = None, transport: str = "realtime") -> Iterator[Event]:
+             seed: int | None = None, stop: str | list[str] | None = None, presence_penalty: float | None = None,
+             frequency_penalty: float | None = None, logit_bias: dict[int, float] | None = None,
+             system: str | None = None, thinking: bool = False, modalities: tuple[str, ...] = ("text",),
+             voice: str | None = None, cancel: threading.Event | None = None,
+             transport: str = "realtime") -> Iterator[Event]:
         """Stream a reply: QueuePosition, TextDelta, AudioChunk, ... then exactly one Done or Error.
         `messages` use the engine's format (role + content str or parts with image / audio / video as
         bytes, paths or arrays). `transport`: "realtime" (a realtime session per call, taken from a
         small pool of connected sessions and emptied after use) or "http" (/v1/chat/completions;
-        larger media)."""
+        larger media). `presence_penalty`, `frequency_penalty` and `logit_bias` ({token id: bias}) are OpenAI's, on
+        both transports (the server checks their ranges and refuses a token id the model has not)."""
         model, failed = self._model_or_error()
         if failed is not None:
             yield failed
@@ -346,7 +349,8 @@ class EngineClient(core.EngineClientBase):
                     return
         request = core.chat_request(messages, ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty,
                                                           seed, stop, system, thinking, modalities, voice,
-                                                          self._reply_rate(modalities)), transport, model)
+                                                          self._reply_rate(modalities), presence_penalty,
+                                                          frequency_penalty, logit_bias), transport, model)
         if isinstance(request, Error):
             yield request
             return
