@@ -263,7 +263,7 @@ def form_text(form, name: str, max_len: int = 100_000) -> str | None:
     if not isinstance(value, str):
         raise bad(f"'{name}' must be a text field, not a file", "invalid_type", name)
     if len(value) > max_len:
-        raise bad(f"'{name}' is too long ({len(value)} characters)", "invalid_value", name)
+        raise bad(f"'{name}' is too long ({len(value):,} characters; at most {max_len:,})", "invalid_value", name)
     return value
 
 

@@ -566,6 +566,12 @@ def test_asking_for_timestamps_says_where_the_windows_times_are(http):
     assert err["param"] == "timestamp_granularities[]" and "srt or vtt gives a cue per window" in err["message"], err
 
 
+def test_a_transcription_prompt_past_the_field_limit_is_refused_naming_the_limit(http):
+    """A context pasted whole as `prompt` came back as "'prompt' is too long (200000 characters)": no limit said."""
+    err = error_of(http.post("/v1/audio/transcriptions", files={"file": ("a.wav", WAV)}, data={"prompt": "x" * 200_000}))
+    assert err["param"] == "prompt" and err["message"] == "'prompt' is too long (200,000 characters; at most 100,000)"
+
+
 def test_realtime_fields_are_honoured_or_named(server):
     with connect(server.ws_url) as ws:
         assert recv_json(ws)["type"] == "session.created"
