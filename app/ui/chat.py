@@ -40,6 +40,7 @@ TAB = "chat"
 CHAT_API_NAME = "chat"
 EMPTY_HINT = "Type a message or attach a file first, then press Enter (or Send)."
 WITHDRAWN = "Stopped before it started (it was waiting for the engine). Your message is back in the box."
+STOPPED_READING = "Stopped while the engine was reading your message. Your message is back in the box."
 NO_SNAPSHOT = "No picture to attach yet: open the camera (Click to Access Webcam), take one, then Attach snapshot."
 EMPTY_EDIT = "An edited message cannot be empty: the conversation is as it was (Undo takes the last message back)."
 NOTHING_TO_EXPORT = "Nothing to export yet: the conversation is empty."
@@ -358,7 +359,7 @@ class ChatController:
         messages = history_to_messages(history)
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
-        reply, audio_seen, final, shown_at = "", False, None, None
+        reply, audio_seen, final, shown_at, read_from = "", False, None, None, False
         modalities = ("text", "audio") if speak and self.link.has(SPEECH_OUT) else ("text",)
         try:
             stream = self.link.client.chat(
@@ -373,6 +374,7 @@ class ChatController:
                 if isinstance(event, QueuePosition):
                     yield gr.skip(), gr.skip(), queue_line(event), gr.skip()  # the history is unchanged: not sent again
                 elif isinstance(event, Progress) and event.stage in (MEDIA_STAGE, PREFILL_STAGE):
+                    read_from = True
                     yield gr.skip(), gr.skip(), reading_line(event), gr.skip()
                 elif isinstance(event, TextDelta):
                     reply += event.text
@@ -409,7 +411,7 @@ class ChatController:
             final = Error("the engine ended the reply without a result", code="engine_error")
         if isinstance(final, Done):
             if final.finish_reason == "cancelled" and not reply and not audio_seen:
-                yield before, turn_to_box(turn), WITHDRAWN, end
+                yield before, turn_to_box(turn), STOPPED_READING if read_from else WITHDRAWN, end
                 return
             text = final.text or reply
             shown = history + ([{"role": "assistant", "content": text}] if text or audio_seen else [])

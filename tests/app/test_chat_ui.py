@@ -20,9 +20,9 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
 from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NOTHING_TO_EXPORT, NO_SNAPSHOT, READING,  # noqa: E402
-                         REPLY_SHOWN_EVERY_S, STOPPED_NOTE, WITHDRAWN, ChatController, content_text,
-                         export_conversation, history_to_messages, reading_line, restorable, text_part,
-                         user_turn)
+                         REPLY_SHOWN_EVERY_S, STOPPED_NOTE, STOPPED_READING, WITHDRAWN, ChatController,
+                         content_text, export_conversation, history_to_messages, reading_line, restorable,
+                         text_part, user_turn)
 from engine.client import EngineClient  # noqa: E402
 from engine.events import MEDIA_STAGE, Done, Progress  # noqa: E402
 from engine.sampling import GenerationParams  # noqa: E402
@@ -433,6 +433,20 @@ def test_a_long_message_says_how_far_its_reading_is_before_the_reply(controller,
     assert not statuses[-1].startswith(READING) and reading[-1] < len(statuses) - 1
     # a long video's frames through the ViT come first, said by what they are
     assert reading_line(Progress(MEDIA_STAGE, 0, 1, "1 video")) == f"{READING} (1 video)"
+
+
+def test_stop_while_a_long_message_is_read_says_so_and_gives_the_message_back(controller, tiny_engine):
+    """Stop pressed while the engine read a long message said "Stopped before it started (it was waiting for the
+    engine)", which it was not: it says the reading was stopped; the message is back in the box."""
+    unit = "the quick brown fox jumps over the lazy dog. "
+    message = unit * (1500 // len(tiny_engine.tokenizer.encode_plain(unit)))  # three prefill chunks of 512
+    updates, visitor = [], SimpleNamespace(session_hash="reader")
+    for update in controller.respond(*chat_args(ask(message), max_new_tokens=1), request=visitor):
+        updates.append(update)
+        if isinstance(update[2], str) and update[2].startswith(READING):
+            controller.stop(visitor)
+    history, box, status = updates[-1][:3]
+    assert status == STOPPED_READING and history == [] and box["text"] == message, status
 
 
 def test_a_message_edited_to_nothing_leaves_the_conversation_as_it_was(controller):
