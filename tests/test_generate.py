@@ -657,9 +657,13 @@ def test_cli_takes_openai_penalties_and_logit_bias(tiny_engine, monkeypatch, cap
     from engine.runtime import Engine
 
     asked, chat = [], Engine.chat
+
+    def chat_asked(self, messages, params, **kw):
+        asked.append(params)
+        return chat(self, messages, params, **kw)
+
     monkeypatch.setattr(Engine, "load", lambda *a, **k: tiny_engine)
-    monkeypatch.setattr(Engine, "chat", lambda self, msgs, params, **kw: asked.append(params) or chat(self, msgs, params,
-                                                                                                      **kw))
+    monkeypatch.setattr(Engine, "chat", chat_asked)
     forced = tiny_engine.tokenizer.encode_plain(" cat")[0]
     assert main(["--prompt", "hi", "--max-new-tokens", "3", "--logit-bias", f"{forced}=100"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == tiny_engine.tokenizer.decode([forced] * 3)
