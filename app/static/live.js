@@ -32,6 +32,32 @@ let S = null;  // the running session's state; null when stopped
 
 // ------------------------------------------------------------------ page helpers
 function setStatus(text) { ui.status.textContent = text; }
+
+// A call goes on while another tab of the studio is open (the microphone still hears, replies still play), and
+// nothing there said so: a badge at the foot of the page, outside the tab, says it while the Live tab is out of
+// sight, with a button that ends the call.
+const callBadge = document.createElement("div");
+callBadge.className = "live-call-badge";
+callBadge.setAttribute("role", "status");
+callBadge.style.cssText = "position: fixed; left: 50%; bottom: 12px; transform: translateX(-50%); z-index: 1000; " +
+  "display: none; gap: 10px; align-items: center; max-width: calc(100vw - 24px); padding: 6px 6px 6px 14px; " +
+  "border-radius: 999px; background: #991b1b; color: #fff; font-weight: 600; box-shadow: 0 2px 8px rgba(0,0,0,.3);";
+const callBadgeText = document.createElement("span");
+const endCall = document.createElement("button");
+endCall.type = "button";
+endCall.textContent = "End call";
+endCall.style.cssText = "min-height: 36px; padding: 0 14px; border-radius: 999px; border: 0; background: #fff; " +
+  "color: #991b1b; font-weight: 600;";
+endCall.addEventListener("click", () => stop());
+callBadge.append(callBadgeText, endCall);
+document.body.appendChild(callBadge);
+function showCallBadge() {
+  const away = !!S && !element.offsetParent;  // (a tab out of sight is not displayed)
+  callBadgeText.textContent = S && hasMicrophone(S) ? "● Live call on: the microphone is listening"
+                                                    : "● Live call on";
+  callBadge.style.display = away ? "flex" : "none";
+}
+new IntersectionObserver(showCallBadge).observe(element);
 function showError(text) { ui.error.textContent = text || ""; ui.error.hidden = !text; }
 function settings() {
   return {
@@ -125,6 +151,7 @@ async function start() {
   };
   ui.preview.srcObject = stream;
   ui.preview.hidden = stream.getVideoTracks().length === 0;
+  showCallBadge();
   for (const track of stream.getVideoTracks()) {
     track.addEventListener("ended", () => {
       if (!S) return;
@@ -202,6 +229,7 @@ function stop(message) {
   ui.start.disabled = false; ui.stop.disabled = true; ui.talk.disabled = true; ui.mode.disabled = false;
   ui.text.disabled = true; ui.send.disabled = true;
   setStatus("Stopped.");
+  showCallBadge();
   if (message) showError(message);
 }
 

@@ -37,6 +37,8 @@ def served_live_tab(engine_url: str, token: str | None, **tab):
     with gr.Blocks(title="Live test") as demo:
         with gr.Tab("Live"):
             build_live_tab(**tab)
+        with gr.Tab("Other"):  # (a call goes on while another tab is open)
+            gr.Markdown("Another tab")
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
                 app_kwargs=proxy.app_kwargs())
     try:
@@ -89,6 +91,31 @@ def test_hands_free_the_tab_hears_a_question_sends_frames_and_shows_the_spoken_r
     assert engine.got.frames and all(f[:3] == b"\xff\xd8\xff" for f in engine.got.frames)  # JPEGs
     page.locator('#live [data-role="stop"]').click()
     assert engine.wait_closed(1), "the engine session stayed open after Stop"
+
+
+def test_a_call_left_running_in_another_tab_says_so_there_and_can_be_ended_there(live_page, browser):
+    """A call went on, unseen, while another tab was open (the microphone hearing, replies playing): outside the Live
+    tab a badge says the call is on, with a button that ends it; back on the Live tab the badge goes."""
+    url, engine = live_page
+    page = browser
+    page.goto(url, wait_until="networkidle", timeout=60_000)
+    closed = engine.got.closed
+    page.locator('#live [data-role="start"]').click()
+    page.wait_for_function("() => [...document.querySelectorAll('#live *')].find(e => e.liveState)?.liveState()?.ready",
+                           timeout=30_000)
+    badge = page.locator(".live-call-badge")
+    assert badge.is_hidden()
+    page.get_by_role("tab", name="Other").click()
+    sync_api.expect(badge).to_be_visible(timeout=5_000)
+    sync_api.expect(badge).to_contain_text("Live call on: the microphone is listening")
+    page.get_by_role("tab", name="Live").click()
+    sync_api.expect(badge).to_be_hidden(timeout=5_000)
+    page.get_by_role("tab", name="Other").click()
+    badge.get_by_role("button", name="End call").click()
+    sync_api.expect(badge).to_be_hidden(timeout=5_000)
+    assert engine.wait_closed(closed + 1), "the engine session stayed open after End call"
+    page.get_by_role("tab", name="Live").click()
+    sync_api.expect(page.locator('#live [data-role="status"]')).to_have_text("Stopped.")
 
 
 def test_push_to_talk_and_barge_in_stops_the_speech_and_truncates_it(live_page, browser):
