@@ -57,7 +57,9 @@ KEPT_TAKES_KEY = "ming-studio-voice-takes"  # the browser's key of the takes mad
 # Make it again replaced the WAV download: the take before was gone. Every take stays offered, newest first, up to:
 MAX_KEPT_TAKES = 20
 STEMS = {"tts": "speech", "sound": "sound", "music": "music", "podcast": "podcast"}  # a take's file name: what it is
-TAKE_NAME = re.compile(rf"({'|'.join(STEMS.values())})-\d{{8}}-\d{{6}}\.wav")
+# A take cut short says so in its name (a stopped take was offered as 'speech-<time>.wav', as if whole):
+STOPPED_TAKE, FAILED_TAKE = "stopped", "failed"
+TAKE_NAME = re.compile(rf"({'|'.join(STEMS.values())})-\d{{8}}-\d{{6}}(-{STOPPED_TAKE}|-{FAILED_TAKE})?\.wav")
 INSTRUCTION_KEYS = ("dialects", "emotions", "speeds", "pitches", "volumes")  # speech_options() lists, in that order
 # The most the tab waits for the engine's speech options (the instruction lists, the text limit): a hung engine held
 # the studio's start, each page load and each Make it for the client's whole request timeout (60 s).
@@ -66,10 +68,12 @@ OPTIONS_UNANSWERED = ("The engine did not say its voice options ({why}): the Dia
                       "lists offer their default only for now. Press Refresh to ask again.")
 
 
-def write_wav(chunks: list[np.ndarray], rate: int, task: str = "tts") -> str:
-    """The clip as a WAV file named for what it is (speech, sound, music, podcast: music was 'speech-….wav')."""
+def write_wav(chunks: list[np.ndarray], rate: int, task: str = "tts", cut: str | None = None) -> str:
+    """The clip as a WAV file named for what it is (speech, sound, music, podcast: music was 'speech-….wav') and, for
+    a take cut short, how (`cut`: STOPPED_TAKE or FAILED_TAKE)."""
     stem = STEMS.get(task, task)
-    path = Path(tempfile.mkdtemp(prefix="ming-voice-")) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.wav"
+    ending = f"-{cut}" if cut else ""
+    path = Path(tempfile.mkdtemp(prefix="ming-voice-")) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}{ending}.wav"
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -230,12 +234,14 @@ class VoiceController:
                 status += music_length_note(sum(len(c) for c in chunks) / (rate or 1), duration)
             status += "".join(f" · {note}" for note in unused)
             # the stream ends with its last value; with no audio made none was opened (see no_audio)
-            yield None if chunks else no_audio(), transcript, status, write_wav(chunks, rate, task) if chunks else None
+            cut = STOPPED_TAKE if final.finish_reason == "cancelled" else None
+            yield (None if chunks else no_audio(), transcript, status,
+                   write_wav(chunks, rate, task, cut) if chunks else None)
         else:
             final = final or Error("the engine ended without a result", code="engine_error")
             gr.Warning(f"Speech failed: {error_text(final)}")
             yield (None if chunks else no_audio(), transcript, error_line(final),
-                   write_wav(chunks, rate, task) if chunks else None)
+                   write_wav(chunks, rate, task, FAILED_TAKE) if chunks else None)
 
     def transcribe_clip(self, clip):
         """Fill the transcript box from the clip with the model's ASR (editable afterwards)."""

@@ -195,6 +195,20 @@ def test_the_wav_download_is_named_for_what_was_made_and_earlier_takes_are_kept(
     assert restore_takes([*kept, "/etc/passwd", "/speech-20260101-000000.wav", {"path": made[1]}]) == (kept[:1],) * 2
 
 
+def test_a_stopped_take_says_so_in_its_name_and_is_kept(engine_server):
+    """A long text stopped mid-way was offered as 'speech-<time>.wav', as if the take were whole: its name says it was
+    stopped, and it is kept with the others."""
+    voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    me = SimpleNamespace(session_hash="stops-a-take")
+    stream = voices.synthesize("A long text to speak. " * 40, "Speech", "Default voice", None, None, "", *[None] * 5,
+                               "", "", "", None, "", "", "", "", 10, 3, request=me)
+    next(update for update in stream if "of audio so far" in str(update[2]))
+    voices.stop(me)
+    *_, end = stream
+    assert "cancelled" in end[2] and re.fullmatch(r"speech-\d{8}-\d{6}-stopped\.wav", Path(end[3]).name), end
+    assert keep_take(end[3], [])[0] == [str(Path(end[3]).resolve())]
+
+
 def test_a_stopped_stream_without_figures_shows_none():
     """An image stopped mid-way read "prompt tokens 0, new tokens 0, time to first token 0.0 ms, 0.0 tokens/s ·
     finish reason: cancelled (stopped)": the client ends a stream it closed with no figures."""
