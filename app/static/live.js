@@ -59,6 +59,8 @@ function showCallBadge() {
 }
 new IntersectionObserver(showCallBadge).observe(element);
 function showError(text) { ui.error.textContent = text || ""; ui.error.hidden = !text; }
+// Said of a call without a microphone while it runs; once it is stopped the box is disabled, and the sentence goes.
+const TYPED_CALL = " You can still type your messages below.";
 function settings() {
   return {
     mode: ui.mode.value, threshold: Number(ui.threshold.value), silence: Number(ui.silence.value),
@@ -176,10 +178,9 @@ async function start() {
 // The microphone and camera the user allows: both, either, or neither (then the call is typed, with a message
 // saying why: a page that cannot ask, a blocked or missing or busy device). Never null.
 async function openMedia(opts) {
-  const typed = " You can still type your messages below.";
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
     showError("This page cannot use a camera or microphone: browsers allow them only on https:// or on this " +
-              "machine (http://localhost)." + typed);
+              "machine (http://localhost)." + TYPED_CALL);
     return new MediaStream();
   }
   setStatus("Asking for the microphone" + (opts.camera ? " and camera…" : "…"));
@@ -206,7 +207,7 @@ async function openMedia(opts) {
     NotFoundError: "No microphone found (plug one in, then press Start again to talk).",
     NotReadableError: "The microphone is in use by another application (or blocked by the system).",
     SecurityError: "The browser blocks media capture on this page (it must be https:// or localhost).",
-  }[micError.name] || `Could not open the microphone: ${micError.name}: ${micError.message}.`) + typed);
+  }[micError.name] || `Could not open the microphone: ${micError.name}: ${micError.message}.`) + TYPED_CALL);
   return cameraOnly || new MediaStream();
 }
 function hasMicrophone(s) { return s.stream.getAudioTracks().length > 0; }
@@ -230,6 +231,7 @@ function stop(message) {
   ui.text.disabled = true; ui.send.disabled = true;
   setStatus("Stopped.");
   showCallBadge();
+  if (ui.error.textContent.endsWith(TYPED_CALL)) showError(ui.error.textContent.slice(0, -TYPED_CALL.length));
   if (message) showError(message);
 }
 

@@ -209,6 +209,9 @@ def test_a_denied_microphone_makes_a_typed_call_and_a_blocked_camera_is_said_in_
             assert update["audio"]["input"]["turn_detection"] is None  # no microphone: nothing to detect
             page.locator('#live [data-role="stop"]').click()
             sync_api.expect(page.locator('#live [data-role="text"]')).to_be_disabled()
+            # stopped: why the microphone was not used still said, "You can still type" (no longer true) gone
+            sync_api.expect(page.locator('#live [data-role="error"]')).not_to_contain_text("type your messages")
+            sync_api.expect(page.locator('#live [data-role="error"]')).to_contain_text("microphone is blocked")
             frames = len(engine.got.frames)
             page = b.new_context(permissions=["microphone"], viewport=PHONE).new_page()  # the camera is blocked
             page.goto(url, wait_until="networkidle", timeout=60_000)
