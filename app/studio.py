@@ -19,7 +19,7 @@ from app.ui.common import capability_note, engine_lacks, share_css
 from app.ui.image import KEPT_GALLERY_KEY, REQUEST_KEY as IMAGE_REQUEST_KEY, build_image_tab
 from app.ui.live import build_live_tab, engine_settings
 from app.ui.speech import build_speech_tab
-from app.ui.voice import KEPT_TAKES_KEY, REQUEST_KEY as VOICE_REQUEST_KEY, build_voice_tab
+from app.ui.voice import REQUEST_KEY as VOICE_REQUEST_KEY, build_voice_tab
 from engine.client import EngineClient
 
 TITLE = "Ming Omni Studio"
@@ -73,7 +73,6 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
         # what the browser keeps across a page reload, at the top level: the tabs read it at page load
         kept_images = gr.BrowserState([], storage_key=KEPT_GALLERY_KEY)
         voice_ask, image_ask = (gr.BrowserState({}, storage_key=k) for k in (VOICE_REQUEST_KEY, IMAGE_REQUEST_KEY))
-        voice_takes = gr.BrowserState([], storage_key=KEPT_TAKES_KEY)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 build_chat_tab(link, ASSETS if ASSETS.is_dir() else None)
@@ -85,7 +84,7 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
             with gr.Tab("Speech", id="speech"):
                 build_speech_tab(link, examples=_assets("speech/*.wav"))
             with gr.Tab("Voice", id="voice"):
-                build_voice_tab(link, examples=_assets("speech/*.wav"), kept_ask=voice_ask, kept=voice_takes)
+                build_voice_tab(link, examples=_assets("speech/*.wav"), kept_ask=voice_ask)
             with gr.Tab("Image", id="image"):
                 build_image_tab(link, examples=_assets("images/*.png"), kept=kept_images, kept_ask=image_ask)
     demo.link = link  # type: ignore[attr-defined]  (tests and launch.py reach the engine link here)

@@ -25,7 +25,7 @@ import numpy as np
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import AUDIO_FORMATS, IMAGE_FORMATS, VIDEO_FORMATS, media_problem
 from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, engine_limits, error_line,
-                           error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
+                           error_text, failure, figures_line, from_json, no_audio, on_engine_change, on_page_load,
                            queue_line, saved_voice_names, say_refused_files, says_refused, seed_box, seed_problem,
                            session_of, toolbar, wire_stop)
 from engine.events import MEDIA_STAGE, PREFILL_STAGE, AudioChunk, Done, Error, Progress, QueuePosition, TextDelta
@@ -252,14 +252,6 @@ def chats_js(call: str) -> str:
     """An event's js running `call` with `chats`, the page's store of conversations (app/static/chats.js), and the
     event's values as `args` (its inputs, then its outputs); what it returns replaces the inputs."""
     return f"(...args) => {{ const chats = ({CHATS_JS})(); {call} }}"
-
-
-def from_json(text: str | None) -> Any:
-    """A value the page's store gave as JSON; None for anything else."""
-    try:
-        return json.loads(text or "null")
-    except ValueError:
-        return None
 
 
 def earlier_choices(earlier: Any) -> dict:

@@ -9,6 +9,7 @@ import os
 import re
 import threading
 import uuid
+from typing import Any
 
 import gradio as gr
 from gradio.context import Context
@@ -149,6 +150,14 @@ def capability_note(link: EngineLink, capability: str, text: str) -> gr.Markdown
     note = gr.Markdown(lambda: note_text(link, capability, text))
     on_engine_change(lambda: note_text(link, capability, text), [note])
     return note
+
+
+def from_json(text: str | None) -> Any:
+    """A value the page kept as JSON (in the browser's storage); None for anything else."""
+    try:
+        return json.loads(text or "null")
+    except ValueError:
+        return None
 
 
 def on_page_load(fn, outputs: list, inputs: list | None = None, js: str | None = None) -> None:

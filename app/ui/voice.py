@@ -7,6 +7,7 @@ last MAX_KEPT_TAKES, kept by the browser across a page reload)."""
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 import time
@@ -19,7 +20,7 @@ import numpy as np
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import AUDIO_FORMATS, VOICE_CLIP_SECONDS, media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
-                           error_text, failure, figures_line, no_audio, on_engine_change, on_page_load,
+                           error_text, failure, figures_line, from_json, no_audio, on_engine_change, on_page_load,
                            queue_line, run_button, runs_tab, saved_voice_names, seed_box, seed_problem, session_of,
                            toolbar, wire_stop,
                            kept_request, request_done, restore_request, check_on_upload, says_refused,
@@ -53,7 +54,11 @@ MUSIC_TEXT_UNUSED = "the text box was not used: music is made from the Music sec
 VOICE_UNUSED = "the Voice chosen was not used: {what} takes no voice"
 REQUEST_KEY = "ming-studio-voice-request"  # the browser's key of the last request (common.kept_request)
 REQUEST_FIELDS = ("text", "task")
-KEPT_TAKES_KEY = "ming-studio-voice-takes"  # the browser's key of the takes made (kept across a page reload)
+# The browser's localStorage key of the takes made (kept across a page reload), read and written by the page itself at
+# each take: a gr.BrowserState, written whole from each tab's own copy, made the takes of one tab overwrite another's.
+KEPT_TAKES_KEY = "ming-studio-voice-takes-list"
+STORED_TAKES = f"localStorage.getItem({KEPT_TAKES_KEY!r}) || '[]'"  # (a JavaScript expression)
+WRITE_TAKES_JS = f"(takes) => {{ try {{ localStorage.setItem({KEPT_TAKES_KEY!r}, takes); }} catch {{}} return []; }}"
 # Make it again replaced the WAV download: the take before was gone. Every take stays offered, newest first, up to:
 MAX_KEPT_TAKES = 20
 STEMS = {"tts": "speech", "sound": "sound", "music": "music", "podcast": "podcast"}  # a take's file name: what it is
@@ -102,6 +107,18 @@ def keep_take(latest, saved) -> tuple[list[str], list[str] | None]:
     or failed before any sound leaves the download, and so the list, as it was)."""
     takes = kept_takes([latest, *(saved if isinstance(saved, list) else [])])
     return takes, takes or None
+
+
+def keep_take_in_page(latest, saved: str | None) -> tuple[str, list[str] | None]:
+    """keep_take for the page: the takes kept in this browser come and go as JSON (STORED_TAKES, WRITE_TAKES_JS)."""
+    takes, offered = keep_take(latest, from_json(saved))
+    return json.dumps(takes), offered
+
+
+def restore_takes_in_page(saved: str | None) -> tuple[str, list[str] | None]:
+    """restore_takes for the page (see keep_take_in_page)."""
+    takes, offered = restore_takes(from_json(saved))
+    return json.dumps(takes), offered
 
 
 def restore_takes(saved) -> tuple[list[str], list[str] | None]:
@@ -355,10 +372,9 @@ def refused_clip(name: str, is_video: bool) -> str:
 
 
 def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
-                    kept_ask: gr.BrowserState | None = None,
-                    kept: gr.BrowserState | None = None) -> VoiceController:
-    """Build the Voice tab inside the current Tab. `kept_ask`: where the browser keeps the last request, `kept`: the
-    takes made, both made at the page's top level (see build_image_tab); a tab built alone makes its own."""
+                    kept_ask: gr.BrowserState | None = None) -> VoiceController:
+    """Build the Voice tab inside the current Tab. `kept_ask`: where the browser keeps the last request, made at the
+    page's top level (see build_image_tab); a tab built alone makes its own."""
     controller = VoiceController(link)
     capability_note(link, SPEECH_OUT, "**This engine has no talker**, so it cannot speak, make sounds or music. "
                                       "(A checkpoint without `talker/`, or an engine that "
@@ -436,13 +452,14 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
     # the request is kept in the browser when Make it is pressed, and marked finished once it is: a reload lost the
     # text typed and the run without a word
     ask = kept_ask if kept_ask is not None else gr.BrowserState({}, storage_key=REQUEST_KEY)
-    kept = kept if kept is not None else gr.BrowserState([], storage_key=KEPT_TAKES_KEY)
+    kept = gr.Textbox(visible="hidden")  # the takes kept in this browser, as JSON (STORED_TAKES), read fresh
     hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
     go.click(lambda *values: kept_request(*values, names=REQUEST_FIELDS), [text, task], [ask], **hidden).then(
         controller.synthesize, inputs, [player, clip_text, status, wav], api_name="speak",
         concurrency_limit=None).then(request_done, [ask], [ask], **hidden).then(
-        keep_take, [wav, kept], [kept, takes], **hidden)
-    on_page_load(restore_takes, [kept, takes], inputs=[kept])
+        keep_take_in_page, [wav, kept], [kept, takes], js=f"(wav) => [wav, {STORED_TAKES}]", **hidden).then(
+        None, [kept], None, js=WRITE_TAKES_JS, **hidden)
+    on_page_load(restore_takes_in_page, [kept, takes], inputs=[kept], js=f"() => [{STORED_TAKES}]")
     on_page_load(lambda asked: restore_request(asked, REQUEST_FIELDS, "Make it"), [text, task, status], inputs=[ask])
     wire_stop(stop, controller.stop, api_visibility="private")
     check_on_upload(link, clip, "audio", status, max_seconds=VOICE_CLIP_SECONDS)

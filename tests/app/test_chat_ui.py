@@ -287,8 +287,8 @@ def test_history_conversion_handles_gradio_message_shapes():
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
         {"role": "user", "content": [{"type": "image", "image": "/tmp/x.png"}, {"type": "audio", "audio": "/tmp/y.wav"},
                                      {"type": "text", "text": "and this"}]}]
-    assert user_turn({"text": "hi \n", "files": ["/tmp/x.png"]}) == [{"role": "user", "content": {"path": "/tmp/x.png"}},
-                                                                      {"role": "user", "content": text_part("hi")}]
+    assert user_turn({"text": "hi \n", "files": ["/tmp/x.png"]}) == [
+        {"role": "user", "content": {"path": "/tmp/x.png"}}, {"role": "user", "content": text_part("hi")}]
 
 
 def test_a_pasted_code_snippet_keeps_its_indentation_in_the_page_and_for_the_engine(studio_demo):

@@ -642,3 +642,22 @@ def test_a_document_attached_to_a_chat_message_is_said_in_the_tabs_words(browser
     assert page.locator("#chat-input textarea").input_value() == "What does this say?"
     assert "Invalid file type" not in page.locator("body").inner_text()
     page.context.close()
+
+
+def test_takes_made_in_two_tabs_of_one_browser_are_all_kept(browser, studio):
+    """Each tab of a browser kept its own copy of the Voice takes and wrote it whole: a take made in one tab was gone
+    from the list (and after a reload) once another tab, opened before it, made one. Every take is kept."""
+    context = browser.new_context(viewport=DESKTOP)
+    pages = [context.new_page(), context.new_page()]
+    for page in pages:  # both open before either makes a take
+        page.goto(studio, wait_until="load", timeout=60_000)
+        sync_api.expect(page.locator("#model-banner")).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
+        page.get_by_role("tab", name="Voice").click()
+    for made, page in enumerate(pages, start=1):
+        page.locator("#voice-text textarea").fill(f"Take number {made}.")
+        page.locator("#voice-go").click()
+        sync_api.expect(page.locator("#voice-takes td.filename")).to_have_count(made, timeout=60_000)
+    pages[0].reload(wait_until="load")
+    pages[0].get_by_role("tab", name="Voice").click()
+    sync_api.expect(pages[0].locator("#voice-takes td.filename")).to_have_count(2, timeout=30_000)
+    context.close()
