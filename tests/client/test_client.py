@@ -224,6 +224,9 @@ def test_stopping_an_async_transcription_frees_the_engine(server, stop):
                                                                     None), 20)
             free = (server.ctx.scheduler.running, server.ctx.scheduler.waiting)
             after = [ev async for ev in client.transcribe(wav_bytes(tone_pcm16(0.5)), max_tokens=1)]
+            # the next request's record lands after its reply: wait for it, so that it is not taken for the stopped
+            # job of a test that follows
+            await asyncio.to_thread(wait_for, lambda: len(server.ctx.scheduler.history) >= before + 2 or None, 20)
             return events, record, free, after
 
     events, record, free, after = asyncio.run(main())
