@@ -40,6 +40,16 @@ def _image_problem(path: Path, name: str, limits: dict) -> str | None:
     return None
 
 
+def _is_picture(path: Path) -> bool:
+    """Whether the file at `path` is a still picture PIL reads (whatever its name says)."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # noqa: BLE001  (PIL raises many kinds for what is not a picture)
+        return False
+
+
 def _seconds(container) -> float | None:
     """How long an open PyAV container lasts: the container's duration, else its audio stream's; None if unknown."""
     if container.duration:
@@ -95,6 +105,8 @@ def _av_problem(path: Path, name: str, kind: str, limits: dict, max_seconds: flo
     except Exception:  # noqa: BLE001  (av.error.* for what FFmpeg cannot read)
         return f"'{name}' is not {what} the engine can read ({formats} file; this one is not, or is damaged)."
     if kind == "audio" and "audio" not in streams and "video" in streams:
+        if _is_picture(path):  # FFmpeg opens a picture as a one-frame video: a cup.png renamed .wav was "a video"
+            return f"'{name}' is a picture, not {what}: give {formats} file with sound."
         return f"'{name}' is a video with no sound track: there is no speech in it to use. Choose one with sound."
     if kind not in streams:
         return f"'{name}' has no {kind} in it."

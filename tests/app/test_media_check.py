@@ -125,3 +125,15 @@ def test_a_voice_clip_over_30_seconds_is_named_before_it_is_sent(engine_server, 
                                 None, "", "", "", "", 10, 3)
     assert last[2] == "'interview.wav' is 40 s long; a voice clip is at most 30 s: trim it to a few sentences."
     assert voice.save("x", str(clip), "hi")[1] == last[2]
+
+
+def test_a_picture_given_as_audio_is_named_a_picture_not_a_video(tmp_path):
+    """A picture renamed .wav (or .mp4) given to the Speech tab was called "a video with no sound track" (FFmpeg opens
+    a PNG as a one-frame video): the walk's user, who gave a photo by mistake, was told it was a video."""
+    (tmp_path / "photo.wav").write_bytes((ASSETS / "images" / "cup.png").read_bytes())
+    (tmp_path / "photo.mp4").write_bytes((ASSETS / "images" / "cup.png").read_bytes())
+    from app.media_check import TO_TRANSCRIBE, VIDEO_SOUND
+    assert media_problem(tmp_path / "photo.wav", TO_TRANSCRIBE).startswith("'photo.wav' is a picture, not an audio clip")
+    assert media_problem(tmp_path / "photo.mp4", VIDEO_SOUND).startswith("'photo.mp4' is a picture, not a video")
+    # a real video without sound is still said to be one
+    assert "is a video with no sound track" in media_problem(ASSETS / "video" / "cup_on_table.mp4", TO_TRANSCRIBE)
