@@ -16,6 +16,12 @@
     for (const text of document.querySelectorAll(".message-content:not([dir=auto]), .block textarea:not([dir=auto])")) {
       text.setAttribute("dir", "auto");
     }
+    // A picture shown by an Image output (the Image tab's Result, Mask and Overlay) is a button around an image with
+    // no alt text: a screen reader said only "button". It takes its block's label.
+    for (const shown of document.querySelectorAll(".block button:not([aria-label]):has(> .image-frame)")) {
+      const label = shown.closest(".block")?.querySelector("[data-testid=block-label]")?.textContent.trim();
+      if (label && !shown.textContent.trim()) shown.setAttribute("aria-label", label);
+    }
     for (const run of document.querySelectorAll("button.studio-run:not([aria-keyshortcuts])")) {
       run.setAttribute("aria-keyshortcuts", "Control+Enter Meta+Enter");  // (the Ctrl+Enter below)
     }

@@ -116,6 +116,8 @@ def test_image_tab_generates_then_segments(browser, studio):
     print(f"\n[Image tab, segment] {page.locator('#image-figures').inner_text()}")
     assert_downloads_png(page, "image-mask", "segment-seed7-mask-")  # a lossy WebP gave the mask grey edges
     assert_downloads_png(page, "image-overlay", "segment-seed7-overlay-")
+    # each picture shown is named for screen readers (Gradio's button around it, with no alt text, said only "button")
+    assert not page.evaluate(UNNAMED_CONTROLS), page.evaluate(UNNAMED_CONTROLS)
     keep_screenshot(page, "image-segment-desktop")
 
     # a page reload emptied the gallery: both results come back, and still give their settings back
