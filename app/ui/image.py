@@ -42,6 +42,9 @@ EDIT_PROMPT_HINTS = {"(none)": "Edit needs a prompt: say what to change (e.g. 'm
 # A Generate makes a picture from the prompt alone: pictures left in the box from an Edit are not sent (the engine
 # takes a generate with pictures for an edit of the first), and the status line says so.
 REFS_NOT_USED = "the reference image(s) were not used: Generate draws from the prompt alone (Edit changes a picture)"
+# Said when a run stopped or failed after a preview: the Result keeps that preview (what was seen is not lost), and its
+# download gave it as 'image.png' with only "cancelled" said, as if it were the picture asked for.
+UNFINISHED_PREVIEW = "the picture shown is the preview after step {step} of {total}, not a finished image"
 # Said with each picture the tiny random checkpoint makes (the page's banner says so, scrolled away on a phone)
 DEMO_PICTURE = "random demo weights: the picture is noise, not Ming's (load the real model with --model)"
 PRESET_INFO = "With a preset the prompt is only the new background, or the object to remove."
@@ -147,7 +150,7 @@ class ImageController:
         count = max(1, min(int(count or 1), MAX_PICTURES))
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
-        shown, final, made, latest, files = None, None, [], (None, None, None), []
+        shown, final, made, latest, files, seen = None, None, [], (None, None, None), [], ""
         try:
             pictures = [Path(p).read_bytes() for p in images]
             if pictures:  # kept once, with every picture made from them
@@ -168,6 +171,7 @@ class ImageController:
                     shown = _pil(event.image)
                     where = " · ".join(filter(None, (_which(event.index, count),
                                                      f"step {event.step} of {event.total_steps}")))
+                    seen = " · " + UNFINISHED_PREVIEW.format(step=event.step, total=event.total_steps)
                     progress(event.step / max(event.total_steps, 1), desc=where)
                     yield shown, None, None, f"{GENERATING} {where}", gr.update(), gallery_state, None
                 elif isinstance(event, ImageDone):
@@ -198,14 +202,14 @@ class ImageController:
             yield *latest, status, _gallery(gallery_state), gallery_state, files
             return
         if isinstance(final, Done):  # cancelled before the image was finished
-            yield shown, None, None, figures_line(final), gr.update(), gallery_state, None
+            yield shown, None, None, figures_line(final) + seen, gr.update(), gallery_state, None
             return
         final = final or Error("the engine ended without an image", code="engine_error")
         gr.Warning(f"Image failed: {error_text(final)}")
         if made:  # the pictures made before it failed stay shown, in the gallery and downloadable
             yield *latest, error_line(final), _gallery(gallery_state), gallery_state, files
             return
-        yield shown, None, None, error_line(final), gr.update(), gallery_state, None
+        yield shown, None, None, error_line(final) + seen, gr.update(), gallery_state, None
 
     def sent_image_guidance(self, task: str, value) -> float | None:
         """The Image guidance slider's value when it goes with this request: an Edit or a Segment (both guided toward

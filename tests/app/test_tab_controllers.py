@@ -5,6 +5,7 @@ nothing about what the engine serves, and shows it once the engine is up."""
 
 from __future__ import annotations
 
+import io
 import re
 import socket
 import threading
@@ -35,7 +36,7 @@ from app.ui.voice import (CONFIRM_DELETE, MUSIC_TEXT_UNUSED, NAME_TOO_LONG, NO_C
                           REPLACE_LABEL, TASKS, TEXT_TOO_LONG, VOICE_NAME_CHARS, VOICE_UNUSED, VoiceController,
                           keep_take, restore_takes)
 from engine.client import EngineClient  # noqa: E402
-from engine.events import Done, GenerationStats, QueuePosition, TextDelta  # noqa: E402
+from engine.events import Done, Error, GenerationStats, ImagePreview, QueuePosition, TextDelta  # noqa: E402
 from tests.paths import REPO  # noqa: E402
 from tests.app.media_files import video_file  # noqa: E402
 from tests.server import running_server, tone_pcm16, wav_bytes  # noqa: E402
@@ -301,6 +302,33 @@ def test_a_stopped_transcription_offers_no_files_and_keeps_the_last_finished_one
     assert shown[-1] == ("hello", "finish reason: cancelled (stopped)", gr.skip(), gr.skip())
     assert all(files == (gr.skip(), gr.skip()) for *_, files in ((s[:2], s[2:]) for s in shown)), shown
     assert speech.finish({"chunks": []}, "", "", None)[1:] == (gr.skip(), "Nothing was recorded.", gr.skip(), gr.skip())
+
+
+class StoppedPainter(StoppedTranscriber):
+    """An engine client whose picture is stopped (or fails) after the preview of step 5 of 40."""
+
+    def __init__(self, end):
+        self.end = end
+
+    def imagine(self, prompt, **kwargs):
+        picture = io.BytesIO()
+        Image.new("RGB", (8, 8), "red").save(picture, format="PNG")
+        yield ImagePreview(image=picture.getvalue(), step=5, total_steps=40)
+        yield self.end
+
+
+@pytest.mark.parametrize("end", [Done(text="", finish_reason="cancelled"),
+                                 Error("the connection to the server was lost", code="connection_lost")],
+                         ids=["stopped", "failed"])
+def test_a_stopped_or_failed_picture_says_the_result_shown_is_an_unfinished_preview(end):
+    """Stop pressed mid-generation left the step-5 preview in the Result box, downloadable as 'image.png', with only
+    "finish reason: cancelled (stopped)" said: it read as the picture asked for. The preview stays (it is what was seen)
+    and the status says what it is."""
+    image = ImageController(EngineLink(StoppedPainter(end)))
+    shown, mask, overlay, status, _, gallery, files = last(image.make(
+        "Generate", "a cup", None, "(none)", "", AUTO_ASPECT, "", 40, 2.0, 7, 5, []))
+    assert shown is not None and shown.size == (8, 8) and gallery == [] and files is None
+    assert "the picture shown is the preview after step 5 of 40, not a finished image" in status, status
 
 
 def test_a_transcript_cut_at_the_token_limit_says_so(tiny_engine, tmp_path):
