@@ -35,7 +35,8 @@ PAGE_JS = "() => {\n" + "".join(f"({(STATIC / name).read_text(encoding='utf-8').
 # at 700 px square, its caption (mode, prompt, seed) out of sight below; four columns (two on a phone) keep each
 # picture with its caption in the box.
 # Their captions wrap inside the picture (Gradio's one line cut them to "Generate: a lighthous…", the seed out of
-# sight), in the grid and in the preview a click opens.
+# sight), in the grid and in the preview a click opens; in the preview the picture takes what its caption and the strip
+# of thumbnails leave (Gradio keeps it at the box less 60 px: a caption of two lines, on a phone, lay under the strip).
 # A download's file name wraps (the size column keeps 8 rem: the .txt and .srt side by side on a phone showed ".t"
 # and ".s", the name cut to nothing).
 # Narrow screens: the page keeps a thin margin (Gradio's is 32 px a side) and the five tabs' names less room around
@@ -46,6 +47,8 @@ PAGE_STYLE = """<style>
 #image-gallery .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important; }
 #image-gallery .caption-label, #image-gallery .caption { white-space: normal !important; text-overflow: clip !important;
   overflow-wrap: anywhere; }
+#image-gallery .preview { padding-bottom: var(--size-14); }
+#image-gallery .preview .media-button { height: auto !important; flex: 1 1 0; min-height: 0; }
 #image-gallery .caption-label { max-width: calc(100% - 8px) !important; max-height: calc(100% - 8px);
   overflow-y: auto !important; line-height: 1.25; }
 .gradio-container .file-preview .filename { flex-wrap: wrap; }

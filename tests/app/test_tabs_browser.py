@@ -480,6 +480,10 @@ def test_a_result_in_the_gallery_shows_with_its_caption(browser, studio):
     preview = page.locator("#image-gallery .caption").first
     sync_api.expect(preview).to_contain_text(f"seed {seed}")
     assert not preview.evaluate(cut), preview.inner_text()
+    # on a phone the caption takes two lines: none of it lies under the strip of thumbnails
+    strip = page.locator("#image-gallery .preview .thumbnails").bounding_box()
+    cap = preview.bounding_box()
+    assert cap["y"] + cap["height"] <= strip["y"] + 1, (cap, strip)
     page.context.close()
 
 
