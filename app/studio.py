@@ -18,7 +18,7 @@ from app.ui.chat import build_chat_tab
 from app.ui.common import capability_note, engine_lacks, share_css
 from app.ui.image import KEPT_GALLERY_KEY, REQUEST_KEY as IMAGE_REQUEST_KEY, build_image_tab
 from app.ui.live import build_live_tab, engine_settings
-from app.ui.speech import build_speech_tab
+from app.ui.speech import REQUEST_KEY as SPEECH_REQUEST_KEY, build_speech_tab
 from app.ui.voice import REQUEST_KEY as VOICE_REQUEST_KEY, build_voice_tab
 from engine.client import EngineClient
 
@@ -75,7 +75,9 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
         build_banner(link)
         # what the browser keeps across a page reload, at the top level: the tabs read it at page load
         kept_images = gr.BrowserState([], storage_key=KEPT_GALLERY_KEY)
-        voice_ask, image_ask = (gr.BrowserState({}, storage_key=k) for k in (VOICE_REQUEST_KEY, IMAGE_REQUEST_KEY))
+        voice_ask, image_ask, speech_ask = (gr.BrowserState({}, storage_key=k) for k in (VOICE_REQUEST_KEY,
+                                                                                          IMAGE_REQUEST_KEY,
+                                                                                          SPEECH_REQUEST_KEY))
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 build_chat_tab(link, ASSETS if ASSETS.is_dir() else None)
@@ -85,7 +87,7 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
                                                 "Voice and Image).")
                 build_live_tab(speech_output=not engine_lacks(link, SPEECH_OUT), settings=engine_settings(link))
             with gr.Tab("Speech", id="speech"):
-                build_speech_tab(link, examples=_assets("speech/*.wav"))
+                build_speech_tab(link, examples=_assets("speech/*.wav"), kept_ask=speech_ask)
             with gr.Tab("Voice", id="voice"):
                 build_voice_tab(link, examples=_assets("speech/*.wav"), kept_ask=voice_ask)
             with gr.Tab("Image", id="image"):

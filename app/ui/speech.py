@@ -20,7 +20,7 @@ from app.media_check import (AUDIO_FORMATS, TO_TRANSCRIBE, VIDEO_FORMATS, VIDEO_
 from app.sound_track import sound_track, speech_track
 from app.ui.common import (GENERATING, InFlight, capability_note, engine_limits, error_line, failure, figures_line,
                            queue_line, check_on_upload, run_button, runs_tab, say_refused_files, session_of, toolbar,
-                           wire_stop, says_refused)
+                           wire_stop, says_refused, kept_request, on_page_load, request_done, restore_request)
 from app.ui.speech_live import KeptWindows
 from engine.events import TRANSCRIBING_STAGE, Done, Error, Progress, QueuePosition, TextDelta
 
@@ -47,6 +47,12 @@ SETTINGS_TOO_LONG = ("The context and hotwords are {n:,} characters; this model'
 # While a transcription runs, and when it fails or is stopped, the .txt and .srt boxes keep the last finished
 # transcript's files (they were emptied when the next one started: a stopped or failed run lost the earlier transcript).
 KEEP_FILES = (gr.skip(), gr.skip())
+# A reload mid-transcription lost the context, hotwords and language typed, and the run, without a word: they are kept in
+# the browser when Transcribe is pressed (common.kept_request) and come back, saying so; the clip cannot (give it again).
+REQUEST_KEY = "ming-studio-speech-request"
+REQUEST_FIELDS = ("context", "hotwords", "dialect")
+INTERRUPTED = ("Your last transcription was interrupted (the page was reloaded or closed before it was finished). Its "
+               "context, hotwords and language are back: give the clip again and press \"Transcribe\".")
 # The video files the Speech tab takes (their sound is transcribed): what phones, cameras and screen recorders write.
 VIDEO_FILE_TYPES = [".mp4", ".webm", ".mov", ".mkv", ".m4v"]
 
@@ -277,7 +283,17 @@ def refused_video(name: str, is_video: bool) -> str:
     return f"'{name}' is not a video ({VIDEO_FORMATS}): an audio clip goes in the box above."
 
 
-def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> SpeechController:
+def restore_settings(kept) -> tuple:
+    """At page load: (context, hotwords, language, status) as kept when Transcribe was last pressed (REQUEST_KEY); the
+    status says when that transcription was interrupted."""
+    *fields, status = restore_request(kept, REQUEST_FIELDS, "Transcribe")
+    return (*fields, status if isinstance(status, dict) else INTERRUPTED)  # (a dict: gr.skip(), nothing to say)
+
+
+def build_speech_tab(link: EngineLink, examples: list[str] | None = None,
+                     kept_ask: gr.BrowserState | None = None) -> SpeechController:
+    """Build the Speech tab inside the current Tab. `kept_ask`: where the browser keeps the last request's settings,
+    made at the page's top level (as the Image tab's); a tab built alone makes its own."""
     controller = SpeechController(link)
     capability_note(link, AUDIO_IN, "This engine serves no audio encoder, so it cannot transcribe speech.")
     with gr.Row():
@@ -311,8 +327,12 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None) -> Spe
                 srt = gr.File(label=".srt (the last finished transcript)", elem_id="speech-srt")
     state = gr.State(None)
     settings = [context, hotwords, dialect]
-    go.click(controller.transcribe_file, [clip, *settings, video], [transcript, status, txt, srt],
-             api_name="transcribe", concurrency_limit=None)
+    ask = kept_ask if kept_ask is not None else gr.BrowserState({}, storage_key=REQUEST_KEY)
+    hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
+    go.click(lambda *values: kept_request(*values, names=REQUEST_FIELDS), settings, [ask], **hidden).then(
+        controller.transcribe_file, [clip, *settings, video], [transcript, status, txt, srt],
+        api_name="transcribe", concurrency_limit=None).then(request_done, [ask], [ask], **hidden)
+    on_page_load(restore_settings, [*settings, status], inputs=[ask])
     live.stream(controller.stream, [state, live, *settings], [state, transcript, status], stream_every=1.0,
                 concurrency_limit=None, api_visibility="private")
     live.stop_recording(controller.finish, [state, *settings], [state, transcript, status, txt, srt],

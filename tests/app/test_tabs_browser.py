@@ -282,8 +282,9 @@ def test_no_share_button_that_only_fails_off_spaces(browser, studio):
 
 
 def test_a_reload_mid_run_gives_back_what_was_asked_and_says_it_was_interrupted(browser, studio):
-    """A reload while Voice or Image was making something lost the text typed and the run without a word: what was
-    asked comes back, and the status line says the run was interrupted; a finished run's text comes back alone."""
+    """A reload while Voice, Image or Speech was making something lost the text typed and the run without a word: what
+    was asked comes back (Speech: its context and hotwords; the clip is to be given again), and the status line says
+    the run was interrupted; a finished run's text comes back alone."""
     page = open_tab(browser, studio, "Voice", DESKTOP)
     page.locator("#voice-text textarea").fill("A long sentence to speak, interrupted by a reload. " * 6)
     page.locator("#voice-go").click()
@@ -312,6 +313,19 @@ def test_a_reload_mid_run_gives_back_what_was_asked_and_says_it_was_interrupted(
     page.get_by_role("tab", name="Image").click()
     sync_api.expect(page.locator("#image-prompt textarea")).to_have_value("a cup, finished", timeout=30_000)
     assert "interrupted" not in page.locator("#image-figures").inner_text()
+    # Speech: the context and hotwords typed come back, and the status says to give the clip again
+    page.get_by_role("tab", name="Speech").click()
+    page.locator("#speech-clip input[type=file]").set_input_files(str(ASSETS / "speech" / "what_do_you_see_en.wav"))
+    page.get_by_label("Context (what the audio is about; optional)").fill("a talk about cups")
+    page.get_by_label("Hotwords (comma-separated; optional)").fill("Gansu, Uyghur")
+    page.locator("#speech-go").click()
+    sync_api.expect(page.locator("#speech-figures")).to_contain_text("Transcribing", timeout=30_000)
+    page.reload(wait_until="load")
+    page.get_by_role("tab", name="Speech").click()
+    sync_api.expect(page.get_by_label("Context (what the audio is about; optional)")).to_have_value(
+        "a talk about cups", timeout=30_000)
+    sync_api.expect(page.get_by_label("Hotwords (comma-separated; optional)")).to_have_value("Gansu, Uyghur")
+    sync_api.expect(page.locator("#speech-figures")).to_contain_text("give the clip again")
     page.context.close()
 
 
