@@ -6,6 +6,7 @@ downloadable as .txt and .srt (one cue spanning the clip: the model gives no wor
 from __future__ import annotations
 
 import io
+import re
 import tempfile
 import time
 import wave
@@ -87,8 +88,13 @@ def progress_line(event: Progress) -> str:
     return f"{TRANSCRIBING} part {min(event.done + 1, event.total)} of {event.total}"
 
 
+# What separates hotwords: a newline and a comma of any script (a Chinese list is written with '，' or '、': the
+# enumeration comma '、' left "甘肃省、维吾尔族" one hotword, so neither word was one).
+HOTWORD_SEPARATORS = re.compile(r"[\n,，、]")
+
+
 def hotword_list(text: str | None) -> list[str]:
-    return [w.strip() for w in (text or "").replace("\n", ",").replace("，", ",").split(",") if w.strip()]
+    return [w.strip() for w in HOTWORD_SEPARATORS.split(text or "") if w.strip()]
 
 
 def dialect_tag(choice: str | None) -> str | None:

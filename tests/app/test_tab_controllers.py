@@ -331,6 +331,27 @@ def test_a_stopped_or_failed_picture_says_the_result_shown_is_an_unfinished_prev
     assert "the picture shown is the preview after step 5 of 40, not a finished image" in status, status
 
 
+class RecordingTranscriber(StoppedTranscriber):
+    """An engine client that keeps what each transcription was asked with."""
+
+    def __init__(self):
+        self.asked = []
+
+    def transcribe(self, audio, **kwargs):
+        self.asked.append(kwargs)
+        yield from super().transcribe(audio, **kwargs)
+
+
+def test_hotwords_listed_with_a_chinese_comma_go_out_as_separate_words(tmp_path):
+    """The Hotwords box says "comma-separated": a list written with the Chinese enumeration comma ('、') went out as one
+    hotword ("甘肃省、维吾尔族"), so neither word was one; every comma the box may hold separates them."""
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.0, 16000, 220.0), 16000))
+    client = RecordingTranscriber()
+    last(SpeechController(EngineLink(client)).transcribe_file(str(clip), "", "甘肃省、维吾尔族，铜锅\nGansu, Uyghur", None))
+    assert client.asked[-1]["hotwords"] == ["甘肃省", "维吾尔族", "铜锅", "Gansu", "Uyghur"]
+
+
 def test_a_transcript_cut_at_the_token_limit_says_so(tiny_engine, tmp_path):
     """A transcript that hit the token cap said "finish reason: stop (complete)": the transcription wire had no
     finish reason and the client assumed "stop". The server sends it (here every request is cut at 6 tokens)."""
