@@ -30,8 +30,8 @@ from engine.server.audio_out import (DEFAULT_FORMAT, FORMATS, OPENAI_PCM_RATE, R
 from engine.server.bodies import JSON, MULTIPART, body_kind, form_body, form_file, form_flag, form_text, json_body
 from engine.server.codec import bad, need_dict, need_number
 from engine.server.context import ServerContext
-from engine.server.http_api import (collect, ctx_of, error_response, first_events, job_metrics, json_request,
-                                    left_early, refused_at_once, stream_response, text_field)
+from engine.server.http_api import (SSE_HEADERS, collect, ctx_of, error_response, first_events, job_metrics,
+                                    json_request, left_early, refused_at_once, stream_response, text_field)
 from engine.server.params import DEFAULT_VOICE, MAX_VOICE_NAME_CHARS, flag, voice_name
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
@@ -316,8 +316,8 @@ def raw_audio_stream(ctx: ServerContext, job: Job, events: AsyncIterator[Event],
         finally:
             left_early(ctx, job)
 
-    return StreamingResponse(body(), media_type=FORMATS[fmt][0],
-                             headers={"Cache-Control": "no-cache", RATE_HEADER: str(rate)})
+    # (SSE_HEADERS: not cached, and not held back by a reverse proxy that buffers responses, as the SSE streams)
+    return StreamingResponse(body(), media_type=FORMATS[fmt][0], headers={**SSE_HEADERS, RATE_HEADER: str(rate)})
 
 
 # --------------------------------------------------------------------------- the voice library

@@ -126,6 +126,8 @@ def test_streams_sse_and_raw_audio_as_it_is_made(http):
     assert events[0].startswith(": queue_position")
     with http.stream("POST", "/v1/audio/speech", json={**body, "stream_format": "audio"}) as r:
         pieces = list(r.iter_bytes())
+    # a reverse proxy (nginx) must pass the sound on as it comes, as it passes the SSE streams
+    assert r.headers["x-accel-buffering"] == "no" and r.headers["cache-control"] == "no-cache"
     data = b"".join(pieces)
     h = read_wav_header(data)
     assert h["sample_rate"] == RATE and h["data_len"] == 0xFFFFFFFF and data[44:] == whole  # a streaming header
