@@ -50,7 +50,7 @@ from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImageP
 from engine.media.image import load_image
 from engine.models.imagegen.buckets import SizePlan, center_crop_box, parse_aspect, parse_size, plan_size
 from engine.models.imagegen.condition import condition_from_prompt
-from engine.models.imagegen.config import SD3, SD3_PATCH, ImageGenError
+from engine.models.imagegen.config import SD3, SD3_PATCH, TYPE_CODE, ImageGenError
 from engine.models.imagegen.diffusion import (CfgOptions, caption_features, check_latent_grid, decode_latents, denoise,
                                               encode_reference, latent_shape, make_scheduler, seeded_noise,
                                               steps_for_preview)
@@ -168,7 +168,7 @@ def _guidance(name: str, value, default: float) -> float:
     """A CFG scale in 0..MAX_GUIDANCE (None: `default`)."""
     g = default if value is None else value
     if isinstance(g, bool) or not isinstance(g, (int, float, np.integer, np.floating)):
-        raise ImageGenError(f"{name} {shown(value)} is not a number", name)
+        raise ImageGenError(f"{name} {shown(value)} is not a number", name, TYPE_CODE)
     try:
         g = float(g)
     except OverflowError:  # an integer past float's range (JSON allows one): out of range below
@@ -201,7 +201,7 @@ def _negative_prompt(value, kind: str | None) -> str | None:
 def _int_in(name: str, value, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
             isinstance(value, float) and value.is_integer()):
-        raise ImageGenError(f"{name} must be a whole number, got {value!r}", name)
+        raise ImageGenError(f"{name} must be a whole number, got {value!r}", name, TYPE_CODE)
     value = int(value)
     if not lo <= value <= hi:
         raise ImageGenError(f"{name} {value} is out of range {lo}..{hi}", name)

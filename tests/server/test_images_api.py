@@ -234,6 +234,8 @@ def test_bad_images_are_400s(http, raw, code):
     ({"prompt": "a", "steps": 0}, "invalid_request", "steps"),
     ({"prompt": "a", "guidance": 1e9}, "invalid_request", "guidance"),
     ({"prompt": 5}, "invalid_type", "string"),
+    ({"prompt": "a", "steps": "1"}, "invalid_type", "steps must be a whole number"),  # a number as text: the
+    ({"prompt": "a", "guidance": "2"}, "invalid_type", "guidance '2' is not a number"),  # type's code, as elsewhere
 ])
 def test_bad_requests_are_400s(http, body, code, words):
     r = http.post("/v1/images/generations", json={"steps": 1, **body})

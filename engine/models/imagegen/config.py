@@ -53,13 +53,19 @@ def wrapper_switches(data: dict, has_caption_weights: bool) -> tuple[bool, bool]
 
 class ImageGenError(MingError):
     """A request or checkpoint the image generator cannot serve; the message says what is valid and
-    `param` names the request field at fault (None: the checkpoint, or no one field)."""
+    `param` names the request field at fault (None: the checkpoint, or no one field); `code` the OpenAI error code
+    (TYPE_CODE: a value of the wrong JSON type)."""
 
     code = "invalid_request"
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param = param
+        if code is not None:
+            self.code = code
+
+
+TYPE_CODE = "invalid_type"  # an ImageGenError's code for a value of the wrong type ("steps": "1")
 
 
 class ImageGenUnsupported(ImageGenError):

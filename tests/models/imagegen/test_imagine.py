@@ -158,7 +158,7 @@ def test_sixteen_bit_images_keep_their_tones():
     ({"prompt": "a", "aspect": "50:1"}, "invalid_request", "elongated"),
     ({"prompt": "a", "steps": 0}, "invalid_request", "steps"),
     ({"prompt": "a", "guidance": float("nan")}, "invalid_request", "guidance"),
-    ({"prompt": "a", "seed": "abc"}, "invalid_request", "seed"),
+    ({"prompt": "a", "seed": "abc"}, "invalid_type", "seed"),  # text for a number: the type's code
     ({"prompt": "a", "task": "paint"}, "invalid_request", "task"),
     ({"prompt": "a", "task": "edit"}, "invalid_request", "input image"),
     ({"prompt": "  ", "task": "segment", "images": [_photo()]}, "invalid_request", "target"),
