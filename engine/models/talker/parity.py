@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from engine.models.talker.cfm import SamplingParams, epss_timesteps, time_grid
-from engine.models.talker.generate import (MIN_STEPS_BEFORE_STOP, STOP_THRESHOLD, StoredNoise, generate_patches,
-                                           initial_history)
+from engine.models.talker.generate import (MIN_STEPS_BEFORE_STOP, STOP_THRESHOLD, NoiseSource, StoredNoise,
+                                           generate_patches, initial_history)
 from engine.models.talker.config import TALKER_RELEASES
 from engine.models.talker.model import load_talker
 from engine.models.talker.prompt import build_preview_prompt, build_prompt
@@ -113,6 +113,14 @@ def _stack(items: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([x.reshape(x.shape[1:]) if x.shape[0] == 1 else x for x in items])
 
 
+def seeded_draws(seed: int, n_steps: int, cfm_steps: int, patch_shape, sde: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The y0 [n, patch, C] and SDE noise [n, cfm_steps, patch, C] a run of `n_steps` draws from NoiseSource(seed)."""
+    source, draws = NoiseSource(seed), []
+    for step in range(n_steps):
+        draws.append(source.draw(step, cfm_steps, *patch_shape, sde=sde))
+    return torch.cat([y0 for y0, _ in draws]), torch.stack([s[:, 0] for _, s in draws])
+
+
 def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
     meta = json.loads((case_dir / "meta.json").read_text())
     inputs = load_file(str(case_dir / "inputs.safetensors"))
@@ -197,10 +205,15 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             cmp.close(f"{name}.cfm_t", torch.stack([torch.stack(c["t"]) for c in cfm]), 1e-7)
             cmp.close(f"{name}.cfm_pred_cond", torch.stack([_stack(c["pred_cond"]) for c in cfm]), lat_tol)
             cmp.close(f"{name}.cfm_pred_uncond", torch.stack([_stack(c["pred_uncond"]) for c in cfm]), lat_tol)
-            # the reference's draws, consumed here as inputs: one per step actually run
-            cmp.exact(f"{name}.noise_y0", torch.cat(trace["y0"]), note="re-injected")
+            # the reference's draws, consumed here as inputs: one per step actually run; with the seed recorded
+            # (torch.manual_seed right before the call), the ones our NoiseSource draws for it must be the same
+            y0_drawn, sde_drawn, how = torch.cat(trace["y0"]), sde[:n], "re-injected"
+            if "noise_seed" in meta:
+                y0_drawn, sde_drawn = seeded_draws(meta["noise_seed"], n, steps, y0.shape[-2:], sde=not cfg.preview)
+                how = "drawn from noise_seed"
+            cmp.exact(f"{name}.noise_y0", y0_drawn, note=how)
             if f"{name}.noise_sde" in outputs:
-                cmp.exact(f"{name}.noise_sde", sde[:n], note="re-injected")
+                cmp.exact(f"{name}.noise_sde", sde_drawn, note=how)
     return cmp.rows + cmp.missing()
 
 
@@ -263,7 +276,10 @@ def run_audio_vae_case(case_dir: Path, comparer_cls, device: str = "cpu") -> lis
         cmp.close("encode.posterior_mean", post.mean, enc_tol)
         cmp.close("encode.posterior_std", post.std, enc_tol)
         noise = outputs["encode.posterior_noise"].to(device)
-        cmp.exact("encode.posterior_noise", noise, note="re-injected")
+        if "noise_seed" in meta:  # torch.manual_seed(noise_seed) right before encode_latent: our draw must match
+            cmp.exact("encode.posterior_noise", post.seeded_noise(meta["noise_seed"]), note="drawn from noise_seed")
+        else:
+            cmp.exact("encode.posterior_noise", noise, note="re-injected")
         latent = post.sample(noise)
         cmp.close("encode.latent", latent, enc_tol)
         frames = math.ceil(math.ceil(padded.shape[-1] / cfg.enc_input_dim) / cfg.frames_per_latent)

@@ -244,9 +244,7 @@ class TalkerPipeline:
         wave = wave.to(self.vae.decoder.fc1.weight.device, self.vae.decoder.fc1.weight.dtype)
         with torch.inference_mode():
             post = self.vae.posterior(wave)
-        gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
-        eps = torch.randn(post.mean.shape, generator=gen).to(post.mean.device)
-        latents = post.sample(eps).reshape(1, -1, cfg.latent_dim).float().cpu()
+        latents = post.sample(post.seeded_noise(0 if seed is None else seed)).reshape(1, -1, cfg.latent_dim).float().cpu()
         return latents[:, :latents.shape[1] // patch * patch] if self.preview else latents
 
     # ------------------------------------------------------------------ planning

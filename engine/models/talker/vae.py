@@ -80,6 +80,15 @@ class Posterior:
     def sample(self, noise: torch.Tensor) -> torch.Tensor:
         return self.mean + self.std * noise
 
+    def seeded_noise(self, seed: int) -> torch.Tensor:
+        """The reference's epsilon for `torch.manual_seed(seed)` (spec §7.4), fp32 from a CPU generator: its
+        posterior is diffusers' Oobleck distribution, whose mean is channel-major [B, latent, T'], so the
+        Gaussian draws fill that layout; returned transposed to our time-major [B, T', latent]."""
+        batch, frames, channels = self.mean.shape
+        gen = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn(batch, channels, frames, generator=gen, dtype=torch.float32)
+        return noise.transpose(1, 2).to(self.mean.device)
+
 
 class ISTFTHead(nn.Module):
     """Linear(hidden -> n_fft + 2) -> log-magnitude / phase -> inverse STFT ("same" padding)."""

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from engine.models.talker.parity import talker_patch_of_case
@@ -95,3 +96,30 @@ def test_talker_case_with_an_instruction_object_runs(tmp_path):
     rows = {r.tensor: r for r in run_case(case)}
     assert not rows["inputs.tts.input_ids"].ok  # the recorded ids have no instruction: a real difference
     assert rows["inputs.clone.input_ids"].ok and rows["clone.step_gen_lat"].ok
+
+
+def _case_noise(name: str) -> tuple[dict, dict]:
+    case = fixture_case(name)
+    return json.loads((case / "meta.json").read_text()), load_file(str(case / "outputs.safetensors"))
+
+
+def test_the_talker_draws_its_noise_as_the_reference_did_for_the_seed():
+    """meta.json: torch.manual_seed(noise_seed), then per AR step y0 [1, patch, 64] and the SDE noise
+    [steps, 1, patch, 64] (CPU, fp32). NoiseSource(noise_seed) must give those draws in that order, so a
+    seeded run reproduces the reference's speech for its seed."""
+    from engine.models.talker.parity import seeded_draws
+    meta, outputs = _case_noise("talker")
+    for name in meta["cases"]:
+        y0, sde = outputs[f"{name}.noise_y0"], outputs[f"{name}.noise_sde"]
+        drawn_y0, drawn_sde = seeded_draws(meta["noise_seed"], y0.shape[0], sde.shape[1], y0.shape[1:], sde=True)
+        assert torch.equal(drawn_y0, y0) and torch.equal(drawn_sde, sde), name
+
+
+def test_the_vae_posterior_draws_its_noise_as_the_reference_did_for_the_seed():
+    """meta.json: torch.manual_seed(noise_seed) right before encode_latent; the Oobleck posterior draws eps
+    over its channel-major [1, latent, T'] mean. Ours, time-major, must hold the same eps per (frame, channel)."""
+    from engine.models.talker.vae import Posterior
+    meta, outputs = _case_noise("audio_vae")
+    stored = outputs["encode.posterior_noise"]
+    post = Posterior(mean=torch.zeros(stored.shape), std=torch.ones(stored.shape))
+    assert torch.equal(post.seeded_noise(meta["noise_seed"]), stored)

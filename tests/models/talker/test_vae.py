@@ -215,3 +215,19 @@ def _random_vae_folder(tmp_path, cfg: dict, seed: int):
     save_file(tiny._random_state(module, torch.Generator().manual_seed(seed)), str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
+
+
+def test_a_seeded_prompt_draws_the_reference_noise(tiny_pipeline):
+    """Spec §7.4: the prompt latents are mean + std * eps, eps drawn after torch.manual_seed(seed). The reference's
+    posterior (diffusers' Oobleck distribution) holds its mean channel-major, [1, latent, T'], and draws eps in
+    that layout, so a clone seeded as upstream was must take the draws in that order, not time-major."""
+    wave = torch.randn(600, generator=torch.Generator().manual_seed(1)) * 0.1
+    latents = tiny_pipeline.prompt_latents(wave, seed=606)
+    span = tiny_pipeline.vae.config.encoder_samples_per_latent * tiny_pipeline.talker.config.patch_size
+    with torch.inference_mode():
+        post = tiny_pipeline.vae.posterior(left_pad_to_multiple(wave.reshape(1, -1), span))
+    frames, channels = post.mean.shape[1:]
+    assert frames > 1
+    torch.manual_seed(606)
+    eps = torch.randn(1, channels, frames).transpose(1, 2)
+    torch.testing.assert_close(latents, post.mean + post.std * eps, atol=1e-6, rtol=0)
