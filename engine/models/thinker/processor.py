@@ -55,6 +55,7 @@ class MediaSettings:
         so the processor always makes the rows the encoders take."""
         path = Path(root) / "preprocessor_config.json"
         release = "preview" if cfg.release == "preview" else "2.0"
+        source = str(path) if settings is None else "the processor settings"
         if settings is None:
             try:
                 settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -67,7 +68,30 @@ class MediaSettings:
         with sub_config_errors(str(path.parent), path.name):  # a key of the wrong type, named with the file
             image = ImageProcessorConfig.from_dict(data, release=release)
             audio = AudioFrontendConfig.from_dict(data, n_ctx=whisper.get("n_ctx"))
+        _check_fits_the_encoders(image, audio, cfg, source)
         return cls(image=image, audio=audio, interleaved_video=cfg.llm.use_interleaved_frame_timestamp)
+
+
+def _check_fits_the_encoders(image: ImageProcessorConfig, audio: AudioFrontendConfig, cfg: MingConfig,
+                             source: str) -> None:
+    """The processor's sizes that the model's encoders fix (the ViT's patch, temporal patch and merge sizes, Whisper's
+    mel bins) must be the ones config.json builds them with: otherwise every picture or clip would be cut into rows
+    the encoder cannot take, a crash at the first chat that sends one. ConfigError naming both values."""
+    whisper = (cfg.audio.get("whisper_encoder_config") or {}) if cfg.audio else {}
+    with sub_config_errors(cfg.source or "config.json", "vision_config"):
+        vit = VisionConfig.from_dict(cfg.vision) if cfg.vision else None
+    pairs = [("whisper_frontend_args.n_mels", audio.n_mels, "audio_config.whisper_encoder_config.n_mels",
+              whisper.get("n_mels", audio.n_mels))]
+    if vit is not None:
+        pairs += [("patch_size", image.patch_size, "vision_config.patch_size", vit.patch_size),
+                  ("temporal_patch_size", image.temporal_patch_size, "vision_config.temporal_patch_size",
+                   vit.temporal_patch_size),
+                  ("merge_size", image.merge_size, "vision_config.spatial_merge_size", vit.spatial_merge_size)]
+    bad = [f"{key} {ours} where config.json's {model_key} is {theirs}" for key, ours, model_key, theirs in pairs
+           if int(ours) != int(theirs)]
+    if bad:
+        raise ConfigError(f"{source}: {'; '.join(bad)}: the processor would cut pictures and sound into rows the "
+                          "encoders do not take; give the preprocessor_config.json made with this checkpoint")
 
 
 def _settings_from_model(cfg: MingConfig, shipped: ImageProcessorConfig) -> dict:

@@ -272,3 +272,31 @@ def test_media_parts_given_as_url_objects_or_url_keys_are_read_as_the_reference_
         assert got.text == want.text and torch.equal(got.pixel_values, want.pixel_values)
     video = prompt({"type": "video", "video": str(frames)})
     assert prompt({"type": "video", "video_url": {"url": "file://" + str(frames)}}).text == video.text
+
+
+def test_a_preprocessor_config_that_does_not_fit_the_encoders_is_refused_at_load(tmp_path):
+    """preprocessor_config.json's patch, temporal patch and merge sizes and mel bins make the rows the ViT and
+    Whisper take (spec §4.1, §5.1): a file made for another checkpoint (16-pixel patches for a ViT of 8) let the
+    model load and then crashed the first chat sending a picture (pixel_values [24, 1536] for a ViT reading
+    [24, 384]). It is refused when the checkpoint loads, naming both values; a file that fits loads."""
+    import json
+
+    from engine.models.thinker.config import ConfigError, MingConfig
+    from engine.tiny import tiny_config, tiny_preprocessor_config
+
+    d = tiny_config()
+    d["vision_config"].update(patch_size=8, temporal_patch_size=1)
+    d["audio_config"]["whisper_encoder_config"]["n_mels"] = 80
+    cfg = MingConfig.from_dict(d)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(tiny_preprocessor_config()))
+    with pytest.raises(ConfigError) as e:
+        MediaSettings.for_checkpoint(tmp_path, cfg)
+    for said in ("preprocessor_config.json", "patch_size 16 where config.json's vision_config.patch_size is 8",
+                 "temporal_patch_size 2 where config.json's vision_config.temporal_patch_size is 1",
+                 "n_mels 128 where config.json's audio_config.whisper_encoder_config.n_mels is 80"):
+        assert said in str(e.value)
+    fitting = {**tiny_preprocessor_config(), "patch_size": 8, "temporal_patch_size": 1,
+               "whisper_frontend_args": {"n_mels": 80}}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(fitting))
+    settings = MediaSettings.for_checkpoint(tmp_path, cfg)
+    assert (settings.image.patch_size, settings.image.temporal_patch_size, settings.audio.n_mels) == (8, 1, 80)
