@@ -78,7 +78,11 @@ def instruction_from(body: dict, with_voice: bool = False) -> dict | str | None:
         if body.get(name) is not None:
             put({name: text_field(body[name], name, MAX_FIELD_CHARS)}, name)
     if body.get("bgm") is not None:
-        put({"bgm": need_dict(body["bgm"], "bgm")}, "bgm")
+        bgm = need_dict(body["bgm"], "bgm")
+        for key, value in bgm.items():
+            if str(key).lower() == "snr" and value is not None:
+                need_number(value, f"bgm.{key}")
+        put({"bgm": bgm}, "bgm")
     instructions = text_field(body.get("instructions"), "instructions", MAX_FIELD_CHARS, required=False)
     if instructions and instructions.strip():
         parts = [p.partition("=") for p in instructions.split(",") if p.strip()]
@@ -88,6 +92,7 @@ def instruction_from(body: dict, with_voice: bool = False) -> dict | str | None:
             put({"style": instructions}, "instructions")
     speed = body.get("speed")
     if isinstance(speed, str):
+        not_number_text(speed, "speed")
         put({"speed": text_field(speed, "speed", 32)}, "speed")
     elif speed is not None:
         value = need_number(speed, "speed", *SPEED_RANGE)
@@ -102,6 +107,17 @@ def instruction_from(body: dict, with_voice: bool = False) -> dict | str | None:
                   "or a 'reference_audio' clip: leave those out, or give the voice's manner as key=value pairs "
                   "(e.g. 'emotion=happy, speed=fast')", "invalid_request", field)
     return spec or None
+
+
+def not_number_text(value: str, name: str) -> None:
+    """A field that takes a number or a label, given a number as text ("1.0"): invalid_type, as a number sent as a
+    string is on every other route (it was read as an unknown label); other text is left to the label's check."""
+    try:
+        float(value)
+    except ValueError:
+        return
+    raise bad(f"'{name}' must be a number or one of its labels; {codec.shown(value)} is a number sent as text: send "
+              "it without quotes", "invalid_type", name)
 
 
 def check_instruction(spec: dict, origin: dict[str, str]) -> None:
@@ -221,6 +237,8 @@ def check_task_inputs(task: str, text: str | None, music, voice: str | None, bod
     if task == "music" and music:
         music = need_dict(music, "music")
         codec.check_keys(music, "music", MUSIC_FIELDS)
+        if music.get("duration") is not None:
+            need_number(music["duration"], "music.duration")
         try:
             music_text(music.get("genre", ""), music.get("mood", ""), music.get("instrument", ""),
                        music.get("theme", ""), music.get("duration", 30))

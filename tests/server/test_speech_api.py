@@ -319,6 +319,26 @@ def test_speed_and_instructions_map_to_the_talker(http):
         assert r.status_code == 200 and time.perf_counter() - t0 < 30, (body, r.text)
 
 
+MUSIC = {"genre": "pop", "mood": "calm", "instrument": "piano", "theme": "sea"}
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "hi", "speed": "1.0"}, "speed"),
+    ({"input": "hi", "speed": " 2 "}, "speed"),
+    ({"input": "hi", "bgm": {"Genre": "pop", "SNR": "10"}}, "bgm.SNR"),
+    ({"task": "music", "music": {**MUSIC, "duration": "10"}}, "music.duration"),
+])
+def test_a_number_sent_as_text_is_invalid_type_as_on_the_other_routes(http, body, param):
+    """speed "1.0" was read as a speed label (invalid_request 'unknown speed'), a BGM SNR "10" was taken, a music
+    duration "10" said 'must be between 1 and 300 seconds, got 10'; every other route answers invalid_type."""
+    from engine.server.speech_api import instruction_from
+
+    r = http.post("/v1/audio/speech", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and (err["code"], err["param"]) == ("invalid_type", param), r.text
+    assert instruction_from({"speed": "slow"}) == {"speed": "slow"}  # a label is still a label
+
+
 @pytest.mark.parametrize("body, param, words", [
     ({"input": ""}, "input", "empty"),
     ({"input": "   "}, "input", "empty"),
