@@ -24,7 +24,7 @@ from engine.server.context import ServerContext
 from engine.server import images_api, logs, speech_api
 from engine.server.bodies import ClientGone
 from engine.server.http_api import error_response, retry_headers, router
-from engine.server.http_protocol import OpenAIErrorsH11Protocol
+from engine.server.http_protocol import Linger, OpenAIErrorsH11Protocol
 from engine.server.limits import ApiError, Limits
 from engine.server.realtime import check_handshake, realtime_endpoint, refuse_handshake
 from engine.server.sessions import new_id
@@ -255,9 +255,10 @@ def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning
     # far larger ones are closed by the protocol layer with code 1009
     stalled = {"stalled_peer_s": limits.slow_reader_timeout_s,
                "on_stalled": functools.partial(logs.client_aborted, app.state.ctx, "stalled_reader")}
+    linger = Linger(limits.refusal_linger_s, max(limits.max_request_bytes, limits.max_upload_bytes))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             http=functools.partial(OpenAIErrorsH11Protocol, head_timeout_s=limits.head_timeout_s,
-                                                   max_connections=limits.max_connections,
+                                                   max_connections=limits.max_connections, linger=linger,
                                                    on_full=logs.connections_full, **stalled),
                             ws=functools.partial(OpenAIErrorsWebSocketProtocol, **stalled),
                             ws_max_size=2 * limits.max_message_bytes + 1024 * 1024, ws_per_message_deflate=False,

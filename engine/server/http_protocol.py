@@ -15,6 +15,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import h11
 from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
@@ -39,6 +40,15 @@ def parse_error(exc: BaseException | None, max_head_bytes: int) -> ApiError:
                     code="invalid_http_request", status=status, kind="invalid_request_error")
 
 
+@dataclass(frozen=True)
+class Linger:
+    """How long, and how much of what a client still sends, is read and dropped after a refusal's answer before the
+    connection closes (OpenAIErrorsH11Protocol.close_after_client)."""
+
+    seconds: float
+    bytes: int
+
+
 class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
     """`head_timeout_s`: how long a connection may take to send a request's whole head (from its opening, or from
     the previous answer). uvicorn waits for a head forever: a client that connected and sent part of a request
@@ -52,11 +62,14 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
     expects a kept-alive connection may be; with none idle, the new connection's request is answered 503
     (too_many_connections, Retry-After) and it closes. `on_full(what)` is told of each (None: no one is)."""
 
-    def __init__(self, *args, head_timeout_s: float, max_connections: int,
+    def __init__(self, *args, head_timeout_s: float, max_connections: int, linger: Linger,
                  on_full: Callable[[str], None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.head_timeout_s = head_timeout_s
         self.head_timer: asyncio.TimerHandle | None = None
+        self.linger = linger
+        self.linger_left: int | None = None  # (bytes) after a refusal's answer: what may still be read and dropped
+        self.linger_timer: asyncio.TimerHandle | None = None
         self.max_connections = max_connections
         self.on_full = on_full
         self.idle_since: float | None = None  # (loop time) kept alive, owing no request: may be closed to make room
@@ -88,6 +101,11 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
             self.on_full(what)
 
     def data_received(self, data: bytes) -> None:
+        if self.linger_left is not None:
+            self.linger_left -= len(data)
+            if self.linger_left < 0:
+                self.transport.close()
+            return
         if self.refusal is not None:
             self.refuse_request(data)
             return
@@ -115,6 +133,8 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_head_timer()
+        if self.linger_timer is not None:
+            self.linger_timer.cancel()
         super().connection_lost(exc)
 
     def time_the_head(self) -> None:
@@ -157,4 +177,18 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
                    (b"connection", b"close"), *((k.lower().encode(), v.encode()) for k, v in retry.items())]
         for event in (h11.Response(status_code=err.status, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
-        self.transport.close()
+        self.close_after_client()
+
+    def close_after_client(self) -> None:
+        """Close once the client has sent what it was sending (the body of the request just refused): the answer is
+        followed by the end of our side of the stream, and what still comes is read and dropped until the client
+        closes, for at most Linger.seconds and Linger.bytes. Closed at once, with the body unread, the connection was
+        reset (RFC 9112 §9.6): a client still sending a large body met 'connection reset' instead of the answer."""
+        self.stop_head_timer()
+        if self.transport.is_closing() or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.transport.resume_reading()
+        self.linger_left = self.linger.bytes
+        self.linger_timer = self.loop.call_later(self.linger.seconds, self.transport.close)

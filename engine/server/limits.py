@@ -39,6 +39,9 @@ class Limits:
     body_idle_timeout_s: float = 10.0  # an HTTP request body that sends no byte for this long is refused (408)
     max_connections: int = 512  # open HTTP and websocket connections: past it the one idle longest is closed, or
     #                             with none idle the new one is refused (503, too_many_connections)
+    refusal_linger_s: float = 5.0  # after a refusal that closes the connection (503 too_many_connections, 408, a
+    #                                request that does not parse), what the client still sends is read and dropped
+    #                                for this long (at most an HTTP body's limit) so that it gets the answer, not a reset
     head_timeout_s: float = 10.0  # an HTTP request head not whole this long after the connection opened (or the
     #                               previous answer) is refused (408); a connection that sent nothing is closed
 

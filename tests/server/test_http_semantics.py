@@ -601,17 +601,49 @@ def test_past_the_connection_limit_idle_connections_make_room_and_busy_ones_mean
         for s in flood[2 * limit:]:
             s.close()
         wait_for(lambda: len(srv.server.server_state.connections) == 0)
-        for s in [opened() for _ in range(limit)]:  # every connection busy: a head under way
-            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-        held = srv.server.server_state.connections
-        wait_for(lambda: len(held) == limit and all(c.idle_since is None for c in list(held)))  # (the heads came)
+        fill_with_busy_connections(srv, opened, limit)
         late = opened()
         late.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = b""
-        while chunk := late.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
+        head, body = read_to_close(late)
     assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower(), head
     assert b"connection: close" in head.lower()
     err = json.loads(body)["error"]
     assert err["code"] == "too_many_connections" and f"{limit} connections" in err["message"], err
+
+
+def fill_with_busy_connections(srv, opened, limit: int) -> None:
+    """`limit` connections from `opened()`, each busy (a request head under way), held by the server."""
+    for s in [opened() for _ in range(limit)]:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    held = srv.server.server_state.connections
+    wait_for(lambda: len(held) == limit and all(c.idle_since is None for c in list(held)))  # (the heads came)
+
+
+def read_to_close(sock: socket.socket) -> tuple[bytes, bytes]:
+    """(head, body) of what the server sent until it closed."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_a_refused_request_with_a_large_body_gets_its_503_not_a_reset():
+    """The refusal closed the connection as soon as the head had come: with the body still arriving, the close reset
+    it, and a client sending a large body met 'connection reset by peer' instead of the 503. The body is now read and
+    dropped (bounded) after the answer."""
+    limit, body = 2, b"x" * (8 * 1024 * 1024)
+    with fake_server(max_connections=limit) as srv, ExitStack() as stack:
+        def opened() -> socket.socket:
+            return stack.enter_context(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
+
+        fill_with_busy_connections(srv, opened, limit)
+        late = opened()
+        try:
+            late.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            head, answer = read_to_close(late)
+        except ConnectionError as e:
+            pytest.fail(f"the client met {e!r} instead of the 503")
+    assert head.startswith(b"HTTP/1.1 503"), head
+    assert json.loads(answer)["error"]["code"] == "too_many_connections"
