@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,11 @@ def parse_error(exc: BaseException | None, max_head_bytes: int) -> ApiError:
                     code="invalid_http_request", status=status, kind="invalid_request_error")
 
 
+def client_host(connection) -> str:
+    """The client address of a uvicorn connection (HTTP or websocket protocol); '' when it has none (a unix socket)."""
+    return connection.client[0] if getattr(connection, "client", None) else ""
+
+
 @dataclass(frozen=True)
 class Linger:
     """How long, and how much of what a client still sends, is read and dropped after a refusal's answer before the
@@ -58,9 +64,10 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
 
     `max_connections`: the connections (HTTP and websocket) the server holds. uvicorn took every one: a client opening
     thousands of keep-alive connections held a file descriptor each until they idled out, and the server then could
-    accept no one. Past the limit the connection idle longest (kept alive, owing no request) is closed, as a client
-    expects a kept-alive connection may be; with none idle, the new connection's request is answered 503
-    (too_many_connections, Retry-After) and it closes. `on_full(what)` is told of each (None: no one is)."""
+    accept no one. Past the limit an idle connection (kept alive, owing no request) of the client address holding the
+    most connections is closed, as a client expects a kept-alive connection may be (make_room); with none that may be,
+    the new connection's request is answered 503 (too_many_connections, Retry-After) and it closes. `on_full(what)` is
+    told of each (None: no one is)."""
 
     def __init__(self, *args, head_timeout_s: float, max_connections: int, linger: Linger,
                  on_full: Callable[[str], None] | None = None, **kwargs):
@@ -82,19 +89,25 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
         self.time_the_head()
 
     def make_room(self) -> None:
-        """Close the connection idle longest, or (none idle) refuse this one's request."""
+        """Close an idle connection of the client address holding the most connections (of its idle ones, the one idle
+        longest), or refuse this one's request when no address holding at least as many as this one's has one idle.
+        Closing the connection idle longest of all let one address's flood close a light client's kept-alive
+        connection between two of its requests; a flood now makes room among its own connections."""
+        held = Counter(client_host(c) for c in self.connections)
+        mine = held[client_host(self)]
         idle = [c for c in self.connections if isinstance(c, OpenAIErrorsH11Protocol) and c is not self
-                and c.idle_since is not None and not c.transport.is_closing()]
+                and c.idle_since is not None and not c.transport.is_closing() and held[client_host(c)] >= mine]
         if idle:
-            oldest = min(idle, key=lambda c: c.idle_since)
-            oldest.transport.close()
-            self.tell(f"{len(self.connections) - 1} connections were open, the limit is {self.max_connections}: "
-                      f"the one idle longest ({self.loop.time() - oldest.idle_since:.1f} s) was closed")
+            victim = min(idle, key=lambda c: (-held[client_host(c)], c.idle_since))
+            victim.transport.close()
+            self.tell(f"{len(self.connections) - 1} connections were open, the limit is {self.max_connections}: one "
+                      f"of {held[client_host(victim)]} from {client_host(victim)}, idle "
+                      f"{self.loop.time() - victim.idle_since:.1f} s, was closed")
             return
-        self.refusal = ApiError(f"the server holds {len(self.connections) - 1} connections, its limit, and every one "
-                                "is busy; try again shortly", code="too_many_connections", status=503)
+        self.refusal = ApiError(f"the server holds {len(self.connections) - 1} connections, its limit, and none that "
+                                "could make room is idle; try again shortly", code="too_many_connections", status=503)
         self.tell(f"{len(self.connections) - 1} connections were open, the limit is {self.max_connections}, none "
-                  "idle: a new one was refused (503)")
+                  f"idle from an address holding as many as {client_host(self)} ({mine}): a new one was refused (503)")
 
     def tell(self, what: str) -> None:
         if self.on_full is not None:

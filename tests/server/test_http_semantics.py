@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import http.client
 import json
 import os
 import socket
@@ -611,12 +612,47 @@ def test_past_the_connection_limit_idle_connections_make_room_and_busy_ones_mean
     assert err["code"] == "too_many_connections" and f"{limit} connections" in err["message"], err
 
 
-def fill_with_busy_connections(srv, opened, limit: int) -> None:
-    """`limit` connections from `opened()`, each busy (a request head under way), held by the server."""
-    for s in [opened() for _ in range(limit)]:
+def test_one_address_flooding_the_connection_cap_does_not_close_another_clients_kept_alive_connection():
+    """Past the cap the connection idle longest was closed, whoever held it: a client pausing between two requests on
+    its kept-alive connection lost it to one address opening connections by the dozen. The flooding address's own
+    idle connections now make room, and with none idle its new connection is refused, not the other's closed."""
+    limit = 6
+    with fake_server(max_connections=limit) as srv, ExitStack() as stack:
+        def flooded() -> socket.socket:
+            return stack.enter_context(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
+
+        client = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10, source_address=("127.0.0.2", 0))
+        stack.callback(client.close)
+
+        def answered() -> int:
+            client.request("GET", "/health")
+            response = client.getresponse()
+            response.read()
+            return response.status
+
+        assert answered() == 200
+        kept = client.sock
+        flood = [flooded() for _ in range(3 * limit)]  # idle: the flood's own make room, the ones idle longest
+        assert all(s.recv(100) == b"" for s in flood[:len(flood) - (limit - 1)])
+        assert answered() == 200 and client.sock is kept
+        for s in flood:
+            s.close()
+        wait_for(lambda: len(srv.server.server_state.connections) == 1)
+        fill_with_busy_connections(srv, flooded, limit - 1, held=limit)  # none of the flood's idle
+        late = flooded()
+        late.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_to_close(late)[0].startswith(b"HTTP/1.1 503")
+        assert answered() == 200 and client.sock is kept
+
+
+def fill_with_busy_connections(srv, opened, n: int, held: int | None = None) -> None:
+    """`n` connections from `opened()`, each busy (a request head under way), until the server holds `held` (`n`)
+    and those are all busy."""
+    for s in [opened() for _ in range(n)]:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-    held = srv.server.server_state.connections
-    wait_for(lambda: len(held) == limit and all(c.idle_since is None for c in list(held)))  # (the heads came)
+    connections = srv.server.server_state.connections
+    wait_for(lambda: len(connections) == (held or n)
+             and sum(c.idle_since is None for c in list(connections)) >= n)  # (the heads came)
 
 
 def read_to_close(sock: socket.socket) -> tuple[bytes, bytes]:
