@@ -455,15 +455,19 @@ def stream_response(ctx: ServerContext, job: Job, encode, finish, events: AsyncI
     return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def stream_usage(body: dict) -> bool:
+def stream_usage(body: dict, stream: bool) -> bool:
     """stream_options.include_usage (OpenAI: a last chunk with the usage): an object's boolean, else a 400 naming
     the field (a string "false" read as true would be silently wrong). Other keys of the object are left alone
-    (OpenAI adds some, e.g. include_obfuscation, that change nothing here)."""
+    (OpenAI adds some, e.g. include_obfuscation, that change nothing here). As OpenAI's, `stream_options` is refused
+    in a request that does not stream (it would be silently ignored)."""
     opts = body.get("stream_options")
     if opts is None:
         return False
     if not isinstance(opts, dict):
         raise bad(f"'stream_options' must be an object, got {type(opts).__name__}", "invalid_type", "stream_options")
+    if not stream:
+        raise bad("'stream_options' is only allowed when 'stream' is true: leave it out, or stream the answer",
+                  "invalid_value", "stream_options")
     usage = opts.get("include_usage")
     if usage is not None and not isinstance(usage, bool):
         raise bad(f"'stream_options.include_usage' must be true or false, got {type(usage).__name__}", "invalid_type",
@@ -480,7 +484,7 @@ async def chat_completions(request: Request):
     n = choice_count(body, modalities)
     logprobs, top_logprobs = logprob_fields(body, modalities)
     stream = flag(body, "stream")
-    include_usage = stream_usage(body) and stream  # checked whether it streams or not
+    include_usage = stream_usage(body, stream)
     params = replace(generation_params(body, ctx.limits), logprobs=logprobs, top_logprobs=top_logprobs,
                      logit_bias=logit_bias(body.get("logit_bias"), vocab_size(ctx.engine)))
     thinking = flag(body, "thinking")

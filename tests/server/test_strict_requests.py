@@ -496,6 +496,15 @@ def test_stream_options_are_typed(http, options, field):
     assert err["code"] == "invalid_type" and err["param"] == field, err
 
 
+@pytest.mark.parametrize("stream", [False, None])
+def test_stream_options_without_a_stream_are_refused_as_openai_refuses_them(http, stream):
+    """stream_options sent with stream false (or no stream) was taken and ignored; OpenAI answers 400 naming it."""
+    body = {**CHAT, "stream_options": {"include_usage": True}} | ({} if stream is None else {"stream": stream})
+    err = error_of(http.post("/v1/chat/completions", json=body))
+    assert err["param"] == "stream_options" and "stream" in err["message"], err
+    assert http.post("/v1/chat/completions", json={**CHAT, "stream": False, "stream_options": None}).status_code == 200
+
+
 def test_openais_presence_and_frequency_penalties_are_honoured(http, tiny_engine):
     """They were refused when not 0 (unsupported_parameter), so an OpenAI client that sends them could not chat;
     the reply is the engine's with the same penalties (a negative presence penalty makes greedy repeat itself)."""
