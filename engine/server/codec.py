@@ -656,11 +656,27 @@ def convert_content(content: Any, limits: Limits, name: str = "content", default
             raise bad(f"'{pname}.type' {shown(kind)} is not supported; use text, image_url, input_audio or video_url "
                       "(realtime: input_text, input_image, input_audio, input_video)", "unsupported_content_type",
                       f"{pname}.type")
-    return Converted(parts, public)
+    return Converted(joined_texts(parts), public)
+
+
+TEXT_PART_SEPARATOR = "\n"  # between a message's text parts, as between messages of one role (vLLM's rule too)
+
+
+def joined_texts(parts: list[dict]) -> list[dict]:
+    """Engine parts with each run of text parts made one, their texts joined by TEXT_PART_SEPARATOR: an OpenAI client
+    sending ["Be brief.", "Answer in French."] means two sentences, which the reference template would run together
+    ("Be brief.Answer in French."); text next to a picture, a clip or a sound is left as the template places it."""
+    out: list[dict] = []
+    for part in parts:
+        if part["type"] == "text" and out and out[-1]["type"] == "text":
+            out[-1] = {"type": "text", "text": out[-1]["text"] + TEXT_PART_SEPARATOR + part["text"]}
+        else:
+            out.append(part)
+    return out
 
 
 def text_only(content: Any, name: str) -> str:
-    """A system message: a string or text parts joined."""
+    """A system message: a string or text parts joined by TEXT_PART_SEPARATOR (see joined_texts)."""
     if isinstance(content, str):
         return content
     conv_parts = []
@@ -672,4 +688,4 @@ def text_only(content: Any, name: str) -> str:
             raise bad(f"'{name}[{i}]': system messages may hold text only", "invalid_value", name)
         check_keys(part, f"{name}[{i}]", ("type", "text"), ("annotations",) + CACHE_MARK)
         conv_parts.append(need_str(part.get("text"), f"{name}[{i}].text"))
-    return "".join(conv_parts)
+    return TEXT_PART_SEPARATOR.join(conv_parts)

@@ -866,9 +866,10 @@ class RealtimeConnection:
                             budget: codec.MediaBudget | None = None) -> codec.Converted:
         """A message item's content as engine parts (a system item: text only); its decoded media within
         `budget` (by default max_session_media_bytes for this item alone)."""
-        if role == "system":
+        if role == "system":  # (echoed part by part, as given; the model reads them joined)
             text = codec.text_only(content, param)
-            return codec.Converted([{"type": "text", "text": text}], [{"type": "input_text", "text": text}])
+            given = [p["text"] for p in content] if isinstance(content, list) else [text]
+            return codec.Converted([{"type": "text", "text": text}], [{"type": "input_text", "text": t} for t in given])
         if role == "assistant" and isinstance(content, list):
             return spoken_reply_content(content, self.limits, param)
         s = self.session.settings  # raw audio parts are in the session's input format (OpenAI's rule)
