@@ -1169,7 +1169,7 @@ class RealtimeConnection:
 SESSION_FIELDS = {"type", "model", "include", "instructions", "output_modalities", "modalities", "audio", "input_audio_format",
                   "voice", "input_audio_transcription", "output_audio_format", "input_audio_sample_rate", "turn_detection", "video", "tools", "thinking", "temperature", "top_p",
                   "top_k", "repetition_penalty", "seed", "stop", "max_output_tokens", "max_response_output_tokens",
-                  "max_tokens"}
+                  "max_tokens", "presence_penalty", "frequency_penalty"}
 
 
 def spoken_reply_content(content: list, limits, param: str) -> codec.Converted:

@@ -56,7 +56,7 @@ class SessionSettings:
         return VideoContextConfig() if self.turn_detection is not None else None
 
     def to_dict(self, session_id: str, model: str) -> dict:
-        """The GA session object, with our sampling fields and `thinking` as extensions."""
+        """The GA session object, with our sampling fields (the penalties too) and `thinking` as extensions."""
         p = self.params
         return {"type": "realtime", "id": session_id, "object": "realtime.session", "model": model,
                 "instructions": self.instructions, "output_modalities": list(self.output_modalities),
@@ -68,6 +68,7 @@ class SessionSettings:
                 "video": self.video_context.to_wire() if self.video_context else None, "include": list(self.include),
                 "max_output_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
                 "top_k": p.top_k, "repetition_penalty": p.repetition_penalty, "seed": p.seed, "stop": list(p.stop),
+                "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
                 "thinking": self.thinking}
 
 
