@@ -1,0 +1,108 @@
+"""The Chat tab's store of conversations in the browser (app/static/chats.js), run in Chromium on a page of its own
+(no studio): two tabs saving at the same instant both keep their conversation, conversations kept by the version
+before (one list) are carried over once, the store keeps the most recent when it is full."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.app.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.paths import REPO
+
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHATS_JS = (REPO / "app" / "static" / "chats.js").read_text(encoding="utf-8").strip()
+ORIGIN = "http://studio.test/"  # answered by the test itself (a real origin has localStorage; about:blank has none)
+LIST_KEY = "ming-studio-chats"  # where the version before kept them all, as one list
+TAB_KEY = "ming-studio-chat-id"
+
+
+def turn(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]
+
+
+@pytest.fixture(scope="module")
+def page():
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.route("**/*", lambda route: route.fulfill(status=200, content_type="text/html", body="<html></html>"))
+            page.goto(ORIGIN)
+            yield page
+        finally:
+            browser.close()
+
+
+@pytest.fixture()
+def store(page):
+    """The page with empty stores; `as_tab(id, call)` runs `call` on chats.js as the browser tab `id` would."""
+    page.evaluate("() => { localStorage.clear(); sessionStorage.clear(); }")
+
+    def as_tab(tab_id: str, call: str):
+        return page.evaluate(f"""() => {{
+            sessionStorage.setItem({TAB_KEY!r}, {tab_id!r});
+            const chats = ({CHATS_JS})();
+            return {call};
+        }}""")
+    return as_tab
+
+
+def test_two_tabs_saving_at_the_same_instant_both_keep_their_conversation(page, store):
+    """Each tab read the one list, changed its own entry and wrote the list back: a tab that saved between another's
+    read and write lost its conversation. Here tab A saves while tab B is between its read and its write."""
+    store("A", f"chats.keep({json.dumps(turn('A first'))})")
+    store("B", f"chats.keep({json.dumps(turn('B first'))})")
+    page.evaluate(f"""() => {{
+        const real = Storage.prototype.getItem;
+        let fired = false;
+        Storage.prototype.getItem = function (key) {{  // B's first read of the store lets A save meanwhile
+            const value = real.call(this, key);
+            if (!fired && this === localStorage && key.startsWith({LIST_KEY!r})) {{
+                fired = true;
+                sessionStorage.setItem({TAB_KEY!r}, "A");
+                ({CHATS_JS})().keep({json.dumps(turn('A second'))});
+                sessionStorage.setItem({TAB_KEY!r}, "B");
+            }}
+            return value;
+        }};
+        try {{
+            sessionStorage.setItem({TAB_KEY!r}, "B");
+            ({CHATS_JS})().keep({json.dumps(turn('B second'))});
+        }} finally {{ Storage.prototype.getItem = real; }}
+    }}""")
+    assert store("A", "chats.mine()") == turn("A second")
+    assert store("B", "chats.mine()") == turn("B second")
+
+
+def test_conversations_kept_as_one_list_by_the_version_before_are_carried_over_once(page, store):
+    kept = [{"id": "A", "at": 2, "messages": turn("mine, kept before")},
+            {"id": "C", "at": 1, "messages": turn("a closed tab's")}, {"id": 7, "messages": "not a conversation"}]
+    page.evaluate(f"() => localStorage.setItem({LIST_KEY!r}, {json.dumps(json.dumps(kept))})")
+    assert store("A", "chats.mine()") == turn("mine, kept before")
+    assert [c["id"] for c in store("A", "chats.earlier()")] == ["C"]
+    store("A", f"chats.keep({json.dumps(turn('mine, now'))})")
+    assert store("A", "chats.mine()") == turn("mine, now")  # (the list of before is not read again over it)
+    assert [c["id"] for c in store("B", "chats.earlier()")] == ["A", "C"]
+
+
+def test_a_full_store_lets_the_oldest_conversations_go_not_this_tabs(page, store):
+    for i in range(3):
+        store(f"old{i}", f"chats.keep({json.dumps(turn(f'old {i}'))})")
+    page.evaluate(f"""() => {{  // the store refuses anything more than ~2 conversations of this size
+        const real = Storage.prototype.setItem;
+        Storage.prototype.setItem = function (key, value) {{
+            let used = 0;
+            for (let i = 0; i < this.length; i++) if (this.key(i) !== key) used += this.getItem(this.key(i)).length;
+            if (this === localStorage && used + value.length > 400) throw new DOMException("full", "QuotaExceededError");
+            return real.call(this, key, value);
+        }};
+        sessionStorage.setItem({TAB_KEY!r}, "new");
+        try {{ ({CHATS_JS})().keep({json.dumps(turn('new'))}); }} finally {{ Storage.prototype.setItem = real; }}
+    }}""")
+    assert store("new", "chats.mine()") == turn("new")
+    assert [c["id"] for c in store("new", "chats.earlier()")][0] == "old2"  # the most recent of the others stays
