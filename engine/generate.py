@@ -106,6 +106,14 @@ def stop_if_set(cancel: threading.Event) -> None:
         raise Cancelled
 
 
+def step_ended(cancel: threading.Event | None) -> None:
+    """Tells a cancel flag that counts decode steps (the server's CancelFlag: `step_ended`) that one more step's
+    token has arrived; a plain threading.Event has nothing to count."""
+    count = getattr(cancel, "step_ended", None)
+    if count is not None:
+        count()
+
+
 @dataclass
 class PrefillResult:
     """logits: [B, V] fp32 at each row's last prompt position (None when cancelled); hidden: the
@@ -420,6 +428,7 @@ def generate(model: LoadedModel, tokenizer: MingTokenizer, prompt_ids: list[int]
             launch()  # token 1 is computed while the host waits for token 0
         for n in range(0 if pre.cancelled else params.max_new_tokens):
             read = reader.wait(pending.popleft())
+            step_ended(cancel)
             token = read[0][0]
             now = time.perf_counter()
             if n == 0:

@@ -12,8 +12,9 @@ event (Done / Error) is always delivered, outside the credits.
 
 Cancellation sets the `threading.Event` the engine checks between the blocks of its media encoders,
 between the layers of a prefill chunk and between decode steps, so generation stops within one layer or step and the engine frees the request's KV
-cache. The event counts the engine's checks so the server can report how many decode steps ran after
-a cancel (always at most one; the checks made while the prompt was prefilled are not steps).
+cache. The engine tells the event each decode step it ends (engine.generate.step_ended), so the server
+reports how many decode steps ended after a cancel (at most one), however many prompts, prefills and
+windows (a long recording's transcription) the request ran.
 """
 
 from __future__ import annotations
@@ -36,16 +37,15 @@ _ENGINE_EVENTS = tuple(kind for kind in EVENT_TYPES.values() if kind is not Queu
 
 
 class CancelFlag(threading.Event):
-    """The cancel event handed to the engine. `is_set` is what the engine calls between prefill
-    chunks and once per decode step, so the calls made before `set()`, less those made before the
-    first token (`decode_from`), count the decode steps that had finished by then."""
+    """The cancel event handed to the engine. `is_set` is what the engine calls between prefill chunks and
+    layers and once per decode step (`checks` counts those calls); `step_ended` is what its decode loop calls
+    as each step's token arrives, so `steps_after_set` counts the decode steps that ended after the cancel."""
 
     def __init__(self) -> None:
         super().__init__()
         self.checks = 0
-        self.checks_at_set: int | None = None
+        self.steps_after_set = 0
         self.set_at: float | None = None
-        self.decode_from: int | None = None  # checks made before the first token (the prefill's)
 
     def is_set(self) -> bool:  # the engine's per-step check
         self.checks += 1
@@ -54,9 +54,12 @@ class CancelFlag(threading.Event):
     def peek(self) -> bool:  # the server's own look, not counted
         return super().is_set()
 
+    def step_ended(self) -> None:  # the engine's decode loop: one more token computed
+        if super().is_set():
+            self.steps_after_set += 1
+
     def set(self) -> None:
         if not super().is_set():
-            self.checks_at_set = self.checks
             self.set_at = time.perf_counter()
         super().set()
 
@@ -248,8 +251,7 @@ class Scheduler:
         latency = steps = None
         if flag.set_at is not None and job.started_at is not None and job.finished_at is not None:
             latency = max(0.0, job.finished_at - max(flag.set_at, job.started_at))
-            decode_checks = max(0, (flag.checks_at_set or 0) - (flag.decode_from or 0))
-            steps = max(0, new_tokens - decode_checks) if finish_reason == "cancelled" else None
+            steps = flag.steps_after_set if finish_reason == "cancelled" else None
         key = {"stop": "completed", "length": "completed", "cancelled": "cancelled"}.get(finish_reason, "failed")
         self.counts[key] += 1
         job.record = JobRecord(id=job.id, label=job.label, finish_reason=finish_reason,
@@ -278,7 +280,6 @@ class Scheduler:
                     terminal = True
                 elif isinstance(ev, TextDelta) and job.first_token_at is None:
                     job.first_token_at = time.perf_counter()
-                    job.cancel.decode_from = job.cancel.checks  # (the generator waits at this token's yield)
                 self._hand_over(job, ev, credited=not terminal)
                 if terminal:
                     break

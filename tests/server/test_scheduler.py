@@ -106,3 +106,36 @@ def test_a_reader_that_stays_away_is_cut_off(tiny_engine):
     assert job.slow_reader and job.record.finish_reason == "slow_reader"
     assert isinstance(events[-1], Done) and events[-1].finish_reason == "cancelled"
     assert events[-1].stats.new_tokens < 200
+
+
+def test_a_transcription_cancelled_between_its_windows_ran_no_step_after_the_cancel(tiny_engine, monkeypatch):
+    """steps_after_cancel was counted from the first transcript delta, which ASR holds back to the end of a window
+    (until the language tag is read): a recording cancelled as its second window began read 8 decode steps after the
+    cancel (all of the first window's), and its new_tokens left out the cancelled window's. None ran after it."""
+    import numpy as np
+
+    from engine.events import Progress
+    from engine.models.thinker.asr_windows import Windowing
+
+    monkeypatch.setattr(tiny_engine, "asr_windowing", Windowing(window_s=1.0, search_s=0.3))
+    rate, tokens = 16000, 8
+    clip = (0.3 * np.sin(2 * np.pi * 200 * np.arange(int(2.5 * rate)) / rate)).astype(np.float32)
+
+    def run_cancelled_at_second_window(cancel):
+        for ev in tiny_engine.transcribe(clip, params=GenerationParams(max_new_tokens=tokens, fit_context=True),
+                                         cancel=cancel, sample_rate=rate):
+            if isinstance(ev, Progress) and ev.done == 1:
+                cancel.set()  # (on the generation thread, before the second window's prompt is read)
+            yield ev
+
+    async def main():
+        s = Scheduler(concurrency=1, stream_buffer=64)
+        job = Job(run_cancelled_at_second_window, label="audio.transcriptions")
+        s.submit(job)
+        events = await drain(job)
+        s.close()
+        return job, events
+
+    job, events = run(main())
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "cancelled"
+    assert job.record.steps_after_cancel == 0 and job.record.new_tokens == tokens

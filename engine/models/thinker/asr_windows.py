@@ -112,10 +112,11 @@ def transcribe_windows(transcribe: Callable[[np.ndarray], Iterator[Event]], samp
                 final = ev
             else:
                 yield ev
+        if final is not None:
+            joined.stats.append(final.stats)  # (a cancelled window's tokens count too: they were generated)
         if final is None or final.finish_reason == "cancelled":
             yield joined.done("cancelled")
             return
-        joined.stats.append(final.stats)
         joined.cut = joined.cut or final.finish_reason == "length"
         joined.language = joined.language or (final.result or {}).get("language")
         joined.segments.append(Segment(start / rate, end / rate, joined.text[before:].strip()))

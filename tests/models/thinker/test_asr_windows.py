@@ -80,6 +80,7 @@ def test_a_window_cut_at_the_token_limit_marks_the_whole_transcript_cut():
 def test_a_cancelled_window_ends_it_keeping_what_was_transcribed():
     done = run(["one", "two", "three"], ["stop", "cancelled", "stop"])[-1]
     assert done.finish_reason == "cancelled" and done.result["text"] == "one two"
+    assert done.stats.new_tokens == 4  # the cancelled window's tokens were generated too (they were left out)
 
 
 def test_a_failed_window_ends_it_with_the_error():
