@@ -640,7 +640,8 @@ async def transcriptions(request: Request):
         params = replace(generation_params({k: v for k, v in numbers.items() if v is not None}, limits,
                                            base=GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS,
                                                                                     limits.max_new_tokens),
-                                                                 fit_context=True)), logprobs=logprobs)
+                                                                 fit_context=True)),
+                         logprobs=logprobs or fmt == "verbose_json")  # (verbose segments' avg_logprob)
     finally:
         await form.close()
     if ctx.prompt_bound is not None and (context or hotwords):  # text that cannot fit: refused before it queues
@@ -673,8 +674,9 @@ async def transcriptions(request: Request):
             text = result.get("text", "")
             return PlainTextResponse(text if fmt == "text" else wire.subtitles(text, audio.seconds, fmt,
                                                                                result.get("segments")))
+        verbose = wire.VerboseFigures(params.temperature, tuple(e.logprob for e in got.logprobs or ()))
         return JSONResponse(wire.transcription_body(final, figures(final), duration,
-                                                    got.logprobs if logprobs else None))
+                                                    got.logprobs if logprobs else None, verbose))
     head, events = await first_events(job, bounded=True, grace_s=min(QUEUE_GRACE_S, ctx.limits.keepalive_s))
     refused = refused_at_once(head)  # (as a chat stream: a refusal before any output keeps its status)
     if refused is not None:

@@ -756,12 +756,13 @@ def chat_message(completion_id: str, created: int, got: Collected, extensions: b
 
 
 def transcription_body(done: Done, metrics_obj: dict | None, duration_s: float | None = None,
-                       logprobs: list[TokenLogprob] | None = None) -> dict:
+                       logprobs: list[TokenLogprob] | None = None, verbose: VerboseFigures | None = None) -> dict:
     """/v1/audio/transcriptions result: json (usage in tokens, and the transcript tokens' `logprobs` when they were
-    asked for), or with the clip's `duration_s` verbose_json, whose `language` is always a string ("" when the model
-    named none) and whose usage is the clip's duration, as OpenAI's verbose body has them (`TranscriptionVerbose`).
+    asked for), or with the clip's `duration_s` and `verbose` (what its segments are made from) verbose_json, whose
+    `language` is always a string ("" when the model named none), whose `segments` are OpenAI's (verbose_segments)
+    and whose usage is the clip's duration, as OpenAI's verbose body has them (`TranscriptionVerbose`).
     Ours, beside `metrics`: `finish_reason`, "length" when the transcript was cut at max_tokens (OpenAI's has none),
-    and a long recording's `windows` (start, end, text of each window it was transcribed in)."""
+    and in json a long recording's `windows` (start, end, text of each window it was transcribed in)."""
     res = done.result or {}
     out = {"text": res.get("text", ""), "language": res.get("language"), "usage": usage(done.stats, "transcription")}
     if logprobs is not None:
@@ -769,13 +770,57 @@ def transcription_body(done: Done, metrics_obj: dict | None, duration_s: float |
     if metrics_obj is not None:  # None: OpenAI's fields only (--openai-only)
         out["metrics"] = metrics_obj
         out["finish_reason"] = finish_reason_http(done)
-        if res.get("segments"):  # a long recording's windows (engine.models.thinker.asr_windows): start, end, text
-            out["windows"] = res["segments"]
+        if res.get("segments") and duration_s is None:  # (verbose_json has them as OpenAI's segments)
+            out["windows"] = [{key: w[key] for key in ("start", "end", "text")} for w in res["segments"]]
     if duration_s is not None:
         seconds = round(duration_s, 3)
         out.update({"task": "transcribe", "language": out["language"] or "", "duration": seconds,
+                    "segments": verbose_segments(done, seconds, verbose or VerboseFigures()),
                     "usage": {"type": "duration", "seconds": seconds}})
     return out
+
+
+@dataclass(frozen=True)
+class VerboseFigures:
+    """What a verbose_json answer's segments need beside the engine's result: the sampling temperature and the
+    transcript tokens' log probabilities (of a clip transcribed at once; a window's come in its segment)."""
+
+    temperature: float = 0.0
+    logprobs: tuple[float, ...] = ()
+
+
+SEEK_FRAMES_PER_S = 100  # OpenAI's (Whisper's) `seek`: where a segment starts, in 10 ms frames
+NO_SPEECH_PROB = 0.0     # the model makes no no-speech estimate (docs/protocol.md says so)
+
+
+def transcript_spans(text: str, seconds: float, windows: list[dict] | None) -> list[dict]:
+    """A transcript's timed pieces: each window of a long recording that holds text (start, end, text, tokens
+    ...), else one piece spanning the clip (the model gives no timestamps)."""
+    return [w for w in windows or () if w["text"].strip()] or [{"start": 0.0, "end": seconds, "text": text}]
+
+
+def verbose_segments(done: Done, seconds: float, figures: VerboseFigures) -> list[dict]:
+    """OpenAI's `segments` (TranscriptionSegment): one per piece of `transcript_spans` with text, the same pieces
+    srt and vtt have cues for; `tokens` the ids the model wrote, `avg_logprob` their mean log probability,
+    `compression_ratio` the text's over its zlib-compressed size (Whisper's), `no_speech_prob` NO_SPEECH_PROB."""
+    res = done.result or {}
+    whole = {"tokens": list(done.token_ids),
+             "avg_logprob": sum(figures.logprobs) / len(figures.logprobs) if figures.logprobs else None}
+    spans = [span if "tokens" in span else {**whole, **span}
+             for span in transcript_spans(res.get("text", ""), seconds, res.get("segments")) if span["text"].strip()]
+    return [{"id": i, "seek": round(span["start"] * SEEK_FRAMES_PER_S), "start": span["start"], "end": span["end"],
+             "text": span["text"].strip(), "tokens": span["tokens"], "temperature": figures.temperature,
+             "avg_logprob": round(span.get("avg_logprob") or 0.0, 4),
+             "compression_ratio": round(compression_ratio(span["text"].strip()), 4), "no_speech_prob": NO_SPEECH_PROB}
+            for i, span in enumerate(spans)]
+
+
+def compression_ratio(text: str) -> float:
+    """The text's UTF-8 size over its zlib-compressed size (Whisper's repetition gauge: above 2.4, it loops)."""
+    import zlib  # noqa: PLC0415
+
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
 
 
 def transcript_logprobs(entries: list[TokenLogprob]) -> list[dict]:
@@ -791,8 +836,8 @@ def subtitles(text: str, seconds: float, fmt: str, segments: list[dict] | None =
     def stamp(t: float) -> str:
         ms = round(t * 1000)
         return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{mark}{ms % 1000:03d}"
-    spans = [(s["start"], s["end"], s["text"]) for s in segments or () if s["text"].strip()] or [(0, seconds, text)]
-    cues = [f"{stamp(a)} --> {stamp(max(b, 0.001))}\n{t.strip()}\n" for a, b, t in spans]
+    cues = [f"{stamp(s['start'])} --> {stamp(max(s['end'], 0.001))}\n{s['text'].strip()}\n"
+            for s in transcript_spans(text, seconds, segments)]
     if fmt == "srt":
         return "\n".join(f"{i}\n{cue}" for i, cue in enumerate(cues, 1))
     return "WEBVTT\n\n" + "\n".join(cues)

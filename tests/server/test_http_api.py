@@ -262,6 +262,12 @@ def test_a_recording_longer_than_a_clip_is_transcribed_in_windows(server, tiny_e
     assert r.status_code == 200 and [c.split("\n")[0] for c in cues] == ["1", "2"]  # a cue per window
     times = [c.split("\n")[1] for c in cues]  # cut in the pauses (.9-1 s of each second), the last at the clip's end
     assert times == ["00:00:00,000 --> 00:00:02,975", "00:00:02,975 --> 00:00:05,500"]
+    verbose = httpx.post(url, files={"file": ("talk.wav", clip)},
+                         data={"response_format": "verbose_json", "max_tokens": "2"}, timeout=60).json()
+    segments = verbose["segments"]  # OpenAI's, one per cue (they were our own `windows`)
+    assert [(s["id"], s["seek"], s["start"], s["end"]) for s in segments] == [(0, 0, 0.0, 2.975), (1, 298, 2.975, 5.5)]
+    assert [s["text"] for s in segments] == [c.split("\n", 2)[2] for c in cues] and "windows" not in verbose
+    assert all(s["tokens"] and s["avg_logprob"] < 0 and s["temperature"] == 0 for s in segments)
     r = httpx.post(url, files={"file": ("talk.wav", clip)}, data={"stream": "true", "max_tokens": "2"}, timeout=60)
     assert r.text.count(": progress {\"stage\":\"transcribing\"") == 3  # before each window, and at the end
     done = json.loads(r.text.split("data: ")[-2])

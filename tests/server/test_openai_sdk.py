@@ -31,6 +31,11 @@ def test_verbose_json_transcription_is_openais_shape(client, language):
                                                         extra_body={"max_tokens": 8}, **kwargs))
     assert got.duration == pytest.approx(0.5) and isinstance(got.language, str)
     assert got.usage.type == "duration" and got.usage.seconds == pytest.approx(0.5)
+    # OpenAI's segments (ours were `windows`, which the SDK does not read): one spanning the clip, as the srt cue
+    (segment,) = got.segments
+    assert (segment.id, segment.seek, segment.start, segment.end) == (0, 0, 0.0, pytest.approx(0.5))
+    assert segment.text == got.text.strip() and segment.tokens and segment.avg_logprob < 0
+    assert segment.compression_ratio > 0 and "windows" not in got.model_extra
     plain = validated(client.audio.transcriptions.create(model="whisper-1", file=CLIP, extra_body={"max_tokens": 8}))
     assert plain.usage.type == "tokens" and plain.usage.output_tokens >= 1  # json keeps its token usage
 

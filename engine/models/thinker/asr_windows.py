@@ -49,6 +49,12 @@ class Segment:
     start_s: float
     end_s: float
     text: str
+    tokens: list[int] = field(default_factory=list)  # the ids the model wrote for this window
+    avg_logprob: float | None = None  # its transcript tokens' mean log probability (when they were asked for)
+
+    def wire(self) -> dict:
+        out = {"start": round(self.start_s, 3), "end": round(self.end_s, 3), "text": self.text, "tokens": self.tokens}
+        return out if self.avg_logprob is None else {**out, "avg_logprob": self.avg_logprob}
 
 
 @dataclass
@@ -67,9 +73,7 @@ class Joined:
 
     def done(self, finish_reason: str) -> Done:
         reason = "length" if finish_reason == "stop" and self.cut else finish_reason
-        result = {"language": self.language, "text": self.text,
-                  "segments": [{"start": round(s.start_s, 3), "end": round(s.end_s, 3), "text": s.text}
-                               for s in self.segments]}
+        result = {"language": self.language, "text": self.text, "segments": [s.wire() for s in self.segments]}
         return Done(text=self.text, finish_reason=reason, stats=summed(self.stats), result=result)
 
 
@@ -98,12 +102,13 @@ def transcribe_windows(transcribe: Callable[[np.ndarray], Iterator[Event]], samp
     joined = Joined()
     for index, (start, end) in enumerate(bounds):
         yield Progress(STAGE, index, len(bounds))
-        final, before = None, len(joined.text)
+        final, before, logprobs = None, len(joined.text), []
         for ev in transcribe(samples[start:end]):
             if isinstance(ev, TextDelta) and ev.text:
                 if sep := (joined.separator(ev.text) if len(joined.text) == before else ""):
                     yield TextDelta(sep, None if ev.logprobs is None else [])
                 joined.text += sep + ev.text
+                logprobs += [e.logprob for e in ev.logprobs or ()]
                 yield ev
             elif isinstance(ev, Error):
                 yield ev
@@ -119,6 +124,7 @@ def transcribe_windows(transcribe: Callable[[np.ndarray], Iterator[Event]], samp
             return
         joined.cut = joined.cut or final.finish_reason == "length"
         joined.language = joined.language or (final.result or {}).get("language")
-        joined.segments.append(Segment(start / rate, end / rate, joined.text[before:].strip()))
+        joined.segments.append(Segment(start / rate, end / rate, joined.text[before:].strip(), list(final.token_ids),
+                                       sum(logprobs) / len(logprobs) if logprobs else None))
     yield Progress(STAGE, len(bounds), len(bounds))
     yield joined.done("stop")
