@@ -23,6 +23,7 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
@@ -30,7 +31,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from .errors import AudioTooLong, MediaError, decode_failure, not_a_file
+from .errors import AudioTooLong, DecodeStopped, MediaError, decode_failure, not_a_file
 
 #: Largest polyphase resampling kernel built (elements); only odd rate pairs such as
 #: 16001 -> 16000 Hz come near it.
@@ -211,11 +212,12 @@ def _parse_wav(data: bytes, what: str) -> tuple[np.ndarray, int]:
 STATED_LENGTH_SLACK = 1.05
 
 
-def _decode_with_av(data: bytes, what: str, max_seconds: float | None = None, mix: bool = False
-                    ) -> tuple[np.ndarray, int]:
+def _decode_with_av(data: bytes, what: str, max_seconds: float | None = None, mix: bool = False,
+                    stop: threading.Event | None = None) -> tuple[np.ndarray, int]:
     """Decode any container/codec FFmpeg knows; returns channel 0 (`mix`: the channels' mean) as float32 and the
     rate. `max_seconds`: a file whose container says it is longer is refused before decoding (AudioTooLong), and the
-    decode stops once past it (a compressed file 25 MB large can hold hours: gigabytes of samples)."""
+    decode stops once past it (a compressed file 25 MB large can hold hours: gigabytes of samples). `stop`: checked
+    before each frame; once set the decode ends (DecodeStopped), its samples freed."""
     try:
         import av  # noqa: PLC0415  (optional dependency)
     except ImportError as exc:
@@ -231,6 +233,8 @@ def _decode_with_av(data: bytes, what: str, max_seconds: float | None = None, mi
             if max_seconds is not None and stated is not None and stated > max_seconds * STATED_LENGTH_SLACK:
                 raise AudioTooLong(what, max_seconds, stated)
             for frame in container.decode(stream):
+                if stop is not None and stop.is_set():
+                    raise DecodeStopped(what)
                 rate = frame.sample_rate
                 chunks.append(_frame_samples(frame, mix))
                 decoded += len(chunks[-1])
@@ -265,10 +269,11 @@ def _frame_samples(frame, mix: bool = False) -> np.ndarray:
     return _pcm_to_float(np.asarray(channels)).mean(axis=0)
 
 
-def decode_audio(data: bytes, what: str = "audio data", max_seconds: float | None = None, mix: bool = False
-                 ) -> tuple[np.ndarray, int]:
+def decode_audio(data: bytes, what: str = "audio data", max_seconds: float | None = None, mix: bool = False,
+                 stop: threading.Event | None = None) -> tuple[np.ndarray, int]:
     """Decode an encoded file in memory to (channel-0 samples float32, sample rate); `max_seconds`: longer audio is
-    refused (AudioTooLong) before it is decoded whole; `mix`: the channels' mean instead of channel 0."""
+    refused (AudioTooLong) before it is decoded whole; `mix`: the channels' mean instead of channel 0; `stop`: a
+    compressed file's decode ends when it is set (DecodeStopped; a WAV file is read at once)."""
     if not data:
         raise MediaError(f"{what} is empty (0 bytes)")
     if data[:4] in (b"RIFF", b"RF64") and data[8:12] == b"WAVE":
@@ -281,9 +286,9 @@ def decode_audio(data: bytes, what: str = "audio data", max_seconds: float | Non
                 import av  # noqa: F401, PLC0415  (optional dependency)
             except ImportError:
                 raise MediaError(f"{exc}; PyAV (package 'av') is not installed to decode it") from exc
-            return _decode_with_av(data, what, max_seconds, mix)
+            return _decode_with_av(data, what, max_seconds, mix, stop)
         return np.ascontiguousarray(samples.mean(axis=1) if mix else samples[:, 0]), rate
-    return _decode_with_av(data, what, max_seconds, mix)
+    return _decode_with_av(data, what, max_seconds, mix, stop)
 
 
 def _array_channel0(array: np.ndarray, mix: bool = False) -> np.ndarray:

@@ -18,6 +18,13 @@ class MediaError(MingError, ValueError):
 
 
 
+class DecodeStopped(MediaError):
+    """A decode stopped because the one who asked for it no longer wants it (an HTTP client went away)."""
+
+    def __init__(self, what: str):
+        super().__init__(f"the decode of {what} was stopped: no one is waiting for it")
+
+
 class AudioTooLong(MediaError):
     """Audio longer than a decode was allowed to read (engine.media.audio.decode_audio's `max_seconds`), found from
     its container's stated duration before decoding (`seconds`: that duration) or while decoding, which stops there

@@ -12,6 +12,7 @@ import binascii
 import io
 import math
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 
 from engine.errors import shown, shown_number  # noqa: F401  (re-exported: the server's errors quote so)
 from engine.media.audio import AudioFrontendConfig, check_clip_length, check_resample_rates, decode_audio
-from engine.media.errors import AudioTooLong, MediaError
+from engine.media.errors import AudioTooLong, DecodeStopped, MediaError
 from engine.media.image import check_aspect, load_image
 from engine.media.video import VideoSamplingConfig, probe_video_file
 from engine.server.limits import ApiError, Limits, MiB, human_bytes
@@ -317,12 +318,12 @@ class Audio:
 
 
 def audio_file(raw: bytes, limits: Limits, name: str = "file", video_ok: bool = False,
-               most_s: float | None = None, mix_channels: bool = False) -> Audio:
+               most_s: float | None = None, mix_channels: bool = False, stop: threading.Event | None = None) -> Audio:
     """Encoded audio (wav natively; flac, mp3, ogg, webm, m4a via PyAV) -> channel-0 samples (`mix_channels`: the
     channels' mean, as the talker reads a reference clip). A
     picture is refused; so is a video, unless `video_ok` (an upload endpoint such as transcriptions,
     which like OpenAI's takes an mp4 or webm recording and uses its audio track). `most_s`: its longest
-    length, when not the clip limit (a transcription's recording)."""
+    length, when not the clip limit (a transcription's recording). `stop`: set, the decode ends (DecodeStopped)."""
     if not raw:
         raise bad(f"'{name}' is empty", "invalid_audio", name)
     found = sniff(raw)
@@ -332,7 +333,9 @@ def audio_file(raw: bytes, limits: Limits, name: str = "file", video_ok: bool = 
         raise bad(f"'{name}' is a video (it holds a video stream), not audio: send it as a video part",
                   "invalid_audio", name)
     try:  # (the message names the field as the others do; a file longer than the limit is not decoded whole)
-        samples, rate = decode_audio(raw, f"'{name}'", length_limit(limits, most_s)[0], mix=mix_channels)
+        samples, rate = decode_audio(raw, f"'{name}'", length_limit(limits, most_s)[0], mix=mix_channels, stop=stop)
+    except DecodeStopped:
+        raise
     except AudioTooLong as e:
         length = f"over {e.most_s:g} s" if e.seconds is None else f"{e.seconds:.1f} s (its container says)"
         raise too_long(name, length + ", not decoded past the limit", limits, most_s) from None

@@ -16,20 +16,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from engine.events import Done, Error, Event, QueuePosition
+from engine.media.errors import DecodeStopped
 from engine.models.thinker.prompt import DEFAULT_SYSTEM_PROMPT
 from engine.sampling import MAX_TOP_LOGPROBS, GenerationParams
 from engine.server import codec, fields, logs
 from engine.server import protocol as wire
 from engine.server.audio_out import OPENAI_PCM_RATE, encode_audio, resampled
-from engine.server.bodies import form_file, form_flag, form_number, form_text, read_form, read_json
+from engine.server.bodies import (ClientGone, form_file, form_flag, form_number, form_text, read_form,
+                                  read_json)
 from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
 from engine.server.fields import Fields
@@ -43,6 +47,7 @@ from engine.server.text import check_text, text_chars, texts_of
 
 router = APIRouter()
 log = logging.getLogger("engine.server.http_api")
+T = TypeVar("T")  # what an off-loop decode returns
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -328,13 +333,32 @@ def left_early(ctx: ServerContext, job: Job) -> None:
                                                       "(the request was cancelled)")
 
 
+async def until_client_leaves(request: Request) -> None:
+    """Returns when the client of a request whose body was read goes away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def watch_disconnect(request: Request, ctx: ServerContext, job: Job) -> None:
     """Non-streaming requests: cancel the job when the client goes away."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            left_early(ctx, job)
-            return
+    await until_client_leaves(request)
+    left_early(ctx, job)
+
+
+async def decoded_while_client_waits(request: Request, label: str, decode: Callable[[threading.Event], T]) -> T:
+    """`decode(stop)` (an upload's decode: minutes of a long compressed recording) off the event loop, `stop` set
+    when the client goes away: the decode ends there (DecodeStopped) instead of running on for no one, and the
+    request ends as one whose client left (ClientGone)."""
+    stop = threading.Event()
+    watcher = asyncio.create_task(until_client_leaves(request))
+    watcher.add_done_callback(lambda task: task.cancelled() or stop.set())
+    try:
+        return await asyncio.to_thread(decode, stop)
+    except DecodeStopped:
+        raise ClientGone("left_mid_response", f"{label}: the client left while its upload was decoded (the decode "
+                                              "was stopped)") from None
+    finally:
+        watcher.cancel()
 
 
 async def collect(request: Request, ctx: ServerContext, job: Job) -> tuple[wire.Collected, Done | Error]:
@@ -648,8 +672,9 @@ async def transcriptions(request: Request):
         texts, param = [context or "", *hotwords], "prompt" if context else "hotwords"
         ctx.prompt_bound.check(sum(map(len, texts)), f"the {param}", param)
         await ctx.prompt_bound.check_tokens(texts, params.room_needed, f"the {param}", param)
-    audio = await asyncio.to_thread(codec.audio_file, raw, limits, "file", True,  # (a recording's audio track too)
-                                    limits.max_transcription_seconds)
+    audio = await decoded_while_client_waits(  # (a recording's audio track too)
+        request, "audio.transcriptions",
+        lambda stop: codec.audio_file(raw, limits, "file", True, limits.max_transcription_seconds, stop=stop))
     engine = ctx.engine
 
     def run(cancel):

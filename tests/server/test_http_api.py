@@ -287,6 +287,30 @@ def test_chunking_strategy_auto_is_taken_and_a_vad_one_refused_saying_what_the_s
     assert "30 s windows" in info.value.message
 
 
+def test_a_client_leaving_while_its_upload_is_decoded_stops_the_decode(server, monkeypatch):
+    """A long compressed upload was decoded to its end after its client had gone, then queued for the engine and only
+    cancelled there: the decode now stops within a frame of the client leaving, and nothing is queued."""
+    import engine.media.audio as media_audio
+
+    frame_times, frame_samples = [], media_audio._frame_samples
+
+    def slow_frame(frame, mix=False):  # (a long recording's decode, in slow motion: 5 ms a 20 ms frame)
+        frame_times.append(time.perf_counter())
+        time.sleep(0.005)
+        return frame_samples(frame, mix)
+
+    monkeypatch.setattr(media_audio, "_frame_samples", slow_frame)
+    jobs, aborts = len(server.ctx.scheduler.history), server.ctx.client_aborts["left_mid_response"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up 0.3 s in, about 60 of the 350 frames decoded
+        httpx.post(server.url + "/v1/audio/transcriptions", files={"file": ("talk.opus", opus_bytes(7.0))},
+                   timeout=httpx.Timeout(30, read=0.3))
+    left = time.perf_counter()
+    wait_for(lambda: server.ctx.client_aborts["left_mid_response"] == aborts + 1)
+    time.sleep(0.1)
+    assert 0 < len(frame_times) < 200 and max(frame_times) < left + 0.05, (len(frame_times), max(frame_times) - left)
+    assert len(server.ctx.scheduler.history) == jobs and server.ctx.scheduler.running == 0
+
+
 @pytest.mark.parametrize("fmt", ["srt", "vtt", "verbose_json"])
 def test_a_streamed_transcription_refuses_a_format_that_comes_whole(server, fmt):
     """stream=true with response_format srt was answered with json SSE events, the format silently dropped."""
