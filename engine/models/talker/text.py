@@ -3,8 +3,10 @@
 1. `Segmenter` accumulates the characters of the text (spaces count) and closes a segment at
    `！？。，!?` once >= 12 have accumulated (>= 8 once a fragment exists), at `.` under the same counts
    unless a digit precedes it, and at a newline under the same counts (the newline becomes `，` after
-   a CJK character in Chinese text, `.` after an English letter in other text, else nothing). It also
-   runs incrementally, for speak-while-thinking, with the same result.
+   a CJK character in Chinese text, `.` after an English letter in other text, else nothing). Ours: a
+   segment that reaches semantic length 50 without a closer (a run-on text, Chinese without 。) closes
+   after its last `，,;；、`, else before the next word or CJK character, so its first sound does not wait
+   for the whole text. It also runs incrementally, for speak-while-thinking, with the same result.
 2. `cut_by_semantic_length(max_len=50, min_tail=5)`: semantic length = CJK characters + English
    words; a longer segment has its ASCII punctuation turned into CJK punctuation, is split at
    sentence enders, then at `，;；`, short clauses are merged and over-long ones packed; decimals and
@@ -45,6 +47,7 @@ FEED_CHARS = 200  # iter_fragments feeds the Segmenter this much text at a time
 MAX_TEXT_CHARS = 10_000  # per request (documented limit; longer texts should be split by the caller)
 CLOSERS = frozenset("！？。，!?")  # 2.0's segment closers
 PREVIEW_CLOSERS = frozenset("！？。!?")  # the Preview's: a comma does not close a segment (spec §7.11)
+LENGTH_BREAKS = frozenset("，,;；、")  # where a segment closed by length prefers to end (after the last one)
 DEGREE_SIGNS = "°℃℉"  # symbols (Unicode 'So') that are read, not dropped with the emoji
 
 _CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -133,13 +136,16 @@ class Segmenter:
       * a newline is not kept: in text holding CJK it becomes `，` after a CJK character (else it is
         dropped), in other text it becomes `.` after an English letter (else it is dropped but still
         counts as a unit); the segment then closes if the counts are met;
-      * at the end, what is left is a segment only if it holds a letter, a CJK character or a digit 1-9.
+      * at the end, what is left is a segment only if it holds a letter, a CJK character or a digit 1-9;
+      * (ours) a segment of MAX_SEMANTIC_LEN CJK characters + English words closes before the next one
+        starts, after its last clause mark (LENGTH_BREAKS) when it holds one.
     Feeding the text in pieces gives the same segments as feeding it whole."""
 
     def __init__(self, closers: frozenset[str] = CLOSERS):
         self.closers = closers
         self.units: list[str] = []
         self.fragments = 0  # fragments the closed segments cut into (upstream's count)
+        self.words = 0  # semantic length of the units (CJK characters + English words), kept as they come
 
     def _counts_met(self) -> bool:
         n = len(self.units)
@@ -148,12 +154,35 @@ class Segmenter:
     def _close(self, out: list[str]) -> None:
         seg = "".join(self.units)
         self.units = []
+        self.words = 0
         pieces = cut_by_semantic_length(seg)
         if pieces:
             self.fragments += len(pieces)
             out.append(seg)
 
+    def _starts_word(self, ch: str) -> bool:
+        """Whether ch adds one to the semantic length: a CJK character, or an English letter after a non-letter."""
+        if _SEMANTIC_CJK.match(ch):
+            return True
+        prev = self.units[-1][-1:] if self.units else ""
+        return ch in _ASCII_LETTERS and prev not in _ASCII_LETTERS
+
+    def _close_by_length(self, out: list[str]) -> None:
+        """Close a segment that has reached MAX_SEMANTIC_LEN without a closer (a run-on text, Chinese without 。),
+        after its last clause mark when it has one, else here, between two words or CJK characters; what
+        follows the mark stays for the next segment."""
+        marks = [i for i, unit in enumerate(self.units) if unit in LENGTH_BREAKS]
+        rest = self.units[marks[-1] + 1:] if marks else []
+        self.units = self.units[:marks[-1] + 1] if marks else self.units
+        self._close(out)
+        self.units = rest
+        self.words = semantic_length("".join(rest))
+
     def _push(self, ch: str, out: list[str]) -> None:
+        if self._starts_word(ch):
+            if self.words >= MAX_SEMANTIC_LEN:
+                self._close_by_length(out)
+            self.words += 1
         if ch in self.closers and self._counts_met():
             self.units.append(ch)
             self._close(out)
@@ -188,6 +217,7 @@ class Segmenter:
 
 
 _ASCII_DIGITS = "0123456789"
+_ASCII_LETTERS = frozenset(string.ascii_letters)
 _SEGMENT_CJK = re.compile(r"[\u4e00-\u9fff]")
 _FINAL_SPEAKABLE = re.compile(r"[a-zA-Z\u4e00-\u9fff1-9]")
 _SEMANTIC_CJK = re.compile(r"[\u4e00-\u9fa5]")

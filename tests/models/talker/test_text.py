@@ -2,8 +2,8 @@
 
 import pytest
 
-from engine.models.talker.text import (MAX_TEXT_CHARS, Segmenter, TextError, check_text, chinese_number,
-                                       cut_by_semantic_length, english_number, normalize, segment_text,
+from engine.models.talker.text import (MAX_SEMANTIC_LEN, MAX_TEXT_CHARS, PREVIEW_CLOSERS, Segmenter, TextError,
+                                       check_text, chinese_number, cut_by_semantic_length, english_number, normalize, segment_text,
                                        semantic_length)
 
 
@@ -298,3 +298,34 @@ def test_chinese_text_is_read_as_a_speaker_says_it(text, spoken):
     cardinal (一百三十八亿...), a range and a minus sign were left as '-' and '~' between readings (三-五, -五), years
     in a range as cardinals, and an HTML entity as '&amp;'."""
     assert normalize(text) == spoken
+
+
+RUN_ON_WORDS = "the quick brown fox jumps over a lazy dog and then runs far away into the green hills".split()
+
+
+@pytest.mark.parametrize("text", [
+    " ".join(RUN_ON_WORDS[i % len(RUN_ON_WORDS)] for i in range(400))[:2000],  # a run-on paragraph, no punctuation
+    "我们今天去公园散步看到很多美丽的花朵和绿色的树木天气非常好" * 70,  # Chinese without 。
+])
+def test_a_text_without_punctuation_is_segmented_as_it_is_read(text):
+    """A segment closes once it holds MAX_SEMANTIC_LEN words / CJK characters, between two of them, so the first
+    sound (and speak-while-thinking's, as the reply streams) does not wait for the whole text to be segmented."""
+    seg, segments, closed_at = Segmenter(), [], None
+    for i, ch in enumerate(text):
+        segments += seg.feed(ch)
+        closed_at = i if segments and closed_at is None else closed_at
+    segments += seg.flush()
+    assert closed_at is not None and closed_at < 400, "the first segment waited for the whole text"
+    assert "".join(segments) == text  # nothing lost, nothing added
+    assert all(semantic_length(s) == MAX_SEMANTIC_LEN for s in segments[:-1]) and len(segments) >= 8
+    assert all(not s[-1].isalpha() or not s.split()[-1].isascii() for s in segments[:-1])  # never inside a word
+    whole = Segmenter()
+    assert whole.feed(text) + whole.flush() == segments
+
+
+def test_a_long_segment_closed_by_length_ends_at_its_last_clause_mark():
+    """The Preview's commas close no segment: a long run of clauses is cut after the last comma that fits."""
+    seg = Segmenter(PREVIEW_CLOSERS)
+    clause = "我们今天去公园散步，看到很多美丽的花朵和绿色的树木"  # 24 characters; the 51st starts the third clause
+    out = seg.feed(clause * 3) + seg.flush()
+    assert out == [clause + clause[:10], clause[10:] + clause]
