@@ -13,10 +13,12 @@
    dots between capitals are never split.
 3. `normalize`: HTML character references (&amp; &lt; &#39;) become their characters and '&' between words is
    said ('and', 和). Fragments without CJK get English number normalisation (integers, decimals, ordinals,
-   units, currency ($ £ € ¥), fractions, signed percentages, letter-number names, clock times with seconds,
-   phone numbers digit by digit, ratios and ranges with 'to', years after 'in' / 'since' / ... as said);
+   units, currency ($ £ € ¥), fractions, signed percentages, letter-number names, clock times with seconds
+   (00:00 / 24:00 as midnight), phone numbers digit by digit (555-1234 too, and numbers dialled: 'Dial 911'),
+   versions (v2.0), scientific notation (1e6), ratios and ranges with 'to', years after 'in' / 'since' / ... as said);
    fragments with CJK get Chinese readings (years digit by digit, dates, clock times and versions in words,
-   phone, mobile and serial numbers dictated with 幺, units and currencies in Chinese: 5kg -> 五千克, $5 -> 五美元,
+   phone, mobile and serial numbers dictated with 幺 (拨打911 too), 1990s as 年代, 3rd as 第三, 1e6 as 十的六次方,
+   units and currencies in Chinese: 5kg -> 五千克, $5 -> 五美元,
    ℃ -> 摄氏度, ratios with 比, ranges with 至, a minus sign as 负).
    Markup is stripped as upstream's TalkerTN pre-processor strips it (LaTeX, links, code, markdown
    images / emphasis / headings / rules, list symbols, spaces between non-letters). Emoji and control
@@ -479,14 +481,20 @@ def _english_date(year: str, month: str, day: str) -> str | None:
     return f"{MONTH_NAMES[int(month) - 1]} {english_ordinal(int(day))}, {english_year(int(year))}"
 
 
-def _english_time(hour: str, minute: str, second: str | None = None) -> str:
+def _english_time(hour: str, minute: str, second: str | None = None, noon: str | None = None) -> str:
     """10:30 -> 'ten thirty', 9:05 -> 'nine oh five', 10:00 -> "ten o'clock", 12:30:45 -> 'twelve thirty and
-    forty-five seconds'."""
-    minutes = int(minute)
+    forty-five seconds', 9:05pm -> 'nine oh five PM'; the day's ends as a speaker says them: 00:00 and 24:00 ->
+    'midnight', 00:30 -> 'twelve thirty AM' (not 'zero thirty', 'twenty-four to zero')."""
+    hours, minutes, seconds = int(hour), int(minute), int(second or 0)
+    if hours in (0, 24) and minutes == seconds == 0 and not noon:
+        return "midnight"
+    if hours == 24:  # 24:30 is no time of day (a ratio or a score)
+        return f"{hour}:{minute}" + (f":{second}" if second is not None else "")
     said = "o'clock" if minutes == 0 else f"oh {_ONES[minutes]}" if minutes < 10 else english_number(minutes)
-    if second is not None and int(second):
-        said += f" and {english_number(int(second))} second" + ("" if int(second) == 1 else "s")
-    return f"{english_number(int(hour))} {said}"
+    if seconds:
+        said += f" and {english_number(seconds)} second" + ("" if seconds == 1 else "s")
+    noon = noon.upper() if noon else ("AM" if hours == 0 else "")
+    return f"{english_number(hours or 12)} {said}" + (f" {noon}" if noon else "")
 
 
 def _digits_said(group: str) -> str:
@@ -528,27 +536,63 @@ _DATE_TIME = (
     (re.compile(r"(?<![\w./])(\d{1,2})/(\d{1,2})/(\d{4})(?![\w/])"),
      lambda m: (_english_date(m.group(3), m.group(1), m.group(2)) if int(m.group(1)) <= 12
                 else _english_date(m.group(3), m.group(2), m.group(1))) or m.group(0)),
-    (re.compile(r"(?<![\w.:])([01]?\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?(?:\s*([aApP][mM]))?(?![\w:]|\.\d)"),
-     lambda m: _english_time(*m.group(1, 2, 3)) + (f" {m.group(4).upper()}" if m.group(4) else "")),
+    (re.compile(r"(?<![\w.:])([01]?\d|2[0-4]):([0-5]\d)(?::([0-5]\d))?(?:\s*([aApP][mM]))?(?![\w:]|\.\d)"),
+     lambda m: _english_time(*m.groups())),
 )
+# A seven-digit local number, 555-1234 (its exchange starts 2-9): no range, unless its second number is round (300-1200).
+_LOCAL_PHONE = r"[2-9]\d\d-(?!\d\d00)\d{4}"
 # Read before ranges and other numbers (English): phone numbers, dictated digit by digit in their groups (an
 # international number with '+', or the North American shapes 555-123-4567, 1-800-555-0100, (555) 123-4567); a ratio
 # or a score that is no clock time (3:2, 16:9) as 'three to two'; a range '3-5' or '10–12' (no spaces around a
 # hyphen: '5 - 3' is a subtraction) as 'three to five'; a year after 'in', 'since', 'until', 'year', ... (1100 to
 # 2099, no unit after it) as said, 'in 1999' -> 'in nineteen ninety-nine' while '1999 apples' stays a cardinal.
 _PHONE_EN = re.compile(r"(?<![\w+.-])(?:\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}|(?:1[-.])?\(\d{3}\) ?\d{3}[-.]\d{4}|"
-                       r"(?:1([-.]))?\d{3}([-.])\d{3}\2\d{4})(?![\w-]|\.\d)")
+                       rf"(?:1([-.]))?\d{{3}}([-.])\d{{3}}\2\d{{4}}|{_LOCAL_PHONE})(?![\w-]|\.\d)")
 _RATIO = re.compile(r"(?<![\w.:])(\d+):(\d+)(?![\w:]|\.\d)")
 _RANGE = re.compile(r"(?<![\w.,:/–-])(\d+(?:\.\d+)?)(?:-|\s?[–—]\s?)(\d+(?:\.\d+)?)(?![\w:/–-]|\.\d)")
 _YEAR_AFTER = re.compile(r"\b((?i:in|since|until|till|year|circa|during))\s+(1[1-9]\d\d|20\d\d)"  # (SPOKEN_YEARS)
                          r"(?![\d.,]\d|\s*[%°]|\s*(?i:ms|s|min|h|hz|[kmgt]b|[ckm]?m|[km]?g|ml)\b)")
+
+# Three-digit service numbers, said digit by digit: 'call 911', 'a 911 call' (not 'nine hundred eleven').
+SERVICE_NUMBERS = frozenset({"211", "311", "411", "511", "611", "711", "811", "911", "999", "112", "000", "988"})
+
+
+def _dialled(m: re.Match) -> str:
+    """'Dial 911' / 'call 999' -> 'Dial nine one one': a number one dials, or a service number one calls."""
+    verb, digits = m.groups()
+    if verb.lower().startswith("dial") or digits in SERVICE_NUMBERS:
+        return f"{verb} {_digits_said(digits)}"
+    return m.group(0)
+
+
+def _version(m: re.Match) -> str:
+    """v2.0 -> 'version two point zero', v1.10.3 -> 'version one point ten point three' (parts are numbers)."""
+    return "version " + " point ".join(_cardinal(part) for part in m.group(1).split("."))
+
+
+def _scientific(m: re.Match) -> str:
+    """1e6 -> 'ten to the power of six', 2.5e-3 -> 'two point five times ten to the power of minus three'."""
+    mantissa, sign, exponent = m.groups()
+    power = "ten to the power of " + ("minus " if sign == "-" else "") + _cardinal(exponent)
+    return power if mantissa == "1" else f"{_english_decimal(mantissa)} times {power}"
+
+
+# Read after phone numbers (English): numbers dialled, service numbers, versions and scientific notation.
+_DIGIT_FORMS = (
+    (re.compile(r"\b((?i:dial(?:l?ed|l?ing|s)?|call(?:ed|ing|s)?|text(?:ed|ing|s)?|phone[ds]?|ring))\s+(\d+)\b"
+                r"(?![.,]\d)"), _dialled),
+    (re.compile(rf"(?<![\w.])({'|'.join(sorted(SERVICE_NUMBERS))})(?=\s+(?i:calls?|dispatchers?|operators?|line)\b)"),
+     lambda m: _digits_said(m.group(1))),
+    (re.compile(r"(?<![\w.])[vV](\d+(?:\.\d+){0,3})(?![\w:]|\.\d)"), _version),
+    (re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)[eE]([-+]?)(\d{1,3})(?![\w]|\.\d)"), _scientific),
+)
 
 
 def normalize_english_numbers(text: str) -> str:
     """Numbers in text without CJK as words, in upstream's order of rules (normalize_numbers): grouping
     commas, (ours, first: dates and clock times, _DATE_TIME),
     numbers with units (5MB, 10 ms, 25°C), money ($, £), fractions, percentages (signed),
-    ordinals, letters followed by a number (GPT-4, v2.1 -> 'GPT four', 'v two point one'), then the
+    ordinals, letters followed by a number (GPT-4 -> 'GPT four'; ours: v2.1 -> 'version two point one'), then the
     numbers left (a leading '-' read 'minus'; one touching letters set apart: 4K -> 'four K'). Unlike upstream, a decade ('the 1990s', '80s') is no
     number of seconds, ordinals stay ordinal ('21st' -> 'twenty-first', upstream reads the cardinal),
     money keeps cents / pence, fractions take plurals, a date like 12/25/2024 is no fraction, and no
@@ -557,6 +601,8 @@ def normalize_english_numbers(text: str) -> str:
     for pattern, words in (*_DATE_TIME, *_DECADES):
         text = pattern.sub(words, text)
     text = _PHONE_EN.sub(_phone, text)
+    for pattern, words in _DIGIT_FORMS:
+        text = pattern.sub(words, text)
     text = _RATIO.sub(r"\1 to \2", text)
     text = _RANGE.sub(_range, text)
     text = _YEAR_AFTER.sub(lambda m: f"{m.group(1)} {english_year(int(m.group(2)))}", text)
@@ -667,15 +713,16 @@ def _zh_time(hour: str, minute: str, second: str | None, noon: str | None) -> st
 
 
 def _zh_yao(digits: str) -> str:
-    """Digits one by one as a number is dictated, 1 as 幺: 400 -> 四零零, 110 -> 幺幺零."""
-    return _zh_digits(digits).replace("一", "幺")
+    """Digits one by one as a number is dictated, 1 as 幺: 400 -> 四零零, 110 -> 幺幺零, 555-1234 -> 五五五幺二三四."""
+    return _zh_digits(digits.replace("-", "")).replace("一", "幺")
 
 
 # A phone number written with dashes (010-12345678, 0571-1234567, 400-123-4567) and digits after a serial
 # label (电话, 手机号, ID, 学号, 身份证, 尾号, FM / AM, optionally followed by 是 / 为 and a colon).
-_PHONE = re.compile(r"(?<![\d\-~～:：.+x*/÷=≥≤><])(?:(\d{3})-(\d{8})|(\d{4})-(\d{7,8})|(400|0\d{2,3})-(\d{3,4})-(\d{4}))"
-                    r"(?![\d\-~～:：.+x*/÷=≥≤><])")
-_SERIAL = re.compile(r"((?<![A-Za-z])(?:id|ID|FM|AM)|学号|身份证|手机号?|电话|尾号)((?:是|为)?：?)(\d+)(?![.\d])")
+_PHONE = re.compile(r"(?<![\d\-~～:：.+x*/÷=≥≤><])(?:(\d{3})-(\d{8})|(\d{4})-(\d{7,8})|(400|0\d{2,3})-(\d{3,4})-(\d{4})|"
+                    rf"({_LOCAL_PHONE}))(?![\d\-~～:：.+x*/÷=≥≤><])")
+_SERIAL = re.compile(r"((?<![A-Za-z])(?:id|ID|FM|AM)|学号|身份证|手机号?|电话|尾号|拨打|致电|呼叫|热线)((?:是|为)?：?)"
+                     r"(\d+(?:-\d+)*)(?![.\d])")
 # Units read after a number in Chinese text and currencies before / after one (upstream's measure_after and
 # money tables name them so; 'A' is left out: 5A级景区 is a grade, not amperes; nor is a unit read before a
 # digit: 5v5 is a match, not volts).
@@ -741,6 +788,22 @@ def _zh_numeral(ch: str) -> str:
     return ch if value is None else chinese_number(value)
 
 
+def _zh_scientific(m: re.Match) -> str:
+    """1e6 -> 十的六次方, 2.5e-3 -> 二点五乘十的负三次方."""
+    mantissa, sign, exponent = m.groups()
+    power = "十的" + ("负" if sign == "-" else "") + chinese_number(int(exponent)) + "次方"
+    return power if mantissa == "1" else chinese_reading(mantissa) + "乘" + power
+
+
+# Read before units and other numbers (Chinese): a decade written the English way (1990s -> 一九九零年代, not
+# 一千九百九十秒), an English ordinal (3rd -> 第三) and scientific notation (1e6 -> 十的六次方).
+_ZH_DIGIT_FORMS = (
+    (re.compile(r"(?<![\d.])([12]\d\d0)['’]?s(?![A-Za-z])"), lambda m: _zh_year(m.group(1)) + "年代"),
+    (re.compile(r"(?<![\d.])(\d{1,15})(?:st|nd|rd|th)(?![A-Za-z])"), lambda m: "第" + chinese_number(int(m.group(1)))),
+    (re.compile(r"(?<![A-Za-z\d.])(\d+(?:\.\d+)?)[eE]([-+]?)(\d{1,3})(?![A-Za-z\d]|\.\d)"), _zh_scientific),
+)
+
+
 def normalize_chinese_numbers(text: str) -> str:
     """Chinese readings, after the date, version and time rules of upstream's Chinese text normaliser: a
     year is read digit by digit, dates and clock times in words (2024年5月1日 -> 二零二四年五月一日,
@@ -754,6 +817,8 @@ def normalize_chinese_numbers(text: str) -> str:
     text = re.sub(rf"(?<![{_DIGIT_PUNCT}]){_CLOCK}[-~～]{_CLOCK}(?![{_DIGIT_PUNCT}]){_NOON_MARK}",
                   lambda m: _zh_time(*m.group(1, 2, 3), None) + "至" + _zh_time(*m.group(4, 5, 6, 7)), text)
     text = re.sub(rf"(?<![{_DIGIT_PUNCT}]){_CLOCK}(?![{_DIGIT_PUNCT}]){_NOON_MARK}", lambda m: _zh_time(*m.groups()), text)
+    for pattern, words in _ZH_DIGIT_FORMS:
+        text = pattern.sub(words, text)
     text = _PHONE.sub(lambda m: "".join(_zh_yao(g) for g in m.groups() if g), text)
     text = _SERIAL.sub(lambda m: m.group(1) + m.group(2) + _zh_yao(m.group(3)), text)
     text = _ZH_MONEY_BEFORE.sub(lambda m: chinese_reading(m.group(2)) + _ZH_MONEY[m.group(1)], text)

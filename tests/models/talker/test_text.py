@@ -121,7 +121,7 @@ def test_a_dropped_newline_still_counts_as_a_unit():
     ("Use 3/4 cup, 1/2 spoon, 2/3 left.", "Use three quarters cup, one half spoon, two thirds left."),
     ("It was -5 degrees, pages 5-10, growth -25.5%.",
      "It was minus five degrees, pages five to ten, growth minus twenty-five point five percent."),
-    ("GPT-4 and v2.1 in A4.", "GPT four and v two point one in A four."),
+    ("GPT-4 and v2.1 in A4.", "GPT four and version two point one in A four."),
 ])
 def test_english_numbers_with_units_money_fractions_signs_and_versions(text, spoken):
     """Upstream's normalize_numbers (front/number_en.py, spec §7.9 step 4) reads units after a number,
@@ -329,3 +329,34 @@ def test_a_long_segment_closed_by_length_ends_at_its_last_clause_mark():
     clause = "我们今天去公园散步，看到很多美丽的花朵和绿色的树木"  # 24 characters; the 51st starts the third clause
     out = seg.feed(clause * 3) + seg.flush()
     assert out == [clause + clause[:10], clause[10:] + clause]
+
+
+@pytest.mark.parametrize("text, spoken", [
+    ("Open 00:00 to 24:00, back at 00:30.", "Open midnight to midnight, back at twelve thirty AM."),
+    ("Dial 911, call 999, a 911 call, not 100 people.",
+     "Dial nine one one, call nine nine nine, a nine one one call, not one hundred people."),
+    ("Call 555-1234, not pages 300-1200.", "Call five five five, one two three four, not pages three hundred to one "
+                                           "thousand two hundred."),
+    ("Install v2.0 or v1.10.3.", "Install version two point zero or version one point ten point three."),
+    ("About 1e6 rows, 2.5e-3 apart.",
+     "About ten to the power of six rows, two point five times ten to the power of minus three apart."),
+    ("The 1990s, the 3rd, 10%, $5.99, €3, +1 (555) 123-4567.",
+     "The nineteen nineties, the third, ten percent, five dollars and ninety-nine cents, three euros, plus one, five "
+     "five five, one two three, four five six seven."),
+])
+def test_english_times_and_numbers_are_read_as_a_speaker_would(text, spoken):
+    """'24:00' was read 'twenty-four to zero', '00:30' 'zero thirty', 'Dial 911' 'nine hundred eleven', '555-1234' a
+    range, 'v2.0' 'v two point zero' and '1e6' 'one e six'; each is now said as a speaker says it."""
+    assert normalize(text) == spoken
+
+
+@pytest.mark.parametrize("text, spoken", [
+    ("请拨打110，或拨打911，电话555-1234", "请拨打幺幺零，或拨打九幺幺，电话五五五幺二三四"),
+    ("1990s的音乐，他得了3rd", "一九九零年代的音乐，他得了第三"),
+    ("共1e6条，误差2.5e-3", "共十的六次方条，误差二点五乘十的负三次方"),
+    ("2024年12月3日12:30，增长3.5%，营业至24:00", "二零二四年十二月三日十二点三十分，增长百分之三点五，营业至二十四点整"),
+])
+def test_chinese_times_and_numbers_are_read_as_a_speaker_would(text, spoken):
+    """In Chinese '拨打911' was read 九百一十一, '电话555-1234' 五五五负一千两百三十四, '1990s' 一千九百九十秒 (seconds),
+    '3rd' 三rd and '1e6' 一e六; a number dialled is dictated with 幺, a decade is 年代, an ordinal 第 and a power 次方."""
+    assert normalize(text) == spoken
