@@ -43,6 +43,7 @@ MAX_INPUT_IMAGES = 8
 # The file parts a multipart edit may hold for the parser: more than the pictures taken, so that a request with too
 # many is refused saying how many it sent (at MAX_INPUT_IMAGES + 2 it was "Maximum number of files is 10")
 MAX_FORM_FILES = 4 * MAX_INPUT_IMAGES
+IMAGE_PARTS = ("image", "image[]")  # a multipart edit's picture fields (OpenAI's SDK sends image[] for a list)
 OUTPUT_FORMATS = ("png", "jpeg", "webp")  # engine.imagine.IMAGE_FILE_FORMATS
 IGNORED_FIELDS = fields.IMAGE_IGNORED
 # OpenAI's values of its image fields (the GPT image models' and dall-e-3's, as OpenAI's SDK types them): another
@@ -127,11 +128,12 @@ async def _multipart(request: Request, ctx: ServerContext) -> tuple[dict, list[b
     try:
         fields.IMAGE_EDITS.check({key: form.get(key) for key in form.keys()})
         images = []
-        for key in ("image", "image[]"):
-            for part in form.getlist(key):
-                if isinstance(part, str):
-                    raise bad(f"'{key}' must be an image file upload", "invalid_type", key)
-                images.append(await part.read())
+        for key, part in form.multi_items():  # in the form's order ("image" parts were all taken before "image[]")
+            if key not in IMAGE_PARTS:
+                continue
+            if isinstance(part, str):
+                raise bad(f"'{key}' must be an image file upload", "invalid_type", key)
+            images.append(await part.read())
         body: dict = {"mask": True} if form.get("mask") is not None else {}  # refused with the other fields
         for name in TEXT_FIELDS:
             body[name] = form_text(form, name, 200_000)

@@ -437,3 +437,15 @@ def test_an_engine_without_an_image_generator_says_so():
     with fake_server(FakeEngine()) as srv:
         r = httpx.post(srv.url + "/v1/images/generations", json={"prompt": "a cat"}, timeout=10)
         assert r.status_code == 400 and r.json()["error"]["code"] == "modality_not_supported"
+
+
+def test_a_forms_pictures_keep_the_forms_order(http):
+    """A form sending image[] (a tall picture) then image (a wide one) had its `image` parts taken first: the wide
+    picture was edited. The first picture of the form is the one edited (its shape kept)."""
+    tall, wide = png(picture(32, 64, seed=1)), png(picture(64, 32, seed=2))
+    r = http.post("/v1/images/edits", files=[("image[]", ("tall.png", tall, "image/png")),
+                                             ("image", ("wide.png", wide, "image/png"))],
+                  data={"prompt": "make it blue", "steps": "1", "seed": "1"})
+    assert r.status_code == 200, r.text
+    w, h = decoded(r.json()["data"][0]["b64_json"]).size
+    assert h > w, (w, h)
