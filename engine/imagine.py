@@ -69,7 +69,12 @@ PREVIEW_IMAGE_GUIDANCE = 2.0
 MAX_STEPS = 200
 MAX_GUIDANCE = 30.0
 MAX_PROMPT_CHARS = 20_000
-MAX_REFERENCE_IMAGES = 8
+# An edit's pictures: OpenAI's most (gpt-image-1's 16; it was 8). The model itself has no count (spec §8.8: every
+# picture goes to the ViT, the first is also the VAE reference); what bounds them is the thinker's context (§2.1:
+# 32 768 tokens): each picture is shrunk to MAX_REFERENCE_PIXELS for the ViT, 1 024 tokens at most (§4.1: one per
+# 32x32 pixels), so 16 take at most 16 384, half of it (_check_context refuses a prompt past it, naming its tokens);
+# and memory: each picture held decoded (the server's max_image_pixels x 3 bytes at most: 48 MB at its default).
+MAX_REFERENCE_IMAGES = 16
 MAX_REFERENCE_PIXELS = 1024 * 1024
 MAX_SEED = 2**63 - 1
 # The files an image is written as (the server's output_format, the CLI's --out suffix), and the quality of the

@@ -39,7 +39,7 @@ extension_router = APIRouter()  # ours (absent with --openai-only)
 
 MAX_N = 10  # OpenAI's most; made one after another, so memory holds one picture in the making at a time
 MAX_PARTIAL_IMAGES = 3
-MAX_INPUT_IMAGES = 8
+MAX_INPUT_IMAGES = 16  # engine.imagine.MAX_REFERENCE_IMAGES (why 16: there), checked here before a picture is decoded
 # The file parts a multipart edit may hold for the parser: more than the pictures taken, so that a request with too
 # many is refused saying how many it sent (at MAX_INPUT_IMAGES + 2 it was "Maximum number of files is 10")
 MAX_FORM_FILES = 4 * MAX_INPUT_IMAGES

@@ -401,21 +401,22 @@ def test_edits_refuse_a_mask_and_need_an_image(http):
 
 def test_openais_other_picture_shapes_and_too_many_pictures_are_refused_by_name(http):
     """OpenAI's {"file_id"} was "'image[0]' must be a string, got NoneType", a web URL "not valid base64", and 12
-    pictures "9 input images" in JSON (counted after a cut at 9) or "Maximum number of files is 10" in a form."""
+    pictures "9 input images" in JSON (counted after a cut at 9) or "Maximum number of files is 10" in a form. The
+    most is OpenAI's 16 (it was 8): 17 are refused naming it."""
     one = base64.b64encode(png(picture(16, 16))).decode()
     for body, code, words in (
             ({"images": [{"file_id": "file-abc"}]}, "unsupported_parameter", "no Files API"),
             ({"images": [{"image_url": "https://example.com/a.png"}]}, "url_not_supported", "does not fetch URLs"),
             ({"image": "https://example.com/a.png"}, "url_not_supported", "does not fetch URLs"),
-            ({"image": [one] * 7, "images": [{"image_url": "data:image/png;base64," + one}] * 5}, "invalid_value",
-             "12 input images; at most 8")):
+            ({"image": [one] * 9, "images": [{"image_url": "data:image/png;base64," + one}] * 8}, "invalid_value",
+             "17 input images; at most 16")):
         r = http.post("/v1/images/edits", json={"prompt": "x", "steps": 1, **body})
         err = r.json()["error"]
         assert r.status_code == 400 and err["code"] == code and words in err["message"], r.text
         assert err["param"] == "image" if code == "invalid_value" else err["param"] == "image[0]"
     r = http.post("/v1/images/edits", files=[("image[]", (f"{i}.png", png(picture(16, 16)), "image/png"))
-                                             for i in range(12)], data={"prompt": "x", "steps": "1"})
-    assert r.status_code == 400 and "12 input images; at most 8" in r.json()["error"]["message"], r.text
+                                             for i in range(17)], data={"prompt": "x", "steps": "1"})
+    assert r.status_code == 400 and "17 input images; at most 16" in r.json()["error"]["message"], r.text
 
 
 def test_a_client_going_away_stops_between_steps(server, http):
@@ -449,3 +450,20 @@ def test_a_forms_pictures_keep_the_forms_order(http):
     assert r.status_code == 200, r.text
     w, h = decoded(r.json()["data"][0]["b64_json"]).size
     assert h > w, (w, h)
+
+
+def test_an_edit_takes_openais_sixteen_pictures(http):
+    """gpt-image-1 takes 16 pictures in an edit; ours refused more than 8, though the model reads any number that fits
+    its context (spec §8.8). 16 small ones are read: their image tokens are counted."""
+    from engine.imagine import MAX_REFERENCE_IMAGES
+    from engine.server.images_api import MAX_INPUT_IMAGES
+
+    assert MAX_INPUT_IMAGES == MAX_REFERENCE_IMAGES == 16
+    r = http.post("/v1/images/edits", files=[("image[]", (f"{i}.png", png(picture(16, 16, seed=i)), "image/png"))
+                                             for i in range(MAX_INPUT_IMAGES)],
+                  data={"prompt": "blend them", "steps": "1", "size": "32x32"})
+    assert r.status_code == 200, r.text
+    one = http.post("/v1/images/edits", files=[("image[]", ("0.png", png(picture(16, 16)), "image/png"))],
+                    data={"prompt": "blend them", "steps": "1", "size": "32x32"})
+    tokens = [x.json()["usage"]["input_tokens_details"]["image_tokens"] for x in (r, one)]
+    assert tokens[0] == MAX_INPUT_IMAGES * tokens[1] > 0, tokens
