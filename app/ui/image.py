@@ -60,8 +60,9 @@ REFERENCES = "references"  # an Edit's or a Segment's pictures, copies kept with
 # an entry kept by an earlier studio, without them, still comes back.
 OPTIONAL_SETTINGS = (IMAGE_GUIDANCE, REFERENCES)
 REFERENCE_TASKS = ("edit", "segment")  # the tasks with a reference picture, which the image guidance guides
-# The most pictures one press makes (the request's n; the engine makes them one after another, seed, seed + 1, ...)
-MAX_PICTURES = 4
+# The most pictures one press makes (the request's n; the engine makes them one after another, seed, seed + 1, ...):
+# the engine server's most, OpenAI's 10 (engine.server.images_api.MAX_N; the slider stopped at 4)
+MAX_PICTURES = 10
 
 
 def _save_png(data: bytes, stem: str) -> str:
