@@ -265,21 +265,26 @@ COLOUR_INTENT = ImageCms.Intent.RELATIVE_COLORIMETRIC
 SRGB_PROBE_LEVELS = 16
 SRGB_TOLERANCE = 1
 _PROFILE_MODES = {"RGB ": ("RGB", "RGBA"), "CMYK": ("CMYK",)}  # the profile's colour space -> modes it describes
+GREY_SPACE = "GRAY"  # a grey profile's colour space (L, LA, 16-bit grey and palette pictures are read through it)
 
 
 def in_srgb(image: Image.Image) -> Image.Image:
     """The picture's colours in sRGB, the space the model was trained on: a picture whose embedded ICC profile says
     its numbers mean other colours (a Display P3 phone photo, an Adobe RGB or a CMYK print file) is converted through
-    its profile (alpha kept, the rest of `info` too: EXIF orientation); one in sRGB, with no profile, with a grey
-    profile or one that cannot be read is returned as it is (the numbers as stored, what the reference reads)."""
+    its profile (alpha kept, the rest of `info` too: EXIF orientation), and so is a grey one whose grey profile gives
+    its tones another curve (`_grey_in_srgb`); one in sRGB, with no profile, or with one that cannot be read or does
+    not describe its mode is returned as it is (the numbers as stored, what the reference reads)."""
     icc = image.info.get("icc_profile")
     if not icc:
         return image
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        modes = _PROFILE_MODES.get(profile.profile.xcolor_space, ())
+        space = profile.profile.xcolor_space
     except (OSError, ValueError, TypeError):  # a damaged profile: the pixels as stored
         return image
+    if space == GREY_SPACE:
+        return _grey_in_srgb(image, profile)
+    modes = _PROFILE_MODES.get(space, ())
     if image.mode in ("P", "PA") or image.mode == "RGB" and "transparency" in image.info:
         image = image.convert("RGBA" if image.has_transparency_data else "RGB")
     if image.mode not in modes or modes == ("RGB", "RGBA") and _is_srgb(icc):
@@ -288,6 +293,25 @@ def in_srgb(image: Image.Image) -> Image.Image:
     converted = ImageCms.profileToProfile(image, profile, SRGB_PROFILE, renderingIntent=COLOUR_INTENT,
                                           outputMode=out_mode)
     converted.info = {k: v for k, v in image.info.items() if k not in ("icc_profile", "transparency")}
+    return converted
+
+
+def _grey_in_srgb(image: Image.Image, profile: ImageCms.ImageCmsProfile) -> Image.Image:
+    """A grey picture (L, LA, 16-bit grey, or a palette one) read through its grey profile (a scanner's linear grey,
+    a gamma-1.8 proof: their mid-grey is not sRGB's) into sRGB RGB, or RGBA with its alpha; `info` kept but the
+    profile. A picture of another mode (a grey profile on RGB: a mislabelled file) is returned as it is."""
+    info = {k: v for k, v in image.info.items() if k not in ("icc_profile", "transparency")}
+    if image.mode in ("P", "PA") or image.mode == "L" and "transparency" in image.info:
+        image = image.convert("LA" if image.has_transparency_data else "L")
+    elif image.mode in _HIGH_DEPTH_MODES:
+        image = _to_8bit(image)
+    if image.mode not in ("L", "LA"):  # (a float picture on the 0..255 scale stays as convert("RGB") reads it)
+        return image
+    converted = ImageCms.profileToProfile(image.getchannel("L"), profile, SRGB_PROFILE,
+                                          renderingIntent=COLOUR_INTENT, outputMode="RGB")
+    if image.mode == "LA":
+        converted.putalpha(image.getchannel("A"))
+    converted.info = info
     return converted
 
 

@@ -68,11 +68,27 @@ def flat_cmyk_profile(lab_bytes: tuple[int, int, int] = (128, 128, 128)) -> byte
         b"desc": _desc("flat CMYK (test)"), b"wtpt": _xyz(D50), b"cprt": _text("test"), b"A2B0": lut})
 
 
+def grey_profile(gamma: float) -> bytes:
+    """A grey display profile (colour space GRAY) whose tone curve is a pure power `gamma` (1.0: a scanner's linear
+    grey), D50 white."""
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+    return _profile(b"mntr", b"GRAY", b"XYZ ", {
+        b"desc": _desc(f"grey gamma {gamma} (test)"), b"wtpt": _xyz(D50), b"cprt": _text("test"), b"kTRC": curve})
+
+
+def grey_to_srgb(levels: np.ndarray, gamma: float) -> np.ndarray:
+    """What a colour-managed viewer shows for grey `levels` (uint8) under grey_profile(gamma), as sRGB levels."""
+    return _srgb_encoded((levels.astype(np.float64) / 255) ** gamma)
+
+
+def _srgb_encoded(linear: np.ndarray) -> np.ndarray:
+    encoded = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    return np.round(encoded * 255).astype(np.uint8)
+
+
 def p3_to_srgb(rgb: np.ndarray) -> np.ndarray:
     """What a colour-managed viewer shows for `rgb` (uint8, Display P3 as display_p3_profile says) in sRGB, worked out
     here with the matrices (not through LittleCMS): P3 levels -> linear -> XYZ (D50) -> linear sRGB -> sRGB levels."""
     linear = (rgb.astype(np.float64) / 255) ** P3_GAMMA
     xyz = linear @ np.asarray(P3_COLORANTS)
-    srgb_linear = np.clip(xyz @ np.linalg.inv(np.asarray(SRGB_COLORANTS)), 0, 1)
-    encoded = np.where(srgb_linear <= 0.0031308, 12.92 * srgb_linear, 1.055 * srgb_linear ** (1 / 2.4) - 0.055)
-    return np.round(encoded * 255).astype(np.uint8)
+    return _srgb_encoded(np.clip(xyz @ np.linalg.inv(np.asarray(SRGB_COLORANTS)), 0, 1))

@@ -436,3 +436,24 @@ def test_srgb_tagged_and_unreadable_profiles_leave_the_pixels_as_stored():
         assert np.array_equal(np.asarray(load_image(_png(Image.fromarray(stored), icc_profile=icc))), stored)
     grey = Image.fromarray(stored[..., 0])
     assert np.array_equal(np.asarray(load_image(_png(grey, icc_profile=srgb)))[..., 1], stored[..., 0])
+
+
+def test_grey_and_palette_pictures_with_a_grey_profile_are_read_through_it():
+    """A scanner's grey picture tagged with a linear grey profile was read as stored (its mid-grey 128 shown 188 by a
+    viewer came to the model as 128), in each of L, LA, 16-bit grey and palette; each is now RGB in sRGB (within 1
+    level of the profile's curve worked out here), alpha and EXIF orientation kept."""
+    from tests.media.icc import grey_profile, grey_to_srgb
+
+    levels = np.tile(np.arange(0, 256, 17, dtype=np.uint8), (4, 1))  # 4x16
+    expected = grey_to_srgb(levels, 1.0).astype(int)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side
+    pictures = {"L": Image.fromarray(levels), "I;16": Image.fromarray(levels.astype(np.uint16) * 257),
+                "P": Image.fromarray(levels).convert("P")}
+    for mode, picture in pictures.items():
+        got = np.asarray(load_image(_png(picture, icc_profile=grey_profile(1.0)))).astype(int)
+        assert picture.mode == mode and got.shape == (4, 16, 3) and np.abs(got - expected[..., None]).max() <= 1, mode
+    with_alpha = Image.fromarray(np.stack([levels, np.full_like(levels, 255)], -1), "LA")
+    shown = load_image(_png(with_alpha, icc_profile=grey_profile(1.0), exif=exif), as_shown=True)
+    assert shown.size == (4, 16)  # turned upright: the orientation was kept through the conversion
+    assert np.abs(np.asarray(shown).astype(int)[..., 0] - np.rot90(expected, -1)).max() <= 1
