@@ -99,6 +99,12 @@ class EngineLink:
         """(the engine's realtime URL, its token): what the studio's Live relay connects to."""
         return self.client.endpoints.ws, self.client.endpoints.token
 
+    @property
+    def held_back(self) -> str | None:
+        """Why the engine's streams arrive all at once (a proxy on the way buffers them) once one was seen so; None
+        otherwise. The banner says it."""
+        return self.client.held_back
+
     def has(self, capability: str) -> bool:
         info = self._status.info
         return bool(info is not None and capability in info.capabilities)

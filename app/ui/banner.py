@@ -53,7 +53,21 @@ def banner_parts(info: ModelInfo, remote: bool = False) -> tuple[str, str, str |
     return f"Model: {info.name}", details, None
 
 
-def banner_html(status: LinkStatus, remote: bool = False) -> str:
+def held_back_html(note: str | None) -> str:
+    """The line under the banner saying that a proxy holds the engine's streams back (EngineLink.held_back), if so."""
+    if not note:
+        return ""
+    return ('<div style="border:1px solid #d97706;background:#fef3c7;color:#78350f;padding:6px 14px;margin-top:6px;'
+            f'border-radius:8px;font-size:14px"><strong>⚠ Streaming held back</strong>: {html.escape(note)}.</div>')
+
+
+def banner_html(status: LinkStatus, remote: bool = False, held_back: str | None = None) -> str:
+    """The banner: the engine unavailable, the demo weights, or the model served; `held_back` (EngineLink.held_back)
+    adds the line saying that a proxy holds its streams back."""
+    return _status_html(status, remote) + held_back_html(held_back)
+
+
+def _status_html(status: LinkStatus, remote: bool) -> str:
     if not status.ok:
         known = f" (last seen serving '{html.escape(status.info.name)}')" if status.info else ""
         # a refused token does not pass by itself ("until it is back" read as if waiting would do)
@@ -95,7 +109,8 @@ def build_banner(link: EngineLink) -> gr.HTML:
     """The banner, refreshed every few seconds from the engine's status. Inside the studio's Blocks it also keeps
     the engine's state (engine_state: whether it answers, and with which parts; a hidden box at Blocks.engine_up, see
     app.ui.common.on_engine_change): the controls that depend on the engine are set again when that changes."""
-    banner = gr.HTML(lambda: banner_html(link.status(), link.remote), elem_id=BANNER_ELEM_ID)  # computed per page load
+    # (computed per page load)
+    banner = gr.HTML(lambda: banner_html(link.status(), link.remote, link.held_back), elem_id=BANNER_ELEM_ID)
     # hidden: its change event is the page's (a gr.State set by an unqueued tick never fired its own)
     engine_up = gr.Textbox(lambda: engine_state(link.status()), visible=False, label="The engine's state",
                            elem_id="engine-up")
@@ -103,7 +118,7 @@ def build_banner(link: EngineLink) -> gr.HTML:
 
     def tick():
         status = link.status()
-        return banner_html(status, link.remote), engine_state(status)
+        return banner_html(status, link.remote, link.held_back), engine_state(status)
     timer = gr.Timer(link.recheck_s)
     timer.tick(tick, None, [banner, engine_up], queue=False, show_progress="hidden", api_visibility="private")
     return banner

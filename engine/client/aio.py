@@ -431,9 +431,11 @@ class AsyncEngineClient(core.EngineClientBase):
             return
         run = core.sse_run(cancel, self.timeout, call.decoder)
         lines: asyncio.Queue = asyncio.Queue()
+        clock = self._arrival_clock()
         try:
             stream = self.http.stream(call.method, call.path, **call.kwargs)
             resp = await stream.__aenter__()
+            clock.opened()
         except httpx.HTTPError as e:  # (a timeout: no answer within the client's timeout)
             waited = self.timeout if isinstance(e, httpx.TimeoutException) else None
             yield core.connect_error(self.endpoints.http + call.path, e, waited).to_event()
@@ -448,6 +450,7 @@ class AsyncEngineClient(core.EngineClientBase):
             async def pump() -> None:
                 try:
                     async for piece in (resp.aiter_lines() if call.read == "sse" else resp.aiter_bytes()):
+                        clock.arrived()
                         lines.put_nowait(("data", piece))
                     lines.put_nowait(("end", None))
                 except Exception as e:  # read timeout, connection dropped
@@ -467,6 +470,8 @@ class AsyncEngineClient(core.EngineClientBase):
                     out = run.on_event(value)
                 else:
                     out = run.on_end() if kind == "end" else run.on_lost(value)
+                if run.finished:  # (before its last event: a caller may stop reading at Done)
+                    self._note_arrivals(clock)
                 for ev in out:
                     yield ev
         finally:  # closing the stream stops the request on the server (queued or running)

@@ -11,6 +11,7 @@ import io
 import ipaddress
 import itertools
 import json
+import logging
 import os
 import re
 import socket
@@ -28,6 +29,8 @@ import numpy as np
 
 from engine.events import Done, Error, Event, UnknownEventError
 from engine.server import protocol as wire
+
+log = logging.getLogger("engine.client")
 
 DEFAULT_TIMEOUT = 60.0  # seconds: connecting, each request/reply, each HTTP read, a cancel's answer
 # Seconds a realtime session's opening may take (the websocket handshake, then the session's first event), at most the
@@ -788,6 +791,52 @@ class ResponseRun:
         return self._end(Error(f"the connection to the server was lost: {detail}", "connection_lost"))
 
 
+@dataclass(frozen=True)
+class HeldBackCheck:
+    """When a stream counts as held back by a proxy between this client and the engine (nginx's proxy_buffering on):
+    the answer's headers came at once, then nothing for `wait_s`, then all of its lines within `burst_share` of its
+    time, at its end. Our engine sends its first lines with the headers (the request's place in line), so an engine
+    that is merely slow to start is not taken for a proxy."""
+
+    wait_s: float = 2.0  # the least wait between the headers and the first line (a shorter stream cannot tell)
+    burst_share: float = 0.1  # the most of the stream's time its lines may be spread over
+    min_lines: int = 2  # one line alone arrives at once whatever the path
+
+
+# What the studio (and a script) is told, once, when a stream was held back (HeldBackCheck).
+HELD_BACK_NOTE = ("the engine's streamed answers arrive all at once at their end: a proxy between this studio and the "
+                  "engine holds them back (progress, previews, text and speech show only when a request is done). "
+                  "Turn its response buffering off for the engine's address (nginx: proxy_buffering off; in its "
+                  "location, and do not let proxy_ignore_headers drop the engine's X-Accel-Buffering: no; other "
+                  "proxies and tunnels: their streaming / flush setting)")
+
+
+class ArrivalClock:
+    """When a streamed answer's headers and lines arrived (read by the shells' reader threads or tasks as they come,
+    not as the caller consumes them): whether a proxy held the stream back (HeldBackCheck)."""
+
+    def __init__(self, check: HeldBackCheck) -> None:
+        self.check = check
+        self.opened_at: float | None = None
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self.lines = 0
+
+    def opened(self) -> None:
+        self.opened_at = time.monotonic()
+
+    def arrived(self) -> None:
+        self.last_at = time.monotonic()
+        self.first_at = self.first_at if self.first_at is not None else self.last_at
+        self.lines += 1
+
+    def held_back(self) -> bool:
+        if self.opened_at is None or self.first_at is None or self.lines < self.check.min_lines:
+            return False
+        waited, spread = self.first_at - self.opened_at, self.last_at - self.first_at
+        return waited >= self.check.wait_s and spread <= self.check.burst_share * (self.last_at - self.opened_at)
+
+
 def realtime_run(final_error_ids: set[str] | None, cancel, timeout: float) -> ResponseRun:
     return ResponseRun(wire.RealtimeResponseDecoder(final_error_ids), cancel, timeout)
 
@@ -982,6 +1031,19 @@ class EngineClientBase:
         self._openai_info: ModelInfo | None = None  # an OpenAI-compatible backend's model, as last read
         self._openai_routes: dict[str, bool] | None = None  # which of its optional routes answer, probed once
         self._speech_rate: int | None = None  # the talker's own rate, from the model card (0: the card says none)
+        self.held_back_check = HeldBackCheck()
+        # HELD_BACK_NOTE once a stream was seen held back by a proxy (said once in the log; the studio's banner shows it)
+        self.held_back: str | None = None
+
+    def _arrival_clock(self) -> ArrivalClock:
+        return ArrivalClock(self.held_back_check)
+
+    def _note_arrivals(self, clock: ArrivalClock) -> None:
+        """At a stream's end: HELD_BACK_NOTE kept (and logged, once) when a proxy held it back. Our engine's streams
+        only: an OpenAI-compatible server may send nothing with its headers (it names no place in line)."""
+        if self.held_back is None and not self.openai and clock.held_back():
+            self.held_back = HELD_BACK_NOTE
+            log.warning("%s: %s", self.endpoints.http, HELD_BACK_NOTE)
 
     def _speech_rate_unknown(self, modalities: Any) -> bool:
         """True when a chat asking for speech needs the talker's rate and the card was not read yet."""

@@ -493,10 +493,12 @@ class EngineClient(core.EngineClientBase):
             return
         run = core.sse_run(cancel, self.timeout, call.decoder)
         lines: queue.Queue = queue.Queue()
+        clock = self._arrival_clock()
         answered = False  # the server ended the answer itself (else this end hangs up)
         try:
             stream = self.http.stream(call.method, call.path, **call.kwargs)
             resp = stream.__enter__()
+            clock.opened()
         except httpx.HTTPError as e:  # (a timeout: no answer within the client's timeout)
             waited = self.timeout if isinstance(e, httpx.TimeoutException) else None
             yield core.connect_error(self.endpoints.http + call.path, e, waited).to_event()
@@ -511,6 +513,7 @@ class EngineClient(core.EngineClientBase):
             def pump() -> None:
                 try:
                     for piece in (resp.iter_lines() if call.read == "sse" else resp.iter_bytes()):
+                        clock.arrived()
                         lines.put(("data", piece))
                     lines.put(("end", None))
                 except Exception as e:  # closed by a cancel, read timeout, connection dropped
@@ -526,10 +529,13 @@ class EngineClient(core.EngineClientBase):
                 except queue.Empty:
                     continue
                 if kind == "data":
-                    yield from run.on_event(value)
+                    out = run.on_event(value)
                 else:
                     answered = kind == "end"
-                    yield from run.on_end() if answered else run.on_lost(value)
+                    out = run.on_end() if answered else run.on_lost(value)
+                if run.finished:  # (before its last event: a caller may stop reading at Done)
+                    self._note_arrivals(clock)
+                yield from out
         finally:  # closing the stream stops the request on the server (queued or running)
             if not answered:
                 hang_up(resp)

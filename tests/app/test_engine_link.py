@@ -104,6 +104,26 @@ def test_a_remote_engines_demo_banner_says_to_restart_its_server():
     assert "launch.py" in here and "engine.server" not in here
 
 
+def test_the_banner_says_once_that_a_proxy_holds_the_engines_streams_back_and_how_to_stop_it():
+    """A studio behind a buffering proxy showed every tab's progress only at the end of each request, without a word:
+    once the client has seen a stream held back (engine.client.core.HeldBackCheck), the banner says so with the fix,
+    whether or not the engine is answering at that moment."""
+    from app.engine_link import LinkStatus
+    from app.ui.banner import banner_html
+    from engine.client import ModelInfo
+    from engine.client.core import HELD_BACK_NOTE
+
+    link = EngineLink(EngineClient("http://127.0.0.1:9", timeout=1.0), check_timeout_s=CHECK_S)  # (nothing there)
+    assert link.held_back is None
+    link.client.held_back = HELD_BACK_NOTE  # what the client keeps once a stream came all at once
+    real = ModelInfo(id="m", name="Ming", is_demo=False, release="2.0", parameters=10**11, dtype="bfloat16",
+                     device="cuda", placement="", capabilities={"text"})
+    for status in (LinkStatus(True, real, None, 0.0), link.status()):
+        shown = banner_html(status, held_back=link.held_back)
+        assert shown.count("Streaming held back") == 1 and "proxy_buffering off" in shown, shown
+        assert "Streaming held back" not in banner_html(status)
+
+
 def test_a_token_sent_unencrypted_over_the_network_is_warned_of():
     """A Space given ENGINE_URL=ws://PUBLIC-IP:8000 sent the engine's token in the clear on every request, silently."""
     from app.engine_link import cleartext_token_warning

@@ -681,3 +681,91 @@ def test_a_certificate_refused_for_its_dates_names_the_clock(verify_message, clo
     except ConnectionError as e:
         said = str(connect_error("https://box.example.org", e))
     assert verify_message in said and "does not trust" in said and ("clock" in said) == clock
+
+
+class BufferingProxy:
+    """A reverse proxy that buffers answers, as nginx does with proxy_buffering on (and the engine's X-Accel-Buffering
+    header dropped): each answer's headers are passed on at once, its body only once the engine has sent all of it,
+    `hold_s` later (the time a real engine's reply would have taken). `hold_s` None: the body is passed on as it
+    comes, at once (no buffering)."""
+
+    def __init__(self, upstream_port: int, hold_s: float | None):
+        self.upstream_port, self.hold_s = upstream_port, hold_s
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._copy, args=(conn, up), daemon=True).start()
+            threading.Thread(target=self._answers, args=(up, conn), daemon=True).start()
+
+    @staticmethod
+    def _copy(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def _answers(self, up, conn):
+        """Each answer on the connection: its headers at once, then its body (held, when buffering)."""
+        pending = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in pending:
+                    pending += up.recv(65536) or b""
+                head, _, pending = pending.partition(b"\r\n\r\n")
+                conn.sendall(head + b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                end = (lambda body: len(body) >= int(length.group(1))) if length else (
+                    lambda body: b"0\r\n\r\n" in body)
+                if self.hold_s is None:
+                    conn.sendall(pending)
+                    self._copy(up, conn)
+                    return
+                while not end(pending):
+                    pending += up.recv(65536)
+                body_len = int(length.group(1)) if length else pending.index(b"0\r\n\r\n") + 5
+                time.sleep(self.hold_s if not length else 0)
+                conn.sendall(pending[:body_len])
+                pending = pending[body_len:]
+        except (OSError, ValueError):
+            conn.close()
+
+
+HELD_BACK_WAIT_S = 0.3  # (the test's HeldBackCheck.wait_s: a held-back stream shows within a second)
+
+
+@pytest.mark.parametrize("hold_s", [HELD_BACK_WAIT_S * 2, None], ids=["buffering", "streaming"])
+def test_a_proxy_that_holds_streams_back_is_said_once_with_the_fix(hold_s):
+    """An engine behind nginx with proxy_buffering on: the Speech tab's progress, a transcript's words and the Image
+    previews all came at the end of each request, and nothing said why (the engine seemed to hang, then be done).
+    Such a stream (its headers at once, then every line at its end) is now noted once, with the proxy setting to
+    change; a proxy that passes the stream on as it comes is not."""
+    from engine.client.core import HeldBackCheck
+
+    script = [TextDelta(f"{i} ") for i in range(5)] + [Done("0 1 2 3 4 ", "stop")]
+    with fake_server(FakeEngine(script=script)) as srv:
+        proxy = BufferingProxy(int(srv.url.rsplit(":", 1)[1]), hold_s)
+        client = EngineClient(proxy.url, timeout=10)
+        client.held_back_check = HeldBackCheck(wait_s=HELD_BACK_WAIT_S)
+        try:
+            events = list(client.chat([{"role": "user", "content": "count"}], transport="http"))
+            assert text_of(events) == "0 1 2 3 4 " and isinstance(events[-1], Done), events
+            assert client.info().id == "fake-omni"  # (a plain answer through the same proxy is not a stream)
+        finally:
+            client.close()
+            proxy.sock.close()
+    if hold_s is None:
+        assert client.held_back is None
+    else:
+        assert client.held_back is not None and "proxy_buffering off" in client.held_back, client.held_back
+        assert "X-Accel-Buffering" in client.held_back
