@@ -168,14 +168,16 @@ def on_page_load(fn, outputs: list, inputs: list | None = None, js: str | None =
     Context.root_block.load(fn, inputs, outputs, queue=False, show_progress="hidden", api_visibility="private", js=js)
 
 
-def on_engine_change(fn, outputs: list) -> None:
-    """Run `fn` (no inputs; updates for `outputs`) whenever the banner sees the engine come back, go away or come back
-    with other parts (the hidden box at Blocks.engine_up, app/ui/banner.py): a page opened while the engine was down
-    kept "Answer with speech too" disabled ("the engine is not reachable") and the Voice tab's instruction lists empty
-    after the banner showed the model again, until a reload. Call inside the studio's Blocks, after build_banner."""
+def on_engine_change(fn, outputs: list, inputs: list | None = None, js: str | None = None) -> None:
+    """Run `fn` (of `inputs`, usually none; updates for `outputs`) whenever the banner sees the engine come back, go
+    away or come back with other parts (the hidden box at Blocks.engine_up, app/ui/banner.py): a page opened while the
+    engine was down kept "Answer with speech too" disabled ("the engine is not reachable") and the Voice tab's
+    instruction lists empty after the banner showed the model again, until a reload. `fn` None with `js`: a page
+    function only (what a tab drawn by its own script asks again). Call inside the studio's Blocks, after
+    build_banner."""
     engine_up = getattr(Context.root_block, ENGINE_UP_ATTR, None)
     if engine_up is not None:
-        engine_up.change(fn, None, outputs, queue=False, show_progress="hidden", api_visibility="private")
+        engine_up.change(fn, inputs, outputs, queue=False, show_progress="hidden", api_visibility="private", js=js)
 
 
 def interrupted_note(button: str) -> str:

@@ -20,7 +20,8 @@ from PIL import Image
 from app.engine_link import IMAGE_OUT, EngineLink
 from app.media_check import IMAGE_FORMATS, media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
-                           error_text, failure, figures_line, on_page_load, queue_line, run_button, runs_tab, seed_box,
+                           error_text, failure, figures_line, on_engine_change, on_page_load, queue_line, run_button,
+                           runs_tab, seed_box,
                            DRAWN_SEED_MAX, seed_problem, session_of, toolbar,
                            kept_request, request_done, restore_request, check_on_upload,
                            say_refused_files, says_refused, wire_stop)
@@ -284,6 +285,18 @@ def model_defaults(link: EngineLink) -> tuple:
             gr.update(value=defaults[IMAGE_GUIDANCE], visible=True) if offered else gr.update(visible=False))
 
 
+def follow_model_defaults(link: EngineLink, applied: dict | None) -> tuple:
+    """(Steps, Guidance, Image guidance, the card's defaults now) at page load and when the engine changes: the
+    model_defaults of the card when they are not those the page last `applied` (an engine restarted as the Preview,
+    or back as 2.0: the Image guidance slider stayed as the page had found the engine, and the sliders at the other
+    model's defaults, until a reload); the user's values stay when they are the same (the engine went away and came
+    back as it was)."""
+    defaults = card_defaults(link)
+    if defaults == applied:
+        return gr.update(), gr.update(), gr.update(), applied
+    return (*model_defaults(link), defaults)
+
+
 def kept_results(saved) -> list[dict]:
     """The gallery's entries the browser kept (gr.BrowserState, KEPT_GALLERY_KEY) that can still be shown and
     reused: a PNG this studio saved (the browser holds what it gives back: a path anywhere else is not opened),
@@ -351,7 +364,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
             with gr.Row():
                 steps = gr.Slider(1, 50, value=30, step=1, label="Steps", elem_id="image-steps")
                 guidance = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Guidance")
-                # shown at page load when the engine's card offers it (model_defaults)
+                # shown when the engine's card offers it (follow_model_defaults: at page load and as the engine changes)
                 image_guidance = gr.Slider(1.0, 10.0, value=2.0, step=0.1, label="Image guidance (Edit / Segment)",
                                            info="how strongly an edit or a segmentation is guided toward its "
                                                 "reference (1 = off)",
@@ -394,7 +407,10 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
         show_progress_on=[status]).then(  # the progress bar over the result hid the previews it is to show
         lambda entries, asked: (list(entries or []), request_done(asked)), [state, ask], [kept, ask], **hidden)
     on_page_load(controller.restore_gallery, [state, gallery], inputs=[kept])
-    on_page_load(lambda: model_defaults(link), [steps, guidance, image_guidance])
+    applied = gr.State(None)  # the card's image defaults this page's sliders were last set to
+    follow = (lambda seen: follow_model_defaults(link, seen), [steps, guidance, image_guidance, applied], [applied])
+    on_page_load(*follow)
+    on_engine_change(*follow)
     on_page_load(lambda asked: restore_request(asked, REQUEST_FIELDS, "Make it"), [mode, prompt, target, status],
                  inputs=[ask])
     wire_stop(stop, controller.stop, api_visibility="private")

@@ -236,10 +236,12 @@ def engine_with_parts():
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     parts = ["text", "audio_in", "speech_out", "image_out", "realtime"]
+    card = {}  # the rest of its card (the test's: image_defaults)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
-            answer = {"data": [{"id": "m", "capabilities": parts}]} if self.path == "/v1/models" else {"data": []}
+            answer = ({"data": [{"id": "m", "capabilities": parts, **card}]} if self.path == "/v1/models"
+                      else {"data": []})
             body = json.dumps(answer).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -253,7 +255,7 @@ def engine_with_parts():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", parts
+    yield f"http://127.0.0.1:{server.server_address[1]}", parts, card
     server.shutdown()
     server.server_close()
 
@@ -268,7 +270,7 @@ def test_a_page_follows_an_engine_restarted_with_other_parts(engine_with_parts):
     from app.ui.banner import build_banner
     from app.ui.common import capability_note
 
-    url, parts = engine_with_parts
+    url, parts, _ = engine_with_parts
     link = EngineLink(EngineClient(url, timeout=CLIENT_S), recheck_s=60.0)
     with gr.Blocks() as demo:  # the banner and two tabs' notes, as the studio builds them (app/studio.py)
         build_banner(link)
@@ -288,6 +290,39 @@ def test_a_page_follows_an_engine_restarted_with_other_parts(engine_with_parts):
     assert after != before, "the page's engine state did not change, so nothing on it would follow"
     said = " ".join(note() for note in notes)
     assert "no talker" in said and "no image generator" in said
+
+
+def test_the_image_tabs_preview_controls_follow_an_engine_restarted_as_another_release(engine_with_parts):
+    """An engine restarted as the Preview (it guides at 5.0 and takes an image guidance) while a page was open: the
+    Image tab's Image guidance slider stayed hidden and Guidance at 2.0's default until a reload (the other tabs
+    follow the engine as it changes). They now follow it; an engine that goes away and comes back as it was leaves
+    the user's values alone."""
+    gr = pytest.importorskip("gradio")
+    from app.ui.banner import build_banner
+    from app.ui.image import build_image_tab
+
+    url, _, card = engine_with_parts
+    card["image_defaults"] = {"steps": 28, "guidance": 2.0}  # a 2.0 engine's
+    try:
+        link = EngineLink(EngineClient(url, timeout=CLIENT_S), recheck_s=60.0)
+        with gr.Blocks() as demo:  # the banner and the Image tab, as the studio builds them (app/studio.py)
+            build_banner(link)
+            build_image_tab(link)
+        engine_state = demo.engine_up
+        follower = next(f.fn for f in demo.fns.values() if (engine_state._id, "change") in f.targets
+                        and [getattr(o, "label", "") for o in f.outputs][:3] == ["Steps", "Guidance",
+                                                                                  "Image guidance (Edit / Segment)"])
+        *shown, applied = follower(None)  # (what the page load gives: the same function)
+        assert [u.get("value") for u in shown[:2]] == [28, 2.0] and shown[2].get("visible") is False
+        card["image_defaults"] = {"steps": 28, "guidance": 5.0, "image_guidance": 2.0}  # restarted as the Preview
+        link.refresh(force=True)
+        *shown, applied = follower(applied)
+        assert shown[1].get("value") == 5.0 and shown[2].get("visible") is True and shown[2].get("value") == 2.0
+        link.refresh(force=True)  # it went away and came back as it was: the user's values stay
+        *shown, again = follower(applied)
+        assert again == applied and all("value" not in u and "visible" not in u for u in shown), shown
+    finally:
+        card.clear()
 
 
 @pytest.fixture(scope="module")
