@@ -1032,7 +1032,7 @@ class EngineClientBase:
         self._openai_routes: dict[str, bool] | None = None  # which of its optional routes answer, probed once
         self._speech_rate: int | None = None  # the talker's own rate, from the model card (0: the card says none)
         self.held_back_check = HeldBackCheck()
-        # HELD_BACK_NOTE once a stream was seen held back by a proxy (said once in the log; the studio's banner shows it)
+        # HELD_BACK_NOTE once a stream was seen held back by a proxy (said once in the log; the banner shows it)
         self.held_back: str | None = None
 
     def _arrival_clock(self) -> ArrivalClock:
