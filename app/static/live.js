@@ -614,6 +614,9 @@ for (const input of [ui.threshold, ui.silence, ui.prefix, ui.windowS, ui.fps]) {
   });
 }
 window.addEventListener("pagehide", () => stop());
+// The studio calls this when the engine changes (another release, parts, back from down: the banner's engine state):
+// the note and the voice list follow it without a reload or a Start (a call keeps what it started with).
+element.followEngine = () => { if (!S) refreshSettings(); };
 element.liveState = () => (S ? { ready: !!S.ready, playing: S.play.sources.length, sentMs: Math.round(S.sentMs),
                                  frames: S.frames, mode: S.opts.mode } : null);  // for tests and debugging
 showSettingValues();

@@ -24,7 +24,7 @@ import gradio as gr
 
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.live_proxy import LIVE_WS_PATH
-from app.ui.common import engine_lacks, saved_voice_names
+from app.ui.common import engine_lacks, on_engine_change, saved_voice_names
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 LIVE_ELEM_ID = "live"
@@ -127,19 +127,27 @@ def engine_settings(link: EngineLink) -> Callable[[], dict]:
     return live_settings
 
 
+def follow_engine_js(elem_id: str = LIVE_ELEM_ID) -> str:
+    """The page function that has the tab ask the studio what the engine serves again (live.js's followEngine)."""
+    return (f"() => {{ for (const e of document.querySelectorAll('#{elem_id} *')) "
+            "if (e.followEngine) e.followEngine(); }")
+
+
 def build_live_tab(*, speech_output: bool = False, voices: Sequence[str] = (), defaults: LiveDefaults | None = None,
                    ws_path: str = LIVE_WS_PATH, elem_id: str = LIVE_ELEM_ID,
                    settings: Callable[[], dict] | None = None) -> gr.HTML:
     """The tab's content; call it inside `gr.Tab(...)`. `speech_output`: the engine can speak (the
     studio's capabilities); `voices`: the voices it offers; `ws_path`: where the studio serves
     app.live_proxy's route; `settings`: a function of one ignored argument returning {"speech_output",
-    "voices"} as they are now (engine_settings), which the page asks when it loads and at each Start (the
-    voice list then starts with the default voice)."""
+    "voices"} as they are now (engine_settings), which the page asks when it loads, at each Start and, in a page
+    with the studio's banner, whenever the engine changes (the voice list then starts with the default voice)."""
     defaults = defaults or LiveDefaults()
     if defaults.mode not in ("hands_free", "ptt"):
         raise ValueError(f"LiveDefaults.mode must be 'hands_free' or 'ptt', got {defaults.mode!r}")
     config = {"ws_path": ws_path, "speech_output": bool(speech_output), "voices": list(voices),
               "defaults": asdict(defaults), "settings": settings.__name__ if settings is not None else None}
+    if settings is not None:  # (in the studio: its note and voices follow the engine as the other tabs' controls do)
+        on_engine_change(None, [], js=follow_engine_js(elem_id))
     return gr.HTML(
         html_template=live_html(defaults, voices, speech_output),
         css_template=(STATIC / "live.css").read_text(encoding="utf-8"),

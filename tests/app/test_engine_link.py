@@ -325,6 +325,22 @@ def test_the_image_tabs_preview_controls_follow_an_engine_restarted_as_another_r
         card.clear()
 
 
+def test_the_live_tabs_note_and_voices_are_asked_again_when_the_engine_changes(engine_with_parts):
+    """The Live tab's "this engine has no speech output" note and its voice list were asked at page load and at Start
+    only, where the other tabs follow the engine as the banner sees it change: the studio now has the page ask the tab
+    again then (the page side: tests/app/test_live_browser.py, with follow_engine_js)."""
+    gr = pytest.importorskip("gradio")
+    from app.ui.banner import build_banner
+    from app.ui.live import build_live_tab, engine_settings, follow_engine_js
+
+    link = EngineLink(EngineClient(engine_with_parts[0], timeout=CLIENT_S), recheck_s=60.0)
+    with gr.Blocks() as demo:  # as the studio builds it (app/studio.py)
+        build_banner(link)
+        build_live_tab(settings=engine_settings(link))
+    on_change = [f for f in demo.fns.values() if (demo.engine_up._id, "change") in f.targets]
+    assert [f.js for f in on_change] == [follow_engine_js()] and on_change[0].fn is None
+
+
 @pytest.fixture(scope="module")
 def self_signed_engine(tmp_path_factory, engine_with_parts):
     """(the https:// URL of an engine behind a self-signed certificate, that certificate's file)."""
