@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from engine.client import EngineClient, ModelInfo, is_loopback_host
-from engine.client.core import tls_failure
+from engine.client.core import is_redirect, tls_failure
 
 # Capabilities an engine reports (engine.client.ModelInfo.capabilities).
 TEXT, IMAGE_IN, VIDEO_IN, AUDIO_IN = "text", "image_in", "video_in", "audio_in"
@@ -81,7 +81,9 @@ class EngineLink:
             return LinkStatus(True, self.client.info(timeout=self.check_timeout_s), None, time.monotonic())
         except Exception as e:  # noqa: BLE001  (unreachable, refused token, bad answer: all shown)
             code = getattr(e, "code", None)
-            if code == "unauthorized":
+            if is_redirect(getattr(e, "status", None) or 0):  # (said whole: where the engine's address points)
+                problem = e.message
+            elif code == "unauthorized":
                 problem = f"the engine at {self.url_label} refused this studio's token: {TOKEN_ADVICE}"
             elif code in NOT_AN_ENGINE:  # (said "is not answering" while it answered: the address was looked at last)
                 problem = (f"the server at {self.url_label} answered, but not as a Ming engine server does ({e}): "

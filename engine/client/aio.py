@@ -240,14 +240,17 @@ class AsyncEngineClient(core.EngineClientBase):
     async def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
             try:
-                return await self.http.request(method, path, **kwargs)
+                resp = await self.http.request(method, path, **kwargs)
             except httpx.RemoteProtocolError:  # closed unanswered: a kept-alive connection the server dropped
                 if method != "GET":  # as it was reused (its idle timeout, 5 s for uvicorn: the studio's check period)
                     raise
-                return await self.http.request(method, path, **kwargs)  # a GET is asked again, on a fresh connection
+                resp = await self.http.request(method, path, **kwargs)  # a GET is asked again, on a fresh connection
         except httpx.HTTPError as e:
             waited = kwargs.get("timeout", self.timeout) if isinstance(e, httpx.TimeoutException) else None
             raise core.connect_error(self.endpoints.http + path, e, waited) from e
+        if core.is_redirect(resp.status_code):  # (it read "not JSON", or "not as a Ming engine server does")
+            raise core.redirect_error(self.endpoints.http + path, resp.status_code, resp.headers.get("Location"))
+        return resp
 
     async def _get(self, path: str, **kwargs) -> Any:
         return await self._json("GET", path, **kwargs)
@@ -442,6 +445,10 @@ class AsyncEngineClient(core.EngineClientBase):
             return
         pump_task = None
         try:
+            if core.is_redirect(resp.status_code):  # (it read "the stream ended without a result")
+                yield core.redirect_error(self.endpoints.http + call.path, resp.status_code,
+                                          resp.headers.get("Location")).to_event()
+                return
             if resp.status_code >= 400 or core.is_html(resp.headers.get("content-type", "")):  # (not a stream)
                 await resp.aread()
                 yield core.json_error_event(resp.status_code, resp.content)

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urljoin, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -185,6 +185,35 @@ def tls_error(url: str, failure: ssl.SSLError) -> ServerError:
                        "self-signed certificate, or the authority that signed it)", "connect_failed")
 
 
+def is_redirect(status: int) -> bool:
+    return 300 <= status < 400
+
+
+def redirect_error(url: str, status: int, location: str | None) -> ServerError:
+    """A redirect answered at `url` (http:// to https://, a proxy adding a slash or moving the engine): said with the
+    address it points to, as the engine's address to give when it is one. Not followed: the realtime socket cannot
+    follow one, and the engine's token would go to the other address with the request."""
+    where = url_shown(urljoin(url, location or "")) if location else None
+    path = urlsplit(url).path
+    suffix = next((p for p in (REALTIME_PATH, path) if p and where and urlsplit(where).path.endswith(p)), None)
+    base = where[: len(where) - len(suffix)] if suffix else None
+    give = (f": start the studio with that address (--engine {base}, or ENGINE_URL={base})" if base else
+            ": give the studio the engine's own address (--engine, or ENGINE_URL)")
+    return ServerError(f"the engine's address {url_shown(url)} redirects (HTTP {status}) to "
+                       f"{where or 'no address'}{give}. Redirects are not followed (the engine's token would go along)",
+                       "http_error", status)
+
+
+def _redirect_answer(exc: BaseException | None) -> Any:
+    """The redirect answer behind `exc` (or what it was raised while handling), if there is one."""
+    while exc is not None:
+        response = getattr(exc, "response", None)
+        if is_redirect(getattr(response, "status_code", None) or 0):
+            return response
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def connect_error(url: str, exc: BaseException, timeout_s: float | None = None) -> ServerError:
     """Why a connection could not be made: the server's refusal (e.g. 401 unauthorized, with its
     error body), `timeout` when the transport says the request's `timeout_s` passed without an answer
@@ -194,6 +223,9 @@ def connect_error(url: str, exc: BaseException, timeout_s: float | None = None) 
     tls = tls_failure(exc)
     if tls is not None:
         return tls_error(url, tls)
+    redirect = _redirect_answer(exc)
+    if redirect is not None:  # (a websocket handshake answered with a redirect: websockets fails to follow one to
+        return redirect_error(url, redirect.status_code, redirect.headers.get("Location"))  # https://, "InvalidURI")
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
     if status is not None:

@@ -270,14 +270,17 @@ class EngineClient(core.EngineClientBase):
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
             try:
-                return self.http.request(method, path, **kwargs)
+                resp = self.http.request(method, path, **kwargs)
             except httpx.RemoteProtocolError:  # closed unanswered: a kept-alive connection the server dropped
                 if method != "GET":  # as it was reused (its idle timeout, 5 s for uvicorn: the studio's check period)
                     raise
-                return self.http.request(method, path, **kwargs)  # a GET is asked again, on a fresh connection
+                resp = self.http.request(method, path, **kwargs)  # a GET is asked again, on a fresh connection
         except httpx.HTTPError as e:
             waited = kwargs.get("timeout", self.timeout) if isinstance(e, httpx.TimeoutException) else None
             raise core.connect_error(self.endpoints.http + path, e, waited) from e
+        if core.is_redirect(resp.status_code):  # (it read "not JSON", or "not as a Ming engine server does")
+            raise core.redirect_error(self.endpoints.http + path, resp.status_code, resp.headers.get("Location"))
+        return resp
 
     def _get(self, path: str, **kwargs) -> Any:
         return self._json("GET", path, **kwargs)
@@ -504,6 +507,10 @@ class EngineClient(core.EngineClientBase):
             yield core.connect_error(self.endpoints.http + call.path, e, waited).to_event()
             return
         try:
+            if core.is_redirect(resp.status_code):  # (it read "the stream ended without a result")
+                yield core.redirect_error(self.endpoints.http + call.path, resp.status_code,
+                                          resp.headers.get("Location")).to_event()
+                return
             if resp.status_code >= 400 or core.is_html(resp.headers.get("content-type", "")):  # (not a stream)
                 answered = True
                 resp.read()

@@ -342,6 +342,49 @@ def test_the_live_tabs_note_and_voices_are_asked_again_when_the_engine_changes(e
 
 
 @pytest.fixture(scope="module")
+def redirect_to_https():
+    """A front that answers every request, a websocket handshake too, with a redirect to https:// (nginx's `return 301
+    https://$host$request_uri` on port 80)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(301)
+            self.send_header("Location", "https://engine.example.org" + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_engine_address_that_redirects_says_where_to(redirect_to_https):
+    """ENGINE_URL=http://box (a front that redirects to https://): the banner said the server 'answered, but not as a
+    Ming engine server does (the server's answer is not JSON)', Speech 'the stream ended without a result' and Chat
+    'InvalidURI: https://... isn't a valid URI'. Each now says the address redirects and the one to give instead."""
+    from engine.events import Error
+
+    client = EngineClient(redirect_to_https, token="sekrit-42", timeout=CLIENT_S)
+    problem = EngineLink(client, check_timeout_s=CHECK_S * 8).status().problem
+    spoken = list(client.speak("hello"))
+    chatted = list(client.chat([{"role": "user", "content": "hi"}]))  # (the realtime socket)
+    for said in (problem, spoken[-1].message, chatted[-1].message):
+        assert "redirects (HTTP 301) to https://engine.example.org/" in said, said
+        assert "--engine https://engine.example.org," in said and "sekrit-42" not in said, said
+    assert isinstance(spoken[-1], Error) and len(spoken) == len(chatted) == 1
+
+
+@pytest.fixture(scope="module")
 def self_signed_engine(tmp_path_factory, engine_with_parts):
     """(the https:// URL of an engine behind a self-signed certificate, that certificate's file)."""
     import ssl
