@@ -741,7 +741,7 @@ class BufferingProxy:
             conn.close()
 
 
-HELD_BACK_WAIT_S = 0.3  # (the test's HeldBackCheck.wait_s: a held-back stream shows within a second)
+HELD_BACK_WAIT_S = 0.2  # (the test's HeldBackCheck.wait_s: a held-back stream shows within a second)
 
 
 @pytest.mark.parametrize("hold_s", [HELD_BACK_WAIT_S * 2, None], ids=["buffering", "streaming"])
