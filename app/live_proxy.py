@@ -37,7 +37,7 @@ import anyio
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from engine.client.core import connect_error, tls_failure, waited_for
+from engine.client.core import connect_error, redirect_answer, tls_failure, waited_for
 
 log = logging.getLogger("app.live_proxy")
 
@@ -138,10 +138,11 @@ async def studio_user(ws: WebSocket) -> tuple[bool, str | None]:
 
 
 def unreachable_text(url: str, failure: BaseException, open_timeout: float) -> str:
-    """Why the engine's realtime socket did not open: an engine that took the connection and did not answer, or a
-    TLS certificate this machine does not trust, said as the client says them (both read "cannot reach the engine
-    ... is it running?", of an engine that was running), else the engine not reachable."""
-    if isinstance(failure, TimeoutError) or tls_failure(failure) is not None:
+    """Why the engine's realtime socket did not open: an engine that took the connection and did not answer, a TLS
+    certificate this machine does not trust, or an address that redirects (to https://: "InvalidURI"), said as the
+    client says them (each read "cannot reach the engine ... is it running?", of an engine that was running), else
+    the engine not reachable."""
+    if isinstance(failure, TimeoutError) or tls_failure(failure) is not None or redirect_answer(failure) is not None:
         return connect_error(url, failure, waited_for(failure, open_timeout)).message
     return f"cannot reach the engine at {urlsplit(url).netloc} ({type(failure).__name__}); is it running?"
 

@@ -204,7 +204,7 @@ def redirect_error(url: str, status: int, location: str | None) -> ServerError:
                        "http_error", status)
 
 
-def _redirect_answer(exc: BaseException | None) -> Any:
+def redirect_answer(exc: BaseException | None) -> Any:
     """The redirect answer behind `exc` (or what it was raised while handling), if there is one."""
     while exc is not None:
         response = getattr(exc, "response", None)
@@ -223,7 +223,7 @@ def connect_error(url: str, exc: BaseException, timeout_s: float | None = None) 
     tls = tls_failure(exc)
     if tls is not None:
         return tls_error(url, tls)
-    redirect = _redirect_answer(exc)
+    redirect = redirect_answer(exc)
     if redirect is not None:  # (a websocket handshake answered with a redirect: websockets fails to follow one to
         return redirect_error(url, redirect.status_code, redirect.headers.get("Location"))  # https://, "InvalidURI")
     response = getattr(exc, "response", None)

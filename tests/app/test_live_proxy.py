@@ -295,3 +295,34 @@ def test_an_engine_behind_an_untrusted_certificate_or_hung_is_said_so_not_asked_
         with TestClient(app) as client, client.websocket_connect(LIVE_WS_PATH) as ws:
             err = recv(ws)["error"]
     assert err["code"] == "engine_unreachable" and "did not answer within 0.3 s" in err["message"], err
+
+
+def test_an_engine_address_that_redirects_is_said_with_the_address_to_give():
+    """ENGINE_URL=http://box where a front redirects to https://: Start said 'cannot reach the engine at box
+    (InvalidURI); is it running?' (websockets tried to follow the redirect to an https:// address)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Redirect(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(301)
+            self.send_header("Location", "https://engine.example.org" + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    front = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=front.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        _, app = make_app(f"http://127.0.0.1:{front.server_address[1]}", "engine-secret")
+        with TestClient(app) as client, client.websocket_connect(LIVE_WS_PATH) as ws:
+            err = recv(ws)["error"]
+    finally:
+        front.shutdown()
+        front.server_close()
+    assert err["code"] == "engine_unreachable" and "redirects (HTTP 301)" in err["message"], err
+    assert "--engine https://engine.example.org," in err["message"] and "is it running" not in err["message"]
