@@ -43,7 +43,11 @@ PAGE_JS = "() => {\n" + "".join(f"({(STATIC / name).read_text(encoding='utf-8').
 # them, so all fit down to 320 px (Gradio hid Voice and Image behind its '⋯' More tabs button on a phone). A <style>
 # in the page's head: Gradio rewrites each rule of launch(css=...) inside an @media to apply only within its
 # `.contain` element, so these (given as css) never applied.
+# The banner's words take its box's own dark colour: in dark mode Gradio gives <strong> and <code> its light text
+# colour, so on the light yellow (or red) box "RANDOM DEMO WEIGHTS" (or "ENGINE UNAVAILABLE") and the command read
+# light on light, out of sight.
 PAGE_STYLE = """<style>
+#model-banner .prose > div * { color: inherit !important; }
 #image-gallery .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important; }
 #image-gallery .caption-label, #image-gallery .caption { white-space: normal !important; text-overflow: clip !important;
   overflow-wrap: anywhere; }

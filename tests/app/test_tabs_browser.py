@@ -681,3 +681,43 @@ def test_takes_made_in_two_tabs_of_one_browser_are_all_kept(browser, studio):
     pages[0].get_by_role("tab", name="Voice").click()
     sync_api.expect(pages[0].locator("#voice-takes td.filename")).to_have_count(2, timeout=30_000)
     context.close()
+
+
+# The contrast of each element's own text in `selector` against the first background behind it that is not
+# transparent (WCAG's relative luminance): [contrast, text] of those under `least`.
+LOW_CONTRAST_TEXT = r"""([selector, least]) => {
+  const luminance = (colour) => {
+    const [r, g, b] = colour.match(/[\d.]+/g).slice(0, 3).map((c) => {
+      c /= 255;
+      return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const background = (el) => {
+    for (; el; el = el.parentElement) {
+      const c = getComputedStyle(el).backgroundColor.match(/[\d.]+/g);
+      if (c.length < 4 || +c[3] > 0.5) return getComputedStyle(el).backgroundColor;
+    }
+    return "rgb(255, 255, 255)";
+  };
+  return Array.from(document.querySelectorAll(selector)).filter((el) => el.getClientRects().length)
+    .filter((el) => el.matches("input, select") || Array.from(el.childNodes).some((n) => n.nodeType === 3 && n.textContent.trim()))
+    .map((el) => {
+      const [a, b] = [luminance(getComputedStyle(el).color), luminance(background(el))];
+      return [(Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05), el.textContent.trim().slice(0, 40) || el.outerHTML.slice(0, 60)];
+    })
+    .filter(([contrast]) => contrast < least);
+}"""
+
+
+def test_the_demo_notice_is_readable_in_dark_mode(browser, studio):
+    """In dark mode (the system's preference) the banner's "RANDOM DEMO WEIGHTS" and its command took Gradio's light
+    text colour on the banner's light yellow box (1.0:1, out of sight). Every text of it reads at 4.5:1 at least
+    (WCAG AA)."""
+    context = browser.new_context(viewport=DESKTOP, color_scheme="dark")
+    page = context.new_page()
+    page.goto(studio, wait_until="load", timeout=60_000)
+    sync_api.expect(page.locator("#model-banner")).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
+    assert page.evaluate("document.body.classList.contains('dark')")  # (Gradio follows the system's preference)
+    assert not page.evaluate(LOW_CONTRAST_TEXT, ["#model-banner *", 4.5])
+    context.close()
