@@ -710,14 +710,19 @@ LOW_CONTRAST_TEXT = r"""([selector, least]) => {
 }"""
 
 
-def test_the_demo_notice_is_readable_in_dark_mode(browser, studio):
+def test_the_demo_notice_and_the_live_boxes_are_readable_in_dark_mode(browser, studio):
     """In dark mode (the system's preference) the banner's "RANDOM DEMO WEIGHTS" and its command took Gradio's light
-    text colour on the banner's light yellow box (1.0:1, out of sight). Every text of it reads at 4.5:1 at least
-    (WCAG AA)."""
+    text colour on the banner's light yellow box (1.0:1, out of sight), and the Live tab's message box and settings
+    choices light text on a white box. Every text of them reads at 4.5:1 at least (WCAG AA)."""
     context = browser.new_context(viewport=DESKTOP, color_scheme="dark")
     page = context.new_page()
     page.goto(studio, wait_until="load", timeout=60_000)
     sync_api.expect(page.locator("#model-banner")).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
     assert page.evaluate("document.body.classList.contains('dark')")  # (Gradio follows the system's preference)
     assert not page.evaluate(LOW_CONTRAST_TEXT, ["#model-banner *", 4.5])
+    page.get_by_role("tab", name="Live").click()
+    page.locator(".live-settings summary").click()
+    live = ".live-root input[type=text], .live-root select, .live-latency"
+    sync_api.expect(page.locator(live).first).to_be_visible()
+    assert not page.evaluate(LOW_CONTRAST_TEXT, [live, 4.5])
     context.close()
