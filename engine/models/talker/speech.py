@@ -68,13 +68,14 @@ def speak_while_thinking(pipe: TalkerPipeline, thinker_events: Iterable[Event], 
     def pump():
         seg = Segmenter(pipe.segment_closers)
         try:
+            # read to the thinker's own end even once cancelled (it stops within a token): its Done("cancelled") is
+            # the reply's end (leaving at the cancel ended a stopped spoken reply in an engine_error, "the thinker
+            # stream ended without a final event": Stop in Chat, a barge-in or a message typed in a Live call)
             for ev in thinker_events:
                 out.put(("thinker", ev))
-                if isinstance(ev, TextDelta):
+                if isinstance(ev, TextDelta) and not cancel.is_set():
                     for s in seg.feed(ev.text):
                         segments.put(s)
-                if cancel.is_set():
-                    break
             for s in seg.flush():
                 segments.put(s)
         except Exception as e:  # the thinker stream itself failed

@@ -64,6 +64,21 @@ def test_cancel_stops_within_one_patch(tiny_engine):
     assert isinstance(final, Done) and final.finish_reason == "cancelled" and seen <= 2
 
 
+def test_a_spoken_reply_stopped_mid_text_ends_cancelled_not_in_an_error(tiny_engine):
+    """Stop pressed on a spoken chat reply (or a barge-in, a message typed mid-reply in a Live call) ended it in
+    engine_error "the thinker stream ended without a final event": the speech gave up reading the thinker at the
+    cancel, before its Done."""
+    cancel = threading.Event()
+    deltas = 0
+    for ev in tiny_engine.chat([{"role": "user", "content": "Tell me a long story."}], modalities=("text", "audio"),
+                               cancel=cancel):
+        deltas += isinstance(ev, TextDelta)
+        if deltas == 2:
+            cancel.set()
+        final = ev
+    assert isinstance(final, Done) and final.finish_reason == "cancelled", final
+
+
 def test_long_text_is_segmented(tiny_engine):
     text = "今天天气很好，我们一起去公园散步吧。然后去吃饭，好不好？" * 2
     evs, done = run(tiny_engine.speak(text, seed=2))
