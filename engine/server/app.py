@@ -251,8 +251,8 @@ async def realtime_without_upgrade(request: Request):
 
 def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
     limits: Limits = app.state.ctx.limits
-    # frames somewhat over the per-event limit still reach the app (and get a structured error);
-    # far larger ones are closed by the protocol layer with code 1009
+    # frames over the per-event limit up to Limits.max_frame_bytes still reach the app (and get a structured error);
+    # larger ones are closed by the protocol layer with code 1009
     stalled = {"stalled_peer_s": limits.slow_reader_timeout_s,
                "on_stalled": functools.partial(logs.client_aborted, app.state.ctx, "stalled_reader")}
     linger = Linger(limits.refusal_linger_s, max(limits.max_request_bytes, limits.max_upload_bytes))
@@ -261,7 +261,7 @@ def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning
                                                    max_connections=limits.max_connections, linger=linger,
                                                    on_full=logs.connections_full, **stalled),
                             ws=functools.partial(OpenAIErrorsWebSocketProtocol, **stalled),
-                            ws_max_size=2 * limits.max_message_bytes + 1024 * 1024, ws_per_message_deflate=False,
+                            ws_max_size=limits.max_frame_bytes, ws_per_message_deflate=False,
                             timeout_graceful_shutdown=3)
     logs.install()  # (creating the config configured uvicorn's logging: its loggers keep the filter)
     logs.share_uvicorn_handlers()

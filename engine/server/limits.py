@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from engine.server.protocol import ApiError  # noqa: F401  (re-exported: every layer raises it)
 
 MiB = 1024 * 1024
+OPENAI_MAX_EVENT_BYTES = 15 * MiB  # OpenAI's largest input_audio_buffer.append (its realtime API reference)
 
 
 @dataclass
@@ -53,6 +54,13 @@ class Limits:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest websocket message read whole (past it the connection closes with code 1009): twice the
+        event limit and 1 MiB more, and at least OpenAI's largest event and 1 MiB more, so an event a client may send
+        OpenAI (a 10 MB input_audio_buffer.append) is answered message_too_large and its session goes on."""
+        return max(2 * self.max_message_bytes, OPENAI_MAX_EVENT_BYTES) + MiB
 
 
 def human_bytes(n: int) -> str:

@@ -533,6 +533,23 @@ def test_an_oversized_websocket_handshake_is_answered_and_the_server_stops_clean
     assert crashed == []
 
 
+def test_an_append_as_large_as_openai_takes_is_refused_with_an_error_and_the_session_goes_on():
+    """OpenAI takes input_audio_buffer.append events up to 15 MiB; one of 10 MB (past twice our 4 MiB event limit and
+    1 MiB) closed the session with code 1009, the client losing its conversation. It is now a message_too_large
+    error event, and the session answers its next event."""
+    from websockets.sync.client import connect
+
+    from tests.server import fake_server
+
+    audio = "A" * (10 * 1000 * 1000)
+    with fake_server() as srv, connect(srv.ws_url, max_size=None) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+        assert json.loads(ws.recv(timeout=10))["error"]["code"] == "message_too_large"
+        ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "input_audio_buffer.cleared"
+
+
 if __name__ == "__main__":
     import os
     import tempfile
