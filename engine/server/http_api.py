@@ -243,12 +243,16 @@ def check_response_format(fmt) -> None:
         return
     fmt = need_dict(fmt, "response_format")
     kind = fmt.get("type")
+    if kind is None:
+        raise bad(f"'response_format.type' is required: one of {', '.join(RESPONSE_FORMATS)}", "missing_field",
+                  "response_format.type")
     if kind not in RESPONSE_FORMATS:
         raise bad(f"'response_format.type' must be one of {', '.join(RESPONSE_FORMATS)}, got {codec.shown(str(kind))}",
                   "invalid_value", "response_format.type")
     if kind != "text":
         raise bad(f"response_format {kind!r} is not supported: {NO_STRUCTURED_OUTPUT}", "unsupported_parameter",
                   "response_format")
+    codec.check_keys(fmt, "response_format", ("type",))  # (a json_schema beside type text would be ignored)
 
 
 ACCEPTED_TEXT_FIELDS = ("user", "safety_identifier", "prompt_cache_key")  # OpenAI's identifiers: no effect here

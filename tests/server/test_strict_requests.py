@@ -496,6 +496,15 @@ def test_stream_options_are_typed(http, options, field):
     assert err["code"] == "invalid_type" and err["param"] == field, err
 
 
+@pytest.mark.parametrize("fmt, code, param", [
+    ({}, "missing_field", "response_format.type"),  # (was "must be one of ..., got 'None'")
+    ({"type": "text", "json_schema": {"name": "x", "schema": {}}}, "unknown_parameter", "response_format.json_schema")])
+def test_a_response_format_without_its_type_or_with_a_field_text_ignores_is_refused_naming_it(http, fmt, code, param):
+    """{"type": "text", "json_schema": ...} was answered as if the schema held (it was dropped without a word)."""
+    err = error_of(http.post("/v1/chat/completions", json={**CHAT, "response_format": fmt}))
+    assert (err["code"], err["param"]) == (code, param), err
+
+
 @pytest.mark.parametrize("stream", [False, None])
 def test_stream_options_without_a_stream_are_refused_as_openai_refuses_them(http, stream):
     """stream_options sent with stream false (or no stream) was taken and ignored; OpenAI answers 400 naming it."""
