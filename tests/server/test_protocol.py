@@ -92,7 +92,7 @@ def test_every_kind_crosses_the_chat_completions_stream():
             for line in resp.iter_lines():
                 decoded += decoder.feed_line(line)
         assert decoder.finished
-        whole = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30).json()
+        whole = httpx.post(srv.url + "/v1/chat/completions", json={"messages": body["messages"]}, timeout=30).json()
         with openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0) as client:  # OpenAI's own parser
             chunks = list(client.chat.completions.create(model="default", stream=True, messages=body["messages"]))
     assert decoded[:-1] == [QueuePosition(0, 0)] + script[:-1]
