@@ -52,6 +52,7 @@ from engine.server.scheduler import Job
 from engine.server.sessions import ROOT, AudioSpan, Item, Session, audio_format, continued_reply, new_id
 from engine.server.text import (check_json_values, check_text, check_url_text, invalid_text_path,
                                 json_may_hold_surrogates, loads_json, text_chars, texts_of)
+from engine.server.turn_transcripts import TurnPieces, TurnTranscript, piece_end
 from engine.server.turns import VAD_RATE, ServerVad, SpeechStarted, SpeechStopped, TurnDetector
 from engine.server.video_context import VideoContextConfig, compact_clip
 
@@ -137,6 +138,8 @@ class RealtimeConnection:
         self.turn_item_id: str | None = None  # the id the user's turn in progress will get (server_vad)
         self.response_wanted = False  # a turn ended while a response ran: start one when it ends
         self.transcriptions: dict[Job, asyncio.Task] = {}  # input audio transcriptions under way
+        self.spoken_turn: TurnTranscript | None = None  # the turn being spoken, transcribed a piece at a time
+        self.turn_pieces = TurnPieces()
         self.audio_clock_ms = 0.0  # audio written during the session while no turn detector counted it
         self.idle_from_ms: int | None = None  # server_vad idle_timeout_ms counts from here (the last reply's end)
         self.handlers = {
@@ -446,6 +449,7 @@ class RealtimeConnection:
         if (turns is None) != (s.turn_detection is None):
             session.audio.clear()
             self.turn_item_id = None
+            self._drop_spoken_turn()
             if session.detector is not None:  # the session's audio clock goes on in push-to-talk
                 self.audio_clock_ms = float(session.detector.audio_ms)
         if detector is not None:
@@ -474,6 +478,7 @@ class RealtimeConnection:
             samples = codec.input_samples(raw, s.input_audio_encoding, "audio")
             for ev in await asyncio.to_thread(detector.feed, samples, rate):
                 await self._turn_event(ev)
+            await self._transcribe_while_spoken(detector)
             await self._check_idle(detector)
             return
         if buf.samples and rate != buf.sample_rate:
@@ -510,6 +515,7 @@ class RealtimeConnection:
         if self.session.detector is not None:
             self.session.detector.clear()
             self.turn_item_id = None
+            self._drop_spoken_turn()
         await self.send({"type": "input_audio_buffer.cleared"})
 
     async def _commit_turn(self, item_id: str, audio: codec.Audio) -> None:
@@ -581,56 +587,120 @@ class RealtimeConnection:
     async def _transcribe(self, item: Item, index: int, audio: codec.Audio) -> None:
         """Transcribe a committed audio turn with our ASR, queued like a response:
         conversation.item.input_audio_transcription.delta events, then .completed (its transcript
-        also becomes the item's) or .failed."""
-        spec = self.session.settings.transcription
-        where = {"item_id": item.id, "content_index": index}
+        also becomes the item's) or .failed. A turn transcribed while it was spoken (server_vad:
+        _transcribe_while_spoken) has only its audio after the last piece left to transcribe."""
+        turn = self.spoken_turn if self.spoken_turn is not None and self.spoken_turn.item_id == item.id else None
+        self.spoken_turn = None
+        turn = turn or TurnTranscript(item.id)
+        if not turn.failed:
+            await self._transcribe_piece(turn, audio.samples[turn.cut:], audio.sample_rate,
+                                         {"item_id": item.id, "content_index": index}, item)
+
+    async def _transcribe_while_spoken(self, detector: TurnDetector) -> None:
+        """server_vad with input transcription on: the turn being spoken is transcribed a piece at a time
+        (engine.server.turn_transcripts), its deltas naming the item speech_started announced, so a partial
+        transcript shows while the user speaks; their content_index is the audio's place in the item (after the
+        rolling webcam video, when frames are held: the turn will take them at its end)."""
+        if self.session.settings.transcription is None or not detector.in_speech or self.turn_item_id is None:
+            return
+        turn = self.spoken_turn
+        if turn is None or turn.item_id != self.turn_item_id:
+            turn = self.spoken_turn = TurnTranscript(self.turn_item_id)
+        if turn.in_engine is not None or turn.failed or detector.turn_samples - turn.cut < (
+                self.turn_pieces.piece_s * VAD_RATE):
+            return
+        audio = detector.turn_audio(turn.cut)
+        end = piece_end(audio, VAD_RATE, self.turn_pieces)
+        if end is not None:
+            turn.cut += end
+            index = 1 if self.session.settings.video_context is not None and len(self.session.video.clip) else 0
+            await self._transcribe_piece(turn, audio[:end], VAD_RATE, {"item_id": turn.item_id,
+                                                                       "content_index": index})
+
+    def _drop_spoken_turn(self) -> None:
+        """The turn being spoken is dropped (input_audio_buffer.clear, a switch of turn detection): its piece in
+        the engine is cancelled and nothing more is sent for it."""
+        turn, self.spoken_turn = self.spoken_turn, None
+        if turn is not None:
+            turn.failed = True
+            if turn.in_engine is not None:
+                self.ctx.scheduler.cancel(turn.in_engine, abandon=True)
+
+    def _transcription_job(self, samples: np.ndarray, rate: int) -> Job:
+        """Our ASR of a turn's audio (or a piece of it) with the session's transcription settings."""
+        spec, engine = self.session.settings.transcription, self.ctx.engine
+        tag = transcription_tag(spec["language"], "language")
+        params = GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS, self.limits.max_new_tokens),
+                                  fit_context=True, logprobs=TRANSCRIPTION_LOGPROBS in self.session.settings.include)
+
+        def run(cancel):
+            return engine.transcribe(samples, context=spec["prompt"], dialect=tag, params=params, cancel=cancel,
+                                     sample_rate=rate)
+
+        return Job(run, label=f"realtime {self.session.id} transcription")
+
+    async def _transcribe_piece(self, turn: TurnTranscript, samples: np.ndarray, rate: int, where: dict,
+                                item: Item | None = None) -> None:
+        """Queue a piece of a turn (`item`: the committed turn's last piece, whose end sends .completed); its
+        deltas are sent after the turn's pieces before it."""
         if len(self.transcriptions) >= MAX_PENDING_TRANSCRIPTIONS:
+            turn.failed = True
             await self._transcription_failed(where, ApiError(
                 f"{len(self.transcriptions)} transcriptions of this session are still waiting for the engine; "
                 "this turn was not transcribed", code="transcription_backlog", status=429))
             return
-        engine, language = self.ctx.engine, spec["language"]
-        tag = transcription_tag(language, "language")
-        logprobs = TRANSCRIPTION_LOGPROBS in self.session.settings.include
-        params = GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS, self.limits.max_new_tokens),
-                                  fit_context=True, logprobs=logprobs)
+        job = self._transcription_job(samples, rate) if len(samples) else None  # (nothing after the last piece)
+        if job is not None:
+            try:
+                self.ctx.scheduler.submit(job)
+            except ApiError as e:
+                turn.failed = True
+                await self._transcription_failed(where, e)
+                return
+        turn.in_engine, before = job, turn.tail
+        turn.tail = asyncio.create_task(self._stream_piece(turn, job, before, where, item))
+        if job is not None:
+            self.transcriptions[job] = turn.tail
+            turn.tail.add_done_callback(lambda _t, _j=job: self.transcriptions.pop(_j, None))
 
-        def run(cancel, _a=audio, _p=params, _c=spec["prompt"], _t=tag):
-            return engine.transcribe(_a.samples, context=_c, dialect=_t, params=_p, cancel=cancel,
-                                     sample_rate=_a.sample_rate)
-
-        job = Job(run, label=f"realtime {self.session.id} transcription")
-        try:
-            self.ctx.scheduler.submit(job)
-        except ApiError as e:
-            await self._transcription_failed(where, e)
+    async def _stream_piece(self, turn: TurnTranscript, job: Job | None, before: asyncio.Task | None, where: dict,
+                            item: Item | None) -> None:
+        """A piece's deltas (with `logprobs` when session.include asks: each delta its tokens' entries, the
+        completed event all of them, OpenAI's LogProbProperties), once the piece before it has sent its own."""
+        if before is not None:
+            await asyncio.wait([before])
+        final = Done("", "stop") if job is None else await self._piece_deltas(turn, job, where)
+        if turn.in_engine is job:
+            turn.in_engine = None
+        if turn.failed:
             return
-        self.transcriptions[job] = asyncio.create_task(self._stream_transcript(job, item, where, logprobs))
-        self.transcriptions[job].add_done_callback(lambda _t, _j=job: self.transcriptions.pop(_j, None))
+        logprobs = TRANSCRIPTION_LOGPROBS in self.session.settings.include
+        if not isinstance(final, Done):
+            turn.failed = True
+            await self._transcription_failed(where, wire.engine_error(final or Error(
+                "the transcription ended without a result", "engine_error")))
+        elif item is not None:
+            part = item.public[where["content_index"]]
+            if part.get("type") == "input_audio":
+                part["transcript"] = turn.text
+            extra = {"logprobs": wire.transcript_logprobs(turn.logprobs)} if logprobs else {}
+            await self.send({"type": "conversation.item.input_audio_transcription.completed", **where,
+                             "transcript": turn.text, **extra})
 
-    async def _stream_transcript(self, job: Job, item: Item, where: dict, logprobs: bool) -> None:
-        """The transcription's events; with `logprobs` (session.include) each delta carries its tokens' entries and
-        the completed event all of them (OpenAI's LogProbProperties)."""
-        final, entries = None, []
+    async def _piece_deltas(self, turn: TurnTranscript, job: Job, where: dict) -> Done | Error | None:
+        """Send a piece's transcript deltas as they come; returns how it ended."""
+        final, begins = None, True
+        logprobs = TRANSCRIPTION_LOGPROBS in self.session.settings.include
         async for ev in job.events():
             if isinstance(ev, (Done, Error)):
                 final = ev
-            elif isinstance(ev, TextDelta) and ev.text:
-                entries += ev.logprobs or []
+            elif isinstance(ev, TextDelta) and ev.text and not turn.failed:
+                turn.logprobs += ev.logprobs or []
                 extra = {"logprobs": wire.transcript_logprobs(ev.logprobs or [])} if logprobs else {}
                 await self.send({"type": "conversation.item.input_audio_transcription.delta", **where,
-                                 "delta": ev.text, **extra})
-        if isinstance(final, Done):
-            text = (final.result or {}).get("text", final.text) if isinstance(final.result, dict) else final.text
-            part = item.public[where["content_index"]]
-            if part.get("type") == "input_audio":
-                part["transcript"] = text
-            extra = {"logprobs": wire.transcript_logprobs(entries)} if logprobs else {}
-            await self.send({"type": "conversation.item.input_audio_transcription.completed", **where,
-                             "transcript": text, **extra})
-        else:
-            await self._transcription_failed(where, wire.engine_error(final or Error(
-                "the transcription ended without a result", "engine_error")))
+                                 "delta": turn.add(ev.text, begins), **extra})
+                begins = False
+        return final
 
     async def _transcription_failed(self, where: dict, err: ApiError) -> None:
         await self.send({"type": "conversation.item.input_audio_transcription.failed", **where,

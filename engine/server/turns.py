@@ -183,6 +183,22 @@ class TurnDetector:
         return self._announced
 
     @property
+    def turn_samples(self) -> int:
+        """16 kHz samples of the turn under way (0 when none is)."""
+        return self._turn_samples
+
+    def turn_audio(self, start: int = 0) -> np.ndarray:
+        """The turn under way from its sample `start` on (16 kHz PCM16; only the pieces past `start` are copied):
+        the samples its SpeechStopped will hold from there."""
+        pieces, held = [], self._turn_samples
+        for piece in reversed(self._turn):
+            if held <= start:
+                break
+            pieces.append(piece[max(0, start - (held - len(piece))):])
+            held -= len(piece)
+        return np.concatenate(pieces[::-1]) if pieces else np.zeros(0, np.int16)
+
+    @property
     def audio_ms(self) -> int:
         """Milliseconds of audio analysed so far in the session."""
         return self._start_ms + self._windows * WINDOW_MS

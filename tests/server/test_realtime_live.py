@@ -10,6 +10,7 @@ import json
 import threading
 import time
 
+import numpy as np
 import pytest
 from websockets.sync.client import connect
 
@@ -809,3 +810,53 @@ def test_with_interrupt_response_off_speech_over_a_reply_lets_it_finish_then_ans
         assert c.first("input_audio_buffer.committed", at)[0] < done[0][0]
         assert len(done[0][1]["output"][0]["content"][0]["text"].split()) == 60  # the whole reply
         assert len(engine.calls) == 2 and len(engine.calls[1]["messages"]) == 3  # the turn, answered after it
+
+
+class PieceTranscriber(FakeEngine):
+    """A scripted engine that transcribes: each clip it is given is recorded (its length in samples) and written as
+    'piece<n>'."""
+
+    def __init__(self):
+        super().__init__()
+        self.clips: list[int] = []
+
+    def info(self):
+        from dataclasses import replace
+
+        return replace(super().info(), components=["llm", "audio"])
+
+    def transcribe(self, audio, context=None, hotwords=None, dialect=None, params=None, cancel=None,
+                   sample_rate=None):
+        self.clips.append(len(audio))
+        text = f"piece{len(self.clips)}"
+        yield TextDelta(text)
+        yield Done(text, "stop", result={"language": None, "text": text})
+
+
+def test_a_turn_is_transcribed_while_it_is_spoken_each_piece_once():
+    """Input transcription deltas came only after the turn had ended (the whole turn transcribed then): a caller saw
+    no words while speaking. A turn is now transcribed a piece (3 s or more) at a time while it is spoken, each sample
+    once; deltas name the item speech_started announced, and .completed is their concatenation."""
+    engine = PieceTranscriber()
+    with fake_server(engine) as srv, connect(srv.ws_url, max_size=None) as ws:
+        c = LiveClient(ws, _next_frame=float("inf"))  # (no webcam: the audio is the item's first part)
+        c.drain(10)
+        c.send(type="session.update", session={"audio": {"input": {
+            "turn_detection": {**VAD, "create_response": False}, "transcription": {"model": "whisper-1"}}}})
+        c.wait(lambda t: "session.updated" in t)
+        said = [speech(), silence(0.2), speech(), silence(0.2), speech(), silence(0.2), speech()]  # one 7 s turn
+        c.stream(np.concatenate(said), pace=20)
+        c.stream(silence(1.0), pace=20)
+        c.wait(lambda t: "conversation.item.input_audio_transcription.completed" in t)
+        stopped = c.first("input_audio_buffer.speech_stopped")[0]
+        item_id = c.first("input_audio_buffer.speech_started")[2]["item_id"]
+        deltas = [(i, e) for i, (_, e) in enumerate(c.events)
+                  if e["type"] == "conversation.item.input_audio_transcription.delta"]
+        assert deltas and deltas[0][0] < stopped  # words while the user still spoke
+        assert [(e["item_id"], e["content_index"]) for _, e in deltas] == [(item_id, 0)] * len(deltas)
+        done = c.first("conversation.item.input_audio_transcription.completed")[2]
+        pieces = [f"piece{n}" for n in range(1, len(engine.clips) + 1)]
+        assert done["transcript"] == "".join(e["delta"] for _, e in deltas) == " ".join(pieces)
+        seconds = c.first("conversation.item.added")[2]["item"]["content"][0]["seconds"]
+        assert sum(engine.clips) / 16000 == pytest.approx(seconds, abs=1e-3)  # every sample once, none twice
+        assert 2 <= len(engine.clips) <= seconds // 2 + 1, engine.clips  # pieces of 2-3 s and the rest
