@@ -35,12 +35,14 @@ ISO_LANGUAGES = {
 
 def iso_language(code: str) -> str | None:
     """The model's tag for an ISO 639 code as a BCP 47 tag gives it, with a script and a region allowed ("en",
-    "zh-CN", "pt_BR", "zh-Hant-TW"), and an extended language subtag naming the language ("zh-yue": Cantonese); None
-    when `code` does not look like one (a tag such as "Chinese" or "上海", passed as given); KeyError for a code of that
-    form not known."""
+    "zh-CN", "pt_BR", "zh-Hant-TW"), and an extended language subtag naming the language ("zh-yue": Cantonese), in
+    either case as BCP 47 allows ("EN", "en-us"; a capitalised word such as "Yue" is a tag); None when `code` does not
+    look like one (a tag such as "Chinese" or "上海", passed as given); KeyError for a code of that form not known."""
     primary, *subtags = code.replace("_", "-").split("-")
-    if not (primary.isascii() and primary.isalpha() and primary.islower() and 2 <= len(primary) <= 3):
+    if not (primary.isascii() and primary.isalpha() and (primary.islower() or primary.isupper())
+            and 2 <= len(primary) <= 3):
         return None
+    primary = primary.lower()
     if not all(s and s.isascii() and s.isalnum() for s in subtags):
         return None
     if subtags and len(subtags[0]) == 3 and subtags[0].isalpha():  # zh-yue, zh-wuu: the dialect, not Chinese

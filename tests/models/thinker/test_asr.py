@@ -156,11 +156,13 @@ def test_transcript_deltas_report_the_transcripts_tokens_only():
 
 @pytest.mark.parametrize("code, tag", [("en", "English"), ("zh-CN", "Chinese"), ("pt_BR", "Portuguese"),
                                        ("zh-Hant-TW", "Chinese"), ("es-419", "Spanish"), ("zh-yue", "Cantonese"),
-                                       ("yue-HK", "Cantonese"), ("Chinese", None), ("上海", None)])
+                                       ("yue-HK", "Cantonese"), ("Chinese", None), ("上海", None), ("EN", "English"),
+                                       ("EN-US", "English"), ("en-us", "English"), ("ZH-yue", "Cantonese")])
 def test_a_language_code_with_a_script_region_or_dialect_is_mapped_to_the_models_tag(code, tag):
     """'zh-yue' (Cantonese, as BCP 47 writes it with an extended language subtag) was forced as Chinese: the dialect
     dropped; 'zh-Hant-TW' was forced as the tag 'zh-Hant-TW', one the model never writes. A tag that is not a code
-    ("Chinese", "上海") is the model's own and passes as given."""
+    ("Chinese", "上海") is the model's own and passes as given. A code in capitals ("EN", as typed) was forced as the
+    tag 'EN', one the model never writes; BCP 47 codes are case-insensitive."""
     assert iso_language(code) == tag
 
 
