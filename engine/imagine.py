@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from engine.command import EXIT_CODES_HELP, output_file_problem, text_argument
 from engine.errors import (EXIT_FAILED, EXIT_INPUT, LOAD_ERRORS, MingError, error_exit_code, load_failure, shown,
@@ -77,6 +77,7 @@ MAX_PROMPT_CHARS = 20_000
 MAX_REFERENCE_IMAGES = 16
 MAX_REFERENCE_PIXELS = 1024 * 1024
 MAX_SEED = 2**63 - 1
+MASK_FEATHER_PX = 3  # over how many pixels a masked edit's weight ramps up inside the mask's edge (masked_composite)
 # The files an image is written as (the server's output_format, the CLI's --out suffix), and the quality of the
 # lossy ones when none is asked for (0-100, 100 the best)
 IMAGE_FILE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -104,6 +105,7 @@ class ImagineRequest:
     preset: str | None = None
     negative_prompt: str | None = None   # the Preview's negative CFG branch (spec §8.2); refused by 2.0 (§8.6)
     system_prompt: str | None = None
+    mask: np.ndarray | None = None  # an edit's mask: HxW alpha (engine.media.image.load_alpha), 0 where to edit
 
     def check(self, kind: str | None = None) -> None:
         """Validate and fill the defaults; `kind` is the loaded DiT's (config.ZIMAGE or SD3; None: not known
@@ -155,6 +157,24 @@ class ImagineRequest:
         parse_size(self.size)
         if self.size is not None and self.aspect is not None:
             raise ImageGenError("give either a size or an aspect ratio, not both", "aspect")
+        self._check_mask()
+
+    def _check_mask(self) -> None:
+        """A mask goes with an edit of a picture of its size, which the result keeps (no aspect; a size only its own);
+        `images[0]` given as an array (the server's) is checked here, a path or bytes once read (check_mask_size)."""
+        if self.mask is None:
+            return
+        if self.task != "edit":
+            raise ImageGenError(f"a mask marks where an edit changes the picture; '{self.task}' takes none", "mask")
+        if not isinstance(self.mask, np.ndarray) or self.mask.ndim != 2 or self.mask.dtype != np.uint8:
+            raise ImageGenError("the mask must be the HxW uint8 alpha of a picture (0 where to edit)", "mask")
+        if self.aspect is not None:
+            raise ImageGenError("a masked edit keeps the picture's own size and shape: leave out the aspect", "aspect")
+        if isinstance(self.images[0], np.ndarray):
+            check_mask_size(self, *self.images[0].shape[:2])
+
+    def masked(self) -> bool:
+        return self.mask is not None
 
     def cfg_options(self) -> CfgOptions:
         """The pipeline's CFG truncation / normalisation this request asks for (spec §8.6)."""
@@ -167,6 +187,29 @@ class ImagineRequest:
         if self.preset:
             return preset_prompt(self.preset, self.prompt)
         return self.prompt
+
+
+def check_mask_size(request: ImagineRequest, height: int, width: int) -> None:
+    """The mask must be the size of the picture it marks (as shown), and a size asked for must be the picture's."""
+    mh, mw = request.mask.shape
+    if (mh, mw) != (height, width):
+        raise ImageGenError(f"the mask is {mw}x{mh}; it must be the size of the picture it marks, {width}x{height}",
+                            "mask")
+    if request.size is not None and parse_size(request.size) != (height, width):
+        raise ImageGenError(f"a masked edit keeps the picture's own size, {width}x{height}: leave out the size or ask "
+                            "for that one", "size")
+
+
+def masked_composite(original: Image.Image, edited: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The edit inside the mask only: the edited picture (resized to the original's size) where the mask is
+    transparent, the original, bit for bit, where it is opaque; a partly transparent pixel blends the two, and the
+    edit's weight ramps up over MASK_FEATHER_PX inside the transparent area (no hard seam, nothing outside touched)."""
+    inside = 1.0 - alpha.astype(np.float32) / 255.0
+    blurred = Image.fromarray(np.round(inside * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(MASK_FEATHER_PX))
+    weight = np.minimum(inside, np.asarray(blurred, dtype=np.float32) / 255.0)[..., None]
+    resized = np.asarray(Image.fromarray(edited).resize(original.size, Image.Resampling.LANCZOS), dtype=np.float32)
+    kept = np.asarray(original.convert("RGB"), dtype=np.float32)
+    return np.round(kept + weight * (resized - kept)).astype(np.uint8)
 
 
 def _guidance(name: str, value, default: float) -> float:
@@ -294,6 +337,8 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
         images, ref, shrunk = [], None, []
         for number, src in enumerate(request.images, 1):
             picture = load_image(src, as_shown=True)  # the way up, and over the white, the user sees it
+            if ref is None and request.masked():
+                check_mask_size(request, picture.height, picture.width)
             ref = picture if ref is None else ref
             image, note = _vit_picture(picture, number)
             images.append(image)
@@ -427,6 +472,9 @@ def _run(engine, gen, request: ImagineRequest, prompt, negative_chat, plan: Size
     if image.size != (w, h):
         image = image.resize((w, h), Image.Resampling.LANCZOS)
     out = np.asarray(image)
+    if request.masked():  # (the picture's own size: the edit composited into it)
+        out = masked_composite(ref, out, request.mask)
+        h, w = out.shape[:2]
     mask_png = overlay_png = None
     note = input_note
     result = {"seed": seed, "task": request.task, "width": w, "height": h, "diffusion_width": plan.diffusion[1],

@@ -254,6 +254,21 @@ def load_image(source: ImageSource, *, max_input_pixels: int = DEFAULT_MAX_INPUT
         raise MediaError(f"image could not be decoded: {exc}") from exc
 
 
+def load_alpha(data: bytes, *, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> np.ndarray:
+    """An edit mask's alpha channel (HxW uint8, 0 where it is transparent: OpenAI's mask, whose transparent pixels
+    mark where to edit), the way up a viewer shows it. Raises `MediaError` for empty, corrupt or oversized input, and
+    for a picture without transparency (a black-and-white mask says nothing in OpenAI's form)."""
+    if not data:
+        raise MediaError("the mask is empty (0 bytes)")
+    image = _open_encoded(io.BytesIO(bytes(data)), "the mask", max_input_pixels)
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if not image.has_transparency_data:
+        raise MediaError(f"the mask ({image.mode}, {image.width}x{image.height}) has no alpha channel: its fully "
+                         "transparent pixels mark where to edit; save it as a PNG with transparency")
+    return np.asarray(image.convert("RGBA").getchannel("A"))
+
+
 # --------------------------------------------------------------------------- colour profiles
 
 SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))

@@ -22,7 +22,7 @@ import numpy as np
 from engine.errors import shown, shown_number  # noqa: F401  (re-exported: the server's errors quote so)
 from engine.media.audio import AudioFrontendConfig, check_clip_length, check_resample_rates, decode_audio
 from engine.media.errors import AudioTooLong, DecodeStopped, MediaError
-from engine.media.image import check_aspect, load_image
+from engine.media.image import check_aspect, load_alpha, load_image
 from engine.media.video import VideoSamplingConfig, probe_video_file
 from engine.server.limits import ApiError, Limits, MiB, human_bytes
 
@@ -392,9 +392,10 @@ class MediaBudget:
 
 
 def image_array(raw: bytes, limits: Limits, name: str = "image", budget: MediaBudget | None = None,
-                as_shown: bool = False) -> np.ndarray:
+                as_shown: bool = False, alpha: bool = False) -> np.ndarray:
     """Encoded JPEG/PNG/WebP/... -> HxWx3 uint8, refusing more than max_image_pixels (and more than
-    `budget` holds) before decoding. `as_shown`: upright and over white (engine.media.image.shown_upright)."""
+    `budget` holds) before decoding. `as_shown`: upright and over white (engine.media.image.shown_upright).
+    `alpha`: an edit mask's HxW alpha instead (engine.media.image.load_alpha; refused without transparency)."""
     from PIL import Image  # noqa: PLC0415
 
     if not raw:
@@ -421,6 +422,8 @@ def image_array(raw: bytes, limits: Limits, name: str = "image", budget: MediaBu
     if budget is not None:
         budget.charge(w * h * RGB_BYTES, name)
     try:
+        if alpha:
+            return load_alpha(raw, max_input_pixels=limits.max_image_pixels)
         return np.asarray(load_image(raw, max_input_pixels=limits.max_image_pixels, as_shown=as_shown))
     except MediaError as e:
         raise bad(f"'{name}': {e}", "invalid_image", name) from None

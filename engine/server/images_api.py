@@ -101,6 +101,8 @@ async def image_body(request: Request, ctx: ServerContext, with_images: bool) ->
         sources += extra
         check_image_count(len(sources))
         images = [_json_image(src, f"image[{i}]", ctx.limits.max_request_bytes) for i, src in enumerate(sources)]
+        if body.get("mask") is not None:  # OpenAI's {"image_url": "data:..."}, or base64 / a data: URL as `image`
+            body["mask"] = _json_image(body["mask"], "mask", ctx.limits.max_request_bytes)
     return body, images
 
 
@@ -127,14 +129,16 @@ async def _multipart(request: Request, ctx: ServerContext) -> tuple[dict, list[b
     form = await form_body(request, ctx.limits, max_files=MAX_FORM_FILES)
     try:
         fields.IMAGE_EDITS.check({key: form.get(key) for key in form.keys()})
-        images = []
+        images, body = [], {}
         for key, part in form.multi_items():  # in the form's order ("image" parts were all taken before "image[]")
-            if key not in IMAGE_PARTS:
+            if key not in (*IMAGE_PARTS, "mask"):
                 continue
             if isinstance(part, str):
                 raise bad(f"'{key}' must be an image file upload", "invalid_type", key)
-            images.append(await part.read())
-        body: dict = {"mask": True} if form.get("mask") is not None else {}  # refused with the other fields
+            if key == "mask":
+                body["mask"] = await part.read()
+            else:
+                images.append(await part.read())
         for name in TEXT_FIELDS:
             body[name] = form_text(form, name, 200_000)
         for name in NUMBER_FIELDS:
@@ -160,9 +164,6 @@ def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> t
     """engine.imagine keyword arguments, one per image (`n`), and the previews per image asked for."""
     from engine.imagine import DEFAULT_STEPS, MAX_PROMPT_CHARS  # noqa: PLC0415
 
-    if body.get("mask") is not None:
-        raise bad("mask-based inpainting is not supported: describe the edit in the prompt (or use the "
-                  "'replace_background' / 'remove_object' presets)", "unsupported_parameter", "mask")
     what = "the target to segment" if task == "segment" else "the prompt"
     prompt = text_field(body.get("prompt"), "prompt", MAX_PROMPT_CHARS)
     if not prompt.strip():
@@ -189,7 +190,11 @@ def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> t
     arrays = [codec.image_array(raw, ctx.limits, f"image[{i}]", as_shown=True) for i, raw in enumerate(images)]
     if task in ("edit", "segment") and not arrays:
         raise bad("'image' (the picture to work on) is required", "missing_field", "image")
-    options = {"mask_color": text_field(body.get("mask_color"), "mask_color", 32, required=False),
+    mask = body.get("mask")
+    if mask is not None:
+        mask = codec.image_array(mask, ctx.limits, "mask", alpha=True)
+    options = {"mask": mask,
+               "mask_color": text_field(body.get("mask_color"), "mask_color", 32, required=False),
                "preset": text_field(body.get("preset"), "preset", 64, required=False),
                "negative_prompt": text_field(body.get("negative_prompt"), "negative_prompt", MAX_PROMPT_CHARS,
                                              required=False)}
@@ -321,7 +326,8 @@ async def run_images(request: Request, task: str, kind: str):
     stream = flag(body, "stream")
     requests, partials = await asyncio.to_thread(image_requests, body, images, task, ctx)  # decodes the images
     job = Job(lambda cancel: imagine_n(engine, requests, cancel), label=f"images.{kind}")
-    job.media_bytes = sum(a.nbytes for a in requests[0]["images"])  # (the n requests share the pictures)
+    job.media_bytes = sum(a.nbytes for a in requests[0]["images"] + [requests[0].get("mask")] if a is not None)
+    # (the n requests share the pictures)
     ctx.scheduler.submit(job)
     created, encode = int(time.time()), encoder_of(fmt, compression)
     if not stream:

@@ -384,10 +384,11 @@ def test_odd_sizes_are_made_exactly(http):
     assert decoded(r.json()["data"][0]["b64_json"]).size == (33, 17)
 
 
-def test_edits_refuse_a_mask_and_need_an_image(http):
+def test_edits_refuse_a_mask_without_alpha_and_need_an_image(http):
     r = http.post("/v1/images/edits", files=[("image", ("a.png", png(picture()), "image/png")),
                                              ("mask", ("m.png", png(picture()), "image/png"))], data={"prompt": "x"})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter"
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "invalid_image" and "no alpha channel" in err["message"], r.text
     r = http.post("/v1/images/edits", json={"prompt": "x"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "missing_field"
     r = http.post("/v1/images/edits", json={"prompt": "x", "steps": 1, "size": "32x32",
@@ -467,3 +468,54 @@ def test_an_edit_takes_openais_sixteen_pictures(http):
                     data={"prompt": "blend them", "steps": "1", "size": "32x32"})
     tokens = [x.json()["usage"]["input_tokens_details"]["image_tokens"] for x in (r, one)]
     assert tokens[0] == MAX_INPUT_IMAGES * tokens[1] > 0, tokens
+
+
+def window_mask(w: int = 64, h: int = 48, box=(16, 12, 48, 36)) -> Image.Image:
+    """OpenAI's mask: opaque everywhere but `box`, transparent (where the edit goes)."""
+    mask = Image.new("RGBA", (w, h), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), box)
+    return mask
+
+
+def test_a_masked_edit_changes_the_picture_inside_the_mask_only(http):
+    """OpenAI's mask (transparent where to edit, the first picture's size) was refused. The edit is composited into the
+    picture: outside the mask every pixel is the original's (tolerance 0: the composite copies them, PNG is lossless),
+    inside it the edit (away from the feathered edge); the result keeps the picture's size. JSON's mask is read too."""
+    from engine.imagine import MASK_FEATHER_PX
+
+    original = picture(64, 48, seed=3)
+    form = {"prompt": "make it blue", "steps": "1", "seed": "2", "size": "64x48"}  # (the picture's own size)
+    r = http.post("/v1/images/edits", files=[("image", ("a.png", png(original), "image/png")),
+                                             ("mask", ("m.png", png(window_mask()), "image/png"))], data=form)
+    assert r.status_code == 200, r.text
+    made = decoded(r.json()["data"][0]["b64_json"])
+    assert made.size == (64, 48)
+    got, kept = np.asarray(made.convert("RGB")).astype(int), np.asarray(original).astype(int)
+    outside = np.ones((48, 64), bool)
+    outside[12:36, 16:48] = False
+    assert np.array_equal(got[outside], kept[outside])
+    f = 2 * MASK_FEATHER_PX
+    assert np.abs(got[12 + f:36 - f, 16 + f:48 - f] - kept[12 + f:36 - f, 16 + f:48 - f]).mean() > 20
+    as_json = {"prompt": "make it blue", "steps": 1, "images": [{"image_url": data_url(png(original))}],
+               "mask": {"image_url": data_url(png(window_mask(32, 32)))}}  # OpenAI's JSON shape: read, and checked
+    r = http.post("/v1/images/edits", json=as_json)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "mask" and "32x32" in r.text, r.text
+
+
+def data_url(raw: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize("path, mask, extra, code, param, words", [
+    ("/v1/images/edits", window_mask(32, 32), {}, "invalid_request", "mask", "it must be the size of the picture"),
+    ("/v1/images/edits", window_mask().convert("RGB"), {}, "invalid_image", "mask", "no alpha channel"),
+    ("/v1/images/edits", window_mask(), {"aspect": "1:1"}, "invalid_request", "aspect", "own size"),
+    ("/v1/images/edits", window_mask(), {"size": "32x32"}, "invalid_request", "size", "own size, 64x48"),
+    ("/v1/images/segmentations", window_mask(), {}, "invalid_request", "mask", "'segment' takes none"),
+])
+def test_a_mask_that_does_not_fit_is_refused_naming_why(http, path, mask, extra, code, param, words):
+    r = http.post(path, files=[("image", ("a.png", png(picture()), "image/png")),
+                               ("mask", ("m.png", png(mask), "image/png"))],
+                  data={"prompt": "x", "steps": "1", **extra})
+    err = r.json()["error"]
+    assert r.status_code == 400 and (err["code"], err["param"]) == (code, param) and words in err["message"], r.text
