@@ -16,7 +16,7 @@ from app.live_proxy import LiveProxy
 from app.ui.banner import build_banner
 from app.ui.chat import build_chat_tab
 from app.ui.common import capability_note, engine_lacks, share_css
-from app.ui.image import KEPT_GALLERY_KEY, REQUEST_KEY as IMAGE_REQUEST_KEY, build_image_tab
+from app.ui.image import REQUEST_KEY as IMAGE_REQUEST_KEY, build_image_tab
 from app.ui.live import build_live_tab, engine_settings
 from app.ui.speech import REQUEST_KEY as SPEECH_REQUEST_KEY, build_speech_tab
 from app.ui.voice import REQUEST_KEY as VOICE_REQUEST_KEY, build_voice_tab
@@ -78,7 +78,6 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}")
         build_banner(link)
         # what the browser keeps across a page reload, at the top level: the tabs read it at page load
-        kept_images = gr.BrowserState([], storage_key=KEPT_GALLERY_KEY)
         voice_ask, image_ask, speech_ask = (gr.BrowserState({}, storage_key=k) for k in (VOICE_REQUEST_KEY,
                                                                                           IMAGE_REQUEST_KEY,
                                                                                           SPEECH_REQUEST_KEY))
@@ -95,7 +94,7 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
             with gr.Tab("Voice", id="voice"):
                 build_voice_tab(link, examples=_assets("speech/*.wav"), kept_ask=voice_ask)
             with gr.Tab("Image", id="image"):
-                build_image_tab(link, examples=_assets("images/*.png"), kept=kept_images, kept_ask=image_ask)
+                build_image_tab(link, examples=_assets("images/*.png"), kept_ask=image_ask)
     demo.link = link  # type: ignore[attr-defined]  (tests and launch.py reach the engine link here)
     demo.live_proxy = LiveProxy(link.target)  # type: ignore[attr-defined]
     return demo

@@ -9,6 +9,7 @@ soon as it is made, reusable with one click (kept by the browser across a page r
 from __future__ import annotations
 
 import io
+import json
 import random
 import tempfile
 import time
@@ -22,7 +23,7 @@ from app.media_check import IMAGE_FORMATS, media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, on_engine_change, on_page_load, queue_line, run_button,
                            runs_tab, seed_box,
-                           DRAWN_SEED_MAX, seed_problem, session_of, toolbar,
+                           DRAWN_SEED_MAX, from_json, seed_problem, session_of, toolbar,
                            kept_request, request_done, restore_request, check_on_upload,
                            say_refused_files, says_refused, wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
@@ -51,7 +52,11 @@ DEMO_PICTURE = "random demo weights: the picture is noise, not Ming's (load the 
 PRESET_INFO = "With a preset the prompt is only the new background, or the object to remove."
 REQUEST_KEY = "ming-studio-image-request"  # the browser's key of the last request (kept_request)
 REQUEST_FIELDS = ("mode", "prompt", "target")
-KEPT_GALLERY_KEY = "ming-studio-image-results"  # the browser's localStorage key of the gallery kept across reloads
+# The browser's localStorage key of the gallery kept across reloads, read and written by the page itself at each
+# result: a gr.BrowserState, written whole from each tab's own copy, made the results of one tab overwrite another's.
+KEPT_GALLERY_KEY = "ming-studio-image-results-list"
+STORED_RESULTS = f"localStorage.getItem({KEPT_GALLERY_KEY!r}) || '[]'"  # (a JavaScript expression)
+WRITE_RESULTS_JS = f"(kept) => {{ try {{ localStorage.setItem({KEPT_GALLERY_KEY!r}, kept); }} catch {{}} return []; }}"
 SAVED_PREFIX = "ming-image-"  # the folders (in the temp folder) _save_png writes to
 CAPTION_CHARS = 48  # the most of a prompt a gallery caption shows (the whole prompt comes back with a click)
 SETTINGS = ("mode", "prompt", "preset", "target", "aspect", "size", "steps", "guidance", "seed")
@@ -226,6 +231,11 @@ class ImageController:
         return entries, _gallery(entries)
 
     @staticmethod
+    def restore_gallery_in_page(saved: str | None):
+        """restore_gallery for the page: the results kept in this browser come as JSON (STORED_RESULTS)."""
+        return ImageController.restore_gallery(from_json(saved))
+
+    @staticmethod
     def reuse(gallery_state, evt: gr.SelectData):
         """A gallery item clicked: its settings back into the controls (SETTINGS, then the image guidance and the
         reference pictures when they were sent; the slider and the upload box are left as they are otherwise)."""
@@ -298,7 +308,7 @@ def follow_model_defaults(link: EngineLink, applied: dict | None) -> tuple:
 
 
 def kept_results(saved) -> list[dict]:
-    """The gallery's entries the browser kept (gr.BrowserState, KEPT_GALLERY_KEY) that can still be shown and
+    """The gallery's entries the browser kept (KEPT_GALLERY_KEY) that can still be shown and
     reused: a PNG this studio saved (the browser holds what it gives back: a path anywhere else is not opened),
     still there (gone when the machine cleaned its temp folder), with its settings."""
     out = []
@@ -318,6 +328,19 @@ def kept_results(saved) -> list[dict]:
     return out
 
 
+def merged_results(saved, entries) -> list[dict]:
+    """What the browser keeps after a press in one tab: the results it kept (read afresh: another tab may have added
+    some since this one loaded), then this tab's results not among them (by picture)."""
+    kept = [e for e in (saved if isinstance(saved, list) else []) if isinstance(e, dict)]
+    known = {e.get("image") for e in kept}
+    return kept + [e for e in entries or [] if e.get("image") not in known]
+
+
+def keep_results_in_page(entries, saved: str | None) -> str:
+    """merged_results for the page, as the JSON WRITE_RESULTS_JS writes (STORED_RESULTS read just before)."""
+    return json.dumps(merged_results(from_json(saved), entries))
+
+
 def _caption(s: dict) -> str:
     """A result's caption in the gallery: what a click reuses first (the seed was cut off after a long prompt), then
     the prompt, an ellipsis where it is cut (it was cut at 60 characters without a mark)."""
@@ -333,10 +356,10 @@ def refused_reference(name: str, is_video: bool) -> str:
 
 
 def build_image_tab(link: EngineLink, examples: list[str] | None = None,
-                    kept: gr.BrowserState | None = None, kept_ask: gr.BrowserState | None = None) -> ImageController:
-    """Build the Image tab inside the current Tab. `kept`: where the browser keeps the gallery, made at the page's
-    top level (a BrowserState inside a tab not yet opened is not there at page load: it gave back nothing);
-    a tab built alone makes its own."""
+                    kept_ask: gr.BrowserState | None = None) -> ImageController:
+    """Build the Image tab inside the current Tab. `kept_ask`: where the browser keeps the last request, made at the
+    page's top level (a BrowserState inside a tab not yet opened is not there at page load: it gave back nothing);
+    a tab built alone makes its own. The gallery is kept in the browser's localStorage (KEPT_GALLERY_KEY)."""
     controller = ImageController(link)
     capability_note(link, IMAGE_OUT, "**This engine has no image generator**, so it cannot generate, edit or "
                                      "segment images.")
@@ -394,8 +417,9 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
                                  buttons=toolbar("download", "download_all", "fullscreen"),
                                  height=220, elem_id="image-gallery")
     state = gr.State([])
-    # a page reload emptied the gallery: the browser keeps its entries, written once each image is made
-    kept = kept if kept is not None else gr.BrowserState([], storage_key=KEPT_GALLERY_KEY)
+    # a page reload emptied the gallery: the browser keeps its entries (every tab's, as JSON: STORED_RESULTS, read
+    # afresh), written once each press ends
+    kept = gr.Textbox(visible="hidden")
     # the request is kept in the browser when Make it is pressed, and marked finished once it is: a reload lost the
     # prompt and the run without a word (`kept_ask`, made at the page's top level like `kept`)
     ask = kept_ask if kept_ask is not None else gr.BrowserState({}, storage_key=REQUEST_KEY)
@@ -405,8 +429,10 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
                           state, image_guidance, count], [picture, mask, overlay, status, gallery, state, files],
         api_name="imagine", concurrency_limit=None,
         show_progress_on=[status]).then(  # the progress bar over the result hid the previews it is to show
-        lambda entries, asked: (list(entries or []), request_done(asked)), [state, ask], [kept, ask], **hidden)
-    on_page_load(controller.restore_gallery, [state, gallery], inputs=[kept])
+        request_done, [ask], [ask], **hidden).then(
+        None, None, [kept], js=f"() => {STORED_RESULTS}", **hidden).then(  # (a State has no value in the page)
+        keep_results_in_page, [state, kept], [kept], **hidden).then(None, [kept], None, js=WRITE_RESULTS_JS, **hidden)
+    on_page_load(controller.restore_gallery_in_page, [state, gallery], inputs=[kept], js=f"() => [{STORED_RESULTS}]")
     applied = gr.State(None)  # the card's image defaults this page's sliders were last set to
     follow = (lambda seen: follow_model_defaults(link, seen), [steps, guidance, image_guidance, applied], [applied])
     on_page_load(*follow)

@@ -36,7 +36,7 @@ from app.ui.voice import (CONFIRM_DELETE, MUSIC_TEXT_UNUSED, NAME_TOO_LONG, NO_C
                           REPLACE_LABEL, TASKS, TEXT_TOO_LONG, VOICE_NAME_CHARS, VOICE_UNUSED, VoiceController,
                           keep_take, restore_takes)
 from engine.client import EngineClient  # noqa: E402
-from engine.events import Done, Error, GenerationStats, ImagePreview, QueuePosition, TextDelta  # noqa: E402
+from engine.events import Done, Error, GenerationStats, ImageDone, ImagePreview, QueuePosition, TextDelta  # noqa: E402
 from tests.paths import REPO  # noqa: E402
 from tests.app.media_files import video_file  # noqa: E402
 from tests.server import running_server, tone_pcm16, wav_bytes  # noqa: E402
@@ -346,6 +346,35 @@ def test_a_stopped_or_failed_picture_says_the_result_shown_is_an_unfinished_prev
         "Generate", "a cup", None, "(none)", "", AUTO_ASPECT, "", 40, 2.0, 7, 5, []))
     assert shown is not None and shown.size == (8, 8) and gallery == [] and files is None
     assert "the picture shown is the preview after step 5 of 40, not a finished image" in status, status
+
+
+class InstantPainter(StoppedPainter):
+    """An engine client whose picture is made at once (an 8x8 red PNG, with the seed asked)."""
+
+    def imagine(self, prompt, **kwargs):
+        picture = io.BytesIO()
+        Image.new("RGB", (8, 8), "red").save(picture, format="PNG")
+        yield ImageDone(image=picture.getvalue(), width=8, height=8, seed=kwargs.get("seed"))
+        yield self.end
+
+
+def test_two_browser_tabs_keep_each_others_gallery():
+    """Two tabs of one browser: each wrote its own gallery whole into the browser's one copy (a gr.BrowserState), so
+    the pictures of the tab that wrote first were gone after a reload. After each press the page reads the browser's
+    list afresh and adds this tab's new results (keep_results_in_page); a reload gives back both tabs' pictures."""
+    from app.ui.image import keep_results_in_page
+
+    image = ImageController(EngineLink(InstantPainter(Done(text="", finish_reason="stop"))))
+    browser = "[]"  # the browser's localStorage entry, shared by its tabs (STORED_RESULTS)
+    galleries = {"tab-a": [], "tab-b": []}  # each tab's own gallery (its gr.State)
+    for tab, seed in (("tab-a", 11), ("tab-b", 22), ("tab-a", 33)):
+        *_, end = image.make("Generate", "a cup", None, None, "", "1:1", "", 1, 2.0, seed, 0, galleries[tab],
+                             request=SimpleNamespace(session_hash=tab), progress=lambda *a, **k: None)
+        galleries[tab] = end[5]
+        browser = keep_results_in_page(galleries[tab], browser)
+    assert [e["settings"]["seed"] for e in galleries["tab-a"]] == [11, 33]  # each tab's own gallery is its own
+    entries, shown = ImageController.restore_gallery_in_page(browser)  # a reload of either tab
+    assert sorted(e["settings"]["seed"] for e in entries) == [11, 22, 33] and len(shown) == 3
 
 
 class RecordingTranscriber(StoppedTranscriber):
