@@ -862,8 +862,13 @@ class ArrivalClock:
         self.first_at = self.first_at if self.first_at is not None else self.last_at
         self.lines += 1
 
+    def telling(self) -> bool:
+        """The stream lasted long enough, with lines enough, to tell whether it was held back."""
+        return (self.opened_at is not None and self.first_at is not None and self.lines >= self.check.min_lines
+                and self.last_at - self.opened_at >= self.check.wait_s)
+
     def held_back(self) -> bool:
-        if self.opened_at is None or self.first_at is None or self.lines < self.check.min_lines:
+        if not self.telling():
             return False
         waited, spread = self.first_at - self.opened_at, self.last_at - self.first_at
         return waited >= self.check.wait_s and spread <= self.check.burst_share * (self.last_at - self.opened_at)
@@ -1064,18 +1069,24 @@ class EngineClientBase:
         self._openai_routes: dict[str, bool] | None = None  # which of its optional routes answer, probed once
         self._speech_rate: int | None = None  # the talker's own rate, from the model card (0: the card says none)
         self.held_back_check = HeldBackCheck()
-        # HELD_BACK_NOTE once a stream was seen held back by a proxy (said once in the log; the banner shows it)
+        # HELD_BACK_NOTE while the last stream that could tell was held back by a proxy (the banner shows it)
         self.held_back: str | None = None
 
     def _arrival_clock(self) -> ArrivalClock:
         return ArrivalClock(self.held_back_check)
 
     def _note_arrivals(self, clock: ArrivalClock) -> None:
-        """At a stream's end: HELD_BACK_NOTE kept (and logged, once) when a proxy held it back. Our engine's streams
-        only: an OpenAI-compatible server may send nothing with its headers (it names no place in line)."""
-        if self.held_back is None and not self.openai and clock.held_back():
-            self.held_back = HELD_BACK_NOTE
+        """At a stream's end: HELD_BACK_NOTE kept (and logged, once) when a proxy held it back; forgotten when a
+        later stream long enough to tell came as it was made (the proxy was set right). Our engine's streams only: an
+        OpenAI-compatible server may send nothing with its headers (it names no place in line)."""
+        if self.openai or not clock.telling():
+            return
+        held = clock.held_back()
+        if held and self.held_back is None:
             log.warning("%s: %s", self.endpoints.http, HELD_BACK_NOTE)
+        elif not held and self.held_back is not None:
+            log.warning("%s: the engine's streams arrive as they are made again", self.endpoints.http)
+        self.held_back = HELD_BACK_NOTE if held else None
 
     def _speech_rate_unknown(self, modalities: Any) -> bool:
         """True when a chat asking for speech needs the talker's rate and the card was not read yet."""
