@@ -220,7 +220,7 @@ class AsyncEngineClient(core.EngineClientBase):
     def __init__(self, url: str, token: str | None = None, timeout: float = core.DEFAULT_TIMEOUT,
                  connect_timeout: float = core.CONNECT_TIMEOUT_S):
         super().__init__(url, token, timeout, connect_timeout)
-        self.http = httpx.AsyncClient(**self._http_options())
+        self.http = httpx.AsyncClient(**self._http_options(), limits=httpx.Limits(**core.POOL_LIMITS))
 
     async def close(self) -> None:
         for rt in self._sessions.drain():

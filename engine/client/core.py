@@ -40,6 +40,11 @@ CONNECT_TIMEOUT_S = 10.0
 POLL_S = 0.05  # how often a streaming read looks at its cancel event
 PING_S = 20.0  # websocket keepalive (at most; and every `timeout`): a server that stops answering pings is lost
 REALTIME_PATH = "/v1/realtime"
+# The HTTP connection pool's limits (httpx.Limits keywords): no cap on open connections. httpx's own cap (100) held
+# the 101st request of a busy studio (100 visitors' streams waiting in the engine's line) until the pool freed one:
+# the studio's engine check then said the engine "did not answer within 10 s" and new requests hung up to 60 s. The
+# engine refuses what it cannot take itself, with a clear answer (queue_full, too_many_connections).
+POOL_LIMITS = {"max_connections": None, "max_keepalive_connections": 20}
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # largest server event this client accepts
 
 

@@ -249,7 +249,7 @@ class EngineClient(core.EngineClientBase):
     def __init__(self, url: str, token: str | None = None, timeout: float = core.DEFAULT_TIMEOUT,
                  connect_timeout: float = core.CONNECT_TIMEOUT_S):
         super().__init__(url, token, timeout, connect_timeout)
-        self.http = httpx.Client(**self._http_options())
+        self.http = httpx.Client(**self._http_options(), limits=httpx.Limits(**core.POOL_LIMITS))
 
     def close(self) -> None:
         for rt in self._sessions.drain():

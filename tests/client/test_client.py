@@ -770,3 +770,64 @@ def test_a_proxy_that_holds_streams_back_is_said_with_the_fix_until_streams_come
             proxy.sock.close()
     assert said[0] is not None and "proxy_buffering off" in said[0] and "X-Accel-Buffering" in said[0], said
     assert said[1] is None
+
+
+class BusyEngine:
+    """An engine with `streams` requests waiting in its line: each streamed request gets its answer's headers and then
+    nothing yet (held open); its model card is answered at once."""
+
+    CARD = b'{"object": "list", "data": [{"id": "m", "name": "busy"}]}'
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.streams: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            more = conn.recv(65536)
+            if not more:  # (closed before asking anything)
+                conn.close()
+                return
+            head += more
+        if head.startswith(b"GET /v1/models"):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(self.CARD), self.CARD))
+            conn.close()
+        else:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            self.streams.append(conn)
+
+    def close(self):
+        self.sock.close()
+        for conn in self.streams:
+            conn.close()
+
+
+def test_a_studio_with_a_hundred_streams_in_flight_still_reaches_the_engine():
+    """A busy Space: 100 visitors' requests waiting in the engine's line held all of httpx's 100 pooled connections,
+    so the studio's engine check said the engine 'did not answer within 10 s' (the banner: ENGINE UNAVAILABLE) and
+    every new request waited for a free connection. The pool has no cap now; the engine refuses what it cannot take."""
+    engine = BusyEngine()
+    client = EngineClient(engine.url, timeout=30)  # (longer than the test: no stream gives up its connection)
+    waiting = 101  # (one more than httpx's default cap)
+    try:
+        for _ in range(waiting):
+            threading.Thread(target=lambda: list(client.speak("hi")), daemon=True).start()
+        assert wait_for(lambda: len(engine.streams) >= waiting, 5), len(engine.streams)
+        t0 = time.monotonic()
+        assert client.info(timeout=2.0).name == "busy"
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        engine.close()
+        client.close()
