@@ -6,10 +6,10 @@
   // list as it had read it). A conversation of a tab closed since is offered under "Earlier conversations" (earlier)
   // and reopened there (open). `local` / `session`: the two stores (the browser's; a test gives its own).
   const prefix = "ming-studio-chats/", tab = "ming-studio-chat-id", most = 20;
-  // Where the conversations were kept as one list before (carried over once, then removed). The list of the version
-  // before that, a gr.BrowserState under "ming-studio-chat", cannot be carried over: Gradio encrypted it with a secret
-  // drawn when that studio started, gone with it (that version itself lost it at each restart).
-  const listKey = "ming-studio-chats";
+  // Where the conversations were kept as one list before (carried over once, then removed). The conversation of the
+  // version before that, a gr.BrowserState under legacyKey, cannot be carried over: Gradio encrypted it with a secret
+  // drawn when that studio started, gone with it (that version itself lost it at each restart): legacy() says so once.
+  const listKey = "ming-studio-chats", legacyKey = "ming-studio-chat";
   const valid = (c) => c && typeof c.id === "string" && Array.isArray(c.messages);
   const parsed = (text) => { try { return JSON.parse(text); } catch { return null; } };
   const put = (chat) => {
@@ -70,6 +70,11 @@
       const id = tabId();
       return read().filter((c) => c.id !== id)
         .map((c) => ({ id: c.id, label: `${new Date(c.at).toLocaleString()}: ${firstText(c.messages)}` }));
+    },
+    legacy() {  // whether the unreadable conversation of before per-tab chats was here (true once: it is dropped)
+      if (local.getItem(legacyKey) === null) return false;
+      local.removeItem(legacyKey);
+      return true;
     },
     open(id) {  // this tab takes up the conversation `id` (its own stays in the list)
       if (read().some((c) => c.id === id)) session.setItem(tab, id);

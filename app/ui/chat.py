@@ -57,6 +57,11 @@ MEDIA_KINDS = ("image", "video", "audio")
 REPLY_SHOWN_EVERY_S = 0.1
 READING = "Reading your message…"  # the status while a long prompt is read (the engine's prefill), before any reply
 # The conversations kept in this browser, one per browser tab (app/static/chats.js): an event's js calls them.
+# Studios before per-tab chats kept one conversation as a gr.BrowserState, which Gradio encrypts with a secret drawn at
+# each studio start: no later page can read it, so the page says so, once (chats.js's legacy()).
+LEGACY_CHAT_LOST = ("A conversation kept in this browser by an earlier version of the studio cannot be brought back "
+                    "(it was stored encrypted with a key that ended when that studio stopped). From now on each tab's "
+                    "conversation is kept, and listed under Earlier conversations.")
 CHATS_JS = (Path(__file__).resolve().parent.parent / "static" / "chats.js").read_text(encoding="utf-8").strip()
 EARLIER_LABEL = "Earlier conversations (kept in this browser): open one here"
 OPEN_WHILE_REPLYING = "Stop the reply first (or wait for it to end), then open an earlier conversation."
@@ -463,10 +468,14 @@ class ChatController:
             return history, gr.skip(), gr.skip()
         return before, turn_to_box(turn), INTERRUPTED
 
-    def load(self, saved: str | None, earlier: str | None):
+    def load(self, saved: str | None, earlier: str | None, legacy: str | None = None):
         """At page load: restore() of this browser tab's conversation, and the Earlier conversations list (both as
-        JSON, from app/static/chats.js)."""
-        return (*self.restore(from_json(saved)), earlier_choices(from_json(earlier)))
+        JSON, from app/static/chats.js); `legacy` "true": the earlier version's conversation was found, which cannot
+        be read (LEGACY_CHAT_LOST, said when the figures line has nothing else to say)."""
+        history, box, figures = self.restore(from_json(saved))
+        if from_json(legacy) is True and not isinstance(figures, str):
+            figures = LEGACY_CHAT_LOST
+        return history, box, figures, earlier_choices(from_json(earlier))
 
     def may_open(self, chosen: str | None, request: gr.Request | None = None):
         """An earlier conversation chosen: (its id, the figures line); no id while this tab's reply is being generated
@@ -591,7 +600,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
               "show_progress": "hidden", "api_visibility": "private"}
     # The conversation survives a page reload: the browser keeps it (chats.js: this browser tab's own), written once
     # each change is complete (not at each streamed piece), given back at page load.
-    kept, kept_list, chosen = (gr.Textbox(visible="hidden") for _ in range(3))  # (the store's values as JSON)
+    kept, kept_list, chosen, legacy = (gr.Textbox(visible="hidden") for _ in range(4))  # (the store's values as JSON)
     keep = {"fn": None, "inputs": [chatbot], "js": chats_js("chats.keep(args[0]); return [];"),
             "show_progress": "hidden", "api_visibility": "private"}
     # Every request goes straight to the engine server, whose one queue orders them and reports
@@ -613,8 +622,8 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     chatbot.clear(controller.clear, None, cleared, queue=False, api_visibility="private").then(**keep)
     on_page_load(lambda: page_state(link), [speak, speech, voice, max_new_tokens])
     on_engine_change(lambda: page_state(link, keep_value=True), [speak, speech, voice, max_new_tokens])
-    on_page_load(controller.load, [chatbot, box, figures, earlier], inputs=[kept, kept_list],
-                 js=chats_js("return [chats.mine(), chats.earlier()].map(JSON.stringify);"))
+    on_page_load(controller.load, [chatbot, box, figures, earlier], inputs=[kept, kept_list, legacy],
+                 js=chats_js("return [chats.mine(), chats.earlier(), chats.legacy()].map(JSON.stringify);"))
     earlier.input(controller.may_open, [earlier], [chosen, figures], concurrency_limit=None, show_progress="hidden",
                   api_visibility="private").then(
         controller.open_earlier, [chosen, kept, kept_list], [chatbot, box, figures, earlier], queue=False,

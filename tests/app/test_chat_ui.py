@@ -19,8 +19,8 @@ import gradio as gr  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
-from app.ui.chat import (EMPTY_HINT, INTERRUPTED, NOTHING_TO_EXPORT, NO_SNAPSHOT, READING,  # noqa: E402
-                         REPLY_SHOWN_EVERY_S, STOPPED_NOTE, STOPPED_READING, WITHDRAWN, ChatController,
+from app.ui.chat import (EMPTY_HINT, INTERRUPTED, LEGACY_CHAT_LOST, NOTHING_TO_EXPORT, NO_SNAPSHOT,  # noqa: E402
+                         READING, REPLY_SHOWN_EVERY_S, STOPPED_NOTE, STOPPED_READING, WITHDRAWN, ChatController,
                          content_text, export_conversation, history_to_messages, reading_line, restorable,
                          text_part, user_turn)
 from engine.client import EngineClient  # noqa: E402
@@ -497,6 +497,16 @@ def test_a_cut_reply_is_marked_stopped_and_the_engine_gets_it_as_shown(controlle
     assert content_text(stopped[-2]["content"]) and stopped[-3]["content"] == history[-1]["content"]
     added, _, _ = controller.add_message({"text": "Thanks", "files": []}, stopped, request=me)  # nothing runs now
     assert content_text(added[-2]["content"]) == STOPPED_NOTE and len(added) == len(stopped) + 1
+
+
+def test_the_unreadable_conversation_of_the_version_before_is_said_once_not_lost_without_a_word(tmp_path):
+    """The conversation studios before per-tab chats kept (a gr.BrowserState, encrypted with a secret drawn at each
+    studio start) cannot be read by a later page: it vanished at the upgrade without a word; the page says so."""
+    controller = ChatController(SimpleNamespace(), [tmp_path])
+    assert controller.load(None, "[]", "true")[2] == LEGACY_CHAT_LOST
+    assert controller.load(None, "[]", "false")[2] == gr.skip()
+    cut = json.dumps([{"role": "user", "content": "a question whose reply a reload cut"}])
+    assert controller.load(cut, "[]", "true")[2] == INTERRUPTED  # (what the reload did to this tab comes first)
 
 
 def test_an_earlier_conversation_is_listed_and_not_opened_over_a_reply_being_generated(tmp_path):
