@@ -15,7 +15,7 @@ from app.engine_link import REALTIME, SPEECH_OUT, EngineLink
 from app.live_proxy import LiveProxy
 from app.ui.banner import build_banner
 from app.ui.chat import build_chat_tab
-from app.ui.common import capability_note, engine_lacks, share_css
+from app.ui.common import browser_kept, capability_note, engine_lacks, share_css
 from app.ui.image import REQUEST_KEY as IMAGE_REQUEST_KEY, build_image_tab
 from app.ui.live import build_live_tab, engine_settings
 from app.ui.speech import REQUEST_KEY as SPEECH_REQUEST_KEY, build_speech_tab
@@ -78,9 +78,8 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}")
         build_banner(link)
         # what the browser keeps across a page reload, at the top level: the tabs read it at page load
-        voice_ask, image_ask, speech_ask = (gr.BrowserState({}, storage_key=k) for k in (VOICE_REQUEST_KEY,
-                                                                                          IMAGE_REQUEST_KEY,
-                                                                                          SPEECH_REQUEST_KEY))
+        voice_ask, image_ask, speech_ask = (browser_kept(k) for k in (VOICE_REQUEST_KEY, IMAGE_REQUEST_KEY,
+                                                                       SPEECH_REQUEST_KEY))
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 build_chat_tab(link, ASSETS if ASSETS.is_dir() else None)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import sys
 import threading
 import uuid
 from typing import Any
@@ -16,6 +18,7 @@ from gradio.context import Context
 
 from app.engine_link import SPEECH_OUT, TOKEN_ADVICE, EngineLink
 from app.media_check import media_problem
+from engine.tiny import default_cache_dir
 from engine.events import Done, Error, GenerationStats, QueuePosition
 
 GENERATING = "Generating…"
@@ -183,6 +186,40 @@ def on_engine_change(fn, outputs: list, inputs: list | None = None, js: str | No
 def interrupted_note(button: str) -> str:
     return (f"Your last request was interrupted (the page was reloaded or closed before it was finished). What you "
             f"asked is back: press \"{button}\" to make it again.")
+
+
+BROWSER_SECRET_FILE = "studio-browser-secret"  # in the studio cache: the key of what the browser keeps for a tab
+_browser_secret: str | None = None
+
+
+def browser_secret() -> str:
+    """The key Gradio encrypts a tab's browser-kept state with (gr.BrowserState), the same at every start: left to
+    Gradio it is drawn anew when the studio starts, so after a restart (an upgrade, a crash) every page's kept
+    request could no longer be read and was silently gone. Kept in the studio cache, readable by its owner only;
+    a cache that cannot be written gives a key for this run, and says so once."""
+    global _browser_secret
+    if _browser_secret is None:
+        path = default_cache_dir() / BROWSER_SECRET_FILE
+        try:
+            _browser_secret = path.read_text().strip() if path.is_file() else ""
+            if not _browser_secret:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _browser_secret = secrets.token_urlsafe(24)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(_browser_secret)
+        except OSError as e:
+            _browser_secret = secrets.token_urlsafe(24)
+            print(f"[studio] cannot keep the browser key in {path} ({e}): the requests the tabs keep in the "
+                  "browser will not be read back after a restart (set MING_STUDIO_CACHE to a writable folder)",
+                  file=sys.stderr, flush=True)
+    return _browser_secret
+
+
+def browser_kept(storage_key: str) -> gr.BrowserState:
+    """A tab's state kept in the browser under `storage_key` (a dict; {} when nothing is kept), readable after a
+    page reload and after the studio restarts (browser_secret)."""
+    return gr.BrowserState({}, storage_key=storage_key, secret=browser_secret())
 
 
 def kept_request(*values, names: tuple[str, ...]) -> dict:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from app.engine_link import IMAGE_OUT, EngineLink
 from app.media_check import IMAGE_FORMATS, media_problem
-from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
+from app.ui.common import (GENERATING, InFlight, browser_kept, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, on_engine_change, on_page_load, queue_line, run_button,
                            runs_tab, seed_box,
                            DRAWN_SEED_MAX, from_json, seed_problem, session_of, toolbar,
@@ -422,7 +422,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
     kept = gr.Textbox(visible="hidden")
     # the request is kept in the browser when Make it is pressed, and marked finished once it is: a reload lost the
     # prompt and the run without a word (`kept_ask`, made at the page's top level like `kept`)
-    ask = kept_ask if kept_ask is not None else gr.BrowserState({}, storage_key=REQUEST_KEY)
+    ask = kept_ask if kept_ask is not None else browser_kept(REQUEST_KEY)
     hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
     go.click(lambda *values: kept_request(*values, names=REQUEST_FIELDS), [mode, prompt, target], [ask], **hidden).then(
         controller.make, [mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,

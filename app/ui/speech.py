@@ -19,9 +19,10 @@ from app.engine_link import AUDIO_IN, EngineLink
 from app.media_check import (AUDIO_FORMATS, TO_TRANSCRIBE, VIDEO_FORMATS, VIDEO_SOUND, clip_seconds, media_problem,
                               upload_size_problem)
 from app.sound_track import sound_track, speech_track
-from app.ui.common import (GENERATING, InFlight, capability_note, engine_limits, error_line, failure, figures_line,
-                           queue_line, check_on_upload, run_button, runs_tab, say_refused_files, session_of, toolbar,
-                           wire_stop, says_refused, kept_request, on_page_load, request_done, restore_request)
+from app.ui.common import (GENERATING, InFlight, browser_kept, capability_note, engine_limits, error_line, failure,
+                           figures_line, queue_line, check_on_upload, run_button, runs_tab, say_refused_files,
+                           session_of, toolbar, wire_stop, says_refused, kept_request, on_page_load, request_done,
+                           restore_request)
 from app.ui.speech_live import KeptWindows
 from engine.events import TRANSCRIBING_STAGE, Done, Error, Progress, QueuePosition, TextDelta
 
@@ -333,7 +334,7 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None,
                 srt = gr.File(label=".srt (the last finished transcript)", elem_id="speech-srt")
     state = gr.State(None)
     settings = [context, hotwords, dialect]
-    ask = kept_ask if kept_ask is not None else gr.BrowserState({}, storage_key=REQUEST_KEY)
+    ask = kept_ask if kept_ask is not None else browser_kept(REQUEST_KEY)
     hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
     go.click(lambda *values: kept_request(*values, names=REQUEST_FIELDS), settings, [ask], **hidden).then(
         controller.transcribe_file, [clip, *settings, video], [transcript, status, txt, srt],

@@ -19,7 +19,7 @@ import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import AUDIO_FORMATS, VOICE_CLIP_SECONDS, media_problem
-from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
+from app.ui.common import (GENERATING, InFlight, browser_kept, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, from_json, no_audio, on_engine_change, on_page_load,
                            queue_line, run_button, runs_tab, saved_voice_names, seed_box, seed_problem, session_of,
                            toolbar, wire_stop,
@@ -451,7 +451,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
               snr, genre, mood, instrument, theme, duration, seed]
     # the request is kept in the browser when Make it is pressed, and marked finished once it is: a reload lost the
     # text typed and the run without a word
-    ask = kept_ask if kept_ask is not None else gr.BrowserState({}, storage_key=REQUEST_KEY)
+    ask = kept_ask if kept_ask is not None else browser_kept(REQUEST_KEY)
     kept = gr.Textbox(visible="hidden")  # the takes kept in this browser, as JSON (STORED_TAKES), read fresh
     hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
     go.click(lambda *values: kept_request(*values, names=REQUEST_FIELDS), [text, task], [ask], **hidden).then(
