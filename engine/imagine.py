@@ -50,7 +50,8 @@ from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImageP
 from engine.media.image import load_image
 from engine.models.imagegen.buckets import SizePlan, center_crop_box, parse_aspect, parse_size, plan_size
 from engine.models.imagegen.condition import condition_from_prompt
-from engine.models.imagegen.config import SD3, SD3_PATCH, TYPE_CODE, ImageGenError
+from engine.models.imagegen.config import (REQUIRED_FOLDERS, SD3, SD3_PATCH, TYPE_CODE, ImageGenError,
+                                           missing_folders)
 from engine.models.imagegen.diffusion import (CfgOptions, caption_features, check_latent_grid, decode_latents, denoise,
                                               encode_reference, latent_shape, make_scheduler, seeded_noise,
                                               steps_for_preview)
@@ -325,8 +326,10 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
     """Stream one image request on a loaded Engine (see the module docstring)."""
     t_start = time.perf_counter()
     gen = getattr(engine, "image_generator", None)
-    if gen is None:
-        yield Error("this checkpoint has no image generator (its mlp/, connector/, transformer/, vae/ and "
+    if gen is None:  # a checkpoint holding (some of) its folders: why it could not be loaded (Engine.load said it)
+        holds_some = len(missing_folders(engine.model.path)) < len(REQUIRED_FOLDERS)
+        why = getattr(engine, "image_generator_error", None) if holds_some else None
+        yield Error(why or "this checkpoint has no image generator (its mlp/, connector/, transformer/, vae/ and "
                     "scheduler/ folders); load Ming-flash-omni-2.0 or the tiny demo model", code="unsupported_model")
         return
     try:

@@ -26,8 +26,10 @@ from engine.models.imagegen.config import QueryHeadConfig
 CAPTION_NORM_SCALE = 1000.0
 # Defaults of the dynamic-shift line when scheduler_config.json omits them (diffusers' own, spec §8.6).
 SHIFT_DEFAULTS = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
-# The DiT patchifies the latent 2x2 (spec §8.5): latent sides must be even.
+# The DiT patchifies the latent 2x2, one frame deep (spec §8.5): latent sides must be even. The pipeline calls
+# the DiT with these, whatever sizes its config builds embedders for (all_patch_size / all_f_patch_size).
 DIT_PATCH = 2
+DIT_FRAME_PATCH = 1
 # The reference pipeline's DiT timestep is (1000 - t) / 1000 with this constant written in the loop,
 # whatever the scheduler's num_train_timesteps (t = sigma * num_train_timesteps): 1 - sigma at the
 # shipped 1000 (spec §8.6).

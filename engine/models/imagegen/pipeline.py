@@ -28,7 +28,7 @@ from engine.models.imagegen.buckets import DEFAULT_BASE, REFERENCE_BASES, bucket
 from engine.models.imagegen.condition import CaptionMLP, Connector, QueryHead, load_query_head
 from engine.models.imagegen.config import (SD3, SD3_PATCH, ZIMAGE, ImageGenError, QueryHeadConfig, dit_kind,
                                            has_image_generator, missing_component_configs, missing_folders)
-from engine.models.imagegen.diffusion import DIT_PATCH, vae_scale_factor
+from engine.models.imagegen.diffusion import DIT_FRAME_PATCH, DIT_PATCH, vae_scale_factor
 from engine.models.imagegen.glyph import GlyphEncoder
 from engine.models.imagegen.preview import LatentRGB
 
@@ -134,6 +134,10 @@ class ImageGenerator:
             problems.append(f"the DiT predicts {tcfg.out_channels} channels for {tcfg.in_channels} latent channels")
         if tcfg.in_channels != vcfg.latent_channels:
             problems.append(f"the DiT takes {tcfg.in_channels} latent channels, the VAE makes {vcfg.latent_channels}")
+        patches = list(zip(tcfg.all_patch_size, tcfg.all_f_patch_size)) if self.kind == ZIMAGE else []
+        if self.kind == ZIMAGE and (DIT_PATCH, DIT_FRAME_PATCH) not in patches:
+            problems.append(f"the DiT embeds (patch, frame patch) {patches} but the pipeline patchifies "
+                            f"({DIT_PATCH}, {DIT_FRAME_PATCH})")
         if self.glyph is not None and self.glyph.settings.sdxl_channels != hc.c_dim:
             problems.append(f"ByT5 maps to {self.glyph.settings.sdxl_channels} channels, the condition is {hc.c_dim}")
         if self.connector.hidden_size != hc.connector_hidden:

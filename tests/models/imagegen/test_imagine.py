@@ -392,3 +392,38 @@ def test_cli_prompt_dash_is_read_from_stdin(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["--model", str(tmp_path / "never_loaded"), "--prompt", "-", "--out", str(tmp_path / "x.png")])
     assert e.value.code == 2 and "--prompt -: stdin is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_a_dit_without_the_pipelines_patch_is_refused_at_load_and_imagine_says_why(tiny_checkpoint, tmp_path):
+    """The pipeline patchifies the latent 2x2, one frame deep (spec §8.5), whatever embedders transformer/config.json
+    builds: a DiT built for 1x1 patches only loaded, and every image then ended in 'Error AssertionError: '. It is
+    refused when the model loads (the rest serving), and imagine says that reason, not that the checkpoint has no
+    image generator."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    config_file = ckpt / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["all_patch_size"] = [1]
+    config_file.write_text(json.dumps(config))
+    weights_file = next((ckpt / "transformer").glob("*.safetensors"))
+    state = load_file(str(weights_file))
+    channels, dim = config["in_channels"], config["dim"]
+    one = {"all_x_embedder.1-1.weight": torch.randn(dim, channels), "all_x_embedder.1-1.bias": torch.zeros(dim),
+           "all_final_layer.1-1.linear.weight": torch.randn(channels, dim),
+           "all_final_layer.1-1.linear.bias": torch.zeros(channels)}
+    for key in [k for k in state if ".2-1." in k]:
+        value = state.pop(key)
+        one.setdefault(key.replace(".2-1.", ".1-1."), value)
+    save_file({**state, **one}, str(weights_file))
+    engine = Engine.load(ckpt, dtype="fp32", device="cpu")
+    assert not engine.has_image_generator
+    said = "the DiT embeds (patch, frame patch) [(1, 1)] but the pipeline patchifies (2, 1)"
+    assert said in engine.image_generator_error
+    refused = _final(list(engine.imagine("a cat")))
+    assert isinstance(refused, Error) and "patchifies (2, 1)" in refused.message
