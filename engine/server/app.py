@@ -53,6 +53,7 @@ class GateMiddleware:
             send = with_request_headers(send, scope["ming.request_id"])
             refusal = None
             try:
+                check_http_version(scope)
                 check_url_text(scope)
                 check_framing(scope)
             except ApiError as e:
@@ -85,6 +86,19 @@ def origin_form(scope: dict) -> dict:
         return scope
     raw_path = b"/" + rest.partition(b"/")[2]
     return {**scope, "raw_path": raw_path, "path": unquote(raw_path.decode("ascii"))}
+
+
+SPOKEN_HTTP_VERSIONS = ("1.0", "1.1")
+
+
+def check_http_version(scope: dict) -> None:
+    """Refuse a request line naming an HTTP version this server does not speak (505, RFC 9110 §15.6.6): h11 read
+    'HTTP/2.0' as HTTP/1.1, so an HTTP/2 client's preface ('PRI * HTTP/2.0') met a 404 for the route '/*' and a
+    request line 'GET /health HTTP/3.0' was served."""
+    if scope["http_version"] not in SPOKEN_HTTP_VERSIONS:
+        raise ApiError(f"the request is HTTP/{scope['http_version']}; this server speaks HTTP/1.1 (and 1.0): send the "
+                       "request over HTTP/1.1 (an HTTP/2 client: without prior knowledge)",
+                       code="invalid_http_request", status=505)
 
 
 def check_framing(scope: dict) -> None:

@@ -573,6 +573,18 @@ def test_realtime_speed_accepted_without_effect_must_still_be_openais(session, c
         assert json.loads(ws.recv(timeout=10))["type"] == "session.updated"
 
 
+@pytest.mark.parametrize("request_bytes", [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+                                           b"GET /health HTTP/3.0\r\nHost: x\r\n\r\n"], ids=["h2-preface", "http3"])
+def test_a_request_in_an_http_version_the_server_does_not_speak_is_a_505(fake, request_bytes):
+    """h11 read 'HTTP/2.0' and 'HTTP/3.0' as HTTP/1.1: an HTTP/2 client's preface met a 404 for a route '/*', and a
+    GET naming HTTP/3.0 was served and kept alive."""
+    status, headers, body = raw_answer(fake.base_url.port, request_bytes)
+    err = json.loads(body)["error"]
+    assert status == 505 and err["code"] == "invalid_http_request" and "HTTP/1.1" in err["message"], body
+    assert headers["connection"] == "close"
+    assert raw_answer(fake.base_url.port, b"GET /health HTTP/1.0\r\n\r\n")[0] == 200  # (1.0 is still spoken)
+
+
 @pytest.mark.parametrize("target", [b"http://engine.example/v1/models", b"HTTPS://engine.example:8000/v1/models?x=1"])
 def test_an_absolute_form_request_target_is_served_as_its_path(fake, target):
     """RFC 9112 §3.2.2: a server must accept a target in absolute form (before: a 404 naming '/http://...')."""
