@@ -101,10 +101,22 @@ def error_kind(status: int) -> str:
     return "invalid_request_error"
 
 
+# an error echoes what the client sent (a field's name in `param`, a value in its message) at most this long: a
+# realtime session.update naming an unknown field of 2 MB had the whole name sent back in `param`
+MAX_PARAM_CHARS = 256
+MAX_MESSAGE_CHARS = 4096
+
+
 def error_object(code: str, message: str, param: str | None = None, status: int | None = None) -> dict:
     """The OpenAI error object: HTTP bodies ({"error": ...}), realtime `error` events and failed responses."""
     status = ERROR_CODES.get(code, 500) if status is None else status
-    return {"type": error_kind(status), "code": code, "message": message, "param": param}
+    return {"type": error_kind(status), "code": code, "message": cut(message, MAX_MESSAGE_CHARS),
+            "param": None if param is None else cut(str(param), MAX_PARAM_CHARS)}
+
+
+def cut(text: str, max_chars: int) -> str:
+    """`text`, or its first `max_chars` characters and '…' when it is longer."""
+    return text if len(text) <= max_chars else text[:max_chars] + "…"
 
 
 class ApiError(Exception):

@@ -20,6 +20,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import httpx  # noqa: E402
+import pytest  # noqa: E402
 
 from tests.server import b64, image_array, png_bytes, tone_pcm16  # noqa: E402
 
@@ -548,6 +549,23 @@ def test_an_append_as_large_as_openai_takes_is_refused_with_an_error_and_the_ses
         assert json.loads(ws.recv(timeout=10))["error"]["code"] == "message_too_large"
         ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
         assert json.loads(ws.recv(timeout=10))["type"] == "input_audio_buffer.cleared"
+
+
+@pytest.mark.parametrize("session", [{"x" * 2_000_000: 1},
+                                     {"audio": {"input": {"turn_detection": {"type": "server_vad", "x" * 2_000_000: 1}}}}])
+def test_an_unknown_field_with_a_huge_name_is_not_echoed_back_whole(session):
+    """A session.update naming an unknown field of 2 MB had the whole name sent back in the error's `param`: every
+    error now echoes at most a few hundred characters of what the client sent."""
+    from websockets.sync.client import connect
+
+    from tests.server import fake_server
+
+    with fake_server() as srv, connect(srv.ws_url, max_size=None) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        ws.send(json.dumps({"type": "session.update", "session": session}))
+        err = json.loads(ws.recv(timeout=10))["error"]
+        assert err["code"] == "unknown_parameter" and err["param"].endswith("xxx…"), err["param"][:80]
+        assert len(json.dumps(err)) < 10_000  # (the 2 MB name was sent back whole)
 
 
 if __name__ == "__main__":
