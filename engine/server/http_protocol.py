@@ -142,6 +142,11 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            # answered before its body was read (a 413 by its Content-Length, a 401): uvicorn read on for the rest,
+            # which a client trickling a byte now and then made last for ever, its connection never idle
+            self.close_after_client()
+            return
         self.time_the_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -193,7 +198,7 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
         self.close_after_client()
 
     def close_after_client(self) -> None:
-        """Close once the client has sent what it was sending (the body of the request just refused): the answer is
+        """Close once the client has sent what it was sending (the body of a request answered unread): the answer is
         followed by the end of our side of the stream, and what still comes is read and dropped until the client
         closes, for at most Linger.seconds and Linger.bytes. Closed at once, with the body unread, the connection was
         reset (RFC 9112 §9.6): a client still sending a large body met 'connection reset' instead of the answer."""

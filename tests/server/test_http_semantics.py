@@ -624,6 +624,28 @@ def test_past_the_connection_limit_idle_connections_make_room_and_busy_ones_mean
     assert err["code"] == "too_many_connections" and f"{limit} connections" in err["message"], err
 
 
+def test_a_request_answered_before_its_body_was_read_cannot_hold_its_connection_by_trickling_bytes():
+    """A 413 (its Content-Length past the limit) left the connection reading the rest of the declared body, with no
+    timer: a client sending a byte now and then held it for ever, never idle, so the connection cap could not make
+    room; enough of them and the server refused everyone. What follows such an answer is read for a short while."""
+    with fake_server(refusal_linger_s=0.5) as srv, socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000000000000\r\n\r\n{")
+        head = b""
+        while b"payload_too_large" not in head:
+            head += s.recv(65536)
+        assert head.startswith(b"HTTP/1.1 413"), head
+
+        def closed_while_trickling() -> bool:
+            try:
+                s.sendall(b"x")
+            except OSError:  # (reset: the server has closed)
+                pass
+            return not srv.server.server_state.connections
+
+        wait_for(closed_while_trickling, timeout=3, interval=0.1)
+
+
 def test_one_address_flooding_the_connection_cap_does_not_close_another_clients_kept_alive_connection():
     """Past the cap the connection idle longest was closed, whoever held it: a client pausing between two requests on
     its kept-alive connection lost it to one address opening connections by the dozen. The flooding address's own
