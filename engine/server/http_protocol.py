@@ -140,6 +140,17 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
         else:
             self.transport.close()
 
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        """A websocket opening handshake: over HTTP/1.1 only (RFC 6455 §4.1). uvicorn rewrote any request line to
+        HTTP/1.1 before websockets read it, so one naming HTTP/1.0 or HTTP/2.0 opened a session."""
+        if event.http_version != b"1.1":
+            version = event.http_version.decode("ascii", "replace")
+            self.answer_and_close(ApiError(
+                f"the websocket handshake is HTTP/{version}; a websocket opens with an HTTP/1.1 GET (RFC 6455)",
+                code="invalid_http_request", status=505 if version > "1.1" else 400))
+            return
+        super().handle_websocket_upgrade(event)
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():

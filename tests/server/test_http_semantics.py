@@ -585,6 +585,17 @@ def test_a_request_in_an_http_version_the_server_does_not_speak_is_a_505(fake, r
     assert raw_answer(fake.base_url.port, b"GET /health HTTP/1.0\r\n\r\n")[0] == 200  # (1.0 is still spoken)
 
 
+@pytest.mark.parametrize("version, status", [(b"1.0", 400), (b"2.0", 505)])
+def test_a_websocket_handshake_over_another_http_version_than_1_1_is_refused(fake, version, status):
+    """uvicorn rewrote the handshake's request line to HTTP/1.1, so one naming HTTP/1.0 or HTTP/2.0 opened a session
+    (RFC 6455: a websocket opens with an HTTP/1.1 GET)."""
+    request = (b"GET /v1/realtime HTTP/" + version + b"\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    got, _, body = raw_answer(fake.base_url.port, request)
+    err = json.loads(body)["error"]
+    assert got == status and err["code"] == "invalid_http_request" and "HTTP/1.1" in err["message"], body
+
+
 @pytest.mark.parametrize("target", [b"http://engine.example/v1/models", b"HTTPS://engine.example:8000/v1/models?x=1"])
 def test_an_absolute_form_request_target_is_served_as_its_path(fake, target):
     """RFC 9112 §3.2.2: a server must accept a target in absolute form (before: a 404 naming '/http://...')."""
