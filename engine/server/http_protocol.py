@@ -75,7 +75,7 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
         self.head_timeout_s = head_timeout_s
         self.head_timer: asyncio.TimerHandle | None = None
         self.linger = linger
-        self.linger_left: int | None = None  # (bytes) after a refusal's answer: what may still be read and dropped
+        self.linger_left: int | None = None  # (bytes) after an answer that closes: what may still be read and dropped
         self.linger_timer: asyncio.TimerHandle | None = None
         self.max_connections = max_connections
         self.on_full = on_full
