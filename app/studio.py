@@ -46,8 +46,15 @@ PAGE_JS = "() => {\n" + "".join(f"({(STATIC / name).read_text(encoding='utf-8').
 # The banner's words take its box's own dark colour: in dark mode Gradio gives <strong> and <code> its light text
 # colour, so on the light yellow (or red) box "RANDOM DEMO WEIGHTS" (or "ENGINE UNAVAILABLE") and the command read
 # light on light, out of sight.
+# Keyboard focus is in sight on every control: Gradio took the outline off its radio buttons and sliders and showed
+# nothing around the Chat message box (its frame is the block's), so Tab reached them unseen. Radios and sliders get
+# the browser's focus ring (as the buttons have), the message box's frame the colours of a focused text box.
 PAGE_STYLE = """<style>
 #model-banner .prose > div * { color: inherit !important; }
+.gradio-container input[type=radio]:focus-visible, .gradio-container input[type=range]:focus-visible {
+  outline: auto !important; outline-offset: 2px; }
+#chat-input:has(textarea:focus) .full-container { border-color: var(--input-border-color-focus);
+  box-shadow: var(--input-shadow-focus); }
 #image-gallery .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important; }
 #image-gallery .caption-label, #image-gallery .caption { white-space: normal !important; text-overflow: clip !important;
   overflow-wrap: anywhere; }

@@ -710,14 +710,23 @@ LOW_CONTRAST_TEXT = r"""([selector, least]) => {
 }"""
 
 
-def test_the_demo_notice_and_the_live_boxes_are_readable_in_dark_mode(browser, studio):
-    """In dark mode (the system's preference) the banner's "RANDOM DEMO WEIGHTS" and its command took Gradio's light
-    text colour on the banner's light yellow box (1.0:1, out of sight), and the Live tab's message box and settings
-    choices light text on a white box. Every text of them reads at 4.5:1 at least (WCAG AA)."""
+@pytest.fixture(scope="module")
+def dark_page(browser, studio):
+    """The studio in a desktop page of a browser whose system asks for dark mode (Gradio follows it), shared by the
+    tests of the page's looks (each leaves it on any tab)."""
     context = browser.new_context(viewport=DESKTOP, color_scheme="dark")
     page = context.new_page()
     page.goto(studio, wait_until="load", timeout=60_000)
     sync_api.expect(page.locator("#model-banner")).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
+    yield page
+    context.close()
+
+
+def test_the_demo_notice_and_the_live_boxes_are_readable_in_dark_mode(dark_page):
+    """In dark mode (the system's preference) the banner's "RANDOM DEMO WEIGHTS" and its command took Gradio's light
+    text colour on the banner's light yellow box (1.0:1, out of sight), and the Live tab's message box and settings
+    choices light text on a white box. Every text of them reads at 4.5:1 at least (WCAG AA)."""
+    page = dark_page
     assert page.evaluate("document.body.classList.contains('dark')")  # (Gradio follows the system's preference)
     assert not page.evaluate(LOW_CONTRAST_TEXT, ["#model-banner *", 4.5])
     page.get_by_role("tab", name="Live").click()
@@ -725,4 +734,29 @@ def test_the_demo_notice_and_the_live_boxes_are_readable_in_dark_mode(browser, s
     live = ".live-root input[type=text], .live-root select, .live-latency"
     sync_api.expect(page.locator(live).first).to_be_visible()
     assert not page.evaluate(LOW_CONTRAST_TEXT, [live, 4.5])
-    context.close()
+
+
+# What shows focus on an element and around it (its outline, shadow and border, and its frame's up to 8 levels out).
+FOCUS_LOOK = """(e) => { const look = []; for (let x = e, i = 0; x && i < 8; x = x.parentElement, i++) {
+  const s = getComputedStyle(x); look.push([s.outlineStyle, s.outlineWidth, s.boxShadow, s.borderColor].join(' ')); }
+  return look.join(' / '); }"""
+
+
+def test_keyboard_focus_is_in_sight_on_the_message_box_radios_and_sliders(dark_page):
+    """Tab reached the Chat message box, the Image tab's mode radios and its sliders with nothing in sight to say so
+    (Gradio took their outline off; the message box's frame stayed as it was): a keyboard user lost the focus there.
+    Each, reached with Tab, looks different from when it is left."""
+    page, unseen = dark_page, []
+    for tab, selector in (("Chat", "#chat-input textarea"), ("Image", "#image-mode input[type=radio]"),
+                          ("Image", "#image-steps input[type=range]")):
+        page.get_by_role("tab", name=tab).click()
+        target = page.locator(selector).first
+        target.wait_for()
+        page.keyboard.press("Tab")  # the keyboard moves the focus: the browser shows its focus ring from then on
+        target.focus()
+        assert target.evaluate("e => e.matches(':focus-visible')")
+        focused = target.evaluate(FOCUS_LOOK)
+        target.evaluate("e => e.blur()")
+        if target.evaluate(FOCUS_LOOK) == focused:
+            unseen.append(selector)
+    assert not unseen, unseen
