@@ -444,7 +444,9 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
                               buttons=toolbar(),
                               elem_id="voice-player")
             status = gr.Markdown("", elem_id="voice-figures")
-            wav = gr.File(label="WAV download", elem_id="voice-wav")
+            # not interactive: an input of keep_take_in_page below, Gradio drew it as an upload box ("Drop File Here -
+            # or - Click to Upload") under the label "WAV download"
+            wav = gr.File(label="WAV download", interactive=False, elem_id="voice-wav")
             takes = gr.File(label=f"Every take (newest first, the last {MAX_KEPT_TAKES})", file_count="multiple",
                             interactive=False, elem_id="voice-takes")
     inputs = [text, task, source, saved, clip, clip_text, dialect, emotion, speed, pitch, volume, style, ip, env,

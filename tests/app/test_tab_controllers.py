@@ -104,6 +104,21 @@ def test_no_saved_voice_is_selected_until_the_user_chooses_one(engine_server, tm
         VoiceController(link).delete("first voice")
 
 
+def test_the_voice_tabs_downloads_offer_no_upload(engine_server):
+    """The empty "WAV download" box said "Drop File Here - or - Click to Upload" (Gradio makes a box that an event
+    reads an upload box unless it is marked not interactive), so a download looked like a place to give a file."""
+    import gradio as gr
+
+    from app.ui.voice import build_voice_tab
+
+    with gr.Blocks() as demo:
+        build_voice_tab(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    read = {i for dependency in demo.config["dependencies"] for i in dependency["inputs"]}
+    uploads = [b.label for b in demo.blocks.values() if getattr(b, "elem_id", None) in ("voice-wav", "voice-takes")
+               and b._id in read and b.interactive is not False]
+    assert not uploads, uploads
+
+
 def test_deleting_a_saved_voice_asks_first(engine_server, tmp_path):
     """"Delete the selected saved voice" deleted it at one press, with no way back: it now names the voice and
     asks; "No, keep it" keeps it, "Yes, delete it" deletes the voice it named."""
