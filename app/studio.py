@@ -47,8 +47,8 @@ PAGE_JS = "() => {\n" + "".join(f"({(STATIC / name).read_text(encoding='utf-8').
 # colour, so on the light yellow (or red) box "RANDOM DEMO WEIGHTS" (or "ENGINE UNAVAILABLE") and the command read
 # light on light, out of sight.
 # Keyboard focus is in sight on every control: Gradio took the outline off its radio buttons and sliders and showed
-# nothing around the Chat message box (its frame is the block's), so Tab reached them unseen. Radios and sliders get
-# the browser's focus ring (as the buttons have), the message box's frame the colours of a focused text box.
+# nothing around the Chat message box (its frame is an inner box of the block), so Tab reached them unseen. Radios and
+# sliders get the browser's focus ring (as the buttons have), the message box's frame a focused text box's colours.
 PAGE_STYLE = """<style>
 #model-banner .prose > div * { color: inherit !important; }
 .gradio-container input[type=radio]:focus-visible, .gradio-container input[type=range]:focus-visible {

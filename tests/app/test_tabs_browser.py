@@ -701,10 +701,12 @@ LOW_CONTRAST_TEXT = r"""([selector, least]) => {
     return "rgb(255, 255, 255)";
   };
   return Array.from(document.querySelectorAll(selector)).filter((el) => el.getClientRects().length)
-    .filter((el) => el.matches("input, select") || Array.from(el.childNodes).some((n) => n.nodeType === 3 && n.textContent.trim()))
+    .filter((el) => el.matches("input, select")
+      || Array.from(el.childNodes).some((n) => n.nodeType === 3 && n.textContent.trim()))
     .map((el) => {
       const [a, b] = [luminance(getComputedStyle(el).color), luminance(background(el))];
-      return [(Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05), el.textContent.trim().slice(0, 40) || el.outerHTML.slice(0, 60)];
+      const what = el.textContent.trim().slice(0, 40) || el.outerHTML.slice(0, 60);
+      return [(Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05), what];
     })
     .filter(([contrast]) => contrast < least);
 }"""
