@@ -323,6 +323,8 @@ class AsyncEngineClient(core.EngineClientBase):
         ids = {e["event_id"] for e in request}
         while True:  # at most twice: a pooled session found dead is replaced by a fresh one
             rt = self._sessions.take()
+            for old in self._sessions.retired():
+                await old.close()
             pooled = rt is not None
             if rt is None:
                 rt = self.realtime()

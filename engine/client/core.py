@@ -925,9 +925,11 @@ class RealtimeState:
         self.pending: deque[dict] = deque()
         self.log = SessionLog()
         self.items: list[str] = []  # the ids of the conversation's items, as the server reported them
+        self.connected_at: float | None = None  # (time.monotonic) when the session was opened
 
     def connected(self, first: dict) -> dict:
         self.session = session_created(first)
+        self.connected_at = time.monotonic()
         return self.session
 
     def reset(self) -> None:
@@ -959,18 +961,39 @@ class RealtimeState:
         return events
 
 
+# The oldest a pooled realtime session may be when a chat takes it: half the engine's (and OpenAI's) 60-minute session
+# life. A chat on a session the studio had kept for 59 minutes was cut mid-reply by the engine with "Your session hit
+# the maximum duration of 60 minutes.", said to a visitor who never opened a session.
+POOLED_SESSION_MAX_AGE_S = 30 * 60.0
+
+
 class SessionPool:
     """Connected realtime sessions with empty conversations, kept between chat() calls so a chat does
-    not pay for a websocket handshake. Thread-safe; at most `size` idle sessions."""
+    not pay for a websocket handshake. Thread-safe; at most `size` idle sessions, each given out only while younger
+    than `max_age_s` (older ones wait in retired() to be closed)."""
 
-    def __init__(self, size: int = 4):
+    def __init__(self, size: int = 4, max_age_s: float = POOLED_SESSION_MAX_AGE_S):
         self.size = size
+        self.max_age_s = max_age_s
         self._idle: list = []
+        self._retired: list = []
         self._lock = threading.Lock()
 
     def take(self):
         with self._lock:
-            return self._idle.pop() if self._idle else None
+            while self._idle:
+                session = self._idle.pop()
+                opened = session.state.connected_at
+                if opened is not None and time.monotonic() - opened < self.max_age_s:
+                    return session
+                self._retired.append(session)
+            return None
+
+    def retired(self) -> list:
+        """The sessions take() found too old: the caller closes them."""
+        with self._lock:
+            old, self._retired = self._retired, []
+        return old
 
     def give(self, session) -> bool:
         with self._lock:
@@ -981,7 +1004,7 @@ class SessionPool:
 
     def drain(self) -> list:
         with self._lock:
-            idle, self._idle = self._idle, []
+            idle, self._idle, self._retired = self._idle + self._retired, [], []
         return idle
 
 
