@@ -232,9 +232,10 @@ class LiveProxy:
             if status == 401:
                 await self._close(ws, "engine_unauthorized", "the engine refused the studio's token (check "
                                   "--engine-token / ENGINE_TOKEN)", CLOSE_ENGINE)
-            else:
-                await self._close(ws, "engine_unreachable", f"the engine answered HTTP {status} to the live "
-                                  "session", CLOSE_ENGINE)
+            else:  # the engine's own words (it read "the engine answered HTTP 503 to the live session" when the
+                #       engine had all its sessions open: "too many realtime sessions ...; try again later")
+                await self._close(ws, "engine_unreachable", f"the engine refused the live session: "
+                                  f"{connect_error(url, e).message}", CLOSE_ENGINE)
             return
         except (OSError, TimeoutError, WebSocketException) as e:
             await self._close(ws, "engine_unreachable", unreachable_text(url, e, self.open_timeout), CLOSE_ENGINE)

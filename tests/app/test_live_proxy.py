@@ -326,3 +326,27 @@ def test_an_engine_address_that_redirects_is_said_with_the_address_to_give():
         front.server_close()
     assert err["code"] == "engine_unreachable" and "redirects (HTTP 301)" in err["message"], err
     assert "--engine https://engine.example.org," in err["message"] and "is it running" not in err["message"]
+
+
+def test_an_engine_with_every_session_taken_is_said_in_its_own_words():
+    """An engine with all its realtime sessions open (64) refuses the handshake with 503 and its reason; Start said
+    only 'the engine answered HTTP 503 to the live session'."""
+    import threading
+
+    from websockets.sync.server import serve
+
+    refusal = {"error": {"type": "server_error", "code": "session_limit_reached", "param": None,
+                         "message": "too many realtime sessions: 64 are open, the limit is 64; try again later"}}
+
+    def full(connection, request):
+        answer = connection.respond(503, json.dumps(refusal))
+        answer.headers["Content-Type"] = "application/json"
+        return answer
+
+    with serve(lambda ws: None, "127.0.0.1", 0, process_request=full) as engine:
+        threading.Thread(target=engine.serve_forever, daemon=True).start()
+        _, app = make_app(f"ws://127.0.0.1:{engine.socket.getsockname()[1]}", "engine-secret")
+        with TestClient(app) as client, client.websocket_connect(LIVE_WS_PATH) as ws:
+            err = recv(ws)["error"]
+        engine.shutdown()
+    assert "too many realtime sessions" in err["message"] and "try again later" in err["message"], err
