@@ -465,6 +465,12 @@ function handle(ev) {
     case "error": {
       const err = ev.error || {};
       if (err.code === "response_cancel_not_active") break;  // the reply had ended already
+      if (!s.ready && String(ev.event_id || "").startsWith("event_proxy_")) {
+        // the studio's relay could not open the call (the engine down, full, refusing the token; no login): its
+        // close follows and says it, with what to do ("The engine refused this call's settings: cannot reach ...")
+        s.lastError = err.message || err.code || "error";
+        break;
+      }
       if (!s.ready) {  // the call's settings were refused: nothing would ever start (and Stop is not enabled yet)
         stop(`The engine refused this call's settings: ${err.message || err.code || "error"}`);
         break;

@@ -319,7 +319,8 @@ def test_hands_free_against_the_real_engine_hears_the_question_sees_frames_and_r
 
 def test_an_engine_that_goes_down_mid_call_is_said_with_what_to_do(browser):
     """The engine stopped mid-call (a restart: close code 1012): the tab said only "the engine closed the live session
-    (code 1012)". It says what to do: press Start again once the engine is back."""
+    (code 1012)". It says what to do: press Start again once the engine is back; a Start while it is still down says
+    it cannot be reached (it said "The engine refused this call's settings: cannot reach the engine ...")."""
     with FakeEngine(speak=True) as engine, served_live_tab(engine.url, engine.token, speech_output=True) as url:
         page = browser
         page.goto(url, wait_until="networkidle", timeout=60_000)
@@ -330,6 +331,10 @@ def test_an_engine_that_goes_down_mid_call_is_said_with_what_to_do(browser):
         sync_api.expect(error).to_contain_text("Press Start to call again once", timeout=20_000)
         sync_api.expect(page.locator('#live [data-role="start"]')).to_be_enabled()
         sync_api.expect(page.locator('#live [data-role="status"]')).to_have_text("Stopped.")
+        page.locator('#live [data-role="start"]').click()  # still down: it said "The engine refused this call's
+        sync_api.expect(error).to_contain_text("cannot reach the engine", timeout=20_000)  # settings: cannot reach"
+        sync_api.expect(error).to_contain_text("Press Start to call again once")
+        assert "refused this call's settings" not in error.inner_text()
 
 
 # a camera that opens but never delivers a frame (a canvas track nothing is drawn on), with the fake microphone
