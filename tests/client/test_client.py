@@ -836,13 +836,13 @@ def test_a_studio_with_a_hundred_streams_in_flight_still_reaches_the_engine():
 def test_a_chat_does_not_take_a_pooled_session_near_the_end_of_its_life():
     """A chat on a realtime session the studio had kept in its pool for most of the engine's session life (60 minutes)
     was cut mid-reply with "Your session hit the maximum duration of 60 minutes.", said to a visitor who never opened
-    a session; a pooled session is given out only while younger than half that life (here scaled down)."""
-    life_s = 0.4
-    engine = FakeEngine(script=[TextDelta("a ")] * 8 + [Done("a " * 8, "stop")])
+    a session; a pooled session is given out only while younger than half that life (here scaled down to 1 s)."""
+    life_s = 1.0
+    engine = FakeEngine(script=[TextDelta("a ")] * 10 + [Done("a " * 10, "stop")])
     with fake_server(engine, max_session_s=life_s) as srv, EngineClient(srv.url, timeout=10) as client:
         client._sessions.max_age_s = life_s / 2
         assert isinstance(list(client.chat([{"role": "user", "content": "hi"}]))[-1], Done)  # (its session: pooled)
-        time.sleep(life_s * 0.6)
-        engine.step_s = life_s / 10  # a reply of 0.32 s: past the pooled session's life
+        time.sleep(life_s * 0.7)
+        engine.step_s = life_s / 20  # a reply of 0.5 s: past the pooled session's life, well within a fresh one's
         events = list(client.chat([{"role": "user", "content": "hi"}]))
-    assert isinstance(events[-1], Done) and text_of(events) == "a " * 8, events[-1]
+    assert isinstance(events[-1], Done) and text_of(events) == "a " * 10, events[-1]
