@@ -307,17 +307,15 @@ class AsyncEngineClient(core.EngineClientBase):
                 if e.code == "timeout":
                     yield e.to_event()
                     return
-        request = core.chat_request(messages, ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty,
-                                                          seed, stop, system, thinking, modalities, voice,
-                                                          self._reply_rate(modalities), presence_penalty,
-                                                          frequency_penalty, logit_bias), transport, model)
+        opts = ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, system, thinking,
+                           modalities, voice, self._reply_rate(modalities), presence_penalty, frequency_penalty,
+                           logit_bias)
+        request = core.chat_request(messages, opts, transport, model)
         if isinstance(request, Error):
             yield request
             return
         if transport == "http" or self.openai:
-            decoder = core.wire.SseDecoder(strict=not self.openai)
-            async for ev in self._call(calls.HttpCall("POST", "/v1/chat/completions", {"json": request}, "sse",
-                                                      decoder), cancel):
+            async for ev in self._http_chat(request, cancel):
                 yield ev
             return
         ids = {e["event_id"] for e in request}
@@ -331,7 +329,13 @@ class AsyncEngineClient(core.EngineClientBase):
                 try:
                     await rt.connect()
                 except ServerError as e:
-                    yield e.to_event()
+                    full = e.code == core.SESSIONS_FULL  # (then over HTTP: it waits in the engine's line)
+                    over_http = core.chat_request(messages, opts, "http", model) if full else None
+                    if not isinstance(over_http, dict):
+                        yield e.to_event()
+                        return
+                    async for ev in self._http_chat(over_http, cancel):
+                        yield ev
                     return
             last, stale = None, False
             try:
@@ -345,6 +349,11 @@ class AsyncEngineClient(core.EngineClientBase):
                 await self._release(rt, last is not None and core.reusable(last))
             if not stale:
                 return
+
+    def _http_chat(self, body: dict, cancel) -> AsyncIterator[Event]:
+        """A chat-completions request streamed as engine events."""
+        decoder = core.wire.SseDecoder(strict=not self.openai)
+        return self._call(calls.HttpCall("POST", "/v1/chat/completions", {"json": body}, "sse", decoder), cancel)
 
     async def _release(self, rt: AsyncRealtimeClient, reusable: bool) -> None:
         try:

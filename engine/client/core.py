@@ -705,6 +705,12 @@ class NotSupported(ValueError):
     """An option an OpenAI-compatible backend cannot take (Error code not_supported_by_engine)."""
 
 
+# The engine's refusal of a realtime session when all of its sessions are taken (Limits.max_sessions, 64 by default:
+# Live calls and chats together): a chat is then sent over HTTP, which waits in the engine's line instead (a chat in
+# the studio said "too many realtime sessions: 64 are open ...; try again later" while the engine could answer it).
+SESSIONS_FULL = "session_limit_reached"
+
+
 def chat_request(messages: list[dict], opts: ChatOptions, transport: str, openai_model: str | None = None) -> Any:
     """The realtime client events (transport "realtime") or the chat-completions body ("http"; always
     for an OpenAI-compatible backend, `openai_model`); an Error event (invalid_request, or

@@ -350,17 +350,15 @@ class EngineClient(core.EngineClientBase):
                 if e.code == "timeout":
                     yield e.to_event()
                     return
-        request = core.chat_request(messages, ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty,
-                                                          seed, stop, system, thinking, modalities, voice,
-                                                          self._reply_rate(modalities), presence_penalty,
-                                                          frequency_penalty, logit_bias), transport, model)
+        opts = ChatOptions(max_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, system, thinking,
+                           modalities, voice, self._reply_rate(modalities), presence_penalty, frequency_penalty,
+                           logit_bias)
+        request = core.chat_request(messages, opts, transport, model)
         if isinstance(request, Error):
             yield request
             return
         if transport == "http" or self.openai:
-            decoder = core.wire.SseDecoder(strict=not self.openai)
-            yield from self._call(calls.HttpCall("POST", "/v1/chat/completions", {"json": request}, "sse", decoder),
-                                  cancel)
+            yield from self._http_chat(request, cancel)
             return
         ids = {e["event_id"] for e in request}
         while True:  # at most twice: a pooled session found dead is replaced by a fresh one
@@ -373,7 +371,9 @@ class EngineClient(core.EngineClientBase):
                 try:
                     rt.connect()
                 except ServerError as e:
-                    yield e.to_event()
+                    full = e.code == core.SESSIONS_FULL  # (then over HTTP: it waits in the engine's line)
+                    over_http = core.chat_request(messages, opts, "http", model) if full else None
+                    yield from (self._http_chat(over_http, cancel) if isinstance(over_http, dict) else [e.to_event()])
                     return
             last, stale = None, False
             try:
@@ -387,6 +387,11 @@ class EngineClient(core.EngineClientBase):
                 self._release(rt, last is not None and core.reusable(last))
             if not stale:
                 return
+
+    def _http_chat(self, body: dict, cancel) -> Iterator[Event]:
+        """A chat-completions request streamed as engine events."""
+        decoder = core.wire.SseDecoder(strict=not self.openai)
+        return self._call(calls.HttpCall("POST", "/v1/chat/completions", {"json": body}, "sse", decoder), cancel)
 
     def _release(self, rt: RealtimeClient, reusable: bool) -> None:
         """Back to the pool with its conversation emptied, or closed (which stops a response in flight)."""

@@ -846,3 +846,20 @@ def test_a_chat_does_not_take_a_pooled_session_near_the_end_of_its_life():
         engine.step_s = life_s / 20  # a reply of 0.5 s: past the pooled session's life, well within a fresh one's
         events = list(client.chat([{"role": "user", "content": "hi"}]))
     assert isinstance(events[-1], Done) and text_of(events) == "a " * 10, events[-1]
+
+
+def test_a_chat_on_an_engine_with_every_session_taken_goes_over_http():
+    """An engine with all its realtime sessions open (Live calls, other visitors' chats: 64 by default) refused each
+    studio chat with 'too many realtime sessions ...; try again later' though its line had room; the chat is now sent
+    over HTTP, where it waits its turn, with the same events (sync and async clients)."""
+    engine = FakeEngine(script=[TextDelta("over "), TextDelta("http"), Done("over http", "stop")])
+    with fake_server(engine, max_sessions=1) as srv, RealtimeClient(srv.ws_url) as taken:  # (the one session)
+        assert taken.session is not None
+        events = list(EngineClient(srv.url, timeout=10).chat([{"role": "user", "content": "hi"}]))
+
+        async def async_chat():
+            async with AsyncEngineClient(srv.url, timeout=10) as client:
+                return [ev async for ev in client.chat([{"role": "user", "content": "hi"}])]
+        async_events = asyncio.run(async_chat())
+    for got in (events, async_events):
+        assert isinstance(got[-1], Done) and text_of(got) == "over http", got[-1]
