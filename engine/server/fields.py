@@ -105,8 +105,10 @@ IMAGE_EDITS = Fields(taken=IMAGE_TAKEN + IMAGE_REFERENCE_EXTENSIONS + ("image", 
 VOICES_JSON = Fields(taken=("name", "reference_audio", "reference_text", "replace"))
 VOICES_FORM = Fields(taken=("name", "file", "reference_text", "replace"))
 
-NO_TIMESTAMPS = ("the model gives no word or segment timestamps; a recording over 30 s is transcribed in 30 s windows "
-                 "and response_format srt or vtt gives a cue per window")
+NO_TIMESTAMPS = ("the model gives no word timestamps; a recording over 30 s is transcribed in 30 s windows: "
+                 "response_format verbose_json has a segment per window ('segment' granularity) and srt or vtt gives "
+                 "a cue per window")
+SEGMENT_GRANULARITY = "segment"  # the one timestamp granularity served: verbose_json's segments (a window each)
 NO_DIARIZATION = "there is no diarization"
 TRANSCRIPTION_KEYWORDS = ("keywords", "keywords[]")  # OpenAI's name for what our hotwords are
 TRANSCRIPTION = Fields(
@@ -115,7 +117,8 @@ TRANSCRIPTION = Fields(
     + TRANSCRIPTION_KEYWORDS + TRANSCRIPTION_EXTENSIONS,
     ignored=("languages", "languages[]"),  # candidates: the model tells the language itself (`language` forces one)
     refused={name: (why, harmless) for names, why, harmless in (
-        (("timestamp_granularities", "timestamp_granularities[]"), NO_TIMESTAMPS, lambda v: False),
+        (("timestamp_granularities", "timestamp_granularities[]"), NO_TIMESTAMPS,
+         lambda v: all(g == SEGMENT_GRANULARITY for g in (v if isinstance(v, list) else [v]))),
         (("chunking_strategy",), "a recording over 30 s is cut into 30 s windows at their quietest moments; only "
          "'auto' (that) is taken", lambda v: v == "auto"),
         (("known_speaker_names", "known_speaker_names[]", "known_speaker_references",

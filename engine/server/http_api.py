@@ -636,7 +636,8 @@ async def transcriptions(request: Request):
     form = await read_form(request, limits, max_files=1)
     try:
         raw = await form_file(form, "file", "the audio file upload")
-        fields.TRANSCRIPTION.check({key: form.get(key) for key in form.keys()})
+        fields.TRANSCRIPTION.check({key: form.getlist(key) if key.endswith("[]") else form.get(key)
+                                    for key in form.keys()})
         ctx.check_model(form_text(form, "model"), "transcription")
         refuse_extensions(ctx, {k: form.get(k) for k in fields.TRANSCRIPTION_EXTENSIONS},
                           fields.TRANSCRIPTION_EXTENSIONS)
@@ -659,6 +660,10 @@ async def transcriptions(request: Request):
         if fmt not in TRANSCRIPTION_FORMATS:
             raise bad(f"response_format {fmt!r} is not supported ({', '.join(TRANSCRIPTION_FORMATS)})",
                       "unsupported_parameter", "response_format")
+        granularity = next((k for k in ("timestamp_granularities", "timestamp_granularities[]") if k in form), None)
+        if granularity and fmt != "verbose_json":  # (as OpenAI's: the segments are verbose_json's)
+            raise bad(f"'{granularity}' segment timestamps come as response_format verbose_json's segments, not in "
+                      f"{fmt!r}", "invalid_value", granularity)
         stream = form_flag(form, "stream")
         if stream and fmt in WHOLE_TRANSCRIPTION_FORMATS:
             raise bad(f"response_format {fmt!r} comes as a whole answer; a stream carries transcript.text events "

@@ -578,10 +578,19 @@ def test_transcription_form_fields_are_honoured_or_named(http, data, field, code
 
 def test_asking_for_timestamps_says_where_the_windows_times_are(http):
     """timestamp_granularities was refused with 'no timestamps are produced', while srt and vtt give a cue per 30 s
-    window of a long recording: the refusal now says so."""
-    err = error_of(http.post("/v1/audio/transcriptions", files={"file": ("a.wav", WAV)},
-                             data={"timestamp_granularities[]": "segment"}))
-    assert err["param"] == "timestamp_granularities[]" and "srt or vtt gives a cue per window" in err["message"], err
+    window of a long recording: the refusal of word timestamps now says so. Segment timestamps, what Whisper clients
+    ask verbose_json for, were refused too though verbose_json has a segment per window: they are taken there."""
+    url, wav = "/v1/audio/transcriptions", {"file": ("a.wav", WAV)}
+    for asked in (["word"], ["segment", "word"]):  # (each value is read, not the first only)
+        err = error_of(http.post(url, files=wav, data={"timestamp_granularities[]": asked,
+                                                        "response_format": "verbose_json"}))
+        assert err["param"] == "timestamp_granularities[]" and "srt or vtt gives a cue per window" in err["message"]
+    got = http.post(url, files=wav, data={"timestamp_granularities[]": "segment", "response_format": "verbose_json",
+                                          "max_tokens": "2"})
+    assert got.status_code == 200 and got.json()["segments"][0]["start"] == 0.0, got.text
+    err = error_of(http.post(url, files=wav, data={"timestamp_granularities[]": "segment"}))  # json: no segments
+    assert (err["code"], err["param"]) == ("invalid_value", "timestamp_granularities[]") and "verbose_json" in err[
+        "message"]
 
 
 def test_a_transcription_prompt_past_the_field_limit_is_refused_naming_the_limit(http):
