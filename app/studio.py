@@ -16,10 +16,10 @@ from app.live_proxy import LiveProxy
 from app.ui.banner import build_banner
 from app.ui.chat import build_chat_tab
 from app.ui.common import browser_kept, capability_note, engine_lacks, share_css
-from app.ui.image import REQUEST_KEY as IMAGE_REQUEST_KEY, build_image_tab
+from app.ui.image import build_image_tab
 from app.ui.live import build_live_tab, engine_settings
 from app.ui.speech import REQUEST_KEY as SPEECH_REQUEST_KEY, build_speech_tab
-from app.ui.voice import REQUEST_KEY as VOICE_REQUEST_KEY, build_voice_tab
+from app.ui.voice import build_voice_tab
 from engine.client import EngineClient
 
 TITLE = "Ming Omni Studio"
@@ -85,8 +85,7 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}")
         build_banner(link)
         # what the browser keeps across a page reload, at the top level: the tabs read it at page load
-        voice_ask, image_ask, speech_ask = (browser_kept(k) for k in (VOICE_REQUEST_KEY, IMAGE_REQUEST_KEY,
-                                                                       SPEECH_REQUEST_KEY))
+        speech_ask = browser_kept(SPEECH_REQUEST_KEY)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 build_chat_tab(link, ASSETS if ASSETS.is_dir() else None)
@@ -98,9 +97,9 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
             with gr.Tab("Speech", id="speech"):
                 build_speech_tab(link, examples=_assets("speech/*.wav"), kept_ask=speech_ask)
             with gr.Tab("Voice", id="voice"):
-                build_voice_tab(link, examples=_assets("speech/*.wav"), kept_ask=voice_ask)
+                build_voice_tab(link, examples=_assets("speech/*.wav"))
             with gr.Tab("Image", id="image"):
-                build_image_tab(link, examples=_assets("images/*.png"), kept_ask=image_ask)
+                build_image_tab(link, examples=_assets("images/*.png"))
     demo.link = link  # type: ignore[attr-defined]  (tests and launch.py reach the engine link here)
     demo.live_proxy = LiveProxy(link.target)  # type: ignore[attr-defined]
     return demo

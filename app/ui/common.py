@@ -224,13 +224,58 @@ def browser_kept(storage_key: str) -> gr.BrowserState:
 
 def kept_request(*values, names: tuple[str, ...]) -> dict:
     """What a tab keeps in the browser when its Make it is pressed (a reload lost the text typed, and the run,
-    without a word): the fields `names` with their `values`, not finished yet."""
-    return {**dict(zip(names, values)), "done": False}
+    without a word): the fields `names` with their `values`, not finished yet, and an id of this press."""
+    return {**dict(zip(names, values)), "id": uuid.uuid4().hex, "done": False}
 
 
-def request_done(kept) -> dict:
-    """The kept request, marked finished (made, failed or stopped: nothing to say at the next load)."""
+def request_done(kept, mine=None) -> dict:
+    """The kept request, marked finished (made, failed or stopped: nothing to say at the next load). `mine`: the
+    request this tab's press kept, when `kept` is the browser's copy read afresh: a request another tab kept since is
+    left as it is (this tab's, written over it finished, lost that tab's words at its reload)."""
+    if isinstance(mine, dict):
+        if isinstance(kept, dict) and kept.get("id") != mine.get("id"):
+            return kept  # another tab's (or none: nothing of this tab's to mark)
+        kept = mine
     return {**kept, "done": True} if isinstance(kept, dict) else {}
+
+
+def browser_storage(key: str, empty: str) -> tuple[str, str]:
+    """(a JavaScript expression reading the browser's localStorage entry `key`, `empty` when there is none; a page
+    function writing its one argument there): what every tab of the browser shares, read afresh each time."""
+    return (f"(localStorage.getItem({key!r}) || {empty!r})",
+            f"(value) => {{ try {{ localStorage.setItem({key!r}, value); }} catch {{}} return []; }}")
+
+
+class BrowserRequest:
+    """A tab's last request, kept in the browser (localStorage `key`, as JSON) across a reload: written when its
+    button is pressed, marked finished when the run ends (only while it is still this tab's: two tabs of a browser
+    share the entry), and given back at page load with a note when it was not finished (restore_request)."""
+
+    def __init__(self, key: str, names: tuple[str, ...], button: str):
+        self.names, self.button = names, button
+        self.read, self.write = browser_storage(key, "{}")
+        self.mine = gr.Textbox(visible="hidden")    # the request this tab's press kept
+        self.stored = gr.Textbox(visible="hidden")  # the browser's, read afresh
+
+    def on_press(self, button, inputs: list):
+        """The first step of `button`'s click: the request (`inputs`, named `names`) kept; chain the run on it."""
+        return button.click(lambda *values: json.dumps(kept_request(*values, names=self.names)), inputs, [self.mine],
+                            **HIDDEN_STEP).then(None, [self.mine], None, js=self.write, **HIDDEN_STEP)
+
+    def when_done(self, event):
+        """After the run (`event`): the browser's request marked finished when it is still this tab's."""
+        return event.then(None, None, [self.stored], js=f"() => {self.read}", **HIDDEN_STEP).then(
+            lambda stored, mine: json.dumps(request_done(from_json(stored), from_json(mine))),
+            [self.stored, self.mine], [self.stored], **HIDDEN_STEP).then(None, [self.stored], None, js=self.write,
+                                                                           **HIDDEN_STEP)
+
+    def restore_at_load(self, outputs: list) -> None:
+        """At page load: the kept request's fields into `outputs` (one per name, then the status line)."""
+        on_page_load(lambda stored: restore_request(from_json(stored), self.names, self.button), outputs,
+                     inputs=[self.stored], js=f"() => [{self.read}]")
+
+
+HIDDEN_STEP = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}  # a step the page runs unseen
 
 
 def restore_request(kept, names: tuple[str, ...], button: str) -> tuple:

@@ -20,11 +20,11 @@ from PIL import Image
 
 from app.engine_link import IMAGE_OUT, EngineLink
 from app.media_check import IMAGE_FORMATS, media_problem
-from app.ui.common import (GENERATING, InFlight, browser_kept, capability_note, chosen_seed, engine_limits, error_line,
+from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, on_engine_change, on_page_load, queue_line, run_button,
                            runs_tab, seed_box,
                            DRAWN_SEED_MAX, from_json, seed_problem, session_of, toolbar,
-                           kept_request, request_done, restore_request, check_on_upload,
+                           BrowserRequest, HIDDEN_STEP, browser_storage, check_on_upload,
                            say_refused_files, says_refused, wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
@@ -50,13 +50,12 @@ UNFINISHED_PREVIEW = "the picture shown is the preview after step {step} of {tot
 # Said with each picture the tiny random checkpoint makes (the page's banner says so, scrolled away on a phone)
 DEMO_PICTURE = "random demo weights: the picture is noise, not Ming's (load the real model with --model)"
 PRESET_INFO = "With a preset the prompt is only the new background, or the object to remove."
-REQUEST_KEY = "ming-studio-image-request"  # the browser's key of the last request (kept_request)
+REQUEST_KEY = "ming-studio-image-request-json"  # the browser's key of the last request (common.BrowserRequest)
 REQUEST_FIELDS = ("mode", "prompt", "target")
 # The browser's localStorage key of the gallery kept across reloads, read and written by the page itself at each
 # result: a gr.BrowserState, written whole from each tab's own copy, made the results of one tab overwrite another's.
 KEPT_GALLERY_KEY = "ming-studio-image-results-list"
-STORED_RESULTS = f"localStorage.getItem({KEPT_GALLERY_KEY!r}) || '[]'"  # (a JavaScript expression)
-WRITE_RESULTS_JS = f"(kept) => {{ try {{ localStorage.setItem({KEPT_GALLERY_KEY!r}, kept); }} catch {{}} return []; }}"
+STORED_RESULTS, WRITE_RESULTS_JS = browser_storage(KEPT_GALLERY_KEY, "[]")
 SAVED_PREFIX = "ming-image-"  # the folders (in the temp folder) _save_png writes to
 CAPTION_CHARS = 48  # the most of a prompt a gallery caption shows (the whole prompt comes back with a click)
 SETTINGS = ("mode", "prompt", "preset", "target", "aspect", "size", "steps", "guidance", "seed")
@@ -355,11 +354,10 @@ def refused_reference(name: str, is_video: bool) -> str:
     return f"'{name}' is {what}: a reference is a {IMAGE_FORMATS} file."
 
 
-def build_image_tab(link: EngineLink, examples: list[str] | None = None,
-                    kept_ask: gr.BrowserState | None = None) -> ImageController:
-    """Build the Image tab inside the current Tab. `kept_ask`: where the browser keeps the last request, made at the
-    page's top level (a BrowserState inside a tab not yet opened is not there at page load: it gave back nothing);
-    a tab built alone makes its own. The gallery is kept in the browser's localStorage (KEPT_GALLERY_KEY)."""
+def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> ImageController:
+    """Build the Image tab inside the current Tab. The gallery (KEPT_GALLERY_KEY) and the last request (REQUEST_KEY)
+    are kept in the browser's localStorage, read by the page itself (a gr.BrowserState inside a tab not yet opened
+    is not there at page load, and each tab wrote its own copy whole)."""
     controller = ImageController(link)
     capability_note(link, IMAGE_OUT, "**This engine has no image generator**, so it cannot generate, edit or "
                                      "segment images.")
@@ -420,25 +418,23 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
     # a page reload emptied the gallery: the browser keeps its entries (every tab's, as JSON: STORED_RESULTS, read
     # afresh), written once each press ends
     kept = gr.Textbox(visible="hidden")
-    # the request is kept in the browser when Make it is pressed, and marked finished once it is: a reload lost the
-    # prompt and the run without a word (`kept_ask`, made at the page's top level like `kept`)
-    ask = kept_ask if kept_ask is not None else browser_kept(REQUEST_KEY)
-    hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
-    go.click(lambda *values: kept_request(*values, names=REQUEST_FIELDS), [mode, prompt, target], [ask], **hidden).then(
+    # the request is kept in the browser when Make it is pressed, and marked finished once it is (while it is still
+    # this tab's): a reload lost the prompt and the run without a word
+    ask = BrowserRequest(REQUEST_KEY, REQUEST_FIELDS, "Make it")
+    ask.when_done(ask.on_press(go, [mode, prompt, target]).then(
         controller.make, [mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
                           state, image_guidance, count], [picture, mask, overlay, status, gallery, state, files],
         api_name="imagine", concurrency_limit=None,
-        show_progress_on=[status]).then(  # the progress bar over the result hid the previews it is to show
-        request_done, [ask], [ask], **hidden).then(
-        None, None, [kept], js=f"() => {STORED_RESULTS}", **hidden).then(  # (a State has no value in the page)
-        keep_results_in_page, [state, kept], [kept], **hidden).then(None, [kept], None, js=WRITE_RESULTS_JS, **hidden)
+        show_progress_on=[status])).then(  # the progress bar over the result hid the previews it is to show
+        None, None, [kept], js=f"() => {STORED_RESULTS}", **HIDDEN_STEP).then(  # (a State has no value in the page)
+        keep_results_in_page, [state, kept], [kept], **HIDDEN_STEP).then(None, [kept], None, js=WRITE_RESULTS_JS,
+                                                                         **HIDDEN_STEP)
     on_page_load(controller.restore_gallery_in_page, [state, gallery], inputs=[kept], js=f"() => [{STORED_RESULTS}]")
     applied = gr.State(None)  # the card's image defaults this page's sliders were last set to
     follow = (lambda seen: follow_model_defaults(link, seen), [steps, guidance, image_guidance, applied], [applied])
     on_page_load(*follow)
     on_engine_change(*follow)
-    on_page_load(lambda asked: restore_request(asked, REQUEST_FIELDS, "Make it"), [mode, prompt, target, status],
-                 inputs=[ask])
+    ask.restore_at_load([mode, prompt, target, status])
     wire_stop(stop, controller.stop, api_visibility="private")
     check_on_upload(link, refs, "image", status)
     say_refused_files("image-refs", status, refused_reference)

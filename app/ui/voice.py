@@ -19,11 +19,11 @@ import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import AUDIO_FORMATS, VOICE_CLIP_SECONDS, media_problem
-from app.ui.common import (GENERATING, InFlight, browser_kept, capability_note, chosen_seed, engine_limits, error_line,
+from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
                            error_text, failure, figures_line, from_json, no_audio, on_engine_change, on_page_load,
                            queue_line, run_button, runs_tab, saved_voice_names, seed_box, seed_problem, session_of,
                            toolbar, wire_stop,
-                           kept_request, request_done, restore_request, check_on_upload, says_refused,
+                           BrowserRequest, check_on_upload, says_refused,
                            say_refused_files)
 from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
 
@@ -52,7 +52,7 @@ TEXT_TOO_LONG = ("The text is {n:,} characters; the engine speaks at most {most:
 # a sound or music), said on the status line: it was dropped without a word.
 MUSIC_TEXT_UNUSED = "the text box was not used: music is made from the Music section (genre, mood, ...)"
 VOICE_UNUSED = "the Voice chosen was not used: {what} takes no voice"
-REQUEST_KEY = "ming-studio-voice-request"  # the browser's key of the last request (common.kept_request)
+REQUEST_KEY = "ming-studio-voice-request-json"  # the browser's key of the last request (common.BrowserRequest)
 REQUEST_FIELDS = ("text", "task")
 # The browser's localStorage key of the takes made (kept across a page reload), read and written by the page itself at
 # each take: a gr.BrowserState, written whole from each tab's own copy, made the takes of one tab overwrite another's.
@@ -371,10 +371,9 @@ def refused_clip(name: str, is_video: bool) -> str:
             "microphone.")
 
 
-def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
-                    kept_ask: gr.BrowserState | None = None) -> VoiceController:
-    """Build the Voice tab inside the current Tab. `kept_ask`: where the browser keeps the last request, made at the
-    page's top level (see build_image_tab); a tab built alone makes its own."""
+def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> VoiceController:
+    """Build the Voice tab inside the current Tab (the last request and the takes are kept in the browser's
+    localStorage: REQUEST_KEY, KEPT_TAKES_KEY)."""
     controller = VoiceController(link)
     capability_note(link, SPEECH_OUT, "**This engine has no talker**, so it cannot speak, make sounds or music. "
                                       "(A checkpoint without `talker/`, or an engine that "
@@ -453,16 +452,16 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None,
               snr, genre, mood, instrument, theme, duration, seed]
     # the request is kept in the browser when Make it is pressed, and marked finished once it is: a reload lost the
     # text typed and the run without a word
-    ask = kept_ask if kept_ask is not None else browser_kept(REQUEST_KEY)
+    ask = BrowserRequest(REQUEST_KEY, REQUEST_FIELDS, "Make it")
     kept = gr.Textbox(visible="hidden")  # the takes kept in this browser, as JSON (STORED_TAKES), read fresh
     hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
-    go.click(lambda *values: kept_request(*values, names=REQUEST_FIELDS), [text, task], [ask], **hidden).then(
+    ask.when_done(ask.on_press(go, [text, task]).then(
         controller.synthesize, inputs, [player, clip_text, status, wav], api_name="speak",
-        concurrency_limit=None).then(request_done, [ask], [ask], **hidden).then(
+        concurrency_limit=None)).then(
         keep_take_in_page, [wav, kept], [kept, takes], js=f"(wav) => [wav, {STORED_TAKES}]", **hidden).then(
         None, [kept], None, js=WRITE_TAKES_JS, **hidden)
     on_page_load(restore_takes_in_page, [kept, takes], inputs=[kept], js=f"() => [{STORED_TAKES}]")
-    on_page_load(lambda asked: restore_request(asked, REQUEST_FIELDS, "Make it"), [text, task, status], inputs=[ask])
+    ask.restore_at_load([text, task, status])
     wire_stop(stop, controller.stop, api_visibility="private")
     check_on_upload(link, clip, "audio", status, max_seconds=VOICE_CLIP_SECONDS)
     say_refused_files("voice-clip", status, refused_clip)

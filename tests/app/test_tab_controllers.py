@@ -392,6 +392,22 @@ def test_two_browser_tabs_keep_each_others_gallery():
     assert sorted(e["settings"]["seed"] for e in entries) == [11, 22, 33] and len(shown) == 3
 
 
+def test_a_request_finished_in_one_tab_leaves_the_one_another_tab_kept_since():
+    """Two tabs of one browser share its kept request: tab A's run, ending after tab B pressed Make it, wrote A's
+    request, finished, over B's, so a reload of B (its run cut off) gave back A's words and said nothing was lost.
+    The end of a run marks the browser's request finished only while it is still this tab's."""
+    from app.ui.common import interrupted_note, kept_request, request_done, restore_request
+    from app.ui.voice import REQUEST_FIELDS
+
+    browser = {}  # the browser's kept request (BrowserRequest.stored), shared by its tabs
+    tab_a = browser = kept_request("Hello from A.", "Speech", names=REQUEST_FIELDS)
+    tab_b = browser = kept_request("Hello from B.", "Sound", names=REQUEST_FIELDS)
+    browser = request_done(browser, tab_a)  # A's run ends
+    assert restore_request(browser, REQUEST_FIELDS, "Make it") == ("Hello from B.", "Sound", interrupted_note("Make it"))
+    browser = request_done(browser, tab_b)  # B's ends: nothing to say at the next load
+    assert restore_request(browser, REQUEST_FIELDS, "Make it")[2] == gr.skip()
+
+
 class RecordingTranscriber(StoppedTranscriber):
     """An engine client that keeps what each transcription was asked with."""
 
