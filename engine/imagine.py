@@ -69,7 +69,7 @@ PREVIEW_GUIDANCE = 5.0
 PREVIEW_IMAGE_GUIDANCE = 2.0
 MAX_STEPS = 200
 MAX_GUIDANCE = 30.0
-MAX_PROMPT_CHARS = 20_000
+MAX_PROMPT_CHARS = 32_000  # OpenAI's for gpt-image-1 (it was 20 000); the thinker's context bounds the tokens too
 # An edit's pictures: OpenAI's most (gpt-image-1's 16; it was 8). The model itself has no count (spec §8.8: every
 # picture goes to the ViT, the first is also the VAE reference); what bounds them is the thinker's context (§2.1:
 # 32 768 tokens): each picture is shrunk to MAX_REFERENCE_PIXELS for the ViT, 1 024 tokens at most (§4.1: one per

@@ -92,7 +92,7 @@ def test_an_edits_null_branches_take_the_negative_prompt(preview_engine):
 
 
 @pytest.mark.parametrize("value, words", [(5, "must be text"), (["no"], "must be text"),
-                                          ("x" * 20_001, "at most 20,000")])
+                                          ("x" * 32_001, "at most 32,000")])
 def test_bad_negative_prompts_are_refused_by_name(preview_engine, value, words):
     err = list(preview_engine.imagine("a cat", steps=1, negative_prompt=value))[-1]
     assert isinstance(err, Error) and err.code == "invalid_request" and words in err.message, err
