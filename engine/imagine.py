@@ -78,6 +78,7 @@ MAX_PROMPT_CHARS = 32_000  # OpenAI's for gpt-image-1 (it was 20 000); the think
 MAX_REFERENCE_IMAGES = 16
 MAX_REFERENCE_PIXELS = 1024 * 1024
 MAX_SEED = 2**63 - 1
+OPAQUE = 255  # a mask's alpha where the picture is kept as it is
 MASK_FEATHER_PX = 3  # over how many pixels a masked edit's weight ramps up inside the mask's edge (masked_composite)
 # The files an image is written as (the server's output_format, the CLI's --out suffix), and the quality of the
 # lossy ones when none is asked for (0-100, 100 the best)
@@ -171,6 +172,9 @@ class ImagineRequest:
             raise ImageGenError("the mask must be the HxW uint8 alpha of a picture (0 where to edit)", "mask")
         if self.aspect is not None:
             raise ImageGenError("a masked edit keeps the picture's own size and shape: leave out the aspect", "aspect")
+        if int(self.mask.min()) == OPAQUE:
+            raise ImageGenError("the mask is opaque everywhere, so nothing would be edited: make the part to edit "
+                                "transparent", "mask")
         if isinstance(self.images[0], np.ndarray):
             check_mask_size(self, *self.images[0].shape[:2])
 
@@ -205,7 +209,7 @@ def masked_composite(original: Image.Image, edited: np.ndarray, alpha: np.ndarra
     """The edit inside the mask only: the edited picture (resized to the original's size) where the mask is
     transparent, the original, bit for bit, where it is opaque; a partly transparent pixel blends the two, and the
     edit's weight ramps up over MASK_FEATHER_PX inside the transparent area (no hard seam, nothing outside touched)."""
-    inside = 1.0 - alpha.astype(np.float32) / 255.0
+    inside = 1.0 - alpha.astype(np.float32) / OPAQUE
     blurred = Image.fromarray(np.round(inside * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(MASK_FEATHER_PX))
     weight = np.minimum(inside, np.asarray(blurred, dtype=np.float32) / 255.0)[..., None]
     resized = np.asarray(Image.fromarray(edited).resize(original.size, Image.Resampling.LANCZOS), dtype=np.float32)

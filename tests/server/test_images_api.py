@@ -512,6 +512,7 @@ def data_url(raw: bytes) -> str:
     ("/v1/images/edits", window_mask(), {"aspect": "1:1"}, "invalid_request", "aspect", "own size"),
     ("/v1/images/edits", window_mask(), {"size": "32x32"}, "invalid_request", "size", "own size, 64x48"),
     ("/v1/images/segmentations", window_mask(), {}, "invalid_request", "mask", "'segment' takes none"),
+    ("/v1/images/edits", window_mask(box=(0, 0, 0, 0)), {}, "invalid_request", "mask", "opaque everywhere"),
 ])
 def test_a_mask_that_does_not_fit_is_refused_naming_why(http, path, mask, extra, code, param, words):
     r = http.post(path, files=[("image", ("a.png", png(picture()), "image/png")),
