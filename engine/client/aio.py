@@ -420,11 +420,11 @@ class AsyncEngineClient(core.EngineClientBase):
                       preset: str | None = None, mask_color: str | None = None, n: int = 1,
                       cfg_truncation: float | None = None, cfg_normalization: bool | float | None = None,
                       image_guidance: float | None = None, negative_prompt: str | None = None,
-                      cancel: threading.Event | None = None) -> AsyncIterator[Event]:
+                      mask=None, cancel: threading.Event | None = None) -> AsyncIterator[Event]:
         model, failed = await self._model_or_error()
         call = failed or calls.image_call(prompt, task, images, size, aspect, steps, guidance, seed, preview_every,
                                           preset, mask_color, n, model, cfg_truncation, cfg_normalization,
-                                          image_guidance, negative_prompt)
+                                          image_guidance, negative_prompt, mask)
         async for ev in self._call(call, cancel):
             yield ev
 

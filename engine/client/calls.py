@@ -194,12 +194,13 @@ def image_call(prompt: str, task: str, images: list | None, size: str | None, as
                guidance: float | None, seed: int | None, preview_every: int | None, preset: str | None,
                mask_color: str | None, n: int, openai_model: str | None = None, cfg_truncation: float | None = None,
                cfg_normalization: bool | float | None = None, image_guidance: float | None = None,
-               negative_prompt: str | None = None) -> HttpCall | Error:
+               negative_prompt: str | None = None, mask=None) -> HttpCall | Error:
     """POST /v1/images/generations (JSON), /edits or /segmentations (multipart: the images as `image[]`
     files, the first being the reference). Ours stream (`stream: true`, a preview every
     `preview_every` steps); an OpenAI-compatible backend answers one JSON body. `image_guidance` (the
     Preview's reference-picture guidance) goes with edits and segmentations; the server refuses it elsewhere.
-    `negative_prompt`: what the picture should not show (a Preview engine; a 2.0 engine refuses it)."""
+    `negative_prompt`: what the picture should not show (a Preview engine; a 2.0 engine refuses it). `mask`: an edit's
+    mask (OpenAI's: a picture of the first one's size, transparent where to edit), sent as the `mask` file."""
     if task not in IMAGE_TASKS:
         return Error(f"task must be one of {', '.join(IMAGE_TASKS)}, got {task!r}", "invalid_request")
     sources = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
@@ -208,6 +209,8 @@ def image_call(prompt: str, task: str, images: list | None, size: str | None, as
     try:
         files = [("image[]", (f"image{i}.{mime.split('/')[-1]}", raw, mime))
                  for i, (raw, mime) in enumerate(image_bytes(src) for src in sources)]
+        if mask is not None:
+            files.append(("mask", ("mask.png", *image_bytes(mask))))
     except (ValueError, TypeError, OSError) as e:
         return Error(f"images: {e}", "invalid_request")
     if files and task == "generate":

@@ -472,17 +472,19 @@ class EngineClient(core.EngineClientBase):
                 seed: int | None = None, preview_every: int | None = None, preset: str | None = None,
                 mask_color: str | None = None, n: int = 1, cfg_truncation: float | None = None,
                 cfg_normalization: bool | float | None = None, image_guidance: float | None = None,
-                negative_prompt: str | None = None, cancel: threading.Event | None = None) -> Iterator[Event]:
+                negative_prompt: str | None = None, mask=None,
+                cancel: threading.Event | None = None) -> Iterator[Event]:
         """Generate, edit (images: the first is the reference) or segment (prompt = the target) images:
         QueuePosition, Progress, ImagePreview every `preview_every` steps, ImageDone (PNG; segmentation
         adds mask and overlay PNGs and a note when the mask is empty) per image, then Done or Error.
         `image_guidance`: an edit's or a segmentation's reference-picture guidance, on a Preview engine (its card's
         image_defaults name it; a 2.0 engine refuses it). `negative_prompt`: what the picture should not show, on a
-        Preview engine (a 2.0 engine refuses it: its pipeline guides against zeros whatever the negative prompt)."""
+        Preview engine (a 2.0 engine refuses it: its pipeline guides against zeros whatever the negative prompt).
+        `mask`: an edit's mask (a picture of the first one's size, transparent where to edit: the edit is kept there)."""
         model, failed = self._model_or_error()
         call = failed or calls.image_call(prompt, task, images, size, aspect, steps, guidance, seed, preview_every,
                                           preset, mask_color, n, model, cfg_truncation, cfg_normalization,
-                                          image_guidance, negative_prompt)
+                                          image_guidance, negative_prompt, mask)
         yield from self._call(call, cancel)
 
     def _call(self, call: calls.HttpCall | Error, cancel) -> Iterator[Event]:

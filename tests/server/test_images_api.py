@@ -502,6 +502,20 @@ def test_a_masked_edit_changes_the_picture_inside_the_mask_only(http):
     assert r.status_code == 400 and r.json()["error"]["param"] == "mask" and "32x32" in r.text, r.text
 
 
+def test_the_clients_edit_takes_a_mask(server):
+    """engine.client's imagine had no way to send OpenAI's mask: `mask=` goes as the form's mask file, and the edit
+    is kept inside it (outside, the original's pixels, tolerance 0)."""
+    from engine.client import EngineClient
+    from engine.events import ImageDone
+
+    original = picture(64, 48, seed=5)
+    events = list(EngineClient(server.url).imagine("make it blue", task="edit", images=[png(original)],
+                                                   mask=np.asarray(window_mask()), steps=1, size="64x48", seed=1))
+    (done,) = [e for e in events if isinstance(e, ImageDone)]
+    got = np.asarray(Image.open(io.BytesIO(done.image)).convert("RGB"))
+    assert got.shape == (48, 64, 3) and np.array_equal(got[:12], np.asarray(original)[:12]), events[-1]
+
+
 def data_url(raw: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(raw).decode()
 
