@@ -216,6 +216,8 @@ class ImageDone(_Event):
 
 
 TRANSCRIBING_STAGE = "transcribing"  # a long recording's ASR: `done` of `total` windows (engine.models.thinker.asr_windows)
+# (the same stage, before speech cloned from clips without a transcript: `total` clips; Engine.speak)
+TRANSCRIBING_REFERENCE = "transcribing the reference clip (no transcript was given)"
 PREFILL_STAGE = "prefill"  # a long prompt read by the model: `done` of `total` prompt tokens (engine.generate)
 MEDIA_STAGE = "encoding media"  # a prompt's pictures, videos and clips through their encoders: `total` of them
 

@@ -23,7 +23,8 @@ import torch
 from engine.models.thinker.asr_windows import Windowing, transcribe_windows
 from engine.models.thinker.asr import TranscriptDeltas, TranscriptStream, asr_messages, dialect_prefix, parse_transcript
 from engine.errors import MingError
-from engine.events import MEDIA_STAGE, AudioChunk, Done, Error, Event, GenerationStats, Progress, TextDelta
+from engine.events import (MEDIA_STAGE, TRANSCRIBING_REFERENCE, TRANSCRIBING_STAGE, AudioChunk, Done, Error, Event,
+                           GenerationStats, Progress, TextDelta)
 from engine.generate import Cancelled, context_error, default_prefill_chunk, generate, stop_if_set
 from engine.models.thinker.llm import AudioSpan, MultimodalInputError, MultimodalInputs
 from engine.media.errors import MediaError
@@ -380,12 +381,12 @@ class Engine:
     def _talker_unavailable(self) -> Error:
         return Error(self.talker_error or "no talker is loaded", code="talker_unavailable")
 
-    def _asr_text(self, clip, sample_rate: int | None) -> str:
-        """Transcribe a reference clip with the thinker's ASR (for cloning without a transcript)."""
+    def _asr_text(self, clip, sample_rate: int | None, cancel: threading.Event | None = None) -> str:
+        """Transcribe a reference clip with the thinker's ASR (for cloning without a transcript); `cancel` stops it."""
         text = ""
         # A reference clip is at most 30 s (engine.models.talker.audio): ~150 characters of speech at most,
         # so REF_TRANSCRIPT_MAX_TOKENS bounds a runaway transcript (and the talker prompt it goes into).
-        for ev in self.transcribe(clip, sample_rate=sample_rate,
+        for ev in self.transcribe(clip, sample_rate=sample_rate, cancel=cancel,
                                   params=GenerationParams(max_new_tokens=REF_TRANSCRIPT_MAX_TOKENS)):
             if isinstance(ev, Error):
                 raise MediaError(f"could not transcribe the reference clip: {ev.message}")
@@ -393,17 +394,18 @@ class Engine:
                 text = (ev.result or {}).get("text", "") or ""
         return text.strip()
 
-    def _asr_texts(self, clips: list, sample_rate: int | None) -> list[str]:
+    def _asr_texts(self, clips: list, sample_rate: int | None, cancel: threading.Event | None = None) -> list[str]:
         """The transcript of each reference clip; a clip given for two speakers (the same file, bytes or samples)
         is transcribed once (it was run through the thinker's ASR once per speaker)."""
         from engine.models.talker.audio import clip_key  # noqa: PLC0415
         heard: dict[str, str] = {}
         for clip in clips:
-            if clip_key(clip) not in heard:
-                heard[clip_key(clip)] = self._asr_text(clip, sample_rate)
-        return [heard[clip_key(clip)] for clip in clips]
+            if clip_key(clip) not in heard and not (cancel is not None and cancel.is_set()):
+                heard[clip_key(clip)] = self._asr_text(clip, sample_rate, cancel)
+        return [heard.get(clip_key(clip), "") for clip in clips]
 
-    def _conditioning(self, voice, ref_audio, ref_text, sample_rate, seed, notes: dict):
+    def _conditioning(self, voice, ref_audio, ref_text, sample_rate, seed, notes: dict,
+                      cancel: threading.Event | None = None):
         from engine.models.talker.pipeline import Conditioning  # noqa: PLC0415
         from engine.models.talker.prompt import podcast_text  # noqa: PLC0415
         if voice is not None and ref_audio is not None:
@@ -425,7 +427,7 @@ class Engine:
             ref_text = None
         cond = self.talker.clone_conditioning(clips, [sample_rate] * len(clips), ref_text, seed)  # checks the clips
         if ref_text is None:
-            texts = self._asr_texts(clips, sample_rate)
+            texts = self._asr_texts(clips, sample_rate, cancel)
             asr = texts[0] if len(texts) == 1 else podcast_text(texts)
             notes["ref_text_from_asr"] = asr
             cond.ref_text = asr or None
@@ -447,17 +449,25 @@ class Engine:
         (text of " speaker_i:..." lines, one voice / clip per speaker). `sample_rate` goes with raw arrays."""
         from engine.models.talker.pipeline import SpeechRequest  # noqa: PLC0415
         from engine.models.talker.prompt import Instruction  # noqa: PLC0415
-        from engine.models.talker.speech import speak_events  # noqa: PLC0415
+        from engine.models.talker.speech import audio_stats, speak_events  # noqa: PLC0415
         if self.talker is None:
             yield self._talker_unavailable()
             return
         t_start = time.perf_counter()
         notes: dict = {}
+        if ref_audio is not None and voice is None and not (ref_text or "").strip():
+            # (what the request waits for, often longer than the speech's first sound; a server's stream starts here,
+            # so a client can stop it meanwhile)
+            yield Progress(TRANSCRIBING_STAGE, 0, len(ref_audio) if isinstance(ref_audio, list) else 1,
+                           message=TRANSCRIBING_REFERENCE)
         try:
             inst = Instruction.parse(instruct)
-            cond = self._conditioning(voice, ref_audio, ref_text, sample_rate, seed, notes)
+            cond = self._conditioning(voice, ref_audio, ref_text, sample_rate, seed, notes, cancel)
         except MingError as e:
             yield Error(str(e), code=e.code)
+            return
+        if cancel is not None and cancel.is_set():  # stopped while the reference clip was transcribed: no sound
+            yield Done(text="", finish_reason="cancelled", stats=audio_stats(t_start, None, 0.0), result=notes)
             return
         req = SpeechRequest(text=text, task=task, conditioning=cond, instruct=inst, cfg=cfg, sigma=sigma,
                             temperature=temperature, seed=seed, max_seconds=max_seconds, music=music)

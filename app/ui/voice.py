@@ -25,7 +25,7 @@ from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, e
                            toolbar, wire_stop,
                            BrowserRequest, check_on_upload, says_refused,
                            say_refused_files)
-from engine.events import AudioChunk, Done, Error, QueuePosition, TextDelta
+from engine.events import TRANSCRIBING_STAGE, AudioChunk, Done, Error, Progress, QueuePosition, TextDelta
 
 TAB = "voice"
 TASKS = {"Speech": "tts", "Sound effect": "sound", "Music": "music", "Podcast (speaker_1: / speaker_2: lines)": "podcast"}
@@ -52,6 +52,9 @@ TEXT_TOO_LONG = ("The text is {n:,} characters; the engine speaks at most {most:
 # a sound or music), said on the status line: it was dropped without a word.
 MUSIC_TEXT_UNUSED = "the text box was not used: music is made from the Music section (genre, mood, ...)"
 VOICE_UNUSED = "the Voice chosen was not used: {what} takes no voice"
+# A clip cloned without its transcript is first transcribed (seconds, before any sound): the line said "Generating…".
+TRANSCRIBING_CLIP = ("Transcribing the reference clip (no transcript was given; type what it says to skip this)… "
+                     "Stop stops it.")
 REQUEST_KEY = "ming-studio-voice-request-json"  # the browser's key of the last request (common.BrowserRequest)
 REQUEST_FIELDS = ("text", "task")
 # The browser's localStorage key of the takes made (kept across a page reload), read and written by the page itself at
@@ -225,6 +228,8 @@ class VoiceController:
             for event in self.link.client.speak(text or "", cancel=cancel, **kwargs):
                 if isinstance(event, QueuePosition):
                     yield no_audio(), transcript, queue_line(event), None
+                elif isinstance(event, Progress) and event.stage == TRANSCRIBING_STAGE:  # (before any sound: seconds)
+                    yield no_audio(), transcript, TRANSCRIBING_CLIP, None
                 elif isinstance(event, AudioChunk):
                     pcm = np.frombuffer(event.pcm, dtype="<i2")
                     rate = event.sample_rate

@@ -225,6 +225,21 @@ def test_a_stopped_take_says_so_in_its_name_and_is_kept(engine_server):
     assert keep_take(end[3], [])[0] == [str(Path(end[3]).resolve())]
 
 
+def test_stop_while_the_reference_clip_is_transcribed_stops_at_once(engine_server, tmp_path):
+    """Cloning from a clip without its transcript said "Generating…" through the transcription, and Stop was heard
+    only once it had run to its end (8 s on the demo model). The status says it is transcribing; Stop ends it then."""
+    voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(3.0, 22050, 220.0), 22050))
+    me = SimpleNamespace(session_hash="stops-a-transcription")
+    stream = voices.synthesize("A long text to speak. " * 40, "Speech", "Clone from a clip", None, str(clip), "",
+                               *[None] * 5, "", "", "", None, "", "", "", "", 10, 3, request=me)
+    next(update for update in stream if update[2] == voice_tab.TRANSCRIBING_CLIP)
+    voices.stop(me)
+    *_, end = stream
+    assert "cancelled" in end[2] and end[3] is None, end  # no sound made: no take offered
+
+
 def test_a_stopped_stream_without_figures_shows_none():
     """An image stopped mid-way read "prompt tokens 0, new tokens 0, time to first token 0.0 ms, 0.0 tokens/s ·
     finish reason: cancelled (stopped)": the client ends a stream it closed with no figures."""

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.events import AudioChunk, Done, Error, TextDelta
+from engine.events import (TRANSCRIBING_REFERENCE, TRANSCRIBING_STAGE, AudioChunk, Done, Error, Progress,
+                           TextDelta)
 from engine.runtime import Engine
 
 RATE = 44100
@@ -77,6 +78,26 @@ def test_a_spoken_reply_stopped_mid_text_ends_cancelled_not_in_an_error(tiny_eng
             cancel.set()
         final = ev
     assert isinstance(final, Done) and final.finish_reason == "cancelled", final
+
+
+def test_a_stop_while_the_reference_clip_is_transcribed_stops_the_transcription(tiny_engine, scripted_tokens):
+    """A clip cloned without its transcript is first run through our ASR (seconds before any sound; a 30 s clip on
+    the real model, longer): the stream said nothing meanwhile and a stop was heard only once the transcription had
+    run to its end. The stream now says it is transcribing, and a stop then ends it there, without a sound."""
+    clip = wav_file(tone(3.0), 22050, 1)
+    for stop_at in ("start", "mid-transcript"):
+        cancel = threading.Event()
+        # the transcription draws two tokens, then the stop comes (a third draw would fail: the script is spent)
+        scripted_tokens(tiny_engine.tokenizer.encode_plain("hello there")[:2], after_last=cancel.set)
+        events = []
+        for ev in tiny_engine.speak("A long text. " * 20, ref_audio=clip, cancel=cancel, seed=1):
+            events.append(ev)
+            if stop_at == "start" and isinstance(ev, Progress) and ev.stage == TRANSCRIBING_STAGE:
+                cancel.set()
+        assert isinstance(events[0], Progress) and events[0].message == TRANSCRIBING_REFERENCE
+        done = events[-1]
+        assert isinstance(done, Done) and done.finish_reason == "cancelled", done
+        assert not any(isinstance(e, AudioChunk) for e in events)
 
 
 def test_long_text_is_segmented(tiny_engine):
