@@ -320,6 +320,20 @@ class TalkerPipeline:
             return Conditioning(zero_speaker=True)
         return cond
 
+    def _prompt_too_long(self, length: int, text: str, caption: str | None, ref_text: str | None,
+                         n_patches: int) -> TextError:
+        """The refusal of a prompt over the talker's room, naming what takes most of it (it said "with the reference;
+        shorten the text or the reference clip" of a voice design of 2 000 characters, with no reference at all)."""
+        shares = {"the text": len(self.tokenizer.encode_text(text)),
+                  "the instruction (voice design, character voice or background)": len(
+                      self.tokenizer.encode_text(caption)) if caption else 0,
+                  "the reference clip and its transcript": n_patches + (
+                      len(self.tokenizer.encode_text(ref_text)) if ref_text else 0)}
+        biggest = max(shares, key=shares.get)
+        said = ", ".join(f"{name} {n}" for name, n in shares.items() if n)
+        return TextError(f"the prompt is too long for the talker: {length} tokens ({said}), at most "
+                         f"{MAX_CACHE_LEN - MIN_STEPS_ROOM}: shorten {biggest}")
+
     def synthesize(self, req: SpeechRequest, cancel: threading.Event | None = None,
                    report: SynthesisReport | None = None, fragments: list[Fragment] | None = None) -> Iterator[WaveChunk]:
         """Stream waveform chunks for a request (or for given `fragments`, speak-while-thinking)."""
@@ -361,8 +375,7 @@ class TalkerPipeline:
                                       instruction=caption)
             length = max(len(prompt.ids), max(prompt.latent_slots, default=-1) + 1)
             if length > MAX_CACHE_LEN - MIN_STEPS_ROOM:
-                raise TextError(f"the prompt is too long for the talker ({length} tokens with the reference; "
-                                f"at most {MAX_CACHE_LEN - MIN_STEPS_ROOM}): shorten the text or the reference clip")
+                raise self._prompt_too_long(length, frag.text, caption, cond.ref_text if cloning else None, n_patches)
             with torch.inference_mode():
                 embeds = talker.embed_prompt(prompt.ids, prompt.speaker_slots, spk, prompt.latent_slots, lat_embeds)
             stream = self.vae.stream()

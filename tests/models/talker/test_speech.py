@@ -159,6 +159,16 @@ def test_bad_input_is_one_clear_error(tiny_engine, kwargs, code):
     assert isinstance(final, Error) and final.code == code and final.message
 
 
+def test_a_prompt_too_long_for_the_talker_names_what_to_shorten(tiny_engine):
+    """A voice design within its 2 000 characters, but over the talker's room on the demo model, was refused as "(2404
+    tokens with the reference; ...): shorten the text or the reference clip", though no reference was given: the
+    refusal says what takes the room, and what to shorten."""
+    _, err = run(tiny_engine.speak("Hello there.", instruct={"style": "a warm deep voice " * 110}))
+    assert isinstance(err, Error) and err.code == "invalid_request", err
+    assert "reference" not in err.message and err.message.endswith("shorten the instruction (voice design, character "
+                                                                    "voice or background)"), err.message
+
+
 def test_podcast_with_one_clip_per_speaker(tiny_engine):
     text = " speaker_1:Could you say that again?\n speaker_2:Sure, it is a comedy."
     ref_text = " speaker_1:We had exams.\n speaker_2:Exactly."
