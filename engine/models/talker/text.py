@@ -541,13 +541,21 @@ _DATE_TIME = (
 )
 # A seven-digit local number, 555-1234 (its exchange starts 2-9): no range, unless its second number is round (300-1200).
 _LOCAL_PHONE = r"[2-9]\d\d-(?!\d\d00)\d{4}"
+# ... nor after words that announce a range: 'pages 385-1024', 'from 250-1250', 第385-1024页.
+_RANGE_BEFORE = re.compile(r"(?:\b(?i:pages?|pp?\.|from|between|ages?|years?|nos?\.)|第|从|页|约)\s*$")
+
+
+def _is_phone(m: re.Match) -> bool:
+    """Whether a phone-shaped match is a phone number: all are but a seven-digit one (group `local`) after a word that
+    announces a range."""
+    return not m.group("local") or not _RANGE_BEFORE.search(m.string[max(0, m.start() - 12):m.start()])
 # Read before ranges and other numbers (English): phone numbers, dictated digit by digit in their groups (an
 # international number with '+', or the North American shapes 555-123-4567, 1-800-555-0100, (555) 123-4567); a ratio
 # or a score that is no clock time (3:2, 16:9) as 'three to two'; a range '3-5' or '10–12' (no spaces around a
 # hyphen: '5 - 3' is a subtraction) as 'three to five'; a year after 'in', 'since', 'until', 'year', ... (1100 to
 # 2099, no unit after it) as said, 'in 1999' -> 'in nineteen ninety-nine' while '1999 apples' stays a cardinal.
 _PHONE_EN = re.compile(r"(?<![\w+.-])(?:\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}|(?:1[-.])?\(\d{3}\) ?\d{3}[-.]\d{4}|"
-                       rf"(?:1([-.]))?\d{{3}}([-.])\d{{3}}\2\d{{4}}|{_LOCAL_PHONE})(?![\w-]|\.\d)")
+                       rf"(?:1([-.]))?\d{{3}}([-.])\d{{3}}\2\d{{4}}|(?P<local>{_LOCAL_PHONE}))(?![\w-]|\.\d)")
 _RATIO = re.compile(r"(?<![\w.:])(\d+):(\d+)(?![\w:]|\.\d)")
 _RANGE = re.compile(r"(?<![\w.,:/–-])(\d+(?:\.\d+)?)(?:-|\s?[–—]\s?)(\d+(?:\.\d+)?)(?![\w:/–-]|\.\d)")
 _YEAR_AFTER = re.compile(r"\b((?i:in|since|until|till|year|circa|during))\s+(1[1-9]\d\d|20\d\d)"  # (SPOKEN_YEARS)
@@ -600,7 +608,7 @@ def normalize_english_numbers(text: str) -> str:
     text = re.sub(r"\d{1,3}(?:,\d{3})+", lambda m: m.group(0).replace(",", ""), text)
     for pattern, words in (*_DATE_TIME, *_DECADES):
         text = pattern.sub(words, text)
-    text = _PHONE_EN.sub(_phone, text)
+    text = _PHONE_EN.sub(lambda m: _phone(m) if _is_phone(m) else m.group(0), text)
     for pattern, words in _DIGIT_FORMS:
         text = pattern.sub(words, text)
     text = _RATIO.sub(r"\1 to \2", text)
@@ -720,7 +728,7 @@ def _zh_yao(digits: str) -> str:
 # A phone number written with dashes (010-12345678, 0571-1234567, 400-123-4567) and digits after a serial
 # label (电话, 手机号, ID, 学号, 身份证, 尾号, FM / AM, optionally followed by 是 / 为 and a colon).
 _PHONE = re.compile(r"(?<![\d\-~～:：.+x*/÷=≥≤><])(?:(\d{3})-(\d{8})|(\d{4})-(\d{7,8})|(400|0\d{2,3})-(\d{3,4})-(\d{4})|"
-                    rf"({_LOCAL_PHONE}))(?![\d\-~～:：.+x*/÷=≥≤><])")
+                    rf"(?P<local>{_LOCAL_PHONE}))(?![\d\-~～:：.+x*/÷=≥≤><])")
 _SERIAL = re.compile(r"((?<![A-Za-z])(?:id|ID|FM|AM)|学号|身份证|手机号?|电话|尾号|拨打|致电|呼叫|热线)((?:是|为)?：?)"
                      r"(\d+(?:-\d+)*)(?![.\d])")
 # Units read after a number in Chinese text and currencies before / after one (upstream's measure_after and
@@ -819,7 +827,7 @@ def normalize_chinese_numbers(text: str) -> str:
     text = re.sub(rf"(?<![{_DIGIT_PUNCT}]){_CLOCK}(?![{_DIGIT_PUNCT}]){_NOON_MARK}", lambda m: _zh_time(*m.groups()), text)
     for pattern, words in _ZH_DIGIT_FORMS:
         text = pattern.sub(words, text)
-    text = _PHONE.sub(lambda m: "".join(_zh_yao(g) for g in m.groups() if g), text)
+    text = _PHONE.sub(lambda m: "".join(_zh_yao(g) for g in m.groups() if g) if _is_phone(m) else m.group(0), text)
     text = _SERIAL.sub(lambda m: m.group(1) + m.group(2) + _zh_yao(m.group(3)), text)
     text = _ZH_MONEY_BEFORE.sub(lambda m: chinese_reading(m.group(2)) + _ZH_MONEY[m.group(1)], text)
     text = _ZH_MONEY_AFTER.sub(lambda m: chinese_reading(m.group(1)) + _ZH_MONEY[m.group(2)], text)

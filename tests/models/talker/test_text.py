@@ -337,6 +337,7 @@ def test_a_long_segment_closed_by_length_ends_at_its_last_clause_mark():
      "Dial nine one one, call nine nine nine, a nine one one call, not one hundred people."),
     ("Call 555-1234, not pages 300-1200.", "Call five five five, one two three four, not pages three hundred to one "
                                            "thousand two hundred."),
+    ("Read pages 385-1024.", "Read pages three hundred eighty-five to one thousand twenty-four."),
     ("Install v2.0 or v1.10.3.", "Install version two point zero or version one point ten point three."),
     ("About 1e6 rows, 2.5e-3 apart.",
      "About ten to the power of six rows, two point five times ten to the power of minus three apart."),
@@ -352,6 +353,7 @@ def test_english_times_and_numbers_are_read_as_a_speaker_would(text, spoken):
 
 @pytest.mark.parametrize("text, spoken", [
     ("请拨打110，或拨打911，电话555-1234", "请拨打幺幺零，或拨打九幺幺，电话五五五幺二三四"),
+    ("号码是555-1234，见第385-1024页", "号码是五五五幺二三四，见第三百八十五至一千零二十四页"),
     ("1990s的音乐，他得了3rd", "一九九零年代的音乐，他得了第三"),
     ("共1e6条，误差2.5e-3", "共十的六次方条，误差二点五乘十的负三次方"),
     ("2024年12月3日12:30，增长3.5%，营业至24:00", "二零二四年十二月三日十二点三十分，增长百分之三点五，营业至二十四点整"),
