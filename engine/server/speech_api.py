@@ -176,8 +176,9 @@ def speech_request(body: dict, ctx: ServerContext) -> dict:
     if task not in TASKS:
         raise bad(f"unknown task {codec.shown(task)}; valid tasks: {', '.join(TASKS)}", "invalid_value", "task")
     music = body.get("music")
-    text = text_field(body.get("input"), "input", MAX_INPUT_CHARS, required=not (task == "music" and music))
-    if not (task == "music" and music):  # what the talker speaks (or describes): checked as it checks it
+    given_music = task == "music" and music is not None  # (an empty {} too: its refusal names 'music', not 'input')
+    text = text_field(body.get("input"), "input", MAX_INPUT_CHARS, required=not given_music)
+    if not given_music:  # what the talker speaks (or describes): checked as it checks it
         try:
             check_speakable(text, "'input'")
         except MingError as e:
@@ -234,7 +235,7 @@ def check_task_inputs(task: str, text: str | None, music, voice: str | None, bod
     .music_text, pipeline), so a refusal names its field instead of coming back from the engine with none."""
     from engine.models.talker.prompt import is_music_text, music_text  # noqa: PLC0415
 
-    if task == "music" and music:
+    if task == "music" and music is not None:
         music = need_dict(music, "music")
         codec.check_keys(music, "music", MUSIC_FIELDS)
         if music.get("duration") is not None:

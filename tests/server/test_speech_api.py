@@ -356,6 +356,7 @@ def test_a_number_sent_as_text_is_invalid_type_as_on_the_other_routes(http, body
     ({"input": "hi", "bgm": {"SNR": 10 ** 400}}, "bgm", "between -20 and 60"),  # float() overflowed: a 500
     ({"input": "rain on a roof", "task": "sound", "emotion": "happy"}, "emotion", "description only"),
     ({"task": "music", "music": {"genre": 5}}, "music", "genre"),
+    ({"task": "music", "music": {}}, "music", "non-empty genre"),  # ('input' is required, though music was given)
     ({"task": "music", "music": {"genre": "pop", "mood": "calm", "instrument": "piano", "theme": "sea",
                                  "duration": 10 ** 9}}, "music", "duration"),
     ({"task": "music", "music": {"genre": "pop", "mood": "calm", "instrument": "piano", "theme": "sea",
