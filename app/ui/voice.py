@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import threading
 import time
 import wave
 from pathlib import Path
@@ -67,7 +68,7 @@ MAX_KEPT_TAKES = 20
 STEMS = {"tts": "speech", "sound": "sound", "music": "music", "podcast": "podcast"}  # a take's file name: what it is
 # A take cut short says so in its name (a stopped take was offered as 'speech-<time>.wav', as if whole):
 STOPPED_TAKE, FAILED_TAKE = "stopped", "failed"
-TAKE_NAME = re.compile(rf"({'|'.join(STEMS.values())})-\d{{8}}-\d{{6}}(-{STOPPED_TAKE}|-{FAILED_TAKE})?\.wav")
+TAKE_NAME = re.compile(rf"({'|'.join(STEMS.values())})-\d{{8}}-\d{{6}}(-\d{{3}})?(-{STOPPED_TAKE}|-{FAILED_TAKE})?\.wav")
 INSTRUCTION_KEYS = ("dialects", "emotions", "speeds", "pitches", "volumes")  # speech_options() lists, in that order
 # The most the tab waits for the engine's speech options (the instruction lists, the text limit): a hung engine held
 # the studio's start, each page load and each Make it for the client's whole request timeout (60 s).
@@ -76,12 +77,24 @@ OPTIONS_UNANSWERED = ("The engine did not say its voice options ({why}): the Dia
                       "lists offer their default only for now. Press Refresh to ask again.")
 
 
+_last_take_ms = [0]  # the last take's time (ms): each take's is later
+_take_lock = threading.Lock()
+
+
+def take_stamp() -> str:
+    """'20261203-160500-123': now, to the millisecond, and later than the last take's (two takes never share one)."""
+    with _take_lock:
+        ms = _last_take_ms[0] = max(time.time_ns() // 1_000_000, _last_take_ms[0] + 1)
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(ms / 1000))}-{ms % 1000:03d}"
+
+
 def write_wav(chunks: list[np.ndarray], rate: int, task: str = "tts", cut: str | None = None) -> str:
-    """The clip as a WAV file named for what it is (speech, sound, music, podcast: music was 'speech-….wav') and, for
-    a take cut short, how (`cut`: STOPPED_TAKE or FAILED_TAKE)."""
+    """The clip as a WAV file named for what it is (speech, sound, music, podcast: music was 'speech-….wav') and when,
+    to the millisecond (two takes of one second, a short sound made twice, were offered under one name), and, for a
+    take cut short, how (`cut`: STOPPED_TAKE or FAILED_TAKE)."""
     stem = STEMS.get(task, task)
     ending = f"-{cut}" if cut else ""
-    path = Path(tempfile.mkdtemp(prefix="ming-voice-")) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}{ending}.wav"
+    path = Path(tempfile.mkdtemp(prefix="ming-voice-")) / f"{stem}-{take_stamp()}{ending}.wav"
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)

@@ -221,7 +221,7 @@ def test_a_stopped_take_says_so_in_its_name_and_is_kept(engine_server):
     next(update for update in stream if "of audio so far" in str(update[2]))
     voices.stop(me)
     *_, end = stream
-    assert "cancelled" in end[2] and re.fullmatch(r"speech-\d{8}-\d{6}-stopped\.wav", Path(end[3]).name), end
+    assert "cancelled" in end[2] and re.fullmatch(r"speech-\d{8}-\d{6}-\d{3}-stopped\.wav", Path(end[3]).name), end
     assert keep_take(end[3], [])[0] == [str(Path(end[3]).resolve())]
 
 
@@ -238,6 +238,14 @@ def test_stop_while_the_reference_clip_is_transcribed_stops_at_once(engine_serve
     voices.stop(me)
     *_, end = stream
     assert "cancelled" in end[2] and end[3] is None, end  # no sound made: no take offered
+
+
+def test_two_takes_made_in_one_second_are_offered_under_their_own_names():
+    """A take's file was named to the second: two short sound effects made within one second were offered (and saved
+    by the browser) under one name. Each take's name is its own, and each is still offered after a page reload."""
+    made = [voice_tab.write_wav([np.zeros(441, "<i2")], 44100, "sound") for _ in range(3)]
+    assert len({Path(p).name for p in made}) == 3, made
+    assert restore_takes(made)[0] == [str(Path(p).resolve()) for p in made]
 
 
 def test_a_stopped_stream_without_figures_shows_none():
