@@ -173,7 +173,8 @@ class Segmenter:
         """Close a segment that has reached MAX_SEMANTIC_LEN without a closer (a run-on text, Chinese without 。),
         after its last clause mark when it has one, else here, between two words or CJK characters; what
         follows the mark stays for the next segment."""
-        marks = [i for i, unit in enumerate(self.units) if unit in LENGTH_BREAKS]
+        marks = [i for i, unit in enumerate(self.units)  # (not one that would leave a clause of a word or two)
+                 if unit in LENGTH_BREAKS and semantic_length("".join(self.units[:i])) >= MIN_TAIL]
         rest = self.units[marks[-1] + 1:] if marks else []
         self.units = self.units[:marks[-1] + 1] if marks else self.units
         self._close(out)

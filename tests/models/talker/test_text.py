@@ -329,6 +329,9 @@ def test_a_long_segment_closed_by_length_ends_at_its_last_clause_mark():
     clause = "我们今天去公园散步，看到很多美丽的花朵和绿色的树木"  # 24 characters; the 51st starts the third clause
     out = seg.feed(clause * 3) + seg.flush()
     assert out == [clause + clause[:10], clause[10:] + clause]
+    seg = Segmenter()  # a mark that would leave a clause of a word or two is no place to end: 'Hi,' alone
+    out = seg.feed("Hi, " + "word " * 60) + seg.flush()
+    assert [semantic_length(s) for s in out] == [MAX_SEMANTIC_LEN, 11] and out[0].startswith("Hi, word")
 
 
 @pytest.mark.parametrize("text, spoken", [
