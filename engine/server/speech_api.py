@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.errors import MingError
-from engine.events import AudioChunk, Done, Error, Event
+from engine.events import AudioChunk, Done, Error, Event, Progress
 from engine.runtime import no_audio_after_cancel
 from engine.server import codec, fields
 from engine.server import protocol as wire
@@ -274,11 +274,14 @@ def output_format(body: dict) -> tuple[str, str | None]:
     return fmt, stream
 
 
-def speech_job(ctx: ServerContext, engine, kwargs: dict, pcm_rate: int | None) -> Job:
-    """The synthesis as a scheduler job; `pcm_rate`: resample the audio to it (OpenAI's 24 kHz pcm)."""
+def speech_job(ctx: ServerContext, engine, kwargs: dict, pcm_rate: int | None, progress: bool = True) -> Job:
+    """The synthesis as a scheduler job; `pcm_rate`: resample the audio to it (OpenAI's 24 kHz pcm); `progress` False:
+    without the engine's Progress events (a raw audio stream, which cannot carry them, then starts with its first sound,
+    and a refusal before it is still a 4xx, not a stream cut short before any byte)."""
 
     def run(cancel) -> Iterator[Event]:
         events = no_audio_after_cancel(engine.speak(cancel=cancel, **kwargs), cancel)
+        events = events if progress else (ev for ev in events if not isinstance(ev, Progress))
         return resampled(events, pcm_rate) if pcm_rate else events
 
     job = Job(run, label="audio.speech")
@@ -296,7 +299,7 @@ async def speech(request: Request):
     kwargs = await asyncio.to_thread(speech_request, body, ctx)  # decodes reference clips
     # raw pcm has no header to state a rate: OpenAI's 24 kHz (an SSE delta names its rate, ours: the true one)
     pcm_rate = OPENAI_PCM_RATE if fmt == "pcm" and (ctx.openai_only or stream != "sse") else None
-    job = speech_job(ctx, engine, kwargs, pcm_rate)
+    job = speech_job(ctx, engine, kwargs, pcm_rate, progress=stream != "audio")
     if stream is None:
         got, final = await collect(request, ctx, job)
         if isinstance(final, Error):

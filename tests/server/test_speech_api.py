@@ -374,3 +374,14 @@ def test_what_the_talker_refuses_is_a_400_naming_the_request_field(http, server,
     assert err["param"] == param and words in err["message"], err
     assert err["code"] == "invalid_request"  # (the talker's code, as before)
     assert server.ctx.scheduler.counts["failed"] == failed  # refused before it reached the engine
+
+
+def test_a_raw_stream_refused_once_its_clip_is_transcribed_is_still_a_4xx(http, tiny_engine, scripted_tokens):
+    """A clip cloned without its transcript starts an SSE stream with a progress line (so that it can be stopped);
+    a raw audio stream cannot carry one, and a refusal after the transcription came back as a 200 with no byte in it.
+    It is still the refusal's 4xx."""
+    scripted_tokens(tiny_engine.tokenizer.encode_plain("hi")[:1])  # (the transcription fails at its second token)
+    body = {"input": "hi", "reference_audio": b64(wav_clip(1.0, 16000)), "stream_format": "audio"}
+    r = http.post("/v1/audio/speech", json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_media", (r.status_code, r.content[:200])
+    assert "could not transcribe the reference clip" in r.json()["error"]["message"]
