@@ -15,13 +15,13 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+from app.cache_dir import studio_cache_dir
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _tools_dir() -> Path:
-    base = os.environ.get("MING_STUDIO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ming-omni-studio")
-    return Path(base) / "bin"
+    return studio_cache_dir() / "bin"
 
 
 def _place(path: Path, make) -> None:

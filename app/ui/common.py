@@ -16,9 +16,9 @@ from typing import Any
 import gradio as gr
 from gradio.context import Context
 
+from app.cache_dir import studio_cache_dir
 from app.engine_link import SPEECH_OUT, TOKEN_ADVICE, EngineLink
 from app.media_check import media_problem
-from engine.tiny import default_cache_dir
 from engine.events import Done, Error, GenerationStats, QueuePosition
 
 GENERATING = "Generating…"
@@ -199,7 +199,7 @@ def browser_secret() -> str:
     a cache that cannot be written gives a key for this run, and says so once."""
     global _browser_secret
     if _browser_secret is None:
-        path = default_cache_dir() / BROWSER_SECRET_FILE
+        path = studio_cache_dir() / BROWSER_SECRET_FILE
         try:
             _browser_secret = path.read_text().strip() if path.is_file() else ""
             if not _browser_secret:
