@@ -532,7 +532,8 @@ def test_an_integer_of_more_digits_than_python_converts_is_a_bad_value_named(fak
 
 
 def test_such_an_integer_where_a_string_is_taken_is_called_an_int(fake):
-    raw = json.dumps(CHAT)[:-1] + f', "stream_options": {{"include_usage": {LONGER_THAN_PYTHON_CONVERTS}}}}}'
+    raw = (json.dumps(CHAT)[:-1]
+           + f', "stream": true, "stream_options": {{"include_usage": {LONGER_THAN_PYTHON_CONVERTS}}}}}')
     err = fake.post("/v1/chat/completions", content=raw.encode(), headers={"content-type": "application/json"}).json()
     assert err["error"]["message"].endswith("must be true or false, got int"), err  # (not the parser's own class)
 
