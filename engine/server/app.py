@@ -19,7 +19,7 @@ from starlette.routing import Match
 from starlette.websockets import WebSocket
 
 from engine.runtime import Engine
-from engine.server.auth import authorized, check_bind
+from engine.server.auth import check_bind, check_token
 from engine.server.context import ServerContext
 from engine.server import images_api, logs, speech_api
 from engine.server.bodies import ClientGone
@@ -56,11 +56,10 @@ class GateMiddleware:
                 check_http_version(scope)
                 check_url_text(scope)
                 check_framing(scope)
+                if scope["path"] not in OPEN_PATHS:
+                    check_token(scope, self.ctx.token)
             except ApiError as e:
                 refusal = e
-            if refusal is None and scope["path"] not in OPEN_PATHS and not authorized(scope, self.ctx.token):
-                refusal = ApiError("missing or wrong token: send 'Authorization: Bearer <token>' (or "
-                                   "'?token=<token>')", code="unauthorized", status=401)
             if refusal is not None:
                 body = json.dumps({"error": refusal.to_openai()}).encode()
                 headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

@@ -16,6 +16,7 @@ import socket
 from urllib.parse import parse_qs
 
 from engine.client.core import is_loopback_host
+from engine.server.protocol import ApiError
 
 
 class StartupRefused(RuntimeError):
@@ -70,23 +71,40 @@ def token_matches(provided: str | None, expected: str) -> bool:
 
 
 def token_from_scope(scope: dict) -> str | None:
-    """The token an HTTP or websocket request carries: Bearer header first, then ?token=, then (a
-    websocket) the subprotocol 'openai-insecure-api-key.<token>'."""
+    """The token an HTTP or websocket request carries: a Bearer `Authorization` header, a `?token=` query
+    parameter, or (a websocket) the subprotocol 'openai-insecure-api-key.<token>'. A request that gives it
+    ambiguously is refused (ApiError 400 naming the parameter), whatever the server's token: one of these given
+    twice (the first was taken from the query, a second header was ignored), or two of them that disagree (the
+    header won over the query)."""
+    given = given_tokens(scope)
+    for place in dict.fromkeys(place for place, _ in given):
+        if sum(p == place for p, _ in given) > 1:
+            raise ApiError(f"the access token is given twice in {place!r}: send it once", code="invalid_value",
+                           param=place)
+    values = [value for _, value in given if value]
+    if len(set(values)) > 1:
+        places = " and ".join(f"{place!r}" for place, value in given if value)
+        raise ApiError(f"the access token given in {places} differs between them: send it once",
+                       code="invalid_value", param=given[-1][0])
+    return values[0] if values else None
+
+
+def given_tokens(scope: dict) -> list[tuple[str, str]]:
+    """(where, token) for each place of the request that gives a token ('' for an Authorization header that is not
+    a Bearer token), in the order token_from_scope reads them."""
+    given = []
     for name, value in scope.get("headers") or []:
         if name.lower() == b"authorization":
-            text = value.decode("latin-1").strip()
-            scheme, _, cred = text.partition(" ")
-            if scheme.lower() == "bearer" and cred.strip():
-                return cred.strip()
+            scheme, _, cred = value.decode("latin-1").strip().partition(" ")
+            given.append(("Authorization", cred.strip() if scheme.lower() == "bearer" else ""))
     query = scope.get("query_string") or b""
     if query:
-        values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("token")
-        if values:
-            return values[0]
+        given += [("token", value) for value in
+                  parse_qs(query.decode("latin-1"), keep_blank_values=True).get("token", [])]
     for protocol in scope.get("subprotocols") or []:  # a websocket from a browser: OpenAI's SDK sends it so
         if protocol.startswith(KEY_SUBPROTOCOL) and len(protocol) > len(KEY_SUBPROTOCOL):
-            return protocol[len(KEY_SUBPROTOCOL):]
-    return None
+            given.append(("Sec-WebSocket-Protocol", protocol[len(KEY_SUBPROTOCOL):]))
+    return given
 
 
 KEY_SUBPROTOCOL = "openai-insecure-api-key."  # Sec-WebSocket-Protocol carrying the key (browsers set no headers)
@@ -100,8 +118,11 @@ def chosen_subprotocol(scope: dict) -> str | None:
     return "realtime" if "realtime" in offered else None
 
 
-def authorized(scope: dict, expected: str | None) -> bool:
-    return expected is None or token_matches(token_from_scope(scope), expected)
+def check_token(scope: dict, expected: str | None) -> None:
+    """Refuse a request without the server's token (401), or giving one ambiguously (400, token_from_scope)."""
+    if expected is not None and not token_matches(token_from_scope(scope), expected):
+        raise ApiError("missing or wrong token: send 'Authorization: Bearer <token>' or '?token=<token>'",
+                       code="unauthorized", status=401)
 
 
 _TOKEN_PARAM = re.compile(r"(?i)((?:^|[?&;])token=)[^&;#\s\"']*")

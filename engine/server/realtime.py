@@ -38,7 +38,7 @@ from engine.media.errors import MediaError
 from engine.server import codec, logs
 from engine.server import protocol as wire
 from engine.server.audio_out import OPENAI_PCM_RATE  # OpenAI's 'pcm16' / audio/pcm ("rate": always 24000 there)
-from engine.server.auth import authorized, chosen_subprotocol
+from engine.server.auth import check_token, chosen_subprotocol
 from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
 from engine.server.fields import REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields
@@ -1453,9 +1453,7 @@ def check_handshake(scope: dict, token: str | None) -> None:
     """What a websocket's opening handshake must pass before anything else (as an HTTP request meets in
     engine.server.app's gate): a URL that is valid text, and the token where the server has one."""
     check_url_text(scope)
-    if not authorized(scope, token):
-        raise ApiError("missing or wrong token: send 'Authorization: Bearer <token>' or '?token=<token>'",
-                       code="unauthorized", status=401)
+    check_token(scope, token)
 
 
 async def refuse_handshake(ws: WebSocket, refusal: ApiError) -> None:

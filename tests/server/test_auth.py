@@ -162,3 +162,40 @@ def test_a_browser_websocket_sends_its_key_as_openais_sdk_does_and_gets_the_subp
         assert refused.value.response.status_code == 401
         with connect(srv.ws_url + "?token=" + key, subprotocols=["other"]) as ws:
             assert ws.subprotocol is None  # only "realtime" is answered; never a key
+
+
+@pytest.fixture(scope="module")
+def fake_with_token():
+    from engine.server import Limits, ServerHandle, create_app
+    from tests.server import FakeEngine
+
+    with ServerHandle(create_app(FakeEngine(), Limits(), token=TOKEN)) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("query, headers, param", [
+    ([("token", TOKEN), ("token", "other")], [], "token"),
+    ([("token", "other"), ("token", TOKEN)], [], "token"),
+    ([("token", TOKEN), ("token", TOKEN)], [], "token"),
+    ([], [("Authorization", f"Bearer {TOKEN}"), ("Authorization", "Bearer other")], "Authorization"),
+    ([("token", "other")], [("Authorization", f"Bearer {TOKEN}")], "token"),
+    ([("token", TOKEN)], [("Authorization", "Bearer other")], "token"),
+])
+def test_a_token_given_twice_or_in_two_places_that_disagree_is_refused_naming_the_parameter(fake_with_token, query,
+                                                                                           headers, param):
+    """`?token=a&token=b` took the first value and two Authorization headers the first: which one the server checks
+    must not be the client's guess (a proxy adding a header, a URL with the token pasted twice). Refused alike, 400,
+    whichever of them is right."""
+    from tests.server import handshake_answer
+
+    srv = fake_with_token
+    r = httpx.get(srv.url + "/v1/models", params=query, headers=headers)
+    err = r.json()["error"]
+    assert (r.status_code, err["code"], err["param"]) == (400, "invalid_value", param), r.text
+    assert TOKEN not in err["message"] and "other" not in err["message"]
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    path = "/v1/realtime?" + "&".join(f"token={quote(value, safe='')}" for _, value in query)
+    assert handshake_answer(srv.port, path, extra).startswith(b"HTTP/1.1 400")
+    # the same token in the header and the query is one token, not a disagreement
+    same = httpx.get(srv.url + "/v1/models", params={"token": TOKEN}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert same.status_code == 200
