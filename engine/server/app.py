@@ -56,6 +56,7 @@ class GateMiddleware:
                 check_http_version(scope)
                 check_url_text(scope)
                 check_framing(scope)
+                check_request_target(scope)
                 if scope["path"] not in OPEN_PATHS:
                     check_token(scope, self.ctx.token)
             except ApiError as e:
@@ -67,8 +68,15 @@ class GateMiddleware:
                     headers.append((b"www-authenticate", b"Bearer"))
                 if refusal.code == "invalid_http_request":  # (its body's end cannot be told: nothing after it is read)
                     headers.append((b"connection", b"close"))
+                headers += [(k.lower().encode(), v.encode()) for k, v in retry_headers(refusal.status).items()]
                 await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
+                return
+            if scope["raw_path"] == ASTERISK:  # OPTIONS * (RFC 9110 §9.3.7): what the server as a whole takes
+                allow = ", ".join(served_methods(scope["app"])).encode()
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"allow", allow), (b"content-length", b"0")]})
+                await send({"type": "http.response.body", "body": b""})
                 return
             if scope["method"] == "HEAD":  # a GET resource answers HEAD (RFC 9110 §9.3.2): the GET's head, no body
                 scope, send = {**scope, "method": "GET", "ming.head": True}, without_body(send)
@@ -85,6 +93,21 @@ def origin_form(scope: dict) -> dict:
         return scope
     raw_path = b"/" + rest.partition(b"/")[2]
     return {**scope, "raw_path": raw_path, "path": unquote(raw_path.decode("ascii"))}
+
+
+ASTERISK = b"*"  # the request target that names the server as a whole (RFC 9112 §3.2.4): OPTIONS only
+
+
+def check_request_target(scope: dict) -> None:
+    """Refuse CONNECT (501: this server is no proxy, it opens no tunnel) and an asterisk-form target with any method
+    but OPTIONS (400): both met a 404 naming a route '/host:443' or '/*' that no client had asked for."""
+    target = scope["raw_path"].decode("latin-1")
+    if scope["method"] == "CONNECT":
+        raise ApiError(f"CONNECT {target}: this server is not a proxy and opens no tunnel; send requests to its routes "
+                       "(GET /v1/models lists the model)", code="method_not_allowed", status=501)
+    if scope["raw_path"] == ASTERISK and scope["method"] != "OPTIONS":
+        raise ApiError(f"{scope['method']} *: the target '*' is for OPTIONS only; send the request to a route",
+                       code="invalid_http_request", status=400)
 
 
 SPOKEN_HTTP_VERSIONS = ("1.0", "1.1")
@@ -209,14 +232,24 @@ def create_app(engine: Engine, limits: Limits | None = None, token: str | None =
 def served_routes(app: FastAPI) -> list[str]:
     """'POST /v1/chat/completions', ...: the /v1 routes of this app (the websocket's as 'WS /v1/realtime'),
     those of its included routers too."""
-    def walk(routes):
-        for route in routes:
-            if hasattr(route, "original_router"):  # an included router
-                yield from walk(route.original_router.routes)
-            elif getattr(route, "include_in_schema", True) and route.path_format.startswith("/v1/"):
-                yield f"{'/'.join(sorted(getattr(route, 'methods', None) or ['WS']))} {route.path_format}"
+    return list(dict.fromkeys(f"{'/'.join(sorted(getattr(route, 'methods', None) or ['WS']))} {route.path_format}"
+                              for route in every_route(app.routes)
+                              if getattr(route, "include_in_schema", True) and route.path_format.startswith("/v1/")))
 
-    return list(dict.fromkeys(walk(app.routes)))
+
+def every_route(routes):
+    """The routes of an app's `routes`, those of its included routers too."""
+    for route in routes:
+        if hasattr(route, "original_router"):  # an included router
+            yield from every_route(route.original_router.routes)
+        else:
+            yield route
+
+
+def served_methods(app: FastAPI) -> list[str]:
+    """The methods some route of this app takes, HEAD with GET (GateMiddleware answers it), and OPTIONS (for '*')."""
+    methods = {method for route in every_route(app.routes) for method in getattr(route, "methods", None) or ()}
+    return sorted(methods | {"HEAD", "OPTIONS"} if "GET" in methods else methods | {"OPTIONS"})
 
 
 def route_without_slash(app: FastAPI, scope: dict) -> str | None:

@@ -729,3 +729,27 @@ def test_a_refused_request_with_a_large_body_gets_its_503_not_a_reset():
             pytest.fail(f"the client met {e!r} instead of the 503")
     assert head.startswith(b"HTTP/1.1 503"), head
     assert json.loads(answer)["error"]["code"] == "too_many_connections"
+
+
+def raw_target_request(port: int, method: str, target: str) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of a request whose target http.client sends as it is ('*', 'host:443')."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, target)
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+def test_options_asterisk_says_the_methods_the_server_takes_and_connect_is_not_implemented(fake):
+    """`OPTIONS *` and `CONNECT host:443` met a 404 naming the routes '/*' and '/host:443', which no client asked for."""
+    status, headers, body = raw_target_request(fake.base_url.port, "OPTIONS", "*")
+    assert (status, body, headers["content-length"]) == (200, b"", "0")
+    assert {"GET", "HEAD", "POST", "DELETE", "OPTIONS"} == {m.strip() for m in headers["allow"].split(",")}
+    status, headers, body = raw_target_request(fake.base_url.port, "CONNECT", "example.org:443")
+    err = json.loads(body)["error"]
+    assert (status, err["code"], headers["x-should-retry"]) == (501, "method_not_allowed", "false"), body
+    assert "example.org:443" in err["message"] and "proxy" in err["message"]
+    status, _, body = raw_target_request(fake.base_url.port, "GET", "*")
+    assert (status, json.loads(body)["error"]["code"]) == (400, "invalid_http_request")
