@@ -24,7 +24,8 @@ from engine.server.context import ServerContext
 from engine.server import images_api, logs, speech_api
 from engine.server.bodies import ClientGone
 from engine.server.http_api import error_response, retry_headers, router
-from engine.server.http_protocol import Linger, OpenAIErrorsH11Protocol
+from engine.server.http_protocol import OpenAIErrorsH11Protocol
+from engine.server.lingering import Linger
 from engine.server.limits import ApiError, Limits
 from engine.server.realtime import check_handshake, realtime_endpoint, refuse_handshake
 from engine.server.sessions import new_id
@@ -306,7 +307,7 @@ def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning
                             http=functools.partial(OpenAIErrorsH11Protocol, head_timeout_s=limits.head_timeout_s,
                                                    max_connections=limits.max_connections, linger=linger,
                                                    on_full=logs.connections_full, **stalled),
-                            ws=functools.partial(OpenAIErrorsWebSocketProtocol, **stalled),
+                            ws=functools.partial(OpenAIErrorsWebSocketProtocol, linger=linger, **stalled),
                             ws_max_size=limits.max_frame_bytes, ws_per_message_deflate=False,
                             timeout_graceful_shutdown=3)
     logs.install()  # (creating the config configured uvicorn's logging: its loggers keep the filter)

@@ -16,13 +16,13 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import h11
 from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from engine.server.http_api import retry_headers
+from engine.server.lingering import LingersAfterAnswer
 from engine.server.protocol import ApiError
 from engine.server.stalled_peers import CutsOffStalledPeers
 
@@ -46,16 +46,7 @@ def client_host(connection) -> str:
     return connection.client[0] if getattr(connection, "client", None) else ""
 
 
-@dataclass(frozen=True)
-class Linger:
-    """How long, and how much of what a client still sends, is read and dropped after a refusal's answer before the
-    connection closes (OpenAIErrorsH11Protocol.close_after_client)."""
-
-    seconds: float
-    bytes: int
-
-
-class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
+class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protocol):
     """`head_timeout_s`: how long a connection may take to send a request's whole head (from its opening, or from
     the previous answer). uvicorn waits for a head forever: a client that connected and sent part of a request
     line, or nothing, held its connection (and a file descriptor) for good, and enough of them starve the server.
@@ -69,14 +60,11 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
     the new connection's request is answered 503 (too_many_connections, Retry-After) and it closes. `on_full(what)` is
     told of each (None: no one is)."""
 
-    def __init__(self, *args, head_timeout_s: float, max_connections: int, linger: Linger,
+    def __init__(self, *args, head_timeout_s: float, max_connections: int,
                  on_full: Callable[[str], None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.head_timeout_s = head_timeout_s
         self.head_timer: asyncio.TimerHandle | None = None
-        self.linger = linger
-        self.linger_left: int | None = None  # (bytes) after an answer that closes: what may still be read and dropped
-        self.linger_timer: asyncio.TimerHandle | None = None
         self.max_connections = max_connections
         self.on_full = on_full
         self.idle_since: float | None = None  # (loop time) kept alive, owing no request: may be closed to make room
@@ -114,10 +102,7 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
             self.on_full(what)
 
     def data_received(self, data: bytes) -> None:
-        if self.linger_left is not None:
-            self.linger_left -= len(data)
-            if self.linger_left < 0:
-                self.transport.close()
+        if self.dropped_while_lingering(data):
             return
         if self.refusal is not None:
             self.refuse_request(data)
@@ -162,8 +147,6 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_head_timer()
-        if self.linger_timer is not None:
-            self.linger_timer.cancel()
         super().connection_lost(exc)
 
     def time_the_head(self) -> None:
@@ -209,15 +192,6 @@ class OpenAIErrorsH11Protocol(CutsOffStalledPeers, H11Protocol):
         self.close_after_client()
 
     def close_after_client(self) -> None:
-        """Close once the client has sent what it was sending (the body of a request answered unread): the answer is
-        followed by the end of our side of the stream, and what still comes is read and dropped until the client
-        closes, for at most Linger.seconds and Linger.bytes. Closed at once, with the body unread, the connection was
-        reset (RFC 9112 §9.6): a client still sending a large body met 'connection reset' instead of the answer."""
+        """LingersAfterAnswer's, with the head timer stopped (no request is owed any more)."""
         self.stop_head_timer()
-        if self.transport.is_closing() or not self.transport.can_write_eof():
-            self.transport.close()
-            return
-        self.transport.write_eof()
-        self.transport.resume_reading()
-        self.linger_left = self.linger.bytes
-        self.linger_timer = self.loop.call_later(self.linger.seconds, self.transport.close)
+        super().close_after_client()

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from email.utils import formatdate
+from http import HTTPStatus
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.datastructures import Headers
 from websockets.http11 import Response
 
+from engine.server.lingering import LingersAfterAnswer
 from engine.server.protocol import ApiError
 from engine.server.stalled_peers import CutsOffStalledPeers
 
@@ -92,12 +96,38 @@ def in_openai_shape(reject):
     return reject_in_openai_shape
 
 
-class OpenAIErrorsWebSocketProtocol(CutsOffStalledPeers, HandshakeAnsweringProtocol):
+class OpenAIErrorsWebSocketProtocol(LingersAfterAnswer, CutsOffStalledPeers, HandshakeAnsweringProtocol):
     """The engine server's: every opening handshake websockets refuses itself (a method other than GET, a
     missing or unsupported Sec-WebSocket-Version or -Key, a request line or headers too long) is answered with
     OpenAI's error body, not websockets' plain text, as the HTTP protocol answers (engine.server.http_protocol). A
-    session whose client reads nothing is cut off (CutsOffStalledPeers), which closes the session."""
+    session whose client reads nothing is cut off (CutsOffStalledPeers), which closes the session. A handshake the
+    app refuses (its denial response: 401, 404, 503 at the session cap) is followed by the end of our side of the
+    stream, not a close (LingersAfterAnswer): a client that sent its first frames right after its handshake met a
+    reset instead of the answer."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.conn.reject = in_openai_shape(self.conn.reject)  # (websockets: "you may modify the response")
+
+    def data_received(self, data: bytes) -> None:
+        if not self.dropped_while_lingering(data):
+            super().data_received(data)
+
+    async def send(self, message) -> None:
+        if self.initial_response is None or message["type"] != "websocket.http.response.body" or message.get(
+                "more_body", False):
+            await super().send(message)
+            return
+        # the denial's last part: uvicorn would write the answer and close at once; it gathers the body, we answer
+        await super().send({**message, "more_body": True})
+        status, headers, body = self.initial_response
+        response = Response(status, HTTPStatus(status).phrase, Headers(headers), body)
+        for name, value in (("Date", formatdate(usegmt=True)), ("Connection", "close"),
+                            ("Content-Length", str(len(body)))):
+            response.headers.setdefault(name, value)
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1006})
+        self.conn.send_response(response)
+        self.close_sent = True
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_after_client()
+        self.close_timer = self.linger_timer  # (uvicorn closes the transport once the app ends unless a close is timed)

@@ -753,3 +753,26 @@ def test_options_asterisk_says_the_methods_the_server_takes_and_connect_is_not_i
     assert "example.org:443" in err["message"] and "proxy" in err["message"]
     status, _, body = raw_target_request(fake.base_url.port, "GET", "*")
     assert (status, json.loads(body)["error"]["code"]) == (400, "invalid_http_request")
+
+
+def test_a_websocket_refused_at_the_session_cap_gets_its_503_though_it_sent_frames_right_after_its_handshake():
+    """The denial (503 session_limit_reached) closed the connection at once: a client that sent its first frames right
+    after its handshake, as a client not waiting for the 101 does, had them arrive at a closed socket and met a reset
+    instead of the 503. The connection now lingers after the answer as an HTTP refusal's does."""
+    from websockets.sync.client import connect
+
+    frame = bytes([0x82, 0xFF]) + (1 << 20).to_bytes(8, "big") + b"\0" * 4 + b"x" * (1 << 20)  # binary, 1 MiB, masked
+    with fake_server(max_sessions=1) as srv, connect(f"ws://127.0.0.1:{srv.port}/v1/realtime") as held:
+        held.recv(timeout=10)  # (session.created: the one session is open)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as late:
+            key = base64.b64encode(os.urandom(16))
+            late.sendall(b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            time.sleep(0.2)  # (the refusal has been written by now)
+            try:
+                late.sendall(frame)
+                head, answer = read_to_close(late)
+            except ConnectionError as e:
+                pytest.fail(f"the client met {e!r} instead of the 503")
+    assert head.startswith(b"HTTP/1.1 503"), head
+    assert json.loads(answer)["error"]["code"] == "session_limit_reached"
