@@ -1,5 +1,5 @@
 """Image generation, editing and generative segmentation as a stream of events, and the command line
-`python -m engine.imagine --model DIR --prompt "..." [--edit in.png ...] [--segment "the cup"]
+`python -m engine.imagine --model DIR --prompt "..." [--edit in.png ... [--mask mask.png]] [--segment "the cup"]
 [--size WxH | --aspect 16:9] [--steps N] [--seed S] --out out.png` (or .jpg, .webp).
 
 One request: build the chat prompt (input images as ViT parts, then the text), run the thinker with
@@ -47,7 +47,8 @@ from engine.errors import (EXIT_FAILED, EXIT_INPUT, LOAD_ERRORS, MingError, erro
                            shown_number)
 from engine.generate import Cancelled
 from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress
-from engine.media.image import load_image
+from engine.media.errors import MediaError
+from engine.media.image import load_alpha, load_image
 from engine.models.imagegen.buckets import SizePlan, center_crop_box, parse_aspect, parse_size, plan_size
 from engine.models.imagegen.condition import condition_from_prompt
 from engine.models.imagegen.config import (REQUIRED_FOLDERS, SD3, SD3_PATCH, TYPE_CODE, ImageGenError,
@@ -545,6 +546,28 @@ def _write_image_files(out: Path, done: ImageDone) -> None:
         print(f"note: {done.note}")
 
 
+def _read_mask(ap: argparse.ArgumentParser, path: Path) -> np.ndarray:
+    """--mask's alpha (engine.media.image.load_alpha), or a usage error (exit 2) naming the file: missing, a folder,
+    unreadable, not a picture, or a picture without transparency."""
+    if not path.is_file():
+        ap.error(f"--mask {path}: " + ("is a folder, not a picture" if path.is_dir() else "no such file"))
+    try:
+        return load_alpha(path.read_bytes())
+    except OSError as e:
+        ap.error(f"--mask {path}: cannot be read ({e.strerror or e})")
+    except MediaError as e:
+        ap.error(f"--mask {path}: {e}")
+
+
+def _check_mask_fits(ap: argparse.ArgumentParser, req: ImagineRequest, picture: str) -> None:
+    """Before the model loads: the mask is the size of the --edit picture it marks (as shown), as the engine checks."""
+    try:
+        shown = load_image(picture, as_shown=True)
+        check_mask_size(req, shown.height, shown.width)
+    except MingError as e:
+        ap.error(f"--edit {picture}: {e}" if isinstance(e, MediaError) else str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
     from engine.runtime import Engine
 
@@ -555,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", default=None,
                     help="what to draw / how to edit (the target for --segment); '-': read it from stdin")
     ap.add_argument("--edit", nargs="+", default=[], metavar="IMAGE", help="input image(s); the first is the reference")
+    ap.add_argument("--mask", type=Path, default=None, metavar="PNG",
+                    help="with --edit: a PNG the size of the first picture, transparent where to edit (OpenAI's mask); "
+                         "every opaque pixel keeps the original's")
     ap.add_argument("--segment", default=None, metavar="TARGET", help="segment TARGET in the --edit image")
     ap.add_argument("--preset", choices=["replace_background", "remove_object"], default=None,
                     help="edit preset: --prompt is the new background / the object to remove")
@@ -600,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
                          image_guidance=args.image_guidance, negative_prompt=args.negative_prompt,
                          cfg_truncation=args.cfg_truncation, cfg_normalization=args.cfg_normalization,
                          seed=args.seed, preview_every=args.preview_every if args.preview_dir else 0,
-                         mask_color=args.mask_color, preset=args.preset)
+                         mask_color=args.mask_color, preset=args.preset,
+                         mask=None if args.mask is None else _read_mask(ap, args.mask))
     try:  # what needs no model is checked before the load (a clash of --size and --aspect came after a minute)
         dataclasses.replace(req).check()
     except ImageGenError as e:
@@ -608,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [Path(p) for p in args.edit if not Path(p).is_file()]
     if missing:
         ap.error(f"--edit {missing[0]}: " + ("is a folder, not a picture" if missing[0].is_dir() else "no such file"))
+    if req.masked():
+        _check_mask_fits(ap, req, args.edit[0])
     log = lambda line: print(f"[{line}]", file=sys.stderr)  # noqa: E731
     try:
         engine = Engine.load(args.model, dtype=args.dtype, device=args.device, log=log)

@@ -222,6 +222,64 @@ def test_cli_refuses_what_needs_no_model_before_the_model_loads(tmp_path, capsys
     assert exit_info.value.code == 2 and says in err and "never_loaded" not in err, err
 
 
+def _window_mask(w=64, h=48, box=(16, 12, 48, 36)) -> Image.Image:
+    """OpenAI's edit mask: opaque but for `box` (transparent: where to edit)."""
+    mask = Image.new("RGBA", (w, h), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), box)
+    return mask
+
+
+def test_cli_edits_inside_its_mask_only(tiny_engine, tmp_path, monkeypatch, capsys):
+    """`python -m engine.imagine` had no --mask (the server and the client take OpenAI's): `--edit a.png --mask m.png`
+    keeps every pixel outside the mask the original's (tolerance 0: composited, written as PNG) at the picture's size.
+    (Engine.load gives the session's tiny engine: loading it again takes seconds.)"""
+    from engine.imagine import main
+    from engine.runtime import Engine
+
+    monkeypatch.setattr(Engine, "load", lambda *args, **kwargs: tiny_engine)
+    original, out = _photo(48, 64, seed=3), tmp_path / "out.png"
+    Image.fromarray(original).save(tmp_path / "a.png")
+    _window_mask().save(tmp_path / "m.png")
+    assert main(["--edit", str(tmp_path / "a.png"), "--mask", str(tmp_path / "m.png"), "--prompt", "make it blue",
+                 "--steps", "1", "--seed", "2", "--out", str(out)]) == 0, capsys.readouterr().err
+    got = np.asarray(Image.open(out).convert("RGB"))
+    outside = np.ones((48, 64), bool)
+    outside[12:36, 16:48] = False
+    assert got.shape == (48, 64, 3) and np.array_equal(got[outside], original[outside])
+
+
+@pytest.mark.parametrize("mask, flags, says", [
+    (None, [], "--mask {mask}: no such file"),
+    ("folder", [], "is a folder, not a picture"),
+    (b"not a picture", [], "the mask"),
+    (Image.new("RGB", (64, 48)), [], "has no alpha channel"),
+    (_window_mask(box=(0, 0, 0, 0)), [], "opaque everywhere"),
+    (_window_mask(32, 32), [], "the mask is 32x32; it must be the size of the picture it marks, 64x48"),
+    (_window_mask(), ["--aspect", "1:1"], "leave out the aspect"),
+    (_window_mask(), ["--no-edit"], "'generate' takes none"),
+], ids=["missing", "folder", "not-a-picture", "no-alpha", "opaque", "other-size", "aspect", "no-edit"])
+def test_cli_refuses_a_mask_before_the_model_loads(tmp_path, capsys, mask, flags, says):
+    """--mask's refusals (the engine's own words) come before the model loads (the model path here does not exist),
+    exit 2, nothing written."""
+    from engine.imagine import main
+
+    path, out = tmp_path / "m.png", tmp_path / "out.png"
+    if mask == "folder":
+        path.mkdir()
+    elif isinstance(mask, bytes):
+        path.write_bytes(mask)
+    elif mask is not None:
+        mask.save(path)
+    Image.fromarray(_photo(48, 64)).save(tmp_path / "a.png")
+    edit = [] if "--no-edit" in flags else ["--edit", str(tmp_path / "a.png")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "never_loaded"), "--prompt", "make it blue", "--mask", str(path), *edit,
+              *(f for f in flags if f != "--no-edit"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and says.format(mask=path) in err and "never_loaded" not in err, err
+    assert not out.exists()
+
+
 def test_edit_sizes_and_reference_frame_come_from_the_picture_as_given(tiny_engine, monkeypatch):
     """Only the ViT input is shrunk to MAX_REFERENCE_PIXELS; the reference processor builds the VAE
     reference (bilinear to the bucket) and the output size from the picture as given. A 307x250 picture
