@@ -1,10 +1,11 @@
 """The Image tab: generate a picture from a prompt (aspect ratio or size, steps, guidance, seed with
 a random-seed button), edit one or more reference images (presets for background replacement and
-object removal), or segment a target (mask and overlay, both downloadable); on a Preview engine an Image
-guidance slider guides an Edit or a Segment toward its reference; up to MAX_PICTURES pictures a press (seed,
-seed + 1, ...). Previews every few steps and a progress bar (which picture, which step) while it is made; Stop ends
-it between steps; a gallery keeps the results with their settings (an Edit's or a Segment's pictures too), each as
-soon as it is made, reusable with one click (kept by the browser across a page reload)."""
+object removal; an optional mask, transparent where to edit, keeps every other pixel the original's), or segment a
+target (mask and overlay, both downloadable); on a Preview engine an Image guidance slider guides an Edit or a
+Segment toward its reference; up to MAX_PICTURES pictures a press (seed, seed + 1, ...). Previews every few steps
+and a progress bar (which picture, which step) while it is made; Stop ends it between steps; a gallery keeps the
+results with their settings (an Edit's or a Segment's pictures and mask too), each as soon as it is made, reusable
+with one click (kept by the browser across a page reload)."""
 
 from __future__ import annotations
 
@@ -61,9 +62,13 @@ CAPTION_CHARS = 48  # the most of a prompt a gallery caption shows (the whole pr
 SETTINGS = ("mode", "prompt", "preset", "target", "aspect", "size", "steps", "guidance", "seed")
 IMAGE_GUIDANCE = "image_guidance"  # the model card's image_defaults key of the Preview's reference guidance
 REFERENCES = "references"  # an Edit's or a Segment's pictures, copies kept with the result (_keep_copy)
+MASK = "mask"  # an Edit's mask (OpenAI's: transparent where to edit), a copy kept with the result (_keep_copy)
+MASKED = "masked"  # what a masked Edit's gallery caption says
 # A result's settings that are there only when they were sent (the image guidance of a Preview's Edit or Segment):
 # an entry kept by an earlier studio, without them, still comes back.
-OPTIONAL_SETTINGS = (IMAGE_GUIDANCE, REFERENCES)
+OPTIONAL_SETTINGS = (IMAGE_GUIDANCE, REFERENCES, MASK)
+MASK_LABEL = "Mask (PNG, transparent where to edit)"
+MASK_MODE = "Edit"  # the one task that takes a mask (the box is hidden in the others)
 REFERENCE_TASKS = ("edit", "segment")  # the tasks with a reference picture, which the image guidance guides
 # The most pictures one press makes (the request's n; the engine makes them one after another, seed, seed + 1, ...):
 # the engine server's most, OpenAI's 10 (engine.server.images_api.MAX_N; the slider stopped at 4)
@@ -109,14 +114,17 @@ class ImageController:
         self.inflight = InFlight()
 
     def make(self, mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
-             gallery_state, image_guidance=None, count=1, request: gr.Request | None = None, progress=gr.Progress()):
+             gallery_state, image_guidance=None, count=1, mask=None, request: gr.Request | None = None,
+             progress=gr.Progress()):
         """Stream (preview/result image, mask, overlay, status, gallery, gallery state, files). `image_guidance`
         goes with an Edit or a Segment, when the engine's card offers it (the Preview's; a 2.0 engine has none).
         `count` pictures (1..MAX_PICTURES) are made one after another: each goes to the gallery and the downloads
-        as soon as it is done (a Stop or a failure later keeps it), the status says which picture is being made."""
+        as soon as it is done (a Stop or a failure later keeps it), the status says which picture is being made.
+        `mask`: the Mask box's file, sent with an Edit only (the engine refuses one without alpha, of another size,
+        opaque everywhere: said on the status line)."""
         task = MODES.get(mode, "generate")
-        images = [f if isinstance(f, str) else getattr(f, "name", None) or f.get("path") for f in (refs or [])]
-        images = [p for p in images if p]
+        images = [p for p in map(_file_path, refs or []) if p]
+        mask = _file_path(mask) if task == "edit" and mask else None
         # each task sends only what it uses (controls left from another task changed or broke it): Generate no
         # pictures, Segment the first one (the box says so), the preset only with Edit
         unused = task == "generate" and bool(images)
@@ -133,7 +141,7 @@ class ImageController:
             return
         if task in ("edit", "segment"):  # "'image[0]' is not a recognised image" named no file
             limits = engine_limits(self.link)
-            if problem := next(filter(None, (media_problem(p, "image", limits) for p in images)), None):
+            if problem := next(filter(None, (media_problem(p, "image", limits) for p in images + [mask] if p)), None):
                 yield *kept, problem, gr.update(), gallery_state, gr.skip()
                 return
         if task == "edit" and not (prompt or "").strip():
@@ -161,12 +169,15 @@ class ImageController:
             pictures = [Path(p).read_bytes() for p in images]
             if pictures:  # kept once, with every picture made from them
                 settings[REFERENCES] = [_keep_copy(data, p) for data, p in zip(pictures, images)]
+            mask_bytes = Path(mask).read_bytes() if mask else None
+            if mask_bytes is not None:
+                settings[MASK] = _keep_copy(mask_bytes, mask)
             stream = self.link.client.imagine(
                 (target if task == "segment" else prompt) or "", task=task, images=pictures,
                 size=parse_size(size), aspect=None if parse_size(size) or aspect == AUTO_ASPECT else aspect,
                 steps=int(steps), guidance=float(guidance), seed=seed, preview_every=int(preview_every) or None,
                 preset=PRESETS.get(preset) if task == "edit" else None, image_guidance=image_guidance, n=count,
-                cancel=cancel)
+                mask=mask_bytes, cancel=cancel)
             for event in stream:
                 if isinstance(event, QueuePosition):
                     yield shown, None, None, queue_line(event), gr.update(), gallery_state, None
@@ -242,11 +253,24 @@ class ImageController:
         if item is None:
             return [gr.update()] * (len(SETTINGS) + len(OPTIONAL_SETTINGS))
         s = item["settings"]
-        return (*(s[k] for k in SETTINGS), *(s[k] if s.get(k) is not None else gr.update() for k in OPTIONAL_SETTINGS))
+        kept = {k: s[k] if s.get(k) is not None else gr.update() for k in OPTIONAL_SETTINGS}
+        if s["mode"] == MASK_MODE:  # an Edit made without a mask is made again without one
+            kept[MASK] = s.get(MASK)
+        return (*(s[k] for k in SETTINGS), *kept.values())
 
     def stop(self, request: gr.Request | None = None) -> None:
         if not self.inflight.cancel(session_of(request), TAB):
             gr.Info("Nothing is being made.")
+
+
+def _file_path(f) -> str | None:
+    """The path of a file an upload box gives (a path, a file object or Gradio's dict)."""
+    return f if isinstance(f, str) else getattr(f, "name", None) or f.get("path")
+
+
+def mask_box(mode: str) -> dict:
+    """The Mask box is shown in Edit mode only (the one task that takes a mask)."""
+    return gr.update(visible=mode == MASK_MODE)
 
 
 def _which(index: int, count: int) -> str:
@@ -323,6 +347,8 @@ def kept_results(saved) -> list[dict]:
             references = [_saved_here(r) for r in references] if isinstance(references, list) else []
             if references and all(references):  # (all of them, or the edit would not be the same)
                 settings[REFERENCES] = [str(r) for r in references]
+            if entry["settings"].get(MASK) is not None and (mask := _saved_here(entry["settings"][MASK])):
+                settings[MASK] = str(mask)
             out.append({"image": str(path), "settings": settings})
     return out
 
@@ -345,13 +371,20 @@ def _caption(s: dict) -> str:
     the prompt, an ellipsis where it is cut (it was cut at 60 characters without a mark)."""
     what = s["target"] if s["mode"] == "Segment" else s["prompt"]
     what = what if len(what) <= CAPTION_CHARS else what[:CAPTION_CHARS - 1].rstrip() + "…"
-    return f"{s['mode']} · seed {s['seed']} · {s['steps']} steps · {what}"
+    mode = f"{s['mode']} · {MASKED}" if s.get(MASK) else s["mode"]
+    return f"{mode} · seed {s['seed']} · {s['steps']} steps · {what}"
 
 
 def refused_reference(name: str, is_video: bool) -> str:
     """What the reference box says of a file that is not a picture (app/static/uploads.js)."""
     what = "a video" if is_video else "not a picture"
     return f"'{name}' is {what}: a reference is a {IMAGE_FORMATS} file."
+
+
+def refused_mask(name: str, is_video: bool) -> str:
+    """What the Mask box says of a file that is not a picture (app/static/uploads.js)."""
+    what = "a video" if is_video else "not a picture"
+    return f"'{name}' is {what}: a mask is a PNG, transparent where to edit."
 
 
 def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> ImageController:
@@ -369,6 +402,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> Imag
                                 **runs_tab("Make it"))
             refs = gr.File(label="Reference image(s) for Edit / Segment (the first one is edited)",
                            file_count="multiple", file_types=["image"], **says_refused("image-refs"))
+            edit_mask = gr.File(label=MASK_LABEL, file_types=["image"], visible=False, **says_refused("image-mask-file"))
             if examples:
                 gr.Examples([[[e]] for e in examples], [refs], label="Example images")
             with gr.Row():
@@ -423,7 +457,8 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> Imag
     ask = BrowserRequest(REQUEST_KEY, REQUEST_FIELDS, "Make it")
     ask.when_done(ask.on_press(go, [mode, prompt, target]).then(
         controller.make, [mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
-                          state, image_guidance, count], [picture, mask, overlay, status, gallery, state, files],
+                          state, image_guidance, count, edit_mask], [picture, mask, overlay, status, gallery, state,
+                                                                     files],
         api_name="imagine", concurrency_limit=None,
         show_progress_on=[status])).then(  # the progress bar over the result hid the previews it is to show
         None, None, [kept], js=f"() => {STORED_RESULTS}", **HIDDEN_STEP).then(  # (a State has no value in the page)
@@ -438,7 +473,10 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> Imag
     wire_stop(stop, controller.stop, api_visibility="private")
     check_on_upload(link, refs, "image", status)
     say_refused_files("image-refs", status, refused_reference)
+    check_on_upload(link, edit_mask, "image", status)
+    say_refused_files("image-mask-file", status, refused_mask)
+    mode.change(mask_box, [mode], [edit_mask], queue=False, api_visibility="private")
     dice.click(lambda: random.randint(0, DRAWN_SEED_MAX), None, [seed], queue=False, api_visibility="private")
     gallery.select(controller.reuse, [state], [mode, prompt, preset, target, aspect, size, steps, guidance, seed,
-                                              image_guidance, refs], api_visibility="private")
+                                              image_guidance, refs, edit_mask], api_visibility="private")
     return controller

@@ -912,9 +912,9 @@ def test_a_picture_reopened_from_the_gallery_brings_back_its_image_guidance(tmp_
     def reused(index):
         return ImageController.reuse(kept, SimpleNamespace(index=index))
 
-    assert reused(0) == ("Edit", "make it blue", "(none)", "", AUTO_ASPECT, "", 8, 5.0, 7, 1.5, gr.update())
+    assert reused(0) == ("Edit", "make it blue", "(none)", "", AUTO_ASPECT, "", 8, 5.0, 7, 1.5, gr.update(), None)
     assert reused(1)[:9] == reused(0)[:9] and reused(1)[9] == gr.update()
-    assert len(ImageController.reuse(kept, SimpleNamespace(index=5))) == 11  # nothing there: every control as it is
+    assert len(ImageController.reuse(kept, SimpleNamespace(index=5))) == 12  # nothing there: every control as it is
 
 
 def test_a_reopened_edit_brings_back_the_pictures_it_edited(tmp_path):
@@ -930,7 +930,66 @@ def test_a_reopened_edit_brings_back_the_pictures_it_edited(tmp_path):
                          {"image": made, "settings": {**settings, "references": [picture, str(elsewhere)]}}])
     assert Path(picture).name == "photo.jpg" and Path(picture).read_bytes() == b"jpeg"
     assert [e["settings"].get("references") for e in kept] == [[str(Path(picture).resolve())], None]
-    assert ImageController.reuse(kept, SimpleNamespace(index=0))[-1] == [str(Path(picture).resolve())]
+    assert ImageController.reuse(kept, SimpleNamespace(index=0))[-2] == [str(Path(picture).resolve())]
+
+
+class MaskRecorder(InstantPainter):
+    """InstantPainter that keeps what each imagine call sent."""
+
+    def __init__(self, end):
+        super().__init__(end)
+        self.sent = []
+
+    def imagine(self, prompt, **kwargs):
+        self.sent.append(kwargs)
+        yield from super().imagine(prompt, **kwargs)
+
+
+def test_an_edit_sends_its_mask_and_the_gallery_says_it_was_masked(tmp_path):
+    """The Image tab had no mask (the server and engine.client take OpenAI's): an Edit sends the Mask box's PNG, the
+    gallery caption says 'masked' and the result keeps a copy, given back by a click (and after a reload); a Generate
+    leaves a mask in the (hidden) box unsent, and an unmasked Edit reopened empties the box."""
+    from app.ui.image import MASK_LABEL, build_image_tab, mask_box
+
+    mask = tmp_path / "mask.png"
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(mask)
+    painter = MaskRecorder(Done(text="", finish_reason="stop"))
+    image, cup = ImageController(EngineLink(painter)), str(REPO / "app" / "assets" / "images" / "cup.png")
+    quiet = {"progress": lambda *a, **k: None}
+    *_, gallery, state, _ = last(image.make("Edit", "make it blue", [cup], "(none)", "", AUTO_ASPECT, "", 1, 2.0, 7, 0,
+                                            [], mask=str(mask), **quiet))
+    assert painter.sent[-1]["mask"] == mask.read_bytes() and gallery[0][1].startswith("Edit · masked · seed 7")
+    kept = kept_results(state)
+    assert Path(kept[0]["settings"]["mask"]).read_bytes() == mask.read_bytes()
+    assert ImageController.reuse(kept, SimpleNamespace(index=0))[-1] == kept[0]["settings"]["mask"]
+    *_, gallery, state, _ = last(image.make("Generate", "a cup", None, "(none)", "", AUTO_ASPECT, "", 1, 2.0, 8, 0,
+                                            state, mask=str(mask), **quiet))
+    assert painter.sent[-1]["mask"] is None and "masked" not in gallery[1][1]
+    *_, state, _ = last(image.make("Edit", "make it blue", [cup], "(none)", "", AUTO_ASPECT, "", 1, 2.0, 9, 0, state,
+                                   **quiet))
+    assert ImageController.reuse(state, SimpleNamespace(index=2))[-1] is None
+    assert [mask_box(mode)["visible"] for mode in ("Generate", "Edit", "Segment")] == [False, True, False]
+    with gr.Blocks() as demo:
+        build_image_tab(EngineLink(painter))
+    assert [b.visible for b in demo.blocks.values() if getattr(b, "label", None) == MASK_LABEL] == [False]
+
+
+@pytest.mark.parametrize("mask, says", [(Image.new("RGB", (512, 384)), "has no alpha channel"),
+                                        (Image.new("RGBA", (32, 32)), "it must be the size of the picture it marks"),
+                                        (Image.new("RGBA", (512, 384), (0, 0, 0, 255)), "opaque everywhere")],
+                         ids=["no-alpha", "other-size", "opaque"])
+def test_a_mask_the_engine_refuses_is_said_on_the_status_line(engine_server, tmp_path, mask, says):
+    """The engine's refusals of a mask (no alpha, another size than the picture, opaque everywhere) reach the status
+    line as the tab says its other failures, and nothing is added to the gallery."""
+    path = tmp_path / "mask.png"
+    mask.save(path)
+    image = ImageController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    cup = str(REPO / "app" / "assets" / "images" / "cup.png")
+    assert Image.open(cup).size == (512, 384)
+    _, _, _, status, _, gallery, files = last(image.make("Edit", "make it blue", [cup], "(none)", "", AUTO_ASPECT, "",
+                                                         1, 2.0, 1, 0, [], mask=str(path),
+                                                         progress=lambda *a, **k: None))
+    assert says in status and gallery == [] and files is None, status
 
 
 @pytest.mark.parametrize("fmt, vcodec, acodec", [("mp4", "mpeg4", "aac"), ("webm", "libvpx", "libopus")])
