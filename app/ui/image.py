@@ -402,7 +402,8 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> Imag
                                 **runs_tab("Make it"))
             refs = gr.File(label="Reference image(s) for Edit / Segment (the first one is edited)",
                            file_count="multiple", file_types=["image"], **says_refused("image-refs"))
-            edit_mask = gr.File(label=MASK_LABEL, file_types=["image"], visible=False, **says_refused("image-mask-file"))
+            edit_mask = gr.File(label=MASK_LABEL, file_types=["image"], visible=False,
+                                **says_refused("image-mask-file"))
             if examples:
                 gr.Examples([[[e]] for e in examples], [refs], label="Example images")
             with gr.Row():
