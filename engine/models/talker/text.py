@@ -482,16 +482,22 @@ def _english_date(year: str, month: str, day: str) -> str | None:
     return f"{MONTH_NAMES[int(month) - 1]} {english_ordinal(int(day))}, {english_year(int(year))}"
 
 
+HOURS_ON_A_CLOCK_FACE = 12  # past it, an hour is the 24-hour clock's ("thirteen hundred", not "o'clock")
+
+
 def _english_time(hour: str, minute: str, second: str | None = None, noon: str | None = None) -> str:
     """10:30 -> 'ten thirty', 9:05 -> 'nine oh five', 10:00 -> "ten o'clock", 12:30:45 -> 'twelve thirty and
     forty-five seconds', 9:05pm -> 'nine oh five PM'; the day's ends as a speaker says them: 00:00 and 24:00 ->
-    'midnight', 00:30 -> 'twelve thirty AM' (not 'zero thirty', 'twenty-four to zero')."""
+    'midnight', 00:30 -> 'twelve thirty AM' (not 'zero thirty', 'twenty-four to zero'); a 24-hour clock's hour on
+    the hour as its other times are read: 13:00 -> 'thirteen hundred' (as 13:30 is 'thirteen thirty'; not
+    "thirteen o'clock", which no clock says)."""
     hours, minutes, seconds = int(hour), int(minute), int(second or 0)
     if hours in (0, 24) and minutes == seconds == 0 and not noon:
         return "midnight"
     if hours == 24:  # 24:30 is no time of day (a ratio or a score)
         return f"{hour}:{minute}" + (f":{second}" if second is not None else "")
-    said = "o'clock" if minutes == 0 else f"oh {_ONES[minutes]}" if minutes < 10 else english_number(minutes)
+    on_the_hour = "hundred" if hours > HOURS_ON_A_CLOCK_FACE else "o'clock"
+    said = on_the_hour if minutes == 0 else f"oh {_ONES[minutes]}" if minutes < 10 else english_number(minutes)
     if seconds:
         said += f" and {english_number(seconds)} second" + ("" if seconds == 1 else "s")
     noon = noon.upper() if noon else ("AM" if hours == 0 else "")

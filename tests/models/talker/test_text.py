@@ -336,6 +336,8 @@ def test_a_long_segment_closed_by_length_ends_at_its_last_clause_mark():
 
 @pytest.mark.parametrize("text, spoken", [
     ("Open 00:00 to 24:00, back at 00:30.", "Open midnight to midnight, back at twelve thirty AM."),
+    ("Lunch 12:00 to 13:00, the train at 23:00:30.",
+     "Lunch twelve o'clock to thirteen hundred, the train at twenty-three hundred and thirty seconds."),
     ("Dial 911, call 999, a 911 call, not 100 people.",
      "Dial nine one one, call nine nine nine, a nine one one call, not one hundred people."),
     ("Call 555-1234, not pages 300-1200.", "Call five five five, one two three four, not pages three hundred to one "
@@ -349,8 +351,9 @@ def test_a_long_segment_closed_by_length_ends_at_its_last_clause_mark():
      "five five, one two three, four five six seven."),
 ])
 def test_english_times_and_numbers_are_read_as_a_speaker_would(text, spoken):
-    """'24:00' was read 'twenty-four to zero', '00:30' 'zero thirty', 'Dial 911' 'nine hundred eleven', '555-1234' a
-    range, 'v2.0' 'v two point zero' and '1e6' 'one e six'; each is now said as a speaker says it."""
+    """'24:00' was read 'twenty-four to zero', '00:30' 'zero thirty', '13:00' "thirteen o'clock", 'Dial 911' 'nine
+    hundred eleven', '555-1234' a range, 'v2.0' 'v two point zero' and '1e6' 'one e six'; each is now said as a speaker
+    says it."""
     assert normalize(text) == spoken
 
 
