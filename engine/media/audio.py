@@ -154,6 +154,25 @@ class _WavEncodingError(MediaError):
     odd bit depth): FFmpeg may still decode it."""
 
 
+# The most channels a WAV header may say: FFmpeg's own limit (its FF_SANE_NB_CHANNELS). A header saying more is
+# corrupt, not a recording (65535 channels left less than one sample of each: "has no samples").
+MAX_WAV_CHANNELS = 512
+# The sample sizes WAV stores IEEE floats in: a float tag on 16-bit samples is integer data mislabelled (FFmpeg has no
+# decoder for it either: it said "is in an audio codec this FFmpeg build cannot decode").
+WAV_FLOAT_BITS = (32, 64)
+
+
+def _wav_header_problem(what: str, tag: int, channels: int, bits: int) -> str | None:
+    """What is wrong with a WAV header a recorder would not write, in words; None when nothing is."""
+    if channels > MAX_WAV_CHANNELS:
+        return (f"{what} is a corrupt WAV file: its header says {channels} channels (a WAV file has at most "
+                f"{MAX_WAV_CHANNELS})")
+    if tag == 3 and bits not in WAV_FLOAT_BITS:
+        return (f"{what} is a corrupt WAV file: its header says {bits}-bit floating-point samples, and WAV's are 32 or "
+                f"64 bits (integer samples labelled float?)")
+    return None
+
+
 def _parse_wav(data: bytes, what: str) -> tuple[np.ndarray, int]:
     """Parse a RIFF/WAVE file; returns (samples [n, channels] float32, sample_rate)."""
     if len(data) < 12 or data[:4] not in (b"RIFF", b"RF64") or data[8:12] != b"WAVE":
@@ -180,6 +199,8 @@ def _parse_wav(data: bytes, what: str) -> tuple[np.ndarray, int]:
         (tag,) = struct.unpack("<H", fmt[24:26])
     if channels == 0 or rate == 0:
         raise MediaError(f"{what} has an invalid WAV header ({channels} channels, {rate} Hz)")
+    if problem := _wav_header_problem(what, tag, channels, bits):
+        raise MediaError(problem)
     if tag == 1:  # integer PCM
         if bits == 8:
             samples = np.frombuffer(payload, dtype=np.uint8, count=len(payload) // channels * channels)
@@ -194,13 +215,9 @@ def _parse_wav(data: bytes, what: str) -> tuple[np.ndarray, int]:
             samples = np.frombuffer(payload, dtype="<i4", count=len(payload) // 4 // channels * channels)
         else:
             raise _WavEncodingError(f"{what}: unsupported WAV PCM bit depth {bits}")
-    elif tag == 3:  # IEEE float
-        if bits == 32:
-            samples = np.frombuffer(payload, dtype="<f4", count=len(payload) // 4 // channels * channels)
-        elif bits == 64:
-            samples = np.frombuffer(payload, dtype="<f8", count=len(payload) // 8 // channels * channels)
-        else:
-            raise _WavEncodingError(f"{what}: unsupported WAV float bit depth {bits}")
+    elif tag == 3:  # IEEE float (32 or 64 bits: _wav_header_problem)
+        dtype = np.dtype("<f4" if bits == 32 else "<f8")
+        samples = np.frombuffer(payload, dtype=dtype, count=len(payload) // dtype.itemsize // channels * channels)
     else:
         raise _WavEncodingError(f"{what}: unsupported WAV encoding (format tag {tag:#x})")
     return _pcm_to_float(samples.astype(samples.dtype.newbyteorder("="))).reshape(-1, channels), rate

@@ -260,6 +260,22 @@ def test_undecodable_audio_is_said_in_words():
                                  "or cut-off file)")
 
 
+def test_a_wav_header_no_recorder_writes_is_said_to_be_corrupt_saying_why():
+    """A WAV tagged float holding 16-bit integer samples was "in an audio codec this FFmpeg build cannot decode" (no
+    build has one); a header saying 65535 channels read as less than one sample of each ("has no samples")."""
+    ints = (_sine(16000, 440.0, 0.2) * 32767).astype("<i2")[:, None]
+    with pytest.raises(MediaError) as caught:
+        decode_audio(_wav_bytes(ints, 16000, fmt_tag=3, bits=16), "'clip.wav'")
+    assert str(caught.value) == ("'clip.wav' is a corrupt WAV file: its header says 16-bit floating-point samples, "
+                                 "and WAV's are 32 or 64 bits (integer samples labelled float?)")
+    header = bytearray(_wav_bytes(ints, 16000))
+    header[22:24] = struct.pack("<H", 65535)  # (the fmt chunk's channel count)
+    with pytest.raises(MediaError) as caught:
+        decode_audio(bytes(header), "'clip.wav'")
+    assert str(caught.value) == ("'clip.wav' is a corrupt WAV file: its header says 65535 channels (a WAV file has "
+                                 "at most 512)")
+
+
 def test_a_decoder_failure_keeps_no_errno_or_file_name():
     av = pytest.importorskip("av")
     cut = decode_failure(av.error.EOFError(541478725, "End of file", "<none>"), "audio data", "audio")
