@@ -24,6 +24,7 @@ from app.ui.common import (GENERATING, InFlight, browser_kept, capability_note, 
                            session_of, toolbar, wire_stop, says_refused, kept_request, on_page_load, request_done,
                            restore_request)
 from app.ui.speech_live import KeptWindows
+from engine.client import subtitles
 from engine.events import TRANSCRIBING_STAGE, Done, Error, Progress, QueuePosition, TextDelta
 
 TAB = "speech"
@@ -73,15 +74,6 @@ def wav_bytes(rate: int, samples: np.ndarray) -> bytes:
         w.setframerate(int(rate))
         w.writeframes(x.astype("<i2").tobytes())
     return buf.getvalue()
-
-
-def srt_text(text: str, seconds: float, segments: list[dict] | None = None) -> str:
-    """SubRip cues: one per window of a long recording (the result's `segments`), else one spanning the clip."""
-    def stamp(t: float) -> str:
-        ms = int(round(t * 1000))
-        return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
-    spans = [(s["start"], s["end"], s["text"]) for s in segments or () if s["text"].strip()] or [(0, seconds, text)]
-    return "\n".join(f"{i}\n{stamp(a)} --> {stamp(max(b, 0.001))}\n{t.strip()}\n" for i, (a, b, t) in enumerate(spans, 1))
 
 
 def progress_line(event: Progress) -> str:
@@ -219,7 +211,8 @@ class SpeechController:
         stem = f"transcript-{time.strftime('%Y%m%d-%H%M%S')}"
         txt, srt = folder / f"{stem}.txt", folder / f"{stem}.srt"
         txt.write_text(text.strip() + "\n", encoding="utf-8")
-        srt.write_text(srt_text(text, seconds, (result or {}).get("segments")), encoding="utf-8")
+        # SubRip cues as the engine's own srt answer has them: a cue per window of a long recording, else one
+        srt.write_text(subtitles(text, seconds, "srt", (result or {}).get("segments")), encoding="utf-8")
         return str(txt), str(srt)
 
     def stream(self, state: dict | None, chunk, context, hotwords, dialect, request: gr.Request | None = None):

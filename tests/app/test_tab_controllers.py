@@ -656,6 +656,32 @@ def test_the_srt_of_a_clip_that_is_not_16_bit_wav_spans_the_clip(tmp_path, fmt, 
     assert abs(int(cue[-3:]) - 500) <= 60, cue  # 2.5 s, give or take an encoder's padding
 
 
+WINDOWS = [{"start": 0.0, "end": 29.4, "text": " hello there "}, {"start": 29.4, "end": 30.2, "text": "  "},
+           {"start": 30.2, "end": 3725.0004, "text": "and goodbye"}]
+WINDOWS_SRT = ("1\n00:00:00,000 --> 00:00:29,400\nhello there\n\n"
+               "2\n00:00:30,200 --> 01:02:05,000\nand goodbye\n")  # (the window with no text has no cue)
+
+
+class WindowedTranscriber(StoppedTranscriber):
+    """An engine client whose transcription of a long recording comes back in windows, one of them silent."""
+
+    def transcribe(self, audio, **kwargs):
+        yield Done(text="hello there and goodbye", finish_reason="stop",
+                   result={"text": "hello there and goodbye", "segments": WINDOWS})
+
+
+def test_the_speech_tabs_srt_is_the_engines_own_srt_answer(tmp_path):
+    """The Speech tab timed its .srt cues with a copy of the server's subtitle code; both now write them with one
+    function (engine.client.subtitles, the server's response_format srt): a cue per window holding text."""
+    from engine.client import subtitles
+
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(0.5, 16000, 220.0), 16000))
+    *_, srt = last(SpeechController(EngineLink(WindowedTranscriber())).transcribe_file(str(clip), "", "", None))
+    assert Path(srt).read_text(encoding="utf-8") == WINDOWS_SRT == subtitles("", 0.5, "srt", WINDOWS)
+    assert subtitles("hello", 2.5, "srt") == "1\n00:00:00,000 --> 00:00:02,500\nhello\n"  # (no windows: one cue)
+
+
 def test_controls_left_from_another_task_do_not_change_or_break_this_one(engine_server):
     """A preset left chosen from an Edit made a Generate fail ('edit presets need an input image'), a picture left
     from an Edit turned a Generate into an edit of it, and a Segment of two pictures (the box says the first one is
