@@ -32,3 +32,17 @@ def test_a_writable_cache_gets_the_tools_on_path(tmp_path, monkeypatch):
     ffmpeg_tools.ensure_ffmpeg_tools()
     assert os.environ["PATH"].split(os.pathsep)[0] == str(tmp_path / "bin")
     assert os.access(tmp_path / "bin" / "ffprobe", os.X_OK) and (tmp_path / "bin" / "ffmpeg").exists()
+
+
+@pytest.mark.parametrize("env", [{"MING_STUDIO_CACHE": "/srv/ming"}, {"XDG_CACHE_HOME": "/srv/xdg"}, {}])
+def test_the_studio_finds_the_engines_cache_folder_without_importing_the_engine(monkeypatch, env):
+    """app.ui.common found the cache (for the browser key) with engine.tiny, which imports torch: a UI-only studio (a
+    Space, no torch) could not start. app.cache_dir names the same folder without the engine."""
+    from app.cache_dir import studio_cache_dir
+    from engine.tiny import default_cache_dir
+
+    for name in ("MING_STUDIO_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert studio_cache_dir() == default_cache_dir()
