@@ -4,6 +4,7 @@ model inputs of the Ming-flash-omni reference processor (spec §4.1, §4.2, §5.
 from .audio import (
     AudioFeatures,
     AudioFrontendConfig,
+    TimeConv,
     audio_token_count,
     load_audio,
     log_mel_spectrogram,
@@ -39,7 +40,7 @@ from .video import (
 )
 
 __all__ = [
-    "AudioFeatures", "AudioFrontendConfig", "audio_token_count", "load_audio", "log_mel_spectrogram",
+    "AudioFeatures", "AudioFrontendConfig", "TimeConv", "audio_token_count", "load_audio", "log_mel_spectrogram",
     "mel_filters", "pack_audio_features", "prepare_audio", "resample", "whisper_encoder_frames",
     "MediaError",
     "FetchImageConfig", "ImageInputs", "ImageProcessorConfig", "fetch_image", "image_token_count",

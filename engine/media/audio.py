@@ -10,7 +10,9 @@ Follows spec §5.1 / §5.4:
 - log-mel: STFT (n_fft 400, hop 160, periodic Hann, centre reflect padding), |X|^2 with the last
   frame dropped, 128 Slaney mel filters (librosa's formula, computed here), ``log10(max(x, 1e-10))``,
   ``max(x, max - 8)`` over the clip, ``(x + 4) / 4``; laid out [T, n_mels], no 30 s padding;
-- LLM tokens per clip: T2 = (T-1)//2 + 1 (whisper conv2), T3 = (T2-1)//2 + 1 (projector conv).
+- LLM tokens per clip: T2 = (T-1)//2 + 1 (whisper conv2), then T3 = the projector conv's output length
+  (its kernel and stride are the checkpoint's ``audio_config.ds_kernel_size`` / ``ds_stride``: 3 and 2 in
+  both releases, T3 = (T2-1)//2 + 1).
 
 WAV files are parsed natively (PCM 8/16/24/32-bit, IEEE float, WAVE_FORMAT_EXTENSIBLE); other
 containers (flac, mp3, ogg, webm, m4a, ...) are decoded with PyAV when it is installed.
@@ -44,9 +46,30 @@ AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, 
 
 
 @dataclass(frozen=True)
+class TimeConv:
+    """The lengths of a 1-D conv along time with padding k//2: whisper's conv2 (k 3, stride 2, spec §5.2) and the
+    audio projector's (``audio_config.ds_kernel_size`` / ``ds_stride``, spec §5.3), whose output length is the
+    number of ``<audioPatch>`` tokens a clip takes (spec §5.4)."""
+
+    kernel_size: int = 3
+    stride: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("kernel_size", "stride"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"TimeConv.{name} must be a positive int, got {value!r}")
+
+    def output_length(self, n_frames: int) -> int:
+        """Frames after the conv: (T + 2*(k//2) - k)//stride + 1."""
+        return (n_frames + 2 * (self.kernel_size // 2) - self.kernel_size) // self.stride + 1
+
+
+@dataclass(frozen=True)
 class AudioFrontendConfig:
     """Whisper front-end settings. ``n_ctx`` is the encoder's positional table length (15000 rows
-    after the stride-2 conv), which bounds a clip to 2*n_ctx mel frames = 300 s at 16 kHz."""
+    after the stride-2 conv), which bounds a clip to 2*n_ctx mel frames = 300 s at 16 kHz. ``projector``
+    is the checkpoint's projector conv, which fixes each clip's token count."""
 
     sample_rate: int = 16000
     n_fft: int = 400
@@ -54,6 +77,7 @@ class AudioFrontendConfig:
     n_mels: int = 128
     n_ctx: int = 15000
     max_seconds: float | None = None  # None: the encoder limit 2*n_ctx*hop/sample_rate
+    projector: TimeConv = TimeConv()
 
     def __post_init__(self) -> None:
         for name in ("sample_rate", "n_fft", "hop_length", "n_mels", "n_ctx"):
@@ -87,30 +111,36 @@ class AudioFrontendConfig:
         return self.max_frames * self.hop_length / self.sample_rate
 
     @classmethod
-    def from_dict(cls, data: dict, n_ctx: int | None = None) -> "AudioFrontendConfig":
+    def from_dict(cls, data: dict, n_ctx: int | None = None,
+                  projector: TimeConv | None = None) -> "AudioFrontendConfig":
         """From a parsed ``preprocessor_config.json``: only ``whisper_frontend_args.n_mels`` is read
         (the reference's WhisperFrontend takes it); ``n_ctx`` comes from the model config's
-        ``audio_config.whisper_encoder_config`` when known. The file's ``sampling_rate`` (like its
-        fbank keys) is not the Whisper path's: the reference audio processor resamples every clip to
-        a fixed 16 kHz and whisper's STFT / mel filters are built for that rate (spec §5.1)."""
+        ``audio_config.whisper_encoder_config`` and ``projector`` from its ``ds_kernel_size`` / ``ds_stride``
+        when known. The file's ``sampling_rate`` (like its fbank keys) is not the Whisper path's: the reference
+        audio processor resamples every clip to a fixed 16 kHz and whisper's STFT / mel filters are built for
+        that rate (spec §5.1)."""
         whisper = data.get("whisper_frontend_args") or {}
         defaults = cls()
         return cls(
             n_mels=int(whisper.get("n_mels", defaults.n_mels)),
             n_ctx=int(n_ctx if n_ctx is not None else defaults.n_ctx),
+            projector=projector or defaults.projector,
         )
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike, n_ctx: int | None = None) -> "AudioFrontendConfig":
+    def from_json_file(cls, path: str | os.PathLike, n_ctx: int | None = None,
+                       projector: TimeConv | None = None) -> "AudioFrontendConfig":
         with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh), n_ctx=n_ctx)
+            return cls.from_dict(json.load(fh), n_ctx=n_ctx, projector=projector)
 
 
 @dataclass
 class AudioFeatures:
-    """Log-mel features of one clip: ``feats`` [T, n_mels] float32."""
+    """Log-mel features of one clip: ``feats`` [T, n_mels] float32, and the projector conv of the model they are
+    for (which fixes their token count)."""
 
     feats: torch.Tensor
+    projector: TimeConv = TimeConv()
 
     @property
     def n_frames(self) -> int:
@@ -119,19 +149,23 @@ class AudioFeatures:
     @property
     def n_tokens(self) -> int:
         """``<audioPatch>`` tokens this clip takes in the prompt."""
-        return audio_token_count(self.n_frames)
+        return audio_token_count(self.n_frames, self.projector)
+
+
+WHISPER_CONV2 = TimeConv(kernel_size=3, stride=2)  # spec §5.2
 
 
 def whisper_encoder_frames(n_frames: int) -> int:
     """Frames after whisper's stride-2 conv2 (k 3, pad 1): T2 = (T-1)//2 + 1."""
-    return (n_frames - 1) // 2 + 1
+    return WHISPER_CONV2.output_length(n_frames)
 
 
-def audio_token_count(n_frames: int) -> int:
-    """LLM audio tokens for T mel frames: T3 = (T2-1)//2 + 1 with T2 = (T-1)//2 + 1."""
+def audio_token_count(n_frames: int, projector: TimeConv = TimeConv()) -> int:
+    """LLM audio tokens for T mel frames: T3 = the projector conv's output length of T2 = (T-1)//2 + 1
+    ((T2-1)//2 + 1 with the shipped kernel 3 / stride 2)."""
     if n_frames <= 0:
         raise MediaError(f"audio has no mel frames (T={n_frames})")
-    return (whisper_encoder_frames(n_frames) - 1) // 2 + 1
+    return projector.output_length(whisper_encoder_frames(n_frames))
 
 
 # --------------------------------------------------------------------------- decoding
@@ -631,7 +665,7 @@ def prepare_audio(
     slack = config.hop_length / config.sample_rate
     wave = load_audio(source, sample_rate, target_rate=config.sample_rate,
                       max_seconds=config.max_duration_s + slack)
-    return AudioFeatures(feats=log_mel_spectrogram(wave, config))
+    return AudioFeatures(feats=log_mel_spectrogram(wave, config), projector=config.projector)
 
 
 def pack_audio_features(clips: Sequence[AudioFeatures]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine.media.audio import AudioFeatures, AudioFrontendConfig
+from engine.media.audio import AudioFrontendConfig, audio_token_count
 from engine.media.errors import MediaError
 from engine.media.image import ImageProcessorConfig, fetch_image, image_token_count
 from engine.media.video import VideoOptions, video_prompt_text
@@ -658,7 +658,7 @@ def _expansion_rows(case: str, meta: dict, processor: MingProcessor) -> list[Par
             frames = int(entry["mel_frames"])
             label = f"expansion_counts[{i}].%s (mel_frames {frames})"
             try:
-                got = AudioFeatures(feats=torch.zeros(frames, 1)).n_tokens
+                got = audio_token_count(frames, processor.settings.audio.projector)
             except MediaError as e:
                 rows.append(ParityRow(case, label % "n_audioPatch", float("nan"), "exact", False, str(e)))
                 continue

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.media.audio import whisper_encoder_frames
+
 WHISPER_LN_EPS = 1e-5          # torch LayerNorm default, as openai-whisper uses
 WHISPER_MAX_TIMESCALE = 10000  # sinusoid base
 WHISPER_MLP_RATIO = 4          # n_mlp = 4·n_state in openai-whisper
@@ -71,7 +73,7 @@ class AudioEncoderConfig:
 
 def whisper_output_length(n_frames: int) -> int:
     """Encoder frames T₂ for T mel frames (conv2 has k 3, stride 2, pad 1): ⌊(T−1)/2⌋ + 1."""
-    return (n_frames + 2 * 1 - 3) // 2 + 1
+    return whisper_encoder_frames(n_frames)
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = WHISPER_MAX_TIMESCALE) -> torch.Tensor:

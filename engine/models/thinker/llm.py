@@ -355,9 +355,9 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device, sliding_window: i
 
 class AudioSpan(NamedTuple):
     """One audio placeholder run (spec §5.4): `slots` `<audioPatch>` positions from `start` (the processor's
-    count; None: as many as `embeds` rows) and the encoder's rows for it. As the reference patches them, the
-    first min(rows, slots) slots take the rows (any others keep their token embedding) and the audio
-    router covers every slot (spec §2.7: the spans of audio_placeholder_loc_lens)."""
+    count; None: as many as `embeds` rows) and the encoder's rows for it, one row a slot; the audio router
+    covers every slot (spec §2.7: the spans of audio_placeholder_loc_lens). Rows and slots that disagree (a
+    processor counting with another projector conv than the model's) are refused, never partly filled."""
 
     start: int
     embeds: torch.Tensor
@@ -430,8 +430,10 @@ class BailingMoeV2ForCausalLM(nn.Module):
                 end = start + length
                 if start < 0 or end > input_ids.shape[1]:
                     raise MultimodalInputError(f"audio span {start}..{end} outside the sequence of row {b}")
-                rows = min(feats.shape[0], length)
-                embeds[b, start:start + rows] = feats[:rows].to(embeds.device, embeds.dtype)
+                if feats.shape[0] != length:
+                    raise MultimodalInputError(f"audio span at {start} of row {b}: {length} <audioPatch> slots but "
+                                               f"the audio encoder gave {feats.shape[0]} rows")
+                embeds[b, start:end] = feats.to(embeds.device, embeds.dtype)
                 audio_mask[b, start:end] = True
         image_mask = (input_ids == cfg.image_patch_token) | (input_ids == cfg.video_patch_token)
         return embeds, image_mask, audio_mask

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from engine.models.thinker.config import ConfigError, MingConfig, sub_config_errors
-from engine.media.audio import AudioFeatures, AudioFrontendConfig, pack_audio_features, prepare_audio
+from engine.media.audio import AudioFeatures, AudioFrontendConfig, TimeConv, pack_audio_features, prepare_audio
 from engine.media.errors import MediaError
 from engine.media.image import FETCH_OPTION_KEYS, ImageInputs, ImageProcessorConfig, prepare_image
 from engine.media.sources import local_source
@@ -67,7 +67,7 @@ class MediaSettings:
         whisper = (cfg.audio.get("whisper_encoder_config") or {}) if cfg.audio else {}
         with sub_config_errors(str(path.parent), path.name):  # a key of the wrong type, named with the file
             image = ImageProcessorConfig.from_dict(data, release=release)
-            audio = AudioFrontendConfig.from_dict(data, n_ctx=whisper.get("n_ctx"))
+            audio = AudioFrontendConfig.from_dict(data, n_ctx=whisper.get("n_ctx"), projector=_projector_conv(cfg))
         _check_fits_the_encoders(image, audio, cfg, source)
         return cls(image=image, audio=audio, interleaved_video=cfg.llm.use_interleaved_frame_timestamp)
 
@@ -92,6 +92,13 @@ def _check_fits_the_encoders(image: ImageProcessorConfig, audio: AudioFrontendCo
     if bad:
         raise ConfigError(f"{source}: {'; '.join(bad)}: the processor would cut pictures and sound into rows the "
                           "encoders do not take; give the preprocessor_config.json made with this checkpoint")
+
+
+def _projector_conv(cfg: MingConfig) -> TimeConv:
+    """The audio projector's conv as the model builds it (`audio_config.ds_kernel_size` / `ds_stride`, the encoder
+    config's defaults when omitted): it fixes each clip's `<audioPatch>` count (spec §5.4)."""
+    audio, shipped = cfg.audio or {}, TimeConv()
+    return TimeConv(int(audio.get("ds_kernel_size", shipped.kernel_size)), int(audio.get("ds_stride", shipped.stride)))
 
 
 def _settings_from_model(cfg: MingConfig, shipped: ImageProcessorConfig) -> dict:
@@ -275,8 +282,8 @@ class MingProcessor:
         return prepare_video(source, image_config=self.settings.image, options=options)
 
     def _audio(self, part: dict, source: Any) -> AudioFeatures:
-        if isinstance(source, AudioFeatures):
-            return source
+        if isinstance(source, AudioFeatures):  # counted with this checkpoint's projector conv
+            return replace(source, projector=self.settings.audio.projector)
         return prepare_audio(local_source(source, "audio"), part.get("sample_rate"), self.settings.audio)
 
     def _render_part(self, part: dict | str, out: ProcessedPrompt,

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.thinker.audio_encoder import AudioEncoderConfig, WhisperAudioEncoder, whisper_output_length
+from engine.media.audio import TimeConv, audio_token_count
+from engine.models.thinker.audio_encoder import AudioEncoderConfig, WhisperAudioEncoder
 
 L2_EPS = 1e-12
 
@@ -75,6 +76,7 @@ class AudioProjector(nn.Sequential):
         layers.append(Transpose(-1, -2))
         super().__init__(*layers)
         self.kernel_size, self.stride = kernel_size, stride
+        self.time_conv = TimeConv(kernel_size, stride)
         self.normalize_output = normalize_output
 
     @classmethod
@@ -83,7 +85,7 @@ class AudioProjector(nn.Sequential):
                    normalize_output=cfg.norm_query_embeds)
 
     def output_length(self, n_frames: int) -> int:
-        return projector_output_length(n_frames, self.kernel_size, self.stride)
+        return self.time_conv.output_length(n_frames)
 
     def project_time_major(self, x: torch.Tensor) -> torch.Tensor:
         """[..., T₂, n_state] (time-major) → [..., T₃, H]."""
@@ -93,13 +95,9 @@ class AudioProjector(nn.Sequential):
 
 
 def projector_output_length(n_frames: int, kernel_size: int, stride: int) -> int:
-    """Frames after the projector conv (padding k//2)."""
-    return (n_frames + 2 * (kernel_size // 2) - kernel_size) // stride + 1
-
-
-def audio_token_count(n_mel_frames: int, kernel_size: int = 3, stride: int = 2) -> int:
-    """LLM audio tokens for one clip of T mel frames (whisper conv2, then the projector conv)."""
-    return projector_output_length(whisper_output_length(n_mel_frames), kernel_size, stride)
+    """Frames after the projector conv (padding k//2). The clip's token count is `audio_token_count` (one
+    function, engine.media.audio's, which the processor uses too)."""
+    return TimeConv(kernel_size, stride).output_length(n_frames)
 
 
 # --------------------------------------------------------------------------------------------

@@ -453,37 +453,43 @@ def test_zero_shared_experts_load_and_add_nothing(tmp_path):
     torch.testing.assert_close(logits[0], logits[None], atol=0, rtol=0)
 
 
-def test_audio_span_fills_min_of_rows_and_slots_and_routes_every_slot(tmp_path):
-    """Spec §5.4 / §2.7 as the reference patches them: the processor's count (fixed k 3 / stride 2 arithmetic)
-    gives the `<audioPatch>` slots, the encoder (the config's ds_kernel_size / ds_stride) gives the rows; the
-    first min(rows, slots) slots take the rows, the others keep their token embedding, and the audio router
-    covers every slot. With ds_stride 3 the engine read the next clip's rows into the spare slots."""
-    from engine.models.thinker.llm import AudioSpan, MultimodalInputs
-    from engine.models.thinker.processor import ProcessedPrompt
-    from engine.media.audio import AudioFeatures
+def test_audio_slots_follow_the_projector_conv_and_slots_that_disagree_with_the_rows_are_refused(tmp_path):
+    """Spec §5.3 / §5.4: T₃ is the projector conv's output length, with the checkpoint's ds_kernel_size /
+    ds_stride. With ds_stride 3 the processor counted kernel 3 / stride 2 (15 and 11 `<audioPatch>` slots for
+    clips of 60 and 44 mel frames) while the encoder gave 10 and 8 rows, and prepare_inputs quietly filled the
+    first rows, leaving the spare slots with their token embedding. The processor now counts as the projector
+    does, every slot takes its row and the audio router covers every slot; slots and rows that disagree are an
+    error, never a partial fill."""
+    from engine.media.audio import prepare_audio
+    from engine.models.thinker.llm import AudioSpan, MultimodalInputError, MultimodalInputs
+    from engine.models.thinker.processor import MediaSettings, ProcessedPrompt
     from engine.runtime import Engine
     from tests.models.thinker.variants import write_variant
 
-    loaded = load_model(write_variant(tmp_path / "ckpt", audio={"ds_stride": 3}), dtype="fp32", device="cpu")
-    llm, h = loaded.llm, loaded.llm.config.hidden_size
-    ids = torch.tensor([[10, 20, 30, 40, 50, 60, 70, 80]])
-    rows = torch.randn(3, h)
-    embeds, _, audio_mask = llm.prepare_inputs(ids, MultimodalInputs(audio_spans=[[AudioSpan(2, rows, 5)]]))
-    plain = llm.model.embed(ids)
-    torch.testing.assert_close(embeds[0, 2:5], rows)
-    torch.testing.assert_close(embeds[0, 5:7], plain[0, 5:7])  # spare slots keep their token embedding
-    assert audio_mask[0].tolist() == [False, False] + [True] * 5 + [False]
-
-    clips = [AudioFeatures(torch.randn(n, 128)) for n in (60, 44)]
-    slots = [c.n_tokens for c in clips]   # the processor's count: 15 and 11
+    root = write_variant(tmp_path / "ckpt", audio={"ds_stride": 3})
+    loaded = load_model(root, dtype="fp32", device="cpu")
+    settings = MediaSettings.for_checkpoint(root, loaded.config)
+    rate = settings.audio.sample_rate
+    waves = [torch.sin(torch.arange(n * settings.audio.hop_length) * 0.05) for n in (60, 44)]
+    clips = [prepare_audio(w, rate, settings.audio) for w in waves]
+    assert [c.n_frames for c in clips] == [60, 44]
+    slots = [c.n_tokens for c in clips]
+    assert slots == [10, 8]   # T₂ 30 and 22, then (T₂ - 1)//3 + 1
     starts = [1, 3 + slots[0]]
-    prompt = ProcessedPrompt(text="", ids=[0] * (starts[1] + slots[1] + 1), audios=clips,
-                             audio_spans=list(zip(starts, slots)))
-    engine = Engine(loaded, None, is_demo=False)
-    spans = engine.encode_media(prompt).audio_spans[0]
-    enc = loaded.encoders.linear_proj_audio
-    assert [AudioSpan(*s).length for s in spans] == slots
-    assert [s[1].shape[0] for s in spans] == [enc.output_length((c.n_frames - 1) // 2 + 1) for c in clips]  # 10, 8
+    ids = [0] * (starts[1] + slots[1] + 1)
+    prompt = ProcessedPrompt(text="", ids=ids, audios=clips, audio_spans=list(zip(starts, slots)))
+    mm = Engine(loaded, None, is_demo=False).encode_media(prompt)
+    spans = mm.audio_spans[0]
+    assert [s.embeds.shape[0] for s in spans] == [AudioSpan(*s).length for s in spans] == slots
+    llm = loaded.llm
+    embeds, _, audio_mask = llm.prepare_inputs(torch.tensor([ids]), mm)
+    for span in spans:
+        torch.testing.assert_close(embeds[0, span.start:span.start + span.length], span.embeds)
+    assert int(audio_mask.sum()) == sum(slots)
+
+    rows = torch.randn(3, llm.config.hidden_size)
+    with pytest.raises(MultimodalInputError, match="5 <audioPatch> slots but the audio encoder gave 3 rows"):
+        llm.prepare_inputs(torch.tensor([ids]), MultimodalInputs(audio_spans=[[AudioSpan(2, rows, 5)]]))
 
 
 def test_tied_word_embeddings_make_the_embedding_table_the_output_head(tmp_path):
