@@ -51,7 +51,7 @@ from engine.media.errors import MediaError
 from engine.media.image import load_alpha, load_image
 from engine.models.imagegen.buckets import SizePlan, center_crop_box, parse_aspect, parse_size, plan_size
 from engine.models.imagegen.condition import condition_from_prompt
-from engine.models.imagegen.config import (REQUIRED_FOLDERS, SD3, SD3_PATCH, TYPE_CODE, ImageGenError,
+from engine.models.imagegen.config import (REQUIRED_FOLDERS, SD3, TYPE_CODE, ImageGenError,
                                            missing_folders)
 from engine.models.imagegen.diffusion import (CfgOptions, caption_features, check_latent_grid, decode_latents, denoise,
                                               encode_reference, latent_shape, make_scheduler, seeded_noise,
@@ -360,7 +360,7 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
             # The Preview returns the bucket-size picture (its generate() leaves the resize to the requested size
             # commented out); an explicit size is still met (our extension, engine.models.imagegen.buckets).
             plan = dataclasses.replace(plan, output=plan.diffusion)
-        check_latent_grid(*plan.diffusion, gen.vae_scale)
+        check_latent_grid(*plan.diffusion, gen.vae_scale, gen.dit_patch)
         content = [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": instruction}]
         prompt = engine.processor.build([{"role": "user", "content": content}], system_prompt=request.system_prompt)
         _check_context(engine, gen, prompt, "the prompt with its images", "prompt")
@@ -523,7 +523,7 @@ def _sd3_sampling(gen, request: ImagineRequest, cond: torch.Tensor, negative_con
     ref_latent = None if ref is None else encode_latents(gen.vae, _reference_pixels(ref, plan).to(dev))
     shape = sd3_latent_shape(*plan.diffusion, gen.latent_channels, gen.vae_scale)
     latents = sd3_noise(seed, shape, dtype, dev)
-    scheduler = make_sd3_scheduler(gen.scheduler_config, request.steps, shape[2:], SD3_PATCH, device=dev)
+    scheduler = make_sd3_scheduler(gen.scheduler_config, request.steps, shape[2:], gen.dit_patch, device=dev)
     return scheduler, denoise_sd3(gen.transformer, gen.caption_mlp, scheduler, latents, cond, request.guidance,
                                   request.image_guidance, ref_latent, negative_cond)
 

@@ -32,10 +32,10 @@ SD3 = "sd3"
 SD3_CLASS = "SD3Transformer2DModel"
 DIT_CLASSES = {ZIMAGE_CLASS: ZIMAGE, SD3_CLASS: SD3}
 # The Preview hard-codes its DiT's 3-axis RoPE (sd3_transformer.py: axes_dim_rope [20, 22, 22], theta 10000;
-# the axes must fill the head) and its rotary grid (the patch grid as height // 2, width // 2).
+# the axes must fill the head). Its rotary grid is the token grid (spec §8.10), latent size // patch_size: the
+# config's patch_size, as diffusers' SD3 pipeline reads it for μ and the size unit (2 in the Preview).
 SD3_ROPE_AXES = (20, 22, 22)
 SD3_ROPE_THETA = 10000.0
-SD3_PATCH = 2
 # The DiT-wrapper switch `text_encoder_norm` when mlp/config.json omits it: the reference loader
 # passes `text_encoder_norm=False` to ZImageLoss then (ZImageModel_withMLP's own default too), so the
 # x1000 re-normalisation is off unless the file turns it on (spec §8.5). `use_identity_mlp` omitted:
@@ -270,8 +270,6 @@ class SD3DiTConfig:
         if sum(SD3_ROPE_AXES) != self.attention_head_dim:
             problems.append(f"attention_head_dim {self.attention_head_dim}: the Preview's RoPE axes "
                             f"{list(SD3_ROPE_AXES)} need {sum(SD3_ROPE_AXES)}")
-        if self.patch_size != SD3_PATCH:
-            problems.append(f"patch_size {self.patch_size}: the Preview's RoPE grid assumes {SD3_PATCH}")
         if self.vae_ref_channel_cat:
             problems.append("vae_ref_channel_cat true (the reference channel-concatenation variant) is not implemented")
         if self.caption_projection_dim != self.inner_dim:

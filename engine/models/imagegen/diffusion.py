@@ -235,11 +235,12 @@ def encode_reference(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return encode_latents(vae, pixels)[0].unsqueeze(1)
 
 
-def check_latent_grid(height: int, width: int, vae_scale: int) -> None:
-    unit = vae_scale * DIT_PATCH
+def check_latent_grid(height: int, width: int, vae_scale: int, patch: int = DIT_PATCH) -> None:
+    """The diffusion size must cut into whole DiT tokens of `patch` latent pixels (the DiT's own patch size)."""
+    unit = vae_scale * patch
     if height % unit or width % unit or height <= 0 or width <= 0:
         raise ValueError(f"diffusion size {width}x{height} must be positive multiples of {unit} "
-                         f"(VAE factor {vae_scale} x DiT patch {DIT_PATCH})")
+                         f"(VAE factor {vae_scale} x DiT patch {patch})")
 
 
 def steps_for_preview(total: int, every: int) -> set[int]:

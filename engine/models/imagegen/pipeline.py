@@ -26,7 +26,7 @@ from torch import nn
 
 from engine.models.imagegen.buckets import DEFAULT_BASE, REFERENCE_BASES, bucket_table
 from engine.models.imagegen.condition import CaptionMLP, Connector, QueryHead, load_query_head
-from engine.models.imagegen.config import (SD3, SD3_PATCH, ZIMAGE, ImageGenError, QueryHeadConfig, dit_kind,
+from engine.models.imagegen.config import (SD3, ZIMAGE, ImageGenError, QueryHeadConfig, dit_kind,
                                            has_image_generator, missing_component_configs, missing_folders)
 from engine.models.imagegen.diffusion import DIT_FRAME_PATCH, DIT_PATCH, vae_scale_factor
 from engine.models.imagegen.glyph import GlyphEncoder
@@ -114,7 +114,7 @@ class ImageGenerator:
                   scheduler_config=scheduler_config, dtype=dtype, home=home, compute=compute, kind=kind)
         gen.bucket_bases, gen.default_base = _bucket_bases(root, kind)
         if kind == SD3:  # the tables the DiT's position table covers (the Preview's 1024 table does not)
-            unit = gen.vae_scale * SD3_PATCH
+            unit = gen.vae_scale * gen.dit_patch
             fits = tuple(b for b in gen.bucket_bases
                          if _longest_side(b) // unit <= transformer.config.pos_embed_max_size)
             gen.bucket_bases = fits or gen.bucket_bases
@@ -142,7 +142,7 @@ class ImageGenerator:
             problems.append(f"ByT5 maps to {self.glyph.settings.sdxl_channels} channels, the condition is {hc.c_dim}")
         if self.connector.hidden_size != hc.connector_hidden:
             problems.append(f"proj_in makes {hc.connector_hidden} channels, the connector is {self.connector.hidden_size} wide")
-        unit = self.vae_scale * (SD3_PATCH if self.kind == SD3 else DIT_PATCH)
+        unit = self.vae_scale * self.dit_patch
         for base in self.bucket_bases:
             bad = [hw for _, hw in bucket_table(base) if hw[0] % unit or hw[1] % unit]
             if bad:
@@ -154,6 +154,12 @@ class ImageGenerator:
             raise ImageGenError(f"{self.root}: the image generator's parts do not fit together: " + "; ".join(problems))
 
     # ------------------------------------------------------------------ facts
+    @property
+    def dit_patch(self) -> int:
+        """Latent pixels per DiT token side: the Preview DiT's config.patch_size (diffusers' SD3 pipeline reads it for
+        μ and the size unit), the 2.0 pipeline's fixed DIT_PATCH."""
+        return int(self.transformer.config.patch_size) if self.kind == SD3 else DIT_PATCH
+
     @property
     def vae_scale(self) -> int:
         return vae_scale_factor(self.vae)

@@ -78,6 +78,20 @@ def _random_state(module: torch.nn.Module, gen: torch.Generator, prefix: str = "
             for name, t in module.state_dict().items()}
 
 
+def write_preview_transformer(out_dir: str | Path, gen: torch.Generator, config: dict | None = None) -> None:
+    """The Preview's SD3-style DiT folder `out_dir`/transformer/: `config` (PREVIEW_TRANSFORMER when None) and
+    random weights drawn from `gen`."""
+    from engine.models.imagegen.config import SD3DiTConfig
+    from engine.models.imagegen.sd3 import SD3Transformer2DModel
+
+    folder = Path(out_dir) / "transformer"
+    _json(folder / "config.json", PREVIEW_TRANSFORMER if config is None else config)
+    dit = SD3Transformer2DModel(SD3DiTConfig.from_file(folder / "config.json"))
+    buffers = {n: b.clone() for n, b in dit.named_buffers()}  # PatchEmbed's sin-cos tables, as computed
+    state = {n: buffers.get(n, t) for n, t in _random_state(dit, gen).items()}
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+
 def write_tiny_image_head(out_dir: str | Path, seed: int, release: str = "2.0") -> None:
     """Write the image-head sub-folders of `release` into the tiny checkpoint folder `out_dir` (its config.json
     already written) and record the demo bucket table in config.json's `studio_demo` block."""
@@ -120,13 +134,7 @@ def write_tiny_image_head(out_dir: str | Path, seed: int, release: str = "2.0") 
     _json(out / "connector" / "config.json", CONNECTOR)
     # transformer/ and vae/: diffusers folders
     if preview:
-        from engine.models.imagegen.config import SD3DiTConfig
-        from engine.models.imagegen.sd3 import SD3Transformer2DModel
-        _json(out / "transformer" / "config.json", PREVIEW_TRANSFORMER)
-        dit = SD3Transformer2DModel(SD3DiTConfig.from_file(out / "transformer" / "config.json"))
-        buffers = {n: b.clone() for n, b in dit.named_buffers()}  # PatchEmbed's sin-cos tables, as computed
-        state = {n: buffers.get(n, t) for n, t in _random_state(dit, gen).items()}
-        save_file(state, str(out / "transformer" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        write_preview_transformer(out, gen)
     folders = [("vae", AutoencoderKL, PREVIEW_VAE if preview else VAE)]
     if not preview:
         folders.insert(0, ("transformer", ZImageTransformer2DModel, TRANSFORMER))

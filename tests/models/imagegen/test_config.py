@@ -68,7 +68,6 @@ def test_the_dit_kind_comes_from_the_transformer_class(tmp_path):
 
 @pytest.mark.parametrize("cfg, words", [
     ({"attention_head_dim": 128}, "RoPE axes"),
-    ({"patch_size": 4}, "patch_size 4"),
     ({"vae_ref_channel_cat": True}, "vae_ref_channel_cat"),
     ({"num_layers": "two"}, "'num_layers'"),
 ])

@@ -12,7 +12,8 @@ import torch
 
 from engine.events import Done, ImageDone
 from engine.models.imagegen.condition import CaptionMLP
-from engine.models.imagegen.config import SD3, SD3DiTConfig
+from engine.models.imagegen.buckets import bucket_table
+from engine.models.imagegen.config import SD3, ImageGenError, SD3DiTConfig
 from engine.models.imagegen.sd3 import (SD3Transformer2DModel, apply_rope, caption_and_pooled, combine_guidance,
                                         denoise_sd3, dit_autocast, rope_freqs, rope_positions)
 
@@ -280,3 +281,71 @@ def test_preview_glyph_text_follows_the_preview_processor(preview_engine):
     """The quoted text a Preview request renders through ByT5 is extracted by the Preview processor's rules."""
     _, done = _image(list(preview_engine.imagine("Write '" + "x" * 25 + "' on a sign", steps=1, seed=1)))
     assert done.result["glyph_text"] == f'Text "{"x" * 25}". '
+
+
+# The Preview DiT at another patch size: each latent pixel its own token (the tiny's demo table's longest side, 512
+# pixels, is 64 tokens then, so its position table holds 64 rows a side), and a scheduler that shifts dynamically.
+PATCH_1_TRANSFORMER = {"patch_size": 1, "pos_embed_max_size": 64}
+DYNAMIC_SHIFT = {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+                 "base_shift": 0.5, "max_shift": 1.15}
+
+
+@pytest.fixture(scope="module")
+def patch_1_engine(preview_engine, tmp_path_factory):
+    """The tiny Preview (a copy of preview_engine's) with its DiT at transformer/config.json patch_size 1 and a
+    dynamically shifting scheduler."""
+    import json
+    import shutil
+
+    from engine.models.imagegen.tiny import PREVIEW_SCHEDULER, PREVIEW_TRANSFORMER, write_preview_transformer
+    from engine.runtime import Engine
+
+    root = tmp_path_factory.mktemp("preview-patch-1") / "p"
+    shutil.copytree(preview_engine.model.path, root, ignore=shutil.ignore_patterns("transformer"))
+    write_preview_transformer(root, torch.Generator().manual_seed(0), {**PREVIEW_TRANSFORMER, **PATCH_1_TRANSFORMER})
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({**PREVIEW_SCHEDULER, **DYNAMIC_SHIFT}))
+    return Engine.load(root, dtype="fp32", device="cpu")
+
+
+def test_the_preview_dit_patch_size_comes_from_its_config(patch_1_engine, monkeypatch):
+    """diffusers' SD3 pipeline reads transformer.config.patch_size for μ (image tokens (H/8/p)·(W/8/p)) and the size
+    unit (VAE factor x p). The engine used a literal 2: at patch 1 it shifted the schedule for a quarter of the
+    tokens, and its size unit let a bucket through that the DiT's position table does not hold."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    from engine.models.imagegen import sd3
+
+    gen = patch_1_engine.image_generator
+    assert gen is not None, patch_1_engine.image_generator_error
+    sigmas = []
+    denoise = sd3.denoise_sd3
+    monkeypatch.setattr(sd3, "denoise_sd3", lambda t, m, scheduler, *a: sigmas.append(scheduler.sigmas) or denoise(
+        t, m, scheduler, *a))
+    picture, done = _image(list(patch_1_engine.imagine("a red cat", size="64x48", steps=2, seed=5)))
+    assert (picture.width, picture.height) == (64, 48)
+    h, w = done.result["diffusion_height"] // gen.vae_scale, done.result["diffusion_width"] // gen.vae_scale
+    mu = calculate_shift(h * w, DYNAMIC_SHIFT["base_image_seq_len"], DYNAMIC_SHIFT["max_image_seq_len"],
+                         DYNAMIC_SHIFT["base_shift"], DYNAMIC_SHIFT["max_shift"])
+    expected = FlowMatchEulerDiscreteScheduler.from_config(gen.scheduler_config)
+    expected.set_timesteps(2, mu=mu)
+    torch.testing.assert_close(sigmas[0], expected.sigmas, atol=1e-6, rtol=0)
+    longest = max(max(hw) for base in gen.bucket_bases for _, hw in bucket_table(base))
+    patch = gen.transformer.config.patch_size
+    assert longest // (gen.vae_scale * patch) <= gen.transformer.config.pos_embed_max_size
+
+
+def test_a_preview_dit_patch_the_size_tables_do_not_cut_into_is_refused(preview_engine, tmp_path):
+    """At patch_size 4 a token is 32 pixels a side (VAE factor 8 x 4): the tiny's demo table, multiples of 16, would
+    leave half tokens. With the literal 2 the unit was 16 and the checkpoint loaded; it is refused at load, naming the
+    unit."""
+    import shutil
+
+    from engine.models.imagegen.pipeline import ImageGenerator
+    from engine.models.imagegen.tiny import PREVIEW_TRANSFORMER, write_preview_transformer
+
+    root = tmp_path / "p"
+    shutil.copytree(preview_engine.model.path, root, ignore=shutil.ignore_patterns("transformer"))
+    write_preview_transformer(root, torch.Generator().manual_seed(0), {**PREVIEW_TRANSFORMER, "patch_size": 4})
+    with pytest.raises(ImageGenError, match="not multiples of 32"):
+        ImageGenerator.load(root)
