@@ -139,11 +139,19 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
-            # answered before its body was read (a 413 by its Content-Length, a 401): uvicorn read on for the rest,
-            # which a client trickling a byte now and then made last for ever, its connection never idle
-            self.close_after_client()
+            # answered before its body was read (a 413 by its Content-Length, a 401, a 415): uvicorn reads on for
+            # the rest, which a client trickling a byte now and then made last for ever, its connection never idle;
+            # the rest must come within the linger. (Closed at the answer, a client that sent its body at once and
+            # kept the connection alive, as the answer let it, met a closed connection at its next request.)
+            self.loop.call_later(self.linger.seconds, self.close_if_body_still_owed, self.cycle)
             return
         self.time_the_head()
+
+    def close_if_body_still_owed(self, cycle) -> None:
+        """The linger after an answer given before its request's body was read is over: close unless that body has
+        come (the connection went on to its next request, or is idle)."""
+        if self.cycle is cycle and self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_head_timer()

@@ -658,6 +658,29 @@ def test_a_request_answered_before_its_body_was_read_cannot_hold_its_connection_
         wait_for(closed_while_trickling, timeout=3, interval=0.1)
 
 
+def test_a_body_sent_just_after_an_early_answer_keeps_the_connection_alive_for_the_next_request():
+    """An answer given before its request's body was read (a 415 on the head alone) closed the connection at once,
+    though the answer let it be kept alive: a client that sent its body right after the head (as httpx does, in
+    another write) met a closed connection at its next request ('Server disconnected without sending a response',
+    seen in the fuzz run). A body that comes within the linger keeps the connection."""
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    with fake_server(refusal_linger_s=2.0) as srv, socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        first = b""
+        while b"unsupported_content_type" not in first:
+            chunk = s.recv(65536)
+            assert chunk, f"closed without the 415: {first!r}"
+            first += chunk
+        assert first.startswith(b"HTTP/1.1 415") and b"connection: close" not in first.lower(), first
+        s.sendall(body + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = b""
+        while b"HTTP/1.1 200" not in second:
+            chunk = s.recv(65536)
+            assert chunk, f"the connection was closed before the next request was answered: {second!r}"
+            second += chunk
+
+
 def test_one_address_flooding_the_connection_cap_does_not_close_another_clients_kept_alive_connection():
     """Past the cap the connection idle longest was closed, whoever held it: a client pausing between two requests on
     its kept-alive connection lost it to one address opening connections by the dozen. The flooding address's own
