@@ -186,12 +186,16 @@ def test_a_body_of_millions_of_small_values_is_not_walked_value_by_value():
 
     body = ('{"messages": [{"role": "user", "content": "hi \\u00e9\\ud83d\\ude00"}], "metadata": {"x": ['
             + ",".join(['{"a": [1, 2, "b"]}'] * 300_000) + "]}}").encode()
-    t0 = time.perf_counter()
-    json.loads(body)
-    parse_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    value = parse_json_text(body)  # (an escaped pair, as json.dumps writes an emoji: a character, not walked)
-    checked_s = time.perf_counter() - t0
+    def best_of_two(parse) -> tuple[float, object]:  # (a loaded machine's pauses are not the walk's cost)
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            value = parse(body)
+            times.append(time.perf_counter() - t0)
+        return min(times), value
+
+    parse_s, _ = best_of_two(json.loads)
+    checked_s, value = best_of_two(parse_json_text)  # (an escaped pair, as json.dumps writes: a character, not walked)
     assert value["messages"][0]["content"] == "hi é😀"
     assert checked_s < 2.0 * parse_s + 0.05, (checked_s, parse_s)
     lone = body.replace(b"\\ud83d\\ude00", b"\\ud83d")  # a lone one deep in it is still found and named
