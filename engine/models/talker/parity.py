@@ -113,6 +113,11 @@ def _stack(items: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([x.reshape(x.shape[1:]) if x.shape[0] == 1 else x for x in items])
 
 
+# Noise drawn from a recorded seed against the reference's draws (CPU randn, fp32): an ulp may differ between the
+# AVX2 and AVX-512 builds of torch's vectorised normal; a wrong order or layout of the draws differs by O(1).
+SEEDED_NOISE_TOL = 1e-6
+
+
 def seeded_draws(seed: int, n_steps: int, cfm_steps: int, patch_shape, sde: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The y0 [n, patch, C] and SDE noise [n, cfm_steps, patch, C] a run of `n_steps` draws from NoiseSource(seed)."""
     source, draws = NoiseSource(seed), []
@@ -211,9 +216,16 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             if "noise_seed" in meta:
                 y0_drawn, sde_drawn = seeded_draws(meta["noise_seed"], n, steps, y0.shape[-2:], sde=not cfg.preview)
                 how = "drawn from noise_seed"
-            cmp.exact(f"{name}.noise_y0", y0_drawn, note=how)
+            # drawn: our CPU generator against the reference's, whose vectorised randn may differ by an ulp on
+            # another CPU (AVX2 / AVX-512 builds); a wrong order of draws is off by O(1)
+            def check_noise(row: str, got: torch.Tensor) -> None:
+                if how == "re-injected":
+                    cmp.exact(row, got, note=how)
+                else:
+                    cmp.close(row, got, SEEDED_NOISE_TOL)
+            check_noise(f"{name}.noise_y0", y0_drawn)
             if f"{name}.noise_sde" in outputs:
-                cmp.exact(f"{name}.noise_sde", sde_drawn, note=how)
+                check_noise(f"{name}.noise_sde", sde_drawn)
     return cmp.rows + cmp.missing()
 
 
@@ -277,7 +289,7 @@ def run_audio_vae_case(case_dir: Path, comparer_cls, device: str = "cpu") -> lis
         cmp.close("encode.posterior_std", post.std, enc_tol)
         noise = outputs["encode.posterior_noise"].to(device)
         if "noise_seed" in meta:  # torch.manual_seed(noise_seed) right before encode_latent: our draw must match
-            cmp.exact("encode.posterior_noise", post.seeded_noise(meta["noise_seed"]), note="drawn from noise_seed")
+            cmp.close("encode.posterior_noise", post.seeded_noise(meta["noise_seed"]), SEEDED_NOISE_TOL)
         else:
             cmp.exact("encode.posterior_noise", noise, note="re-injected")
         latent = post.sample(noise)
