@@ -11,9 +11,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from engine.client import IMAGE_FORMATS as DECODED_IMAGE_FORMATS
+from engine.client import image_formats_named
+
 VOICE_CLIP_SECONDS = 30.0  # the talker's limit for a clip to clone (engine.models.talker.audio)
 AUDIO_FORMATS = "WAV, MP3, FLAC, OGG, WebM, M4A or Opus"
-IMAGE_FORMATS = "PNG, JPEG, WebP, GIF or BMP"
+IMAGE_FORMATS = image_formats_named()  # the engine decoder's own list (a PSD PIL reads here was refused there)
 VIDEO_FORMATS = "MP4, WebM, MOV or MKV"
 VIDEO_SOUND = "video sound"  # a video given for its sound (the Speech tab): checked as audio, named as a video
 TO_TRANSCRIBE = "audio to transcribe"  # a recording for the Speech tab: checked as audio, held to the transcription limit
@@ -27,7 +30,7 @@ def _mib(n: float) -> str:
 
 def _image_problem(path: Path, name: str, limits: dict) -> str | None:
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=tuple(DECODED_IMAGE_FORMATS)) as im:
             width, height = im.size
             im.verify()
     except Exception:  # noqa: BLE001  (PIL raises many kinds for what is not a picture)
@@ -41,9 +44,9 @@ def _image_problem(path: Path, name: str, limits: dict) -> str | None:
 
 
 def _is_picture(path: Path) -> bool:
-    """Whether the file at `path` is a still picture PIL reads (whatever its name says)."""
+    """Whether the file at `path` is a still picture the engine decodes (whatever its name says)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=tuple(DECODED_IMAGE_FORMATS)) as im:
             im.verify()
         return True
     except Exception:  # noqa: BLE001  (PIL raises many kinds for what is not a picture)

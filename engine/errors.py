@@ -21,6 +21,18 @@ def error_exit_code(code: str) -> int:
     return EXIT_FAILED if code in ENGINE_FAILURE_CODES else EXIT_INPUT
 
 
+# The picture formats the engine's image decoder reads (engine.media.image): Pillow's name of each -> its name as
+# said to a user. The decoder opens these and nothing else (an SVG, a PDF, a Photoshop or PostScript file is refused
+# naming them), and the studio checks an attachment against the same list (engine.client re-exports it).
+IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP", "TIFF": "TIFF",
+                 "AVIF": "AVIF"}
+
+
+def image_formats_named() -> str:
+    """The formats the image decoder reads, as a sentence says them: "PNG, JPEG, ... or AVIF"."""
+    *most, last = IMAGE_FORMATS.values()
+    return f"{', '.join(most)} or {last}"
+
 class MingError(Exception):
     """Base of the engine's user-facing errors."""
 

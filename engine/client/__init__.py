@@ -13,14 +13,15 @@ reach an engine in this process, on this machine or elsewhere. Imports neither t
 `RealtimeClient` / `AsyncRealtimeClient` drive one realtime session by hand (settings, items, audio
 and webcam buffers, responses, reconnect). Errors of a streamed request end it with an `Error`
 event carrying the server's code (a dropped connection: "connection_lost"); the other calls raise
-`ServerError` (with `code`, `status`). `subtitles` writes a transcript's .srt or .vtt file exactly as the
+`ServerError` (with `code`, `status`). `IMAGE_FORMATS`: the picture formats the engine decodes. `subtitles` writes a transcript's .srt or .vtt file exactly as the
 server answers `response_format` srt / vtt.
 """
 
 from engine.client.aio import AsyncEngineClient, AsyncRealtimeClient
 from engine.client.core import ConnectionLost, Endpoints, ModelInfo, ServerError, is_loopback_host
 from engine.client.sync import EngineClient, RealtimeClient
+from engine.errors import IMAGE_FORMATS, image_formats_named
 from engine.server.protocol import subtitles
 
-__all__ = ["AsyncEngineClient", "AsyncRealtimeClient", "ConnectionLost", "EngineClient", "Endpoints", "ModelInfo",
-           "RealtimeClient", "ServerError", "is_loopback_host", "subtitles"]
+__all__ = ["IMAGE_FORMATS", "AsyncEngineClient", "AsyncRealtimeClient", "ConnectionLost", "EngineClient", "Endpoints",
+           "ModelInfo", "RealtimeClient", "ServerError", "image_formats_named", "is_loopback_host", "subtitles"]

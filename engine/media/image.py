@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from engine.errors import IMAGE_FORMATS, image_formats_named
+
 from .errors import MediaError, not_a_file
 
 Release = Literal["2.0", "preview"]
@@ -394,7 +396,7 @@ def _open_encoded(stream: io.BytesIO, what: str, max_input_pixels: int) -> Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(stream)
+            image = Image.open(stream, formats=tuple(IMAGE_FORMATS))
             _check_size(image.size, max_input_pixels, what)
             image.load()
     except MediaError:
@@ -402,7 +404,8 @@ def _open_encoded(stream: io.BytesIO, what: str, max_input_pixels: int) -> Image
     except Image.DecompressionBombError as exc:
         raise MediaError(f"{what} is too large to decode safely: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise MediaError(f"{what} is not a recognised image format (corrupt or not an image)") from exc
+        raise MediaError(f"{what} is not a picture in a format the engine reads ({image_formats_named()}), or it is "
+                         "corrupt") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise MediaError(f"{what} is corrupt or truncated: {exc}") from exc
     return image

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import IMAGE_FORMATS, image_formats_named
 from engine.errors import shown, shown_number  # noqa: F401  (re-exported: the server's errors quote so)
 from engine.media.audio import AudioFrontendConfig, check_clip_length, check_resample_rates, decode_audio
 from engine.media.errors import AudioTooLong, DecodeStopped, MediaError
@@ -407,14 +408,14 @@ def image_array(raw: bytes, limits: Limits, name: str = "image", budget: MediaBu
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(raw)) as probe:
+            with Image.open(io.BytesIO(raw), formats=tuple(IMAGE_FORMATS)) as probe:
                 w, h = probe.size
     except Image.DecompressionBombError:
         raise bad(f"'{name}' declares far more pixels than the limit of {limits.max_image_pixels}",
                   "image_too_large", name) from None
     except Exception:
-        raise bad(f"'{name}' is not a recognised image (corrupt, truncated or not an image)",
-                  "invalid_image", name) from None
+        raise bad(f"'{name}' is not a picture in a format the engine reads ({image_formats_named()}), or it is "
+                  "corrupt or truncated", "invalid_image", name) from None
     if w * h > limits.max_image_pixels:
         raise bad(f"'{name}' is too large: {w}x{h} = {w * h} pixels, the limit is {limits.max_image_pixels}",
                   "image_too_large", name)

@@ -51,6 +51,16 @@ def test_media_problem_names_the_file_and_what_is_wrong(files):
     assert media_problem(ASSETS / "images" / "cup.png", "audio", limits) is not None
 
 
+def test_a_picture_in_a_format_the_engine_does_not_read_names_the_formats_it_does(tmp_path):
+    """An SVG said "not a recognised image" naming no format; a PPM (which Pillow reads, the engine's decoder not)
+    passed the studio's check and was refused by the engine. Both name the decoder's own list."""
+    from engine.client import image_formats_named
+    (tmp_path / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>')
+    Image.new("RGB", (8, 8)).save(tmp_path / "scan.ppm")
+    for name in ("logo.svg", "scan.ppm"):
+        problem = media_problem(tmp_path / name, "image", {})
+        assert problem.startswith(f"'{name}' is not a picture") and image_formats_named() in problem, problem
+
 def test_a_silent_clip_is_named_before_it_is_sent(engine_server, tmp_path):
     """A silent file given to Speech came back with a transcript (the demo weights made one up; the real model gives
     an empty one, and empty .txt and .srt files); given to Voice, a voice was "cloned" from nothing. The file is named

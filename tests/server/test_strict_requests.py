@@ -185,6 +185,36 @@ def test_realtime_media_of_the_wrong_kind_is_refused(server):
         assert recv_json(ws)["error"]["code"] == "invalid_image"
 
 
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect width="8" height="8"/></svg>'
+PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
+
+
+def ppm_bytes() -> bytes:
+    """A picture Pillow reads (PPM) that the engine's decoder does not take: it is refused as the message says."""
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(image_array(8, 8)).save(buf, "PPM")
+    return buf.getvalue()
+
+
+def test_a_picture_in_a_format_not_read_is_refused_naming_the_formats_that_are(http, server):
+    """An SVG or a PDF sent as a chat picture said "not a recognised image" and named no format that is read."""
+    from engine.errors import image_formats_named
+    for raw, mime in ((SVG, "image/svg+xml"), (PDF, "application/pdf"), (ppm_bytes(), "image/x-portable-pixmap")):
+        err = error_of(http.post("/v1/chat/completions", json=chat_part(
+            {"type": "image_url", "image_url": {"url": f"data:{mime};base64," + b64(raw)}})))
+        assert (err["code"], err["param"]) == ("invalid_image", "messages[0].content[0]"), err
+        assert image_formats_named() in err["message"] and "PNG, JPEG" in err["message"], err
+    with connect(server.ws_url, max_size=None) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_image", "image": b64(SVG)}]}}))
+        ev = recv_json(ws)
+        assert ev["type"] == "error" and ev["error"]["code"] == "invalid_image", ev
+        assert image_formats_named() in ev["error"]["message"], ev
+
 def test_speech_and_voices_refuse_a_picture_as_their_reference_clip(http):
     err = error_of(http.post("/v1/audio/speech", json={"input": "hello", "reference_audio": b64(PNG)}))
     assert err["code"] == "invalid_audio", err
