@@ -1,15 +1,24 @@
-(local = localStorage, session = sessionStorage) => {
+(local = localStorage, session = sessionStorage, page = globalThis) => {
   // The Chat tab's conversations, kept in this browser across reloads: one per browser tab. The page's tab has an
   // id of its own in sessionStorage (a reload keeps it, another tab has another), and localStorage holds each recent
   // conversation under a key of its own (prefix + id), which only its tab writes: one list of them all, read, changed
   // and written back whole by each tab, lost a tab's write when another saved at the same instant (each wrote the
   // list as it had read it). A conversation of a tab closed since is offered under "Earlier conversations" (earlier)
   // and reopened there (open). `local` / `session`: the two stores (the browser's; a test gives its own).
+  // A conversation open in a tab is claimed by that page (a claim in localStorage, refreshed while the page lives,
+  // released when it goes, expiring when it died without a word): it is listed as open in another tab and cannot be
+  // opened a second time (two tabs wrote the same conversation, the later write won and the other tab's turns were
+  // lost). `page`: this page's global object, where its claim's holder lives across calls (one per page, not per tab
+  // id: a duplicated tab copies sessionStorage, hence the id, and takes a fresh one, see hold()).
   const prefix = "ming-studio-chats/", tab = "ming-studio-chat-id", most = 20;
   // Where the conversations were kept as one list before (carried over once, then removed). The conversation of the
   // version before that, a gr.BrowserState under legacyKey, cannot be carried over: Gradio encrypted it with a secret
   // drawn when that studio started, gone with it (that version itself lost it at each restart): legacy() says so once.
   const listKey = "ming-studio-chats", legacyKey = "ming-studio-chat";
+  const claimPrefix = "ming-studio-chat-open/";
+  // A background tab's timers may run only once a minute (Chrome's throttling of hidden pages): a claim outlives that.
+  const claimRefreshMs = 10000, claimExpiresMs = 90000;
+  const me = (page.mingChatClaim ??= { holder: `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}` });
   const valid = (c) => c && typeof c.id === "string" && Array.isArray(c.messages);
   const parsed = (text) => { try { return JSON.parse(text); } catch { return null; } };
   const put = (chat) => {
@@ -35,12 +44,32 @@
     return chats.sort((a, b) => (b.at || 0) - (a.at || 0));
   };
   const drop = (chats) => chats.forEach((c) => local.removeItem(prefix + c.id));
+  const heldElsewhere = (id) => {  // whether another page that is alive has the conversation `id` open
+    const claim = parsed(local.getItem(claimPrefix + id));
+    return Boolean(claim && claim.holder !== me.holder && Date.now() - claim.at < claimExpiresMs);
+  };
+  const claim = (id) => {
+    try { local.setItem(claimPrefix + id, JSON.stringify({ holder: me.holder, at: Date.now() })); } catch { /* full */ }
+  };
+  const dropDeadClaims = () => {  // the claims of pages that died without releasing them, once expired
+    const keys = Array.from({ length: local.length }, (_, i) => local.key(i)).filter((k) => k?.startsWith(claimPrefix));
+    for (const key of keys) {
+      if (!(Date.now() - (parsed(local.getItem(key))?.at || 0) < claimExpiresMs)) local.removeItem(key);
+    }
+  };
+  const release = (id) => {
+    if (parsed(local.getItem(claimPrefix + id))?.holder === me.holder) local.removeItem(claimPrefix + id);
+  };
   const write = (chat) => {  // this tab's conversation; the oldest others go past `most`, or while the store is full
     const others = read().filter((c) => c.id !== chat.id);
     drop(others.slice(most - 1));
     for (let kept = others.slice(0, most - 1); !put(chat) && kept.length; kept = kept.slice(0, -1)) {
       drop(kept.slice(-1));
     }
+  };
+  const ownId = () => {  // this tab's id, a fresh one when another live page holds it (this one is a duplicate of it)
+    if (heldElsewhere(tabId())) session.removeItem(tab);
+    return tabId();
   };
   const tabId = () => {
     let id = session.getItem(tab);
@@ -61,23 +90,39 @@
   };
   return {
     keep(history) {  // this tab's conversation as it is now (emptied: gone from the list)
-      const id = tabId();
+      const id = ownId();
       if (history && history.length) write({ id, at: Date.now(), messages: history });
       else { carryOver(); local.removeItem(prefix + id); }
     },
     mine() { return read().find((c) => c.id === tabId())?.messages ?? null; },
-    earlier() {
+    earlier() {  // the others, each `held` when it is open in another tab (which the label says)
       const id = tabId();
-      return read().filter((c) => c.id !== id)
-        .map((c) => ({ id: c.id, label: `${new Date(c.at).toLocaleString()}: ${firstText(c.messages)}` }));
+      return read().filter((c) => c.id !== id).map((c) => {
+        const held = heldElsewhere(c.id);
+        const label = `${new Date(c.at).toLocaleString()}: ${firstText(c.messages)}`;
+        return { id: c.id, held, label: held ? `${label} (open in another tab)` : label };
+      });
     },
+    hold() {  // at page load: this page claims its tab's conversation while it lives (see claimRefreshMs)
+      dropDeadClaims();
+      claim(ownId());
+      if (me.timer) return;
+      me.timer = page.setInterval(() => { if (!heldElsewhere(tabId())) claim(tabId()); }, claimRefreshMs);
+      page.addEventListener("pagehide", () => release(tabId()));
+      page.addEventListener("pageshow", (e) => { if (e.persisted) claim(ownId()); });  // (back from the bfcache)
+    },
+    heldElsewhere,
     legacy() {  // whether the unreadable conversation of before per-tab chats was here (true once: it is dropped)
       if (local.getItem(legacyKey) === null) return false;
       local.removeItem(legacyKey);
       return true;
     },
-    open(id) {  // this tab takes up the conversation `id` (its own stays in the list)
-      if (read().some((c) => c.id === id)) session.setItem(tab, id);
+    open(id) {  // this tab takes up the conversation `id` (its own stays in the list), unless another tab has it open
+      if (!heldElsewhere(id) && read().some((c) => c.id === id)) {
+        release(tabId());
+        session.setItem(tab, id);
+        claim(id);
+      }
       return this.mine();
     },
   };

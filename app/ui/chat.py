@@ -65,6 +65,10 @@ LEGACY_CHAT_LOST = ("A conversation kept in this browser by an earlier version o
 CHATS_JS = (Path(__file__).resolve().parent.parent / "static" / "chats.js").read_text(encoding="utf-8").strip()
 EARLIER_LABEL = "Earlier conversations (kept in this browser): open one here"
 OPEN_WHILE_REPLYING = "Stop the reply first (or wait for it to end), then open an earlier conversation."
+# An earlier conversation another tab has open (chats.js's claims): opened here too, the two tabs wrote it in turn and
+# the later write lost the other's turns
+OPEN_ELSEWHERE = "That conversation is open in another tab: go on there (or close that tab first, then open it here)."
+OPEN_ELSEWHERE_MARK = "open_elsewhere"  # what the page's js gives instead of the conversation it did not open
 
 
 def reading_line(event: Progress) -> str:
@@ -486,9 +490,13 @@ class ChatController:
         return chosen or "", gr.skip()
 
     def open_earlier(self, chosen: str | None, saved: Any, earlier: Any):
-        """The conversation `chosen` (kept by the browser, `saved`) in place of this tab's, which stays in the list."""
+        """The conversation `chosen` (kept by the browser, `saved`) in place of this tab's, which stays in the list;
+        one open in another tab (OPEN_ELSEWHERE_MARK in place of it) is not: this tab's stays, saying why."""
         if not chosen:
             return gr.skip(), gr.skip(), gr.skip(), gr.update(value=None)
+        if from_json(saved) == OPEN_ELSEWHERE_MARK:
+            gr.Warning(OPEN_ELSEWHERE)
+            return gr.skip(), gr.skip(), OPEN_ELSEWHERE, earlier_choices(from_json(earlier))
         return self.load(saved, earlier)
 
     @staticmethod
@@ -623,13 +631,15 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     on_page_load(lambda: page_state(link), [speak, speech, voice, max_new_tokens])
     on_engine_change(lambda: page_state(link, keep_value=True), [speak, speech, voice, max_new_tokens])
     on_page_load(controller.load, [chatbot, box, figures, earlier], inputs=[kept, kept_list, legacy],
-                 js=chats_js("return [chats.mine(), chats.earlier(), chats.legacy()].map(JSON.stringify);"))
+                 js=chats_js("chats.hold(); "  # (this tab's conversation is claimed while the page lives)
+                             "return [chats.mine(), chats.earlier(), chats.legacy()].map(JSON.stringify);"))
     earlier.input(controller.may_open, [earlier], [chosen, figures], concurrency_limit=None, show_progress="hidden",
                   api_visibility="private").then(
         controller.open_earlier, [chosen, kept, kept_list], [chatbot, box, figures, earlier], queue=False,
         show_progress="hidden", api_visibility="private",
-        js=chats_js("return args[0] ? [args[0], ...[chats.open(args[0]), chats.earlier()].map(JSON.stringify)] "
-                    ": [args[0], '', ''];"))
+        js=chats_js(f"if (!args[0]) return [args[0], '', '']; const opened = chats.heldElsewhere(args[0]) ? "
+                    f"{OPEN_ELSEWHERE_MARK!r} : chats.open(args[0]); "
+                    "return [args[0], ...[opened, chats.earlier()].map(JSON.stringify)];"))
     voice.focus(lambda: page_state(link)[2], None, voice, queue=False, show_progress="hidden",
                 api_visibility="private")  # a voice saved in the Voice tab meanwhile is offered
     export.click(controller.export, [chatbot], [exported, figures], queue=False, api_visibility="private")

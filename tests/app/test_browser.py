@@ -160,7 +160,8 @@ def chat_shown(page, text: str, timeout_s: float = 30) -> str:
 def test_two_tabs_keep_their_own_conversations_and_a_new_tab_can_open_either(studio):
     """Two tabs of one browser shared one kept conversation: at the next reload the one written last came back in both,
     the other was gone. Each tab keeps its own across a reload (here a message sent just before it: back in the box);
-    a tab opened later offers both under Earlier conversations and opens the one chosen."""
+    a tab opened later offers both under Earlier conversations and opens the one chosen once its tab is closed (one
+    still open in another tab is listed so, and not opened twice: two tabs wrote it, the later write lost turns)."""
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -175,10 +176,13 @@ def test_two_tabs_keep_their_own_conversations_and_a_new_tab_can_open_either(stu
                 page.reload(wait_until="load")
                 shown = chat_shown(page, text)
                 assert not any(other in shown for other in tabs if other != text), shown
+            tabs["second tab's question"].close(run_before_unload=True)
             later = context.new_page()
             later.goto(studio, wait_until="load", timeout=60_000)
             later.locator("#chat-earlier input").click()
             sync_api.expect(later.get_by_role("option")).to_have_count(2, timeout=30_000)
+            sync_api.expect(later.get_by_role("option", name=re.compile("first tab's question"))).to_contain_text(
+                "(open in another tab)")
             later.get_by_role("option", name=re.compile("second tab's question")).click()
             assert "first tab's question" not in chat_shown(later, "second tab's question")
         finally:

@@ -25,15 +25,20 @@ def turn(text: str) -> list[dict]:
     return [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]
 
 
+def new_tab(context):
+    """A tab of the browser `context` on ORIGIN (the tabs of one context share its localStorage)."""
+    page = context.new_page()
+    page.route("**/*", lambda route: route.fulfill(status=200, content_type="text/html", body="<html></html>"))
+    page.goto(ORIGIN)
+    return page
+
+
 @pytest.fixture(scope="module")
 def page():
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
-            page.route("**/*", lambda route: route.fulfill(status=200, content_type="text/html", body="<html></html>"))
-            page.goto(ORIGIN)
-            yield page
+            yield new_tab(browser.new_context())  # (a context of its own: a test opens a second tab beside it)
         finally:
             browser.close()
 
@@ -112,3 +117,34 @@ def test_the_unreadable_conversation_of_before_per_tab_chats_is_reported_once(pa
     page.evaluate("() => localStorage.setItem('ming-studio-chat', 'U2FsdGVkX1+x')")  # (Gradio's AES text)
     assert store("A", "chats.legacy()") is True
     assert store("A", "chats.legacy()") is False
+
+
+def test_a_conversation_open_in_another_tab_is_listed_so_and_not_opened_twice(page, store):
+    """Earlier conversations listed the conversations of tabs still open: opened there, two tabs wrote the same
+    conversation and the later write lost the other's turns. Two tabs of one browser here: the conversation tab A
+    holds is listed as open in another tab and not opened by B, a duplicate of A (its sessionStorage copied) writes a
+    conversation of its own, and once A has gone (or a holder died long ago) the conversation opens in B."""
+    a, b = new_tab(page.context), page
+
+    def call(tab, js: str):
+        return tab.evaluate(f"() => {{ const chats = ({CHATS_JS})(); {js} }}")
+
+    call(a, f"chats.hold(); chats.keep({json.dumps(turn('A'))});")
+    a_id = a.evaluate(f"() => sessionStorage.getItem({TAB_KEY!r})")
+    call(b, "chats.hold();")
+    [listed] = call(b, "return chats.earlier();")
+    assert listed["id"] == a_id and listed["held"] and listed["label"].endswith("(open in another tab)")
+    assert call(b, f"return [chats.open({a_id!r}), chats.heldElsewhere({a_id!r})];") == [None, True]
+    b.evaluate(f"() => sessionStorage.setItem({TAB_KEY!r}, {a_id!r})")  # B as a duplicate of A
+    call(b, f"chats.keep({json.dumps(turn('duplicate'))});")
+    assert call(a, "return chats.mine();") == turn("A")
+    assert b.evaluate(f"() => sessionStorage.getItem({TAB_KEY!r})") != a_id
+    b.evaluate(f"""() => {{  // a conversation whose page died without a word, two minutes ago
+        const dead = {{id: "dead", at: 1, messages: {json.dumps(turn('D'))}}};
+        localStorage.setItem("ming-studio-chats/dead", JSON.stringify(dead));
+        localStorage.setItem("ming-studio-chat-open/dead", JSON.stringify({{holder: "x", at: Date.now() - 120000}}));
+    }}""")
+    a.close(run_before_unload=True)  # (its pagehide releases its claim)
+    assert not any(c["held"] for c in call(b, "return chats.earlier();"))
+    assert call(b, f"return chats.open({a_id!r});") == turn("A")
+    assert call(b, "return chats.open('dead');") == turn("D")

@@ -20,6 +20,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from app.engine_link import EngineLink  # noqa: E402
 from app.ui.chat import (EMPTY_HINT, INTERRUPTED, LEGACY_CHAT_LOST, NOTHING_TO_EXPORT, NO_SNAPSHOT,  # noqa: E402
+                         OPEN_ELSEWHERE, OPEN_ELSEWHERE_MARK,
                          READING, REPLY_SHOWN_EVERY_S, STOPPED_NOTE, STOPPED_READING, WITHDRAWN, ChatController,
                          content_text, export_conversation, history_to_messages, reading_line, restorable,
                          text_part, user_turn)
@@ -524,3 +525,7 @@ def test_an_earlier_conversation_is_listed_and_not_opened_over_a_reply_being_gen
     with pytest.warns(UserWarning, match="Stop the reply first"):
         assert controller.may_open("a1", me)[0] == ""
     assert controller.open_earlier("", kept, earlier)[0] == gr.skip()
+    # one open in another tab (the page's js gives OPEN_ELSEWHERE_MARK in its place): this tab's stays, saying why
+    with pytest.warns(UserWarning, match="open in another tab"):
+        history, _, figures, listed = controller.open_earlier("a1", json.dumps(OPEN_ELSEWHERE_MARK), earlier)
+    assert history == gr.skip() and figures == OPEN_ELSEWHERE and listed["choices"] == [("today: Hello", "a1")]
