@@ -53,6 +53,7 @@ class Fields:
 
 
 NO_TOOLS = "this model has no tool calling"
+NO_REASONING = "none"  # OpenAI's reasoning_effort asking for no reasoning: what a chat does unless 'thinking' is true
 
 # our extension fields per endpoint (refused with unknown_parameter under --openai-only)
 CHAT_EXTENSIONS = ("top_k", "repetition_penalty", "thinking")
@@ -75,7 +76,8 @@ CHAT = Fields(
         "tool_choice": (NO_TOOLS, lambda v: v in ("none", "auto")),
         "function_call": (NO_TOOLS, lambda v: v in ("none", "auto")),
         "reasoning_effort": ("there is no reasoning budget; the extension field 'thinking': true turns on the "
-                             "model's detailed thinking", lambda v: False),
+                             "model's detailed thinking; 'none' (no thinking, as by default) is accepted",
+                             lambda v: v == NO_REASONING),
         "verbosity": ("there is no verbosity control", lambda v: False),
         "service_tier": ("there is one tier (one queue for every request); 'auto' and 'default' are accepted",
                          lambda v: v in ("auto", "default")),

@@ -303,6 +303,16 @@ def logprob_fields(body: dict, modalities: list[str]) -> tuple[bool, int]:
     return asked, top
 
 
+def thinking_asked(body: dict) -> bool:
+    """Our `thinking` extension; OpenAI's reasoning_effort "none" (accepted: fields.NO_REASONING) asks for a reply
+    without it, so the two together are refused rather than one of them ignored."""
+    thinking = flag(body, "thinking")
+    if thinking and body.get("reasoning_effort") == fields.NO_REASONING:
+        raise bad(f"'reasoning_effort' {fields.NO_REASONING!r} asks for no thinking and 'thinking' is true: give one "
+                  "of them", "invalid_value", "reasoning_effort")
+    return thinking
+
+
 MAX_CHOICES = 8  # the most choices (`n`) one chat request may ask for: they are generated one after another
 
 
@@ -515,7 +525,7 @@ async def chat_completions(request: Request):
     include_usage = stream_usage(body, stream)
     params = replace(generation_params(body, ctx.limits), logprobs=logprobs, top_logprobs=top_logprobs,
                      logit_bias=logit_bias(body.get("logit_bias"), vocab_size(ctx.engine)))
-    thinking = flag(body, "thinking")
+    thinking = thinking_asked(body)
     raw_messages = body.get("messages")
     if has_media(raw_messages):  # decoding images/audio takes a while: off the event loop
         messages, system = await asyncio.to_thread(convert_messages, raw_messages, ctx.limits)

@@ -478,6 +478,7 @@ def test_realtime_numbers_too_large_for_a_float_are_bad_values_named(server):
     ("logit_bias", {"50256": -100}, "invalid_value"),  # (not one of the tiny model's tokens)
     ("logit_bias", {"the": -100}, "invalid_value"),
     ("reasoning_effort", "high", "unsupported_parameter"),
+    ("reasoning_effort", "minimal", "unsupported_parameter"),
     ("service_tier", "flex", "unsupported_parameter"),
     ("top_logprobs", 3, "invalid_value"),  # (without logprobs: true, as OpenAI refuses it)
     ("prediction", {"type": "content", "content": "x"}, "unsupported_parameter"),
@@ -495,6 +496,15 @@ def test_realtime_numbers_too_large_for_a_float_are_bad_values_named(server):
 def test_chat_parameters_are_honoured_or_named_in_an_error(http, field, value, code):
     err = error_of(http.post("/v1/chat/completions", json={**CHAT, field: value}))
     assert err["code"] == code and err["param"] == field, err
+
+
+def test_reasoning_effort_none_asks_for_what_a_chat_does_and_is_accepted(http):
+    """OpenAI's reasoning_effort "none" (GPT-5.1's default, which clients pass on) was refused though it asks for a
+    reply without thinking, this server's default; beside our 'thinking': true it contradicts it, and says so."""
+    r = http.post("/v1/chat/completions", json={**CHAT, "reasoning_effort": "none"})
+    assert r.status_code == 200, r.text
+    err = error_of(http.post("/v1/chat/completions", json={**CHAT, "reasoning_effort": "none", "thinking": True}))
+    assert (err["code"], err["param"]) == ("invalid_value", "reasoning_effort") and "thinking" in err["message"], err
 
 
 @pytest.mark.parametrize("message, code, param", [
