@@ -199,8 +199,7 @@ def check_unsupported(body: dict, engine, openai_only: bool = False) -> tuple[li
     """Refuses what this engine does not do; returns the output modalities, the voice, the audio format
     (CHAT_AUDIO_FORMATS' key) and the rate of pcm16 audio asked for: OpenAI's 24 kHz, or our extension
     `audio.sample_rate` (our clients ask for the talker's own, the model card's speech_sample_rate)."""
-    if body.get("tools") or body.get("functions"):
-        raise bad("tools/functions are not supported by this engine", "unsupported_parameter", "tools")
+    check_no_tools(body)
     check_response_format(body.get("response_format"))
     check_accepted_fields(body)
     modalities = ["text"]
@@ -229,6 +228,20 @@ def check_unsupported(body: dict, engine, openai_only: bool = False) -> tuple[li
                           "invalid_value", "audio.sample_rate")
             rate = codec.check_output_rate(audio["sample_rate"], "audio.sample_rate", engine)
     return modalities, voice, fmt, rate
+
+
+TOOL_FIELDS = ("tools", "functions")  # OpenAI's tool lists (functions: the deprecated one): only empty ones are taken
+
+
+def check_no_tools(body: dict) -> None:
+    """`tools` / `functions`: an empty list asks for nothing and passes; a list of tools is refused naming the field
+    sent (a `functions` list was refused as 'tools'), and anything else is not a list (`tools: false` passed)."""
+    for name in TOOL_FIELDS:
+        value = body.get(name)
+        if value is not None and not isinstance(value, list):
+            raise bad(f"'{name}' must be a list of tools, got {type(value).__name__}", "invalid_type", name)
+        if value:
+            raise bad(f"'{name}' is not supported by this server: {fields.NO_TOOLS}", "unsupported_parameter", name)
 
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")  # OpenAI's chat response_format types

@@ -498,6 +498,17 @@ def test_chat_parameters_are_honoured_or_named_in_an_error(http, field, value, c
     assert err["code"] == code and err["param"] == field, err
 
 
+@pytest.mark.parametrize("field, value, code", [
+    ("functions", [{"name": "f", "parameters": {}}], "unsupported_parameter"),  # (was refused as 'tools')
+    ("tools", [{"type": "function", "function": {"name": "f"}}], "unsupported_parameter"),
+    ("tools", False, "invalid_type"), ("functions", {"name": "f"}, "invalid_type"),  # (false passed unread)
+])
+def test_a_tool_list_is_refused_naming_the_field_sent(http, field, value, code):
+    err = error_of(http.post("/v1/chat/completions", json={**CHAT, field: value}))
+    assert (err["code"], err["param"]) == (code, field), err
+    assert http.post("/v1/chat/completions", json={**CHAT, field: []}).status_code == 200  # (asks for nothing)
+
+
 def test_reasoning_effort_none_asks_for_what_a_chat_does_and_is_accepted(http):
     """OpenAI's reasoning_effort "none" (GPT-5.1's default, which clients pass on) was refused though it asks for a
     reply without thinking, this server's default; beside our 'thinking': true it contradicts it, and says so."""
