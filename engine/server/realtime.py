@@ -41,7 +41,7 @@ from engine.server.audio_out import OPENAI_PCM_RATE  # OpenAI's 'pcm16' / audio/
 from engine.server.auth import check_token, chosen_subprotocol
 from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
-from engine.server.fields import REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields
+from engine.server.fields import NO_TOOLS, REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields
 from engine.server.http_api import retry_headers
 from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_metadata, check_output_modalities, flag,
                                   generation_params, logit_bias, output_kwargs, transcription_tag, vocab_size,
@@ -905,11 +905,8 @@ class RealtimeConnection:
 
     async def on_item_create(self, event: dict, event_id) -> None:
         item = need_dict(event.get("item"), "item")
-        REALTIME_ITEM.check(item, "item.")
+        check_message_item(item, "item", "'message'")
         after = self._insertion_point(event.get("previous_item_id"))
-        if item.get("type", "message") != "message":
-            raise bad(f"item type {str(item.get('type'))[:40]!r} is not supported; use 'message'", "invalid_value",
-                      "item.type")
         role = item.get("role")
         if role not in ("user", "assistant", "system"):
             raise bad("'item.role' must be 'user', 'assistant' or 'system'", "invalid_value", "item.role")
@@ -969,10 +966,7 @@ class RealtimeConnection:
                     raise bad(f"no item with id {spec['id'][:64]!r} in this session", "item_not_found", f"{name}.id")
                 items.append(item)
                 continue
-            REALTIME_ITEM.check(spec, f"{name}.")
-            if spec.get("type", "message") != "message":
-                raise bad(f"item type {str(spec.get('type'))[:40]!r} is not supported; use 'message' or "
-                          "'item_reference'", "invalid_value", f"{name}.type")
+            check_message_item(spec, name, "'message' or 'item_reference'")
             role = spec.get("role")
             if role not in ("user", "assistant", "system"):
                 raise bad(f"'{name}.role' must be 'user', 'assistant' or 'system'", "invalid_value", f"{name}.role")
@@ -1364,6 +1358,22 @@ def check_ignored_speed(value: Any, name: str) -> None:
 
 NOISE_REDUCTION_TYPES = ("near_field", "far_field")  # OpenAI's
 TRUNCATION_MODES = ("auto", "disabled")  # or {"type": "retention_ratio", ...}
+
+
+TOOL_ITEM_TYPES = ("function_call", "function_call_output", "mcp_call", "mcp_list_tools", "mcp_approval_request",
+                   "mcp_approval_response")  # OpenAI's conversation items of tool calling
+
+
+def check_message_item(item: dict, name: str, types: str) -> None:
+    """A conversation item given by a client (`name`: where) is a message (`types`: what the place takes), its type
+    checked before its fields: a function_call_output item was refused as an "unknown field 'item.call_id'"."""
+    kind = item.get("type", "message")
+    if kind in TOOL_ITEM_TYPES:
+        raise bad(f"'{name}.type' {kind!r} is not supported by this server: {NO_TOOLS}", "unsupported_parameter",
+                  f"{name}.type")
+    if kind != "message":
+        raise bad(f"item type {str(kind)[:40]!r} is not supported; use {types}", "invalid_value", f"{name}.type")
+    REALTIME_ITEM.check(item, f"{name}.")
 
 
 def check_ignored_session_fields(spec: dict) -> None:

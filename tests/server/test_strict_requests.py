@@ -509,6 +509,20 @@ def test_a_tool_list_is_refused_naming_the_field_sent(http, field, value, code):
     assert http.post("/v1/chat/completions", json={**CHAT, field: []}).status_code == 200  # (asks for nothing)
 
 
+def test_a_realtime_tool_call_item_is_refused_as_tool_calling_not_as_an_unknown_field(server):
+    """A function_call_output item (a conversation replayed from OpenAI) was refused as "unknown field
+    'item.call_id'", which said nothing of what was wrong: this model has no tool calling."""
+    output = {"type": "function_call_output", "call_id": "c1", "output": "42"}
+    with connect(server.ws_url, max_size=None) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        for event, param in (({"type": "conversation.item.create", "item": output}, "item.type"),
+                             ({"type": "response.create", "response": {"conversation": "none", "input": [output]}},
+                              "response.input[0].type")):
+            ws.send(json.dumps(event))
+            err = recv_json(ws)["error"]
+            assert (err["code"], err["param"]) == ("unsupported_parameter", param) and "tool" in err["message"], err
+
+
 def test_reasoning_effort_none_asks_for_what_a_chat_does_and_is_accepted(http):
     """OpenAI's reasoning_effort "none" (GPT-5.1's default, which clients pass on) was refused though it asks for a
     reply without thinking, this server's default; beside our 'thinking': true it contradicts it, and says so."""
