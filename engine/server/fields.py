@@ -23,10 +23,6 @@ from engine.server.protocol import ApiError
 Harmless = Callable[[Any], bool]  # a value of a refused field that asks for nothing (e.g. tool_choice "none")
 
 
-def _empty(value: Any) -> bool:
-    return value in ({}, [], 0, False)
-
-
 @dataclass(frozen=True)
 class Fields:
     """`taken`: honoured (or checked by the endpoint itself); `ignored`: accepted, no effect;
@@ -53,6 +49,15 @@ class Fields:
 
 
 NO_TOOLS = "this model has no tool calling"
+def check_tool_list(value: Any, name: str) -> None:
+    """A list of tools (chat's `tools` / `functions`, a realtime session's `tools`): an empty one asks for nothing and
+    passes, one holding tools is refused naming the field (`name`), anything else is not a list (false passed)."""
+    if value is not None and not isinstance(value, list):
+        raise bad(f"'{name}' must be a list of tools, got {type(value).__name__}", "invalid_type", name)
+    if value:
+        raise bad(f"'{name}' is not supported by this server: {NO_TOOLS}", "unsupported_parameter", name)
+
+
 NO_REASONING = "none"  # OpenAI's reasoning_effort asking for no reasoning: what a chat does unless 'thinking' is true
 
 # our extension fields per endpoint (refused with unknown_parameter under --openai-only)
@@ -146,7 +151,7 @@ REALTIME_RESPONSE = Fields(
            "thinking", "metadata", "voice", "output_audio_format", "presence_penalty", "frequency_penalty",
            "logit_bias"),
     ignored=("object",),
-    refused={"tools": (NO_TOOLS, _empty), "tool_choice": (NO_TOOLS, lambda v: v in ("none", "auto")),
+    refused={"tools": (NO_TOOLS, lambda v: v == []), "tool_choice": (NO_TOOLS, lambda v: v in ("none", "auto")),
              "prompt": ("stored prompts are not supported", lambda v: False)})
 REALTIME_ITEM = Fields(taken=("type", "role", "content", "id"), ignored=("object", "status"))
 

@@ -234,14 +234,10 @@ TOOL_FIELDS = ("tools", "functions")  # OpenAI's tool lists (functions: the depr
 
 
 def check_no_tools(body: dict) -> None:
-    """`tools` / `functions`: an empty list asks for nothing and passes; a list of tools is refused naming the field
-    sent (a `functions` list was refused as 'tools'), and anything else is not a list (`tools: false` passed)."""
+    """`tools` / `functions` (fields.check_tool_list): a `functions` list was refused as 'tools', `tools: false`
+    passed."""
     for name in TOOL_FIELDS:
-        value = body.get(name)
-        if value is not None and not isinstance(value, list):
-            raise bad(f"'{name}' must be a list of tools, got {type(value).__name__}", "invalid_type", name)
-        if value:
-            raise bad(f"'{name}' is not supported by this server: {fields.NO_TOOLS}", "unsupported_parameter", name)
+        fields.check_tool_list(body.get(name), name)
 
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")  # OpenAI's chat response_format types

@@ -41,7 +41,7 @@ from engine.server.audio_out import OPENAI_PCM_RATE  # OpenAI's 'pcm16' / audio/
 from engine.server.auth import check_token, chosen_subprotocol
 from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
-from engine.server.fields import NO_TOOLS, REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields
+from engine.server.fields import NO_TOOLS, REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields, check_tool_list
 from engine.server.http_api import retry_headers
 from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_metadata, check_output_modalities, flag,
                                   generation_params, logit_bias, output_kwargs, transcription_tag, vocab_size,
@@ -405,8 +405,7 @@ class RealtimeConnection:
         if "video" in spec:
             new["video"] = None if spec["video"] is None else setting(
                 VideoContextConfig.from_wire, spec["video"], s.video or VideoContextConfig(), "session.video")
-        if spec.get("tools"):
-            raise bad("tools are not supported by this engine", "unsupported_parameter", "session.tools")
+        check_tool_list(spec.get("tools"), "session.tools")
         if "include" in spec:
             new["include"] = session_include(spec["include"])
         if "thinking" in spec:

@@ -511,7 +511,8 @@ def test_a_tool_list_is_refused_naming_the_field_sent(http, field, value, code):
 
 def test_a_realtime_tool_call_item_is_refused_as_tool_calling_not_as_an_unknown_field(server):
     """A function_call_output item (a conversation replayed from OpenAI) was refused as "unknown field
-    'item.call_id'", which said nothing of what was wrong: this model has no tool calling."""
+    'item.call_id'", which said nothing of what was wrong: this model has no tool calling. A session's or response's
+    `tools: false` passed unread; it is not a list."""
     output = {"type": "function_call_output", "call_id": "c1", "output": "42"}
     with connect(server.ws_url, max_size=None) as ws:
         assert recv_json(ws)["type"] == "session.created"
@@ -521,6 +522,13 @@ def test_a_realtime_tool_call_item_is_refused_as_tool_calling_not_as_an_unknown_
             ws.send(json.dumps(event))
             err = recv_json(ws)["error"]
             assert (err["code"], err["param"]) == ("unsupported_parameter", param) and "tool" in err["message"], err
+        for tools, code in ((False, "invalid_type"), ({"type": "function"}, "invalid_type"),  # (false passed unread)
+                            ([{"type": "function", "name": "f"}], "unsupported_parameter")):
+            ws.send(json.dumps({"type": "session.update", "session": {"tools": tools}}))
+            err = recv_json(ws)["error"]
+            assert (err["code"], err["param"]) == (code, "session.tools"), err
+        ws.send(json.dumps({"type": "response.create", "response": {"tools": False}}))
+        assert recv_json(ws)["error"]["param"] == "response.tools"
 
 
 def test_reasoning_effort_none_asks_for_what_a_chat_does_and_is_accepted(http):
