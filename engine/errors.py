@@ -33,6 +33,7 @@ def image_formats_named() -> str:
     *most, last = IMAGE_FORMATS.values()
     return f"{', '.join(most)} or {last}"
 
+
 class MingError(Exception):
     """Base of the engine's user-facing errors."""
 
