@@ -12,6 +12,9 @@
 // conversation.item.added/.done, response.created, response.queue_position,
 // response.output_item.added, response.output_text.delta/.done,
 // response.output_audio_transcript.delta/.done, response.output_audio.delta/.done, response.done, error.
+// A call whose connection drops once it was up (the engine restarted, a proxy closed an idle socket) reconnects by
+// itself with growing waits (cfg.defaults.reconnect_*), saying so in the status line, and gives up after the last
+// try saying what to do; Stop ends it at any time. The engine starts a new conversation (it kept none of the old).
 
 const cfg = JSON.parse(props.live_config);
 const q = (role) => element.querySelector(`[data-role="${role}"]`);
@@ -149,7 +152,7 @@ async function start() {
     stream, opts, ws: null, ctx: null, node: null, frameTimer: null, encoding: false, talking: false,
     userStopped: false, pcm: [], pcmSamples: 0, sentMs: 0, clock: [], turnMs: 0, frames: 0, heardAnything: false,
     play: { next: 0, chunks: [], sources: [], item: null }, responses: {}, current: null, cancelled: new Set(),
-    speechEnd: null, firstText: null, firstAudio: null, bubbles: {}, closing: false,
+    speechEnd: null, firstText: null, firstAudio: null, bubbles: {}, closing: false, everReady: false, reconnects: 0,
   };
   ui.preview.srcObject = stream;
   ui.preview.hidden = stream.getVideoTracks().length === 0;
@@ -221,6 +224,7 @@ function stop(message) {
   clearTimeout(s.silenceCheck);
   clearTimeout(s.cameraCheck);
   clearTimeout(s.readyCheck);
+  clearTimeout(s.reconnectTimer);
   stopPlayback(s);
   for (const track of s.stream.getTracks()) track.stop();
   if (s.ctx) s.ctx.close().catch(() => {});
@@ -364,25 +368,27 @@ function playbackRate() {
 
 function openSocket() {
   const s = S;
-  setStatus("Connecting…");
+  setStatus(s.reconnects ? `Reconnecting… ${ordinal(s.reconnects)} try` : "Connecting…");
   ui.stop.disabled = false;  // a connection that hangs can be given up
   s.readyCheck = setTimeout(() => {
-    if (S === s && !s.ready) {
-      stop(`The engine did not answer within ${READY_WAIT_MS / 1000} s (busy or hung?). Press Start to try again.`);
-    }
+    if (S !== s || s.ready) return;
+    const why = `the engine did not answer within ${READY_WAIT_MS / 1000} s (busy or hung?)`;
+    if (s.everReady) reconnectLater(s, why);
+    else stop(`${why.replace(/^t/, "T")}. Press Start to try again.`);
   }, READY_WAIT_MS);
   let ws;
   try { ws = new WebSocket(socketUrl()); } catch (e) { stop(`Cannot open the live connection: ${e.message}`); return; }
   s.ws = ws;
-  ws.onopen = () => { if (S === s) send(sessionUpdate(s.opts)); };
+  ws.onopen = () => { if (S === s && s.ws === ws) send(sessionUpdate(s.opts)); };
   ws.onmessage = (m) => {
-    if (S !== s) return;
+    if (S !== s || s.ws !== ws) return;  // (a message of a connection given up)
     let ev;
     try { ev = JSON.parse(m.data); } catch (e) { return; }
     try { handle(ev); } catch (e) { console.error("live event", ev.type, e); }
   };
   ws.onclose = (e) => {
-    if (S !== s || s.userStopped) return;
+    if (S !== s || s.userStopped || s.ws !== ws) return;
+    if (worthReconnecting(s, e)) { reconnectLater(s, s.lastError || `code ${e.code}`); return; }
     const why = {
       4000: "Live was started in another tab or window; it stopped here.",
       4001: s.lastError || "The engine ended the live session.",
@@ -394,19 +400,68 @@ function openSocket() {
   };
 }
 
+// Closes after which a new connection would be refused the same way (another tab took the call over, no login, a
+// message the relay could not take): the call ends. Any other drop of a call that was up is reconnected.
+const FINAL_CLOSES = new Set([1007, 1008, 1009, 4000, 4003]);
+const RECONNECT = {
+  tries: cfg.defaults.reconnect_tries, firstWaitMs: cfg.defaults.reconnect_first_wait_ms,
+  maxWaitMs: cfg.defaults.reconnect_max_wait_ms,
+};
+function worthReconnecting(s, e) {
+  if (!s.everReady || FINAL_CLOSES.has(e.code)) return false;
+  return e.code !== 4001 || ["engine_closed", "engine_unreachable"].includes(e.reason);
+}
+function ordinal(n) {
+  const teen = n % 100 >= 11 && n % 100 <= 13;
+  return n + (teen ? "th" : ({ 1: "st", 2: "nd", 3: "rd" }[n % 10] || "th"));
+}
+// The connection is given up (its socket closed, or no answer): the microphone and camera stay open, nothing is sent
+// until the next connection is ready, and the text typed in the box stays there.
+function dropConnection(s) {
+  const ws = s.ws;
+  s.ws = null; s.ready = false;
+  if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000, "reconnecting");
+  clearInterval(s.frameTimer); s.frameTimer = null;
+  clearTimeout(s.readyCheck);
+  stopPlayback(s);
+  Object.assign(s, { current: null, asked: false, askAfterDone: false, talking: false, pcm: [], pcmSamples: 0,
+                     sentMs: 0, clock: [], speechEnd: null, lastError: null });
+  ui.talk.classList.remove("live-talking");
+  ui.talk.disabled = true; ui.text.disabled = true; ui.send.disabled = true;
+}
+function reconnectLater(s, why) {
+  dropConnection(s);
+  s.reconnects += 1;
+  if (s.reconnects > RECONNECT.tries) {
+    stop(`The live connection was lost (${why.replace(/\.$/, "")}) and ${RECONNECT.tries} tries to reconnect ` +
+         "failed. Press Start to call again once the banner at the top shows the model.");
+    return;
+  }
+  const waitMs = Math.min(RECONNECT.maxWaitMs, RECONNECT.firstWaitMs * 2 ** (s.reconnects - 1));
+  setStatus(`Connection lost: reconnecting… ${ordinal(s.reconnects)} try in ${Math.ceil(waitMs / 1000)} s ` +
+            `(of ${RECONNECT.tries}; Stop ends the call).`);
+  s.reconnectTimer = setTimeout(() => { if (S === s) openSocket(); }, waitMs);
+}
+
 function ready(s) {
   if (s.ready) return;
-  s.ready = true;
+  const reconnected = s.reconnects > 0;
+  s.ready = true; s.everReady = true; s.reconnects = 0;
   ui.stop.disabled = false; ui.mode.disabled = true;
   ui.talk.disabled = s.opts.mode !== "ptt" || !hasMicrophone(s);
   ui.text.disabled = false; ui.send.disabled = false;
   startFrames();
   setStatus(idleStatus(s));
+  if (reconnected) bubble("note", null, "Reconnected: the engine starts a new conversation (it keeps none of the earlier turns).");
 }
 function idleStatus(s) {
   if (!hasMicrophone(s)) return "Type a message below and press Enter.";
   return s.opts.mode === "ptt" ? "Hold “Talk” (or the space bar) while you speak." : "Listening… just talk.";
 }
+
+// The relay's errors that its close of the connection follows (app/live_proxy.py)
+const RELAY_CLOSES = new Set(["engine_closed", "engine_unreachable", "engine_unauthorized", "live_session_replaced",
+                              "login_required"]);
 
 function handle(ev) {
   const s = S;
@@ -465,9 +520,10 @@ function handle(ev) {
     case "error": {
       const err = ev.error || {};
       if (err.code === "response_cancel_not_active") break;  // the reply had ended already
-      if (!s.ready && String(ev.event_id || "").startsWith("event_proxy_")) {
-        // the studio's relay could not open the call (the engine down, full, refusing the token; no login): its
-        // close follows and says it, with what to do ("The engine refused this call's settings: cannot reach ...")
+      if (String(ev.event_id || "").startsWith("event_proxy_") && (!s.ready || RELAY_CLOSES.has(err.code))) {
+        // the studio's relay could not open the call (the engine down, full, refusing the token; no login) or lost it:
+        // its close follows and says it, with what to do, or reconnects ("The engine refused this call's settings:
+        // cannot reach ..."; "reconnecting… 1st try")
         s.lastError = err.message || err.code || "error";
         break;
       }

@@ -42,6 +42,12 @@ class LiveDefaults:
     max_text_chars: int = 4000  # a typed message (the engine's own limits still apply)
     fps: float = 1.0
     camera: bool = True
+    # a call whose connection drops (the engine restarted, a proxy closed an idle socket) is reconnected by itself:
+    # up to `reconnect_tries` tries in a row, the first after `reconnect_first_wait_ms`, each wait twice the last,
+    # at most `reconnect_max_wait_ms` (1 + 2 + 4 + 8 + 8 s: about 23 s before the page gives up and says what to do)
+    reconnect_tries: int = 5
+    reconnect_first_wait_ms: int = 1000
+    reconnect_max_wait_ms: int = 8000
 
 
 HTML = """
@@ -144,6 +150,10 @@ def build_live_tab(*, speech_output: bool = False, voices: Sequence[str] = (), d
     defaults = defaults or LiveDefaults()
     if defaults.mode not in ("hands_free", "ptt"):
         raise ValueError(f"LiveDefaults.mode must be 'hands_free' or 'ptt', got {defaults.mode!r}")
+    if defaults.reconnect_tries < 0 or not 0 < defaults.reconnect_first_wait_ms <= defaults.reconnect_max_wait_ms:
+        raise ValueError("LiveDefaults needs reconnect_tries >= 0 and 0 < reconnect_first_wait_ms <= "
+                         f"reconnect_max_wait_ms, got {defaults.reconnect_tries}, {defaults.reconnect_first_wait_ms}, "
+                         f"{defaults.reconnect_max_wait_ms}")
     config = {"ws_path": ws_path, "speech_output": bool(speech_output), "voices": list(voices),
               "defaults": asdict(defaults), "settings": settings.__name__ if settings is not None else None}
     if settings is not None:  # (in the studio: its note and voices follow the engine as the other tabs' controls do)

@@ -25,15 +25,15 @@ PHONE = {"width": 390, "height": 844}
 
 
 @contextmanager
-def served_live_tab(engine_url: str, token: str | None, **tab):
+def served_live_tab(engine_url, token: str | None, **tab):
     """The URL of a page with only the Live tab (build_live_tab(**tab)), served with the proxy to
-    the engine at `engine_url`."""
+    the engine at `engine_url` (or at the address a function of no argument gives at each call)."""
     gr = pytest.importorskip("gradio")
     from app.live_proxy import LiveProxy
     from app.studio import close_studio
     from app.ui.live import build_live_tab
 
-    proxy = LiveProxy(lambda: (engine_url, token))
+    proxy = LiveProxy(lambda: (engine_url() if callable(engine_url) else engine_url, token))
     with gr.Blocks(title="Live test") as demo:
         with gr.Tab("Live"):
             build_live_tab(**tab)
@@ -317,11 +317,19 @@ def test_hands_free_against_the_real_engine_hears_the_question_sees_frames_and_r
           f"{latency.inner_text()}; screenshot: {shot}")
 
 
+# a few quick tries to reconnect (the studio's: 5 over about 23 s)
+QUICK_RECONNECT = dict(reconnect_tries=2, reconnect_first_wait_ms=300, reconnect_max_wait_ms=600)
+
+
 def test_an_engine_that_goes_down_mid_call_is_said_with_what_to_do(browser):
     """The engine stopped mid-call (a restart: close code 1012): the tab said only "the engine closed the live session
-    (code 1012)". It says what to do: press Start again once the engine is back; a Start while it is still down says
-    it cannot be reached (it said "The engine refused this call's settings: cannot reach the engine ...")."""
-    with FakeEngine(speak=True) as engine, served_live_tab(engine.url, engine.token, speech_output=True) as url:
+    (code 1012)". Once its tries to reconnect fail, it says what to do: press Start again once the engine is back; a
+    Start while it is still down says it cannot be reached (it said "The engine refused this call's settings: cannot
+    reach the engine ...")."""
+    from app.ui.live import LiveDefaults
+
+    with FakeEngine(speak=True) as engine, served_live_tab(engine.url, engine.token, speech_output=True,
+                                                            defaults=LiveDefaults(**QUICK_RECONNECT)) as url:
         page = browser
         page.goto(url, wait_until="networkidle", timeout=60_000)
         page.locator('#live [data-role="start"]').click()
@@ -329,12 +337,50 @@ def test_an_engine_that_goes_down_mid_call_is_said_with_what_to_do(browser):
         engine.server.shutdown(code=1012)  # as uvicorn closes sessions when the engine server restarts
         error = page.locator('#live [data-role="error"]')
         sync_api.expect(error).to_contain_text("Press Start to call again once", timeout=20_000)
+        sync_api.expect(error).to_contain_text("2 tries to reconnect failed")
         sync_api.expect(page.locator('#live [data-role="start"]')).to_be_enabled()
         sync_api.expect(page.locator('#live [data-role="status"]')).to_have_text("Stopped.")
         page.locator('#live [data-role="start"]').click()  # still down: it said "The engine refused this call's
         sync_api.expect(error).to_contain_text("cannot reach the engine", timeout=20_000)  # settings: cannot reach"
         sync_api.expect(error).to_contain_text("Press Start to call again once")
         assert "refused this call's settings" not in error.inner_text()
+
+
+def test_a_dropped_call_reconnects_by_itself_saying_so_and_stop_ends_the_tries(browser):
+    """A call whose connection dropped (the engine restarted, a proxy closed an idle socket) ended for good, the user
+    left to notice and press Start. The page reconnects by itself, saying which try it is at, with the same settings
+    and the microphone still open; the text typed meanwhile is kept; Stop during the tries ends them."""
+    from app.ui.live import LiveDefaults
+
+    with FakeEngine(speak=True) as first, FakeEngine(speak=True) as second:
+        engine = {"now": first}
+        with served_live_tab(lambda: engine["now"].url, first.token, speech_output=True,
+                             defaults=LiveDefaults(**QUICK_RECONNECT)) as url:
+            page = browser
+            page.goto(url, wait_until="networkidle", timeout=60_000)
+            page.locator('#live [data-role="start"]').click()
+            status = page.locator('#live [data-role="status"]')
+            sync_api.expect(status).to_contain_text("Listening", timeout=20_000)
+            page.locator('#live [data-role="text"]').fill("half a sentence")
+            first.server.shutdown(code=1012)  # the engine restarts: the first try finds it down
+            sync_api.expect(status).to_contain_text(re.compile(r"reconnecting… (1st|2nd) try"), timeout=10_000)
+            engine["now"] = second  # back (at another address, as the proxy's function says)
+            sync_api.expect(status).to_contain_text("Listening", timeout=10_000)
+            sync_api.expect(page.locator("#live .live-note.live-turn")).to_contain_text("Reconnected")
+            assert page.locator('#live [data-role="error"]').is_hidden()
+            assert page.locator('#live [data-role="text"]').input_value() == "half a sentence"
+            update = next(e for e in second.got.events if e["type"] == "session.update")["session"]
+            assert update["audio"]["input"]["turn_detection"]["type"] == "server_vad"  # the call's own settings
+            heard = second.got.audio_seconds
+            page.wait_for_timeout(800)
+            assert second.got.audio_seconds > heard  # the microphone streams to the new connection
+            second.server.shutdown(code=1012)
+            sync_api.expect(status).to_contain_text("reconnecting…", timeout=10_000)
+            page.locator('#live [data-role="stop"]').click()  # the user's Stop ends the tries
+            sync_api.expect(status).to_have_text("Stopped.")
+            page.wait_for_timeout(1500)  # longer than every wait left
+            sync_api.expect(status).to_have_text("Stopped.")
+            assert page.locator('#live [data-role="error"]').is_hidden()
 
 
 # a camera that opens but never delivers a frame (a canvas track nothing is drawn on), with the fake microphone
