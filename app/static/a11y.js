@@ -45,4 +45,27 @@
     e.preventDefault();
     run.click();
   });
+  // Escape (or the Close button) in a gallery's preview closed it and left the focus on the page's top: a keyboard user
+  // started again from the first control. The focus goes back to the grid's thumbnail of the picture shown (the one
+  // that opened the preview, unless the arrows moved on), which the preview's strip names "Thumbnail N of M" as the
+  // grid does.
+  const closingPreview = (e) => {
+    const preview = e.target instanceof Element ? e.target.closest(".preview") : null;
+    const block = preview && preview.closest(".block");
+    if (!block || !block.querySelector("button.thumbnail-lg, button.thumbnail-small")) return;
+    if (e.type === "keydown" ? e.key !== "Escape" : !e.target.closest("button[aria-label=Close]")) return;
+    const shown = preview.querySelector("button.thumbnail-small.selected")?.getAttribute("aria-label");
+    const back = () => {
+      const thumbs = Array.from(block.querySelectorAll("button.thumbnail-lg"));
+      const thumb = thumbs.find((b) => b.getAttribute("aria-label") === shown) || thumbs[0];
+      if (!thumb) return false;
+      thumb.focus();
+      return true;
+    };
+    let frames = 0;  // the grid is drawn again once the preview is gone (a frame or a few later)
+    const retry = () => { if (!back() && ++frames < 30) requestAnimationFrame(retry); };
+    requestAnimationFrame(retry);
+  };
+  document.addEventListener("keydown", closingPreview, true);
+  document.addEventListener("click", closingPreview, true);
 }

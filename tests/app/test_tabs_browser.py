@@ -501,6 +501,15 @@ def test_a_result_in_the_gallery_shows_with_its_caption(browser, studio):
     strip = page.locator("#image-gallery .preview .thumbnails").bounding_box()
     cap = preview.bounding_box()
     assert cap["y"] + cap["height"] <= strip["y"] + 1, (cap, strip)
+    # Escape closes the preview and gives the focus back to the thumbnail that opened it (it went to the page's top)
+    # (and so does its Close button, to the preview opened by the keyboard)
+    thumb = page.locator("#image-gallery button.thumbnail-lg").first
+    page.keyboard.press("Escape")
+    sync_api.expect(thumb).to_be_focused(timeout=5_000)
+    page.keyboard.press("Enter")
+    close = page.locator("#image-gallery .preview button[aria-label=Close]")
+    close.press("Enter")
+    sync_api.expect(thumb).to_be_focused(timeout=5_000)
     page.context.close()
 
 
