@@ -49,7 +49,15 @@ PAGE_JS = "() => {\n" + "".join(f"({(STATIC / name).read_text(encoding='utf-8').
 # Keyboard focus is in sight on every control: Gradio took the outline off its radio buttons and sliders and showed
 # nothing around the Chat message box (its frame is an inner box of the block), so Tab reached them unseen. Radios and
 # sliders get the browser's focus ring (as the buttons have), the message box's frame a focused text box's colours.
+# Every text reads at 4.5:1 at least (WCAG AA) in light and dark mode: Gradio's light theme wrote its info text under a
+# label, the slider's bounds, "- or -" and the footer in a grey of 1.9:1 on white, the open tab's name in orange of 2.8:1,
+# and white on its orange (2.8:1) and red (3.8:1) buttons; they take darker shades of the same colours (the dark theme's
+# text passes, its orange button too once darker).
 PAGE_STYLE = """<style>
+:root { --body-text-color-subdued: #4b5563 !important; --color-accent: #c2410c !important; }
+:root, :root.dark, :root .dark {
+  --button-primary-background-fill: #c2410c !important; --button-primary-background-fill-hover: #9a3412 !important;
+  --button-cancel-background-fill: #b91c1c !important; --button-cancel-background-fill-hover: #991b1b !important; }
 #model-banner .prose > div * { color: inherit !important; }
 .gradio-container input[type=radio]:focus-visible, .gradio-container input[type=range]:focus-visible {
   outline: auto !important; outline-offset: 2px; }
