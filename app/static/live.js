@@ -141,6 +141,7 @@ async function refreshSettings() {
 
 async function start() {
   if (S) return;
+  const fromStart = document.activeElement === ui.start;  // (a keyboard user: the focus goes on to Stop)
   showError("");
   ui.start.disabled = true;  // while the studio is asked what the engine serves now
   await refreshSettings();
@@ -176,6 +177,7 @@ async function start() {
     return;
   }
   openSocket();
+  if (fromStart && S) ui.stop.focus();
 }
 
 // The microphone and camera the user allows: both, either, or neither (then the call is typed, with a message
@@ -213,6 +215,9 @@ async function openMedia(opts) {
   }[micError.name] || `Could not open the microphone: ${micError.name}: ${micError.message}.`) + TYPED_CALL);
   return cameraOnly || new MediaStream();
 }
+// A control disabled while it has the keyboard focus drops it to the page's top (Tab then starts again from the first
+// control of the page): the focus moves to the control that goes on (Stop during a call, Start once it ended).
+function callControlFocused() { return [ui.start, ui.stop, ui.talk, ui.text, ui.send].includes(document.activeElement); }
 function hasMicrophone(s) { return s.stream.getAudioTracks().length > 0; }
 
 function stop(message) {
@@ -220,6 +225,7 @@ function stop(message) {
   if (!s) return;
   S = null;
   s.userStopped = true;
+  const refocus = callControlFocused();
   clearInterval(s.frameTimer);
   clearTimeout(s.silenceCheck);
   clearTimeout(s.cameraCheck);
@@ -232,6 +238,7 @@ function stop(message) {
   ui.preview.srcObject = null;
   ui.meter.style.width = "0%";
   ui.start.disabled = false; ui.stop.disabled = true; ui.talk.disabled = true; ui.mode.disabled = false;
+  if (refocus) ui.start.focus();
   ui.text.disabled = true; ui.send.disabled = true;
   setStatus("Stopped.");
   showCallBadge();
@@ -427,7 +434,9 @@ function dropConnection(s) {
   Object.assign(s, { current: null, asked: false, askAfterDone: false, talking: false, pcm: [], pcmSamples: 0,
                      sentMs: 0, clock: [], speechEnd: null, lastError: null });
   ui.talk.classList.remove("live-talking");
+  const refocus = callControlFocused();
   ui.talk.disabled = true; ui.text.disabled = true; ui.send.disabled = true;
+  if (refocus) ui.stop.focus();
 }
 function reconnectLater(s, why) {
   dropConnection(s);
@@ -675,7 +684,36 @@ for (const input of [ui.threshold, ui.silence, ui.prefix, ui.windowS, ui.fps]) {
     if (fpsChanged && S.frameTimer) { clearInterval(S.frameTimer); startFrames(); }
   });
 }
-window.addEventListener("pagehide", () => stop());
+// A reload (or leaving the page) ends the call: the page that comes back says so, with the settings the user chose.
+const SETTINGS_KEY = "ming-live-settings", ENDED_BY_RELOAD_KEY = "ming-live-ended-by-reload";
+const KEPT = { mode: ui.mode, threshold: ui.threshold, silence: ui.silence, prefix: ui.prefix, windowS: ui.windowS,
+               fps: ui.fps, camera: ui.camera };
+function keepSettings() {
+  try { localStorage.setItem(SETTINGS_KEY, JSON.stringify(settings())); } catch (e) { /* storage off: not kept */ }
+}
+function restoreSettings() {
+  let kept = null;
+  try { kept = JSON.parse(localStorage.getItem(SETTINGS_KEY) || "null"); } catch (e) { return; }
+  if (!kept || typeof kept !== "object") return;
+  for (const [name, input] of Object.entries(KEPT)) {
+    const value = kept[name];
+    if (input.type === "checkbox") { if (typeof value === "boolean") input.checked = value; continue; }
+    if (input.tagName === "SELECT" && ![...input.options].some((o) => o.value === String(value))) continue;
+    if (typeof value === "number" || typeof value === "string") input.value = String(value);  // (a range clamps it)
+  }
+}
+for (const input of Object.values(KEPT)) input.addEventListener("change", keepSettings);
+window.addEventListener("pagehide", () => {
+  if (S) { try { sessionStorage.setItem(ENDED_BY_RELOAD_KEY, "1"); } catch (e) { /* not said after the reload */ } }
+  stop();
+});
+restoreSettings();
+try {
+  if (sessionStorage.getItem(ENDED_BY_RELOAD_KEY)) {
+    sessionStorage.removeItem(ENDED_BY_RELOAD_KEY);
+    setStatus("The call ended when the page was reloaded. Press Start to call again (your settings are kept).");
+  }
+} catch (e) { /* storage off */ }
 // The studio calls this when the engine changes (another release, parts, back from down: the banner's engine state):
 // the note and the voice list follow it without a reload or a Start (a call keeps what it started with).
 element.followEngine = () => { if (!S) refreshSettings(); };

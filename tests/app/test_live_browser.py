@@ -174,6 +174,39 @@ def test_barge_in_from_the_server_stops_the_speech_at_once_and_ignores_stale_aud
     assert "response.cancel" not in [e["type"] for e in got]  # hands-free: the server cancels by itself
 
 
+def test_a_call_by_keyboard_alone_and_a_reload_during_it(live_page, browser):
+    """Start pressed with Enter disabled itself and dropped the keyboard focus to the page's top (Stop: the same once
+    pressed); a reload during a call ended it without a word and forgot the settings chosen (push-to-talk back to
+    hands-free). The focus goes on from Start to Stop and back; the space bar talks; the page that comes back from a
+    reload says the call ended there and keeps the settings."""
+    url, engine = live_page
+    page = browser
+    page.goto(url, wait_until="networkidle", timeout=60_000)
+    mode, start, stop = (page.locator(f'#live [data-role="{role}"]') for role in ("mode", "start", "stop"))
+    mode.focus()
+    page.keyboard.press("ArrowDown")  # push-to-talk
+    assert mode.input_value() == "ptt"
+    start.focus()
+    page.keyboard.press("Enter")
+    sync_api.expect(stop).to_be_focused(timeout=20_000)
+    sync_api.expect(page.locator('#live [data-role="talk"]')).to_be_enabled(timeout=20_000)
+    page.keyboard.down("Space")  # (on the focused Stop: it talks, it does not press Stop)
+    page.wait_for_timeout(1200)
+    page.keyboard.up("Space")
+    sync_api.expect(page.locator("#live .live-assistant").last).to_have_text(REPLY, timeout=20_000)
+    page.keyboard.press("Enter")  # Stop
+    status = page.locator('#live [data-role="status"]')
+    sync_api.expect(status).to_have_text("Stopped.")
+    sync_api.expect(start).to_be_focused()
+    page.keyboard.press("Enter")
+    sync_api.expect(page.locator('#live [data-role="talk"]')).to_be_enabled(timeout=20_000)
+    closed = engine.got.closed
+    page.reload(wait_until="networkidle", timeout=60_000)
+    assert engine.wait_closed(closed + 1), "the engine session stayed open after the reload"
+    sync_api.expect(status).to_contain_text("The call ended when the page was reloaded")
+    assert mode.input_value() == "ptt"
+
+
 def test_a_denied_microphone_makes_a_typed_call_and_a_blocked_camera_is_said_in_the_page(live_page):
     url, engine = live_page
     args = CHROMIUM_ARGS + [a for a in MEDIA_ARGS if a != "--use-fake-ui-for-media-stream"]  # real permission checks
