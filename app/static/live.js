@@ -643,6 +643,12 @@ function sendText(e) {
   const s = S;
   const text = ui.text.value.trim();
   if (!s || !s.ready || !text) return;
+  const most = Number(ui.text.dataset.maxChars);
+  if (text.length > most) {  // (kept in the box, to be shortened)
+    setStatus(`This message is ${text.length.toLocaleString("en")} characters long: at most ` +
+              `${most.toLocaleString("en")} go in one typed message. Shorten it, then press Enter (nothing was sent).`);
+    return;
+  }
   const replying = !!(s.current || s.asked);
   bargeIn(s, true);  // typing over a reply interrupts it as speaking over it does
   const item = { type: "message", role: "user", content: [{ type: "input_text", text }] };

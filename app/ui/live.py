@@ -39,7 +39,9 @@ class LiveDefaults:
     silence_duration_ms: int = 600
     prefix_padding_ms: int = 300
     window_seconds: float = 8.0  # video context attached to each turn
-    max_text_chars: int = 4000  # a typed message (the engine's own limits still apply)
+    # a typed message (the engine's own limits still apply); a longer one is refused saying so, and kept in the box (a
+    # maxlength cut a pasted text at this length without a word)
+    max_text_chars: int = 4000
     fps: float = 1.0
     camera: bool = True
     # a call whose connection drops (the engine restarted, a proxy closed an idle socket) is reconnected by itself:
@@ -71,7 +73,7 @@ HTML = """
   <div data-role="text-only" class="live-note" hidden>
     Replies are text for now: this engine has no speech output yet.</div>
   <form data-role="type-row" class="live-type-row">
-    <input data-role="text" type="text" maxlength="{max_text}" autocomplete="off" disabled
+    <input data-role="text" type="text" data-max-chars="{max_text}" autocomplete="off" disabled
            aria-label="Type a message" placeholder="Or type a message (Enter sends)">
     <button data-role="send" type="submit" disabled>Send</button>
   </form>

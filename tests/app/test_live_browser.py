@@ -178,11 +178,12 @@ def test_a_call_by_keyboard_alone_and_a_reload_during_it(live_page, browser):
     """Start pressed with Enter disabled itself and dropped the keyboard focus to the page's top (Stop: the same once
     pressed); a reload during a call ended it without a word and forgot the settings chosen (push-to-talk back to
     hands-free). The focus goes on from Start to Stop and back; the space bar talks; the page that comes back from a
-    reload says the call ended there and keeps the settings."""
+    reload says the call ended there and keeps the settings. A pasted text over the limit is refused, not cut."""
     url, engine = live_page
     page = browser
     page.goto(url, wait_until="networkidle", timeout=60_000)
     mode, start, stop = (page.locator(f'#live [data-role="{role}"]') for role in ("mode", "start", "stop"))
+    status = page.locator('#live [data-role="status"]')
     mode.focus()
     page.keyboard.press("ArrowDown")  # push-to-talk
     assert mode.input_value() == "ptt"
@@ -194,8 +195,14 @@ def test_a_call_by_keyboard_alone_and_a_reload_during_it(live_page, browser):
     page.wait_for_timeout(1200)
     page.keyboard.up("Space")
     sync_api.expect(page.locator("#live .live-assistant").last).to_have_text(REPLY, timeout=20_000)
+    # a pasted text of 100 000 characters was cut to 4 000 by the box without a word: it is kept whole and refused
+    text, typed = page.locator('#live [data-role="text"]'), engine.got.types().count("conversation.item.create")
+    text.fill("x" * 100_000)
+    text.press("Enter")
+    sync_api.expect(status).to_contain_text("100,000 characters long: at most 4,000")
+    assert len(text.input_value()) == 100_000 and engine.got.types().count("conversation.item.create") == typed
+    stop.focus()
     page.keyboard.press("Enter")  # Stop
-    status = page.locator('#live [data-role="status"]')
     sync_api.expect(status).to_have_text("Stopped.")
     sync_api.expect(start).to_be_focused()
     page.keyboard.press("Enter")
