@@ -3,7 +3,8 @@
 Everything runs in the page (app/static/live.js): camera preview, microphone level, hands-free or
 push-to-talk turns, typed turns (a call without a microphone is typed), streamed reply text, streamed speech played as it arrives and stopped at once
 when the user speaks over it, a latency line, and settings (VAD threshold and silence, video window
-and frames per second, voice). Media goes over one websocket to the studio's own server
+and frames per second, voice; kept by the browser across reloads). A call whose connection drops reconnects by itself
+(LiveDefaults.reconnect_*), saying so in its status line. Media goes over one websocket to the studio's own server
 (app/live_proxy.py), which relays it to the engine's /v1/realtime with the engine token added
 there; the token never reaches the browser. Wire it up with both halves:
 

@@ -412,13 +412,13 @@ def test_a_dropped_call_reconnects_by_itself_saying_so_and_stop_ends_the_tries(b
             update = next(e for e in second.got.events if e["type"] == "session.update")["session"]
             assert update["audio"]["input"]["turn_detection"]["type"] == "server_vad"  # the call's own settings
             heard = second.got.audio_seconds
-            page.wait_for_timeout(800)
+            page.wait_for_timeout(400)
             assert second.got.audio_seconds > heard  # the microphone streams to the new connection
             second.server.shutdown(code=1012)
             sync_api.expect(status).to_contain_text("reconnecting…", timeout=10_000)
             page.locator('#live [data-role="stop"]').click()  # the user's Stop ends the tries
             sync_api.expect(status).to_have_text("Stopped.")
-            page.wait_for_timeout(1500)  # longer than every wait left
+            page.wait_for_timeout(2 * QUICK_RECONNECT["reconnect_max_wait_ms"])  # longer than any wait left
             sync_api.expect(status).to_have_text("Stopped.")
             assert page.locator('#live [data-role="error"]').is_hidden()
 
