@@ -50,11 +50,13 @@ PAGE_JS = "() => {\n" + "".join(f"({(STATIC / name).read_text(encoding='utf-8').
 # nothing around the Chat message box (its frame is an inner box of the block), so Tab reached them unseen. Radios and
 # sliders get the browser's focus ring (as the buttons have), the message box's frame a focused text box's colours.
 # Every text reads at 4.5:1 at least (WCAG AA) in light and dark mode: Gradio's light theme wrote its info text under a
-# label, the slider's bounds, "- or -" and the footer in a grey of 1.9:1 on white, the open tab's name in orange of 2.8:1,
-# and white on its orange (2.8:1) and red (3.8:1) buttons; they take darker shades of the same colours (the dark theme's
-# text passes, its orange button too once darker).
+# label, the slider's bounds, "- or -", the footer and the boxes' example text (placeholder; 3.1:1 in dark mode) in a
+# grey of 1.9:1 on white, the open tab's name in orange of 2.8:1, and white on its orange (2.8:1) and red (3.8:1)
+# buttons; they take darker shades of the same colours (the dark theme's orange button too: 3.6:1).
 PAGE_STYLE = """<style>
-:root { --body-text-color-subdued: #4b5563 !important; --color-accent: #c2410c !important; }
+:root { --body-text-color-subdued: #4b5563 !important; --color-accent: #c2410c !important;
+  --input-placeholder-color: #6b7280 !important; }
+:root.dark, :root .dark { --input-placeholder-color: #a1a1aa !important; }
 :root, :root.dark, :root .dark {
   --button-primary-background-fill: #c2410c !important; --button-primary-background-fill-hover: #9a3412 !important;
   --button-cancel-background-fill: #b91c1c !important; --button-cancel-background-fill-hover: #991b1b !important; }

@@ -719,14 +719,19 @@ LOW_CONTRAST_TEXT = r"""([selector, least]) => {
   const shown = (fg, bg) => fg.slice(0, 3).map((c, i) => c * fg[3] + bg[i] * (1 - fg[3]));
   return Array.from(document.querySelectorAll(selector)).filter((el) => el.getClientRects().length)
     .filter((el) => getComputedStyle(el).visibility !== "hidden")
-    .filter((el) => el.matches(TEXT_INPUTS)
-      || Array.from(el.childNodes).some((n) => n.nodeType === 3 && n.textContent.trim()))
-    .map((el) => {
+    .flatMap((el) => {
+      const texts = [];  // [its colour, what it is]: the element's text, and an empty box's placeholder
+      if (el.matches(TEXT_INPUTS) || Array.from(el.childNodes).some((n) => n.nodeType === 3 && n.textContent.trim())) {
+        texts.push([getComputedStyle(el).color, el.textContent.trim().slice(0, 40) || el.outerHTML.slice(0, 60)]);
+      }
+      if (el.matches(TEXT_INPUTS) && el.placeholder && !el.value) {
+        texts.push([getComputedStyle(el, "::placeholder").color, `placeholder "${el.placeholder.slice(0, 30)}"`]);
+      }
       const bg = background(el);
-      const [a, b] = [luminance(shown(rgba(getComputedStyle(el).color), bg)), luminance(bg)];
-      const what = `${el.textContent.trim().slice(0, 40) || el.outerHTML.slice(0, 60)} (${getComputedStyle(el).color}` +
-        ` on rgba(${bg.join(", ")}))`;
-      return [(Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05), what];
+      return texts.map(([colour, what]) => {
+        const [a, b] = [luminance(shown(rgba(colour), bg)), luminance(bg)];
+        return [(Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05), `${what} (${colour} on rgba(${bg.join(", ")}))`];
+      });
     })
     .filter(([contrast]) => contrast < least);
 }"""
