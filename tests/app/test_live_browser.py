@@ -504,3 +504,14 @@ def test_an_engine_that_never_answers_the_start_can_be_stopped_and_times_out(liv
         assert engine.wait_closed(closed + 2), "the engine session stayed open"
     finally:
         engine.hung = False
+
+
+@pytest.mark.parametrize("bad", [dict(reconnect_tries=-1), dict(reconnect_first_wait_ms=0),
+                                 dict(reconnect_first_wait_ms=9000, reconnect_max_wait_ms=8000)])
+def test_reconnect_settings_that_could_not_work_are_refused_when_the_tab_is_built(bad):
+    """A negative number of tries, no wait (a page hammering a down engine) or a first wait over the longest are
+    refused naming the settings, not left to a page that would misbehave."""
+    from app.ui.live import LiveDefaults, build_live_tab
+
+    with pytest.raises(ValueError, match="reconnect_tries >= 0 and 0 < reconnect_first_wait_ms <= reconnect_max_wait"):
+        build_live_tab(defaults=LiveDefaults(**bad))
