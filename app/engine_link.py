@@ -107,6 +107,11 @@ class EngineLink:
         otherwise. The banner says it."""
         return self.client.held_back
 
+    @property
+    def info(self) -> ModelInfo | None:
+        """What the engine last said it serves (None: it never answered yet); asks nothing."""
+        return self._status.info
+
     def has(self, capability: str) -> bool:
-        info = self._status.info
+        info = self.info
         return bool(info is not None and capability in info.capabilities)

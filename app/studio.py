@@ -86,12 +86,18 @@ PAGE_STYLE = """<style>
 # Gradio's worker threads (launch's max_threads; Gradio's default, 40, is starlette's). A tab's streaming request (a
 # chat, a transcription, a voice, an image) holds one while it waits for the engine's next event, and every page action
 # (an upload checked, Stop, a page load) needs one too: ~45 slow streams (a 5 s/token engine) slowed every page action
-# from 0.25 to 0.67 s, and more would have blocked the page. Sized for one stream per realtime session an engine holds
-# by default (engine.server.limits.Limits.max_sessions: chats past it wait in the engine's line, still streaming) and
-# half as many again for the page's own actions meanwhile.
-ENGINE_DEFAULT_SESSIONS: int = 64
-PAGE_ACTION_THREADS: int = ENGINE_DEFAULT_SESSIONS // 2
-MAX_THREADS: int = ENGINE_DEFAULT_SESSIONS + PAGE_ACTION_THREADS
+# from 0.25 to 0.67 s, and more would have blocked the page. Sized for one stream per realtime session the engine holds
+# (its card's limits.max_sessions, `python -m engine.server --max-sessions`; the default, 64, when it does not say or
+# is not reached at start, and never less: chats past the cap wait in the engine's line, still streaming) and half as
+# many again for the page's own actions meanwhile.
+ENGINE_DEFAULT_SESSIONS: int = 64  # engine.server.limits.Limits.max_sessions (not imported: a UI-only studio lacks it)
+PAGE_ACTION_SHARE: float = 0.5
+
+
+def worker_threads(sessions: int | None) -> int:
+    """Gradio's worker threads for an engine holding `sessions` realtime sessions at once (None: it does not say)."""
+    streams = max(sessions or 0, ENGINE_DEFAULT_SESSIONS)
+    return streams + int(streams * PAGE_ACTION_SHARE)
 
 
 def _assets(*patterns: str) -> list[str]:
@@ -129,9 +135,11 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
 def launch_options(demo: gr.Blocks) -> dict:
     """What `demo.launch` needs besides host/port/auth: the Live relay's route, the page CSS (the Share buttons that
     only work on a Space hidden elsewhere, common.share_css) and narrow-screen style, the page's scripts
-    (PAGE_SCRIPTS in app/static/) and the worker threads for many streams at once (MAX_THREADS)."""
+    (PAGE_SCRIPTS in app/static/) and the worker threads for as many streams as the engine holds sessions
+    (worker_threads)."""
+    info = demo.link.info  # (the answer of the check at start: no new check)
     return {"app_kwargs": demo.live_proxy.app_kwargs(), "css": share_css(), "head": PAGE_STYLE, "js": PAGE_JS,
-            "max_threads": MAX_THREADS}
+            "max_threads": worker_threads(info.max_sessions if info is not None else None)}
 
 
 # How long close_studio waits for the server's loop to set Gradio's stop event before closing anyway.

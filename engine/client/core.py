@@ -376,6 +376,12 @@ class ModelInfo:
         n = self.limits.get("max_new_tokens")
         return int(n) if n else None
 
+    @property
+    def max_sessions(self) -> int | None:
+        """The most realtime sessions the engine holds at once (None: the server does not say)."""
+        n = self.limits.get("max_sessions")
+        return int(n) if n else None
+
     @classmethod
     def from_card(cls, card: dict) -> "ModelInfo":
         try:

@@ -282,28 +282,38 @@ def test_an_engine_url_secret_with_a_login_in_it_is_refused_naming_the_secret_no
     assert "s3cret" not in err
 
 
-def test_the_studio_launches_with_threads_for_as_many_streams_as_the_engine_has_sessions(monkeypatch, capsys):
+@pytest.mark.parametrize("max_sessions", [None, 200])
+def test_the_studio_launches_with_threads_for_as_many_streams_as_the_engine_has_sessions(monkeypatch, capsys,
+                                                                                       max_sessions):
     """Gradio's 40 worker threads (its default) were held by ~45 slow streams (a 5 s/token engine), each waiting for
     its next event: every page action waited for a thread (0.25 -> 0.67 s). launch.py gives demo.launch threads for
-    a stream per realtime session of the engine's default and the page's own actions besides."""
+    a stream per realtime session the engine holds and the page's own actions besides: 96 were sized for the default
+    cap (64) even for an engine started with --max-sessions 200, whose 200 streams then blocked the page; the cap is
+    now read from the engine's card (an engine not reached at start: the default)."""
     import app.studio
     import launch
     from app.live_proxy import LiveProxy
-    from app.studio import MAX_THREADS, PAGE_ACTION_THREADS
     from engine.server.limits import Limits
+    from tests.server import fake_server
 
     given = {}
 
-    class Page:  # (the whole page takes seconds to build; launch_options needs only its Live relay)
+    class Page:  # (the whole page takes seconds to build; launch_options needs only its Live relay and link)
         def __init__(self, link):
-            self.live_proxy = LiveProxy(link.target)
+            self.link, self.live_proxy = link, LiveProxy(link.target)
 
         def launch(self, **options):  # (the options are all this test needs: no server is started)
             given.update(options)
             raise OSError("not started in this test")
 
     monkeypatch.setattr(app.studio, "build_studio", Page)
-    no_engine = f"http://127.0.0.1:{_free_port()}"  # (the studio starts without its engine, saying so)
-    code = launch.main(["--engine", no_engine, "--port", str(_free_port())])
+    if max_sessions is None:
+        no_engine = f"http://127.0.0.1:{_free_port()}"  # (the studio starts without its engine, saying so)
+        code = launch.main(["--engine", no_engine, "--port", str(_free_port())])
+        sessions = Limits().max_sessions
+    else:
+        with fake_server(max_sessions=max_sessions) as engine:
+            code = launch.main(["--engine", engine.url, "--port", str(_free_port())])
+        sessions = max_sessions
     assert code != 0 and "not started in this test" in capsys.readouterr().err
-    assert given["max_threads"] == MAX_THREADS >= Limits().max_sessions + PAGE_ACTION_THREADS > 40
+    assert given["max_threads"] >= sessions * 1.5 > 40, (given["max_threads"], sessions)
