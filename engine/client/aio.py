@@ -489,7 +489,7 @@ class AsyncEngineClient(core.EngineClientBase):
                 else:
                     out = run.on_end() if kind == "end" else run.on_lost(value)
                 if run.finished:  # (before its last event: a caller may stop reading at Done)
-                    self._note_arrivals(clock)
+                    self._note_arrivals(clock, out)
                 for ev in out:
                     yield ev
         finally:  # closing the stream stops the request on the server (queued or running)

@@ -842,10 +842,12 @@ class ResponseRun:
 
 @dataclass(frozen=True)
 class HeldBackCheck:
-    """When a stream counts as held back by a proxy between this client and the engine (nginx's proxy_buffering on):
-    the answer's headers came at once, then nothing for `wait_s`, then all of its lines within `burst_share` of its
-    time, at its end. Our engine sends its first lines with the headers (the request's place in line), so an engine
-    that is merely slow to start is not taken for a proxy."""
+    """When a stream counts as held back by a proxy between this client and the engine (nginx's proxy_buffering on).
+    Its body held: the answer's headers came at once, then nothing for `wait_s`, then all of its lines within
+    `burst_share` of its time, at its end. Our engine sends its first lines with the headers (the request's place in
+    line), so an engine that is merely slow to start is not taken for a proxy. Its headers held too (the whole answer
+    at its end): the engine's own figures (the Done's queue wait and total time) say it made the stream over at least
+    `wait_s`, and the headers and every line came within `burst_share` of that, at least `wait_s` after the request."""
 
     wait_s: float = 2.0  # the least wait between the headers and the first line (a shorter stream cannot tell)
     burst_share: float = 0.1  # the most of the stream's time its lines may be spread over
@@ -861,15 +863,18 @@ HELD_BACK_NOTE = ("the engine's streamed answers arrive all at once at their end
 
 
 class ArrivalClock:
-    """When a streamed answer's headers and lines arrived (read by the shells' reader threads or tasks as they come,
-    not as the caller consumes them): whether a proxy held the stream back (HeldBackCheck)."""
+    """When a streamed request was sent (the clock is made as it goes out) and its answer's headers and lines arrived
+    (read by the shells' reader threads or tasks as they come, not as the caller consumes them), and how long the
+    engine says it took to make: whether a proxy held the stream back (HeldBackCheck)."""
 
     def __init__(self, check: HeldBackCheck) -> None:
         self.check = check
+        self.asked_at = time.monotonic()
         self.opened_at: float | None = None
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.lines = 0
+        self.engine_s = 0.0  # the engine's time making the stream (its Done's queue wait and total), 0: not said
 
     def opened(self) -> None:
         self.opened_at = time.monotonic()
@@ -879,16 +884,32 @@ class ArrivalClock:
         self.first_at = self.first_at if self.first_at is not None else self.last_at
         self.lines += 1
 
+    def ended(self, events: list[Event]) -> None:
+        """The stream's last events: the engine's own time making it, from its Done's figures."""
+        for ev in events:
+            if isinstance(ev, Done):
+                self.engine_s = ev.stats.queue_wait_s + ev.stats.total_s
+
     def telling(self) -> bool:
         """The stream lasted long enough, with lines enough, to tell whether it was held back."""
-        return (self.opened_at is not None and self.first_at is not None and self.lines >= self.check.min_lines
-                and self.last_at - self.opened_at >= self.check.wait_s)
+        if self.opened_at is None or self.first_at is None or self.lines < self.check.min_lines:
+            return False
+        return self.last_at - self.opened_at >= self.check.wait_s or self.engine_s >= self.check.wait_s
 
     def held_back(self) -> bool:
-        if not self.telling():
-            return False
+        return self.telling() and (self._body_held() or self._whole_held())
+
+    def _body_held(self) -> bool:
+        """The headers at once, the lines all at the end."""
+        took = self.last_at - self.opened_at
         waited, spread = self.first_at - self.opened_at, self.last_at - self.first_at
-        return waited >= self.check.wait_s and spread <= self.check.burst_share * (self.last_at - self.opened_at)
+        return took >= self.check.wait_s and waited >= self.check.wait_s and spread <= self.check.burst_share * took
+
+    def _whole_held(self) -> bool:
+        """The headers and the lines all at the end of the time the engine took to make them."""
+        spread = self.last_at - self.opened_at
+        return (self.engine_s >= self.check.wait_s and self.opened_at - self.asked_at >= self.check.wait_s
+                and spread <= self.check.burst_share * self.engine_s)
 
 
 def realtime_run(final_error_ids: set[str] | None, cancel, timeout: float) -> ResponseRun:
@@ -1115,10 +1136,11 @@ class EngineClientBase:
     def _arrival_clock(self) -> ArrivalClock:
         return ArrivalClock(self.held_back_check)
 
-    def _note_arrivals(self, clock: ArrivalClock) -> None:
-        """At a stream's end: HELD_BACK_NOTE kept (and logged, once) when a proxy held it back; forgotten when a
+    def _note_arrivals(self, clock: ArrivalClock, last: list[Event]) -> None:
+        """At a stream's end (`last`: its last events, the engine's figures in its Done): HELD_BACK_NOTE kept (and logged, once) when a proxy held it back; forgotten when a
         later stream long enough to tell came as it was made (the proxy was set right). Our engine's streams only: an
         OpenAI-compatible server may send nothing with its headers (it names no place in line)."""
+        clock.ended(last)
         if self.openai or not clock.telling():
             return
         held = clock.held_back()

@@ -550,7 +550,7 @@ class EngineClient(core.EngineClientBase):
                     answered = kind == "end"
                     out = run.on_end() if answered else run.on_lost(value)
                 if run.finished:  # (before its last event: a caller may stop reading at Done)
-                    self._note_arrivals(clock)
+                    self._note_arrivals(clock, out)
                 yield from out
         finally:  # closing the stream stops the request on the server (queued or running)
             if not answered:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ import pytest
 from engine.client import (AsyncEngineClient, AsyncRealtimeClient, ConnectionLost, Endpoints, EngineClient,
                            RealtimeClient, ServerError)
 from engine.client.core import env_settings
-from engine.events import PREFILL_STAGE, AudioChunk, Done, Error, Progress, QueuePosition, TextDelta
+from engine.events import (PREFILL_STAGE, AudioChunk, Done, Error, GenerationStats, Progress, QueuePosition,
+                           TextDelta)
 from tests.paths import REPO
 from tests.server import (SYSTEM, FakeEngine, every_kind_script, fake_server, image_array, long_prompt, png_bytes,
                           reference_chat, running_server, tone_pcm16, wait_for, wav_bytes)
@@ -687,10 +689,11 @@ class BufferingProxy:
     """A reverse proxy that buffers answers, as nginx does with proxy_buffering on (and the engine's X-Accel-Buffering
     header dropped): each answer's headers are passed on at once, its body only once the engine has sent all of it,
     `hold_s` later (the time a real engine's reply would have taken). `hold_s` None: the body is passed on as it
-    comes, at once (no buffering)."""
+    comes, at once (no buffering). `whole`: the headers are held with the body (each answer passed on whole, at once,
+    when the engine has sent all of it), as a proxy that buffers whole responses does."""
 
-    def __init__(self, upstream_port: int, hold_s: float | None):
-        self.upstream_port, self.hold_s = upstream_port, hold_s
+    def __init__(self, upstream_port: int, hold_s: float | None, whole: bool = False):
+        self.upstream_port, self.hold_s, self.whole = upstream_port, hold_s, whole
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
@@ -723,7 +726,8 @@ class BufferingProxy:
                 while b"\r\n\r\n" not in pending:
                     pending += up.recv(65536) or b""
                 head, _, pending = pending.partition(b"\r\n\r\n")
-                conn.sendall(head + b"\r\n\r\n")
+                if not self.whole:
+                    conn.sendall(head + b"\r\n\r\n")
                 length = re.search(rb"(?i)content-length: *(\d+)", head)
                 end = (lambda body: len(body) >= int(length.group(1))) if length else (
                     lambda body: b"0\r\n\r\n" in body)
@@ -734,8 +738,8 @@ class BufferingProxy:
                 while not end(pending):
                     pending += up.recv(65536)
                 body_len = int(length.group(1)) if length else pending.index(b"0\r\n\r\n") + 5
-                time.sleep(self.hold_s if not length else 0)
-                conn.sendall(pending[:body_len])
+                time.sleep(self.hold_s if not length and not self.whole else 0)
+                conn.sendall((head + b"\r\n\r\n" if self.whole else b"") + pending[:body_len])
                 pending = pending[body_len:]
         except (OSError, ValueError):
             conn.close()
@@ -769,6 +773,42 @@ def test_a_proxy_that_holds_streams_back_is_said_with_the_fix_until_streams_come
             client.close()
             proxy.sock.close()
     assert said[0] is not None and "proxy_buffering off" in said[0] and "X-Accel-Buffering" in said[0], said
+    assert said[1] is None
+
+
+class TimedEngine(FakeEngine):
+    """A FakeEngine whose Done says how long it took to make the reply (total_s), as a real engine's figures do."""
+
+    def chat(self, *args, **kwargs):
+        started = time.monotonic()
+        for ev in super().chat(*args, **kwargs):
+            yield replace(ev, stats=GenerationStats(total_s=time.monotonic() - started)) if isinstance(ev, Done) else ev
+
+
+def test_a_proxy_that_holds_back_the_headers_too_is_said_with_the_fix_until_streams_come_as_made():
+    """A proxy that passes each answer on whole, headers included, once the engine has sent all of it: the check saw
+    the headers and every line arrive together (no wait after the headers) and said nothing, while the Speech tab's
+    progress and a chat's words all came at the end. The engine's own figures (its Done's time making the reply)
+    against the answer arriving at once now tell it, with the fix said; once the proxy streams, the note goes."""
+    from engine.client.core import HeldBackCheck
+
+    engine = TimedEngine(script=[TextDelta(f"{i} ") for i in range(5)] + [Done("0 1 2 3 4 ", "stop")],
+                         step_s=HELD_BACK_WAIT_S / 4)  # (6 steps: the engine takes 1.5x the check's wait)
+    with fake_server(engine) as srv:
+        proxy = BufferingProxy(int(srv.url.rsplit(":", 1)[1]), hold_s=0.0, whole=True)
+        client = EngineClient(proxy.url, timeout=10)  # (a loose burst: an answer passed on whole arrives in ~1 ms)
+        client.held_back_check = HeldBackCheck(wait_s=HELD_BACK_WAIT_S, burst_share=0.5)
+        said = []
+        try:
+            for whole, hold_s in ((True, 0.0), (False, None)):
+                proxy.whole, proxy.hold_s = whole, hold_s
+                events = list(client.chat([{"role": "user", "content": "count"}], transport="http"))
+                assert text_of(events) == "0 1 2 3 4 " and events[-1].stats.total_s >= HELD_BACK_WAIT_S, events
+                said.append(client.held_back)
+        finally:
+            client.close()
+            proxy.sock.close()
+    assert said[0] is not None and "proxy_buffering off" in said[0], said
     assert said[1] is None
 
 
