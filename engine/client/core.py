@@ -90,12 +90,15 @@ class ConnectionLost(ServerError):
         super().__init__(message, code)
 
 
-def http_error(status: int, body: Any, text: str = "") -> ServerError:
+def http_error(status: int, body: Any, text: str = "", url: str = "") -> ServerError:
+    """An error answer as a ServerError: the engine's (and OpenAI's) error object by its code and message; any other
+    answer (a proxy's page, a load balancer's text, another framework's JSON) by its status, `url` and own words."""
     err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(err, dict):
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
         ev = wire.error_event(err)
         return ServerError(ev.message, ev.code, status, body)
-    return ServerError(_error_text(status, text), "server_error" if status >= 500 else "http_error", status, body)
+    return ServerError(_error_text(status, text, body, url), "server_error" if status >= 500 else "http_error", status,
+                       body)
 
 
 _HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
@@ -115,14 +118,24 @@ def is_html(content_type: str) -> bool:
     return content_type.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml")
 
 
-def _error_text(status: int, text: str) -> str:
-    """What a non-JSON error answer says: its text, cut; an HTML page (a proxy's or gateway's 502 / 504, which came
-    through as kilobytes of markup) is said by its title, naming what answered."""
+# The fields other servers put an error's words in (FastAPI's detail, a bare error string, a message).
+OTHER_ERROR_FIELDS = ("detail", "error", "message")
+ERROR_WORDS_SHOWN = 200  # characters of an error answer's own words in its message
+
+
+def _error_text(status: int, text: str, body: Any = None, url: str = "") -> str:
+    """What an error answer not in the engine's shape says: its status and where, then its own words (a JSON answer's
+    detail / error / message field, else its text, cut), an HTML page (a proxy's or gateway's 502 / 504, which came
+    through as kilobytes of markup) by its title, naming what answered."""
+    where = f"HTTP {status} from {url_shown(url)}" if url else f"HTTP {status}"
     title = html_page_title(text)
     if title is not None:
         what = f": {title}" if title else ""
-        return f"HTTP {status}{what} (an HTML page: a proxy or gateway answered, not the engine)"
-    return text.strip()[:200] or f"HTTP {status}"
+        return f"{where}{what} (an HTML page: a proxy or gateway answered, not the engine)"
+    fields = body if isinstance(body, dict) else {}
+    said = next((fields[k] for k in OTHER_ERROR_FIELDS if isinstance(fields.get(k), str) and fields[k].strip()), None)
+    said = " ".join((said or text).split())[:ERROR_WORDS_SHOWN]
+    return f"{where}: {said}" if said else where
 
 
 def reply_error(event: dict) -> ServerError:
@@ -137,14 +150,15 @@ def parse_json(raw: Any) -> Any:
         raise ServerError(f"the server sent something that is not JSON: {e}", "protocol_error") from None
 
 
-def json_answer(status: int, content: bytes) -> Any:
-    """An HTTP answer's JSON body, or ServerError for an error status or a body that is not JSON."""
+def json_answer(status: int, content: bytes, url: str = "") -> Any:
+    """An HTTP answer's JSON body, or ServerError for an error status or a body that is not JSON (`url`: where it
+    came from, which a message of an answer not in the engine's shape names)."""
     try:
         body = json.loads(content)
     except ValueError:
         body = None
     if status >= 400:
-        raise http_error(status, body, content.decode("utf-8", "replace"))
+        raise http_error(status, body, content.decode("utf-8", "replace"), url)
     if body is None:
         title = html_page_title(content.decode("utf-8", "replace"))
         if title is not None:  # (a captive portal, a proxy's login page: "not JSON" sent the user to the engine)
@@ -155,9 +169,9 @@ def json_answer(status: int, content: bytes) -> Any:
     return body
 
 
-def json_error_event(status: int, content: bytes) -> Error:
+def json_error_event(status: int, content: bytes, url: str = "") -> Error:
     try:
-        json_answer(status, content)
+        json_answer(status, content, url)
     except ServerError as e:
         return e.to_event()
     return Error(f"HTTP {status}", "server_error")
@@ -235,12 +249,12 @@ def connect_error(url: str, exc: BaseException, timeout_s: float | None = None) 
     status = getattr(response, "status_code", None)
     if status is not None:
         body = getattr(response, "body", None)
-        page = bytes(body or b"").decode("utf-8", "replace")  # a web page is said by its title, not the bare status
-        text = page if html_page_title(page) is not None else str(exc)
+        page = bytes(body or b"").decode("utf-8", "replace")
+        text = page if page.strip() else str(exc)  # (a proxy's text or web page: said by its words or title)
         try:
-            return http_error(status, json.loads(body) if body else None, text)
+            return http_error(status, json.loads(body) if body else None, text, url)
         except ValueError:
-            return http_error(status, None, text)
+            return http_error(status, None, text, url)
     return ServerError(f"could not reach the engine server at {url}: {type(exc).__name__}: {exc}", "connect_failed")
 
 

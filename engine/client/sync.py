@@ -287,7 +287,7 @@ class EngineClient(core.EngineClientBase):
 
     def _json(self, method: str, path: str, **kwargs) -> Any:
         resp = self._send(method, path, **kwargs)
-        return core.json_answer(resp.status_code, resp.content)
+        return core.json_answer(resp.status_code, resp.content, self.endpoints.http + path)
 
     def health(self, timeout: float | None = None) -> dict:
         """The server's /health (status, model, queue, sessions). Raises ServerError when unreachable.
@@ -496,7 +496,7 @@ class EngineClient(core.EngineClientBase):
         if call.read == "json":
             try:
                 resp = self._send(call.method, call.path, **call.kwargs)
-                events = call.parse(core.json_answer(resp.status_code, resp.content))
+                events = call.parse(core.json_answer(resp.status_code, resp.content, self.endpoints.http + call.path))
             except ServerError as e:
                 events = [e.to_event()]
             except core.UnknownEventError as e:
@@ -523,7 +523,7 @@ class EngineClient(core.EngineClientBase):
             if resp.status_code >= 400 or core.is_html(resp.headers.get("content-type", "")):  # (not a stream)
                 answered = True
                 resp.read()
-                yield core.json_error_event(resp.status_code, resp.content)
+                yield core.json_error_event(resp.status_code, resp.content, self.endpoints.http + call.path)
                 return
 
             def pump() -> None:

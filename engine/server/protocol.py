@@ -151,7 +151,9 @@ def error_event(obj: Any) -> Error:
     """A wire error object -> the engine's Error event (client side)."""
     if not isinstance(obj, dict):
         return Error(f"the server reported an error without details: {str(obj)[:200]}", "protocol_error")
-    return Error(str(obj.get("message") or "the server reported an error"), str(obj.get("code") or "server_error"))
+    code = obj.get("code")  # (a code that is not a string, another server's number or list, is no code of ours)
+    return Error(str(obj.get("message") or "the server reported an error"),
+                 code if isinstance(code, str) and code else "server_error")
 
 
 # =========================================================================== usage and metrics

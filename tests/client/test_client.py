@@ -616,29 +616,77 @@ def test_a_stream_the_engine_never_answers_is_said_as_no_answer_not_as_unreachab
     assert f"did not answer within {CONNECT_S:g} s" in events[0].message
 
 
-@pytest.fixture(scope="module")
-def captive_portal():
-    """A network's sign-in page: every request, whatever its path or method (a websocket handshake too), is answered
-    200 with the same web page, as a hotel's or a company's captive portal answers."""
-    page = b"<!DOCTYPE html><html><head><title>Sign in to Hotel WiFi</title></head><body>Log in</body></html>"
-    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nConnection: close\r\n"
-              b"Content-Length: %d\r\n\r\n" % len(page) + page)
-    portal = socket.socket()
-    portal.bind(("127.0.0.1", 0))
-    portal.listen(16)
+class CannedServer:
+    """A server that answers every request, whatever its path or method (a websocket handshake too), with the same
+    bytes (`answer`, which a test may change), then closes the connection."""
 
-    def serve():
+    def __init__(self, answer: bytes = b""):
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
         while True:
             try:
-                conn, _ = portal.accept()
+                conn, _ = self.sock.accept()
             except OSError:  # closed: the module's tests are done
                 return
             with conn:
                 conn.recv(65536)
-                conn.sendall(answer)
-    threading.Thread(target=serve, daemon=True).start()
-    yield portal.getsockname()[1]
-    portal.close()
+                conn.sendall(self.answer)
+
+
+def canned_answer(status: str, content_type: str, body: bytes) -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nConnection: close\r\n".encode()
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+@pytest.fixture(scope="module")
+def captive_portal():
+    """A network's sign-in page: every request is answered 200 with the same web page, as a hotel's or a company's
+    captive portal answers."""
+    page = b"<!DOCTYPE html><html><head><title>Sign in to Hotel WiFi</title></head><body>Log in</body></html>"
+    portal = CannedServer(canned_answer("200 OK", "text/html; charset=utf-8", page))
+    yield portal.port
+    portal.sock.close()
+
+
+@pytest.fixture(scope="module")
+def canned_server():
+    server = CannedServer()
+    yield server
+    server.sock.close()
+
+
+@pytest.mark.parametrize("status, content_type, body, words", [
+    ("500 Internal Server Error", "application/json", b'{"detail": "CUDA out of memory"}', "CUDA out of memory"),
+    ("503 Service Unavailable", "text/plain", b"upstream connect error or disconnect/reset before headers",
+     "upstream connect error or disconnect/reset before headers"),
+    ("400 Bad Request", "application/json", b'{"error": {"message": 5, "code": ["x"]}}', '"message": 5')])
+def test_an_error_answer_not_in_the_engines_shape_names_its_status_where_and_words(canned_server, status,
+                                                                                  content_type, body, words):
+    """Another server's error answer (FastAPI's {"detail": ...}, a load balancer's text, an error object whose code is
+    a list) was said as its raw body alone, 'server_error: {"detail": ...}', or with the code "['x']": neither the
+    HTTP status nor which address answered. Each now names the status, the URL and the answer's own words."""
+    canned_server.answer = canned_answer(status, content_type, body)
+    code = status.split()[0]
+    client = EngineClient(f"http://127.0.0.1:{canned_server.port}", timeout=5)
+    try:
+        with pytest.raises(ServerError) as checked:
+            client.info()
+        chatted = list(client.chat([{"role": "user", "content": "hi"}], transport="http"))[-1]
+        realtime = list(client.chat([{"role": "user", "content": "hi"}]))[-1]  # (its websocket handshake refused)
+    finally:
+        client.close()
+    assert checked.value.code in ("server_error", "http_error") and checked.value.status == int(code)
+    url = f"http://127.0.0.1:{canned_server.port}"
+    for said, path in ((checked.value.message, "/v1/models"), (chatted.message, "/v1/chat/completions"),
+                       (realtime.message, "/v1/realtime")):
+        assert f"HTTP {code} from " in said and path in said and words in said, said
+    assert url in checked.value.message and isinstance(chatted, Error) and chatted.code == checked.value.code
 
 
 def test_a_captive_portals_page_is_said_as_a_web_page_not_a_json_or_stream_error(captive_portal):
