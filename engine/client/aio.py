@@ -443,7 +443,7 @@ class AsyncEngineClient(core.EngineClientBase):
             for ev in events:
                 yield ev
             return
-        run = core.sse_run(cancel, self.timeout, call.decoder)
+        run = core.sse_run(cancel, self.timeout, call.decoder, self.endpoints.http + call.path)
         lines: asyncio.Queue = asyncio.Queue()
         clock = self._arrival_clock()
         try:
@@ -472,7 +472,8 @@ class AsyncEngineClient(core.EngineClientBase):
                         lines.put_nowait(("data", piece))
                     lines.put_nowait(("end", None))
                 except Exception as e:  # read timeout, connection dropped
-                    lines.put_nowait(("lost", f"{type(e).__name__}: {e}"))
+                    timed_out = isinstance(e, httpx.TimeoutException)
+                    lines.put_nowait(("lost", core.stream_lost(e, self.timeout, timed_out)))
 
             pump_task = asyncio.create_task(pump())
             while not run.finished:

@@ -780,10 +780,11 @@ class ResponseRun:
     """One streamed response, whatever the transport: wire input in, engine events out, ending with
     exactly one Done or Error; a cancel is sent once and its answer awaited at most `timeout`."""
 
-    def __init__(self, decoder, cancel=None, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, decoder, cancel=None, timeout: float = DEFAULT_TIMEOUT, where: str = ""):
         self.decoder = decoder
         self.cancel = cancel
         self.timeout = timeout
+        self.where = where  # the URL of an HTTP stream (its errors name it); "" for a realtime session's
         self.cancel_sent_at: float | None = None
 
     @property
@@ -827,10 +828,15 @@ class ResponseRun:
         if self.cancel_sent_at is not None:
             return self.cancelled()
         try:
-            return self.decoder.feed_end()
+            ended = self.decoder.feed_end()
         except UnknownEventError as e:
             return self._end(Error(f"the server sent something this client does not understand: {e}",
                                    "protocol_error"))
+        if self.where and ended and isinstance(ended[-1], Error) and ended[-1].code == "protocol_error":
+            ended[-1] = Error(f"{ended[-1].message}: the answer from {url_shown(self.where)} was cut off before its "
+                              "last event (the connection closed without one, and without [DONE]: the engine stopped, "
+                              "or a proxy on the way closed it)", "protocol_error")
+        return ended
 
     def on_idle(self) -> list[Event]:
         """No news for a poll interval: a cancel unanswered for `timeout` ends the response here."""
@@ -851,7 +857,8 @@ class ResponseRun:
             return []
         if self.cancel_sent_at is not None:
             return self.cancelled()
-        return self._end(Error(f"the connection to the server was lost: {detail}", "connection_lost"))
+        server = f"the server at {url_shown(self.where)}" if self.where else "the server"
+        return self._end(Error(f"the connection to {server} was lost: {detail}", "connection_lost"))
 
 
 @dataclass(frozen=True)
@@ -930,8 +937,17 @@ def realtime_run(final_error_ids: set[str] | None, cancel, timeout: float) -> Re
     return ResponseRun(wire.RealtimeResponseDecoder(final_error_ids), cancel, timeout)
 
 
-def sse_run(cancel, timeout: float, decoder=None) -> ResponseRun:
-    return ResponseRun(decoder if decoder is not None else wire.SseDecoder(), cancel, timeout)
+def sse_run(cancel, timeout: float, decoder=None, where: str = "") -> ResponseRun:
+    return ResponseRun(decoder if decoder is not None else wire.SseDecoder(), cancel, timeout, where)
+
+
+def stream_lost(exc: BaseException, timeout: float, timed_out: bool) -> str:
+    """Why an HTTP stream's reading stopped, for ResponseRun.on_lost: a read timeout (`timed_out`) said as the time
+    without news (it read 'ReadTimeout: timed out', naming neither)."""
+    if timed_out:
+        return (f"nothing came for {timeout:g} s, the client's timeout (the engine keeps an idle stream alive, so "
+                "it or the network stopped)")
+    return f"{type(exc).__name__}: {exc}"
 
 
 # =========================================================================== realtime session bookkeeping

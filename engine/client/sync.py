@@ -503,7 +503,7 @@ class EngineClient(core.EngineClientBase):
                 events = [Error(f"the server sent something this client does not understand: {e}", "protocol_error")]
             yield from events
             return
-        run = core.sse_run(cancel, self.timeout, call.decoder)
+        run = core.sse_run(cancel, self.timeout, call.decoder, self.endpoints.http + call.path)
         lines: queue.Queue = queue.Queue()
         clock = self._arrival_clock()
         answered = False  # the server ended the answer itself (else this end hangs up)
@@ -533,7 +533,8 @@ class EngineClient(core.EngineClientBase):
                         lines.put(("data", piece))
                     lines.put(("end", None))
                 except Exception as e:  # closed by a cancel, read timeout, connection dropped
-                    lines.put(("lost", f"{type(e).__name__}: {e}"))
+                    timed_out = isinstance(e, httpx.TimeoutException)
+                    lines.put(("lost", core.stream_lost(e, self.timeout, timed_out)))
 
             threading.Thread(target=pump, name="engine-client-http", daemon=True).start()
             while not run.finished:

@@ -618,10 +618,10 @@ def test_a_stream_the_engine_never_answers_is_said_as_no_answer_not_as_unreachab
 
 class CannedServer:
     """A server that answers every request, whatever its path or method (a websocket handshake too), with the same
-    bytes (`answer`, which a test may change), then closes the connection."""
+    bytes (`answer`, which a test may change), then closes the connection (`hold_s` later: a stalled answer)."""
 
-    def __init__(self, answer: bytes = b""):
-        self.answer = answer
+    def __init__(self, answer: bytes = b"", hold_s: float = 0.0):
+        self.answer, self.hold_s = answer, hold_s
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -637,6 +637,7 @@ class CannedServer:
             with conn:
                 conn.recv(65536)
                 conn.sendall(self.answer)
+                time.sleep(self.hold_s)
 
 
 def canned_answer(status: str, content_type: str, body: bytes) -> bytes:
@@ -731,6 +732,28 @@ def test_a_certificate_refused_for_its_dates_names_the_clock(verify_message, clo
     except ConnectionError as e:
         said = str(connect_error("https://box.example.org", e))
     assert verify_message in said and "does not trust" in said and ("clock" in said) == clock
+
+
+def test_a_stream_cut_off_or_stalled_says_where_and_what_happened():
+    """A chat whose answer stopped mid-way ended with 'the stream ended without a result' (closed without its last
+    event or [DONE]) or 'the connection to the server was lost: ReadTimeout: timed out' (nothing more came): neither
+    said which address, nor, for the stall, how long the client had waited. Both now say both."""
+    chunk = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    server = CannedServer(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + chunk)
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    ask = [{"role": "user", "content": "hi"}]
+    client = EngineClient(f"http://127.0.0.1:{server.port}", timeout=0.3)
+    try:
+        cut = list(client.chat(ask, transport="http"))
+        server.hold_s = 1.0  # (the client's 0.3 s pass with nothing more)
+        stalled = list(client.chat(ask, transport="http"))
+    finally:
+        client.close()
+        server.sock.close()
+    assert text_of(cut) == "hi" == text_of(stalled)
+    assert cut[-1].code == "protocol_error" and url in cut[-1].message and "[DONE]" in cut[-1].message, cut[-1]
+    assert stalled[-1].code == "connection_lost" and url in stalled[-1].message, stalled[-1]
+    assert "nothing came for 0.3 s" in stalled[-1].message
 
 
 class BufferingProxy:
