@@ -776,6 +776,10 @@ def transcription_request(audio: Any, sample_rate: int | None, context: str | No
 # =========================================================================== reading a streamed response
 
 
+# What decoding an event with a field of an unexpected type raises (int(None), None.get, "x"[0]["y"], ...).
+MALFORMED_FIELD = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
 class ResponseRun:
     """One streamed response, whatever the transport: wire input in, engine events out, ending with
     exactly one Done or Error; a cancel is sent once and its answer awaited at most `timeout`."""
@@ -818,8 +822,14 @@ class ResponseRun:
                 return self.decoder.feed_bytes(raw)
             return self.decoder.feed(raw)
         except UnknownEventError as e:
-            return self._end(Error(f"the server sent something this client does not understand: {e}",
-                                   "protocol_error"))
+            return self._end(self._not_understood(str(e)))
+        except MALFORMED_FIELD as e:  # (a field of another type than ours: another server's, or another version's)
+            return self._end(self._not_understood(f"an event with a field of another type than this client's "
+                                                  f"({type(e).__name__}: {e})"))
+
+    def _not_understood(self, what: str) -> Error:
+        where = f" (from {url_shown(self.where)}: is it an engine server of another version?)" if self.where else ""
+        return Error(f"the server sent something this client does not understand: {what}{where}", "protocol_error")
 
     def on_end(self) -> list[Event]:
         """The HTTP stream ended normally: its final event (or an Error when it never came)."""
@@ -830,8 +840,10 @@ class ResponseRun:
         try:
             ended = self.decoder.feed_end()
         except UnknownEventError as e:
-            return self._end(Error(f"the server sent something this client does not understand: {e}",
-                                   "protocol_error"))
+            return self._end(self._not_understood(str(e)))
+        except MALFORMED_FIELD as e:
+            return self._end(self._not_understood(f"its last event, with a field of another type than this client's "
+                                                  f"({type(e).__name__}: {e})"))
         if self.where and ended and isinstance(ended[-1], Error) and ended[-1].code == "protocol_error":
             ended[-1] = Error(f"{ended[-1].message}: the answer from {url_shown(self.where)} was cut off before its "
                               "last event (the connection closed without one, and without [DONE]: the engine stopped, "

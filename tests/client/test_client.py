@@ -756,6 +756,29 @@ def test_a_stream_cut_off_or_stalled_says_where_and_what_happened():
     assert "nothing came for 0.3 s" in stalled[-1].message
 
 
+def test_a_stream_event_with_a_field_of_another_type_ends_the_stream_with_a_protocol_error():
+    """An engine of another version (or another server) whose chunk had `"sample_rate": null` in its audio, an image
+    preview's `"step": "x"`, or `"choices": "..."` made chat() raise a bare TypeError / ValueError / AttributeError out
+    of the caller's loop (a tab's whole request lost). The stream now ends with an Error (protocol_error) naming the
+    address, as for any answer the client does not understand."""
+    chunk = '{"object": "chat.completion.chunk", "choices": %s}'
+    odd_chunks = [chunk % '[{"index": 0, "delta": {"audio": {"data": "AAAA", "sample_rate": null}}}]',
+                  chunk % '[{"index": 0, "delta": {"image_preview": {"image": "AAAA", "step": "x"}}}]',
+                  chunk % '"none"']
+    server = CannedServer()
+    client = EngineClient(f"http://127.0.0.1:{server.port}", timeout=5)
+    try:
+        for chunk in odd_chunks:
+            server.answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                             b"data: " + chunk.encode() + b"\n\ndata: [DONE]\n\n")
+            events = list(client.chat([{"role": "user", "content": "hi"}], transport="http"))
+            assert isinstance(events[-1], Error) and events[-1].code == "protocol_error", (chunk, events)
+            assert f"127.0.0.1:{server.port}/v1/chat/completions" in events[-1].message, events[-1]
+    finally:
+        client.close()
+        server.sock.close()
+
+
 class BufferingProxy:
     """A reverse proxy that buffers answers, as nginx does with proxy_buffering on (and the engine's X-Accel-Buffering
     header dropped): each answer's headers are passed on at once, its body only once the engine has sent all of it,
