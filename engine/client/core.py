@@ -143,11 +143,17 @@ def reply_error(event: dict) -> ServerError:
     return ServerError(ev.message, ev.code, None, event)
 
 
-def parse_json(raw: Any) -> Any:
+def parse_json(raw: Any) -> dict:
+    """A realtime server event: a JSON object (anything else, a list or a bare value, is ServerError protocol_error:
+    it raised AttributeError out of chat() where the event was read)."""
     try:
-        return json.loads(raw)
+        event = json.loads(raw)
     except (TypeError, ValueError) as e:
         raise ServerError(f"the server sent something that is not JSON: {e}", "protocol_error") from None
+    if not isinstance(event, dict):
+        raise ServerError(f"the server sent an event that is not a JSON object: {str(raw)[:ERROR_WORDS_SHOWN]}",
+                          "protocol_error")
+    return event
 
 
 def json_answer(status: int, content: bytes, url: str = "") -> Any:
@@ -978,16 +984,22 @@ REPLIES = {  # the server event that completes each client request
 
 def check_reply(event: dict, sent_id: str, reply: str) -> bool:
     """True when `event` answers the request `sent_id` (raising ServerError when it refused it)."""
-    if event.get("type") == "error" and (event.get("error") or {}).get("event_id") == sent_id:
+    err = event.get("error")  # (an older or other server's error may be a bare string: it names no request, and is
+    #                            taken as the answer to the one waiting rather than waited past)
+    if event.get("type") == "error" and (not isinstance(err, dict) or err.get("event_id") == sent_id):
         raise reply_error(event)
     return event.get("type") == reply
 
 
-def session_created(event: dict) -> dict:
+def session_created(event: dict, where: str = "") -> dict:
     if event.get("type") == "error":
         raise reply_error(event)
     if event.get("type") != "session.created":
         raise ServerError(f"expected session.created, got {str(event.get('type'))[:60]}", "protocol_error", event=event)
+    if not isinstance(event.get("session"), dict):  # (an engine server of another version; it raised KeyError)
+        at = f" at {url_shown(where)}" if where else ""
+        raise ServerError(f"the realtime server{at} sent a session.created without a session object: is it an engine "
+                          "server of another version than this client?", "protocol_error", event=event)
     return event["session"]
 
 
@@ -1002,8 +1014,9 @@ class RealtimeState:
         self.items: list[str] = []  # the ids of the conversation's items, as the server reported them
         self.connected_at: float | None = None  # (time.monotonic) when the session was opened
 
-    def connected(self, first: dict) -> dict:
-        self.session = session_created(first)
+    def connected(self, first: dict, where: str = "") -> dict:
+        """The session `first` (the server's first event, from `where`) opened; ServerError when it is not one."""
+        self.session = session_created(first, where)
         self.connected_at = time.monotonic()
         return self.session
 

@@ -48,7 +48,7 @@ class RealtimeClient(core.RealtimeClientBase):
         except Exception as e:  # refused, unreachable, 401, TLS, no handshake within connect_timeout ...
             raise core.connect_error(self.endpoints.ws, e, core.waited_for(e, self.connect_timeout)) from e
         try:
-            return self.state.connected(self.recv(timeout=self.connect_timeout))
+            return self.state.connected(self.recv(timeout=self.connect_timeout), self.endpoints.ws)
         except TimeoutError as e:  # (it escaped as a bare TimeoutError, out of chat() too)
             self.close()
             raise core.connect_error(self.endpoints.ws, e, self.connect_timeout) from e

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import re
 import socket
 import subprocess
@@ -777,6 +778,41 @@ def test_a_stream_event_with_a_field_of_another_type_ends_the_stream_with_a_prot
     finally:
         client.close()
         server.sock.close()
+
+
+def test_a_realtime_server_of_another_shape_ends_a_chat_with_a_protocol_error():
+    """A realtime server of another version (a session.created without its session, an event that is a JSON list, an
+    error that is a bare string) raised KeyError 'session' or AttributeError out of chat() and RealtimeClient; each
+    is now a protocol_error (an Error ending the chat, a ServerError from the session's requests)."""
+    from websockets.sync.server import serve
+
+    first = {"event": ""}
+
+    def answer(ws):  # its first event, then a bare-string error for whatever is asked
+        ws.send(first["event"])
+        for _ in ws:
+            ws.send(json.dumps({"type": "error", "error": "not understood"}))
+
+    server = serve(answer, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"ws://127.0.0.1:{server.socket.getsockname()[1]}"
+    client = EngineClient(url, timeout=5)
+    said = []
+    try:
+        for event in ({"type": "session.created"}, [1, 2]):
+            first["event"] = json.dumps(event)
+            ended = list(client.chat([{"role": "user", "content": "hi"}]))[-1]
+            assert isinstance(ended, Error) and ended.code == "protocol_error", (event, ended)
+            said.append(ended.message)
+        first["event"] = json.dumps({"type": "session.created", "session": {"id": "s"}})
+        with RealtimeClient(url, timeout=5) as rt, pytest.raises(ServerError) as refused:
+            rt.update_session(instructions="hi")
+        assert refused.value.code == "protocol_error" and "not understood" in refused.value.message
+    finally:
+        client.close()
+        server.shutdown()
+    assert f"{url}/v1/realtime sent a session.created without a session object" in said[0], said
+    assert "not a JSON object: [1, 2]" in said[1], said
 
 
 class BufferingProxy:
