@@ -735,6 +735,9 @@ def test_a_certificate_refused_for_its_dates_names_the_clock(verify_message, clo
     assert verify_message in said and "does not trust" in said and ("clock" in said) == clock
 
 
+STALL_TIMEOUT_S = 0.8  # (a stalled stream's client timeout: long enough for its connection on a busy machine)
+
+
 def test_a_stream_cut_off_or_stalled_says_where_and_what_happened():
     """A chat whose answer stopped mid-way ended with 'the stream ended without a result' (closed without its last
     event or [DONE]) or 'the connection to the server was lost: ReadTimeout: timed out' (nothing more came): neither
@@ -743,18 +746,19 @@ def test_a_stream_cut_off_or_stalled_says_where_and_what_happened():
     server = CannedServer(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + chunk)
     url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
     ask = [{"role": "user", "content": "hi"}]
-    client = EngineClient(f"http://127.0.0.1:{server.port}", timeout=0.3)
+    client, impatient = (EngineClient(f"http://127.0.0.1:{server.port}", timeout=t) for t in (10, STALL_TIMEOUT_S))
     try:
         cut = list(client.chat(ask, transport="http"))
-        server.hold_s = 1.0  # (the client's 0.3 s pass with nothing more)
-        stalled = list(client.chat(ask, transport="http"))
+        server.hold_s = 3 * STALL_TIMEOUT_S  # (the client's timeout passes with nothing more)
+        stalled = list(impatient.chat(ask, transport="http"))
     finally:
         client.close()
+        impatient.close()
         server.sock.close()
     assert text_of(cut) == "hi" == text_of(stalled)
     assert cut[-1].code == "protocol_error" and url in cut[-1].message and "[DONE]" in cut[-1].message, cut[-1]
     assert stalled[-1].code == "connection_lost" and url in stalled[-1].message, stalled[-1]
-    assert "nothing came for 0.3 s" in stalled[-1].message
+    assert f"nothing came for {STALL_TIMEOUT_S:g} s" in stalled[-1].message
 
 
 def test_a_stream_event_with_a_field_of_another_type_ends_the_stream_with_a_protocol_error():
