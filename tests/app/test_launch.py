@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -282,6 +284,31 @@ def test_an_engine_url_secret_with_a_login_in_it_is_refused_naming_the_secret_no
     assert "s3cret" not in err
 
 
+@contextmanager
+def card_server(card: dict):
+    """The URL of a server answering every GET with a /v1/models list holding `card` (what a studio asks at start)."""
+    body = json.dumps({"object": "list", "data": [card]}).encode()
+
+    class Card(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802  (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # (quiet)
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Card)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("max_sessions", [None, 200])
 def test_the_studio_launches_with_threads_for_as_many_streams_as_the_engine_has_sessions(monkeypatch, capsys,
                                                                                        max_sessions):
@@ -294,7 +321,6 @@ def test_the_studio_launches_with_threads_for_as_many_streams_as_the_engine_has_
     import launch
     from app.live_proxy import LiveProxy
     from engine.server.limits import Limits
-    from tests.server import fake_server
 
     given = {}
 
@@ -312,8 +338,8 @@ def test_the_studio_launches_with_threads_for_as_many_streams_as_the_engine_has_
         code = launch.main(["--engine", no_engine, "--port", str(_free_port())])
         sessions = Limits().max_sessions
     else:
-        with fake_server(max_sessions=max_sessions) as engine:
-            code = launch.main(["--engine", engine.url, "--port", str(_free_port())])
+        with card_server({"id": "m", "limits": {"max_sessions": max_sessions}}) as url:  # (as engine.server's card
+            code = launch.main(["--engine", url, "--port", str(_free_port())])  # says it: tests/server/test_http_api)
         sessions = max_sessions
     assert code != 0 and "not started in this test" in capsys.readouterr().err
     assert given["max_threads"] >= sessions * 1.5 > 40, (given["max_threads"], sessions)
