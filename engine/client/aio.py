@@ -184,7 +184,7 @@ class AsyncRealtimeClient(core.RealtimeClientBase):
         return await self.send(event)
 
     async def _stream(self, events: list[dict], cancel, final_error_ids: set[str] | None) -> AsyncIterator[Event]:
-        run = core.realtime_run(final_error_ids, cancel, self.timeout)
+        run = core.realtime_run(final_error_ids, cancel, self.timeout, self.endpoints.ws)
         try:
             for e in events:
                 await self.send(e)

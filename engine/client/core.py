@@ -794,7 +794,7 @@ class ResponseRun:
         self.decoder = decoder
         self.cancel = cancel
         self.timeout = timeout
-        self.where = where  # the URL of an HTTP stream (its errors name it); "" for a realtime session's
+        self.where = where  # the URL of the stream or realtime session (its errors name it)
         self.cancel_sent_at: float | None = None
 
     @property
@@ -951,8 +951,8 @@ class ArrivalClock:
                 and spread <= self.check.burst_share * self.engine_s)
 
 
-def realtime_run(final_error_ids: set[str] | None, cancel, timeout: float) -> ResponseRun:
-    return ResponseRun(wire.RealtimeResponseDecoder(final_error_ids), cancel, timeout)
+def realtime_run(final_error_ids: set[str] | None, cancel, timeout: float, where: str = "") -> ResponseRun:
+    return ResponseRun(wire.RealtimeResponseDecoder(final_error_ids), cancel, timeout, where)
 
 
 def sse_run(cancel, timeout: float, decoder=None, where: str = "") -> ResponseRun:
@@ -1107,6 +1107,15 @@ def stale_session(ev: Event, pooled: bool, first: bool) -> bool:
     return pooled and first and isinstance(ev, Error) and ev.code == "connection_lost"
 
 
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _dicts(value: Any) -> list[dict]:
+    """The objects of a list field (none when it is not a list)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
 class SessionLog:
     """What this client built in its session (settings, items), so reconnect() can rebuild it."""
 
@@ -1125,8 +1134,9 @@ class SessionLog:
 
     def assistant_reply(self, done_event: dict) -> None:
         """A finished response's assistant item joins the conversation (as text)."""
-        for item in (done_event.get("response") or {}).get("output") or []:
-            text = "".join(p.get("text") or p.get("transcript") or "" for p in item.get("content", []))
+        for item in _dicts((_dict(done_event.get("response"))).get("output")):  # (another version's shapes: skipped,
+            parts = _dicts(item.get("content"))  # the reply's decoder says what it cannot read; they raised here)
+            text = "".join(str(p.get("text") or p.get("transcript") or "") for p in parts)
             self.items.append({"id": item.get("id"), "events": [{
                 "type": "conversation.item.create",
                 "item": {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}}]})

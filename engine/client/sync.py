@@ -213,7 +213,7 @@ class RealtimeClient(core.RealtimeClientBase):
         return self.send(event)
 
     def _stream(self, events: list[dict], cancel, final_error_ids: set[str] | None) -> Iterator[Event]:
-        run = core.realtime_run(final_error_ids, cancel, self.timeout)
+        run = core.realtime_run(final_error_ids, cancel, self.timeout, self.endpoints.ws)
         try:
             for e in events:
                 self.send(e)

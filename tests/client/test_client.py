@@ -819,6 +819,31 @@ def test_a_realtime_server_of_another_shape_ends_a_chat_with_a_protocol_error():
     assert "not a JSON object: [1, 2]" in said[1], said
 
 
+@pytest.mark.parametrize("response", ["x", {"output": [1]}, {"output": [{"content": "abc"}]}])
+def test_a_response_done_of_another_shape_ends_the_reply_with_a_protocol_error(response):
+    """A realtime reply whose response.done held a response of another shape (a string, an output that is a list of
+    numbers, content that is a string) raised AttributeError out of respond() and chat(), from the session's log of
+    the conversation; the log skips what it cannot read and the reply ends with a protocol_error naming the session."""
+    from websockets.sync.server import serve
+
+    def answer(ws):
+        ws.send(json.dumps({"type": "session.created", "session": {"id": "s"}}))
+        for message in ws:
+            if json.loads(message).get("type") == "response.create":
+                ws.send(json.dumps({"type": "response.done", "response": response}))
+
+    server = serve(answer, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"ws://127.0.0.1:{server.socket.getsockname()[1]}"
+    try:
+        with RealtimeClient(url, timeout=5) as rt:
+            ended = list(rt.respond())[-1]
+    finally:
+        server.shutdown()
+    assert isinstance(ended, Error) and ended.code == "protocol_error", ended
+    assert f"{url}/v1/realtime" in ended.message, ended
+
+
 class BufferingProxy:
     """A reverse proxy that buffers answers, as nginx does with proxy_buffering on (and the engine's X-Accel-Buffering
     header dropped): each answer's headers are passed on at once, its body only once the engine has sent all of it,
