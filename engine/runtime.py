@@ -404,8 +404,9 @@ class Engine:
                 heard[clip_key(clip)] = self._asr_text(clip, sample_rate, cancel)
         return [heard.get(clip_key(clip), "") for clip in clips]
 
-    def _conditioning(self, voice, ref_audio, ref_text, sample_rate, seed, notes: dict,
-                      cancel: threading.Event | None = None):
+    def _conditioning(self, voice, ref_audio, ref_text, sample_rate, seed):
+        """The voice of a request: a saved voice's, a reference clip's (checked and encoded; a missing transcript is
+        filled in afterwards by `_fill_transcript`), or none."""
         from engine.models.talker.pipeline import Conditioning  # noqa: PLC0415
         from engine.models.talker.prompt import podcast_text  # noqa: PLC0415
         if voice is not None and ref_audio is not None:
@@ -425,13 +426,15 @@ class Engine:
         clips = list(ref_audio) if isinstance(ref_audio, list) else [ref_audio]
         if ref_text is not None and not ref_text.strip():  # a transcript box left blank: none given, ASR fills it in
             ref_text = None
-        cond = self.talker.clone_conditioning(clips, [sample_rate] * len(clips), ref_text, seed)  # checks the clips
-        if ref_text is None:
-            texts = self._asr_texts(clips, sample_rate, cancel)
-            asr = texts[0] if len(texts) == 1 else podcast_text(texts)
-            notes["ref_text_from_asr"] = asr
-            cond.ref_text = asr or None
-        return cond
+        return self.talker.clone_conditioning(clips, [sample_rate] * len(clips), ref_text, seed)  # checks the clips
+
+    def _fill_transcript(self, cond, ref_audio, sample_rate, notes: dict, cancel: threading.Event | None = None) -> None:
+        """A reference clip's transcript, when none was given, from our ASR (`notes["ref_text_from_asr"]`)."""
+        from engine.models.talker.prompt import podcast_text  # noqa: PLC0415
+        texts = self._asr_texts(list(ref_audio) if isinstance(ref_audio, list) else [ref_audio], sample_rate, cancel)
+        asr = texts[0] if len(texts) == 1 else podcast_text(texts)
+        notes["ref_text_from_asr"] = asr
+        cond.ref_text = asr or None
 
     def speak(self, text: str = "", voice: str | list[str] | None = None, ref_audio=None, ref_text: str | None = None,
               instruct=None, task: str = "tts", cfg: float | None = None, sigma: float | None = None,
@@ -455,22 +458,23 @@ class Engine:
             return
         t_start = time.perf_counter()
         notes: dict = {}
-        if ref_audio is not None and voice is None and not (ref_text or "").strip():
-            # (what the request waits for, often longer than the speech's first sound; a server's stream starts here,
-            # so a client can stop it meanwhile)
-            yield Progress(TRANSCRIBING_STAGE, 0, len(ref_audio) if isinstance(ref_audio, list) else 1,
-                           message=TRANSCRIBING_REFERENCE)
-        try:
-            inst = Instruction.parse(instruct)
-            cond = self._conditioning(voice, ref_audio, ref_text, sample_rate, seed, notes, cancel)
+        try:  # every check that needs no transcript, before our ASR makes one (a refusal is then the first event)
+            cond = self._conditioning(voice, ref_audio, ref_text, sample_rate, seed)
+            req = SpeechRequest(text=text, task=task, conditioning=cond, instruct=Instruction.parse(instruct), cfg=cfg,
+                                sigma=sigma, temperature=temperature, seed=seed, max_seconds=max_seconds, music=music)
+            self.talker.check_request(req)
+            if ref_audio is not None and cond.ref_text is None:
+                # (what the request waits for, often longer than the speech's first sound; a server's stream starts
+                # here, so a client can stop it meanwhile)
+                yield Progress(TRANSCRIBING_STAGE, 0, len(ref_audio) if isinstance(ref_audio, list) else 1,
+                               message=TRANSCRIBING_REFERENCE)
+                self._fill_transcript(cond, ref_audio, sample_rate, notes, cancel)
         except MingError as e:
             yield Error(str(e), code=e.code)
             return
         if cancel is not None and cancel.is_set():  # stopped while the reference clip was transcribed: no sound
             yield Done(text="", finish_reason="cancelled", stats=audio_stats(t_start, None, 0.0), result=notes)
             return
-        req = SpeechRequest(text=text, task=task, conditioning=cond, instruct=inst, cfg=cfg, sigma=sigma,
-                            temperature=temperature, seed=seed, max_seconds=max_seconds, music=music)
         if voice is not None:
             notes["voice"] = voice
         yield from speak_events(self.talker, req, cancel, t_start, notes)
@@ -486,7 +490,7 @@ class Engine:
             yield self._talker_unavailable()
             return
         try:
-            req = SpeechRequest(conditioning=self._conditioning(voice, None, None, None, seed, {}),
+            req = SpeechRequest(conditioning=self._conditioning(voice, None, None, None, seed),
                                 instruct=Instruction.parse(instruct), seed=seed)
         except MingError as e:
             yield Error(str(e), code=e.code)
@@ -504,8 +508,9 @@ class Engine:
         check_name(name)
         if not replace:
             self.voices.check_free(name)
-        notes: dict = {}
-        cond = self._conditioning(None, ref_audio, ref_text, sample_rate, seed, notes)
+        cond = self._conditioning(None, ref_audio, ref_text, sample_rate, seed)
+        if cond.ref_text is None:
+            self._fill_transcript(cond, ref_audio, sample_rate, {})
         seconds = cond.latents.shape[1] * self.talker.vae.config.encoder_samples_per_latent / self.talker.sample_rate
         return self.voices.save(name, cond, seconds, overwrite=replace)
 

@@ -385,3 +385,14 @@ def test_a_raw_stream_refused_once_its_clip_is_transcribed_is_still_a_4xx(http, 
     r = http.post("/v1/audio/speech", json=body)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_media", (r.status_code, r.content[:200])
     assert "could not transcribe the reference clip" in r.json()["error"]["message"]
+
+
+def test_an_sse_request_refused_without_its_transcript_is_a_4xx_before_any_transcribing(http, server):
+    """A clip cloned without its transcript, with a background (one call) and a text far over the talker's room: the
+    stream started with the "transcribing" progress line, ran our ASR, then carried the refusal in a 200. What needs no
+    transcript is checked before the ASR runs: the 400 comes with no stream and no transcription."""
+    body = {"input": "Hello world. " * 600, "reference_audio": b64(wav_clip(1.0, 16000)), "bgm": {"Genre": "pop"},
+            "stream_format": "sse"}
+    r = http.post("/v1/audio/speech", json=body)
+    assert r.status_code == 400 and "prompt is too long" in r.json()["error"]["message"], (r.status_code, r.text[:300])
+    assert "transcribing" not in r.text and "shorten the text" in r.json()["error"]["message"]

@@ -334,6 +334,32 @@ class TalkerPipeline:
         return TextError(f"the prompt is too long for the talker: {length} tokens ({said}), at most "
                          f"{MAX_CACHE_LEN - MIN_STEPS_ROOM}: shorten {biggest}")
 
+    def _fitting_prompt(self, task_prompt: str, text: str, cond: Conditioning, caption: str | None, cloning: bool,
+                        n_patches: int):
+        """The talker prompt of one fragment, or the refusal of one over the talker's room (_prompt_too_long)."""
+        ref_text = cond.ref_text if cloning else None
+        if self.preview:
+            prompt = build_preview_prompt(self.tokenizer, text, cond.ref_text, n_patches)
+        else:
+            prompt = build_prompt(self.tokenizer, task_prompt, text, n_speakers=cond.n_speakers, prompt_text=ref_text,
+                                  n_prompt_patches=n_patches, instruction=caption)
+        length = max(len(prompt.ids), max(prompt.latent_slots, default=-1) + 1)
+        if length > MAX_CACHE_LEN - MIN_STEPS_ROOM:
+            raise self._prompt_too_long(length, text, caption, ref_text, n_patches)
+        return prompt
+
+    def check_request(self, req: SpeechRequest) -> None:
+        """What `synthesize` would refuse that does not need the reference clip's transcript (task, instruction,
+        sampling, text; a text spoken in one call whose prompt is over the talker's room with no reference at all),
+        raised before our ASR transcribes a clip: a refusal then comes before the request's first event (a 4xx over
+        HTTP), not after seconds of transcribing, inside a started stream."""
+        task_prompt, frags, segmented = self.plan(req)
+        self._sampling(req)
+        cond = self.effective_conditioning(req)
+        if not segmented:  # (a segmented text's fragments are bounded by the segmenter)
+            caption = req.instruct.caption() if req.instruct is not None else None
+            self._fitting_prompt(task_prompt, next(iter(frags)).text, cond, caption, cloning=False, n_patches=0)
+
     def synthesize(self, req: SpeechRequest, cancel: threading.Event | None = None,
                    report: SynthesisReport | None = None, fragments: list[Fragment] | None = None) -> Iterator[WaveChunk]:
         """Stream waveform chunks for a request (or for given `fragments`, speak-while-thinking)."""
@@ -367,15 +393,7 @@ class TalkerPipeline:
             report.fragments.append(frag.text)
             streamed_first = len(report.fragments) == 1
             n_patches = 0 if lat_embeds is None else lat_embeds.shape[0]
-            if self.preview:
-                prompt = build_preview_prompt(self.tokenizer, frag.text, cond.ref_text, n_patches)
-            else:
-                prompt = build_prompt(self.tokenizer, task_prompt, frag.text, n_speakers=cond.n_speakers,
-                                      prompt_text=cond.ref_text if cloning else None, n_prompt_patches=n_patches,
-                                      instruction=caption)
-            length = max(len(prompt.ids), max(prompt.latent_slots, default=-1) + 1)
-            if length > MAX_CACHE_LEN - MIN_STEPS_ROOM:
-                raise self._prompt_too_long(length, frag.text, caption, cond.ref_text if cloning else None, n_patches)
+            prompt = self._fitting_prompt(task_prompt, frag.text, cond, caption, cloning, n_patches)
             with torch.inference_mode():
                 embeds = talker.embed_prompt(prompt.ids, prompt.speaker_slots, spk, prompt.latent_slots, lat_embeds)
             stream = self.vae.stream()

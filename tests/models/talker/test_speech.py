@@ -256,7 +256,7 @@ def test_podcast_reference_transcripts_follow_the_reference_layout(tiny_engine):
     tiny_engine.save_voice("pod a", wav_file(tone(1.0), 22050, 1), ref_text="We had exams.")
     tiny_engine.save_voice("pod b", wav_file(tone(1.2), 22050, 1), ref_text="Exactly.")
     try:
-        cond = tiny_engine._conditioning(["pod a", "pod b"], None, None, None, None, {})
+        cond = tiny_engine._conditioning(["pod a", "pod b"], None, None, None, None)
         assert cond.ref_text == " speaker_1:We had exams.\n speaker_2:Exactly.\n"
         text = " speaker_1:Could you say that again?\n speaker_2:Sure, it is a comedy.\n"
         _, done = run(tiny_engine.speak(text, task="podcast", voice=["pod a", "pod b"], seed=2, max_seconds=1.0))
