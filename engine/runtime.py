@@ -463,6 +463,8 @@ class Engine:
             req = SpeechRequest(text=text, task=task, conditioning=cond, instruct=Instruction.parse(instruct), cfg=cfg,
                                 sigma=sigma, temperature=temperature, seed=seed, max_seconds=max_seconds, music=music)
             self.talker.check_request(req)
+            if cond.warnings:  # (a clipped clip is still cloned: said in the result, not refused)
+                notes["reference_warning"] = "; ".join(cond.warnings)
             if ref_audio is not None and cond.ref_text is None:
                 # (what the request waits for, often longer than the speech's first sound; a server's stream starts
                 # here, so a client can stop it meanwhile)

@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_voice:
             info = engine.save_voice(args.save_voice, args.ref[0], args.ref_text, seed=args.seed)
             print(f"saved voice {info.name!r} ({info.seconds:.1f} s, transcript: {info.ref_text!r})")
+            if info.warning:
+                print(f"warning: {info.warning}", file=sys.stderr)
             if not args.out:
                 return 0
     except MingError as e:  # an unknown voice, an unreadable reference clip
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 s = ev.stats
                 if (ev.result or {}).get("ref_text_from_asr") is not None:
                     print(f"reference transcript (from our ASR): {ev.result['ref_text_from_asr']!r}")
+                if (ev.result or {}).get("reference_warning"):
+                    print(f"warning: {ev.result['reference_warning']}", file=sys.stderr)
                 print(f"{s.audio_seconds:.2f} s of audio at {engine.talker.sample_rate} Hz -> {args.out}; "
                       f"time to first chunk {s.time_to_first_audio_s * 1000:.0f} ms, "
                       f"real-time factor {s.audio_real_time_factor:.3f} ({ev.finish_reason})")

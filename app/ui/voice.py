@@ -152,6 +152,12 @@ def music_length_note(made_s: float, asked_s) -> str:
             "duration is asked of the model, not imposed)")
 
 
+def reference_warning_note(warning: str | None) -> str:
+    """The status line's note on a reference clip that was cloned but will not clone well (a clipped one: how much of
+    it sits at full scale and what to do), as the engine said it; "" when it said nothing."""
+    return f" · ⚠ {warning[:1].upper()}{warning[1:]}" if warning else ""
+
+
 def instruction(dialect, emotion, speed, pitch, volume, style, ip, env, snr) -> dict:
     """The instruction caption fields the user set (choices left at the default are left out)."""
     fields = {"dialect": dialect, "emotion": emotion, "speed": speed, "pitch": pitch, "volume": volume,
@@ -265,6 +271,7 @@ class VoiceController:
                 transcript = asr  # the transcript our ASR filled in: shown, editable for the next take
             status = figures_line(final) + (" · the clip's transcript was filled in by speech recognition"
                                             if asr is not None else "")
+            status += reference_warning_note((final.result or {}).get("reference_warning"))
             if task == "music" and final.finish_reason == "stop":
                 status += music_length_note(sum(len(c) for c in chunks) / (rate or 1), duration)
             status += "".join(f" · {note}" for note in unused)
@@ -318,6 +325,7 @@ class VoiceController:
         note = f"Saved the voice '{name}'."
         if info.get("ref_text_from_asr") is not None or info.get("transcript_from_asr"):
             note += " Its transcript was filled in by speech recognition."
+        note += reference_warning_note(info.get("reference_warning"))
         return gr.update(choices=names, value=name), note
 
     @staticmethod

@@ -357,11 +357,11 @@ def load_audio(
     source: AudioSource,
     sample_rate: int | None = None,
     *,
-    target_rate: int = 16000,
+    target_rate: int | None = 16000,
     max_seconds: float | None = None,
     mix_channels: bool = False,
 ) -> torch.Tensor:
-    """Load audio as a 1-D float32 tensor at ``target_rate`` Hz, channel 0 only (``mix_channels``: the mean of the
+    """Load audio as a 1-D float32 tensor at ``target_rate`` Hz (None: the source's own rate), channel 0 only (``mix_channels``: the mean of the
     channels, so a voice on any channel is kept).
 
     ``source`` is a file path, encoded file bytes (WAV natively; flac/mp3/ogg/webm/... via PyAV),
@@ -408,7 +408,7 @@ def load_audio(
     if not np.all(np.isfinite(samples)):
         raise MediaError("audio contains NaN or infinite samples")
     wave = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
-    if rate != target_rate:
+    if target_rate is not None and rate != target_rate:
         wave = resample(wave, rate, target_rate)
     return wave
 

@@ -45,6 +45,7 @@ MAX_SECONDS = 600.0
 # OpenAI's speed (0.25-4.0) -> the talker's speed label; 0.9-1.1 leaves the speed alone
 SPEED_RANGE, SLOW_BELOW, FAST_ABOVE = (0.25, 4.0), 0.9, 1.1
 STREAM_FORMATS = ("sse", "audio")
+WARNING_HEADER = "X-Reference-Warning"  # a reference clip cloned as asked that will not clone well (a clipped one)
 
 
 def talker_of(ctx: ServerContext):
@@ -132,42 +133,48 @@ def check_instruction(spec: dict, origin: dict[str, str]) -> None:
             raise bad(str(e), wire.wire_code(e.code), origin.get(str(key), "instruct")) from None
 
 
-def reference_clips(body: dict, ctx: ServerContext) -> list[bytes] | None:
-    """`reference_audio`: an audio file (wav, flac, mp3, ogg, ...) as base64 or a data: URL, or a list
-    of them (podcast: one per speaker); each checked (decodable, within the length limit) here."""
+def reference_clips(body: dict, ctx: ServerContext) -> tuple[list[bytes] | None, list[str]]:
+    """(clips, warnings) of `reference_audio`: an audio file (wav, flac, mp3, ogg, ...) as base64 or a data: URL, or a
+    list of them (podcast: one per speaker); each checked (decodable, within the length limit) here, and what to tell
+    of each that will not clone well (check_reference_clip)."""
     value = body.get("reference_audio")
     if value is None:
-        return None
+        return None, []
     values = value if isinstance(value, list) else [value]
     if not values or len(values) > 8:
         raise bad("'reference_audio' must be one clip or a list of 1-8 clips", "invalid_value", "reference_audio")
-    clips = []
+    clips, warnings = [], []
     for i, v in enumerate(values):
         name = "reference_audio" if len(values) == 1 else f"reference_audio[{i}]"
         raw = codec.data_url(v, name, ctx.limits.max_request_bytes)[1] if isinstance(v, str) and v.startswith(
             "data:") else codec.b64decode(v, name, ctx.limits.max_request_bytes)
-        check_reference_clip(raw, ctx, name)
+        if (warning := check_reference_clip(raw, ctx, name)) is not None:
+            warnings.append(warning)
         clips.append(raw)
-    return clips
+    return clips, warnings
 
 
-def check_reference_clip(raw: bytes, ctx: ServerContext, name: str) -> None:
+def check_reference_clip(raw: bytes, ctx: ServerContext, name: str) -> str | None:
     """A clip the talker can clone a voice from, else a 400 naming `name`: decodable and within the limits
-    (codec.audio_file: a recording's audio track too), 0.5-30 s and not silent (the talker's own check)."""
+    (codec.audio_file: a recording's audio track too), 0.5-30 s and not silent (the talker's own check). Returns what
+    to tell of one that is cloned but will not clone well (a clipped one: engine.models.talker.audio.clipping_warning)."""
     import torch  # noqa: PLC0415
 
     from engine.media.errors import MediaError  # noqa: PLC0415
-    from engine.models.talker.audio import check_reference  # noqa: PLC0415
+    from engine.models.talker.audio import check_reference, clipping_warning  # noqa: PLC0415
 
     audio = codec.audio_file(raw, ctx.limits, name, video_ok=True, mix_channels=True)  # (as the talker reads it)
+    samples = torch.from_numpy(audio.samples)
     try:
-        check_reference(torch.from_numpy(audio.samples), audio.sample_rate)
+        check_reference(samples, audio.sample_rate)
     except MediaError as e:
         raise bad(f"'{name}': {e}", "invalid_media", name) from None
+    return clipping_warning(samples, f"'{name}'")
 
 
-def speech_request(body: dict, ctx: ServerContext) -> dict:
-    """engine.speak keyword arguments from a /v1/audio/speech body (types and limits checked here)."""
+def speech_request(body: dict, ctx: ServerContext) -> tuple[dict, list[str]]:
+    """(engine.speak keyword arguments, warnings on the reference clips) from a /v1/audio/speech body (types and
+    limits checked here)."""
     from engine.models.talker.pipeline import TASKS  # noqa: PLC0415
     from engine.models.talker.text import check_text as check_speakable  # noqa: PLC0415
 
@@ -204,11 +211,11 @@ def speech_request(body: dict, ctx: ServerContext) -> dict:
         if given and (instruct or (voice is not None and voice != DEFAULT_VOICE) or "reference_audio" in given):
             raise bad(f"task {task!r} takes a description only: no voice, reference clip or instruction "
                       f"({', '.join(given)} given)", "invalid_request", given[0])
+    clips, warnings = reference_clips(body, ctx)
     return {"text": text or "", "task": task, "voice": None if voice == DEFAULT_VOICE else voice,
-            "ref_audio": reference_clips(body, ctx),
-            "ref_text": reference_transcript(body.get("reference_text")),
+            "ref_audio": clips, "ref_text": reference_transcript(body.get("reference_text")),
             "instruct": instruct, "music": None if music is None else need_dict(music, "music"),
-            "seed": seed, "max_seconds": max_seconds}
+            "seed": seed, "max_seconds": max_seconds}, warnings
 
 
 def reference_transcript(value) -> str | None:
@@ -296,7 +303,8 @@ async def speech(request: Request):
     ctx, body = await json_request(request, fields.SPEECH, "speech", fields.SPEECH_EXTENSIONS)
     engine = talker_of(ctx)
     fmt, stream = output_format(body)
-    kwargs = await asyncio.to_thread(speech_request, body, ctx)  # decodes reference clips
+    kwargs, warnings = await asyncio.to_thread(speech_request, body, ctx)  # decodes reference clips
+    warned = {WARNING_HEADER: "; ".join(warnings)} if warnings else {}
     # raw pcm has no header to state a rate: OpenAI's 24 kHz (an SSE delta names its rate, ours: the true one)
     pcm_rate = OPENAI_PCM_RATE if fmt == "pcm" and (ctx.openai_only or stream != "sse") else None
     job = speech_job(ctx, engine, kwargs, pcm_rate, progress=stream != "audio")
@@ -306,17 +314,20 @@ async def speech(request: Request):
             return error_response(wire.engine_error(final))
         rate = got.audio[0].sample_rate if got.audio else (pcm_rate or engine.talker.sample_rate)
         data = await asyncio.to_thread(encode_audio, b"".join(c.pcm for c in got.audio), rate, fmt)
-        return Response(data, media_type=FORMATS[fmt][0], headers={RATE_HEADER: str(coded_rate(fmt, rate))})
+        return Response(data, media_type=FORMATS[fmt][0], headers={RATE_HEADER: str(coded_rate(fmt, rate)), **warned})
     head, events = await first_events(job)
     refused = refused_at_once(head)
     if refused is not None:
         return error_response(wire.engine_error(refused))
     rate = pcm_rate or engine.talker.sample_rate
     if stream == "audio":
-        return raw_audio_stream(ctx, job, events, fmt, rate)
-    enc = wire.SpeechSseEncoder(extensions=not ctx.openai_only, wav_header=wav_header(rate) if fmt == "wav" else b"")
-    return stream_response(ctx, job, enc.encode,
-                           lambda final: enc.finish(final, job_metrics(job, received, final)), events)
+        answer = raw_audio_stream(ctx, job, events, fmt, rate)
+    else:
+        enc = wire.SpeechSseEncoder(extensions=not ctx.openai_only, wav_header=wav_header(rate) if fmt == "wav" else b"")
+        answer = stream_response(ctx, job, enc.encode,
+                                 lambda final: enc.finish(final, job_metrics(job, received, final)), events)
+    answer.headers.update(warned)
+    return answer
 
 
 def raw_audio_stream(ctx: ServerContext, job: Job, events: AsyncIterator[Event], fmt: str,
@@ -347,9 +358,11 @@ def raw_audio_stream(ctx: ServerContext, job: Job, events: AsyncIterator[Event],
 
 def voice_object(info, from_asr: bool = False) -> dict:
     """A saved voice on the wire; `ref_text_from_asr` (the transcript, as in speech results) only when
-    our ASR wrote it."""
+    our ASR wrote it; `reference_warning` only when its clip will not clone well (a clipped one)."""
     out = {"object": "audio.voice", "name": info.name, "reference_text": info.ref_text,
            "seconds": round(float(info.seconds), 3), "speakers": info.speakers, "created": int(info.created)}
+    if info.warning:
+        out["reference_warning"] = info.warning
     if from_asr:
         out["ref_text_from_asr"] = info.ref_text or ""
     return out
@@ -393,7 +406,7 @@ async def voice_upload(request: Request, ctx: ServerContext) -> tuple[str, bytes
     if isinstance(raw, bytes):
         await asyncio.to_thread(check_reference_clip, raw, ctx, "file")
     else:
-        raw = (await asyncio.to_thread(reference_clips, {"reference_audio": raw}, ctx))[0]
+        raw = (await asyncio.to_thread(reference_clips, {"reference_audio": raw}, ctx))[0][0]
     return name, raw, text, replace
 
 

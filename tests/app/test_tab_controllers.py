@@ -174,6 +174,27 @@ def test_saving_under_a_taken_name_keeps_the_voice_unless_replace_is_ticked(engi
     assert note == "Error (voice_not_found): unknown voice 'studio voice'"
 
 
+def test_a_clipped_clip_is_cloned_and_saved_with_a_warning(engine_server, tmp_path):
+    """A clip recorded too loud was cloned and saved without a word: the status now says how much of it sits at full
+    scale and what to do (a clean clip says nothing of it)."""
+    voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    loud = tmp_path / "loud.wav"
+    t = np.arange(22050) / 22050
+    loud.write_bytes(wav_bytes((np.clip(1.5 * np.sin(2 * np.pi * 220 * t), -1, 1) * 32767).astype(np.int16), 22050))
+    *_, end = voices.synthesize("Hi.", "Speech", "Clone from a clip", None, str(loud), "hello", *[None] * 5, "", "",
+                                "", None, "", "", "", "", 10, 3)
+    assert "finish reason: stop" in end[2] and "⚠ Reference clip is clipped: 53." in end[2], end[2]
+    assert "of its samples sit at full scale" in end[2] and "input level lower" in end[2]
+    _, note = voices.save("loud voice", str(loud), "hello")
+    voices.delete("loud voice")
+    assert note.startswith("Saved the voice 'loud voice'") and "⚠ Reference clip is clipped: 53." in note, note
+    clean = tmp_path / "clean.wav"
+    clean.write_bytes(wav_bytes(tone_pcm16(1.0, 22050, 220.0), 22050))
+    _, note = voices.save("clean voice", str(clean), "hello")
+    voices.delete("clean voice")
+    assert note == "Saved the voice 'clean voice'."
+
+
 def test_a_podcast_with_the_default_voice_says_which_voice_to_choose(engine_server, tmp_path):
     """Podcast with Voice "Default voice" came back as the engine's "podcast needs one reference clip (or saved
     voice) per speaker", though this tab takes one clip; it now says which Voice to choose, and a clip speaks."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 import wave
 
@@ -396,3 +397,47 @@ def test_an_sse_request_refused_without_its_transcript_is_a_4xx_before_any_trans
     r = http.post("/v1/audio/speech", json=body)
     assert r.status_code == 400 and "prompt is too long" in r.json()["error"]["message"], (r.status_code, r.text[:300])
     assert "transcribing" not in r.text and "shorten the text" in r.json()["error"]["message"]
+
+
+def clipped_wav_clip(seconds: float, rate: int, level: float) -> tuple[bytes, float]:
+    """A tone driven `level` times past full scale and clipped there, as an overloaded microphone records it, and the
+    share of its samples at full scale (within 0.1 % of it)."""
+    t = np.arange(int(seconds * rate)) / rate
+    pcm = (np.clip(level * np.sin(2 * np.pi * 220 * t), -1, 1) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue(), float(np.mean(np.abs(pcm) / 32768 >= 0.999))  # (PCM16 read as x / 32768)
+
+
+def clipped_share(warning: str) -> float:
+    """The share of a clip at full scale that a reference warning states."""
+    found = re.search(r"is clipped: ([0-9.]+)% of its samples sit at full scale", warning)
+    assert found, warning
+    return float(found.group(1)) / 100
+
+
+def test_a_clipped_reference_clip_is_cloned_with_a_warning_saying_how_much_is_at_full_scale(http):
+    """A clip recorded too loud (a third of its samples at full scale) was cloned without a word; the answer now says
+    so in X-Reference-Warning (each stream format), the SSE result and a saved voice; a clean clip gets no warning."""
+    clip, share = clipped_wav_clip(1.0, 16000, level=1.2)  # (about 37 % of its samples clipped)
+    clipped = b64(clip)
+    body = {"input": "Hi.", "reference_audio": clipped, "reference_text": "hello", "max_seconds": 0.3, "seed": 1}
+    r = http.post("/v1/audio/speech", json={**body, "response_format": "wav"})
+    assert r.status_code == 200 and len(r.content) > 44
+    warning = r.headers["x-reference-warning"]
+    assert clipped_share(warning) == pytest.approx(share, abs=0.001) and "input level lower" in warning
+    r = http.post("/v1/audio/speech", json={**body, "stream_format": "sse"})
+    done = [e for e in sse_events(r) if isinstance(e, dict) and e.get("type") == "speech.audio.done"][0]
+    assert r.headers["x-reference-warning"] == warning
+    assert clipped_share(done["result"]["reference_warning"]) == pytest.approx(share, abs=0.001)
+    r = http.post("/v1/audio/speech", json={**body, "reference_audio": b64(wav_clip(1.0, 16000)), "stream_format": "audio"})
+    assert r.status_code == 200 and "x-reference-warning" not in r.headers
+    r = http.post("/v1/audio/voices", json={"name": "too loud", "reference_audio": clipped, "reference_text": "hello"})
+    try:
+        assert r.status_code == 201 and clipped_share(r.json()["reference_warning"]) == pytest.approx(share, abs=0.001)
+    finally:
+        http.delete("/v1/audio/voices/too loud")

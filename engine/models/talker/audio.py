@@ -19,6 +19,8 @@ MAX_TRAILING_SILENCE_S = 0.3  # kept at the very end
 MIN_REFERENCE_S = 0.5
 MAX_REFERENCE_S = 30.0
 SILENT_REFERENCE_RMS = 1e-4
+FULL_SCALE = 0.999            # a sample this close to the largest value (|x| >= 0.999) sits at full scale
+CLIPPED_FRACTION = 0.001      # more of a clip's samples than this at full scale: clipped (a normalised voice has a few)
 
 
 def clip_key(clip) -> str:
@@ -53,6 +55,22 @@ def check_reference(wav: torch.Tensor, rate: int, what: str = "reference clip") 
         raise MediaError(f"{what} contains NaN or infinite samples")
     if rms < SILENT_REFERENCE_RMS:
         raise MediaError(f"{what} is silent (RMS {rms:.1e}); record the voice to clone")
+
+
+def clipped_fraction(wav) -> float:
+    """The fraction of a clip's samples (float, full scale 1.0, at its own rate) that sit at full scale."""
+    x = torch.as_tensor(wav).float().reshape(-1)
+    return float((x.abs() >= FULL_SCALE).float().mean()) if x.numel() else 0.0
+
+
+def clipping_warning(wav, what: str = "reference clip") -> str | None:
+    """What to tell of a clip to clone that is clipped (more than CLIPPED_FRACTION of it at full scale: the cloned
+    voice carries the distortion), else None. It is still cloned: a warning, not a refusal."""
+    fraction = clipped_fraction(wav)
+    if fraction <= CLIPPED_FRACTION:
+        return None
+    return (f"{what} is clipped: {fraction:.1%} of its samples sit at full scale, and the cloned voice carries that "
+            "distortion; record it again with the input level lower (peaks well under full scale)")
 
 
 class SilenceHolder:

@@ -40,7 +40,7 @@ import torch
 from engine.errors import MingError
 from engine.media.audio import load_audio
 from engine.media.errors import MediaError
-from engine.models.talker.audio import SilenceHolder, check_reference, left_pad_to_multiple
+from engine.models.talker.audio import SilenceHolder, check_reference, clipping_warning, left_pad_to_multiple
 from engine.models.talker.campplus import CAMPPlus
 from engine.models.talker.campplus import SAMPLE_RATE as SPEAKER_RATE
 from engine.models.talker.cfm import SamplingParams
@@ -78,6 +78,7 @@ class Conditioning:
     latents: torch.Tensor | None = None
     ref_text: str | None = None
     zero_speaker: bool = False
+    warnings: list[str] = field(default_factory=list)  # what to tell of the clips it was cloned from (clipping)
 
     @property
     def n_speakers(self) -> int:
@@ -189,7 +190,7 @@ class TalkerPipeline:
         return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ voices from audio
-    def _load_clip(self, clip, rate: int | None, target: int) -> torch.Tensor:
+    def _load_clip(self, clip, rate: int | None, target: int | None) -> torch.Tensor:
         """A reference clip, its channels mixed down: upstream reads channel 0 (spec §7.3), and a stereo clip whose
         voice is on its right channel only was refused as silent (a clip with the same voice on both is unchanged)."""
         return load_audio(clip, rate, target_rate=target, max_seconds=600.0, mix_channels=True)
@@ -205,7 +206,7 @@ class TalkerPipeline:
             return self._clone(clips, rates, ref_text, seed)
 
     def _clone(self, clips: list, rates: list, ref_text: str | None, seed: int | None) -> Conditioning:
-        spks, waves = [], []
+        spks, waves, warnings = [], [], []
         for i, (clip, rate) in enumerate(zip(clips, rates)):
             what = "reference clip" if len(clips) == 1 else f"reference clip {i + 1}"
             try:
@@ -214,6 +215,8 @@ class TalkerPipeline:
                 raise MediaError(f"{what}: {e}") from None
             check_reference(wave16, SPEAKER_RATE, what)
             wave = self._load_clip(clip, rate, self.sample_rate)
+            if (warning := clipping_warning(self._load_clip(clip, rate, None), what)) is not None:  # (its own samples:
+                warnings.append(warning)  # a resampled plateau is no longer at full scale)
             if not self.preview:  # the Preview takes no speaker vector (spec §7.11)
                 key = hashlib.sha1(wave.numpy().tobytes()).hexdigest()
                 spks.append(self._speaker_vector(wave16, key))
@@ -221,7 +224,8 @@ class TalkerPipeline:
         latents = self.prompt_latents(torch.cat(waves), seed)
         if ref_text is not None:
             ref_text = check_text(ref_text, "reference transcript")
-        return Conditioning(speaker=torch.cat(spks) if spks else None, latents=latents, ref_text=ref_text)
+        return Conditioning(speaker=torch.cat(spks) if spks else None, latents=latents, ref_text=ref_text,
+                            warnings=warnings)
 
     def _speaker_vector(self, wave16: torch.Tensor, key: str) -> torch.Tensor:
         if key in self._speaker_cache:

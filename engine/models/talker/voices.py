@@ -57,6 +57,7 @@ class VoiceInfo:
     speakers: int
     created: float
     model: str
+    warning: str | None = None  # what to tell of the clip it was cloned from (a clipped one), kept with it
 
 
 class VoiceLibrary:
@@ -81,7 +82,8 @@ class VoiceLibrary:
         if not overwrite:
             self.check_free(name)
         speakers = 1 if cond.speaker is None else int(cond.speaker.shape[0])  # the Preview keeps no speaker vector
-        info = VoiceInfo(name, cond.ref_text, float(seconds), speakers, time.time(), self.model)
+        info = VoiceInfo(name, cond.ref_text, float(seconds), speakers, time.time(), self.model,
+                         "; ".join(cond.warnings) or None)
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".voice-", dir=self.root))
         try:

@@ -111,3 +111,22 @@ def test_text_dash_is_read_from_stdin(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["--model", str(tmp_path / "never_loaded"), "--text", "-", "--out", str(tmp_path / "x.wav")])
     assert e.value.code == 2 and "--text -: stdin is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_a_clipped_reference_clip_is_cloned_with_a_warning(tiny_checkpoint, tmp_path, capsys):
+    """A clip recorded too loud was cloned without a word; the CLI now warns, saying how much of it sits at full scale
+    and what to do, and still makes the speech."""
+    import numpy as np
+
+    ref, out = tmp_path / "loud.wav", tmp_path / "out.wav"
+    t = np.arange(16000) / 16000
+    with wave.open(str(ref), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(1.5 * np.sin(2 * np.pi * 220 * t), -1, 1) * 32767).astype("<i2").tobytes())
+    assert main(["--model", str(tiny_checkpoint), "--text", "Hi.", "--ref", str(ref), "--ref-text", "hello",
+                 "--max-seconds", "0.3", "--seed", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: reference clip is clipped: 53.8% of its samples sit at full scale" in err, err  # (1 - 2 asin(1 / 1.5) / pi)
+    assert out.stat().st_size > 44
