@@ -500,10 +500,11 @@ class Engine:
         yield from speak_while_thinking(self.talker, thinker_events, req, cancel)
 
     def save_voice(self, name: str, ref_audio, ref_text: str | None = None, sample_rate: int | None = None,
-                   seed: int | None = None, replace: bool = False):
+                   seed: int | None = None, replace: bool = False, cancel: threading.Event | None = None):
         """Clone a voice from a reference clip and keep it under `name` (VoiceInfo). A missing transcript
-        is filled in by our ASR (VoiceInfo.ref_text shows it). A voice already saved under `name` is replaced
-        only with `replace` (else VoiceExists, before any work). Raises MingError on bad input."""
+        is filled in by our ASR (VoiceInfo.ref_text shows it); `cancel` set meanwhile stops it and nothing is saved
+        (None). A voice already saved under `name` is replaced only with `replace` (else VoiceExists, before any
+        work). Raises MingError on bad input."""
         from engine.models.talker.voices import check_name  # noqa: PLC0415
         if self.talker is None:
             raise MediaError(self.talker_error or "no talker is loaded")
@@ -512,7 +513,9 @@ class Engine:
             self.voices.check_free(name)
         cond = self._conditioning(None, ref_audio, ref_text, sample_rate, seed)
         if cond.ref_text is None:
-            self._fill_transcript(cond, ref_audio, sample_rate, {})
+            self._fill_transcript(cond, ref_audio, sample_rate, {}, cancel)
+        if cancel is not None and cancel.is_set():  # stopped while the clip was transcribed: no voice half made
+            return None
         seconds = cond.latents.shape[1] * self.talker.vae.config.encoder_samples_per_latent / self.talker.sample_rate
         return self.voices.save(name, cond, seconds, overwrite=replace)
 

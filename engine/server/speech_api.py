@@ -421,10 +421,13 @@ async def save_voice(request: Request):
     def run(cancel) -> Iterator[Event]:
         from engine.errors import MingError  # noqa: PLC0415
 
-        try:
-            info = engine.save_voice(name, raw, ref_text=text, replace=replace)
+        try:  # (`cancel`: the client went away, or the server is stopping: the transcription stops, nothing is saved)
+            info = engine.save_voice(name, raw, ref_text=text, replace=replace, cancel=cancel)
         except MingError as e:
             yield Error(str(e), code=e.code)
+            return
+        if info is None:
+            yield Done(text="", finish_reason="cancelled")
             return
         yield Done(text=info.ref_text or "", finish_reason="stop", result=voice_object(info, text is None))
 
@@ -435,6 +438,9 @@ async def save_voice(request: Request):
         err = wire.engine_error(final)
         err.param = "name" if err.code == "voice_exists" else err.param
         return error_response(err)
+    if final.finish_reason == "cancelled":  # (a client gone reads nothing: this is for a server that is stopping)
+        return error_response(ApiError("the voice was not saved: the server stopped its request (it is shutting "
+                                       "down)", code="server_shutting_down"))
     return JSONResponse(final.result, status_code=201)
 
 

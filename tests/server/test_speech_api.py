@@ -441,3 +441,42 @@ def test_a_clipped_reference_clip_is_cloned_with_a_warning_saying_how_much_is_at
         assert r.status_code == 201 and clipped_share(r.json()["reference_warning"]) == pytest.approx(share, abs=0.001)
     finally:
         http.delete("/v1/audio/voices/too loud")
+
+
+def test_a_voice_save_whose_client_leaves_while_its_clip_is_transcribed_stops_and_saves_nothing(http, server, tiny_engine,
+                                                                                                monkeypatch):
+    """Saving a voice without its transcript ran our ASR to its end (up to 256 tokens) and saved the voice for a client
+    that had gone away: the save's job was cancelled, but not its transcription. It stops there now, saving nothing."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    import torch
+
+    from engine.sampling import Sampler
+
+    started, token = threading.Event(), tiny_engine.tokenizer.encode_plain("hi")[0]
+    scheduler = server.ctx.scheduler
+
+    class UntilCancelled(Sampler):  # every token is drawn once the save's job is cancelled (the client left), or 10 s
+        def choose(self, logits):
+            started.set()
+            deadline = time.monotonic() + 10
+            while not any(job.cancel.is_set() for job in list(scheduler._running)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return torch.tensor([token], device=logits.device)
+
+    monkeypatch.setattr("engine.generate.Sampler", UntilCancelled)
+    before = len(scheduler.history)
+    body = json.dumps({"name": "left early", "reference_audio": b64(wav_clip(1.0, 16000))}).encode()
+    where = urlsplit(server.url)
+    with socket.create_connection((where.hostname, where.port)) as sock:  # (a client that hangs up, for sure)
+        sock.sendall(b"POST /v1/audio/voices HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert started.wait(30)
+    deadline = time.monotonic() + 30
+    while not [r for r in list(scheduler.history)[before:] if r.label == "audio.voices"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    record = [r for r in list(scheduler.history)[before:] if r.label == "audio.voices"][0]
+    assert record.finish_reason == "cancelled", record
+    assert "left early" not in [v["name"] for v in http.get("/v1/audio/voices").json()["data"]]
