@@ -54,6 +54,9 @@ TEXT_TOO_LONG = ("The text is {n:,} characters; the engine speaks at most {most:
 MUSIC_TEXT_UNUSED = "the text box was not used: music is made from the Music section (genre, mood, ...)"
 VOICE_UNUSED = "the Voice chosen was not used: {what} takes no voice"
 # A clip cloned without its transcript is first transcribed (seconds, before any sound): the line said "Generating…".
+NAME_TAKEN = ("A voice named '{name}' is already saved: tick \"{replace}\" to overwrite it, or choose another "
+              "name.")
+SAVE_STOPPED = "Stopped: the voice '{name}' was not saved."
 TRANSCRIBING_CLIP = ("Transcribing the reference clip (no transcript was given; type what it says to skip this)… "
                      "Stop stops it.")
 REQUEST_KEY = "ming-studio-voice-request-json"  # the browser's key of the last request (common.BrowserRequest)
@@ -285,26 +288,31 @@ class VoiceController:
             yield (None if chunks else no_audio(), transcript, error_line(final),
                    write_wav(chunks, rate, task, FAILED_TAKE) if chunks else None)
 
+    def heard(self, data: bytes, cancel: threading.Event | None = None) -> tuple[str | None, str]:
+        """(what the model's ASR hears in a clip, "") or (None, the error line); `cancel` set stops it."""
+        text = ""
+        try:
+            for event in self.link.client.transcribe(data, max_tokens=REF_TRANSCRIPT_TOKENS, cancel=cancel):
+                if isinstance(event, Done):
+                    return (event.result or {}).get("text", text), ""
+                if isinstance(event, Error):
+                    return None, error_line(event)
+                if isinstance(event, TextDelta):
+                    text += event.text
+        except Exception as e:  # noqa: BLE001
+            return None, error_line(failure(e))
+        return text, ""
+
     def transcribe_clip(self, clip):
         """Fill the transcript box from the clip with the model's ASR (editable afterwards)."""
         if not clip:
             return gr.update(), "Upload or record a clip first."
         if problem := media_problem(clip, "audio", engine_limits(self.link), upload=True):
             return gr.update(), problem
-        text = ""
-        try:
-            for event in self.link.client.transcribe(Path(clip).read_bytes(), max_tokens=REF_TRANSCRIPT_TOKENS):
-                if isinstance(event, Done):
-                    return (event.result or {}).get("text", text), "Transcript filled in by speech recognition."
-                if isinstance(event, Error):
-                    return gr.update(), error_line(event)
-                if isinstance(event, TextDelta):
-                    text += event.text
-        except Exception as e:  # noqa: BLE001
-            return gr.update(), error_line(failure(e))
-        return text, ""
+        text, problem = self.heard(Path(clip).read_bytes())
+        return (gr.update(), problem) if text is None else (text, "Transcript filled in by speech recognition.")
 
-    def save(self, name, clip, clip_text, replace=False):
+    def save(self, name, clip, clip_text, replace=False, request: gr.Request | None = None):
         name = (name or "").strip()
         if not name or not clip:
             return gr.update(), "Give the voice a name and a reference clip."
@@ -313,17 +321,34 @@ class VoiceController:
         if problem := media_problem(clip, "audio", engine_limits(self.link), upload=True,
                                      max_seconds=VOICE_CLIP_SECONDS):
             return gr.update(), problem
+        data, transcript = Path(clip).read_bytes(), (clip_text or "").strip() or None
+        if transcript is None:
+            # transcribed here, where Stop stops it (within the save, the engine's transcription could not be stopped)
+            if not replace and name in self.voice_names():  # (said before the transcription, as the engine says it)
+                return gr.update(), NAME_TAKEN.format(name=name, replace=REPLACE_LABEL)
+            session = session_of(request)
+            cancel = self.inflight.begin(session, TAB)
+            try:
+                transcript, problem = self.heard(data, cancel)
+            finally:
+                self.inflight.end(session, TAB, cancel)
+            if cancel.is_set():
+                return gr.update(), SAVE_STOPPED.format(name=name)
+            if transcript is None:
+                return gr.update(), problem
+            transcript = transcript.strip() or None  # (nothing heard: the engine tries once more, as before)
+            from_asr = transcript is not None
+        else:
+            from_asr = False
         try:
-            info = self.link.client.save_voice(name, Path(clip).read_bytes(), (clip_text or "").strip() or None,
-                                               replace=bool(replace))
+            info = self.link.client.save_voice(name, data, transcript, replace=bool(replace))
         except Exception as e:  # noqa: BLE001
             if getattr(e, "code", None) == "voice_exists":
-                return gr.update(), (f"A voice named '{name}' is already saved: tick \"{REPLACE_LABEL}\" to "
-                                     "overwrite it, or choose another name.")
+                return gr.update(), NAME_TAKEN.format(name=name, replace=REPLACE_LABEL)
             return gr.update(), error_line(failure(e))
         names = self.voice_names()
         note = f"Saved the voice '{name}'."
-        if info.get("ref_text_from_asr") is not None or info.get("transcript_from_asr"):
+        if from_asr or info.get("ref_text_from_asr") is not None or info.get("transcript_from_asr"):
             note += " Its transcript was filled in by speech recognition."
         note += reference_warning_note(info.get("reference_warning"))
         return gr.update(choices=names, value=name), note

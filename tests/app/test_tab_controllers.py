@@ -195,6 +195,38 @@ def test_a_clipped_clip_is_cloned_and_saved_with_a_warning(engine_server, tmp_pa
     assert note == "Saved the voice 'clean voice'."
 
 
+def test_stop_stops_saving_a_voice_while_its_clip_is_transcribed(engine_server, tiny_engine, tmp_path, monkeypatch):
+    """Save a voice with no transcript ran our ASR inside the save, which Stop could not reach: the save went on to
+    the end and kept the voice. Stop now stops the transcription, and nothing is saved."""
+    import torch
+
+    from engine.sampling import Sampler
+
+    voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    started, token = threading.Event(), tiny_engine.tokenizer.encode_plain("hi")[0]
+    scheduler = engine_server.ctx.scheduler
+
+    class UntilCancelled(Sampler):  # every token is drawn once the transcription's job is cancelled, or 10 s
+        def choose(self, logits):
+            started.set()
+            deadline = time.monotonic() + 10
+            while not any(job.cancel.is_set() for job in list(scheduler._running)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return torch.tensor([token], device=logits.device)
+
+    monkeypatch.setattr("engine.generate.Sampler", UntilCancelled)
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.0, 22050, 220.0), 22050))
+    said, visitor = [], SimpleNamespace(session_hash="a visitor")  # (Stop finds the save of the same visitor)
+    saving = threading.Thread(target=lambda: said.append(voices.save("stopped voice", str(clip), "", request=visitor)))
+    saving.start()
+    assert started.wait(30)
+    voices.stop(visitor)
+    saving.join(30)
+    assert said and said[0][1] == voice_tab.SAVE_STOPPED.format(name="stopped voice"), said
+    assert "stopped voice" not in voices.voice_names()
+
+
 def test_a_podcast_with_the_default_voice_says_which_voice_to_choose(engine_server, tmp_path):
     """Podcast with Voice "Default voice" came back as the engine's "podcast needs one reference clip (or saved
     voice) per speaker", though this tab takes one clip; it now says which Voice to choose, and a clip speaks."""
