@@ -311,14 +311,14 @@ async def speech(request: Request):
     if stream is None:
         got, final = await collect(request, ctx, job)
         if isinstance(final, Error):
-            return error_response(wire.engine_error(final))
+            return error_response(speech_error(final))
         rate = got.audio[0].sample_rate if got.audio else (pcm_rate or engine.talker.sample_rate)
         data = await asyncio.to_thread(encode_audio, b"".join(c.pcm for c in got.audio), rate, fmt)
         return Response(data, media_type=FORMATS[fmt][0], headers={RATE_HEADER: str(coded_rate(fmt, rate)), **warned})
     head, events = await first_events(job)
     refused = refused_at_once(head)
     if refused is not None:
-        return error_response(wire.engine_error(refused))
+        return error_response(speech_error(refused))
     rate = pcm_rate or engine.talker.sample_rate
     if stream == "audio":
         answer = raw_audio_stream(ctx, job, events, fmt, rate)
@@ -328,6 +328,14 @@ async def speech(request: Request):
                                  lambda final: enc.finish(final, job_metrics(job, received, final)), events)
     answer.headers.update(warned)
     return answer
+
+
+def speech_error(final: Error) -> ApiError:
+    """The engine's refusal of a speech request as its 4xx: a saved voice deleted while the request waited its turn
+    (checked, and named 'voice', when it came) names 'voice' too (it said param null)."""
+    err = wire.engine_error(final)
+    err.param = "voice" if err.code == "voice_not_found" else err.param
+    return err
 
 
 def raw_audio_stream(ctx: ServerContext, job: Job, events: AsyncIterator[Event], fmt: str,

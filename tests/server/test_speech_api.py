@@ -480,3 +480,33 @@ def test_a_voice_save_whose_client_leaves_while_its_clip_is_transcribed_stops_an
     record = [r for r in list(scheduler.history)[before:] if r.label == "audio.voices"][0]
     assert record.finish_reason == "cancelled", record
     assert "left early" not in [v["name"] for v in http.get("/v1/audio/voices").json()["data"]]
+
+
+def test_a_saved_voice_deleted_while_its_request_waits_is_refused_naming_voice(http, server):
+    """A request for a saved voice that was deleted while it waited behind another came back voice_not_found with
+    param null (checked when it came, the same refusal names 'voice'); a synthesis already speaking with it ends whole."""
+    import threading
+
+    assert http.post("/v1/audio/voices", json={"name": "soon gone", "reference_audio": b64(wav_clip(1.0, 16000)),
+                                                "reference_text": "hello"}).status_code == 201
+    scheduler, answers = server.ctx.scheduler, {}
+
+    def ask(key: str, body: dict) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            answers[key] = c.post("/v1/audio/speech", json={**body, "voice": "soon gone", "response_format": "wav"})
+
+    speaking = threading.Thread(target=ask, args=("speaking", {"input": "A long text to say. " * 4, "max_seconds": 1.5}))
+    speaking.start()
+    deadline = time.monotonic() + 30
+    while not scheduler._running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    waiting = threading.Thread(target=ask, args=("waiting", {"input": "Hi."}))
+    waiting.start()
+    while not scheduler._waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert http.delete("/v1/audio/voices/soon gone").status_code == 200
+    speaking.join(60)
+    waiting.join(60)
+    assert answers["speaking"].status_code == 200 and len(answers["speaking"].content) > 44
+    err = answers["waiting"].json()["error"]
+    assert answers["waiting"].status_code == 400 and (err["code"], err["param"]) == ("voice_not_found", "voice"), err
