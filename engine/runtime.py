@@ -459,9 +459,10 @@ class Engine:
         t_start = time.perf_counter()
         notes: dict = {}
         try:  # every check that needs no transcript, before our ASR makes one (a refusal is then the first event)
+            inst = Instruction.parse(instruct)  # (before the clip is encoded)
             cond = self._conditioning(voice, ref_audio, ref_text, sample_rate, seed)
-            req = SpeechRequest(text=text, task=task, conditioning=cond, instruct=Instruction.parse(instruct), cfg=cfg,
-                                sigma=sigma, temperature=temperature, seed=seed, max_seconds=max_seconds, music=music)
+            req = SpeechRequest(text=text, task=task, conditioning=cond, instruct=inst, cfg=cfg, sigma=sigma,
+                                temperature=temperature, seed=seed, max_seconds=max_seconds, music=music)
             self.talker.check_request(req)
             if cond.warnings:  # (a clipped clip is still cloned: said in the result, not refused)
                 notes["reference_warning"] = "; ".join(cond.warnings)
