@@ -428,7 +428,8 @@ class Engine:
             ref_text = None
         return self.talker.clone_conditioning(clips, [sample_rate] * len(clips), ref_text, seed)  # checks the clips
 
-    def _fill_transcript(self, cond, ref_audio, sample_rate, notes: dict, cancel: threading.Event | None = None) -> None:
+    def _fill_transcript(self, cond, ref_audio, sample_rate, notes: dict,
+                         cancel: threading.Event | None = None) -> None:
         """A reference clip's transcript, when none was given, from our ASR (`notes["ref_text_from_asr"]`)."""
         from engine.models.talker.prompt import podcast_text  # noqa: PLC0415
         texts = self._asr_texts(list(ref_audio) if isinstance(ref_audio, list) else [ref_audio], sample_rate, cancel)

@@ -361,8 +361,8 @@ def load_audio(
     max_seconds: float | None = None,
     mix_channels: bool = False,
 ) -> torch.Tensor:
-    """Load audio as a 1-D float32 tensor at ``target_rate`` Hz (None: the source's own rate), channel 0 only (``mix_channels``: the mean of the
-    channels, so a voice on any channel is kept).
+    """Load audio as a 1-D float32 tensor at ``target_rate`` Hz (None: the source's own rate), channel 0 only
+    (``mix_channels``: the mean of the channels, so a voice on any channel is kept).
 
     ``source`` is a file path, encoded file bytes (WAV natively; flac/mp3/ogg/webm/... via PyAV),
     or a numpy array / torch tensor of samples (int16/int32/uint8 PCM or float; 1-D, or 2-D with

@@ -157,7 +157,7 @@ def reference_clips(body: dict, ctx: ServerContext) -> tuple[list[bytes] | None,
 def check_reference_clip(raw: bytes, ctx: ServerContext, name: str) -> str | None:
     """A clip the talker can clone a voice from, else a 400 naming `name`: decodable and within the limits
     (codec.audio_file: a recording's audio track too), 0.5-30 s and not silent (the talker's own check). Returns what
-    to tell of one that is cloned but will not clone well (a clipped one: engine.models.talker.audio.clipping_warning)."""
+    to tell of one that is cloned but will not clone well (a clipped one: talker.audio.clipping_warning)."""
     import torch  # noqa: PLC0415
 
     from engine.media.errors import MediaError  # noqa: PLC0415
@@ -323,7 +323,8 @@ async def speech(request: Request):
     if stream == "audio":
         answer = raw_audio_stream(ctx, job, events, fmt, rate)
     else:
-        enc = wire.SpeechSseEncoder(extensions=not ctx.openai_only, wav_header=wav_header(rate) if fmt == "wav" else b"")
+        header = wav_header(rate) if fmt == "wav" else b""
+        enc = wire.SpeechSseEncoder(extensions=not ctx.openai_only, wav_header=header)
         answer = stream_response(ctx, job, enc.encode,
                                  lambda final: enc.finish(final, job_metrics(job, received, final)), events)
     answer.headers.update(warned)

@@ -434,7 +434,8 @@ def test_a_clipped_reference_clip_is_cloned_with_a_warning_saying_how_much_is_at
     done = [e for e in sse_events(r) if isinstance(e, dict) and e.get("type") == "speech.audio.done"][0]
     assert r.headers["x-reference-warning"] == warning
     assert clipped_share(done["result"]["reference_warning"]) == pytest.approx(share, abs=0.001)
-    r = http.post("/v1/audio/speech", json={**body, "reference_audio": b64(wav_clip(1.0, 16000)), "stream_format": "audio"})
+    clean = {**body, "reference_audio": b64(wav_clip(1.0, 16000)), "stream_format": "audio"}
+    r = http.post("/v1/audio/speech", json=clean)
     assert r.status_code == 200 and "x-reference-warning" not in r.headers
     r = http.post("/v1/audio/voices", json={"name": "too loud", "reference_audio": clipped, "reference_text": "hello"})
     try:
@@ -443,8 +444,8 @@ def test_a_clipped_reference_clip_is_cloned_with_a_warning_saying_how_much_is_at
         http.delete("/v1/audio/voices/too loud")
 
 
-def test_a_voice_save_whose_client_leaves_while_its_clip_is_transcribed_stops_and_saves_nothing(http, server, tiny_engine,
-                                                                                                monkeypatch):
+def test_a_voice_save_whose_client_leaves_while_its_clip_is_transcribed_stops_and_saves_nothing(
+        http, server, tiny_engine, monkeypatch):
     """Saving a voice without its transcript ran our ASR to its end (up to 256 tokens) and saved the voice for a client
     that had gone away: the save's job was cancelled, but not its transcription. It stops there now, saving nothing."""
     import socket
@@ -475,16 +476,19 @@ def test_a_voice_save_whose_client_leaves_while_its_clip_is_transcribed_stops_an
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
         assert started.wait(30)
     deadline = time.monotonic() + 30
-    while not [r for r in list(scheduler.history)[before:] if r.label == "audio.voices"] and time.monotonic() < deadline:
+
+    def saves() -> list:
+        return [r for r in list(scheduler.history)[before:] if r.label == "audio.voices"]
+    while not saves() and time.monotonic() < deadline:
         time.sleep(0.05)
-    record = [r for r in list(scheduler.history)[before:] if r.label == "audio.voices"][0]
+    record = saves()[0]
     assert record.finish_reason == "cancelled", record
     assert "left early" not in [v["name"] for v in http.get("/v1/audio/voices").json()["data"]]
 
 
 def test_a_saved_voice_deleted_while_its_request_waits_is_refused_naming_voice(http, server):
     """A request for a saved voice that was deleted while it waited behind another came back voice_not_found with
-    param null (checked when it came, the same refusal names 'voice'); a synthesis already speaking with it ends whole."""
+    param null (checked when it came, the same refusal names 'voice'); a synthesis speaking with it ends whole."""
     import threading
 
     assert http.post("/v1/audio/voices", json={"name": "soon gone", "reference_audio": b64(wav_clip(1.0, 16000)),

@@ -128,5 +128,6 @@ def test_a_clipped_reference_clip_is_cloned_with_a_warning(tiny_checkpoint, tmp_
     assert main(["--model", str(tiny_checkpoint), "--text", "Hi.", "--ref", str(ref), "--ref-text", "hello",
                  "--max-seconds", "0.3", "--seed", "1", "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "warning: reference clip is clipped: 53.8% of its samples sit at full scale" in err, err  # (1 - 2 asin(1 / 1.5) / pi)
+    # (1 - 2 asin(1 / 1.5) / pi of a tone 1.5 times full scale)
+    assert "warning: reference clip is clipped: 53.8% of its samples sit at full scale" in err, err
     assert out.stat().st_size > 44
