@@ -205,6 +205,7 @@ def speech_request(body: dict, ctx: ServerContext) -> tuple[dict, list[str]]:
     instruct = instruction_from(body, (voice is not None and voice != DEFAULT_VOICE)
                                 or body.get("reference_audio") is not None)
     check_task_inputs(task, text, music, voice, body)
+    check_talker_takes(getattr(ctx.engine, "talker", None), task, instruct, body)
     if task in ("sound", "music"):  # (the talker's own rule, named by the field that broke it)
         given = [f for f in ("voice", "reference_audio", "instructions", "instruct", "speed", "bgm")
                  + fields.SPEECH_INSTRUCTION_FIELDS if body.get(f) is not None and (f != "voice" or voice is not None)]
@@ -235,6 +236,19 @@ def reference_transcript(value) -> str | None:
 
 
 MUSIC_FIELDS = ("genre", "mood", "instrument", "theme", "duration")
+INSTRUCTION_GIVERS = ("instructions", "instruct", "speed", "bgm") + fields.SPEECH_INSTRUCTION_FIELDS
+
+
+def check_talker_takes(pipe, task: str, instruct, body: dict) -> None:
+    """What the loaded talker does not do (the Preview's speaks text only, spec §7.11), refused naming the field that
+    asked for it (the talker's own refusal named none)."""
+    if task not in getattr(pipe, "tasks", (task,)):
+        raise bad(f"task {task!r} is not done by the loaded talker (the Preview's speaks text only: task 'tts'); it "
+                  f"does {', '.join(pipe.tasks)}", "invalid_request", "task")
+    if instruct and not getattr(pipe, "takes_instructions", True):
+        given = next(f for f in INSTRUCTION_GIVERS if body.get(f) is not None)
+        raise bad(f"the loaded talker takes no instruction (the Preview's prompt has no place for one): leave out "
+                  f"'{given}'", "invalid_request", given)
 
 
 def check_task_inputs(task: str, text: str | None, music, voice: str | None, body: dict) -> None:

@@ -514,3 +514,13 @@ def test_a_saved_voice_deleted_while_its_request_waits_is_refused_naming_voice(h
     assert answers["speaking"].status_code == 200 and len(answers["speaking"].content) > 44
     err = answers["waiting"].json()["error"]
     assert answers["waiting"].status_code == 400 and (err["code"], err["param"]) == ("voice_not_found", "voice"), err
+
+
+def test_what_the_preview_talker_does_not_do_is_refused_naming_the_field(preview_engine):
+    """The Preview talker speaks text only: a sound task or an instruction was refused with param null."""
+    asked = [({"input": "rain", "task": "sound"}, "task"), ({"input": "Hi.", "emotion": "happy"}, "emotion"),
+             ({"input": "Hi.", "speed": 2.0}, "speed")]
+    with running_server(preview_engine) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        for body, param in asked:
+            r = c.post("/v1/audio/speech", json={**body, "response_format": "wav"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
