@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from engine.models.thinker.asr_windows import Windowing, transcribe_windows
-from engine.models.thinker.asr import TranscriptDeltas, TranscriptStream, asr_messages, dialect_prefix, parse_transcript
+from engine.models.thinker.asr import (SPEECH_TEXT_INSTRUCTIONS, TRANSLATION_LANGUAGE, TranscriptDeltas,
+                                       TranscriptStream, asr_messages, dialect_prefix, parse_transcript)
 from engine.errors import MingError
 from engine.events import (MEDIA_STAGE, TRANSCRIBING_REFERENCE, TRANSCRIBING_STAGE, AudioChunk, Done, Error, Event,
                            GenerationStats, Progress, TextDelta)
@@ -308,28 +309,40 @@ class Engine:
 
     def transcribe(self, audio: Any, context: str | None = None, hotwords: list[str] | None = None,
                    dialect: str | None = None, params: GenerationParams | None = None,
-                   cancel: threading.Event | None = None, sample_rate: int | None = None) -> Iterator[Event]:
+                   cancel: threading.Event | None = None, sample_rate: int | None = None,
+                   task: str = "transcribe") -> Iterator[Event]:
         """ASR: streams the transcript (without the language tag; with its tokens' log probabilities when
         `params.logprobs`) and ends with Done whose `result` holds {"language", "text"}. A recording (samples with
         their `sample_rate`) longer than one window is transcribed a window at a time (asr_windows: Progress per
-        window, and the result's `segments`)."""
+        window, and the result's `segments`). `task` "translate": the same with the instruction to translate the
+        speech into English (asr.TRANSLATION_INSTRUCTION); the result's language is then English, and a `dialect`
+        (the spoken language, forced) is refused."""
         if isinstance(audio, np.ndarray) and sample_rate and len(audio) > self.asr_windowing.window_s * sample_rate:
             yield from transcribe_windows(partial(self._transcribe_clip, context=context, hotwords=hotwords,
                                                   dialect=dialect, params=params, cancel=cancel,
-                                                  sample_rate=sample_rate), audio, sample_rate, self.asr_windowing)
+                                                  sample_rate=sample_rate, task=task),
+                                          audio, sample_rate, self.asr_windowing)
             return
-        yield from self._transcribe_clip(audio, context, hotwords, dialect, params, cancel, sample_rate)
+        yield from self._transcribe_clip(audio, context, hotwords, dialect, params, cancel, sample_rate, task)
 
     def _transcribe_clip(self, audio: Any, context: str | None = None, hotwords: list[str] | None = None,
                          dialect: str | None = None, params: GenerationParams | None = None,
-                         cancel: threading.Event | None = None, sample_rate: int | None = None) -> Iterator[Event]:
-        """One clip's ASR, as the model takes it (spec §6.3)."""
+                         cancel: threading.Event | None = None, sample_rate: int | None = None,
+                         task: str = "transcribe") -> Iterator[Event]:
+        """One clip's ASR (or translation), as the model takes it (spec §6.3)."""
+        if task not in SPEECH_TEXT_INSTRUCTIONS:
+            yield Error(f"task must be one of {', '.join(SPEECH_TEXT_INSTRUCTIONS)}, got {task!r}", "invalid_request")
+            return
+        if task == "translate" and dialect:
+            yield Error("a translation's language is English; a dialect forces the language of a transcript",
+                        code="invalid_request")
+            return
         try:
             prefix = dialect_prefix(dialect)
         except ValueError as e:
             yield Error(str(e), code="invalid_request")
             return
-        messages = asr_messages(audio, context, hotwords, sample_rate)
+        messages = asr_messages(audio, context, hotwords, sample_rate, task)
         forced = prefix[:-1] if prefix else None
         params = params or GenerationParams(max_new_tokens=512, fit_context=True)
         deltas = TranscriptDeltas(TranscriptStream(forced), logprobs=params.logprobs)
@@ -343,7 +356,8 @@ class Engine:
                 if held is not None:
                     yield held
                 t = parse_transcript(ev.text, forced)
-                ev.result = {"language": t.language, "text": t.text}
+                language = TRANSLATION_LANGUAGE if task == "translate" else t.language
+                ev.result = {"language": language, "text": t.text}
                 yield ev
             else:
                 yield ev

@@ -382,6 +382,13 @@ class AsyncEngineClient(core.EngineClientBase):
                                    cancel):
             yield ev
 
+    async def translate(self, audio: Any, *, context: str | None = None, sample_rate: int | None = None,
+                        max_tokens: int | None = None, cancel: threading.Event | None = None) -> AsyncIterator[Event]:
+        model, failed = await self._model_or_error()
+        async for ev in self._call(failed or calls.translation_call(audio, sample_rate, context, max_tokens, model),
+                                   cancel):
+            yield ev
+
     # ------------------------------------------------------------------ speech, voices, images
     async def speak(self, text: str = "", *, task: str = "tts", voice: str | None = None, reference_audio: Any = None,
                     reference_text: str | None = None, instruct: dict | str | None = None, music: dict | None = None,

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.client.core import AudioPayload, ModelInfo, audio_payload, b64, image_bytes, json_answer, wav_file
+from engine.client.core import (AudioPayload, ModelInfo, audio_payload, b64, image_bytes, json_answer,
+                               transcription_request, wav_file)
 from engine.events import AudioChunk, Done, Error, Event, GenerationStats, UnknownEventError
 from engine.server import protocol as wire
 
@@ -185,6 +186,31 @@ class WavStreamDecoder:
         stats = GenerationStats(time_to_first_audio_s=self.first or 0.0, audio_seconds=self.audio_s, total_s=total,
                                 audio_real_time_factor=total / self.audio_s if self.audio_s else 0.0)
         return [Done(text="", finish_reason="stop", stats=stats, result={"sample_rate": self.rate})]
+
+
+# =========================================================================== speech in
+
+
+TRANSLATIONS_PATH = "/v1/audio/translations"
+TRANSLATION_LANGUAGE = "English"  # what a translation is written in (OpenAI's translations: into English only)
+
+
+def translation_call(audio: Any, sample_rate: int | None, context: str | None, max_tokens: int | None,
+                     openai_model: str | None = None) -> HttpCall | Error:
+    """POST /v1/audio/translations: the speech in `audio` as English text, sent as a transcription is; one JSON
+    answer (OpenAI's translations are not streamed), read as one Done whose `result` holds {"language", "text"}."""
+    request = transcription_request(audio, sample_rate, context, None, None, max_tokens, openai_model)
+    if isinstance(request, Error):
+        return request
+    request["data"].pop("stream")
+    return HttpCall("POST", TRANSLATIONS_PATH, request, "json", parse=translation_events)
+
+
+def translation_events(body: Any) -> list[Event]:
+    if not isinstance(body, dict) or not isinstance(body.get("text"), str):
+        raise UnknownEventError("a translation's answer without its 'text'")
+    result = {"language": body.get("language") or TRANSLATION_LANGUAGE, "text": body["text"]}
+    return [Done(text=body["text"], finish_reason=body.get("finish_reason") or "stop", result=result)]
 
 
 # =========================================================================== images

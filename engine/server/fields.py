@@ -130,6 +130,13 @@ TRANSCRIPTION = Fields(
          "'auto' (that) is taken", lambda v: v == "auto"),
         (("known_speaker_names", "known_speaker_names[]", "known_speaker_references",
           "known_speaker_references[]"), NO_DIARIZATION, lambda v: False)) for name in names})
+TRANSLATION = Fields(
+    taken=("file", "model", "prompt", "response_format", "temperature", "max_tokens"),  # (max_tokens: ours)
+    refused={"language": ("a translation is always into English and the model tells the spoken language itself "
+                          "('language', the language of the audio, is a /v1/audio/transcriptions field)",
+                          lambda v: False),
+             "stream": ("a translation comes as a whole answer (a streamed transcript: /v1/audio/transcriptions)",
+                        lambda v: str(v).lower() == "false")})
 
 # realtime: the fields of each client event (besides type and event_id), of response.create's
 # `response`, and of a conversation item

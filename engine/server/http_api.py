@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API: POST /v1/chat/completions (JSON or SSE stream), POST
-/v1/audio/transcriptions (multipart upload; JSON, text or SSE stream), GET /v1/models, GET /health,
+/v1/audio/transcriptions (multipart upload; JSON, text or SSE stream) and /v1/audio/translations (the same, into
+English, never streamed), GET /v1/models, GET /health,
 and what the speech and image endpoints (speech_api.py, images_api.py) share with them: a JSON
 request's prologue (content type, size, text, fields and model: engine.server.bodies, .text,
 .fields), running a request through the scheduler, SSE responses, and a client leaving early (one
@@ -19,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
@@ -647,6 +648,44 @@ def transcription_logprobs(form, fmt: str) -> bool:
     return bool(asked)
 
 
+@dataclass(frozen=True)
+class SpeechTextAsk:
+    """What a transcription or translation request asks for, read from its form: the upload, the prompt text
+    (context), the task ("transcribe" or "translate"), and how the answer comes."""
+
+    raw: bytes
+    context: str | None
+    fmt: str
+    params: GenerationParams
+    task: str = "transcribe"
+    hotwords: tuple[str, ...] = ()
+    tag: str | None = None  # a forced language / dialect (transcriptions only)
+    stream: bool = False
+    logprobs: bool = False
+
+    @property
+    def label(self) -> str:
+        return "audio.translations" if self.task == "translate" else "audio.transcriptions"
+
+
+def speech_text_format(form) -> str:
+    fmt = form_text(form, "response_format", 32) or "json"
+    if fmt not in TRANSCRIPTION_FORMATS:
+        raise bad(f"response_format {fmt!r} is not supported ({', '.join(TRANSCRIPTION_FORMATS)})",
+                  "unsupported_parameter", "response_format")
+    return fmt
+
+
+def speech_text_params(form, limits, fmt: str, logprobs: bool) -> GenerationParams:
+    """The sampling of a transcription or translation: its `temperature` (and `max_tokens`, where taken), greedy
+    and TRANSCRIPTION_MAX_TOKENS by default; token log probabilities when asked for or verbose_json's segments need
+    them (avg_logprob)."""
+    numbers = {"temperature": form_number(form, "temperature"), "max_tokens": form_number(form, "max_tokens")}
+    base = GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS, limits.max_new_tokens), fit_context=True)
+    params = generation_params({k: v for k, v in numbers.items() if v is not None}, limits, base=base)
+    return replace(params, logprobs=logprobs or fmt == "verbose_json")
+
+
 @router.post("/v1/audio/transcriptions")
 async def transcriptions(request: Request):
     received = time.perf_counter()
@@ -674,11 +713,7 @@ async def transcriptions(request: Request):
         dialect = transcription_tag(dialect, "dialect")
         if language and dialect and language != dialect:
             raise bad("'language' and 'dialect' disagree; give one", "invalid_value", "dialect")
-        tag = dialect or language
-        fmt = form_text(form, "response_format", 32) or "json"
-        if fmt not in TRANSCRIPTION_FORMATS:
-            raise bad(f"response_format {fmt!r} is not supported ({', '.join(TRANSCRIPTION_FORMATS)})",
-                      "unsupported_parameter", "response_format")
+        fmt = speech_text_format(form)
         granularity = next((k for k in ("timestamp_granularities", "timestamp_granularities[]") if k in form), None)
         if granularity and fmt != "verbose_json":  # (as OpenAI's: the segments are verbose_json's)
             raise bad(f"'{granularity}' segment timestamps come as response_format verbose_json's segments, not in "
@@ -688,28 +723,50 @@ async def transcriptions(request: Request):
             raise bad(f"response_format {fmt!r} comes as a whole answer; a stream carries transcript.text events "
                       "(response_format json or text, or leave stream out)", "unsupported_parameter", "response_format")
         logprobs = transcription_logprobs(form, fmt)
-        numbers = {"temperature": form_number(form, "temperature"), "max_tokens": form_number(form, "max_tokens")}
-        params = replace(generation_params({k: v for k, v in numbers.items() if v is not None}, limits,
-                                           base=GenerationParams(max_new_tokens=min(TRANSCRIPTION_MAX_TOKENS,
-                                                                                    limits.max_new_tokens),
-                                                                 fit_context=True)),
-                         logprobs=logprobs or fmt == "verbose_json")  # (verbose segments' avg_logprob)
+        ask = SpeechTextAsk(raw, context, fmt, speech_text_params(form, limits, fmt, logprobs), "transcribe",
+                            tuple(hotwords), dialect or language, stream, logprobs)
     finally:
         await form.close()
+    return await answer_speech_text(request, ctx, received, ask)
+
+
+@router.post("/v1/audio/translations")
+async def translations(request: Request):
+    """OpenAI's translations: speech in any language, English text out (fields.TRANSLATION: file, model, prompt,
+    response_format, temperature; ours max_tokens; never streamed). The same path as a transcription, the model told to translate."""
+    received = time.perf_counter()
+    ctx = ctx_of(request)
+    form = await read_form(request, ctx.limits, max_files=1)
+    try:
+        raw = await form_file(form, "file", "the audio file upload")
+        fields.TRANSLATION.check({key: form.getlist(key) if key.endswith("[]") else form.get(key)
+                                  for key in form.keys()})
+        ctx.check_model(form_text(form, "model"), "transcription")
+        fmt = speech_text_format(form)
+        ask = SpeechTextAsk(raw, form_text(form, "prompt"), fmt, speech_text_params(form, ctx.limits, fmt, False),
+                            "translate")
+    finally:
+        await form.close()
+    return await answer_speech_text(request, ctx, received, ask)
+
+
+async def answer_speech_text(request: Request, ctx: ServerContext, received: float, ask: SpeechTextAsk):
+    """A transcription's or translation's upload decoded, run through the scheduler and answered in its format."""
+    limits, context, hotwords, params, fmt = ctx.limits, ask.context, list(ask.hotwords), ask.params, ask.fmt
     if ctx.prompt_bound is not None and (context or hotwords):  # text that cannot fit: refused before it queues
         texts, param = [context or "", *hotwords], "prompt" if context else "hotwords"
         ctx.prompt_bound.check(sum(map(len, texts)), f"the {param}", param)
         await ctx.prompt_bound.check_tokens(texts, params.room_needed, f"the {param}", param)
     audio = await decoded_while_client_waits(  # (a recording's audio track too)
-        request, "audio.transcriptions",
-        lambda stop: codec.audio_file(raw, limits, "file", True, limits.max_transcription_seconds, stop=stop))
+        request, ask.label,
+        lambda stop: codec.audio_file(ask.raw, limits, "file", True, limits.max_transcription_seconds, stop=stop))
     engine = ctx.engine
 
     def run(cancel):
-        return engine.transcribe(audio.samples, context=context, hotwords=hotwords or None, dialect=tag,
-                                 params=params, cancel=cancel, sample_rate=audio.sample_rate)
+        return engine.transcribe(audio.samples, context=context, hotwords=hotwords or None, dialect=ask.tag,
+                                 params=params, cancel=cancel, sample_rate=audio.sample_rate, task=ask.task)
 
-    job = Job(run, label="audio.transcriptions")
+    job = Job(run, label=ask.label)
     job.media_bytes = audio.samples.nbytes  # (a 30-minute recording at 48 kHz: 0.3 GB, held until it is transcribed)
     ctx.scheduler.submit(job)
     duration = audio.seconds if fmt == "verbose_json" else None
@@ -718,7 +775,7 @@ async def transcriptions(request: Request):
     def figures(final):
         return job_metrics(job, received, final) if ext else None
 
-    if not stream:
+    if not ask.stream:
         got, final = await collect(request, ctx, job)
         if isinstance(final, Error):
             return error_response(wire.engine_error(final))
@@ -729,12 +786,12 @@ async def transcriptions(request: Request):
                                                                                result.get("segments")))
         verbose = wire.VerboseFigures(params.temperature, tuple(e.logprob for e in got.logprobs or ()))
         return JSONResponse(wire.transcription_body(final, figures(final), duration,
-                                                    got.logprobs if logprobs else None, verbose))
+                                                    got.logprobs if ask.logprobs else None, verbose, ask.task))
     head, events = await first_events(job, bounded=True, grace_s=min(QUEUE_GRACE_S, ctx.limits.keepalive_s))
     refused = refused_at_once(head)  # (as a chat stream: a refusal before any output keeps its status)
     if refused is not None:
         return error_response(wire.engine_error(refused))
-    enc = wire.TranscriptionSseEncoder(ext, logprobs)
+    enc = wire.TranscriptionSseEncoder(ext, ask.logprobs)
     return stream_response(ctx, job, enc.encode, lambda final: enc.finish(final, figures(final)), events)
 
 

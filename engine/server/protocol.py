@@ -770,11 +770,13 @@ def chat_message(completion_id: str, created: int, got: Collected, extensions: b
 
 
 def transcription_body(done: Done, metrics_obj: dict | None, duration_s: float | None = None,
-                       logprobs: list[TokenLogprob] | None = None, verbose: VerboseFigures | None = None) -> dict:
+                       logprobs: list[TokenLogprob] | None = None, verbose: VerboseFigures | None = None,
+                       task: str = "transcribe") -> dict:
     """/v1/audio/transcriptions result: json (usage in tokens, and the transcript tokens' `logprobs` when they were
     asked for), or with the clip's `duration_s` and `verbose` (what its segments are made from) verbose_json, whose
     `language` is always a string ("" when the model named none), whose `segments` are OpenAI's (verbose_segments)
-    and whose usage is the clip's duration, as OpenAI's verbose body has them (`TranscriptionVerbose`).
+    and whose usage is the clip's duration, as OpenAI's verbose body has them (`TranscriptionVerbose`; a
+    translation's, `task` "translate", `TranslationVerbose`).
     Ours, beside `metrics`: `finish_reason`, "length" when the transcript was cut at max_tokens (OpenAI's has none),
     and in json a long recording's `windows` (start, end, text of each window it was transcribed in)."""
     res = done.result or {}
@@ -788,7 +790,7 @@ def transcription_body(done: Done, metrics_obj: dict | None, duration_s: float |
             out["windows"] = [{key: w[key] for key in ("start", "end", "text")} for w in res["segments"]]
     if duration_s is not None:
         seconds = round(duration_s, 3)
-        out.update({"task": "transcribe", "language": out["language"] or "", "duration": seconds,
+        out.update({"task": task, "language": out["language"] or "", "duration": seconds,
                     "segments": verbose_segments(done, seconds, verbose or VerboseFigures()),
                     "usage": {"type": "duration", "seconds": seconds}})
     return out

@@ -1,5 +1,6 @@
 """Speech recognition tasks on top of chat (spec §6.3): plain ASR, ASR with context and hotwords,
-and language/dialect-forced ASR, plus parsing of the model's `Language\\ttranscript` output."""
+and language/dialect-forced ASR, plus parsing of the model's `Language\\ttranscript` output; and speech
+translation into English, the same request with another instruction (ours: upstream has no translation prompt)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from engine.events import TextDelta, TokenLogprob
 ASR_INSTRUCTION = "Please recognize the language of this speech and transcribe it. Format: oral."
 HOTWORDS_PREFIX = "This audio may contains the following words or phrases:"
 AUDIO_CAPTION_INSTRUCTION = "请写一句话描述这段音频。"
+# Speech translation (OpenAI's /v1/audio/translations: any language in, English text out). Upstream has no
+# translation prompt (spec §6.4 lists ASR, speech QA and captioning); the omni LLM follows this instruction the way
+# it follows the ASR one, and its output is read as an ASR output is (the text after a `Language\t` tag, if any).
+TRANSLATION_LANGUAGE = "English"
+TRANSLATION_INSTRUCTION = f"Please translate this speech into {TRANSLATION_LANGUAGE}."
+SPEECH_TEXT_INSTRUCTIONS = {"transcribe": ASR_INSTRUCTION, "translate": TRANSLATION_INSTRUCTION}
 
 # Language / dialect tags the model emits before the tab and accepts as a forced prefix.
 # Only these are confirmed by the upstream code; the release notes claim 15 Chinese dialects but
@@ -50,9 +57,10 @@ def iso_language(code: str) -> str | None:
     return ISO_LANGUAGES[primary]
 
 
-def asr_instruction(context: str | None = None, hotwords: list[str] | None = None) -> str:
-    """The HUMAN text before the audio: the instruction, then context and hotwords, no spaces."""
-    text = ASR_INSTRUCTION + (context or "")
+def asr_instruction(context: str | None = None, hotwords: list[str] | None = None, task: str = "transcribe") -> str:
+    """The HUMAN text before the audio: the task's instruction (SPEECH_TEXT_INSTRUCTIONS), then context and
+    hotwords, no spaces."""
+    text = SPEECH_TEXT_INSTRUCTIONS[task] + (context or "")
     words = [w.strip() for w in (hotwords or []) if w and w.strip()]
     if words:
         text += HOTWORDS_PREFIX + ",".join(words) + "."
@@ -60,12 +68,12 @@ def asr_instruction(context: str | None = None, hotwords: list[str] | None = Non
 
 
 def asr_messages(audio, context: str | None = None, hotwords: list[str] | None = None,
-                 sample_rate: int | None = None) -> list[dict]:
-    """The one HUMAN turn of an ASR request: instruction (+ context, hotwords), then the audio."""
+                 sample_rate: int | None = None, task: str = "transcribe") -> list[dict]:
+    """The one HUMAN turn of an ASR (or translation) request: instruction (+ context, hotwords), then the audio."""
     part = {"type": "audio", "audio": audio}
     if sample_rate:
         part["sample_rate"] = sample_rate
-    return [{"role": "user", "content": [{"type": "text", "text": asr_instruction(context, hotwords)}, part]}]
+    return [{"role": "user", "content": [{"type": "text", "text": asr_instruction(context, hotwords, task)}, part]}]
 
 
 def dialect_prefix(dialect: str | None) -> str | None:

@@ -169,3 +169,30 @@ def test_a_language_code_with_a_script_region_or_dialect_is_mapped_to_the_models
 def test_a_dialect_code_the_model_has_no_tag_for_is_refused_not_forced_as_chinese():
     with pytest.raises(KeyError):
         iso_language("zh-wuu")  # (Wu Chinese: the model's tags for it are not published; '上海' is one, given as is)
+
+
+def test_a_translation_asks_the_model_for_english_and_reads_its_output_as_a_transcript(tiny_engine, monkeypatch):
+    """/v1/audio/translations runs the ASR path with the one translation instruction in place of the ASR one (context
+    after it, as ASR's); its result's language is English whatever tag the model wrote, and a forced dialect (the
+    spoken language) is refused rather than forced into a translation."""
+    from engine.events import Done, Error, TextDelta
+    from engine.models.thinker.asr import ASR_INSTRUCTION, TRANSLATION_INSTRUCTION
+
+    asked = []
+
+    def chat(messages, *args, **kwargs):
+        asked.append((messages[0]["content"][0]["text"], kwargs.get("assistant_prefix")))
+        yield TextDelta("Chinese\tgood ")
+        yield TextDelta("morning")
+        yield Done(text="Chinese\tgood morning", finish_reason="stop")
+
+    monkeypatch.setattr(tiny_engine, "chat", chat)
+    clip = np.zeros(1600, dtype=np.float32)
+    events = list(tiny_engine.transcribe(clip, context="A greeting.", sample_rate=16000, task="translate"))
+    assert asked == [(TRANSLATION_INSTRUCTION + "A greeting.", None)] and ASR_INSTRUCTION not in asked[0][0]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "good morning"
+    assert events[-1].result == {"language": "English", "text": "good morning"}
+    refused = list(tiny_engine.transcribe(clip, dialect="上海", sample_rate=16000, task="translate"))
+    assert isinstance(refused[-1], Error) and refused[-1].code == "invalid_request" and len(asked) == 1
+    unknown = list(tiny_engine.transcribe(clip, sample_rate=16000, task="summarise"))
+    assert isinstance(unknown[-1], Error) and "translate" in unknown[-1].message
