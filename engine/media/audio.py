@@ -196,6 +196,28 @@ MAX_WAV_CHANNELS = 512
 WAV_FLOAT_BITS = (32, 64)
 
 
+# Float audio lies within about ±1 (full scale), a mix's overs a few times that; integer samples read as IEEE floats
+# land far outside (a 32-bit sample of a third of full scale reads as ~1e-15 or ~-1e15, a quiet negative one as NaN)
+# or, all of them, among the subnormals. A float WAV whose peak passes this is integer data labelled float.
+FLOAT_WAV_MAX_PEAK = 1000.0
+
+
+def _float_samples_problem(what: str, bits: int, samples: np.ndarray) -> str | None:
+    """What says a float WAV's samples are not float audio (integer samples under a float tag), in words; None when
+    they look like audio."""
+    magnitudes = np.abs(samples)
+    if not np.all(np.isfinite(magnitudes)):
+        looks = "some of them NaN or infinite"
+    elif magnitudes.size and magnitudes.max() > FLOAT_WAV_MAX_PEAK:
+        looks = f"peaking at {float(magnitudes.max()):.3g}"
+    elif np.any(magnitudes) and magnitudes.max() < np.finfo(samples.dtype).tiny:
+        looks = f"all below {np.finfo(samples.dtype).tiny:.3g} (subnormal)"
+    else:
+        return None
+    return (f"{what} is a corrupt WAV file: its header says {bits}-bit floating-point samples, and read as floats "
+            f"they are {looks}, where float audio lies within about ±1 (integer samples labelled float?)")
+
+
 def _wav_header_problem(what: str, tag: int, channels: int, bits: int) -> str | None:
     """What is wrong with a WAV header a recorder would not write, in words; None when nothing is."""
     if channels > MAX_WAV_CHANNELS:
@@ -252,6 +274,8 @@ def _parse_wav(data: bytes, what: str) -> tuple[np.ndarray, int]:
     elif tag == 3:  # IEEE float (32 or 64 bits: _wav_header_problem)
         dtype = np.dtype("<f4" if bits == 32 else "<f8")
         samples = np.frombuffer(payload, dtype=dtype, count=len(payload) // dtype.itemsize // channels * channels)
+        if problem := _float_samples_problem(what, bits, samples):
+            raise MediaError(problem)
     else:
         raise _WavEncodingError(f"{what}: unsupported WAV encoding (format tag {tag:#x})")
     return _pcm_to_float(samples.astype(samples.dtype.newbyteorder("="))).reshape(-1, channels), rate

@@ -276,6 +276,29 @@ def test_a_wav_header_no_recorder_writes_is_said_to_be_corrupt_saying_why():
                                  "at most 512)")
 
 
+LOUD_INT32 = (_sine(16000, 440.0, 0.2, amp=0.3) * 2**31).astype("<i4")  # read as floats: ~1e-15 and ~-1e15
+
+
+@pytest.mark.parametrize("ints, looks", [
+    ((_sine(16000, 440.0, 0.2) * 32767).astype("<i4"), "some of them NaN or infinite"),  # (small negatives: NaN)
+    (LOUD_INT32, f"peaking at {np.abs(LOUD_INT32.view('<f4')).max():.3g}"),
+    ((np.abs(_sine(16000, 440.0, 0.2)) * 32767).astype("<i4"), "all below 1.18e-38 (subnormal)"),
+])
+def test_integer_samples_under_a_32_bit_float_tag_are_said_to_be_corrupt(ints, looks):
+    """A WAV tagged 32-bit float holding integer samples decoded to noise (±1e15 spikes, subnormal dust) that was
+    transcribed, or, where a sample read as NaN, was refused as "audio contains NaN or infinite samples", which does
+    not say the file is mislabelled; it is now a corrupt WAV saying what the header claims and what the samples look
+    like. Float audio with overs (peak 4) is still audio."""
+    with pytest.raises(MediaError) as caught:
+        decode_audio(_wav_bytes(ints[:, None], 16000, fmt_tag=3, bits=32), "'clip.wav'")
+    assert str(caught.value) == ("'clip.wav' is a corrupt WAV file: its header says 32-bit floating-point samples, and "
+                                 f"read as floats they are {looks}, where float audio lies within about ±1 (integer "
+                                 "samples labelled float?)")
+    loud = _sine(16000, 440.0, 0.2, amp=4.0)[:, None]
+    samples, _ = decode_audio(_wav_bytes(loud, 16000, fmt_tag=3, bits=32), "'clip.wav'")
+    np.testing.assert_array_equal(samples, loud[:, 0])
+
+
 def test_a_decoder_failure_keeps_no_errno_or_file_name():
     av = pytest.importorskip("av")
     cut = decode_failure(av.error.EOFError(541478725, "End of file", "<none>"), "audio data", "audio")
