@@ -318,10 +318,29 @@ def _decode_with_av(data: bytes, what: str, max_seconds: float | None = None, mi
     except MediaError:
         raise
     except Exception as exc:  # PyAV raises many FFmpeg error types
-        raise decode_failure(exc, what, "audio") from exc
+        raise _id3_tag_only(data, what) or decode_failure(exc, what, "audio") from exc
     if not chunks or rate <= 0:
-        raise MediaError(f"{what} decoded to no audio samples")
+        raise _id3_tag_only(data, what) or MediaError(f"{what} decoded to no audio samples")
     return np.concatenate(chunks).astype(np.float32, copy=False), rate  # (a 30-minute file: 0.3 GB; no third copy)
+
+
+ID3_HEADER_BYTES = 10  # "ID3", version (2 bytes), flags, the tag's size (4 bytes of 7 bits); a footer repeats it
+ID3_FOOTER_FLAG = 0x10
+
+
+def _id3_tag_only(data: bytes, what: str) -> MediaError | None:
+    """An MP3 file that is an ID3v2 tag (title, artist, cover art) with no audio after it, a cut-off download or a tag
+    saved alone, said as such (FFmpeg found "invalid data", which was said as an unknown format); None otherwise."""
+    if len(data) < ID3_HEADER_BYTES or data[:3] != b"ID3":
+        return None
+    size = 0
+    for byte in data[6:ID3_HEADER_BYTES]:
+        size = size << 7 | (byte & 0x7F)
+    end = ID3_HEADER_BYTES + size + (ID3_HEADER_BYTES if data[5] & ID3_FOOTER_FLAG else 0)
+    if data[end:].strip(b"\0"):
+        return None
+    return MediaError(f"{what} is an MP3 file's ID3 tag ({min(end, len(data)):,} bytes: title, artist ...) with no "
+                      "audio after it (a cut-off download, or a tag saved alone)")
 
 
 def stated_seconds(container, stream) -> float | None:

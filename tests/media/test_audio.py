@@ -299,6 +299,21 @@ def test_integer_samples_under_a_32_bit_float_tag_are_said_to_be_corrupt(ints, l
     np.testing.assert_array_equal(samples, loud[:, 0])
 
 
+def test_an_mp3_that_is_an_id3_tag_alone_is_said_to_have_no_audio_after_its_tag():
+    """An MP3 holding only its ID3 tag (a cut-off download) was "not an audio file FFmpeg can read (an unknown
+    format ...)", though it is a known format with nothing after the tag; it now says so. A tag followed by bytes
+    that are not audio is still an unreadable file."""
+    pytest.importorskip("av")
+    title = b"TIT2" + struct.pack(">I", 6) + b"\x00\x00" + b"\x00Ming\x00"
+    tag = b"ID3\x04\x00\x00" + bytes([0, 0, 0, len(title) + 8]) + title + b"\x00" * 8  # (with 8 bytes of padding)
+    with pytest.raises(MediaError) as caught:
+        decode_audio(tag, "'clip.mp3'")
+    assert str(caught.value) == (f"'clip.mp3' is an MP3 file's ID3 tag ({len(tag)} bytes: title, artist ...) with no "
+                                 "audio after it (a cut-off download, or a tag saved alone)")
+    with pytest.raises(MediaError, match="not an audio file FFmpeg can read"):
+        decode_audio(tag + b"this is not audio at all" * 20, "'clip.mp3'")
+
+
 def test_a_decoder_failure_keeps_no_errno_or_file_name():
     av = pytest.importorskip("av")
     cut = decode_failure(av.error.EOFError(541478725, "End of file", "<none>"), "audio data", "audio")
