@@ -194,6 +194,7 @@ MAX_WAV_CHANNELS = 512
 # The sample sizes WAV stores IEEE floats in: a float tag on 16-bit samples is integer data mislabelled (FFmpeg has no
 # decoder for it either: it said "is in an audio codec this FFmpeg build cannot decode").
 WAV_FLOAT_BITS = (32, 64)
+MAX_WAV_PCM_BITS = 64  # the widest integer samples WAV stores (FFmpeg's pcm_s64le)
 
 
 # Float audio lies within about ±1 (full scale), a mix's overs a few times that; integer samples read as IEEE floats
@@ -223,6 +224,9 @@ def _wav_header_problem(what: str, tag: int, channels: int, bits: int) -> str | 
     if channels > MAX_WAV_CHANNELS:
         return (f"{what} is a corrupt WAV file: its header says {channels} channels (a WAV file has at most "
                 f"{MAX_WAV_CHANNELS})")
+    if tag == 1 and not 0 < bits <= MAX_WAV_PCM_BITS:
+        return (f"{what} is a corrupt WAV file: its header says {bits}-bit integer samples (WAV's are 1 to "
+                f"{MAX_WAV_PCM_BITS} bits)")
     if tag == 3 and bits not in WAV_FLOAT_BITS:
         return (f"{what} is a corrupt WAV file: its header says {bits}-bit floating-point samples, and WAV's are 32 or "
                 f"64 bits (integer samples labelled float?)")
@@ -267,8 +271,9 @@ def _parse_wav(data: bytes, what: str) -> tuple[np.ndarray, int]:
             raw = np.frombuffer(payload, dtype=np.uint8, count=n * 3).reshape(n, 3).astype(np.int32)
             samples = (raw[:, 0] | (raw[:, 1] << 8) | (raw[:, 2] << 16)) << 8 >> 8  # sign-extend
             return (samples.astype(np.float64) / float(2 ** 23)).astype(np.float32).reshape(-1, channels), rate
-        elif bits == 32:
-            samples = np.frombuffer(payload, dtype="<i4", count=len(payload) // 4 // channels * channels)
+        elif bits in (32, 64):  # (64: FFmpeg decodes it as s64, which PyAV cannot hand over)
+            dtype = np.dtype(f"<i{bits // 8}")
+            samples = np.frombuffer(payload, dtype=dtype, count=len(payload) // dtype.itemsize // channels * channels)
         else:
             raise _WavEncodingError(f"{what}: unsupported WAV PCM bit depth {bits}")
     elif tag == 3:  # IEEE float (32 or 64 bits: _wav_header_problem)

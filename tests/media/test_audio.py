@@ -299,6 +299,27 @@ def test_integer_samples_under_a_32_bit_float_tag_are_said_to_be_corrupt(ints, l
     np.testing.assert_array_equal(samples, loud[:, 0])
 
 
+@pytest.mark.parametrize("bits", [0, 65535])
+def test_a_wav_header_saying_no_integer_sample_size_is_said_to_be_corrupt(bits):
+    """A PCM WAV header saying 0-bit (or 65535-bit) samples was "in an audio codec this FFmpeg build cannot decode"
+    (no build has such a codec: the header is broken); it is now a corrupt WAV file saying what the header claims."""
+    data = bytearray(_wav_bytes(np.zeros((160, 1), dtype="<i2"), 16000))
+    data[34:36] = struct.pack("<H", bits)  # (the fmt chunk's bits per sample)
+    with pytest.raises(MediaError) as caught:
+        decode_audio(bytes(data), "'clip.wav'")
+    assert str(caught.value) == (f"'clip.wav' is a corrupt WAV file: its header says {bits}-bit integer samples (WAV's "
+                                 "are 1 to 64 bits)")
+
+
+def test_a_64_bit_integer_wav_is_read():
+    """A 64-bit integer PCM WAV (FFmpeg's pcm_s64le) failed with "could not be decoded as audio: Conversion from 's64'
+    format to numpy array is not supported" (PyAV's); it is read natively, full scale 2**63."""
+    ints = (_sine(16000, 440.0, 0.1) * 2.0**63).astype("<i8")[:, None]
+    samples, rate = decode_audio(_wav_bytes(ints, 16000, bits=64), "'clip.wav'")
+    assert rate == 16000
+    np.testing.assert_allclose(samples, _sine(16000, 440.0, 0.1), atol=1e-6)
+
+
 def test_an_mp3_that_is_an_id3_tag_alone_is_said_to_have_no_audio_after_its_tag():
     """An MP3 holding only its ID3 tag (a cut-off download) was "not an audio file FFmpeg can read (an unknown
     format ...)", though it is a known format with nothing after the tag; it now says so. A tag followed by bytes
