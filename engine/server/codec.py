@@ -375,6 +375,23 @@ def audio_payload(raw: bytes, fmt: str | None, rate: int | None, limits: Limits,
               "invalid_audio_format", name)
 
 
+# A recording's channel 0 quieter than this at its loudest is taken for an unused channel (a recorder's right-only input,
+# a call recorded on one side): the recording's channels are then mixed (the app's SILENCE_DBFS too).
+SILENT_CHANNEL_DBFS = -60.0
+
+
+def recording_file(raw: bytes, limits: Limits, name: str = "file", stop: threading.Event | None = None) -> Audio:
+    """A recording to transcribe (an upload: a video's sound track too): channel 0, as the reference reads a file (spec
+    §5.1), or, when channel 0 is silent and the channels' mean is not, that mean (a stereo recording with the voice on
+    the right channel alone was transcribed from silence). Only such a file is decoded twice."""
+    first = audio_file(raw, limits, name, True, limits.max_transcription_seconds, stop=stop)
+    quiet = 10 ** (SILENT_CHANNEL_DBFS / 20)
+    if np.abs(first.samples).max(initial=0.0) > quiet:
+        return first
+    mixed = audio_file(raw, limits, name, True, limits.max_transcription_seconds, mix_channels=True, stop=stop)
+    return mixed if np.abs(mixed.samples).max(initial=0.0) > quiet else first
+
+
 @dataclass
 class MediaBudget:
     """Decoded media one HTTP request or one realtime item may hold (Limits.max_session_media_bytes): a

@@ -759,7 +759,7 @@ async def answer_speech_text(request: Request, ctx: ServerContext, received: flo
         await ctx.prompt_bound.check_tokens(texts, params.room_needed, f"the {param}", param)
     audio = await decoded_while_client_waits(  # (a recording's audio track too)
         request, ask.label,
-        lambda stop: codec.audio_file(ask.raw, limits, "file", True, limits.max_transcription_seconds, stop=stop))
+        lambda stop: codec.recording_file(ask.raw, limits, "file", stop=stop))
     engine = ctx.engine
 
     def run(cancel):

@@ -321,6 +321,29 @@ def test_a_streamed_transcription_refuses_a_format_that_comes_whole(server, fmt)
     assert r.status_code == 400 and (err["code"], err["param"]) == ("unsupported_parameter", "response_format"), err
 
 
+@pytest.mark.parametrize("voice_on, heard_peak", [(0, 0.3), (1, 0.15)])
+def test_a_stereo_recording_is_heard_on_the_channel_its_voice_is_on(server, tiny_engine, monkeypatch, voice_on,
+                                                                      heard_peak):
+    """A stereo recording whose voice is on the right channel alone (channel 0 silent) was transcribed from channel
+    0, silence; the channels' mean is transcribed then. A voice on channel 0 is read from channel 0 as the reference
+    reads a file (spec §5.1), the other channel left out."""
+    import io
+    import wave
+
+    heard = []
+    real = tiny_engine.transcribe
+    monkeypatch.setattr(tiny_engine, "transcribe", lambda audio, **kw: (heard.append(audio), real(audio, **kw))[1])
+    channels = np.zeros((8000, 2), dtype="<i2")
+    channels[:, voice_on] = tone_pcm16(0.5)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(2), w.setsampwidth(2), w.setframerate(16000), w.writeframes(channels.tobytes())
+    r = httpx.post(server.url + "/v1/audio/transcriptions", files={"file": ("stereo.wav", buf.getvalue())},
+                   data={"max_tokens": "1"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert np.abs(heard[0]).max() == pytest.approx(heard_peak, rel=0.01)
+
+
 def test_transcription_limits_and_errors(server):
     url = server.url + "/v1/audio/transcriptions"
     r = httpx.post(url, files={"file": ("big.wav", b"\0" * 500_000)}, timeout=30)
