@@ -32,6 +32,12 @@ AUTO = "Auto (detect)"
 # Tags confirmed by the upstream code (spec §6.3); the model's other dialect tags are not published,
 # so any other tag typed here is passed through as given.
 KNOWN_TAGS = {"Chinese": "Chinese (Mandarin)", "上海": "上海 (Shanghainese, Wu)", "English": "English"}
+# The dropdown's choice that asks for an English translation (the engine's /v1/audio/translations) instead of a
+# transcript: the model is told to translate the speech, whatever its language.
+TRANSLATE = "Translate into English (from any language)"
+TRANSLATING = "Translating…"
+HOTWORDS_IN_TRANSLATION = ("Hotwords go with a transcript; a translation takes the context only: clear the hotwords, "
+                           "or choose a language to transcribe in.")
 PARTIAL_EVERY_S = 3.0
 CUT_AT_LIMIT = "the transcript was cut at the engine's token limit: transcribe the rest as a separate, shorter clip"
 # On the random demo weights every transcript runs to the cap (they never end one), whatever the clip's length: the
@@ -117,24 +123,31 @@ class SpeechController:
         if problem := settings_problem(context, hotwords, engine_limits(self.link)):  # (a live partial transcript)
             yield "", problem, None, True
             return
+        translate = dialect == TRANSLATE
+        if translate and hotword_list(hotwords):
+            yield "", HOTWORDS_IN_TRANSLATION, None, True
+            return
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
-        text, status, result = "", TRANSCRIBING, None
+        working = TRANSLATING if translate else TRANSCRIBING
+        text, status, result = "", working, None
+        context = (context or "").strip() or None
         try:
-            for event in self.link.client.transcribe(audio, context=(context or "").strip() or None,
-                                                     hotwords=hotword_list(hotwords) or None,
-                                                     dialect=dialect_tag(dialect), cancel=cancel):
+            events = (self.link.client.translate(audio, context=context, cancel=cancel) if translate else
+                      self.link.client.transcribe(audio, context=context, hotwords=hotword_list(hotwords) or None,
+                                                  dialect=dialect_tag(dialect), cancel=cancel))
+            for event in events:
                 if isinstance(event, QueuePosition):
                     status = queue_line(event)
                     if status == GENERATING:
-                        status = TRANSCRIBING
+                        status = working
                     yield text, status, None, False
                 elif isinstance(event, Progress) and event.stage == TRANSCRIBING_STAGE and event.total > 1:
                     status = progress_line(event)
                     yield text, status, None, False
                 elif isinstance(event, TextDelta):
                     text += event.text
-                    yield text, status if status.startswith(TRANSCRIBING) else TRANSCRIBING, None, False
+                    yield text, status if status.startswith(working) else working, None, False
                 elif isinstance(event, Done):
                     status = figures_line(event)
                     if event.finish_reason == "cancelled":  # Stop: what was heard stays, no files (an empty .txt)
@@ -311,9 +324,10 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None,
                                  **runs_tab("Transcribe"))
             hotwords = gr.Textbox(label="Hotwords (comma-separated; optional)",
                                   placeholder="Gansu Province, Uyghur, copper cauldrons", **runs_tab())
-            dialect = gr.Dropdown([AUTO, *KNOWN_TAGS.values()], value=AUTO, allow_custom_value=True,
+            dialect = gr.Dropdown([AUTO, *KNOWN_TAGS.values(), TRANSLATE], value=AUTO, allow_custom_value=True,
                                   label="Language / dialect", info="Auto lets the model detect it. Other tags the "
-                                  "model emits can be typed in; its full dialect list is not published.")
+                                  "model emits can be typed in; its full dialect list is not published. The last "
+                                  "choice writes the speech in English instead.")
             with gr.Row():
                 go = run_button("Transcribe", "speech-go")
                 stop = gr.Button("Stop", variant="stop", elem_id="speech-stop")

@@ -210,7 +210,8 @@ def translation_events(body: Any) -> list[Event]:
     if not isinstance(body, dict) or not isinstance(body.get("text"), str):
         raise UnknownEventError("a translation's answer without its 'text'")
     result = {"language": body.get("language") or TRANSLATION_LANGUAGE, "text": body["text"]}
-    return [Done(text=body["text"], finish_reason=body.get("finish_reason") or "stop", result=result)]
+    stats = wire.stats_from_wire(body.get("usage"), body.get("metrics"))
+    return [Done(text=body["text"], finish_reason=body.get("finish_reason") or "stop", stats=stats, result=result)]
 
 
 # =========================================================================== images

@@ -393,6 +393,39 @@ class StoppedTranscriber:
         yield Done(text="hello", finish_reason="cancelled")
 
 
+class Translator(StoppedTranscriber):
+    """An engine client that translates (and says which call it got)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def translate(self, audio, **kwargs):
+        self.calls.append(("translate", kwargs.get("context")))
+        yield Done(text="good morning", finish_reason="stop", result={"language": "English", "text": "good morning"},
+                   stats=GenerationStats(prompt_tokens=90, new_tokens=3, total_s=0.5))
+
+    def transcribe(self, audio, **kwargs):
+        self.calls.append(("transcribe", kwargs.get("context")))
+        yield from super().transcribe(audio, **kwargs)
+
+
+def test_the_speech_tab_translates_into_english_when_asked(tmp_path):
+    """The Speech tab could only transcribe; its language list now offers an English translation (the engine's
+    /v1/audio/translations): the clip and context go to translate(), its text and files come back with the language
+    said. Hotwords, which a translation does not take, are said so rather than dropped."""
+    from app.ui.speech import HOTWORDS_IN_TRANSLATION, TRANSLATE
+
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.0, 16000, 220.0), 16000))
+    client = Translator()
+    speech = SpeechController(EngineLink(client))
+    text, status, txt, srt = list(speech.transcribe_file(str(clip), "A greeting.", "", TRANSLATE))[-1]
+    assert client.calls == [("translate", "A greeting.")] and text == "good morning"
+    assert status.startswith("language: English · ") and Path(txt).read_text(encoding="utf-8").strip() == "good morning"
+    assert list(speech.transcribe_file(str(clip), "", "Ming", TRANSLATE))[-1][1] == HOTWORDS_IN_TRANSLATION
+    assert len(client.calls) == 1
+
+
 def test_a_stopped_transcription_offers_no_files_and_keeps_the_last_finished_ones(tmp_path):
     """Stop during Transcribe offered a 1-byte transcript .txt and an .srt of nothing; and starting a transcription
     emptied the boxes of the last finished one's files, so a stopped or failed run lost the earlier transcript."""
