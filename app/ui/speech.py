@@ -1,5 +1,6 @@
 """The Speech tab: speech recognition from the microphone, an audio file or a video's sound, with the model's
-contextual ASR (a context sentence and a hotword list) and a forced language / dialect tag (spec §6.3). While
+contextual ASR (a context sentence and a hotword list) and a forced language / dialect tag (spec §6.3), or a
+translation into English (the language list's last choice: the engine's /v1/audio/translations). While
 recording, a partial transcript of what was said so far is refreshed every few seconds; the final one is copyable and
 downloadable as .txt and .srt (one cue spanning the clip: the model gives no word timestamps)."""
 
