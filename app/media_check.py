@@ -72,14 +72,17 @@ def clip_seconds(path: str | Path) -> float | None:
         return None
 
 
-def _silent(path: Path) -> bool:
-    """Whether the audio at `path` never rises above SILENCE_DBFS (decoded until a louder sample is found)."""
+def silent_audio(path: str | Path, first_only: bool = False) -> bool:
+    """Whether the audio at `path` (`first_only`: its first channel) never rises above SILENCE_DBFS (decoded until a
+    louder sample is found)."""
     import av
     import numpy as np
 
+    from app.sound_track import first_channel
+
     with av.open(str(path)) as container:
         for frame in container.decode(audio=0):
-            samples = frame.to_ndarray()
+            samples = (first_channel(frame) if first_only else frame).to_ndarray()
             if samples.dtype == np.uint8:  # unsigned 8-bit: silence is 128
                 peak = float(np.abs(samples.astype(np.float32) - 128.0).max(initial=0)) / 128.0
             elif samples.dtype.kind == "i":
@@ -117,7 +120,7 @@ def _av_problem(path: Path, name: str, kind: str, limits: dict, max_seconds: flo
         return (f"'{name}' is {seconds:,.0f} s long; {'a voice clip is' if max_seconds else 'the engine takes'} at "
                 f"most {most:,.0f} s: {'trim it to a few sentences' if max_seconds else 'cut it into shorter clips'}.")
     try:
-        silent = kind == "audio" and _silent(path)
+        silent = kind == "audio" and silent_audio(path)
     except Exception:  # noqa: BLE001  (a stream FFmpeg cannot decode: the engine says what it makes of it)
         silent = False
     if silent:  # a transcript of nothing (the demo weights made one up), a voice cloned from nothing

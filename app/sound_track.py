@@ -2,7 +2,8 @@
 packet for packet, into a Matroska audio file (no decoding here: the engine decodes it, as it decodes any uploaded
 clip, engine/server/codec.py). A phone video of a few minutes runs to tens of MiB, over the engine's upload limit;
 its sound alone is a small part of that. And a recording too large to upload (30 minutes of WAV is 160 MiB at 44.1 kHz
-stereo): what the model hears of it, its first channel at 16 kHz (spec §5.1), as Opus speech."""
+stereo): what the model hears of it, its first channel at 16 kHz (spec §5.1), as Opus speech (its channels' mix when the
+first is silent, as the engine reads such a recording)."""
 
 from __future__ import annotations
 
@@ -41,20 +42,24 @@ def sound_track(path: str | Path) -> bytes | None:
 
 def speech_track(path: str | Path) -> bytes | None:
     """The first channel of the recording at `path` at the model's 16 kHz, as an Ogg Opus file's bytes (the model
-    takes channel 0 and resamples to 16 kHz itself, so it hears the same speech); None when it cannot be read."""
+    takes channel 0 and resamples to 16 kHz itself, so it hears the same speech), or the channels' mix when the first
+    is silent and they are not (the engine then transcribes the mix: a voice recorded on the right channel alone was
+    sent as silence); None when it cannot be read."""
     try:
         import av
     except ImportError:
         return None
+    from app.media_check import silent_audio
+
     out = io.BytesIO()
     try:
+        mix = silent_audio(path, first_only=True) and not silent_audio(path)
         with av.open(str(path)) as source, av.open(out, "w", format="ogg") as target:
             opus = target.add_stream("libopus", rate=MODEL_RATE, layout="mono")
             opus.bit_rate = SPEECH_BITS_PER_S
             first = av.AudioResampler(format="s16", layout="mono", rate=MODEL_RATE)
             for frame in source.decode(audio=0):
-                frame = first_channel(frame)
-                for piece in first.resample(frame):
+                for piece in first.resample(frame if mix else first_channel(frame)):
                     target.mux(opus.encode(piece))
             for piece in first.resample(None):
                 target.mux(opus.encode(piece))

@@ -147,3 +147,26 @@ def test_a_picture_given_as_audio_is_named_a_picture_not_a_video(tmp_path):
     assert media_problem(tmp_path / "photo.mp4", VIDEO_SOUND).startswith("'photo.mp4' is a picture, not a video")
     # a real video without sound is still said to be one
     assert "is a video with no sound track" in media_problem(ASSETS / "video" / "cup_on_table.mp4", TO_TRANSCRIBE)
+
+
+@pytest.mark.parametrize("voice_on", [0, 1])
+def test_a_recording_too_large_to_upload_is_sent_with_its_voice_whichever_channel_it_is_on(tmp_path, voice_on):
+    """A recording too large to upload goes as the speech the model hears (speech_track: channel 0 at 16 kHz); one
+    whose voice is on the right channel alone went as silence. The channels' mix goes then, as the engine reads such a
+    recording; a voice on channel 0 still goes alone."""
+    import io
+
+    import av
+    import numpy as np
+
+    from app.sound_track import speech_track
+    from tests.server import tone_pcm16
+
+    channels = np.zeros((22050, 2), dtype="<i2")
+    channels[:, voice_on] = tone_pcm16(1.0, 22050, 220.0)
+    path = tmp_path / "stereo.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(2), w.setsampwidth(2), w.setframerate(22050), w.writeframes(channels.tobytes())
+    with av.open(io.BytesIO(speech_track(path))) as sent:
+        peak = max(np.abs(frame.to_ndarray()).max() for frame in sent.decode(audio=0))  # (Opus decodes to floats)
+    assert peak > 0.1  # (the tone's 0.3, its mix's 0.15 or so; silence sent was 0)
