@@ -2,8 +2,8 @@
 packet for packet, into a Matroska audio file (no decoding here: the engine decodes it, as it decodes any uploaded
 clip, engine/server/codec.py). A phone video of a few minutes runs to tens of MiB, over the engine's upload limit;
 its sound alone is a small part of that. And a recording too large to upload (30 minutes of WAV is 160 MiB at 44.1 kHz
-stereo): what the model hears of it, its first channel at 16 kHz (spec §5.1), as Opus speech (its channels' mix when the
-first is silent, as the engine reads such a recording)."""
+stereo): what the model hears of it, its first channel at 16 kHz (spec §5.1), as Opus speech (its channels' mix
+when the first is silent, as the engine reads such a recording)."""
 
 from __future__ import annotations
 

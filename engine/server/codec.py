@@ -375,8 +375,8 @@ def audio_payload(raw: bytes, fmt: str | None, rate: int | None, limits: Limits,
               "invalid_audio_format", name)
 
 
-# A recording's channel 0 quieter than this at its loudest is taken for an unused channel (a recorder's right-only input,
-# a call recorded on one side): the recording's channels are then mixed (the app's SILENCE_DBFS too).
+# A recording's channel 0 quieter than this at its loudest is taken for an unused channel (a recorder's right-only
+# input, a call recorded on one side): the recording's channels are then mixed (the app's SILENCE_DBFS too).
 SILENT_CHANNEL_DBFS = -60.0
 
 

@@ -733,7 +733,8 @@ async def transcriptions(request: Request):
 @router.post("/v1/audio/translations")
 async def translations(request: Request):
     """OpenAI's translations: speech in any language, English text out (fields.TRANSLATION: file, model, prompt,
-    response_format, temperature; ours max_tokens; never streamed). The same path as a transcription, the model told to translate."""
+    response_format, temperature; ours max_tokens; never streamed). The same path as a transcription, the model told
+    to translate."""
     received = time.perf_counter()
     ctx = ctx_of(request)
     form = await read_form(request, ctx.limits, max_files=1)

@@ -421,7 +421,8 @@ def test_the_speech_tab_translates_into_english_when_asked(tmp_path):
     speech = SpeechController(EngineLink(client))
     text, status, txt, srt = list(speech.transcribe_file(str(clip), "A greeting.", "", TRANSLATE))[-1]
     assert client.calls == [("translate", "A greeting.")] and text == "good morning"
-    assert status.startswith("language: English · ") and Path(txt).read_text(encoding="utf-8").strip() == "good morning"
+    assert status.startswith("language: English · ")
+    assert Path(txt).read_text(encoding="utf-8").strip() == "good morning"
     assert list(speech.transcribe_file(str(clip), "", "Ming", TRANSLATE))[-1][1] == HOTWORDS_IN_TRANSLATION
     assert len(client.calls) == 1
 
