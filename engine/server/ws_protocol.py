@@ -23,7 +23,7 @@ from http import HTTPStatus
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.datastructures import Headers
-from websockets.http11 import Response
+from websockets.http11 import Request, Response
 
 from engine.server.lingering import LingersAfterAnswer
 from engine.server.protocol import ApiError
@@ -42,6 +42,9 @@ class HandshakeAnsweringProtocol(WebSocketsSansIOProtocol):
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.handshake_complete = True
         self.close_sent = True
+        self.close_after_refusal()
+
+    def close_after_refusal(self) -> None:
         self.transport.close()
 
     # flow control: while the peer reads nothing of what we write (the transport's buffer is past its high-water
@@ -101,8 +104,8 @@ class OpenAIErrorsWebSocketProtocol(LingersAfterAnswer, CutsOffStalledPeers, Han
     missing or unsupported Sec-WebSocket-Version or -Key, a request line or headers too long) is answered with
     OpenAI's error body, not websockets' plain text, as the HTTP protocol answers (engine.server.http_protocol). A
     session whose client reads nothing is cut off (CutsOffStalledPeers), which closes the session. A handshake the
-    app refuses (its denial response: 401, 404, 503 at the session cap) is followed by the end of our side of the
-    stream, not a close (LingersAfterAnswer): a client that sent its first frames right after its handshake met a
+    app refuses (its denial response: 401, 404, 503 at the session cap), or websockets does (405, 400, 414, 431), is
+    followed by the end of our side of the stream, not a close (LingersAfterAnswer): a client that sent its first frames right after its handshake met a
     reset instead of the answer."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -112,6 +115,25 @@ class OpenAIErrorsWebSocketProtocol(LingersAfterAnswer, CutsOffStalledPeers, Han
     def data_received(self, data: bytes) -> None:
         if not self.dropped_while_lingering(data):
             super().data_received(data)
+
+    def handle_connect(self, event: Request) -> None:
+        """A handshake websockets refuses (its `accept` answers other than 101) is answered and lingered after, as a
+        refusal by the parser is: uvicorn wrote it and closed at once, so the frames a client sent right after its
+        handshake met a closed socket and the client a reset instead of the answer."""
+        response = self.conn.accept(event)
+        if response.status_code == 101:
+            accept, self.conn.accept = self.conn.accept, lambda _request: response  # (uvicorn's accepts it again)
+            try:
+                super().handle_connect(event)
+            finally:
+                self.conn.accept = accept
+            return
+        self.request, self.response, self.handshake_initiated = event, response, True
+        self.conn.send_response(response)
+        self.refuse_handshake()
+
+    def close_after_refusal(self) -> None:
+        self.close_after_client()
 
     async def send(self, message) -> None:
         if self.initial_response is None or message["type"] != "websocket.http.response.body" or message.get(

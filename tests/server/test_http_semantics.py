@@ -799,3 +799,30 @@ def test_a_websocket_refused_at_the_session_cap_gets_its_503_though_it_sent_fram
                 pytest.fail(f"the client met {e!r} instead of the 503")
     assert head.startswith(b"HTTP/1.1 503"), head
     assert json.loads(answer)["error"]["code"] == "session_limit_reached"
+
+
+@pytest.mark.parametrize("method, version, key, target, extra, status", [
+    ("POST", "13", None, "/v1/realtime", "", 405),
+    ("GET", "8", None, "/v1/realtime", "", 400),
+    ("GET", "13", "not-a-key", "/v1/realtime", "", 400),
+    ("GET", "13", None, "/v1/realtime?x=" + "a" * 9000, "", 414),
+    ("GET", "13", None, "/v1/realtime", f"X-Big: {'b' * 9000}\r\n", 431),
+], ids=["post", "version", "key", "long-line", "long-header"])
+def test_a_handshake_websockets_refuses_itself_gets_its_answer_though_frames_followed(fake, method, version, key,
+                                                                                     target, extra, status):
+    """websockets' own refusals (a non-GET upgrade, a bad Sec-WebSocket-Version or -Key, a request line or header past
+    its 8 KiB) closed the connection at once: a client that sent its first frame right after its handshake met a reset
+    instead of the answer. They now linger after the answer as the app's refusals do (Limits.refusal_linger_s)."""
+    frame = bytes([0x82, 0xFF]) + (1 << 20).to_bytes(8, "big") + b"\0" * 4 + b"x" * (1 << 20)  # binary, 1 MiB, masked
+    key = key or base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", fake.base_url.port), timeout=10) as s:
+        s.sendall(f"{method} {target} HTTP/1.1\r\nHost: x\r\n{extra}Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: {version}\r\n\r\n".encode())
+        time.sleep(0.1)  # (the refusal has been written by now)
+        try:
+            s.sendall(frame)
+            head, answer = read_to_close(s)
+        except ConnectionError as e:
+            pytest.fail(f"the client met {e!r} instead of the {status}")
+    assert head.startswith(b"HTTP/1.1 %d" % status), head
+    assert json.loads(answer)["error"]["message"].startswith("the websocket opening handshake was refused")
