@@ -308,6 +308,7 @@ def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning
                                                    max_connections=limits.max_connections, linger=linger,
                                                    on_full=logs.connections_full, **stalled),
                             ws=functools.partial(OpenAIErrorsWebSocketProtocol, linger=linger, **stalled),
+                            timeout_keep_alive=limits.keep_alive_s,
                             ws_max_size=limits.max_frame_bytes, ws_per_message_deflate=False,
                             timeout_graceful_shutdown=3)
     logs.install()  # (creating the config configured uvicorn's logging: its loggers keep the filter)

@@ -107,8 +107,19 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
         if self.refusal is not None:
             self.refuse_request(data)
             return
-        super().data_received(data)
+        answered_early = self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY
+        super().data_received(data)  # (uvicorn's cancels the keep-alive wait: data came)
+        if answered_early and self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
+            self.wait_for_next_request()
         self.time_the_head()
+
+    def wait_for_next_request(self) -> None:
+        """The body owed after an early answer has come and the connection is idle: the keep-alive wait starts now
+        (uvicorn starts it at an answer only, and the body's data cancelled it: the idle connection was held until the
+        head timer)."""
+        if not self.transport.is_closing():
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
 
     def refuse_request(self, data: bytes) -> None:
         """A refused connection's request: answered with the refusal once its head has come whole (answered before,
@@ -141,8 +152,11 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
         if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
             # answered before its body was read (a 413 by its Content-Length, a 401, a 415): uvicorn reads on for
             # the rest, which a client trickling a byte now and then made last for ever, its connection never idle;
-            # the rest must come within the linger. (Closed at the answer, a client that sent its body at once and
-            # kept the connection alive, as the answer let it, met a closed connection at its next request.)
+            # the rest must come within the linger, and only the linger bounds it (uvicorn's keep-alive wait, started
+            # at the answer, closed a connection whose body came later). (Closed at the answer, a client that sent its
+            # body at once and kept the connection alive, as the answer let it, met a closed connection at its next
+            # request.)
+            self._unset_keepalive_if_required()
             self.loop.call_later(self.linger.seconds, self.close_if_body_still_owed, self.cycle)
             return
         self.time_the_head()

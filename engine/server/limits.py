@@ -43,6 +43,8 @@ class Limits:
     refusal_linger_s: float = 5.0  # after a refusal that closes the connection (503 too_many_connections, 408, a
     #                                request that does not parse), what the client still sends is read and dropped
     #                                for this long (at most an HTTP body's limit) so that it gets the answer, not a reset
+    keep_alive_s: float = 5.0  # a kept-alive HTTP connection idle this long after an answer (or after the body
+    #                            that came after an early answer) is closed
     head_timeout_s: float = 10.0  # an HTTP request head not whole this long after the connection opened (or the
     #                               previous answer) is refused (408); a connection that sent nothing is closed
 

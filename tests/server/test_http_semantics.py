@@ -826,3 +826,32 @@ def test_a_handshake_websockets_refuses_itself_gets_its_answer_though_frames_fol
             pytest.fail(f"the client met {e!r} instead of the {status}")
     assert head.startswith(b"HTTP/1.1 %d" % status), head
     assert json.loads(answer)["error"]["message"].startswith("the websocket opening handshake was refused")
+
+
+def test_the_keep_alive_wait_after_an_early_answer_starts_once_its_body_has_come():
+    """After an answer given before its request's body was read (a 415 on the head alone), uvicorn's keep-alive wait
+    (Limits.keep_alive_s) ran from the answer: a body sent later within the linger met a closed connection. And once
+    the body had come, its data had cancelled the wait and nothing started it again: the idle connection was held
+    until the head timer (Limits.head_timeout_s). The linger alone now bounds the body, and the wait starts after it."""
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    keep_alive, head_timeout = 0.2, 5.0
+    with fake_server(refusal_linger_s=3.0, keep_alive_s=keep_alive, head_timeout_s=head_timeout) as srv:
+        def answered_early() -> socket.socket:
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body))
+            answer = b""
+            while not answer.endswith(b"}}"):
+                answer += s.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 415"), answer
+            return s
+
+        with answered_early() as late:
+            time.sleep(2 * keep_alive)
+            late.sendall(body + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert late.recv(100).startswith(b"HTTP/1.1 200"), "the body sent within the linger met a closed connection"
+        with answered_early() as idle:
+            idle.sendall(body)
+            sent = time.monotonic()
+            assert idle.recv(100) == b""
+            assert time.monotonic() - sent < head_timeout / 2, "the idle connection was held until the head timer"
