@@ -122,7 +122,8 @@ class OpenAIErrorsWebSocketProtocol(LingersAfterAnswer, CutsOffStalledPeers, Han
         handshake met a closed socket and the client a reset instead of the answer."""
         response = self.conn.accept(event)
         if response.status_code == 101:
-            accept, self.conn.accept = self.conn.accept, lambda _request: response  # (uvicorn's accepts it again)
+            accept = self.conn.accept
+            self.conn.accept = lambda _request: response  # (uvicorn's handle_connect accepts it again: once is enough)
             try:
                 super().handle_connect(event)
             finally:
