@@ -27,10 +27,18 @@ from engine.server.protocol import ApiError
 from engine.server.stalled_peers import CutsOffStalledPeers
 
 
-def parse_error(exc: BaseException | None, max_head_bytes: int) -> ApiError:
+def parse_error(exc: BaseException | None, max_head_bytes: int, head: bytes = b"") -> ApiError:
     """The error for a request h11 could not parse (`exc`: its RemoteProtocolError, whose
-    error_status_hint is 431 for a head past `max_head_bytes`, else 400 or 501)."""
+    error_status_hint is 431 for a head past `max_head_bytes`, else 400 or 501; `head`: what came of the request's
+    head)."""
     status = getattr(exc, "error_status_hint", 400)
+    codings = transfer_codings(head)
+    if status == 501 and "chunked" in codings and (codings[-1] != "chunked" or codings.count("chunked") > 1):
+        # (RFC 9112 §6.3, §7.1: h11 refuses any Transfer-Encoding but a lone chunked with a 501, which says the server
+        # lacks a coding, where these are requests with no body length to tell)
+        return ApiError(f"the request's Transfer-Encoding is '{', '.join(codings)}': chunked must be its last coding, "
+                        "applied once, or where its body ends cannot be told; send 'Transfer-Encoding: chunked' alone",
+                        code="invalid_http_request", status=400)
     if status == 431:
         return ApiError(f"the request line and headers are too long (past {max_head_bytes // 1024} KiB before they "
                         "ended): send shorter or fewer headers, and media in the body",
@@ -39,6 +47,17 @@ def parse_error(exc: BaseException | None, max_head_bytes: int) -> ApiError:
     # (a 501 is h11's for a Transfer-Encoding other than chunked: the client's request, not a server fault)
     return ApiError(f"the request is not valid HTTP/1.1{': ' + detail if detail else ''}",
                     code="invalid_http_request", status=status, kind="invalid_request_error")
+
+
+TRANSFER_ENCODING = b"transfer-encoding:"
+
+
+def transfer_codings(head: bytes) -> list[str]:
+    """The transfer codings a request head's Transfer-Encoding lines name, in order ('chunked', ...), lower case."""
+    lines = (line.strip() for line in head.split(b"\n"))
+    values = (line[len(TRANSFER_ENCODING):] for line in lines if line.lower().startswith(TRANSFER_ENCODING))
+    return [coding.strip().lower().decode("latin-1") for value in values for coding in value.split(b",")
+            if coding.strip()]
 
 
 def client_host(connection) -> str:
@@ -69,6 +88,7 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
         self.on_full = on_full
         self.idle_since: float | None = None  # (loop time) kept alive, owing no request: may be closed to make room
         self.refusal: ApiError | None = None  # past the limit with no connection idle: its request's answer
+        self.head_received = bytearray()  # what came of the request head now owed (for a refusal's message)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -107,11 +127,27 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
         if self.refusal is not None:
             self.refuse_request(data)
             return
+        self.keep_head(data)
         answered_early = self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY
         super().data_received(data)  # (uvicorn's cancels the keep-alive wait: data came)
-        if answered_early and self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
+        head_under_way = self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
+        if not head_under_way:  # (the next head starts afresh)
+            self.head_received.clear()
+        if answered_early and self.conn.their_state is h11.IDLE and not head_under_way:
             self.wait_for_next_request()
         self.time_the_head()
+
+    def keep_head(self, data: bytes) -> None:
+        """Keep what comes while a request head is owed (up to h11's limit on a head), so that a head h11 refuses can be
+        answered with what was wrong in it."""
+        if self.conn.their_state is not h11.IDLE:
+            return
+        room = self.max_head_bytes() + 1 - len(self.head_received)
+        if room > 0:
+            self.head_received += data[:room]
+
+    def max_head_bytes(self) -> int:
+        return self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 
     def wait_for_next_request(self) -> None:
         """The body owed after an early answer has come and the connection is idle: the keep-alive wait starts now
@@ -200,8 +236,7 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
     def send_400_response(self, msg: str) -> None:
         """uvicorn calls this while it handles h11's RemoteProtocolError: that error's status and
         OpenAI's body, then the connection closes."""
-        limit = self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
-        self.answer_and_close(parse_error(sys.exc_info()[1], limit))
+        self.answer_and_close(parse_error(sys.exc_info()[1], self.max_head_bytes(), bytes(self.head_received)))
 
     def answer_and_close(self, err: ApiError) -> None:
         body = json.dumps({"error": err.to_openai()}).encode()

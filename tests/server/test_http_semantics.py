@@ -855,3 +855,17 @@ def test_the_keep_alive_wait_after_an_early_answer_starts_once_its_body_has_come
             sent = time.monotonic()
             assert idle.recv(100) == b""
             assert time.monotonic() - sent < head_timeout / 2, "the idle connection was held until the head timer"
+
+
+@pytest.mark.parametrize("codings, status", [(b"chunked, identity", 400), (b"Chunked , CHUNKED", 400),
+                                             (b"chunked\r\nTransfer-Encoding: chunked", 400),
+                                             (b"identity, chunked", 501)])
+def test_a_transfer_encoding_whose_last_coding_is_not_a_single_chunked_is_a_400(fake, codings, status):
+    """RFC 9112 §6.3: a request whose Transfer-Encoding does not end with chunked (or applies it twice, §7.1) has no
+    body length the server can tell, and is a 400 that closes; it was h11's 501, which says the server lacks a coding
+    it could add. A coding the server does not know (identity) before a last chunked is still a 501."""
+    status_got, headers, body = raw_answer(fake.base_url.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                           b"Transfer-Encoding: " + codings + b"\r\n\r\n0\r\n\r\n")
+    err = json.loads(body)["error"]
+    assert (status_got, err["code"], headers["connection"]) == (status, "invalid_http_request", "close"), body
+    assert status == 501 or "chunked" in err["message"] and "last" in err["message"], err
