@@ -174,14 +174,18 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
         """A websocket opening handshake: over HTTP/1.1 only (RFC 6455 §4.1). uvicorn rewrote any request line to
-        HTTP/1.1 before websockets read it, so one naming HTTP/1.0 or HTTP/2.0 opened a session."""
+        HTTP/1.1 before websockets read it, so one naming HTTP/1.0 or HTTP/2.0 opened a session. What came after the
+        handshake's head (frames a client sent without waiting for the 101) goes to the websocket too."""
         if event.http_version != b"1.1":
             version = event.http_version.decode("ascii", "replace")
             self.answer_and_close(ApiError(
                 f"the websocket handshake is HTTP/{version}; a websocket opens with an HTTP/1.1 GET (RFC 6455)",
                 code="invalid_http_request", status=505 if version > "1.1" else 400))
             return
+        sent_after_head = self.conn.trailing_data[0]
         super().handle_websocket_upgrade(event)
+        if sent_after_head:  # (uvicorn hands the websocket protocol the head alone: frames sent with it were lost)
+            self.transport.get_protocol().data_received(sent_after_head)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -869,3 +869,20 @@ def test_a_transfer_encoding_whose_last_coding_is_not_a_single_chunked_is_a_400(
     err = json.loads(body)["error"]
     assert (status_got, err["code"], headers["connection"]) == (status, "invalid_http_request", "close"), body
     assert status == 501 or "chunked" in err["message"] and "last" in err["message"], err
+
+
+def test_a_frame_sent_in_the_same_write_as_the_websocket_handshake_reaches_the_session(fake):
+    """uvicorn handed the websocket protocol the handshake's head alone: an event a client sent right behind its
+    handshake, in the same write (a client not waiting for the 101), was dropped without a word."""
+    event = json.dumps({"type": "session.update", "session": {"instructions": "be brief"}}).encode()
+    frame = bytes([0x81, 0x80 | 126]) + len(event).to_bytes(2, "big") + b"\0" * 4 + event  # text, masked with zeros
+    with socket.create_connection(("127.0.0.1", fake.base_url.port), timeout=10) as s:
+        s.sendall(b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                  + frame)
+        got = b""
+        while b'"session.updated"' not in got:
+            chunk = s.recv(65536)
+            assert chunk, f"the session closed without answering the event: {got[-300:]!r}"
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 101") and b"be brief" in got.split(b'"session.updated"')[1]
