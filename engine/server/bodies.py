@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from engine.server.codec import bad, need_dict
 from engine.server.limits import human_bytes
 from engine.server.protocol import ApiError
-from engine.server.text import check_json_values, check_utf8, parse_json_text
+from engine.server.text import check_json_values, check_utf8, json_error, parse_json_text
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
@@ -175,7 +175,7 @@ async def json_body(request: Request, limits) -> dict:
     try:
         data = parse_json_text(body)
     except (ValueError, RecursionError) as e:
-        raise bad(f"the body is not valid JSON: {str(e)[:120]}", "invalid_json") from None
+        raise bad(f"the body is not valid JSON: {json_error(e)}", "invalid_json") from None
     # a field set to null is a field left out (OpenAI's optional fields are nullable: clients that build bodies
     # from typed objects send {"n": null, "response_format": null}); every endpoint then applies its default
     return {key: value for key, value in need_dict(data, "body").items() if value is not None}

@@ -50,7 +50,7 @@ from engine.sampling import GenerationParams
 from engine.server.protocol import ApiError
 from engine.server.scheduler import Job
 from engine.server.sessions import ROOT, AudioSpan, Item, Session, audio_format, continued_reply, new_id
-from engine.server.text import (check_json_values, check_text, check_url_text, invalid_text_path,
+from engine.server.text import (check_json_values, check_text, check_url_text, invalid_text_path, json_error,
                                 json_may_hold_surrogates, loads_json, text_chars, texts_of)
 from engine.server.turn_transcripts import TurnPieces, TurnTranscript, piece_end
 from engine.server.turns import VAD_RATE, ServerVad, SpeechStarted, SpeechStopped, TurnDetector
@@ -254,7 +254,7 @@ class RealtimeConnection:
             try:
                 event = loads_json(text)
             except (ValueError, RecursionError) as e:
-                raise bad(f"the message is not valid JSON: {str(e)[:120]}", "invalid_json") from None
+                raise bad(f"the message is not valid JSON: {json_error(e)}", "invalid_json") from None
             if not isinstance(event, dict):
                 raise bad(f"an event must be a JSON object, got {type(event).__name__}", "invalid_event")
             event_id = event.get("event_id")

@@ -186,6 +186,15 @@ def loads_json(text: str) -> Any:
     return json.loads(text.removeprefix("\ufeff"), object_pairs_hook=unique_keys, parse_int=json_integer)
 
 
+def json_error(e: ValueError | RecursionError) -> str:
+    """What is wrong with JSON text that did not parse (`e`: loads_json's error), for a client: a structure nested past
+    what Python's parser takes (about a thousand levels) was told as 'maximum recursion depth exceeded while decoding
+    a JSON array from a unicode string'."""
+    if isinstance(e, RecursionError):
+        return f"its arrays and objects nest deeper than this server parses (about {sys.getrecursionlimit()} levels)"
+    return str(e)[:120]
+
+
 def parse_json_text(raw: bytes) -> Any:
     """A JSON body (UTF-8; a BOM is skipped) parsed, with every string checked: bytes that are not
     UTF-8 are kept as lone surrogates (surrogateescape) so the error can name the field they are in.

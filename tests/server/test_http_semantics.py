@@ -886,3 +886,20 @@ def test_a_frame_sent_in_the_same_write_as_the_websocket_handshake_reaches_the_s
             assert chunk, f"the session closed without answering the event: {got[-300:]!r}"
             got += chunk
     assert got.startswith(b"HTTP/1.1 101") and b"be brief" in got.split(b'"session.updated"')[1]
+
+
+def test_json_nested_ten_thousand_deep_in_an_unexpected_field_is_a_400_that_says_so(fake):
+    """A valid body nesting 10 000 arrays in a field no endpoint reads was told 'maximum recursion depth exceeded while
+    decoding a JSON array from a unicode string': Python's words, not what the client did wrong; a realtime event too."""
+    from websockets.sync.client import connect
+
+    nested = "[" * 10_000 + "]" * 10_000
+    r = fake.post("/v1/chat/completions", content=f'{{"messages": [], "metadata": {nested}}}',
+                  headers={"content-type": "application/json"})
+    with connect(f"ws://127.0.0.1:{fake.base_url.port}/v1/realtime") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        ws.send(f'{{"type": "session.update", "session": {{"x": {nested}}}}}')
+        event_error = json.loads(ws.recv(timeout=10))["error"]
+    for err in (r.json()["error"], event_error):
+        assert err["code"] == "invalid_json" and "nest deeper" in err["message"] and "recursion" not in err["message"]
+    assert r.status_code == 400
