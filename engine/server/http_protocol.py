@@ -65,6 +65,25 @@ def client_host(connection) -> str:
     return connection.client[0] if getattr(connection, "client", None) else ""
 
 
+class ClosesAfterClient:
+    """The transport a request's answer is written to (uvicorn's RequestResponseCycle.transport): the close that follows
+    an answer that ends the connection (a refusal with 'Connection: close', a 500) lingers when the request's body is
+    still owed (LingersAfterAnswer), else closes. Closed at once with the body still coming, the connection was reset
+    and the client met 'broken pipe' instead of the answer."""
+
+    def __init__(self, protocol: "OpenAIErrorsH11Protocol"):
+        self.protocol = protocol
+
+    def __getattr__(self, name: str):
+        return getattr(self.protocol.transport, name)
+
+    def close(self) -> None:
+        if self.protocol.conn.their_state is h11.SEND_BODY:
+            self.protocol.close_after_client()
+        else:
+            self.protocol.transport.close()
+
+
 class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protocol):
     """`head_timeout_s`: how long a connection may take to send a request's whole head (from its opening, or from
     the previous answer). uvicorn waits for a head forever: a client that connected and sent part of a request
@@ -136,6 +155,11 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
         if answered_early and self.conn.their_state is h11.IDLE and not head_under_way:
             self.wait_for_next_request()
         self.time_the_head()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and self.cycle.transport is self.transport:  # (a request's cycle, just made)
+            self.cycle.transport = ClosesAfterClient(self)
 
     def keep_head(self, data: bytes) -> None:
         """Keep what comes while a request head is owed (up to h11's limit on a head), so that a head h11 refuses can be

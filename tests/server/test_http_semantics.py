@@ -903,3 +903,22 @@ def test_json_nested_ten_thousand_deep_in_an_unexpected_field_is_a_400_that_says
     for err in (r.json()["error"], event_error):
         assert err["code"] == "invalid_json" and "nest deeper" in err["message"] and "recursion" not in err["message"]
     assert r.status_code == 400
+
+
+@pytest.mark.parametrize("head, status", [
+    (JSON_HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.2\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1050000\r\n\r\n",
+     505)], ids=["te-and-cl", "http-1.2"])
+def test_a_refusal_that_closes_its_connection_is_answered_though_the_body_was_still_coming(fake, head, status):
+    """The gate's refusals that end the connection (both Transfer-Encoding and Content-Length: 400; an HTTP version
+    not spoken: 505) were closed at once after the answer, with the body still coming: the client met a reset (broken
+    pipe) instead of the answer. What it still sends is now read and dropped for the linger, as after other refusals."""
+    with socket.create_connection(("127.0.0.1", fake.base_url.port), timeout=10) as s:
+        s.sendall(head)
+        time.sleep(0.1)  # (the refusal has been written by now)
+        try:
+            s.sendall(b"x" * (1 << 20))
+            answer, body = read_to_close(s)
+        except ConnectionError as e:
+            pytest.fail(f"the client met {e!r} instead of the {status}")
+    assert answer.startswith(b"HTTP/1.1 %d" % status) and json.loads(body)["error"]["code"] == "invalid_http_request"
