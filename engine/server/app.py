@@ -52,6 +52,8 @@ class GateMiddleware:
         if scope["type"] == "http":
             scope["ming.request_id"] = new_id("req")  # (in place: the crash handler, outside, reads it too)
             send = with_request_headers(send, scope["ming.request_id"])
+            if (b"expect", b"100-continue") in ((k.lower(), v.lower()) for k, v in scope["headers"]):
+                receive, send = closing_unless_continued(receive, send)
             refusal = None
             try:
                 check_http_version(scope)
@@ -147,6 +149,28 @@ def with_request_headers(send, request_id: str):
         await send(message)
 
     return send_named
+
+
+def closing_unless_continued(receive, send):
+    """An ASGI (receive, send) for a request with 'Expect: 100-continue': an answer given before the app asked for the
+    body (so before uvicorn sent the 100) says 'Connection: close'. Its client may leave the body out (RFC 9110 §10.1.1),
+    and a connection kept alive read its next request as that body (RFC 9110: a server answering before the content
+    says whether it will close or read on)."""
+    continued = False
+
+    async def receive_continued():
+        nonlocal continued
+        continued = True
+        return await receive()
+
+    async def send_closing(message):
+        headers = message.get("headers", [])
+        if message["type"] == "http.response.start" and not continued and not any(
+                name.lower() == b"connection" for name, _ in headers):
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return receive_continued, send_closing
 
 
 def without_body(send):

@@ -922,3 +922,24 @@ def test_a_refusal_that_closes_its_connection_is_answered_though_the_body_was_st
         except ConnectionError as e:
             pytest.fail(f"the client met {e!r} instead of the {status}")
     assert answer.startswith(b"HTTP/1.1 %d" % status) and json.loads(body)["error"]["code"] == "invalid_http_request"
+
+
+def test_a_request_expecting_100_continue_answered_before_it_says_the_connection_closes(fake):
+    """A request with 'Expect: 100-continue' refused on its head (a 415) got its answer without a 100, as it should,
+    but one that let the connection live: a client that then left the body out (as RFC 9110 §10.1.1 lets it) and sent
+    its next request had that request read as the body, and met a silent close 5 s later. Such an answer now says
+    'Connection: close'; one the server read the body of (after its 100) keeps the connection."""
+    expecting = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n"
+    with socket.create_connection(("127.0.0.1", fake.base_url.port), timeout=10) as s:
+        s.sendall(expecting % 300 + b"Content-Type: text/plain\r\n\r\n")
+        started = time.monotonic()
+        head, body = read_to_close(s)
+        assert head.startswith(b"HTTP/1.1 415") and b"connection: close" in head.lower(), head
+        assert time.monotonic() - started < 2, "the answer did not end the connection"
+    chat = json.dumps(CHAT).encode()
+    with socket.create_connection(("127.0.0.1", fake.base_url.port), timeout=10) as s:
+        s.sendall(expecting % len(chat) + b"Content-Type: application/json\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        s.sendall(chat)
+        answer = s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" not in answer.lower(), answer
