@@ -153,9 +153,9 @@ def with_request_headers(send, request_id: str):
 
 def closing_unless_continued(receive, send):
     """An ASGI (receive, send) for a request with 'Expect: 100-continue': an answer given before the app asked for the
-    body (so before uvicorn sent the 100) says 'Connection: close'. Its client may leave the body out (RFC 9110 §10.1.1),
-    and a connection kept alive read its next request as that body (RFC 9110: a server answering before the content
-    says whether it will close or read on)."""
+    body (so before uvicorn sent the 100) says 'Connection: close'. Its client may leave the body out (RFC 9110
+    §10.1.1), and a connection kept alive read its next request as that body (RFC 9110: a server answering before the
+    content says whether it will close or read on)."""
     continued = False
 
     async def receive_continued():
