@@ -50,6 +50,7 @@ def parse_error(exc: BaseException | None, max_head_bytes: int, head: bytes = b"
 
 
 TRANSFER_ENCODING = b"transfer-encoding:"
+CHUNKS_BEFORE_AVERAGE = 1024  # a chunked body's chunks that may come before their average size is held to the limit
 
 
 def transfer_codings(head: bytes) -> list[str]:
@@ -98,9 +99,13 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
     the new connection's request is answered 503 (too_many_connections, Retry-After) and it closes. `on_full(what)` is
     told of each (None: no one is)."""
 
-    def __init__(self, *args, head_timeout_s: float, max_connections: int,
+    def __init__(self, *args, head_timeout_s: float, max_connections: int, min_chunk_bytes: int,
                  on_full: Callable[[str], None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.min_chunk_bytes = min_chunk_bytes
+        self.body_chunks = self.body_bytes = 0  # of the chunked body being read
+        self.chunk_refusal: ApiError | None = None
+        self.conn.next_event = self.counting_chunks(self.conn.next_event)
         self.head_timeout_s = head_timeout_s
         self.head_timer: asyncio.TimerHandle | None = None
         self.max_connections = max_connections
@@ -155,6 +160,33 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
         if answered_early and self.conn.their_state is h11.IDLE and not head_under_way:
             self.wait_for_next_request()
         self.time_the_head()
+
+    def counting_chunks(self, next_event):
+        """h11's next_event, refusing a chunked body whose chunks average under `min_chunk_bytes` once
+        CHUNKS_BEFORE_AVERAGE have come: each chunk costs the event loop its parsing (a 1 MiB body sent a byte a chunk
+        held it 27 s, every other connection waiting)."""
+
+        def next_event_counted():
+            event = next_event()
+            if isinstance(event, h11.Request):
+                self.body_chunks = self.body_bytes = 0
+            elif isinstance(event, h11.Data) and event.chunk_end:
+                self.count_chunk(len(event.data))
+            return event
+
+        return next_event_counted
+
+    def count_chunk(self, size: int) -> None:
+        """One more chunk of the body (of `size` bytes, counted at its end); RemoteProtocolError, with chunk_refusal
+        its answer, once the chunks are too many for their size."""
+        self.body_chunks += 1
+        self.body_bytes += size
+        if self.body_chunks > CHUNKS_BEFORE_AVERAGE and self.body_bytes < self.body_chunks * self.min_chunk_bytes:
+            average = self.body_bytes // self.body_chunks
+            self.chunk_refusal = ApiError(
+                f"the request's body came in {self.body_chunks} chunks of {average} bytes on average; send chunks of "
+                f"at least {self.min_chunk_bytes} bytes, or the body with a Content-Length", code="chunks_too_small")
+            raise h11.RemoteProtocolError(self.chunk_refusal.message, error_status_hint=400)
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -264,9 +296,16 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
     def send_400_response(self, msg: str) -> None:
         """uvicorn calls this while it handles h11's RemoteProtocolError: that error's status and
         OpenAI's body, then the connection closes."""
-        self.answer_and_close(parse_error(sys.exc_info()[1], self.max_head_bytes(), bytes(self.head_received)))
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):  # (answered already: a body after an early answer)
+            self.close_after_client()
+            return
+        self.answer_and_close(self.chunk_refusal or parse_error(sys.exc_info()[1], self.max_head_bytes(),
+                                                                bytes(self.head_received)))
 
     def answer_and_close(self, err: ApiError) -> None:
+        if self.cycle is not None and not self.cycle.response_started:  # (the app reading the body: the answer is ours,
+            self.cycle.disconnected = self.cycle.response_complete = True  # and shutdown need not wait for the app's)
+            self.cycle.message_event.set()
         body = json.dumps({"error": err.to_openai()}).encode()
         # (a bad request meets the same answer again: not to be retried; a refusal for load: when to try again)
         retry = retry_headers(err.status) or {"x-should-retry": "false"}

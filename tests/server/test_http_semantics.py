@@ -943,3 +943,22 @@ def test_a_request_expecting_100_continue_answered_before_it_says_the_connection
         s.sendall(chat)
         answer = s.recv(65536)
         assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" not in answer.lower(), answer
+
+
+def test_a_chunked_body_sent_a_byte_a_chunk_is_refused_before_it_holds_the_server(fake):
+    """A chunked body cost the server its parsing per chunk: 1 MiB sent a byte a chunk took 27 s of the event loop,
+    and /health answered in 3-5 s meanwhile. Chunks averaging under Limits.min_chunk_bytes are refused (400) once
+    CHUNKS_BEFORE_AVERAGE have come; a body in fair chunks is still read."""
+    from engine.server.http_protocol import CHUNKS_BEFORE_AVERAGE
+
+    def chunked(payload: bytes, size: int) -> bytes:
+        return b"".join(b"%x\r\n" % len(payload[i:i + size]) + payload[i:i + size] + b"\r\n"
+                        for i in range(0, len(payload), size)) + b"0\r\n\r\n"
+
+    chat = json.dumps({**CHAT, "messages": [{"role": "user", "content": "a" * 4 * CHUNKS_BEFORE_AVERAGE}]}).encode()
+    head = JSON_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+    status, headers, body = raw_answer(fake.base_url.port, head + chunked(chat, 1))
+    err = json.loads(body)["error"]
+    assert (status, err["code"], headers["connection"]) == (400, "chunks_too_small", "close"), body
+    assert raw_answer(fake.base_url.port, head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+                      + chunked(chat, 1024))[0] == 200

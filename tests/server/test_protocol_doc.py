@@ -212,7 +212,7 @@ LIMIT_ROWS = {
     "decoded media of one HTTP request": ["max_session_media_bytes"], "webcam frames buffered": ["max_video_frames"],
     "open realtime sessions": ["max_sessions"], "open HTTP and websocket connections": ["max_connections"], "one realtime session's life": ["max_session_s"],
     "requests waiting": ["max_queue"], "what a client still sends after an answer": ["refusal_linger_s"],
-    "a kept-alive connection idle": ["keep_alive_s"],
+    "a kept-alive connection idle": ["keep_alive_s"], "a chunked request body's chunks": ["min_chunk_bytes"],
     "`max_tokens` a request": ["max_new_tokens", "default_max_tokens"],
     "items per session": ["max_conversation_items", "max_session_media_bytes"],
     "decoded media of all realtime sessions": ["max_total_media_bytes"],
