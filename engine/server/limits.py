@@ -44,7 +44,8 @@ class Limits:
     #                                request that does not parse), what the client still sends is read and dropped
     #                                for this long (at most an HTTP body's limit) so that it gets the answer, not a reset
     min_chunk_bytes: int = 256  # a chunked request body whose chunks average fewer bytes (once 1024 have come) is
-    #                             refused (400 chunks_too_small): each chunk costs the event loop its parsing
+    #                             refused (400 chunks_too_small), a realtime message so fragmented closes its session
+    #                             (1008): each piece costs the event loop its parsing
     keep_alive_s: float = 5.0  # a kept-alive HTTP connection idle this long after an answer (or after the body
     #                            that came after an early answer) is closed
     head_timeout_s: float = 10.0  # an HTTP request head not whole this long after the connection opened (or the

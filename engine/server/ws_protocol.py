@@ -25,6 +25,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from engine.server.http_protocol import CHUNKS_BEFORE_AVERAGE
 from engine.server.lingering import LingersAfterAnswer
 from engine.server.protocol import ApiError
 from engine.server.stalled_peers import CutsOffStalledPeers
@@ -108,9 +109,37 @@ class OpenAIErrorsWebSocketProtocol(LingersAfterAnswer, CutsOffStalledPeers, Han
     followed by the end of our side of the stream, not a close (LingersAfterAnswer): a client that sent its first frames right after its handshake met a
     reset instead of the answer."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, min_chunk_bytes: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.conn.reject = in_openai_shape(self.conn.reject)  # (websockets: "you may modify the response")
+        self.min_chunk_bytes = min_chunk_bytes
+        self.message_bytes = 0  # of the message whose fragments are coming
+
+    def handle_text(self, event) -> None:
+        self.message_bytes = len(event.data)
+        super().handle_text(event)
+
+    def handle_bytes(self, event) -> None:
+        self.message_bytes = len(event.data)
+        super().handle_bytes(event)
+
+    def handle_cont(self, event) -> None:
+        """A message's next fragment; the session is closed (1008) once the fragments are too many for their size
+        (as a chunked HTTP body's: Limits.min_chunk_bytes): empty continuation frames grew the list of fragments
+        without bound, no byte counting against the message limit, each costing the event loop."""
+        self.message_bytes += len(event.data)
+        fragments = len(self.frames) + 1
+        if fragments > CHUNKS_BEFORE_AVERAGE and self.message_bytes < fragments * self.min_chunk_bytes:
+            self.frames = []
+            self.conn.fail(1008, f"a message in {fragments} fragments of {self.message_bytes // fragments} bytes on "
+                                 f"average; send fragments of at least {self.min_chunk_bytes} bytes")
+            if self.conn.close_sent is None:  # (before the app accepted the session: no close frame to send)
+                self.queue.put_nowait({"type": "websocket.disconnect", "code": 1008})
+                self.transport.close()
+                return
+            self.handle_parser_exception()
+            return
+        super().handle_cont(event)
 
     def data_received(self, data: bytes) -> None:
         if not self.dropped_while_lingering(data):

@@ -962,3 +962,27 @@ def test_a_chunked_body_sent_a_byte_a_chunk_is_refused_before_it_holds_the_serve
     assert (status, err["code"], headers["connection"]) == (400, "chunks_too_small", "close"), body
     assert raw_answer(fake.base_url.port, head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
                       + chunked(chat, 1024))[0] == 200
+
+
+def test_a_realtime_message_in_a_flood_of_empty_fragments_closes_the_session_with_1008(fake):
+    """A text frame left unfinished and followed by empty continuation frames grew the server's list of the message's
+    fragments without bound (no byte counted against the message limit) and cost the event loop each frame: 1 M of
+    them (6 MB sent) held 1 M entries. Fragments averaging under Limits.min_chunk_bytes once CHUNKS_BEFORE_AVERAGE have
+    come now close the session (1008, saying why)."""
+    from engine.server.http_protocol import CHUNKS_BEFORE_AVERAGE
+
+    empty_fragment = bytes([0x00, 0x80]) + b"\0" * 4  # continuation, not final, no payload, masked
+    with socket.create_connection(("127.0.0.1", fake.base_url.port), timeout=10) as s:
+        s.sendall(b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        got = s.recv(65536)
+        while b"session.created" not in got:
+            got += s.recv(65536)
+        s.sendall(bytes([0x01, 0x81]) + b"\0" * 4 + b"{" + empty_fragment * (2 * CHUNKS_BEFORE_AVERAGE))
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+    close = got[got.rindex(b"\x88"):]  # the close frame: code, then reason
+    assert int.from_bytes(close[2:4], "big") == 1008 and b"fragments" in close, got[-200:]
