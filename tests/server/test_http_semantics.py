@@ -9,6 +9,7 @@ import gzip
 import http.client
 import json
 import os
+import select
 import socket
 import time
 import zlib
@@ -834,7 +835,7 @@ def test_the_keep_alive_wait_after_an_early_answer_starts_once_its_body_has_come
     the body had come, its data had cancelled the wait and nothing started it again: the idle connection was held
     until the head timer (Limits.head_timeout_s). The linger alone now bounds the body, and the wait starts after it."""
     body = b'{"messages": [{"role": "user", "content": "hi"}]}'
-    keep_alive, head_timeout = 0.2, 5.0
+    keep_alive, head_timeout = 0.2, 1.0
     with fake_server(refusal_linger_s=3.0, keep_alive_s=keep_alive, head_timeout_s=head_timeout) as srv:
         def answered_early() -> socket.socket:
             s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
@@ -855,6 +856,13 @@ def test_the_keep_alive_wait_after_an_early_answer_starts_once_its_body_has_come
             sent = time.monotonic()
             assert idle.recv(100) == b""
             assert time.monotonic() - sent < head_timeout / 2, "the idle connection was held until the head timer"
+        with answered_early() as trickling:  # (its next head a byte at a time: still cut off by the head timer)
+            trickling.sendall(body)
+            for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 100:
+                if select.select([trickling], [], [], head_timeout / 20)[0]:  # (answered)
+                    break
+                trickling.sendall(bytes([byte]))
+            assert read_to_close(trickling)[0].startswith(b"HTTP/1.1 408")
 
 
 @pytest.mark.parametrize("codings, status", [(b"chunked, identity", 400), (b"Chunked , CHUNKED", 400),
