@@ -163,12 +163,13 @@ def from_json(text: str | None) -> Any:
         return None
 
 
-def on_page_load(fn, outputs: list, inputs: list | None = None, js: str | None = None) -> None:
+def on_page_load(fn, outputs: list, inputs: list | None = None, js: str | None = None):
     """Run `fn` (of `inputs`, usually none; it returns updates for `outputs`) at each page load, for what
     depends on the engine's capabilities or lists (a page loaded after the engine came back shows what it
     serves now) or on what the browser kept (`js`: a page function whose values replace the inputs' first). Call
-    inside the studio's Blocks."""
-    Context.root_block.load(fn, inputs, outputs, queue=False, show_progress="hidden", api_visibility="private", js=js)
+    inside the studio's Blocks; the event is returned (a step to run after it: .then)."""
+    return Context.root_block.load(fn, inputs, outputs, queue=False, show_progress="hidden", api_visibility="private",
+                                   js=js)
 
 
 def on_engine_change(fn, outputs: list, inputs: list | None = None, js: str | None = None) -> None:
@@ -257,9 +258,11 @@ class BrowserRequest:
         self.mine = gr.Textbox(visible="hidden")    # the request this tab's press kept
         self.stored = gr.Textbox(visible="hidden")  # the browser's, read afresh
 
-    def on_press(self, button, inputs: list):
-        """The first step of `button`'s click: the request (`inputs`, named `names`) kept; chain the run on it."""
-        return button.click(lambda *values: json.dumps(kept_request(*values, names=self.names)), inputs, [self.mine],
+    def on_press(self, button, inputs: list, keep=None):
+        """The first step of `button`'s click: the request (`inputs`, named `names`) kept; chain the run on it.
+        `keep`: what makes the kept request of the inputs' values (kept_request of the names when None)."""
+        keep = keep or (lambda *values: kept_request(*values, names=self.names))
+        return button.click(lambda *values: json.dumps(keep(*values)), inputs, [self.mine],
                             **HIDDEN_STEP).then(None, [self.mine], None, js=self.write, **HIDDEN_STEP)
 
     def when_done(self, event):

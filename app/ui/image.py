@@ -25,8 +25,8 @@ from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, e
                            error_text, failure, figures_line, on_engine_change, on_page_load, queue_line, run_button,
                            runs_tab, seed_box,
                            DRAWN_SEED_MAX, from_json, seed_problem, session_of, toolbar,
-                           BrowserRequest, HIDDEN_STEP, browser_storage, check_on_upload,
-                           say_refused_files, says_refused, wire_stop)
+                           BrowserRequest, HIDDEN_STEP, browser_storage, check_on_upload, kept_request,
+                           restore_request, say_refused_files, says_refused, wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
 TAB = "image"
@@ -67,6 +67,13 @@ MASKED = "masked"  # what a masked Edit's gallery caption says
 # A result's settings that are there only when they were sent (the image guidance of a Preview's Edit or Segment):
 # an entry kept by an earlier studio, without them, still comes back.
 OPTIONAL_SETTINGS = (IMAGE_GUIDANCE, REFERENCES, MASK)
+# The kept request (REQUEST_KEY) holds the reference pictures and the mask given as copies on this studio's machine
+# (REFERENCES, MASK: paths, which localStorage's few MB always hold; _saved_here checks them when they come back): a
+# reload mid masked edit gave back the prompt and an empty Mask box without a word. Those that could not be copied, or
+# are gone when the page is reloaded (the machine cleaned its temp folder), are named on the status line.
+NOT_KEPT = "not_kept"  # the kept request's names of the pictures that could not be copied
+FILES_NOT_BACK = ("{names} did not come back (the copy kept with your last request is not on the studio's machine "
+                  "any more): give {them} again.")
 MASK_LABEL = "Mask (PNG, transparent where to edit)"
 MASK_MODE = "Edit"  # the one task that takes a mask (the box is hidden in the others)
 REFERENCE_TASKS = ("edit", "segment")  # the tasks with a reference picture, which the image guidance guides
@@ -366,6 +373,52 @@ def keep_results_in_page(entries, saved: str | None) -> str:
     return json.dumps(merged_results(from_json(saved), entries))
 
 
+def kept_image_request(mode, prompt, target, refs, mask) -> dict:
+    """The Image tab's kept request (BrowserRequest.on_press): the mode, prompt and target, with copies of the
+    reference pictures and the mask given (REFERENCES, MASK); a picture that could not be copied is named (NOT_KEPT)."""
+    kept, not_kept = kept_request(mode, prompt, target, names=REQUEST_FIELDS), []
+
+    def copied(path: str) -> str | None:
+        try:
+            return _keep_copy(Path(path).read_bytes(), path)
+        except OSError:
+            not_kept.append(Path(path).name)
+            return None
+    references = [c for c in map(copied, filter(None, map(_file_path, refs or []))) if c]
+    mask_copy = copied(_file_path(mask)) if mask else None
+    kept.update({k: v for k, v in ((REFERENCES, references), (MASK, mask_copy), (NOT_KEPT, not_kept)) if v})
+    return kept
+
+
+def restored_files(kept) -> tuple:
+    """(the reference box's files, the Mask box's file, what did not come back, said) of a kept request: the copies
+    still on this machine (_saved_here); a box with nothing kept for it is left as it is (gr.skip())."""
+    kept = kept if isinstance(kept, dict) else {}
+    lost = [str(n) for n in kept[NOT_KEPT]] if isinstance(kept.get(NOT_KEPT), list) else []
+
+    def back(paths: list) -> list[str]:
+        here = [(str(p), _saved_here(p)) for p in paths]
+        lost.extend(Path(p).name for p, path in here if path is None)
+        return [str(path) for _, path in here if path is not None]
+    refs = back(kept[REFERENCES]) if isinstance(kept.get(REFERENCES), list) and kept[REFERENCES] else gr.skip()
+    mask = back([kept[MASK]]) if isinstance(kept.get(MASK), str) else [gr.skip()]
+    names = ", ".join(f"'{n}'" for n in lost)
+    said = FILES_NOT_BACK.format(names=names, them="them" if len(lost) > 1 else "it") if lost else None
+    return refs, (mask or [None])[0], said
+
+
+def restore_at_load(saved: str | None, stored: str | None) -> tuple:
+    """At page load: (the gallery's entries, the gallery, mode, prompt, target, reference pictures, mask, status) from
+    what the browser kept (the gallery, the request); the status says a request that was not finished and the pictures
+    that did not come back."""
+    entries, gallery = ImageController.restore_gallery(from_json(saved))
+    request = from_json(stored)
+    *fields, interrupted = restore_request(request, REQUEST_FIELDS, "Make it")
+    refs, mask, not_back = restored_files(request)
+    said = [n for n in (interrupted if isinstance(interrupted, str) else None, not_back) if n]
+    return entries, gallery, *fields, refs, mask, " ".join(said) if said else gr.skip()
+
+
 def _caption(s: dict) -> str:
     """A result's caption in the gallery: what a click reuses first (the seed was cut off after a long prompt), then
     the prompt, an ellipsis where it is cut (it was cut at 60 characters without a mark)."""
@@ -456,7 +509,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> Imag
     # the request is kept in the browser when Make it is pressed, and marked finished once it is (while it is still
     # this tab's): a reload lost the prompt and the run without a word
     ask = BrowserRequest(REQUEST_KEY, REQUEST_FIELDS, "Make it")
-    ask.when_done(ask.on_press(go, [mode, prompt, target]).then(
+    ask.when_done(ask.on_press(go, [mode, prompt, target, refs, edit_mask], keep=kept_image_request).then(
         controller.make, [mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
                           state, image_guidance, count, edit_mask], [picture, mask, overlay, status, gallery, state,
                                                                      files],
@@ -465,12 +518,13 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> Imag
         None, None, [kept], js=f"() => {STORED_RESULTS}", **HIDDEN_STEP).then(  # (a State has no value in the page)
         keep_results_in_page, [state, kept], [kept], **HIDDEN_STEP).then(None, [kept], None, js=WRITE_RESULTS_JS,
                                                                          **HIDDEN_STEP)
-    on_page_load(controller.restore_gallery_in_page, [state, gallery], inputs=[kept], js=f"() => [{STORED_RESULTS}]")
+    # at page load: the gallery and the request kept
+    on_page_load(restore_at_load, [state, gallery, mode, prompt, target, refs, edit_mask, status],
+                 inputs=[kept, ask.stored], js=f"() => [{STORED_RESULTS}, {ask.read}]")
     applied = gr.State(None)  # the card's image defaults this page's sliders were last set to
     follow = (lambda seen: follow_model_defaults(link, seen), [steps, guidance, image_guidance, applied], [applied])
     on_page_load(*follow)
     on_engine_change(*follow)
-    ask.restore_at_load([mode, prompt, target, status])
     wire_stop(stop, controller.stop, api_visibility="private")
     check_on_upload(link, refs, "image", status)
     say_refused_files("image-refs", status, refused_reference)

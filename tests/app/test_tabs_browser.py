@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot, set_number, set_slider
 from tests.app.media_files import video_file
@@ -801,3 +802,24 @@ def test_keyboard_focus_is_in_sight_on_the_message_box_radios_and_sliders(dark_p
         if target.evaluate(FOCUS_LOOK) == focused:
             unseen.append(selector)
     assert not unseen, unseen
+
+
+def test_a_reload_after_a_masked_edit_gives_back_its_pictures_and_mask(browser, studio, tmp_path):
+    """The kept request held the prompt only: after a reload mid masked edit the Mask box was empty and nothing said
+    so. The reference picture and the mask come back with it, in the Mask box shown."""
+    mask = tmp_path / "where-to-edit.png"
+    Image.new("RGBA", Image.open(ASSETS / "images" / "cup.png").size, (0, 0, 0, 0)).save(mask)
+    page = open_tab(browser, studio, "Image", DESKTOP)
+    page.get_by_role("radio", name="Edit").check()
+    page.locator("#image-refs input[type=file]").set_input_files(str(ASSETS / "images" / "cup.png"))
+    page.locator("#image-mask-file input[type=file]").set_input_files(str(mask))
+    page.locator("#image-prompt textarea").fill("make the cup blue")
+    set_slider(page, "image-steps", 2)
+    page.locator("#image-go").click()  # (the request, kept at the press, is the same mid-run)
+    sync_api.expect(page.locator("#image-figures")).to_contain_text("finish reason", timeout=30_000)
+    page.reload(wait_until="load")
+    page.get_by_role("tab", name="Image").click()
+    sync_api.expect(page.locator("#image-prompt textarea")).to_have_value("make the cup blue", timeout=30_000)
+    sync_api.expect(page.locator("#image-refs")).to_contain_text(re.compile(r"cup\s*\.png"), timeout=10_000)
+    sync_api.expect(page.locator("#image-mask-file")).to_contain_text(re.compile(r"where-to-edit\s*\.png"))
+    page.context.close()
