@@ -16,7 +16,7 @@ from app.live_proxy import LiveProxy
 from app.ui.banner import build_banner
 from app.ui.chat import build_chat_tab
 from app.ui.common import browser_kept, capability_note, engine_lacks, share_css
-from app.ui.image import build_image_tab
+from app.ui.image import build_image_tab, kept_before as image_kept_before
 from app.ui.live import build_live_tab, engine_settings
 from app.ui.speech import REQUEST_KEY as SPEECH_REQUEST_KEY, build_speech_tab
 from app.ui.voice import build_voice_tab
@@ -113,6 +113,7 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
         build_banner(link)
         # what the browser keeps across a page reload, at the top level: the tabs read it at page load
         speech_ask = browser_kept(SPEECH_REQUEST_KEY)
+        image_before = image_kept_before()  # (what earlier studios kept, carried over once)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 build_chat_tab(link, ASSETS if ASSETS.is_dir() else None)
@@ -126,7 +127,7 @@ def build_studio(client: EngineClient | EngineLink) -> gr.Blocks:
             with gr.Tab("Voice", id="voice"):
                 build_voice_tab(link, examples=_assets("speech/*.wav"))
             with gr.Tab("Image", id="image"):
-                build_image_tab(link, examples=_assets("images/*.png"))
+                build_image_tab(link, examples=_assets("images/*.png"), before=image_before)
     demo.link = link  # type: ignore[attr-defined]  (tests and launch.py reach the engine link here)
     demo.live_proxy = LiveProxy(link.target)  # type: ignore[attr-defined]
     return demo

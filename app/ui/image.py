@@ -25,7 +25,7 @@ from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, e
                            error_text, failure, figures_line, on_engine_change, on_page_load, queue_line, run_button,
                            runs_tab, seed_box,
                            DRAWN_SEED_MAX, from_json, seed_problem, session_of, toolbar,
-                           BrowserRequest, HIDDEN_STEP, browser_storage, check_on_upload, kept_request,
+                           BrowserRequest, HIDDEN_STEP, browser_secret, browser_storage, check_on_upload, kept_request,
                            restore_request, say_refused_files, says_refused, wire_stop)
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
@@ -74,6 +74,24 @@ OPTIONAL_SETTINGS = (IMAGE_GUIDANCE, REFERENCES, MASK)
 NOT_KEPT = "not_kept"  # the kept request's names of the pictures that could not be copied
 FILES_NOT_BACK = ("{names} did not come back (the copy kept with your last request is not on the studio's machine "
                   "any more): give {them} again.")
+# Where studios before kept the gallery and the last request: gr.BrowserState, which Gradio encrypts (the gallery with a
+# key drawn anew at each studio start; the request, from some version on, with common.browser_secret, still in the
+# studio cache). Read at page load through BrowserStates of the same keys (kept_before), carried over once into
+# KEPT_GALLERY_KEY and REQUEST_KEY, then removed; what cannot be read is removed too, and said once (NOT_CARRIED_OVER).
+REQUEST_BEFORE_KEY, RESULTS_BEFORE_KEY = "ming-studio-image-request", "ming-studio-image-results"
+KEYS_BEFORE = {REQUEST_BEFORE_KEY: "last request", RESULTS_BEFORE_KEY: "results gallery"}
+FOUND_BEFORE_JS = f"JSON.stringify({list(KEYS_BEFORE)!r}.filter((k) => localStorage.getItem(k) !== null))"
+NOT_CARRIED_OVER = ("The Image tab's {what} kept in this browser by an earlier version of the studio could not be read "
+                    "(it was encrypted with a key that studio drew when it started) and {was} removed.")
+# What the page does with carry_over's answer: the values carried over written under their new keys, the old ones removed
+CARRY_OVER_JS = """(carried) => {
+  try {
+    const c = JSON.parse(carried || "{}");
+    for (const [key, value] of Object.entries(c.write || {})) localStorage.setItem(key, value);
+    for (const key of c.remove || []) localStorage.removeItem(key);
+  } catch {}
+  return [];
+}"""
 MASK_LABEL = "Mask (PNG, transparent where to edit)"
 MASK_MODE = "Edit"  # the one task that takes a mask (the box is hidden in the others)
 REFERENCE_TASKS = ("edit", "segment")  # the tasks with a reference picture, which the image guidance guides
@@ -407,16 +425,50 @@ def restored_files(kept) -> tuple:
     return refs, (mask or [None])[0], said
 
 
-def restore_at_load(saved: str | None, stored: str | None) -> tuple:
-    """At page load: (the gallery's entries, the gallery, mode, prompt, target, reference pictures, mask, status) from
-    what the browser kept (the gallery, the request); the status says a request that was not finished and the pictures
-    that did not come back."""
-    entries, gallery = ImageController.restore_gallery(from_json(saved))
-    request = from_json(stored)
+def kept_before() -> tuple:
+    """The BrowserStates of the keys studios before kept the request and the gallery under (KEYS_BEFORE, in that
+    order), read by Gradio with this studio's browser_secret: made at the page's top level (one inside a tab not yet
+    opened gives nothing at page load). No default value: one is never written back."""
+    return tuple(gr.BrowserState(None, storage_key=k, secret=browser_secret()) for k in KEYS_BEFORE)
+
+
+def carry_over(found: list, request_before, results_before, results: list, request: dict) -> tuple:
+    """(the results gallery's entries, the request, the page's writes for CARRY_OVER_JS, what is said) at page load:
+    the earlier studio's entries under the KEYS_BEFORE `found` in the browser, read (`request_before`,
+    `results_before`: None when Gradio could not read them) and carried over once: its results after this studio's,
+    its request when this studio kept none; each key found removed, and one that could not be read said."""
+    found = [k for k in found if k in KEYS_BEFORE] if isinstance(found, list) else []
+    results = [e for e in results if isinstance(e, dict)] if isinstance(results, list) else []
+    request = request if isinstance(request, dict) else {}
+    write, unread = {}, []
+    if RESULTS_BEFORE_KEY in found:
+        if not isinstance(results_before, list):
+            unread.append(RESULTS_BEFORE_KEY)
+        elif results_before:
+            results = merged_results(results, results_before)
+            write[KEPT_GALLERY_KEY] = json.dumps(results)
+    if REQUEST_BEFORE_KEY in found:
+        if not isinstance(request_before, dict):
+            unread.append(REQUEST_BEFORE_KEY)
+        elif not any(request.get(n) for n in REQUEST_FIELDS) and any(request_before.get(n) for n in REQUEST_FIELDS):
+            request = request_before
+            write[REQUEST_KEY] = json.dumps(request)
+    what = " and ".join(KEYS_BEFORE[k] for k in unread)
+    said = NOT_CARRIED_OVER.format(what=what, was="were" if len(unread) > 1 else "was") if unread else None
+    return results, request, {"write": write, "remove": found}, said
+
+
+def restore_at_load(saved: str | None, stored: str | None, found: str | None, request_before, results_before) -> tuple:
+    """At page load: (the gallery's entries, the gallery, mode, prompt, target, reference pictures, mask, status, the
+    page's writes) from what the browser kept (the gallery, the request, the earlier studio's: carry_over); the status
+    says a request that was not finished, the pictures that did not come back and what could not be carried over."""
+    results, request, writes, not_carried = carry_over(from_json(found), request_before, results_before,
+                                                       from_json(saved), from_json(stored))
+    entries, gallery = ImageController.restore_gallery(results)
     *fields, interrupted = restore_request(request, REQUEST_FIELDS, "Make it")
     refs, mask, not_back = restored_files(request)
-    said = [n for n in (interrupted if isinstance(interrupted, str) else None, not_back) if n]
-    return entries, gallery, *fields, refs, mask, " ".join(said) if said else gr.skip()
+    said = [n for n in (interrupted if isinstance(interrupted, str) else None, not_back, not_carried) if n]
+    return entries, gallery, *fields, refs, mask, " ".join(said) if said else gr.skip(), json.dumps(writes)
 
 
 def _caption(s: dict) -> str:
@@ -440,10 +492,12 @@ def refused_mask(name: str, is_video: bool) -> str:
     return f"'{name}' is {what}: a mask is a PNG, transparent where to edit."
 
 
-def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> ImageController:
+def build_image_tab(link: EngineLink, examples: list[str] | None = None,
+                    before: tuple | None = None) -> ImageController:
     """Build the Image tab inside the current Tab. The gallery (KEPT_GALLERY_KEY) and the last request (REQUEST_KEY)
     are kept in the browser's localStorage, read by the page itself (a gr.BrowserState inside a tab not yet opened
-    is not there at page load, and each tab wrote its own copy whole)."""
+    is not there at page load, and each tab wrote its own copy whole). `before`: kept_before(), made at the page's top
+    level (a tab built alone makes its own)."""
     controller = ImageController(link)
     capability_note(link, IMAGE_OUT, "**This engine has no image generator**, so it cannot generate, edit or "
                                      "segment images.")
@@ -518,9 +572,13 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None) -> Imag
         None, None, [kept], js=f"() => {STORED_RESULTS}", **HIDDEN_STEP).then(  # (a State has no value in the page)
         keep_results_in_page, [state, kept], [kept], **HIDDEN_STEP).then(None, [kept], None, js=WRITE_RESULTS_JS,
                                                                          **HIDDEN_STEP)
-    # at page load: the gallery and the request kept
-    on_page_load(restore_at_load, [state, gallery, mode, prompt, target, refs, edit_mask, status],
-                 inputs=[kept, ask.stored], js=f"() => [{STORED_RESULTS}, {ask.read}]")
+    # at page load: the gallery and the request kept (and once, those an earlier studio kept: carry_over)
+    carried = gr.Textbox(visible="hidden")
+    before = before if before is not None else kept_before()
+    on_page_load(restore_at_load, [state, gallery, mode, prompt, target, refs, edit_mask, status, carried],
+                 inputs=[kept, ask.stored, carried, *before],
+                 js=f"(...kept) => [{STORED_RESULTS}, {ask.read}, {FOUND_BEFORE_JS}, ...kept.slice(3)]").then(
+        None, [carried], None, js=CARRY_OVER_JS, **HIDDEN_STEP)
     applied = gr.State(None)  # the card's image defaults this page's sliders were last set to
     follow = (lambda seen: follow_model_defaults(link, seen), [steps, guidance, image_guidance, applied], [applied])
     on_page_load(*follow)

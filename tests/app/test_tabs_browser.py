@@ -5,6 +5,10 @@ width. Screenshots are kept in $STUDIO_ARTIFACTS (default: test-artifacts/ in th
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import os
 import re
 from pathlib import Path
 
@@ -822,4 +826,47 @@ def test_a_reload_after_a_masked_edit_gives_back_its_pictures_and_mask(browser, 
     sync_api.expect(page.locator("#image-prompt textarea")).to_have_value("make the cup blue", timeout=30_000)
     sync_api.expect(page.locator("#image-refs")).to_contain_text(re.compile(r"cup\s*\.png"), timeout=10_000)
     sync_api.expect(page.locator("#image-mask-file")).to_contain_text(re.compile(r"where-to-edit\s*\.png"))
+    page.context.close()
+
+
+def gradio_encrypted(page, value, secret: str) -> str:
+    """`value` as a gr.BrowserState with `secret` keeps it in localStorage (Gradio's page: CryptoJS AES-256-CBC with the
+    passphrase sha256(secret) in hex, OpenSSL's salted format: key and IV by EVP_BytesToKey with MD5), encrypted with
+    the page's WebCrypto."""
+    passphrase, salt, derived = hashlib.sha256(secret.encode()).hexdigest().encode(), os.urandom(8), b""
+    while len(derived) < 48:
+        derived += hashlib.md5(derived[-16:] + passphrase + salt).digest()
+    key, iv = derived[:32], derived[32:48]
+    sealed = page.evaluate("""async ([key, iv, text]) => {
+        const k = await crypto.subtle.importKey("raw", new Uint8Array(key), "AES-CBC", false, ["encrypt"]);
+        const sealed = await crypto.subtle.encrypt({name: "AES-CBC", iv: new Uint8Array(iv)}, k,
+                                                   new TextEncoder().encode(text));
+        return Array.from(new Uint8Array(sealed)); }""", [list(key), list(iv), json.dumps(value)])
+    return f"{base64.b64encode(iv).decode()}:{base64.b64encode(b'Salted__' + salt + bytes(sealed)).decode()}"
+
+
+def test_what_an_earlier_studio_kept_is_carried_over_once_or_said_unreadable(browser, studio):
+    """The gallery and the request the studio kept before (gr.BrowserState under older keys) were left behind without a
+    word: a readable request comes back and moves to the new key; an unreadable gallery is removed and said, once."""
+    from app.ui.common import browser_secret
+    from app.ui.image import KEPT_GALLERY_KEY, REQUEST_BEFORE_KEY, REQUEST_KEY, RESULTS_BEFORE_KEY
+    page = open_tab(browser, studio, "Image", DESKTOP)
+    request = {"mode": "Generate", "prompt": "a cup kept by the studio before", "target": "", "done": False}
+    page.evaluate("([keys, values]) => { localStorage.clear(); keys.forEach((k, i) => localStorage.setItem(k, values[i])); }",
+                  [[REQUEST_BEFORE_KEY, RESULTS_BEFORE_KEY],
+                   [gradio_encrypted(page, request, browser_secret()), gradio_encrypted(page, [], "a lost key")]])
+    page.reload(wait_until="load")
+    page.get_by_role("tab", name="Image").click()
+    sync_api.expect(page.locator("#image-prompt textarea")).to_have_value(request["prompt"], timeout=30_000)
+    figures = page.locator("#image-figures")
+    sync_api.expect(figures).to_contain_text("interrupted")
+    sync_api.expect(figures).to_contain_text("results gallery kept in this browser by an earlier version")
+    page.wait_for_function("(keys) => keys.every((k) => localStorage.getItem(k) === null)",
+                           arg=[REQUEST_BEFORE_KEY, RESULTS_BEFORE_KEY], timeout=10_000)
+    assert json.loads(page.evaluate(f"localStorage.getItem({REQUEST_KEY!r})"))["prompt"] == request["prompt"]
+    assert page.evaluate(f"localStorage.getItem({KEPT_GALLERY_KEY!r})") is None
+    page.reload(wait_until="load")  # said once: the old keys are gone
+    page.get_by_role("tab", name="Image").click()
+    sync_api.expect(page.locator("#image-prompt textarea")).to_have_value(request["prompt"], timeout=30_000)
+    assert "earlier version" not in figures.inner_text()
     page.context.close()
