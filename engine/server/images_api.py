@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import math
 import time
 from collections.abc import Iterator
@@ -160,6 +161,21 @@ def _seed(body: dict) -> int | None:
     return None if seed is None else int(need_number(seed, "seed", 0, 2 ** 63 - 1 - MAX_N, integer=True))
 
 
+def first_frame_notes(images: list[bytes], mask: bytes | None) -> str:
+    """What the answer says of the animated pictures given (a GIF, WebP or APNG of several frames): only the first frame
+    is read (an animated GIF was edited from its first frame without a word). Called once they decoded."""
+    from PIL import Image  # noqa: PLC0415
+
+    named = [(f"image[{i}]", raw) for i, raw in enumerate(images)] + ([("mask", mask)] if mask is not None else [])
+    notes = []
+    for name, raw in named:
+        with Image.open(io.BytesIO(raw)) as picture:
+            frames = getattr(picture, "n_frames", 1)
+        if frames > 1:
+            notes.append(f"'{name}' is animated ({frames} frames): only its first frame was used")
+    return "; ".join(notes)
+
+
 def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> tuple[list[dict], int | None]:
     """engine.imagine keyword arguments, one per image (`n`), and the previews per image asked for."""
     from engine.imagine import DEFAULT_STEPS, MAX_PROMPT_CHARS  # noqa: PLC0415
@@ -271,11 +287,12 @@ def encoder_of(fmt: str, compression: int | None):
 # --------------------------------------------------------------------------- running n images
 
 
-def imagine_n(engine, requests: list[dict], cancel) -> Iterator[Event]:
+def imagine_n(engine, requests: list[dict], cancel, note: str = "") -> Iterator[Event]:
     """The images of one request, one after another, as one event stream: previews and images carry
     their index, and with more than one picture each progress event says which ("picture 2 of 4"); one Done at the
     end with the figures of all of them (time to first preview: the first image's), or the first Error. A cancel
-    stops between steps, and no further picture is started."""
+    stops between steps, and no further picture is started. `note`: what the server says of the request's pictures
+    (first_frame_notes), added to each image's note and the Done's text."""
     t_start = time.perf_counter()
     total = GenerationStats()
     seeds, notes, step_s = [], [], 0.0
@@ -283,6 +300,8 @@ def imagine_n(engine, requests: list[dict], cancel) -> Iterator[Event]:
         for ev in engine.imagine(cancel=cancel, **kwargs):
             if isinstance(ev, (ImagePreview, ImageDone)):
                 ev.index = i
+            if isinstance(ev, ImageDone) and note:
+                ev.note = "; ".join(filter(None, (ev.note, note)))
             if isinstance(ev, Progress) and len(requests) > 1:
                 ev.message = "; ".join(filter(None, (f"picture {i + 1} of {len(requests)}", ev.message)))
             if isinstance(ev, Error):
@@ -302,8 +321,8 @@ def imagine_n(engine, requests: list[dict], cancel) -> Iterator[Event]:
                 total.queue_wait_s = s.queue_wait_s
                 total.time_to_first_preview_s = s.time_to_first_preview_s
             seeds.append((ev.result or {}).get("seed"))
-            if ev.text:
-                notes.append(ev.text)
+            if ev.text or note:
+                notes.append("; ".join(filter(None, (ev.text, note))))
             if ev.finish_reason == "cancelled":
                 break
         if cancel is not None and getattr(cancel, "peek", cancel.is_set)():
@@ -325,7 +344,8 @@ async def run_images(request: Request, task: str, kind: str):
     fmt, compression = output_format(body)
     stream = flag(body, "stream")
     requests, partials = await asyncio.to_thread(image_requests, body, images, task, ctx)  # decodes the images
-    job = Job(lambda cancel: imagine_n(engine, requests, cancel), label=f"images.{kind}")
+    note = await asyncio.to_thread(first_frame_notes, images, body.get("mask"))
+    job = Job(lambda cancel: imagine_n(engine, requests, cancel, note), label=f"images.{kind}")
     job.media_bytes = sum(a.nbytes for a in requests[0]["images"] + [requests[0].get("mask")] if a is not None)
     # (the n requests share the pictures)
     ctx.scheduler.submit(job)

@@ -536,3 +536,17 @@ def test_a_prompt_of_openais_32000_characters_is_taken():
     from engine.server.images_api import check_image_request
 
     check_image_request({"prompt": "a red cup. " * 2_909, "steps": 1})  # 31,999 characters: no refusal
+
+
+def test_an_animated_reference_is_edited_from_its_first_frame_and_the_answer_says_so(http):
+    """An animated GIF given to an edit was read at its first frame without a word (the user may have meant another)."""
+    frames = [picture(seed=s) for s in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    r = http.post("/v1/images/edits", files={"image": ("wave.gif", buf.getvalue(), "image/gif")},
+                  data={"prompt": "make it blue", "steps": "1", "size": "48x32"})
+    assert r.status_code == 200, r.text
+    assert "'image[0]' is animated (3 frames): only its first frame was used" in r.json()["data"][0]["note"]
+    still = http.post("/v1/images/edits", files={"image": ("still.png", png(frames[0]), "image/png")},
+                      data={"prompt": "make it blue", "steps": "1", "size": "48x32"})
+    assert "animated" not in still.json()["data"][0]["note"]
