@@ -826,6 +826,7 @@ def test_a_reload_after_a_masked_edit_gives_back_its_pictures_and_mask(browser, 
     sync_api.expect(page.locator("#image-prompt textarea")).to_have_value("make the cup blue", timeout=30_000)
     sync_api.expect(page.locator("#image-refs")).to_contain_text(re.compile(r"cup\s*\.png"), timeout=10_000)
     sync_api.expect(page.locator("#image-mask-file")).to_contain_text(re.compile(r"where-to-edit\s*\.png"))
+    sync_api.expect(page.locator("#image-mask-file")).to_be_visible()  # (the box is shown in Edit mode only)
     page.context.close()
 
 
