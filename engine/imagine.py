@@ -48,7 +48,7 @@ from engine.errors import (EXIT_FAILED, EXIT_INPUT, LOAD_ERRORS, MingError, erro
 from engine.generate import Cancelled
 from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress
 from engine.media.errors import MediaError
-from engine.media.image import load_alpha, load_image
+from engine.media.image import animated_note, frame_count, load_alpha, load_image
 from engine.models.imagegen.buckets import SizePlan, center_crop_box, parse_aspect, parse_size, plan_size
 from engine.models.imagegen.condition import condition_from_prompt
 from engine.models.imagegen.config import (REQUIRED_FOLDERS, SD3, TYPE_CODE, ImageGenError,
@@ -350,7 +350,8 @@ def imagine(engine, request: ImagineRequest, cancel: threading.Event | None = No
             ref = picture if ref is None else ref
             image, note = _vit_picture(picture, number)
             images.append(image)
-            shrunk.append(note)
+            frames = frame_count(src)  # (an animated GIF was edited from its first frame without a word)
+            shrunk += [note, animated_note(f"picture {number}", frames) if frames > 1 else ""]
         if ref is not None:
             explicit = parse_size(request.size)  # (h, w): its proportions, as an aspect ratio would be
             ref = _edited_picture(ref, parse_aspect(request.aspect) if explicit is None else explicit[1] / explicit[0])

@@ -256,6 +256,30 @@ def load_image(source: ImageSource, *, max_input_pixels: int = DEFAULT_MAX_INPUT
         raise MediaError(f"image could not be decoded: {exc}") from exc
 
 
+def frame_count(source: ImageSource) -> int:
+    """How many frames a picture holds: more than one for an animated GIF, WebP or APNG, of which load_image and
+    load_alpha read the first only (say so: animated_note); 1 for an array, and for what cannot be opened (load_image
+    says why)."""
+    if isinstance(source, Image.Image):
+        return getattr(source, "n_frames", 1)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(bytes(source))
+    elif not isinstance(source, (str, os.PathLike)):
+        return 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(source) as image:
+                return getattr(image, "n_frames", 1)
+    except Exception:  # noqa: BLE001  (not a picture: its decoding says so)
+        return 1
+
+
+def animated_note(what: str, frames: int) -> str:
+    """What an answer says of an animated input picture `what` of `frames` frames (frame_count)."""
+    return f"{what} is animated ({frames} frames): only its first frame was used"
+
+
 def load_alpha(data: bytes, *, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> np.ndarray:
     """An edit mask's alpha channel (HxW uint8, 0 where it is transparent: OpenAI's mask, whose transparent pixels
     mark where to edit), the way up a viewer shows it. Raises `MediaError` for empty, corrupt or oversized input, and

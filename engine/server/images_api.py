@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import math
 import time
 from collections.abc import Iterator
@@ -163,17 +162,12 @@ def _seed(body: dict) -> int | None:
 
 def first_frame_notes(images: list[bytes], mask: bytes | None) -> str:
     """What the answer says of the animated pictures given (a GIF, WebP or APNG of several frames): only the first frame
-    is read (an animated GIF was edited from its first frame without a word). Called once they decoded."""
-    from PIL import Image  # noqa: PLC0415
+    is read (an animated GIF was edited from its first frame without a word). The engine gets them decoded."""
+    from engine.media.image import animated_note, frame_count  # noqa: PLC0415
 
-    named = [(f"image[{i}]", raw) for i, raw in enumerate(images)] + ([("mask", mask)] if mask is not None else [])
-    notes = []
-    for name, raw in named:
-        with Image.open(io.BytesIO(raw)) as picture:
-            frames = getattr(picture, "n_frames", 1)
-        if frames > 1:
-            notes.append(f"'{name}' is animated ({frames} frames): only its first frame was used")
-    return "; ".join(notes)
+    named = [(f"'image[{i}]'", raw) for i, raw in enumerate(images)] + ([("'mask'", mask)] if mask is not None else [])
+    return "; ".join(animated_note(name, frames) for name, frames in ((n, frame_count(raw)) for n, raw in named)
+                     if frames > 1)
 
 
 def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> tuple[list[dict], int | None]:

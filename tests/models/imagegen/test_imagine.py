@@ -485,3 +485,15 @@ def test_a_dit_without_the_pipelines_patch_is_refused_at_load_and_imagine_says_w
     assert said in engine.image_generator_error
     refused = _final(list(engine.imagine("a cat")))
     assert isinstance(refused, Error) and "patchifies (2, 1)" in refused.message
+
+
+def test_an_animated_picture_is_edited_from_its_first_frame_and_the_image_says_so(tiny_engine, tmp_path):
+    """An animated GIF given to an edit (engine.imagine --edit wave.gif, or its bytes) was read at its first frame
+    without a word; the image's note says so (a still picture's does not)."""
+    frames = [Image.fromarray(np.full((48, 64, 3), 60 * i, np.uint8)) for i in range(3)]
+    gif = tmp_path / "wave.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    events = list(tiny_engine.imagine("make it blue", images=[str(gif), frames[0]], steps=1, seed=1, size="48x32"))
+    image = next(e for e in events if isinstance(e, ImageDone))
+    assert "picture 1 is animated (3 frames): only its first frame was used" in image.note
+    assert image.note in _final(events).text and "picture 2" not in image.note
