@@ -246,7 +246,7 @@ class ImageController:
         if isinstance(final, Done):  # cancelled before the image was finished
             yield shown, None, None, figures_line(final) + seen, gr.update(), gallery_state, None
             return
-        final = final or Error("the engine ended without an image", code="engine_error")
+        final = named_files(final or Error("the engine ended without an image", code="engine_error"), images, mask)
         gr.Warning(f"Image failed: {error_text(final)}")
         if made:  # the pictures made before it failed stay shown, in the gallery and downloadable
             yield *latest, error_line(final), _gallery(gallery_state), gallery_state, files
@@ -291,6 +291,16 @@ class ImageController:
 def _file_path(f) -> str | None:
     """The path of a file an upload box gives (a path, a file object or Gradio's dict)."""
     return f if isinstance(f, str) else getattr(f, "name", None) or f.get("path")
+
+
+def named_files(error: Error, images: list[str], mask: str | None) -> Error:
+    """The engine's refusal with the wire's names of the pictures sent ('image[0]', 'mask') replaced by the files' own:
+    "'image[1]': image aspect ratio 400.0 (1x400) is too extreme" named none of the files given."""
+    names = {f"'image[{i}]'": Path(p).name for i, p in enumerate(images)} | ({"'mask'": Path(mask).name} if mask else {})
+    message = error.message
+    for sent_as, name in names.items():
+        message = message.replace(sent_as, f"'{name}'")
+    return Error(message, code=error.code) if message != error.message else error
 
 
 def mask_box(mode: str) -> dict:

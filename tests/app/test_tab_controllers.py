@@ -1100,6 +1100,18 @@ def test_a_mask_the_engine_refuses_is_said_on_the_status_line(engine_server, tmp
     assert says in status and gallery == [] and files is None, status
 
 
+def test_a_picture_the_engine_refuses_is_named_by_its_file(engine_server, tmp_path):
+    """The engine's refusal of the second reference (1x400: over its 200:1) reached the status line as "'image[1]':
+    image aspect ratio 400.0 ... is too extreme", naming none of the files given; it names the file."""
+    thin = tmp_path / "thin-strip.png"
+    Image.new("RGB", (1, 400)).save(thin)
+    image = ImageController(EngineLink(EngineClient(engine_server.url, token="test-token")))
+    cup = str(REPO / "app" / "assets" / "images" / "cup.png")
+    *_, status, _, gallery, _ = last(image.make("Edit", "make it blue", [cup, str(thin)], "(none)", "", AUTO_ASPECT, "",
+                                                1, 2.0, 1, 0, [], progress=lambda *a, **k: None))
+    assert "'thin-strip.png': image aspect ratio" in status and "image[1]" not in status and gallery == [], status
+
+
 @pytest.mark.parametrize("fmt, vcodec, acodec", [("mp4", "mpeg4", "aac"), ("webm", "libvpx", "libopus")])
 def test_the_sound_of_a_video_is_transcribed_even_when_the_video_is_over_the_upload_limit(tiny_engine, tmp_path, fmt,
                                                                                          vcodec, acodec):
