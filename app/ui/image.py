@@ -5,7 +5,8 @@ target (mask and overlay, both downloadable); on a Preview engine an Image guida
 Segment toward its reference; up to MAX_PICTURES pictures a press (seed, seed + 1, ...). Previews every few steps
 and a progress bar (which picture, which step) while it is made; Stop ends it between steps; a gallery keeps the
 results with their settings (an Edit's or a Segment's pictures and mask too), each as soon as it is made, reusable
-with one click (kept by the browser across a page reload)."""
+with one click (kept by the browser across a page reload, as is the last request with its pictures and mask; what
+earlier studios kept under older keys is carried over once)."""
 
 from __future__ import annotations
 
