@@ -22,6 +22,7 @@ from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from engine.server.http_api import retry_headers
+from engine.server.limits import CHUNKS_BEFORE_AVERAGE
 from engine.server.lingering import LingersAfterAnswer
 from engine.server.protocol import ApiError
 from engine.server.stalled_peers import CutsOffStalledPeers
@@ -50,7 +51,6 @@ def parse_error(exc: BaseException | None, max_head_bytes: int, head: bytes = b"
 
 
 TRANSFER_ENCODING = b"transfer-encoding:"
-CHUNKS_BEFORE_AVERAGE = 1024  # a chunked body's chunks that may come before their average size is held to the limit
 
 
 def transfer_codings(head: bytes) -> list[str]:

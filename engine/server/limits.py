@@ -8,6 +8,10 @@ from dataclasses import dataclass, fields
 
 from engine.server.protocol import ApiError  # noqa: F401  (re-exported: every layer raises it)
 
+# the pieces of a chunked body or of a fragmented realtime message that may come before their average size is
+# held to Limits.min_chunk_bytes (HTTP: engine/server/http_protocol.py, realtime: engine/server/ws_protocol.py)
+CHUNKS_BEFORE_AVERAGE = 1024
+
 MiB = 1024 * 1024
 OPENAI_MAX_EVENT_BYTES = 15 * MiB  # OpenAI's largest input_audio_buffer.append (its realtime API reference)
 

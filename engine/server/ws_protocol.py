@@ -25,7 +25,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from engine.server.http_protocol import CHUNKS_BEFORE_AVERAGE
+from engine.server.limits import CHUNKS_BEFORE_AVERAGE
 from engine.server.lingering import LingersAfterAnswer
 from engine.server.protocol import ApiError
 from engine.server.stalled_peers import CutsOffStalledPeers
