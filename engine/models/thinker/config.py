@@ -31,6 +31,10 @@ UPSTREAM_ROUTED_SCALING_DEFAULT = 2.5
 MULTI_ROUTER = "MultiRouter"
 SINGLE_ROUTER = "topN"
 VIDEO_ROPE = "video_rope"  # rope_scaling["type"] of both releases: the 3-D video rotary (spec §2.4)
+# No rope_scaling (absent or null): transformers' "default" rope type, plain partial RoPE of the whole rotary
+# width on one position per token (the temporal axis p_T, which is every axis of a text token); the
+# reference picks its 1-D BailingMoeV2RotaryEmbedding then
+DEFAULT_ROPE = "default"
 SINGLE_ROUTER_ALIASES = (SINGLE_ROUTER, "TopkRouter")
 # BailingMM2Config's default for `mlp_depth` (both releases' config.json state 2).
 UPSTREAM_MLP_DEPTH_DEFAULT = 1
@@ -164,6 +168,11 @@ class LLMConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
+    def uses_video_rope(self) -> bool:
+        """The 3-D video rotary (rope_scaling type video_rope); otherwise plain RoPE on p_T (DEFAULT_ROPE)."""
+        return self.rope_scaling_type == VIDEO_ROPE
+
+    @property
     def num_moe_layers(self) -> int:
         return max(0, self.num_hidden_layers - self.first_k_dense_replace)
 
@@ -190,7 +199,7 @@ class LLMConfig:
         head_dim = d.get("head_dim") or hidden // heads
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        rope_scaling = d.get("rope_scaling") or {}
+        rope_scaling = d.get("rope_scaling")
         routed = d.get("routed_scaling_factor")
         try:
             cfg = cls(
@@ -230,7 +239,8 @@ class LLMConfig:
                 video_start_token=_require(d, "video_start_token", where, int),
                 use_interleaved_frame_timestamp=interleaving_code and bool(
                     d.get("use_interleaved_frame_timestamp", UPSTREAM_LLM_DEFAULTS["use_interleaved_frame_timestamp"])),
-                rope_scaling_type=rope_scaling.get("type") if isinstance(rope_scaling, dict) else None,
+                rope_scaling_type=(DEFAULT_ROPE if rope_scaling is None
+                                   else rope_scaling.get("type") if isinstance(rope_scaling, dict) else None),
                 hidden_act=str(d.get("hidden_act", "silu")),
                 # the reference's eager (and masked SDPA) causal mask windows every layer when use_sliding_window is
                 # set and sliding_window is not null (flash_attention_2 ignores both)
@@ -283,9 +293,10 @@ class LLMConfig:
             if not 0 < self.num_experts_per_tok <= self.topk_group * (self.num_experts // self.n_group):
                 raise bad(f"num_experts_per_tok {self.num_experts_per_tok} cannot be chosen from "
                           f"{self.topk_group} groups of {self.num_experts // self.n_group} experts")
-        if self.rope_scaling_type != VIDEO_ROPE:
+        if self.rope_scaling_type not in (VIDEO_ROPE, DEFAULT_ROPE):
             raise bad(f"rope_scaling {{'type': {self.rope_scaling_type!r}}} is not supported: the reference reads "
-                      f"rope_scaling['type'] and both releases set {VIDEO_ROPE!r} (3-D video rotary, spec §2.4)")
+                      f"rope_scaling['type'] and both releases set {VIDEO_ROPE!r} (3-D video rotary, spec §2.4); "
+                      f"leave rope_scaling out (or null) for plain RoPE")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise bad(f"sliding_window {self.sliding_window} must be >= 1 (a query would attend to no key)")
         if self.hidden_act != "silu":

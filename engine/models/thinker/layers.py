@@ -29,10 +29,11 @@ VIDEO_ROPE_SECTION = (8, 12, 12)
 VIDEO_ROPE_CHANNELS = 2 * sum(VIDEO_ROPE_SECTION)
 
 
-def video_rope_channels(rotary_dim: int) -> int:
-    """How many leading channels of each head the reference rotates: the rotary width, capped at the
-    64 channels its hard-coded split describes (spec §2.4 item 3)."""
-    return min(rotary_dim, VIDEO_ROPE_CHANNELS)
+def rotated_channels(cfg: LLMConfig) -> int:
+    """How many leading channels of each head the reference rotates: with the video rotary the rotary width
+    capped at the 64 channels its hard-coded split describes (spec §2.4 item 3); plain RoPE (no
+    rope_scaling) rotates the whole rotary width."""
+    return min(cfg.rotary_dim, VIDEO_ROPE_CHANNELS) if cfg.uses_video_rope else cfg.rotary_dim
 
 
 GATE_TEXT, GATE_IMAGE, GATE_AUDIO = 0, 1, 2
@@ -75,7 +76,8 @@ class RMSNorm(nn.Module):
 
 
 class VideoRotary(nn.Module):
-    """Partial 3-D rotary tables: per token (p_T, p_H, p_W) -> cos/sin over the rotary channels.
+    """Partial 3-D rotary tables: per token (p_T, p_H, p_W) -> cos/sin over the rotary channels (a config
+    without rope_scaling: plain partial RoPE, every channel on p_T).
 
     The inverse frequencies are computed (never loaded), so the module holds no tensors and can be
     built on the meta device.
@@ -84,7 +86,8 @@ class VideoRotary(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.rotary_dim = cfg.rotary_dim
-        self.channels = video_rope_channels(cfg.rotary_dim)
+        self.channels = rotated_channels(cfg)
+        self.video = cfg.uses_video_rope
         self.theta = cfg.rope_theta
         self.max_positions = cfg.max_position_embeddings
         self._constants: dict[tuple, torch.Tensor] = {}  # per device: inverse frequencies, axes, decode tables
@@ -101,7 +104,9 @@ class VideoRotary(nn.Module):
     def channel_axes(self) -> torch.Tensor:
         """Axis of each rotated channel: 0 = T, 1 = H, 2 = W (spec §2.4 item 3). With j = c mod 32: H for
         even j < 24, W for odd j < 24, T for j >= 24; for a 64-wide rotary, channels c and c + 32 (one
-        frequency) share an axis."""
+        frequency) share an axis. Plain RoPE (no rope_scaling): every channel on T."""
+        if not self.video:
+            return torch.zeros(self.channels, dtype=torch.long)
         _, h_freqs, w_freqs = VIDEO_ROPE_SECTION
         j = torch.arange(self.channels) % (VIDEO_ROPE_CHANNELS // 2)
         axis = torch.zeros(self.channels, dtype=torch.long)

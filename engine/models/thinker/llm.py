@@ -17,7 +17,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 from engine import kernels
 from engine.models.thinker.config import LLMConfig
 from engine.models.thinker.kv_cache import KVCache
-from engine.models.thinker.layers import MoEBlock, Numerics, RMSNorm, SwiGLUMLP, VideoRotary, native_weight, video_rope_channels
+from engine.models.thinker.layers import MoEBlock, Numerics, RMSNorm, SwiGLUMLP, VideoRotary, native_weight, rotated_channels
 
 
 class Attention(nn.Module):
@@ -87,7 +87,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: LLMConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.hidden_size, self.rotary_dim = cfg.hidden_size, video_rope_channels(cfg.rotary_dim)
+        self.hidden_size, self.rotary_dim = cfg.hidden_size, rotated_channels(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attention = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -73,11 +73,14 @@ def moe(x: torch.Tensor, sd: dict, p: str, c: dict, image_mask=None, audio_mask=
 
 
 def video_rope(position_ids: torch.Tensor, c: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, L, channels] from position ids [3, B, L] (channels: at most 64)."""
+    """cos/sin [B, L, channels] from position ids [3, B, L] (channels: at most 64). A config without
+    rope_scaling: plain RoPE of the whole rotary width on the temporal positions (transformers' default)."""
     dim = int(c["head_dim"] * c["partial_rotary_factor"])
     inv_freq = 1.0 / (c["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     freqs = position_ids.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
+    if c.get("rope_scaling") is None:
+        return emb[0].cos(), emb[0].sin()
     cos, sin, index, parts = emb.cos(), emb.sin(), 0, []
     for section in (HW_SECTION, T_SECTION, HW_SECTION, T_SECTION):
         for j in range(section):

@@ -1,6 +1,8 @@
 """Model behaviour the spec implies, checked without fixtures: KV-cache decode equals a full
 forward, left padding does not change a row, routing rules, rotary layout, bf16 numerics switch."""
 
+import json
+
 import pytest
 import torch
 
@@ -595,3 +597,26 @@ def test_sliding_window_masks_keys_as_the_reference_eager_mask_does(tmp_path):
             step.feed(ids[:, i])
             steps.append(step.step())
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 5:-1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_config_without_rope_scaling_gets_plain_rope_on_the_temporal_axis(tmp_path):
+    """BailingMoeV2Config defaults rope_scaling to None, and the reference then builds its 1-D rotary
+    (transformers' "default" rope type). Such a config (key absent or null) was refused; it now loads with
+    plain partial RoPE over the whole rotary width (128 channels here, where the video rotary caps at 64),
+    every channel on p_T, and its logits match the plain reference forward's."""
+    from engine.models.thinker.config import DEFAULT_ROPE, MingConfig
+    from tests.models.thinker.variants import OMIT, write_variant
+
+    ckpt = write_variant(tmp_path / "ckpt", llm={"rope_scaling": OMIT, "partial_rotary_factor": 1.0})
+    null = json.loads((ckpt / "config.json").read_text())
+    null["llm_config"]["rope_scaling"] = None
+    assert MingConfig.from_dict(null).llm.rope_scaling_type == DEFAULT_ROPE
+    llm = load_model(ckpt, dtype="fp32", device="cpu").llm
+    p = torch.tensor([[3, 9], [5, -2], [11, 4]]).view(3, 1, 2)  # distinct T, H, W positions
+    cos, sin = llm.model.rotary_emb(p, FP32)
+    inv = 1.0 / 2400000.0 ** (torch.arange(0, 128, 2).float() / 128)
+    angle = p[0, 0].float().unsqueeze(-1) * inv.repeat(2)
+    torch.testing.assert_close(cos[0], angle.cos())
+    torch.testing.assert_close(sin[0], angle.sin())
+    _compare_with_reference(ckpt)
+    _assert_decode_matches_full_forward(llm, torch.tensor([[5, 60, 70, 80, 90, 100]]), 4)
