@@ -25,10 +25,11 @@ from engine.media.audio import AudioFrontendConfig, audio_token_count
 from engine.media.errors import MediaError
 from engine.media.image import ImageProcessorConfig, fetch_image, image_token_count
 from engine.media.video import VideoOptions, video_prompt_text
+from engine.models.thinker.greedy import BatchStopping, greedy_decode_batch
 from engine.models.thinker.layers import Router
 from engine.models.thinker.llm import AudioSpan, MultimodalInputs
-from engine.models.thinker.config import UPSTREAM_SPATIAL_MERGE_SIZE
-from engine.models.thinker.positions import PositionTokens, decode_positions, rope_index
+from engine.models.thinker.config import UPSTREAM_SPATIAL_MERGE_SIZE, LLMConfig
+from engine.models.thinker.positions import PositionTokens, rope_index
 from engine.models.thinker.processor import MediaSettings, MingProcessor, image_prompt_text
 from engine.models.thinker.projectors import encode_audio_wrapped
 from engine.runtime import Engine, device_problem
@@ -135,11 +136,25 @@ def _tolerances(meta: dict) -> dict[str, float]:
             "router_weights": float(tol.get("router_weights_atol", 1e-5))}
 
 
+def case_stopping(meta: dict, cfg: LLMConfig) -> BatchStopping:
+    """The EOS stopping a case's generate ran with: meta.json's `generation.eos_stopping` (off when absent,
+    false or a text starting "disabled"), with its `eos_token_id` / `pad_token_id` where it records them and
+    otherwise the config's, as HF's generation config takes them."""
+    generation = meta.get("generation") or {}
+    flag = generation.get("eos_stopping", False)
+    enabled = flag is True or (isinstance(flag, str) and not flag.strip().lower().startswith(("disabled", "off")))
+    if not enabled:
+        return BatchStopping.off()
+    eos = generation.get("eos_token_id")
+    eos_ids = None if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    return BatchStopping.for_config(cfg, eos_ids, generation.get("pad_token_id"))
+
+
 def _compare_llm_run(cmp: Comparer, loaded, ids: torch.Tensor, mask: torch.Tensor, mm: MultimodalInputs | None,
                      image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None,
-                     tol: dict[str, float]) -> None:
-    """Prefill with a trace, then greedy KV-cache decode as generate() runs it; compare every
-    LLM-side output the case holds."""
+                     tol: dict[str, float], stopping: BatchStopping) -> None:
+    """Prefill with a trace, then greedy KV-cache decode as generate() runs it (engine.models.thinker.greedy);
+    compare every LLM-side output the case holds."""
     llm, numerics, cfg = loaded.llm, loaded.numerics, loaded.config.llm
     dev = loaded.device  # inputs go where the model runs; Comparer brings results back to the CPU
     ids, mask = ids.to(dev), mask.to(dev)
@@ -191,27 +206,19 @@ def _compare_llm_run(cmp: Comparer, loaded, ids: torch.Tensor, mask: torch.Tenso
                         margin[sel] = _router_margin(router, t.logits[names[code]].reshape(flat_used.shape[0], -1)[sel])
                 cmp.close(f"{key}.margin", margin.view(t.gate_used.shape), logits_atol, valid)
 
-        # Greedy KV-cache decode exactly as generate() runs it.
-        n_new = outputs["generated_ids"].shape[1] if "generated_ids" in outputs else 0
-        step_logits = [logits[:, -1]]
-        generated, positions = [], []
+        # Greedy KV-cache decode exactly as generate() runs it (a finished row is fed and emits the pad token).
+        # With EOS stopping on the recorded width is where every row had finished or max_new_tokens: decoding
+        # up to it ends at the same step either way.
+        max_new = outputs["generated_ids"].shape[1] if "generated_ids" in outputs else 0
+        decoded = greedy_decode_batch(llm, numerics, cache, logits[:, -1], deltas, max_new, stopping, trace=True)
         dec_routes: dict[int, list] = {}
-        for step in range(n_new):
-            nxt = step_logits[-1].argmax(-1)
-            generated.append(nxt)
-            if step == n_new - 1:
-                break
-            pos = decode_positions(cache.length, deltas)
-            positions.append(pos)
-            dtrace: dict = {}
-            out = llm(llm.model.embed(nxt.view(b, 1)), pos, numerics, torch.ones(b, 1, dtype=torch.long, device=dev), cache,
-                      trace=dtrace)
-            step_logits.append(out[:, -1])
+        for dtrace in decoded.traces:
             for layer_idx, traces in dtrace.get("routers", {}).items():
                 dec_routes.setdefault(layer_idx, []).append(traces[0])
-        if n_new:
-            cmp.exact("generated_ids", torch.stack(generated, dim=1))
-            dl = torch.stack(step_logits, dim=1)
+        if max_new:
+            positions = decoded.positions
+            cmp.exact("generated_ids", decoded.tokens)
+            dl = decoded.logits
             cmp.close("decode_logits", dl, logits_atol)
             if "decode_position_ids" in outputs:
                 cmp.exact("decode_position_ids", torch.stack(positions))
@@ -254,7 +261,8 @@ def run_llm_case(case_dir: Path) -> list[ParityRow]:
     cmp = Comparer(case_dir.name, load_file(str(case_dir / "outputs.safetensors")), held_only=True)
     loaded = load_model(case_dir, dtype="fp32", device=DEVICE)
     ids, mask, mm, image_grid_thw, video_grid_thw = llm_case_inputs(case_dir)
-    _compare_llm_run(cmp, loaded, ids, mask, mm, image_grid_thw, video_grid_thw, _tolerances(meta))
+    _compare_llm_run(cmp, loaded, ids, mask, mm, image_grid_thw, video_grid_thw, _tolerances(meta),
+                     case_stopping(meta, loaded.config.llm))
     if not cmp.rows:
         cmp.rows.append(ParityRow(case_dir.name, "-", float("nan"), "-", False, "no output the harness compares"))
     return cmp.rows + cmp.missing()
@@ -482,7 +490,7 @@ def run_mm_case(case_dir: Path) -> list[ParityRow]:
             if "audio_embeds_lengths" in outputs:
                 cmp.exact("audio_embeds_lengths", lengths)
     _compare_llm_run(cmp, loaded, ids, torch.ones_like(ids), mm, prompt.image_grid_thw, prompt.video_grid_thw,
-                     _tolerances(meta))
+                     _tolerances(meta), case_stopping(meta, loaded.config.llm))
     return cmp.rows + cmp.missing()
 
 
