@@ -29,21 +29,30 @@ STOP_THRESHOLD = 0.5
 class NoiseSource:
     """Per step: y0 [1, patch, 64] then SDE noise [steps, 1, patch, 64], drawn in the reference's order.
     With `sde=False` (the Preview's sampler has no SDE term, spec §7.11) only y0 is drawn; the SDE
-    noise is zeros."""
+    noise is zeros.
 
-    def __init__(self, seed: int | None = None):
-        self.generator = torch.Generator()
+    The reference draws both with `torch.randn(..., device=h.device, dtype=h.dtype)` from the global
+    generators `torch.manual_seed(seed)` seeded: on the talker's device and in its dtype (a CUDA stream is
+    not the CPU's, and the CPU's bf16 draws are not its fp32 draws rounded at every size). `device` and
+    `dtype` are the talker's, so a seed gives the reference's numbers there too."""
+
+    def __init__(self, seed: int | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.device, self.dtype = torch.device(device), dtype
+        self.generator = torch.Generator(device=self.device)
         if seed is None:
             self.generator.seed()
         else:
             self.generator.manual_seed(int(seed))
 
+    def _randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator, device=self.device, dtype=self.dtype)
+
     def draw(self, step: int, steps: int, patch: int, channels: int,
              sde: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        y0 = torch.randn(1, patch, channels, generator=self.generator)
+        y0 = self._randn(1, patch, channels)
         if not sde:
-            return y0, torch.zeros(steps, 1, patch, channels)
-        return y0, torch.randn(steps, 1, patch, channels, generator=self.generator)
+            return y0, y0.new_zeros(steps, 1, patch, channels)
+        return y0, self._randn(steps, 1, patch, channels)
 
 
 class StoredNoise(NoiseSource):

@@ -373,8 +373,8 @@ class TalkerPipeline:
         params = self._sampling(req)
         cond = self.effective_conditioning(req)
         caption = req.instruct.caption() if req.instruct is not None else None
-        noise = NoiseSource(req.seed)
         talker = self.talker
+        noise = NoiseSource(req.seed, talker.device, talker.dtype)
         with torch.inference_mode():
             spk = None if cond.speaker is None else talker.speaker_embedding(cond.speaker)
             if cond.zero_speaker:

@@ -76,18 +76,21 @@ class Encoder(nn.Module):
 class Posterior:
     mean: torch.Tensor
     std: torch.Tensor
+    noise_dtype: torch.dtype = torch.float32  # the encoder's output dtype, the reference's draws' (mean/std are fp32)
 
     def sample(self, noise: torch.Tensor) -> torch.Tensor:
         return self.mean + self.std * noise
 
     def seeded_noise(self, seed: int) -> torch.Tensor:
-        """The reference's epsilon for `torch.manual_seed(seed)` (spec §7.4), fp32 from a CPU generator: its
-        posterior is diffusers' Oobleck distribution, whose mean is channel-major [B, latent, T'], so the
-        Gaussian draws fill that layout; returned transposed to our time-major [B, T', latent]."""
+        """The reference's epsilon for `torch.manual_seed(seed)` (spec §7.4): its posterior is diffusers' Oobleck
+        distribution, which draws with randn_tensor on the VAE's device in the encoder output's dtype (a CUDA
+        stream is not the CPU's, and the CPU's bf16 draws are not its fp32 draws rounded at every size), so ours
+        are drawn there, in `noise_dtype`; its mean is channel-major [B, latent, T'], so the Gaussian draws fill that layout,
+        returned transposed to our time-major [B, T', latent]."""
         batch, frames, channels = self.mean.shape
-        gen = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn(batch, channels, frames, generator=gen, dtype=torch.float32)
-        return noise.transpose(1, 2).to(self.mean.device)
+        gen = torch.Generator(device=self.mean.device).manual_seed(int(seed))
+        noise = torch.randn(batch, channels, frames, generator=gen, device=self.mean.device, dtype=self.noise_dtype)
+        return noise.transpose(1, 2)
 
 
 class ISTFTHead(nn.Module):
@@ -175,7 +178,7 @@ class AudioVAE(nn.Module):
         if trace is not None:
             trace["posterior_params"] = params
         mean, scale = params.float().chunk(2, dim=-1)
-        return Posterior(mean, F.softplus(scale) + POSTERIOR_STD_FLOOR)
+        return Posterior(mean, F.softplus(scale) + POSTERIOR_STD_FLOOR, params.dtype)
 
     def decode(self, latents: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         return self.decoder(latents, trace)
