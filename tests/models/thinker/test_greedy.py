@@ -18,7 +18,10 @@ MASK = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint):
-    return load_model(tiny_checkpoint, dtype="fp32", device="cpu").llm
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread hand-offs cost more than these ops on a busy CPU
+    yield load_model(tiny_checkpoint, dtype="fp32", device="cpu").llm
+    torch.set_num_threads(threads)
 
 
 def _decode(llm, stopping: BatchStopping, ids=PROMPTS, mask=MASK):
