@@ -235,7 +235,7 @@ class FakeEngine:
             yield ev
 
     def transcribe(self, audio, context=None, hotwords=None, dialect=None, params=None, cancel=None,
-                   sample_rate=None):
+                   sample_rate=None, task="transcribe"):
         yield TextDelta("fake transcript")
         yield Done("fake transcript", "stop", result={"language": dialect, "text": "fake transcript"})
 
