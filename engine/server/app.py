@@ -24,7 +24,7 @@ from engine.server.context import ServerContext
 from engine.server import images_api, logs, speech_api
 from engine.server.bodies import ClientGone
 from engine.server.http_api import error_response, retry_headers, router
-from engine.server.http_protocol import OpenAIErrorsH11Protocol
+from engine.server.http_protocol import OpenAIErrorsH11Protocol, http10_transfer_encoding
 from engine.server.lingering import Linger
 from engine.server.limits import ApiError, Limits
 from engine.server.realtime import check_handshake, realtime_endpoint, refuse_handshake
@@ -128,8 +128,11 @@ def check_http_version(scope: dict) -> None:
 
 def check_framing(scope: dict) -> None:
     """Refuse a request whose body's length two headers give: Transfer-Encoding and Content-Length together (RFC 9112
-    §6.3: request smuggling's shape; h11 read the chunks and kept the connection, where the RFC says it must close)."""
+    §6.3: request smuggling's shape; h11 read the chunks and kept the connection, where the RFC says it must close),
+    and an HTTP/1.0 request with a Transfer-Encoding (RFC 9112 §6.1: its framing is faulty; h11 read the chunks)."""
     names = {name.lower() for name, _ in scope["headers"]}
+    if b"transfer-encoding" in names and scope["http_version"] == "1.0":
+        raise http10_transfer_encoding()
     if b"transfer-encoding" in names and b"content-length" in names:
         raise ApiError("the request is not valid HTTP/1.1: it has both Transfer-Encoding and Content-Length, which "
                        "disagree on where its body ends; send one of them", code="invalid_http_request", status=400)

@@ -34,6 +34,8 @@ def parse_error(exc: BaseException | None, max_head_bytes: int, head: bytes = b"
     head)."""
     status = getattr(exc, "error_status_hint", 400)
     codings = transfer_codings(head)
+    if codings and head.split(b"\n", 1)[0].rstrip().endswith(b"HTTP/1.0"):
+        return http10_transfer_encoding()
     if status == 501 and "chunked" in codings and (codings[-1] != "chunked" or codings.count("chunked") > 1):
         # (RFC 9112 §6.3, §7.1: h11 refuses any Transfer-Encoding but a lone chunked with a 501, which says the server
         # lacks a coding, where these are requests with no body length to tell)
@@ -51,6 +53,14 @@ def parse_error(exc: BaseException | None, max_head_bytes: int, head: bytes = b"
 
 
 TRANSFER_ENCODING = b"transfer-encoding:"
+
+
+def http10_transfer_encoding() -> ApiError:
+    """The refusal of an HTTP/1.0 request with a Transfer-Encoding (any coding): HTTP/1.0 has none, and RFC 9112 §6.1
+    says a server must treat its framing as faulty and close (a chunked one was read as 1.1's and served)."""
+    return ApiError("the request is HTTP/1.0 with a Transfer-Encoding, which HTTP/1.0 does not have, so where its body "
+                    "ends cannot be told: send it over HTTP/1.1, or with a Content-Length",
+                    code="invalid_http_request", status=400)
 
 
 def transfer_codings(head: bytes) -> list[str]:

@@ -879,6 +879,25 @@ def test_a_transfer_encoding_whose_last_coding_is_not_a_single_chunked_is_a_400(
     assert status == 501 or "chunked" in err["message"] and "last" in err["message"], err
 
 
+@pytest.mark.parametrize("coding", [b"chunked", b"gzip"])
+def test_an_http_1_0_request_with_a_transfer_encoding_is_a_400_that_closes_and_lingers(fake, coding):
+    """RFC 9112 §6.1: HTTP/1.0 has no Transfer-Encoding, and a server must treat such a request's framing as faulty and
+    close; a chunked one was read as HTTP/1.1's and served (200), another coding was h11's 501. What the client still
+    sends after the answer is read and dropped (the linger), as after the other refusals."""
+    with socket.create_connection(("127.0.0.1", fake.base_url.port), timeout=10) as s:
+        s.sendall(JSON_HEAD.replace(b"HTTP/1.1", b"HTTP/1.0") + b"Transfer-Encoding: " + coding + b"\r\n\r\n"
+                  + b"%x\r\n" % len(json.dumps(CHAT)) + json.dumps(CHAT).encode() + b"\r\n")
+        time.sleep(0.1)  # (the refusal has been written by now)
+        try:
+            s.sendall(b"0\r\n\r\n" + b"x" * (1 << 20))
+            head, body = read_to_close(s)
+        except ConnectionError as e:
+            pytest.fail(f"the client met {e!r} instead of the 400")
+    err = json.loads(body)["error"]
+    assert head.startswith(b"HTTP/1.1 400") and b"connection: close" in head.lower(), head
+    assert err["code"] == "invalid_http_request" and "HTTP/1.0" in err["message"], err
+
+
 def test_a_frame_sent_in_the_same_write_as_the_websocket_handshake_reaches_the_session(fake):
     """uvicorn handed the websocket protocol the handshake's head alone: an event a client sent right behind its
     handshake, in the same write (a client not waiting for the 101), was dropped without a word."""
