@@ -123,6 +123,7 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
         self.idle_since: float | None = None  # (loop time) kept alive, owing no request: may be closed to make room
         self.refusal: ApiError | None = None  # past the limit with no connection idle: its request's answer
         self.head_received = bytearray()  # what came of the request head now owed (for a refusal's message)
+        self.head_begun_kept = False  # whether head_received holds what came of it before its first read
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -172,14 +173,17 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
         self.time_the_head()
 
     def counting_chunks(self, next_event):
-        """h11's next_event, refusing a chunked body whose chunks average under `min_chunk_bytes` once
+        """h11's next_event, keeping what came of a request head before its first read (keep_head_begun), and
+        refusing a chunked body whose chunks average under `min_chunk_bytes` once
         CHUNKS_BEFORE_AVERAGE have come: each chunk costs the event loop its parsing (a 1 MiB body sent a byte a chunk
         held it 27 s, every other connection waiting)."""
 
         def next_event_counted():
+            self.keep_head_begun()
             event = next_event()
             if isinstance(event, h11.Request):
                 self.body_chunks = self.body_bytes = 0
+                self.head_begun_kept = False
             elif isinstance(event, h11.Data) and event.chunk_end:
                 self.count_chunk(len(event.data))
             return event
@@ -202,6 +206,13 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
         super().handle_events()
         if self.cycle is not None and self.cycle.transport is self.transport:  # (a request's cycle, just made)
             self.cycle.transport = ClosesAfterClient(self)
+
+    def keep_head_begun(self) -> None:
+        """At the first read of a request head: keep what came of it already (in the same read as the previous
+        request's body, or while its answer was under way, when keep_head kept nothing: its refusal was h11's 501)."""
+        if self.conn.their_state is h11.IDLE and not self.head_begun_kept:
+            self.head_received[:] = self.conn.trailing_data[0][:self.max_head_bytes() + 1]
+            self.head_begun_kept = True
 
     def keep_head(self, data: bytes) -> None:
         """Keep what comes while a request head is owed (up to h11's limit on a head), so that a head h11 refuses can be

@@ -879,6 +879,22 @@ def test_a_transfer_encoding_whose_last_coding_is_not_a_single_chunked_is_a_400(
     assert status == 501 or "chunked" in err["message"] and "last" in err["message"], err
 
 
+def test_a_bad_transfer_encoding_in_the_same_read_as_the_previous_body_gets_the_same_400(fake):
+    """A head whose Transfer-Encoding does not end with a single chunked is a 400 saying so; arriving in the same read
+    as the previous request's body (kept alive), it was still h11's 501: its head had not been kept for the answer."""
+    chat = json.dumps(CHAT).encode()
+    with socket.create_connection(("127.0.0.1", fake.base_url.port), timeout=10) as s:
+        s.sendall(JSON_HEAD + b"Content-Length: %d\r\n\r\n" % len(chat))
+        time.sleep(0.1)  # (the head has been read: the body comes in a later read)
+        s.sendall(chat + b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n"
+                  b"\r\n0\r\n\r\n")
+        head, body = read_to_close(s)
+    second = b"HTTP/1.1 " + body.split(b"HTTP/1.1 ", 1)[1]
+    assert head.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 400"), second[:200]
+    err = json.loads(second.partition(b"\r\n\r\n")[2])["error"]
+    assert err["code"] == "invalid_http_request" and "chunked must be its last coding" in err["message"], err
+
+
 @pytest.mark.parametrize("coding", [b"chunked", b"gzip"])
 def test_an_http_1_0_request_with_a_transfer_encoding_is_a_400_that_closes_and_lingers(fake, coding):
     """RFC 9112 §6.1: HTTP/1.0 has no Transfer-Encoding, and a server must treat such a request's framing as faulty and
