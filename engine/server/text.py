@@ -211,10 +211,26 @@ def parse_json_text(raw: bytes) -> Any:
 
 def check_url_text(scope: dict) -> None:
     """Refuse a request whose URL path or query, percent-decoded, is not UTF-8 (uvicorn would turn
-    such bytes into U+FFFD, changing a voice name or a model id into other text)."""
+    such bytes into U+FFFD, changing a voice name or a model id into other text), or whose path holds a control
+    character (check_path_controls)."""
     for param, raw in (("path", scope.get("raw_path") or b""), ("query", scope.get("query_string") or b"")):
         if b"%" in raw or not raw.isascii():
             check_utf8(unquote_to_bytes(raw.replace(b"+", b" ")), param)
+    check_path_controls(scope.get("raw_path") or b"")
+
+
+CONTROL_BYTE = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def check_path_controls(raw_path: bytes) -> None:
+    """Refuse a path holding a control character once percent-decoded ('%00', '%0A'; h11 refuses one sent raw): no
+    route has one, and the 404 that named the path sent the byte back (a NUL in its message), or a path with '%0A'
+    dropped (the URL parser strips newlines)."""
+    found = CONTROL_BYTE.search(unquote_to_bytes(raw_path)) if b"%" in raw_path else None
+    if found is not None:
+        raise ApiError(f"the request path {shown(raw_path.decode('latin-1'))} holds a control character once "
+                       f"percent-decoded (byte 0x{found.group()[0]:02x}); no route's path has one: send the route's "
+                       "path", code="invalid_request", param="path")
 
 
 def check_utf8(data: bytes, param: str) -> None:

@@ -879,6 +879,25 @@ def test_a_transfer_encoding_whose_last_coding_is_not_a_single_chunked_is_a_400(
     assert status == 501 or "chunked" in err["message"] and "last" in err["message"], err
 
 
+def holds_control_character(text: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
+@pytest.mark.parametrize("target", [b"/v1/mod%00els", b"/v1/audio/voices/a%0Ab", b"/nope%7f", b"/a\x00b", b"/a\x01b"])
+def test_a_path_with_a_control_character_is_a_400_whose_message_does_not_echo_it(fake, target):
+    """'/v1/mod%00els' got a 404 whose message named the path with its NUL decoded (a control byte sent back), and
+    '%0A' a 404 naming another path (the newline dropped). Now a 400 naming the path as sent; a raw one is h11's 400."""
+    status, _, body = raw_answer(fake.base_url.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    err = json.loads(body)["error"]
+    assert status == 400 and err["type"] == "invalid_request_error", body
+    assert not holds_control_character(err["message"]), err
+    assert b"%" not in target or (err["code"], err["param"]) == ("invalid_request", "path") and (
+        target.decode() in err["message"]), err
+    if b"%" in target:  # (a websocket handshake meets the same check)
+        ws_status, _, ws_body = websocket_handshake(fake.base_url.port, target.decode())
+        assert ws_status == 400 and not holds_control_character(json.loads(ws_body)["error"]["message"]), ws_body
+
+
 def test_a_bad_transfer_encoding_in_the_same_read_as_the_previous_body_gets_the_same_400(fake):
     """A head whose Transfer-Encoding does not end with a single chunked is a 400 saying so; arriving in the same read
     as the previous request's body (kept alive), it was still h11's 501: its head had not been kept for the answer."""
