@@ -12,7 +12,9 @@ before the body is read.
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
+from dataclasses import dataclass
 
 from fastapi import Request
 from starlette.datastructures import FormData
@@ -113,25 +115,53 @@ def check_decoded_whole(decoder) -> None:
                   "invalid_content_encoding")
 
 
-async def arriving_chunks(request: Request, idle_s: float):
-    """The body's pieces as they arrive; a client that sends none for `idle_s` seconds (a Content-Length it never
-    fills, a chunked body that stops without its last chunk, while the connection stays open) is refused with 408:
-    uvicorn itself waits for the rest forever, holding the request and its connection."""
-    pieces = request.stream()
+@dataclass(frozen=True)
+class BodyPace:
+    """How a request body must keep arriving (Limits.body_idle_timeout_s, body_rate_grace_s, min_body_bytes_per_s):
+    no pause of `idle_s`, and once `grace_s` have passed since it began, `min_bytes_per_s` on average. A body trickled
+    a few bytes now and then, each piece within the pause, held its request and connection for as long as its client
+    liked: 512 such bodies took every connection the server has."""
+
+    idle_s: float
+    grace_s: float
+    min_bytes_per_s: float
+
+    @classmethod
+    def of(cls, limits) -> "BodyPace":
+        return cls(limits.body_idle_timeout_s, limits.body_rate_grace_s, limits.min_body_bytes_per_s)
+
+    def check(self, received: int, elapsed_s: float) -> None:
+        """Refuse (408) a body that has come at under `min_bytes_per_s` on average, past the grace."""
+        if elapsed_s > self.grace_s and received < self.min_bytes_per_s * elapsed_s:
+            raise ApiError(f"the request body arrives too slowly: {received} bytes in {elapsed_s:.1f} s "
+                           f"({received / elapsed_s:.0f} bytes/s); after its first {self.grace_s:g} s a body must "
+                           f"arrive at {self.min_bytes_per_s:g} bytes/s or more on average: send the whole body at "
+                           "once", code="request_timeout", status=408)
+
+
+async def arriving_chunks(request: Request, pace: BodyPace):
+    """The body's pieces as they arrive; a client that sends none for `pace.idle_s` seconds (a Content-Length it never
+    fills, a chunked body that stops without its last chunk, while the connection stays open), or too slowly
+    (BodyPace.check), is refused with 408: uvicorn itself waits for the rest forever, holding the request and its
+    connection."""
+    pieces, started, received = request.stream(), time.monotonic(), 0
     while True:
         try:
-            yield await asyncio.wait_for(anext(pieces), idle_s)
+            piece = await asyncio.wait_for(anext(pieces), pace.idle_s)
         except StopAsyncIteration:
             return
         except TimeoutError:
-            raise ApiError(f"the request body stopped arriving: no byte for {idle_s:g} s before it ended (a "
+            raise ApiError(f"the request body stopped arriving: no byte for {pace.idle_s:g} s before it ended (a "
                            "Content-Length larger than the body sent, or a chunked body without its last chunk): "
                            "send the whole body", code="request_timeout", status=408) from None
+        received += len(piece)
+        pace.check(received, time.monotonic() - started)
+        yield piece
 
 
-async def read_body(request: Request, limit: int, what: str, idle_s: float) -> bytes:
+async def read_body(request: Request, limit: int, what: str, pace: BodyPace) -> bytes:
     """The request body, refused (413) as soon as it passes `limit` bytes (decoded, for a compressed body), and
-    (408) when it stops arriving for `idle_s` seconds."""
+    (408) when it stops arriving or arrives too slowly (BodyPace)."""
     decoder = body_decoder(request)
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -143,7 +173,7 @@ async def read_body(request: Request, limit: int, what: str, idle_s: float) -> b
             raise bad("invalid Content-Length header", "invalid_request") from None
     chunks, size, decoded = [], 0, 0
     try:
-        async for chunk in arriving_chunks(request, idle_s):
+        async for chunk in arriving_chunks(request, pace):
             size += len(chunk)
             if size > limit:
                 raise ApiError(f"{what} too large: more than {human_bytes(limit)}", code="payload_too_large",
@@ -170,7 +200,7 @@ async def read_json(request: Request, limits) -> dict:
 
 
 async def json_body(request: Request, limits) -> dict:
-    body = await read_body(request, limits.max_request_bytes, "request body", limits.body_idle_timeout_s)
+    body = await read_body(request, limits.max_request_bytes, "request body", BodyPace.of(limits))
     check_json_values(body, limits.max_json_values, "the body")
     try:
         data = parse_json_text(body)
@@ -204,7 +234,7 @@ async def read_form(request: Request, limits, max_files: int, max_fields: int = 
 
 
 async def form_body(request: Request, limits, max_files: int, max_fields: int = 64) -> FormData:
-    body = await read_body(request, limits.max_upload_bytes, "upload", limits.body_idle_timeout_s)
+    body = await read_body(request, limits.max_upload_bytes, "upload", BodyPace.of(limits))
     check_closed(body, content_type(request)[1].get("boundary"))
     parser = StrictMultiPartParser(request.headers, request.stream(), max_files=max_files, max_fields=max_fields,
                                    max_part_size=1024 * 1024)

@@ -42,6 +42,8 @@ class Limits:
     slow_reader_timeout_s: float = 30.0  # a reader that takes nothing for this long is cut off
     keepalive_s: float = 15.0  # an SSE stream with no news for this long gets a keepalive comment
     body_idle_timeout_s: float = 10.0  # an HTTP request body that sends no byte for this long is refused (408)
+    body_rate_grace_s: float = 10.0  # after this long, an HTTP request body arriving at under min_body_bytes_per_s
+    min_body_bytes_per_s: float = 1024.0  # on average is refused (408): a trickle held its connection for ever
     max_connections: int = 512  # open HTTP and websocket connections: past it the one idle longest is closed, or
     #                             with none idle the new one is refused (503, too_many_connections)
     refusal_linger_s: float = 5.0  # after a refusal that closes the connection (503 too_many_connections, 408, a

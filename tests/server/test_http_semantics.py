@@ -397,6 +397,26 @@ def test_a_body_that_stops_arriving_is_a_408_not_a_request_held_forever(request_
         assert "0.5 s" in err["message"]
 
 
+def test_a_body_trickled_within_the_pause_is_a_408_once_its_average_rate_falls_short():
+    """A Content-Length body sent 10 bytes at a time, each piece well within the pause (body_idle_timeout_s), held its
+    request and connection for as long as its client liked. Past the grace, a body arriving under
+    min_body_bytes_per_s on average is refused (408, closing); a body sent at once is still served."""
+    chat = json.dumps(CHAT).encode()
+    with fake_server(body_rate_grace_s=0.3, min_body_bytes_per_s=1000) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(JSON_HEAD + b"Content-Length: 100000\r\n\r\n")
+            started = time.monotonic()
+            while not select.select([sock], [], [], 0.05)[0]:
+                assert time.monotonic() - started < 5, "the trickled body was never refused"
+                sock.sendall(b" " * 10)
+            head, body = read_to_close(sock)
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), head
+        err = json.loads(body)["error"]
+        assert err["code"] == "request_timeout" and "1000 bytes/s" in err["message"], err
+        assert httpx.post(srv.url + "/v1/chat/completions", content=chat, timeout=10,
+                          headers={"content-type": "application/json"}).status_code == 200
+
+
 @pytest.mark.parametrize("method, path, meant", [
     ("POST", "/v1/chat/completions/", "/v1/chat/completions"),
     ("GET", "/v1/audio/voices//", "/v1/audio/voices"),
