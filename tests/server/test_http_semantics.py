@@ -907,7 +907,8 @@ def holds_control_character(text: str) -> bool:
 def test_a_path_with_a_control_character_is_a_400_whose_message_does_not_echo_it(fake, target):
     """'/v1/mod%00els' got a 404 whose message named the path with its NUL decoded (a control byte sent back), and
     '%0A' a 404 naming another path (the newline dropped). Now a 400 naming the path as sent; a raw one is h11's 400."""
-    status, _, body = raw_answer(fake.base_url.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    request = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    status, _, body = raw_answer(fake.base_url.port, request)
     err = json.loads(body)["error"]
     assert status == 400 and err["type"] == "invalid_request_error", body
     assert not holds_control_character(err["message"]), err
