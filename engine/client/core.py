@@ -256,7 +256,9 @@ def connect_error(url: str, exc: BaseException, timeout_s: float | None = None) 
     if status is not None:
         body = getattr(response, "body", None)
         page = bytes(body or b"").decode("utf-8", "replace")
-        text = page if page.strip() else str(exc)  # (a proxy's text or web page: said by its words or title)
+        # (a proxy's text or web page: said by its words or title; an empty refusal by its reason phrase, not by
+        # websockets' own words, which named the status a second time)
+        text = page if page.strip() else getattr(response, "reason_phrase", "")
         try:
             return http_error(status, json.loads(body) if body else None, text, url)
         except ValueError:

@@ -712,6 +712,19 @@ def test_an_error_answer_not_in_the_engines_shape_names_its_status_where_and_wor
     assert url in checked.value.message and isinstance(chatted, Error) and chatted.code == checked.value.code
 
 
+def test_a_realtime_handshake_refused_with_an_empty_body_says_its_status_once(canned_server):
+    """A websocket handshake refused with a 4xx and no body was said 'HTTP 400 from ...: server rejected WebSocket
+    connection: HTTP 400', the status twice; it is now said once, with the answer's reason phrase."""
+    canned_server.answer = canned_answer("400 Bad Request", "text/plain", b"")
+    client = EngineClient(f"http://127.0.0.1:{canned_server.port}", timeout=5)
+    try:
+        refused = list(client.chat([{"role": "user", "content": "hi"}]))[-1]
+    finally:
+        client.close()
+    assert isinstance(refused, Error) and refused.code == "http_error", refused
+    assert refused.message.count("400") == 1 and "/v1/realtime: Bad Request" in refused.message, refused.message
+
+
 def test_a_captive_portals_page_is_said_as_a_web_page_not_a_json_or_stream_error(captive_portal):
     """A studio (or script) on a network with a sign-in page got 'the server's answer is not JSON' from the model
     check and "unexpected stream line '<!DOCTYPE html><html><head><title>Sign in...'" from every streamed request:
