@@ -95,10 +95,9 @@ def http_error(status: int, body: Any, text: str = "", url: str = "") -> ServerE
     answer (a proxy's page, a load balancer's text, another framework's JSON) by its status, `url` and own words."""
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict) and isinstance(err.get("message"), str):
-        ev = wire.error_event(err)
+        ev = wire.error_event(err, status)
         return ServerError(ev.message, ev.code, status, body)
-    return ServerError(_error_text(status, text, body, url), "server_error" if status >= 500 else "http_error", status,
-                       body)
+    return ServerError(_error_text(status, text, body, url), wire.status_error_code(status), status, body)
 
 
 _HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)

@@ -148,13 +148,20 @@ def engine_error(err: Error) -> ApiError:
     return ApiError(err.message, code=code, status=ERROR_CODES.get(code, 500))
 
 
-def error_event(obj: Any) -> Error:
-    """A wire error object -> the engine's Error event (client side)."""
+def error_event(obj: Any, status: int | None = None) -> Error:
+    """A wire error object -> the engine's Error event (client side). Its code names the class of error; an OpenAI
+    error with `code: null` by its `type` (invalid_request_error ...), else by the HTTP `status` (when there was one):
+    server_error for a 5xx (or no status), http_error for any other."""
     if not isinstance(obj, dict):
         return Error(f"the server reported an error without details: {str(obj)[:200]}", "protocol_error")
-    code = obj.get("code")  # (a code that is not a string, another server's number or list, is no code of ours)
-    return Error(str(obj.get("message") or "the server reported an error"),
-                 code if isinstance(code, str) and code else "server_error")
+    # (a code that is not a string, another server's number or list, is no code of ours)
+    named = next((obj[k] for k in ("code", "type") if isinstance(obj.get(k), str) and obj[k].strip()), None)
+    return Error(str(obj.get("message") or "the server reported an error"), named or status_error_code(status))
+
+
+def status_error_code(status: int | None) -> str:
+    """The code of an error answer that names none: server_error for a 5xx (or no HTTP status), http_error else."""
+    return "server_error" if status is None or status >= 500 else "http_error"
 
 
 # =========================================================================== usage and metrics

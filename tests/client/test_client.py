@@ -725,6 +725,25 @@ def test_a_realtime_handshake_refused_with_an_empty_body_says_its_status_once(ca
     assert refused.message.count("400") == 1 and "/v1/realtime: Bad Request" in refused.message, refused.message
 
 
+@pytest.mark.parametrize("status, error, code", [
+    ("400 Bad Request", {"message": "no such model", "type": "invalid_request_error", "code": None},
+     "invalid_request_error"),
+    ("404 Not Found", {"message": "no such route", "code": None}, "http_error"),
+    ("503 Service Unavailable", {"message": "overloaded", "code": None}, "server_error")])
+def test_an_openai_error_with_a_null_code_is_named_by_its_type_or_status(canned_server, status, error, code):
+    """An OpenAI-style error with `code: null` became server_error, a 4xx too, and its `type` was ignored: it is now
+    named by its type, else by the HTTP status (http_error for a 4xx, server_error for a 5xx)."""
+    canned_server.answer = canned_answer(status, "application/json", json.dumps({"error": error}).encode())
+    client = EngineClient(f"http://127.0.0.1:{canned_server.port}", timeout=5)
+    try:
+        with pytest.raises(ServerError) as checked:
+            client.info()
+        chatted = list(client.chat([{"role": "user", "content": "hi"}], transport="http"))[-1]
+    finally:
+        client.close()
+    assert (checked.value.code, checked.value.message, chatted.code) == (code, error["message"], code)
+
+
 def test_a_captive_portals_page_is_said_as_a_web_page_not_a_json_or_stream_error(captive_portal):
     """A studio (or script) on a network with a sign-in page got 'the server's answer is not JSON' from the model
     check and "unexpected stream line '<!DOCTYPE html><html><head><title>Sign in...'" from every streamed request:
