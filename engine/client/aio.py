@@ -471,6 +471,7 @@ class AsyncEngineClient(core.EngineClientBase):
                 await resp.aread()
                 yield core.json_error_event(resp.status_code, resp.content, self.endpoints.http + call.path)
                 return
+            calls.note_answer_rate(call.decoder, resp.headers)
 
             async def pump() -> None:
                 try:

@@ -118,6 +118,20 @@ def voice_upload(name: str, reference_audio: Any, reference_text: str | None, re
     return {"files": {"file": (f"reference.{payload.format}", payload.data)}, "data": data}
 
 
+def note_answer_rate(decoder: Any, headers: Any) -> None:
+    """Tell a speech stream's decoder the answer's own sample rate (its X-Sample-Rate header), for deltas that do
+    not name theirs."""
+    if isinstance(decoder, wire.SpeechSseDecoder):
+        decoder.answer_rate = answer_rate(headers)
+
+
+def answer_rate(headers: Any) -> int | None:
+    """The sample rate an answer's X-Sample-Rate header says; None when it says none (or something that is not a
+    positive whole number)."""
+    said = str(headers.get("x-sample-rate") or "").strip()
+    return int(said) if said.isdigit() and int(said) > 0 else None
+
+
 class WavStreamDecoder:
     """A WAV file arriving in pieces (OpenAI's streamed speech) -> AudioChunk events (mono PCM16 at the
     header's rate; more channels are averaged), then Done when the stream ends."""

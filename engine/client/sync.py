@@ -532,6 +532,7 @@ class EngineClient(core.EngineClientBase):
                 resp.read()
                 yield core.json_error_event(resp.status_code, resp.content, self.endpoints.http + call.path)
                 return
+            calls.note_answer_rate(call.decoder, resp.headers)
 
             def pump() -> None:
                 try:

@@ -897,6 +897,8 @@ class TranscriptionSseEncoder:
 
 _DELTA_KEYS = ("role", "content", "audio", "image_preview", "image", "refusal", "tool_calls", "function_call")
 OPENAI_PCM_RATE = 24000  # the rate of OpenAI's `pcm16` / `pcm` audio, for servers that do not name theirs
+ASSUMED_RATE_NOTE = (f"the server did not say its audio's sample rate (no sample_rate, X-Sample-Rate or WAV header): "
+                     f"played at OpenAI's {OPENAI_PCM_RATE} Hz, which may be wrong")
 
 
 class SseLines:
@@ -1097,11 +1099,15 @@ def _strip_wav_header(data: bytes) -> tuple[bytes, int | None]:
 class SpeechSseDecoder(SseLines):
     """Client side: a `/v1/audio/speech` SSE stream -> AudioChunk events, then Done (its `result`:
     sample_rate, fragments, ref_text_from_asr when our ASR filled in a transcript ...). Deltas without
-    our `sample_rate` are PCM16 at the rate of a WAV header in the first delta, else OpenAI's 24 kHz."""
+    our `sample_rate` are PCM16 at the rate of a WAV header in the first delta, else at the answer's own
+    (`answer_rate`: its X-Sample-Rate header, set by the client), else OpenAI's 24 kHz, which
+    Done's result then says was assumed (`sample_rate_note`)."""
 
     def __init__(self, strict: bool = True) -> None:
         super().__init__(strict)
         self.rate: int | None = None
+        self.answer_rate: int | None = None
+        self.rate_assumed = False
         self.audio_s = 0.0
 
     def _data(self, obj: dict) -> list[Event]:
@@ -1110,7 +1116,9 @@ class SpeechSseDecoder(SseLines):
             (data,) = _need(obj, "audio")
             pcm, header_rate = _strip_wav_header(_unb64(data, "audio") or b"") if self.rate is None else \
                 (_unb64(data, "audio") or b"", None)
-            self.rate = int(obj.get("sample_rate") or header_rate or self.rate or OPENAI_PCM_RATE)
+            said = obj.get("sample_rate") or header_rate or self.rate or self.answer_rate
+            self.rate_assumed = self.rate_assumed or not said
+            self.rate = int(said or OPENAI_PCM_RATE)
             text = str(obj.get("text") or "")
             if text:
                 self.text.append(text)
@@ -1124,6 +1132,8 @@ class SpeechSseDecoder(SseLines):
                 stats.audio_seconds = self.audio_s
             reason = obj.get("finish_reason") if obj.get("finish_reason") in ("stop", "cancelled") else "stop"
             text = " ".join(result.get("fragments") or []) or "".join(self.text)
+            if self.rate_assumed:
+                result = {"sample_rate": self.rate, **result, "sample_rate_note": ASSUMED_RATE_NOTE}
             self._done = Done(text=text, finish_reason=reason, stats=stats, result=result or None)
             return []
         return self._unknown(f"unknown speech stream event {str(kind)[:60]!r}")

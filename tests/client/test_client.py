@@ -6,6 +6,7 @@ realtime session client with reconnect, and the same methods on both sides, with
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import json
 import re
@@ -662,8 +663,9 @@ class CannedServer:
                 time.sleep(self.hold_s)
 
 
-def canned_answer(status: str, content_type: str, body: bytes) -> bytes:
-    return (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nConnection: close\r\n".encode()
+def canned_answer(status: str, content_type: str, body: bytes, headers: str = "") -> bytes:
+    """`headers`: more header lines, each ending with CRLF."""
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nConnection: close\r\n{headers}".encode()
             + b"Content-Length: %d\r\n\r\n" % len(body) + body)
 
 
@@ -742,6 +744,32 @@ def test_an_openai_error_with_a_null_code_is_named_by_its_type_or_status(canned_
     finally:
         client.close()
     assert (checked.value.code, checked.value.message, chatted.code) == (code, error["message"], code)
+
+
+@pytest.mark.parametrize("rate_header, rate, assumed", [("X-Sample-Rate: 16000\r\n", 16000, False),
+                                                        ("", 24000, True)])
+def test_speech_without_a_sample_rate_plays_at_the_answers_own_rate_or_says_it_was_assumed(canned_server,
+                                                                                             rate_header, rate, assumed):
+    """Speech deltas without a sample_rate were taken as 24 kHz even when the answer's X-Sample-Rate header said
+    16 kHz (a 16 kHz voice played 1.5x fast), and nothing said the rate was a guess. The header's rate is now used;
+    when nothing says one, Done's result says 24 kHz was assumed."""
+    pcm = b"\x00\x01" * 1600
+    stream = "".join(f"data: {json.dumps(e)}\n\n" for e in (
+        {"type": "speech.audio.delta", "audio": base64.b64encode(pcm).decode()},
+        {"type": "speech.audio.done", "usage": {}})) + "data: [DONE]\n\n"
+    canned_server.answer = canned_answer("200 OK", "text/event-stream", stream.encode(), rate_header)
+    url = f"http://127.0.0.1:{canned_server.port}"
+
+    async def spoken_async():
+        async with AsyncEngineClient(url, timeout=5) as client:
+            return [ev async for ev in client.speak("hello")]
+
+    with EngineClient(url, timeout=5) as client:
+        spoken = list(client.speak("hello"))
+    for chunk, done in (spoken, asyncio.run(spoken_async())):
+        assert isinstance(done, Done) and chunk.sample_rate == rate and chunk.seconds == pytest.approx(1600 / rate)
+        note = (done.result or {}).get("sample_rate_note", "")
+        assert ("24000 Hz" in note and done.result["sample_rate"] == 24000) if assumed else not note, done.result
 
 
 def test_a_captive_portals_page_is_said_as_a_web_page_not_a_json_or_stream_error(captive_portal):
