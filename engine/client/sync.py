@@ -437,10 +437,11 @@ class EngineClient(core.EngineClientBase):
         """Speech, sound or music: QueuePosition, AudioChunk (PCM16 mono at the talker's true rate, each
         with the text span it starts speaking) ..., then Done (time to first audio, audio seconds, RTF;
         `result`: sample_rate, fragments, `ref_text_from_asr` when our ASR filled in the transcript of
-        `reference_audio`) or Error. task: tts | sound | music | podcast; voice: a saved voice's name;
-        reference_audio: an audio file (bytes, path, data: URL) or (samples, sample_rate), or a list
-        (podcast: one per speaker); instruct: {dialect, emotion, speed, pitch, volume, ip, style, bgm}
-        or "key=value,..."; music: {genre, mood, instrument, theme, duration}."""
+        `reference_audio`, `sample_rate_note` when the server named no rate and 24 kHz was assumed) or Error.
+        task: tts | sound | music | podcast; voice: a saved voice's name; reference_audio: an audio file
+        (bytes, path, data: URL) or (samples, sample_rate), or a list (podcast: one per speaker); instruct:
+        {dialect, emotion, speed, pitch, volume, ip, style, bgm} or "key=value,..."; music: {genre, mood,
+        instrument, theme, duration}."""
         model, failed = self._model_or_error()
         call = failed or calls.speech_call(text, task, voice, reference_audio, reference_text, instruct, music, seed,
                                  max_seconds, model)
