@@ -748,8 +748,8 @@ def test_an_openai_error_with_a_null_code_is_named_by_its_type_or_status(canned_
 
 @pytest.mark.parametrize("rate_header, rate, assumed", [("X-Sample-Rate: 16000\r\n", 16000, False),
                                                         ("", 24000, True)])
-def test_speech_without_a_sample_rate_plays_at_the_answers_own_rate_or_says_it_was_assumed(canned_server,
-                                                                                             rate_header, rate, assumed):
+def test_speech_without_a_sample_rate_plays_at_the_answers_own_rate_or_says_it_was_assumed(
+        canned_server, rate_header, rate, assumed):
     """Speech deltas without a sample_rate were taken as 24 kHz even when the answer's X-Sample-Rate header said
     16 kHz (a 16 kHz voice played 1.5x fast), and nothing said the rate was a guess. The header's rate is now used;
     when nothing says one, Done's result says 24 kHz was assumed."""
