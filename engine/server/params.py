@@ -26,11 +26,14 @@ TRANSCRIPTION_MAX_TOKENS = 512  # a transcription's token limit when the request
 
 
 def check_output_modalities(value: Any, name: str, engine) -> list[str]:
-    """A non-empty list of "text" and "audio" (when the engine has a talker); anything the engine
+    """A non-empty list of "text" and "audio" (when the engine has a talker), each named once; anything the engine
     cannot give is refused with modality_not_supported, and so is "image": chat and realtime responses
     never draw (images come from the image endpoints)."""
     if not isinstance(value, list) or not value or not all(isinstance(m, str) for m in value):
         raise bad(f"'{name}' must be a non-empty list of strings such as [\"text\"]", "invalid_type", name)
+    if len(set(value)) < len(value):  # (["text", "text"] was taken as ["text"])
+        raise bad(f"'{name}' names a modality twice: {shown(value)}; name each once, e.g. [\"text\", \"audio\"]",
+                  "invalid_value", name)
     for m in value:
         if m not in OUTPUT_MODALITIES:
             raise bad(f"'{name}': unknown modality {shown(m)} (known: {', '.join(OUTPUT_MODALITIES)})", "invalid_value",
@@ -42,7 +45,7 @@ def check_output_modalities(value: Any, name: str, engine) -> list[str]:
             why = getattr(engine, "talker_error", None) or "the loaded model has no talker"
             raise ApiError(f"audio output is not supported by this engine ({why}); ask for [\"text\"]",
                            code="modality_not_supported", param=name)
-    return list(dict.fromkeys(value))
+    return list(value)
 
 
 DEFAULT_VOICE = "default"  # names the talker's own voice (as leaving the voice out does)

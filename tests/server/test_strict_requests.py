@@ -531,6 +531,17 @@ def test_a_realtime_tool_call_item_is_refused_as_tool_calling_not_as_an_unknown_
         assert recv_json(ws)["error"]["param"] == "response.tools"
 
 
+def test_a_modality_named_twice_is_refused_naming_the_field(http, server):
+    """`modalities: ["text", "text"]` was taken as ["text"]; in chat and a realtime response it is now refused."""
+    err = error_of(http.post("/v1/chat/completions", json={**CHAT, "modalities": ["text", "text"]}))
+    assert (err["code"], err["param"]) == ("invalid_value", "modalities") and "twice" in err["message"], err
+    with connect(server.ws_url, max_size=None) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        ws.send(json.dumps({"type": "response.create", "response": {"output_modalities": ["text", "text"]}}))
+        err = recv_json(ws)["error"]
+        assert (err["code"], err["param"]) == ("invalid_value", "response.output_modalities"), err
+
+
 def test_reasoning_effort_none_asks_for_what_a_chat_does_and_is_accepted(http):
     """OpenAI's reasoning_effort "none" (GPT-5.1's default, which clients pass on) was refused though it asks for a
     reply without thinking, this server's default; beside our 'thinking': true it contradicts it, and says so."""
