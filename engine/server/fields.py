@@ -26,17 +26,22 @@ Harmless = Callable[[Any], bool]  # a value of a refused field that asks for not
 @dataclass(frozen=True)
 class Fields:
     """`taken`: honoured (or checked by the endpoint itself); `ignored`: accepted, no effect;
-    `refused`: name -> (why, the values that ask for nothing and pass)."""
+    `refused`: name -> (why, the values that ask for nothing and pass); `types`: a refused field's JSON types as
+    OpenAI takes them, another type being invalid_type (not a request for what is refused)."""
 
     taken: tuple[str, ...]
     ignored: tuple[str, ...] = ()
     refused: dict[str, tuple[str, Harmless]] = field(default_factory=dict)
+    types: dict[str, tuple[type, ...]] = field(default_factory=dict)
 
     def check(self, body: dict, prefix: str = "") -> None:
         for key, value in body.items():
             if key in self.taken or key in self.ignored or value is None:
                 continue
             name = f"{prefix}{key}"
+            if key in self.types and not isinstance(value, self.types[key]):
+                kinds = " or ".join(JSON_TYPE_NAMES[t] for t in self.types[key])
+                raise bad(f"'{name}' must be {kinds}, got {type(value).__name__}", "invalid_type", name)
             base = key.split("[", 1)[0]  # an object sent as form fields: chunking_strategy[type]=server_vad
             if key in self.refused or base in self.refused:
                 why, harmless = self.refused.get(key) or self.refused[base]
@@ -49,6 +54,11 @@ class Fields:
 
 
 NO_TOOLS = "this model has no tool calling"
+JSON_TYPE_NAMES = {str: "a string", dict: "an object"}
+# OpenAI's tool_choice / function_call: a mode ("none", "auto", "required") or an object naming a tool
+TOOL_CHOICE_TYPES = {"tool_choice": (str, dict), "function_call": (str, dict)}
+
+
 def check_tool_list(value: Any, name: str) -> None:
     """A list of tools (chat's `tools` / `functions`, a realtime session's `tools`): an empty one asks for nothing and
     passes, one holding tools is refused naming the field (`name`), anything else is not a list (false passed)."""
@@ -90,7 +100,8 @@ CHAT = Fields(
         "prediction": ("predicted outputs are not supported", lambda v: False),
         "web_search_options": ("this server does not search the web", lambda v: False),
         "moderation": ("this server runs no moderation model (no moderated completions)", lambda v: False),
-    })
+    },
+    types=TOOL_CHOICE_TYPES)
 
 SPEECH = Fields(taken=("model", "input", "voice", "instructions", "response_format", "speed", "stream_format")
                 + SPEECH_EXTENSIONS)
@@ -159,7 +170,8 @@ REALTIME_RESPONSE = Fields(
            "logit_bias"),
     ignored=("object",),
     refused={"tools": (NO_TOOLS, lambda v: v == []), "tool_choice": (NO_TOOLS, lambda v: v in ("none", "auto")),
-             "prompt": ("stored prompts are not supported", lambda v: False)})
+             "prompt": ("stored prompts are not supported", lambda v: False)},
+    types={"tool_choice": TOOL_CHOICE_TYPES["tool_choice"]})
 REALTIME_ITEM = Fields(taken=("type", "role", "content", "id"), ignored=("object", "status"))
 
 

@@ -1407,10 +1407,8 @@ def check_ignored_session_fields(spec: dict) -> None:
             if limits.get("post_instructions") is not None:
                 codec.need_number(limits["post_instructions"], "session.truncation.token_limits.post_instructions",
                                   0, integer=True)
-    for name, (why, harmless) in REALTIME_RESPONSE.refused.items():  # the same rule as response.create's
-        if name in IGNORED_SESSION_FIELDS and spec.get(name) is not None and not harmless(spec[name]):
-            raise bad(f"'session.{name}' is not supported by this server: {why}", "unsupported_parameter",
-                      f"session.{name}")
+    refused_here = {k: v for k, v in spec.items() if k in REALTIME_RESPONSE.refused and k in IGNORED_SESSION_FIELDS}
+    REALTIME_RESPONSE.check(refused_here, "session.")  # the same rule as response.create's
 
 
 def check_noise_reduction(value: Any, name: str) -> None:

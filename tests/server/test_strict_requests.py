@@ -486,6 +486,8 @@ def test_realtime_numbers_too_large_for_a_float_are_bad_values_named(server):
     ("verbosity", "low", "unsupported_parameter"),
     ("store", True, "unsupported_parameter"),
     ("tool_choice", "required", "unsupported_parameter"),
+    ("tool_choice", 5, "invalid_type"),  # (was refused as a request for tool calling)
+    ("function_call", True, "invalid_type"),
     ("frobnicate", 1, "unknown_parameter"),
     ("max_token", 5, "unknown_parameter"),
     ("max_tokens", "inf", "invalid_type"),  # realtime's "inf" (the server's cap) was taken here too
@@ -724,7 +726,8 @@ def test_realtime_session_fields_without_effect_still_take_only_openais_values(s
                  "session.input_audio_noise_reduction.type"),
                 ({"audio": {"input": {"noise_reduction": "on"}}}, "invalid_type", "session.audio.input.noise_reduction"),
                 ({"prompt": {"id": "pmpt_1"}}, "unsupported_parameter", "session.prompt"),
-                ({"tool_choice": "required"}, "unsupported_parameter", "session.tool_choice")):
+                ({"tool_choice": "required"}, "unsupported_parameter", "session.tool_choice"),
+                ({"tool_choice": 5}, "invalid_type", "session.tool_choice")):
             ws.send(json.dumps({"type": "session.update", "session": session}))
             ev = recv_json(ws)
             assert ev["type"] == "error" and (ev["error"]["code"], ev["error"]["param"]) == (code, param), (session, ev)
