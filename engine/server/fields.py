@@ -59,13 +59,20 @@ JSON_TYPE_NAMES = {str: "a string", dict: "an object"}
 TOOL_CHOICE_TYPES = {"tool_choice": (str, dict), "function_call": (str, dict)}
 
 
+def no_tool_calling(name: str, value: Any = None) -> ApiError:
+    """The one refusal of what asks for tool calling: the field `name` (and the `value` sent there, when it says what
+    was asked: a message's role "tool", an item's type "function_call_output") is unsupported_parameter."""
+    said = f"'{name}'" if value is None else f"'{name}' {shown(str(value))}"
+    return bad(f"{said} is not supported by this server: {NO_TOOLS}", "unsupported_parameter", name)
+
+
 def check_tool_list(value: Any, name: str) -> None:
     """A list of tools (chat's `tools` / `functions`, a realtime session's `tools`): an empty one asks for nothing and
     passes, one holding tools is refused naming the field (`name`), anything else is not a list (false passed)."""
     if value is not None and not isinstance(value, list):
         raise bad(f"'{name}' must be a list of tools, got {type(value).__name__}", "invalid_type", name)
     if value:
-        raise bad(f"'{name}' is not supported by this server: {NO_TOOLS}", "unsupported_parameter", name)
+        raise no_tool_calling(name)
 
 
 NO_REASONING = "none"  # OpenAI's reasoning_effort asking for no reasoning: what a chat does unless 'thinking' is true

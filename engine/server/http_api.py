@@ -136,6 +136,10 @@ def replayed_words(m: dict, name: str):
     return None if audio is None else need_str(audio["transcript"], f"{name}.audio.transcript")
 
 
+TOOL_ROLES = ("tool", "function")  # OpenAI's messages answering a tool call (function: the deprecated one)
+TOOL_CALL_FIELDS = ("tool_calls", "function_call")  # an assistant message's tool calls (empty ones are taken)
+
+
 def convert_messages(messages, limits) -> tuple[list[dict], str | None]:
     """OpenAI messages -> (engine messages, system prompt or None)."""
     if not isinstance(messages, list) or not messages:
@@ -158,13 +162,15 @@ def convert_messages(messages, limits) -> tuple[list[dict], str | None]:
             codec.check_keys(m, name, ("role", "content"), ("name",))
             system.append(codec.text_only(m.get("content"), f"{name}.content"))
             continue
+        if role in TOOL_ROLES:
+            raise fields.no_tool_calling(f"{name}.role", role)
         if role not in ("user", "assistant"):
-            raise bad(f"'{name}.role' must be system, developer, user or assistant (tools are not supported)",
-                      "invalid_value", f"{name}.role")
-        if m.get("tool_calls") or m.get("function_call"):
-            raise bad("tool calls are not supported by this engine", "unsupported_parameter", f"{name}.tool_calls")
+            raise bad(f"'{name}.role' must be system, developer, user or assistant", "invalid_value", f"{name}.role")
+        for key in TOOL_CALL_FIELDS:
+            if m.get(key):
+                raise fields.no_tool_calling(f"{name}.{key}")
         replayed = ("refusal", "audio") if role == "assistant" else ()  # (a user's refusal: no effect, as before)
-        codec.check_keys(m, name, ("role", "content", "tool_calls", "function_call") + replayed,
+        codec.check_keys(m, name, ("role", "content") + TOOL_CALL_FIELDS + replayed,
                          ("name", "annotations") if replayed else ("name", "refusal"))
         content = replayed_words(m, name) if replayed else m.get("content")
         if content is None:

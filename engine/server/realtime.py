@@ -41,7 +41,8 @@ from engine.server.audio_out import OPENAI_PCM_RATE  # OpenAI's 'pcm16' / audio/
 from engine.server.auth import check_token, chosen_subprotocol
 from engine.server.codec import bad, need_dict, need_number, need_str
 from engine.server.context import ServerContext
-from engine.server.fields import NO_TOOLS, REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields, check_tool_list
+from engine.server.fields import (REALTIME_ITEM, REALTIME_RESPONSE, check_event_fields, check_tool_list,
+                                  no_tool_calling)
 from engine.server.http_api import retry_headers
 from engine.server.params import (TRANSCRIPTION_MAX_TOKENS, check_metadata, check_output_modalities, flag,
                                   generation_params, logit_bias, output_kwargs, transcription_tag, vocab_size,
@@ -1368,8 +1369,7 @@ def check_message_item(item: dict, name: str, types: str) -> None:
     checked before its fields: a function_call_output item was refused as an "unknown field 'item.call_id'"."""
     kind = item.get("type", "message")
     if kind in TOOL_ITEM_TYPES:
-        raise bad(f"'{name}.type' {kind!r} is not supported by this server: {NO_TOOLS}", "unsupported_parameter",
-                  f"{name}.type")
+        raise no_tool_calling(f"{name}.type", kind)
     if kind != "message":
         raise bad(f"item type {str(kind)[:40]!r} is not supported; use {types}", "invalid_value", f"{name}.type")
     REALTIME_ITEM.check(item, f"{name}.")

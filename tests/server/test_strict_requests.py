@@ -511,6 +511,19 @@ def test_a_tool_list_is_refused_naming_the_field_sent(http, field, value, code):
     assert http.post("/v1/chat/completions", json={**CHAT, field: []}).status_code == 200  # (asks for nothing)
 
 
+@pytest.mark.parametrize("message, param", [
+    ({"role": "tool", "tool_call_id": "c1", "content": "42"}, "messages[1].role"),  # (was invalid_value)
+    ({"role": "function", "name": "f", "content": "42"}, "messages[1].role"),
+    ({"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+     "messages[1].function_call"),  # (was named 'tool_calls')
+])
+def test_a_tool_message_is_refused_as_tool_calling(http, message, param):
+    """A conversation replayed from a tool-calling client: its tool results and calls are refused as the `tools` list
+    is, unsupported_parameter naming the field sent and saying there is no tool calling."""
+    err = error_of(http.post("/v1/chat/completions", json={**CHAT, "messages": [*CHAT["messages"], message]}))
+    assert (err["code"], err["param"]) == ("unsupported_parameter", param) and "no tool calling" in err["message"], err
+
+
 def test_a_realtime_tool_call_item_is_refused_as_tool_calling_not_as_an_unknown_field(server):
     """A function_call_output item (a conversation replayed from OpenAI) was refused as "unknown field
     'item.call_id'", which said nothing of what was wrong: this model has no tool calling. A session's or response's
