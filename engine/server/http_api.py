@@ -119,9 +119,10 @@ def text_field(value, name: str, max_chars: int, required: bool = True) -> str |
 
 def replayed_words(m: dict, name: str):
     """What an assistant message said, as the SDK replays an answer (`messages.append(answer.choices[0].message)`):
-    its `content`; else its `refusal` (an answer that refused has no content); else a spoken answer's
-    `audio.transcript`. Its audio itself is not kept: an `audio` naming an `id` only (OpenAI's way to refer to an
-    earlier reply's audio) is refused, as the server keeps no audio between requests."""
+    its `content` followed by its `refusal`, as a further part (joined as a message's text parts are,
+    codec.joined_texts); either alone when the other is absent (an answer that refused has no content); else a spoken
+    answer's `audio.transcript`. Its audio itself is not kept: an `audio` naming an `id` only (OpenAI's way to refer
+    to an earlier reply's audio) is refused, as the server keeps no audio between requests."""
     audio = m.get("audio")
     if audio is not None:
         audio = need_dict(audio, f"{name}.audio")
@@ -129,11 +130,16 @@ def replayed_words(m: dict, name: str):
         if audio.get("transcript") is None:
             raise bad(f"'{name}.audio' (an earlier reply's audio by id) is not supported: this server keeps no audio "
                       "between requests; send the reply's text as 'content'", "unsupported_parameter", f"{name}.audio")
-    if m.get("content") is not None:
-        return m["content"]
-    if m.get("refusal") is not None:
-        return need_str(m["refusal"], f"{name}.refusal")
-    return None if audio is None else need_str(audio["transcript"], f"{name}.audio.transcript")
+    content, refusal = m.get("content"), m.get("refusal")
+    if refusal is not None:
+        need_str(refusal, f"{name}.refusal")
+    if content is None:
+        return refusal if refusal is not None or audio is None else need_str(audio["transcript"],
+                                                                             f"{name}.audio.transcript")
+    if refusal and isinstance(content, (str, list)):  # both (the refusal was dropped): it follows the reply's parts
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        return [*parts, {"type": "refusal", "refusal": refusal}]
+    return content
 
 
 TOOL_ROLES = ("tool", "function")  # OpenAI's messages answering a tool call (function: the deprecated one)

@@ -929,6 +929,29 @@ def test_an_assistant_refusal_part_is_read_as_what_the_assistant_said():
     assert text_chars(messages[1]["content"]) == len("I can't do that.")  # held to the text limits as text
 
 
+def test_an_assistant_message_with_both_content_and_a_refusal_keeps_both():
+    """An assistant message holding `content` and `refusal` reached the model with its content only, the refusal
+    dropped silently; both are now what the assistant said, its content then the refusal as one more part (joined as
+    a message's text parts are), and a refusal that is not a string is refused naming it."""
+    from engine.server.codec import TEXT_PART_SEPARATOR
+    from tests.server import FakeEngine, fake_server
+
+    engine = FakeEngine()
+    ask, again = {"role": "user", "content": "do two things"}, {"role": "user", "content": "why?"}
+    said = [{"role": "assistant", "content": "Here is the first. ", "refusal": "I can't do the second."},
+            {"role": "assistant", "content": [{"type": "text", "text": "Here is the first. "}],
+             "refusal": "I can't do the second."}]
+    with fake_server(engine) as srv:
+        for assistant in said:
+            r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [ask, assistant, again]}, timeout=30)
+            assert r.status_code == 200, r.text
+            assert engine.calls[-1]["messages"][1]["content"] == [
+                {"type": "text", "text": f"Here is the first. {TEXT_PART_SEPARATOR}I can't do the second."}]
+        err = error_of(httpx.post(srv.url + "/v1/chat/completions", json={"messages": [
+            ask, {**said[0], "refusal": 5}, again]}, timeout=30))
+        assert (err["code"], err["param"]) == ("invalid_type", "messages[1].refusal"), err
+
+
 def test_realtime_nested_fields_are_honoured_or_named(server):
     with connect(server.ws_url) as ws:
         assert recv_json(ws)["type"] == "session.created"
