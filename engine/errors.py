@@ -34,6 +34,11 @@ def image_formats_named() -> str:
     return f"{', '.join(most)} or {last}"
 
 
+def unread_picture(what: str) -> str:
+    """What is said of `what` when it is a picture in none of IMAGE_FORMATS (or a corrupt one)."""
+    return f"{what} is not a picture in a format the engine reads ({image_formats_named()}), or it is corrupt"
+
+
 class MingError(Exception):
     """Base of the engine's user-facing errors."""
 

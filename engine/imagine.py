@@ -40,11 +40,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, UnidentifiedImageError
 
 from engine.command import EXIT_CODES_HELP, output_file_problem, text_argument
-from engine.errors import (EXIT_FAILED, EXIT_INPUT, LOAD_ERRORS, MingError, error_exit_code, load_failure, shown,
-                           shown_number)
+from engine.errors import (EXIT_FAILED, EXIT_INPUT, IMAGE_FORMATS, LOAD_ERRORS, MingError, error_exit_code,
+                           load_failure, shown, shown_number, unread_picture)
 from engine.generate import Cancelled
 from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress
 from engine.media.errors import MediaError
@@ -274,7 +274,11 @@ def encoded_as(png: bytes, fmt: str, quality: int | None = None) -> bytes:
     if fmt == "png":
         return png
     buf = io.BytesIO()
-    with Image.open(io.BytesIO(png)) as img:
+    try:
+        img = Image.open(io.BytesIO(png), formats=tuple(IMAGE_FORMATS))
+    except UnidentifiedImageError:
+        raise MediaError(unread_picture("the picture to encode")) from None
+    with img:
         img.convert("RGB").save(buf, IMAGE_FILE_FORMATS[fmt], quality=DEFAULT_LOSSY_QUALITY if quality is None else quality)
     return buf.getvalue()
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import gradio as gr
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from app.engine_link import IMAGE_OUT, EngineLink
 from app.media_check import IMAGE_FORMATS, media_problem
@@ -28,6 +28,8 @@ from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, e
                            DRAWN_SEED_MAX, from_json, seed_problem, session_of, toolbar,
                            BrowserRequest, HIDDEN_STEP, browser_secret, browser_storage, check_on_upload, kept_request,
                            restore_request, say_refused_files, says_refused, wire_stop)
+from engine.client import IMAGE_FORMATS as DECODED_IMAGE_FORMATS
+from engine.errors import unread_picture
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
 TAB = "image"
@@ -125,7 +127,12 @@ def _saved_here(path_text) -> Path | None:
 
 
 def _pil(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    """A picture the engine sent (a preview), opened as the engine's decoder opens one (IMAGE_FORMATS only)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=tuple(DECODED_IMAGE_FORMATS)) as image:
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(unread_picture("the engine's preview picture")) from None
 
 
 def parse_size(text: str | None) -> str | None:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from engine.errors import IMAGE_FORMATS, image_formats_named
+from engine.errors import IMAGE_FORMATS, unread_picture
 
 from .errors import MediaError, not_a_file
 
@@ -428,8 +428,7 @@ def _open_encoded(stream: io.BytesIO, what: str, max_input_pixels: int) -> Image
     except Image.DecompressionBombError as exc:
         raise MediaError(f"{what} is too large to decode safely: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise MediaError(f"{what} is not a picture in a format the engine reads ({image_formats_named()}), or it is "
-                         "corrupt") from exc
+        raise MediaError(unread_picture(what)) from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise MediaError(f"{what} is corrupt or truncated: {exc}") from exc
     return image

@@ -55,6 +55,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.errors import IMAGE_FORMATS
+
 from .errors import MediaError, decode_failure, not_a_file
 from .image import ImageProcessorConfig, load_image, normalize_image, patchify, resize_bicubic, smart_resize
 
@@ -342,9 +344,9 @@ def _frame_size(frame) -> tuple[int, int]:
         return int(frame.shape[0]), int(frame.shape[1])
     try:
         source = io.BytesIO(bytes(frame)) if isinstance(frame, (bytes, bytearray, memoryview)) else frame
-        with Image.open(source) as image:
+        with Image.open(source, formats=tuple(IMAGE_FORMATS)) as image:
             return image.height, image.width
-    except Exception:  # not an image file: load_image names what is wrong with it
+    except Exception:  # not a picture the decoder reads: load_image names what is wrong with it
         image = np.asarray(load_image(frame))
         return int(image.shape[0]), int(image.shape[1])
 

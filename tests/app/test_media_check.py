@@ -61,6 +61,24 @@ def test_a_picture_in_a_format_the_engine_does_not_read_names_the_formats_it_doe
         problem = media_problem(tmp_path / name, "image", {})
         assert problem.startswith(f"'{name}' is not a picture") and image_formats_named() in problem, problem
 
+def test_a_preview_picture_is_opened_as_the_engine_decoder_opens_one():
+    """The Image tab opened an engine's preview with any format Pillow reads (a PPM was shown); it reads the decoder's
+    formats only, and another is refused naming them, as the decoder says."""
+    import io
+
+    from app.ui.image import _pil
+    from engine.client import image_formats_named
+    for fmt in ("PPM", "PNG"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, fmt)
+        if fmt == "PNG":
+            assert _pil(buf.getvalue()).getpixel((0, 0)) == (200, 10, 10)
+            continue
+        with pytest.raises(ValueError, match="not a picture in a format") as info:
+            _pil(buf.getvalue())
+        assert image_formats_named() in str(info.value)
+
+
 def test_a_silent_clip_is_named_before_it_is_sent(engine_server, tmp_path):
     """A silent file given to Speech came back with a transcript (the demo weights made one up; the real model gives
     an empty one, and empty .txt and .srt files); given to Voice, a voice was "cloned" from nothing. The file is named
