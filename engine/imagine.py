@@ -536,9 +536,9 @@ def _sd3_sampling(gen, request: ImagineRequest, cond: torch.Tensor, negative_con
 # ------------------------------------------------------------------------------------------ CLI
 
 
-def _write_image_files(out: Path, done: ImageDone) -> None:
+def _write_image_files(out: Path, done: ImageDone, mask_note: str = "") -> None:
     """The image at `out`, in the format its suffix names (a segmentation's mask and overlay beside it, as
-    OUT_mask.png and OUT_overlay.png)."""
+    OUT_mask.png and OUT_overlay.png), then the image's note with what the CLI knows of the --mask (`mask_note`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(encoded_as(done.image, IMAGE_SUFFIXES[out.suffix.lower()]))
     print(f"wrote {out} ({done.width}x{done.height}, seed {done.seed})")
@@ -547,17 +547,21 @@ def _write_image_files(out: Path, done: ImageDone) -> None:
             path = out.with_name(f"{out.stem}_{kind}.png")
             path.write_bytes(data)
             print(f"wrote {path}")
-    if done.note:
-        print(f"note: {done.note}")
+    note = "; ".join(filter(None, (done.note, mask_note)))
+    if note:
+        print(f"note: {note}")
 
 
-def _read_mask(ap: argparse.ArgumentParser, path: Path) -> np.ndarray:
-    """--mask's alpha (engine.media.image.load_alpha), or a usage error (exit 2) naming the file: missing, a folder,
-    unreadable, not a picture, or a picture without transparency."""
+def _read_mask(ap: argparse.ArgumentParser, path: Path) -> tuple[np.ndarray, str]:
+    """--mask's alpha (engine.media.image.load_alpha) and its note: an animated mask is read at its first frame, said
+    as the API says it (animated_note; the engine gets the alpha only). Or a usage error (exit 2) naming the file:
+    missing, a folder, unreadable, not a picture, or a picture without transparency."""
     if not path.is_file():
         ap.error(f"--mask {path}: " + ("is a folder, not a picture" if path.is_dir() else "no such file"))
     try:
-        return load_alpha(path.read_bytes())
+        data = path.read_bytes()
+        frames = frame_count(data)
+        return load_alpha(data), animated_note(f"--mask {path}", frames) if frames > 1 else ""
     except OSError as e:
         ap.error(f"--mask {path}: cannot be read ({e.strerror or e})")
     except MediaError as e:
@@ -626,13 +630,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.preview_dir is not None and args.preview_dir.exists() and not args.preview_dir.is_dir():
         ap.error(f"--preview-dir {args.preview_dir}: is a file, not a folder")
     task = "segment" if args.segment is not None else ("edit" if args.edit else "generate")
+    mask, mask_note = (None, "") if args.mask is None else _read_mask(ap, args.mask)
     req = ImagineRequest(prompt=args.segment if args.segment is not None else args.prompt, images=[str(p) for p in args.edit],
                          task=task, size=args.size, aspect=args.aspect, steps=args.steps, guidance=args.guidance,
                          image_guidance=args.image_guidance, negative_prompt=args.negative_prompt,
                          cfg_truncation=args.cfg_truncation, cfg_normalization=args.cfg_normalization,
                          seed=args.seed, preview_every=args.preview_every if args.preview_dir else 0,
                          mask_color=args.mask_color, preset=args.preset,
-                         mask=None if args.mask is None else _read_mask(ap, args.mask))
+                         mask=mask)
     try:  # what needs no model is checked before the load (a clash of --size and --aspect came after a minute)
         dataclasses.replace(req).check()
     except ImageGenError as e:
@@ -661,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.preview_dir / f"step_{ev.step:03d}.png").write_bytes(ev.image)
         elif isinstance(ev, ImageDone):
             try:
-                _write_image_files(args.out, ev)
+                _write_image_files(args.out, ev, mask_note)
             except OSError as e:  # a full disk, a folder made read-only meanwhile
                 print(f"error: cannot write {e.filename or args.out} ({e.strerror or e})", file=sys.stderr)
                 code = EXIT_FAILED

@@ -248,6 +248,22 @@ def test_cli_edits_inside_its_mask_only(tiny_engine, tmp_path, monkeypatch, caps
     assert got.shape == (48, 64, 3) and np.array_equal(got[outside], original[outside])
 
 
+def test_cli_says_an_animated_mask_was_read_at_its_first_frame(tiny_engine, tmp_path, monkeypatch, capsys):
+    """`--mask anim.png` (an APNG of 3 frames) was read at its first frame without a word, where the API says so: the
+    CLI's note line says it in the API's words (animated_note)."""
+    from engine.imagine import main
+    from engine.runtime import Engine
+
+    monkeypatch.setattr(Engine, "load", lambda *args, **kwargs: tiny_engine)
+    Image.fromarray(_photo(48, 64, seed=3)).save(tmp_path / "a.png")
+    frames = [_window_mask(box=(8 * i, 12, 48, 36)) for i in range(1, 4)]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    assert main(["--edit", str(tmp_path / "a.png"), "--mask", str(tmp_path / "anim.png"), "--prompt", "make it blue",
+                 "--steps", "1", "--out", str(tmp_path / "out.png")]) == 0, capsys.readouterr().err
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert notes and f"--mask {tmp_path / 'anim.png'} is animated (3 frames): only its first frame was used" in notes[0]
+
+
 @pytest.mark.parametrize("mask, flags, says", [
     (None, [], "--mask {mask}: no such file"),
     ("folder", [], "is a folder, not a picture"),
