@@ -72,26 +72,39 @@ def clip_seconds(path: str | Path) -> float | None:
         return None
 
 
+def _peak(samples) -> float:
+    """A decoded frame's loudest sample, full scale 1 (NaN where a float sample is NaN)."""
+    import numpy as np
+
+    if samples.dtype == np.uint8:  # unsigned 8-bit: silence is 128
+        return float(np.abs(samples.astype(np.float32) - 128.0).max(initial=0)) / 128.0
+    if samples.dtype.kind == "i":
+        return float(np.abs(samples.astype(np.float64)).max(initial=0)) / np.iinfo(samples.dtype).max
+    return float(np.abs(samples).max(initial=0))
+
+
 def silent_audio(path: str | Path, first_only: bool = False) -> bool:
     """Whether the audio at `path` (`first_only`: its first channel) never rises above SILENCE_DBFS (decoded until a
-    louder sample is found)."""
+    louder sample is found). Samples that are not audio are not silence: NaN or infinite ones, and a float WAV's all
+    below the smallest normal float (integer samples labelled float), which the engine refuses as a corrupt file
+    saying why (a float WAV of subnormal dust was called silent here, and the engine's reason never shown)."""
     import av
     import numpy as np
 
     from app.sound_track import first_channel
 
     with av.open(str(path)) as container:
-        for frame in container.decode(audio=0):
+        stream = container.streams.audio[0]
+        float_wav = container.format.name == "wav" and stream.codec_context.name.startswith("pcm_f")
+        loudest, smallest_normal = 0.0, 0.0
+        for frame in container.decode(stream):
             samples = (first_channel(frame) if first_only else frame).to_ndarray()
-            if samples.dtype == np.uint8:  # unsigned 8-bit: silence is 128
-                peak = float(np.abs(samples.astype(np.float32) - 128.0).max(initial=0)) / 128.0
-            elif samples.dtype.kind == "i":
-                peak = float(np.abs(samples.astype(np.float64)).max(initial=0)) / np.iinfo(samples.dtype).max
-            else:
-                peak = float(np.abs(samples).max(initial=0))
-            if peak > 10 ** (SILENCE_DBFS / 20):
+            peak = _peak(samples)
+            if not np.isfinite(peak) or peak > 10 ** (SILENCE_DBFS / 20):
                 return False
-    return True
+            loudest = max(loudest, peak)
+            smallest_normal = float(np.finfo(samples.dtype).tiny) if samples.dtype.kind == "f" else 0.0
+    return not (float_wav and 0.0 < loudest < smallest_normal)
 
 
 def _av_problem(path: Path, name: str, kind: str, limits: dict, max_seconds: float | None) -> str | None:

@@ -111,6 +111,26 @@ def test_a_silent_clip_is_named_before_it_is_sent(engine_server, tmp_path):
     assert last[2].startswith("'silent.wav' is silent"), last[2]
 
 
+def test_a_float_wav_of_subnormal_dust_shows_the_engines_corrupt_file_reason_not_silence(engine_server, tmp_path):
+    """A WAV tagged 32-bit float holding integer samples (read as floats: all subnormal) was called silent by the
+    Speech tab, so the engine's reason (a corrupt WAV file, integer samples labelled float) was never shown."""
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    from tests.server import tone_pcm16
+
+    dust = np.abs(tone_pcm16(0.5, 16000, 220.0)).astype("<i4").view("<f4")  # all below 1.18e-38, not all zero
+    with av.open(str(tmp_path / "dust.wav"), "w", format="wav") as container:
+        stream = container.add_stream("pcm_f32le", rate=16000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(dust[None], format="flt", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    link = EngineLink(EngineClient(engine_server.url, token="test-token"))
+    status = list(SpeechController(link).transcribe_file(str(tmp_path / "dust.wav"), "", "", None))[-1][1]
+    assert "is a corrupt WAV file" in status and "subnormal" in status and "silent" not in status, status
+
+
 def test_every_tab_names_the_bad_file_in_its_own_words(engine_server, files):
     link = EngineLink(EngineClient(engine_server.url, token="test-token"))
     said = []
