@@ -37,8 +37,6 @@ KNOWN_TAGS = {"Chinese": "Chinese (Mandarin)", "上海": "上海 (Shanghainese, 
 # transcript: the model is told to translate the speech, whatever its language.
 TRANSLATE = "Translate into English (from any language)"
 TRANSLATING = "Translating…"
-HOTWORDS_IN_TRANSLATION = ("Hotwords go with a transcript; a translation takes the context only: clear the hotwords, "
-                           "or choose a language to transcribe in.")
 PARTIAL_EVERY_S = 3.0
 CUT_AT_LIMIT = "the transcript was cut at the engine's token limit: transcribe the rest as a separate, shorter clip"
 # On the random demo weights every transcript runs to the cap (they never end one), whatever the clip's length: the
@@ -125,18 +123,16 @@ class SpeechController:
             yield "", problem, None, True
             return
         translate = dialect == TRANSLATE
-        if translate and hotword_list(hotwords):
-            yield "", HOTWORDS_IN_TRANSLATION, None, True
-            return
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
         working = TRANSLATING if translate else TRANSCRIBING
         text, status, result = "", working, None
         context = (context or "").strip() or None
         try:
-            events = (self.link.client.translate(audio, context=context, cancel=cancel) if translate else
-                      self.link.client.transcribe(audio, context=context, hotwords=hotword_list(hotwords) or None,
-                                                  dialect=dialect_tag(dialect), cancel=cancel))
+            words = hotword_list(hotwords) or None  # (a translation takes them as a transcription does)
+            events = (self.link.client.translate(audio, context=context, hotwords=words, cancel=cancel) if translate
+                      else self.link.client.transcribe(audio, context=context, hotwords=words,
+                                                       dialect=dialect_tag(dialect), cancel=cancel))
             for event in events:
                 if isinstance(event, QueuePosition):
                     status = queue_line(event)

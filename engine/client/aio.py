@@ -382,11 +382,12 @@ class AsyncEngineClient(core.EngineClientBase):
                                    cancel):
             yield ev
 
-    async def translate(self, audio: Any, *, context: str | None = None, sample_rate: int | None = None,
-                        max_tokens: int | None = None, cancel: threading.Event | None = None) -> AsyncIterator[Event]:
+    async def translate(self, audio: Any, *, context: str | None = None, hotwords: list[str] | None = None,
+                        sample_rate: int | None = None, max_tokens: int | None = None,
+                        cancel: threading.Event | None = None) -> AsyncIterator[Event]:
         model, failed = await self._model_or_error()
-        async for ev in self._call(failed or calls.translation_call(audio, sample_rate, context, max_tokens, model),
-                                   cancel):
+        call = calls.translation_call(audio, sample_rate, context, max_tokens, model, hotwords)
+        async for ev in self._call(failed or call, cancel):
             yield ev
 
     # ------------------------------------------------------------------ speech, voices, images

@@ -210,10 +210,11 @@ TRANSLATION_LANGUAGE = "English"  # what a translation is written in (OpenAI's t
 
 
 def translation_call(audio: Any, sample_rate: int | None, context: str | None, max_tokens: int | None,
-                     openai_model: str | None = None) -> HttpCall | Error:
-    """POST /v1/audio/translations: the speech in `audio` as English text, sent as a transcription is; one JSON
-    answer (OpenAI's translations are not streamed), read as one Done whose `result` holds {"language", "text"}."""
-    request = transcription_request(audio, sample_rate, context, None, None, max_tokens, openai_model)
+                     openai_model: str | None = None, hotwords: list[str] | None = None) -> HttpCall | Error:
+    """POST /v1/audio/translations: the speech in `audio` as English text, sent as a transcription is (its context
+    and hotwords too); one JSON answer (OpenAI's translations are not streamed), read as one Done whose `result`
+    holds {"language", "text"}."""
+    request = transcription_request(audio, sample_rate, context, hotwords, None, max_tokens, openai_model)
     if isinstance(request, Error):
         return request
     request["data"].pop("stream")

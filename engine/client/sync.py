@@ -422,12 +422,15 @@ class EngineClient(core.EngineClientBase):
         decoder = core.wire.SseDecoder(strict=not self.openai)
         yield from self._call(calls.HttpCall("POST", "/v1/audio/transcriptions", request, "sse", decoder), cancel)
 
-    def translate(self, audio: Any, *, context: str | None = None, sample_rate: int | None = None,
-                  max_tokens: int | None = None, cancel: threading.Event | None = None) -> Iterator[Event]:
+    def translate(self, audio: Any, *, context: str | None = None, hotwords: list[str] | None = None,
+                  sample_rate: int | None = None, max_tokens: int | None = None,
+                  cancel: threading.Event | None = None) -> Iterator[Event]:
         """Speech translation into English (/v1/audio/translations): one Done whose `result` holds
-        {"language": "English", "text"} (or Error); not streamed, as OpenAI's translations. `audio` as transcribe."""
+        {"language": "English", "text"} (or Error); not streamed, as OpenAI's translations. `audio`, `context` and
+        `hotwords` as transcribe's."""
         model, failed = self._model_or_error()
-        yield from self._call(failed or calls.translation_call(audio, sample_rate, context, max_tokens, model), cancel)
+        call = calls.translation_call(audio, sample_rate, context, max_tokens, model, hotwords)
+        yield from self._call(failed or call, cancel)
 
     # ------------------------------------------------------------------ speech, voices, images
     def speak(self, text: str = "", *, task: str = "tts", voice: str | None = None, reference_audio: Any = None,

@@ -79,7 +79,8 @@ NO_REASONING = "none"  # OpenAI's reasoning_effort asking for no reasoning: what
 
 # our extension fields per endpoint (refused with unknown_parameter under --openai-only)
 CHAT_EXTENSIONS = ("top_k", "repetition_penalty", "thinking")
-TRANSCRIPTION_EXTENSIONS = ("hotwords", "hotwords[]", "dialect")
+HOTWORDS = ("hotwords", "hotwords[]")  # ours: words the speech is likely to hold (a transcription's or a translation's)
+TRANSCRIPTION_EXTENSIONS = HOTWORDS + ("dialect",)
 SPEECH_INSTRUCTION_FIELDS = ("dialect", "emotion", "pitch", "volume", "style", "ip")
 SPEECH_EXTENSIONS = ("task", "reference_audio", "reference_text", "instruct", "bgm", "music", "seed",
                      "max_seconds") + SPEECH_INSTRUCTION_FIELDS
@@ -149,7 +150,8 @@ TRANSCRIPTION = Fields(
         (("known_speaker_names", "known_speaker_names[]", "known_speaker_references",
           "known_speaker_references[]"), NO_DIARIZATION, lambda v: False)) for name in names})
 TRANSLATION = Fields(
-    taken=("file", "model", "prompt", "response_format", "temperature", "max_tokens"),  # (max_tokens: ours)
+    taken=("file", "model", "prompt", "response_format", "temperature", "max_tokens") + HOTWORDS,  # (ours: max_tokens,
+    # hotwords)
     refused={"language": ("a translation is always into English and the model tells the spoken language itself "
                           "('language', the language of the audio, is a /v1/audio/transcriptions field)",
                           lambda v: False),

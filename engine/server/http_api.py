@@ -335,6 +335,7 @@ def thinking_asked(body: dict) -> bool:
     return thinking
 
 
+MAX_HOTWORDS = 256  # the most hotwords one transcription or translation may give
 MAX_CHOICES = 8  # the most choices (`n`) one chat request may ask for: they are generated one after another
 
 
@@ -660,6 +661,20 @@ def transcription_logprobs(form, fmt: str) -> bool:
     return bool(asked)
 
 
+def form_hotwords(form, keys: tuple[str, ...]) -> list[str]:
+    """The hotwords of a transcription or translation form, given under `keys` (each comma-separated, in any
+    script's comma), at most MAX_HOTWORDS."""
+    hotwords: list[str] = []
+    for key in keys:
+        for value in form.getlist(key):
+            if not isinstance(value, str):
+                raise bad(f"'{key.removesuffix('[]')}' must be text", "invalid_type", key.removesuffix("[]"))
+            hotwords += [w.strip() for w in value.replace("，", ",").split(",") if w.strip()]
+    if len(hotwords) > MAX_HOTWORDS:
+        raise bad(f"at most {MAX_HOTWORDS} hotwords", "invalid_value", "hotwords")
+    return hotwords
+
+
 @dataclass(frozen=True)
 class SpeechTextAsk:
     """What a transcription or translation request asks for, read from its form: the upload, the prompt text
@@ -712,14 +727,7 @@ async def transcriptions(request: Request):
         refuse_extensions(ctx, {k: form.get(k) for k in fields.TRANSCRIPTION_EXTENSIONS},
                           fields.TRANSCRIPTION_EXTENSIONS)
         context = form_text(form, "prompt")
-        hotwords: list[str] = []
-        for key in ("hotwords", "hotwords[]") + fields.TRANSCRIPTION_KEYWORDS:
-            for value in form.getlist(key):
-                if not isinstance(value, str):
-                    raise bad(f"'{key.removesuffix('[]')}' must be text", "invalid_type", key.removesuffix("[]"))
-                hotwords += [w.strip() for w in value.replace("，", ",").split(",") if w.strip()]
-        if len(hotwords) > 256:
-            raise bad("at most 256 hotwords", "invalid_value", "hotwords")
+        hotwords = form_hotwords(form, fields.HOTWORDS + fields.TRANSCRIPTION_KEYWORDS)
         language, dialect = form_text(form, "language", 64), form_text(form, "dialect", 64)
         language = transcription_tag(language, "language")
         dialect = transcription_tag(dialect, "dialect")
@@ -745,8 +753,8 @@ async def transcriptions(request: Request):
 @router.post("/v1/audio/translations")
 async def translations(request: Request):
     """OpenAI's translations: speech in any language, English text out (fields.TRANSLATION: file, model, prompt,
-    response_format, temperature; ours max_tokens; never streamed). The same path as a transcription, the model told
-    to translate."""
+    response_format, temperature; ours max_tokens and hotwords; never streamed). The same path as a transcription
+    (the prompt and hotwords go with the instruction as a transcription's do), the model told to translate."""
     received = time.perf_counter()
     ctx = ctx_of(request)
     form = await read_form(request, ctx.limits, max_files=1)
@@ -755,9 +763,10 @@ async def translations(request: Request):
         fields.TRANSLATION.check({key: form.getlist(key) if key.endswith("[]") else form.get(key)
                                   for key in form.keys()})
         ctx.check_model(form_text(form, "model"), "transcription")
+        refuse_extensions(ctx, {k: form.get(k) for k in fields.HOTWORDS}, fields.HOTWORDS)
         fmt = speech_text_format(form)
         ask = SpeechTextAsk(raw, form_text(form, "prompt"), fmt, speech_text_params(form, ctx.limits, fmt, False),
-                            "translate")
+                            "translate", tuple(form_hotwords(form, fields.HOTWORDS)))
     finally:
         await form.close()
     return await answer_speech_text(request, ctx, received, ask)

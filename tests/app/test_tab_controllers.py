@@ -400,7 +400,7 @@ class Translator(StoppedTranscriber):
         self.calls = []
 
     def translate(self, audio, **kwargs):
-        self.calls.append(("translate", kwargs.get("context")))
+        self.calls.append(("translate", kwargs.get("context"), kwargs.get("hotwords")))
         yield Done(text="good morning", finish_reason="stop", result={"language": "English", "text": "good morning"},
                    stats=GenerationStats(prompt_tokens=90, new_tokens=3, total_s=0.5))
 
@@ -412,19 +412,19 @@ class Translator(StoppedTranscriber):
 def test_the_speech_tab_translates_into_english_when_asked(tmp_path):
     """The Speech tab could only transcribe; its language list now offers an English translation (the engine's
     /v1/audio/translations): the clip and context go to translate(), its text and files come back with the language
-    said. Hotwords, which a translation does not take, are said so rather than dropped."""
-    from app.ui.speech import HOTWORDS_IN_TRANSLATION, TRANSLATE
+    said. Hotwords go with a translation as with a transcript (the tab refused them, the engine takes them)."""
+    from app.ui.speech import TRANSLATE
 
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav_bytes(tone_pcm16(1.0, 16000, 220.0), 16000))
     client = Translator()
     speech = SpeechController(EngineLink(client))
     text, status, txt, srt = list(speech.transcribe_file(str(clip), "A greeting.", "", TRANSLATE))[-1]
-    assert client.calls == [("translate", "A greeting.")] and text == "good morning"
+    assert client.calls == [("translate", "A greeting.", None)] and text == "good morning"
     assert status.startswith("language: English · ")
     assert Path(txt).read_text(encoding="utf-8").strip() == "good morning"
-    assert list(speech.transcribe_file(str(clip), "", "Ming", TRANSLATE))[-1][1] == HOTWORDS_IN_TRANSLATION
-    assert len(client.calls) == 1
+    assert list(speech.transcribe_file(str(clip), "", "Ming, 景德镇", TRANSLATE))[-1][0] == "good morning"
+    assert client.calls[-1] == ("translate", None, ["Ming", "景德镇"])
 
 
 def test_a_stopped_transcription_offers_no_files_and_keeps_the_last_finished_ones(tmp_path):

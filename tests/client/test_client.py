@@ -203,19 +203,20 @@ def test_async_chat_and_transcription(server, tiny_engine):
 
 def test_a_translation_through_both_clients_is_the_engines_translation(server, tiny_engine):
     """translate() (/v1/audio/translations, new): the sync and async clients get the in-process engine's
-    translation of the same clip (greedy, 4 tokens) as one Done whose result is English text."""
+    translation of the same clip (greedy, 4 tokens) as one Done whose result is English text. Hotwords go with it as
+    with a transcription (they were refused as an unknown field)."""
     from engine.sampling import GenerationParams
 
-    pcm = tone_pcm16(0.5)
-    expected = [ev for ev in tiny_engine.transcribe(pcm.astype(np.float32) / 32768, sample_rate=16000,
+    pcm, words = tone_pcm16(0.5), ["Jingdezhen", "Ming"]
+    expected = [ev for ev in tiny_engine.transcribe(pcm.astype(np.float32) / 32768, sample_rate=16000, hotwords=words,
                                                     params=GenerationParams(max_new_tokens=4), task="translate")][-1]
 
     async def main():
         async with AsyncEngineClient(server.url) as client:
-            return [ev async for ev in client.translate(wav_bytes(pcm), max_tokens=4)]
+            return [ev async for ev in client.translate(wav_bytes(pcm), max_tokens=4, hotwords=words)]
 
     with EngineClient(server.url) as client:
-        synced = list(client.translate(pcm, sample_rate=16000, max_tokens=4))
+        synced = list(client.translate(pcm, sample_rate=16000, max_tokens=4, hotwords=words))
     for events in (synced, asyncio.run(main())):
         done = one_final(events)
         assert isinstance(done, Done) and done.result == {"language": "English", "text": expected.result["text"]}

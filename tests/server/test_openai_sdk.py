@@ -225,7 +225,8 @@ def test_a_translation_answers_in_each_of_openais_formats_and_refuses_what_opena
     """/v1/audio/translations did not exist (the SDK's call met 404). It answers as OpenAI's: json and verbose_json
     validate as the SDK's Translation / TranslationVerbose (task "translate", English); text and srt are text; the
     audio's `language` and `stream`, which OpenAI's translations do not take, are refused naming the field. (The
-    tiny model's words are random: the route is what is checked.)"""
+    tiny model's words are random: the route is what is checked.) Our `hotwords` go into the prompt (they were
+    refused as unknown)."""
     from openai.types.audio import Translation, TranslationVerbose
 
     short = {"extra_body": {"max_tokens": 4}}
@@ -237,6 +238,9 @@ def test_a_translation_answers_in_each_of_openais_formats_and_refuses_what_opena
     assert isinstance(verbose, TranslationVerbose) and verbose.duration == pytest.approx(0.5)
     assert verbose.model_extra["task"] == "translate" and verbose.language == "English"
     assert verbose.segments[0].end == pytest.approx(0.5)
+    bare, hinted = (client.audio.translations.create(model="whisper-1", file=CLIP, extra_body={"max_tokens": 4, **more})
+                    for more in ({}, {"hotwords": "Jingdezhen"}))  # (ours, as a transcription's: in the prompt)
+    assert validated(hinted).usage["input_tokens"] > validated(bare).usage["input_tokens"]  # (not in Translation)
     srt = client.audio.translations.create(model="whisper-1", file=CLIP, response_format="srt", **short)
     assert srt.startswith("1\n00:00:00,000 --> 00:00:00,500\n")
     for field, value, said in (("language", "de", "always into English"), ("stream", True, "whole answer")):
