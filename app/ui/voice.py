@@ -57,6 +57,11 @@ VOICE_UNUSED = "the Voice chosen was not used: {what} takes no voice"
 NAME_TAKEN = ("A voice named '{name}' is already saved: tick \"{replace}\" to overwrite it, or choose another "
               "name.")
 SAVE_STOPPED = "Stopped: the voice '{name}' was not saved."
+CLIP_TEXT = "What the clip says"  # the transcript box
+# The tab's own transcription of a clip to save heard no words: the save passed no transcript and the engine transcribed
+# the clip again (the same nothing), where Stop could not stop it. The voice is not saved; the user types the words.
+NOTHING_HEARD = ("Speech recognition heard no words in the clip, so the voice '{name}' was not saved: type what the "
+                 f"clip says in \"{CLIP_TEXT}\", or choose a clip in which someone speaks.")
 TRANSCRIBING_CLIP = ("Transcribing the reference clip (no transcript was given; type what it says to skip this)… "
                      "Stop stops it.")
 REQUEST_KEY = "ming-studio-voice-request-json"  # the browser's key of the last request (common.BrowserRequest)
@@ -336,8 +341,10 @@ class VoiceController:
                 return gr.update(), SAVE_STOPPED.format(name=name)
             if transcript is None:
                 return gr.update(), problem
-            transcript = transcript.strip() or None  # (nothing heard: the engine tries once more, as before)
-            from_asr = transcript is not None
+            transcript = transcript.strip()
+            if not transcript:  # (passed as none, the engine's own, unstoppable transcription heard the same nothing)
+                return gr.update(), NOTHING_HEARD.format(name=name)
+            from_asr = True
         else:
             from_asr = False
         try:
@@ -445,7 +452,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
             with gr.Accordion("Clone from a clip / save a voice", open=False):
                 clip = gr.Audio(sources=["upload", "microphone"], type="filepath", buttons=toolbar("download"),
                                 label="Reference clip (0.5 to 30 s of one speaker)", **says_refused("voice-clip"))
-                clip_text = gr.Textbox(label="What the clip says (empty = filled in by speech recognition)",
+                clip_text = gr.Textbox(label=f"{CLIP_TEXT} (empty = filled in by speech recognition)",
                                        elem_id="voice-clip-text", **runs_tab())
                 fill = gr.Button("Transcribe the clip")
                 with gr.Row():

@@ -393,6 +393,33 @@ class StoppedTranscriber:
         yield Done(text="hello", finish_reason="cancelled")
 
 
+class DeafSaver(StoppedTranscriber):
+    """An engine client whose transcription hears nothing, and which counts its transcriptions and voice saves."""
+
+    def __init__(self):
+        self.calls = []
+
+    def transcribe(self, audio, **kwargs):
+        self.calls.append("transcribe")
+        yield Done(text="", finish_reason="stop", result={"text": ""})
+
+    def save_voice(self, name, reference_audio, reference_text=None, replace=False):
+        self.calls.append(("save_voice", reference_text))
+        return {"name": name}
+
+
+def test_a_clip_in_which_the_tabs_transcription_hears_nothing_is_not_transcribed_again(tmp_path):
+    """Save with no transcript: the tab's own (stoppable) transcription heard nothing, so it passed no transcript and
+    the engine transcribed the clip again (the same nothing), where Stop could not stop it. The clip is transcribed
+    once; the voice is not saved and the status says to type the words."""
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.0, 22050, 220.0), 22050))
+    client = DeafSaver()
+    _, status = VoiceController(EngineLink(client)).save("hum", str(clip), "")
+    assert client.calls == ["transcribe"], client.calls
+    assert status == voice_tab.NOTHING_HEARD.format(name="hum") and voice_tab.CLIP_TEXT in status, status
+
+
 class Translator(StoppedTranscriber):
     """An engine client that translates (and says which call it got)."""
 
