@@ -763,7 +763,7 @@ def transcription_request(audio: Any, sample_rate: int | None, context: str | No
     Error event (invalid_request) when the audio cannot be sent. `openai_model`: for an
     OpenAI-compatible backend (hotwords and dialect are ours: not_supported_by_engine)."""
     if openai_model is not None and (hotwords or dialect):
-        return Error("transcription with hotwords or a dialect is not supported by this engine: it is an "
+        return Error("hotwords and a dialect (ours) are not supported by this engine: it is an "
                      "OpenAI-compatible server", "not_supported_by_engine")
     try:
         payload = audio_payload(audio, sample_rate)

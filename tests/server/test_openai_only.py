@@ -115,6 +115,7 @@ def test_the_openai_client_drives_the_standard_routes(client):
     lambda c: c.speak("hi", seed=3), lambda c: c.speak("hi", task="music"), lambda c: c.speak("hi", instruct={"x": 1}),
     lambda c: c.imagine("a", steps=3), lambda c: c.imagine("the cup", task="segment", images=[b"x"]),
     lambda c: c.chat([{"role": "user", "content": "hi"}], top_k=5), lambda c: c.transcribe(b"RIFF", hotwords=["x"]),
+    lambda c: c.translate(b"RIFF", hotwords=["x"]),
 ])
 def test_what_a_backend_cannot_do_is_a_clear_error(client, call):
     (err,) = list(call(client))
