@@ -23,9 +23,11 @@ def error_exit_code(code: str) -> int:
 
 # The picture formats the engine's image decoder reads (engine.media.image): Pillow's name of each -> its name as
 # said to a user. The decoder opens these and nothing else (an SVG, a PDF, a Photoshop or PostScript file is refused
-# naming them), and the studio checks an attachment against the same list (engine.client re-exports it).
+# naming them), and the studio checks an attachment against the same list (engine.client re-exports it). PPM and TGA
+# are on it because the reference decodes with PIL (spec §4.1, fetch_image): its frame directories of .ppm / .tga
+# frames are read (tests/media/test_video.py); PCX, ICO, PSD and the like are not.
 IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP", "TIFF": "TIFF",
-                 "AVIF": "AVIF"}
+                 "AVIF": "AVIF", "PPM": "PPM / PGM / PBM", "TGA": "TGA"}
 
 
 def image_formats_named() -> str:

@@ -52,23 +52,23 @@ def test_media_problem_names_the_file_and_what_is_wrong(files):
 
 
 def test_a_picture_in_a_format_the_engine_does_not_read_names_the_formats_it_does(tmp_path):
-    """An SVG said "not a recognised image" naming no format; a PPM (which Pillow reads, the engine's decoder not)
+    """An SVG said "not a recognised image" naming no format; a PCX (which Pillow reads, the engine's decoder not)
     passed the studio's check and was refused by the engine. Both name the decoder's own list."""
     from engine.client import image_formats_named
     (tmp_path / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>')
-    Image.new("RGB", (8, 8)).save(tmp_path / "scan.ppm")
-    for name in ("logo.svg", "scan.ppm"):
+    Image.new("RGB", (8, 8)).save(tmp_path / "scan.pcx")
+    for name in ("logo.svg", "scan.pcx"):
         problem = media_problem(tmp_path / name, "image", {})
         assert problem.startswith(f"'{name}' is not a picture") and image_formats_named() in problem, problem
 
 def test_a_preview_picture_is_opened_as_the_engine_decoder_opens_one():
-    """The Image tab opened an engine's preview with any format Pillow reads (a PPM was shown); it reads the decoder's
+    """The Image tab opened an engine's preview with any format Pillow reads (a PCX was shown); it reads the decoder's
     formats only, and another is refused naming them, as the decoder says."""
     import io
 
     from app.ui.image import _pil
     from engine.client import image_formats_named
-    for fmt in ("PPM", "PNG"):
+    for fmt in ("PCX", "PNG"):
         buf = io.BytesIO()
         Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, fmt)
         if fmt == "PNG":

@@ -351,13 +351,13 @@ def test_a_frame_of_another_size_the_sampler_skips_is_refused():
 
 
 def test_a_frame_in_a_format_the_decoder_does_not_read_is_refused_naming_the_formats_it_does():
-    """A PPM frame was sized by Pillow (which reads it) and refused for its size, though the decoder reads none: the
+    """A PCX frame was sized by Pillow (which reads it) and refused for its size, though the decoder reads none: the
     frames are sized as the decoder opens them (engine.errors.IMAGE_FORMATS), and the refusal names that list."""
     import io
 
     from engine.errors import image_formats_named
     buf = io.BytesIO()
-    Image.fromarray(_frame(0, 32, 32)).save(buf, "PPM")
+    Image.fromarray(_frame(0, 32, 32)).save(buf, "PCX")
     with pytest.raises(MediaError) as info:
         fetch_video([_frame(0), buf.getvalue(), _frame(0), _frame(0)], options=VideoOptions(max_frames=2))
     assert image_formats_named() in str(info.value), info.value

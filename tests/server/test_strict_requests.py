@@ -189,20 +189,20 @@ SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect width
 PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
 
 
-def ppm_bytes() -> bytes:
-    """A picture Pillow reads (PPM) that the engine's decoder does not take: it is refused as the message says."""
+def pcx_bytes() -> bytes:
+    """A picture Pillow reads (PCX) that the engine's decoder does not take: it is refused as the message says."""
     import io
 
     from PIL import Image
     buf = io.BytesIO()
-    Image.fromarray(image_array(8, 8)).save(buf, "PPM")
+    Image.fromarray(image_array(8, 8)).save(buf, "PCX")
     return buf.getvalue()
 
 
 def test_a_picture_in_a_format_not_read_is_refused_naming_the_formats_that_are(http, server):
     """An SVG or a PDF sent as a chat picture said "not a recognised image" and named no format that is read."""
     from engine.errors import image_formats_named
-    for raw, mime in ((SVG, "image/svg+xml"), (PDF, "application/pdf"), (ppm_bytes(), "image/x-portable-pixmap")):
+    for raw, mime in ((SVG, "image/svg+xml"), (PDF, "application/pdf"), (pcx_bytes(), "image/x-pcx")):
         err = error_of(http.post("/v1/chat/completions", json=chat_part(
             {"type": "image_url", "image_url": {"url": f"data:{mime};base64," + b64(raw)}})))
         assert (err["code"], err["param"]) == ("invalid_image", "messages[0].content[0]"), err

@@ -516,7 +516,7 @@ def test_an_animated_picture_is_edited_from_its_first_frame_and_the_image_says_s
 
 
 def test_a_picture_encoded_for_output_is_opened_as_the_decoder_opens_one():
-    """encoded_as opened what it was given with any format Pillow reads (a PPM came out as a JPEG); it reads the
+    """encoded_as opened what it was given with any format Pillow reads (a PCX came out as a JPEG); it reads the
     decoder's formats only (engine.errors.IMAGE_FORMATS), another is refused naming them, and a PNG is re-encoded."""
     from engine.errors import image_formats_named
     from engine.imagine import encoded_as
@@ -524,5 +524,5 @@ def test_a_picture_encoded_for_output_is_opened_as_the_decoder_opens_one():
     picture = Image.fromarray(_photo(8, 8))
     assert encoded_as(_png_bytes(picture), "jpeg")[:3] == b"\xff\xd8\xff"  # (a JPEG's start)
     with pytest.raises(MediaError) as info:
-        encoded_as(_png_bytes(picture, "PPM"), "jpeg")
+        encoded_as(_png_bytes(picture, "PCX"), "jpeg")
     assert image_formats_named() in str(info.value), info.value
