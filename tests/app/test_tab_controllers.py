@@ -39,7 +39,7 @@ from engine.client import EngineClient  # noqa: E402
 from engine.events import Done, Error, GenerationStats, ImageDone, ImagePreview, QueuePosition, TextDelta  # noqa: E402
 from tests.paths import REPO  # noqa: E402
 from tests.app.media_files import video_file  # noqa: E402
-from tests.server import running_server, tone_pcm16, wav_bytes  # noqa: E402
+from tests.server import draw_until_cancelled, running_server, tone_pcm16, wav_bytes  # noqa: E402
 
 
 def last(stream):
@@ -193,23 +193,11 @@ def test_a_clipped_clip_is_cloned_and_saved_with_a_warning(engine_server, tmp_pa
 def test_stop_stops_saving_a_voice_while_its_clip_is_transcribed(engine_server, tiny_engine, tmp_path, monkeypatch):
     """Save a voice with no transcript ran our ASR inside the save, which Stop could not reach: the save went on to
     the end and kept the voice. Stop now stops the transcription, and nothing is saved."""
-    import torch
-
-    from engine.sampling import Sampler
-
     voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
     started, token = threading.Event(), tiny_engine.tokenizer.encode_plain("hi")[0]
     scheduler = engine_server.ctx.scheduler
 
-    class UntilCancelled(Sampler):  # every token is drawn once the transcription's job is cancelled, or 10 s
-        def choose(self, logits):
-            started.set()
-            deadline = time.monotonic() + 10
-            while not any(job.cancel.is_set() for job in list(scheduler._running)) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            return torch.tensor([token], device=logits.device)
-
-    monkeypatch.setattr("engine.generate.Sampler", UntilCancelled)
+    draw_until_cancelled(monkeypatch, scheduler, token, started)  # (until the transcription's job is cancelled, or 10 s)
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav_bytes(tone_pcm16(1.0, 22050, 220.0), 22050))
     said, visitor = [], SimpleNamespace(session_hash="a visitor")  # (Stop finds the save of the same visitor)

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import struct
+import threading
 import time
 import wave
 from contextlib import contextmanager
@@ -334,3 +335,19 @@ def handshake_answer(port: int, path: str, extra_header: str = "") -> bytes:
             return sock.recv(200)
         except TimeoutError:
             return b""
+
+
+def draw_until_cancelled(monkeypatch, scheduler, token: int, started: threading.Event, wait_s: float = 10.0) -> None:
+    """The engine's sampler made to wait at every draw until a job running in `scheduler` is cancelled (at most
+    `wait_s`), then to draw `token`; `started` is set at the first draw: a generation only cancelling ends early."""
+    from engine.sampling import Sampler
+
+    class UntilCancelled(Sampler):
+        def choose(self, logits):
+            started.set()
+            deadline = time.monotonic() + wait_s
+            while not any(job.cancel.is_set() for job in list(scheduler._running)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return torch.tensor([token], device=logits.device)
+
+    monkeypatch.setattr("engine.generate.Sampler", UntilCancelled)

@@ -786,6 +786,20 @@ def raw_target_request(port: int, method: str, target: str) -> tuple[int, dict, 
         conn.close()
 
 
+MIB_FRAME = bytes([0x82, 0xFF]) + (1 << 20).to_bytes(8, "big") + b"\0" * 4 + b"x" * (1 << 20)  # binary, 1 MiB, masked
+
+
+def answer_though_a_frame_followed(sock, wait_s: float, expected: str) -> tuple[bytes, bytes]:
+    """The answer to a refused handshake (its head and body, read to the close) when the client sent a 1 MiB frame
+    `wait_s` after its handshake, by when the refusal has been written: a reset fails the test."""
+    time.sleep(wait_s)
+    try:
+        sock.sendall(MIB_FRAME)
+        return read_to_close(sock)
+    except ConnectionError as e:
+        pytest.fail(f"the client met {e!r} instead of {expected}")
+
+
 def test_options_asterisk_says_the_methods_the_server_takes_and_connect_is_not_implemented(fake):
     """`OPTIONS *` and `CONNECT host:443` met a 404 naming the routes '/*' and '/host:443', which no client asked for."""
     status, headers, body = raw_target_request(fake.base_url.port, "OPTIONS", "*")
@@ -805,19 +819,13 @@ def test_a_websocket_refused_at_the_session_cap_gets_its_503_though_it_sent_fram
     instead of the 503. The connection now lingers after the answer as an HTTP refusal's does."""
     from websockets.sync.client import connect
 
-    frame = bytes([0x82, 0xFF]) + (1 << 20).to_bytes(8, "big") + b"\0" * 4 + b"x" * (1 << 20)  # binary, 1 MiB, masked
     with fake_server(max_sessions=1) as srv, connect(f"ws://127.0.0.1:{srv.port}/v1/realtime") as held:
         held.recv(timeout=10)  # (session.created: the one session is open)
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as late:
             key = base64.b64encode(os.urandom(16))
             late.sendall(b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                          b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
-            time.sleep(0.2)  # (the refusal has been written by now)
-            try:
-                late.sendall(frame)
-                head, answer = read_to_close(late)
-            except ConnectionError as e:
-                pytest.fail(f"the client met {e!r} instead of the 503")
+            head, answer = answer_though_a_frame_followed(late, 0.2, "the 503")
     assert head.startswith(b"HTTP/1.1 503"), head
     assert json.loads(answer)["error"]["code"] == "session_limit_reached"
 
@@ -834,17 +842,11 @@ def test_a_handshake_websockets_refuses_itself_gets_its_answer_though_frames_fol
     """websockets' own refusals (a non-GET upgrade, a bad Sec-WebSocket-Version or -Key, a request line or header past
     its 8 KiB) closed the connection at once: a client that sent its first frame right after its handshake met a reset
     instead of the answer. They now linger after the answer as the app's refusals do (Limits.refusal_linger_s)."""
-    frame = bytes([0x82, 0xFF]) + (1 << 20).to_bytes(8, "big") + b"\0" * 4 + b"x" * (1 << 20)  # binary, 1 MiB, masked
     key = key or base64.b64encode(os.urandom(16)).decode()
     with socket.create_connection(("127.0.0.1", fake.base_url.port), timeout=10) as s:
         s.sendall(f"{method} {target} HTTP/1.1\r\nHost: x\r\n{extra}Upgrade: websocket\r\nConnection: Upgrade\r\n"
                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: {version}\r\n\r\n".encode())
-        time.sleep(0.1)  # (the refusal has been written by now)
-        try:
-            s.sendall(frame)
-            head, answer = read_to_close(s)
-        except ConnectionError as e:
-            pytest.fail(f"the client met {e!r} instead of the {status}")
+        head, answer = answer_though_a_frame_followed(s, 0.1, f"the {status}")
     assert head.startswith(b"HTTP/1.1 %d" % status), head
     assert json.loads(answer)["error"]["message"].startswith("the websocket opening handshake was refused")
 

@@ -18,7 +18,8 @@ import openai
 import pytest
 
 from engine.server.audio_out import read_wav_header
-from tests.server import FakeEngine, fake_server, leave_stream_at, running_server, sse_events
+from tests.server import (FakeEngine, draw_until_cancelled, fake_server, leave_stream_at, running_server, sse_events,
+                          wav_bytes)
 
 RATE = 44100
 TEXT = "Hello world, this is Ming speaking."
@@ -404,13 +405,7 @@ def clipped_wav_clip(seconds: float, rate: int, level: float) -> tuple[bytes, fl
     share of its samples at full scale (within 0.1 % of it)."""
     t = np.arange(int(seconds * rate)) / rate
     pcm = (np.clip(level * np.sin(2 * np.pi * 220 * t), -1, 1) * 32767).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue(), float(np.mean(np.abs(pcm) / 32768 >= 0.999))  # (PCM16 read as x / 32768)
+    return wav_bytes(pcm, rate), float(np.mean(np.abs(pcm) / 32768 >= 0.999))  # (PCM16 read as x / 32768)
 
 
 def clipped_share(warning: str) -> float:
@@ -452,22 +447,10 @@ def test_a_voice_save_whose_client_leaves_while_its_clip_is_transcribed_stops_an
     import threading
     from urllib.parse import urlsplit
 
-    import torch
-
-    from engine.sampling import Sampler
-
     started, token = threading.Event(), tiny_engine.tokenizer.encode_plain("hi")[0]
     scheduler = server.ctx.scheduler
 
-    class UntilCancelled(Sampler):  # every token is drawn once the save's job is cancelled (the client left), or 10 s
-        def choose(self, logits):
-            started.set()
-            deadline = time.monotonic() + 10
-            while not any(job.cancel.is_set() for job in list(scheduler._running)) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            return torch.tensor([token], device=logits.device)
-
-    monkeypatch.setattr("engine.generate.Sampler", UntilCancelled)
+    draw_until_cancelled(monkeypatch, scheduler, token, started)  # (until the save's job is cancelled, or 10 s)
     before = len(scheduler.history)
     body = json.dumps({"name": "left early", "reference_audio": b64(wav_clip(1.0, 16000))}).encode()
     where = urlsplit(server.url)
