@@ -127,7 +127,7 @@ async function refreshSettings() {
     cfg.voices = Array.isArray(now.voices) ? now.voices : [];
   } catch (e) { return; }  // the page keeps what it had
   q("text-only").hidden = cfg.speech_output;
-  const keep = ui.voice.value;
+  const keep = chosenVoice === null ? ui.voice.value : chosenVoice;  // (the voice kept from before a reload)
   ui.voice.replaceChildren();
   for (const [value, label] of cfg.speech_output ? [["", "default voice"], ...cfg.voices.map((v) => [v, v])]
                                                  : [["", "(no speech output)"]]) {
@@ -691,9 +691,12 @@ for (const input of [ui.threshold, ui.silence, ui.prefix, ui.windowS, ui.fps]) {
   });
 }
 // A reload (or leaving the page) ends the call: the page that comes back says so, with the settings the user chose.
+// The voice list comes from the studio after the page loads (refreshSettings): the voice chosen waits for it.
+let chosenVoice = null;
+ui.voice.addEventListener("change", () => { chosenVoice = ui.voice.value; });
 const SETTINGS_KEY = "ming-live-settings", ENDED_BY_RELOAD_KEY = "ming-live-ended-by-reload";
 const KEPT = { mode: ui.mode, threshold: ui.threshold, silence: ui.silence, prefix: ui.prefix, windowS: ui.windowS,
-               fps: ui.fps, camera: ui.camera };
+               fps: ui.fps, camera: ui.camera, voice: ui.voice };
 function keepSettings() {
   try { localStorage.setItem(SETTINGS_KEY, JSON.stringify(settings())); } catch (e) { /* storage off: not kept */ }
 }
@@ -701,6 +704,7 @@ function restoreSettings() {
   let kept = null;
   try { kept = JSON.parse(localStorage.getItem(SETTINGS_KEY) || "null"); } catch (e) { return; }
   if (!kept || typeof kept !== "object") return;
+  if (typeof kept.voice === "string") chosenVoice = kept.voice;
   for (const [name, input] of Object.entries(KEPT)) {
     const value = kept[name];
     if (input.type === "checkbox") { if (typeof value === "boolean") input.checked = value; continue; }

@@ -269,7 +269,8 @@ def test_a_denied_microphone_makes_a_typed_call_and_a_blocked_camera_is_said_in_
 def test_a_page_built_without_speech_asks_the_studio_and_offers_the_saved_voices(browser):
     """The tab was built once, when the studio started: an engine that was down then (or voices saved since)
     left Live text-only with only "default voice" for good. The page asks the studio at load, at Start and when the
-    studio's banner sees the engine change (it asked at load and Start only: the note stayed until then)."""
+    studio's banner sees the engine change (it asked at load and Start only: the note stayed until then). The voice
+    chosen is kept across a reload (it went back to the default voice: the list arrives after the page loads)."""
     from app.ui.live import follow_engine_js
 
     now = {"speech_output": False, "voices": []}
@@ -297,6 +298,8 @@ def test_a_page_built_without_speech_asks_the_studio_and_offers_the_saved_voices
         assert update["output_modalities"] == ["audio"] and update["audio"]["output"]["voice"] == "anna"
         assert update["audio"]["output"]["format"]["type"] == "audio/pcm"  # at the page's own rate (see above)
         page.locator('#live [data-role="stop"]').click()
+        page.reload(wait_until="networkidle", timeout=60_000)  # the voice chosen is kept, as the other settings
+        sync_api.expect(voice).to_have_value("anna", timeout=10_000)
 
 
 # --------------------------------------------------------------------------- against a real engine server
