@@ -330,17 +330,17 @@ class ChatController:
         # where an attachment of a conversation kept by the browser may come back from (see restorable)
         self.file_roots = [Path(r).resolve() for r in file_roots or [gradio_utils.get_upload_folder()]]
 
-    def add_message(self, message, history: list | None, request: gr.Request | None = None):
-        """Enter / Send: the user's turn joins the conversation and the box empties (no engine call yet). A reply
-        still streaming is cut by it (respond): it stays as far as it came, marked stopped (a cut reply looked like
-        a whole one)."""
+    def add_message(self, message, history: list | None, sent: int = 0, request: gr.Request | None = None):
+        """Enter / Send: the user's turn joins the conversation, the box empties and the count of messages `sent`
+        goes up by one, which starts the reply (respond). An empty box changes nothing but the figures line (it
+        queued a reply that had nothing to answer). A reply still streaming is cut by it (respond): it stays as far
+        as it came, marked stopped (a cut reply looked like a whole one)."""
         history = list(history or [])
         turn = user_turn(message)
-        if not turn:
-            gr.Info(EMPTY_HINT)
-            return history, gr.update(), EMPTY_HINT
+        if not turn:  # (said on the figures line: a gr.Info from this unqueued event never reaches the page)
+            return history, gr.update(), EMPTY_HINT, gr.update()
         cut = [stopped_note()] if self.inflight.running(session_of(request), TAB) else []
-        return history + cut + turn, {"text": "", "files": []}, GENERATING
+        return history + cut + turn, {"text": "", "files": []}, GENERATING, (sent or 0) + 1
 
     def respond(self, history: list | None, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
                 system_prompt: str | None, thinking: bool, speak: bool, voice: str | None,
@@ -614,9 +614,12 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     # Every request goes straight to the engine server, whose one queue orders them and reports
     # positions (concurrency_limit=None: Gradio does not hold a second line of its own).
     # kept once the message is in (a reload before the reply ended lost it), again once the reply is complete
-    box.submit(controller.add_message, [box, chatbot], [chatbot, box, figures], queue=False).then(**keep).then(
-        controller.respond, [chatbot, *options], outputs, api_name=CHAT_API_NAME, concurrency_limit=None).then(
-        **to_box).then(**keep)
+    # messages sent from the box: each one starts a reply (a hidden component: the change of a gr.State set by an
+    # unqueued event starts nothing)
+    sent = gr.Number(0, precision=0, visible="hidden", elem_id="chat-sent")
+    box.submit(controller.add_message, [box, chatbot, sent], [chatbot, box, figures, sent], queue=False).then(**keep)
+    sent.change(controller.respond, [chatbot, *options], outputs, api_name=CHAT_API_NAME,
+                concurrency_limit=None).then(**to_box).then(**keep)
     chatbot.retry(controller.cut_for_retry, [chatbot], [chatbot], queue=False).then(
         controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None).then(
         **to_box).then(**keep)

@@ -186,8 +186,10 @@ def test_an_engine_that_went_away_is_a_message_not_a_crash():
 
 def test_empty_input_is_ignored_with_a_hint(controller):
     prior = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "reply"}]
-    history, box, hint = controller.add_message({"text": "   \n ", "files": []}, prior)
+    history, box, hint, sent = controller.add_message({"text": "   \n ", "files": []}, prior, 3)
     assert history == prior and hint == EMPTY_HINT
+    assert sent == gr.update()  # the count of messages sent is unchanged: no reply starts
+    assert controller.add_message({"text": "hi", "files": []}, prior, 3)[3] == 4  # a message starts one
     assert list(controller.respond(*chat_args(prior)))[-1][2] == EMPTY_HINT  # nothing unanswered: no request
 
 
@@ -485,7 +487,7 @@ def test_a_cut_reply_is_marked_stopped_and_the_engine_gets_it_as_shown(controlle
     first = controller.respond(*chat_args(ask("Tell me a long story"), max_new_tokens=4000), request=me)
     shown = next(u for u in first if isinstance(u[0], list) and u[0][-1]["role"] == "assistant")[0]
     cut_reply = content_text(shown[-1]["content"])
-    history, _, _ = controller.add_message({"text": "Shorter, please", "files": []}, shown, request=me)
+    history, _, _, _ = controller.add_message({"text": "Shorter, please", "files": []}, shown, request=me)
     assert [content_text(m["content"]) for m in history[-3:]] == [cut_reply, STOPPED_NOTE, "Shorter, please"]
     assert history_to_messages(history)[1:] == [{"role": "assistant", "content": cut_reply},
                                                 {"role": "user", "content": "Shorter, please"}]
@@ -496,7 +498,7 @@ def test_a_cut_reply_is_marked_stopped_and_the_engine_gets_it_as_shown(controlle
     stopped, _, figures, _ = list(second)[-1]
     assert "finish reason: cancelled" in figures and content_text(stopped[-1]["content"]) == STOPPED_NOTE
     assert content_text(stopped[-2]["content"]) and stopped[-3]["content"] == history[-1]["content"]
-    added, _, _ = controller.add_message({"text": "Thanks", "files": []}, stopped, request=me)  # nothing runs now
+    added, _, _, _ = controller.add_message({"text": "Thanks", "files": []}, stopped, request=me)  # nothing runs now
     assert content_text(added[-2]["content"]) == STOPPED_NOTE and len(added) == len(stopped) + 1
 
 

@@ -167,8 +167,16 @@ def test_deleting_a_saved_voice_asks_first_in_the_browser(browser, studio, engin
 
 
 def test_chat_tab_on_a_phone(browser, studio):
+    """Enter in the empty box says so and asks nothing of the engine (it queued a reply with nothing to answer, and
+    the page logged an aborted queue/data request); a message then gets its reply."""
     page = open_tab(browser, studio, "Chat", PHONE)
     box = page.locator("#chat-input textarea")
+    queued = []
+    page.on("request", lambda r: queued.append(r.url) if "/queue/join" in r.url else None)
+    box.press("Enter")
+    sync_api.expect(page.locator("#chat-figures")).to_contain_text("Type a message or attach a file first")
+    page.wait_for_timeout(300)
+    assert not queued, queued
     box.fill("Hi from a phone")
     box.press("Enter")
     sync_api.expect(page.locator("#chat-figures")).to_contain_text("finish reason", timeout=60_000)
