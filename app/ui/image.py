@@ -251,15 +251,17 @@ class ImageController:
                 status += f" · {DEMO_PICTURE}"
             yield *latest, status, _gallery(gallery_state), gallery_state, files
             return
+        # a run refused or stopped before any preview leaves the last picture and its downloads as they were
+        pictures, downloads = (kept, gr.skip()) if shown is None else ((shown, None, None), None)
         if isinstance(final, Done):  # cancelled before the image was finished
-            yield shown, None, None, figures_line(final) + seen, gr.update(), gallery_state, None
+            yield *pictures, figures_line(final) + seen, gr.update(), gallery_state, downloads
             return
         final = named_files(final or Error("the engine ended without an image", code="engine_error"), images, mask)
         gr.Warning(f"Image failed: {error_text(final)}")
         if made:  # the pictures made before it failed stay shown, in the gallery and downloadable
             yield *latest, error_line(final), _gallery(gallery_state), gallery_state, files
             return
-        yield shown, None, None, error_line(final) + seen, gr.update(), gallery_state, None
+        yield *pictures, error_line(final) + seen, gr.update(), gallery_state, downloads
 
     def sent_image_guidance(self, task: str, value) -> float | None:
         """The Image guidance slider's value when it goes with this request: an Edit or a Segment (both guided toward

@@ -863,6 +863,10 @@ def test_a_request_refused_before_sending_leaves_the_last_result_in_place(engine
                               progress=lambda *a, **k: None))
         assert len(out) == 1 and out[0][3], out
         assert [out[0][i] for i in (0, 1, 2, 6)] == [unchanged] * 4, (mode, out)
+    # a size the engine refuses ("1024 by 768", typed by a careless user) left an empty Result box and no PNG
+    refused = last(image.make("Generate", "a cup", None, "(none)", "", AUTO_ASPECT, "1024 by 768", 1, 2.0, 1, 0, [],
+                              progress=lambda *a, **k: None))
+    assert "WIDTHxHEIGHT" in refused[3] and [refused[i] for i in (0, 1, 2, 6)] == [unchanged] * 4, refused
     voices = VoiceController(link)
     for text, task, source in (("", "Speech", "Default voice"), ("Hi", "Podcast (speaker_1: / speaker_2: lines)",
                                                                   "Default voice"), ("Hi", "Speech", "Saved voice")):
