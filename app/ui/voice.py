@@ -290,8 +290,10 @@ class VoiceController:
         else:
             final = final or Error("the engine ended without a result", code="engine_error")
             gr.Warning(f"Speech failed: {error_text(final)}")
-            yield (None if chunks else no_audio(), transcript, error_line(final),
-                   write_wav(chunks, rate, task, FAILED_TAKE) if chunks else None)
+            if not chunks:  # refused by the engine (a style of 100,000 characters): the last take stays offered
+                yield refused(error_line(final))
+                return
+            yield None, transcript, error_line(final), write_wav(chunks, rate, task, FAILED_TAKE)
 
     def heard(self, data: bytes, cancel: threading.Event | None = None) -> tuple[str | None, str]:
         """(what the model's ASR hears in a clip, "") or (None, the error line); `cancel` set stops it."""

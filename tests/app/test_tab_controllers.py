@@ -873,6 +873,10 @@ def test_a_request_refused_before_sending_leaves_the_last_result_in_place(engine
         out = list(voices.synthesize(text, task, source, None, None, "", *[None] * 5, "", "", "", None,
                                      "", "", "", "", 10, 3))
         assert len(out) == 1 and out[0][2] and [out[0][i] for i in (0, 1, 3)] == [unchanged] * 3, out
+    # a voice design the engine refuses (100,000 characters) took the last take's player and WAV away
+    out = last(voices.synthesize("Hi", "Speech", "Default voice", None, None, "", *[None] * 5, "word " * 20_000, "",
+                                 "", None, "", "", "", "", 10, 3))
+    assert "too long" in out[2] and [out[i] for i in (0, 1, 3)] == [unchanged] * 3, out
     transcript, status, txt, srt = last(SpeechController(link).transcribe_file(None, "", "", None))
     assert status and [transcript, txt, srt] == [unchanged] * 3
     empty = tmp_path / "empty.wav"
