@@ -615,10 +615,11 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     # positions (concurrency_limit=None: Gradio does not hold a second line of its own).
     # kept once the message is in (a reload before the reply ended lost it), again once the reply is complete
     # messages sent from the box: each one starts a reply (a hidden component: the change of a gr.State set by an
-    # unqueued event starts nothing)
+    # unqueued event starts nothing); "multiple": one sent while a reply streams starts its own at once (a change's
+    # default, "always_last", held it back and it was lost)
     sent = gr.Number(0, precision=0, visible="hidden", elem_id="chat-sent")
     box.submit(controller.add_message, [box, chatbot, sent], [chatbot, box, figures, sent], queue=False).then(**keep)
-    sent.change(controller.respond, [chatbot, *options], outputs, api_name=CHAT_API_NAME,
+    sent.change(controller.respond, [chatbot, *options], outputs, api_name=CHAT_API_NAME, trigger_mode="multiple",
                 concurrency_limit=None).then(**to_box).then(**keep)
     chatbot.retry(controller.cut_for_retry, [chatbot], [chatbot], queue=False).then(
         controller.respond, [chatbot, *options], outputs, api_visibility="private", concurrency_limit=None).then(

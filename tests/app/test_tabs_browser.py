@@ -168,7 +168,8 @@ def test_deleting_a_saved_voice_asks_first_in_the_browser(browser, studio, engin
 
 def test_chat_tab_on_a_phone(browser, studio):
     """Enter in the empty box says so and asks nothing of the engine (it queued a reply with nothing to answer, and
-    the page logged an aborted queue/data request); a message then gets its reply."""
+    the page logged an aborted queue/data request); a message then gets its reply, and one sent while it streams cuts it
+    and gets its own."""
     page = open_tab(browser, studio, "Chat", PHONE)
     box = page.locator("#chat-input textarea")
     queued = []
@@ -179,7 +180,13 @@ def test_chat_tab_on_a_phone(browser, studio):
     assert not queued, queued
     box.fill("Hi from a phone")
     box.press("Enter")
+    history = page.locator("#chat-history")
+    page.wait_for_function("() => document.querySelector('#chat-history').innerText.length > 200", timeout=30_000)
+    box.fill("And a second one")  # sent while the first reply streams: it cuts that reply and gets its own
+    box.press("Enter")
     sync_api.expect(page.locator("#chat-figures")).to_contain_text("finish reason", timeout=60_000)
+    sync_api.expect(history).to_contain_text("And a second one")
+    sync_api.expect(history).to_contain_text("stopped: the reply was cut here")
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= PHONE["width"] + 1, f"the page scrolls sideways on a phone ({width} px wide)"
     print(f"\n[Chat tab, phone] {page.locator('#chat-figures').inner_text()}")
