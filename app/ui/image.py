@@ -28,8 +28,7 @@ from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, e
                            DRAWN_SEED_MAX, from_json, seed_problem, session_of, toolbar,
                            BrowserRequest, HIDDEN_STEP, browser_secret, browser_storage, check_on_upload, kept_request,
                            restore_request, say_refused_files, says_refused, wire_stop)
-from engine.client import IMAGE_FORMATS as DECODED_IMAGE_FORMATS
-from engine.errors import unread_picture
+from engine.client import IMAGE_FORMATS as DECODED_IMAGE_FORMATS, unread_picture
 from engine.events import Done, Error, ImageDone, ImagePreview, Progress, QueuePosition
 
 TAB = "image"

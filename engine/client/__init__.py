@@ -20,8 +20,9 @@ server answers `response_format` srt / vtt.
 from engine.client.aio import AsyncEngineClient, AsyncRealtimeClient
 from engine.client.core import ConnectionLost, Endpoints, ModelInfo, ServerError, is_loopback_host
 from engine.client.sync import EngineClient, RealtimeClient
-from engine.errors import IMAGE_FORMATS, image_formats_named
+from engine.errors import IMAGE_FORMATS, image_formats_named, unread_picture
 from engine.server.protocol import subtitles
 
 __all__ = ["IMAGE_FORMATS", "AsyncEngineClient", "AsyncRealtimeClient", "ConnectionLost", "EngineClient", "Endpoints",
-           "ModelInfo", "RealtimeClient", "ServerError", "image_formats_named", "is_loopback_host", "subtitles"]
+           "ModelInfo", "RealtimeClient", "ServerError", "image_formats_named", "is_loopback_host", "subtitles",
+           "unread_picture"]

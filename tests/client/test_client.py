@@ -659,9 +659,28 @@ class CannedServer:
             except OSError:  # closed: the module's tests are done
                 return
             with conn:
-                conn.recv(65536)
+                read_request(conn)
                 conn.sendall(self.answer)
                 time.sleep(self.hold_s)
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """A request read whole (its head, then its Content-Length body): a server that closes with part of it unread
+    makes the kernel send a reset, which the client sees as a lost connection, not as the answer that was sent."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while length and len(body) < int(length.group(1)):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return data
 
 
 def canned_answer(status: str, content_type: str, body: bytes, headers: str = "") -> bytes:
