@@ -136,18 +136,46 @@ def _tolerances(meta: dict) -> dict[str, float]:
             "router_weights": float(tol.get("router_weights_atol", 1e-5))}
 
 
+GENERATION_RECORDS = ("generation", "generation_config", "generate_kwargs")  # meta.json dicts of generate's settings
+_OFF_TEXT = re.compile(r"(disabled|off|false|no|none|0)\b", re.I)  # an `eos_stopping` text that says it was off
+_CALL_ARG = re.compile(r"\b(eos_token_id|pad_token_id)\s*=\s*(None|\[[\d,\s]*\]|\d+)")
+
+
+def _generation_record(meta: dict) -> dict:
+    """generate()'s settings as the case records them: its `generation` / `generation_config` /
+    `generate_kwargs` dicts, and the `eos_token_id=` / `pad_token_id=` arguments of the generate call an
+    `hf_generate_crosscheck` note quotes (a recorded dict wins over a quoted call)."""
+    record: dict = {}
+    note = str((meta.get("hf_generate_crosscheck") or {}).get("note", ""))
+    for key, value in _CALL_ARG.findall(note):
+        record[key] = None if value == "None" else json.loads(value)
+    for key in reversed(GENERATION_RECORDS):
+        if isinstance(meta.get(key), dict):
+            record.update(meta[key])
+    return record
+
+
+def _stopping_enabled(record: dict) -> bool:
+    """`eos_stopping` when recorded (true, or a text not saying disabled/off/false/no/none); without it, as
+    HF's generate: on exactly when the call named EOS ids."""
+    if "eos_stopping" not in record:
+        return record.get("eos_token_id") not in (None, [], ())
+    flag = record["eos_stopping"]
+    if isinstance(flag, str):
+        return not _OFF_TEXT.match(flag.strip())
+    return bool(flag)
+
+
 def case_stopping(meta: dict, cfg: LLMConfig) -> BatchStopping:
-    """The EOS stopping a case's generate ran with: meta.json's `generation.eos_stopping` (off when absent,
-    false or a text starting "disabled"), with its `eos_token_id` / `pad_token_id` where it records them and
-    otherwise the config's, as HF's generation config takes them."""
-    generation = meta.get("generation") or {}
-    flag = generation.get("eos_stopping", False)
-    enabled = flag is True or (isinstance(flag, str) and not flag.strip().lower().startswith(("disabled", "off")))
-    if not enabled:
+    """The EOS stopping a case's generate ran with (off when the case does not say it was on), with the
+    `eos_token_id` / `pad_token_id` it records and otherwise the config's, as HF's generation config takes
+    them."""
+    record = _generation_record(meta)
+    if not _stopping_enabled(record):
         return BatchStopping.off()
-    eos = generation.get("eos_token_id")
-    eos_ids = None if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-    return BatchStopping.for_config(cfg, eos_ids, generation.get("pad_token_id"))
+    eos = record.get("eos_token_id")
+    eos_ids = None if eos in (None, [], ()) else tuple(int(i) for i in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    return BatchStopping.for_config(cfg, eos_ids, record.get("pad_token_id"))
 
 
 def _compare_llm_run(cmp: Comparer, loaded, ids: torch.Tensor, mask: torch.Tensor, mm: MultimodalInputs | None,

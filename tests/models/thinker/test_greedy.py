@@ -71,3 +71,22 @@ def test_a_case_records_whether_its_generate_stopped_on_eos(llm):
     assert on == BatchStopping(tuple(cfg.eos_token_ids), cfg.pad_token_id)
     assert case_stopping({"generation": {"eos_stopping": "enabled", "eos_token_id": [7], "pad_token_id": 9}},
                          cfg) == BatchStopping((7,), 9)
+
+
+@pytest.mark.parametrize("meta, want", [
+    ({"generation": {"eos_stopping": "false"}}, None),
+    ({"generation": {"eos_stopping": "no (all steps recorded)"}}, None),
+    ({"generation": {"eos_stopping": 1}}, ()),
+    ({"generation_config": {"max_new_tokens": 8, "eos_token_id": 7}}, (7,)),
+    ({"generate_kwargs": {"eos_token_id": [7, 8], "pad_token_id": 9}}, (7, 8)),
+    ({"generation": {"max_new_tokens": 8, "eos_token_id": None}}, None),
+    ({"hf_generate_crosscheck": {"note": "generate(**inputs, max_new_tokens=8, eos_token_id=None)"}}, None),
+    ({"hf_generate_crosscheck": {"note": "generate(**inputs, max_new_tokens=8, eos_token_id=[7])"}}, (7,)),
+    ({"hf_generate_crosscheck": {"note": "generate(x, eos_token_id=7, pad_token_id=9)"},
+      "generation": {"eos_stopping": "disabled"}}, None),
+])
+def test_a_case_s_eos_stopping_is_read_from_every_record_of_its_generate_call(llm, meta, want):
+    """None: stopping off; () : on with the config's ids; else on with these ids."""
+    got = case_stopping(meta, llm.config)
+    expected = None if want is None else tuple(llm.config.eos_token_ids) if want == () else want
+    assert (got.eos_ids or None) == expected
