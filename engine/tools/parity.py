@@ -138,7 +138,7 @@ def _tolerances(meta: dict) -> dict[str, float]:
 
 GENERATION_RECORDS = ("generation", "generation_config", "generate_kwargs")  # meta.json dicts of generate's settings
 _OFF_TEXT = re.compile(r"(disabled|off|false|no|none|0)\b", re.I)  # an `eos_stopping` text that says it was off
-_CALL_ARG = re.compile(r"\b(eos_token_id|pad_token_id)\s*=\s*(None|\[[\d,\s]*\]|\d+)")
+_CALL_ARG = re.compile(r"\b(eos_token_id|pad_token_id)\s*=\s*(None|\[[\d,\s]*\]|\([\d,\s]*\)|\d+)")
 
 
 def _generation_record(meta: dict) -> dict:
@@ -148,7 +148,8 @@ def _generation_record(meta: dict) -> dict:
     record: dict = {}
     note = str((meta.get("hf_generate_crosscheck") or {}).get("note", ""))
     for key, value in _CALL_ARG.findall(note):
-        record[key] = None if value == "None" else json.loads(value)
+        ids = [int(i) for i in re.findall(r"\d+", value)]
+        record[key] = None if value == "None" else ids if value[0] in "[(" else ids[0]
     for key in reversed(GENERATION_RECORDS):
         if isinstance(meta.get(key), dict):
             record.update(meta[key])

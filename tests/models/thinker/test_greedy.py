@@ -82,6 +82,7 @@ def test_a_case_records_whether_its_generate_stopped_on_eos(llm):
     ({"generation": {"max_new_tokens": 8, "eos_token_id": None}}, None),
     ({"hf_generate_crosscheck": {"note": "generate(**inputs, max_new_tokens=8, eos_token_id=None)"}}, None),
     ({"hf_generate_crosscheck": {"note": "generate(**inputs, max_new_tokens=8, eos_token_id=[7])"}}, (7,)),
+    ({"hf_generate_crosscheck": {"note": "generate(x, max_new_tokens=8, eos_token_id=(7, 8))"}}, (7, 8)),
     ({"hf_generate_crosscheck": {"note": "generate(x, eos_token_id=7, pad_token_id=9)"},
       "generation": {"eos_stopping": "disabled"}}, None),
 ])
