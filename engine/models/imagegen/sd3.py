@@ -141,6 +141,10 @@ class SD3Transformer2DModel(nn.Module):
         self.proj_out = nn.Linear(dim, config.patch_size ** 2 * config.out_channels)
 
     def rotary(self, frames: int, h_tokens: int, w_tokens: int, text_len: int, device) -> torch.Tensor:
+        """The 3-axis RoPE over the token grid (spec §8.10). Upstream's forward (sd3_transformer.py) sizes its
+        grid as latent height // 2 x width // 2 whatever `patch_size` says, and its attention cuts the table to
+        the sequence: the same at patch 2 (SD3's default), a scrambled or too short table at any other;
+        the token grid is what it means."""
         pos = rope_positions(frames, h_tokens, w_tokens, text_len)
         top = int(pos.max()) + 1
         if top > self.config.rope_max_index or int(pos.min()) < -self.config.rope_max_index:
