@@ -86,21 +86,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "host memory (cold experts computed by the CPU); single: everything on --device")
     ap.add_argument("--device", default=None,
                     help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    ap.add_argument("--max-sessions", type=int, default=None, metavar="N",
+                    help="the engine's concurrent realtime sessions, Live calls and chats together (past them a Live "
+                         "call is refused and a chat waits in the engine's line) (default: the engine server's, "
+                         "python -m engine.server --max-sessions)")
     args = ap.parse_args(argv)
+    if args.max_sessions is not None and args.max_sessions < 1:
+        ap.error(f"--max-sessions must be at least 1, got {args.max_sessions}")
     engine_from = "--engine" if argv_names(argv, "--engine") else "ENGINE_URL (set in the environment)"
     args.engine_from = engine_from  # (what messages about the engine's address name: a Space sets ENGINE_URL)
     if args.engine and args.model:
         ap.error(f"{engine_from} (a remote engine) and --model (load one here) exclude each other")
     loading = [flag for dest, flag in LOCAL_LOAD_FLAGS.items() if getattr(args, dest) != ap.get_default(dest)]
     if args.engine and loading:  # they were dropped without a word: the engine server loads the model
-        ap.error(f"{', '.join(loading)}: how a model loads here, and with {engine_from} nothing loads here; give "
-                 "them to the engine server (python -m engine.server takes the same flags)")
+        ap.error(f"{', '.join(loading)}: how a model loads and is served here, and with {engine_from} nothing loads "
+                 "here; give them to the engine server (python -m engine.server takes the same flags)")
     return args
 
 
-# The flags of a model load in this process (dest -> flag), which a studio driving a remote engine has no use for.
+# The flags of a model load and its engine server in this process (dest -> flag), which a studio driving a remote
+# engine has no use for.
 LOCAL_LOAD_FLAGS = {"dtype": "--dtype", "device": "--device", "expert_dtype": "--expert-dtype",
-                    "linear_dtype": "--linear-dtype", "placement": "--placement"}
+                    "linear_dtype": "--linear-dtype", "placement": "--placement", "max_sessions": "--max-sessions"}
 
 
 def argv_names(argv: list[str] | None, flag: str) -> bool:
@@ -119,6 +126,13 @@ def _address_exit_code(refused: Exception) -> int:
     cause = refused.__cause__
     in_use = isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE
     return EXIT_SERVER_ERROR if in_use else EXIT_MODEL_ERROR
+
+
+def _engine_limits(args: argparse.Namespace):
+    """The local engine server's limits: the engine's defaults, with --max-sessions when given."""
+    from engine.server import Limits
+
+    return Limits() if args.max_sessions is None else Limits(max_sessions=args.max_sessions)
 
 
 def _start_local_engine(args: argparse.Namespace):
@@ -154,7 +168,7 @@ def _start_local_engine(args: argparse.Namespace):
               f"        {REAL_MODEL_COMMAND}", flush=True)
     token = secrets.token_urlsafe(24)
     try:
-        handle = ServerHandle(create_app(engine, token=token), host="127.0.0.1", port=0).start()
+        handle = ServerHandle(create_app(engine, _engine_limits(args), token=token), host="127.0.0.1", port=0).start()
     except (OSError, RuntimeError) as e:
         return _fail(f"could not start the engine server on a loopback port: {e}", EXIT_SERVER_ERROR)
     return EngineLink(EngineClient(handle.url, token=token)), handle

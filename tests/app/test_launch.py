@@ -343,3 +343,25 @@ def test_the_studio_launches_with_threads_for_as_many_streams_as_the_engine_has_
         sessions = max_sessions
     assert code != 0 and "not started in this test" in capsys.readouterr().err
     assert given["max_threads"] >= sessions * 1.5 > 40, (given["max_threads"], sessions)
+
+
+def test_max_sessions_is_given_to_the_local_engine_and_refused_with_a_remote_one(monkeypatch, capsys, tiny_engine):
+    """`python launch.py` had no --max-sessions: its engine always held the server's default (64) realtime sessions.
+    The flag goes to the engine served here (its card says it, so the studio sizes its threads by it); with --engine
+    it is refused naming it, as the other flags of an engine run here."""
+    import launch
+    from engine.runtime import Engine
+
+    monkeypatch.setattr(Engine, "load", lambda *args, **kwargs: tiny_engine)  # (the session's tiny engine: no reload)
+    started = launch._start_local_engine(launch.parse_args(["--max-sessions", "3"]))
+    assert not isinstance(started, int), capsys.readouterr().err
+    link, handle = started
+    try:
+        assert link.info.max_sessions == 3
+    finally:
+        handle.stop()
+    for refused, says in ((["--max-sessions", "0"], "at least 1"),
+                          (["--engine", "ws://h:1", "--max-sessions", "3"], "--max-sessions")):
+        with pytest.raises(SystemExit) as stopped:
+            launch.parse_args(refused)
+        assert stopped.value.code == 2 and says in capsys.readouterr().err
