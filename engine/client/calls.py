@@ -118,34 +118,65 @@ def voice_upload(name: str, reference_audio: Any, reference_text: str | None, re
     return {"files": {"file": (f"reference.{payload.format}", payload.data)}, "data": data}
 
 
+# Raw PCM16 answers a speech server may give instead of a WAV file (their media type -> numpy sample type):
+# OpenAI's audio/pcm (little-endian) and RFC 2586's audio/L16 (network byte order); each may say its rate and
+# channels as parameters (audio/pcm;rate=24000, audio/L16;rate=16000;channels=2).
+RAW_PCM_TYPES = {"audio/pcm": "<i2", "audio/l16": ">i2"}
+
+
 def note_answer_rate(decoder: Any, headers: Any) -> None:
-    """Tell a speech stream's decoder the answer's own sample rate (its X-Sample-Rate header), for deltas that do
-    not name theirs."""
+    """Tell a speech stream's decoder what the answer's head says of its audio: its sample rate (answer_rate), for
+    deltas that do not name theirs; a WAV stream's decoder also whether the answer is raw PCM instead."""
     if isinstance(decoder, wire.SpeechSseDecoder):
         decoder.answer_rate = answer_rate(headers)
+    elif isinstance(decoder, WavStreamDecoder):
+        kind, params = media_type(headers.get("content-type") or "")
+        if kind in RAW_PCM_TYPES:
+            decoder.raw_pcm(RAW_PCM_TYPES[kind], answer_rate(headers), _whole_number(params.get("channels")))
 
 
 def answer_rate(headers: Any) -> int | None:
-    """The sample rate an answer's X-Sample-Rate header says; None when it says none (or something that is not a
-    positive whole number)."""
-    said = str(headers.get("x-sample-rate") or "").strip()
+    """The sample rate an answer's head says: its X-Sample-Rate header, else its Content-Type's rate parameter
+    (audio/pcm;rate=24000); None when it says none (or something that is not a positive whole number)."""
+    return (_whole_number(headers.get("x-sample-rate"))
+            or _whole_number(media_type(headers.get("content-type") or "")[1].get("rate")))
+
+
+def media_type(content_type: str) -> tuple[str, dict[str, str]]:
+    """'audio/L16; rate=16000' -> ('audio/l16', {'rate': '16000'}): the type in lower case, its parameters."""
+    kind, *params = content_type.split(";")
+    pairs = (param.split("=", 1) for param in params if "=" in param)
+    return kind.strip().lower(), {name.strip().lower(): value.strip().strip('"') for name, value in pairs}
+
+
+def _whole_number(text: Any) -> int | None:
+    said = str(text or "").strip()
     return int(said) if said.isdigit() and int(said) > 0 else None
 
 
 class WavStreamDecoder:
     """A WAV file arriving in pieces (OpenAI's streamed speech) -> AudioChunk events (mono PCM16 at the
-    header's rate; more channels are averaged), then Done when the stream ends."""
+    header's rate; more channels are averaged), then Done when the stream ends. An answer that is raw PCM16
+    (RAW_PCM_TYPES, raw_pcm) is read at the rate its head says, else at OpenAI's 24 kHz, which Done's result then says
+    was assumed (`sample_rate_note`)."""
 
     def __init__(self) -> None:
         self.finished = False
         self.text: list[str] = []
         self.buf = b""
         self.rate: int | None = None
+        self.rate_assumed = False
         self.channels = 1
+        self.sample_type = "<i2"
         self.in_data = False
         self.audio_s = 0.0
         self.t0 = time.perf_counter()
         self.first: float | None = None
+
+    def raw_pcm(self, sample_type: str, rate: int | None, channels: int | None) -> None:
+        """The answer is raw PCM16 samples of `sample_type` (no WAV header), at `rate` (None: its head said none)."""
+        self.in_data, self.sample_type, self.channels = True, sample_type, channels or 1
+        self.rate, self.rate_assumed = rate or wire.OPENAI_PCM_RATE, rate is None
 
     def _header(self) -> bool:
         """Reads RIFF chunks up to 'data'; False while more bytes are needed."""
@@ -181,8 +212,8 @@ class WavStreamDecoder:
         pcm, self.buf = self.buf[:n], self.buf[n:]
         if not pcm:
             return []
-        if self.channels > 1:
-            x = np.frombuffer(pcm, "<i2").reshape(-1, self.channels).astype(np.int32).mean(axis=1)
+        if self.channels > 1 or self.sample_type != "<i2":
+            x = np.frombuffer(pcm, self.sample_type).reshape(-1, self.channels).astype(np.int32).mean(axis=1)
             pcm = np.round(x).astype("<i2").tobytes()
         ev = AudioChunk(pcm, int(self.rate), "", self.audio_s)
         self.audio_s += ev.seconds
@@ -199,7 +230,10 @@ class WavStreamDecoder:
         total = time.perf_counter() - self.t0
         stats = GenerationStats(time_to_first_audio_s=self.first or 0.0, audio_seconds=self.audio_s, total_s=total,
                                 audio_real_time_factor=total / self.audio_s if self.audio_s else 0.0)
-        return [Done(text="", finish_reason="stop", stats=stats, result={"sample_rate": self.rate})]
+        result = {"sample_rate": self.rate}
+        if self.rate_assumed:
+            result["sample_rate_note"] = wire.ASSUMED_RATE_NOTE
+        return [Done(text="", finish_reason="stop", stats=stats, result=result)]
 
 
 # =========================================================================== speech in

@@ -897,8 +897,8 @@ class TranscriptionSseEncoder:
 
 _DELTA_KEYS = ("role", "content", "audio", "image_preview", "image", "refusal", "tool_calls", "function_call")
 OPENAI_PCM_RATE = 24000  # the rate of OpenAI's `pcm16` / `pcm` audio, for servers that do not name theirs
-ASSUMED_RATE_NOTE = (f"the server did not say its audio's sample rate (no sample_rate, X-Sample-Rate or WAV header): "
-                     f"played at OpenAI's {OPENAI_PCM_RATE} Hz, which may be wrong")
+ASSUMED_RATE_NOTE = (f"the server did not say its audio's sample rate (no sample_rate, X-Sample-Rate, WAV header or "
+                     f"Content-Type rate): played at OpenAI's {OPENAI_PCM_RATE} Hz, which may be wrong")
 
 
 class SseLines:
@@ -1100,7 +1100,7 @@ class SpeechSseDecoder(SseLines):
     """Client side: a `/v1/audio/speech` SSE stream -> AudioChunk events, then Done (its `result`:
     sample_rate, fragments, ref_text_from_asr when our ASR filled in a transcript ...). Deltas without
     our `sample_rate` are PCM16 at the rate of a WAV header in the first delta, else at the answer's own
-    (`answer_rate`: its X-Sample-Rate header, set by the client), else OpenAI's 24 kHz, which
+    (`answer_rate`: its X-Sample-Rate header or Content-Type rate, set by the client), else OpenAI's 24 kHz, which
     Done's result then says was assumed (`sample_rate_note`)."""
 
     def __init__(self, strict: bool = True) -> None:

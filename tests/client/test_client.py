@@ -642,7 +642,8 @@ def test_a_stream_the_engine_never_answers_is_said_as_no_answer_not_as_unreachab
 
 class CannedServer:
     """A server that answers every request, whatever its path or method (a websocket handshake too), with the same
-    bytes (`answer`, which a test may change), then closes the connection (`hold_s` later: a stalled answer)."""
+    bytes (`answer`, which a test may change; or a function of the request's bytes that returns them), then closes the
+    connection (`hold_s` later: a stalled answer)."""
 
     def __init__(self, answer: bytes = b"", hold_s: float = 0.0):
         self.answer, self.hold_s = answer, hold_s
@@ -659,8 +660,8 @@ class CannedServer:
             except OSError:  # closed: the module's tests are done
                 return
             with conn:
-                read_request(conn)
-                conn.sendall(self.answer)
+                request = read_request(conn)
+                conn.sendall(self.answer(request) if callable(self.answer) else self.answer)
                 time.sleep(self.hold_s)
 
 
@@ -790,6 +791,27 @@ def test_speech_without_a_sample_rate_plays_at_the_answers_own_rate_or_says_it_w
         assert isinstance(done, Done) and chunk.sample_rate == rate and chunk.seconds == pytest.approx(1600 / rate)
         note = (done.result or {}).get("sample_rate_note", "")
         assert ("24000 Hz" in note and done.result["sample_rate"] == 24000) if assumed else not note, done.result
+
+
+@pytest.mark.parametrize("content_type, samples, rate, assumed", [
+    ("audio/pcm;rate=16000", np.array([1000, -1000], "<i2"), 16000, False),
+    ("audio/L16; rate=16000; channels=2", np.array([[1000, 3000], [-1000, -3000]], ">i2"), 16000, False),
+    ("audio/pcm", np.array([1000, -1000], "<i2"), 24000, True)])
+def test_speech_answered_as_raw_pcm_plays_at_the_rate_its_content_type_says_or_says_it_was_assumed(
+        canned_server, content_type, samples, rate, assumed):
+    """An OpenAI-compatible server that answered speech as raw PCM, its rate only in the Content-Type
+    (audio/pcm;rate=16000, audio/L16;rate=16000, big-endian), was refused as 'not a WAV file': it is read at that rate
+    (L16 in its byte order, channels averaged), and at OpenAI's 24 kHz, said as assumed, when no rate is given."""
+    models = canned_answer("200 OK", "application/json", b'{"data": [{"id": "tts-model"}]}')
+    speech = canned_answer("200 OK", content_type, np.tile(samples, (800,) + (1,) * (samples.ndim - 1)).tobytes())
+    canned_server.answer = lambda request: models if b" /v1/models " in request.split(b"\r\n", 1)[0] else speech
+    with EngineClient(f"openai+http://127.0.0.1:{canned_server.port}", timeout=5) as client:
+        *chunks, done = list(client.speak("hello"))
+    pcm = np.frombuffer(b"".join(c.pcm for c in chunks), "<i2")
+    assert isinstance(done, Done) and {c.sample_rate for c in chunks} == {rate}, done
+    assert pcm.tolist() == [2000, -2000] * 800 if samples.ndim == 2 else pcm.tolist() == [1000, -1000] * 800
+    note = done.result.get("sample_rate_note", "")
+    assert ("24000 Hz" in note and "Content-Type" in note) if assumed else not note, done.result
 
 
 def test_a_captive_portals_page_is_said_as_a_web_page_not_a_json_or_stream_error(captive_portal):
