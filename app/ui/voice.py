@@ -160,9 +160,11 @@ def music_length_note(made_s: float, asked_s) -> str:
             "duration is asked of the model, not imposed)")
 
 
-def reference_warning_note(warning: str | None) -> str:
-    """The status line's note on a reference clip that was cloned but will not clone well (a clipped one: how much of
-    it sits at full scale and what to do), as the engine said it; "" when it said nothing."""
+def warning_note(warning: str | None) -> str:
+    """The status line's note of a warning, as the engine or the client said it; "" when none was said. Those of a
+    take: a reference clip that was cloned but will not clone well (a clipped one: how much of it sits at full scale
+    and what to do), and audio whose sample rate the engine did not say (the client's sample_rate_note: it plays at a
+    rate assumed, maybe too fast or too slow)."""
     return f" · ⚠ {warning[:1].upper()}{warning[1:]}" if warning else ""
 
 
@@ -279,7 +281,8 @@ class VoiceController:
                 transcript = asr  # the transcript our ASR filled in: shown, editable for the next take
             status = figures_line(final) + (" · the clip's transcript was filled in by speech recognition"
                                             if asr is not None else "")
-            status += reference_warning_note((final.result or {}).get("reference_warning"))
+            said = final.result or {}
+            status += warning_note(said.get("reference_warning")) + warning_note(said.get("sample_rate_note"))
             if task == "music" and final.finish_reason == "stop":
                 status += music_length_note(sum(len(c) for c in chunks) / (rate or 1), duration)
             status += "".join(f" · {note}" for note in unused)
@@ -359,7 +362,7 @@ class VoiceController:
         note = f"Saved the voice '{name}'."
         if from_asr or info.get("ref_text_from_asr") is not None or info.get("transcript_from_asr"):
             note += " Its transcript was filled in by speech recognition."
-        note += reference_warning_note(info.get("reference_warning"))
+        note += warning_note(info.get("reference_warning"))
         return gr.update(choices=names, value=name), note
 
     @staticmethod

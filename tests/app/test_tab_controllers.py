@@ -1235,3 +1235,28 @@ def test_a_recording_is_held_to_the_transcription_limit_and_transcribed_in_windo
     text, status, txt, srt = shown[-1]
     cues = Path(srt).read_text(encoding="utf-8").strip().split("\n\n")
     assert "finish reason" in status and text and len(cues) == 2 and cues[1].startswith("2\n"), cues
+
+
+class AssumedRateSpeaker(StoppedTranscriber):
+    """An engine client whose speech came without a sample rate: the client played it at one it assumed and said so
+    in Done's result (sample_rate_note), as engine.client does."""
+
+    def speak(self, text, **kwargs):
+        from engine.events import AudioChunk
+        from engine.server.protocol import ASSUMED_RATE_NOTE, OPENAI_PCM_RATE
+
+        for start in range(3):
+            yield AudioChunk(tone_pcm16(0.1, OPENAI_PCM_RATE, 220.0).tobytes(), OPENAI_PCM_RATE, "", start * 0.1)
+        yield Done(text="", finish_reason="stop", result={"sample_rate": OPENAI_PCM_RATE,
+                                                          "sample_rate_note": ASSUMED_RATE_NOTE})
+
+
+def test_speech_played_at_an_assumed_sample_rate_says_so_once_in_the_status_line():
+    """Speech whose rate the engine did not say played at 24 kHz (maybe too fast or slow) and the Voice tab said
+    nothing of it: the client's sample_rate_note was dropped. The finished take's status line says it, once."""
+    from engine.server.protocol import ASSUMED_RATE_NOTE
+
+    statuses = [out[2] for out in VoiceController(EngineLink(AssumedRateSpeaker())).synthesize(
+        "Hello.", "Speech", "Default voice", None, None, "", *[None] * 5, "", "", "", None, "", "", "", "", 10, 3)]
+    said = ASSUMED_RATE_NOTE[1:]  # (the status line starts the note with a capital)
+    assert statuses[-1].count(said) == 1 and not any(said in s for s in statuses[:-1]), statuses
