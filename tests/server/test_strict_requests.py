@@ -766,6 +766,7 @@ def test_chat_takes_the_served_model_and_openais_chat_aliases(http, server, mode
 @pytest.mark.parametrize("path, body, files, model", [
     ("/v1/audio/transcriptions", None, {"file": ("a.wav", WAV)}, "whisper-1"),
     ("/v1/audio/transcriptions", None, {"file": ("a.wav", WAV)}, "gpt-4o-mini-transcribe"),
+    ("/v1/audio/translations", None, {"file": ("a.wav", WAV)}, "whisper-1"),
     ("/v1/audio/speech", {"input": "hi", "max_seconds": 0.5}, None, "gpt-4o-mini-tts"),
     ("/v1/audio/speech", {"input": "hi", "max_seconds": 0.5}, None, "tts-1"),
     ("/v1/images/generations", {"prompt": "a teapot", "steps": 1, "size": "16x16"}, None, "gpt-image-1"),
@@ -782,6 +783,7 @@ def test_each_endpoint_takes_openais_aliases_for_its_own_kind_of_model(http, pat
     ("/v1/chat/completions", CHAT, None, "whisper-1"),
     ("/v1/chat/completions", CHAT, None, "gpt-9"),
     ("/v1/audio/transcriptions", None, {"file": ("a.wav", WAV)}, "gpt-4o-mini"),
+    ("/v1/audio/translations", None, {"file": ("a.wav", WAV)}, "gpt-9"),
     ("/v1/audio/speech", {"input": "hi"}, None, "whisper-1"),
     ("/v1/images/generations", {"prompt": "a teapot"}, None, "tts-1"),
 ])
