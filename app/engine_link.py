@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -62,7 +63,12 @@ class EngineLink:
         self.check_timeout_s = check_timeout_s
         self._lock = threading.Lock()
         self._status = LinkStatus(False, None, "not checked yet", 0.0)
+        self._card_readers: list[Callable[[ModelInfo], None]] = []
         self.refresh(force=True)
+
+    def on_card(self, reader: Callable[[ModelInfo], None]) -> None:
+        """Call `reader` with the engine's card (what it serves, its limits) each time a check reads it."""
+        self._card_readers.append(reader)
 
     def refresh(self, force: bool = False) -> LinkStatus:
         """Ask the engine who it is (at most every `recheck_s` seconds unless forced). While another thread is
@@ -72,6 +78,8 @@ class EngineLink:
         try:
             if force or time.monotonic() - self._status.checked_at >= self.recheck_s:
                 self._status = self._check()
+                for reader in self._card_readers if self._status.ok else ():
+                    reader(self._status.info)
             return self._status
         finally:
             self._lock.release()

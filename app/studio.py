@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import app  # noqa: F401  (sets GRADIO_ANALYTICS_ENABLED before gradio is imported)
 
+import asyncio
 import time
 from pathlib import Path
 
+import anyio.to_thread
 import gradio as gr
 
 from app.engine_link import REALTIME, SPEECH_OUT, EngineLink
@@ -20,7 +22,7 @@ from app.ui.image import build_image_tab, kept_before as image_kept_before
 from app.ui.live import build_live_tab, engine_settings
 from app.ui.speech import REQUEST_KEY as SPEECH_REQUEST_KEY, build_speech_tab
 from app.ui.voice import build_voice_tab
-from engine.client import EngineClient
+from engine.client import EngineClient, ModelInfo
 
 TITLE = "Ming Omni Studio"
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -87,17 +89,50 @@ PAGE_STYLE = """<style>
 # chat, a transcription, a voice, an image) holds one while it waits for the engine's next event, and every page action
 # (an upload checked, Stop, a page load) needs one too: ~45 slow streams (a 5 s/token engine) slowed every page action
 # from 0.25 to 0.67 s, and more would have blocked the page. Sized for one stream per realtime session the engine holds
-# (its card's limits.max_sessions, `python -m engine.server --max-sessions`; the default, 64, when it does not say or
-# is not reached at start, and never less: chats past the cap wait in the engine's line, still streaming) and half as
-# many again for the page's own actions meanwhile.
+# (its card's limits.max_sessions, `python -m engine.server --max-sessions`; the default, 64, when it does not say, and
+# never less: chats past the cap wait in the engine's line, still streaming) and half as many again for the page's own
+# actions meanwhile. An engine not reached at start runs no stream: its studio starts with threads for a few
+# (CARD_UNREAD_STREAMS; it started with 96 for the default) and grows them when the card is read (WorkerThreads).
 ENGINE_DEFAULT_SESSIONS: int = 64  # engine.server.limits.Limits.max_sessions (not imported: a UI-only studio lacks it)
+CARD_UNREAD_STREAMS: int = 16
 PAGE_ACTION_SHARE: float = 0.5
 
 
-def worker_threads(sessions: int | None) -> int:
-    """Gradio's worker threads for an engine holding `sessions` realtime sessions at once (None: it does not say)."""
-    streams = max(sessions or 0, ENGINE_DEFAULT_SESSIONS)
+def worker_threads(info: ModelInfo | None) -> int:
+    """Gradio's worker threads for an engine that says `info` (None: its card was not read yet)."""
+    streams = CARD_UNREAD_STREAMS if info is None else max(info.max_sessions or 0, ENGINE_DEFAULT_SESSIONS)
     return streams + int(streams * PAGE_ACTION_SHARE)
+
+
+class WorkerThreads:
+    """A studio's Gradio worker threads: worker_threads of the card read at start, grown (never shrunk: streams may hold
+    them) on the server's own loop when a later check reads a card that asks for more (an engine that was down)."""
+
+    def __init__(self, demo: gr.Blocks):
+        self.demo, self.loop = demo, None
+        self.size = worker_threads(demo.link.info)
+        demo.extra_startup_events.append(self._started)
+        demo.link.on_card(self.card_read)
+
+    async def _started(self) -> None:  # (Gradio runs it on the server's loop, once its limiter and queue exist)
+        self.loop = asyncio.get_running_loop()
+        if self.demo.link.info is not None:  # (a card read between launch_options and the server's start)
+            self.card_read(self.demo.link.info)
+
+    def card_read(self, info: ModelInfo) -> None:
+        wanted = worker_threads(info)
+        if self.loop is not None and wanted > self.size:
+            self.size = wanted
+            self.loop.call_soon_threadsafe(self._grow, wanted)
+
+    def _grow(self, size: int) -> None:
+        """On the server's loop: Gradio's thread limiter (anyio's default one when Gradio made none: 40 threads) and
+        its queue's slots for jobs running at once."""
+        limiter = self.demo.limiter or anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, size)
+        queue = self.demo._queue
+        queue.max_thread_count = max(queue.max_thread_count, size)
+        queue.active_jobs.extend([None] * (queue.max_thread_count - len(queue.active_jobs)))
 
 
 def _assets(*patterns: str) -> list[str]:
@@ -137,10 +172,10 @@ def launch_options(demo: gr.Blocks) -> dict:
     """What `demo.launch` needs besides host/port/auth: the Live relay's route, the page CSS (the Share buttons that
     only work on a Space hidden elsewhere, common.share_css) and narrow-screen style, the page's scripts
     (PAGE_SCRIPTS in app/static/) and the worker threads for as many streams as the engine holds sessions
-    (worker_threads)."""
-    info = demo.link.info  # (the answer of the check at start: no new check)
+    (WorkerThreads: grown when an engine down at start is reached)."""
+    threads = WorkerThreads(demo)  # (from the answer of the check at start: no new check)
     return {"app_kwargs": demo.live_proxy.app_kwargs(), "css": share_css(), "head": PAGE_STYLE, "js": PAGE_JS,
-            "max_threads": worker_threads(info.max_sessions if info is not None else None)}
+            "max_threads": threads.size}
 
 
 # How long close_studio waits for the server's loop to set Gradio's stop event before closing anyway.

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -285,8 +286,9 @@ def test_an_engine_url_secret_with_a_login_in_it_is_refused_naming_the_secret_no
 
 
 @contextmanager
-def card_server(card: dict):
-    """The URL of a server answering every GET with a /v1/models list holding `card` (what a studio asks at start)."""
+def card_server(card: dict, port: int = 0):
+    """The URL of a server answering every GET with a /v1/models list holding `card` (what a studio asks at start), on
+    `port` (0: any free one)."""
     body = json.dumps({"object": "list", "data": [card]}).encode()
 
     class Card(BaseHTTPRequestHandler):
@@ -300,7 +302,7 @@ def card_server(card: dict):
         def log_message(self, *args):  # (quiet)
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Card)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Card)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -316,17 +318,17 @@ def test_the_studio_launches_with_threads_for_as_many_streams_as_the_engine_has_
     its next event: every page action waited for a thread (0.25 -> 0.67 s). launch.py gives demo.launch threads for
     a stream per realtime session the engine holds and the page's own actions besides: 96 were sized for the default
     cap (64) even for an engine started with --max-sessions 200, whose 200 streams then blocked the page; the cap is
-    now read from the engine's card (an engine not reached at start: the default)."""
+    now read from the engine's card. An engine not reached at start ran no stream but got 96 threads: it gets a few
+    (the studio grows them when the card is read: the test below)."""
     import app.studio
     import launch
     from app.live_proxy import LiveProxy
-    from engine.server.limits import Limits
 
     given = {}
 
     class Page:  # (the whole page takes seconds to build; launch_options needs only its Live relay and link)
         def __init__(self, link):
-            self.link, self.live_proxy = link, LiveProxy(link.target)
+            self.link, self.live_proxy, self.extra_startup_events = link, LiveProxy(link.target), []
 
         def launch(self, **options):  # (the options are all this test needs: no server is started)
             given.update(options)
@@ -336,13 +338,44 @@ def test_the_studio_launches_with_threads_for_as_many_streams_as_the_engine_has_
     if max_sessions is None:
         no_engine = f"http://127.0.0.1:{_free_port()}"  # (the studio starts without its engine, saying so)
         code = launch.main(["--engine", no_engine, "--port", str(_free_port())])
-        sessions = Limits().max_sessions
     else:
         with card_server({"id": "m", "limits": {"max_sessions": max_sessions}}) as url:  # (as engine.server's card
             code = launch.main(["--engine", url, "--port", str(_free_port())])  # says it: tests/server/test_http_api)
-        sessions = max_sessions
     assert code != 0 and "not started in this test" in capsys.readouterr().err
-    assert given["max_threads"] >= sessions * 1.5 > 40, (given["max_threads"], sessions)
+    if max_sessions is None:
+        assert given["max_threads"] < 40, given["max_threads"]
+    else:
+        assert given["max_threads"] >= max_sessions * 1.5 > 40, (given["max_threads"], max_sessions)
+
+
+def test_a_studio_started_while_its_engine_is_down_grows_its_threads_when_the_engine_answers():
+    """A studio whose engine was down at start sized its threads for the default 64 sessions (96) and kept them: an
+    engine that then came up with --max-sessions 200 had its streams wait for threads. It starts with a few and, once
+    a check reads the card, Gradio's thread limiter and its queue's job slots grow to what the card asks for."""
+    import gradio as gr
+
+    from app.engine_link import EngineLink
+    from app.studio import WorkerThreads, close_studio, worker_threads
+    from engine.client import EngineClient
+
+    port = _free_port()
+    with gr.Blocks() as demo:  # (a one-line page: the threads are the studio's, whatever the page)
+        gr.Markdown("threads")
+    demo.link = EngineLink(EngineClient(f"http://127.0.0.1:{port}", timeout=5), check_timeout_s=2)
+    threads = WorkerThreads(demo)
+    demo.launch(max_threads=threads.size, prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        few = worker_threads(None)
+        assert demo.limiter.total_tokens == len(demo._queue.active_jobs) == few < 40
+        with card_server({"id": "m", "limits": {"max_sessions": 200}}, port):
+            assert demo.link.refresh(force=True).ok
+        wanted = worker_threads(demo.link.info)
+        deadline = time.monotonic() + 5
+        while demo.limiter.total_tokens != wanted and time.monotonic() < deadline:
+            time.sleep(0.02)  # (grown on the server's loop)
+        assert demo.limiter.total_tokens == len(demo._queue.active_jobs) == wanted >= 300
+    finally:
+        close_studio(demo)
 
 
 def test_max_sessions_is_given_to_the_local_engine_and_refused_with_a_remote_one(monkeypatch, capsys, tiny_engine):
