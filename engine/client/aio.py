@@ -257,7 +257,8 @@ class AsyncEngineClient(core.EngineClientBase):
 
     async def _json(self, method: str, path: str, **kwargs) -> Any:
         resp = await self._send(method, path, **kwargs)
-        return core.json_answer(resp.status_code, resp.content, self.endpoints.http + path)
+        return core.json_answer(resp.status_code, resp.content, self.endpoints.http + path,
+                                retry_after=resp.headers.get("Retry-After"))
 
     async def health(self, timeout: float | None = None) -> dict:
         return await self._get("/health", **core.timeout_option(timeout))
@@ -443,7 +444,8 @@ class AsyncEngineClient(core.EngineClientBase):
         if call.read == "json":
             try:
                 resp = await self._send(call.method, call.path, **call.kwargs)
-                events = call.parse(core.json_answer(resp.status_code, resp.content, self.endpoints.http + call.path))
+                events = call.parse(core.json_answer(resp.status_code, resp.content, self.endpoints.http + call.path,
+                                                      retry_after=resp.headers.get("Retry-After")))
             except ServerError as e:
                 events = [e.to_event()]
             except core.UnknownEventError as e:
@@ -470,7 +472,8 @@ class AsyncEngineClient(core.EngineClientBase):
                 return
             if resp.status_code >= 400 or core.is_html(resp.headers.get("content-type", "")):  # (not a stream)
                 await resp.aread()
-                yield core.json_error_event(resp.status_code, resp.content, self.endpoints.http + call.path)
+                yield core.json_error_event(resp.status_code, resp.content, self.endpoints.http + call.path,
+                                            resp.headers.get("Retry-After"))
                 return
             calls.note_answer_rate(call.decoder, resp.headers)
 

@@ -21,6 +21,7 @@ import time
 import wave
 from collections import deque
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit, urlunsplit
@@ -90,14 +91,25 @@ class ConnectionLost(ServerError):
         super().__init__(message, code)
 
 
-def http_error(status: int, body: Any, text: str = "", url: str = "") -> ServerError:
+def http_error(status: int, body: Any, text: str = "", url: str = "", retry_after: str | None = None) -> ServerError:
     """An error answer as a ServerError: the engine's (and OpenAI's) error object by its code and message; any other
-    answer (a proxy's page, a load balancer's text, another framework's JSON) by its status, `url` and own words."""
+    answer (a proxy's page, a load balancer's text, another framework's JSON) by its status, `url` and own words. Its
+    Retry-After header (`retry_after`: a 429's, a 503's while the engine starts) is said as when to try again."""
     err = body.get("error") if isinstance(body, dict) else None
+    again = retry_note(retry_after)
     if isinstance(err, dict) and isinstance(err.get("message"), str):
         ev = wire.error_event(err, status)
-        return ServerError(ev.message, ev.code, status, body)
-    return ServerError(_error_text(status, text, body, url), wire.status_error_code(status), status, body)
+        return ServerError(ev.message + again, ev.code, status, body)
+    return ServerError(_error_text(status, text, body, url) + again, wire.status_error_code(status), status, body)
+
+
+def retry_note(retry_after: str | None) -> str:
+    """' (the server asks to try again in 30 s)' for a Retry-After header of seconds, '... after DATE' for one of a
+    date; "" without one."""
+    said = " ".join(str(retry_after or "").split())[:ERROR_WORDS_SHOWN]
+    if not said:
+        return ""
+    return f" (the server asks to try again {f'in {said} s' if said.isdigit() else f'after {said}'})"
 
 
 _HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
@@ -133,8 +145,16 @@ def _error_text(status: int, text: str, body: Any = None, url: str = "") -> str:
         return f"{where}{what} (an HTML page: a proxy or gateway answered, not the engine)"
     fields = body if isinstance(body, dict) else {}
     said = next((fields[k] for k in OTHER_ERROR_FIELDS if isinstance(fields.get(k), str) and fields[k].strip()), None)
-    said = " ".join((said or text).split())[:ERROR_WORDS_SHOWN]
+    said = " ".join((said or text).split())[:ERROR_WORDS_SHOWN] or status_phrase(status)  # (an empty answer: its name)
     return f"{where}: {said}" if said else where
+
+
+def status_phrase(status: int) -> str:
+    """HTTP's name of a status (429: 'Too Many Requests'); "" for a status it does not name."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def reply_error(event: dict) -> ServerError:
@@ -155,15 +175,15 @@ def parse_json(raw: Any) -> dict:
     return event
 
 
-def json_answer(status: int, content: bytes, url: str = "") -> Any:
+def json_answer(status: int, content: bytes, url: str = "", retry_after: str | None = None) -> Any:
     """An HTTP answer's JSON body, or ServerError for an error status or a body that is not JSON (`url`: where it
-    came from, which a message of an answer not in the engine's shape names)."""
+    came from, which a message of an answer not in the engine's shape names; `retry_after`: its Retry-After header)."""
     try:
         body = json.loads(content)
     except ValueError:
         body = None
     if status >= 400:
-        raise http_error(status, body, content.decode("utf-8", "replace"), url)
+        raise http_error(status, body, content.decode("utf-8", "replace"), url, retry_after)
     if body is None:
         title = html_page_title(content.decode("utf-8", "replace"))
         if title is not None:  # (a captive portal, a proxy's login page: "not JSON" sent the user to the engine)
@@ -174,9 +194,9 @@ def json_answer(status: int, content: bytes, url: str = "") -> Any:
     return body
 
 
-def json_error_event(status: int, content: bytes, url: str = "") -> Error:
+def json_error_event(status: int, content: bytes, url: str = "", retry_after: str | None = None) -> Error:
     try:
-        json_answer(status, content, url)
+        json_answer(status, content, url, retry_after)
     except ServerError as e:
         return e.to_event()
     return Error(f"HTTP {status}", "server_error")
@@ -258,10 +278,11 @@ def connect_error(url: str, exc: BaseException, timeout_s: float | None = None) 
         # (a proxy's text or web page: said by its words or title; an empty refusal by its reason phrase, not by
         # websockets' own words, which named the status a second time)
         text = page if page.strip() else getattr(response, "reason_phrase", "")
+        again = (getattr(response, "headers", None) or {}).get("Retry-After")
         try:
-            return http_error(status, json.loads(body) if body else None, text, url)
+            return http_error(status, json.loads(body) if body else None, text, url, again)
         except ValueError:
-            return http_error(status, None, text, url)
+            return http_error(status, None, text, url, again)
     return ServerError(f"could not reach the engine server at {url}: {type(exc).__name__}: {exc}", "connect_failed")
 
 

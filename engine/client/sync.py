@@ -287,7 +287,8 @@ class EngineClient(core.EngineClientBase):
 
     def _json(self, method: str, path: str, **kwargs) -> Any:
         resp = self._send(method, path, **kwargs)
-        return core.json_answer(resp.status_code, resp.content, self.endpoints.http + path)
+        return core.json_answer(resp.status_code, resp.content, self.endpoints.http + path,
+                                retry_after=resp.headers.get("Retry-After"))
 
     def health(self, timeout: float | None = None) -> dict:
         """The server's /health (status, model, queue, sessions). Raises ServerError when unreachable.
@@ -507,7 +508,8 @@ class EngineClient(core.EngineClientBase):
         if call.read == "json":
             try:
                 resp = self._send(call.method, call.path, **call.kwargs)
-                events = call.parse(core.json_answer(resp.status_code, resp.content, self.endpoints.http + call.path))
+                events = call.parse(core.json_answer(resp.status_code, resp.content, self.endpoints.http + call.path,
+                                                      retry_after=resp.headers.get("Retry-After")))
             except ServerError as e:
                 events = [e.to_event()]
             except core.UnknownEventError as e:
@@ -534,7 +536,8 @@ class EngineClient(core.EngineClientBase):
             if resp.status_code >= 400 or core.is_html(resp.headers.get("content-type", "")):  # (not a stream)
                 answered = True
                 resp.read()
-                yield core.json_error_event(resp.status_code, resp.content, self.endpoints.http + call.path)
+                yield core.json_error_event(resp.status_code, resp.content, self.endpoints.http + call.path,
+                                            resp.headers.get("Retry-After"))
                 return
             calls.note_answer_rate(call.decoder, resp.headers)
 

@@ -1186,3 +1186,23 @@ def test_a_chat_on_an_engine_with_every_session_taken_goes_over_http():
         async_events = asyncio.run(async_chat())
     for got in (events, async_events):
         assert isinstance(got[-1], Done) and text_of(got) == "over http", got[-1]
+
+
+@pytest.mark.parametrize("status, headers, body, says", [
+    ("429 Too Many Requests", "Retry-After: 30\r\n",
+     b'{"error": {"message": "rate limited", "type": "rate_limit_error", "code": "rate_limit_exceeded"}}',
+     ["rate limited", "try again in 30 s"]),
+    ("429 Too Many Requests", "Retry-After: 30\r\n", b"", ["HTTP 429", "Too Many Requests", "try again in 30 s"]),
+    ("503 Service Unavailable", "Retry-After: Wed, 21 Oct 2026 07:28:00 GMT\r\n", b'{"detail": "model is loading"}',
+     ["HTTP 503", "model is loading", "try again after Wed, 21 Oct 2026 07:28:00 GMT"])])
+def test_a_refusal_with_retry_after_says_when_to_try_again(canned_server, status, headers, body, says):
+    """A 429 (rate limited) or a 503 while the engine starts, with Retry-After, was said without it ('rate limited',
+    'HTTP 429 from ...' with an empty body naming not even the status): the message says when the server asks to be
+    tried again, and an empty answer is named by its status's name, for the model check and for a stream."""
+    canned_server.answer = canned_answer(status, "application/json", body, headers)
+    with EngineClient(f"http://127.0.0.1:{canned_server.port}", timeout=5) as client:
+        with pytest.raises(ServerError) as checked:
+            client.info()
+        spoken = list(client.speak("hello"))[-1]
+    for message in (checked.value.message, spoken.message):
+        assert all(s in message for s in says), message
