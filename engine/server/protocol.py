@@ -928,10 +928,8 @@ class SseLines:
             return []
         if line.startswith(":"):
             name, _, payload = line[1:].strip().partition(" ")
-            if name not in SSE_COMMENTS:
-                return self._unknown(f"unknown stream comment {name[:60]!r}")
-            if name == "keepalive":
-                return []
+            if name not in SSE_COMMENTS or name == "keepalive":  # (SSE: a comment is the reader's to ignore; a proxy
+                return []                                        # may send its own, ": ping", or ":" alone)
             try:
                 obj = json.loads(payload)
             except ValueError as e:

@@ -1206,3 +1206,20 @@ def test_a_refusal_with_retry_after_says_when_to_try_again(canned_server, status
         spoken = list(client.speak("hello"))[-1]
     for message in (checked.value.message, spoken.message):
         assert all(s in message for s in says), message
+
+
+CHAT_CHUNK = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+CHAT_END = (b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+            b'\n\ndata: [DONE]\n\n')
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+
+
+def test_a_streams_own_comment_retry_event_and_id_lines_are_passed_by(canned_server):
+    """A stream with an SSE comment this client does not know (': ping' from a proxy, ':' alone) ended in a
+    protocol_error 'unknown stream comment', as if the engine were of another version: SSE says a comment is for the
+    reader to ignore. It is passed by, as retry:, event: and id: lines are, and the reply is read whole."""
+    canned_server.answer = (SSE_HEAD + b"retry: 3000\n\n: ping\n\n:\n\n" + CHAT_CHUNK + b"event: message\nid: 5\n"
+                            + CHAT_END)
+    with EngineClient(f"http://127.0.0.1:{canned_server.port}", timeout=5) as client:
+        events = list(client.chat([{"role": "user", "content": "hi"}], transport="http"))
+    assert isinstance(events[-1], Done) and text_of(events) == "hi", events[-1]
