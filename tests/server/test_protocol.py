@@ -164,12 +164,17 @@ def test_the_realtime_decoder_refuses_what_it_does_not_know(event):
 
 
 @pytest.mark.parametrize("line", [
-    ": surprise {}", "data: {not json", 'data: {"type": "transcript.hologram"}', "garbage line",
+    "data: {not json", 'data: {"type": "transcript.hologram"}', "garbage line",
     'data: {"object": "chat.completion.chunk", "choices": [{"delta": {"hologram": "x"}}]}',
     'data: {"object": "chat.completion.chunk", "choices": [{"delta": {}, "finish_reason": "tool_calls"}]}'])
 def test_the_sse_decoder_refuses_what_it_does_not_know(line):
     with pytest.raises(UnknownEventError):
         wire.SseDecoder().feed_line(line)
+
+
+def test_the_sse_decoder_passes_by_comments_it_does_not_know():
+    """SSE: a comment is for the reader to ignore (a proxy's ': ping'); only ours (queue_position, progress) are read."""
+    assert wire.SseDecoder().feed_line(": surprise {}") == wire.SseDecoder().feed_line(":") == []
 
 
 def test_a_stream_without_a_result_is_an_error_not_a_done():
