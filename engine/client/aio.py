@@ -478,10 +478,12 @@ class AsyncEngineClient(core.EngineClientBase):
             calls.note_answer_rate(call.decoder, resp.headers)
 
             async def pump() -> None:
+                pieces = core.stream_reader(call.read)
                 try:
-                    async for piece in (resp.aiter_lines() if call.read == "sse" else resp.aiter_bytes()):
-                        clock.arrived()
-                        lines.put_nowait(("data", piece))
+                    async for data in resp.aiter_bytes():
+                        for piece in pieces(data):
+                            clock.arrived()
+                            lines.put_nowait(("data", piece))
                     lines.put_nowait(("end", None))
                 except Exception as e:  # read timeout, connection dropped
                     timed_out = isinstance(e, httpx.TimeoutException)

@@ -542,10 +542,12 @@ class EngineClient(core.EngineClientBase):
             calls.note_answer_rate(call.decoder, resp.headers)
 
             def pump() -> None:
+                pieces = core.stream_reader(call.read)
                 try:
-                    for piece in (resp.iter_lines() if call.read == "sse" else resp.iter_bytes()):
-                        clock.arrived()
-                        lines.put(("data", piece))
+                    for data in resp.iter_bytes():
+                        for piece in pieces(data):
+                            clock.arrived()
+                            lines.put(("data", piece))
                     lines.put(("end", None))
                 except Exception as e:  # closed by a cancel, read timeout, connection dropped
                     timed_out = isinstance(e, httpx.TimeoutException)

@@ -643,10 +643,11 @@ def test_a_stream_the_engine_never_answers_is_said_as_no_answer_not_as_unreachab
 class CannedServer:
     """A server that answers every request, whatever its path or method (a websocket handshake too), with the same
     bytes (`answer`, which a test may change; or a function of the request's bytes that returns them), then closes the
-    connection (`hold_s` later: a stalled answer)."""
+    connection (`hold_s` later: a stalled answer). `dribble_s`: the answer is sent a byte at a time, each in its own TCP
+    segment, this long apart."""
 
-    def __init__(self, answer: bytes = b"", hold_s: float = 0.0):
-        self.answer, self.hold_s = answer, hold_s
+    def __init__(self, answer: bytes = b"", hold_s: float = 0.0, dribble_s: float | None = None):
+        self.answer, self.hold_s, self.dribble_s = answer, hold_s, dribble_s
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -661,8 +662,17 @@ class CannedServer:
                 return
             with conn:
                 request = read_request(conn)
-                conn.sendall(self.answer(request) if callable(self.answer) else self.answer)
+                self._send(conn, self.answer(request) if callable(self.answer) else self.answer)
                 time.sleep(self.hold_s)
+
+    def _send(self, conn: socket.socket, answer: bytes) -> None:
+        if self.dribble_s is None:
+            conn.sendall(answer)
+            return
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(answer)):
+            conn.sendall(answer[i:i + 1])
+            time.sleep(self.dribble_s)
 
 
 def read_request(conn: socket.socket) -> bytes:
@@ -1223,3 +1233,32 @@ def test_a_streams_own_comment_retry_event_and_id_lines_are_passed_by(canned_ser
     with EngineClient(f"http://127.0.0.1:{canned_server.port}", timeout=5) as client:
         events = list(client.chat([{"role": "user", "content": "hi"}], transport="http"))
     assert isinstance(events[-1], Done) and text_of(events) == "hi", events[-1]
+
+
+def test_a_stream_cut_mid_line_says_it_ended_without_its_result_and_one_sent_a_byte_at_a_time_is_read_whole():
+    """A chat stream cut in the middle of a line (the connection closed there) ended with 'malformed stream data ...
+    is it an engine server of another version?': the unfinished line was read as a line. It is dropped, as SSE says,
+    and the error says that the stream ended without its result. A stream sent one byte per TCP segment (a character
+    of several bytes split between them) reads whole."""
+    utf8_chunk = CHAT_CHUNK.replace(b'"hi"', '"hé 你"'.encode())
+    ask = [{"role": "user", "content": "hi"}]
+    cut = CannedServer(SSE_HEAD + CHAT_CHUNK + CHAT_END[:40])
+    dribbled = CannedServer(SSE_HEAD.replace(b"\r\n\r\n", b"\r\n\r\n: keepalive\r") + utf8_chunk + CHAT_END,
+                            dribble_s=0.0002)
+    try:
+        with EngineClient(f"http://127.0.0.1:{cut.port}", timeout=5) as client:
+            ended = list(client.chat(ask, transport="http"))
+
+        async def ended_async():
+            async with AsyncEngineClient(f"http://127.0.0.1:{cut.port}", timeout=5) as client:
+                return [ev async for ev in client.chat(ask, transport="http")]
+
+        ended_too = asyncio.run(ended_async())
+        with EngineClient(f"http://127.0.0.1:{dribbled.port}", timeout=5) as client:
+            whole = list(client.chat(ask, transport="http"))
+    finally:
+        cut.sock.close()
+        dribbled.sock.close()
+    assert text_of(ended) == "hi" and ended[-1].code == "protocol_error" and "[DONE]" in ended[-1].message, ended[-1]
+    assert "another version" not in ended[-1].message and ended_too[-1].message == ended[-1].message
+    assert isinstance(whole[-1], Done) and text_of(whole) == "hé 你", whole[-1]
