@@ -245,11 +245,15 @@ class AsyncEngineClient(core.EngineClientBase):
                 if method != "GET":  # as it was reused (its idle timeout, 5 s for uvicorn: the studio's check period)
                     raise
                 resp = await self.http.request(method, path, **kwargs)  # a GET is asked again, on a fresh connection
+        except httpx.DecodingError as e:  # (it read "could not reach the engine server")
+            raise core.undecodable(self.endpoints.http + path, None, e) from e
         except httpx.HTTPError as e:
             waited = kwargs.get("timeout", self.timeout) if isinstance(e, httpx.TimeoutException) else None
             raise core.connect_error(self.endpoints.http + path, e, waited) from e
         if core.is_redirect(resp.status_code):  # (it read "not JSON", or "not as a Ming engine server does")
             raise core.redirect_error(self.endpoints.http + path, resp.status_code, resp.headers.get("Location"))
+        if unread := core.unread_encoding(resp.headers):
+            raise core.undecodable(self.endpoints.http + path, unread)
         return resp
 
     async def _get(self, path: str, **kwargs) -> Any:
@@ -470,6 +474,9 @@ class AsyncEngineClient(core.EngineClientBase):
                 yield core.redirect_error(self.endpoints.http + call.path, resp.status_code,
                                           resp.headers.get("Location")).to_event()
                 return
+            if unread := core.unread_encoding(resp.headers):  # (its bytes read as garbage lines)
+                yield core.undecodable(self.endpoints.http + call.path, unread).to_event()
+                return
             if resp.status_code >= 400 or core.is_html(resp.headers.get("content-type", "")):  # (not a stream)
                 await resp.aread()
                 yield core.json_error_event(resp.status_code, resp.content, self.endpoints.http + call.path,
@@ -485,6 +492,9 @@ class AsyncEngineClient(core.EngineClientBase):
                             clock.arrived()
                             lines.put_nowait(("data", piece))
                     lines.put_nowait(("end", None))
+                except httpx.DecodingError as e:  # (not a lost connection: its compressed bytes are broken)
+                    lines.put_nowait(("lost", core.undecodable(self.endpoints.http + call.path,
+                                                               resp.headers.get("content-encoding"), e)))
                 except Exception as e:  # read timeout, connection dropped
                     timed_out = isinstance(e, httpx.TimeoutException)
                     lines.put_nowait(("lost", core.stream_lost(e, self.timeout, timed_out)))

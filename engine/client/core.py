@@ -231,6 +231,32 @@ def tls_error(url: str, failure: ssl.SSLError) -> ServerError:
                        "self-signed certificate, or the authority that signed it)", "connect_failed")
 
 
+# The content codings this client asks for (Accept-Encoding) and reads: zlib's, in every Python. An answer compressed
+# otherwise (a server or proxy that ignored the ask: zstd, br) is said as unreadable, not read as its raw bytes.
+READ_ENCODINGS = ("gzip", "deflate")
+
+
+def unread_encoding(headers: Any) -> str | None:
+    """The content codings of an answer (its Content-Encoding) that this client does not read; None when it reads
+    them all (or there are none)."""
+    codings = (c.strip().lower() for c in str(headers.get("content-encoding") or "").split(","))
+    unread = [c for c in codings if c and c not in ("identity", *READ_ENCODINGS)]
+    return ", ".join(unread)[:ERROR_WORDS_SHOWN] or None
+
+
+def undecodable(url: str, encoding: str | None, failure: BaseException | None = None) -> ServerError:
+    """An answer this client cannot read as it came: compressed with a coding it did not ask for (`encoding`), or
+    whose compressed bytes do not decompress (`failure`)."""
+    if failure is None:
+        what = (f"compressed as {encoding!r} (its Content-Encoding), which this client did not ask for and does not "
+                f"read (it asks for {' or '.join(READ_ENCODINGS)})")
+    else:
+        named = f" as {encoding!r}" if encoding else ""
+        what = f"compressed{named} (its Content-Encoding) but does not decompress ({failure})"
+    return ServerError(f"the answer from {url_shown(url)} is {what}: a proxy on the way, or a server that is not the "
+                       "engine, changed it", "protocol_error")
+
+
 def is_redirect(status: int) -> bool:
     return 300 <= status < 400
 
@@ -894,7 +920,10 @@ class ResponseRun:
         """The server sent something unreadable (or a request step failed): the response ends here."""
         return [] if self.finished else self._end(err.to_event())
 
-    def on_lost(self, detail: str) -> list[Event]:
+    def on_lost(self, detail: str | ServerError) -> list[Event]:
+        """The stream's reading stopped: the connection lost (`detail`: why), or its bytes unreadable (a ServerError)."""
+        if isinstance(detail, ServerError):
+            return self.fail(detail)
         if self.finished:
             return []
         if self.cancel_sent_at is not None:
@@ -1295,7 +1324,8 @@ class EngineClientBase:
         return cls(url, token, timeout)
 
     def _http_options(self) -> dict:
-        return {"base_url": self.endpoints.http, "headers": self.endpoints.headers, "timeout": self.timeout}
+        return {"base_url": self.endpoints.http, "timeout": self.timeout,
+                "headers": {**self.endpoints.headers, "Accept-Encoding": ", ".join(READ_ENCODINGS)}}
 
 
 def commit_event(kind: str) -> dict:

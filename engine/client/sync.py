@@ -275,11 +275,15 @@ class EngineClient(core.EngineClientBase):
                 if method != "GET":  # as it was reused (its idle timeout, 5 s for uvicorn: the studio's check period)
                     raise
                 resp = self.http.request(method, path, **kwargs)  # a GET is asked again, on a fresh connection
+        except httpx.DecodingError as e:  # (it read "could not reach the engine server")
+            raise core.undecodable(self.endpoints.http + path, None, e) from e
         except httpx.HTTPError as e:
             waited = kwargs.get("timeout", self.timeout) if isinstance(e, httpx.TimeoutException) else None
             raise core.connect_error(self.endpoints.http + path, e, waited) from e
         if core.is_redirect(resp.status_code):  # (it read "not JSON", or "not as a Ming engine server does")
             raise core.redirect_error(self.endpoints.http + path, resp.status_code, resp.headers.get("Location"))
+        if unread := core.unread_encoding(resp.headers):
+            raise core.undecodable(self.endpoints.http + path, unread)
         return resp
 
     def _get(self, path: str, **kwargs) -> Any:
@@ -533,6 +537,9 @@ class EngineClient(core.EngineClientBase):
                 yield core.redirect_error(self.endpoints.http + call.path, resp.status_code,
                                           resp.headers.get("Location")).to_event()
                 return
+            if unread := core.unread_encoding(resp.headers):  # (its bytes read as garbage lines)
+                yield core.undecodable(self.endpoints.http + call.path, unread).to_event()
+                return
             if resp.status_code >= 400 or core.is_html(resp.headers.get("content-type", "")):  # (not a stream)
                 answered = True
                 resp.read()
@@ -549,6 +556,9 @@ class EngineClient(core.EngineClientBase):
                             clock.arrived()
                             lines.put(("data", piece))
                     lines.put(("end", None))
+                except httpx.DecodingError as e:  # (not a lost connection: its compressed bytes are broken)
+                    lines.put(("lost", core.undecodable(self.endpoints.http + call.path,
+                                                        resp.headers.get("content-encoding"), e)))
                 except Exception as e:  # closed by a cancel, read timeout, connection dropped
                     timed_out = isinstance(e, httpx.TimeoutException)
                     lines.put(("lost", core.stream_lost(e, self.timeout, timed_out)))

@@ -1262,3 +1262,19 @@ def test_a_stream_cut_mid_line_says_it_ended_without_its_result_and_one_sent_a_b
     assert text_of(ended) == "hi" and ended[-1].code == "protocol_error" and "[DONE]" in ended[-1].message, ended[-1]
     assert "another version" not in ended[-1].message and ended_too[-1].message == ended[-1].message
     assert isinstance(whole[-1], Done) and text_of(whole) == "hé 你", whole[-1]
+
+
+@pytest.mark.parametrize("encoding, says", [("gzip", "does not decompress"), ("zstd", "did not ask for")])
+def test_an_answer_compressed_so_that_the_client_cannot_read_it_is_said_so(canned_server, encoding, says):
+    """An answer whose gzip bytes were broken was said as 'the connection to the server was lost' (a stream) or
+    'could not reach the engine server' (the model check), and one compressed with a coding the client never asked for
+    (zstd) was read as its raw bytes. Each is now a protocol_error naming the compression and what went wrong."""
+    canned_server.answer = canned_answer("200 OK", "text/event-stream", b"not compressed at all\n\n",
+                                         f"Content-Encoding: {encoding}\r\n")
+    with EngineClient(f"http://127.0.0.1:{canned_server.port}", timeout=5) as client:
+        with pytest.raises(ServerError) as checked:
+            client.info()
+        chatted = list(client.chat([{"role": "user", "content": "hi"}], transport="http"))[-1]
+    for failed in (checked.value, chatted):
+        assert failed.code == "protocol_error" and "Content-Encoding" in failed.message and says in failed.message, \
+            failed.message
