@@ -37,7 +37,7 @@ import anyio
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from engine.client.core import connect_error, redirect_answer, tls_failure, waited_for
+from engine.client.core import connect_error, redirect_answer, tls_failure, waited_for, without_redirects
 
 log = logging.getLogger("app.live_proxy")
 
@@ -223,10 +223,10 @@ class LiveProxy:
             return
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            upstream = await connect(url, additional_headers=headers, open_timeout=self.open_timeout,
-                                     max_size=self.max_message_bytes * 4, ping_interval=20, ping_timeout=20,
-                                     close_timeout=3,
-                                     proxy=None if _is_local(urlsplit(url).hostname) else True)
+            upstream = await without_redirects(connect(url, additional_headers=headers, open_timeout=self.open_timeout,
+                                                       max_size=self.max_message_bytes * 4, ping_interval=20,
+                                                       ping_timeout=20, close_timeout=3,
+                                                       proxy=None if _is_local(urlsplit(url).hostname) else True))
         except InvalidStatus as e:
             status = e.response.status_code
             if status == 401:

@@ -26,7 +26,7 @@ class AsyncRealtimeClient(core.RealtimeClientBase):
         from websockets.asyncio.client import connect  # noqa: PLC0415
 
         try:
-            self.ws = await connect(self.endpoints.ws, **self._ws_options())
+            self.ws = await core.without_redirects(connect(self.endpoints.ws, **self._ws_options()))
         except Exception as e:  # refused, unreachable, 401, TLS, no handshake within connect_timeout ...
             raise core.connect_error(self.endpoints.ws, e, core.waited_for(e, self.connect_timeout)) from e
         try:

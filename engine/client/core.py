@@ -276,6 +276,15 @@ def redirect_error(url: str, status: int, location: str | None) -> ServerError:
                        "http_error", status)
 
 
+def without_redirects(connecter: Any) -> Any:
+    """A websockets connect() (the object it returns, before it is awaited or connected) that raises a redirect as it
+    came (InvalidStatus with the 3xx answer: connect_error says it with the address it points to) instead of following
+    it, as the HTTP calls never follow one: the realtime socket went on to another host, without the token (which that
+    host then said it refused), or round a loop ('SecurityError: more than 10 redirects')."""
+    connecter.process_redirect = lambda exc: exc
+    return connecter
+
+
 def redirect_answer(exc: BaseException | None) -> Any:
     """The redirect answer behind `exc` (or what it was raised while handling), if there is one."""
     while exc is not None:

@@ -44,7 +44,8 @@ class RealtimeClient(core.RealtimeClientBase):
         from websockets.sync.client import connect  # noqa: PLC0415
 
         try:
-            self.ws = connect(self.endpoints.ws, legacy=True, **self._ws_options())
+            self.ws = core.without_redirects(connect(self.endpoints.ws, legacy=False, **self._ws_options())).connect()
+            self.ws.pending_legacy_warning = False  # (what legacy=True says: the connection as connect() gives it)
         except Exception as e:  # refused, unreachable, 401, TLS, no handshake within connect_timeout ...
             raise core.connect_error(self.endpoints.ws, e, core.waited_for(e, self.connect_timeout)) from e
         try:

@@ -1278,3 +1278,32 @@ def test_an_answer_compressed_so_that_the_client_cannot_read_it_is_said_so(canne
     for failed in (checked.value, chatted):
         assert failed.code == "protocol_error" and "Content-Encoding" in failed.message and says in failed.message, \
             failed.message
+
+
+def test_a_realtime_handshake_redirected_is_said_with_where_it_points_and_never_followed():
+    """The realtime socket followed a redirect the HTTP calls never follow: to another host (ws://), its token stripped,
+    where that host's answer was said instead ('HTTP 404 from ...'), or round a loop ('SecurityError: more than 10
+    redirects'). Each redirect is now said as one, with the address it points to, and nothing is sent there."""
+    asked_elsewhere = []
+    elsewhere = CannedServer(lambda request: (asked_elsewhere.append(request), canned_answer("404 Not Found",
+                                                                                              "text/plain", b""))[1])
+    moved = CannedServer()
+    ask = [{"role": "user", "content": "hi"}]
+
+    async def chat_async(url):
+        async with AsyncEngineClient(url, token="T", timeout=5) as client:
+            return [ev async for ev in client.chat(ask)]
+
+    try:
+        for location in (f"ws://localhost:{elsewhere.port}/v1/realtime", "/v1/realtime"):
+            moved.answer = canned_answer("307 Temporary Redirect", "text/plain", b"", f"Location: {location}\r\n")
+            url = f"http://127.0.0.1:{moved.port}"
+            with EngineClient(url, token="T", timeout=5) as client:
+                said = [list(client.chat(ask))[-1], asyncio.run(chat_async(url))[-1]]
+            for refused in said:
+                assert refused.code == "http_error" and "redirects (HTTP 307)" in refused.message, refused.message
+                assert location.split("/v1")[0] in refused.message, refused.message
+    finally:
+        moved.sock.close()
+        elsewhere.sock.close()
+    assert asked_elsewhere == []
