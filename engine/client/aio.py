@@ -237,14 +237,24 @@ class AsyncEngineClient(core.EngineClientBase):
         return AsyncRealtimeClient(self.endpoints.ws, self.endpoints.token, self.timeout,
                                    connect_timeout=self.connect_timeout)
 
+    async def _whole(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request, its answer whole within its timeout: httpx's timeout is for each read, so an answer that
+        trickled in a byte at a time held the engine check (10 s at most) as long as it took, minutes."""
+        seconds = kwargs.get("timeout", self.timeout)
+        try:
+            async with asyncio.timeout(seconds):
+                return await self.http.request(method, path, **kwargs)
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"the answer was not whole within {seconds:g} s") from None
+
     async def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
             try:
-                resp = await self.http.request(method, path, **kwargs)
+                resp = await self._whole(method, path, **kwargs)
             except httpx.RemoteProtocolError:  # closed unanswered: a kept-alive connection the server dropped
                 if method != "GET":  # as it was reused (its idle timeout, 5 s for uvicorn: the studio's check period)
                     raise
-                resp = await self.http.request(method, path, **kwargs)  # a GET is asked again, on a fresh connection
+                resp = await self._whole(method, path, **kwargs)  # a GET is asked again, on a fresh connection
         except httpx.DecodingError as e:  # (it read "could not reach the engine server")
             raise core.undecodable(self.endpoints.http + path, None, e) from e
         except httpx.HTTPError as e:

@@ -268,14 +268,36 @@ class EngineClient(core.EngineClientBase):
         return RealtimeClient(self.endpoints.ws, self.endpoints.token, self.timeout,
                               connect_timeout=self.connect_timeout)
 
+    def _whole(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request, its answer whole within its timeout: httpx's timeout is for each read, so an answer that
+        trickled in a byte at a time held the engine check (10 s at most) as long as it took, minutes. It is asked on
+        a thread of its own, left past the timeout to end by itself."""
+        seconds = kwargs.get("timeout", self.timeout)
+        answer: queue.Queue = queue.Queue(maxsize=1)
+
+        def ask() -> None:
+            try:
+                answer.put((self.http.request(method, path, **kwargs), None))
+            except Exception as e:  # noqa: BLE001  (raised below, in the caller's thread)
+                answer.put((None, e))
+
+        threading.Thread(target=ask, name="engine-client-request", daemon=True).start()
+        try:
+            resp, failed = answer.get(timeout=seconds)
+        except queue.Empty:
+            raise httpx.ReadTimeout(f"the answer was not whole within {seconds:g} s") from None
+        if failed is not None:
+            raise failed
+        return resp
+
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
             try:
-                resp = self.http.request(method, path, **kwargs)
+                resp = self._whole(method, path, **kwargs)
             except httpx.RemoteProtocolError:  # closed unanswered: a kept-alive connection the server dropped
                 if method != "GET":  # as it was reused (its idle timeout, 5 s for uvicorn: the studio's check period)
                     raise
-                resp = self.http.request(method, path, **kwargs)  # a GET is asked again, on a fresh connection
+                resp = self._whole(method, path, **kwargs)  # a GET is asked again, on a fresh connection
         except httpx.DecodingError as e:  # (it read "could not reach the engine server")
             raise core.undecodable(self.endpoints.http + path, None, e) from e
         except httpx.HTTPError as e:
