@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 from urllib.parse import quote
 
@@ -237,15 +237,19 @@ class AsyncEngineClient(core.EngineClientBase):
         return AsyncRealtimeClient(self.endpoints.ws, self.endpoints.token, self.timeout,
                                    connect_timeout=self.connect_timeout)
 
-    async def _whole(self, method: str, path: str, **kwargs) -> httpx.Response:
-        """One request, its answer whole within its timeout: httpx's timeout is for each read, so an answer that
-        trickled in a byte at a time held the engine check (10 s at most) as long as it took, minutes."""
-        seconds = kwargs.get("timeout", self.timeout)
+    @staticmethod
+    async def _within(seconds: float, answer: Awaitable) -> Any:
+        """`answer` awaited within `seconds`, else httpx.ReadTimeout: httpx's timeout is for each read, so an answer that
+        trickled in a byte at a time (a JSON answer, a stream's head) was waited for as long as it took, minutes."""
         try:
             async with asyncio.timeout(seconds):
-                return await self.http.request(method, path, **kwargs)
+                return await answer
         except TimeoutError:
             raise httpx.ReadTimeout(f"the answer was not whole within {seconds:g} s") from None
+
+    async def _whole(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request, its answer whole within its timeout (_within)."""
+        return await self._within(kwargs.get("timeout", self.timeout), self.http.request(method, path, **kwargs))
 
     async def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
@@ -472,7 +476,7 @@ class AsyncEngineClient(core.EngineClientBase):
         clock = self._arrival_clock()
         try:
             stream = self.http.stream(call.method, call.path, **call.kwargs)
-            resp = await stream.__aenter__()
+            resp = await self._within(self.timeout, stream.__aenter__())
             clock.opened()
         except httpx.HTTPError as e:  # (a timeout: no answer within the client's timeout)
             waited = self.timeout if isinstance(e, httpx.TimeoutException) else None

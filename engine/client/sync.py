@@ -8,7 +8,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -268,27 +268,43 @@ class EngineClient(core.EngineClientBase):
         return RealtimeClient(self.endpoints.ws, self.endpoints.token, self.timeout,
                               connect_timeout=self.connect_timeout)
 
-    def _whole(self, method: str, path: str, **kwargs) -> httpx.Response:
-        """One request, its answer whole within its timeout: httpx's timeout is for each read, so an answer that
-        trickled in a byte at a time held the engine check (10 s at most) as long as it took, minutes. It is asked on
-        a thread of its own, left past the timeout to end by itself."""
-        seconds = kwargs.get("timeout", self.timeout)
+    @staticmethod
+    def _within(seconds: float, ask: Callable[[], Any], abandon: Callable[[Any], None] | None = None) -> Any:
+        """ask() on a thread of its own, its answer within `seconds`: httpx's timeout is for each read, so an answer
+        that trickled in a byte at a time (a JSON answer, a stream's head) was waited for as long as it took, minutes
+        (the studio's engine check, 10 s at most, too). Past `seconds` it raises httpx.ReadTimeout; the ask is left to
+        end by itself and what it gives then is handed to `abandon` (a stream opened too late: closed)."""
         answer: queue.Queue = queue.Queue(maxsize=1)
+        lock, late = threading.Lock(), threading.Event()
 
-        def ask() -> None:
+        def run() -> None:
             try:
-                answer.put((self.http.request(method, path, **kwargs), None))
-            except Exception as e:  # noqa: BLE001  (raised below, in the caller's thread)
-                answer.put((None, e))
+                given = (ask(), None)
+            except Exception as e:  # noqa: BLE001  (raised in the caller's thread)
+                given = (None, e)
+            with lock:
+                if not late.is_set():
+                    answer.put(given)
+                    return
+            if given[1] is None and abandon is not None:
+                abandon(given[0])
 
-        threading.Thread(target=ask, name="engine-client-request", daemon=True).start()
+        threading.Thread(target=run, name="engine-client-request", daemon=True).start()
         try:
-            resp, failed = answer.get(timeout=seconds)
+            result, failed = answer.get(timeout=seconds)
         except queue.Empty:
-            raise httpx.ReadTimeout(f"the answer was not whole within {seconds:g} s") from None
+            with lock:
+                if answer.empty():
+                    late.set()
+                    raise httpx.ReadTimeout(f"the answer was not whole within {seconds:g} s") from None
+            result, failed = answer.get_nowait()
         if failed is not None:
             raise failed
-        return resp
+        return result
+
+    def _whole(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request, its answer whole within its timeout (_within)."""
+        return self._within(kwargs.get("timeout", self.timeout), lambda: self.http.request(method, path, **kwargs))
 
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
@@ -549,7 +565,7 @@ class EngineClient(core.EngineClientBase):
         answered = False  # the server ended the answer itself (else this end hangs up)
         try:
             stream = self.http.stream(call.method, call.path, **call.kwargs)
-            resp = stream.__enter__()
+            resp = self._within(self.timeout, stream.__enter__, lambda _: stream.__exit__(None, None, None))
             clock.opened()
         except httpx.HTTPError as e:  # (a timeout: no answer within the client's timeout)
             waited = self.timeout if isinstance(e, httpx.TimeoutException) else None
