@@ -95,11 +95,15 @@ class LocalAudioSession:
     def connect(self) -> None:
         from websockets.sync.client import connect  # noqa: PLC0415
 
+        from engine.client.core import connect_error, without_redirects  # noqa: PLC0415
+
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        try:  # entered as a context manager (websockets' recommended use); closed in close()
-            self.ws = connect(self.url, additional_headers=headers, open_timeout=10, max_size=2 ** 25).__enter__()
+        try:  # a redirect is said with where it points, not followed (as engine.client does); closed in close()
+            self.ws = without_redirects(connect(self.url, additional_headers=headers, open_timeout=10,
+                                                max_size=2 ** 25, legacy=False)).connect().__enter__()
         except Exception as e:
-            raise LocalAudioUnavailable(f"cannot open a realtime session at {self.url}: {e}") from None
+            raise LocalAudioUnavailable(f"cannot open a realtime session at {self.url}: "
+                                        f"{connect_error(self.url, e).message}") from None
         self.send({"type": "session.update", "session": {  # push-to-talk: this client commits each turn
             "type": "realtime", "output_modalities": ["audio"] if self.speech_output else ["text"],
             "audio": {"input": {"turn_detection": None}}}})

@@ -113,3 +113,34 @@ def test_push_to_talk_turn_through_the_realtime_protocol():
     assert engine.got.audio_rates == {48000} and engine.got.audio_seconds >= 0.2
     assert engine.got.headers[0]["Authorization"] == "Bearer t0k"
     assert sd.played and {rate for rate, _ in sd.played} == {24000}  # the spoken reply reached the speaker
+
+
+def test_an_engine_address_that_redirects_is_said_with_where_it_points_not_followed():
+    """The kiosk's realtime socket followed a redirect (here to another path of the same host, round a loop: 'more than
+    10 redirects'), where the studio's client never follows one. It is said with the address it points to."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from app.local_audio import LocalAudioSession
+
+    class Moved(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # noqa: N802  (http.server's name)
+            self.send_response(301)
+            self.send_header("Location", "/ming" + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):  # (quiet)
+            pass
+
+    front = ThreadingHTTPServer(("127.0.0.1", 0), Moved)
+    threading.Thread(target=front.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{front.server_address[1]}"
+    try:
+        with pytest.raises(LocalAudioUnavailable) as refused:
+            LocalAudioSession(url, "t0k", sd=FakeSoundDevice()).connect()
+    finally:
+        front.shutdown()
+        front.server_close()
+    assert "redirects (HTTP 301)" in str(refused.value) and "/ming/v1/realtime" in str(refused.value), refused.value
