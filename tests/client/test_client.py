@@ -1314,7 +1314,7 @@ def test_a_realtime_handshake_redirected_is_said_with_where_it_points_and_never_
 
 def test_an_answer_trickled_a_byte_at_a_time_is_given_up_at_the_clients_timeout():
     """httpx's timeout is for each read: a server answering the model check a byte at a time (a byte every 0.1 s here,
-    over 10 s in all) held info(timeout=0.5) as long as it trickled, and the studio's engine check (10 s at most) for
+    over 10 s in all) held info(timeout=0.3) as long as it trickled, and the studio's engine check (10 s at most) for
     minutes; a stream's head trickled so held a tab's request. The answer (a stream's head) must be whole within the
     timeout, else it is said as not answering within it."""
     card = json.dumps({"object": "list", "data": [{"id": "m"}]}).encode()
@@ -1324,25 +1324,25 @@ def test_an_answer_trickled_a_byte_at_a_time_is_given_up_at_the_clients_timeout(
     async def checked_async():
         async with AsyncEngineClient(url, timeout=5) as client:
             with pytest.raises(ServerError) as checked:
-                await client.info(timeout=0.5)
+                await client.info(timeout=0.3)
             return checked.value
 
     async def spoken_async():
-        async with AsyncEngineClient(url, timeout=0.5) as client:
+        async with AsyncEngineClient(url, timeout=0.3) as client:
             return [ev async for ev in client.speak("hello")][-1]
 
     try:
         started = time.monotonic()
         with EngineClient(url, timeout=5) as client:
             with pytest.raises(ServerError) as checked:
-                client.info(timeout=0.5)
+                client.info(timeout=0.3)
         given_up = [checked.value, asyncio.run(checked_async())]
         trickle.answer = SSE_HEAD  # (a stream's head, trickled)
-        with EngineClient(url, timeout=0.5) as client:
+        with EngineClient(url, timeout=0.3) as client:
             given_up += [list(client.speak("hello"))[-1], asyncio.run(spoken_async())]
         took = time.monotonic() - started
     finally:
         trickle.sock.close()
     assert took < 5, took
     for failed in given_up:
-        assert failed.code == "timeout" and "within 0.5 s" in failed.message, failed.message
+        assert failed.code == "timeout" and "within 0.3 s" in failed.message, failed.message
