@@ -1211,13 +1211,15 @@ def test_a_chat_on_an_engine_with_every_session_taken_goes_over_http():
 def test_a_refusal_with_retry_after_says_when_to_try_again(canned_server, status, headers, body, says):
     """A 429 (rate limited) or a 503 while the engine starts, with Retry-After, was said without it ('rate limited',
     'HTTP 429 from ...' with an empty body naming not even the status): the message says when the server asks to be
-    tried again, and an empty answer is named by its status's name, for the model check and for a stream."""
+    tried again, and an empty answer is named by its status's name, for the model check, a stream and a realtime
+    session's handshake."""
     canned_server.answer = canned_answer(status, "application/json", body, headers)
     with EngineClient(f"http://127.0.0.1:{canned_server.port}", timeout=5) as client:
         with pytest.raises(ServerError) as checked:
             client.info()
         spoken = list(client.speak("hello"))[-1]
-    for message in (checked.value.message, spoken.message):
+        chatted = list(client.chat([{"role": "user", "content": "hi"}]))[-1]  # (a realtime handshake refused)
+    for message in (checked.value.message, spoken.message, chatted.message):
         assert all(s in message for s in says), message
 
 
