@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from http import HTTPStatus
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -96,6 +97,9 @@ class EngineLink:
             elif code in NOT_AN_ENGINE:  # (said "is not answering" while it answered: the address was looked at last)
                 problem = (f"the server at {self.url_label} answered, but not as a Ming engine server does ({e}): "
                            "check the engine's address and port (python -m engine.server's --host / --port)")
+            elif getattr(e, "status", None) == HTTPStatus.SERVICE_UNAVAILABLE:  # (it answered, "is not answering"
+                # said otherwise: it is starting, or a proxy's engine is down)
+                problem = f"the engine at {self.url_label} answered that it cannot serve yet ({e})"
             elif tls_failure(e) is not None:  # (it answered: "is not answering" sent the user to a running engine)
                 problem = f"the studio could not open a secure connection to the engine at {self.url_label} ({e})"
             else:

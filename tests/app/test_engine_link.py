@@ -436,3 +436,35 @@ def test_https_to_an_engine_that_serves_plain_http_says_to_give_its_http_address
     status = EngineLink(EngineClient(engine_with_parts[0].replace("http://", "https://"), timeout=CLIENT_S),
                         check_timeout_s=5.0).status()
     assert not status.ok and "could not open TLS" in status.problem and "http://" in status.problem, status.problem
+
+
+def test_an_engine_answering_503_while_it_starts_is_not_said_as_not_answering():
+    """An engine (or its proxy) answering 503 'model is loading, retry in 10 s' was said as 'the engine ... is not
+    answering (... model is loading ...)': it answered. The banner says it answered that it cannot serve yet, with
+    its words and when it asks to be tried again."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Starting(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802  (http.server's name)
+            body = b'{"detail": "model is loading"}'
+            self.send_response(503)
+            self.send_header("Retry-After", "10")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # (quiet)
+            pass
+
+    web = ThreadingHTTPServer(("127.0.0.1", 0), Starting)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        status = EngineLink(EngineClient(f"http://127.0.0.1:{web.server_address[1]}", timeout=CLIENT_S),
+                            check_timeout_s=5.0).status()
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert not status.ok and "not answering" not in status.problem, status.problem
+    assert "cannot serve yet" in status.problem and "model is loading" in status.problem
+    assert "try again in 10 s" in status.problem
