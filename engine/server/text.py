@@ -211,26 +211,27 @@ def parse_json_text(raw: bytes) -> Any:
 
 def check_url_text(scope: dict) -> None:
     """Refuse a request whose URL path or query, percent-decoded, is not UTF-8 (uvicorn would turn
-    such bytes into U+FFFD, changing a voice name or a model id into other text), or whose path holds a control
-    character (check_path_controls)."""
+    such bytes into U+FFFD, changing a voice name or a model id into other text), or holds a control
+    character (check_url_controls)."""
     for param, raw in (("path", scope.get("raw_path") or b""), ("query", scope.get("query_string") or b"")):
         if b"%" in raw or not raw.isascii():
             check_utf8(unquote_to_bytes(raw.replace(b"+", b" ")), param)
-    check_path_controls(scope.get("raw_path") or b"")
+        check_url_controls(raw, param)
 
 
-CONTROL_BYTE = re.compile(rb"[\x00-\x1f\x7f]")
+CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode's Cc: C0, DEL and C1 (U+009B: a terminal's CSI)
 
 
-def check_path_controls(raw_path: bytes) -> None:
-    """Refuse a path holding a control character once percent-decoded ('%00', '%0A'; h11 refuses one sent raw): no
-    route has one, and the 404 that named the path sent the byte back (a NUL in its message), or a path with '%0A'
-    dropped (the URL parser strips newlines)."""
-    found = CONTROL_BYTE.search(unquote_to_bytes(raw_path)) if b"%" in raw_path else None
+def check_url_controls(raw: bytes, param: str) -> None:
+    """Refuse a URL path or query (`param`, valid UTF-8 once percent-decoded) holding a control character once
+    percent-decoded ('%00', '%0A', '%1B', '%C2%9B'; h11 refuses one sent raw): no route's path or parameter has one; the
+    404 that named the path sent the character back (a NUL in its message), a path with '%0A' lost it (the URL parser
+    strips newlines), and a query's was passed on."""
+    found = CONTROL_CHARACTER.search(unquote_to_bytes(raw).decode("utf-8", "replace")) if b"%" in raw else None
     if found is not None:
-        raise ApiError(f"the request path {shown(raw_path.decode('latin-1'))} holds a control character once "
-                       f"percent-decoded (byte 0x{found.group()[0]:02x}); no route's path has one: send the route's "
-                       "path", code="invalid_request", param="path")
+        raise ApiError(f"the request {param} {shown(raw.decode('latin-1'))} holds a control character once "
+                       f"percent-decoded (U+{ord(found.group()):04X}); no route's {param} has one: send the {param} "
+                       "without it", code="invalid_request", param=param)
 
 
 def check_utf8(data: bytes, param: str) -> None:
