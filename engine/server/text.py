@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from engine.errors import ECHO_CHARS, shown
+from engine.server.auth import redact_token
 from engine.server.protocol import ApiError
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -226,10 +227,11 @@ def check_url_controls(raw: bytes, param: str) -> None:
     """Refuse a URL path or query (`param`, valid UTF-8 once percent-decoded) holding a control character once
     percent-decoded ('%00', '%0A', '%1B', '%C2%9B'; h11 refuses one sent raw): no route's path or parameter has one; the
     404 that named the path sent the character back (a NUL in its message), a path with '%0A' lost it (the URL parser
-    strips newlines), and a query's was passed on."""
+    strips newlines), and a query's was passed on. The message quotes it as sent, a token in it redacted."""
     found = CONTROL_CHARACTER.search(unquote_to_bytes(raw).decode("utf-8", "replace")) if b"%" in raw else None
     if found is not None:
-        raise ApiError(f"the request {param} {shown(raw.decode('latin-1'))} holds a control character once "
+        quoted = shown(redact_token(raw.decode("latin-1")))
+        raise ApiError(f"the request {param} {quoted} holds a control character once "
                        f"percent-decoded (U+{ord(found.group()):04X}); no route's {param} has one: send the {param} "
                        "without it", code="invalid_request", param=param)
 

@@ -922,17 +922,18 @@ def test_a_path_with_a_control_character_is_a_400_whose_message_does_not_echo_it
 
 
 @pytest.mark.parametrize("target", [b"/v1/models?a=%00", b"/health?x=%0a", b"/v1/realtime?model=%1B%5B2J",
-                                    b"/v1/models?a=%C2%9B", b"/v1/models/a%c2%85b"])
+                                    b"/v1/models?a=%C2%9B", b"/v1/models/a%c2%85b", b"/v1/models?token=T0k&a=%00"])
 def test_a_query_with_a_control_character_is_a_400_whose_message_does_not_echo_it(fake, target):
     """'?a=%00', '%0a', '%1B' (a terminal's escape) in a query were passed on (/v1/models answered 200), and a C1
-    control ('%C2%9B', a terminal's CSI) in a path or query too; now a 400 invalid_request naming the query as sent,
-    for websocket handshakes too."""
+    control ('%C2%9B', a terminal's CSI) in a path or query too; now a 400 invalid_request naming the query as sent
+    (a token in it redacted), for websocket handshakes too."""
     param = "query" if b"?" in target else "path"
     request = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     status, _, body = raw_answer(fake.base_url.port, request)
     err = json.loads(body)["error"]
     assert status == 400 and (err["code"], err["param"]) == ("invalid_request", param), body
-    assert target.decode().partition("?")[2 if param == "query" else 0] in err["message"], err
+    quoted = target.decode().partition("?")[2 if param == "query" else 0].replace("T0k", "[redacted]")
+    assert quoted in err["message"] and "T0k" not in err["message"], err
     assert not holds_control_character(err["message"]), err
     ws_status, _, ws_body = websocket_handshake(fake.base_url.port, target.decode())
     assert ws_status == 400 and json.loads(ws_body)["error"]["param"] == param, ws_body
