@@ -52,6 +52,16 @@ def parse_error(exc: BaseException | None, max_head_bytes: int, head: bytes = b"
                     code="invalid_http_request", status=status, kind="invalid_request_error")
 
 
+def check_head_size(request: h11.Request, max_head_bytes: int) -> None:
+    """RemoteProtocolError (431, parse_error) for a request whose head, written plainly, passes `max_head_bytes`. h11
+    holds a head to its limit only while the head is incomplete: one that came whole in a single read (60 KB of
+    headers sent at once) was served, the same head sent in pieces refused."""
+    size = (len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
+            + sum(len(name) + len(value) + len(b": \r\n") for name, value in request.headers) + len(b"\r\n"))
+    if size > max_head_bytes:
+        raise h11.RemoteProtocolError(f"a request head of {size} bytes", error_status_hint=431)
+
+
 TRANSFER_ENCODING = b"transfer-encoding:"
 
 
@@ -173,8 +183,8 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
         self.time_the_head()
 
     def counting_chunks(self, next_event):
-        """h11's next_event, keeping what came of a request head before its first read (keep_head_begun), and
-        refusing a chunked body whose chunks average under `min_chunk_bytes` once
+        """h11's next_event, keeping what came of a request head before its first read (keep_head_begun), refusing
+        a head past h11's limit that came whole in one read (check_head_size), and refusing a chunked body whose chunks average under `min_chunk_bytes` once
         CHUNKS_BEFORE_AVERAGE have come: each chunk costs the event loop its parsing (a 1 MiB body sent a byte a chunk
         held it 27 s, every other connection waiting)."""
 
@@ -184,6 +194,7 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
             if isinstance(event, h11.Request):
                 self.body_chunks = self.body_bytes = 0
                 self.head_begun_kept = False
+                check_head_size(event, self.max_head_bytes())
             elif isinstance(event, h11.Data) and event.chunk_end:
                 self.count_chunk(len(event.data))
             return event
