@@ -12,6 +12,7 @@ before the body is read.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import zlib
 from dataclasses import dataclass
@@ -297,14 +298,19 @@ def form_text(form, name: str, max_len: int = 100_000) -> str | None:
     return value
 
 
+# a form field's number as a client writes one: ASCII digits, an optional sign, point and exponent ('0.5', '.5', '1e-05')
+FORM_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+
+
 def form_number(form, name: str):
+    """A number field's value (int, or float when written with a point or exponent; None when absent or empty).
+    Python's int() and float() took more than numbers: '1_000' read as 1000, Arabic-Indic digits ('٣') as 3."""
     value = form_text(form, name, 64)
     if value is None or value == "":
         return None
-    try:
-        return float(value) if any(c in value for c in ".eE") else int(value)
-    except ValueError:
-        raise bad(f"'{name}' must be a number, got {value[:40]!r}", "invalid_type", name) from None
+    if not FORM_NUMBER.fullmatch(value.strip()):
+        raise bad(f"'{name}' must be a number, got {value[:40]!r}", "invalid_type", name)
+    return float(value) if any(c in value for c in ".eE") else int(value)
 
 
 def form_flag(form, name: str) -> bool:

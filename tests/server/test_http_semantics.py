@@ -949,6 +949,19 @@ def test_a_query_with_a_control_character_is_a_400_whose_message_does_not_echo_i
     assert ws_status == 400 and json.loads(ws_body)["error"]["param"] == param, ws_body
 
 
+@pytest.mark.parametrize("field, value", [("max_tokens", "1_000"), ("temperature", "\u0660.\u0665")])
+def test_a_form_number_python_reads_but_no_client_writes_is_refused(fake, field, value):
+    """A form's number field went through Python's int() / float(): '1_000' was read as 1000 and Arabic-Indic digits
+    ('٠.٥') as 0.5, where a number is ASCII digits with a sign, point and exponent."""
+    r = fake.post("/v1/audio/transcriptions", files={"file": ("a.wav", WAV, "audio/wav")},
+                  data={"model": "default", field: value})
+    err = r.json()["error"]
+    assert (r.status_code, err["code"], err["param"]) == (400, "invalid_type", field), r.text
+    ok = fake.post("/v1/audio/transcriptions", files={"file": ("a.wav", WAV, "audio/wav")},
+                   data={"model": "default", "temperature": ".5", "max_tokens": "10"})
+    assert ok.status_code == 200, ok.text
+
+
 def test_a_bad_transfer_encoding_in_the_same_read_as_the_previous_body_gets_the_same_400(fake):
     """A head whose Transfer-Encoding does not end with a single chunked is a 400 saying so; arriving in the same read
     as the previous request's body (kept alive), it was still h11's 501: its head had not been kept for the answer."""
