@@ -35,7 +35,7 @@ class Limits:
     default_max_tokens: int = 256  # when a request names none
     max_conversation_items: int = 256  # items per realtime session
     max_session_media_bytes: int = 512 * MiB  # decoded media held by one session's conversation
-    max_total_media_bytes: int = 4096 * MiB  # ... by all sessions' conversations and HTTP requests in line
+    max_total_media_bytes: int = 4096 * MiB  # ... by all sessions (conversations, buffers) and HTTP requests in line
     max_stop_strings: int = 4
     stream_buffer: int = 32  # events buffered between a generation thread and its reader
     outgoing_buffer: int = 64  # server events buffered per realtime socket

@@ -476,6 +476,7 @@ class RealtimeConnection:
         if detector is not None:  # server_vad: the detector keeps what a turn needs, nothing else does
             raw = codec.b64decode(event.get("audio"), "audio", self.limits.max_message_bytes)
             samples = codec.input_samples(raw, s.input_audio_encoding, "audio")
+            self.session.check_server_room(samples.nbytes, "this audio's", "send it again shortly")
             for ev in await asyncio.to_thread(detector.feed, samples, rate):
                 await self._turn_event(ev)
             await self._transcribe_while_spoken(detector)
@@ -490,6 +491,7 @@ class RealtimeConnection:
         if seconds > self.limits.max_audio_seconds:
             raise bad(f"the input audio buffer would hold {seconds:.1f} s, the limit is "
                       f"{self.limits.max_audio_seconds:g} s; commit it first", "audio_too_long", "audio")
+        self.session.check_server_room(samples.nbytes, "this audio's", "commit or clear the input audio buffer")
         buf.append(samples.copy(), rate)
         self.audio_clock_ms += 1000 * len(samples) / rate
 
@@ -845,6 +847,7 @@ class RealtimeConnection:
         else:
             raw = codec.b64decode(value, "image", self.limits.max_message_bytes)
         frame = await asyncio.to_thread(codec.image_array, raw, self.limits, "image")
+        self.session.check_server_room(frame.nbytes, "this frame's", "commit or clear the input video buffer")
         if rolling:
             self.session.video.add(frame, t)
         else:

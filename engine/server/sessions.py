@@ -215,15 +215,29 @@ class Session:
             raise ApiError(f"the session's media would take {(held + item.nbytes) / mib:.0f} MiB, the limit is "
                            f"{self.limits.max_session_media_bytes / mib:.0f} MiB; delete items "
                            "(conversation.item.delete) or start a new session", code="session_media_limit")
-        everyone = self.registry.media_bytes() + self.registry.other_media() if self.registry is not None else held
-        if item.nbytes and everyone + item.nbytes > self.limits.max_total_media_bytes:
-            raise ApiError(f"the server already holds {everyone / mib:.0f} MiB of media for sessions and requests, and this "
-                           f"item's {item.nbytes / mib:.1f} MiB would pass the server's limit of "
-                           f"{self.limits.max_total_media_bytes / mib:.0f} MiB; try again later, or delete items "
-                           "(conversation.item.delete)", code="server_media_limit", status=503)
+        # (a committed buffer becomes the item: the session's buffers are left out of the count, not counted twice)
+        self.check_server_room(item.nbytes, "this item's", "delete items (conversation.item.delete)",
+                               with_own_buffers=False)
         index = 0 if after == ROOT else next((i + 1 for i, it in enumerate(self.items) if it.id == after),
                                              len(self.items))
         self.items.insert(index, item)
+
+    def check_server_room(self, nbytes: int, what: str, remedy: str, with_own_buffers: bool = True) -> None:
+        """server_media_limit (503) when `nbytes` more of decoded media (`what`: "this item's", "this frame's" ...)
+        would pass Limits.max_total_media_bytes with what every session holds (their buffers too; this session's
+        only `with_own_buffers`) and the requests in line hold."""
+        if not nbytes:
+            return
+        everyone = self.registry.media_bytes() + self.registry.other_media() if self.registry is not None else \
+            self.held_bytes
+        if not with_own_buffers:
+            everyone -= self.held_bytes - self.media_bytes
+        mib = 1024 * 1024
+        if everyone + nbytes > self.limits.max_total_media_bytes:
+            raise ApiError(f"the server already holds {everyone / mib:.0f} MiB of media for sessions and requests, and "
+                           f"{what} {nbytes / mib:.1f} MiB would pass the server's limit of "
+                           f"{self.limits.max_total_media_bytes / mib:.0f} MiB; try again later, or {remedy}",
+                           code="server_media_limit", status=503)
 
     def make_room(self, item: Item, reply_slots: int = 1, keep: str | None = None) -> list[str]:
         """Drop the oldest items (system items stay) until `item` and `reply_slots` more items fit in
@@ -299,8 +313,9 @@ class SessionRegistry:
         session.items.clear()
 
     def media_bytes(self) -> int:
-        """Decoded media all open sessions' conversations hold."""
-        return sum(s.media_bytes for s in list(self.open.values()))
+        """Decoded media all open sessions hold: their conversations, and their buffered audio and frames (counted
+        against max_total_media_bytes: buffers bounded per session only let 64 sessions hold 64 x 512 MiB of frames)."""
+        return sum(s.held_bytes for s in list(self.open.values()))
 
     def __len__(self) -> int:
         return len(self.open)

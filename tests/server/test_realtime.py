@@ -13,9 +13,8 @@ import pytest
 from websockets.sync.client import connect
 
 from engine.media.video import WebcamClip
-from tests.server import (SYSTEM, b64, image_array, long_prompt, png_bytes, recv_item, recv_json, recv_until,
-                          reference_chat,
-                          running_server, tone_pcm16, wait_for)
+from tests.server import (SYSTEM, b64, fake_server, image_array, long_prompt, png_bytes, recv_item, recv_json,
+                          recv_until, reference_chat, running_server, tone_pcm16, wait_for)
 
 
 @pytest.fixture(scope="module")
@@ -811,6 +810,30 @@ def _with_audio(info):
     from dataclasses import replace
 
     return replace(info, components=[*info.components, "audio"])
+
+
+def test_buffered_frames_and_audio_count_in_the_servers_media_limit():
+    """The server-wide media limit counted conversations only: frames and audio a session buffers before committing
+    them were bounded per session alone (512 MiB of frames each: 64 sessions could hold 32 GiB, from a few KB of PNG
+    each). They count now: a frame or audio chunk that would pass the limit is refused (server_media_limit, 503) until
+    another session lets its buffer go."""
+    frame = b64(png_bytes(np.zeros((200, 200, 3), np.uint8)))  # 120 000 bytes decoded
+    with fake_server(max_session_media_bytes=300_000, max_total_media_bytes=200_000) as srv, \
+            connect(srv.ws_url) as first, connect(srv.ws_url) as second:
+        opened(first), opened(second)
+        send(first, type="input_video_buffer.append", image=frame, capture_time=0)
+        send(first, type="input_audio_buffer.clear")  # (answered once the frame is buffered)
+        assert recv_json(first)["type"] == "input_audio_buffer.cleared"
+        send(second, type="input_video_buffer.append", image=frame, capture_time=0)
+        send(second, type="input_audio_buffer.append", audio=b64(tone_pcm16(2.0, rate=24000).tobytes()))  # 96 KB
+        for _ in range(2):
+            err = recv_json(second)
+            assert (err["type"], err["error"]["code"]) == ("error", "server_media_limit"), err
+        send(first, type="input_video_buffer.clear")
+        assert recv_json(first)["type"] == "input_video_buffer.cleared"
+        send(second, type="input_video_buffer.append", image=frame, capture_time=1)
+        send(second, type="input_video_buffer.commit")
+        assert recv_json(second)["type"] == "input_video_buffer.committed"
 
 
 def test_all_sessions_together_hold_at_most_the_servers_media_limit():
