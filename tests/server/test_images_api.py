@@ -247,6 +247,8 @@ def test_bad_requests_are_400s(http, body, code, words):
     ("/v1/images/generations", {"size": "0x0"}, "size"),
     ("/v1/images/generations", {"size": "10x1000"}, "size"),
     ("/v1/images/generations", {"aspect": "1:0"}, "aspect"),
+    ("/v1/images/generations", {"size": "\uff12\uff15\uff16x\uff12\uff15\uff16"}, "size"),  # full-width digits: 256x256
+    ("/v1/images/generations", {"aspect": "\u0661.\u0665"}, "aspect"),  # Arabic-Indic digits: float() read 1.5
     ("/v1/images/generations", {"steps": 0}, "steps"),
     ("/v1/images/generations", {"steps": 1.5}, "steps"),
     ("/v1/images/generations", {"guidance": 1e9}, "guidance"),
