@@ -347,12 +347,15 @@ def test_a_request_that_does_not_parse_gets_openais_error_body_and_its_status(re
 
 def test_a_head_past_the_limit_that_arrives_in_one_read_is_a_431_too(fake):
     """h11 holds a head to its 16 KiB only while it is incomplete: 2,000 short headers (18 KB) sent in one write came
-    whole in one read and were served (200), the same head sent in pieces refused (431)."""
+    whole in one read and were served (200; a websocket handshake of 100 headers of 200 bytes opened a session), the
+    same head sent in pieces refused (431)."""
     many = "".join(f"X-{i}: y\r\n" for i in range(2000))
     status, headers, body = raw_answer(fake.base_url.port, f"GET /health HTTP/1.1\r\nHost: x\r\n{many}\r\n".encode())
     assert (status, headers["connection"]) == (431, "close"), body
     assert json.loads(body)["error"]["code"] == "request_header_fields_too_large"
     assert fake.get("/health").status_code == 200
+    fewer_longer = "".join(f"X-{i}: {'y' * 200}\r\n" for i in range(100))  # (websockets takes 128 headers of 8 KiB)
+    assert handshake_answer(fake.base_url.port, "/v1/realtime", fewer_longer).startswith(b"HTTP/1.1 431")
 
 
 def test_a_fault_while_an_answer_streams_still_ends_the_stream(monkeypatch):
