@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from engine.errors import shown
 from engine.events import Done, Error, Event, GenerationStats, ImageDone, ImagePreview, Progress
 from engine.server import codec, fields
 from engine.server import protocol as wire
@@ -156,14 +155,6 @@ async def _multipart(request: Request, ctx: ServerContext) -> tuple[dict, list[b
     return {k: v for k, v in body.items() if v is not None}, images
 
 
-def ascii_numbers(value, name: str, form: str):
-    """`value`, refused (invalid_value naming `name`) when it is text whose numbers are not plain ASCII digits: the
-    engine read '２５６x２５６' (full-width digits) as 256x256, Arabic-Indic digits and '1_5' (15) too."""
-    if isinstance(value, str) and (not value.isascii() or "_" in value):
-        raise bad(f"'{name}' must be {form}, in ASCII digits; got {shown(value)}", "invalid_value", name)
-    return value
-
-
 def _seed(body: dict) -> int | None:
     seed = body.get("seed")
     return None if seed is None else int(need_number(seed, "seed", 0, 2 ** 63 - 1 - MAX_N, integer=True))
@@ -197,9 +188,8 @@ def image_requests(body: dict, images: list, task: str, ctx: ServerContext) -> t
     steps = openai_steps(body)
     size = body.get("size")
     if size is not None:
-        size = ascii_numbers(text_field(size, "size", 32), "size", "'WIDTHxHEIGHT' such as '1024x768', or 'auto'")
+        size = text_field(size, "size", 32)
         size = None if size == "auto" else size
-    ascii_numbers(body.get("aspect"), "aspect", "a ratio such as '16:9' or a number")
     partials = body.get("partial_images")
     if partials is not None:
         partials = int(need_number(partials, "partial_images", 0, MAX_PARTIAL_IMAGES, integer=True))

@@ -90,12 +90,16 @@ class SizePlan:
     table: int
 
 
+ASCII_NUMBER = re.compile(r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*|\s*[+-]?(inf|infinity|nan)\s*",
+                          re.IGNORECASE)  # what float() reads, less other scripts' digits and '_'
+
+
 def parse_size(size) -> tuple[int, int] | None:
     """'WxH' / (W, H) -> (height, width); None passes through."""
     if size is None or size == "":
         return None
     if isinstance(size, str):
-        m = re.fullmatch(r"\s*(-?\d+)\s*[xX×*]\s*(-?\d+)\s*", size)
+        m = re.fullmatch(r"\s*(-?[0-9]+)\s*[xX×*]\s*(-?[0-9]+)\s*", size)  # ASCII digits: not '２５６' (256)
         if not m:
             raise ImageGenError(f"size '{size}' is not of the form WIDTHxHEIGHT (e.g. 1024x768)", "size")
         w, h = int(m.group(1)), int(m.group(2))
@@ -117,6 +121,8 @@ def parse_aspect(aspect) -> float | None:
     if isinstance(aspect, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*[:/]\s*([0-9]*\.?[0-9]+)\s*", aspect)
         try:
+            if not (m or ASCII_NUMBER.fullmatch(aspect)):  # float() reads '١.٥' (Arabic-Indic) and '1_5' (15)
+                raise ValueError
             value = float(m.group(1)) / float(m.group(2)) if m else float(aspect)
         except (ValueError, ZeroDivisionError):
             raise ImageGenError(f"aspect '{aspect}' is not a ratio like 16:9 or 1.5", "aspect") from None

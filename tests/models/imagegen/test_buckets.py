@@ -3,7 +3,7 @@
 import pytest
 
 from engine.models.imagegen.buckets import (MAX_SIDE, aspect_output_size, bucket_table, center_crop_box,
-                                            nearest_bucket, plan_size)
+                                            nearest_bucket, parse_aspect, plan_size)
 from engine.models.imagegen.config import ImageGenError
 
 
@@ -45,10 +45,19 @@ def test_explicit_size_is_returned_exactly_and_picks_the_nearest_table():
     ({"size": "2048x100"}, "elongated"), ({"aspect": "100:1"}, "elongated"), ({"aspect": "0:1"}, "positive"),
     ({"aspect": "nan"}, "positive"), ({"size": "512x512", "aspect": "1:1"}, "either"),
     ({"reference_hw": (10, 1000)}, "elongated"),
+    # other scripts' digits and '_' were read as numbers (int() / float() take them; the CLI passed them on)
+    ({"size": "\uff12\uff15\uff16x\uff12\uff15\uff16"}, "WIDTHxHEIGHT"), ({"size": "\u0662\u0665\u0666x256"}, "WIDTHxHEIGHT"),
+    ({"aspect": "\u0661.\u0665"}, "not a ratio"), ({"aspect": "1_5"}, "not a ratio"),
 ])
 def test_bad_sizes_are_refused_clearly(kw, words):
-    with pytest.raises(ImageGenError, match=words):
+    with pytest.raises(ImageGenError, match=words) as refused:
         plan_size(**kw)
+    assert refused.value.param in kw or "reference_hw" in kw or "either" in words
+
+
+@pytest.mark.parametrize("aspect, ratio", [("1.5", 1.5), (" 2 ", 2.0), (".5", 0.5), ("1e0", 1.0), ("16/9", 16 / 9)])
+def test_aspects_written_in_ascii_are_read(aspect, ratio):
+    assert parse_aspect(aspect) == pytest.approx(ratio)
 
 
 def test_centre_crop_is_the_largest_centred_box():
