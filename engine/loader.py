@@ -21,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.errors import MingError
+from engine.kernels import huge_pages
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -346,7 +347,7 @@ def load_module(module: nn.Module, reader: TensorReader, prefix: str, dtype: tor
         target_dtype = torch.float32 if name.endswith(keep_fp32) else dtype
         if not t.is_floating_point():
             target_dtype = t.dtype
-        out = torch.empty(t.shape, dtype=target_dtype, device=device)
+        out = huge_pages.empty(t.shape, target_dtype, device)  # CPU decode streams the weights: fewer TLB misses
         for src in checkpoint_sources(name, tuple(t.shape)):
             full = prefix + src.name
             check_tensor(reader, full, tuple(t.shape[1:]) if src.index is not None else tuple(t.shape),

@@ -3,7 +3,8 @@
 Every public function dispatches (see :mod:`engine.kernels.dispatch`): Triton kernels for CUDA
 tensors, the torch reference on CPU or when forced (``impl="torch"`` or the env var
 ``MING_KERNELS_FORCE_REFERENCE=1``). The Triton modules are imported lazily on first use. On the CPU,
-decode GEMVs and one token's routed experts run native kernels where they build (:mod:`.native`).
+decode GEMVs and one token's routed experts run native kernels where they build (:mod:`.native`), on weights
+the load puts on transparent huge pages where the host gives them (:mod:`.huge_pages`).
 """
 
 from .dispatch import FORCE_REFERENCE_ENV, Impl

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import native
+from engine.kernels import huge_pages, native
 from engine.kernels.dequant import (FP8_BLOCK, INT4_MAX, INT4_OFFSET, NIBBLE_BITS, QUANT_ROW_BLOCK, check_input_columns,
                                    dequantize, quantize_int8_rows, quantized_into)
 from engine.kernels.moe import swiglu
@@ -279,6 +279,28 @@ def set_meta_storage(bank, expert_dtype: str, dtype: torch.dtype) -> None:
                      tuple(torch.empty(shapes[p][1], device="meta") for p in PROJECTIONS))
 
 
+def empty_bank(expert_dtype: str, experts: int, inter: int, hidden: int, device: torch.device | str,
+               fuse_gate_up: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                    tuple[torch.Tensor, torch.Tensor] | None]:
+    """Uninitialised stacked storage of a quantised bank: (values, scales) per projection, and with
+    `fuse_gate_up` (not fp8-block) gate and up as the halves of one [E, 2I, ...] values / scales pair, also
+    returned (else None). CPU values are on huge pages where this host gives them (engine.kernels.huge_pages)."""
+    shapes = stacked_shapes(expert_dtype, experts, inter, hidden)
+    storage = QUANT_STORAGE[expert_dtype]
+    q = {p: huge_pages.empty(shapes[p][0], storage, device) for p in PROJECTIONS if p == "down_proj" or not fuse_gate_up}
+    s = {p: torch.empty(shapes[p][1], dtype=torch.float32, device=device) for p in PROJECTIONS}
+    fused = None
+    if fuse_gate_up and expert_dtype != "fp8-block":
+        (qe, *q_rest), (se, *s_rest) = shapes["gate_proj"]
+        fused = (huge_pages.empty((qe, 2 * inter, *q_rest[1:]), storage, device),
+                 torch.empty((se, 2 * inter, *s_rest[1:]), dtype=torch.float32, device=device))
+        for store, whole in zip((q, s), fused):
+            store["gate_proj"], store["up_proj"] = whole[:, :inter], whole[:, inter:]
+    else:
+        q.update({p: huge_pages.empty(shapes[p][0], storage, device) for p in PROJECTIONS if p not in q})
+    return q, s, fused
+
+
 def load_quantized_bank(bank, reader: TensorReader, prefix: str, bank_name: str, expert_dtype: str,
                         device: torch.device | str, progress=None, fuse_gate_up: bool = False) -> set[str]:
     """Fill `bank` (an ExpertBank, possibly on meta) with experts quantised one at a time from the
@@ -290,16 +312,7 @@ def load_quantized_bank(bank, reader: TensorReader, prefix: str, bank_name: str,
         raise ValueError(f"load_quantized_bank: expert dtype must be one of {sorted(QUANT_STORAGE)}, "
                          f"got {expert_dtype!r}")
     e_n, inter, hidden = bank.gate_proj.shape
-    shapes = stacked_shapes(expert_dtype, e_n, inter, hidden)
-    q = {p: torch.empty(shapes[p][0], dtype=QUANT_STORAGE[expert_dtype], device=device) for p in PROJECTIONS}
-    s = {p: torch.empty(shapes[p][1], dtype=torch.float32, device=device) for p in PROJECTIONS}
-    fused = None
-    if fuse_gate_up and expert_dtype != "fp8-block":
-        (qe, *q_rest), (se, *s_rest) = shapes["gate_proj"]
-        fused = (torch.empty((qe, 2 * inter, *q_rest[1:]), dtype=QUANT_STORAGE[expert_dtype], device=device),
-                 torch.empty((se, 2 * inter, *s_rest[1:]), dtype=torch.float32, device=device))
-        for store, whole in zip((q, s), fused):
-            store["gate_proj"], store["up_proj"] = whole[:, :inter], whole[:, inter:]
+    q, s, fused = empty_bank(expert_dtype, e_n, inter, hidden, device, fuse_gate_up)
     consumed: set[str] = set()
     for e, *mats in read_checkpoint_experts(reader, prefix, bank_name, e_n, inter, hidden, consumed):
         for proj, w in zip(PROJECTIONS, mats):

@@ -24,6 +24,7 @@ from engine.models.thinker.audio_encoder import AudioEncoderConfig, WhisperAudio
 from engine.models.thinker.config import MingConfig, sub_config_errors
 from engine.models.thinker.layers import Numerics
 from engine.models.thinker.llm import BailingMoeV2ForCausalLM
+from engine.kernels import huge_pages
 from engine.kernels.dequant import quantize_int8_rows
 from engine.loader import (CheckpointFiles, check_tensor, check_unexpected, checkpoint_entries, load_module,
                            resolve_checkpoint, return_freed_memory)
@@ -246,8 +247,8 @@ def _read_fused_bank(bank: nn.Module, reader, name: str, dtype: torch.dtype) -> 
     them for the CPU kernels makes no second copy of the layer (ExpertBank.set_fused; 4.3 GB per real layer
     in bf16). Returns the tensor names read."""
     experts, inter, hidden = bank.gate_proj.shape
-    gate_up = torch.empty((experts, 2 * inter, hidden), dtype=dtype)
-    down = torch.empty(tuple(bank.down_proj.shape), dtype=dtype)
+    gate_up = huge_pages.empty((experts, 2 * inter, hidden), dtype)  # streamed every decode step: fewer TLB misses
+    down = huge_pages.empty(tuple(bank.down_proj.shape), dtype)
     consumed: set[str] = set()
     for e in range(experts):
         for proj, dest in (("gate_proj", gate_up[e, :inter]), ("up_proj", gate_up[e, inter:]), ("down_proj", down[e])):
