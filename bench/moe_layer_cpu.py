@@ -54,6 +54,12 @@ Method
   without) or with AVX-512 but no VNNI (Skylake-SP) builds them, run on this CPU (MING_NATIVE_ISA): that code's
   speed here, not that CPU's; torch's own kernels (AMX GEMMs included) are this CPU's unless limited too
   (ONEDNN_MAX_CPU_ISA=AVX2).
+* ``--huge-pages``: the expert banks are stacked ``[E, 2I, H]`` / ``[E, H, I]`` tensors as the engine's load makes
+  them, on transparent huge pages where the host gives them (engine.kernels.huge_pages; ``on``, the default) or on
+  4 KiB pages (``off``). ``both``: decode only, both layers built (twice the memory: lower ``--experts``), measured
+  interleaved ``--repeats`` times in alternating order; min / median wall ms per call, this process's CPU time
+  per call (with ``--threads 1`` the per-core cost, little changed by other processes) and the 4k/huge ratios;
+  ``huge MB`` is the rise of AnonHugePages (/proc/self/smaps_rollup) while the layer was built.
 * Contention: the CPU time other processes used during each measurement is read from /proc/stat and
   reported as ``other_cpu_load`` (fraction of all cores). On a shared 2-core machine any other load
   ruins the numbers (OpenMP threads wait for the slowest core); the table flags such rows.
@@ -76,7 +82,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.kernels import native  # noqa: E402
+from engine.kernels import huge_pages, native  # noqa: E402
 from engine.kernels.moe import PackedExperts, moe_experts, moe_experts_packed, onednn_packing_available, swiglu  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -254,15 +260,14 @@ def build_packed(source: WeightSource, shape: LayerShape, use_onednn: bool | Non
     """``PackedExperts`` built expert by expert (no stacked copy) + ``moe_experts_packed`` with the shared
     expert, as the engine's CPU load runs a MoE layer. ``use_onednn``: None = the engine's choice; False /
     True force the plain layout (native kernel) / oneDNN's pre-packed one, to compare the two."""
-    packed = PackedExperts(shape.hidden, shape.inter, shape.dtype, use_onednn=use_onednn)
+    gate_up = huge_pages.empty((shape.experts, 2 * shape.inter, shape.hidden), shape.dtype)
+    down = huge_pages.empty((shape.experts, shape.hidden, shape.inter), shape.dtype)
     offsets = expert_offsets(source, shape)
-    gate = torch.empty(shape.inter, shape.hidden, dtype=shape.dtype)
-    up = torch.empty_like(gate)
-    down = torch.empty(shape.hidden, shape.inter, dtype=shape.dtype)
     for e in range(shape.experts):
-        for i, w in enumerate((gate, up, down)):
+        for i, w in enumerate((gate_up[e, :shape.inter], gate_up[e, shape.inter:], down[e])):
             source.fill(w, offsets[3 * e + i])
-        packed.append(gate, up, down)
+    packed = PackedExperts.from_weights(gate_up[:, :shape.inter], gate_up[:, shape.inter:], down,
+                                        use_onednn=use_onednn, gate_up=gate_up)
     # the shared expert as the engine's MoE block passes it (MoEBlock.bind_cpu_shared): plain weights, run
     # in the routed experts' native pass for one token, else added after them
     shared = [tuple(w.contiguous() for w in copy) for copy in make_shared(source, shape)]
@@ -285,21 +290,21 @@ def build_quantized(source: WeightSource, shape: LayerShape, kind: str) -> tuple
     returns the call, the bytes of one quantised expert and the kernel used."""
     from engine.kernels import native
     from engine.kernels.moe import QuantizedCpuExperts
+    from engine.placement import quant
     from engine.placement.quant import quantize
 
     fmt = kind.split("-")[0]  # int4-torch / int8-torch: on torch's kernel
-    packed = QuantizedCpuExperts(shape.hidden, shape.inter, shape.dtype, fmt, native_int4=kind != "int4-torch")
+    q, s, fused = quant.empty_bank(fmt, shape.experts, shape.inter, shape.hidden, "cpu", fuse_gate_up=True)
     offsets = expert_offsets(source, shape)
     mats = [torch.empty(shape.inter, shape.hidden, dtype=shape.dtype), torch.empty(shape.inter, shape.hidden, dtype=shape.dtype),
             torch.empty(shape.hidden, shape.inter, dtype=shape.dtype)]
-    nbytes = 0
     for e in range(shape.experts):
-        for i, w in enumerate(mats):
+        for i, (proj, w) in enumerate(zip(quant.PROJECTIONS, mats)):
             source.fill(w, offsets[3 * e + i])
-        quantized = [quantize(w, fmt) for w in mats]
-        if e == 0:
-            nbytes = sum(q.numel() * q.element_size() + sc.numel() * sc.element_size() for q, sc in quantized)
-        packed.append(*(q for q, _ in quantized), tuple(sc for _, sc in quantized))
+            quantize(w, fmt, out=(q[proj][e], s[proj][e]))
+    nbytes = sum(q[p][0].nbytes + s[p][0].nbytes for p in quant.PROJECTIONS)
+    packed = QuantizedCpuExperts.from_weights(*(q[p] for p in quant.PROJECTIONS), tuple(s[p] for p in quant.PROJECTIONS),
+                                              shape.dtype, fmt, native_int4=kind != "int4-torch", fused=fused)
     # the shared expert as the engine's MoE block passes it (MoEBlock.bind_cpu_shared): plain weights, in the
     # routed experts' native pass (int8 / native int4 experts), else added after them (int4-torch)
     shared = [tuple(w.contiguous() for w in copy) for copy in make_shared(source, shape)]
@@ -433,6 +438,83 @@ def _flag(other_load: float) -> str:
     return "  <- CONTENDED: other processes were running" if other_load > CONTENTION_WARNING else ""
 
 
+def build_path(path: str, shape: LayerShape, args: argparse.Namespace
+               ) -> tuple[LayerCall, int | None, dict[str, object]] | None:
+    """One path's layer: (call, bytes per expert where not the dtype's, details); None when it is skipped here."""
+    source = WeightSource(shape, args.seed)
+    info: dict[str, object] = {}
+    nbytes = None
+    if path == "plain":
+        call = build_plain(source, shape)
+    elif path.startswith("packed"):
+        if path == "packed-onednn" and not onednn_packing_available(shape.dtype):
+            print(f"{path}: skipped, this torch build cannot pre-pack {shape.dtype} for oneDNN", file=sys.stderr)
+            return None
+        force = {"packed": None, "packed-native": False, "packed-onednn": True}[path]
+        call, onednn = build_packed(source, shape, force)
+        info["onednn_prepacked"] = onednn
+    elif path.split("-")[0] in ("int8", "int4"):
+        call, nbytes, kernel = build_quantized(source, shape, path)
+        info["kernel"] = kernel
+    else:
+        try:
+            call, nbytes, kernel = build_kt(source, shape, path, torch.get_num_threads(),
+                                            -(-max(args.prefill_tokens, 1) // KT_M_STEP) * KT_M_STEP)
+        except ImportError as e:
+            print(f"{path}: skipped, kt-kernel is not installed ({e})", file=sys.stderr)
+            return None
+        info["kernel"] = kernel
+    return call, nbytes, info
+
+
+def huge_page_ab(paths: tuple[str, ...], shape: LayerShape, bandwidth: float, args: argparse.Namespace) -> None:
+    """Decode of each path with its weights on huge pages and on 4 KiB pages: both layers built, then their
+    measurements interleaved (order alternating) ``--repeats`` times; min / median ms per call and the ratio."""
+    status = huge_pages.status()
+    print(f"huge pages: {status.reason}")
+    if not status.applies:
+        print("huge-page A/B skipped: both layers would be on 4 KiB pages")
+        return
+    # cpu ms: this process's CPU time per call (all passes), the per-core cost whatever else runs (with --threads 1)
+    print(f"{'path':<11} {'pages':<6} {'min ms':>8} {'median ms':>10} {'min cpu ms':>11} {'roofline':>9} {'huge MB':>8} "
+          f"{'max other load':>15}")
+    for path in paths:
+        layers: dict[str, tuple[LayerCall, int | None]] = {}
+        huge_mb: dict[str, float] = {}
+        for pages in ("huge", "4k"):
+            huge_pages.set_enabled(pages == "huge")
+            before = huge_pages.anon_huge_page_bytes() or 0
+            built = build_path(path, shape, args)
+            if built is None:
+                break
+            layers[pages] = built[:2]
+            huge_mb[pages] = ((huge_pages.anon_huge_page_bytes() or 0) - before) / 1e6
+        huge_pages.set_enabled(None)
+        if len(layers) < 2:
+            continue
+        runs: dict[str, list[ModeResult]] = {"huge": [], "4k": []}
+        cpu_ms: dict[str, list[float]] = {"huge": [], "4k": []}
+        calls = (DECODE_WARMUP_PASSES + DECODE_TIMED_PASSES) * (shape.experts // shape.top_k)
+        for rep in range(args.repeats):
+            for pages in (("huge", "4k") if rep % 2 == 0 else ("4k", "huge")):
+                call, nbytes = layers[pages]
+                start = time.process_time()
+                runs[pages].append(bench_decode(call, shape, bandwidth, args.seed + 1 + rep, nbytes))
+                cpu_ms[pages].append((time.process_time() - start) / calls * 1e3)
+        wall = {pages: [r.ms_per_call for r in results] for pages, results in runs.items()}
+        for pages, results in runs.items():
+            best = min(results, key=lambda r: r.ms_per_call)
+            print(f"{path:<11} {pages:<6} {min(wall[pages]):>8.3f} {statistics.median(wall[pages]):>10.3f} "
+                  f"{min(cpu_ms[pages]):>11.3f} {best.roofline_fraction:>9.2f} {huge_mb[pages]:>8.0f} "
+                  f"{max(r.other_cpu_load for r in results):>15.2f}")
+        ratios = {name: (f(times["4k"]) / f(times["huge"])) for times, kind in ((wall, "wall"), (cpu_ms, "cpu"))
+                  for name, f in ((f"{kind} min", min), (f"{kind} median", statistics.median))}
+        print(f"{path:<11} 4k/huge time ratio: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())
+              + " (>1: huge pages faster)")
+        del layers
+        gc.collect()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experts", type=int, default=256)
@@ -451,6 +533,11 @@ def main() -> None:
                         help="the native kernels as built for this CPU (default) or as an older CPU builds them "
                              "(AVX2, AVX2 + AVX-VNNI, AVX-512 without VNNI), run on this one")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--huge-pages", choices=("on", "off", "both"), default="on",
+                        help="expert weights on transparent huge pages where the kernel gives them (on, the engine's "
+                             "default), on 4 KiB pages (off), or both: decode only, the two layers measured "
+                             "interleaved --repeats times (min / median and their ratio)")
+    parser.add_argument("--repeats", type=int, default=5, help="--huge-pages both: measurements per layer")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
     if args.threads is not None:
@@ -475,36 +562,21 @@ def main() -> None:
     unknown = [p for p in paths if p not in known]
     if unknown:
         parser.error(f"unknown path(s) {unknown}: choose from {list(known)}")
+    if args.huge_pages == "both":
+        huge_page_ab(paths, shape, bandwidth, args)
+        return
+    huge_pages.set_enabled(args.huge_pages == "on")
     for path in paths:
-        source = WeightSource(shape, args.seed)
-        info: dict[str, object] = {}
-        nbytes = None
-        if path == "plain":
-            call = build_plain(source, shape)
-        elif path.startswith("packed"):
-            if path == "packed-onednn" and not onednn_packing_available(shape.dtype):
-                print(f"{path}: skipped, this torch build cannot pre-pack {shape.dtype} for oneDNN", file=sys.stderr)
-                continue
-            force = {"packed": None, "packed-native": False, "packed-onednn": True}[path]
-            call, onednn = build_packed(source, shape, force)
-            info["onednn_prepacked"] = onednn
-        elif path.split("-")[0] in ("int8", "int4"):
-            call, nbytes, kernel = build_quantized(source, shape, path)
-            info["kernel"] = kernel
-        else:
-            try:
-                call, nbytes, kernel = build_kt(source, shape, path, torch.get_num_threads(),
-                                                -(-max(args.prefill_tokens, 1) // KT_M_STEP) * KT_M_STEP)
-            except ImportError as e:
-                print(f"{path}: skipped, kt-kernel is not installed ({e})", file=sys.stderr)
-                continue
-            info["kernel"] = kernel
+        built = build_path(path, shape, args)
+        if built is None:
+            continue
+        call, nbytes, info = built
         decode = bench_decode(call, shape, bandwidth, args.seed + 1, nbytes)
         results[path] = {"decode": asdict(decode), **info}
         if args.prefill_tokens > 0:  # 0: decode only
             results[path]["prefill"] = asdict(bench_prefill(call, shape, args.prefill_tokens, bandwidth, args.seed + 2,
                                                              nbytes))
-        del call, source
+        del call, built
         gc.collect()
 
     modes = ("decode", "prefill") if args.prefill_tokens > 0 else ("decode",)
