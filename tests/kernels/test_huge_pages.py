@@ -47,7 +47,7 @@ def test_a_large_buffer_starts_on_a_huge_page_and_holds_what_is_written(weights)
     gate_up, down = _banks(weights.to(torch.bfloat16), torch.bfloat16, on_huge_pages=True)
     assert huge_pages.is_huge_page_aligned(gate_up) and huge_pages.is_huge_page_aligned(down)
     assert gate_up.is_contiguous() and gate_up.shape == (EXPERTS, 2 * INTER, HIDDEN)
-    torch.testing.assert_close(gate_up, weights[:, : 2 * INTER].to(torch.bfloat16), rtol=0, atol=0)
+    assert torch.equal(gate_up, weights[:, : 2 * INTER].to(torch.bfloat16))
     small = huge_pages.empty((MIB // 4,), torch.float32)  # 1 MiB: below one huge page, torch's own buffer
     assert small.numel() == MIB // 4
 
@@ -62,11 +62,13 @@ def test_experts_on_huge_pages_give_the_4k_page_results(weights, routing, dtype)
                                             gate_up=gate_up)
         out[on_huge_pages] = moe_experts_packed(x.to(dtype), packed, ids, w).float()
     # the same kernel on the same values: equal up to the kernel's own rounding (one bf16 ulp of the output)
-    torch.testing.assert_close(out[True], out[False], rtol=2 ** -7, atol=1e-5)
+    assert torch.allclose(out[True], out[False], rtol=2 ** -7, atol=1e-5), (out[True] - out[False]).abs().max()
 
 
 @pytest.mark.skipif(not native.available(), reason="the native int4 kernels are not built here")
 def test_an_int4_bank_on_huge_pages_gives_the_4k_page_results(weights, routing):
+    int4_weights = {proj: quant.quantize(mats.contiguous(), "int4") for proj, mats in zip(
+        quant.PROJECTIONS, (weights[:, :INTER], weights[:, INTER:2 * INTER], weights[:, 2 * INTER:].reshape(EXPERTS, HIDDEN, INTER)))}
     x, ids, w = routing
     out = {}
     for on_huge_pages in (True, False):
@@ -76,14 +78,14 @@ def test_an_int4_bank_on_huge_pages_gives_the_4k_page_results(weights, routing):
         finally:
             huge_pages.set_enabled(None)
         assert huge_pages.is_huge_page_aligned(fused[0]) == (on_huge_pages and huge_pages.status().applies)
-        for proj, mats in zip(quant.PROJECTIONS, (weights[:, :INTER], weights[:, INTER:2 * INTER],
-                                                  weights[:, 2 * INTER:].reshape(EXPERTS, HIDDEN, INTER))):
-            quant.quantize(mats, "int4", out=(q[proj], s[proj]))
+        for proj in quant.PROJECTIONS:
+            q[proj].copy_(int4_weights[proj][0])
+            s[proj].copy_(int4_weights[proj][1])
         packed = QuantizedCpuExperts.from_weights(*(q[p] for p in quant.PROJECTIONS),
                                                   tuple(s[p] for p in quant.PROJECTIONS), torch.float32, "int4",
                                                   fused=fused)
         out[on_huge_pages] = moe_experts_packed(x, packed, ids, w)
-    torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(out[True], out[False], rtol=1e-5, atol=1e-6), (out[True] - out[False]).abs().max()
 
 
 @needs_huge_pages
@@ -112,3 +114,20 @@ def test_thp_never_or_turned_off_says_why_and_uses_torch_empty(monkeypatch, tmp_
     monkeypatch.setenv(huge_pages.DISABLE_ENV, "0")
     assert not huge_pages.status().applies and huge_pages.DISABLE_ENV in huge_pages.status().reason
     assert huge_pages.empty((2, MIB), torch.uint8).shape == (2, MIB)
+
+
+@needs_huge_pages
+def test_a_loaded_cpu_weight_is_on_huge_pages_with_the_checkpoint_values(tmp_path):
+    from safetensors.torch import save_file
+
+    from engine.loader import CheckpointFiles, load_module
+
+    stored = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(2))  # 4 MiB in fp32
+    save_file({"proj.weight": stored}, str(tmp_path / "model.safetensors"))
+    with torch.device("meta"):
+        module = torch.nn.Module()
+        module.proj = torch.nn.Linear(1024, 1024, bias=False)
+    with CheckpointFiles.open(tmp_path).reader() as reader:
+        load_module(module, reader, "", torch.float32, "cpu")
+    assert huge_pages.is_huge_page_aligned(module.proj.weight)
+    assert torch.equal(module.proj.weight.data, stored)
