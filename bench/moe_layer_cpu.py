@@ -257,8 +257,9 @@ def build_plain(source: WeightSource, shape: LayerShape) -> LayerCall:
 
 
 def build_packed(source: WeightSource, shape: LayerShape, use_onednn: bool | None = None) -> tuple[LayerCall, bool]:
-    """``PackedExperts`` built expert by expert (no stacked copy) + ``moe_experts_packed`` with the shared
-    expert, as the engine's CPU load runs a MoE layer. ``use_onednn``: None = the engine's choice; False /
+    """``PackedExperts`` read in place from a stacked bank (gate and up fused per expert, [E, 2I, H], and down
+    [E, H, I], on huge pages unless --huge-pages off), as the engine's CPU load makes and runs a MoE layer,
+    + ``moe_experts_packed`` with the shared expert. ``use_onednn``: None = the engine's choice; False /
     True force the plain layout (native kernel) / oneDNN's pre-packed one, to compare the two."""
     gate_up = huge_pages.empty((shape.experts, 2 * shape.inter, shape.hidden), shape.dtype)
     down = huge_pages.empty((shape.experts, shape.hidden, shape.inter), shape.dtype)
@@ -286,7 +287,9 @@ def _packed_shared(source: WeightSource, shape: LayerShape) -> PackedExperts:
 
 
 def build_quantized(source: WeightSource, shape: LayerShape, kind: str) -> tuple[LayerCall, int, str]:
-    """Routed experts quantised one at a time (no stacked bf16 copy) into ``QuantizedCpuExperts``;
+    """Routed experts quantised one at a time (no stacked bf16 copy) into a stacked quantised bank as the engine's
+    load makes it (quant.empty_bank: gate and up fused, on huge pages unless --huge-pages off), read in place by
+    ``QuantizedCpuExperts``;
     returns the call, the bytes of one quantised expert and the kernel used."""
     from engine.kernels import native
     from engine.kernels.moe import QuantizedCpuExperts
