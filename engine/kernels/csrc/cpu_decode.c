@@ -211,7 +211,11 @@ static inline float hsum(vf v) {
  * request holds one of the core's few L1 miss buffers until its line arrives, an L2 one does not, so more
  * lines are in flight (2 threads of an Emerald Rapids Xeon, bench/vs_llamacpp.py's model decoding, builds
  * alternated 8-10 times: 8 KiB into the L2 instead of 2 KiB into the L1, fp32 +9-11 %, bf16 +0-12 %, int4
- * experts +8 %, int8 +2 %; 4-16 KiB all within a few % of each other). Prefetching past the end of a
+ * experts +8 %, int8 +2 %; 4-16 KiB all within a few % of each other). Re-tuned with the experts on huge pages
+ * (2 threads of a loaded AMD EPYC, bench/moe_layer_cpu.py's layer at 64 experts, builds alternated 8-12 times):
+ * 8, 16 and 32 KiB within noise of each other for bf16, int4 and int8 (2-4 KiB 10-40 % slower for bf16 and
+ * int8); into the L1 (locality 3) or non-temporal (0) instead of the L2, bf16 ~25 % slower, int4 level; bf16's
+ * four rows a chunk at a time as fp32 does below, ~25 % slower than row by row. Prefetching past the end of a
  * matrix is harmless. */
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 8192
