@@ -131,3 +131,25 @@ def test_a_loaded_cpu_weight_is_on_huge_pages_with_the_checkpoint_values(tmp_pat
         load_module(module, reader, "", torch.float32, "cpu")
     assert huge_pages.is_huge_page_aligned(module.proj.weight)
     assert torch.equal(module.proj.weight.data, stored)
+
+
+@needs_huge_pages
+def test_an_int8_linear_quantised_while_read_is_on_huge_pages(tmp_path):
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from engine.kernels.dequant import quantize_int8_rows
+    from engine.loader import CheckpointFiles
+    from engine.models.thinker.model import _read_int8_linears
+
+    stored = torch.randn(1024, 2048, generator=torch.Generator().manual_seed(3))  # 2 MiB once int8
+    save_file({"proj.weight": stored}, str(tmp_path / "model.safetensors"))
+    llm = torch.nn.Module()
+    llm.config = SimpleNamespace(tie_word_embeddings=False)
+    llm.proj = torch.nn.Linear(2048, 1024, bias=False, device="meta")
+    with CheckpointFiles.open(tmp_path).reader() as reader:
+        _read_int8_linears(llm, reader, "", torch.float32, ["proj"])
+    q = llm.proj.packed.q
+    assert huge_pages.is_huge_page_aligned(q)
+    assert torch.equal(q, quantize_int8_rows(stored)[0])
