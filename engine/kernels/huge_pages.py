@@ -12,6 +12,7 @@ fails, it is ``torch.empty``: same values, same results, 4 KiB pages. :func:`sta
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import mmap
@@ -87,8 +88,6 @@ def _advise_huge(mapping: mmap.mmap, offset: int, length: int) -> None:
 
 
 def _address(mapping: mmap.mmap) -> int:
-    import ctypes
-
     view = (ctypes.c_char * 1).from_buffer(mapping)
     try:
         return ctypes.addressof(view)

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import errno
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from engine.kernels import huge_pages, native
+from engine.kernels.dequant import quantize_int8_rows
 from engine.kernels.moe import PackedExperts, QuantizedCpuExperts, moe_experts_packed
+from engine.loader import CheckpointFiles, load_module
+from engine.models.thinker.model import _read_int8_linears
 from engine.placement import quant
 
-HIDDEN, INTER, EXPERTS, TOP_K = 1024, 512, 4, 2  # a gate+up bank of 8 MiB, down 4 MiB: whole huge pages
+HIDDEN, INTER, EXPERTS = 1024, 512, 4  # a gate+up bank of 8 MiB, down 4 MiB: whole huge pages
 MIB = 1 << 20
 
 needs_huge_pages = pytest.mark.skipif(not huge_pages.status().applies, reason=huge_pages.status().reason)
@@ -118,10 +123,6 @@ def test_thp_never_or_turned_off_says_why_and_uses_torch_empty(monkeypatch, tmp_
 
 @needs_huge_pages
 def test_a_loaded_cpu_weight_is_on_huge_pages_with_the_checkpoint_values(tmp_path):
-    from safetensors.torch import save_file
-
-    from engine.loader import CheckpointFiles, load_module
-
     stored = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(2))  # 4 MiB in fp32
     save_file({"proj.weight": stored}, str(tmp_path / "model.safetensors"))
     with torch.device("meta"):
@@ -135,14 +136,6 @@ def test_a_loaded_cpu_weight_is_on_huge_pages_with_the_checkpoint_values(tmp_pat
 
 @needs_huge_pages
 def test_an_int8_linear_quantised_while_read_is_on_huge_pages(tmp_path):
-    from types import SimpleNamespace
-
-    from safetensors.torch import save_file
-
-    from engine.kernels.dequant import quantize_int8_rows
-    from engine.loader import CheckpointFiles
-    from engine.models.thinker.model import _read_int8_linears
-
     stored = torch.randn(1024, 2048, generator=torch.Generator().manual_seed(3))  # 2 MiB once int8
     save_file({"proj.weight": stored}, str(tmp_path / "model.safetensors"))
     llm = torch.nn.Module()
