@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 HUGE_PAGE_BYTES = 2 << 20  # x86-64 and arm64 (4 KiB base pages) transparent huge page size
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# kernels with multi-size THP (6.8+) also have a setting per size; "inherit" follows THP_SETTING
+THP_SIZE_SETTING = Path(f"/sys/kernel/mm/transparent_hugepage/hugepages-{HUGE_PAGE_BYTES >> 10}kB/enabled")
 THP_MODES_USED = ("always", "madvise")  # modes in which MADV_HUGEPAGE gives huge pages
 DISABLE_ENV = "MING_HUGE_PAGES"  # "0": plain torch.empty (4 KiB pages)
 
@@ -39,14 +41,20 @@ class HugePageStatus:
     reason: str  # why not, or the THP mode in use
 
 
-def thp_mode() -> str | None:
-    """The bracketed THP mode (``always`` / ``madvise`` / ``never``), None where the setting is absent."""
+def _bracketed(setting: Path) -> str | None:
     try:
-        text = THP_SETTING.read_text()
+        text = setting.read_text()
     except OSError:
         return None
     start, end = text.find("["), text.find("]")
     return text[start + 1:end] if 0 <= start < end else None
+
+
+def thp_mode() -> str | None:
+    """The THP mode for 2 MiB pages (``always`` / ``madvise`` / ``never``): the per-size setting where the
+    kernel has one and it does not inherit, else the global one; None where neither exists."""
+    size_mode = _bracketed(THP_SIZE_SETTING)
+    return size_mode if size_mode not in (None, "inherit") else _bracketed(THP_SETTING)
 
 
 def set_enabled(enabled: bool | None) -> None:
@@ -64,7 +72,7 @@ def status() -> HugePageStatus:
     mode = thp_mode()
     if mode not in THP_MODES_USED:
         return HugePageStatus(False, f"transparent huge pages are {mode or 'not available'} on this kernel "
-                                     f"({THP_SETTING})")
+                                     f"({THP_SETTING}, {THP_SIZE_SETTING.parent.name})")
     return HugePageStatus(True, f"transparent huge pages ({mode}), {HUGE_PAGE_BYTES >> 20} MiB")
 
 

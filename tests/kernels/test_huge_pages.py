@@ -107,13 +107,21 @@ def test_a_refused_madvise_falls_back_to_4k_pages(monkeypatch, caplog):
 
 
 def test_thp_never_or_turned_off_says_why_and_uses_torch_empty(monkeypatch, tmp_path):
-    setting = tmp_path / "enabled"
+    setting, size_setting = tmp_path / "enabled", tmp_path / "hugepages-2048kB" / "enabled"
+    size_setting.parent.mkdir()
     setting.write_text("always madvise [never]\n")
     monkeypatch.setattr(huge_pages, "THP_SETTING", setting)
+    monkeypatch.setattr(huge_pages, "THP_SIZE_SETTING", size_setting)  # absent: the global setting rules
     monkeypatch.setattr(huge_pages, "_aligned_mapping", lambda nbytes: pytest.fail("mapped although THP is never"))
     if huge_pages.sys.platform.startswith("linux"):
         assert huge_pages.status() == huge_pages.HugePageStatus(
-            False, f"transparent huge pages are never on this kernel ({setting})")
+            False, f"transparent huge pages are never on this kernel ({setting}, hugepages-2048kB)")
+        setting.write_text("always [madvise] never\n")
+        size_setting.write_text("always inherit madvise [never]\n")  # 2 MiB pages off on their own
+        assert not huge_pages.status().applies
+        size_setting.write_text("always [inherit] madvise never\n")
+        assert huge_pages.status().applies
+        setting.write_text("always madvise [never]\n")
     assert huge_pages.empty((2, MIB), torch.uint8).shape == (2, MIB)
     setting.write_text("[madvise]\n")
     monkeypatch.setenv(huge_pages.DISABLE_ENV, "0")
