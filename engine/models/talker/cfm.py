@@ -27,6 +27,14 @@ EPSS_KNOTS = {
     16: [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32],
 }
 SWAY_COEF = -1.0
+# The Preview's CFM runs the conditional branch alone when its cfg_strength is below this (its upstream
+# sample loop: no unconditional DiT call, v = v_c); 2.0's always runs both branches.
+PREVIEW_UNGUIDED_BELOW = 1e-5
+
+
+def runs_unconditional_branch(cfg: float, preview: bool) -> bool:
+    """Whether a CFM step evaluates the zero-condition branch for this cfg (see PREVIEW_UNGUIDED_BELOW)."""
+    return not (preview and cfg < PREVIEW_UNGUIDED_BELOW)
 
 
 def epss_timesteps(steps: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -81,9 +89,15 @@ class CFM(nn.Module):
         self.steps = steps
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, his: torch.Tensor, cfg,
-                 trace: dict | None = None) -> torch.Tensor:
-        """Guided velocity: the conditional and the zero-condition branch as one batch of 2B."""
+                 trace: dict | None = None, guided: bool = True) -> torch.Tensor:
+        """Guided velocity: the conditional and the zero-condition branch as one batch of 2B; unguided
+        (`guided` False), the conditional branch alone."""
         b = x.shape[0]
+        if not guided:
+            v_c = self.model(x, t.expand(b), cond, his)
+            if trace is not None:
+                trace.setdefault("pred_cond", []).append(v_c)
+            return v_c
         pred = self.model(torch.cat([x, x]), t.expand(2 * b), torch.cat([cond, torch.zeros_like(cond)]),
                           torch.cat([his, his]))
         v_c, v_u = pred[:b], pred[b:]
@@ -94,9 +108,10 @@ class CFM(nn.Module):
 
     def sample(self, cond: torch.Tensor, his: torch.Tensor, y0: torch.Tensor, sde_noise: torch.Tensor,
                cfg: float | torch.Tensor, noise_scale: float | torch.Tensor, times: torch.Tensor | None = None,
-               trace: dict | None = None) -> torch.Tensor:
+               trace: dict | None = None, guided: bool = True) -> torch.Tensor:
         """cond [B, 1, llm_cond_dim], his [B, H, 64], y0 [B, patch, 64], sde_noise [steps, B, patch, 64];
-        `cfg` and `noise_scale` (= sigma sqrt(temperature)) may be 0-d tensors (CUDA-graph inputs)."""
+        `cfg` and `noise_scale` (= sigma sqrt(temperature)) may be 0-d tensors (CUDA-graph inputs);
+        `guided` False skips the unconditional branch (runs_unconditional_branch)."""
         times = time_grid(self.steps, y0.dtype, y0.device) if times is None else times
         y = y0
         for k in range(self.steps):
@@ -104,7 +119,7 @@ class CFM(nn.Module):
             if trace is not None:
                 trace.setdefault("x", []).append(y)
                 trace.setdefault("t", []).append(t)
-            v = self.velocity(y, t.reshape(1), cond, his, cfg, trace)
+            v = self.velocity(y, t.reshape(1), cond, his, cfg, trace, guided)
             y = y + v * dt
             y = y + noise_scale * torch.sqrt(dt.abs()) * sde_noise[k]
         return y

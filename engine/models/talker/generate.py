@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.models.talker.backbone import StaticKVCache
-from engine.models.talker.cfm import SamplingParams, sde_scalars, time_grid
+from engine.models.talker.cfm import SamplingParams, runs_unconditional_branch, sde_scalars, time_grid
 from engine.models.talker.config import MAX_CACHE_LEN, MAX_STEPS
 from engine.models.talker.model import BailingTalker2
 
@@ -93,7 +93,8 @@ class PatchStep:
     def __call__(self, h, his, y0, sde, params: SamplingParams, trace: dict | None = None):
         t = self.talker
         cfg, noise_scale = sde_scalars(params, self.times.dtype, self.times.device)
-        gen = t.cfm.sample(h, his, y0, sde, cfg, noise_scale, self.times, trace)
+        guided = runs_unconditional_branch(params.cfg, t.config.preview)
+        gen = t.cfm.sample(h, his, y0, sde, cfg, noise_scale, self.times, trace, guided)
         return gen, t.aggregator(gen), t.stop_probability(h)
 
 

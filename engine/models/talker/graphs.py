@@ -13,8 +13,9 @@ import threading
 import torch
 
 from engine.models.talker.backbone import StaticKVCache
-from engine.models.talker.cfm import SamplingParams, sde_scalars, time_grid
+from engine.models.talker.cfm import SamplingParams, runs_unconditional_branch, sde_scalars, time_grid
 from engine.models.talker.config import MAX_CACHE_LEN
+from engine.models.talker.generate import PatchStep
 from engine.models.talker.model import BailingTalker2
 
 WARMUP_RUNS = 2
@@ -38,6 +39,7 @@ class GraphRunner:
         self.cfg_t = torch.zeros((), dtype=dtype, device=dev)
         self.noise_scale_t = torch.zeros((), dtype=dtype, device=dev)
         self.times = time_grid(cfg.steps, dtype, dev)
+        self.unguided_step = PatchStep(talker)  # eager: a Preview cfg below PREVIEW_UNGUIDED_BELOW
         self.llm_graph: torch.cuda.CUDAGraph | None = None
         self.patch_graph: torch.cuda.CUDAGraph | None = None
         self._lock = threading.Lock()
@@ -88,6 +90,8 @@ class GraphRunner:
     def patch_step(self, h, his, y0, sde, params: SamplingParams, trace: dict | None = None):
         if trace is not None:
             raise ValueError("tracing needs the eager path (no CUDA graphs)")
+        if not runs_unconditional_branch(params.cfg, self.talker.config.preview):
+            return self.unguided_step(h, his, y0, sde, params)  # the captured graph runs both branches
         self.h_in.copy_(h)
         self.his.copy_(his)
         self.y0.copy_(y0)

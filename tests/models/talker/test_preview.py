@@ -194,3 +194,32 @@ def test_preview_text_is_segmented_at_sentence_ends_not_commas(preview_pipeline,
     assert [f.source for f in preview_pipeline.plan(SpeechRequest(text=text))[1]] == [text]
     seg = Segmenter(preview_pipeline.segment_closers)  # (the speak-while-thinking path segments as it streams)
     assert seg.feed(text) + seg.flush() == [text]
+
+
+def test_a_cfg_below_1e_5_runs_no_unconditional_branch(preview_dir, one_thread):
+    """The Preview's upstream CFM evaluates the DiT on the condition alone when cfg_strength < 1e-5 (v = v_c);
+    ours ran the doubled batch anyway (and a Preview case at such a cfg stores no cfm_pred_uncond). At 1e-5 and
+    above, and in 2.0 at any cfg, both branches run; the skipped branch changes the patch by at most cfg x
+    (v_c - v_u) per step, nothing at cfg 0."""
+    from engine.models.talker.cfm import runs_unconditional_branch
+    from engine.models.talker.generate import PatchStep
+    talker = load_talker(preview_dir, release="preview")
+    cfg = talker.config
+    batches = []
+    talker.cfm.model.register_forward_hook(lambda _m, args, _out: batches.append(args[0].shape[0]))
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(1, 1, cfg.llm.hidden_size, generator=gen)
+    his = torch.randn(1, cfg.history_patch_size, cfg.latent_dim, generator=gen)
+    y0 = torch.randn(1, cfg.patch_size, cfg.latent_dim, generator=gen)
+    sde = torch.zeros(cfg.steps, 1, cfg.patch_size, cfg.latent_dim)
+    step, patches = PatchStep(talker), {}
+    for strength, branches in ((0.0, 1), (5e-6, 1), (1e-5, 2), (2.0, 2)):
+        batches.clear()
+        trace: dict = {}
+        with torch.inference_mode():
+            patches[strength] = step(h, his, y0, sde, SamplingParams(strength, 0.25, 0.0), trace)[0]
+        assert batches == [branches] * cfg.steps, strength
+        assert ("pred_uncond" in trace) == (branches == 2) and len(trace["pred_cond"]) == cfg.steps
+    torch.testing.assert_close(patches[5e-6], patches[1e-5], atol=1e-4, rtol=0)  # both ~ the conditional flow
+    assert not torch.allclose(patches[0.0], patches[2.0], atol=1e-3)
+    assert runs_unconditional_branch(0.0, preview=False)  # 2.0's CFM always runs both
