@@ -57,9 +57,13 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
+NOT_RECORDED = "not recorded"  # the note of a row for an output the harness compares but the case left out
+
+
 class Comparer:
-    """Collects rows; `expected` tensors come from the case, `got` from our engine. `held_only`: a name the
-    case does not hold is skipped (cases that record a subset of the outputs), not a KeyError."""
+    """Collects rows; `expected` tensors come from the case, `got` from our engine. A name the case does
+    not hold is a row noted "not recorded" (counted apart, neither ok nor failed), never a KeyError;
+    `held_only`: it is skipped without a row (optional diagnostics of the llm cases)."""
 
     def __init__(self, case: str, outputs: dict[str, torch.Tensor], held_only: bool = False):
         self.case = case
@@ -69,7 +73,14 @@ class Comparer:
         self.compared: set[str] = set()
 
     def _skips(self, name: str) -> bool:
-        return self.held_only and name not in self.outputs
+        if name in self.outputs:
+            return False
+        if not self.held_only:
+            self.not_recorded(name)
+        return True
+
+    def not_recorded(self, name: str, why: str = "") -> None:
+        self.rows.append(ParityRow(self.case, name, float("nan"), "-", True, NOT_RECORDED + (f": {why}" if why else "")))
 
     def close(self, name: str, got: torch.Tensor, atol: float, select: torch.Tensor | None = None) -> None:
         if self._skips(name):
@@ -103,9 +114,26 @@ class Comparer:
         self.rows.append(ParityRow(self.case, name, d, "exact", ok, note))
         self.compared.add(name)
 
+    def not_comparable(self, names: list[str], why: str) -> None:
+        """A failed row for each of `names` the case holds that we cannot reproduce, saying why."""
+        for name in names:
+            if name in self.outputs:
+                self.rows.append(ParityRow(self.case, name, float("nan"), "-", False, f"not comparable: {why}"))
+                self.compared.add(name)
+
     def missing(self) -> list[ParityRow]:
-        return [ParityRow(self.case, n, float("nan"), "-", False, "not compared (unsupported output)")
+        """Rows for the outputs the case holds that nothing compared, and a failed row when no row compares
+        anything (every output the harness compares left out)."""
+        rows = [ParityRow(self.case, n, float("nan"), "-", False, "not compared (unsupported output)")
                 for n in self.outputs if n not in self.compared]
+        if all(is_not_recorded(r) for r in self.rows):
+            rows.append(ParityRow(self.case, "-", float("nan"), "-", False,
+                                  "nothing comparable: the case records none of the outputs the harness compares"))
+        return rows
+
+
+def is_not_recorded(row: ParityRow) -> bool:
+    return row.ok and row.note.startswith(NOT_RECORDED)
 
 
 def _router_margin(router: Router, logits: torch.Tensor) -> torch.Tensor:
@@ -292,8 +320,6 @@ def run_llm_case(case_dir: Path) -> list[ParityRow]:
     ids, mask, mm, image_grid_thw, video_grid_thw = llm_case_inputs(case_dir)
     _compare_llm_run(cmp, loaded, ids, mask, mm, image_grid_thw, video_grid_thw, _tolerances(meta),
                      case_stopping(meta, loaded.config.llm))
-    if not cmp.rows:
-        cmp.rows.append(ParityRow(case_dir.name, "-", float("nan"), "-", False, "no output the harness compares"))
     return cmp.rows + cmp.missing()
 
 
@@ -808,7 +834,7 @@ def run_case(case_dir: Path) -> list[ParityRow]:
     if kind == "frontend":
         runner = _frontend_runner()
         if runner is not None:
-            return [ParityRow(r.case, r.tensor, r.max_abs_diff, r.tolerance, r.ok) for r in runner(case_dir)]
+            return [ParityRow(r.case, r.tensor, r.max_abs_diff, r.tolerance, r.ok, r.note) for r in runner(case_dir)]
     return [ParityRow(case_dir.name, "-", float("nan"), "-", False, f"case kind '{kind}' is not supported yet")]
 
 
@@ -848,7 +874,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(ParityRow(case.name, "-", float("nan"), "-", False, f"error: {type(e).__name__}: {e}"))
     print(format_table(rows))
     bad = sum(not r.ok for r in rows)
-    print(f"\n{len(rows) - bad} ok, {bad} not ok, {len(args.cases)} case(s)")
+    absent = sum(is_not_recorded(r) for r in rows)
+    print(f"\n{len(rows) - bad - absent} ok, {bad} not ok, {len(args.cases)} case(s)"
+          + (f", {absent} output(s) not recorded" if absent else ""))
     return 1 if bad else 0
 
 

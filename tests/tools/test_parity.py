@@ -425,3 +425,37 @@ def test_prompts_case_checks_video_and_audio_expansions_and_names_entries_it_can
     assert not rows[f"expansion_counts[{at[id(audio_bad)]}].expanded (mel_frames 83)"].ok
     unknown = rows[f"expansion_counts[{len(table) - 1}]"]
     assert not unknown.ok and "n_gen_imagePatch" in unknown.note
+
+
+def _drop_outputs(src, dst, keep) -> None:
+    """A copy of case `src` at `dst` whose outputs.safetensors holds only the names `keep` accepts."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("outputs.safetensors"))
+    outputs = load_file(str(src / "outputs.safetensors"))
+    save_file({k: v for k, v in outputs.items() if keep(k)} or {"unrelated": torch.zeros(1)}, str(dst / "outputs.safetensors"))
+
+
+@pytest.mark.parametrize("kind, dropped", [("rope_index", "one_image.rope_deltas"),
+                                           ("frontend_audio", "two_clips.audio_feats")])
+def test_a_case_leaving_out_an_output_reports_it_not_recorded(tmp_path, kind, dropped):
+    """An output the harness compares but the case left out failed the whole case with a KeyError; it is a
+    'not recorded' row, the rest compared and ok. A case holding none of the outputs is not ok, naming that
+    nothing was comparable."""
+    from engine.tools.parity import is_not_recorded
+    case = tmp_path / kind
+    _drop_outputs(fixture_case(kind), case, lambda name: name != dropped)
+    rows = run_case(case)
+    absent = [r for r in rows if is_not_recorded(r)]
+    assert [r.tensor for r in absent] == [dropped] and all(r.ok for r in rows), format_table(rows)
+    nothing = tmp_path / "nothing"
+    _drop_outputs(fixture_case(kind), nothing, lambda name: False)
+    failed = [r for r in run_case(nothing) if not r.ok]
+    assert any("nothing comparable" in r.note for r in failed), format_table(failed)
+
+
+def test_the_summary_counts_outputs_not_recorded_apart(tmp_path, capsys):
+    from engine.tools.parity import main
+    case = tmp_path / "rope_index"
+    _drop_outputs(fixture_case("rope_index"), case, lambda name: name != "one_image.rope_deltas")
+    assert main([str(case)]) == 0
+    out = capsys.readouterr().out
+    assert "not recorded" in out and "23 ok, 0 not ok, 1 case(s), 1 output(s) not recorded" in out

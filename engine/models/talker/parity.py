@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from engine.models.talker.cfm import SamplingParams, epss_timesteps, time_grid
+from engine.models.talker.cfm import PREVIEW_UNGUIDED_BELOW, SamplingParams, epss_timesteps, time_grid
 from engine.models.talker.generate import (MIN_STEPS_BEFORE_STOP, STOP_THRESHOLD, NoiseSource, StoredNoise,
                                            generate_patches, initial_history)
 from engine.models.talker.config import TALKER_RELEASES
@@ -126,6 +126,21 @@ def seeded_draws(seed: int, n_steps: int, cfm_steps: int, patch_shape, sde: bool
     return torch.cat([y0 for y0, _ in draws]), torch.stack([s[:, 0] for _, s in draws])
 
 
+def case_noise(meta: dict, outputs: dict, name: str, cfm_steps: int) -> tuple[NoiseSource | None, int | None]:
+    """(noise, step bound) a sub-case's generation runs on: its stored draws re-injected (noise_y0, and
+    noise_sde where stored: the Preview draws none), bound to the steps stored; else drawn from the
+    recorded noise_seed, bound to the steps its per-step outputs record (else the stop rule's own end);
+    (None, None) when it records neither."""
+    y0 = outputs.get(f"{name}.noise_y0")
+    if y0 is not None:
+        sde = outputs.get(f"{name}.noise_sde", y0.new_zeros(y0.shape[0], cfm_steps, *y0.shape[1:]))
+        return StoredNoise(y0, sde), y0.shape[0]
+    if meta.get("noise_seed") is None:
+        return None, None
+    per_step = (f"{name}.{k}" for k in ("step_gen_lat", "step_stop_prob", "step_llm_last_hidden", "yield_is_last"))
+    return NoiseSource(meta["noise_seed"]), next((outputs[k].shape[0] for k in per_step if k in outputs), None)
+
+
 def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
     meta = json.loads((case_dir / "meta.json").read_text())
     inputs = load_file(str(case_dir / "inputs.safetensors"))
@@ -176,15 +191,16 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             embeds = talker.embed_prompt(prompt.ids, prompt.speaker_slots, spk_embeds, prompt.latent_slots, lat_embeds)
             cmp.close(f"{name}.prefill_inputs_embeds", embeds, emb_tol)
             cmp.close(f"{name}.prefill_last_hidden_state", talker.model(embeds), hidden_tol)
-            y0 = outputs[f"{name}.noise_y0"]
-            # the Preview draws no SDE noise: none is stored
-            sde = outputs.get(f"{name}.noise_sde", y0.new_zeros(y0.shape[0], steps, *y0.shape[1:]))
-            noise = StoredNoise(y0, sde)
+            noise, bound = case_noise(meta, outputs, name, steps)
+            if noise is None:
+                cmp.not_comparable([k for k in outputs if k.startswith(f"{name}.") and k not in cmp.compared],
+                                   f"the case records neither {name}.noise_y0 nor a noise_seed to generate from")
+                continue
             trace: dict = {}
             patches = []
             for patch in generate_patches(talker, embeds, lat, params, noise, trace=trace, min_steps=min_steps):
                 patches.append(patch)
-                if len(patches) == noise.y0.shape[0]:  # no noise is stored past the reference's last step
+                if len(patches) == bound:  # no noise is stored (or output recorded) past the reference's last step
                     break
             n = len(patches)
             # cut short where the reference's noise ends: at least one step more than it ran
@@ -209,12 +225,18 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             cmp.close(f"{name}.cfm_x", torch.stack([_stack(c["x"]) for c in cfm]), lat_tol)
             cmp.close(f"{name}.cfm_t", torch.stack([torch.stack(c["t"]) for c in cfm]), 1e-7)
             cmp.close(f"{name}.cfm_pred_cond", torch.stack([_stack(c["pred_cond"]) for c in cfm]), lat_tol)
-            cmp.close(f"{name}.cfm_pred_uncond", torch.stack([_stack(c["pred_uncond"]) for c in cfm]), lat_tol)
+            if all(c.get("pred_uncond") for c in cfm):
+                cmp.close(f"{name}.cfm_pred_uncond", torch.stack([_stack(c["pred_uncond"]) for c in cfm]), lat_tol)
+            else:  # a Preview cfg below PREVIEW_UNGUIDED_BELOW: upstream runs (and stores) no unconditional branch
+                cmp.not_comparable([f"{name}.cfm_pred_uncond"], f"the reference ran an unconditional branch at cfg "
+                                   f"{params.cfg}; the Preview's CFM skips it below {PREVIEW_UNGUIDED_BELOW}")
             # the reference's draws, consumed here as inputs: one per step actually run; with the seed recorded
             # (torch.manual_seed right before the call), the ones our NoiseSource draws for it must be the same
-            y0_drawn, sde_drawn, how = torch.cat(trace["y0"]), sde[:n], "re-injected"
+            stored_sde = noise.sde[:n] if isinstance(noise, StoredNoise) else None
+            y0_drawn, sde_drawn, how = torch.cat(trace["y0"]), stored_sde, "re-injected"
             if "noise_seed" in meta:
-                y0_drawn, sde_drawn = seeded_draws(meta["noise_seed"], n, steps, y0.shape[-2:], sde=not cfg.preview)
+                y0_drawn, sde_drawn = seeded_draws(meta["noise_seed"], n, steps, (cfg.patch_size, cfg.latent_dim),
+                                                  sde=not cfg.preview)
                 how = "drawn from noise_seed"
             # drawn: our CPU generator against the reference's, whose vectorised randn may differ by an ulp on
             # another CPU (AVX2 / AVX-512 builds); a wrong order of draws is off by O(1)
@@ -287,14 +309,21 @@ def run_audio_vae_case(case_dir: Path, comparer_cls, device: str = "cpu") -> lis
         cmp.close("encode.posterior_params", etrace["posterior_params"], enc_tol)
         cmp.close("encode.posterior_mean", post.mean, enc_tol)
         cmp.close("encode.posterior_std", post.std, enc_tol)
-        noise = outputs["encode.posterior_noise"].to(device)
+        frames = math.ceil(math.ceil(padded.shape[-1] / cfg.enc_input_dim) / cfg.frames_per_latent)
+        cmp.exact("encode.frame_num", torch.tensor([float(frames)]))
+        noise = outputs.get("encode.posterior_noise")
         if "noise_seed" in meta:  # torch.manual_seed(noise_seed) right before encode_latent: our draw must match
-            cmp.close("encode.posterior_noise", post.seeded_noise(meta["noise_seed"]), SEEDED_NOISE_TOL)
+            drawn = post.seeded_noise(meta["noise_seed"])
+            cmp.close("encode.posterior_noise", drawn, SEEDED_NOISE_TOL)
+            noise = drawn if noise is None else noise.to(device)
+        elif noise is None:
+            cmp.not_comparable(["encode.latent", "encode.prompt_wav_lat"], "the case records neither "
+                               "encode.posterior_noise nor a noise_seed to sample the posterior with")
+            return cmp.rows + cmp.missing()
         else:
+            noise = noise.to(device)
             cmp.exact("encode.posterior_noise", noise, note="re-injected")
         latent = post.sample(noise)
         cmp.close("encode.latent", latent, enc_tol)
-        frames = math.ceil(math.ceil(padded.shape[-1] / cfg.enc_input_dim) / cfg.frames_per_latent)
-        cmp.exact("encode.frame_num", torch.tensor([float(frames)]))
         cmp.close("encode.prompt_wav_lat", latent.reshape(1, -1, cfg.latent_dim), enc_tol)
     return cmp.rows + cmp.missing()

@@ -125,3 +125,46 @@ def test_the_vae_posterior_draws_its_noise_as_the_reference_did_for_the_seed():
     stored = outputs["encode.posterior_noise"]
     post = Posterior(mean=torch.zeros(stored.shape), std=torch.ones(stored.shape))
     torch.testing.assert_close(post.seeded_noise(meta["noise_seed"]), stored, atol=SEEDED_NOISE_TOL, rtol=0)
+
+
+def _trimmed_talker_case(tmp_path, keep_steps: int) -> tuple:
+    """The public talker case cut to its `tts` sub-case and the first `keep_steps` AR steps of its per-step
+    outputs (the whole-run ones dropped), without its stored noise: a case recording less than the harness
+    compares, run in a fraction of the full case's time."""
+    case = shutil.copytree(fixture_case("talker"), tmp_path / "talker",
+                           ignore=shutil.ignore_patterns("outputs.safetensors", "inputs.safetensors"))
+    inputs = load_file(str(fixture_case("talker") / "inputs.safetensors"))
+    save_file({k: v for k, v in inputs.items() if k.startswith("tts.")}, str(case / "inputs.safetensors"))
+    meta = json.loads((case / "meta.json").read_text())
+    meta["cases"] = {"tts": meta["cases"]["tts"]}
+    (case / "meta.json").write_text(json.dumps(meta))
+    whole_run = {"n_steps", "stopped", "yield_is_last", "latents", "step_cache_position", "noise_y0", "noise_sde"}
+    outputs = {}
+    for key, value in load_file(str(fixture_case("talker") / "outputs.safetensors")).items():
+        sub, _, field = key.partition(".")
+        if sub != "tts" or field in whole_run:
+            continue
+        outputs[key] = value[:keep_steps] if field.startswith(("step_", "cfm_")) else value
+    save_file(outputs, str(case / "outputs.safetensors"))
+    return case, meta, outputs
+
+
+def test_a_talker_case_leaving_outputs_out_compares_the_rest(tmp_path, one_thread):
+    """A talker case without its stored noise (noise_seed only) and without the whole-run outputs failed with
+    KeyError: 'tts.noise_y0'. It now draws the noise from the seed, runs the steps the case records, compares
+    every output it holds (within tolerance) and lists the rest as not recorded; without a seed either, the
+    generation outputs are 'not comparable' (failed, named), the prefill still compared."""
+    from engine.tools.parity import is_not_recorded
+    case, meta, outputs = _trimmed_talker_case(tmp_path, keep_steps=2)
+    rows = run_case(case)
+    bad = [r for r in rows if not r.ok]
+    assert not bad, format_table(bad)
+    compared = {r.tensor for r in rows if not is_not_recorded(r)}
+    assert {"tts.step_gen_lat", "tts.cfm_pred_uncond", "tts.prefill_last_hidden_state"} <= compared
+    assert {r.tensor for r in rows if is_not_recorded(r)} >= {"tts.n_steps", "tts.latents", "tts.noise_y0"}
+
+    del meta["noise_seed"]
+    (case / "meta.json").write_text(json.dumps(meta))
+    rows = {r.tensor: r for r in run_case(case)}
+    assert rows["tts.prefill_last_hidden_state"].ok
+    assert not rows["tts.step_gen_lat"].ok and "noise_seed" in rows["tts.step_gen_lat"].note
