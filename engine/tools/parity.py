@@ -184,15 +184,41 @@ def _generation_record(meta: dict) -> dict:
     return record
 
 
-def _stopping_enabled(record: dict) -> bool:
-    """`eos_stopping` when recorded (true, or a text not saying disabled/off/false/no/none); without it, as
-    HF's generate: on exactly when the call named EOS ids."""
-    if "eos_stopping" not in record:
-        return record.get("eos_token_id") not in (None, [], ())
-    flag = record["eos_stopping"]
+def _flag_on(flag) -> bool:
+    """A recorded switch: true, or a text not saying disabled/off/false/no/none/0."""
     if isinstance(flag, str):
         return not _OFF_TEXT.match(flag.strip())
     return bool(flag)
+
+
+def _stopping_enabled(record: dict) -> bool:
+    """`eos_stopping` when recorded; without it, as HF's generate: on exactly when the call named EOS ids."""
+    if "eos_stopping" not in record:
+        return record.get("eos_token_id") not in (None, [], ())
+    return _flag_on(record["eos_stopping"])
+
+
+_NEUTRAL = {"temperature": (0.0, 1.0), "top_p": (1.0,)}  # values that leave greedy decoding's argmax as is
+
+
+def case_sampling(meta: dict) -> str | None:
+    """How a case's generate sampled, or None when it decoded greedily: its `do_sample` when recorded (a
+    generation record or the quoted generate call), else a temperature / top_p that reshapes the distribution
+    (a record naming one without do_sample may come from a sampling generation_config)."""
+    record = _generation_record(meta)
+    note = str((meta.get("hf_generate_crosscheck") or {}).get("note", ""))
+    quoted = re.search(r"\bdo_sample\s*=\s*(\w+)", note)
+    flag = record.get("do_sample", quoted.group(1) if quoted else None)
+    if flag is not None:
+        return "do_sample=true" if _flag_on(flag) else None
+    knobs = []
+    for key, neutral in _NEUTRAL.items():
+        try:
+            if record.get(key) is not None and float(record[key]) not in neutral:
+                knobs.append(f"{key}={record[key]}")
+        except (TypeError, ValueError):
+            knobs.append(f"{key}={record[key]!r}")
+    return ", ".join(knobs) or None
 
 
 def case_stopping(meta: dict, cfg: LLMConfig) -> BatchStopping:
@@ -209,9 +235,11 @@ def case_stopping(meta: dict, cfg: LLMConfig) -> BatchStopping:
 
 def _compare_llm_run(cmp: Comparer, loaded, ids: torch.Tensor, mask: torch.Tensor, mm: MultimodalInputs | None,
                      image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None,
-                     tol: dict[str, float], stopping: BatchStopping) -> None:
+                     tol: dict[str, float], stopping: BatchStopping, sampling: str | None = None) -> None:
     """Prefill with a trace, then greedy KV-cache decode as generate() runs it (engine.models.thinker.greedy);
-    compare every LLM-side output the case holds."""
+    compare every LLM-side output the case holds. A case whose generate sampled (`sampling`, case_sampling)
+    has its decode outputs reported not comparable: its draws are not reproduced, and a greedy decode of it
+    would pass or fail by chance."""
     llm, numerics, cfg = loaded.llm, loaded.numerics, loaded.config.llm
     dev = loaded.device  # inputs go where the model runs; Comparer brings results back to the CPU
     ids, mask = ids.to(dev), mask.to(dev)
@@ -266,6 +294,10 @@ def _compare_llm_run(cmp: Comparer, loaded, ids: torch.Tensor, mask: torch.Tenso
         # Greedy KV-cache decode exactly as generate() runs it (a finished row is fed and emits the pad token).
         # With EOS stopping on the recorded width is where every row had finished or max_new_tokens: decoding
         # up to it ends at the same step either way.
+        if sampling:
+            cmp.not_comparable([n for n in outputs if n == "generated_ids" or n.startswith("decode_")],
+                               f"sampled ({sampling}); the harness reproduces greedy decoding only")
+            return
         max_new = outputs["generated_ids"].shape[1] if "generated_ids" in outputs else 0
         decoded = greedy_decode_batch(llm, numerics, cache, logits[:, -1], deltas, max_new, stopping, trace=True)
         dec_routes: dict[int, list] = {}
@@ -319,7 +351,7 @@ def run_llm_case(case_dir: Path) -> list[ParityRow]:
     loaded = load_model(case_dir, dtype="fp32", device=DEVICE)
     ids, mask, mm, image_grid_thw, video_grid_thw = llm_case_inputs(case_dir)
     _compare_llm_run(cmp, loaded, ids, mask, mm, image_grid_thw, video_grid_thw, _tolerances(meta),
-                     case_stopping(meta, loaded.config.llm))
+                     case_stopping(meta, loaded.config.llm), case_sampling(meta))
     return cmp.rows + cmp.missing()
 
 
@@ -545,7 +577,7 @@ def run_mm_case(case_dir: Path) -> list[ParityRow]:
             if "audio_embeds_lengths" in outputs:
                 cmp.exact("audio_embeds_lengths", lengths)
     _compare_llm_run(cmp, loaded, ids, torch.ones_like(ids), mm, prompt.image_grid_thw, prompt.video_grid_thw,
-                     _tolerances(meta), case_stopping(meta, loaded.config.llm))
+                     _tolerances(meta), case_stopping(meta, loaded.config.llm), case_sampling(meta))
     return cmp.rows + cmp.missing()
 
 

@@ -459,3 +459,22 @@ def test_the_summary_counts_outputs_not_recorded_apart(tmp_path, capsys):
     assert main([str(case)]) == 0
     out = capsys.readouterr().out
     assert "not recorded" in out and "23 ok, 0 not ok, 1 case(s), 1 output(s) not recorded" in out
+
+
+def test_a_sampled_case_is_not_decoded_greedily_in_silence(tmp_path):
+    """A case whose generate sampled (do_sample=true in a generation record or the quoted call, or a temperature /
+    top_p reshaping the distribution with no do_sample recorded) was decoded greedily and passed or failed by
+    chance: its decode outputs are 'not comparable: sampled' (not ok, named), the prefill still compared."""
+    from engine.tools.parity import case_sampling
+    assert case_sampling({}) is None and case_sampling({"generation": {"do_sample": "false", "temperature": 0.7}}) is None
+    assert case_sampling({"generation": {"temperature": 1.0, "top_p": 1.0}}) is None
+    assert case_sampling({"generation_config": {"do_sample": True}}) == "do_sample=true"
+    assert case_sampling({"hf_generate_crosscheck": {"note": "m.generate(**x, do_sample=True, top_p=0.8)"}}) == "do_sample=true"
+    assert case_sampling({"generate_kwargs": {"temperature": 0.7, "top_p": 0.9}}) == "temperature=0.7, top_p=0.9"
+    case = shutil.copytree(fixture_case("llm_b1"), tmp_path / "llm_b1")
+    meta = json.loads((case / "meta.json").read_text())
+    (case / "meta.json").write_text(json.dumps({**meta, "generation": {**meta.get("generation", {}), "do_sample": True}}))
+    rows = {r.tensor: r for r in run_case(case)}
+    assert rows["logits"].ok and rows["router.layer1.topk_ids"].ok
+    for name in ("generated_ids", "decode_logits"):
+        assert not rows[name].ok and "sampled (do_sample=true)" in rows[name].note
