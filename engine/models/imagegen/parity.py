@@ -15,6 +15,7 @@ cases of the same kinds run whatever they are called.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -52,6 +53,21 @@ def _cond_components(case_dir: Path, device: str):
     return loaded, head, connector
 
 
+_RAW_IMAGE = re.compile(r"(?P<sub>.+)\.raw_image(?P<number>\d*)")  # a sub-case's input image(s), numbered from 0
+
+
+def sub_case_images(inputs: dict[str, torch.Tensor], name: str) -> list:
+    """The input images [H, W, 3] uint8 of conditioning sub-case `name`, in prompt order: `<name>.raw_image`
+    (one image, or a stack [n, H, W, 3]), then `<name>.raw_image<i>` by number (raw_image10 after raw_image9)."""
+    found = []
+    for key, value in inputs.items():
+        m = _RAW_IMAGE.fullmatch(key)
+        if m and m["sub"] == name:
+            number = int(m["number"]) if m["number"] else -1
+            found += [(number, i, img) for i, img in enumerate(value if value.dim() == 4 else [value])]
+    return [img.numpy() for _, _, img in sorted(found, key=lambda item: item[:2])]
+
+
 def run_cond_case(case_dir: Path, device: str = "cpu") -> list:
     """Kind imagegen, conditioning: prompt -> processor -> thinker with queries -> connector."""
     from engine.runtime import Engine
@@ -63,12 +79,11 @@ def run_cond_case(case_dir: Path, device: str = "cpu") -> list:
     loaded, head, connector = _cond_components(case_dir, device)
     tok, processor = _processor_for(case_dir, loaded)
     engine = Engine(loaded, tok, is_demo=False)
-    cmp = Comparer(case_dir.name, {**{f"processor.{k}": v for k, v in inputs.items() if not k.endswith("raw_image")},
+    cmp = Comparer(case_dir.name, {**{f"processor.{k}": v for k, v in inputs.items() if not _RAW_IMAGE.fullmatch(k)},
                                    **outputs})
     for sub in meta["cases"]:
         name = sub["name"]
-        raw = inputs.get(f"{name}.raw_image")
-        media = {"image": [raw.numpy()] if raw is not None else [], "audio": [], "video": []}
+        media = {"image": sub_case_images(inputs, name), "audio": [], "video": []}
         messages, system, thinking = conversation_from_prompt(sub["prompt_text"], media)
         prompt = processor.build(messages, system_prompt=system, thinking=thinking)
         ids = torch.tensor([prompt.ids])

@@ -163,3 +163,17 @@ def test_byt5_case_derives_the_glyph_text_from_the_whole_chat_text(tmp_path):
     meta_path.write_text(json.dumps(meta, ensure_ascii=False))
     rows = {r.tensor: r for r in run_case(tmp_path / "imagegen_byt5")}
     assert not rows["t2i.image_gen_text"].ok and "got ''" in rows["t2i.image_gen_text"].note
+
+
+def test_a_conditioning_sub_case_may_hold_several_input_images():
+    """A sub-case editing from two or more images (`<name>.raw_image0`, `<name>.raw_image1` ..., or one
+    `<name>.raw_image` stack [n, H, W, 3]) was read as holding none: its prompt's <IMAGE> placeholders failed the
+    whole case. Every image is read, in number order (10 after 9), the sub-case's own only."""
+    from engine.models.imagegen.parity import sub_case_images
+    img = {i: torch.full((2 + i, 3, 3), i, dtype=torch.uint8) for i in range(11)}
+    inputs = {**{f"edit.raw_image{i}": img[i] for i in (10, 2, 9, 0)}, "edit2.raw_image": img[5],
+              "stack.raw_image": torch.stack([img[1], img[1] + 1]), "edit.pixel_values": torch.zeros(1)}
+    assert [int(a[0, 0, 0]) for a in sub_case_images(inputs, "edit")] == [0, 2, 9, 10]
+    assert [int(a[0, 0, 0]) for a in sub_case_images(inputs, "edit2")] == [5]
+    assert [int(a[0, 0, 0]) for a in sub_case_images(inputs, "stack")] == [1, 2]
+    assert sub_case_images(inputs, "t2i") == []
