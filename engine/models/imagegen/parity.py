@@ -220,6 +220,22 @@ def condition_case_folder(meta: dict) -> str:
     return named.pop() if named else DEFAULT_CONDITION_CASE
 
 
+def recorded_glyph_text(run: dict) -> str:
+    """A ByT5 run's `image_gen_text`: the first of the list generate() was given, or the string itself
+    ('' when it records none)."""
+    value = run.get("image_gen_text") or ""
+    return value if isinstance(value, str) else str(value[0])
+
+
+def glyph_condition(condition: torch.Tensor, glyph: GlyphEncoder, text: str):
+    """(condition with the glyph embeddings appended, the glyph output): an empty glyph text is not encoded
+    (spec §8.4), the condition stays its query tokens alone and there is no glyph output (None)."""
+    if not text:
+        return condition, None
+    g = glyph([text])
+    return torch.cat([condition, g.embeds.to(condition.dtype)], dim=1), g
+
+
 def run_byt5_case(case_dir: Path, device: str = "cpu") -> list:
     """Kind imagegen, glyphs: text extraction, ByT5 ids/encoder/mapper, the appended condition."""
     from engine.tools.parity import Comparer, ParityRow
@@ -240,7 +256,7 @@ def run_byt5_case(case_dir: Path, device: str = "cpu") -> list:
     atol = _tol(meta, "byt5_encoder_out / byt5_mapper_out / condition_embeds", CONDITION_ATOL)
     for run, r in meta["runs"].items():
         k = f"{run}."
-        text = r["image_gen_text"][0]
+        text = recorded_glyph_text(r)
         if str(r.get("image_gen_text_source", "")).startswith("derived"):
             # the processor reads it from the whole chat text it is given (system prompt included)
             source = prompts.get(str(r.get("condition_case", "")).split("/")[-1], "")
@@ -249,14 +265,17 @@ def run_byt5_case(case_dir: Path, device: str = "cpu") -> list:
                                       got == text, "" if got == text else f"got {got!r}"))
             text = got
         with torch.inference_mode():
-            g = glyph([text])
             tr = condition_from_prompt(loaded.llm, loaded.numerics, head, connector, inputs[k + "input_ids"][0].tolist())
-        cmp.exact(k + "byt5_input_ids", g.input_ids)
-        cmp.exact(k + "byt5_attention_mask", g.attention_mask)
-        cmp.close(k + "byt5_encoder_out", g.encoder_out, atol)
-        cmp.close(k + "byt5_mapper_out", g.mapper_out, atol)
-        cmp.close(k + "byt5_prompt_embeds", g.embeds, atol)
-        cond = torch.cat([tr.condition, g.embeds.to(tr.condition.dtype)], dim=1)
+            cond, g = glyph_condition(tr.condition, glyph, text)
+        glyph_rows = [k + n for n in ("byt5_input_ids", "byt5_attention_mask", "byt5_encoder_out", "byt5_mapper_out",
+                                      "byt5_prompt_embeds")]
+        if g is None:
+            cmp.not_comparable(glyph_rows, "the glyph text is empty: it is not encoded (spec §8.4)")
+        else:
+            cmp.exact(glyph_rows[0], g.input_ids)
+            cmp.exact(glyph_rows[1], g.attention_mask)
+            for row, got in zip(glyph_rows[2:], (g.encoder_out, g.mapper_out, g.embeds)):
+                cmp.close(row, got, atol)
         cmp.close(k + "condition_embeds", cond, atol)
         cmp.exact(k + "negative_condition_embeds", torch.zeros_like(cond))
     return cmp.rows + cmp.missing()

@@ -177,3 +177,20 @@ def test_a_conditioning_sub_case_may_hold_several_input_images():
     assert [int(a[0, 0, 0]) for a in sub_case_images(inputs, "edit2")] == [5]
     assert [int(a[0, 0, 0]) for a in sub_case_images(inputs, "stack")] == [1, 2]
     assert sub_case_images(inputs, "t2i") == []
+
+
+def test_an_empty_glyph_text_appends_no_byt5_tokens():
+    """Spec §8.4: the ByT5 branch encodes the glyph text only if it is non-empty. The harness encoded '' and
+    appended byt5_max_length tokens to the condition (a prompt without quoted text compared a condition 24 tokens
+    too long), and read a run's image_gen_text recorded as a string by its first character."""
+    from engine.models.imagegen.parity import glyph_condition, recorded_glyph_text
+    assert recorded_glyph_text({"image_gen_text": 'Text "HI". '}) == 'Text "HI". '
+    assert recorded_glyph_text({"image_gen_text": ['Text "HI". ']}) == 'Text "HI". '
+    assert recorded_glyph_text({"image_gen_text": []}) == recorded_glyph_text({}) == ""
+
+    def never_called(texts):
+        raise AssertionError(f"the empty glyph text was encoded: {texts!r}")
+
+    condition = torch.randn(1, 4, 40)
+    same, none = glyph_condition(condition, never_called, "")
+    assert none is None and same is condition  # (a non-empty text: the public imagegen_byt5 case)
