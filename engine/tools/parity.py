@@ -873,7 +873,8 @@ def run_case(case_dir: Path) -> list[ParityRow]:
 def format_table(rows: list[ParityRow]) -> str:
     head = ("case", "tensor", "max abs diff", "tolerance", "ok")
     body = [(r.case, r.tensor, f"{r.max_abs_diff:.3g}", str(r.tolerance),
-             ("ok" if r.ok else "FAIL") + (f"  ({r.note})" if r.note else "")) for r in rows]
+             ("-" if is_not_recorded(r) else "ok" if r.ok else "FAIL") + (f"  ({r.note})" if r.note else ""))
+            for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(5)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
     lines.append("  ".join("-" * w for w in widths))
