@@ -480,3 +480,17 @@ def test_a_sampled_case_is_not_decoded_greedily_in_silence(tmp_path):
     assert rows["logits"].ok and rows["router.layer1.topk_ids"].ok
     for name in ("generated_ids", "decode_logits"):
         assert not rows[name].ok and "sampled (do_sample=true)" in rows[name].note
+
+
+def test_a_prompts_sub_case_without_its_expanded_text_compares_its_ids(tmp_path):
+    """A prompts sub-case recording its input_ids but no expanded_text failed the whole case (KeyError:
+    'expanded_text'); the string is 'not recorded', the ids still compared."""
+    from engine.tools.parity import is_not_recorded
+    case = shutil.copytree(fixture_case("prompts"), tmp_path / "prompts")
+    meta = json.loads((case / "meta.json").read_text())
+    sub = next(c for c in meta["cases"] if c["name"] == "text_cot_system")
+    meta["cases"], meta["expansion_counts"] = [{k: v for k, v in sub.items() if k != "expanded_text"}], []
+    (case / "meta.json").write_text(json.dumps(meta))
+    rows = {r.tensor: r for r in run_case(case) if r.tensor.startswith("text_cot_system.")}
+    assert rows["text_cot_system.input_ids"].ok and not is_not_recorded(rows["text_cot_system.input_ids"])
+    assert is_not_recorded(rows["text_cot_system.expanded_text"])
