@@ -198,27 +198,15 @@ def _stopping_enabled(record: dict) -> bool:
     return _flag_on(record["eos_stopping"])
 
 
-_NEUTRAL = {"temperature": (0.0, 1.0), "top_p": (1.0,)}  # values that leave greedy decoding's argmax as is
-
-
 def case_sampling(meta: dict) -> str | None:
-    """How a case's generate sampled, or None when it decoded greedily: its `do_sample` when recorded (a
-    generation record or the quoted generate call), else a temperature / top_p that reshapes the distribution
-    (a record naming one without do_sample may come from a sampling generation_config)."""
+    """How a case's generate sampled, or None when it decoded greedily: its `do_sample` (a generation record or
+    the quoted generate call). Without one it is HF's default, greedy: a temperature / top_p recorded beside no
+    do_sample (a generation_config's defaults) leaves generate greedy, as HF's generate does (it warns)."""
     record = _generation_record(meta)
     note = str((meta.get("hf_generate_crosscheck") or {}).get("note", ""))
     quoted = re.search(r"\bdo_sample\s*=\s*(\w+)", note)
     flag = record.get("do_sample", quoted.group(1) if quoted else None)
-    if flag is not None:
-        return "do_sample=true" if _flag_on(flag) else None
-    knobs = []
-    for key, neutral in _NEUTRAL.items():
-        try:
-            if record.get(key) is not None and float(record[key]) not in neutral:
-                knobs.append(f"{key}={record[key]}")
-        except (TypeError, ValueError):
-            knobs.append(f"{key}={record[key]!r}")
-    return ", ".join(knobs) or None
+    return "do_sample=true" if flag is not None and _flag_on(flag) else None
 
 
 def case_stopping(meta: dict, cfg: LLMConfig) -> BatchStopping:
