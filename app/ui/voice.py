@@ -185,6 +185,13 @@ def refused(message: str) -> tuple:
     return gr.skip(), gr.skip(), message, gr.skip()
 
 
+def refused_aloud(message: str) -> tuple:
+    """refused(), with the message in a toast too, as the engine's own refusals are said ("Speech failed: ..."): the
+    tab's "text too long" came on the status line alone, where a long text pushed it out of sight."""
+    gr.Warning(message)
+    return refused(message)
+
+
 class VoiceController:
     def __init__(self, link: EngineLink):
         self.link = link
@@ -218,7 +225,7 @@ class VoiceController:
             return
         most = self.options().get("max_input_chars") if task != "music" else None
         if most and len(text) > most:
-            yield refused(TEXT_TOO_LONG.format(n=len(text), most=most))
+            yield refused_aloud(TEXT_TOO_LONG.format(n=len(text), most=most))
             return
         if problem := seed_problem(seed):
             yield refused(problem)

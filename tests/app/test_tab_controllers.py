@@ -838,13 +838,16 @@ def test_a_clip_transcribed_in_the_tab_can_then_be_cloned(engine_server):
 def test_text_too_long_to_speak_is_said_in_the_tabs_words(engine_server):
     """11,297 characters to speak came back as "Error (invalid_value): 'input' is too long: 11,297 characters, at
     most 10,000", in the wire's words; the tab says it of the text box with the engine's limit (speech options'
-    max_input_chars) and what to do, before sending anything."""
+    max_input_chars) and what to do, before sending anything, on the status line and in a toast (as the engine's
+    refusals are; it had no toast)."""
     voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
     most = voices.options()["max_input_chars"]
     text = "Hello there. " * (most // 13 + 100)
-    *_, last = voices.synthesize(text, "Speech", "Default voice", None, None, "", *[None] * 5, "", "", "", None,
-                                 "", "", "", "", 10, 3)
+    with pytest.warns(UserWarning, match="engine speaks at most") as toasts:  # (gr.Warning outside a page: a warning)
+        *_, last = voices.synthesize(text, "Speech", "Default voice", None, None, "", *[None] * 5, "", "", "", None,
+                                     "", "", "", "", 10, 3)
     assert last[2] == TEXT_TOO_LONG.format(n=len(text), most=most), last[2]
+    assert [str(t.message) for t in toasts] == [last[2]]  # said in a toast too, as the engine's refusals are
     assert f"{len(text):,}" in last[2] and "'input'" not in last[2]
 
 
