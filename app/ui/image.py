@@ -211,8 +211,8 @@ class ImageController:
                 preset=PRESETS.get(preset) if task == "edit" else None, image_guidance=image_guidance, n=count,
                 mask=mask_bytes, cancel=cancel)
             for event in stream:
-                if isinstance(event, QueuePosition):
-                    yield shown, None, None, queue_line(event), gr.update(), gallery_state, None
+                if isinstance(event, QueuePosition):  # the last picture and its downloads stay until a new one comes
+                    yield *kept, queue_line(event), gr.update(), gallery_state, gr.skip()
                 elif isinstance(event, Progress):
                     if event.total:
                         progress(event.done / event.total, desc=_stage(event, count))

@@ -493,6 +493,24 @@ class InstantPainter(StoppedPainter):
         yield self.end
 
 
+class QueuedPainter(InstantPainter):
+    """InstantPainter whose request first waits in line (second of two)."""
+
+    def imagine(self, prompt, **kwargs):
+        yield QueuePosition(position=2, waiting=2)
+        yield from super().imagine(prompt, **kwargs)
+
+
+def test_a_request_waiting_in_line_keeps_the_last_picture_until_the_new_one_comes():
+    """The Image tab's place-in-line update emptied the Result box, its mask, overlay and PNG downloads while the new
+    request waited: the last picture stays (each output left as it is) until the new one arrives."""
+    image = ImageController(EngineLink(QueuedPainter(Done(text="", finish_reason="stop"))))
+    waiting, made = list(image.make("Generate", "a cup", None, "(none)", "", AUTO_ASPECT, "", 1, 2.0, 7, 0, [],
+                                    progress=lambda *a, **k: None))
+    assert [waiting[i] for i in (0, 1, 2, 6)] == [gr.skip()] * 4, waiting
+    assert "1 request ahead of yours" in waiting[3] and made[0] is not None and made[6], made
+
+
 def test_two_browser_tabs_keep_each_others_gallery():
     """Two tabs of one browser: each wrote its own gallery whole into the browser's one copy (a gr.BrowserState), so
     the pictures of the tab that wrote first were gone after a reload. After each press the page reads the browser's
