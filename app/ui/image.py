@@ -14,7 +14,9 @@ import io
 import json
 import random
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
@@ -116,6 +118,30 @@ def _keep_copy(data: bytes, name: str) -> str:
     return str(path)
 
 
+# The copies kept of the files given (_copy_kept): (path, size, modification time) -> the copy, the last few only
+_copies: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+_copies_lock = threading.Lock()
+REMEMBERED_COPIES = 256
+
+
+def _copy_kept(path: str) -> str:
+    """_keep_copy of the file at `path`, made once per file given: the kept request (kept_image_request) and the
+    result made from it (make) share it (each press copied every reference picture and the mask twice). A copy gone
+    since (the temp folder cleaned) is made again."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    with _copies_lock:
+        copy = _copies.get(key)
+    if copy is not None and _saved_here(copy) is not None:
+        return copy
+    copy = _keep_copy(Path(path).read_bytes(), path)
+    with _copies_lock:
+        _copies[key] = copy
+        while len(_copies) > REMEMBERED_COPIES:
+            _copies.popitem(last=False)
+    return copy
+
+
 def _saved_here(path_text) -> Path | None:
     """The file at `path_text` when this studio saved it (_save_png, _keep_copy) and it is still there, else None:
     the browser holds what it gives back, so a path anywhere else is not opened."""
@@ -199,11 +225,11 @@ class ImageController:
         shown, final, made, latest, files, seen = None, None, [], (None, None, None), [], ""
         try:
             pictures = [Path(p).read_bytes() for p in images]
-            if pictures:  # kept once, with every picture made from them
-                settings[REFERENCES] = [_keep_copy(data, p) for data, p in zip(pictures, images)]
+            if pictures:  # kept once, with every picture made from them (the copies the kept request made)
+                settings[REFERENCES] = [_copy_kept(p) for p in images]
             mask_bytes = Path(mask).read_bytes() if mask else None
             if mask_bytes is not None:
-                settings[MASK] = _keep_copy(mask_bytes, mask)
+                settings[MASK] = _copy_kept(mask)
             stream = self.link.client.imagine(
                 (target if task == "segment" else prompt) or "", task=task, images=pictures,
                 size=parse_size(size), aspect=None if parse_size(size) or aspect == AUTO_ASPECT else aspect,
@@ -417,7 +443,7 @@ def kept_image_request(mode, prompt, target, refs, mask) -> dict:
 
     def copied(path: str) -> str | None:
         try:
-            return _keep_copy(Path(path).read_bytes(), path)
+            return _copy_kept(path)
         except OSError:
             not_kept.append(Path(path).name)
             return None

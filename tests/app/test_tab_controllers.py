@@ -511,6 +511,25 @@ def test_a_request_waiting_in_line_keeps_the_last_picture_until_the_new_one_come
     assert "1 request ahead of yours" in waiting[3] and made[0] is not None and made[6], made
 
 
+def test_the_reference_pictures_and_mask_of_a_press_are_copied_once(tmp_path):
+    """Each press copied every reference picture and the mask twice: once for the request kept in the browser, once
+    for the result in the gallery. The result keeps the copies the kept request made."""
+    from app.ui.image import MASK, REFERENCES, kept_image_request
+
+    mask = tmp_path / "mask.png"
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(mask)
+    cup = str(REPO / "app" / "assets" / "images" / "cup.png")
+    kept = kept_image_request("Edit", "make it blue", "", [cup], str(mask))
+    image = ImageController(EngineLink(InstantPainter(Done(text="", finish_reason="stop"))))
+    *_, state, _ = last(image.make("Edit", "make it blue", [cup], "(none)", "", AUTO_ASPECT, "", 1, 2.0, 7, 0, [],
+                                   mask=str(mask), progress=lambda *a, **k: None))
+    made = state[0]["settings"]
+    assert (made[REFERENCES], made[MASK]) == (kept[REFERENCES], kept[MASK]), (made, kept)
+    Path(kept[MASK]).unlink()  # a copy gone (the temp folder cleaned) is made again
+    again = kept_image_request("Edit", "make it blue", "", [cup], str(mask))
+    assert again[MASK] != kept[MASK] and Path(again[MASK]).read_bytes() == mask.read_bytes()
+
+
 def test_two_browser_tabs_keep_each_others_gallery():
     """Two tabs of one browser: each wrote its own gallery whole into the browser's one copy (a gr.BrowserState), so
     the pictures of the tab that wrote first were gone after a reload. After each press the page reads the browser's
