@@ -624,19 +624,27 @@ class Converted:
     public: list[dict]
 
 
+MAX_CONTENT_PARTS = 64  # the most parts one message's content holds (too_many_parts)
+
+
 def convert_content(content: Any, limits: Limits, name: str = "content", default_rate: int | None = None,
                     role: str = "user", budget: MediaBudget | None = None,
-                    default_format: str | None = None) -> Converted:
+                    default_format: str | None = None, refusal: str | None = None) -> Converted:
     """Content parts -> engine parts; their decoded media within `budget` (by default
-    Limits.max_session_media_bytes for this content alone)."""
+    Limits.max_session_media_bytes for this content alone). `refusal`: a replayed assistant answer's refusal given
+    beside its content, read after the content's parts (and not one of the MAX_CONTENT_PARTS: a content of 64 parts
+    with a refusal was refused as "65 parts")."""
     budget = budget or MediaBudget(limits.max_session_media_bytes)
+    if isinstance(content, str) and refusal is not None:
+        content = [{"type": "text", "text": content}]
     if isinstance(content, str):
         return Converted([{"type": "text", "text": content}], [{"type": "input_text", "text": content}])
     if not isinstance(content, list):
         raise bad(f"'{name}' must be a string or a list of content parts, got {type(content).__name__}",
                   "invalid_type", name)
-    if len(content) > 64:
-        raise bad(f"'{name}' has {len(content)} parts; at most 64 are allowed", "too_many_parts", name)
+    if len(content) > MAX_CONTENT_PARTS:
+        raise bad(f"'{name}' has {len(content)} content parts; a message holds at most {MAX_CONTENT_PARTS}",
+                  "too_many_parts", name)
     parts, public = [], []
     for i, part in enumerate(content):
         pname = f"{name}[{i}]"
@@ -680,6 +688,9 @@ def convert_content(content: Any, limits: Limits, name: str = "content", default
             raise bad(f"'{pname}.type' {shown(kind)} is not supported; use text, image_url, input_audio or video_url "
                       "(realtime: input_text, input_image, input_audio, input_video)", "unsupported_content_type",
                       f"{pname}.type")
+    if refusal is not None:
+        parts.append({"type": "text", "text": refusal})
+        public.append({"type": "output_text", "text": refusal})
     return Converted(joined_texts(parts), public)
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -117,11 +117,11 @@ def text_field(value, name: str, max_chars: int, required: bool = True) -> str |
 # --------------------------------------------------------------------------- chat completions
 
 
-def replayed_words(m: dict, name: str):
+def replayed_words(m: dict, name: str) -> tuple[Any, str | None]:
     """What an assistant message said, as the SDK replays an answer (`messages.append(answer.choices[0].message)`):
-    its `content` followed by its `refusal`, as a further part (joined as a message's text parts are,
-    codec.joined_texts); either alone when the other is absent (an answer that refused has no content); else a spoken
-    answer's `audio.transcript`. Its audio itself is not kept: an `audio` naming an `id` only (OpenAI's way to refer
+    (its `content`, its `refusal` read after it: codec.convert_content joins it as a message's text parts are); either
+    alone when the other is absent (an answer that refused has no content); else a spoken answer's
+    `audio.transcript`. Its audio itself is not kept: an `audio` naming an `id` only (OpenAI's way to refer
     to an earlier reply's audio) is refused, as the server keeps no audio between requests."""
     audio = m.get("audio")
     if audio is not None:
@@ -134,12 +134,11 @@ def replayed_words(m: dict, name: str):
     if refusal is not None:
         need_str(refusal, f"{name}.refusal")
     if content is None:
-        return refusal if refusal is not None or audio is None else need_str(audio["transcript"],
-                                                                             f"{name}.audio.transcript")
+        return (refusal if refusal is not None or audio is None else need_str(audio["transcript"],
+                                                                              f"{name}.audio.transcript")), None
     if refusal and isinstance(content, (str, list)):  # both (the refusal was dropped): it follows the reply's parts
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        return [*parts, {"type": "refusal", "refusal": refusal}]
-    return content
+        return content, refusal
+    return content, None
 
 
 TOOL_ROLES = ("tool", "function")  # OpenAI's messages answering a tool call (function: the deprecated one)
@@ -178,10 +177,10 @@ def convert_messages(messages, limits) -> tuple[list[dict], str | None]:
         replayed = ("refusal", "audio") if role == "assistant" else ()  # (a user's refusal: no effect, as before)
         codec.check_keys(m, name, ("role", "content") + TOOL_CALL_FIELDS + replayed,
                          ("name", "annotations") if replayed else ("name", "refusal"))
-        content = replayed_words(m, name) if replayed else m.get("content")
+        content, refusal = replayed_words(m, name) if replayed else (m.get("content"), None)
         if content is None:
             raise bad(f"'{name}.content' is required", "missing_field", f"{name}.content")
-        conv = codec.convert_content(content, limits, f"{name}.content", None, role, budget)
+        conv = codec.convert_content(content, limits, f"{name}.content", None, role, budget, refusal=refusal)
         out.append({"role": role, "content": conv.parts})
     if not any(m["role"] == "user" for m in out):  # (the model answers a user; after the last, see continued_reply)
         raise bad("'messages' holds no user message", "invalid_value", "messages")

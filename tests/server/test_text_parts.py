@@ -65,3 +65,21 @@ def test_realtime_items_in_text_parts_are_read_as_separate_sentences(engine_and_
     assert texts[-1] == ("user", "user one.\nuser two.")
     system = engine.calls[-1]["system_prompt"] or dict(texts).get("system")
     assert "system one.\nsystem two." in system
+
+
+def test_a_replayed_answer_of_as_many_parts_as_allowed_keeps_its_refusal_and_more_are_counted_as_sent():
+    """An assistant answer replayed with 64 content parts (the most a message holds) and its `refusal` was refused as
+    "65 parts": the refusal, read after the parts, was counted as one. It is taken, its refusal after its parts; 65
+    parts are refused counting the content's parts alone and naming the limit."""
+    from engine.server.codec import MAX_CONTENT_PARTS
+    from engine.server.http_api import convert_messages
+    from engine.server.limits import Limits
+    from engine.server.protocol import ApiError
+
+    said, user = parts(*(f"part {i}." for i in range(MAX_CONTENT_PARTS))), {"role": "user", "content": "Again?"}
+    messages, _ = convert_messages([user, {"role": "assistant", "content": said, "refusal": "I can't."}, user], Limits())
+    assert messages[1]["content"] == [{"type": "text", "text": "\n".join([p["text"] for p in said] + ["I can't."])}]
+    with pytest.raises(ApiError) as refused:
+        convert_messages([user, {"role": "assistant", "content": said + said[:1], "refusal": "No."}, user], Limits())
+    assert (refused.value.code, refused.value.message) == (
+        "too_many_parts", f"'messages[1].content' has 65 content parts; a message holds at most {MAX_CONTENT_PARTS}")
