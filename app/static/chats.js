@@ -16,8 +16,11 @@
   // drawn when that studio started, gone with it (that version itself lost it at each restart): legacy() says so once.
   const listKey = "ming-studio-chats", legacyKey = "ming-studio-chat";
   const claimPrefix = "ming-studio-chat-open/";
-  // A background tab's timers may run only once a minute (Chrome's throttling of hidden pages): a claim outlives that.
-  const claimRefreshMs = 10000, claimExpiresMs = 90000;
+  // A background tab's timers may run only once a minute (Chrome's throttling of hidden pages): the claim of a hidden
+  // page outlives that. A visible page's timers run on time: its claim expires sooner (a page that died while shown
+  // held its conversation "open in another tab" for 90 s). A claim says which it is, rewritten as the page is shown or
+  // hidden.
+  const claimRefreshMs = 10000, claimExpiresMs = 25000, hiddenClaimExpiresMs = 90000;
   const me = (page.mingChatClaim ??= { holder: `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}` });
   const valid = (c) => c && typeof c.id === "string" && Array.isArray(c.messages);
   const parsed = (text) => { try { return JSON.parse(text); } catch { return null; } };
@@ -44,17 +47,20 @@
     return chats.sort((a, b) => (b.at || 0) - (a.at || 0));
   };
   const drop = (chats) => chats.forEach((c) => local.removeItem(prefix + c.id));
+  const alive = (claim) => Boolean(claim) && Date.now() - (claim.at || 0) < (claim.hidden ? hiddenClaimExpiresMs
+                                                                                        : claimExpiresMs);
   const heldElsewhere = (id) => {  // whether another page that is alive has the conversation `id` open
     const claim = parsed(local.getItem(claimPrefix + id));
-    return Boolean(claim && claim.holder !== me.holder && Date.now() - claim.at < claimExpiresMs);
+    return Boolean(claim && claim.holder !== me.holder && alive(claim));
   };
   const claim = (id) => {
-    try { local.setItem(claimPrefix + id, JSON.stringify({ holder: me.holder, at: Date.now() })); } catch { /* full */ }
+    const held = { holder: me.holder, at: Date.now(), hidden: page.document?.visibilityState === "hidden" };
+    try { local.setItem(claimPrefix + id, JSON.stringify(held)); } catch { /* full */ }
   };
   const dropDeadClaims = () => {  // the claims of pages that died without releasing them, once expired
     const keys = Array.from({ length: local.length }, (_, i) => local.key(i)).filter((k) => k?.startsWith(claimPrefix));
     for (const key of keys) {
-      if (!(Date.now() - (parsed(local.getItem(key))?.at || 0) < claimExpiresMs)) local.removeItem(key);
+      if (!alive(parsed(local.getItem(key)))) local.removeItem(key);
     }
   };
   const release = (id) => {
@@ -107,9 +113,14 @@
       dropDeadClaims();
       claim(ownId());
       if (me.timer) return;
-      me.timer = page.setInterval(() => { if (!heldElsewhere(tabId())) claim(tabId()); }, claimRefreshMs);
-      page.addEventListener("pagehide", () => release(tabId()));
-      page.addEventListener("pageshow", (e) => { if (e.persisted) claim(ownId()); });  // (back from the bfcache)
+      const refresh = () => { if (!me.gone && !heldElsewhere(tabId())) claim(tabId()); };
+      me.timer = page.setInterval(refresh, claimRefreshMs);
+      // the claim says hidden or shown at once (not once the page has gone: its visibilitychange follows pagehide)
+      page.document?.addEventListener("visibilitychange", refresh);
+      page.addEventListener("pagehide", () => { me.gone = true; release(tabId()); });
+      page.addEventListener("pageshow", (e) => {  // (back from the bfcache)
+        if (e.persisted) { me.gone = false; claim(ownId()); }
+      });
     },
     heldElsewhere,
     legacy() {  // whether the unreadable conversation of before per-tab chats was here (true once: it is dropped)

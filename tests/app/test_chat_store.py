@@ -148,3 +148,17 @@ def test_a_conversation_open_in_another_tab_is_listed_so_and_not_opened_twice(pa
     assert not any(c["held"] for c in call(b, "return chats.earlier();"))
     assert call(b, f"return chats.open({a_id!r});") == turn("A")
     assert call(b, "return chats.open('dead');") == turn("D")
+
+
+def test_the_conversation_of_a_page_that_died_while_shown_is_free_within_half_a_minute(page, store):
+    """A page that died without a word (crashed, killed) held its conversation "(open in another tab)" for 90 s. A
+    shown page's timers run on time, so its claim (refreshed every 10 s) now expires after 25 s; a hidden page's,
+    whose timers the browser may run once a minute, still lasts 90 s. A page's claim says which it is."""
+    store("one", "chats.hold()")
+    assert page.evaluate("() => JSON.parse(localStorage.getItem('ming-studio-chat-open/one')).hidden") is False
+    page.evaluate("""() => {
+        for (const [id, ago, hidden] of [["shown", 30000, false], ["hidden", 30000, true], ["hidden-long", 95000, true]])
+            localStorage.setItem("ming-studio-chat-open/" + id, JSON.stringify({holder: "x", at: Date.now() - ago, hidden}));
+    }""")
+    assert [store("two", f"chats.heldElsewhere({i!r})") for i in ("shown", "hidden", "hidden-long")] == [
+        False, True, False]
