@@ -37,6 +37,8 @@ class ServerContext:
     openai_only: bool = False  # OpenAI's routes and fields only: no realtime, no extensions
     prompt_bound: PromptBound | None = None  # the most text a prompt can hold (None: the engine does not say)
     client_aborts: Counter = field(default_factory=lambda: Counter(dict.fromkeys(CLIENT_ABORTS, 0)))
+    # saved voice -> when (time.time()) this server deleted it, the last few (a request waiting for it is told when)
+    voices_deleted: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def create(cls, engine: Engine, limits: Limits | None = None, token: str | None = None,

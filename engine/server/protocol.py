@@ -1077,9 +1077,11 @@ class SpeechSseEncoder:
             out.update(sample_rate=ev.sample_rate, text=ev.text, start_s=ev.start_s)
         return [sse_data(out)]
 
-    def finish(self, final: Done | Error, metrics_obj: dict) -> list[bytes]:
-        if isinstance(final, Error):
-            return [sse_data({"error": engine_error(final).to_openai()}), SSE_DONE]
+    def finish(self, final: Done | Error | ApiError, metrics_obj: dict) -> list[bytes]:
+        """The stream's last lines; an engine Error as the server reports it, or an ApiError the route made of one."""
+        if isinstance(final, (Error, ApiError)):
+            error = final if isinstance(final, ApiError) else engine_error(final)
+            return [sse_data({"error": error.to_openai()}), SSE_DONE]
         out = {"type": "speech.audio.done", "usage": _audio_usage(final)}
         if self.extensions:
             out.update(metrics=metrics_obj, result=final.result, finish_reason=final.finish_reason)

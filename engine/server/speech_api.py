@@ -313,7 +313,7 @@ def speech_job(ctx: ServerContext, engine, kwargs: dict, pcm_rate: int | None, p
 
 @router.post("/v1/audio/speech")
 async def speech(request: Request):
-    received = time.perf_counter()
+    received, arrived = time.perf_counter(), time.time()
     ctx, body = await json_request(request, fields.SPEECH, "speech", fields.SPEECH_EXTENSIONS)
     engine = talker_of(ctx)
     fmt, stream = output_format(body)
@@ -322,35 +322,62 @@ async def speech(request: Request):
     # raw pcm has no header to state a rate: OpenAI's 24 kHz (an SSE delta names its rate, ours: the true one)
     pcm_rate = OPENAI_PCM_RATE if fmt == "pcm" and (ctx.openai_only or stream != "sse") else None
     job = speech_job(ctx, engine, kwargs, pcm_rate, progress=stream != "audio")
+    refusal = lambda final: speech_error(final, ctx, kwargs.get("voice"), arrived)  # noqa: E731
     if stream is None:
         got, final = await collect(request, ctx, job)
         if isinstance(final, Error):
-            return error_response(speech_error(final))
+            return error_response(refusal(final))
         rate = got.audio[0].sample_rate if got.audio else (pcm_rate or engine.talker.sample_rate)
         data = await asyncio.to_thread(encode_audio, b"".join(c.pcm for c in got.audio), rate, fmt)
         return Response(data, media_type=FORMATS[fmt][0], headers={RATE_HEADER: str(coded_rate(fmt, rate)), **warned})
     head, events = await first_events(job)
     refused = refused_at_once(head)
     if refused is not None:
-        return error_response(speech_error(refused))
+        return error_response(refusal(refused))
     rate = pcm_rate or engine.talker.sample_rate
     if stream == "audio":
         answer = raw_audio_stream(ctx, job, events, fmt, rate)
     else:
         header = wav_header(rate) if fmt == "wav" else b""
         enc = wire.SpeechSseEncoder(extensions=not ctx.openai_only, wav_header=header)
-        answer = stream_response(ctx, job, enc.encode,
-                                 lambda final: enc.finish(final, job_metrics(job, received, final)), events)
+        answer = stream_response(ctx, job, enc.encode, lambda final: enc.finish(
+            refusal(final) if isinstance(final, Error) else final, job_metrics(job, received, final)), events)
     answer.headers.update(warned)
     return answer
 
 
-def speech_error(final: Error) -> ApiError:
-    """The engine's refusal of a speech request as its 4xx: a saved voice deleted while the request waited its turn
-    (checked, and named 'voice', when it came) names 'voice' too (it said param null)."""
+# The most deleted voices a server remembers the time of (ServerContext.voices_deleted)
+REMEMBERED_DELETIONS = 256
+
+
+def speech_error(final: Error, ctx: ServerContext, voice: str | None, arrived: float) -> ApiError:
+    """The engine's refusal of a speech request (which came at `arrived`, time.time()) as its 4xx, or its stream's
+    error event: a saved `voice` deleted while the request waited its turn (checked, and named 'voice', when it came)
+    names 'voice' too (it said param null), and says so, with when this server deleted it (a stream already started
+    said only "unknown voice 'x'; saved voices: ...")."""
     err = wire.engine_error(final)
-    err.param = "voice" if err.code == "voice_not_found" else err.param
+    if err.code == "voice_not_found":
+        err.param = "voice"
+        if voice is not None:
+            err.message = deleted_voice_message(voice, arrived, ctx.voices_deleted.get(voice))
     return err
+
+
+def deleted_voice_message(voice: str, arrived: float, deleted: float | None) -> str:
+    """What a request for the saved voice `voice`, there when the request came at `arrived`, is told when the voice is
+    gone once its turn comes; `deleted`: when this server deleted it (None: it does not know, another process did)."""
+    when = (f" at {time.strftime('%H:%M:%S', time.gmtime(deleted))} UTC ({deleted - arrived:.1f} s after this request "
+            "came)" if deleted is not None and deleted >= arrived else "")
+    return (f"the saved voice {voice!r} was deleted{when} while this request waited its turn: choose another voice, or "
+            "save that one again")
+
+
+def note_deleted(ctx: ServerContext, name: str) -> None:
+    """Remember when this server deleted the saved voice `name` (the last REMEMBERED_DELETIONS)."""
+    ctx.voices_deleted.pop(name, None)
+    ctx.voices_deleted[name] = time.time()
+    while len(ctx.voices_deleted) > REMEMBERED_DELETIONS:
+        ctx.voices_deleted.pop(next(iter(ctx.voices_deleted)))
 
 
 def raw_audio_stream(ctx: ServerContext, job: Job, events: AsyncIterator[Event], fmt: str,
@@ -471,13 +498,15 @@ async def save_voice(request: Request):
 async def delete_voice(request: Request, name: str):
     from engine.errors import MingError  # noqa: PLC0415
 
-    engine = talker_of(ctx_of(request))
+    ctx = ctx_of(request)
+    engine = talker_of(ctx)
     name = voice_name(name, "name")
     try:
         await asyncio.to_thread(engine.delete_voice, name)
     except MingError as e:
         code = wire.wire_code(e.code)  # (a voice the path names that is not there: the resource is not found)
         raise ApiError(str(e), code=code, status=404 if code == "voice_not_found" else None, param="name") from None
+    note_deleted(ctx, name)
     return {"object": "audio.voice.deleted", "name": name, "deleted": True}
 
 

@@ -499,6 +499,46 @@ def test_a_saved_voice_deleted_while_its_request_waits_is_refused_naming_voice(h
     assert answers["waiting"].status_code == 400 and (err["code"], err["param"]) == ("voice_not_found", "voice"), err
 
 
+def test_a_saved_voice_deleted_while_its_streamed_request_waits_says_which_and_when(http, server, tiny_engine,
+                                                                                    monkeypatch):
+    """A streamed request (stream_format sse) for a saved voice, waiting past the queue's grace, had started its stream
+    when the voice was deleted: its error event said only "unknown voice ...; saved voices: ...", with param null. It
+    says which voice was deleted, when, and that the request waited meanwhile, naming 'voice' as the 4xx does."""
+    import threading
+
+    from engine.events import Done
+
+    assert http.post("/v1/audio/voices", json={"name": "gone mid-line", "reference_audio": b64(wav_clip(1.0, 16000)),
+                                                "reference_text": "hello"}).status_code == 201
+    release, speak = threading.Event(), tiny_engine.speak
+
+    def held(**kwargs):  # "Hold." keeps the engine's one place until released
+        if kwargs.get("text") != "Hold.":
+            return speak(**kwargs)
+        release.wait(30)
+        return iter([Done(text="", finish_reason="stop")])
+    monkeypatch.setattr(tiny_engine, "speak", held)
+    holder = threading.Thread(target=lambda: httpx.post(f"{server.url}/v1/audio/speech", timeout=60,
+                                                        json={"input": "Hold.", "response_format": "wav"}))
+    holder.start()
+    deadline = time.monotonic() + 30
+    while not server.ctx.scheduler._running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    asked = {"input": "Hi.", "voice": "gone mid-line", "stream_format": "sse", "response_format": "pcm"}
+    with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", "/v1/audio/speech", json=asked) as r:
+        assert r.status_code == 200  # (its stream started: it waited past the grace)
+        assert http.delete("/v1/audio/voices/gone mid-line").status_code == 200
+        release.set()
+        data = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    holder.join(30)
+    error = json.loads(data[-2])["error"]
+    assert (error["code"], error["param"], data[-1]) == ("voice_not_found", "voice", "[DONE]"), error
+    said = re.fullmatch(r"the saved voice 'gone mid-line' was deleted at \d\d:\d\d:\d\d UTC \((\d+\.\d) s after "
+                        r"this request came\) while this request waited its turn: choose another voice, or save that "
+                        r"one again", error["message"])
+    assert said and 0.4 <= float(said[1]) < 30, error["message"]  # (the grace is 0.5 s)
+
+
 def test_what_the_preview_talker_does_not_do_is_refused_naming_the_field(preview_engine):
     """The Preview talker speaks text only: a sound task or an instruction was refused with param null."""
     asked = [({"input": "rain", "task": "sound"}, "task"), ({"input": "Hi.", "emotion": "happy"}, "emotion"),
