@@ -21,7 +21,7 @@ import numpy as np
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import AUDIO_FORMATS, VOICE_CLIP_SECONDS, media_problem
 from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
-                           error_text, failure, figures_line, from_json, no_audio, on_engine_change, on_page_load,
+                           error_text, failure, figures_line, from_json, on_engine_change, on_page_load,
                            queue_line, run_button, runs_tab, saved_voice_names, seed_box, seed_problem, session_of,
                            toolbar, wire_stop,
                            BrowserRequest, check_on_upload, says_refused,
@@ -262,10 +262,11 @@ class VoiceController:
         chunks, rate, status, transcript, final = [], None, GENERATING, gr.update(), None
         try:
             for event in self.link.client.speak(text or "", cancel=cancel, **kwargs):
+                # (before any sound: the last take stays playing and offered until the new one's first sound)
                 if isinstance(event, QueuePosition):
-                    yield no_audio(), transcript, queue_line(event), None
-                elif isinstance(event, Progress) and event.stage == TRANSCRIBING_STAGE:  # (before any sound: seconds)
-                    yield no_audio(), transcript, TRANSCRIBING_CLIP, None
+                    yield gr.skip(), transcript, queue_line(event), gr.skip()
+                elif isinstance(event, Progress) and event.stage == TRANSCRIBING_STAGE:  # (seconds)
+                    yield gr.skip(), transcript, TRANSCRIBING_CLIP, gr.skip()
                 elif isinstance(event, AudioChunk):
                     pcm = np.frombuffer(event.pcm, dtype="<i2")
                     rate = event.sample_rate
@@ -293,10 +294,10 @@ class VoiceController:
             if task == "music" and final.finish_reason == "stop":
                 status += music_length_note(sum(len(c) for c in chunks) / (rate or 1), duration)
             status += "".join(f" · {note}" for note in unused)
-            # the stream ends with its last value; with no audio made none was opened (see no_audio)
+            # the stream ends with its last value; with no audio made (stopped in line) the last take stays
             cut = STOPPED_TAKE if final.finish_reason == "cancelled" else None
-            yield (None if chunks else no_audio(), transcript, status,
-                   write_wav(chunks, rate, task, cut) if chunks else None)
+            yield (None if chunks else gr.skip(), transcript, status,
+                   write_wav(chunks, rate, task, cut) if chunks else gr.skip())
         else:
             final = final or Error("the engine ended without a result", code="engine_error")
             gr.Warning(f"Speech failed: {error_text(final)}")

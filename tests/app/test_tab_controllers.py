@@ -36,7 +36,8 @@ from app.ui.voice import (CONFIRM_DELETE, MUSIC_TEXT_UNUSED, NAME_TOO_LONG, NO_C
                           REPLACE_LABEL, TASKS, TEXT_TOO_LONG, VOICE_NAME_CHARS, VOICE_UNUSED, VoiceController,
                           keep_take, restore_takes)
 from engine.client import EngineClient  # noqa: E402
-from engine.events import Done, Error, GenerationStats, ImageDone, ImagePreview, QueuePosition, TextDelta  # noqa: E402
+from engine.events import (AudioChunk, Done, Error, GenerationStats, ImageDone, ImagePreview, QueuePosition,  # noqa: E402
+                           TextDelta)
 from tests.paths import REPO  # noqa: E402
 from tests.app.media_files import video_file  # noqa: E402
 from tests.server import draw_until_cancelled, running_server, tone_pcm16, wav_bytes  # noqa: E402
@@ -273,7 +274,7 @@ def test_stop_while_the_reference_clip_is_transcribed_stops_at_once(engine_serve
     next(update for update in stream if update[2] == voice_tab.TRANSCRIBING_CLIP)
     voices.stop(me)
     *_, end = stream
-    assert "cancelled" in end[2] and end[3] is None, end  # no sound made: no take offered
+    assert "cancelled" in end[2] and end[3] == gr.skip(), end  # no sound made: no new take (the last stays offered)
 
 
 def test_two_takes_made_in_one_second_are_offered_under_their_own_names():
@@ -509,6 +510,30 @@ def test_a_request_waiting_in_line_keeps_the_last_picture_until_the_new_one_come
                                     progress=lambda *a, **k: None))
     assert [waiting[i] for i in (0, 1, 2, 6)] == [gr.skip()] * 4, waiting
     assert "1 request ahead of yours" in waiting[3] and made[0] is not None and made[6], made
+
+
+class QueuedSpeaker(StoppedTranscriber):
+    """An engine client whose speech first waits in line, then is stopped there (`sound` False) or speaks 0.1 s."""
+
+    def __init__(self, sound: bool):
+        self.sound = sound
+
+    def speak(self, text, **kwargs):
+        yield QueuePosition(position=2, waiting=2)
+        if self.sound:
+            yield AudioChunk(pcm=np.zeros(2205, "<i2").tobytes(), sample_rate=22050)
+        yield Done(text="", finish_reason="stop" if self.sound else "cancelled")
+
+
+def test_a_take_waiting_in_line_or_stopped_there_keeps_the_last_take_playing_and_offered():
+    """The Voice tab's place-in-line update emptied the player and took the last take's WAV away while the new request
+    waited, and a request stopped in line left them empty: the last take stays until the new one's first sound."""
+    args = ("Hi", "Speech", "Default voice", None, None, "", *[None] * 5, "", "", "", None, "", "", "", "", 10, 3)
+    waiting, stopped = list(VoiceController(EngineLink(QueuedSpeaker(sound=False))).synthesize(*args))
+    assert [waiting[i] for i in (0, 3)] == [gr.skip()] * 2 and "1 request ahead of yours" in waiting[2], waiting
+    assert [stopped[i] for i in (0, 3)] == [gr.skip()] * 2 and "cancelled" in stopped[2], stopped
+    *_, made = VoiceController(EngineLink(QueuedSpeaker(sound=True))).synthesize(*args)
+    assert made[0] is None and Path(made[3]).name.startswith("speech-"), made  # (the new take: the stream's end)
 
 
 def test_the_reference_pictures_and_mask_of_a_press_are_copied_once(tmp_path):
