@@ -22,6 +22,8 @@ from app.media_check import media_problem
 from engine.events import Done, Error, GenerationStats, QueuePosition
 
 GENERATING = "Generating…"
+# Stop pressed between Make it and the run's start (InFlight.announce): said, nothing sent
+STOPPED_BEFORE_START = "Stopped before it started: nothing was sent to the engine."
 # The Blocks attribute holding the banner's hidden "engine's state" box (app/ui/banner.py), if there is one.
 ENGINE_UP_ATTR = "engine_up"
 # The most a page load waits for the engine's saved voices (an engine hung on the list held it 60 s, the client's timeout)
@@ -250,27 +252,39 @@ def browser_storage(key: str, empty: str) -> tuple[str, str]:
 class BrowserRequest:
     """A tab's last request, kept in the browser (localStorage `key`, as JSON) across a reload: written when its
     button is pressed, marked finished when the run ends (only while it is still this tab's: two tabs of a browser
-    share the entry), and given back at page load with a note when it was not finished (restore_request)."""
+    share the entry), and given back at page load with a note when it was not finished (restore_request). `runs`: the
+    tab's requests in flight and its name: the press is announced there at once (InFlight.announce), so that Stop
+    pressed before the run has begun stops it."""
 
-    def __init__(self, key: str, names: tuple[str, ...], button: str):
-        self.names, self.button = names, button
+    def __init__(self, key: str, names: tuple[str, ...], button: str, runs: tuple[InFlight, str] | None = None):
+        self.names, self.button, self.runs = names, button, runs
         self.read, self.write = browser_storage(key, "{}")
         self.mine = gr.Textbox(visible="hidden")    # the request this tab's press kept
         self.stored = gr.Textbox(visible="hidden")  # the browser's, read afresh
 
     def on_press(self, button, inputs: list, keep=None):
-        """The first step of `button`'s click: the request (`inputs`, named `names`) kept; chain the run on it.
-        `keep`: what makes the kept request of the inputs' values (kept_request of the names when None)."""
+        """The first step of `button`'s click: the request (`inputs`, named `names`) kept, and the press announced;
+        chain the run on it. `keep`: what makes the kept request of the inputs' values (kept_request of the names when
+        None)."""
         keep = keep or (lambda *values: kept_request(*values, names=self.names))
-        return button.click(lambda *values: json.dumps(keep(*values)), inputs, [self.mine],
-                            **HIDDEN_STEP).then(None, [self.mine], None, js=self.write, **HIDDEN_STEP)
+
+        def pressed(request: gr.Request, *values) -> str:
+            if self.runs is not None:
+                self.runs[0].announce(session_of(request), self.runs[1])
+            return json.dumps(keep(*values))
+        return button.click(pressed, inputs, [self.mine], **HIDDEN_STEP).then(None, [self.mine], None, js=self.write,
+                                                                            **HIDDEN_STEP)
 
     def when_done(self, event):
-        """After the run (`event`): the browser's request marked finished when it is still this tab's."""
+        """After the run (`event`): the browser's request marked finished when it is still this tab's, and the press's
+        announcement dropped when no run took it up (InFlight.settle)."""
+        def done(request: gr.Request, stored, mine) -> str:
+            if self.runs is not None:
+                self.runs[0].settle(session_of(request), self.runs[1])
+            return json.dumps(request_done(from_json(stored), from_json(mine)))
         return event.then(None, None, [self.stored], js=f"() => {self.read}", **HIDDEN_STEP).then(
-            lambda stored, mine: json.dumps(request_done(from_json(stored), from_json(mine))),
-            [self.stored, self.mine], [self.stored], **HIDDEN_STEP).then(None, [self.stored], None, js=self.write,
-                                                                           **HIDDEN_STEP)
+            done, [self.stored, self.mine], [self.stored], **HIDDEN_STEP).then(None, [self.stored], None,
+                                                                              js=self.write, **HIDDEN_STEP)
 
     def restore_at_load(self, outputs: list) -> None:
         """At page load: the kept request's fields into `outputs` (one per name, then the status line)."""
@@ -373,14 +387,32 @@ class InFlight:
         self._flags: dict[tuple[str, str], threading.Event] = {}
 
     def begin(self, session: str, tab: str) -> threading.Event:
-        """A new request of this visitor in this tab; an earlier one still going is cancelled."""
+        """A new request of this visitor in this tab; an earlier one still going is cancelled. The request of a press
+        announced (announce) takes up its flag, set already when Stop came first."""
         flag = threading.Event()
         with self._lock:
             previous = self._flags.get((session, tab))
+            if previous is not None and getattr(previous, "announced", False):
+                previous.announced = False  # type: ignore[attr-defined]
+                return previous
             if previous is not None:
                 previous.set()
             self._flags[(session, tab)] = flag
         return flag
+
+    def announce(self, session: str, tab: str) -> None:
+        """A press of this visitor in this tab whose request is on its way (the page runs steps before it; the Voice
+        tab asks the engine its options): Stop pressed meanwhile found nothing ("Nothing is being made.") and the run
+        then ran whole. Stop finds it from now on; an earlier request still going is cancelled, as by begin."""
+        self.begin(session, tab).announced = True  # type: ignore[attr-defined]
+
+    def settle(self, session: str, tab: str) -> None:
+        """The steps of an announced press have ended: its flag is dropped when no request took it up (one refused
+        before it began)."""
+        with self._lock:
+            flag = self._flags.get((session, tab))
+            if flag is not None and getattr(flag, "announced", False):
+                del self._flags[(session, tab)]
 
     def end(self, session: str, tab: str, flag: threading.Event) -> None:
         with self._lock:

@@ -24,7 +24,8 @@ from PIL import Image, UnidentifiedImageError
 
 from app.engine_link import IMAGE_OUT, EngineLink
 from app.media_check import IMAGE_FORMATS, media_problem
-from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
+from app.ui.common import (GENERATING, STOPPED_BEFORE_START, InFlight, capability_note, chosen_seed,
+                           engine_limits, error_line,
                            error_text, failure, figures_line, on_engine_change, on_page_load, queue_line, run_button,
                            runs_tab, seed_box,
                            DRAWN_SEED_MAX, from_json, seed_problem, session_of, toolbar,
@@ -222,6 +223,10 @@ class ImageController:
         count = max(1, min(int(count or 1), MAX_PICTURES))
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
+        if cancel.is_set():  # Stop pressed since Make it was (the press announced)
+            self.inflight.end(session, TAB, cancel)
+            yield *kept, STOPPED_BEFORE_START, gr.update(), gallery_state, gr.skip()
+            return
         shown, final, made, latest, files, seen = None, None, [], (None, None, None), [], ""
         try:
             pictures = [Path(p).read_bytes() for p in images]
@@ -607,7 +612,7 @@ def build_image_tab(link: EngineLink, examples: list[str] | None = None,
     kept = gr.Textbox(visible="hidden")
     # the request is kept in the browser when Make it is pressed, and marked finished once it is (while it is still
     # this tab's): a reload lost the prompt and the run without a word
-    ask = BrowserRequest(REQUEST_KEY, REQUEST_FIELDS, "Make it")
+    ask = BrowserRequest(REQUEST_KEY, REQUEST_FIELDS, "Make it", runs=(controller.inflight, TAB))
     ask.when_done(ask.on_press(go, [mode, prompt, target, refs, edit_mask], keep=kept_image_request).then(
         controller.make, [mode, prompt, refs, preset, target, aspect, size, steps, guidance, seed, preview_every,
                           state, image_guidance, count, edit_mask], [picture, mask, overlay, status, gallery, state,

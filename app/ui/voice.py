@@ -20,7 +20,8 @@ import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import AUDIO_FORMATS, VOICE_CLIP_SECONDS, media_problem
-from app.ui.common import (GENERATING, InFlight, capability_note, chosen_seed, engine_limits, error_line,
+from app.ui.common import (GENERATING, STOPPED_BEFORE_START, InFlight, capability_note, chosen_seed,
+                           engine_limits, error_line,
                            error_text, failure, figures_line, from_json, on_engine_change, on_page_load,
                            queue_line, run_button, runs_tab, saved_voice_names, seed_box, seed_problem, session_of,
                            toolbar, wire_stop,
@@ -259,6 +260,10 @@ class VoiceController:
                 kwargs["reference_text"] = (clip_text or "").strip() or None
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
+        if cancel.is_set():  # Stop pressed since Make it was (the press announced)
+            self.inflight.end(session, TAB, cancel)
+            yield refused(STOPPED_BEFORE_START)
+            return
         chunks, rate, status, transcript, final = [], None, GENERATING, gr.update(), None
         try:
             for event in self.link.client.speak(text or "", cancel=cancel, **kwargs):
@@ -523,7 +528,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
               snr, genre, mood, instrument, theme, duration, seed]
     # the request is kept in the browser when Make it is pressed, and marked finished once it is: a reload lost the
     # text typed and the run without a word
-    ask = BrowserRequest(REQUEST_KEY, REQUEST_FIELDS, "Make it")
+    ask = BrowserRequest(REQUEST_KEY, REQUEST_FIELDS, "Make it", runs=(controller.inflight, TAB))
     kept = gr.Textbox(visible="hidden")  # the takes kept in this browser, as JSON (STORED_TAKES), read fresh
     hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
     ask.when_done(ask.on_press(go, [text, task]).then(

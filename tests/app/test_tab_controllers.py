@@ -536,6 +536,37 @@ def test_a_take_waiting_in_line_or_stopped_there_keeps_the_last_take_playing_and
     assert made[0] is None and Path(made[3]).name.startswith("speech-"), made  # (the new take: the stream's end)
 
 
+class CountingSpeaker(QueuedSpeaker):
+    """QueuedSpeaker that counts the requests sent."""
+
+    def speak(self, text, **kwargs):
+        self.sent = getattr(self, "sent", 0) + 1
+        yield from super().speak(text, **kwargs)
+
+
+def test_stop_pressed_before_the_run_has_begun_stops_it(capsys):
+    """Stop pressed just after Make it, before the run had begun (the page's steps before it, the engine asked its
+    options), said "Nothing is being made." and the take was then made whole. The press is announced at once: Stop
+    stops it there, nothing is sent and the last take stays; a press refused before its run began leaves nothing for
+    Stop to find once its steps have ended."""
+    from app.ui.common import STOPPED_BEFORE_START
+
+    me, speaker = SimpleNamespace(session_hash="stops-early"), CountingSpeaker(sound=True)
+    voices = VoiceController(EngineLink(speaker))
+    args = ("Hi", "Speech", "Default voice", None, None, "", *[None] * 5, "", "", "", None, "", "", "", "", 10, 3)
+    voices.inflight.announce(me.session_hash, voice_tab.TAB)  # (the press's first step)
+    voices.stop(me)
+    assert list(voices.synthesize(*args, request=me)) == [voice_tab.refused(STOPPED_BEFORE_START)]
+    assert getattr(speaker, "sent", 0) == 0 and len(voices.inflight) == 0 and "Nothing" not in capsys.readouterr().out
+    voices.inflight.announce(me.session_hash, voice_tab.TAB)
+    list(voices.synthesize("", *args[1:], request=me))  # refused: no text
+    voices.inflight.settle(me.session_hash, voice_tab.TAB)  # (the press's last step)
+    voices.stop(me)
+    assert len(voices.inflight) == 0 and "Nothing is being made." in capsys.readouterr().out
+    voices.inflight.announce(me.session_hash, voice_tab.TAB)  # an announced press that runs is not stopped by it
+    assert Path(last(voices.synthesize(*args, request=me))[3]).is_file() and speaker.sent == 1
+
+
 def test_the_reference_pictures_and_mask_of_a_press_are_copied_once(tmp_path):
     """Each press copied every reference picture and the mask twice: once for the request kept in the browser, once
     for the result in the gallery. The result keeps the copies the kept request made."""
