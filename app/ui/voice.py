@@ -58,6 +58,10 @@ VOICE_UNUSED = "the Voice chosen was not used: {what} takes no voice"
 NAME_TAKEN = ("A voice named '{name}' is already saved: tick \"{replace}\" to overwrite it, or choose another "
               "name.")
 SAVE_STOPPED = "Stopped: the voice '{name}' was not saved."
+# A voice deleted meanwhile elsewhere (another browser tab), deleted again here: the list still offered it, and the
+# engine's "unknown voice ...; saved voices: ..." was shown in the wire's words
+ALREADY_DELETED = ("The voice '{name}' is not saved any more (it was deleted elsewhere, in another tab?): the list "
+                   "is up to date now.")
 CLIP_TEXT = "What the clip says"  # the transcript box
 # The tab's own transcription of a clip to save heard no words: the save passed no transcript and the engine transcribed
 # the clip again (the same nothing), where Stop could not stop it. The voice is not saved; the user types the words.
@@ -405,6 +409,8 @@ class VoiceController:
         try:
             self.link.client.delete_voice(name)
         except Exception as e:  # noqa: BLE001
+            if getattr(e, "code", None) == "voice_not_found":
+                return gr.update(choices=self.voice_names(), value=None), ALREADY_DELETED.format(name=name)
             return gr.update(), error_line(failure(e))
         return gr.update(choices=self.voice_names(), value=None), f"Deleted the voice '{name}'."
 

@@ -122,7 +122,8 @@ def test_the_voice_tabs_downloads_offer_no_upload(engine_server):
 
 def test_deleting_a_saved_voice_asks_first(engine_server, tmp_path):
     """"Delete the selected saved voice" deleted it at one press, with no way back: it now names the voice and
-    asks; "No, keep it" keeps it, "Yes, delete it" deletes the voice it named."""
+    asks; "No, keep it" keeps it, "Yes, delete it" deletes the voice it named. A voice deleted meanwhile in another tab
+    is said so (it said the engine's "unknown voice ...; saved voices: ...") and the list is brought up to date."""
     voices = VoiceController(EngineLink(EngineClient(engine_server.url, token="test-token")))
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav_bytes(tone_pcm16(1.5, 22050, 220.0), 22050))
@@ -138,6 +139,9 @@ def test_deleting_a_saved_voice_asks_first(engine_server, tmp_path):
         names, note, row, asked = voices.confirm_delete("asked voice")
         assert note == "Deleted the voice 'asked voice'." and row["visible"] is False and asked is None
         assert "asked voice" not in voices.voice_names() and "asked voice" not in names["choices"]
+        # deleted again from a tab whose list still offers it (deleted in another): said so, the list brought up to date
+        names, note, *_ = voices.confirm_delete("asked voice")
+        assert note == voice_tab.ALREADY_DELETED.format(name="asked voice") and "asked voice" not in names["choices"]
     finally:
         if "asked voice" in voices.voice_names():
             voices.delete("asked voice")
