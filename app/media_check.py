@@ -33,6 +33,11 @@ def _image_problem(path: Path, name: str, limits: dict) -> str | None:
         with Image.open(path, formats=tuple(DECODED_IMAGE_FORMATS)) as im:
             width, height = im.size
             im.verify()
+    except Image.DecompressionBombError:  # (a 20000x20000 PNG of 48 KB was "not a picture ..., or is damaged")
+        most = limits.get("max_image_pixels")
+        taken = f"the engine takes at most {int(most):,} pixels" if most else "too many to open safely"
+        return (f"'{name}' is too large: more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, {taken}: make it smaller "
+                "and try again.")
     except Exception:  # noqa: BLE001  (PIL raises many kinds for what is not a picture)
         return (f"'{name}' is not a picture the engine can read (a {IMAGE_FORMATS} file; this one is not, or is "
                 "damaged).")
@@ -48,6 +53,8 @@ def _is_picture(path: Path) -> bool:
     try:
         with Image.open(path, formats=tuple(DECODED_IMAGE_FORMATS)) as im:
             im.verify()
+        return True
+    except Image.DecompressionBombError:  # (a picture, too large to open: _image_problem says so)
         return True
     except Exception:  # noqa: BLE001  (PIL raises many kinds for what is not a picture)
         return False

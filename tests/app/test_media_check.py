@@ -5,7 +5,9 @@ can read", "'image[0]' is empty", "...; give samples with their sample_rate inst
 
 from __future__ import annotations
 
+import struct
 import wave
+import zlib
 
 import pytest
 
@@ -60,6 +62,28 @@ def test_a_picture_in_a_format_the_engine_does_not_read_names_the_formats_it_doe
     for name in ("logo.svg", "scan.pcx"):
         problem = media_problem(tmp_path / name, "image", {})
         assert problem.startswith(f"'{name}' is not a picture") and image_formats_named() in problem, problem
+
+def blank_png(side: int) -> bytes:
+    """A valid black 1-bit PNG of side x side pixels, written row by row (Pillow takes seconds to make a large one)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows, row = zlib.compressobj(1), bytes(1 + (side + 7) // 8)  # (each row: filter 0, then the row's bits)
+    pixels = b"".join(rows.compress(row) for _ in range(side)) + rows.flush()
+    head = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def test_a_picture_too_large_to_open_safely_is_said_too_large_not_damaged(tmp_path):
+    """A 15000x15000 PNG of a few KB (past Pillow's decompression-bomb bound) was "not a picture the engine can read
+    (..., or is damaged)": it is said too large, with the engine's limit, and as a picture where audio is expected."""
+    (tmp_path / "poster.png").write_bytes(blank_png(15_000))
+    said = media_problem(tmp_path / "poster.png", "image", {"max_image_pixels": 16_000_000})
+    assert said.startswith("'poster.png' is too large: more than ") and "at most 16,000,000 pixels" in said, said
+    assert "too many to open safely" in media_problem(tmp_path / "poster.png", "image", {})
+    (tmp_path / "poster.wav").write_bytes((tmp_path / "poster.png").read_bytes())
+    from app.media_check import TO_TRANSCRIBE
+    assert media_problem(tmp_path / "poster.wav", TO_TRANSCRIBE).startswith("'poster.wav' is a picture")
+
 
 def test_a_preview_picture_is_opened_as_the_engine_decoder_opens_one():
     """The Image tab opened an engine's preview with any format Pillow reads (a PCX was shown); it reads the decoder's
