@@ -403,8 +403,12 @@ class InFlight:
     def announce(self, session: str, tab: str) -> None:
         """A press of this visitor in this tab whose request is on its way (the page runs steps before it; the Voice
         tab asks the engine its options): Stop pressed meanwhile found nothing ("Nothing is being made.") and the run
-        then ran whole. Stop finds it from now on; an earlier request still going is cancelled, as by begin."""
-        self.begin(session, tab).announced = True  # type: ignore[attr-defined]
+        then ran whole. Stop finds it from now on. A request still going is left alone (the page does not start a
+        second run of the tab while one runs: the press is ignored, and must not stop it)."""
+        flag = threading.Event()
+        flag.announced = True  # type: ignore[attr-defined]
+        with self._lock:
+            self._flags.setdefault((session, tab), flag)
 
     def settle(self, session: str, tab: str) -> None:
         """The steps of an announced press have ended: its flag is dropped when no request took it up (one refused

@@ -517,16 +517,18 @@ def test_a_request_waiting_in_line_keeps_the_last_picture_until_the_new_one_come
 
 
 class QueuedSpeaker(StoppedTranscriber):
-    """An engine client whose speech first waits in line, then is stopped there (`sound` False) or speaks 0.1 s."""
+    """An engine client whose speech first waits in line, then is stopped there (`sound` False, or its cancel set
+    meanwhile) or speaks 0.1 s."""
 
     def __init__(self, sound: bool):
         self.sound = sound
 
-    def speak(self, text, **kwargs):
+    def speak(self, text, cancel=None, **kwargs):
         yield QueuePosition(position=2, waiting=2)
-        if self.sound:
+        speaks = self.sound and not (cancel is not None and cancel.is_set())
+        if speaks:
             yield AudioChunk(pcm=np.zeros(2205, "<i2").tobytes(), sample_rate=22050)
-        yield Done(text="", finish_reason="stop" if self.sound else "cancelled")
+        yield Done(text="", finish_reason="stop" if speaks else "cancelled")
 
 
 def test_a_take_waiting_in_line_or_stopped_there_keeps_the_last_take_playing_and_offered():
@@ -568,7 +570,10 @@ def test_stop_pressed_before_the_run_has_begun_stops_it(capsys):
     voices.stop(me)
     assert len(voices.inflight) == 0 and "Nothing is being made." in capsys.readouterr().out
     voices.inflight.announce(me.session_hash, voice_tab.TAB)  # an announced press that runs is not stopped by it
-    assert Path(last(voices.synthesize(*args, request=me))[3]).is_file() and speaker.sent == 1
+    run = voices.synthesize(*args, request=me)
+    next(run)  # (waiting in line)
+    voices.inflight.announce(me.session_hash, voice_tab.TAB)  # pressed again meanwhile: the run goes on
+    assert Path(last(run)[3]).is_file() and speaker.sent == 1
 
 
 def test_the_reference_pictures_and_mask_of_a_press_are_copied_once(tmp_path):
