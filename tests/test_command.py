@@ -17,10 +17,17 @@ STARTED_TIMEOUT_S = 120  # the tiny model's load and first token, on a loaded 2-
 LONG_REPLY = "4000"  # tokens: the reply is still streaming when the test stops it
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """The command starts with Ctrl+C at its default, as from a terminal, even where the test run itself ignores
+    SIGINT (started in the background, `cmd &`, as CI may be): a child would inherit the ignore, never see the
+    Ctrl+C the test sends, and stream its whole reply (43 s) before exiting 0."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _generate(tiny_checkpoint) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "engine.generate", "--model", str(tiny_checkpoint), "--prompt", "hi",
                              "--max-new-tokens", LONG_REPLY], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=_ctrl_c_as_in_a_terminal)
 
 
 @pytest.mark.parametrize("sig, code, line", [(signal.SIGINT, EXIT_INTERRUPTED, "stopped (Ctrl+C)"),
@@ -109,6 +116,7 @@ def test_ctrl_c_while_a_command_still_imports_torch_ends_in_one_line(tmp_path, m
     traceback from inside the import system (the shell's code was right: 130)."""
     (tmp_path / "sitecustomize.py").write_text(CTRL_C_DURING_TORCH_IMPORT)
     done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
-                          timeout=STARTED_TIMEOUT_S, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+                          timeout=STARTED_TIMEOUT_S, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                          preexec_fn=_ctrl_c_as_in_a_terminal)
     assert done.returncode in (EXIT_INTERRUPTED, -signal.SIGINT), done.stderr
     assert done.stderr.strip() == "stopped (Ctrl+C)" and done.stdout == ""
