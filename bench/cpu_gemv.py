@@ -50,6 +50,7 @@ from engine.kernels.moe import ONEDNN_FP32_MIN_BYTES, _pack_matrix, _packed_line
 SHAPES = (("expert gate+up", 1024, 2048), ("expert down", 2048, 512), ("attention out", 2048, 2048))
 SMALL = (128, 256, 512, 768, 1024)  # square fp32/bf16 matrices for the per-call cost
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TIMED_REPS = 3  # timed calls per measurement after a warm-up call (the best is kept)
 
 
 def _seconds(fn, reps: int) -> float:
@@ -67,25 +68,25 @@ def read_bandwidth(mib: int) -> float:
     return buf.numel() * 4 / _seconds(lambda: buf.sum(), 5) / 1e9
 
 
-def streamed(n: int, k: int, dtype: torch.dtype, mib: int) -> dict:
+def streamed(n: int, k: int, dtype: torch.dtype, mib: int, reps: int = TIMED_REPS) -> dict:
     count = max(2, mib * 2**20 // (n * k * dtype.itemsize))
     gen = torch.Generator().manual_seed(n * k)
     plain = [torch.randn(n, k, generator=gen).to(dtype) for _ in range(count)]
     x = torch.randn(1, k, generator=gen).to(dtype)
     nbytes = count * n * k * dtype.itemsize
-    row = {"matrices": count, "plain_gbs": nbytes / _seconds(lambda: [F.linear(x, w) for w in plain], 3) / 1e9}
+    row = {"matrices": count, "plain_gbs": nbytes / _seconds(lambda: [F.linear(x, w) for w in plain], reps) / 1e9}
     if native.available():  # bound once per weight, as PackedLinear does when loading
         bound = [native.bind_linear(w) for w in plain]
-        row["native_gbs"] = nbytes / _seconds(lambda: [b(x) for b in bound], 3) / 1e9
+        row["native_gbs"] = nbytes / _seconds(lambda: [b(x) for b in bound], reps) / 1e9
         del bound
     if onednn_packing_available(dtype):
         packed = [_pack_matrix(w, True) for w in plain]
         del plain
-        row["packed_gbs"] = nbytes / _seconds(lambda: [_packed_linear(x, w) for w in packed], 3) / 1e9
+        row["packed_gbs"] = nbytes / _seconds(lambda: [_packed_linear(x, w) for w in packed], reps) / 1e9
     return row
 
 
-def streamed_int8(n: int, k: int, dtype: torch.dtype, mib: int) -> dict:
+def streamed_int8(n: int, k: int, dtype: torch.dtype, mib: int, reps: int = TIMED_REPS) -> dict:
     """int8 [n, k] weights with per-row scales, x of ``dtype``: torch's int8 GEMV vs the native one."""
     from engine.kernels.dequant import quantize_int8_rows
 
@@ -98,10 +99,10 @@ def streamed_int8(n: int, k: int, dtype: torch.dtype, mib: int) -> dict:
     if hasattr(torch, "_weight_int8pack_mm"):
         scales = [s.to(dtype) for _, s in mats]
         row["torch_gbs"] = nbytes / _seconds(lambda: [torch._weight_int8pack_mm(x, q, sc)
-                                                      for (q, _), sc in zip(mats, scales)], 3) / 1e9
+                                                      for (q, _), sc in zip(mats, scales)], reps) / 1e9
     if native.available():
         bound = [native.bind_linear(q, scale=sc) for q, sc in mats]
-        row["native_gbs"] = nbytes / _seconds(lambda: [b(x) for b in bound], 3) / 1e9
+        row["native_gbs"] = nbytes / _seconds(lambda: [b(x) for b in bound], reps) / 1e9
     return row
 
 
@@ -109,7 +110,7 @@ INT8_BLOCK_ROWS = (16, 64)  # prefill blocks: the native kernel takes them in fp
 INT8_TORCH_FP32_MATRICES = 2
 
 
-def streamed_int8_block(n: int, k: int, dtype: torch.dtype, rows: int, mib: int) -> dict:
+def streamed_int8_block(n: int, k: int, dtype: torch.dtype, rows: int, mib: int, reps: int = TIMED_REPS) -> dict:
     """int8 [n, k] weights with per-row scales, a block of ``rows`` activation rows of ``dtype``: torch's int8
     kernel vs the native one bound for blocks (what engine.kernels.moe._Int8Matrix runs in fp32)."""
     from engine.kernels.dequant import quantize_int8_rows
@@ -121,12 +122,12 @@ def streamed_int8_block(n: int, k: int, dtype: torch.dtype, rows: int, mib: int)
     row: dict = {"matrices": count}
     if native.available():
         bound = [native.bind_linear(q, min_bytes=0, scale=sc, blocks=True) for q, sc in mats]
-        row["native_gbs"] = count * n * k / _seconds(lambda: [b(x) for b in bound], 3) / 1e9
+        row["native_gbs"] = count * n * k / _seconds(lambda: [b(x) for b in bound], reps) / 1e9
     if hasattr(torch, "_weight_int8pack_mm"):
         used = mats if dtype != torch.float32 else mats[:INT8_TORCH_FP32_MATRICES]
         scales = [sc.to(dtype) for _, sc in used]
         row["torch_gbs"] = len(used) * n * k / _seconds(lambda: [torch._weight_int8pack_mm(x, q, sc)
-                                                                 for (q, _), sc in zip(used, scales)], 3) / 1e9
+                                                                 for (q, _), sc in zip(used, scales)], reps) / 1e9
     return row
 
 
@@ -135,7 +136,7 @@ INT4_ROWS = (1, 4, 16)
 INT4_TORCH_FP32_MATRICES = 4
 
 
-def streamed_int4(n: int, k: int, dtype: torch.dtype, rows: int, mib: int) -> dict:
+def streamed_int4(n: int, k: int, dtype: torch.dtype, rows: int, mib: int, reps: int = TIMED_REPS) -> dict:
     """int4 [n, k] weights with group scales, ``rows`` activation rows of ``dtype``: torch's int4 kernel vs
     the native one."""
     from engine.kernels.moe import _Int4Matrix, int4_cpu_kernel_available
@@ -149,12 +150,12 @@ def streamed_int4(n: int, k: int, dtype: torch.dtype, rows: int, mib: int) -> di
     row: dict = {"matrices": count}
     if native.available():
         bound = [native.bind_linear(q, min_bytes=0, scale=sc) for q, sc in mats]
-        row["native_gbs"] = count * nbytes / _seconds(lambda: [b(x) for b in bound], 3) / 1e9
+        row["native_gbs"] = count * nbytes / _seconds(lambda: [b(x) for b in bound], reps) / 1e9
         del bound
     if int4_cpu_kernel_available():
         used = mats if dtype != torch.float32 else mats[:INT4_TORCH_FP32_MATRICES]
         torch_mats = [_Int4Matrix(q, sc, dtype) for q, sc in used]
-        row["torch_gbs"] = len(used) * nbytes / _seconds(lambda: [m(x) for m in torch_mats], 3) / 1e9
+        row["torch_gbs"] = len(used) * nbytes / _seconds(lambda: [m(x) for m in torch_mats], reps) / 1e9
     return row
 
 
@@ -162,7 +163,7 @@ FEW_ROWS_SHAPES = (("real expert gate+up", 2048, 4096), ("real expert down", 409
 FEW_ROWS = (1, 2, 3, 4, 6, 8)
 
 
-def few_rows(n: int, k: int, dtype: torch.dtype, rows: int, mib: int) -> dict:
+def few_rows(n: int, k: int, dtype: torch.dtype, rows: int, mib: int, reps: int = TIMED_REPS) -> dict:
     """Plain [n, k] weights of ``dtype``, ``rows`` activation rows: torch's F.linear against the native kernel
     (forced, whatever native.max_rows says), and what the engine's dispatch (native.linear_applies) picks."""
     count = max(2, mib * 2**20 // (n * k * dtype.itemsize))
@@ -170,24 +171,24 @@ def few_rows(n: int, k: int, dtype: torch.dtype, rows: int, mib: int) -> dict:
     mats = [torch.randn(n, k, generator=gen).to(dtype) for _ in range(count)]
     x = torch.randn(rows, k, generator=gen).to(dtype)
     nbytes = count * n * k * dtype.itemsize
-    row: dict = {"matrices": count, "torch_gbs": nbytes / _seconds(lambda: [F.linear(x, w) for w in mats], 3) / 1e9}
+    row: dict = {"matrices": count, "torch_gbs": nbytes / _seconds(lambda: [F.linear(x, w) for w in mats], reps) / 1e9}
     if native.available():
-        row["native_gbs"] = nbytes / _seconds(lambda: [native.linear(x, w) for w in mats], 3) / 1e9
+        row["native_gbs"] = nbytes / _seconds(lambda: [native.linear(x, w) for w in mats], reps) / 1e9
         row["engine_takes"] = "native" if native.linear_applies(x, mats[0]) else "torch"
     return row
 
 
-def per_call(n: int, dtype: torch.dtype) -> dict:
+def per_call(n: int, dtype: torch.dtype, reps: int = TIMED_REPS) -> dict:
     w = torch.randn(n, n).to(dtype)
     x = torch.randn(1, n).to(dtype)
     row = {"kib": n * n * dtype.itemsize // 1024,
-           "plain_us": _seconds(lambda: [F.linear(x, w) for _ in range(200)], 3) / 200 * 1e6}
+           "plain_us": _seconds(lambda: [F.linear(x, w) for _ in range(200)], reps) / 200 * 1e6}
     if native.available():
         bound = native.bind_linear(w, min_bytes=0)  # every size, to show where BIND_MIN_BYTES comes from
-        row["native_us"] = _seconds(lambda: [bound(x) for _ in range(200)], 3) / 200 * 1e6
+        row["native_us"] = _seconds(lambda: [bound(x) for _ in range(200)], reps) / 200 * 1e6
     if onednn_packing_available(dtype):
         p = _pack_matrix(w, True)
-        row["packed_us"] = _seconds(lambda: [_packed_linear(x, p) for _ in range(200)], 3) / 200 * 1e6
+        row["packed_us"] = _seconds(lambda: [_packed_linear(x, p) for _ in range(200)], reps) / 200 * 1e6
     return row
 
 
@@ -207,27 +208,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mib", type=int, default=768, help="weights walked per pass (above the caches)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--reps", type=int, default=TIMED_REPS, help="timed calls per measurement (the best is kept)")
     args = ap.parse_args(argv)
+    if args.reps < 1:
+        ap.error(f"--reps must be at least 1; got {args.reps}")
     torch.set_num_threads(args.threads)
     out: dict = {"threads": args.threads, "read_gbs": read_bandwidth(args.mib), "streamed": {}, "per_call": {},
                  "int8": {}, "int8_blocks": {}, "int4": {}, "few_rows": {}}
     with torch.inference_mode():
         for dname, dtype in DTYPES.items():
             for name, n, k in SHAPES:
-                out["streamed"][f"{dname} {name} [{n}x{k}]"] = streamed(n, k, dtype, args.mib)
-                out["int8"][f"int8, {dname} x: {name} [{n}x{k}]"] = streamed_int8(n, k, dtype, args.mib)
+                out["streamed"][f"{dname} {name} [{n}x{k}]"] = streamed(n, k, dtype, args.mib, args.reps)
+                out["int8"][f"int8, {dname} x: {name} [{n}x{k}]"] = streamed_int8(n, k, dtype, args.mib, args.reps)
             for n in SMALL:
-                out["per_call"][f"{dname} {n}x{n}"] = per_call(n, dtype)
+                out["per_call"][f"{dname} {n}x{n}"] = per_call(n, dtype, args.reps)
             for name, n, k in FEW_ROWS_SHAPES:
                 for rows in FEW_ROWS:
-                    out["few_rows"][f"{dname} x{rows}: {name} [{n}x{k}]"] = few_rows(n, k, dtype, rows, args.mib // 4)
+                    out["few_rows"][f"{dname} x{rows}: {name} [{n}x{k}]"] = few_rows(n, k, dtype, rows, args.mib // 4,
+                                                                                     args.reps)
             for name, n, k in INT4_SHAPES:
                 for rows in INT8_BLOCK_ROWS:
                     out["int8_blocks"][f"int8, {dname} x{rows}: {name} [{n}x{k}]"] = streamed_int8_block(
-                        n, k, dtype, rows, args.mib // 2)
+                        n, k, dtype, rows, args.mib // 2, args.reps)
                 for rows in INT4_ROWS:
                     out["int4"][f"int4, {dname} x{rows}: {name} [{n}x{k}]"] = streamed_int4(n, k, dtype, rows,
-                                                                                              args.mib // 2)
+                                                                                              args.mib // 2, args.reps)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0

@@ -8,8 +8,8 @@ from tests.paths import REPO
 
 
 def test_cpu_gemv_bench_reports_every_shape():
-    r = subprocess.run([sys.executable, "bench/cpu_gemv.py", "--mib", "16", "--threads", "1", "--json"], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "bench/cpu_gemv.py", "--mib", "16", "--threads", "1", "--reps", "1", "--json"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out["read_gbs"] > 0 and len(out["streamed"]) == 6 and len(out["per_call"]) == 10
