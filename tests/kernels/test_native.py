@@ -4,6 +4,10 @@ fallback to torch when they cannot be built or are switched off."""
 
 from __future__ import annotations
 
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -38,6 +42,46 @@ def fresh_native(tmp_path, monkeypatch):
     yield tmp_path
     monkeypatch.undo()
     native.reset()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                for f in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+VECTOR_WIDTHS = (4, 8, 16)  # floats: the SSE, AVX and AVX-512 layouts
+OLDER_CPUS = [  # isa, the CPU flags it needs to run here, its vector width in floats, int8-activation kinds
+    ("avx2", {"avx2", "fma"}, 8, ("int4", "int8")), ("avx-vnni", {"avx2", "fma", "avx_vnni"}, 8, ("int4", "int8")),
+    ("avx512", {"avx512f", "avx512bw"}, 16, ("int4", "int8"))]
+
+
+@pytest.fixture(scope="module")
+def variant_builds() -> dict[str | None, Path]:
+    """Every build of this file (this CPU's, each vector width, each older CPU this one can run) compiled at once
+    into the session's build cache, one compiler per core (each is a compiler run of 5-20 s); the tests then
+    build them as a user would and find them there. A build that fails is left for its test to say. Gives the
+    files of this CPU's build (key None) and of each older CPU's."""
+    cc = native._compiler()
+    isas = {None: ()} | {isa: native.EMULATED_ISAS[isa] for isa, needs, *_ in OLDER_CPUS if needs <= _cpu_flags()}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        files = {isa: pool.submit(native._build, cc, flags) for isa, flags in isas.items()}
+        wait([pool.submit(native.build_with_vector_width, floats) for floats in VECTOR_WIDTHS] + list(files.values()))
+    return {isa: built.result() for isa, built in files.items() if built.exception() is None}
+
+
+@pytest.fixture
+def fresh_native_holding(variant_builds, fresh_native):
+    """`fresh_native` with the session's builds for these `isas` (None: this CPU's) copied in (building itself is
+    tested by test_build_is_cached_per_source_compiler_and_cpu; this saves compiling them again)."""
+    def holding(*isas: str | None) -> None:
+        (fresh_native / "kernels").mkdir(exist_ok=True)
+        for isa in isas:
+            if isa in variant_builds:
+                shutil.copy(variant_builds[isa], fresh_native / "kernels")
+    return holding
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -274,10 +318,12 @@ def test_build_is_cached_per_source_compiler_and_cpu(fresh_native):
 
 
 @needs_native
-def test_the_environment_builds_the_kernels_as_an_older_cpu_does(fresh_native, monkeypatch, caplog):
+def test_the_environment_builds_the_kernels_as_an_older_cpu_does(fresh_native, fresh_native_holding, monkeypatch,
+                                                                  caplog):
     """MING_NATIVE_ISA=avx2 builds the kernels as a CPU without AVX-512 or VNNI does (8-float vectors at most; int8
     activations for int4 and int8 weights, without VNNI's instructions) into a cache entry of their own, and says
     so; an unknown value is named once in the log and this CPU's build loads."""
+    fresh_native_holding(None, "avx2")
     monkeypatch.delenv(native.ISA_ENV, raising=False)  # this CPU's build first, whatever this shell says
     assert native.available()
     own = native._lib.ming_vector_floats()
@@ -362,7 +408,8 @@ def test_small_ops_leave_other_inputs_to_torch():
 
 
 @needs_native
-@pytest.mark.parametrize("floats", [4, 8, 16])
+@pytest.mark.usefixtures("variant_builds")
+@pytest.mark.parametrize("floats", VECTOR_WIDTHS)
 def test_every_vector_width_computes_the_same(floats, monkeypatch):
     """The SSE (4 floats), AVX (8) and AVX-512 (16 floats) layouts — tails, the bf16 even/odd permutation
     of the activations, the activations written in that layout by the MoE call and the attention, row
@@ -785,18 +832,10 @@ def test_activation_settings_choose_by_weight_kind(fp32_activations):
         native.set_quantized_activations("int4")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        return {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                for f in line.split(":", 1)[1].split()}
-    except OSError:
-        return set()
-
 
 @needs_native
-@pytest.mark.parametrize("isa,needs,floats,kinds", [
-    ("avx2", {"avx2", "fma"}, 8, ("int4", "int8")), ("avx-vnni", {"avx2", "fma", "avx_vnni"}, 8, ("int4", "int8")),
-    ("avx512", {"avx512f", "avx512bw"}, 16, ("int4", "int8"))])
+@pytest.mark.usefixtures("variant_builds")
+@pytest.mark.parametrize("isa,needs,floats,kinds", OLDER_CPUS)
 def test_older_cpus_builds_meet_int4_weights_with_int8_activations(isa, needs, floats, kinds, monkeypatch):
     """The kernels as a CPU without AVX-512 builds them (8-float vectors; a 64-byte unit in two halves; byte dot
     products by vpmaddubsw + vpmaddwd, or AVX-VNNI's vpdpbusd), or one with AVX-512 but without VNNI (vpmaddubsw +
@@ -1124,6 +1163,7 @@ def test_quantisers_leave_what_they_do_not_take_to_torch():
 
 
 @needs_native
+@pytest.mark.usefixtures("variant_builds")
 def test_quantisers_scalar_path_gives_the_same_values(monkeypatch):
     """The quantisers' scalar loops (CPUs without AVX-512, and a build of another vector width here)."""
     from engine.kernels.dequant import quantize_int8_rows
