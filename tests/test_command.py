@@ -4,9 +4,11 @@ shell's code for it, never a traceback; run as the user runs it (`python -m engi
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -73,12 +75,26 @@ COMMANDS = ["engine.generate", "engine.imagine", "engine.tts", "engine.tiny", "e
             "engine.tools.frontend_parity"]
 
 
+@pytest.fixture(scope="module")
+def help_answers() -> dict[str, Future]:
+    """`python -m X --help` of every command (with the modules it imports listed on stderr), as many at once as
+    there are cores (each spends seconds importing torch); each test waits for its own."""
+    def answer(module: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], cwd=REPO,
+                              capture_output=True, text=True, timeout=STARTED_TIMEOUT_S)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        yield {module: pool.submit(answer, module) for module in COMMANDS}
+
+
 @pytest.mark.parametrize("module", COMMANDS)
-def test_every_command_answers_help(module):
-    """`python -m engine.tools.frontend_parity --help` looked for fixtures in a folder named '--help' (exit 1)."""
-    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
-                       timeout=STARTED_TIMEOUT_S)
-    assert r.returncode == 0 and r.stdout.startswith("usage: python -m engine."), r.stderr
+def test_every_command_answers_help(module, help_answers):
+    """`python -m engine.tools.frontend_parity --help` looked for fixtures in a folder named '--help' (exit 1); every
+    command importing the language model imported torch._dynamo's compiler (by torch.nn.attention.bias), as long
+    again as torch's own import, before saying anything."""
+    r = help_answers[module].result()
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m engine."), r.stderr[-2000:]
+    assert not re.search(r"\| +torch\._dynamo\.convert_frame$", r.stderr, re.MULTILINE), "imports torch._dynamo's compiler"
 
 
 def test_a_dash_reads_the_text_from_stdin(monkeypatch):

@@ -4,6 +4,7 @@ dense first layers, MoE layers with a MultiRouter, final norm and lm_head (spec 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -12,7 +13,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from engine import kernels
 from engine.models.thinker.config import LLMConfig
@@ -78,9 +78,16 @@ class StepInputs:
         return self._fp32_tables
 
     def to(self, device: torch.device) -> "StepInputs":
-        move = (lambda t: t if t is None or isinstance(t, (int, CausalBias)) else t.to(device))  # noqa: E731
+        move = (lambda t: t if t is None or isinstance(t, int) or _is_causal_bias(t) else t.to(device))  # noqa: E731
         return StepInputs(move(self.cos), move(self.sin), move(self.mask), self.causal, move(self.write_at),
                           self.read_upto)
+
+
+def _is_causal_bias(t: torch.Tensor) -> bool:
+    """A CausalBias (a GPU prefill chunk's mask); its module is imported only where one is made (importing it
+    imports torch._dynamo: as long again as torch's own import, at every command's start)."""
+    bias = sys.modules.get("torch.nn.attention.bias")
+    return bias is not None and isinstance(t, bias.CausalBias)
 
 
 class DecoderLayer(nn.Module):
@@ -278,8 +285,11 @@ class BailingMoeV2Model(nn.Module):
         elif causal and past:  # a chunk after cached tokens: causal, bottom-right aligned
             # (on GPUs as a CausalBias, which SDPA runs in its flash kernel: a materialised mask with GQA
             # would fall back to the math kernel and its [heads, q, kv] scores)
-            mask = causal_mask(q_len, past + q_len, x.device) if x.device.type == "cpu" else \
-                causal_lower_right(q_len, past + q_len)
+            if x.device.type == "cpu":
+                mask = causal_mask(q_len, past + q_len, x.device)
+            else:
+                from torch.nn.attention.bias import causal_lower_right
+                mask = causal_lower_right(q_len, past + q_len)
         else:
             mask = None
         cos, sin = self.rotary_emb(position_ids, numerics)
