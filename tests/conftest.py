@@ -70,10 +70,16 @@ def scripted_tokens(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def preview_engine(tmp_path_factory):
-    """A tiny Preview engine (`engine.tiny --release preview`): its image generator is the SD3-style DiT."""
-    from engine.runtime import Engine
+def preview_checkpoint(tmp_path_factory) -> Path:
+    """A tiny Preview checkpoint (`engine.tiny --release preview`), written once per session."""
     from engine.tiny import write_tiny_checkpoint
 
-    root = write_tiny_checkpoint(tmp_path_factory.mktemp("preview-imagegen") / "p", release="preview")
-    return Engine.load(root, dtype="fp32", device="cpu")
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("preview-imagegen") / "p", release="preview")
+
+
+@pytest.fixture(scope="session")
+def preview_engine(preview_checkpoint):
+    """A tiny Preview engine (`engine.tiny --release preview`): its image generator is the SD3-style DiT."""
+    from engine.runtime import Engine
+
+    return Engine.load(preview_checkpoint, dtype="fp32", device="cpu")

@@ -11,18 +11,17 @@ import pytest
 import torch
 
 from engine.models.thinker.config import MingConfig
-from engine.tiny import REAL_SPECIAL_TOKENS, is_demo_checkpoint, tree_digest, write_tiny_checkpoint
+from engine.tiny import REAL_SPECIAL_TOKENS, is_demo_checkpoint, tree_digest
 from engine.models.thinker.tokenizer import MingTokenizer
 from tests.paths import REPO
 
 
 def test_generation_is_deterministic(tmp_path, tiny_checkpoint):
-    a = write_tiny_checkpoint(tmp_path / "a")
-    assert tree_digest(a) == tree_digest(tiny_checkpoint)
+    """`python -m engine.tiny DIR` writes the very checkpoint the session's (written in this process) is."""
     out = subprocess.run([sys.executable, "-m", "engine.tiny", str(tmp_path / "b")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert tree_digest(tmp_path / "b") == tree_digest(a)
+    assert tree_digest(tmp_path / "b") == tree_digest(tiny_checkpoint)
 
 
 def test_upstream_layout_and_tokens(tiny_checkpoint):
@@ -57,7 +56,8 @@ def test_random_replies_read_as_words_not_broken_bytes(tiny_engine):
         assert len(words) >= 6 and sum(w.isalpha() for w in words) >= 0.8 * len(words), done.text
 
 
-def test_preview_format_tiny_checkpoint_loads_and_runs_text_image_and_audio(tmp_path):
+def test_preview_format_tiny_checkpoint_loads_and_runs_text_image_and_audio(tmp_path, preview_checkpoint,
+                                                                            preview_engine):
     """`python -m engine.tiny --release preview`: the Preview layout (Qwen2.5-VL ViT with window attention
     and full-attention blocks from its config, rope_theta 600000, no interleaved video timestamps,
     patch-14 / factor-28 processor, the Preview talker) loaded by the normal code, every implemented
@@ -66,14 +66,13 @@ def test_preview_format_tiny_checkpoint_loads_and_runs_text_image_and_audio(tmp_
 
     from engine.events import Done
     from engine.models.thinker.vision import Qwen2_5_VisionTransformer
-    from engine.runtime import Engine
     from engine.sampling import GenerationParams
 
     out = subprocess.run([sys.executable, "-m", "engine.tiny", "--release", "preview", str(tmp_path / "p")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     root = tmp_path / "p"
-    assert tree_digest(write_tiny_checkpoint(tmp_path / "q", release="preview")) == tree_digest(root)
+    assert tree_digest(preview_checkpoint) == tree_digest(root)  # (the session's, written in this process)
     cfg = MingConfig.from_file(root)
     assert cfg.release == "preview" and cfg.llm.rope_theta == 600000
     assert not cfg.llm.use_interleaved_frame_timestamp and cfg.llm.video_start_token_is_image_end
@@ -95,7 +94,7 @@ def test_preview_format_tiny_checkpoint_loads_and_runs_text_image_and_audio(tmp_
     vae_cfg = json.loads((root / "talker" / "vae" / "config.json").read_text())
     assert (vae_cfg["sample_rate"], vae_cfg["patch_size"]) == (16000, -1)
 
-    engine = Engine.load(root, dtype="fp32", device="cpu")
+    engine = preview_engine  # loaded from the same checkpoint (same digest)
     assert engine.has_talker and engine.talker.preview and engine.talker.sample_rate == 16000, engine.talker_error
     vit = engine.model.encoders.vision
     assert isinstance(vit, Qwen2_5_VisionTransformer)
@@ -117,18 +116,16 @@ def test_preview_format_tiny_checkpoint_loads_and_runs_text_image_and_audio(tmp_
     assert isinstance(done, Done), done
 
 
-def test_preview_format_tiny_checkpoint_takes_video(tmp_path):
+def test_preview_format_tiny_checkpoint_takes_video(preview_engine):
     """Preview video (spec §4.2 Preview, §6.2, §3.4): its own sampler, one (t, h, w) grid encoded by the
     Qwen2.5 ViT, `<video><framePatch>…</video>\\n` without timestamps, frame tokens on 1-D positions."""
     import numpy as np
 
     from engine.events import Done
     from engine.models.thinker.positions import PositionTokens, rope_index
-    from engine.runtime import Engine
     from engine.sampling import GenerationParams
 
-    root = write_tiny_checkpoint(tmp_path / "p", release="preview")
-    engine = Engine.load(root, dtype="fp32", device="cpu")
+    engine = preview_engine
     frames = [np.random.default_rng(i).integers(0, 255, (60, 80, 3), dtype=np.uint8) for i in range(6)]
     img = np.random.default_rng(9).integers(0, 255, (56, 56, 3), dtype=np.uint8)
     msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "video", "video": frames},
