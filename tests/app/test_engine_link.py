@@ -12,6 +12,7 @@ import pytest
 
 from app.engine_link import EngineLink
 from engine.client import EngineClient
+from tests.app.canned_http import answering, serving
 
 CHECK_S = 0.25  # the link's check timeout in these tests (the studio's is CHECK_TIMEOUT_S)
 CLIENT_S = 30.0  # the client's own request timeout: what a check waited before
@@ -71,20 +72,14 @@ def test_an_address_where_something_else_answers_is_not_called_a_silent_engine(t
     """ENGINE_URL at another web server (a wrong port): its 404 page was said as 'the engine ... is not answering',
     sending the user to look for a stopped engine instead of at the address."""
     from functools import partial
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import SimpleHTTPRequestHandler
 
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
-    web = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(tmp_path)))
-    threading.Thread(target=web.serve_forever, daemon=True).start()
-    try:
-        status = EngineLink(EngineClient(f"http://127.0.0.1:{web.server_address[1]}", timeout=CLIENT_S),
-                            check_timeout_s=5.0).status()
-    finally:
-        web.shutdown()
-        web.server_close()
+    with serving(partial(Quiet, directory=str(tmp_path))) as url:
+        status = EngineLink(EngineClient(url, timeout=CLIENT_S), check_timeout_s=5.0).status()
     assert not status.ok and "answered, but not as a Ming engine server does" in status.problem
     assert "HTTP 404" in status.problem and "--port" in status.problem
 
@@ -442,29 +437,9 @@ def test_an_engine_answering_503_while_it_starts_is_not_said_as_not_answering():
     """An engine (or its proxy) answering 503 'model is loading, retry in 10 s' was said as 'the engine ... is not
     answering (... model is loading ...)': it answered. The banner says it answered that it cannot serve yet, with
     its words and when it asks to be tried again."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Starting(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802  (http.server's name)
-            body = b'{"detail": "model is loading"}'
-            self.send_response(503)
-            self.send_header("Retry-After", "10")
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):  # (quiet)
-            pass
-
-    web = ThreadingHTTPServer(("127.0.0.1", 0), Starting)
-    threading.Thread(target=web.serve_forever, daemon=True).start()
-    try:
-        status = EngineLink(EngineClient(f"http://127.0.0.1:{web.server_address[1]}", timeout=CLIENT_S),
-                            check_timeout_s=5.0).status()
-    finally:
-        web.shutdown()
-        web.server_close()
+    starting = answering(503, {"detail": "model is loading"}, {"Retry-After": "10"})
+    with serving(starting) as url:
+        status = EngineLink(EngineClient(url, timeout=CLIENT_S), check_timeout_s=5.0).status()
     assert not status.ok and "not answering" not in status.problem, status.problem
     assert "cannot serve yet" in status.problem and "model is loading" in status.problem
     assert "try again in 10 s" in status.problem

@@ -12,13 +12,12 @@ import sys
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from app.live_proxy import LIVE_WS_PATH
+from tests.app.canned_http import answering, serving
 from tests.server import handshake_answer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -285,30 +284,10 @@ def test_an_engine_url_secret_with_a_login_in_it_is_refused_naming_the_secret_no
     assert "s3cret" not in err
 
 
-@contextmanager
 def card_server(card: dict, port: int = 0):
     """The URL of a server answering every GET with a /v1/models list holding `card` (what a studio asks at start), on
     `port` (0: any free one)."""
-    body = json.dumps({"object": "list", "data": [card]}).encode()
-
-    class Card(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802  (http.server's name)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):  # (quiet)
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Card)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    return serving(answering(200, {"object": "list", "data": [card]}), port)
 
 
 @pytest.mark.parametrize("max_sessions", [None, 200])
