@@ -111,6 +111,8 @@ def write_checkpoint(config_dir: Path, out: Path, layers: int, experts: int, ove
 def child(checkpoint: str, dtype: str, experts: str, linears: str) -> None:
     """Run in the measured process: signal readiness, load when told, report."""
     import torch  # noqa: F401  (imported before the baseline is read)
+    import torch._dynamo  # noqa: F401  (so is the compiler: any model build imports it, through torch._refs' init
+    # of the meta-device modules, ~75 MB of code and tables that are not the model's weights)
 
     from engine.models.thinker.model import load_model
     print("ready", flush=True)
