@@ -130,7 +130,7 @@ def note_answer_rate(decoder: Any, headers: Any) -> None:
     if isinstance(decoder, wire.SpeechSseDecoder):
         decoder.answer_rate = answer_rate(headers)
     elif isinstance(decoder, WavStreamDecoder):
-        kind, params = media_type(headers.get("content-type") or "")
+        kind, params = wire.media_type(headers.get("content-type") or "")
         if kind in RAW_PCM_TYPES:
             decoder.raw_pcm(RAW_PCM_TYPES[kind], answer_rate(headers), _whole_number(params.get("channels")))
 
@@ -139,14 +139,7 @@ def answer_rate(headers: Any) -> int | None:
     """The sample rate an answer's head says: its X-Sample-Rate header, else its Content-Type's rate parameter
     (audio/pcm;rate=24000); None when it says none (or something that is not a positive whole number)."""
     return (_whole_number(headers.get("x-sample-rate"))
-            or _whole_number(media_type(headers.get("content-type") or "")[1].get("rate")))
-
-
-def media_type(content_type: str) -> tuple[str, dict[str, str]]:
-    """'audio/L16; rate=16000' -> ('audio/l16', {'rate': '16000'}): the type in lower case, its parameters."""
-    kind, *params = content_type.split(";")
-    pairs = (param.split("=", 1) for param in params if "=" in param)
-    return kind.strip().lower(), {name.strip().lower(): value.strip().strip('"') for name, value in pairs}
+            or _whole_number(wire.media_type(headers.get("content-type") or "")[1].get("rate")))
 
 
 def _whole_number(text: Any) -> int | None:

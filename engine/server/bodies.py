@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from engine.server.codec import bad, need_dict
 from engine.server.limits import human_bytes
-from engine.server.protocol import ApiError
+from engine.server.protocol import ApiError, media_type
 from engine.server.text import check_json_values, check_utf8, json_error, parse_json_text
 
 JSON = "application/json"
@@ -42,12 +42,7 @@ class ClientGone(Exception):
 
 def content_type(request: Request) -> tuple[str, dict[str, str]]:
     """(media type in lower case, parameters) of the request's Content-Type ("" when absent)."""
-    mime, *params = request.headers.get("content-type", "").split(";")
-    options = {}
-    for param in params:
-        key, _, value = param.partition("=")
-        options[key.strip().lower()] = value.strip().strip('"')
-    return mime.strip().lower(), options
+    return media_type(request.headers.get("content-type", ""))
 
 
 def is_json(mime: str) -> bool:

@@ -89,6 +89,17 @@ CLIENT_ERROR_CODES: dict[str, str] = {
 }
 
 
+def media_type(content_type: str) -> tuple[str, dict[str, str]]:
+    """A Content-Type header, request's or answer's: 'audio/L16; rate=16000' -> ('audio/l16', {'rate': '16000'}), the
+    type in lower case and its parameters ("" for a header that is absent)."""
+    kind, *params = content_type.split(";")
+    options = {}
+    for param in params:
+        name, _, value = param.partition("=")
+        options[name.strip().lower()] = value.strip().strip('"')
+    return kind.strip().lower(), options
+
+
 def error_kind(status: int) -> str:
     """OpenAI's error `type` for an HTTP status."""
     if status == 401:
