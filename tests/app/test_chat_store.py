@@ -5,6 +5,7 @@ before (one list) are carried over once, the store keeps the most recent when it
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -145,6 +146,9 @@ def test_a_conversation_open_in_another_tab_is_listed_so_and_not_opened_twice(pa
         localStorage.setItem("ming-studio-chat-open/dead", JSON.stringify({{holder: "x", at: Date.now() - 120000}}));
     }}""")
     a.close(run_before_unload=True)  # (its pagehide releases its claim)
+    deadline = time.monotonic() + 10  # (a close that runs the unload handlers is not waited for: wait until it is done)
+    while not a.is_closed() and time.monotonic() < deadline:
+        b.wait_for_timeout(20)
     assert not any(c["held"] for c in call(b, "return chats.earlier();"))
     assert call(b, f"return chats.open({a_id!r});") == turn("A")
     assert call(b, "return chats.open('dead');") == turn("D")
