@@ -24,8 +24,12 @@ Method
   the experts that received tokens: at the default shape, all of them). Median of the timed calls.
 * Bytes per call = weight bytes of the experts that received at least one token, each counted once,
   plus the shared expert. Achieved bytes/s = bytes / time; ``roofline_fraction`` = achieved / measured
-  bandwidth. The router GEMM is not in the timed call (routing is given, to control which experts are
-  read); activations are not counted as bytes.
+  bandwidth. ``paired`` (decode): before each timed pass and after the last, a 2 GiB buffer is read again
+  (best of ``PROBE_READS`` sums); each pass's GB/s is divided by the higher of the two reads around it, and the
+  median over the passes is printed. On a VM whose memory bandwidth moves with its neighbours' load (here 35 GB/s
+  one hour, 52 another) this compares the kernel with the bandwidth of its own seconds; ``roofline`` divides by
+  the best read of the whole run (the more conservative figure). The router GEMM is not in the timed call
+  (routing is given, to control which experts are read); activations are not counted as bytes.
 * Paths: ``plain`` = ``moe_experts`` on stacked [E, I, H] weights (the reference CPU path);
   ``packed`` = ``moe_experts_packed`` on :class:`engine.kernels.PackedExperts` (gate+up concatenated;
   plain layout run by the native decode kernel with the shared expert in the same pass where it is
@@ -97,7 +101,8 @@ ROUTED_SCALING = 2.5  # routing weights sum to 2.5 in BailingMoeV2
 POOL_FACTOR = 4  # the random pool holds this many expert matrices' worth of values
 WEIGHT_STD = 0.02
 DECODE_WARMUP_PASSES = 1
-DECODE_TIMED_PASSES = 2
+DECODE_TIMED_PASSES = 4
+PROBE_READS = 2  # a paired bandwidth probe: best of this many reads of the bandwidth buffer
 PREFILL_WARMUP_CALLS = 1
 PREFILL_TIMED_CALLS = 3
 
@@ -133,6 +138,8 @@ class ModeResult:
     roofline_fraction: float
     gflops: float
     other_cpu_load: float
+    # decode: median over the timed passes of (the pass's GB/s) / (bandwidth read just before or after it, the higher)
+    paired_roofline: float | None = None
 
 
 def _busy_cpu_seconds() -> float | None:
@@ -163,6 +170,23 @@ class ContentionMeter:
         own = times.user + times.system - self.own
         wall = time.perf_counter() - self.wall
         return max(0.0, (machine - self.machine - own) / (wall * (os.cpu_count() or 1)))
+
+
+class BandwidthProbe:
+    """The read bandwidth of the moment (GB/s): best of PROBE_READS sums of a buffer far above the caches, taken
+    between decode passes, so each pass is compared with the bandwidth of its own time (a VM's memory bandwidth
+    moves with its neighbours' load)."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.ones(BANDWIDTH_BUFFER_BYTES // 4, dtype=torch.float32)
+
+    def __call__(self) -> float:
+        best = 0.0
+        for _ in range(PROBE_READS):
+            start = time.perf_counter()
+            self.buffer.sum()
+            best = max(best, BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - start) / 1e9)
+        return best
 
 
 def measure_bandwidth() -> float:
@@ -394,28 +418,38 @@ def expert_flops(shape: LayerShape, tokens: int) -> float:
 
 
 def bench_decode(call: LayerCall, shape: LayerShape, bandwidth: float, seed: int,
-                 expert_bytes: int | None = None) -> ModeResult:
+                 expert_bytes: int | None = None, probe: BandwidthProbe | None = None) -> ModeResult:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, shape.hidden, generator=gen).to(shape.dtype)
     calls_per_pass = shape.experts // shape.top_k
+    nbytes = shape.top_k * (expert_bytes or shape.expert_bytes) + shape.shared_bytes
     meter = ContentionMeter()
-    times: list[float] = []
+    pass_seconds: list[float] = []
+    probes: list[float] = []
     step = 0
     for p in range(DECODE_WARMUP_PASSES + DECODE_TIMED_PASSES):
+        timed = p >= DECODE_WARMUP_PASSES
+        if timed and probe is not None:
+            probes.append(probe())
         order = torch.randperm(shape.experts, generator=gen)
+        elapsed = 0.0
         for c in range(calls_per_pass):
             ids = order[c * shape.top_k : (c + 1) * shape.top_k].view(1, -1)
             weights = routing_weights(ids, gen)
             start = time.perf_counter()
             call(x, ids, weights, step % SHARED_COPIES)
-            elapsed = time.perf_counter() - start
+            elapsed += time.perf_counter() - start
             step += 1
-            if p >= DECODE_WARMUP_PASSES:
-                times.append(elapsed)
-    seconds = statistics.fmean(times)
-    nbytes = shape.top_k * (expert_bytes or shape.expert_bytes) + shape.shared_bytes
+        if timed:
+            pass_seconds.append(elapsed / calls_per_pass)
+    paired = None
+    if probe is not None:
+        probes.append(probe())
+        paired = statistics.median(nbytes / s / 1e9 / max(probes[i], probes[i + 1]) for i, s in enumerate(pass_seconds))
+    seconds = statistics.fmean(pass_seconds)
     gbs = nbytes / seconds / 1e9
-    return ModeResult(seconds * 1e3, nbytes, gbs, gbs / bandwidth, expert_flops(shape, 1) / seconds / 1e9, meter.other_load())
+    return ModeResult(seconds * 1e3, nbytes, gbs, gbs / bandwidth, expert_flops(shape, 1) / seconds / 1e9,
+                      meter.other_load(), paired)
 
 
 def bench_prefill(call: LayerCall, shape: LayerShape, tokens: int, bandwidth: float, seed: int,
@@ -435,6 +469,10 @@ def bench_prefill(call: LayerCall, shape: LayerShape, tokens: int, bandwidth: fl
     nbytes = int(ids.unique().numel()) * (expert_bytes or shape.expert_bytes) + shape.shared_bytes
     gbs = nbytes / seconds / 1e9
     return ModeResult(seconds * 1e3, nbytes, gbs, gbs / bandwidth, expert_flops(shape, tokens) / seconds / 1e9, meter.other_load())
+
+
+def _fraction(value: object) -> str:
+    return "-" if value is None else f"{float(value):.2f}"  # type: ignore[arg-type]
 
 
 def _flag(other_load: float) -> str:
@@ -569,18 +607,20 @@ def main() -> None:
         huge_page_ab(paths, shape, bandwidth, args)
         return
     huge_pages.set_enabled(args.huge_pages == "on")
+    probe = BandwidthProbe()
     for path in paths:
         built = build_path(path, shape, args)
         if built is None:
             continue
         call, nbytes, info = built
-        decode = bench_decode(call, shape, bandwidth, args.seed + 1, nbytes)
+        decode = bench_decode(call, shape, bandwidth, args.seed + 1, nbytes, probe)
         results[path] = {"decode": asdict(decode), **info}
         if args.prefill_tokens > 0:  # 0: decode only
             results[path]["prefill"] = asdict(bench_prefill(call, shape, args.prefill_tokens, bandwidth, args.seed + 2,
                                                              nbytes))
         del call, built
         gc.collect()
+    del probe
 
     modes = ("decode", "prefill") if args.prefill_tokens > 0 else ("decode",)
     meter = ContentionMeter()
@@ -614,6 +654,7 @@ def main() -> None:
         "bandwidth_other_cpu_load": baseline_other_load,
         "gemm_peak_gflops": gemm_gflops,
         "roofline_fraction_decode": decode_r["roofline_fraction"],
+        "paired_roofline_decode": decode_r["paired_roofline"],
         "roofline_fraction_prefill": prefill_r["roofline_fraction"],
         "decode_ms": decode_r["ms_per_call"],
         "prefill_ms": prefill_r["ms_per_call"],
@@ -638,7 +679,7 @@ def main() -> None:
         f"measured read bandwidth: {bandwidth:.1f} GB/s; dense GEMM {GEMM_SHAPE}: {gemm_gflops:.0f} GFLOP/s "
         f"(other processes' CPU load meanwhile: {baseline_other_load:.2f}){_flag(baseline_other_load)}"
     )
-    header = f"{'path':<11} {'mode':<8} {'ms/call':>9} {'weight MB':>10} {'GB/s':>7} {'roofline':>9} {'GFLOP/s':>8} {'other load':>11}"
+    header = f"{'path':<11} {'mode':<8} {'ms/call':>9} {'weight MB':>10} {'GB/s':>7} {'roofline':>9} {'paired':>7} {'GFLOP/s':>8} {'other load':>11}"
     print(header)
     print("-" * len(header))
     for path, res in results.items():
@@ -647,7 +688,8 @@ def main() -> None:
             assert isinstance(r, dict)
             print(
                 f"{path:<11} {mode:<8} {r['ms_per_call']:>9.2f} {r['weight_bytes'] / 1e6:>10.1f} "
-                f"{r['achieved_gbs']:>7.1f} {r['roofline_fraction']:>9.2f} {r['gflops']:>8.1f} "
+                f"{r['achieved_gbs']:>7.1f} {r['roofline_fraction']:>9.2f} {_fraction(r.get('paired_roofline')):>7} "
+                f"{r['gflops']:>8.1f} "
                 f"{r['other_cpu_load']:>11.2f}{_flag(float(r['other_cpu_load']))}"  # type: ignore[arg-type]
             )
     if any(p.startswith("packed") for p in results):
@@ -661,7 +703,8 @@ def main() -> None:
     prefill_line = ("" if "prefill" not in modes else
                     f", prefill {summary['roofline_fraction_prefill']:.2f} (prefill at "
                     f"{summary['prefill_compute_fraction']:.2f} of the dense GEMM rate)")
-    print(f"headline ({headline_path}): roofline_fraction decode {summary['roofline_fraction_decode']:.2f}{prefill_line}")
+    print(f"headline ({headline_path}): roofline_fraction decode {summary['roofline_fraction_decode']:.2f} "
+          f"(paired {_fraction(summary['paired_roofline_decode'])}){prefill_line}")
 
 
 if __name__ == "__main__":
