@@ -62,6 +62,9 @@ SAVE_STOPPED = "Stopped: the voice '{name}' was not saved."
 # engine's "unknown voice ...; saved voices: ..." was shown in the wire's words
 ALREADY_DELETED = ("The voice '{name}' is not saved any more (it was deleted elsewhere, in another tab?): the list "
                    "is up to date now.")
+# Make it refused for a saved voice that is not saved any more (the engine's code): the list is brought up to date
+VOICE_NOT_FOUND = "voice_not_found"
+LIST_UPDATED = "the Saved voice list is up to date now: choose another voice"
 CLIP_TEXT = "What the clip says"  # the transcript box
 # The tab's own transcription of a clip to save heard no words: the save passed no transcript and the engine transcribed
 # the clip again (the same nothing), where Stop could not stop it. The voice is not saved; the user types the words.
@@ -184,10 +187,11 @@ def instruction(dialect, emotion, speed, pitch, volume, style, ip, env, snr) -> 
     return out
 
 
-def refused(message: str) -> tuple:
+def refused(message: str, voices=None) -> tuple:
     """What Make it yields for a request refused before anything is sent: the message on the status line, the last
-    clip made left playing and offered (a press with no text wiped the player and the WAV just made)."""
-    return gr.skip(), gr.skip(), message, gr.skip()
+    clip made left playing and offered (a press with no text wiped the player and the WAV just made); `voices`: the
+    Saved voice list's update (left as it is by default)."""
+    return gr.skip(), gr.skip(), message, gr.skip(), gr.skip() if voices is None else voices
 
 
 def refused_aloud(message: str) -> tuple:
@@ -273,16 +277,16 @@ class VoiceController:
             for event in self.link.client.speak(text or "", cancel=cancel, **kwargs):
                 # (before any sound: the last take stays playing and offered until the new one's first sound)
                 if isinstance(event, QueuePosition):
-                    yield gr.skip(), transcript, queue_line(event), gr.skip()
+                    yield gr.skip(), transcript, queue_line(event), gr.skip(), gr.skip()
                 elif isinstance(event, Progress) and event.stage == TRANSCRIBING_STAGE:  # (seconds)
-                    yield gr.skip(), transcript, TRANSCRIBING_CLIP, gr.skip()
+                    yield gr.skip(), transcript, TRANSCRIBING_CLIP, gr.skip(), gr.skip()
                 elif isinstance(event, AudioChunk):
                     pcm = np.frombuffer(event.pcm, dtype="<i2")
                     rate = event.sample_rate
                     chunks.append(pcm)
                     # how far it is (a long text said only "Generating…" for minutes)
                     made = sum(len(c) for c in chunks) / rate
-                    yield (rate, pcm), transcript, f"{GENERATING} {made:.1f} s of audio so far", None
+                    yield (rate, pcm), transcript, f"{GENERATING} {made:.1f} s of audio so far", None, gr.skip()
                 elif isinstance(event, (Done, Error)):
                     final = event
                     break
@@ -306,14 +310,24 @@ class VoiceController:
             # the stream ends with its last value; with no audio made (stopped in line) the last take stays
             cut = STOPPED_TAKE if final.finish_reason == "cancelled" else None
             yield (None if chunks else gr.skip(), transcript, status,
-                   write_wav(chunks, rate, task, cut) if chunks else gr.skip())
+                   write_wav(chunks, rate, task, cut) if chunks else gr.skip(), gr.skip())
         else:
             final = final or Error("the engine ended without a result", code="engine_error")
-            gr.Warning(f"Speech failed: {error_text(final)}")
+            voices = self.voices_without_gone(final, kwargs.get("voice"))
+            said = error_line(final) + (f" · {LIST_UPDATED}" if voices is not None else "")
+            gr.Warning(f"Speech failed: {error_text(final)}" + (f" ({LIST_UPDATED})" if voices is not None else ""))
             if not chunks:  # refused by the engine (a style of 100,000 characters): the last take stays offered
-                yield refused(error_line(final))
+                yield refused(said, voices)
                 return
-            yield None, transcript, error_line(final), write_wav(chunks, rate, task, FAILED_TAKE)
+            yield None, transcript, said, write_wav(chunks, rate, task, FAILED_TAKE), voices or gr.skip()
+
+    def voices_without_gone(self, final: Error, voice: str | None):
+        """The Saved voice list brought up to date with nothing selected when the engine refused the saved `voice` as
+        not saved (deleted meanwhile, in another tab or while the request waited: the list kept offering it until
+        Refresh); None otherwise."""
+        if voice is None or final.code != VOICE_NOT_FOUND:
+            return None
+        return gr.update(choices=self.voice_names(), value=None)
 
     def heard(self, data: bytes, cancel: threading.Event | None = None) -> tuple[str | None, str]:
         """(what the model's ASR hears in a clip, "") or (None, the error line); `cancel` set stops it."""
@@ -409,7 +423,7 @@ class VoiceController:
         try:
             self.link.client.delete_voice(name)
         except Exception as e:  # noqa: BLE001
-            if getattr(e, "code", None) == "voice_not_found":
+            if getattr(e, "code", None) == VOICE_NOT_FOUND:
                 return gr.update(choices=self.voice_names(), value=None), ALREADY_DELETED.format(name=name)
             return gr.update(), error_line(failure(e))
         return gr.update(choices=self.voice_names(), value=None), f"Deleted the voice '{name}'."
@@ -538,7 +552,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
     kept = gr.Textbox(visible="hidden")  # the takes kept in this browser, as JSON (STORED_TAKES), read fresh
     hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
     ask.when_done(ask.on_press(go, [text, task]).then(
-        controller.synthesize, inputs, [player, clip_text, status, wav], api_name="speak",
+        controller.synthesize, inputs, [player, clip_text, status, wav, saved], api_name="speak",
         concurrency_limit=None)).then(
         keep_take_in_page, [wav, kept], [kept, takes], js=f"(wav) => [wav, {STORED_TAKES}]", **hidden).then(
         None, [kept], None, js=WRITE_TAKES_JS, **hidden)

@@ -142,6 +142,12 @@ def test_deleting_a_saved_voice_asks_first(engine_server, tmp_path):
         # deleted again from a tab whose list still offers it (deleted in another): said so, the list brought up to date
         names, note, *_ = voices.confirm_delete("asked voice")
         assert note == voice_tab.ALREADY_DELETED.format(name="asked voice") and "asked voice" not in names["choices"]
+        # Make it with the deleted voice still selected (a tab whose list still offers it): refused, and the list
+        # brought up to date with nothing selected (it kept offering the voice until Refresh)
+        *_, made = voices.synthesize("Hi.", "Speech", "Saved voice", "asked voice", None, "", *[None] * 5, "", "", "",
+                                     None, "", "", "", "", 10, 3)
+        assert voice_tab.LIST_UPDATED in made[2] and made[3] == gr.skip(), made  # (the last take stays offered)
+        assert "asked voice" not in made[4]["choices"] and made[4]["value"] is None, made
     finally:
         if "asked voice" in voices.voice_names():
             voices.delete("asked voice")
@@ -246,7 +252,7 @@ def test_the_wav_download_is_named_for_what_was_made_and_earlier_takes_are_kept(
     assert offered == kept == [str(Path(p).resolve()) for p in reversed(made)]
     refused = last(voices.synthesize("", "Speech", "Default voice", None, None, "", *[None] * 5, "", "", "", None,
                                      "", "", "", "", 10, 3))
-    assert keep_take(made[-1], kept)[0] == kept and len(refused) == 4  # (the download left as it was: no new take)
+    assert keep_take(made[-1], kept)[0] == kept and refused[3] == gr.skip()  # (the download as it was: no new take)
     assert restore_takes(kept) == (kept, kept)
     Path(made[0]).unlink()  # (gone: the machine cleaned its temp folder)
     assert restore_takes([*kept, "/etc/passwd", "/speech-20260101-000000.wav", {"path": made[1]}]) == (kept[:1],) * 2
