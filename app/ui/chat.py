@@ -49,6 +49,15 @@ INTERRUPTED = ("The reply to your last message was interrupted (the page was rel
 # The mark after a reply that was cut (by Stop, or by a message sent while it streamed): a message of its own, shown in
 # the conversation and never sent to the engine (history_to_messages), which is given the cut reply as it was shown.
 STOPPED_NOTE = "⏹ *stopped: the reply was cut here (Stop, or a newer message); the model is given it as far as shown*"
+# The most parts (each text and each attachment shown) the engine takes in one message (engine.server.codec's
+# MAX_CONTENT_PARTS; not imported: that module loads torch, which a UI-only studio has not). The messages sent since the
+# model's last reply go to it as one message (a reply cut before its first word leaves none between two sends), and
+# past the limit the engine said "'messages[0].content' has 72 content parts; ...", naming neither the parts nor the
+# messages the user saw.
+MESSAGE_PARTS = 64
+TOO_MANY_PARTS = ("The model reads everything since its last reply as one message, and that is {n} parts here (each "
+                  "attachment and each text shown since then), more than the {most} one message holds: remove {extra} "
+                  "(your last message is back in the box), or send them over several messages, each after a reply.")
 DEFAULT_SYSTEM_HINT = "empty = the model's own default system prompt"
 MEDIA_KINDS = ("image", "video", "audio")
 # A streamed reply is shown again at most this often (its first piece at once, its end when it ends): the page
@@ -143,6 +152,16 @@ def history_to_messages(history: list | None) -> list[dict]:
         if all(p["type"] == "text" for p in m["content"]):
             m["content"] = "".join(p["text"] for p in m["content"])
     return out
+
+
+def too_many_parts(messages: list[dict]) -> str | None:
+    """What to say when the message sent last (history_to_messages: all the user's since the model's last reply) holds
+    more parts than the engine takes in one (MESSAGE_PARTS), counted as the user sees them; None when it fits."""
+    content = messages[-1]["content"] if messages and messages[-1]["role"] == "user" else ""
+    n = len(content) if isinstance(content, list) else 1
+    if n <= MESSAGE_PARTS:
+        return None
+    return TOO_MANY_PARTS.format(n=n, most=MESSAGE_PARTS, extra=n - MESSAGE_PARTS)
 
 
 def user_turn(message: dict | str | None) -> list[dict]:
@@ -353,11 +372,11 @@ class ChatController:
             yield history, gr.update(), EMPTY_HINT, gr.skip()
             return
         # said in the page's words (an attachment's naming the file); the turn goes back in the box, to send again
-        if problem := seed_problem(seed) or self.attachment_problem(turn):
+        messages = history_to_messages(history)
+        if problem := seed_problem(seed) or too_many_parts(messages) or self.attachment_problem(turn):
             gr.Warning(problem)
             yield before, turn_to_box(turn), problem, gr.skip()
             return
-        messages = history_to_messages(history)
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
         reply, audio_seen, final, shown_at, read_from = "", False, None, None, False

@@ -184,6 +184,25 @@ def test_an_engine_that_went_away_is_a_message_not_a_crash():
     assert figures.startswith("Error (connect_failed): The engine is not reachable right now")
 
 
+def test_messages_sent_without_a_reply_between_them_are_counted_as_one_against_the_parts_limit():
+    """Two sends with no reply between them (the first one's cut before its first word) go to the model as one
+    message: 40 + 31 parts came back as "'messages[0].content' has 72 content parts; a message holds at most 64",
+    naming neither. The tab counts the parts shown since the last reply and names the limit before sending."""
+    from engine.server.codec import MAX_CONTENT_PARTS
+    from app.ui.chat import MESSAGE_PARTS, TOO_MANY_PARTS, stopped_note, too_many_parts
+
+    assert MESSAGE_PARTS == MAX_CONTENT_PARTS
+
+    def sent(text, pictures):
+        return user_turn({"text": text, "files": [f"/nowhere/picture-{text}-{i}.png" for i in range(pictures)]})
+    history = [*sent("first", 39), stopped_note(), *sent("second", 31)]
+    link = EngineLink(EngineClient("http://127.0.0.1:9", timeout=2))  # (nothing listens there: nothing is sent)
+    shown, box, figures, _ = list(ChatController(link).respond(*chat_args(history)))[-1]
+    assert figures == TOO_MANY_PARTS.format(n=72, most=MESSAGE_PARTS, extra=8), figures
+    assert shown == history[:-32] and box["text"] == "second" and len(box["files"]) == 31  # the last send, back
+    assert too_many_parts(history_to_messages([*sent("first", 39), *sent("second", 23)])) is None  # 64: it fits
+
+
 def test_empty_input_is_ignored_with_a_hint(controller):
     prior = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "reply"}]
     history, box, hint, sent = controller.add_message({"text": "   \n ", "files": []}, prior, 3)
