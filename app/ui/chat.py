@@ -24,9 +24,9 @@ import numpy as np
 
 from app.engine_link import SPEECH_OUT, EngineLink
 from app.media_check import AUDIO_FORMATS, IMAGE_FORMATS, VIDEO_FORMATS, media_problem
-from app.ui.common import (GENERATING, InFlight, chosen_seed, engine_lacks, engine_limits, error_line,
-                           error_text, failure, figures_line, from_json, no_audio, on_engine_change, on_page_load,
-                           queue_line, saved_voice_names, say_refused_files, says_refused, seed_box, seed_problem,
+from app.ui.common import (GENERATING, STOPPED_BEFORE_START, InFlight, chosen_seed, engine_lacks, engine_limits,
+                           error_line, error_text, failure, figures_line, from_json, no_audio, on_engine_change,
+                           on_page_load, queue_line, saved_voice_names, say_refused_files, says_refused, seed_box, seed_problem,
                            session_of, toolbar, wire_stop)
 from engine.events import MEDIA_STAGE, PREFILL_STAGE, AudioChunk, Done, Error, Progress, QueuePosition, TextDelta
 
@@ -40,6 +40,7 @@ TAB = "chat"
 CHAT_API_NAME = "chat"
 EMPTY_HINT = "Type a message or attach a file first, then press Enter (or Send)."
 WITHDRAWN = "Stopped before it started (it was waiting for the engine). Your message is back in the box."
+STOPPED_UNSENT = f"{STOPPED_BEFORE_START} Your message is back in the box."  # (Stop before the reply began)
 STOPPED_READING = "Stopped while the engine was reading your message. Your message is back in the box."
 NO_SNAPSHOT = "No picture to attach yet: open the camera (Click to Access Webcam), take one, then Attach snapshot."
 EMPTY_EDIT = "An edited message cannot be empty: the conversation is as it was (Undo takes the last message back)."
@@ -358,7 +359,9 @@ class ChatController:
         turn = user_turn(message)
         if not turn:  # (said on the figures line: a gr.Info from this unqueued event never reaches the page)
             return history, gr.update(), EMPTY_HINT, gr.update()
-        cut = [stopped_note()] if self.inflight.running(session_of(request), TAB) else []
+        session = session_of(request)
+        cut = [stopped_note()] if self.inflight.running(session, TAB) else []
+        self.inflight.announce(session, TAB)  # (Stop pressed before the reply has begun stops it: respond)
         return history + cut + turn, {"text": "", "files": []}, GENERATING, (sent or 0) + 1
 
     def respond(self, history: list | None, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
@@ -379,6 +382,10 @@ class ChatController:
             return
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
+        if cancel.is_set():  # Stop pressed since the message was sent (the send announced it), before this began
+            self.inflight.end(session, TAB, cancel)
+            yield before, turn_to_box(turn), STOPPED_UNSENT, gr.skip()
+            return
         reply, audio_seen, final, shown_at, read_from = "", False, None, None, False
         modalities = ("text", "audio") if speak and self.link.has(SPEECH_OUT) else ("text",)
         try:
@@ -470,6 +477,12 @@ class ChatController:
         message = message or {}
         return ({"text": message.get("text") or "", "files": [*(message.get("files") or []), image]},
                 "" if figures == NO_SNAPSHOT else gr.skip())
+
+    def after_reply(self, given: dict | None, draft: dict | None, request: gr.Request | None = None):
+        """give_back, once a reply's run has ended: a send whose reply never began (refused before it was sent) leaves
+        nothing for Stop to find (InFlight.settle)."""
+        self.inflight.settle(session_of(request), TAB)
+        return self.give_back(given, draft)
 
     @staticmethod
     def give_back(given: dict | None, draft: dict | None):
@@ -623,7 +636,7 @@ def build_chat_tab(link: EngineLink, assets: Path | None = None) -> ChatControll
     # read when the reply ends, not when it began (/chat API callers get it as the second output, as before).
     given_back = gr.JSON(None, visible="hidden", elem_id="chat-given-back")
     outputs = [chatbot, given_back, figures, speech]
-    to_box = {"fn": controller.give_back, "inputs": [given_back, box], "outputs": [box, given_back], "queue": False,
+    to_box = {"fn": controller.after_reply, "inputs": [given_back, box], "outputs": [box, given_back], "queue": False,
               "show_progress": "hidden", "api_visibility": "private"}
     # The conversation survives a page reload: the browser keeps it (chats.js: this browser tab's own), written once
     # each change is complete (not at each streamed piece), given back at page load.

@@ -471,6 +471,29 @@ def test_stop_while_a_long_message_is_read_says_so_and_gives_the_message_back(co
     assert status == STOPPED_READING and history == [] and box["text"] == message, status
 
 
+def test_stop_pressed_before_the_reply_has_begun_stops_it(capsys):
+    """Stop pressed just after Enter, before the reply had begun (its attachments still being checked), said "Nothing
+    is being generated." and the reply then came whole. The send is announced: Stop (once or twice) stops it there,
+    nothing is sent and the message is back in the box; a send refused before its reply began leaves nothing for Stop
+    to find once it has ended (as the Voice and Image tabs)."""
+    from app.ui.chat import STOPPED_UNSENT
+    from app.ui.common import SEED_RANGE
+
+    me, chats = SimpleNamespace(session_hash="stops-early"), ChatController(
+        EngineLink(EngineClient("http://127.0.0.1:9", timeout=2)))  # (nothing listens there: a request fails)
+    history = chats.add_message({"text": "hi", "files": []}, [], 0, request=me)[0]
+    chats.stop(me)
+    chats.stop(me)  # (twice)
+    shown, box, status, _ = list(chats.respond(*chat_args(history), request=me))[-1]
+    assert (shown, box["text"], status) == ([], "hi", STOPPED_UNSENT) and "Nothing" not in capsys.readouterr().out
+    chats.after_reply(box, None, request=me)
+    history = chats.add_message({"text": "hi", "files": []}, [], 0, request=me)[0]
+    assert list(chats.respond(*chat_args(history, seed="x"), request=me))[-1][2] == SEED_RANGE  # refused
+    chats.after_reply(None, None, request=me)
+    chats.stop(me)  # (after the run ended)
+    assert len(chats.inflight) == 0 and "Nothing is being generated." in capsys.readouterr().out
+
+
 def test_a_message_edited_to_nothing_leaves_the_conversation_as_it_was(controller):
     """Editing an earlier message to nothing cut the conversation after it and sent the rest, which ended with the
     model's own reply, to the engine; the conversation now stays as it was and no request is made."""
