@@ -20,8 +20,8 @@ from app.engine_link import AUDIO_IN, EngineLink
 from app.media_check import (AUDIO_FORMATS, TO_TRANSCRIBE, VIDEO_FORMATS, VIDEO_SOUND, clip_seconds, media_problem,
                               upload_size_problem)
 from app.sound_track import sound_track, speech_track
-from app.ui.common import (GENERATING, InFlight, browser_kept, capability_note, engine_limits, error_line, failure,
-                           figures_line, queue_line, check_on_upload, run_button, runs_tab, say_refused_files,
+from app.ui.common import (GENERATING, STOPPED_BEFORE_START, InFlight, browser_kept, capability_note, engine_limits,
+                           error_line, failure, figures_line, queue_line, check_on_upload, run_button, runs_tab, say_refused_files,
                            session_of, toolbar, wire_stop, says_refused, kept_request, on_page_load, request_done,
                            restore_request)
 from app.ui.speech_live import KeptWindows
@@ -125,6 +125,10 @@ class SpeechController:
         translate = dialect == TRANSLATE
         session = session_of(request)
         cancel = self.inflight.begin(session, TAB)
+        if cancel.is_set():  # Stop pressed since Transcribe was (the press announced), before this began
+            self.inflight.end(session, TAB, cancel)
+            yield None, STOPPED_BEFORE_START, None, True  # (None: no transcript, the last one stays)
+            return
         working = TRANSLATING if translate else TRANSCRIBING
         text, status, result = "", working, None
         context = (context or "").strip() or None
@@ -169,7 +173,7 @@ class SpeechController:
     def _run(self, audio: bytes | str, context, hotwords, dialect, request) -> tuple[str, str, dict | None]:
         """Transcribe once: (transcript, figures line, result or None: failed or stopped)."""
         *_, (text, status, result, _) = self._stream(audio, context, hotwords, dialect, request)
-        return text, status, result
+        return text or "", status, result
 
     def transcribe_file(self, path: str | None, context, hotwords, dialect, request: gr.Request | None = None,
                         video: str | None = None):
@@ -199,7 +203,8 @@ class SpeechController:
         for text, status, result, finished in self._stream(audio, context, hotwords, dialect, request):
             # the last finished transcript's files stay until this one is done, and stay when it fails or is stopped
             done = finished and result is not None
-            yield text, status, *(self._files(text, clip_seconds(source) or 0.0, result) if done else KEEP_FILES)
+            yield (gr.skip() if text is None else text, status,
+                   *(self._files(text, clip_seconds(source) or 0.0, result) if done else KEEP_FILES))
 
     @staticmethod
     def _audio_to_send(path: str | None, video: str | None, limits: dict) -> tuple[bytes, str]:
@@ -274,6 +279,19 @@ class SpeechController:
         files = self._files(result["text"], state["seconds"], result) if result is not None else KEEP_FILES
         return None, kept.joined(text), status, *files
 
+    def press(self, request: gr.Request, *settings) -> dict:
+        """Transcribe's first step: the settings kept in the browser (REQUEST_KEY), and the press announced
+        (InFlight.announce): Stop pressed while the clip was checked, or a video's sound copied out, before the
+        transcription had begun, said "Nothing is being transcribed." and the transcript then came whole."""
+        self.inflight.announce(session_of(request), TAB)
+        return kept_request(*settings, names=REQUEST_FIELDS)
+
+    def pressed_done(self, kept, request: gr.Request | None = None) -> dict:
+        """Transcribe's last step: the kept request marked finished, and a press refused before its transcription
+        began leaves nothing for Stop to find (InFlight.settle)."""
+        self.inflight.settle(session_of(request), TAB)
+        return request_done(kept)
+
     def stop(self, request: gr.Request | None = None) -> None:
         if not self.inflight.cancel(session_of(request), TAB):
             gr.Info("Nothing is being transcribed.")
@@ -340,9 +358,9 @@ def build_speech_tab(link: EngineLink, examples: list[str] | None = None,
     settings = [context, hotwords, dialect]
     ask = kept_ask if kept_ask is not None else browser_kept(REQUEST_KEY)
     hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
-    go.click(lambda *values: kept_request(*values, names=REQUEST_FIELDS), settings, [ask], **hidden).then(
+    go.click(controller.press, settings, [ask], **hidden).then(
         controller.transcribe_file, [clip, *settings, video], [transcript, status, txt, srt],
-        api_name="transcribe", concurrency_limit=None).then(request_done, [ask], [ask], **hidden)
+        api_name="transcribe", concurrency_limit=None).then(controller.pressed_done, [ask], [ask], **hidden)
     on_page_load(restore_settings, [*settings, status], inputs=[ask])
     live.stream(controller.stream, [state, live, *settings], [state, transcript, status], stream_every=1.0,
                 concurrency_limit=None, api_visibility="private")

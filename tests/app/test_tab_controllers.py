@@ -467,6 +467,38 @@ def test_a_stopped_transcription_offers_no_files_and_keeps_the_last_finished_one
     assert speech.finish({"chunks": []}, "", "", None)[1:] == (gr.skip(), "Nothing was recorded.", gr.skip(), gr.skip())
 
 
+class CountingTranscriber(StoppedTranscriber):
+    """StoppedTranscriber that counts the transcriptions asked."""
+
+    def transcribe(self, audio, **kwargs):
+        self.sent = getattr(self, "sent", 0) + 1
+        yield from super().transcribe(audio, **kwargs)
+
+
+def test_stop_pressed_before_a_transcription_has_begun_stops_it(tmp_path, capsys):
+    """Stop pressed just after Transcribe, while the clip was checked (a video's sound copied out: seconds), said
+    "Nothing is being transcribed." and the transcript then came whole. The press is announced (as the Voice and Image
+    tabs'): Stop, once or twice, stops it there, nothing is sent and the last transcript stays; once the press's steps
+    have ended (or a press was refused), Stop says nothing is being transcribed."""
+    from app.ui.common import STOPPED_BEFORE_START
+
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.0, 16000, 220.0), 16000))
+    me, client = SimpleNamespace(session_hash="stops-early"), CountingTranscriber()
+    speech = SpeechController(EngineLink(client))
+    kept = speech.press(me, "", "", None)
+    speech.stop(me)
+    speech.stop(me)
+    shown = list(speech.transcribe_file(str(clip), "", "", None, request=me))
+    assert shown == [(gr.skip(), STOPPED_BEFORE_START, gr.skip(), gr.skip())] and not getattr(client, "sent", 0)
+    assert speech.pressed_done(kept, me)["done"] and "Nothing" not in capsys.readouterr().out
+    speech.press(me, "", "", None)
+    list(speech.transcribe_file(None, "", "", None, request=me))  # refused: nothing given
+    speech.pressed_done(kept, me)
+    speech.stop(me)
+    assert len(speech.inflight) == 0 and "Nothing is being transcribed." in capsys.readouterr().out
+
+
 class StoppedPainter(StoppedTranscriber):
     """An engine client whose picture is stopped (or fails) after the preview of step 5 of 40."""
 
