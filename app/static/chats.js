@@ -1,4 +1,5 @@
-(local = localStorage, session = sessionStorage, page = globalThis) => {
+(local = localStorage, session = sessionStorage, page = globalThis,
+ timing = { refreshMs: 10000, expiresMs: 25000 }) => {
   // The Chat tab's conversations, kept in this browser across reloads: one per browser tab. The page's tab has an
   // id of its own in sessionStorage (a reload keeps it, another tab has another), and localStorage holds each recent
   // conversation under a key of its own (prefix + id), which only its tab writes: one list of them all, read, changed
@@ -9,18 +10,21 @@
   // released when it goes, expiring when it died without a word): it is listed as open in another tab and cannot be
   // opened a second time (two tabs wrote the same conversation, the later write won and the other tab's turns were
   // lost). `page`: this page's global object, where its claim's holder lives across calls (one per page, not per tab
-  // id: a duplicated tab copies sessionStorage, hence the id, and takes a fresh one, see hold()).
+  // id: a duplicated tab copies sessionStorage, hence the id, and takes a fresh one, see hold()). `timing`: how often a
+  // claim is refreshed and how long after its last refresh it expires (ms).
   const prefix = "ming-studio-chats/", tab = "ming-studio-chat-id", most = 20;
   // Where the conversations were kept as one list before (carried over once, then removed). The conversation of the
   // version before that, a gr.BrowserState under legacyKey, cannot be carried over: Gradio encrypted it with a secret
   // drawn when that studio started, gone with it (that version itself lost it at each restart): legacy() says so once.
   const listKey = "ming-studio-chats", legacyKey = "ming-studio-chat";
   const claimPrefix = "ming-studio-chat-open/";
-  // A background tab's timers may run only once a minute (Chrome's throttling of hidden pages): the claim of a hidden
-  // page outlives that. A visible page's timers run on time: its claim expires sooner (a page that died while shown
-  // held its conversation "open in another tab" for 90 s). A claim says which it is, rewritten as the page is shown or
-  // hidden.
-  const claimRefreshMs = 10000, claimExpiresMs = 25000, hiddenClaimExpiresMs = 90000;
+  // A hidden page's own timers may run only once a minute (Chrome's throttling of background tabs), so a hidden page's
+  // claim lasted 90 s, and a page that died hidden (a phone's tab killed in the background: no pagehide) held its
+  // conversation "open in another tab" that long. The claim is refreshed by a dedicated worker's timer, which browsers
+  // do not throttle so, and expires as soon, shown or hidden. A page about to be frozen (its worker with it: a phone's
+  // background tab, before it is killed) releases its claim and takes it again if it resumes; one whose claim lapsed
+  // meanwhile and was taken by another tab writes a conversation of its own from then on (ownId).
+  const claimRefreshMs = timing.refreshMs, claimExpiresMs = timing.expiresMs;
   const me = (page.mingChatClaim ??= { holder: `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}` });
   const valid = (c) => c && typeof c.id === "string" && Array.isArray(c.messages);
   const parsed = (text) => { try { return JSON.parse(text); } catch { return null; } };
@@ -47,14 +51,13 @@
     return chats.sort((a, b) => (b.at || 0) - (a.at || 0));
   };
   const drop = (chats) => chats.forEach((c) => local.removeItem(prefix + c.id));
-  const alive = (claim) => Boolean(claim) && Date.now() - (claim.at || 0) < (claim.hidden ? hiddenClaimExpiresMs
-                                                                                        : claimExpiresMs);
+  const alive = (claim) => Boolean(claim) && Date.now() - (claim.at || 0) < claimExpiresMs;
   const heldElsewhere = (id) => {  // whether another page that is alive has the conversation `id` open
     const claim = parsed(local.getItem(claimPrefix + id));
     return Boolean(claim && claim.holder !== me.holder && alive(claim));
   };
   const claim = (id) => {
-    const held = { holder: me.holder, at: Date.now(), hidden: page.document?.visibilityState === "hidden" };
+    const held = { holder: me.holder, at: Date.now() };
     try { local.setItem(claimPrefix + id, JSON.stringify(held)); } catch { /* full */ }
   };
   const dropDeadClaims = () => {  // the claims of pages that died without releasing them, once expired
@@ -65,6 +68,18 @@
   };
   const release = (id) => {
     if (parsed(local.getItem(claimPrefix + id))?.holder === me.holder) local.removeItem(claimPrefix + id);
+  };
+  const everyRefresh = (refresh) => {  // refresh() every claimRefreshMs, by a worker's timer where the page has one
+    const byPage = () => page.setInterval(refresh, claimRefreshMs);
+    try {
+      const tick = `setInterval(() => postMessage(0), ${claimRefreshMs});`;
+      const worker = new page.Worker(URL.createObjectURL(new Blob([tick], { type: "text/javascript" })));
+      worker.onmessage = refresh;
+      worker.onerror = () => { worker.terminate(); me.timer = byPage(); };  // (refused by the page's policy)
+      return worker;
+    } catch {
+      return byPage();
+    }
   };
   const write = (chat) => {  // this tab's conversation; the oldest others go past `most`, or while the store is full
     const others = read().filter((c) => c.id !== chat.id);
@@ -114,13 +129,15 @@
       claim(ownId());
       if (me.timer) return;
       const refresh = () => { if (!me.gone && !heldElsewhere(tabId())) claim(tabId()); };
-      me.timer = page.setInterval(refresh, claimRefreshMs);
-      // the claim says hidden or shown at once (not once the page has gone: its visibilitychange follows pagehide)
+      me.timer = everyRefresh(refresh);
+      // refreshed at once when shown (not once the page has gone: its visibilitychange follows pagehide)
       page.document?.addEventListener("visibilitychange", refresh);
-      page.addEventListener("pagehide", () => { me.gone = true; release(tabId()); });
-      page.addEventListener("pageshow", (e) => {  // (back from the bfcache)
-        if (e.persisted) { me.gone = false; claim(ownId()); }
-      });
+      const leave = () => { me.gone = true; release(tabId()); };
+      const back = () => { me.gone = false; claim(ownId()); };
+      page.addEventListener("pagehide", leave);
+      page.addEventListener("pageshow", (e) => { if (e.persisted) back(); });  // (back from the bfcache)
+      page.document?.addEventListener("freeze", leave);
+      page.document?.addEventListener("resume", back);
     },
     heldElsewhere,
     legacy() {  // whether the unreadable conversation of before per-tab chats was here (true once: it is dropped)
