@@ -351,7 +351,9 @@ def test_a_reload_mid_run_gives_back_what_was_asked_and_says_it_was_interrupted(
 
 def test_speech_tab_transcribes_the_sound_of_a_video_and_names_a_silent_one(browser, studio, tmp_path):
     """The Speech tab took audio only: a video dropped on it got Gradio's own file-type message. A video's sound is
-    transcribed; a video with no sound track is named as such when it is given."""
+    transcribed (its first words are the condition; the test waited for the demo weights' whole 512-token transcript,
+    which a loaded machine did not finish within the 60 s: Stop ends it once words come); a video with no sound track
+    is named as such when it is given."""
     talk = video_file(tmp_path / "talk.mp4", "mp4", "mpeg4", "aac")
     page = open_tab(browser, studio, "Speech", DESKTOP)
     page.locator("#speech-video input[type=file]").set_input_files(str(ASSETS / "video" / "cup_on_table.mp4"))
@@ -361,8 +363,9 @@ def test_speech_tab_transcribes_the_sound_of_a_video_and_names_a_silent_one(brow
     page.locator("#speech-video input[type=file]").set_input_files(str(talk))
     sync_api.expect(page.locator("#speech-video")).to_contain_text("talk.mp4", timeout=15_000)
     page.locator("#speech-go").click()
-    sync_api.expect(page.locator("#speech-figures")).to_contain_text("finish reason", timeout=60_000)
-    assert page.locator("#speech-transcript textarea").input_value().strip()
+    sync_api.expect(page.locator("#speech-transcript textarea")).to_have_value(re.compile(r"\S"), timeout=60_000)
+    page.locator("#speech-stop").click()  # (what is left of the transcript would only hold the engine for later tests)
+    sync_api.expect(page.locator("#speech-figures")).to_contain_text("finish reason", timeout=30_000)
     page.context.close()
 
 
