@@ -62,9 +62,11 @@ SAVE_STOPPED = "Stopped: the voice '{name}' was not saved."
 # engine's "unknown voice ...; saved voices: ..." was shown in the wire's words
 ALREADY_DELETED = ("The voice '{name}' is not saved any more (it was deleted elsewhere, in another tab?): the list "
                    "is up to date now.")
-# Make it refused for a saved voice that is not saved any more (the engine's code): the list is brought up to date
+# Make it refused for a saved voice that is not saved any more (the engine's code): said in the tab's words (it was
+# "Error (voice_not_found): unknown voice 'x'; saved voices: ..."), the list brought up to date
 VOICE_NOT_FOUND = "voice_not_found"
-LIST_UPDATED = "the Saved voice list is up to date now: choose another voice"
+VOICE_GONE = ("The voice '{name}' is not saved any more (deleted in another tab, or while this request waited its "
+              "turn): the Saved voice list is up to date now; choose another voice.")
 CLIP_TEXT = "What the clip says"  # the transcript box
 # The tab's own transcription of a clip to save heard no words: the save passed no transcript and the engine transcribed
 # the clip again (the same nothing), where Stop could not stop it. The voice is not saved; the user types the words.
@@ -314,8 +316,8 @@ class VoiceController:
         else:
             final = final or Error("the engine ended without a result", code="engine_error")
             voices = self.voices_without_gone(final, kwargs.get("voice"))
-            said = error_line(final) + (f" · {LIST_UPDATED}" if voices is not None else "")
-            gr.Warning(f"Speech failed: {error_text(final)}" + (f" ({LIST_UPDATED})" if voices is not None else ""))
+            said = error_line(final) if voices is None else VOICE_GONE.format(name=kwargs["voice"])
+            gr.Warning(f"Speech failed: {error_text(final)}" if voices is None else said)
             if not chunks:  # refused by the engine (a style of 100,000 characters): the last take stays offered
                 yield refused(said, voices)
                 return
