@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import tempfile
 import threading
 import time
@@ -167,6 +168,18 @@ def parse_size(text: str | None) -> str | None:
     return text or None
 
 
+# A size not of the form WIDTHxHEIGHT ("1024 by 768", typed by a careless user) was sent and came back as "Error
+# (invalid_request): size '...' is not of the form WIDTHxHEIGHT (e.g. 1024x768)", the wire's words: said here first.
+SIZE_FORM = ("The size '{size}' is not a width and a height: type it as 1024x768 (pixels), or empty it to use the "
+             "Aspect ratio.")
+
+
+def size_problem(text: str | None) -> str | None:
+    """SIZE_FORM when the exact size box holds something other than WIDTHxHEIGHT (or nothing); else None."""
+    size = parse_size(text)
+    return SIZE_FORM.format(size=text.strip()) if size and not re.fullmatch(r"\d+x\d+", size) else None
+
+
 class ImageController:
     def __init__(self, link: EngineLink):
         self.link = link
@@ -210,7 +223,7 @@ class ImageController:
         if task == "segment" and not (target or "").strip():
             yield *kept, "Say what to segment (e.g. 'the cup').", gr.update(), gallery_state, gr.skip()
             return
-        if problem := seed_problem(seed):
+        if problem := seed_problem(seed) or size_problem(size):
             yield *kept, problem, gr.update(), gallery_state, gr.skip()
             return
         seed = chosen_seed(seed)

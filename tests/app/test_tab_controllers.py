@@ -28,7 +28,7 @@ from app.ui.common import (RANDOM_SEED, SEED_MAX, SEED_RANGE, chosen_seed, figur
                            seed_box, seed_problem)
 from app.ui.image import ASPECTS, AUTO_ASPECT, DEMO_PICTURE, EDIT_PROMPT_HINTS, REFS_NOT_USED, ImageController, _keep_copy, _save_png, kept_results  # noqa: E402
 from app.ui.common import GENERATING  # noqa: E402
-from app.ui.image import MAX_PICTURES  # noqa: E402
+from app.ui.image import MAX_PICTURES, SIZE_FORM  # noqa: E402
 from app.ui.live import engine_settings  # noqa: E402
 from app.ui.speech import BOTH_GIVEN, CUT_AT_LIMIT, CUT_ON_DEMO, NOTHING_GIVEN, SpeechController  # noqa: E402
 from app.ui import common, voice as voice_tab  # noqa: E402
@@ -1010,7 +1010,8 @@ def test_a_request_refused_before_sending_leaves_the_last_result_in_place(engine
     # a size the engine refuses ("1024 by 768", typed by a careless user) left an empty Result box and no PNG
     refused = last(image.make("Generate", "a cup", None, "(none)", "", AUTO_ASPECT, "1024 by 768", 1, 2.0, 1, 0, [],
                               progress=lambda *a, **k: None))
-    assert "WIDTHxHEIGHT" in refused[3] and [refused[i] for i in (0, 1, 2, 6)] == [unchanged] * 4, refused
+    assert refused[3] == SIZE_FORM.format(size="1024 by 768"), refused  # (said before sending, in the tab's words)
+    assert [refused[i] for i in (0, 1, 2, 6)] == [unchanged] * 4, refused
     voices = VoiceController(link)
     for text, task, source in (("", "Speech", "Default voice"), ("Hi", "Podcast (speaker_1: / speaker_2: lines)",
                                                                   "Default voice"), ("Hi", "Speech", "Saved voice")):
