@@ -334,7 +334,7 @@ def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning
                             http=functools.partial(OpenAIErrorsH11Protocol, head_timeout_s=limits.head_timeout_s,
                                                    max_connections=limits.max_connections, linger=linger,
                                                    min_chunk_bytes=limits.min_chunk_bytes,
-                                                   on_full=logs.connections_full, **stalled),
+                                                   min_read_bytes=limits.min_read_bytes, on_full=logs.connections_full, **stalled),
                             ws=functools.partial(OpenAIErrorsWebSocketProtocol, linger=linger,
                                                  min_chunk_bytes=limits.min_chunk_bytes, **stalled),
                             timeout_keep_alive=limits.keep_alive_s,

@@ -22,7 +22,7 @@ from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from engine.server.http_api import retry_headers
-from engine.server.limits import CHUNKS_BEFORE_AVERAGE
+from engine.server.limits import CHUNKS_BEFORE_AVERAGE, READS_BEFORE_AVERAGE, SMALL_READ_PAUSE_S
 from engine.server.lingering import LingersAfterAnswer
 from engine.server.protocol import ApiError
 from engine.server.stalled_peers import CutsOffStalledPeers
@@ -120,11 +120,13 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
     told of each (None: no one is)."""
 
     def __init__(self, *args, head_timeout_s: float, max_connections: int, min_chunk_bytes: int,
-                 on_full: Callable[[str], None] | None = None, **kwargs):
+                 min_read_bytes: int, on_full: Callable[[str], None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.min_chunk_bytes = min_chunk_bytes
         self.body_chunks = self.body_bytes = 0  # of the chunked body being read
-        self.chunk_refusal: ApiError | None = None
+        self.min_read_bytes = min_read_bytes
+        self.body_reads = self.body_read_bytes = 0  # the reads of the body being read (chunked or not), their bytes
+        self.body_refusal: ApiError | None = None
         self.conn.next_event = self.counting_chunks(self.conn.next_event)
         self.head_timeout_s = head_timeout_s
         self.head_timer: asyncio.TimerHandle | None = None
@@ -173,6 +175,10 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
             self.refuse_request(data)
             return
         self.keep_head(data)
+        if self.conn.their_state is h11.SEND_BODY:
+            self.body_reads += 1
+            self.body_read_bytes += len(data)
+            self.pace_small_read(len(data))
         answered_early = self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY
         super().data_received(data)  # (uvicorn's cancels the keep-alive wait: data came)
         head_under_way = self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
@@ -192,26 +198,51 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
             self.keep_head_begun()
             event = next_event()
             if isinstance(event, h11.Request):
-                self.body_chunks = self.body_bytes = 0
+                self.body_chunks = self.body_bytes = self.body_reads = self.body_read_bytes = 0
                 self.head_begun_kept = False
                 check_head_size(event, self.max_head_bytes())
-            elif isinstance(event, h11.Data) and event.chunk_end:
-                self.count_chunk(len(event.data))
+            elif isinstance(event, h11.Data):
+                self.check_reads()
+                if event.chunk_end:
+                    self.count_chunk(len(event.data))
             return event
 
         return next_event_counted
 
     def count_chunk(self, size: int) -> None:
-        """One more chunk of the body (of `size` bytes, counted at its end); RemoteProtocolError, with chunk_refusal
+        """One more chunk of the body (of `size` bytes, counted at its end); RemoteProtocolError, with body_refusal
         its answer, once the chunks are too many for their size."""
         self.body_chunks += 1
         self.body_bytes += size
         if self.body_chunks > CHUNKS_BEFORE_AVERAGE and self.body_bytes < self.body_chunks * self.min_chunk_bytes:
             average = self.body_bytes // self.body_chunks
-            self.chunk_refusal = ApiError(
+            self.body_refusal = ApiError(
                 f"the request's body came in {self.body_chunks} chunks of {average} bytes on average; send chunks of "
                 f"at least {self.min_chunk_bytes} bytes, or the body with a Content-Length", code="chunks_too_small")
-            raise h11.RemoteProtocolError(self.chunk_refusal.message, error_status_hint=400)
+            raise h11.RemoteProtocolError(self.body_refusal.message, error_status_hint=400)
+
+    def check_reads(self) -> None:
+        """RemoteProtocolError, with body_refusal its answer, for a body (with a Content-Length or chunked) whose
+        reads average under `min_read_bytes` once READS_BEFORE_AVERAGE have come: each read costs the event loop a
+        wake-up and h11's parsing, and 4 clients sending a body a byte a packet took 40-70 % of a core."""
+        if self.body_reads > READS_BEFORE_AVERAGE and self.body_read_bytes < self.body_reads * self.min_read_bytes:
+            self.body_refusal = ApiError(
+                f"the request's body came in {self.body_reads} pieces of {self.body_read_bytes // self.body_reads} "
+                f"bytes on average; the server takes a body in pieces of at least {self.min_read_bytes} bytes on "
+                "average (Limits.min_read_bytes): send it in larger writes", code="body_pieces_too_small")
+            raise h11.RemoteProtocolError(self.body_refusal.message, error_status_hint=400)
+
+    def pace_small_read(self, size: int) -> None:
+        """After a read of a body under `min_read_bytes`, reading pauses for SMALL_READ_PAUSE_S: what a trickle sends
+        meanwhile waits in the socket and comes in one read, so a body costs at most 1 / SMALL_READ_PAUSE_S wake-ups a
+        second however it is cut into packets."""
+        if size < self.min_read_bytes and not self.flow.read_paused:
+            self.transport.pause_reading()
+            self.loop.call_later(SMALL_READ_PAUSE_S, self.resume_after_small_read)
+
+    def resume_after_small_read(self) -> None:
+        if not self.flow.read_paused and not self.transport.is_closing():  # (not while uvicorn's flow control pauses)
+            self.transport.resume_reading()
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -331,7 +362,7 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):  # (answered already: a body after an early answer)
             self.close_after_client()
             return
-        self.answer_and_close(self.chunk_refusal or parse_error(sys.exc_info()[1], self.max_head_bytes(),
+        self.answer_and_close(self.body_refusal or parse_error(sys.exc_info()[1], self.max_head_bytes(),
                                                                 bytes(self.head_received)))
 
     def answer_and_close(self, err: ApiError) -> None:

@@ -11,6 +11,10 @@ from engine.server.protocol import ApiError  # noqa: F401  (re-exported: every l
 # the pieces of a chunked body or of a fragmented realtime message that may come before their average size is
 # held to Limits.min_chunk_bytes (HTTP: engine/server/http_protocol.py, realtime: engine/server/ws_protocol.py)
 CHUNKS_BEFORE_AVERAGE = 1024
+# the reads (what one arrival of data on the socket brings) of a request body that may come before their average size
+# is held to Limits.min_read_bytes (engine/server/http_protocol.py)
+READS_BEFORE_AVERAGE = 1024
+SMALL_READ_PAUSE_S = 0.01  # how long reading a request body pauses after a read under Limits.min_read_bytes
 
 MiB = 1024 * 1024
 OPENAI_MAX_EVENT_BYTES = 15 * MiB  # OpenAI's largest input_audio_buffer.append (its realtime API reference)
@@ -52,6 +56,9 @@ class Limits:
     min_chunk_bytes: int = 256  # a chunked request body whose chunks average fewer bytes (once 1024 have come) is
     #                             refused (400 chunks_too_small), a realtime message so fragmented closes its session
     #                             (1008): each piece costs the event loop its parsing
+    min_read_bytes: int = 256  # a request body (with a Content-Length or chunked) whose reads average fewer bytes
+    #                            (once 1024 have come) is refused (400 body_pieces_too_small): each read costs the event
+    #                            loop a wake-up (a real client's packets carry ~1.4 KB, a trickle one byte)
     keep_alive_s: float = 5.0  # a kept-alive HTTP connection idle this long after an answer (or after the body
     #                            that came after an early answer) is closed
     head_timeout_s: float = 10.0  # an HTTP request head not whole this long after the connection opened (or the

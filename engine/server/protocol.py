@@ -40,6 +40,7 @@ ERROR_CODES: dict[str, int] = {
     "request_header_fields_too_large": 431,  # its request line and headers past the parser's buffer
     "request_timeout": 408,  # a request body that stopped arriving (Limits.body_idle_timeout_s)
     "chunks_too_small": 400,  # a chunked body whose chunks average under Limits.min_chunk_bytes
+    "body_pieces_too_small": 400,  # a body whose reads average under Limits.min_read_bytes
     # media
     "invalid_base64": 400, "invalid_url": 400, "url_not_supported": 400, "invalid_audio": 400,
     "invalid_audio_format": 400, "invalid_image": 400, "invalid_video": 400, "invalid_media": 400,

@@ -1115,3 +1115,64 @@ def test_a_realtime_message_in_a_flood_of_empty_fragments_closes_the_session_wit
             pass
     close = got[got.rindex(b"\x88"):]  # the close frame: code, then reason
     assert int.from_bytes(close[2:4], "big") == 1008 and b"fragments" in close, got[-200:]
+
+
+@pytest.fixture
+def body_reads(monkeypatch):
+    """The sizes of the reads the server's HTTP connections make of request bodies (their other reads left out)."""
+    import h11
+
+    from engine.server.http_protocol import OpenAIErrorsH11Protocol
+
+    sizes: list[int] = []
+    data_received = OpenAIErrorsH11Protocol.data_received
+
+    def counted(protocol, data: bytes) -> None:
+        if protocol.conn.their_state is h11.SEND_BODY:
+            sizes.append(len(data))
+        data_received(protocol, data)
+
+    monkeypatch.setattr(OpenAIErrorsH11Protocol, "data_received", counted)
+    return sizes
+
+
+def test_a_body_sent_a_byte_a_packet_wakes_the_server_a_bounded_number_of_times_a_second(fake, body_reads):
+    """A Content-Length body sent one byte per packet as fast as the client could was read a packet at a time: each
+    read cost the event loop its wake-up and h11's parsing, and 4 such clients took 40-70 % of a core. After a read
+    under Limits.min_read_bytes reading now pauses SMALL_READ_PAUSE_S, so what comes meanwhile is read at once: at
+    most 1 / SMALL_READ_PAUSE_S reads under that size a second (a packet a read: hundreds to thousands), and the
+    request is served."""
+    from engine.server.limits import SMALL_READ_PAUSE_S, Limits
+
+    chat = json.dumps({**CHAT, "messages": [{"role": "user", "content": "a" * 12_000}]}).encode()
+    with socket.create_connection(("127.0.0.1", fake.base_url.port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(JSON_HEAD + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(chat))
+        started = time.monotonic()
+        for byte in chat:
+            s.send(bytes([byte]))
+        head, _ = read_to_close(s)
+        took = time.monotonic() - started
+    assert head.startswith(b"HTTP/1.1 200"), head
+    small = [size for size in body_reads if size < Limits().min_read_bytes]
+    most = took / SMALL_READ_PAUSE_S + 2  # (each small read is followed by the pause: a late timer makes fewer)
+    assert len(small) <= most, f"{len(small)} reads under {Limits().min_read_bytes} bytes in {took:.2f} s"
+
+
+def test_a_body_whose_reads_stay_tiny_is_refused_naming_the_limit(fake, body_reads, monkeypatch):
+    """A body whose reads average under Limits.min_read_bytes once READS_BEFORE_AVERAGE have come (a client sending a
+    byte at a time, each past the read pause) is refused: 400 body_pieces_too_small, naming the limit (the count
+    before the average is held lowered to 4 here, from 1024)."""
+    monkeypatch.setattr("engine.server.http_protocol.READS_BEFORE_AVERAGE", 4)
+    with socket.create_connection(("127.0.0.1", fake.base_url.port), timeout=10) as s:
+        s.sendall(JSON_HEAD + b"Content-Length: 500\r\n\r\n")
+        try:
+            for _ in range(10):
+                s.send(b" ")
+                time.sleep(0.02)  # (past the read pause: each byte is a read)
+        except ConnectionError:
+            pass
+        head, body = read_to_close(s)
+    assert head.startswith(b"HTTP/1.1 400") and b"connection: close" in head.lower(), head
+    err = json.loads(body)["error"]
+    assert err["code"] == "body_pieces_too_small" and "256 bytes" in err["message"], err

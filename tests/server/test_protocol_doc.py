@@ -214,7 +214,7 @@ LIMIT_ROWS = {
     "requests waiting": ["max_queue"], "what a client still sends after an answer": ["refusal_linger_s"],
     "a kept-alive connection idle": ["keep_alive_s"],
     "a request body's average rate": ["body_rate_grace_s", "min_body_bytes_per_s"],
-    "a chunked request body's chunks": ["min_chunk_bytes"],
+    "a chunked request body's chunks": ["min_chunk_bytes"], "a request body's reads": ["min_read_bytes"],
     "`max_tokens` a request": ["max_new_tokens", "default_max_tokens"],
     "items per session": ["max_conversation_items", "max_session_media_bytes"],
     "decoded media of all realtime sessions": ["max_total_media_bytes"],
