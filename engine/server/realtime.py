@@ -56,6 +56,7 @@ from engine.server.text import (check_json_values, check_text, check_url_text, i
 from engine.server.turn_transcripts import TurnPieces, TurnTranscript, piece_end
 from engine.server.turns import VAD_RATE, ServerVad, SpeechStarted, SpeechStopped, TurnDetector
 from engine.server.video_context import VideoContextConfig, compact_clip
+from engine.server.ws_protocol import CLOSE_REASON_NOT_UTF8
 
 log = logging.getLogger("engine.server.realtime")
 
@@ -192,7 +193,7 @@ class RealtimeConnection:
                     await self._expire(writer)
                     break
                 if msg["type"] == "websocket.disconnect":
-                    self._disconnected(msg.get("code"))
+                    self._disconnected(msg.get("code"), msg.get("reason"))
                     break
                 if writer.done():  # the socket cannot be written any more
                     break
@@ -233,11 +234,12 @@ class RealtimeConnection:
         except RuntimeError:  # already closed
             pass
 
-    def _disconnected(self, code: int | None) -> None:
+    def _disconnected(self, code: int | None, reason: str | None) -> None:
         """The client closed the socket (or the websocket layer did, for a frame that is not UTF-8)."""
         if code == 1007:
-            logs.client_aborted(self.ctx, "invalid_utf8_frame", f"session {self.session.id}: a text frame that is "
-                                                                "not UTF-8 (the connection was closed with 1007)")
+            frame = ("a close frame whose reason is" if reason == CLOSE_REASON_NOT_UTF8 else "a text frame that is")
+            logs.client_aborted(self.ctx, "invalid_utf8_frame", f"session {self.session.id}: {frame} not UTF-8 (the "
+                                                                "connection was closed with 1007)")
         elif self.session.active is not None and not self.session.active.silenced:
             logs.client_aborted(self.ctx, "left_mid_response", f"session {self.session.id}: the client left while "
                                                                "a response ran (it was cancelled)")

@@ -78,6 +78,9 @@ def make_uvicorn_default() -> None:
 HANDSHAKE_REFUSAL_CODES = {405: "method_not_allowed", 414: "request_header_fields_too_large",
                            431: "request_header_fields_too_large", 500: "server_error"}
 WEBSOCKETS_PREFIX = "Failed to open a WebSocket connection: "  # (what websockets' refusals begin with)
+# the reason of the disconnect the app is told of when the client's close frame had a reason that is not UTF-8
+# (closed with 1007, RFC 6455 §7.1.6 and §8.1), which the app otherwise could not tell from a text frame's
+CLOSE_REASON_NOT_UTF8 = "the client's close frame had a reason that is not UTF-8"
 
 
 def in_openai_shape(reject):
@@ -144,6 +147,14 @@ class OpenAIErrorsWebSocketProtocol(LingersAfterAnswer, CutsOffStalledPeers, Han
     def data_received(self, data: bytes) -> None:
         if not self.dropped_while_lingering(data):
             super().data_received(data)
+
+    def handle_parser_exception(self) -> None:
+        """uvicorn's (the close frame websockets queued is sent, the app told, the connection closed), with the app
+        told when the frame that failed was a close frame whose reason is not UTF-8: websockets decodes no other frame
+        (a text frame is decoded by uvicorn, which fails it with 1007 too), and that close was logged as a text frame."""
+        if isinstance(self.conn.parser_exc, UnicodeDecodeError) and self.conn.close_sent is not None:
+            self.conn.close_sent = dataclasses.replace(self.conn.close_sent, reason=CLOSE_REASON_NOT_UTF8)
+        super().handle_parser_exception()
 
     def handle_connect(self, event: Request) -> None:
         """A handshake websockets refuses (its `accept` answers other than 101) is answered and lingered after, as a

@@ -291,15 +291,15 @@ def truncated_upload(port: int, path: str, ctype: bytes, head: bytes) -> None:
 
 
 def invalid_utf8_frame(port: int, payload: bytes = b'{"type": "\xff\xfe"}',
-                       path: str = "/v1/realtime") -> bytes:
-    """Open a websocket by hand and send one text frame whose payload is not UTF-8; what the server
-    sent back (its close frame: 0x88 ...)."""
+                       path: str = "/v1/realtime", opcode: int = 0x1) -> bytes:
+    """Open a websocket by hand and send one frame (a text frame; opcode 0x8: a close frame) whose payload is not
+    UTF-8; what the server sent back (its close frame: 0x88 ...)."""
     s = raw_socket(port)
     key = base64.b64encode(os.urandom(16))
     s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
               b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
     assert s.recv(4096).startswith(b"HTTP/1.1 101")
-    s.sendall(bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)  # a text frame, mask of zeros
+    s.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)  # final, mask of zeros
     got = b""
     deadline = time.monotonic() + 10
     while b"\x88" not in got and time.monotonic() < deadline:  # the close frame

@@ -87,16 +87,21 @@ def test_client_aborts_cost_one_line_each_and_are_counted(tiny_engine):
                          + wav_bytes(tone_pcm16(0.2)))
         closing = invalid_utf8_frame(srv.port)
         assert b"\x88\x02\x03\xef" in closing  # closed with 1007 (invalid frame payload data), as RFC 6455 says
+        closing = invalid_utf8_frame(srv.port, b"\x03\xe8\xff\xfe", opcode=0x8)  # a close frame's reason
+        assert closing[closing.index(b"\x88"):][2:4] == b"\x03\xef"  # 1007 too (RFC 6455 §7.1.6)
         reset_mid_stream(srv.port)
         wait_for(lambda: srv.ctx.scheduler.running == 0 and srv.ctx.scheduler.waiting == 0, 30)
         time.sleep(0.3)
         tracebacks = [r for r in capture.records if r.exc_info or "Traceback" in r.getMessage()]
         assert tracebacks == [], [logging.Formatter().format(r)[:300] for r in tracebacks]
-        after = wait_for(lambda: (lambda h: h if sum(h.values()) - sum(before.values()) >= 4 else None)(
+        after = wait_for(lambda: (lambda h: h if sum(h.values()) - sum(before.values()) >= 5 else None)(
             httpx.get(srv.url + "/health").json().get("client_aborts", {})), 10)
     assert after["truncated_upload"] - before["truncated_upload"] == 2
-    assert after["invalid_utf8_frame"] - before["invalid_utf8_frame"] == 1
+    assert after["invalid_utf8_frame"] - before["invalid_utf8_frame"] == 2
     assert after["left_mid_response"] - before["left_mid_response"] == 1
     aborts = [line for line in capture.lines if "client abort" in line]
-    assert len(aborts) == sum(after.values()) - sum(before.values()) == 4, capture.lines
+    assert len(aborts) == sum(after.values()) - sum(before.values()) == 5, capture.lines
     assert all("\n" not in line for line in aborts)
+    frames = [line for line in aborts if "invalid_utf8_frame" in line]  # each logged as the frame it was
+    assert sum("a text frame that is not UTF-8" in line for line in frames) == 1, frames
+    assert sum("a close frame whose reason is not UTF-8" in line for line in frames) == 1, frames
