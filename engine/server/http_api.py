@@ -862,8 +862,8 @@ def unavailable(engine, caps: set[str]) -> dict[str, str]:
 def client_limits(ctx: ServerContext) -> dict:
     """The limits a client sizes its requests by (docs/protocol.md, "GET /v1/models"): the most new tokens
     a request may ask for and the count when it names none, the model's context in tokens (when the
-    checkpoint says), the largest body, upload, clip and image the server takes, and how many realtime sessions it
-    holds at once (a studio sizes its worker threads by it)."""
+    checkpoint says), the largest body, upload, clip and image the server takes, how many realtime sessions it
+    holds at once (a studio sizes its worker threads by it) and how long one may send nothing before it is closed."""
     lim = ctx.limits
     out = {"max_new_tokens": lim.max_new_tokens, "default_max_tokens": lim.default_max_tokens}
     if ctx.prompt_bound is not None:
@@ -871,7 +871,7 @@ def client_limits(ctx: ServerContext) -> dict:
     return out | {"max_request_bytes": lim.max_request_bytes, "max_upload_bytes": lim.max_upload_bytes,
                   "max_audio_seconds": audio_seconds_limit(ctx),
                   "max_transcription_seconds": lim.max_transcription_seconds, "max_image_pixels": lim.max_image_pixels,
-                  "max_sessions": lim.max_sessions}
+                  "max_sessions": lim.max_sessions, "realtime_idle_s": lim.realtime_idle_s}
 
 
 def audio_seconds_limit(ctx: ServerContext) -> float:

@@ -33,6 +33,8 @@ class Limits:
     max_video_frames: int = 600  # frames buffered per realtime session
     max_sessions: int = 64  # concurrent realtime sessions
     max_session_s: float = 3600.0  # one realtime session's life (OpenAI's 60 minutes): then session_expired
+    realtime_idle_s: float = 600.0  # a realtime session whose client sends nothing (no event, no audio) this long,
+    #                                 with no response running, is closed (session_idle_timeout, then close code 1000)
     max_queue: int = 256  # requests waiting for the engine (beyond this: queue_full)
     concurrency: int = 1  # requests generating at once (the engine runs one at a time)
     max_new_tokens: int = 4096  # largest max_tokens a request may ask for

@@ -66,6 +66,7 @@ ERROR_CODES: dict[str, int] = {
     "queue_full": 429, "transcription_backlog": 429, "session_limit_reached": 503, "server_shutting_down": 503,
     "too_many_connections": 503,  # every one of the server's Limits.max_connections connections busy
     "session_expired": 400,  # a realtime session past its longest life (OpenAI's 60 minutes)
+    "session_idle_timeout": 400,  # a realtime session whose client sent nothing for Limits.realtime_idle_s
     # faults
     "engine_error": 500, "server_error": 500,
 }

@@ -144,6 +144,7 @@ class RealtimeConnection:
         self.turn_pieces = TurnPieces()
         self.audio_clock_ms = 0.0  # audio written during the session while no turn detector counted it
         self.idle_from_ms: int | None = None  # server_vad idle_timeout_ms counts from here (the last reply's end)
+        self.last_activity = time.monotonic()  # the client's last event, or a response's end (Limits.realtime_idle_s)
         self.handlers = {
             "session.update": self.on_session_update,
             "input_audio_buffer.append": self.on_audio_append,
@@ -187,11 +188,19 @@ class RealtimeConnection:
             await self.send({"type": "session.created",
                              "session": self.session.settings.to_dict(self.session.id, self.ctx.model_id)})
             while True:
+                wait_s = min(ends_at, self.last_activity + self.limits.realtime_idle_s) - time.monotonic()
                 try:
-                    msg = await asyncio.wait_for(self.ws.receive(), max(0.0, ends_at - time.monotonic()))
+                    msg = await asyncio.wait_for(self.ws.receive(), max(0.0, wait_s))
                 except asyncio.TimeoutError:
-                    await self._expire(writer)
-                    break
+                    if time.monotonic() >= ends_at:
+                        await self._close_with(writer, self._expired())
+                        break
+                    if self.session.active is None:
+                        await self._close_with(writer, self._idle())
+                        break
+                    self.last_activity = time.monotonic()  # (a response running: the session is not idle)
+                    continue
+                self.last_activity = time.monotonic()
                 if msg["type"] == "websocket.disconnect":
                     self._disconnected(msg.get("code"), msg.get("reason"))
                     break
@@ -218,12 +227,23 @@ class RealtimeConnection:
             writer.cancel()
             self.ctx.sessions.close(self.session)
 
-    async def _expire(self, writer: asyncio.Task) -> None:
+    def _expired(self) -> ApiError:
         """The session reached its longest life (a client answering pings could otherwise hold one of the
-        server's session slots for ever): OpenAI's session_expired error, sent before the socket closes (1000)."""
+        server's session slots for ever): OpenAI's session_expired error."""
         minutes = self.limits.max_session_s / 60
-        await self.send_error(ApiError(f"Your session hit the maximum duration of {minutes:g} minutes.",
-                                       code="session_expired"))
+        return ApiError(f"Your session hit the maximum duration of {minutes:g} minutes.", code="session_expired")
+
+    def _idle(self) -> ApiError:
+        """The client sent nothing (no event, no audio) for Limits.realtime_idle_s while no response ran: 64 such
+        sessions held every slot of the server for up to an hour (the Live tab relays every session from one
+        address, so no per-address cap can tell them apart)."""
+        return ApiError(f"Your session was closed after {self.limits.realtime_idle_s:g} seconds in which the client "
+                        "sent nothing (no event, no audio) and no response ran; open a new session to go on.",
+                        code="session_idle_timeout")
+
+    async def _close_with(self, writer: asyncio.Task, err: ApiError) -> None:
+        """The server ends the session: the error, sent before the socket closes (1000)."""
+        await self.send_error(err)
         for _ in range(100):  # let the writer send what is queued (the error last), at most a second
             if self.out.empty() or writer.done():
                 break
@@ -775,6 +795,7 @@ class RealtimeConnection:
             self.idle_from_ms = detector.audio_ms + round(1000 * sum(span.seconds for span in resp.audio))
 
     def _response_ended(self, task: asyncio.Task) -> None:
+        self.last_activity = time.monotonic()
         if self.response_wanted and not self.closed and self.session.active is None:
             self.response_wanted = False
             asyncio.get_running_loop().create_task(self._respond_to_turn())

@@ -374,7 +374,7 @@ def test_models_and_health(client, server, tiny_engine):
     assert models.data[0].model_extra["limits"] == {  # what the server was started with, not the defaults
         "max_new_tokens": 1000, "default_max_tokens": 256,
         "context_tokens": tiny_engine.model.config.llm.max_position_embeddings, "max_request_bytes": 1_000_000, "max_upload_bytes": 400_000, "max_audio_seconds": 5.0, "max_transcription_seconds": 8.0,
-        "max_image_pixels": 200_000, "max_sessions": 7}
+        "max_image_pixels": 200_000, "max_sessions": 7, "realtime_idle_s": 600.0}
     assert httpx.get(server.url + "/v1/models/default").json()["limits"]["max_new_tokens"] == 1000
     encoder_s = tiny_engine.processor.settings.audio.max_duration_s  # the tiny audio encoder's positions
     assert 5.0 < encoder_s < 300.0

@@ -210,7 +210,7 @@ LIMIT_ROWS = {
     "one upload": ["max_upload_bytes"], "values in one JSON body": ["max_json_values"],
     "one audio clip": ["max_audio_seconds"], "one recording to transcribe": ["max_transcription_seconds"], "pixels of one image": ["max_image_pixels"],
     "decoded media of one HTTP request": ["max_session_media_bytes"], "webcam frames buffered": ["max_video_frames"],
-    "open realtime sessions": ["max_sessions"], "open HTTP and websocket connections": ["max_connections"], "one realtime session's life": ["max_session_s"],
+    "open realtime sessions": ["max_sessions"], "open HTTP and websocket connections": ["max_connections"], "one realtime session's life": ["max_session_s"], "a realtime session's idle time": ["realtime_idle_s"],
     "requests waiting": ["max_queue"], "what a client still sends after an answer": ["refusal_linger_s"],
     "a kept-alive connection idle": ["keep_alive_s"],
     "a request body's average rate": ["body_rate_grace_s", "min_body_bytes_per_s"],

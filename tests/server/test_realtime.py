@@ -862,3 +862,36 @@ def test_all_sessions_together_hold_at_most_the_servers_media_limit():
     registry.close(first)
     third.add_item(picture(5))
     assert registry.media_bytes() == 4 * mib
+
+
+def test_a_session_that_sends_nothing_is_closed_but_not_while_it_streams_audio_or_a_response_runs():
+    """Idle sessions held every session slot for up to an hour (max_session_s). A session whose client sends nothing
+    (no event, no audio) for `realtime_idle_s` while no response runs now gets session_idle_timeout, the socket closes
+    normally (1000) and its slot is freed; a session streaming audio (the Live tab's call) or waiting on a response
+    longer than the limit is not cut (0.3 s here, from 600 s)."""
+    from websockets.exceptions import ConnectionClosed
+
+    from tests.server import FakeEngine
+
+    idle_s = 0.3
+    silence = b64(np.zeros(960, dtype="<i2").tobytes())  # 40 ms at 24 kHz
+    with fake_server(FakeEngine(step_s=0.08), realtime_idle_s=idle_s) as srv, connect(srv.ws_url) as ws:
+        opened(ws)
+        for _ in range(8):  # 0.6 s of audio, a piece every 75 ms, as the Live tab streams it
+            send(ws, type="input_audio_buffer.append", audio=silence)
+            time.sleep(0.075)
+        send(ws, type="input_audio_buffer.clear")
+        send(ws, type="conversation.item.create", item={"type": "message", "role": "user",
+                                                        "content": [{"type": "input_text", "text": "hi"}]})
+        send(ws, type="response.create")  # ~0.64 s (8 events, 80 ms apart): longer than the idle limit
+        done = recv_until(ws, "response.done", timeout=10)[-1]
+        assert done["response"]["status"] == "completed", done
+        waited_from = time.monotonic()
+        err = recv_json(ws, timeout=10)
+        waited = time.monotonic() - waited_from
+        assert err["type"] == "error" and err["error"]["code"] == "session_idle_timeout", err
+        assert f"{idle_s:g} seconds" in err["error"]["message"] and waited < idle_s + 2, waited
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=5)
+        assert info.value.rcvd.code == 1000
+        wait_for(lambda: len(srv.ctx.sessions) == 0)
