@@ -178,9 +178,10 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
         if self.conn.their_state is h11.SEND_BODY:
             self.body_reads += 1
             self.body_read_bytes += len(data)
-            self.pace_small_read(len(data))
         answered_early = self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY
         super().data_received(data)  # (uvicorn's cancels the keep-alive wait: data came)
+        if self.conn.their_state is h11.SEND_BODY:  # (a body still owed: a read that ended it delays nothing)
+            self.pace_small_read(len(data))
         head_under_way = self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
         if not head_under_way:  # (the next head starts afresh)
             self.head_received.clear()
