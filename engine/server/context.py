@@ -18,11 +18,12 @@ from engine.server.sessions import SessionRegistry
 from engine.server.text import PromptBound
 
 # How a client can leave before its request is read or its answer sent (counted in /health):
-# truncated_upload (the body stopped short), invalid_utf8_frame (a websocket text frame that is not
-# UTF-8: the connection is closed with 1007), left_mid_response (the connection closed or was reset
+# truncated_upload (the body stopped short), invalid_utf8_frame (a websocket text frame, or a close frame's reason,
+# that is not UTF-8: the connection is closed with 1007), invalid_frame (a websocket frame that breaks RFC 6455: closed
+# with 1002; or one past the largest message: 1009), left_mid_response (the connection closed or was reset
 # while the answer was being made or sent), stalled_reader (the connection's peer took nothing of what the server
 # wrote for slow_reader_timeout_s: it was cut off, engine.server.stalled_peers).
-CLIENT_ABORTS = ("truncated_upload", "invalid_utf8_frame", "left_mid_response", "stalled_reader")
+CLIENT_ABORTS = ("truncated_upload", "invalid_utf8_frame", "invalid_frame", "left_mid_response", "stalled_reader")
 
 
 @dataclass

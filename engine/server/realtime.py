@@ -202,7 +202,7 @@ class RealtimeConnection:
                     continue
                 self.last_activity = time.monotonic()
                 if msg["type"] == "websocket.disconnect":
-                    self._disconnected(msg.get("code"), msg.get("reason"))
+                    self._disconnected(msg)
                     break
                 if writer.done():  # the socket cannot be written any more
                     break
@@ -254,12 +254,17 @@ class RealtimeConnection:
         except RuntimeError:  # already closed
             pass
 
-    def _disconnected(self, code: int | None, reason: str | None) -> None:
-        """The client closed the socket (or the websocket layer did, for a frame that is not UTF-8)."""
-        if code == 1007:
-            frame = ("a close frame whose reason is" if reason == CLOSE_REASON_NOT_UTF8 else "a text frame that is")
+    def _disconnected(self, msg: dict) -> None:
+        """The client closed the socket, or the websocket layer did for a frame it refused (`refused_frame`: 1007 for
+        one that is not UTF-8, 1002 for one that breaks RFC 6455, 1009 for a message past the largest read)."""
+        code, reason = msg.get("code"), msg.get("reason") or ""
+        if msg.get("refused_frame") and code == 1007:
+            frame = "a close frame whose reason is" if reason == CLOSE_REASON_NOT_UTF8 else "a text frame that is"
             logs.client_aborted(self.ctx, "invalid_utf8_frame", f"session {self.session.id}: {frame} not UTF-8 (the "
                                                                 "connection was closed with 1007)")
+        elif msg.get("refused_frame"):
+            logs.client_aborted(self.ctx, "invalid_frame", f"session {self.session.id}: a websocket frame refused: "
+                                                           f"{reason[:120]} (the connection was closed with {code})")
         elif self.session.active is not None and not self.session.active.silenced:
             logs.client_aborted(self.ctx, "left_mid_response", f"session {self.session.id}: the client left while "
                                                                "a response ran (it was cancelled)")

@@ -149,12 +149,18 @@ class OpenAIErrorsWebSocketProtocol(LingersAfterAnswer, CutsOffStalledPeers, Han
             super().data_received(data)
 
     def handle_parser_exception(self) -> None:
-        """uvicorn's (the close frame websockets queued is sent, the app told, the connection closed), with the app
-        told when the frame that failed was a close frame whose reason is not UTF-8: websockets decodes no other frame
-        (a text frame is decoded by uvicorn, which fails it with 1007 too), and that close was logged as a text frame."""
-        if isinstance(self.conn.parser_exc, UnicodeDecodeError) and self.conn.close_sent is not None:
-            self.conn.close_sent = dataclasses.replace(self.conn.close_sent, reason=CLOSE_REASON_NOT_UTF8)
-        super().handle_parser_exception()
+        """uvicorn's (the close frame websockets queued is sent, the app told, the connection closed), with the app told
+        that the server refused a frame (`refused_frame` in the disconnect: a client's own close with 1002 is not one),
+        and which, when it was a close frame whose reason is not UTF-8: websockets decodes no other frame (a text
+        frame is decoded by uvicorn, which fails it with 1007 too), and that close was logged as a text frame."""
+        close = self.conn.close_sent
+        assert close is not None
+        reason = CLOSE_REASON_NOT_UTF8 if isinstance(self.conn.parser_exc, UnicodeDecodeError) else close.reason
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": close.code, "reason": reason,
+                               "refused_frame": True})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.transport.close()
 
     def handle_connect(self, event: Request) -> None:
         """A handshake websockets refuses (its `accept` answers other than 101) is answered and lingered after, as a

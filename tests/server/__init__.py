@@ -290,10 +290,15 @@ def truncated_upload(port: int, path: str, ctype: bytes, head: bytes) -> None:
     s.close()
 
 
-def invalid_utf8_frame(port: int, payload: bytes = b'{"type": "\xff\xfe"}',
-                       path: str = "/v1/realtime", opcode: int = 0x1) -> bytes:
-    """Open a websocket by hand and send one frame (a text frame; opcode 0x8: a close frame) whose payload is not
-    UTF-8; what the server sent back (its close frame: 0x88 ...)."""
+def invalid_utf8_frame(port: int, payload: bytes = b'{"type": "\xff\xfe"}', path: str = "/v1/realtime") -> bytes:
+    """Open a websocket by hand and send one text frame whose payload is not UTF-8; what the server sent back (its
+    close frame: 0x88 ...)."""
+    return raw_frame(port, payload, path)
+
+
+def raw_frame(port: int, payload: bytes, path: str = "/v1/realtime", opcode: int = 0x1) -> bytes:
+    """Open a websocket by hand and send one final frame of `opcode` (0x1 text, 0x8 close ...) holding `payload`;
+    what the server sent back (its close frame: 0x88 ...)."""
     s = raw_socket(port)
     key = base64.b64encode(os.urandom(16))
     s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

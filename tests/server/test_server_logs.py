@@ -16,8 +16,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from engine.server import Limits, ServerHandle, create_app
-from tests.server import (invalid_utf8_frame, reset_mid_stream, tone_pcm16, torch_threads, truncated_upload, wait_for,
-                          wav_bytes)
+from tests.server import (invalid_utf8_frame, raw_frame, reset_mid_stream, tone_pcm16, torch_threads, truncated_upload,
+                          wait_for, wav_bytes)
 
 TOKEN = "tok-SECRET-42"
 WRONG = "tok-WRONG-77"
@@ -87,21 +87,26 @@ def test_client_aborts_cost_one_line_each_and_are_counted(tiny_engine):
                          + wav_bytes(tone_pcm16(0.2)))
         closing = invalid_utf8_frame(srv.port)
         assert b"\x88\x02\x03\xef" in closing  # closed with 1007 (invalid frame payload data), as RFC 6455 says
-        closing = invalid_utf8_frame(srv.port, b"\x03\xe8\xff\xfe", opcode=0x8)  # a close frame's reason
+        closing = raw_frame(srv.port, b"\x03\xe8\xff\xfe", opcode=0x8)  # a close frame's reason
         assert closing[closing.index(b"\x88"):][2:4] == b"\x03\xef"  # 1007 too (RFC 6455 §7.1.6)
+        closing = raw_frame(srv.port, b"x", opcode=0x3)  # a reserved opcode
+        assert closing[closing.index(b"\x88"):][2:4] == (1002).to_bytes(2, "big")  # a protocol error
         reset_mid_stream(srv.port)
         wait_for(lambda: srv.ctx.scheduler.running == 0 and srv.ctx.scheduler.waiting == 0, 30)
         time.sleep(0.3)
         tracebacks = [r for r in capture.records if r.exc_info or "Traceback" in r.getMessage()]
         assert tracebacks == [], [logging.Formatter().format(r)[:300] for r in tracebacks]
-        after = wait_for(lambda: (lambda h: h if sum(h.values()) - sum(before.values()) >= 5 else None)(
+        after = wait_for(lambda: (lambda h: h if sum(h.values()) - sum(before.values()) >= 6 else None)(
             httpx.get(srv.url + "/health").json().get("client_aborts", {})), 10)
     assert after["truncated_upload"] - before["truncated_upload"] == 2
     assert after["invalid_utf8_frame"] - before["invalid_utf8_frame"] == 2
+    assert after["invalid_frame"] - before["invalid_frame"] == 1
     assert after["left_mid_response"] - before["left_mid_response"] == 1
     aborts = [line for line in capture.lines if "client abort" in line]
-    assert len(aborts) == sum(after.values()) - sum(before.values()) == 5, capture.lines
+    assert len(aborts) == sum(after.values()) - sum(before.values()) == 6, capture.lines
     assert all("\n" not in line for line in aborts)
     frames = [line for line in aborts if "invalid_utf8_frame" in line]  # each logged as the frame it was
     assert sum("a text frame that is not UTF-8" in line for line in frames) == 1, frames
     assert sum("a close frame whose reason is not UTF-8" in line for line in frames) == 1, frames
+    refused = [line for line in aborts if "(invalid_frame)" in line]
+    assert len(refused) == 1 and "invalid opcode" in refused[0] and "1002" in refused[0], refused
