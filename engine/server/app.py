@@ -336,7 +336,8 @@ def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "warning
                                                    min_chunk_bytes=limits.min_chunk_bytes,
                                                    min_read_bytes=limits.min_read_bytes, on_full=logs.connections_full, **stalled),
                             ws=functools.partial(OpenAIErrorsWebSocketProtocol, linger=linger,
-                                                 min_chunk_bytes=limits.min_chunk_bytes, **stalled),
+                                                 min_chunk_bytes=limits.min_chunk_bytes,
+                                                 min_read_bytes=limits.min_read_bytes, **stalled),
                             timeout_keep_alive=limits.keep_alive_s,
                             ws_max_size=limits.max_frame_bytes, ws_per_message_deflate=False,
                             timeout_graceful_shutdown=3)

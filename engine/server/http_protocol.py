@@ -22,9 +22,10 @@ from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from engine.server.http_api import retry_headers
-from engine.server.limits import CHUNKS_BEFORE_AVERAGE, READS_BEFORE_AVERAGE, SMALL_READ_PAUSE_S
+from engine.server.limits import CHUNKS_BEFORE_AVERAGE, READS_BEFORE_AVERAGE
 from engine.server.lingering import LingersAfterAnswer
 from engine.server.protocol import ApiError
+from engine.server.small_reads import PacesSmallReads
 from engine.server.stalled_peers import CutsOffStalledPeers
 
 
@@ -105,7 +106,7 @@ class ClosesAfterClient:
             self.protocol.transport.close()
 
 
-class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protocol):
+class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, PacesSmallReads, H11Protocol):
     """`head_timeout_s`: how long a connection may take to send a request's whole head (from its opening, or from
     the previous answer). uvicorn waits for a head forever: a client that connected and sent part of a request
     line, or nothing, held its connection (and a file descriptor) for good, and enough of them starve the server.
@@ -120,11 +121,10 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
     told of each (None: no one is)."""
 
     def __init__(self, *args, head_timeout_s: float, max_connections: int, min_chunk_bytes: int,
-                 min_read_bytes: int, on_full: Callable[[str], None] | None = None, **kwargs):
+                 on_full: Callable[[str], None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.min_chunk_bytes = min_chunk_bytes
         self.body_chunks = self.body_bytes = 0  # of the chunked body being read
-        self.min_read_bytes = min_read_bytes
         self.body_reads = self.body_read_bytes = 0  # the reads of the body being read (chunked or not), their bytes
         self.body_refusal: ApiError | None = None
         self.conn.next_event = self.counting_chunks(self.conn.next_event)
@@ -233,17 +233,8 @@ class OpenAIErrorsH11Protocol(LingersAfterAnswer, CutsOffStalledPeers, H11Protoc
                 "average (Limits.min_read_bytes): send it in larger writes", code="body_pieces_too_small")
             raise h11.RemoteProtocolError(self.body_refusal.message, error_status_hint=400)
 
-    def pace_small_read(self, size: int) -> None:
-        """After a read of a body under `min_read_bytes`, reading pauses for SMALL_READ_PAUSE_S: what a trickle sends
-        meanwhile waits in the socket and comes in one read, so a body costs at most 1 / SMALL_READ_PAUSE_S wake-ups a
-        second however it is cut into packets."""
-        if size < self.min_read_bytes and not self.flow.read_paused:
-            self.transport.pause_reading()
-            self.loop.call_later(SMALL_READ_PAUSE_S, self.resume_after_small_read)
-
-    def resume_after_small_read(self) -> None:
-        if not self.flow.read_paused and not self.transport.is_closing():  # (not while uvicorn's flow control pauses)
-            self.transport.resume_reading()
+    def may_resume_reading(self) -> bool:
+        return not self.flow.read_paused  # (uvicorn's flow control: the app has not taken what was read)
 
     def handle_events(self) -> None:
         super().handle_events()

@@ -14,7 +14,8 @@ CHUNKS_BEFORE_AVERAGE = 1024
 # the reads (what one arrival of data on the socket brings) of a request body that may come before their average size
 # is held to Limits.min_read_bytes (engine/server/http_protocol.py)
 READS_BEFORE_AVERAGE = 1024
-SMALL_READ_PAUSE_S = 0.01  # how long reading a request body pauses after a read under Limits.min_read_bytes
+SMALL_READ_PAUSE_S = 0.01  # how long reading a request body or realtime frame pauses after a read under
+#                            Limits.min_read_bytes (engine/server/small_reads.py)
 
 MiB = 1024 * 1024
 OPENAI_MAX_EVENT_BYTES = 15 * MiB  # OpenAI's largest input_audio_buffer.append (its realtime API reference)

@@ -28,6 +28,7 @@ from websockets.http11 import Request, Response
 from engine.server.limits import CHUNKS_BEFORE_AVERAGE
 from engine.server.lingering import LingersAfterAnswer
 from engine.server.protocol import ApiError
+from engine.server.small_reads import PacesSmallReads
 from engine.server.stalled_peers import CutsOffStalledPeers
 
 
@@ -103,14 +104,15 @@ def in_openai_shape(reject):
     return reject_in_openai_shape
 
 
-class OpenAIErrorsWebSocketProtocol(LingersAfterAnswer, CutsOffStalledPeers, HandshakeAnsweringProtocol):
+class OpenAIErrorsWebSocketProtocol(LingersAfterAnswer, CutsOffStalledPeers, PacesSmallReads,
+                                    HandshakeAnsweringProtocol):
     """The engine server's: every opening handshake websockets refuses itself (a method other than GET, a
     missing or unsupported Sec-WebSocket-Version or -Key, a request line or headers too long) is answered with
     OpenAI's error body, not websockets' plain text, as the HTTP protocol answers (engine.server.http_protocol). A
     session whose client reads nothing is cut off (CutsOffStalledPeers), which closes the session. A handshake the
     app refuses (its denial response: 401, 404, 503 at the session cap), or websockets does (405, 400, 414, 431), is
     followed by the end of our side of the stream, not a close (LingersAfterAnswer): a client that sent its first frames right after its handshake met a
-    reset instead of the answer."""
+    reset instead of the answer. A frame trickled in small reads is read at a bounded rate (PacesSmallReads)."""
 
     def __init__(self, *args, min_chunk_bytes: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -147,6 +149,11 @@ class OpenAIErrorsWebSocketProtocol(LingersAfterAnswer, CutsOffStalledPeers, Han
     def data_received(self, data: bytes) -> None:
         if not self.dropped_while_lingering(data):
             super().data_received(data)
+            if self.conn.reader.buffer:  # (a frame left unfinished: a small read of it is paced, PacesSmallReads)
+                self.pace_small_read(len(data))
+
+    def may_resume_reading(self) -> bool:
+        return not self.read_paused and self.writable.is_set()  # (the app has taken every message; the peer reads)
 
     def handle_parser_exception(self) -> None:
         """uvicorn's (the close frame websockets queued is sent, the app told, the connection closed), with the app told

@@ -1117,6 +1117,21 @@ def test_a_realtime_message_in_a_flood_of_empty_fragments_closes_the_session_wit
     assert int.from_bytes(close[2:4], "big") == 1008 and b"fragments" in close, got[-200:]
 
 
+def reads_of(monkeypatch, protocol, counts) -> list[int]:
+    """The sizes of the reads connections of `protocol` (a uvicorn protocol class) make for which `counts(connection)`
+    holds when the read comes."""
+    sizes: list[int] = []
+    data_received = protocol.data_received
+
+    def counted(connection, data: bytes) -> None:
+        if counts(connection):
+            sizes.append(len(data))
+        data_received(connection, data)
+
+    monkeypatch.setattr(protocol, "data_received", counted)
+    return sizes
+
+
 @pytest.fixture
 def body_reads(monkeypatch):
     """The sizes of the reads the server's HTTP connections make of request bodies (their other reads left out)."""
@@ -1124,16 +1139,7 @@ def body_reads(monkeypatch):
 
     from engine.server.http_protocol import OpenAIErrorsH11Protocol
 
-    sizes: list[int] = []
-    data_received = OpenAIErrorsH11Protocol.data_received
-
-    def counted(protocol, data: bytes) -> None:
-        if protocol.conn.their_state is h11.SEND_BODY:
-            sizes.append(len(data))
-        data_received(protocol, data)
-
-    monkeypatch.setattr(OpenAIErrorsH11Protocol, "data_received", counted)
-    return sizes
+    return reads_of(monkeypatch, OpenAIErrorsH11Protocol, lambda connection: connection.conn.their_state is h11.SEND_BODY)
 
 
 def test_a_body_sent_a_byte_a_packet_wakes_the_server_a_bounded_number_of_times_a_second(fake, body_reads):
@@ -1176,3 +1182,32 @@ def test_a_body_whose_reads_stay_tiny_is_refused_naming_the_limit(fake, body_rea
     assert head.startswith(b"HTTP/1.1 400") and b"connection: close" in head.lower(), head
     err = json.loads(body)["error"]
     assert err["code"] == "body_pieces_too_small" and "256 bytes" in err["message"], err
+
+
+def test_a_realtime_message_sent_a_byte_a_packet_wakes_the_server_a_bounded_number_of_times_a_second(fake, monkeypatch):
+    """A realtime message sent one byte per packet was read a packet at a time, as a request body was: after a read
+    under Limits.min_read_bytes that leaves a frame unfinished, reading pauses SMALL_READ_PAUSE_S (PacesSmallReads), and
+    the message is still handled."""
+    from engine.server.limits import SMALL_READ_PAUSE_S, Limits
+    from engine.server.ws_protocol import OpenAIErrorsWebSocketProtocol
+
+    reads = reads_of(monkeypatch, OpenAIErrorsWebSocketProtocol, lambda connection: connection.handshake_complete)
+    payload = json.dumps({"type": "session.update", "session": {"type": "realtime", "instructions": "a" * 4000}})
+    frame = bytes([0x81, 0xFE]) + len(payload).to_bytes(2, "big") + b"\0\0\0\0" + payload.encode()  # masked, zeros
+    with socket.create_connection(("127.0.0.1", fake.base_url.port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        got = b""
+        while b"session.created" not in got:
+            got += s.recv(65536)
+        reads.clear()
+        started = time.monotonic()
+        for byte in frame:
+            s.send(bytes([byte]))
+        while b"session.updated" not in got:
+            got += s.recv(65536)
+        took = time.monotonic() - started
+    small = [size for size in reads if size < Limits().min_read_bytes]
+    most = took / SMALL_READ_PAUSE_S + 2  # (each small read is followed by the pause: a late timer makes fewer)
+    assert len(small) <= most, f"{len(small)} reads under {Limits().min_read_bytes} bytes in {took:.2f} s"
