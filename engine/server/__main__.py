@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-image-pixels", type=_positive_int, default=d.max_image_pixels,
                     help="pixels per image or frame")
     ap.add_argument("--max-new-tokens", type=_positive_int, default=d.max_new_tokens, help="largest max_tokens allowed")
+    ap.add_argument("--realtime-idle-seconds", type=_positive_number, default=d.realtime_idle_s,
+                    help="a realtime session whose client sends nothing this long, with no response running, is closed")
     ap.add_argument("--threads", type=_positive_int, default=None,
                     help="torch intra-op threads (default: torch's choice; 1 suits small models on few cores)")
     ap.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="the HTTP server's log (default: info)")
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         limits = Limits(max_sessions=args.max_sessions, max_queue=args.max_queue, max_connections=args.max_connections,
                         max_message_bytes=int(args.max_message_mb * MiB), max_request_bytes=int(args.max_request_mb * MiB),
                         max_upload_bytes=int(args.max_upload_mb * MiB), max_audio_seconds=args.max_audio_seconds,
-                        max_transcription_seconds=args.max_transcription_seconds, max_image_pixels=args.max_image_pixels, max_new_tokens=args.max_new_tokens)
+                        max_transcription_seconds=args.max_transcription_seconds, max_image_pixels=args.max_image_pixels, max_new_tokens=args.max_new_tokens,
+                        realtime_idle_s=args.realtime_idle_seconds)
     except (StartupRefused, ValueError) as e:
         if sock is not None:
             sock.close()

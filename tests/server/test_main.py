@@ -109,6 +109,7 @@ def test_a_thread_count_below_one_is_refused_by_the_parser(capsys, monkeypatch):
     ("--max-audio-seconds", "inf", "must be a finite number > 0"),  # started, with no audio limit at all
     ("--max-request-mb", "-5", "must be a finite number > 0"),  # "Limits.max_request_bytes ... -5242880"
     ("--max-queue", "0", "must be at least 1"), ("--max-image-pixels", "many", "must be a whole number"),
+    ("--realtime-idle-seconds", "0", "must be a finite number > 0"),  # (a session closed at once)
     ("--dtype", "fp64", "invalid choice"),  # refused after the model load had started
     ("--log-level", "verbose", "invalid choice"),  # uvicorn's KeyError traceback after the load
 ])
