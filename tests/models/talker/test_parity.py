@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.models.talker.parity import talker_patch_of_case
+from engine.models.talker.parity import first_bad_sample, talker_patch_of_case
 from engine.tools.parity import format_table, run_case
 from tests.paths import fixture_case
 
@@ -39,6 +39,17 @@ def test_audio_vae_case_streams_in_the_case_talker_patches(tmp_path):
     bad = [r for r in rows if not r.ok]
     assert rows and not bad, format_table(bad)
     assert {"stream.wav_concat", "encode.padded_wav", "stream.chunk_kv_len"} <= {r.tensor for r in rows}
+
+
+def test_the_first_stream_difference_is_looked_for_in_every_batch_row():
+    """`stream_minus_oneshot_first_bad` of a batch: a difference only in row 1 is found (the earliest over the rows
+    for a scalar record, each row's index for a [B] record); none anywhere is -1."""
+    diff = torch.zeros(3, 50)
+    diff[1, 30], diff[1, 40], diff[2, 45] = 1e-3, 1e-3, 1e-3
+    assert int(first_bad_sample(diff)) == 30
+    assert int(first_bad_sample(diff, torch.tensor(-1))) == 30
+    assert first_bad_sample(diff, torch.tensor([-1, 30, 45])).tolist() == [-1, 30, 45]
+    assert int(first_bad_sample(torch.full((2, 50), 1e-6))) == -1
 
 
 def test_sampler_settings_are_the_ones_the_case_records():
