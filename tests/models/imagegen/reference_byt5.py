@@ -1,7 +1,7 @@
 """A deliberately plain ByT5 glyph path for tests (spec §8.4): byte tokens, the T5 encoder (relative position
-buckets in the first block, RMS norms without a mean, unscaled scores, gated tanh-GELU FFN) and the
-T5EncoderBlockByT5Mapper, written out from raw config dicts and state dicts, sharing nothing with transformers'
-T5 classes or engine.models.imagegen.glyph. Tiny models only."""
+buckets in the first block, RMS norms without a mean, unscaled scores, the config's `feed_forward_proj`: dense or
+gated, relu / silu / GELU) and the T5EncoderBlockByT5Mapper, written out from raw config dicts and state dicts,
+sharing nothing with transformers' T5 classes or engine.models.imagegen.glyph. Tiny models only."""
 
 from __future__ import annotations
 
@@ -54,10 +54,23 @@ def t5_blocks(x: torch.Tensor, mask: torch.Tensor, sd: dict, prefix: str, n_bloc
         attn = ((q @ k.transpose(1, 2)) + bias).softmax(-1) @ v
         x = x + F.linear(attn.transpose(0, 1).reshape(length, heads * d_kv), sd[p + "0.SelfAttention.o.weight"])
         h = t5_norm(x, sd[p + "1.layer_norm.weight"], eps)
-        ff = p + "1.DenseReluDense."
-        gated = F.gelu(F.linear(h, sd[ff + "wi_0.weight"]), approximate="tanh") * F.linear(h, sd[ff + "wi_1.weight"])
-        x = x + F.linear(gated, sd[ff + "wo.weight"])
+        x = x + feed_forward(h, sd, p + "1.DenseReluDense.", cfg["feed_forward_proj"])
     return x
+
+
+ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def feed_forward(h: torch.Tensor, sd: dict, ff: str, kind: str) -> torch.Tensor:
+    """T5's `feed_forward_proj`: "relu" / "gelu" / "silu" a dense act(wi h); "gated-<act>" act(wi_0 h) * wi_1 h
+    (byt5-small's "gated-gelu" is the tanh GELU, "gelu_new"); then wo."""
+    gated, act = kind.startswith("gated-"), kind.split("-")[-1]
+    act = "gelu_new" if kind == "gated-gelu" else act
+    if gated:
+        inner = ACTIVATIONS[act](F.linear(h, sd[ff + "wi_0.weight"])) * F.linear(h, sd[ff + "wi_1.weight"])
+    else:
+        inner = ACTIVATIONS[act](F.linear(h, sd[ff + "wi.weight"]))
+    return F.linear(inner, sd[ff + "wo.weight"])
 
 
 def glyph_embeds(text: str, encoder_sd: dict, mapper_sd: dict, t5: dict, mapper_layers: int,

@@ -25,24 +25,23 @@ def _random(module, gen) -> dict:
             for n, t in module.state_dict().items()}
 
 
-@pytest.fixture(scope="module")
-def byt5(tmp_path_factory):
-    """A byt5/ folder without glyph special tokens; base.pt holds every encoder tensor under the training prefix
-    and byt5_model.pt overrides part of them (spec §8.4). Returns (folder, encoder state, mapper state)."""
+def _write_byt5(folder, t5: dict) -> tuple:
+    """A byt5/ folder of T5 config `t5` without glyph special tokens; base.pt holds every encoder tensor under the
+    training prefix and byt5_model.pt overrides part of them (spec §8.4). Returns (folder, encoder state, mapper
+    state)."""
     from transformers import ByT5Tokenizer, T5Config
     from transformers.models.t5.modeling_t5 import T5Stack
 
     from engine.models.imagegen.glyph import ByT5Mapper
 
-    folder = tmp_path_factory.mktemp("byt5")
     settings = {"byt5_config": {"byt5_ckpt_path": "t5", "special_token": False},
                 "byt5_mapper_config": {"num_layers": MAPPER_LAYERS, "sdxl_channels": CHANNELS},
                 "byt5_max_length": MAX_LENGTH}
     (folder / "byt5.json").write_text(json.dumps(settings))
     (folder / "t5").mkdir()
-    (folder / "t5" / "config.json").write_text(json.dumps(T5))
+    (folder / "t5" / "config.json").write_text(json.dumps(t5))
     ByT5Tokenizer().save_pretrained(str(folder / "t5"))
-    config = T5Config(**{**T5, "is_decoder": False})
+    config = T5Config(**{**t5, "is_decoder": False})
     gen = torch.Generator().manual_seed(5)
     encoder = _random(T5Stack(config), gen)
     mapper = _random(ByT5Mapper(config, MAPPER_LAYERS, CHANNELS), gen)
@@ -54,6 +53,11 @@ def byt5(tmp_path_factory):
         (folder / name).parent.mkdir(exist_ok=True)
         torch.save(state, folder / name)
     return folder, encoder, mapper
+
+
+@pytest.fixture(scope="module")
+def byt5(tmp_path_factory):
+    return _write_byt5(tmp_path_factory.mktemp("byt5"), T5)
 
 
 @pytest.mark.parametrize("quoted", ["A", "Hello, glyphs", "x" * 30, "a much longer sign that will not fit at all",
@@ -70,3 +74,22 @@ def test_glyph_embeddings_match_the_plain_path(byt5, quoted):
     want = reference_byt5.glyph_embeds(text, encoder_sd, mapper_sd, T5, MAPPER_LAYERS, MAX_LENGTH)
     assert out.embeds.shape == (1, MAX_LENGTH, CHANNELS)
     torch.testing.assert_close(out.embeds[0], want, atol=ATOL, rtol=RTOL)
+
+
+# What else a held-out byt5/t5/config.json may set: T5's other feed-forward kinds (a dense `wi` + activation, or a
+# gated `wi_0` / `wi_1` pair with another activation); the encoder and the mapper's blocks both follow it.
+@pytest.mark.parametrize("feed_forward", ["relu", "gated-silu", "gelu"])
+def test_glyph_embeddings_follow_the_configs_feed_forward_kind(tmp_path, feed_forward):
+    t5 = {**T5, "feed_forward_proj": feed_forward}
+    folder, encoder_sd, mapper_sd = _write_byt5(tmp_path, t5)
+    text = 'Text "Open 24/7". '
+    glyph = GlyphEncoder.load(folder, torch.float32, "cpu")
+    with torch.inference_mode():
+        out = glyph([text])
+    want = reference_byt5.glyph_embeds(text, encoder_sd, mapper_sd, t5, MAPPER_LAYERS, MAX_LENGTH)
+    torch.testing.assert_close(out.embeds[0], want, atol=ATOL, rtol=RTOL)
+    # the same weights through another kind of the same layout differ: the kind is what the result follows
+    other = "gated-gelu" if feed_forward.startswith("gated") else ("gelu" if feed_forward == "relu" else "relu")
+    assert not torch.allclose(want, reference_byt5.glyph_embeds(text, encoder_sd, mapper_sd,
+                                                                {**t5, "feed_forward_proj": other}, MAPPER_LAYERS,
+                                                                MAX_LENGTH), atol=1e-3)
