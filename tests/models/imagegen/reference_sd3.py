@@ -39,6 +39,15 @@ def feed_forward(sd: dict, name: str, x: torch.Tensor) -> torch.Tensor:
     return linear(sd, f"{name}.net.2", gelu_tanh(linear(sd, f"{name}.net.0.proj", x)))
 
 
+def head_norm(sd: dict, name: str, x: torch.Tensor, qk_norm: str | None) -> torch.Tensor:
+    """The config's `qk_norm` on [B, S, heads, d] queries or keys: "rms_norm" x / rms(x) (eps 1e-6) times the
+    learned per-channel weight `name`.weight; None leaves them as they are."""
+    if qk_norm is None:
+        return x
+    assert qk_norm == "rms_norm", qk_norm
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + LN_EPS) * sd[f"{name}.weight"]
+
+
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """[sin(pos * w_k), cos(pos * w_k)] with w_k = 10000^(-k / (dim/2))."""
     omega = 1.0 / 10000.0 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
@@ -120,7 +129,7 @@ def single_block(sd: dict, name: str, x: torch.Tensor, temb: torch.Tensor, heads
 
 
 def joint_block(sd: dict, name: str, x: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor, heads: int,
-                angles: torch.Tensor, last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                angles: torch.Tensor, last: bool, qk_norm: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     shift, scale, gate, shift2, scale2, gate2 = modulation(sd, f"{name}.norm1", temb, 6)
     if last:  # the last block only reads the caption (AdaLayerNormContinuous: scale first, then shift)
         c_scale, c_shift = modulation(sd, f"{name}.norm1_context", temb, 2)
@@ -129,6 +138,8 @@ def joint_block(sd: dict, name: str, x: torch.Tensor, ctx: torch.Tensor, temb: t
     h, hc = layer_norm(x) * (1 + scale) + shift, layer_norm(ctx) * (1 + c_scale) + c_shift
     q, k, v = (linear(sd, f"{name}.attn.to_{n}", h).unflatten(-1, (heads, -1)) for n in "qkv")
     cq, ck, cv = (linear(sd, f"{name}.attn.add_{n}_proj", hc).unflatten(-1, (heads, -1)) for n in "qkv")
+    q, k = (head_norm(sd, f"{name}.attn.norm_{n}", t, qk_norm) for n, t in (("q", q), ("k", k)))
+    cq, ck = (head_norm(sd, f"{name}.attn.norm_added_{n}", t, qk_norm) for n, t in (("q", cq), ("k", ck)))
     q, k, v = torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1)
     out = attention(rotate_pairs(q, angles), rotate_pairs(k, angles), v)
     n_img = x.shape[1]
@@ -164,7 +175,8 @@ def sd3_forward(sd: dict, cfg: dict, latent: torch.Tensor, caption: torch.Tensor
     angles = rope_angles(1 if ref is None else 2, rows, cols, ctx.shape[1])
     layers = cfg["num_layers"]
     for i in range(layers):
-        x, ctx = joint_block(sd, f"transformer_blocks.{i}", x, ctx, temb, heads, angles, last=i == layers - 1)
+        x, ctx = joint_block(sd, f"transformer_blocks.{i}", x, ctx, temb, heads, angles, last=i == layers - 1,
+                             qk_norm=cfg.get("qk_norm"))
     scale, shift = modulation(sd, "norm_out", temb, 2)
     out = linear(sd, "proj_out", layer_norm(x[:, :n_img]) * (1 + scale) + shift)
     c = out.shape[-1] // (p * p)
