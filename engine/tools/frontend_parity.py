@@ -98,6 +98,19 @@ def _missing(case: str, name: str, tol: float, why: str) -> ParityRow:
     return ParityRow(case, name, math.inf, tol, False, f"not produced: {why}")
 
 
+def _crash_note(exc: Exception) -> str:
+    """A failed row's note for an exception: an input the case left out is named as such."""
+    from engine.tools.parity import InputNotRecorded
+
+    return str(exc) if isinstance(exc, InputNotRecorded) else f"{type(exc).__name__}: {exc}"
+
+
+def _recorded_input_names(meta: dict, inputs: dict) -> dict[str, None]:
+    """The inputs a case lists in meta.json and those it holds (meta.json's order first), recorded or not."""
+    listed = [t["name"] for t in meta.get("tensors", []) if t.get("file") == "inputs.safetensors"]
+    return dict.fromkeys([*listed, *inputs])
+
+
 def _output_tensors(meta: dict) -> list[dict]:
     return [t for t in meta.get("tensors", []) if t.get("file") == "outputs.safetensors"]
 
@@ -147,6 +160,7 @@ def _image_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
     # The processor settings come from the case; the code path (Stage A bounds, smart-resize variant) is
     # that of the release that ran it, whatever its patch size (a 2.0 run with 14-pixel patches is not Preview).
     config = ImageProcessorConfig.from_json_file(case_dir / "config.json", release=reference_release(meta))
+    known = _recorded_input_names(meta, inputs)  # (one left out of the file fails its rows, naming it)
     cache: dict[tuple, object] = {}
 
     def memo(key: tuple, fn: Callable[[], object]):
@@ -178,12 +192,12 @@ def _image_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
         parts = name.split(".")
         field = parts[-1]
         try:
-            if parts[0] in inputs:
+            if parts[0] in known:
                 names = (parts[0],)
             else:  # a multi-image call: the inputs are named in some tensor meaning of its group
                 group_meanings = [t.get("meaning", "") for t in _output_tensors(meta)
                                   if t["name"].split(".")[0] == parts[0]]
-                named = [tuple(_named_inputs(m, inputs)) for m in [spec.get("meaning", "")] + group_meanings]
+                named = [tuple(_named_inputs(m, known)) for m in [spec.get("meaning", "")] + group_meanings]
                 names = next((n for n in named if n), ())
                 if not names:
                     rows.append(_missing(case, name, tol, "its meaning names no input image"))
@@ -218,7 +232,7 @@ def _image_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
             else:
                 rows.append(_missing(case, name, tol, f"unknown field {field!r}"))
         except Exception as exc:  # a crash is a failed row, not a skipped one
-            rows.append(_missing(case, name, tol, f"{type(exc).__name__}: {exc}"))
+            rows.append(_missing(case, name, tol, _crash_note(exc)))
 
     # chat-path pixel values are stored once when bit-identical to the direct path: check them too
     for input_name, statement in (meta.get("chat_vs_direct") or {}).items():
@@ -278,14 +292,22 @@ def _audio_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
     # itself always resamples to 16 kHz
     case_rate = cfg_dict.get("sampling_rate")
     input_specs = {t["name"]: t for t in meta.get("tensors", []) if t.get("file") == "inputs.safetensors"}
-    order = list(input_specs)
-    floats = [n for n in order if inputs[n].dtype.kind == "f"]
-    ints = [n for n in order if inputs[n].dtype.kind in "iu"]
+    known = _recorded_input_names(meta, inputs)  # (one left out of the file fails the rows that use it, naming it)
+
+    def dtype_kind(name: str) -> str:  # an input left out of the file: the kind of the dtype meta.json lists
+        held = inputs.get(name)
+        if held is not None:
+            return held.dtype.kind
+        listed = str(input_specs[name].get("dtype", ""))
+        return "f" if "float" in listed else "i" if "int" in listed else "V"
+
+    floats = [n for n in known if dtype_kind(n) == "f"]
+    ints = [n for n in known if dtype_kind(n) in "iu"]
 
     def clips_for(group: str, meaning: str) -> list[str]:
-        if f"wave_{group}" in inputs:
+        if f"wave_{group}" in known:
             return [f"wave_{group}"]
-        named = _named_inputs(meaning, inputs)
+        named = _named_inputs(meaning, known)
         if named:
             return named
         if group.startswith("int") and ints:
@@ -335,7 +357,7 @@ def _audio_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
             else:
                 rows.append(_missing(case, name, tol, f"unknown field {field!r}"))
         except Exception as exc:
-            rows.append(_missing(case, name, tol, f"{type(exc).__name__}: {exc}"))
+            rows.append(_missing(case, name, tol, _crash_note(exc)))
     return rows
 
 
@@ -434,6 +456,7 @@ def _video_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
 
     orders, order_note = frame_file_orders(meta, frame_names), ""
     try:
+        inputs.require(*(n for n in _recorded_input_names(meta, inputs) if re.fullmatch(r"frame\d+", n)))
         candidates = [(order, run(order)) for order in orders]
         if len(candidates) > 1:
             # the file names are not recorded: the reference's own frames (its output) show which order it read
@@ -450,7 +473,7 @@ def _video_case(case_dir: Path, meta: dict, inputs: dict, outputs: dict) -> list
             candidates = [best]
         video, error = candidates[0][1], None
     except Exception as exc:
-        video, error = None, f"{type(exc).__name__}: {exc}"
+        video, error = None, _crash_note(exc)
 
     prompt = None
     if video is not None and "prompt_text_before_expansion" in meta:
@@ -504,7 +527,9 @@ def run_frontend_case(case_dir: Path) -> list[ParityRow]:
     runner = _RUNNERS.get(kind) or _RUNNERS.get(case_dir.name)
     if runner is None:
         raise ValueError(f"{case_dir} is not a front-end case (expected one of {', '.join(FRONTEND_CASES)})")
-    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    from engine.tools.parity import load_inputs
+
+    inputs = load_inputs(case_dir, load_file)
     outputs = load_file(str(case_dir / "outputs.safetensors"))
     rows = runner(case_dir, meta, inputs, outputs)
     if all(r.ok and r.note.startswith(NOT_RECORDED) for r in rows):

@@ -28,7 +28,7 @@ from engine.media.video import VideoOptions, video_prompt_text
 from engine.models.thinker.greedy import BatchStopping, greedy_decode_batch
 from engine.models.thinker.layers import Router
 from engine.models.thinker.llm import AudioSpan, MultimodalInputs
-from engine.models.thinker.config import UPSTREAM_SPATIAL_MERGE_SIZE, LLMConfig
+from engine.models.thinker.config import UPSTREAM_SPATIAL_MERGE_SIZE, LLMConfig, MingConfig
 from engine.models.thinker.positions import PositionTokens, rope_index
 from engine.models.thinker.processor import MediaSettings, MingProcessor, image_prompt_text
 from engine.models.thinker.projectors import encode_audio_wrapped
@@ -121,6 +121,14 @@ class Comparer:
                 self.rows.append(ParityRow(self.case, name, float("nan"), "-", False, f"not comparable: {why}"))
                 self.compared.add(name)
 
+    def input_missing(self, error: InputNotRecorded, prefixes: tuple[str, ...] = ("",), label: str = "-") -> None:
+        """A failed row, naming the missing input, for each output starting with one of `prefixes` that nothing
+        compared yet (they cannot be computed without it); one row `label` when the case holds none of them."""
+        names = [n for n in self.outputs if n.startswith(prefixes) and n not in self.compared]
+        for name in names or [label]:
+            self.rows.append(ParityRow(self.case, name, float("nan"), "-", False, str(error)))
+            self.compared.add(name)
+
     def missing(self) -> list[ParityRow]:
         """Rows for the outputs the case holds that nothing compared, and a failed row when no row compares
         anything (every output the harness compares left out)."""
@@ -130,6 +138,40 @@ class Comparer:
             rows.append(ParityRow(self.case, "-", float("nan"), "-", False,
                                   "nothing comparable: the case records none of the outputs the harness compares"))
         return rows
+
+
+INPUT_NOT_RECORDED = "input not recorded"  # the note of a row a missing input leaves uncomputable
+
+
+class InputNotRecorded(KeyError):
+    """An input a computation needs that the case's inputs.safetensors does not hold."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"{INPUT_NOT_RECORDED}: {self.name}"
+
+
+class CaseInputs(dict):
+    """A case's recorded inputs: indexing a name the case does not hold raises InputNotRecorded naming it
+    (`.get` and `in` still answer for optional inputs)."""
+
+    def __missing__(self, name: str):
+        raise InputNotRecorded(name)
+
+    def require(self, *names: str) -> None:
+        """Raise InputNotRecorded for the first of `names` the case does not hold."""
+        for name in names:
+            if name not in self:
+                raise InputNotRecorded(name)
+
+
+def load_inputs(case_dir: Path, loader: Callable = load_file) -> CaseInputs:
+    """inputs.safetensors of a case (`loader`: safetensors' torch or numpy load_file); no file is no inputs."""
+    path = Path(case_dir) / "inputs.safetensors"
+    return CaseInputs(loader(str(path)) if path.is_file() else {})
 
 
 def is_not_recorded(row: ParityRow) -> bool:
@@ -310,13 +352,24 @@ def _compare_llm_run(cmp: Comparer, loaded, ids: torch.Tensor, mask: torch.Tenso
                 cmp.exact(f"{key}.gate_used", torch.cat([s.gate_used for s in steps], dim=1))
 
 
-def llm_case_inputs(case_dir: Path) -> tuple[torch.Tensor, torch.Tensor, MultimodalInputs,
-                                              torch.Tensor | None, torch.Tensor | None]:
+AUDIO_SPAN_INPUTS = ("query_embeds_audio", "query_embeds_audio_lengths", "placeholder_audio_loc_lens")
+
+
+def llm_case_inputs(case_dir: Path, tokens: PositionTokens | None = None) -> tuple[
+        torch.Tensor, torch.Tensor, MultimodalInputs, torch.Tensor | None, torch.Tensor | None]:
     """(ids, mask, multimodal inputs, image_grid_thw, video_grid_thw) of an `llm` case: token ids plus
-    ready-made embeddings for the image/video slots and the audio spans."""
-    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    ready-made embeddings for the image/video slots and the audio spans. InputNotRecorded names an input the
+    case needs and left out: its ids, the rest of a partly recorded audio set, and (given the model's `tokens`)
+    the embeddings and grid of each kind of patch its ids hold."""
+    inputs = load_inputs(case_dir)
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask", torch.ones_like(ids))
+    if any(name in inputs for name in AUDIO_SPAN_INPUTS):
+        inputs.require(*AUDIO_SPAN_INPUTS)
+    if tokens is not None:
+        for kind, patch in (("image", tokens.image_patch), ("video", tokens.video_patch)):
+            if (ids == patch).any():
+                inputs.require(f"query_embeds_{kind}", f"{kind}_grid_thw")
     audio_spans: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(ids.shape[0])]
     if "query_embeds_audio" in inputs:
         feats, lens, locs = inputs["query_embeds_audio"], inputs["query_embeds_audio_lengths"], inputs["placeholder_audio_loc_lens"]
@@ -336,8 +389,9 @@ def run_llm_case(case_dir: Path) -> list[ParityRow]:
     """Kind `llm`: a standalone BailingMoeV2 checkpoint fed token ids and ready-made embeddings."""
     meta = json.loads((case_dir / "meta.json").read_text())
     cmp = Comparer(case_dir.name, load_file(str(case_dir / "outputs.safetensors")), held_only=True)
+    tokens = PositionTokens.from_config(MingConfig.from_file(case_dir).llm)  # (inputs checked before the load)
+    ids, mask, mm, image_grid_thw, video_grid_thw = llm_case_inputs(case_dir, tokens)
     loaded = load_model(case_dir, dtype="fp32", device=DEVICE)
-    ids, mask, mm, image_grid_thw, video_grid_thw = llm_case_inputs(case_dir)
     _compare_llm_run(cmp, loaded, ids, mask, mm, image_grid_thw, video_grid_thw, _tolerances(meta),
                      case_stopping(meta, loaded.config.llm), case_sampling(meta))
     return cmp.rows + cmp.missing()
@@ -460,6 +514,15 @@ def case_media(inputs: dict[str, torch.Tensor]) -> CaseMedia:
                      audio_names=[f"raw.audio{i}" for i in sorted(found["audio"])])
 
 
+def require_placed_media(prompt_text: str, raw: CaseMedia) -> None:
+    """InputNotRecorded when the prompt places more media of a kind than the case's raw inputs hold (nothing of
+    an `mm` case can be computed without its whole prompt)."""
+    for placeholder, kind in PLACEHOLDERS.items():
+        wanted, held = prompt_text.count(placeholder), len(getattr(raw, f"{kind}s"))
+        if wanted > held:
+            raise InputNotRecorded(f"raw.{kind}<i> (the prompt places {wanted} {kind}(s), the case records {held})")
+
+
 def _video_parts(meta: dict, videos: list[list]) -> list[dict]:
     """The video elements of an `mm` case's message: frames plus the recorded ``message_video_options``
     (one dict for every video, or a list with one per video), checked strictly."""
@@ -501,12 +564,13 @@ def reference_frame_orders(processor: MingProcessor, parts: list[dict],
 def run_mm_case(case_dir: Path) -> list[ParityRow]:
     """Kind `mm`: raw images, audio and videos through our processor, encoders and LLM, end to end."""
     meta = json.loads((case_dir / "meta.json").read_text())
-    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    inputs = load_inputs(case_dir)
     outputs = load_file(str(case_dir / "outputs.safetensors"))
     tol = meta.get("suggested_tolerance", {})
+    raw = case_media(inputs)
+    require_placed_media(meta["prompt_text_before_expansion"], raw)  # (before the load)
     loaded = load_model(case_dir, dtype="fp32", device=DEVICE)
     _, processor = _processor_for(case_dir, loaded)
-    raw = case_media(inputs)
     # each waveform's rate as the case records it (its tensor record, else meta.json's), else the Whisper
     # front end's 16 kHz; the processor resamples to 16 kHz as the reference does
     rates = [_input_rate(meta, name, _recorded_rate(meta), processor.settings.audio.sample_rate)
@@ -759,8 +823,10 @@ def _expansion_rows(case: str, meta: dict, processor: MingProcessor) -> list[Par
 
 
 def run_rope_index_case(case_dir: Path) -> list[ParityRow]:
+    """Each sub-case's position ids and deltas; a sub-case without an input it needs (its ids, the grids of the
+    patches its ids hold) has its rows failed, naming the input."""
     meta = json.loads((case_dir / "meta.json").read_text())
-    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    inputs = load_inputs(case_dir)
     outputs = load_file(str(case_dir / "outputs.safetensors"))
     cmp = Comparer(case_dir.name, outputs)
     # the 2.0 function's use_interleaved_frame_timestamp defaults to True; the Preview tree's has no such path
@@ -774,8 +840,17 @@ def run_rope_index_case(case_dir: Path) -> list[ParityRow]:
                                 # the model hard-sets 2 on its own config (spec §1.4 item 7)
                                 spatial_merge_size=c.get("spatial_merge_size", UPSTREAM_SPATIAL_MERGE_SIZE))
         get = lambda k: inputs.get(f"{name}.{k}")  # noqa: E731
-        pos, deltas = rope_index(get("input_ids"), tokens, get("image_grid_thw"), get("video_grid_thw"),
-                                 get("attention_mask"), float(sub.get("scale_factor", 2.0)), get("second_per_grid_ts"))
+        try:  # the inputs the sub-case lists as present, its ids, and the grids of the patches its ids hold
+            ids = inputs[f"{name}.input_ids"]
+            inputs.require(*(f"{name}.{key}" for key in sub.get("present_inputs") or []))
+            inputs.require(*(f"{name}.{key}" for key, patch in (("image_grid_thw", tokens.image_patch),
+                                                                ("video_grid_thw", tokens.video_patch))
+                             if (ids == patch).any()))
+        except InputNotRecorded as e:
+            cmp.input_missing(e, (f"{name}.",), f"{name}.*")
+            continue
+        pos, deltas = rope_index(ids, tokens, get("image_grid_thw"), get("video_grid_thw"), get("attention_mask"),
+                                 float(sub.get("scale_factor", 2.0)), get("second_per_grid_ts"))
         cmp.exact(f"{name}.position_ids", pos)
         cmp.exact(f"{name}.rope_deltas", deltas)
     return cmp.rows + cmp.missing()
@@ -796,7 +871,6 @@ def run_names_case(case_dir: Path) -> list[ParityRow]:
     and the parameter totals of meta.json. Dtypes are not compared: upstream's are those of construction
     under bf16 (meta.json says the released files may differ)."""
     from engine.loader import checkpoint_entries
-    from engine.models.thinker.config import MingConfig
     from engine.models.thinker.model import build_thinker
 
     meta = json.loads((case_dir / "meta.json").read_text())
@@ -833,6 +907,14 @@ def run_names_case(case_dir: Path) -> list[ParityRow]:
 
 
 def run_case(case_dir: Path) -> list[ParityRow]:
+    """The rows of one case; an input it cannot run anything without is one failed row naming it."""
+    try:
+        return _run_case_kind(case_dir)
+    except InputNotRecorded as e:
+        return [ParityRow(case_dir.name, "-", float("nan"), "-", False, f"{e} (nothing computable without it)")]
+
+
+def _run_case_kind(case_dir: Path) -> list[ParityRow]:
     meta_path = case_dir / "meta.json"
     if not meta_path.is_file():
         return [ParityRow(case_dir.name, "-", float("nan"), "-", False, f"no meta.json in {case_dir}")]

@@ -494,3 +494,66 @@ def test_a_prompts_sub_case_without_its_expanded_text_compares_its_ids(tmp_path)
     rows = {r.tensor: r for r in run_case(case) if r.tensor.startswith("text_cot_system.")}
     assert rows["text_cot_system.input_ids"].ok and not is_not_recorded(rows["text_cot_system.input_ids"])
     assert is_not_recorded(rows["text_cot_system.expanded_text"])
+
+
+def _drop_inputs(src, dst, dropped: set[str]):
+    """A copy of case `src` at `dst` whose inputs.safetensors lacks the names `dropped` (meta.json still lists them)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("inputs.safetensors"))
+    inputs = load_file(str(src / "inputs.safetensors"))
+    save_file({k: v for k, v in inputs.items() if k not in dropped}, str(dst / "inputs.safetensors"))
+    return dst
+
+
+def test_rope_index_sub_cases_without_an_input_fail_naming_it(tmp_path):
+    """A case leaving out an input failed as a whole (KeyError / TypeError): the sub-cases that need it (their
+    ids, an attention mask they list as present, the grid of the image patches their ids hold) fail, naming
+    the input on each row; the others are still compared."""
+    left_out = {"text_only": "input_ids", "text_only_leftpad_b2": "attention_mask", "one_image": "image_grid_thw"}
+    case = _drop_inputs(fixture_case("rope_index"), tmp_path / "rope_index", {f"{s}.{i}" for s, i in left_out.items()})
+    rows = run_case(case)
+    failed = {r.tensor: r.note for r in rows if not r.ok}
+    assert failed == {f"{sub}.{out}": f"input not recorded: {sub}.{name}"
+                      for sub, name in left_out.items() for out in ("position_ids", "rope_deltas")}, format_table(rows)
+    assert sum(r.ok for r in rows) == 18
+
+
+@pytest.mark.parametrize("kind, dropped, uses", [
+    ("frontend_audio", "wave_second", ("two_clips.",)),
+    ("frontend_image", "img_123x77", ("img_123x77.", "two_images.")),
+    ("frontend_video", "frame3", ("",)),
+])
+def test_front_end_rows_needing_a_left_out_input_fail_naming_it(tmp_path, kind, dropped, uses):
+    case = _drop_inputs(fixture_case(kind), tmp_path / kind, {dropped})
+    rows = run_case(case)
+    failed = [r for r in rows if not r.ok]
+    assert {r.tensor for r in failed} == {r.tensor for r in rows if r.tensor.startswith(uses)}, format_table(rows)
+    assert failed and all(f"input not recorded: {dropped}" in r.note for r in failed), format_table(failed)
+
+
+@pytest.mark.parametrize("dropped", ["query_embeds_image", "query_embeds_audio_lengths"])
+def test_an_llm_case_without_an_input_its_ids_need_is_one_row_naming_it(tmp_path, dropped):
+    """llm_b2's ids hold image patches and audio spans: without their embeddings (or part of the audio set)
+    nothing can be computed; one failed row names the input (before the model is loaded)."""
+    case = _drop_inputs(fixture_case("llm_b2"), tmp_path / "llm_b2", {dropped})
+    rows = run_case(case)
+    assert len(rows) == 1 and not rows[0].ok, format_table(rows)
+    assert rows[0].note == f"input not recorded: {dropped} (nothing computable without it)"
+
+
+def test_an_audio_vae_case_without_its_latents_is_one_row_naming_them(tmp_path):
+    """The decoder and the prompt encoder's padding span both come from the latents: nothing is computable, one
+    failed row names them (a KeyError ended the case)."""
+    case = _drop_inputs(fixture_case("audio_vae"), tmp_path / "audio_vae", {"latents"})
+    rows = run_case(case)
+    assert len(rows) == 1 and not rows[0].ok, format_table(rows)
+    assert rows[0].note == "input not recorded: latents (nothing computable without it)"
+
+
+def test_an_mm_case_without_a_medium_its_prompt_places_is_one_row_naming_it(tmp_path):
+    """mm's prompt places an image: without raw.image0 its prompt cannot be built (a ValueError ended the case);
+    one failed row names the input, before the model is loaded."""
+    case = _drop_inputs(fixture_case("mm"), tmp_path / "mm", {"raw.image0"})
+    rows = run_case(case)
+    assert len(rows) == 1 and not rows[0].ok, format_table(rows)
+    assert rows[0].note.startswith("input not recorded: raw.image<i> (the prompt places 1 image(s), the case "
+                                   "records 0)")

@@ -71,10 +71,10 @@ def sub_case_images(inputs: dict[str, torch.Tensor], name: str) -> list:
 def run_cond_case(case_dir: Path, device: str = "cpu") -> list:
     """Kind imagegen, conditioning: prompt -> processor -> thinker with queries -> connector."""
     from engine.runtime import Engine
-    from engine.tools.parity import Comparer, _processor_for, conversation_from_prompt
+    from engine.tools.parity import Comparer, InputNotRecorded, _processor_for, conversation_from_prompt, load_inputs
 
     meta = json.loads((case_dir / "meta.json").read_text())
-    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    inputs = load_inputs(case_dir)
     outputs = load_file(str(case_dir / "outputs.safetensors"))
     loaded, head, connector = _cond_components(case_dir, device)
     tok, processor = _processor_for(case_dir, loaded)
@@ -84,6 +84,12 @@ def run_cond_case(case_dir: Path, device: str = "cpu") -> list:
     for sub in meta["cases"]:
         name = sub["name"]
         media = {"image": sub_case_images(inputs, name), "audio": [], "video": []}
+        placed = sub["prompt_text"].count("<IMAGE>")
+        if placed > len(media["image"]):
+            missing = InputNotRecorded(f"{name}.raw_image (the prompt places {placed} image(s), the case records "
+                                       f"{len(media['image'])})")
+            cmp.input_missing(missing, (f"{name}.", f"processor.{name}."), f"{name}.*")
+            continue
         messages, system, thinking = conversation_from_prompt(sub["prompt_text"], media)
         prompt = processor.build(messages, system_prompt=system, thinking=thinking)
         ids = torch.tensor([prompt.ids])
@@ -144,10 +150,10 @@ def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
     """Kind imagegen, diffusion: our scheduler setup, CFG Euler loop and VAE against every run."""
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
 
-    from engine.tools.parity import Comparer
+    from engine.tools.parity import Comparer, InputNotRecorded, load_inputs
 
     meta = json.loads((case_dir / "meta.json").read_text())
-    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    inputs = load_inputs(case_dir)
     cmp = Comparer(case_dir.name, load_file(str(case_dir / "outputs.safetensors")))
     transformer = ZImageTransformer2DModel.from_pretrained(str(case_dir), subfolder="transformer",
                                                            torch_dtype=torch.float32, local_files_only=True).eval().to(device)
@@ -173,6 +179,11 @@ def run_dit_case(case_dir: Path, device: str = "cpu") -> list:
     t_dec = _tol(meta, "decoded", 1e-3)
     for run, r in meta["runs"].items():
         k = f"{run}."
+        try:
+            inputs.require(k + "condition_embeds", *([k + "ref_pixels"] if r.get("reference_image") else []))
+        except InputNotRecorded as e:
+            cmp.input_missing(e, (k,), k + "*")
+            continue
         folder = case_dir / r["scheduler_folder"]
         scheduler_config = json.loads((folder / "scheduler_config.json").read_text())
         cond = inputs[k + "condition_embeds"][0].to(device)
@@ -227,21 +238,22 @@ def recorded_glyph_text(run: dict) -> str:
     return value if isinstance(value, str) else str(value[0])
 
 
-def glyph_condition(condition: torch.Tensor, glyph: GlyphEncoder, text: str):
+def glyph_condition(condition: torch.Tensor | None, glyph: GlyphEncoder, text: str):
     """(condition with the glyph embeddings appended, the glyph output): an empty glyph text is not encoded
-    (spec §8.4), the condition stays its query tokens alone and there is no glyph output (None)."""
+    (spec §8.4), the condition stays its query tokens alone and there is no glyph output (None). No condition
+    (its prompt's ids not recorded): (None, the glyph output)."""
     if not text:
         return condition, None
     g = glyph([text])
-    return torch.cat([condition, g.embeds.to(condition.dtype)], dim=1), g
+    return (None if condition is None else torch.cat([condition, g.embeds.to(condition.dtype)], dim=1)), g
 
 
 def run_byt5_case(case_dir: Path, device: str = "cpu") -> list:
     """Kind imagegen, glyphs: text extraction, ByT5 ids/encoder/mapper, the appended condition."""
-    from engine.tools.parity import Comparer, ParityRow
+    from engine.tools.parity import Comparer, InputNotRecorded, ParityRow, load_inputs
 
     meta = json.loads((case_dir / "meta.json").read_text())
-    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    inputs = load_inputs(case_dir)
     outputs = load_file(str(case_dir / "outputs.safetensors"))
     cmp = Comparer(case_dir.name, outputs)
     for prompt, expected in (meta.get("get_text_from_prompt") or {}).items():
@@ -264,9 +276,11 @@ def run_byt5_case(case_dir: Path, device: str = "cpu") -> list:
             cmp.rows.append(ParityRow(case_dir.name, k + "image_gen_text", 0.0 if got == text else 1.0, "exact",
                                       got == text, "" if got == text else f"got {got!r}"))
             text = got
+        ids = inputs.get(k + "input_ids")  # the condition's prompt; the glyph rows need only the text
         with torch.inference_mode():
-            tr = condition_from_prompt(loaded.llm, loaded.numerics, head, connector, inputs[k + "input_ids"][0].tolist())
-            cond, g = glyph_condition(tr.condition, glyph, text)
+            query = (condition_from_prompt(loaded.llm, loaded.numerics, head, connector, ids[0].tolist()).condition
+                     if ids is not None else None)
+            cond, g = glyph_condition(query, glyph, text)
         glyph_rows = [k + n for n in ("byt5_input_ids", "byt5_attention_mask", "byt5_encoder_out", "byt5_mapper_out",
                                       "byt5_prompt_embeds")]
         if g is None:
@@ -276,6 +290,9 @@ def run_byt5_case(case_dir: Path, device: str = "cpu") -> list:
             cmp.exact(glyph_rows[1], g.attention_mask)
             for row, got in zip(glyph_rows[2:], (g.encoder_out, g.mapper_out, g.embeds)):
                 cmp.close(row, got, atol)
+        if cond is None:
+            cmp.input_missing(InputNotRecorded(k + "input_ids"), (k + "condition_embeds", k + "negative_condition"))
+            continue
         cmp.close(k + "condition_embeds", cond, atol)
         cmp.exact(k + "negative_condition_embeds", torch.zeros_like(cond))
     return cmp.rows + cmp.missing()

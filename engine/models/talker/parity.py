@@ -141,9 +141,25 @@ def case_noise(meta: dict, outputs: dict, name: str, cfm_steps: int) -> tuple[No
     return NoiseSource(meta["noise_seed"]), next((outputs[k].shape[0] for k in per_step if k in outputs), None)
 
 
+def talker_inputs_needed(name: str, case: dict, outputs: dict) -> list[str]:
+    """The inputs talker sub-case `name` ran with, as it records them: its speaker vectors when it used a speaker
+    embedding (`speaker_embedding` true and not the zero one, or a projected one recorded), its prompt latents
+    when it had some (`prompt_latent_frames` > 0, or their embeddings recorded)."""
+    needed = []
+    if (case.get("speaker_embedding") and not case.get("use_zero_spk_emb")) or f"{name}.spk_emb_proj" in outputs:
+        needed.append(f"{name}.spk_emb_192")
+    if int(case.get("prompt_latent_frames") or 0) > 0 or f"{name}.prompt_wav_emb" in outputs:
+        needed.append(f"{name}.prompt_wav_lat")
+    return needed
+
+
 def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
+    """Each sub-case's prompt, prefill and generation loop; a sub-case without an input it ran with has its rows
+    failed, naming the input."""
+    from engine.tools.parity import InputNotRecorded, load_inputs
+
     meta = json.loads((case_dir / "meta.json").read_text())
-    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    inputs = load_inputs(case_dir)
     outputs = load_file(str(case_dir / "outputs.safetensors"))
     cmp = comparer_cls(case_dir.name, {**{f"inputs.{k}": v for k, v in inputs.items() if k.endswith("input_ids")}, **outputs})
     hidden_tol = _tol(meta, "prefill_last_hidden_state / step_llm_last_hidden", 1e-4)
@@ -165,6 +181,11 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
         if "agg_rope_freqs" in outputs:
             cmp.close("agg_rope_freqs", talker.aggregator.rotary_embed(1 + cfg.patch_size)[None], 1e-6)
         for name, case in meta["cases"].items():
+            try:
+                inputs.require(*talker_inputs_needed(name, case, outputs))
+            except InputNotRecorded as e:
+                cmp.input_missing(e, (f"{name}.", f"inputs.{name}."), f"{name}.*")
+                continue
             spk = inputs.get(f"{name}.spk_emb_192")
             lat = inputs.get(f"{name}.prompt_wav_lat")
             n_patches = 0 if lat is None else lat.shape[1] // cfg.patch_size
@@ -269,78 +290,94 @@ def first_bad_sample(diff: torch.Tensor, recorded: torch.Tensor | None = None) -
 
 
 def run_audio_vae_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
+    """The decoder one-shot and streamed (inputs `latents`, `stream_chunks_patches`, without which nothing runs:
+    the encoder's padding span is counted in the talker patches they imply) and the encoder path of a prompt
+    wav (`prompt_wav`: without it the encoder's rows fail, naming it)."""
+    from engine.tools.parity import InputNotRecorded, load_inputs
+
     meta = json.loads((case_dir / "meta.json").read_text())
-    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    inputs = load_inputs(case_dir)
     outputs = load_file(str(case_dir / "outputs.safetensors"))
     cmp = comparer_cls(case_dir.name, outputs)
+    latents, chunks = inputs["latents"].to(device), inputs["stream_chunks_patches"].tolist()
+    per_patch = talker_patch_of_case(meta, latents.shape[1], chunks)
+    vae = load_audio_vae(case_dir, dtype=torch.float32, device=device)
+    with torch.inference_mode():
+        _compare_vae_decode(cmp, meta, vae, latents, chunks, per_patch)
+        try:
+            _compare_vae_encode(cmp, meta, vae, inputs["prompt_wav"].to(device), per_patch)
+        except InputNotRecorded as e:
+            cmp.input_missing(e, ("encode.",))
+    return cmp.rows + cmp.missing()
+
+
+def _compare_vae_decode(cmp, meta: dict, vae, latents: torch.Tensor, chunks: list[int], per_patch: int) -> None:
+    """decode(latents) in one shot and streamed in the case's chunks (talker patches of `per_patch` frames)."""
+    outputs = cmp.outputs
     wav_tol = _tol(meta, "oneshot.* / stream.* waveforms", 1e-4)
     hid_tol = _tol(meta, "decoder_hidden / head_out", 1e-4)
+    trace: dict = {}
+    one = vae.decode(latents, trace)
+    cmp.close("oneshot.wav", one[:, None], wav_tol)
+    cmp.close("oneshot.upsampled", trace["upsampled"], hid_tol)
+    cmp.close("oneshot.decoder_hidden", trace["decoder_hidden"], hid_tol)
+    cmp.close("oneshot.head_out", trace["head_out"], hid_tol)
+
+    stream = vae.stream()
+    pieces, kv_lens, offset = [], [], 0
+    for i, n in enumerate(chunks):
+        part = latents[:, offset * per_patch:(offset + n) * per_patch]
+        offset += n
+        wav = stream.push(part, last=i == len(chunks) - 1)
+        pieces.append(wav)
+        kv_lens.append(stream.state.cache.length)
+        if f"stream.chunk_wav.{i}" in outputs:
+            cmp.close(f"stream.chunk_wav.{i}", wav, wav_tol)
+        st = stream.state
+        if f"stream.chunk_audio_buffer.{i}" in outputs:
+            cmp.close(f"stream.chunk_audio_buffer.{i}", st.audio_buffer, wav_tol)
+            cmp.close(f"stream.chunk_window_buffer.{i}", st.window_buffer[None], wav_tol)
+        if f"stream.chunk_hist_last.{i}" in outputs:
+            cmp.close(f"stream.chunk_hist_last.{i}", st.history_last, hid_tol)
+    streamed = torch.cat(pieces, dim=1)
+    cmp.close("stream.wav_concat", streamed, wav_tol)
+    cmp.exact("stream.chunk_kv_len", torch.tensor(kv_lens))
+    cmp.exact("stream.chunk_decoder_calls", torch.tensor(stream.state.decoder_calls))
+    diff = (streamed - one).abs()
+    cmp.close("stream_minus_oneshot_maxabs", diff.max(), wav_tol)
+    first_bad = first_bad_sample(diff, outputs.get("stream_minus_oneshot_first_bad"))
+    cmp.exact("stream_minus_oneshot_first_bad", first_bad)
+
+
+def _compare_vae_encode(cmp, meta: dict, vae, wav: torch.Tensor, per_patch: int) -> None:
+    """The encoder path of a voice-cloning prompt (register_prompt_wav): left pad to the talker patch's span,
+    encode, sample the posterior with the recorded (or seeded) noise."""
+    outputs, cfg = cmp.outputs, vae.config
     enc_tol = _tol(meta, "encode.*", 1e-5)
-    vae = load_audio_vae(case_dir, dtype=torch.float32, device=device)
-    cfg = vae.config
-    latents = inputs["latents"].to(device)
-    with torch.inference_mode():
-        trace: dict = {}
-        one = vae.decode(latents, trace)
-        cmp.close("oneshot.wav", one[:, None], wav_tol)
-        cmp.close("oneshot.upsampled", trace["upsampled"], hid_tol)
-        cmp.close("oneshot.decoder_hidden", trace["decoder_hidden"], hid_tol)
-        cmp.close("oneshot.head_out", trace["head_out"], hid_tol)
-
-        chunks = inputs["stream_chunks_patches"].tolist()
-        per_patch = talker_patch_of_case(meta, latents.shape[1], chunks)
-        stream = vae.stream()
-        pieces, kv_lens, offset = [], [], 0
-        for i, n in enumerate(chunks):
-            part = latents[:, offset * per_patch:(offset + n) * per_patch]
-            offset += n
-            wav = stream.push(part, last=i == len(chunks) - 1)
-            pieces.append(wav)
-            kv_lens.append(stream.state.cache.length)
-            if f"stream.chunk_wav.{i}" in outputs:
-                cmp.close(f"stream.chunk_wav.{i}", wav, wav_tol)
-            st = stream.state
-            if f"stream.chunk_audio_buffer.{i}" in outputs:
-                cmp.close(f"stream.chunk_audio_buffer.{i}", st.audio_buffer, wav_tol)
-                cmp.close(f"stream.chunk_window_buffer.{i}", st.window_buffer[None], wav_tol)
-            if f"stream.chunk_hist_last.{i}" in outputs:
-                cmp.close(f"stream.chunk_hist_last.{i}", st.history_last, hid_tol)
-        streamed = torch.cat(pieces, dim=1)
-        cmp.close("stream.wav_concat", streamed, wav_tol)
-        cmp.exact("stream.chunk_kv_len", torch.tensor(kv_lens))
-        cmp.exact("stream.chunk_decoder_calls", torch.tensor(stream.state.decoder_calls))
-        diff = (streamed - one).abs()
-        cmp.close("stream_minus_oneshot_maxabs", diff.max(), wav_tol)
-        first_bad = first_bad_sample(diff, outputs.get("stream_minus_oneshot_first_bad"))
-        cmp.exact("stream_minus_oneshot_first_bad", first_bad)
-
-        # encoder path of a voice-cloning prompt (register_prompt_wav)
-        wav = inputs["prompt_wav"].to(device)
-        span = cfg.encoder_samples_per_latent * per_patch
-        padded = left_pad_to_multiple(wav, span)
-        cmp.close("encode.padded_wav", padded, 0.0)
-        etrace: dict = {}
-        post = vae.posterior(padded, etrace)
-        cmp.close("encode.frames", etrace["frames"], 0.0)
-        cmp.close("encode.encoder_hidden", etrace["encoder_hidden"], enc_tol)
-        cmp.close("encode.posterior_params", etrace["posterior_params"], enc_tol)
-        cmp.close("encode.posterior_mean", post.mean, enc_tol)
-        cmp.close("encode.posterior_std", post.std, enc_tol)
-        frames = math.ceil(math.ceil(padded.shape[-1] / cfg.enc_input_dim) / cfg.frames_per_latent)
-        cmp.exact("encode.frame_num", torch.tensor([float(frames)]))
-        noise = outputs.get("encode.posterior_noise")
-        if "noise_seed" in meta:  # torch.manual_seed(noise_seed) right before encode_latent: our draw must match
-            drawn = post.seeded_noise(meta["noise_seed"])
-            cmp.close("encode.posterior_noise", drawn, SEEDED_NOISE_TOL)
-            noise = drawn if noise is None else noise.to(device)
-        elif noise is None:
-            cmp.not_comparable(["encode.latent", "encode.prompt_wav_lat"], "the case records neither "
-                               "encode.posterior_noise nor a noise_seed to sample the posterior with")
-            return cmp.rows + cmp.missing()
-        else:
-            noise = noise.to(device)
-            cmp.exact("encode.posterior_noise", noise, note="re-injected")
-        latent = post.sample(noise)
-        cmp.close("encode.latent", latent, enc_tol)
-        cmp.close("encode.prompt_wav_lat", latent.reshape(1, -1, cfg.latent_dim), enc_tol)
-    return cmp.rows + cmp.missing()
+    span = cfg.encoder_samples_per_latent * per_patch
+    padded = left_pad_to_multiple(wav, span)
+    cmp.close("encode.padded_wav", padded, 0.0)
+    etrace: dict = {}
+    post = vae.posterior(padded, etrace)
+    cmp.close("encode.frames", etrace["frames"], 0.0)
+    cmp.close("encode.encoder_hidden", etrace["encoder_hidden"], enc_tol)
+    cmp.close("encode.posterior_params", etrace["posterior_params"], enc_tol)
+    cmp.close("encode.posterior_mean", post.mean, enc_tol)
+    cmp.close("encode.posterior_std", post.std, enc_tol)
+    frames = math.ceil(math.ceil(padded.shape[-1] / cfg.enc_input_dim) / cfg.frames_per_latent)
+    cmp.exact("encode.frame_num", torch.tensor([float(frames)]))
+    noise = outputs.get("encode.posterior_noise")
+    if "noise_seed" in meta:  # torch.manual_seed(noise_seed) right before encode_latent: our draw must match
+        drawn = post.seeded_noise(meta["noise_seed"])
+        cmp.close("encode.posterior_noise", drawn, SEEDED_NOISE_TOL)
+        noise = drawn if noise is None else noise.to(wav.device)
+    elif noise is None:
+        cmp.not_comparable(["encode.latent", "encode.prompt_wav_lat"], "the case records neither "
+                           "encode.posterior_noise nor a noise_seed to sample the posterior with")
+        return
+    else:
+        noise = noise.to(wav.device)
+        cmp.exact("encode.posterior_noise", noise, note="re-injected")
+    latent = post.sample(noise)
+    cmp.close("encode.latent", latent, enc_tol)
+    cmp.close("encode.prompt_wav_lat", latent.reshape(1, -1, cfg.latent_dim), enc_tol)
