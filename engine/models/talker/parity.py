@@ -181,13 +181,19 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
         if "agg_rope_freqs" in outputs:
             cmp.close("agg_rope_freqs", talker.aggregator.rotary_embed(1 + cfg.patch_size)[None], 1e-6)
         for name, case in meta["cases"].items():
-            try:
+            spk = inputs.get(f"{name}.spk_emb_192")
+            lat = inputs.get(f"{name}.prompt_wav_lat")
+            if spk is not None and f"{name}.spk_emb_proj" in outputs:
+                # spk_head keeps the layout the case lists its vectors in ([n, 192], [n, 1, 192], [1, n, 192])
+                cmp.close(f"{name}.spk_emb_proj", talker.speaker_embedding(spk).reshape(*spk.shape[:-1], -1), emb_tol)
+            lat_embeds = talker.prompt_latent_embeddings(lat) if lat is not None else None
+            if lat_embeds is not None and f"{name}.prompt_wav_emb" in outputs:
+                cmp.close(f"{name}.prompt_wav_emb", lat_embeds[None], emb_tol)
+            try:  # (the rows of one input alone are compared above; the rest need every input the sub-case ran with)
                 inputs.require(*talker_inputs_needed(name, case, outputs))
             except InputNotRecorded as e:
                 cmp.input_missing(e, (f"{name}.", f"inputs.{name}."), f"{name}.*")
                 continue
-            spk = inputs.get(f"{name}.spk_emb_192")
-            lat = inputs.get(f"{name}.prompt_wav_lat")
             n_patches = 0 if lat is None else lat.shape[1] // cfg.patch_size
             zero_spk = bool(case.get("use_zero_spk_emb")) and spk is None
             n_spk = 1 if zero_spk else (0 if spk is None else talker.speaker_vectors(spk).shape[0])
@@ -201,12 +207,6 @@ def run_talker_case(case_dir: Path, comparer_cls, device: str = "cpu") -> list:
             if f"inputs.{name}.input_ids" in cmp.outputs:
                 cmp.exact(f"inputs.{name}.input_ids", torch.tensor([prompt.ids]))
             spk_embeds = talker.speaker_embedding(spk) if (spk is not None or zero_spk) else None
-            if spk is not None and f"{name}.spk_emb_proj" in outputs:
-                # spk_head keeps the layout the case lists its vectors in ([n, 192], [n, 1, 192], [1, n, 192])
-                cmp.close(f"{name}.spk_emb_proj", spk_embeds.reshape(*spk.shape[:-1], -1), emb_tol)
-            lat_embeds = talker.prompt_latent_embeddings(lat) if lat is not None else None
-            if lat_embeds is not None and f"{name}.prompt_wav_emb" in outputs:
-                cmp.close(f"{name}.prompt_wav_emb", lat_embeds[None], emb_tol)
             if f"{name}.prompt_his_lat_init" in outputs:
                 cmp.close(f"{name}.prompt_his_lat_init", initial_history(cfg, lat, torch.float32, device), 0.0)
             embeds = talker.embed_prompt(prompt.ids, prompt.speaker_slots, spk_embeds, prompt.latent_slots, lat_embeds)

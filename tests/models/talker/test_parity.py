@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.models.talker.parity import first_bad_sample, talker_patch_of_case
+from engine.models.talker.parity import first_bad_sample, talker_inputs_needed, talker_patch_of_case
 from engine.tools.parity import format_table, run_case
 from tests.paths import fixture_case
 
@@ -50,6 +50,18 @@ def test_the_first_stream_difference_is_looked_for_in_every_batch_row():
     assert int(first_bad_sample(diff, torch.tensor(-1))) == 30
     assert first_bad_sample(diff, torch.tensor([-1, 30, 45])).tolist() == [-1, 30, 45]
     assert int(first_bad_sample(torch.full((2, 50), 1e-6))) == -1
+
+
+def test_a_talker_sub_case_needs_the_inputs_it_ran_with():
+    """The speaker vectors and prompt latents a sub-case records that it used (meta.json's speaker_embedding /
+    prompt_latent_frames, or their projections among its outputs) are inputs it cannot run without; a plain
+    TTS sub-case or one with the zero speaker needs neither."""
+    clone = {"speaker_embedding": True, "prompt_latent_frames": 24}
+    assert talker_inputs_needed("clone", clone, {}) == ["clone.spk_emb_192", "clone.prompt_wav_lat"]
+    assert talker_inputs_needed("tts", {"speaker_embedding": False, "prompt_latent_frames": 0}, {}) == []
+    assert talker_inputs_needed("z", {"speaker_embedding": True, "use_zero_spk_emb": True}, {}) == []
+    assert talker_inputs_needed("s", {}, {"s.spk_emb_proj": 0, "s.prompt_wav_emb": 0}) == ["s.spk_emb_192",
+                                                                                        "s.prompt_wav_lat"]
 
 
 def test_sampler_settings_are_the_ones_the_case_records():
