@@ -204,8 +204,8 @@ class RealtimeConnection:
                 if msg["type"] == "websocket.disconnect":
                     self._disconnected(msg)
                     break
-                if writer.done():  # the socket cannot be written any more
-                    break
+                if self.closed:  # the socket cannot be written any more (the writer met it closed): what the client
+                    break        # sent before it left is not run (a flood of response.create held the slot for seconds)
                 text = msg.get("text")
                 if text is None:
                     await self.send_error(bad("binary frames are not part of this protocol; send JSON text events "

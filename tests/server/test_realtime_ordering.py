@@ -87,3 +87,43 @@ def test_truncating_a_users_spoken_item_says_only_a_reply_can_be_truncated(serve
         # (before: "item ... has no audio to truncate", of an item holding half a second of it)
         assert (error["code"], error["param"]) == ("invalid_value", "item_id")
         assert "user message" in error["message"] and "assistant" in error["message"], error
+
+
+def test_events_a_client_sent_before_it_left_are_not_run_once_its_socket_cannot_be_written():
+    """A client that flooded response.create and left: every event it had sent was still handled (jobs started and
+    cancelled) until the disconnect came through, its session slot held for seconds; once the socket cannot be written
+    the session stops reading and ends."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from engine.server.limits import Limits
+    from engine.server.realtime import RealtimeConnection
+
+    class GoneSocket:
+        def __init__(self, events: int):
+            self.left = events
+
+        async def send_text(self, text: str) -> None:
+            raise ConnectionResetError("the client left")
+
+        async def receive(self) -> dict:
+            await asyncio.sleep(0.01)  # (the writer meets the closed socket meanwhile)
+            self.left -= 1
+            if self.left < 0:
+                return {"type": "websocket.disconnect", "code": 1006}
+            return {"type": "websocket.receive", "text": '{"type": "response.create"}'}
+
+    closed = []
+    settings = SimpleNamespace(to_dict=lambda *_: {})
+    session = SimpleNamespace(id="sess_1", settings=settings, active=None)
+    ctx = SimpleNamespace(limits=Limits(), model_id="m", sessions=SimpleNamespace(close=closed.append), scheduler=None)
+    conn = RealtimeConnection(GoneSocket(events=50), ctx, session)
+    handled = []
+
+    async def handle(text: str) -> None:
+        handled.append(text)
+
+    conn.handle = handle
+    asyncio.run(conn.run())
+    assert closed == [session]
+    assert len(handled) <= 1, f"{len(handled)} events of a client that had left were run"
