@@ -238,14 +238,25 @@ class AsyncEngineClient(core.EngineClientBase):
                                    connect_timeout=self.connect_timeout)
 
     @staticmethod
-    async def _within(seconds: float, answer: Awaitable) -> Any:
+    async def _within(seconds: float, answer: Awaitable, cancel: threading.Event | None = None) -> Any:
         """`answer` awaited within `seconds`, else httpx.ReadTimeout: httpx's timeout is for each read, so an answer that
-        trickled in a byte at a time (a JSON answer, a stream's head) was waited for as long as it took, minutes."""
+        trickled in a byte at a time (a JSON answer, a stream's head) was waited for as long as it took, minutes. As soon
+        as `cancel` is set, core.Stopped (a Stop pressed while a stream's head arrived waited out the whole timeout);
+        either way the request is cancelled, which closes its connection."""
+        asking = asyncio.ensure_future(answer)
         try:
             async with asyncio.timeout(seconds):
-                return await answer
+                while not asking.done():
+                    if cancel is not None and cancel.is_set():
+                        raise core.Stopped()
+                    await asyncio.wait({asking}, timeout=core.POLL_S)
+            return asking.result()
         except TimeoutError:
             raise httpx.ReadTimeout(f"the answer was not whole within {seconds:g} s") from None
+        finally:
+            if not asking.done():
+                asking.cancel()
+                await asyncio.wait({asking})
 
     async def _whole(self, method: str, path: str, **kwargs) -> httpx.Response:
         """One request, its answer whole within its timeout (_within)."""
@@ -476,8 +487,12 @@ class AsyncEngineClient(core.EngineClientBase):
         clock = self._arrival_clock()
         try:
             stream = self.http.stream(call.method, call.path, **call.kwargs)
-            resp = await self._within(self.timeout, stream.__aenter__())
+            resp = await self._within(self.timeout, stream.__aenter__(), cancel)
             clock.opened()
+        except core.Stopped:  # (Stop pressed before the answer's head was whole: its connection is closed)
+            for ev in run.cancelled():
+                yield ev
+            return
         except httpx.HTTPError as e:  # (a timeout: no answer within the client's timeout)
             waited = self.timeout if isinstance(e, httpx.TimeoutException) else None
             yield core.connect_error(self.endpoints.http + call.path, e, waited).to_event()

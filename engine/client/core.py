@@ -86,6 +86,10 @@ class ServerError(Exception):
         return Error(self.message, self.code)
 
 
+class Stopped(Exception):
+    """The caller's cancel was set while a request waited for its answer (a stream's head): given up at once."""
+
+
 class ConnectionLost(ServerError):
     """The realtime connection closed; reconnect() carries on in a fresh session."""
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
+import httpcore
 import httpx
 
 from engine.client import calls, core
@@ -24,12 +25,94 @@ def hang_up(resp: httpx.Response) -> None:
     the reader thread blocked on it. Closing the stream alone, under that thread's pending read, was not always heard
     by the server: a stopped synthesis went on (the next request waited ~40 s, the stopped one ended 'slow_reader')."""
     stream = resp.extensions.get("network_stream")
-    sock = stream.get_extra_info("socket") if stream is not None else None
+    shut_down(stream.get_extra_info("socket") if stream is not None else None)
+
+
+def shut_down(sock: socket.socket | None) -> None:
+    """Both directions of `sock` shut: a thread blocked reading it wakes (its read fails), the server sees it closed."""
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:  # already closed by the server, or by the reader's failure
             pass
+
+
+def stopped(cancel: threading.Event | None) -> bool:
+    return cancel is not None and cancel.is_set()
+
+
+def awaited(answer: queue.Queue, seconds: float, cancel: threading.Event | None) -> Any:
+    """What `answer` is given within `seconds`; None when they pass first, or as soon as `cancel` is set."""
+    deadline = time.monotonic() + seconds
+    while not stopped(cancel) and (left := deadline - time.monotonic()) > 0:
+        try:
+            return answer.get(timeout=min(core.POLL_S, left))
+        except queue.Empty:
+            continue
+    return None
+
+
+class Wires(httpcore.NetworkBackend):
+    """httpcore's own socket backend, noting the socket each watched thread reads or writes, so that a request given
+    up on from another thread (its whole answer late, or stopped: EngineClient._within) is hung up there and then."""
+
+    def __init__(self) -> None:
+        self._backend = httpcore.SyncBackend()
+        self._lock = threading.Lock()
+        self._in_use: dict[int, socket.socket | None] = {}  # watched thread's ident -> the socket it last used
+
+    def connect_tcp(self, *args, **kwargs) -> httpcore.NetworkStream:
+        return WatchedStream(self, self._backend.connect_tcp(*args, **kwargs))
+
+    def connect_unix_socket(self, *args, **kwargs) -> httpcore.NetworkStream:
+        return WatchedStream(self, self._backend.connect_unix_socket(*args, **kwargs))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+    def watch(self) -> None:
+        """From now on, note the socket this thread uses (until unwatch())."""
+        with self._lock:
+            self._in_use[threading.get_ident()] = None
+
+    def unwatch(self) -> None:
+        with self._lock:
+            self._in_use.pop(threading.get_ident(), None)
+
+    def using(self, stream: httpcore.NetworkStream) -> None:
+        with self._lock:
+            if threading.get_ident() in self._in_use:
+                self._in_use[threading.get_ident()] = stream.get_extra_info("socket")
+
+    def hang_up(self, thread_id: int | None) -> None:
+        """Shut the socket the watched thread `thread_id` is using down (it then stops being watched)."""
+        with self._lock:
+            sock = self._in_use.pop(thread_id, None)
+        shut_down(sock)
+
+
+class WatchedStream(httpcore.NetworkStream):
+    """A connection of Wires: each read and write says which thread uses it."""
+
+    def __init__(self, wires: Wires, stream: httpcore.NetworkStream) -> None:
+        self._wires, self._stream = wires, stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self._wires.using(self._stream)
+        return self._stream.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._wires.using(self._stream)
+        self._stream.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, *args, **kwargs) -> httpcore.NetworkStream:
+        return WatchedStream(self._wires, self._stream.start_tls(*args, **kwargs))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
 
 
 class RealtimeClient(core.RealtimeClientBase):
@@ -250,7 +333,10 @@ class EngineClient(core.EngineClientBase):
     def __init__(self, url: str, token: str | None = None, timeout: float = core.DEFAULT_TIMEOUT,
                  connect_timeout: float = core.CONNECT_TIMEOUT_S):
         super().__init__(url, token, timeout, connect_timeout)
-        self.http = httpx.Client(**self._http_options(), limits=httpx.Limits(**core.POOL_LIMITS))
+        self._wires = Wires()
+        transport = httpx.HTTPTransport(limits=httpx.Limits(**core.POOL_LIMITS))
+        transport._pool._network_backend = self._wires  # (httpcore's pool takes a backend; httpx does not pass one)
+        self.http = httpx.Client(**self._http_options(), transport=transport)
 
     def close(self) -> None:
         for rt in self._sessions.drain():
@@ -268,20 +354,26 @@ class EngineClient(core.EngineClientBase):
         return RealtimeClient(self.endpoints.ws, self.endpoints.token, self.timeout,
                               connect_timeout=self.connect_timeout)
 
-    @staticmethod
-    def _within(seconds: float, ask: Callable[[], Any], abandon: Callable[[Any], None] | None = None) -> Any:
+    def _within(self, seconds: float, ask: Callable[[], Any], abandon: Callable[[Any], None] | None = None,
+                cancel: threading.Event | None = None) -> Any:
         """ask() on a thread of its own, its answer within `seconds`: httpx's timeout is for each read, so an answer
         that trickled in a byte at a time (a JSON answer, a stream's head) was waited for as long as it took, minutes
-        (the studio's engine check, 10 s at most, too). Past `seconds` it raises httpx.ReadTimeout; the ask is left to
-        end by itself and what it gives then is handed to `abandon` (a stream opened too late: closed)."""
+        (the studio's engine check, 10 s at most, too). Past `seconds` it raises httpx.ReadTimeout, and core.Stopped
+        as soon as `cancel` is set (a Stop pressed while a stream's head arrived waited out the whole timeout); either
+        way the ask's connection is hung up, so its thread ends at once (it went on reading an answer that trickled
+        forever, one thread per engine check), and what it gives if it ends anyway is handed to `abandon` (a stream
+        opened too late: closed)."""
         answer: queue.Queue = queue.Queue(maxsize=1)
         lock, late = threading.Lock(), threading.Event()
 
         def run() -> None:
+            self._wires.watch()
             try:
                 given = (ask(), None)
             except Exception as e:  # noqa: BLE001  (raised in the caller's thread)
                 given = (None, e)
+            finally:
+                self._wires.unwatch()
             with lock:
                 if not late.is_set():
                     answer.put(given)
@@ -289,15 +381,18 @@ class EngineClient(core.EngineClientBase):
             if given[1] is None and abandon is not None:
                 abandon(given[0])
 
-        threading.Thread(target=run, name="engine-client-request", daemon=True).start()
-        try:
-            result, failed = answer.get(timeout=seconds)
-        except queue.Empty:
+        asker = threading.Thread(target=run, name="engine-client-request", daemon=True)
+        asker.start()
+        given = awaited(answer, seconds, cancel)
+        if given is None:  # (its time passed, or it was stopped)
             with lock:
                 if answer.empty():
                     late.set()
-                    raise httpx.ReadTimeout(f"the answer was not whole within {seconds:g} s") from None
-            result, failed = answer.get_nowait()
+                    self._wires.hang_up(asker.ident)
+                    raise core.Stopped() if stopped(cancel) else httpx.ReadTimeout(
+                        f"the answer was not whole within {seconds:g} s")
+            given = answer.get_nowait()
+        result, failed = given
         if failed is not None:
             raise failed
         return result
@@ -565,8 +660,11 @@ class EngineClient(core.EngineClientBase):
         answered = False  # the server ended the answer itself (else this end hangs up)
         try:
             stream = self.http.stream(call.method, call.path, **call.kwargs)
-            resp = self._within(self.timeout, stream.__enter__, lambda _: stream.__exit__(None, None, None))
+            resp = self._within(self.timeout, stream.__enter__, lambda _: stream.__exit__(None, None, None), cancel)
             clock.opened()
+        except core.Stopped:  # (Stop pressed before the answer's head was whole: its connection is hung up)
+            yield from run.cancelled()
+            return
         except httpx.HTTPError as e:  # (a timeout: no answer within the client's timeout)
             waited = self.timeout if isinstance(e, httpx.TimeoutException) else None
             yield core.connect_error(self.endpoints.http + call.path, e, waited).to_event()

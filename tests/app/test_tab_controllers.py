@@ -1405,3 +1405,59 @@ def test_speech_played_at_an_assumed_sample_rate_says_so_once_in_the_status_line
         "Hello.", "Speech", "Default voice", None, None, "", *[None] * 5, "", "", "", None, "", "", "", "", 10, 3)]
     said = ASSUMED_RATE_NOTE[1:]  # (the status line starts the note with a capital)
     assert statuses[-1].count(said) == 1 and not any(said in s for s in statuses[:-1]), statuses
+
+
+@contextmanager
+def engine_whose_answers_head_never_ends():
+    """An engine that answers its model card, and every POST with the start of an answer's head that never ends (a
+    proxy or a server stuck mid-answer); `hung_up` is set once the studio closed such an answer's connection."""
+    card = b'{"object": "list", "data": [{"id": "m"}]}'
+    hung_up = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(card)))
+            self.end_headers()
+            self.wfile.write(card)
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n")
+            self.wfile.flush()
+            try:
+                closed = self.connection.recv(1) == b""  # (waits for the studio to close the connection)
+            except OSError:
+                closed = True
+            if closed:
+                hung_up.set()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hung_up
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_stop_while_the_engines_answer_is_starting_says_stopped_at_once(tmp_path):
+    """Stop pressed while the engine's answer had begun but its head had not all come (a proxy or a server stuck
+    mid-answer) was heard only when the client's whole timeout (60 s) had passed. The tab now says it stopped at once,
+    and the studio closes the request's connection."""
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(0.5, 16000, 220.0), 16000))
+    me = SimpleNamespace(session_hash="stops-a-stuck-answer")
+    with engine_whose_answers_head_never_ends() as (url, hung_up):
+        speech = SpeechController(EngineLink(EngineClient(url, timeout=60)))
+        threading.Timer(0.2, speech.stop, args=(me,)).start()
+        started = time.monotonic()
+        *_, (text, status, *_) = speech.transcribe_file(str(clip), "", "", None, request=me)
+        took = time.monotonic() - started
+        assert hung_up.wait(1.0)
+    assert took < 2.0 and status == "finish reason: cancelled (stopped)", (took, status)

@@ -648,6 +648,7 @@ class CannedServer:
 
     def __init__(self, answer: bytes = b"", hold_s: float = 0.0, dribble_s: float | None = None):
         self.answer, self.hold_s, self.dribble_s = answer, hold_s, dribble_s
+        self.hung_up = threading.Event()  # set when the client closed a dribbled answer's connection
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -675,7 +676,7 @@ class CannedServer:
                 conn.sendall(answer[i:i + 1])
                 time.sleep(self.dribble_s)
         except OSError:  # (the client gave up on it)
-            pass
+            self.hung_up.set()
 
 
 def read_request(conn: socket.socket) -> bytes:
@@ -1348,3 +1349,64 @@ def test_an_answer_trickled_a_byte_at_a_time_is_given_up_at_the_clients_timeout(
     assert took < 5, took
     for failed in given_up:
         assert failed.code == "timeout" and "within 0.3 s" in failed.message, failed.message
+
+
+FOREVER_PAD = b" " * 100_000  # (dribbled at TRICKLE_S: an answer that takes about an hour to come)
+TRICKLE_S = 0.03
+
+
+def request_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "engine-client-request"}
+
+
+def test_a_request_given_up_at_its_timeout_leaves_no_thread_reading_its_answer():
+    """The sync client reads each answer on a thread of its own (to bound a trickled answer's whole time): past the
+    timeout the thread was left reading the answer for as long as it trickled, one more for every engine check of a
+    studio whose engine trickles forever. The request's connection is now hung up there, and its thread ends."""
+    trickle = CannedServer(canned_answer("200 OK", "application/json", b'{"data": []' + FOREVER_PAD + b"}"),
+                           dribble_s=TRICKLE_S)
+    before = request_threads()
+    try:
+        with EngineClient(f"http://127.0.0.1:{trickle.port}", timeout=5) as client:
+            with pytest.raises(ServerError) as checked:
+                client.info(timeout=0.2)
+            wait_for(lambda: not request_threads() - before, timeout=1.0)  # (its own thread ended)
+            assert trickle.hung_up.wait(1.0)  # (the server saw the connection closed)
+    finally:
+        trickle.sock.close()
+    assert checked.value.code == "timeout", checked.value
+
+
+def test_stop_while_a_streams_head_is_arriving_ends_it_at_once():
+    """Stop pressed while a stream's response head was still arriving (a slow proxy, a trickling server) was heard only
+    when the client's whole timeout (60 s) had passed. It now ends the request at once, as stopped (Done, cancelled),
+    and closes its connection, in the sync and async clients."""
+    unfinished_head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nX-Pad: " + FOREVER_PAD
+    trickle = CannedServer(unfinished_head, dribble_s=TRICKLE_S)
+    url = f"http://127.0.0.1:{trickle.port}"
+
+    def stop_soon() -> threading.Event:
+        stop = threading.Event()
+        threading.Timer(0.1, stop.set).start()
+        return stop
+
+    def spoken():
+        with EngineClient(url, timeout=LONG_S) as client:
+            return list(client.speak("hello", cancel=stop_soon()))
+
+    async def spoken_async():
+        async with AsyncEngineClient(url, timeout=LONG_S) as client:
+            return [ev async for ev in client.speak("hello", cancel=stop_soon())]
+
+    try:
+        ended = []
+        for speak in (spoken, lambda: asyncio.run(spoken_async())):
+            trickle.hung_up.clear()
+            started = time.monotonic()
+            ended.append((speak(), time.monotonic() - started))
+            assert trickle.hung_up.wait(1.0)
+    finally:
+        trickle.sock.close()
+    for events, took in ended:
+        assert took < 1.5, took
+        assert len(events) == 1 and isinstance(events[0], Done) and events[0].finish_reason == "cancelled", events
