@@ -260,7 +260,17 @@ class AsyncEngineClient(core.EngineClientBase):
 
     async def _whole(self, method: str, path: str, **kwargs) -> httpx.Response:
         """One request, its answer whole within its timeout (_within)."""
-        return await self._within(kwargs.get("timeout", self.timeout), self.http.request(method, path, **kwargs))
+        return await self._within(kwargs.get("timeout", self.timeout), self._read(method, path, **kwargs))
+
+    async def _read(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request's answer, read whole unless compressed in a way this client did not ask for (sync.py's _read)."""
+        resp = await self.http.send(self.http.build_request(method, path, **kwargs), stream=True)
+        try:
+            if not core.unread_encoding(resp.headers):
+                await resp.aread()
+        finally:
+            await resp.aclose()
+        return resp
 
     async def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:

@@ -399,7 +399,19 @@ class EngineClient(core.EngineClientBase):
 
     def _whole(self, method: str, path: str, **kwargs) -> httpx.Response:
         """One request, its answer whole within its timeout (_within)."""
-        return self._within(kwargs.get("timeout", self.timeout), lambda: self.http.request(method, path, **kwargs))
+        return self._within(kwargs.get("timeout", self.timeout), lambda: self._read(method, path, **kwargs))
+
+    def _read(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request's answer, read whole unless its headers say it is compressed in a way this client did not ask
+        for (left unread: httpx decoded a br answer itself when brotli was installed, and one it could not decode was
+        said as 'does not decompress', not as compressed otherwise than asked)."""
+        resp = self.http.send(self.http.build_request(method, path, **kwargs), stream=True)
+        try:
+            if not core.unread_encoding(resp.headers):
+                resp.read()
+        finally:
+            resp.close()
+        return resp
 
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:

@@ -1410,3 +1410,41 @@ def test_stop_while_a_streams_head_is_arriving_ends_it_at_once():
     for events, took in ended:
         assert took < 1.5, took
         assert len(events) == 1 and isinstance(events[0], Done) and events[0].finish_reason == "cancelled", events
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+def test_the_client_asks_for_the_compressions_it_reads_reads_each_and_names_one_it_did_not_ask_for(canned_server,
+                                                                                                  encoding):
+    """The studio asks for gzip or deflate (Accept-Encoding) and must read either, whichever client (sync, async) asked;
+    an answer compressed otherwise (br, which a server or proxy may send without being asked) is refused naming it."""
+    import gzip
+    import zlib
+
+    card = json.dumps({"object": "list", "data": [{"id": "m"}]}).encode()
+    compressed = {"gzip": gzip.compress(card), "deflate": zlib.compress(card), "br": card}[encoding]
+    asked = []
+
+    def answer(request: bytes) -> bytes:
+        asked.append(re.search(rb"(?im)^accept-encoding:\s*(.*?)\r$", request).group(1).decode())
+        return canned_answer("200 OK", "application/json", compressed, f"Content-Encoding: {encoding}\r\n")
+
+    async def model_async(url):
+        async with AsyncEngineClient(url, timeout=5) as client:
+            try:
+                return (await client.info()).id
+            except ServerError as e:
+                return e
+
+    canned_server.answer = answer
+    url = f"http://127.0.0.1:{canned_server.port}"
+    with EngineClient(url, timeout=5) as client:
+        try:
+            read = [client.info().id]
+        except ServerError as e:
+            read = [e]
+    read.append(asyncio.run(model_async(url)))
+    assert asked == ["gzip, deflate"] * 2
+    if encoding == "br":
+        assert all(isinstance(r, ServerError) and r.code == "protocol_error" and "'br'" in r.message for r in read), read
+    else:
+        assert read == ["m", "m"]
