@@ -12,7 +12,6 @@ An `HttpCall` names the method, path and httpx arguments, and how the answer is 
 
 from __future__ import annotations
 
-import json
 import struct
 import time
 from collections.abc import Callable
@@ -325,7 +324,7 @@ def probe_found(status: int, content: bytes) -> bool:
     if status in (404, 405):
         return False
     try:
-        body = json.loads(content)
+        body = wire.read_json(content)
     except ValueError:
         return True
     err = body.get("error") if isinstance(body, dict) else None

@@ -11,7 +11,6 @@ import codecs
 import io
 import ipaddress
 import itertools
-import json
 import logging
 import os
 import re
@@ -172,7 +171,7 @@ def parse_json(raw: Any) -> dict:
     """A realtime server event: a JSON object (anything else, a list or a bare value, is ServerError protocol_error:
     it raised AttributeError out of chat() where the event was read)."""
     try:
-        event = json.loads(raw)
+        event = wire.read_json(raw)
     except (TypeError, ValueError) as e:
         raise ServerError(f"the server sent something that is not JSON: {e}", "protocol_error") from None
     if not isinstance(event, dict):
@@ -184,10 +183,11 @@ def parse_json(raw: Any) -> dict:
 def json_answer(status: int, content: bytes, url: str = "", retry_after: str | None = None) -> Any:
     """An HTTP answer's JSON body, or ServerError for an error status or a body that is not JSON (`url`: where it
     came from, which a message of an answer not in the engine's shape names; `retry_after`: its Retry-After header)."""
+    unread = "it is null"
     try:
-        body = json.loads(content)
-    except ValueError:
-        body = None
+        body = wire.read_json(content)
+    except ValueError as e:
+        body, unread = None, e
     if status >= 400:
         raise http_error(status, body, content.decode("utf-8", "replace"), url, retry_after)
     if body is None:
@@ -196,7 +196,7 @@ def json_answer(status: int, content: bytes, url: str = "", retry_after: str | N
             named = f" ({title!r})" if title else ""
             raise ServerError(f"a web page{named} answered instead of the engine: a network's sign-in page (captive "
                               "portal), a proxy's login or another web site at this address", "protocol_error", status)
-        raise ServerError("the server's answer is not JSON", "protocol_error", status)
+        raise ServerError(f"the server's answer is not JSON ({unread})", "protocol_error", status)
     return body
 
 
@@ -321,7 +321,7 @@ def connect_error(url: str, exc: BaseException, timeout_s: float | None = None) 
         text = page if page.strip() else getattr(response, "reason_phrase", "")
         again = (getattr(response, "headers", None) or {}).get("Retry-After")
         try:
-            return http_error(status, json.loads(body) if body else None, text, url, again)
+            return http_error(status, wire.read_json(body) if body else None, text, url, again)
         except ValueError:
             return http_error(status, None, text, url, again)
     return ServerError(f"could not reach the engine server at {url}: {type(exc).__name__}: {exc}", "connect_failed")

@@ -91,6 +91,16 @@ CLIENT_ERROR_CODES: dict[str, str] = {
 }
 
 
+def read_json(text: str | bytes) -> Any:
+    """json.loads, JSON nested deeper than Python's recursion limit raised as the ValueError of any other JSON it cannot
+    read (its RecursionError escaped the readers of an answer: [[[...]]] 100 000 deep from a server crashed the studio's
+    engine check and a chat's stream)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+
+
 def media_type(content_type: str) -> tuple[str, dict[str, str]]:
     """A Content-Type header, request's or answer's: 'audio/L16; rate=16000' -> ('audio/l16', {'rate': '16000'}), the
     type in lower case and its parameters ("" for a header that is absent)."""
@@ -944,7 +954,7 @@ class SseLines:
             if name not in SSE_COMMENTS or name == "keepalive":  # (SSE: a comment is the reader's to ignore; a proxy
                 return []                                        # may send its own, ": ping", or ":" alone)
             try:
-                obj = json.loads(payload)
+                obj = read_json(payload)
             except ValueError as e:
                 raise UnknownEventError(f"malformed {name} comment: {e}") from None
             return [_queue_position(obj) if name == "queue_position" else _progress(obj)]
@@ -954,7 +964,7 @@ class SseLines:
         if data == "[DONE]":
             return self.feed_end()
         try:
-            obj = json.loads(data)
+            obj = read_json(data)
         except ValueError as e:
             raise UnknownEventError(f"malformed stream data: {e}") from None
         if not isinstance(obj, dict):

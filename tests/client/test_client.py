@@ -1448,3 +1448,27 @@ def test_the_client_asks_for_the_compressions_it_reads_reads_each_and_names_one_
         assert all(isinstance(r, ServerError) and r.code == "protocol_error" and "'br'" in r.message for r in read), read
     else:
         assert read == ["m", "m"]
+
+
+def test_json_nested_deeper_than_python_reads_is_said_as_unreadable_not_raised(canned_server):
+    """A server answering JSON nested 100 000 deep ([[[...]]]: a hostile or broken one) raised RecursionError out of
+    info() (the studio's engine check) and out of a chat's stream (a tab's whole request lost): each is now a
+    protocol_error saying the JSON is nested too deeply to read."""
+    nested = b"[" * 100_000 + b"]" * 100_000
+    url = f"http://127.0.0.1:{canned_server.port}"
+
+    async def checked_async():
+        async with AsyncEngineClient(url, timeout=5) as client:
+            with pytest.raises(ServerError) as checked:
+                await client.info()
+            return checked.value
+
+    canned_server.answer = canned_answer("200 OK", "application/json", b'{"object": "list", "data": ' + nested + b"}")
+    with EngineClient(url, timeout=5) as client:
+        with pytest.raises(ServerError) as checked:
+            client.info()
+        said = [checked.value, asyncio.run(checked_async())]
+        canned_server.answer = SSE_HEAD + b'data: {"choices": ' + nested + b"}\n\n" + CHAT_END
+        said.append(list(client.chat([{"role": "user", "content": "hi"}], transport="http"))[-1])
+    for failed in said:
+        assert failed.code == "protocol_error" and "nested too deeply" in failed.message, failed
