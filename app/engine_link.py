@@ -100,6 +100,8 @@ class EngineLink:
             elif getattr(e, "status", None) == HTTPStatus.SERVICE_UNAVAILABLE:  # (it answered, "is not answering"
                 # said otherwise: it is starting, or a proxy's engine is down)
                 problem = f"the engine at {self.url_label} answered that it cannot serve yet ({e})"
+            elif code == "connection_lost":  # (its answer came cut off: "is not answering" while it answered)
+                problem = f"the engine at {self.url_label} answered, but {e.message}"
             elif tls_failure(e) is not None:  # (it answered: "is not answering" sent the user to a running engine)
                 problem = f"the studio could not open a secure connection to the engine at {self.url_label} ({e})"
             else:

@@ -268,6 +268,8 @@ class AsyncEngineClient(core.EngineClientBase):
         try:
             if not core.unread_encoding(resp.headers):
                 await resp.aread()
+        except httpx.RemoteProtocolError as e:
+            raise core.cut_answer(self.endpoints.http + path, resp.status_code, e) from e
         finally:
             await resp.aclose()
         return resp

@@ -261,6 +261,13 @@ def undecodable(url: str, encoding: str | None, failure: BaseException | None = 
                        "engine, changed it", "protocol_error")
 
 
+def cut_answer(url: str, status: int, failure: BaseException) -> ServerError:
+    """An answer whose head came and whose body the connection ended before it was whole (shorter than its
+    Content-Length, or closed in the middle of a chunk): it read 'could not reach the engine server', which it had."""
+    return ServerError(f"the answer from {url_shown(url)} (HTTP {status}) was cut off: the connection closed before it "
+                       f"was whole ({failure}): a proxy on the way, or the server, ended it", "connection_lost", status)
+
+
 def is_redirect(status: int) -> bool:
     return 300 <= status < 400
 

@@ -409,6 +409,8 @@ class EngineClient(core.EngineClientBase):
         try:
             if not core.unread_encoding(resp.headers):
                 resp.read()
+        except httpx.RemoteProtocolError as e:
+            raise core.cut_answer(self.endpoints.http + path, resp.status_code, e) from e
         finally:
             resp.close()
         return resp

@@ -4,14 +4,16 @@ page load waits behind a check that another visitor's page started."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from app.engine_link import EngineLink
-from engine.client import EngineClient
+from engine.client import AsyncEngineClient, EngineClient, ServerError
 from tests.app.canned_http import answering, serving
 
 CHECK_S = 0.25  # the link's check timeout in these tests (the studio's is CHECK_TIMEOUT_S)
@@ -443,3 +445,44 @@ def test_an_engine_answering_503_while_it_starts_is_not_said_as_not_answering():
     assert not status.ok and "not answering" not in status.problem, status.problem
     assert "cannot serve yet" in status.problem and "model is loading" in status.problem
     assert "try again in 10 s" in status.problem
+
+
+def cut_answers(*answers: bytes):
+    """A handler answering each GET, in turn, with the next of `answers`' raw bytes (a head and a body the connection
+    ends before it is whole), then closing the connection."""
+    left = list(answers)
+
+    class Cut(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802  (http.server's name)
+            self.wfile.write(left.pop(0))
+            self.close_connection = True
+
+        def log_message(self, *args):  # (quiet)
+            pass
+
+    return Cut
+
+
+def test_a_card_cut_off_before_its_end_is_said_as_cut_off_not_as_unreachable():
+    """A model card shorter than its Content-Length, or whose chunked body ended mid-chunk (the server or a proxy closed
+    it), was said as 'could not reach the engine server ... RemoteProtocolError' and the banner as 'is not answering':
+    it had answered. Both say the answer was cut off."""
+    card = b'{"object": "list", "data": [{"id": "m"}]}'
+    short = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n" + card
+    mid_chunk = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"100\r\n" + card)
+    async def checked_async(url):
+        async with AsyncEngineClient(url, timeout=CLIENT_S) as client:
+            with pytest.raises(ServerError) as checked:
+                await client.info()
+            return checked.value.message
+
+    with serving(cut_answers(short, mid_chunk, short, mid_chunk)) as url:
+        client = EngineClient(url, timeout=CLIENT_S)
+        with pytest.raises(ServerError) as checked:
+            client.info()
+        said = [checked.value.message, asyncio.run(checked_async(url))]
+        said += [EngineLink(client, check_timeout_s=5.0).status().problem]
+        said += [EngineLink(client, check_timeout_s=5.0).status().problem]
+    for problem in said:
+        assert "was cut off" in problem and "could not reach" not in problem and "not answering" not in problem, problem
