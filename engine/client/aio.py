@@ -526,7 +526,7 @@ class AsyncEngineClient(core.EngineClientBase):
             calls.note_answer_rate(call.decoder, resp.headers)
 
             async def pump() -> None:
-                pieces = core.stream_reader(call.read)
+                pieces = core.stream_reader(call.read, self.endpoints.http + call.path)
                 try:
                     async for data in resp.aiter_bytes():
                         for piece in pieces(data):
@@ -536,6 +536,8 @@ class AsyncEngineClient(core.EngineClientBase):
                 except httpx.DecodingError as e:  # (not a lost connection: its compressed bytes are broken)
                     lines.put_nowait(("lost", core.undecodable(self.endpoints.http + call.path,
                                                                resp.headers.get("content-encoding"), e)))
+                except ServerError as e:  # (a line longer than this client accepts)
+                    lines.put_nowait(("lost", e))
                 except Exception as e:  # read timeout, connection dropped
                     timed_out = isinstance(e, httpx.TimeoutException)
                     lines.put_nowait(("lost", core.stream_lost(e, self.timeout, timed_out)))

@@ -700,7 +700,7 @@ class EngineClient(core.EngineClientBase):
             calls.note_answer_rate(call.decoder, resp.headers)
 
             def pump() -> None:
-                pieces = core.stream_reader(call.read)
+                pieces = core.stream_reader(call.read, self.endpoints.http + call.path)
                 try:
                     for data in resp.iter_bytes():
                         for piece in pieces(data):
@@ -710,6 +710,8 @@ class EngineClient(core.EngineClientBase):
                 except httpx.DecodingError as e:  # (not a lost connection: its compressed bytes are broken)
                     lines.put(("lost", core.undecodable(self.endpoints.http + call.path,
                                                         resp.headers.get("content-encoding"), e)))
+                except ServerError as e:  # (a line longer than this client accepts)
+                    lines.put(("lost", e))
                 except Exception as e:  # closed by a cancel, read timeout, connection dropped
                     timed_out = isinstance(e, httpx.TimeoutException)
                     lines.put(("lost", core.stream_lost(e, self.timeout, timed_out)))

@@ -667,11 +667,11 @@ class CannedServer:
                 time.sleep(self.hold_s)
 
     def _send(self, conn: socket.socket, answer: bytes) -> None:
-        if self.dribble_s is None:
-            conn.sendall(answer)
-            return
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            if self.dribble_s is None:
+                conn.sendall(answer)
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for i in range(len(answer)):
                 conn.sendall(answer[i:i + 1])
                 time.sleep(self.dribble_s)
@@ -1472,3 +1472,32 @@ def test_json_nested_deeper_than_python_reads_is_said_as_unreadable_not_raised(c
         said.append(list(client.chat([{"role": "user", "content": "hi"}], transport="http"))[-1])
     for failed in said:
         assert failed.code == "protocol_error" and "nested too deeply" in failed.message, failed
+
+
+def test_a_stream_line_of_megabytes_is_read_at_once_and_one_over_the_clients_bound_is_refused_naming_it(
+        canned_server, monkeypatch):
+    """An SSE event with a 10 MB data line took 30 s to read (each piece of it searched and copied with all the line
+    before it) and no line was too long. It is read in well under a second, and a line longer than the largest event
+    the client accepts (core.MAX_MESSAGE_BYTES, 1 MB here) ends the stream with a protocol_error naming that bound."""
+    from engine.client import core
+
+    words = "ab " * 3_500_000  # (10.5 MB of text in one event)
+    line = CHAT_CHUNK.replace(b'"hi"', json.dumps(words).encode())
+    canned_server.answer = SSE_HEAD + line + CHAT_END
+    url = f"http://127.0.0.1:{canned_server.port}"
+    ask = [{"role": "user", "content": "hi"}]
+
+    async def chat_async():
+        async with AsyncEngineClient(url, timeout=5) as client:
+            return [ev async for ev in client.chat(ask, transport="http")][-1]
+
+    with EngineClient(url, timeout=5) as client:
+        started = time.monotonic()
+        read = list(client.chat(ask, transport="http"))
+        took = time.monotonic() - started
+        monkeypatch.setattr(core, "MAX_MESSAGE_BYTES", 2**20)
+        refused = [list(client.chat(ask, transport="http"))[-1], asyncio.run(chat_async())]
+    assert isinstance(read[-1], Done) and text_of(read) == words and took < 2.0, (read[-1], took)
+    for failed in refused:
+        assert failed.code == "protocol_error" and "a line longer than 1 MB" in failed.message, failed
+        assert f"127.0.0.1:{canned_server.port}/v1/chat/completions" in failed.message, failed
