@@ -1038,18 +1038,22 @@ class SseLineSplitter:
     of a line, which is dropped, as SSE says of an unfinished event: the decoder then says that the stream ended without
     its result. (httpx's iter_lines gave it as a last line, said as malformed data from 'an engine server of another
     version'.) Only the new bytes are searched for a line end (a 10 MB line took 30 s, each piece searched and copied
-    with all the line before it), and a line longer than MAX_MESSAGE_BYTES is refused (ServerError), naming its size."""
+    with all the line before it). A line longer than MAX_MESSAGE_BYTES, or bytes that are not UTF-8, are refused
+    (ServerError, protocol_error), naming the bound or the bytes."""
 
     LINE_END = re.compile(r"\r\n|\r|\n")
 
     def __init__(self, where: str = "") -> None:
         self.where = where
-        self.text = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text = codecs.getincrementaldecoder("utf-8")()
         self.rest: list[str] = []  # the unfinished line's pieces
         self.rest_chars = 0
 
     def feed(self, data: bytes) -> list[str]:
-        text = self.text.decode(data)
+        try:
+            text = self.text.decode(data)
+        except UnicodeDecodeError as e:  # (it was read with U+FFFD in its place: a reply shown with "h��i" in it)
+            raise self._broken(f"is not UTF-8 text (its bytes {e.object[e.start:e.end]!r} are not)") from None
         if self.LINE_END.search(text) is None:
             self.rest.append(text)
             self.rest_chars += len(text)
@@ -1061,11 +1065,14 @@ class SseLineSplitter:
         self.rest, self.rest_chars = [last], len(last)
         return lines
 
-    def _too_long(self) -> ServerError:
+    def _broken(self, what: str) -> ServerError:
         at = f" from {url_shown(self.where)}" if self.where else ""
-        return ServerError(f"the stream{at} sent a line longer than {MAX_MESSAGE_BYTES / 2**20:g} MB, the largest event "
-                           "this client accepts: it is not the engine's, or a proxy on the way broke the stream",
+        return ServerError(f"the stream{at} {what}: it is not the engine's, or a proxy on the way broke it",
                            "protocol_error")
+
+    def _too_long(self) -> ServerError:
+        return self._broken(f"sent a line longer than {MAX_MESSAGE_BYTES / 2**20:g} MB, the largest event this client "
+                            "accepts")
 
 
 def stream_reader(read: str, where: str = "") -> Callable[[bytes], list]:

@@ -1501,3 +1501,21 @@ def test_a_stream_line_of_megabytes_is_read_at_once_and_one_over_the_clients_bou
     for failed in refused:
         assert failed.code == "protocol_error" and "a line longer than 1 MB" in failed.message, failed
         assert f"127.0.0.1:{canned_server.port}/v1/chat/completions" in failed.message, failed
+
+
+def test_a_stream_with_bytes_that_are_not_utf8_is_refused_naming_them(canned_server):
+    """A stream with bytes that are not UTF-8 in a reply's text was read with U+FFFD in their place: the reply showed
+    'h��i' as if the model had written it. The stream now ends with a protocol_error naming the bytes (sync, async)."""
+    canned_server.answer = SSE_HEAD + CHAT_CHUNK.replace(b'"hi"', b'"h\xff\xfei"') + CHAT_END
+    url = f"http://127.0.0.1:{canned_server.port}"
+    ask = [{"role": "user", "content": "hi"}]
+
+    async def chat_async():
+        async with AsyncEngineClient(url, timeout=5) as client:
+            return [ev async for ev in client.chat(ask, transport="http")]
+
+    with EngineClient(url, timeout=5) as client:
+        said = [list(client.chat(ask, transport="http")), asyncio.run(chat_async())]
+    for events in said:
+        assert "\ufffd" not in text_of(events) and events[-1].code == "protocol_error", events
+        assert "not UTF-8" in events[-1].message and r"b'\xff'" in events[-1].message, events[-1]
