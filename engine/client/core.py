@@ -193,11 +193,16 @@ def json_answer(status: int, content: bytes, url: str = "", retry_after: str | N
     if body is None:
         title = html_page_title(content.decode("utf-8", "replace"))
         if title is not None:  # (a captive portal, a proxy's login page: "not JSON" sent the user to the engine)
-            named = f" ({title!r})" if title else ""
-            raise ServerError(f"a web page{named} answered instead of the engine: a network's sign-in page (captive "
-                              "portal), a proxy's login or another web site at this address", "protocol_error", status)
+            raise web_page_answer(title, status)
         raise ServerError(f"the server's answer is not JSON ({unread})", "protocol_error", status)
     return body
+
+
+def web_page_answer(title: str, status: int | None = None) -> ServerError:
+    """A web page (its `title`, "" for none) that answered where the engine's JSON or stream was expected."""
+    named = f" ({title!r})" if title else ""
+    return ServerError(f"a web page{named} answered instead of the engine: a network's sign-in page (captive portal), a "
+                       "proxy's login or another web site at this address", "protocol_error", status)
 
 
 def json_error_event(status: int, content: bytes, url: str = "", retry_after: str | None = None) -> Error:
@@ -1048,12 +1053,16 @@ class SseLineSplitter:
         self.text = codecs.getincrementaldecoder("utf-8")()
         self.rest: list[str] = []  # the unfinished line's pieces
         self.rest_chars = 0
+        self.fed = False  # (any text yet)
 
     def feed(self, data: bytes) -> list[str]:
         try:
             text = self.text.decode(data)
         except UnicodeDecodeError as e:  # (it was read with U+FFFD in its place: a reply shown with "h��i" in it)
             raise self._broken(f"is not UTF-8 text (its bytes {e.object[e.start:e.end]!r} are not)") from None
+        if not self.fed and (title := html_page_title(text)) is not None:  # (no SSE line starts with "<")
+            raise web_page_answer(title)  # (a page sent without its Content-Type read as a stream cut off)
+        self.fed = self.fed or bool(text)
         if self.LINE_END.search(text) is None:
             self.rest.append(text)
             self.rest_chars += len(text)
