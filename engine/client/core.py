@@ -311,6 +311,14 @@ def redirect_answer(exc: BaseException | None) -> Any:
     return None
 
 
+def not_upgraded(answer: str, status: int) -> ServerError:
+    """A realtime (websocket) handshake answered with a success (`answer`: its status, where and words) instead of the
+    websocket it asked for."""
+    return ServerError(f"{answer}: the realtime (websocket) handshake was answered without opening a websocket. A "
+                       "proxy on the way that does not pass websockets on (nginx: proxy_http_version 1.1 and the Upgrade "
+                       "and Connection headers), or a server that is not the engine", "protocol_error", status)
+
+
 def connect_error(url: str, exc: BaseException, timeout_s: float | None = None) -> ServerError:
     """Why a connection could not be made: the server's refusal (e.g. 401 unauthorized, with its
     error body), `timeout` when the transport says the request's `timeout_s` passed without an answer
@@ -333,9 +341,12 @@ def connect_error(url: str, exc: BaseException, timeout_s: float | None = None) 
         text = page if page.strip() else getattr(response, "reason_phrase", "")
         again = (getattr(response, "headers", None) or {}).get("Retry-After")
         try:
-            return http_error(status, wire.read_json(body) if body else None, text, url, again)
+            parsed = wire.read_json(body) if body else None
         except ValueError:
-            return http_error(status, None, text, url, again)
+            parsed = None
+        if 200 <= status < 300:  # (a websocket handshake answered as a plain request: said as "HTTP 200" alone)
+            return not_upgraded(_error_text(status, text, parsed, url), status)
+        return http_error(status, parsed, text, url, again)
     return ServerError(f"could not reach the engine server at {url}: {type(exc).__name__}: {exc}", "connect_failed")
 
 

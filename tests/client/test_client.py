@@ -1541,3 +1541,21 @@ def test_a_web_page_answering_a_stream_without_saying_it_is_one_is_said_as_a_web
                 asyncio.run(chatted_async())]
     for failed in said:
         assert failed.code == "protocol_error" and "a web page ('Proxy login') answered" in failed.message, failed
+
+
+def test_a_realtime_handshake_answered_with_200_is_said_as_no_websocket_opened(canned_server):
+    """A websocket handshake answered 200 with a body (a proxy that does not pass websockets on, or another server) was
+    said as 'HTTP 200 from ws://...: {"ok": true}', a success status as the whole error. It now says that the handshake
+    was answered without opening a websocket, and what usually does that (sync and async)."""
+    canned_server.answer = canned_answer("200 OK", "application/json", b'{"ok": true}')
+    url = f"ws://127.0.0.1:{canned_server.port}"
+
+    async def chatted_async():
+        async with AsyncEngineClient(url, timeout=5) as client:
+            return [ev async for ev in client.chat([{"role": "user", "content": "hi"}])][-1]
+
+    with EngineClient(url, timeout=5) as client:
+        said = [list(client.chat([{"role": "user", "content": "hi"}]))[-1], asyncio.run(chatted_async())]
+    for failed in said:
+        assert failed.code == "protocol_error" and '{"ok": true}' in failed.message, failed
+        assert "answered without opening a websocket" in failed.message and "Upgrade" in failed.message, failed
