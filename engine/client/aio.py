@@ -15,22 +15,47 @@ import httpx
 
 from engine.client import calls, core
 from engine.client.core import ChatOptions, ConnectionLost, ModelInfo, ServerError
-from engine.events import Error, Event
+from engine.events import Done, Error, Event
+
+
+async def until_stopped(answer: Awaitable, cancel: threading.Event | None) -> Any:
+    """`answer` awaited, or core.Stopped as soon as `cancel` is set; given up (stopped, or the caller cancelled), it is
+    cancelled, which closes its connection."""
+    asking = asyncio.ensure_future(answer)
+    try:
+        while not asking.done():
+            if cancel is not None and cancel.is_set():
+                raise core.Stopped()
+            await asyncio.wait({asking}, timeout=core.POLL_S)
+        return asking.result()
+    finally:
+        if not asking.done():
+            asking.cancel()
+            await asyncio.wait({asking})
 
 
 class AsyncRealtimeClient(core.RealtimeClientBase):
     """RealtimeClient over websockets.asyncio: the same methods, awaited."""
 
     # ------------------------------------------------------------------ connection
-    async def connect(self) -> dict:
+    async def connect(self, cancel: threading.Event | None = None) -> dict:
+        """Open the session (sync.py's connect): `cancel` set meanwhile gives it up at once (core.Stopped)."""
         from websockets.asyncio.client import connect  # noqa: PLC0415
 
         try:
-            self.ws = await core.without_redirects(connect(self.endpoints.ws, **self._ws_options()))
+            self.ws = await until_stopped(core.without_redirects(connect(self.endpoints.ws, **self._ws_options())),
+                                          cancel)
+        except core.Stopped:
+            raise
         except Exception as e:  # refused, unreachable, 401, TLS, no handshake within connect_timeout ...
             raise core.connect_error(self.endpoints.ws, e, core.waited_for(e, self.connect_timeout)) from e
         try:
-            return self.state.connected(await self.recv(timeout=self.connect_timeout), self.endpoints.ws)
+            return self.state.connected(await until_stopped(self.recv(timeout=self.connect_timeout), cancel),
+                                        self.endpoints.ws)
+        except core.Stopped:
+            self.ws.transport.abort()  # (closed without its closing handshake, which a hung engine would not answer)
+            await self.close()
+            raise
         except TimeoutError as e:
             await self.close()
             raise core.connect_error(self.endpoints.ws, e, self.connect_timeout) from e
@@ -243,20 +268,11 @@ class AsyncEngineClient(core.EngineClientBase):
         trickled in a byte at a time (a JSON answer, a stream's head) was waited for as long as it took, minutes. As soon
         as `cancel` is set, core.Stopped (a Stop pressed while a stream's head arrived waited out the whole timeout);
         either way the request is cancelled, which closes its connection."""
-        asking = asyncio.ensure_future(answer)
         try:
             async with asyncio.timeout(seconds):
-                while not asking.done():
-                    if cancel is not None and cancel.is_set():
-                        raise core.Stopped()
-                    await asyncio.wait({asking}, timeout=core.POLL_S)
-            return asking.result()
+                return await until_stopped(answer, cancel)
         except TimeoutError:
             raise httpx.ReadTimeout(f"the answer was not whole within {seconds:g} s") from None
-        finally:
-            if not asking.done():
-                asking.cancel()
-                await asyncio.wait({asking})
 
     async def _whole(self, method: str, path: str, **kwargs) -> httpx.Response:
         """One request, its answer whole within its timeout (_within)."""
@@ -369,7 +385,10 @@ class AsyncEngineClient(core.EngineClientBase):
             if rt is None:
                 rt = self.realtime()
                 try:
-                    await rt.connect()
+                    await rt.connect(cancel)
+                except core.Stopped:
+                    yield Done(text="", finish_reason="cancelled")
+                    return
                 except ServerError as e:
                     full = e.code == core.SESSIONS_FULL  # (then over HTTP: it waits in the engine's line)
                     over_http = core.chat_request(messages, opts, "http", model) if full else None

@@ -17,7 +17,7 @@ import httpx
 
 from engine.client import calls, core
 from engine.client.core import ChatOptions, ConnectionLost, ModelInfo, ServerError
-from engine.events import Error, Event
+from engine.events import Done, Error, Event
 
 
 def hang_up(resp: httpx.Response) -> None:
@@ -50,6 +50,35 @@ def awaited(answer: queue.Queue, seconds: float, cancel: threading.Event | None)
         except queue.Empty:
             continue
     return None
+
+
+class StopWatch:
+    """While open: the socket a websockets connecter opens is shut down as soon as `cancel` is set, so its handshake
+    fails at once instead of at its open timeout (nothing is watched without a `cancel`)."""
+
+    def __init__(self, connecter: Any, cancel: threading.Event | None) -> None:
+        self.cancel, self.sock, self.over = cancel, None, threading.Event()
+        opens = connecter.open_socket
+
+        def open_socket(*args, **kwargs) -> socket.socket:
+            self.sock = opens(*args, **kwargs)
+            return self.sock
+
+        connecter.open_socket = open_socket
+
+    def _watch(self) -> None:
+        while not self.over.wait(core.POLL_S):
+            if stopped(self.cancel) and self.sock is not None:  # (a socket still being opened: at its next look)
+                shut_down(self.sock)
+                return
+
+    def __enter__(self) -> "StopWatch":
+        if self.cancel is not None:
+            threading.Thread(target=self._watch, name="engine-client-stop-watch", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.over.set()
 
 
 class Wires(httpcore.NetworkBackend):
@@ -123,19 +152,40 @@ class RealtimeClient(core.RealtimeClientBase):
     session's opening (handshake and first event) takes at most connect_timeout seconds."""
 
     # ------------------------------------------------------------------ connection
-    def connect(self) -> dict:
+    def connect(self, cancel: threading.Event | None = None) -> dict:
+        """Open the session (its handshake and first event, within connect_timeout). `cancel` set meanwhile gives it up
+        at once (core.Stopped), its connection closed: a Stop pressed while a hung engine's handshake was under way
+        waited out the whole connect timeout."""
         from websockets.sync.client import connect  # noqa: PLC0415
 
+        connecter = core.without_redirects(connect(self.endpoints.ws, legacy=False, **self._ws_options()))
         try:
-            self.ws = core.without_redirects(connect(self.endpoints.ws, legacy=False, **self._ws_options())).connect()
+            with StopWatch(connecter, cancel):
+                self.ws = connecter.connect()
             self.ws.pending_legacy_warning = False  # (what legacy=True says: the connection as connect() gives it)
         except Exception as e:  # refused, unreachable, 401, TLS, no handshake within connect_timeout ...
+            if stopped(cancel):
+                raise core.Stopped() from e
             raise core.connect_error(self.endpoints.ws, e, core.waited_for(e, self.connect_timeout)) from e
         try:
-            return self.state.connected(self.recv(timeout=self.connect_timeout), self.endpoints.ws)
+            return self.state.connected(self._first_event(cancel), self.endpoints.ws)
         except TimeoutError as e:  # (it escaped as a bare TimeoutError, out of chat() too)
             self.close()
             raise core.connect_error(self.endpoints.ws, e, self.connect_timeout) from e
+
+    def _first_event(self, cancel: threading.Event | None) -> dict:
+        """The session's first event, within connect_timeout (TimeoutError), or core.Stopped as soon as `cancel` is
+        set (the connection closed)."""
+        deadline = time.monotonic() + self.connect_timeout
+        while not stopped(cancel):
+            try:
+                return self.recv(timeout=max(0.0, min(core.POLL_S, deadline - time.monotonic())))
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+        shut_down(self.ws.socket)  # (closed without its closing handshake, which a hung engine would not answer)
+        self.close()
+        raise core.Stopped()
 
     def close(self) -> None:
         if self.ws is not None:
@@ -522,7 +572,10 @@ class EngineClient(core.EngineClientBase):
             if rt is None:
                 rt = self.realtime()
                 try:
-                    rt.connect()
+                    rt.connect(cancel)
+                except core.Stopped:
+                    yield Done(text="", finish_reason="cancelled")
+                    return
                 except ServerError as e:
                     full = e.code == core.SESSIONS_FULL  # (then over HTTP: it waits in the engine's line)
                     over_http = core.chat_request(messages, opts, "http", model) if full else None
