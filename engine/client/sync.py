@@ -99,6 +99,16 @@ class Wires(httpcore.NetworkBackend):
     def sleep(self, seconds: float) -> None:
         self._backend.sleep(seconds)
 
+    def under(self, client: httpx.Client) -> httpx.Client:
+        """`client` with every connection pool it has (its own, and a proxy's from the environment: HTTPS_PROXY ...)
+        opening its connections here. httpcore's pools take a network backend, which httpx does not pass (and a
+        transport of our own given to httpx would turn the environment's proxies off)."""
+        for transport in (client._transport, *client._mounts.values()):
+            pool = getattr(transport, "_pool", None)
+            if pool is not None:
+                pool._network_backend = self
+        return client
+
     def watch(self) -> None:
         """From now on, note the socket this thread uses (until unwatch())."""
         with self._lock:
@@ -384,9 +394,7 @@ class EngineClient(core.EngineClientBase):
                  connect_timeout: float = core.CONNECT_TIMEOUT_S):
         super().__init__(url, token, timeout, connect_timeout)
         self._wires = Wires()
-        transport = httpx.HTTPTransport(limits=httpx.Limits(**core.POOL_LIMITS))
-        transport._pool._network_backend = self._wires  # (httpcore's pool takes a backend; httpx does not pass one)
-        self.http = httpx.Client(**self._http_options(), transport=transport)
+        self.http = self._wires.under(httpx.Client(**self._http_options(), limits=httpx.Limits(**core.POOL_LIMITS)))
 
     def close(self) -> None:
         for rt in self._sessions.drain():

@@ -1360,15 +1360,23 @@ def request_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name == "engine-client-request"}
 
 
-def test_a_request_given_up_at_its_timeout_leaves_no_thread_reading_its_answer():
+@pytest.mark.parametrize("route", ["direct", "through the environment's HTTP_PROXY"])
+def test_a_request_given_up_at_its_timeout_leaves_no_thread_reading_its_answer(route, monkeypatch):
     """The sync client reads each answer on a thread of its own (to bound a trickled answer's whole time): past the
     timeout the thread was left reading the answer for as long as it trickled, one more for every engine check of a
-    studio whose engine trickles forever. The request's connection is now hung up there, and its thread ends."""
+    studio whose engine trickles forever. The request's connection is now hung up there, and its thread ends; through
+    a proxy from the environment too (which the client still goes through)."""
     trickle = CannedServer(canned_answer("200 OK", "application/json", b'{"data": []' + FOREVER_PAD + b"}"),
                            dribble_s=TRICKLE_S)
+    url = f"http://127.0.0.1:{trickle.port}"
+    if route != "direct":  # (the trickling server is the proxy: the engine's own address is never reached)
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", url)
+        url = "http://engine.invalid:8000"
     before = request_threads()
     try:
-        with EngineClient(f"http://127.0.0.1:{trickle.port}", timeout=5) as client:
+        with EngineClient(url, timeout=5) as client:
             with pytest.raises(ServerError) as checked:
                 client.info(timeout=0.2)
             wait_for(lambda: not request_threads() - before, timeout=1.0)  # (its own thread ended)
