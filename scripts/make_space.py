@@ -19,12 +19,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # What `python launch.py --engine ...` imports (checked by tests/scripts/test_make_space.py).
 # engine/server/auth.py: launch.py checks with it that the studio's address can be bound, before anything else;
-# engine/command.py: how launch.py ends on SIGTERM; engine/server/stalled_peers.py, lingering.py, limits.py:
-# ws_protocol's flow control, refusals and its limit on fragments.
+# engine/command.py: how launch.py ends on SIGTERM; engine/server/stalled_peers.py, lingering.py, limits.py,
+# small_reads.py: ws_protocol's flow control, refusals, its limit on fragments and its pause after tiny reads.
 FILES = ["launch.py", "engine/__init__.py", "engine/command.py", "engine/events.py", "engine/errors.py",
          "engine/server/__init__.py", "engine/server/auth.py", "engine/server/protocol.py",
          "engine/server/limits.py", "engine/server/lingering.py", "engine/server/stalled_peers.py",
-         "engine/server/ws_protocol.py"]
+         "engine/server/small_reads.py", "engine/server/ws_protocol.py"]
 FOLDERS = ["app", "engine/client"]
 FRONT_MATTER = """---
 title: Ming Omni Studio
