@@ -395,6 +395,9 @@ function openSocket() {
   };
   ws.onclose = (e) => {
     if (S !== s || s.userStopped || s.ws !== ws) return;
+    // the engine ended a call in which nothing was said, typed or shown for its idle limit: reconnecting would hold
+    // a session of the engine's for a call nobody is in (a tab left open), so the call ends, saying why
+    if (s.endedIdle) { stop(IDLE_ENDED); return; }
     if (worthReconnecting(s, e)) { reconnectLater(s, s.lastError || `code ${e.code}`); return; }
     const why = {
       4000: "Live was started in another tab or window; it stopped here.",
@@ -407,6 +410,8 @@ function openSocket() {
   };
 }
 
+const IDLE_ENDED = "The engine ended the call: nothing was said, typed or shown for a long while (its idle limit). " +
+  "Press Start to call again.";
 // Closes after which a new connection would be refused the same way (another tab took the call over, no login, a
 // message the relay could not take): the call ends. Any other drop of a call that was up is reconnected.
 const FINAL_CLOSES = new Set([1007, 1008, 1009, 4000, 4003]);
@@ -529,6 +534,7 @@ function handle(ev) {
     case "error": {
       const err = ev.error || {};
       if (err.code === "response_cancel_not_active") break;  // the reply had ended already
+      if (err.code === "session_idle_timeout") { s.endedIdle = true; break; }  // its close follows: the call ends (onclose)
       if (String(ev.event_id || "").startsWith("event_proxy_") && (!s.ready || RELAY_CLOSES.has(err.code))) {
         // the studio's relay could not open the call (the engine down, full, refusing the token; no login) or lost it:
         // its close follows and says it, with what to do, or reconnects ("The engine refused this call's settings:

@@ -44,6 +44,7 @@ class FakeEngine:
         self.barge_in_after: int | None = None  # words into a reply: the user "speaks" (speech_started)
         self.session_refusal: dict | None = None  # an OpenAI error object: session.update is refused with it
         self.hung = False  # session.update is never answered (an engine whose loop is stuck)
+        self.idle_close = False  # after session.updated, the session is ended as the engine ends an idle one
         self.got = Received()
         self.lock = threading.Lock()
         self.server = serve(self._handle, "127.0.0.1", 0, process_request=self._check_token, max_size=2 ** 24)
@@ -96,6 +97,11 @@ class FakeEngine:
                     td = ev.get("session", {}).get("audio", {}).get("input", {}).get("turn_detection")
                     state["vad"] = td is not None
                     send({"type": "session.updated", "session": {"id": "sess_fake", "turn_detection": td}})
+                    if self.idle_close:  # (engine.server.realtime: the error, then a normal close)
+                        send({"type": "error", "error": {"type": "invalid_request_error", "code": "session_idle_timeout",
+                                                         "message": "Your session was closed after 600 seconds ..."}})
+                        ws.close(code=1000)
+                        return
                 elif kind == "input_audio_buffer.append":
                     rate = ev.get("sample_rate", 24000)  # as the engine: OpenAI's default, PCM16 at 24 kHz
                     n = len(base64.b64decode(ev["audio"])) // 2

@@ -518,3 +518,25 @@ def test_reconnect_settings_that_could_not_work_are_refused_when_the_tab_is_buil
 
     with pytest.raises(ValueError, match="reconnect_tries >= 0 and 0 < reconnect_first_wait_ms <= reconnect_max_wait"):
         build_live_tab(defaults=LiveDefaults(**bad))
+
+
+def test_a_call_the_engine_ends_as_idle_ends_saying_why_and_does_not_reconnect(live_page, browser):
+    """The engine ends a realtime session in which nothing was said, typed or shown for its idle limit
+    (session_idle_timeout, then a normal close): the page reconnected, holding a new session for a call nobody was in
+    (a tab left open), every idle limit for good. The call ends, saying why; Start calls again."""
+    url, engine = live_page
+    connections = len(engine.got.headers)
+    engine.idle_close = True
+    try:
+        page = browser
+        page.goto(url, wait_until="networkidle", timeout=60_000)
+        page.locator('#live [data-role="start"]').click()
+        error = page.locator('#live [data-role="error"]')
+        sync_api.expect(error).to_contain_text("nothing was said, typed or shown", timeout=20_000)
+        sync_api.expect(error).to_contain_text("Press Start to call again")
+        sync_api.expect(page.locator('#live [data-role="status"]')).to_have_text("Stopped.")
+        sync_api.expect(page.locator('#live [data-role="start"]')).to_be_enabled()
+        page.wait_for_timeout(1500)  # longer than the first reconnect wait of a dropped call
+        assert len(engine.got.headers) == connections + 1, "the page reconnected to the engine"
+    finally:
+        engine.idle_close = False
