@@ -1,9 +1,13 @@
 """The studio served for real on a free loopback port, as launch.py serves it: the tiny engine behind
-an engine server on another loopback port (with a token), the page a client of it. One per module."""
+an engine server on another loopback port (with a token), the page a client of it. One per module.
+The browser tests share one Playwright driver and one Chromium per set of flags (starting them took 2-3 s a test);
+each test gets contexts of its own (their own storage, cookies and permissions)."""
 
 from __future__ import annotations
 
 import pytest
+
+from tests.app.browser import CHROMIUM, CHROMIUM_ARGS
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +41,49 @@ def studio_demo(engine_server):
 def studio(studio_demo):
     """The page's URL."""
     return studio_demo.local_url
+
+
+@pytest.fixture(scope="package")
+def playwright():
+    """The Playwright driver of this package's browser tests. While it runs, the main thread's asyncio loop is marked
+    as running (Playwright's sync API): outside this package a test could not run asyncio.run, so it is package-scoped,
+    not session-scoped."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="package")
+def chromium(playwright):
+    """`chromium(*flags)`: the Chromium of this package started with CHROMIUM_ARGS and `flags` (a fake camera, ...),
+    launched at the first call with those flags and shared by the tests after it."""
+    launched = {}
+
+    def browser(*flags: str):
+        if flags not in launched:
+            args = CHROMIUM_ARGS + list(flags)
+            launched[flags] = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        return launched[flags]
+    try:
+        yield browser
+    finally:
+        for started in launched.values():
+            started.close()
+
+
+@pytest.fixture
+def new_context(chromium):
+    """`new_context(*flags, **options)`: a fresh context (browser.new_context(**options)) of `chromium(*flags)`, closed
+    with its pages when the test ends."""
+    contexts = []
+
+    def open_context(*flags: str, **options):
+        contexts.append(chromium(*flags).new_context(**options))
+        return contexts[-1]
+    try:
+        yield open_context
+    finally:
+        for context in contexts:
+            context.close()

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot, set_slider
+from tests.app.browser import CHROMIUM, keep_screenshot, set_slider
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)", allow_module_level=True)
@@ -17,16 +17,11 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 
 @contextmanager
-def desktop_page(studio):
-    """The studio open in a desktop-sized page of a fresh browser."""
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(studio, wait_until="load", timeout=60_000)
-            yield page
-        finally:
-            browser.close()
+def desktop_page(new_context, studio):
+    """The studio open in a desktop-sized page of a fresh context of the shared browser (tests/app/conftest.py)."""
+    page = new_context(viewport={"width": 1280, "height": 1000}).new_page()
+    page.goto(studio, wait_until="load", timeout=60_000)
+    yield page
 
 
 def send_and_wait(page, text: str) -> None:
@@ -37,8 +32,8 @@ def send_and_wait(page, text: str) -> None:
     sync_api.expect(page.locator("#chat-figures")).to_contain_text("finish reason", timeout=60_000)
 
 
-def test_type_send_and_see_the_reply(studio):
-    with desktop_page(studio) as page:
+def test_type_send_and_see_the_reply(new_context, studio):
+    with desktop_page(new_context, studio) as page:
         banner = page.locator("#model-banner")
         sync_api.expect(banner).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
         sync_api.expect(banner).to_contain_text("--model inclusionAI/Ming-flash-omni-2.0")
@@ -75,42 +70,37 @@ def test_type_send_and_see_the_reply(studio):
         page.locator("#chat-stop").click()
 
 
-def test_stop_withdraws_a_queued_message_in_the_browser(studio):
+def test_stop_withdraws_a_queued_message_in_the_browser(new_context, studio):
     """Two visitors: Alice's long reply holds the engine; Bob sends, sees his request wait, presses Stop.
     When Alice stops, Bob's request ends without generating and his message is back in the box, before what he typed
     meanwhile (which the message replaced)."""
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            alice, bob = browser.new_page(), browser.new_page()
-            for page in (alice, bob):
-                page.goto(studio, wait_until="load", timeout=60_000)
-            alice.locator("#chat-advanced").click()  # open the accordion to reach the token limit
-            # the slider holds the typed value before the message goes (the default limit, 256 tokens,
-            # would end Alice's reply before the Stops below)
-            set_slider(alice, "chat-max-tokens", 4000)
-            alice.locator("#chat-input textarea").fill("Count slowly")  # greedy: thousands of tokens
-            alice.locator("#chat-input textarea").press("Enter")
-            sync_api.expect(alice.locator("#chat-figures")).to_contain_text("Generating", timeout=30_000)
+    alice, bob = new_context().new_page(), new_context().new_page()
+    for page in (alice, bob):
+        page.goto(studio, wait_until="load", timeout=60_000)
+    alice.locator("#chat-advanced").click()  # open the accordion to reach the token limit
+    # the slider holds the typed value before the message goes (the default limit, 256 tokens,
+    # would end Alice's reply before the Stops below)
+    set_slider(alice, "chat-max-tokens", 4000)
+    alice.locator("#chat-input textarea").fill("Count slowly")  # greedy: thousands of tokens
+    alice.locator("#chat-input textarea").press("Enter")
+    sync_api.expect(alice.locator("#chat-figures")).to_contain_text("Generating", timeout=30_000)
 
-            bob.locator("#chat-input textarea").fill("Bob's question")
-            bob.locator("#chat-input textarea").press("Enter")
-            sync_api.expect(bob.locator("#chat-figures")).to_contain_text("Waiting for the engine", timeout=30_000)
-            bob.locator("#chat-input textarea").fill("a second thought")  # typed while it waits: kept too
-            bob.locator("#chat-stop").click()
-            bob.wait_for_timeout(500)
-            alice.locator("#chat-stop").click()
-            sync_api.expect(alice.locator("#chat-figures")).to_contain_text("cancelled", timeout=30_000)
-            sync_api.expect(bob.locator("#chat-figures")).to_contain_text("Stopped before it started", timeout=30_000)
-            assert bob.locator("#chat-input textarea").input_value() == "Bob's question\n\na second thought"
-            assert bob.locator("#chat-history [data-testid='bot']").count() == 0
-        finally:
-            browser.close()
+    bob.locator("#chat-input textarea").fill("Bob's question")
+    bob.locator("#chat-input textarea").press("Enter")
+    sync_api.expect(bob.locator("#chat-figures")).to_contain_text("Waiting for the engine", timeout=30_000)
+    bob.locator("#chat-input textarea").fill("a second thought")  # typed while it waits: kept too
+    bob.locator("#chat-stop").click()
+    bob.wait_for_timeout(500)
+    alice.locator("#chat-stop").click()
+    sync_api.expect(alice.locator("#chat-figures")).to_contain_text("cancelled", timeout=30_000)
+    sync_api.expect(bob.locator("#chat-figures")).to_contain_text("Stopped before it started", timeout=30_000)
+    assert bob.locator("#chat-input textarea").input_value() == "Bob's question\n\na second thought"
+    assert bob.locator("#chat-history [data-testid='bot']").count() == 0
 
 
-def test_the_conversation_survives_a_page_reload(studio):
+def test_the_conversation_survives_a_page_reload(new_context, studio):
     """A page reload lost the chat history: the browser keeps it (app/static/chats.js) and the page shows it again."""
-    with desktop_page(studio) as page:
+    with desktop_page(new_context, studio) as page:
         send_and_wait(page, "Remember me after a reload")
         bot = page.locator("#chat-history [data-testid='bot']")
         sync_api.expect(bot).to_have_count(1, timeout=10_000)
@@ -129,10 +119,10 @@ def test_the_conversation_survives_a_page_reload(studio):
         assert page.locator("#chat-history [data-testid='user']").count() == 0
 
 
-def test_a_message_sent_just_before_a_reload_is_not_lost(studio):
+def test_a_message_sent_just_before_a_reload_is_not_lost(new_context, studio):
     """A reload while the reply was streaming lost the question and the reply without a word (the browser kept
     the conversation only once a reply was complete): the question comes back in the box, saying why."""
-    with desktop_page(studio) as page:
+    with desktop_page(new_context, studio) as page:
         page.locator("#chat-advanced").click()
         set_slider(page, "chat-max-tokens", 4000)  # a reply long enough to reload in the middle of it
         page.locator("#chat-input textarea").fill("A question worth keeping")
@@ -157,33 +147,28 @@ def chat_shown(page, text: str, timeout_s: float = 30) -> str:
     raise AssertionError(f"{text!r} is not in the Chat tab: {shown!r}")
 
 
-def test_two_tabs_keep_their_own_conversations_and_a_new_tab_can_open_either(studio):
+def test_two_tabs_keep_their_own_conversations_and_a_new_tab_can_open_either(new_context, studio):
     """Two tabs of one browser shared one kept conversation: at the next reload the one written last came back in both,
     the other was gone. Each tab keeps its own across a reload (here a message sent just before it: back in the box);
     a tab opened later offers both under Earlier conversations and opens the one chosen once its tab is closed (one
     still open in another tab is listed so, and not opened twice: two tabs wrote it, the later write lost turns)."""
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context(viewport={"width": 1280, "height": 1000})
-            tabs = {"first tab's question": context.new_page(), "second tab's question": context.new_page()}
-            for text, page in tabs.items():
-                page.goto(studio, wait_until="load", timeout=60_000)
-                page.locator("#chat-input textarea").fill(text)
-                page.locator("#chat-input textarea").press("Enter")
-                sync_api.expect(page.locator("#chat-history [data-testid='user']")).to_have_count(1, timeout=30_000)
-            for text, page in tabs.items():  # (the reply cut, or ended before: the message is in the box or above it)
-                page.reload(wait_until="load")
-                shown = chat_shown(page, text)
-                assert not any(other in shown for other in tabs if other != text), shown
-            tabs["second tab's question"].close(run_before_unload=True)
-            later = context.new_page()
-            later.goto(studio, wait_until="load", timeout=60_000)
-            later.locator("#chat-earlier input").click()
-            sync_api.expect(later.get_by_role("option")).to_have_count(2, timeout=30_000)
-            sync_api.expect(later.get_by_role("option", name=re.compile("first tab's question"))).to_contain_text(
-                "(open in another tab)")
-            later.get_by_role("option", name=re.compile("second tab's question")).click()
-            assert "first tab's question" not in chat_shown(later, "second tab's question")
-        finally:
-            browser.close()
+    context = new_context(viewport={"width": 1280, "height": 1000})
+    tabs = {"first tab's question": context.new_page(), "second tab's question": context.new_page()}
+    for text, page in tabs.items():
+        page.goto(studio, wait_until="load", timeout=60_000)
+        page.locator("#chat-input textarea").fill(text)
+        page.locator("#chat-input textarea").press("Enter")
+        sync_api.expect(page.locator("#chat-history [data-testid='user']")).to_have_count(1, timeout=30_000)
+    for text, page in tabs.items():  # (the reply cut, or ended before: the message is in the box or above it)
+        page.reload(wait_until="load")
+        shown = chat_shown(page, text)
+        assert not any(other in shown for other in tabs if other != text), shown
+    tabs["second tab's question"].close(run_before_unload=True)
+    later = context.new_page()
+    later.goto(studio, wait_until="load", timeout=60_000)
+    later.locator("#chat-earlier input").click()
+    sync_api.expect(later.get_by_role("option")).to_have_count(2, timeout=30_000)
+    sync_api.expect(later.get_by_role("option", name=re.compile("first tab's question"))).to_contain_text(
+        "(open in another tab)")
+    later.get_by_role("option", name=re.compile("second tab's question")).click()
+    assert "first tab's question" not in chat_shown(later, "second tab's question")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.app.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.app.browser import CHROMIUM
 from tests.paths import REPO
 
 if not CHROMIUM.exists():
@@ -35,13 +35,12 @@ def new_tab(context):
 
 
 @pytest.fixture(scope="module")
-def page():
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield new_tab(browser.new_context())  # (a context of its own: a test opens a second tab beside it)
-        finally:
-            browser.close()
+def page(chromium):
+    context = chromium().new_context()  # (a context of its own: a test opens a second tab beside it)
+    try:
+        yield new_tab(context)
+    finally:
+        context.close()
 
 
 @pytest.fixture()

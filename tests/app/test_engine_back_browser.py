@@ -9,13 +9,12 @@ import socket
 
 import pytest
 
-from tests.app.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.app.test_browser import sync_api
 
 pytest.importorskip("gradio")
 
 
-def test_the_controls_follow_an_engine_that_comes_back(tiny_engine):
+def test_the_controls_follow_an_engine_that_comes_back(tiny_engine, new_context):
     from app.engine_link import EngineLink
     from app.studio import build_studio, close_studio, launch_options
     from engine.client import EngineClient
@@ -30,24 +29,22 @@ def test_the_controls_follow_an_engine_that_comes_back(tiny_engine):
                 quiet=True)
     engine = None
     try:
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(demo.local_url, wait_until="load", timeout=60_000)
-            sync_api.expect(page.locator("#model-banner")).to_contain_text("ENGINE UNAVAILABLE", timeout=30_000)
-            page.locator("#chat-advanced").click()
-            speak = page.get_by_label("Answer with speech too")
-            sync_api.expect(speak).to_be_disabled()
-            engine = ServerHandle(create_app(tiny_engine), host="127.0.0.1", port=port).start()
-            sync_api.expect(page.locator("#model-banner")).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
-            sync_api.expect(speak).to_be_enabled(timeout=10_000)
-            assert "not reachable" not in page.locator("#chat-advanced").inner_text()
-            page.get_by_role("tab", name="Voice").click()
-            page.get_by_text("Instructions: dialect, emotion, speed, voice design").click()
-            page.get_by_role("combobox", name="Emotion").click()
-            options = page.locator("ul[role=listbox] li")
-            sync_api.expect(options.nth(1)).to_be_visible(timeout=10_000)  # more than "(model default)"
-            browser.close()
+        page = new_context(viewport={"width": 1280, "height": 1000}).new_page()
+        page.goto(demo.local_url, wait_until="load", timeout=60_000)
+        sync_api.expect(page.locator("#model-banner")).to_contain_text("ENGINE UNAVAILABLE", timeout=30_000)
+        page.locator("#chat-advanced").click()
+        speak = page.get_by_label("Answer with speech too")
+        sync_api.expect(speak).to_be_disabled()
+        engine = ServerHandle(create_app(tiny_engine), host="127.0.0.1", port=port).start()
+        sync_api.expect(page.locator("#model-banner")).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
+        sync_api.expect(speak).to_be_enabled(timeout=10_000)
+        assert "not reachable" not in page.locator("#chat-advanced").inner_text()
+        page.get_by_role("tab", name="Voice").click()
+        page.get_by_text("Instructions: dialect, emotion, speed, voice design").click()
+        page.get_by_role("combobox", name="Emotion").click()
+        options = page.locator("ul[role=listbox] li")
+        sync_api.expect(options.nth(1)).to_be_visible(timeout=10_000)  # more than "(model default)"
+        page.context.close()  # (the page leaves before the studio closes)
     finally:
         close_studio(demo)
         if engine is not None:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot
+from tests.app.browser import keep_screenshot
 from tests.app.fake_engine import REPLY, FakeEngine
 from tests.app.test_remote_studio import free_port
 from tests.app.test_browser import sync_api
@@ -56,13 +56,9 @@ def live_page():
 
 
 @pytest.fixture
-def browser():
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + MEDIA_ARGS)
-        try:
-            yield b.new_context(permissions=["camera", "microphone"], viewport=PHONE).new_page()
-        finally:
-            b.close()
+def browser(new_context):
+    """A phone-sized page of a fresh context of the shared Chromium with the fake camera and microphone."""
+    return new_context(*MEDIA_ARGS, permissions=["camera", "microphone"], viewport=PHONE).new_page()
 
 
 def test_hands_free_the_tab_hears_a_question_sends_frames_and_shows_the_spoken_reply(live_page, browser):
@@ -214,56 +210,51 @@ def test_a_call_by_keyboard_alone_and_a_reload_during_it(live_page, browser):
     assert mode.input_value() == "ptt"
 
 
-def test_a_denied_microphone_makes_a_typed_call_and_a_blocked_camera_is_said_in_the_page(live_page):
+def test_a_denied_microphone_makes_a_typed_call_and_a_blocked_camera_is_said_in_the_page(live_page, new_context):
     url, engine = live_page
-    args = CHROMIUM_ARGS + [a for a in MEDIA_ARGS if a != "--use-fake-ui-for-media-stream"]  # real permission checks
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=args)
-        try:
-            page = b.new_context(permissions=[], viewport=PHONE).new_page()  # the user said no to everything
-            page.goto(url, wait_until="networkidle", timeout=60_000)
-            page.locator('#live [data-role="start"]').click()
-            # the call goes on typed (it used to end with "Permission denied": no call without a microphone)
-            error = page.locator('#live [data-role="error"]')
-            sync_api.expect(error).to_contain_text("microphone is blocked", timeout=20_000)
-            sync_api.expect(error).to_contain_text("type your messages")
-            sync_api.expect(page.locator('#live [data-role="status"]')).to_contain_text("Type a message")
-            assert page.locator('#live [data-role="talk"]').is_disabled()
-            page.locator('#live [data-role="text"]').fill("what do you see?")
-            page.locator('#live [data-role="text"]').press("Enter")
-            sync_api.expect(page.locator("#live .live-user").last).to_have_text("You: what do you see?")
-            sync_api.expect(page.locator("#live .live-assistant").last).to_have_text(REPLY, timeout=20_000)
-            assert page.locator('#live [data-role="text"]').input_value() == ""
-            asked = sum(e["type"] == "response.create" for e in engine.got.events)
-            for text in ("and now?", "and then?"):  # the second while the first is answered: asked after it
-                page.locator('#live [data-role="text"]').fill(text)
-                page.locator('#live [data-role="text"]').press("Enter")
-            sync_api.expect(page.locator("#live .live-assistant")).to_have_count(3, timeout=20_000)
-            sync_api.expect(page.locator("#live .live-assistant").last).to_have_text(REPLY, timeout=20_000)
-            assert sum(e["type"] == "response.create" for e in engine.got.events) == asked + 2
-            assert page.locator('#live [data-role="error"]').text_content().count("active response") == 0
-            typed = [e["item"]["content"] for e in engine.got.events if e["type"] == "conversation.item.create"]
-            assert typed[-3:] == [[{"type": "input_text", "text": t}] for t in ("what do you see?", "and now?",
-                                                                                  "and then?")]
-            update = [e for e in engine.got.events if e["type"] == "session.update"][-1]["session"]
-            assert update["audio"]["input"]["turn_detection"] is None  # no microphone: nothing to detect
-            page.locator('#live [data-role="stop"]').click()
-            sync_api.expect(page.locator('#live [data-role="text"]')).to_be_disabled()
-            # stopped: why the microphone was not used still said, "You can still type" (no longer true) gone
-            sync_api.expect(page.locator('#live [data-role="error"]')).not_to_contain_text("type your messages")
-            sync_api.expect(page.locator('#live [data-role="error"]')).to_contain_text("microphone is blocked")
-            frames = len(engine.got.frames)
-            page = b.new_context(permissions=["microphone"], viewport=PHONE).new_page()  # the camera is blocked
-            page.goto(url, wait_until="networkidle", timeout=60_000)
-            page.locator('#live [data-role="start"]').click()
-            sync_api.expect(page.locator('#live [data-role="status"]')).to_contain_text("Listening", timeout=20_000)
-            sync_api.expect(page.locator('#live [data-role="error"]')).to_contain_text("camera is blocked")
-            assert page.locator('#live [data-role="preview"]').is_hidden()  # no black box where the camera was
-            page.wait_for_timeout(1200)
-            assert len(engine.got.frames) == frames  # sound only
-            page.locator('#live [data-role="stop"]').click()
-        finally:
-            b.close()
+    flags = [a for a in MEDIA_ARGS if a != "--use-fake-ui-for-media-stream"]  # real permission checks
+    page = new_context(*flags, permissions=[], viewport=PHONE).new_page()  # the user said no to everything
+    page.goto(url, wait_until="networkidle", timeout=60_000)
+    page.locator('#live [data-role="start"]').click()
+    # the call goes on typed (it used to end with "Permission denied": no call without a microphone)
+    error = page.locator('#live [data-role="error"]')
+    sync_api.expect(error).to_contain_text("microphone is blocked", timeout=20_000)
+    sync_api.expect(error).to_contain_text("type your messages")
+    sync_api.expect(page.locator('#live [data-role="status"]')).to_contain_text("Type a message")
+    assert page.locator('#live [data-role="talk"]').is_disabled()
+    page.locator('#live [data-role="text"]').fill("what do you see?")
+    page.locator('#live [data-role="text"]').press("Enter")
+    sync_api.expect(page.locator("#live .live-user").last).to_have_text("You: what do you see?")
+    sync_api.expect(page.locator("#live .live-assistant").last).to_have_text(REPLY, timeout=20_000)
+    assert page.locator('#live [data-role="text"]').input_value() == ""
+    asked = sum(e["type"] == "response.create" for e in engine.got.events)
+    for text in ("and now?", "and then?"):  # the second while the first is answered: asked after it
+        page.locator('#live [data-role="text"]').fill(text)
+        page.locator('#live [data-role="text"]').press("Enter")
+    sync_api.expect(page.locator("#live .live-assistant")).to_have_count(3, timeout=20_000)
+    sync_api.expect(page.locator("#live .live-assistant").last).to_have_text(REPLY, timeout=20_000)
+    assert sum(e["type"] == "response.create" for e in engine.got.events) == asked + 2
+    assert page.locator('#live [data-role="error"]').text_content().count("active response") == 0
+    typed = [e["item"]["content"] for e in engine.got.events if e["type"] == "conversation.item.create"]
+    assert typed[-3:] == [[{"type": "input_text", "text": t}] for t in ("what do you see?", "and now?",
+                                                                          "and then?")]
+    update = [e for e in engine.got.events if e["type"] == "session.update"][-1]["session"]
+    assert update["audio"]["input"]["turn_detection"] is None  # no microphone: nothing to detect
+    page.locator('#live [data-role="stop"]').click()
+    sync_api.expect(page.locator('#live [data-role="text"]')).to_be_disabled()
+    # stopped: why the microphone was not used still said, "You can still type" (no longer true) gone
+    sync_api.expect(page.locator('#live [data-role="error"]')).not_to_contain_text("type your messages")
+    sync_api.expect(page.locator('#live [data-role="error"]')).to_contain_text("microphone is blocked")
+    frames = len(engine.got.frames)
+    page = new_context(*flags, permissions=["microphone"], viewport=PHONE).new_page()  # the camera is blocked
+    page.goto(url, wait_until="networkidle", timeout=60_000)
+    page.locator('#live [data-role="start"]').click()
+    sync_api.expect(page.locator('#live [data-role="status"]')).to_contain_text("Listening", timeout=20_000)
+    sync_api.expect(page.locator('#live [data-role="error"]')).to_contain_text("camera is blocked")
+    assert page.locator('#live [data-role="preview"]').is_hidden()  # no black box where the camera was
+    page.wait_for_timeout(1200)
+    assert len(engine.got.frames) == frames  # sound only
+    page.locator('#live [data-role="stop"]').click()
 
 
 def test_a_page_built_without_speech_asks_the_studio_and_offers_the_saved_voices(browser):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot
+from tests.app.browser import keep_screenshot
 from tests.paths import REPO
 
 LAUNCH = REPO / "launch.py"
@@ -107,31 +107,25 @@ def cache(tiny_checkpoint) -> Path:
     return tiny_checkpoint.parent
 
 
-def test_ui_only_studio_streams_a_chat_in_a_browser_without_torch(cache):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is not installed")
-    sync_api = pytest.importorskip("playwright.sync_api")
+def test_ui_only_studio_streams_a_chat_in_a_browser_without_torch(cache, new_context):
+    from playwright import sync_api
     engine_port = free_port()
     engine = start_engine(cache, engine_port)
     ui = None
     try:
         ui, url = start_ui(cache, engine_port)
         assert "Engine at ws://127.0.0.1" in ui.output and "RANDOM DEMO WEIGHTS" in ui.output
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 1000})
-                page.goto(url, wait_until="load", timeout=60_000)
-                sync_api.expect(page.locator("#model-banner")).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
-                box = page.locator("#chat-input textarea")
-                box.fill("Hello over the wire")
-                box.press("Enter")
-                sync_api.expect(page.locator("#chat-figures")).to_contain_text("finish reason", timeout=60_000)
-                bot = page.locator("#chat-history [data-testid='bot']")
-                assert bot.count() >= 1 and bot.last.inner_text().strip()
-                keep_screenshot(page, "remote-studio-chat-desktop")
-            finally:
-                browser.close()
+        page = new_context(viewport={"width": 1280, "height": 1000}).new_page()
+        page.goto(url, wait_until="load", timeout=60_000)
+        sync_api.expect(page.locator("#model-banner")).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
+        box = page.locator("#chat-input textarea")
+        box.fill("Hello over the wire")
+        box.press("Enter")
+        sync_api.expect(page.locator("#chat-figures")).to_contain_text("finish reason", timeout=60_000)
+        bot = page.locator("#chat-history [data-testid='bot']")
+        assert bot.count() >= 1 and bot.last.inner_text().strip()
+        keep_screenshot(page, "remote-studio-chat-desktop")
+        page.context.close()  # (the page leaves before the studio stops)
         rss, torch_loaded = process_memory(ui.proc.pid)
         print(f"\nUI-only studio process: {rss:.0f} MiB resident, libtorch mapped: {torch_loaded}")
         assert not torch_loaded, "the UI-only studio loaded torch"

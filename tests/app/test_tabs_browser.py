@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.app.browser import CHROMIUM, CHROMIUM_ARGS, keep_screenshot, set_number, set_slider
+from tests.app.browser import keep_screenshot, set_number, set_slider
 from tests.app.media_files import video_file
 from tests.app.test_browser import sync_api
 from tests.paths import REPO
@@ -47,13 +47,8 @@ def assert_downloads_png(page, elem_id: str, stem: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + MEDIA_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+def browser(chromium):
+    return chromium(*MEDIA_ARGS)
 
 
 def open_tab(browser, studio, name: str, viewport: dict):
