@@ -21,21 +21,14 @@ from engine.models.talker.tokenizer import PREVIEW_REQUIRED_TOKENS, TalkerTokeni
 
 
 @pytest.fixture(scope="module")
-def preview_dir(tmp_path_factory):
-    return write_tiny_talker(tmp_path_factory.mktemp("preview-talker"), release="preview")
+def preview_dir(preview_checkpoint):
+    """The talker folder of the session's tiny Preview checkpoint (write_tiny_talker's, as a folder of its own)."""
+    return preview_checkpoint / "talker"
 
 
 @pytest.fixture(scope="module")
 def preview_pipeline(preview_dir):
     return TalkerPipeline.load(preview_dir, release="preview")
-
-
-@pytest.fixture(scope="module")
-def preview_engine(tmp_path_factory):
-    from engine.runtime import Engine
-    from engine.tiny import write_tiny_checkpoint
-    root = write_tiny_checkpoint(tmp_path_factory.mktemp("preview-ckpt") / "p", release="preview")
-    return Engine.load(root, dtype="fp32", device="cpu")
 
 
 def tone(seconds=1.5, rate=22050):
@@ -183,12 +176,12 @@ def test_a_preview_folder_holding_a_speaker_head_still_loads(preview_dir, tmp_pa
         load_talker(folder, release="preview")
 
 
-def test_preview_text_is_segmented_at_sentence_ends_not_commas(preview_pipeline, preview_dir):
+def test_preview_text_is_segmented_at_sentence_ends_not_commas(preview_pipeline, tmp_path):
     """The Preview's driver (upstream modeling_bailing_talker.py of the Preview tree) closes a segment at
     ！？。!? only; 2.0's also at a comma. The Preview talker cut Chinese text at commas as 2.0 does."""
     from engine.models.talker.text import Segmenter
     text = "今天的天气非常好，我们一起去公园散步吧，然后再去吃晚饭。"
-    two_o = TalkerPipeline.load(write_tiny_talker(preview_dir.parent / "two-o"))
+    two_o = TalkerPipeline.load(write_tiny_talker(tmp_path))
     assert [f.source for f in two_o.plan(SpeechRequest(text=text))[1]] == \
         ["今天的天气非常好，我们一起去公园散步吧，", "然后再去吃晚饭。"]
     assert [f.source for f in preview_pipeline.plan(SpeechRequest(text=text))[1]] == [text]
