@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.app.browser import CHROMIUM, keep_screenshot, set_slider
+from tests.app.test_chat_store import CHATS_JS
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)", allow_module_level=True)
@@ -22,6 +23,12 @@ def desktop_page(new_context, studio):
     page = new_context(viewport={"width": 1280, "height": 1000}).new_page()
     page.goto(studio, wait_until="load", timeout=60_000)
     yield page
+
+
+def wait_until_kept(page, condition: str) -> None:
+    """Wait until this tab's conversation as the browser keeps it (chats.js's mine(): its messages, null when none)
+    meets `condition` (a JS expression of `kept`)."""
+    page.wait_for_function(f"() => {{ const kept = ({CHATS_JS})().mine(); return {condition}; }}", timeout=10_000)
 
 
 def send_and_wait(page, text: str) -> None:
@@ -105,14 +112,14 @@ def test_the_conversation_survives_a_page_reload(new_context, studio):
         bot = page.locator("#chat-history [data-testid='bot']")
         sync_api.expect(bot).to_have_count(1, timeout=10_000)
         reply = bot.last.inner_text().strip()
-        page.wait_for_timeout(1_000)  # the kept copy is written once the reply is complete
+        wait_until_kept(page, "kept?.some((m) => m.role === 'assistant')")  # (written once the reply is complete)
         page.reload(wait_until="load")
         history = page.locator("#chat-history")
         sync_api.expect(history).to_contain_text("Remember me after a reload", timeout=30_000)
         sync_api.expect(history.locator("[data-testid='bot']").last).to_have_text(reply)
         page.locator("#chat-clear").click()  # cleared: nothing comes back
         sync_api.expect(history.locator("[data-testid='user']")).to_have_count(0, timeout=10_000)
-        page.wait_for_timeout(1_000)
+        wait_until_kept(page, "kept === null")
         page.reload(wait_until="load")
         sync_api.expect(page.locator("#model-banner")).to_contain_text("RANDOM DEMO WEIGHTS", timeout=30_000)
         page.wait_for_timeout(2_000)
