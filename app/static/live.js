@@ -28,7 +28,7 @@ const ui = {
 const CHUNK_MS = 40;                 // audio is sent in pieces of about this length
 const MAX_SOCKET_BACKLOG = 1 << 20;  // frames are skipped while the socket has this much unsent
 const FRAME_MAX_WIDTH = 640;
-const READY_WAIT_MS = 15000;        // the engine's answer to the call's settings (it answers at once when up)
+const READY_WAIT_MS = cfg.defaults.ready_wait_ms;  // the engine's answer to the call's settings (LiveDefaults)
 const FIRST_FRAME_WAIT_MS = 5000;    // a camera that has shown no picture by then is said to send none
 
 let S = null;  // the running session's state; null when stopped

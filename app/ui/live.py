@@ -51,6 +51,9 @@ class LiveDefaults:
     reconnect_tries: int = 5
     reconnect_first_wait_ms: int = 1000
     reconnect_max_wait_ms: int = 8000
+    # the engine's answer to the call's settings (it answers at once when up): a call still unanswered then is ended
+    # (reconnected when it was up before), saying the engine did not answer
+    ready_wait_ms: int = 15000
 
 
 HTML = """
@@ -157,6 +160,8 @@ def build_live_tab(*, speech_output: bool = False, voices: Sequence[str] = (), d
         raise ValueError("LiveDefaults needs reconnect_tries >= 0 and 0 < reconnect_first_wait_ms <= "
                          f"reconnect_max_wait_ms, got {defaults.reconnect_tries}, {defaults.reconnect_first_wait_ms}, "
                          f"{defaults.reconnect_max_wait_ms}")
+    if defaults.ready_wait_ms <= 0:
+        raise ValueError(f"LiveDefaults needs ready_wait_ms > 0, got {defaults.ready_wait_ms}")
     config = {"ws_path": ws_path, "speech_output": bool(speech_output), "voices": list(voices),
               "defaults": asdict(defaults), "settings": settings.__name__ if settings is not None else None}
     if settings is not None:  # (in the studio: its note and voices follow the engine as the other tabs' controls do)

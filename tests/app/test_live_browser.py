@@ -475,13 +475,19 @@ def test_settings_the_engine_refuses_end_the_start_with_its_message_not_a_spinne
         engine.session_refusal = None
 
 
-def test_an_engine_that_never_answers_the_start_can_be_stopped_and_times_out(live_page, browser):
+# the wait for the engine's answer to a call's settings (the studio's: 15 s)
+QUICK_READY_WAIT_MS = 5000
+
+
+def test_an_engine_that_never_answers_the_start_can_be_stopped_and_times_out(browser):
     """An engine that accepted the call but never answered its settings left the page on "Connecting…" with Start and
-    Stop disabled, for good. Stop works at once, and the page gives up by itself after 15 s, saying why."""
-    url, engine = live_page
-    closed = engine.got.closed
-    engine.hung = True
-    try:
+    Stop disabled, for good. Stop works at once, and the page gives up by itself after its wait, saying why."""
+    from app.ui.live import LiveDefaults
+
+    quick = LiveDefaults(ready_wait_ms=QUICK_READY_WAIT_MS)
+    with FakeEngine(speak=True) as engine, served_live_tab(engine.url, engine.token, speech_output=True,
+                                                            defaults=quick) as url:
+        engine.hung = True
         page = browser
         page.goto(url, wait_until="networkidle", timeout=60_000)
         page.locator('#live [data-role="start"]').click()
@@ -489,15 +495,21 @@ def test_an_engine_that_never_answers_the_start_can_be_stopped_and_times_out(liv
         sync_api.expect(status).to_have_text("Connecting…", timeout=20_000)
         page.locator('#live [data-role="stop"]').click()  # given up by the user
         sync_api.expect(status).to_have_text("Stopped.")
-        assert engine.wait_closed(closed + 1), "the engine session stayed open"
+        assert engine.wait_closed(1), "the engine session stayed open"
         page.locator('#live [data-role="start"]').click()  # and left to time out
-        sync_api.expect(page.locator('#live [data-role="error"]')).to_contain_text("did not answer within 15 s",
-                                                                                    timeout=25_000)
+        sync_api.expect(page.locator('#live [data-role="error"]')).to_contain_text(
+            f"did not answer within {QUICK_READY_WAIT_MS // 1000} s", timeout=25_000)
         sync_api.expect(status).to_have_text("Stopped.")
         sync_api.expect(page.locator('#live [data-role="start"]')).to_be_enabled()
-        assert engine.wait_closed(closed + 2), "the engine session stayed open"
-    finally:
-        engine.hung = False
+        assert engine.wait_closed(2), "the engine session stayed open"
+
+
+def test_a_ready_wait_that_could_not_work_is_refused_when_the_tab_is_built():
+    """No wait for the engine's answer would end every call at once: refused naming the setting."""
+    from app.ui.live import LiveDefaults, build_live_tab
+
+    with pytest.raises(ValueError, match="ready_wait_ms > 0, got 0"):
+        build_live_tab(defaults=LiveDefaults(ready_wait_ms=0))
 
 
 @pytest.mark.parametrize("bad", [dict(reconnect_tries=-1), dict(reconnect_first_wait_ms=0),
