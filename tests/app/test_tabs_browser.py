@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from app.ui.image import REQUEST_KEY, STORED_RESULTS
 from tests.app.browser import keep_screenshot, set_number, set_slider
 from tests.app.media_files import video_file
 from tests.app.test_browser import sync_api
@@ -121,7 +122,7 @@ def test_image_tab_generates_then_segments(browser, studio):
     keep_screenshot(page, "image-segment-desktop")
 
     # a page reload emptied the gallery: both results come back, and still give their settings back
-    page.wait_for_timeout(1_000)  # the kept copy is written once the image is made
+    page.wait_for_function(f"() => JSON.parse({STORED_RESULTS}).length === 2")  # (kept once each image is made)
     page.reload(wait_until="load")
     page.get_by_role("tab", name="Image").click()
     thumbnails = page.locator("#image-gallery .thumbnail-item img, #image-gallery .grid-wrap img")
@@ -323,7 +324,7 @@ def test_a_reload_mid_run_gives_back_what_was_asked_and_says_it_was_interrupted(
     page.get_by_label("or exact size (WxH)").fill("32x32")
     page.locator("#image-go").click()
     sync_api.expect(page.locator("#image-figures")).to_contain_text("finish reason", timeout=60_000)
-    page.wait_for_timeout(1_000)
+    page.wait_for_function(f"() => JSON.parse(localStorage.getItem({REQUEST_KEY!r})).done")  # (marked once it ends)
     page.reload(wait_until="load")
     page.get_by_role("tab", name="Image").click()
     sync_api.expect(page.locator("#image-prompt textarea")).to_have_value("a cup, finished", timeout=30_000)
