@@ -12,7 +12,8 @@ def serving(handler, port: int = 0):
     """`handler` (a BaseHTTPRequestHandler class or factory) served on 127.0.0.1:`port` (0: any free one); yields
     its URL and shuts it down after."""
     server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.daemon_threads = True  # (a handler a test leaves hanging does not hold the shutdown)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:

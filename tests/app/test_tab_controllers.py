@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from engine.client import EngineClient  # noqa: E402
 from engine.events import (AudioChunk, Done, Error, GenerationStats, ImageDone, ImagePreview, QueuePosition,  # noqa: E402
                            TextDelta)
 from tests.paths import REPO  # noqa: E402
+from tests.app.canned_http import serving  # noqa: E402
 from tests.app.media_files import video_file  # noqa: E402
 from tests.server import draw_until_cancelled, running_server, tone_pcm16, wav_bytes  # noqa: E402
 
@@ -1069,15 +1070,11 @@ def engine_hung_on_speech_options(card: bytes):
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        release.set()
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as url:
+        try:
+            yield url
+        finally:
+            release.set()
 
 
 def test_an_engine_hung_on_the_speech_options_holds_the_voice_tab_a_bounded_time(engine_server, monkeypatch):
@@ -1436,14 +1433,8 @@ def engine_whose_answers_head_never_ends():
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", hung_up
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as url:
+        yield url, hung_up
 
 
 def test_stop_while_the_engines_answer_is_starting_says_stopped_at_once(tmp_path):
