@@ -180,7 +180,8 @@ class SpeechController:
         """Transcribe an uploaded or recorded clip, or the sound of a `video` file, streaming (transcript, status,
         .txt file, .srt file): the place in the engine's line and the transcript as it is written, then the figures
         and the files (a long clip showed nothing, not even its place in line, until the whole transcript was
-        done). A refused request leaves the last transcript and its files in place."""
+        done). A refused request, or one that fails or is stopped before its first words, leaves the last transcript
+        and its files in place."""
         if path and video:
             yield gr.skip(), BOTH_GIVEN, gr.skip(), gr.skip()
             return
@@ -200,10 +201,14 @@ class SpeechController:
         if problem := upload_size_problem(what, len(audio), limits):
             yield gr.skip(), problem, gr.skip(), gr.skip()
             return
+        heard = False  # (this run's first words, or its result, have come)
         for text, status, result, finished in self._stream(audio, context, hotwords, dialect, request):
-            # the last finished transcript's files stay until this one is done, and stay when it fails or is stopped
+            # the last finished transcript's files stay until this one is done, and stay when it fails or is stopped;
+            # its text stays until this run's first words (a run failing before any, queue full or the engine gone,
+            # emptied it: the user's last transcript lost to an error)
+            heard = heard or bool(text) or result is not None
             done = finished and result is not None
-            yield (gr.skip() if text is None else text, status,
+            yield (text if heard else gr.skip(), status,
                    *(self._files(text, clip_seconds(source) or 0.0, result) if done else KEEP_FILES))
 
     @staticmethod

@@ -469,6 +469,26 @@ def test_a_stopped_transcription_offers_no_files_and_keeps_the_last_finished_one
     assert speech.finish({"chunks": []}, "", "", None)[1:] == (gr.skip(), "Nothing was recorded.", gr.skip(), gr.skip())
 
 
+class BusyTranscriber(StoppedTranscriber):
+    """An engine client whose transcription waits in line, then is refused (the engine's line full)."""
+
+    def transcribe(self, audio, **kwargs):
+        yield QueuePosition(position=1, waiting=2)
+        yield Error("the engine's queue is full; try again in a moment", "queue_full")
+
+
+def test_a_transcription_failing_before_its_first_words_keeps_the_last_transcript(tmp_path):
+    """A run refused or failing before any words (its place in line said, then queue_full) emptied the transcript box:
+    the last finished transcript was lost to an error. It stays, with its files, and the status says what failed; a
+    run that hears nothing at all (its result: no words) still empties it."""
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(tone_pcm16(1.0, 16000, 220.0), 16000))
+    shown = list(SpeechController(EngineLink(BusyTranscriber())).transcribe_file(str(clip), "", "", None))
+    assert "yours is next" in shown[0][1] and "queue is full" in shown[-1][1], shown
+    assert all(s[0] == gr.skip() and s[2:] == (gr.skip(), gr.skip()) for s in shown), shown
+    assert last(SpeechController(EngineLink(DeafSaver())).transcribe_file(str(clip), "", "", None))[0] == ""
+
+
 class CountingTranscriber(StoppedTranscriber):
     """StoppedTranscriber that counts the transcriptions asked."""
 
