@@ -43,11 +43,12 @@ def studio(studio_demo):
     return studio_demo.local_url
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def playwright():
-    """The Playwright driver of this package's browser tests. While it runs, the main thread's asyncio loop is marked
-    as running (Playwright's sync API): outside this package a test could not run asyncio.run, so it is package-scoped,
-    not session-scoped."""
+    """The Playwright driver of one file's browser tests. While it runs, the main thread's asyncio loop is marked as
+    running (Playwright's sync API), so a test that runs asyncio.run while it lives fails ("cannot be called from a
+    running event loop"): it is module-scoped, ended with the file that used it (package-scoped, it failed
+    test_engine_link's asyncio.run, the file after the first browser files)."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -55,10 +56,10 @@ def playwright():
         yield driver
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def chromium(playwright):
-    """`chromium(*flags)`: the Chromium of this package started with CHROMIUM_ARGS and `flags` (a fake camera, ...),
-    launched at the first call with those flags and shared by the tests after it."""
+    """`chromium(*flags)`: the Chromium of this file's browser tests started with CHROMIUM_ARGS and `flags` (a fake
+    camera, ...), launched at the first call with those flags and shared by the file's tests after it."""
     launched = {}
 
     def browser(*flags: str):
