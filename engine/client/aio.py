@@ -282,8 +282,11 @@ class AsyncEngineClient(core.EngineClientBase):
         """One request's answer, read whole unless compressed in a way this client did not ask for (sync.py's _read)."""
         resp = await self.http.send(self.http.build_request(method, path, **kwargs), stream=True)
         try:
-            if not core.unread_encoding(resp.headers):
-                await resp.aread()
+            if not core.unread_encoding(resp.headers):  # read whole, within core.MAX_ANSWER_BYTES
+                whole = core.WholeAnswer(self.endpoints.http + path, resp.status_code, resp.headers)
+                async for piece in resp.aiter_bytes():
+                    whole.add(piece)
+                resp._content = whole.content()  # (what resp.aread() keeps: resp.content, .json() read it)
         except httpx.RemoteProtocolError as e:
             raise core.cut_answer(self.endpoints.http + path, resp.status_code, e) from e
         finally:

@@ -48,6 +48,11 @@ REALTIME_PATH = "/v1/realtime"
 # engine refuses what it cannot take itself, with a clear answer (queue_full, too_many_connections).
 POOL_LIMITS = {"max_connections": None, "max_keepalive_connections": 20}
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # largest server event this client accepts
+# largest whole (not streamed) answer this client reads, as decompressed: a card, a transcript, a picture's PNG in
+# base64 (16 MP at most: under 64 MB), a speech WAV (10 minutes of 44.1 kHz float: 106 MB). An answer without a bound
+# (a hostile or broken server's endless body, or a small gzip that inflates to gigabytes) grew the studio's memory
+# until it was killed.
+MAX_ANSWER_BYTES = 256 * 1024 * 1024
 
 
 def is_loopback_host(host: str) -> bool:
@@ -271,6 +276,32 @@ def cut_answer(url: str, status: int, failure: BaseException) -> ServerError:
     Content-Length, or closed in the middle of a chunk): it read 'could not reach the engine server', which it had."""
     return ServerError(f"the answer from {url_shown(url)} (HTTP {status}) was cut off: the connection closed before it "
                        f"was whole ({failure}): a proxy on the way, or the server, ended it", "connection_lost", status)
+
+
+class WholeAnswer:
+    """A whole answer's body (from `url`, with HTTP `status` and `headers`) gathered as it is read and decompressed,
+    refused (ServerError, protocol_error) once it is past MAX_ANSWER_BYTES, or at once when its Content-Length says it
+    will be: reading it stops there and its connection is closed."""
+
+    def __init__(self, url: str, status: int, headers: Any) -> None:
+        self.url, self.status, self.pieces, self.size = url, status, [], 0
+        length = str(headers.get("content-length") or "")
+        if length.isdigit() and int(length) > MAX_ANSWER_BYTES:
+            raise self._too_large(f"its Content-Length says {int(length):,} bytes")
+
+    def add(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self.size > MAX_ANSWER_BYTES:
+            raise self._too_large(f"over {self.size:,} bytes had come (decompressed) when the client stopped reading")
+        self.pieces.append(piece)
+
+    def content(self) -> bytes:
+        return b"".join(self.pieces)
+
+    def _too_large(self, why: str) -> ServerError:
+        return ServerError(f"the answer from {url_shown(self.url)} (HTTP {self.status}) is larger than the "
+                           f"{MAX_ANSWER_BYTES / 2**20:g} MB this client reads whole ({why}): it is not the engine's, "
+                           "or a proxy on the way broke it", "protocol_error", self.status)
 
 
 def is_redirect(status: int) -> bool:

@@ -462,11 +462,15 @@ class EngineClient(core.EngineClientBase):
     def _read(self, method: str, path: str, **kwargs) -> httpx.Response:
         """One request's answer, read whole unless its headers say it is compressed in a way this client did not ask
         for (left unread: httpx decoded a br answer itself when brotli was installed, and one it could not decode was
-        said as 'does not decompress', not as compressed otherwise than asked)."""
+        said as 'does not decompress', not as compressed otherwise than asked), and refused past core.MAX_ANSWER_BYTES
+        (core.WholeAnswer)."""
         resp = self.http.send(self.http.build_request(method, path, **kwargs), stream=True)
         try:
-            if not core.unread_encoding(resp.headers):
-                resp.read()
+            if not core.unread_encoding(resp.headers):  # read whole, within core.MAX_ANSWER_BYTES
+                whole = core.WholeAnswer(self.endpoints.http + path, resp.status_code, resp.headers)
+                for piece in resp.iter_bytes():
+                    whole.add(piece)
+                resp._content = whole.content()  # (what resp.read() keeps: resp.content, .json() read it)
         except httpx.RemoteProtocolError as e:
             raise core.cut_answer(self.endpoints.http + path, resp.status_code, e) from e
         finally:

@@ -1512,6 +1512,50 @@ def test_a_stream_line_of_megabytes_is_read_at_once_and_one_over_the_clients_bou
         assert f"127.0.0.1:{canned_server.port}/v1/chat/completions" in failed.message, failed
 
 
+def test_a_whole_answer_past_the_clients_bound_is_refused_not_read_into_memory(canned_server, monkeypatch):
+    """A whole (not streamed) answer had no bound: a hostile or broken server's endless body, or a small gzip inflating
+    to gigabytes, grew the studio's memory until it was killed (its engine check reads the model card). Past
+    core.MAX_ANSWER_BYTES (1 MB here), by its Content-Length or as it is read and decompressed, it is a protocol_error
+    naming the bound, in both clients; an answer within it is read as before."""
+    import gzip
+
+    from engine.client import core
+
+    monkeypatch.setattr(core, "MAX_ANSWER_BYTES", 2**20)
+    url = f"http://127.0.0.1:{canned_server.port}"
+    card = json.dumps({"object": "list", "data": [{"id": "m", "pad": " " * 900_000}]}).encode()  # (within)
+    big = json.dumps({"object": "list", "data": [{"id": "m", "pad": " " * 1_100_000}]}).encode()
+    json_head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    chunked = (json_head + "Transfer-Encoding: chunked\r\n\r\n").encode() + b"".join(
+        b"%x\r\n%s\r\n" % (len(part), part) for part in (big[i:i + 65536] for i in range(0, len(big), 65536)))
+    answers = {"length": canned_answer("200 OK", "application/json", big),
+               "chunked": chunked + b"0\r\n\r\n",
+               "gzip": canned_answer("200 OK", "application/json", gzip.compress(big), "Content-Encoding: gzip\r\n")}
+
+    async def info_async():
+        async with AsyncEngineClient(url, timeout=5) as client:
+            try:
+                return await client.info()
+            except ServerError as e:
+                return e
+
+    canned_server.answer = canned_answer("200 OK", "application/json", card)
+    with EngineClient(url, timeout=5) as client:
+        assert client.info().id == "m"
+        said = {}
+        for name, answer in answers.items():
+            canned_server.answer = answer
+            try:
+                said[name] = client.info()
+            except ServerError as e:
+                said[name] = e
+        said["async gzip"] = asyncio.run(info_async())
+    for name, failed in said.items():
+        assert isinstance(failed, ServerError) and failed.code == "protocol_error", (name, failed)
+        assert "larger than the 1 MB this client reads whole" in failed.message, (name, failed.message)
+    assert "Content-Length says" in said["length"].message and "decompressed" in said["gzip"].message
+
+
 def test_a_stream_with_bytes_that_are_not_utf8_is_refused_naming_them(canned_server):
     """A stream with bytes that are not UTF-8 in a reply's text was read with U+FFFD in their place: the reply showed
     'h��i' as if the model had written it. The stream now ends with a protocol_error naming the bytes (the SSE reader
