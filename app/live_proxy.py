@@ -139,10 +139,12 @@ async def studio_user(ws: WebSocket) -> tuple[bool, str | None]:
 
 def unreachable_text(url: str, failure: BaseException, open_timeout: float) -> str:
     """Why the engine's realtime socket did not open: an engine that took the connection and did not answer, a TLS
-    certificate this machine does not trust, or an address that redirects (to https://: "InvalidURI"), said as the
+    certificate this machine does not trust, an address that redirects (to https://: "InvalidURI"), or one whose
+    answer is not a websocket handshake's (an HTTP/1.0 server, another protocol; "InvalidMessage"), said as the
     client says them (each read "cannot reach the engine ... is it running?", of an engine that was running), else
     the engine not reachable."""
-    if isinstance(failure, TimeoutError) or tls_failure(failure) is not None or redirect_answer(failure) is not None:
+    if (isinstance(failure, TimeoutError) or tls_failure(failure) is not None or redirect_answer(failure) is not None
+            or type(failure).__name__ == "InvalidMessage"):  # (answered, though not as a websocket: not "running?")
         return connect_error(url, failure, waited_for(failure, open_timeout)).message
     return f"cannot reach the engine at {urlsplit(url).netloc} ({type(failure).__name__}); is it running?"
 
@@ -232,6 +234,9 @@ class LiveProxy:
             if status == 401:
                 await self._close(ws, "engine_unauthorized", "the engine refused the studio's token (check "
                                   "--engine-token / ENGINE_TOKEN)", CLOSE_ENGINE)
+            elif 200 <= status < 300:  # answered as a plain request: nothing refused it (it read "the engine refused
+                #                        the live session: HTTP 200 ..."): a proxy that does not pass websockets on
+                await self._close(ws, "engine_unreachable", connect_error(url, e).message, CLOSE_ENGINE)
             else:  # the engine's own words (it read "the engine answered HTTP 503 to the live session" when the
                 #       engine had all its sessions open: "too many realtime sessions ...; try again later")
                 await self._close(ws, "engine_unreachable", f"the engine refused the live session: "

@@ -342,7 +342,7 @@ def redirect_answer(exc: BaseException | None) -> Any:
     return None
 
 
-def not_upgraded(answer: str, status: int) -> ServerError:
+def not_upgraded(answer: str, status: int | None) -> ServerError:
     """A realtime (websocket) handshake answered with a success (`answer`: its status, where and words) instead of the
     websocket it asked for."""
     return ServerError(f"{answer}: the realtime (websocket) handshake was answered without opening a websocket. A "
@@ -378,7 +378,21 @@ def connect_error(url: str, exc: BaseException, timeout_s: float | None = None) 
         if 200 <= status < 300:  # (a websocket handshake answered as a plain request: said as "HTTP 200" alone)
             return not_upgraded(_error_text(status, text, parsed, url), status)
         return http_error(status, parsed, text, url, again)
+    if type(exc).__name__ == "InvalidMessage":  # (websockets: the handshake's answer was not HTTP/1.1, or none came)
+        return handshake_unanswered(url, exc.__cause__ or exc)
     return ServerError(f"could not reach the engine server at {url}: {type(exc).__name__}: {exc}", "connect_failed")
+
+
+def handshake_unanswered(url: str, cause: BaseException) -> ServerError:
+    """A realtime (websocket) handshake whose answer websockets could not read (`cause`): the connection closed with no
+    answer, or something other than an HTTP/1.1 answer came (an HTTP/1.0 server's, another protocol's greeting). It
+    was said as 'could not reach the engine server ... InvalidMessage: did not receive a valid HTTP response': the
+    address was reached."""
+    if isinstance(cause, EOFError):  # (connect_failed still: an engine stopping or restarting may do it)
+        return ServerError(f"{url_shown(url)} took the connection and closed it without answering the realtime "
+                           "(websocket) handshake: an engine stopping or restarting, a proxy on the way, or a server "
+                           "that is not the engine", "connect_failed")
+    return not_upgraded(f"{url_shown(url)} answered something that is not a websocket handshake ({cause})", None)
 
 
 # =========================================================================== where the server is

@@ -331,6 +331,25 @@ def test_an_engine_address_that_redirects_is_said_with_the_address_to_give(moved
     assert f"--engine {give}," in err["message"] and "is it running" not in err["message"], err
 
 
+@pytest.mark.parametrize("http", ["HTTP/1.1", "HTTP/1.0"])
+def test_a_handshake_answered_200_is_said_as_no_websocket_opened_not_as_refused(http):
+    """A proxy in front of the engine that does not pass websockets on (nginx without the Upgrade headers) answers the
+    relay's handshake 200 with a page or JSON: Start said 'the engine refused the live session: HTTP 200 from ...', a
+    success called a refusal, and of an HTTP/1.0 server's answer 'cannot reach the engine ... (InvalidMessage); is it
+    running?'. Each says the handshake was answered without opening a websocket, and what does that."""
+    from tests.app.canned_http import answering, serving
+
+    class Plain(answering(200, {"ok": True})):
+        protocol_version = http  # (nginx answers HTTP/1.1; Python's http.server, by default, 1.0)
+
+    with serving(Plain) as front:
+        _, app = make_app(front, "engine-secret")
+        with TestClient(app) as client, client.websocket_connect(LIVE_WS_PATH) as ws:
+            err = recv(ws)["error"]
+    assert err["code"] == "engine_unreachable" and "without opening a websocket" in err["message"], err
+    assert "Upgrade" in err["message"] and "refused" not in err["message"] and "running?" not in err["message"], err
+
+
 def test_an_engine_with_every_session_taken_is_said_in_its_own_words():
     """An engine with all its realtime sessions open (64) refuses the handshake with 503 and its reason; Start said
     only 'the engine answered HTTP 503 to the live session'."""

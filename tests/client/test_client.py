@@ -1597,6 +1597,30 @@ def test_a_realtime_handshake_answered_with_200_is_said_as_no_websocket_opened(c
         assert "answered without opening a websocket" in failed.message and "Upgrade" in failed.message, failed
 
 
+@pytest.mark.parametrize("answer, says", [
+    (b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\n<p>hi</p>", "expected HTTP/1.1: HTTP/1.0 200 OK"),
+    (b"SSH-2.0-OpenSSH_9.6\r\n", "SSH-2.0-OpenSSH_9.6"),
+    (b"", "closed it without answering the realtime (websocket) handshake")])
+def test_a_realtime_handshake_answered_with_no_http_11_answer_is_said_as_answered_not_unreachable(canned_server,
+                                                                                                   answer, says):
+    """A realtime handshake answered by an HTTP/1.0 server, by another protocol's greeting (an SSH port), or by a
+    connection closed at once was said as 'could not reach the engine server ... InvalidMessage: did not receive a
+    valid HTTP response': the address was reached. Each says what came (or that nothing did, which may be an engine
+    restarting: still connect_failed), sync and async."""
+    canned_server.answer = answer
+    url = f"ws://127.0.0.1:{canned_server.port}"
+
+    async def chatted_async():
+        async with AsyncEngineClient(url, timeout=5) as client:
+            return [ev async for ev in client.chat([{"role": "user", "content": "hi"}])][-1]
+
+    with EngineClient(url, timeout=5) as client:
+        said = [list(client.chat([{"role": "user", "content": "hi"}]))[-1], asyncio.run(chatted_async())]
+    for failed in said:  # (a connection closed unanswered is still connect_failed: an engine restarting may do it)
+        assert failed.code == ("protocol_error" if answer else "connect_failed") and says in failed.message, failed
+        assert "could not reach" not in failed.message and "InvalidMessage" not in failed.message, failed
+
+
 @pytest.mark.parametrize("hang", ["no handshake", "no session event"])
 def test_stop_while_a_chats_session_opens_on_a_hung_engine_ends_it_at_once(hung_ports, hang):
     """A chat's realtime session opening on a hung engine (its handshake, or the session's first event, never coming)
