@@ -66,7 +66,7 @@ ALREADY_DELETED = ("The voice '{name}' is not saved any more (it was deleted els
 # "Error (voice_not_found): unknown voice 'x'; saved voices: ..."), the list brought up to date
 VOICE_NOT_FOUND = "voice_not_found"
 VOICE_GONE = ("The voice '{name}' is not saved any more (deleted in another tab, or while this request waited its "
-              "turn): the Saved voice list is up to date now; choose another voice.")
+              "turn): the Saved voices list is up to date now; choose another voice.")
 CLIP_TEXT = "What the clip says"  # the transcript box
 # The tab's own transcription of a clip to save heard no words: the save passed no transcript and the engine transcribed
 # the clip again (the same nothing), where Stop could not stop it. The voice is not saved; the user types the words.
@@ -192,7 +192,7 @@ def instruction(dialect, emotion, speed, pitch, volume, style, ip, env, snr) -> 
 def refused(message: str, voices=None) -> tuple:
     """What Make it yields for a request refused before anything is sent: the message on the status line, the last
     clip made left playing and offered (a press with no text wiped the player and the WAV just made); `voices`: the
-    Saved voice list's update (left as it is by default)."""
+    Saved voices list's update (left as it is by default)."""
     return gr.skip(), gr.skip(), message, gr.skip(), gr.skip() if voices is None else voices
 
 
@@ -324,7 +324,7 @@ class VoiceController:
             yield None, transcript, said, write_wav(chunks, rate, task, FAILED_TAKE), voices or gr.skip()
 
     def voices_without_gone(self, final: Error, voice: str | None):
-        """The Saved voice list brought up to date with nothing selected when the engine refused the saved `voice` as
+        """The Saved voices list brought up to date with nothing selected when the engine refused the saved `voice` as
         not saved (deleted meanwhile, in another tab or while the request waited: the list kept offering it until
         Refresh); None otherwise."""
         if voice is None or final.code != VOICE_NOT_FOUND:
@@ -409,7 +409,7 @@ class VoiceController:
                 f"or \"{KEEP_VOICE}\".")
 
     def confirm_delete(self, name):
-        """"Yes, delete it": (the Saved voice list, the status line, the confirmation row hidden, no voice asked
+        """"Yes, delete it": (the Saved voices list, the status line, the confirmation row hidden, no voice asked
         about). `name` is the voice the confirmation named, whatever the list shows meanwhile."""
         voices, note = self.delete(name)
         return voices, note, gr.update(visible=False), None
@@ -486,7 +486,7 @@ def build_voice_tab(link: EngineLink, examples: list[str] | None = None) -> Voic
             with gr.Row():
                 # value=None: Gradio selects the first choice by default, and "Delete the selected saved voice"
                 # pressed before choosing one deleted it
-                saved = gr.Dropdown(controller.voice_names(), value=None, label="Saved voice", allow_custom_value=False,
+                saved = gr.Dropdown(controller.voice_names(), value=None, label="Saved voices", allow_custom_value=False,
                                     elem_id="voice-saved")
                 refresh = gr.Button("Refresh", scale=0, min_width=90)  # 60 px: the bold label spilled out
             with gr.Accordion("Clone from a clip / save a voice", open=False):

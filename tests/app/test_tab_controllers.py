@@ -106,6 +106,35 @@ def test_no_saved_voice_is_selected_until_the_user_chooses_one(engine_server, tm
         VoiceController(link).delete("first voice")
 
 
+def test_no_two_controls_of_a_tab_share_a_name():
+    """The Voice tab's "Saved voice" named both a choice of its Voice radio and the list of saved voices: a screen reader
+    announced two controls of one name, and finding the list by its name found the radio choice too. In every tab each
+    label, radio choice and button text names one control."""
+    from collections import defaultdict
+
+    from app.studio import build_studio, close_studio
+
+    demo = build_studio(EngineClient("http://127.0.0.1:9", timeout=1))  # (no engine: the tabs are built all the same)
+    try:
+        named = defaultdict(list)
+        for block in demo.blocks.values():
+            tab = block.parent
+            while tab is not None and not isinstance(tab, gr.Tab):
+                tab = tab.parent
+            names = [block.value] if isinstance(block, gr.Button) else []
+            if isinstance(block, gr.components.FormComponent) and getattr(block, "label", None):
+                names.append(block.label)
+            if isinstance(block, gr.Radio):
+                names += [choice[0] if isinstance(choice, tuple) else choice for choice in block.choices]
+            for name in names:
+                named[(getattr(tab, "label", None), str(name))].append(type(block).__name__)
+    finally:
+        close_studio(demo)
+    assert len(named) > 50, len(named)  # (the tabs' controls were found)
+    shared = {where: kinds for where, kinds in named.items() if len(kinds) > 1}
+    assert not shared, shared
+
+
 def test_the_voice_tabs_downloads_offer_no_upload(engine_server):
     """The empty "WAV download" box said "Drop File Here - or - Click to Upload" (Gradio makes a box that an event
     reads an upload box unless it is marked not interactive), so a download looked like a place to give a file."""
