@@ -1579,19 +1579,22 @@ def test_a_web_page_answering_a_stream_without_saying_it_is_one_is_said_as_a_web
     assert failed.code == "protocol_error" and "a web page ('Proxy login') answered" in failed.message, failed
 
 
-def test_a_realtime_handshake_answered_with_200_is_said_as_no_websocket_opened(canned_server):
-    """A websocket handshake answered 200 with a body (a proxy that does not pass websockets on, or another server) was
-    said as 'HTTP 200 from ws://...: {"ok": true}', a success status as the whole error. It now says that the handshake
-    was answered without opening a websocket, and what usually does that (sync and async)."""
-    canned_server.answer = canned_answer("200 OK", "application/json", b'{"ok": true}')
-    url = f"ws://127.0.0.1:{canned_server.port}"
-
+def realtime_chat_endings(url: str) -> list:
+    """The last event of a realtime chat with the engine at `url`, through the sync client, then the async one."""
     async def chatted_async():
         async with AsyncEngineClient(url, timeout=5) as client:
             return [ev async for ev in client.chat([{"role": "user", "content": "hi"}])][-1]
 
     with EngineClient(url, timeout=5) as client:
-        said = [list(client.chat([{"role": "user", "content": "hi"}]))[-1], asyncio.run(chatted_async())]
+        return [list(client.chat([{"role": "user", "content": "hi"}]))[-1], asyncio.run(chatted_async())]
+
+
+def test_a_realtime_handshake_answered_with_200_is_said_as_no_websocket_opened(canned_server):
+    """A websocket handshake answered 200 with a body (a proxy that does not pass websockets on, or another server) was
+    said as 'HTTP 200 from ws://...: {"ok": true}', a success status as the whole error. It now says that the handshake
+    was answered without opening a websocket, and what usually does that (sync and async)."""
+    canned_server.answer = canned_answer("200 OK", "application/json", b'{"ok": true}')
+    said = realtime_chat_endings(f"ws://127.0.0.1:{canned_server.port}")
     for failed in said:
         assert failed.code == "protocol_error" and '{"ok": true}' in failed.message, failed
         assert "answered without opening a websocket" in failed.message and "Upgrade" in failed.message, failed
@@ -1608,14 +1611,7 @@ def test_a_realtime_handshake_answered_with_no_http_11_answer_is_said_as_answere
     valid HTTP response': the address was reached. Each says what came (or that nothing did, which may be an engine
     restarting: still connect_failed), sync and async."""
     canned_server.answer = answer
-    url = f"ws://127.0.0.1:{canned_server.port}"
-
-    async def chatted_async():
-        async with AsyncEngineClient(url, timeout=5) as client:
-            return [ev async for ev in client.chat([{"role": "user", "content": "hi"}])][-1]
-
-    with EngineClient(url, timeout=5) as client:
-        said = [list(client.chat([{"role": "user", "content": "hi"}]))[-1], asyncio.run(chatted_async())]
+    said = realtime_chat_endings(f"ws://127.0.0.1:{canned_server.port}")
     for failed in said:  # (a connection closed unanswered is still connect_failed: an engine restarting may do it)
         assert failed.code == ("protocol_error" if answer else "connect_failed") and says in failed.message, failed
         assert "could not reach" not in failed.message and "InvalidMessage" not in failed.message, failed
