@@ -26,6 +26,26 @@ EXIT_INTERRUPTED = 130  # Ctrl+C before the studio was ready (the shell's code f
 IN_SPACE = bool(os.environ.get("SPACE_ID"))
 
 
+# Addresses of this machine itself: reached directly, never through a proxy (a proxy's loopback is its own machine's).
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+PROXY_SETTINGS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+def keep_loopback_off_proxies(environ=os.environ) -> None:
+    """With a proxy in the environment (HTTP_PROXY / HTTPS_PROXY / ALL_PROXY, upper or lower case: a company machine)
+    and no NO_PROXY naming this machine, `python launch.py` died in Gradio's start-up check of its own page (an
+    httpx.ConnectError traceback: the check went to the proxy), and the studio's requests to the engine it had just
+    started on 127.0.0.1 went to the proxy too. The loopback names are added to NO_PROXY and no_proxy (both, as
+    either may be read), this process's only; a remote engine is still reached through the proxy."""
+    if not any(environ.get(name) or environ.get(name.lower()) for name in PROXY_SETTINGS):
+        return
+    named = [h.strip() for name in ("NO_PROXY", "no_proxy") for h in environ.get(name, "").split(",") if h.strip()]
+    if "*" in named:  # (no proxy for anything already)
+        return
+    kept = list(dict.fromkeys(named + [h for h in LOOPBACK_NAMES if h not in named]))
+    environ["NO_PROXY"] = environ["no_proxy"] = ",".join(kept)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python launch.py", description=__doc__.split("\n\n")[0],
@@ -207,6 +227,7 @@ def _connect_remote_engine(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
+    keep_loopback_off_proxies()
     from app.access import AccessRefused, check_access, read_credentials
 
     try:

@@ -101,11 +101,16 @@ def test_bad_dtype_is_rejected_by_the_parser(tmp_path):
 
 
 def test_default_launch_serves_the_demo_studio(studio_cache):
-    """No --model: the tiny demo loads, the URL and load time are printed, the page answers 200."""
+    """No --model: the tiny demo loads, the URL and load time are printed, the page answers 200. Started with a proxy in
+    the environment and no NO_PROXY (a company machine; this one cannot reach our loopback), as it died there in
+    Gradio's start-up check with an httpx.ConnectError traceback, and its requests to its own engine went to the proxy:
+    loopback is reached directly (keep_loopback_off_proxies)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
+    env = {name: value for name, value in _env(studio_cache).items() if name.lower() != "no_proxy"}
+    env.update(HTTP_PROXY=DEAD_PROXY, HTTPS_PROXY=DEAD_PROXY, http_proxy=DEAD_PROXY, https_proxy=DEAD_PROXY)
     proc = subprocess.Popen([sys.executable, str(LAUNCH), "--port", str(port)], cwd=REPO,
-                            env=_env(studio_cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()
 
@@ -150,6 +155,25 @@ def test_default_launch_serves_the_demo_studio(studio_cache):
     from app.ui.banner import REAL_MODEL_COMMAND
 
     assert REAL_MODEL_COMMAND in [line.strip() for line in lines], out
+
+
+DEAD_PROXY = "http://127.0.0.1:9"  # (nothing listens on the discard port: a proxy that reaches nothing)
+
+
+@pytest.mark.parametrize("before, after", [
+    ({"HTTPS_PROXY": DEAD_PROXY}, "localhost,127.0.0.1,::1"),
+    ({"http_proxy": DEAD_PROXY, "NO_PROXY": "corp.example, localhost"}, "corp.example,localhost,127.0.0.1,::1"),
+    ({"ALL_PROXY": DEAD_PROXY, "no_proxy": "*"}, None),  # (already: no proxy for anything)
+    ({}, None)])  # (no proxy: nothing to keep off)
+def test_loopback_is_kept_off_the_environments_proxy(before, after):
+    from launch import keep_loopback_off_proxies
+
+    environ = dict(before)
+    keep_loopback_off_proxies(environ)
+    if after is None:
+        assert environ == before
+    else:
+        assert environ["NO_PROXY"] == environ["no_proxy"] == after
 
 
 def test_local_audio_without_a_sound_device_says_so(tmp_path):
