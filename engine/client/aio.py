@@ -21,10 +21,12 @@ from engine.events import Done, Error, Event
 async def until_stopped(answer: Awaitable, cancel: threading.Event | None) -> Any:
     """`answer` awaited, or core.Stopped as soon as `cancel` is set; given up (stopped, or the caller cancelled), it is
     cancelled, which closes its connection."""
+    if cancel is None:  # (nothing to look at: awaited as it is, a caller's timeout cancelling it there)
+        return await answer
     asking = asyncio.ensure_future(answer)
     try:
         while not asking.done():
-            if cancel is not None and cancel.is_set():
+            if cancel.is_set():
                 raise core.Stopped()
             await asyncio.wait({asking}, timeout=core.POLL_S)
         return asking.result()

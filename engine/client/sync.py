@@ -44,9 +44,10 @@ def stopped(cancel: threading.Event | None) -> bool:
 def awaited(answer: queue.Queue, seconds: float, cancel: threading.Event | None) -> Any:
     """What `answer` is given within `seconds`; None when they pass first, or as soon as `cancel` is set."""
     deadline = time.monotonic() + seconds
+    step = seconds if cancel is None else core.POLL_S  # (no cancel to look at: one wait)
     while not stopped(cancel) and (left := deadline - time.monotonic()) > 0:
         try:
-            return answer.get(timeout=min(core.POLL_S, left))
+            return answer.get(timeout=min(step, left))
         except queue.Empty:
             continue
     return None
