@@ -333,12 +333,16 @@ def measure_model(spec: dict) -> tuple[dict, dict[int, dict]]:
     return notes, meas
 
 
+class MeasurementFailed(RuntimeError):
+    """A placement's measuring process failed (its stderr's end in the message)."""
+
+
 def model_in_subprocess(spec: dict) -> tuple[dict, dict[int, dict]]:
     """measure_model in a fresh process, so that each model's memory goes back to the system when it ends."""
     out = subprocess.run([sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--worker",
                           json.dumps(spec)], capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"the measurement of {spec['placement']} at {spec['layers']} layers failed:\n"
+        raise MeasurementFailed(f"the measurement of {spec['placement']} at {spec['layers']} layers failed:\n"
                            f"{out.stderr[-3000:]}")
     notes, meas = json.loads(out.stdout.strip().splitlines()[-1])
     return notes, {int(b): m for b, m in meas.items()}
@@ -372,30 +376,39 @@ def run(args) -> dict:
     batches = [int(x) for x in args.batches.split(",")]
     overrides = parse_overrides(args.set)
     full_layers = real.llm.num_hidden_layers
+    earlier = base_rows(args.base_rows)  # read first: a bad file is said before the measurements, not after
     bandwidth = memory_bandwidth(device)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "dtype": args.dtype, "layers": layers, "full_layers": full_layers, "experts": experts or real.llm.num_experts,
            "prompt_tokens": prompt, "decode_steps": steps, "memory_bytes_per_s": bandwidth,
            "torch_threads": torch.get_num_threads(), "rows": []}
     host_rates = []  # the CPU kernels' streaming rates, measured around each cpu_only placement
-    for placement in args.placements.split(","):
-        if placement not in PLACEMENTS:
-            raise SystemExit(f"unknown placement {placement!r}; choose from {PLACEMENTS}")
+    placements = args.placements.split(",")
+    unknown = [p for p in placements if p not in PLACEMENTS]
+    if unknown:  # said before anything is measured
+        raise SystemExit(f"unknown placement {unknown[0]!r}; choose from {PLACEMENTS}")
+    out["failed"] = []  # placements whose measurement failed: the others are still measured and reported
+    for placement in placements:
         if placement == "cpu_only":
             host_rates.append(measure_rates(CPU_ONLY_PLAN["expert_dtype"], CPU_ONLY_PLAN["linear_dtype"], args.dtype))
         per_count = {}
-        for _ in range(args.repeats):  # the two layer counts alternate, so that a slow spell of a shared
-            for n in layers:           # machine does not fall on one of them only; the fastest of each counts
-                cfg = bench_config(real.llm, n, experts, overrides)
-                spec = {"config": args.config, "layers": n, "experts": experts, "overrides": overrides,
-                        "placement": placement, "device": str(device), "dtype": args.dtype, "batches": batches,
-                        "prompt": prompt, "steps": steps, "graphs": not args.no_graphs}
-                notes, meas = model_in_subprocess(spec) if args.isolate else measure_model(spec)
-                print(json.dumps({"placement": placement, "layers": n, **{str(b): m for b, m in meas.items()}}),
-                      file=sys.stderr, flush=True)
-                if n in per_count:
-                    meas = fastest(per_count[n][2], meas)
-                per_count[n] = (cfg, notes, meas)
+        try:
+            for _ in range(args.repeats):  # the two layer counts alternate, so that a slow spell of a shared
+                for n in layers:           # machine does not fall on one of them only; the fastest of each counts
+                    cfg = bench_config(real.llm, n, experts, overrides)
+                    spec = {"config": args.config, "layers": n, "experts": experts, "overrides": overrides,
+                            "placement": placement, "device": str(device), "dtype": args.dtype, "batches": batches,
+                            "prompt": prompt, "steps": steps, "graphs": not args.no_graphs}
+                    notes, meas = model_in_subprocess(spec) if args.isolate else measure_model(spec)
+                    print(json.dumps({"placement": placement, "layers": n, **{str(b): m for b, m in meas.items()}}),
+                          file=sys.stderr, flush=True)
+                    if n in per_count:
+                        meas = fastest(per_count[n][2], meas)
+                    per_count[n] = (cfg, notes, meas)
+        except MeasurementFailed as e:
+            print(str(e), file=sys.stderr, flush=True)
+            out["failed"].append({"placement": placement, "error": str(e)[-1500:]})
+            continue
         per_count = [per_count[n] for n in layers]
         if placement == "cpu_only":
             host_rates.append(measure_rates(CPU_ONLY_PLAN["expert_dtype"], CPU_ONLY_PLAN["linear_dtype"], args.dtype))
@@ -432,7 +445,7 @@ def run(args) -> dict:
     out["memory_bytes_per_s"] = bandwidth
     for row in out["rows"]:
         row["bandwidth_fraction"] *= start / bandwidth
-    combine_offload_rows(out["rows"])
+    combine_offload_rows(out["rows"], earlier)
     measured = [r for r in host_rates if r is not None]
     rates = (sum(r.cpu_expert_gbs for r in measured) / len(measured),
              sum(r.cpu_weight_gbs for r in measured) / len(measured)) if measured else None
@@ -468,12 +481,28 @@ def cpu_only_prediction(real: MingConfig, bandwidth: float, context: int, dtype:
     return out
 
 
-def combine_offload_rows(rows: list[dict]) -> None:
+BASE_OF = {"offload": "resident", "offload_fp8": "fp8"}  # the GPU-resident placement an offload row mixes with
+
+
+def base_rows(path: str | None) -> list[dict]:
+    """The resident / fp8 rows of an earlier run's --json output (--base-rows), for offload rows measured alone."""
+    if not path:
+        return []
+    try:
+        rows = json.loads(Path(path).read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--base-rows {path}: not the --json output of real_shape.py ({type(e).__name__}: {e})")
+    return [r for r in rows if r.get("placement") in BASE_OF.values() and "decode_ms_per_moe_layer" in r]
+
+
+def combine_offload_rows(rows: list[dict], earlier: list[dict] = ()) -> None:
     """Offload rows measured host-resident MoE layers; with the resident placement of the same expert
-    dtype in the run, the full model is the plan's mix: fixed part + per real MoE layer
-    share_gpu * resident layer + (1 - share_gpu) * host layer (decode and prefill)."""
-    base_of = {"offload": "resident", "offload_fp8": "fp8"}
-    by_key = {(r["placement"], r["batch"]): r for r in rows}
+    dtype in the run (or in `earlier`, an earlier run's rows at the same prompt), the full model is the
+    plan's mix: fixed part + per real MoE layer share_gpu * resident layer + (1 - share_gpu) * host layer
+    (decode and prefill)."""
+    base_of = BASE_OF
+    by_key = {(r["placement"], r["batch"]): r for r in earlier}
+    by_key.update({(r["placement"], r["batch"]): r for r in rows})
     for r in rows:
         if r["placement"] not in base_of:
             continue
@@ -546,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1,
                     help="measure each layer count this many times, alternating; the fastest counts (a shared "
                          "machine's slow spells otherwise bend the per-layer fit)")
+    ap.add_argument("--base-rows", default=None, metavar="FILE",
+                    help="an earlier run's --json output: its resident / fp8 rows complete the offload rows here")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -564,7 +595,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
     else:
         print_table(out)
-    return 0
+        for f in out["failed"]:
+            print(f"FAILED {f['placement']}: {f['error'].strip().splitlines()[-1]}")
+    return 1 if out["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,208 @@
+"""One lease of a GPU machine: every GPU check and benchmark of the engine in one call, each step under
+its own time cap, the whole under a budget, a compact summary printed last.
+
+    python bench/gpu_session.py [--out DIR] [--budget SECONDS] [--config DIR] [--only STEP,...] [--cpu-smoke]
+
+Steps, most important first (a step that overruns its cap is stopped and the next one runs):
+
+* ``env``: GPU, driver, torch and Triton versions.
+* ``gpu_check``: bench/gpu_check.py, the CUDA paths against references (kernels vs fp64, the tiny
+  engine on CUDA vs CPU, the expert runtime, CUDA-graph replays vs eager steps, host syncs per step).
+* ``gpu_tests``: the test files with CUDA-only tests (GPU_TESTS), Triton compiled, not interpreted.
+* ``real_shape``: bench/real_shape.py at the real 2.0 widths (``--config``), placements resident, fp8 and
+  int4, batch 1 and 8, prompt 512.
+* ``moe_layer``: bench/moe_layer_gpu.py, the fused MoE kernel at the real expert shape vs HBM bandwidth.
+* ``offload``: bench/offload_gpu.py, one real-shape MoE layer with half its experts in host memory
+  (CPU-computed), fp8 / int4 banks, the calibrated transfer model's prediction vs the measurement.
+* ``real_shape_offload``: bench/real_shape.py, the planner's 1 x 80 GB plan (offload, offload_fp8) at
+  batch 1, combined with the resident / fp8 rows of ``real_shape``.
+
+Everything a step prints goes to ``DIR/steps.log``; the steps' JSON results to ``DIR/results.json``.
+``--cpu-smoke`` runs the same steps at toy sizes on a machine without a GPU (the GPU-only ones say so and
+are recorded as skipped): a check of this script, not of the GPU paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+NO_GPU_EXIT = 2  # what the GPU-only benchmarks exit with where there is no CUDA GPU
+GPU_ONLY = ("gpu_check", "moe_layer", "offload")
+
+# (name, share of the budget it may take at most)
+CAPS = {"env": 0.03, "gpu_check": 0.28, "gpu_tests": 0.12, "real_shape": 0.38, "moe_layer": 0.1, "offload": 0.15,
+        "real_shape_offload": 0.2}
+# the tests that run only where CUDA is (CUDA graphs of the thinker and the talker, seeded noise on the
+# device, the image DiT's autocast): the rest of the suite is the CPU's and runs in CI
+GPU_TESTS = ["tests/test_decode_graphs.py", "tests/models/talker/test_graphs.py", "tests/models/talker/test_noise.py",
+             "tests/models/imagegen/test_sd3.py"]
+
+
+def steps(args, work: Path) -> list[tuple[str, list[str]]]:
+    py = sys.executable
+    shape = [py, str(BENCH / "real_shape.py"), "--config", args.config, "--json"]
+    base = str(work / "real_shape.json")
+    if args.cpu_smoke:  # toy widths on the CPU: the mechanics of each step, in seconds
+        shape += ["--device", "cpu", "--experts", "8", "--prompt-tokens", "8", "--decode-steps", "2", "--threads", "1",
+                  "--set", "hidden_size=64", "--set", "num_attention_heads=2", "--set", "num_key_value_heads=1",
+                  "--set", "head_dim=32", "--set", "intermediate_size=64", "--set", "moe_intermediate_size=32",
+                  "--set", "vocab_size=512"]
+    env_probe = ("import torch, triton, platform; print('python', platform.python_version(), 'torch', torch.__version__,"
+                 " 'triton', triton.__version__, 'cuda', torch.version.cuda);"
+                 " print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA GPU',"
+                 " torch.cuda.get_device_capability() if torch.cuda.is_available() else '')")
+    return [
+        ("env", ["bash", "-c", f"nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem "
+                               f"--format=csv 2>&1 | head -3; nproc; free -g | head -2; {py} -c \"{env_probe}\""]),
+        ("gpu_check", [py, str(BENCH / "gpu_check.py"), "--json"]),
+        ("gpu_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--disable-warnings", *GPU_TESTS]),
+        ("real_shape", shape + ["--placements", "resident,fp8,int4", "--batches", "1,8"]),
+        ("moe_layer", [py, str(BENCH / "moe_layer_gpu.py"), "--tokens", "1,8,64,512,4096", "--json"]),
+        ("offload", [py, str(BENCH / "offload_gpu.py"), "--tokens", "1,16,128", "--quant", "fp8,int4", "--json"]),
+        ("real_shape_offload", shape + ["--placements", "offload,offload_fp8", "--batches", "1", "--layers", "2,4",
+                                        "--base-rows", base]),
+    ]
+
+
+def run_step(name: str, argv: list[str], cap: float, log, work: Path) -> dict:
+    """Run one step (its own process group, so a stop takes its children too) with stdout kept for
+    the results and everything also written to the log."""
+    log.write(f"\n===== {name}: {' '.join(argv)} (cap {cap:.0f} s)\n")
+    log.flush()
+    out_path = work / f"{name}.stdout"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_INTERPRET": "0"}  # compiled kernels (conftest sets 1 by default)
+    t0 = time.monotonic()
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=log, cwd=REPO, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=cap)
+            no_gpu = rc == NO_GPU_EXIT and name in GPU_ONLY
+            status = "ok" if rc == 0 else ("skipped (no CUDA GPU)" if no_gpu else f"failed (exit {rc})")
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc, status = None, f"stopped at its cap ({cap:.0f} s)"
+    wall = time.monotonic() - t0
+    text = out_path.read_text(errors="replace")
+    log.write(f"----- {name} stdout:\n{text}\n----- {name}: {status}, {wall:.1f} s\n")
+    log.flush()
+    result = {"step": name, "status": status, "rc": rc, "wall_s": round(wall, 1)}
+    last = text.strip().splitlines()[-1] if text.strip() else ""
+    try:
+        result["json"] = json.loads(last)
+    except ValueError:
+        result["stdout"] = text[-4000:]
+    print(f"[{name}: {status}, {wall:.1f} s]", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+def fmt(v, spec: str = ".3g") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def summarize(result: dict) -> list[str]:
+    name, data = result["step"], result.get("json")
+    lines = [f"## {name}: {result['status']} in {result['wall_s']} s"]
+    if data is None:
+        lines += [f"  {line}"[:300] for line in result.get("stdout", "").strip().splitlines()[-12:]]
+        return lines
+    if name == "gpu_check":
+        rows = data.get("results", [])
+        bad = [r for r in rows if not r["ok"]]
+        lines.append(f"  {data.get('env')}: {len(rows) - len(bad)} ok, {len(bad)} failed")
+        for r in bad:
+            figs = {k: fmt(v) for k, v in r.items() if k not in ("group", "check", "ok")}
+            lines.append(f"  FAIL {r['check']} {figs}"[:400])
+        for r in rows:
+            if r["group"] in ("engine", "graphs", "runtime") and r["ok"]:
+                keep = {k: fmt(v) for k, v in r.items() if k not in ("group", "check", "ok", "syncs", "tokens")}
+                lines.append(f"  ok {r['check']} {keep}"[:400])
+        worst = {}
+        for r in rows:
+            if r["group"] == "kernels" and "rel_err_vs_fp64" in r:
+                kind = r["check"].split()[0] + " " + r["check"].split()[-1]
+                worst[kind] = max(worst.get(kind, 0.0), r["rel_err_vs_fp64"])
+        if worst:
+            lines.append("  kernels, worst rel. error vs fp64: " + ", ".join(f"{k} {v:.2g}" for k, v in worst.items()))
+    elif name.startswith("real_shape"):
+        lines.append(f"  {data['device']} {data['dtype']}, layers {data['layers']} -> {data['full_layers']}, "
+                     f"{data['experts']} experts, prompt {data['prompt_tokens']}, copy {data['memory_bytes_per_s'] / 1e9:.0f} GB/s")
+        lines.append("  placement    batch graphs ms/layer tok/s  prefill_tok/s bw_frac syncs/step kern/layer busy planner")
+        for r in data["rows"]:
+            lines.append(f"  {r['placement']:<12} {r['batch']:>5} {str(r['graphs']):>6} {fmt(r.get('decode_ms_per_moe_layer'), '.3f'):>8} "
+                         f"{fmt(r.get('decode_tokens_per_s_full'), '.2f'):>6} {fmt(r.get('prefill_tokens_per_s_full'), '.0f'):>13} "
+                         f"{fmt(r.get('bandwidth_fraction'), '.2f'):>7} {fmt(r.get('host_syncs_per_step'), '.1f'):>10} "
+                         f"{fmt(r.get('kernels_per_moe_layer'), '.0f'):>10} {fmt(r.get('gpu_busy_fraction'), '.2f'):>4} "
+                         f"{fmt(r.get('planner_decode_tokens_per_s'), '.1f')}")
+        for f in data.get("failed", []):
+            lines.append(f"  FAILED {f['placement']}: " + " | ".join(f["error"].strip().splitlines()[-3:])[:600])
+    elif name == "moe_layer":
+        lines.append(f"  HBM {data['hbm_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {data['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s")
+        for r in data["rows"]:
+            lines.append(f"  T={r['tokens']:<5} graph {r['triton_ms']:.3f} ms eager {r['triton_eager_ms']:.3f} ms "
+                         f"roofline {r['roofline_fraction']:.2f} mma {r['mma_fraction']:.2f} vs_torch {fmt(r.get('vs_torch'), '.2f')}")
+    else:
+        lines.append("  " + json.dumps(data, default=str)[:2500])
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "gpu_session_out"))
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for all steps together")
+    ap.add_argument("--config", default=str(REPO.parent / "shared" / "fixtures" / "real_configs" / "ming-flash-omni-2.0"),
+                    help="the real 2.0 config folder (copy it beside the repo on the GPU machine)")
+    ap.add_argument("--only", default=None, help="comma-separated step names (default: all)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="toy sizes, no GPU needed: a check of this script")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_session_{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    plan = steps(args, work)
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {n for n, _ in plan}
+        if unknown:
+            ap.error(f"unknown steps {sorted(unknown)}; choose from {[n for n, _ in plan]}")
+        plan = [(n, a) for n, a in plan if n in wanted]
+    deadline = time.monotonic() + args.budget
+    results = []
+    with open(out / "steps.log", "w") as log:
+        for name, step_argv in plan:
+            left = deadline - time.monotonic()
+            if left < 5:
+                results.append({"step": name, "status": "not run (budget spent)", "rc": None, "wall_s": 0})
+                continue
+            if name == "real_shape_offload" and not (work / "real_shape.json").exists():
+                results.append({"step": name, "status": "not run (real_shape gave no rows to combine with)",
+                                "rc": None, "wall_s": 0})
+                continue
+            r = run_step(name, step_argv, min(left, CAPS[name] * args.budget), log, work)
+            if name == "real_shape" and "json" in r:
+                (work / "real_shape.json").write_text(json.dumps(r["json"]))
+            results.append(r)
+            (out / "results.json").write_text(json.dumps(results, default=str, indent=1))
+    print("\n# gpu_session summary")
+    for r in results:
+        print("\n".join(summarize(r)))
+    return 0 if all(r["status"] in ("ok", "skipped (no CUDA GPU)") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
