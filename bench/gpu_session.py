@@ -149,6 +149,9 @@ def summarize(result: dict) -> list[str]:
                          f"{fmt(r.get('bandwidth_fraction'), '.2f'):>7} {fmt(r.get('host_syncs_per_step'), '.1f'):>10} "
                          f"{fmt(r.get('kernels_per_moe_layer'), '.0f'):>10} {fmt(r.get('gpu_busy_fraction'), '.2f'):>4} "
                          f"{fmt(r.get('planner_decode_tokens_per_s'), '.1f')}")
+        for r in data["rows"]:
+            if r.get("graphs_failure"):
+                lines.append(f"  graphs refused ({r['placement']}, batch {r['batch']}): {r['graphs_failure'][:300]}")
         for f in data.get("failed", []):
             lines.append(f"  FAILED {f['placement']}: " + " | ".join(f["error"].strip().splitlines()[-3:])[:600])
     elif name == "moe_layer":

@@ -308,6 +308,8 @@ def measure(llm, cfg: LLMConfig, numerics: Numerics, device: torch.device, batch
         result["decode_step_s"] = best
         result.update(profile_steps(run_step, device, min(4, max(1, steps // 4))))
         result["context"] = cache.length
+    if graphs is not None and graphs.failure:  # a refused capture: the steps ran eagerly (engine.decode_graphs)
+        result.update(graphs=False, graphs_failure=graphs.failure[:500])
     if graphs is None:
         cache.free()
     return result
@@ -434,6 +436,9 @@ def run(args) -> dict:
                    "host_syncs_per_moe_layer": (c["host_syncs_per_step"] - a["host_syncs_per_step"]) / (n_moe[1] - n_moe[0]),
                    "ops_per_moe_layer": (c["dispatched_ops_per_step"] - a["dispatched_ops_per_step"]) / (n_moe[1] - n_moe[0]),
                    **notes}
+            failure = c.get("graphs_failure") or a.get("graphs_failure")
+            if failure:
+                row["graphs_failure"] = failure
             if "kernels_per_step" in c:
                 row["kernels_per_moe_layer"] = (c["kernels_per_step"] - a["kernels_per_step"]) / (n_moe[1] - n_moe[0])
                 row["kernels_per_step"] = c["kernels_per_step"]

@@ -23,12 +23,14 @@ loop then runs the same step eagerly.
 Captures run once per key: a warm-up call of the step first (Triton compiles, allocator settles; its
 effects on the cache are undone: it writes the slot the real step writes again and its slot advance
 is reset), then the capture (which executes nothing) into one memory pool shared by all graphs of the
-model. Set ``MING_CUDA_GRAPHS=0`` to run every step eagerly.
+model. Set ``MING_CUDA_GRAPHS=0`` to run every step eagerly. A capture the driver refuses does not end the
+request: the model's steps then run eagerly (the same step, its cause in ``failure``, said once as a warning).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -108,6 +110,7 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], _Captured] = {}
         self.captures = 0
         self.replay = True  # False: run the very same step eagerly (what the graphs are checked against)
+        self.failure: str | None = None  # why a capture failed (the steps then run eagerly), None while none has
 
     # ------------------------------------------------------------------ per batch size
     def acquire(self, batch: int) -> KVCache:
@@ -189,6 +192,15 @@ class DecodeGraphs:
         self.captures += 1
         return _Captured(graphs)
 
+    def _give_up(self, error: BaseException) -> None:
+        """After a failed capture: the same steps launched eagerly (replay off), said once, the cause kept in
+        `failure`. The capture executed nothing and the warm-up's slot advance was undone before it, so the
+        cache is as the step expects; the failed capture's graph is dropped."""
+        self.failure = f"{type(error).__name__}: {error}"
+        self.replay = False
+        warnings.warn(f"CUDA graph capture of the decode step failed ({self.failure.splitlines()[0][:300]}); "
+                      "its steps run eagerly (set MING_CUDA_GRAPHS=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
+
     def run(self, cache: KVCache, window: int) -> torch.Tensor:
         """Replay the step for `window` (capturing it first if new) -> the static logits [B, V] fp32.
         The caller has put the input ids in `tokens(batch)` and advances `cache.length` afterwards."""
@@ -205,7 +217,11 @@ class DecodeGraphs:
             return self._logits[batch]
         key = (batch, window)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(batch, window)
+            try:
+                self._graphs[key] = self._capture(batch, window)
+            except RuntimeError as e:  # a capture the driver refused: this model's steps run eagerly from now on
+                self._give_up(e)
+                return self.run(cache, window)
         for i, g in enumerate(self._graphs[key].graphs):
             with torch.cuda.device(segments[i].device):
                 g.replay()

@@ -50,6 +50,33 @@ def test_graph_replays_give_the_eager_greedy_tokens(tiny_checkpoint, dtype, monk
         graphs.replay = True
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_refused_capture_leaves_the_request_running_eagerly(tiny_checkpoint, monkeypatch):
+    """A driver that refuses the capture (here: _capture raising as torch does) must not end the reply: the
+    same steps run eagerly, with the eager tokens, the cause kept and said once."""
+    from engine import decode_graphs
+    from engine.generate import generate
+    from engine.runtime import Engine
+
+    engine = Engine.load(tiny_checkpoint, dtype="fp32", device="cuda")
+    prompt = engine.processor.build([{"role": "user", "content": "Tell me about the Ming dynasty."}]).ids
+    params = GenerationParams(max_new_tokens=MIN_WINDOW + 20)
+    graphs = decode_graphs_for(engine.model.llm, engine.model.numerics)
+    graphs.replay = False
+    eager = list(generate(engine.model, engine.tokenizer, prompt, params, eos_ids=set()))[-1].token_ids
+    graphs.replay = True
+
+    def refused(self, batch, window):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decode_graphs.DecodeGraphs, "_capture", refused)
+    with pytest.warns(RuntimeWarning, match="run eagerly"):
+        events = list(generate(engine.model, engine.tokenizer, prompt, params, eos_ids=set()))
+    assert isinstance(events[-1], Done), events[-1]
+    assert events[-1].token_ids == eager and graphs.failure.startswith("RuntimeError") and not graphs.replay
+    graphs.replay, graphs.failure = True, None
+
+
 GRAPH_LOGPROB_TOLERANCE = 1e-3  # fp32: the replayed step against the same step launched eagerly
 
 
