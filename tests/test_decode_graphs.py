@@ -77,6 +77,35 @@ def test_a_refused_capture_leaves_the_request_running_eagerly(tiny_checkpoint, m
     graphs.replay, graphs.failure = True, None
 
 
+def test_a_cache_made_for_cuda_keys_the_layers_indexed_device(monkeypatch):
+    """Layers report "cuda:N"; a cache asked for "cuda" (the engine's device as the user typed it) must key its
+    per-device slots the same way, or an eager device step finds no slot (KeyError: device('cuda', 0))."""
+    from engine.models.thinker.kv_cache import indexed_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert indexed_device("cuda") == torch.device("cuda", 1)
+    assert indexed_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert indexed_device("cuda:0") == torch.device("cuda", 0) and indexed_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_eager_decode_loop_runs_on_cuda(tiny_checkpoint):
+    """The loop without graphs (MING_CUDA_GRAPHS=0, quantised or host-resident experts) on a model loaded with
+    device="cuda": it ended in a KeyError at the first step; now it decodes the graphs' greedy tokens (the first
+    16 compared: the eager loop attends over exactly the cached slots, the graphs over a masked bucket)."""
+    from engine.generate import generate
+    from engine.runtime import Engine
+
+    engine = Engine.load(tiny_checkpoint, dtype="fp32", device="cuda")
+    prompt = engine.processor.build([{"role": "user", "content": "Tell me about the Ming dynasty."}]).ids
+    params = GenerationParams(max_new_tokens=40)
+    runs = [list(generate(engine.model, engine.tokenizer, prompt, params, eos_ids=set(), cuda_graphs=graphs))[-1]
+            for graphs in (False, None)]
+    assert all(isinstance(done, Done) for done in runs), runs
+    eager, graphed = (done.token_ids for done in runs)
+    assert len(eager) == 40 and eager[:16] == graphed[:16]
+
+
 GRAPH_LOGPROB_TOLERANCE = 1e-3  # fp32: the replayed step against the same step launched eagerly
 
 
@@ -106,3 +135,4 @@ def test_graph_replays_give_the_eager_logprobs(tiny_checkpoint):
     assert eager and [e.bytes for e in with_graphs] == [e.bytes for e in eager]
     flat = lambda es: [v for e in es for v in [e.logprob] + [t.logprob for t in e.top_logprobs]]  # noqa: E731
     assert flat(with_graphs) == pytest.approx(flat(eager), abs=GRAPH_LOGPROB_TOLERANCE)
+

@@ -21,6 +21,16 @@ from __future__ import annotations
 import torch
 
 
+def indexed_device(device: torch.device | str) -> torch.device:
+    """`device` as a layer's parameters report theirs: "cuda" is "cuda:<current device>". The per-device
+    bookkeeping (`positions`, the copies of the masks) is keyed by the layers' devices, so a cache made
+    for "cuda" must key "cuda:0" (an eager decode step on a model loaded with device="cuda" found no slot)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class KVCache:
     """Keys/values of every layer, the slots' padding mask and the per-sample `rope_deltas` [B, 1] that
     decode positions continue from (spec §2.9)."""
@@ -35,7 +45,7 @@ class KVCache:
         self.shape = (batch, num_kv_heads, head_dim)
         self.dtype = dtype
         devices = device if isinstance(device, (list, tuple)) else [device] * num_layers
-        self.layer_devices = [torch.device(d) for d in devices]
+        self.layer_devices = [indexed_device(d) for d in devices]
         self.device = self.layer_devices[0]  # where the bookkeeping (padding mask, deltas) lives
         self.static = static
         self.length = 0
