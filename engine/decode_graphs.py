@@ -17,7 +17,7 @@ one device ("segment"), replayed in order; activations cross between segments th
 (eager device-to-device copies, ordered by the streams). A step can be captured only when every
 layer, the embedding and the head live on CUDA devices, the embedding sits with the first layers and
 the head with the last, and every MoE layer's experts run without host syncs (ExpertBank.sync_free:
-the Triton path on plain weights); `graph_blockers` says what prevents it otherwise, and the decode
+the Triton path, on plain or quantised weights); `graph_blockers` says what prevents it otherwise, and the decode
 loop then runs the same step eagerly.
 
 Captures run once per key: a warm-up call of the step first (Triton compiles, allocator settles; its
@@ -70,7 +70,7 @@ def graph_blockers(llm) -> list[str]:
     for i, layer in enumerate(model.layers):
         if layer.is_moe and not layer.mlp.experts.sync_free:
             reasons.append(f"layer {i}: the routed experts' path reads results back to the host "
-                           "(CPU-resident, quantised or torch-reference experts)")
+                           "(CPU-resident or torch-reference experts)")
             break
     return reasons
 

@@ -136,3 +136,23 @@ def test_graph_replays_give_the_eager_logprobs(tiny_checkpoint):
     flat = lambda es: [v for e in es for v in [e.logprob] + [t.logprob for t in e.top_logprobs]]  # noqa: E731
     assert flat(with_graphs) == pytest.approx(flat(eager), abs=GRAPH_LOGPROB_TOLERANCE)
 
+
+@pytest.mark.parametrize("expert_dtype", ["bf16", "fp8", "int4"])
+def test_quantised_experts_on_the_triton_path_can_be_captured(expert_dtype, monkeypatch):
+    """fp8 / int4 experts are dequantised inside the Triton kernel, which reads nothing back to the host (0 syncs
+    per step at the real shape on an H200), so their decode step is captured like a plain one; the CPU's packed
+    layouts are not."""
+    from types import SimpleNamespace
+
+    from engine import kernels
+    from engine.models.thinker.layers import ExpertBank
+    from engine.placement.quant import quantize_bank_
+
+    bank = ExpertBank(SimpleNamespace(num_experts=4, hidden_size=64, moe_intermediate_size=32)).requires_grad_(False)
+    for p in bank.parameters():
+        p.normal_(0, 0.02)
+    quantize_bank_(bank, expert_dtype)
+    monkeypatch.setattr(kernels.dispatch, "use_triton", lambda impl, *tensors: True)  # as on CUDA tensors
+    assert bank.sync_free
+    bank.pack_for_cpu(torch.float32)
+    assert not bank.sync_free
