@@ -7,6 +7,8 @@ Each public kernel takes an ``impl`` argument:
 * ``"torch"``: always the torch reference (the CPU path).
 * ``"triton"``: always the Triton kernel (tests use this on CPU tensors under ``TRITON_INTERPRET=1``).
 
+``keep_attention_off_cudnn()`` keeps scaled_dot_product_attention off cuDNN (its per-shape plans).
+
 Separately, ``prefer_sync_free(*tensors)`` tells a torch path to take its variant that never reads
 device data on the host (what a GPU needs for an asynchronous, graph-capturable decode step) rather
 than the one that is fastest on a CPU: true for tensors off the CPU, and on the CPU when the
@@ -65,3 +67,14 @@ def prefer_sync_free(*tensors: torch.Tensor | None) -> bool:
     if os.environ.get(SYNC_FREE_ENV, "").strip().lower() in _TRUE_VALUES:
         return True
     return any(t is not None and t.device.type != "cpu" for t in tensors)
+
+
+def keep_attention_off_cudnn() -> None:
+    """Take cuDNN out of scaled_dot_product_attention's CUDA backends, for this process (flash, memory-efficient
+    and math remain). cuDNN builds an execution plan for every new shape it sees, which torch 2.11 picks first
+    for bf16 on Hopper: a decode step that is not a CUDA graph replay has a new key length every token, and on an
+    H200 each such step cost ~60 ms of plan building (GPU busy 1 %; fp32, which cuDNN does not take, and graph
+    replays, whose windows are a few fixed buckets, were unaffected). Called when a thinker or talker is built;
+    a flag only, so it costs nothing without CUDA."""
+    if torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)

@@ -49,3 +49,26 @@ def test_package_import_does_not_load_triton_kernels() -> None:
     repo_root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_building_a_thinker_or_talker_keeps_attention_off_cudnn(tiny_checkpoint, monkeypatch):
+    """cuDNN's attention builds a plan per new shape (~60 ms a decode step on an H200 when the key length grows
+    every token): a process that builds our language models runs attention on the other backends."""
+    from engine.models.talker.backbone import Qwen2Backbone
+    from engine.models.talker.config import Qwen2BackboneConfig
+    from engine.models.thinker.config import MingConfig
+    from engine.models.thinker.llm import BailingMoeV2ForCausalLM
+
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        for build in (lambda: BailingMoeV2ForCausalLM(MingConfig.from_file(tiny_checkpoint).llm),
+                      lambda: Qwen2Backbone(Qwen2BackboneConfig.from_dict(
+                          {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 8}, "test"))):
+            torch.backends.cuda.enable_cudnn_sdp(True)
+            with torch.device("meta"):
+                build()
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+            assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)

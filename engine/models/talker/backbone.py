@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels.dispatch import keep_attention_off_cudnn
 from engine.models.talker.config import ACT2FN, Qwen2BackboneConfig
 from engine.models.thinker.layers import RMSNorm  # Qwen2RMSNorm semantics (engine.kernels.rms_norm)
 
@@ -184,6 +185,7 @@ class Qwen2Backbone(nn.Module):
 
     def __init__(self, cfg: Qwen2BackboneConfig, run_layers: int | None = None):
         super().__init__()
+        keep_attention_off_cudnn()  # a new plan per key length otherwise (engine.kernels.dispatch)
         self.config = cfg
         self.run_layers = cfg.num_hidden_layers if run_layers is None else min(run_layers, cfg.num_hidden_layers)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)

@@ -403,6 +403,7 @@ class MultimodalInputError(ValueError):
 class BailingMoeV2ForCausalLM(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
+        kernels.dispatch.keep_attention_off_cudnn()  # its per-shape plans cost a decode step ~60 ms (see there)
         self.config = cfg
         self.model = BailingMoeV2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
