@@ -1,6 +1,6 @@
 """Checks of the CUDA paths on a real GPU: Triton kernels, the engine end to end, the expert runtime.
 
-    python bench/gpu_check.py [--json]
+    python bench/gpu_check.py [--only kernels,engine,runtime,graphs] [--json]
 
 Needs a CUDA GPU (prints why and exits 2 without one); exits 1 when a check fails. What it checks:
 
@@ -304,7 +304,11 @@ def check_graphs(tiny: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--only", default=None, help="comma-separated groups to check: kernels, engine, runtime, graphs")
     args = ap.parse_args(argv)
+    groups = set((args.only or "kernels,engine,runtime,graphs").split(","))
+    if not groups <= {"kernels", "engine", "runtime", "graphs"}:
+        ap.error(f"--only takes kernels, engine, runtime, graphs; got {args.only!r}")
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU here", file=sys.stderr)
         return 2
@@ -317,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.tiny import ensure_tiny_checkpoint
 
     tiny = ensure_tiny_checkpoint(tempfile.mkdtemp(prefix="ming-gpu-check-"))
-    steps = [(f"{fn.__name__} {DTYPE_NAMES[dt]}", fn, (dt,)) for dt in TOLERANCE for fn in (check_moe, check_rmsnorm, check_rotary)]
-    steps += [("check_engine", check_engine, (tiny,)), ("check_runtime", check_runtime, (tiny,)),
-              ("check_graphs", check_graphs, (tiny,))]
+    steps = [(f"{fn.__name__} {DTYPE_NAMES[dt]}", fn, (dt,)) for dt in TOLERANCE for fn in (check_moe, check_rmsnorm, check_rotary)
+             if "kernels" in groups]
+    steps += [(f"check_{g}", fn, (tiny,)) for g, fn in (("engine", check_engine), ("runtime", check_runtime),
+                                                          ("graphs", check_graphs)) if g in groups]
     for name, fn, a in steps:
         t0 = time.perf_counter()
         try:

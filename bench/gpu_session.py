@@ -63,13 +63,14 @@ def steps(args, work: Path) -> list[tuple[str, list[str]]]:
     return [
         ("env", ["bash", "-c", f"nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem "
                                f"--format=csv 2>&1 | head -3; nproc; free -g | head -2; {py} -c \"{env_probe}\""]),
-        ("gpu_check", [py, str(BENCH / "gpu_check.py"), "--json"]),
+        ("gpu_check", [py, str(BENCH / "gpu_check.py"), "--json"] + (["--only", args.gpu_check] if args.gpu_check else [])),
         ("gpu_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--disable-warnings", *GPU_TESTS]),
-        ("real_shape", shape + ["--placements", "resident,fp8,int4", "--batches", "1,8"]),
+        ("real_shape", shape + ["--placements", args.placements, "--batches", "1,8"]),
         ("moe_layer", [py, str(BENCH / "moe_layer_gpu.py"), "--tokens", "1,8,64,512,4096", "--json"]),
-        ("offload", [py, str(BENCH / "offload_gpu.py"), "--tokens", "1,16,128", "--quant", "fp8,int4", "--json"]),
+        ("offload", [py, str(BENCH / "offload_gpu.py"), "--tokens", "1,16,128", "--quant", "fp8,int4",
+                     "--calls", str(args.offload_calls), "--json"]),
         ("real_shape_offload", shape + ["--placements", "offload,offload_fp8", "--batches", "1", "--layers", "2,4",
-                                        "--base-rows", base]),
+                                        *[a for f in args.earlier_rows for a in ("--base-rows", f)], "--base-rows", base]),
     ]
 
 
@@ -170,7 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for all steps together")
     ap.add_argument("--config", default=str(REPO.parent / "shared" / "fixtures" / "real_configs" / "ming-flash-omni-2.0"),
                     help="the real 2.0 config folder (copy it beside the repo on the GPU machine)")
-    ap.add_argument("--only", default=None, help="comma-separated step names (default: all)")
+    ap.add_argument("--only", default=None, help="comma-separated step names, run in that order (default: all)")
+    ap.add_argument("--cap", action="append", default=[], metavar="STEP=SECONDS",
+                    help="a step's time cap in seconds (default: its share of --budget, CAPS)")
+    ap.add_argument("--offload-calls", type=int, default=20, help="offload_gpu.py's --calls")
+    ap.add_argument("--gpu-check", default=None, help="gpu_check.py's --only (default: every group)")
+    ap.add_argument("--placements", default="resident,fp8,int4", help="real_shape's placements")
+    ap.add_argument("--earlier-rows", action="append", default=[], metavar="FILE",
+                    help="an earlier real_shape --json output whose resident / fp8 rows the offload rows may use")
     ap.add_argument("--cpu-smoke", action="store_true", help="toy sizes, no GPU needed: a check of this script")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -183,7 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         unknown = wanted - {n for n, _ in plan}
         if unknown:
             ap.error(f"unknown steps {sorted(unknown)}; choose from {[n for n, _ in plan]}")
-        plan = [(n, a) for n, a in plan if n in wanted]
+        order = args.only.split(",")
+        plan = sorted([(n, a) for n, a in plan if n in wanted], key=lambda step: order.index(step[0]))
+    caps = {name: share * args.budget for name, share in CAPS.items()}
+    for item in args.cap:
+        name, _, seconds = item.partition("=")
+        if name not in caps or not seconds.replace(".", "", 1).isdigit():
+            ap.error(f"--cap takes STEP=SECONDS with a step of {sorted(caps)}, got {item!r}")
+        caps[name] = float(seconds)
     deadline = time.monotonic() + args.budget
     results = []
     with open(out / "steps.log", "w") as log:
@@ -192,11 +207,13 @@ def main(argv: list[str] | None = None) -> int:
             if left < 5:
                 results.append({"step": name, "status": "not run (budget spent)", "rc": None, "wall_s": 0})
                 continue
-            if name == "real_shape_offload" and not (work / "real_shape.json").exists():
+            if name == "real_shape_offload" and not (work / "real_shape.json").exists() and not args.earlier_rows:
                 results.append({"step": name, "status": "not run (real_shape gave no rows to combine with)",
                                 "rc": None, "wall_s": 0})
                 continue
-            r = run_step(name, step_argv, min(left, CAPS[name] * args.budget), log, work)
+            if name == "real_shape_offload" and not (work / "real_shape.json").exists():
+                step_argv = step_argv[:-2]  # no rows of this session's own: the earlier ones alone
+            r = run_step(name, step_argv, min(left, caps[name]), log, work)
             if name == "real_shape" and "json" in r:
                 (work / "real_shape.json").write_text(json.dumps(r["json"]))
             results.append(r)

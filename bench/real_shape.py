@@ -489,15 +489,16 @@ def cpu_only_prediction(real: MingConfig, bandwidth: float, context: int, dtype:
 BASE_OF = {"offload": "resident", "offload_fp8": "fp8"}  # the GPU-resident placement an offload row mixes with
 
 
-def base_rows(path: str | None) -> list[dict]:
-    """The resident / fp8 rows of an earlier run's --json output (--base-rows), for offload rows measured alone."""
-    if not path:
-        return []
-    try:
-        rows = json.loads(Path(path).read_text())["rows"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"--base-rows {path}: not the --json output of real_shape.py ({type(e).__name__}: {e})")
-    return [r for r in rows if r.get("placement") in BASE_OF.values() and "decode_ms_per_moe_layer" in r]
+def base_rows(paths: list[str]) -> list[dict]:
+    """The resident / fp8 rows of earlier runs' --json output (--base-rows), for offload rows measured alone."""
+    out = []
+    for path in paths:
+        try:
+            rows = json.loads(Path(path).read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--base-rows {path}: not the --json output of real_shape.py ({type(e).__name__}: {e})")
+        out += [r for r in rows if r.get("placement") in BASE_OF.values() and "decode_ms_per_moe_layer" in r]
+    return out
 
 
 def combine_offload_rows(rows: list[dict], earlier: list[dict] = ()) -> None:
@@ -580,8 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1,
                     help="measure each layer count this many times, alternating; the fastest counts (a shared "
                          "machine's slow spells otherwise bend the per-layer fit)")
-    ap.add_argument("--base-rows", default=None, metavar="FILE",
-                    help="an earlier run's --json output: its resident / fp8 rows complete the offload rows here")
+    ap.add_argument("--base-rows", action="append", default=[], metavar="FILE",
+                    help="an earlier run's --json output: its resident / fp8 rows complete the offload rows here "
+                         "(repeatable; a later file's row of the same placement and batch wins)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
