@@ -66,7 +66,8 @@ def steps(args, work: Path) -> list[tuple[str, list[str]]]:
         ("gpu_check", [py, str(BENCH / "gpu_check.py"), "--json"] + (["--only", args.gpu_check] if args.gpu_check else [])),
         ("gpu_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--disable-warnings", *GPU_TESTS]),
         ("real_shape", shape + ["--placements", args.placements, "--batches", "1,8"]),
-        ("moe_layer", [py, str(BENCH / "moe_layer_gpu.py"), "--tokens", "1,8,64,512,4096", "--json"]),
+        ("moe_layer", [py, str(BENCH / "moe_layer_gpu.py"), "--tokens", "1,8,64,512,4096", "--quant", "bf16,fp8,int4",
+                       "--json"] + (["--tune", "--tune-tokens", args.tune_tokens] if args.tune_tokens else [])),
         ("offload", [py, str(BENCH / "offload_gpu.py"), "--tokens", "1,16,128", "--quant", "fp8,int4",
                      "--calls", str(args.offload_calls), "--json"]),
         ("real_shape_offload", shape + ["--placements", "offload,offload_fp8", "--batches", "1", "--layers", "2,4",
@@ -158,8 +159,9 @@ def summarize(result: dict) -> list[str]:
     elif name == "moe_layer":
         lines.append(f"  HBM {data['hbm_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {data['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s")
         for r in data["rows"]:
-            lines.append(f"  T={r['tokens']:<5} graph {r['triton_ms']:.3f} ms eager {r['triton_eager_ms']:.3f} ms "
-                         f"roofline {r['roofline_fraction']:.2f} mma {r['mma_fraction']:.2f} vs_torch {fmt(r.get('vs_torch'), '.2f')}")
+            lines.append(f"  {r.get('storage', 'bf16'):<4} T={r['tokens']:<5} graph {r['triton_ms']:.3f} ms eager {r['triton_eager_ms']:.3f} ms "
+                         f"roofline {r['roofline_fraction']:.2f} mma {r['mma_fraction']:.2f} vs_torch {fmt(r.get('vs_torch'), '.2f')}"
+                         + (f" tuned {r['tuned_ms']:.3f} ms {r['tuned_config']}" if "tuned_ms" in r else ""))
     else:
         lines.append("  " + json.dumps(data, default=str)[:2500])
     return lines
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated step names, run in that order (default: all)")
     ap.add_argument("--cap", action="append", default=[], metavar="STEP=SECONDS",
                     help="a step's time cap in seconds (default: its share of --budget, CAPS)")
+    ap.add_argument("--tune-tokens", default=None,
+                    help="moe_layer_gpu.py --tune at these token counts (a sweep: minutes per storage)")
     ap.add_argument("--offload-calls", type=int, default=20, help="offload_gpu.py's --calls")
     ap.add_argument("--gpu-check", default=None, help="gpu_check.py's --only (default: every group)")
     ap.add_argument("--placements", default="resident,fp8,int4", help="real_shape's placements")
