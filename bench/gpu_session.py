@@ -44,7 +44,7 @@ CAPS = {"env": 0.03, "gpu_check": 0.28, "gpu_tests": 0.12, "real_shape": 0.38, "
 # the tests that run only where CUDA is (CUDA graphs of the thinker and the talker, seeded noise on the
 # device, the image DiT's autocast): the rest of the suite is the CPU's and runs in CI
 GPU_TESTS = ["tests/test_decode_graphs.py", "tests/models/talker/test_graphs.py", "tests/models/talker/test_noise.py",
-             "tests/models/imagegen/test_sd3.py"]
+             "tests/models/imagegen/test_sd3.py", "tests/placement/test_expert_runtime_cuda.py"]
 
 
 def steps(args, work: Path) -> list[tuple[str, list[str]]]:

@@ -21,6 +21,9 @@ Measured, all in one run:
 * ``vs all-gpu`` = all-gpu time / configuration time (1.0 = no cost for offloading).
 * Quantised experts all on the GPU (``--quant fp8,int4``): the stacked bank quantised
   (engine.placement.quant) and run by the fused Triton kernel, which dequantises the tiles in registers.
+* ``cpu_expert_pinned_bytes_per_s``: the CPU's T=1 rate on the same experts in pinned memory (the runtime pins
+  its host-resident experts on CUDA machines; ``RuntimeOptions(pin_host_experts=False)`` is the other side, timed
+  as its own configuration).
 * ``offload …, calibrated``: the runtime with ``RuntimeOptions(calibrate=True)`` (link, hop and CPU
   rates measured at start-up) and its CPU worker thread; ``predicted ms`` is the roofline of that
   layer from the calibrated rates (cold experts per token x expert bytes / measured CPU expert rate, or
@@ -109,20 +112,27 @@ def cpu_expert_rates(hidden: int, inter: int) -> dict:
                      for s in ((inter, hidden), (inter, hidden), (hidden, inter))) for _ in range(16)]
     nbytes = 3 * hidden * inter * 2
     out = {}
-    for T in (1, 16):
-        x = torch.randn(T, hidden).to(torch.bfloat16)
-        swiglu(x, *experts[0])
+
+    def median_time(x, weights) -> float:
+        swiglu(x, *weights[0])
         times = []
-        for w in experts:  # a different expert each call: weights come from memory, not cache
+        for w in weights:  # a different expert each call: weights come from memory, not cache
             t0 = time.perf_counter()
             swiglu(x, *w)
             times.append(time.perf_counter() - t0)
-        t = statistics.median(times)
+        return statistics.median(times)
+
+    for T in (1, 16):
+        x = torch.randn(T, hidden).to(torch.bfloat16)
+        t = median_time(x, experts)
         out[f"cpu_expert_T{T}_ms"] = t * 1e3
         if T == 1:
             out["cpu_expert_bytes_per_s"] = nbytes / t
         else:
             out["cpu_expert_flops"] = 6 * T * hidden * inter / t
+    # the same experts in pinned memory, as the expert runtime holds its host-resident ones on CUDA machines
+    pinned = [tuple(t.pin_memory() for t in w) for w in experts]
+    out["cpu_expert_pinned_bytes_per_s"] = nbytes / median_time(torch.randn(1, hidden).to(torch.bfloat16), pinned)
     return out
 
 
@@ -228,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                (f"offload {args.gpu_fraction:.0%} gpu, calibrated, no cache",
                 ExpertPlacement({0: tuple(0 if e in on_gpu else CPU for e in range(E))}, {0: 0}),
                 RuntimeOptions(device_map=DeviceMap.cuda(1), calibrate=True)),
+               (f"offload {args.gpu_fraction:.0%} gpu, calibrated, no cache, host experts pageable",
+                ExpertPlacement({0: tuple(0 if e in on_gpu else CPU for e in range(E))}, {0: 0}),
+                RuntimeOptions(device_map=DeviceMap.cuda(1), calibrate=True, pin_host_experts=False)),
                (f"offload {args.gpu_fraction:.0%} gpu, calibrated, no cache, CPU on the calling thread",
                 ExpertPlacement({0: tuple(0 if e in on_gpu else CPU for e in range(E))}, {0: 0}),
                 RuntimeOptions(device_map=DeviceMap.cuda(1), calibrate=True, cpu_workers=0))]
@@ -258,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host->GPU pinned {result['h2d_pinned_bytes_per_s'] / 1e9:.1f} GB/s, pageable "
           f"{result['h2d_pageable_bytes_per_s'] / 1e9:.1f} GB/s; CPU expert T=1 {result['cpu_expert_T1_ms']:.2f} ms "
           f"({result['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s), T=16 {result['cpu_expert_T16_ms']:.2f} ms "
-          f"({result['cpu_expert_flops'] / 1e9:.0f} GFLOP/s)")
+          f"({result['cpu_expert_flops'] / 1e9:.0f} GFLOP/s); T=1 from pinned memory "
+          f"{result['cpu_expert_pinned_bytes_per_s'] / 1e9:.1f} GB/s")
     print(f"fetch threshold (tokens): defaults {result['fetch_threshold_default']}, "
           f"measured rates {result['fetch_threshold_measured']}")
     print(f"{'configuration':34s} {'T':>5} {'ms/layer':>9} {'vs all-gpu':>10}  sites")

@@ -249,7 +249,11 @@ class RuntimeOptions:
     transient GPU memory of a prefill that streams a layer's experts). calibrate: measure the link,
     host and CPU rates at start-up (`TransferModel.calibrate`) and derive the fetch threshold from them.
     cpu_kernels: host-resident quantised experts run torch's int8 / int4 CPU kernels (see the module
-    doc; fp8 ones are then held as int8) instead of being dequantised on every call."""
+    doc; fp8 ones are then held as int8) instead of being dequantised on every call.
+    pin_host_experts: host-resident experts in pinned memory when the map has CUDA (fast, asynchronous
+    fetches); False keeps them pageable (fetches are then plain copies). An A/B switch for a lead from an H200
+    host: the runtime's calibration computed a pinned expert at 3.7 GB/s where bench/offload_gpu.py computed
+    pageable ones at 61 GB/s (two different measurements; the bench now measures both memories itself)."""
 
     device_map: DeviceMap | None = None
     cache_capacity: int = 0
@@ -262,6 +266,7 @@ class RuntimeOptions:
     fetch_window: int = DEFAULT_FETCH_WINDOW
     calibrate: bool = False
     cpu_kernels: bool = True
+    pin_host_experts: bool = True
 
     def __post_init__(self):
         if self.fused_gpu_experts not in FUSED_MODES:
@@ -745,7 +750,7 @@ class MoERuntime:
 
     def _place(self, w: ExpertWeights, slot: int) -> ExpertWeights:
         w = w.to(self.device_map.device(slot))
-        if slot == CPU and self._pin:
+        if slot == CPU and self._pin and self.options.pin_host_experts:
             w = w.map(lambda t: t.pin_memory())
         return w
 
