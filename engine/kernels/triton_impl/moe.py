@@ -327,9 +327,31 @@ LAUNCH_CONFIGS: tuple[tuple[float, LaunchConfig], ...] = (
 )
 
 
-def launch_config(n_assign: int) -> LaunchConfig:
-    """The tuned configuration for this many (token, slot) assignments."""
-    return next(cfg for bound, cfg in LAUNCH_CONFIGS if n_assign < bound)
+# Quantised weights are dequantised tile by tile in registers (values and scales in fp32 beside the tile), where
+# bf16's tiles do not fit: compiled for sm_90 (ptxas -v), int4 with them spilled 1.6-2.1 KB per thread to local
+# memory and fp8 up to 208 B; on an H200 the int4 layer then ran 0.98 / 25 / 49 ms at 1 / 16 / 128 tokens against
+# bf16's 0.23 / 1.4 / 2.6. These tiles compile with no spill in either kernel (bench/triton_resources.py prints
+# registers and spills of every configuration; tests/kernels/test_triton_resources.py checks them). Chosen by
+# register fit, next to bf16's shapes; not yet timed on a GPU (bench/moe_layer_gpu.py --quant ... --tune does).
+_FITTING_INT4: tuple[tuple[float, LaunchConfig], ...] = (
+    (DIRECT_MAX_ASSIGNMENTS + 1, LaunchConfig(16, 32, 128, num_warps=8, num_stages=3, direct=True)),
+    (1024, LaunchConfig(16, 64, 64, num_warps=8, num_stages=3)),
+    (float("inf"), LaunchConfig(32, 64, 64, num_warps=8, num_stages=2)),
+)
+QUANT_LAUNCH_CONFIGS: dict[int, tuple[tuple[float, LaunchConfig], ...]] = {
+    QUANT_CHANNEL: (
+        (DIRECT_MAX_ASSIGNMENTS + 1, LaunchConfig(16, 32, 256, num_warps=4, num_stages=3, direct=True)),
+        (1024, LaunchConfig(16, 64, 128, num_warps=8, num_stages=3)),
+        (float("inf"), LaunchConfig(32, 64, 64, num_warps=8, num_stages=3)),
+    ),
+    QUANT_INT4: _FITTING_INT4,
+    QUANT_BLOCK: _FITTING_INT4,  # per-element scales as int4's, without the unpacking
+}
+
+
+def launch_config(n_assign: int, quant: int = QUANT_NONE) -> LaunchConfig:
+    """The tuned configuration for this many (token, slot) assignments and this weight storage (QUANT_*)."""
+    return next(cfg for bound, cfg in QUANT_LAUNCH_CONFIGS.get(quant, LAUNCH_CONFIGS) if n_assign < bound)
 
 
 def smaller(cfg: LaunchConfig) -> LaunchConfig | None:
@@ -401,7 +423,7 @@ def moe_experts_triton(
     n_assign = num_tokens * top_k
     if n_assign == 0:
         return torch.zeros(x.shape, dtype=out_dtype or x.dtype, device=x.device)
-    tuned = launch_config(n_assign)
+    tuned = launch_config(n_assign, QUANT_NONE if scales is None else _scale_args(w_gate, scales[0])[0])
     direct = tuned.direct if direct is None else direct
     cfg = LaunchConfig(block_m or (DEFAULT_BLOCK_M if direct else tuned.block_m), block_n or tuned.block_n,
                        block_k or tuned.block_k, num_warps or tuned.num_warps, num_stages or tuned.num_stages, direct)
