@@ -328,11 +328,12 @@ LAUNCH_CONFIGS: tuple[tuple[float, LaunchConfig], ...] = (
 
 
 # Quantised weights are dequantised tile by tile in registers (values and scales in fp32 beside the tile), where
-# bf16's tiles do not fit: compiled for sm_90 (ptxas -v), int4 with them spilled 1.6-2.1 KB per thread to local
-# memory and fp8 up to 208 B; on an H200 the int4 layer then ran 0.98 / 25 / 49 ms at 1 / 16 / 128 tokens against
-# bf16's 0.23 / 1.4 / 2.6. These tiles compile with no spill in either kernel (bench/triton_resources.py prints
-# registers and spills of every configuration; tests/kernels/test_triton_resources.py checks them). Chosen by
-# register fit, next to bf16's shapes; not yet timed on a GPU (bench/moe_layer_gpu.py --quant ... --tune does).
+# bf16's tiles do not fit: compiled for sm_90 (ptxas -v), int4 with them spilled 0.6-2.8 KB per thread to local
+# memory, fp8-block up to 2.2 KB, fp8 / int8 up to 468 B; on an H200 the int4 layer then ran 0.98 / 25 / 49 ms at
+# 1 / 16 / 128 tokens against bf16's 0.23 / 1.4 / 2.6. These tiles compile with no spill in either kernel
+# (bench/moe_compile_check.py prints registers and spills of each; tests/bench/test_moe_compile_check.py checks
+# them). Chosen by register fit, next to bf16's shapes; not yet timed on a GPU (bench/moe_layer_gpu.py --quant
+# fp8,int4 --tune does).
 _FITTING_INT4: tuple[tuple[float, LaunchConfig], ...] = (
     (DIRECT_MAX_ASSIGNMENTS + 1, LaunchConfig(16, 32, 128, num_warps=8, num_stages=3, direct=True)),
     (1024, LaunchConfig(16, 64, 64, num_warps=8, num_stages=3)),
