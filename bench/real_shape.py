@@ -345,7 +345,7 @@ def model_in_subprocess(spec: dict) -> tuple[dict, dict[int, dict]]:
                           json.dumps(spec)], capture_output=True, text=True)
     if out.returncode != 0:
         raise MeasurementFailed(f"the measurement of {spec['placement']} at {spec['layers']} layers failed:\n"
-                           f"{out.stderr[-3000:]}")
+                                f"{out.stderr[-3000:]}")
     notes, meas = json.loads(out.stdout.strip().splitlines()[-1])
     return notes, {int(b): m for b, m in meas.items()}
 

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.paths import REPO, real_config
 
 TINY = ["--set", "hidden_size=64", "--set", "num_attention_heads=2", "--set", "num_key_value_heads=1",
@@ -53,3 +55,50 @@ def test_repeated_measurements_keep_the_fastest_time_of_each():
     r = subprocess.run([sys.executable, "bench/real_shape.py", "--repeats", "0"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "--repeats must be at least 1" in r.stderr
+
+
+
+def _real_shape_module():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import real_shape
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return real_shape
+
+
+def test_a_failed_placement_is_listed_and_the_others_still_reported(monkeypatch, capsys):
+    """On the H200 the fp8 placement's measuring process failed and the run ended with no row at all, the
+    resident one's too. A failed placement is now listed under `failed` (exit 1) and the others are reported."""
+    real_shape = _real_shape_module()
+
+    def measured(spec):
+        if spec["placement"] == "fp8":
+            raise real_shape.MeasurementFailed("the measurement of fp8 at 2 layers failed:\nKeyError: device")
+        step = 1e-3 * spec["layers"]
+        return {}, {1: {"prefill_s": 10 * step, "decode_step_s": step, "host_syncs_per_step": 0.0,
+                        "dispatched_ops_per_step": 100.0 * spec["layers"], "context": 40, "bytes_per_step": 1e6,
+                        "graphs": False}}
+
+    monkeypatch.setattr(real_shape, "model_in_subprocess", measured)
+    monkeypatch.setattr(real_shape, "memory_bandwidth", lambda device: 1e10)
+    rc = real_shape.main(["--config", str(real_config("ming-flash-omni-2.0")), "--device", "cpu", "--batches", "1",
+                          "--placements", "resident,fp8", "--layers", "2,3", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 1 and [r["placement"] for r in out["rows"]] == ["resident"]
+    assert [f["placement"] for f in out["failed"]] == ["fp8"] and "KeyError" in out["failed"][0]["error"]
+
+
+def test_offload_rows_measured_alone_take_an_earlier_runs_resident_rows(tmp_path):
+    real_shape = _real_shape_module()
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text("not json")
+    with pytest.raises(SystemExit, match="not the --json output"):  # refused before anything is measured
+        real_shape.base_rows([str(earlier)])
+    earlier.write_text(json.dumps({"rows": [{"placement": "resident", "batch": 1, "decode_ms_per_moe_layer": 0.2,
+                                             "prefill_ms_per_moe_layer": 1.0}]}))
+    rows = [{"placement": "offload", "batch": 1, "decode_ms_per_moe_layer": 5.0, "prefill_ms_per_moe_layer": 50.0,
+             "_fixed_decode_ms": 1.0, "_fixed_prefill_ms": 2.0, "_prompt": 8, "layer_gpu_share": [1.0, 0.0]}]
+    real_shape.combine_offload_rows(rows, real_shape.base_rows([str(earlier)]))
+    # one layer on the GPU at the resident cost, one on the host at the offload row's own
+    assert rows[0]["decode_ms_full"] == pytest.approx(1.0 + 0.2 + 5.0) and rows[0]["host_layer_ms"] == 5.0
