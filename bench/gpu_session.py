@@ -162,6 +162,15 @@ def summarize(result: dict) -> list[str]:
             lines.append(f"  {r.get('storage', 'bf16'):<4} T={r['tokens']:<5} graph {r['triton_ms']:.3f} ms eager {r['triton_eager_ms']:.3f} ms "
                          f"roofline {r['roofline_fraction']:.2f} mma {r['mma_fraction']:.2f} vs_torch {fmt(r.get('vs_torch'), '.2f')}"
                          + (f" tuned {r['tuned_ms']:.3f} ms {r['tuned_config']}" if "tuned_ms" in r else ""))
+    elif name == "offload":
+        lines.append(f"  link pinned {data['h2d_pinned_bytes_per_s'] / 1e9:.1f} GB/s, pageable "
+                     f"{data['h2d_pageable_bytes_per_s'] / 1e9:.1f}; CPU expert T=1 {data['cpu_expert_bytes_per_s'] / 1e9:.1f} GB/s"
+                     + (f" (pinned memory {data['cpu_expert_pinned_bytes_per_s'] / 1e9:.1f})"
+                        if "cpu_expert_pinned_bytes_per_s" in data else "")
+                     + f", T=16 {data['cpu_expert_flops'] / 1e9:.0f} GFLOP/s")
+        for r in data["rows"]:
+            check = f" predicted {r['predicted_ms']:.3f} m/p {r['measured_vs_predicted']:.2f}" if "predicted_ms" in r else ""
+            lines.append(f"  {r['config'][:58]:<58} T={r['tokens']:<4} {r['ms']:8.3f} ms vs_all_gpu {r['vs_all_gpu']:.2f}{check}")
     else:
         lines.append("  " + json.dumps(data, default=str)[:2500])
     return lines

@@ -33,3 +33,18 @@ def test_an_unknown_step_or_cap_is_refused(tmp_path):
         out = subprocess.run([sys.executable, "bench/gpu_session.py", "--cpu-smoke", "--out", str(tmp_path), *flags],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and "error:" in out.stderr, out.stderr
+
+
+def test_the_offload_summary_is_a_line_per_configuration():
+    """(The second H200 call's summary printed the offload JSON cut at 2500 characters: half its rows were lost.)"""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_session", REPO / "bench" / "gpu_session.py")
+    gpu_session = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_session)
+    rows = [{"config": f"offload {i}", "tokens": 16, "ms": 26.0, "vs_all_gpu": 0.05, "predicted_ms": 24.0,
+             "measured_vs_predicted": 1.08} for i in range(40)]
+    data = {"h2d_pinned_bytes_per_s": 55e9, "h2d_pageable_bytes_per_s": 7e9, "cpu_expert_bytes_per_s": 61e9,
+            "cpu_expert_pinned_bytes_per_s": 3.7e9, "cpu_expert_flops": 6.1e11, "rows": rows}
+    lines = gpu_session.summarize({"step": "offload", "status": "ok", "wall_s": 52.9, "json": data})
+    assert len(lines) == 2 + 40 and "pinned memory 3.7" in lines[1] and lines[-1].endswith("m/p 1.08")
