@@ -78,10 +78,8 @@ def quantised(weights: tuple[torch.Tensor, ...], kind: str) -> tuple[tuple[torch
 
     E, I, H = weights[0].shape
     with torch.device("meta"):
-        bank = ExpertBank(SimpleNamespace(num_experts=E, hidden_size=H, moe_intermediate_size=I)).to(weights[0].dtype)
-    bank = bank.to_empty(device=weights[0].device).requires_grad_(False)
-    for name, w in zip(("gate_proj", "up_proj", "down_proj"), weights):
-        getattr(bank, name).copy_(w)
+        bank = ExpertBank(SimpleNamespace(num_experts=E, hidden_size=H, moe_intermediate_size=I))
+    quant.set_bank_storage(bank, *weights, None)  # the plain tensors themselves: quantising replaces, not mutates
     quant.quantize_bank_(bank, kind)  # on the GPU, expert by expert
     return (bank.gate_proj, bank.up_proj, bank.down_proj), quant.bank_scales(bank)
 

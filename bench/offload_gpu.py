@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.kernels.moe import swiglu  # noqa: E402
 from engine.models.thinker.layers import ExpertBank  # noqa: E402
 from engine.placement.expert_runtime import CPU, DeviceMap, ExpertPlacement, MoERuntime, RuntimeOptions, TransferModel  # noqa: E402
-from engine.placement.quant import quantize_bank_  # noqa: E402
+from engine.placement.quant import quantize_bank_, set_bank_storage  # noqa: E402
 
 GIB = 1024**3
 
@@ -71,20 +71,12 @@ class _OneLayer(nn.Module):
         self.model.layers = nn.ModuleList([layer])
 
 
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-def new_bank(cfg: _Cfg, device: str, like=None) -> ExpertBank:
-    """A bf16 ExpertBank allocated on `device` (no fp32 staging: the module's own init would allocate 12.8 GB
-    of fp32 on the CPU first), holding a copy of `like`'s weights (a bank or {projection: tensor}) if given."""
+def bank_of(cfg: _Cfg, weights) -> ExpertBank:
+    """A bf16 ExpertBank holding `weights` (gate, up, down) as its storage, with no fp32 staging (the module's own
+    init would allocate 12.8 GB of fp32 on the CPU first)."""
     with torch.device("meta"):
-        bank = ExpertBank(cfg).to(torch.bfloat16)
-    bank = bank.to_empty(device=device).requires_grad_(False)
-    if like is not None:
-        with torch.no_grad():
-            for name in PROJECTIONS:
-                src = like[name] if isinstance(like, dict) else getattr(like, name)
-                getattr(bank, name).copy_(src)
+        bank = ExpertBank(cfg)
+    set_bank_storage(bank, *weights, None)
     return bank
 
 
@@ -199,13 +191,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     cfg = _Cfg(E, H, I)
-    # The weights are drawn on the GPU and copied (quantised there too): 6.4 GB drawn and quantised by
-    # the CPU took longer than the rest of the benchmark on a 16-core host.
-    gpu_bank = new_bank(cfg, "cuda")
-    with torch.no_grad():
-        for p in gpu_bank.parameters():
-            p.normal_(0, 0.02)
-    host = {name: getattr(gpu_bank, name).detach().cpu() for name in PROJECTIONS}  # what the runtimes load
+    # The weights are drawn and quantised on the GPU, then copied to the host for the runtimes: 6.4 GB drawn
+    # and quantised by the CPU took longer than the rest of the benchmark on a 16-core host.
+    plain = [torch.empty(shape, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
+             for shape in ((E, I, H), (E, I, H), (E, H, I))]
+    gpu_bank = bank_of(cfg, plain)
+    host = [w.cpu() for w in plain]  # what the runtimes load (a copy each: attaching takes the bank's tensors)
     tokens = [int(t) for t in args.tokens.split(",")]
     rows = []
     with torch.inference_mode():
@@ -214,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"config": "all-gpu (Triton)", "tokens": T, "ms": base[T], "vs_all_gpu": 1.0})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     for kind in [q for q in args.quant.split(",") if q]:
-        qbank = new_bank(cfg, "cuda", like=gpu_bank)
+        qbank = bank_of(cfg, plain)  # (quantising installs new tensors: `plain` stays as it is)
         quantize_bank_(qbank, kind)
         with torch.inference_mode():
             for T in tokens:
@@ -224,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         del qbank
         torch.cuda.empty_cache()
-    del gpu_bank
+    del gpu_bank, plain
     torch.cuda.empty_cache()
 
     g = torch.Generator().manual_seed(7)
@@ -245,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 ExpertPlacement({0: tuple(0 if e in on_gpu else CPU for e in range(E))}, {0: 0}),
                 RuntimeOptions(device_map=DeviceMap.cuda(1), calibrate=True, cpu_workers=0))]
     for name, placement, options in configs:
-        llm = _OneLayer(new_bank(cfg, "cpu", like=host))
+        llm = _OneLayer(bank_of(cfg, [w.clone() for w in host]))
         rt = MoERuntime.attach(llm, placement, options)
         layer = llm.model.layers[0].mlp.experts
         with torch.inference_mode():
