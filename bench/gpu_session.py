@@ -154,6 +154,8 @@ def summarize(result: dict) -> list[str]:
         for r in data["rows"]:
             if r.get("graphs_failure"):
                 lines.append(f"  graphs refused ({r['placement']}, batch {r['batch']}): {r['graphs_failure'][:300]}")
+            if r.get("unresolved"):
+                lines.append(f"  unresolved ({r['placement']}, batch {r['batch']}): {r['unresolved'][:300]}")
         for f in data.get("failed", []):
             lines.append(f"  FAILED {f['placement']}: " + " | ".join(f["error"].strip().splitlines()[-3:])[:600])
     elif name == "moe_layer":

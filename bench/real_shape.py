@@ -364,6 +364,15 @@ def fit(a: dict, b: dict, key: str, n_moe: tuple[int, int], full_moe: int) -> tu
     return slope, a[key] + (full_moe - n_moe[0]) * slope
 
 
+FITTED = {"decode_step_s": "decode", "prefill_s": "prefill"}  # the timed figures a per-layer cost is fitted to
+
+
+def flat_figures(fewer: dict, more: dict) -> list[str]:
+    """The timed figures of one batch not larger at the larger layer count: the machine's noise exceeded a
+    layer's cost, and a slope fitted through them would be zero or negative (a negative time per layer)."""
+    return [name for key, name in FITTED.items() if more[key] <= fewer[key]]
+
+
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -394,19 +403,31 @@ def run(args) -> dict:
         if placement == "cpu_only":
             host_rates.append(measure_rates(CPU_ONLY_PLAN["expert_dtype"], CPU_ONLY_PLAN["linear_dtype"], args.dtype))
         per_count = {}
+
+        def measure_round() -> None:  # the two layer counts alternate, so that a slow spell of a shared
+            for n in layers:          # machine does not fall on one of them only; the fastest of each counts
+                cfg = bench_config(real.llm, n, experts, overrides)
+                spec = {"config": args.config, "layers": n, "experts": experts, "overrides": overrides,
+                        "placement": placement, "device": str(device), "dtype": args.dtype, "batches": batches,
+                        "prompt": prompt, "steps": steps, "graphs": not args.no_graphs}
+                notes, meas = model_in_subprocess(spec) if args.isolate else measure_model(spec)
+                print(json.dumps({"placement": placement, "layers": n, **{str(b): m for b, m in meas.items()}}),
+                      file=sys.stderr, flush=True)
+                if n in per_count:
+                    meas = fastest(per_count[n][2], meas)
+                per_count[n] = (cfg, notes, meas)
+
         try:
-            for _ in range(args.repeats):  # the two layer counts alternate, so that a slow spell of a shared
-                for n in layers:           # machine does not fall on one of them only; the fastest of each counts
-                    cfg = bench_config(real.llm, n, experts, overrides)
-                    spec = {"config": args.config, "layers": n, "experts": experts, "overrides": overrides,
-                            "placement": placement, "device": str(device), "dtype": args.dtype, "batches": batches,
-                            "prompt": prompt, "steps": steps, "graphs": not args.no_graphs}
-                    notes, meas = model_in_subprocess(spec) if args.isolate else measure_model(spec)
-                    print(json.dumps({"placement": placement, "layers": n, **{str(b): m for b, m in meas.items()}}),
-                          file=sys.stderr, flush=True)
-                    if n in per_count:
-                        meas = fastest(per_count[n][2], meas)
-                    per_count[n] = (cfg, notes, meas)
+            for _ in range(args.repeats):
+                measure_round()
+            for retry in range(args.retries):  # a layer count not slower than the smaller one: noise won
+                fewer, more = per_count[layers[0]][2], per_count[layers[1]][2]
+                flat = [f"{name} at batch {b}" for b in batches for name in flat_figures(fewer[b], more[b])]
+                if not flat:
+                    break
+                print(f"real_shape: {placement}: {', '.join(flat)}: {layers[1]} layers not slower than "
+                      f"{layers[0]}; measuring again ({retry + 1} of {args.retries})", file=sys.stderr, flush=True)
+                measure_round()
         except MeasurementFailed as e:
             print(str(e), file=sys.stderr, flush=True)
             out["failed"].append({"placement": placement, "error": str(e)[-1500:]})
@@ -422,20 +443,29 @@ def run(args) -> dict:
             layer_s, step_s = fit(a, c, "decode_step_s", n_moe, full_moe)
             layer_pf, prefill_s = fit(a, c, "prefill_s", n_moe, full_moe)
             _, full_bytes = fit(a, c, "bytes_per_step", n_moe, full_moe)
+            decode_ok, prefill_ok = layer_s > 0, layer_pf > 0  # else noise won over a layer's cost: no figure
             row = {"placement": placement, "batch": b, "graphs": c["graphs"],
-                   "decode_ms_per_moe_layer": 1e3 * layer_s, "decode_ms_full": 1e3 * step_s,
-                   "decode_tokens_per_s_full": b / step_s if step_s > 0 else float("nan"),
-                   "prefill_tokens_per_s_full": b * prompt / prefill_s if prefill_s > 0 else float("nan"),
-                   "prefill_ms_per_moe_layer": 1e3 * layer_pf,
+                   "decode_ms_per_moe_layer": 1e3 * layer_s if decode_ok else None,
+                   "decode_ms_full": 1e3 * step_s if decode_ok else None,
+                   "decode_tokens_per_s_full": b / step_s if decode_ok else None,
+                   "prefill_tokens_per_s_full": b * prompt / prefill_s if prefill_ok else None,
+                   "prefill_ms_per_moe_layer": 1e3 * layer_pf if prefill_ok else None,
                    f"decode_ms_at_{layers[1]}_layers": 1e3 * c["decode_step_s"],
                    "bytes_per_step_full": full_bytes,
-                   "bandwidth_fraction": full_bytes / step_s / bandwidth if step_s > 0 else float("nan"),
-                   "_fixed_decode_ms": 1e3 * (a["decode_step_s"] - n_moe[0] * layer_s),
-                   "_fixed_prefill_ms": 1e3 * (a["prefill_s"] - n_moe[0] * layer_pf), "_prompt": prompt,
+                   "bandwidth_fraction": full_bytes / step_s / bandwidth if decode_ok else None,
+                   "_fixed_decode_ms": 1e3 * (a["decode_step_s"] - n_moe[0] * layer_s) if decode_ok else None,
+                   "_fixed_prefill_ms": 1e3 * (a["prefill_s"] - n_moe[0] * layer_pf) if prefill_ok else None,
+                   "_prompt": prompt,
                    "host_syncs_per_step": c["host_syncs_per_step"], "context": c["context"],
                    "host_syncs_per_moe_layer": (c["host_syncs_per_step"] - a["host_syncs_per_step"]) / (n_moe[1] - n_moe[0]),
                    "ops_per_moe_layer": (c["dispatched_ops_per_step"] - a["dispatched_ops_per_step"]) / (n_moe[1] - n_moe[0]),
                    **notes}
+            flat = flat_figures(a, c)
+            if flat:
+                row["unresolved"] = (f"{' and '.join(flat)}: the step at {layers[1]} "
+                                     f"layers was not slower than at {layers[0]} after {args.repeats + args.retries} "
+                                     f"rounds (this machine's noise exceeds a layer's cost): no per-layer figure; "
+                                     f"measure with more --decode-steps or --repeats, on a quieter machine")
             failure = c.get("graphs_failure") or a.get("graphs_failure")
             if failure:
                 row["graphs_failure"] = failure
@@ -449,7 +479,8 @@ def run(args) -> dict:
     bandwidth = max(start, memory_bandwidth(device))
     out["memory_bytes_per_s"] = bandwidth
     for row in out["rows"]:
-        row["bandwidth_fraction"] *= start / bandwidth
+        if row["bandwidth_fraction"] is not None:
+            row["bandwidth_fraction"] *= start / bandwidth
     combine_offload_rows(out["rows"], earlier)
     measured = [r for r in host_rates if r is not None]
     rates = (sum(r.cpu_expert_gbs for r in measured) / len(measured),
@@ -521,13 +552,16 @@ def combine_offload_rows(rows: list[dict], earlier: list[dict] = ()) -> None:
             continue
         share = r["layer_gpu_share"]
         mix = lambda gpu, host: sum(f * gpu + (1 - f) * host for f in share)  # noqa: E731
-        fixed = r["_fixed_decode_ms"]
-        step_ms = fixed + mix(base["decode_ms_per_moe_layer"], r["host_layer_ms"])
-        prefill_ms = r["_fixed_prefill_ms"] + mix(base["prefill_ms_per_moe_layer"], r["host_layer_prefill_ms"])
-        r["decode_ms_per_moe_layer"] = mix(base["decode_ms_per_moe_layer"], r["host_layer_ms"]) / len(share)
-        r["decode_ms_full"] = step_ms
-        r["decode_tokens_per_s_full"] = r["batch"] / (step_ms * 1e-3)
-        r["prefill_tokens_per_s_full"] = r["batch"] * r["_prompt"] / (prefill_ms * 1e-3)
+        parts = (r["_fixed_decode_ms"], base["decode_ms_per_moe_layer"], r["host_layer_ms"])
+        if None not in parts:  # a figure left unresolved (noise) on either side gives no combination
+            fixed, gpu_layer, host_layer = parts
+            r["decode_ms_per_moe_layer"] = mix(gpu_layer, host_layer) / len(share)
+            r["decode_ms_full"] = fixed + mix(gpu_layer, host_layer)
+            r["decode_tokens_per_s_full"] = r["batch"] / (r["decode_ms_full"] * 1e-3)
+        parts = (r["_fixed_prefill_ms"], base.get("prefill_ms_per_moe_layer"), r["host_layer_prefill_ms"])
+        if None not in parts:
+            fixed, gpu_layer, host_layer = parts
+            r["prefill_tokens_per_s_full"] = r["batch"] * r["_prompt"] / ((fixed + mix(gpu_layer, host_layer)) * 1e-3)
     for r in rows:
         for key in [k for k in r if k.startswith("_")]:
             del r[key]
@@ -581,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1,
                     help="measure each layer count this many times, alternating; the fastest counts (a shared "
                          "machine's slow spells otherwise bend the per-layer fit)")
+    ap.add_argument("--retries", type=int, default=2,
+                    help="rounds added while a step at the larger layer count is not slower than at the smaller "
+                         "(noise larger than a layer's cost); a figure still unresolved is reported as such")
     ap.add_argument("--base-rows", action="append", default=[], metavar="FILE",
                     help="an earlier run's --json output: its resident / fp8 rows complete the offload rows here "
                          "(repeatable; a later file's row of the same placement and batch wins)")
@@ -589,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    if args.retries < 0:
+        ap.error("--retries must be 0 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
@@ -602,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
     else:
         print_table(out)
+        for r in out["rows"]:
+            if "unresolved" in r:
+                print(f"UNRESOLVED {r['placement']} batch {r['batch']}: {r['unresolved']}")
         for f in out["failed"]:
             print(f"FAILED {f['placement']}: {f['error'].strip().splitlines()[-1]}")
     return 1 if out["failed"] else 0
