@@ -34,6 +34,14 @@ def new_tab(context):
     return page
 
 
+def until(tab, js: str, tab_id: str | None = None, timeout: float = 5_000) -> None:
+    """Wait until `js` (an expression over chats.js, as the tab `tab_id` where one is given) is true in `tab`: what
+    another tab wrote reaches this one's localStorage a moment later when the two run in different processes."""
+    as_tab = f"sessionStorage.setItem({TAB_KEY!r}, {tab_id!r});" if tab_id else ""
+    tab.wait_for_function(f"() => {{ {as_tab} const chats = ({CHATS_JS})(); return Boolean({js}); }}",
+                          polling=20, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def page(chromium):
     context = chromium().new_context()  # (a context of its own: a test opens a second tab beside it)
@@ -131,6 +139,7 @@ def test_a_conversation_open_in_another_tab_is_listed_so_and_not_opened_twice(pa
 
     call(a, f"chats.hold(); chats.keep({json.dumps(turn('A'))});")
     a_id = a.evaluate(f"() => sessionStorage.getItem({TAB_KEY!r})")
+    until(b, f"chats.heldElsewhere({a_id!r}) && localStorage.getItem('ming-studio-chats/' + {a_id!r})")  # (A's writes)
     call(b, "chats.hold();")
     [listed] = call(b, "return chats.earlier();")
     assert listed["id"] == a_id and listed["held"] and listed["label"].endswith("(open in another tab)")
@@ -148,6 +157,7 @@ def test_a_conversation_open_in_another_tab_is_listed_so_and_not_opened_twice(pa
     deadline = time.monotonic() + 10  # (a close that runs the unload handlers is not waited for: wait until it is done)
     while not a.is_closed() and time.monotonic() < deadline:
         b.wait_for_timeout(20)
+    until(b, f"!chats.heldElsewhere({a_id!r})")  # (A's release reaching B)
     assert not any(c["held"] for c in call(b, "return chats.earlier();"))
     assert call(b, f"return chats.open({a_id!r});") == turn("A")
     assert call(b, "return chats.open('dead');") == turn("D")
@@ -169,12 +179,13 @@ def test_the_conversation_of_a_page_that_died_hidden_is_free_within_half_a_minut
             window.setInterval = () => 0;  // the page's own timers, throttled: they never run here
             ({CHATS_JS})(localStorage, sessionStorage, globalThis, {{refreshMs: 50, expiresMs: 25000}}).hold();
         }}""")
-        claimed = page.evaluate("() => JSON.parse(localStorage.getItem('ming-studio-chat-open/hidden')).at")
-        page.wait_for_function(f"() => JSON.parse(localStorage.getItem('ming-studio-chat-open/hidden')).at > {claimed}",
-                               timeout=5_000)  # (refreshed by the worker)
+        claim = "JSON.parse(localStorage.getItem('ming-studio-chat-open/hidden'))"
+        until(page, claim)  # (the hidden tab's claim reaching this one: CI once read it as null at once)
+        claimed = page.evaluate(f"() => {claim}.at")
+        until(page, f"{claim}.at > {claimed}")  # (refreshed by the worker)
         hidden.evaluate("() => document.dispatchEvent(new Event('freeze'))")
-        assert store("two", "chats.heldElsewhere('hidden')") is False
+        until(page, "!chats.heldElsewhere('hidden')", tab_id="two")  # released (within 5 s, not the claim's 25)
         hidden.evaluate("() => document.dispatchEvent(new Event('resume'))")
-        assert store("two", "chats.heldElsewhere('hidden')") is True
+        until(page, "chats.heldElsewhere('hidden')", tab_id="two")  # and taken again
     finally:
         hidden.close()
