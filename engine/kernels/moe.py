@@ -31,7 +31,9 @@ with ``scales`` it dequantises each weight tile inside the kernel.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -89,19 +91,31 @@ class ExpertGroups:
     offsets: list[int]  # len(experts) + 1 boundaries into token_index
 
 
-def group_by_expert(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> ExpertGroups:
-    """Sort the (token, slot) assignments by expert id (stable) and list the non-empty experts."""
+def group_by_expert(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                    host_ids: list[int] | None = None) -> ExpertGroups:
+    """Sort the (token, slot) assignments by expert id (stable) and list the non-empty experts.
+
+    `host_ids`: topk_ids flattened, already read on the host by the caller: the experts and their
+    boundaries are counted from them, and the device is not read again (without it: a bincount, a
+    nonzero and two reads back, each a host sync on a GPU)."""
     top_k = topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=num_experts)
-    active = torch.nonzero(counts).flatten()
-    active_counts = counts[active]
-    offsets = [0] + torch.cumsum(active_counts, 0).tolist()
+    if host_ids is None:
+        counts = torch.bincount(flat_ids, minlength=num_experts)
+        active = torch.nonzero(counts).flatten()
+        experts = active.tolist()
+        offsets = [0] + torch.cumsum(counts[active], 0).tolist()
+    else:
+        sizes = Counter(host_ids)
+        experts = sorted(sizes)
+        if experts and not (0 <= experts[0] and experts[-1] < num_experts):
+            raise ValueError(f"expert ids must be in [0, {num_experts}); got {experts[0]}..{experts[-1]}")
+        offsets = list(accumulate((sizes[e] for e in experts), initial=0))
     return ExpertGroups(
         token_index=order // top_k,
         weights=topk_weights.reshape(-1)[order],
-        experts=active.tolist(),
+        experts=experts,
         offsets=offsets,
     )
 

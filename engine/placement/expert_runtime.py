@@ -312,17 +312,26 @@ class HotExpertCache:
         if capacity < 0 or not 0 <= decay <= 1 or hysteresis < 0:
             raise ValueError("cache capacity must be >= 0, decay in [0, 1], hysteresis >= 0")
         self.capacity, self.decay, self.hysteresis = capacity, decay, hysteresis
-        self.scores: dict[int, torch.Tensor] = {}
+        # per layer: its forwards so far, and {expert: (score, the forward it was last updated at)}; a score
+        # decays lazily (decay ** forwards since), so a forward touches only the experts it routed to
+        self.forwards: dict[int, int] = {}
+        self.scores: dict[int, dict[int, tuple[float, int]]] = {}
         self.resident: dict[tuple[int, int], ExpertWeights] = {}  # insertion order = age
 
-    def observe(self, layer: int, counts: torch.Tensor) -> None:
-        counts = counts.to("cpu", torch.float64)
-        prev = self.scores.get(layer)
-        self.scores[layer] = counts if prev is None else prev * self.decay + counts
+    def observe(self, layer: int, counts: dict[int, float]) -> None:
+        """One forward of `layer` routed counts[e] tokens to expert e (experts not named: none). Plain
+        Python on host numbers: the cache's bookkeeping reads nothing from a device."""
+        now = self.forwards[layer] = self.forwards.get(layer, 0) + 1
+        scores = self.scores.setdefault(layer, {})
+        for e, n in counts.items():
+            if n:
+                scores[e] = (self._decayed(scores.get(e), now - 1) * self.decay + n, now)
+
+    def _decayed(self, entry: tuple[float, int] | None, now: int) -> float:
+        return 0.0 if entry is None else entry[0] * self.decay ** (now - entry[1])
 
     def score(self, key: tuple[int, int]) -> float:
-        s = self.scores.get(key[0])
-        return 0.0 if s is None else float(s[key[1]])
+        return self._decayed(self.scores.get(key[0], {}).get(key[1]), self.forwards.get(key[0], 0))
 
     def lookup(self, key: tuple[int, int]) -> ExpertWeights | None:
         return self.resident.get(key)
@@ -485,12 +494,10 @@ class LayerRuntime:
         check_routing(ids, weights, x.shape[0])
         rt, dm, stats = self.owner, self.owner.device_map, self.owner.stats
         home = x.device
-        groups = group_by_expert(ids, weights, self.num_experts)
-        counts = torch.zeros(self.num_experts, dtype=torch.long)
+        routed = ids.tolist()  # the layer's one read of the device: which experts, how many tokens each
+        groups = group_by_expert(ids, weights, self.num_experts, host_ids=[e for row in routed for e in row])
         sizes = [groups.offsets[i + 1] - groups.offsets[i] for i in range(len(groups.experts))]
-        if groups.experts:
-            counts[groups.experts] = torch.tensor(sizes)
-        rt.cache.observe(self.layer, counts)
+        rt.cache.observe(self.layer, dict(zip(groups.experts, sizes)))
         threshold = rt.threshold(self, x.element_size())
         protect = {(self.layer, e) for e in groups.experts}
 
@@ -529,7 +536,7 @@ class LayerRuntime:
         #    token's in one native call where the layer has a host table.
         host = self.host_table(x.dtype) if cpu_jobs and x.shape[0] == 1 and len(cpu_jobs) <= native.MAX_TOP_K else None
         if host is not None:
-            cpu_finish = self._submit_cpu_native(x, groups, cpu_jobs, host)
+            cpu_finish = self._submit_cpu_native(x, weights, routed[0], cpu_jobs, host)
         else:
             cpu_finish = self._submit_cpu(x, groups, cpu_jobs) if cpu_jobs else None
         # 2. Fused GPU calls, then per-expert GPU blocks (asynchronous on CUDA).
@@ -628,23 +635,27 @@ class LayerRuntime:
 
         return finish
 
-    def _submit_cpu_native(self, x: torch.Tensor, groups, jobs: list[tuple[int, int]], host):
-        """One token's host-resident experts in one native call on a CPU worker: the token's row and the
-        experts' routing weights staged in reused host buffers (pinned on CUDA; one copy each), the call
-        reads the experts in place. Returns `finish()`: the fp32 [1, H] weighted sum on the home device
-        (the experts' outputs summed in ascending id order, as moe_experts_reference sums them)."""
+    def _submit_cpu_native(self, x: torch.Tensor, weights: torch.Tensor, routed: list[int], jobs: list[tuple[int, int]],
+                           host):
+        """One token's host-resident experts in one native call on a CPU worker: the token's row and its
+        routing weights ([1, k], `routed` its expert ids as read on the host) staged in reused host buffers
+        (pinned on CUDA; one copy each, no read of the device here), the call reads the experts in place.
+        Returns `finish()`: the fp32 [1, H] weighted sum on the home device (the experts' outputs summed in
+        ascending id order, as moe_experts_reference sums them)."""
         rt = self.owner
         index, table = host
         for _i, _e in jobs:
             rt.stats.record("cpu", 1)
         staged = self.staging.buffer("inputs", 1, x.dtype)
         staged.copy_(x, non_blocking=x.is_cuda)
-        if self._route_w is None:
-            self._route_w = torch.empty(native.MAX_TOP_K, dtype=torch.float32, pin_memory=rt._pin)
-        route_w = self._route_w[:len(jobs)]
-        starts = torch.tensor([groups.offsets[i] for i, _e in jobs], device=groups.weights.device)
-        route_w.copy_(groups.weights.index_select(0, starts), non_blocking=x.is_cuda)
-        ids = torch.tensor([[index[e] for _i, e in jobs]], dtype=torch.int64)
+        if self._route_w is None or self._route_w.shape[1] < weights.shape[1]:
+            self._route_w = torch.empty(1, max(native.MAX_TOP_K, weights.shape[1]), dtype=torch.float32,
+                                        pin_memory=rt._pin)
+        route_all = self._route_w[:, :weights.shape[1]]
+        route_all.copy_(weights, non_blocking=x.is_cuda)  # the whole row; the worker picks the host experts'
+        slot_of = {e: j for j, e in enumerate(routed)}  # (a token's top-k experts are distinct)
+        picks = [slot_of[e] for _i, e in jobs]  # ascending expert id, as `jobs`
+        rows = [[index[e] for _i, e in jobs]]
         ready = self.staging.mark(x.device) if x.is_cuda else None
         rt.stats.host_transfers += 2
         threads = torch.get_num_threads()
@@ -654,7 +665,8 @@ class LayerRuntime:
                 ready.synchronize()
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)  # per-thread OpenMP count: the caller's
-            return native.moe_decode(staged, table, ids, route_w.view(1, -1))
+            route_w = route_all[:, picks]  # (host tensors, on the worker: after the copy has landed)
+            return native.moe_decode(staged, table, torch.tensor(rows, dtype=torch.int64), route_w)
 
         future = rt.run_on_cpu(work)
 
