@@ -277,8 +277,9 @@ class RuntimeOptions:
 
 @dataclass
 class RuntimeStats:
-    """Counters since the last reset: token-expert assignments and expert blocks per site
-    ('gpu0', 'gpu1', 'cpu'; cache hits and fetched experts count on their GPU), copies and cache events."""
+    """Counters since the last reset: token-expert assignments and compute calls per site ('gpu0', 'gpu1',
+    'cpu'; an expert's block, or one fused call over a slot's experts; cache hits and fetched experts count
+    on their GPU), copies and cache events."""
 
     tokens: dict[str, int] = field(default_factory=dict)
     blocks: dict[str, int] = field(default_factory=dict)
@@ -397,6 +398,7 @@ class LayerRuntime:
         self.owner, self.layer, self.experts, self.slots = owner, layer, experts, slots
         self.cache_slot, self.hidden, self.inter = cache_slot, hidden, inter
         self.fused: dict[int, FusedSlot] = {}
+        self.whole_slot: int | None = None  # the fused GPU slot holding every expert of the layer, if one does
         self.staging = HostStaging(hidden, owner._pin)
         self._cpu_kernels: dict[torch.dtype, tuple[dict[int, int], object]] = {}
         self._host_tables: dict[torch.dtype, tuple[dict[int, int], native.ExpertTable] | None] = {}
@@ -473,6 +475,14 @@ class LayerRuntime:
             local[resident] = torch.arange(len(resident))
             self.fused[slot] = FusedSlot(local.to(first.gate.device), *stacks[:3],
                                          tuple(stacks[3:]) if first.quantized else None)
+        if len(by_slot) == 1 and CPU not in self.slots and set(by_slot) <= set(self.fused):
+            self.whole_slot = next(iter(by_slot))
+
+    @property
+    def sync_free(self) -> bool:
+        """Whether a call never waits for the device (ExpertBank.sync_free; a decode step of such layers can
+        be a CUDA graph): every expert of the layer in one fused slot, on the only GPU (the home device)."""
+        return self.whole_slot is not None and self.owner.device_map.n_gpus == 1
 
     def _run_fused(self, slot: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """fp32 [T, H] sum over the assignments whose expert lives in this fused slot (on its device)."""
@@ -494,6 +504,10 @@ class LayerRuntime:
         check_routing(ids, weights, x.shape[0])
         rt, dm, stats = self.owner, self.owner.device_map, self.owner.stats
         home = x.device
+        if self.whole_slot is not None:  # one fused call over the whole layer: nothing to read or decide here
+            stats.record(dm.name(self.whole_slot), ids.numel())
+            part = self._run_fused(self.whole_slot, x, ids, weights)
+            return part.to(home, non_blocking=part.is_cuda and home.type == "cuda").to(x.dtype)
         routed = ids.tolist()  # the layer's one read of the device: which experts, how many tokens each
         groups = group_by_expert(ids, weights, self.num_experts, host_ids=[e for row in routed for e in row])
         sizes = [groups.offsets[i + 1] - groups.offsets[i] for i in range(len(groups.experts))]
@@ -504,11 +518,12 @@ class LayerRuntime:
         # Decide a site per active expert.
         gpu_jobs, cpu_jobs, fetch_jobs = [], [], []
         fused_active: set[int] = set()
+        fused_tokens: dict[int, int] = {}
         for i, e in enumerate(groups.experts):
             slot = self.slots[e]
             if slot in self.fused:  # computed below, with the slot's other experts, in one fused call
                 fused_active.add(slot)
-                stats.record(dm.name(slot), sizes[i])
+                fused_tokens[slot] = fused_tokens.get(slot, 0) + sizes[i]
                 continue
             if slot != CPU:
                 gpu_jobs.append((i, slot, self.experts[e]))
@@ -541,6 +556,8 @@ class LayerRuntime:
             cpu_finish = self._submit_cpu(x, groups, cpu_jobs) if cpu_jobs else None
         # 2. Fused GPU calls, then per-expert GPU blocks (asynchronous on CUDA).
         partials = [self._run_fused(slot, x, ids, weights) for slot in sorted(fused_active)]
+        for slot, n in fused_tokens.items():
+            stats.record(dm.name(slot), n)  # (one call each)
         results: dict[int, torch.Tensor] = {}
         for i, slot, w in gpu_jobs:
             results[i] = self._run_block(x, groups, i, slot, w)
