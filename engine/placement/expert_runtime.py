@@ -508,8 +508,8 @@ class LayerRuntime:
             stats.record(dm.name(self.whole_slot), ids.numel())
             part = self._run_fused(self.whole_slot, x, ids, weights)
             return part.to(home, non_blocking=part.is_cuda and home.type == "cuda").to(x.dtype)
-        routed = ids.tolist()  # the layer's one read of the device: which experts, how many tokens each
-        groups = group_by_expert(ids, weights, self.num_experts, host_ids=[e for row in routed for e in row])
+        routed = ids.reshape(-1).tolist()  # the layer's one read of the device: which experts, how many tokens
+        groups = group_by_expert(ids, weights, self.num_experts, host_ids=routed)
         sizes = [groups.offsets[i + 1] - groups.offsets[i] for i in range(len(groups.experts))]
         rt.cache.observe(self.layer, dict(zip(groups.experts, sizes)))
         threshold = rt.threshold(self, x.element_size())
@@ -551,7 +551,7 @@ class LayerRuntime:
         #    token's in one native call where the layer has a host table.
         host = self.host_table(x.dtype) if cpu_jobs and x.shape[0] == 1 and len(cpu_jobs) <= native.MAX_TOP_K else None
         if host is not None:
-            cpu_finish = self._submit_cpu_native(x, weights, routed[0], cpu_jobs, host)
+            cpu_finish = self._submit_cpu_native(x, weights, routed, cpu_jobs, host)  # (one token: its row)
         else:
             cpu_finish = self._submit_cpu(x, groups, cpu_jobs) if cpu_jobs else None
         # 2. Fused GPU calls, then per-expert GPU blocks (asynchronous on CUDA).
