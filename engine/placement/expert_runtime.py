@@ -198,11 +198,14 @@ class TransferModel:
         return max(0, math.floor(saved / per_token)) if saved > 0 else 0
 
     @classmethod
-    def calibrate(cls, device_map: "DeviceMap", expert: ExpertWeights, act_dtype: torch.dtype) -> "TransferModel":
+    def calibrate(cls, device_map: "DeviceMap", expert: ExpertWeights, act_dtype: torch.dtype,
+                  compute=None) -> "TransferModel":
         """Measured on this machine (best of a few runs, efficiency 1): the link (pinned host -> first
         GPU slot, or a host copy on a simulated map), the hop (a one-row copy round trip), and the CPU
-        computing `expert` (a host-resident expert of the model): its T=1 weight-read rate as the host
-        bandwidth, its T=16 rate as the GEMM rate."""
+        computing `expert` (a host-resident expert of the model) with `compute` (x -> y; default
+        ExpertWeights.forward; the runtime passes the CPU kernel it computes that expert with): its T=1
+        weight-read rate as the host bandwidth, its T=16 rate as the GEMM rate."""
+        compute = compute or expert.forward
         target = device_map.gpus[0] if device_map.gpus else device_map.host
         cuda = target.type == "cuda"
         n = CALIBRATION_BYTES // 2
@@ -229,9 +232,9 @@ class TransferModel:
         hop = best(lambda: row.to(target, copy=True).to(device_map.host, copy=True)) / 2
         x1 = torch.zeros(1, row.shape[1], dtype=act_dtype)
         x16 = torch.zeros(CALIBRATION_TOKENS, row.shape[1], dtype=act_dtype)
-        host = expert.nbytes / best(lambda: expert.forward(x1))
+        host = expert.nbytes / best(lambda: compute(x1))
         inter = expert.gate.shape[0]
-        flops = 6 * CALIBRATION_TOKENS * row.shape[1] * inter / best(lambda: expert.forward(x16))
+        flops = 6 * CALIBRATION_TOKENS * row.shape[1] * inter / best(lambda: compute(x16))
         return cls(pcie_gbs=link / 1e9, host_gbs=host / 1e9, cpu_gflops=flops / 1e9, hop_latency_us=hop * 1e6,
                    efficiency=1.0)
 
@@ -251,9 +254,11 @@ class RuntimeOptions:
     cpu_kernels: host-resident quantised experts run torch's int8 / int4 CPU kernels (see the module
     doc; fp8 ones are then held as int8) instead of being dequantised on every call.
     pin_host_experts: host-resident experts in pinned memory when the map has CUDA (fast, asynchronous
-    fetches); False keeps them pageable (fetches are then plain copies). An A/B switch for a lead from an H200
-    host: the runtime's calibration computed a pinned expert at 3.7 GB/s where bench/offload_gpu.py computed
-    pageable ones at 61 GB/s (two different measurements; the bench now measures both memories itself)."""
+    fetches); False keeps them pageable (fetches are then plain copies). Added as an A/B switch when the
+    calibration computed a pinned expert at 3.7 GB/s on an H200 host where bench/offload_gpu.py computed
+    pageable ones at 61 GB/s. The likely cause was the calibration's, not the pinning's: that model had no
+    embedding to take the activations' dtype from, so it timed fp32 activations, each call converting the
+    bf16 expert to fp32 first (fixed, see MoERuntime.calibrate; not re-measured on a GPU)."""
 
     device_map: DeviceMap | None = None
     cache_capacity: int = 0
@@ -818,9 +823,18 @@ class MoERuntime:
                        for e in range(len(slots))]
             rt._install(llm, layer, bank, experts, slots)
         if rt.options.calibrate and rt.layers:
-            rt.calibrate(llm.model.word_embeddings.weight.dtype if hasattr(llm.model, "word_embeddings")
-                         else torch.get_default_dtype())
+            rt.calibrate(cls._activation_dtype(llm, rt))
         return rt
+
+    @staticmethod
+    def _activation_dtype(llm: nn.Module, rt: "MoERuntime") -> torch.dtype:
+        """The dtype the experts will see: the model's other weights' (the experts' own once placed: meta
+        in the model), else the experts' where they are plain, else torch's default."""
+        for t in llm.parameters():
+            if t.is_floating_point() and not t.is_meta:
+                return t.dtype
+        expert = next(iter(rt.layers.values())).experts[0]
+        return torch.get_default_dtype() if expert.quantized else expert.gate.dtype
 
     @classmethod
     def load(cls, llm: nn.Module, reader: TensorReader, prefix: str, placement, expert_dtype: str,
@@ -872,9 +886,15 @@ class MoERuntime:
         """Measure the transfer model on this machine with one of the model's host-resident experts
         (any expert when none is), use it for the fetch thresholds and return it."""
         layers = list(self.layers.values())
-        host = [lr.experts[e] for lr in layers for e, s in enumerate(lr.slots) if s == CPU]
-        sample = host[0] if host else layers[0].experts[0].to(self.device_map.host)
-        self.transfer = TransferModel.calibrate(self.device_map, sample, dtype)
+        host = [(lr, e) for lr in layers for e, s in enumerate(lr.slots) if s == CPU]
+        if host:  # timed as the runtime computes it (the int8 / int4 CPU kernels; not a dequantising forward)
+            lr, e = host[0]
+            sample, compute = lr.experts[e], lr.cpu_expert(e, dtype)
+        else:
+            sample = layers[0].experts[0].to(self.device_map.host)
+            compute = None
+        with torch.inference_mode():
+            self.transfer = TransferModel.calibrate(self.device_map, sample, dtype, compute)
         self._thresholds.clear()
         return self.transfer
 

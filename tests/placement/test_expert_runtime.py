@@ -400,6 +400,40 @@ def test_calibration_measures_this_machine():
     assert torch.equal(llm.bank(1)(x, ids, w), _reference(_ToyLLM(), 1, x, ids, w))
 
 
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_calibration_times_the_cpu_path_the_runtime_takes(kind, monkeypatch):
+    """On the H200 the calibration computed a host expert at 3.7 GB/s where bench/offload_gpu.py measured 61: a
+    model without word embeddings (that benchmark's one-layer model) was calibrated with fp32 activations, so
+    each call turned the bf16 expert into fp32 first; and quantised host experts were timed dequantising,
+    not on the CPU kernels the runtime computes them with. Both skewed the fetch threshold."""
+    seen = {}
+    real = TransferModel.calibrate.__func__
+
+    def spy(cls, device_map, expert, act_dtype, compute=None):
+        seen.update(act_dtype=act_dtype, expert=expert, compute=compute)
+        return real(cls, device_map, expert, act_dtype, compute)
+
+    monkeypatch.setattr(TransferModel, "calibrate", classmethod(spy))
+    llm = _ToyLLM().to(torch.bfloat16)
+    if kind != "bf16":  # (quantised experts say nothing of the activations: the model's other weights do)
+        llm.model.norm = nn.Parameter(torch.ones(H, dtype=torch.bfloat16), requires_grad=False)
+        for l in (1, 2):
+            quantize_bank_(llm.bank(l), kind)
+    rt = MoERuntime.attach(llm, ExpertPlacement(SPLIT, {1: 0, 2: 1}),
+                           RuntimeOptions(device_map=DeviceMap.simulated(2), calibrate=True))
+    assert seen["act_dtype"] == torch.bfloat16  # (bf16: the experts' own dtype, the toy model has nothing else)
+    x = torch.randn(3, H).to(torch.bfloat16)
+    e = rt.layers[1].slots.index(CPU)
+    assert seen["expert"] is rt.layers[1].experts[e]
+    if kind == "bf16":
+        assert seen["compute"] == seen["expert"].forward
+    else:  # the int8 CPU kernel, computing what the dequantising forward computes
+        assert seen["compute"] != seen["expert"].forward
+        with torch.inference_mode():  # (as the runtime's CPU workers run it)
+            torch.testing.assert_close(seen["compute"](x), seen["expert"].forward(x), atol=2e-2, rtol=2e-2)
+    assert rt.transfer.host_gbs > 0 and rt.transfer.efficiency == 1.0
+
+
 @pytest.mark.parametrize("kind", ["fp8", "int4"])
 def test_fused_gpu_slots_run_quantised_experts_in_the_kernel(kind):
     """Quantised experts resident on a GPU are stacked (values and scales) and dequantised inside the
