@@ -17,8 +17,13 @@ Model
 
 Per forward of a layer (x [T, H] on the layer's home device, routing ids/weights)
 --------------------------------------------------------------------------------
-1. Assignments are grouped by expert (as ``moe_experts``); the per-expert token counts feed the
-   hot-expert cache's statistics (LFU with exponential decay of the router's selection counts).
+0. A layer whose experts all sit in one fused GPU slot (below) is that slot's one fused call, nothing else:
+   no read of the device, so on a single GPU it is ``sync_free`` and a decode step of such layers can be a
+   CUDA graph (engine.decode_graphs).
+1. Otherwise the routing ids are read to the host, once (the layer's one host sync on a GPU); assignments
+   are grouped by expert (as ``moe_experts``; the experts and their boundaries counted from those ids, with
+   no further read) and the per-expert token counts feed the hot-expert cache's statistics (LFU with
+   exponential decay of the router's selection counts; plain Python on host numbers).
 2. Each active expert gets a site:
    * GPU-resident: computed on that GPU. Where the GPU runs Triton (``fused_gpu_experts="auto"``), all
      of a layer's experts resident on one GPU are stacked at load time (quantised ones with their
