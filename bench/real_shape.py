@@ -19,8 +19,8 @@ Method
 * Bytes per decode step: every non-expert weight, the routed experts a step touches (expected number of
   distinct experts for B tokens choosing top-k of E uniformly, which is what random weights route
   like), one embedding row per token and the KV cache read; against the memory bandwidth measured in
-  the same run (a large device copy, read + write; the better of a copy before and one after the
-  measurements).
+  the same run (a large device copy, read + write, and on the CPU also a read of it, the better; the
+  better of a measurement before and one after the measurements).
 * Host syncs per step (engine.tools.host_sync, the token read excluded) and, on CUDA, kernels per step
   and the share of the step the GPU is busy (torch.profiler); on the CPU the dispatched ops per step.
 * Placements: ``resident`` (every expert in the model dtype on the device), ``fp8`` / ``int8`` / ``int4``
@@ -173,18 +173,30 @@ def apply_placement(llm, placement: str, real: MingConfig, cfg: LLMConfig, devic
 # ------------------------------------------------------------------------------------------------ figures
 
 def memory_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a large copy on `device` (read + write), best of several."""
-    n = (1 << 30) if device.type == "cuda" else (1 << 27)  # elements (bf16): 2 GiB / 256 MiB
+    """Bytes/s of a large copy on `device` (read + write), best of several; on the CPU the best of that and of
+    reads of the same buffer (an fp32 sum, a GEMV), as bench/moe_layer_cpu.py measures: a decode step only
+    reads, and a CPU's copy also pays for its writes' cache-line fills (the copy alone gave a bandwidth
+    fraction of 1.20, int4 experts at batch 1)."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 28)  # elements (bf16): 2 GiB / 512 MiB, above the caches
     src = torch.ones(n, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(5 if device.type == "cuda" else 3):
-        sync(device)
-        t = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    rate = 2 * src.numel() * src.element_size() / best
+
+    def best_time(fn) -> float:
+        best = float("inf")
+        for _ in range(5 if device.type == "cuda" else 3):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    nbytes = src.numel() * src.element_size()
+    rate = 2 * nbytes / best_time(lambda: dst.copy_(src))
+    if device.type == "cpu":  # (the bf16 buffer's bytes read as fp32: torch's bf16 sum is not a streaming read)
+        words = src.view(torch.float32)
+        matrix, vector = words.view(-1, 4096), torch.ones(4096)
+        rate = max(rate, nbytes / best_time(lambda: words.sum()), nbytes / best_time(lambda: torch.mv(matrix, vector)))
     del src, dst
     release_memory(device)
     return rate
