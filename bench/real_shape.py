@@ -15,7 +15,9 @@ Method
   greedy decode steps run as the engine runs them (engine.generate.DecodeStep: CUDA graphs where the
   model allows, the sampled ids read back a step late). Times are after a warm-up.
 * Per-layer cost: the time of a step at the two layer counts gives the cost of one MoE layer (slope)
-  and of everything else (intercept); the full model's step = intercept + 31 MoE layers.
+  and of everything else (intercept); the full model's step = intercept + 31 MoE layers. A larger layer
+  count that did not time slower (the machine's noise above a layer's cost) is measured again
+  (``--retries``); one still flat gives no per-layer figure, its row says ``unresolved``.
 * Bytes per decode step: every non-expert weight, the routed experts a step touches (expected number of
   distinct experts for B tokens choosing top-k of E uniformly, which is what random weights route
   like), one embedding row per token and the KV cache read; against the memory bandwidth measured in
