@@ -833,9 +833,10 @@ class MoERuntime:
 
     @staticmethod
     def _activation_dtype(llm: nn.Module, rt: "MoERuntime") -> torch.dtype:
-        """The dtype the experts will see: the model's other weights' (the experts' own once placed: meta
-        in the model), else the experts' where they are plain, else torch's default."""
-        for t in llm.parameters():
+        """The dtype the experts will see: the word embeddings', else the model's other weights' (the experts'
+        own are meta in the model once placed), else the experts' where they are plain, else torch's default."""
+        embeddings = getattr(getattr(llm, "model", None), "word_embeddings", None)
+        for t in ([embeddings.weight] if embeddings is not None else []) + list(llm.parameters()):
             if t.is_floating_point() and not t.is_meta:
                 return t.dtype
         expert = next(iter(rt.layers.values())).experts[0]
