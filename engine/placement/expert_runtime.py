@@ -514,7 +514,7 @@ class LayerRuntime:
         check_routing(ids, weights, x.shape[0])
         rt, dm, stats = self.owner, self.owner.device_map, self.owner.stats
         home = x.device
-        if self.whole_slot is not None and x.shape[0]:  # one fused call over the whole layer: nothing to read or decide
+        if self.whole_slot is not None:  # one fused call over the whole layer: nothing to read or decide here
             stats.record(dm.name(self.whole_slot), ids.numel())
             part = self._run_fused(self.whole_slot, x, ids, weights)
             return part.to(home, non_blocking=part.is_cuda and home.type == "cuda").to(x.dtype)

@@ -163,7 +163,7 @@ def test_a_layer_wholly_in_one_fused_slot_is_one_call_and_graph_capturable():
         got = llm.bank(1)(x, ids, w)
     assert c.count.total == 0, dict(c.count.syncs)  # (the general path reads the routing: 1)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5) and rt.stats.tokens == {"gpu0": ids.numel()}
-    assert llm.bank(1)(x[:0], ids[:0], w[:0]).shape == (0, H)  # (no token: no kernel launched)
+    assert llm.bank(1)(x[:0], ids[:0], w[:0]).shape == (0, H)  # (no token: the kernel's empty result)
     split, n_gpu, opts = PLACEMENTS["split_no_cache"]  # host experts, or two GPUs: the general path
     other = _ToyLLM()
     rt = MoERuntime.attach(other, split, RuntimeOptions(device_map=DeviceMap.simulated(n_gpu),
