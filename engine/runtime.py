@@ -141,7 +141,7 @@ class Engine:
             if devices is not None:
                 plan = auto_plan(config, devices, expert_dtype)
         if plan is not None and runtime_options is None:
-            runtime_options = runtime_options_for(plan)
+            runtime_options = runtime_options_for(plan, calibrate=dev.type == "cuda")
         model = load_model(path, dtype=dtype, device=dev, progress=progress, expert_dtype=expert_dtype,
                            plan=plan, runtime_options=runtime_options, linear_dtype=linear_dtype)
         if not cpu_threads and dev.type == "cpu" and model_bytes(model) < SMALL_MODEL_BYTES:

@@ -171,15 +171,17 @@ def _host_summary(plan: Plan, dtype: str, available: int, with_generators: bool,
     return line
 
 
-def runtime_options_for(plan: Plan) -> RuntimeOptions:
+def runtime_options_for(plan: Plan, calibrate: bool = False) -> RuntimeOptions:
     """Hot-expert cache sized from the memory the plan leaves free on the first attention GPU (only
-    when some experts live in host memory)."""
+    when some experts live in host memory); `calibrate` (the engine passes it on CUDA) measures this
+    machine's link, host and CPU rates at load, so that the fetch threshold is this machine's and not
+    the planner's defaults (a second or two of the load)."""
     has_cpu_experts = any(d == CPU for le in plan.experts for d in le.device)
     if not has_cpu_experts or not plan.gpus:
         return RuntimeOptions()
     free = plan.gpus[plan.layer_home[0]].free_bytes
     capacity = int(CACHE_SHARE_OF_FREE_GPU * free // max(1, plan.sizes.bytes_per_expert))
-    return RuntimeOptions(cache_capacity=max(0, min(MAX_CACHED_EXPERTS, capacity)))
+    return RuntimeOptions(cache_capacity=max(0, min(MAX_CACHED_EXPERTS, capacity)), calibrate=calibrate)
 
 
 def placement_summary(plan: Plan | None, device: str) -> str:

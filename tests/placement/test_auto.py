@@ -52,6 +52,9 @@ def test_hot_cache_only_when_experts_live_in_host_memory(tiny_checkpoint):
     assert runtime_options_for(split).cache_capacity == min(256, int(0.25 * free // s.bytes_per_expert))
     roomy = plan_placement(cfg, DeviceSpec.parse("1x80GB,1x80GB", "64GB"))
     assert runtime_options_for(roomy).cache_capacity == 0
+    # the engine calibrates the fetch threshold on CUDA: only where experts live in host memory
+    assert runtime_options_for(split, calibrate=True).calibrate and not runtime_options_for(split).calibrate
+    assert not runtime_options_for(roomy, calibrate=True).calibrate
 
 
 def test_machine_without_cuda(tiny_checkpoint):
