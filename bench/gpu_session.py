@@ -14,8 +14,9 @@ Steps, most important first (a step that overruns its cap is stopped and the nex
 * ``moe_layer``: bench/moe_layer_gpu.py, the fused MoE kernel at the real expert shape vs HBM bandwidth.
 * ``offload``: bench/offload_gpu.py, one real-shape MoE layer with half its experts in host memory
   (CPU-computed), fp8 / int4 banks, the calibrated transfer model's prediction vs the measurement.
-* ``real_shape_offload``: bench/real_shape.py, the planner's 1 x 80 GB plan (offload, offload_fp8) at
-  batch 1, combined with the resident / fp8 rows of ``real_shape``.
+* ``real_shape_offload``: bench/real_shape.py, the planner's 1 x 80 GB plan (``--offload-placements``,
+  default fp8 and offload_fp8) at batch 1 and a 2 048-token prompt, each offload row combined with the
+  resident / fp8 row measured beside it (or of ``real_shape`` / ``--earlier-rows`` at the same prompt).
 
 Everything a step prints goes to ``DIR/steps.log``; the steps' JSON results to ``DIR/results.json``.
 ``--cpu-smoke`` runs the same steps at toy sizes on a machine without a GPU (the GPU-only ones say so and
@@ -70,7 +71,8 @@ def steps(args, work: Path) -> list[tuple[str, list[str]]]:
                        "--json"] + (["--tune", "--tune-tokens", args.tune_tokens] if args.tune_tokens else [])),
         ("offload", [py, str(BENCH / "offload_gpu.py"), "--tokens", "1,16,128", "--quant", "fp8,int4",
                      "--calls", str(args.offload_calls), "--json"]),
-        ("real_shape_offload", shape + ["--placements", "offload,offload_fp8", "--batches", "1", "--layers", "2,4",
+        ("real_shape_offload", shape + ["--placements", args.offload_placements, "--batches", "1", "--layers", "2,4",
+                                        "--prompt-tokens", "16" if args.cpu_smoke else str(args.offload_prompt),
                                         *[a for f in args.earlier_rows for a in ("--base-rows", f)], "--base-rows", base]),
     ]
 
@@ -152,6 +154,16 @@ def summarize(result: dict) -> list[str]:
                          f"{fmt(r.get('kernels_per_moe_layer'), '.0f'):>10} {fmt(r.get('gpu_busy_fraction'), '.2f'):>4} "
                          f"{fmt(r.get('planner_decode_tokens_per_s'), '.1f')}")
         for r in data["rows"]:
+            if r.get("top_kernels"):
+                lines.append(f"  {r['placement']} b{r['batch']}: kernels {fmt(r.get('gpu_kernel_ms_per_step'), '.3f')} ms of a "
+                             f"{fmt(r.get('decode_ms_at_' + str(data['layers'][1]) + '_layers'), '.3f')} ms step "
+                             f"(busy {fmt(r.get('gpu_busy_of_step'), '.2f')}, active {fmt(r.get('gpu_active_fraction_of_span'), '.2f')} "
+                             f"of the kernels' span); top: " + "; ".join(
+                                 f"{k['name'][:40]} x{k['per_step']:.0f} {k['us_per_step']:.0f}us" for k in r["top_kernels"][:4]))
+            if r.get("transfer_model"):
+                lines.append(f"  {r['placement']} b{r['batch']}: host layer {fmt(r.get('host_layer_ms'), '.3f')} ms decode, "
+                             f"{fmt(r.get('host_layer_prefill_ms'), '.1f')} ms prefill; fetch threshold "
+                             f"{r.get('fetch_threshold_tokens')} tokens; {r['transfer_model']}")
             if r.get("graphs_failure"):
                 lines.append(f"  graphs refused ({r['placement']}, batch {r['batch']}): {r['graphs_failure'][:300]}")
             if r.get("unresolved"):
@@ -192,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--offload-calls", type=int, default=20, help="offload_gpu.py's --calls")
     ap.add_argument("--gpu-check", default=None, help="gpu_check.py's --only (default: every group)")
     ap.add_argument("--placements", default="resident,fp8,int4", help="real_shape's placements")
+    ap.add_argument("--offload-placements", default="fp8,offload_fp8",
+                    help="real_shape_offload's placements (an offload row is combined with the resident / fp8 row "
+                         "of the same prompt length, measured in this step or given by --earlier-rows)")
+    ap.add_argument("--offload-prompt", type=int, default=2048,
+                    help="real_shape_offload's prompt tokens (the issue's prefill goal is for a 2 048-token prompt)")
     ap.add_argument("--earlier-rows", action="append", default=[], metavar="FILE",
                     help="an earlier real_shape --json output whose resident / fp8 rows the offload rows may use")
     ap.add_argument("--cpu-smoke", action="store_true", help="toy sizes, no GPU needed: a check of this script")
@@ -222,12 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             if left < 5:
                 results.append({"step": name, "status": "not run (budget spent)", "rc": None, "wall_s": 0})
                 continue
-            if name == "real_shape_offload" and not (work / "real_shape.json").exists() and not args.earlier_rows:
-                results.append({"step": name, "status": "not run (real_shape gave no rows to combine with)",
-                                "rc": None, "wall_s": 0})
-                continue
             if name == "real_shape_offload" and not (work / "real_shape.json").exists():
-                step_argv = step_argv[:-2]  # no rows of this session's own: the earlier ones alone
+                step_argv = step_argv[:-2]  # no rows of real_shape's: its own base placement or the earlier rows
             r = run_step(name, step_argv, min(left, caps[name]), log, work)
             if name == "real_shape" and "json" in r:
                 (work / "real_shape.json").write_text(json.dumps(r["json"]))

@@ -30,8 +30,10 @@ Method
   linears, on the CPU; beside it the planner's prediction for that plan with the bandwidth measured in the
   run as the host's peak and the run's context), ``offload`` / ``offload_fp8`` (the planner's plan for one
   80 GB GPU + 256 GB host: each MoE layer's experts split between the GPU and host memory as the plan
-  splits the real layer, cold experts computed by the CPU through engine.placement.expert_runtime; on a
-  machine without CUDA the GPU slot is simulated on the CPU, so only the code path is measured).
+  splits the real layer, cold experts computed by the CPU through engine.placement.expert_runtime, or
+  fetched to the GPU where more tokens route to one than the threshold derived from the transfer model,
+  calibrated at load on CUDA as the engine does; no hot cache; on a machine without CUDA the GPU slot is
+  simulated on the CPU, so only the code path is measured).
 * ``--experts N`` keeps N of the 256 experts per layer (groups shrink, top-k stays): per-token work
   and bytes of a decode step are those of the real layer, memory is not (the CPU default is 32);
   ``--set KEY=VALUE`` overrides any other LLM config key (the CI smoke test shrinks the widths).
@@ -158,11 +160,20 @@ def apply_placement(llm, placement: str, real: MingConfig, cfg: LLMConfig, devic
         plan, gpu_share = offload_plan(real, expert_dtype)
         dmap = DeviceMap.cuda(1) if device.type == "cuda" else DeviceMap.simulated(1)
         slots = {i: (CPU,) * cfg.num_experts for i in moe_banks(llm)}
-        MoERuntime.attach(llm, ExpertPlacement(slots, {i: 0 for i in slots}),
-                          RuntimeOptions(device_map=dmap, cache_capacity=0, fetch_threshold=-1))
+        # As the engine runs the plan (engine.placement.auto.runtime_options_for: on CUDA the transfer model
+        # calibrated at load, each expert fetched to the GPU when more tokens than the derived threshold
+        # route to it, so a long prefill streams experts), less the hot cache: a 2- to 6-layer model's
+        # experts would all fit in it, the real model's do not.
+        rt = MoERuntime.attach(llm, ExpertPlacement(slots, {i: 0 for i in slots}),
+                               RuntimeOptions(device_map=dmap, cache_capacity=0, calibrate=device.type == "cuda"))
+        layer = next(iter(rt.layers.values()))
+        t = rt.transfer
         notes.update(experts_on_gpu=sum(gpu_share) / len(gpu_share), layer_gpu_share=gpu_share,
                      planner_decode_tokens_per_s=plan.prediction.tokens_per_s,
-                     planner_prefill_note="cold experts computed by the CPU (no fetch, no hot cache)",
+                     fetch_threshold_tokens=rt.threshold(layer, torch.tensor([], dtype=MoERuntime._activation_dtype(llm, rt)).element_size()),
+                     transfer_model=(f"{'calibrated' if device.type == 'cuda' else 'defaults'}: link {t.pcie_gbs:.1f} GB/s, "
+                                     f"host {t.host_gbs:.1f} GB/s, CPU {t.cpu_gflops:.0f} GFLOP/s, hop {t.hop_latency_us:.0f} us"),
+                     planner_prefill_note="no hot cache; an expert with more tokens than the threshold is fetched",
                      simulated_gpu=device.type != "cuda")
     elif device.type == "cpu":  # as the engine's CPU load lays the weights out (engine.models.thinker.model)
         if expert_dtype != "bf16":  # int8 (fp8 re-quantised to int8): the native decode pass, torch's GEMMs
@@ -271,6 +282,20 @@ def profile_steps(run_step, device: torch.device, n: int) -> dict:
         out["kernels_per_step"] = sum(e.count for e in kernels if not e.key.startswith(("Memcpy", "Memset"))) / n
         busy = sum(e.self_device_time_total for e in kernels) * 1e-6  # us -> s
         out["gpu_busy_fraction"] = busy / wall if wall > 0 else 0.0
+        out["gpu_kernel_ms_per_step"] = 1e3 * busy / n
+        out["profiled_step_ms"] = 1e3 * wall / n  # the profiler's own cost included: busy is a lower bound
+        # where the GPU's time goes: the kernels taking most of it, and the time the GPU runs anything
+        # (the union of the kernels' intervals) against the time from the first kernel's start to the last's end
+        out["top_kernels"] = [{"name": e.key[:80], "per_step": e.count / n, "us_per_step": e.self_device_time_total / n}
+                              for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]]
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA)
+        if spans:
+            covered, end = 0.0, spans[0][0]
+            for a, b in spans:
+                covered += max(0.0, b - max(a, end))
+                end = max(end, b)
+            out["gpu_active_fraction_of_span"] = covered / (end - spans[0][0]) if end > spans[0][0] else 0.0
     return out
 
 
@@ -321,6 +346,8 @@ def measure(llm, cfg: LLMConfig, numerics: Numerics, device: torch.device, batch
             best = min(best, (time.perf_counter() - t) / steps)
         result["decode_step_s"] = best
         result.update(profile_steps(run_step, device, min(4, max(1, steps // 4))))
+        if "gpu_kernel_ms_per_step" in result:  # the kernels' time against the step timed without the profiler
+            result["gpu_busy_of_step"] = result["gpu_kernel_ms_per_step"] / (1e3 * best)
         result["context"] = cache.length
     if graphs is not None and graphs.failure:  # a refused capture: the steps ran eagerly (engine.decode_graphs)
         result.update(graphs=False, graphs_failure=graphs.failure[:500])
@@ -401,7 +428,7 @@ def run(args) -> dict:
     batches = [int(x) for x in args.batches.split(",")]
     overrides = parse_overrides(args.set)
     full_layers = real.llm.num_hidden_layers
-    earlier = base_rows(args.base_rows)  # read first: a bad file is said before the measurements, not after
+    earlier = base_rows(args.base_rows, prompt)  # read first: a bad file is said before the measurements, not after
     bandwidth = memory_bandwidth(device)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "dtype": args.dtype, "layers": layers, "full_layers": full_layers, "experts": experts or real.llm.num_experts,
@@ -486,7 +513,10 @@ def run(args) -> dict:
             if "kernels_per_step" in c:
                 row["kernels_per_moe_layer"] = (c["kernels_per_step"] - a["kernels_per_step"]) / (n_moe[1] - n_moe[0])
                 row["kernels_per_step"] = c["kernels_per_step"]
-                row["gpu_busy_fraction"] = c["gpu_busy_fraction"]
+                for key in ("gpu_busy_fraction", "gpu_busy_of_step", "gpu_kernel_ms_per_step", "profiled_step_ms",
+                            "top_kernels", "gpu_active_fraction_of_span"):
+                    if key in c:
+                        row[key] = c[key]
             out["rows"].append(row)
     # the bandwidth again after the measurements (a shared machine's moves): the better of the two
     start = bandwidth
@@ -534,14 +564,20 @@ def cpu_only_prediction(real: MingConfig, bandwidth: float, context: int, dtype:
 BASE_OF = {"offload": "resident", "offload_fp8": "fp8"}  # the GPU-resident placement an offload row mixes with
 
 
-def base_rows(paths: list[str]) -> list[dict]:
-    """The resident / fp8 rows of earlier runs' --json output (--base-rows), for offload rows measured alone."""
+def base_rows(paths: list[str], prompt: int) -> list[dict]:
+    """The resident / fp8 rows of earlier runs' --json output (--base-rows), for offload rows measured alone;
+    only a run at the same prompt length (a prefill's per-layer cost depends on it)."""
     out = []
     for path in paths:
         try:
-            rows = json.loads(Path(path).read_text())["rows"]
+            data = json.loads(Path(path).read_text())
+            rows, their_prompt = data["rows"], data["prompt_tokens"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"--base-rows {path}: not the --json output of real_shape.py ({type(e).__name__}: {e})")
+        if their_prompt != prompt:
+            print(f"real_shape: --base-rows {path} measured a {their_prompt}-token prompt, this run {prompt}: "
+                  f"its rows are not combined with this run's", file=sys.stderr, flush=True)
+            continue
         out += [r for r in rows if r.get("placement") in BASE_OF.values() and "decode_ms_per_moe_layer" in r]
     return out
 

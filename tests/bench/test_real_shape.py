@@ -135,11 +135,13 @@ def test_offload_rows_measured_alone_take_an_earlier_runs_resident_rows(tmp_path
     earlier = tmp_path / "earlier.json"
     earlier.write_text("not json")
     with pytest.raises(SystemExit, match="not the --json output"):  # refused before anything is measured
-        real_shape.base_rows([str(earlier)])
-    earlier.write_text(json.dumps({"rows": [{"placement": "resident", "batch": 1, "decode_ms_per_moe_layer": 0.2,
-                                             "prefill_ms_per_moe_layer": 1.0}]}))
+        real_shape.base_rows([str(earlier)], 8)
+    earlier.write_text(json.dumps({"prompt_tokens": 8, "rows": [
+        {"placement": "resident", "batch": 1, "decode_ms_per_moe_layer": 0.2, "prefill_ms_per_moe_layer": 1.0}]}))
+    # a run at another prompt length is not combined: its prefill's per-layer cost is another's
+    assert real_shape.base_rows([str(earlier)], 2048) == []
     rows = [{"placement": "offload", "batch": 1, "decode_ms_per_moe_layer": 5.0, "prefill_ms_per_moe_layer": 50.0,
              "_fixed_decode_ms": 1.0, "_fixed_prefill_ms": 2.0, "_prompt": 8, "layer_gpu_share": [1.0, 0.0]}]
-    real_shape.combine_offload_rows(rows, real_shape.base_rows([str(earlier)]))
+    real_shape.combine_offload_rows(rows, real_shape.base_rows([str(earlier)], 8))
     # one layer on the GPU at the resident cost, one on the host at the offload row's own
     assert rows[0]["decode_ms_full"] == pytest.approx(1.0 + 0.2 + 5.0) and rows[0]["host_layer_ms"] == 5.0
