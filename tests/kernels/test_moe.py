@@ -487,3 +487,17 @@ def test_quantized_cpu_experts_take_no_token_and_strided_activations(kind, dtype
     none = torch.empty(0, case.hidden, dtype=dtype)
     routed = moe_experts_packed(none, packed, torch.empty(0, 1, dtype=torch.int64), torch.empty(0, 1))
     assert routed.shape == (0, case.hidden)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["sorted", "direct"])
+@pytest.mark.parametrize("hidden, inter, block_k", [(80, 48, 32), (64, 128, 32), (128, 64, 64)],
+                         ids=["groups-16-in-a-32-tile", "groups-64-and-128", "one-group-per-tile"])
+def test_triton_int4_reads_groups_smaller_and_larger_than_its_tiles(hidden, inter, block_k, direct) -> None:
+    # int4 tiles read the even and odd columns of their bytes as two dots; a tile within one scale group
+    # loads one scale per row, a tile over several groups (here 16-column groups in a 32-deep tile) per value
+    case = MoeCase("int4-groups", tokens=1 if direct else 9, hidden=hidden, inter=inter, experts=5, top_k=2)
+    x, qg, qu, qd, scales, ids, weights = quantized_inputs(case, torch.float32, "int4")
+    assert scales[0].shape[-1] == hidden // {80: 16, 64: 64, 128: 128}[hidden]
+    want = moe_experts_dequant_reference(x, qg, qu, qd, scales, ids, weights)
+    got = moe_experts_triton(x, qg, qu, qd, ids, weights, scales=scales, block_n=32, block_k=block_k, direct=direct)
+    assert_close_scaled(got, want)

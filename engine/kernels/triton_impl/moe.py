@@ -16,8 +16,10 @@ Tiles per batch size come from an H100 sweep (``LAUNCH_CONFIGS``).
 Quantised experts (``scales=``; formats of :mod:`engine.kernels.dequant`): every weight tile is loaded
 as stored (fp8 / int8 bytes, or int4 nibbles two per byte), multiplied by its scales in fp32 and
 rounded to the activation dtype in registers, exactly as ``dequantize(q, s, x.dtype)`` does, before
-the ``tl.dot``. No dequantised copy of the weights exists in memory; per-channel, 128x128-block and
-int4 group scales are one code path (a scale per (row block, column block) of the tile).
+the ``tl.dot``. No dequantised copy of the weights exists in memory. int4 tiles are read as their bytes,
+contiguous along k, and go to two dots of half the tile's depth (the low nibbles with the even columns
+of the activations, the high ones with the odd). A tile that lies in one int4 group or 128x128 block
+loads one scale per output row; otherwise a scale per value.
 
 Shared expert in the same pass (``shared=(gate, up, down)``, each [I, H] / [H, I] like one routed
 expert, plain weights in the activation dtype): every token gets one more assignment, to expert id E
@@ -89,33 +91,54 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 
 @triton.jit
-def _weight_tile(w_ptr, s_ptr, expert, offs_n, offs_k, n_valid, mask, stride_we, stride_wn, stride_wk,
+def _weight_tile(w_ptr, s_ptr, expert, k0, offs_n, offs_k, n_valid, mask, stride_we, stride_wn, stride_wk,
                  stride_se, stride_sn, stride_sk, group_n, group_k, act_dtype: tl.constexpr,
-                 QUANT: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr):
-    """The [BLOCK_K, BLOCK_N] tile W[n, k]^T of one expert in the activation dtype: loaded as is
-    (QUANT_NONE) or dequantised in registers: value * scale in fp32, rounded once to the activation
-    dtype. QUANT_CHANNEL: fp8/int8 values, one scale per output row n; QUANT_INT4: two signed nibbles
-    per byte along k (low nibble first), scale[n, k // group_k]; QUANT_BLOCK: fp8 values,
-    scale[n // group_n, k // group_k]."""
-    if QUANT == 2:  # QUANT_INT4
-        raw = tl.load(w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + (offs_k[:, None] // 2) * stride_wk,
-                      mask=mask, other=0)
-        shift = (offs_k[:, None] % 2) * _NIBBLE_BITS
-        values = ((raw.to(tl.int32) >> shift) & _NIBBLE_MASK) - _INT4_OFFSET
-    else:
-        values = tl.load(w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                         mask=mask, other=0.0)
+                 QUANT: tl.constexpr, SCALE_PER_TILE: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile W[n, k]^T (k from k0) of one expert in the activation dtype: loaded as
+    is (QUANT_NONE) or dequantised in registers: value * scale in fp32, rounded once to the activation
+    dtype. QUANT_CHANNEL: fp8/int8 values, one scale per output row n; QUANT_BLOCK: fp8 values,
+    scale[n // group_n, k // group_k] (SCALE_PER_TILE: the tile lies in one block column, so its scales
+    are one per n, loaded once). int4 tiles are _int4_tiles'."""
+    values = tl.load(w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                     mask=mask, other=0.0)
     if QUANT == 0:  # QUANT_NONE
         return values
     if QUANT == 1:  # QUANT_CHANNEL: one scale per column of the tile
         scale = tl.load(s_ptr + expert * stride_se + offs_n * stride_sn, mask=n_valid, other=0.0)[None, :]
-    elif QUANT == 2:
-        scale = tl.load(s_ptr + expert * stride_se + offs_n[None, :] * stride_sn + (offs_k[:, None] // group_k) * stride_sk,
-                        mask=mask, other=0.0)
+    elif SCALE_PER_TILE:
+        scale = tl.load(s_ptr + expert * stride_se + (offs_n // group_n) * stride_sn + (k0 // group_k) * stride_sk,
+                        mask=n_valid, other=0.0)[None, :]
     else:
         scale = tl.load(s_ptr + expert * stride_se + (offs_n[None, :] // group_n) * stride_sn
                         + (offs_k[:, None] // group_k) * stride_sk, mask=mask, other=0.0)
     return round_to(values.to(tl.float32) * scale, act_dtype, EMULATE_BF16_RTNE)
+
+
+@triton.jit
+def _int4_tiles(w_ptr, s_ptr, expert, k0, offs_n, offs_p, n_valid, p_valid, stride_we, stride_wn, stride_wk,
+                stride_se, stride_sn, stride_sk, group_k, act_dtype: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
+                EMULATE_BF16_RTNE: tl.constexpr):
+    """An int4 weight tile as two [BLOCK_K / 2, BLOCK_N] tiles in the activation dtype: W[n, k]^T at the
+    even k = 2p (low nibbles) and at the odd k = 2p + 1 (high nibbles) of the packed byte columns
+    ``offs_p``, each value * scale[n, k // group_k] in fp32 rounded once, as dequantize() does. The
+    bytes are read once each, contiguous along k (one byte per k read as ``k // 2`` addresses made
+    every load a scalar gather: 0.01 of the H200's bandwidth); SCALE_PER_TILE: the tile lies in one
+    group, its scales are one per n."""
+    mask = p_valid[:, None] & n_valid[None, :]
+    raw = tl.load(w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_p[:, None] * stride_wk,
+                  mask=mask, other=0).to(tl.int32)
+    low = ((raw & _NIBBLE_MASK) - _INT4_OFFSET).to(tl.float32)
+    high = (((raw >> _NIBBLE_BITS) & _NIBBLE_MASK) - _INT4_OFFSET).to(tl.float32)
+    if SCALE_PER_TILE:
+        scale_low = tl.load(s_ptr + expert * stride_se + offs_n * stride_sn + (k0 // group_k) * stride_sk,
+                            mask=n_valid, other=0.0)[None, :]
+        scale_high = scale_low
+    else:
+        base = s_ptr + expert * stride_se + offs_n[None, :] * stride_sn
+        scale_low = tl.load(base + ((2 * offs_p[:, None]) // group_k) * stride_sk, mask=mask, other=0.0)
+        scale_high = tl.load(base + ((2 * offs_p[:, None] + 1) // group_k) * stride_sk, mask=mask, other=0.0)
+    return (round_to(low * scale_low, act_dtype, EMULATE_BF16_RTNE),
+            round_to(high * scale_high, act_dtype, EMULATE_BF16_RTNE))
 
 
 @triton.jit
@@ -147,6 +170,7 @@ def _gate_up_kernel(
     group_k,
     stride_ht,
     QUANT: tl.constexpr,
+    SCALE_PER_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -185,26 +209,47 @@ def _gate_up_kernel(
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_valid = offs_k < hidden
-        a = tl.load(
-            x_ptr + token[:, None] * stride_xt + offs_k[None, :],
-            mask=row_valid[:, None] & k_valid[None, :],
-            other=0.0,
-        )
-        w_mask = k_valid[:, None] & n_valid[None, :]
-        b_gate = _weight_tile(gate_src, s_gate_ptr, slot, offs_n, offs_k, n_valid, w_mask, stride_we, stride_wn, stride_wk,
-                              stride_se, stride_sn, stride_sk, group_n, group_k, x_ptr.dtype.element_ty, QUANT,
-                              EMULATE_BF16_RTNE)
-        b_up = _weight_tile(up_src, s_up_ptr, slot, offs_n, offs_k, n_valid, w_mask, stride_we, stride_wn, stride_wk,
-                            stride_se, stride_sn, stride_sk, group_n, group_k, x_ptr.dtype.element_ty, QUANT,
-                            EMULATE_BF16_RTNE)
-        if DOT_IN_FP32:
-            a = a.to(tl.float32)
-            b_gate = b_gate.to(tl.float32)
-            b_up = b_up.to(tl.float32)
-        acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=DOT_PRECISION)
-        acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        if QUANT == 2:  # QUANT_INT4: the even and the odd k of the tile as two dots of half its depth
+            offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            p_valid = offs_p < hidden // 2
+            a_mask = row_valid[:, None] & p_valid[None, :]
+            a_even = tl.load(x_ptr + token[:, None] * stride_xt + 2 * offs_p[None, :], mask=a_mask, other=0.0)
+            a_odd = tl.load(x_ptr + token[:, None] * stride_xt + 2 * offs_p[None, :] + 1, mask=a_mask, other=0.0)
+            g_even, g_odd = _int4_tiles(gate_src, s_gate_ptr, slot, k0, offs_n, offs_p, n_valid, p_valid, stride_we,
+                                        stride_wn, stride_wk, stride_se, stride_sn, stride_sk, group_k,
+                                        x_ptr.dtype.element_ty, SCALE_PER_TILE, EMULATE_BF16_RTNE)
+            u_even, u_odd = _int4_tiles(up_src, s_up_ptr, slot, k0, offs_n, offs_p, n_valid, p_valid, stride_we,
+                                        stride_wn, stride_wk, stride_se, stride_sn, stride_sk, group_k,
+                                        x_ptr.dtype.element_ty, SCALE_PER_TILE, EMULATE_BF16_RTNE)
+            if DOT_IN_FP32:
+                a_even, a_odd = a_even.to(tl.float32), a_odd.to(tl.float32)
+                g_even, g_odd = g_even.to(tl.float32), g_odd.to(tl.float32)
+                u_even, u_odd = u_even.to(tl.float32), u_odd.to(tl.float32)
+            acc_gate = tl.dot(a_even, g_even, acc_gate, input_precision=DOT_PRECISION)
+            acc_gate = tl.dot(a_odd, g_odd, acc_gate, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(a_even, u_even, acc_up, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(a_odd, u_odd, acc_up, input_precision=DOT_PRECISION)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_valid = offs_k < hidden
+            a = tl.load(
+                x_ptr + token[:, None] * stride_xt + offs_k[None, :],
+                mask=row_valid[:, None] & k_valid[None, :],
+                other=0.0,
+            )
+            w_mask = k_valid[:, None] & n_valid[None, :]
+            b_gate = _weight_tile(gate_src, s_gate_ptr, slot, k0, offs_n, offs_k, n_valid, w_mask, stride_we, stride_wn,
+                                  stride_wk, stride_se, stride_sn, stride_sk, group_n, group_k, x_ptr.dtype.element_ty,
+                                  QUANT, SCALE_PER_TILE, EMULATE_BF16_RTNE)
+            b_up = _weight_tile(up_src, s_up_ptr, slot, k0, offs_n, offs_k, n_valid, w_mask, stride_we, stride_wn,
+                                stride_wk, stride_se, stride_sn, stride_sk, group_n, group_k, x_ptr.dtype.element_ty,
+                                QUANT, SCALE_PER_TILE, EMULATE_BF16_RTNE)
+            if DOT_IN_FP32:
+                a = a.to(tl.float32)
+                b_gate = b_gate.to(tl.float32)
+                b_up = b_up.to(tl.float32)
+            acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
 
     act_dtype = h_ptr.dtype.element_ty
     # Same roundings as the reference: gate/up outputs, silu and the product each in the activation dtype.
@@ -245,6 +290,7 @@ def _down_kernel(
     group_k,
     stride_ot,
     QUANT: tl.constexpr,
+    SCALE_PER_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -279,20 +325,35 @@ def _down_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_valid = offs_k < inter
-        a = tl.load(
-            h_ptr + assignment[:, None] * stride_ht + offs_k[None, :],
-            mask=row_valid[:, None] & k_valid[None, :],
-            other=0.0,
-        )
-        b = _weight_tile(down_src, s_down_ptr, slot, offs_n, offs_k, n_valid, k_valid[:, None] & n_valid[None, :],
-                         stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, group_n, group_k,
-                         h_ptr.dtype.element_ty, QUANT, EMULATE_BF16_RTNE)
-        if DOT_IN_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if QUANT == 2:  # QUANT_INT4 (see _gate_up_kernel)
+            offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            p_valid = offs_p < inter // 2
+            a_mask = row_valid[:, None] & p_valid[None, :]
+            a_even = tl.load(h_ptr + assignment[:, None] * stride_ht + 2 * offs_p[None, :], mask=a_mask, other=0.0)
+            a_odd = tl.load(h_ptr + assignment[:, None] * stride_ht + 2 * offs_p[None, :] + 1, mask=a_mask, other=0.0)
+            b_even, b_odd = _int4_tiles(down_src, s_down_ptr, slot, k0, offs_n, offs_p, n_valid, p_valid, stride_we,
+                                        stride_wn, stride_wk, stride_se, stride_sn, stride_sk, group_k,
+                                        h_ptr.dtype.element_ty, SCALE_PER_TILE, EMULATE_BF16_RTNE)
+            if DOT_IN_FP32:
+                a_even, a_odd = a_even.to(tl.float32), a_odd.to(tl.float32)
+                b_even, b_odd = b_even.to(tl.float32), b_odd.to(tl.float32)
+            acc = tl.dot(a_even, b_even, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a_odd, b_odd, acc, input_precision=DOT_PRECISION)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_valid = offs_k < inter
+            a = tl.load(
+                h_ptr + assignment[:, None] * stride_ht + offs_k[None, :],
+                mask=row_valid[:, None] & k_valid[None, :],
+                other=0.0,
+            )
+            b = _weight_tile(down_src, s_down_ptr, slot, k0, offs_n, offs_k, n_valid, k_valid[:, None] & n_valid[None, :],
+                             stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, group_n, group_k,
+                             h_ptr.dtype.element_ty, QUANT, SCALE_PER_TILE, EMULATE_BF16_RTNE)
+            if DOT_IN_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     expert_out = round_to(acc, h_ptr.dtype.element_ty, EMULATE_BF16_RTNE).to(tl.float32)
     routing_weight = tl.load(routing_weight_ptr + assignment, mask=row_valid, other=0.0)
@@ -334,10 +395,17 @@ LAUNCH_CONFIGS: tuple[tuple[float, LaunchConfig], ...] = (
 # (bench/moe_compile_check.py prints registers and spills of each; tests/bench/test_moe_compile_check.py checks
 # them). Chosen by register fit, next to bf16's shapes; not yet timed on a GPU (bench/moe_layer_gpu.py --quant
 # fp8,int4 --tune does).
-_FITTING_INT4: tuple[tuple[float, LaunchConfig], ...] = (
+_FITTING_BLOCK: tuple[tuple[float, LaunchConfig], ...] = (
     (DIRECT_MAX_ASSIGNMENTS + 1, LaunchConfig(16, 32, 128, num_warps=8, num_stages=3, direct=True)),
     (1024, LaunchConfig(16, 64, 64, num_warps=8, num_stages=3)),
     (float("inf"), LaunchConfig(32, 64, 64, num_warps=8, num_stages=2)),
+)
+# int4 reads its bytes contiguously and its scales once per tile (_int4_tiles): K tiles of one 128-column
+# group; the H200 ran the earlier per-element layout at 0.01 of its bandwidth (1.03 ms at one token).
+_INT4: tuple[tuple[float, LaunchConfig], ...] = (
+    (DIRECT_MAX_ASSIGNMENTS + 1, LaunchConfig(16, 32, 128, num_warps=4, num_stages=4, direct=True)),
+    (1024, LaunchConfig(16, 64, 128, num_warps=4, num_stages=3)),
+    (float("inf"), LaunchConfig(64, 64, 128, num_warps=8, num_stages=3)),
 )
 QUANT_LAUNCH_CONFIGS: dict[int, tuple[tuple[float, LaunchConfig], ...]] = {
     QUANT_CHANNEL: (
@@ -345,8 +413,8 @@ QUANT_LAUNCH_CONFIGS: dict[int, tuple[tuple[float, LaunchConfig], ...]] = {
         (1024, LaunchConfig(16, 64, 128, num_warps=8, num_stages=3)),
         (float("inf"), LaunchConfig(32, 64, 64, num_warps=8, num_stages=3)),
     ),
-    QUANT_INT4: _FITTING_INT4,
-    QUANT_BLOCK: _FITTING_INT4,  # per-element scales as int4's, without the unpacking
+    QUANT_INT4: _INT4,
+    QUANT_BLOCK: _FITTING_BLOCK,
 }
 
 
@@ -459,6 +527,12 @@ def _scale_args(w: torch.Tensor, scale: torch.Tensor | None) -> tuple:
     return mode, scale, scale.stride(0), scale.stride(1), scale.stride(2), layout.block_out, layout.block_in
 
 
+def _scale_per_tile(quant_args: tuple, block_k: int) -> bool:
+    """Whether a BLOCK_K-deep weight tile lies in one scale group / block column (group_k a multiple of
+    BLOCK_K; tiles start at multiples of BLOCK_K), so that its scales are one per output row."""
+    return quant_args[0] in (QUANT_INT4, QUANT_BLOCK) and quant_args[6] % block_k == 0
+
+
 def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids=False,
          scales: Scales | None = None, shared=None) -> torch.Tensor:
     """Both kernels with one configuration; the fp32 sum over each token's slots."""
@@ -495,7 +569,7 @@ def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, ski
         x, w_gate, w_up, gate_q[1], up_q[1], s_gate, s_up, num_experts, h, sorted_assignments, block_expert, flat_ids,
         n_assign, top_k, hidden, inter,
         x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), *gate_q[2:], h.stride(0),
-        QUANT=gate_q[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        QUANT=gate_q[0], SCALE_PER_TILE=_scale_per_tile(gate_q, block_k), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(), DIRECT=direct,
         HAS_SHARED=shared is not None, **launch,
     )  # fmt: skip
@@ -506,7 +580,7 @@ def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, ski
         h, w_down, down_q[1], s_down, num_experts, slot_out, routing_weights, sorted_assignments, block_expert, flat_ids,
         n_assign, hidden, inter,
         h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), *down_q[2:], slot_out.stride(0),
-        QUANT=down_q[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        QUANT=down_q[0], SCALE_PER_TILE=_scale_per_tile(down_q, block_k), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(), DIRECT=direct,
         HAS_SHARED=shared is not None, **launch,
     )  # fmt: skip
