@@ -109,6 +109,7 @@ DEFAULT_FETCH_WINDOW = 2     # experts streamed to a GPU ahead of their compute 
 CALIBRATION_BYTES = 1 << 27  # 128 MiB per bandwidth measurement at start-up
 CALIBRATION_REPEATS = 3
 CALIBRATION_TOKENS = 16      # tokens of the CPU GEMM-rate measurement
+MAX_FETCH_THRESHOLD = 1 << 16  # (a CPU faster than the link for any block: its experts are never fetched)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,14 +194,45 @@ class TransferModel:
     hop_latency_us: float = DEFAULT_HOP_LATENCY_US
     efficiency: float = DEFAULT_EFFICIENCY
 
-    def fetch_threshold(self, expert_bytes: int, hidden: int, inter: int, act_bytes: int) -> int:
-        """Copy a CPU-resident expert to the GPU when more tokens than this are routed to it."""
+    def cpu_seconds(self, tokens: int, expert_bytes: int, hidden: int, inter: int, act_bytes: int) -> float:
+        """The CPU computing `tokens` rows of one host-resident expert: its weights read once at the host
+        rate (which is the rate of a one-token call, so it includes the first token's arithmetic), the
+        further tokens' arithmetic, and their rows sent to the host and back (the hops not included)."""
         pcie, host = self.pcie_gbs * 1e9 * self.efficiency, self.host_gbs * 1e9 * self.efficiency
         cpu = self.cpu_gflops * 1e9 * self.efficiency
+        return (expert_bytes / host + max(0, tokens - 1) * 6 * hidden * inter / cpu
+                + tokens * 2 * hidden * act_bytes / pcie)
+
+    def fetch_seconds(self, expert_bytes: int) -> float:
+        """Copying one expert to the GPU (its compute there is small beside it; the hop not included)."""
+        return expert_bytes / (self.pcie_gbs * 1e9 * self.efficiency)
+
+    def fetch_threshold(self, expert_bytes: int, hidden: int, inter: int, act_bytes: int) -> int:
+        """Copy a CPU-resident expert to the GPU when more tokens than this are routed to it: the largest
+        n for which the CPU (one hop more than a fetch) is not slower than the copy."""
         hop = self.hop_latency_us * 1e-6
-        saved = expert_bytes / pcie - expert_bytes / host - hop  # fixed cost the CPU path avoids
-        per_token = 6 * hidden * inter / cpu + 2 * hidden * act_bytes / pcie
-        return max(0, math.floor(saved / per_token)) if saved > 0 else 0
+        fetch = self.fetch_seconds(expert_bytes)
+        n = 0
+        while n < MAX_FETCH_THRESHOLD and self.cpu_seconds(n + 1, expert_bytes, hidden, inter, act_bytes) + hop <= fetch:
+            n += 1
+        return n
+
+    def fetch_to_balance(self, sizes: list[int], fetched: int, expert_bytes: int, hidden: int, inter: int,
+                         act_bytes: int) -> set[int]:
+        """Of the experts bound for the CPU (their token counts `sizes`), which to fetch instead, so that
+        the link (already carrying `fetched` experts) and the CPU, which work at the same time, finish
+        about together: the largest first, each moved while that shortens the longer of the two (a
+        decode step's eight one-token experts go half to each where the two rates are alike)."""
+        hop = self.hop_latency_us * 1e-6
+        each = [self.cpu_seconds(n, expert_bytes, hidden, inter, act_bytes) for n in sizes]
+        link, cpu = fetched * self.fetch_seconds(expert_bytes), hop + sum(each)
+        moved: set[int] = set()
+        for j in sorted(range(len(sizes)), key=lambda j: -sizes[j]):
+            left = cpu - each[j] if len(moved) + 1 < len(sizes) else 0.0
+            if max(link + self.fetch_seconds(expert_bytes), left) < max(link, cpu):
+                link, cpu = link + self.fetch_seconds(expert_bytes), left
+                moved.add(j)
+        return moved
 
     @classmethod
     def calibrate(cls, device_map: "DeviceMap", expert: ExpertWeights, act_dtype: torch.dtype,
@@ -556,6 +588,14 @@ class LayerRuntime:
                 fetch_jobs.append((i, e, key if admit else None))
             else:
                 cpu_jobs.append((i, e))
+        if cpu_jobs and self.cache_slot is not None and rt.options.fetch_threshold is None:
+            # the link and the CPU work at once: copy some of the CPU's experts where that finishes sooner
+            moved = rt.transfer.fetch_to_balance([sizes[i] for i, _ in cpu_jobs], len(fetch_jobs),
+                                                 self.experts[0].nbytes, self.hidden, self.inter, x.element_size())
+            for j in sorted(moved):
+                stats.transient_fetches += 1
+                fetch_jobs.append((*cpu_jobs[j], None))
+            cpu_jobs = [job for j, job in enumerate(cpu_jobs) if j not in moved]
 
         # 1. Host-resident experts go to the CPU workers first (one gather, one copy of their rows); one
         #    token's in one native call where the layer has a host table.
@@ -616,7 +656,26 @@ class LayerRuntime:
         block = x.index_select(0, groups.token_index[start:end])
         block = block.to(dev, non_blocking=block.is_cuda and dev.type == "cuda")
         self.owner.stats.record(self.owner.device_map.name(slot), end - start)
+        if w.quantized and dev.type != "cpu" or self.owner.options.fused_gpu_experts == "triton":
+            from engine.kernels.dispatch import use_triton
+
+            mode = self.owner.options.fused_gpu_experts
+            if w.quantized and (mode == "triton" or (mode == "auto" and use_triton("auto", w.gate))):
+                return self._quantized_on_gpu(block, w)
         return w.forward(block)
+
+    @staticmethod
+    def _quantized_on_gpu(block: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+        """A quantised expert (fetched, cached or resident alone) on a GPU: the fused Triton kernel over this
+        one expert, dequantising in registers, instead of dequantised copies of its three matrices (on the
+        H200 those elementwise kernels cost a fetched fp8 expert 0.2 ms). The same values as forward()."""
+        from engine.kernels.triton_impl.moe import moe_experts_triton
+
+        n = block.shape[0]
+        ids = torch.zeros((n, 1), dtype=torch.long, device=block.device)
+        ones = torch.ones((n, 1), dtype=torch.float32, device=block.device)
+        return moe_experts_triton(block, w.gate[None], w.up[None], w.down[None], ids, ones,
+                                  scales=tuple(t[None] for t in w.scales), out_dtype=block.dtype)
 
     def _submit_cpu(self, x: torch.Tensor, groups, jobs: list[tuple[int, int]]):
         """Stage the rows of the host-resident experts' tokens in this layer's reused host buffer (pinned

@@ -248,21 +248,43 @@ def test_fetch_threshold_from_bandwidths():
     tm = TransferModel()
     bf16 = 3 * 4096 * 1024 * 2
     fp8 = 3 * 4096 * 1024 + 4 * (2 * 1024 + 4096)
-    assert tm.fetch_threshold(bf16, 4096, 1024, 2) == 9 and tm.fetch_threshold(fp8, 4096, 1024, 2) == 4
+    assert tm.fetch_threshold(bf16, 4096, 1024, 2) == 10 and tm.fetch_threshold(fp8, 4096, 1024, 2) == 5
 
-    def cpu_time(n, b):  # the costs the threshold compares
+    def cpu_time(n, b, tm=tm):  # the costs the threshold compares: the host rate is a one-token call's
         eff = tm.efficiency * 1e9
-        return (b / (tm.host_gbs * eff) + n * 6 * 4096 * 1024 / (tm.cpu_gflops * eff)
+        return (b / (tm.host_gbs * eff) + (n - 1) * 6 * 4096 * 1024 / (tm.cpu_gflops * eff)
                 + 2 * tm.hop_latency_us * 1e-6 + n * 2 * 4096 * 2 / (tm.pcie_gbs * eff))
 
-    def fetch_time(b):
+    def fetch_time(b, tm=tm):
         return b / (tm.pcie_gbs * tm.efficiency * 1e9) + tm.hop_latency_us * 1e-6
 
     for b in (bf16, fp8):
         n = tm.fetch_threshold(b, 4096, 1024, 2)
         assert cpu_time(n, b) <= fetch_time(b) < cpu_time(n + 1, b)
     assert TransferModel(pcie_gbs=64).fetch_threshold(bf16, 4096, 1024, 2) == 0  # PCIe faster than host RAM
-    assert TransferModel(cpu_gflops=100).fetch_threshold(bf16, 4096, 1024, 2) < 9
+    assert TransferModel(cpu_gflops=100).fetch_threshold(bf16, 4096, 1024, 2) < 10
+    # the H200 host's calibration (link 54.2 GB/s, one-token CPU call 63.9 GB/s, 366 GFLOP/s, 24 us hops): a
+    # one-token fp8 expert (held as int8) is computed where it is (the CPU's one-token rate counted the first
+    # token's arithmetic twice, and the threshold was 0: every expert of every decode step was fetched)
+    h200 = TransferModel(pcie_gbs=54.2, host_gbs=63.9, cpu_gflops=366, hop_latency_us=24, efficiency=1.0)
+    assert h200.fetch_threshold(fp8, 4096, 1024, 2) == 1
+    assert cpu_time(1, fp8, h200) <= fetch_time(fp8, h200) < cpu_time(2, fp8, h200)
+
+
+def test_host_work_is_split_between_the_cpu_and_the_link_when_both_are_alike():
+    fp8 = 3 * 4096 * 1024 + 4 * (2 * 1024 + 4096)
+    h200 = TransferModel(pcie_gbs=54.2, host_gbs=63.9, cpu_gflops=366, hop_latency_us=24, efficiency=1.0)
+    moved = h200.fetch_to_balance([1] * 8, 0, fp8, 4096, 1024, 2)
+    assert len(moved) == 4  # a decode step's eight one-token experts: half copied while the CPU computes half
+    link = len(moved) * h200.fetch_seconds(fp8)
+    cpu = 24e-6 + (8 - len(moved)) * h200.cpu_seconds(1, fp8, 4096, 1024, 2)
+    assert max(link, cpu) < 0.6 * (24e-6 + 8 * h200.cpu_seconds(1, fp8, 4096, 1024, 2))  # (all on the CPU)
+    # a link already busy with fetched experts takes fewer; a slow link none; the largest blocks go first
+    assert len(h200.fetch_to_balance([1] * 8, 4, fp8, 4096, 1024, 2)) == 2
+    assert h200.fetch_to_balance([1] * 8, 0, fp8, 4096, 1024, 2) == moved
+    assert TransferModel(pcie_gbs=1).fetch_to_balance([1] * 8, 0, fp8, 4096, 1024, 2) == set()
+    assert h200.fetch_to_balance([1, 3, 1], 0, fp8, 4096, 1024, 2) == {1}
+    assert h200.fetch_to_balance([], 0, fp8, 4096, 1024, 2) == set()
 
 
 def test_placement_validation():
