@@ -675,7 +675,7 @@ class LayerRuntime:
         ids = torch.zeros((n, 1), dtype=torch.long, device=block.device)
         ones = torch.ones((n, 1), dtype=torch.float32, device=block.device)
         return moe_experts_triton(block, w.gate[None], w.up[None], w.down[None], ids, ones,
-                                  scales=tuple(t[None] for t in w.scales), out_dtype=block.dtype)
+                                  scales=tuple(t[None] for t in w.scales()), out_dtype=block.dtype)
 
     def _submit_cpu(self, x: torch.Tensor, groups, jobs: list[tuple[int, int]]):
         """Stage the rows of the host-resident experts' tokens in this layer's reused host buffer (pinned
