@@ -151,7 +151,7 @@ def summarize(result: dict) -> list[str]:
             lines.append(f"  {r['placement']:<12} {r['batch']:>5} {str(r['graphs']):>6} {fmt(r.get('decode_ms_per_moe_layer'), '.3f'):>8} "
                          f"{fmt(r.get('decode_tokens_per_s_full'), '.2f'):>6} {fmt(r.get('prefill_tokens_per_s_full'), '.0f'):>13} "
                          f"{fmt(r.get('bandwidth_fraction'), '.2f'):>7} {fmt(r.get('host_syncs_per_step'), '.1f'):>10} "
-                         f"{fmt(r.get('kernels_per_moe_layer'), '.0f'):>10} {fmt(r.get('gpu_busy_fraction'), '.2f'):>4} "
+                         f"{fmt(r.get('kernels_per_moe_layer'), '.0f'):>10} {fmt(r.get('gpu_busy_of_step'), '.2f'):>4} "
                          f"{fmt(r.get('planner_decode_tokens_per_s'), '.1f')}")
         for r in data["rows"]:
             if r.get("top_kernels"):

@@ -24,7 +24,10 @@ Method
   the same run (a large device copy, read + write, and on the CPU also a read of it, the better; the
   better of a measurement before and one after the measurements).
 * Host syncs per step (engine.tools.host_sync, the token read excluded) and, on CUDA, kernels per step
-  and the share of the step the GPU is busy (torch.profiler); on the CPU the dispatched ops per step.
+  and the share of the step the GPU is busy: the kernels' time in profiled steps (torch.profiler) over
+  the step timed without the profiler (``gpu_busy_of_step``; the profiled steps' own wall,
+  ``gpu_busy_fraction``, holds the profiler's cost: 0.13 where the kernels fill 0.93 of an H200 step),
+  and the top kernels; on the CPU the dispatched ops per step.
 * Placements: ``resident`` (every expert in the model dtype on the device), ``fp8`` / ``int8`` / ``int4``
   (the experts quantised, engine.placement.quant), ``cpu_only`` (the no-GPU plan: int4 experts and int8
   linears, on the CPU; beside it the planner's prediction for that plan with the bandwidth measured in the
@@ -624,7 +627,7 @@ TABLE = (("placement", "placement", "{}"), ("batch", "batch", "{}"), ("graphs", 
          ("prefill tok/s@full", "prefill_tokens_per_s_full", "{:.1f}"), ("bw frac", "bandwidth_fraction", "{:.2f}"),
          ("syncs/step", "host_syncs_per_step", "{:.1f}"), ("syncs/layer", "host_syncs_per_moe_layer", "{:.1f}"),
          ("ops/layer", "ops_per_moe_layer", "{:.0f}"), ("kernels/layer", "kernels_per_moe_layer", "{:.0f}"),
-         ("GPU busy", "gpu_busy_fraction", "{:.2f}"), ("planner tok/s", "planner_decode_tokens_per_s", "{:.1f}"),
+         ("GPU busy", "gpu_busy_of_step", "{:.2f}"), ("planner tok/s", "planner_decode_tokens_per_s", "{:.1f}"),
          ("planner@measured tok/s", "planner_measured_decode_tokens_per_s", "{:.1f}"))
 
 
@@ -640,8 +643,8 @@ def print_table(out: dict) -> None:
     print("ms/layer: decode ms per MoE layer (fitted; offload: the plan's mix of resident and host layers, "
           "host ms/layer: a layer whose experts are all computed by the CPU); tok/s@full, prefill tok/s@full: extrapolated to the full "
           "model; bw frac: bytes read per decode step / measured copy bandwidth; syncs/step: host syncs of a "
-          "decode step (the token read excluded); per layer: per MoE layer; GPU busy: share of a step with a "
-          "kernel running; planner tok/s: the planner's prediction for the real model on 1x80 GB + host (offload "
+          "decode step (the token read excluded); per layer: per MoE layer; GPU busy: the kernels' time over the step "
+          "timed without the profiler; planner tok/s: the planner's prediction for the real model on 1x80 GB + host (offload "
           "rows) or without a GPU at this run's bandwidth and context (cpu_only); planner@measured: the same with "
           "the CPU kernels' streaming rates measured around the cpu_only rows (engine.plan --host-gbs measure)")
 

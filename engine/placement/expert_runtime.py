@@ -53,14 +53,19 @@ Per forward of a layer (x [T, H] on the layer's home device, routing ids/weights
 The fetch threshold
 -------------------
 Copying an expert of B bytes costs ``B / pcie + hop``; computing n tokens of it on the CPU costs
-``B / host + n · 6HI / cpu_flops + 2 hops + n · 2 · H · act_bytes / pcie`` (weights streamed once, the
-token block sent to the host and back). The runtime copies when the CPU would be slower, i.e. when
-``n > fetch_threshold = floor((B/pcie − B/host − hop) / (6HI/cpu_flops + 2·H·act_bytes/pcie))`` with
-all bandwidths scaled by ``efficiency``. Defaults (:class:`TransferModel`): the planner's PCIe 25 GB/s,
-host 50 GB/s, 10 µs hops, efficiency 0.7, and ``DEFAULT_CPU_GFLOPS`` = 500 GFLOP/s of bf16 GEMM on the
-host. At the Ming-flash shape (H 4096, I 1024) that gives 9 tokens for bf16 experts and 4 for fp8/int8:
-decode steps compute cold experts on the CPU, prefill chunks pull the busy ones to the GPU. Pass
-``RuntimeOptions(fetch_threshold=N)`` to override (``None``: derived).
+``B / host + (n − 1) · 6HI / cpu_flops + 2 hops + n · 2 · H · act_bytes / pcie`` (weights streamed once at
+the host rate, which is a one-token call's and so already holds the first token's arithmetic; the token
+block sent to the host and back). The runtime copies an expert when more tokens than ``fetch_threshold``
+(the largest n for which the CPU is not slower) route to it, all bandwidths scaled by ``efficiency``.
+Defaults (:class:`TransferModel`): the planner's PCIe 25 GB/s, host 50 GB/s, 10 µs hops, efficiency
+0.7, and ``DEFAULT_CPU_GFLOPS`` = 500 GFLOP/s of bf16 GEMM on the host. At the Ming-flash shape
+(H 4096, I 1024) that gives 10 tokens for bf16 experts and 5 for fp8/int8: decode steps compute cold
+experts on the CPU, prefill chunks pull the busy ones to the GPU. Pass ``RuntimeOptions(fetch_threshold=N)``
+to override (``None``: derived). With a derived threshold the link and the CPU also share a layer's
+CPU-bound experts (:meth:`TransferModel.fetch_to_balance`: some are copied while the CPU computes the
+rest), and on CUDA the host rate follows what the layers' one-token CPU jobs reach
+(:meth:`MoERuntime.observe_cpu`). A quantised expert computed on a GPU for a few tokens runs the fused
+Triton kernel (no dequantised copy of its matrices).
 
 ``RuntimeOptions(calibrate=True)`` replaces the defaults by rates measured at start-up
 (:meth:`TransferModel.calibrate`: pinned host→GPU copy, a one-row round trip, the CPU computing one
@@ -109,6 +114,8 @@ DEFAULT_FETCH_WINDOW = 2     # experts streamed to a GPU ahead of their compute 
 CALIBRATION_BYTES = 1 << 27  # 128 MiB per bandwidth measurement at start-up
 CALIBRATION_REPEATS = 3
 CALIBRATION_TOKENS = 16      # tokens of the CPU GEMM-rate measurement
+HOST_RATE_SMOOTHING = 0.2  # weight of each new observation in the running mean of the CPU's rate
+QUANTIZED_KERNEL_MAX_TOKENS = 16  # a quantised expert on a GPU: the fused kernel up to this many tokens
 MAX_FETCH_THRESHOLD = 1 << 16  # (a CPU faster than the link for any block: its experts are never fetched)
 
 
@@ -656,7 +663,8 @@ class LayerRuntime:
         block = x.index_select(0, groups.token_index[start:end])
         block = block.to(dev, non_blocking=block.is_cuda and dev.type == "cuda")
         self.owner.stats.record(self.owner.device_map.name(slot), end - start)
-        if w.quantized and dev.type != "cpu" or self.owner.options.fused_gpu_experts == "triton":
+        if w.quantized and end - start <= QUANTIZED_KERNEL_MAX_TOKENS and dev.type != "cpu" \
+                or self.owner.options.fused_gpu_experts == "triton":
             from engine.kernels.dispatch import use_triton
 
             mode = self.owner.options.fused_gpu_experts
@@ -666,9 +674,11 @@ class LayerRuntime:
 
     @staticmethod
     def _quantized_on_gpu(block: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
-        """A quantised expert (fetched, cached or resident alone) on a GPU: the fused Triton kernel over this
-        one expert, dequantising in registers, instead of dequantised copies of its three matrices (on the
-        H200 those elementwise kernels cost a fetched fp8 expert 0.2 ms). The same values as forward()."""
+        """A few tokens of a quantised expert (fetched, cached or resident alone) on a GPU: the fused Triton
+        kernel over this one expert, dequantising in registers, instead of dequantised copies of its three
+        matrices (on the H200 those elementwise kernels cost a decode step's fetched fp8 experts 0.67 ms per
+        layer). Larger blocks keep dequantise + GEMM: there the kernel's per-call sorting of one expert's
+        rows made a 2 048-token prefill's host layer 129 ms against 43. The same values as forward()."""
         from engine.kernels.triton_impl.moe import moe_experts_triton
 
         n = block.shape[0]
@@ -698,22 +708,25 @@ class LayerRuntime:
 
         threads = torch.get_num_threads()
 
-        def work(chunk) -> None:
+        def work(chunk) -> float:
             if ready is not None:
                 ready.synchronize()
             if torch.get_num_threads() != threads:
                 # OpenMP thread counts are per thread: the caller's count, so that GEMMs block (and sum)
                 # exactly as they would on the calling thread
                 torch.set_num_threads(threads)
+            t0 = time.perf_counter()
             with torch.inference_mode():  # thread-local: entered on the worker itself
                 for _i, e, a, b in chunk:
                     out[a:b] = self.cpu_expert(e, staged.dtype)(staged[a:b])
+            return time.perf_counter() - t0
 
         futures = [rt.run_on_cpu(work, chunk) for chunk in _balanced(spans, rt.options.cpu_workers)]
 
         def finish() -> dict[int, torch.Tensor]:
-            for f in futures:
-                f.result()
+            seconds = max(f.result() for f in futures)
+            if n == len(spans):  # one token each: the weights' read rate, as the transfer model's host rate
+                rt.observe_cpu(len(spans) * self.experts[spans[0][1]].nbytes, seconds)
             back = out.to(x.device, non_blocking=x.is_cuda)
             if x.is_cuda:
                 self.staging.released("outputs", x.device)
@@ -746,18 +759,22 @@ class LayerRuntime:
         rt.stats.host_transfers += 2
         threads = torch.get_num_threads()
 
-        def work() -> torch.Tensor:
+        def work() -> tuple[torch.Tensor, float]:
             if ready is not None:
                 ready.synchronize()
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)  # per-thread OpenMP count: the caller's
+            t0 = time.perf_counter()
             route_w = route_all[:, picks]  # (host tensors, on the worker: after the copy has landed)
-            return native.moe_decode(staged, table, torch.tensor(rows, dtype=torch.int64), route_w)
+            out = native.moe_decode(staged, table, torch.tensor(rows, dtype=torch.int64), route_w)
+            return out, time.perf_counter() - t0
 
         future = rt.run_on_cpu(work)
 
         def finish() -> torch.Tensor:
-            return future.result().to(x.device, non_blocking=x.is_cuda)
+            out, seconds = future.result()
+            rt.observe_cpu(len(jobs) * self.experts[jobs[0][1]].nbytes, seconds)
+            return out.to(x.device, non_blocking=x.is_cuda)
 
         return finish
 
@@ -823,6 +840,7 @@ class MoERuntime:
         self.layers: dict[int, LayerRuntime] = {}
         self._streams: dict[torch.device, object] = {}
         self._thresholds: dict[tuple[int, int], int] = {}
+        self._host_rate: float | None = None  # GB/s of the layers' own one-token CPU jobs (observe_cpu)
         self._pin = self.device_map.uses_cuda and torch.cuda.is_available()
         self._executor: ThreadPoolExecutor | None = None
         self.transfer = self.options.transfer  # replaced by measured rates when options.calibrate
@@ -962,6 +980,21 @@ class MoERuntime:
             self.transfer = TransferModel.calibrate(self.device_map, sample, dtype, compute)
         self._thresholds.clear()
         return self.transfer
+
+    def observe_cpu(self, nbytes: int, seconds: float) -> None:
+        """A CPU job's one-token experts read `nbytes` of weights in `seconds` (timed on the worker). On
+        CUDA, with a derived threshold, the transfer model's host rate follows what the layers reach
+        (a running mean, the thresholds redone when it moves by a sixth): the one-expert calibration at
+        load ran 3x faster than the CPU's share of an H200 decode step, where the worker shares the
+        machine with the thread driving the GPU."""
+        if seconds <= 0 or not self._pin or self.options.fetch_threshold is not None:
+            return
+        rate = nbytes / seconds / 1e9 / self.transfer.efficiency
+        self._host_rate = rate if self._host_rate is None else \
+            (1 - HOST_RATE_SMOOTHING) * self._host_rate + HOST_RATE_SMOOTHING * rate
+        if abs(self._host_rate - self.transfer.host_gbs) > self.transfer.host_gbs / 6:
+            self.transfer = replace(self.transfer, host_gbs=self._host_rate)
+            self._thresholds.clear()
 
     def threshold(self, layer: LayerRuntime, act_bytes: int) -> int:
         if self.options.fetch_threshold is not None:

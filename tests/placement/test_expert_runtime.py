@@ -17,8 +17,8 @@ from engine import kernels
 from engine.kernels import native
 from engine.models.thinker.config import MingConfig
 from engine.models.thinker.layers import ExpertBank, Numerics
-from engine.placement.expert_runtime import (CPU, DeviceMap, ExpertPlacement, HotExpertCache, MoERuntime, RuntimeOptions,
-                                TransferModel)
+from engine.placement.expert_runtime import (CPU, DeviceMap, ExpertPlacement, HotExpertCache, LayerRuntime, MoERuntime,
+                                             RuntimeOptions, TransferModel)
 from engine.placement.planner import DeviceSpec, GPUSpec, model_sizes, plan_placement
 from engine.models.thinker.positions import PositionTokens, rope_index
 from engine.kernels.moe import moe_experts_dequant_reference
@@ -408,6 +408,26 @@ def test_cpu_workers_and_fetch_window_keep_the_result(workers, monkeypatch):
     rt.close()
 
 
+def test_the_host_rate_follows_what_the_layers_cpu_jobs_reach_on_cuda():
+    placement = ExpertPlacement(SPLIT, {1: 0, 2: 1})
+    llm = _ToyLLM()
+    rt = MoERuntime.attach(llm, placement, RuntimeOptions(device_map=DeviceMap.simulated(2), cache_capacity=2))
+    lr, start = rt.layers[1], rt.transfer.host_gbs
+    before = rt.threshold(lr, 4)
+    rt.observe_cpu(10**9, 1.0)  # no CUDA here: the CPU's timings steer nothing
+    assert rt.transfer.host_gbs == start
+    rt._pin = True  # as on CUDA: a CPU three times slower than the model's host rate, observed five times
+    for _ in range(5):
+        rt.observe_cpu(int(start * rt.transfer.efficiency * 1e9 / 3), 1.0)
+    assert rt.transfer.host_gbs < start / 1.5 and rt.threshold(lr, 4) <= before
+    fixed = MoERuntime.attach(_ToyLLM(), placement, RuntimeOptions(device_map=DeviceMap.simulated(2), fetch_threshold=3))
+    fixed._pin = True  # a threshold the caller fixed is kept
+    fixed.observe_cpu(1, 1.0)
+    assert fixed.transfer.host_gbs == start and fixed.threshold(fixed.layers[1], 4) == 3
+    rt.close()
+    fixed.close()
+
+
 def test_calibration_measures_this_machine():
     placement = ExpertPlacement(SPLIT, {1: 0, 2: 1})
     llm = _ToyLLM()
@@ -475,6 +495,31 @@ def test_fused_gpu_slots_run_quantised_experts_in_the_kernel(kind):
     want = moe_experts_dequant_reference(x, *ref_w, ids, w)
     got = llm.bank(1)(x, ids, w)
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+def test_fetched_quantised_experts_run_the_fused_kernel_on_their_gpu(kind, monkeypatch):
+    """A host-resident quantised expert copied to a GPU for a few tokens is computed there by the fused
+    kernel over that one expert (no dequantised copies of its matrices); the layer's sum as before."""
+    llm = _ToyLLM()
+    for l in (1, 2):
+        quantize_bank_(llm.bank(l), kind)
+    b1 = llm.bank(1)
+    ref_w = (b1.gate_proj.clone(), b1.up_proj.clone(), b1.down_proj.clone(), tuple(s.clone() for s in bank_scales(b1)))
+    rt = MoERuntime.attach(llm, ExpertPlacement(SPLIT, {1: 0, 2: 1}),
+                           RuntimeOptions(device_map=DeviceMap.simulated(2), fused_gpu_experts="triton",
+                                          fetch_threshold=0, cache_capacity=0, cpu_kernels=False))
+    calls = []
+    real = LayerRuntime._quantized_on_gpu
+    monkeypatch.setattr(LayerRuntime, "_quantized_on_gpu",
+                        staticmethod(lambda block, w: calls.append(block.shape[0]) or real(block, w)))
+    x, ids, w = _inputs(t=3)
+    want = moe_experts_dequant_reference(x, *ref_w, ids, w)
+    got = llm.bank(1)(x, ids, w)
+    host_routed = {e for e in ids.flatten().tolist() if SPLIT[1][e] == CPU}
+    assert rt.stats.fetches == len(host_routed) and len(calls) == len(host_routed)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    rt.close()
 
 
 class _KernelCfg:  # shapes torch's int8 / int4 CPU kernels take
