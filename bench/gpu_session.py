@@ -16,7 +16,8 @@ Steps, most important first (a step that overruns its cap is stopped and the nex
   (CPU-computed), fp8 / int4 banks, the calibrated transfer model's prediction vs the measurement.
 * ``real_shape_offload``: bench/real_shape.py, the planner's 1 x 80 GB plan (``--offload-placements``,
   default fp8 and offload_fp8) at batch 1 and a 2 048-token prompt, each offload row combined with the
-  resident / fp8 row measured beside it (or of ``real_shape`` / ``--earlier-rows`` at the same prompt).
+  resident / fp8 row measured beside it (or of ``real_shape`` / ``--earlier-rows`` at the same prompt),
+  all eagerly: an offload model's decode steps cannot be CUDA graphs, its GPU-resident layers included.
 
 Everything a step prints goes to ``DIR/steps.log``; the steps' JSON results to ``DIR/results.json``.
 ``--cpu-smoke`` runs the same steps at toy sizes on a machine without a GPU (the GPU-only ones say so and
@@ -45,7 +46,8 @@ CAPS = {"env": 0.03, "gpu_check": 0.28, "gpu_tests": 0.12, "real_shape": 0.38, "
 # the tests that run only where CUDA is (CUDA graphs of the thinker and the talker, seeded noise on the
 # device, the image DiT's autocast): the rest of the suite is the CPU's and runs in CI
 GPU_TESTS = ["tests/test_decode_graphs.py", "tests/models/talker/test_graphs.py", "tests/models/talker/test_noise.py",
-             "tests/models/imagegen/test_sd3.py", "tests/placement/test_expert_runtime_cuda.py"]
+             "tests/models/imagegen/test_sd3.py", "tests/placement/test_expert_runtime_cuda.py",
+             "tests/kernels/test_decode_attention.py"]
 
 
 def steps(args, work: Path) -> list[tuple[str, list[str]]]:
@@ -73,6 +75,7 @@ def steps(args, work: Path) -> list[tuple[str, list[str]]]:
                      "--calls", str(args.offload_calls), "--json"]),
         ("real_shape_offload", shape + ["--placements", args.offload_placements, "--batches", "1", "--layers", "2,4",
                                         "--prompt-tokens", "16" if args.cpu_smoke else str(args.offload_prompt),
+                                        "--no-graphs",  # (its GPU layers run eagerly in the offload model too)
                                         *[a for f in args.earlier_rows for a in ("--base-rows", f)], "--base-rows", base]),
     ]
 

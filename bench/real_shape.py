@@ -604,6 +604,9 @@ def combine_offload_rows(rows: list[dict], earlier: list[dict] = ()) -> None:
         if base is None:
             continue
         share = r["layer_gpu_share"]
+        r["gpu_layers_from"] = f"{base['placement']} rows, {'CUDA graph replays' if base.get('graphs') else 'eager steps'}"
+        if base.get("graphs") and not r.get("graphs"):  # an offload model's steps cannot be graphs: its GPU layers neither
+            r["gpu_layers_from"] += " (optimistic: this model's steps run eagerly; measure both with --no-graphs)"
         mix = lambda gpu, host: sum(f * gpu + (1 - f) * host for f in share)  # noqa: E731
         parts = (r["_fixed_decode_ms"], base["decode_ms_per_moe_layer"], r["host_layer_ms"])
         if None not in parts:  # a figure left unresolved (noise) on either side gives no combination

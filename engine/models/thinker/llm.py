@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import kernels
+from engine.kernels import decode_attention
 from engine.models.thinker.config import LLMConfig
 from engine.models.thinker.kv_cache import KVCache
 from engine.models.thinker.layers import MoEBlock, Numerics, RMSNorm, SwiGLUMLP, VideoRotary, native_weight, rotated_channels
@@ -48,8 +49,11 @@ class Attention(nn.Module):
             # One token: the query heads sharing a KV head are that head's queries, so the attention is
             # plain multi-query over n_kv heads (no GQA expansion; GPUs keep their fused kernels with a mask).
             group = self.n_heads // self.n_kv
-            out = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, group, self.head_dim), k, v,
-                                                 attn_mask=step.mask)
+            grouped = q.reshape(b, self.n_kv, group, self.head_dim)
+            if decode_attention.applies(q, k.shape[-2]):  # a long window on a GPU: two GEMMs (see that module)
+                out = decode_attention.grouped_decode_attention(grouped, k, v, step.mask)
+            else:
+                out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=step.mask)
             return self.dense(out.reshape(b, 1, self.n_heads * self.head_dim))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal and step.mask is None,
                                              enable_gqa=self.n_kv != self.n_heads)
