@@ -116,6 +116,7 @@ CALIBRATION_REPEATS = 3
 CALIBRATION_TOKENS = 16      # tokens of the CPU GEMM-rate measurement
 HOST_RATE_SMOOTHING = 0.2  # weight of each new observation in the running mean of the CPU's rate
 QUANTIZED_KERNEL_MAX_TOKENS = 16  # a quantised expert on a GPU: the fused kernel up to this many tokens
+FETCH_STACK_EXPERTS = 8  # experts a call of a few tokens fetches into the shared stack (FetchStack): a token's top-8
 MAX_FETCH_THRESHOLD = 1 << 16  # (a CPU faster than the link for any block: its experts are never fetched)
 
 
@@ -439,6 +440,50 @@ class FusedSlot:
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # quantised experts: dequantised in the kernel
 
 
+def moe_experts_triton_call(x, gate, up, down, local_ids, weights, scales):
+    """The fused Triton kernel over stacked experts, ids local to the stack (-1: not here): fp32 [T, H]."""
+    from engine.kernels.triton_impl.moe import moe_experts_triton
+
+    return moe_experts_triton(x, gate, up, down, local_ids, weights, skip_negative_ids=True, out_dtype=torch.float32,
+                              scales=scales)
+
+
+class FetchStack:
+    """A GPU buffer of FETCH_STACK_EXPERTS experts of one storage and shape, shared by the layers: a
+    decode step's fetched experts are copied into its first rows (on CUDA on the side stream, after
+    the previous layer's kernel has read them) and computed in one fused call."""
+
+    def __init__(self, device: torch.device, sample: ExpertWeights, side_stream):
+        self.device, self.side_stream = device, side_stream
+        self.tensors = [torch.empty((FETCH_STACK_EXPERTS, *t.shape), dtype=t.dtype, device=device)
+                        for t in sample.tensors()]
+        self.gate, self.up, self.down = self.tensors[:3]
+        self.scales = tuple(self.tensors[3:]) if sample.quantized else None
+        self._read = None  # event: the last call that read the stack (CUDA)
+
+    def fill(self, experts: list[ExpertWeights]) -> None:
+        if self.device.type != "cuda":
+            for j, w in enumerate(experts):
+                for dst, src in zip(self.tensors, w.tensors()):
+                    dst[j].copy_(src)
+            return
+        with torch.cuda.stream(self.side_stream):
+            if self._read is not None:
+                self.side_stream.wait_event(self._read)  # the previous layer's call has read its rows
+            for j, w in enumerate(experts):
+                for dst, src in zip(self.tensors, w.tensors()):
+                    dst[j].copy_(src, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.side_stream)
+        torch.cuda.current_stream(self.device).wait_event(copied)
+
+    def used(self) -> None:
+        """The fused call that reads the stack has been queued (the next fill waits for it on CUDA)."""
+        if self.device.type == "cuda":
+            self._read = torch.cuda.Event()
+            self._read.record(torch.cuda.current_stream(self.device))
+
+
 class LayerRuntime:
     """Routed experts of one MoE layer spread over slots; the ExpertBank.runtime hook (see module doc)."""
 
@@ -618,7 +663,11 @@ class LayerRuntime:
         results: dict[int, torch.Tensor] = {}
         for i, slot, w in gpu_jobs:
             results[i] = self._run_block(x, groups, i, slot, w)
-        # 3. Experts streamed to the cache GPU, `fetch_window` copies ahead of their compute.
+        # 3. Experts streamed to the cache GPU: a few tokens' transient copies into the runtime's fetch stack
+        #    and one fused call over them; else `fetch_window` copies ahead of each one's compute.
+        if fetch_jobs and self._stackable(fetch_jobs, x):
+            partials.append(self._run_fetch_stack(x, ids, weights, routed, fetch_jobs, groups, sizes))
+            fetch_jobs = []
         if fetch_jobs:
             pending = []
             for n in range(len(fetch_jobs) + rt.options.fetch_window):
@@ -655,6 +704,48 @@ class LayerRuntime:
             y = y.to(home, non_blocking=y.is_cuda and home.type == "cuda")
             out.index_add_(0, groups.token_index[start:end], y.float() * groups.weights[start:end, None])
         return out.to(x.dtype)
+
+    def _stackable(self, fetch_jobs: list, x: torch.Tensor) -> bool:
+        """Whether this call's fetches go through the fetch stack: a few tokens (decode), transient copies
+        only (no cache entry claimed), no more than the stack holds, on a GPU that runs the fused kernel."""
+        if x.shape[0] > QUANTIZED_KERNEL_MAX_TOKENS or len(fetch_jobs) > FETCH_STACK_EXPERTS \
+                or any(key is not None for _i, _e, key in fetch_jobs):
+            return False
+        mode = self.owner.options.fused_gpu_experts
+        if mode == "off":
+            return False
+        if mode == "triton":
+            return True
+        from engine.kernels.dispatch import use_triton
+
+        dev = self.owner.device_map.device(self.cache_slot)
+        return dev.type == "cuda" and use_triton("auto", torch.empty(0, device=dev))
+
+    def _run_fetch_stack(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, routed: list[int],
+                         fetch_jobs: list, groups, sizes: list[int]) -> torch.Tensor:
+        """Copy the fetched experts into rows 0..n-1 of the runtime's fetch stack on the cache GPU and compute
+        them in one fused call (ids mapped to those rows, -1 for the layer's other experts): fp32 [T, H]
+        weighted sum on that GPU. Replaces a gather, a copy, a kernel call and an index_add per expert."""
+        rt, dm, stats = self.owner, self.owner.device_map, self.owner.stats
+        dev = dm.device(self.cache_slot)
+        sample = self.experts[fetch_jobs[0][1]]
+        stack = rt.fetch_stack(dev, sample)
+        row = {}
+        for j, (i, e, _key) in enumerate(fetch_jobs):
+            row[e] = j
+            stats.fetches += 1
+            stats.fetched_bytes += self.experts[e].nbytes
+            stats.record(dm.name(self.cache_slot), sizes[i])
+        stack.fill([self.experts[e] for _i, e, _key in fetch_jobs])
+        # (the rows as a tensor made from host numbers: on CUDA one asynchronous copy of T*k ints, not a wait;
+        # the sync counter counts it, so a layer that fetches this way shows two there)
+        local = torch.tensor([row.get(e, -1) for e in routed], dtype=torch.long).view(ids.shape)
+        n = len(fetch_jobs)
+        out = moe_experts_triton_call(x.to(dev), stack.gate[:n], stack.up[:n], stack.down[:n],
+                                      local.to(dev, non_blocking=dev.type == "cuda"), weights.to(dev),
+                                      None if stack.scales is None else tuple(s[:n] for s in stack.scales))
+        stack.used()
+        return out
 
     def _run_block(self, x: torch.Tensor, groups, i: int, slot: int, w: ExpertWeights) -> torch.Tensor:
         """Expert block i of `groups` computed on `slot` from weights `w` (result stays on that device)."""
@@ -841,6 +932,7 @@ class MoERuntime:
         self._streams: dict[torch.device, object] = {}
         self._thresholds: dict[tuple[int, int], int] = {}
         self._host_rate: float | None = None  # GB/s of the layers' own one-token CPU jobs (observe_cpu)
+        self._fetch_stacks: dict[tuple, FetchStack] = {}
         self._pin = self.device_map.uses_cuda and torch.cuda.is_available()
         self._executor: ThreadPoolExecutor | None = None
         self.transfer = self.options.transfer  # replaced by measured rates when options.calibrate
@@ -980,6 +1072,14 @@ class MoERuntime:
             self.transfer = TransferModel.calibrate(self.device_map, sample, dtype, compute)
         self._thresholds.clear()
         return self.transfer
+
+    def fetch_stack(self, device: torch.device, sample: ExpertWeights) -> FetchStack:
+        """The fetch stack of `device` for experts like `sample` (made on first use; one per storage)."""
+        key = (str(device), tuple((t.dtype, tuple(t.shape)) for t in sample.tensors()))
+        if key not in self._fetch_stacks:
+            side = self._side_stream(device) if device.type == "cuda" else None
+            self._fetch_stacks[key] = FetchStack(device, sample, side)
+        return self._fetch_stacks[key]
 
     def observe_cpu(self, nbytes: int, seconds: float) -> None:
         """A CPU job's one-token experts read `nbytes` of weights in `seconds` (timed on the worker). On

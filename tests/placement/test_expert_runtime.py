@@ -17,6 +17,7 @@ from engine import kernels
 from engine.kernels import native
 from engine.models.thinker.config import MingConfig
 from engine.models.thinker.layers import ExpertBank, Numerics
+from engine.placement import expert_runtime
 from engine.placement.expert_runtime import (CPU, DeviceMap, ExpertPlacement, HotExpertCache, LayerRuntime, MoERuntime,
                                              RuntimeOptions, TransferModel)
 from engine.placement.planner import DeviceSpec, GPUSpec, model_sizes, plan_placement
@@ -513,12 +514,45 @@ def test_fetched_quantised_experts_run_the_fused_kernel_on_their_gpu(kind, monke
     real = LayerRuntime._quantized_on_gpu
     monkeypatch.setattr(LayerRuntime, "_quantized_on_gpu",
                         staticmethod(lambda block, w: calls.append(block.shape[0]) or real(block, w)))
+    monkeypatch.setattr(expert_runtime, "FETCH_STACK_EXPERTS", 0)  # one by one (as more experts than the stack)
     x, ids, w = _inputs(t=3)
     want = moe_experts_dequant_reference(x, *ref_w, ids, w)
     got = llm.bank(1)(x, ids, w)
     host_routed = {e for e in ids.flatten().tolist() if SPLIT[1][e] == CPU}
     assert rt.stats.fetches == len(host_routed) and len(calls) == len(host_routed)
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    rt.close()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp8", "int4"])
+def test_a_decode_steps_fetched_experts_are_computed_in_one_call_from_the_shared_stack(kind, monkeypatch):
+    """A few tokens' transient fetches are copied into the runtime's fetch stack on the cache GPU and computed
+    there in one fused call (ids mapped to the stack's rows); both layers share the stack; the sums are the
+    reference's."""
+    llm = _ToyLLM()
+    if kind != "bf16":
+        for l in (1, 2):
+            quantize_bank_(llm.bank(l), kind)
+    refs = {l: (llm.bank(l).gate_proj.clone(), llm.bank(l).up_proj.clone(), llm.bank(l).down_proj.clone(),
+                tuple(s.clone() for s in bank_scales(llm.bank(l))) if kind != "bf16" else None) for l in (1, 2)}
+    rt = MoERuntime.attach(llm, ExpertPlacement(SPLIT, {1: 0, 2: 0}),
+                           RuntimeOptions(device_map=DeviceMap.simulated(2), fused_gpu_experts="triton",
+                                          fetch_threshold=0, cache_capacity=0, cpu_kernels=False))
+    calls, blocks = [], []
+    real_call = expert_runtime.moe_experts_triton_call
+    monkeypatch.setattr(expert_runtime, "moe_experts_triton_call",
+                        lambda *a: calls.append(a[1].shape[0]) or real_call(*a))
+    monkeypatch.setattr(LayerRuntime, "_run_block", lambda *a: blocks.append(a) or None)  # (must not run)
+    x, ids, w = _inputs(t=2)
+    for l in (1, 2):
+        g, u, d, sc = refs[l]
+        want = (moe_experts_dequant_reference(x, g, u, d, sc, ids, w) if sc is not None
+                else kernels.moe_experts_reference(x, g, u, d, ids, w))
+        got = llm.bank(l)(x, ids, w)
+        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), l
+    host = [len({e for e in ids.flatten().tolist() if SPLIT[l][e] == CPU}) for l in (1, 2)]
+    assert calls == [n for n in host if n] and not blocks  # one call per layer with fetches, no per-expert block
+    assert rt.stats.fetches == sum(host) and len(rt._fetch_stacks) == 1  # one stack for both layers
     rt.close()
 
 
