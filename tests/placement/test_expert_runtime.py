@@ -478,20 +478,25 @@ def test_calibration_times_the_cpu_path_the_runtime_takes(kind, monkeypatch):
     assert rt.transfer.host_gbs > 0 and rt.transfer.efficiency == 1.0
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int4"])
-def test_fused_gpu_slots_run_quantised_experts_in_the_kernel(kind):
-    """Quantised experts resident on a GPU are stacked (values and scales) and dequantised inside the
-    fused Triton call (forced, under the interpreter, on simulated devices)."""
+def _quantised_toy(kind):
+    """The toy model with quantised experts, and a copy of layer 1's (values, scales) for the reference."""
     llm = _ToyLLM()
     for l in (1, 2):
         quantize_bank_(llm.bank(l), kind)
     b1 = llm.bank(1)
-    ref_w = (b1.gate_proj.clone(), b1.up_proj.clone(), b1.down_proj.clone(), tuple(s.clone() for s in bank_scales(b1)))
+    return llm, (b1.gate_proj.clone(), b1.up_proj.clone(), b1.down_proj.clone(), tuple(s.clone() for s in bank_scales(b1)))
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+def test_fused_gpu_slots_run_quantised_experts_in_the_kernel(kind):
+    """Quantised experts resident on a GPU are stacked (values and scales) and dequantised inside the
+    fused Triton call (forced, under the interpreter, on simulated devices)."""
+    llm, ref_w = _quantised_toy(kind)
     rt = MoERuntime.attach(llm, ExpertPlacement(SPLIT, {1: 0, 2: 1}),
                            RuntimeOptions(device_map=DeviceMap.simulated(2), fused_gpu_experts="triton",
                                           fetch_threshold=-1, cpu_kernels=False))
     fused = rt.layers[1].fused[0]
-    assert fused.scales is not None and fused.gate.dtype == b1.gate_proj.dtype
+    assert fused.scales is not None and fused.gate.dtype == ref_w[0].dtype
     x, ids, w = _inputs(t=6)
     want = moe_experts_dequant_reference(x, *ref_w, ids, w)
     got = llm.bank(1)(x, ids, w)
@@ -502,11 +507,7 @@ def test_fused_gpu_slots_run_quantised_experts_in_the_kernel(kind):
 def test_fetched_quantised_experts_run_the_fused_kernel_on_their_gpu(kind, monkeypatch):
     """A host-resident quantised expert copied to a GPU for a few tokens is computed there by the fused
     kernel over that one expert (no dequantised copies of its matrices); the layer's sum as before."""
-    llm = _ToyLLM()
-    for l in (1, 2):
-        quantize_bank_(llm.bank(l), kind)
-    b1 = llm.bank(1)
-    ref_w = (b1.gate_proj.clone(), b1.up_proj.clone(), b1.down_proj.clone(), tuple(s.clone() for s in bank_scales(b1)))
+    llm, ref_w = _quantised_toy(kind)
     rt = MoERuntime.attach(llm, ExpertPlacement(SPLIT, {1: 0, 2: 1}),
                            RuntimeOptions(device_map=DeviceMap.simulated(2), fused_gpu_experts="triton",
                                           fetch_threshold=0, cache_capacity=0, cpu_kernels=False))

@@ -115,6 +115,13 @@ def _weight_tile(w_ptr, s_ptr, expert, k0, offs_n, offs_k, n_valid, mask, stride
 
 
 @triton.jit
+def _even_and_odd_columns(ptr, rows, stride, offs_p, mask):
+    """Activation rows' columns 2p and 2p + 1 (the halves an int4 tile's low and high nibbles multiply)."""
+    base = ptr + rows[:, None] * stride + 2 * offs_p[None, :]
+    return tl.load(base, mask=mask, other=0.0), tl.load(base + 1, mask=mask, other=0.0)
+
+
+@triton.jit
 def _int4_tiles(w_ptr, s_ptr, expert, k0, offs_n, offs_p, n_valid, p_valid, stride_we, stride_wn, stride_wk,
                 stride_se, stride_sn, stride_sk, group_k, act_dtype: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
                 EMULATE_BF16_RTNE: tl.constexpr):
@@ -213,8 +220,7 @@ def _gate_up_kernel(
             offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             p_valid = offs_p < hidden // 2
             a_mask = row_valid[:, None] & p_valid[None, :]
-            a_even = tl.load(x_ptr + token[:, None] * stride_xt + 2 * offs_p[None, :], mask=a_mask, other=0.0)
-            a_odd = tl.load(x_ptr + token[:, None] * stride_xt + 2 * offs_p[None, :] + 1, mask=a_mask, other=0.0)
+            a_even, a_odd = _even_and_odd_columns(x_ptr, token, stride_xt, offs_p, a_mask)
             g_even, g_odd = _int4_tiles(gate_src, s_gate_ptr, slot, k0, offs_n, offs_p, n_valid, p_valid, stride_we,
                                         stride_wn, stride_wk, stride_se, stride_sn, stride_sk, group_k,
                                         x_ptr.dtype.element_ty, SCALE_PER_TILE, EMULATE_BF16_RTNE)
@@ -329,8 +335,7 @@ def _down_kernel(
             offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             p_valid = offs_p < inter // 2
             a_mask = row_valid[:, None] & p_valid[None, :]
-            a_even = tl.load(h_ptr + assignment[:, None] * stride_ht + 2 * offs_p[None, :], mask=a_mask, other=0.0)
-            a_odd = tl.load(h_ptr + assignment[:, None] * stride_ht + 2 * offs_p[None, :] + 1, mask=a_mask, other=0.0)
+            a_even, a_odd = _even_and_odd_columns(h_ptr, assignment, stride_ht, offs_p, a_mask)
             b_even, b_odd = _int4_tiles(down_src, s_down_ptr, slot, k0, offs_n, offs_p, n_valid, p_valid, stride_we,
                                         stride_wn, stride_wk, stride_se, stride_sn, stride_sk, group_k,
                                         h_ptr.dtype.element_ty, SCALE_PER_TILE, EMULATE_BF16_RTNE)
