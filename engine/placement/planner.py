@@ -68,6 +68,11 @@ DEFAULT_HOST_GBS = 50.0        # dual-channel DDR5 workstation (8-channel server
 DEFAULT_HOP_LATENCY_US = 10.0  # one device<->host or device<->device hop incl. sync and launch
 DEFAULT_EFFICIENCY = 0.7       # fraction of peak bandwidth actually reached
 DEFAULT_CONTEXT = 4096         # tokens already in the KV cache when a decode step is timed
+# A decoder layer's GPU time beyond its bytes: ~45 small kernels (norms, rotary, router, one-token attention,
+# the MoE pair) replayed from a CUDA graph. On an H200 at the real shape (bench/real_shape.py, batch 1) a MoE
+# layer took 0.215 / 0.201 / 0.246 ms with bf16 / fp8 / int4 experts, 72 / 45 / 31 us of it its bytes at the
+# measured copy bandwidth: 140-215 us more.
+DEFAULT_GPU_LAYER_US = 150.0
 
 ENCODER_CHOICES = ("gpu", "cpu", "none")
 GENERATOR_CHOICES = ("auto", "ignore")
@@ -511,6 +516,7 @@ class RooflineParams:
     overlap_cpu: bool = False
     cpu_expert_gbs: float | None = None
     cpu_weight_gbs: float | None = None
+    gpu_layer_us: float = DEFAULT_GPU_LAYER_US  # each GPU decoder layer's time beyond its bytes (not scaled)
 
     def validate(self) -> None:
         """Raise PlanError unless every rate is a finite number > 0 (NaN and inf included: they would predict
@@ -523,6 +529,8 @@ class RooflineParams:
                 raise PlanError(f"{name} must be a finite number > 0 when given, got {getattr(self, name)}")
         if not 0 < self.efficiency <= 1:
             raise PlanError(f"--efficiency must be in (0, 1], got {self.efficiency}")
+        if not 0 <= self.gpu_layer_us < math.inf:
+            raise PlanError(f"--gpu-layer-us must be finite and >= 0, got {self.gpu_layer_us}")
         if not (0 <= self.hop_latency_us < math.inf and self.context_tokens >= 0):
             raise PlanError(f"--hop-latency-us and --context must be finite and >= 0, got {self.hop_latency_us} and "
                             f"{self.context_tokens}")
@@ -605,6 +613,7 @@ BOTTLENECK_TEXT = {
     "gpu_experts": "GPU HBM bandwidth: GPU-resident routed experts",
     "cpu_experts": "host memory bandwidth: routed experts computed on the CPU",
     "transfers": "PCIe transfers and hop latency (activations to/from the CPU and between GPUs)",
+    "gpu_layers": "GPU time per layer beyond its bytes (small kernels: norms, rotary, router, attention)",
     "host_weights": "host memory bandwidth: non-expert weights and KV cache on the CPU (no GPU)",
 }
 GPU_PLAN_PARTS = tuple(k for k in BOTTLENECK_TEXT if k != "host_weights")
@@ -1207,8 +1216,9 @@ def predict_decode(plan: Plan, rp: RooflineParams | None = None) -> Prediction:
     costs two host hops per token (hidden + routing down, result up) — taken whether or not a cold
     expert is selected, since the host must look at the routing. CPU and GPU expert work add up
     (`overlap_cpu` False) or overlap (max). Layer boundaries between GPUs and a host-resident
-    embedding table cost one hop each; final norm + lm_head read once. Expected values are used
-    (E[max] ≥ max E), so the model is optimistic, as a roofline is."""
+    embedding table cost one hop each; final norm + lm_head read once. Every decoder layer on a GPU also
+    costs `gpu_layer_us`, its small kernels' time beyond its bytes (measured: DEFAULT_GPU_LAYER_US). Expected
+    values are used (E[max] ≥ max E), so the model is optimistic, as a roofline is."""
     rp = rp or plan.prediction.params
     if not plan.gpus:
         return _predict_cpu_only(plan, rp)
@@ -1245,6 +1255,7 @@ def predict_decode(plan: Plan, rp: RooflineParams | None = None) -> Prediction:
         prev_home = g0
         read = read_by_layer.get(layer, 0)
         t["gpu_weights"] += read / bw[g0]
+        t["gpu_layers"] += rp.gpu_layer_us * 1e-6
         t["kv_cache"] += kv_read / bw[g0]
         hbm_bytes += read + kv_read
         le = experts.get(layer)
@@ -1376,7 +1387,8 @@ def render(plan: Plan) -> str:
          f"HBM {'/'.join(f'{b:g}' for b in bws)} GB/s, "
          + (f"CPU experts {rp.cpu_expert_gbs:.1f} GB/s measured, " if rp.measured else f"host {rp.host_gbs:g} GB/s, ")
          + f"PCIe {rp.pcie_gbs:g} GB/s, "
-         f"hop {rp.hop_latency_us:g} us, CPU/GPU experts {'overlapped' if rp.overlap_cpu else 'back to back'})"
+         f"hop {rp.hop_latency_us:g} us, {rp.gpu_layer_us:g} us a GPU layer beyond its bytes, "
+         f"CPU/GPU experts {'overlapped' if rp.overlap_cpu else 'back to back'})"
          if plan.gpus else
          (f"Decode roofline (batch 1, {rp.context_tokens} tokens of context, CPU rates measured on this host: "
           f"experts {rp.cpu_expert_gbs:.1f} GB/s, other weights and KV cache {rp.cpu_weight_gbs:.1f} GB/s; no GPU)"
@@ -1480,6 +1492,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                          f"stream the chosen formats, measured now (about a second; taken without --efficiency)")
     ap.add_argument("--hop-latency-us", type=float, default=DEFAULT_HOP_LATENCY_US,
                     help=f"fixed cost of one transfer hop incl. synchronisation, us (default {DEFAULT_HOP_LATENCY_US:g})")
+    ap.add_argument("--gpu-layer-us", type=float, default=DEFAULT_GPU_LAYER_US,
+                    help=f"a GPU decoder layer's time beyond its bytes, us (default {DEFAULT_GPU_LAYER_US:g}: "
+                         f"measured on an H200 at the real shape, batch 1, CUDA graphs)")
     ap.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY,
                     help=f"fraction of peak bandwidth achieved (default {DEFAULT_EFFICIENCY:g})")
     ap.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
@@ -1499,7 +1514,8 @@ def main(argv: list[str] | None = None) -> int:
         roofline = RooflineParams(hbm_gbs=args.hbm_gbs, pcie_gbs=args.pcie_gbs,
                                   host_gbs=DEFAULT_HOST_GBS if args.host_gbs == MEASURE else args.host_gbs,
                                   hop_latency_us=args.hop_latency_us, efficiency=args.efficiency,
-                                  context_tokens=args.context, overlap_cpu=args.overlap_cpu)
+                                  context_tokens=args.context, overlap_cpu=args.overlap_cpu,
+                                  gpu_layer_us=args.gpu_layer_us)
         if args.host_gbs == MEASURE:
             from engine.placement.host_rates import measure_rates  # noqa: PLC0415  (imports torch)
             rates = measure_rates(args.expert_dtype, args.linear_dtype, args.dtype)

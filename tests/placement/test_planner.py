@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ import pytest
 from engine.models.thinker.config import MingConfig
 from engine.placement import planner
 from engine.placement.planner import (
-    CPU, DeviceSpec, PlanError, RooflineParams, expert_bytes, main, model_sizes, normalize_expert_stats,
+    CPU, DEFAULT_GPU_LAYER_US, DeviceSpec, PlanError, RooflineParams, expert_bytes, main, model_sizes,
+    normalize_expert_stats,
     parse_size, plan_placement, predict_decode, render,
 )
 from tests.paths import REPO, SHARED
@@ -462,8 +464,12 @@ def test_roofline_matches_hand_computation_when_everything_is_on_one_gpu(cfg):
     experts = 31 * 8 * 3 * h * 1024 * 2  # top-8 per MoE layer
     kv = 1000 * 65536
     expected_s = (attention + dense + shared + text_gate + head + embedding_row + experts + kv) / 1e12
-    assert p.prediction.ms_per_token == pytest.approx(expected_s * 1e3, rel=1e-12)
+    layers_s = 32 * DEFAULT_GPU_LAYER_US * 1e-6  # each layer's small kernels, beyond its bytes
+    assert p.prediction.ms_per_token == pytest.approx((expected_s + layers_s) * 1e3, rel=1e-12)
+    assert p.prediction.breakdown_ms["gpu_layers"] == pytest.approx(layers_s * 1e3, rel=1e-12)
     assert p.prediction.hbm_bytes_per_token == pytest.approx(expected_s * 1e12, rel=1e-12)
+    free = plan(cfg, "400GB", roofline=replace(rp, gpu_layer_us=0)).prediction
+    assert free.ms_per_token == pytest.approx(expected_s * 1e3, rel=1e-12)  # a pure roofline without it
     assert p.prediction.breakdown_ms["transfers"] == 0
 
 
