@@ -82,7 +82,7 @@ def source(kernel, storage: str, direct: bool, cfg: moe.LaunchConfig, shared: bo
     quant, w_type, s_type = STORAGES[storage]
     types = {"act": "bf16", "w": w_type, "s": s_type}
     # (the real shape's int4 groups and fp8 blocks are 128 columns: a tile of up to 128 lies in one)
-    scale_per_tile = moe._scale_per_tile((quant, None, 0, 0, 0, 1, REAL_GROUP_K), cfg.block_k)
+    scale_per_tile = moe.scale_per_tile(quant, REAL_GROUP_K, cfg.block_k)
     consts = dict(QUANT=quant, SCALE_PER_TILE=scale_per_tile, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_IN_FP32=False,
                   DOT_PRECISION=None, EMULATE_BF16_RTNE=False, DIRECT=direct, HAS_SHARED=shared)
     params = list(inspect.signature(kernel.fn).parameters)

@@ -173,7 +173,7 @@ def apply_placement(llm, placement: str, real: MingConfig, cfg: LLMConfig, devic
         t = rt.transfer
         notes.update(experts_on_gpu=sum(gpu_share) / len(gpu_share), layer_gpu_share=gpu_share,
                      planner_decode_tokens_per_s=plan.prediction.tokens_per_s,
-                     fetch_threshold_tokens=rt.threshold(layer, torch.tensor([], dtype=MoERuntime._activation_dtype(llm, rt)).element_size()),
+                     fetch_threshold_tokens=rt.threshold(layer, MoERuntime._activation_dtype(llm, rt).itemsize),
                      transfer_model=(f"{'calibrated' if device.type == 'cuda' else 'defaults'}: link {t.pcie_gbs:.1f} GB/s, "
                                      f"host {t.host_gbs:.1f} GB/s, CPU {t.cpu_gflops:.0f} GFLOP/s, hop {t.hop_latency_us:.0f} us"),
                      planner_prefill_note="no hot cache; an expert with more tokens than the threshold is fetched",

@@ -99,6 +99,7 @@ import torch
 from torch import nn
 
 from engine.kernels import native
+from engine.kernels.dispatch import use_triton
 from engine.kernels.moe import QuantizedCpuExperts, check_routing, group_by_expert
 from engine.loader import TensorReader
 from engine.placement.planner import CPU, DEFAULT_EFFICIENCY, DEFAULT_HOP_LATENCY_US, DEFAULT_HOST_GBS, DEFAULT_PCIE_GBS
@@ -218,12 +219,10 @@ class TransferModel:
     def fetch_threshold(self, expert_bytes: int, hidden: int, inter: int, act_bytes: int) -> int:
         """Copy a CPU-resident expert to the GPU when more tokens than this are routed to it: the largest
         n for which the CPU (one hop more than a fetch) is not slower than the copy."""
-        hop = self.hop_latency_us * 1e-6
-        fetch = self.fetch_seconds(expert_bytes)
-        n = 0
-        while n < MAX_FETCH_THRESHOLD and self.cpu_seconds(n + 1, expert_bytes, hidden, inter, act_bytes) + hop <= fetch:
-            n += 1
-        return n
+        one = self.cpu_seconds(1, expert_bytes, hidden, inter, act_bytes)
+        more = self.cpu_seconds(2, expert_bytes, hidden, inter, act_bytes) - one  # each further token
+        room = self.fetch_seconds(expert_bytes) - self.hop_latency_us * 1e-6 - one  # cpu(n) + hop <= fetch
+        return 0 if room < 0 else min(MAX_FETCH_THRESHOLD, 1 + math.floor(room / more))
 
     def fetch_to_balance(self, sizes: list[int], fetched: int, expert_bytes: int, hidden: int, inter: int,
                          act_bytes: int) -> set[int]:
@@ -491,6 +490,7 @@ class LayerRuntime:
                  cache_slot: int | None, hidden: int, inter: int):
         self.owner, self.layer, self.experts, self.slots = owner, layer, experts, slots
         self.cache_slot, self.hidden, self.inter = cache_slot, hidden, inter
+        self._fused_fetches: bool | None = None  # fetches of a few tokens go through the fetch stack (_stackable)
         self.fused: dict[int, FusedSlot] = {}
         self.whole_slot: int | None = None  # the fused GPU slot holding every expert of the layer, if one does
         self.staging = HostStaging(hidden, owner._pin)
@@ -548,7 +548,6 @@ class LayerRuntime:
         one layer is being stacked, its weights briefly exist twice."""
         if mode == "off":
             return
-        from engine.kernels.dispatch import use_triton
 
         by_slot: dict[int, list[int]] = {}
         for e, slot in enumerate(self.slots):
@@ -711,15 +710,12 @@ class LayerRuntime:
         if x.shape[0] > QUANTIZED_KERNEL_MAX_TOKENS or len(fetch_jobs) > FETCH_STACK_EXPERTS \
                 or any(key is not None for _i, _e, key in fetch_jobs):
             return False
-        mode = self.owner.options.fused_gpu_experts
-        if mode == "off":
-            return False
-        if mode == "triton":
-            return True
-        from engine.kernels.dispatch import use_triton
-
-        dev = self.owner.device_map.device(self.cache_slot)
-        return dev.type == "cuda" and use_triton("auto", torch.empty(0, device=dev))
+        if self._fused_fetches is None:  # (decided once: the mode and the cache GPU do not change)
+            mode = self.owner.options.fused_gpu_experts
+            dev = self.owner.device_map.device(self.cache_slot)
+            self._fused_fetches = mode == "triton" or (
+                mode == "auto" and dev.type == "cuda" and use_triton("auto", torch.empty(0, device=dev)))
+        return self._fused_fetches
 
     def _run_fetch_stack(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, routed: list[int],
                          fetch_jobs: list, groups, sizes: list[int]) -> torch.Tensor:
@@ -754,13 +750,10 @@ class LayerRuntime:
         block = x.index_select(0, groups.token_index[start:end])
         block = block.to(dev, non_blocking=block.is_cuda and dev.type == "cuda")
         self.owner.stats.record(self.owner.device_map.name(slot), end - start)
-        if w.quantized and end - start <= QUANTIZED_KERNEL_MAX_TOKENS and dev.type != "cpu" \
-                or self.owner.options.fused_gpu_experts == "triton":
-            from engine.kernels.dispatch import use_triton
-
-            mode = self.owner.options.fused_gpu_experts
-            if w.quantized and (mode == "triton" or (mode == "auto" and use_triton("auto", w.gate))):
-                return self._quantized_on_gpu(block, w)
+        mode = self.owner.options.fused_gpu_experts
+        if w.quantized and (mode == "triton" or (mode == "auto" and end - start <= QUANTIZED_KERNEL_MAX_TOKENS
+                                                 and dev.type != "cpu" and use_triton("auto", w.gate))):
+            return self._quantized_on_gpu(block, w)
         return w.forward(block)
 
     @staticmethod

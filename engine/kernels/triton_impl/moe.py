@@ -532,10 +532,10 @@ def _scale_args(w: torch.Tensor, scale: torch.Tensor | None) -> tuple:
     return mode, scale, scale.stride(0), scale.stride(1), scale.stride(2), layout.block_out, layout.block_in
 
 
-def _scale_per_tile(quant_args: tuple, block_k: int) -> bool:
+def scale_per_tile(quant: int, group_k: int, block_k: int) -> bool:
     """Whether a BLOCK_K-deep weight tile lies in one scale group / block column (group_k a multiple of
     BLOCK_K; tiles start at multiples of BLOCK_K), so that its scales are one per output row."""
-    return quant_args[0] in (QUANT_INT4, QUANT_BLOCK) and quant_args[6] % block_k == 0
+    return quant in (QUANT_INT4, QUANT_BLOCK) and group_k % block_k == 0
 
 
 def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, skip_negative_ids=False,
@@ -574,7 +574,7 @@ def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, ski
         x, w_gate, w_up, gate_q[1], up_q[1], s_gate, s_up, num_experts, h, sorted_assignments, block_expert, flat_ids,
         n_assign, top_k, hidden, inter,
         x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), *gate_q[2:], h.stride(0),
-        QUANT=gate_q[0], SCALE_PER_TILE=_scale_per_tile(gate_q, block_k), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        QUANT=gate_q[0], SCALE_PER_TILE=scale_per_tile(gate_q[0], gate_q[6], block_k), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(), DIRECT=direct,
         HAS_SHARED=shared is not None, **launch,
     )  # fmt: skip
@@ -585,7 +585,7 @@ def _run(cfg: LaunchConfig, x, w_gate, w_up, w_down, topk_ids, topk_weights, ski
         h, w_down, down_q[1], s_down, num_experts, slot_out, routing_weights, sorted_assignments, block_expert, flat_ids,
         n_assign, hidden, inter,
         h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), *down_q[2:], slot_out.stride(0),
-        QUANT=down_q[0], SCALE_PER_TILE=_scale_per_tile(down_q, block_k), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        QUANT=down_q[0], SCALE_PER_TILE=scale_per_tile(down_q[0], down_q[6], block_k), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision, EMULATE_BF16_RTNE=interpreting(), DIRECT=direct,
         HAS_SHARED=shared is not None, **launch,
     )  # fmt: skip
